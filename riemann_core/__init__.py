@@ -1,0 +1,24 @@
+"""riemann_core: layerwise Riemannian metrics (Pehle & Slotine, arXiv 2603.03610).
+
+The layerwise metric ``G_a = mu I + K_a^T K_a`` beside the dense full-metric solver,
+exact natural gradient and K-FAC, behind one interface::
+
+    import riemann_core as rc
+    dirs = rc.direction(model, x, y, method="layerwise", damping=1e-3)
+"""
+
+from .direction import direction
+from .methods import METHODS, LayerDiagnostics
+from .modules import Handler, register_handler
+from .preconditioner import RiemannianPreconditioner
+from .woodbury import SolveError
+
+__all__ = [
+    "METHODS",
+    "Handler",
+    "LayerDiagnostics",
+    "RiemannianPreconditioner",
+    "SolveError",
+    "direction",
+    "register_handler",
+]

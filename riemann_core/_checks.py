@@ -1,0 +1,108 @@
+"""Validation of options and data: every error names the problem and the fix."""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import Tensor, nn
+
+from .factors import LOSSES, OUTPUT_METRICS
+from .modules import KERNELS
+
+
+def check_choice(name: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}")
+
+
+def check_options(
+    *, method, methods, loss, damping, output_metric, samples, kernel, solve_dtype
+) -> None:
+    """Options that can be checked before any work."""
+    check_choice("method", method, methods)
+    check_choice("loss", loss, LOSSES)
+    check_choice("kernel", kernel, KERNELS)
+    if not callable(output_metric):
+        check_choice("output_metric", output_metric, OUTPUT_METRICS)
+    if isinstance(damping, bool) or not isinstance(damping, Real):
+        raise TypeError(f"damping must be a positive real number, got {type(damping).__name__}")
+    if not math.isfinite(damping) or damping <= 0:
+        raise ValueError(
+            f"damping must be positive and finite (it is mu in mu I + K^T K), got {damping!r}; "
+            "use e.g. damping=1e-3"
+        )
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive integer (probes per sample), got {samples!r}")
+    if solve_dtype is not None and solve_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"solve_dtype must be None, torch.float32 or torch.float64, got {solve_dtype}")
+
+
+def check_finite(what: str, tensor: Tensor, fix: str) -> None:
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{what} contains {bad} NaN or inf entries; {fix}")
+
+
+def check_model(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to solve")
+    for name, p in params:
+        check_finite(f"parameter {name!r}", p.detach(), "reset or reinitialise the model")
+    return params
+
+
+def check_inputs(inputs, targets) -> None:
+    """Data checks that need no forward pass."""
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if inputs.ndim == 0 or inputs.shape[0] == 0:
+        raise ValueError(f"inputs hold an empty batch (shape {tuple(inputs.shape)}); pass at least one sample")
+    if targets.ndim == 0 or targets.shape[0] != inputs.shape[0]:
+        raise ValueError(
+            f"targets (shape {tuple(targets.shape)}) must have one entry per sample: "
+            f"inputs have a batch of {inputs.shape[0]}"
+        )
+    check_finite("inputs", inputs, "clean or impute the data before computing a direction")
+    check_finite("targets", targets, "clean the targets before computing a direction")
+
+
+def check_outputs(outputs: Tensor, targets: Tensor, loss: str) -> None:
+    """Checks of the targets against the model's outputs."""
+    check_finite("the model's outputs", outputs.detach(), "the forward pass overflowed; check the model")
+    N = outputs.shape[0]
+    if loss == "cross_entropy":
+        if outputs.ndim != 2:
+            raise ValueError(
+                f"loss='cross_entropy' needs outputs of shape (N, C) (logits), got {tuple(outputs.shape)}"
+            )
+        if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise ValueError(
+                f"loss='cross_entropy' needs integer class indices as targets, got dtype {targets.dtype}; "
+                "convert with targets.long() (probability targets are not supported)"
+            )
+        if targets.shape != (N,):
+            raise ValueError(
+                f"loss='cross_entropy' needs targets of shape (N,) = ({N},), got {tuple(targets.shape)}"
+            )
+        C = outputs.shape[1]
+        low, high = int(targets.min()), int(targets.max())
+        if low < 0 or high >= C:
+            raise ValueError(
+                f"class indices must lie in [0, {C - 1}] for a model with {C} outputs; "
+                f"targets range over [{low}, {high}]"
+            )
+    else:
+        if targets.shape != outputs.shape:
+            raise ValueError(
+                f"loss='mse' needs targets of the outputs' shape {tuple(outputs.shape)}, "
+                f"got {tuple(targets.shape)}"
+            )
+        if not targets.is_floating_point():
+            raise ValueError(f"loss='mse' needs floating-point targets, got dtype {targets.dtype}")

@@ -1,0 +1,105 @@
+"""``direction``: the preconditioned direction ``G^{-1} g`` of any method, side-effect free."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_inputs, check_model, check_options
+from .factors import FactorFn
+from .methods import METHODS, SOLVERS, LayerDiagnostics, Options, build_problem
+
+
+def direction(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    loss: str = "cross_entropy",
+    method: str = "layerwise",
+    damping: float = 1e-3,
+    output_metric: str | FactorFn = "exact",
+    samples: int = 1,
+    kernel: str = "structured",
+    solve_dtype: torch.dtype | None = None,
+    generator: torch.Generator | None = None,
+    return_diagnostics: bool = False,
+) -> dict[str, Tensor] | tuple[dict[str, Tensor], list[LayerDiagnostics]]:
+    """``G^{-1} g`` for the mean loss's gradient ``g`` on the batch ``(inputs, targets)``.
+
+    ``G`` depends on ``method`` (see ``rc.METHODS``): ``euclidean`` ``I``; ``layerwise``
+    ``mu I + K_a^T K_a`` per module (block-diagonal damped GGN, Woodbury per block);
+    ``full`` ``mu I + K^T K`` dense; ``natural`` the same matrix through a data-space
+    Woodbury solve; ``kfac`` ``Gamma_a (x) A_a + mu I`` per module. ``K_a = L_a B_a``
+    is the output-metric factor pulled back to module ``a`` times its parameter
+    Jacobian, and ``mu = damping``.
+
+    Args:
+        loss: ``"cross_entropy"`` (class-index targets) or ``"mse"``; the gradient is
+            that of ``F.cross_entropy`` / ``F.mse_loss`` with ``reduction="mean"``.
+        output_metric: ``"exact"`` (softmax Fisher / MSE Hessian), ``"sampled"``
+            (``samples`` Monte Carlo probes per sample) or a callable
+            ``(outputs, targets) -> (N, r, C)`` returning a per-sample factor ``F_b``
+            with ``F_b^T F_b = M_b`` (it is scaled by ``1 / sqrt(N)`` here).
+        kernel: ``"structured"`` (Linear / Conv2d kernels, error on other modules with
+            parameters), ``"generic"`` (``torch.func``, ``K_a`` materialised) or
+            ``"auto"`` (structured where possible, generic elsewhere).
+        solve_dtype: dtype of the inner factorisations (e.g. ``torch.float64`` for a
+            float32 model with a small damping); default the model's dtype.
+        generator: random generator for ``output_metric="sampled"``.
+        return_diagnostics: also return a list of :class:`LayerDiagnostics`.
+
+    Returns:
+        ``{name: direction}`` for every trainable parameter (names as in
+        ``model.named_parameters()``), each of that parameter's shape and dtype. The
+        model, its parameters and their ``.grad`` are left untouched.
+
+    Example:
+        >>> import torch, riemann_core as rc
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+        >>> d = rc.direction(model, x, y, method="layerwise", damping=1e-2)
+        >>> n = rc.direction(model, x, y, method="natural", damping=1e-2)
+        >>> bool(torch.allclose(d["weight"], n["weight"]))  # one module: same matrix
+        True
+    """
+    check_options(
+        method=method, methods=METHODS, loss=loss, damping=damping, output_metric=output_metric,
+        samples=samples, kernel=kernel, solve_dtype=solve_dtype,
+    )
+    params = check_model(model)
+    check_inputs(inputs, targets)
+    opts = Options(
+        damping=float(damping), loss=loss, output_metric=output_metric, samples=samples,
+        kernel=kernel, solve_dtype=solve_dtype, diagnostics=return_diagnostics,
+        generator=generator,
+    )
+    directions, diagnostics = solve(model, inputs, targets, method, opts)
+    result = {
+        name: directions.get(name, torch.zeros_like(p)).detach().to(p.dtype)
+        for name, p in params
+    }
+    return (result, diagnostics) if return_diagnostics else result
+
+
+def solve(model, inputs, targets, method: str, opts: Options, gradient=None):
+    """Run ``method``; ``gradient`` (``{name: vector}``) replaces the loss gradient.
+
+    Returns ``({name: direction}, diagnostics)`` for the parameters seen in the forward
+    pass. Raises before returning anything if a direction is not finite.
+    """
+    solver = SOLVERS[method]
+    problem = build_problem(
+        model, inputs, targets, opts, needs_factor=solver.NEEDS_FACTOR, gradient=gradient
+    )
+    per_block, diagnostics = solver.solve(problem, opts)
+    directions = {}
+    for block, dirs in zip(problem.blocks, per_block, strict=True):
+        for name, x in zip(block.param_names, dirs, strict=True):
+            if not torch.isfinite(x).all():
+                raise FloatingPointError(
+                    f"method={method!r} produced a non-finite direction for {name!r}; "
+                    "increase the damping or pass solve_dtype=torch.float64"
+                )
+            directions[name] = x
+    return directions, diagnostics

@@ -1,0 +1,120 @@
+"""Output-metric factors and their pullback through the network.
+
+A factor is a tensor ``F`` of shape ``(N, r, C)``: ``r`` rows per sample whose Gram
+``F_b^T F_b`` is that sample's metric ``M_b`` on the (flattened) output ``z_b``. The
+stacked factor of the mean loss is ``L_o = F / sqrt(N)`` with ``d = N r`` rows, so that
+``L_o^T L_o = (1/N) sum_b M_b``, the loss Hessian's output part.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+LOSSES = ("cross_entropy", "mse")
+OUTPUT_METRICS = ("exact", "sampled")
+
+#: ``(outputs, targets) -> (N, r, C)``, a user-supplied per-sample factor.
+FactorFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def cross_entropy_factor(logits: Tensor) -> Tensor:
+    """Exact softmax Fisher: ``F_b = diag(sqrt p) - sqrt(p) p^T``, ``r = C``.
+
+    ``F_b^T F_b = diag(p) - p p^T``, the Hessian of ``cross_entropy`` in the logits
+    (equal to the Fisher and to the GGN's output part).
+    """
+    p = torch.softmax(logits, dim=1)
+    s = p.sqrt()
+    return torch.diag_embed(s) - s[:, :, None] * p[:, None, :]
+
+
+def sampled_cross_entropy_factor(logits: Tensor, samples: int, generator=None) -> Tensor:
+    """Monte Carlo Fisher: rows ``(e_y - p) / sqrt(S)`` with ``y ~ Cat(p)``, ``r = S``.
+
+    Unbiased: ``E[(e_y - p)(e_y - p)^T] = diag(p) - p p^T``.
+    """
+    p = torch.softmax(logits, dim=1)
+    y = torch.multinomial(p, samples, replacement=True, generator=generator)  # (N, S)
+    onehot = torch.nn.functional.one_hot(y, p.shape[1]).to(p.dtype)
+    return (onehot - p[:, None, :]) / math.sqrt(samples)
+
+
+def mse_factor(outputs: Tensor) -> Tensor:
+    """``mse_loss`` (mean over all ``N C`` entries): ``M_b = (2 / C) I``, ``F_b = sqrt(2/C) I``."""
+    N, C = outputs.shape
+    eye = torch.eye(C, dtype=outputs.dtype, device=outputs.device)
+    return (math.sqrt(2.0 / C) * eye).expand(N, C, C)
+
+
+def sampled_mse_factor(outputs: Tensor, samples: int, generator=None) -> Tensor:
+    """Rows ``sqrt(2 / C) eps / sqrt(S)``, ``eps ~ N(0, I)``: unbiased for ``(2 / C) I``."""
+    N, C = outputs.shape
+    eps = torch.randn(
+        (N, samples, C), dtype=outputs.dtype, device=outputs.device, generator=generator
+    )
+    return eps * math.sqrt(2.0 / (C * samples))
+
+
+def output_factor(
+    outputs: Tensor,
+    targets: Tensor,
+    *,
+    loss: str,
+    output_metric: str | FactorFn,
+    samples: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Per-sample factor ``(N, r, C)`` of the output metric for ``loss``.
+
+    ``outputs`` is ``(N, C)`` and detached. A callable ``output_metric`` receives
+    ``(outputs, targets)`` and returns its own factor; its shape is checked.
+    """
+    if callable(output_metric):
+        F = output_metric(outputs, targets)
+        N, C = outputs.shape
+        if not isinstance(F, Tensor) or F.ndim != 3 or F.shape[0] != N or F.shape[2] != C:
+            shape = tuple(F.shape) if isinstance(F, Tensor) else type(F).__name__
+            raise ValueError(
+                f"a custom output_metric must return a factor of shape (N, r, C) = "
+                f"({N}, r, {C}); it returned {shape}"
+            )
+        if not torch.isfinite(F).all():
+            raise ValueError("the custom output_metric returned NaN or inf entries")
+        return F.to(outputs.dtype)
+    sampled = output_metric == "sampled"
+    if loss == "cross_entropy":
+        if sampled:
+            return sampled_cross_entropy_factor(outputs, samples, generator)
+        return cross_entropy_factor(outputs)
+    if sampled:
+        return sampled_mse_factor(outputs, samples, generator)
+    return mse_factor(outputs)
+
+
+def pullback(outputs: Tensor, factor: Tensor, targets: Sequence[Tensor]) -> list[Tensor]:
+    """Pull ``L_o = factor / sqrt(N)`` back to each tensor in ``targets``.
+
+    ``L_{a-1} = L_a A_a`` is backprop with the factor rows as cotangents. For a network
+    that treats samples independently, row ``s`` of every sample can share one backward
+    pass, so this runs ``r`` backward passes (vectorised with ``is_grads_batched``),
+    not ``d = N r``. Returns, per target, a tensor ``(r, *target.shape)``; row
+    ``[s, b]`` is the factor row ``(b, s)`` pulled back.
+    """
+    N, r, _ = factor.shape
+    cotangents = (factor.transpose(0, 1) / math.sqrt(N)).reshape((r,) + outputs.shape)
+    grads = torch.autograd.grad(
+        outputs,
+        list(targets),
+        grad_outputs=cotangents,
+        is_grads_batched=True,
+        retain_graph=True,
+        allow_unused=True,
+    )
+    return [
+        torch.zeros((r,) + t.shape, dtype=t.dtype, device=t.device) if g is None else g
+        for g, t in zip(grads, targets, strict=True)
+    ]

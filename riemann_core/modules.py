@@ -1,0 +1,282 @@
+"""Per-module kernels for the whitened Jacobian ``K_a = L_a B_a`` of one block.
+
+A *block* is a module that owns trainable parameters (a Linear's weight and bias form
+one block). Its handler knows the block's input ``x`` and the factor pulled back to its
+output, ``Delta`` (``r`` rows per sample, ``d = r N`` rows in all, ordered probe-major:
+row ``s N + b`` belongs to sample ``b``), and provides
+
+* ``gram()``      ``K K^T``                       (``d x d``)
+* ``K_mv(v)``     ``K v`` for a list of tensors shaped like the block's parameters
+* ``K_tmv(t)``    ``K^T t`` as such a list
+* ``K()``         ``K`` materialised (``d x n_a``), for the dense ``full`` method
+* ``kronecker()`` K-FAC factors ``(Gamma, A)`` with ``K^T K ~ Gamma (x) A`` (Linear,
+  Conv2d)
+
+Structured kernels (Linear, Conv2d) use that row ``r`` of ``K`` is
+``sum_t delta_{r,t} xt_{b,t}^T`` over positions ``t`` (one for a plain Linear), with
+``xt`` the input patch with a 1 appended for the bias. The generic kernel handles any
+module with parameters through ``torch.func`` and materialises ``K``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+
+
+@dataclass
+class Block:
+    """One module that owns trainable parameters, as seen in a forward pass."""
+
+    name: str
+    module: nn.Module
+    param_names: list[str]  # full names, as in model.named_parameters()
+    params: list[nn.Parameter]
+    inputs: tuple  # positional arguments of the call, detached
+    output: Tensor  # in the autograd graph
+    delta: Tensor | None = None  # pulled-back factor, (r, N, *output.shape[1:])
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+class Handler:
+    """Kernel interface for one block; subclasses implement the products with ``K``."""
+
+    def __init__(self, block: Block):
+        self.block = block
+        self.delta = block.delta
+        self.r, self.N = self.delta.shape[:2]
+        self.d = self.r * self.N
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> str | None:
+        """``None`` when the kernel handles ``module``, else the reason it does not."""
+        return None
+
+    def gram(self) -> Tensor:
+        K = self.K()
+        return K @ K.T
+
+    def K(self) -> Tensor:
+        raise NotImplementedError
+
+    def K_mv(self, v: list[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def K_tmv(self, t: Tensor) -> list[Tensor]:
+        raise NotImplementedError
+
+
+
+class PatchHandler(Handler):
+    """Modules whose output at position ``t`` is ``W xt_t`` (+ bias folded into ``xt``).
+
+    ``patches`` is ``Xt`` of shape ``(N, T, P)`` (``P`` includes the bias column),
+    ``Delta`` is reshaped to ``(r, N, T, f_out)``; parameters are viewed as the
+    ``f_out x P`` matrix ``[W | b]``.
+    """
+
+    def __init__(self, block: Block):
+        super().__init__(block)
+        module = block.module
+        self.has_bias = getattr(module, "bias", None) is not None
+        x = self.patches_without_bias(block.inputs[0])
+        if self.has_bias:
+            x = torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
+        self.Xt = x
+        self.f_out = module.weight.shape[0]
+        self.Dl = self.output_positions(self.delta)  # (r, N, T, f_out)
+
+    def patches_without_bias(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def output_positions(self, delta: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def to_matrix(self, tensors: list[Tensor]) -> Tensor:
+        W = tensors[0].reshape(self.f_out, -1)
+        return torch.cat([W, tensors[1][:, None]], dim=1) if self.has_bias else W
+
+    def from_matrix(self, M: Tensor) -> list[Tensor]:
+        weight = self.block.module.weight
+        if not self.has_bias:
+            return [M.reshape(weight.shape)]
+        return [M[:, :-1].reshape(weight.shape), M[:, -1]]
+
+    def K(self) -> Tensor:
+        rows = torch.einsum("sbtc,btp->sbcp", self.Dl, self.Xt)
+        return self.flatten_rows(rows.reshape(self.d, self.f_out, -1))
+
+    def flatten_rows(self, rows: Tensor) -> Tensor:
+        """``(d, f_out, P)`` rows of ``[W | b]`` -> ``(d, n_a)`` in parameter order."""
+        if not self.has_bias:
+            return rows.reshape(self.d, -1)
+        return torch.cat([rows[:, :, :-1].reshape(self.d, -1), rows[:, :, -1]], dim=1)
+
+    def K_mv(self, v: list[Tensor]) -> Tensor:
+        XV = self.Xt @ self.to_matrix(v).T  # (N, T, f_out)
+        return torch.einsum("sbtc,btc->sb", self.Dl, XV).reshape(self.d)
+
+    def K_tmv(self, t: Tensor) -> list[Tensor]:
+        # Rows of one sample share xt, so sum them first: K^T t = U^T Xt.
+        U = torch.einsum("sb,sbtc->btc", t.reshape(self.r, self.N), self.Dl)
+        return self.from_matrix(U.flatten(0, 1).T @ self.Xt.flatten(0, 1))
+
+    def kronecker(self) -> tuple[Tensor, Tensor]:
+        """``Gamma = sum_{r,t} delta delta^T``, ``A = mean_{b,t} xt xt^T``.
+
+        Exact (``K^T K = Gamma (x) A`` in row-major ``vec([W | b])``) for one sample at
+        one position; otherwise the K-FAC (KFC for convolutions) approximation.
+        """
+        D = self.Dl.reshape(-1, self.f_out)
+        X = self.Xt.flatten(0, 1)
+        return D.T @ D, X.T @ X / X.shape[0]
+
+
+class LinearHandler(PatchHandler):
+    """``nn.Linear`` on ``(N, ..., f_in)`` inputs; ``K`` never materialised for 2-D input.
+
+    ``K K^T = (Delta Delta^T) * (Xt Xt^T)`` elementwise (``Xt Xt^T`` tiled over the
+    ``r x r`` probe blocks): ``O(d^2 f_out + N^2 f_in)`` time, ``O(d^2)`` memory.
+    """
+
+    def patches_without_bias(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+    def output_positions(self, delta: Tensor) -> Tensor:
+        return delta.reshape(delta.shape[0], delta.shape[1], -1, delta.shape[-1])
+
+    def gram(self) -> Tensor:
+        if self.Xt.shape[1] != 1:  # sequence inputs: positions couple, use K K^T
+            return super().gram()
+        D = self.Dl.reshape(self.d, self.f_out)
+        X = self.Xt[:, 0]
+        G = (D @ D.T).view(self.r, self.N, self.r, self.N)
+        G.mul_((X @ X.T)[None, :, None, :])
+        return G.view(self.d, self.d)
+
+
+class Conv2dHandler(PatchHandler):
+    """``nn.Conv2d`` (groups=1, zero padding) through unfolded patches.
+
+    ``K v`` and ``K^T t`` run on the ``(N, T, C_in k_h k_w + 1)`` patches without
+    ``K``; the Gram is built as ``K K^T`` from ``K`` assembled from patches (the
+    pairwise-position alternative costs ``d^2 T^2 C_out``, more for typical convs).
+    """
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> str | None:
+        if module.groups != 1:
+            return f"groups={module.groups} (the structured Conv2d kernel needs groups=1)"
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return "padding_mode/padding string (the structured kernel needs zero padding ints)"
+        return None
+
+    def patches_without_bias(self, x: Tensor) -> Tensor:
+        m = self.block.module
+        cols = nn.functional.unfold(
+            x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride
+        )
+        return cols.transpose(1, 2)  # (N, T, C_in k_h k_w)
+
+    def output_positions(self, delta: Tensor) -> Tensor:
+        return delta.flatten(3).transpose(2, 3)  # (r, N, C_out, T) -> (r, N, T, C_out)
+
+
+class GenericHandler(Handler):
+    """Any module with parameters: ``K`` materialised with ``torch.func``.
+
+    Row ``(s, b)`` of ``K`` is the vector-Jacobian product of the module's output for
+    sample ``b`` with the cotangent ``delta_{s,b}``: ``vmap`` over samples of ``vmap``
+    over probes of ``vjp``. ``O(d n_a)`` memory; this is the ``O(n d^2 + d^3)`` path.
+    """
+
+    def __init__(self, block: Block):
+        super().__init__(block)
+        self.shapes = [p.shape for p in block.params]
+        self._K = None
+
+    def K(self) -> Tensor:
+        if self._K is None:
+            self._K = self._materialise()
+        return self._K
+
+    def _materialise(self) -> Tensor:
+        block = self.block
+        local = [n.rsplit(".", 1)[-1] for n in block.param_names]
+        params = {n: p.detach() for n, p in zip(local, block.params, strict=True)}
+        batched = [isinstance(a, Tensor) for a in block.inputs]
+
+        def output_of_sample(p, *sample_args):
+            args = [a[None] if bt else a for a, bt in zip(sample_args, batched, strict=True)]
+            return functional_call(block.module, p, tuple(args))[0]
+
+        def rows_of_sample(delta_b, *sample_args):
+            _, pullback = vjp(lambda p: output_of_sample(p, *sample_args), params)
+            return vmap(pullback)(delta_b)[0]
+
+        in_dims = (1,) + tuple(0 if bt else None for bt in batched)
+        rows = vmap(rows_of_sample, in_dims=in_dims)(self.delta.detach(), *block.inputs)
+        # rows[name]: (N, r, *shape) -> (r N, numel), probe-major like Delta
+        flat = [rows[n].transpose(0, 1).reshape(self.d, -1) for n in local]
+        return torch.cat(flat, dim=1)
+
+    def K_mv(self, v: list[Tensor]) -> Tensor:
+        return self.K() @ torch.cat([a.reshape(-1) for a in v])
+
+    def K_tmv(self, t: Tensor) -> list[Tensor]:
+        flat = self.K().T @ t
+        return [c.reshape(s) for c, s in zip(flat.split([s.numel() for s in self.shapes]),
+                                             self.shapes, strict=True)]
+
+
+#: Structured kernels by exact module type (subclasses may change ``forward``).
+STRUCTURED: dict[type, type[Handler]] = {nn.Linear: LinearHandler, nn.Conv2d: Conv2dHandler}
+KERNELS = ("structured", "generic", "auto")
+
+
+def register_handler(module_type: type, handler: type[Handler], *, overwrite: bool = False):
+    """Register a structured kernel for ``module_type`` (``overwrite=True`` to replace)."""
+    if module_type in STRUCTURED and not overwrite:
+        raise ValueError(
+            f"{module_type.__name__} already has the kernel {STRUCTURED[module_type].__name__}; "
+            "pass overwrite=True to replace it"
+        )
+    STRUCTURED[module_type] = handler
+
+
+def kronecker_handler(handler: Handler) -> PatchHandler:
+    """A handler with K-FAC factors for ``handler``'s block (any kernel was asked for)."""
+    if isinstance(handler, PatchHandler):
+        return handler
+    cls = STRUCTURED.get(type(handler.block.module))
+    if cls is None or not issubclass(cls, PatchHandler) or cls.supports(handler.block.module):
+        raise ValueError(
+            f"method='kfac' has no Kronecker factorisation for module {handler.block.name!r} "
+            f"({type(handler.block.module).__name__}); K-FAC supports Linear and Conv2d "
+            "(groups=1, zero padding). Use method='layerwise' for other modules"
+        )
+    return cls(handler.block)
+
+
+def handler_for(block: Block, kernel: str) -> Handler:
+    """The kernel for ``block``: structured where registered, generic where asked for."""
+    if kernel == "generic":
+        return GenericHandler(block)
+    cls = STRUCTURED.get(type(block.module))
+    reason = "no structured kernel" if cls is None else cls.supports(block.module)
+    if reason is None:
+        return cls(block)
+    if kernel == "auto":
+        return GenericHandler(block)
+    supported = ", ".join(t.__name__ for t in STRUCTURED)
+    raise ValueError(
+        f"module {block.name!r} ({type(block.module).__name__}) has parameters but {reason}; "
+        f"structured kernels exist for {supported}. Pass kernel='generic' (torch.func, "
+        "materialises K) or kernel='auto' (structured where possible, generic elsewhere)"
+    )

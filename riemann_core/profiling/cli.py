@@ -1,0 +1,325 @@
+"""The ``riemann-bench`` command line.
+
+Every subcommand takes the same four options with the same meaning: ``--device`` (``cpu``, or
+``cuda[:N]`` where CUDA is available), ``--out`` (a directory for the results; nothing is
+written without it), ``--quick`` (a small problem that finishes in seconds) and ``--seed``.
+Each subcommand's ``--help`` ends with an example invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+PROG = "riemann-bench"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``riemann-bench`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one sub-parser per subcommand."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=_paragraph(
+            "Reference implementation and measuring instrument for the layerwise Riemannian "
+            "metric (Pehle & Slotine, arXiv 2603.03610) and the methods it is compared with."
+        ),
+        epilog=f"example:\n  {PROG} demo --quick\n\nrun '{PROG} COMMAND --help' for a command's options",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common_options()
+    _add_demo(commands, common)
+    return parser
+
+
+def _paragraph(text: str) -> str:
+    # the help formatter keeps line breaks (for the examples), so wrap prose here
+    return textwrap.fill(text, width=88)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("riemann-bench")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+def _device(name: str) -> torch.device:
+    """argparse type for ``--device``: a usable ``cpu`` or ``cuda[:N]`` device."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise argparse.ArgumentTypeError(
+            f"unknown device {name!r}; use 'cpu' or 'cuda' (or 'cuda:N')"
+        ) from err
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise argparse.ArgumentTypeError(
+            f"unsupported device {name!r}; use 'cpu' or 'cuda' (or 'cuda:N')"
+        )
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(
+            f"device {name!r} requested but CUDA is not available to this torch "
+            f"({torch.__version__}); use --device cpu"
+        )
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise argparse.ArgumentTypeError(
+            f"device {name!r} requested but only {count} CUDA device(s) are visible "
+            f"(cuda:0 to cuda:{count - 1})"
+        )
+    return device
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """Options every subcommand shares, as a parent parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("common options")
+    group.add_argument(
+        "--device",
+        type=_device,
+        default="cpu",
+        help="torch device to run on: cpu, or cuda[:N] where available (default: cpu)",
+    )
+    group.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="directory for the results, created if missing (default: print only)",
+    )
+    group.add_argument(
+        "--quick", action="store_true", help="a small problem that finishes in seconds"
+    )
+    group.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for data selection and model initialisation (default: 0)",
+    )
+    return common
+
+
+def _synchronize(device: torch.device) -> None:
+    # CUDA kernels run asynchronously: a timer must wait for them to finish.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _write_json(out: Path, name: str, payload: dict) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+# --- demo -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _DemoSize:
+    widths: tuple[int, ...]  # layer widths, input first
+    batch: int
+    repeats: int  # timed calls per method after one warm-up call
+
+
+_DEMO = _DemoSize(widths=(64, 32, 32, 10), batch=128, repeats=5)
+_DEMO_QUICK = _DemoSize(widths=(64, 16, 10), batch=64, repeats=3)
+_DEMO_DAMPING = 1e-3
+_DEMO_EXPLANATION = (
+    "full and natural solve the same damped Gauss-Newton system (a dense n x n Cholesky and a "
+    "data-space Woodbury solve), so they must agree to round-off.",
+    "layerwise keeps only the per-module diagonal blocks of that matrix and kfac approximates "
+    "each block by a Kronecker product, so both are approximations of full.",
+    "euclidean is the plain gradient, the baseline without a metric.",
+)
+
+
+def _add_demo(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = commands.add_parser(
+        "demo",
+        parents=[common],
+        help="compare every method's direction on a small digits classifier",
+        description=_paragraph(
+            "Compute the direction of every method in riemann_core.METHODS (layerwise with both "
+            "kernels) for one batch of scikit-learn's handwritten digits and a tanh MLP in "
+            "float64 with cross-entropy, and print each method's median time and its relative "
+            "difference and cosine similarity to the full damped Gauss-Newton direction."
+        ),
+        epilog=f"example:\n  {PROG} demo --quick --seed 1 --out results/demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(run=_run_demo)
+
+
+def _batch(
+    features: np.ndarray, labels: np.ndarray, batch: int, seed: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` distinct samples, features standardised over the whole data set."""
+    std = features.std(axis=0)
+    # some border pixels are 0 in every image: leave them at 0 instead of dividing by 0
+    features = (features - features.mean(axis=0)) / np.where(std > 0, std, 1.0)
+    rows = np.random.default_rng(seed).choice(len(labels), size=batch, replace=False)
+    inputs = torch.as_tensor(features[rows], dtype=torch.float64, device=device)
+    targets = torch.as_tensor(labels[rows], dtype=torch.long, device=device)
+    return inputs, targets
+
+
+def _tanh_mlp(widths: Sequence[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for f_in, f_out in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(f_in, f_out), nn.Tanh()]
+    return nn.Sequential(*layers[:-1])  # no activation after the output layer
+
+
+def _timed(
+    call: Callable[[], dict[str, torch.Tensor]], repeats: int, device: torch.device
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """The result of ``call()`` after one warm-up call, and ``repeats`` timings in ms."""
+    result = call()
+    _synchronize(device)
+    times_ms = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        _synchronize(device)
+        times_ms.append((time.perf_counter() - start) * 1e3)
+    return result, times_ms
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    try:
+        from sklearn.datasets import load_digits
+        from tqdm import tqdm
+    except ImportError as err:
+        raise SystemExit(
+            f"{PROG} demo needs the 'demo' extra ({err}); install it with: "
+            'python -m pip install -c constraints.txt -e ".[demo]"'
+        ) from err
+    import riemann_core as rc
+
+    size = _DEMO_QUICK if args.quick else _DEMO
+    device = args.device
+    inputs, targets = _batch(*load_digits(return_X_y=True), size.batch, args.seed, device)
+    torch.manual_seed(args.seed)
+    model = _tanh_mlp(size.widths).to(device=device, dtype=torch.float64)
+    names = [name for name, _ in model.named_parameters()]
+    n_params = sum(p.numel() for p in model.parameters())
+
+    runs = []
+    for method in rc.METHODS:
+        runs.append((method, "structured"))
+        if method == "layerwise":
+            runs.append((method, "generic"))
+
+    directions, times = {}, {}
+    progress = tqdm(runs, desc="directions", unit="method", leave=False, file=sys.stderr)
+    for method, kernel in progress:
+        progress.set_postfix_str(f"{method} ({kernel})")
+
+        def call(method=method, kernel=kernel):
+            return rc.direction(
+                model,
+                inputs,
+                targets,
+                loss="cross_entropy",
+                method=method,
+                damping=_DEMO_DAMPING,
+                kernel=kernel,
+            )
+
+        direction, times[method, kernel] = _timed(call, size.repeats, device)
+        directions[method, kernel] = torch.cat([direction[n].reshape(-1) for n in names])
+
+    reference = directions["full", "structured"]
+    results = []
+    for method, kernel in runs:
+        vector = directions[method, kernel]
+        results.append(
+            {
+                "method": method,
+                "kernel": kernel,
+                "time_ms": statistics.median(times[method, kernel]),
+                "times_ms": times[method, kernel],
+                "rel_diff_to_full": ((vector - reference).norm() / reference.norm()).item(),
+                "cosine_to_full": torch.nn.functional.cosine_similarity(
+                    vector, reference, dim=0
+                ).item(),
+            }
+        )
+
+    architecture = "-".join(map(str, size.widths))
+    print(
+        f"digits (scikit-learn), MLP {architecture} tanh, {n_params:,} parameters, "
+        f"batch {size.batch}, float64, cross-entropy, damping {_DEMO_DAMPING:g}, "
+        f"device {device}, seed {args.seed}"
+    )
+    print(f"times: median of {size.repeats} calls after one warm-up call\n")
+    print(
+        f"{'method':<10} {'kernel':<10} {'time [ms]':>10} {'rel. diff to full':>18} "
+        f"{'cosine to full':>15}"
+    )
+    for row in results:
+        print(
+            f"{row['method']:<10} {row['kernel']:<10} {row['time_ms']:>10.2f} "
+            f"{row['rel_diff_to_full']:>18.2e} {row['cosine_to_full']:>15.6f}"
+        )
+    print()
+    print("\n".join(_DEMO_EXPLANATION))
+
+    if args.out is not None:
+        payload = {
+            "command": "demo",
+            "config": {
+                "dataset": "sklearn.datasets.load_digits, standardised",
+                "widths": list(size.widths),
+                "activation": "tanh",
+                "parameters": n_params,
+                "batch": size.batch,
+                "dtype": "float64",
+                "loss": "cross_entropy",
+                "output_metric": "exact",
+                "damping": _DEMO_DAMPING,
+                "repeats": size.repeats,
+                "quick": args.quick,
+                "seed": args.seed,
+                "device": str(device),
+            },
+            "environment": {
+                "riemann_bench": _version(),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "machine": platform.machine(),
+                "device_name": torch.cuda.get_device_name(device)
+                if device.type == "cuda"
+                else platform.processor() or platform.machine(),
+            },
+            "results": results,
+        }
+        path = _write_json(args.out, "demo.json", payload)
+        print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
