@@ -95,26 +95,30 @@ def output_factor(
     return mse_factor(outputs)
 
 
-def pullback(outputs: Tensor, factor: Tensor, targets: Sequence[Tensor]) -> list[Tensor]:
-    """Pull ``L_o = factor / sqrt(N)`` back to each tensor in ``targets``.
+def factor_cotangents(factor: Tensor) -> Tensor:
+    """The stacked factor ``L_o = F / sqrt(N)`` as ``r`` cotangents of shape ``(N, C)``:
+    cotangent ``s`` holds every sample's row ``s``."""
+    return factor.transpose(0, 1) / math.sqrt(factor.shape[0])
+
+
+def pullback(outputs: Tensor, cotangents: Tensor, targets: Sequence[Tensor]) -> list[Tensor]:
+    """Pull ``k`` output cotangents (``(k, *outputs.shape)``) back to each of ``targets``.
 
     ``L_{a-1} = L_a A_a`` is backprop with the factor rows as cotangents. For a network
     that treats samples independently, row ``s`` of every sample can share one backward
-    pass, so this runs ``r`` backward passes (vectorised with ``is_grads_batched``),
-    not ``d = N r``. Returns, per target, a tensor ``(r, *target.shape)``; row
-    ``[s, b]`` is the factor row ``(b, s)`` pulled back.
+    pass, so this runs ``r`` backward passes, vectorised with ``is_grads_batched``, not
+    ``d = N r``. Returns, per target, a tensor ``(k, *target.shape)``.
     """
-    N, r, _ = factor.shape
-    cotangents = (factor.transpose(0, 1) / math.sqrt(N)).reshape((r,) + outputs.shape)
     grads = torch.autograd.grad(
         outputs,
         list(targets),
-        grad_outputs=cotangents,
+        grad_outputs=cotangents.reshape((cotangents.shape[0],) + outputs.shape),
         is_grads_batched=True,
         retain_graph=True,
         allow_unused=True,
     )
+    k = cotangents.shape[0]
     return [
-        torch.zeros((r,) + t.shape, dtype=t.dtype, device=t.device) if g is None else g
+        torch.zeros((k,) + t.shape, dtype=t.dtype, device=t.device) if g is None else g.detach()
         for g, t in zip(grads, targets, strict=True)
     ]

@@ -47,6 +47,9 @@ class Block:
 class Handler:
     """Kernel interface for one block; subclasses implement the products with ``K``."""
 
+    #: Whether ``K g`` and ``g - K^T t`` have shortcuts for ``g = Lambda^T Xt``.
+    factored_gradient = False
+
     def __init__(self, block: Block):
         self.block = block
         self.delta = block.delta
@@ -108,6 +111,11 @@ class PatchHandler(Handler):
             return [M.reshape(weight.shape)]
         return [M[:, :-1].reshape(weight.shape), M[:, -1]]
 
+    def gradient_from_output(self, lam: Tensor) -> list[Tensor]:
+        """The parameter gradient ``Lambda^T Xt`` from the gradient at the output."""
+        L = self.output_positions(lam[None])[0]  # (N, T, f_out)
+        return self.from_matrix(L.flatten(0, 1).T @ self.Xt.flatten(0, 1))
+
     def K(self) -> Tensor:
         rows = torch.einsum("sbtc,btp->sbcp", self.Dl, self.Xt)
         return self.flatten_rows(rows.reshape(self.d, self.f_out, -1))
@@ -151,14 +159,36 @@ class LinearHandler(PatchHandler):
     def output_positions(self, delta: Tensor) -> Tensor:
         return delta.reshape(delta.shape[0], delta.shape[1], -1, delta.shape[-1])
 
+    def __init__(self, block: Block):
+        super().__init__(block)
+        self.factored_gradient = self.Xt.shape[1] == 1
+        self._input_gram = None
+
+    def input_gram(self) -> Tensor:
+        """``Xt Xt^T`` (``N x N``)."""
+        if self._input_gram is None:
+            X = self.Xt[:, 0]
+            self._input_gram = X @ X.T
+        return self._input_gram
+
     def gram(self) -> Tensor:
-        if self.Xt.shape[1] != 1:  # sequence inputs: positions couple, use K K^T
+        if not self.factored_gradient:  # sequence inputs: positions couple, use K K^T
             return super().gram()
         D = self.Dl.reshape(self.d, self.f_out)
-        X = self.Xt[:, 0]
         G = (D @ D.T).view(self.r, self.N, self.r, self.N)
-        G.mul_((X @ X.T)[None, :, None, :])
+        G.mul_(self.input_gram()[None, :, None, :])
         return G.view(self.d, self.d)
+
+    def K_mv_output_grad(self, lam: Tensor) -> Tensor:
+        """``K g`` for ``g = Lambda^T Xt``: row ``(s, b)`` is
+        ``delta_{s,b} . (Xt Xt^T Lambda)_b``, ``O(N^2 f_out + d f_out)``."""
+        XXL = self.input_gram() @ lam
+        return (self.Dl[:, :, 0] * XXL[None]).sum(-1).reshape(self.d)
+
+    def output_grad_minus_K_tmv(self, lam: Tensor, t: Tensor) -> list[Tensor]:
+        """``g - K^T t = (Lambda - U)^T Xt`` with ``U_b = sum_s t_{s,b} delta_{s,b}``."""
+        U = torch.einsum("sb,sbc->bc", t.reshape(self.r, self.N), self.Dl[:, :, 0])
+        return self.from_matrix((lam - U).T @ self.Xt[:, 0])
 
 
 class Conv2dHandler(PatchHandler):

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_outputs
-from ..factors import FactorFn, output_factor, pullback
-from ..modules import Block, Handler, handler_for
+from ..factors import FactorFn, factor_cotangents, output_factor, pullback
+from ..modules import Block, Handler, PatchHandler, handler_for
 
 
 @dataclass(frozen=True)
@@ -45,17 +45,43 @@ class LayerDiagnostics:
     update_norm: float
 
 
-@dataclass
 class Problem:
     """A batch seen by the network, ready for any method.
 
-    ``gradient[i]`` lists the vectors to precondition for ``blocks[i]`` (by default
-    the mean loss's gradient), in the order of ``blocks[i].params``.
+    ``gradient[i]`` lists the vectors to precondition for ``blocks[i]``, in the order of
+    ``blocks[i].params``. When they are the mean loss's gradient, ``output_grads[i]`` is
+    ``Lambda_a``, that gradient at the block's output; for 2-D Linear blocks
+    ``g = Lambda^T Xt`` is then never needed as such (see :meth:`K_gradient`).
     """
 
-    blocks: list[Block]
-    gradient: list[list[Tensor]]
-    handlers: list[Handler] = field(default_factory=list)
+    def __init__(self, blocks, handlers=(), gradient=None, output_grads=None):
+        self.blocks: list[Block] = blocks
+        self.handlers: list[Handler] = list(handlers)
+        self.output_grads: list[Tensor] | None = output_grads
+        self._gradient: list[list[Tensor] | None] = gradient or [None] * len(blocks)
+
+    @property
+    def gradient(self) -> list[list[Tensor]]:
+        for i, g in enumerate(self._gradient):
+            if g is None:
+                self._gradient[i] = self.handlers[i].gradient_from_output(self.output_grads[i])
+        return self._gradient
+
+    def _factored(self, i: int) -> bool:
+        return self.output_grads is not None and self.handlers[i].factored_gradient
+
+    def K_gradient(self, i: int) -> Tensor:
+        """``K_a g_a`` (``d``), through ``Lambda_a`` where the handler can."""
+        if self._factored(i):
+            return self.handlers[i].K_mv_output_grad(self.output_grads[i])
+        return self.handlers[i].K_mv(self.gradient[i])
+
+    def gradient_minus_K_tmv(self, i: int, t: Tensor) -> list[Tensor]:
+        """``g_a - K_a^T t``, one GEMM ``(Lambda - U)^T Xt`` where the handler can."""
+        if self._factored(i):
+            return self.handlers[i].output_grad_minus_K_tmv(self.output_grads[i], t)
+        Kt = self.handlers[i].K_tmv(t)
+        return [g - k for g, k in zip(self.gradient[i], Kt, strict=True)]
 
 
 def capture_blocks(model: nn.Module, run: Callable[[], Tensor]) -> tuple[Tensor, list[Block]]:
@@ -128,33 +154,50 @@ def build_problem(
     vectors to precondition) and, if needed, the pulled-back factor. ``targets`` may be
     ``None`` when ``gradient`` is given (they then reach only a custom output metric).
 
+    With the factor, the loss gradient at the network output rides along as one more
+    cotangent row of the pullback, which yields ``Lambda_a`` at every block output.
     Uses ``torch.autograd.grad`` throughout, so no ``.grad`` is touched.
     """
     outputs, blocks = capture_blocks(model, lambda: model(inputs))
     if targets is not None:
         check_outputs(outputs, targets, opts.loss)
-    if gradient is None:
-        loss = mean_loss(outputs, targets, opts.loss)
-        params = [p for b in blocks for p in b.params]
-        flat = torch.autograd.grad(loss, params, retain_graph=needs_factor, allow_unused=True)
-        gradient = {
-            name: torch.zeros_like(p) if g is None else g
-            for name, p, g in zip((n for b in blocks for n in b.param_names), params, flat,
-                                  strict=True)
-        }
-    gradient = [[gradient[n] for n in b.param_names] for b in blocks]
-    problem = Problem(blocks, gradient)
-    if needs_factor:
-        z = outputs.reshape(outputs.shape[0], -1)
-        factor = output_factor(
-            z.detach(), targets, loss=opts.loss, output_metric=opts.output_metric,
-            samples=opts.samples, generator=opts.generator,
-        )
-        deltas = pullback(z, factor, [b.output for b in blocks])
-        for b, delta in zip(blocks, deltas, strict=True):
-            b.delta = delta.detach()
-            b.output = None  # release the graph
-        problem.handlers = [handler_for(b, opts.kernel) for b in blocks]
+    given = None if gradient is None else [[gradient[n] for n in b.param_names] for b in blocks]
+    if not needs_factor:
+        if given is None:
+            params = [p for b in blocks for p in b.params]
+            flat = torch.autograd.grad(
+                mean_loss(outputs, targets, opts.loss), params, allow_unused=True
+            )
+            flat = [torch.zeros_like(p) if g is None else g for g, p in zip(flat, params, strict=True)]
+            given = [[flat.pop(0) for _ in b.params] for b in blocks]
+        return Problem(blocks, gradient=given)
+
+    z = outputs.reshape(outputs.shape[0], -1)
+    factor = output_factor(
+        z.detach(), targets, loss=opts.loss, output_metric=opts.output_metric,
+        samples=opts.samples, generator=opts.generator,
+    )
+    cotangents = factor_cotangents(factor)
+    if given is None:
+        loss = mean_loss(z.view_as(outputs), targets, opts.loss)
+        (dz,) = torch.autograd.grad(loss, z, retain_graph=True)
+        cotangents = torch.cat([dz[None].detach(), cotangents])
+    rows = pullback(z, cotangents, [b.output for b in blocks])
+    output_grads = None
+    if given is None:
+        output_grads = [r[0] for r in rows]
+        rows = [r[1:] for r in rows]
+    for b, delta in zip(blocks, rows, strict=True):
+        b.delta = delta
+    problem = Problem(blocks, [handler_for(b, opts.kernel) for b in blocks], given, output_grads)
+    if given is None:  # blocks without the layer structure need g now, while the graph lives
+        for i, (b, h) in enumerate(zip(blocks, problem.handlers, strict=True)):
+            if not isinstance(h, PatchHandler):
+                problem._gradient[i] = list(
+                    torch.autograd.grad(b.output, b.params, output_grads[i], retain_graph=True)
+                )
+    for b in blocks:
+        b.output = None  # release the graph
     return problem
 
 

@@ -15,7 +15,7 @@ NEEDS_FACTOR = True
 
 def solve(problem: Problem, opts: Options):
     handlers = problem.handlers
-    sizes = [len(g) for g in problem.gradient]
+    sizes = [len(b.params) for b in problem.blocks]
 
     def split(flat):
         out, i = [], 0
@@ -37,11 +37,15 @@ def solve(problem: Problem, opts: Options):
         gram, opts.damping, K_mv, K_tmv, what="damped data-space Gram (natural gradient)",
         solve_dtype=opts.solve_dtype,
     )
-    g = [a for grads in problem.gradient for a in grads]
-    x = solver(g)
+    t = solver.inner.solve(sum(problem.K_gradient(i) for i in range(len(handlers))))
+    x = [[a / opts.damping for a in problem.gradient_minus_K_tmv(i, t)]
+         for i in range(len(handlers))]
     diagnostics = []
     if opts.diagnostics:
         n = sum(b.n_params for b in problem.blocks)
-        diagnostics.append(woodbury_diagnostics("(all)", "natural", opts, solver, g, x,
-                                                kernel=opts.kernel, params=n))
-    return split(x), diagnostics
+        g = [a for grads in problem.gradient for a in grads]
+        diagnostics.append(woodbury_diagnostics(
+            "(all)", "natural", opts, solver, g, [a for block in x for a in block],
+            kernel=opts.kernel, params=n,
+        ))
+    return x, diagnostics

@@ -147,11 +147,9 @@ _DEMO = _DemoSize(widths=(64, 32, 32, 10), batch=128, repeats=5)
 _DEMO_QUICK = _DemoSize(widths=(64, 16, 10), batch=64, repeats=3)
 _DEMO_DAMPING = 1e-3
 _DEMO_EXPLANATION = (
-    "full and natural solve the same damped Gauss-Newton system (a dense n x n Cholesky and a "
-    "data-space Woodbury solve), so they must agree to round-off.",
-    "layerwise keeps only the per-module diagonal blocks of that matrix and kfac approximates "
-    "each block by a Kronecker product, so both are approximations of full.",
-    "euclidean is the plain gradient, the baseline without a metric.",
+    "full and natural solve the same damped Gauss-Newton system, so they must agree to round-off.",
+    "layerwise (its diagonal blocks) and kfac (Kronecker-factored blocks) are approximations of full.",
+    "euclidean is the plain gradient: the baseline without a metric.",
 )
 
 

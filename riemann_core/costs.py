@@ -1,0 +1,166 @@
+"""Analytic FLOP and memory models of each method, for MLPs (chains of Linear layers).
+
+Convention: a matrix product ``(m x k)(k x n)`` costs ``2 m k n`` FLOPs (torch's
+``FlopCounterMode``); elementwise work is not counted. Dense linear algebra, which
+``FlopCounterMode`` counts as zero, uses the formulas below; the profiling layer
+registers the same formulas with the counter so counted and modelled FLOPs compare.
+
+The models follow the implementation step by step (``flops`` returns them by phase);
+``speed_of_light_flops`` is the minimal count of DESIGN.md section 4, the yardstick.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def cholesky_flops(n: int) -> float:
+    """``n^3 / 3``: Cholesky of an ``n x n`` matrix."""
+    return n**3 / 3
+
+
+def triangular_solve_flops(n: int, k: int = 1) -> float:
+    """``n^2 k``: one triangular solve with ``k`` right-hand sides."""
+    return n * n * k
+
+
+def eigh_flops(n: int, vectors: bool = True) -> float:
+    """``9 n^3`` with eigenvectors, ``4 n^3 / 3`` without (Golub & Van Loan, 8.3)."""
+    return 9 * n**3 if vectors else 4 * n**3 / 3
+
+
+def lu_solve_flops(n: int, k: int = 1) -> float:
+    """``2 n^3 / 3 + 2 n^2 k``: LU factorisation and two triangular solves."""
+    return 2 * n**3 / 3 + 2 * n * n * k
+
+
+def inverse_flops(n: int) -> float:
+    """``2 n^3``: LU plus inversion from the factors."""
+    return 2 * n**3
+
+
+@dataclass(frozen=True)
+class MLPShape:
+    """Linear layers ``widths[a] -> widths[a+1]``, batch ``N``, ``rows`` = ``r`` per sample."""
+
+    widths: tuple[int, ...]
+    batch: int
+    rows: int
+    bias: bool = True
+
+    @property
+    def layers(self) -> list[tuple[int, int]]:
+        return list(zip(self.widths[:-1], self.widths[1:], strict=True))
+
+    @property
+    def d(self) -> int:
+        return self.batch * self.rows
+
+    def patch(self, f_in: int) -> int:
+        """``P = f_in + 1`` with bias (the ``xt`` width), else ``f_in``."""
+        return f_in + int(self.bias)
+
+    def block_params(self) -> list[int]:
+        return [f_out * self.patch(f_in) for f_in, f_out in self.layers]
+
+    @property
+    def n_params(self) -> int:
+        return sum(self.block_params())
+
+
+KERNEL_METHODS = ("layerwise", "full", "natural", "kfac")
+
+
+def flops(method: str, shape: MLPShape, kernel: str = "structured") -> dict[str, float]:
+    """Modelled FLOPs of ``rc.direction(method=..., kernel=...)`` by phase, plus ``total``.
+
+    Phases: ``forward``; ``pullback`` (``r`` factor rows and the loss gradient through
+    the layers above the first); ``gradient`` (parameter gradient where it is formed);
+    ``jacobian`` (generic kernel: ``K_a`` by ``vmap``/``vjp``); ``gram``;
+    ``factorisation``; ``solve`` (products with ``K`` and triangular solves).
+    """
+    N, d, layers = shape.batch, shape.d, shape.layers
+    k = shape.rows + 1  # the loss gradient rides along in the pullback
+    matmul = sum(2 * N * f_in * f_out for f_in, f_out in layers)  # one forward's GEMMs
+    above_first = sum(2 * N * f_in * f_out for f_in, f_out in layers[1:])
+    cost = {"forward": matmul}
+    generic = kernel == "generic"
+    if method == "euclidean":
+        cost["gradient"] = matmul + above_first
+        return _total(cost)
+    cost["pullback"] = k * above_first
+    P = [shape.patch(f_in) for f_in, _ in layers]
+    f_outs = [f_out for _, f_out in layers]
+    n_a = shape.block_params()
+    if generic:  # gradient by autograd; K by a per-sample forward and one vjp per row
+        cost["gradient"] = matmul
+        if method != "kfac":
+            cost["jacobian"] = matmul + shape.rows * matmul
+    if method in ("layerwise", "natural"):
+        if generic:
+            cost["gram"] = sum(2 * d * d * n for n in n_a)
+            cost["solve"] = sum(4 * d * n for n in n_a)
+        else:
+            cost["gram"] = sum(2 * N * N * p + 2 * d * d * f for p, f in zip(P, f_outs, strict=True))
+            cost["solve"] = sum(
+                2 * N * N * f + 2 * d * f + 2 * N * f * p for p, f in zip(P, f_outs, strict=True)
+            )
+        solves = len(layers) if method == "layerwise" else 1
+        cost["factorisation"] = solves * cholesky_flops(d)
+        cost["solve"] += solves * 2 * triangular_solve_flops(d)
+    elif method == "full":
+        n = shape.n_params
+        if not generic:
+            cost["gradient"] = sum(2 * N * f * p for p, f in zip(P, f_outs, strict=True))
+        cost["gram"] = 2 * n * n * d
+        cost["factorisation"] = cholesky_flops(n)
+        cost["solve"] = 2 * triangular_solve_flops(n)
+    elif method == "kfac":
+        if not generic:
+            cost["gradient"] = sum(2 * N * f * p for p, f in zip(P, f_outs, strict=True))
+        cost["gram"] = sum(2 * d * f * f + 2 * N * p * p for p, f in zip(P, f_outs, strict=True))
+        cost["factorisation"] = sum(eigh_flops(f) + eigh_flops(p) for p, f in zip(P, f_outs, strict=True))
+        cost["solve"] = sum(4 * (f * f * p + f * p * p) for p, f in zip(P, f_outs, strict=True))
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return _total(cost)
+
+
+def _total(cost: dict[str, float]) -> dict[str, float]:
+    cost["total"] = sum(cost.values())
+    return cost
+
+
+def speed_of_light_flops(shape: MLPShape) -> float:
+    """Minimal FLOPs of the structured layerwise direction (DESIGN.md section 4)::
+
+        pullback   2 d sum_{a > 1} f_in f_out
+        per layer  2 d^2 f_out + 2 N^2 (f_in + 1) + d^3 / 3
+                   + 2 d N f_out + 2 (N + d) f_out (f_in + 1)
+    """
+    N, d = shape.batch, shape.d
+    total = sum(2 * d * f_in * f_out for f_in, f_out in shape.layers[1:])
+    for f_in, f_out in shape.layers:
+        total += 2 * d * d * f_out + 2 * N * N * (f_in + 1) + d**3 / 3
+        total += 2 * d * N * f_out + 2 * (N + d) * f_out * (f_in + 1)
+    return total
+
+
+def peak_bytes(method: str, shape: MLPShape, kernel: str = "structured", itemsize: int = 4) -> float:
+    """Estimate of the peak extra memory of one direction (dominant terms only).
+
+    Activations and pulled-back rows ``(r + 2) N sum f``, the parameters' gradient and
+    direction ``2 n``, plus per method: ``3 d^2`` for a Woodbury Gram, its copy and
+    factor; ``d max n_a`` for a generic ``K_a``; ``d n + 2 n^2`` for ``full``;
+    ``3 (f_out^2 + P^2)`` per layer for ``kfac``. Used to skip infeasible sizes.
+    """
+    d, n = shape.d, shape.n_params
+    widths = sum(shape.widths)
+    elems = (shape.rows + 2) * shape.batch * widths + 2 * n
+    if method in ("layerwise", "natural"):
+        elems += 3 * d * d + (d * max(shape.block_params()) if kernel == "generic" else 0)
+    elif method == "full":
+        elems += d * n + 2 * n * n
+    elif method == "kfac":
+        elems += sum(3 * (f * f + shape.patch(i) ** 2) for i, f in shape.layers)
+    return elems * itemsize

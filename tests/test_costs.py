@@ -1,0 +1,58 @@
+"""costs.py against FLOPs counted by FlopCounterMode (extended with linear algebra)."""
+
+import pytest
+import torch
+from torch import nn
+
+import riemann_core as rc
+from riemann_core import costs
+from riemann_core.profiling.flops import flop_counter
+
+SHAPES = [((20, 30, 16, 5), 8, True), ((7, 9, 4), 5, False), ((12, 6), 3, True)]
+
+
+def mlp(widths, bias):
+    layers = []
+    for f_in, f_out in zip(widths[:-1], widths[1:], strict=True):
+        layers += [nn.Linear(f_in, f_out, bias=bias), nn.Tanh()]
+    return nn.Sequential(*layers[:-1])
+
+
+@pytest.mark.parametrize("kernel", ["structured", "generic"])
+@pytest.mark.parametrize("method", rc.METHODS)
+@pytest.mark.parametrize(
+    "widths,N,bias", SHAPES, ids=[f"widths={'-'.join(map(str, w))}-N={n}" for w, n, _ in SHAPES]
+)
+@pytest.mark.parametrize("output_metric", ["exact", "sampled"])
+def test_counted_flops_match_the_model(widths, N, bias, method, kernel, output_metric):
+    torch.manual_seed(0)
+    model = mlp(widths, bias)
+    x, y = torch.randn(N, widths[0]), torch.randint(0, widths[-1], (N,))
+    samples = 3
+    with flop_counter() as counter:
+        rc.direction(model, x, y, method=method, kernel=kernel,
+                     output_metric=output_metric, samples=samples)
+    rows = widths[-1] if output_metric == "exact" else samples
+    modelled = costs.flops(method, costs.MLPShape(widths, N, rows, bias), kernel)["total"]
+    assert counter.get_total_flops() == pytest.approx(modelled, rel=1e-2, abs=2)
+
+
+def test_linalg_formulas_are_counted():
+    A = torch.randn(30, 30, dtype=torch.float64)
+    A = A @ A.T + 30 * torch.eye(30, dtype=torch.float64)
+    b = torch.randn(30, 4, dtype=torch.float64)
+    with flop_counter() as counter:
+        L = torch.linalg.cholesky(A)
+        torch.linalg.solve_triangular(L, b, upper=False)
+        torch.linalg.eigh(A)
+        torch.linalg.solve(A, b)
+    expected = (costs.cholesky_flops(30) + costs.triangular_solve_flops(30, 4)
+                + costs.eigh_flops(30) + costs.lu_solve_flops(30, 4))
+    assert counter.get_total_flops() == pytest.approx(expected, abs=4)
+
+
+def test_speed_of_light_formula_by_hand():
+    # one layer 3 -> 2, N = 2, r = 2: d = 4, no pullback term
+    shape = costs.MLPShape((3, 2), batch=2, rows=2)
+    by_hand = 2 * 16 * 2 + 2 * 4 * 4 + 64 / 3 + 2 * 4 * 2 * 2 + 2 * 6 * 2 * 4
+    assert costs.speed_of_light_flops(shape) == pytest.approx(by_hand)
