@@ -96,18 +96,24 @@ def flops(method: str, shape: MLPShape, kernel: str = "structured") -> dict[str,
         cost["gradient"] = matmul
         if method != "kfac":
             cost["jacobian"] = matmul + shape.rows * matmul
-    if method in ("layerwise", "natural"):
-        if generic:
-            cost["gram"] = sum(2 * d * d * n for n in n_a)
-            cost["solve"] = sum(4 * d * n for n in n_a)
-        else:
-            cost["gram"] = sum(2 * N * N * p + 2 * d * d * f for p, f in zip(P, f_outs, strict=True))
-            cost["solve"] = sum(
-                2 * N * N * f + 2 * d * f + 2 * N * f * p for p, f in zip(P, f_outs, strict=True)
-            )
-        solves = len(layers) if method == "layerwise" else 1
-        cost["factorisation"] = solves * cholesky_flops(d)
-        cost["solve"] += solves * 2 * triangular_solve_flops(d)
+    if method == "natural":
+        cost["gram"] = sum(_gram(shape, kernel, p, f, n) for p, f, n in zip(P, f_outs, n_a, strict=True))
+        cost["factorisation"] = cholesky_flops(d)
+        cost["solve"] = sum(_products(shape, kernel, p, f, n) for p, f, n in zip(P, f_outs, n_a, strict=True))
+        cost["solve"] += 2 * triangular_solve_flops(d)
+    elif method == "layerwise":
+        cost.update(gram=0, factorisation=0, solve=0)
+        for p, f, n in zip(P, f_outs, n_a, strict=True):
+            if n <= d:  # dense block: G_a = mu I + K_a^T K_a, n_a x n_a
+                if not generic:
+                    cost["gradient"] = cost.get("gradient", 0) + 2 * N * f * p
+                cost["gram"] += 2 * n * n * d
+                cost["factorisation"] += cholesky_flops(n)
+                cost["solve"] += 2 * triangular_solve_flops(n)
+            else:  # Woodbury: d x d Gram
+                cost["gram"] += _gram(shape, kernel, p, f, n)
+                cost["factorisation"] += cholesky_flops(d)
+                cost["solve"] += _products(shape, kernel, p, f, n) + 2 * triangular_solve_flops(d)
     elif method == "full":
         n = shape.n_params
         if not generic:
@@ -124,6 +130,18 @@ def flops(method: str, shape: MLPShape, kernel: str = "structured") -> dict[str,
     else:
         raise ValueError(f"unknown method {method!r}")
     return _total(cost)
+
+
+def _gram(shape: MLPShape, kernel: str, p: int, f: int, n: int) -> float:
+    """``K_a K_a^T``: ``(Delta Delta^T) * (Xt Xt^T)`` structured, ``K K^T`` generic."""
+    d, N = shape.d, shape.batch
+    return 2 * d * d * n if kernel == "generic" else 2 * N * N * p + 2 * d * d * f
+
+
+def _products(shape: MLPShape, kernel: str, p: int, f: int, n: int) -> float:
+    """``K_a g_a`` and ``g_a - K_a^T t`` (structured: through ``Lambda``, one GEMM)."""
+    d, N = shape.d, shape.batch
+    return 4 * d * n if kernel == "generic" else 2 * N * N * f + 2 * d * f + 2 * N * f * p
 
 
 def _total(cost: dict[str, float]) -> dict[str, float]:

@@ -8,7 +8,8 @@ import riemann_core as rc
 from riemann_core import costs
 from riemann_core.profiling.flops import flop_counter
 
-SHAPES = [((20, 30, 16, 5), 8, True), ((7, 9, 4), 5, False), ((12, 6), 3, True)]
+# the last shape has n_a <= d in every layer: layerwise takes its dense path
+SHAPES = [((20, 30, 16, 5), 8, True), ((7, 9, 4), 5, False), ((12, 6), 3, True), ((6, 2, 3), 10, True)]
 
 
 def mlp(widths, bias):

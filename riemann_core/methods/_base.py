@@ -30,13 +30,16 @@ class Options:
 class LayerDiagnostics:
     """What one solve did. ``name`` is the block's module name (``"(all)"`` for a
     whole-network solve); ``rows`` the factor rows ``d``; ``params`` the unknowns;
-    ``condition`` the 2-norm condition number of the factorised matrix (for Woodbury
-    solves the damped ``d x d`` Gram); ``residual`` ``||G x - v|| / ||v||`` of the
-    whole metric; ``jitter`` added to its diagonal; ``update_norm`` ``||x||``."""
+    ``solver`` the algebra used (``"woodbury"``: the damped ``d x d`` Gram;
+    ``"dense"``: the ``n x n`` metric; ``"kronecker"``: K-FAC eigenbases);
+    ``condition`` the 2-norm condition number of the factorised matrix; ``residual``
+    ``||G x - v|| / ||v||`` of the whole metric; ``jitter`` added to its diagonal;
+    ``update_norm`` ``||x||``."""
 
     name: str
     method: str
     kernel: str
+    solver: str
     rows: int
     params: int
     condition: float
@@ -205,18 +208,24 @@ def norm(tensors: list[Tensor]) -> float:
     return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)))
 
 
-def woodbury_diagnostics(name, method, opts: Options, solver, v, x, *, kernel, params):
-    """Diagnostics of a Woodbury solve ``x = (mu I + K^T K)^{-1} v`` (costs one more
-    product pair with ``K`` and an eigendecomposition of the ``d x d`` Gram)."""
-    v_list = [v] if isinstance(v, Tensor) else v
-    x_list = [x] if isinstance(x, Tensor) else x
-    Gx = solver.K_tmv(solver.K_mv(x))
-    Gx = [Gx] if isinstance(Gx, Tensor) else Gx
-    residual = norm([opts.damping * a + b - c for a, b, c in zip(x_list, Gx, v_list, strict=True)])
-    L = solver.inner.factor
-    eigs = torch.linalg.eigvalsh(L @ L.T)
+def solve_diagnostics(name, method, kernel, solver, *, rows, params, chol, v, x, Gx):
+    """Diagnostics of one solve ``x = G^{-1} v`` given ``Gx = G x`` (lists of tensors).
+
+    The condition number is that of the factorised matrix ``L L^T`` (an extra
+    eigendecomposition: diagnostics cost about one more factorisation).
+    """
+    residual = norm([a - b for a, b in zip(Gx, v, strict=True)]) / max(norm(v), 1e-300)
+    L = chol.factor
+    eigs = torch.linalg.eigvalsh(L @ L.mT)
     return LayerDiagnostics(
-        name=name, method=method, kernel=kernel, rows=L.shape[0], params=params,
-        condition=float(eigs[-1] / eigs[0]), residual=residual / max(norm(v_list), 1e-300),
-        jitter=solver.inner.jitter, update_norm=norm(x_list),
+        name=name, method=method, kernel=kernel, solver=solver, rows=rows, params=params,
+        condition=float(eigs[-1] / eigs[0]), residual=residual, jitter=chol.jitter,
+        update_norm=norm(x),
     )
+
+
+def apply_metric(handler_pairs, damping: float, x: list[list[Tensor]]) -> list[Tensor]:
+    """``(mu I + K^T K) x`` for ``K = [K_a]`` over ``(handler, x_a)`` pairs, flattened."""
+    Kx = sum(h.K_mv(xa) for h, xa in zip(handler_pairs, x, strict=True))
+    return [damping * a + b for h, xa in zip(handler_pairs, x, strict=True)
+            for a, b in zip(xa, h.K_tmv(Kx), strict=True)]

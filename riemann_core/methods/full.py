@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..woodbury import cholesky
-from ._base import LayerDiagnostics, Options, Problem, norm
+from ._base import Options, Problem, solve_diagnostics
 
 NEEDS_FACTOR = True
 
@@ -32,11 +32,8 @@ def solve(problem: Problem, opts: Options):
         directions.append(block)
     diagnostics = []
     if opts.diagnostics:
-        residual = (G @ x.to(dtype) - g.to(dtype)).norm() / g.norm()
-        eigs = torch.linalg.eigvalsh(G)
-        diagnostics.append(LayerDiagnostics(
-            name="(all)", method="full", kernel=opts.kernel, rows=K.shape[0], params=K.shape[1],
-            condition=float(eigs[-1] / eigs[0]), residual=float(residual),
-            jitter=chol.jitter, update_norm=norm([x]),
+        diagnostics.append(solve_diagnostics(
+            "(all)", "full", opts.kernel, "dense", rows=K.shape[0], params=K.shape[1], chol=chol,
+            v=[g], x=[x], Gx=[(G @ x.to(dtype)).to(g.dtype)],
         ))
     return directions, diagnostics

@@ -39,7 +39,7 @@ def solve(problem: Problem, opts: Options):
             residual = (Gamma @ X @ A + opts.damping * X - V).norm() / V.norm()
             diagnostics.append(LayerDiagnostics(
                 name=handler.block.name, method="kfac", kernel=type(handler).__name__,
-                rows=handler.d, params=handler.block.n_params,
+                solver="kronecker", rows=handler.d, params=handler.block.n_params,
                 condition=float(scale.max() / scale.min()), residual=float(residual),
                 jitter=0.0, update_norm=norm([X]),
             ))

@@ -1,18 +1,22 @@
-"""The layerwise metric: ``G_a = mu I + K_a^T K_a`` per block, solved by Woodbury.
+"""The layerwise metric: ``G_a = mu I + K_a^T K_a`` per block.
 
 ``K_a^T K_a`` is the block of the generalised Gauss-Newton matrix that belongs to
-module ``a``, so ``G`` is the damped block-diagonal GGN:
+module ``a``, so ``G`` is the damped block-diagonal GGN. A block with more
+parameters than factor rows (``n_a > d``, the usual case) is solved by Woodbury,
 
-    G_a^{-1} g_a = (g_a - K_a^T (mu I + K_a K_a^T)^{-1} K_a g_a) / mu.
+    G_a^{-1} g_a = (g_a - K_a^T (mu I + K_a K_a^T)^{-1} K_a g_a) / mu,
 
-Each block costs ``O(n_a d^2 + d^3)`` (generic kernel) and needs only its own
-pulled-back factor.
+in ``O(n_a d^2 + d^3)`` (generic kernel); a block with ``n_a <= d`` (a small output
+layer, a large batch) factorises ``G_a`` itself in ``O(n_a^2 d + n_a^3)``, which is
+then cheaper. Both are exact; each block needs only its own pulled-back factor.
 """
 
 from __future__ import annotations
 
-from ..woodbury import WoodburySolve
-from ._base import Options, Problem, woodbury_diagnostics
+import torch
+
+from ..woodbury import cholesky
+from ._base import Options, Problem, apply_metric, solve_diagnostics
 
 NEEDS_FACTOR = True
 
@@ -20,16 +24,30 @@ NEEDS_FACTOR = True
 def solve(problem: Problem, opts: Options):
     directions, diagnostics = [], []
     for i, handler in enumerate(problem.handlers):
-        solver = WoodburySolve.factorise(
-            handler.gram(), opts.damping, handler.K_mv, handler.K_tmv,
-            what=f"damped Gram of module {handler.block.name!r}", solve_dtype=opts.solve_dtype,
-        )
-        t = solver.inner.solve(problem.K_gradient(i))
-        x = [a / opts.damping for a in problem.gradient_minus_K_tmv(i, t)]
+        name, n_a = handler.block.name, handler.block.n_params
+        dtype = opts.solve_dtype or handler.delta.dtype
+        if n_a <= handler.d:
+            solver = "dense"
+            K = handler.K().to(dtype)
+            G = K.T @ K
+            G.diagonal().add_(opts.damping)
+            chol = cholesky(G, what=f"damped metric of module {name!r} ({n_a} x {n_a})")
+            g = problem.gradient[i]
+            flat = chol.solve(torch.cat([a.reshape(-1) for a in g]))
+            x = [c.view_as(a).to(a.dtype) for c, a in zip(flat.split([a.numel() for a in g]), g,
+                                                          strict=True)]
+        else:
+            solver = "woodbury"
+            gram = handler.gram().to(dtype)
+            gram.diagonal().add_(opts.damping)
+            chol = cholesky(gram, what=f"damped Gram of module {name!r} ({handler.d} x {handler.d})")
+            t = chol.solve(problem.K_gradient(i)).to(handler.delta.dtype)
+            x = [a / opts.damping for a in problem.gradient_minus_K_tmv(i, t)]
         directions.append(x)
         if opts.diagnostics:
-            diagnostics.append(woodbury_diagnostics(
-                handler.block.name, "layerwise", opts, solver, problem.gradient[i], x,
-                kernel=type(handler).__name__, params=handler.block.n_params,
+            diagnostics.append(solve_diagnostics(
+                name, "layerwise", type(handler).__name__, solver, rows=handler.d, params=n_a,
+                chol=chol, v=problem.gradient[i], x=x,
+                Gx=apply_metric([handler], opts.damping, [x]),
             ))
     return directions, diagnostics

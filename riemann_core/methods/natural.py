@@ -7,45 +7,31 @@
 
 from __future__ import annotations
 
-from ..woodbury import WoodburySolve
-from ._base import Options, Problem, woodbury_diagnostics
+from ..woodbury import cholesky
+from ._base import Options, Problem, apply_metric, solve_diagnostics
 
 NEEDS_FACTOR = True
 
 
 def solve(problem: Problem, opts: Options):
     handlers = problem.handlers
-    sizes = [len(b.params) for b in problem.blocks]
-
-    def split(flat):
-        out, i = [], 0
-        for s in sizes:
-            out.append(flat[i : i + s])
-            i += s
-        return out
-
-    def K_mv(v):
-        return sum(h.K_mv(part) for h, part in zip(handlers, split(v), strict=True))
-
-    def K_tmv(t):
-        return [a for h in handlers for a in h.K_tmv(t)]
-
-    gram = handlers[0].gram()
+    dtype = opts.solve_dtype or handlers[0].delta.dtype
+    gram = handlers[0].gram().to(dtype)
     for h in handlers[1:]:
         gram += h.gram()
-    solver = WoodburySolve.factorise(
-        gram, opts.damping, K_mv, K_tmv, what="damped data-space Gram (natural gradient)",
-        solve_dtype=opts.solve_dtype,
-    )
-    t = solver.inner.solve(sum(problem.K_gradient(i) for i in range(len(handlers))))
+    gram.diagonal().add_(opts.damping)
+    d = gram.shape[0]
+    chol = cholesky(gram, what=f"damped data-space Gram of the natural gradient ({d} x {d})")
+    Kg = sum(problem.K_gradient(i) for i in range(len(handlers)))
+    t = chol.solve(Kg).to(handlers[0].delta.dtype)
     x = [[a / opts.damping for a in problem.gradient_minus_K_tmv(i, t)]
          for i in range(len(handlers))]
     diagnostics = []
     if opts.diagnostics:
-        n = sum(b.n_params for b in problem.blocks)
-        g = [a for grads in problem.gradient for a in grads]
-        diagnostics.append(woodbury_diagnostics(
-            "(all)", "natural", opts, solver, g, [a for block in x for a in block],
-            kernel=opts.kernel, params=n,
+        diagnostics.append(solve_diagnostics(
+            "(all)", "natural", opts.kernel, "woodbury", rows=d,
+            params=sum(b.n_params for b in problem.blocks), chol=chol,
+            v=[a for g in problem.gradient for a in g], x=[a for xa in x for a in xa],
+            Gx=apply_metric(handlers, opts.damping, x),
         ))
     return x, diagnostics
