@@ -39,8 +39,15 @@ def check_options(
         raise ValueError(f"solve_dtype must be None, torch.float32 or torch.float64, got {solve_dtype}")
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """Whether every entry is finite; a sum (no mask allocated) decides the usual case."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())  # the sum may overflow with finite entries
+
+
 def check_finite(what: str, tensor: Tensor, fix: str) -> None:
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    if not all_finite(tensor):
         bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(f"{what} contains {bad} NaN or inf entries; {fix}")
 

@@ -39,6 +39,17 @@ def inverse_flops(n: int) -> float:
     return 2 * n**3
 
 
+def qr_flops(m: int, n: int) -> float:
+    """``2 m n^2 - 2 n^3 / 3``: Householder QR of ``m x n`` (``m >= n``), ``R`` only."""
+    return 2 * m * n * n - 2 * n**3 / 3
+
+
+def dense_is_cheaper(n: int, d: int, gram_flops: float) -> bool:
+    """Layerwise block rule: factorise ``mu I + K^T K`` (``n x n``) rather than the
+    ``d x d`` Gram when ``2 n^2 d + n^3 / 3 < gram_flops + d^3 / 3``."""
+    return 2 * n * n * d + cholesky_flops(n) < gram_flops + cholesky_flops(d)
+
+
 @dataclass(frozen=True)
 class MLPShape:
     """Linear layers ``widths[a] -> widths[a+1]``, batch ``N``, ``rows`` = ``r`` per sample."""
@@ -94,7 +105,7 @@ def flops(method: str, shape: MLPShape, kernel: str = "structured") -> dict[str,
     n_a = shape.block_params()
     if generic:  # gradient by autograd; K by a per-sample forward and one vjp per row
         cost["gradient"] = matmul
-        if method != "kfac":
+        if method in ("full", "natural"):
             cost["jacobian"] = matmul + shape.rows * matmul
     if method == "natural":
         cost["gram"] = sum(_gram(shape, kernel, p, f, n) for p, f, n in zip(P, f_outs, n_a, strict=True))
@@ -103,17 +114,24 @@ def flops(method: str, shape: MLPShape, kernel: str = "structured") -> dict[str,
         cost["solve"] += 2 * triangular_solve_flops(d)
     elif method == "layerwise":
         cost.update(gram=0, factorisation=0, solve=0)
-        for p, f, n in zip(P, f_outs, n_a, strict=True):
-            if n <= d:  # dense block: G_a = mu I + K_a^T K_a, n_a x n_a
+        for (f_in, f), p, n in zip(layers, P, n_a, strict=True):
+            m = min(shape.rows, f)  # rows per sample after compress_rows
+            if generic:
+                cost["jacobian"] = cost.get("jacobian", 0) + 2 * N * (1 + m) * f_in * f
+            if m < shape.rows:
+                cost["factorisation"] += N * qr_flops(shape.rows, f)
+            block = MLPShape((p - int(shape.bias), f), N, m, shape.bias)
+            gram = _gram(block, kernel, p, f, n)
+            if dense_is_cheaper(n, block.d, gram):
                 if not generic:
                     cost["gradient"] = cost.get("gradient", 0) + 2 * N * f * p
-                cost["gram"] += 2 * n * n * d
+                cost["gram"] += 2 * n * n * block.d
                 cost["factorisation"] += cholesky_flops(n)
                 cost["solve"] += 2 * triangular_solve_flops(n)
-            else:  # Woodbury: d x d Gram
-                cost["gram"] += _gram(shape, kernel, p, f, n)
-                cost["factorisation"] += cholesky_flops(d)
-                cost["solve"] += _products(shape, kernel, p, f, n) + 2 * triangular_solve_flops(d)
+            else:
+                cost["gram"] += gram
+                cost["factorisation"] += cholesky_flops(block.d)
+                cost["solve"] += _products(block, kernel, p, f, n) + 2 * triangular_solve_flops(block.d)
     elif method == "full":
         n = shape.n_params
         if not generic:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_inputs, check_model, check_options
+from ._checks import all_finite, check_inputs, check_model, check_options
 from .factors import FactorFn
 from .methods import METHODS, SOLVERS, LayerDiagnostics, Options, build_problem
 
@@ -96,7 +96,7 @@ def solve(model, inputs, targets, method: str, opts: Options, gradient=None):
     directions = {}
     for block, dirs in zip(problem.blocks, per_block, strict=True):
         for name, x in zip(block.param_names, dirs, strict=True):
-            if not torch.isfinite(x).all():
+            if not all_finite(x):
                 raise FloatingPointError(
                     f"method={method!r} produced a non-finite direction for {name!r}; "
                     "increase the damping or pass solve_dtype=torch.float64"

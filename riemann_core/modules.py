@@ -52,9 +52,29 @@ class Handler:
 
     def __init__(self, block: Block):
         self.block = block
-        self.delta = block.delta
-        self.r, self.N = self.delta.shape[:2]
+        self.set_delta(block.delta)
+
+    def set_delta(self, delta: Tensor) -> None:
+        """Use ``delta`` (``(r, N, *output.shape[1:])``) as the pulled-back factor."""
+        self.delta = delta
+        self.r, self.N = delta.shape[:2]
         self.d = self.r * self.N
+
+    def compress_rows(self) -> None:
+        """Keep ``m = min(r, m_out)`` rows per sample (``m_out``: a sample's output size).
+
+        A sample's rows enter ``K_a^T K_a`` only through their Gram ``delta_b^T delta_b``
+        (``m_out x m_out``); when ``r > m_out``, the ``R`` of a QR of ``delta_b`` has the
+        same Gram with ``m_out`` rows. The block metric is unchanged and ``d`` shrinks,
+        e.g. a 5-unit layer under a 10-class output keeps 5 rows per sample, not 10.
+        Only for a block solved on its own (the rows no longer match other blocks').
+        """
+        m_out = self.delta[0, 0].numel()
+        if self.r <= m_out:
+            return
+        rows = self.delta.flatten(2).transpose(0, 1)  # (N, r, m_out)
+        R = torch.linalg.qr(rows, mode="r").R  # (N, m_out, m_out), R^T R = rows^T rows
+        self.set_delta(R.transpose(0, 1).reshape((m_out, self.N) + self.delta.shape[2:]))
 
     @classmethod
     def supports(cls, module: nn.Module) -> str | None:
@@ -64,6 +84,10 @@ class Handler:
     def gram(self) -> Tensor:
         K = self.K()
         return K @ K.T
+
+    def gram_flops(self) -> float:
+        """Modelled FLOPs of :meth:`gram` (``2 d^2 n_a`` from a materialised ``K``)."""
+        return 2 * self.d**2 * self.block.n_params
 
     def K(self) -> Tensor:
         raise NotImplementedError
@@ -93,7 +117,10 @@ class PatchHandler(Handler):
             x = torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
         self.Xt = x
         self.f_out = module.weight.shape[0]
-        self.Dl = self.output_positions(self.delta)  # (r, N, T, f_out)
+
+    def set_delta(self, delta: Tensor) -> None:
+        super().set_delta(delta)
+        self.Dl = self.output_positions(delta)  # (r, N, T, f_out)
 
     def patches_without_bias(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -170,6 +197,11 @@ class LinearHandler(PatchHandler):
             X = self.Xt[:, 0]
             self._input_gram = X @ X.T
         return self._input_gram
+
+    def gram_flops(self) -> float:
+        if not self.factored_gradient:
+            return super().gram_flops()
+        return 2 * self.d**2 * self.f_out + 2 * self.N**2 * self.Xt.shape[-1]
 
     def gram(self) -> Tensor:
         if not self.factored_gradient:  # sequence inputs: positions couple, use K K^T
@@ -251,7 +283,7 @@ class GenericHandler(Handler):
             return vmap(pullback)(delta_b)[0]
 
         in_dims = (1,) + tuple(0 if bt else None for bt in batched)
-        rows = vmap(rows_of_sample, in_dims=in_dims)(self.delta.detach(), *block.inputs)
+        rows = vmap(rows_of_sample, in_dims=in_dims)(self.delta, *block.inputs)
         # rows[name]: (N, r, *shape) -> (r N, numel), probe-major like Delta
         flat = [rows[n].transpose(0, 1).reshape(self.d, -1) for n in local]
         return torch.cat(flat, dim=1)

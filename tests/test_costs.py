@@ -8,8 +8,14 @@ import riemann_core as rc
 from riemann_core import costs
 from riemann_core.profiling.flops import flop_counter
 
-# the last shape has n_a <= d in every layer: layerwise takes its dense path
-SHAPES = [((20, 30, 16, 5), 8, True), ((7, 9, 4), 5, False), ((12, 6), 3, True), ((6, 2, 3), 10, True)]
+# (6, 2, 3): n_a <= d, layerwise factorises G_a; (40, 3, 8): 3 < r rows kept per sample
+SHAPES = [
+    ((20, 30, 16, 5), 8, True),
+    ((7, 9, 4), 5, False),
+    ((12, 6), 3, True),
+    ((6, 2, 3), 10, True),
+    ((40, 3, 8), 12, True),
+]
 
 
 def mlp(widths, bias):

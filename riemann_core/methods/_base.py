@@ -65,10 +65,13 @@ class Problem:
 
     @property
     def gradient(self) -> list[list[Tensor]]:
-        for i, g in enumerate(self._gradient):
-            if g is None:
-                self._gradient[i] = self.handlers[i].gradient_from_output(self.output_grads[i])
-        return self._gradient
+        return [self.gradient_of(i) for i in range(len(self.blocks))]
+
+    def gradient_of(self, i: int) -> list[Tensor]:
+        """``blocks[i]``'s vectors, formed from ``Lambda`` on first use."""
+        if self._gradient[i] is None:
+            self._gradient[i] = self.handlers[i].gradient_from_output(self.output_grads[i])
+        return self._gradient[i]
 
     def _factored(self, i: int) -> bool:
         return self.output_grads is not None and self.handlers[i].factored_gradient
@@ -77,14 +80,14 @@ class Problem:
         """``K_a g_a`` (``d``), through ``Lambda_a`` where the handler can."""
         if self._factored(i):
             return self.handlers[i].K_mv_output_grad(self.output_grads[i])
-        return self.handlers[i].K_mv(self.gradient[i])
+        return self.handlers[i].K_mv(self.gradient_of(i))
 
     def gradient_minus_K_tmv(self, i: int, t: Tensor) -> list[Tensor]:
         """``g_a - K_a^T t``, one GEMM ``(Lambda - U)^T Xt`` where the handler can."""
         if self._factored(i):
             return self.handlers[i].output_grad_minus_K_tmv(self.output_grads[i], t)
         Kt = self.handlers[i].K_tmv(t)
-        return [g - k for g, k in zip(self.gradient[i], Kt, strict=True)]
+        return [g - k for g, k in zip(self.gradient_of(i), Kt, strict=True)]
 
 
 def capture_blocks(model: nn.Module, run: Callable[[], Tensor]) -> tuple[Tensor, list[Block]]:

@@ -2,19 +2,22 @@
 
 ``K_a^T K_a`` is the block of the generalised Gauss-Newton matrix that belongs to
 module ``a``, so ``G`` is the damped block-diagonal GGN. A block with more
-parameters than factor rows (``n_a > d``, the usual case) is solved by Woodbury,
+parameters than factor rows (the usual case) is solved by Woodbury,
 
     G_a^{-1} g_a = (g_a - K_a^T (mu I + K_a K_a^T)^{-1} K_a g_a) / mu,
 
-in ``O(n_a d^2 + d^3)`` (generic kernel); a block with ``n_a <= d`` (a small output
-layer, a large batch) factorises ``G_a`` itself in ``O(n_a^2 d + n_a^3)``, which is
-then cheaper. Both are exact; each block needs only its own pulled-back factor.
+in ``O(n_a d^2 + d^3)`` (generic kernel); where factorising ``G_a`` itself
+(``2 n_a^2 d + n_a^3 / 3``) costs fewer FLOPs than the Gram and its Cholesky (a small
+layer, a large batch), that is done instead. Both are exact. Each block first keeps
+``min(r, m_out)`` factor rows per sample (:meth:`Handler.compress_rows`) and needs
+only its own pulled-back factor.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..costs import dense_is_cheaper
 from ..woodbury import cholesky
 from ._base import Options, Problem, apply_metric, solve_diagnostics
 
@@ -24,15 +27,16 @@ NEEDS_FACTOR = True
 def solve(problem: Problem, opts: Options):
     directions, diagnostics = [], []
     for i, handler in enumerate(problem.handlers):
-        name, n_a = handler.block.name, handler.block.n_params
+        handler.compress_rows()
+        name, n_a, d = handler.block.name, handler.block.n_params, handler.d
         dtype = opts.solve_dtype or handler.delta.dtype
-        if n_a <= handler.d:
+        if dense_is_cheaper(n_a, d, handler.gram_flops()):
             solver = "dense"
             K = handler.K().to(dtype)
             G = K.T @ K
             G.diagonal().add_(opts.damping)
             chol = cholesky(G, what=f"damped metric of module {name!r} ({n_a} x {n_a})")
-            g = problem.gradient[i]
+            g = problem.gradient_of(i)
             flat = chol.solve(torch.cat([a.reshape(-1) for a in g]))
             x = [c.view_as(a).to(a.dtype) for c, a in zip(flat.split([a.numel() for a in g]), g,
                                                           strict=True)]
@@ -47,7 +51,7 @@ def solve(problem: Problem, opts: Options):
         if opts.diagnostics:
             diagnostics.append(solve_diagnostics(
                 name, "layerwise", type(handler).__name__, solver, rows=handler.d, params=n_a,
-                chol=chol, v=problem.gradient[i], x=x,
+                chol=chol, v=problem.gradient_of(i), x=x,
                 Gx=apply_metric([handler], opts.damping, [x]),
             ))
     return directions, diagnostics

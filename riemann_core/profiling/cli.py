@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import textwrap
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -23,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from .timing import measure
 
 PROG = "riemann-bench"
 
@@ -120,12 +120,6 @@ def _common_options() -> argparse.ArgumentParser:
     return common
 
 
-def _synchronize(device: torch.device) -> None:
-    # CUDA kernels run asynchronously: a timer must wait for them to finish.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _write_json(out: Path, name: str, payload: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
@@ -140,7 +134,7 @@ def _write_json(out: Path, name: str, payload: dict) -> Path:
 class _DemoSize:
     widths: tuple[int, ...]  # layer widths, input first
     batch: int
-    repeats: int  # timed calls per method after one warm-up call
+    repeats: int  # timed calls per method, after one warm-up call
 
 
 _DEMO = _DemoSize(widths=(64, 32, 32, 10), batch=128, repeats=5)
@@ -190,21 +184,6 @@ def _tanh_mlp(widths: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])  # no activation after the output layer
 
 
-def _timed(
-    call: Callable[[], dict[str, torch.Tensor]], repeats: int, device: torch.device
-) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """The result of ``call()`` after one warm-up call, and ``repeats`` timings in ms."""
-    result = call()
-    _synchronize(device)
-    times_ms = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        _synchronize(device)
-        times_ms.append((time.perf_counter() - start) * 1e3)
-    return result, times_ms
-
-
 def _run_demo(args: argparse.Namespace) -> int:
     try:
         from sklearn.datasets import load_digits
@@ -246,7 +225,8 @@ def _run_demo(args: argparse.Namespace) -> int:
                 kernel=kernel,
             )
 
-        direction, times[method, kernel] = _timed(call, size.repeats, device)
+        direction = call()  # also the warm-up call
+        times[method, kernel] = measure(call, repeats=size.repeats, warmup=0, device=device)
         directions[method, kernel] = torch.cat([direction[n].reshape(-1) for n in names])
 
     reference = directions["full", "structured"]
@@ -257,8 +237,9 @@ def _run_demo(args: argparse.Namespace) -> int:
             {
                 "method": method,
                 "kernel": kernel,
-                "time_ms": statistics.median(times[method, kernel]),
-                "times_ms": times[method, kernel],
+                "time_ms": times[method, kernel].median * 1e3,
+                "iqr_ms": times[method, kernel].iqr * 1e3,
+                "times_ms": [t * 1e3 for t in times[method, kernel].times],
                 "rel_diff_to_full": ((vector - reference).norm() / reference.norm()).item(),
                 "cosine_to_full": torch.nn.functional.cosine_similarity(
                     vector, reference, dim=0
