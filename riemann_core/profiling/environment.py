@@ -1,0 +1,66 @@
+"""The environment record attached to every measurement."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def blas() -> str:
+    match = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+    return match.group(1) if match else "unknown"
+
+
+def git_commit() -> str:
+    """The commit of the working tree this package runs from, or ``"unknown"``."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+        return out + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_model()
+
+
+def environment(device: torch.device | str = "cpu") -> dict[str, str | int]:
+    """Commit, torch version, device, CPU model, thread count, BLAS, Python, time."""
+    return {
+        "commit": git_commit(),
+        "torch": torch.__version__,
+        "device": str(torch.device(device)),
+        "device_name": device_name(device),
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "blas": blas(),
+        "cuda": torch.version.cuda or "none",
+        "python": platform.python_version(),
+        "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
