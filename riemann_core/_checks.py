@@ -18,7 +18,7 @@ def check_choice(name: str, value, choices) -> None:
 
 
 def check_options(
-    *, method, methods, loss, damping, output_metric, samples, kernel, solve_dtype
+    *, method, methods, loss, damping, output_metric, samples, kernel, solve_dtype, refine=0
 ) -> None:
     """Options that can be checked before any work."""
     check_choice("method", method, methods)
@@ -35,8 +35,14 @@ def check_options(
         )
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive integer (probes per sample), got {samples!r}")
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(
+            f"refine must be a non-negative integer (refinement steps), got {refine!r}"
+        )
     if solve_dtype is not None and solve_dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"solve_dtype must be None, torch.float32 or torch.float64, got {solve_dtype}")
+        raise ValueError(
+            f"solve_dtype must be None, torch.float32 or torch.float64, got {solve_dtype}"
+        )
 
 
 def all_finite(tensor: Tensor) -> bool:
@@ -53,11 +59,25 @@ def check_finite(what: str, tensor: Tensor, fix: str) -> None:
 
 
 def check_model(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The trainable parameters, after checking the model can be handled at all."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, module in model.named_modules():
+        # Batch statistics couple the samples; the pullback treats them as independent.
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+            module.training or not module.track_running_stats
+        ):
+            raise ValueError(
+                f"module {name!r} ({type(module).__name__}) normalises with batch statistics, "
+                "which couples the samples; the metrics here need a network that treats samples "
+                "independently. Call model.eval() (running statistics), or use "
+                "LayerNorm/GroupNorm"
+            )
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to solve")
+        raise ValueError(
+            "the model has no trainable parameters (requires_grad=True); nothing to solve"
+        )
     for name, p in params:
         check_finite(f"parameter {name!r}", p.detach(), "reset or reinitialise the model")
     return params
@@ -70,7 +90,9 @@ def check_inputs(inputs, targets) -> None:
     if not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     if inputs.ndim == 0 or inputs.shape[0] == 0:
-        raise ValueError(f"inputs hold an empty batch (shape {tuple(inputs.shape)}); pass at least one sample")
+        raise ValueError(
+            f"inputs hold an empty batch (shape {tuple(inputs.shape)}); pass at least one sample"
+        )
     if targets.ndim == 0 or targets.shape[0] != inputs.shape[0]:
         raise ValueError(
             f"targets (shape {tuple(targets.shape)}) must have one entry per sample: "
@@ -82,7 +104,9 @@ def check_inputs(inputs, targets) -> None:
 
 def check_outputs(outputs: Tensor, targets: Tensor, loss: str) -> None:
     """Checks of the targets against the model's outputs."""
-    check_finite("the model's outputs", outputs.detach(), "the forward pass overflowed; check the model")
+    check_finite(
+        "the model's outputs", outputs.detach(), "the forward pass overflowed; check the model"
+    )
     N = outputs.shape[0]
     if loss == "cross_entropy":
         if outputs.ndim != 2:

@@ -108,9 +108,13 @@ def flops(method: str, shape: MLPShape, kernel: str = "structured") -> dict[str,
         if method in ("full", "natural"):
             cost["jacobian"] = matmul + shape.rows * matmul
     if method == "natural":
-        cost["gram"] = sum(_gram(shape, kernel, p, f, n) for p, f, n in zip(P, f_outs, n_a, strict=True))
+        cost["gram"] = sum(
+            _gram(shape, kernel, p, f, n) for p, f, n in zip(P, f_outs, n_a, strict=True)
+        )
         cost["factorisation"] = cholesky_flops(d)
-        cost["solve"] = sum(_products(shape, kernel, p, f, n) for p, f, n in zip(P, f_outs, n_a, strict=True))
+        cost["solve"] = sum(
+            _products(shape, kernel, p, f, n) for p, f, n in zip(P, f_outs, n_a, strict=True)
+        )
         cost["solve"] += 2 * triangular_solve_flops(d)
     elif method == "layerwise":
         cost.update(gram=0, factorisation=0, solve=0)
@@ -131,7 +135,9 @@ def flops(method: str, shape: MLPShape, kernel: str = "structured") -> dict[str,
             else:
                 cost["gram"] += gram
                 cost["factorisation"] += cholesky_flops(block.d)
-                cost["solve"] += _products(block, kernel, p, f, n) + 2 * triangular_solve_flops(block.d)
+                cost["solve"] += _products(block, kernel, p, f, n) + 2 * triangular_solve_flops(
+                    block.d
+                )
     elif method == "full":
         n = shape.n_params
         if not generic:
@@ -143,7 +149,9 @@ def flops(method: str, shape: MLPShape, kernel: str = "structured") -> dict[str,
         if not generic:
             cost["gradient"] = sum(2 * N * f * p for p, f in zip(P, f_outs, strict=True))
         cost["gram"] = sum(2 * d * f * f + 2 * N * p * p for p, f in zip(P, f_outs, strict=True))
-        cost["factorisation"] = sum(eigh_flops(f) + eigh_flops(p) for p, f in zip(P, f_outs, strict=True))
+        cost["factorisation"] = sum(
+            eigh_flops(f) + eigh_flops(p) for p, f in zip(P, f_outs, strict=True)
+        )
         cost["solve"] = sum(4 * (f * f * p + f * p * p) for p, f in zip(P, f_outs, strict=True))
     else:
         raise ValueError(f"unknown method {method!r}")
@@ -170,9 +178,9 @@ def _total(cost: dict[str, float]) -> dict[str, float]:
 def speed_of_light_flops(shape: MLPShape) -> float:
     """Minimal FLOPs of the structured layerwise direction (DESIGN.md section 4)::
 
-        pullback   2 d sum_{a > 1} f_in f_out
-        per layer  2 d^2 f_out + 2 N^2 (f_in + 1) + d^3 / 3
-                   + 2 d N f_out + 2 (N + d) f_out (f_in + 1)
+    pullback   2 d sum_{a > 1} f_in f_out
+    per layer  2 d^2 f_out + 2 N^2 (f_in + 1) + d^3 / 3
+               + 2 d N f_out + 2 (N + d) f_out (f_in + 1)
     """
     N, d = shape.batch, shape.d
     total = sum(2 * d * f_in * f_out for f_in, f_out in shape.layers[1:])
@@ -182,7 +190,9 @@ def speed_of_light_flops(shape: MLPShape) -> float:
     return total
 
 
-def peak_bytes(method: str, shape: MLPShape, kernel: str = "structured", itemsize: int = 4) -> float:
+def peak_bytes(
+    method: str, shape: MLPShape, kernel: str = "structured", itemsize: int = 4
+) -> float:
     """Estimate of the peak extra memory of one direction (dominant terms only).
 
     Activations and pulled-back rows ``(r + 2) N sum f``, the parameters' gradient and

@@ -23,6 +23,7 @@ def direction(
     kernel: str = "structured",
     solve_dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
+    refine: int = 0,
     return_diagnostics: bool = False,
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], list[LayerDiagnostics]]:
     """``G^{-1} g`` for the mean loss's gradient ``g`` on the batch ``(inputs, targets)``.
@@ -47,6 +48,10 @@ def direction(
         solve_dtype: dtype of the inner factorisations (e.g. ``torch.float64`` for a
             float32 model with a small damping); default the model's dtype.
         generator: random generator for ``output_metric="sampled"``.
+        refine: steps of iterative refinement of the Woodbury solves (``layerwise``,
+            ``natural``). ``(g - K^T t) / mu`` cancels when ``mu`` is tiny against the
+            curvature (relative residual ``~ eps / mu``); one step restores a
+            backward-stable solve for two more products with ``K`` per block.
         return_diagnostics: also return a list of :class:`LayerDiagnostics`.
 
     Returns:
@@ -64,20 +69,32 @@ def direction(
         True
     """
     check_options(
-        method=method, methods=METHODS, loss=loss, damping=damping, output_metric=output_metric,
-        samples=samples, kernel=kernel, solve_dtype=solve_dtype,
+        method=method,
+        methods=METHODS,
+        loss=loss,
+        damping=damping,
+        output_metric=output_metric,
+        samples=samples,
+        kernel=kernel,
+        solve_dtype=solve_dtype,
+        refine=refine,
     )
     params = check_model(model)
     check_inputs(inputs, targets)
     opts = Options(
-        damping=float(damping), loss=loss, output_metric=output_metric, samples=samples,
-        kernel=kernel, solve_dtype=solve_dtype, diagnostics=return_diagnostics,
+        damping=float(damping),
+        loss=loss,
+        output_metric=output_metric,
+        samples=samples,
+        kernel=kernel,
+        solve_dtype=solve_dtype,
+        diagnostics=return_diagnostics,
         generator=generator,
+        refine=refine,
     )
     directions, diagnostics = solve(model, inputs, targets, method, opts)
     result = {
-        name: directions.get(name, torch.zeros_like(p)).detach().to(p.dtype)
-        for name, p in params
+        name: directions.get(name, torch.zeros_like(p)).detach().to(p.dtype) for name, p in params
     }
     return (result, diagnostics) if return_diagnostics else result
 

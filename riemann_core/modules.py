@@ -99,23 +99,27 @@ class Handler:
         raise NotImplementedError
 
 
-
 class PatchHandler(Handler):
     """Modules whose output at position ``t`` is ``W xt_t`` (+ bias folded into ``xt``).
 
-    ``patches`` is ``Xt`` of shape ``(N, T, P)`` (``P`` includes the bias column),
-    ``Delta`` is reshaped to ``(r, N, T, f_out)``; parameters are viewed as the
-    ``f_out x P`` matrix ``[W | b]``.
+    ``Xt`` has shape ``(N, T, P)``, ``Delta`` is reshaped to ``(r, N, T, f_out)``; the
+    trainable parameters are viewed as the ``f_out x P`` matrix ``[W | b]``. A frozen
+    weight or bias is left out of both (``Xt`` is then the patches, or a column of ones).
     """
 
     def __init__(self, block: Block):
         super().__init__(block)
         module = block.module
-        self.has_bias = getattr(module, "bias", None) is not None
+        trainable = {id(p) for p in block.params}
+        self.with_weight = id(module.weight) in trainable
+        self.with_bias = getattr(module, "bias", None) is not None and id(module.bias) in trainable
         x = self.patches_without_bias(block.inputs[0])
-        if self.has_bias:
-            x = torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
-        self.Xt = x
+        ones = x.new_ones(x.shape[:-1] + (1,))
+        self.Xt = (
+            torch.cat([x, ones], dim=-1)
+            if self.with_bias and self.with_weight
+            else (x if self.with_weight else ones)
+        )
         self.f_out = module.weight.shape[0]
 
     def set_delta(self, delta: Tensor) -> None:
@@ -129,14 +133,20 @@ class PatchHandler(Handler):
         raise NotImplementedError
 
     def to_matrix(self, tensors: list[Tensor]) -> Tensor:
-        W = tensors[0].reshape(self.f_out, -1)
-        return torch.cat([W, tensors[1][:, None]], dim=1) if self.has_bias else W
+        columns = [tensors[0].reshape(self.f_out, -1)] if self.with_weight else []
+        if self.with_bias:
+            columns.append(tensors[-1][:, None])
+        return torch.cat(columns, dim=1) if len(columns) > 1 else columns[0]
 
     def from_matrix(self, M: Tensor) -> list[Tensor]:
-        weight = self.block.module.weight
-        if not self.has_bias:
-            return [M.reshape(weight.shape)]
-        return [M[:, :-1].reshape(weight.shape), M[:, -1]]
+        """``[W | b]`` (``(..., f_out, P)``) -> the trainable parameters' tensors."""
+        out = []
+        if self.with_weight:
+            W = M[..., : M.shape[-1] - self.with_bias]
+            out.append(W.reshape(M.shape[:-2] + self.block.module.weight.shape))
+        if self.with_bias:
+            out.append(M[..., -1])
+        return out
 
     def gradient_from_output(self, lam: Tensor) -> list[Tensor]:
         """The parameter gradient ``Lambda^T Xt`` from the gradient at the output."""
@@ -149,9 +159,7 @@ class PatchHandler(Handler):
 
     def flatten_rows(self, rows: Tensor) -> Tensor:
         """``(d, f_out, P)`` rows of ``[W | b]`` -> ``(d, n_a)`` in parameter order."""
-        if not self.has_bias:
-            return rows.reshape(self.d, -1)
-        return torch.cat([rows[:, :, :-1].reshape(self.d, -1), rows[:, :, -1]], dim=1)
+        return torch.cat([a.reshape(self.d, -1) for a in self.from_matrix(rows)], dim=1)
 
     def K_mv(self, v: list[Tensor]) -> Tensor:
         XV = self.Xt @ self.to_matrix(v).T  # (N, T, f_out)
@@ -261,7 +269,10 @@ class GenericHandler(Handler):
     def __init__(self, block: Block):
         super().__init__(block)
         self.shapes = [p.shape for p in block.params]
-        self._K = None
+
+    def set_delta(self, delta: Tensor) -> None:
+        super().set_delta(delta)
+        self._K = None  # K depends on the rows
 
     def K(self) -> Tensor:
         if self._K is None:
@@ -293,8 +304,10 @@ class GenericHandler(Handler):
 
     def K_tmv(self, t: Tensor) -> list[Tensor]:
         flat = self.K().T @ t
-        return [c.reshape(s) for c, s in zip(flat.split([s.numel() for s in self.shapes]),
-                                             self.shapes, strict=True)]
+        return [
+            c.reshape(s)
+            for c, s in zip(flat.split([s.numel() for s in self.shapes]), self.shapes, strict=True)
+        ]
 
 
 #: Structured kernels by exact module type (subclasses may change ``forward``).

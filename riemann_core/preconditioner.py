@@ -40,18 +40,33 @@ class RiemannianPreconditioner:
         kernel: str = "structured",
         solve_dtype: torch.dtype | None = None,
         generator: torch.Generator | None = None,
+        refine: int = 0,
         diagnostics: bool = False,
     ):
         check_options(
-            method=method, methods=METHODS, loss=loss, damping=damping,
-            output_metric=output_metric, samples=samples, kernel=kernel, solve_dtype=solve_dtype,
+            method=method,
+            methods=METHODS,
+            loss=loss,
+            damping=damping,
+            output_metric=output_metric,
+            samples=samples,
+            kernel=kernel,
+            solve_dtype=solve_dtype,
+            refine=refine,
         )
         check_model(model)
         self.model = model
         self.method = method
         self.options = Options(
-            damping=float(damping), loss=loss, output_metric=output_metric, samples=samples,
-            kernel=kernel, solve_dtype=solve_dtype, diagnostics=diagnostics, generator=generator,
+            damping=float(damping),
+            loss=loss,
+            output_metric=output_metric,
+            samples=samples,
+            kernel=kernel,
+            solve_dtype=solve_dtype,
+            diagnostics=diagnostics,
+            generator=generator,
+            refine=refine,
         )
         self.diagnostics: list[LayerDiagnostics] = []
         self._inputs: Tensor | None = None

@@ -37,8 +37,9 @@ def test_counted_flops_match_the_model(widths, N, bias, method, kernel, output_m
     x, y = torch.randn(N, widths[0]), torch.randint(0, widths[-1], (N,))
     samples = 3
     with flop_counter() as counter:
-        rc.direction(model, x, y, method=method, kernel=kernel,
-                     output_metric=output_metric, samples=samples)
+        rc.direction(
+            model, x, y, method=method, kernel=kernel, output_metric=output_metric, samples=samples
+        )
     rows = widths[-1] if output_metric == "exact" else samples
     modelled = costs.flops(method, costs.MLPShape(widths, N, rows, bias), kernel)["total"]
     assert counter.get_total_flops() == pytest.approx(modelled, rel=1e-2, abs=2)
@@ -53,8 +54,12 @@ def test_linalg_formulas_are_counted():
         torch.linalg.solve_triangular(L, b, upper=False)
         torch.linalg.eigh(A)
         torch.linalg.solve(A, b)
-    expected = (costs.cholesky_flops(30) + costs.triangular_solve_flops(30, 4)
-                + costs.eigh_flops(30) + costs.lu_solve_flops(30, 4))
+    expected = (
+        costs.cholesky_flops(30)
+        + costs.triangular_solve_flops(30, 4)
+        + costs.eigh_flops(30)
+        + costs.lu_solve_flops(30, 4)
+    )
     assert counter.get_total_flops() == pytest.approx(expected, abs=4)
 
 

@@ -8,7 +8,12 @@ from . import euclidean, full, kfac, layerwise, natural
 from ._base import LayerDiagnostics, Options, Problem, build_problem
 
 METHODS = ("euclidean", "layerwise", "full", "natural", "kfac")
-SOLVERS = {"euclidean": euclidean, "layerwise": layerwise, "full": full,
-           "natural": natural, "kfac": kfac}
+SOLVERS = {
+    "euclidean": euclidean,
+    "layerwise": layerwise,
+    "full": full,
+    "natural": natural,
+    "kfac": kfac,
+}
 
 __all__ = ["METHODS", "SOLVERS", "LayerDiagnostics", "Options", "Problem", "build_problem"]

@@ -24,6 +24,7 @@ class Options:
     solve_dtype: torch.dtype | None = None
     diagnostics: bool = False
     generator: torch.Generator | None = None
+    refine: int = 0
 
 
 @dataclass
@@ -124,14 +125,12 @@ def capture_blocks(model: nn.Module, run: Callable[[], Tensor]) -> tuple[Tensor,
         if own:
             hooks.append(module.register_forward_hook(recorder(name, module, own)))
     try:
-        with torch.enable_grad():
-            try:
-                outputs = run()
-            except (RuntimeError, IndexError) as err:
-                raise ValueError(
-                    f"the model's forward pass failed on these inputs: {err}. Check that the "
-                    "inputs have the shape and dtype the model expects"
-                ) from err
+        outputs = run()
+    except (RuntimeError, IndexError) as err:
+        raise ValueError(
+            f"the model's forward pass failed on these inputs: {err}. Check that the "
+            "inputs have the shape and dtype the model expects"
+        ) from err
     finally:
         for h in hooks:
             h.remove()
@@ -162,8 +161,14 @@ def build_problem(
 
     With the factor, the loss gradient at the network output rides along as one more
     cotangent row of the pullback, which yields ``Lambda_a`` at every block output.
-    Uses ``torch.autograd.grad`` throughout, so no ``.grad`` is touched.
+    Uses ``torch.autograd.grad`` throughout, so no ``.grad`` is touched; runs with
+    gradients enabled even when called under ``torch.no_grad()``.
     """
+    with torch.enable_grad():
+        return _build_problem(model, inputs, targets, opts, needs_factor, gradient)
+
+
+def _build_problem(model, inputs, targets, opts, needs_factor, gradient) -> Problem:
     outputs, blocks = capture_blocks(model, lambda: model(inputs))
     if targets is not None:
         check_outputs(outputs, targets, opts.loss)
@@ -174,14 +179,20 @@ def build_problem(
             flat = torch.autograd.grad(
                 mean_loss(outputs, targets, opts.loss), params, allow_unused=True
             )
-            flat = [torch.zeros_like(p) if g is None else g for g, p in zip(flat, params, strict=True)]
+            flat = [
+                torch.zeros_like(p) if g is None else g for g, p in zip(flat, params, strict=True)
+            ]
             given = [[flat.pop(0) for _ in b.params] for b in blocks]
         return Problem(blocks, gradient=given)
 
     z = outputs.reshape(outputs.shape[0], -1)
     factor = output_factor(
-        z.detach(), targets, loss=opts.loss, output_metric=opts.output_metric,
-        samples=opts.samples, generator=opts.generator,
+        z.detach(),
+        targets,
+        loss=opts.loss,
+        output_metric=opts.output_metric,
+        samples=opts.samples,
+        generator=opts.generator,
     )
     cotangents = factor_cotangents(factor)
     if given is None:
@@ -221,14 +232,44 @@ def solve_diagnostics(name, method, kernel, solver, *, rows, params, chol, v, x,
     L = chol.factor
     eigs = torch.linalg.eigvalsh(L @ L.mT)
     return LayerDiagnostics(
-        name=name, method=method, kernel=kernel, solver=solver, rows=rows, params=params,
-        condition=float(eigs[-1] / eigs[0]), residual=residual, jitter=chol.jitter,
+        name=name,
+        method=method,
+        kernel=kernel,
+        solver=solver,
+        rows=rows,
+        params=params,
+        condition=float(eigs[-1] / eigs[0]),
+        residual=residual,
+        jitter=chol.jitter,
         update_norm=norm(x),
     )
 
 
-def apply_metric(handler_pairs, damping: float, x: list[list[Tensor]]) -> list[Tensor]:
-    """``(mu I + K^T K) x`` for ``K = [K_a]`` over ``(handler, x_a)`` pairs, flattened."""
-    Kx = sum(h.K_mv(xa) for h, xa in zip(handler_pairs, x, strict=True))
-    return [damping * a + b for h, xa in zip(handler_pairs, x, strict=True)
-            for a, b in zip(xa, h.K_tmv(Kx), strict=True)]
+def apply_metric(handlers, damping: float, x: list[list[Tensor]]) -> list[Tensor]:
+    """``(mu I + K^T K) x`` for ``K = [K_a]`` and ``x = [x_a]`` (per handler), flattened."""
+    Kx = sum(h.K_mv(xa) for h, xa in zip(handlers, x, strict=True))
+    return [
+        damping * a + b
+        for h, xa in zip(handlers, x, strict=True)
+        for a, b in zip(xa, h.K_tmv(Kx), strict=True)
+    ]
+
+
+def refine(handlers, chol, damping: float, v, x, steps: int):
+    """Iterative refinement of a Woodbury solve ``x ~ (mu I + K^T K)^{-1} v``.
+
+    ``(v - K^T t) / mu`` cancels when ``mu`` is small against ``K^T K``: the residual
+    is then ``~ eps ||v|| / mu``. Each step solves for the residual ``v - G x`` and adds
+    the correction (two more product pairs with ``K``), which restores a backward-stable
+    residual. ``v`` and ``x`` are lists (per handler) of lists of tensors.
+    """
+    for _ in range(steps):
+        Gx = iter(apply_metric(handlers, damping, x))
+        res = [[a - next(Gx) for a in va] for va in v]
+        t = chol.solve(sum(h.K_mv(ra) for h, ra in zip(handlers, res, strict=True)))
+        t = t.to(res[0][0].dtype)
+        x = [
+            [a + (b - c) / damping for a, b, c in zip(xa, ra, h.K_tmv(t), strict=True)]
+            for h, xa, ra in zip(handlers, x, res, strict=True)
+        ]
+    return x

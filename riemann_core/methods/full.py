@@ -32,8 +32,18 @@ def solve(problem: Problem, opts: Options):
         directions.append(block)
     diagnostics = []
     if opts.diagnostics:
-        diagnostics.append(solve_diagnostics(
-            "(all)", "full", opts.kernel, "dense", rows=K.shape[0], params=K.shape[1], chol=chol,
-            v=[g], x=[x], Gx=[(G @ x.to(dtype)).to(g.dtype)],
-        ))
+        diagnostics.append(
+            solve_diagnostics(
+                "(all)",
+                "full",
+                opts.kernel,
+                "dense",
+                rows=K.shape[0],
+                params=K.shape[1],
+                chol=chol,
+                v=[g],
+                x=[x],
+                Gx=[(G @ x.to(dtype)).to(g.dtype)],
+            )
+        )
     return directions, diagnostics

@@ -16,10 +16,25 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import all_finite
 from ..modules import kronecker_handler
+from ..woodbury import SolveError
 from ._base import LayerDiagnostics, Options, Problem, norm
 
 NEEDS_FACTOR = True
+
+
+def eigh(matrix, what: str):
+    """Eigendecomposition of a symmetric PSD factor; overflow is a :class:`SolveError`."""
+    if not all_finite(matrix):
+        raise SolveError(
+            f"the {what} contains NaN or inf; check the model outputs and parameters for "
+            "overflow, or solve in float64 (solve_dtype=torch.float64)"
+        )
+    try:
+        return torch.linalg.eigh(matrix)
+    except torch.linalg.LinAlgError as err:
+        raise SolveError(f"the eigendecomposition of the {what} failed: {err}") from err
 
 
 def solve(problem: Problem, opts: Options):
@@ -28,8 +43,10 @@ def solve(problem: Problem, opts: Options):
         handler = kronecker_handler(handler)  # the factors need the layer structure
         Gamma, A = handler.kronecker()
         dtype = opts.solve_dtype or Gamma.dtype
-        eg, QG = torch.linalg.eigh(Gamma.to(dtype))
-        ea, QA = torch.linalg.eigh(A.to(dtype))
+        eg, QG = eigh(
+            Gamma.to(dtype), f"K-FAC output factor Gamma of module {handler.block.name!r}"
+        )
+        ea, QA = eigh(A.to(dtype), f"K-FAC input factor A of module {handler.block.name!r}")
         # Factors are PSD; clamp round-off negatives so g a^T + mu stays >= mu.
         scale = eg.clamp_min(0)[:, None] * ea.clamp_min(0)[None, :] + opts.damping
         V = handler.to_matrix(g)
@@ -37,10 +54,18 @@ def solve(problem: Problem, opts: Options):
         directions.append(handler.from_matrix(X))
         if opts.diagnostics:
             residual = (Gamma @ X @ A + opts.damping * X - V).norm() / V.norm()
-            diagnostics.append(LayerDiagnostics(
-                name=handler.block.name, method="kfac", kernel=type(handler).__name__,
-                solver="kronecker", rows=handler.d, params=handler.block.n_params,
-                condition=float(scale.max() / scale.min()), residual=float(residual),
-                jitter=0.0, update_norm=norm([X]),
-            ))
+            diagnostics.append(
+                LayerDiagnostics(
+                    name=handler.block.name,
+                    method="kfac",
+                    kernel=type(handler).__name__,
+                    solver="kronecker",
+                    rows=handler.d,
+                    params=handler.block.n_params,
+                    condition=float(scale.max() / scale.min()),
+                    residual=float(residual),
+                    jitter=0.0,
+                    update_norm=norm([X]),
+                )
+            )
     return directions, diagnostics

@@ -19,7 +19,7 @@ import torch
 
 from ..costs import dense_is_cheaper
 from ..woodbury import cholesky
-from ._base import Options, Problem, apply_metric, solve_diagnostics
+from ._base import Options, Problem, apply_metric, refine, solve_diagnostics
 
 NEEDS_FACTOR = True
 
@@ -38,20 +38,36 @@ def solve(problem: Problem, opts: Options):
             chol = cholesky(G, what=f"damped metric of module {name!r} ({n_a} x {n_a})")
             g = problem.gradient_of(i)
             flat = chol.solve(torch.cat([a.reshape(-1) for a in g]))
-            x = [c.view_as(a).to(a.dtype) for c, a in zip(flat.split([a.numel() for a in g]), g,
-                                                          strict=True)]
+            x = [
+                c.view_as(a).to(a.dtype)
+                for c, a in zip(flat.split([a.numel() for a in g]), g, strict=True)
+            ]
         else:
             solver = "woodbury"
             gram = handler.gram().to(dtype)
             gram.diagonal().add_(opts.damping)
-            chol = cholesky(gram, what=f"damped Gram of module {name!r} ({handler.d} x {handler.d})")
+            chol = cholesky(
+                gram, what=f"damped Gram of module {name!r} ({handler.d} x {handler.d})"
+            )
             t = chol.solve(problem.K_gradient(i)).to(handler.delta.dtype)
             x = [a / opts.damping for a in problem.gradient_minus_K_tmv(i, t)]
+            if opts.refine:
+                g = problem.gradient_of(i)
+                [x] = refine([handler], chol, opts.damping, [g], [x], opts.refine)
         directions.append(x)
         if opts.diagnostics:
-            diagnostics.append(solve_diagnostics(
-                name, "layerwise", type(handler).__name__, solver, rows=handler.d, params=n_a,
-                chol=chol, v=problem.gradient_of(i), x=x,
-                Gx=apply_metric([handler], opts.damping, [x]),
-            ))
+            diagnostics.append(
+                solve_diagnostics(
+                    name,
+                    "layerwise",
+                    type(handler).__name__,
+                    solver,
+                    rows=handler.d,
+                    params=n_a,
+                    chol=chol,
+                    v=problem.gradient_of(i),
+                    x=x,
+                    Gx=apply_metric([handler], opts.damping, [x]),
+                )
+            )
     return directions, diagnostics

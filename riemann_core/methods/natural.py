@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from ..woodbury import cholesky
-from ._base import Options, Problem, apply_metric, solve_diagnostics
+from ._base import Options, Problem, apply_metric, refine, solve_diagnostics
 
 NEEDS_FACTOR = True
 
@@ -24,14 +24,25 @@ def solve(problem: Problem, opts: Options):
     chol = cholesky(gram, what=f"damped data-space Gram of the natural gradient ({d} x {d})")
     Kg = sum(problem.K_gradient(i) for i in range(len(handlers)))
     t = chol.solve(Kg).to(handlers[0].delta.dtype)
-    x = [[a / opts.damping for a in problem.gradient_minus_K_tmv(i, t)]
-         for i in range(len(handlers))]
+    x = [
+        [a / opts.damping for a in problem.gradient_minus_K_tmv(i, t)] for i in range(len(handlers))
+    ]
+    if opts.refine:
+        x = refine(handlers, chol, opts.damping, problem.gradient, x, opts.refine)
     diagnostics = []
     if opts.diagnostics:
-        diagnostics.append(solve_diagnostics(
-            "(all)", "natural", opts.kernel, "woodbury", rows=d,
-            params=sum(b.n_params for b in problem.blocks), chol=chol,
-            v=[a for g in problem.gradient for a in g], x=[a for xa in x for a in xa],
-            Gx=apply_metric(handlers, opts.damping, x),
-        ))
+        diagnostics.append(
+            solve_diagnostics(
+                "(all)",
+                "natural",
+                opts.kernel,
+                "woodbury",
+                rows=d,
+                params=sum(b.n_params for b in problem.blocks),
+                chol=chol,
+                v=[a for g in problem.gradient for a in g],
+                x=[a for xa in x for a in xa],
+                Gx=apply_metric(handlers, opts.damping, x),
+            )
+        )
     return x, diagnostics

@@ -69,9 +69,14 @@ def measure_targets(
     sol = costs.speed_of_light_flops(shape) / rate
     result = {
         "gemm_flops_per_s": rate,
-        "network": list(widths), "batch": N, "dtype": str(dtype).removeprefix("torch."),
-        "step_s": t_step, "layerwise_exact_s": t_exact, "layerwise_sampled_s": t_sampled,
-        "speed_of_light_s": sol, "speed_of_light_flops": costs.speed_of_light_flops(shape),
+        "network": list(widths),
+        "batch": N,
+        "dtype": str(dtype).removeprefix("torch."),
+        "step_s": t_step,
+        "layerwise_exact_s": t_exact,
+        "layerwise_sampled_s": t_sampled,
+        "speed_of_light_s": sol,
+        "speed_of_light_flops": costs.speed_of_light_flops(shape),
         "counted_flops": counter.get_total_flops(),
         "modelled_flops": costs.flops("layerwise", shape)["total"],
         "ratios": {"speed_of_light": t_exact / sol, "sampled_vs_step": t_sampled / t_step},
@@ -83,10 +88,15 @@ def measure_targets(
         xs, _ = data(w)
         t_l = time_direction(m, xs, method="layerwise").median
         t_f = time_direction(m, xs, method="full").median
-        result["small"].append({
-            "network": list(w), "n_params": sum(p.numel() for p in m.parameters()),
-            "layerwise_s": t_l, "full_s": t_f, "ratio": t_f / t_l,
-        })
+        result["small"].append(
+            {
+                "network": list(w),
+                "n_params": sum(p.numel() for p in m.parameters()),
+                "layerwise_s": t_l,
+                "full_s": t_f,
+                "ratio": t_f / t_l,
+            }
+        )
     result["ratios"]["full_vs_layerwise"] = max(s["ratio"] for s in result["small"])
     return result
 
@@ -139,8 +149,9 @@ def run(args) -> int:
             bar.set_postfix_str(label)
             bar.update(1)
 
-        result = measure_targets(device=args.device, quick=args.quick, seed=args.seed,
-                                 progress=progress)
+        result = measure_targets(
+            device=args.device, quick=args.quick, seed=args.seed, progress=progress
+        )
     print(format_targets(result))
     if args.out is not None:
         command = "riemann-bench targets" + (" --quick" if args.quick else "")

@@ -52,7 +52,9 @@ def measure(
 
 
 def gemm_rate(
-    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, n: int = 4096,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    n: int = 4096,
     repeats: int = 5,
 ) -> float:
     """FLOP/s of one ``n x n`` matrix product on ``device``: the yardstick of a run."""

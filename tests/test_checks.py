@@ -1,0 +1,187 @@
+"""Bad input: every entry point fails with a message that names the problem, and leaves
+the model's parameters and ``.grad`` exactly as they were."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from oracle import Problem, assert_unchanged, snapshot
+from torch import nn
+
+import riemann_core as rc
+
+N, F_IN, C = 4, 5, 3
+NAN, INF = float("nan"), float("inf")
+
+
+def setup(loss="ce"):
+    """A model whose first layer has a ``.grad`` (the second has none), and its data."""
+    model, x, y = Problem(loss=loss, n_in=F_IN, classes=C, batch=N).make()
+    for p in model[0].parameters():
+        p.grad = torch.randn_like(p)
+    return model, x, y
+
+
+def with_entry(t, value, index=(1, 2)):
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+# A change maps (model, x, y) to (x, y, kwargs) and may edit the model in place.
+def options(**kwargs):
+    return lambda m, x, y: (x, y, kwargs)
+
+
+def inputs(fn):
+    return lambda m, x, y: (fn(x), y, {})
+
+
+def targets(fn):
+    return lambda m, x, y: (x, fn(y), {})
+
+
+def parameter(name, index, value):
+    def change(m, x, y):
+        with torch.no_grad():
+            m.get_parameter(name)[index] = value
+        return x, y, {}
+
+    return change
+
+
+def case(id, change, error, match, loss="ce"):
+    return pytest.param(loss, change, error, match, id=id)
+
+
+# A table: one bad input per line, the error type and a phrase its message must contain.
+# fmt: off
+CASES = [
+    case("inputs-nan", inputs(lambda x: with_entry(x, NAN)), ValueError, "inputs contains 1 NaN or inf"),
+    case("inputs-inf", inputs(lambda x: with_entry(x, -INF)), ValueError, "inputs contains 1 NaN or inf"),
+    case("targets-nan-mse", targets(lambda y: with_entry(y, NAN)), ValueError, "targets contains 1 NaN or inf", "mse"),
+    case("targets-inf-mse", targets(lambda y: with_entry(y, INF)), ValueError, "targets contains 1 NaN or inf", "mse"),
+    case("parameter-nan", parameter("0.weight", (0, 0), NAN), ValueError, "parameter '0.weight' contains 1 NaN or inf"),
+    case("parameter-inf", parameter("2.bias", 1, INF), ValueError, "parameter '2.bias' contains 1 NaN or inf"),
+    case("damping-zero", options(damping=0.0), ValueError, "damping must be positive and finite"),
+    case("damping-negative", options(damping=-1e-3), ValueError, "damping must be positive and finite"),
+    case("damping-inf", options(damping=INF), ValueError, "damping must be positive and finite"),
+    case("damping-nan", options(damping=NAN), ValueError, "damping must be positive and finite"),
+    case("damping-string", options(damping="1e-3"), TypeError, "damping must be a positive real number, got str"),
+    case("damping-true", options(damping=True), TypeError, "damping must be a positive real number, got bool"),
+    case("damping-tensor", options(damping=torch.tensor(1e-3)), TypeError, "positive real number, got Tensor"),
+    case("method-unknown", options(method="newton"), ValueError, "unknown method 'newton'; choose one of 'euclidean'"),
+    case("loss-unknown", options(loss="hinge"), ValueError, "unknown loss 'hinge'"),
+    case("output_metric-unknown", options(output_metric="empirical"), ValueError, "unknown output_metric 'empirical'"),
+    case("kernel-unknown", options(kernel="fast"), ValueError, "unknown kernel 'fast'"),
+    case("samples-zero", options(samples=0), ValueError, "samples must be a positive integer"),
+    case("samples-float", options(samples=1.5), ValueError, "samples must be a positive integer"),
+    case("samples-true", options(samples=True), ValueError, "samples must be a positive integer"),
+    case("solve_dtype-half", options(solve_dtype=torch.float16), ValueError, "solve_dtype must be None, torch.float32 or"),
+    case("targets-too-many-ce", targets(lambda y: torch.cat([y, y[:1]])), ValueError,
+         r"targets \(shape \(5,\)\) must have one entry per sample: inputs have a batch of 4"),
+    case("targets-too-few-mse", targets(lambda y: y[:2]), ValueError, "must have one entry per sample", "mse"),
+    case("targets-2d-ce", targets(lambda y: y[:, None]), ValueError, r"targets of shape \(N,\) = \(4,\), got \(4, 1\)"),
+    case("targets-wrong-width-mse", targets(lambda y: y[:, :2]), ValueError,
+         r"targets of the outputs' shape \(4, 3\), got \(4, 2\)", "mse"),
+    case("targets-int-mse", targets(lambda y: y.long()), ValueError, "loss='mse' needs floating-point targets", "mse"),
+    case("targets-float-ce", targets(lambda y: y.double()), ValueError,
+         "needs integer class indices as targets, got dtype torch.float64"),
+    case("class-negative", targets(lambda y: with_entry(y, -1, 0)), ValueError,
+         r"class indices must lie in \[0, 2\] for a model with 3 outputs; targets range over \[-1,"),
+    case("class-too-large", targets(lambda y: with_entry(y, C, 0)), ValueError,
+         r"class indices must lie in \[0, 2\] for a model with 3 outputs; targets range over \[\d, 3\]"),
+    case("empty-batch", lambda m, x, y: (x[:0], y[:0], {}), ValueError, r"empty batch \(shape \(0, 5\)\)"),
+    case("inputs-wrong-width", inputs(lambda x: torch.randn(N, 7, dtype=x.dtype)), ValueError,
+         "forward pass failed on these inputs.*shape and dtype the model expects"),
+    case("inputs-wrong-dtype", inputs(lambda x: x.float()), ValueError, "forward pass failed on these inputs"),
+    case("inputs-not-tensor", inputs(lambda x: x.tolist()), TypeError, "inputs must be a torch.Tensor, got list"),
+    case("targets-not-tensor", targets(lambda y: y.tolist()), TypeError, "targets must be a torch.Tensor, got list"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("method", rc.METHODS, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("loss,change,error,match", CASES)
+def test_bad_input_raises_and_leaves_model_untouched(loss, change, error, match, method):
+    model, x, y = setup(loss)
+    x, y, kwargs = change(model, x, y)
+    before = snapshot(model)
+    kwargs = {"loss": Problem(loss=loss).loss_name, "method": method, **kwargs}
+    with pytest.raises(error, match=match):
+        rc.direction(model, x, y, **kwargs)
+    assert_unchanged(model, before)
+
+
+def test_model_must_be_a_module():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got function"):
+        rc.direction(lambda x: x, torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+def test_model_without_trainable_parameters():
+    model, x, y = setup()
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        rc.direction(model, x, y)
+
+
+def test_model_returning_a_tuple():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(F_IN, C)
+
+        def forward(self, x):
+            return self.lin(x), x
+
+    model = Pair().double()
+    with pytest.raises(ValueError, match="the model must return a tensor of outputs, got tuple"):
+        rc.direction(model, torch.randn(N, F_IN, dtype=torch.float64), torch.zeros(N).long())
+
+
+def test_shared_module_is_rejected():
+    lin = nn.Linear(3, 3)
+    model = nn.Sequential(lin, nn.Tanh(), lin).double()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="module '0' was called twice.*weight tying"):
+        rc.direction(model, torch.randn(N, 3, dtype=torch.float64), torch.zeros(N).long())
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    "damping", [1, 1e-3, np.float64(1e-3), np.float32(0.5)], ids=["int", "float", "np64", "np32"]
+)
+def test_damping_accepts_real_numbers(damping):
+    model, x, y = setup()
+    dirs = rc.direction(model, x, y, damping=damping)
+    assert set(dirs) == {n for n, _ in model.named_parameters()}
+
+
+@pytest.mark.parametrize("targets", ["int32", "uint8"])
+def test_cross_entropy_accepts_other_integer_targets(targets):
+    model, x, y = setup()
+    expected = rc.direction(model, x, y)
+    dirs = rc.direction(model, x, y.to(getattr(torch, targets)))
+    for n in dirs:
+        torch.testing.assert_close(dirs[n], expected[n], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"damping": -1.0}, ValueError, "damping must be positive"),
+        ({"method": "adam"}, ValueError, "unknown method 'adam'"),
+        ({"loss": "l1"}, ValueError, "unknown loss 'l1'"),
+        ({"kernel": "cuda"}, ValueError, "unknown kernel 'cuda'"),
+        ({"samples": 0}, ValueError, "samples must be a positive integer"),
+        ({"output_metric": "fisher"}, ValueError, "unknown output_metric 'fisher'"),
+    ],
+    ids=["damping", "method", "loss", "kernel", "samples", "output_metric"],
+)
+def test_preconditioner_rejects_bad_options(kwargs, error, message):
+    model, _, _ = setup()
+    hooks = len(model._forward_pre_hooks)
+    with pytest.raises(error, match=message):
+        rc.RiemannianPreconditioner(model, **kwargs)
+    assert len(model._forward_pre_hooks) == hooks  # no hook left behind

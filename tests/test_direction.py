@@ -1,0 +1,382 @@
+"""``rc.direction`` for every method against the dense float64 oracle of ``oracle.py``.
+
+``layerwise`` is the block-diagonal solve of the damped GGN (one block per module, a
+Linear's weight and bias together); ``full`` and ``natural`` the dense solve of the
+whole damped GGN.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracle import (
+    Problem,
+    block_slices,
+    damped,
+    flatten,
+    ggn,
+    gradient,
+    grid,
+    oracle_direction,
+    oracle_for,
+    rel_error,
+    solve_blocks,
+    solve_dense,
+    unflatten,
+)
+
+import riemann_core as rc
+from riemann_core.direction import solve
+from riemann_core.methods import Options
+
+EXACT = ("layerwise", "full", "natural")
+DAMPINGS = (1e-8, 1e-4, 1e-1, 10.0)
+EPS64 = torch.finfo(torch.float64).eps
+
+PROBLEMS = grid()
+IDS = [p.id for p in PROBLEMS]
+
+
+def metric(G, method, slices):
+    """The matrix ``method`` solves with (before damping)."""
+    return torch.block_diag(*[G[s, s] for s in slices]) if method == "layerwise" else G
+
+
+def tolerance(G, damping) -> float:
+    """1e-10, or the perturbation bound ``10 eps cond`` of any stable float64 solve.
+
+    For ``damping >= 1e-4`` this is 1e-10 on every problem here. At ``damping=1e-8``
+    the GGN is singular (softmax shift invariance, ``n > d``) and ``cond(G + mu I)``
+    reaches ~3e8: there the oracle itself is only accurate to ``~eps cond``
+    (``linalg.solve`` and ``eigh`` differ by up to 2e-8, see test_oracle.py).
+    """
+    return max(1e-10, 10 * EPS64 * float(torch.linalg.cond(damped(G, damping))))
+
+
+@pytest.mark.parametrize("damping", DAMPINGS, ids=lambda d: f"damping={d:g}")
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("problem", PROBLEMS, ids=IDS)
+def test_matches_dense_oracle(problem, method, damping):
+    G, g, slices = oracle_for(problem)
+    model, x, y = problem.make()
+    dirs = rc.direction(model, x, y, loss=problem.loss_name, method=method, damping=damping)
+    expected = oracle_direction(G, g, damping, method, slices)
+    assert rel_error(flatten(dirs, model), expected) <= tolerance(
+        metric(G, method, slices), damping
+    )
+
+
+# layerwise factorises G_a itself where that is cheaper (few parameters, many rows):
+# batch 10 mixes both algebras across blocks, batch 20 uses the dense one throughout.
+PATHS = [
+    Problem(batch=10, depth=3),
+    Problem(batch=10, depth=3, loss="mse", bias=False),
+    Problem(batch=20, depth=3, act="relu"),
+]
+
+
+@pytest.mark.parametrize("kernel", ["structured", "generic"], ids=lambda k: f"kernel={k}")
+@pytest.mark.parametrize("damping", DAMPINGS, ids=lambda d: f"damping={d:g}")
+@pytest.mark.parametrize("problem", PATHS, ids=[f"{p.id}-batch={p.batch}" for p in PATHS])
+def test_layerwise_dense_and_woodbury_paths(problem, damping, kernel):
+    G, g, slices = oracle_for(problem)
+    model, x, y = problem.make()
+    dirs, diags = rc.direction(
+        model, x, y, loss=problem.loss_name, damping=damping, kernel=kernel, return_diagnostics=True
+    )
+    assert "dense" in {row.solver for row in diags}
+    expected = oracle_direction(G, g, damping, "layerwise", slices)
+    tol = tolerance(metric(G, "layerwise", slices), damping)
+    assert rel_error(flatten(dirs, model), expected) <= tol
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=IDS)
+def test_euclidean_is_the_gradient(problem):
+    _, g, _ = oracle_for(problem)
+    model, x, y = problem.make()
+    dirs = rc.direction(model, x, y, loss=problem.loss_name, method="euclidean")
+    assert rel_error(flatten(dirs, model), g) < 1e-14
+
+
+ONE_LAYER = grid(depth=(1,))
+
+
+@pytest.mark.parametrize("damping", [1e-4, 1.0], ids=lambda d: f"damping={d:g}")
+@pytest.mark.parametrize("problem", ONE_LAYER, ids=[p.id for p in ONE_LAYER])
+def test_one_layer_layerwise_equals_full_equals_natural(problem, damping):
+    model, x, y = problem.make()
+    dirs = {
+        m: flatten(
+            rc.direction(model, x, y, loss=problem.loss_name, method=m, damping=damping), model
+        )
+        for m in EXACT
+    }
+    assert rel_error(dirs["layerwise"], dirs["full"]) < 1e-10
+    assert rel_error(dirs["natural"], dirs["full"]) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "problem", [Problem(depth=3), Problem(loss="mse", depth=2)], ids=lambda p: p.id
+)
+def test_layerwise_differs_from_full_on_deep_networks(problem):
+    """The block-diagonal metric is a different matrix as soon as there are two blocks."""
+    model, x, y = problem.make()
+    kw = dict(loss=problem.loss_name, damping=1e-2)
+    lw = flatten(rc.direction(model, x, y, method="layerwise", **kw), model)
+    full = flatten(rc.direction(model, x, y, method="full", **kw), model)
+    assert rel_error(lw, full) > 1e-2
+
+
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_nested_module_names(method):
+    """Names are those of ``model.named_parameters()`` for nested containers too."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh())
+            self.head = torch.nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    torch.manual_seed(3)
+    model = Net().double()
+    x, y = torch.randn(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    dirs = rc.direction(model, x, y, method=method, damping=1e-3)
+    assert list(dirs) == [n for n, _ in model.named_parameters()]
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    expected = oracle_direction(G, g, 1e-3, method, block_slices(model))
+    assert rel_error(flatten(dirs, model), expected) < 1e-10
+
+
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_mse_with_multidimensional_outputs(method):
+    """``F.mse_loss`` averages over all ``N x 2 x 3`` entries: ``M_b = (2 / 6) I``."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(
+                torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 6)
+            )
+
+        def forward(self, x):
+            return self.body(x).reshape(-1, 2, 3)
+
+    torch.manual_seed(5)
+    model = Net().double()
+    x, y = torch.randn(4, 4, dtype=torch.float64), torch.randn(4, 2, 3, dtype=torch.float64)
+    G, g = ggn(model, x, y, "mse"), gradient(model, x, y, "mse")
+    dirs = rc.direction(model, x, y, loss="mse", method=method, damping=1e-3)
+    expected = oracle_direction(G, g, 1e-3, method, block_slices(model))
+    assert rel_error(flatten(dirs, model), expected) < 1e-10
+
+
+# ------------------------------------------------------------- arbitrary vectors
+
+
+@pytest.mark.parametrize("damping", [1e-3, 1.0], ids=lambda d: f"damping={d:g}")
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize(
+    "problem",
+    [Problem(depth=2), Problem(loss="mse", depth=3, act="relu", bias=False), PATHS[-1]],
+    ids=lambda p: f"{p.id}-batch={p.batch}",
+)
+def test_random_vectors_match_dense_solve(problem, method, damping):
+    """The solves are right for any vector, not only gradients in the row space of ``K``."""
+    G, _, slices = oracle_for(problem)
+    model, x, y = problem.make()
+    torch.manual_seed(7)
+    v = torch.randn(G.shape[0], dtype=torch.float64)
+    opts = Options(damping=damping, loss=problem.loss_name)
+    dirs, _ = solve(model, x, y, method, opts, gradient=unflatten(v, model))
+    if method == "layerwise":
+        expected = solve_blocks(G, v, damping, slices)
+    else:
+        expected = solve_dense(G, v, damping)
+    assert rel_error(flatten(dirs, model), expected) < 1e-10
+
+
+# ------------------------------------------------------------------------ float32
+
+FLOAT32 = grid(act=("tanh", "relu"))
+
+
+@pytest.mark.parametrize("damping", [1e-1, 1.0], ids=lambda d: f"damping={d:g}")
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("problem", FLOAT32, ids=[p.id for p in FLOAT32])
+def test_float32_matches_float64_oracle(problem, method, damping):
+    """A float32 model against the float64 oracle of the same weights.
+
+    ``damping >= 0.1`` keeps ``cond(G + mu I)`` below ~1e2, so float32 round-off
+    (eps 1.2e-7) stays well under 1e-4 (observed <= 2e-6).
+    """
+    model, x, y = problem.make(dtype=torch.float32)
+    G, g, slices = oracle_for(problem, torch.float32)
+    dirs = rc.direction(model, x, y, loss=problem.loss_name, method=method, damping=damping)
+    assert all(d.dtype == torch.float32 for d in dirs.values())
+    expected = oracle_direction(G, g, damping, method, slices)
+    assert rel_error(flatten(dirs, model), expected) <= 1e-4
+
+
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("problem", FLOAT32, ids=[p.id for p in FLOAT32])
+def test_float32_with_float64_solve(problem, method):
+    """``solve_dtype=torch.float64`` at ``damping=1e-2``.
+
+    The factorisation runs in float64, but ``K`` and ``g`` still come from the float32
+    network (relative error ~1e-7), which the solve amplifies by ``cond <~ 1e3``;
+    observed <= 1.2e-5.
+    """
+    damping = 1e-2
+    model, x, y = problem.make(dtype=torch.float32)
+    G, g, slices = oracle_for(problem, torch.float32)
+    dirs = rc.direction(
+        model,
+        x,
+        y,
+        loss=problem.loss_name,
+        method=method,
+        damping=damping,
+        solve_dtype=torch.float64,
+    )
+    assert all(d.dtype == torch.float32 for d in dirs.values())
+    expected = oracle_direction(G, g, damping, method, slices)
+    assert rel_error(flatten(dirs, model), expected) <= 1e-4
+
+
+# ------------------------------------------------------------------ grad mode
+
+
+@pytest.mark.parametrize("method", rc.METHODS, ids=lambda m: f"method={m}")
+def test_direction_under_no_grad(method):
+    """Called inside ``torch.no_grad()`` (as in an optimizer step), same result."""
+    problem = Problem()
+    model, x, y = problem.make()
+    expected = rc.direction(model, x, y, method=method, damping=1e-2)
+    with torch.no_grad():
+        dirs = rc.direction(model, x, y, method=method, damping=1e-2)
+        assert not torch.is_grad_enabled()  # the caller's mode is restored
+    assert rel_error(flatten(dirs, model), flatten(expected, model)) < 1e-12
+
+
+# ------------------------------------------------------------------- stability
+
+
+@pytest.mark.parametrize("problem", [Problem(), Problem(loss="mse")], ids=lambda p: p.id)
+def test_full_is_backward_stable_at_tiny_damping(problem):
+    """Dense Cholesky: residual ``||(G + mu I) x - g|| / ||g||`` at round-off, mu = 1e-8."""
+    G, g, _ = oracle_for(problem)
+    model, x, y = problem.make()
+    dirs = rc.direction(model, x, y, loss=problem.loss_name, method="full", damping=1e-8)
+    d = flatten(dirs, model)
+    assert (damped(G, 1e-8) @ d - g).norm() / g.norm() < 1e-12
+
+
+@pytest.mark.parametrize("method", ["layerwise", "natural"], ids=lambda m: f"method={m}")
+def test_refinement_makes_woodbury_backward_stable_at_tiny_damping(method):
+    """(g - K^T t) / mu cancels: without refinement the residual is ~ eps ||g|| / mu
+    (~5e-8 at mu = 1e-8); one step of iterative refinement brings it to round-off."""
+    plain, refined = [], []
+    for problem in grid(act=("tanh",)):
+        G, g, slices = oracle_for(problem)
+        model, x, y = problem.make()
+        A = damped(metric(G, method, slices), 1e-8)
+        for steps, out in ((0, plain), (1, refined)):
+            dirs = rc.direction(
+                model, x, y, loss=problem.loss_name, method=method, damping=1e-8, refine=steps
+            )
+            out.append(float((A @ flatten(dirs, model) - g).norm() / g.norm()))
+    assert max(plain) > 1e-10  # the cancellation is real, so the test can tell
+    assert max(refined) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "method", ["layerwise", "full", "natural", "kfac"], ids=lambda m: f"method={m}"
+)
+def test_overflowing_metric_raises_solve_error(method):
+    """A float32 factor of 1e20 overflows the metric: every method says so as SolveError."""
+    model, x, y = Problem().make(dtype=torch.float32)
+
+    def huge(outputs, targets):
+        return torch.full((outputs.shape[0], 1, outputs.shape[1]), 1e20, dtype=outputs.dtype)
+
+    with pytest.raises(rc.SolveError, match="NaN or inf"):
+        rc.direction(model, x, y, method=method, output_metric=huge)
+
+
+# ------------------------------------------------------------------ diagnostics
+
+DIAG_METHODS = ("layerwise", "full", "natural", "kfac")
+
+
+@pytest.mark.parametrize("method", DIAG_METHODS, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize(
+    "problem",
+    [Problem(depth=3), Problem(loss="mse", bias=False), PATHS[-1]],
+    ids=lambda p: f"{p.id}-batch={p.batch}",
+)
+def test_diagnostics(problem, method):
+    model, x, y = problem.make()
+    dirs, diags = rc.direction(
+        model, x, y, loss=problem.loss_name, method=method, damping=1e-3, return_diagnostics=True
+    )
+    assert isinstance(dirs, dict) and all(isinstance(d, rc.LayerDiagnostics) for d in diags)
+    d = problem.batch * problem.classes  # exact factors have r = C rows per sample
+    if method in ("full", "natural"):
+        groups = [[n for n, _ in model.named_parameters()]]
+        assert [row.name for row in diags] == ["(all)"]
+    else:
+        modules = [m for m, mod in model.named_modules() if list(mod.parameters(recurse=False))]
+        groups = [
+            [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[0] == m] for m in modules
+        ]
+        assert [row.name for row in diags] == modules
+    for row, names in zip(diags, groups):
+        assert row.method == method
+        assert row.rows == d
+        assert row.params == sum(dirs[n].numel() for n in names)
+        assert row.condition >= 1
+        assert 0 <= row.residual < 1e-8
+        assert row.jitter >= 0
+        block_norm = float(torch.sqrt(sum((dirs[n] ** 2).sum() for n in names)))
+        assert row.update_norm == pytest.approx(block_norm, rel=1e-12)
+
+
+@pytest.mark.parametrize("method", ["layerwise", "natural"], ids=lambda m: f"method={m}")
+def test_diagnostics_rows_follow_samples(method):
+    """``samples=5`` probes per sample give ``d = 5 N`` rows; a block solved on its own
+    (layerwise) keeps ``min(r, m_out)`` rows per sample, where ``m_out`` is the block's
+    output width (4 hidden units, 3 classes), since only their Gram enters ``K_a^T K_a``."""
+    model, x, y = Problem().make()
+    _, diags = rc.direction(
+        model,
+        x,
+        y,
+        method=method,
+        output_metric="sampled",
+        samples=5,
+        damping=1e-2,
+        return_diagnostics=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    expected = [4 * 4, 4 * 3] if method == "layerwise" else [4 * 5]
+    assert [row.rows for row in diags] == expected
+
+
+def test_diagnostics_condition_is_that_of_the_damped_gram():
+    """One Linear layer: the damped ``d x d`` Gram ``mu I + K K^T`` has the nonzero
+    spectrum of ``K^T K`` (the GGN) shifted by ``mu``, plus ``mu`` for the rest."""
+    problem = Problem(depth=1)
+    G, _, _ = oracle_for(problem)
+    model, x, y = problem.make()
+    _, (row,) = rc.direction(model, x, y, method="layerwise", damping=1e-2, return_diagnostics=True)
+    lam = torch.linalg.eigvalsh(G)
+    assert row.condition == pytest.approx(float(lam.max() + 1e-2) / 1e-2, rel=1e-8)
+
+
+def test_euclidean_has_no_diagnostics():
+    model, x, y = Problem().make()
+    _, diags = rc.direction(model, x, y, method="euclidean", return_diagnostics=True)
+    assert diags == []

@@ -1,0 +1,126 @@
+"""Dtype and device are kept, and ``rc.direction`` leaves the model exactly as it was.
+
+CUDA cases run where a GPU is present (``dev=cuda``) and are reported as skipped
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracle import (
+    Problem,
+    assert_unchanged,
+    flatten,
+    kfac_blocks,
+    oracle_direction,
+    oracle_for,
+    rel_error,
+    snapshot,
+    solve_kfac,
+)
+from torch import nn
+
+import riemann_core as rc
+
+DTYPES = [
+    pytest.param(torch.float32, id="dtype=float32"),
+    pytest.param(torch.float64, id="dtype=float64"),
+]
+
+
+def with_some_grads(model):
+    """``.grad`` set on the middle layer only: ``None`` must stay ``None``."""
+    for p in model[2].parameters():
+        p.grad = torch.randn_like(p)
+    return model
+
+
+@pytest.mark.parametrize("method", rc.METHODS, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_direction_keeps_dtype_device_and_model(device, dtype, method):
+    model, x, y = Problem(depth=3).make(dtype=dtype, device=device)
+    with_some_grads(model)
+    before = snapshot(model)
+    dirs = rc.direction(model, x, y, method=method, damping=0.1)
+    assert list(dirs) == [n for n, _ in model.named_parameters()]
+    for name, p in model.named_parameters():
+        d = dirs[name]
+        assert (d.dtype, d.device, d.shape) == (p.dtype, p.device, p.shape)
+        assert not d.requires_grad
+        assert torch.isfinite(d).all()
+    assert_unchanged(model, before)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("method", rc.METHODS, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_direction_keeps_training_flags(method, training):
+    """Mixed flags (a submodule in the other mode) come back as they were."""
+    model, x, y = Problem(depth=3).make()
+    model.train(training)
+    model[1].train(not training)
+    before = [m.training for m in model.modules()]
+    rc.direction(model, x, y, method=method)
+    assert [m.training for m in model.modules()] == before
+
+
+@pytest.mark.parametrize("method", rc.METHODS, ids=lambda m: f"method={m}")
+def test_direction_keeps_requires_grad_flags(method):
+    model, x, y = Problem(depth=3).make()
+    model[2].requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    rc.direction(model, x, y, method=method)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "method", ["layerwise", "full", "natural", "kfac"], ids=lambda m: f"method={m}"
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_direction_on_device_matches_oracle(device, dtype, method):
+    """The float64 oracle on the CPU; ``damping=0.1`` keeps float32 within 1e-4."""
+    problem = Problem(depth=3)
+    model, x, y = problem.make(dtype=dtype, device=device)
+    dirs = rc.direction(model, x, y, method=method, damping=0.1)
+    if method == "kfac":
+        g = oracle_for(problem, dtype)[1]
+        expected = solve_kfac(kfac_blocks(model, x, y, "cross_entropy"), g, 0.1)
+    else:
+        G, g, slices = oracle_for(problem, dtype)
+        expected = oracle_direction(G, g, 0.1, method, slices)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert rel_error(flatten(dirs, model), expected) < tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_preconditioner_keeps_dtype_and_device(device, dtype):
+    model, x, y = Problem(depth=3).make(dtype=dtype, device=device)
+    pre = rc.RiemannianPreconditioner(model, damping=0.1)
+    nn.functional.cross_entropy(model(x), y).backward()
+    pre.step()
+    for p in model.parameters():
+        assert (p.grad.dtype, p.grad.device) == (p.dtype, p.device)
+
+
+def test_solve_dtype_float64_returns_model_dtype():
+    model, x, y = Problem().make(dtype=torch.float32)
+    dirs = rc.direction(model, x, y, damping=1e-2, solve_dtype=torch.float64)
+    assert all(d.dtype == torch.float32 for d in dirs.values())
+
+
+@pytest.mark.parametrize("method", rc.METHODS, ids=lambda m: f"method={m}")
+def test_direction_keeps_batchnorm_running_statistics(method):
+    """Buffers are part of the model: a train-mode BatchNorm must not see the extra
+    forward pass (whether the method then supports the module or refuses it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    try:
+        rc.direction(model, x, y, method=method, kernel="auto")
+    except ValueError:
+        pass  # refusing a batch-coupled module is fine; touching its statistics is not
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n]), f"buffer {n!r} changed"

@@ -1,0 +1,356 @@
+"""Per-module kernels: products with ``K_a`` against an explicit ``K_a`` from ``torch.func``,
+structured == generic, unsupported modules and ``register_handler``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracle import (
+    Problem,
+    ScaleShift,
+    block_slices,
+    conv_net,
+    custom_net,
+    flatten,
+    ggn,
+    gradient,
+    jacobian,
+    kfac_blocks,
+    oracle_direction,
+    output_jacobian_wrt_layer,
+    pulled_back_factor,
+    rel_error,
+    sequence_net,
+    solve_kfac,
+    whitened_jacobian,
+)
+from torch import nn
+
+import riemann_core as rc
+from riemann_core.modules import (
+    Block,
+    Conv2dHandler,
+    GenericHandler,
+    LinearHandler,
+    handler_for,
+)
+
+EXACT = ("layerwise", "full", "natural")
+
+
+class MyLinear(nn.Linear):
+    """A Linear subclass: structured kernels are registered by exact type."""
+
+
+def mlp_net(bias=True):
+    torch.manual_seed(11)
+    model = Problem(depth=3, bias=bias).make()[0]
+    return model, torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 2])
+
+
+def mylinear_net():
+    torch.manual_seed(15)
+    model = nn.Sequential(MyLinear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    return model.double(), torch.randn(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+
+
+NETS = {
+    "mlp": mlp_net,
+    "mlp-nobias": lambda: mlp_net(bias=False),
+    "conv": conv_net,
+    "conv-stride2-nobias": lambda: conv_net(bias=False, stride=2, padding=0),
+    "conv-k2x3-pad(1,0)-dil2": lambda: conv_net(kernel=(2, 3), padding=(1, 0), dilation=2),
+    "sequence": sequence_net,
+}
+
+
+# ------------------------------------------------------ handler products vs explicit K
+
+
+def owners(model):
+    """Indices of the modules of a Sequential that own parameters (the blocks)."""
+    return [i for i, m in enumerate(model) if list(m.parameters(recurse=False))]
+
+
+def layer_case(model, x, index, r=2, seed=0):
+    """A :class:`Block` for ``model[index]`` with a random factor of ``r`` rows pulled back
+    by the oracle, and the oracle's ``K = L_o J`` for that block."""
+    torch.manual_seed(seed)
+    N, C = x.shape[0], model(x).shape[1]
+    factor = torch.randn(N, r, C, dtype=torch.float64)
+    module = model[index]
+    s = block_slices(model)[owners(model).index(index)]
+    K = whitened_jacobian(jacobian(model, x)[:, :, s], factor)
+    delta = pulled_back_factor(output_jacobian_wrt_layer(model, index, x), factor)
+    own = list(module.named_parameters(recurse=False))
+    block = Block(
+        name=str(index),
+        module=module,
+        param_names=[f"{index}.{n}" for n, _ in own],
+        params=[p for _, p in own],
+        inputs=(model[:index](x).detach(),),
+        output=None,
+        delta=delta,
+    )
+    return block, K
+
+
+CASES = [(name, i) for name, make in NETS.items() for i in owners(make()[0])]
+CASES += [("custom", i) for i in owners(custom_net()[0])]
+
+
+def make_net(name):
+    return custom_net() if name == "custom" else NETS[name]()
+
+
+# ScaleShift has no structured kernel (tested below); the generic kernel handles all
+KERNEL_CASES = [
+    (net, i, kernel)
+    for net, i in CASES
+    for kernel in ("structured", "generic")
+    if not (kernel == "structured" and isinstance(make_net(net)[0][i], ScaleShift))
+]
+
+
+@pytest.mark.parametrize(
+    "case", KERNEL_CASES, ids=[f"net={n}-layer={i}-kernel={k}" for n, i, k in KERNEL_CASES]
+)
+def test_handler_products_match_explicit_K(case):
+    name, index, kernel = case
+    model, x, _ = make_net(name)
+    block, K = layer_case(model, x, index)
+    handler = handler_for(block, kernel)
+    expected_type = {nn.Linear: LinearHandler, nn.Conv2d: Conv2dHandler}.get(
+        type(model[index]), GenericHandler
+    )
+    assert type(handler) is (expected_type if kernel == "structured" else GenericHandler)
+    assert handler.d == K.shape[0]
+
+    torch.manual_seed(1)
+    v = [torch.randn_like(p) for p in block.params]
+    t = torch.randn(K.shape[0], dtype=torch.float64)
+    v_flat = torch.cat([a.reshape(-1) for a in v])
+    assert rel_error(handler.K(), K) < 1e-12
+    assert rel_error(handler.gram(), K @ K.T) < 1e-12
+    assert rel_error(handler.K_mv(v), K @ v_flat) < 1e-12
+    Kt = handler.K_tmv(t)
+    assert [a.shape for a in Kt] == [p.shape for p in block.params]
+    assert rel_error(torch.cat([a.reshape(-1) for a in Kt]), K.T @ t) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "case", KERNEL_CASES, ids=[f"net={n}-layer={i}-kernel={k}" for n, i, k in KERNEL_CASES]
+)
+def test_compressed_rows_keep_the_block_metric(case):
+    """``compress_rows`` keeps ``min(r, m_out)`` rows per sample and ``K^T K`` unchanged."""
+    name, index, kernel = case
+    model, x, _ = make_net(name)
+    block, K = layer_case(model, x, index, r=6)
+    handler = handler_for(block, kernel)
+    handler.compress_rows()
+    m_out = block.delta[0, 0].numel()
+    assert handler.d == x.shape[0] * min(6, m_out)
+    Kc = handler.K()
+    assert rel_error(Kc.T @ Kc, K.T @ K) < 1e-12
+    assert rel_error(handler.gram(), Kc @ Kc.T) < 1e-12
+    v = [torch.randn_like(p) for p in block.params]
+    assert rel_error(handler.K_mv(v), Kc @ torch.cat([a.reshape(-1) for a in v])) < 1e-12
+
+
+# ------------------------------------------------------------ structured == generic
+
+
+@pytest.mark.parametrize("method", EXACT + ("kfac",), ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("net", list(NETS), ids=lambda n: f"net={n}")
+def test_structured_equals_generic(net, method):
+    model, x, y = NETS[net]()
+    kw = dict(method=method, damping=1e-3)
+    structured = rc.direction(model, x, y, kernel="structured", **kw)
+    generic = rc.direction(model, x, y, kernel="generic", **kw)
+    auto = rc.direction(model, x, y, kernel="auto", **kw)
+    assert rel_error(flatten(structured, model), flatten(generic, model)) < 1e-10
+    assert rel_error(flatten(auto, model), flatten(structured, model)) < 1e-12
+
+
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize(
+    "net", [n for n in NETS if n.startswith(("conv", "seq"))], ids=lambda n: f"net={n}"
+)
+def test_conv_and_sequence_nets_match_oracle(net, method):
+    model, x, y = NETS[net]()
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    dirs = rc.direction(model, x, y, method=method, damping=1e-3)
+    expected = oracle_direction(G, g, 1e-3, method, block_slices(model))
+    assert rel_error(flatten(dirs, model), expected) < 1e-10
+
+
+# ----------------------------------------------------------- modules without kernels
+
+
+def test_structured_rejects_module_without_kernel():
+    model, x, y = custom_net()
+    with pytest.raises(ValueError, match=r"module '1' \(ScaleShift\).*kernel='generic'"):
+        rc.direction(model, x, y, kernel="structured")
+
+
+@pytest.mark.parametrize("kernel", ["generic", "auto"], ids=lambda k: f"kernel={k}")
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_generic_and_auto_handle_custom_module(method, kernel):
+    model, x, y = custom_net()
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    dirs = rc.direction(model, x, y, method=method, damping=1e-3, kernel=kernel)
+    expected = oracle_direction(G, g, 1e-3, method, block_slices(model))
+    assert rel_error(flatten(dirs, model), expected) < 1e-10
+
+
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_embedding_with_integer_inputs(method):
+    """Integer inputs and an Embedding (generic kernel under ``kernel="auto"``)."""
+    torch.manual_seed(18)
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.tensor([1, 3, 5, 6, 3]), torch.tensor([0, 1, 2, 1, 0])
+    with pytest.raises(ValueError, match=r"module '0' \(Embedding\)"):
+        rc.direction(model, x, y, method=method, kernel="structured")
+    dirs = rc.direction(model, x, y, method=method, kernel="auto", damping=1e-2)
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    expected = oracle_direction(G, g, 1e-2, method, block_slices(model))
+    assert rel_error(flatten(dirs, model), expected) < 1e-10
+
+
+def test_grouped_conv_needs_generic():
+    model, x, y = conv_net(groups=2)
+    with pytest.raises(ValueError, match=r"module '0' \(Conv2d\).*groups=2"):
+        rc.direction(model, x, y, kernel="structured")
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    dirs = rc.direction(model, x, y, kernel="auto", damping=1e-3)
+    expected = oracle_direction(G, g, 1e-3, "layerwise", block_slices(model))
+    assert rel_error(flatten(dirs, model), expected) < 1e-10
+
+
+def test_frozen_parameters_are_skipped():
+    """Only trainable parameters get a direction; a frozen layer still carries the factor."""
+    model, x, y = mlp_net()
+    model[0].requires_grad_(False)
+    dirs = rc.direction(model, x, y, method="layerwise", damping=1e-3)
+    assert set(dirs) == {n for n, p in model.named_parameters() if p.requires_grad}
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    expected = oracle_direction(G, g, 1e-3, "layerwise", block_slices(model))
+    assert rel_error(flatten(dirs, model), expected) < 1e-10
+
+
+# ------------------------------------------------------------------- registration
+
+
+def test_register_existing_type_needs_overwrite(restore_handlers):
+    with pytest.raises(ValueError, match="Linear already has the kernel LinearHandler.*overwrite"):
+        rc.register_handler(nn.Linear, LinearHandler)
+
+
+def test_register_handler_for_new_type(restore_handlers):
+    model, x, y = mylinear_net()
+    with pytest.raises(ValueError, match=r"module '0' \(MyLinear\)"):
+        rc.direction(model, x, y, kernel="structured")
+    rc.register_handler(MyLinear, LinearHandler)
+    structured = rc.direction(model, x, y, kernel="structured", damping=1e-3)
+    generic = rc.direction(model, x, y, kernel="generic", damping=1e-3)
+    assert rel_error(flatten(structured, model), flatten(generic, model)) < 1e-10
+
+
+def test_register_handler_overwrite_replaces(restore_handlers):
+    calls = []
+
+    class CountingLinear(LinearHandler):
+        def gram(self):
+            calls.append(self.block.name)
+            return super().gram()
+
+    rc.register_handler(nn.Linear, CountingLinear, overwrite=True)
+    model, x, y = mlp_net()
+    rc.direction(model, x, y, method="layerwise", kernel="structured")
+    assert calls == ["0", "2", "4"]
+
+
+def test_restore_handlers_fixture_restored_registry():
+    """Runs after the registration tests: nothing they registered leaks."""
+    from riemann_core.modules import STRUCTURED
+
+    assert STRUCTURED == {nn.Linear: LinearHandler, nn.Conv2d: Conv2dHandler}
+
+
+# ------------------------------------------------------- partly frozen, batch-coupled
+
+
+class Shift(nn.Module):
+    """``x + c`` with a constant (a frozen bias written as a buffer)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.register_buffer("c", c.detach().clone())
+
+    def forward(self, x):
+        return x + self.c
+
+
+@pytest.mark.parametrize("kernel", ["structured", "generic", "auto"], ids=lambda k: f"kernel={k}")
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("frozen", ["bias", "weight"], ids=lambda f: f"frozen={f}")
+def test_partly_frozen_layer(frozen, method, kernel):
+    """A Linear whose bias (or weight) is frozen: its block is the trainable part only."""
+    model, x, y = mlp_net()
+    model[0].get_parameter(frozen).requires_grad_(False)
+    dirs = rc.direction(model, x, y, method=method, kernel=kernel, damping=1e-3)
+    assert set(dirs) == {n for n, p in model.named_parameters() if p.requires_grad}
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    expected = oracle_direction(G, g, 1e-3, method, block_slices(model))
+    assert rel_error(flatten(dirs, model), expected) < 1e-10
+
+
+def test_partly_frozen_layer_kfac():
+    """K-FAC of a Linear with a frozen bias is that of a bias-free Linear followed by a
+    constant shift (or, if unsupported, a ValueError naming the module)."""
+    model, x, y = mlp_net()
+    model[0].bias.requires_grad_(False)
+    try:
+        dirs = rc.direction(model, x, y, method="kfac", damping=1e-3)
+    except ValueError as err:
+        assert "'0'" in str(err)
+        return
+    lin = nn.Linear(5, 4, bias=False).double()
+    lin.weight.data.copy_(model[0].weight.data)
+    twin = nn.Sequential(lin, Shift(model[0].bias), *list(model)[1:])
+    expected = solve_kfac(
+        kfac_blocks(twin, x, y, "cross_entropy"), gradient(twin, x, y, "cross_entropy"), 1e-3
+    )
+    assert rel_error(flatten(dirs, model), expected) < 1e-10
+
+
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_batch_coupled_module_is_refused_or_exact(method):
+    """BatchNorm with batch statistics couples the samples: the pulled-back rows then
+    mix samples. Either refuse the model (ValueError naming the module) or be exact."""
+    torch.manual_seed(16)
+    bn = nn.BatchNorm1d(5, affine=False, track_running_stats=False)
+    model = nn.Sequential(nn.Linear(4, 5), bn, nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    try:
+        dirs = rc.direction(model, x, y, method=method, damping=1e-2)
+    except ValueError as err:
+        assert "BatchNorm1d" in str(err)
+        return
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    expected = oracle_direction(G, g, 1e-2, method, block_slices(model))
+    assert rel_error(flatten(dirs, model), expected) < 1e-10
+
+
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_eval_mode_batchnorm_uses_generic_kernel(method):
+    """In eval mode BatchNorm is sample-wise: its affine parameters take the generic path."""
+    torch.manual_seed(17)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    model(x)  # running statistics from one training-mode pass
+    model.eval()
+    dirs = rc.direction(model, x, y, method=method, kernel="auto", damping=1e-2)
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    expected = oracle_direction(G, g, 1e-2, method, block_slices(model))
+    assert rel_error(flatten(dirs, model), expected) < 1e-10

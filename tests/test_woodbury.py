@@ -1,0 +1,170 @@
+"""``woodbury``: the damped solve on random vectors, Cholesky with jitter and its errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracle import rel_error
+
+import riemann_core as rc
+from riemann_core.woodbury import JITTER_SCALES, Cholesky, WoodburySolve, cholesky
+
+# (d, n): fewer rows than unknowns (the usual case) and more (rank-deficient Gram)
+SHAPES = [(4, 12), (12, 4), (6, 6)]
+SHAPE_IDS = [f"d={d}-n={n}" for d, n in SHAPES]
+DAMPINGS = [1e-3, 1.0, 10.0]
+
+
+def random_K(d, n, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return torch.randn(d, n, dtype=dtype)
+
+
+def solver_for(K, damping, **kw):
+    return WoodburySolve.factorise(
+        K @ K.T, damping, lambda v: K @ v, lambda t: K.T @ t, what="test Gram", **kw
+    )
+
+
+def dense(K, damping, v):
+    n = K.shape[1]
+    return torch.linalg.solve(damping * torch.eye(n, dtype=K.dtype) + K.T @ K, v)
+
+
+@pytest.mark.parametrize("damping", DAMPINGS, ids=lambda m: f"damping={m:g}")
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_solve_random_vectors(shape, damping):
+    """``cond(mu I + K^T K) <= ~4e4`` here, so float64 agrees to far below 1e-10."""
+    K = random_K(*shape)
+    solver = solver_for(K, damping)
+    for seed in range(3):
+        torch.manual_seed(100 + seed)
+        v = torch.randn(shape[1], dtype=torch.float64)
+        assert rel_error(solver(v), dense(K, damping, v)) < 1e-10
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_solve_list_of_tensors(shape):
+    """Vectors may be lists of per-parameter tensors (a weight matrix and a bias)."""
+    d, n = shape
+    K = random_K(d, n, seed=1)
+    sizes = [n - 2, 2]
+
+    def K_mv(v):
+        return K @ torch.cat([a.reshape(-1) for a in v])
+
+    def K_tmv(t):
+        return list((K.T @ t).split(sizes))
+
+    solver = WoodburySolve.factorise(K @ K.T, 0.5, K_mv, K_tmv, what="test Gram")
+    v = torch.randn(n, dtype=torch.float64)
+    out = solver(list(v.split(sizes)))
+    assert isinstance(out, list) and [a.numel() for a in out] == sizes
+    assert rel_error(torch.cat(out), dense(K, 0.5, v)) < 1e-10
+
+
+def test_coefficients_are_data_space_solve():
+    K = random_K(4, 9, seed=2)
+    v = torch.randn(9, dtype=torch.float64)
+    t = solver_for(K, 0.3).coefficients(v)
+    expected = torch.linalg.solve(0.3 * torch.eye(4, dtype=K.dtype) + K @ K.T, K @ v)
+    assert rel_error(t, expected) < 1e-12
+
+
+def test_solve_dtype_float64_for_float32_gram():
+    K = random_K(5, 10, seed=3, dtype=torch.float32)
+    solver = solver_for(K, 1e-2, solve_dtype=torch.float64)
+    assert solver.inner.factor.dtype == torch.float64
+    v = torch.randn(10)
+    x = solver(v)
+    assert x.dtype == torch.float32
+    expected = dense(K.double(), 1e-2, v.double())
+    assert rel_error(x, expected) < 1e-4
+
+
+def test_solve_is_exact_inverse_of_metric():
+    """``(mu I + K^T K) x = v`` back-substituted, independent of any dense solve."""
+    K = random_K(7, 15, seed=4)
+    v = torch.randn(15, dtype=torch.float64)
+    x = solver_for(K, 0.1)(v)
+    assert rel_error(0.1 * x + K.T @ (K @ x), v) < 1e-12
+
+
+# ---------------------------------------------------------------------- Cholesky
+
+
+def test_cholesky_positive_definite_needs_no_jitter():
+    A = random_K(5, 8, seed=5)
+    A = A @ A.T + torch.eye(5, dtype=torch.float64)
+    chol = cholesky(A, what="test matrix")
+    assert chol.jitter == 0.0
+    torch.testing.assert_close(chol.factor @ chol.factor.T, A)
+    b = torch.randn(5, dtype=torch.float64)
+    assert rel_error(chol.solve(b), torch.linalg.solve(A, b)) < 1e-12
+    B = torch.randn(5, 3, dtype=torch.float64)
+    assert rel_error(chol.solve(B), torch.linalg.solve(A, B)) < 1e-12
+
+
+def test_cholesky_condition_is_a_lower_bound():
+    A = random_K(5, 8, seed=6)
+    A = A @ A.T + 0.1 * torch.eye(5, dtype=torch.float64)
+    est = cholesky(A, what="test matrix").condition()
+    assert 1.0 <= est <= float(torch.linalg.cond(A)) * (1 + 1e-10)
+
+
+def test_cholesky_singular_psd_gets_jitter():
+    """``[[1, 1], [1, 1]]`` is PSD with a zero pivot: the plain factorisation fails."""
+    A = torch.ones(2, 2)
+    chol = cholesky(A, what="test matrix")
+    assert chol.jitter > 0
+    assert chol.jitter == pytest.approx(JITTER_SCALES[1] * 1.0)
+    L = chol.factor
+    torch.testing.assert_close(L @ L.T, A + chol.jitter * torch.eye(2))
+
+
+def test_cholesky_float32_rank_deficient_gram_gets_jitter():
+    """``B B^T`` (rank 2 of 6) in float32 is indefinite by round-off (eigenvalues ~ -3e-8)."""
+    torch.manual_seed(0)
+    B = torch.randn(6, 2)
+    A = B @ B.T
+    assert int(torch.linalg.cholesky_ex(A).info) != 0  # the premise: plain Cholesky fails
+    chol = cholesky(A, what="test matrix")
+    assert chol.jitter > 0
+    assert torch.isfinite(chol.factor).all()
+    assert chol.jitter <= JITTER_SCALES[-1] * float(A.diagonal().mean())
+
+
+def test_woodbury_reports_jitter_through_inner():
+    """A zero damping on a rank-deficient float32 Gram needs jitter in the data-space solve."""
+    torch.manual_seed(0)
+    B = torch.randn(6, 2)
+    solver = WoodburySolve.factorise(
+        B @ B.T, 1e-12, lambda v: B @ v, lambda t: B.T @ t, what="test Gram"
+    )
+    assert solver.inner.jitter > 0
+
+
+def test_cholesky_indefinite_raises_solve_error():
+    A = torch.diag(torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64))
+    with pytest.raises(rc.SolveError, match=r"my matrix \(3 x 3.*not positive definite"):
+        cholesky(A, what="my matrix")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_cholesky_non_finite_raises_solve_error(bad):
+    A = torch.eye(3, dtype=torch.float64)
+    A[1, 2] = A[2, 1] = bad
+    with pytest.raises(rc.SolveError, match="my matrix contains NaN or inf"):
+        cholesky(A, what="my matrix")
+
+
+def test_cholesky_nan_on_diagonal_raises_solve_error():
+    A = torch.eye(3)
+    A[0, 0] = float("nan")
+    with pytest.raises(rc.SolveError, match="NaN or inf"):
+        cholesky(A, what="my matrix")
+
+
+def test_solve_error_is_a_runtime_error():
+    assert issubclass(rc.SolveError, RuntimeError)
+    assert isinstance(cholesky(torch.eye(2), what="x"), Cholesky)
