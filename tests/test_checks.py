@@ -78,6 +78,8 @@ CASES = [
     case("samples-zero", options(samples=0), ValueError, "samples must be a positive integer"),
     case("samples-float", options(samples=1.5), ValueError, "samples must be a positive integer"),
     case("samples-true", options(samples=True), ValueError, "samples must be a positive integer"),
+    case("refine-negative", options(refine=-1), ValueError, "refine must be a non-negative integer"),
+    case("refine-float", options(refine=0.5), ValueError, "refine must be a non-negative integer"),
     case("solve_dtype-half", options(solve_dtype=torch.float16), ValueError, "solve_dtype must be None, torch.float32 or"),
     case("targets-too-many-ce", targets(lambda y: torch.cat([y, y[:1]])), ValueError,
          r"targets \(shape \(5,\)\) must have one entry per sample: inputs have a batch of 4"),
