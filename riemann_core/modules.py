@@ -225,10 +225,10 @@ class LinearHandler(PatchHandler):
         XXL = self.input_gram() @ lam
         return (self.Dl[:, :, 0] * XXL[None]).sum(-1).reshape(self.d)
 
-    def output_grad_minus_K_tmv(self, lam: Tensor, t: Tensor) -> list[Tensor]:
-        """``g - K^T t = (Lambda - U)^T Xt`` with ``U_b = sum_s t_{s,b} delta_{s,b}``."""
+    def output_grad_minus_K_tmv(self, lam: Tensor, t: Tensor, scale: float = 1.0) -> list[Tensor]:
+        """``scale (g - K^T t) = (scale (Lambda - U))^T Xt``, ``U_b = sum_s t_{s,b} delta_{s,b}``."""
         U = torch.einsum("sb,sbc->bc", t.reshape(self.r, self.N), self.Dl[:, :, 0])
-        return self.from_matrix((lam - U).T @ self.Xt[:, 0])
+        return self.from_matrix(((lam - U) * scale).T @ self.Xt[:, 0])
 
 
 class Conv2dHandler(PatchHandler):

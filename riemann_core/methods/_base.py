@@ -83,12 +83,13 @@ class Problem:
             return self.handlers[i].K_mv_output_grad(self.output_grads[i])
         return self.handlers[i].K_mv(self.gradient_of(i))
 
-    def gradient_minus_K_tmv(self, i: int, t: Tensor) -> list[Tensor]:
-        """``g_a - K_a^T t``, one GEMM ``(Lambda - U)^T Xt`` where the handler can."""
+    def gradient_minus_K_tmv(self, i: int, t: Tensor, scale: float = 1.0) -> list[Tensor]:
+        """``scale (g_a - K_a^T t)``; one GEMM ``(scale (Lambda - U))^T Xt`` where the
+        handler can (the scale then touches ``N x f_out`` entries, not ``n_a``)."""
         if self._factored(i):
-            return self.handlers[i].output_grad_minus_K_tmv(self.output_grads[i], t)
+            return self.handlers[i].output_grad_minus_K_tmv(self.output_grads[i], t, scale)
         Kt = self.handlers[i].K_tmv(t)
-        return [g - k for g, k in zip(self.gradient_of(i), Kt, strict=True)]
+        return [(g - k) * scale for g, k in zip(self.gradient_of(i), Kt, strict=True)]
 
 
 def capture_blocks(model: nn.Module, run: Callable[[], Tensor]) -> tuple[Tensor, list[Block]]:

@@ -50,7 +50,7 @@ def solve(problem: Problem, opts: Options):
                 gram, what=f"damped Gram of module {name!r} ({handler.d} x {handler.d})"
             )
             t = chol.solve(problem.K_gradient(i)).to(handler.delta.dtype)
-            x = [a / opts.damping for a in problem.gradient_minus_K_tmv(i, t)]
+            x = problem.gradient_minus_K_tmv(i, t, 1 / opts.damping)
             if opts.refine:
                 g = problem.gradient_of(i)
                 [x] = refine([handler], chol, opts.damping, [g], [x], opts.refine)

@@ -24,9 +24,7 @@ def solve(problem: Problem, opts: Options):
     chol = cholesky(gram, what=f"damped data-space Gram of the natural gradient ({d} x {d})")
     Kg = sum(problem.K_gradient(i) for i in range(len(handlers)))
     t = chol.solve(Kg).to(handlers[0].delta.dtype)
-    x = [
-        [a / opts.damping for a in problem.gradient_minus_K_tmv(i, t)] for i in range(len(handlers))
-    ]
+    x = [problem.gradient_minus_K_tmv(i, t, 1 / opts.damping) for i in range(len(handlers))]
     if opts.refine:
         x = refine(handlers, chol, opts.damping, problem.gradient, x, opts.refine)
     diagnostics = []

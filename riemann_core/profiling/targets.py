@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import statistics
 import sys
 
 import torch
@@ -18,9 +19,10 @@ import riemann_core as rc
 
 from .. import costs
 from .flops import flop_counter
-from .timing import gemm_rate, measure
+from .timing import measure
 
 TARGETS = {"speed_of_light": 2.0, "sampled_vs_step": 2.5, "full_vs_layerwise": 50.0}
+#: About 4k parameters each: a narrow hidden layer, one and two wider ones.
 SMALL_NETWORKS = ((784, 5, 10), (64, 56, 10), (64, 48, 16, 10))
 
 
@@ -31,80 +33,117 @@ def mlp(widths, activation=nn.Tanh) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
+def interleaved(calls: dict, rounds: int, device) -> dict[str, list[float]]:
+    """Seconds per call of each of ``calls``, timed in turn in every round.
+
+    On a shared machine the speed drifts; ratios taken within one round (seconds
+    apart) are far steadier than ratios of separately taken medians.
+    """
+    for fn in calls.values():  # warm-up
+        fn()
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            times[name].append(measure(fn, repeats=1, warmup=0, device=device).median)
+    return times
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
 def measure_targets(
     *, device="cpu", dtype=torch.float32, quick=False, seed=0, progress=None
 ) -> dict:
     """Measure the targets; ``progress(label)`` is called before each measurement."""
     progress = progress or (lambda label: None)
-    progress("GEMM rate")
     torch.manual_seed(seed)
-    repeats = 3 if quick else 7
+    rounds = 5 if quick else 11
     widths, N = (784, 1024, 1024, 10), 128
 
     def data(w):
         x = torch.randn(N, w[0], device=device, dtype=dtype)
         return x, torch.randint(0, w[-1], (N,), device=device)
 
-    rate = gemm_rate(device, dtype, n=2048 if quick else 4096)
     model = mlp(widths).to(device, dtype)
     x, y = data(widths)
+    n = 2048 if quick else 4096
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
 
     def step():
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
 
-    def time_direction(m, xx, **kw):
-        return measure(lambda: rc.direction(m, xx, y, **kw), repeats=repeats, device=device)
-
-    progress("forward+backward")
-    t_step = measure(step, repeats=repeats, device=device).median
-    progress("layerwise, exact Fisher")
-    t_exact = time_direction(model, x, method="layerwise").median
-    progress("layerwise, sampled Fisher")
-    t_sampled = time_direction(model, x, method="layerwise", output_metric="sampled").median
+    progress("784-1024-1024-10")
+    t = interleaved(
+        {
+            "gemm": lambda: a @ b,
+            "step": step,
+            "exact": lambda: rc.direction(model, x, y, method="layerwise"),
+            "sampled": lambda: rc.direction(
+                model, x, y, method="layerwise", output_metric="sampled"
+            ),
+        },
+        rounds,
+        device,
+    )
+    rates = [2 * n**3 / s for s in t["gemm"]]
     shape = costs.MLPShape(widths, N, rows=widths[-1])
+    sol_flops = costs.speed_of_light_flops(shape)
     progress("FLOP count")
     with flop_counter() as counter:
         rc.direction(model, x, y, method="layerwise")
-    sol = costs.speed_of_light_flops(shape) / rate
     result = {
-        "gemm_flops_per_s": rate,
+        "gemm_flops_per_s": statistics.median(rates),
         "network": list(widths),
         "batch": N,
         "dtype": str(dtype).removeprefix("torch."),
-        "step_s": t_step,
-        "layerwise_exact_s": t_exact,
-        "layerwise_sampled_s": t_sampled,
-        "speed_of_light_s": sol,
-        "speed_of_light_flops": costs.speed_of_light_flops(shape),
+        "rounds": rounds,
+        "step_s": statistics.median(t["step"]),
+        "layerwise_exact_s": statistics.median(t["exact"]),
+        "layerwise_sampled_s": statistics.median(t["sampled"]),
+        "speed_of_light_s": sol_flops / statistics.median(rates),
+        "speed_of_light_flops": sol_flops,
         "counted_flops": counter.get_total_flops(),
         "modelled_flops": costs.flops("layerwise", shape)["total"],
-        "ratios": {"speed_of_light": t_exact / sol, "sampled_vs_step": t_sampled / t_step},
+        "ratios": {
+            # time / (sol_flops / rate) = time * rate / sol_flops, per round
+            "speed_of_light": statistics.median(
+                s * r / sol_flops for s, r in zip(t["exact"], rates, strict=True)
+            ),
+            "sampled_vs_step": median_ratio(t["sampled"], t["step"]),
+        },
         "small": [],
     }
     for w in SMALL_NETWORKS[:2] if quick else SMALL_NETWORKS:
         progress(f"full vs layerwise, {'-'.join(map(str, w))}")
         m = mlp(w).to(device, dtype)
         xs, _ = data(w)
-        t_l = time_direction(m, xs, method="layerwise").median
-        t_f = time_direction(m, xs, method="full").median
+        ts = interleaved(
+            {
+                "layerwise": lambda m=m, xs=xs: rc.direction(m, xs, y, method="layerwise"),
+                "full": lambda m=m, xs=xs: rc.direction(m, xs, y, method="full"),
+            },
+            max(3, rounds // 2),
+            device,
+        )
         result["small"].append(
             {
                 "network": list(w),
                 "n_params": sum(p.numel() for p in m.parameters()),
-                "layerwise_s": t_l,
-                "full_s": t_f,
-                "ratio": t_f / t_l,
+                "layerwise_s": statistics.median(ts["layerwise"]),
+                "full_s": statistics.median(ts["full"]),
+                "ratio": median_ratio(ts["full"], ts["layerwise"]),
             }
         )
-    result["ratios"]["full_vs_layerwise"] = max(s["ratio"] for s in result["small"])
     return result
 
 
 def format_targets(result: dict) -> str:
     r = result["ratios"]
     lines = [
-        f"GEMM rate {result['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s ({result['dtype']})",
+        f"GEMM rate {result['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s ({result['dtype']}); "
+        f"medians of {result['rounds']} interleaved rounds, ratios taken per round",
         f"MLP {'-'.join(map(str, result['network']))}, batch {result['batch']}, cross-entropy:",
         f"  forward+backward          {result['step_s'] * 1e3:9.2f} ms",
         f"  layerwise, exact Fisher   {result['layerwise_exact_s'] * 1e3:9.2f} ms   "
@@ -142,7 +181,7 @@ def run(args) -> int:
     from .environment import environment
     from .output import write_json
 
-    steps = 5 + (2 if args.quick else len(SMALL_NETWORKS))
+    steps = 2 + (2 if args.quick else len(SMALL_NETWORKS))
     with tqdm(total=steps, desc="targets", unit="step", leave=False, file=sys.stderr) as bar:
 
         def progress(label):
