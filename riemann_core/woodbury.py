@@ -83,8 +83,8 @@ def cholesky(matrix: Tensor, *, what: str) -> Cholesky:
 class WoodburySolve:
     """Solver for ``(mu I + K^T K) x = v`` given ``v -> K v``, ``t -> K^T t`` and ``K K^T``.
 
-    ``K_mv`` and ``K_tmv`` work on whatever vector type the caller uses (a flat tensor,
-    or a list of per-parameter tensors); ``add`` and ``scale`` combine that type.
+    ``K_mv`` and ``K_tmv`` work on whatever vector type the caller uses: a flat tensor,
+    or a list of per-parameter tensors.
     """
 
     inner: Cholesky
@@ -115,15 +115,32 @@ class WoodburySolve:
     def __call__(self, v):
         """``(mu I + K^T K)^{-1} v``, for any ``v`` (not only gradients)."""
         t = self.coefficients(v)
-        return _combine(v, self.K_tmv(t.to(_dtype_of(v))), 1.0 / self.damping)
+        return _axpy(-1.0, self.K_tmv(t.to(_dtype_of(v))), v, scale=1.0 / self.damping)
+
+    def metric(self, x):
+        """``G x = mu x + K^T (K x)``."""
+        return _axpy(self.damping, x, self.K_tmv(self.K_mv(x)))
+
+    def refine(self, v, x, steps: int):
+        """``steps`` rounds of iterative refinement of ``x ~ G^{-1} v``.
+
+        ``(v - K^T t) / mu`` cancels when ``mu`` is small against ``K^T K``: the
+        residual is then ``~ eps ||v|| / mu``. Each round adds the solve of the residual
+        ``v - G x`` (two more product pairs with ``K``), which restores a backward-stable
+        residual.
+        """
+        for _ in range(steps):
+            residual = _axpy(-1.0, self.metric(x), v)
+            x = _axpy(1.0, self(residual), x)
+        return x
 
 
 def _dtype_of(v) -> torch.dtype:
     return v.dtype if isinstance(v, Tensor) else v[0].dtype
 
 
-def _combine(v, Kt, scale: float):
-    """``(v - Kt) * scale`` for a tensor or a list of tensors."""
-    if isinstance(v, Tensor):
-        return (v - Kt) * scale
-    return [(a - b) * scale for a, b in zip(v, Kt, strict=True)]
+def _axpy(a: float, x, y, scale: float = 1.0):
+    """``scale (a x + y)`` for tensors or lists of tensors."""
+    if isinstance(x, Tensor):
+        return (a * x + y) * scale
+    return [(a * xi + yi) * scale for xi, yi in zip(x, y, strict=True)]

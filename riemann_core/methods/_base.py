@@ -244,33 +244,3 @@ def solve_diagnostics(name, method, kernel, solver, *, rows, params, chol, v, x,
         jitter=chol.jitter,
         update_norm=norm(x),
     )
-
-
-def apply_metric(handlers, damping: float, x: list[list[Tensor]]) -> list[Tensor]:
-    """``(mu I + K^T K) x`` for ``K = [K_a]`` and ``x = [x_a]`` (per handler), flattened."""
-    Kx = sum(h.K_mv(xa) for h, xa in zip(handlers, x, strict=True))
-    return [
-        damping * a + b
-        for h, xa in zip(handlers, x, strict=True)
-        for a, b in zip(xa, h.K_tmv(Kx), strict=True)
-    ]
-
-
-def refine(handlers, chol, damping: float, v, x, steps: int):
-    """Iterative refinement of a Woodbury solve ``x ~ (mu I + K^T K)^{-1} v``.
-
-    ``(v - K^T t) / mu`` cancels when ``mu`` is small against ``K^T K``: the residual
-    is then ``~ eps ||v|| / mu``. Each step solves for the residual ``v - G x`` and adds
-    the correction (two more product pairs with ``K``), which restores a backward-stable
-    residual. ``v`` and ``x`` are lists (per handler) of lists of tensors.
-    """
-    for _ in range(steps):
-        Gx = iter(apply_metric(handlers, damping, x))
-        res = [[a - next(Gx) for a in va] for va in v]
-        t = chol.solve(sum(h.K_mv(ra) for h, ra in zip(handlers, res, strict=True)))
-        t = t.to(res[0][0].dtype)
-        x = [
-            [a + (b - c) / damping for a, b, c in zip(xa, ra, h.K_tmv(t), strict=True)]
-            for h, xa, ra in zip(handlers, x, res, strict=True)
-        ]
-    return x

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from ..costs import dense_is_cheaper
-from ..woodbury import cholesky
-from ._base import Options, Problem, apply_metric, refine, solve_diagnostics
+from ..woodbury import WoodburySolve, cholesky
+from ._base import Options, Problem, solve_diagnostics
 
 NEEDS_FACTOR = True
 
@@ -38,22 +38,25 @@ def solve(problem: Problem, opts: Options):
             chol = cholesky(G, what=f"damped metric of module {name!r} ({n_a} x {n_a})")
             g = problem.gradient_of(i)
             flat = chol.solve(torch.cat([a.reshape(-1) for a in g]))
-            x = [
-                c.view_as(a).to(a.dtype)
-                for c, a in zip(flat.split([a.numel() for a in g]), g, strict=True)
-            ]
+            x = [c.view_as(a).to(a.dtype) for c, a in zip(flat.split([a.numel() for a in g]), g)]
+            if opts.diagnostics:
+                Gx = [opts.damping * a + b for a, b in zip(x, handler.K_tmv(handler.K_mv(x)))]
         else:
             solver = "woodbury"
-            gram = handler.gram().to(dtype)
-            gram.diagonal().add_(opts.damping)
-            chol = cholesky(
-                gram, what=f"damped Gram of module {name!r} ({handler.d} x {handler.d})"
+            woodbury = WoodburySolve.factorise(
+                handler.gram(),
+                opts.damping,
+                handler.K_mv,
+                handler.K_tmv,
+                what=f"damped Gram of module {name!r} ({d} x {d})",
+                solve_dtype=opts.solve_dtype,
             )
+            chol = woodbury.inner
             t = chol.solve(problem.K_gradient(i)).to(handler.delta.dtype)
             x = problem.gradient_minus_K_tmv(i, t, 1 / opts.damping)
             if opts.refine:
-                g = problem.gradient_of(i)
-                [x] = refine([handler], chol, opts.damping, [g], [x], opts.refine)
+                x = woodbury.refine(problem.gradient_of(i), x, opts.refine)
+            Gx = woodbury.metric(x) if opts.diagnostics else None
         directions.append(x)
         if opts.diagnostics:
             diagnostics.append(
@@ -62,12 +65,12 @@ def solve(problem: Problem, opts: Options):
                     "layerwise",
                     type(handler).__name__,
                     solver,
-                    rows=handler.d,
+                    rows=d,
                     params=n_a,
                     chol=chol,
                     v=problem.gradient_of(i),
                     x=x,
-                    Gx=apply_metric([handler], opts.damping, [x]),
+                    Gx=Gx,
                 )
             )
     return directions, diagnostics

@@ -7,26 +7,52 @@
 
 from __future__ import annotations
 
-from ..woodbury import cholesky
-from ._base import Options, Problem, apply_metric, refine, solve_diagnostics
+from ..woodbury import WoodburySolve
+from ._base import Options, Problem, solve_diagnostics
 
 NEEDS_FACTOR = True
 
 
 def solve(problem: Problem, opts: Options):
     handlers = problem.handlers
-    dtype = opts.solve_dtype or handlers[0].delta.dtype
-    gram = handlers[0].gram().to(dtype)
+    sizes = [len(b.params) for b in problem.blocks]
+
+    def per_block(flat):
+        it = iter(flat)
+        return [[next(it) for _ in range(s)] for s in sizes]
+
+    def K_mv(v):
+        return sum(h.K_mv(va) for h, va in zip(handlers, per_block(v)))
+
+    def K_tmv(t):
+        return [a for h in handlers for a in h.K_tmv(t)]
+
+    gram = handlers[0].gram()
     for h in handlers[1:]:
         gram += h.gram()
-    gram.diagonal().add_(opts.damping)
     d = gram.shape[0]
-    chol = cholesky(gram, what=f"damped data-space Gram of the natural gradient ({d} x {d})")
+    woodbury = WoodburySolve.factorise(
+        gram,
+        opts.damping,
+        K_mv,
+        K_tmv,
+        solve_dtype=opts.solve_dtype,
+        what=f"damped data-space Gram of the natural gradient ({d} x {d})",
+    )
     Kg = sum(problem.K_gradient(i) for i in range(len(handlers)))
-    t = chol.solve(Kg).to(handlers[0].delta.dtype)
-    x = [problem.gradient_minus_K_tmv(i, t, 1 / opts.damping) for i in range(len(handlers))]
+    t = woodbury.inner.solve(Kg).to(handlers[0].delta.dtype)
+    x = [
+        a
+        for i in range(len(handlers))
+        for a in problem.gradient_minus_K_tmv(i, t, 1 / opts.damping)
+    ]
+    g = (
+        [a for grads in problem.gradient for a in grads]
+        if opts.refine or opts.diagnostics
+        else None
+    )
     if opts.refine:
-        x = refine(handlers, chol, opts.damping, problem.gradient, x, opts.refine)
+        x = woodbury.refine(g, x, opts.refine)
     diagnostics = []
     if opts.diagnostics:
         diagnostics.append(
@@ -37,10 +63,10 @@ def solve(problem: Problem, opts: Options):
                 "woodbury",
                 rows=d,
                 params=sum(b.n_params for b in problem.blocks),
-                chol=chol,
-                v=[a for g in problem.gradient for a in g],
-                x=[a for xa in x for a in xa],
-                Gx=apply_metric(handlers, opts.damping, x),
+                chol=woodbury.inner,
+                v=g,
+                x=x,
+                Gx=woodbury.metric(x),
             )
         )
-    return x, diagnostics
+    return per_block(x), diagnostics
