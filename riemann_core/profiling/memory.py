@@ -5,6 +5,7 @@ from __future__ import annotations
 import resource
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -33,3 +34,25 @@ def host_peak_rss_bytes() -> int:
     """
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def _status_bytes(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def host_peak_bytes(fn: Callable[[], object]) -> int | None:
+    """Peak resident memory while ``fn()`` runs, above the resident memory before it.
+
+    Linux resets the peak (``VmHWM``) when ``5`` is written to ``/proc/self/clear_refs``,
+    so this needs no fresh process. ``None`` where that interface is missing.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_bytes("VmRSS")
+    except OSError:
+        return None
+    fn()
+    return max(_status_bytes("VmHWM") - before, 0)

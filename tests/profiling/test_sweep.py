@@ -1,0 +1,141 @@
+"""The sweep: one row per point, resumable, atomic, and careful with bad input."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from riemann_core.profiling import sweep as sw
+
+TINY = dict(
+    base={"width": 4, "depth": 1, "out_dim": 3, "batch": 4},
+    axes={"width": (4, 6), "depth": (1, 2), "out_dim": (3,), "batch": (2, 4)},
+    repeats=1,
+)
+
+
+def rows_of(path):
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_points_vary_one_axis_and_visit_the_base_once():
+    grid = sw.Grid(**TINY)
+    points = grid.points()
+    assert len(points) == len({tuple(p.values()) for p in points}) == 4
+    for p in points:
+        assert sum(p[a] != grid.base[a] for a in sw.AXES) <= 1
+    runs = list(grid.runs())
+    assert len(runs) == 4 * (len(grid.methods) + 1)  # + layerwise with the generic kernel
+
+
+def test_sweep_records_every_run_with_counted_and_modelled_flops(tmp_path):
+    grid = sw.Grid(**{**TINY, "methods": ("layerwise", "natural")})
+    result = sw.sweep(grid, tmp_path, progress=False)
+    rows = rows_of(tmp_path / "results.csv")
+    assert len(rows) == result.measured == len(list(grid.runs()))
+    assert {r["status"] for r in rows} == {"ok"}
+    for r in rows:
+        assert float(r["flops"]) == pytest.approx(float(r["flops_model"]), rel=0.01)
+        assert float(r["time_median_s"]) > 0
+    assert (tmp_path / "sweep.json").exists()
+
+
+def test_budgets_skip_points_with_the_reason(tmp_path):
+    grid = sw.Grid(**{**TINY, "methods": ("full",), "flop_budget": 1e3})
+    sw.sweep(grid, tmp_path, progress=False)
+    rows = rows_of(tmp_path / "results.csv")
+    assert {r["status"] for r in rows} == {"skipped"}
+    assert all("FLOPs > budget" in r["reason"] for r in rows)
+
+
+def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    def broken(run, grid, device):
+        if run["method"] == "kfac":
+            raise RuntimeError("planted failure")
+        return lambda: None
+
+    monkeypatch.setattr(sw, "_direction_call", broken)
+    sw.sweep(sw.Grid(**{**TINY, "methods": ("kfac", "euclidean")}), tmp_path, progress=False)
+    rows = rows_of(tmp_path / "results.csv")
+    assert {r["status"] for r in rows if r["method"] == "kfac"} == {"error"}
+    assert all("planted failure" in r["reason"] for r in rows if r["method"] == "kfac")
+    assert {r["status"] for r in rows if r["method"] == "euclidean"} == {"ok"}
+
+
+def test_killed_sweep_resumes_without_losing_or_duplicating_points(tmp_path):
+    script = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from riemann_core.profiling import sweep as sw
+        real = sw.measure_point
+        def slow(run, grid):
+            time.sleep(0.3)
+            return real(run, grid)
+        sw.measure_point = slow
+        sw.sweep(sw.Grid(**{TINY!r}), Path({str(tmp_path)!r}), progress=False)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    path = tmp_path / "results.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (path.exists() and len(rows_of(path)) >= 3):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = rows_of(path)
+    total = len(list(sw.Grid(**TINY).runs()))
+    assert 3 <= len(before) < total  # killed halfway
+    result = sw.sweep(sw.Grid(**TINY), tmp_path, progress=False)
+    after = rows_of(path)
+    keys = [sw.key_of(r) for r in after]
+    assert len(keys) == len(set(keys)) == total
+    assert result.resumed == len(before) and result.measured == total - len(before)
+    assert after[: len(before)] == before  # finished points kept as they were
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["not,a,results\nfile,at,all\n", "method,kernel\nlayerwise,structured\n", "\x00\x01binary"],
+    ids=["foreign-csv", "missing-columns", "binary"],
+)
+def test_corrupted_results_file_is_a_clear_error_and_left_alone(tmp_path, content):
+    path = tmp_path / "results.csv"
+    path.write_text(content)
+    with pytest.raises(sw.ResultsFileError, match="results.csv"):
+        sw.sweep(sw.Grid(**TINY), tmp_path, progress=False)
+    assert path.read_text() == content
+
+
+def test_truncated_line_is_reported_with_its_number(tmp_path):
+    sw.sweep(sw.Grid(**{**TINY, "methods": ("euclidean",)}), tmp_path, progress=False)
+    path = tmp_path / "results.csv"
+    text = path.read_text().splitlines()
+    broken = "\n".join(text[:-1] + [text[-1].split(",")[0]]) + "\n"
+    path.write_text(broken)
+    with pytest.raises(sw.ResultsFileError, match=f"line {len(text)} is incomplete"):
+        sw.sweep(sw.Grid(**TINY), tmp_path, progress=False)
+    assert path.read_text() == broken
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"axes": {**TINY["axes"], "width": (0, 4)}}, "positive integers"),
+        ({"axes": {**TINY["axes"], "batch": ()}}, "positive integers"),
+        ({"methods": ("layerwise", "newton")}, "unknown method"),
+        ({"kernels": ("fast",)}, "unknown kernel"),
+        ({"dtypes": ("float16",)}, "unknown dtype"),
+        ({"repeats": 0}, "repeats must be >= 1"),
+        ({"base": {"width": 4}}, "must name exactly"),
+    ],
+    ids=["zero-width", "empty-axis", "method", "kernel", "dtype", "repeats", "base"],
+)
+def test_bad_grid_options_fail_before_any_work(tmp_path, change, match):
+    with pytest.raises(ValueError, match=match):
+        sw.Grid(**{**TINY, **change})
+    assert list(tmp_path.iterdir()) == []
