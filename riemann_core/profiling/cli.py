@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import demo, targets
+from . import demo, pipeline, targets
 
 PROG = "riemann-bench"
 
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         parser_.set_defaults(run=module.run)
+    pipeline.register(commands, common, argparse.RawDescriptionHelpFormatter, _paragraph, PROG)
     return parser
 
 

@@ -143,16 +143,16 @@ def check_grid(grid: Grid) -> None:
         raise ValueError("repeats must be >= 1, warmup >= 0 and damping > 0")
 
 
-#: The default grid (``riemann-bench run``): about 15 minutes on 2 CPU cores.
+#: The default grid (``riemann-bench run``): about 10 minutes on 2 CPU cores.
 DEFAULT = dict(
-    base={"width": 32, "depth": 2, "out_dim": 10, "batch": 16},
+    base={"width": 64, "depth": 2, "out_dim": 10, "batch": 16},
     axes={
         "width": (8, 12, 16, 24, 32, 48, 64, 128, 256, 512),
         "depth": (1, 2, 3, 4, 6, 8),
         "out_dim": (2, 4, 6, 10, 16, 24, 32),
-        "batch": (2, 4, 8, 16, 32, 64, 128),
+        "batch": (2, 4, 8, 16, 32, 64, 128, 256),
     },
-    repeats=5,
+    repeats=7,
 )
 #: ``--quick``: a few minutes on 2 CPU cores.
 QUICK = dict(

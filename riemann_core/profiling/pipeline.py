@@ -1,0 +1,239 @@
+"""Command-line glue: ``sweep``, ``fit``, ``validate``, ``report`` and ``run``.
+
+All read and write one directory (``--out``, default ``reports/<device>``):
+``results.csv`` and ``sweep.json`` (sweep), ``fits.csv`` and ``joint_fit.csv`` (fit),
+``claims.json`` (validate), the figures and ``report.md`` (report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from . import sweep as sw
+
+RUN_COMMAND = "riemann-bench run"
+
+
+def out_dir(args) -> Path:
+    return args.out if args.out is not None else Path("reports") / torch.device(args.device).type
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from err
+    return values
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("grid (defaults: the default grid, or the quick one)")
+    for axis in sw.AXES:
+        flag = "--" + axis.replace("_", "-") + "s"
+        group.add_argument(flag, type=_ints, metavar="A,B,..", help=f"values of {axis}")
+    group.add_argument(
+        "--base", type=_ints, metavar="W,L,C,N", help="base point: width, depth, out_dim, batch"
+    )
+    group.add_argument("--methods", type=_names, help="comma-separated subset of rc.METHODS")
+    group.add_argument("--kernels", type=_names, help="structured and/or generic")
+    group.add_argument("--dtypes", type=_names, help="float32 and/or float64")
+    group.add_argument("--output-metric", choices=("exact", "sampled"))
+    group.add_argument("--repeats", type=int, help="timed calls per point")
+    group.add_argument(
+        "--memory-budget-gib",
+        type=float,
+        help="skip points whose modelled peak memory exceeds this",
+    )
+    group.add_argument(
+        "--flop-budget", type=float, help="skip points whose modelled FLOPs exceed this"
+    )
+
+
+def grid_from(args) -> sw.Grid:
+    """The grid the options describe; a bad option raises ``ValueError`` before any work."""
+    spec = dict(sw.QUICK if args.quick else sw.DEFAULT)
+    spec["axes"] = dict(spec["axes"])
+    for axis in sw.AXES:
+        values = getattr(args, axis + "s", None)
+        if values is not None:
+            spec["axes"][axis] = values
+    if args.base is not None:
+        if len(args.base) != 4:
+            raise ValueError(
+                f"--base needs 4 integers (width, depth, out_dim, batch), got {args.base}"
+            )
+        spec["base"] = dict(zip(sw.AXES, args.base, strict=True))
+    for name in ("methods", "kernels", "dtypes", "output_metric", "repeats", "flop_budget"):
+        if getattr(args, name, None) is not None:
+            spec[name] = getattr(args, name)
+    if getattr(args, "memory_budget_gib", None) is not None:
+        spec["memory_budget_bytes"] = args.memory_budget_gib * 2**30
+    return sw.Grid(devices=(str(args.device),), seed=args.seed, **spec)
+
+
+def run_sweep(args) -> int:
+    from .environment import environment
+    from .timing import gemm_rate
+
+    grid = grid_from(args)
+    out = out_dir(args)
+    sw.read_results(out / "results.csv")  # a corrupted file stops us before the GEMM
+    rate = gemm_rate(args.device, n=2048 if args.quick else 4096)
+    meta = {
+        "gemm_flops_per_s": rate,
+        "environment": environment(args.device),
+        "command": " ".join(["riemann-bench", *sys.argv[1:]]),
+    }
+    result = sw.sweep(grid, out, meta=meta)
+    print(
+        f"{out / 'results.csv'}: {result.measured} points measured, {result.resumed} "
+        f"already there; status counts {result.statuses}"
+    )
+    return 0
+
+
+def run_fit(args) -> int:
+    from . import fit
+
+    out = out_dir(args)
+    df, meta = fit.read_sweep(out)
+    table = fit.fit_table(df, meta, seed=args.seed)
+    joint = fit.joint_fit(df)
+    from .output import write_atomic
+
+    write_atomic(out / "fits.csv", table.to_csv(index=False))
+    write_atomic(out / "joint_fit.csv", joint.to_csv(index=False))
+    with _pandas_display():
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+        print()
+        print(joint.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    return 0
+
+
+def run_validate(args) -> int:
+    from . import fit, validate
+
+    out = out_dir(args)
+    df, meta = fit.read_sweep(out)
+    claims = validate.validate(df, meta, seed=args.seed)
+    validate.write_claims(claims, out / "claims.json")
+    for c in claims:
+        interval = "" if c.low is None else f" [{c.low:.3g}, {c.high:.3g}]"
+        measured = "n/a" if c.measured is None else f"{c.measured:.3g}"
+        print(f"{c.verdict:>12}  {c.id:<28} expected {c.expected}, measured {measured}{interval}")
+    return validate.exit_code(claims)
+
+
+def run_report(args) -> int:
+    from .report import write_report
+
+    path = write_report(out_dir(args), seed=args.seed)
+    print(f"wrote {path}")
+    return 0
+
+
+def run_all(args) -> int:
+    """Sweep, fit, validate, report; the exit code is 0 once the report is written (the
+    verdicts are in it; ``riemann-bench validate`` exits non-zero on a failed claim)."""
+    run_sweep(args)
+    run_fit(args)
+    run_validate(args)
+    return run_report(args)
+
+
+class _pandas_display:
+    def __enter__(self):
+        import pandas as pd
+
+        self._context = pd.option_context("display.width", 200, "display.max_rows", 500)
+        self._context.__enter__()
+
+    def __exit__(self, *exc):
+        self._context.__exit__(*exc)
+
+
+COMMANDS = {
+    "sweep": (
+        run_sweep,
+        "time, FLOPs and memory over a grid of MLPs, resumably",
+        "Measure every method (layerwise also with the generic kernel) on MLPs varying one "
+        "of width, depth, output dimension and batch at a time around a base point: "
+        "median and IQR of wall-clock, counted FLOPs, peak memory and a status per point. "
+        "Points already in results.csv are skipped; the file is rewritten atomically.",
+        "sweep --quick --methods layerwise,full --widths 8,16,32,64",
+        True,
+    ),
+    "fit": (
+        run_fit,
+        "log-log slopes with bootstrap intervals and the joint n d^2 + d^3 fit",
+        "Fit, per method and axis, the log-log slope of time over the asymptotic range "
+        "(the larger half of the points) with a bootstrap 95% interval, and the "
+        "non-negative least-squares fit time ~ a n d^2 + b d^3 + c with its R^2.",
+        "fit --out reports/cpu",
+        False,
+    ),
+    "validate": (
+        run_validate,
+        "check the complexity claims; non-zero exit when one fails",
+        "Compare the measured scaling against the claims (layerwise linear in n at fixed "
+        "d, d^2..d^3 in d, full n^2..n^3, the crossover width, structured vs generic, "
+        "counted FLOPs vs the cost model) and write claims.json with verdicts.",
+        "validate --out reports/cpu",
+        False,
+    ),
+    "report": (
+        run_report,
+        "scaling plots and report.md from a sweep",
+        "Draw time, FLOPs and memory against every axis (log-log, theoretical slopes as "
+        "guides), the layerwise/full crossover and the achieved FLOP rate, and write "
+        "report.md with the tables, verdicts, environment and regenerating commands.",
+        "report --out reports/cpu",
+        False,
+    ),
+    "run": (
+        run_all,
+        "the main job: sweep, fit, validate and report on the default grid",
+        "Sweep the default grid (or the quick one), fit, validate and report, under "
+        "reports/<device>/ unless --out says otherwise.",
+        "run --quick",
+        True,
+    ),
+}
+
+
+def register(commands, common, formatter, paragraph, prog: str) -> None:
+    for name, (fn, help_, description, example, grid_options) in COMMANDS.items():
+        parser = commands.add_parser(
+            name,
+            parents=[common],
+            help=help_,
+            description=paragraph(description),
+            epilog=f"example:\n  {prog} {example}",
+            formatter_class=formatter,
+        )
+        if grid_options:
+            add_sweep_arguments(parser)
+        parser.set_defaults(run=_guarded(fn))
+
+
+def _guarded(fn):
+    """Turn bad options and unreadable files into a one-line error and exit code 2."""
+
+    def run(args) -> int:
+        try:
+            return fn(args)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"riemann-bench {args.command}: error: {err}", file=sys.stderr)
+            return 2
+
+    return run
