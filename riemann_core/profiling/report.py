@@ -19,7 +19,7 @@ GUIDES = {
         "width w (n ~ depth w^2)",
         [(2, "w^2: layerwise generic, O(n) at fixed d"), (6, "w^6: full, O(n^3)")],
     ),
-    "depth": ("depth L", [(1, "L^1: all but full")]),
+    "depth": ("hidden layers (L = depth + 1 modules)", [(1, "linear: all but full")]),
     "out_dim": ("output dimension C (d = N C)", [(3, "C^3: the d^3 term")]),
     "batch": ("batch N (d = N C)", [(2, "N^2: n d^2"), (3, "N^3: d^3")]),
 }
@@ -225,9 +225,10 @@ def write_report(out: Path, *, seed: int = 0) -> Path:
             ]
         ),
         "",
-        "Verdicts: `pass` when the 95% interval overlaps the expected band and the estimate "
-        "lies in it, `fail` when the interval lies outside it, `inconclusive` otherwise "
-        "(see `riemann_core/profiling/validate.py`).",
+        "Verdicts: `pass` when the estimate lies in the expected band and its 95% interval "
+        f"is at most {validate.MAX_INTERVAL_WIDTH:g} wide, `fail` when the interval lies "
+        "outside the band, `inconclusive` otherwise (see "
+        "`riemann_core/profiling/validate.py`).",
         "",
         "## Fitted slopes (asymptotic range, bootstrap 95% interval)",
         "",
