@@ -24,7 +24,9 @@ PROG = "riemann-bench"
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``riemann-bench`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.command_line = " ".join([PROG, *argv])  # recorded with the results
     return args.run(args)
 
 

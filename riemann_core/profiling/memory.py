@@ -27,11 +27,8 @@ def cuda_peak_bytes(fn: Callable[[], object], device: torch.device | str) -> int
 
 
 def host_peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (``ru_maxrss``), in bytes.
-
-    It never decreases, so a per-call peak needs a fresh process (asv's ``peakmem_``
-    benchmarks run in one).
-    """
+    """Peak resident set size of this process (``ru_maxrss``), in bytes: since it
+    started, or since :func:`host_peak_bytes` last reset the peak."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 

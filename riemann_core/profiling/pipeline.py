@@ -19,7 +19,11 @@ RUN_COMMAND = "riemann-bench run"
 
 
 def out_dir(args) -> Path:
-    return args.out if args.out is not None else Path("reports") / torch.device(args.device).type
+    """``--out``, else ``reports/<device>`` (``reports/<device>/quick`` with ``--quick``)."""
+    if args.out is not None:
+        return args.out
+    default = Path("reports") / torch.device(args.device).type
+    return default / "quick" if args.quick else default
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -38,9 +42,9 @@ def _names(text: str) -> tuple[str, ...]:
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("grid (defaults: the default grid, or the quick one)")
-    for axis in sw.AXES:
-        flag = "--" + axis.replace("_", "-") + "s"
-        group.add_argument(flag, type=_ints, metavar="A,B,..", help=f"values of {axis}")
+    for axis, dest in sw.AXIS_OPTIONS.items():
+        flag = "--" + dest.replace("_", "-")
+        group.add_argument(flag, dest=dest, type=_ints, metavar="A,B,..", help=f"values of {axis}")
     group.add_argument(
         "--base", type=_ints, metavar="W,L,C,N", help="base point: width, depth, out_dim, batch"
     )
@@ -63,8 +67,8 @@ def grid_from(args) -> sw.Grid:
     """The grid the options describe; a bad option raises ``ValueError`` before any work."""
     spec = dict(sw.QUICK if args.quick else sw.DEFAULT)
     spec["axes"] = dict(spec["axes"])
-    for axis in sw.AXES:
-        values = getattr(args, axis + "s", None)
+    for axis, dest in sw.AXIS_OPTIONS.items():
+        values = getattr(args, dest, None)
         if values is not None:
             spec["axes"][axis] = values
     if args.base is not None:
@@ -92,7 +96,7 @@ def run_sweep(args) -> int:
     meta = {
         "gemm_flops_per_s": rate,
         "environment": environment(args.device),
-        "command": " ".join(["riemann-bench", *sys.argv[1:]]),
+        "command": args.command_line,
     }
     result = sw.sweep(grid, out, meta=meta)
     print(

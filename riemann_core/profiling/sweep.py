@@ -33,6 +33,8 @@ from .targets import mlp
 from .timing import measure
 
 AXES = ("width", "depth", "out_dim", "batch")
+#: Axis -> the command-line option (and ``argparse`` dest) that lists its values.
+AXIS_OPTIONS = {"width": "widths", "depth": "depths", "out_dim": "out_dims", "batch": "batches"}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 COLUMNS = (
     "method",
@@ -126,7 +128,8 @@ def check_grid(grid: Grid) -> None:
         if not grid.axes[axis] or any(
             isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values
         ):
-            raise ValueError(f"--{axis.replace('_', '-')}s needs positive integers, got {values}")
+            flag = AXIS_OPTIONS[axis].replace("_", "-")
+            raise ValueError(f"--{flag} needs positive integers, got {values}")
     for name, values, allowed in (
         ("method", grid.methods, rc.METHODS),
         ("kernel", grid.kernels, ("structured", "generic")),
@@ -310,6 +313,14 @@ def sweep(grid: Grid, out: Path, *, progress: bool = True, meta: dict | None = N
     """Measure every run of ``grid`` not yet in ``out/results.csv``; write ``sweep.json``."""
     path = out / "results.csv"
     rows = read_results(path)  # before any work: a corrupted file stops the sweep here
+    previous = out / "sweep.json"
+    if rows and previous.exists():
+        base = json.loads(previous.read_text()).get("base")
+        if base != grid.base:
+            raise ValueError(
+                f"{out} holds a sweep around the base point {base}, not {grid.base}; "
+                "fits need one base point per directory: pass another --out"
+            )
     done = {key_of(r) for r in rows}
     todo = [r for r in grid.runs() if key_of(r) not in done]
     write_atomic(

@@ -139,3 +139,12 @@ def test_bad_grid_options_fail_before_any_work(tmp_path, change, match):
     with pytest.raises(ValueError, match=match):
         sw.Grid(**{**TINY, **change})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_resuming_around_another_base_point_is_refused(tmp_path):
+    sw.sweep(sw.Grid(**{**TINY, "methods": ("euclidean",)}), tmp_path, progress=False)
+    before = (tmp_path / "results.csv").read_text()
+    other = {**TINY, "base": {**TINY["base"], "width": 6}, "methods": ("euclidean",)}
+    with pytest.raises(ValueError, match="another --out"):
+        sw.sweep(sw.Grid(**other), tmp_path, progress=False)
+    assert (tmp_path / "results.csv").read_text() == before
