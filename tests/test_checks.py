@@ -187,3 +187,16 @@ def test_preconditioner_rejects_bad_options(kwargs, error, message):
     with pytest.raises(error, match=message):
         rc.RiemannianPreconditioner(model, **kwargs)
     assert len(model._forward_pre_hooks) == hooks  # no hook left behind
+
+
+def test_model_whose_parameters_take_no_part_is_refused():
+    class Bypass(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Linear(2, 3)
+
+        def forward(self, x):
+            return torch.cat([x, x[:, :1]], dim=1)
+
+    with pytest.raises(ValueError, match="took part in the forward pass"):
+        rc.direction(Bypass(), torch.randn(3, 2), torch.tensor([0, 1, 2]))

@@ -173,6 +173,11 @@ def _build_problem(model, inputs, targets, opts, needs_factor, gradient) -> Prob
     outputs, blocks = capture_blocks(model, lambda: model(inputs))
     if targets is not None:
         check_outputs(outputs, targets, opts.loss)
+    if not blocks:
+        raise ValueError(
+            "no module with trainable parameters took part in the forward pass; "
+            "nothing to precondition"
+        )
     given = None if gradient is None else [[gradient[n] for n in b.param_names] for b in blocks]
     if not needs_factor:
         if given is None:
