@@ -108,6 +108,7 @@ def flops(method: str, shape: MLPShape, kernel: str = "structured") -> dict[str,
         return _total(cost)
     cost["pullback"] = k * above_first
     P = [shape.patch(f_in) for f_in, _ in layers]
+    f_ins = [f_in for f_in, _ in layers]
     f_outs = [f_out for _, f_out in layers]
     n_a = shape.block_params()
     if generic:  # gradient by autograd; K by a per-sample forward and one vjp per row
@@ -116,11 +117,11 @@ def flops(method: str, shape: MLPShape, kernel: str = "structured") -> dict[str,
             cost["jacobian"] = matmul + shape.rows * matmul
     if method == "natural":
         cost["gram"] = sum(
-            _gram(shape, kernel, p, f, n) for p, f, n in zip(P, f_outs, n_a, strict=True)
+            _gram(shape, kernel, i, f, n) for i, f, n in zip(f_ins, f_outs, n_a, strict=True)
         )
         cost["factorisation"] = cholesky_flops(d)
         cost["solve"] = sum(
-            _products(shape, kernel, p, f, n) for p, f, n in zip(P, f_outs, n_a, strict=True)
+            _products(shape, kernel, i, f, n) for i, f, n in zip(f_ins, f_outs, n_a, strict=True)
         )
         cost["solve"] += 2 * triangular_solve_flops(d)
     elif method == "layerwise":
@@ -132,29 +133,29 @@ def flops(method: str, shape: MLPShape, kernel: str = "structured") -> dict[str,
             if m < shape.rows:
                 cost["factorisation"] += N * qr_flops(shape.rows, f)
             block = MLPShape((p - int(shape.bias), f), N, m, shape.bias)
-            gram = _gram(block, kernel, p, f, n)
+            gram = _gram(block, kernel, f_in, f, n)
             if dense_is_cheaper(n, block.d, gram):
                 if not generic:
-                    cost["gradient"] = cost.get("gradient", 0) + 2 * N * f * p
+                    cost["gradient"] = cost.get("gradient", 0) + 2 * N * f * f_in
                 cost["gram"] += 2 * n * n * block.d
                 cost["factorisation"] += cholesky_flops(n)
                 cost["solve"] += 2 * triangular_solve_flops(n)
             else:
                 cost["gram"] += gram
                 cost["factorisation"] += cholesky_flops(block.d)
-                cost["solve"] += _products(block, kernel, p, f, n) + 2 * triangular_solve_flops(
+                cost["solve"] += _products(block, kernel, f_in, f, n) + 2 * triangular_solve_flops(
                     block.d
                 )
     elif method == "full":
         n = shape.n_params
         if not generic:
-            cost["gradient"] = sum(2 * N * f * p for p, f in zip(P, f_outs, strict=True))
+            cost["gradient"] = sum(2 * N * f * i for i, f in zip(f_ins, f_outs, strict=True))
         cost["gram"] = 2 * n * n * d
         cost["factorisation"] = cholesky_flops(n)
         cost["solve"] = 2 * triangular_solve_flops(n)
     elif method == "kfac":
         if not generic:
-            cost["gradient"] = sum(2 * N * f * p for p, f in zip(P, f_outs, strict=True))
+            cost["gradient"] = sum(2 * N * f * i for i, f in zip(f_ins, f_outs, strict=True))
         cost["gram"] = sum(2 * d * f * f + 2 * N * p * p for p, f in zip(P, f_outs, strict=True))
         cost["factorisation"] = sum(
             eigh_flops(f) + eigh_flops(p) for p, f in zip(P, f_outs, strict=True)
@@ -165,16 +166,16 @@ def flops(method: str, shape: MLPShape, kernel: str = "structured") -> dict[str,
     return _total(cost)
 
 
-def _gram(shape: MLPShape, kernel: str, p: int, f: int, n: int) -> float:
-    """``K_a K_a^T``: ``(Delta Delta^T) * (Xt Xt^T)`` structured, ``K K^T`` generic."""
+def _gram(shape: MLPShape, kernel: str, f_in: int, f: int, n: int) -> float:
+    """``K_a K_a^T``: ``(Delta Delta^T) * (X X^T + 1)`` structured, ``K K^T`` generic."""
     d, N = shape.d, shape.batch
-    return 2 * d * d * n if kernel == "generic" else 2 * N * N * p + 2 * d * d * f
+    return 2 * d * d * n if kernel == "generic" else 2 * N * N * f_in + 2 * d * d * f
 
 
-def _products(shape: MLPShape, kernel: str, p: int, f: int, n: int) -> float:
+def _products(shape: MLPShape, kernel: str, f_in: int, f: int, n: int) -> float:
     """``K_a g_a`` and ``g_a - K_a^T t`` (structured: through ``Lambda``, one GEMM)."""
     d, N = shape.d, shape.batch
-    return 4 * d * n if kernel == "generic" else 2 * N * N * f + 2 * d * f + 2 * N * f * p
+    return 4 * d * n if kernel == "generic" else 2 * N * N * f + 2 * d * f + 2 * N * f * f_in
 
 
 def _total(cost: dict[str, float]) -> dict[str, float]:

@@ -93,8 +93,10 @@ def direction(
         refine=refine,
     )
     directions, diagnostics = solve(model, inputs, targets, method, opts)
+    # a parameter the forward pass did not reach has a zero gradient, hence direction
     result = {
-        name: directions.get(name, torch.zeros_like(p)).detach().to(p.dtype) for name, p in params
+        name: directions[name].detach().to(p.dtype) if name in directions else torch.zeros_like(p)
+        for name, p in params
     }
     return (result, diagnostics) if return_diagnostics else result
 

@@ -100,11 +100,12 @@ class Handler:
 
 
 class PatchHandler(Handler):
-    """Modules whose output at position ``t`` is ``W xt_t`` (+ bias folded into ``xt``).
+    """Modules whose output at position ``t`` is ``W x_t + b``.
 
-    ``Xt`` has shape ``(N, T, P)``, ``Delta`` is reshaped to ``(r, N, T, f_out)``; the
-    trainable parameters are viewed as the ``f_out x P`` matrix ``[W | b]``. A frozen
-    weight or bias is left out of both (``Xt`` is then the patches, or a column of ones).
+    ``X`` holds the patches ``(N, T, P)``, ``Delta`` is reshaped to ``(r, N, T, f_out)``.
+    In the formulas the bias is a column of ``[W | b]`` and ``xt = [x, 1]``; in the code
+    it is kept apart (``Lambda^T Xt = [Lambda^T X | sum Lambda]``), which spares copying
+    ``X`` and keeps GEMM sizes aligned. A frozen weight or bias is left out.
     """
 
     def __init__(self, block: Block):
@@ -113,26 +114,21 @@ class PatchHandler(Handler):
         trainable = {id(p) for p in block.params}
         self.with_weight = id(module.weight) in trainable
         self.with_bias = getattr(module, "bias", None) is not None and id(module.bias) in trainable
-        x = self.patches_without_bias(block.inputs[0])
-        ones = x.new_ones(x.shape[:-1] + (1,))
-        self.Xt = (
-            torch.cat([x, ones], dim=-1)
-            if self.with_bias and self.with_weight
-            else (x if self.with_weight else ones)
-        )
+        self.X = self.patches(block.inputs[0])
         self.f_out = module.weight.shape[0]
 
     def set_delta(self, delta: Tensor) -> None:
         super().set_delta(delta)
         self.Dl = self.output_positions(delta)  # (r, N, T, f_out)
 
-    def patches_without_bias(self, x: Tensor) -> Tensor:
+    def patches(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
     def output_positions(self, delta: Tensor) -> Tensor:
         raise NotImplementedError
 
     def to_matrix(self, tensors: list[Tensor]) -> Tensor:
+        """The trainable parameters' tensors -> ``[W | b]`` (``f_out x P``)."""
         columns = [tensors[0].reshape(self.f_out, -1)] if self.with_weight else []
         if self.with_bias:
             columns.append(tensors[-1][:, None])
@@ -148,27 +144,41 @@ class PatchHandler(Handler):
             out.append(M[..., -1])
         return out
 
+    def outer(self, M: Tensor) -> list[Tensor]:
+        """``sum_{b,t} M_{b,t} xt_{b,t}^T`` for ``M`` of shape ``(N, T, f_out)``, as the
+        trainable parameters' tensors: ``M^T X`` and ``sum M``."""
+        M = M.reshape(-1, self.f_out)
+        out = []
+        if self.with_weight:
+            W = M.T @ self.X.reshape(-1, self.X.shape[-1])
+            out.append(W.reshape(self.block.module.weight.shape))
+        if self.with_bias:
+            out.append(M.sum(0))
+        return out
+
+    def apply(self, v: list[Tensor]) -> Tensor:
+        """``xt_{b,t} . [W | b]`` for every sample and position: ``(N, T, f_out)``."""
+        out = self.X @ v[0].reshape(self.f_out, -1).T if self.with_weight else 0
+        return out + v[-1] if self.with_bias else out
+
     def gradient_from_output(self, lam: Tensor) -> list[Tensor]:
         """The parameter gradient ``Lambda^T Xt`` from the gradient at the output."""
-        L = self.output_positions(lam[None])[0]  # (N, T, f_out)
-        return self.from_matrix(L.flatten(0, 1).T @ self.Xt.flatten(0, 1))
+        return self.outer(self.output_positions(lam[None])[0])
 
     def K(self) -> Tensor:
-        rows = torch.einsum("sbtc,btp->sbcp", self.Dl, self.Xt)
-        return self.flatten_rows(rows.reshape(self.d, self.f_out, -1))
-
-    def flatten_rows(self, rows: Tensor) -> Tensor:
-        """``(d, f_out, P)`` rows of ``[W | b]`` -> ``(d, n_a)`` in parameter order."""
-        return torch.cat([a.reshape(self.d, -1) for a in self.from_matrix(rows)], dim=1)
+        rows = []
+        if self.with_weight:
+            rows.append(torch.einsum("sbtc,btp->sbcp", self.Dl, self.X).reshape(self.d, -1))
+        if self.with_bias:
+            rows.append(self.Dl.sum(2).reshape(self.d, self.f_out))
+        return torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
 
     def K_mv(self, v: list[Tensor]) -> Tensor:
-        XV = self.Xt @ self.to_matrix(v).T  # (N, T, f_out)
-        return torch.einsum("sbtc,btc->sb", self.Dl, XV).reshape(self.d)
+        return torch.einsum("sbtc,btc->sb", self.Dl, self.apply(v)).reshape(self.d)
 
     def K_tmv(self, t: Tensor) -> list[Tensor]:
         # Rows of one sample share xt, so sum them first: K^T t = U^T Xt.
-        U = torch.einsum("sb,sbtc->btc", t.reshape(self.r, self.N), self.Dl)
-        return self.from_matrix(U.flatten(0, 1).T @ self.Xt.flatten(0, 1))
+        return self.outer(torch.einsum("sb,sbtc->btc", t.reshape(self.r, self.N), self.Dl))
 
     def kronecker(self) -> tuple[Tensor, Tensor]:
         """``Gamma = sum_{r,t} delta delta^T``, ``A = mean_{b,t} xt xt^T``.
@@ -177,8 +187,14 @@ class PatchHandler(Handler):
         one position; otherwise the K-FAC (KFC for convolutions) approximation.
         """
         D = self.Dl.reshape(-1, self.f_out)
-        X = self.Xt.flatten(0, 1)
-        return D.T @ D, X.T @ X / X.shape[0]
+        X = self.X.reshape(-1, self.X.shape[-1])
+        ones = X.new_ones(X.shape[0], 1)
+        Xt = (
+            torch.cat([X, ones], 1)
+            if self.with_bias and self.with_weight
+            else (X if self.with_weight else ones)
+        )
+        return D.T @ D, Xt.T @ Xt / Xt.shape[0]
 
 
 class LinearHandler(PatchHandler):
@@ -188,7 +204,7 @@ class LinearHandler(PatchHandler):
     ``r x r`` probe blocks): ``O(d^2 f_out + N^2 f_in)`` time, ``O(d^2)`` memory.
     """
 
-    def patches_without_bias(self, x: Tensor) -> Tensor:
+    def patches(self, x: Tensor) -> Tensor:
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
     def output_positions(self, delta: Tensor) -> Tensor:
@@ -196,20 +212,21 @@ class LinearHandler(PatchHandler):
 
     def __init__(self, block: Block):
         super().__init__(block)
-        self.factored_gradient = self.Xt.shape[1] == 1
+        self.factored_gradient = self.X.shape[1] == 1
         self._input_gram = None
 
     def input_gram(self) -> Tensor:
-        """``Xt Xt^T`` (``N x N``)."""
+        """``Xt Xt^T = X X^T + 1`` (``N x N``)."""
         if self._input_gram is None:
-            X = self.Xt[:, 0]
-            self._input_gram = X @ X.T
+            X = self.X[:, 0]
+            G = X @ X.T if self.with_weight else X.new_zeros(self.N, self.N)
+            self._input_gram = G + 1 if self.with_bias else G
         return self._input_gram
 
     def gram_flops(self) -> float:
         if not self.factored_gradient:
             return super().gram_flops()
-        return 2 * self.d**2 * self.f_out + 2 * self.N**2 * self.Xt.shape[-1]
+        return 2 * self.d**2 * self.f_out + 2 * self.N**2 * self.X.shape[-1]
 
     def gram(self) -> Tensor:
         if not self.factored_gradient:  # sequence inputs: positions couple, use K K^T
@@ -228,13 +245,13 @@ class LinearHandler(PatchHandler):
     def output_grad_minus_K_tmv(self, lam: Tensor, t: Tensor, scale: float = 1.0) -> list[Tensor]:
         """``scale (g - K^T t) = (scale (Lambda - U))^T Xt``, ``U_b = sum_s t_{s,b} delta_{s,b}``."""
         U = torch.einsum("sb,sbc->bc", t.reshape(self.r, self.N), self.Dl[:, :, 0])
-        return self.from_matrix(((lam - U) * scale).T @ self.Xt[:, 0])
+        return self.outer((lam - U) * scale)
 
 
 class Conv2dHandler(PatchHandler):
     """``nn.Conv2d`` (groups=1, zero padding) through unfolded patches.
 
-    ``K v`` and ``K^T t`` run on the ``(N, T, C_in k_h k_w + 1)`` patches without
+    ``K v`` and ``K^T t`` run on the ``(N, T, C_in k_h k_w)`` patches without
     ``K``; the Gram is built as ``K K^T`` from ``K`` assembled from patches (the
     pairwise-position alternative costs ``d^2 T^2 C_out``, more for typical convs).
     """
@@ -247,7 +264,7 @@ class Conv2dHandler(PatchHandler):
             return "padding_mode/padding string (the structured kernel needs zero padding ints)"
         return None
 
-    def patches_without_bias(self, x: Tensor) -> Tensor:
+    def patches(self, x: Tensor) -> Tensor:
         m = self.block.module
         cols = nn.functional.unfold(
             x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride
