@@ -1,0 +1,251 @@
+"""asv benchmarks: every method's direction and the phases of the layerwise Woodbury solve.
+
+Problems come from :mod:`bench.common` (a tanh MLP, cross-entropy, exact output metric,
+damping ``1e-3``, float32) on ``RIEMANN_BENCH_DEVICE``. Combinations whose modelled peak
+memory (``costs.peak_bytes``) exceeds the budget are skipped in ``setup``, as are the
+CUDA memory benchmarks when CUDA is absent.
+
+* ``time_``: seconds per call; on CUDA the timed call ends with a synchronisation.
+* ``peakmem_``: asv's peak resident host memory of the benchmark process, so it includes
+  torch and the call's inputs (model and batch; for a phase, what the phase starts from).
+* ``track_flops_counted``: FLOPs of one call counted by
+  ``riemann_core.profiling.flops.flop_counter``; ``track_flops_modelled``: the cost
+  model's ``riemann_core.costs.flops`` total. Either changing flags a regression.
+* ``track_cuda_peak_bytes``: peak CUDA memory allocated during one call, above its inputs.
+
+The grids are literals here, never read from the code under test: a cheap default
+(the suite in minutes with ``asv run --python=same --quick``) and, with
+``RIEMANN_BENCH_FULL=1``, the full one (hours on a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+import riemann_core as rc
+from riemann_core import costs
+from riemann_core.methods import Options, build_problem
+from riemann_core.modules import handler_for
+from riemann_core.profiling.flops import flop_counter
+from riemann_core.profiling.memory import cuda_peak_bytes
+from riemann_core.woodbury import cholesky
+
+from . import common
+
+DTYPE = torch.float32
+
+#: ``method`` or ``method-kernel`` (default kernel: structured).
+METHODS = (
+    "euclidean",
+    "layerwise",
+    "layerwise-generic",
+    "natural",
+    "natural-generic",
+    "kfac",
+    "full",
+)
+KERNELS = ("structured", "generic")
+PHASES = ("pullback", "gram", "factorisation", "solve")
+if common.FULL:
+    WIDTHS = (32, 64, 128, 256, 512, 1024)
+    DEPTHS = (1, 2, 4, 8)
+    OUT_DIMS = (2, 10, 100)
+    BATCHES = (32, 128)
+else:
+    WIDTHS = (32, 128)
+    DEPTHS = (1, 3)
+    OUT_DIMS = (10,)
+    BATCHES = (32,)
+SIZES = (WIDTHS, DEPTHS, OUT_DIMS, BATCHES)
+SIZE_NAMES = ("width", "depth", "out_dim", "batch")
+
+
+def method_and_kernel(label: str) -> tuple[str, str]:
+    method, _, kernel = label.partition("-")
+    return method, kernel or "structured"
+
+
+def cuda_device() -> str:
+    """The CUDA device for the ``track_cuda_*`` benchmarks; skip them without one."""
+    if not torch.cuda.is_available():
+        raise NotImplementedError("CUDA memory benchmarks need CUDA, which is not available")
+    name = common.device()
+    return name if torch.device(name).type == "cuda" else "cuda"
+
+
+class _DirectionCase:
+    params = (METHODS, *SIZES)
+    param_names = ("method", *SIZE_NAMES)
+    timeout = 600.0  # the full grid's largest feasible sizes take minutes per call on a CPU
+
+    def setup(self, label, width, depth, out_dim, batch):
+        self.device = self.device_name()
+        common.require_device(self.device)
+        self.method, self.kernel = method_and_kernel(label)
+        common.require_feasible(self.method, self.kernel, width, depth, out_dim, batch)
+        self.shape = common.shape(width, depth, out_dim, batch)
+        model, x, y = common.problem(width, depth, out_dim, batch, self.device, DTYPE)
+        self.call = functools.partial(
+            rc.direction,
+            model,
+            x,
+            y,
+            method=self.method,
+            damping=common.DAMPING,
+            kernel=self.kernel,
+        )
+
+    def device_name(self) -> str:
+        return common.device()
+
+
+class Direction(_DirectionCase):
+    """``rc.direction(model, x, y, method=..., kernel=...)``: the whole direction."""
+
+    def time_direction(self, *params):
+        self.call()
+        common.synchronize(self.device)
+
+    def peakmem_direction(self, *params):
+        self.call()
+
+    def track_flops_counted(self, *params):
+        with flop_counter() as counter:
+            self.call()
+        return counter.get_total_flops()
+
+    track_flops_counted.unit = "flops"
+
+    def track_flops_modelled(self, *params):
+        return costs.flops(self.method, self.shape, self.kernel)["total"]
+
+    track_flops_modelled.unit = "flops"
+
+
+class DirectionCudaMemory(_DirectionCase):
+    """Peak CUDA memory of one direction (skipped without CUDA)."""
+
+    def device_name(self) -> str:
+        return cuda_device()
+
+    def track_cuda_peak_bytes(self, *params):
+        return cuda_peak_bytes(self.call, self.device)
+
+    track_cuda_peak_bytes.unit = "bytes"
+
+
+def _pullback(model, x, y, kernel):
+    """Forward, loss gradient and factor pulled back to every block, rows compressed."""
+    opts = Options(damping=common.DAMPING, kernel=kernel)
+    problem = build_problem(model, x, y, opts, needs_factor=True)
+    for handler in problem.handlers:
+        handler.compress_rows()
+    return problem
+
+
+# What each phase starts from, cached: asv re-runs `setup` before every timed call.
+@functools.lru_cache(maxsize=4)
+def _pulled(kernel, width, depth, out_dim, batch, device):
+    model, x, y = common.problem(width, depth, out_dim, batch, device, DTYPE)
+    return _pullback(model, x, y, kernel)
+
+
+@functools.lru_cache(maxsize=4)
+def _factored(kernel, width, depth, out_dim, batch, device):
+    """``mu I + K_a K_a^T`` and its Cholesky factor per block of :func:`_pulled`'s problem
+    (whose handlers then hold what the solve reuses: ``Xt Xt^T``, a generic ``K_a``)."""
+    damped = []
+    for handler in _pulled(kernel, width, depth, out_dim, batch, device).handlers:
+        gram = handler.gram()
+        gram.diagonal().add_(common.DAMPING)
+        damped.append(gram)
+    return damped, [cholesky(g, what="benchmark Gram") for g in damped]
+
+
+class _PhaseCase:
+    params = (PHASES, KERNELS, *SIZES)
+    param_names = ("phase", "kernel", *SIZE_NAMES)
+    timeout = 600.0
+
+    def setup(self, phase, kernel, width, depth, out_dim, batch):
+        self.device = self.device_name()
+        common.require_device(self.device)
+        common.require_feasible("layerwise", kernel, width, depth, out_dim, batch)
+        size = (kernel, width, depth, out_dim, batch, self.device)
+        if phase == "pullback":
+            model, x, y = common.problem(width, depth, out_dim, batch, self.device, DTYPE)
+
+            def call():
+                _pullback(model, x, y, kernel)
+
+        elif phase == "gram":
+            problem = _pulled(*size)
+
+            def call():
+                # A fresh handler per block, so nothing cached by an earlier call is reused.
+                for block, pulled in zip(problem.blocks, problem.handlers):
+                    handler = handler_for(block, kernel)
+                    handler.set_delta(pulled.delta)
+                    handler.gram()
+
+        elif phase == "factorisation":
+            damped, _ = _factored(*size)
+
+            def call():
+                for gram in damped:
+                    cholesky(gram, what="benchmark Gram")
+
+        else:
+            _, chols = _factored(*size)
+            problem = _pulled(*size)
+
+            def call():
+                for i, chol in enumerate(chols):
+                    t = chol.solve(problem.K_gradient(i))
+                    problem.gradient_minus_K_tmv(i, t, 1 / common.DAMPING)
+
+        self.call = call
+
+    def device_name(self) -> str:
+        return common.device()
+
+
+class LayerwisePhase(_PhaseCase):
+    """One phase of the layerwise Woodbury direction, summed over the layers.
+
+    ``pullback``: forward, loss gradient and the output factor pulled back to every
+    block (``build_problem``), rows compressed to ``min(r, f_out)`` per sample;
+    ``gram``: ``handler.gram()`` per block (generic kernel: materialising ``K_a`` too);
+    ``factorisation``: ``cholesky(mu I + K_a K_a^T)``; ``solve``: ``t = chol.solve(K_a
+    g_a)`` and ``(g_a - K_a^T t) / mu``. Every block takes the Woodbury route here,
+    where ``method="layerwise"`` factorises a block's ``n_a x n_a`` metric instead when
+    that costs fewer FLOPs.
+    """
+
+    def time_phase(self, *params):
+        self.call()
+        common.synchronize(self.device)
+
+    def peakmem_phase(self, *params):
+        self.call()
+
+    def track_flops_counted(self, *params):
+        with flop_counter() as counter:
+            self.call()
+        return counter.get_total_flops()
+
+    track_flops_counted.unit = "flops"
+
+
+class LayerwisePhaseCudaMemory(_PhaseCase):
+    """Peak CUDA memory of one phase above what its inputs hold (skipped without CUDA)."""
+
+    def device_name(self) -> str:
+        return cuda_device()
+
+    def track_cuda_peak_bytes(self, *params):
+        return cuda_peak_bytes(self.call, self.device)
+
+    track_cuda_peak_bytes.unit = "bytes"

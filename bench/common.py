@@ -1,0 +1,111 @@
+"""Seeded, cached problems shared by the benchmark suites (asv imports this module too).
+
+A problem is a tanh MLP with ``depth`` hidden layers of ``width`` units on ``width``
+inputs and ``out_dim`` classes, a seeded batch of ``batch`` inputs and class targets.
+
+Environment variables, read at import so that asv's discovery and its runs agree:
+
+* ``RIEMANN_BENCH_DEVICE``: ``cpu`` (default) or ``cuda``;
+* ``RIEMANN_BENCH_FULL=1``: the full parameter grid instead of the cheap default one;
+* ``RIEMANN_BENCH_BUDGET_GIB``: memory a combination may need by
+  :func:`riemann_core.costs.peak_bytes` before it is skipped (default 2).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import nn
+
+from riemann_core import costs
+from riemann_core.profiling.environment import environment
+from riemann_core.profiling.timing import synchronize
+
+__all__ = [
+    "BUDGET_BYTES",
+    "DAMPING",
+    "FULL",
+    "device",
+    "environment",
+    "mlp",
+    "problem",
+    "require_device",
+    "require_feasible",
+    "shape",
+    "synchronize",
+    "widths",
+]
+
+FULL = os.environ.get("RIEMANN_BENCH_FULL") == "1"
+BUDGET_BYTES = float(os.environ.get("RIEMANN_BENCH_BUDGET_GIB", "2")) * 2**30
+DAMPING = 1e-3
+
+
+def device() -> str:
+    """The device the benchmarks run on: ``RIEMANN_BENCH_DEVICE``, default ``"cpu"``."""
+    return os.environ.get("RIEMANN_BENCH_DEVICE", "cpu")
+
+
+def widths(width: int, depth: int, out_dim: int) -> tuple[int, ...]:
+    """Layer widths: ``width`` inputs, ``depth`` hidden layers of ``width``, ``out_dim``."""
+    return (width,) * (depth + 1) + (out_dim,)
+
+
+def shape(width: int, depth: int, out_dim: int, batch: int) -> costs.MLPShape:
+    """The cost model's view of a problem: exact cross-entropy has ``r = out_dim`` rows."""
+    return costs.MLPShape(widths(width, depth, out_dim), batch, rows=out_dim)
+
+
+def mlp(width: int, depth: int, out_dim: int, *, activation=nn.Tanh) -> nn.Sequential:
+    """``depth + 1`` Linear layers with ``activation`` between them (none on the output)."""
+    w = widths(width, depth, out_dim)
+    layers = []
+    for f_in, f_out in zip(w[:-1], w[1:]):
+        layers += [nn.Linear(f_in, f_out), activation()]
+    return nn.Sequential(*layers[:-1])
+
+
+@functools.lru_cache(maxsize=16)
+def problem(
+    width: int,
+    depth: int,
+    out_dim: int,
+    batch: int,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """``(model, inputs, targets)``, the same for the same arguments (seeded, cached).
+
+    The global random state is left as it was. Callers must not change the model.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = mlp(width, depth, out_dim)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, width, generator=generator)
+    y = torch.randint(0, out_dim, (batch,), generator=generator)
+    return model.to(device, dtype), x.to(device, dtype), y.to(device)
+
+
+def require_device(name: str) -> None:
+    """Raise ``NotImplementedError`` (asv: skip) when ``name`` is a CUDA device torch lacks."""
+    if torch.device(name).type == "cuda" and not torch.cuda.is_available():
+        raise NotImplementedError(f"device {name!r} asked for, but CUDA is not available")
+
+
+def require_feasible(
+    method: str, kernel: str, width: int, depth: int, out_dim: int, batch: int, itemsize: int = 4
+) -> None:
+    """Raise ``NotImplementedError`` (asv: skip) when the cost model's peak memory of the
+    direction exceeds :data:`BUDGET_BYTES` (``full`` at large ``n``, ``generic`` at
+    large ``n d``)."""
+    need = costs.peak_bytes(method, shape(width, depth, out_dim, batch), kernel, itemsize)
+    if need > BUDGET_BYTES:
+        raise NotImplementedError(
+            f"method={method!r} kernel={kernel!r} needs ~{need / 2**30:.2f} GiB by "
+            f"costs.peak_bytes, over the budget of {BUDGET_BYTES / 2**30:.2f} GiB "
+            "(RIEMANN_BENCH_BUDGET_GIB)"
+        )

@@ -1,0 +1,110 @@
+"""Fixtures of the pytest-benchmark suite: device, problems per size, the GEMM yardstick.
+
+Problems come from :mod:`bench.common`, the builders the asv suite uses too, and follow
+its environment variables: ``RIEMANN_BENCH_DEVICE`` (``cpu`` by default; a CUDA device
+that is not available skips every benchmark) and ``RIEMANN_BENCH_BUDGET_GIB`` (the
+modelled peak memory over which a combination is skipped). Everything heavy is built
+in fixtures, once per size, never at import time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from riemann_core import costs
+from riemann_core.profiling.timing import gemm_rate
+
+from . import common
+
+DTYPE = torch.float32
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Size:
+    """A tanh MLP of ``depth`` hidden layers of ``width`` units, ``out_dim`` classes."""
+
+    name: str
+    width: int
+    depth: int
+    out_dim: int
+    batch: int
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return common.widths(self.width, self.depth, self.out_dim)
+
+    @property
+    def shape(self) -> costs.MLPShape:
+        return common.shape(self.width, self.depth, self.out_dim, self.batch)
+
+    @property
+    def group(self) -> str:
+        return f"size={self.name}: MLP {'-'.join(map(str, self.widths))}, batch {self.batch}"
+
+
+#: ``full`` fits the small size only and the generic kernel's ``K_a`` up to the medium
+#: one (``costs.peak_bytes`` against the default budget of 2 GiB).
+SIZES = (
+    Size("small", width=32, depth=2, out_dim=10, batch=32),
+    Size("medium", width=256, depth=2, out_dim=10, batch=64),
+    Size("large", width=768, depth=2, out_dim=10, batch=128),
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    size: Size
+    model: torch.nn.Module  # shared by every benchmark of the size: never changed
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    device: torch.device
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    name = common.device()
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"RIEMANN_BENCH_DEVICE={name!r} but CUDA is not available to this torch")
+    return device
+
+
+@pytest.fixture(scope="session")
+def memory_budget() -> float:
+    """Bytes a combination may need by ``costs.peak_bytes`` before it is skipped."""
+    return common.BUDGET_BYTES
+
+
+@pytest.fixture(scope="session")
+def gemm_flops_per_s(device) -> float:
+    """The device's float32 GEMM rate, measured once per run: the speed-of-light yardstick."""
+    return gemm_rate(device, DTYPE, n=4096 if device.type == "cuda" else 2048, repeats=3)
+
+
+@pytest.fixture(scope="module", params=SIZES, ids=lambda s: f"size={s.name}")
+def problem(request, device) -> Problem:
+    """Seeded model and batch of one size (cached in :func:`bench.common.problem`)."""
+    size = request.param
+    model, inputs, targets = common.problem(
+        size.width, size.depth, size.out_dim, size.batch, str(device), DTYPE, SEED
+    )
+    return Problem(size, model, inputs, targets, device)
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """Add each figure as a ratio: to the SGD step of its size, and to its speed of light."""
+    baseline = {
+        b["group"]: b["stats"]["median"]
+        for b in output_json["benchmarks"]
+        if b["name"].startswith("test_sgd_step")
+    }
+    for b in output_json["benchmarks"]:
+        info, median = b["extra_info"], b["stats"]["median"]
+        if b["group"] in baseline:
+            info["median_over_sgd_step"] = median / baseline[b["group"]]
+        if info.get("speed_of_light_s"):
+            info["median_over_speed_of_light"] = median / info["speed_of_light_s"]

@@ -1,0 +1,143 @@
+"""Every method's direction beside one plain SGD step, per size (pytest-benchmark).
+
+Each size is one benchmark group, so its methods are read against its baseline: the
+terminal table puts each figure's ratio to the group's fastest in brackets, and a saved
+run carries ``median_over_sgd_step`` in every benchmark's ``extra_info`` (see
+``conftest.py``). FLOPs (``flop_counter``) and memory are measured outside the timed
+call; the timed call is only the operation, synchronised on CUDA.
+
+``extra_info`` per benchmark: the problem (``widths``, ``batch``, ``n_params``, ``d``),
+``counted_flops``, ``modelled_flops`` (``costs.flops``, by phase as well),
+``speed_of_light_flops`` (``costs.speed_of_light_flops``: the minimal count of the
+structured layerwise direction, the same yardstick for every benchmark of a size),
+``gemm_flops_per_s`` and ``speed_of_light_s`` (those FLOPs at the GEMM rate measured in
+this run), ``peak_bytes_model_estimate`` (``costs.peak_bytes``, a model, not a
+measurement), ``environment``, and the measured memory of one untimed call: on CUDA
+``peak_bytes_cuda_measured`` (allocator peak above what was allocated before); on CPU
+``host_rss_rise_bytes_measured`` (``memory.host_peak_bytes``: the peak rise of resident
+memory, ``None`` off Linux; often 0, since memory the allocator already holds is not
+seen) and ``host_peak_rss_bytes_process_wide``, the peak resident memory of the whole
+process (model, data, torch) read after the timed rounds; Linux restarts that peak at
+the measured call, so it spans this benchmark's calls.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import riemann_core as rc
+from riemann_core import costs
+from riemann_core.profiling.environment import environment
+from riemann_core.profiling.flops import flop_counter
+from riemann_core.profiling.memory import cuda_peak_bytes, host_peak_bytes, host_peak_rss_bytes
+from riemann_core.profiling.timing import synchronize
+
+from .common import DAMPING
+
+LOSS = "cross_entropy"
+SGD_LR = 1e-3
+
+#: Every method with its default (structured) kernel, and layerwise with the generic one.
+RUNS = [pytest.param(method, "structured", id=f"method={method}") for method in rc.METHODS] + [
+    pytest.param("layerwise", "generic", id="method=layerwise-kernel=generic")
+]
+
+
+def test_sgd_step(benchmark, problem, gemm_flops_per_s):
+    """Baseline: forward, backward and ``torch.optim.SGD.step`` on a copy of the model."""
+    model = copy.deepcopy(problem.model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=SGD_LR)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(problem.inputs), problem.targets)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    # the modelled FLOPs of forward + backward are those of the plain gradient
+    loss = _run(benchmark, problem, step, "sgd_step", "euclidean", "structured", gemm_flops_per_s)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(("method", "kernel"), RUNS)
+def test_direction(benchmark, problem, method, kernel, memory_budget, gemm_flops_per_s):
+    """``rc.direction`` of one method on the problem's batch (exact cross-entropy Fisher)."""
+    need = costs.peak_bytes(method, problem.size.shape, kernel, itemsize=_itemsize(problem))
+    if need > memory_budget:
+        pytest.skip(
+            f"{method} ({kernel}) at size={problem.size.name} needs about {need / 2**30:.1f} GiB "
+            f"by costs.peak_bytes, over the budget of {memory_budget / 2**30:.1f} GiB "
+            "(RIEMANN_BENCH_BUDGET_GIB)"
+        )
+
+    def call():
+        return rc.direction(
+            problem.model,
+            problem.inputs,
+            problem.targets,
+            loss=LOSS,
+            method=method,
+            damping=DAMPING,
+            kernel=kernel,
+        )
+
+    directions = _run(benchmark, problem, call, method, method, kernel, gemm_flops_per_s)
+    assert directions.keys() == dict(problem.model.named_parameters()).keys()
+    assert all(torch.isfinite(v).all() for v in directions.values())
+
+
+def _itemsize(problem) -> int:
+    return next(problem.model.parameters()).element_size()
+
+
+def _run(benchmark, problem, fn, label, modelled_as, kernel, gemm_flops_per_s):
+    """Attach the FLOP, memory and environment record, then time ``fn`` alone."""
+    device, shape = problem.device, problem.size.shape
+    benchmark.group = problem.size.group
+    modelled = costs.flops(modelled_as, shape, kernel)
+    sol_flops = costs.speed_of_light_flops(shape)
+    with flop_counter() as counter:
+        fn()
+    info = {
+        "method": label,
+        "kernel": kernel,
+        "loss": LOSS,
+        "damping": DAMPING,
+        "dtype": str(next(problem.model.parameters()).dtype).removeprefix("torch."),
+        "widths": list(problem.size.widths),
+        "batch": problem.size.batch,
+        "rows_per_sample": shape.rows,
+        "n_params": sum(p.numel() for p in problem.model.parameters()),
+        "d": shape.d,
+        "counted_flops": counter.get_total_flops(),
+        "modelled_flops": modelled["total"],
+        "modelled_flops_by_phase": modelled,
+        "speed_of_light_flops": sol_flops,
+        "gemm_flops_per_s": gemm_flops_per_s,
+        "speed_of_light_s": sol_flops / gemm_flops_per_s,
+        "peak_bytes_model_estimate": costs.peak_bytes(
+            modelled_as, shape, kernel, itemsize=_itemsize(problem)
+        ),
+        "environment": environment(device),
+    }
+    # one measured call, which is also the warm-up of the timed rounds
+    if device.type == "cuda":
+        info["peak_bytes_cuda_measured"] = cuda_peak_bytes(fn, device)
+    else:
+        info["host_rss_rise_bytes_measured"] = host_peak_bytes(fn)
+    benchmark.extra_info.update(info)
+
+    def timed():
+        out = fn()
+        synchronize(device)
+        return out
+
+    result = benchmark(timed)
+    if device.type == "cpu":
+        benchmark.extra_info["host_peak_rss_bytes_process_wide"] = host_peak_rss_bytes()
+    return result
