@@ -47,22 +47,24 @@ def along(df: pd.DataFrame, base: dict, axis: str) -> pd.DataFrame:
 
 
 def _guides(ax, data: pd.DataFrame, axis: str, metric: str) -> None:
-    """Dashed slope guides anchored at the median of the smallest axis value."""
+    """Dashed slope guides over the upper half of the axis (the asymptotic range the fits
+    use), ending at the geometric mean of the series at the largest value."""
     import numpy as np
 
     xs = np.sort(data[axis].unique())
     if len(xs) < 2:
         return
-    y0 = data.loc[data[axis] == xs[0], metric].median()
+    tail = xs[len(xs) // 2 :] if len(xs) > 3 else xs
+    y_end = float(np.exp(np.log(data.loc[data[axis] == xs[-1], metric]).mean()))
     for exponent, text in GUIDES[axis][1]:
-        ax.plot(xs, y0 * (xs / xs[0]) ** exponent, ls="--", lw=0.8, color="0.5")
+        ax.plot(tail, y_end * (tail / tail[-1]) ** exponent, ls="--", lw=0.9, color="0.4")
         ax.annotate(
             text,
-            (xs[-1], y0 * (xs[-1] / xs[0]) ** exponent),
+            (tail[0], y_end * (tail[0] / tail[-1]) ** exponent),
             fontsize=6,
-            color="0.4",
+            color="0.3",
             ha="right",
-            va="bottom",
+            va="center",
         )
 
 
@@ -92,9 +94,11 @@ def scaling_figure(df: pd.DataFrame, meta: dict, metric: str, path: Path) -> Pat
             ax=ax,
             legend=axis == "width",
         )
+        ax.set(xscale="log", yscale="log", xlabel=GUIDES[axis][0], ylabel=METRICS[metric])
+        low, high = data[metric].min(), data[metric].max()
         if metric != "peak_bytes":
             _guides(ax, data, axis, metric)
-        ax.set(xscale="log", yscale="log", xlabel=GUIDES[axis][0], ylabel=METRICS[metric])
+        ax.set_ylim(low / 3, high * 3)  # guides may not stretch the data's range
         ax.grid(True, which="both", lw=0.3)
     base = ", ".join(f"{k}={v}" for k, v in meta["base"].items())
     fig.suptitle(f"{METRICS[metric]} (one axis varied, others at {base})")
