@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import all_finite, check_inputs, check_model, check_options
+from ._checks import all_finite, check_inputs, check_model
 from .factors import FactorFn
 from .methods import METHODS, SOLVERS, LayerDiagnostics, Options, build_problem
 
@@ -68,30 +68,21 @@ def direction(
         >>> bool(torch.allclose(d["weight"], n["weight"]))  # one module: same matrix
         True
     """
-    check_options(
-        method=method,
-        methods=METHODS,
-        loss=loss,
+    opts = Options.checked(
+        method,
+        METHODS,
         damping=damping,
+        loss=loss,
         output_metric=output_metric,
         samples=samples,
         kernel=kernel,
         solve_dtype=solve_dtype,
         refine=refine,
+        diagnostics=return_diagnostics,
+        generator=generator,
     )
     params = check_model(model)
     check_inputs(inputs, targets)
-    opts = Options(
-        damping=float(damping),
-        loss=loss,
-        output_metric=output_metric,
-        samples=samples,
-        kernel=kernel,
-        solve_dtype=solve_dtype,
-        diagnostics=return_diagnostics,
-        generator=generator,
-        refine=refine,
-    )
     directions, diagnostics = solve(model, inputs, targets, method, opts)
     # a parameter the forward pass did not reach has a zero gradient, hence direction
     result = {

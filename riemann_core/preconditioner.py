@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_finite, check_model, check_options
+from ._checks import check_finite, check_model
 from .direction import solve
 from .factors import FactorFn
 from .methods import METHODS, LayerDiagnostics, Options
@@ -43,31 +43,22 @@ class RiemannianPreconditioner:
         refine: int = 0,
         diagnostics: bool = False,
     ):
-        check_options(
-            method=method,
-            methods=METHODS,
-            loss=loss,
+        self.options = Options.checked(
+            method,
+            METHODS,
             damping=damping,
+            loss=loss,
             output_metric=output_metric,
             samples=samples,
             kernel=kernel,
             solve_dtype=solve_dtype,
             refine=refine,
+            diagnostics=diagnostics,
+            generator=generator,
         )
         check_model(model)
         self.model = model
         self.method = method
-        self.options = Options(
-            damping=float(damping),
-            loss=loss,
-            output_metric=output_metric,
-            samples=samples,
-            kernel=kernel,
-            solve_dtype=solve_dtype,
-            diagnostics=diagnostics,
-            generator=generator,
-            refine=refine,
-        )
         self.diagnostics: list[LayerDiagnostics] = []
         self._inputs: Tensor | None = None
         self._stepping = False

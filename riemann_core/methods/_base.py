@@ -9,13 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_outputs
+from .._checks import check_options, check_outputs
 from ..factors import FactorFn, factor_cotangents, output_factor, pullback
 from ..modules import Block, Handler, PatchHandler, handler_for
 
 
 @dataclass(frozen=True)
 class Options:
+    """The options of ``rc.direction`` after validation (see :meth:`checked`)."""
+
     damping: float
     loss: str = "cross_entropy"
     output_metric: str | FactorFn = "exact"
@@ -25,6 +27,16 @@ class Options:
     diagnostics: bool = False
     generator: torch.Generator | None = None
     refine: int = 0
+
+    @classmethod
+    def checked(cls, method: str, methods, **options) -> Options:
+        """Validate ``method`` and ``options`` (naming any bad one and its fix)."""
+        check_options(
+            method=method,
+            methods=methods,
+            **{k: v for k, v in options.items() if k not in ("diagnostics", "generator")},
+        )
+        return cls(**{**options, "damping": float(options["damping"])})
 
 
 @dataclass
