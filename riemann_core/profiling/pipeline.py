@@ -108,19 +108,24 @@ def run_sweep(args) -> int:
 
 def run_fit(args) -> int:
     from . import fit
+    from .output import write_atomic
 
     out = out_dir(args)
     df, meta = fit.read_sweep(out)
     table = fit.fit_table(df, meta, seed=args.seed)
     joint = fit.joint_fit(df)
-    from .output import write_atomic
-
+    rates = fit.achieved_rates(df, meta["gemm_flops_per_s"])
     write_atomic(out / "fits.csv", table.to_csv(index=False))
     write_atomic(out / "joint_fit.csv", joint.to_csv(index=False))
+    write_atomic(out / "rates.csv", rates.to_csv(index=False))
+    best = rates.groupby(["method", "kernel"])["fraction_of_gemm"].max().rename("best fraction")
     with _pandas_display():
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-        print()
-        print(joint.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+        for frame in (table, joint, best.reset_index()):
+            print(frame.to_string(index=False, float_format=lambda v: f"{v:.3g}"), end="\n\n")
+    print(
+        f"GEMM rate of the sweep: {meta['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s; wrote "
+        f"fits.csv, joint_fit.csv and rates.csv (achieved FLOP/s per point) in {out}"
+    )
     return 0
 
 

@@ -7,7 +7,9 @@ import pytest
 from riemann_core.profiling import cli
 
 
-@pytest.mark.parametrize("command", ["demo", "targets"])
+@pytest.mark.parametrize(
+    "command", ["demo", "targets", "sweep", "fit", "validate", "report", "run"]
+)
 def test_every_subcommand_has_the_common_options_and_an_example(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main([command, "--help"])
