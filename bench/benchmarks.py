@@ -101,7 +101,18 @@ class _DirectionCase:
         return common.device()
 
 
-class Direction(_DirectionCase):
+class _CountedFlops:
+    """``track_flops_counted``: FLOPs of one ``self.call()`` under ``flop_counter``."""
+
+    def track_flops_counted(self, *params):
+        with flop_counter() as counter:
+            self.call()
+        return counter.get_total_flops()
+
+    track_flops_counted.unit = "flops"
+
+
+class Direction(_CountedFlops, _DirectionCase):
     """``rc.direction(model, x, y, method=..., kernel=...)``: the whole direction."""
 
     def time_direction(self, *params):
@@ -110,13 +121,6 @@ class Direction(_DirectionCase):
 
     def peakmem_direction(self, *params):
         self.call()
-
-    def track_flops_counted(self, *params):
-        with flop_counter() as counter:
-            self.call()
-        return counter.get_total_flops()
-
-    track_flops_counted.unit = "flops"
 
     def track_flops_modelled(self, *params):
         return costs.flops(self.method, self.shape, self.kernel)["total"]
@@ -212,7 +216,7 @@ class _PhaseCase:
         return common.device()
 
 
-class LayerwisePhase(_PhaseCase):
+class LayerwisePhase(_CountedFlops, _PhaseCase):
     """One phase of the layerwise Woodbury direction, summed over the layers.
 
     ``pullback``: forward, loss gradient and the output factor pulled back to every
@@ -230,13 +234,6 @@ class LayerwisePhase(_PhaseCase):
 
     def peakmem_phase(self, *params):
         self.call()
-
-    def track_flops_counted(self, *params):
-        with flop_counter() as counter:
-            self.call()
-        return counter.get_total_flops()
-
-    track_flops_counted.unit = "flops"
 
 
 class LayerwisePhaseCudaMemory(_PhaseCase):
