@@ -86,9 +86,6 @@ class MLPShape:
         return sum(self.block_params())
 
 
-KERNEL_METHODS = ("layerwise", "full", "natural", "kfac")
-
-
 def flops(method: str, shape: MLPShape, kernel: str = "structured") -> dict[str, float]:
     """Modelled FLOPs of ``rc.direction(method=..., kernel=...)`` by phase, plus ``total``.
 

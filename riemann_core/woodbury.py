@@ -41,14 +41,6 @@ class Cholesky:
         out = torch.linalg.solve_triangular(self.factor.mT, y, upper=True).to(rhs.dtype)
         return out[:, 0] if column else out
 
-    def condition(self) -> float:
-        """Estimate of the 2-norm condition number, ``(max L_ii / min L_ii)^2``.
-
-        A lower bound on the true condition number, free once ``L`` exists.
-        """
-        diag = self.factor.diagonal().abs()
-        return float((diag.max() / diag.min()) ** 2)
-
 
 def cholesky(matrix: Tensor, *, what: str) -> Cholesky:
     """Cholesky of a symmetric positive definite ``matrix``, retrying with jitter.
