@@ -74,6 +74,12 @@ def check_model(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
                 "LayerNorm/GroupNorm"
             )
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    low = sorted({str(p.dtype) for _, p in params if p.dtype not in (torch.float32, torch.float64)})
+    if low:
+        raise ValueError(
+            f"parameters in {', '.join(low)}: the solves here need float32 or float64 "
+            "(torch has no half-precision Cholesky/QR on CPU); convert with model.float()"
+        )
     if not params:
         raise ValueError(
             "the model has no trainable parameters (requires_grad=True); nothing to solve"
@@ -102,17 +108,19 @@ def check_inputs(inputs, targets) -> None:
     check_finite("targets", targets, "clean the targets before computing a direction")
 
 
-def check_outputs(outputs: Tensor, targets: Tensor, loss: str) -> None:
-    """Checks of the targets against the model's outputs."""
+def check_outputs(outputs: Tensor, targets: Tensor | None, loss: str) -> None:
+    """Checks of the model's outputs and, when given, of the targets against them."""
     check_finite(
         "the model's outputs", outputs.detach(), "the forward pass overflowed; check the model"
     )
     N = outputs.shape[0]
+    if loss == "cross_entropy" and outputs.ndim != 2:
+        raise ValueError(
+            f"loss='cross_entropy' needs outputs of shape (N, C) (logits), got {tuple(outputs.shape)}"
+        )
+    if targets is None:
+        return
     if loss == "cross_entropy":
-        if outputs.ndim != 2:
-            raise ValueError(
-                f"loss='cross_entropy' needs outputs of shape (N, C) (logits), got {tuple(outputs.shape)}"
-            )
         if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise ValueError(
                 f"loss='cross_entropy' needs integer class indices as targets, got dtype {targets.dtype}; "

@@ -77,14 +77,16 @@ class RiemannianPreconditioner:
                 "loss.backward() before pre.step()"
             )
         params = check_model(self.model)
-        missing = [n for n, p in params if p.grad is None]
-        if missing:
-            raise RuntimeError(
-                f"parameters {missing} have no .grad; call loss.backward() before pre.step()"
-            )
-        for name, p in params:
+        with_grad = [(n, p) for n, p in params if p.grad is not None]
+        if not with_grad:
+            raise RuntimeError("no parameter has a .grad; call loss.backward() before pre.step()")
+        for name, p in with_grad:
             check_finite(f"the .grad of {name!r}", p.grad, "the loss or its backward overflowed")
-        gradient = {n: p.grad.detach().clone() for n, p in params}
+        # a parameter without .grad took no part in the loss: a zero vector, left as None
+        gradient = {
+            n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+            for n, p in params
+        }
         self._stepping = True
         try:
             directions, diagnostics = solve(
@@ -92,7 +94,7 @@ class RiemannianPreconditioner:
             )
         finally:
             self._stepping = False
-        for name, p in params:  # every direction exists before any .grad changes
+        for name, p in with_grad:  # every direction exists before any .grad changes
             if name in directions:
                 p.grad.copy_(directions[name])
         self.diagnostics = diagnostics

@@ -200,3 +200,40 @@ def test_model_whose_parameters_take_no_part_is_refused():
 
     with pytest.raises(ValueError, match="took part in the forward pass"):
         rc.direction(Bypass(), torch.randn(3, 2), torch.tensor([0, 1, 2]))
+
+
+def test_module_that_moves_the_batch_dimension_is_refused():
+    class MergeBatch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, x):  # (N, T, 3) -> (N T, 3) -> Linear -> (N, T * 2)
+            return self.lin(x.reshape(-1, 3)).reshape(x.shape[0], -1)
+
+    with pytest.raises(ValueError, match="first dimension is not the batch"):
+        rc.direction(MergeBatch(), torch.randn(4, 5, 3), torch.randint(0, 10, (4,)))
+
+
+def test_weight_tied_through_a_functional_call_is_refused():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Linear(3, 4)
+            self.head = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(
+                torch.tanh(self.head(x @ torch.ones(3, 4))), self.emb.weight.T
+            )
+
+    model = Tied()
+    with pytest.raises(ValueError, match=r"\['emb.weight'\] enter the loss without their module"):
+        rc.direction(model, torch.randn(5, 3), torch.randint(0, 3, (5,)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_model_is_refused_with_the_fix(dtype):
+    model = torch.nn.Linear(4, 3).to(dtype)
+    with pytest.raises(ValueError, match="model.float()"):
+        rc.direction(model, torch.randn(5, 4).to(dtype), torch.randint(0, 3, (5,)))

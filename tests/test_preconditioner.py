@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from oracle import Problem, assert_unchanged, mlp, snapshot
 
 import riemann_core as rc
+from riemann_core.direction import solve
 from riemann_core.methods import SOLVERS
 
 FACTOR_METHODS = ("layerwise", "full", "natural", "kfac")
@@ -95,13 +96,40 @@ def test_step_before_forward_raises():
         pre.step()
 
 
-def test_parameter_without_grad_raises_and_leaves_other_grads():
+def test_parameter_without_grad_counts_as_zero_and_stays_none():
+    """Like torch.optim: a parameter without .grad took no part; it stays None and enters
+    the solve as a zero vector."""
     model, x, y = Problem(depth=3).make()
     pre = rc.RiemannianPreconditioner(model)
     F.cross_entropy(model(x), y).backward()
     model[2].bias.grad = None
+    gradient = {
+        n: (p.grad if p.grad is not None else torch.zeros_like(p)).clone()
+        for n, p in model.named_parameters()
+    }
+    expected, _ = solve(model, x, None, "layerwise", pre.options, gradient=gradient)
+    pre.step()
+    assert model[2].bias.grad is None
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, expected[n])
+
+
+def test_step_without_any_grad_raises():
+    model, x, y = Problem().make()
+    pre = rc.RiemannianPreconditioner(model)
+    model(x)
+    with pytest.raises(RuntimeError, match="no parameter has a .grad"):
+        pre.step()
+
+
+def test_step_checks_the_outputs_like_direction():
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1)).double()
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
+    pre = rc.RiemannianPreconditioner(model)
+    model(x).sum().backward()
     before = snapshot(model)
-    with pytest.raises(RuntimeError, match=r"\['2.bias'\] have no .grad"):
+    with pytest.raises(ValueError, match=r"needs outputs of shape \(N, C\)"):
         pre.step()
     assert_unchanged(model, before)
 

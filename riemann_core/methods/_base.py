@@ -152,6 +152,34 @@ def capture_blocks(model: nn.Module, run: Callable[[], Tensor]) -> tuple[Tensor,
     return outputs, list(blocks.values())
 
 
+def _check_reached(model, blocks, outputs, targets, opts, gradient) -> None:
+    """Refuse trainable parameters that the loss depends on but whose module was not
+    called (``F.linear(h, self.emb.weight)``: tying through a functional call), since no
+    kernel sees them; parameters that take no part at all get a zero direction."""
+    seen = {id(p) for b in blocks for p in b.params}
+    unreached = [
+        (n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen
+    ]
+    if not unreached:
+        return
+    if gradient is not None:
+        used = [n for n, _ in unreached if n in gradient and bool(gradient[n].ne(0).any())]
+    else:
+        grads = torch.autograd.grad(
+            mean_loss(outputs, targets, opts.loss),
+            [p for _, p in unreached],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        used = [n for (n, _), g in zip(unreached, grads, strict=True) if g is not None]
+    if used:
+        raise ValueError(
+            f"parameters {used} enter the loss without their module being called (e.g. weight "
+            "tying through F.linear); no kernel sees them. Call the owning module, or freeze "
+            "them with requires_grad_(False)"
+        )
+
+
 def mean_loss(outputs: Tensor, targets: Tensor, loss: str) -> Tensor:
     """The mean loss as torch defines it (``reduction="mean"``)."""
     if loss == "cross_entropy":
@@ -183,13 +211,21 @@ def build_problem(
 
 def _build_problem(model, inputs, targets, opts, needs_factor, gradient) -> Problem:
     outputs, blocks = capture_blocks(model, lambda: model(inputs))
-    if targets is not None:
-        check_outputs(outputs, targets, opts.loss)
+    check_outputs(outputs, targets, opts.loss)
+    for b in blocks:
+        if b.output.shape[:1] != outputs.shape[:1]:
+            raise ValueError(
+                f"module {b.name!r} returns shape {tuple(b.output.shape)}, whose first dimension "
+                f"is not the batch of {outputs.shape[0]} samples; the metrics need every module "
+                "with parameters to map samples along dimension 0 (no reshaping of the batch "
+                "into other dimensions around it)"
+            )
     if not blocks:
         raise ValueError(
             "no module with trainable parameters took part in the forward pass; "
             "nothing to precondition"
         )
+    _check_reached(model, blocks, outputs, targets, opts, gradient)
     given = None if gradient is None else [[gradient[n] for n in b.param_names] for b in blocks]
     if not needs_factor:
         if given is None:

@@ -1,8 +1,9 @@
 """The ``riemann-bench`` command line.
 
 Every subcommand takes the same four options with the same meaning: ``--device`` (``cpu``, or
-``cuda[:N]`` where CUDA is available), ``--out`` (a directory for the results; nothing is
-written without it), ``--quick`` (a small problem that finishes in seconds) and ``--seed``.
+``cuda[:N]`` where CUDA is available), ``--out`` (the results directory; the pipeline
+commands default to ``reports/<device>``), ``--quick`` (a smaller problem or grid) and
+``--seed``.
 Each subcommand's ``--help`` ends with an example invocation.
 """
 
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=f"example:\n  {PROG} {module.EXAMPLE}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        parser_.set_defaults(run=module.run)
+        parser_.set_defaults(run=pipeline.guarded(module.run))
     pipeline.register(commands, common, argparse.RawDescriptionHelpFormatter, _paragraph, PROG)
     return parser
 
@@ -113,16 +114,21 @@ def _common_options() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="DIR",
-        help="directory for the results, created if missing (default: print only)",
+        help="directory for the results, created if missing (default: reports/<device> "
+        "for the pipeline commands, reports/<device>/quick with --quick; print only for "
+        "demo and targets)",
     )
     group.add_argument(
-        "--quick", action="store_true", help="a small problem that finishes in seconds"
+        "--quick",
+        action="store_true",
+        help="a smaller problem or grid (minutes, not tens of minutes)",
     )
     group.add_argument(
         "--seed",
         type=int,
         default=0,
-        help="seed for data selection and model initialisation (default: 0)",
+        help="seed for data, models and sampling; for fit/validate/report the bootstrap "
+        "(default: 0)",
     )
     return common
 

@@ -63,6 +63,8 @@ def _tanh_mlp(widths: Sequence[int]) -> nn.Sequential:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out is not None:  # fail on an unusable --out before the work, not after
+        args.out.mkdir(parents=True, exist_ok=True)
     try:
         from sklearn.datasets import load_digits
         from tqdm import tqdm

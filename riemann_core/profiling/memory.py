@@ -1,4 +1,4 @@
-"""Peak memory of a call: CUDA through the caching allocator, host in a fresh process."""
+"""Peak memory of a call: CUDA through the caching allocator, host through the peak RSS."""
 
 from __future__ import annotations
 
@@ -41,10 +41,13 @@ def _status_bytes(key: str) -> int:
 
 
 def host_peak_bytes(fn: Callable[[], object]) -> int | None:
-    """Peak resident memory while ``fn()`` runs, above the resident memory before it.
+    """Peak rise of resident memory while ``fn()`` runs, above the resident memory before.
 
-    Linux resets the peak (``VmHWM``) when ``5`` is written to ``/proc/self/clear_refs``,
-    so this needs no fresh process. ``None`` where that interface is missing.
+    Linux resets the peak (``VmHWM``) when ``5`` is written to ``/proc/self/clear_refs``.
+    A lower bound: memory that the allocator already holds from earlier calls (freed but
+    not returned to the system) is reused without a rise, so after a warm-up this often
+    reads far below the call's working set; the cost model's ``peak_bytes`` is the
+    estimate of that. ``None`` where the interface is missing.
     """
     try:
         Path("/proc/self/clear_refs").write_text("5")

@@ -154,6 +154,11 @@ def run_report(args) -> int:
 def run_all(args) -> int:
     """Sweep, fit, validate, report; the exit code is 0 once the report is written (the
     verdicts are in it; ``riemann-bench validate`` exits non-zero on a failed claim)."""
+    if len(grid_from(args).dtypes) > 1:
+        raise ValueError(
+            "fits and claims compare one dtype at a time: run one --dtypes "
+            "value per --out directory (sweep alone accepts several)"
+        )
     run_sweep(args)
     run_fit(args)
     run_validate(args)
@@ -232,16 +237,16 @@ def register(commands, common, formatter, paragraph, prog: str) -> None:
         )
         if grid_options:
             add_sweep_arguments(parser)
-        parser.set_defaults(run=_guarded(fn))
+        parser.set_defaults(run=guarded(fn))
 
 
-def _guarded(fn):
+def guarded(fn):
     """Turn bad options and unreadable files into a one-line error and exit code 2."""
 
     def run(args) -> int:
         try:
             return fn(args)
-        except (ValueError, FileNotFoundError) as err:
+        except (ValueError, OSError) as err:  # bad options, unreadable or unwritable paths
             print(f"riemann-bench {args.command}: error: {err}", file=sys.stderr)
             return 2
 

@@ -248,7 +248,8 @@ def write_report(out: Path, *, seed: int = 0) -> Path:
     captions = {
         "time": "Time per direction against each axis; dashed lines: theoretical slopes.",
         "flops": "Counted FLOPs (FlopCounterMode plus the linear-algebra formulas).",
-        "memory": "Peak memory above the baseline during one direction (host RSS, or CUDA).",
+        "memory": "Peak memory of one direction: CUDA allocator peak, or on the host the rise "
+        "of resident memory (a lower bound: reused allocator memory does not show).",
         "crossover": "Layerwise against full along the width axis, and their time ratio.",
         "rate": "Achieved FLOP/s as a fraction of the GEMM rate of the same run.",
     }

@@ -9,7 +9,8 @@ status: ``ok``, ``oom``, ``skipped`` (over the memory or FLOP budget, by the cos
 model) or ``error`` (with the reason).
 
 ``results.csv`` is rewritten atomically after every point, so a killed sweep loses at
-most the point it was on; a rerun skips the points already recorded.
+most the point it was on; a rerun skips the points already measured (``ok``) and measures
+the others again (a larger budget, a fixed error).
 """
 
 from __future__ import annotations
@@ -216,11 +217,12 @@ def measure_point(run: dict, grid: Grid) -> dict:
     device = torch.device(run["device"])
     try:
         call = _direction_call(run, grid, device)
+        # memory first: the host reading is a lower bound that warm-up calls lower further
+        peak = cuda_peak_bytes(call, device) if device.type == "cuda" else host_peak_bytes(call)
         timing = measure(call, repeats=grid.repeats, warmup=grid.warmup, device=device)
         with flop_counter() as counter:
             call()
-        peak = cuda_peak_bytes(call, device) if device.type == "cuda" else host_peak_bytes(call)
-    except torch.OutOfMemoryError as err:
+    except torch.cuda.OutOfMemoryError as err:  # torch.OutOfMemoryError only from 2.5
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return {**row, "status": "oom", "reason": str(err).splitlines()[0][:200]}
@@ -322,8 +324,11 @@ def sweep(grid: Grid, out: Path, *, progress: bool = True, meta: dict | None = N
                 f"{out} holds a sweep around the base point {base}, not {grid.base}; "
                 "fits need one base point per directory: pass another --out"
             )
-    done = {key_of(r) for r in rows}
+    # finished points are kept; skipped, failed and out-of-memory ones are measured again
+    done = {key_of(r) for r in rows if r["status"] == "ok"}
     todo = [r for r in grid.runs() if key_of(r) not in done]
+    again = {key_of(r) for r in todo}
+    rows = [r for r in rows if key_of(r) not in again]
     write_atomic(
         out / "sweep.json",
         json.dumps(

@@ -176,6 +176,8 @@ EXAMPLE = "targets --out reports/cpu/targets"
 
 
 def run(args) -> int:
+    if args.out is not None:  # fail on an unusable --out before the work, not after
+        args.out.mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
 
     from .environment import environment

@@ -86,3 +86,18 @@ def test_bad_grid_options_exit_2_before_any_work(tmp_path, capsys, options, mess
 def test_missing_results_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["fit", "--out", str(tmp_path)]) == 2
     assert "results.csv" in capsys.readouterr().err
+
+
+def test_run_with_two_dtypes_is_refused_before_any_work(tmp_path, capsys):
+    code = cli.main(["run", "--quick", "--out", str(tmp_path), "--dtypes", "float32,float64"])
+    assert code == 2
+    assert "one dtype at a time" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    assert cli.main(["sweep", "--quick", "--out", str(target / "sub"), *TINY]) == 2
+    assert "riemann-bench sweep: error" in capsys.readouterr().err
+    assert target.read_text() == "x"

@@ -148,3 +148,13 @@ def test_resuming_around_another_base_point_is_refused(tmp_path):
     with pytest.raises(ValueError, match="another --out"):
         sw.sweep(sw.Grid(**other), tmp_path, progress=False)
     assert (tmp_path / "results.csv").read_text() == before
+
+
+def test_resume_retries_points_that_were_skipped(tmp_path):
+    tight = {**TINY, "methods": ("full",), "flop_budget": 1e3}
+    sw.sweep(sw.Grid(**tight), tmp_path, progress=False)
+    assert {r["status"] for r in rows_of(tmp_path / "results.csv")} == {"skipped"}
+    result = sw.sweep(sw.Grid(**{**tight, "flop_budget": 1e12}), tmp_path, progress=False)
+    rows = rows_of(tmp_path / "results.csv")
+    assert {r["status"] for r in rows} == {"ok"}
+    assert len(rows) == result.measured == len(list(sw.Grid(**tight).runs()))
