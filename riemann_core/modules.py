@@ -20,6 +20,7 @@ module with parameters through ``torch.func`` and materialises ``K``.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,7 @@ class Block:
         return sum(p.numel() for p in self.params)
 
 
-class Handler:
+class Handler(ABC):
     """Kernel interface for one block; subclasses implement the products with ``K``."""
 
     #: Whether ``K g`` and ``g - K^T t`` have shortcuts for ``g = Lambda^T Xt``.
@@ -89,14 +90,17 @@ class Handler:
         """Modelled FLOPs of :meth:`gram` (``2 d^2 n_a`` from a materialised ``K``)."""
         return 2 * self.d**2 * self.block.n_params
 
+    @abstractmethod
     def K(self) -> Tensor:
-        raise NotImplementedError
+        """``K`` materialised, ``(d, n_a)``, columns in parameter order."""
 
+    @abstractmethod
     def K_mv(self, v: list[Tensor]) -> Tensor:
-        raise NotImplementedError
+        """``K v`` (``d``) for ``v`` shaped like the block's parameters."""
 
+    @abstractmethod
     def K_tmv(self, t: Tensor) -> list[Tensor]:
-        raise NotImplementedError
+        """``K^T t`` for ``t`` of length ``d``, shaped like the block's parameters."""
 
 
 class PatchHandler(Handler):
@@ -121,11 +125,13 @@ class PatchHandler(Handler):
         super().set_delta(delta)
         self.Dl = self.output_positions(delta)  # (r, N, T, f_out)
 
+    @abstractmethod
     def patches(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The module input as ``(N, T, P)`` patches."""
 
+    @abstractmethod
     def output_positions(self, delta: Tensor) -> Tensor:
-        raise NotImplementedError
+        """``(r, N, *output)`` -> ``(r, N, T, f_out)``."""
 
     def to_matrix(self, tensors: list[Tensor]) -> Tensor:
         """The trainable parameters' tensors -> ``[W | b]`` (``f_out x P``)."""
