@@ -155,3 +155,21 @@ def test_kfac_sequence_linear_matches_oracle_definition():
     n0 = sum(p.numel() for p in model[0].parameters())
     expected = torch.linalg.solve(M + 1e-2 * torch.eye(n0, dtype=torch.float64), g[:n0])
     assert rel_error(flatten(dirs, model)[:n0], expected) < 1e-10
+
+
+@pytest.mark.parametrize("name", ["kfac_denormal_gamma", "kfac_denormal_gamma_nan"])
+def test_eigh_of_a_saturated_layer_factor(name):
+    # Gammas of the hidden layer of a digits MLP whose tanh units saturated (riemann-bench
+    # train, lr=1): float32 with denormal entries, on which float32 LAPACK (torch 2.13.0,
+    # MKL) failed to converge or silently returned NaN. K-FAC must still decompose them.
+    from pathlib import Path
+
+    from riemann_core.methods.kfac import eigh
+
+    gamma = torch.load(Path(__file__).parent / "data" / f"{name}.pt")
+    values, vectors = eigh(gamma, "Gamma")
+    assert values.dtype == vectors.dtype == torch.float32
+    reference = torch.linalg.eigvalsh(gamma.double())
+    assert torch.allclose(values.double(), reference, atol=1e-8)
+    rebuilt = (vectors.double() * values.double()) @ vectors.double().T
+    assert (rebuilt - gamma.double()).abs().max() < 1e-8

@@ -31,10 +31,19 @@ def eigh(matrix, what: str):
             f"the {what} contains NaN or inf; check the model outputs and parameters for "
             "overflow, or solve in float64 (solve_dtype=torch.float64)"
         )
+    # float32 LAPACK fails on the factors of saturated layers, whose entries are denormal
+    # (seen at 1e-40): it raises, or returns NaN; in float64 those are ordinary numbers
     try:
-        return torch.linalg.eigh(matrix)
+        values, vectors = torch.linalg.eigh(matrix)
+        if all_finite(values) and all_finite(vectors):
+            return values, vectors
+        failure = "it returned NaN or inf"
     except torch.linalg.LinAlgError as err:
-        raise SolveError(f"the eigendecomposition of the {what} failed: {err}") from err
+        failure = str(err)
+    if matrix.dtype != torch.float64:
+        values, vectors = eigh(matrix.double(), what)
+        return values.to(matrix.dtype), vectors.to(matrix.dtype)
+    raise SolveError(f"the eigendecomposition of the {what} failed: {failure}")
 
 
 def solve(problem: Problem, opts: Options):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import demo, pipeline, targets
+from . import demo, pipeline, stability, targets, training
 
 PROG = "riemann-bench"
 
@@ -45,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common_options()
-    for name, module in (("demo", demo), ("targets", targets)):
+    for name, module in (
+        ("demo", demo),
+        ("targets", targets),
+        ("train", training),
+        ("stability", stability),
+    ):
         parser_ = commands.add_parser(
             name,
             parents=[common],
@@ -54,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=f"example:\n  {PROG} {module.EXAMPLE}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(parser_)
         parser_.set_defaults(run=pipeline.guarded(module.run))
     pipeline.register(commands, common, argparse.RawDescriptionHelpFormatter, _paragraph, PROG)
     return parser
@@ -115,8 +122,9 @@ def _common_options() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="directory for the results, created if missing (default: reports/<device> "
-        "for the pipeline commands, reports/<device>/quick with --quick; print only for "
-        "demo and targets)",
+        "for the pipeline commands, with /training or /stability appended for train and "
+        "stability, reports/<device>/quick/... with --quick; print only for demo and "
+        "targets)",
     )
     group.add_argument(
         "--quick",

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import sweep as sw
+from .options import ints, names
 
 RUN_COMMAND = "riemann-bench run"
 
@@ -26,31 +27,17 @@ def out_dir(args) -> Path:
     return default / "quick" if args.quick else default
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from err
-    return values
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
-
-
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("grid (defaults: the default grid, or the quick one)")
     for axis, dest in sw.AXIS_OPTIONS.items():
         flag = "--" + dest.replace("_", "-")
-        group.add_argument(flag, dest=dest, type=_ints, metavar="A,B,..", help=f"values of {axis}")
+        group.add_argument(flag, dest=dest, type=ints, metavar="A,B,..", help=f"values of {axis}")
     group.add_argument(
-        "--base", type=_ints, metavar="W,L,C,N", help="base point: width, depth, out_dim, batch"
+        "--base", type=ints, metavar="W,L,C,N", help="base point: width, depth, out_dim, batch"
     )
-    group.add_argument("--methods", type=_names, help="comma-separated subset of rc.METHODS")
-    group.add_argument("--kernels", type=_names, help="structured and/or generic")
-    group.add_argument("--dtypes", type=_names, help="float32 and/or float64")
+    group.add_argument("--methods", type=names, help="comma-separated subset of rc.METHODS")
+    group.add_argument("--kernels", type=names, help="structured and/or generic")
+    group.add_argument("--dtypes", type=names, help="float32 and/or float64")
     group.add_argument("--output-metric", choices=("exact", "sampled"))
     group.add_argument("--repeats", type=int, help="timed calls per point")
     group.add_argument(

@@ -1,0 +1,397 @@
+"""``riemann-bench stability``: how far one replaced training example moves the trained model.
+
+The paper bounds the algorithmic stability of training with the layerwise metric by
+``O(kappa^2 L / (xi mu sqrt(n)))``: distances between models trained on neighbouring
+training sets ``S`` and ``S'`` (one example replaced) should fall like ``mu^-1`` in the
+damping and ``n^-1/2`` in the training-set size. For every damping ``mu``, size ``n`` and
+pair seed this trains two models with one seed (same initialisation, same batch positions,
+same Fisher samples) on ``S`` and ``S'`` and measures
+
+- ``param_distance``: ``||theta_S - theta_S'||_2`` over all parameters;
+- ``prediction_distance``: mean over the test split of the total-variation distance
+  ``0.5 ||p_S(x) - p_S'(x)||_1`` between the predicted class probabilities;
+- ``loss_gap``: mean over the test split of ``|l(theta_S; z) - l(theta_S'; z)|`` (the
+  quantity uniform stability bounds).
+
+It then fits log-log slopes in ``mu`` (at each ``n``) and in ``n`` (at each ``mu``) with
+bootstrap intervals over the pairs, and a joint ``log D = a + b log mu + c log n``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from . import digits
+from .fit import loglog_slope
+from .options import check_choices, floats, ints, names
+from .trainer import OPTIMISERS, Config, train
+from .training import DTYPES
+
+HELP = "distance between models trained on neighbouring data sets, against damping and size"
+DESCRIPTION = (
+    "Train pairs of models with one seed on training sets that differ in one example, "
+    "over a grid of damping mu and training-set size n; measure the distance between "
+    "their parameters and their predictions, fit log-log slopes with bootstrap intervals "
+    "and set them beside the stability bound's mu^-1 and n^-1/2. Writes pairs.csv, "
+    "slopes.csv, figures and report.md to reports/<device>/stability/ "
+    "(reports/<device>/quick/stability/ with --quick)."
+)
+EXAMPLE = "stability --quick --dampings 0.01,0.1,1 --sizes 150,300,600"
+
+#: damped methods only: the damping axis is what the bound is about
+METHODS = tuple(m for m, spec in OPTIMISERS.items() if spec.damped)
+METRICS = ("param_distance", "prediction_distance", "loss_gap")
+#: the bound's exponents: distance ~ mu^-1 n^-1/2
+PREDICTED = {"damping": -1.0, "size": -0.5}
+TEST_SHARE = 0.2
+
+
+@dataclass(frozen=True)
+class Sweep:
+    methods: tuple[str, ...]
+    dampings: tuple[float, ...]
+    sizes: tuple[int, ...]
+    pairs: int  # pair seeds per (method, mu, n)
+    steps: int
+    lr: float
+    batch_size: int
+    model: str
+    dtype: str
+
+
+DEFAULT = Sweep(
+    methods=("layerwise", "natural"),
+    dampings=(1e-3, 1e-2, 1e-1, 1.0),
+    sizes=(150, 300, 600, 1200),
+    pairs=5,
+    steps=300,
+    lr=0.1,
+    batch_size=32,
+    model="mlp",
+    dtype="float64",
+)
+QUICK = Sweep(
+    **{
+        **asdict(DEFAULT),
+        "methods": ("layerwise",),
+        "sizes": (150, 300, 600),
+        "pairs": 3,
+        "steps": 200,
+    }
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sweep (defaults: the default sweep, or the quick one)")
+    group.add_argument(
+        "--methods", type=names, help=f"comma-separated subset of {', '.join(METHODS)}"
+    )
+    group.add_argument("--dampings", type=floats, metavar="A,B,..", help="values of mu")
+    group.add_argument("--sizes", type=ints, metavar="A,B,..", help="training-set sizes n")
+    group.add_argument(
+        "--pairs", type=int, help="pairs (seeds) per point, at least 2 for an interval"
+    )
+    group.add_argument("--steps", type=int, help="training steps per run, the same for every n")
+    group.add_argument("--lr", type=float, help="learning rate, the same for every point")
+    group.add_argument("--batch-size", type=int, help="examples per step")
+    group.add_argument("--model", choices=digits.MODELS, help="the network trained")
+    group.add_argument("--dtype", choices=tuple(DTYPES), help="parameter and data dtype")
+    group.add_argument(
+        "--report-only",
+        action="store_true",
+        help="redraw the figures and report.md from the results in --out, without training",
+    )
+
+
+def sweep_from(args: argparse.Namespace) -> Sweep:
+    """The sweep the options describe; a bad option raises ``ValueError`` before any work."""
+    spec = asdict(QUICK if args.quick else DEFAULT)
+    for name in spec:
+        if getattr(args, name, None) is not None:
+            spec[name] = getattr(args, name)
+    sweep = Sweep(**spec)
+    check_choices("method", sweep.methods, METHODS)
+    if not sweep.dampings or not all(0 < mu < math.inf for mu in sweep.dampings):
+        raise ValueError(f"every damping must be positive and finite, got {list(sweep.dampings)}")
+    if not sweep.sizes or min(sweep.sizes) < 2:
+        raise ValueError(f"every training-set size must be at least 2, got {list(sweep.sizes)}")
+    if sweep.pairs < 1 or sweep.steps < 1:
+        raise ValueError(
+            f"--pairs and --steps must be positive, got {sweep.pairs} and {sweep.steps}"
+        )
+    if not 0 < sweep.lr < math.inf:
+        raise ValueError(f"--lr must be positive and finite, got {sweep.lr}")
+    if not 1 <= sweep.batch_size <= min(sweep.sizes):
+        raise ValueError(
+            f"--batch-size must be between 1 and the smallest size {min(sweep.sizes)}, "
+            f"got {sweep.batch_size}"
+        )
+    return sweep
+
+
+def out_dir(args: argparse.Namespace) -> Path:
+    from .pipeline import out_dir as pipeline_out
+
+    return args.out if args.out is not None else pipeline_out(args) / "stability"
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Standardised examples to draw training sets from, and a fixed test split."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    test: digits.Examples
+
+
+def load_pool(seed: int, device: torch.device, dtype: torch.dtype) -> Pool:
+    """The digits minus a stratified test split; standardised with the pool's statistics,
+    so that replacing one training example leaves the inputs' scaling unchanged."""
+    features, labels = digits.load_digits_arrays()
+    test, pool = digits.stratified_split(labels, (TEST_SHARE,), seed)
+    scale = digits.standardiser(features[pool])
+    return Pool(
+        scale(features[pool]),
+        labels[pool],
+        digits.to_examples(scale(features[test]), labels[test], device, dtype),
+    )
+
+
+def neighbours(pool_size: int, n: int, seed: int) -> tuple[np.ndarray, int, int]:
+    """A training set of ``n`` pool rows, the position replaced and the row replacing it."""
+    if not 2 <= n < pool_size:
+        raise ValueError(f"training-set size must be between 2 and {pool_size - 1}, got {n}")
+    rng = np.random.default_rng(seed)
+    rows = rng.permutation(pool_size)
+    return rows[:n], int(rng.integers(n)), int(rows[n])
+
+
+def pair_distance(
+    pool: Pool,
+    rows_a: np.ndarray,
+    rows_b: np.ndarray,
+    config: Config,
+    *,
+    model: str,
+    seed: int,
+    steps: int,
+    batch_size: int,
+) -> dict:
+    """Train one model on each of the row sets with one seed; their distances and statuses."""
+    device, dtype = pool.test.inputs.device, pool.test.inputs.dtype
+    trained = []
+    for rows in (rows_a, rows_b):
+        net = digits.build_model(model, seed, device, dtype)
+        examples = digits.to_examples(pool.features[rows], pool.labels[rows], device, dtype)
+        run = train(
+            net,
+            examples,
+            config,
+            steps=steps,
+            batch_size=batch_size,
+            seed=seed,
+            eval_every=steps,
+            evaluate_on={"train": examples},
+        )
+        trained.append((net, run))
+    (net_a, run_a), (net_b, run_b) = trained
+    row = {
+        "status": run_a.status if run_a.status != "ok" else run_b.status,
+        "train_loss_a": run_a.records[-1]["train_loss"],
+    }
+    if row["status"] != "ok":
+        return {**row, **dict.fromkeys(METRICS, math.nan)}
+    with torch.no_grad():
+        theta = [torch.cat([p.reshape(-1) for p in n.parameters()]) for n in (net_a, net_b)]
+        logits_a, logits_b = net_a(pool.test.inputs), net_b(pool.test.inputs)
+        tv = 0.5 * (logits_a.softmax(1) - logits_b.softmax(1)).abs().sum(1)
+        loss_a = F.cross_entropy(logits_a, pool.test.targets, reduction="none")
+        loss_b = F.cross_entropy(logits_b, pool.test.targets, reduction="none")
+        return {
+            **row,
+            "param_distance": float((theta[0] - theta[1]).norm()),
+            "prediction_distance": float(tv.mean()),
+            "loss_gap": float((loss_a - loss_b).abs().mean()),
+        }
+
+
+def run(args: argparse.Namespace) -> int:
+    from .stability_report import write_report
+
+    out = out_dir(args)
+    if args.report_only:
+        print(f"wrote {write_report(out, seed=args.seed)}")
+        return 0
+    sweep = sweep_from(args)
+    out.mkdir(parents=True, exist_ok=True)  # an unusable --out fails now, not after training
+    from tqdm import tqdm
+
+    from .environment import environment
+    from .output import write_atomic, write_json
+
+    device = torch.device(args.device)
+    pool = load_pool(args.seed, device, DTYPES[sweep.dtype])
+    if max(sweep.sizes) >= len(pool.labels):
+        raise ValueError(
+            f"--sizes may be at most {len(pool.labels) - 1} (the digits outside the test "
+            f"split, less one replacement), got {max(sweep.sizes)}"
+        )
+    points = [
+        (p, n, method, mu)
+        for p in range(sweep.pairs)
+        for n in sweep.sizes
+        for method in sweep.methods
+        for mu in sweep.dampings
+    ]
+    rows = []
+    for p, n, method, mu in tqdm(points, desc="stability", unit="pair", file=sys.stderr):
+        seed = args.seed + p
+        # one neighbouring pair per (pair seed, n), shared by every method and mu
+        train_rows, position, replacement = neighbours(len(pool.labels), n, seed * 7919 + n)
+        replaced = train_rows.copy()
+        replaced[position] = replacement
+        result = pair_distance(
+            pool,
+            train_rows,
+            replaced,
+            Config(method, sweep.lr, mu),
+            model=sweep.model,
+            seed=seed,
+            steps=sweep.steps,
+            batch_size=sweep.batch_size,
+        )
+        rows.append(
+            {
+                "method": method,
+                "damping": mu,
+                "size": n,
+                "pair": p,
+                "seed": seed,
+                "replaced_row": int(train_rows[position]),
+                "replacement_row": replacement,
+                **result,
+            }
+        )
+    pairs = pd.DataFrame(rows)
+    write_atomic(out / "pairs.csv", pairs.to_csv(index=False))
+    meta = {
+        "command": args.command_line,
+        "sweep": asdict(sweep),
+        "seed": args.seed,
+        "pool": len(pool.labels),
+        "test": len(pool.test),
+        "environment": environment(device),
+    }
+    write_json(out, "stability.json", meta)
+    print(f"wrote {write_report(out, seed=args.seed)}")
+    return 0
+
+
+def slopes(pairs: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
+    """Log-log slope of every metric along ``damping`` (at each ``size``) and along ``size``
+    (at each ``damping``), per method, with a bootstrap 95% interval over the pairs, and the
+    verdict against the bound's exponent."""
+    ok = pairs[pairs["status"] == "ok"]
+    rows = []
+    for method, by_method in ok.groupby("method", sort=False):
+        for axis, other in (("damping", "size"), ("size", "damping")):
+            for fixed, group in by_method.groupby(other):
+                for metric in METRICS:
+                    rows.append(
+                        {
+                            "method": method,
+                            "axis": axis,
+                            other: fixed,
+                            "metric": metric,
+                            **_slope(group, axis, metric, seed),
+                        }
+                    )
+    return pd.DataFrame(rows)
+
+
+def joint_slopes(pairs: pd.DataFrame, *, seed: int = 0, n_boot: int = 2000) -> pd.DataFrame:
+    """``log D = a + b log mu + c log n`` by least squares over all pairs of a method, with
+    95% intervals from resampling the pair seeds (each seed's whole grid kept together)."""
+    ok = pairs[pairs["status"] == "ok"]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for method, group in ok.groupby("method", sort=False):
+        seeds = group["pair"].unique()
+        for metric in METRICS:
+            data = group[group[metric] > 0]
+            if data["damping"].nunique() < 2 or data["size"].nunique() < 2:
+                continue
+            coef = _lstsq(data, metric)
+            boots = []
+            for _ in range(n_boot):
+                pick = rng.choice(seeds, size=seeds.size)
+                sample = pd.concat([data[data["pair"] == s] for s in pick])
+                if sample["damping"].nunique() > 1 and sample["size"].nunique() > 1:
+                    boots.append(_lstsq(sample, metric))
+            boots = np.array(boots)
+            for i, axis in ((1, "damping"), (2, "size")):
+                low, high = (
+                    np.percentile(boots[:, i], [2.5, 97.5]) if seeds.size > 1 else (np.nan,) * 2
+                )
+                rows.append(
+                    {
+                        "method": method,
+                        "metric": metric,
+                        "axis": axis,
+                        "slope": coef[i],
+                        "low": low,
+                        "high": high,
+                        "predicted": PREDICTED[axis],
+                        "verdict": verdict(coef[i], low, high, PREDICTED[axis]),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def verdict(slope: float, low: float, high: float, predicted: float) -> str:
+    """Where the measured exponent lies against the bound's: an interval containing it
+    agrees; below it the distance falls faster than the bound says, above it slower."""
+    if math.isnan(low):
+        return "no interval (one pair)"
+    if low <= predicted <= high:
+        return "agrees with the bound"
+    return "falls faster than the bound" if high < predicted else "falls slower than the bound"
+
+
+def _slope(group: pd.DataFrame, axis: str, metric: str, seed: int) -> dict:
+    data = group[group[metric] > 0]
+    x = sorted(data[axis].unique())
+    if len(x) < 2:
+        return {
+            "slope": math.nan,
+            "low": math.nan,
+            "high": math.nan,
+            "predicted": PREDICTED[axis],
+            "verdict": "too few points",
+        }
+    fit = loglog_slope(
+        x, [data.loc[data[axis] == v, metric].to_numpy() for v in x], tail=len(x), seed=seed
+    )
+    single = data.groupby(axis).size().max() < 2
+    low, high = (math.nan, math.nan) if single else (fit.low, fit.high)
+    return {
+        "slope": fit.slope,
+        "low": low,
+        "high": high,
+        "predicted": PREDICTED[axis],
+        "verdict": verdict(fit.slope, low, high, PREDICTED[axis]),
+    }
+
+
+def _lstsq(data: pd.DataFrame, metric: str) -> np.ndarray:
+    design = np.column_stack([np.ones(len(data)), np.log(data["damping"]), np.log(data["size"])])
+    return np.linalg.lstsq(design, np.log(data[metric].to_numpy()), rcond=None)[0]

@@ -1,0 +1,179 @@
+"""Figures and ``report.md`` of ``riemann-bench stability``, drawn from ``pairs.csv``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from .output import write_atomic
+from .report import markdown_table
+from .stability import METRICS, PREDICTED, joint_slopes, slopes
+
+LABELS = {
+    "param_distance": "||theta_S - theta_S'||",
+    "prediction_distance": "mean TV of predictions",
+    "loss_gap": "mean |loss gap| on test",
+}
+AXES = {"damping": "damping mu", "size": "training-set size n"}
+PAIR_COLUMNS = ("method", "damping", "size", "pair", "status", *METRICS)
+
+
+def load(out: Path) -> tuple[pd.DataFrame, dict]:
+    """``pairs.csv`` and ``stability.json`` of ``out``, checked."""
+    files = [out / "pairs.csv", out / "stability.json"]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ValueError(
+            f"no stability results at {', '.join(missing)}; run 'riemann-bench stability' "
+            "with this --out first"
+        )
+    try:
+        pairs, meta = pd.read_csv(files[0]), json.loads(files[1].read_text())
+    except (
+        pd.errors.ParserError,
+        pd.errors.EmptyDataError,
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+    ) as err:
+        raise ValueError(
+            f"cannot read the stability results in {out} ({err}); they are corrupted: rerun "
+            "'riemann-bench stability' with this --out"
+        ) from err
+    absent = [c for c in PAIR_COLUMNS if c not in pairs.columns]
+    if absent:
+        raise ValueError(f"{files[0]} lacks columns {absent}; rerun 'riemann-bench stability'")
+    if not isinstance(meta, dict) or not {"sweep", "command", "environment"} <= meta.keys():
+        raise ValueError(f"{files[1]} lacks the sweep record; rerun 'riemann-bench stability'")
+    return pairs, meta
+
+
+def distance_figure(pairs: pd.DataFrame, axis: str, path: Path) -> Path:
+    """Each metric against ``axis``, one line per value of the other axis (median over pairs,
+    bars min to max), per method; dashed: the bound's slope through the first median."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    other = "size" if axis == "damping" else "damping"
+    ok = pairs[pairs["status"] == "ok"]
+    methods = list(dict.fromkeys(ok["method"]))
+    fig, axes = plt.subplots(
+        len(METRICS), len(methods), figsize=(4.6 * len(methods), 3.3 * len(METRICS)), squeeze=False
+    )
+    levels = sorted(ok[other].unique())
+    colours = dict(zip(levels, sns.color_palette("viridis", len(levels))))
+    for col, method in enumerate(methods):
+        for row, metric in enumerate(METRICS):
+            ax = axes[row, col]
+            for level in levels:
+                data = ok[(ok["method"] == method) & (ok[other] == level) & (ok[metric] > 0)]
+                stats = data.groupby(axis)[metric].agg(["median", "min", "max"])
+                if stats.empty:
+                    continue
+                x = stats.index.to_numpy(float)
+                ax.errorbar(
+                    x,
+                    stats["median"],
+                    yerr=[stats["median"] - stats["min"], stats["max"] - stats["median"]],
+                    marker="o",
+                    capsize=2,
+                    color=colours[level],
+                    label=f"{other} {level:g}",
+                )
+                if level == levels[0]:
+                    guide = stats["median"].iloc[0] * (x / x[0]) ** PREDICTED[axis]
+                    ax.plot(
+                        x,
+                        guide,
+                        "k--",
+                        linewidth=1,
+                        label=f"bound: {AXES[axis].split()[-1]}^{PREDICTED[axis]:g}",
+                    )
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(AXES[axis])
+            ax.set_ylabel(LABELS[metric])
+            ax.set_title(method, fontsize="medium")
+        axes[0, col].legend(fontsize="x-small")
+    fig.suptitle(f"distance between neighbouring runs against {AXES[axis]} (median, min-max bars)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path, *, seed: int = 0) -> Path:
+    pairs, meta = load(out)
+    sweep, env, command = meta["sweep"], meta["environment"], meta["command"]
+    redraw = f"riemann-bench stability --report-only --out {out}"
+    per_point = slopes(pairs, seed=seed)
+    joint = joint_slopes(pairs, seed=seed)
+    write_atomic(out / "slopes.csv", per_point.to_csv(index=False))
+    write_atomic(out / "joint_slopes.csv", joint.to_csv(index=False))
+    counts = pairs["status"].value_counts().to_dict()
+    medians = (
+        pairs[pairs["status"] == "ok"]
+        .groupby(["method", "damping", "size"])[list(METRICS)]
+        .median()
+        .reset_index()
+    )
+    lines = [
+        f"# Stability study on handwritten digits: {env.get('device_name', 'unknown device')}",
+        "",
+        f"Produced by `{command}`; tables and figures are drawn from its `pairs.csv` and "
+        f"`stability.json` (redraw with `{redraw}`; slopes resampled with seed {seed}).",
+        "",
+        "## Setup",
+        "",
+        f"- Data: scikit-learn's digits; a stratified test split of {meta['test']} images "
+        f"(seed {meta['seed']}) and a pool of {meta['pool']} from which each pair draws a "
+        "training set `S` of `n` images and one more image that replaces a random member "
+        "of `S` to give `S'`. The pool's statistics standardise both.",
+        f"- Model `{sweep['model']}`, {sweep['dtype']}, cross-entropy; {sweep['steps']} "
+        f"SGD steps of {sweep['batch_size']} examples at lr {sweep['lr']:g} along "
+        "`G^{-1} g`, for every `n` (so the replaced example is drawn about "
+        f"`{sweep['steps']} * {sweep['batch_size']} / n` times).",
+        f"- Grid: methods {sweep['methods']}, dampings {sweep['dampings']}, sizes "
+        f"{sweep['sizes']}, {sweep['pairs']} pairs per point (pair seed = initialisation, "
+        "batch order and data draw; the same `S`, `S'` for every method and damping). "
+        f"Pair statuses: {counts}.",
+        "- Metrics: " + "; ".join(f"`{m}` = {LABELS[m]}" for m in METRICS) + ".",
+        "",
+        "## Environment",
+        "",
+        markdown_table(pd.DataFrame([env])),
+        "",
+        "## Joint fit `log D = a + b log mu + c log n`",
+        "",
+        "Intervals: 95%, resampling the pair seeds. The bound predicts "
+        f"`b = {PREDICTED['damping']:g}` and `c = {PREDICTED['size']:g}`; it is an upper "
+        "bound, so a faster fall is consistent with it and a slower one is not.",
+        "",
+        markdown_table(joint) if not joint.empty else "(needs two dampings and two sizes)",
+        "",
+        "## Slopes along one axis at each value of the other",
+        "",
+        markdown_table(per_point) if not per_point.empty else "(no finished pairs)",
+        "",
+        "## Median distances",
+        "",
+        markdown_table(medians),
+        "",
+        "## Figures",
+        "",
+    ]
+    for axis in ("damping", "size"):
+        path = distance_figure(pairs, axis, out / f"distance_vs_{axis}.png")
+        lines += [
+            f"![distance against {axis}]({path.name})",
+            "",
+            f"Distances against {AXES[axis]}; dashed: the bound's slope "
+            f"{PREDICTED[axis]:g}, anchored at the first median. Produced by "
+            f"`{command}`.",
+            "",
+        ]
+    return write_atomic(out / "report.md", "\n".join(lines))

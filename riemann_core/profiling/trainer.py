@@ -1,0 +1,195 @@
+"""One training run with one optimiser, shared by ``riemann-bench train`` and ``stability``.
+
+The preconditioned methods take a plain SGD step along ``G^{-1} g`` (``RiemannianPreconditioner``
+before ``torch.optim.SGD``), so their learning rate is the step length along the metric's
+direction and the damping ``mu`` is the mass of ``G = mu I + K^T K``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import riemann_core as rc
+
+from .digits import Examples
+from .timing import synchronize
+
+
+@dataclass(frozen=True)
+class Optimiser:
+    """A method of the studies: the ``torch.optim`` rule and, if any, the metric before it."""
+
+    rule: str  # "sgd" or "adam"
+    metric: str | None = None  # one of rc.METHODS, None for the plain rules
+    output_metric: str = "exact"
+
+    @property
+    def damped(self) -> bool:
+        return self.metric is not None
+
+
+OPTIMISERS: dict[str, Optimiser] = {
+    "sgd": Optimiser("sgd"),
+    "adam": Optimiser("adam"),
+    "layerwise": Optimiser("sgd", "layerwise"),
+    "layerwise-sampled": Optimiser("sgd", "layerwise", "sampled"),
+    "natural": Optimiser("sgd", "natural"),
+    "kfac": Optimiser("sgd", "kfac"),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """A method with its learning rate and (for the preconditioned ones) damping ``mu``."""
+
+    method: str
+    lr: float
+    damping: float | None = None
+
+    def __post_init__(self):
+        if self.method not in OPTIMISERS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(OPTIMISERS)}")
+        if not (self.lr > 0 and self.lr < float("inf")):
+            raise ValueError(f"learning rate must be positive and finite, got {self.lr}")
+        damped = OPTIMISERS[self.method].damped
+        if damped and not (self.damping is not None and 0 < self.damping < float("inf")):
+            raise ValueError(
+                f"method {self.method!r} needs a positive finite damping, got {self.damping}"
+            )
+        if not damped and self.damping is not None:
+            raise ValueError(f"method {self.method!r} takes no damping, got {self.damping}")
+
+    @property
+    def label(self) -> str:
+        mu = "" if self.damping is None else f", mu={self.damping:g}"
+        return f"{self.method} (lr={self.lr:g}{mu})"
+
+
+@dataclass
+class Run:
+    """What one run recorded: ``records`` (one dict per evaluation) and its ``status``."""
+
+    records: list[dict] = field(default_factory=list)
+    status: str = "ok"  # or "diverged": a loss, gradient or parameter became NaN or inf
+
+
+def evaluate(model: nn.Module, examples: Examples) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``examples``."""
+    with torch.no_grad():
+        logits = model(examples.inputs)
+        loss = F.cross_entropy(logits, examples.targets)
+        accuracy = (logits.argmax(dim=1) == examples.targets).float().mean()
+    return float(loss), float(accuracy)
+
+
+def batches(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """Index batches of ``batch_size`` from successive random permutations of ``range(n)``.
+
+    Drawn on the CPU from ``seed`` alone, so two runs with one seed see the same positions
+    in the same order on every device (a batch may straddle two epochs).
+    """
+    if not 1 <= batch_size <= n:
+        raise ValueError(
+            f"batch size must be between 1 and the {n} training examples, got {batch_size}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    stream = torch.empty(0, dtype=torch.long)
+    while True:
+        while stream.numel() < batch_size:
+            stream = torch.cat([stream, torch.randperm(n, generator=generator)])
+        yield stream[:batch_size]
+        stream = stream[batch_size:]
+
+
+def train(
+    model: nn.Module,
+    data: Examples,
+    config: Config,
+    *,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    eval_every: int,
+    evaluate_on: Mapping[str, Examples],
+    on_step: Callable[[], None] | None = None,
+) -> Run:
+    """Train ``model`` in place for ``steps`` mini-batch steps of ``config``'s method.
+
+    Every ``eval_every`` steps (and at steps 0 and ``steps``) the loss and accuracy on each
+    of ``evaluate_on`` are recorded with ``time_s``: the wall-clock spent in training steps
+    so far (CUDA synchronised; evaluations not counted). A run whose loss, gradient or
+    parameters become NaN or inf stops there with status ``diverged``.
+    """
+    if steps < 1 or eval_every < 1:
+        raise ValueError(f"steps and eval_every must be positive, got {steps} and {eval_every}")
+    spec = OPTIMISERS[config.method]
+    device = data.inputs.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    if spec.rule == "adam":
+        optimiser = torch.optim.Adam(params, lr=config.lr)
+    else:
+        optimiser = torch.optim.SGD(params, lr=config.lr)
+    preconditioner = None
+    if spec.damped:
+        preconditioner = rc.RiemannianPreconditioner(
+            model,
+            method=spec.metric,
+            damping=config.damping,
+            output_metric=spec.output_metric,
+            generator=torch.Generator(device).manual_seed(seed),
+        )
+    run = Run()
+    elapsed = 0.0
+
+    def record(step: int) -> bool:
+        row = {"step": step, "examples": step * batch_size, "time_s": elapsed}
+        for name, examples in evaluate_on.items():
+            row[f"{name}_loss"], row[f"{name}_accuracy"] = evaluate(model, examples)
+        run.records.append(row)
+        return all(_finite(v) for v in row.values()) and _parameters_finite(params)
+
+    try:
+        if not record(0):
+            raise ValueError("the model's initial loss or parameters are not finite")
+        order = batches(len(data), batch_size, seed)
+        for step in range(1, steps + 1):
+            rows = next(order).to(device)
+            synchronize(device)
+            start = time.perf_counter()
+            optimiser.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(data.inputs[rows]), data.targets[rows])
+            loss.backward()
+            if preconditioner is not None:
+                try:
+                    preconditioner.step()
+                except (ValueError, rc.SolveError):
+                    if _finite(float(loss)) and _parameters_finite(params):
+                        raise  # not a divergence: a real error
+                    run.status = "diverged"
+                    break
+            optimiser.step()
+            synchronize(device)
+            elapsed += time.perf_counter() - start
+            if on_step is not None:
+                on_step()
+            if (step % eval_every == 0 or step == steps) and not record(step):
+                run.status = "diverged"
+                break
+    finally:
+        if preconditioner is not None:
+            preconditioner.remove()
+    return run
+
+
+def _finite(value: float) -> bool:
+    return value == value and abs(value) != float("inf")
+
+
+def _parameters_finite(params: list[Tensor]) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in params)

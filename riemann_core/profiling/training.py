@@ -1,0 +1,293 @@
+"""``riemann-bench train``: every method trained on handwritten digits, tuned alike, timed alike.
+
+For each model and method, every configuration of a small learning-rate (and damping) grid
+is trained once on the training split with a tuning seed; the one with the lowest final
+validation loss is then trained with ``--seeds`` other seeds, the methods interleaved seed
+by seed so that machine noise falls on all of them alike. Every run sees the same budget
+of examples. Results go to ``runs.csv`` (curves), ``tuning.csv`` (the grid) and
+``training.json`` (configuration, split, environment, command); ``report.md`` and the
+figures are drawn from them (``--report-only`` redraws them without training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from . import digits
+from .options import check_choices, floats, names
+from .trainer import OPTIMISERS, Config, train
+
+HELP = "train every method on handwritten digits: curves, time-to-target, report"
+DESCRIPTION = (
+    "Train an MLP and a small CNN on scikit-learn's handwritten digits with sgd, adam, "
+    "layerwise (exact and sampled Fisher), natural and kfac. Each method's learning rate "
+    "(and damping) is chosen on a validation split; the chosen configuration is then "
+    "trained with several seeds on the same budget of examples. Writes the curves of "
+    "train/test loss and accuracy against steps and wall-clock, steps- and time-to-target "
+    "tables with their spread over seeds, figures and report.md to "
+    "reports/<device>/training/ (reports/<device>/quick/training/ with --quick)."
+)
+EXAMPLE = "train --quick --models mlp --methods sgd,layerwise,natural"
+
+METHODS = tuple(OPTIMISERS)
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: test and validation shares of the 1,797 digits (stratified); the rest is the training split
+SPLIT = (0.2, 0.2)
+
+
+@dataclass(frozen=True)
+class Study:
+    """What ``train`` runs: models x methods x grid, then ``seeds`` runs of each choice."""
+
+    models: tuple[str, ...]
+    methods: tuple[str, ...]
+    lrs: dict[str, tuple[float, ...]]
+    dampings: tuple[float, ...]
+    seeds: int
+    epochs: float
+    batch_size: int
+    evaluations: int  # evaluations per run, evenly spaced in steps
+    target_accuracy: float
+    dtype: str
+
+    def configs(self, method: str) -> list[Config]:
+        mus = self.dampings if OPTIMISERS[method].damped else (None,)
+        return [Config(method, lr, mu) for lr in self.lrs[method] for mu in mus]
+
+
+_LRS = {
+    "sgd": (0.03, 0.1, 0.3, 1.0),
+    "adam": (1e-3, 3e-3, 1e-2, 3e-2),
+    "damped": (0.03, 0.1, 0.3, 1.0),
+}
+DEFAULT = Study(
+    models=digits.MODELS,
+    methods=METHODS,
+    lrs={m: _LRS["damped" if s.damped else m] for m, s in OPTIMISERS.items()},
+    dampings=(1e-3, 1e-2, 1e-1),
+    seeds=5,
+    epochs=20,
+    batch_size=32,
+    evaluations=40,
+    target_accuracy=0.95,
+    dtype="float32",
+)
+_QUICK_LRS = {"sgd": (0.1, 0.3, 1.0), "adam": (3e-3, 1e-2, 3e-2), "damped": (0.1, 0.3, 1.0)}
+QUICK = Study(
+    **{
+        **asdict(DEFAULT),
+        "lrs": {m: _QUICK_LRS["damped" if s.damped else m] for m, s in OPTIMISERS.items()},
+        "dampings": (1e-2, 1e-1),
+        "seeds": 3,
+        "epochs": 8,
+        "evaluations": 20,
+    }
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("study (defaults: the default study, or the quick one)")
+    group.add_argument(
+        "--models", type=names, help=f"comma-separated subset of {', '.join(digits.MODELS)}"
+    )
+    group.add_argument(
+        "--methods", type=names, help=f"comma-separated subset of {', '.join(METHODS)}"
+    )
+    group.add_argument(
+        "--lrs", type=floats, metavar="A,B,..", help="learning-rate grid for every method"
+    )
+    group.add_argument(
+        "--dampings",
+        type=floats,
+        metavar="A,B,..",
+        help="damping grid of the preconditioned methods",
+    )
+    group.add_argument(
+        "--seeds", type=int, help="seeds per chosen configuration (at least 3 for a spread)"
+    )
+    group.add_argument(
+        "--epochs", type=float, help="budget in passes over the training split, the same for all"
+    )
+    group.add_argument("--batch-size", type=int, help="examples per step")
+    group.add_argument("--evaluations", type=int, help="evaluations per run (points on each curve)")
+    group.add_argument(
+        "--target-accuracy", type=float, help="test accuracy for steps- and time-to-target"
+    )
+    group.add_argument("--dtype", choices=tuple(DTYPES), help="parameter and data dtype")
+    group.add_argument(
+        "--report-only",
+        action="store_true",
+        help="redraw the figures and report.md from the results in --out, without training",
+    )
+
+
+def study_from(args: argparse.Namespace) -> Study:
+    """The study the options describe; a bad option raises ``ValueError`` before any work."""
+    spec = asdict(QUICK if args.quick else DEFAULT)
+    for name in (
+        "models",
+        "methods",
+        "dampings",
+        "seeds",
+        "epochs",
+        "batch_size",
+        "evaluations",
+        "target_accuracy",
+        "dtype",
+    ):
+        if getattr(args, name, None) is not None:
+            spec[name] = getattr(args, name)
+    if getattr(args, "lrs", None) is not None:
+        spec["lrs"] = dict.fromkeys(METHODS, args.lrs)
+    study = Study(**spec)
+    _check(study)
+    return study
+
+
+def _check(study: Study) -> None:
+    check_choices("model", study.models, digits.MODELS)
+    check_choices("method", study.methods, METHODS)
+    for what, values in (
+        ("learning rate", sum(study.lrs.values(), ())),
+        ("damping", study.dampings),
+    ):
+        if not values or not all(0 < v < math.inf for v in values):
+            raise ValueError(f"every {what} must be positive and finite, got {list(values)}")
+    if study.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {study.seeds}")
+    if not 0 < study.epochs < math.inf:
+        raise ValueError(f"--epochs must be positive, got {study.epochs}")
+    if study.batch_size < 1 or study.evaluations < 1:
+        raise ValueError(
+            f"--batch-size and --evaluations must be positive, got {study.batch_size} "
+            f"and {study.evaluations}"
+        )
+    if not 0 < study.target_accuracy <= 1:
+        raise ValueError(f"--target-accuracy must lie in (0, 1], got {study.target_accuracy}")
+
+
+def load_split(seed: int, device: torch.device, dtype: torch.dtype) -> dict[str, digits.Examples]:
+    """Stratified train / validation / test split of the digits, standardised on train."""
+    features, labels = digits.load_digits_arrays()
+    test, validation, train_rows = digits.stratified_split(labels, SPLIT, seed)
+    scale = digits.standardiser(features[train_rows])
+    return {
+        name: digits.to_examples(scale(features[rows]), labels[rows], device, dtype)
+        for name, rows in (("train", train_rows), ("validation", validation), ("test", test))
+    }
+
+
+def out_dir(args: argparse.Namespace) -> Path:
+    from .pipeline import out_dir as pipeline_out
+
+    return args.out if args.out is not None else pipeline_out(args) / "training"
+
+
+def run(args: argparse.Namespace) -> int:
+    from .training_report import write_report
+
+    out = out_dir(args)
+    if args.report_only:
+        print(f"wrote {write_report(out)}")
+        return 0
+    study = study_from(args)
+    out.mkdir(parents=True, exist_ok=True)  # an unusable --out fails now, not after training
+    from tqdm import tqdm
+
+    from .environment import environment
+    from .output import write_atomic, write_json
+
+    device = torch.device(args.device)
+    data = load_split(args.seed, device, DTYPES[study.dtype])
+    steps = math.ceil(study.epochs * len(data["train"]) / study.batch_size)
+    eval_every = max(1, steps // study.evaluations)
+    tune_seed = args.seed + study.seeds  # not one of the seeds the results are reported for
+    seeds = [args.seed + i for i in range(study.seeds)]
+    n_runs = sum(len(study.configs(m)) for m in study.methods) * len(study.models)
+    n_runs += len(study.models) * len(study.methods) * study.seeds
+    progress = tqdm(total=n_runs, desc="train", unit="run", file=sys.stderr)
+
+    def one_run(model_name, config, seed, evaluate_on, every):
+        progress.set_postfix_str(f"{model_name} {config.label} seed {seed}")
+        model = digits.build_model(model_name, seed, device, DTYPES[study.dtype])
+        result = train(
+            model,
+            data["train"],
+            config,
+            steps=steps,
+            batch_size=study.batch_size,
+            seed=seed,
+            eval_every=every,
+            evaluate_on=evaluate_on,
+        )
+        progress.update()
+        base = {
+            "model": model_name,
+            "method": config.method,
+            "lr": config.lr,
+            "damping": config.damping,
+            "seed": seed,
+            "status": result.status,
+        }
+        return [{**base, **r} for r in result.records]
+
+    tuning, chosen = [], {}
+    for model_name in study.models:
+        for method in study.methods:
+            for config in study.configs(method):
+                last = one_run(
+                    model_name, config, tune_seed, {"validation": data["validation"]}, steps
+                )[-1]
+                tuning.append(last)
+            chosen[model_name, method] = choose(pd.DataFrame(tuning), model_name, method)
+
+    curves = []
+    for seed in seeds:  # seeds outermost: methods interleaved in time
+        for model_name in study.models:
+            for method in study.methods:
+                config = chosen[model_name, method]
+                if config is None:  # every configuration diverged in tuning
+                    progress.update()
+                    continue
+                sets = {"train": data["train"], "test": data["test"]}
+                curves += one_run(model_name, config, seed, sets, eval_every)
+    progress.close()
+
+    write_atomic(out / "tuning.csv", pd.DataFrame(tuning).to_csv(index=False))
+    write_atomic(out / "runs.csv", pd.DataFrame(curves).to_csv(index=False))
+    meta = {
+        "command": args.command_line,
+        "study": asdict(study),
+        "seed": args.seed,
+        "tuning_seed": tune_seed,
+        "seeds": seeds,
+        "split": {name: len(ex) for name, ex in data.items()},
+        "steps": steps,
+        "eval_every": eval_every,
+        "examples_per_run": steps * study.batch_size,
+        "chosen": {
+            f"{m}/{meth}": None if c is None else asdict(c) for (m, meth), c in chosen.items()
+        },
+        "environment": environment(device),
+    }
+    write_json(out, "training.json", meta)
+    print(f"wrote {write_report(out)}")
+    return 0
+
+
+def choose(tuning: pd.DataFrame, model: str, method: str) -> Config | None:
+    """The configuration with the lowest final validation loss (None if all diverged)."""
+    rows = tuning[(tuning["model"] == model) & (tuning["method"] == method)]
+    rows = rows[(rows["status"] == "ok") & rows["validation_loss"].notna()]
+    if rows.empty:
+        return None
+    best = rows.loc[rows["validation_loss"].idxmin()]
+    damping = None if pd.isna(best["damping"]) else float(best["damping"])
+    return Config(method, float(best["lr"]), damping)

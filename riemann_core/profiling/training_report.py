@@ -1,0 +1,314 @@
+"""Tables, figures and ``report.md`` of ``riemann-bench train``, drawn from its result files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .output import write_atomic
+from .report import markdown_table
+
+CURVES = (
+    ("train_loss", "train loss", "log"),
+    ("test_loss", "test loss", "log"),
+    ("test_accuracy", "test accuracy", "linear"),
+)
+RUN_COLUMNS = (
+    "model",
+    "method",
+    "lr",
+    "damping",
+    "seed",
+    "status",
+    "step",
+    "time_s",
+    "train_loss",
+    "train_accuracy",
+    "test_loss",
+    "test_accuracy",
+)
+TUNING_COLUMNS = (
+    "model",
+    "method",
+    "lr",
+    "damping",
+    "status",
+    "validation_loss",
+    "validation_accuracy",
+)
+
+
+def load(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """``runs.csv``, ``tuning.csv`` and ``training.json`` of ``out``, checked."""
+    files = [out / name for name in ("runs.csv", "tuning.csv", "training.json")]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ValueError(
+            f"no training results at {', '.join(missing)}; run 'riemann-bench train' "
+            "with this --out first"
+        )
+    try:
+        runs, tuning = pd.read_csv(files[0]), pd.read_csv(files[1])
+        meta = json.loads(files[2].read_text())
+    except (
+        pd.errors.ParserError,
+        pd.errors.EmptyDataError,
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+    ) as err:
+        raise ValueError(
+            f"cannot read the training results in {out} ({err}); they are corrupted: rerun "
+            "'riemann-bench train' with this --out"
+        ) from err
+    for frame, columns, name in (
+        (runs, RUN_COLUMNS, "runs.csv"),
+        (tuning, TUNING_COLUMNS, "tuning.csv"),
+    ):
+        absent = [c for c in columns if c not in frame.columns]
+        if absent:
+            raise ValueError(
+                f"{out / name} lacks columns {absent}; it was not written by this version of "
+                "'riemann-bench train': rerun it"
+            )
+    if not isinstance(meta, dict) or not {"study", "command", "environment"} <= meta.keys():
+        raise ValueError(f"{files[2]} lacks the study record; rerun 'riemann-bench train'")
+    return runs, tuning, meta
+
+
+def spread(values: pd.Series, fmt: str = ".3g") -> str:
+    """``median [min, max]`` of ``values``, or ``-`` when there are none."""
+    values = values.dropna()
+    if values.empty:
+        return "-"
+    if len(values) == 1:
+        return format(values.iloc[0], fmt)
+    return f"{values.median():{fmt}} [{values.min():{fmt}}, {values.max():{fmt}}]"
+
+
+def final_rows(runs: pd.DataFrame) -> pd.DataFrame:
+    """The last record of every run (model, method, seed)."""
+    return runs.sort_values("step").groupby(["model", "method", "seed"], sort=False).tail(1)
+
+
+def chosen_table(tuning: pd.DataFrame) -> pd.DataFrame:
+    """Per model and method: the configuration chosen on validation and how many diverged."""
+    rows = []
+    for (model, method), group in tuning.groupby(["model", "method"], sort=False):
+        ok = group[(group["status"] == "ok") & group["validation_loss"].notna()]
+        best = ok.loc[ok["validation_loss"].idxmin()] if not ok.empty else None
+        rows.append(
+            {
+                "model": model,
+                "method": method,
+                "lr": "-" if best is None else f"{best['lr']:g}",
+                "damping": "-"
+                if best is None or pd.isna(best["damping"])
+                else f"{best['damping']:g}",
+                "validation loss": np.nan if best is None else best["validation_loss"],
+                "validation accuracy": np.nan if best is None else best["validation_accuracy"],
+                "configurations": len(group),
+                "diverged": int((group["status"] != "ok").sum()),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def final_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per model and method: end-of-budget metrics and time per step, over seeds."""
+    last = final_rows(runs)
+    rows = []
+    for (model, method), group in last.groupby(["model", "method"], sort=False):
+        ok = group[group["status"] == "ok"]
+        rows.append(
+            {
+                "model": model,
+                "method": method,
+                "seeds ok": f"{len(ok)}/{len(group)}",
+                "test accuracy": spread(ok["test_accuracy"], ".4f"),
+                "test loss": spread(ok["test_loss"]),
+                "train loss": spread(ok["train_loss"]),
+                "ms per step": spread(1e3 * ok["time_s"] / ok["step"]),
+                "training time [s]": spread(ok["time_s"]),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def to_target(runs: pd.DataFrame, target: float) -> pd.DataFrame:
+    """Per run: the first evaluation at which test accuracy reached ``target`` (or NaN)."""
+    rows = []
+    for (model, method, seed), group in runs.groupby(["model", "method", "seed"], sort=False):
+        hit = group[group["test_accuracy"] >= target].sort_values("step")
+        first = hit.iloc[0] if not hit.empty else None
+        rows.append(
+            {
+                "model": model,
+                "method": method,
+                "seed": seed,
+                "steps": np.nan if first is None else first["step"],
+                "time_s": np.nan if first is None else first["time_s"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def target_table(runs: pd.DataFrame, target: float) -> pd.DataFrame:
+    """Steps- and time-to-target per model and method: median [min, max] over the seeds
+    that reached it, and how many did."""
+    hits = to_target(runs, target)
+    rows = []
+    for (model, method), group in hits.groupby(["model", "method"], sort=False):
+        rows.append(
+            {
+                "model": model,
+                "method": method,
+                "reached": f"{int(group['steps'].notna().sum())}/{len(group)}",
+                "steps to target": spread(group["steps"], ".0f"),
+                "time to target [s]": spread(group["time_s"]),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def curves_figure(runs: pd.DataFrame, model: str, target: float, path: Path) -> Path:
+    """Loss and accuracy against steps (left) and wall-clock (right): the median over seeds,
+    shaded between the minimum and the maximum."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    data = runs[runs["model"] == model]
+    methods = list(dict.fromkeys(data["method"]))
+    colours = dict(zip(methods, sns.color_palette("colorblind", len(methods))))
+    fig, axes = plt.subplots(len(CURVES), 2, figsize=(11, 3.2 * len(CURVES)), sharex="col")
+    for method in methods:
+        by_step = data[data["method"] == method].groupby("step")
+        summary = by_step.agg(time=("time_s", "median"), seeds=("seed", "nunique"))
+        for row, (column, label, scale) in enumerate(CURVES):
+            stats = by_step[column].agg(["median", "min", "max"])
+            for col, x in enumerate((summary.index.to_numpy(), summary["time"].to_numpy())):
+                ax = axes[row, col]
+                ax.plot(x, stats["median"], color=colours[method], label=method)
+                ax.fill_between(x, stats["min"], stats["max"], color=colours[method], alpha=0.2)
+                ax.set_yscale(scale)
+                ax.set_ylabel(label)
+    for ax in axes[-1, :1]:
+        ax.set_xlabel("steps")
+    axes[-1, 1].set_xlabel("wall-clock in training steps [s] (median over seeds)")
+    for ax in axes[-1]:
+        ax.axhline(target, color="grey", linestyle=":", linewidth=1)
+    axes[0, 0].legend(fontsize="small")
+    fig.suptitle(f"{model}: median over seeds, shaded min to max")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def tuning_figure(tuning: pd.DataFrame, model: str, path: Path) -> Path:
+    """Final validation loss of every configuration tried, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = tuning[tuning["model"] == model]
+    methods = list(dict.fromkeys(data["method"]))
+    fig, axes = plt.subplots(
+        1, len(methods), figsize=(2.8 * len(methods), 3), sharey=True, squeeze=False
+    )
+    for ax, method in zip(axes[0], methods):
+        rows = data[data["method"] == method]
+        for damping, group in rows.groupby(rows["damping"].fillna(0.0)):
+            group = group.sort_values("lr")
+            loss = group["validation_loss"].where(group["status"] == "ok")
+            label = "no damping" if damping == 0 else f"mu={damping:g}"
+            ax.plot(group["lr"], loss, marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(method, fontsize="medium")
+        ax.set_xlabel("learning rate")
+        ax.legend(fontsize="x-small")
+    axes[0, 0].set_ylabel("final validation loss")
+    fig.suptitle(f"{model}: tuning grid (missing points diverged)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path) -> Path:
+    runs, tuning, meta = load(out)
+    study, env = meta["study"], meta["environment"]
+    target = study["target_accuracy"]
+    command = meta["command"]
+    redraw = f"riemann-bench train --report-only --out {out}"
+    lines = [
+        f"# Training study on handwritten digits: {env.get('device_name', 'unknown device')}",
+        "",
+        f"Produced by `{command}`; every table and figure below comes from its `runs.csv`, "
+        f"`tuning.csv` and `training.json` (redraw them with `{redraw}`).",
+        "",
+        "## Setup",
+        "",
+        f"- Data: scikit-learn's 8x8 handwritten digits, stratified split {meta['split']} "
+        f"(split seed {meta['seed']}), standardised with the training split's statistics.",
+        "- Models: `mlp` 64-64-10 tanh (4,810 parameters); `cnn` conv 3x3 (8 ch.) tanh, "
+        "conv 3x3 stride 2 (16 ch.) tanh, linear (3,818 parameters). "
+        f"dtype {study['dtype']}, cross-entropy.",
+        f"- Budget: {meta['steps']} steps of {study['batch_size']} examples "
+        f"({meta['examples_per_run']} examples, {study['epochs']:g} epochs) for every run; "
+        f"evaluation every {meta['eval_every']} steps (not counted in the wall-clock).",
+        "- Methods: `sgd` and `adam` are `torch.optim`; the others precondition the gradient "
+        "with `rc.RiemannianPreconditioner` (metric `layerwise` with the exact or sampled "
+        "Fisher, `natural` = the whole damped Gauss-Newton matrix, `kfac`) and take an SGD "
+        "step of length lr along `G^{-1} g`.",
+        f"- Tuning: each configuration of the grid trained once (seed {meta['tuning_seed']}); "
+        "the lowest final validation loss wins. Learning rates "
+        f"{study['lrs']}; dampings {study['dampings']}.",
+        f"- Reported: the chosen configuration with seeds {meta['seeds']} (initialisation, "
+        "batch order, Fisher samples), methods interleaved seed by seed.",
+        "",
+        "## Environment",
+        "",
+        markdown_table(pd.DataFrame([env])),
+        "",
+        "## Chosen configurations (validation split)",
+        "",
+        markdown_table(chosen_table(tuning), ".4g"),
+        "",
+        "## End of budget (test split): median [min, max] over seeds",
+        "",
+        markdown_table(final_table(runs)),
+        "",
+        f"## To target: first evaluation with test accuracy >= {target:g}",
+        "",
+        markdown_table(target_table(runs, target)),
+        "",
+        f"Median [min, max] over the seeds that reached the target; wall-clock counts "
+        f"training steps only; resolution {meta['eval_every']} steps.",
+        "",
+        "## Figures",
+        "",
+    ]
+    for model in dict.fromkeys(runs["model"]):
+        curves = curves_figure(runs, model, target, out / f"curves_{model}.png")
+        grid = tuning_figure(tuning, model, out / f"tuning_{model}.png")
+        lines += [
+            f"![{model} curves]({curves.name})",
+            "",
+            f"{model}: train loss, test loss and test accuracy against steps (left) and "
+            f"wall-clock (right); dotted: the target accuracy. Produced by `{command}`.",
+            "",
+            f"![{model} tuning]({grid.name})",
+            "",
+            f"{model}: final validation loss of every configuration tried. Produced by "
+            f"`{command}`.",
+            "",
+        ]
+    return write_atomic(out / "report.md", "\n".join(lines))
