@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .digits import standardiser
 from .environment import environment
 from .output import write_json
 from .timing import measure
@@ -46,9 +47,7 @@ def _batch(
     features: np.ndarray, labels: np.ndarray, batch: int, seed: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch`` distinct samples, features standardised over the whole data set."""
-    std = features.std(axis=0)
-    # some border pixels are 0 in every image: leave them at 0 instead of dividing by 0
-    features = (features - features.mean(axis=0)) / np.where(std > 0, std, 1.0)
+    features = standardiser(features)(features)
     rows = np.random.default_rng(seed).choice(len(labels), size=batch, replace=False)
     inputs = torch.as_tensor(features[rows], dtype=torch.float64, device=device)
     targets = torch.as_tensor(labels[rows], dtype=torch.long, device=device)

@@ -310,7 +310,7 @@ def slopes(pairs: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
                         {
                             "method": method,
                             "axis": axis,
-                            other: fixed,
+                            "at": f"{'n' if other == 'size' else 'mu'}={fixed:g}",
                             "metric": metric,
                             **_slope(group, axis, metric, seed),
                         }

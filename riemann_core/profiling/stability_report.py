@@ -17,7 +17,7 @@ LABELS = {
     "loss_gap": "mean |loss gap| on test",
 }
 AXES = {"damping": "damping mu", "size": "training-set size n"}
-PAIR_COLUMNS = ("method", "damping", "size", "pair", "status", *METRICS)
+PAIR_COLUMNS = ("method", "damping", "size", "pair", "status", *METRICS, "train_loss_a")
 
 
 def load(out: Path) -> tuple[pd.DataFrame, dict]:
@@ -62,7 +62,10 @@ def distance_figure(pairs: pd.DataFrame, axis: str, path: Path) -> Path:
     ok = pairs[pairs["status"] == "ok"]
     methods = list(dict.fromkeys(ok["method"]))
     fig, axes = plt.subplots(
-        len(METRICS), len(methods), figsize=(4.6 * len(methods), 3.3 * len(METRICS)), squeeze=False
+        len(METRICS),
+        len(methods),
+        figsize=(4.6 * len(methods) + 1, 3.3 * len(METRICS)),
+        squeeze=False,
     )
     levels = sorted(ok[other].unique())
     colours = dict(zip(levels, sns.color_palette("viridis", len(levels))))
@@ -99,7 +102,7 @@ def distance_figure(pairs: pd.DataFrame, axis: str, path: Path) -> Path:
             ax.set_ylabel(LABELS[metric])
             ax.set_title(method, fontsize="medium")
         axes[0, col].legend(fontsize="x-small")
-    fig.suptitle(f"distance between neighbouring runs against {AXES[axis]} (median, min-max bars)")
+    fig.suptitle(f"neighbouring runs against {AXES[axis]}\n(median over pairs, bars min to max)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -117,7 +120,7 @@ def write_report(out: Path, *, seed: int = 0) -> Path:
     counts = pairs["status"].value_counts().to_dict()
     medians = (
         pairs[pairs["status"] == "ok"]
-        .groupby(["method", "damping", "size"])[list(METRICS)]
+        .groupby(["method", "damping", "size"])[[*METRICS, "train_loss_a"]]
         .median()
         .reset_index()
     )
@@ -159,7 +162,7 @@ def write_report(out: Path, *, seed: int = 0) -> Path:
         "",
         markdown_table(per_point) if not per_point.empty else "(no finished pairs)",
         "",
-        "## Median distances",
+        "## Median distances (and the training loss reached on `S`)",
         "",
         markdown_table(medians),
         "",

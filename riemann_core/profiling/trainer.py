@@ -20,6 +20,10 @@ import riemann_core as rc
 from .digits import Examples
 from .timing import synchronize
 
+#: a loss this many times its initial value counts as divergence (saturated tanh networks
+#: keep the loss finite however far the parameters run away)
+DIVERGED = 1e3
+
 
 @dataclass(frozen=True)
 class Optimiser:
@@ -76,7 +80,7 @@ class Run:
     """What one run recorded: ``records`` (one dict per evaluation) and its ``status``."""
 
     records: list[dict] = field(default_factory=list)
-    status: str = "ok"  # or "diverged": a loss, gradient or parameter became NaN or inf
+    status: str = "ok"  # or "diverged": NaN or inf, or a loss above DIVERGED x its start
 
 
 def evaluate(model: nn.Module, examples: Examples) -> tuple[float, float]:
@@ -124,7 +128,8 @@ def train(
     Every ``eval_every`` steps (and at steps 0 and ``steps``) the loss and accuracy on each
     of ``evaluate_on`` are recorded with ``time_s``: the wall-clock spent in training steps
     so far (CUDA synchronised; evaluations not counted). A run whose loss, gradient or
-    parameters become NaN or inf stops there with status ``diverged``.
+    parameters become NaN or inf, or whose evaluated loss exceeds ``DIVERGED`` times its
+    initial value, stops there with status ``diverged``.
     """
     if steps < 1 or eval_every < 1:
         raise ValueError(f"steps and eval_every must be positive, got {steps} and {eval_every}")
@@ -152,7 +157,9 @@ def train(
         for name, examples in evaluate_on.items():
             row[f"{name}_loss"], row[f"{name}_accuracy"] = evaluate(model, examples)
         run.records.append(row)
-        return all(_finite(v) for v in row.values()) and _parameters_finite(params)
+        start = run.records[0]
+        blown_up = any(row[k] > DIVERGED * start[k] for k in row if k.endswith("_loss"))
+        return all(_finite(v) for v in row.values()) and _parameters_finite(params) and not blown_up
 
     try:
         if not record(0):

@@ -89,8 +89,8 @@ def spread(values: pd.Series, fmt: str = ".3g") -> str:
 
 
 def final_rows(runs: pd.DataFrame) -> pd.DataFrame:
-    """The last record of every run (model, method, seed)."""
-    return runs.sort_values("step").groupby(["model", "method", "seed"], sort=False).tail(1)
+    """The last record of every run (model, method, seed), in the order the runs appear."""
+    return runs.loc[runs.groupby(["model", "method", "seed"], sort=False)["step"].idxmax()]
 
 
 def chosen_table(tuning: pd.DataFrame) -> pd.DataFrame:
@@ -184,7 +184,7 @@ def curves_figure(runs: pd.DataFrame, model: str, target: float, path: Path) -> 
 
     data = runs[runs["model"] == model]
     methods = list(dict.fromkeys(data["method"]))
-    colours = dict(zip(methods, sns.color_palette("colorblind", len(methods))))
+    colours = dict(zip(methods, sns.color_palette("tab10", len(methods))))
     fig, axes = plt.subplots(len(CURVES), 2, figsize=(11, 3.2 * len(CURVES)), sharex="col")
     for method in methods:
         by_step = data[data["method"] == method].groupby("step")
@@ -262,7 +262,8 @@ def write_report(out: Path) -> Path:
         "conv 3x3 stride 2 (16 ch.) tanh, linear (3,818 parameters). "
         f"dtype {study['dtype']}, cross-entropy.",
         f"- Budget: {meta['steps']} steps of {study['batch_size']} examples "
-        f"({meta['examples_per_run']} examples, {study['epochs']:g} epochs) for every run; "
+        f"({meta['examples_per_run']} examples, {study['epochs']:g} passes over the training "
+        "split) for every run; "
         f"evaluation every {meta['eval_every']} steps (not counted in the wall-clock).",
         "- Methods: `sgd` and `adam` are `torch.optim`; the others precondition the gradient "
         "with `rc.RiemannianPreconditioner` (metric `layerwise` with the exact or sampled "

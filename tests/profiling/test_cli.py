@@ -8,7 +8,8 @@ from riemann_core.profiling import cli
 
 
 @pytest.mark.parametrize(
-    "command", ["demo", "targets", "sweep", "fit", "validate", "report", "run"]
+    "command",
+    ["demo", "targets", "sweep", "fit", "validate", "report", "run", "train", "stability"],
 )
 def test_every_subcommand_has_the_common_options_and_an_example(command, capsys):
     with pytest.raises(SystemExit) as exit_:

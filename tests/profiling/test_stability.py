@@ -1,0 +1,130 @@
+"""``riemann-bench stability``: neighbouring training sets, distances, slopes and errors."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from riemann_core.profiling import cli
+from riemann_core.profiling.stability import (
+    joint_slopes,
+    load_pool,
+    neighbours,
+    pair_distance,
+    slopes,
+    verdict,
+)
+from riemann_core.profiling.trainer import Config
+
+SMALL = ["stability", "--quick", "--dampings", "0.1,1", "--sizes", "40,80", "--pairs", "2",
+         "--steps", "12", "--batch-size", "16"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return load_pool(0, torch.device("cpu"), torch.float64)
+
+
+def distance(pool, rows_a, rows_b, method="layerwise"):
+    return pair_distance(pool, rows_a, rows_b, Config(method, 0.3, 0.1), model="mlp", seed=4,
+                         steps=8, batch_size=8)  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["layerwise", "layerwise-sampled", "natural", "kfac"])
+def test_identical_training_sets_are_at_distance_zero(pool, method):
+    rows, _, _ = neighbours(len(pool.labels), 24, seed=1)
+    result = distance(pool, rows, rows.copy(), method)
+    assert result["status"] == "ok"
+    assert result["param_distance"] == result["prediction_distance"] == result["loss_gap"] == 0.0
+
+
+def test_one_replaced_example_moves_the_trained_model(pool):
+    rows, position, replacement = neighbours(len(pool.labels), 24, seed=1)
+    other = rows.copy()
+    other[position] = replacement
+    result = distance(pool, rows, other)
+    assert result["param_distance"] > 1e-6
+    assert 0 < result["prediction_distance"] < 1 and result["loss_gap"] > 0
+
+
+def test_neighbours_are_a_set_and_an_outside_replacement():
+    rows, position, replacement = neighbours(100, 30, seed=7)
+    assert len(set(rows.tolist())) == 30 and replacement not in rows and 0 <= position < 30
+    again = neighbours(100, 30, seed=7)
+    assert np.array_equal(again[0], rows) and again[1:] == (position, replacement)
+    with pytest.raises(ValueError, match="between 2 and 99"):
+        neighbours(100, 100, seed=0)
+
+
+def synthetic(b=-1.0, c=-0.5, noise=0.05, pairs=10):
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(pairs):
+        for mu in (0.01, 0.1, 1.0):
+            for n in (100, 400, 1600):
+                for metric_scale in (1.0,):
+                    d = 3 * metric_scale * mu**b * n**c * np.exp(noise * rng.standard_normal(3))
+                    rows.append({"method": "layerwise", "damping": mu, "size": n, "pair": p,
+                                 "status": "ok", "param_distance": d[0],
+                                 "prediction_distance": d[1], "loss_gap": d[2]})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_fits_recover_known_exponents():
+    joint = joint_slopes(synthetic(), n_boot=300)
+    for axis, expected in (("damping", -1.0), ("size", -0.5)):
+        rows = joint[joint["axis"] == axis]
+        assert np.allclose(rows["slope"], expected, atol=0.03)
+        assert (rows["low"] <= expected).all() and (rows["high"] >= expected).all()
+        assert (rows["verdict"] == "agrees with the bound").all()
+    per_point = slopes(synthetic(b=-0.2))
+    along_mu = per_point[per_point["axis"] == "damping"]
+    assert len(along_mu) == 3 * 3 and np.allclose(along_mu["slope"], -0.2, atol=0.05)
+    assert (along_mu["verdict"] == "falls slower than the bound").all()
+    assert set(along_mu["at"]) == {"n=100", "n=400", "n=1600"}
+
+
+def test_verdict_reads_the_interval_against_the_bound():
+    assert verdict(-1.1, -1.3, -0.9, -1.0) == "agrees with the bound"
+    assert verdict(-2.0, -2.2, -1.8, -1.0) == "falls faster than the bound"
+    assert verdict(-0.2, -0.4, 0.1, -1.0) == "falls slower than the bound"
+    assert verdict(-0.2, float("nan"), float("nan"), -1.0) == "no interval (one pair)"
+
+
+def test_small_sweep_writes_pairs_slopes_figures_and_report(tmp_path):
+    assert cli.main([*SMALL, "--out", str(tmp_path)]) == 0
+    pairs = pd.read_csv(tmp_path / "pairs.csv")
+    assert len(pairs) == 2 * 2 * 2  # pairs x sizes x dampings, one method
+    assert (pairs["status"] == "ok").all() and (pairs["param_distance"] > 0).all()
+    # one neighbouring pair per (pair, n), shared across the dampings
+    assert pairs.groupby(["pair", "size"])["replacement_row"].nunique().eq(1).all()
+    assert set(pd.read_csv(tmp_path / "slopes.csv")["axis"]) == {"damping", "size"}
+    meta = json.loads((tmp_path / "stability.json").read_text())
+    report = (tmp_path / "report.md").read_text()
+    assert f"`{meta['command']}`" in report
+    for name in ("distance_vs_damping.png", "distance_vs_size.png"):
+        assert (tmp_path / name).stat().st_size > 10_000 and f"]({name})" in report
+    kept = pairs.to_csv(index=False)
+    (tmp_path / "stability.json").write_text("[1, 2")
+    assert cli.main(["stability", "--report-only", "--out", str(tmp_path)]) == 2
+    assert (tmp_path / "pairs.csv").read_text() == kept
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--methods", "sgd"], "unknown method(s) ['sgd']; choose from layerwise"),
+        (["--dampings", "0.1,0"], "every damping must be positive"),
+        (["--sizes", "1"], "every training-set size must be at least 2"),
+        (["--sizes", "5000"], "--sizes may be at most 1437"),
+        (["--batch-size", "200"], "--batch-size must be between 1 and the smallest size 150"),
+        (["--pairs", "0"], "--pairs and --steps must be positive"),
+        (["--lr", "-1"], "--lr must be positive"),
+    ],
+)
+def test_bad_options_are_clear_errors(options, message, tmp_path, capsys):
+    assert cli.main(["stability", "--quick", *options, "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o" / "pairs.csv").exists()

@@ -1,0 +1,109 @@
+"""The training loop shared by ``riemann-bench train`` and ``stability``."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import riemann_core as rc
+from riemann_core.profiling.digits import Examples, build_model
+from riemann_core.profiling.trainer import Config, batches, evaluate, train
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(3)
+    return Examples(torch.randn(40, 64, generator=g), torch.randint(0, 10, (40,), generator=g))
+
+
+def test_batches_cover_every_example_once_per_epoch_and_repeat_with_the_seed():
+    first = torch.cat([b for b, _ in zip(batches(10, 4, seed=1), range(5))])
+    assert sorted(first[:10].tolist()) == list(range(10))  # one epoch, across batch edges
+    assert sorted(first[10:20].tolist()) == list(range(10))
+    again = torch.cat([b for b, _ in zip(batches(10, 4, seed=1), range(5))])
+    assert torch.equal(first, again)
+    with pytest.raises(ValueError, match="batch size must be between 1 and the 10"):
+        next(batches(10, 11, seed=0))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"method": "lbfgs", "lr": 0.1}, "unknown method 'lbfgs'"),
+        ({"method": "sgd", "lr": 0.0}, "learning rate must be positive"),
+        ({"method": "sgd", "lr": float("nan")}, "learning rate must be positive"),
+        ({"method": "layerwise", "lr": 0.1}, "needs a positive finite damping"),
+        ({"method": "natural", "lr": 0.1, "damping": -1.0}, "needs a positive finite damping"),
+        ({"method": "adam", "lr": 0.1, "damping": 0.1}, "takes no damping"),
+    ],
+)
+def test_bad_configurations_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Config(**kwargs)
+
+
+def test_evaluate_is_mean_cross_entropy_and_accuracy(data):
+    model = build_model("mlp", 0, torch.device("cpu"), torch.float64)
+    data = Examples(data.inputs.double(), data.targets)
+    loss, accuracy = evaluate(model, data)
+    logits = model(data.inputs)
+    assert loss == pytest.approx(F.cross_entropy(logits, data.targets).item(), rel=1e-12)
+    assert accuracy == pytest.approx((logits.argmax(1) == data.targets).double().mean().item())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [Config("sgd", 0.3), Config("layerwise", 0.3, 0.1), Config("natural", 0.3, 0.01)],
+    ids=lambda c: c.method,
+)
+def test_one_step_is_sgd_along_the_methods_direction(config, data):
+    """theta_1 = theta_0 - lr * G^{-1} g on the first batch (G = I for sgd)."""
+    cpu = torch.device("cpu")
+    data = Examples(data.inputs.double(), data.targets)
+    model = build_model("mlp", 0, cpu, torch.float64)
+    reference = build_model("mlp", 0, cpu, torch.float64)
+    rows = next(batches(len(data), 8, seed=5))
+    x, y = data.inputs[rows], data.targets[rows]
+    if config.damping is None:
+        loss = F.cross_entropy(reference(x), y)
+        grads = torch.autograd.grad(loss, list(reference.parameters()))
+        step = dict(zip([n for n, _ in reference.named_parameters()], grads))
+    else:
+        step = rc.direction(reference, x, y, method=config.method, damping=config.damping)
+    run = train(model, data, config, steps=1, batch_size=8, seed=5, eval_every=1,
+                evaluate_on={"train": data})  # fmt: skip
+    assert run.status == "ok" and [r["step"] for r in run.records] == [0, 1]
+    for (name, p), p0 in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, p0 - config.lr * step[name], rtol=1e-10, atol=1e-12)
+
+
+def test_training_is_deterministic_given_the_seed(data):
+    def final(seed):
+        model = build_model("mlp", seed, torch.device("cpu"), torch.float32)
+        run = train(model, data, Config("layerwise-sampled", 0.1, 0.1), steps=6, batch_size=8,
+                    seed=seed, eval_every=3, evaluate_on={"train": data})  # fmt: skip
+        return [{k: v for k, v in r.items() if k != "time_s"} for r in run.records], model
+
+    (records_a, model_a), (records_b, model_b) = final(1), final(1)
+    assert records_a == records_b
+    assert all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters()))
+    records_c, _ = final(2)
+    assert records_c != records_a
+
+
+@pytest.mark.parametrize("config", [Config("sgd", 1e36), Config("layerwise", 1e36, 1e-3)],
+                         ids=["sgd", "layerwise"])  # fmt: skip
+def test_a_run_that_blows_up_stops_with_status_diverged(config, data):
+    model = build_model("mlp", 0, torch.device("cpu"), torch.float32)
+    run = train(model, data, config, steps=20, batch_size=8, seed=0, eval_every=1,
+                evaluate_on={"train": data})  # fmt: skip
+    assert run.status == "diverged"
+    assert run.records[-1]["step"] < 20
+
+
+def test_time_counts_only_training_steps(data):
+    model = build_model("mlp", 0, torch.device("cpu"), torch.float32)
+    run = train(model, data, Config("sgd", 0.1), steps=4, batch_size=8, seed=0, eval_every=1,
+                evaluate_on={"train": data})  # fmt: skip
+    times = [r["time_s"] for r in run.records]
+    assert times[0] == 0.0 and all(b > a for a, b in zip(times, times[1:]))
+    assert [r["examples"] for r in run.records] == [0, 8, 16, 24, 32]

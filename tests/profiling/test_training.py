@@ -1,0 +1,125 @@
+"""``riemann-bench train``: a small deterministic study, its tables and its errors."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from riemann_core.profiling import cli
+from riemann_core.profiling.training import choose
+from riemann_core.profiling.training_report import spread, target_table, to_target
+
+SMALL = ["train", "--quick", "--models", "mlp", "--methods", "sgd,layerwise", "--epochs", "0.5",
+         "--seeds", "2", "--lrs", "0.1,0.3", "--dampings", "0.1", "--evaluations", "4"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    assert cli.main([*SMALL, "--out", str(out)]) == 0
+    return out
+
+
+def test_small_study_writes_curves_tables_figures_and_report(study):
+    runs = pd.read_csv(study / "runs.csv")
+    tuning = pd.read_csv(study / "tuning.csv")
+    meta = json.loads((study / "training.json").read_text())
+    assert len(tuning) == 2 + 2  # sgd: two lrs; layerwise: two lrs x one damping
+    assert set(runs["method"]) == {"sgd", "layerwise"} and set(runs["seed"]) == {0, 1}
+    assert meta["tuning_seed"] == 2 and meta["split"] == {
+        "train": 1078,
+        "validation": 360,
+        "test": 359,
+    }
+    # the same budget of examples for every run, evaluated at the same steps
+    last = runs.groupby(["method", "seed"])["step"].max()
+    assert (last == meta["steps"]).all() and meta["steps"] == 17
+    assert runs.groupby(["method", "seed"]).size().nunique() == 1
+    for method in ("sgd", "layerwise"):  # the reported configuration is the tuning winner
+        rows = tuning[tuning["method"] == method]
+        best = rows.loc[rows["validation_loss"].idxmin()]
+        assert (runs.loc[runs["method"] == method, "lr"] == best["lr"]).all()
+    report = (study / "report.md").read_text()
+    assert meta["command"] == "riemann-bench " + " ".join([*SMALL, "--out", str(study)])
+    assert f"`{meta['command']}`" in report
+    for name in ("curves_mlp.png", "tuning_mlp.png"):
+        assert (study / name).stat().st_size > 10_000 and f"]({name})" in report
+
+
+def test_study_repeats_exactly_but_for_the_clock(study, tmp_path):
+    assert cli.main([*SMALL, "--out", str(tmp_path)]) == 0
+    first, again = (pd.read_csv(d / "runs.csv").drop(columns="time_s") for d in (study, tmp_path))
+    pd.testing.assert_frame_equal(first, again)
+
+
+def test_report_only_redraws_and_corrupted_results_are_refused(study, tmp_path, capsys):
+    for name in ("runs.csv", "tuning.csv", "training.json"):
+        (tmp_path / name).write_bytes((study / name).read_bytes())
+    assert cli.main(["train", "--report-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "report.md").read_text().startswith("# Training study")
+    (tmp_path / "runs.csv").write_text("model,method\nmlp")
+    kept = (tmp_path / "report.md").read_text()
+    assert cli.main(["train", "--report-only", "--out", str(tmp_path)]) == 2
+    assert "lacks columns" in capsys.readouterr().err
+    (tmp_path / "training.json").write_text("{not json")
+    assert cli.main(["train", "--report-only", "--out", str(tmp_path)]) == 2
+    assert "corrupted" in capsys.readouterr().err
+    assert (tmp_path / "report.md").read_text() == kept
+    assert cli.main(["train", "--report-only", "--out", str(tmp_path / "none")]) == 2
+    assert "run 'riemann-bench train'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--methods", "sgd,lbfgs"], "unknown method(s) ['lbfgs']; choose from sgd, adam"),
+        (["--models", "resnet"], "unknown model(s) ['resnet']"),
+        (["--lrs", "0.1,-1"], "every learning rate must be positive"),
+        (["--dampings", "0"], "every damping must be positive"),
+        (["--seeds", "0"], "--seeds must be at least 1"),
+        (["--epochs", "0"], "--epochs must be positive"),
+        (["--target-accuracy", "1.5"], "--target-accuracy must lie in (0, 1]"),
+        (["--batch-size", "0"], "--batch-size and --evaluations must be positive"),
+    ],
+)
+def test_bad_options_fail_before_any_training(options, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["train", "--quick", *options, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_choose_takes_the_lowest_validation_loss_among_runs_that_did_not_diverge():
+    tuning = pd.DataFrame({
+        "model": ["mlp"] * 4, "method": ["natural"] * 4, "lr": [0.1, 0.3, 1.0, 3.0],
+        "damping": [0.1] * 4, "status": ["ok", "ok", "diverged", "ok"],
+        "validation_loss": [0.5, 0.2, 0.01, np.nan],
+    })  # fmt: skip
+    config = choose(tuning, "mlp", "natural")
+    assert (config.lr, config.damping) == (0.3, 0.1)
+    tuning["status"] = "diverged"
+    assert choose(tuning, "mlp", "natural") is None
+
+
+def test_steps_and_time_to_target_take_the_first_evaluation_at_target():
+    runs = pd.DataFrame({
+        "model": "mlp", "method": "sgd",
+        "seed": [0, 0, 0, 1, 1, 1, 2, 2, 2],
+        "step": [0, 10, 20] * 3,
+        "time_s": [0.0, 1.0, 2.0, 0.0, 3.0, 6.0, 0.0, 1.0, 2.0],
+        "test_accuracy": [0.1, 0.96, 0.97, 0.1, 0.5, 0.95, 0.1, 0.5, 0.9],
+    })  # fmt: skip
+    hits = to_target(runs, 0.95)
+    assert hits["steps"].tolist()[:2] == [10, 20] and np.isnan(hits["steps"].iloc[2])
+    assert hits["time_s"].tolist()[:2] == [1.0, 6.0]
+    row = target_table(runs, 0.95).iloc[0]
+    assert row["reached"] == "2/3"
+    assert row["steps to target"] == "15 [10, 20]"
+    assert row["time to target [s]"] == "3.5 [1, 6]"
+
+
+def test_spread_is_median_and_range():
+    assert spread(pd.Series([3.0, 1.0, 2.0])) == "2 [1, 3]"
+    assert spread(pd.Series([np.nan, 4.0])) == "4"
+    assert spread(pd.Series([], dtype=float)) == "-"
