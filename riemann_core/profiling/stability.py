@@ -357,6 +357,49 @@ def joint_slopes(pairs: pd.DataFrame, *, seed: int = 0, n_boot: int = 2000) -> p
     return pd.DataFrame(rows)
 
 
+def local_slopes(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Slopes between neighbouring grid values, to show where a power law holds.
+
+    Along ``damping`` the same ``S``, ``S'`` are trained at every ``mu``, so the slope is the
+    median over the pairs (and sizes) of ``log(D(mu') / D(mu)) / log(mu' / mu)``; along
+    ``size`` the training sets differ, so it is the slope between the median distances.
+    """
+    ok = pairs[(pairs["status"] == "ok")]
+    rows = []
+    for method, group in ok.groupby("method", sort=False):
+        for metric in METRICS:
+            data = group[group[metric] > 0]
+            wide = data.pivot_table(index=["pair", "size"], columns="damping", values=metric)
+            mus = list(wide.columns)
+            for lo, hi in zip(mus, mus[1:]):
+                ratio = np.log(wide[hi] / wide[lo]).dropna() / math.log(hi / lo)
+                rows.append(
+                    {
+                        "method": method,
+                        "metric": metric,
+                        "axis": "damping",
+                        "from": lo,
+                        "to": hi,
+                        "slope": ratio.median(),
+                    }
+                )
+            medians = data.groupby("size")[metric].median()
+            sizes = list(medians.index)
+            for lo, hi in zip(sizes, sizes[1:]):
+                slope = math.log(medians[hi] / medians[lo]) / math.log(hi / lo)
+                rows.append(
+                    {
+                        "method": method,
+                        "metric": metric,
+                        "axis": "size",
+                        "from": lo,
+                        "to": hi,
+                        "slope": slope,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
 def verdict(slope: float, low: float, high: float, predicted: float) -> str:
     """Where the measured exponent lies against the bound's: an interval containing it
     agrees; below it the distance falls faster than the bound says, above it slower."""

@@ -9,7 +9,7 @@ import pandas as pd
 
 from .output import write_atomic
 from .report import markdown_table
-from .stability import METRICS, PREDICTED, joint_slopes, slopes
+from .stability import METRICS, PREDICTED, joint_slopes, local_slopes, slopes
 
 LABELS = {
     "param_distance": "||theta_S - theta_S'||",
@@ -115,6 +115,14 @@ def write_report(out: Path, *, seed: int = 0) -> Path:
     redraw = f"riemann-bench stability --report-only --out {out}"
     per_point = slopes(pairs, seed=seed)
     joint = joint_slopes(pairs, seed=seed)
+    local = local_slopes(pairs)
+    local_table = (
+        local.pivot_table(
+            index=["method", "axis", "from", "to"], columns="metric", values="slope", sort=False
+        ).reset_index()
+        if not local.empty
+        else local
+    )
     write_atomic(out / "slopes.csv", per_point.to_csv(index=False))
     write_atomic(out / "joint_slopes.csv", joint.to_csv(index=False))
     counts = pairs["status"].value_counts().to_dict()
@@ -161,6 +169,15 @@ def write_report(out: Path, *, seed: int = 0) -> Path:
         "## Slopes along one axis at each value of the other",
         "",
         markdown_table(per_point) if not per_point.empty else "(no finished pairs)",
+        "",
+        "## Local slopes between neighbouring grid values",
+        "",
+        "Along mu: median over pairs and sizes of the paired log-ratio (the same `S`, `S'` at "
+        "every mu); along n: between the median distances. Where these sit near the bound's "
+        "exponent, the bound's rate describes the data; where they approach 0, the distance "
+        "no longer depends on that axis.",
+        "",
+        markdown_table(local_table) if not local_table.empty else "(no finished pairs)",
         "",
         "## Median distances (and the training loss reached on `S`)",
         "",

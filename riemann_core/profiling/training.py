@@ -261,6 +261,11 @@ def run(args: argparse.Namespace) -> int:
     progress.close()
 
     write_atomic(out / "tuning.csv", pd.DataFrame(tuning).to_csv(index=False))
+    if not curves:
+        raise ValueError(
+            f"every configuration diverged in tuning (see {out / 'tuning.csv'}); try smaller "
+            "--lrs or larger --dampings"
+        )
     write_atomic(out / "runs.csv", pd.DataFrame(curves).to_csv(index=False))
     meta = {
         "command": args.command_line,

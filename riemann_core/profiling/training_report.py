@@ -173,6 +173,35 @@ def target_table(runs: pd.DataFrame, target: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def summary(runs: pd.DataFrame, target: float) -> list[str]:
+    """One sentence per model: who reached the target in the fewest steps and the least time
+    (medians over the seeds that reached it; methods reaching it in under half the seeds
+    are left out) and who ended with the best test accuracy."""
+    hits = to_target(runs, target)
+    last = final_rows(runs)
+    lines = []
+    for model in dict.fromkeys(runs["model"]):
+        by_method = hits[hits["model"] == model].groupby("method", sort=False)
+        reached = by_method.filter(lambda g: g["steps"].notna().mean() >= 0.5)
+        parts = []
+        if reached.empty:
+            parts.append(f"no method reached test accuracy {target:g} in half its seeds")
+        else:
+            medians = reached.groupby("method")[["steps", "time_s"]].median()
+            steps, time = medians["steps"].idxmin(), medians["time_s"].idxmin()
+            parts.append(
+                f"fewest steps to {target:g} test accuracy: `{steps}` "
+                f"({medians.loc[steps, 'steps']:.0f}); least time: `{time}` "
+                f"({medians.loc[time, 'time_s']:.3g} s)"
+            )
+        ok = last[(last["model"] == model) & (last["status"] == "ok")]
+        accuracy = ok.groupby("method")["test_accuracy"].median()
+        if not accuracy.empty:
+            parts.append(f"best final test accuracy: `{accuracy.idxmax()}` ({accuracy.max():.4f})")
+        lines.append(f"- `{model}`: " + "; ".join(parts) + " (medians over seeds).")
+    return lines
+
+
 def curves_figure(runs: pd.DataFrame, model: str, target: float, path: Path) -> Path:
     """Loss and accuracy against steps (left) and wall-clock (right): the median over seeds,
     shaded between the minimum and the maximum."""
@@ -253,6 +282,10 @@ def write_report(out: Path) -> Path:
         "",
         f"Produced by `{command}`; every table and figure below comes from its `runs.csv`, "
         f"`tuning.csv` and `training.json` (redraw them with `{redraw}`).",
+        "",
+        "## Summary",
+        "",
+        *summary(runs, target),
         "",
         "## Setup",
         "",

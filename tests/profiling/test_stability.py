@@ -11,6 +11,7 @@ from riemann_core.profiling import cli
 from riemann_core.profiling.stability import (
     joint_slopes,
     load_pool,
+    local_slopes,
     neighbours,
     pair_distance,
     slopes,
@@ -84,6 +85,14 @@ def test_fits_recover_known_exponents():
     assert len(along_mu) == 3 * 3 and np.allclose(along_mu["slope"], -0.2, atol=0.05)
     assert (along_mu["verdict"] == "falls slower than the bound").all()
     assert set(along_mu["at"]) == {"n=100", "n=400", "n=1600"}
+
+
+def test_local_slopes_follow_the_exponents_between_grid_values():
+    local = local_slopes(synthetic())
+    for axis, expected in (("damping", -1.0), ("size", -0.5)):
+        rows = local[local["axis"] == axis]
+        assert len(rows) == 3 * 2  # three metrics, two neighbouring intervals
+        assert np.allclose(rows["slope"], expected, atol=0.05)
 
 
 def test_verdict_reads_the_interval_against_the_bound():

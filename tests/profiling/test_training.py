@@ -123,3 +123,10 @@ def test_spread_is_median_and_range():
     assert spread(pd.Series([3.0, 1.0, 2.0])) == "2 [1, 3]"
     assert spread(pd.Series([np.nan, 4.0])) == "4"
     assert spread(pd.Series([], dtype=float)) == "-"
+
+
+def test_a_study_where_everything_diverges_says_so(tmp_path, capsys):
+    options = ["--models", "mlp", "--methods", "sgd", "--lrs", "1e36", "--epochs", "0.2"]
+    assert cli.main(["train", "--quick", *options, "--out", str(tmp_path)]) == 2
+    assert "every configuration diverged in tuning" in capsys.readouterr().err
+    assert pd.read_csv(tmp_path / "tuning.csv")["status"].eq("diverged").all()
