@@ -239,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
     from .output import write_atomic, write_json
 
     device = torch.device(args.device)
+    env = environment(device)  # now: the code that runs, whatever happens to the tree later
     pool = load_pool(args.seed, device, DTYPES[sweep.dtype])
     if max(sweep.sizes) >= len(pool.labels):
         raise ValueError(
@@ -289,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "pool": len(pool.labels),
         "test": len(pool.test),
-        "environment": environment(device),
+        "environment": env,
     }
     write_json(out, "stability.json", meta)
     print(f"wrote {write_report(out, seed=args.seed)}")

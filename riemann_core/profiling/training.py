@@ -63,7 +63,7 @@ class Study:
 
 
 _LRS = {
-    "sgd": (0.03, 0.1, 0.3, 1.0),
+    "sgd": (0.1, 0.3, 1.0, 3.0),
     "adam": (1e-3, 3e-3, 1e-2, 3e-2),
     "damped": (0.03, 0.1, 0.3, 1.0),
 }
@@ -71,7 +71,7 @@ DEFAULT = Study(
     models=digits.MODELS,
     methods=METHODS,
     lrs={m: _LRS["damped" if s.damped else m] for m, s in OPTIMISERS.items()},
-    dampings=(1e-3, 1e-2, 1e-1),
+    dampings=(1e-2, 1e-1, 1.0),
     seeds=5,
     epochs=20,
     batch_size=32,
@@ -79,12 +79,12 @@ DEFAULT = Study(
     target_accuracy=0.95,
     dtype="float32",
 )
-_QUICK_LRS = {"sgd": (0.1, 0.3, 1.0), "adam": (3e-3, 1e-2, 3e-2), "damped": (0.1, 0.3, 1.0)}
+_QUICK_LRS = {"sgd": (0.3, 1.0, 3.0), "adam": (3e-3, 1e-2, 3e-2), "damped": (0.1, 0.3, 1.0)}
 QUICK = Study(
     **{
         **asdict(DEFAULT),
         "lrs": {m: _QUICK_LRS["damped" if s.damped else m] for m, s in OPTIMISERS.items()},
-        "dampings": (1e-2, 1e-1),
+        "dampings": (1e-1, 1.0),
         "seeds": 3,
         "epochs": 8,
         "evaluations": 20,
@@ -205,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
     from .output import write_atomic, write_json
 
     device = torch.device(args.device)
+    env = environment(device)  # now: the code that runs, whatever happens to the tree later
     data = load_split(args.seed, device, DTYPES[study.dtype])
     steps = math.ceil(study.epochs * len(data["train"]) / study.batch_size)
     eval_every = max(1, steps // study.evaluations)
@@ -280,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
         "chosen": {
             f"{m}/{meth}": None if c is None else asdict(c) for (m, meth), c in chosen.items()
         },
-        "environment": environment(device),
+        "environment": env,
     }
     write_json(out, "training.json", meta)
     print(f"wrote {write_report(out)}")

@@ -111,9 +111,21 @@ def chosen_table(tuning: pd.DataFrame) -> pd.DataFrame:
                 "validation accuracy": np.nan if best is None else best["validation_accuracy"],
                 "configurations": len(group),
                 "diverged": int((group["status"] != "ok").sum()),
+                "at grid edge": "-" if best is None else grid_edge(group, best),
             }
         )
     return pd.DataFrame(rows)
+
+
+def grid_edge(group: pd.DataFrame, best: pd.Series) -> str:
+    """Which of the winner's settings lie on the edge of the grid tried (a wider grid might
+    do better there), e.g. ``lr max``; ``-`` when none."""
+    edges = []
+    for column, name in (("lr", "lr"), ("damping", "mu")):
+        tried = group[column].dropna().unique()
+        if tried.size > 1 and best[column] in (tried.min(), tried.max()):
+            edges.append(f"{name} {'min' if best[column] == tried.min() else 'max'}")
+    return ", ".join(edges) or "-"
 
 
 def final_table(runs: pd.DataFrame) -> pd.DataFrame:

@@ -130,3 +130,14 @@ def test_a_study_where_everything_diverges_says_so(tmp_path, capsys):
     assert cli.main(["train", "--quick", *options, "--out", str(tmp_path)]) == 2
     assert "every configuration diverged in tuning" in capsys.readouterr().err
     assert pd.read_csv(tmp_path / "tuning.csv")["status"].eq("diverged").all()
+
+
+def test_grid_edge_flags_winners_on_the_border_of_the_grid():
+    from riemann_core.profiling.training_report import grid_edge
+
+    group = pd.DataFrame({"lr": [0.1, 0.3, 1.0, 0.1, 0.3, 1.0],
+                          "damping": [0.01, 0.01, 0.01, 0.1, 0.1, 0.1]})  # fmt: skip
+    assert grid_edge(group, group.iloc[4]) == "mu max"
+    assert grid_edge(group, group.iloc[2]) == "lr max, mu min"
+    plain = pd.DataFrame({"lr": [0.1, 0.3, 1.0], "damping": [np.nan] * 3})
+    assert grid_edge(plain, plain.iloc[1]) == "-"
