@@ -1,4 +1,4 @@
-"""Writing results: atomically, so a file on disk is never half-written."""
+"""Result files: written atomically (never half-written) and read back with checks."""
 
 from __future__ import annotations
 
@@ -27,3 +27,35 @@ def write_atomic(path: Path, text: str) -> Path:
 
 def write_json(out: Path, name: str, payload: dict) -> Path:
     return write_atomic(out / name, json.dumps(payload, indent=2) + "\n")
+
+
+def read_study(
+    out: Path, tables: dict[str, tuple[str, ...]], record: str, keys: tuple[str, ...], command: str
+) -> tuple[list, dict]:
+    """The CSV ``tables`` (name -> required columns) and the JSON ``record`` of a study in
+    ``out``; missing, corrupted or foreign files raise ``ValueError`` naming ``command``."""
+    import pandas as pd
+
+    rerun = f"rerun '{command}' with this --out"
+    missing = [str(out / f) for f in (*tables, record) if not (out / f).is_file()]
+    if missing:
+        raise ValueError(
+            f"no results at {', '.join(missing)}; run '{command}' with this --out first"
+        )
+    try:
+        frames = [pd.read_csv(out / name) for name in tables]
+        meta = json.loads((out / record).read_text())
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, json.JSONDecodeError,
+            UnicodeDecodeError) as err:  # fmt: skip
+        raise ValueError(
+            f"cannot read the results in {out} ({err}); they are corrupted: {rerun}"
+        ) from err
+    for frame, (name, columns) in zip(frames, tables.items()):
+        absent = [c for c in columns if c not in frame.columns]
+        if absent:
+            raise ValueError(
+                f"{out / name} lacks columns {absent}; it was not written by this version: {rerun}"
+            )
+    if not isinstance(meta, dict) or not set(keys) <= meta.keys():
+        raise ValueError(f"{out / record} lacks the record of the run ({', '.join(keys)}); {rerun}")
+    return frames, meta

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from .output import write_atomic
+from .output import read_study, write_atomic
 from .report import markdown_table
 from .stability import METRICS, PREDICTED, joint_slopes, local_slopes, slopes
 
@@ -22,30 +21,9 @@ PAIR_COLUMNS = ("method", "damping", "size", "pair", "status", *METRICS, "train_
 
 def load(out: Path) -> tuple[pd.DataFrame, dict]:
     """``pairs.csv`` and ``stability.json`` of ``out``, checked."""
-    files = [out / "pairs.csv", out / "stability.json"]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise ValueError(
-            f"no stability results at {', '.join(missing)}; run 'riemann-bench stability' "
-            "with this --out first"
-        )
-    try:
-        pairs, meta = pd.read_csv(files[0]), json.loads(files[1].read_text())
-    except (
-        pd.errors.ParserError,
-        pd.errors.EmptyDataError,
-        json.JSONDecodeError,
-        UnicodeDecodeError,
-    ) as err:
-        raise ValueError(
-            f"cannot read the stability results in {out} ({err}); they are corrupted: rerun "
-            "'riemann-bench stability' with this --out"
-        ) from err
-    absent = [c for c in PAIR_COLUMNS if c not in pairs.columns]
-    if absent:
-        raise ValueError(f"{files[0]} lacks columns {absent}; rerun 'riemann-bench stability'")
-    if not isinstance(meta, dict) or not {"sweep", "command", "environment"} <= meta.keys():
-        raise ValueError(f"{files[1]} lacks the sweep record; rerun 'riemann-bench stability'")
+    keys = ("sweep", "command", "environment")
+    tables = {"pairs.csv": PAIR_COLUMNS}
+    (pairs,), meta = read_study(out, tables, "stability.json", keys, "riemann-bench stability")
     return pairs, meta
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .output import write_atomic
+from .output import read_study, write_atomic
 from .report import markdown_table
 
 CURVES = (
@@ -43,38 +42,9 @@ TUNING_COLUMNS = (
 
 def load(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """``runs.csv``, ``tuning.csv`` and ``training.json`` of ``out``, checked."""
-    files = [out / name for name in ("runs.csv", "tuning.csv", "training.json")]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise ValueError(
-            f"no training results at {', '.join(missing)}; run 'riemann-bench train' "
-            "with this --out first"
-        )
-    try:
-        runs, tuning = pd.read_csv(files[0]), pd.read_csv(files[1])
-        meta = json.loads(files[2].read_text())
-    except (
-        pd.errors.ParserError,
-        pd.errors.EmptyDataError,
-        json.JSONDecodeError,
-        UnicodeDecodeError,
-    ) as err:
-        raise ValueError(
-            f"cannot read the training results in {out} ({err}); they are corrupted: rerun "
-            "'riemann-bench train' with this --out"
-        ) from err
-    for frame, columns, name in (
-        (runs, RUN_COLUMNS, "runs.csv"),
-        (tuning, TUNING_COLUMNS, "tuning.csv"),
-    ):
-        absent = [c for c in columns if c not in frame.columns]
-        if absent:
-            raise ValueError(
-                f"{out / name} lacks columns {absent}; it was not written by this version of "
-                "'riemann-bench train': rerun it"
-            )
-    if not isinstance(meta, dict) or not {"study", "command", "environment"} <= meta.keys():
-        raise ValueError(f"{files[2]} lacks the study record; rerun 'riemann-bench train'")
+    tables = {"runs.csv": RUN_COLUMNS, "tuning.csv": TUNING_COLUMNS}
+    keys = ("study", "command", "environment")
+    (runs, tuning), meta = read_study(out, tables, "training.json", keys, "riemann-bench train")
     return runs, tuning, meta
 
 
