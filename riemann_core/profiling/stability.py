@@ -13,6 +13,9 @@ same Fisher samples) on ``S`` and ``S'`` and measures
 - ``loss_gap``: mean over the test split of ``|l(theta_S; z) - l(theta_S'; z)|`` (the
   quantity uniform stability bounds).
 
+A pair whose training loss did not fall below its initial value in either run is recorded
+with status ``not trained`` (its distances kept) and left out of the fits.
+
 It then fits log-log slopes in ``mu`` (at each ``n``) and in ``n`` (at each ``mu``) with
 bootstrap intervals over the pairs, and a joint ``log D = a + b log mu + c log n``.
 """
@@ -210,6 +213,9 @@ def pair_distance(
     }
     if row["status"] != "ok":
         return {**row, **dict.fromkeys(METRICS, math.nan)}
+    if any(r.records[-1]["train_loss"] >= r.records[0]["train_loss"] for r in (run_a, run_b)):
+        # the bound is about training that converges; such a pair is kept but not fitted
+        row["status"] = "not trained"
     with torch.no_grad():
         theta = [torch.cat([p.reshape(-1) for p in n.parameters()]) for n in (net_a, net_b)]
         logits_a, logits_b = net_a(pool.test.inputs), net_b(pool.test.inputs)
@@ -331,13 +337,17 @@ def joint_slopes(pairs: pd.DataFrame, *, seed: int = 0, n_boot: int = 2000) -> p
             data = group[group[metric] > 0]
             if data["damping"].nunique() < 2 or data["size"].nunique() < 2:
                 continue
-            coef = _lstsq(data, metric)
+            design = np.column_stack(
+                [np.ones(len(data)), np.log(data["damping"]), np.log(data["size"])]
+            )
+            target = np.log(data[metric].to_numpy())
+            coef = np.linalg.lstsq(design, target, rcond=None)[0]
+            rows_of = [np.flatnonzero(data["pair"].to_numpy() == s) for s in seeds]
             boots = []
             for _ in range(n_boot):
-                pick = rng.choice(seeds, size=seeds.size)
-                sample = pd.concat([data[data["pair"] == s] for s in pick])
-                if sample["damping"].nunique() > 1 and sample["size"].nunique() > 1:
-                    boots.append(_lstsq(sample, metric))
+                take = np.concatenate([rows_of[i] for i in rng.integers(0, seeds.size, seeds.size)])
+                if np.linalg.matrix_rank(design[take]) == 3:
+                    boots.append(np.linalg.lstsq(design[take], target[take], rcond=None)[0])
             boots = np.array(boots)
             for i, axis in ((1, "damping"), (2, "size")):
                 low, high = (
@@ -379,8 +389,8 @@ def local_slopes(pairs: pd.DataFrame) -> pd.DataFrame:
                         "method": method,
                         "metric": metric,
                         "axis": "damping",
-                        "from": lo,
-                        "to": hi,
+                        "from": f"{lo:g}",
+                        "to": f"{hi:g}",
                         "slope": ratio.median(),
                     }
                 )
@@ -393,8 +403,8 @@ def local_slopes(pairs: pd.DataFrame) -> pd.DataFrame:
                         "method": method,
                         "metric": metric,
                         "axis": "size",
-                        "from": lo,
-                        "to": hi,
+                        "from": f"{lo:g}",
+                        "to": f"{hi:g}",
                         "slope": slope,
                     }
                 )
@@ -434,8 +444,3 @@ def _slope(group: pd.DataFrame, axis: str, metric: str, seed: int) -> dict:
         "predicted": PREDICTED[axis],
         "verdict": verdict(fit.slope, low, high, PREDICTED[axis]),
     }
-
-
-def _lstsq(data: pd.DataFrame, metric: str) -> np.ndarray:
-    design = np.column_stack([np.ones(len(data)), np.log(data["damping"]), np.log(data["size"])])
-    return np.linalg.lstsq(design, np.log(data[metric].to_numpy()), rcond=None)[0]

@@ -104,6 +104,13 @@ def write_report(out: Path, *, seed: int = 0) -> Path:
     write_atomic(out / "slopes.csv", per_point.to_csv(index=False))
     write_atomic(out / "joint_slopes.csv", joint.to_csv(index=False))
     counts = pairs["status"].value_counts().to_dict()
+    left_out = (
+        pairs[pairs["status"] != "ok"]
+        .groupby(["method", "damping", "size", "status"])
+        .size()
+        .rename("pairs")
+        .reset_index()
+    )
     medians = (
         pairs[pairs["status"] == "ok"]
         .groupby(["method", "damping", "size"])[[*METRICS, "train_loss_a"]]
@@ -156,6 +163,13 @@ def write_report(out: Path, *, seed: int = 0) -> Path:
         "no longer depends on that axis.",
         "",
         markdown_table(local_table) if not local_table.empty else "(no finished pairs)",
+        "",
+        "## Pairs left out of the fits",
+        "",
+        markdown_table(left_out) if not left_out.empty else "(none: every pair trained)",
+        "",
+        "`not trained`: the training loss of `S` or `S'` ended at or above its initial value; "
+        "`diverged`: NaN or inf, or a loss above 1000 times its initial value.",
         "",
         "## Median distances (and the training loss reached on `S`)",
         "",

@@ -50,6 +50,26 @@ def test_one_replaced_example_moves_the_trained_model(pool):
     assert 0 < result["prediction_distance"] < 1 and result["loss_gap"] > 0
 
 
+def test_a_pair_that_does_not_train_is_kept_but_marked(pool):
+    # layerwise with mu = 1e-3 overshoots at lr 1: the loss ends far above where it began
+    rows, position, replacement = neighbours(len(pool.labels), 24, seed=1)
+    other = rows.copy()
+    other[position] = replacement
+    result = pair_distance(pool, rows, other, Config("layerwise", 1.0, 1e-3), model="mlp",
+                           seed=4, steps=8, batch_size=8)  # fmt: skip
+    assert result["status"] == "not trained"
+    assert result["train_loss_a"] > 100 and result["param_distance"] > 0
+
+
+def test_fits_leave_out_pairs_that_did_not_train():
+    pairs = synthetic()
+    spoiled = pairs.copy()
+    spoiled.loc[0, ["status", "param_distance"]] = ["not trained", 1e9]
+    for fit in (joint_slopes, slopes, local_slopes):
+        assert not np.allclose(fit(pairs)["slope"], fit(pairs.assign(param_distance=7.0))["slope"])
+        pd.testing.assert_frame_equal(fit(spoiled.iloc[1:]), fit(spoiled))
+
+
 def test_neighbours_are_a_set_and_an_outside_replacement():
     rows, position, replacement = neighbours(100, 30, seed=7)
     assert len(set(rows.tolist())) == 30 and replacement not in rows and 0 <= position < 30
