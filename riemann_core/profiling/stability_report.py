@@ -168,7 +168,7 @@ def write_report(out: Path, *, seed: int = 0) -> Path:
         "",
         markdown_table(left_out) if not left_out.empty else "(none: every pair trained)",
         "",
-        "`not trained`: the training loss of `S` or `S'` ended at or above its initial value; "
+        "`not trained`: the run on `S` or on `S'` ended above half its initial training loss; "
         "`diverged`: NaN or inf, or a loss above 1000 times its initial value.",
         "",
         "## Median distances (and the training loss reached on `S`)",
