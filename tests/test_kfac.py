@@ -167,9 +167,49 @@ def test_eigh_of_a_saturated_layer_factor(name):
     from riemann_core.methods.kfac import eigh
 
     gamma = torch.load(Path(__file__).parent / "data" / f"{name}.pt")
-    values, vectors = eigh(gamma, "Gamma")
-    assert values.dtype == vectors.dtype == torch.float32
-    reference = torch.linalg.eigvalsh(gamma.double())
-    assert torch.allclose(values.double(), reference, atol=1e-8)
-    rebuilt = (vectors.double() * values.double()) @ vectors.double().T
-    assert (rebuilt - gamma.double()).abs().max() < 1e-8
+    check_eigendecomposition(gamma, *eigh(gamma, "Gamma"))
+
+
+@pytest.mark.parametrize("failure", ["raises", "returns NaN"])
+def test_eigh_falls_back_to_float64_when_float32_lapack_fails(failure, monkeypatch):
+    from riemann_core.methods import kfac
+
+    real = torch.linalg.eigh
+    calls = []
+
+    def flaky(matrix):
+        calls.append(matrix.dtype)
+        if matrix.dtype == torch.float32:
+            if failure == "raises":
+                raise torch.linalg.LinAlgError("did not converge")
+            values, vectors = real(matrix)
+            return values * float("nan"), vectors
+        return real(matrix)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    a = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    gamma = a @ a.T
+    values, vectors = kfac.eigh(gamma, "Gamma")
+    assert calls == [torch.float32, torch.float64]
+    check_eigendecomposition(gamma, values, vectors)
+
+
+def test_eigh_failing_in_float64_too_is_a_solve_error(monkeypatch):
+    from riemann_core.methods import kfac
+
+    def broken(matrix):
+        raise torch.linalg.LinAlgError("did not converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    with pytest.raises(rc.SolveError, match="eigendecomposition of the Gamma failed"):
+        kfac.eigh(torch.eye(3), "Gamma")
+
+
+def check_eigendecomposition(matrix, values, vectors):
+    assert values.dtype == vectors.dtype == matrix.dtype
+    m = matrix.double()
+    scale = m.abs().max()
+    assert torch.allclose(values.double(), torch.linalg.eigvalsh(m), atol=1e-6 * scale)
+    q = vectors.double()
+    assert torch.allclose(q.T @ q, torch.eye(len(m), dtype=torch.float64), atol=1e-5)
+    assert ((q * values.double()) @ q.T - m).abs().max() <= 1e-6 * scale

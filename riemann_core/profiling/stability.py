@@ -14,8 +14,7 @@ same Fisher samples) on ``S`` and ``S'`` and measures
   quantity uniform stability bounds).
 
 A pair in which either run ends with more than half its initial training loss (it failed to
-train: a trained run on these digits ends below a tenth) is recorded with status
-``not trained``, its distances kept, and left out of the fits.
+train) is recorded with status ``not trained``, its distances kept, and left out of the fits.
 
 It then fits log-log slopes in ``mu`` (at each ``n``) and in ``n`` (at each ``mu``) with
 bootstrap intervals over the pairs, and a joint ``log D = a + b log mu + c log n``.
@@ -35,7 +34,6 @@ import torch
 import torch.nn.functional as F
 
 from . import digits
-from .fit import loglog_slope
 from .options import check_choices, floats, ints, names
 from .trainer import OPTIMISERS, Config, train
 from .training import DTYPES
@@ -122,6 +120,8 @@ def sweep_from(args: argparse.Namespace) -> Sweep:
     for name in spec:
         if getattr(args, name, None) is not None:
             spec[name] = getattr(args, name)
+    if args.seed < 0:
+        raise ValueError(f"--seed must be non-negative, got {args.seed}")
     sweep = Sweep(**spec)
     check_choices("method", sweep.methods, METHODS)
     if not sweep.dampings or not all(0 < mu < math.inf for mu in sweep.dampings):
@@ -236,10 +236,9 @@ def run(args: argparse.Namespace) -> int:
 
     out = out_dir(args)
     if args.report_only:
-        print(f"wrote {write_report(out, seed=args.seed)}")
+        print(f"wrote {write_report(out)}")
         return 0
     sweep = sweep_from(args)
-    out.mkdir(parents=True, exist_ok=True)  # an unusable --out fails now, not after training
     from tqdm import tqdm
 
     from .environment import environment
@@ -253,6 +252,16 @@ def run(args: argparse.Namespace) -> int:
             f"--sizes may be at most {len(pool.labels) - 1} (the digits outside the test "
             f"split, less one replacement), got {max(sweep.sizes)}"
         )
+    out.mkdir(parents=True, exist_ok=True)  # an unusable --out fails now, not after training
+    meta = {
+        "command": args.command_line,
+        "sweep": asdict(sweep),
+        "seed": args.seed,  # also the bootstrap seed of the fits
+        "pool": len(pool.labels),
+        "test": len(pool.test),
+        "environment": env,
+    }
+    write_json(out, "stability.json", meta)
     points = [
         (p, n, method, mu)
         for p in range(sweep.pairs)
@@ -289,38 +298,32 @@ def run(args: argparse.Namespace) -> int:
                 **result,
             }
         )
-    pairs = pd.DataFrame(rows)
-    write_atomic(out / "pairs.csv", pairs.to_csv(index=False))
-    meta = {
-        "command": args.command_line,
-        "sweep": asdict(sweep),
-        "seed": args.seed,
-        "pool": len(pool.labels),
-        "test": len(pool.test),
-        "environment": env,
-    }
-    write_json(out, "stability.json", meta)
-    print(f"wrote {write_report(out, seed=args.seed)}")
+        # after every pair, so that an interrupted sweep keeps what it measured
+        write_atomic(out / "pairs.csv", pd.DataFrame(rows).to_csv(index=False))
+    print(f"wrote {write_report(out)}")
     return 0
 
 
-def slopes(pairs: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
+def slopes(pairs: pd.DataFrame, *, seed: int = 0, n_boot: int = 2000) -> pd.DataFrame:
     """Log-log slope of every metric along ``damping`` (at each ``size``) and along ``size``
-    (at each ``damping``), per method, with a bootstrap 95% interval over the pairs, and the
-    verdict against the bound's exponent."""
+    (at each ``damping``), per method: least squares over the pairs, a 95% interval from
+    resampling the pair seeds, and the verdict against the bound's exponent."""
     ok = pairs[pairs["status"] == "ok"]
     rows = []
     for method, by_method in ok.groupby("method", sort=False):
         for axis, other in (("damping", "size"), ("size", "damping")):
             for fixed, group in by_method.groupby(other):
                 for metric in METRICS:
+                    fit = cluster_fit(group, metric, (axis,), seed=seed, n_boot=n_boot)
+                    if fit is None:
+                        continue
                     rows.append(
                         {
                             "method": method,
                             "axis": axis,
                             "at": f"{'n' if other == 'size' else 'mu'}={fixed:g}",
                             "metric": metric,
-                            **_slope(group, axis, metric, seed),
+                            **_judged(fit, 1, axis),
                         }
                     )
     return pd.DataFrame(rows)
@@ -330,43 +333,55 @@ def joint_slopes(pairs: pd.DataFrame, *, seed: int = 0, n_boot: int = 2000) -> p
     """``log D = a + b log mu + c log n`` by least squares over all pairs of a method, with
     95% intervals from resampling the pair seeds (each seed's whole grid kept together)."""
     ok = pairs[pairs["status"] == "ok"]
-    rng = np.random.default_rng(seed)
     rows = []
     for method, group in ok.groupby("method", sort=False):
-        seeds = group["pair"].unique()
         for metric in METRICS:
-            data = group[group[metric] > 0]
-            if data["damping"].nunique() < 2 or data["size"].nunique() < 2:
+            fit = cluster_fit(group, metric, ("damping", "size"), seed=seed, n_boot=n_boot)
+            if fit is None:
                 continue
-            design = np.column_stack(
-                [np.ones(len(data)), np.log(data["damping"]), np.log(data["size"])]
-            )
-            target = np.log(data[metric].to_numpy())
-            coef = np.linalg.lstsq(design, target, rcond=None)[0]
-            rows_of = [np.flatnonzero(data["pair"].to_numpy() == s) for s in seeds]
-            boots = []
-            for _ in range(n_boot):
-                take = np.concatenate([rows_of[i] for i in rng.integers(0, seeds.size, seeds.size)])
-                if np.linalg.matrix_rank(design[take]) == 3:
-                    boots.append(np.linalg.lstsq(design[take], target[take], rcond=None)[0])
-            boots = np.array(boots)
             for i, axis in ((1, "damping"), (2, "size")):
-                low, high = (
-                    np.percentile(boots[:, i], [2.5, 97.5]) if seeds.size > 1 else (np.nan,) * 2
-                )
                 rows.append(
-                    {
-                        "method": method,
-                        "metric": metric,
-                        "axis": axis,
-                        "slope": coef[i],
-                        "low": low,
-                        "high": high,
-                        "predicted": PREDICTED[axis],
-                        "verdict": verdict(coef[i], low, high, PREDICTED[axis]),
-                    }
+                    {"method": method, "metric": metric, "axis": axis, **_judged(fit, i, axis)}
                 )
     return pd.DataFrame(rows)
+
+
+def cluster_fit(
+    data: pd.DataFrame, metric: str, axes: tuple[str, ...], *, seed: int, n_boot: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Least squares of ``log metric`` on ``1, log axes...`` over the pairs with a positive
+    distance, and ``n_boot`` bootstrap coefficient vectors, each refitted on a resample of
+    the pair seeds with all of a seed's points kept together (a pair's ``S``, ``S'`` is
+    shared across the grid, so its points are not independent). ``None`` when the points
+    span fewer than two values of an axis."""
+    data = data[data[metric] > 0]
+    if any(data[axis].nunique() < 2 for axis in axes):
+        return None
+    design = np.column_stack([np.ones(len(data)), *(np.log(data[axis]) for axis in axes)])
+    target = np.log(data[metric].to_numpy())
+    coef = np.linalg.lstsq(design, target, rcond=None)[0]
+    pair = data["pair"].to_numpy()
+    rows_of = [np.flatnonzero(pair == p) for p in np.unique(pair)]
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot if len(rows_of) > 1 else 0):
+        take = np.concatenate([rows_of[i] for i in rng.integers(0, len(rows_of), len(rows_of))])
+        if np.linalg.matrix_rank(design[take]) == design.shape[1]:
+            boots.append(np.linalg.lstsq(design[take], target[take], rcond=None)[0])
+    return coef, np.array(boots).reshape(-1, design.shape[1])
+
+
+def _judged(fit: tuple[np.ndarray, np.ndarray], i: int, axis: str) -> dict:
+    coef, boots = fit
+    low, high = np.percentile(boots[:, i], [2.5, 97.5]) if len(boots) else (math.nan,) * 2
+    predicted = PREDICTED[axis]
+    return {
+        "slope": coef[i],
+        "low": low,
+        "high": high,
+        "predicted": predicted,
+        "verdict": verdict(coef[i], low, high, predicted),
+    }
 
 
 def local_slopes(pairs: pd.DataFrame) -> pd.DataFrame:
@@ -374,74 +389,52 @@ def local_slopes(pairs: pd.DataFrame) -> pd.DataFrame:
 
     Along ``damping`` the same ``S``, ``S'`` are trained at every ``mu``, so the slope is the
     median over the pairs (and sizes) of ``log(D(mu') / D(mu)) / log(mu' / mu)``; along
-    ``size`` the training sets differ, so it is the slope between the median distances.
+    ``size`` the training sets differ, so it is the slope between the median distances at
+    each ``mu``, then the median over the ``mu``.
     """
     ok = pairs[(pairs["status"] == "ok")]
     rows = []
     for method, group in ok.groupby("method", sort=False):
         for metric in METRICS:
             data = group[group[metric] > 0]
-            wide = data.pivot_table(index=["pair", "size"], columns="damping", values=metric)
-            mus = list(wide.columns)
-            for lo, hi in zip(mus, mus[1:]):
-                ratio = np.log(wide[hi] / wide[lo]).dropna() / math.log(hi / lo)
-                rows.append(
-                    {
-                        "method": method,
-                        "metric": metric,
-                        "axis": "damping",
-                        "from": f"{lo:g}",
-                        "to": f"{hi:g}",
-                        "slope": ratio.median(),
-                    }
-                )
-            medians = data.groupby("size")[metric].median()
-            sizes = list(medians.index)
-            for lo, hi in zip(sizes, sizes[1:]):
-                slope = math.log(medians[hi] / medians[lo]) / math.log(hi / lo)
-                rows.append(
-                    {
-                        "method": method,
-                        "metric": metric,
-                        "axis": "size",
-                        "from": f"{lo:g}",
-                        "to": f"{hi:g}",
-                        "slope": slope,
-                    }
-                )
+            for axis, paired_by, across in (
+                ("damping", ["pair", "size"], None),
+                ("size", None, "damping"),
+            ):
+                if paired_by is not None:
+                    table = data.pivot_table(index=paired_by, columns=axis, values=metric)
+                else:
+                    table = data.pivot_table(
+                        index=across, columns=axis, values=metric, aggfunc="median"
+                    )
+                grid = list(table.columns)
+                for lo, hi in zip(grid, grid[1:]):
+                    ratio = np.log(table[hi] / table[lo]).dropna() / math.log(hi / lo)
+                    rows.append(
+                        {
+                            "method": method,
+                            "metric": metric,
+                            "axis": axis,
+                            "from": f"{lo:g}",
+                            "to": f"{hi:g}",
+                            "slope": ratio.median(),
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
+#: an interval wider than this (in units of the exponent) cannot tell the bound's rate apart
+MAX_WIDTH = 1.0
+
+
 def verdict(slope: float, low: float, high: float, predicted: float) -> str:
-    """Where the measured exponent lies against the bound's: an interval containing it
-    agrees; below it the distance falls faster than the bound says, above it slower."""
+    """Where the measured exponent lies against the bound's: the interval holds it and is at
+    most ``MAX_WIDTH`` wide (agrees), holds it but is wider (inconclusive), or lies wholly
+    below (the distance falls faster) or above it (falls slower)."""
     if math.isnan(low):
         return "no interval (one pair)"
-    if low <= predicted <= high:
-        return "agrees with the bound"
-    return "falls faster than the bound" if high < predicted else "falls slower than the bound"
-
-
-def _slope(group: pd.DataFrame, axis: str, metric: str, seed: int) -> dict:
-    data = group[group[metric] > 0]
-    x = sorted(data[axis].unique())
-    if len(x) < 2:
-        return {
-            "slope": math.nan,
-            "low": math.nan,
-            "high": math.nan,
-            "predicted": PREDICTED[axis],
-            "verdict": "too few points",
-        }
-    fit = loglog_slope(
-        x, [data.loc[data[axis] == v, metric].to_numpy() for v in x], tail=len(x), seed=seed
-    )
-    single = data.groupby(axis).size().max() < 2
-    low, high = (math.nan, math.nan) if single else (fit.low, fit.high)
-    return {
-        "slope": fit.slope,
-        "low": low,
-        "high": high,
-        "predicted": PREDICTED[axis],
-        "verdict": verdict(fit.slope, low, high, PREDICTED[axis]),
-    }
+    if high < predicted:
+        return "falls faster than the bound"
+    if low > predicted:
+        return "falls slower than the bound"
+    return "agrees with the bound" if high - low <= MAX_WIDTH else "inconclusive"

@@ -8,7 +8,7 @@ import pandas as pd
 
 from .output import read_study, write_atomic
 from .report import markdown_table
-from .stability import METRICS, PREDICTED, joint_slopes, local_slopes, slopes
+from .stability import MAX_WIDTH, METRICS, PREDICTED, joint_slopes, local_slopes, slopes
 
 LABELS = {
     "param_distance": "||theta_S - theta_S'||",
@@ -87,8 +87,9 @@ def distance_figure(pairs: pd.DataFrame, axis: str, path: Path) -> Path:
     return path
 
 
-def write_report(out: Path, *, seed: int = 0) -> Path:
+def write_report(out: Path) -> Path:
     pairs, meta = load(out)
+    seed = meta["seed"]  # the study's seed: a redraw resamples the bootstrap alike
     sweep, env, command = meta["sweep"], meta["environment"], meta["command"]
     redraw = f"riemann-bench stability --report-only --out {out}"
     per_point = slopes(pairs, seed=seed)
@@ -146,8 +147,13 @@ def write_report(out: Path, *, seed: int = 0) -> Path:
         "## Joint fit `log D = a + b log mu + c log n`",
         "",
         "Intervals: 95%, resampling the pair seeds. The bound predicts "
-        f"`b = {PREDICTED['damping']:g}` and `c = {PREDICTED['size']:g}`; it is an upper "
-        "bound, so a faster fall is consistent with it and a slower one is not.",
+        f"`b = {PREDICTED['damping']:g}` and `c = {PREDICTED['size']:g}`. Verdicts: "
+        "`agrees` when the interval holds the bound's exponent and is at most "
+        f"{MAX_WIDTH:g} wide, `inconclusive` when it holds it but is wider, `falls faster` "
+        "or `falls slower` when it lies wholly below or above. The bound limits how large "
+        "the distances are, not their slope: a faster fall is consistent with it; a slower "
+        "one means its rate does not describe the data on this grid (a distance that levels "
+        "off is still below some C / (mu sqrt(n)) over a finite grid).",
         "",
         markdown_table(joint) if not joint.empty else "(needs two dampings and two sizes)",
         "",

@@ -8,7 +8,7 @@ direction and the damping ``mu`` is the mass of ``G = mu I + K^T K``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -80,7 +80,10 @@ class Run:
     """What one run recorded: ``records`` (one dict per evaluation) and its ``status``."""
 
     records: list[dict] = field(default_factory=list)
-    status: str = "ok"  # or "diverged": NaN or inf, or a loss above DIVERGED x its start
+    #: "diverged": NaN or inf (loss, gradient, direction or parameters), or a loss above
+    #: DIVERGED x its start; "solver failed": the metric could not be factorised
+    status: str = "ok"
+    reason: str = ""
 
 
 def evaluate(model: nn.Module, examples: Examples) -> tuple[float, float]:
@@ -121,7 +124,6 @@ def train(
     seed: int,
     eval_every: int,
     evaluate_on: Mapping[str, Examples],
-    on_step: Callable[[], None] | None = None,
 ) -> Run:
     """Train ``model`` in place for ``steps`` mini-batch steps of ``config``'s method.
 
@@ -129,7 +131,9 @@ def train(
     of ``evaluate_on`` are recorded with ``time_s``: the wall-clock spent in training steps
     so far (CUDA synchronised; evaluations not counted). A run whose loss, gradient or
     parameters become NaN or inf, or whose evaluated loss exceeds ``DIVERGED`` times its
-    initial value, stops there with status ``diverged``.
+    initial value, stops there with status ``diverged``; one whose metric cannot be
+    factorised (:class:`rc.SolveError`) stops with ``solver failed``. Either way the
+    reason is kept in ``Run.reason`` and the records so far are returned.
     """
     if steps < 1 or eval_every < 1:
         raise ValueError(f"steps and eval_every must be positive, got {steps} and {eval_every}")
@@ -175,16 +179,20 @@ def train(
             if preconditioner is not None:
                 try:
                     preconditioner.step()
-                except (ValueError, rc.SolveError):
-                    if _finite(float(loss)) and _parameters_finite(params):
+                except rc.SolveError as err:  # the metric could not be factorised
+                    run.status, run.reason = "solver failed", str(err)
+                    break
+                except (ValueError, FloatingPointError) as err:
+                    grads_finite = _parameters_finite(
+                        [p.grad for p in params if p.grad is not None]
+                    )
+                    if isinstance(err, ValueError) and grads_finite and _finite(float(loss)):
                         raise  # not a divergence: a real error
-                    run.status = "diverged"
+                    run.status, run.reason = "diverged", str(err)
                     break
             optimiser.step()
             synchronize(device)
             elapsed += time.perf_counter() - start
-            if on_step is not None:
-                on_step()
             if (step % eval_every == 0 or step == steps) and not record(step):
                 run.status = "diverged"
                 break

@@ -146,6 +146,8 @@ def study_from(args: argparse.Namespace) -> Study:
             spec[name] = getattr(args, name)
     if getattr(args, "lrs", None) is not None:
         spec["lrs"] = dict.fromkeys(METHODS, args.lrs)
+    if args.seed < 0:
+        raise ValueError(f"--seed must be non-negative, got {args.seed}")
     study = Study(**spec)
     _check(study)
     return study
@@ -198,7 +200,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {write_report(out)}")
         return 0
     study = study_from(args)
-    out.mkdir(parents=True, exist_ok=True)  # an unusable --out fails now, not after training
     from tqdm import tqdm
 
     from .environment import environment
@@ -207,8 +208,14 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     env = environment(device)  # now: the code that runs, whatever happens to the tree later
     data = load_split(args.seed, device, DTYPES[study.dtype])
+    if study.batch_size > len(data["train"]):
+        raise ValueError(
+            f"--batch-size may be at most the {len(data['train'])} training examples, "
+            f"got {study.batch_size}"
+        )
+    out.mkdir(parents=True, exist_ok=True)  # an unusable --out fails now, not after training
     steps = math.ceil(study.epochs * len(data["train"]) / study.batch_size)
-    eval_every = max(1, steps // study.evaluations)
+    eval_every = max(1, math.ceil(steps / study.evaluations))
     tune_seed = args.seed + study.seeds  # not one of the seeds the results are reported for
     seeds = [args.seed + i for i in range(study.seeds)]
     n_runs = sum(len(study.configs(m)) for m in study.methods) * len(study.models)
@@ -236,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
             "damping": config.damping,
             "seed": seed,
             "status": result.status,
+            "reason": result.reason,
         }
         return [{**base, **r} for r in result.records]
 
@@ -248,26 +256,12 @@ def run(args: argparse.Namespace) -> int:
                 )[-1]
                 tuning.append(last)
             chosen[model_name, method] = choose(pd.DataFrame(tuning), model_name, method)
-
-    curves = []
-    for seed in seeds:  # seeds outermost: methods interleaved in time
-        for model_name in study.models:
-            for method in study.methods:
-                config = chosen[model_name, method]
-                if config is None:  # every configuration diverged in tuning
-                    progress.update()
-                    continue
-                sets = {"train": data["train"], "test": data["test"]}
-                curves += one_run(model_name, config, seed, sets, eval_every)
-    progress.close()
-
     write_atomic(out / "tuning.csv", pd.DataFrame(tuning).to_csv(index=False))
-    if not curves:
+    if all(c is None for c in chosen.values()):
         raise ValueError(
             f"every configuration diverged in tuning (see {out / 'tuning.csv'}); try smaller "
             "--lrs or larger --dampings"
         )
-    write_atomic(out / "runs.csv", pd.DataFrame(curves).to_csv(index=False))
     meta = {
         "command": args.command_line,
         "study": asdict(study),
@@ -284,6 +278,20 @@ def run(args: argparse.Namespace) -> int:
         "environment": env,
     }
     write_json(out, "training.json", meta)
+
+    curves = []
+    for seed in seeds:  # seeds outermost: methods interleaved in time
+        for model_name in study.models:
+            for method in study.methods:
+                config = chosen[model_name, method]
+                if config is None:  # every configuration diverged in tuning
+                    progress.update()
+                    continue
+                sets = {"train": data["train"], "test": data["test"]}
+                curves += one_run(model_name, config, seed, sets, eval_every)
+        # after every round of seeds, so that an interrupted study keeps what it measured
+        write_atomic(out / "runs.csv", pd.DataFrame(curves).to_csv(index=False))
+    progress.close()
     print(f"wrote {write_report(out)}")
     return 0
 

@@ -80,7 +80,7 @@ def chosen_table(tuning: pd.DataFrame) -> pd.DataFrame:
                 "validation loss": np.nan if best is None else best["validation_loss"],
                 "validation accuracy": np.nan if best is None else best["validation_accuracy"],
                 "configurations": len(group),
-                "diverged": int((group["status"] != "ok").sum()),
+                "diverged or failed": int((group["status"] != "ok").sum()),
                 "at grid edge": "-" if best is None else grid_edge(group, best),
             }
         )
@@ -120,10 +120,12 @@ def final_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def to_target(runs: pd.DataFrame, target: float) -> pd.DataFrame:
-    """Per run: the first evaluation at which test accuracy reached ``target`` (or NaN)."""
+    """Per run: the first evaluation at which test accuracy reached ``target`` (NaN if it
+    never did, or if the run diverged or failed: the tables count only runs that finished)."""
     rows = []
     for (model, method, seed), group in runs.groupby(["model", "method", "seed"], sort=False):
-        hit = group[group["test_accuracy"] >= target].sort_values("step")
+        ok = group["status"] == "ok"
+        hit = group[ok & (group["test_accuracy"] >= target)].sort_values("step")
         first = hit.iloc[0] if not hit.empty else None
         rows.append(
             {
@@ -193,16 +195,16 @@ def curves_figure(runs: pd.DataFrame, model: str, target: float, path: Path) -> 
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    data = runs[runs["model"] == model]
+    data = runs[(runs["model"] == model) & (runs["status"] == "ok")]
     methods = list(dict.fromkeys(data["method"]))
     colours = dict(zip(methods, sns.color_palette("tab10", len(methods))))
     fig, axes = plt.subplots(len(CURVES), 2, figsize=(11, 3.2 * len(CURVES)), sharex="col")
     for method in methods:
         by_step = data[data["method"] == method].groupby("step")
-        summary = by_step.agg(time=("time_s", "median"), seeds=("seed", "nunique"))
+        time = by_step["time_s"].median()
         for row, (column, label, scale) in enumerate(CURVES):
             stats = by_step[column].agg(["median", "min", "max"])
-            for col, x in enumerate((summary.index.to_numpy(), summary["time"].to_numpy())):
+            for col, x in enumerate((time.index.to_numpy(), time.to_numpy())):
                 ax = axes[row, col]
                 ax.plot(x, stats["median"], color=colours[method], label=method)
                 ax.fill_between(x, stats["min"], stats["max"], color=colours[method], alpha=0.2)
@@ -214,7 +216,7 @@ def curves_figure(runs: pd.DataFrame, model: str, target: float, path: Path) -> 
     for ax in axes[-1]:
         ax.axhline(target, color="grey", linestyle=":", linewidth=1)
     axes[0, 0].legend(fontsize="small")
-    fig.suptitle(f"{model}: median over seeds, shaded min to max")
+    fig.suptitle(f"{model}: median over the seeds that finished, shaded min to max")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

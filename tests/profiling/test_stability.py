@@ -19,8 +19,8 @@ from riemann_core.profiling.stability import (
 )
 from riemann_core.profiling.trainer import Config
 
-SMALL = ["stability", "--quick", "--dampings", "0.1,1", "--sizes", "40,80", "--pairs", "2",
-         "--steps", "12", "--batch-size", "16"]  # fmt: skip
+SMALL = ["stability", "--quick", "--dampings", "0.3,1", "--lr", "0.5", "--sizes", "40,80",
+         "--pairs", "2", "--steps", "12", "--batch-size", "16"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +120,7 @@ def test_verdict_reads_the_interval_against_the_bound():
     assert verdict(-2.0, -2.2, -1.8, -1.0) == "falls faster than the bound"
     assert verdict(-0.2, -0.4, 0.1, -1.0) == "falls slower than the bound"
     assert verdict(-0.2, float("nan"), float("nan"), -1.0) == "no interval (one pair)"
+    assert verdict(0.5, -2.0, 3.0, -1.0) == "inconclusive"  # holds -1, but also 0 and more
 
 
 def test_small_sweep_writes_pairs_slopes_figures_and_report(tmp_path):
@@ -151,6 +152,7 @@ def test_small_sweep_writes_pairs_slopes_figures_and_report(tmp_path):
         (["--batch-size", "200"], "--batch-size must be between 1 and the smallest size 150"),
         (["--pairs", "0"], "--pairs and --steps must be positive"),
         (["--lr", "-1"], "--lr must be positive"),
+        (["--seed", "-1"], "--seed must be non-negative"),
     ],
 )
 def test_bad_options_are_clear_errors(options, message, tmp_path, capsys):

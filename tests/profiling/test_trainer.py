@@ -100,10 +100,43 @@ def test_a_run_that_blows_up_stops_with_status_diverged(config, data):
     assert run.records[-1]["step"] < 20
 
 
-def test_time_counts_only_training_steps(data):
+def test_time_counts_only_training_steps(data, monkeypatch):
+    import time
+
+    from riemann_core.profiling import trainer
+
+    def slow_evaluate(model, examples):
+        time.sleep(0.05)
+        return evaluate(model, examples)
+
+    monkeypatch.setattr(trainer, "evaluate", slow_evaluate)
     model = build_model("mlp", 0, torch.device("cpu"), torch.float32)
     run = train(model, data, Config("sgd", 0.1), steps=4, batch_size=8, seed=0, eval_every=1,
                 evaluate_on={"train": data})  # fmt: skip
     times = [r["time_s"] for r in run.records]
     assert times[0] == 0.0 and all(b > a for a, b in zip(times, times[1:]))
+    assert times[-1] < 0.05  # five evaluations slept 0.25 s; none of it is training time
     assert [r["examples"] for r in run.records] == [0, 8, 16, 24, 32]
+
+
+def test_a_metric_that_cannot_be_factorised_ends_the_run_not_the_study(data, monkeypatch):
+    def failing_step(self):
+        raise rc.SolveError("the damped metric could not be factorised")
+
+    monkeypatch.setattr(rc.RiemannianPreconditioner, "step", failing_step)
+    model = build_model("mlp", 0, torch.device("cpu"), torch.float32)
+    run = train(model, data, Config("natural", 0.1, 0.1), steps=4, batch_size=8, seed=0,
+                eval_every=1, evaluate_on={"train": data})  # fmt: skip
+    assert run.status == "solver failed" and "could not be factorised" in run.reason
+    assert [r["step"] for r in run.records] == [0]
+
+
+def test_a_real_error_in_the_preconditioner_is_not_hidden(data, monkeypatch):
+    def buggy_step(self):
+        raise ValueError("shape mismatch")
+
+    monkeypatch.setattr(rc.RiemannianPreconditioner, "step", buggy_step)
+    model = build_model("mlp", 0, torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        train(model, data, Config("layerwise", 0.1, 0.1), steps=2, batch_size=8, seed=0,
+              eval_every=1, evaluate_on={"train": data})  # fmt: skip

@@ -81,6 +81,8 @@ def test_report_only_redraws_and_corrupted_results_are_refused(study, tmp_path, 
         (["--epochs", "0"], "--epochs must be positive"),
         (["--target-accuracy", "1.5"], "--target-accuracy must lie in (0, 1]"),
         (["--batch-size", "0"], "--batch-size and --evaluations must be positive"),
+        (["--batch-size", "5000"], "--batch-size may be at most the 1078 training examples"),
+        (["--seed", "-1"], "--seed must be non-negative"),
     ],
 )
 def test_bad_options_fail_before_any_training(options, message, tmp_path, capsys):
@@ -104,7 +106,7 @@ def test_choose_takes_the_lowest_validation_loss_among_runs_that_did_not_diverge
 
 def test_steps_and_time_to_target_take_the_first_evaluation_at_target():
     runs = pd.DataFrame({
-        "model": "mlp", "method": "sgd",
+        "model": "mlp", "method": "sgd", "status": "ok",
         "seed": [0, 0, 0, 1, 1, 1, 2, 2, 2],
         "step": [0, 10, 20] * 3,
         "time_s": [0.0, 1.0, 2.0, 0.0, 3.0, 6.0, 0.0, 1.0, 2.0],
@@ -117,6 +119,8 @@ def test_steps_and_time_to_target_take_the_first_evaluation_at_target():
     assert row["reached"] == "2/3"
     assert row["steps to target"] == "15 [10, 20]"
     assert row["time to target [s]"] == "3.5 [1, 6]"
+    runs.loc[runs["seed"] == 0, "status"] = "diverged"  # it reached the target, then blew up
+    assert target_table(runs, 0.95).iloc[0]["reached"] == "1/3"
 
 
 def test_spread_is_median_and_range():
