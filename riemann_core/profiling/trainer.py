@@ -186,7 +186,7 @@ def train(
                     grads_finite = _parameters_finite(
                         [p.grad for p in params if p.grad is not None]
                     )
-                    if isinstance(err, ValueError) and grads_finite and _finite(float(loss)):
+                    if isinstance(err, ValueError) and grads_finite and _finite(loss.item()):
                         raise  # not a divergence: a real error
                     run.status, run.reason = "diverged", str(err)
                     break
