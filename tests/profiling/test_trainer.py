@@ -140,3 +140,16 @@ def test_a_real_error_in_the_preconditioner_is_not_hidden(data, monkeypatch):
     with pytest.raises(ValueError, match="shape mismatch"):
         train(model, data, Config("layerwise", 0.1, 0.1), steps=2, batch_size=8, seed=0,
               eval_every=1, evaluate_on={"train": data})  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["layerwise-sampled", "kfac"])
+def test_training_runs_on_every_available_device(device, method, data):
+    """On CUDA (when present) the data, model and Fisher-sampling generator live on the
+    device; the batch order is drawn on the CPU, so it matches the CPU run's."""
+    on_device = Examples(data.inputs.to(device), data.targets.to(device))
+    model = build_model("mlp", 0, torch.device(device), torch.float32)
+    run = train(model, on_device, Config(method, 0.1, 0.1), steps=6, batch_size=8, seed=0,
+                eval_every=3, evaluate_on={"train": on_device})  # fmt: skip
+    assert run.status == "ok"
+    assert all(p.device.type == torch.device(device).type for p in model.parameters())
+    assert run.records[-1]["train_loss"] < run.records[0]["train_loss"]
