@@ -37,6 +37,24 @@ def load(out: Path) -> tuple[pd.DataFrame, dict]:
     return df, meta
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend: figures go to files, no display needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> Path:
+    """Lay out ``fig``, write it to ``path`` and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
 def along(df: pd.DataFrame, base: dict, axis: str) -> pd.DataFrame:
     """Ok rows that vary ``axis`` with the other axes at the base point."""
     mask = df["status"] == "ok"
@@ -70,10 +88,7 @@ def _guides(ax, data: pd.DataFrame, axis: str, metric: str) -> None:
 
 def scaling_figure(df: pd.DataFrame, meta: dict, metric: str, path: Path) -> Path:
     """Log-log ``metric`` against each axis, one panel per axis, a line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import seaborn as sns
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
@@ -102,18 +117,12 @@ def scaling_figure(df: pd.DataFrame, meta: dict, metric: str, path: Path) -> Pat
         ax.grid(True, which="both", lw=0.3)
     base = ", ".join(f"{k}={v}" for k, v in meta["base"].items())
     fig.suptitle(f"{METRICS[metric]} (one axis varied, others at {base})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def crossover_figure(df: pd.DataFrame, meta: dict, path: Path) -> Path:
     """Layerwise against full along the width axis, with their time ratio."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     data = along(df, meta["base"], "width")
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -143,18 +152,12 @@ def crossover_figure(df: pd.DataFrame, meta: dict, path: Path) -> Path:
         ylabel="time full / time layerwise",
         title="crossover: above 1 layerwise wins",
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def rate_figure(df: pd.DataFrame, meta: dict, path: Path) -> Path:
     """Achieved FLOP/s as a fraction of the GEMM rate measured in the same run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import seaborn as sns
 
     data = along(df, meta["base"], "width").copy()
@@ -168,10 +171,7 @@ def rate_figure(df: pd.DataFrame, meta: dict, path: Path) -> Path:
         title=f"GEMM rate {meta['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s (same run)",
     )
     ax.grid(True, which="both", lw=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def figures(df: pd.DataFrame, meta: dict, out: Path) -> dict[str, Path]:

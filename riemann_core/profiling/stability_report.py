@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from .output import read_study, write_atomic
-from .report import markdown_table
+from .report import markdown_table, pyplot, save_figure
 from .stability import MAX_WIDTH, METRICS, PREDICTED, joint_slopes, local_slopes, slopes
 
 LABELS = {
@@ -30,10 +30,7 @@ def load(out: Path) -> tuple[pd.DataFrame, dict]:
 def distance_figure(pairs: pd.DataFrame, axis: str, path: Path) -> Path:
     """Each metric against ``axis``, one line per value of the other axis (median over pairs,
     bars min to max), per method; dashed: the bound's slope through the first median."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import seaborn as sns
 
     other = "size" if axis == "damping" else "damping"
@@ -81,10 +78,7 @@ def distance_figure(pairs: pd.DataFrame, axis: str, path: Path) -> Path:
             ax.set_title(method, fontsize="medium")
         axes[0, col].legend(fontsize="x-small")
     fig.suptitle(f"neighbouring runs against {AXES[axis]}\n(median over pairs, bars min to max)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(out: Path) -> Path:

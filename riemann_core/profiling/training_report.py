@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .output import read_study, write_atomic
-from .report import markdown_table
+from .report import markdown_table, pyplot, save_figure
 
 CURVES = (
     ("train_loss", "train loss", "log"),
@@ -189,10 +189,7 @@ def summary(runs: pd.DataFrame, target: float) -> list[str]:
 def curves_figure(runs: pd.DataFrame, model: str, target: float, path: Path) -> Path:
     """Loss and accuracy against steps (left) and wall-clock (right): the median over seeds,
     shaded between the minimum and the maximum."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import seaborn as sns
 
     data = runs[(runs["model"] == model) & (runs["status"] == "ok")]
@@ -217,18 +214,12 @@ def curves_figure(runs: pd.DataFrame, model: str, target: float, path: Path) -> 
         ax.axhline(target, color="grey", linestyle=":", linewidth=1)
     axes[0, 0].legend(fontsize="small")
     fig.suptitle(f"{model}: median over the seeds that finished, shaded min to max")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def tuning_figure(tuning: pd.DataFrame, model: str, path: Path) -> Path:
     """Final validation loss of every configuration tried, per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     data = tuning[tuning["model"] == model]
     methods = list(dict.fromkeys(data["method"]))
@@ -249,10 +240,7 @@ def tuning_figure(tuning: pd.DataFrame, model: str, path: Path) -> Path:
         ax.legend(fontsize="x-small")
     axes[0, 0].set_ylabel("final validation loss")
     fig.suptitle(f"{model}: tuning grid (missing points diverged)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(out: Path) -> Path:
