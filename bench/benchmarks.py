@@ -9,7 +9,7 @@ CUDA memory benchmarks when CUDA is absent.
 * ``peakmem_``: asv's peak resident host memory of the benchmark process, so it includes
   torch and the call's inputs (model and batch; for a phase, what the phase starts from).
 * ``track_flops_counted``: FLOPs of one call counted by
-  ``riemann_core.profiling.flops.flop_counter``; ``track_flops_modelled``: the cost
+  ``riemann_core.measure.flops.flop_counter``; ``track_flops_modelled``: the cost
   model's ``riemann_core.costs.flops`` total. Either changing flags a regression.
 * ``track_cuda_peak_bytes``: peak CUDA memory allocated during one call, above its inputs.
 
@@ -26,10 +26,10 @@ import torch
 
 import riemann_core as rc
 from riemann_core import costs
+from riemann_core.measure.flops import flop_counter
+from riemann_core.measure.memory import cuda_peak_bytes
 from riemann_core.methods import Options, build_problem
 from riemann_core.modules import handler_for
-from riemann_core.profiling.flops import flop_counter
-from riemann_core.profiling.memory import cuda_peak_bytes
 from riemann_core.woodbury import cholesky
 
 from . import common

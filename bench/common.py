@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from riemann_core import costs
-from riemann_core.profiling.environment import environment
-from riemann_core.profiling.timing import synchronize
+from riemann_core.measure.environment import environment
+from riemann_core.measure.problems import mlp, widths
+from riemann_core.measure.timing import synchronize
 
 __all__ = [
     "BUDGET_BYTES",
@@ -48,23 +49,9 @@ def device() -> str:
     return os.environ.get("RIEMANN_BENCH_DEVICE", "cpu")
 
 
-def widths(width: int, depth: int, out_dim: int) -> tuple[int, ...]:
-    """Layer widths: ``width`` inputs, ``depth`` hidden layers of ``width``, ``out_dim``."""
-    return (width,) * (depth + 1) + (out_dim,)
-
-
 def shape(width: int, depth: int, out_dim: int, batch: int) -> costs.MLPShape:
     """The cost model's view of a problem: exact cross-entropy has ``r = out_dim`` rows."""
     return costs.MLPShape(widths(width, depth, out_dim), batch, rows=out_dim)
-
-
-def mlp(width: int, depth: int, out_dim: int, *, activation=nn.Tanh) -> nn.Sequential:
-    """``depth + 1`` Linear layers with ``activation`` between them (none on the output)."""
-    w = widths(width, depth, out_dim)
-    layers = []
-    for f_in, f_out in zip(w[:-1], w[1:]):
-        layers += [nn.Linear(f_in, f_out), activation()]
-    return nn.Sequential(*layers[:-1])
 
 
 @functools.lru_cache(maxsize=16)
@@ -83,7 +70,7 @@ def problem(
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = mlp(width, depth, out_dim)
+        model = mlp(widths(width, depth, out_dim))
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, width, generator=generator)
     y = torch.randint(0, out_dim, (batch,), generator=generator)

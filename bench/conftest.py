@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from riemann_core import costs
-from riemann_core.profiling.timing import gemm_rate
+from riemann_core.measure.timing import gemm_rate
 
 from . import common
 

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 
 import riemann_core as rc
 from riemann_core import costs
-from riemann_core.profiling.environment import environment
-from riemann_core.profiling.flops import flop_counter
-from riemann_core.profiling.memory import cuda_peak_bytes, host_peak_bytes, host_peak_rss_bytes
-from riemann_core.profiling.timing import synchronize
+from riemann_core.measure.environment import environment
+from riemann_core.measure.flops import flop_counter
+from riemann_core.measure.memory import cuda_peak_bytes, host_peak_bytes, host_peak_rss_bytes
+from riemann_core.measure.timing import synchronize
 
 from .common import DAMPING
 

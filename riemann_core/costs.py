@@ -2,7 +2,7 @@
 
 Convention: a matrix product ``(m x k)(k x n)`` costs ``2 m k n`` FLOPs (torch's
 ``FlopCounterMode``); elementwise work is not counted. Dense linear algebra, which
-``FlopCounterMode`` counts as zero, uses the formulas below; the profiling layer
+``FlopCounterMode`` counts as zero, uses the formulas below; the measurement layer (:mod:`riemann_core.measure.flops`)
 registers the same formulas with the counter so counted and modelled FLOPs compare.
 
 The models follow the implementation step by step (``flops`` returns them by phase);

@@ -6,7 +6,7 @@ from torch import nn
 
 import riemann_core as rc
 from riemann_core import costs
-from riemann_core.profiling.flops import flop_counter
+from riemann_core.measure.flops import flop_counter
 
 # (6, 2, 3): n_a <= d, layerwise factorises G_a; (40, 3, 8): 3 < r rows kept per sample
 SHAPES = [

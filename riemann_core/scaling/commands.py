@@ -1,4 +1,4 @@
-"""Command-line glue: ``sweep``, ``fit``, ``validate``, ``report`` and ``run``.
+"""The scaling study's subcommands: ``sweep``, ``fit``, ``validate``, ``report`` and ``run``.
 
 All read and write one directory (``--out``, default ``reports/<device>``):
 ``results.csv`` and ``sweep.json`` (sweep), ``fits.csv`` and ``joint_fit.csv`` (fit),
@@ -8,23 +8,9 @@ All read and write one directory (``--out``, default ``reports/<device>``):
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-import torch
-
+from ..arguments import Command, default_out, ints, names
 from . import sweep as sw
-from .options import ints, names
-
-RUN_COMMAND = "riemann-bench run"
-
-
-def out_dir(args) -> Path:
-    """``--out``, else ``reports/<device>`` (``reports/<device>/quick`` with ``--quick``)."""
-    if args.out is not None:
-        return args.out
-    default = Path("reports") / torch.device(args.device).type
-    return default / "quick" if args.quick else default
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,11 +59,11 @@ def grid_from(args) -> sw.Grid:
 
 
 def run_sweep(args) -> int:
-    from .environment import environment
-    from .timing import gemm_rate
+    from ..measure.environment import environment
+    from ..measure.timing import gemm_rate
 
     grid = grid_from(args)
-    out = out_dir(args)
+    out = default_out(args)
     sw.read_results(out / "results.csv")  # a corrupted file stops us before the GEMM
     rate = gemm_rate(args.device, n=2048 if args.quick else 4096)
     meta = {
@@ -94,10 +80,10 @@ def run_sweep(args) -> int:
 
 
 def run_fit(args) -> int:
+    from ..measure.output import write_atomic
     from . import fit
-    from .output import write_atomic
 
-    out = out_dir(args)
+    out = default_out(args)
     df, meta = fit.read_sweep(out)
     table = fit.fit_table(df, meta, seed=args.seed)
     joint = fit.joint_fit(df)
@@ -119,7 +105,7 @@ def run_fit(args) -> int:
 def run_validate(args) -> int:
     from . import fit, validate
 
-    out = out_dir(args)
+    out = default_out(args)
     df, meta = fit.read_sweep(out)
     claims = validate.validate(df, meta, seed=args.seed)
     validate.write_claims(claims, out / "claims.json")
@@ -133,7 +119,7 @@ def run_validate(args) -> int:
 def run_report(args) -> int:
     from .report import write_report
 
-    path = write_report(out_dir(args), seed=args.seed)
+    path = write_report(default_out(args), seed=args.seed)
     print(f"wrote {path}")
     return 0
 
@@ -163,8 +149,9 @@ class _pandas_display:
         self._context.__exit__(*exc)
 
 
-COMMANDS = {
-    "sweep": (
+COMMANDS = (
+    Command(
+        "sweep",
         run_sweep,
         "time, FLOPs and memory over a grid of MLPs, resumably",
         "Measure every method (layerwise also with the generic kernel) on MLPs varying one "
@@ -172,69 +159,42 @@ COMMANDS = {
         "median and IQR of wall-clock, counted FLOPs, peak memory and a status per point. "
         "Points already in results.csv are skipped; the file is rewritten atomically.",
         "sweep --quick --methods layerwise,full --widths 8,16,32,64",
-        True,
+        add_sweep_arguments,
     ),
-    "fit": (
+    Command(
+        "fit",
         run_fit,
         "log-log slopes with bootstrap intervals and the joint n d^2 + d^3 fit",
         "Fit, per method and axis, the log-log slope of time over the asymptotic range "
         "(the larger half of the points) with a bootstrap 95% interval, and the "
         "non-negative least-squares fit time ~ a n d^2 + b d^3 + c with its R^2.",
         "fit --out reports/cpu",
-        False,
     ),
-    "validate": (
+    Command(
+        "validate",
         run_validate,
         "check the complexity claims; non-zero exit when one fails",
         "Compare the measured scaling against the claims (layerwise linear in n at fixed "
         "d, d^2..d^3 in d, full n^2..n^3, the crossover width, structured vs generic, "
         "counted FLOPs vs the cost model) and write claims.json with verdicts.",
         "validate --out reports/cpu",
-        False,
     ),
-    "report": (
+    Command(
+        "report",
         run_report,
         "scaling plots and report.md from a sweep",
         "Draw time, FLOPs and memory against every axis (log-log, theoretical slopes as "
         "guides), the layerwise/full crossover and the achieved FLOP rate, and write "
         "report.md with the tables, verdicts, environment and regenerating commands.",
         "report --out reports/cpu",
-        False,
     ),
-    "run": (
+    Command(
+        "run",
         run_all,
         "the main job: sweep, fit, validate and report on the default grid",
         "Sweep the default grid (or the quick one), fit, validate and report, under "
         "reports/<device>/ unless --out says otherwise.",
         "run --quick",
-        True,
+        add_sweep_arguments,
     ),
-}
-
-
-def register(commands, common, formatter, paragraph, prog: str) -> None:
-    for name, (fn, help_, description, example, grid_options) in COMMANDS.items():
-        parser = commands.add_parser(
-            name,
-            parents=[common],
-            help=help_,
-            description=paragraph(description),
-            epilog=f"example:\n  {prog} {example}",
-            formatter_class=formatter,
-        )
-        if grid_options:
-            add_sweep_arguments(parser)
-        parser.set_defaults(run=guarded(fn))
-
-
-def guarded(fn):
-    """Turn bad options and unreadable files into a one-line error and exit code 2."""
-
-    def run(args) -> int:
-        try:
-            return fn(args)
-        except (ValueError, OSError) as err:  # bad options, unreadable or unwritable paths
-            print(f"riemann-bench {args.command}: error: {err}", file=sys.stderr)
-            return 2
-
-    return run
+)

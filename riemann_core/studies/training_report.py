@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .output import read_study, write_atomic
-from .report import markdown_table, pyplot, save_figure
+from ..measure.output import markdown_table, pyplot, read_study, save_figure, write_atomic
 
 CURVES = (
     ("train_loss", "train loss", "log"),

@@ -27,11 +27,11 @@ import torch
 import riemann_core as rc
 
 from .. import costs
-from .flops import flop_counter
-from .memory import cuda_peak_bytes, host_peak_bytes
-from .output import write_atomic
-from .targets import mlp
-from .timing import measure
+from ..measure.flops import flop_counter
+from ..measure.memory import cuda_peak_bytes, host_peak_bytes
+from ..measure.output import write_atomic
+from ..measure.problems import mlp, widths
+from ..measure.timing import measure
 
 AXES = ("width", "depth", "out_dim", "batch")
 #: Axis -> the command-line option (and ``argparse`` dest) that lists its values.
@@ -174,8 +174,8 @@ QUICK = dict(
 
 def shape_of(run: dict) -> costs.MLPShape:
     rows = run["out_dim"] if run["output_metric"] == "exact" else 1
-    widths = (run["width"],) * (run["depth"] + 1) + (run["out_dim"],)
-    return costs.MLPShape(widths, run["batch"], rows)
+    layer_widths = widths(run["width"], run["depth"], run["out_dim"])
+    return costs.MLPShape(layer_widths, run["batch"], rows)
 
 
 def measure_point(run: dict, grid: Grid) -> dict:
@@ -241,8 +241,7 @@ def measure_point(run: dict, grid: Grid) -> dict:
 def _direction_call(run: dict, grid: Grid, device: torch.device) -> Callable[[], object]:
     torch.manual_seed(grid.seed)
     dtype = DTYPES[run["dtype"]]
-    widths = (run["width"],) * (run["depth"] + 1) + (run["out_dim"],)
-    model = mlp(widths).to(device, dtype)
+    model = mlp(widths(run["width"], run["depth"], run["out_dim"])).to(device, dtype)
     x = torch.randn(run["batch"], run["width"], device=device, dtype=dtype)
     y = torch.randint(0, run["out_dim"], (run["batch"],), device=device)
     generator = torch.Generator(device).manual_seed(grid.seed)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..measure.output import markdown_table, pyplot, save_figure
 from .sweep import AXES
 
 #: Axis -> ``(label, [(exponent, guide label)])``: theoretical slopes drawn as guides.
@@ -35,24 +36,6 @@ def load(out: Path) -> tuple[pd.DataFrame, dict]:
     meta = json.loads((out / "sweep.json").read_text())
     df["label"] = df["method"] + " (" + df["kernel"] + ")"
     return df, meta
-
-
-def pyplot():
-    """``matplotlib.pyplot`` on the Agg backend: figures go to files, no display needed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: Path, dpi: int = 120) -> Path:
-    """Lay out ``fig``, write it to ``path`` and free it."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    pyplot().close(fig)
-    return path
 
 
 def along(df: pd.DataFrame, base: dict, axis: str) -> pd.DataFrame:
@@ -184,19 +167,10 @@ def figures(df: pd.DataFrame, meta: dict, out: Path) -> dict[str, Path]:
     }
 
 
-def markdown_table(frame: pd.DataFrame, floatfmt: str = ".3g") -> str:
-    cols = list(frame.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in frame.itertuples(index=False):
-        cells = [format(v, floatfmt) if isinstance(v, float) else str(v) for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def write_report(out: Path, *, seed: int = 0) -> Path:
     """Figures and ``report.md`` for the sweep in ``out`` (fits and claims recomputed)."""
+    from ..measure.output import write_atomic
     from . import fit, validate
-    from .output import write_atomic
 
     df, meta = load(out)
     paths = figures(df, meta, out)
@@ -232,7 +206,7 @@ def write_report(out: Path, *, seed: int = 0) -> Path:
         "Verdicts: `pass` when the estimate lies in the expected band and its 95% interval "
         f"is at most {validate.MAX_INTERVAL_WIDTH:g} wide, `fail` when the interval lies "
         "outside the band, `inconclusive` otherwise (see "
-        "`riemann_core/profiling/validate.py`).",
+        "`riemann_core/scaling/validate.py`).",
         "",
         "## Fitted slopes (asymptotic range, bootstrap 95% interval)",
         "",

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from riemann_core import costs
-from riemann_core.profiling import fit
+from riemann_core.scaling import fit
 
 BASE = {"width": 64, "depth": 2, "out_dim": 10, "batch": 32}
 AXES = {

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import riemann_core as rc
-from riemann_core.profiling.digits import Examples, build_model
-from riemann_core.profiling.trainer import Config, batches, evaluate, train
+from riemann_core.studies.digits import Examples, build_model
+from riemann_core.studies.trainer import Config, batches, evaluate, train
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ def test_a_run_that_blows_up_stops_with_status_diverged(config, data):
 def test_time_counts_only_training_steps(data, monkeypatch):
     import time
 
-    from riemann_core.profiling import trainer
+    from riemann_core.studies import trainer
 
     def slow_evaluate(model, examples):
         time.sleep(0.05)

@@ -1,7 +1,7 @@
 """The paper's scaling claims checked against a sweep: a table of verdicts (``claims.json``).
 
 Verdict rule for a slope claim. The claim expects the log-log slope (see
-:func:`~riemann_core.profiling.fit.loglog_slope`) in an acceptance band: the expected
+:func:`~riemann_core.scaling.fit.loglog_slope`) in an acceptance band: the expected
 exponent, or range of exponents, widened by :data:`BAND_HALF_WIDTH` on each side. With
 the point estimate ``k`` and its 95% bootstrap interval ``[low, high]``:
 
@@ -11,7 +11,7 @@ the point estimate ``k`` and its 95% bootstrap interval ``[low, high]``:
   confirms nothing);
 - ``inconclusive``: otherwise (``k`` outside the band with the interval reaching into it,
   or too wide an interval), and when the sweep has fewer than
-  :data:`~riemann_core.profiling.fit.MIN_POINTS` ok points for the claim: missing data
+  :data:`~riemann_core.scaling.fit.MIN_POINTS` ok points for the claim: missing data
   never crash, they give an inconclusive verdict with the reason.
 
 Claims on other quantities state their own rule in :func:`validate`'s list. A claim's
@@ -30,8 +30,9 @@ import numpy as np
 import pandas as pd
 
 from ..costs import MLPShape
+from ..measure.output import write_atomic
+from ..measure.problems import widths
 from . import fit
-from .output import write_atomic
 
 PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
 
@@ -220,15 +221,10 @@ def _slope_claim(
 def _woodbury_range(rows: pd.DataFrame) -> pd.DataFrame:
     """Points with ``d`` at most the largest block's parameter count ``max_a n_a``."""
     largest = [
-        max(MLPShape(_widths(w, L, c), 1, 1).block_params())
+        max(MLPShape(widths(w, L, c), 1, 1).block_params())
         for w, L, c in zip(rows["width"], rows["depth"], rows["out_dim"])
     ]
     return rows[rows["d"].to_numpy() <= np.asarray(largest)]
-
-
-def _widths(width: int, depth: int, out_dim: int) -> tuple[int, ...]:
-    """The swept MLP: input ``width``, ``depth`` hidden layers of ``width``, ``out_dim`` outputs."""
-    return (int(width),) * (int(depth) + 1) + (int(out_dim),)
 
 
 def _kernel(df: pd.DataFrame, method: str) -> str:

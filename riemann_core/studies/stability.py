@@ -33,8 +33,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from ..arguments import Command, check_choices, default_out, floats, ints, names
 from . import digits
-from .options import check_choices, floats, ints, names
+from .stability_fit import METRICS
 from .trainer import OPTIMISERS, Config, train
 from .training import DTYPES
 
@@ -51,9 +52,6 @@ EXAMPLE = "stability --quick --dampings 0.01,0.1,1 --sizes 150,300,600"
 
 #: damped methods only: the damping axis is what the bound is about
 METHODS = tuple(m for m, spec in OPTIMISERS.items() if spec.damped)
-METRICS = ("param_distance", "prediction_distance", "loss_gap")
-#: the bound's exponents: distance ~ mu^-1 n^-1/2
-PREDICTED = {"damping": -1.0, "size": -0.5}
 TEST_SHARE = 0.2
 
 
@@ -143,9 +141,7 @@ def sweep_from(args: argparse.Namespace) -> Sweep:
 
 
 def out_dir(args: argparse.Namespace) -> Path:
-    from .pipeline import out_dir as pipeline_out
-
-    return args.out if args.out is not None else pipeline_out(args) / "stability"
+    return default_out(args, "stability")
 
 
 @dataclass(frozen=True)
@@ -241,8 +237,8 @@ def run(args: argparse.Namespace) -> int:
     sweep = sweep_from(args)
     from tqdm import tqdm
 
-    from .environment import environment
-    from .output import write_atomic, write_json
+    from ..measure.environment import environment
+    from ..measure.output import write_atomic, write_json
 
     device = torch.device(args.device)
     env = environment(device)  # now: the code that runs, whatever happens to the tree later
@@ -304,137 +300,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def slopes(pairs: pd.DataFrame, *, seed: int = 0, n_boot: int = 2000) -> pd.DataFrame:
-    """Log-log slope of every metric along ``damping`` (at each ``size``) and along ``size``
-    (at each ``damping``), per method: least squares over the pairs, a 95% interval from
-    resampling the pair seeds, and the verdict against the bound's exponent."""
-    ok = pairs[pairs["status"] == "ok"]
-    rows = []
-    for method, by_method in ok.groupby("method", sort=False):
-        for axis, other in (("damping", "size"), ("size", "damping")):
-            for fixed, group in by_method.groupby(other):
-                for metric in METRICS:
-                    fit = cluster_fit(group, metric, (axis,), seed=seed, n_boot=n_boot)
-                    if fit is None:
-                        continue
-                    rows.append(
-                        {
-                            "method": method,
-                            "axis": axis,
-                            "at": f"{'n' if other == 'size' else 'mu'}={fixed:g}",
-                            "metric": metric,
-                            **_judged(fit, 1, axis),
-                        }
-                    )
-    return pd.DataFrame(rows)
-
-
-def joint_slopes(pairs: pd.DataFrame, *, seed: int = 0, n_boot: int = 2000) -> pd.DataFrame:
-    """``log D = a + b log mu + c log n`` by least squares over all pairs of a method, with
-    95% intervals from resampling the pair seeds (each seed's whole grid kept together)."""
-    ok = pairs[pairs["status"] == "ok"]
-    rows = []
-    for method, group in ok.groupby("method", sort=False):
-        for metric in METRICS:
-            fit = cluster_fit(group, metric, ("damping", "size"), seed=seed, n_boot=n_boot)
-            if fit is None:
-                continue
-            for i, axis in ((1, "damping"), (2, "size")):
-                rows.append(
-                    {"method": method, "metric": metric, "axis": axis, **_judged(fit, i, axis)}
-                )
-    return pd.DataFrame(rows)
-
-
-def cluster_fit(
-    data: pd.DataFrame, metric: str, axes: tuple[str, ...], *, seed: int, n_boot: int
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """Least squares of ``log metric`` on ``1, log axes...`` over the pairs with a positive
-    distance, and ``n_boot`` bootstrap coefficient vectors, each refitted on a resample of
-    the pair seeds with all of a seed's points kept together (a pair's ``S``, ``S'`` is
-    shared across the grid, so its points are not independent). ``None`` when the points
-    span fewer than two values of an axis."""
-    data = data[data[metric] > 0]
-    if any(data[axis].nunique() < 2 for axis in axes):
-        return None
-    design = np.column_stack([np.ones(len(data)), *(np.log(data[axis]) for axis in axes)])
-    target = np.log(data[metric].to_numpy())
-    coef = np.linalg.lstsq(design, target, rcond=None)[0]
-    pair = data["pair"].to_numpy()
-    rows_of = [np.flatnonzero(pair == p) for p in np.unique(pair)]
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot if len(rows_of) > 1 else 0):
-        take = np.concatenate([rows_of[i] for i in rng.integers(0, len(rows_of), len(rows_of))])
-        if np.linalg.matrix_rank(design[take]) == design.shape[1]:
-            boots.append(np.linalg.lstsq(design[take], target[take], rcond=None)[0])
-    return coef, np.array(boots).reshape(-1, design.shape[1])
-
-
-def _judged(fit: tuple[np.ndarray, np.ndarray], i: int, axis: str) -> dict:
-    coef, boots = fit
-    low, high = np.percentile(boots[:, i], [2.5, 97.5]) if len(boots) else (math.nan,) * 2
-    predicted = PREDICTED[axis]
-    return {
-        "slope": coef[i],
-        "low": low,
-        "high": high,
-        "predicted": predicted,
-        "verdict": verdict(coef[i], low, high, predicted),
-    }
-
-
-def local_slopes(pairs: pd.DataFrame) -> pd.DataFrame:
-    """Slopes between neighbouring grid values, to show where a power law holds.
-
-    Along ``damping`` the same ``S``, ``S'`` are trained at every ``mu``, so the slope is the
-    median over the pairs (and sizes) of ``log(D(mu') / D(mu)) / log(mu' / mu)``; along
-    ``size`` the training sets differ, so it is the slope between the median distances at
-    each ``mu``, then the median over the ``mu``.
-    """
-    ok = pairs[(pairs["status"] == "ok")]
-    rows = []
-    for method, group in ok.groupby("method", sort=False):
-        for metric in METRICS:
-            data = group[group[metric] > 0]
-            for axis, paired_by, across in (
-                ("damping", ["pair", "size"], None),
-                ("size", None, "damping"),
-            ):
-                if paired_by is not None:
-                    table = data.pivot_table(index=paired_by, columns=axis, values=metric)
-                else:
-                    table = data.pivot_table(
-                        index=across, columns=axis, values=metric, aggfunc="median"
-                    )
-                grid = list(table.columns)
-                for lo, hi in zip(grid, grid[1:]):
-                    ratio = np.log(table[hi] / table[lo]).dropna() / math.log(hi / lo)
-                    rows.append(
-                        {
-                            "method": method,
-                            "metric": metric,
-                            "axis": axis,
-                            "from": f"{lo:g}",
-                            "to": f"{hi:g}",
-                            "slope": ratio.median(),
-                        }
-                    )
-    return pd.DataFrame(rows)
-
-
-#: an interval wider than this (in units of the exponent) cannot tell the bound's rate apart
-MAX_WIDTH = 1.0
-
-
-def verdict(slope: float, low: float, high: float, predicted: float) -> str:
-    """Where the measured exponent lies against the bound's: the interval holds it and is at
-    most ``MAX_WIDTH`` wide (agrees), holds it but is wider (inconclusive), or lies wholly
-    below (the distance falls faster) or above it (falls slower)."""
-    if math.isnan(low):
-        return "no interval (one pair)"
-    if high < predicted:
-        return "falls faster than the bound"
-    if low > predicted:
-        return "falls slower than the bound"
-    return "agrees with the bound" if high - low <= MAX_WIDTH else "inconclusive"
+COMMAND = Command("stability", run, HELP, DESCRIPTION, EXAMPLE, add_arguments)

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from riemann_core.profiling import cli
-from riemann_core.profiling.training import choose
-from riemann_core.profiling.training_report import spread, target_table, to_target
+from riemann_core import cli
+from riemann_core.studies.training import choose
+from riemann_core.studies.training_report import spread, target_table, to_target
 
 SMALL = ["train", "--quick", "--models", "mlp", "--methods", "sgd,layerwise", "--epochs", "0.5",
          "--seeds", "2", "--lrs", "0.1,0.3", "--dampings", "0.1", "--evaluations", "4"]  # fmt: skip
@@ -137,7 +137,7 @@ def test_a_study_where_everything_diverges_says_so(tmp_path, capsys):
 
 
 def test_grid_edge_flags_winners_on_the_border_of_the_grid():
-    from riemann_core.profiling.training_report import grid_edge
+    from riemann_core.studies.training_report import grid_edge
 
     group = pd.DataFrame({"lr": [0.1, 0.3, 1.0, 0.1, 0.3, 1.0],
                           "damping": [0.01, 0.01, 0.01, 0.1, 0.1, 0.1]})  # fmt: skip

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
+from ..arguments import Command
+from ..measure.environment import environment
+from ..measure.output import write_json
+from ..measure.problems import mlp
+from ..measure.timing import measure
 from .digits import standardiser
-from .environment import environment
-from .output import write_json
-from .timing import measure
 
 HELP = "compare every method's direction on a small digits classifier"
 DESCRIPTION = (
@@ -54,13 +54,6 @@ def _batch(
     return inputs, targets
 
 
-def _tanh_mlp(widths: Sequence[int]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for f_in, f_out in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(f_in, f_out), nn.Tanh()]
-    return nn.Sequential(*layers[:-1])  # no activation after the output layer
-
-
 def run(args: argparse.Namespace) -> int:
     if args.out is not None:  # fail on an unusable --out before the work, not after
         args.out.mkdir(parents=True, exist_ok=True)
@@ -78,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device
     inputs, targets = _batch(*load_digits(return_X_y=True), size.batch, args.seed, device)
     torch.manual_seed(args.seed)
-    model = _tanh_mlp(size.widths).to(device=device, dtype=torch.float64)
+    model = mlp(size.widths).to(device=device, dtype=torch.float64)
     names = [name for name, _ in model.named_parameters()]
     n_params = sum(p.numel() for p in model.parameters())
 
@@ -169,3 +162,6 @@ def run(args: argparse.Namespace) -> int:
         path = write_json(args.out, "demo.json", payload)
         print(f"\nwrote {path}")
     return 0
+
+
+COMMAND = Command("demo", run, HELP, DESCRIPTION, EXAMPLE)

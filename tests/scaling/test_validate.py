@@ -5,7 +5,7 @@ import json
 import pytest
 from test_fit import RUNS, make_sweep, reference_time
 
-from riemann_core.profiling import validate as va
+from riemann_core.scaling import validate as va
 
 
 def verdicts(claims):

@@ -1,4 +1,5 @@
-"""Result files: written atomically (never half-written) and read back with checks."""
+"""Result files written atomically (never half-written) and read back with checks; the
+figures and Markdown tables of the reports."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def write_atomic(path: Path, text: str) -> Path:
@@ -59,3 +64,30 @@ def read_study(
     if not isinstance(meta, dict) or not set(keys) <= meta.keys():
         raise ValueError(f"{out / record} lacks the record of the run ({', '.join(keys)}); {rerun}")
     return frames, meta
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend: figures go to files, no display needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> Path:
+    """Lay out ``fig``, write it to ``path`` and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
+def markdown_table(frame: pd.DataFrame, floatfmt: str = ".3g") -> str:
+    cols = list(frame.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in frame.itertuples(index=False):
+        cells = [format(v, floatfmt) if isinstance(v, float) else str(v) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

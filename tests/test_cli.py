@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from riemann_core.profiling import cli
+from riemann_core import cli
 
 
 @pytest.mark.parametrize(

@@ -7,17 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from riemann_core.profiling import cli
-from riemann_core.profiling.stability import (
-    joint_slopes,
-    load_pool,
-    local_slopes,
-    neighbours,
-    pair_distance,
-    slopes,
-    verdict,
-)
-from riemann_core.profiling.trainer import Config
+from riemann_core import cli
+from riemann_core.studies.stability import load_pool, neighbours, pair_distance
+from riemann_core.studies.stability_fit import joint_slopes, local_slopes, slopes, verdict
+from riemann_core.studies.trainer import Config
 
 SMALL = ["stability", "--quick", "--dampings", "0.3,1", "--lr", "0.5", "--sizes", "40,80",
          "--pairs", "2", "--steps", "12", "--batch-size", "16"]  # fmt: skip

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 import riemann_core as rc
 
+from ..measure.timing import synchronize
 from .digits import Examples
-from .timing import synchronize
 
 #: a loss this many times its initial value counts as divergence (saturated tanh networks
 #: keep the loss finite however far the parameters run away)

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .output import read_study, write_atomic
-from .report import markdown_table, pyplot, save_figure
-from .stability import MAX_WIDTH, METRICS, PREDICTED, joint_slopes, local_slopes, slopes
+from ..measure.output import markdown_table, pyplot, read_study, save_figure, write_atomic
+from .stability_fit import MAX_WIDTH, METRICS, PREDICTED, joint_slopes, local_slopes, slopes
 
 LABELS = {
     "param_distance": "||theta_S - theta_S'||",

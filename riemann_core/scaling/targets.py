@@ -13,24 +13,18 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import riemann_core as rc
 
 from .. import costs
-from .flops import flop_counter
-from .timing import measure
+from ..arguments import Command
+from ..measure.flops import flop_counter
+from ..measure.problems import mlp
+from ..measure.timing import measure
 
 TARGETS = {"speed_of_light": 2.0, "sampled_vs_step": 2.5, "full_vs_layerwise": 50.0}
 #: About 4k parameters each: a narrow hidden layer, one and two wider ones.
 SMALL_NETWORKS = ((784, 5, 10), (64, 56, 10), (64, 48, 16, 10))
-
-
-def mlp(widths, activation=nn.Tanh) -> nn.Sequential:
-    layers = []
-    for f_in, f_out in zip(widths[:-1], widths[1:], strict=True):
-        layers += [nn.Linear(f_in, f_out), activation()]
-    return nn.Sequential(*layers[:-1])
 
 
 def interleaved(calls: dict, rounds: int, device) -> dict[str, list[float]]:
@@ -180,8 +174,8 @@ def run(args) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
 
-    from .environment import environment
-    from .output import write_json
+    from ..measure.environment import environment
+    from ..measure.output import write_json
 
     steps = 2 + (2 if args.quick else len(SMALL_NETWORKS))
     with tqdm(total=steps, desc="targets", unit="step", leave=False, file=sys.stderr) as bar:
@@ -199,3 +193,6 @@ def run(args) -> int:
         payload = {"command": command, "environment": environment(args.device), **result}
         print(f"\nwrote {write_json(args.out, 'targets.json', payload)}")
     return 0
+
+
+COMMAND = Command("targets", run, HELP, DESCRIPTION, EXAMPLE)

@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ..arguments import Command, check_choices, default_out, floats, names
 from . import digits
-from .options import check_choices, floats, names
 from .trainer import OPTIMISERS, Config, train
 
 HELP = "train every method on handwritten digits: curves, time-to-target, report"
@@ -187,9 +187,7 @@ def load_split(seed: int, device: torch.device, dtype: torch.dtype) -> dict[str,
 
 
 def out_dir(args: argparse.Namespace) -> Path:
-    from .pipeline import out_dir as pipeline_out
-
-    return args.out if args.out is not None else pipeline_out(args) / "training"
+    return default_out(args, "training")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -202,8 +200,8 @@ def run(args: argparse.Namespace) -> int:
     study = study_from(args)
     from tqdm import tqdm
 
-    from .environment import environment
-    from .output import write_atomic, write_json
+    from ..measure.environment import environment
+    from ..measure.output import write_atomic, write_json
 
     device = torch.device(args.device)
     env = environment(device)  # now: the code that runs, whatever happens to the tree later
@@ -305,3 +303,6 @@ def choose(tuning: pd.DataFrame, model: str, method: str) -> Config | None:
     best = rows.loc[rows["validation_loss"].idxmin()]
     damping = None if pd.isna(best["damping"]) else float(best["damping"])
     return Config(method, float(best["lr"]), damping)
+
+
+COMMAND = Command("train", run, HELP, DESCRIPTION, EXAMPLE, add_arguments)

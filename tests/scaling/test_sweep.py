@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from riemann_core.profiling import sweep as sw
+from riemann_core.scaling import sweep as sw
 
 TINY = dict(
     base={"width": 4, "depth": 1, "out_dim": 3, "batch": 4},
@@ -72,7 +72,7 @@ def test_killed_sweep_resumes_without_losing_or_duplicating_points(tmp_path):
     script = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from riemann_core.profiling import sweep as sw
+        from riemann_core.scaling import sweep as sw
         real = sw.measure_point
         def slow(run, grid):
             time.sleep(0.3)

@@ -1,0 +1,126 @@
+"""What every ``riemann-bench`` subcommand shares: the common options, argparse types, the
+default output directory and the description of a subcommand."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: ``run(args) -> exit code`` and what ``--help`` shows."""
+
+    name: str
+    run: Callable[[argparse.Namespace], int]
+    help: str
+    description: str
+    example: str  # the arguments after ``riemann-bench``
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+def ints(text: str) -> tuple[int, ...]:
+    """``"1,2,3"`` -> ``(1, 2, 3)``."""
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from err
+
+
+def floats(text: str) -> tuple[float, ...]:
+    """``"0.1,1e-2"`` -> ``(0.1, 0.01)``."""
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+
+
+def names(text: str) -> tuple[str, ...]:
+    """``"a, b,"`` -> ``("a", "b")``."""
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def check_choices(what: str, chosen: tuple[str, ...], known: tuple[str, ...]) -> None:
+    """``ValueError`` naming the unknown ``what``\\ s and the choices, or for an empty choice."""
+    unknown = [c for c in chosen if c not in known]
+    if unknown or not chosen:
+        raise ValueError(
+            f"unknown {what}(s) {unknown or list(chosen)}; choose from {', '.join(known)}"
+        )
+
+
+def default_out(args: argparse.Namespace, *parts: str) -> Path:
+    """``--out``, else ``reports/<device type>[/quick]/<parts>``."""
+    if args.out is not None:
+        return args.out
+    default = Path("reports") / torch.device(args.device).type
+    return default.joinpath("quick" if args.quick else "", *parts)
+
+
+def device(name: str) -> torch.device:
+    """argparse type for ``--device``: a usable ``cpu`` or ``cuda[:N]`` device."""
+    try:
+        chosen = torch.device(name)
+    except RuntimeError as err:
+        raise argparse.ArgumentTypeError(
+            f"unknown device {name!r}; use 'cpu' or 'cuda' (or 'cuda:N')"
+        ) from err
+    if chosen.type == "cpu":
+        return chosen
+    if chosen.type != "cuda":
+        raise argparse.ArgumentTypeError(
+            f"unsupported device {name!r}; use 'cpu' or 'cuda' (or 'cuda:N')"
+        )
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(
+            f"device {name!r} requested but CUDA is not available to this torch "
+            f"({torch.__version__}); use --device cpu"
+        )
+    count = torch.cuda.device_count()
+    if chosen.index is not None and chosen.index >= count:
+        raise argparse.ArgumentTypeError(
+            f"device {name!r} requested but only {count} CUDA device(s) are visible "
+            f"(cuda:0 to cuda:{count - 1})"
+        )
+    return chosen
+
+
+def common_options() -> argparse.ArgumentParser:
+    """Options every subcommand shares, as a parent parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("common options")
+    group.add_argument(
+        "--device",
+        type=device,
+        default="cpu",
+        help="torch device to run on: cpu, or cuda[:N] where available (default: cpu)",
+    )
+    group.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="directory for the results, created if missing (default: reports/<device> "
+        "for the pipeline commands, with /training or /stability appended for train and "
+        "stability, reports/<device>/quick/... with --quick; print only for demo and "
+        "targets)",
+    )
+    group.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smaller problem or grid (minutes, not tens of minutes)",
+    )
+    group.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for data, models and sampling; for fit/validate/report the bootstrap "
+        "(default: 0)",
+    )
+    return common

@@ -1,0 +1,98 @@
+"""The ``riemann-bench`` command line.
+
+Every subcommand takes the same four options with the same meaning: ``--device`` (``cpu``,
+or ``cuda[:N]`` where CUDA is available), ``--out`` (the results directory; the pipeline
+commands default to ``reports/<device>``), ``--quick`` (a smaller problem or grid) and
+``--seed``. Each subcommand's ``--help`` ends with an example invocation. The subcommands
+come from :mod:`riemann_core.scaling` (the scaling study and the performance targets) and
+:mod:`riemann_core.studies` (training, stability and the demo on real data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from collections.abc import Sequence
+from importlib import metadata
+
+from .arguments import Command, common_options
+from .scaling import commands as scaling_commands
+from .scaling import targets
+from .studies import demo, stability, training
+
+PROG = "riemann-bench"
+COMMANDS: tuple[Command, ...] = (
+    *scaling_commands.COMMANDS,
+    targets.COMMAND,
+    training.COMMAND,
+    stability.COMMAND,
+    demo.COMMAND,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``riemann-bench`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.command_line = " ".join([PROG, *argv])  # recorded with the results
+    return args.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one sub-parser per subcommand."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=_paragraph(
+            "Reference implementation and measuring instrument for the layerwise Riemannian "
+            "metric (Pehle & Slotine, arXiv 2603.03610) and the methods it is compared with."
+        ),
+        epilog=f"example:\n  {PROG} run --quick\n\nrun '{PROG} COMMAND --help' for a "
+        "command's options",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = common_options()
+    for command in COMMANDS:
+        sub = subparsers.add_parser(
+            command.name,
+            parents=[common],
+            help=command.help,
+            description=_paragraph(command.description),
+            epilog=f"example:\n  {PROG} {command.example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if command.add_arguments is not None:
+            command.add_arguments(sub)
+        sub.set_defaults(run=guarded(command.run))
+    return parser
+
+
+def guarded(fn):
+    """Turn bad options and unreadable files into a one-line error and exit code 2."""
+
+    def run(args) -> int:
+        try:
+            return fn(args)
+        except (ValueError, OSError) as err:  # bad options, unreadable or unwritable paths
+            print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _paragraph(text: str) -> str:
+    # the help formatter keeps line breaks (for the examples), so wrap prose here
+    return textwrap.fill(text, width=88)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("riemann-bench")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Slopes of ``riemann-bench stability``'s distances against damping and training-set size.
+
+Reads the pairs that :mod:`riemann_core.studies.stability` trained (``pairs.csv``) and fits
+``log D`` against ``log mu`` and ``log n`` by least squares, with 95% intervals from a
+cluster bootstrap over the pair seeds, setting each slope beside the stability bound's
+exponent (``D ~ mu^-1 n^-1/2``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+#: the distances measured between the two models of a pair
+METRICS = ("param_distance", "prediction_distance", "loss_gap")
+#: the bound's exponents: distance ~ mu^-1 n^-1/2
+PREDICTED = {"damping": -1.0, "size": -0.5}
+
+
+def slopes(pairs: pd.DataFrame, *, seed: int = 0, n_boot: int = 2000) -> pd.DataFrame:
+    """Log-log slope of every metric along ``damping`` (at each ``size``) and along ``size``
+    (at each ``damping``), per method: least squares over the pairs, a 95% interval from
+    resampling the pair seeds, and the verdict against the bound's exponent."""
+    ok = pairs[pairs["status"] == "ok"]
+    rows = []
+    for method, by_method in ok.groupby("method", sort=False):
+        for axis, other in (("damping", "size"), ("size", "damping")):
+            for fixed, group in by_method.groupby(other):
+                for metric in METRICS:
+                    fit = cluster_fit(group, metric, (axis,), seed=seed, n_boot=n_boot)
+                    if fit is None:
+                        continue
+                    rows.append(
+                        {
+                            "method": method,
+                            "axis": axis,
+                            "at": f"{'n' if other == 'size' else 'mu'}={fixed:g}",
+                            "metric": metric,
+                            **_judged(fit, 1, axis),
+                        }
+                    )
+    return pd.DataFrame(rows)
+
+
+def joint_slopes(pairs: pd.DataFrame, *, seed: int = 0, n_boot: int = 2000) -> pd.DataFrame:
+    """``log D = a + b log mu + c log n`` by least squares over all pairs of a method, with
+    95% intervals from resampling the pair seeds (each seed's whole grid kept together)."""
+    ok = pairs[pairs["status"] == "ok"]
+    rows = []
+    for method, group in ok.groupby("method", sort=False):
+        for metric in METRICS:
+            fit = cluster_fit(group, metric, ("damping", "size"), seed=seed, n_boot=n_boot)
+            if fit is None:
+                continue
+            for i, axis in ((1, "damping"), (2, "size")):
+                rows.append(
+                    {"method": method, "metric": metric, "axis": axis, **_judged(fit, i, axis)}
+                )
+    return pd.DataFrame(rows)
+
+
+def cluster_fit(
+    data: pd.DataFrame, metric: str, axes: tuple[str, ...], *, seed: int, n_boot: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Least squares of ``log metric`` on ``1, log axes...`` over the pairs with a positive
+    distance, and ``n_boot`` bootstrap coefficient vectors, each refitted on a resample of
+    the pair seeds with all of a seed's points kept together (a pair's ``S``, ``S'`` is
+    shared across the grid, so its points are not independent). ``None`` when the points
+    span fewer than two values of an axis."""
+    data = data[data[metric] > 0]
+    if any(data[axis].nunique() < 2 for axis in axes):
+        return None
+    design = np.column_stack([np.ones(len(data)), *(np.log(data[axis]) for axis in axes)])
+    target = np.log(data[metric].to_numpy())
+    coef = np.linalg.lstsq(design, target, rcond=None)[0]
+    pair = data["pair"].to_numpy()
+    rows_of = [np.flatnonzero(pair == p) for p in np.unique(pair)]
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot if len(rows_of) > 1 else 0):
+        take = np.concatenate([rows_of[i] for i in rng.integers(0, len(rows_of), len(rows_of))])
+        if np.linalg.matrix_rank(design[take]) == design.shape[1]:
+            boots.append(np.linalg.lstsq(design[take], target[take], rcond=None)[0])
+    return coef, np.array(boots).reshape(-1, design.shape[1])
+
+
+def _judged(fit: tuple[np.ndarray, np.ndarray], i: int, axis: str) -> dict:
+    coef, boots = fit
+    low, high = np.percentile(boots[:, i], [2.5, 97.5]) if len(boots) else (math.nan,) * 2
+    predicted = PREDICTED[axis]
+    return {
+        "slope": coef[i],
+        "low": low,
+        "high": high,
+        "predicted": predicted,
+        "verdict": verdict(coef[i], low, high, predicted),
+    }
+
+
+def local_slopes(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Slopes between neighbouring grid values, to show where a power law holds.
+
+    Along ``damping`` the same ``S``, ``S'`` are trained at every ``mu``, so the slope is the
+    median over the pairs (and sizes) of ``log(D(mu') / D(mu)) / log(mu' / mu)``; along
+    ``size`` the training sets differ, so it is the slope between the median distances at
+    each ``mu``, then the median over the ``mu``.
+    """
+    ok = pairs[(pairs["status"] == "ok")]
+    rows = []
+    for method, group in ok.groupby("method", sort=False):
+        for metric in METRICS:
+            data = group[group[metric] > 0]
+            for axis, paired_by, across in (
+                ("damping", ["pair", "size"], None),
+                ("size", None, "damping"),
+            ):
+                if paired_by is not None:
+                    table = data.pivot_table(index=paired_by, columns=axis, values=metric)
+                else:
+                    table = data.pivot_table(
+                        index=across, columns=axis, values=metric, aggfunc="median"
+                    )
+                grid = list(table.columns)
+                for lo, hi in zip(grid, grid[1:]):
+                    ratio = np.log(table[hi] / table[lo]).dropna() / math.log(hi / lo)
+                    rows.append(
+                        {
+                            "method": method,
+                            "metric": metric,
+                            "axis": axis,
+                            "from": f"{lo:g}",
+                            "to": f"{hi:g}",
+                            "slope": ratio.median(),
+                        }
+                    )
+    return pd.DataFrame(rows)
+
+
+#: an interval wider than this (in units of the exponent) cannot tell the bound's rate apart
+MAX_WIDTH = 1.0
+
+
+def verdict(slope: float, low: float, high: float, predicted: float) -> str:
+    """Where the measured exponent lies against the bound's: the interval holds it and is at
+    most ``MAX_WIDTH`` wide (agrees), holds it but is wider (inconclusive), or lies wholly
+    below (the distance falls faster) or above it (falls slower)."""
+    if math.isnan(low):
+        return "no interval (one pair)"
+    if high < predicted:
+        return "falls faster than the bound"
+    if low > predicted:
+        return "falls slower than the bound"
+    return "agrees with the bound" if high - low <= MAX_WIDTH else "inconclusive"

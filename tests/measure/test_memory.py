@@ -1,0 +1,19 @@
+"""Peak memory on the host and on CUDA."""
+
+import pytest
+import torch
+
+from riemann_core.measure import memory
+
+
+def test_host_peak_is_positive_and_cuda_peak_needs_cuda():
+    assert memory.host_peak_rss_bytes() > 0
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        memory.cuda_peak_bytes(lambda: None, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_peak_sees_an_allocation():
+    n = 1 << 20
+    peak = memory.cuda_peak_bytes(lambda: torch.empty(n, device="cuda"), "cuda")
+    assert peak >= 4 * n
