@@ -6,7 +6,7 @@ Convention: a matrix product ``(m x k)(k x n)`` costs ``2 m k n`` FLOPs (torch's
 registers the same formulas with the counter so counted and modelled FLOPs compare.
 
 The models follow the implementation step by step (``flops`` returns them by phase);
-``speed_of_light_flops`` is the minimal count of DESIGN.md section 4, the yardstick.
+``speed_of_light_flops`` is the minimal count, the yardstick (docs/methods.md).
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def _total(cost: dict[str, float]) -> dict[str, float]:
 
 
 def speed_of_light_flops(shape: MLPShape) -> float:
-    """Minimal FLOPs of the structured layerwise direction (DESIGN.md section 4)::
+    """Minimal FLOPs of the structured layerwise direction (docs/methods.md, "The speed of light")::
 
     pullback   2 d sum_{a > 1} f_in f_out
     per layer  2 d^2 f_out + 2 N^2 (f_in + 1) + d^3 / 3

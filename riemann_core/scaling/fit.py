@@ -4,7 +4,7 @@ and achieved FLOP rates.
 A sweep (``results.csv``, one row per measured point) varies one axis of the MLP at a time
 around a base point (``sweep.json``'s ``base``); the base point belongs to every axis. The
 slope of ``log t`` against ``log x`` over the largest values of ``x`` is the exponent ``k``
-of ``t ~ x^k`` in the asymptotic range, the number DESIGN.md section 1 ("Scaling") predicts.
+of ``t ~ x^k`` in the asymptotic range, the number the cost models predict (docs/methods.md, "Scaling").
 
 Needs numpy, pandas and scipy (the ``bench`` extra); the core of ``riemann_core`` does not.
 """

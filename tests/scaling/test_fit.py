@@ -28,7 +28,7 @@ RUNS = (
 
 
 def reference_time(method, kernel, shape):
-    """Seconds per call that follow DESIGN.md's scaling: every claim holds on these."""
+    """Seconds per call that follow the methods' scaling (docs/methods.md): every claim holds on these."""
     n, d, N = shape.n_params, shape.d, shape.batch
     w, L = shape.widths[0], len(shape.layers)
     return {

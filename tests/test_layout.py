@@ -1,0 +1,83 @@
+"""The package layout: imports flow one way, and the core needs none of the measuring tools."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import riemann_core
+
+ROOT = Path(riemann_core.__file__).parent
+#: a module may import from its own layer and the layers before it, never after
+LAYERS = {"core": 0, "measure": 1, "arguments": 1, "scaling": 2, "studies": 2, "cli": 3}
+
+
+def layer(module: str) -> str:
+    """``riemann_core.scaling.fit`` -> ``scaling``; modules of the core -> ``core``."""
+    parts = module.split(".")
+    name = parts[1] if len(parts) > 1 else ""
+    return name if name in LAYERS else "core"
+
+
+def imported(path: Path) -> set[str]:
+    """The ``riemann_core`` modules imported by the file at ``path``, absolute."""
+    package = ".".join(("riemann_core", *path.relative_to(ROOT).with_suffix("").parts[:-1]))
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            target = ".".join(p for p in (base, node.module or "") if p)
+            found |= {f"{target}.{a.name}" for a in node.names} if not node.module else {target}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return {m for m in found if m.split(".")[0] == "riemann_core"}
+
+
+MODULES = sorted(ROOT.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_imports_flow_from_the_core_outwards(path):
+    own = layer(".".join(("riemann_core", *path.relative_to(ROOT).with_suffix("").parts)))
+    for target in imported(path):
+        other = layer(target)
+        assert LAYERS[other] < LAYERS[own] or other == own, (
+            f"{path.relative_to(ROOT)} ({own}) imports {target} ({other})"
+        )
+
+
+def test_scaling_and_studies_are_independent():
+    for a, b in (("scaling", "studies"), ("studies", "scaling")):
+        for path in (ROOT / a).rglob("*.py"):
+            assert all(layer(t) != b for t in imported(path)), f"{path} imports {b}"
+
+
+def test_the_core_imports_without_the_measuring_tools():
+    heavy = ("pandas", "seaborn", "matplotlib", "sklearn", "scipy", "dask")
+    code = (
+        f"import sys, riemann_core; print([m for m in sys.modules if m.split('.')[0] in {heavy!r}])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_nothing_refers_to_files_outside_the_repository():
+    repo = ROOT.parent
+    tracked = subprocess.run(
+        ["git", "-C", str(repo), "ls-files"], capture_output=True, text=True
+    ).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    outside = ("DESIGN" + ".md", "STYLE" + ".md", "../" + "shared")
+    for name in tracked:
+        path = repo / name
+        if (
+            path.suffix in (".py", ".md", ".toml", ".ini", ".cfg", ".json", ".txt")
+            and path.is_file()
+        ):
+            text = path.read_text(errors="ignore")
+            assert not any(o in text for o in outside), (
+                f"{name} refers to a file outside the repository"
+            )
