@@ -11,10 +11,11 @@ from .direction import direction
 from .methods import METHODS, LayerDiagnostics
 from .modules import Handler, register_handler
 from .preconditioner import RiemannianPreconditioner
-from .woodbury import SolveError
+from .woodbury import AccuracyWarning, SolveError
 
 __all__ = [
     "METHODS",
+    "AccuracyWarning",
     "Handler",
     "LayerDiagnostics",
     "RiemannianPreconditioner",

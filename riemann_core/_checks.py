@@ -1,8 +1,16 @@
-"""Validation of options and data: every error names the problem and the fix."""
+"""Validation of options and data: every error names the problem and the fix.
+
+Checks of values on the device (finiteness, class indices) are *deferred*: each is a
+device scalar registered with a :class:`Deferred`, and :meth:`Deferred.run` reads them
+all back in one transfer, so that a direction costs a couple of host synchronisations
+instead of one per tensor. Only a failing check takes the slow path that re-examines
+the data and names the culprit.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from numbers import Real
 
 import torch
@@ -18,7 +26,17 @@ def check_choice(name: str, value, choices) -> None:
 
 
 def check_options(
-    *, method, methods, loss, damping, output_metric, samples, kernel, solve_dtype, refine=0
+    *,
+    method,
+    methods,
+    loss,
+    damping,
+    output_metric,
+    samples,
+    kernel,
+    solve_dtype,
+    refine=0,
+    check_coupling=True,
 ) -> None:
     """Options that can be checked before any work."""
     check_choice("method", method, methods)
@@ -43,6 +61,78 @@ def check_options(
         raise ValueError(
             f"solve_dtype must be None, torch.float32 or torch.float64, got {solve_dtype}"
         )
+    if not isinstance(check_coupling, bool):
+        raise TypeError(f"check_coupling must be True or False, got {check_coupling!r}")
+
+
+# ------------------------------------------------------------------ deferred checks
+
+
+def to_host(scalars: list[Tensor]) -> list[float]:
+    """The values of device scalars, read with one transfer per device (a host sync each)."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(scalars):
+        by_device.setdefault(t.device, []).append(i)
+    values = [math.nan] * len(scalars)
+    for indices in by_device.values():
+        stacked = torch.stack([scalars[i].detach().reshape(()).float() for i in indices])
+        for i, v in zip(indices, stacked.tolist(), strict=True):
+            values[i] = v
+    return values
+
+
+class Reading:
+    """A device scalar's value on the host, once :meth:`Deferred.run` has read it."""
+
+    value: float = math.nan
+
+
+class Deferred:
+    """Checks decided on the device and read back together, one host sync per :meth:`run`.
+
+    A check is a device scalar and a callback that receives its host value; a failing
+    check's callback re-examines the data exactly (it may sync) and raises the error that
+    names the cause. Callbacks run in the order the checks were registered, so data
+    errors come before the errors they would cause further on.
+    """
+
+    def __init__(self):
+        self._pending: list[tuple[Tensor | None, Callable[[float | None], None]]] = []
+
+    def require(self, ok: Tensor, explain: Callable[[], None]) -> None:
+        """``explain()`` is called when ``ok`` (a 0-dim boolean) is false."""
+
+        def callback(value: float) -> None:
+            if not value:
+                explain()
+
+        self._pending.append((ok, callback))
+
+    def finite(self, what: str, tensor: Tensor, fix: str, error: type = ValueError) -> None:
+        """``tensor`` has no NaN or inf; the message names ``what`` and the ``fix``."""
+        if tensor.is_floating_point():
+            # a sum allocates no mask; an overflow with finite entries is re-checked exactly
+            self.require(
+                torch.isfinite(tensor.detach().sum()),
+                lambda: check_finite(what, tensor, fix, error),
+            )
+
+    def read(self, value: Tensor) -> Reading:
+        """A :class:`Reading` whose ``value`` is set by the next :meth:`run`."""
+        reading = Reading()
+        self._pending.append((value, lambda v: setattr(reading, "value", v)))
+        return reading
+
+    def then(self, action: Callable[[], None]) -> None:
+        """``action()`` runs once every check registered before it has passed."""
+        self._pending.append((None, lambda _: action()))
+
+    def run(self) -> None:
+        """Read every pending check in one transfer, then call the callbacks in order."""
+        pending, self._pending = self._pending, []
+        values = iter(to_host([t for t, _ in pending if t is not None]))
+        for t, callback in pending:
+            callback(None if t is None else next(values))
 
 
 def all_finite(tensor: Tensor) -> bool:
@@ -52,16 +142,57 @@ def all_finite(tensor: Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())  # the sum may overflow with finite entries
 
 
-def check_finite(what: str, tensor: Tensor, fix: str) -> None:
+def check_finite(what: str, tensor: Tensor, fix: str, error: type = ValueError) -> None:
     if not all_finite(tensor):
         bad = int((~torch.isfinite(tensor)).sum())
-        raise ValueError(f"{what} contains {bad} NaN or inf entries; {fix}")
+        raise error(f"{what} contains {bad} NaN or inf entries; {fix}")
 
 
-def check_model(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The trainable parameters, after checking the model can be handled at all."""
+# ----------------------------------------------------------------------- the model
+
+#: Modules that draw random numbers in training mode, and when they do.
+STOCHASTIC: list[tuple[type, Callable[[nn.Module], bool]]] = [
+    (nn.modules.dropout._DropoutNd, lambda m: m.p > 0),
+    (nn.RReLU, lambda m: m.lower != m.upper),
+    (nn.MultiheadAttention, lambda m: m.dropout > 0),
+]
+
+
+def stochastic_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules of ``model`` that draw random numbers as they are now (training mode)."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if module.training and any(isinstance(module, t) and on(module) for t, on in STOCHASTIC)
+    ]
+
+
+def check_deterministic(model: nn.Module) -> None:
+    """Refuse modules that draw random numbers: each call would see another network."""
+    found = stochastic_modules(model)
+    if found:
+        name, module = found[0]
+        raise ValueError(
+            f"module {name!r} ({type(module).__name__}) draws random numbers in training mode "
+            "(dropout), so two calls would give different directions of different networks. "
+            "Call model.eval() before rc.direction (RiemannianPreconditioner.step replays the "
+            "masks of the training forward pass instead)"
+        )
+
+
+def check_model(model: nn.Module, checks: Deferred | None = None) -> list[tuple[str, nn.Parameter]]:
+    """The trainable parameters, after checking the model can be handled at all.
+
+    Their finiteness is registered with ``checks`` (checked at once without it).
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"model is a TorchScript module ({type(model).__name__}), which runs its submodules "
+            "without Python hooks, so no module call can be seen; pass the original nn.Module "
+            "(torch.compile'd modules are fine)"
+        )
     for name, module in model.named_modules():
         # Batch statistics couple the samples; the pullback treats them as independent.
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
@@ -84,35 +215,92 @@ def check_model(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         raise ValueError(
             "the model has no trainable parameters (requires_grad=True); nothing to solve"
         )
+    now = checks is None
+    checks = Deferred() if now else checks
     for name, p in params:
-        check_finite(f"parameter {name!r}", p.detach(), "reset or reinitialise the model")
+        checks.finite(f"parameter {name!r}", p, "reset or reinitialise the model")
+    if now:
+        checks.run()
     return params
 
 
-def check_inputs(inputs, targets) -> None:
-    """Data checks that need no forward pass."""
-    if not isinstance(inputs, Tensor):
-        raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
-    if not isinstance(targets, Tensor):
-        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
-    if inputs.ndim == 0 or inputs.shape[0] == 0:
+def check_generator(generator: torch.Generator | None, output_metric, device: torch.device) -> None:
+    """A generator for ``output_metric="sampled"`` must live where the outputs are drawn."""
+    if generator is None or output_metric != "sampled":
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    here = generator.device
+    if here.type != device.type or (
+        here.index is not None and device.index is not None and here.index != device.index
+    ):
         raise ValueError(
-            f"inputs hold an empty batch (shape {tuple(inputs.shape)}); pass at least one sample"
+            f"the generator draws on {here} but the model is on {device}; the sampled output "
+            f"metric draws on the model's device: pass torch.Generator(device={str(device)!r})"
         )
-    if targets.ndim == 0 or targets.shape[0] != inputs.shape[0]:
-        raise ValueError(
-            f"targets (shape {tuple(targets.shape)}) must have one entry per sample: "
-            f"inputs have a batch of {inputs.shape[0]}"
-        )
-    check_finite("inputs", inputs, "clean or impute the data before computing a direction")
-    check_finite("targets", targets, "clean the targets before computing a direction")
 
 
-def check_outputs(outputs: Tensor, targets: Tensor | None, loss: str) -> None:
-    """Checks of the model's outputs and, when given, of the targets against them."""
-    check_finite(
-        "the model's outputs", outputs.detach(), "the forward pass overflowed; check the model"
+# ------------------------------------------------------------------------ the data
+
+
+def tensors_of(value) -> Iterable[Tensor]:
+    """Every tensor in a nest of tuples, lists and dicts."""
+    leaves, _ = torch.utils._pytree.tree_flatten(value)
+    return (leaf for leaf in leaves if isinstance(leaf, Tensor))
+
+
+def forward_arguments(inputs, forward_kwargs) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of the model call: a tuple of ``inputs`` is the positional
+    arguments, a tensor the single one. Inference tensors (made under
+    ``torch.inference_mode``) are copied, since autograd cannot record them."""
+    if not isinstance(inputs, (Tensor, tuple)):
+        raise TypeError(
+            "inputs must be a torch.Tensor (or a tuple of the model's positional arguments), "
+            f"got {type(inputs).__name__}"
+        )
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    if forward_kwargs is None:
+        forward_kwargs = {}
+    if not isinstance(forward_kwargs, dict) or not all(isinstance(k, str) for k in forward_kwargs):
+        raise TypeError(
+            f"forward_kwargs must be a dict of keyword arguments, got "
+            f"{type(forward_kwargs).__name__}"
+        )
+    return torch.utils._pytree.tree_map(
+        lambda a: a.clone() if isinstance(a, Tensor) and a.is_inference() else a,
+        (args, dict(forward_kwargs)),
     )
+
+
+def check_inputs(args: tuple, kwargs: dict, targets, checks: Deferred) -> None:
+    """Data checks that need no forward pass; finiteness is registered with ``checks``.
+
+    The batch is the first dimension of the first positional tensor argument (when
+    there is one; the outputs' first dimension is checked against the targets later).
+    """
+    if targets is not None and not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    first = next((a for a in args if isinstance(a, Tensor)), None)
+    if first is not None:
+        if first.ndim == 0 or first.shape[0] == 0:
+            raise ValueError(
+                f"inputs hold an empty batch (shape {tuple(first.shape)}); pass at least one sample"
+            )
+        if targets is not None and (targets.ndim == 0 or targets.shape[0] != first.shape[0]):
+            raise ValueError(
+                f"targets (shape {tuple(targets.shape)}) must have one entry per sample: "
+                f"inputs have a batch of {first.shape[0]}"
+            )
+    for i, t in enumerate(tensors_of((args, kwargs))):
+        what = "inputs" if len(args) == 1 and not kwargs else f"input tensor {i}"
+        checks.finite(what, t, "clean or impute the data before computing a direction")
+    if targets is not None:
+        checks.finite("targets", targets, "clean the targets before computing a direction")
+
+
+def check_outputs(outputs: Tensor, targets: Tensor | None, loss: str, checks: Deferred) -> None:
+    """Checks of the model's outputs and, when given, of the targets against them."""
+    checks.finite("the model's outputs", outputs, "the forward pass overflowed; check the model")
     N = outputs.shape[0]
     if loss == "cross_entropy" and outputs.ndim != 2:
         raise ValueError(
@@ -131,12 +319,15 @@ def check_outputs(outputs: Tensor, targets: Tensor | None, loss: str) -> None:
                 f"loss='cross_entropy' needs targets of shape (N,) = ({N},), got {tuple(targets.shape)}"
             )
         C = outputs.shape[1]
-        low, high = int(targets.min()), int(targets.max())
-        if low < 0 or high >= C:
+
+        def explain():
+            low, high = int(targets.min()), int(targets.max())
             raise ValueError(
                 f"class indices must lie in [0, {C - 1}] for a model with {C} outputs; "
                 f"targets range over [{low}, {high}]"
             )
+
+        checks.require(((targets >= 0) & (targets < C)).all(), explain)
     else:
         if targets.shape != outputs.shape:
             raise ValueError(

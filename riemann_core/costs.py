@@ -34,6 +34,16 @@ def lu_solve_flops(n: int, k: int = 1) -> float:
     return 2 * n**3 / 3 + 2 * n * n * k
 
 
+#: Power-iteration steps of the conditioning estimate (``woodbury.largest_eigenvalue``).
+POWER_STEPS = 3
+
+
+def power_flops(n: int) -> float:
+    """``2 n^2`` per power-iteration step on an ``n x n`` matrix: the estimate of every
+    factorised matrix's largest eigenvalue (``riemann_core.woodbury.largest_eigenvalue``)."""
+    return 2 * n * n * POWER_STEPS
+
+
 def inverse_flops(n: int) -> float:
     """``2 n^3``: LU plus inversion from the factors."""
     return 2 * n**3
@@ -90,9 +100,13 @@ def flops(method: str, shape: MLPShape, kernel: str = "structured") -> dict[str,
     """Modelled FLOPs of ``rc.direction(method=..., kernel=...)`` by phase, plus ``total``.
 
     Phases: ``forward``; ``pullback`` (``r`` factor rows and the loss gradient through
-    the layers above the first); ``gradient`` (parameter gradient where it is formed);
-    ``jacobian`` (generic kernel: ``K_a`` by ``vmap``/``vjp``); ``gram``;
-    ``factorisation``; ``solve`` (products with ``K`` and triangular solves).
+    the layers above the first); ``gradient`` (parameter gradient where it is formed;
+    the generic kernel runs each module's forward again for its ``vjp``); ``jacobian``
+    (generic kernel: ``K_a`` by ``vmap``/``vjp``); ``gram``; ``factorisation``;
+    ``solve`` (products with ``K`` and triangular solves); ``checks`` (the estimate of
+    each factorised ``m x m`` matrix's largest eigenvalue, :func:`power_flops`). The
+    slow paths of ill-conditioned solves (residuals in float64, refinement) are not
+    modelled.
     """
     N, d, layers = shape.batch, shape.d, shape.layers
     k = shape.rows + 1  # the loss gradient rides along in the pullback
@@ -108,8 +122,8 @@ def flops(method: str, shape: MLPShape, kernel: str = "structured") -> dict[str,
     f_ins = [f_in for f_in, _ in layers]
     f_outs = [f_out for _, f_out in layers]
     n_a = shape.block_params()
-    if generic:  # gradient by autograd; K by a per-sample forward and one vjp per row
-        cost["gradient"] = matmul
+    if generic:  # gradient by a forward and vjp per module; K by per-sample vjps
+        cost["gradient"] = 2 * matmul
         if method in ("full", "natural"):
             cost["jacobian"] = matmul + shape.rows * matmul
     if method == "natural":
@@ -117,12 +131,13 @@ def flops(method: str, shape: MLPShape, kernel: str = "structured") -> dict[str,
             _gram(shape, kernel, i, f, n) for i, f, n in zip(f_ins, f_outs, n_a, strict=True)
         )
         cost["factorisation"] = cholesky_flops(d)
+        cost["checks"] = power_flops(d)
         cost["solve"] = sum(
             _products(shape, kernel, i, f, n) for i, f, n in zip(f_ins, f_outs, n_a, strict=True)
         )
         cost["solve"] += 2 * triangular_solve_flops(d)
     elif method == "layerwise":
-        cost.update(gram=0, factorisation=0, solve=0)
+        cost.update(gram=0, factorisation=0, solve=0, checks=0)
         for (f_in, f), p, n in zip(layers, P, n_a, strict=True):
             m = min(shape.rows, f)  # rows per sample after compress_rows
             if generic:
@@ -136,10 +151,12 @@ def flops(method: str, shape: MLPShape, kernel: str = "structured") -> dict[str,
                     cost["gradient"] = cost.get("gradient", 0) + 2 * N * f * f_in
                 cost["gram"] += 2 * n * n * block.d
                 cost["factorisation"] += cholesky_flops(n)
+                cost["checks"] += power_flops(n)
                 cost["solve"] += 2 * triangular_solve_flops(n)
             else:
                 cost["gram"] += gram
                 cost["factorisation"] += cholesky_flops(block.d)
+                cost["checks"] += power_flops(block.d)
                 cost["solve"] += _products(block, kernel, f_in, f, n) + 2 * triangular_solve_flops(
                     block.d
                 )
@@ -149,6 +166,7 @@ def flops(method: str, shape: MLPShape, kernel: str = "structured") -> dict[str,
             cost["gradient"] = sum(2 * N * f * i for i, f in zip(f_ins, f_outs, strict=True))
         cost["gram"] = 2 * n * n * d
         cost["factorisation"] = cholesky_flops(n)
+        cost["checks"] = power_flops(n)
         cost["solve"] = 2 * triangular_solve_flops(n)
     elif method == "kfac":
         if not generic:

@@ -5,14 +5,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import all_finite, check_inputs, check_model
+from ._checks import (
+    Deferred,
+    check_deterministic,
+    check_generator,
+    check_inputs,
+    check_model,
+    forward_arguments,
+    tensors_of,
+)
+from ._precision import full_precision
 from .factors import FactorFn
-from .methods import METHODS, SOLVERS, LayerDiagnostics, Options, build_problem
+from .methods import METHODS, SOLVERS, LayerDiagnostics, Options, build_problem, finish
 
 
 def direction(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Tensor | tuple,
     targets: Tensor,
     *,
     loss: str = "cross_entropy",
@@ -25,17 +34,22 @@ def direction(
     generator: torch.Generator | None = None,
     refine: int = 0,
     return_diagnostics: bool = False,
+    forward_kwargs: dict | None = None,
+    check_coupling: bool = True,
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], list[LayerDiagnostics]]:
     """``G^{-1} g`` for the mean loss's gradient ``g`` on the batch ``(inputs, targets)``.
 
     ``G`` depends on ``method`` (see ``rc.METHODS``): ``euclidean`` ``I``; ``layerwise``
-    ``mu I + K_a^T K_a`` per module (block-diagonal damped GGN, Woodbury per block);
+    ``mu I + K_a^T K_a`` per block (block-diagonal damped GGN, Woodbury per block);
     ``full`` ``mu I + K^T K`` dense; ``natural`` the same matrix through a data-space
     Woodbury solve; ``kfac`` ``Gamma_a (x) A_a + mu I`` per module. ``K_a = L_a B_a``
-    is the output-metric factor pulled back to module ``a`` times its parameter
-    Jacobian, and ``mu = damping``.
+    is the output-metric factor pulled back to block ``a`` times its parameter
+    Jacobian, and ``mu = damping``. A block is a module that owns trainable parameters,
+    or the modules that share one (weight tying, a module called twice).
 
     Args:
+        inputs: the model's input, or a tuple of its positional arguments; the model is
+            called as ``model(*inputs, **forward_kwargs)``.
         loss: ``"cross_entropy"`` (class-index targets) or ``"mse"``; the gradient is
             that of ``F.cross_entropy`` / ``F.mse_loss`` with ``reduction="mean"``.
         output_metric: ``"exact"`` (softmax Fisher / MSE Hessian), ``"sampled"``
@@ -45,19 +59,37 @@ def direction(
         kernel: ``"structured"`` (Linear / Conv2d kernels, error on other modules with
             parameters), ``"generic"`` (``torch.func``, ``K_a`` materialised) or
             ``"auto"`` (structured where possible, generic elsewhere).
-        solve_dtype: dtype of the inner factorisations (e.g. ``torch.float64`` for a
-            float32 model with a small damping); default the model's dtype.
-        generator: random generator for ``output_metric="sampled"``.
-        refine: steps of iterative refinement of the Woodbury solves (``layerwise``,
-            ``natural``). ``(g - K^T t) / mu`` cancels when ``mu`` is tiny against the
-            curvature (relative residual ``~ eps / mu``); one step restores a
-            backward-stable solve for two more products with ``K`` per block.
+        solve_dtype: dtype of everything after the pullback (Grams, factorisations,
+            products with ``K``), e.g. ``torch.float64`` for a float32 model at a small
+            damping; default the model's dtype.
+        generator: random generator for ``output_metric="sampled"``, on the model's
+            device.
+        refine: steps of mixed-precision iterative refinement (every method but
+            ``kfac`` and ``euclidean``): the residual ``g - G x`` in float64, its
+            correction with the solve's factor. ``(g - K^T t) / mu`` cancels when ``mu``
+            is tiny against the curvature (residual ``~ eps cond(G)``); refinement
+            converges while ``eps(solve_dtype) cond(G) < 1``.
         return_diagnostics: also return a list of :class:`LayerDiagnostics`.
+        forward_kwargs: keyword arguments of the model call.
+        check_coupling: probe, on the first call for a model (and after a change of a
+            module's training flag), that the network treats samples independently and
+            that parameters reach the output only through their modules' calls.
 
     Returns:
         ``{name: direction}`` for every trainable parameter (names as in
         ``model.named_parameters()``), each of that parameter's shape and dtype. The
         model, its parameters and their ``.grad`` are left untouched.
+
+    Raises:
+        ValueError / TypeError: bad options or data, or a network whose direction cannot
+            be computed exactly (docs/api.md lists them), naming the module and the fix.
+        SolveError: a metric that cannot be factorised, or a solve whose relative
+            residual exceeds the bound of its dtype.
+
+    Warns:
+        AccuracyWarning: when the model's dtype determines the direction only to a
+            relative error above 1 at this damping, or a Cholesky factorisation needed
+            jitter above a tenth of the damping.
 
     Example:
         >>> import torch, riemann_core as rc
@@ -80,10 +112,17 @@ def direction(
         refine=refine,
         diagnostics=return_diagnostics,
         generator=generator,
+        check_coupling=check_coupling,
     )
-    params = check_model(model)
-    check_inputs(inputs, targets)
-    directions, diagnostics = solve(model, inputs, targets, method, opts)
+    checks = Deferred()
+    params = check_model(model, checks)
+    check_deterministic(model)
+    args, kwargs = forward_arguments(inputs, forward_kwargs)
+    check_inputs(args, kwargs, targets, checks)
+    check_generator(opts.generator, opts.output_metric, params[0][1].device)
+    directions, diagnostics = solve(
+        model, args, targets, method, opts, forward_kwargs=kwargs, checks=checks
+    )
     # a parameter the forward pass did not reach has a zero gradient, hence direction
     result = {
         name: directions[name].detach().to(p.dtype) if name in directions else torch.zeros_like(p)
@@ -92,24 +131,54 @@ def direction(
     return (result, diagnostics) if return_diagnostics else result
 
 
-def solve(model, inputs, targets, method: str, opts: Options, gradient=None):
+def solve(
+    model,
+    inputs,
+    targets,
+    method: str,
+    opts: Options,
+    gradient=None,
+    *,
+    forward_kwargs: dict | None = None,
+    checks: Deferred | None = None,
+    replay: list[Tensor] | None = None,
+):
     """Run ``method``; ``gradient`` (``{name: vector}``) replaces the loss gradient.
 
     Returns ``({name: direction}, diagnostics)`` for the parameters seen in the forward
-    pass. Raises before returning anything if a direction is not finite.
+    pass. Raises before returning anything if a check fails (``checks`` holds those of
+    the caller still to be read); ``replay``: see :func:`riemann_core.capture.forward`.
     """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "riemann_core needs autograd, which torch.inference_mode() switches off; "
+            "compute the direction outside the inference_mode block"
+        )
+    checks = Deferred() if checks is None else checks
     solver = SOLVERS[method]
-    problem = build_problem(
-        model, inputs, targets, opts, needs_factor=solver.NEEDS_FACTOR, gradient=gradient
-    )
-    per_block, diagnostics = solver.solve(problem, opts)
-    directions = {}
-    for block, dirs in zip(problem.blocks, per_block, strict=True):
-        for name, x in zip(block.param_names, dirs, strict=True):
-            if not all_finite(x):
-                raise FloatingPointError(
-                    f"method={method!r} produced a non-finite direction for {name!r}; "
-                    "increase the damping or pass solve_dtype=torch.float64"
-                )
-            directions[name] = x
+    devices = {p.device.type for p in model.parameters()}
+    devices |= {t.device.type for t in tensors_of((inputs, forward_kwargs))}
+    with full_precision(devices):
+        try:
+            problem = build_problem(
+                model,
+                inputs,
+                targets,
+                opts,
+                needs_factor=solver.NEEDS_FACTOR,
+                gradient=gradient,
+                forward_kwargs=forward_kwargs,
+                checks=checks,
+                replay=replay,
+            )
+            solves = solver.solve(problem, opts)
+        except Exception:
+            checks.run()  # a failing check of the data explains the error better
+            raise
+        per_block, diagnostics = finish(problem, solves, opts, checks, method)
+    directions = {
+        name: x
+        for block, dirs in zip(problem.blocks, per_block, strict=True)
+        for name, x in zip(block.param_names, dirs, strict=True)
+    }
     return directions, diagnostics

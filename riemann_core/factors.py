@@ -71,7 +71,8 @@ def output_factor(
     """Per-sample factor ``(N, r, C)`` of the output metric for ``loss``.
 
     ``outputs`` is ``(N, C)`` and detached. A callable ``output_metric`` receives
-    ``(outputs, targets)`` and returns its own factor; its shape is checked.
+    ``(outputs, targets)`` and returns its own factor; its shape is checked here, its
+    finiteness by the caller.
     """
     if callable(output_metric):
         F = output_metric(outputs, targets)
@@ -82,8 +83,6 @@ def output_factor(
                 f"a custom output_metric must return a factor of shape (N, r, C) = "
                 f"({N}, r, {C}); it returned {shape}"
             )
-        if not torch.isfinite(F).all():
-            raise ValueError("the custom output_metric returned NaN or inf entries")
         return F.to(outputs.dtype)
     sampled = output_metric == "sampled"
     if loss == "cross_entropy":
@@ -107,18 +106,23 @@ def pullback(outputs: Tensor, cotangents: Tensor, targets: Sequence[Tensor]) -> 
     ``L_{a-1} = L_a A_a`` is backprop with the factor rows as cotangents. For a network
     that treats samples independently, row ``s`` of every sample can share one backward
     pass, so this runs ``r`` backward passes, vectorised with ``is_grads_batched``, not
-    ``d = N r``. Returns, per target, a tensor ``(k, *target.shape)``.
+    ``d = N r``. Returns, per target, a tensor ``(k, *target.shape)``; a target outside
+    the autograd graph of ``outputs`` (computed under ``torch.no_grad``) gets zeros.
     """
+    reached = [t for t in targets if t.requires_grad]
     grads = torch.autograd.grad(
         outputs,
-        list(targets),
+        reached,
         grad_outputs=cotangents.reshape((cotangents.shape[0],) + outputs.shape),
         is_grads_batched=True,
         retain_graph=True,
         allow_unused=True,
     )
+    found = {id(t): g for t, g in zip(reached, grads, strict=True)}
     k = cotangents.shape[0]
     return [
-        torch.zeros((k,) + t.shape, dtype=t.dtype, device=t.device) if g is None else g.detach()
-        for g, t in zip(grads, targets, strict=True)
+        g.detach()
+        if (g := found.get(id(t))) is not None
+        else torch.zeros((k,) + t.shape, dtype=t.dtype, device=t.device)
+        for t in targets
     ]

@@ -1,8 +1,9 @@
 """Per-module kernels for the whitened Jacobian ``K_a = L_a B_a`` of one block.
 
 A *block* is a module that owns trainable parameters (a Linear's weight and bias form
-one block). Its handler knows the block's input ``x`` and the factor pulled back to its
-output, ``Delta`` (``r`` rows per sample, ``d = r N`` rows in all, ordered probe-major:
+one block); modules that share a parameter, and a module called more than once, form
+one block whose ``K`` sums those of the calls (:class:`SharedHandler`). A handler knows
+the block's input ``x`` and the factor pulled back to its output, ``Delta`` (``r`` rows per sample, ``d = r N`` rows in all, ordered probe-major:
 row ``s N + b`` belongs to sample ``b``), and provides
 
 * ``gram()``      ``K K^T``                       (``d x d``)
@@ -20,29 +21,41 @@ module with parameters through ``torch.func`` and materialises ``K``.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
+from torch.utils import _pytree as pytree
 
 
-@dataclass
+@dataclass(eq=False)
 class Block:
-    """One module that owns trainable parameters, as seen in a forward pass."""
+    """One call of a module that owns trainable parameters, as seen in a forward pass;
+    or, with ``calls``, a block of the metric whose parameters several calls share."""
 
     name: str
-    module: nn.Module
+    module: nn.Module | None
     param_names: list[str]  # full names, as in model.named_parameters()
     params: list[nn.Parameter]
     inputs: tuple  # positional arguments of the call, detached
-    output: Tensor  # in the autograd graph
+    output: Tensor | None  # in the autograd graph
     delta: Tensor | None = None  # pulled-back factor, (r, N, *output.shape[1:])
+    kwargs: dict = field(default_factory=dict)  # keyword arguments of the call, detached
+    output_grad: Tensor | None = None  # the loss gradient at the output, Lambda
+    graph_inputs: tuple[Tensor, ...] = ()  # the call's input tensors in the autograd graph
+    calls: tuple[Block, ...] = ()  # the calls of a shared block
 
     @property
     def n_params(self) -> int:
         return sum(p.numel() for p in self.params)
+
+    @property
+    def input(self) -> Tensor:
+        """The first argument (``input`` of ``nn.Linear`` / ``nn.Conv2d``)."""
+        return self.inputs[0] if self.inputs else self.kwargs["input"]
 
 
 class Handler(ABC):
@@ -54,6 +67,28 @@ class Handler(ABC):
     def __init__(self, block: Block):
         self.block = block
         self.set_delta(block.delta)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the kernel's algebra (that of its pulled-back factor)."""
+        return self.delta.dtype
+
+    def to(self, dtype: torch.dtype) -> Handler:
+        """The same ``K_a`` with its data (pulled-back rows, inputs) converted to ``dtype``:
+        products with it then run in ``dtype``, exactly on the same numbers."""
+        new = copy.copy(self)
+        for key, value in vars(self).items():
+            if isinstance(value, Tensor) and value.is_floating_point():
+                setattr(new, key, value.to(dtype))
+        return new
+
+    def gradient(self) -> list[Tensor]:
+        """The loss gradient ``g_a = B_a^T Lambda_a`` from its value at the block output."""
+        return self.gradient_from_output(self.block.output_grad.to(self.dtype))
+
+    def deferred_checks(self) -> list[tuple[Tensor, object]]:
+        """``(ok, explain)`` pairs to be read with the other deferred checks."""
+        return []
 
     def set_delta(self, delta: Tensor) -> None:
         """Use ``delta`` (``(r, N, *output.shape[1:])``) as the pulled-back factor."""
@@ -81,6 +116,11 @@ class Handler(ABC):
     def supports(cls, module: nn.Module) -> str | None:
         """``None`` when the kernel handles ``module``, else the reason it does not."""
         return None
+
+    @abstractmethod
+    def gradient_from_output(self, lam: Tensor) -> list[Tensor]:
+        """``B_a^T lam`` for ``lam`` shaped like the block output: the partial derivative
+        through this call alone (its inputs held fixed)."""
 
     def gram(self) -> Tensor:
         K = self.K()
@@ -118,8 +158,15 @@ class PatchHandler(Handler):
         trainable = {id(p) for p in block.params}
         self.with_weight = id(module.weight) in trainable
         self.with_bias = getattr(module, "bias", None) is not None and id(module.bias) in trainable
-        self.X = self.patches(block.inputs[0])
+        self.X = self.patches(block.input)
         self.f_out = module.weight.shape[0]
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> str | None:
+        other = {n for n, _ in module.named_parameters(recurse=False)} - {"weight", "bias"}
+        if other or not isinstance(getattr(module, "weight", None), nn.Parameter):
+            return "parameters other than weight and bias (e.g. weight norm's weight_g, weight_v)"
+        return None
 
     def set_delta(self, delta: Tensor) -> None:
         super().set_delta(delta)
@@ -264,6 +311,8 @@ class Conv2dHandler(PatchHandler):
 
     @classmethod
     def supports(cls, module: nn.Module) -> str | None:
+        if reason := super().supports(module):
+            return reason
         if module.groups != 1:
             return f"groups={module.groups} (the structured Conv2d kernel needs groups=1)"
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
@@ -287,40 +336,110 @@ class GenericHandler(Handler):
     Row ``(s, b)`` of ``K`` is the vector-Jacobian product of the module's output for
     sample ``b`` with the cotangent ``delta_{s,b}``: ``vmap`` over samples of ``vmap``
     over probes of ``vjp``. ``O(d n_a)`` memory; this is the ``O(n d^2 + d^3)`` path.
+
+    The call's positional and keyword arguments are passed on; a tensor whose first
+    dimension is the batch is split into samples, any other is passed whole. Evaluating
+    one sample at a time is exact only for a module that treats samples independently:
+    the outputs it gives are compared with those of the forward pass (a deferred check,
+    see :meth:`deferred_checks`).
     """
 
     def __init__(self, block: Block):
         super().__init__(block)
         self.shapes = [p.shape for p in block.params]
+        local = {id(p): n for n, p in block.module.named_parameters(recurse=False)}
+        self.local_names = [local[id(p)] for p in block.params]
+        self.output_value = None if block.output is None else block.output.detach()
+        self.mismatch: Tensor | None = None
 
     def set_delta(self, delta: Tensor) -> None:
         super().set_delta(delta)
         self._K = None  # K depends on the rows
 
+    def to(self, dtype: torch.dtype) -> Handler:
+        new = copy.copy(self)
+        new.delta = self.delta.to(dtype)
+        new._K = None if self._K is None else self._K.to(dtype)
+        return new
+
     def K(self) -> Tensor:
         if self._K is None:
-            self._K = self._materialise()
+            try:
+                self._K = self._materialise()
+            except RuntimeError as err:  # torch.func cannot run the module per sample
+                raise ValueError(
+                    f"kernel='generic' cannot evaluate module {self.block.name!r} "
+                    f"({type(self.block.module).__name__}) one sample at a time with "
+                    f"torch.func: {err}. A module that draws random numbers (call "
+                    "model.eval()), or that takes an argument whose first dimension equals "
+                    "the batch but is not per sample, cannot be split into samples; give it "
+                    "a structured kernel (rc.register_handler)"
+                ) from err
         return self._K
 
+    def _params(self) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in zip(self.local_names, self.block.params, strict=True)}
+
+    def _call(self, params, leaves, spec) -> Tensor:
+        # copies: a module that changes its input in place must not change the record
+        leaves = [a.clone() if isinstance(a, Tensor) else a for a in leaves]
+        args, kwargs = pytree.tree_unflatten(leaves, spec)
+        return functional_call(self.block.module, params, tuple(args), kwargs)
+
     def _materialise(self) -> Tensor:
-        block = self.block
-        local = [n.rsplit(".", 1)[-1] for n in block.param_names]
-        params = {n: p.detach() for n, p in zip(local, block.params, strict=True)}
-        batched = [isinstance(a, Tensor) for a in block.inputs]
+        leaves, spec = pytree.tree_flatten((self.block.inputs, self.block.kwargs))
+        tensors = [i for i, a in enumerate(leaves) if isinstance(a, Tensor)]
+        batched = [leaves[i].ndim > 0 and leaves[i].shape[0] == self.N for i in tensors]
+        params = self._params()
+        dtype = next(iter(params.values())).dtype  # the vjp runs in the module's dtype
 
-        def output_of_sample(p, *sample_args):
-            args = [a[None] if bt else a for a, bt in zip(sample_args, batched, strict=True)]
-            return functional_call(block.module, p, tuple(args))[0]
+        def output_of_sample(p, *sample):
+            call = list(leaves)
+            for i, a, bt in zip(tensors, sample, batched, strict=True):
+                call[i] = a[None] if bt else a
+            return self._call(p, call, spec)[0]
 
-        def rows_of_sample(delta_b, *sample_args):
-            _, pullback = vjp(lambda p: output_of_sample(p, *sample_args), params)
-            return vmap(pullback)(delta_b)[0]
+        def rows_of_sample(delta_b, *sample):
+            out, pullback = vjp(lambda p: output_of_sample(p, *sample), params)
+            return vmap(pullback)(delta_b)[0], out
 
         in_dims = (1,) + tuple(0 if bt else None for bt in batched)
-        rows = vmap(rows_of_sample, in_dims=in_dims)(self.delta, *block.inputs)
+        rows, outs = vmap(rows_of_sample, in_dims=in_dims)(
+            self.delta.to(dtype), *[leaves[i] for i in tensors]
+        )
+        if self.output_value is not None:
+            reference = self.output_value
+            scale = reference.abs().max().clamp_min(torch.finfo(dtype).tiny)
+            self.mismatch = (outs - reference).abs().max() / scale
         # rows[name]: (N, r, *shape) -> (r N, numel), probe-major like Delta
-        flat = [rows[n].transpose(0, 1).reshape(self.d, -1) for n in local]
-        return torch.cat(flat, dim=1)
+        flat = [rows[n].transpose(0, 1).reshape(self.d, -1) for n in self.local_names]
+        return torch.cat(flat, dim=1).to(self.dtype)
+
+    def deferred_checks(self) -> list[tuple[Tensor, object]]:
+        if self.mismatch is None:
+            return []
+        eps = torch.finfo(self.output_value.dtype).eps
+        mismatch = self.mismatch
+
+        def explain():
+            raise ValueError(
+                f"module {self.block.name!r} ({type(self.block.module).__name__}) gives other "
+                "outputs when evaluated one sample at a time, as kernel='generic' does "
+                f"(largest relative difference {float(mismatch):.1e}): it couples the samples "
+                "of the batch, depends on the batch size, or takes an argument whose first "
+                "dimension equals the batch but is not per sample. Make it act on each sample "
+                "alone, or give it a structured kernel (rc.register_handler)"
+            )
+
+        return [(mismatch <= eps**0.5, explain)]
+
+    def gradient_from_output(self, lam: Tensor) -> list[Tensor]:
+        leaves, spec = pytree.tree_flatten((self.block.inputs, self.block.kwargs))
+        params = self._params()
+        dtype = next(iter(params.values())).dtype
+        _, pullback = vjp(lambda p: self._call(p, leaves, spec), params)
+        (grads,) = pullback(lam.to(dtype))
+        return [grads[n].to(self.dtype) for n in self.local_names]
 
     def K_mv(self, v: list[Tensor]) -> Tensor:
         return self.K() @ torch.cat([a.reshape(-1) for a in v])
@@ -331,6 +450,74 @@ class GenericHandler(Handler):
             c.reshape(s)
             for c, s in zip(flat.split([s.numel() for s in self.shapes]), self.shapes, strict=True)
         ]
+
+
+class SharedHandler(Handler):
+    """A block whose parameters several calls use: weight tying between modules
+    (``m2.weight = m1.weight``), or one module called more than once.
+
+    By the chain rule the loss reaches a shared parameter through every call, so
+    ``K = sum_c K_c P_c`` with ``K_c`` the kernel of call ``c`` (its inputs held fixed,
+    its rows pulled back to its own output) and ``P_c`` the selection of the call's
+    parameters among the block's. The Gram ``K K^T`` has cross terms between calls, so
+    ``K`` is materialised (``O(d n_a)`` memory, like the generic kernel).
+    """
+
+    def __init__(self, block: Block, handlers: list[Handler]):
+        self.block = block
+        self.handlers = handlers
+        self.delta = handlers[0].delta
+        self.r, self.N, self.d = handlers[0].r, handlers[0].N, handlers[0].d
+        index = {id(p): i for i, p in enumerate(block.params)}
+        self.slots = [[index[id(p)] for p in h.block.params] for h in handlers]
+        self._K = None
+
+    def to(self, dtype: torch.dtype) -> Handler:
+        new = copy.copy(self)
+        new.handlers = [h.to(dtype) for h in self.handlers]
+        new.delta = self.delta.to(dtype)
+        new._K = None if self._K is None else self._K.to(dtype)
+        return new
+
+    def compress_rows(self) -> None:
+        """Kept as they are: every call's rows must stay aligned with the others'."""
+
+    def gradient(self) -> list[Tensor]:
+        return self._sum([h.gradient() for h in self.handlers])
+
+    def gradient_from_output(self, lam: Tensor) -> list[Tensor]:
+        raise TypeError("a shared block has one output per call; use gradient()")
+
+    def deferred_checks(self) -> list[tuple[Tensor, object]]:
+        return [c for h in self.handlers for c in h.deferred_checks()]
+
+    def _sum(self, per_call: list[list[Tensor]]) -> list[Tensor]:
+        """``sum_c P_c^T x_c``: per-call tensors added into the block's parameters."""
+        out = [torch.zeros_like(p, dtype=self.dtype) for p in self.block.params]
+        for slots, tensors in zip(self.slots, per_call, strict=True):
+            for j, x in zip(slots, tensors, strict=True):
+                out[j] = out[j] + x
+        return out
+
+    def K(self) -> Tensor:
+        if self._K is None:
+            sizes = [p.numel() for p in self.block.params]
+            offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+            K = torch.zeros(self.d, sum(sizes), dtype=self.dtype, device=self.delta.device)
+            for slots, h in zip(self.slots, self.handlers, strict=True):
+                for j, Kc in zip(slots, h.K().split([sizes[j] for j in slots], 1), strict=True):
+                    K[:, offsets[j] : offsets[j] + sizes[j]] += Kc
+            self._K = K
+        return self._K
+
+    def K_mv(self, v: list[Tensor]) -> Tensor:
+        return sum(
+            h.K_mv([v[j] for j in slots])
+            for slots, h in zip(self.slots, self.handlers, strict=True)
+        )
+
+    def K_tmv(self, t: Tensor) -> list[Tensor]:
+        return self._sum([h.K_tmv(t) for h in self.handlers])
 
 
 #: Structured kernels by exact module type (subclasses may change ``forward``).
@@ -352,6 +539,13 @@ def kronecker_handler(handler: Handler) -> PatchHandler:
     """A handler with K-FAC factors for ``handler``'s block (any kernel was asked for)."""
     if isinstance(handler, PatchHandler):
         return handler
+    if isinstance(handler, SharedHandler):
+        raise ValueError(
+            f"method='kfac' has no Kronecker factorisation for the block {handler.block.name!r}, "
+            "whose parameters several module calls share (weight tying, or a module called "
+            "twice): its metric is a sum of Kronecker products. Use method='layerwise', 'full' "
+            "or 'natural', which are exact for it"
+        )
     cls = STRUCTURED.get(type(handler.block.module))
     if cls is None or not issubclass(cls, PatchHandler) or cls.supports(handler.block.module):
         raise ValueError(
@@ -363,7 +557,10 @@ def kronecker_handler(handler: Handler) -> PatchHandler:
 
 
 def handler_for(block: Block, kernel: str) -> Handler:
-    """The kernel for ``block``: structured where registered, generic where asked for."""
+    """The kernel for ``block``: structured where registered, generic where asked for; a
+    shared block sums the kernels of its calls."""
+    if block.calls:
+        return SharedHandler(block, [handler_for(c, kernel) for c in block.calls])
     if kernel == "generic":
         return GenericHandler(block)
     cls = STRUCTURED.get(type(block.module))

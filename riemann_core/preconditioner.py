@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
-from ._checks import check_finite, check_model
+from ._checks import Deferred, check_generator, check_model
+from .capture import capturing, rng_devices, rng_state
 from .direction import solve
 from .factors import FactorFn
 from .methods import METHODS, LayerDiagnostics, Options
@@ -19,13 +21,15 @@ class RiemannianPreconditioner:
         out = model(x); F.cross_entropy(out, y).backward(); pre.step(); opt.step()
 
     ``step()`` replaces each trainable parameter's ``.grad`` by ``G^{-1} .grad``, where
-    ``G`` is the metric at the batch of the model's last forward pass (recorded by a
-    forward pre-hook; ``step`` runs one more forward pass on it, so with dropout the
-    metric sees other masks). The ``.grad`` may come from any loss; the metric is that
-    of ``loss`` (it needs no targets: a custom ``output_metric`` receives ``None``).
-    On any error ``.grad`` is left as it was. Options are those of ``rc.direction``;
-    with ``diagnostics=True`` each step's :class:`LayerDiagnostics` are kept in
-    ``.diagnostics``. Call ``remove()`` (or use ``with``) to detach the hook.
+    ``G`` is the metric at the batch of the model's last forward pass: a forward
+    pre-hook records its positional and keyword arguments and the random state, and
+    ``step`` runs one more forward pass on them from that state, so that dropout draws
+    the masks the gradient was computed with (the metric is that of the same network).
+    The ``.grad`` may come from any loss; the metric is that of ``loss`` (it needs no
+    targets: a custom ``output_metric`` receives ``None``). On any error ``.grad`` is
+    left as it was. Options are those of ``rc.direction``; with ``diagnostics=True``
+    each step's :class:`LayerDiagnostics` are kept in ``.diagnostics``. Call
+    ``remove()`` (or use ``with``) to detach the hook.
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class RiemannianPreconditioner:
         generator: torch.Generator | None = None,
         refine: int = 0,
         diagnostics: bool = False,
+        check_coupling: bool = True,
     ):
         self.options = Options.checked(
             method,
@@ -55,45 +60,55 @@ class RiemannianPreconditioner:
             refine=refine,
             diagnostics=diagnostics,
             generator=generator,
+            check_coupling=check_coupling,
         )
         check_model(model)
         self.model = model
         self.method = method
         self.diagnostics: list[LayerDiagnostics] = []
-        self._inputs: Tensor | None = None
-        self._stepping = False
-        self._hook = model.register_forward_pre_hook(self._record)
+        self._batch: tuple[tuple, dict, list[Tensor]] | None = None
+        self._hook = model.register_forward_pre_hook(self._record, with_kwargs=True)
 
-    def _record(self, module, args):
-        if not self._stepping and args and isinstance(args[0], Tensor):
-            self._inputs = args[0].detach()
+    def _record(self, module, args, kwargs):
+        if not capturing():  # riemann_core's own forward passes are not the user's batch
+            args, kwargs = pytree.tree_map(
+                lambda a: a.detach() if isinstance(a, Tensor) else a, (args, kwargs)
+            )
+            self._batch = (args, kwargs, rng_state(rng_devices(self.model)))
 
     @torch.no_grad()
     def step(self) -> None:
         """Replace every trainable ``.grad`` by the preconditioned direction."""
-        if self._inputs is None:
+        if self._batch is None:
             raise RuntimeError(
                 "pre.step() needs the batch of a forward pass: call model(x) and "
                 "loss.backward() before pre.step()"
             )
-        params = check_model(self.model)
+        checks = Deferred()
+        params = check_model(self.model, checks)
         with_grad = [(n, p) for n, p in params if p.grad is not None]
         if not with_grad:
             raise RuntimeError("no parameter has a .grad; call loss.backward() before pre.step()")
+        check_generator(self.options.generator, self.options.output_metric, params[0][1].device)
         for name, p in with_grad:
-            check_finite(f"the .grad of {name!r}", p.grad, "the loss or its backward overflowed")
+            checks.finite(f"the .grad of {name!r}", p.grad, "the loss or its backward overflowed")
         # a parameter without .grad took no part in the loss: a zero vector, left as None
         gradient = {
             n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
             for n, p in params
         }
-        self._stepping = True
-        try:
-            directions, diagnostics = solve(
-                self.model, self._inputs, None, self.method, self.options, gradient=gradient
-            )
-        finally:
-            self._stepping = False
+        args, kwargs, state = self._batch
+        directions, diagnostics = solve(
+            self.model,
+            args,
+            None,
+            self.method,
+            self.options,
+            gradient=gradient,
+            forward_kwargs=kwargs,
+            checks=checks,
+            replay=state,
+        )
         for name, p in with_grad:  # every direction exists before any .grad changes
             if name in directions:
                 p.grad.copy_(directions[name])

@@ -151,18 +151,38 @@ def unflatten(vector: Tensor, model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def block_slices(model: nn.Module) -> list[slice]:
-    """Index ranges of the flat vector owned by each module (weight and bias together)."""
-    slices, owner, start, i = [], None, 0, 0
-    for n in param_names(model):
-        module = n.rsplit(".", 1)[0] if "." in n else ""
-        if owner is not None and module != owner:
-            slices.append(slice(start, i))
-            start = i
-        owner = module
-        i += dict(model.named_parameters())[n].numel()
-    slices.append(slice(start, i))
-    return slices
+def block_indices(model: nn.Module) -> list[Tensor]:
+    """Positions in the flat vector of each block of the layerwise metric.
+
+    A block is the trainable parameters of one module (weight and bias together),
+    merged across modules that hold the same parameter object (weight tying; a module
+    called twice is one module anyway): a union over parameter identities, aliases
+    included, in the order of each block's first parameter.
+    """
+    position, start = {}, 0
+    for p in model.parameters():
+        if p.requires_grad:
+            position[id(p)] = torch.arange(start, start + p.numel())
+            start += p.numel()
+    parent = {key: key for key in position}
+
+    def root(key):
+        while parent[key] != key:
+            key = parent[key]
+        return key
+
+    for module in model.modules():
+        own = [
+            id(p)
+            for _, p in module.named_parameters(recurse=False, remove_duplicate=False)
+            if id(p) in position
+        ]
+        for key in own[1:]:
+            parent[root(key)] = root(own[0])
+    groups: dict[int, list[Tensor]] = {}
+    for key, index in position.items():
+        groups.setdefault(root(key), []).append(index)
+    return [torch.cat(g) for g in groups.values()]
 
 
 def as_float64(model: nn.Module, *tensors: Tensor):
@@ -172,19 +192,19 @@ def as_float64(model: nn.Module, *tensors: Tensor):
     return (model64, *out)
 
 
-def output_fn(model: nn.Module, inputs: Tensor):
-    """``theta -> model(inputs)`` for a flat parameter vector ``theta``."""
+def output_fn(model: nn.Module, inputs: Tensor, kwargs: dict | None = None):
+    """``theta -> model(inputs, **kwargs)`` for a flat parameter vector ``theta``."""
 
     def f(theta: Tensor) -> Tensor:
-        return functional_call(model, unflatten(theta, model), (inputs,))
+        return functional_call(model, unflatten(theta, model), (inputs,), kwargs or {})
 
     return f
 
 
-def jacobian(model: nn.Module, inputs: Tensor) -> Tensor:
+def jacobian(model: nn.Module, inputs: Tensor, kwargs: dict | None = None) -> Tensor:
     """``J`` of shape ``(N, C, n)``: ``d model(inputs)_b / d theta``, by ``jacrev``."""
     theta = flatten(dict(model.named_parameters()), model)
-    return jacrev(output_fn(model, inputs))(theta)
+    return jacrev(output_fn(model, inputs, kwargs))(theta)
 
 
 def loss_hessians(outputs: Tensor, targets: Tensor, loss: str) -> Tensor:
@@ -206,25 +226,37 @@ def loss_hessians(outputs: Tensor, targets: Tensor, loss: str) -> Tensor:
     return torch.stack([H[b, :, b, :] for b in range(N)])
 
 
-def ggn(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str) -> Tensor:
-    """The GGN of the mean loss, ``sum_b J_b^T H_b J_b`` (float64, ``n x n``)."""
+def ggn(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str, kwargs=None) -> Tensor:
+    """The GGN of the mean loss, ``sum_b J_b^T H_b J_b`` (float64, ``n x n``), for the
+    call ``model(inputs, **kwargs)``."""
     model, inputs, targets = as_float64(model, inputs, targets)
-    J = jacobian(model, inputs)
+    kwargs = _float64_kwargs(kwargs)
+    J = jacobian(model, inputs, kwargs)
     N = J.shape[0]
     J = J.reshape(N, -1, J.shape[-1])  # outputs of any shape, flattened per sample
     if loss == "mse":
         targets = targets.reshape(N, -1)
-    H = loss_hessians(model(inputs).reshape(N, -1), targets, loss)
+    H = loss_hessians(model(inputs, **kwargs).reshape(N, -1), targets, loss)
     return torch.einsum("bci,bcd,bdj->ij", J, H, J)
 
 
-def gradient(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str) -> Tensor:
+def _float64_kwargs(kwargs) -> dict:
+    return {
+        k: v.detach().double() if isinstance(v, Tensor) and v.is_floating_point() else v
+        for k, v in (kwargs or {}).items()
+    }
+
+
+def gradient(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str, kwargs=None) -> Tensor:
     """Flat gradient of the mean loss by ``torch.autograd`` (float64)."""
     model, inputs, targets = as_float64(model, inputs, targets)
-    out = model(inputs)
+    out = model(inputs, **_float64_kwargs(kwargs))
     value = F.cross_entropy(out, targets) if loss == "cross_entropy" else F.mse_loss(out, targets)
     params = [dict(model.named_parameters())[n] for n in param_names(model)]
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)])
+    grads = torch.autograd.grad(value, params, allow_unused=True)  # unused: a zero gradient
+    return torch.cat(
+        [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]
+    )
 
 
 def damped(G: Tensor, damping: float) -> Tensor:
@@ -236,11 +268,11 @@ def solve_dense(G: Tensor, v: Tensor, damping: float) -> Tensor:
     return torch.linalg.solve(damped(G, damping), v)
 
 
-def solve_blocks(G: Tensor, v: Tensor, damping: float, slices: list[slice]) -> Tensor:
-    """Block-diagonal solve: ``(G_aa + mu I)^{-1} v_a`` on each module's block."""
+def solve_blocks(G: Tensor, v: Tensor, damping: float, blocks: list[Tensor]) -> Tensor:
+    """Block-diagonal solve: ``(G_aa + mu I)^{-1} v_a`` on each block's positions."""
     out = torch.empty_like(v)
-    for s in slices:
-        out[s] = solve_dense(G[s, s], v[s], damping)
+    for s in blocks:
+        out[s] = solve_dense(G[s][:, s], v[s], damping)
     return out
 
 
@@ -250,11 +282,11 @@ def solve_eigh(G: Tensor, v: Tensor, damping: float) -> Tensor:
     return Q @ ((Q.T @ v) / (lam.clamp_min(0) + damping))
 
 
-def oracle_direction(G, g, damping, method, slices) -> Tensor:
+def oracle_direction(G, g, damping, method, blocks) -> Tensor:
     if method == "euclidean":
         return g.clone()
     if method == "layerwise":
-        return solve_blocks(G, g, damping, slices)
+        return solve_blocks(G, g, damping, blocks)
     if method in ("full", "natural"):
         return solve_dense(G, g, damping)
     raise ValueError(method)
@@ -262,13 +294,13 @@ def oracle_direction(G, g, damping, method, slices) -> Tensor:
 
 @functools.cache
 def oracle_for(problem: Problem, dtype: torch.dtype = torch.float64):
-    """``(G, g, slices)`` in float64 for ``problem`` built in ``dtype`` (its weights
+    """``(G, g, blocks)`` in float64 for ``problem`` built in ``dtype`` (its weights
     rounded to ``dtype``), computed once per session."""
     model, x, y = problem.make(dtype)
     return (
         ggn(model, x, y, problem.loss_name),
         gradient(model, x, y, problem.loss_name),
-        (block_slices(model)),
+        block_indices(model),
     )
 
 
@@ -338,7 +370,7 @@ def matrix_to_params(module: nn.Module) -> Tensor:
 
 
 def kfac_blocks(model: nn.Sequential, inputs: Tensor, targets: Tensor, loss: str):
-    """Per Linear/Conv2d block: ``(slice, Gamma (x) A)`` in parameter order (float64).
+    """Per Linear/Conv2d block: ``(positions, Gamma (x) A)`` in parameter order (float64).
 
     From the definitions: ``Gamma = sum_{b,t} Jh_{b,t}^T H_b Jh_{b,t}`` (the Jacobian of the
     network output with respect to the layer output at position ``t``, by ``jacrev``;
@@ -346,7 +378,7 @@ def kfac_blocks(model: nn.Sequential, inputs: Tensor, targets: Tensor, loss: str
     """
     model, inputs, targets = as_float64(model, inputs, targets)
     H = loss_hessians(model(inputs), targets, loss)
-    slices = iter(block_slices(model))
+    blocks = iter(block_indices(model))
     out = []
     for i, module in enumerate(model):
         if not any(True for _ in module.parameters(recurse=False)):
@@ -359,7 +391,7 @@ def kfac_blocks(model: nn.Sequential, inputs: Tensor, targets: Tensor, loss: str
         X = layer_patches(module, x).flatten(0, 1)
         A = X.T @ X / X.shape[0]
         P = matrix_to_params(module)
-        out.append((next(slices), P @ torch.kron(Gamma, A) @ P.T))
+        out.append((next(blocks), P @ torch.kron(Gamma, A) @ P.T))
     return out
 
 

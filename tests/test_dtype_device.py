@@ -88,8 +88,8 @@ def test_direction_on_device_matches_oracle(device, dtype, method):
         g = oracle_for(problem, dtype)[1]
         expected = solve_kfac(kfac_blocks(model, x, y, "cross_entropy"), g, 0.1)
     else:
-        G, g, slices = oracle_for(problem, dtype)
-        expected = oracle_direction(G, g, 0.1, method, slices)
+        G, g, blocks = oracle_for(problem, dtype)
+        expected = oracle_direction(G, g, 0.1, method, blocks)
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     assert rel_error(flatten(dirs, model), expected) < tol
 

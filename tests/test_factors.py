@@ -101,7 +101,7 @@ def test_sampled_direction_approaches_exact(problem):
     at ``n x n`` (``d = 8000`` rows). The relative error scales like ``1 / sqrt(S)``
     (observed 0.01 - 0.045 at ``damping=0.1``; ~0.3 at ``samples=20``)."""
     model, x, y = problem.make()
-    G, g, slices = oracle_for(problem)
+    G, g, blocks = oracle_for(problem)
     dirs = rc.direction(
         model,
         x,
@@ -113,14 +113,14 @@ def test_sampled_direction_approaches_exact(problem):
         samples=2000,
         generator=torch.Generator().manual_seed(0),
     )
-    assert rel_error(flatten(dirs, model), oracle_direction(G, g, 0.1, "full", slices)) < 0.1
+    assert rel_error(flatten(dirs, model), oracle_direction(G, g, 0.1, "full", blocks)) < 0.1
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("problem", SAMPLED_PROBLEMS, ids=lambda p: p.id)
 def test_sampled_direction_approaches_exact_large_sample(problem):
     model, x, y = problem.make()
-    G, g, slices = oracle_for(problem)
+    G, g, blocks = oracle_for(problem)
     dirs = rc.direction(
         model,
         x,
@@ -132,7 +132,7 @@ def test_sampled_direction_approaches_exact_large_sample(problem):
         samples=100_000,
         generator=torch.Generator().manual_seed(0),
     )
-    assert rel_error(flatten(dirs, model), oracle_direction(G, g, 0.1, "full", slices)) < 0.015
+    assert rel_error(flatten(dirs, model), oracle_direction(G, g, 0.1, "full", blocks)) < 0.015
 
 
 def test_sampled_direction_follows_the_generator():

@@ -8,7 +8,7 @@ import torch
 from oracle import (
     Problem,
     ScaleShift,
-    block_slices,
+    block_indices,
     conv_net,
     custom_net,
     flatten,
@@ -79,7 +79,7 @@ def layer_case(model, x, index, r=2, seed=0):
     N, C = x.shape[0], model(x).shape[1]
     factor = torch.randn(N, r, C, dtype=torch.float64)
     module = model[index]
-    s = block_slices(model)[owners(model).index(index)]
+    s = block_indices(model)[owners(model).index(index)]
     K = whitened_jacobian(jacobian(model, x)[:, :, s], factor)
     delta = pulled_back_factor(output_jacobian_wrt_layer(model, index, x), factor)
     own = list(module.named_parameters(recurse=False))
@@ -180,7 +180,7 @@ def test_conv_and_sequence_nets_match_oracle(net, method):
     model, x, y = NETS[net]()
     G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
     dirs = rc.direction(model, x, y, method=method, damping=1e-3)
-    expected = oracle_direction(G, g, 1e-3, method, block_slices(model))
+    expected = oracle_direction(G, g, 1e-3, method, block_indices(model))
     assert rel_error(flatten(dirs, model), expected) < 1e-10
 
 
@@ -199,7 +199,7 @@ def test_generic_and_auto_handle_custom_module(method, kernel):
     model, x, y = custom_net()
     G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
     dirs = rc.direction(model, x, y, method=method, damping=1e-3, kernel=kernel)
-    expected = oracle_direction(G, g, 1e-3, method, block_slices(model))
+    expected = oracle_direction(G, g, 1e-3, method, block_indices(model))
     assert rel_error(flatten(dirs, model), expected) < 1e-10
 
 
@@ -213,7 +213,7 @@ def test_embedding_with_integer_inputs(method):
         rc.direction(model, x, y, method=method, kernel="structured")
     dirs = rc.direction(model, x, y, method=method, kernel="auto", damping=1e-2)
     G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
-    expected = oracle_direction(G, g, 1e-2, method, block_slices(model))
+    expected = oracle_direction(G, g, 1e-2, method, block_indices(model))
     assert rel_error(flatten(dirs, model), expected) < 1e-10
 
 
@@ -223,7 +223,7 @@ def test_grouped_conv_needs_generic():
         rc.direction(model, x, y, kernel="structured")
     G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
     dirs = rc.direction(model, x, y, kernel="auto", damping=1e-3)
-    expected = oracle_direction(G, g, 1e-3, "layerwise", block_slices(model))
+    expected = oracle_direction(G, g, 1e-3, "layerwise", block_indices(model))
     assert rel_error(flatten(dirs, model), expected) < 1e-10
 
 
@@ -234,7 +234,7 @@ def test_frozen_parameters_are_skipped():
     dirs = rc.direction(model, x, y, method="layerwise", damping=1e-3)
     assert set(dirs) == {n for n, p in model.named_parameters() if p.requires_grad}
     G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
-    expected = oracle_direction(G, g, 1e-3, "layerwise", block_slices(model))
+    expected = oracle_direction(G, g, 1e-3, "layerwise", block_indices(model))
     assert rel_error(flatten(dirs, model), expected) < 1e-10
 
 
@@ -301,7 +301,7 @@ def test_partly_frozen_layer(frozen, method, kernel):
     dirs = rc.direction(model, x, y, method=method, kernel=kernel, damping=1e-3)
     assert set(dirs) == {n for n, p in model.named_parameters() if p.requires_grad}
     G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
-    expected = oracle_direction(G, g, 1e-3, method, block_slices(model))
+    expected = oracle_direction(G, g, 1e-3, method, block_indices(model))
     assert rel_error(flatten(dirs, model), expected) < 1e-10
 
 
@@ -338,7 +338,7 @@ def test_batch_coupled_module_is_refused_or_exact(method):
         assert "BatchNorm1d" in str(err)
         return
     G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
-    expected = oracle_direction(G, g, 1e-2, method, block_slices(model))
+    expected = oracle_direction(G, g, 1e-2, method, block_indices(model))
     assert rel_error(flatten(dirs, model), expected) < 1e-10
 
 
@@ -352,5 +352,5 @@ def test_eval_mode_batchnorm_uses_generic_kernel(method):
     model.eval()
     dirs = rc.direction(model, x, y, method=method, kernel="auto", damping=1e-2)
     G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
-    expected = oracle_direction(G, g, 1e-2, method, block_slices(model))
+    expected = oracle_direction(G, g, 1e-2, method, block_indices(model))
     assert rel_error(flatten(dirs, model), expected) < 1e-10

@@ -1,11 +1,12 @@
 """The methods: each module defines ``NEEDS_FACTOR`` and ``solve(problem, options)``.
 
-``solve`` returns the directions per block (lists aligned with ``problem.gradient``)
-and a list of :class:`LayerDiagnostics` (empty unless ``options.diagnostics``).
+``solve`` returns a list of :class:`Solve` records, one per solve (a block, or the
+whole network), whose directions :func:`finish` checks and splits back per block.
 """
 
 from . import euclidean, full, kfac, layerwise, natural
 from ._base import LayerDiagnostics, Options, Problem, build_problem
+from ._solve import Solve, finish
 
 METHODS = ("euclidean", "layerwise", "full", "natural", "kfac")
 SOLVERS = {
@@ -16,4 +17,13 @@ SOLVERS = {
     "kfac": kfac,
 }
 
-__all__ = ["METHODS", "SOLVERS", "LayerDiagnostics", "Options", "Problem", "build_problem"]
+__all__ = [
+    "METHODS",
+    "SOLVERS",
+    "LayerDiagnostics",
+    "Options",
+    "Problem",
+    "Solve",
+    "build_problem",
+    "finish",
+]

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
-from .._checks import check_options, check_outputs
+from .. import coupling
+from .._checks import Deferred, check_options, check_outputs, forward_arguments
+from ..capture import forward, notes_for
 from ..factors import FactorFn, factor_cotangents, output_factor, pullback
-from ..modules import Block, Handler, PatchHandler, handler_for
+from ..modules import Block, Handler, handler_for
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class Options:
     diagnostics: bool = False
     generator: torch.Generator | None = None
     refine: int = 0
+    check_coupling: bool = True
 
     @classmethod
     def checked(cls, method: str, methods, **options) -> Options:
@@ -46,8 +49,8 @@ class LayerDiagnostics:
     ``solver`` the algebra used (``"woodbury"``: the damped ``d x d`` Gram;
     ``"dense"``: the ``n x n`` metric; ``"kronecker"``: K-FAC eigenbases);
     ``condition`` the 2-norm condition number of the factorised matrix; ``residual``
-    ``||G x - v|| / ||v||`` of the whole metric; ``jitter`` added to its diagonal;
-    ``update_norm`` ``||x||``."""
+    ``||G x - v|| / ||v||`` of the whole metric, evaluated in float64; ``jitter``
+    added to its diagonal; ``update_norm`` ``||x||``."""
 
     name: str
     method: str
@@ -64,17 +67,20 @@ class LayerDiagnostics:
 class Problem:
     """A batch seen by the network, ready for any method.
 
-    ``gradient[i]`` lists the vectors to precondition for ``blocks[i]``, in the order of
-    ``blocks[i].params``. When they are the mean loss's gradient, ``output_grads[i]`` is
-    ``Lambda_a``, that gradient at the block's output; for 2-D Linear blocks
-    ``g = Lambda^T Xt`` is then never needed as such (see :meth:`K_gradient`).
+    ``blocks`` are the blocks of the metric (a module that owns trainable parameters,
+    or the modules that share one); ``handlers`` their kernels. ``gradient[i]`` lists the
+    vectors to precondition for ``blocks[i]``, in the order of ``blocks[i].params``: the
+    given ones, or the mean loss's gradient, formed on first use from ``Lambda_a``, its
+    value at the block output (for 2-D Linear blocks ``g = Lambda^T Xt`` is never needed
+    as such, see :meth:`K_gradient`).
     """
 
-    def __init__(self, blocks, handlers=(), gradient=None, output_grads=None):
+    def __init__(self, blocks, handlers=(), gradient=None):
         self.blocks: list[Block] = blocks
         self.handlers: list[Handler] = list(handlers)
-        self.output_grads: list[Tensor] | None = output_grads
+        self.given = gradient is not None
         self._gradient: list[list[Tensor] | None] = gradient or [None] * len(blocks)
+        self._handlers64: dict[int, Handler] = {}
 
     @property
     def gradient(self) -> list[list[Tensor]]:
@@ -83,73 +89,102 @@ class Problem:
     def gradient_of(self, i: int) -> list[Tensor]:
         """``blocks[i]``'s vectors, formed from ``Lambda`` on first use."""
         if self._gradient[i] is None:
-            self._gradient[i] = self.handlers[i].gradient_from_output(self.output_grads[i])
+            self._gradient[i] = self.handlers[i].gradient()
         return self._gradient[i]
 
     def _factored(self, i: int) -> bool:
-        return self.output_grads is not None and self.handlers[i].factored_gradient
+        return not self.given and self.handlers[i].factored_gradient
+
+    def _output_grad(self, i: int) -> Tensor:
+        h = self.handlers[i]
+        return h.block.output_grad.to(h.dtype)
 
     def K_gradient(self, i: int) -> Tensor:
         """``K_a g_a`` (``d``), through ``Lambda_a`` where the handler can."""
         if self._factored(i):
-            return self.handlers[i].K_mv_output_grad(self.output_grads[i])
+            return self.handlers[i].K_mv_output_grad(self._output_grad(i))
         return self.handlers[i].K_mv(self.gradient_of(i))
 
     def gradient_minus_K_tmv(self, i: int, t: Tensor, scale: float = 1.0) -> list[Tensor]:
         """``scale (g_a - K_a^T t)``; one GEMM ``(scale (Lambda - U))^T Xt`` where the
         handler can (the scale then touches ``N x f_out`` entries, not ``n_a``)."""
         if self._factored(i):
-            return self.handlers[i].output_grad_minus_K_tmv(self.output_grads[i], t, scale)
+            return self.handlers[i].output_grad_minus_K_tmv(self._output_grad(i), t, scale)
         Kt = self.handlers[i].K_tmv(t)
         return [(g - k) * scale for g, k in zip(self.gradient_of(i), Kt, strict=True)]
 
+    # ---- the same metric and gradient in float64, for residuals and refinement
 
-def capture_blocks(model: nn.Module, run: Callable[[], Tensor]) -> tuple[Tensor, list[Block]]:
-    """Run ``run()`` (a forward pass of ``model``) recording each block's call."""
-    blocks: dict[str, Block] = {}
-    hooks = []
+    def handler64(self, i: int) -> Handler:
+        """``handlers[i]`` on its data converted to float64 (the same ``K_a``)."""
+        if i not in self._handlers64:
+            h = self.handlers[i]
+            self._handlers64[i] = h if h.dtype == torch.float64 else h.to(torch.float64)
+        return self._handlers64[i]
 
-    def recorder(name, module, own):
-        def hook(mod, args, output):
-            if name in blocks:
-                raise ValueError(
-                    f"module {name!r} was called twice in one forward pass; shared modules "
-                    "(weight tying) are not supported: give each call its own module"
-                )
-            if not isinstance(output, Tensor):
-                raise ValueError(
-                    f"module {name!r} ({type(mod).__name__}) returns {type(output).__name__}, "
-                    "not a tensor; only modules with a single tensor output are supported"
-                )
-            inputs = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-            blocks[name] = Block(
-                name=name,
-                module=mod,
-                param_names=[f"{name}.{n}" if name else n for n, _ in own],
-                params=[p for _, p in own],
-                inputs=inputs,
-                output=output,
+    def gradient64(self, indices: list[int]) -> list[Tensor]:
+        """The vectors of ``blocks[indices]`` in float64 (the loss gradient formed from
+        ``Lambda`` in float64)."""
+        if self.given:
+            return [a.double() for i in indices for a in self.gradient_of(i)]
+        return [a for i in indices for a in self.handler64(i).gradient()]
+
+    def metric64(self, indices: list[int], damping: float):
+        """``x -> (mu I + K_S^T K_S) x`` in float64, ``K_S`` the blocks ``indices`` side by
+        side; ``x`` a list over their parameters."""
+        handlers = [self.handler64(i) for i in indices]
+        sizes = [len(self.blocks[i].params) for i in indices]
+
+        def G(x: list[Tensor]) -> list[Tensor]:
+            parts, start = [], 0
+            for s in sizes:
+                parts.append(x[start : start + s])
+                start += s
+            Kx = sum(h.K_mv(p) for h, p in zip(handlers, parts, strict=True))
+            KtKx = [a for h in handlers for a in h.K_tmv(Kx)]
+            return [damping * a + b for a, b in zip(x, KtKx, strict=True)]
+
+        return G
+
+
+def group_calls(calls: list[Block], model: nn.Module) -> list[Block]:
+    """The blocks of the metric: calls that share a parameter (a module called twice,
+    modules with a tied weight) are merged, in the order of their first call."""
+    parent = list(range(len(calls)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i] = parent[parent[i]]
+        return i
+
+    first: dict[int, int] = {}
+    for i, call in enumerate(calls):
+        for p in call.params:
+            parent[root(i)] = root(first.setdefault(id(p), i))
+    groups: dict[int, list[Block]] = {}
+    for i, call in enumerate(calls):
+        groups.setdefault(root(i), []).append(call)
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = {key: i for i, key in enumerate(names)}
+    blocks = []
+    for group in groups.values():  # in the order of their first call
+        if len(group) == 1:
+            blocks.append(group[0])
+            continue
+        params = {id(p): p for c in group for p in c.params}
+        params = sorted(params.values(), key=lambda p: order[id(p)])
+        blocks.append(
+            Block(
+                name="+".join(dict.fromkeys(c.name for c in group)),
+                module=None,
+                param_names=[names[id(p)] for p in params],
+                params=params,
+                inputs=(),
+                output=None,
+                calls=tuple(group),
             )
-
-        return hook
-
-    for name, module in model.named_modules():
-        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if own:
-            hooks.append(module.register_forward_hook(recorder(name, module, own)))
-    try:
-        outputs = run()
-    except (RuntimeError, IndexError) as err:
-        raise ValueError(
-            f"the model's forward pass failed on these inputs: {err}. Check that the "
-            "inputs have the shape and dtype the model expects"
-        ) from err
-    finally:
-        for h in hooks:
-            h.remove()
-    if not isinstance(outputs, Tensor):
-        raise ValueError(f"the model must return a tensor of outputs, got {type(outputs).__name__}")
-    return outputs, list(blocks.values())
+        )
+    return blocks
 
 
 def _check_reached(model, blocks, outputs, targets, opts, gradient) -> None:
@@ -187,44 +222,83 @@ def mean_loss(outputs: Tensor, targets: Tensor, loss: str) -> Tensor:
     return F.mse_loss(outputs, targets)
 
 
+def _probe_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Floating inputs as non-leaf tensors in the graph, so that the coupling probe
+    reaches the first module's input too (and in-place operations on them still work)."""
+
+    def leaf(a):
+        if isinstance(a, Tensor) and a.is_floating_point():
+            return a.detach().requires_grad_().clone()
+        return a
+
+    return pytree.tree_map(leaf, (args, kwargs))
+
+
 def build_problem(
     model: nn.Module,
-    inputs: Tensor,
+    inputs,
     targets: Tensor | None,
     opts: Options,
     *,
     needs_factor: bool,
     gradient: dict[str, Tensor] | None = None,
+    forward_kwargs: dict | None = None,
+    checks: Deferred | None = None,
+    replay: list[Tensor] | None = None,
 ) -> Problem:
     """Forward pass, the loss gradient (unless ``gradient`` maps parameter names to the
     vectors to precondition) and, if needed, the pulled-back factor. ``targets`` may be
     ``None`` when ``gradient`` is given (they then reach only a custom output metric).
+
+    ``inputs`` is the model's argument, or a tuple of its positional arguments, beside
+    ``forward_kwargs``. Checks of the data join ``checks`` and are read (one host sync)
+    after the forward pass, before the loss is formed; the batch-coupling probe's join
+    them for the caller to read. ``replay`` is a random state every forward pass starts
+    from (see :func:`riemann_core.capture.forward`).
 
     With the factor, the loss gradient at the network output rides along as one more
     cotangent row of the pullback, which yields ``Lambda_a`` at every block output.
     Uses ``torch.autograd.grad`` throughout, so no ``.grad`` is touched; runs with
     gradients enabled even when called under ``torch.no_grad()``.
     """
+    own = checks is None
+    checks = Deferred() if own else checks
+    args, kwargs = forward_arguments(inputs, forward_kwargs)
     with torch.enable_grad():
-        return _build_problem(model, inputs, targets, opts, needs_factor, gradient)
+        problem = _build_problem(
+            model, args, kwargs, targets, opts, needs_factor, gradient, checks, replay
+        )
+    if own:
+        checks.run()
+    return problem
 
 
-def _build_problem(model, inputs, targets, opts, needs_factor, gradient) -> Problem:
-    outputs, blocks = capture_blocks(model, lambda: model(inputs))
-    check_outputs(outputs, targets, opts.loss)
-    for b in blocks:
-        if b.output.shape[:1] != outputs.shape[:1]:
+def _build_problem(
+    model, args, kwargs, targets, opts, needs_factor, gradient, checks, replay
+) -> Problem:
+    notes = notes_for(model)
+    probing = needs_factor and opts.check_coupling and coupling.needs_probe(model, notes)
+    if probing:
+        args, kwargs = _probe_inputs(args, kwargs)
+    outputs, calls = forward(model, args, kwargs, replay=replay)
+    if not isinstance(outputs, Tensor):
+        raise ValueError(f"the model must return a tensor of outputs, got {type(outputs).__name__}")
+    check_outputs(outputs, targets, opts.loss, checks)
+    for c in calls:
+        if c.output.shape[:1] != outputs.shape[:1]:
             raise ValueError(
-                f"module {b.name!r} returns shape {tuple(b.output.shape)}, whose first dimension "
+                f"module {c.name!r} returns shape {tuple(c.output.shape)}, whose first dimension "
                 f"is not the batch of {outputs.shape[0]} samples; the metrics need every module "
                 "with parameters to map samples along dimension 0 (no reshaping of the batch "
                 "into other dimensions around it)"
             )
-    if not blocks:
+    if not calls:
         raise ValueError(
             "no module with trainable parameters took part in the forward pass; "
             "nothing to precondition"
         )
+    checks.run()  # the data, parameters and outputs, before the loss is formed from them
+    blocks = group_calls(calls, model)
     _check_reached(model, blocks, outputs, targets, opts, gradient)
     given = None if gradient is None else [[gradient[n] for n in b.param_names] for b in blocks]
     if not needs_factor:
@@ -248,52 +322,44 @@ def _build_problem(model, inputs, targets, opts, needs_factor, gradient) -> Prob
         samples=opts.samples,
         generator=opts.generator,
     )
+    if callable(opts.output_metric):
+        checks.finite(
+            "the factor of the custom output_metric", factor, "check the output_metric callable"
+        )
     cotangents = factor_cotangents(factor)
     if given is None:
         loss = mean_loss(z.view_as(outputs), targets, opts.loss)
         (dz,) = torch.autograd.grad(loss, z, retain_graph=True)
         cotangents = torch.cat([dz[None].detach(), cotangents])
-    rows = pullback(z, cotangents, [b.output for b in blocks])
-    output_grads = None
-    if given is None:
-        output_grads = [r[0] for r in rows]
-        rows = [r[1:] for r in rows]
-    for b, delta in zip(blocks, rows, strict=True):
-        b.delta = delta
-    problem = Problem(blocks, [handler_for(b, opts.kernel) for b in blocks], given, output_grads)
-    if given is None:  # blocks without the layer structure need g now, while the graph lives
-        for i, (b, h) in enumerate(zip(blocks, problem.handlers, strict=True)):
-            if not isinstance(h, PatchHandler):
-                problem._gradient[i] = list(
-                    torch.autograd.grad(b.output, b.params, output_grads[i], retain_graph=True)
-                )
-    for b in blocks:
-        b.output = None  # release the graph
-    return problem
+    rows = pullback(z, cotangents, [c.output for c in calls])
+    for c, delta in zip(calls, rows, strict=True):
+        c.delta = delta if given is not None else delta[1:]
+        c.output_grad = None if given is not None else delta[0]
+    handlers = [handler_for(b, opts.kernel) for b in blocks]
+    if probing:
+        coupling.register(
+            checks,
+            notes,
+            model,
+            z,
+            calls,
+            handlers,
+            lambda: forward_only(model, args, kwargs, replay),
+        )
+    dtype = opts.solve_dtype
+    if dtype is not None and dtype != z.dtype:  # the whole algebra in solve_dtype
+        handlers = [h.to(dtype) for h in handlers]
+        given = None if given is None else [[a.to(dtype) for a in g] for g in given]
+    for c in calls:
+        c.output, c.graph_inputs = None, ()  # release the graph
+    return Problem(blocks, handlers, given)
+
+
+def forward_only(model, args, kwargs, replay) -> Tensor:
+    """The model's output on ``args``, ``kwargs`` (for slow paths that hook it anew)."""
+    with torch.enable_grad():
+        return forward(model, args, kwargs, replay=replay)[0]
 
 
 def norm(tensors: list[Tensor]) -> float:
     return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)))
-
-
-def solve_diagnostics(name, method, kernel, solver, *, rows, params, chol, v, x, Gx):
-    """Diagnostics of one solve ``x = G^{-1} v`` given ``Gx = G x`` (lists of tensors).
-
-    The condition number is that of the factorised matrix ``L L^T`` (an extra
-    eigendecomposition: diagnostics cost about one more factorisation).
-    """
-    residual = norm([a - b for a, b in zip(Gx, v, strict=True)]) / max(norm(v), 1e-300)
-    L = chol.factor
-    eigs = torch.linalg.eigvalsh(L @ L.mT)
-    return LayerDiagnostics(
-        name=name,
-        method=method,
-        kernel=kernel,
-        solver=solver,
-        rows=rows,
-        params=params,
-        condition=float(eigs[-1] / eigs[0]),
-        residual=residual,
-        jitter=chol.jitter,
-        update_norm=norm(x),
-    )

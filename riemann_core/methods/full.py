@@ -8,42 +8,36 @@ from __future__ import annotations
 
 import torch
 
-from ..woodbury import cholesky
-from ._base import Options, Problem, solve_diagnostics
+from ..woodbury import cholesky_deferred, largest_eigenvalue
+from ._base import Options, Problem
+from ._solve import Solve
+from .layerwise import dense_solver
 
 NEEDS_FACTOR = True
 
 
-def solve(problem: Problem, opts: Options):
+def solve(problem: Problem, opts: Options) -> list[Solve]:
     K = torch.cat([h.K() for h in problem.handlers], dim=1)
-    dtype = opts.solve_dtype or K.dtype
-    K = K.to(dtype)
     G = K.T @ K
     G.diagonal().add_(opts.damping)
-    chol = cholesky(G, what=f"damped {G.shape[0]} x {G.shape[0]} GGN (method='full')")
-    g = torch.cat([a.reshape(-1) for grads in problem.gradient for a in grads])
-    x = chol.solve(g).to(g.dtype)
-    directions, i = [], 0
-    for grads in problem.gradient:
-        block = []
-        for a in grads:
-            block.append(x[i : i + a.numel()].view_as(a))
-            i += a.numel()
-        directions.append(block)
-    diagnostics = []
-    if opts.diagnostics:
-        diagnostics.append(
-            solve_diagnostics(
-                "(all)",
-                "full",
-                opts.kernel,
-                "dense",
-                rows=K.shape[0],
-                params=K.shape[1],
-                chol=chol,
-                v=[g],
-                x=[x],
-                Gx=[(G @ x.to(dtype)).to(g.dtype)],
-            )
+    chol = cholesky_deferred(G)
+    indices = list(range(len(problem.blocks)))
+    v = [a for i in indices for a in problem.gradient_of(i)]
+    n = G.shape[0]
+    return [
+        Solve(
+            name="(all)",
+            kernel=opts.kernel,
+            solver="dense",
+            indices=indices,
+            x=dense_solver(chol)(v),
+            rows=K.shape[0],
+            params=n,
+            what=f"damped {n} x {n} GGN (method='full')",
+            apply=dense_solver(chol),
+            condition=largest_eigenvalue(G) / opts.damping,
+            failed=chol.failed,
+            matrix=G,
+            factor_solver=dense_solver,
         )
-    return directions, diagnostics
+    ]

@@ -14,12 +14,15 @@ Cost per block ``O(f_in^3 + f_out^3 + N T (f_in^2 + f_out^2))``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .._checks import all_finite
-from ..modules import kronecker_handler
+from ..modules import PatchHandler, kronecker_handler
 from ..woodbury import SolveError
-from ._base import LayerDiagnostics, Options, Problem, norm
+from ._base import Options, Problem
+from ._solve import Solve
 
 NEEDS_FACTOR = True
 
@@ -46,35 +49,74 @@ def eigh(matrix, what: str):
     raise SolveError(f"the eigendecomposition of the {what} failed: {failure}")
 
 
-def solve(problem: Problem, opts: Options):
-    directions, diagnostics = [], []
-    for handler, g in zip(problem.handlers, problem.gradient, strict=True):
+def kronecker_solve(Gamma, A, V, damping: float, decompose):
+    """``X`` with ``(Gamma (x) A + mu I) vec X = vec V``, the eigenpairs, and the
+    eigenvalues ``g a^T + mu`` of the damped metric."""
+    eg, QG = decompose(Gamma, "output factor Gamma")
+    ea, QA = decompose(A, "input factor A")
+    # Factors are PSD; clamp round-off negatives so g a^T + mu stays >= mu.
+    scale = eg.clamp_min(0)[:, None] * ea.clamp_min(0)[None, :] + damping
+    X = QG @ ((QG.T @ V @ QA) / scale) @ QA.T
+    return X, (eg, QG, ea, QA), scale
+
+
+@dataclass
+class KroneckerSolve(Solve):
+    """A block's K-FAC solve: its metric is ``Gamma (x) A + mu I``."""
+
+    handler: PatchHandler | None = None
+    factors: tuple | None = None
+
+    def metric64(self, problem, damping):
+        Gamma, A = (f.double() for f in self.factors)
+
+        def G(x):
+            X = self.handler.to_matrix(x)
+            return self.handler.from_matrix(Gamma @ X @ A + damping * X)
+
+        return G
+
+    def redo(self, problem, opts) -> None:
+        """Slow path: eigendecompositions checked one by one, in float64 if need be."""
+        name = self.handler.block.name
+
+        def decompose(matrix, what):
+            return eigh(matrix, f"K-FAC {what} of module {name!r}")
+
+        Gamma, A = self.factors
+        V = self.handler.to_matrix(self.rhs(problem))
+        X, _, _ = kronecker_solve(Gamma, A, V, opts.damping, decompose)
+        self.x = self.handler.from_matrix(X)
+
+
+def _eigh(matrix, what):
+    try:
+        return torch.linalg.eigh(matrix)
+    except torch.linalg.LinAlgError:  # LAPACK refused: NaN eigenpairs send it to redo()
+        nan = torch.full_like(matrix, float("nan"))
+        return nan[0], nan
+
+
+def solve(problem: Problem, opts: Options) -> list[Solve]:
+    solves = []
+    for i, handler in enumerate(problem.handlers):
         handler = kronecker_handler(handler)  # the factors need the layer structure
         Gamma, A = handler.kronecker()
-        dtype = opts.solve_dtype or Gamma.dtype
-        eg, QG = eigh(
-            Gamma.to(dtype), f"K-FAC output factor Gamma of module {handler.block.name!r}"
-        )
-        ea, QA = eigh(A.to(dtype), f"K-FAC input factor A of module {handler.block.name!r}")
-        # Factors are PSD; clamp round-off negatives so g a^T + mu stays >= mu.
-        scale = eg.clamp_min(0)[:, None] * ea.clamp_min(0)[None, :] + opts.damping
-        V = handler.to_matrix(g)
-        X = (QG @ ((QG.T @ V.to(dtype) @ QA) / scale) @ QA.T).to(V.dtype)
-        directions.append(handler.from_matrix(X))
-        if opts.diagnostics:
-            residual = (Gamma @ X @ A + opts.damping * X - V).norm() / V.norm()
-            diagnostics.append(
-                LayerDiagnostics(
-                    name=handler.block.name,
-                    method="kfac",
-                    kernel=type(handler).__name__,
-                    solver="kronecker",
-                    rows=handler.d,
-                    params=handler.block.n_params,
-                    condition=float(scale.max() / scale.min()),
-                    residual=float(residual),
-                    jitter=0.0,
-                    update_norm=norm([X]),
-                )
+        V = handler.to_matrix(problem.gradient_of(i))
+        X, parts, scale = kronecker_solve(Gamma, A, V, opts.damping, _eigh)
+        solves.append(
+            KroneckerSolve(
+                name=handler.block.name,
+                kernel=type(handler).__name__,
+                solver="kronecker",
+                indices=[i],
+                x=handler.from_matrix(X),
+                rows=handler.d,
+                params=handler.block.n_params,
+                condition=scale.max() / scale.min(),
+                failed=~torch.isfinite(sum(p.sum() for p in parts)),
+                handler=handler,
+                factors=(Gamma, A),
             )
-    return directions, diagnostics
+        )
+    return solves

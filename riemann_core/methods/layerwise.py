@@ -18,59 +18,63 @@ from __future__ import annotations
 import torch
 
 from ..costs import dense_is_cheaper
-from ..woodbury import WoodburySolve, cholesky
-from ._base import Options, Problem, solve_diagnostics
+from ..woodbury import WoodburySolve, cholesky_deferred, largest_eigenvalue
+from ._base import Options, Problem
+from ._solve import Solve
 
 NEEDS_FACTOR = True
 
 
-def solve(problem: Problem, opts: Options):
-    directions, diagnostics = [], []
+def dense_solver(chol):
+    """``G^{-1}`` for a list of tensors, from the Cholesky factor of the dense ``G``."""
+
+    def apply(v):
+        flat = chol.solve(torch.cat([a.reshape(-1) for a in v]))
+        return [c.view_as(a) for c, a in zip(flat.split([a.numel() for a in v]), v, strict=True)]
+
+    return apply
+
+
+def solve(problem: Problem, opts: Options) -> list[Solve]:
+    solves = []
+    mu = opts.damping
     for i, handler in enumerate(problem.handlers):
         handler.compress_rows()
         name, n_a, d = handler.block.name, handler.block.n_params, handler.d
-        dtype = opts.solve_dtype or handler.delta.dtype
         if dense_is_cheaper(n_a, d, handler.gram_flops()):
-            solver = "dense"
-            K = handler.K().to(dtype)
-            G = K.T @ K
-            G.diagonal().add_(opts.damping)
-            chol = cholesky(G, what=f"damped metric of module {name!r} ({n_a} x {n_a})")
-            g = problem.gradient_of(i)
-            flat = chol.solve(torch.cat([a.reshape(-1) for a in g]))
-            x = [c.view_as(a).to(a.dtype) for c, a in zip(flat.split([a.numel() for a in g]), g)]
-            if opts.diagnostics:
-                Gx = [opts.damping * a + b for a, b in zip(x, handler.K_tmv(handler.K_mv(x)))]
+            K = handler.K()
+            matrix = K.T @ K
+            matrix.diagonal().add_(mu)
+            chol = cholesky_deferred(matrix)
+            factor_solver = dense_solver
+            x = dense_solver(chol)(problem.gradient_of(i))
+            solver, what = "dense", f"damped metric of module {name!r} ({n_a} x {n_a})"
         else:
-            solver = "woodbury"
-            woodbury = WoodburySolve.factorise(
-                handler.gram(),
-                opts.damping,
-                handler.K_mv,
-                handler.K_tmv,
-                what=f"damped Gram of module {name!r} ({d} x {d})",
-                solve_dtype=opts.solve_dtype,
+            matrix = handler.gram()
+            matrix.diagonal().add_(mu)
+            chol = cholesky_deferred(matrix)
+
+            def factor_solver(chol, handler=handler):
+                return WoodburySolve(chol, mu, handler.K_mv, handler.K_tmv)
+
+            t = chol.solve(problem.K_gradient(i))
+            x = problem.gradient_minus_K_tmv(i, t, 1 / mu)
+            solver, what = "woodbury", f"damped Gram of module {name!r} ({d} x {d})"
+        solves.append(
+            Solve(
+                name=name,
+                kernel=type(handler).__name__,
+                solver=solver,
+                indices=[i],
+                x=x,
+                rows=d,
+                params=n_a,
+                what=what,
+                apply=factor_solver(chol),
+                condition=largest_eigenvalue(matrix) / mu,
+                failed=chol.failed,
+                matrix=matrix,
+                factor_solver=factor_solver,
             )
-            chol = woodbury.inner
-            t = chol.solve(problem.K_gradient(i)).to(handler.delta.dtype)
-            x = problem.gradient_minus_K_tmv(i, t, 1 / opts.damping)
-            if opts.refine:
-                x = woodbury.refine(problem.gradient_of(i), x, opts.refine)
-            Gx = woodbury.metric(x) if opts.diagnostics else None
-        directions.append(x)
-        if opts.diagnostics:
-            diagnostics.append(
-                solve_diagnostics(
-                    name,
-                    "layerwise",
-                    type(handler).__name__,
-                    solver,
-                    rows=d,
-                    params=n_a,
-                    chol=chol,
-                    v=problem.gradient_of(i),
-                    x=x,
-                    Gx=Gx,
-                )
-            )
-    return directions, diagnostics
+        )
+    return solves

@@ -7,15 +7,17 @@
 
 from __future__ import annotations
 
-from ..woodbury import WoodburySolve
-from ._base import Options, Problem, solve_diagnostics
+from ..woodbury import WoodburySolve, cholesky_deferred, largest_eigenvalue
+from ._base import Options, Problem
+from ._solve import Solve
 
 NEEDS_FACTOR = True
 
 
-def solve(problem: Problem, opts: Options):
+def solve(problem: Problem, opts: Options) -> list[Solve]:
     handlers = problem.handlers
     sizes = [len(b.params) for b in problem.blocks]
+    mu = opts.damping
 
     def per_block(flat):
         it = iter(flat)
@@ -27,46 +29,32 @@ def solve(problem: Problem, opts: Options):
     def K_tmv(t):
         return [a for h in handlers for a in h.K_tmv(t)]
 
+    def factor_solver(chol):
+        return WoodburySolve(chol, mu, K_mv, K_tmv)
+
     gram = handlers[0].gram()
     for h in handlers[1:]:
         gram += h.gram()
+    gram.diagonal().add_(mu)
     d = gram.shape[0]
-    woodbury = WoodburySolve.factorise(
-        gram,
-        opts.damping,
-        K_mv,
-        K_tmv,
-        solve_dtype=opts.solve_dtype,
-        what=f"damped data-space Gram of the natural gradient ({d} x {d})",
-    )
+    chol = cholesky_deferred(gram)
     Kg = sum(problem.K_gradient(i) for i in range(len(handlers)))
-    t = woodbury.inner.solve(Kg).to(handlers[0].delta.dtype)
-    x = [
-        a
-        for i in range(len(handlers))
-        for a in problem.gradient_minus_K_tmv(i, t, 1 / opts.damping)
-    ]
-    g = (
-        [a for grads in problem.gradient for a in grads]
-        if opts.refine or opts.diagnostics
-        else None
-    )
-    if opts.refine:
-        x = woodbury.refine(g, x, opts.refine)
-    diagnostics = []
-    if opts.diagnostics:
-        diagnostics.append(
-            solve_diagnostics(
-                "(all)",
-                "natural",
-                opts.kernel,
-                "woodbury",
-                rows=d,
-                params=sum(b.n_params for b in problem.blocks),
-                chol=woodbury.inner,
-                v=g,
-                x=x,
-                Gx=woodbury.metric(x),
-            )
+    t = chol.solve(Kg)
+    x = [a for i in range(len(handlers)) for a in problem.gradient_minus_K_tmv(i, t, 1 / mu)]
+    return [
+        Solve(
+            name="(all)",
+            kernel=opts.kernel,
+            solver="woodbury",
+            indices=list(range(len(handlers))),
+            x=x,
+            rows=d,
+            params=sum(b.n_params for b in problem.blocks),
+            what=f"damped data-space Gram of the natural gradient ({d} x {d})",
+            apply=factor_solver(chol),
+            condition=largest_eigenvalue(gram) / mu,
+            failed=chol.failed,
+            matrix=gram,
+            factor_solver=factor_solver,
         )
-    return per_block(x), diagnostics
+    ]

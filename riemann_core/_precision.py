@@ -1,0 +1,63 @@
+"""Full float32 precision while a direction is computed, whatever the user enabled.
+
+TF32 (``torch.backends.cuda.matmul.fp32_precision = "tf32"``,
+``torch.set_float32_matmul_precision("high")``, and cuDNN convolutions by default)
+rounds products to a 10-bit mantissa, and autocast runs them in half precision: the
+Grams and solves here would lose about three digits, which small dampings amplify.
+:func:`full_precision` sets every float32 precision knob to IEEE and disables autocast
+for the duration of a call, then restores the user's settings exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+def precision_knobs() -> list[tuple[str, object]]:
+    """``(name, backend)`` for every backend operation with an ``fp32_precision``."""
+    b = torch.backends
+    candidates = [
+        ("cuda.matmul", getattr(b.cuda, "matmul", None)),
+        ("cudnn.conv", getattr(b.cudnn, "conv", None)),
+        ("cudnn.rnn", getattr(b.cudnn, "rnn", None)),
+        ("mkldnn.matmul", getattr(b.mkldnn, "matmul", None)),
+        ("mkldnn.conv", getattr(b.mkldnn, "conv", None)),
+        ("mkldnn.rnn", getattr(b.mkldnn, "rnn", None)),
+    ]
+    return [(n, k) for n, k in candidates if hasattr(k, "fp32_precision")]
+
+
+@contextlib.contextmanager
+def full_precision(device_types: set[str]) -> Iterator[None]:
+    """IEEE float32 products and no autocast on ``device_types`` inside the block."""
+    knobs = precision_knobs()
+    with contextlib.ExitStack() as stack:
+        for device_type in sorted(device_types | {"cpu"}):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+        if knobs:  # torch >= 2.9: one knob per backend operation
+            saved = [k.fp32_precision for _, k in knobs]
+            stack.callback(_restore, knobs, saved)
+            for _, k in knobs:
+                k.fp32_precision = "ieee"
+        else:  # the legacy switches
+            saved_matmul = torch.get_float32_matmul_precision()
+            stack.callback(torch.set_float32_matmul_precision, saved_matmul)
+            torch.set_float32_matmul_precision("highest")
+            cudnn = torch.backends.cudnn
+            stack.enter_context(
+                cudnn.flags(
+                    enabled=cudnn.enabled,
+                    benchmark=cudnn.benchmark,
+                    deterministic=cudnn.deterministic,
+                    allow_tf32=False,
+                )
+            )
+        yield
+
+
+def _restore(knobs, saved) -> None:
+    for (_, k), value in zip(knobs, saved, strict=True):
+        k.fp32_precision = value

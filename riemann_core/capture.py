@@ -1,0 +1,224 @@
+"""The forward pass as the metrics see it: every call of a module that owns trainable
+parameters, with its arguments and its output, safe from later in-place operations.
+
+A forward hook keeps a module's output tensor; an in-place operation after the module
+(``nn.ReLU(inplace=True)``, ``out += identity``) would rebase that tensor, and the
+pullback would then reach the wrong point of the graph. Every captured tensor's
+``_version`` is recorded when it is captured and compared after the forward pass: if
+one changed, the forward pass runs again with the affected modules captured through
+copies (the module passes a clone of its output on, so the in-place operation changes
+the clone; its inputs are copied on entry). Which modules need copies is remembered per
+model, so the second forward pass is paid once.
+
+Forward passes run eagerly (``torch.compiler.set_stance("force_eager")``): a compiled
+model runs its submodules inside a compiled graph where hooks do not fire.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from .modules import Block
+
+_LOCAL = threading.local()
+
+
+def capturing() -> bool:
+    """Whether the current thread is inside one of riemann_core's own forward passes."""
+    return getattr(_LOCAL, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def _own_forward():
+    _LOCAL.depth = getattr(_LOCAL, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _LOCAL.depth -= 1
+
+
+def eager():
+    """Run ``torch.compile``'d code eagerly, so that module hooks fire."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()
+
+
+@dataclass
+class ModelNotes:
+    """What has been learnt about a model, kept between calls.
+
+    ``clone``: modules whose captured tensors an in-place operation changed. ``probed``:
+    the modules' training flags when the batch-coupling probe last passed (``None``:
+    never), see :mod:`riemann_core.coupling`.
+    """
+
+    clone: set[str] = field(default_factory=set)
+    probed: tuple[bool, ...] | None = None
+
+
+_NOTES: weakref.WeakKeyDictionary[nn.Module, ModelNotes] = weakref.WeakKeyDictionary()
+
+
+def notes_for(model: nn.Module) -> ModelNotes:
+    if model not in _NOTES:
+        _NOTES[model] = ModelNotes()
+    return _NOTES[model]
+
+
+def _detached(value, copy: bool):
+    def leaf(a):
+        if not isinstance(a, Tensor):
+            return a
+        return a.detach().clone() if copy else a.detach()
+
+    return pytree.tree_map(leaf, value)
+
+
+def _versions(value) -> list[tuple[Tensor, int]]:
+    leaves, _ = pytree.tree_flatten(value)
+    return [(a, a._version) for a in leaves if isinstance(a, Tensor)]
+
+
+class Capture:
+    """Hooks recording each call of the modules of ``model`` that own trainable parameters.
+
+    Use as a context manager around one forward pass; ``calls`` are then the calls in
+    the order they finished, and :meth:`stale` names the modules whose captured tensors
+    changed afterwards. Modules named in ``clone`` are captured through copies.
+    """
+
+    def __init__(self, model: nn.Module, clone: set[str]):
+        self.calls: list[Block] = []
+        self._clone = clone
+        self._stale: set[str] = set()
+        self._watched: list[tuple[str, list[tuple[Tensor, int]]]] = []
+        self._hooks = []
+        names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+        for name, module in model.named_modules():
+            own = [p for p in module.parameters(recurse=False) if id(p) in names]
+            if own:
+                self._watch(name, module, [names[id(p)] for p in own], own)
+
+    def _watch(self, name, module, param_names, params) -> None:
+        entered: list[tuple[tuple, dict, list]] = []
+        copy = name in self._clone
+
+        def pre_hook(mod, args, kwargs):
+            # the arguments as the forward receives them (after any other pre-hook)
+            leaves, _ = pytree.tree_flatten((args, kwargs))
+            live = tuple(a for a in leaves if isinstance(a, Tensor) and a.requires_grad)
+            args, kwargs = _detached((args, kwargs), copy)
+            entered.append((args, kwargs, live, _versions((args, kwargs))))
+
+        def hook(mod, args, kwargs, output):
+            args, kwargs, live, versions = entered.pop()
+            if any(t._version != v for t, v in versions):  # the module changed its input
+                self._stale.add(name)
+            if not isinstance(output, Tensor):
+                raise ValueError(
+                    f"module {name!r} ({type(mod).__name__}) returns {type(output).__name__}, "
+                    "not a tensor; only modules with a single tensor output are supported"
+                )
+            self.calls.append(
+                Block(
+                    name=name,
+                    module=mod,
+                    param_names=param_names,
+                    params=params,
+                    inputs=args,
+                    kwargs=kwargs,
+                    output=output,
+                    graph_inputs=live,
+                )
+            )
+            self._watched.append((name, versions + [(output, output._version)]))
+            # what the rest of the network changes in place is then a copy
+            return output.clone() if copy else None
+
+        self._hooks += [
+            module.register_forward_pre_hook(pre_hook, with_kwargs=True),
+            module.register_forward_hook(hook, with_kwargs=True, prepend=True),
+        ]
+
+    def stale(self) -> set[str]:
+        """Modules whose captured inputs or outputs were changed in place."""
+        changed = {n for n, watched in self._watched if any(t._version != v for t, v in watched)}
+        return self._stale | changed
+
+    def __enter__(self) -> Capture:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+def rng_devices(model: nn.Module) -> list[int]:
+    """CUDA devices holding the model's parameters (whose generators a forward may use)."""
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+
+
+def rng_state(devices: list[int]) -> list[Tensor]:
+    """The CPU generator's state and those of the CUDA ``devices``."""
+    return [torch.random.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def set_rng_state(state: list[Tensor], devices: list[int]) -> None:
+    torch.random.set_rng_state(state[0])
+    for d, s in zip(devices, state[1:], strict=True):
+        torch.cuda.set_rng_state(s, d)
+
+
+def forward(
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    *,
+    replay: list[Tensor] | None = None,
+) -> tuple[Tensor, list[Block]]:
+    """Run ``model(*args, **kwargs)`` and capture every call of a module with parameters.
+
+    The forward pass must not draw random numbers, unless ``replay`` (a state from
+    :func:`rng_state`) is given: every pass then starts from that state, so dropout
+    draws the masks it drew then, and the caller's random state is restored afterwards.
+    """
+    notes = notes_for(model)
+    devices = rng_devices(model)
+    for _ in range(2):
+        with contextlib.ExitStack() as stack:
+            if replay is not None:
+                stack.enter_context(torch.random.fork_rng(devices=devices))
+                set_rng_state(replay, devices)
+            before = None if replay is not None else rng_state(devices)
+            capture = stack.enter_context(Capture(model, notes.clone))
+            stack.enter_context(eager())
+            stack.enter_context(_own_forward())
+            try:
+                outputs = model(*args, **kwargs)
+            except (RuntimeError, IndexError, TypeError) as err:
+                raise ValueError(
+                    f"the model's forward pass failed on these inputs: {err}. Check that the "
+                    "inputs have the shape and dtype the model expects"
+                ) from err
+        if before is not None and not all(
+            torch.equal(a, b) for a, b in zip(before, rng_state(devices), strict=True)
+        ):
+            raise ValueError(
+                "the model's forward pass draws random numbers (e.g. F.dropout or noise in a "
+                "forward method), so two calls would give different directions of different "
+                "networks; call model.eval() or make the forward pass deterministic"
+            )
+        stale = capture.stale()
+        if not stale:
+            return outputs, capture.calls
+        notes.clone |= stale
+    raise ValueError(  # pragma: no cover - captured copies cannot change
+        f"modules {sorted(stale)} had their captured tensors changed in place even when copied"
+    )

@@ -1,0 +1,190 @@
+"""A probe of what the metrics assume of a network, on the autograd graph of a call.
+
+*Samples are independent.* The factor rows of every sample are pulled back through the
+network together, and each block's ``K_a`` is assembled sample by sample. A module
+that couples samples (batch statistics, centring over the batch, attention across the
+batch) breaks both. Probe: cotangents supported on a set ``S`` of samples, pulled back
+to every captured module output and input, must leave the rows of the samples outside
+``S`` exactly zero (autograd propagates such structural zeros exactly). With ``S_k``
+the samples whose ``k``-th bit is set, and its complement, for ``k < ceil(log2 N)``,
+every pair of distinct samples is told apart by some probe: ``2 ceil(log2 N)`` rows of
+one batched backward pass.
+
+*Parameters enter only through their modules.* A trainable parameter used outside the
+calls of the modules that own it (``F.linear(h, self.emb.weight)`` beside a call of
+``self.emb``) reaches the loss through a path no kernel sees. Probe: the gradient of a
+cotangent on all samples through the captured calls must equal autograd's.
+
+Both are structural, so they run on the first call for a model and again when a
+module's training flag changes (``check_coupling=False`` skips them); their verdicts
+join the deferred checks. Only on a failure is the forward pass run once more with
+every module hooked, to name the module that couples the samples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import Deferred
+from .capture import ModelNotes
+from .modules import Block, Handler, SharedHandler
+
+
+def needs_probe(model: nn.Module, notes: ModelNotes) -> bool:
+    return notes.probed != _flags(model)
+
+
+def _flags(model: nn.Module) -> tuple[bool, ...]:
+    return tuple(m.training for m in model.modules())
+
+
+def probe_cotangents(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Cotangents ``(k, *z.shape)`` and their supports ``(k, N)``: the bit probes, then
+    one row on every sample (for the parameter check)."""
+    N = z.shape[0]
+    samples = torch.arange(N, device=z.device)
+    bits = [((samples >> k) & 1).bool() for k in range(math.ceil(math.log2(N)) if N > 1 else 0)]
+    masks = torch.stack([m for b in bits for m in (b, ~b)] + [torch.ones_like(samples).bool()])
+    # a fixed pattern without sign structure, so no cancellation hides a dependence
+    pattern = torch.cos(torch.arange(z[0].numel(), device=z.device, dtype=z.dtype) * 2.399963 + 1)
+    rows = masks[..., None].to(z.dtype) * pattern
+    return rows.reshape((len(masks),) + z.shape), masks
+
+
+def _leaked(pulled: Tensor, masks: Tensor) -> Tensor:
+    """Whether a pulled-back tensor ``(k, N, ...)`` is nonzero outside a probe's support."""
+    outside = (~masks).reshape(masks.shape + (1,) * (pulled.ndim - 2))
+    return ((pulled.abs() > 0) & outside).flatten(1).any()
+
+
+def graph_tensors(calls: list[Block]) -> list[tuple[Block, Tensor]]:
+    """Each call's output and the tensors of its inputs that are in the autograd graph."""
+    out = [(c, c.output) for c in calls if c.output.requires_grad]
+    return out + [(c, t) for c in calls for t in c.graph_inputs if t.requires_grad]
+
+
+def register(
+    checks: Deferred,
+    notes: ModelNotes,
+    model: nn.Module,
+    z: Tensor,
+    calls: list[Block],
+    handlers: list[Handler],
+    rerun: Callable[[], Tensor],
+) -> None:
+    """Probe the call's graph; verdicts join ``checks`` (see the module docstring).
+
+    ``rerun()`` runs the forward pass again and returns its output, for the slow path
+    that hooks every module to name the one coupling the samples.
+    """
+    rows, masks = probe_cotangents(z)
+    targets = graph_tensors(calls)
+    pulled = torch.autograd.grad(
+        z,
+        [t for _, t in targets],
+        rows,
+        is_grads_batched=True,
+        retain_graph=True,
+        allow_unused=True,
+    )
+    pulled = [
+        torch.zeros((len(rows),) + t.shape, dtype=t.dtype, device=t.device) if p is None else p
+        for (_, t), p in zip(targets, pulled, strict=True)
+    ]
+    coupled = torch.stack([_leaked(p[:-1], masks[:-1]) for p in pulled]).any() if pulled else None
+    if coupled is not None and len(masks) > 1:
+        checks.require(~coupled, lambda: _explain_coupling(model, rows[:-1], masks[:-1], rerun))
+    _register_parameter_check(checks, model, z, rows[-1], calls, targets, pulled, handlers)
+    if z.shape[0] > 1:
+        flags = _flags(model)
+        checks.then(lambda: setattr(notes, "probed", flags))
+
+
+def _register_parameter_check(checks, model, z, row, calls, targets, pulled, handlers) -> None:
+    """Autograd's gradient of ``row`` against the sum of the captured calls' own."""
+    at_output = {id(c): p[-1] for (c, t), p in zip(targets, pulled, strict=True) if t is c.output}
+    per_call = {
+        id(h.block): h
+        for b in handlers
+        for h in (b.handlers if isinstance(b, SharedHandler) else [b])
+    }
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
+    index = {id(p): i for i, p in enumerate(params)}
+    through_calls = [torch.zeros_like(p) for p in params]
+    for c in calls:
+        if id(c) in at_output:
+            grads = per_call[id(c)].gradient_from_output(at_output[id(c)])
+            for p, g in zip(c.params, grads, strict=True):
+                through_calls[index[id(p)]] += g.to(p.dtype)
+    direct = torch.autograd.grad(z, params, row, retain_graph=True, allow_unused=True)
+    direct = [torch.zeros_like(p) if g is None else g for g, p in zip(direct, params, strict=True)]
+    error = sum(((a - b) ** 2).sum() for a, b in zip(direct, through_calls, strict=True))
+    scale = sum((a**2).sum() for a in direct)
+    eps = torch.finfo(params[0].dtype).eps
+
+    def explain():
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        bad = [
+            n
+            for n, a, b in zip(names, direct, through_calls, strict=True)
+            if float((a - b).norm()) > eps**0.5 * max(float(a.norm()), float(b.norm()))
+        ]
+        raise ValueError(
+            f"parameters {bad} reach the output outside the calls of the modules that own "
+            "them (e.g. F.linear(h, self.emb.weight) beside a call of self.emb, or a "
+            "parametrization), a path no kernel sees. Call the owning module for every use "
+            "(weight tying by assignment, m2.weight = m1.weight, is exact), or freeze them "
+            "with requires_grad_(False)"
+        )
+
+    checks.require(error <= eps * scale, explain)
+
+
+def _explain_coupling(model: nn.Module, rows: Tensor, masks: Tensor, rerun) -> None:
+    """Slow path: hook every module, pull the probes back to all of them, and name the
+    innermost module whose output keeps samples apart while its input does not."""
+    seen: list[tuple[str, nn.Module, list[Tensor], Tensor]] = []
+
+    def recorder(name):
+        def hook(module, args, kwargs, output):
+            if isinstance(output, Tensor):
+                leaves = torch.utils._pytree.tree_flatten((args, kwargs))[0]
+                inputs = [a for a in leaves if isinstance(a, Tensor) and a.requires_grad]
+                seen.append((name, module, inputs, output))
+
+        return hook
+
+    hooks = [
+        m.register_forward_hook(recorder(n), with_kwargs=True) for n, m in model.named_modules()
+    ]
+    try:
+        z = rerun()
+    finally:
+        for h in hooks:
+            h.remove()
+    tensors = [t for _, _, inputs, out in seen for t in [out, *inputs] if t.requires_grad]
+    pulled = torch.autograd.grad(
+        z, tensors, rows.reshape((len(rows),) + z.shape), is_grads_batched=True, allow_unused=True
+    )
+    leaks = {id(t): p is not None and bool(_leaked(p, masks)) for t, p in zip(tensors, pulled)}
+    culprits = [
+        (name, module)
+        for name, module, inputs, out in seen
+        if not leaks.get(id(out), False) and any(leaks.get(id(t), False) for t in inputs)
+    ]
+    if culprits:
+        name, module = max(culprits, key=lambda c: c[0].count(".") + bool(c[0]))
+        where = f"module {name!r} ({type(module).__name__})"
+    else:
+        where = "an operation between the modules"
+    raise ValueError(
+        f"{where} couples the samples of the batch: an output of one sample depends on "
+        "another sample's input (batch statistics, centring or attention over the batch). "
+        "The metrics here pull each sample's factor back on its own, which such a network "
+        "breaks. Make the module act on each sample alone (e.g. LayerNorm/GroupNorm instead "
+        "of batch statistics)"
+    )

@@ -1,0 +1,253 @@
+"""One solve ``x = G^{-1} v`` of a method and its checks: did the factorisation succeed,
+did the solve solve, and can the model's dtype determine ``x`` at this damping?
+
+Every method hands back :class:`Solve` records; :func:`finish` reads all their device
+verdicts in one host sync (:class:`riemann_core._checks.Deferred`) and takes a slow path
+only where one needs it:
+
+* a Cholesky that failed is redone with jitter (:func:`riemann_core.woodbury.cholesky`),
+  with an :class:`AccuracyWarning` when the jitter exceeds a tenth of the damping;
+* where ``eps(solve dtype) * cond(G)`` exceeds a quarter of :data:`RESIDUAL_BOUND`, or
+  jitter was needed, the relative residual ``||G x - v|| / ||v||`` is evaluated in
+  float64 on the solve's own data (a Woodbury or Cholesky solve leaves about
+  ``eps * cond(G)``); above the bound, up to :data:`AUTO_REFINE` steps of
+  mixed-precision refinement follow, and a residual still above it raises
+  :class:`SolveError`;
+* where ``eps(model dtype) * cond(G)`` exceeds :data:`ACCURACY_LEVEL`, the rounding of
+  the model's own data (factor rows, inputs, gradient) may change the direction by that
+  much: an :class:`AccuracyWarning` gives the figure.
+
+``cond(G)`` is estimated as ``lambda_max / mu`` (``mu I + K^T K`` has no eigenvalue
+below ``mu``) with a few power iterations on the factorised matrix.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .._checks import Deferred, all_finite
+from ..woodbury import AccuracyWarning, Cholesky, SolveError, cholesky
+from ._base import LayerDiagnostics, Options, Problem, norm
+
+#: Relative residual ``||G x - v|| / ||v||`` above which a solve for a model of that
+#: dtype did not solve.
+RESIDUAL_BOUND = {torch.float32: 1e-3, torch.float64: 1e-6}
+
+#: Refinement steps taken, at most, when a solve's residual exceeds the bound.
+AUTO_REFINE = 3
+
+#: ``eps(model dtype) * cond(G)`` above which the direction is reported as undetermined
+#: by the model's precision (the relative error this bounds is typically 10-100x smaller).
+ACCURACY_LEVEL = 1.0
+
+
+def _norm(tensors: list[Tensor]) -> Tensor:
+    return torch.sqrt(sum((t.double() ** 2).sum() for t in tensors))
+
+
+def _finite(tensors: list[Tensor]) -> Tensor:
+    return torch.isfinite(sum(t.sum() for t in tensors))
+
+
+@dataclass
+class Solve:
+    """``x = G^{-1} v`` for the blocks ``indices`` of a problem (``x``: their parameters
+    in order, in the solve dtype), with what its checks need.
+
+    ``apply`` is ``G^{-1}`` in the solve dtype (for refinement); ``matrix`` the damped
+    matrix that was factorised and ``factor_solver`` the ``apply`` made from another
+    factor of it (for a retry with jitter); ``failed`` and ``condition`` device scalars:
+    whether the factorisation failed, and an estimate of ``cond(G)``.
+    """
+
+    name: str
+    kernel: str
+    solver: str
+    indices: list[int]
+    x: list[Tensor]
+    rows: int = 0
+    params: int = 0
+    what: str = ""
+    apply: Callable | None = None
+    condition: Tensor | None = None
+    failed: Tensor | None = None
+    matrix: Tensor | None = None
+    factor_solver: Callable[[Cholesky], Callable] | None = None
+    jitter: float = 0.0
+    residual: Tensor | None = None
+    factor_dtype: torch.dtype = field(init=False)  # x may turn float64 in refinement
+
+    def __post_init__(self):
+        self.factor_dtype = self.x[0].dtype
+
+    def rhs(self, problem: Problem) -> list[Tensor]:
+        return [a for i in self.indices for a in problem.gradient_of(i)]
+
+    def metric64(self, problem: Problem, damping: float) -> Callable:
+        """``x -> G x`` in float64 on the solve's own data."""
+        return problem.metric64(self.indices, damping)
+
+    def residual_of(self, problem: Problem, damping: float) -> Tensor:
+        """``||G x - v|| / ||v||`` in float64 (a device scalar)."""
+        v = problem.gradient64(self.indices)
+        Gx = self.metric64(problem, damping)([a.double() for a in self.x])
+        r = [a - b for a, b in zip(v, Gx, strict=True)]
+        return _norm(r) / _norm(v).clamp_min(torch.finfo(torch.float64).tiny)
+
+    def refine(self, problem: Problem, damping: float, steps: int) -> None:
+        """Mixed-precision iterative refinement: ``x`` and the residual ``v - G x`` in
+        float64, the correction solved with the factor in the solve dtype. It converges
+        while ``eps(solve dtype) * cond(G) < 1``; the iterate with the smallest residual
+        is kept (chosen on the device, without a host sync)."""
+        v = problem.gradient64(self.indices)
+        G = self.metric64(problem, damping)
+        scale = _norm(v).clamp_min(torch.finfo(torch.float64).tiny)
+        dtype = self.factor_dtype
+
+        def residual(x):
+            r = [a - b for a, b in zip(v, G(x), strict=True)]
+            return r, _norm(r) / scale
+
+        x = best = [a.double() for a in self.x]
+        r, best_residual = residual(x)
+        for _ in range(steps):
+            correction = self.apply([a.to(dtype) for a in r])
+            x = [a + c.double() for a, c in zip(x, correction, strict=True)]
+            r, size = residual(x)
+            better = size < best_residual
+            best = [torch.where(better, a, b) for a, b in zip(x, best, strict=True)]
+            best_residual = torch.where(better, size, best_residual)
+        self.x, self.residual = best, best_residual
+
+    def redo(self, problem: Problem, opts: Options) -> None:
+        """Slow path after a failed factorisation: factorise again with jitter."""
+        chol = cholesky(self.matrix, what=self.what)
+        self.apply, self.jitter = self.factor_solver(chol), chol.jitter
+        self.x = self.apply(self.rhs(problem))
+        self.residual = None
+        if opts.refine:
+            self.refine(problem, opts.damping, opts.refine)
+
+    def diagnostic_condition(self) -> float:
+        """The 2-norm condition number of the factorised matrix (an eigendecomposition)."""
+        eigs = torch.linalg.eigvalsh(self.matrix)
+        return float((eigs[-1] + self.jitter) / (eigs[0] + self.jitter))
+
+
+def finish(
+    problem: Problem, solves: list[Solve], opts: Options, checks: Deferred, method: str
+) -> tuple[list[list[Tensor]], list[LayerDiagnostics]]:
+    """Check every solve (one host sync, then slow paths where needed, see the module
+    docstring) and return the directions per block of ``problem`` and the diagnostics."""
+    for handler in problem.handlers:
+        for ok, explain in handler.deferred_checks():
+            checks.require(ok, explain)
+    readings = []
+    for s in solves:
+        if opts.refine and s.apply is not None:
+            s.refine(problem, opts.damping, opts.refine)
+        elif opts.diagnostics and s.condition is not None:
+            s.residual = s.residual_of(problem, opts.damping)
+        readings.append(
+            [checks.read(t) if t is not None else None for t in (s.failed, s.condition, s.residual)]
+            + [checks.read(_finite(s.x))]
+        )
+    checks.run()
+    model_dtype = problem.blocks[0].params[0].dtype
+    diagnostics = []
+    for s, (failed, condition, residual, finite) in zip(solves, readings, strict=True):
+        if failed is not None and failed.value:
+            s.redo(problem, opts)
+            residual = None
+            if s.jitter > opts.damping / 10:
+                warnings.warn(
+                    f"the Cholesky factorisation of the {s.what} needed a jitter of "
+                    f"{s.jitter:.1e} on its diagonal, more than a tenth of the damping "
+                    f"{opts.damping:g}: the direction is that of a larger damping. Increase the "
+                    "damping or pass solve_dtype=torch.float64",
+                    AccuracyWarning,
+                    stacklevel=4,
+                )
+            finite_now = all_finite(torch.stack([t.sum() for t in s.x]))
+        else:
+            finite_now = bool(finite.value)
+        if not finite_now:
+            raise FloatingPointError(
+                f"method={method!r} produced a non-finite direction for {s.name!r}; "
+                "increase the damping or pass solve_dtype=torch.float64"
+            )
+        if s.condition is not None:
+            _check_residual(s, problem, opts, condition.value, residual, model_dtype)
+            _check_accuracy(s, opts, condition.value, model_dtype)
+        if opts.diagnostics and s.condition is not None:
+            diagnostics.append(_diagnostics(s, problem, opts, method))
+    return assemble(problem, solves), diagnostics
+
+
+def _check_residual(s: Solve, problem, opts, condition: float, residual, model_dtype) -> None:
+    bound = RESIDUAL_BOUND[model_dtype]
+    if residual is not None:
+        value = residual.value
+    elif s.jitter > 0 or torch.finfo(s.factor_dtype).eps * condition > bound / 4:
+        s.residual = s.residual_of(problem, opts.damping)
+        value = float(s.residual)
+    else:
+        return
+    steps = 0
+    while not value <= bound and steps < AUTO_REFINE and s.apply is not None:
+        s.refine(problem, opts.damping, 1)
+        value, steps = float(s.residual), steps + 1
+    if not value <= bound:
+        raise SolveError(
+            f"the solve of block {s.name!r} did not solve: relative residual "
+            f"||G x - g|| / ||g|| = {value:.1e} exceeds {bound:g} after {steps} steps of "
+            f"refinement (cond(G) ~ {condition:.0e} at damping {opts.damping:g}, factorised "
+            f"in {s.factor_dtype}). Pass solve_dtype=torch.float64 (forms and factorises "
+            "the metric in float64) or a larger damping"
+        )
+
+
+def _check_accuracy(s: Solve, opts, condition: float, model_dtype: torch.dtype) -> None:
+    bound = torch.finfo(model_dtype).eps * condition
+    if bound > ACCURACY_LEVEL:
+        warnings.warn(
+            f"the direction of block {s.name!r} is determined by the model's {model_dtype} "
+            f"data only to a relative error of up to ~{bound:.0e} (eps x cond(G), "
+            f"cond(G) ~ {condition:.0e} at damping {opts.damping:g}; the error is typically "
+            "10-100 times smaller). Use a larger damping or a float64 model",
+            AccuracyWarning,
+            stacklevel=5,
+        )
+
+
+def _diagnostics(s: Solve, problem, opts, method) -> LayerDiagnostics:
+    if s.residual is None:
+        s.residual = s.residual_of(problem, opts.damping)
+    condition = s.diagnostic_condition() if s.matrix is not None else float(s.condition)
+    return LayerDiagnostics(
+        name=s.name,
+        method=method,
+        kernel=s.kernel,
+        solver=s.solver,
+        rows=s.rows,
+        params=s.params,
+        condition=condition,
+        residual=float(s.residual),
+        jitter=s.jitter,
+        update_norm=norm(s.x),
+    )
+
+
+def assemble(problem: Problem, solves: list[Solve]) -> list[list[Tensor]]:
+    """The solves' ``x`` split back into the blocks of ``problem``."""
+    out: list[list[Tensor]] = [[] for _ in problem.blocks]
+    for s in solves:
+        it = iter(s.x)
+        for i in s.indices:
+            out[i] = [next(it) for _ in problem.blocks[i].params]
+    return out

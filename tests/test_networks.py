@@ -1,0 +1,614 @@
+"""Networks written the way people write them: the exact direction, or a clear refusal.
+
+Each case runs every method on both kernels. ``layerwise``, ``full`` and ``natural`` are
+held to the dense float64 oracle of ``oracle.py`` (its layerwise blocks follow parameter
+identity, so tied weights form one block there too); ``kfac``, which has no dense
+oracle for these networks, to the same network written without the hazard (an
+out-of-place twin), or to a refusal where it has no Kronecker form.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import block_indices, flatten, ggn, gradient, oracle_direction, rel_error
+from torch import nn
+
+import riemann_core as rc
+from riemann_core import coupling
+
+EXACT = ("layerwise", "full", "natural")
+KERNELS = ("structured", "generic")
+DAMPING = 1e-2
+
+
+def assert_exact(model, x, y, method, kernel, **kwargs):
+    """``rc.direction`` equals the oracle's direction for ``model(x, **forward_kwargs)``."""
+    forward_kwargs = kwargs.get("forward_kwargs")
+    dirs = rc.direction(model, x, y, method=method, damping=DAMPING, kernel=kernel, **kwargs)
+    G = ggn(model, x, y, "cross_entropy", forward_kwargs)
+    g = gradient(model, x, y, "cross_entropy", forward_kwargs)
+    expected = oracle_direction(G, g, DAMPING, method, block_indices(model))
+    assert rel_error(flatten(dirs, model), expected) < 1e-10
+    return dirs
+
+
+def kernel_for(kernel, model):
+    """``generic``, or ``auto`` where a module has no structured kernel."""
+    structured = (nn.Linear, nn.Conv2d)
+    own = [m for m in model.modules() if list(m.parameters(recurse=False))]
+    if kernel == "structured" and not all(type(m) in structured for m in own):
+        return "auto"
+    return kernel
+
+
+# --------------------------------------------------------------- in-place operations
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet block without BatchNorm: in-place ReLU, ``out += identity``."""
+
+    def __init__(self, channels, inplace=True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.relu = nn.ReLU(inplace=inplace)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.inplace = inplace
+
+    def forward(self, x):
+        identity = x
+        out = self.conv1(x)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = out.add_(identity) if self.inplace else out + identity
+        return self.relu(out)
+
+
+def cnn(inplace=True):
+    torch.manual_seed(21)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(inplace=inplace),
+        BasicBlock(3, inplace),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 3),
+    )
+    return model.double(), torch.randn(4, 2, 4, 4, dtype=torch.float64), torch.tensor([0, 2, 1, 2])
+
+
+def relu_mlp(inplace=True):
+    torch.manual_seed(22)
+    model = nn.Sequential(
+        nn.Linear(4, 6),
+        nn.ReLU(inplace=inplace),
+        nn.Linear(6, 5),
+        nn.ReLU(inplace=inplace),
+        nn.Linear(5, 3),
+    )
+    return model.double(), torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+class InPlaceScale(nn.Module):
+    """A module with a parameter that scales its own input in place and returns it."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.scale = nn.Parameter(1 + 0.3 * torch.randn(width))
+
+    def forward(self, x):
+        return x.mul_(self.scale)
+
+
+def inplace_input_net(inplace=True):
+    torch.manual_seed(23)
+    scale = InPlaceScale(5)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.scale, self.head = nn.Linear(4, 5), scale, nn.Linear(5, 3)
+
+        def forward(self, x):
+            h = self.lin(x)
+            h = self.scale(h if inplace else h.clone())
+            return self.head(torch.tanh(h))
+
+    return Net().double(), torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0])
+
+
+IN_PLACE = {
+    "relu-mlp": relu_mlp,
+    "resnet-block": cnn,
+    "module-changes-its-input": inplace_input_net,
+}
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"kernel={k}")
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("net", IN_PLACE, ids=lambda n: f"net={n}")
+def test_in_place_operations_are_exact(net, method, kernel):
+    model, x, y = IN_PLACE[net]()
+    assert_exact(model, x, y, method, kernel_for(kernel, model))
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"kernel={k}")
+@pytest.mark.parametrize("net", ["relu-mlp", "resnet-block"], ids=lambda n: f"net={n}")
+def test_in_place_kfac_equals_out_of_place_twin(net, kernel):
+    model, x, y = IN_PLACE[net]()
+    twin, _, _ = IN_PLACE[net](inplace=False)
+    kw = dict(method="kfac", damping=DAMPING, kernel=kernel)
+    dirs = rc.direction(model, x, y, **kw)
+    expected = rc.direction(twin, x, y, **kw)
+    assert rel_error(flatten(dirs, model), flatten(expected, twin)) < 1e-12
+
+
+def test_in_place_second_pass_is_paid_once():
+    """The first call finds the in-place operations and runs the forward pass again with
+    copies; later calls capture through copies from the start."""
+    model, x, y = relu_mlp()
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    rc.direction(model, x, y)
+    first = len(calls)
+    rc.direction(model, x, y)
+    assert first == 2 and len(calls) == 3
+
+
+# ------------------------------------------------------------------ shared parameters
+
+
+def tied_mlp():
+    """``m2.weight = m1.weight``, each module called once (separate biases)."""
+    torch.manual_seed(24)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    model[2].weight = model[0].weight
+    return model.double(), torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+def called_twice():
+    torch.manual_seed(25)
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(4, 3))
+    return model.double(), torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+class TiedLanguageModel(nn.Module):
+    """GPT-style weight tying: the output head is the embedding matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 7, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mix(torch.tanh(self.embed(tokens)))))
+
+
+def tied_language_model():
+    torch.manual_seed(26)
+    return (
+        TiedLanguageModel().double(),
+        torch.tensor([1, 3, 5, 6, 3, 0]),
+        torch.tensor([2, 1, 6, 0, 3, 5]),
+    )
+
+
+SHARED = {"tied": tied_mlp, "called-twice": called_twice, "tied-embedding": tied_language_model}
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"kernel={k}")
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("net", SHARED, ids=lambda n: f"net={n}")
+def test_shared_parameters_are_one_exact_block(net, method, kernel):
+    model, x, y = SHARED[net]()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dirs = assert_exact(model, x, y, method, kernel_for(kernel, model))
+    assert list(dirs) == list(before)  # the shared parameter once, under its first name
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("net", ["tied", "called-twice"], ids=lambda n: f"net={n}")
+def test_shared_block_diagnostics_name_the_union(net):
+    model, x, y = SHARED[net]()
+    _, diags = rc.direction(model, x, y, damping=DAMPING, return_diagnostics=True)
+    expected = {"tied": ["0+2", "4"], "called-twice": ["0", "4"]}[net]
+    assert [d.name for d in diags] == expected
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"kernel={k}")
+@pytest.mark.parametrize("net", SHARED, ids=lambda n: f"net={n}")
+def test_shared_parameters_have_no_kronecker_form(net, kernel):
+    model, x, y = SHARED[net]()
+    with pytest.raises(ValueError, match="several module calls share.*method='layerwise'"):
+        rc.direction(model, x, y, method="kfac", kernel=kernel_for(kernel, model))
+
+
+class FunctionalTie(nn.Module):
+    """``self.embed`` is called, and its weight is used again through ``F.linear``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        return self.head(h) + F.linear(h, self.embed.weight)[:, :3]
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"kernel={k}")
+@pytest.mark.parametrize("method", EXACT + ("kfac",), ids=lambda m: f"method={m}")
+def test_parameter_used_outside_its_module_is_refused(method, kernel):
+    torch.manual_seed(27)
+    model = FunctionalTie().double()
+    with pytest.raises(ValueError, match=r"\['embed.weight'\] reach the output outside the calls"):
+        rc.direction(model, torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0]),
+                     method=method, kernel=kernel)  # fmt: skip
+
+
+# ------------------------------------------------------------------- batch coupling
+
+
+class Centre(nn.Module):
+    def forward(self, x):
+        return x - x.mean(0)
+
+
+class BatchAttention(nn.Module):
+    """Each sample attends to every sample of the batch."""
+
+    def forward(self, x):
+        return torch.softmax(x @ x.T, dim=1) @ x
+
+
+class BatchScale(nn.Module):
+    """A module with a parameter that normalises by a batch statistic inside itself."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.3 * torch.randn(width))
+
+    def forward(self, x):
+        return self.weight * x / x.norm(dim=0)
+
+
+def coupled(module_factory):
+    torch.manual_seed(28)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), module_factory(), nn.Tanh(), nn.Linear(5, 3))
+    return model.double(), torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+COUPLED = {
+    "centre": (lambda: Centre(), "module '2' \\(Centre\\)"),
+    "attention": (lambda: BatchAttention(), "module '2' \\(BatchAttention\\)"),
+    "batch-scale": (lambda: BatchScale(5), "module '2' \\(BatchScale\\)"),
+}
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"kernel={k}")
+@pytest.mark.parametrize("method", EXACT + ("kfac",), ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("net", COUPLED, ids=lambda n: f"net={n}")
+def test_batch_coupling_is_refused_naming_the_module(net, method, kernel):
+    factory, name = COUPLED[net]
+    model, x, y = coupled(factory)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=f"{name} couples the samples"):
+        rc.direction(model, x, y, method=method, kernel=kernel_for(kernel, model))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"kernel={k}")
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_coupling_before_every_parameter_is_exact(method, kernel):
+    """Standardising the batch before the first module with parameters is data
+    preprocessing: each sample's output depends on the parameters through itself only."""
+    torch.manual_seed(29)
+    model = nn.Sequential(Centre(), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    assert_exact(model, x, y, method, kernel)
+
+
+def test_probe_runs_once_per_model_and_mode(monkeypatch):
+    calls = []
+    register = coupling.register
+    monkeypatch.setattr(coupling, "register", lambda *a: calls.append(1) or register(*a))
+    model, x, y = relu_mlp()
+    rc.direction(model, x, y)
+    rc.direction(model, x, y, method="natural")
+    assert len(calls) == 1
+    model.eval()  # a module's training flag changed: probed again
+    rc.direction(model, x, y)
+    assert len(calls) == 2
+    rc.direction(copy.deepcopy(model), x, y)
+    assert len(calls) == 3
+
+
+def test_probe_can_be_skipped():
+    """``check_coupling=False`` trusts the user: the coupled network then runs (and its
+    direction is not the exact one)."""
+    model, x, y = coupled(Centre)
+    rc.direction(model, x, y, check_coupling=False)
+    with pytest.raises(ValueError, match="couples the samples"):
+        rc.direction(model, x, y)
+
+
+def test_one_sample_cannot_be_probed_and_is_probed_later():
+    model, x, y = coupled(Centre)
+    rc.direction(model, x[:1], y[:1])
+    with pytest.raises(ValueError, match="couples the samples"):
+        rc.direction(model, x, y)
+
+
+def test_batchnorm_keeps_its_own_message():
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).double()
+    with pytest.raises(ValueError, match=r"module '1' \(BatchNorm1d\) normalises with batch"):
+        rc.direction(model, torch.randn(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 1]))
+
+
+class Mixer(nn.Module):
+    """A module with a parameter and a ``(f, f)`` argument: per sample only if its first
+    dimension is not mistaken for the batch."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(width))
+
+    def forward(self, x, mix):
+        return x * self.weight + mix.sum(0)
+
+
+def test_generic_kernel_refuses_an_argument_it_would_split_wrongly():
+    """The batch is 5 and so is ``mix``'s first dimension: splitting ``mix`` into samples
+    would be wrong, and the per-sample outputs then disagree with the forward pass."""
+    torch.manual_seed(30)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.mixer, self.head = nn.Linear(4, 5), Mixer(5), nn.Linear(5, 3)
+            self.register_buffer("mix", torch.randn(5, 5))
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.mixer(torch.tanh(self.lin(x)), self.mix)))
+
+    model = Net().double()
+    with pytest.raises(ValueError, match=r"module 'mixer' \(Mixer\) gives other outputs"):
+        rc.direction(model, torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0]),
+                     kernel="auto")  # fmt: skip
+
+
+# -------------------------------------------------------------- forward arguments
+
+
+class Gate(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.logit = nn.Parameter(torch.randn(width))
+
+    def forward(self, x, *, mask, temperature=1.0):
+        return x * torch.sigmoid(self.logit / temperature) * mask
+
+
+class WithArguments(nn.Module):
+    """``forward(x, scale=1.0, mask=None)``; a submodule called with keyword arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 5)
+        self.gate = Gate(5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x, scale=1.0, mask=None):
+        h = torch.tanh(self.lin(x)) * scale
+        mask = torch.ones_like(h) if mask is None else mask
+        return self.head(self.gate(h, mask=mask, temperature=2.0))
+
+
+def with_arguments():
+    torch.manual_seed(31)
+    model = WithArguments().double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    mask = (torch.rand(6, 5) > 0.3).double()
+    return model, x, y, {"scale": 3.0, "mask": mask}
+
+
+@pytest.mark.parametrize("kernel", ["auto", "generic"], ids=lambda k: f"kernel={k}")
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_forward_keyword_arguments_are_passed_on(method, kernel):
+    model, x, y, kwargs = with_arguments()
+    dirs = assert_exact(model, x, y, method, kernel, forward_kwargs=kwargs)
+    plain = rc.direction(model, x, y, method=method, damping=DAMPING, kernel=kernel)
+    assert rel_error(flatten(plain, model), flatten(dirs, model)) > 0.1  # they matter
+
+
+def test_positional_arguments_as_a_tuple():
+    model, x, y, kwargs = with_arguments()
+    positional = rc.direction(model, (x, kwargs["scale"], kwargs["mask"]), y, kernel="auto")
+    keywords = rc.direction(model, x, y, forward_kwargs=kwargs, kernel="auto")
+    assert rel_error(flatten(positional, model), flatten(keywords, model)) < 1e-14
+
+
+@pytest.mark.parametrize("method", rc.METHODS[1:], ids=lambda m: f"method={m}")
+def test_preconditioner_passes_on_the_forward_arguments(method):
+    model, x, y, kwargs = with_arguments()
+    kw = dict(method=method, damping=DAMPING, kernel="auto")
+    if method == "kfac":
+        kw["kernel"] = "structured"
+        model.gate.requires_grad_(False)  # K-FAC factorises Linear and Conv2d only
+    expected = rc.direction(model, x, y, forward_kwargs=kwargs, **kw)
+    pre = rc.RiemannianPreconditioner(model, **kw)
+    F.cross_entropy(model(x, **kwargs), y).backward()
+    pre.step()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
+
+
+def test_direction_inside_a_training_step_does_not_replace_the_recorded_batch():
+    """``rc.direction`` between the user's forward pass and ``pre.step()`` is not the
+    user's batch."""
+    model, x, y = relu_mlp()
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    F.cross_entropy(model(x), y).backward()
+    rc.direction(model, torch.randn_like(x), y)
+    expected = rc.direction(model, x, y, damping=DAMPING)
+    pre.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------- compiled models
+
+
+def compiled(model, how):
+    if how == "torch.compile":
+        return torch.compile(model, backend="eager")
+    model.compile(backend="eager")
+    return model
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "module.compile"])
+@pytest.mark.parametrize("method", rc.METHODS, ids=lambda m: f"method={m}")
+def test_compiled_model_gives_the_eager_direction(method, how):
+    model, x, y = relu_mlp()
+    expected = rc.direction(copy.deepcopy(model), x, y, method=method, damping=DAMPING)
+    runnable = compiled(model, how)
+    runnable(x)  # compiled once, before any hook was there
+    dirs = rc.direction(runnable, x, y, method=method, damping=DAMPING)
+    prefix = "_orig_mod." if how == "torch.compile" else ""
+    assert list(dirs) == [prefix + n for n in expected]
+    for name, d in expected.items():
+        torch.testing.assert_close(dirs[prefix + name], d, rtol=1e-12, atol=1e-14)
+
+
+def test_preconditioner_on_a_compiled_model():
+    model, x, y = relu_mlp()
+    expected = rc.direction(copy.deepcopy(model), x, y, damping=DAMPING)
+    runnable = torch.compile(model, backend="eager")
+    pre = rc.RiemannianPreconditioner(runnable, damping=DAMPING)
+    F.cross_entropy(runnable(x), y).backward()
+    pre.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-12, atol=1e-14)
+
+
+def test_torchscript_is_refused():
+    model, x, y = relu_mlp()
+    with pytest.raises(TypeError, match="TorchScript.*pass the original nn.Module"):
+        rc.direction(torch.jit.script(model), x, y)
+
+
+# --------------------------------------------------------------- stochastic modules
+
+STOCHASTIC = {
+    "Dropout": lambda: nn.Dropout(0.3),
+    "AlphaDropout": lambda: nn.AlphaDropout(0.3),
+    "FeatureAlphaDropout": lambda: nn.FeatureAlphaDropout(0.3),
+    "RReLU": lambda: nn.RReLU(),
+}
+
+
+@pytest.mark.parametrize("method", rc.METHODS, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("module", STOCHASTIC, ids=lambda m: f"module={m}")
+def test_stochastic_module_in_training_mode_is_refused(module, method):
+    torch.manual_seed(32)
+    model = nn.Sequential(nn.Linear(4, 5), STOCHASTIC[module](), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    with pytest.raises(
+        ValueError, match=f"module '1' \\({module}\\) draws random numbers.*model.eval"
+    ):
+        rc.direction(model, x, y, method=method)
+    model.eval()
+    if method in EXACT:
+        assert_exact(model, x, y, method, "structured")
+
+
+def test_attention_with_dropout_is_refused():
+    model = nn.MultiheadAttention(4, 2, dropout=0.1)
+    with pytest.raises(ValueError, match=r"module '' \(MultiheadAttention\) draws random"):
+        rc.direction(model, torch.randn(3, 4), torch.tensor([0, 1, 2]))
+
+
+def test_random_numbers_in_a_forward_method_are_refused():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return F.dropout(self.lin(x), 0.5, training=True)
+
+    with pytest.raises(ValueError, match="forward pass draws random numbers"):
+        rc.direction(Noisy(), torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0]))
+
+
+class FixedMask(nn.Module):
+    def __init__(self, mask, p):
+        super().__init__()
+        self.register_buffer("mask", mask / (1 - p))
+
+    def forward(self, x):
+        return x * self.mask
+
+
+@pytest.mark.parametrize("method", EXACT + ("kfac",), ids=lambda m: f"method={m}")
+def test_preconditioner_replays_the_dropout_masks(method):
+    """``pre.step()`` runs its forward pass from the random state of the user's: the
+    metric is that of the network with the masks the gradient saw, i.e. of its twin with
+    those masks fixed."""
+    torch.manual_seed(33)
+    p = 0.4
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Dropout(p), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    state = torch.get_rng_state()
+    F.cross_entropy(model(x), y).backward()
+    torch.set_rng_state(state)
+    mask = F.dropout(torch.ones(6, 5, dtype=torch.float64), p) * (1 - p)
+    twin = nn.Sequential(model[0], nn.Tanh(), FixedMask(mask, p), model[3])
+    expected = rc.direction(twin, x, y, method=method, damping=DAMPING)
+    after = torch.get_rng_state()
+    pre.step()
+    assert torch.equal(torch.get_rng_state(), after)  # the step leaves the random state
+    for q, twin_name in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(q.grad, expected[twin_name], rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------ the rest
+
+
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_module_called_under_no_grad_is_exact(method):
+    """A module with trainable parameters run under ``torch.no_grad()`` contributes
+    nothing to the gradient or the metric: its direction is zero, the others exact."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.frozen, self.lin, self.head = nn.Linear(4, 4), nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            with torch.no_grad():
+                x = self.frozen(x)
+            return self.head(torch.tanh(self.lin(x)))
+
+    torch.manual_seed(34)
+    model = Net().double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    dirs = assert_exact(model, x, y, method, "structured")
+    assert not dirs["frozen.weight"].any()
+
+
+def test_inference_mode_is_refused_and_inference_tensors_are_fine():
+    model, x, y = relu_mlp()
+    with torch.inference_mode():
+        x_inf = x.clone()
+        with pytest.raises(RuntimeError, match="inference_mode"):
+            rc.direction(model, x, y)
+    dirs = rc.direction(model, x_inf, y)
+    assert rel_error(flatten(dirs, model), flatten(rc.direction(model, x, y), model)) == 0
