@@ -35,11 +35,19 @@ def cross_entropy_factor(logits: Tensor) -> Tensor:
 def sampled_cross_entropy_factor(logits: Tensor, samples: int, generator=None) -> Tensor:
     """Monte Carlo Fisher: rows ``(e_y - p) / sqrt(S)`` with ``y ~ Cat(p)``, ``r = S``.
 
-    Unbiased: ``E[(e_y - p)(e_y - p)^T] = diag(p) - p p^T``.
+    Unbiased: ``E[(e_y - p)(e_y - p)^T] = diag(p) - p p^T``. ``y`` is drawn by inverting
+    the cumulative distribution at uniform draws (``torch.multinomial`` reads values
+    back to the host on a GPU to check them).
     """
     p = torch.softmax(logits, dim=1)
-    y = torch.multinomial(p, samples, replacement=True, generator=generator)  # (N, S)
-    onehot = torch.nn.functional.one_hot(y, p.shape[1]).to(p.dtype)
+    cdf = p.cumsum(1)
+    u = (
+        torch.rand((p.shape[0], samples), dtype=p.dtype, device=p.device, generator=generator)
+        * cdf[:, -1:]
+    )
+    y = torch.searchsorted(cdf, u, right=True).clamp_max(p.shape[1] - 1)  # (N, S)
+    # one-hot by comparison: F.one_hot reads the class range back to the host
+    onehot = (y[..., None] == torch.arange(p.shape[1], device=p.device)).to(p.dtype)
     return (onehot - p[:, None, :]) / math.sqrt(samples)
 
 

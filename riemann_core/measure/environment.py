@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .._precision import precision_knobs
+
 
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo`` on Linux, ``platform`` elsewhere)."""
@@ -67,8 +69,31 @@ def device_name(device: torch.device | str) -> str:
     return cpu_model()
 
 
+def precision_settings() -> dict[str, str | bool | int]:
+    """float32 product precision (TF32 / bf16) and cuDNN's settings, which change what a
+    convolution or matmul computes and how fast (``riemann_core`` itself computes its
+    directions at full precision whatever they are)."""
+    try:
+        matmul = torch.get_float32_matmul_precision()
+    except RuntimeError:  # torch refuses the legacy reading once the new knobs are set
+        matmul = "see fp32_precision.*"
+    cudnn = torch.backends.cudnn
+    record: dict[str, str | bool | int] = {
+        "float32_matmul_precision": matmul,
+        "cudnn_enabled": cudnn.enabled,
+        "cudnn_benchmark": cudnn.benchmark,
+        "cudnn_deterministic": cudnn.deterministic,
+        "cudnn_version": cudnn.version() or 0 if cudnn.is_available() else 0,
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+    }
+    for name, knob in precision_knobs():
+        record[f"fp32_precision.{name}"] = knob.fp32_precision
+    return record
+
+
 def environment(device: torch.device | str = "cpu") -> dict[str, str | int]:
-    """Commit, torch version, device, CPU model, thread count, BLAS, Python, time."""
+    """Commit, torch version, device, CPU model, thread count, BLAS, Python, time, and
+    the float32 precision and cuDNN settings (:func:`precision_settings`)."""
     return {
         "commit": git_commit(),
         "torch": torch.__version__,
@@ -80,4 +105,5 @@ def environment(device: torch.device | str = "cpu") -> dict[str, str | int]:
         "cuda": torch.version.cuda or "none",
         "python": platform.python_version(),
         "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **precision_settings(),
     }

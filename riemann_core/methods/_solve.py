@@ -43,7 +43,7 @@ AUTO_REFINE = 3
 
 #: ``eps(model dtype) * cond(G)`` above which the direction is reported as undetermined
 #: by the model's precision (the relative error this bounds is typically 10-100x smaller).
-ACCURACY_LEVEL = 1.0
+ACCURACY_LEVEL = 0.1
 
 
 def _norm(tensors: list[Tensor]) -> Tensor:

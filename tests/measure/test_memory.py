@@ -17,3 +17,18 @@ def test_cuda_peak_sees_an_allocation():
     n = 1 << 20
     peak = memory.cuda_peak_bytes(lambda: torch.empty(n, device="cuda"), "cuda")
     assert peak >= 4 * n
+
+
+@pytest.mark.skipif(memory.host_peak_bytes(lambda: None) is None, reason="needs /proc")
+def test_host_peak_sees_an_allocation_of_known_size():
+    """What the sweeps read on the host: 128 MiB allocated and written (so resident) by
+    the call show as a rise of at least that much, and no more than it plus 64 MiB of
+    slack for the interpreter; a call that allocates nothing shows far less."""
+    size = 128 * 2**20
+
+    def allocate():
+        torch.ones(size // 4)  # float32, every page written
+
+    peak = memory.host_peak_bytes(allocate)
+    assert size <= peak <= size + 64 * 2**20
+    assert memory.host_peak_bytes(lambda: None) < 16 * 2**20

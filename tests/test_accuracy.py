@@ -1,0 +1,256 @@
+"""Small dampings, refinement, ``solve_dtype``, jitter and float32 precision settings.
+
+A float32 model at a small damping: its direction is either accurate to the stated
+worst case ``eps(float32) cond(G)``, with an ``AccuracyWarning`` wherever the error can
+exceed 1%, or refused with ``SolveError``; never silently wrong. Against the float64
+oracle of the same (float32-rounded) weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import (
+    Problem,
+    damped,
+    flatten,
+    kfac_blocks,
+    oracle_direction,
+    oracle_for,
+    rel_error,
+    solve_kfac,
+)
+
+import riemann_core as rc
+from riemann_core import _precision, woodbury
+from riemann_core._checks import check_generator
+from riemann_core.measure.environment import environment
+from riemann_core.methods import _solve
+
+EPS32 = torch.finfo(torch.float32).eps
+PROBLEM = Problem(depth=3)
+OPTIONS = {
+    "default": {},
+    "refine=1": {"refine": 1},
+    "float64-solve": {"solve_dtype": torch.float64},
+}
+
+
+def oracle(method, damping):
+    """``(direction, cond(G + mu I))`` of the float64 oracle for the float32 weights."""
+    G, g, blocks = oracle_for(PROBLEM, torch.float32)
+    if method == "kfac":
+        model, x, y = PROBLEM.make(torch.float32)
+        parts = kfac_blocks(model, x, y, "cross_entropy")
+        M = torch.block_diag(*[m.detach() for _, m in parts])
+        return solve_kfac(parts, g, damping), float(torch.linalg.cond(damped(M, damping)))
+    if method == "layerwise":
+        G = torch.block_diag(*[G[s][:, s] for s in blocks])
+    return oracle_direction(G, g, damping, method, blocks), float(
+        torch.linalg.cond(damped(G, damping))
+    )
+
+
+def run(method, damping, **options):
+    """``(direction or None when refused, [warning messages])``."""
+    model, x, y = PROBLEM.make(torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            dirs = flatten(
+                rc.direction(model, x, y, method=method, damping=damping, **options), model
+            )
+        except rc.SolveError:
+            dirs = None
+    return dirs, [str(w.message) for w in caught if issubclass(w.category, rc.AccuracyWarning)]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: f"options={o}")
+@pytest.mark.parametrize("damping", [1e-7, 1e-9], ids=lambda d: f"damping={d:g}")
+@pytest.mark.parametrize("method", rc.METHODS[1:], ids=lambda m: f"method={m}")
+def test_float32_at_small_damping_is_accurate_warned_or_refused(method, damping, options):
+    expected, condition = oracle(method, damping)
+    dirs, messages = run(method, damping, **OPTIONS[options])
+    if dirs is None:  # refused: only a float32 solve may fail to solve
+        assert options != "float64-solve" and method != "kfac"
+        return
+    error = rel_error(dirs, expected)
+    assert error <= EPS32 * condition  # the stated worst case
+    if error > 1e-2:
+        assert any("determined by the model's torch.float32 data" in m for m in messages)
+
+
+@pytest.mark.parametrize("method", ["layerwise", "natural", "full"], ids=lambda m: f"method={m}")
+def test_float32_at_damping_1e_9_warns_with_a_float64_solve(method):
+    """The float64 solve of float32 data always solves; the data cannot determine the
+    direction at ``eps cond(G) ~ 50``, and the warning says how far off it can be."""
+    dirs, messages = run(method, 1e-9, solve_dtype=torch.float64)
+    assert dirs is not None
+    assert any("relative error of up to" in m for m in messages)
+
+
+@pytest.mark.parametrize("method", rc.METHODS[1:], ids=lambda m: f"method={m}")
+def test_damping_1e_30_is_refused_or_warned(method):
+    dirs, messages = run(method, 1e-30)
+    assert dirs is None or any("determined by the model's" in m for m in messages)
+
+
+@pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")
+@pytest.mark.parametrize("method", ["layerwise", "natural", "full"], ids=lambda m: f"method={m}")
+def test_float64_solve_forms_the_gram_in_float64(method):
+    """At ``damping=1e-7`` a float32 Gram is off by ``~eps ||K||^2 ~ mu``; formed and
+    factorised in float64 the solve leaves a float64-sized residual."""
+    model, x, y = PROBLEM.make(torch.float32)
+    _, diags = rc.direction(
+        model, x, y, method=method, damping=1e-7, solve_dtype=torch.float64,
+        return_diagnostics=True,
+    )  # fmt: skip
+    assert all(d.residual < 1e-9 for d in diags)
+
+
+@pytest.mark.parametrize("method", ["layerwise", "natural", "full"], ids=lambda m: f"method={m}")
+def test_mixed_precision_refinement_converges(method):
+    """At ``damping=1e-4`` (``eps cond(G) ~ 7e-4``): each step of float64 residual and
+    float32 correction divides the residual, and one step reaches the accuracy of a
+    float64 solve of the same float32 data (the best the data allow)."""
+    model, x, y = PROBLEM.make(torch.float32)
+    expected, _ = oracle(method, 1e-4)
+    residuals, errors = [], []
+    for steps in range(3):
+        dirs, diags = rc.direction(
+            model, x, y, method=method, damping=1e-4, refine=steps, return_diagnostics=True
+        )
+        residuals.append(max(d.residual for d in diags))
+        errors.append(rel_error(flatten(dirs, model), expected))
+    best = rc.direction(model, x, y, method=method, damping=1e-4, solve_dtype=torch.float64)
+    assert residuals[1] < residuals[0] / 10 and residuals[2] <= residuals[1] * 1.01
+    assert errors[1] < errors[0]
+    assert errors[1] <= 1.1 * rel_error(flatten(best, model), expected)
+
+
+def test_refinement_is_automatic_where_the_residual_exceeds_the_bound():
+    """At ``damping=1e-5`` the float32 Woodbury solve of the last block leaves a residual
+    near 1e-3: a refinement step is taken on its own, and every block ends within it."""
+    model, x, y = PROBLEM.make(torch.float32)
+    _, diags = rc.direction(model, x, y, damping=1e-5, return_diagnostics=True)
+    assert all(d.residual <= _solve.RESIDUAL_BOUND[torch.float32] for d in diags)
+
+
+def test_unsolvable_block_is_named_with_the_fix(monkeypatch):
+    """No refinement can help at ``eps cond(G) >> 1``."""
+    model, x, y = PROBLEM.make(torch.float32)
+    with pytest.raises(rc.SolveError, match=r"block '\d' did not solve.*solve_dtype=torch.float64"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rc.AccuracyWarning)
+            rc.direction(model, x, y, damping=1e-9)
+
+
+def test_jitter_above_a_tenth_of_the_damping_warns():
+    model, x, y = PROBLEM.make(torch.float32)
+    with pytest.warns(rc.AccuracyWarning, match=r"damped Gram of module '0'.*jitter of \d"):
+        with pytest.raises(rc.SolveError):
+            rc.direction(model, x, y, damping=1e-9)
+
+
+@pytest.mark.parametrize("method", ["layerwise", "natural", "full"], ids=lambda m: f"method={m}")
+def test_failed_factorisation_takes_the_slow_path(method, monkeypatch):
+    """A factorisation reported as failed is redone (with jitter if need be) and gives the
+    same direction; no jitter was needed, so nothing is said."""
+    model, x, y = PROBLEM.make()
+    expected = rc.direction(model, x, y, method=method, damping=1e-2)
+
+    def failing(matrix):
+        chol = woodbury.cholesky_deferred(matrix)
+        return woodbury.Cholesky(chol.factor, 0.0, torch.tensor(True))
+
+    module = getattr(rc.methods, method)
+    monkeypatch.setattr(module, "cholesky_deferred", failing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dirs = rc.direction(model, x, y, method=method, damping=1e-2)
+    assert rel_error(flatten(dirs, model), flatten(expected, model)) < 1e-12
+
+
+# ---------------------------------------------------------------- precision settings
+
+
+def test_reduced_float32_precision_is_switched_off_inside_and_restored():
+    """TF32 / bf16 products and autocast, as a user may enable them: inside a call every
+    ``fp32_precision`` knob reads ``ieee`` and autocast is off; afterwards the user's
+    settings are back, and the direction is the one of full precision."""
+    model, x, y = PROBLEM.make(torch.float32)
+    expected = rc.direction(model, x, y)
+    knobs = [k for _, k in _precision.precision_knobs()]
+    user = ["tf32" if "matmul" in name or "conv" in name else "none"
+            for name, _ in _precision.precision_knobs()]  # fmt: skip
+    saved = [k.fp32_precision for k in knobs]
+    seen = []
+
+    def spying_factor(outputs, targets):
+        seen.append(([k.fp32_precision for k in knobs], torch.is_autocast_enabled("cpu")))
+        p = torch.softmax(outputs, dim=1)
+        return torch.diag_embed(p.sqrt()) - p.sqrt()[:, :, None] * p[:, None, :]
+
+    try:
+        for k, value in zip(knobs, user):
+            k.fp32_precision = value
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            dirs = rc.direction(model, x, y, output_metric=spying_factor)
+        assert [k.fp32_precision for k in knobs] == user
+    finally:
+        for k, value in zip(knobs, saved):
+            k.fp32_precision = value
+    assert seen == [(["ieee"] * len(knobs), False)]
+    for name, d in dirs.items():
+        assert d.dtype == torch.float32
+        torch.testing.assert_close(d, expected[name], rtol=1e-6, atol=1e-7)
+
+
+def test_legacy_matmul_precision_setting_is_restored():
+    model, x, y = PROBLEM.make(torch.float32)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        rc.direction(model, x, y)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_environment_records_precision_settings():
+    record = environment("cpu")
+    for key in (
+        "float32_matmul_precision",
+        "cudnn_enabled",
+        "cudnn_benchmark",
+        "cudnn_deterministic",
+    ):
+        assert key in record
+    assert any(key.startswith("fp32_precision.") for key in record)
+
+
+# ----------------------------------------------------------------------- generators
+
+
+def test_generator_on_another_device_is_refused_up_front():
+    with pytest.raises(
+        ValueError, match=r"draws on cpu but the model is on cuda:0.*device='cuda:0'"
+    ):
+        check_generator(torch.Generator(), "sampled", torch.device("cuda", 0))
+    check_generator(torch.Generator(), "exact", torch.device("cuda", 0))  # not used: fine
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_generator_with_cuda_model_names_the_fix():
+    model, x, y = PROBLEM.make(device="cuda")
+    with pytest.raises(ValueError, match="pass torch.Generator"):
+        rc.direction(model, x, y, output_metric="sampled", generator=torch.Generator())
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rc.direction(model, x, y, output_metric="sampled", generator=gen)
+    pre = rc.RiemannianPreconditioner(model, output_metric="sampled", generator=torch.Generator())
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match="pass torch.Generator"):
+        pre.step()
