@@ -364,18 +364,23 @@ class GenericHandler(Handler):
 
     def K(self) -> Tensor:
         if self._K is None:
-            try:
-                self._K = self._materialise()
-            except RuntimeError as err:  # torch.func cannot run the module per sample
-                raise ValueError(
-                    f"kernel='generic' cannot evaluate module {self.block.name!r} "
-                    f"({type(self.block.module).__name__}) one sample at a time with "
-                    f"torch.func: {err}. A module that draws random numbers (call "
-                    "model.eval()), or that takes an argument whose first dimension equals "
-                    "the batch but is not per sample, cannot be split into samples; give it "
-                    "a structured kernel (rc.register_handler)"
-                ) from err
+            self._K = self._per_sample(self._materialise)
         return self._K
+
+    def _per_sample(self, compute):
+        """``compute()``, whose ``torch.func`` transforms run the module one sample at a
+        time; what they cannot run is refused with the reason."""
+        try:
+            return compute()
+        except RuntimeError as err:
+            raise ValueError(
+                f"kernel='generic' cannot evaluate module {self.block.name!r} "
+                f"({type(self.block.module).__name__}) one sample at a time with "
+                f"torch.func: {err}. A module that draws random numbers (call "
+                "model.eval()), or that takes an argument whose first dimension equals "
+                "the batch but is not per sample, cannot be split into samples; give it "
+                "a structured kernel (rc.register_handler)"
+            ) from err
 
     def _params(self) -> dict[str, Tensor]:
         return {n: p.detach() for n, p in zip(self.local_names, self.block.params, strict=True)}
@@ -437,9 +442,14 @@ class GenericHandler(Handler):
         leaves, spec = pytree.tree_flatten((self.block.inputs, self.block.kwargs))
         params = self._params()
         dtype = next(iter(params.values())).dtype
-        _, pullback = vjp(lambda p: self._call(p, leaves, spec), params)
-        (grads,) = pullback(lam.to(dtype))
-        return [grads[n].to(self.dtype) for n in self.local_names]
+
+        def gradient(cotangent):
+            _, pullback = vjp(lambda p: self._call(p, leaves, spec), params)
+            return pullback(cotangent)[0]
+
+        # under vmap (over one cotangent) like K, so that random numbers are refused
+        grads = self._per_sample(lambda: vmap(gradient)(lam.to(dtype)[None]))
+        return [grads[n][0].to(self.dtype) for n in self.local_names]
 
     def K_mv(self, v: list[Tensor]) -> Tensor:
         return self.K() @ torch.cat([a.reshape(-1) for a in v])

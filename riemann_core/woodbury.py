@@ -137,10 +137,6 @@ class WoodburySolve:
         t = self.coefficients(v)
         return _axpy(-1.0, self.K_tmv(t.to(_dtype_of(v))), v, scale=1.0 / self.damping)
 
-    def metric(self, x):
-        """``G x = mu x + K^T (K x)``."""
-        return _axpy(self.damping, x, self.K_tmv(self.K_mv(x)))
-
 
 def _dtype_of(v) -> torch.dtype:
     return v.dtype if isinstance(v, Tensor) else v[0].dtype

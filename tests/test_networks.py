@@ -14,7 +14,16 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import block_indices, flatten, ggn, gradient, oracle_direction, rel_error
+from oracle import (
+    assert_unchanged,
+    block_indices,
+    flatten,
+    ggn,
+    gradient,
+    oracle_direction,
+    rel_error,
+    snapshot,
+)
 from torch import nn
 
 import riemann_core as rc
@@ -612,3 +621,26 @@ def test_inference_mode_is_refused_and_inference_tensors_are_fine():
             rc.direction(model, x, y)
     dirs = rc.direction(model, x_inf, y)
     assert rel_error(flatten(dirs, model), flatten(rc.direction(model, x, y), model)) == 0
+
+
+def test_preconditioner_refuses_random_numbers_inside_a_generic_module():
+    """The generic kernel evaluates a module one sample at a time, which cannot replay the
+    masks of dropout drawn inside the module itself; ``.grad`` stays as it was."""
+
+    class NoisyScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(5))
+
+        def forward(self, x):
+            return F.dropout(x * self.weight, 0.3, self.training)
+
+    torch.manual_seed(35)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), NoisyScale(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = rc.RiemannianPreconditioner(model, kernel="auto")
+    F.cross_entropy(model(x), y).backward()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"cannot evaluate module '2' \(NoisyScale\) one sample"):
+        pre.step()
+    assert_unchanged(model, before)

@@ -80,7 +80,6 @@ class Problem:
         self.handlers: list[Handler] = list(handlers)
         self.given = gradient is not None
         self._gradient: list[list[Tensor] | None] = gradient or [None] * len(blocks)
-        self._handlers64: dict[int, Handler] = {}
 
     @property
     def gradient(self) -> list[list[Tensor]]:
@@ -116,11 +115,10 @@ class Problem:
     # ---- the same metric and gradient in float64, for residuals and refinement
 
     def handler64(self, i: int) -> Handler:
-        """``handlers[i]`` on its data converted to float64 (the same ``K_a``)."""
-        if i not in self._handlers64:
-            h = self.handlers[i]
-            self._handlers64[i] = h if h.dtype == torch.float64 else h.to(torch.float64)
-        return self._handlers64[i]
+        """``handlers[i]`` on its data converted to float64 (the same ``K_a``; a copy made
+        on each call and freed with its user)."""
+        h = self.handlers[i]
+        return h if h.dtype == torch.float64 else h.to(torch.float64)
 
     def gradient64(self, indices: list[int]) -> list[Tensor]:
         """The vectors of ``blocks[indices]`` in float64 (the loss gradient formed from

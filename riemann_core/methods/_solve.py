@@ -18,7 +18,9 @@ only where one needs it:
   much: an :class:`AccuracyWarning` gives the figure.
 
 ``cond(G)`` is estimated as ``lambda_max / mu`` (``mu I + K^T K`` has no eigenvalue
-below ``mu``) with a few power iterations on the factorised matrix.
+below ``mu``) with a few power iterations on the factorised matrix. A record keeps no
+factorised matrix or factor past its own block (memory as for a block-by-block solve):
+a slow path builds them again from the kernels.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .._checks import Deferred, all_finite
-from ..woodbury import AccuracyWarning, Cholesky, SolveError, cholesky
+from ..woodbury import AccuracyWarning, Cholesky, SolveError, cholesky, largest_eigenvalue
 from ._base import LayerDiagnostics, Options, Problem, norm
 
 #: Relative residual ``||G x - v|| / ||v||`` above which a solve for a model of that
@@ -59,10 +61,11 @@ class Solve:
     """``x = G^{-1} v`` for the blocks ``indices`` of a problem (``x``: their parameters
     in order, in the solve dtype), with what its checks need.
 
-    ``apply`` is ``G^{-1}`` in the solve dtype (for refinement); ``matrix`` the damped
-    matrix that was factorised and ``factor_solver`` the ``apply`` made from another
-    factor of it (for a retry with jitter); ``failed`` and ``condition`` device scalars:
-    whether the factorisation failed, and an estimate of ``cond(G)``.
+    ``rebuild()`` returns the damped matrix that was factorised and ``factor_solver``
+    makes ``G^{-1}`` (a function of a list of tensors) from a Cholesky factor of it;
+    ``failed`` and ``condition`` are device scalars: whether the factorisation failed,
+    and an estimate of ``cond(G)``. Records without them (``euclidean``) are only
+    checked for finiteness.
     """
 
     name: str
@@ -73,17 +76,31 @@ class Solve:
     rows: int = 0
     params: int = 0
     what: str = ""
-    apply: Callable | None = None
+    rebuild: Callable[[], Tensor] | None = None
+    factor_solver: Callable[[Cholesky], Callable] | None = None
     condition: Tensor | None = None
     failed: Tensor | None = None
-    matrix: Tensor | None = None
-    factor_solver: Callable[[Cholesky], Callable] | None = None
     jitter: float = 0.0
     residual: Tensor | None = None
+    matrix_condition: Tensor | None = None
     factor_dtype: torch.dtype = field(init=False)  # x may turn float64 in refinement
 
     def __post_init__(self):
         self.factor_dtype = self.x[0].dtype
+
+    def settle(self, problem: Problem, opts: Options, matrix: Tensor, chol: Cholesky) -> Solve:
+        """What needs ``matrix`` and its factor, done before the method moves on to the
+        next block: the condition estimate, the failure flag, refinement and the
+        diagnostics' figures (when asked for)."""
+        self.condition = largest_eigenvalue(matrix) / opts.damping
+        self.failed = chol.failed
+        if opts.refine:
+            self.refine(problem, opts.damping, opts.refine, self.factor_solver(chol))
+        elif opts.diagnostics:
+            self.residual = self.residual_of(problem, opts.damping)
+        if opts.diagnostics:
+            self.matrix_condition = _condition(matrix, chol.jitter)
+        return self
 
     def rhs(self, problem: Problem) -> list[Tensor]:
         return [a for i in self.indices for a in problem.gradient_of(i)]
@@ -99,15 +116,14 @@ class Solve:
         r = [a - b for a, b in zip(v, Gx, strict=True)]
         return _norm(r) / _norm(v).clamp_min(torch.finfo(torch.float64).tiny)
 
-    def refine(self, problem: Problem, damping: float, steps: int) -> None:
+    def refine(self, problem: Problem, damping: float, steps: int, apply: Callable) -> None:
         """Mixed-precision iterative refinement: ``x`` and the residual ``v - G x`` in
-        float64, the correction solved with the factor in the solve dtype. It converges
+        float64, the correction solved by ``apply`` in the solve dtype. It converges
         while ``eps(solve dtype) * cond(G) < 1``; the iterate with the smallest residual
         is kept (chosen on the device, without a host sync)."""
         v = problem.gradient64(self.indices)
         G = self.metric64(problem, damping)
         scale = _norm(v).clamp_min(torch.finfo(torch.float64).tiny)
-        dtype = self.factor_dtype
 
         def residual(x):
             r = [a - b for a, b in zip(v, G(x), strict=True)]
@@ -116,7 +132,7 @@ class Solve:
         x = best = [a.double() for a in self.x]
         r, best_residual = residual(x)
         for _ in range(steps):
-            correction = self.apply([a.to(dtype) for a in r])
+            correction = apply([a.to(self.factor_dtype) for a in r])
             x = [a + c.double() for a, c in zip(x, correction, strict=True)]
             r, size = residual(x)
             better = size < best_residual
@@ -124,19 +140,28 @@ class Solve:
             best_residual = torch.where(better, size, best_residual)
         self.x, self.residual = best, best_residual
 
+    def refactorise(self) -> tuple[Callable, Tensor, Cholesky]:
+        """Slow path: the damped matrix again, factorised with jitter if need be."""
+        matrix = self.rebuild()
+        chol = cholesky(matrix, what=self.what)
+        return self.factor_solver(chol), matrix, chol
+
     def redo(self, problem: Problem, opts: Options) -> None:
         """Slow path after a failed factorisation: factorise again with jitter."""
-        chol = cholesky(self.matrix, what=self.what)
-        self.apply, self.jitter = self.factor_solver(chol), chol.jitter
-        self.x = self.apply(self.rhs(problem))
+        apply, matrix, chol = self.refactorise()
+        self.jitter = chol.jitter
+        self.x = apply(self.rhs(problem))
         self.residual = None
         if opts.refine:
-            self.refine(problem, opts.damping, opts.refine)
+            self.refine(problem, opts.damping, opts.refine, apply)
+        if opts.diagnostics:
+            self.matrix_condition = _condition(matrix, chol.jitter)
 
-    def diagnostic_condition(self) -> float:
-        """The 2-norm condition number of the factorised matrix (an eigendecomposition)."""
-        eigs = torch.linalg.eigvalsh(self.matrix)
-        return float((eigs[-1] + self.jitter) / (eigs[0] + self.jitter))
+
+def _condition(matrix: Tensor, jitter: float) -> Tensor:
+    """The 2-norm condition number of ``matrix + jitter I`` (an eigendecomposition)."""
+    eigs = torch.linalg.eigvalsh(matrix)
+    return (eigs[-1] + jitter) / (eigs[0] + jitter)
 
 
 def finish(
@@ -147,16 +172,11 @@ def finish(
     for handler in problem.handlers:
         for ok, explain in handler.deferred_checks():
             checks.require(ok, explain)
-    readings = []
-    for s in solves:
-        if opts.refine and s.apply is not None:
-            s.refine(problem, opts.damping, opts.refine)
-        elif opts.diagnostics and s.condition is not None:
-            s.residual = s.residual_of(problem, opts.damping)
-        readings.append(
-            [checks.read(t) if t is not None else None for t in (s.failed, s.condition, s.residual)]
-            + [checks.read(_finite(s.x))]
-        )
+    readings = [
+        [checks.read(t) if t is not None else None for t in (s.failed, s.condition, s.residual)]
+        + [checks.read(_finite(s.x))]
+        for s in solves
+    ]
     checks.run()
     model_dtype = problem.blocks[0].params[0].dtype
     diagnostics = []
@@ -184,8 +204,8 @@ def finish(
         if s.condition is not None:
             _check_residual(s, problem, opts, condition.value, residual, model_dtype)
             _check_accuracy(s, opts, condition.value, model_dtype)
-        if opts.diagnostics and s.condition is not None:
-            diagnostics.append(_diagnostics(s, problem, opts, method))
+            if opts.diagnostics:
+                diagnostics.append(_diagnostics(s, problem, opts, method))
     return assemble(problem, solves), diagnostics
 
 
@@ -199,9 +219,11 @@ def _check_residual(s: Solve, problem, opts, condition: float, residual, model_d
     else:
         return
     steps = 0
-    while not value <= bound and steps < AUTO_REFINE and s.apply is not None:
-        s.refine(problem, opts.damping, 1)
-        value, steps = float(s.residual), steps + 1
+    if not value <= bound and s.factor_solver is not None:
+        apply, _, _ = s.refactorise()
+        while not value <= bound and steps < AUTO_REFINE:
+            s.refine(problem, opts.damping, 1, apply)
+            value, steps = float(s.residual), steps + 1
     if not value <= bound:
         raise SolveError(
             f"the solve of block {s.name!r} did not solve: relative residual "
@@ -228,7 +250,7 @@ def _check_accuracy(s: Solve, opts, condition: float, model_dtype: torch.dtype) 
 def _diagnostics(s: Solve, problem, opts, method) -> LayerDiagnostics:
     if s.residual is None:
         s.residual = s.residual_of(problem, opts.damping)
-    condition = s.diagnostic_condition() if s.matrix is not None else float(s.condition)
+    condition = s.matrix_condition if s.matrix_condition is not None else s.condition
     return LayerDiagnostics(
         name=s.name,
         method=method,
@@ -236,7 +258,7 @@ def _diagnostics(s: Solve, problem, opts, method) -> LayerDiagnostics:
         solver=s.solver,
         rows=s.rows,
         params=s.params,
-        condition=condition,
+        condition=float(condition),
         residual=float(s.residual),
         jitter=s.jitter,
         update_norm=norm(s.x),

@@ -18,11 +18,17 @@ from __future__ import annotations
 import torch
 
 from ..costs import dense_is_cheaper
-from ..woodbury import WoodburySolve, cholesky_deferred, largest_eigenvalue
+from ..woodbury import WoodburySolve, cholesky_deferred
 from ._base import Options, Problem
 from ._solve import Solve
 
 NEEDS_FACTOR = True
+
+
+def damped(matrix, damping: float):
+    """``matrix + mu I``, in place (``matrix`` is a fresh product)."""
+    matrix.diagonal().add_(damping)
+    return matrix
 
 
 def dense_solver(chol):
@@ -42,39 +48,40 @@ def solve(problem: Problem, opts: Options) -> list[Solve]:
         handler.compress_rows()
         name, n_a, d = handler.block.name, handler.block.n_params, handler.d
         if dense_is_cheaper(n_a, d, handler.gram_flops()):
-            K = handler.K()
-            matrix = K.T @ K
-            matrix.diagonal().add_(mu)
+
+            def rebuild(handler=handler):
+                K = handler.K()
+                return damped(K.T @ K, mu)
+
+            matrix = rebuild()
             chol = cholesky_deferred(matrix)
             factor_solver = dense_solver
             x = dense_solver(chol)(problem.gradient_of(i))
             solver, what = "dense", f"damped metric of module {name!r} ({n_a} x {n_a})"
         else:
-            matrix = handler.gram()
-            matrix.diagonal().add_(mu)
-            chol = cholesky_deferred(matrix)
+
+            def rebuild(handler=handler):
+                return damped(handler.gram(), mu)
 
             def factor_solver(chol, handler=handler):
                 return WoodburySolve(chol, mu, handler.K_mv, handler.K_tmv)
 
+            matrix = rebuild()
+            chol = cholesky_deferred(matrix)
             t = chol.solve(problem.K_gradient(i))
             x = problem.gradient_minus_K_tmv(i, t, 1 / mu)
             solver, what = "woodbury", f"damped Gram of module {name!r} ({d} x {d})"
-        solves.append(
-            Solve(
-                name=name,
-                kernel=type(handler).__name__,
-                solver=solver,
-                indices=[i],
-                x=x,
-                rows=d,
-                params=n_a,
-                what=what,
-                apply=factor_solver(chol),
-                condition=largest_eigenvalue(matrix) / mu,
-                failed=chol.failed,
-                matrix=matrix,
-                factor_solver=factor_solver,
-            )
+        record = Solve(
+            name=name,
+            kernel=type(handler).__name__,
+            solver=solver,
+            indices=[i],
+            x=x,
+            rows=d,
+            params=n_a,
+            what=what,
+            rebuild=rebuild,
+            factor_solver=factor_solver,
         )
+        solves.append(record.settle(problem, opts, matrix, chol))
     return solves

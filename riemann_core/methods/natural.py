@@ -7,9 +7,10 @@
 
 from __future__ import annotations
 
-from ..woodbury import WoodburySolve, cholesky_deferred, largest_eigenvalue
+from ..woodbury import WoodburySolve, cholesky_deferred
 from ._base import Options, Problem
 from ._solve import Solve
+from .layerwise import damped
 
 NEEDS_FACTOR = True
 
@@ -32,29 +33,28 @@ def solve(problem: Problem, opts: Options) -> list[Solve]:
     def factor_solver(chol):
         return WoodburySolve(chol, mu, K_mv, K_tmv)
 
-    gram = handlers[0].gram()
-    for h in handlers[1:]:
-        gram += h.gram()
-    gram.diagonal().add_(mu)
+    def rebuild():
+        gram = handlers[0].gram()
+        for h in handlers[1:]:
+            gram += h.gram()
+        return damped(gram, mu)
+
+    gram = rebuild()
     d = gram.shape[0]
     chol = cholesky_deferred(gram)
     Kg = sum(problem.K_gradient(i) for i in range(len(handlers)))
     t = chol.solve(Kg)
     x = [a for i in range(len(handlers)) for a in problem.gradient_minus_K_tmv(i, t, 1 / mu)]
-    return [
-        Solve(
-            name="(all)",
-            kernel=opts.kernel,
-            solver="woodbury",
-            indices=list(range(len(handlers))),
-            x=x,
-            rows=d,
-            params=sum(b.n_params for b in problem.blocks),
-            what=f"damped data-space Gram of the natural gradient ({d} x {d})",
-            apply=factor_solver(chol),
-            condition=largest_eigenvalue(gram) / mu,
-            failed=chol.failed,
-            matrix=gram,
-            factor_solver=factor_solver,
-        )
-    ]
+    record = Solve(
+        name="(all)",
+        kernel=opts.kernel,
+        solver="woodbury",
+        indices=list(range(len(handlers))),
+        x=x,
+        rows=d,
+        params=sum(b.n_params for b in problem.blocks),
+        what=f"damped data-space Gram of the natural gradient ({d} x {d})",
+        rebuild=rebuild,
+        factor_solver=factor_solver,
+    )
+    return [record.settle(problem, opts, gram, chol)]
