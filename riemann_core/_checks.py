@@ -194,6 +194,16 @@ def check_model(model: nn.Module, checks: Deferred | None = None) -> list[tuple[
             "(torch.compile'd modules are fine)"
         )
     for name, module in model.named_modules():
+        if torch.nn.utils.parametrize.is_parametrized(module) and any(
+            p.requires_grad for p in module.parametrizations.parameters()
+        ):
+            raise ValueError(
+                f"module {name!r} ({type(module).__name__}) is parametrized "
+                f"({', '.join(module.parametrizations)} computed by "
+                "torch.nn.utils.parametrize, e.g. weight_norm): its trainable parameters reach "
+                "the output through the parametrization, which no kernel sees. Remove it "
+                "(parametrize.remove_parametrizations) or freeze its parameters"
+            )
         # Batch statistics couple the samples; the pullback treats them as independent.
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
             module.training or not module.track_running_stats

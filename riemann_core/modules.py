@@ -3,8 +3,9 @@
 A *block* is a module that owns trainable parameters (a Linear's weight and bias form
 one block); modules that share a parameter, and a module called more than once, form
 one block whose ``K`` sums those of the calls (:class:`SharedHandler`). A handler knows
-the block's input ``x`` and the factor pulled back to its output, ``Delta`` (``r`` rows per sample, ``d = r N`` rows in all, ordered probe-major:
-row ``s N + b`` belongs to sample ``b``), and provides
+the block's input ``x`` and the factor pulled back to its output, ``Delta`` (``r`` rows
+per sample, ``d = r N`` rows in all, ordered probe-major: row ``s N + b`` belongs to
+sample ``b``), and provides
 
 * ``gram()``      ``K K^T``                       (``d x d``)
 * ``K_mv(v)``     ``K v`` for a list of tensors shaped like the block's parameters

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from ._checks import Deferred, check_generator, check_model
+from ._checks import Deferred, check_generator, check_model, tensors_of
 from .capture import capturing, rng_devices, rng_state
 from .direction import solve
 from .factors import FactorFn
@@ -25,6 +25,8 @@ class RiemannianPreconditioner:
     pre-hook records its positional and keyword arguments and the random state, and
     ``step`` runs one more forward pass on them from that state, so that dropout draws
     the masks the gradient was computed with (the metric is that of the same network).
+    Call it between ``loss.backward()`` and ``opt.step()``: a parameter or an input
+    changed in place since the forward pass is refused.
     The ``.grad`` may come from any loss; the metric is that of ``loss`` (it needs no
     targets: a custom ``output_metric`` receives ``None``). On any error ``.grad`` is
     left as it was. Options are those of ``rc.direction``; with ``diagnostics=True``
@@ -67,14 +69,30 @@ class RiemannianPreconditioner:
         self.method = method
         self.diagnostics: list[LayerDiagnostics] = []
         self._batch: tuple[tuple, dict, list[Tensor]] | None = None
+        self._versions: list[tuple[str, Tensor, int]] = []
         self._hook = model.register_forward_pre_hook(self._record, with_kwargs=True)
 
     def _record(self, module, args, kwargs):
-        if not capturing():  # riemann_core's own forward passes are not the user's batch
-            args, kwargs = pytree.tree_map(
-                lambda a: a.detach() if isinstance(a, Tensor) else a, (args, kwargs)
-            )
-            self._batch = (args, kwargs, rng_state(rng_devices(self.model)))
+        if capturing():  # riemann_core's own forward passes are not the user's batch
+            return
+        args, kwargs = pytree.tree_map(
+            lambda a: a.detach() if isinstance(a, Tensor) else a, (args, kwargs)
+        )
+        self._batch = (args, kwargs, rng_state(rng_devices(self.model)))
+        # what step() relies on: the batch and the parameters as the forward pass saw them
+        inputs = [("an input of the forward pass", t) for t in tensors_of((args, kwargs))]
+        params = [(f"parameter {n!r}", p) for n, p in self.model.named_parameters()]
+        self._versions = [(what, t, t._version) for what, t in inputs + params]
+
+    def _check_unchanged(self) -> None:
+        for what, t, version in self._versions:
+            if t._version != version:
+                raise RuntimeError(
+                    f"{what} changed in place after the forward pass that pre.step() uses "
+                    "(an optimizer step, or a new batch copied into the same tensor): call "
+                    "pre.step() between loss.backward() and opt.step(), before the inputs "
+                    "change"
+                )
 
     @torch.no_grad()
     def step(self) -> None:
@@ -84,6 +102,7 @@ class RiemannianPreconditioner:
                 "pre.step() needs the batch of a forward pass: call model(x) and "
                 "loss.backward() before pre.step()"
             )
+        self._check_unchanged()
         checks = Deferred()
         params = check_model(self.model, checks)
         with_grad = [(n, p) for n, p in params if p.grad is not None]

@@ -506,6 +506,15 @@ def test_preconditioner_on_a_compiled_model():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-12, atol=1e-14)
 
 
+def test_parametrized_module_is_refused():
+    model, x, y = relu_mlp()
+    torch.nn.utils.parametrizations.weight_norm(model[2])
+    with pytest.raises(
+        ValueError, match=r"module '2' \(ParametrizedLinear\) is parametrized \(weight"
+    ):
+        rc.direction(model, x, y, kernel="auto")
+
+
 def test_torchscript_is_refused():
     model, x, y = relu_mlp()
     with pytest.raises(TypeError, match="TorchScript.*pass the original nn.Module"):

@@ -238,3 +238,21 @@ def test_diagnostics_are_kept_per_step():
     pre.step()
     assert [d.name for d in pre.diagnostics] == ["0", "2", "4"]
     assert all(d.residual < 1e-8 for d in pre.diagnostics)
+
+
+@pytest.mark.parametrize("change", ["optimizer-step", "input"])
+def test_step_refuses_what_changed_since_the_forward_pass(change):
+    """The metric would be that of other parameters, or of another batch, than the
+    gradient's: refused, ``.grad`` untouched."""
+    model, x, y = Problem().make()
+    pre = rc.RiemannianPreconditioner(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    F.cross_entropy(model(x), y).backward()
+    if change == "optimizer-step":
+        opt.step()
+    else:
+        x.add_(1.0)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="changed in place after the forward pass"):
+        pre.step()
+    assert_unchanged(model, before)
