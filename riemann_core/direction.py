@@ -88,8 +88,8 @@ def direction(
 
     Warns:
         AccuracyWarning: when the model's dtype determines the direction only to a
-            relative error above 1 at this damping, or a Cholesky factorisation needed
-            jitter above a tenth of the damping.
+            worst-case relative error ``eps cond(G)`` above 0.1 at this damping, or a
+            Cholesky factorisation needed jitter above a tenth of the damping.
 
     Example:
         >>> import torch, riemann_core as rc

@@ -564,7 +564,8 @@ def kronecker_handler(handler: Handler) -> PatchHandler:
             f"({type(handler.block.module).__name__}); K-FAC supports Linear and Conv2d "
             "(groups=1, zero padding). Use method='layerwise' for other modules"
         )
-    return cls(handler.block)
+    structured = cls(handler.block)  # on the call's data: in the dtype of the handler's
+    return structured if structured.dtype == handler.dtype else structured.to(handler.dtype)
 
 
 def handler_for(block: Block, kernel: str) -> Handler:

@@ -531,6 +531,7 @@ STOCHASTIC = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # oracle's vmap
 @pytest.mark.parametrize("method", rc.METHODS, ids=lambda m: f"method={m}")
 @pytest.mark.parametrize("module", STOCHASTIC, ids=lambda m: f"module={m}")
 def test_stochastic_module_in_training_mode_is_refused(module, method):
