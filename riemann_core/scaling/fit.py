@@ -53,6 +53,13 @@ SETTINGS = ("device", "dtype", "output_metric")
 #: fraction of its time
 OVERHEAD_TARGET = 0.2
 
+#: the time against work is explained at stable rates where its exponent is 1 within this
+TIME_BAND = 0.25
+
+#: the axes along which a method's time is judged against its work: ``n`` and ``d``
+#: (depth adds modules of the same size; the output dimension changes ``d`` as the batch does)
+TIMED_AXES = ("width", "batch")
+
 #: columns of the counted FLOPs by kind
 FLOP_COLUMNS = tuple(f"flops_{kind}" for kind in KINDS)
 
@@ -224,24 +231,26 @@ def quadratic_share(
     samples = [np.atleast_1d(np.asarray(s, float)) for s in y_samples]
     if np.unique(xs).size < 3 or len(samples) != xs.size:
         raise ValueError(f"a quadratic needs 3 distinct x with samples each, got {xs.tolist()}")
+    scaled = xs / xs.max()
 
-    def share(x_, t_):
-        A = np.column_stack([np.ones_like(x_), x_, x_ * x_]) / t_[:, None]
-        a, b, c = np.linalg.lstsq(A, np.ones_like(t_), rcond=None)[0]
-        top = x_.max()
-        return c * top * top / (a + b * top + c * top * top)
+    def shares(x_, t_):  # batched: rows of x_ and t_ are replicates; at each row's largest x
+        A = np.stack([np.ones_like(x_), x_, x_ * x_], axis=-1) / t_[..., None]
+        AtA = np.einsum("rpi,rpj->rij", A, A)
+        c = np.linalg.solve(AtA, A.sum(axis=1)[..., None])[..., 0]
+        top = x_.max(axis=1)
+        return c[:, 2] * top**2 / (c[:, 0] + c[:, 1] * top + c[:, 2] * top**2)
 
     medians = np.array([np.median(s) for s in samples])
-    estimate = float(share(xs, medians))
+    estimate = float(shares(scaled[None], medians[None])[0])
     rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        pick = rng.integers(0, xs.size, xs.size)
-        if np.unique(xs[pick]).size < 3:
-            continue
-        t = np.array([np.median(rng.choice(samples[i], samples[i].size)) for i in pick])
-        boots.append(share(xs[pick], t))
-    low, high = np.percentile(boots, [2.5, 97.5]) if boots else (estimate, estimate)
+    boot = np.empty((n_boot, xs.size))
+    for i, s in enumerate(samples):
+        boot[:, i] = np.median(s[rng.integers(0, s.size, (n_boot, s.size))], axis=1)
+    pick = rng.integers(0, xs.size, (n_boot, xs.size))
+    distinct = (np.diff(np.sort(scaled[pick], axis=1), axis=1) > 0).sum(axis=1) + 1
+    keep = distinct >= 3
+    boots = shares(scaled[pick][keep], np.take_along_axis(boot, pick, axis=1)[keep])
+    low, high = np.percentile(boots, [2.5, 97.5]) if boots.size else (estimate, estimate)
     return SlopeFit(estimate, float(low), float(high), xs.size, (float(xs.min()), float(xs.max())))
 
 
@@ -380,13 +389,14 @@ def time_exponent(
     model: TimeModel,
     *,
     target: float = OVERHEAD_TARGET,
-    tail: int = 3,
+    tail: int = 2,
     n_boot: int = 2000,
     seed: int = 0,
 ) -> SlopeFit | None:
-    """Slope of ``log(t - overhead)`` against ``log(compute)`` over the (at most ``tail``)
-    largest compute-bound points of ``rows`` (one axis of one method), with the bootstrap
-    interval of :func:`loglog_slope` over the repeats; None with fewer than 2 such points."""
+    """Slope of ``log(t - overhead)`` against ``log(compute)`` over the ``tail`` largest
+    compute-bound points of ``rows`` (one axis of one method; the top segment by default),
+    with the bootstrap interval of :func:`loglog_slope` over the repeats; None with fewer
+    than 2 such points."""
     rows = rows.assign(_overhead=model.overhead(rows), _compute=model.compute(rows))
     bound = rows[(overhead_fraction(rows, model) <= target) & (rows["_compute"] > 0)]
     if bound["_compute"].nunique() < 2:
@@ -397,6 +407,73 @@ def time_exponent(
     ]
     tail = min(tail, bound["_compute"].nunique())
     return loglog_slope(bound["_compute"], samples, tail=tail, n_boot=n_boot, seed=seed)
+
+
+#: the top segment must add at least this factor of work to judge time against it (a
+#: doubled axis adds up to 2x the work of terms linear in it, more for higher powers)
+MIN_WORK_RATIO = 1.5
+
+
+@dataclass(frozen=True)
+class AxisRegime:
+    """Where one method's points along one axis stand against the time model.
+
+    ``state`` is ``"overhead"`` (fewer than 2 compute-bound points), ``"flat"`` (the top
+    compute-bound segment adds less than :data:`MIN_WORK_RATIO` of work, too little to
+    judge), ``"climbing"`` (time grows more slowly than the work: the achieved rates still
+    climb), ``"faster"`` (time grows faster than the work) or ``"stable"``.
+    """
+
+    compute_bound: int
+    overhead_at_top: float
+    work_ratio: float
+    exponent: SlopeFit | None
+
+    @property
+    def state(self) -> str:
+        if self.compute_bound < 2:
+            return "overhead"
+        if self.work_ratio < MIN_WORK_RATIO:
+            return "flat"
+        if self.exponent.slope < 1 - TIME_BAND:
+            return "climbing"
+        return "faster" if self.exponent.slope > 1 + TIME_BAND else "stable"
+
+    def describe(self, axis: str) -> str:
+        if self.state in ("overhead", "flat"):
+            return (
+                f"{axis}: {self.compute_bound} compute-bound points, overhead "
+                f"{self.overhead_at_top:.0%} at the top"
+                + (
+                    f", work x{self.work_ratio:.2g} over the top segment"
+                    if self.state == "flat"
+                    else ""
+                )
+            )
+        e = self.exponent
+        return f"{axis}: time ~ work^{e.slope:.3g} [{e.low:.3g}, {e.high:.3g}] over the top segment"
+
+
+def axis_regime(
+    rows: pd.DataFrame,
+    model: TimeModel,
+    *,
+    target: float = OVERHEAD_TARGET,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> AxisRegime:
+    """:class:`AxisRegime` of ``rows``: the ok points of one method along one axis."""
+    rows = rows.sort_values("flops")
+    fraction = overhead_fraction(rows, model)
+    compute = model.compute(rows)[fraction <= target]
+    ratio = float(compute[-1] / compute[-2]) if len(compute) >= 2 and compute[-2] > 0 else math.nan
+    exponent = (
+        time_exponent(rows, model, target=target, n_boot=n_boot, seed=seed)
+        if ratio >= MIN_WORK_RATIO
+        else None
+    )
+    top = float(fraction[-1]) if len(fraction) else math.nan
+    return AxisRegime(int((fraction <= target).sum()), top, ratio, exponent)
 
 
 def fit_table(

@@ -1,12 +1,15 @@
 """Where a sweep's grid grows, and which of its points are measured once more.
 
 **Growth.** A time claim needs points where the per-call overhead is a small part of the
-time. After each round of a sweep, :func:`plan` fits the time model
-(:func:`~riemann_core.scaling.fit.fit_time_model`) of every method and kernel on the rows
-so far and, on every axis of ``grid.grow``, doubles the axis's top value while the overhead
-is more than ``grid.overhead_target`` of the time there. An axis stops growing where its
-top point is in that regime, where it reached its cap, where the top point was over the
-FLOP or memory budget (or failed), or where measuring the next point would overrun
+time and the achieved rates have stopped climbing with size. After each round of a sweep,
+:func:`plan` fits the time model (:func:`~riemann_core.scaling.fit.fit_time_model`) of every
+method and kernel on the rows so far and, on every axis of ``grid.grow``, doubles the
+axis's top value while the overhead is more than ``grid.overhead_target`` of the time there,
+while it has fewer than two such compute-bound points, while its top segment adds too
+little work to judge, or while the time grows more slowly than the work there (the
+achieved rates still climb: :func:`~riemann_core.scaling.fit.axis_regime`). An axis stops
+growing where its top segment is in that regime, where it reached its cap, where the top point was over the FLOP or
+memory budget (or failed), or where measuring the next point would overrun
 ``grid.time_budget_s``; :class:`Plan`'s ``decisions`` say which, per method, kernel and axis.
 
 **Outliers.** A point whose median lies a factor :data:`~.sweep.NEIGHBOUR_FACTOR` or more
@@ -24,7 +27,7 @@ import pandas as pd
 
 from .. import costs
 from . import fit
-from .sweep import AXES, KEY, NEIGHBOUR_FACTOR, Grid, shape_of
+from .sweep import AXES, KEY, NEIGHBOUR_FACTOR, Grid, run_of, shape_of
 
 #: calls a measured point costs besides its repeats: memory, warm-up (at least 1) and FLOPs
 EXTRA_CALLS = 3
@@ -69,29 +72,28 @@ def plan(rows: list[dict], grid: Grid, *, elapsed: float) -> Plan:
             if top["status"] != "ok":
                 out.decisions[name] = f"stopped at {axis}={top[axis]}: {top['reason']}"
                 continue
-            fraction = float(fit.overhead_fraction(top.to_frame().T, model)[0])
-            if fraction <= grid.overhead_target:
-                out.decisions[name] = f"reached: overhead {fraction:.0%} at {axis}={top[axis]}"
+            ok = on_axis[on_axis["status"] == "ok"]
+            regime = fit.axis_regime(ok, model, target=grid.overhead_target, n_boot=200)
+            if regime.state not in ("overhead", "flat", "climbing"):
+                out.decisions[name] = f"reached: {regime.describe(axis)}"
                 continue
+            why = regime.describe(axis)
             value = int(top[axis]) * 2
             if value > cap:
-                out.decisions[name] = (
-                    f"stopped at the cap {axis}={cap}: overhead {fraction:.0%} at the top"
-                )
+                out.decisions[name] = f"stopped at the cap {axis}={cap}: {why}"
                 continue
-            run = {k: top[k] for k in KEY} | {axis: value}
-            run = {k: int(v) if k in AXES else v for k, v in run.items()}
+            run = run_of(top) | {axis: value}
             cost = _predicted_seconds(top, run, grid)
             if cost > budget_left:
                 out.decisions[name] = (
                     f"stopped at {axis}={top[axis]}: {axis}={value} would take about "
                     f"{cost:.0f} s, over the time budget ({max(budget_left, 0):.0f} s left); "
-                    f"overhead {fraction:.0%} at the top"
+                    f"{why}"
                 )
                 continue
             budget_left -= cost
             out.runs.append(run)
-            out.decisions[name] = f"growing to {axis}={value}: overhead {fraction:.0%} at the top"
+            out.decisions[name] = f"growing to {axis}={value}: {why}"
     return out
 
 

@@ -335,9 +335,11 @@ def _growth_section(meta: dict) -> list[str]:
     return [
         "## Growth of the grid",
         "",
-        "Width and batch grow per method while the per-call overhead is more than "
+        "Width and batch grow per method, within the budgets, until the top two points are "
+        "compute-bound (overhead at most "
         f"{meta.get('grid', {}).get('overhead_target', fit.OVERHEAD_TARGET):.0%} of the "
-        f"time at the top point, within the budgets.{took}",
+        "time), add enough work to judge, and the achieved rates no longer climb between "
+        f"them.{took}",
         "",
         markdown_table(frame),
         "",

@@ -439,6 +439,11 @@ def key_of(row: dict) -> tuple[str, ...]:
     return tuple(str(row[k]) for k in KEY)
 
 
+def run_of(row: dict) -> dict:
+    """The run a row measured (axes as integers, also in rows read back from the file)."""
+    return {k: int(row[k]) if k in AXES else row[k] for k in KEY}
+
+
 @dataclass
 class SweepResult:
     rows: list[dict]
@@ -521,7 +526,7 @@ def sweep(
             measure_all(plan.runs)
         again = [r for r in grow.outliers(rows) if not int(r["remeasured"])]
         bar.total += len(again)
-        measure_all([{k: r[k] for k in KEY} for r in again], remeasure=True)
+        measure_all([run_of(r) for r in again], remeasure=True)
     record["growth"] = plan.decisions
     record["sweep_s"] = clock() - start
     measure_rates("end")

@@ -30,7 +30,7 @@ Every claim ends with one verdict and a one-line reason (``detail``):
   (to :data:`AFFINE_TOLERANCE`), and in a fit ``t = a + b L + c L^2`` the quadratic term
   is at most :data:`DEPTH_TOLERANCE` of the time at the largest ``L``
   (:func:`~riemann_core.scaling.fit.quadratic_share`, with a bootstrap interval): pass
-  when it is (and the interval is at most 4 times that wide), fail when the interval
+  when it is (and the interval is at most :data:`MAX_INTERVAL_WIDTH` wide), fail when the interval
   lies beyond it on either side, too noisy otherwise.
 
 **Claims on time**, through the time model of :mod:`riemann_core.scaling.fit` (the
@@ -38,15 +38,16 @@ depth claims' time part too). A claim on time that would fail is too noisy inste
 the device's rates measured during the sweep spread by more than
 :data:`~riemann_core.scaling.sweep.SPREAD_LIMIT`: a loaded machine, not the algorithm.
 
-- ``time-explained-<method>``: over the compute-bound points of each axis (overhead at most
-  :data:`~riemann_core.scaling.fit.OVERHEAD_TARGET` of the time), the exponent of
-  ``t - overhead`` against the modelled compute time
-  (:func:`~riemann_core.scaling.fit.time_exponent`) lies in ``1 +- TIME_BAND``: the time
-  is explained by the counted FLOPs at stable rates. Fail when an axis's 95% interval
-  lies above the band (time grows faster than the counted work), regime not reached when
-  an exponent lies below it (the achieved rates still climb with size) or when no axis
-  has 2 compute-bound points (the overhead fraction at the largest point is given), too
-  noisy when an exponent above the band has an interval reaching into it.
+- ``time-explained-<method>``: along width and batch (``n`` and ``d``), over the top
+  segment of compute-bound points (overhead at most
+  :data:`~riemann_core.scaling.fit.OVERHEAD_TARGET` of the time, adding at least
+  :data:`~riemann_core.scaling.fit.MIN_WORK_RATIO` of work), the exponent of ``t - overhead`` against the modelled compute time
+  (:func:`~riemann_core.scaling.fit.axis_regime`) lies in ``1 +- TIME_BAND``: the time is
+  explained by the counted FLOPs at stable rates. Fail when an axis's 95% interval lies
+  above the band (time grows faster than the counted work), too noisy when an exponent
+  above the band has an interval reaching into it, regime not reached when an exponent
+  lies below it (the achieved rates still climb with size) or when no axis has such a
+  segment (the overhead fractions at the top and the growth of the axes are given).
 - ``crossover-width``: the smallest width from which on structured layerwise is faster
   than ``full`` at every width where both ran: pass if it exists; fail if ``full`` is faster
   at the largest width where both ran and ``full`` ran at every width layerwise did.
@@ -96,8 +97,10 @@ EXTRAPOLATION_DOUBLINGS = 12
 AFFINE_TOLERANCE = 1e-6
 #: largest share of the time at the deepest point a quadratic term in L may take
 DEPTH_TOLERANCE = 0.15
+#: widest 95% interval of that share that can pass (a wider one cannot tell a line)
+MAX_INTERVAL_WIDTH = 1.0
 #: time against modelled compute: exponent 1 within this
-TIME_BAND = 0.25
+TIME_BAND = fit.TIME_BAND
 #: structured layerwise should beat generic by at least this factor at the largest width
 STRUCTURED_FACTOR = 2.0
 
@@ -215,7 +218,7 @@ def validate(
     claims += [_flop_claim(spec, df, base) for spec in FLOP_CLAIMS]
     timed = [_linear_in_depth(df, base, m, n_boot, seed) for m in DEPTH_METHODS]
     for method, kernel in _time_runs(df):
-        timed.append(_time_explained(df, base, models, method, kernel, n_boot, seed))
+        timed.append(_time_explained(df, sweep_meta, models, method, kernel, n_boot, seed))
     timed += [_crossover(df, base), _structured_factor(df, base, models, n_boot, seed)]
     moved = {k: v for k, v in fit.rate_spread(sweep_meta).items() if v > SPREAD_LIMIT}
     return claims + [
@@ -264,9 +267,11 @@ def _kernel(df: pd.DataFrame, method: str) -> str:
     return "generic" if kernels == {"generic"} else "structured"
 
 
-def _not_measured(cid: str, text: str, expected: str, method: str, kernel: str) -> Claim:
+def _not_measured(
+    cid: str, text: str, expected: str, method: str, kernel: str, basis: str = "flops"
+) -> Claim:
     reason = f"The sweep did not run {method} with the {kernel} kernel."
-    return Claim(cid, text, expected, None, None, None, NOT_MEASURED, reason)
+    return Claim(cid, text, expected, None, None, None, NOT_MEASURED, reason, basis)
 
 
 def _flops_match(df: pd.DataFrame, base: Mapping[str, int]) -> Claim:
@@ -394,7 +399,7 @@ def _linear_in_depth(
     )
     kernel = _kernel(df, method)
     if not _is_swept(df, method, kernel):
-        return _not_measured(cid, text, expected, method, kernel)
+        return _not_measured(cid, text, expected, method, kernel, "time")
     rows = fit.method_points(df, base, method, kernel, "depth").sort_values("depth")
     rows = rows.drop_duplicates("depth")
     if len(rows) < 3:
@@ -416,7 +421,7 @@ def _linear_in_depth(
         f"x L over {span}; the quadratic term of a fit a + b L + c L^2 is "
         f"{curve.slope:.0%} [{curve.low:.0%}, {curve.high:.0%}] of the time at L = {L[-1]:g}"
     )
-    if abs(curve.slope) <= DEPTH_TOLERANCE and curve.high - curve.low <= 4 * DEPTH_TOLERANCE:
+    if abs(curve.slope) <= DEPTH_TOLERANCE and curve.high - curve.low <= MAX_INTERVAL_WIDTH:
         verdict, reason = PASS, ""
     elif curve.low > DEPTH_TOLERANCE or curve.high < -DEPTH_TOLERANCE:
         verdict = FAIL
@@ -451,7 +456,7 @@ def _line_residuals(L: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def _time_explained(
     df: pd.DataFrame,
-    base: Mapping[str, int],
+    sweep_meta: Mapping,
     models: Mapping[tuple, fit.TimeModel],
     method: str,
     kernel: str,
@@ -466,7 +471,7 @@ def _time_explained(
         f"over the points where the overhead is <= {fit.OVERHEAD_TARGET:.0%} of the time"
     )
     if not _is_swept(df, method, kernel):
-        return _not_measured(cid, text, expected, method, kernel)
+        return _not_measured(cid, text, expected, method, kernel, "time")
     key = next((k for k in models if k[:2] == (method, kernel)), None)
     if key is None:
         reason = f"Too few ok points of {method} ({kernel}) for a time model."
@@ -477,46 +482,48 @@ def _time_explained(
         f"t0 {model.t0 * 1e3:.3g} ms, {model.t_module * 1e3:.3g} ms per module; achieved "
         f"GFLOP/s {rates or 'none'}; model error {model.median_error:.0%} (median)"
     )
+    base, growth_of = sweep_meta["base"], sweep_meta.get("growth", {})
     group = df[(df["method"] == method) & (df["kernel"] == kernel)]
-    fits = {}
-    for axis in fit.AXES:
-        rows = fit.method_points(group, base, method, kernel, axis).sort_values(axis)
-        slope = fit.time_exponent(rows, model, n_boot=n_boot, seed=seed) if len(rows) else None
-        if slope is not None:
-            fits[axis] = slope
-    if not fits:
-        ok = group[group["status"] == "ok"]
-        top = ok.iloc[[int(ok["flops"].to_numpy().argmax())]]
-        fraction = float(fit.overhead_fraction(top, model)[0])
-        where = ", ".join(f"{a}={top[a].iloc[0]}" for a in fit.AXES)
-        reason = (
-            f"Regime not reached on this device: no axis has 2 points with overhead <= "
-            f"{fit.OVERHEAD_TARGET:.0%}; it is {fraction:.0%} of the time at the largest "
-            f"point ({where}). {summary}."
-        )
-        return Claim(cid, text, expected, fraction, None, None, NOT_REACHED, reason, "time")
-    per_axis = "; ".join(
-        f"{a} {s.slope:.3g} [{s.low:.3g}, {s.high:.3g}] over {s.points} points"
-        for a, s in fits.items()
-    )
-    lo, hi = 1 - TIME_BAND, 1 + TIME_BAND
-    above = [a for a, f in fits.items() if f.low > hi]
-    unclear = [a for a, f in fits.items() if f.slope > hi]
-    below = [a for a, f in fits.items() if f.slope < lo]
-    if above:
-        verdict, axis = FAIL, above[0]
-        reason = f"time grows faster than the counted work along {axis}"
-    elif unclear:
-        verdict, axis = NOISY, unclear[0]
+    regimes = {}
+    for axis in fit.TIMED_AXES:
+        rows = fit.method_points(group, base, method, kernel, axis)
+        if len(rows):
+            regimes[axis] = fit.axis_regime(rows, model, n_boot=n_boot, seed=seed)
+    by_state = {}
+    for axis, regime in regimes.items():
+        by_state.setdefault(regime.state, []).append(axis)
+    judged = {a: r.exponent for a, r in regimes.items() if r.exponent is not None}
+    per_axis = "; ".join(r.describe(a) for a, r in regimes.items()) or "no points"
+    if "faster" in by_state and any(judged[a].low > 1 + TIME_BAND for a in by_state["faster"]):
+        axis = next(a for a in by_state["faster"] if judged[a].low > 1 + TIME_BAND)
+        verdict, reason = FAIL, f"time grows faster than the counted work along {axis}"
+    elif "faster" in by_state:
+        axis = by_state["faster"][0]
+        verdict = NOISY
         reason = f"the exponent along {axis} lies above the band, its interval reaching into it"
-    elif below:
-        verdict, axis = NOT_REACHED, below[0]
-        reason = f"regime not reached on this device: achieved rates still climb along {axis}"
-    else:
+    elif "climbing" in by_state:
+        axis = by_state["climbing"][0]
+        verdict = NOT_REACHED
+        reason = f"regime not reached on this device: the achieved rates still climb along {axis}"
+    elif "stable" in by_state:
+        axis = max(by_state["stable"], key=lambda a: abs(judged[a].slope - 1))
         verdict, reason = PASS, "time explained by the FLOPs at stable rates"
-        axis = max(fits, key=lambda a: abs(fits[a].slope - 1))
-    worst = fits[axis]
-    detail = f"{reason[0].upper()}{reason[1:]}. Exponent of t - overhead vs compute: {per_axis}. {summary}."
+    else:
+        reason = (
+            "regime not reached on this device: no axis has a top segment of compute-bound "
+            f"points (overhead <= {fit.OVERHEAD_TARGET:.0%}) adding x{fit.MIN_WORK_RATIO:g} "
+            "work or more"
+        )
+        growth = [
+            f"{a} {v}" for a in fit.TIMED_AXES if (v := growth_of.get(f"{method}/{kernel}/{a}"))
+        ]
+        if growth:
+            reason += "; growth " + "; ".join(growth)
+        top = min(r.overhead_at_top for r in regimes.values()) if regimes else None
+        detail = f"{reason[0].upper()}{reason[1:]}. {per_axis}. {summary}."
+        return Claim(cid, text, expected, top, None, None, NOT_REACHED, detail, "time")
+    worst = judged[axis]
+    detail = f"{reason[0].upper()}{reason[1:]}. {per_axis}. {summary}."
     return Claim(cid, text, expected, worst.slope, worst.low, worst.high, verdict, detail, "time")
 
 
@@ -527,7 +534,7 @@ def _crossover(df: pd.DataFrame, base: Mapping[str, int]) -> Claim:
     kernel = _kernel(df, "full")
     for method, k in (("layerwise", "structured"), ("full", kernel)):
         if not _is_swept(df, method, k):
-            return _not_measured(cid, text, expected, method, k)
+            return _not_measured(cid, text, expected, method, k, "time")
     layerwise = _median_by(fit.method_points(df, base, "layerwise", "structured", "width"))
     full = _median_by(fit.method_points(df, base, "full", kernel, "width"))
     both = sorted(set(layerwise) & set(full))
@@ -569,7 +576,7 @@ def _structured_factor(
     expected = f">= {STRUCTURED_FACTOR:g}"
     for kernel in ("structured", "generic"):
         if not _is_swept(df, "layerwise", kernel):
-            return _not_measured(cid, text, expected, "layerwise", kernel)
+            return _not_measured(cid, text, expected, "layerwise", kernel, "time")
     structured = _samples_by(fit.method_points(df, base, "layerwise", "structured", "width"))
     generic = _samples_by(fit.method_points(df, base, "layerwise", "generic", "width"))
     both = sorted(set(structured) & set(generic))

@@ -233,7 +233,7 @@ def synthetic_rows(overhead, widths=(4, 8, 16), statuses=None):
     "overhead, changes, decision",
     [
         (1e-3, {}, "growing to width=32"),
-        (1e-6, {}, "reached: overhead"),
+        (1e-6, {}, "reached: width: time ~ work^1"),
         (1e-3, {"grow": {"width": 16}}, "stopped at the cap width=16"),
         (1e-3, {"time_budget_s": 1e-3}, "over the time budget"),
         (1e-3, {"statuses": {32: "skipped"}}, "stopped at width=32: planted skipped"),
