@@ -17,3 +17,16 @@ def test_cuda_peak_sees_an_allocation():
     n = 1 << 20
     peak = memory.cuda_peak_bytes(lambda: torch.empty(n, device="cuda"), "cuda")
     assert peak >= 4 * n
+
+
+def test_host_peak_sees_a_call_s_allocation_again_after_it_was_freed():
+    n = 4 << 20  # 16 MiB of float32, touched so that the pages are resident
+
+    def allocate():
+        torch.ones(n)
+
+    for _ in range(3):  # freed: glibc keeps it for the next call, whose rise would be 0
+        allocate()
+    peak = memory.host_peak_bytes(allocate)
+    if peak is not None:  # Linux
+        assert peak >= 0.9 * 4 * n
