@@ -15,10 +15,13 @@ around a base point (``sweep.json``'s ``base``); the base point belongs to every
   ``t_module`` the overhead per module (``L`` Linear modules), ``R_kind`` the achieved
   rate of each kind of operation. A point is *compute-bound* where the overhead
   ``t0 + t_module L`` is at most a stated fraction of its time.
-- **Time against work** (:func:`time_exponent`): along an axis, the slope of
-  ``log(t - overhead)`` against ``log`` of the modelled compute time
-  ``sum F_kind / R_kind`` over the compute-bound points; 1 when the time is explained by
-  the FLOPs at stable rates, more when it grows faster than the counted work.
+- **Time against work** (:func:`time_exponent`, :func:`axis_regime`): along an axis, the
+  slope of ``log(t - overhead)`` against ``log`` of the modelled compute time
+  ``sum F_kind / R_kind`` over the top segment of compute-bound points; 1 when the time is
+  explained by the FLOPs at stable rates, less while the achieved rates still climb with
+  size, more when the time grows faster than the counted work.
+- **Curvature in depth** (:func:`quadratic_share`): the share of a quadratic term at the
+  deepest point in ``t = a + b L + c L^2``.
 
 Needs numpy, pandas and scipy (the ``bench`` extra); the core of ``riemann_core`` does not.
 """

@@ -197,7 +197,8 @@ def time_model_figure(df: pd.DataFrame, path: Path) -> Path:
         low, high = min(t.min(), predicted.min()), max(t.max(), predicted.max())
         ax.plot([low, high], [low, high], color="0.5", lw=0.8)
         ax.set(xscale="log", yscale="log", xlabel="time model [s]", ylabel="measured [s]")
-        ax.set_title(f"{key[0]} ({key[1]}): t0 {model.t0 * 1e3:.2g} ms", fontsize=9)
+        overhead = f"t0 {model.t0 * 1e3:.2g} ms + {model.t_module * 1e3:.2g} ms x L"
+        ax.set_title(f"{key[0]} ({key[1]}): {overhead}", fontsize=9)
     return save_figure(fig, path)
 
 
