@@ -436,7 +436,7 @@ class AxisRegime:
     def state(self) -> str:
         if self.compute_bound < 2:
             return "overhead"
-        if self.work_ratio < MIN_WORK_RATIO:
+        if self.exponent is None:  # the top segment adds less than MIN_WORK_RATIO of work
             return "flat"
         if self.exponent.slope < 1 - TIME_BAND:
             return "climbing"
@@ -468,15 +468,14 @@ def axis_regime(
     """:class:`AxisRegime` of ``rows``: the ok points of one method along one axis."""
     rows = rows.sort_values("flops")
     fraction = overhead_fraction(rows, model)
-    compute = model.compute(rows)[fraction <= target]
-    ratio = float(compute[-1] / compute[-2]) if len(compute) >= 2 and compute[-2] > 0 else math.nan
-    exponent = (
-        time_exponent(rows, model, target=target, n_boot=n_boot, seed=seed)
-        if ratio >= MIN_WORK_RATIO
-        else None
-    )
+    compute = model.compute(rows)
+    compute = np.unique(compute[(fraction <= target) & (compute > 0)])
+    ratio = float(compute[-1] / compute[-2]) if len(compute) >= 2 else math.nan
+    exponent = None
+    if ratio >= MIN_WORK_RATIO:
+        exponent = time_exponent(rows, model, target=target, n_boot=n_boot, seed=seed)
     top = float(fraction[-1]) if len(fraction) else math.nan
-    return AxisRegime(int((fraction <= target).sum()), top, ratio, exponent)
+    return AxisRegime(len(compute), top, ratio, exponent)
 
 
 def fit_table(

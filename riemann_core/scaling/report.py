@@ -251,7 +251,7 @@ def write_report(out: Path, *, seed: int = 0) -> Path:
         "",
         markdown_table(
             pd.DataFrame([c.to_dict() for c in claims])[
-                ["id", "verdict", "measured", "low", "high", "expected", "detail"]
+                ["id", "verdict", "basis", "measured", "low", "high", "expected", "detail"]
             ]
         ),
         "",

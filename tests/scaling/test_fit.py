@@ -205,3 +205,12 @@ def test_synthetic_sweeps_have_the_columns_of_a_real_one():
     df, _ = make_sweep(runs=(("euclidean", "structured"),))
     assert list(df.columns) == list(sw.COLUMNS)
     assert set(BASE) == set(sw.AXES)
+
+
+def test_axis_regime_without_modelled_compute_is_overhead_not_a_crash():
+    df, meta = make_sweep(Machine(t0=1e-3), runs=(("euclidean", "structured"),))
+    rows = fit.axis_points(df, meta["base"], "width")
+    model = fit.TimeModel(1e-6, 0.0, {"products": 0.0}, 1.0, 0.0, len(rows))
+    regime = fit.axis_regime(rows, model)
+    assert (regime.state, regime.compute_bound, regime.exponent) == ("overhead", 0, None)
+    assert "0 compute-bound points" in regime.describe("width")
