@@ -7,6 +7,8 @@ import json
 import pytest
 from synthetic import AXES, RUNS, Machine, make_sweep
 
+from riemann_core import costs
+from riemann_core.scaling import sweep as sw
 from riemann_core.scaling import validate as va
 
 
@@ -249,3 +251,20 @@ def test_write_claims_never_leaves_a_half_written_file(tmp_path, monkeypatch, br
         va.write_claims([claim], path)
     assert path.read_text() == "previous run\n"
     assert [p.name for p in tmp_path.iterdir()] == ["claims.json"]
+
+
+@pytest.mark.parametrize("grid", ["DEFAULT", "QUICK", "DEFAULT_CUDA", "QUICK_CUDA"])
+def test_the_shipped_grids_reach_the_regime_of_every_flop_claim(grid):
+    spec = getattr(sw, grid)
+    budget = sw.Grid(**spec)
+
+    def within_budgets(method, kernel, point):
+        shape = costs.MLPShape((point["width"],) * (point["depth"] + 1) + (point["out_dim"],),
+                               point["batch"], point["out_dim"])  # fmt: skip
+        over = costs.flops(method, shape, kernel)["total"] > budget.flop_budget
+        over |= costs.peak_bytes(method, shape, kernel) > budget.memory_budget_bytes
+        return "skipped" if over else "ok"
+
+    df, meta = make_sweep(base=spec["base"], axes=spec["axes"], status_fn=within_budgets)
+    claims = [c for c in va.validate(df, meta, n_boot=50) if c.basis == "flops"]
+    assert {c.id: c.verdict for c in claims} == {c.id: "pass" for c in claims}
