@@ -308,14 +308,14 @@ def _rates_section(meta: dict, df: pd.DataFrame) -> list[str]:
     moved = [k for k, s in spread.items() if s > SPREAD_LIMIT]
     warning = (
         f"**The device's speed moved during the sweep** ({', '.join(moved)} spread over "
-        f"{SPREAD_LIMIT:.0%}: other load on the machine?); time-based verdicts are less "
-        "certain than on a quiet machine."
+        f"{SPREAD_LIMIT:.0%}: other load on the machine?), so the claims on time are too "
+        "noisy to judge; rerun on a quiet machine. The claims on counted FLOPs stand."
         if moved
         else "The rates held steady during the sweep."
     )
     size = meta.get("grid", {}).get("rate_size", "?")
     return [
-        f"## Device rates ({dtype or 'all dtypes'}, size {size}, at the start and the end)",
+        f"## Device rates ({dtype or 'all dtypes'}, size {size}, during the sweep)",
         "",
         _table(pd.DataFrame.from_records(records)),
         "",

@@ -466,7 +466,8 @@ def sweep(
 
     ``sweep.json`` records the grid, ``meta``, the growth decisions and, where ``rates``
     is given, the device's rates (``rates()`` -> a list of ``{"dtype": ..., kind:
-    [FLOP/s, ...]}``) measured at the start and at the end, so their drift shows.
+    [FLOP/s, ...]}``) measured at the start, after the grid's points and at the end, so
+    that their drift over the sweep shows.
     """
     from tqdm import tqdm
 
@@ -518,6 +519,7 @@ def sweep(
                 bar.update()
 
         measure_all(todo)
+        measure_rates("grid")
         while True:
             plan = grow.plan(rows, grid, elapsed=clock() - start)
             if not plan.runs:

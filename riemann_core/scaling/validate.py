@@ -34,9 +34,10 @@ Every claim ends with one verdict and a one-line reason (``detail``):
   lies beyond it on either side, too noisy otherwise.
 
 **Claims on time**, through the time model of :mod:`riemann_core.scaling.fit` (the
-depth claims' time part too). A claim on time that would fail is too noisy instead when
-the device's rates measured during the sweep spread by more than
-:data:`~riemann_core.scaling.sweep.SPREAD_LIMIT`: a loaded machine, not the algorithm.
+depth claims' time part too). Every claim on time is too noisy instead (its would-be
+verdict in the detail) when the device's rates measured during the sweep spread by more
+than :data:`~riemann_core.scaling.sweep.SPREAD_LIMIT`: the speed of a loaded machine, not
+the algorithm, would decide it.
 
 - ``time-explained-<method>``: along width and batch (``n`` and ``d``), over the top
   segment of compute-bound points (overhead at most
@@ -221,18 +222,19 @@ def validate(
         timed.append(_time_explained(df, sweep_meta, models, method, kernel, n_boot, seed))
     timed += [_crossover(df, base), _structured_factor(df, base, models, n_boot, seed)]
     moved = {k: v for k, v in fit.rate_spread(sweep_meta).items() if v > SPREAD_LIMIT}
+    judged = (PASS, FAIL, NOT_REACHED)
     return claims + [
-        _unsteady(c, moved) if c.verdict == FAIL and c.basis == "time" and moved else c
+        _unsteady(c, moved) if moved and c.basis == "time" and c.verdict in judged else c
         for c in timed
     ]
 
 
 def _unsteady(claim: Claim, moved: Mapping[str, float]) -> Claim:
-    """A failed claim on time, on a device whose speed moved during the sweep: too noisy."""
+    """A claim on time, on a device whose speed moved during the sweep: too noisy."""
     spread = ", ".join(f"{k} {v:.0%}" for k, v in moved.items())
     detail = (
-        f"{claim.detail} It would fail, but the device's rates moved during the sweep "
-        f"({spread} between measurements): rerun on a quiet machine."
+        f"{claim.detail} The verdict would be '{claim.verdict}', but the device's rates "
+        f"moved during the sweep ({spread} between measurements): rerun on a quiet machine."
     )
     return replace(claim, verdict=NOISY, detail=detail)
 

@@ -62,7 +62,7 @@ def test_run_writes_results_fits_claims_figures_and_report(tmp_path, capsys):
     # counted FLOPs are exact: no claim on them fails (on time, a loaded machine may)
     assert all(c["verdict"] != "fail" for c in claims if c["basis"] == "flops")
     meta = json.loads((tmp_path / "sweep.json").read_text())
-    assert [s["when"] for s in meta["device_rates"]] == ["start", "end"]
+    assert [s["when"] for s in meta["device_rates"]] == ["start", "grid", "end"]
     assert all(r > 0 for s in meta["device_rates"] for r in s["products"])
     assert meta["environment"]["torch"]
 

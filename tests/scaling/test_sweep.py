@@ -268,4 +268,4 @@ def test_a_sweep_grows_its_axes_and_records_why_it_stopped(tmp_path):
     assert (widths == {4, 6, 12} and "stopped at the cap" in decision) or (
         decision.startswith("reached") and widths <= {4, 6, 12}
     )
-    assert [s["when"] for s in record["device_rates"]] == ["start", "end"]
+    assert [s["when"] for s in record["device_rates"]] == ["start", "grid", "end"]
