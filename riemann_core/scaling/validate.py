@@ -7,8 +7,9 @@ Every claim ends with one verdict and a one-line reason (``detail``):
   (lower-order terms or per-call overhead still matter at the top points, or the budget
   ended the axis first); the detail gives the figures;
 - ``not measured``: the sweep did not run the claim's method and kernel;
-- ``too noisy``: the measurement's spread, not the algorithm, decides (rare: the sweep
-  re-measures points that spread).
+- ``too noisy``: the measurement's spread, not the algorithm, decides (the sweep
+  re-measures points that spread; a machine whose speed moved makes every claim on time
+  too noisy, below).
 
 **Claims on counted FLOPs** (exact and the same on every device):
 
@@ -30,8 +31,8 @@ Every claim ends with one verdict and a one-line reason (``detail``):
   (to :data:`AFFINE_TOLERANCE`), and in a fit ``t = a + b L + c L^2`` the quadratic term
   is at most :data:`DEPTH_TOLERANCE` of the time at the largest ``L``
   (:func:`~riemann_core.scaling.fit.quadratic_share`, with a bootstrap interval): pass
-  when it is (and the interval is at most :data:`MAX_INTERVAL_WIDTH` wide), fail when the interval
-  lies beyond it on either side, too noisy otherwise.
+  when it is (and the interval is at most :data:`MAX_INTERVAL_WIDTH` wide), fail when the
+  interval lies beyond it on either side, too noisy otherwise.
 
 **Claims on time**, through the time model of :mod:`riemann_core.scaling.fit` (the
 depth claims' time part too). Every claim on time is too noisy instead (its would-be
@@ -42,7 +43,8 @@ the algorithm, would decide it.
 - ``time-explained-<method>``: along width and batch (``n`` and ``d``), over the top
   segment of compute-bound points (overhead at most
   :data:`~riemann_core.scaling.fit.OVERHEAD_TARGET` of the time, adding at least
-  :data:`~riemann_core.scaling.fit.MIN_WORK_RATIO` of work), the exponent of ``t - overhead`` against the modelled compute time
+  :data:`~riemann_core.scaling.fit.MIN_WORK_RATIO` of work), the exponent of
+  ``t - overhead`` against the modelled compute time
   (:func:`~riemann_core.scaling.fit.axis_regime`) lies in ``1 +- TIME_BAND``: the time is
   explained by the counted FLOPs at stable rates. Fail when an axis's 95% interval lies
   above the band (time grows faster than the counted work), too noisy when an exponent
@@ -51,10 +53,12 @@ the algorithm, would decide it.
   segment (the overhead fractions at the top and the growth of the axes are given).
 - ``crossover-width``: the smallest width from which on structured layerwise is faster
   than ``full`` at every width where both ran: pass if it exists; fail if ``full`` is faster
-  at the largest width where both ran and ``full`` ran at every width layerwise did.
+  at the largest width where both ran and ``full`` ran at every width layerwise did;
+  regime not reached where the budgets stopped ``full`` before.
 - ``structured-vs-generic``: generic / structured layerwise time at the largest width where
   both ran, bootstrapped over the repeats: pass if the interval lies above
-  :data:`STRUCTURED_FACTOR`, fail if below, too noisy otherwise.
+  :data:`STRUCTURED_FACTOR`, fail if below, too noisy otherwise; regime not reached while
+  the generic kernel's overhead is more than the stated fraction of its time there.
 
 A claim's ``expected`` is a readable statement; ``measured``, ``low`` and ``high`` are
 numbers or null.
