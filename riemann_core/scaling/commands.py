@@ -59,19 +59,10 @@ def grid_from(args) -> sw.Grid:
 
 
 def run_sweep(args) -> int:
-    from ..measure.environment import environment
-    from ..measure.timing import gemm_rate
-
     grid = grid_from(args)
     out = default_out(args)
-    sw.read_results(out / "results.csv")  # a corrupted file stops us before the GEMM
-    rate = gemm_rate(args.device, n=2048 if args.quick else 4096)
-    meta = {
-        "gemm_flops_per_s": rate,
-        "environment": environment(args.device),
-        "command": args.command_line,
-    }
-    result = sw.sweep(grid, out, meta=meta)
+    meta = {"command": args.command_line}
+    result = sw.sweep(grid, out, meta=meta, gemm_size=2048 if args.quick else 4096)
     print(
         f"{out / 'results.csv'}: {result.measured} points measured, {result.resumed} "
         f"already there; status counts {result.statuses}"

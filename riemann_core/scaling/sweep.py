@@ -8,30 +8,40 @@ timed calls (median and IQR), one FLOP-counted call and one memory-measured call
 status: ``ok``, ``oom``, ``skipped`` (over the memory or FLOP budget, by the cost
 model) or ``error`` (with the reason).
 
-``results.csv`` is rewritten atomically after every point, so a killed sweep loses at
-most the point it was on; a rerun skips the points already measured (``ok``) and measures
-the others again (a larger budget, a fixed error).
+The points run in this process one after another, or on a dask cluster
+(:mod:`riemann_core.scaling.dispatch`); either way this process alone writes
+``results.csv``, atomically after every point, in the grid's order, so a killed sweep loses
+at most the points it was on; a rerun skips the points already measured (``ok``) and
+measures the others again (a larger budget, a fixed error). Each row says where it was
+measured (``host``, ``device_name``, ``physical_device``), and ``sweep.json`` holds the
+record of every device that measured points (``devices``: environment and GEMM rate).
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
-from collections.abc import Callable, Iterator
+import statistics
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 import riemann_core as rc
 
 from .. import costs
+from ..arguments import check_device
 from ..measure.flops import flop_counter
 from ..measure.memory import cuda_peak_bytes, host_peak_bytes
 from ..measure.output import write_atomic
 from ..measure.problems import mlp, widths
 from ..measure.timing import measure
+from .worker import measure_here
 
 AXES = ("width", "depth", "out_dim", "batch")
 #: Axis -> the command-line option (and ``argparse`` dest) that lists its values.
@@ -58,7 +68,12 @@ COLUMNS = (
     "peak_bytes_model",
     "status",
     "reason",
+    "host",
+    "device_name",
+    "physical_device",
 )
+#: where a point was measured; blank in results written before these were recorded
+WHERE = ("host", "device_name", "physical_device")
 KEY = ("method", "kernel", "width", "depth", "out_dim", "batch", "device", "dtype", "output_metric")
 #: Methods measured with the generic kernel as well as the structured one.
 GENERIC_METHODS = ("layerwise",)
@@ -141,8 +156,8 @@ def check_grid(grid: Grid) -> None:
         if bad or not values:
             raise ValueError(f"unknown {name} {bad or values}; choose from {', '.join(allowed)}")
     for device in grid.devices:
-        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        if torch.device(device).type not in ("cpu", "cuda"):
+            raise ValueError(f"unsupported device {device!r}; use 'cpu' or 'cuda' (or 'cuda:N')")
     if grid.repeats < 1 or grid.warmup < 0 or not grid.damping > 0:
         raise ValueError("repeats must be >= 1, warmup >= 0 and damping > 0")
 
@@ -178,14 +193,12 @@ def shape_of(run: dict) -> costs.MLPShape:
     return costs.MLPShape(layer_widths, run["batch"], rows)
 
 
-def measure_point(run: dict, grid: Grid) -> dict:
-    """One row of ``results.csv`` for ``run`` (never raises for the point's own failure)."""
+def blank_row(run: dict, grid: Grid) -> dict:
+    """The row of ``run`` before it is measured: the cost model's figures, NaN measurements."""
     shape = shape_of(run)
     itemsize = torch.finfo(DTYPES[run["dtype"]]).bits // 8
     kernel = run["kernel"]
-    flops_model = costs.flops(run["method"], shape, kernel)["total"]
-    peak_model = costs.peak_bytes(run["method"], shape, kernel, itemsize)
-    row = {
+    return {
         **run,
         "n_params": shape.n_params,
         "d": shape.d,
@@ -193,12 +206,18 @@ def measure_point(run: dict, grid: Grid) -> dict:
         "time_iqr_s": math.nan,
         "times_s": "[]",
         "flops": math.nan,
-        "flops_model": flops_model,
+        "flops_model": costs.flops(run["method"], shape, kernel)["total"],
         "peak_bytes": math.nan,
-        "peak_bytes_model": peak_model,
+        "peak_bytes_model": costs.peak_bytes(run["method"], shape, kernel, itemsize),
         "status": "ok",
         "reason": "",
     }
+
+
+def measure_point(run: dict, grid: Grid) -> dict:
+    """One row of ``results.csv`` for ``run`` (never raises for the point's own failure)."""
+    row = blank_row(run, grid)
+    flops_model, peak_model = row["flops_model"], row["peak_bytes_model"]
     if peak_model > grid.memory_budget_bytes:
         return {
             **row,
@@ -269,7 +288,7 @@ def read_results(path: Path) -> list[dict]:
     try:
         with path.open(newline="") as f:
             reader = csv.DictReader(f)
-            missing = set(COLUMNS) - set(reader.fieldnames or ())
+            missing = set(COLUMNS) - set(WHERE) - set(reader.fieldnames or ())
             if missing:
                 raise ResultsFileError(
                     f"{path} is not a riemann-bench results file (missing columns "
@@ -286,6 +305,8 @@ def read_results(path: Path) -> list[dict]:
                 f"{path} line {i} is incomplete (a truncated or hand-edited file?); "
                 "repair or remove that line, or pass another --out"
             )
+        for column in WHERE:
+            row[column] = row.get(column) or ""
     return rows
 
 
@@ -311,36 +332,128 @@ class SweepResult:
     statuses: dict[str, int] = field(default_factory=dict)
 
 
-def sweep(grid: Grid, out: Path, *, progress: bool = True, meta: dict | None = None) -> SweepResult:
-    """Measure every run of ``grid`` not yet in ``out/results.csv``; write ``sweep.json``."""
+@dataclass(frozen=True)
+class PointLost:
+    """A point that a runner could not measure (its worker died), with the reason."""
+
+    reason: str
+
+
+class Runner(Protocol):
+    """Runs ``task(run)`` for every run and yields ``(run, result)`` as each completes, or
+    ``(run, PointLost(reason))``. ``placed``: a point runs on a device the runner chooses,
+    of the kind the grid names (see :mod:`riemann_core.scaling.worker`)."""
+
+    placed: bool
+
+    def __call__(
+        self, task: Callable[[dict], object], runs: Sequence[dict]
+    ) -> Iterator[tuple[dict, object]]: ...
+
+
+class InProcess:
+    """The :class:`Runner` that measures the points one after another in this process,
+    each on the device the grid names."""
+
+    placed = False
+
+    def __call__(
+        self, task: Callable[[dict], object], runs: Sequence[dict]
+    ) -> Iterator[tuple[dict, object]]:
+        for run in runs:
+            yield run, task(run)
+
+
+def sweep(
+    grid: Grid,
+    out: Path,
+    *,
+    progress: bool = True,
+    meta: dict | None = None,
+    runner: Runner | None = None,
+    measure: Callable[[dict, Grid], dict] | None = None,
+    gemm_size: int | None = None,
+) -> SweepResult:
+    """Measure every run of ``grid`` not yet in ``out/results.csv``; write ``sweep.json``.
+
+    ``runner`` runs the points (default: :class:`InProcess`; a dask cluster through
+    :func:`riemann_core.scaling.dispatch.runner`), ``measure`` is the unit of work
+    (default :func:`measure_point`), and ``gemm_size``, when given, has every process that
+    measures points record its GEMM rate at that size once (``sweep.json``'s ``devices``).
+    """
+    runner = runner or InProcess()
+    if not runner.placed:  # on a cluster, the workers' devices count
+        for device in grid.devices:
+            check_device(torch.device(device))
     path = out / "results.csv"
     rows = read_results(path)  # before any work: a corrupted file stops the sweep here
-    previous = out / "sweep.json"
-    if rows and previous.exists():
-        base = json.loads(previous.read_text()).get("base")
-        if base != grid.base:
-            raise ValueError(
-                f"{out} holds a sweep around the base point {base}, not {grid.base}; "
-                "fits need one base point per directory: pass another --out"
-            )
+    previous = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").exists() else {}
+    if rows and previous.get("base", grid.base) != grid.base:
+        raise ValueError(
+            f"{out} holds a sweep around the base point {previous['base']}, not {grid.base}; "
+            "fits need one base point per directory: pass another --out"
+        )
     # finished points are kept; skipped, failed and out-of-memory ones are measured again
     done = {key_of(r) for r in rows if r["status"] == "ok"}
     todo = [r for r in grid.runs() if key_of(r) not in done]
     again = {key_of(r) for r in todo}
+    order = {key_of(r): i for i, r in enumerate(grid.runs())}
     rows = [r for r in rows if key_of(r) not in again]
-    write_atomic(
-        out / "sweep.json",
-        json.dumps(
-            {"grid": asdict(grid), "base": grid.base, "axes": grid.axes, **(meta or {})}, indent=2
-        )
-        + "\n",
+    record = {"grid": asdict(grid), "base": grid.base, "axes": grid.axes, **(meta or {})}
+    devices = dict(previous.get("devices", {}))
+    for name in ("gemm_flops_per_s", "environment"):  # of a sweep written before ``devices``
+        if not devices and name in previous:
+            record[name] = previous[name]
+    write_sweep_json(out, record, devices)
+    seen: set[tuple[str, str]] = set()
+    task = functools.partial(
+        measure_here,
+        measure or measure_point,
+        grid=grid,
+        session=uuid.uuid4().hex,
+        gemm_size=gemm_size,
+        placed=runner.placed,
     )
     from tqdm import tqdm
 
-    for run in tqdm(todo, desc="sweep", unit="point", disable=not progress, leave=False):
-        rows.append(measure_point(run, grid))
-        write_results(path, rows)
+    bar = tqdm(total=len(todo), desc="sweep", unit="point", disable=not progress, leave=False)
+    with bar:
+        for run, outcome in runner(task, todo):
+            if isinstance(outcome, PointLost):
+                row = {**blank_row(run, grid), **dict.fromkeys(WHERE, "")}
+                row.update(status="error", reason=outcome.reason)
+            else:
+                row, device = outcome
+                worker = (device["host"], device["physical_device"])
+                if worker not in seen:  # a worker's first point in this sweep
+                    seen.add(worker)
+                    add_device(devices, device)
+                    write_sweep_json(out, record, devices)
+            rows.append(row)
+            rows.sort(key=lambda r: order.get(key_of(r), len(order)))
+            write_results(path, rows)
+            bar.update()
     statuses: dict[str, int] = {}
     for r in rows:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
     return SweepResult(rows, len(todo), len(done), statuses)
+
+
+def add_device(devices: dict[str, dict], record: dict) -> None:
+    """Enter the device record of a worker (see
+    :func:`~riemann_core.scaling.worker.device_record`) in ``devices``, by device name:
+    the environment, each worker's GEMM rate and their median."""
+    entry = devices.setdefault(record["device_name"], {"workers": {}})
+    entry["workers"][f"{record['host']} {record['physical_device']}"] = record["gemm_flops_per_s"]
+    rates = [r for r in entry["workers"].values() if r is not None]
+    entry["gemm_flops_per_s"] = statistics.median(rates) if rates else None
+    entry["environment"] = record["environment"]
+
+
+def write_sweep_json(out: Path, record: dict, devices: dict[str, dict]) -> None:
+    """``sweep.json``: the grid, ``meta``, ``devices``, and at the top level the GEMM rate
+    and environment of the first device (those of each device are under ``devices``)."""
+    first = next(iter(devices.values()), {})
+    top = {k: first[k] for k in ("gemm_flops_per_s", "environment") if first.get(k) is not None}
+    text = json.dumps({**record, **top, "devices": devices}, indent=2) + "\n"
+    write_atomic(out / "sweep.json", text)

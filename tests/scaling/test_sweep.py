@@ -1,8 +1,10 @@
 """The sweep: one row per point, resumable, atomic, and careful with bad input."""
 
 import csv
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -158,3 +160,58 @@ def test_resume_retries_points_that_were_skipped(tmp_path):
     rows = rows_of(tmp_path / "results.csv")
     assert {r["status"] for r in rows} == {"ok"}
     assert len(rows) == result.measured == len(list(sw.Grid(**tight).runs()))
+
+
+class Backwards:
+    """A runner that returns the points in reverse order and loses the second."""
+
+    placed = False
+
+    def __call__(self, task, runs):
+        for i, run in reversed(list(enumerate(runs))):
+            yield run, (sw.PointLost("planted: its worker died") if i == 1 else task(run))
+
+
+def test_rows_land_in_grid_order_and_a_lost_point_is_an_error_with_the_reason(tmp_path):
+    grid = sw.Grid(**{**TINY, "methods": ("euclidean",)})
+    result = sw.sweep(grid, tmp_path, runner=Backwards(), progress=False)
+    rows = rows_of(tmp_path / "results.csv")
+    assert [sw.key_of(r) for r in rows] == [sw.key_of(r) for r in grid.runs()]
+    lost = rows[1]
+    assert lost["status"] == "error" and lost["reason"] == "planted: its worker died"
+    assert lost["n_params"] and lost["flops_model"]  # the cost model's figures are kept
+    assert result.statuses == {"ok": len(rows) - 1, "error": 1}
+    again = sw.sweep(grid, tmp_path, progress=False)  # a rerun measures the lost point
+    assert again.measured == 1 and again.statuses == {"ok": len(rows)}
+
+
+def test_rows_say_where_they_were_measured_and_sweep_json_records_the_device(tmp_path):
+    from riemann_core.measure.environment import device_name
+
+    sw.sweep(sw.Grid(**{**TINY, "methods": ("euclidean",)}), tmp_path, progress=False, gemm_size=64)
+    rows = rows_of(tmp_path / "results.csv")
+    assert {(r["host"], r["device_name"], r["physical_device"]) for r in rows} == {
+        (socket.gethostname(), device_name("cpu"), "cpu")
+    }
+    meta = json.loads((tmp_path / "sweep.json").read_text())
+    record = meta["devices"][device_name("cpu")]
+    assert list(record["workers"]) == [f"{socket.gethostname()} cpu"]
+    assert record["gemm_flops_per_s"] > 0 and record["environment"]["torch"]
+    assert meta["gemm_flops_per_s"] == record["gemm_flops_per_s"]
+
+
+def test_results_written_before_rows_said_where_are_resumed(tmp_path):
+    grid = sw.Grid(**{**TINY, "methods": ("euclidean",)})
+    sw.sweep(grid, tmp_path, progress=False)
+    path = tmp_path / "results.csv"
+    rows = rows_of(path)
+    old = [c for c in sw.COLUMNS if c not in sw.WHERE]
+    with path.open("w", newline="") as f:  # the columns of an older riemann-bench
+        writer = csv.DictWriter(f, fieldnames=old, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows[:2])
+    result = sw.sweep(grid, tmp_path, progress=False)
+    assert result.resumed == 2 and result.measured == len(rows) - 2
+    after = rows_of(path)
+    assert [r["host"] for r in after[:2]] == ["", ""]
+    assert all(r["host"] == socket.gethostname() for r in after[2:])

@@ -1,0 +1,87 @@
+"""Where a point is measured: the device a worker picks, the row's record of it."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from riemann_core.scaling import worker
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """A process with no device records and no GPU pool yet."""
+    monkeypatch.setattr(worker, "_records", {})
+    monkeypatch.setattr(worker, "_free_gpus", None)
+
+
+def echo(run, grid):
+    return {"ran_on": run["device"], "grid": grid}
+
+
+def test_in_process_a_point_runs_on_the_device_named_and_keeps_its_key(fresh, monkeypatch):
+    calls = []
+    monkeypatch.setattr(worker, "gemm_rate", lambda device, n: calls.append(n) or 1e9)
+    run = {"device": "cpu", "method": "euclidean"}
+    for session in ("a", "a", "b"):
+        row, record = worker.measure_here(echo, run, grid="G", session=session, gemm_size=32)
+    assert row["ran_on"] == "cpu" and row["device"] == "cpu" and row["grid"] == "G"
+    assert row["physical_device"] == "cpu" and row["device_name"] == record["device_name"]
+    assert record["gemm_flops_per_s"] == 1e9
+    assert calls == [32, 32]  # once per sweep session
+
+
+def test_without_a_gemm_size_no_rate_is_measured(fresh):
+    _, record = worker.measure_here(echo, {"device": "cpu"}, grid=None, session="s")
+    assert record["gemm_flops_per_s"] is None
+    assert record["environment"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize(
+    "visible,index,name",
+    [(None, 1, "cuda:1"), ("3,5", 1, "cuda:5"), ("GPU-8a1f,GPU-77c2", 0, "GPU-8a1f")],
+    ids=["all-visible", "pinned", "uuids"],
+)
+def test_the_physical_device_is_named_as_the_host_numbers_it(monkeypatch, visible, index, name):
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert worker.physical_device(torch.device("cuda", index)) == name
+
+
+def test_a_worker_with_two_gpus_lends_each_running_point_its_own(fresh, monkeypatch):
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    monkeypatch.setattr(worker, "device_record", lambda device, session, size: _record(device))
+    held, lock = [], threading.Lock()
+
+    def hold(run, grid):
+        with lock:
+            held.append(run["device"])
+        time.sleep(0.2)
+        return {}
+
+    threads = [
+        threading.Thread(
+            target=worker.measure_here,
+            args=(hold, {"device": "cuda:1"}),
+            kwargs=dict(grid=None, session="s", placed=True),
+        )
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(held) == ["cuda:0", "cuda:1"]  # on a cluster "cuda:1" means a GPU
+
+
+def test_a_cuda_point_on_a_worker_without_gpus_says_so(fresh, monkeypatch):
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    with pytest.raises(RuntimeError, match="sees no GPU"):
+        worker.measure_here(echo, {"device": "cuda"}, grid=None, session="s", placed=True)
+
+
+def _record(device):
+    return {"host": "h", "device_name": "GPU", "physical_device": str(device)}
