@@ -72,38 +72,44 @@ def run_sweep(args) -> int:
 
 def run_fit(args) -> int:
     from ..measure.output import write_atomic
-    from . import fit
+    from . import devices, fit
 
     out = default_out(args)
     df, meta = fit.read_sweep(out)
+    df = devices.named(df, meta)
     table = fit.fit_table(df, meta, seed=args.seed)
     joint = fit.joint_fit(df)
-    rates = fit.achieved_rates(df, meta["gemm_flops_per_s"])
+    rates = devices.achieved_rates(df, meta)
     write_atomic(out / "fits.csv", table.to_csv(index=False))
     write_atomic(out / "joint_fit.csv", joint.to_csv(index=False))
     write_atomic(out / "rates.csv", rates.to_csv(index=False))
-    best = rates.groupby(["method", "kernel"])["fraction_of_gemm"].max().rename("best fraction")
+    best = rates.groupby(["device_name", "method", "kernel"])["fraction_of_gemm"].max()
     with _pandas_display():
-        for frame in (table, joint, best.reset_index()):
+        for frame in (table, joint, best.rename("best fraction").reset_index()):
             print(frame.to_string(index=False, float_format=lambda v: f"{v:.3g}"), end="\n\n")
-    print(
-        f"GEMM rate of the sweep: {meta['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s; wrote "
-        f"fits.csv, joint_fit.csv and rates.csv (achieved FLOP/s per point) in {out}"
-    )
+    for name, _, device in devices.by_device(df, meta):
+        print(f"GEMM rate of the sweep on {name}: {device['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s")
+    print(f"wrote fits.csv, joint_fit.csv and rates.csv (achieved FLOP/s per point) in {out}")
     return 0
 
 
 def run_validate(args) -> int:
-    from . import fit, validate
+    from . import devices, fit, validate
 
     out = default_out(args)
     df, meta = fit.read_sweep(out)
-    claims = validate.validate(df, meta, seed=args.seed)
-    validate.write_claims(claims, out / "claims.json")
-    for c in claims:
+    pairs = devices.claims(df, meta, seed=args.seed)
+    names = [name for name, _ in pairs]
+    claims = [claim for _, claim in pairs]
+    validate.write_claims(claims, out / "claims.json", device_names=names)
+    for name, c in pairs:
         interval = "" if c.low is None else f" [{c.low:.3g}, {c.high:.3g}]"
         measured = "n/a" if c.measured is None else f"{c.measured:.3g}"
-        print(f"{c.verdict:>12}  {c.id:<28} expected {c.expected}, measured {measured}{interval}")
+        where = f"{name}: " if len(set(names)) > 1 else ""
+        print(
+            f"{c.verdict:>12}  {where}{c.id:<28} expected {c.expected}, measured "
+            f"{measured}{interval}"
+        )
     return validate.exit_code(claims)
 
 

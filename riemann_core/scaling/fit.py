@@ -37,8 +37,9 @@ DERIVED_X = ("n_params", "d", "layers")
 #: fewest distinct x for a slope in :func:`fit_table`: two points cannot show curvature
 MIN_POINTS = 3
 
-#: a sweep may hold several of these; a fit takes one of each (tables group by them)
-SETTINGS = ("device", "dtype", "output_metric")
+#: a sweep may hold several of these; a fit takes one of each (tables group by them);
+#: ``device_name``: a sweep on a cluster may hold several kinds of device
+SETTINGS = ("device", "device_name", "dtype", "output_metric")
 
 
 @dataclass(frozen=True)
@@ -218,8 +219,8 @@ def fit_table(
 ) -> pd.DataFrame:
     """Slopes of every method/kernel along every swept axis, x per :data:`FIT_X`.
 
-    Columns: method, kernel, the :data:`SETTINGS` present in ``df`` (device, dtype,
-    output_metric), axis, x, slope, low, high, points, x_min, x_max. A combination with
+    Columns: method, kernel, the :data:`SETTINGS` present in ``df`` (device, device_name,
+    dtype, output_metric), axis, x, slope, low, high, points, x_min, x_max. A combination with
     fewer than :data:`MIN_POINTS` distinct ok x has no row.
     """
     base = sweep_meta["base"]

@@ -7,6 +7,7 @@ names the command that regenerates it.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -168,12 +169,51 @@ def figures(df: pd.DataFrame, meta: dict, out: Path) -> dict[str, Path]:
 
 
 def write_report(out: Path, *, seed: int = 0) -> Path:
-    """Figures and ``report.md`` for the sweep in ``out`` (fits and claims recomputed)."""
+    """Figures and ``report.md`` for the sweep in ``out`` (fits and claims recomputed).
+
+    A sweep over several devices gets one report per device in ``devices/<name>/`` (fits
+    and claims never mix devices) and an index of them in ``report.md``.
+    """
+    from ..measure.output import write_atomic
+    from . import devices
+
+    df, meta = load(out)
+    contributed = markdown_table(devices.summary(df, meta))
+    parts = list(devices.by_device(df, meta))
+    if len(parts) == 1:
+        _, rows, device = parts[0]
+        return device_report(rows, device, out, out, contributed, seed=seed)
+    lines = [
+        f"# Scaling report: {len(parts)} devices",
+        "",
+        f"Produced by `{meta.get('command', 'riemann-bench run')}` (sweep), then "
+        f"`riemann-bench fit`, `validate` and `report` on `{out}`; regenerate the reports "
+        f"from `results.csv` with `riemann-bench report --out {out}`.",
+        "",
+        "## Devices",
+        "",
+        contributed,
+        "",
+        "Fits and claims never mix devices: each has its own report.",
+        "",
+    ]
+    for name, rows, device in parts:
+        directory = out / "devices" / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        directory.mkdir(parents=True, exist_ok=True)
+        path = device_report(rows, device, directory, out, contributed, seed=seed)
+        lines.append(f"- [{name}]({path.relative_to(out)})")
+    return write_atomic(out / "report.md", "\n".join(lines) + "\n")
+
+
+def device_report(
+    df: pd.DataFrame, meta: dict, directory: Path, out: Path, contributed: str, *, seed: int = 0
+) -> Path:
+    """Figures and ``report.md`` in ``directory`` for the rows of one device of the sweep
+    in ``out``; ``contributed``: the table of the devices of the sweep."""
     from ..measure.output import write_atomic
     from . import fit, validate
 
-    df, meta = load(out)
-    paths = figures(df, meta, out)
+    paths = figures(df, meta, directory)
     fits = fit.fit_table(df, meta, seed=seed)
     joint = fit.joint_fit(df)
     claims = validate.validate(df, meta, seed=seed)
@@ -190,6 +230,10 @@ def write_report(out: Path, *, seed: int = 0) -> Path:
         "## Environment",
         "",
         markdown_table(pd.DataFrame([env])) if env else "(not recorded)",
+        "",
+        "Where the points were measured (fits and claims never mix devices):",
+        "",
+        contributed,
         "",
         f"GEMM rate measured in the sweep: {meta['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s "
         "(float32). Grid: one axis varied at a time around the base point "
@@ -229,4 +273,4 @@ def write_report(out: Path, *, seed: int = 0) -> Path:
     }
     for key, path in paths.items():
         lines += [f"![{key}]({path.name})", "", f"{captions[key]} Regenerate: `{regenerate}`.", ""]
-    return write_atomic(out / "report.md", "\n".join(lines))
+    return write_atomic(directory / "report.md", "\n".join(lines))

@@ -147,7 +147,8 @@ def validate(
     """Check the claims against a sweep's ``results.csv`` (as ``df``) and ``sweep.json``.
 
     Needs ``sweep_meta["base"]`` (the base point: width, depth, out_dim, batch), the
-    :data:`REQUIRED_COLUMNS`, and one device, dtype and output metric among the ok rows. The slope claims are :data:`SLOPE_CLAIMS`; then:
+    :data:`REQUIRED_COLUMNS`, and one device (and device name), dtype and output metric
+    among the ok rows. The slope claims are :data:`SLOPE_CLAIMS`; then:
 
     - ``crossover-width``: the smallest width from which on structured layerwise is faster
       than full at every width where both ran (``low`` the width before it, where full
@@ -179,9 +180,15 @@ def validate(
     return claims
 
 
-def write_claims(claims: Sequence[Claim], path: str | Path) -> Path:
-    """Write ``claims`` as a JSON list to ``path`` atomically (a temporary file, then a rename)."""
-    text = json.dumps([c.to_dict() for c in claims], indent=2, allow_nan=False) + "\n"
+def write_claims(
+    claims: Sequence[Claim], path: str | Path, device_names: Sequence[str] | None = None
+) -> Path:
+    """Write ``claims`` as a JSON list to ``path`` atomically (a temporary file, then a
+    rename); ``device_names``, one per claim, go into the records as ``device_name``."""
+    records = [c.to_dict() for c in claims]
+    if device_names is not None:
+        records = [{"device_name": n, **r} for n, r in zip(device_names, records, strict=True)]
+    text = json.dumps(records, indent=2, allow_nan=False) + "\n"
     return write_atomic(Path(path), text)
 
 
