@@ -8,6 +8,7 @@ All read and write one directory (``--out``, default ``reports/<device>``):
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 
 from ..arguments import Command, default_out, ints, names
 from . import sweep as sw
@@ -34,6 +35,29 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--flop-budget", type=float, help="skip points whose modelled FLOPs exceed this"
     )
+    group = parser.add_argument_group(
+        "where the points run (default: a local dask cluster, one worker per device)"
+    )
+    group.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes of the local cluster (default: one per GPU, or one that owns "
+        "all the cores of a CPU host); 0 measures in this process, without dask",
+    )
+    group.add_argument(
+        "--threads-per-worker",
+        type=int,
+        metavar="T",
+        help="torch threads of each local worker, on cores of its own (default: the cores "
+        "shared equally among the workers)",
+    )
+    group.add_argument(
+        "--scheduler",
+        metavar="ADDRESS|FILE",
+        help="measure on a running dask cluster: its scheduler's address (tcp://host:8786) "
+        "or scheduler file; each worker declares --resources device=K for its K devices",
+    )
 
 
 def grid_from(args) -> sw.Grid:
@@ -58,11 +82,57 @@ def grid_from(args) -> sw.Grid:
     return sw.Grid(devices=(str(args.device),), seed=args.seed, **spec)
 
 
+def check_cluster_options(args) -> None:
+    """Reject contradictory or impossible cluster options before any work."""
+    workers, threads, scheduler = (
+        getattr(args, name, None) for name in ("workers", "threads_per_worker", "scheduler")
+    )
+    if workers is not None and workers < 0:
+        raise ValueError(f"--workers needs 0 (this process) or more, got {workers}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads-per-worker needs 1 or more, got {threads}")
+    if scheduler is not None and (workers is not None or threads is not None):
+        raise ValueError(
+            "--scheduler measures on a running cluster; --workers and --threads-per-worker "
+            "configure the local one: pass one or the other"
+        )
+    if workers == 0 and threads is not None:
+        raise ValueError("--threads-per-worker configures the workers; --workers 0 has none")
+
+
+@contextmanager
+def points_runner(args):
+    """The runner of the sweep's points: this process (``--workers 0``), a local dask
+    cluster (the default) or a running one (``--scheduler``)."""
+    if args.workers == 0:
+        yield sw.InProcess()
+        return
+    try:
+        from . import dispatch
+    except ImportError as err:
+        raise ValueError(
+            f"a sweep runs on dask.distributed ({err}): install it with "
+            "pip install 'riemann-bench[bench]', or pass --workers 0 to measure in this process"
+        ) from err
+    options = dispatch.ClusterOptions(args.workers, args.threads_per_worker, args.scheduler)
+    with dispatch.runner(options, args.device) as runner:
+        yield runner
+
+
 def run_sweep(args) -> int:
     grid = grid_from(args)
+    check_cluster_options(args)
     out = default_out(args)
-    meta = {"command": args.command_line}
-    result = sw.sweep(grid, out, meta=meta, gemm_size=2048 if args.quick else 4096)
+    sw.read_results(out / "results.csv")  # a corrupted file stops us before any cluster,
+    out.mkdir(parents=True, exist_ok=True)  # and so does an --out we cannot write to
+    with points_runner(args) as runner:
+        result = sw.sweep(
+            grid,
+            out,
+            meta={"command": args.command_line},
+            runner=runner,
+            gemm_size=2048 if args.quick else 4096,
+        )
     print(
         f"{out / 'results.csv'}: {result.measured} points measured, {result.resumed} "
         f"already there; status counts {result.statuses}"
@@ -124,6 +194,7 @@ def run_report(args) -> int:
 def run_all(args) -> int:
     """Sweep, fit, validate, report; the exit code is 0 once the report is written (the
     verdicts are in it; ``riemann-bench validate`` exits non-zero on a failed claim)."""
+    check_cluster_options(args)
     if len(grid_from(args).dtypes) > 1:
         raise ValueError(
             "fits and claims compare one dtype at a time: run one --dtypes "

@@ -51,7 +51,20 @@ def test_run_writes_results_fits_claims_figures_and_report(tmp_path, capsys):
 
 def test_validate_exits_non_zero_on_a_failed_claim(tmp_path):
     assert (
-        cli.main(["sweep", "--quick", "--out", str(tmp_path), "--methods", "layerwise", *TINY]) == 0
+        cli.main(
+            [
+                "sweep",
+                "--quick",
+                "--out",
+                str(tmp_path),
+                "--workers",
+                "0",
+                "--methods",
+                "layerwise",
+                *TINY,
+            ]
+        )
+        == 0
     )
     path = tmp_path / "results.csv"
     lines = path.read_text().splitlines()
