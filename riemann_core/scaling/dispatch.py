@@ -321,19 +321,24 @@ class DaskRunner:
         done: queue.SimpleQueue[Future] = queue.SimpleQueue()
         capacity = sum(_offering(self.client).values())
         seen = checked = time.monotonic()
+
+        def refill() -> None:
+            while waiting and len(flying) < capacity:
+                future = self.client.submit(task, waiting[-1], resources={RESOURCE: 1}, pure=False)
+                flying[future] = waiting.pop()
+                future.add_done_callback(done.put)
+
         try:
             while waiting or flying:
-                while waiting and len(flying) < capacity:
-                    run = waiting.pop()
-                    future = self.client.submit(task, run, resources={RESOURCE: 1}, pure=False)
-                    flying[future] = run
-                    future.add_done_callback(done.put)
+                refill()
                 try:
                     future = done.get(timeout=CHECK_EVERY)
                 except queue.Empty:
                     pass
                 else:
-                    run, outcome = flying.pop(future), _outcome(future)
+                    run = flying.pop(future)
+                    refill()  # the device starts its next point while this result travels
+                    outcome = _outcome(future)
                     future.release()  # else a worker that dies later loses it: run again
                     yield run, outcome
                 now = time.monotonic()
