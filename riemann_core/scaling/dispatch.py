@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import dask
 import torch
 from distributed import (
     Client,
@@ -58,6 +59,20 @@ RESOURCE = "device"
 ALLOWED_FAILURES = 1
 #: seconds between the checks, while no point completes, that a worker offers the resource
 CHECK_EVERY = 2.0
+#: dask's own periodic work in a worker, its nanny and the scheduler, slowed down: each
+#: wakes a thread on the cores a point is timed on (the profiler samples every thread's
+#: stack every 10 ms; the event loop's latency probe ticks every 20 ms; monitors poll)
+QUIET = {
+    # dask's nanny would set MALLOC_TRIM_THRESHOLD_ (which turns off glibc's adaptive mmap
+    # threshold: every large temporary tensor then costs fresh, page-faulting memory) and
+    # OMP_NUM_THREADS=1 (the worker sets torch's threads itself)
+    "distributed.nanny.pre-spawn-environ": {},
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "5s",
+    "distributed.admin.system-monitor.gil.enabled": False,
+    "distributed.worker.memory.monitor-interval": "1s",
+}
 
 
 class ClusterError(ValueError):
@@ -151,8 +166,8 @@ class Pinning(WorkerPlugin):
 
 def start_cluster(specs: Sequence[WorkerSpec]) -> SpecCluster:
     """A cluster on this host (loopback only): one nanny-supervised process per spec, the
-    host's memory shared among them, and :data:`ALLOWED_FAILURES` retries of a point whose
-    worker died."""
+    host's memory shared among them, :data:`ALLOWED_FAILURES` retries of a point whose
+    worker died, and dask's periodic work :data:`QUIET`."""
     memory = system.MEMORY_LIMIT // len(specs)
     workers = {}
     for i, spec in enumerate(specs):
@@ -175,7 +190,8 @@ def start_cluster(specs: Sequence[WorkerSpec]) -> SpecCluster:
         "cls": Scheduler,
         "options": {"host": "127.0.0.1", "dashboard": False, "allowed_failures": ALLOWED_FAILURES},
     }
-    return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING)
+    with dask.config.set(QUIET):  # the nannies hand this configuration to their workers
+        return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING)
 
 
 @contextmanager
@@ -258,6 +274,14 @@ def check_workers(client: Client, device: str | torch.device, timeout: float = 6
             )
     if not cuda:
         _check_disjoint(facts)
+    noisy = [address for address, fact in facts.items() if fact["noisy"]]
+    if noisy:
+        warnings.warn(
+            f"{len(noisy)} of {len(facts)} workers run dask's profiler or have "
+            "MALLOC_TRIM_THRESHOLD_ set by their nanny, which slows the points they time; "
+            "give the workers the dask configuration of docs/clusters.md",
+            stacklevel=2,
+        )
     return facts
 
 
@@ -289,7 +313,13 @@ def _worker_facts() -> dict:
     from riemann_core.scaling import worker  # noqa: F401  (fails where it is not installed)
 
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    return {"host": socket.gethostname(), "gpus": torch.cuda.device_count(), "cores": cores}
+    return {
+        "host": socket.gethostname(),
+        "gpus": torch.cuda.device_count(),
+        "cores": cores,
+        "noisy": dask.config.get("distributed.worker.profile.enabled")
+        or "MALLOC_TRIM_THRESHOLD_" in os.environ,
+    }
 
 
 def _allowed_failures(dask_scheduler) -> int:

@@ -55,10 +55,10 @@ def measure_here(
 
     ``placed``: the point was sent to this process by a cluster, so it runs on a device of
     this process of the kind ``run["device"]`` names, not on that device index, with
-    :func:`worker_threads` torch threads. The row
-    keeps the requested ``device`` (the sweep's key) and gains ``host``, ``device_name``
-    and ``physical_device``. ``record`` (see :func:`device_record`) is measured at the
-    first point of the sweep ``session`` on each device, before that point.
+    :func:`worker_threads` torch threads. The row keeps the requested ``device`` (the
+    sweep's key) and gains ``host``, ``device_name`` and ``physical_device``. ``record``
+    (see :func:`device_record`) is measured at the first point of the sweep ``session``
+    on each device, before that point.
     """
     if placed:
         torch.set_num_threads(worker_threads())

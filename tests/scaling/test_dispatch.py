@@ -168,8 +168,9 @@ def test_workers_that_would_corrupt_timings_are_refused(
         dispatch.check_workers(in_process(workers, devices), device, timeout=5)
 
 
-def test_a_lone_cpu_worker_passes_the_checks(in_process):
-    facts = dispatch.check_workers(in_process(), "cpu", timeout=5)
+def test_a_lone_cpu_worker_passes_the_checks_with_a_warning_about_dask_defaults(in_process):
+    with pytest.warns(UserWarning, match="run dask's profiler"):  # dask's default
+        facts = dispatch.check_workers(in_process(), "cpu", timeout=5)
     assert len(facts) == 1
     assert next(iter(facts.values()))["cores"] == sorted(os.sched_getaffinity(0))
 
