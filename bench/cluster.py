@@ -3,17 +3,20 @@
     python -m bench.cluster --out reports/cpu/cluster
 
 writes ``cluster.json`` (every timing, the environment, the command), ``cluster.md`` and
-``throughput.png``:
+``throughput.png``. Three measurements of the quick grid, each repeated in rounds:
 
-* **overhead**: wall time of ``riemann-bench sweep --quick`` through the local cluster (one
-  worker) over the same sweep in this process (``--workers 0``), each a fresh process from
-  start to exit. The two run in turn, in alternating order, ``--rounds`` times; the ratio
-  is taken within each round (minutes apart, not tens of minutes: the speed of a shared
-  machine drifts) and reported as the median and range over the rounds.
-* **throughput**: points per second of a simulated cluster of 1, 2 and 4 workers, each with
+* **per point**: every point measured in this process and on one worker of the local
+  cluster in turn, the order alternating, so that both see the same machine within
+  seconds (a shared machine's speed drifts by more than the effect over minutes); with the
+  cluster's fixed cost (start-up with the worker's imports, shut-down) this gives the dask
+  path's wall time over the in-process loop's for the whole grid, per round;
+* **end to end**: ``riemann-bench sweep --quick`` through the local cluster and with
+  ``--workers 0``, each a fresh process from start to exit, in turn: what a user waits for,
+  but each sweep takes minutes, so on a busy machine the ratio carries its drift;
+* **throughput**: points per second of simulated clusters of 1, 2 and 4 workers, each with
   one fake ``device`` resource, running points of a known duration (a sleep) through the
-  sweep's own loop and runner; the ideal is ``workers / duration``. Cluster start-up
-  (with the workers' first imports of torch and riemann_core) is timed apart.
+  sweep's own loop and runner, against the ideal ``workers / duration``; start-up timed
+  apart.
 
 Not an asv benchmark: asv imports this module (it lies in the benchmark directory), so
 dask is imported only when it runs.
@@ -46,23 +49,67 @@ def _warm_up() -> None:
     import riemann_core.scaling.sweep  # noqa: F401  (torch and the package)
 
 
-def overhead(rounds: int, extra: list[str]) -> list[dict]:
-    """Seconds of ``riemann-bench sweep --quick`` in this process and on one local worker."""
+def per_point(rounds: int) -> list[dict]:
+    """Per round: seconds of every quick-grid point here and on one local worker (the order
+    alternating point by point), and the local cluster's start-up and shut-down."""
+    from distributed import Client
+
+    from riemann_core.scaling import dispatch, worker
+    from riemann_core.scaling import sweep as sw
+
+    grid = sw.Grid(**sw.QUICK)
+    runs = list(grid.runs())
+    records = []
+    for r in range(rounds):
+        start = time.perf_counter()
+        cluster = dispatch.start_cluster(dispatch.local_workers("cpu"))
+        client = Client(cluster, set_as_default=False)
+        client.run(_warm_up)
+        started = time.perf_counter()
+        runner = dispatch.DaskRunner(client)
+        task = functools.partial(worker.measure_here, sw.measure_point, grid=grid, session=str(r))
+        there = functools.partial(task, placed=True)
+        seconds = {"here": 0.0, "dask": 0.0}
+        for i, run in enumerate(runs):
+            for mode in ("here", "dask") if (i + r) % 2 == 0 else ("dask", "here"):
+                t = time.perf_counter()
+                if mode == "here":
+                    task(run)
+                else:
+                    for _ in runner(there, [run]):
+                        pass
+                seconds[mode] += time.perf_counter() - t
+        closing = time.perf_counter()
+        client.close()
+        cluster.close()
+        fixed = started - start + time.perf_counter() - closing
+        records.append(
+            {
+                **seconds,
+                "fixed": fixed,
+                "points": len(runs),
+                "ratio": (seconds["dask"] + fixed) / seconds["here"],
+            }
+        )
+        print(f"per point, round {r}: {records[-1]}", file=sys.stderr)
+    return records
+
+
+def end_to_end(rounds: int, extra: list[str]) -> list[dict]:
+    """Seconds of ``riemann-bench sweep --quick`` in one process and on one local worker."""
     records = []
     with tempfile.TemporaryDirectory() as scratch:
         for r in range(rounds):
-            order = ("here", "dask") if r % 2 == 0 else ("dask", "here")
             seconds = {}
-            for mode in order:
-                out = Path(scratch) / f"{mode}-{r}"
+            for mode in ("here", "dask") if r % 2 == 0 else ("dask", "here"):
                 command = [sys.executable, "-m", "riemann_core.cli", "sweep", "--quick"]
-                command += ["--out", str(out), *extra]
+                command += ["--out", str(Path(scratch) / f"{mode}-{r}"), *extra]
                 command += ["--workers", "0"] if mode == "here" else []
                 start = time.perf_counter()
                 subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
                 seconds[mode] = time.perf_counter() - start
             records.append({**seconds, "ratio": seconds["dask"] / seconds["here"]})
-            print(f"round {r}: {records[-1]}", file=sys.stderr)
+            print(f"end to end, round {r}: {records[-1]}", file=sys.stderr)
     return records
 
 
@@ -101,16 +148,22 @@ def throughput(rounds: int, seconds: float) -> list[dict]:
                     "ideal_points_per_s": workers / seconds,
                 }
             )
-            print(f"throughput {records[-1]}", file=sys.stderr)
+            print(f"throughput: {records[-1]}", file=sys.stderr)
     return records
 
 
-def summary(over: list[dict], through: list[dict]) -> dict:
-    """Median and range of the overhead ratio; median efficiency per cluster size."""
-    ratios = [r["ratio"] for r in over]
+def _spread(records: list[dict]) -> dict | None:
+    ratios = [r["ratio"] for r in records]
+    if not ratios:
+        return None
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
+def summary(record: dict) -> dict:
+    """Median and range of each overhead ratio; median throughput per cluster size."""
     sizes = {}
     for workers in WORKERS:
-        mine = [r for r in through if r["workers"] == workers]
+        mine = [r for r in record["throughput"] if r["workers"] == workers]
         if mine:
             sizes[workers] = {
                 "points_per_s": statistics.median(r["points_per_s"] for r in mine),
@@ -120,9 +173,12 @@ def summary(over: list[dict], through: list[dict]) -> dict:
                 ),
                 "startup_s": statistics.median(r["startup_s"] for r in mine),
             }
+    per_point = record["per_point"]
     return {
-        "overhead_ratio": statistics.median(ratios) if ratios else None,
-        "overhead_ratio_range": [min(ratios), max(ratios)] if ratios else None,
+        "per_point_ratio": _spread(per_point),
+        "fixed_s": statistics.median(r["fixed"] for r in per_point) if per_point else None,
+        "points_only_ratio": _spread([{"ratio": r["dask"] / r["here"]} for r in per_point]),
+        "end_to_end_ratio": _spread(record["end_to_end"]),
         "throughput": sizes,
     }
 
@@ -131,23 +187,37 @@ def write(out: Path, record: dict) -> None:
     from riemann_core.measure.output import pyplot, save_figure, write_atomic
 
     result = record["summary"]
+    env = record["environment"]
     lines = [
         "# Dispatching sweeps to dask.distributed",
         "",
-        f"Produced by `{record['command']}` on {record['environment']['device_name']} "
-        f"({record['environment']['threads']} torch threads, commit "
-        f"{record['environment']['commit']}); every timing is in `cluster.json`.",
+        f"Produced by `{record['command']}` on {env['device_name']} ({env['threads']} torch "
+        f"threads, commit {env['commit']}); every timing is in `cluster.json`. The goal: the "
+        "dask path at most 5% slower than the in-process loop with one local worker.",
         "",
     ]
-    if result["overhead_ratio"] is not None:
-        low, high = result["overhead_ratio_range"]
+    if result["per_point_ratio"]:
+        ratio, points = result["per_point_ratio"], result["points_only_ratio"]
+        per_point = record["per_point"]
         lines += [
             "## Overhead on the quick grid",
             "",
-            "Wall time of `riemann-bench sweep --quick` on the local cluster (one worker) "
-            "over the same sweep in one process (`--workers 0`), each a fresh process, in "
-            f"{len(record['overhead'])} interleaved rounds: median ratio "
-            f"**{result['overhead_ratio']:.3f}** (range {low:.3f} to {high:.3f} over rounds).",
+            f"Each of the quick grid's {per_point[0]['points']} points measured in one process "
+            "and on one worker of the local cluster in turn, the order alternating, in "
+            f"{len(per_point)} rounds; dask's time includes the cluster's start-up and "
+            f"shut-down ({result['fixed_s']:.1f} s, median). Dask path over in-process loop: "
+            f"**{ratio['median']:.3f}** (median; {ratio['min']:.3f} to {ratio['max']:.3f} over "
+            f"rounds); the points alone: {points['median']:.3f} ({points['min']:.3f} to "
+            f"{points['max']:.3f}).",
+            "",
+        ]
+    if result["end_to_end_ratio"]:
+        ratio = result["end_to_end_ratio"]
+        lines += [
+            f"End to end (`riemann-bench sweep --quick`, each a fresh process, "
+            f"{len(record['end_to_end'])} rounds in turn): **{ratio['median']:.3f}** "
+            f"({ratio['min']:.3f} to {ratio['max']:.3f}); each sweep takes minutes, so this "
+            "ratio also carries the machine's drift between them.",
             "",
         ]
     rows = [
@@ -155,12 +225,13 @@ def write(out: Path, record: dict) -> None:
         f"{v['efficiency']:.3f} | {v['startup_s']:.1f} |"
         for w, v in result["throughput"].items()
     ]
+    points = record["throughput"][0]["points"] if record["throughput"] else 0
     lines += [
         "## Throughput of a simulated cluster",
         "",
-        f"The quick grid's {record['through'][0]['points'] if record['through'] else 0} runs, "
-        f"each a {record['point_seconds']:g} s sleep, through the sweep's loop on workers with "
-        "one fake device each (medians over rounds; start-up apart):",
+        f"The quick grid's {points} runs, each a {record['point_seconds']:g} s sleep, through "
+        "the sweep's loop on workers with one fake device each (medians over "
+        f"{len({r['round'] for r in record['throughput']})} rounds; start-up apart):",
         "",
         "| workers | points/s | ideal | efficiency | start-up [s] |",
         "|---|---|---|---|---|",
@@ -173,12 +244,18 @@ def write(out: Path, record: dict) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     sizes = list(result["throughput"])
-    ax.plot(sizes, [result["throughput"][w]["ideal_points_per_s"] for w in sizes], "--",
-            color="0.5", label="ideal: workers / duration")  # fmt: skip
-    for r in record["through"]:
-        ax.plot(r["workers"], r["points_per_s"], "o", color="C0", alpha=0.5)
-    ax.plot(sizes, [result["throughput"][w]["points_per_s"] for w in sizes], "-", color="C0",
-            label="measured (median; dots: rounds)")  # fmt: skip
+    ideal = [result["throughput"][w]["ideal_points_per_s"] for w in sizes]
+    ax.plot(sizes, ideal, "--", color="0.5", label="ideal: workers / duration")
+    ax.plot(
+        [r["workers"] for r in record["throughput"]],
+        [r["points_per_s"] for r in record["throughput"]],
+        "o",
+        color="C0",
+        alpha=0.5,
+        label="measured, one dot per round",
+    )
+    measured = [result["throughput"][w]["points_per_s"] for w in sizes]
+    ax.plot(sizes, measured, "-", color="C0", label="median")
     ax.set(xlabel="workers (one fake device each)", ylabel="points per second", xticks=sizes)
     ax.legend(fontsize=7)
     ax.grid(True, lw=0.3)
@@ -190,31 +267,29 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.cluster", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--out", type=Path, required=True, help="directory for the results")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of the per-point and throughput runs"
+    )
+    parser.add_argument(
+        "--end-to-end-rounds", type=int, default=2, help="rounds of whole sweeps (0: none)"
+    )
     parser.add_argument(
         "--point-seconds", type=float, default=0.2, help="duration of a simulated point"
     )
-    parser.add_argument("--skip-overhead", action="store_true", help="throughput only")
-    parser.add_argument(
-        "sweep_options",
-        nargs="*",
-        help="options for both overhead sweeps after --, e.g. -- --methods layerwise",
-    )
     args = parser.parse_args(argv)
     from riemann_core.measure.environment import environment
+    from riemann_core.measure.output import write_atomic
 
-    over = [] if args.skip_overhead else overhead(args.rounds, args.sweep_options)
-    through = throughput(args.rounds, args.point_seconds)
     record = {
-        "command": " ".join(["python -m bench.cluster", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python -m bench.cluster", *(sys.argv[1:] if argv is None else argv)]),
         "environment": environment("cpu"),
         "point_seconds": args.point_seconds,
-        "overhead": over,
-        "through": through,
-        "summary": summary(over, through),
+        "per_point": per_point(args.rounds),
+        "end_to_end": end_to_end(args.end_to_end_rounds, []),
+        "throughput": throughput(args.rounds, args.point_seconds),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cluster.json").write_text(json.dumps(record, indent=2) + "\n")
+    record["summary"] = summary(record)
+    write_atomic(args.out / "cluster.json", json.dumps(record, indent=2) + "\n")
     write(args.out, record)
     print(json.dumps(record["summary"], indent=2))
     return 0
