@@ -5,11 +5,12 @@
 writes ``cluster.json`` (every timing, the environment, the command), ``cluster.md`` and
 ``throughput.png``. Three measurements of the quick grid, each repeated in rounds:
 
-* **per point**: every point measured in this process and on one worker of the local
-  cluster in turn, the order alternating, so that both see the same machine within
-  seconds (a shared machine's speed drifts by more than the effect over minutes); with the
-  cluster's fixed cost (start-up with the worker's imports, shut-down) this gives the dask
-  path's wall time over the in-process loop's for the whole grid, per round;
+* **interleaved**: the points measured in this process and on one worker of the local
+  cluster in turn, ``--chunk`` points at a time (the runner overlaps a point's dispatch
+  with the one before, as in a sweep), the order alternating, so that both see the same
+  machine within seconds (a shared machine's speed drifts by more than the effect over
+  minutes); with the cluster's fixed cost (start-up with the worker's imports, shut-down)
+  this gives the dask path's wall time over the in-process loop's for the whole grid;
 * **end to end**: ``riemann-bench sweep --quick`` through the local cluster and with
   ``--workers 0``, each a fresh process from start to exit, in turn: what a user waits for,
   but each sweep takes minutes, so on a busy machine the ratio carries its drift;
@@ -49,9 +50,10 @@ def _warm_up() -> None:
     import riemann_core.scaling.sweep  # noqa: F401  (torch and the package)
 
 
-def per_point(rounds: int) -> list[dict]:
-    """Per round: seconds of every quick-grid point here and on one local worker (the order
-    alternating point by point), and the local cluster's start-up and shut-down."""
+def interleaved(rounds: int, chunk: int) -> list[dict]:
+    """Per round: seconds of the quick grid's points here and on one local worker, taken
+    ``chunk`` points at a time in turn (the order alternating), and the local cluster's
+    start-up and shut-down."""
     from distributed import Client
 
     from riemann_core.scaling import dispatch, worker
@@ -59,6 +61,7 @@ def per_point(rounds: int) -> list[dict]:
 
     grid = sw.Grid(**sw.QUICK)
     runs = list(grid.runs())
+    chunks = [runs[i : i + chunk] for i in range(0, len(runs), chunk)]
     records = []
     for r in range(rounds):
         start = time.perf_counter()
@@ -70,13 +73,14 @@ def per_point(rounds: int) -> list[dict]:
         task = functools.partial(worker.measure_here, sw.measure_point, grid=grid, session=str(r))
         there = functools.partial(task, placed=True)
         seconds = {"here": 0.0, "dask": 0.0}
-        for i, run in enumerate(runs):
+        for i, part in enumerate(chunks):
             for mode in ("here", "dask") if (i + r) % 2 == 0 else ("dask", "here"):
                 t = time.perf_counter()
                 if mode == "here":
-                    task(run)
+                    for run in part:
+                        task(run)
                 else:
-                    for _ in runner(there, [run]):
+                    for _ in runner(there, part):
                         pass
                 seconds[mode] += time.perf_counter() - t
         closing = time.perf_counter()
@@ -88,10 +92,11 @@ def per_point(rounds: int) -> list[dict]:
                 **seconds,
                 "fixed": fixed,
                 "points": len(runs),
+                "chunk": chunk,
                 "ratio": (seconds["dask"] + fixed) / seconds["here"],
             }
         )
-        print(f"per point, round {r}: {records[-1]}", file=sys.stderr)
+        print(f"interleaved, round {r}: {records[-1]}", file=sys.stderr)
     return records
 
 
@@ -173,11 +178,11 @@ def summary(record: dict) -> dict:
                 ),
                 "startup_s": statistics.median(r["startup_s"] for r in mine),
             }
-    per_point = record["per_point"]
+    chunks = record["interleaved"]
     return {
-        "per_point_ratio": _spread(per_point),
-        "fixed_s": statistics.median(r["fixed"] for r in per_point) if per_point else None,
-        "points_only_ratio": _spread([{"ratio": r["dask"] / r["here"]} for r in per_point]),
+        "interleaved_ratio": _spread(chunks),
+        "fixed_s": statistics.median(r["fixed"] for r in chunks) if chunks else None,
+        "points_only_ratio": _spread([{"ratio": r["dask"] / r["here"]} for r in chunks]),
         "end_to_end_ratio": _spread(record["end_to_end"]),
         "throughput": sizes,
     }
@@ -196,19 +201,19 @@ def write(out: Path, record: dict) -> None:
         "dask path at most 5% slower than the in-process loop with one local worker.",
         "",
     ]
-    if result["per_point_ratio"]:
-        ratio, points = result["per_point_ratio"], result["points_only_ratio"]
-        per_point = record["per_point"]
+    if result["interleaved_ratio"]:
+        ratio, points = result["interleaved_ratio"], result["points_only_ratio"]
+        chunks = record["interleaved"]
         lines += [
             "## Overhead on the quick grid",
             "",
-            f"Each of the quick grid's {per_point[0]['points']} points measured in one process "
-            "and on one worker of the local cluster in turn, the order alternating, in "
-            f"{len(per_point)} rounds; dask's time includes the cluster's start-up and "
-            f"shut-down ({result['fixed_s']:.1f} s, median). Dask path over in-process loop: "
-            f"**{ratio['median']:.3f}** (median; {ratio['min']:.3f} to {ratio['max']:.3f} over "
-            f"rounds); the points alone: {points['median']:.3f} ({points['min']:.3f} to "
-            f"{points['max']:.3f}).",
+            f"The quick grid's {chunks[0]['points']} points measured in one process and on one "
+            f"worker of the local cluster in turn, {chunks[0]['chunk']} at a time, the order "
+            f"alternating, in {len(chunks)} rounds; the dask side includes the cluster's "
+            f"start-up and shut-down ({result['fixed_s']:.1f} s, median). Dask path over "
+            f"in-process loop: **{ratio['median']:.3f}** (median; {ratio['min']:.3f} to "
+            f"{ratio['max']:.3f} over rounds); the points alone: {points['median']:.3f} "
+            f"({points['min']:.3f} to {points['max']:.3f}).",
             "",
         ]
     if result["end_to_end_ratio"]:
@@ -268,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, required=True, help="directory for the results")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="rounds of the per-point and throughput runs"
+        "--rounds", type=int, default=3, help="rounds of the interleaved and throughput runs"
+    )
+    parser.add_argument(
+        "--chunk", type=int, default=10, help="points at a time in the interleaved run"
     )
     parser.add_argument(
         "--end-to-end-rounds", type=int, default=2, help="rounds of whole sweeps (0: none)"
@@ -284,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python -m bench.cluster", *(sys.argv[1:] if argv is None else argv)]),
         "environment": environment("cpu"),
         "point_seconds": args.point_seconds,
-        "per_point": per_point(args.rounds),
+        "interleaved": interleaved(args.rounds, args.chunk),
         "end_to_end": end_to_end(args.end_to_end_rounds, []),
         "throughput": throughput(args.rounds, args.point_seconds),
     }
