@@ -131,7 +131,7 @@ def in_process():
             processes=False,
             threads_per_worker=2,
             resources=resources,
-            dashboard_address=None,
+            dashboard_address=":0",  # a free port: 8787 may be taken
             silence_logs=logging.ERROR,
         )
         clusters.append(cluster)
@@ -173,6 +173,18 @@ def test_a_lone_cpu_worker_passes_the_checks_with_a_warning_about_dask_defaults(
         facts = dispatch.check_workers(in_process(), "cpu", timeout=5)
     assert len(facts) == 1
     assert next(iter(facts.values()))["cores"] == sorted(os.sched_getaffinity(0))
+
+
+def test_a_scheduler_file_connects_and_a_scheduler_retrying_too_often_is_named(
+    in_process, tmp_path
+):
+    client = in_process()
+    path = tmp_path / "scheduler.json"
+    path.write_text(json.dumps({"address": client.scheduler.address}))
+    options = dispatch.ClusterOptions(scheduler=str(path))
+    with pytest.warns(UserWarning, match="retries a point that kills its worker 3 time"):
+        with dispatch.cluster(options, "cpu") as connected:
+            assert connected.scheduler.address == client.scheduler.address
 
 
 def test_an_unreachable_scheduler_is_a_clear_error():
@@ -222,7 +234,7 @@ def two_devices():
             resources={dispatch.RESOURCE: 1},
             scheduler_kwargs={"allowed_failures": dispatch.ALLOWED_FAILURES},
             host="127.0.0.1",
-            dashboard_address=None,
+            dashboard_address=":0",
             silence_logs=logging.ERROR,
         ) as cluster,
         Client(cluster, set_as_default=False) as client,

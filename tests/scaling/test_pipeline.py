@@ -1,6 +1,7 @@
 """The command-line pipeline on a tiny grid: run, validate's exit code, bad options."""
 
 import json
+import sys
 
 import pytest
 
@@ -94,6 +95,31 @@ def test_bad_grid_options_exit_2_before_any_work(tmp_path, capsys, options, mess
     assert cli.main(["sweep", "--quick", "--out", str(tmp_path), *options]) == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--workers", "-1"], "--workers needs 0"),
+        (["--threads-per-worker", "0"], "--threads-per-worker needs 1"),
+        (["--scheduler", "tcp://127.0.0.1:9", "--workers", "2"], "pass one or the other"),
+        (["--workers", "0", "--threads-per-worker", "2"], "--workers 0 has none"),
+    ],
+    ids=["workers", "threads", "scheduler-and-workers", "threads-without-workers"],
+)
+def test_contradictory_cluster_options_exit_2_before_any_work(tmp_path, capsys, options, message):
+    assert cli.main(["sweep", "--quick", "--out", str(tmp_path), *options]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_without_dask_the_sweep_says_how_to_measure_anyway(tmp_path, capsys, monkeypatch):
+    import riemann_core.scaling
+
+    monkeypatch.setitem(sys.modules, "riemann_core.scaling.dispatch", None)  # not importable
+    monkeypatch.delattr(riemann_core.scaling, "dispatch", raising=False)
+    assert cli.main(["sweep", "--quick", "--out", str(tmp_path), *TINY]) == 2
+    assert "--workers 0" in capsys.readouterr().err
 
 
 def test_missing_results_is_a_clear_error(tmp_path, capsys):

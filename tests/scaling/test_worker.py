@@ -85,3 +85,10 @@ def test_a_cuda_point_on_a_worker_without_gpus_says_so(fresh, monkeypatch):
 
 def _record(device):
     return {"host": "h", "device_name": "GPU", "physical_device": str(device)}
+
+
+def test_a_worker_runs_torch_on_its_cores_unless_told(monkeypatch):
+    monkeypatch.delenv(worker.THREADS, raising=False)
+    assert worker.worker_threads() == len(worker.physical_cores())
+    monkeypatch.setenv(worker.THREADS, "3")
+    assert worker.worker_threads() == 3
