@@ -6,8 +6,8 @@ writes ``cluster.json`` (every timing, the environment, the command), ``cluster.
 ``throughput.png``. Three measurements of the quick grid, each repeated in rounds:
 
 * **interleaved**: the points measured in this process and on one worker of the local
-  cluster in turn, ``--chunk`` points at a time (the runner overlaps a point's dispatch
-  with the one before, as in a sweep), the order alternating, so that both see the same
+  cluster in turn, ``--chunk`` points at a time (through the runner, as in a sweep), the
+  order alternating, so that both see the same
   machine within seconds (a shared machine's speed drifts by more than the effect over
   minutes); with the cluster's fixed cost (start-up with the worker's imports, shut-down)
   this gives the dask path's wall time over the in-process loop's for the whole grid;

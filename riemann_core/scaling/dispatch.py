@@ -332,7 +332,10 @@ class DaskRunner:
 
     Only as many points are submitted as the workers offer devices: dask counts a worker's
     death against every point assigned to it, so points queued behind one that kills its
-    worker would otherwise be retried, and lost, for a crash they did not cause. Gives up
+    worker would otherwise be retried, and lost, for a crash they did not cause. A device
+    gets its next point once its last result has reached the client: the worker's event
+    loop, which sends the result, would otherwise take turns with the next point on the
+    timed cores (and the Python of a small point holds the GIL it wants). Gives up
     with :class:`ClusterError` when no worker has offered the resource for ``patience``
     seconds (the points not yet measured are cancelled; a rerun measures them).
     """
@@ -366,10 +369,9 @@ class DaskRunner:
                 except queue.Empty:
                     pass
                 else:
-                    run = flying.pop(future)
-                    refill()  # the device starts its next point while this result travels
-                    outcome = _outcome(future)
+                    run, outcome = flying.pop(future), _outcome(future)
                     future.release()  # else a worker that dies later loses it: run again
+                    refill()  # only now: the result's transfer must not overlap a timed point
                     yield run, outcome
                 now = time.monotonic()
                 if now - checked >= CHECK_EVERY:  # workers come and go
