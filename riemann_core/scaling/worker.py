@@ -12,7 +12,8 @@ cluster the grid names only the kind of device: each worker runs a point on a de
 own. A worker pinned to one GPU through ``CUDA_VISIBLE_DEVICES`` sees it as ``cuda:0``;
 ``physical_device`` names it as the host numbers it. A worker that owns several GPUs (it
 declares as many ``device`` resources) lends each running point one of them. A worker runs
-torch on :func:`worker_threads` threads: dask's nanny would leave it one.
+torch on :func:`worker_threads` threads: dask's nanny would leave it one. A point that
+leaves its GPU unusable (a sticky CUDA error) ends its worker's process, as a crash would.
 
 Needs torch only: the in-process sweep works without dask.
 """
@@ -23,6 +24,7 @@ import functools
 import os
 import queue
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -65,6 +67,11 @@ def measure_here(
     with _device(run["device"], placed) as device:
         record = device_record(device, session, gemm_size)
         row = measure({**run, "device": str(device)}, grid)
+        if placed and row["status"] == "error" and not context_usable(device):
+            # a sticky CUDA error fails every later point of this process: die instead, so
+            # that the cluster retries the point once on a fresh worker, then records it
+            print(f"riemann-bench: {row['reason']} left {device} unusable", file=sys.stderr)
+            os._exit(70)
     where = {k: record[k] for k in ("host", "device_name", "physical_device")}
     return {**row, "device": run["device"], **where}, record
 
@@ -97,6 +104,19 @@ def physical_device(device: torch.device) -> str:
         return f"cuda:{index}"
     entry = [v.strip() for v in visible.split(",")][index]
     return f"cuda:{entry}" if entry.isdigit() else entry
+
+
+def context_usable(device: torch.device) -> bool:
+    """Whether ``device`` still computes: a CUDA error such as an illegal memory access
+    poisons the context of the process for good."""
+    if device.type != "cuda":
+        return True
+    try:
+        torch.ones(1, device=device).add_(1).item()
+        torch.cuda.synchronize(device)
+    except RuntimeError:
+        return False
+    return True
 
 
 def worker_threads() -> int:

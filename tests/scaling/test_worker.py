@@ -60,21 +60,22 @@ def test_a_worker_with_two_gpus_lends_each_running_point_its_own(fresh, monkeypa
         with lock:
             held.append(run["device"])
         time.sleep(0.2)
-        return {}
+        return {"status": "ok"}
 
-    threads = [
-        threading.Thread(
-            target=worker.measure_here,
-            args=(hold, {"device": "cuda:1"}),
-            kwargs=dict(grid=None, session="s", placed=True),
+    rows = []
+
+    def point():
+        rows.append(
+            worker.measure_here(hold, {"device": "cuda:1"}, grid=None, session="s", placed=True)
         )
-        for _ in range(2)
-    ]
+
+    threads = [threading.Thread(target=point) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert sorted(held) == ["cuda:0", "cuda:1"]  # on a cluster "cuda:1" means a GPU
+    assert sorted(row["physical_device"] for row, _ in rows) == ["cuda:0", "cuda:1"]
 
 
 def test_a_cuda_point_on_a_worker_without_gpus_says_so(fresh, monkeypatch):
@@ -92,3 +93,29 @@ def test_a_worker_runs_torch_on_its_cores_unless_told(monkeypatch):
     assert worker.worker_threads() == len(worker.physical_cores())
     monkeypatch.setenv(worker.THREADS, "3")
     assert worker.worker_threads() == 3
+
+
+def test_a_worker_whose_gpu_a_point_poisoned_exits_instead_of_failing_every_later_point(
+    fresh, monkeypatch
+):
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    monkeypatch.setattr(worker, "device_record", lambda device, session, size: _record(device))
+    monkeypatch.setattr(worker, "context_usable", lambda device: False)
+
+    def exit_(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(worker.os, "_exit", exit_)
+
+    def illegal(run, grid):
+        return {"status": "error", "reason": "AcceleratorError: an illegal memory access"}
+
+    with pytest.raises(SystemExit, match="70"):
+        worker.measure_here(illegal, {"device": "cuda"}, grid=None, session="s", placed=True)
+    # in this process the error is recorded as it is (a rerun starts a fresh process)
+    row, _ = worker.measure_here(illegal, {"device": "cuda"}, grid=None, session="s")
+    assert row["status"] == "error"
+
+
+def test_the_cpu_is_always_usable():
+    assert worker.context_usable(torch.device("cpu"))
