@@ -113,7 +113,8 @@ def test_the_local_cluster_pins_its_workers_and_retries_a_point_once():
 def _threads_and_cores(run, grid):
     import torch
 
-    return {"threads": torch.get_num_threads(), "cores": tuple(sorted(os.sched_getaffinity(0)))}
+    cores = tuple(sorted(os.sched_getaffinity(0)))
+    return {"status": "ok", "threads": torch.get_num_threads(), "cores": cores}
 
 
 # -- checks before any point is submitted ----------------------------------------------------
