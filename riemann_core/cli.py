@@ -16,7 +16,7 @@ import textwrap
 from collections.abc import Sequence
 from importlib import metadata
 
-from .arguments import Command, common_options
+from .arguments import Command, check_device, common_options
 from .scaling import commands as scaling_commands
 from .scaling import targets
 from .studies import demo, stability, training
@@ -34,7 +34,13 @@ COMMANDS: tuple[Command, ...] = (
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``riemann-bench`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "scheduler", None) is None:  # on a cluster, the workers' devices count
+        try:
+            check_device(args.device)
+        except ValueError as err:
+            parser.error(str(err))
     args.command_line = " ".join([PROG, *argv])  # recorded with the results
     return args.run(args)
 
