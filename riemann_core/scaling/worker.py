@@ -59,8 +59,8 @@ def measure_here(
     this process of the kind ``run["device"]`` names, not on that device index, with
     :func:`worker_threads` torch threads. The row keeps the requested ``device`` (the
     sweep's key) and gains ``host``, ``device_name`` and ``physical_device``. ``record``
-    (see :func:`device_record`) is measured at the first point of the sweep ``session``
-    on each device, before that point.
+    (see :func:`device_record`) is made once per sweep ``session`` and device, before
+    the device's first point or rate.
     """
     if placed:
         torch.set_num_threads(worker_threads())

@@ -254,6 +254,17 @@ def test_growth_doubles_an_axis_while_the_overhead_dominates(overhead, changes, 
     assert [r["width"] for r in plan.runs] == ([32] if grown else [])
 
 
+def test_growth_stops_where_another_kind_of_device_measured_the_next_point():
+    _, rows = synthetic_rows(1e-3)  # would grow to width 32
+    rows = [{**r, "device_name": "GPU A"} for r in rows]
+    rows.append({**rows[0], "width": 32, "device_name": "GPU B"})
+    grid = sw.Grid(**{**TINY, "methods": ("layerwise",), "grow": {"width": 64}})
+    plan = grow.plan(rows, grid, elapsed=0.0)
+    decision = plan.decisions["layerwise/structured/width on GPU A"]
+    assert decision.startswith("stopped at width=16: width=32 was measured on GPU B")
+    assert plan.runs == []  # a point is measured once, wherever it ran
+
+
 def test_a_median_far_from_both_neighbours_is_an_outlier():
     grid, rows = synthetic_rows(1e-3, widths=(4, 8, 16, 32, 64))
     assert grow.outliers(rows) == []
