@@ -24,6 +24,8 @@ def direction(
     solve_dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
     refine: int = 0,
+    kfac_damping: str = "exact",
+    kfac_bias: str = "joint",
     return_diagnostics: bool = False,
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], list[LayerDiagnostics]]:
     """``G^{-1} g`` for the mean loss's gradient ``g`` on the batch ``(inputs, targets)``.
@@ -52,6 +54,11 @@ def direction(
             ``natural``). ``(g - K^T t) / mu`` cancels when ``mu`` is tiny against the
             curvature (relative residual ``~ eps / mu``); one step restores a
             backward-stable solve for two more products with ``K`` per block.
+        kfac_damping: ``method="kfac"`` only: ``"exact"`` (``Gamma (x) A + mu I``, in the
+            factors' eigenbases) or ``"factored"`` (``(Gamma + pi sqrt(mu) I) (x)
+            (A + sqrt(mu) / pi I)``, ``pi`` from the factors' traces, by Cholesky).
+        kfac_bias: ``method="kfac"`` only: ``"joint"`` (weight and bias in one Kronecker
+            block) or ``"separate"`` (the bias its own block ``Gamma + mu I``).
         return_diagnostics: also return a list of :class:`LayerDiagnostics`.
 
     Returns:
@@ -78,6 +85,8 @@ def direction(
         kernel=kernel,
         solve_dtype=solve_dtype,
         refine=refine,
+        kfac_damping=kfac_damping,
+        kfac_bias=kfac_bias,
         diagnostics=return_diagnostics,
         generator=generator,
     )
@@ -92,8 +101,9 @@ def direction(
     return (result, diagnostics) if return_diagnostics else result
 
 
-def solve(model, inputs, targets, method: str, opts: Options, gradient=None):
-    """Run ``method``; ``gradient`` (``{name: vector}``) replaces the loss gradient.
+def solve(model, inputs, targets, method: str, opts: Options, gradient=None, state=None):
+    """Run ``method``; ``gradient`` (``{name: vector}``) replaces the loss gradient;
+    ``state`` is K-FAC's state across a preconditioner's steps (``method="kfac"``).
 
     Returns ``({name: direction}, diagnostics)`` for the parameters seen in the forward
     pass. Raises before returning anything if a direction is not finite.
@@ -102,14 +112,22 @@ def solve(model, inputs, targets, method: str, opts: Options, gradient=None):
     problem = build_problem(
         model, inputs, targets, opts, needs_factor=solver.NEEDS_FACTOR, gradient=gradient
     )
-    per_block, diagnostics = solver.solve(problem, opts)
-    directions = {}
-    for block, dirs in zip(problem.blocks, per_block, strict=True):
-        for name, x in zip(block.param_names, dirs, strict=True):
-            if not all_finite(x):
-                raise FloatingPointError(
-                    f"method={method!r} produced a non-finite direction for {name!r}; "
-                    "increase the damping or pass solve_dtype=torch.float64"
-                )
-            directions[name] = x
+    extra = () if state is None else (state,)
+    per_block, diagnostics = solver.solve(problem, opts, *extra)
+    directions = {
+        name: x
+        for block, dirs in zip(problem.blocks, per_block, strict=True)
+        for name, x in zip(block.param_names, dirs, strict=True)
+    }
+    check_directions(method, directions)
     return directions, diagnostics
+
+
+def check_directions(method: str, directions: dict[str, Tensor]) -> None:
+    """Raise :class:`FloatingPointError` if a direction is not finite."""
+    for name, x in directions.items():
+        if not all_finite(x):
+            raise FloatingPointError(
+                f"method={method!r} produced a non-finite direction for {name!r}; "
+                "increase the damping or pass solve_dtype=torch.float64"
+            )

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_options, check_outputs
+from .._checks import KFAC_OPTIONS, check_kfac_options, check_options, check_outputs
 from ..factors import FactorFn, factor_cotangents, output_factor, pullback
 from ..modules import Block, Handler, PatchHandler, handler_for
 
@@ -27,15 +27,19 @@ class Options:
     diagnostics: bool = False
     generator: torch.Generator | None = None
     refine: int = 0
+    kfac_damping: str = "exact"
+    kfac_bias: str = "joint"
 
     @classmethod
     def checked(cls, method: str, methods, **options) -> Options:
         """Validate ``method`` and ``options`` (naming any bad one and its fix)."""
+        unchecked = ("diagnostics", "generator", *KFAC_OPTIONS)
         check_options(
             method=method,
             methods=methods,
-            **{k: v for k, v in options.items() if k not in ("diagnostics", "generator")},
+            **{k: v for k, v in options.items() if k not in unchecked},
         )
+        check_kfac_options(method, **{k: options[k] for k in KFAC_OPTIONS if k in options})
         return cls(**{**options, "damping": float(options["damping"])})
 
 
