@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_finite, check_model
-from .direction import solve
+from ._checks import check_finite, check_model, check_refresh
+from .direction import check_directions, solve
 from .factors import FactorFn
 from .methods import METHODS, LayerDiagnostics, Options
+from .methods.kfac import KFACState
 
 
 class RiemannianPreconditioner:
@@ -26,6 +27,12 @@ class RiemannianPreconditioner:
     On any error ``.grad`` is left as it was. Options are those of ``rc.direction``;
     with ``diagnostics=True`` each step's :class:`LayerDiagnostics` are kept in
     ``.diagnostics``. Call ``remove()`` (or use ``with``) to detach the hook.
+
+    K-FAC as optimisers run it (``method="kfac"`` only): ``kfac_refresh=k`` refreshes
+    the factorisations every ``k`` steps and reuses them in between, where a step then
+    costs two products per block and no forward pass; ``kfac_decay=beta`` keeps running
+    averages of the factors, ``F <- beta F + (1 - beta) F_batch``, updated every step
+    (which then needs the forward pass and the pullback again).
     """
 
     def __init__(
@@ -41,6 +48,10 @@ class RiemannianPreconditioner:
         solve_dtype: torch.dtype | None = None,
         generator: torch.Generator | None = None,
         refine: int = 0,
+        kfac_damping: str = "exact",
+        kfac_bias: str = "joint",
+        kfac_refresh: int = 1,
+        kfac_decay: float = 0.0,
         diagnostics: bool = False,
     ):
         self.options = Options.checked(
@@ -53,9 +64,12 @@ class RiemannianPreconditioner:
             kernel=kernel,
             solve_dtype=solve_dtype,
             refine=refine,
+            kfac_damping=kfac_damping,
+            kfac_bias=kfac_bias,
             diagnostics=diagnostics,
             generator=generator,
         )
+        self._kfac = _kfac_state(method, kfac_refresh, kfac_decay)
         check_model(model)
         self.model = model
         self.method = method
@@ -89,15 +103,31 @@ class RiemannianPreconditioner:
         }
         self._stepping = True
         try:
-            directions, diagnostics = solve(
-                self.model, self._inputs, None, self.method, self.options, gradient=gradient
-            )
+            if self._kfac is not None and not self._kfac.needs_factors(gradient):
+                directions, diagnostics = self._kfac.reuse(gradient, self.options)
+                check_directions(self.method, directions)
+            else:
+                directions, diagnostics = solve(
+                    self.model,
+                    self._inputs,
+                    None,
+                    self.method,
+                    self.options,
+                    gradient=gradient,
+                    state=self._kfac,
+                )
+        except BaseException:
+            if self._kfac is not None:
+                self._kfac.discard()
+            raise
         finally:
             self._stepping = False
         for name, p in with_grad:  # every direction exists before any .grad changes
             if name in directions:
                 p.grad.copy_(directions[name])
         self.diagnostics = diagnostics
+        if self._kfac is not None:
+            self._kfac.commit()
 
     def remove(self) -> None:
         """Detach the forward pre-hook from the model."""
@@ -108,3 +138,16 @@ class RiemannianPreconditioner:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _kfac_state(method: str, refresh, decay) -> KFACState | None:
+    """K-FAC's state across steps, when ``kfac_refresh`` or ``kfac_decay`` asks for one."""
+    check_refresh(refresh, decay)
+    if refresh == 1 and decay == 0:
+        return None
+    if method != "kfac":
+        raise ValueError(
+            f"kfac_refresh and kfac_decay are options of method='kfac', not of "
+            f"method={method!r}; drop them, or pass method='kfac'"
+        )
+    return KFACState(refresh, decay)

@@ -325,3 +325,31 @@ def check_eigendecomposition(matrix, values, vectors):
     q = vectors.double()
     assert torch.allclose(q.T @ q, torch.eye(len(m), dtype=torch.float64), atol=1e-5)
     assert ((q * values.double()) @ q.T - m).abs().max() <= 1e-6 * scale
+
+
+@pytest.mark.parametrize(("scheme", "bias"), VARIANTS)
+def test_kfac_variant_diagnostics(scheme, bias):
+    """One entry per Kronecker block (a module, or its weight and bias apart), with the
+    residual of its own damped metric."""
+    model, x, y = SHAPES[0].make()
+    _, diagnostics = rc.direction(
+        model, x, y, method="kfac", damping=1e-2, kfac_damping=scheme, kfac_bias=bias,
+        return_diagnostics=True,
+    )  # fmt: skip
+    if bias == "joint":
+        names = ["0", "2", "4"]
+    else:
+        names = [f"{m}.{p}" for m in ("0", "2", "4") for p in ("weight", "bias")]
+    assert [d.name for d in diagnostics] == names
+    solver = "kronecker" if scheme == "exact" else "kronecker-factored"
+    assert {d.solver for d in diagnostics} == {solver}
+    assert all(d.residual < 1e-12 and d.condition >= 1 for d in diagnostics)
+    assert sum(d.params for d in diagnostics) == sum(p.numel() for p in model.parameters())
+
+
+def test_direction_checks_kfac_options():
+    model, x, y = Problem().make()
+    with pytest.raises(ValueError, match=r"unknown kfac_damping 'eigen'; choose one of"):
+        rc.direction(model, x, y, method="kfac", kfac_damping="eigen")
+    with pytest.raises(ValueError, match=r"kfac_bias='separate' is an option of method='kfac'"):
+        rc.direction(model, x, y, method="natural", kfac_bias="separate")

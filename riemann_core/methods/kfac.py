@@ -199,9 +199,9 @@ class KFACState:
         check_refresh(refresh, decay)
         self.refresh, self.decay = refresh, float(decay)
         self.steps = 0
-        self._averages: dict[str, Tensor] = {}
-        self._blocks: dict[str, list[DampedBlock]] = {}
-        self._pending: tuple[dict, dict] = ({}, {})
+        self._averages: dict[str, Tensor] = {}  # running factors by "module:Gamma", "part:A"
+        self._blocks: dict[str, list[DampedBlock]] = {}  # by module
+        self.discard()
 
     @property
     def due(self) -> bool:
@@ -215,42 +215,40 @@ class KFACState:
 
     def blocks(self, handler: PatchHandler, opts: Options) -> list[DampedBlock]:
         """The module's blocks for this step: refactorised from this batch's (averaged)
-        factors when due or not cached, else the cached ones."""
-        name = handler.block.name
-        averages, refreshed = self._pending
-        cached = not self.due and name in self._blocks
-        if cached and self.decay == 0:
-            return self._blocks[name]
-        gamma, inputs = module_factors(handler, opts)
+        factors when due or not cached for these parameters, else the cached ones."""
+        name, names = handler.block.name, handler.block.param_names
+        old = self._blocks.get(name, [])
+        cached = not self.due and [n for b in old for n in b.part.param_names] == names
+        if not cached or self.decay > 0:
+            gamma, inputs = module_factors(handler, opts)
         if self.decay > 0:
-            gamma = self._average(f"{name}:Gamma", gamma, averages)
-            inputs = {p: self._average(f"{p}:A", A, averages) for p, A in inputs.items()}
-        if cached:
-            return self._blocks[name]
-        refreshed[name] = damped_blocks(handler, opts, (gamma, inputs))
-        return refreshed[name]
+            gamma = self._average(f"{name}:Gamma", gamma)
+            inputs = {p: self._average(f"{p}:A", A) for p, A in inputs.items()}
+        blocks = old if cached else damped_blocks(handler, opts, (gamma, inputs))
+        self._pending_blocks[name] = blocks
+        return blocks
 
-    def _average(self, key: str, factor: Factor, averages: dict) -> Factor:
+    def _average(self, key: str, factor: Factor) -> Factor:
         batch = factor.dense()
         old = self._averages.get(key)
         if old is not None and old.shape == batch.shape and old.dtype == batch.dtype:
             batch = torch.lerp(batch, old, self.decay)  # decay old + (1 - decay) batch
-        averages[key] = batch
+        self._pending_averages[key] = batch
         return Factor(matrix=batch, what=factor.what)
 
     def reuse(self, gradient: dict[str, Tensor], opts: Options):
         """The cached blocks applied to ``gradient``, as :func:`apply`."""
-        blocks = [b for blocks in self._blocks.values() for b in blocks]
-        return apply(blocks, gradient, opts)
+        self._pending_blocks = self._blocks
+        return apply([b for blocks in self._blocks.values() for b in blocks], gradient, opts)
 
     def commit(self) -> None:
-        """Keep what the step computed and count it."""
-        averages, refreshed = self._pending
-        self._averages.update(averages)
-        self._blocks.update(refreshed)
-        self._pending = ({}, {})
+        """Keep what the step computed (the blocks of the modules it saw) and count it."""
+        self._averages.update(self._pending_averages)
+        self._blocks = self._pending_blocks
         self.steps += 1
+        self.discard()
 
     def discard(self) -> None:
         """Forget what a failed step computed."""
-        self._pending = ({}, {})
+        self._pending_averages: dict[str, Tensor] = {}
+        self._pending_blocks: dict[str, list[DampedBlock]] = {}
