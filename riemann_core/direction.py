@@ -58,7 +58,8 @@ def direction(
             factors' eigenbases) or ``"factored"`` (``(Gamma + pi sqrt(mu) I) (x)
             (A + sqrt(mu) / pi I)``, ``pi`` from the factors' traces, by Cholesky).
         kfac_bias: ``method="kfac"`` only: ``"joint"`` (weight and bias in one Kronecker
-            block) or ``"separate"`` (the bias its own block ``Gamma + mu I``).
+            block) or ``"separate"`` (the bias its own block ``Gamma``, damped like the
+            weight's ``Gamma``).
         return_diagnostics: also return a list of :class:`LayerDiagnostics`.
 
     Returns:

@@ -95,6 +95,7 @@ class Factor:
         self.rows, self.matrix, self.what = rows, matrix, what
         self._gram: Tensor | None = None
         self._eigen: Eigen | None = None
+        self._shifted: dict[float, Shifted] = {}
 
     @classmethod
     def of_rows(cls, rows: Tensor, *, what: str) -> Factor:
@@ -140,12 +141,16 @@ class Factor:
         return self._eigen
 
     def shifted(self, shift: float) -> Shifted:
-        """``(F + shift I)^{-1}``, factorised."""
-        M = (self.gram() if self.thin else self.matrix).clone()
-        M.diagonal().add_(shift)
-        size = f"{M.shape[0]} x {M.shape[0]}"
-        what = f"damped Gram of the {self.what} ({size})" if self.thin else f"damped {self.what}"
-        return Shifted(self, shift, cholesky(M, what=what))
+        """``(F + shift I)^{-1}``, factorised (once per shift)."""
+        if shift not in self._shifted:
+            M = (self.gram() if self.thin else self.matrix).clone()
+            M.diagonal().add_(shift)
+            size = f"{M.shape[0]} x {M.shape[0]}"
+            what = (
+                f"damped Gram of the {self.what} ({size})" if self.thin else f"damped {self.what}"
+            )
+            self._shifted[shift] = Shifted(self, shift, cholesky(M, what=what))
+        return self._shifted[shift]
 
 
 @dataclass(frozen=True)

@@ -389,30 +389,36 @@ def kfac_factors_for(problem: Problem):
     return kfac_factors(model, x, y, problem.loss_name)
 
 
+def factored_shifts(Gamma: Tensor, A: Tensor, damping: float) -> tuple[float, float]:
+    """``(pi sqrt(mu), sqrt(mu) / pi)`` with ``pi = sqrt((tr Gamma / dim) / (tr A / dim))``."""
+    pi = math.sqrt(float(Gamma.trace() / Gamma.shape[0]) / float(A.trace() / A.shape[0]))
+    return pi * math.sqrt(damping), math.sqrt(damping) / pi
+
+
 def damped_kronecker(Gamma: Tensor, A: Tensor, damping: float, scheme: str) -> Tensor:
     """``Gamma (x) A + mu I`` (``"exact"``) or ``(Gamma + pi sqrt(mu) I) (x)
-    (A + sqrt(mu) / pi I)`` with ``pi = sqrt((tr Gamma / dim Gamma) / (tr A / dim A))``
-    (``"factored"``), dense, row-major ``vec``."""
-    I_G, I_A = (torch.eye(M.shape[0], dtype=M.dtype) for M in (Gamma, A))
+    (A + sqrt(mu) / pi I)`` (``"factored"``), dense, row-major ``vec``."""
     if scheme == "exact":
         return damped(torch.kron(Gamma, A), damping)
-    pi = math.sqrt(float(Gamma.trace() / Gamma.shape[0]) / float(A.trace() / A.shape[0]))
-    root = math.sqrt(damping)
-    return torch.kron(Gamma + pi * root * I_G, A + root / pi * I_A)
+    c_G, c_A = factored_shifts(Gamma, A, damping)
+    return torch.kron(damped(Gamma, c_G), damped(A, c_A))
 
 
 def kfac_metric(module, Gamma, A, damping: float, scheme: str = "exact", bias: str = "joint"):
     """A module's damped K-FAC metric in parameter order (``vec(W)`` row-major, ``b``).
 
     ``bias="joint"``: one block ``[W | b]`` with the whole ``A``. ``"separate"``: the
-    weight's block with ``A`` less its bias row and column, and the bias's block
-    ``Gamma + mu I`` (its input factor is ``1``: there is nothing to split).
+    weight's block with ``A`` less its bias row and column, and the bias's block, whose
+    input factor is ``1``: ``Gamma`` damped as in the weight's block (``Gamma + mu I``
+    exact, ``Gamma + pi sqrt(mu) I`` factored).
     """
     if module.bias is None or bias == "joint":
         P = matrix_to_params(module)
         return P @ damped_kronecker(Gamma, A, damping, scheme) @ P.T
-    weight = damped_kronecker(Gamma, A[:-1, :-1], damping, scheme)
-    return torch.block_diag(weight, damped(Gamma, damping))
+    A_weight = A[:-1, :-1]
+    shift = damping if scheme == "exact" else factored_shifts(Gamma, A_weight, damping)[0]
+    weight = damped_kronecker(Gamma, A_weight, damping, scheme)
+    return torch.block_diag(weight, damped(Gamma, shift))
 
 
 def kfac_blocks(model: nn.Sequential, inputs: Tensor, targets: Tensor, loss: str):

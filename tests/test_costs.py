@@ -45,6 +45,27 @@ def test_counted_flops_match_the_model(widths, N, bias, method, kernel, output_m
     assert counter.get_total_flops() == pytest.approx(modelled, rel=1e-2, abs=2)
 
 
+@pytest.mark.parametrize("kfac_bias", ["joint", "separate"])
+@pytest.mark.parametrize("kfac_damping", ["exact", "factored"])
+@pytest.mark.parametrize(
+    "widths,N,bias", SHAPES, ids=[f"widths={'-'.join(map(str, w))}-N={n}" for w, n, _ in SHAPES]
+)
+@pytest.mark.parametrize("output_metric", ["exact", "sampled"])
+def test_counted_kfac_flops_match_the_model(
+    widths, N, bias, output_metric, kfac_damping, kfac_bias
+):
+    """Every K-FAC variant, with thin and dense factors (``N`` and ``d`` against widths)."""
+    torch.manual_seed(0)
+    model = mlp(widths, bias)
+    x, y = torch.randn(N, widths[0]), torch.randint(0, widths[-1], (N,))
+    variant = dict(kfac_damping=kfac_damping, kfac_bias=kfac_bias)
+    with flop_counter() as counter:
+        rc.direction(model, x, y, method="kfac", output_metric=output_metric, **variant)
+    rows = widths[-1] if output_metric == "exact" else 1
+    modelled = costs.flops("kfac", costs.MLPShape(widths, N, rows, bias), **variant)["total"]
+    assert counter.get_total_flops() == pytest.approx(modelled, rel=1e-2, abs=2)
+
+
 def test_linalg_formulas_are_counted():
     A = torch.randn(30, 30, dtype=torch.float64)
     A = A @ A.T + 30 * torch.eye(30, dtype=torch.float64)

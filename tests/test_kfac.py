@@ -177,17 +177,23 @@ def test_conv_kfac_variants_solve_their_damped_metrics():
 def test_factored_damping_of_a_zero_factor_is_its_limit(bias):
     """Zero inputs make the weight's ``A`` zero (``bias="separate"``), so ``pi -> inf``
     and ``(Gamma + pi sqrt(mu) I) (x) (sqrt(mu) / pi I) -> mu I``: the weight's
-    direction is ``v / mu``. With the bias's column ``A`` is not zero."""
+    direction is ``v / mu``, and the bias's block is ``Gamma + mu I``. With the bias's
+    column, ``A`` is not zero."""
     model, _, y = Problem(depth=2).make()
     x = torch.zeros(4, 5, dtype=torch.float64)
     v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
     opts = Options(damping=1e-2, kfac_damping="factored", kfac_bias=bias)
     dirs, _ = solve(model, x, y, "kfac", opts, gradient=unflatten(v, model))
-    weight = unflatten(v, model)["0.weight"]
+    factors = kfac_factors(model, x, y, "cross_entropy")
     if bias == "separate":
-        torch.testing.assert_close(dirs["0.weight"], weight / 1e-2, rtol=1e-12, atol=0)
+        given = unflatten(v, model)
+        torch.testing.assert_close(dirs["0.weight"], given["0.weight"] / 1e-2, rtol=1e-12, atol=0)
+        Gamma = factors[0][2]
+        expected = torch.linalg.solve(
+            Gamma + 1e-2 * torch.eye(4, dtype=torch.float64), given["0.bias"]
+        )
+        torch.testing.assert_close(dirs["0.bias"], expected, rtol=1e-10, atol=0)
     else:
-        factors = kfac_factors(model, x, y, "cross_entropy")
         expected = solve_kfac_metric(factors, v, 1e-2, "factored", bias)
         assert rel_error(flatten(dirs, model), expected) < 1e-10
 

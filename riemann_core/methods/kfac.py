@@ -10,7 +10,8 @@ of the block ``K_a^T K_a`` (exact for one sample at one position). The variants:
   with ``pi = sqrt((tr Gamma / f_out) / (tr A / P))`` (Martens & Grosse 2015), by Cholesky;
 * ``kfac_bias="joint"`` (default): weight and bias in one block, ``xt = [x, 1]``;
 * ``kfac_bias="separate"``: the weight's block ``Gamma (x) A`` with ``A = mean x x^T``,
-  and the bias's own block ``Gamma + mu I`` (one factor: nothing to split).
+  and the bias's own block ``Gamma`` (input factor ``1``), damped like ``Gamma`` in
+  the weight's block: ``Gamma + mu I`` (exact), ``Gamma + pi sqrt(mu) I`` (factored).
 
 The Monte Carlo Fisher is ``output_metric="sampled"``. See :mod:`riemann_core.kronecker`
 for the algebra; a factor with fewer rows than columns is never formed.
@@ -91,9 +92,14 @@ def module_factors(handler: PatchHandler, opts: Options) -> tuple[Factor, dict[s
 
 
 class DampedBlock:
-    """One part's damped Kronecker metric, factorised once: ``block(V)`` is ``G^{-1} V``."""
+    """One part's damped Kronecker metric, factorised once: ``block(V)`` is ``G^{-1} V``.
 
-    def __init__(self, part: Part, gamma: Factor, A: Factor | None, opts: Options, **info):
+    ``shifts`` (factored damping): the damping of ``Gamma`` and of ``A`` (``None`` for a
+    part without input factor), or ``None`` when a factor is zero and the metric is
+    ``mu I`` (the limit of the factored product).
+    """
+
+    def __init__(self, part: Part, gamma: Factor, A: Factor | None, opts: Options, shifts, **info):
         self.part, self.gamma, self.A, self.damping = part, gamma, A, opts.damping
         self.factored = opts.kfac_damping == "factored"
         self.info = info  # kernel and rows, for the diagnostics
@@ -101,10 +107,9 @@ class DampedBlock:
         self.right: Shifted | None = None
         if not self.factored:
             self.eigen = (gamma.eigen(), A.eigen() if A else unit_eigen(gamma.data))
-        elif A is None:  # one factor: Gamma + mu I
-            self.left = gamma.shifted(self.damping)
-        elif (split := split_damping(gamma, A, self.damping)) is not None:
-            self.left, self.right = gamma.shifted(split[0]), A.shifted(split[1])
+        elif shifts is not None:
+            self.left = gamma.shifted(shifts[0])
+            self.right = None if A is None else A.shifted(shifts[1])
 
     def __call__(self, V: Tensor) -> Tensor:
         if not self.factored:
@@ -148,12 +153,24 @@ class DampedBlock:
 
 def damped_blocks(handler: PatchHandler, opts: Options, factors=None) -> list[DampedBlock]:
     """The module's parts, each with its damped metric factorised from ``factors``
-    (``(Gamma, {part: A})``; default: this batch's, :func:`module_factors`)."""
+    (``(Gamma, {part: A})``; default: this batch's, :func:`module_factors`).
+
+    Factored damping splits ``mu`` by the weight's factors; a bias apart shares the
+    weight's damped ``Gamma + pi sqrt(mu) I`` (one Cholesky for both), and alone (a
+    frozen weight, or a zero factor) has ``Gamma + mu I``.
+    """
     gamma, inputs = factors or module_factors(handler, opts)
+    parts = parts_of(handler, opts.kfac_bias)
+    split = None
+    if opts.kfac_damping == "factored" and not parts[0].bias_only:
+        split = split_damping(gamma, inputs[parts[0].name], opts.damping)
+    bias_shift = (opts.damping if split is None else split[0], None)
     info = dict(kernel=type(handler).__name__, rows=handler.d)
     return [
-        DampedBlock(p, gamma, inputs.get(p.name), opts, **info)
-        for p in parts_of(handler, opts.kfac_bias)
+        DampedBlock(
+            p, gamma, inputs.get(p.name), opts, bias_shift if p.bias_only else split, **info
+        )
+        for p in parts
     ]
 
 
