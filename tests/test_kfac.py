@@ -265,7 +265,7 @@ def test_kfac_sequence_linear_matches_oracle_definition():
     m64, x64, y64 = as_float64(model, x, y)
     H = loss_hessians(m64(x64), y64, "cross_entropy")
     Jh = output_jacobian_wrt_layer(m64, 0, x64)  # (N, C, T, f_out)
-    Gamma = torch.einsum("bcto,bcd,bdtp->op", Jh, H, Jh)
+    Gamma = torch.einsum("bcto,bcd,bdtp->op", Jh, H, Jh).contiguous()  # for torch.kron
     X = torch.cat([x64, torch.ones_like(x64[..., :1])], dim=-1).flatten(0, 1)
     A = X.T @ X / X.shape[0]
     P = matrix_to_params(model[0])
