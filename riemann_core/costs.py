@@ -39,6 +39,12 @@ def inverse_flops(n: int) -> float:
     return 2 * n**3
 
 
+def cholesky_inverse_flops(n: int) -> float:
+    """``2 n^3 / 3``: ``(L L^T)^{-1}`` from the Cholesky factor ``L`` (``L^{-1}``, then
+    ``L^{-T} L^{-1}``)."""
+    return 2 * n**3 / 3
+
+
 def qr_flops(m: int, n: int) -> float:
     """``2 m n^2 - 2 n^3 / 3``: Householder QR of ``m x n`` (``m >= n``), ``R`` only."""
     return 2 * m * n * n - 2 * n**3 / 3

@@ -75,11 +75,13 @@ def test_linalg_formulas_are_counted():
         torch.linalg.solve_triangular(L, b, upper=False)
         torch.linalg.eigh(A)
         torch.linalg.solve(A, b)
+        torch.cholesky_inverse(L)
     expected = (
         costs.cholesky_flops(30)
         + costs.triangular_solve_flops(30, 4)
         + costs.eigh_flops(30)
         + costs.lu_solve_flops(30, 4)
+        + costs.cholesky_inverse_flops(30)
     )
     assert counter.get_total_flops() == pytest.approx(expected, abs=4)
 
