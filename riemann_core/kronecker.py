@@ -166,8 +166,18 @@ class Shifted:
         """``(F + c I)^{-1} Y`` for ``Y`` of shape ``(n, k)``."""
         if not self.factor.thin:
             return self.chol.solve(Y)
-        R = self.factor.rows
-        return (Y - R.T @ self.chol.solve(R @ Y)) / self.shift
+        R, c = self.factor.rows, self.shift
+        return torch.addmm(Y, R.T, self.chol.solve(R @ Y), beta=1 / c, alpha=-1 / c)
+
+    def solve_right(self, Y: Tensor) -> Tensor:
+        """``Y (F + c I)^{-1}`` for ``Y`` of shape ``(k, n)``, in ``Y``'s layout."""
+        if not self.factor.thin:
+            L = self.chol.factor
+            Z = torch.linalg.solve_triangular(L.mT, Y, upper=True, left=False)
+            return torch.linalg.solve_triangular(L, Z, upper=False, left=False)
+        R, c = self.factor.rows, self.shift
+        t = self.chol.solve((Y @ R.T).T).T
+        return torch.addmm(Y, t, R, beta=1 / c, alpha=-1 / c)
 
     def condition(self) -> float:
         """2-norm condition number of ``F + c I`` (from ``F``'s eigenvalues)."""

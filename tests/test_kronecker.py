@@ -74,6 +74,7 @@ def test_shifted_solve(kind, shift):
     dense = R.T @ R + shift * torch.eye(F.n, dtype=torch.float64)
     shifted = F.shifted(shift)
     assert rel_error(shifted.solve(Y), torch.linalg.solve(dense, Y)) < 1e-9
+    assert rel_error(shifted.solve_right(Y.T), torch.linalg.solve(dense, Y).T) < 1e-9
     assert shifted.condition() == pytest.approx(torch.linalg.cond(dense).item(), rel=1e-6)
 
 

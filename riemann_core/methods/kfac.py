@@ -117,7 +117,7 @@ class DampedBlock:
         if self.left is None:  # a zero factor: the metric is mu I
             return V / self.damping
         X = self.left.solve(V)
-        return X if self.right is None else self.right.solve(X.T).T
+        return X if self.right is None else self.right.solve_right(X)
 
     def metric(self, X: Tensor) -> Tensor:
         """``G X`` with the dense factors (for the residual in the diagnostics)."""
