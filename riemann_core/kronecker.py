@@ -215,7 +215,13 @@ def split_damping(gamma: Factor, A: Factor, damping: float) -> tuple[float, floa
     """
     mean_gamma = float(gamma.trace()) / gamma.n
     mean_A = float(A.trace()) / A.n
-    if not (mean_gamma > 0 and mean_A > 0):
+    for factor, mean in ((gamma, mean_gamma), (A, mean_A)):
+        if not math.isfinite(mean):
+            raise SolveError(
+                f"the {factor.what} contains NaN or inf; check the model outputs and "
+                "parameters for overflow, or solve in float64 (solve_dtype=torch.float64)"
+            )
+    if mean_gamma == 0 or mean_A == 0:
         return None
     pi = math.sqrt(mean_gamma / mean_A)
     root = math.sqrt(damping)

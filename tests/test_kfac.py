@@ -359,3 +359,17 @@ def test_direction_checks_kfac_options():
         rc.direction(model, x, y, method="kfac", kfac_damping="eigen")
     with pytest.raises(ValueError, match=r"kfac_bias='separate' is an option of method='kfac'"):
         rc.direction(model, x, y, method="natural", kfac_bias="separate")
+
+
+@pytest.mark.parametrize(("scheme", "bias"), VARIANTS)
+def test_overflowing_factors_are_a_solve_error(scheme, bias):
+    """A factor whose entries overflow is refused, never damped into a finite direction."""
+    model, x, y = Problem(depth=2).make()
+
+    def huge(outputs, targets):
+        return torch.full((outputs.shape[0], 1, outputs.shape[1]), 1e300, dtype=outputs.dtype)
+
+    with pytest.raises(rc.SolveError, match="NaN or inf"):
+        rc.direction(
+            model, x, y, method="kfac", output_metric=huge, kfac_damping=scheme, kfac_bias=bias
+        )

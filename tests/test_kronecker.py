@@ -97,3 +97,15 @@ def test_split_damping_balances_the_mean_eigenvalues():
     zero = Factor(matrix=torch.zeros(2, 2, dtype=torch.float64), what="zero")
     assert split_damping(G, zero, 1e-2) is None
     assert split_damping(zero, A, 1e-2) is None
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_split_damping_refuses_a_non_finite_factor(bad):
+    """A NaN trace must not read as a zero factor (whose metric would be ``mu I``)."""
+    from riemann_core.woodbury import SolveError
+
+    R = rows(3, 4, seed=11)
+    R[1, 2] = bad
+    G, A = Factor.of_rows(R, what="output factor G"), Factor.of_rows(rows(5, 2, 12), what="A")
+    with pytest.raises(SolveError, match="output factor G contains NaN or inf"):
+        split_damping(G, A, 1e-2)
