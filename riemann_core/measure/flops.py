@@ -1,9 +1,9 @@
 """FLOP counting: torch's ``FlopCounterMode`` plus the dense linear algebra it skips.
 
 ``FlopCounterMode`` counts matrix products (``2 m k n``) and convolutions but counts
-Cholesky, QR, triangular solves, eigendecompositions, ``solve``, ``inverse`` and
-matrix-vector products as zero: exactly the ``d^3`` and ``n^3`` terms this project
-measures. :func:`flop_counter` passes formulas for them (the ones in
+Cholesky, QR, triangular solves, eigendecompositions, ``solve``, ``inverse``,
+``cholesky_inverse`` and matrix-vector products as zero: exactly the ``d^3`` and ``n^3``
+terms this project measures. :func:`flop_counter` passes formulas for them (the ones in
 :mod:`riemann_core.costs`) through the counter's own ``custom_mapping``.
 """
 
@@ -51,6 +51,10 @@ def _inverse(a_shape, *args, out_shape=None, **kwargs) -> int:
     return int(_batch(a_shape) * costs.inverse_flops(a_shape[-1]))
 
 
+def _cholesky_inverse(a_shape, *args, out_shape=None, **kwargs) -> int:
+    return int(_batch(a_shape) * costs.cholesky_inverse_flops(a_shape[-1]))
+
+
 def _qr(a_shape, *args, out_shape=None, **kwargs) -> int:
     m, n = a_shape[-2], a_shape[-1]
     return int(_batch(a_shape) * costs.qr_flops(max(m, n), min(m, n)))
@@ -68,6 +72,7 @@ LINALG_FORMULAS = {
     aten._linalg_eigh: _eigh,
     aten._linalg_solve_ex: _solve,
     aten.linalg_inv_ex: _inverse,
+    aten.cholesky_inverse: _cholesky_inverse,
     aten.linalg_qr: _qr,
     aten.mv: _mv,
 }
