@@ -289,11 +289,10 @@ def split_damping(gamma: Factor, A: Factor, damping: float) -> tuple[Tensor, Ten
     """``(pi sqrt(mu), sqrt(mu) / pi)``, the damping of ``Gamma`` and of ``A``, as device
     scalars, and whether they are defined: ``False`` when a trace is NaN, inf or zero
     (:func:`split_damping_checked` then says which)."""
-    mean_gamma, mean_A = gamma.trace() / gamma.n, A.trace() / A.n
-    ok = torch.isfinite(mean_gamma + mean_A) & (mean_gamma > 0) & (mean_A > 0)
-    pi = torch.sqrt(mean_gamma / mean_A)
+    pi = torch.sqrt((gamma.trace() / gamma.n) / (A.trace() / A.n))
     root = math.sqrt(damping)
-    return pi * root, root / pi, ok
+    # a zero trace makes pi 0 or inf, NaN or inf in one makes it NaN, inf or 0
+    return pi * root, root / pi, torch.isfinite(pi) & (pi > 0)
 
 
 def split_damping_checked(gamma: Factor, A: Factor, damping: float) -> tuple[float, float] | None:
