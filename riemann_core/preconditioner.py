@@ -6,11 +6,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from ._checks import Deferred, check_generator, check_model, tensors_of
+from ._checks import Deferred, check_generator, check_model, check_refresh, tensors_of
 from .capture import capturing, rng_devices, rng_state
 from .direction import solve
 from .factors import FactorFn
 from .methods import METHODS, LayerDiagnostics, Options
+from .methods.kfac import KFACState
 
 
 class RiemannianPreconditioner:
@@ -32,6 +33,13 @@ class RiemannianPreconditioner:
     left as it was. Options are those of ``rc.direction``; with ``diagnostics=True``
     each step's :class:`LayerDiagnostics` are kept in ``.diagnostics``. Call
     ``remove()`` (or use ``with``) to detach the hook.
+
+    K-FAC as optimisers run it (``method="kfac"`` only): ``kfac_refresh=k`` refreshes
+    the factorisations every ``k`` steps and reuses them in between, where a step then
+    costs two products per block and no forward pass; ``kfac_decay=beta`` keeps running
+    averages of the factors, ``F <- beta F + (1 - beta) F_batch``, updated every step
+    (which then needs the forward pass and the pullback again). The state changes only
+    when a step succeeds.
     """
 
     def __init__(
@@ -47,6 +55,10 @@ class RiemannianPreconditioner:
         solve_dtype: torch.dtype | None = None,
         generator: torch.Generator | None = None,
         refine: int = 0,
+        kfac_damping: str = "exact",
+        kfac_bias: str = "joint",
+        kfac_refresh: int = 1,
+        kfac_decay: float = 0.0,
         diagnostics: bool = False,
         check_coupling: bool = True,
     ):
@@ -60,10 +72,13 @@ class RiemannianPreconditioner:
             kernel=kernel,
             solve_dtype=solve_dtype,
             refine=refine,
+            kfac_damping=kfac_damping,
+            kfac_bias=kfac_bias,
             diagnostics=diagnostics,
             generator=generator,
             check_coupling=check_coupling,
         )
+        self._kfac = _kfac_state(method, kfac_refresh, kfac_decay)
         check_model(model)
         self.model = model
         self.method = method
@@ -116,22 +131,33 @@ class RiemannianPreconditioner:
             n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
             for n, p in params
         }
-        args, kwargs, state = self._batch
-        directions, diagnostics = solve(
-            self.model,
-            args,
-            None,
-            self.method,
-            self.options,
-            gradient=gradient,
-            forward_kwargs=kwargs,
-            checks=checks,
-            replay=state,
-        )
+        try:
+            if self._kfac is not None and not self._kfac.needs_factors(gradient):
+                directions, diagnostics = self._kfac.reuse(gradient, self.options, checks)
+            else:
+                args, kwargs, state = self._batch
+                directions, diagnostics = solve(
+                    self.model,
+                    args,
+                    None,
+                    self.method,
+                    self.options,
+                    gradient=gradient,
+                    forward_kwargs=kwargs,
+                    checks=checks,
+                    replay=state,
+                    state=self._kfac,
+                )
+        except BaseException:
+            if self._kfac is not None:
+                self._kfac.discard()
+            raise
         for name, p in with_grad:  # every direction exists before any .grad changes
             if name in directions:
                 p.grad.copy_(directions[name])
         self.diagnostics = diagnostics
+        if self._kfac is not None:
+            self._kfac.commit()
 
     def remove(self) -> None:
         """Detach the forward pre-hook from the model."""
@@ -142,3 +168,16 @@ class RiemannianPreconditioner:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _kfac_state(method: str, refresh, decay) -> KFACState | None:
+    """K-FAC's state across steps, when ``kfac_refresh`` or ``kfac_decay`` asks for one."""
+    check_refresh(refresh, decay)
+    if refresh == 1 and decay == 0:
+        return None
+    if method != "kfac":
+        raise ValueError(
+            f"kfac_refresh and kfac_decay are options of method='kfac', not of "
+            f"method={method!r}; drop them, or pass method='kfac'"
+        )
+    return KFACState(refresh, decay)
