@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 
+import dask
 import pytest
 from distributed import Client, LocalCluster
 from synthetic import known_time_row
@@ -228,8 +229,11 @@ def _fails_on_two(run):
 @pytest.fixture(scope="module")
 def two_devices():
     """Two worker processes with two threads and one device each: only the resource keeps
-    two points from running at once on one worker. A point may kill its worker once."""
+    two points from running at once on one worker. A point may kill its worker once. Under
+    the configuration of riemann-bench's own clusters: dask's default one makes the nannies
+    set MALLOC_TRIM_THRESHOLD_ in this process, which every later test's workers inherit."""
     with (
+        dask.config.set(dispatch.QUIET),
         LocalCluster(
             n_workers=2,
             threads_per_worker=2,
