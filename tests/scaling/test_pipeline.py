@@ -36,7 +36,7 @@ def small_rates(monkeypatch):
 
 
 def test_run_writes_results_fits_claims_figures_and_report(tmp_path, capsys):
-    assert cli.main(["run", "--quick", "--out", str(tmp_path), *TINY]) == 0
+    code = cli.main(["run", "--quick", "--out", str(tmp_path), *TINY])
     for name in (
         "results.csv",
         "sweep.json",
@@ -63,6 +63,7 @@ def test_run_writes_results_fits_claims_figures_and_report(tmp_path, capsys):
     assert all(c["detail"] for c in claims)
     # counted FLOPs are exact: no claim on them fails (on time, a loaded machine may)
     assert all(c["verdict"] != "fail" for c in claims if c["basis"] == "flops")
+    assert code == int(any(c["verdict"] == "fail" for c in claims))
     # through the local cluster (the default): the rates are measured in its worker
     meta = json.loads((tmp_path / "sweep.json").read_text())
     (device,) = meta["devices"].values()
