@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .ownership import assign
+
 
 def cholesky_flops(n: int) -> float:
     """``n^3 / 3``: Cholesky of an ``n x n`` matrix."""
@@ -233,3 +235,146 @@ def peak_bytes(
     elif method == "kfac":
         elems += sum(3 * (f * f + shape.patch(i) ** 2) for i, f in shape.layers)
     return elems * itemsize
+
+
+# ------------------------------------------------------------------- data-parallel solves
+
+#: Phases of :func:`flops` that every rank runs on its own shard of the batch in a
+#: data-parallel step (:mod:`riemann_core.distributed`); the others are the owners'.
+LOCAL_PHASES = {
+    "euclidean": ("forward", "gradient"),
+    "layerwise": ("forward", "pullback"),
+    "natural": ("forward", "pullback"),
+    "full": ("forward", "pullback"),
+    "kfac": ("forward", "pullback", "gram", "gradient"),
+}
+
+#: Methods solved block by block on the blocks' owners; the others' solve is one job.
+BLOCKWISE = ("layerwise", "kfac")
+
+#: Entries of the table every rank contributes to the agreement of a step (int64):
+#: failed, samples, signature of the blocks.
+AGREEMENT_SLOTS = 3
+
+
+def block_solve_flops(
+    method: str, f_in: int, f_out: int, batch: int, rows: int, bias=True
+) -> float:
+    """Modelled FLOPs of the owner's solve of one Linear block (structured kernel) on
+    ``batch`` samples: :func:`flops` of the one-layer network without its
+    :data:`LOCAL_PHASES`; layerwise rows are kept per sample as ``min(rows, f_out)``
+    (compressed before they are sent, so no QR here)."""
+    if method not in BLOCKWISE:
+        raise ValueError(f"method={method!r} is not solved block by block; use {BLOCKWISE}")
+    if method == "layerwise":
+        rows = min(rows, f_out)
+    phases = flops(method, MLPShape((f_in, f_out), batch, rows, bias))
+    return sum(v for k, v in phases.items() if k != "total" and k not in LOCAL_PHASES[method])
+
+
+def generic_block_solve_flops(n: int, d: int) -> float:
+    """The layerwise solve of a block with a materialised ``K`` (``d x n``): the cheaper
+    of Woodbury (``2 d^2 n + d^3 / 3 + 4 d n``) and the dense metric (``2 n^2 d + n^3 / 3``)."""
+    woodbury = 2 * d * d * n + cholesky_flops(d) + 4 * d * n
+    return min(woodbury, 2 * n * n * d + cholesky_flops(n))
+
+
+def owners(method: str, shape: MLPShape, world: int) -> list[int]:
+    """The owner rank of each layer's block in a data-parallel step on ``world`` ranks
+    (the greedy plan of :mod:`riemann_core.ownership` over :func:`block_solve_flops`;
+    ``natural`` and ``full`` solve every block on rank 0)."""
+    if method not in BLOCKWISE:
+        return [0] * len(shape.layers)
+    costs = [
+        block_solve_flops(method, f_in, f_out, shape.batch, shape.rows, shape.bias)
+        for f_in, f_out in shape.layers
+    ]
+    return assign(costs, world)
+
+
+def _shard(shape: MLPShape, world: int) -> MLPShape:
+    if world < 1 or shape.batch % world:
+        raise ValueError(
+            f"the model of a data-parallel step needs equal shards: a batch of {shape.batch} "
+            f"does not split over {world} ranks"
+        )
+    return MLPShape(shape.widths, shape.batch // world, shape.rows, shape.bias)
+
+
+def distributed_flops(method: str, shape: MLPShape, world: int) -> list[dict[str, float]]:
+    """Modelled FLOPs of each rank in a data-parallel direction (structured kernel,
+    equal shards of ``shape.batch``): ``local`` (forward and pullback on its shard, the
+    :data:`LOCAL_PHASES`; layerwise also the QR that keeps ``min(r, f_out)`` rows per
+    sample) and ``solve`` (its owned blocks on the global batch), plus ``total``."""
+    shard = _shard(shape, world)
+    local_phases = flops(method, shard)
+    local = sum(local_phases.get(k, 0) for k in LOCAL_PHASES[method])
+    if method == "layerwise":
+        local += sum(
+            shard.batch * qr_flops(shape.rows, f) for _, f in shape.layers if f < shape.rows
+        )
+    solve = [0.0] * world
+    if method in BLOCKWISE:
+        for (f_in, f_out), owner in zip(shape.layers, owners(method, shape, world), strict=True):
+            solve[owner] += block_solve_flops(
+                method, f_in, f_out, shape.batch, shape.rows, shape.bias
+            )
+    elif method != "euclidean":
+        whole = flops(method, shape)
+        solve[0] = sum(
+            v for k, v in whole.items() if k != "total" and k not in LOCAL_PHASES[method]
+        )
+    return [{"local": local, "solve": s, "total": local + s} for s in solve]
+
+
+def communication_bytes(
+    method: str, shape: MLPShape, world: int, itemsize: int = 4
+) -> list[dict[str, float]]:
+    """Modelled bytes each rank sends and receives in a data-parallel direction
+    (structured kernel, equal shards, the loss gradient formed from ``Lambda``, as
+    :mod:`riemann_core.distributed` counts them; all zero on one rank):
+
+    * the agreement: an all-reduce of ``P x`` :data:`AGREEMENT_SLOTS` int64;
+    * ``layerwise``, ``natural``, ``full``: an all-to-all that sends each block's rows to
+      its owner, per sample ``m f_out + f_in + f_out`` numbers (the factor rows, the input,
+      ``Lambda``; ``m = min(r, f_out)`` for layerwise, ``r`` otherwise);
+    * ``kfac``: an all-reduce of every block's ``Gamma`` (``f_out^2``), ``A`` (``P^2``)
+      and gradient (``n_a``); ``euclidean``: of the gradient;
+    * the directions: each owner broadcasts its blocks' (and one status number); a
+      broadcast counts its size once per receiver, as sent by the owner.
+
+    An all-reduce counts its size both ways.
+    """
+    P = world
+    shard = _shard(shape, world)
+    zero = {"sent": 0.0, "received": 0.0}
+    if P == 1:
+        return [dict(zero) for _ in range(P)]
+    agreement = P * AGREEMENT_SLOTS * 8
+    out = [{"sent": float(agreement), "received": float(agreement)} for _ in range(P)]
+    n_a = shape.block_params()
+    if method in ("kfac", "euclidean"):
+        size = sum(n_a)
+        if method == "kfac":
+            size += sum(f * f + shape.patch(i) ** 2 for i, f in shape.layers)
+        for rank in out:
+            rank["sent"] += size * itemsize
+            rank["received"] += size * itemsize
+        if method == "euclidean":
+            return out
+    else:
+        owner = owners(method, shape, world)
+        for (f_in, f), o in zip(shape.layers, owner, strict=True):
+            rows = min(shape.rows, f) if method == "layerwise" else shape.rows
+            per_rank = shard.batch * (rows * f + f_in + f) * itemsize
+            for p, rank in enumerate(out):
+                if p == o:
+                    rank["received"] += (P - 1) * per_rank
+                else:
+                    rank["sent"] += per_rank
+    owner = owners(method, shape, world)
+    broadcast = [1 + sum(n for n, o in zip(n_a, owner) if o == p) for p in range(P)]
+    for p, rank in enumerate(out):
+        rank["sent"] += (P - 1) * broadcast[p] * itemsize
+        rank["received"] += sum(b for q, b in enumerate(broadcast) if q != p) * itemsize
+    return out

@@ -71,3 +71,62 @@ def test_speed_of_light_formula_by_hand():
     shape = costs.MLPShape((3, 2), batch=2, rows=2)
     by_hand = 2 * 16 * 2 + 2 * 4 * 4 + 64 / 3 + 2 * 4 * 2 * 2 + 2 * 6 * 2 * 4
     assert costs.speed_of_light_flops(shape) == pytest.approx(by_hand)
+
+
+# ------------------------------------------------------------------- data-parallel steps
+
+DISTRIBUTED = ["layerwise", "natural", "full", "kfac", "euclidean"]
+WIDE = costs.MLPShape((20, 30, 16, 5), 8, 5)  # layer 16 -> 5 keeps 5 rows; 30 -> 16 all
+
+
+@pytest.mark.parametrize("method", DISTRIBUTED)
+def test_one_rank_does_the_single_process_work(method):
+    (rank,) = costs.distributed_flops(method, WIDE, 1)
+    assert rank["total"] == pytest.approx(costs.flops(method, WIDE)["total"])
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+@pytest.mark.parametrize("method", DISTRIBUTED)
+def test_the_solve_work_is_split_not_repeated(method, world):
+    """Every rank repeats nothing of the solve: the ranks' solve work sums to one rank's,
+    and each rank's local work is the single process's forward and pullback on 1/P of
+    the batch."""
+    one = costs.distributed_flops(method, WIDE, 1)[0]
+    ranks = costs.distributed_flops(method, WIDE, world)
+    assert sum(r["solve"] for r in ranks) == pytest.approx(one["solve"])
+    assert all(r["local"] == pytest.approx(one["local"] / world) for r in ranks)
+    if method in ("natural", "full"):
+        assert ranks[0]["solve"] == one["solve"] and all(r["solve"] == 0 for r in ranks[1:])
+
+
+def test_layerwise_blocks_go_to_the_least_loaded_rank():
+    work = [costs.block_solve_flops("layerwise", a, b, 8, 5) for a, b in WIDE.layers]
+    assert work[0] > work[1] > work[2] and work[1] + work[2] > work[0]
+    assert costs.owners("layerwise", WIDE, 2) == [0, 1, 1]
+    assert costs.owners("layerwise", WIDE, 3) == [0, 1, 2]
+    assert costs.owners("natural", WIDE, 3) == [0, 0, 0]
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("method", DISTRIBUTED)
+def test_communication_bytes_balance(method, world):
+    """What ranks send others receive (an all-reduce counts both ways on every rank)."""
+    ranks = costs.communication_bytes(method, WIDE, world, itemsize=8)
+    assert sum(r["sent"] for r in ranks) == sum(r["received"] for r in ranks)
+    if world == 1:
+        assert ranks == [{"sent": 0.0, "received": 0.0}]
+
+
+def test_natural_gathers_every_row_on_one_rank():
+    """Rank 0 receives the other ranks' rows of every block; layerwise spreads them (at a
+    batch where the rows outweigh the broadcast directions)."""
+    shape = costs.MLPShape(WIDE.widths, 64, 5)
+    natural = costs.communication_bytes("natural", shape, 4)
+    layerwise = costs.communication_bytes("layerwise", shape, 4)
+    assert natural[0]["received"] > 3 * max(r["received"] for r in natural[1:])
+    assert natural[0]["received"] > 1.5 * max(r["received"] for r in layerwise)
+
+
+def test_unequal_shards_are_not_modelled():
+    with pytest.raises(ValueError, match="does not split over 3 ranks"):
+        costs.distributed_flops("layerwise", WIDE, 3)
