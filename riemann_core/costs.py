@@ -305,9 +305,15 @@ def distributed_flops(method: str, shape: MLPShape, world: int) -> list[dict[str
     """Modelled FLOPs of each rank in a data-parallel direction (structured kernel,
     equal shards of ``shape.batch``): ``local`` (forward and pullback on its shard, the
     :data:`LOCAL_PHASES`; layerwise also the QR that keeps ``min(r, f_out)`` rows per
-    sample) and ``solve`` (its owned blocks on the global batch), plus ``total``."""
+    sample, before they are sent) and ``solve`` (its owned blocks on the global batch),
+    plus ``total``. One rank runs the single-process direction."""
     shard = _shard(shape, world)
     local_phases = flops(method, shard)
+    if world == 1:  # the single-process direction: the forward pass, then the solve
+        built = ("forward", "gradient") if method == "euclidean" else ("forward", "pullback")
+        local = sum(local_phases.get(k, 0) for k in built)
+        total = local_phases["total"]
+        return [{"local": local, "solve": total - local, "total": total}]
     local = sum(local_phases.get(k, 0) for k in LOCAL_PHASES[method])
     if method == "layerwise":
         local += sum(

@@ -56,7 +56,7 @@ from .modules import Block, Handler, LinearHandler, PatchHandler, kronecker_hand
 from .ownership import assign
 
 #: The phases of a step, in order (see the module docstring).
-PHASES = ("local", "exchange", "solve", "broadcast")
+PHASES = ("local", "agree", "exchange", "solve", "broadcast")
 
 #: Bytes of each rank's error message shared when a step fails.
 MESSAGE_BYTES = 2048
@@ -187,24 +187,24 @@ class _Group:
         self._wait([dist.all_reduce(buffer, group=self.group, async_op=True)], what)
         return buffer.to(tensor.device)
 
-    def all_to_all(self, send: list[Tensor], sizes: list[int], what: str) -> list[Tensor]:
-        """``send[q]`` (flat) goes to rank ``q``; returns what each rank sent here,
-        ``sizes[q]`` elements from rank ``q``."""
+    def all_to_all(
+        self, source: Tensor, send: list[int], receive: list[int], what: str
+    ) -> list[Tensor]:
+        """The first ``send[0]`` elements of ``source`` go to rank 0, the next ``send[1]``
+        to rank 1, ...; returns what each rank sent here, ``receive[q]`` from rank ``q``."""
         if self.world == 1:
-            return send
-        source = torch.cat(send).to(self.device)
-        target = source.new_empty(sum(sizes))
-        item = source.element_size()
+            return [source]
+        moved = source.to(self.device)
+        target = moved.new_empty(sum(receive))
+        item = moved.element_size()
         self.traffic.add(
             what,
-            sum(s.numel() for q, s in enumerate(send) if q != self.rank) * item,
-            sum(n for q, n in enumerate(sizes) if q != self.rank) * item,
+            sum(n for q, n in enumerate(send) if q != self.rank) * item,
+            sum(n for q, n in enumerate(receive) if q != self.rank) * item,
         )
-        work = dist.all_to_all_single(
-            target, source, sizes, [s.numel() for s in send], group=self.group, async_op=True
-        )
+        work = dist.all_to_all_single(target, moved, receive, send, group=self.group, async_op=True)
         self._wait([work], what)
-        return list(target.to(send[0].device).split(sizes))
+        return list(target.to(source.device).split(receive))
 
     def broadcast_all(self, buffers: list[Tensor], what: str) -> list[Tensor]:
         """Rank ``q`` sends ``buffers[q]`` to every rank: all ``P`` broadcasts in flight
@@ -299,12 +299,23 @@ class _Share:
         """Numbers per sample, and summed numbers."""
         return sum(self.widths), sum(t.numel() for t in self.summed)
 
-    def packed(self, weight: float, dtype: torch.dtype) -> Tensor:
-        """Rows (sample-major) and summed part, weighted, as one flat vector."""
-        rows = [t * weight**power if power else t for t, power in self.rows]
-        flat = [torch.cat(rows, 1).reshape(-1)] if rows else []
-        flat += [t.reshape(-1) * weight for t in self.summed]
-        return torch.cat([t.to(dtype) for t in flat])
+    def numel(self, samples: int) -> int:
+        """Numbers this share packs for ``samples`` samples."""
+        width, summed = self.layout
+        return samples * width + summed
+
+    def pack(self, out: Tensor, weight: float) -> None:
+        """Write the rows (sample-major) and the summed part, weighted, into ``out``."""
+        width, _ = self.layout
+        samples = self.rows[0][0].shape[0] if self.rows else 0
+        rows, start = out[: samples * width].view(samples, width), 0
+        for t, power in self.rows:
+            torch.mul(t, weight**power, out=rows[:, start : start + t.shape[1]])
+            start += t.shape[1]
+        offset = samples * width
+        for t in self.summed:
+            torch.mul(t.reshape(-1), weight, out=out[offset : offset + t.numel()])
+            offset += t.numel()
 
 
 @dataclass
@@ -489,16 +500,23 @@ def solve(
     """
     observer = getattr(_LOCAL, "observer", None) or Observer()
     net = _Group(group, timeout)
+    alone = net.world == 1  # the shard is the global batch: the single-process solve
     with observer.phase("local"):
-        failure, problem, shares = _local(build, method, checks, global_gradient)
-    with observer.phase("exchange"):
+        failure, problem, shares = _local(build, method, checks, global_gradient, alone)
+    with observer.phase("agree"):
         signature = 0 if problem is None else _signature(problem, shares, method)
         sizes = net.agree(failure, 0 if problem is None else _samples(problem), signature)
-        owners = plan(problem, shares, method, sum(sizes), net.world)
+        N = sum(sizes)
+        owners = [0] * len(problem.blocks) if alone else plan(problem, shares, method, N, net.world)
         net.traffic.owners = tuple(owners)
-        received = _exchange(net, problem, shares, method, owners, sizes)
+    with observer.phase("exchange"):
+        received = None if alone else _exchange(net, problem, shares, method, owners, sizes)
     if method == "euclidean":  # the direction is the global gradient
-        directions = [got.summed or problem.gradient_of(i) for i, got in enumerate(received)]
+        directions = (
+            problem.gradient
+            if alone
+            else [got.summed or problem.gradient_of(i) for i, got in enumerate(received)]
+        )
         observer.traffic(net.traffic)
         return _by_name(problem, range(len(problem.blocks)), directions), []
     mine = [i for i, owner in enumerate(owners) if owner == net.rank]
@@ -506,7 +524,7 @@ def solve(
         failure, solved, diagnostics = None, [], []
         try:
             if mine:
-                owned = _owned(problem, shares, method, mine, received, sum(sizes))
+                owned = problem if alone else _owned(problem, shares, method, mine, received, N)
                 solved, diagnostics = finish(
                     owned, SOLVERS[method].solve(owned, opts), opts, Deferred(), method
                 )
@@ -518,14 +536,16 @@ def solve(
     return directions, diagnostics
 
 
-def _local(build, method: str, checks: Deferred, global_gradient: bool):
-    """This rank's problem and shares, or the error that stopped them."""
+def _local(build, method: str, checks: Deferred, global_gradient: bool, alone: bool):
+    """This rank's problem and shares (none when ``alone``), or the error that stopped
+    them."""
     try:
         problem = build()
-        if method == "layerwise":
+        if method == "layerwise" and not alone:
             for h in problem.handlers:
                 h.compress_rows()  # fewer rows to send; the owner's QR then has nothing to do
-        shares = [_share(problem, i, method, global_gradient) for i in range(len(problem.blocks))]
+        blocks = [] if alone else range(len(problem.blocks))
+        shares = [_share(problem, i, method, global_gradient) for i in blocks]
         for h in problem.handlers:
             for ok, explain in h.deferred_checks():
                 checks.require(ok, explain)
@@ -540,24 +560,27 @@ def _exchange(net: _Group, problem, shares, method, owners, sizes) -> list[_Rece
     ``kfac`` and ``euclidean``, every block's summed tensors."""
     weight = sizes[net.rank] / sum(sizes)
     dtype = _common([_param_dtype(problem)] + [h.dtype for h in problem.handlers])
-    packed = [s.packed(weight, dtype) for s in shares]
+    # this rank's shares in the order of their owners, packed into one buffer
+    order = sorted(range(len(shares)), key=lambda i: owners[i])
+    lengths = [shares[i].numel(sizes[net.rank]) for i in order]
+    device = problem.blocks[0].params[0].device
+    buffer = torch.empty(sum(lengths), dtype=dtype, device=device)
+    for i, part in zip(order, buffer.split(lengths), strict=True):
+        shares[i].pack(part, weight)
     if method in ("kfac", "euclidean"):
-        total = net.all_reduce(torch.cat(packed), "all-reduce of factors and gradients")
-        parts = total.split([p.numel() for p in packed])
-        return [_Received(None, _unflat(t, s.summed)) for t, s in zip(parts, shares, strict=True)]
-    mine = [i for i, owner in enumerate(owners) if owner == net.rank]
-    send = [
-        torch.cat([packed[i] for i, o in enumerate(owners) if o == q] or [packed[0].new_empty(0)])
-        for q in range(net.world)
-    ]
-    layout = [s.layout for s in shares]
-    expected = [[n * layout[i][0] + layout[i][1] for i in mine] for n in sizes]
-    from_ranks = net.all_to_all(send, [sum(e) for e in expected], "all-to-all of rows to owners")
+        total = net.all_reduce(buffer, "all-reduce of factors and gradients")
+        parts = dict(zip(order, total.split(lengths), strict=True))
+        return [_Received(None, _unflat(parts[i], s.summed)) for i, s in enumerate(shares)]
+    mine = [i for i in order if owners[i] == net.rank]
+    send = [sum(n for i, n in zip(order, lengths) if owners[i] == q) for q in range(net.world)]
+    expected = [[shares[i].numel(n) for i in mine] for n in sizes]
+    from_ranks = net.all_to_all(
+        buffer, send, [sum(e) for e in expected], "all-to-all of rows to owners"
+    )
     received: list[_Received | None] = [None] * len(shares)
-    for i, per_rank in zip(
-        mine, zip(*[b.split(e) for b, e in zip(from_ranks, expected)]), strict=True
-    ):
-        width = layout[i][0]
+    per_block = zip(*[b.split(e) for b, e in zip(from_ranks, expected, strict=True)])
+    for i, per_rank in zip(mine, per_block, strict=True):
+        width = shares[i].layout[0]
         rows = [p[: n * width].view(n, width) for p, n in zip(per_rank, sizes, strict=True)]
         summed = sum(p[n * width :] for p, n in zip(per_rank, sizes, strict=True))
         received[i] = _Received(torch.cat(rows), _unflat(summed, shares[i].summed))

@@ -1,7 +1,7 @@
 """The phases of data-parallel steps as one rank sees them: seconds, counted FLOPs, bytes.
 
 :class:`PhaseRecorder` is a :class:`riemann_core.distributed.Observer`: inside
-``distributed.observing(recorder)`` every step records, per phase (``local``,
+``distributed.observing(recorder)`` every step records, per phase (``local``, ``agree``,
 ``exchange``, ``solve``, ``broadcast``), its wall-clock seconds (the device synchronised
 at both ends, so on CUDA the time of the work, not of its launch) and, with
 ``count_flops``, its FLOPs (:func:`riemann_core.measure.flops.flop_counter`), and the
