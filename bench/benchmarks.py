@@ -12,6 +12,8 @@ CUDA memory benchmarks when CUDA is absent.
   ``riemann_core.measure.flops.flop_counter``; ``track_flops_modelled``: the cost
   model's ``riemann_core.costs.flops`` total. Either changing flags a regression.
 * ``track_cuda_peak_bytes``: peak CUDA memory allocated during one call, above its inputs.
+* ``Overhead.time_overhead``: every method on an MLP so small (2-2-2, batch 1) that its
+  time is the fixed cost of a call, the ``t0`` of the sweep's time model.
 
 The grids are literals here, never read from the code under test: a cheap default
 (the suite in minutes with ``asv run --python=same --quick``) and, with
@@ -126,6 +128,28 @@ class Direction(_CountedFlops, _DirectionCase):
         return costs.flops(self.method, self.shape, self.kernel)["total"]
 
     track_flops_modelled.unit = "flops"
+
+
+class Overhead:
+    """Per-call overhead: the direction of a 2-2-2 MLP on one sample, where the work is
+    negligible and the time is what every call pays (Python, dispatch, kernel launches)."""
+
+    params = (METHODS,)
+    param_names = ("method",)
+
+    def setup(self, label):
+        device = common.device()
+        common.require_device(device)
+        method, kernel = method_and_kernel(label)
+        model, x, y = common.problem(2, 1, 2, 1, device, DTYPE)
+        self.device = device
+        self.call = functools.partial(
+            rc.direction, model, x, y, method=method, damping=common.DAMPING, kernel=kernel
+        )
+
+    def time_overhead(self, label):
+        self.call()
+        common.synchronize(self.device)
 
 
 class DirectionCudaMemory(_DirectionCase):

@@ -1,4 +1,4 @@
-"""Fixtures of the pytest-benchmark suite: device, problems per size, the GEMM yardstick.
+"""Fixtures of the pytest-benchmark suite: device, problems per size, the device's rates.
 
 Problems come from :mod:`bench.common`, the builders the asv suite uses too, and follow
 its environment variables: ``RIEMANN_BENCH_DEVICE`` (``cpu`` by default; a CUDA device
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from riemann_core import costs
-from riemann_core.measure.timing import gemm_rate
+from riemann_core.measure.timing import device_rates
 
 from . import common
 
@@ -80,9 +80,11 @@ def memory_budget() -> float:
 
 
 @pytest.fixture(scope="session")
-def gemm_flops_per_s(device) -> float:
-    """The device's float32 GEMM rate, measured once per run: the speed-of-light yardstick."""
-    return gemm_rate(device, DTYPE, n=4096 if device.type == "cuda" else 2048, repeats=3)
+def rates(device) -> dict[str, float]:
+    """The device's float32 GEMM, Cholesky and triangular-solve rates (median FLOP/s of 3
+    calls each), measured once per run: the yardsticks of the phase-wise speed of light."""
+    n = 8192 if device.type == "cuda" else 2048
+    return {k: sorted(v)[len(v) // 2] for k, v in device_rates(device, DTYPE, n=n).items()}
 
 
 @pytest.fixture(scope="module", params=SIZES, ids=lambda s: f"size={s.name}")

@@ -8,16 +8,17 @@ call; the timed call is only the operation, synchronised on CUDA.
 
 ``extra_info`` per benchmark: the problem (``widths``, ``batch``, ``n_params``, ``d``),
 ``counted_flops``, ``modelled_flops`` (``costs.flops``, by phase as well),
-``speed_of_light_flops`` (``costs.speed_of_light_flops``: the minimal count of the
-structured layerwise direction, the same yardstick for every benchmark of a size),
-``gemm_flops_per_s`` and ``speed_of_light_s`` (those FLOPs at the GEMM rate measured in
-this run), ``peak_bytes_model_estimate`` (``costs.peak_bytes``, a model, not a
+``speed_of_light_flops`` (``costs.speed_of_light_flops``: the minimal products and
+Cholesky FLOPs of the exact layerwise direction, the same yardstick for every benchmark
+of a size), ``device_rates`` (GEMM, Cholesky and triangular-solve FLOP/s measured in this
+run) and ``speed_of_light_s`` (each kind of minimal FLOPs at its rate, summed),
+``peak_bytes_model_estimate`` (``costs.peak_bytes``, a model, not a
 measurement), ``environment``, and the measured memory of one untimed call: on CUDA
 ``peak_bytes_cuda_measured`` (allocator peak above what was allocated before); on CPU
 ``host_rss_rise_bytes_measured`` (``memory.host_peak_bytes``: the peak rise of resident
-memory, ``None`` off Linux; often 0, since memory the allocator already holds is not
-seen) and ``host_peak_rss_bytes_process_wide``, the peak resident memory of the whole
-process (model, data, torch) read after the timed rounds; Linux restarts that peak at
+memory once the C allocator's free memory is returned to the system, ``None`` off
+Linux; a lower bound) and ``host_peak_rss_bytes_process_wide``, the peak resident memory
+of the whole process (model, data, torch) read after the timed rounds; Linux restarts that peak at
 the measured call, so it spans this benchmark's calls.
 """
 
@@ -47,7 +48,7 @@ RUNS = [pytest.param(method, "structured", id=f"method={method}") for method in 
 ]
 
 
-def test_sgd_step(benchmark, problem, gemm_flops_per_s):
+def test_sgd_step(benchmark, problem, rates):
     """Baseline: forward, backward and ``torch.optim.SGD.step`` on a copy of the model."""
     model = copy.deepcopy(problem.model)
     optimizer = torch.optim.SGD(model.parameters(), lr=SGD_LR)
@@ -60,12 +61,12 @@ def test_sgd_step(benchmark, problem, gemm_flops_per_s):
         return loss
 
     # the modelled FLOPs of forward + backward are those of the plain gradient
-    loss = _run(benchmark, problem, step, "sgd_step", "euclidean", "structured", gemm_flops_per_s)
+    loss = _run(benchmark, problem, step, "sgd_step", "euclidean", "structured", rates)
     assert torch.isfinite(loss)
 
 
 @pytest.mark.parametrize(("method", "kernel"), RUNS)
-def test_direction(benchmark, problem, method, kernel, memory_budget, gemm_flops_per_s):
+def test_direction(benchmark, problem, method, kernel, memory_budget, rates):
     """``rc.direction`` of one method on the problem's batch (exact cross-entropy Fisher)."""
     need = costs.peak_bytes(method, problem.size.shape, kernel, itemsize=_itemsize(problem))
     if need > memory_budget:
@@ -86,7 +87,7 @@ def test_direction(benchmark, problem, method, kernel, memory_budget, gemm_flops
             kernel=kernel,
         )
 
-    directions = _run(benchmark, problem, call, method, method, kernel, gemm_flops_per_s)
+    directions = _run(benchmark, problem, call, method, method, kernel, rates)
     assert directions.keys() == dict(problem.model.named_parameters()).keys()
     assert all(torch.isfinite(v).all() for v in directions.values())
 
@@ -95,12 +96,13 @@ def _itemsize(problem) -> int:
     return next(problem.model.parameters()).element_size()
 
 
-def _run(benchmark, problem, fn, label, modelled_as, kernel, gemm_flops_per_s):
+def _run(benchmark, problem, fn, label, modelled_as, kernel, rates):
     """Attach the FLOP, memory and environment record, then time ``fn`` alone."""
     device, shape = problem.device, problem.size.shape
     benchmark.group = problem.size.group
     modelled = costs.flops(modelled_as, shape, kernel)
-    sol_flops = costs.speed_of_light_flops(shape)
+    minimal = costs.MLPShape(shape.widths, shape.batch, costs.minimal_rows(problem.size.out_dim))
+    sol_flops = costs.speed_of_light_flops(minimal)
     with flop_counter() as counter:
         fn()
     info = {
@@ -118,8 +120,8 @@ def _run(benchmark, problem, fn, label, modelled_as, kernel, gemm_flops_per_s):
         "modelled_flops": modelled["total"],
         "modelled_flops_by_phase": modelled,
         "speed_of_light_flops": sol_flops,
-        "gemm_flops_per_s": gemm_flops_per_s,
-        "speed_of_light_s": sol_flops / gemm_flops_per_s,
+        "device_rates": rates,
+        "speed_of_light_s": costs.speed_of_light_seconds(sol_flops, rates),
         "peak_bytes_model_estimate": costs.peak_bytes(
             modelled_as, shape, kernel, itemsize=_itemsize(problem)
         ),

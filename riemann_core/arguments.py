@@ -63,6 +63,19 @@ def default_out(args: argparse.Namespace, *parts: str) -> Path:
     return default.joinpath("quick" if args.quick else "", *parts)
 
 
+def out_dir(text: str) -> Path:
+    """argparse type for ``--out``: a directory, or a path where one can be created."""
+    path = Path(text)
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            where = "is" if part == path else f"lies under {part}, which is"
+            raise argparse.ArgumentTypeError(
+                f"{text} {where} a file, not a directory; pass a directory (it is created "
+                "if missing)"
+            )
+    return path
+
+
 def device(name: str) -> torch.device:
     """argparse type for ``--device``: a usable ``cpu`` or ``cuda[:N]`` device."""
     try:
@@ -103,7 +116,7 @@ def common_options() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--out",
-        type=Path,
+        type=out_dir,
         default=None,
         metavar="DIR",
         help="directory for the results, created if missing (default: reports/<device> "

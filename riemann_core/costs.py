@@ -1,12 +1,13 @@
 """Analytic FLOP and memory models of each method, for MLPs (chains of Linear layers).
 
 Convention: a matrix product ``(m x k)(k x n)`` costs ``2 m k n`` FLOPs (torch's
-``FlopCounterMode``); elementwise work is not counted. Dense linear algebra, which
-``FlopCounterMode`` counts as zero, uses the formulas below; the measurement layer (:mod:`riemann_core.measure.flops`)
-registers the same formulas with the counter so counted and modelled FLOPs compare.
+``FlopCounterMode``); elementwise work is not counted. Dense linear algebra uses the
+standard counts below; the FLOP counter of :mod:`riemann_core.measure.flops` keeps its own
+table, so counted and modelled FLOPs are independent figures.
 
 The models follow the implementation step by step (``flops`` returns them by phase);
-``speed_of_light_flops`` is the minimal count, the yardstick (docs/methods.md).
+``speed_of_light_flops`` is the minimal count by kind of operation, the yardstick, and
+``speed_of_light_seconds`` weighs it by the rates a device reaches (docs/methods.md).
 """
 
 from __future__ import annotations
@@ -200,19 +201,48 @@ def _total(cost: dict[str, float]) -> dict[str, float]:
     return cost
 
 
-def speed_of_light_flops(shape: MLPShape) -> float:
-    """Minimal FLOPs of the structured layerwise direction (docs/methods.md, "The speed of light")::
+def minimal_rows(
+    out_dim: int, loss: str = "cross_entropy", output_metric: str = "exact", samples: int = 1
+) -> int:
+    """Factor rows per sample that suffice for the output metric: ``C - 1`` for the exact
+    softmax Fisher (its rank: the factor annihilates the ones vector), ``C`` for squared
+    error, ``samples`` for a sampled metric."""
+    if output_metric == "sampled":
+        return samples
+    return out_dim - 1 if loss == "cross_entropy" else out_dim
 
-    pullback   2 d sum_{a > 1} f_in f_out
-    per layer  2 d^2 f_out + 2 N^2 (f_in + 1) + d^3 / 3
-               + 2 d N f_out + 2 (N + d) f_out (f_in + 1)
+
+def speed_of_light_flops(shape: MLPShape) -> dict[str, float]:
+    """Minimal FLOPs of the exact layerwise direction by kind (docs/methods.md, "The speed
+    of light"), with ``r = shape.rows`` rows per sample (:func:`minimal_rows`); block ``a``
+    keeps ``r_a = min(r, f_out)`` rows, ``d_a = N r_a``::
+
+        products   2 N r sum_{a > 1} f_in f_out                        pullback
+                   + per layer  N^2 (f_in + 1)                          X X^T (symmetric)
+                                + d_a^2 f_out                           Delta Delta^T (symmetric)
+                                + 2 N^2 f_out                           K g from Lambda
+                                + 2 N f_out (f_in + 1)                  g - K^T t, one GEMM
+        cholesky   per layer  d_a^3 / 3
+
+    Triangular solves with one right-hand side (``2 d_a^2``) are negligible and left out.
     """
-    N, d = shape.batch, shape.d
-    total = sum(2 * d * f_in * f_out for f_in, f_out in shape.layers[1:])
+    N, r = shape.batch, shape.rows
+    products = sum(2 * N * r * f_in * f_out for f_in, f_out in shape.layers[1:])
+    cholesky = 0.0
     for f_in, f_out in shape.layers:
-        total += 2 * d * d * f_out + 2 * N * N * (f_in + 1) + d**3 / 3
-        total += 2 * d * N * f_out + 2 * (N + d) * f_out * (f_in + 1)
-    return total
+        d_a, p = N * min(r, f_out), shape.patch(f_in)
+        products += N * N * p + d_a * d_a * f_out + 2 * N * N * f_out + 2 * N * f_out * p
+        cholesky += d_a**3 / 3
+    return {"products": products, "cholesky": cholesky}
+
+
+def speed_of_light_seconds(flops: dict[str, float], rates: dict[str, float]) -> float:
+    """``sum over kinds flops[kind] / rates[kind]``: the time of the minimal work at the
+    best rate a device reaches for each kind of operation (FLOP/s, measured)."""
+    missing = [k for k, f in flops.items() if f and not rates.get(k, 0) > 0]
+    if missing:
+        raise ValueError(f"no positive rate for {missing}; measure the device rates first")
+    return sum(f / rates[k] for k, f in flops.items() if f)
 
 
 def peak_bytes(

@@ -48,29 +48,50 @@ def test_counted_flops_match_the_model(widths, N, bias, method, kernel, output_m
     assert counter.get_total_flops() == pytest.approx(modelled, rel=1e-2, abs=2)
 
 
-def test_linalg_formulas_are_counted():
-    A = torch.randn(30, 30, dtype=torch.float64)
-    A = A @ A.T + 30 * torch.eye(30, dtype=torch.float64)
-    b = torch.randn(30, 4, dtype=torch.float64)
-    with flop_counter() as counter:
-        L = torch.linalg.cholesky(A)
-        torch.linalg.solve_triangular(L, b, upper=False)
-        torch.linalg.eigh(A)
-        torch.linalg.solve(A, b)
-    expected = (
-        costs.cholesky_flops(30)
-        + costs.triangular_solve_flops(30, 4)
-        + costs.eigh_flops(30)
-        + costs.lu_solve_flops(30, 4)
-    )
-    assert counter.get_total_flops() == pytest.approx(expected, abs=4)
-
-
 def test_speed_of_light_formula_by_hand():
-    # one layer 3 -> 2, N = 2, r = 2: d = 4, no pullback term
+    # one layer 3 -> 2, N = 2, r = 2: d = 4, P = 4, no pullback term
     shape = costs.MLPShape((3, 2), batch=2, rows=2)
-    by_hand = 2 * 16 * 2 + 2 * 4 * 4 + 64 / 3 + 2 * 4 * 2 * 2 + 2 * 6 * 2 * 4
-    assert costs.speed_of_light_flops(shape) == pytest.approx(by_hand)
+    products = 4 * 4 + 16 * 2 + 2 * 4 * 2 + 2 * 2 * 2 * 4
+    assert costs.speed_of_light_flops(shape) == pytest.approx(
+        {"products": products, "cholesky": 64 / 3}
+    )
+
+
+def test_speed_of_light_keeps_min_r_f_out_rows_per_block():
+    # 5 -> 4 -> 3, N = 3, r = 4: the second block keeps 3 rows per sample (d = 9)
+    shape = costs.MLPShape((5, 4, 3), batch=3, rows=4)
+    pullback = 2 * 3 * 4 * (4 * 3)
+    first = 9 * 6 + 12**2 * 4 + 2 * 9 * 4 + 2 * 3 * 4 * 6
+    second = 9 * 5 + 9**2 * 3 + 2 * 9 * 3 + 2 * 3 * 3 * 5
+    assert costs.speed_of_light_flops(shape) == pytest.approx(
+        {"products": pullback + first + second, "cholesky": (12**3 + 9**3) / 3}
+    )
+
+
+def test_speed_of_light_of_the_target_network():
+    # 784-1024-1024-10 at N = 128, cross-entropy: r = C - 1 = 9 rows suffice
+    rows = costs.minimal_rows(10)
+    sol = costs.speed_of_light_flops(costs.MLPShape((784, 1024, 1024, 10), 128, rows))
+    assert rows == 9
+    assert sol["products"] == pytest.approx(5.76e9, rel=1e-3)
+    assert sol["cholesky"] == pytest.approx(1.529e9, rel=1e-3)
+    rates = {"products": 1e11, "cholesky": 2e10}
+    seconds = sol["products"] / 1e11 + sol["cholesky"] / 2e10
+    assert costs.speed_of_light_seconds(sol, rates) == pytest.approx(seconds)
+    with pytest.raises(ValueError, match="no positive rate for \\['cholesky'\\]"):
+        costs.speed_of_light_seconds(sol, {"products": 1e11})
+
+
+@pytest.mark.parametrize(
+    "kwargs, rows",
+    [
+        ({}, 9),
+        ({"loss": "mse"}, 10),
+        ({"output_metric": "sampled", "samples": 3}, 3),
+    ],
+)
+def test_minimal_rows(kwargs, rows):
+    assert costs.minimal_rows(10, **kwargs) == rows
 
 
 # ------------------------------------------------------------------- data-parallel steps

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 import sys
 from collections.abc import Callable
@@ -40,15 +42,28 @@ def _status_bytes(key: str) -> int:
     raise OSError(f"{key} not in /proc/self/status")
 
 
+def release_free_memory() -> bool:
+    """Return the C allocator's free memory to the system (glibc's ``malloc_trim(0)``);
+    False where there is no glibc."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return False
+    trim(0)
+    return True
+
+
 def host_peak_bytes(fn: Callable[[], object]) -> int | None:
     """Peak rise of resident memory while ``fn()`` runs, above the resident memory before.
 
-    Linux resets the peak (``VmHWM``) when ``5`` is written to ``/proc/self/clear_refs``.
-    A lower bound: memory that the allocator already holds from earlier calls (freed but
-    not returned to the system) is reused without a rise, so after a warm-up this often
-    reads far below the call's working set; the cost model's ``peak_bytes`` is the
-    estimate of that. ``None`` where the interface is missing.
+    The C allocator's free memory is first returned to the system
+    (:func:`release_free_memory`), so that what ``fn`` allocates shows as a rise rather
+    than reusing memory freed by earlier calls; Linux resets the peak (``VmHWM``) when ``5``
+    is written to ``/proc/self/clear_refs``. Still a lower bound: memory the allocator
+    keeps between ``fn``'s own allocations is counted once. ``None`` where the interface
+    is missing.
     """
+    release_free_memory()
     try:
         Path("/proc/self/clear_refs").write_text("5")
         before = _status_bytes("VmRSS")

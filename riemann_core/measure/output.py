@@ -77,8 +77,10 @@ def pyplot():
 
 
 def save_figure(fig, path: Path, dpi: int = 120) -> Path:
-    """Lay out ``fig``, write it to ``path`` and free it."""
-    fig.tight_layout()
+    """Lay out ``fig`` (unless it has a layout engine of its own), write it to ``path``
+    and free it."""
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
     return path

@@ -51,13 +51,36 @@ def measure(
     return Timing(statistics.median(times), iqr, tuple(times))
 
 
-def gemm_rate(
+#: Kinds of operation whose best rate a device is measured at (:func:`device_rates`).
+RATE_KINDS = ("products", "cholesky", "triangular")
+
+
+def device_rates(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     n: int = 4096,
-    repeats: int = 5,
-) -> float:
-    """FLOP/s of one ``n x n`` matrix product on ``device``: the yardstick of a run."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / measure(lambda: a @ b, repeats=repeats, device=device).median
+    repeats: int = 3,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """FLOP/s of each of :data:`RATE_KINDS` at size ``n``, one figure per timed call.
+
+    ``products``: an ``n x n`` by ``n x n`` GEMM (``2 n^3``); ``cholesky``: Cholesky of an
+    ``n x n`` positive definite matrix (``n^3 / 3``); ``triangular``: a triangular solve
+    with ``n`` right-hand sides (``n^3``). At a large ``n`` (2048-4096 on a CPU, 16384 on
+    a GPU) these are the best rates the device reaches for each kind: the yardsticks of
+    the speed of light. The inputs come from a generator on ``device``.
+    """
+    generator = torch.Generator(device).manual_seed(seed)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=generator) for _ in range(2))
+    spd = a @ a.T
+    spd.diagonal().add_(n)
+    lower = torch.linalg.cholesky(spd)
+    calls = {
+        "products": (lambda: a @ b, 2 * n**3),
+        "cholesky": (lambda: torch.linalg.cholesky(spd), n**3 / 3),
+        "triangular": (lambda: torch.linalg.solve_triangular(lower, b, upper=False), n**3),
+    }
+    return {
+        kind: [flops / t for t in measure(fn, repeats=repeats, device=device).times]
+        for kind, (fn, flops) in calls.items()
+    }

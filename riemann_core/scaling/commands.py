@@ -1,8 +1,10 @@
 """The scaling study's subcommands: ``sweep``, ``fit``, ``validate``, ``report`` and ``run``.
 
-All read and write one directory (``--out``, default ``reports/<device>``):
-``results.csv`` and ``sweep.json`` (sweep), ``fits.csv`` and ``joint_fit.csv`` (fit),
-``claims.json`` (validate), the figures and ``report.md`` (report).
+All read and write one directory (``--out``, default ``reports/<device>[/quick]``):
+``results.csv`` and ``sweep.json`` (sweep), ``fits.csv``, ``time_model.csv`` and
+``rates.csv`` (fit), ``claims.json`` (validate), the figures and ``report.md`` (report).
+``fit``, ``validate`` and ``report`` analyse what the sweep measured: for them ``--device``
+and ``--quick`` only choose the default directory, and are refused beside ``--out``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--output-metric", choices=("exact", "sampled"))
     group.add_argument("--repeats", type=int, help="timed calls per point")
     group.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="SECONDS",
+        help="seconds the sweep may spend measuring; the axes stop growing before it runs out",
+    )
+    group.add_argument(
         "--memory-budget-gib",
         type=float,
         help="skip points whose modelled peak memory exceeds this",
@@ -38,7 +46,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 def grid_from(args) -> sw.Grid:
     """The grid the options describe; a bad option raises ``ValueError`` before any work."""
-    spec = dict(sw.QUICK if args.quick else sw.DEFAULT)
+    spec = sw.default_grid(str(args.device), args.quick)
     spec["axes"] = dict(spec["axes"])
     for axis, dest in sw.AXIS_OPTIONS.items():
         values = getattr(args, dest, None)
@@ -55,49 +63,72 @@ def grid_from(args) -> sw.Grid:
             spec[name] = getattr(args, name)
     if getattr(args, "memory_budget_gib", None) is not None:
         spec["memory_budget_bytes"] = args.memory_budget_gib * 2**30
+    if getattr(args, "time_budget", None) is not None:
+        spec["time_budget_s"] = args.time_budget
     return sw.Grid(devices=(str(args.device),), seed=args.seed, **spec)
 
 
 def run_sweep(args) -> int:
     from ..measure.environment import environment
-    from ..measure.timing import gemm_rate
+    from ..measure.timing import device_rates
 
     grid = grid_from(args)
     out = default_out(args)
-    sw.read_results(out / "results.csv")  # a corrupted file stops us before the GEMM
-    rate = gemm_rate(args.device, n=2048 if args.quick else 4096)
-    meta = {
-        "gemm_flops_per_s": rate,
-        "environment": environment(args.device),
-        "command": args.command_line,
-    }
-    result = sw.sweep(grid, out, meta=meta)
+    sw.read_results(out / "results.csv")  # a corrupted file stops us before any work
+
+    def rates() -> list[dict]:
+        return [
+            {"dtype": dtype, **device_rates(args.device, sw.DTYPES[dtype], n=grid.rate_size)}
+            for dtype in grid.dtypes
+        ]
+
+    meta = {"environment": environment(args.device), "command": args.command_line}
+    result = sw.sweep(grid, out, meta=meta, rates=rates)
     print(
         f"{out / 'results.csv'}: {result.measured} points measured, {result.resumed} "
         f"already there; status counts {result.statuses}"
     )
+    for axis, decision in result.growth.items():
+        print(f"  growth {axis}: {decision}")
     return 0
+
+
+def _analysed_out(args):
+    """``--out`` of fit, validate and report, refusing the options they would ignore."""
+    if args.command in ("fit", "validate", "report") and args.out is not None:
+        ignored = [
+            option
+            for option, given in (("--quick", args.quick), ("--device", args.device.type != "cpu"))
+            if given
+        ]
+        if ignored:
+            raise ValueError(
+                f"{' and '.join(ignored)} only choose the default directory of "
+                f"'{args.command}', which analyses what the sweep in --out measured; "
+                "drop them or drop --out"
+            )
+    return default_out(args)
 
 
 def run_fit(args) -> int:
     from ..measure.output import write_atomic
     from . import fit
 
-    out = default_out(args)
+    out = _analysed_out(args)
     df, meta = fit.read_sweep(out)
     table = fit.fit_table(df, meta, seed=args.seed)
-    joint = fit.joint_fit(df)
-    rates = fit.achieved_rates(df, meta["gemm_flops_per_s"])
+    models = fit.time_model_table(df)
+    rates = fit.achieved_rates(df, fit.sweep_rates(df, meta))
     write_atomic(out / "fits.csv", table.to_csv(index=False))
-    write_atomic(out / "joint_fit.csv", joint.to_csv(index=False))
+    write_atomic(out / "time_model.csv", models.to_csv(index=False))
     write_atomic(out / "rates.csv", rates.to_csv(index=False))
-    best = rates.groupby(["method", "kernel"])["fraction_of_gemm"].max().rename("best fraction")
     with _pandas_display():
-        for frame in (table, joint, best.reset_index()):
+        for frame in (table, models):
             print(frame.to_string(index=False, float_format=lambda v: f"{v:.3g}"), end="\n\n")
     print(
-        f"GEMM rate of the sweep: {meta['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s; wrote "
-        f"fits.csv, joint_fit.csv and rates.csv (achieved FLOP/s per point) in {out}"
+        f"wrote fits.csv (exponents of FLOPs and time per axis), time_model.csv (overhead "
+        f"and achieved rates per method) and rates.csv (FLOP/s and time / speed of light "
+        f"per point) in {out}"
     )
     return 0
 
@@ -105,28 +136,28 @@ def run_fit(args) -> int:
 def run_validate(args) -> int:
     from . import fit, validate
 
-    out = default_out(args)
+    out = _analysed_out(args)
     df, meta = fit.read_sweep(out)
     claims = validate.validate(df, meta, seed=args.seed)
     validate.write_claims(claims, out / "claims.json")
     for c in claims:
         interval = "" if c.low is None else f" [{c.low:.3g}, {c.high:.3g}]"
-        measured = "n/a" if c.measured is None else f"{c.measured:.3g}"
-        print(f"{c.verdict:>12}  {c.id:<28} expected {c.expected}, measured {measured}{interval}")
+        measured = "" if c.measured is None else f" {c.measured:.3g}{interval}"
+        print(f"{c.verdict:>18}  {c.id:<32}{measured}")
     return validate.exit_code(claims)
 
 
 def run_report(args) -> int:
     from .report import write_report
 
-    path = write_report(default_out(args), seed=args.seed)
+    path = write_report(_analysed_out(args), seed=args.seed)
     print(f"wrote {path}")
     return 0
 
 
 def run_all(args) -> int:
-    """Sweep, fit, validate, report; the exit code is 0 once the report is written (the
-    verdicts are in it; ``riemann-bench validate`` exits non-zero on a failed claim)."""
+    """Sweep, fit, validate, report; the exit code is validate's (1 when a claim fails),
+    once the report is written."""
     if len(grid_from(args).dtypes) > 1:
         raise ValueError(
             "fits and claims compare one dtype at a time: run one --dtypes "
@@ -134,8 +165,9 @@ def run_all(args) -> int:
         )
     run_sweep(args)
     run_fit(args)
-    run_validate(args)
-    return run_report(args)
+    code = run_validate(args)
+    run_report(args)
+    return code
 
 
 class _pandas_display:
@@ -156,27 +188,34 @@ COMMANDS = (
         "time, FLOPs and memory over a grid of MLPs, resumably",
         "Measure every method (layerwise also with the generic kernel) on MLPs varying one "
         "of width, depth, output dimension and batch at a time around a base point: "
-        "median and IQR of wall-clock, counted FLOPs, peak memory and a status per point. "
-        "Points already in results.csv are skipped; the file is rewritten atomically.",
+        "median and IQR of wall-clock, counted FLOPs by kind, peak memory and a status per "
+        "point. Width and batch grow, per method, until the per-call overhead is a small "
+        "part of the time or a budget ends. The device's GEMM, Cholesky and triangular-solve "
+        "rates are measured at the start and at the end. Points already in results.csv are "
+        "kept; the file is rewritten atomically.",
         "sweep --quick --methods layerwise,full --widths 8,16,32,64",
         add_sweep_arguments,
     ),
     Command(
         "fit",
         run_fit,
-        "log-log slopes with bootstrap intervals and the joint n d^2 + d^3 fit",
-        "Fit, per method and axis, the log-log slope of time over the asymptotic range "
-        "(the larger half of the points) with a bootstrap 95% interval, and the "
-        "non-negative least-squares fit time ~ a n d^2 + b d^3 + c with its R^2.",
+        "exponents of counted FLOPs, the time model and achieved rates",
+        "Fit, per method and axis, the local exponents of the counted and the modelled "
+        "FLOPs and the exponent of time against the modelled compute time; per method the "
+        "time model t = t0 + t_module L + sum F_kind / R_kind (overhead and achieved "
+        "rates); per point the FLOP rate and time / speed of light. --device and --quick "
+        "only choose the default directory.",
         "fit --out reports/cpu",
     ),
     Command(
         "validate",
         run_validate,
         "check the complexity claims; non-zero exit when one fails",
-        "Compare the measured scaling against the claims (layerwise linear in n at fixed "
-        "d, d^2..d^3 in d, full n^2..n^3, the crossover width, structured vs generic, "
-        "counted FLOPs vs the cost model) and write claims.json with verdicts.",
+        "Check the complexity claims on counted FLOPs (each method's cost model, the "
+        "paper's exponents where the leading terms dominate, linear in depth) and on time "
+        "(explained by the FLOPs at stable rates, the crossover width, structured vs "
+        "generic), and write claims.json: pass, fail, regime not reached or not measured, "
+        "each with its reason. --device and --quick only choose the default directory.",
         "validate --out reports/cpu",
     ),
     Command(
@@ -184,16 +223,19 @@ COMMANDS = (
         run_report,
         "scaling plots and report.md from a sweep",
         "Draw time, FLOPs and memory against every axis (log-log, theoretical slopes as "
-        "guides), the layerwise/full crossover and the achieved FLOP rate, and write "
-        "report.md with the tables, verdicts, environment and regenerating commands.",
+        "guides, the memory model beside the measurement), the layerwise/full crossover "
+        "and the achieved rates against the device's and the speed of light, and write "
+        "report.md with the verdicts, tables, environment and regenerating commands. "
+        "--device and --quick only choose the default directory.",
         "report --out reports/cpu",
     ),
     Command(
         "run",
         run_all,
         "the main job: sweep, fit, validate and report on the default grid",
-        "Sweep the default grid (or the quick one), fit, validate and report, under "
-        "reports/<device>/ unless --out says otherwise.",
+        "Sweep the default grid (or the quick one) of the device, fit, validate and "
+        "report, under reports/<device>/ unless --out says otherwise; exit code 1 when a "
+        "claim fails.",
         "run --quick",
         add_sweep_arguments,
     ),

@@ -1,10 +1,27 @@
-"""Scaling fits of a sweep: log-log slopes with bootstrap intervals, a joint cost-model fit,
-and achieved FLOP rates.
+"""Fits of a sweep: exponents of counted FLOPs, the time model, slopes, achieved rates.
 
 A sweep (``results.csv``, one row per measured point) varies one axis of the MLP at a time
-around a base point (``sweep.json``'s ``base``); the base point belongs to every axis. The
-slope of ``log t`` against ``log x`` over the largest values of ``x`` is the exponent ``k``
-of ``t ~ x^k`` in the asymptotic range, the number the cost models predict (docs/methods.md, "Scaling").
+around a base point (``sweep.json``'s ``base``); the base point belongs to every axis.
+
+- **Exponents of counted FLOPs.** Counted FLOPs are exact and the same on every device;
+  their local exponent between neighbouring points, ``log(F_2 / F_1) / log(x_2 / x_1)``,
+  is compared with the cost model's at the same points (:func:`local_exponents`).
+- **The time model** (:func:`fit_time_model`), per method, kernel and device::
+
+      t = t0 + t_module L + sum over kinds  F_kind / R_kind
+
+  by non-negative least squares on relative residuals over the counted FLOPs by kind
+  (:data:`riemann_core.measure.flops.KINDS`): ``t0`` is the per-call overhead,
+  ``t_module`` the overhead per module (``L`` Linear modules), ``R_kind`` the achieved
+  rate of each kind of operation. A point is *compute-bound* where the overhead
+  ``t0 + t_module L`` is at most a stated fraction of its time.
+- **Time against work** (:func:`time_exponent`, :func:`axis_regime`): along an axis, the
+  slope of ``log(t - overhead)`` against ``log`` of the modelled compute time
+  ``sum F_kind / R_kind`` over the top segment of compute-bound points; 1 when the time is
+  explained by the FLOPs at stable rates, less while the achieved rates still climb with
+  size, more when the time grows faster than the counted work.
+- **Curvature in depth** (:func:`quadratic_share`): the share of a quadratic term at the
+  deepest point in ``t = a + b L + c L^2``.
 
 Needs numpy, pandas and scipy (the ``bench`` extra); the core of ``riemann_core`` does not.
 """
@@ -22,8 +39,9 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import nnls
 
-#: the four axes of a sweep, as columns of ``results.csv`` and keys of ``sweep.json``'s base
-AXES = ("width", "depth", "out_dim", "batch")
+from .. import costs
+from ..measure.flops import KINDS
+from .sweep import AXES, ResultsFileError, read_results, shape_of
 
 #: x of each axis in :func:`fit_table`. ``width``: ``n_params`` (``n ~ w^2``, so the slope is the
 #: exponent in ``n`` at fixed ``d``, the paper's variable); ``depth``: ``layers``, the number
@@ -31,14 +49,22 @@ AXES = ("width", "depth", "out_dim", "batch")
 #: linear in ``L`` below slope 1 at small depth); ``out_dim`` and ``batch``: ``d = N r``.
 FIT_X = {"width": "n_params", "depth": "layers", "out_dim": "d", "batch": "d"}
 
-#: x a fit may take besides an axis: columns of the results, and ``layers`` (``depth + 1``)
-DERIVED_X = ("n_params", "d", "layers")
-
-#: fewest distinct x for a slope in :func:`fit_table`: two points cannot show curvature
-MIN_POINTS = 3
-
 #: a sweep may hold several of these; a fit takes one of each (tables group by them)
 SETTINGS = ("device", "dtype", "output_metric")
+
+#: a point is compute-bound where the overhead ``t0 + t_module L`` is at most this
+#: fraction of its time
+OVERHEAD_TARGET = 0.2
+
+#: the time against work is explained at stable rates where its exponent is 1 within this
+TIME_BAND = 0.25
+
+#: the axes along which a method's time is judged against its work: ``n`` and ``d``
+#: (depth adds modules of the same size; the output dimension changes ``d`` as the batch does)
+TIMED_AXES = ("width", "batch")
+
+#: columns of the counted FLOPs by kind
+FLOP_COLUMNS = tuple(f"flops_{kind}" for kind in KINDS)
 
 
 @dataclass(frozen=True)
@@ -53,23 +79,40 @@ class SlopeFit:
 
 
 def read_sweep(directory: str | Path) -> tuple[pd.DataFrame, dict]:
-    """``results.csv`` as a DataFrame (``times_s`` and ``reason`` as text) and ``sweep.json``."""
+    """``results.csv`` as a DataFrame (``times_s``, ``flag`` and ``reason`` as text) and
+    ``sweep.json``; a missing, corrupted or foreign file raises a ``ValueError`` naming it."""
     directory = Path(directory)
-    df = pd.read_csv(directory / "results.csv", dtype={"times_s": str, "reason": str})
-    if "reason" in df:
-        df["reason"] = df["reason"].fillna("")
-    return df, json.loads((directory / "sweep.json").read_text())
+    path, record = directory / "results.csv", directory / "sweep.json"
+    for needed in (path, record):
+        if not needed.is_file():
+            raise ValueError(f"no sweep at {needed}; run 'riemann-bench sweep' with this --out")
+    read_results(path)  # the checks of the sweep itself: columns, parse errors, truncation
+    try:
+        df = pd.read_csv(path, dtype={"times_s": str, "reason": str, "flag": str})
+        meta = json.loads(record.read_text())
+    except (ValueError, UnicodeDecodeError) as err:  # pandas' and json's parse errors
+        raise ResultsFileError(
+            f"cannot read the sweep in {directory} ({err}); move it away or rerun the sweep"
+        ) from err
+    if not isinstance(meta, dict) or "base" not in meta:
+        raise ResultsFileError(f"{record} lacks the base point; rerun 'riemann-bench sweep'")
+    for column in ("reason", "flag"):
+        df[column] = df[column].fillna("")
+    return df, meta
 
 
-def axis_points(df: pd.DataFrame, base: Mapping[str, int], axis: str) -> pd.DataFrame:
-    """Rows with ``status == "ok"`` whose other three axes equal ``base``: the points of ``axis``."""
+def axis_points(
+    df: pd.DataFrame, base: Mapping[str, int], axis: str, *, ok_only: bool = True
+) -> pd.DataFrame:
+    """Rows whose other three axes equal ``base`` (with ``status == "ok"`` unless
+    ``ok_only`` is false): the points of ``axis``."""
     if axis not in AXES:
         raise ValueError(f"unknown axis {axis!r}; choose one of {', '.join(AXES)}")
     require_columns(df, ("status", *AXES))
     missing = [a for a in AXES if a != axis and a not in base]
     if missing:
         raise ValueError(f"base point {dict(base)} lacks {', '.join(missing)}")
-    keep = df["status"] == "ok"
+    keep = df["status"] == "ok" if ok_only else pd.Series(True, index=df.index)
     for other in AXES:
         if other != axis:
             keep &= df[other] == base[other]
@@ -170,142 +213,384 @@ def loglog_slope(
     return SlopeFit(slope, float(low), float(high), tail, (float(distinct[-tail]), float(xs.max())))
 
 
-def fit_rows(
-    rows: pd.DataFrame, x: str, *, tail: int | None = None, n_boot: int = 2000, seed: int = 0
-) -> SlopeFit:
-    """:func:`loglog_slope` of ``rows``' repeat times against :func:`x_values` ``x``."""
-    if rows.empty:
-        raise ValueError("no ok points to fit")
-    require_columns(rows, ("time_median_s",))
-    for setting in SETTINGS:
-        if setting in rows and rows[setting].nunique() > 1:
-            raise ValueError(
-                f"the points mix {setting}s {sorted(rows[setting].unique())}; "
-                f"fit one {setting} at a time"
-            )
-    return loglog_slope(x_values(rows, x), repeat_times(rows), tail=tail, n_boot=n_boot, seed=seed)
-
-
-def fit_axis(
-    df: pd.DataFrame,
-    base: Mapping[str, int],
-    method: str,
-    kernel: str,
-    axis: str,
-    x: str = "axis",
+def quadratic_share(
+    x: Sequence[float],
+    y_samples: Sequence[Sequence[float]],
     *,
-    tail: int | None = None,
     n_boot: int = 2000,
     seed: int = 0,
 ) -> SlopeFit:
-    """Slope of ``method``/``kernel``'s time along ``axis`` against ``x``.
+    """Share of the quadratic term at the largest x in ``t = a + b x + c x^2``, fitted to
+    the medians on relative residuals: ``c x_max^2 / t(x_max)``, 0 for a line.
 
-    ``x`` is ``"axis"`` (the axis value itself) or one of :data:`DERIVED_X`.
+    The interval resamples both levels, as :func:`loglog_slope` does (replicates with
+    fewer than 3 distinct x are dropped). Returned as a :class:`SlopeFit` whose ``slope``
+    is the share.
+
+    >>> round(quadratic_share([1, 2, 3, 4], [[3.0], [5.0], [7.0], [9.0]]).slope, 9)
+    0.0
     """
-    if x not in ("axis", *DERIVED_X):
-        raise ValueError(f"unknown x {x!r}; choose 'axis' or one of {', '.join(DERIVED_X)}")
-    rows = method_points(df, base, method, kernel, axis)
-    if rows.empty:
+    xs = np.asarray(x, float)
+    samples = [np.atleast_1d(np.asarray(s, float)) for s in y_samples]
+    if np.unique(xs).size < 3 or len(samples) != xs.size:
+        raise ValueError(f"a quadratic needs 3 distinct x with samples each, got {xs.tolist()}")
+    scaled = xs / xs.max()
+
+    def shares(x_, t_):  # batched: rows of x_ and t_ are replicates; at each row's largest x
+        A = np.stack([np.ones_like(x_), x_, x_ * x_], axis=-1) / t_[..., None]
+        AtA = np.einsum("rpi,rpj->rij", A, A)
+        c = np.linalg.solve(AtA, A.sum(axis=1)[..., None])[..., 0]
+        top = x_.max(axis=1)
+        return c[:, 2] * top**2 / (c[:, 0] + c[:, 1] * top + c[:, 2] * top**2)
+
+    medians = np.array([np.median(s) for s in samples])
+    estimate = float(shares(scaled[None], medians[None])[0])
+    rng = np.random.default_rng(seed)
+    boot = np.empty((n_boot, xs.size))
+    for i, s in enumerate(samples):
+        boot[:, i] = np.median(s[rng.integers(0, s.size, (n_boot, s.size))], axis=1)
+    pick = rng.integers(0, xs.size, (n_boot, xs.size))
+    distinct = (np.diff(np.sort(scaled[pick], axis=1), axis=1) > 0).sum(axis=1) + 1
+    keep = distinct >= 3
+    boots = shares(scaled[pick][keep], np.take_along_axis(boot, pick, axis=1)[keep])
+    low, high = np.percentile(boots, [2.5, 97.5]) if boots.size else (estimate, estimate)
+    return SlopeFit(estimate, float(low), float(high), xs.size, (float(xs.min()), float(xs.max())))
+
+
+def local_exponents(x: Sequence[float], y: Sequence[float]) -> np.ndarray:
+    """``log(y_{i+1} / y_i) / log(x_{i+1} / x_i)`` between neighbours in increasing ``x``
+    (one value per distinct x; equal x share the first of their y).
+
+    >>> local_exponents([1, 2, 4], [3, 12, 96]).tolist()
+    [2.0, 3.0]
+    """
+    xs, ys = np.asarray(x, float), np.asarray(y, float)
+    distinct, first = np.unique(xs, return_index=True)
+    if distinct.size < 2 or (distinct <= 0).any() or (ys[first] <= 0).any():
+        raise ValueError(f"exponents need 2 distinct positive x and positive y, got {xs}, {ys}")
+    return np.diff(np.log(ys[first])) / np.diff(np.log(distinct))
+
+
+def model_flops(rows: pd.DataFrame) -> np.ndarray:
+    """``costs.flops(method, shape, kernel)["total"]`` at every row (the model's FLOPs)."""
+    return np.array(
+        [
+            costs.flops(r.method, shape_of(r._asdict()), r.kernel)["total"]
+            for r in rows[["method", "kernel", *AXES, "output_metric"]].itertuples(index=False)
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class TimeModel:
+    """``t = t0 + t_module L + sum_kind F_kind seconds_per_flop[kind]`` (module docstring)."""
+
+    t0: float
+    t_module: float
+    seconds_per_flop: dict[str, float]  # 0 where the fit gives a kind no time
+    r2_log: float
+    median_error: float  # median |t_model / t - 1| over the points
+    points: int
+
+    @property
+    def rates(self) -> dict[str, float]:
+        """Achieved FLOP/s per kind (inf where the fit gives a kind no time)."""
+        return {k: 1 / s if s > 0 else math.inf for k, s in self.seconds_per_flop.items()}
+
+    def overhead(self, rows: pd.DataFrame) -> np.ndarray:
+        """``t0 + t_module L`` at every row."""
+        return self.t0 + self.t_module * x_values(rows, "layers")
+
+    def compute(self, rows: pd.DataFrame) -> np.ndarray:
+        """``sum_kind F_kind / R_kind`` at every row."""
+        total = np.zeros(len(rows))
+        for kind, s in self.seconds_per_flop.items():
+            total += rows[f"flops_{kind}"].to_numpy(float) * s
+        return total
+
+    def predict(self, rows: pd.DataFrame) -> np.ndarray:
+        return self.overhead(rows) + self.compute(rows)
+
+
+def fit_time_model(rows: pd.DataFrame) -> TimeModel:
+    """:class:`TimeModel` of ``rows`` (one method, kernel and device, ok points).
+
+    Minimises ``sum_i ((t_model_i - t_i) / t_i)^2`` with every coefficient >= 0, so a 1 ms
+    point weighs as much as a 1 s one; kinds with no FLOPs at any point are left out.
+    Needs more points than coefficients.
+    """
+    require_columns(rows, ("time_median_s", "depth", *FLOP_COLUMNS))
+    t = rows["time_median_s"].to_numpy(float)
+    kinds = [k for k in KINDS if (rows[f"flops_{k}"].to_numpy(float) > 0).any()]
+    features = np.column_stack(
+        [np.ones_like(t), x_values(rows, "layers")]
+        + [rows[f"flops_{k}"].to_numpy(float) for k in kinds]
+    )
+    if len(t) <= features.shape[1] or not (np.isfinite(features).all() and (t > 0).all()):
         raise ValueError(
-            f"no ok points of method={method!r} kernel={kernel!r} along {axis!r} "
-            f"around the base point {dict(base)}"
+            f"a time model of {features.shape[1]} coefficients needs more than that many "
+            f"points with positive times and counted FLOPs, got {len(t)}"
         )
-    return fit_rows(rows, axis if x == "axis" else x, tail=tail, n_boot=n_boot, seed=seed)
+    weighted = features / t[:, None]
+    scale = np.abs(weighted).max(axis=0)
+    scale[scale == 0] = 1.0
+    coef = nnls(weighted / scale, np.ones_like(t))[0] / scale
+    model = features @ coef
+    return TimeModel(
+        t0=float(coef[0]),
+        t_module=float(coef[1]),
+        seconds_per_flop=dict(zip(kinds, map(float, coef[2:]))),
+        r2_log=_r2(np.log(t), np.log(model)) if (model > 0).all() else math.nan,
+        median_error=float(np.median(np.abs(model / t - 1))),
+        points=len(t),
+    )
+
+
+def time_models(df: pd.DataFrame) -> dict[tuple, TimeModel]:
+    """:func:`fit_time_model` per method, kernel and setting over the ok rows (groups with
+    too few points have none)."""
+    ok = df[(df["status"] == "ok") & (df["time_median_s"] > 0)]
+    models = {}
+    for key, rows in ok.groupby(_group_keys(df), sort=True):
+        try:
+            models[key] = fit_time_model(rows)
+        except ValueError:
+            continue
+    return models
+
+
+def time_model_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per :func:`time_models` entry: t0, t_module, the achieved rate of each kind
+    (GFLOP/s; empty where the kind has no FLOPs), r2_log, median_error, points."""
+    keys = _group_keys(df)
+    records = []
+    for key, m in time_models(df).items():
+        rates = {f"rate_{k}_gflops": m.rates[k] / 1e9 for k in m.rates}
+        records.append(
+            {
+                **dict(zip(keys, key)),
+                "t0_s": m.t0,
+                "t_module_s": m.t_module,
+                **rates,
+                "r2_log": m.r2_log,
+                "median_error": m.median_error,
+                "points": m.points,
+            }
+        )
+    columns = [*keys, "t0_s", "t_module_s", *(f"rate_{k}_gflops" for k in KINDS)]
+    columns += ["r2_log", "median_error", "points"]
+    return pd.DataFrame.from_records(records, columns=columns)
+
+
+def overhead_fraction(rows: pd.DataFrame, model: TimeModel) -> np.ndarray:
+    """``(t0 + t_module L) / t`` at every row (measured median time)."""
+    return model.overhead(rows) / rows["time_median_s"].to_numpy(float)
+
+
+def time_exponent(
+    rows: pd.DataFrame,
+    model: TimeModel,
+    *,
+    target: float = OVERHEAD_TARGET,
+    tail: int = 2,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> SlopeFit | None:
+    """Slope of ``log(t - overhead)`` against ``log(compute)`` over the ``tail`` largest
+    compute-bound points of ``rows`` (one axis of one method; the top segment by default),
+    with the bootstrap interval of :func:`loglog_slope` over the repeats; None with fewer
+    than 2 such points."""
+    rows = rows.assign(_overhead=model.overhead(rows), _compute=model.compute(rows))
+    bound = rows[(overhead_fraction(rows, model) <= target) & (rows["_compute"] > 0)]
+    if bound["_compute"].nunique() < 2:
+        return None
+    samples = [
+        np.maximum(times - ov, 1e-3 * times)
+        for times, ov in zip(repeat_times(bound), bound["_overhead"], strict=True)
+    ]
+    tail = min(tail, bound["_compute"].nunique())
+    return loglog_slope(bound["_compute"], samples, tail=tail, n_boot=n_boot, seed=seed)
+
+
+#: the top segment must add at least this factor of work to judge time against it (a
+#: doubled axis adds up to 2x the work of terms linear in it, more for higher powers)
+MIN_WORK_RATIO = 1.5
+
+
+@dataclass(frozen=True)
+class AxisRegime:
+    """Where one method's points along one axis stand against the time model.
+
+    ``state`` is ``"overhead"`` (fewer than 2 compute-bound points), ``"flat"`` (the top
+    compute-bound segment adds less than :data:`MIN_WORK_RATIO` of work, too little to
+    judge), ``"climbing"`` (time grows more slowly than the work: the achieved rates still
+    climb), ``"faster"`` (time grows faster than the work) or ``"stable"``.
+    """
+
+    compute_bound: int
+    overhead_at_top: float
+    work_ratio: float
+    exponent: SlopeFit | None
+
+    @property
+    def state(self) -> str:
+        if self.compute_bound < 2:
+            return "overhead"
+        if self.exponent is None:  # the top segment adds less than MIN_WORK_RATIO of work
+            return "flat"
+        if self.exponent.slope < 1 - TIME_BAND:
+            return "climbing"
+        return "faster" if self.exponent.slope > 1 + TIME_BAND else "stable"
+
+    def describe(self, axis: str) -> str:
+        if self.state in ("overhead", "flat"):
+            return (
+                f"{axis}: {self.compute_bound} compute-bound points, overhead "
+                f"{self.overhead_at_top:.0%} at the top"
+                + (
+                    f", work x{self.work_ratio:.2g} over the top segment"
+                    if self.state == "flat"
+                    else ""
+                )
+            )
+        e = self.exponent
+        return f"{axis}: time ~ work^{e.slope:.3g} [{e.low:.3g}, {e.high:.3g}] over the top segment"
+
+
+def axis_regime(
+    rows: pd.DataFrame,
+    model: TimeModel,
+    *,
+    target: float = OVERHEAD_TARGET,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> AxisRegime:
+    """:class:`AxisRegime` of ``rows``: the ok points of one method along one axis."""
+    rows = rows.sort_values("flops")
+    fraction = overhead_fraction(rows, model)
+    compute = model.compute(rows)
+    compute = np.unique(compute[(fraction <= target) & (compute > 0)])
+    ratio = float(compute[-1] / compute[-2]) if len(compute) >= 2 else math.nan
+    exponent = None
+    if ratio >= MIN_WORK_RATIO:
+        exponent = time_exponent(rows, model, target=target, n_boot=n_boot, seed=seed)
+    top = float(fraction[-1]) if len(fraction) else math.nan
+    return AxisRegime(len(compute), top, ratio, exponent)
 
 
 def fit_table(
     df: pd.DataFrame, sweep_meta: Mapping, *, n_boot: int = 2000, seed: int = 0
 ) -> pd.DataFrame:
-    """Slopes of every method/kernel along every swept axis, x per :data:`FIT_X`.
+    """Per method/kernel (and setting) and swept axis, against x of :data:`FIT_X`:
 
-    Columns: method, kernel, the :data:`SETTINGS` present in ``df`` (device, dtype,
-    output_metric), axis, x, slope, low, high, points, x_min, x_max. A combination with
-    fewer than :data:`MIN_POINTS` distinct ok x has no row.
+    ``points``, ``x_max``; ``flops_exponent`` and ``model_exponent``: the local exponents
+    of the counted and the modelled FLOPs over the top segment; ``exponent_gap``: the
+    largest ``|counted - modelled|`` over every segment of the axis;
+    ``overhead_at_top``: the time model's overhead fraction at the largest point;
+    ``compute_bound``: how many points are compute-bound; ``time_exponent`` with ``low``
+    and ``high``: :func:`time_exponent` (empty with fewer than 2 compute-bound points).
+    A combination with fewer than 2 distinct ok x has no row.
     """
     base = sweep_meta["base"]
     axes = [a for a in sweep_meta.get("axes", AXES) if a in AXES]
     keys = _group_keys(df)
+    models = time_models(df)
     records = []
     for key, group in df[df["status"] == "ok"].groupby(keys, sort=True):
         for axis in axes:
             x = FIT_X[axis]
-            rows = method_points(group, base, key[0], key[1], axis)
-            if len(np.unique(x_values(rows, x))) < MIN_POINTS:
+            rows = method_points(group, base, key[0], key[1], axis).sort_values(axis)
+            xs = x_values(rows, x)
+            if len(np.unique(xs)) < 2:
                 continue
-            slope = fit_rows(rows, x, n_boot=n_boot, seed=seed)
-            records.append(
-                {
-                    **dict(zip(keys, key)),
-                    "axis": axis,
-                    "x": x,
-                    "slope": slope.slope,
-                    "low": slope.low,
-                    "high": slope.high,
-                    "points": slope.points,
-                    "x_min": slope.x_range[0],
-                    "x_max": slope.x_range[1],
-                }
-            )
-    columns = [*keys, "axis", "x", "slope", "low", "high", "points", "x_min", "x_max"]
-    return pd.DataFrame.from_records(records, columns=columns)
-
-
-def joint_fit(df: pd.DataFrame) -> pd.DataFrame:
-    """Per method/kernel, ``t = a n d^2 + b d^3 + c`` with ``a, b, c >= 0`` over all ok points.
-
-    ``n`` is ``n_params`` and ``d`` the factor rows; depth enters only through ``n`` (the
-    ``L d^3`` of layerwise is folded into ``b`` at each depth). Solved by non-negative least
-    squares on relative residuals, ``min sum_i ((a n_i d_i^2 + b d_i^3 + c - t_i) / t_i)^2``,
-    so a 1 ms point weighs as much as a 1 s one (unweighted, the largest times alone would
-    decide all three coefficients). Columns: method, kernel, a, b, c, r2 (``1 - SS_res /
-    SS_tot`` of ``t`` on the linear scale; negative where the model describes the times
-    worse than their mean), r2_log (the same of ``log t`` against ``log`` of the model: how
-    well the fit follows the small times too), points, and the :data:`SETTINGS` present in
-    ``df`` after method and kernel. A group with fewer than 3 ok points (one per
-    coefficient) has no row.
-    """
-    require_columns(df, ("method", "kernel", "status", "n_params", "d", "time_median_s"))
-    ok = df[(df["status"] == "ok") & (df["time_median_s"] > 0)]
-    keys = _group_keys(df)
-    records = []
-    for key, rows in ok.groupby(keys, sort=True):
-        if len(rows) < 3:
-            continue
-        n = rows["n_params"].to_numpy(float)
-        d = rows["d"].to_numpy(float)
-        t = rows["time_median_s"].to_numpy(float)
-        features = np.column_stack([n * d * d, d**3, np.ones_like(t)])
-        weighted = features / t[:, None]
-        scale = np.abs(weighted).max(axis=0)
-        scale[scale == 0] = 1.0
-        coef, _ = nnls(weighted / scale, np.ones_like(t))
-        a, b, c = coef / scale
-        model = features @ (coef / scale)
-        records.append(
-            {
+            counted = local_exponents(xs, rows["flops"])
+            modelled = local_exponents(xs, model_flops(rows))
+            record = {
                 **dict(zip(keys, key)),
-                "a": a,
-                "b": b,
-                "c": c,
-                "r2": _r2(t, model),
-                "r2_log": _r2(np.log(t), np.log(model)) if (model > 0).all() else math.nan,
-                "points": len(rows),
+                "axis": axis,
+                "x": x,
+                "points": len(np.unique(xs)),
+                "x_max": xs.max(),
+                "flops_exponent": counted[-1],
+                "model_exponent": modelled[-1],
+                "exponent_gap": float(np.abs(counted - modelled).max()),
             }
-        )
-    columns = [*keys, "a", "b", "c", "r2", "r2_log", "points"]
+            model = models.get(key)
+            if model is not None:
+                fraction = overhead_fraction(rows, model)
+                slope = time_exponent(rows, model, n_boot=n_boot, seed=seed)
+                record.update(
+                    overhead_at_top=fraction[-1],
+                    compute_bound=int((fraction <= OVERHEAD_TARGET).sum()),
+                    time_exponent=slope.slope if slope else math.nan,
+                    low=slope.low if slope else math.nan,
+                    high=slope.high if slope else math.nan,
+                )
+            records.append(record)
+    columns = [*keys, "axis", "x", "points", "x_max", "flops_exponent", "model_exponent"]
+    columns += ["exponent_gap", "overhead_at_top", "compute_bound", "time_exponent"]
+    columns += ["low", "high"]
     return pd.DataFrame.from_records(records, columns=columns)
 
 
-def achieved_rates(df: pd.DataFrame, gemm_flops_per_s: float) -> pd.DataFrame:
-    """``df`` with ``flops_per_s = flops / time_median_s`` and ``fraction_of_gemm`` =
-    that over the device's GEMM rate (NaN for rows that are not ok or have no time)."""
-    if not (isinstance(gemm_flops_per_s, Real) and 0 < gemm_flops_per_s < math.inf):
-        raise ValueError(f"gemm_flops_per_s must be positive and finite, got {gemm_flops_per_s!r}")
-    require_columns(df, ("status", "flops", "time_median_s"))
+def device_rates(sweep_meta: Mapping, dtype: str | None = None) -> dict[str, list[float]]:
+    """Every rate the sweep measured (``sweep.json``'s ``device_rates``) in ``dtype`` (any
+    when None), by kind."""
+    out: dict[str, list[float]] = {}
+    for session in sweep_meta.get("device_rates", []):
+        if dtype is not None and session.get("dtype") != dtype:
+            continue
+        for kind, values in session.items():
+            if kind not in ("when", "dtype"):
+                out.setdefault(kind, []).extend(values)
+    return out
+
+
+def best_rates(sweep_meta: Mapping, dtype: str | None = None) -> dict[str, float]:
+    """The median of each kind's measured rates: the device's rates in the sweep."""
+    return {k: float(np.median(v)) for k, v in device_rates(sweep_meta, dtype).items() if v}
+
+
+def sweep_rates(df: pd.DataFrame, sweep_meta: Mapping) -> dict[str, float]:
+    """:func:`best_rates` in the dtype of ``df``'s ok rows; a ``ValueError`` when the sweep
+    recorded none."""
+    dtypes = df.loc[df["status"] == "ok", "dtype"].unique()
+    rates = best_rates(sweep_meta, dtypes[0] if len(dtypes) == 1 else None)
+    if not rates:
+        raise ValueError(
+            "sweep.json records no device rates (an older sweep?); rerun 'riemann-bench sweep'"
+        )
+    return rates
+
+
+def rate_spread(sweep_meta: Mapping, dtype: str | None = None) -> dict[str, float]:
+    """``(max - min) / median`` of each kind's measured rates: how much the device's speed
+    moved during the sweep (load from other processes, frequency scaling)."""
+    return {
+        k: float((max(v) - min(v)) / np.median(v))
+        for k, v in device_rates(sweep_meta, dtype).items()
+        if v
+    }
+
+
+def achieved_rates(df: pd.DataFrame, rates: Mapping[str, float]) -> pd.DataFrame:
+    """``df`` with, at every ok row: ``flops_per_s`` (counted FLOPs / time);
+    ``sol_s``, the phase-wise speed of light of the layerwise direction at the row's
+    shape (minimal products at ``rates["products"]`` plus minimal Cholesky FLOPs at
+    ``rates["cholesky"]``); ``time_over_sol``; ``counted_over_minimal`` (counted FLOPs /
+    minimal FLOPs). NaN for rows that are not ok."""
+    for kind in ("products", "cholesky"):
+        rate = rates.get(kind)
+        if not (isinstance(rate, Real) and 0 < rate < math.inf):
+            raise ValueError(f"the {kind} rate must be positive and finite, got {rate!r}")
+    require_columns(df, ("status", "flops", "time_median_s", "sol_products", "sol_cholesky"))
     out = df.copy()
     time = out["time_median_s"].where((out["status"] == "ok") & (out["time_median_s"] > 0))
     out["flops_per_s"] = out["flops"] / time
-    out["fraction_of_gemm"] = out["flops_per_s"] / gemm_flops_per_s
+    out["sol_s"] = out["sol_products"] / rates["products"] + out["sol_cholesky"] / rates["cholesky"]
+    out["time_over_sol"] = time / out["sol_s"]
+    minimal = out["sol_products"] + out["sol_cholesky"]
+    out["counted_over_minimal"] = (out["flops"] / minimal).where(time.notna())
     return out
 
 

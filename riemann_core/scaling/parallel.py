@@ -48,7 +48,7 @@ from ..measure.environment import environment
 from ..measure.output import write_atomic, write_json
 from ..measure.phases import PhaseRecorder
 from ..measure.problems import mlp
-from ..measure.timing import gemm_rate
+from ..measure.timing import device_rates
 
 METHODS = ("layerwise", "natural", "kfac")
 #: the network: five blocks, four of equal cost, so that P = 2 and 4 can split them
@@ -122,7 +122,7 @@ def _measure_rank(config: Config, rank: int, world: int, rendezvous: str, out) -
     x = torch.randn(config.batch, config.widths[0], device=device, dtype=dtype)
     y = torch.randint(0, config.widths[-1], (config.batch,), device=device)
     dist.barrier()  # every rank at once: the rate a rank gets while the others compute too
-    concurrent = gemm_rate(device, dtype, n=GEMM_SIZE[config.device])
+    concurrent = gemm_rate(device, dtype)
     shard = slice(rank * config.batch // world, (rank + 1) * config.batch // world)
     x, y = x[shard], y[shard]
     shape = config.shape
@@ -185,6 +185,12 @@ def _measure_rank(config: Config, rank: int, world: int, rendezvous: str, out) -
     return rows
 
 
+def gemm_rate(device, dtype: torch.dtype) -> float:
+    """The median GEMM rate (FLOP/s) at :data:`GEMM_SIZE` on ``device``."""
+    n = GEMM_SIZE[torch.device(device).type]
+    return statistics.median(device_rates(device, dtype, n=n)["products"])
+
+
 # ------------------------------------------------------------------------ the parent
 
 
@@ -242,12 +248,12 @@ def measure(config: Config, ranks: tuple[int, ...], progress=None) -> tuple[list
     """Every world size's rows, and the GEMM rates of ``threads`` threads measured
     before and after them (their spread tells a loaded machine)."""
     torch.set_num_threads(config.threads)
-    n, dtype = GEMM_SIZE[config.device], getattr(torch, config.dtype)
-    rates = [gemm_rate(config.device, dtype, n=n)]
+    dtype = getattr(torch, config.dtype)
+    rates = [gemm_rate(config.device, dtype)]
     rows = []
     for world in ranks:
         rows += run_world(config, world, progress)
-    rates.append(gemm_rate(config.device, dtype, n=n))
+    rates.append(gemm_rate(config.device, dtype))
     return rows, {"gemm_flops_per_s": rates}
 
 

@@ -21,22 +21,22 @@ the claim speaks of, with the figures) or ``too noisy``, with a one-line reason.
 
 **On time**, through the time model ``t_solve = t0 + F / R`` fitted by non-negative
 least squares to the solve phase of every rank and world size of a method (``F`` its
-counted FLOPs), as the scaling study judges time: a time verdict only where the
-overhead ``t0`` is at most :data:`OVERHEAD_TARGET` of the time and the machine was
-steady.
+counted FLOPs), as the scaling study judges time (:mod:`riemann_core.scaling.fit`): a time verdict
+only where the overhead ``t0`` is at most ``OVERHEAD_TARGET`` of the time and the machine
+was steady (rates within ``SPREAD_LIMIT``).
 
 - ``solve-time-<method>-P<P>``: the speedup of the slowest rank's solve phase,
   ``S = t(1) / t(P)`` (medians, a 95% bootstrap interval over the repeats), against the
   speedup of its counted work ``T(1) / T(P)``: ``pass`` when ``S`` lies within
   ``1 +- TIME_BAND`` of it with an interval at most :data:`MAX_INTERVAL_WIDTH` wide;
   ``fail`` when the interval lies outside; ``too noisy`` otherwise, when the GEMM rates
-  measured before and after the run differ by more than :data:`SPREAD_LIMIT`, or when
+  measured before and after the run differ by more than ``SPREAD_LIMIT``, or when
   the time model does not describe the times (a rate above any GEMM rate of the run).
   ``regime not reached`` when the ranks cannot each have a device: ``P`` ranks of
   ``threads`` threads need more cores than the machine has, or the GEMM rate a rank
-  reaches while all ``P`` run one is more than :data:`SPREAD_LIMIT` below the rate of
-  one rank alone (other work on the machine); or when the overhead ``t0`` is more than
-  :data:`OVERHEAD_TARGET` of ``t(P)``.
+  reaches while all ``P`` run one is more than ``SPREAD_LIMIT`` below the rate of one
+  rank alone (other work on the machine); or when the overhead ``t0`` is more than
+  ``OVERHEAD_TARGET`` of ``t(P)``.
 """
 
 from __future__ import annotations
@@ -52,19 +52,14 @@ import pandas as pd
 from .. import costs
 from ..measure.output import markdown_table, pyplot, read_study, save_figure, write_json
 from ..ownership import greedy_ratio, loads
-from .validate import Claim
+from .fit import OVERHEAD_TARGET, TIME_BAND
+from .sweep import SPREAD_LIMIT
+from .validate import FAIL, NOISY, NOT_REACHED, PASS, Claim
 
-PASS, FAIL, NOT_REACHED, NOISY = "pass", "fail", "regime not reached", "too noisy"
 #: largest relative gap between counted and modelled FLOPs
 FLOPS_TOLERANCE = 0.01
-#: the solve-time speedup must lie within 1 +- this of the counted work's
-TIME_BAND = 0.25
 #: widest 95% interval of the ratio of those speedups that can pass
 MAX_INTERVAL_WIDTH = 0.5
-#: a time verdict needs the overhead t0 at most this share of the time
-OVERHEAD_TARGET = 0.2
-#: relative spread of the GEMM rates above which the machine was not steady
-SPREAD_LIMIT = 0.2
 #: world sizes of the cost model's table of expected scaling
 MODEL_RANKS = (1, 2, 4, 8, 16, 32)
 
@@ -266,6 +261,7 @@ def _solve_time(method: str, rows: pd.DataFrame, meta: dict, *, n_boot: int, see
                 verdict,
                 f"{reason}; solve speedup {S:.2f} [{low:.2f}, {high:.2f}] against "
                 f"{expected:.2f} counted; t0 {t0 * 1e3:.2g} ms, R {rate / 1e9:.3g} GFLOP/s",
+                basis="time",
             )  # fmt: skip
         )
     return out

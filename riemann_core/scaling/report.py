@@ -1,185 +1,243 @@
 """``riemann-bench report``: scaling plots and ``report.md`` from a sweep's results.
 
-Every figure is drawn from ``results.csv`` in the output directory, and ``report.md``
-names the command that regenerates it.
+Every figure is drawn from ``results.csv`` and ``sweep.json`` in the output directory,
+and ``report.md`` names the command that regenerates it. Each method and kernel keeps
+one colour in every figure (:func:`colour`).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from ..measure.output import markdown_table, pyplot, save_figure
-from .sweep import AXES
+import riemann_core as rc
 
-#: Axis -> ``(label, [(exponent, guide label)])``: theoretical slopes drawn as guides.
+from ..measure.output import markdown_table, pyplot, save_figure, write_atomic
+from . import fit, validate
+from .sweep import AXES, SPREAD_LIMIT
+
+#: Axis -> (label, [(exponent, line style, what the guide stands for)]).
 GUIDES = {
-    "width": (
-        "width w (n ~ depth w^2)",
-        [(2, "w^2: layerwise generic, O(n) at fixed d"), (6, "w^6: full, O(n^3)")],
-    ),
-    "depth": ("hidden layers (L = depth + 1 modules)", [(1, "linear: all but full")]),
-    "out_dim": ("output dimension C (d = N C)", [(3, "C^3: the d^3 term")]),
-    "batch": ("batch N (d = N C)", [(2, "N^2: n d^2"), (3, "N^3: d^3")]),
+    "width": ("width w (n ~ depth w^2)", [(2, "--", "w^2: O(n)"), (6, ":", "w^6: O(n^3)")]),
+    "depth": ("hidden layers (L = depth + 1 modules)", [(1, "--", "linear")]),
+    "out_dim": ("output dimension C (d = N C)", [(3, "--", "C^3: the d^3 term")]),
+    "batch": ("batch N (d = N C)", [(2, "--", "N^2: n d^2"), (3, ":", "N^3: d^3")]),
 }
 METRICS = {
     "time_median_s": "time per direction [s]",
     "flops": "counted FLOPs",
-    "peak_bytes": "peak memory above baseline [bytes]",
+    "peak_bytes": "peak memory [bytes]",
 }
+KERNELS = ("structured", "generic")
+
+
+def colour(label: str):
+    """The colour of ``"method (kernel)"``, the same in every figure of every report."""
+    import seaborn as sns
+
+    labels = [f"{m} ({k})" for k in KERNELS for m in rc.METHODS]
+    palette = sns.color_palette("tab10", len(labels))
+    return palette[labels.index(label)] if label in labels else "0.3"
 
 
 def load(out: Path) -> tuple[pd.DataFrame, dict]:
-    df = pd.read_csv(out / "results.csv")
-    meta = json.loads((out / "sweep.json").read_text())
+    """``results.csv`` (checked) with a ``label`` column, and ``sweep.json``."""
+    df, meta = fit.read_sweep(out)
     df["label"] = df["method"] + " (" + df["kernel"] + ")"
     return df, meta
 
 
 def along(df: pd.DataFrame, base: dict, axis: str) -> pd.DataFrame:
     """Ok rows that vary ``axis`` with the other axes at the base point."""
-    mask = df["status"] == "ok"
-    for other in AXES:
-        if other != axis:
-            mask &= df[other] == base[other]
-    return df[mask]
+    return fit.axis_points(df, base, axis)
 
 
-def _guides(ax, data: pd.DataFrame, axis: str, metric: str) -> None:
-    """Dashed slope guides over the upper half of the axis (the asymptotic range the fits
-    use), ending at the geometric mean of the series at the largest value."""
-    import numpy as np
+def _lines(ax, data: pd.DataFrame, x: str, y: str, **style) -> None:
+    for label, group in data.groupby("label", sort=True):
+        group = group.sort_values(x)
+        ax.plot(group[x], group[y], color=colour(label), label=label, **style)
 
+
+def _guides(ax, data: pd.DataFrame, axis: str, metric: str) -> str:
+    """Slope guides over the upper half of the axis, ending at the geometric mean of the
+    series at the largest value; returns their legend for the panel's title."""
     xs = np.sort(data[axis].unique())
     if len(xs) < 2:
-        return
+        return ""
     tail = xs[len(xs) // 2 :] if len(xs) > 3 else xs
     y_end = float(np.exp(np.log(data.loc[data[axis] == xs[-1], metric]).mean()))
-    for exponent, text in GUIDES[axis][1]:
-        ax.plot(tail, y_end * (tail / tail[-1]) ** exponent, ls="--", lw=0.9, color="0.4")
-        ax.annotate(
-            text,
-            (tail[0], y_end * (tail[0] / tail[-1]) ** exponent),
-            fontsize=6,
-            color="0.3",
-            ha="right",
-            va="center",
-        )
+    for exponent, style, _ in GUIDES[axis][1]:
+        ax.plot(tail, y_end * (tail / tail[-1]) ** exponent, ls=style, lw=0.9, color="0.4")
+    return ", ".join(f"{style} {text}" for _, style, text in GUIDES[axis][1])
 
 
 def scaling_figure(df: pd.DataFrame, meta: dict, metric: str, path: Path) -> Path:
-    """Log-log ``metric`` against each axis, one panel per axis, a line per method."""
+    """Log-log ``metric`` against each axis, one panel per axis, a line per method; for
+    memory the cost model's estimate (``peak_bytes_model``) dashed beside the measurement."""
     plt = pyplot()
-    import seaborn as sns
-
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    order = sorted(df["label"].unique())
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
     for ax, axis in zip(axes.flat, AXES, strict=True):
-        data = along(df, meta["base"], axis).dropna(subset=[metric])
-        data = data[data[metric] > 0]
-        if data.empty:
-            ax.set_title(f"{axis}: no data")
-            continue
-        sns.lineplot(
-            data=data,
-            x=axis,
-            y=metric,
-            hue="label",
-            hue_order=order,
-            marker="o",
-            ax=ax,
-            legend=axis == "width",
-        )
+        data = along(df, meta["base"], axis)
+        shown = data.dropna(subset=[metric])
+        shown = shown[shown[metric] > 0]
+        _lines(ax, shown, axis, metric, marker="o", ms=3)
+        guides = ""
+        if metric == "peak_bytes":
+            _lines(ax, data, axis, "peak_bytes_model", ls="--", lw=0.9)
+            guides = "-- the cost model's estimate"
+        elif not shown.empty:
+            guides = _guides(ax, shown, axis, metric)
+        values = shown[metric]
+        if metric == "peak_bytes":
+            values = pd.concat([values, data["peak_bytes_model"]])
+        if not values.empty:
+            ax.set_ylim(values[values > 0].min() / 3, values.max() * 3)
         ax.set(xscale="log", yscale="log", xlabel=GUIDES[axis][0], ylabel=METRICS[metric])
-        low, high = data[metric].min(), data[metric].max()
-        if metric != "peak_bytes":
-            _guides(ax, data, axis, metric)
-        ax.set_ylim(low / 3, high * 3)  # guides may not stretch the data's range
-        ax.grid(True, which="both", lw=0.3)
+        _axis_ticks(ax, np.sort(data[axis].unique()))
+        ax.set_title(f"{axis}" + (f"  ({guides})" if guides else ""), fontsize=9)
+        ax.grid(True, lw=0.3)
+    _figure_legend(fig, df)
     base = ", ".join(f"{k}={v}" for k, v in meta["base"].items())
     fig.suptitle(f"{METRICS[metric]} (one axis varied, others at {base})")
     return save_figure(fig, path)
 
 
-def crossover_figure(df: pd.DataFrame, meta: dict, path: Path) -> Path:
-    """Layerwise against full along the width axis, with their time ratio."""
-    plt = pyplot()
+def _axis_ticks(ax, values: np.ndarray, most: int = 8) -> None:
+    """The axis's own values as plain tick labels, thinned to at most ``most``."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
+    if len(values):
+        step = -(-len(values) // most)
+        ax.set_xticks(values[::-step][::-1])  # keep the largest value
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _figure_legend(fig, df: pd.DataFrame) -> None:
+    """One legend for the figure, below the panels, a colour per method and kernel."""
+    from matplotlib.lines import Line2D
+
+    labels = sorted(df["label"].unique())
+    handles = [Line2D([], [], color=colour(label), marker="o", ms=3) for label in labels]
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+    fig.set_layout_engine("tight", rect=(0, 0.05, 1, 0.97))
+
+
+def crossover_figure(df: pd.DataFrame, meta: dict, path: Path) -> Path:
+    """Layerwise, natural and full along the width axis, and the full / layerwise ratio."""
+    plt = pyplot()
     data = along(df, meta["base"], "width")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, group in data.groupby("label"):
-        if label.split()[0] in ("layerwise", "full", "natural"):
-            group = group.sort_values("n_params")
-            left.plot(group["n_params"], group["time_median_s"], marker="o", label=label)
-    left.set(
-        xscale="log",
-        yscale="log",
-        xlabel="parameters n",
-        ylabel="time [s]",
-        title="layerwise vs full along width",
-    )
-    left.legend(fontsize=7)
+    data = data[data["method"].isin(("layerwise", "full", "natural"))]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    _lines(left, data, "n_params", "time_median_s", marker="o", ms=3)
+    left.set(xscale="log", yscale="log", xlabel="parameters n", ylabel="time [s]")
+    left.set_title("layerwise vs full along width", fontsize=10)
+    left.legend(fontsize=7, loc="upper left")
     pivot = data[data["kernel"] == "structured"].pivot_table(
         index="n_params", columns="method", values="time_median_s"
     )
     if {"full", "layerwise"} <= set(pivot.columns):
         ratio = (pivot["full"] / pivot["layerwise"]).dropna()
-        right.plot(ratio.index, ratio.values, marker="o")
+        right.plot(ratio.index, ratio.values, marker="o", color=colour("full (structured)"))
         right.axhline(1.0, color="0.5", ls="--", lw=0.8)
     right.set(
-        xscale="log",
-        yscale="log",
-        xlabel="parameters n",
-        ylabel="time full / time layerwise",
-        title="crossover: above 1 layerwise wins",
+        xscale="log", yscale="log", xlabel="parameters n", ylabel="time full / time layerwise"
     )
+    right.set_title("crossover: above 1 layerwise wins", fontsize=10)
     return save_figure(fig, path)
 
 
-def rate_figure(df: pd.DataFrame, meta: dict, path: Path) -> Path:
-    """Achieved FLOP/s as a fraction of the GEMM rate measured in the same run."""
+def rate_figure(rates: pd.DataFrame, device: dict[str, float], path: Path) -> Path:
+    """Achieved FLOP/s of every point against its counted FLOPs, beside the device's GEMM
+    and Cholesky rates; and layerwise's time over its phase-wise speed of light."""
     plt = pyplot()
-    import seaborn as sns
-
-    data = along(df, meta["base"], "width").copy()
-    data["fraction"] = data["flops"] / data["time_median_s"] / meta["gemm_flops_per_s"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    sns.lineplot(data=data, x="width", y="fraction", hue="label", marker="o", ax=ax)
-    ax.set(
-        xscale="log",
-        xlabel="width w",
-        ylabel="achieved FLOP/s / GEMM rate",
-        title=f"GEMM rate {meta['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s (same run)",
-    )
-    ax.grid(True, which="both", lw=0.3)
+    ok = rates[rates["status"] == "ok"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for label, group in ok.groupby("label", sort=True):
+        left.scatter(group["flops"], group["flops_per_s"], s=8, color=colour(label), label=label)
+    for kind, style in (("products", "--"), ("cholesky", ":")):
+        if kind in device:
+            left.axhline(device[kind], color="0.3", ls=style, lw=0.9)
+    left.set(xscale="log", yscale="log", xlabel="counted FLOPs", ylabel="achieved FLOP/s")
+    left.set_title("achieved rate (-- device GEMM, : device Cholesky)", fontsize=10)
+    left.legend(fontsize=7, loc="lower right")
+    layerwise = ok[ok["method"] == "layerwise"]
+    for label, group in layerwise.groupby("label", sort=True):
+        right.scatter(group["flops"], group["time_over_sol"], s=8, color=colour(label), label=label)
+    right.axhline(1.0, color="0.5", ls="--", lw=0.8)
+    right.set(xscale="log", yscale="log", xlabel="counted FLOPs", ylabel="time / speed of light")
+    right.set_title("layerwise against its phase-wise speed of light", fontsize=10)
+    if not layerwise.empty:
+        right.legend(fontsize=7, loc="upper right")
     return save_figure(fig, path)
 
 
-def figures(df: pd.DataFrame, meta: dict, out: Path) -> dict[str, Path]:
+def time_model_figure(df: pd.DataFrame, path: Path) -> Path:
+    """Measured time against the time model's, a panel per method and kernel; hollow
+    markers where the overhead is more than the stated fraction of the time."""
+    plt = pyplot()
+    models = fit.time_models(df)
+    keys = list(models)
+    cols = min(len(keys), 3) or 1
+    nrows = max(1, -(-len(keys) // cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.8 * cols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(keys) :]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, keys):
+        model = models[key]
+        rows = df[(df["status"] == "ok") & (df["method"] == key[0]) & (df["kernel"] == key[1])]
+        predicted = model.predict(rows)
+        bound = fit.overhead_fraction(rows, model) <= fit.OVERHEAD_TARGET
+        c = colour(f"{key[0]} ({key[1]})")
+        t = rows["time_median_s"].to_numpy(float)
+        ax.scatter(predicted[bound], t[bound], s=10, color=c)
+        ax.scatter(predicted[~bound], t[~bound], s=10, facecolors="none", edgecolors=c)
+        low, high = min(t.min(), predicted.min()), max(t.max(), predicted.max())
+        ax.plot([low, high], [low, high], color="0.5", lw=0.8)
+        ax.set(xscale="log", yscale="log", xlabel="time model [s]", ylabel="measured [s]")
+        overhead = f"t0 {model.t0 * 1e3:.2g} ms + {model.t_module * 1e3:.2g} ms x L"
+        ax.set_title(f"{key[0]} ({key[1]}): {overhead}", fontsize=9)
+    return save_figure(fig, path)
+
+
+def figures(df: pd.DataFrame, meta: dict, rates: pd.DataFrame, out: Path) -> dict[str, Path]:
     return {
         "time": scaling_figure(df, meta, "time_median_s", out / "time.png"),
         "flops": scaling_figure(df, meta, "flops", out / "flops.png"),
         "memory": scaling_figure(df, meta, "peak_bytes", out / "memory.png"),
         "crossover": crossover_figure(df, meta, out / "crossover.png"),
-        "rate": rate_figure(df, meta, out / "achieved_rate.png"),
+        "rate": rate_figure(rates, fit.sweep_rates(df, meta), out / "achieved_rate.png"),
+        "time_model": time_model_figure(df, out / "time_model.png"),
     }
+
+
+CAPTIONS = {
+    "time": "Time per direction against each axis; grey lines: the claimed slopes.",
+    "flops": "Counted FLOPs (FlopCounterMode with its own table of linear-algebra counts).",
+    "memory": "Peak memory of one direction (CUDA: the allocator's peak; host: the rise of "
+    "resident memory once the allocator's free memory is returned, a lower bound); dashed: "
+    "the cost model's estimate.",
+    "crossover": "Layerwise against full along the width axis, and their time ratio.",
+    "rate": "Achieved FLOP/s against the device's rates measured in the same run, and "
+    "layerwise's time over its phase-wise speed of light.",
+    "time_model": "Measured time against the time model t0 + t_module L + sum F_kind / "
+    "R_kind; hollow: points where the overhead is more than "
+    f"{fit.OVERHEAD_TARGET:.0%} of the time.",
+}
 
 
 def write_report(out: Path, *, seed: int = 0) -> Path:
     """Figures and ``report.md`` for the sweep in ``out`` (fits and claims recomputed)."""
-    from ..measure.output import write_atomic
-    from . import fit, validate
-
     df, meta = load(out)
-    paths = figures(df, meta, out)
-    fits = fit.fit_table(df, meta, seed=seed)
-    joint = fit.joint_fit(df)
+    device = fit.sweep_rates(df, meta)
+    rates = fit.achieved_rates(df, device)
+    paths = figures(df, meta, rates, out)
     claims = validate.validate(df, meta, seed=seed)
     env = meta.get("environment", {})
     regenerate = f"riemann-bench report --out {out}"
-    counts = df["status"].value_counts().to_dict()
+    verdicts = pd.Series([c.verdict for c in claims]).value_counts()
     lines = [
         f"# Scaling report: {env.get('device_name', 'unknown device')}",
         "",
@@ -187,46 +245,121 @@ def write_report(out: Path, *, seed: int = 0) -> Path:
         f"`riemann-bench fit`, `validate` and `report` on `{out}`. Regenerate the figures and "
         f"this file from `results.csv` with `{regenerate}`.",
         "",
+        "## Claims",
+        "",
+        ", ".join(f"{n} {v}" for v, n in verdicts.items()) + f" of {len(claims)} claims.",
+        "",
+        markdown_table(
+            pd.DataFrame([c.to_dict() for c in claims])[
+                ["id", "verdict", "basis", "measured", "low", "high", "expected", "detail"]
+            ]
+        ),
+        "",
+        "Complexity claims are checked on counted FLOPs (exact, the same on every device), "
+        "time against the counted FLOPs through the time model; the rules are in "
+        "`docs/measuring.md` and `riemann_core/scaling/validate.py`.",
+        "",
+        *_rates_section(meta, df),
+        *_growth_section(meta),
+        *_flagged_section(df),
+        "## Time model (`time_model.csv`)",
+        "",
+        _table(fit.time_model_table(df)),
+        "",
+        "## Exponents per axis (`fits.csv`)",
+        "",
+        _table(fit.fit_table(df, meta, seed=seed)),
+        "",
         "## Environment",
         "",
         markdown_table(pd.DataFrame([env])) if env else "(not recorded)",
         "",
-        f"GEMM rate measured in the sweep: {meta['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s "
-        "(float32). Grid: one axis varied at a time around the base point "
-        f"{meta['base']}; axes {meta['axes']}. Status counts: {counts}.",
-        "",
-        "## Claims",
-        "",
-        markdown_table(
-            pd.DataFrame([c.to_dict() for c in claims])[
-                ["id", "verdict", "expected", "measured", "low", "high", "detail"]
-            ]
-        ),
-        "",
-        "Verdicts: `pass` when the estimate lies in the expected band and its 95% interval "
-        f"is at most {validate.MAX_INTERVAL_WIDTH:g} wide, `fail` when the interval lies "
-        "outside the band, `inconclusive` otherwise (see "
-        "`riemann_core/scaling/validate.py`).",
-        "",
-        "## Fitted slopes (asymptotic range, bootstrap 95% interval)",
-        "",
-        markdown_table(fits) if not fits.empty else "(too few points)",
-        "",
-        "## Joint fit `time ~ a n d^2 + b d^3 + c` (non-negative least squares)",
-        "",
-        markdown_table(joint) if not joint.empty else "(too few points)",
+        f"Grid: one axis varied at a time around the base point {meta['base']}; axes "
+        f"{meta['axes']}, grown as above. Status counts: {df['status'].value_counts().to_dict()}.",
         "",
         "## Figures",
         "",
     ]
-    captions = {
-        "time": "Time per direction against each axis; dashed lines: theoretical slopes.",
-        "flops": "Counted FLOPs (FlopCounterMode plus the linear-algebra formulas).",
-        "memory": "Peak memory of one direction: CUDA allocator peak, or on the host the rise "
-        "of resident memory (a lower bound: reused allocator memory does not show).",
-        "crossover": "Layerwise against full along the width axis, and their time ratio.",
-        "rate": "Achieved FLOP/s as a fraction of the GEMM rate of the same run.",
-    }
     for key, path in paths.items():
-        lines += [f"![{key}]({path.name})", "", f"{captions[key]} Regenerate: `{regenerate}`.", ""]
+        lines += [f"![{key}]({path.name})", "", f"{CAPTIONS[key]} Regenerate: `{regenerate}`.", ""]
     return write_atomic(out / "report.md", "\n".join(lines))
+
+
+def _table(frame: pd.DataFrame) -> str:
+    return markdown_table(frame) if not frame.empty else "(too few points)"
+
+
+def _rates_section(meta: dict, df: pd.DataFrame) -> list[str]:
+    dtypes = df.loc[df["status"] == "ok", "dtype"].unique()
+    dtype = dtypes[0] if len(dtypes) == 1 else None
+    measured = fit.device_rates(meta, dtype)
+    spread = fit.rate_spread(meta, dtype)
+    records = [
+        {
+            "kind": kind,
+            "median GFLOP/s": np.median(v) / 1e9,
+            "min": min(v) / 1e9,
+            "max": max(v) / 1e9,
+            "spread": spread[kind],
+            "measurements": len(v),
+        }
+        for kind, v in measured.items()
+    ]
+    moved = [k for k, s in spread.items() if s > SPREAD_LIMIT]
+    warning = (
+        f"**The device's speed moved during the sweep** ({', '.join(moved)} spread over "
+        f"{SPREAD_LIMIT:.0%}: other load on the machine?), so the claims on time are too "
+        "noisy to judge; rerun on a quiet machine. The claims on counted FLOPs stand."
+        if moved
+        else "The rates held steady during the sweep."
+    )
+    size = meta.get("grid", {}).get("rate_size", "?")
+    return [
+        f"## Device rates ({dtype or 'all dtypes'}, size {size}, during the sweep)",
+        "",
+        _table(pd.DataFrame.from_records(records)),
+        "",
+        warning,
+        "",
+    ]
+
+
+def _growth_section(meta: dict) -> list[str]:
+    growth = meta.get("growth", {})
+    if not growth:
+        return []
+    frame = pd.DataFrame(
+        [{"method/kernel/axis": k, "growth": v} for k, v in sorted(growth.items())]
+    )
+    seconds = meta.get("sweep_s")
+    took = f" The sweep measured for {seconds:.0f} s." if seconds is not None else ""
+    return [
+        "## Growth of the grid",
+        "",
+        "Width and batch grow per method, within the budgets, until the top two points are "
+        "compute-bound (overhead at most "
+        f"{meta.get('grid', {}).get('overhead_target', fit.OVERHEAD_TARGET):.0%} of the "
+        "time), add enough work to judge, and the achieved rates no longer climb between "
+        f"them.{took}",
+        "",
+        markdown_table(frame),
+        "",
+    ]
+
+
+def _flagged_section(df: pd.DataFrame) -> list[str]:
+    flagged = df[(df["flag"] != "") | (df["remeasured"] > 0)]
+    columns = ["method", "kernel", *AXES, "time_median_s", "spread", "remeasured", "flag"]
+    text = (
+        f"Points whose repeats spread over {SPREAD_LIMIT:.0%} of their median, or whose "
+        "median was far from both neighbours, were measured once more; `flag` says which "
+        "still are."
+    )
+    return [
+        "## Re-measured and flagged points",
+        "",
+        text,
+        "",
+        markdown_table(flagged[columns]) if not flagged.empty else "(none)",
+        "",
+    ]

@@ -3,13 +3,23 @@
 The grid varies one axis at a time (width, depth, output dimension, batch) around a
 base point, for every method, kernel, dtype and device. The MLP is ``width`` inputs,
 ``depth`` hidden tanh layers of ``width`` units and ``out_dim`` outputs, so
-``n ~ depth width^2`` and ``d = batch * r``. Each point gets a warm-up, ``repeats``
-timed calls (median and IQR), one FLOP-counted call and one memory-measured call, and a
-status: ``ok``, ``oom``, ``skipped`` (over the memory or FLOP budget, by the cost
-model) or ``error`` (with the reason).
+``n ~ depth width^2`` and ``d = batch * r``. Each point gets a memory-measured call, a
+warm-up, ``repeats`` timed calls (median and IQR), one FLOP-counted call (FLOPs by kind of
+operation, :mod:`riemann_core.measure.flops`) and a status: ``ok``, ``oom``, ``skipped``
+(over the memory or FLOP budget, by the cost model) or ``error`` (with the reason).
+
+Measuring a point is the pure function :func:`measure_point`; :func:`sweep` is the loop
+over points, in rounds:
+
+1. the grid's points;
+2. growth (:mod:`.grow`): an axis of ``grid.grow`` is extended, per method, while the
+   per-call overhead is more than ``grid.overhead_target`` of the time at its top point,
+   within the FLOP, memory and time budgets;
+3. points whose median lies far from both neighbours on an axis are measured once more
+   (a point whose repeats spread widely is re-timed at once, in :func:`measure_point`).
 
 ``results.csv`` is rewritten atomically after every point, so a killed sweep loses at
-most the point it was on; a rerun skips the points already measured (``ok``) and measures
+most the point it was on; a rerun skips the points already measured (``ok``) and decides
 the others again (a larger budget, a fixed error).
 """
 
@@ -18,6 +28,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,11 +38,11 @@ import torch
 import riemann_core as rc
 
 from .. import costs
-from ..measure.flops import flop_counter
+from ..measure.flops import KINDS, flop_counter, flops_by_kind
 from ..measure.memory import cuda_peak_bytes, host_peak_bytes
 from ..measure.output import write_atomic
 from ..measure.problems import mlp, widths
-from ..measure.timing import measure
+from ..measure.timing import Timing, measure
 
 AXES = ("width", "depth", "out_dim", "batch")
 #: Axis -> the command-line option (and ``argparse`` dest) that lists its values.
@@ -53,15 +64,27 @@ COLUMNS = (
     "time_iqr_s",
     "times_s",
     "flops",
+    *(f"flops_{kind}" for kind in KINDS),
     "flops_model",
+    "sol_products",
+    "sol_cholesky",
     "peak_bytes",
     "peak_bytes_model",
+    "spread",
+    "flag",
+    "remeasured",
     "status",
     "reason",
 )
 KEY = ("method", "kernel", "width", "depth", "out_dim", "batch", "device", "dtype", "output_metric")
 #: Methods measured with the generic kernel as well as the structured one.
 GENERIC_METHODS = ("layerwise",)
+#: A point whose repeats have an IQR above this fraction of their median is re-timed once,
+#: and flagged ``spread`` if it still is.
+SPREAD_LIMIT = 0.2
+#: A point whose median is this factor or more off the log-log interpolation of its two
+#: neighbours on an axis is measured once more, and flagged ``outlier`` if it still is.
+NEIGHBOUR_FACTOR = 1.5
 
 
 class ResultsFileError(ValueError):
@@ -85,6 +108,14 @@ class Grid:
     memory_budget_bytes: float = 4 * 2**30
     flop_budget: float = 2e11  # about a second per call on a 2-core CPU
     seed: int = 0
+    #: axis -> the largest value growth may extend it to (axes not named do not grow)
+    grow: dict[str, int] = field(default_factory=dict)
+    #: growth stops where the per-call overhead is at most this fraction of the time
+    overhead_target: float = 0.2
+    #: seconds the sweep may spend measuring; growth stops before it would run over
+    time_budget_s: float = math.inf
+    #: size of the GEMM, Cholesky and triangular solve that measure the device's rates
+    rate_size: int = 2048
 
     def __post_init__(self):
         check_grid(self)
@@ -121,16 +152,20 @@ class Grid:
 
 
 def check_grid(grid: Grid) -> None:
-    """Reject bad options before any work, naming the option and the fix."""
+    """Reject bad options before any work, naming the option, its bad values and the fix."""
     if set(grid.base) != set(AXES) or set(grid.axes) != set(AXES):
         raise ValueError(f"base and axes must name exactly {AXES}")
+    bad_base = [v for v in grid.base.values() if not _positive_int(v)]
+    if bad_base:
+        raise ValueError(
+            f"--base needs 4 positive integers (width, depth, out_dim, batch), got "
+            f"{tuple(grid.base.values())}"
+        )
     for axis in AXES:
-        values = (grid.base[axis], *grid.axes[axis])
-        if not grid.axes[axis] or any(
-            isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values
-        ):
-            flag = AXIS_OPTIONS[axis].replace("_", "-")
-            raise ValueError(f"--{flag} needs positive integers, got {values}")
+        flag = "--" + AXIS_OPTIONS[axis].replace("_", "-")
+        bad = [v for v in grid.axes[axis] if not _positive_int(v)]
+        if bad or not grid.axes[axis]:
+            raise ValueError(f"{flag} needs positive integers, got {bad or list(grid.axes[axis])}")
     for name, values, allowed in (
         ("method", grid.methods, rc.METHODS),
         ("kernel", grid.kernels, ("structured", "generic")),
@@ -143,48 +178,125 @@ def check_grid(grid: Grid) -> None:
     for device in grid.devices:
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available")
-    if grid.repeats < 1 or grid.warmup < 0 or not grid.damping > 0:
-        raise ValueError("repeats must be >= 1, warmup >= 0 and damping > 0")
+    for option, value, least in (
+        ("--repeats", grid.repeats, 1),
+        ("warmup", grid.warmup, 0),
+        ("damping", grid.damping, None),
+        ("--memory-budget-gib", grid.memory_budget_bytes / 2**30, None),
+        ("--flop-budget", grid.flop_budget, None),
+        ("time budget", grid.time_budget_s, None),
+    ):
+        if not (value >= least if least is not None else value > 0):
+            need = f"at least {least}" if least is not None else "positive"
+            raise ValueError(f"{option} must be {need}, got {value:g}")
+    bad_growth = {a: v for a, v in grid.grow.items() if a not in AXES or not _positive_int(v)}
+    if bad_growth:
+        raise ValueError(f"grow needs axes of {AXES} with positive caps, got {bad_growth}")
 
 
-#: The default grid (``riemann-bench run``): about 2 minutes on 2 CPU cores. The base
-#: point is large enough (n_a ~ 16k, d = 320) for compute, not call overhead, to dominate.
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+#: The default grid (``riemann-bench run``): about 20 minutes on 2 CPU cores, growth included.
+#: Widths are fine where ``full`` still fits; depths reach 16 layers for a linear fit in L.
 DEFAULT = dict(
     base={"width": 128, "depth": 2, "out_dim": 10, "batch": 32},
     axes={
         "width": (8, 12, 16, 24, 32, 48, 64, 128, 256, 512),
-        "depth": (1, 2, 3, 4, 6, 8),
+        "depth": (1, 2, 3, 4, 6, 8, 12, 16),
         "out_dim": (2, 4, 6, 10, 16, 24, 32),
         "batch": (4, 8, 16, 32, 64, 128, 256, 512),
     },
     repeats=7,
+    grow={"width": 4096, "batch": 4096},
+    time_budget_s=1500.0,
+    rate_size=4096,
 )
-#: ``--quick``: a few minutes on 2 CPU cores.
+#: ``--quick``: at most 5 minutes on 2 CPU cores, growth included.
 QUICK = dict(
     base={"width": 32, "depth": 2, "out_dim": 10, "batch": 16},
     axes={
-        "width": (8, 16, 32, 64, 128, 256),
-        "depth": (1, 2, 4),
+        "width": (8, 16, 24, 32, 64, 128, 256),
+        "depth": (1, 2, 4, 8, 16),
         "out_dim": (2, 5, 10, 20),
         "batch": (4, 8, 16, 32, 64),
     },
     repeats=3,
+    grow={"width": 2048, "batch": 1024},
+    time_budget_s=180.0,
+    rate_size=2048,
+)
+#: The default grid on a GPU: large enough to leave the launch-overhead regime.
+DEFAULT_CUDA = dict(
+    base={"width": 512, "depth": 2, "out_dim": 10, "batch": 128},
+    axes={
+        "width": (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
+        "depth": (1, 2, 4, 8, 12, 16),
+        "out_dim": (2, 4, 10, 16, 32),
+        "batch": (16, 32, 64, 128, 256, 512, 1024, 2048),
+    },
+    repeats=7,
+    grow={"width": 16384, "batch": 8192},
+    memory_budget_bytes=64 * 2**30,
+    flop_budget=1e13,  # eigendecompositions run far below the GEMM rate: K-FAC stops at ~6k
+    time_budget_s=1500.0,
+    rate_size=16384,
+)
+#: ``--quick`` on a GPU: about 3 minutes.
+QUICK_CUDA = dict(
+    base={"width": 256, "depth": 2, "out_dim": 10, "batch": 64},
+    axes={
+        "width": (16, 32, 64, 128, 256, 1024, 4096),
+        "depth": (1, 2, 4, 8, 16),
+        "out_dim": (2, 5, 10, 20),
+        "batch": (16, 64, 256, 1024),
+    },
+    repeats=3,
+    grow={"width": 16384, "batch": 4096},
+    memory_budget_bytes=32 * 2**30,
+    flop_budget=2e12,
+    time_budget_s=150.0,
+    rate_size=8192,
 )
 
 
+def default_grid(device: str, quick: bool) -> dict:
+    """The grid for ``device`` (a CPU or a GPU), quick or default, as ``Grid`` arguments."""
+    cuda = torch.device(device).type == "cuda"
+    return dict((QUICK_CUDA if quick else DEFAULT_CUDA) if cuda else (QUICK if quick else DEFAULT))
+
+
 def shape_of(run: dict) -> costs.MLPShape:
+    """The cost model's view of ``run``: ``r = C`` exact cross-entropy rows, or 1 probe."""
     rows = run["out_dim"] if run["output_metric"] == "exact" else 1
-    layer_widths = widths(run["width"], run["depth"], run["out_dim"])
-    return costs.MLPShape(layer_widths, run["batch"], rows)
+    return costs.MLPShape(widths(run["width"], run["depth"], run["out_dim"]), run["batch"], rows)
+
+
+def speed_of_light_of(run: dict) -> dict[str, float]:
+    """Minimal FLOPs by kind of the exact layerwise direction at ``run``'s shape."""
+    rows = costs.minimal_rows(run["out_dim"], output_metric=run["output_metric"])
+    shape = costs.MLPShape(widths(run["width"], run["depth"], run["out_dim"]), run["batch"], rows)
+    return costs.speed_of_light_flops(shape)
 
 
 def measure_point(run: dict, grid: Grid) -> dict:
-    """One row of ``results.csv`` for ``run`` (never raises for the point's own failure)."""
+    """One row of ``results.csv`` for ``run`` (never raises for the point's own failure).
+
+    A pure function of its arguments: the model and batch are seeded from ``grid.seed``
+    on generators of their own, and nothing global is read or left changed. On CUDA a
+    warm-up call precedes the memory measurement (the first call allocates the cuBLAS
+    workspace); on the host memory is measured first (its reading is a lower bound that
+    warm-ups lower further). Repeats whose IQR exceeds :data:`SPREAD_LIMIT` of their
+    median are timed once more; the row keeps the second set and its ``flag`` says
+    ``spread`` if that spreads too.
+    """
     shape = shape_of(run)
     itemsize = torch.finfo(DTYPES[run["dtype"]]).bits // 8
     kernel = run["kernel"]
     flops_model = costs.flops(run["method"], shape, kernel)["total"]
     peak_model = costs.peak_bytes(run["method"], shape, kernel, itemsize)
+    sol = speed_of_light_of(run)
     row = {
         **run,
         "n_params": shape.n_params,
@@ -193,9 +305,15 @@ def measure_point(run: dict, grid: Grid) -> dict:
         "time_iqr_s": math.nan,
         "times_s": "[]",
         "flops": math.nan,
+        **{f"flops_{kind}": math.nan for kind in KINDS},
         "flops_model": flops_model,
+        "sol_products": sol["products"],
+        "sol_cholesky": sol["cholesky"],
         "peak_bytes": math.nan,
         "peak_bytes_model": peak_model,
+        "spread": math.nan,
+        "flag": "",
+        "remeasured": 0,
         "status": "ok",
         "reason": "",
     }
@@ -217,9 +335,15 @@ def measure_point(run: dict, grid: Grid) -> dict:
     device = torch.device(run["device"])
     try:
         call = _direction_call(run, grid, device)
-        # memory first: the host reading is a lower bound that warm-up calls lower further
-        peak = cuda_peak_bytes(call, device) if device.type == "cuda" else host_peak_bytes(call)
+        if device.type == "cuda":
+            call()
+            peak = cuda_peak_bytes(call, device)
+        else:
+            peak = host_peak_bytes(call)
         timing = measure(call, repeats=grid.repeats, warmup=grid.warmup, device=device)
+        remeasured = spread_of(timing) > SPREAD_LIMIT
+        if remeasured:
+            timing = measure(call, repeats=grid.repeats, warmup=0, device=device)
         with flop_counter() as counter:
             call()
     except torch.cuda.OutOfMemoryError as err:  # torch.OutOfMemoryError only from 2.5
@@ -228,23 +352,35 @@ def measure_point(run: dict, grid: Grid) -> dict:
         return {**row, "status": "oom", "reason": str(err).splitlines()[0][:200]}
     except Exception as err:  # noqa: BLE001  (recorded; the sweep goes on)
         return {**row, "status": "error", "reason": f"{type(err).__name__}: {err}"[:300]}
+    by_kind = flops_by_kind(counter)
     return {
         **row,
         "time_median_s": timing.median,
         "time_iqr_s": timing.iqr,
         "times_s": json.dumps([round(t, 9) for t in timing.times]),
-        "flops": counter.get_total_flops(),
+        "flops": sum(by_kind.values()),
+        **{f"flops_{kind}": by_kind[kind] for kind in KINDS},
         "peak_bytes": math.nan if peak is None else peak,
+        "spread": spread_of(timing),
+        "flag": "spread" if spread_of(timing) > SPREAD_LIMIT else "",
+        "remeasured": int(remeasured),
     }
 
 
+def spread_of(timing: Timing) -> float:
+    """IQR / median of the repeats."""
+    return timing.iqr / timing.median if timing.median > 0 else math.inf
+
+
 def _direction_call(run: dict, grid: Grid, device: torch.device) -> Callable[[], object]:
-    torch.manual_seed(grid.seed)
     dtype = DTYPES[run["dtype"]]
-    model = mlp(widths(run["width"], run["depth"], run["out_dim"])).to(device, dtype)
-    x = torch.randn(run["batch"], run["width"], device=device, dtype=dtype)
-    y = torch.randint(0, run["out_dim"], (run["batch"],), device=device)
-    generator = torch.Generator(device).manual_seed(grid.seed)
+    with torch.random.fork_rng(devices=[]):  # the model's initialisation, seeded, no trace
+        torch.manual_seed(grid.seed)
+        model = mlp(widths(run["width"], run["depth"], run["out_dim"])).to(device, dtype)
+    data = torch.Generator(device).manual_seed(grid.seed)
+    x = torch.randn(run["batch"], run["width"], device=device, dtype=dtype, generator=data)
+    y = torch.randint(0, run["out_dim"], (run["batch"],), device=device, generator=data)
+    probes = torch.Generator(device).manual_seed(grid.seed)
 
     def call():
         return rc.direction(
@@ -255,7 +391,7 @@ def _direction_call(run: dict, grid: Grid, device: torch.device) -> Callable[[],
             kernel=run["kernel"],
             damping=grid.damping,
             output_metric=run["output_metric"],
-            generator=generator,
+            generator=probes,
         )
 
     return call
@@ -272,8 +408,8 @@ def read_results(path: Path) -> list[dict]:
             missing = set(COLUMNS) - set(reader.fieldnames or ())
             if missing:
                 raise ResultsFileError(
-                    f"{path} is not a riemann-bench results file (missing columns "
-                    f"{sorted(missing)}); move it away or pass another --out"
+                    f"{path} is not a results file of this version of riemann-bench "
+                    f"(missing columns {sorted(missing)}); move it away or pass another --out"
                 )
             rows = list(reader)
     except (csv.Error, UnicodeDecodeError) as err:
@@ -303,16 +439,40 @@ def key_of(row: dict) -> tuple[str, ...]:
     return tuple(str(row[k]) for k in KEY)
 
 
+def run_of(row: dict) -> dict:
+    """The run a row measured (axes as integers, also in rows read back from the file)."""
+    return {k: int(row[k]) if k in AXES else row[k] for k in KEY}
+
+
 @dataclass
 class SweepResult:
     rows: list[dict]
     measured: int
     resumed: int
     statuses: dict[str, int] = field(default_factory=dict)
+    growth: dict[str, str] = field(default_factory=dict)
 
 
-def sweep(grid: Grid, out: Path, *, progress: bool = True, meta: dict | None = None) -> SweepResult:
-    """Measure every run of ``grid`` not yet in ``out/results.csv``; write ``sweep.json``."""
+def sweep(
+    grid: Grid,
+    out: Path,
+    *,
+    progress: bool = True,
+    meta: dict | None = None,
+    rates: Callable[[], dict] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> SweepResult:
+    """Measure ``grid`` into ``out/results.csv`` in the rounds of the module docstring.
+
+    ``sweep.json`` records the grid, ``meta``, the growth decisions and, where ``rates``
+    is given, the device's rates (``rates()`` -> a list of ``{"dtype": ..., kind:
+    [FLOP/s, ...]}``) measured at the start, after the grid's points and at the end, so
+    that their drift over the sweep shows.
+    """
+    from tqdm import tqdm
+
+    from . import grow
+
     path = out / "results.csv"
     rows = read_results(path)  # before any work: a corrupted file stops the sweep here
     previous = out / "sweep.json"
@@ -323,24 +483,56 @@ def sweep(grid: Grid, out: Path, *, progress: bool = True, meta: dict | None = N
                 f"{out} holds a sweep around the base point {base}, not {grid.base}; "
                 "fits need one base point per directory: pass another --out"
             )
-    # finished points are kept; skipped, failed and out-of-memory ones are measured again
-    done = {key_of(r) for r in rows if r["status"] == "ok"}
-    todo = [r for r in grid.runs() if key_of(r) not in done]
-    again = {key_of(r) for r in todo}
-    rows = [r for r in rows if key_of(r) not in again]
-    write_atomic(
-        out / "sweep.json",
-        json.dumps(
-            {"grid": asdict(grid), "base": grid.base, "axes": grid.axes, **(meta or {})}, indent=2
-        )
-        + "\n",
-    )
-    from tqdm import tqdm
+    # finished points are kept; skipped, failed and out-of-memory ones are decided again
+    rows = [r for r in rows if r["status"] == "ok"]
+    resumed = len(rows)
+    done = {key_of(r) for r in rows}
+    record = {"grid": asdict(grid), "base": grid.base, "axes": grid.axes, **(meta or {})}
+    record["device_rates"] = []
 
-    for run in tqdm(todo, desc="sweep", unit="point", disable=not progress, leave=False):
-        rows.append(measure_point(run, grid))
-        write_results(path, rows)
+    def save_record():
+        write_atomic(out / "sweep.json", json.dumps(record, indent=2) + "\n")
+
+    def measure_rates(when: str):
+        if rates is not None:
+            record["device_rates"] += [{"when": when, **session} for session in rates()]
+        save_record()
+
+    measure_rates("start")
+    start = clock()
+    todo = [r for r in grid.runs() if key_of(r) not in done]
+    measured = 0
+    with tqdm(total=len(todo), desc="sweep", unit="point", disable=not progress) as bar:
+
+        def measure_all(runs: list[dict], remeasure: bool = False) -> None:
+            nonlocal measured
+            for run in runs:
+                row = measure_point(run, grid)
+                if remeasure:
+                    row["remeasured"] = 1
+                    if grow.is_outlier(rows, row):
+                        row["flag"] = "outlier"
+                key = key_of(row)
+                rows[:] = [r for r in rows if key_of(r) != key] + [row]
+                write_results(path, rows)
+                measured += 1
+                bar.update()
+
+        measure_all(todo)
+        measure_rates("grid")
+        while True:
+            plan = grow.plan(rows, grid, elapsed=clock() - start)
+            if not plan.runs:
+                break
+            bar.total += len(plan.runs)
+            measure_all(plan.runs)
+        again = [r for r in grow.outliers(rows) if not int(r["remeasured"])]
+        bar.total += len(again)
+        measure_all([run_of(r) for r in again], remeasure=True)
+    record["growth"] = plan.decisions
+    record["sweep_s"] = clock() - start
+    measure_rates("end")
     statuses: dict[str, int] = {}
     for r in rows:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
-    return SweepResult(rows, len(todo), len(done), statuses)
+    return SweepResult(rows, measured, resumed, statuses, plan.decisions)

@@ -156,12 +156,10 @@ def study_from(args: argparse.Namespace) -> Study:
 def _check(study: Study) -> None:
     check_choices("model", study.models, digits.MODELS)
     check_choices("method", study.methods, METHODS)
-    for what, values in (
-        ("learning rate", sum(study.lrs.values(), ())),
-        ("damping", study.dampings),
-    ):
-        if not values or not all(0 < v < math.inf for v in values):
-            raise ValueError(f"every {what} must be positive and finite, got {list(values)}")
+    for option, values in (("--lrs", sum(study.lrs.values(), ())), ("--dampings", study.dampings)):
+        bad = list(dict.fromkeys(v for v in values if not 0 < v < math.inf))  # once each
+        if bad or not values:
+            raise ValueError(f"{option} must be positive and finite, got {bad or list(values)}")
     if study.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {study.seeds}")
     if not 0 < study.epochs < math.inf:

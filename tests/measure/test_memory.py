@@ -22,13 +22,27 @@ def test_cuda_peak_sees_an_allocation():
 @pytest.mark.skipif(memory.host_peak_bytes(lambda: None) is None, reason="needs /proc")
 def test_host_peak_sees_an_allocation_of_known_size():
     """What the sweeps read on the host: 128 MiB allocated and written (so resident) by
-    the call show as a rise of at least that much, and no more than it plus 64 MiB of
-    slack for the interpreter; a call that allocates nothing shows far less."""
+    the call show as a rise of about that much (pages the allocator kept resident may be
+    reused) and no more than it plus 64 MiB of slack for the interpreter; a call that
+    allocates nothing shows far less."""
     size = 128 * 2**20
 
     def allocate():
         torch.ones(size // 4)  # float32, every page written
 
     peak = memory.host_peak_bytes(allocate)
-    assert size <= peak <= size + 64 * 2**20
+    assert 0.95 * size <= peak <= size + 64 * 2**20
     assert memory.host_peak_bytes(lambda: None) < 16 * 2**20
+
+
+def test_host_peak_sees_a_call_s_allocation_again_after_it_was_freed():
+    n = 4 << 20  # 16 MiB of float32, touched so that the pages are resident
+
+    def allocate():
+        torch.ones(n)
+
+    for _ in range(3):  # freed: glibc keeps it for the next call, whose rise would be 0
+        allocate()
+    peak = memory.host_peak_bytes(allocate)
+    if peak is not None:  # Linux
+        assert peak >= 0.9 * 4 * n

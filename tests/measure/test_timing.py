@@ -18,3 +18,9 @@ def test_measure_counts_calls_and_reports_order_statistics():
 def test_measure_rejects_bad_counts(repeats, warmup):
     with pytest.raises(ValueError, match="repeats >= 1 and warmup >= 0"):
         timing.measure(lambda: None, repeats=repeats, warmup=warmup)
+
+
+def test_device_rates_measure_each_kind_once_per_repeat():
+    rates = timing.device_rates("cpu", n=64, repeats=2)
+    assert set(rates) == set(timing.RATE_KINDS) == {"products", "cholesky", "triangular"}
+    assert all(len(v) == 2 and all(r > 0 for r in v) for v in rates.values())

@@ -1,101 +1,15 @@
-"""Scaling fits: known exponents recovered from synthetic timings, tables, rates."""
+"""Fits: slopes, exponents of counted FLOPs, the time model on timings with overhead and
+climbing rates, achieved rates and the phase-wise speed of light."""
 
 import json
-import math
 
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic import BASE, Machine, make_sweep
 
-from riemann_core import costs
 from riemann_core.scaling import fit
-
-BASE = {"width": 64, "depth": 2, "out_dim": 10, "batch": 32}
-AXES = {
-    "width": (16, 32, 64, 128, 256, 512),
-    "depth": (1, 2, 4, 8, 16),
-    "out_dim": (2, 5, 10, 20, 40),
-    "batch": (4, 8, 16, 32, 64, 128),
-}
-RUNS = (
-    ("euclidean", "structured"),
-    ("layerwise", "structured"),
-    ("layerwise", "generic"),
-    ("full", "structured"),
-    ("natural", "structured"),
-    ("kfac", "structured"),
-)
-
-
-def reference_time(method, kernel, shape):
-    """Seconds per call that follow the methods' scaling (docs/methods.md): every claim holds on these."""
-    n, d, N = shape.n_params, shape.d, shape.batch
-    w, L = shape.widths[0], len(shape.layers)
-    return {
-        ("euclidean", "structured"): 1e-9 * n,
-        ("layerwise", "generic"): 1e-11 * (n * d * d + L * d**3),
-        ("layerwise", "structured"): 1e-12 * L * (w * d * d + d**3),
-        ("full", "structured"): 1e-11 * (n * n * d + n**3 / 3),
-        ("natural", "structured"): 1e-11 * (n * d * d + d**3),
-        ("kfac", "structured"): 1e-10 * L * (w**3 + N * w * w),
-    }[method, kernel]
-
-
-def make_sweep(
-    time_fn=reference_time,
-    *,
-    base=BASE,
-    axes=AXES,
-    runs=RUNS,
-    repeats=5,
-    noise=0.05,
-    flops_error=0.0,
-    status_fn=None,
-    seed=0,
-):
-    """A sweep's ``results.csv`` (as a DataFrame) and ``sweep.json``, built from formulas.
-
-    Each run's times are ``time_fn(method, kernel, shape)`` times lognormal noise, one per
-    repeat; ``status_fn(method, kernel, point)`` returns a status other than "ok" to plant
-    a missing point; counted FLOPs are the model's times ``1 + flops_error``.
-    """
-    rng = np.random.default_rng(seed)
-    points = {tuple({**base, axis: v}[a] for a in fit.AXES) for axis in axes for v in axes[axis]}
-    rows = []
-    for width, depth, out_dim, batch in sorted(points):
-        point = dict(width=width, depth=depth, out_dim=out_dim, batch=batch)
-        shape = costs.MLPShape((width,) * (depth + 1) + (out_dim,), batch, out_dim)
-        for method, kernel in runs:
-            status = status_fn(method, kernel, point) if status_fn else "ok"
-            times = []
-            if status == "ok":
-                t = time_fn(method, kernel, shape)
-                times = (t * rng.lognormal(0.0, noise, repeats)).tolist()
-            q1, q3 = np.percentile(times, [25, 75]) if times else (math.nan, math.nan)
-            model = costs.flops(method, shape, kernel)["total"]
-            rows.append(
-                dict(
-                    method=method,
-                    kernel=kernel,
-                    **point,
-                    device="cpu",
-                    dtype="float32",
-                    output_metric="exact",
-                    n_params=shape.n_params,
-                    d=shape.d,
-                    time_median_s=float(np.median(times)) if times else math.nan,
-                    time_iqr_s=q3 - q1,
-                    times_s=json.dumps(times),
-                    flops=model * (1 + flops_error) if times else math.nan,
-                    flops_model=model,
-                    peak_bytes=math.nan,
-                    status=status,
-                    reason="" if status == "ok" else "planted",
-                )
-            )
-    meta = {"base": dict(base), "axes": {a: list(v) for a, v in axes.items()}}
-    meta.update(gemm_flops_per_s=1e11, environment={"device_name": "synthetic"})
-    return pd.DataFrame(rows), meta
+from riemann_core.scaling import sweep as sw
 
 
 def noisy(x, fn, repeats=5, sigma=0.05, seed=1):
@@ -119,26 +33,11 @@ def test_slope_of_a_cubic_is_three():
     assert result.low == pytest.approx(3) and result.high == pytest.approx(3)
 
 
-def test_the_tail_of_two_regimes_shows_the_larger_exponent():
-    x = 2.0 ** np.arange(1, 13)
-    times = [[v**2 + v**3 / 64] for v in x]  # the cubic takes over at x = 64
-    tail = fit.loglog_slope(x, times)
-    assert tail.points == 6
-    assert 2.8 < tail.slope < 3
-    assert tail.high <= 3 + 1e-9  # every local slope is below 3
-    assert fit.loglog_slope(x, times, tail=12).slope < 2.6
-
-
 def test_bootstrap_is_deterministic_given_the_seed():
     x = np.geomspace(10, 1e4, 6)
     y = noisy(x, lambda v: v**2, sigma=0.3)
     assert fit.loglog_slope(x, y, seed=3) == fit.loglog_slope(x, y, seed=3)
     assert fit.loglog_slope(x, y, seed=3) != fit.loglog_slope(x, y, seed=4)
-
-
-def test_points_with_equal_x_are_pooled():
-    result = fit.loglog_slope([1, 2, 2, 4], [[1.0], [4.0], [4.0, 4.0], [16.0]], tail=3)
-    assert result.points == 3 and result.slope == pytest.approx(2)
 
 
 @pytest.mark.parametrize(
@@ -158,95 +57,112 @@ def test_degenerate_input_is_refused(x, y, kwargs, match):
         fit.loglog_slope(x, y, **kwargs)
 
 
+def test_local_exponents_between_neighbours():
+    assert fit.local_exponents([4, 1, 2], [96, 3, 12]).tolist() == [2.0, 3.0]
+    with pytest.raises(ValueError, match="2 distinct positive x"):
+        fit.local_exponents([2, 2], [1, 1])
+
+
+def test_quadratic_share_is_zero_for_a_line_and_the_term_s_share_otherwise():
+    L = np.arange(2, 10)
+    line = fit.quadratic_share(L, noisy(L, lambda v: 1 + 2 * v, sigma=0.02))
+    assert abs(line.slope) < 0.05 and line.low < 0 < line.high
+    curve = fit.quadratic_share(L, [[1 + v + v * v] for v in L])
+    assert curve.slope == pytest.approx(81 / 91)  # c L^2 / t at L = 9
+
+
 def test_axis_points_vary_one_axis_and_keep_only_ok_rows():
     oom = lambda method, kernel, p: "oom" if p["width"] == 512 else "ok"  # noqa: E731
     df, meta = make_sweep(status_fn=oom)
     rows = fit.axis_points(df, meta["base"], "width")
-    assert sorted(rows["width"].unique()) == [16, 32, 64, 128, 256]
+    assert sorted(rows["width"].unique()) == [8, 16, 32, 64, 128, 256]
     assert (rows[["depth", "out_dim", "batch"]] == [2, 10, 32]).all().all()
     assert (rows["status"] == "ok").all()
+    assert 512 in set(fit.axis_points(df, meta["base"], "width", ok_only=False)["width"])
     with pytest.raises(ValueError, match="unknown axis 'height'"):
         fit.axis_points(df, meta["base"], "height")
 
 
-def test_fit_axis_takes_the_axis_or_a_derived_x():
+def test_time_model_recovers_the_overhead_and_the_rate_of_each_kind():
+    machine = Machine(t0=2e-3, t_module=3e-4, rates={"products": 4e10, "cholesky": 8e9})
+    df, _ = make_sweep(machine, runs=(("natural", "structured"),), noise=0)
+    model = fit.fit_time_model(df)
+    assert model.t0 == pytest.approx(2e-3, rel=1e-3)
+    assert model.t_module == pytest.approx(3e-4, rel=1e-3)
+    assert model.rates == pytest.approx({"products": 4e10, "cholesky": 8e9}, rel=1e-3)
+    assert model.r2_log == pytest.approx(1) and model.median_error < 1e-6
+    assert model.predict(df) == pytest.approx(df["time_median_s"].to_numpy(), rel=1e-6)
+    with pytest.raises(ValueError, match="needs more than that many points"):
+        fit.fit_time_model(df.iloc[:3])
+
+
+def test_time_exponent_is_one_where_time_follows_the_work():
+    df, meta = make_sweep(Machine(t0=5e-3), runs=(("layerwise", "generic"),))
+    model = fit.fit_time_model(df)
+    rows = fit.axis_points(df, meta["base"], "batch").sort_values("batch")
+    assert (fit.overhead_fraction(rows, model)[:2] > fit.OVERHEAD_TARGET).all()
+    slope = fit.time_exponent(rows, model)
+    assert slope.slope == pytest.approx(1, abs=0.1) and slope.low <= 1 <= slope.high
+
+
+def test_time_exponent_shows_work_the_flops_do_not_see():
+    hidden = Machine(extra=lambda method, kernel, s: 2e-9 * s.widths[0] ** 3)  # w^3 = n^1.5
+    df, meta = make_sweep(hidden, runs=(("layerwise", "structured"),))
+    model = fit.fit_time_model(df)
+    rows = fit.axis_points(df, meta["base"], "width").sort_values("width")
+    assert fit.time_exponent(rows, model).low > 1.25
+
+
+def test_time_exponent_needs_two_compute_bound_points():
+    df, meta = make_sweep(Machine(t0=10.0), runs=(("layerwise", "generic"),))
+    model = fit.fit_time_model(df)
+    rows = fit.axis_points(df, meta["base"], "width")
+    assert fit.time_exponent(rows, model) is None
+
+
+def test_fit_table_compares_counted_and_modelled_exponents_and_time():
     df, meta = make_sweep()
-    by_n = fit.fit_axis(df, meta["base"], "layerwise", "generic", "width", x="n_params")
-    assert by_n.slope == pytest.approx(1, abs=0.1)
-    by_w = fit.fit_axis(df, meta["base"], "layerwise", "generic", "width")
-    assert by_w.slope == pytest.approx(2, abs=0.2)  # n ~ w^2
-    by_d = fit.fit_axis(df, meta["base"], "natural", "structured", "batch", x="d")
-    assert 1.9 < by_d.slope < 3.1
-    with pytest.raises(ValueError, match="method='natural' kernel='generic'"):
-        fit.fit_axis(df, meta["base"], "natural", "generic", "width")
-    with pytest.raises(ValueError, match="unknown x 'flops'"):
-        fit.fit_axis(df, meta["base"], "natural", "structured", "width", x="flops")
-
-
-def test_a_fit_refuses_to_mix_dtypes():
-    df, meta = make_sweep(runs=(("euclidean", "structured"),))
-    df.loc[df.index[::2], "dtype"] = "float64"
-    with pytest.raises(ValueError, match="mix dtypes"):
-        fit.fit_axis(df, meta["base"], "euclidean", "structured", "depth")
-
-
-def test_fit_table_has_a_row_per_method_kernel_and_axis_with_enough_points():
-    # full runs at two widths only: no width row for it
-    def two_widths(method, kernel, point):
-        return "oom" if method == "full" and point["width"] not in (32, 64) else "ok"
-
-    df, meta = make_sweep(status_fn=two_widths)
     table = fit.fit_table(df, meta, n_boot=200)
-    assert list(table.columns[:5]) == ["method", "kernel", "device", "dtype", "output_metric"]
-    assert list(table.columns[5:]) == [
-        *("axis", "x", "slope", "low", "high", "points", "x_min", "x_max"),
-    ]
-    full = table[table["method"] == "full"]
-    assert set(full["axis"]) == {"depth", "out_dim", "batch"}
-    assert len(table) == len(RUNS) * 4 - 1
+    assert len(table) == len(df[["method", "kernel"]].drop_duplicates()) * 4
     assert dict(zip(table["axis"], table["x"])) == fit.FIT_X
-    row = table[(table["method"] == "kfac") & (table["axis"] == "depth")].iloc[0]
-    # kfac time ~ L = depth + 1 layers: slope 1 against layers
-    assert row["x"] == "layers" and (row["x_min"], row["x_max"]) == (5, 17)
-    assert row["slope"] == pytest.approx(1, abs=0.05)
-    assert row["low"] <= row["slope"] <= row["high"]
-    # against depth itself the offset bends it: log(17 / 5) / log(4) over depths 4..16
-    by_depth = fit.fit_axis(df, meta["base"], "kfac", "structured", "depth")
-    assert by_depth.slope == pytest.approx(math.log(17 / 5) / math.log(4), abs=0.05)
+    assert (table["exponent_gap"] < 1e-9).all()
+    assert np.allclose(table["flops_exponent"], table["model_exponent"])
+    kfac = table[(table["method"] == "kfac") & (table["axis"] == "width")].iloc[0]
+    assert 1.25 < kfac["flops_exponent"] <= 1.5  # N w^2 + w^3 in n ~ w^2: the cube taking over
+    timed = table.dropna(subset=["time_exponent"])
+    assert not timed.empty and np.allclose(timed["time_exponent"], 1, atol=0.25)
 
 
-def test_joint_fit_recovers_the_cost_model():
-    a, b, c = 2e-12, 5e-11, 1e-4
-    model = lambda method, kernel, s: a * s.n_params * s.d**2 + b * s.d**3 + c  # noqa: E731
-    df, _ = make_sweep(model, runs=(("layerwise", "generic"), ("natural", "structured")), noise=0)
-    table = fit.joint_fit(df)
-    assert list(table["method"]) == ["layerwise", "natural"]
-    for _, row in table.iterrows():
-        assert row["a"] == pytest.approx(a, rel=0.02)
-        assert row["b"] == pytest.approx(b, rel=0.02)
-        assert row["c"] == pytest.approx(c, rel=0.02)
-        assert row["r2"] > 0.9999 and row["r2_log"] > 0.9999
-        assert row["points"] == len(df) // 2
+def test_time_model_table_has_a_row_per_method_and_kernel():
+    df, _ = make_sweep()
+    table = fit.time_model_table(df)
+    assert len(table) == len(df[["method", "kernel"]].drop_duplicates())
+    assert {"t0_s", "t_module_s", "rate_products_gflops", "r2_log"} <= set(table.columns)
+    assert table["rate_products_gflops"].gt(0).all()
 
 
-def test_joint_fit_keeps_coefficients_non_negative():
-    df, _ = make_sweep(lambda m, k, s: 1e-3 / s.d, runs=(("kfac", "structured"),), noise=0)
-    row = fit.joint_fit(df).iloc[0]
-    assert min(row["a"], row["b"], row["c"]) >= 0
-
-
-def test_achieved_rates_divide_flops_by_time():
-    skip = lambda method, kernel, p: "skipped" if p["width"] == 512 else "ok"  # noqa: E731
-    df, meta = make_sweep(runs=(("kfac", "structured"),), status_fn=skip)
-    rates = fit.achieved_rates(df, meta["gemm_flops_per_s"])
-    ok = rates["status"] == "ok"
-    expected = df["flops"][ok] / df["time_median_s"][ok]
-    assert np.allclose(rates["flops_per_s"][ok], expected)
-    assert np.allclose(rates["fraction_of_gemm"][ok], expected / 1e11)
-    assert rates["flops_per_s"][~ok].isna().all()
+def test_achieved_rates_and_the_phase_wise_speed_of_light():
+    df, meta = make_sweep(runs=(("layerwise", "structured"),))
+    df.loc[df.index[0], "status"] = "oom"
+    rates = fit.best_rates(meta)
+    assert rates == {"products": 5e10, "cholesky": 1e10}
+    out = fit.achieved_rates(df, rates)
+    ok = out["status"] == "ok"
+    sol = df["sol_products"] / 5e10 + df["sol_cholesky"] / 1e10
+    assert np.allclose(out["sol_s"], sol)
+    assert np.allclose(out["time_over_sol"][ok], df["time_median_s"][ok] / sol[ok])
+    assert np.allclose(out["flops_per_s"][ok], df["flops"][ok] / df["time_median_s"][ok])
+    minimal = df["sol_products"] + df["sol_cholesky"]
+    assert np.allclose(out["counted_over_minimal"][ok], df["flops"][ok] / minimal[ok])
+    assert out.loc[~ok, ["flops_per_s", "time_over_sol"]].isna().all().all()
     assert "flops_per_s" not in df  # the input is left alone
-    with pytest.raises(ValueError, match="gemm_flops_per_s must be positive"):
-        fit.achieved_rates(df, 0.0)
+    with pytest.raises(ValueError, match="cholesky rate must be positive"):
+        fit.achieved_rates(df, {"products": 1e10})
+
+
+def test_rate_spread_over_the_sweep():
+    _, meta = make_sweep(runs=(("euclidean", "structured"),), rate_spread=0.3)
+    assert fit.rate_spread(meta) == pytest.approx({"products": 0.3, "cholesky": 0.3})
 
 
 def test_median_ratio_has_an_interval_around_the_ratio():
@@ -264,3 +180,37 @@ def test_read_sweep_reads_what_the_sweep_writes(tmp_path):
     assert back_meta == meta
     assert back["reason"].tolist() == df["reason"].tolist()
     pd.testing.assert_frame_equal(fit.fit_table(back, meta), fit.fit_table(df, meta))
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda d: (d / "results.csv").write_text("not,a,results\n1,2,3\n"), "missing columns"),
+        (lambda d: (d / "results.csv").write_bytes(b"\x00\xff\xfe"), "results.csv"),
+        (lambda d: (d / "sweep.json").write_text("{not json"), "cannot read the sweep"),
+        (lambda d: (d / "sweep.json").unlink(), "no sweep at"),
+    ],
+    ids=["foreign-csv", "binary", "bad-json", "no-json"],
+)
+def test_read_sweep_names_a_corrupted_or_missing_file(tmp_path, damage, match):
+    df, meta = make_sweep(runs=(("euclidean", "structured"),))
+    df.to_csv(tmp_path / "results.csv", index=False)
+    (tmp_path / "sweep.json").write_text(json.dumps(meta))
+    damage(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        fit.read_sweep(tmp_path)
+
+
+def test_synthetic_sweeps_have_the_columns_of_a_real_one():
+    df, _ = make_sweep(runs=(("euclidean", "structured"),))
+    assert list(df.columns) == list(sw.COLUMNS)
+    assert set(BASE) == set(sw.AXES)
+
+
+def test_axis_regime_without_modelled_compute_is_overhead_not_a_crash():
+    df, meta = make_sweep(Machine(t0=1e-3), runs=(("euclidean", "structured"),))
+    rows = fit.axis_points(df, meta["base"], "width")
+    model = fit.TimeModel(1e-6, 0.0, {"products": 0.0}, 1.0, 0.0, len(rows))
+    regime = fit.axis_regime(rows, model)
+    assert (regime.state, regime.compute_bound, regime.exponent) == ("overhead", 0, None)
+    assert "0 compute-bound points" in regime.describe("width")

@@ -1,10 +1,13 @@
-"""The command-line pipeline on a tiny grid: run, validate's exit code, bad options."""
+"""The command-line pipeline on a tiny grid: run, the exit codes, bad options and files."""
 
 import json
 
 import pytest
+import torch
 
 from riemann_core import cli
+from riemann_core.methods import layerwise
+from riemann_core.scaling import sweep as sw
 
 TINY = [
     "--widths",
@@ -19,7 +22,15 @@ TINY = [
     "4,1,3,2",
     "--repeats",
     "1",
+    "--time-budget",
+    "2",
 ]
+
+
+@pytest.fixture(autouse=True)
+def small_rates(monkeypatch):
+    """Device rates at size 256: the pipeline's checks need rates, not good ones."""
+    monkeypatch.setitem(sw.QUICK, "rate_size", 256)
 
 
 def test_run_writes_results_fits_claims_figures_and_report(tmp_path, capsys):
@@ -28,7 +39,8 @@ def test_run_writes_results_fits_claims_figures_and_report(tmp_path, capsys):
         "results.csv",
         "sweep.json",
         "fits.csv",
-        "joint_fit.csv",
+        "time_model.csv",
+        "rates.csv",
         "claims.json",
         "report.md",
         "time.png",
@@ -36,6 +48,7 @@ def test_run_writes_results_fits_claims_figures_and_report(tmp_path, capsys):
         "memory.png",
         "crossover.png",
         "achieved_rate.png",
+        "time_model.png",
     ):
         assert (tmp_path / name).exists(), name
     report = (tmp_path / "report.md").read_text()
@@ -45,8 +58,32 @@ def test_run_writes_results_fits_claims_figures_and_report(tmp_path, capsys):
     assert {c["id"] for c in claims} >= {"flops-match-model", "crossover-width"}
     flops = next(c for c in claims if c["id"] == "flops-match-model")
     assert flops["verdict"] == "pass"
+    assert all(c["detail"] for c in claims)
+    # counted FLOPs are exact: no claim on them fails (on time, a loaded machine may)
+    assert all(c["verdict"] != "fail" for c in claims if c["basis"] == "flops")
     meta = json.loads((tmp_path / "sweep.json").read_text())
-    assert meta["gemm_flops_per_s"] > 0 and meta["environment"]["torch"]
+    assert [s["when"] for s in meta["device_rates"]] == ["start", "grid", "end"]
+    assert all(r > 0 for s in meta["device_rates"] for r in s["products"])
+    assert meta["environment"]["torch"]
+
+
+def test_a_planted_cubic_step_in_layerwise_fails_its_claim_and_the_run(tmp_path, monkeypatch):
+    solve = layerwise.solve
+
+    def with_an_extra_step(problem, opts):  # an n_a x n_a Cholesky per block: O(n^3)
+        for handler in problem.handlers:
+            torch.linalg.cholesky(torch.eye(handler.block.n_params))
+        return solve(problem, opts)
+
+    monkeypatch.setattr(layerwise, "solve", with_an_extra_step)
+    options = ["--methods", "layerwise", "--kernels", "structured", *TINY]
+    assert cli.main(["run", "--quick", "--out", str(tmp_path), *options]) == 1
+    claims = {c["id"]: c for c in json.loads((tmp_path / "claims.json").read_text())}
+    assert claims["layerwise-structured-n"]["verdict"] == "fail"
+    assert claims["layerwise-structured-n"]["measured"] > 2
+    assert claims["flops-match-model"]["verdict"] == "fail"
+    assert claims["time-explained-full"]["verdict"] == "not measured"
+    assert (tmp_path / "report.md").exists()  # the report is written before the exit code
 
 
 def test_validate_exits_non_zero_on_a_failed_claim(tmp_path):
@@ -95,9 +132,40 @@ def test_run_with_two_dtypes_is_refused_before_any_work(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["sweep", "fit", "validate", "report", "run"])
+def test_out_that_is_a_file_is_one_clear_sentence(tmp_path, capsys, command):
     target = tmp_path / "a_file"
     target.write_text("x")
-    assert cli.main(["sweep", "--quick", "--out", str(target / "sub"), *TINY]) == 2
-    assert "riemann-bench sweep: error" in capsys.readouterr().err
+    for out in (target, target / "sub"):
+        with pytest.raises(SystemExit) as exit:
+            cli.main([command, "--out", str(out)])
+        assert exit.value.code == 2
+        assert "a file, not a directory; pass a directory" in capsys.readouterr().err
     assert target.read_text() == "x"
+
+
+@pytest.mark.parametrize("command", ["fit", "validate", "report"])
+def test_the_analysis_commands_name_a_corrupted_results_file(tmp_path, capsys, command):
+    (tmp_path / "results.csv").write_text("not,a,results\n1,2,3\n")
+    (tmp_path / "sweep.json").write_text("{}")
+    assert cli.main([command, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "results.csv") in err and "missing columns" in err
+
+
+@pytest.mark.parametrize("command", ["fit", "validate", "report"])
+def test_options_the_analysis_commands_would_ignore_are_refused(tmp_path, capsys, command):
+    assert cli.main([command, "--quick", "--out", str(tmp_path)]) == 2
+    assert "--quick only choose the default directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--widths", "0,8"], "--widths needs positive integers, got [0]\n"),
+        (["--repeats", "0"], "error: --repeats must be at least 1, got 0\n"),
+    ],
+)
+def test_a_bad_option_is_named_alone(tmp_path, capsys, options, message):
+    assert cli.main(["sweep", "--quick", "--out", str(tmp_path), *options]) == 2
+    assert capsys.readouterr().err.endswith(message)

@@ -1,6 +1,7 @@
 """The sweep: one row per point, resumable, atomic, and careful with bad input."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -9,7 +10,11 @@ import textwrap
 import time
 
 import pytest
+import torch
 
+from riemann_core.measure.flops import KINDS
+from riemann_core.measure.timing import Timing
+from riemann_core.scaling import grow
 from riemann_core.scaling import sweep as sw
 
 TINY = dict(
@@ -42,6 +47,8 @@ def test_sweep_records_every_run_with_counted_and_modelled_flops(tmp_path):
     assert {r["status"] for r in rows} == {"ok"}
     for r in rows:
         assert float(r["flops"]) == pytest.approx(float(r["flops_model"]), rel=0.01)
+        assert float(r["flops"]) == sum(float(r[f"flops_{k}"]) for k in KINDS)
+        assert float(r["flops_cholesky"]) > 0 and float(r["sol_products"]) > 0
         assert float(r["time_median_s"]) > 0
     assert (tmp_path / "sweep.json").exists()
 
@@ -125,15 +132,32 @@ def test_truncated_line_is_reported_with_its_number(tmp_path):
 @pytest.mark.parametrize(
     "change,match",
     [
-        ({"axes": {**TINY["axes"], "width": (0, 4)}}, "positive integers"),
-        ({"axes": {**TINY["axes"], "batch": ()}}, "positive integers"),
+        (
+            {"axes": {**TINY["axes"], "width": (0, 8)}},
+            r"^--widths needs positive integers, got \[0\]$",
+        ),
+        ({"axes": {**TINY["axes"], "batch": ()}}, "--batches needs positive integers, got \\[\\]"),
+        ({"base": {**TINY["base"], "depth": 0}}, "--base needs 4 positive integers"),
         ({"methods": ("layerwise", "newton")}, "unknown method"),
         ({"kernels": ("fast",)}, "unknown kernel"),
         ({"dtypes": ("float16",)}, "unknown dtype"),
-        ({"repeats": 0}, "repeats must be >= 1"),
+        ({"repeats": 0}, r"^--repeats must be at least 1, got 0$"),
+        ({"flop_budget": -1.0}, r"^--flop-budget must be positive, got -1$"),
+        ({"grow": {"height": 8}}, "grow needs axes"),
         ({"base": {"width": 4}}, "must name exactly"),
     ],
-    ids=["zero-width", "empty-axis", "method", "kernel", "dtype", "repeats", "base"],
+    ids=[
+        "zero-width",
+        "empty-axis",
+        "base",
+        "method",
+        "kernel",
+        "dtype",
+        "repeats",
+        "flop-budget",
+        "grow",
+        "base-axes",
+    ],  # fmt: skip
 )
 def test_bad_grid_options_fail_before_any_work(tmp_path, change, match):
     with pytest.raises(ValueError, match=match):
@@ -158,3 +182,90 @@ def test_resume_retries_points_that_were_skipped(tmp_path):
     rows = rows_of(tmp_path / "results.csv")
     assert {r["status"] for r in rows} == {"ok"}
     assert len(rows) == result.measured == len(list(sw.Grid(**tight).runs()))
+
+
+def test_measure_point_is_a_pure_function_of_its_arguments():
+    grid = sw.Grid(**{**TINY, "methods": ("layerwise",), "output_metric": "sampled"})
+    run = next(grid.runs())
+    state = torch.random.get_rng_state()
+    first, second = sw.measure_point(run, grid), sw.measure_point(run, grid)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert first["status"] == "ok" and list(first) == list(sw.COLUMNS)
+    for column in ("flops", *(f"flops_{k}" for k in KINDS), "sol_products", "n_params"):
+        assert first[column] == second[column]
+
+
+def test_repeats_that_spread_are_timed_once_more(monkeypatch):
+    timings = iter([Timing(1.0, 0.5, (0.5, 1.0, 1.5)), Timing(1.0, 0.1, (0.95, 1.0, 1.05))])
+    monkeypatch.setattr(sw, "measure", lambda *a, **k: next(timings))
+    grid = sw.Grid(**{**TINY, "methods": ("euclidean",)})
+    row = sw.measure_point(next(grid.runs()), grid)
+    assert (row["remeasured"], row["flag"], row["spread"]) == (1, "", pytest.approx(0.1))
+    assert row["times_s"] == "[0.95, 1.0, 1.05]"
+
+
+def test_repeats_that_still_spread_are_flagged(monkeypatch):
+    monkeypatch.setattr(sw, "measure", lambda *a, **k: Timing(1.0, 0.5, (0.5, 1.0, 1.5)))
+    grid = sw.Grid(**{**TINY, "methods": ("euclidean",)})
+    row = sw.measure_point(next(grid.runs()), grid)
+    assert (row["remeasured"], row["flag"]) == (1, "spread")
+
+
+def synthetic_rows(overhead, widths=(4, 8, 16), statuses=None):
+    """A sweep of one method along width (depth 1) and depth (width 4, the base point):
+    FLOPs ``1e3 w^2 depth`` at 1 GFLOP/s after ``overhead`` seconds."""
+    grid = sw.Grid(**{**TINY, "methods": ("layerwise",), "kernels": ("structured",)})
+    points = [(w, 1) for w in widths] + [(4, depth) for depth in (2, 3)]
+    rows = []
+    for w, depth in points:
+        run = {**next(grid.runs()), "width": w, "depth": depth}
+        t = overhead + 1e-6 * w * w * depth
+        row = {**run, "time_median_s": t, "times_s": json.dumps([t]), "status": "ok"}
+        row.update({f"flops_{k}": 0.0 for k in KINDS}, flops=1e3 * w * w * depth)
+        row.update(flops_products=1e3 * w * w * depth, reason="", remeasured=0)
+        rows.append(row)
+    for w, status in (statuses or {}).items():
+        rows.append({**rows[0], "width": w, "status": status, "reason": f"planted {status}"})
+    return grid, rows
+
+
+@pytest.mark.parametrize(
+    "overhead, changes, decision",
+    [
+        (1e-3, {}, "growing to width=32"),
+        (1e-6, {}, "reached: width: time ~ work^1"),
+        (1e-3, {"grow": {"width": 16}}, "stopped at the cap width=16"),
+        (1e-3, {"time_budget_s": 1e-3}, "over the time budget"),
+        (1e-3, {"statuses": {32: "skipped"}}, "stopped at width=32: planted skipped"),
+    ],
+    ids=["overhead-dominates", "compute-bound", "cap", "budget", "budget-skipped"],
+)
+def test_growth_doubles_an_axis_while_the_overhead_dominates(overhead, changes, decision):
+    statuses = changes.pop("statuses", None)
+    grid, rows = synthetic_rows(overhead, statuses=statuses)
+    grid = sw.Grid(**{**TINY, "methods": ("layerwise",), "grow": {"width": 64}, **changes})
+    plan = grow.plan(rows, grid, elapsed=0.0)
+    assert decision in plan.decisions["layerwise/structured/width"]
+    grown = decision.startswith("growing")
+    assert [r["width"] for r in plan.runs] == ([32] if grown else [])
+
+
+def test_a_median_far_from_both_neighbours_is_an_outlier():
+    grid, rows = synthetic_rows(1e-3, widths=(4, 8, 16, 32, 64))
+    assert grow.outliers(rows) == []
+    rows[2]["time_median_s"] *= 3  # width 16: its neighbours look off too, but less
+    assert [(r["width"], r["depth"]) for r in grow.outliers(rows)] == [(16, 1)]
+
+
+def test_a_sweep_grows_its_axes_and_records_why_it_stopped(tmp_path):
+    grid = sw.Grid(**{**TINY, "methods": ("euclidean",), "grow": {"width": 12}, "repeats": 2})
+    result = sw.sweep(grid, tmp_path, progress=False, rates=lambda: [{"dtype": "float32"}])
+    widths = {int(r["width"]) for r in rows_of(tmp_path / "results.csv")}
+    record = json.loads((tmp_path / "sweep.json").read_text())
+    decision = record["growth"]["euclidean/structured/width"]
+    assert result.growth == record["growth"]
+    # widths 4 and 6, doubled to 12 while a plain gradient this small is all overhead
+    assert (widths == {4, 6, 12} and "stopped at the cap" in decision) or (
+        decision.startswith("reached") and widths <= {4, 6, 12}
+    )
+    assert [s["when"] for s in record["device_rates"]] == ["start", "grid", "end"]

@@ -1,0 +1,152 @@
+"""Where a sweep's grid grows, and which of its points are measured once more.
+
+**Growth.** A time claim needs points where the per-call overhead is a small part of the
+time and the achieved rates have stopped climbing with size. After each round of a sweep,
+:func:`plan` fits the time model (:func:`~riemann_core.scaling.fit.fit_time_model`) of every
+method and kernel on the rows so far and, on every axis of ``grid.grow``, doubles the
+axis's top value while the overhead is more than ``grid.overhead_target`` of the time there,
+while it has fewer than two such compute-bound points, while its top segment adds too
+little work to judge, or while the time grows more slowly than the work there (the
+achieved rates still climb: :func:`~riemann_core.scaling.fit.axis_regime`). An axis stops
+growing where its top segment is in that regime, where it reached its cap, where the top point was over the FLOP or
+memory budget (or failed), or where measuring the next point would overrun
+``grid.time_budget_s``; :class:`Plan`'s ``decisions`` say which, per method, kernel and axis.
+
+**Outliers.** A point whose median lies a factor :data:`~.sweep.NEIGHBOUR_FACTOR` or more
+off the log-log interpolation of its two neighbours on an axis (:func:`outliers`) is
+measured once more by the sweep.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .. import costs
+from . import fit
+from .sweep import AXES, KEY, NEIGHBOUR_FACTOR, Grid, run_of, shape_of
+
+#: calls a measured point costs besides its repeats: memory, warm-up (at least 1) and FLOPs
+EXTRA_CALLS = 3
+
+
+@dataclass
+class Plan:
+    """Runs of the next round, and the state of every growing axis (``method/kernel/axis``)."""
+
+    runs: list[dict] = field(default_factory=list)
+    decisions: dict[str, str] = field(default_factory=dict)
+
+
+def frame(rows: list[dict]) -> pd.DataFrame:
+    """The sweep's rows (numbers or the text read back from ``results.csv``) as numbers."""
+    df = pd.DataFrame(rows)
+    for column in df.columns:
+        if column not in ("times_s", "flag", "reason", *KEY, "status"):
+            df[column] = pd.to_numeric(df[column], errors="coerce")
+    for axis in AXES:
+        df[axis] = df[axis].astype(int)
+    return df
+
+
+def plan(rows: list[dict], grid: Grid, *, elapsed: float) -> Plan:
+    """The next round of growth after ``elapsed`` seconds of measuring (module docstring)."""
+    out = Plan()
+    if not rows or not grid.grow:
+        return out
+    df = frame(rows)
+    models = fit.time_models(df)
+    budget_left = grid.time_budget_s - elapsed
+    keys = ["method", "kernel", *fit.SETTINGS]
+    for key, group in df.groupby(keys, sort=True):
+        model = models.get(key)
+        for axis, cap in grid.grow.items():
+            on_axis = fit.axis_points(group, grid.base, axis, ok_only=False)
+            if on_axis.empty or model is None:
+                continue
+            name = f"{key[0]}/{key[1]}/{axis}"
+            top = on_axis.loc[on_axis[axis].idxmax()]
+            if top["status"] != "ok":
+                out.decisions[name] = f"stopped at {axis}={top[axis]}: {top['reason']}"
+                continue
+            ok = on_axis[on_axis["status"] == "ok"]
+            regime = fit.axis_regime(ok, model, target=grid.overhead_target, n_boot=200)
+            if regime.state not in ("overhead", "flat", "climbing"):
+                out.decisions[name] = f"reached: {regime.describe(axis)}"
+                continue
+            why = regime.describe(axis)
+            value = int(top[axis]) * 2
+            if value > cap:
+                out.decisions[name] = f"stopped at the cap {axis}={cap}: {why}"
+                continue
+            run = run_of(top) | {axis: value}
+            cost = _predicted_seconds(top, run, grid)
+            if cost > budget_left:
+                out.decisions[name] = (
+                    f"stopped at {axis}={top[axis]}: {axis}={value} would take about "
+                    f"{cost:.0f} s, over the time budget ({max(budget_left, 0):.0f} s left); "
+                    f"{why}"
+                )
+                continue
+            budget_left -= cost
+            out.runs.append(run)
+            out.decisions[name] = f"growing to {axis}={value}: {why}"
+    return out
+
+
+def _predicted_seconds(top: pd.Series, run: dict, grid: Grid) -> float:
+    """Seconds to measure ``run``: ``top``'s time scaled by the cost model's FLOPs."""
+    flops = [
+        costs.flops(r["method"], shape_of(r), r["kernel"])["total"] for r in (top.to_dict(), run)
+    ]
+    per_call = float(top["time_median_s"]) * max(flops[1] / flops[0], 1.0)
+    return per_call * (grid.repeats + grid.warmup + EXTRA_CALLS)
+
+
+def outliers(rows: list[dict]) -> list[dict]:
+    """Ok rows whose median is :data:`~.sweep.NEIGHBOUR_FACTOR` or more off the log-log
+    interpolation of their two neighbours on some axis around the sweep's base point."""
+    df = frame(rows)
+    return [r for r in rows if r["status"] == "ok" and _far_from_neighbours(df, r)]
+
+
+def is_outlier(rows: list[dict], row: dict) -> bool:
+    """Whether ``row``'s median is far from its neighbours' on an axis (see :func:`outliers`)."""
+    return _far_from_neighbours(frame(rows), row)
+
+
+def _far_from_neighbours(df: pd.DataFrame, row: dict) -> bool:
+    """Whether, on some axis through ``row``, its median is :data:`NEIGHBOUR_FACTOR` or
+    more off the interpolation of its neighbours, and more off than they are from theirs
+    (a spike also pulls its neighbours' interpolations)."""
+    same = (df["status"] == "ok") & (df["method"] == row["method"])
+    for k in ("kernel", *fit.SETTINGS):
+        same &= df[k] == row[k]
+    df = df[same]
+    for axis in AXES:
+        line = df
+        for other in AXES:
+            if other != axis:
+                line = line[line[other] == int(row[other])]
+        line = line.sort_values(axis).drop_duplicates(axis)
+        xs = line[axis].to_numpy(float)
+        i = int(np.searchsorted(xs, int(row[axis])))
+        if not 0 < i < len(xs) - 1 or xs[i] != int(row[axis]):
+            continue
+        log_t = np.log(line["time_median_s"].to_numpy(float))
+        log_t[i] = math.log(float(row["time_median_s"]))
+        off = _deviations(np.log(xs), log_t)
+        if off[i] >= math.log(NEIGHBOUR_FACTOR) and off[i] >= max(off[i - 1], off[i + 1]):
+            return True
+    return False
+
+
+def _deviations(log_x: np.ndarray, log_t: np.ndarray) -> np.ndarray:
+    """``|log t_i - interpolation of its neighbours|`` at interior points, 0 at the ends."""
+    off = np.zeros_like(log_t)
+    w = (log_x[1:-1] - log_x[:-2]) / (log_x[2:] - log_x[:-2])
+    off[1:-1] = np.abs(log_t[1:-1] - (log_t[:-2] + w * (log_t[2:] - log_t[:-2])))
+    return off

@@ -1,0 +1,76 @@
+"""The FLOP counter's own table of linear-algebra counts, against counts worked by hand."""
+
+import pytest
+import torch
+
+from riemann_core.measure.flops import KINDS, flop_counter, flops_by_kind
+
+
+def spd(n, batch=()):
+    a = torch.randn(*batch, n, n, dtype=torch.float64)
+    return a @ a.mT + n * torch.eye(n, dtype=torch.float64)
+
+
+def counted(fn):
+    with flop_counter() as counter:
+        fn()
+    return flops_by_kind(counter)
+
+
+def only(kind, flops):
+    return {k: flops if k == kind else 0 for k in KINDS}
+
+
+A, L, BATCHED = spd(30), torch.linalg.cholesky(spd(30)), spd(6, (5,))
+B = torch.randn(30, 4, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "fn, kind, by_hand",
+    [
+        (lambda: torch.linalg.cholesky(A), "cholesky", 9000),  # 30^3 / 3
+        (lambda: torch.linalg.cholesky(BATCHED), "cholesky", 5 * 72),  # 5 times 6^3 / 3
+        (lambda: torch.linalg.solve_triangular(L, B, upper=False), "triangular", 3600),  # 30^2 4
+        (
+            lambda: torch.linalg.solve_triangular(L, B.T, upper=False, left=False),
+            "triangular",
+            3600,
+        ),
+        (lambda: torch.cholesky_solve(B, L), "triangular", 7200),  # two solves
+        (lambda: torch.linalg.eigh(A), "eigh", 243000),  # 9 30^3
+        (lambda: torch.ops.aten._linalg_eigh(A, "L", False), "eigh", 36000),  # 4 30^3 / 3
+        (lambda: torch.linalg.solve(A, B), "lu", 25200),  # 2 30^3 / 3 + 2 30^2 4
+        (lambda: torch.linalg.inv(A), "lu", 54000),  # 2 30^3
+        (lambda: A @ B[:, 0], "products", 1800),  # 2 30 30
+        (lambda: A @ B, "products", 7200),  # 2 30 30 4, FlopCounterMode's own count
+    ],
+    ids=[
+        "cholesky", "batched-cholesky", "trsm", "trsm-right", "cholesky_solve", "eigh",
+        "eigh-values", "lu-solve", "inverse", "mv", "mm",
+    ],
+)  # fmt: skip
+def test_counts_by_hand(fn, kind, by_hand):
+    assert counted(fn) == only(kind, by_hand)
+
+
+@pytest.mark.parametrize(
+    "shape, mode, by_hand",
+    [
+        ((40, 10), "r", 2 * 40 * 100 - 2000 / 3),  # 2 m n^2 - 2 n^3 / 3 for R
+        ((10, 40), "r", 2 * 40 * 100 - 2000 / 3),  # wide: the same with m, n swapped
+        ((40, 10), "reduced", 2 * (2 * 40 * 100 - 2000 / 3)),  # thin Q: as much again
+        ((40, 10), "complete", 2 * 40 * 100 - 2000 / 3 + 4 * 1600 * 10 - 4 * 40 * 100 + 4000 / 3),
+    ],
+)
+def test_qr_counts_r_and_the_accumulation_of_q(shape, mode, by_hand):
+    a = torch.randn(*shape, dtype=torch.float64)
+    assert counted(lambda: torch.linalg.qr(a, mode=mode)) == only("qr", int(by_hand))
+
+
+def test_kinds_add_up_to_the_total():
+    with flop_counter() as counter:
+        torch.linalg.cholesky(A)
+        torch.linalg.solve_triangular(L, B, upper=False)
+        A @ B
+    by_kind = flops_by_kind(counter)
+    assert sum(by_kind.values()) == counter.get_total_flops() == 9000 + 3600 + 7200

@@ -1,0 +1,148 @@
+"""Synthetic sweeps: ``results.csv`` and ``sweep.json`` built from the cost model and a
+machine of known speed, with the effects real runs have: a per-call overhead, an overhead
+per module, rates that climb with the size of the work, noise."""
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from riemann_core import costs
+from riemann_core.measure.flops import KINDS
+from riemann_core.scaling import fit
+
+BASE = {"width": 64, "depth": 2, "out_dim": 10, "batch": 32}
+AXES = {
+    "width": (8, 16, 32, 64, 128, 256, 512),
+    "depth": (1, 2, 4, 8, 16),
+    "out_dim": (2, 5, 10, 20, 40),
+    "batch": (4, 8, 16, 32, 64, 128, 256),
+}
+RUNS = (
+    ("euclidean", "structured"),
+    ("layerwise", "structured"),
+    ("layerwise", "generic"),
+    ("full", "structured"),
+    ("natural", "structured"),
+    ("kfac", "structured"),
+)
+
+
+@dataclass
+class Machine:
+    """``t = t0 + t_module L + sum_kind F_kind / R_kind(F_kind) + extra(...)``.
+
+    ``R_kind(F) = rates[kind] min(1, F / (L saturation))^climb``: below ``saturation``
+    FLOPs of a kind per module the rate climbs with the size of the work, as small GEMMs
+    run slower (a deeper network runs more operations of the same size, not larger ones).
+    """
+
+    t0: float = 1e-3
+    t_module: float = 1e-4
+    rates: dict = field(default_factory=lambda: {"products": 5e10, "cholesky": 1e10, "eigh": 3e9})
+    saturation: float = 0.0
+    climb: float = 0.3
+    extra: object = None  # (method, kernel, shape) -> seconds of work the FLOPs do not see
+
+    def time(self, method, kernel, shape, flops):
+        L = len(shape.layers)
+        t = self.t0 + self.t_module * L
+        for kind, f in flops.items():
+            if f:
+                slow = min(1.0, f / L / self.saturation) ** self.climb if self.saturation else 1
+                t += f / (self.rates[kind] * slow)
+        return t + (self.extra(method, kernel, shape) if self.extra else 0.0)
+
+
+def flops_by_kind(method, kernel, shape):
+    """The cost model's phases as kinds: factorisations are Cholesky (eigh for kfac)."""
+    phases = costs.flops(method, shape, kernel)
+    factor = phases.get("factorisation", 0.0)
+    out = dict.fromkeys(KINDS, 0.0)
+    out["eigh" if method == "kfac" else "cholesky"] = factor
+    out["products"] = phases["total"] - factor
+    return out
+
+
+def make_sweep(
+    machine=None,
+    *,
+    base=BASE,
+    axes=AXES,
+    runs=RUNS,
+    repeats=5,
+    noise=0.03,
+    counted=None,
+    status_fn=None,
+    rate_spread=0.05,
+    seed=0,
+):
+    """A sweep's ``results.csv`` (as a DataFrame) and ``sweep.json``.
+
+    Times follow ``machine`` times lognormal ``noise``; ``counted(method, kernel, shape,
+    flops)`` may change the counted FLOPs by kind (a planted step); ``status_fn(method,
+    kernel, point)`` returns a status other than "ok" to plant a missing point; the
+    device rates recorded spread by ``rate_spread``.
+    """
+    machine = machine or Machine()
+    rng = np.random.default_rng(seed)
+    points = {tuple({**base, axis: v}[a] for a in fit.AXES) for axis in axes for v in axes[axis]}
+    rows = []
+    for width, depth, out_dim, batch in sorted(points):
+        point = dict(width=width, depth=depth, out_dim=out_dim, batch=batch)
+        shape = costs.MLPShape((width,) * (depth + 1) + (out_dim,), batch, out_dim)
+        minimal = costs.MLPShape(shape.widths, batch, out_dim - 1)
+        sol = costs.speed_of_light_flops(minimal)
+        for method, kernel in runs:
+            status = status_fn(method, kernel, point) if status_fn else "ok"
+            kinds = flops_by_kind(method, kernel, shape)
+            true = dict(kinds)
+            if counted:
+                kinds = counted(method, kernel, shape, kinds)
+            times = []
+            if status == "ok":
+                t = machine.time(method, kernel, shape, kinds)
+                times = (t * rng.lognormal(0.0, noise, repeats)).tolist()
+            q1, q3 = np.percentile(times, [25, 75]) if times else (math.nan, math.nan)
+            median = float(np.median(times)) if times else math.nan
+            rows.append(
+                dict(
+                    method=method,
+                    kernel=kernel,
+                    **point,
+                    device="cpu",
+                    dtype="float32",
+                    output_metric="exact",
+                    n_params=shape.n_params,
+                    d=shape.d,
+                    time_median_s=median,
+                    time_iqr_s=q3 - q1,
+                    times_s=json.dumps(times),
+                    flops=sum(kinds.values()) if times else math.nan,
+                    **{f"flops_{k}": v if times else math.nan for k, v in kinds.items()},
+                    flops_model=sum(true.values()),
+                    sol_products=sol["products"],
+                    sol_cholesky=sol["cholesky"],
+                    peak_bytes=math.nan,
+                    peak_bytes_model=costs.peak_bytes(method, shape, kernel),
+                    spread=(q3 - q1) / median if times else math.nan,
+                    flag="",
+                    remeasured=0,
+                    status=status,
+                    reason="" if status == "ok" else "planted",
+                )
+            )
+    rates = {
+        k: [r * (1 - rate_spread / 2), r, r * (1 + rate_spread / 2)]
+        for k, r in machine.rates.items()
+        if k in ("products", "cholesky")
+    }
+    meta = {
+        "base": dict(base),
+        "axes": {a: list(v) for a, v in axes.items()},
+        "device_rates": [{"when": "start", "dtype": "float32", **rates}],
+        "environment": {"device_name": "synthetic"},
+    }
+    return pd.DataFrame(rows), meta

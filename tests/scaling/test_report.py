@@ -1,0 +1,41 @@
+"""The report: its sections and figures, drawn from a sweep's files alone."""
+
+import json
+
+from synthetic import Machine, make_sweep
+
+import riemann_core as rc
+from riemann_core.scaling import report
+
+
+def test_every_method_and_kernel_keeps_one_colour_of_its_own():
+    labels = [f"{m} ({k})" for m in rc.METHODS for k in report.KERNELS]
+    colours = [report.colour(label) for label in labels]
+    assert len(set(colours)) == len(labels)
+    assert colours == [report.colour(label) for label in labels]
+
+
+def test_report_of_a_sweep_on_disk(tmp_path):
+    axes = {"width": (8, 16, 32, 64), "depth": (1, 2, 4), "out_dim": (2, 10), "batch": (8, 32)}
+    runs = (("layerwise", "structured"), ("layerwise", "generic"), ("kfac", "structured"))
+    df, meta = make_sweep(Machine(saturation=1e7), axes=axes, runs=runs)
+    df.loc[df.index[5], ["flag", "remeasured"]] = ["spread", 1]
+    df["peak_bytes"] = df["peak_bytes_model"] / 2
+    df.to_csv(tmp_path / "results.csv", index=False)
+    meta["growth"] = {"layerwise/structured/width": "reached: width: time ~ work^1"}
+    (tmp_path / "sweep.json").write_text(json.dumps(meta))
+    text = report.write_report(tmp_path, seed=0).read_text()
+    for section in (
+        "## Claims",
+        "## Device rates",
+        "## Growth of the grid",
+        "## Re-measured and flagged points",
+        "## Time model",
+        "## Exponents per axis",
+    ):
+        assert section in text
+    assert "not measured" in text and "| spread |" in text
+    assert "The rates held steady during the sweep." in text
+    for name in ("time", "flops", "memory", "crossover", "achieved_rate", "time_model"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 0
+        assert f"]({name}.png)" in text
