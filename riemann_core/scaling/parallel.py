@@ -16,7 +16,9 @@ records, with :class:`riemann_core.measure.phases.PhaseRecorder`:
   (:func:`riemann_core.costs.distributed_flops`);
 * bytes through the collectives, beside :func:`riemann_core.costs.communication_bytes`;
 * the GEMM rate each rank reaches while every rank runs one: below the rate of one rank
-  alone, the ranks do not have their cores to themselves.
+  alone, the ranks do not have their cores to themselves;
+* on one rank, the solve phase of the same depth of layers on a tiny network and batch
+  (:data:`SMALL`): its time is the overhead of the time model.
 
 ``results.csv`` holds one row per world size, method and rank and ``run.json`` the
 environment; :mod:`riemann_core.scaling.parallel_report` judges the claims
@@ -26,6 +28,7 @@ environment; :mod:`riemann_core.scaling.parallel_report` judges the claims
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import queue
@@ -57,11 +60,13 @@ QUICK = {"widths": (128, 256, 256, 256, 256, 10), "batch": 64, "repeats": 5}
 DAMPING = 1e-3
 #: size of the GEMM whose rate tells whether the ranks have their cores to themselves
 GEMM_SIZE = {"cpu": 1024, "cuda": 8192}
+#: hidden width and batch of the network whose solve time is the overhead of the time model
+SMALL = {"width": 4, "batch": 2}
 #: columns of ``results.csv``
 COLUMNS = (
     "ranks", "rank", "method", "threads", "batch", "gemm_concurrent_flops_per_s", "owned_blocks",
     "step_median_s", "step_iqr_s", "local_s", "agree_s", "exchange_s", "solve_s", "broadcast_s",
-    "step_times_s", "solve_times_s",
+    "step_times_s", "solve_times_s", "solve_small_s", "flops_solve_small",
     "flops_local", "flops_solve", "flops_local_model", "flops_solve_model",
     "bytes_sent", "bytes_received", "bytes_sent_model", "bytes_received_model",
 )  # fmt: skip
@@ -125,34 +130,33 @@ def _measure_rank(config: Config, rank: int, world: int, rendezvous: str, out) -
     concurrent = gemm_rate(device, dtype)
     shard = slice(rank * config.batch // world, (rank + 1) * config.batch // world)
     x, y = x[shard], y[shard]
+    tiny_widths = (SMALL["width"],) * (len(config.widths) - 1) + (config.widths[-1],)
+    tiny_model = mlp(tiny_widths).to(device, dtype)
+    tiny = (
+        torch.randn(SMALL["batch"], tiny_widths[0], device=device, dtype=dtype),
+        torch.arange(SMALL["batch"], device=device) % config.widths[-1],
+    )
     shape = config.shape
     itemsize = torch.finfo(dtype).bits // 8
     rows = []
     for method in config.methods:
 
-        def call(method=method):
+        def call(x=x, y=y, method=method, model=model):
             return rc.direction(
                 model, x, y, method=method, damping=DAMPING, process_group=dist.group.WORLD,
                 timeout=config.timeout,
             )  # fmt: skip
 
-        call()  # warm-up: the first call for a model also probes the network
-        timed = PhaseRecorder(device)
-        times = []
-        with distributed.observing(timed):
-            for _ in range(config.repeats):
-                dist.barrier()
-                start = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - start)
-        counted = PhaseRecorder(device, count_flops=True)
-        with distributed.observing(counted):
-            call()
-        (flops,) = [s.flops for s in counted.steps]
-        traffic = counted.steps[0].traffic
+        times, phase, flops, traffic = _timed(call, config.repeats, device)
+        # the overhead of the solve phase: one rank alone on a batch of two samples
+        small = (float("nan"), float("nan"))
+        if world == 1:  # the overhead: as many blocks, almost no work
+            _, small_phase, small_flops, _ = _timed(
+                functools.partial(call, *tiny, model=tiny_model), config.repeats, device
+            )
+            small = (statistics.median(small_phase["solve"]), small_flops.get("solve", 0))
         model_flops = costs.distributed_flops(method, shape, world)[rank]
         model_bytes = costs.communication_bytes(method, shape, world, itemsize)[rank]
-        phase = {p: [s.seconds.get(p, 0.0) for s in timed.steps] for p in distributed.PHASES}
         quartiles = (
             statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [0, 0, 0]
         )
@@ -170,6 +174,8 @@ def _measure_rank(config: Config, rank: int, world: int, rendezvous: str, out) -
                 **{f"{p}_s": statistics.median(v) for p, v in phase.items()},
                 "step_times_s": json.dumps(times),
                 "solve_times_s": json.dumps(phase["solve"]),
+                "solve_small_s": small[0],
+                "flops_solve_small": small[1],
                 "flops_local": flops.get("local", 0),
                 "flops_solve": flops.get("solve", 0),
                 "flops_local_model": model_flops["local"],
@@ -189,6 +195,28 @@ def gemm_rate(device, dtype: torch.dtype) -> float:
     """The median GEMM rate (FLOP/s) at :data:`GEMM_SIZE` on ``device``."""
     n = GEMM_SIZE[torch.device(device).type]
     return statistics.median(device_rates(device, dtype, n=n)["products"])
+
+
+def _timed(call, repeats: int, device):
+    """A warm-up call (the first for a model also probes the network), ``repeats`` timed
+    calls started together at a barrier, one FLOP-counted call: the end-to-end times,
+    each phase's times, the counted FLOPs by phase and the bytes."""
+    import torch.distributed as dist
+
+    call()
+    timed, times = PhaseRecorder(device), []
+    with distributed.observing(timed):
+        for _ in range(repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+    counted = PhaseRecorder(device, count_flops=True)
+    with distributed.observing(counted):
+        call()
+    (step,) = counted.steps
+    phase = {p: [s.seconds.get(p, 0.0) for s in timed.steps] for p in distributed.PHASES}
+    return times, phase, step.flops, step.traffic
 
 
 # ------------------------------------------------------------------------ the parent
