@@ -359,12 +359,13 @@ def _share(problem: Problem, i: int, method: str, global_gradient: bool) -> _Sha
 
 
 def _owner_handler(h: Handler, got: _Received, share: _Share, given: bool) -> Handler:
-    """Block's kernel on the global batch of ``N`` samples from the ranks' rows."""
-    pieces = got.pieces(share)
+    """The block's kernel on the global batch from the ranks' rows, in ``h``'s dtype."""
+    pieces = [p.to(h.dtype) for p in got.pieces(share)]
     N = pieces[0].shape[0]
     if not isinstance(h, PatchHandler):
         K = pieces[0].reshape(N, h.r, -1).transpose(0, 1).reshape(h.r * N, -1)
-        return _Materialised(h.block, K, h.r, None if given else got.summed)
+        gradient = None if given else [g.to(h.dtype) for g in got.summed]
+        return _Materialised(h.block, K, h.r, gradient)
     out_shape, in_shape = h.delta.shape[2:], h.block.input.shape[1:]
     b = h.block
     block = Block(
