@@ -108,6 +108,12 @@ def on_rank(rank: int, world: int) -> dict:
             model, x[part], y[part], method=method, kernel=kernel, damping=DAMPING,
             process_group=group, timeout=TIMEOUT,
         )  # fmt: skip
+    model, x, y = network("mlp")
+    part = shards(world)[rank]
+    _, diagnostics = rc.direction(
+        model, x[part], y[part], damping=DAMPING, return_diagnostics=True, process_group=group
+    )
+    out["diagnostics"] = [d.name for d in diagnostics]
     for kind, method, ddp in STEPS:
         out["steps"][kind, method, ddp] = _steps(kind, method, ddp, rank, world)
     for method in ("layerwise", "natural", "kfac"):
@@ -247,6 +253,13 @@ def test_directions_equal_the_single_process_on_the_whole_batch(run):
             assert got.keys() == expected.keys()
             error = relative_error(got, expected)
             assert error <= 1e-12, f"{kind} {method} {kernel}: rank {rank} off by {error:.1e}"
+
+
+def test_each_rank_reports_the_diagnostics_of_the_blocks_it_solved(run):
+    world, results = run
+    names = [r["diagnostics"] for r in results]
+    assert sorted(n for ns in names for n in ns) == ["0", "2", "4"]
+    assert sum(bool(ns) for ns in names) == min(world, 3)
 
 
 def test_preconditioner_steps_equal_the_single_process(run):
