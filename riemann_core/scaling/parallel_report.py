@@ -343,9 +343,14 @@ def figure(table: pd.DataFrame, model: pd.DataFrame, out: Path) -> Path:
         expected_rows = model[model["method"] == method]
         axes[1].plot(expected_rows["P"], expected_rows["flop_speedup"], "o--",
                      color=line.get_color(), label=method)  # fmt: skip
-    for ax in axes:
+    from matplotlib.ticker import ScalarFormatter
+
+    for ax, ranks in zip(axes, (sorted(table["P"].unique()), sorted(model["P"].unique()))):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
+        ax.set_xticks(ranks)
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(ScalarFormatter())
         ax.set_xlabel("ranks P")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("speedup over P = 1")
