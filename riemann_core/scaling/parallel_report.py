@@ -293,6 +293,9 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
                 "P": P,
                 "step_ms": group["step_median_s"].max() * 1e3,
                 "solve_ms": group["solve_s"].max() * 1e3,
+                "solve_ms_by_rank": " / ".join(
+                    f"{t * 1e3:.3g}" for t in group.sort_values("rank")["solve_s"]
+                ),
                 "agree_ms": group["agree_s"].max() * 1e3,
                 "exchange_ms": group["exchange_s"].max() * 1e3,
                 "broadcast_ms": group["broadcast_s"].max() * 1e3,
@@ -405,7 +408,8 @@ def _markdown(meta, table, fits, model, found) -> str:
             "",
             "Each rank holds 1/P of the global batch and computes "
             "`rc.direction(..., process_group=...)`; times are medians over "
-            f"{config['repeats']} directions, of the slowest rank. `agree` is the wait for "
+            f"{config['repeats']} directions, of the slowest rank (`solve_ms_by_rank`: every "
+            "rank's). `agree` is the wait for "
             "every rank's local work (its imbalance), `exchange` the rows' or factors' "
             "packing and collective, `broadcast` the directions' (waiting for the slowest "
             "owner included). `work_speedup` is the counted solve FLOPs of the busiest rank "
