@@ -148,9 +148,8 @@ def _measure_rank(config: Config, rank: int, world: int, rendezvous: str, out) -
             )  # fmt: skip
 
         times, phase, flops, traffic = _timed(call, config.repeats, device)
-        # the overhead of the solve phase: one rank alone on a batch of two samples
         small = (float("nan"), float("nan"))
-        if world == 1:  # the overhead: as many blocks, almost no work
+        if world == 1:  # the overhead of the solve: as many blocks, almost no work
             _, small_phase, small_flops, _ = _timed(
                 functools.partial(call, *tiny, model=tiny_model), config.repeats, device
             )
