@@ -52,6 +52,12 @@ def inverse_flops(n: int) -> float:
     return 2 * n**3
 
 
+def cholesky_inverse_flops(n: int) -> float:
+    """``2 n^3 / 3``: ``(L L^T)^{-1}`` from the Cholesky factor ``L`` (``L^{-1}``, then
+    ``L^{-T} L^{-1}``)."""
+    return 2 * n**3 / 3
+
+
 def qr_flops(m: int, n: int) -> float:
     """``2 m n^2 - 2 n^3 / 3``: Householder QR of ``m x n`` (``m >= n``), ``R`` only."""
     return 2 * m * n * n - 2 * n**3 / 3
@@ -99,17 +105,25 @@ class MLPShape:
         return sum(self.block_params())
 
 
-def flops(method: str, shape: MLPShape, kernel: str = "structured") -> dict[str, float]:
+def flops(
+    method: str,
+    shape: MLPShape,
+    kernel: str = "structured",
+    *,
+    kfac_damping: str = "exact",
+    kfac_bias: str = "joint",
+) -> dict[str, float]:
     """Modelled FLOPs of ``rc.direction(method=..., kernel=...)`` by phase, plus ``total``.
 
     Phases: ``forward``; ``pullback`` (``r`` factor rows and the loss gradient through
     the layers above the first); ``gradient`` (parameter gradient where it is formed;
     the generic kernel runs each module's forward again for its ``vjp``); ``jacobian``
-    (generic kernel: ``K_a`` by ``vmap``/``vjp``); ``gram``; ``factorisation``;
-    ``solve`` (products with ``K`` and triangular solves); ``checks`` (the estimate of
-    each factorised ``m x m`` matrix's largest eigenvalue, :func:`power_flops`). The
-    slow paths of ill-conditioned solves (residuals in float64, refinement) are not
-    modelled.
+    (generic kernel: ``K_a`` by ``vmap``/``vjp``); ``gram`` (K-FAC: its factors, or a
+    thin factor's Gram); ``factorisation``; ``solve`` (products with ``K`` and
+    triangular solves); ``checks`` (the estimate of each factorised ``m x m`` matrix's
+    largest eigenvalue, :func:`power_flops`). The slow paths of ill-conditioned solves
+    (residuals in float64, refinement) are not modelled. ``kfac_damping`` and
+    ``kfac_bias`` pick K-FAC's variant.
     """
     N, d, layers = shape.batch, shape.d, shape.layers
     k = shape.rows + 1  # the loss gradient rides along in the pullback
@@ -174,14 +188,63 @@ def flops(method: str, shape: MLPShape, kernel: str = "structured") -> dict[str,
     elif method == "kfac":
         if not generic:
             cost["gradient"] = sum(2 * N * f * i for i, f in zip(f_ins, f_outs, strict=True))
-        cost["gram"] = sum(2 * d * f * f + 2 * N * p * p for p, f in zip(P, f_outs, strict=True))
-        cost["factorisation"] = sum(
-            eigh_flops(f) + eigh_flops(p) for p, f in zip(P, f_outs, strict=True)
-        )
-        cost["solve"] = sum(4 * (f * f * p + f * p * p) for p, f in zip(P, f_outs, strict=True))
+        cost.update(gram=0, factorisation=0, solve=0, checks=0)
+        for f_in, f in layers:
+            for phase, flops_ in _kfac(N, d, f_in, f, shape.bias, kfac_damping, kfac_bias).items():
+                cost[phase] += flops_
     else:
         raise ValueError(f"unknown method {method!r}")
     return _total(cost)
+
+
+def _kfac(
+    N: int, d: int, f_in: int, f: int, bias: bool, damping: str, where: str, dense=False
+) -> dict:
+    """One Linear layer's K-FAC (``riemann_core.kronecker``): factors with ``m`` rows and
+    ``n < m`` columns formed (``2 m n^2``), thinner ones kept as rows (Gram ``2 m^2 n``);
+    exact damping: eigendecompositions (a thin factor's of its Gram, and ``B = R^T U``)
+    and the two basis changes, each the cheaper order of a ``multi_dot``; factored
+    damping: Choleskys, the estimate of each damped factor's largest eigenvalue, and the
+    solves (thin: by Woodbury). ``dense``: every factor formed as its ``n x n`` matrix
+    (the data-parallel step, whose factors are summed over the ranks)."""
+    separate = bias and where == "separate"
+    P = f_in + int(bias and not separate)
+    cost = {"gram": 0.0, "factorisation": 0.0, "solve": 0.0, "checks": 0.0}
+    sides = [(d, f), (N, P)]  # (rows, columns) of Gamma and A
+    for m, n in sides:
+        cost["gram"] += 2 * m * m * n if m < n and not dense else 2 * m * n * n
+    if dense:  # past the Gram, a dense factor costs what one with n rows would
+        sides = [(max(m, n), n) for m, n in sides]
+    if damping == "exact":
+        k = []
+        for m, n in sides:
+            cost["factorisation"] += eigh_flops(m) + 2 * n * m * m if m < n else eigh_flops(n)
+            k.append(min(m, n))
+        parts = [(P, k[1])] + ([(1, 1)] if separate else [])
+        for p, k_A in parts:
+            cost["solve"] += _multi_dot(k[0], f, p, k_A) + _multi_dot(f, k[0], k_A, p)
+        return cost
+    for m, n in sides:
+        cost["factorisation"] += cholesky_flops(min(m, n))
+        cost["checks"] += power_flops(min(m, n))
+    (d, _), (N, _) = sides
+    for k in [P] + ([1] if separate else []):  # Gamma's side: P right-hand sides
+        cost["solve"] += _shifted_solve(d, f, k)
+    cost["solve"] += _shifted_solve(N, P, f)  # A's side: f right-hand sides
+    return cost
+
+
+def _multi_dot(a: int, b: int, c: int, e: int) -> float:
+    """``(a x b)(b x c)(c x e)`` in the cheaper order, as ``torch.linalg.multi_dot``."""
+    return 2 * min(a * b * c + a * c * e, b * c * e + a * b * e)
+
+
+def _shifted_solve(m: int, n: int, k: int) -> float:
+    """``(R^T R + c I)^{-1} Y`` for ``R`` ``m x n``, ``Y`` ``n x k``: Cholesky solves of
+    ``F + c I`` (dense), or of ``c I + R R^T`` between two products with ``R`` (thin)."""
+    if m < n:
+        return 4 * m * n * k + 2 * triangular_solve_flops(m, k)
+    return 2 * triangular_solve_flops(n, k)
 
 
 def _gram(shape: MLPShape, kernel: str, f_in: int, f: int, n: int) -> float:
@@ -288,14 +351,19 @@ AGREEMENT_SLOTS = 3
 
 
 def block_solve_flops(
-    method: str, f_in: int, f_out: int, batch: int, rows: int, bias=True
+    method: str, f_in: int, f_out: int, batch: int, rows: int, bias=True, **kfac_variant
 ) -> float:
     """Modelled FLOPs of the owner's solve of one Linear block (structured kernel) on
     ``batch`` samples: :func:`flops` of the one-layer network without its
     :data:`LOCAL_PHASES`; layerwise rows are kept per sample as ``min(rows, f_out)``
-    (compressed before they are sent, so no QR here)."""
+    (compressed before they are sent, so no QR here); K-FAC's factors are dense
+    (summed over the ranks), ``kfac_variant`` its ``kfac_damping`` and ``kfac_bias``."""
     if method not in BLOCKWISE:
         raise ValueError(f"method={method!r} is not solved block by block; use {BLOCKWISE}")
+    if method == "kfac":
+        variant = _kfac_variant(**kfac_variant)
+        cost = _kfac(batch, batch * rows, f_in, f_out, bias, *variant, dense=True)
+        return sum(v for k, v in cost.items() if k not in LOCAL_PHASES[method])
     if method == "layerwise":
         rows = min(rows, f_out)
     phases = flops(method, MLPShape((f_in, f_out), batch, rows, bias))
@@ -309,14 +377,18 @@ def generic_block_solve_flops(n: int, d: int) -> float:
     return min(woodbury, 2 * n * n * d + cholesky_flops(n))
 
 
-def owners(method: str, shape: MLPShape, world: int) -> list[int]:
+def _kfac_variant(kfac_damping: str = "exact", kfac_bias: str = "joint") -> tuple[str, str]:
+    return kfac_damping, kfac_bias
+
+
+def owners(method: str, shape: MLPShape, world: int, **kfac_variant) -> list[int]:
     """The owner rank of each layer's block in a data-parallel step on ``world`` ranks
     (the greedy plan of :mod:`riemann_core.ownership` over :func:`block_solve_flops`;
     ``natural`` and ``full`` solve every block on rank 0)."""
     if method not in BLOCKWISE:
         return [0] * len(shape.layers)
     costs = [
-        block_solve_flops(method, f_in, f_out, shape.batch, shape.rows, shape.bias)
+        block_solve_flops(method, f_in, f_out, shape.batch, shape.rows, shape.bias, **kfac_variant)
         for f_in, f_out in shape.layers
     ]
     return assign(costs, world)
@@ -331,29 +403,39 @@ def _shard(shape: MLPShape, world: int) -> MLPShape:
     return MLPShape(shape.widths, shape.batch // world, shape.rows, shape.bias)
 
 
-def distributed_flops(method: str, shape: MLPShape, world: int) -> list[dict[str, float]]:
+def distributed_flops(
+    method: str, shape: MLPShape, world: int, **kfac_variant
+) -> list[dict[str, float]]:
     """Modelled FLOPs of each rank in a data-parallel direction (structured kernel,
     equal shards of ``shape.batch``): ``local`` (forward and pullback on its shard, the
     :data:`LOCAL_PHASES`; layerwise also the QR that keeps ``min(r, f_out)`` rows per
-    sample, before they are sent) and ``solve`` (its owned blocks on the global batch),
-    plus ``total``. One rank runs the single-process direction."""
+    sample, before they are sent; K-FAC its dense factors) and ``solve`` (its owned
+    blocks on the global batch), plus ``total``. One rank runs the single-process
+    direction. ``kfac_variant``: K-FAC's ``kfac_damping`` and ``kfac_bias``."""
     shard = _shard(shape, world)
-    local_phases = flops(method, shard)
+    variant = _kfac_variant(**kfac_variant)
+    local_phases = flops(method, shard, kfac_damping=variant[0], kfac_bias=variant[1])
     if world == 1:  # the single-process direction: the forward pass, then the solve
         built = ("forward", "gradient") if method == "euclidean" else ("forward", "pullback")
         local = sum(local_phases.get(k, 0) for k in built)
         total = local_phases["total"]
         return [{"local": local, "solve": total - local, "total": total}]
-    local = sum(local_phases.get(k, 0) for k in LOCAL_PHASES[method])
+    local = sum(local_phases.get(k, 0) for k in LOCAL_PHASES[method] if k != "gram")
+    if method == "kfac":  # the factors summed over the ranks are formed dense
+        N, d = shard.batch, shard.d
+        local += sum(
+            _kfac(N, d, i, f, shape.bias, *variant, dense=True)["gram"] for i, f in shape.layers
+        )
     if method == "layerwise":
         local += sum(
             shard.batch * qr_flops(shape.rows, f) for _, f in shape.layers if f < shape.rows
         )
     solve = [0.0] * world
     if method in BLOCKWISE:
-        for (f_in, f_out), owner in zip(shape.layers, owners(method, shape, world), strict=True):
+        plan = owners(method, shape, world, **kfac_variant)
+        for (f_in, f_out), owner in zip(shape.layers, plan, strict=True):
             solve[owner] += block_solve_flops(
-                method, f_in, f_out, shape.batch, shape.rows, shape.bias
+                method, f_in, f_out, shape.batch, shape.rows, shape.bias, **kfac_variant
             )
     elif method != "euclidean":
         whole = flops(method, shape)
@@ -364,7 +446,7 @@ def distributed_flops(method: str, shape: MLPShape, world: int) -> list[dict[str
 
 
 def communication_bytes(
-    method: str, shape: MLPShape, world: int, itemsize: int = 4
+    method: str, shape: MLPShape, world: int, itemsize: int = 4, **kfac_variant
 ) -> list[dict[str, float]]:
     """Modelled bytes each rank sends and receives in a data-parallel direction
     (structured kernel, equal shards, the loss gradient formed from ``Lambda``, as
@@ -374,8 +456,9 @@ def communication_bytes(
     * ``layerwise``, ``natural``, ``full``: an all-to-all that sends each block's rows to
       its owner, per sample ``m f_out + f_in + f_out`` numbers (the factor rows, the input,
       ``Lambda``; ``m = min(r, f_out)`` for layerwise, ``r`` otherwise);
-    * ``kfac``: an all-reduce of every block's ``Gamma`` (``f_out^2``), ``A`` (``P^2``)
-      and gradient (``n_a``); ``euclidean``: of the gradient;
+    * ``kfac``: an all-reduce of every block's ``Gamma`` (``f_out^2``), ``A`` (``P^2``,
+      without the bias's column for ``kfac_bias="separate"``) and gradient (``n_a``);
+      ``euclidean``: of the gradient;
     * the directions: each owner broadcasts its blocks' (and one status number); a
       broadcast counts its size once per receiver, as sent by the owner.
 
@@ -392,7 +475,8 @@ def communication_bytes(
     if method in ("kfac", "euclidean"):
         size = sum(n_a)
         if method == "kfac":
-            size += sum(f * f + shape.patch(i) ** 2 for i, f in shape.layers)
+            apart = shape.bias and _kfac_variant(**kfac_variant)[1] == "separate"
+            size += sum(f * f + (shape.patch(i) - apart) ** 2 for i, f in shape.layers)
         for rank in out:
             rank["sent"] += size * itemsize
             rank["received"] += size * itemsize
@@ -408,7 +492,7 @@ def communication_bytes(
                     rank["received"] += (P - 1) * per_rank
                 else:
                     rank["sent"] += per_rank
-    owner = owners(method, shape, world)
+    owner = owners(method, shape, world, **kfac_variant)
     broadcast = [1 + sum(n for n, o in zip(n_a, owner) if o == p) for p in range(P)]
     for p, rank in enumerate(out):
         rank["sent"] += (P - 1) * broadcast[p] * itemsize

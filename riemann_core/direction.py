@@ -34,6 +34,8 @@ def direction(
     solve_dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
     refine: int = 0,
+    kfac_damping: str = "exact",
+    kfac_bias: str = "joint",
     return_diagnostics: bool = False,
     forward_kwargs: dict | None = None,
     check_coupling: bool = True,
@@ -72,6 +74,12 @@ def direction(
             correction with the solve's factor. ``(g - K^T t) / mu`` cancels when ``mu``
             is tiny against the curvature (residual ``~ eps cond(G)``); refinement
             converges while ``eps(solve_dtype) cond(G) < 1``.
+        kfac_damping: ``method="kfac"`` only: ``"exact"`` (``Gamma (x) A + mu I``, in the
+            factors' eigenbases) or ``"factored"`` (``(Gamma + pi sqrt(mu) I) (x)
+            (A + sqrt(mu) / pi I)``, ``pi`` from the factors' traces, by Cholesky).
+        kfac_bias: ``method="kfac"`` only: ``"joint"`` (weight and bias in one Kronecker
+            block) or ``"separate"`` (the bias its own block ``Gamma``, damped like the
+            weight's ``Gamma``).
         return_diagnostics: also return a list of :class:`LayerDiagnostics`.
         forward_kwargs: keyword arguments of the model call.
         check_coupling: probe, on the first call for a model (and after a change of a
@@ -120,6 +128,8 @@ def direction(
         kernel=kernel,
         solve_dtype=solve_dtype,
         refine=refine,
+        kfac_damping=kfac_damping,
+        kfac_bias=kfac_bias,
         diagnostics=return_diagnostics,
         generator=generator,
         check_coupling=check_coupling,
@@ -163,11 +173,13 @@ def solve(
     forward_kwargs: dict | None = None,
     checks: Deferred | None = None,
     replay: list[Tensor] | None = None,
+    state=None,
     process_group: torch.distributed.ProcessGroup | None = None,
     timeout: float = distributed.TIMEOUT,
     global_gradient: bool = False,
 ):
-    """Run ``method``; ``gradient`` (``{name: vector}``) replaces the loss gradient.
+    """Run ``method``; ``gradient`` (``{name: vector}``) replaces the loss gradient;
+    ``state`` is K-FAC's state across a preconditioner's steps (``method="kfac"``).
 
     Returns ``({name: direction}, diagnostics)`` for the parameters seen in the forward
     pass. Raises before returning anything if a check fails (``checks`` holds those of
@@ -185,6 +197,7 @@ def solve(
     solver = SOLVERS[method]
     devices = {p.device.type for p in model.parameters()}
     devices |= {t.device.type for t in tensors_of((inputs, forward_kwargs))}
+    extra = () if state is None else (state,)
 
     def build():
         try:
@@ -216,7 +229,7 @@ def solve(
             )
         problem = build()
         try:
-            solves = solver.solve(problem, opts)
+            solves = solver.solve(problem, opts, *extra)
         except Exception:
             checks.run()
             raise

@@ -21,8 +21,9 @@ A step (:func:`solve`), on every rank of the group:
    per-sample rows to its owner (the pulled-back factor rows, the block input and
    ``Lambda`` for Linear and Conv2d blocks; the rows of ``K`` for a materialised kernel),
    and the owner concatenates them into the global batch's; ``kfac``: one all-reduce of
-   every block's weighted factors ``w_p Gamma_p`` and ``w_p A_p``; ``euclidean``: of the
-   gradient. Weighted local gradients ride along where the owner cannot form the
+   every block's weighted factors ``w_p Gamma_p`` and ``w_p A_p``, formed dense (a factor
+   thinner than it is wide, kept as its rows on one process, is summed as a matrix);
+   ``euclidean``: of the gradient. Weighted local gradients ride along where the owner cannot form the
    global one from what it receives;
 4. *solve*: each owner runs the method's own solver on its blocks of the global batch,
    with the usual checks;
@@ -51,7 +52,8 @@ from torch import Tensor
 
 from . import costs
 from ._checks import Deferred
-from .methods import SOLVERS, LayerDiagnostics, Options, Problem, finish
+from .kronecker import Factor
+from .methods import SOLVERS, LayerDiagnostics, Options, Problem, finish, kfac
 from .modules import Block, Handler, LinearHandler, PatchHandler, kronecker_handler
 from .ownership import assign
 
@@ -284,11 +286,12 @@ class _Share:
     """What this rank contributes to one block, before weighting: ``rows``, per-sample
     pieces (``N_p x k``) each with the power of ``w_p`` that rescales it to the global
     batch; ``summed``, tensors weighted by ``w_p`` and summed over the ranks; and for
-    ``kfac`` the block's Kronecker kernel."""
+    ``kfac`` the block's Kronecker kernel and its parts (:func:`kfac.parts_of`)."""
 
     rows: list[tuple[Tensor, float]]
     summed: list[Tensor]
     kronecker: PatchHandler | None = None
+    parts: list[kfac.Part] = field(default_factory=list)
 
     @property
     def widths(self) -> list[int]:
@@ -330,7 +333,7 @@ class _Received:
         return list(self.rows.split(share.widths, 1))
 
 
-def _share(problem: Problem, i: int, method: str, global_gradient: bool) -> _Share:
+def _share(problem: Problem, i: int, method: str, opts: Options, global_gradient: bool) -> _Share:
     """What block ``i``'s owner needs from this rank (module docstring, step 3)."""
     # every rank's gradient is summed unless DistributedDataParallel averaged it already
     sum_gradient = not (problem.given and global_gradient)
@@ -341,9 +344,12 @@ def _share(problem: Problem, i: int, method: str, global_gradient: bool) -> _Sha
     if method == "euclidean":
         return _Share([], gradient())
     h = problem.handlers[i]
-    if method == "kfac":
+    if method == "kfac":  # Gamma = D^T D, and A = R^T R where a part has an input factor
         kh = kronecker_handler(h)
-        return _Share([], [*kh.kronecker(), *gradient()], kh)
+        parts = kfac.parts_of(kh, opts.kfac_bias)
+        D, R = kh.kronecker_rows(ones=kh.with_bias and len(parts) == 1)
+        factors = [D.T @ D] + ([R.T @ R] if any(not p.bias_only for p in parts) else [])
+        return _Share([], [*factors, *gradient()], kh, parts)
     N_p = h.N
     if not isinstance(h, PatchHandler):  # a materialised kernel: K's rows, sample-major
         K = h.K().view(h.r, N_p, -1).transpose(0, 1).reshape(N_p, -1)
@@ -418,12 +424,18 @@ class _Materialised(Handler):
         return _unflat(self._K.T @ t, self.block.params)
 
 
-def _kronecker_handler(share: _Share, factors: list[Tensor], N: int) -> PatchHandler:
-    """The block's K-FAC kernel with the factors ``(Gamma, A)`` of the global batch."""
-    kh = copy.copy(share.kronecker)
-    kh.kronecker = lambda: tuple(factors)
-    kh.N, kh.d = N, kh.r * N
-    return kh
+def _kronecker_solves(problem: Problem, factors: list[list[Tensor]], opts: Options):
+    """K-FAC's solve of each block of ``problem`` from the global batch's summed dense
+    factors ``[Gamma, A]`` (``[Gamma]`` where no part has an input factor)."""
+    solves = []
+    for i, (h, (gamma, *A)) in enumerate(zip(problem.handlers, factors, strict=True)):
+        name = h.block.name
+        parts = kfac.parts_of(h, opts.kfac_bias)
+        gamma = Factor(matrix=gamma, what=f"K-FAC output factor Gamma of module {name!r}")
+        A = [Factor(matrix=a, what=f"K-FAC input factor A of module {name!r}") for a in A]
+        inputs = {p.name: A[0] for p in parts if not p.bias_only}
+        solves.append(kfac.fresh_solve(h, i, problem.gradient_of(i), opts, (gamma, inputs)))
+    return solves
 
 
 def _samples(problem: Problem) -> int:
@@ -459,22 +471,28 @@ def _param_dtype(problem: Problem) -> torch.dtype:
 # ------------------------------------------------------------------------- the plan
 
 
-def _block_cost(method: str, h: Handler, share: _Share, N: int) -> float:
+def _block_cost(method: str, opts: Options, h: Handler, share: _Share, N: int) -> float:
     """Modelled FLOPs of a block's solve on the global batch of ``N`` samples."""
     if method == "kfac":
         kh = share.kronecker
-        return costs.block_solve_flops("kfac", kh.X.shape[-1], kh.f_out, N, kh.r, kh.with_bias)
+        variant = dict(kfac_damping=opts.kfac_damping, kfac_bias=opts.kfac_bias)
+        f_in, f_out = kh.X.shape[-1], kh.f_out
+        return costs.block_solve_flops("kfac", f_in, f_out, N, kh.r, kh.with_bias, **variant)
     if isinstance(h, LinearHandler) and h.factored_gradient:
         return costs.block_solve_flops("layerwise", h.X.shape[-1], h.f_out, N, h.r, h.with_bias)
     return costs.generic_block_solve_flops(h.block.n_params, h.r * N)
 
 
-def plan(problem: Problem, shares: list[_Share], method: str, N: int, world: int) -> list[int]:
+def plan(
+    problem: Problem, shares: list[_Share], method: str, opts: Options, N: int, world: int
+) -> list[int]:
     """The owner of each block: the greedy plan over :func:`_block_cost` for
     ``layerwise`` and ``kfac``, rank 0 for every other method."""
     if method not in costs.BLOCKWISE:
         return [0] * len(problem.blocks)
-    work = [_block_cost(method, h, s, N) for h, s in zip(problem.handlers, shares, strict=True)]
+    work = [
+        _block_cost(method, opts, h, s, N) for h, s in zip(problem.handlers, shares, strict=True)
+    ]
     return assign(work, world)
 
 
@@ -503,12 +521,16 @@ def solve(
     net = _Group(group, timeout)
     alone = net.world == 1  # the shard is the global batch: the single-process solve
     with observer.phase("local"):
-        failure, problem, shares = _local(build, method, checks, global_gradient, alone)
+        failure, problem, shares = _local(build, method, opts, checks, global_gradient, alone)
     with observer.phase("agree"):
         signature = 0 if problem is None else _signature(problem, shares, method)
         sizes = net.agree(failure, 0 if problem is None else _samples(problem), signature)
         N = sum(sizes)
-        owners = [0] * len(problem.blocks) if alone else plan(problem, shares, method, N, net.world)
+        owners = (
+            [0] * len(problem.blocks)
+            if alone
+            else plan(problem, shares, method, opts, N, net.world)
+        )
         net.traffic.owners = tuple(owners)
     with observer.phase("exchange"):
         received = None if alone else _exchange(net, problem, shares, method, owners, sizes)
@@ -525,10 +547,16 @@ def solve(
         failure, solved, diagnostics = None, [], []
         try:
             if mine:
-                owned = problem if alone else _owned(problem, shares, method, mine, received, N)
-                solved, diagnostics = finish(
-                    owned, SOLVERS[method].solve(owned, opts), opts, Deferred(), method
-                )
+                if alone:
+                    owned, solves = problem, SOLVERS[method].solve(problem, opts)
+                else:
+                    owned, factors = _owned(problem, shares, method, mine, received, N)
+                    solves = (
+                        _kronecker_solves(owned, factors, opts)
+                        if method == "kfac"
+                        else SOLVERS[method].solve(owned, opts)
+                    )
+                solved, diagnostics = finish(owned, solves, opts, Deferred(), method)
         except Exception as err:
             failure = err
     with observer.phase("broadcast"):
@@ -537,7 +565,7 @@ def solve(
     return directions, diagnostics
 
 
-def _local(build, method: str, checks: Deferred, global_gradient: bool, alone: bool):
+def _local(build, method: str, opts: Options, checks: Deferred, global_gradient: bool, alone):
     """This rank's problem and shares (none when ``alone``), or the error that stopped
     them."""
     try:
@@ -546,7 +574,7 @@ def _local(build, method: str, checks: Deferred, global_gradient: bool, alone: b
             for h in problem.handlers:
                 h.compress_rows()  # fewer rows to send; the owner's QR then has nothing to do
         blocks = [] if alone else range(len(problem.blocks))
-        shares = [_share(problem, i, method, global_gradient) for i in blocks]
+        shares = [_share(problem, i, method, opts, global_gradient) for i in blocks]
         for h in problem.handlers:
             for ok, explain in h.deferred_checks():
                 checks.require(ok, explain)
@@ -588,24 +616,31 @@ def _exchange(net: _Group, problem, shares, method, owners, sizes) -> list[_Rece
     return received
 
 
-def _owned(problem: Problem, shares, method: str, mine: list[int], received, N: int) -> Problem:
-    """The problem of this rank's blocks on the global batch of ``N`` samples."""
-    handlers, summed = [], []
+def _owned(
+    problem: Problem, shares, method: str, mine: list[int], received, N: int
+) -> tuple[Problem, list[list[Tensor]]]:
+    """The problem of this rank's blocks on the global batch of ``N`` samples, and for
+    ``kfac`` each block's summed factors."""
+    handlers, summed, factors = [], [], []
     for i in mine:
         h, share, got = problem.handlers[i], shares[i], received[i]
         parts = [t.to(h.dtype) for t in got.summed]
         if method == "kfac":
-            handlers.append(_kronecker_handler(share, parts[:2], N))
-            parts = parts[2:]
+            kh = copy.copy(share.kronecker)  # the factors are the global batch's
+            kh.N, kh.d = N, kh.r * N
+            handlers.append(kh)
+            n_factors = 1 + any(not p.bias_only for p in share.parts)
+            factors.append(parts[:n_factors])
+            parts = parts[n_factors:]
         else:
             handlers.append(_owner_handler(h, got, share, problem.given))
         summed.append(parts)
     blocks = [problem.blocks[i] for i in mine]
     if method != "kfac" and not problem.given:  # the gradient from Lambda, as on one rank
-        return Problem(blocks, handlers)
+        return Problem(blocks, handlers), factors
     # the ranks' weighted gradients, or the given one DistributedDataParallel averaged
     gradient = [parts or problem.gradient_of(i) for i, parts in zip(mine, summed, strict=True)]
-    return Problem(blocks, handlers, gradient)
+    return Problem(blocks, handlers, gradient), factors
 
 
 def _broadcast(net: _Group, problem: Problem, owners, solved, failure) -> dict[str, Tensor]:

@@ -8,11 +8,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils import _pytree as pytree
 
 from . import distributed
-from ._checks import Deferred, check_generator, check_model, tensors_of
+from ._checks import Deferred, check_generator, check_model, check_refresh, tensors_of
 from .capture import capturing, rng_devices, rng_state
 from .direction import solve
 from .factors import FactorFn
 from .methods import METHODS, LayerDiagnostics, Options
+from .methods.kfac import KFACState
 
 
 class RiemannianPreconditioner:
@@ -34,6 +35,13 @@ class RiemannianPreconditioner:
     left as it was. Options are those of ``rc.direction``; with ``diagnostics=True``
     each step's :class:`LayerDiagnostics` are kept in ``.diagnostics``. Call
     ``remove()`` (or use ``with``) to detach the hook.
+
+    K-FAC as optimisers run it (``method="kfac"`` only): ``kfac_refresh=k`` refreshes
+    the factorisations every ``k`` steps and reuses them in between, where a step then
+    costs two products per block and no forward pass; ``kfac_decay=beta`` keeps running
+    averages of the factors, ``F <- beta F + (1 - beta) F_batch``, updated every step
+    (which then needs the forward pass and the pullback again). The state changes only
+    when a step succeeds.
 
     Data-parallel training (docs/distributed.md): with ``process_group``, every rank
     calls ``step()`` after a forward pass on its shard, and every rank's ``.grad`` becomes
@@ -57,6 +65,10 @@ class RiemannianPreconditioner:
         solve_dtype: torch.dtype | None = None,
         generator: torch.Generator | None = None,
         refine: int = 0,
+        kfac_damping: str = "exact",
+        kfac_bias: str = "joint",
+        kfac_refresh: int = 1,
+        kfac_decay: float = 0.0,
         diagnostics: bool = False,
         check_coupling: bool = True,
         process_group: torch.distributed.ProcessGroup | None = None,
@@ -72,12 +84,16 @@ class RiemannianPreconditioner:
             kernel=kernel,
             solve_dtype=solve_dtype,
             refine=refine,
+            kfac_damping=kfac_damping,
+            kfac_bias=kfac_bias,
             diagnostics=diagnostics,
             generator=generator,
             check_coupling=check_coupling,
         )
+        self._kfac = _kfac_state(method, kfac_refresh, kfac_decay)
         if process_group is not None:
             distributed.check_group(process_group, timeout)
+            _check_distributed_kfac(self._kfac)
         # DistributedDataParallel's forward expects its own backward: solve on its module
         self.network = model.module if isinstance(model, DistributedDataParallel) else model
         check_model(self.network)
@@ -139,25 +155,36 @@ class RiemannianPreconditioner:
             n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
             for n, p in params
         }
-        args, kwargs, state = self._batch
-        directions, diagnostics = solve(
-            self.network,
-            args,
-            None,
-            self.method,
-            self.options,
-            gradient=gradient,
-            forward_kwargs=kwargs,
-            checks=checks,
-            replay=state,
-            process_group=self.process_group,
-            timeout=self.timeout,
-            global_gradient=isinstance(self.model, DistributedDataParallel),
-        )
+        try:
+            if self._kfac is not None and not self._kfac.needs_factors(gradient):
+                directions, diagnostics = self._kfac.reuse(gradient, self.options, checks)
+            else:
+                args, kwargs, state = self._batch
+                directions, diagnostics = solve(
+                    self.network,
+                    args,
+                    None,
+                    self.method,
+                    self.options,
+                    gradient=gradient,
+                    forward_kwargs=kwargs,
+                    checks=checks,
+                    replay=state,
+                    state=self._kfac,
+                    process_group=self.process_group,
+                    timeout=self.timeout,
+                    global_gradient=isinstance(self.model, DistributedDataParallel),
+                )
+        except BaseException:
+            if self._kfac is not None:
+                self._kfac.discard()
+            raise
         for name, p in with_grad:  # every direction exists before any .grad changes
             if name in directions:
                 p.grad.copy_(directions[name])
         self.diagnostics = diagnostics
+        if self._kfac is not None:
+            self._kfac.commit()
 
     def remove(self) -> None:
         """Detach the forward pre-hook from the model."""
@@ -168,3 +195,27 @@ class RiemannianPreconditioner:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _kfac_state(method: str, refresh, decay) -> KFACState | None:
+    """K-FAC's state across steps, when ``kfac_refresh`` or ``kfac_decay`` asks for one."""
+    check_refresh(refresh, decay)
+    if refresh == 1 and decay == 0:
+        return None
+    if method != "kfac":
+        raise ValueError(
+            f"kfac_refresh and kfac_decay are options of method='kfac', not of "
+            f"method={method!r}; drop them, or pass method='kfac'"
+        )
+    return KFACState(refresh, decay)
+
+
+def _check_distributed_kfac(state: KFACState | None) -> None:
+    """K-FAC's state across steps lives with the factors; over a process group they are
+    the owners' and are formed afresh at each step, so the state is not kept there."""
+    if state is not None:
+        raise ValueError(
+            "kfac_refresh and kfac_decay are not supported with process_group: every "
+            "data-parallel step all-reduces and factorises the factors of its own global "
+            "batch; drop kfac_refresh and kfac_decay (or the process_group)"
+        )

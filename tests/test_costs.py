@@ -48,6 +48,31 @@ def test_counted_flops_match_the_model(widths, N, bias, method, kernel, output_m
     assert counter.get_total_flops() == pytest.approx(modelled, rel=1e-2, abs=2)
 
 
+@pytest.mark.parametrize("kfac_bias", ["joint", "separate"])
+@pytest.mark.parametrize("kfac_damping", ["exact", "factored"])
+@pytest.mark.parametrize(
+    "widths,N,bias", SHAPES, ids=[f"widths={'-'.join(map(str, w))}-N={n}" for w, n, _ in SHAPES]
+)
+@pytest.mark.parametrize("output_metric", ["exact", "sampled"])
+def test_counted_kfac_flops_match_the_model(
+    widths, N, bias, output_metric, kfac_damping, kfac_bias
+):
+    """Every K-FAC variant, with thin and dense factors (``N`` and ``d`` against widths),
+    in the steady state (see above)."""
+    torch.manual_seed(0)
+    model = mlp(widths, bias)
+    x, y = torch.randn(N, widths[0]), torch.randint(0, widths[-1], (N,))
+    kw = dict(method="kfac", output_metric=output_metric, damping=1e-2)
+    kw.update(kfac_damping=kfac_damping, kfac_bias=kfac_bias)
+    rc.direction(model, x, y, **kw)
+    with flop_counter() as counter:
+        rc.direction(model, x, y, **kw)
+    rows = widths[-1] if output_metric == "exact" else 1
+    variant = dict(kfac_damping=kfac_damping, kfac_bias=kfac_bias)
+    modelled = costs.flops("kfac", costs.MLPShape(widths, N, rows, bias), **variant)["total"]
+    assert counter.get_total_flops() == pytest.approx(modelled, rel=1e-2, abs=2)
+
+
 def test_speed_of_light_formula_by_hand():
     # one layer 3 -> 2, N = 2, r = 2: d = 4, P = 4, no pullback term
     shape = costs.MLPShape((3, 2), batch=2, rows=2)
@@ -98,6 +123,8 @@ def test_minimal_rows(kwargs, rows):
 
 DISTRIBUTED = ["layerwise", "natural", "full", "kfac", "euclidean"]
 WIDE = costs.MLPShape((20, 30, 16, 5), 8, 5)  # layer 16 -> 5 keeps 5 rows; 30 -> 16 all
+#: a batch where no K-FAC factor is thin (more rows than columns)
+TALL = costs.MLPShape((20, 30, 16, 5), 40, 5)
 
 
 @pytest.mark.parametrize("method", DISTRIBUTED)
@@ -111,14 +138,32 @@ def test_one_rank_does_the_single_process_work(method):
 def test_the_solve_work_is_split_not_repeated(method, world):
     """The ranks repeat nothing: their work sums to one rank's (K-FAC's factors, formed
     where the data are, move from the solve to the local work), and every rank does the
-    same local work on its shard."""
-    one = costs.distributed_flops(method, WIDE, 1)[0]
-    ranks = costs.distributed_flops(method, WIDE, world)
+    same local work on its shard (K-FAC at a batch whose factors one process keeps dense,
+    too)."""
+    shape = TALL if method == "kfac" else WIDE
+    one = costs.distributed_flops(method, shape, 1)[0]
+    ranks = costs.distributed_flops(method, shape, world)
     assert sum(r["total"] for r in ranks) == pytest.approx(one["total"])
     assert all(r["local"] == pytest.approx(ranks[0]["local"]) for r in ranks)
     if method in ("natural", "full"):
         assert ranks[0]["solve"] == pytest.approx(one["solve"])
         assert all(r["solve"] == 0 for r in ranks[1:])
+
+
+@pytest.mark.parametrize("kfac_bias", ["joint", "separate"])
+@pytest.mark.parametrize("kfac_damping", ["exact", "factored"])
+def test_kfac_ranks_form_thin_factors_dense(kfac_damping, kfac_bias):
+    """Factors summed over ranks are matrices: where one process keeps a factor thin
+    (WIDE's input factors: 8 samples, 21 columns), the ranks together do more work, the
+    same at every world size."""
+    variant = dict(kfac_damping=kfac_damping, kfac_bias=kfac_bias)
+    one = costs.distributed_flops("kfac", WIDE, 1, **variant)[0]["total"]
+    assert one == pytest.approx(costs.flops("kfac", WIDE, **variant)["total"])
+    totals = [
+        sum(r["total"] for r in costs.distributed_flops("kfac", WIDE, world, **variant))
+        for world in (2, 4, 8)
+    ]
+    assert totals[0] > one and totals == pytest.approx([totals[0]] * 3)
 
 
 def test_layerwise_blocks_go_to_the_least_loaded_rank():
