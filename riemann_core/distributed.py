@@ -23,8 +23,8 @@ A step (:func:`solve`), on every rank of the group:
    and the owner concatenates them into the global batch's; ``kfac``: one all-reduce of
    every block's weighted factors ``w_p Gamma_p`` and ``w_p A_p``, formed dense (a factor
    thinner than it is wide, kept as its rows on one process, is summed as a matrix);
-   ``euclidean``: of the gradient. Weighted local gradients ride along where the owner cannot form the
-   global one from what it receives;
+   ``euclidean``: of the gradient. Weighted local gradients ride along where the owner
+   cannot form the global one from what it receives;
 4. *solve*: each owner runs the method's own solver on its blocks of the global batch,
    with the usual checks;
 5. *broadcast*: each rank broadcasts its blocks' directions and a status (the ``P``

@@ -50,6 +50,7 @@ class RiemannianPreconditioner:
     ranks' ``.grad`` (each the mean loss's over its shard), or, for a model wrapped in
     ``DistributedDataParallel``, the ``.grad`` it averaged. A failure on any rank makes
     every rank raise, ``.grad`` untouched; ``timeout`` bounds every wait (seconds).
+    K-FAC's ``kfac_refresh`` and ``kfac_decay`` are refused with a ``process_group``.
     """
 
     def __init__(
