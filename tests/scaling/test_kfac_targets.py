@@ -41,9 +41,10 @@ def kfac_result(ratios):
 
 def core_result():
     return {
-        "gemm_flops_per_s": 1e11, "network": [8, 4, 2], "batch": 128, "dtype": "float32",
+        "gemm_flops_per_s": 1e11, "cholesky_flops_per_s": 2e10, "network": [8, 4, 2], "batch": 128, "dtype": "float32",
         "rounds": 3, "step_s": 1e-3, "layerwise_exact_s": 2e-3, "layerwise_sampled_s": 1e-3,
-        "speed_of_light_s": 1e-3, "speed_of_light_flops": 1e8, "counted_flops": 2e8,
+        "speed_of_light_s": 1e-3,
+        "speed_of_light_flops": {"products": 1e8, "cholesky": 1e7}, "counted_flops": 2e8,
         "modelled_flops": 2e8, "ratios": {"speed_of_light": 2.0, "sampled_vs_step": 1.0},
         "small": [],
     }  # fmt: skip
