@@ -18,13 +18,14 @@ from importlib import metadata
 
 from .arguments import Command, check_device, common_options
 from .scaling import commands as scaling_commands
-from .scaling import targets
+from .scaling import parallel, targets
 from .studies import demo, stability, training
 
 PROG = "riemann-bench"
 COMMANDS: tuple[Command, ...] = (
     *scaling_commands.COMMANDS,
     targets.COMMAND,
+    parallel.COMMAND,
     training.COMMAND,
     stability.COMMAND,
     demo.COMMAND,
