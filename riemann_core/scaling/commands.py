@@ -25,7 +25,14 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--base", type=ints, metavar="W,L,C,N", help="base point: width, depth, out_dim, batch"
     )
-    group.add_argument("--methods", type=names, help="comma-separated subset of rc.METHODS")
+    group.add_argument(
+        "--methods",
+        type=names,
+        metavar="M,..",
+        help=f"comma-separated subset of {','.join(sw.METHODS)} (default: all); kfac-default "
+        "is K-FAC as its users run it (one-sample Monte Carlo Fisher, factored damping, "
+        "weight and bias apart)",
+    )
     group.add_argument("--kernels", type=names, help="structured and/or generic")
     group.add_argument("--dtypes", type=names, help="float32 and/or float64")
     group.add_argument("--output-metric", choices=("exact", "sampled"))
@@ -254,7 +261,8 @@ COMMANDS = (
         "sweep",
         run_sweep,
         "time, FLOPs and memory over a grid of MLPs, resumably",
-        "Measure every method (layerwise also with the generic kernel) on MLPs varying one "
+        "Measure every method (layerwise also with the generic kernel, K-FAC also as its "
+        "users run it by default: kfac-default) on MLPs varying one "
         "of width, depth, output dimension and batch at a time around a base point: "
         "median and IQR of wall-clock, counted FLOPs by kind, peak memory and a status per "
         "point. Width and batch grow, per method, until the per-call overhead is a small "

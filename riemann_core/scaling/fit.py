@@ -39,9 +39,9 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import nnls
 
-from .. import costs
 from ..measure.flops import KINDS
-from .sweep import AXES, ResultsFileError, read_results, shape_of
+from . import sweep
+from .sweep import AXES, ResultsFileError, read_results
 
 #: x of each axis in :func:`fit_table`. ``width``: ``n_params`` (``n ~ w^2``, so the slope is the
 #: exponent in ``n`` at fixed ``d``, the paper's variable); ``depth``: ``layers``, the number
@@ -273,12 +273,10 @@ def local_exponents(x: Sequence[float], y: Sequence[float]) -> np.ndarray:
 
 
 def model_flops(rows: pd.DataFrame) -> np.ndarray:
-    """``costs.flops(method, shape, kernel)["total"]`` at every row (the model's FLOPs)."""
+    """:func:`~riemann_core.scaling.sweep.model_flops` ``["total"]`` at every row."""
+    columns = ["method", "kernel", *AXES, "output_metric"]
     return np.array(
-        [
-            costs.flops(r.method, shape_of(r._asdict()), r.kernel)["total"]
-            for r in rows[["method", "kernel", *AXES, "output_metric"]].itertuples(index=False)
-        ]
+        [sweep.model_flops(r._asdict())["total"] for r in rows[columns].itertuples(index=False)]
     )
 
 

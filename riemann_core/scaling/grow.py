@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .. import costs
 from . import fit
-from .sweep import AXES, KEY, NEIGHBOUR_FACTOR, WHERE, Grid, key_of, run_of, shape_of
+from .sweep import AXES, KEY, NEIGHBOUR_FACTOR, WHERE, Grid, key_of, model_flops, run_of
 
 #: calls a measured point costs besides its repeats: memory, warm-up (at least 1) and FLOPs
 EXTRA_CALLS = 3
@@ -111,9 +110,7 @@ def plan(rows: list[dict], grid: Grid, *, elapsed: float) -> Plan:
 
 def _predicted_seconds(top: pd.Series, run: dict, grid: Grid) -> float:
     """Seconds to measure ``run``: ``top``'s time scaled by the cost model's FLOPs."""
-    flops = [
-        costs.flops(r["method"], shape_of(r), r["kernel"])["total"] for r in (top.to_dict(), run)
-    ]
+    flops = [model_flops(r)["total"] for r in (top.to_dict(), run)]
     per_call = float(top["time_median_s"]) * max(flops[1] / flops[0], 1.0)
     return per_call * (grid.repeats + grid.warmup + EXTRA_CALLS)
 

@@ -13,11 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import riemann_core as rc
-
 from ..measure.output import markdown_table, pyplot, save_figure, write_atomic
 from . import devices, fit, validate
-from .sweep import AXES, SPREAD_LIMIT
+from .sweep import AXES, GENERIC_METHODS, METHODS, SPREAD_LIMIT
 
 #: Axis -> (label, [(exponent, line style, what the guide stands for)]).
 GUIDES = {
@@ -31,14 +29,13 @@ METRICS = {
     "flops": "counted FLOPs",
     "peak_bytes": "peak memory [bytes]",
 }
-KERNELS = ("structured", "generic")
 
 
 def colour(label: str):
     """The colour of ``"method (kernel)"``, the same in every figure of every report."""
     import seaborn as sns
 
-    labels = [f"{m} ({k})" for k in KERNELS for m in rc.METHODS]
+    labels = [f"{m} (structured)" for m in METHODS] + [f"{m} (generic)" for m in GENERIC_METHODS]
     palette = sns.color_palette("tab10", len(labels))
     return palette[labels.index(label)] if label in labels else "0.3"
 

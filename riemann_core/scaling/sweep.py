@@ -1,7 +1,9 @@
 """``riemann-bench sweep``: time, FLOPs and memory over a grid of MLPs, resumably.
 
 The grid varies one axis at a time (width, depth, output dimension, batch) around a
-base point, for every method, kernel, dtype and device. The MLP is ``width`` inputs,
+base point, for every method, kernel, dtype and device. The methods are ``rc.METHODS``
+and ``kfac-default``, K-FAC as its users run it by default (:data:`KFAC_VARIANTS`),
+a run of its own beside the exact ``kfac`` with its own cost and memory models. The MLP is ``width`` inputs,
 ``depth`` hidden tanh layers of ``width`` units and ``out_dim`` outputs, so
 ``n ~ depth width^2`` and ``d = batch * r``. Each point gets a memory-measured call, a
 warm-up, ``repeats`` timed calls (median and IQR), one FLOP-counted call (FLOPs by kind of
@@ -37,7 +39,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -52,6 +54,8 @@ from ..measure.flops import KINDS, flop_counter, flops_by_kind
 from ..measure.memory import cuda_peak_bytes, host_peak_bytes
 from ..measure.output import write_atomic
 from ..measure.problems import mlp, widths
+from ..measure.public_kfac import DEFAULT as KFAC_DEFAULT
+from ..measure.public_kfac import Variant
 from ..measure.timing import Timing, measure
 from .worker import measure_here, rates_here
 
@@ -93,6 +97,13 @@ COLUMNS = (
 #: where a point was measured; blank in results written before these were recorded
 WHERE = ("host", "device_name", "physical_device")
 KEY = ("method", "kernel", "width", "depth", "out_dim", "batch", "device", "dtype", "output_metric")
+#: Sweep-only methods: a K-FAC variant by its label. ``kfac-default`` is the K-FAC users run
+#: by default (one-sample Monte Carlo Fisher, factored damping, weight and bias apart); its
+#: Fisher is its own, whatever the grid's output metric (the row's ``output_metric`` stays
+#: the sweep's setting, which the other methods follow). ``kfac`` is the exact variant.
+KFAC_VARIANTS: dict[str, Variant] = {"kfac-default": KFAC_DEFAULT}
+#: Methods the sweep measures: ``rc.METHODS`` and :data:`KFAC_VARIANTS`.
+METHODS = (*rc.METHODS, *KFAC_VARIANTS)
 #: Methods measured with the generic kernel as well as the structured one.
 GENERIC_METHODS = ("layerwise",)
 #: A point whose repeats have an IQR above this fraction of their median is re-timed once,
@@ -113,7 +124,7 @@ class Grid:
 
     base: dict[str, int]
     axes: dict[str, tuple[int, ...]]
-    methods: tuple[str, ...] = rc.METHODS
+    methods: tuple[str, ...] = METHODS
     kernels: tuple[str, ...] = ("structured", "generic")
     dtypes: tuple[str, ...] = ("float32",)
     devices: tuple[str, ...] = ("cpu",)
@@ -183,7 +194,7 @@ def check_grid(grid: Grid) -> None:
         if bad or not grid.axes[axis]:
             raise ValueError(f"{flag} needs positive integers, got {bad or list(grid.axes[axis])}")
     for name, values, allowed in (
-        ("method", grid.methods, rc.METHODS),
+        ("method", grid.methods, METHODS),
         ("kernel", grid.kernels, ("structured", "generic")),
         ("dtype", grid.dtypes, tuple(DTYPES)),
         ("output metric", (grid.output_metric,), ("exact", "sampled")),
@@ -283,10 +294,33 @@ def default_grid(device: str, quick: bool) -> dict:
     return dict((QUICK_CUDA if quick else DEFAULT_CUDA) if cuda else (QUICK if quick else DEFAULT))
 
 
-def shape_of(run: dict) -> costs.MLPShape:
+def direction_options(run: Mapping) -> dict[str, str]:
+    """The options of ``rc.direction`` that ``run`` measures: its ``method`` and
+    ``output_metric``, or a K-FAC variant's (:data:`KFAC_VARIANTS`) for its label."""
+    variant = KFAC_VARIANTS.get(run["method"])
+    if variant is not None:
+        return variant.options()
+    return {"method": run["method"], "output_metric": run["output_metric"]}
+
+
+def shape_of(run: Mapping) -> costs.MLPShape:
     """The cost model's view of ``run``: ``r = C`` exact cross-entropy rows, or 1 probe."""
-    rows = run["out_dim"] if run["output_metric"] == "exact" else 1
+    rows = run["out_dim"] if direction_options(run)["output_metric"] == "exact" else 1
     return costs.MLPShape(widths(run["width"], run["depth"], run["out_dim"]), run["batch"], rows)
+
+
+def model_flops(run: Mapping) -> dict[str, float]:
+    """``costs.flops`` of ``run``'s method (and K-FAC variant) at its shape, by phase."""
+    options = direction_options(run)
+    variant = {k: options[k] for k in ("kfac_damping", "kfac_bias") if k in options}
+    return costs.flops(options["method"], shape_of(run), run["kernel"], **variant)
+
+
+def model_peak_bytes(run: Mapping) -> float:
+    """``costs.peak_bytes`` of ``run``'s method at its shape and dtype."""
+    itemsize = torch.finfo(DTYPES[run["dtype"]]).bits // 8
+    method = direction_options(run)["method"]
+    return costs.peak_bytes(method, shape_of(run), run["kernel"], itemsize)
 
 
 def speed_of_light_of(run: dict) -> dict[str, float]:
@@ -300,8 +334,6 @@ def blank_row(run: dict) -> dict:
     """The row of ``run`` before it is measured: the cost model's figures and the speed of
     light's minimal FLOPs, NaN measurements."""
     shape = shape_of(run)
-    itemsize = torch.finfo(DTYPES[run["dtype"]]).bits // 8
-    kernel = run["kernel"]
     sol = speed_of_light_of(run)
     return {
         **run,
@@ -312,11 +344,11 @@ def blank_row(run: dict) -> dict:
         "times_s": "[]",
         "flops": math.nan,
         **{f"flops_{kind}": math.nan for kind in KINDS},
-        "flops_model": costs.flops(run["method"], shape, kernel)["total"],
+        "flops_model": model_flops(run)["total"],
         "sol_products": sol["products"],
         "sol_cholesky": sol["cholesky"],
         "peak_bytes": math.nan,
-        "peak_bytes_model": costs.peak_bytes(run["method"], shape, kernel, itemsize),
+        "peak_bytes_model": model_peak_bytes(run),
         "spread": math.nan,
         "flag": "",
         "remeasured": 0,
@@ -408,11 +440,10 @@ def _direction_call(run: dict, grid: Grid, device: torch.device) -> Callable[[],
             model,
             x,
             y,
-            method=run["method"],
             kernel=run["kernel"],
             damping=grid.damping,
-            output_metric=run["output_metric"],
             generator=probes,
+            **direction_options(run),
         )
 
     return call

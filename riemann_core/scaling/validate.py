@@ -75,14 +75,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import riemann_core as rc
-
-from .. import costs
 from ..costs import MLPShape
 from ..measure.output import write_atomic
 from ..measure.problems import widths
 from . import fit
-from .sweep import SPREAD_LIMIT, shape_of
+from .sweep import METHODS, SPREAD_LIMIT, model_flops, shape_of
 
 PASS, FAIL = "pass", "fail"
 NOT_REACHED, NOT_MEASURED, NOISY = "regime not reached", "not measured", "too noisy"
@@ -193,10 +190,16 @@ FLOP_CLAIMS = (
         "kfac", None, "width", "width", (2, 3),
         "N w^2 + w^3 per layer for w <= d: slope 2..3 in w", "dense factors",
     ),
+    FlopClaim(
+        "kfac-default-w",
+        "the default K-FAC's work grows like N w^2 + w^3 while its factors are dense",
+        "kfac-default", None, "width", "width", (2, 3),
+        "N w^2 + w^3 per layer for w <= N: slope 2..3 in w", "dense factors",
+    ),
 )  # fmt: skip
 
 #: methods whose work and time are linear in depth
-DEPTH_METHODS = ("euclidean", "layerwise", "natural", "kfac")
+DEPTH_METHODS = ("euclidean", "layerwise", "natural", "kfac", "kfac-default")
 
 #: columns :func:`validate` reads; a ``results.csv`` without them is not a sweep's
 REQUIRED_COLUMNS = (
@@ -267,10 +270,10 @@ def exit_code(claims: Sequence[Claim]) -> int:
 
 def _time_runs(df: pd.DataFrame) -> list[tuple[str, str]]:
     """Every method with the structured kernel, layerwise with the generic one, and any
-    other (method, kernel) the sweep ran, in ``rc.METHODS`` order."""
-    runs = {(m, "structured") for m in rc.METHODS} | {("layerwise", "generic")}
+    other (method, kernel) the sweep ran, in the order of the sweep's ``METHODS``."""
+    runs = {(m, "structured") for m in METHODS} | {("layerwise", "generic")}
     runs |= set(zip(df["method"], df["kernel"]))
-    order = {m: i for i, m in enumerate(rc.METHODS)}
+    order = {m: i for i, m in enumerate(METHODS)}
     return sorted(runs, key=lambda r: (order.get(r[0], len(order)), r[1] != "structured"))
 
 
@@ -382,13 +385,14 @@ def _model_reaches(spec: FlopClaim, kernel: str, top: pd.Series, lowest: float) 
     reaches ``lowest``; ``"range"`` where the claim's range (``within``) ends first, ``"never"``
     within :data:`EXTRAPOLATION_DOUBLINGS` doublings."""
     run = {k: top[k] for k in ("width", "depth", "out_dim", "batch", "output_metric")}
+    run.update(method=spec.method, kernel=kernel)
     value = int(top[spec.axis])
     for _ in range(EXTRAPOLATION_DOUBLINGS):
         lower, upper = {**run, spec.axis: value}, {**run, spec.axis: 2 * value}
         shapes = [shape_of(r) for r in (lower, upper)]
         if _in_range(pd.DataFrame([upper]).assign(d=shapes[1].d), spec.within).empty:
             return "range"
-        flops = [costs.flops(spec.method, s, kernel)["total"] for s in shapes]
+        flops = [model_flops(r)["total"] for r in (lower, upper)]
         frame = pd.DataFrame([lower, upper]).assign(
             n_params=[s.n_params for s in shapes], d=[s.d for s in shapes]
         )

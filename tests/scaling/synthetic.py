@@ -12,6 +12,7 @@ import pandas as pd
 from riemann_core import costs
 from riemann_core.measure.flops import KINDS
 from riemann_core.scaling import fit
+from riemann_core.scaling import sweep as sw
 
 BASE = {"width": 64, "depth": 2, "out_dim": 10, "batch": 32}
 AXES = {
@@ -27,6 +28,7 @@ RUNS = (
     ("full", "structured"),
     ("natural", "structured"),
     ("kfac", "structured"),
+    ("kfac-default", "structured"),
 )
 
 
@@ -56,12 +58,12 @@ class Machine:
         return t + (self.extra(method, kernel, shape) if self.extra else 0.0)
 
 
-def flops_by_kind(method, kernel, shape):
-    """The cost model's phases as kinds: factorisations are Cholesky (eigh for kfac)."""
-    phases = costs.flops(method, shape, kernel)
+def flops_by_kind(run):
+    """The cost model's phases as kinds: factorisations are Cholesky (eigh for exact kfac)."""
+    phases = sw.model_flops(run)
     factor = phases.get("factorisation", 0.0)
     out = dict.fromkeys(KINDS, 0.0)
-    out["eigh" if method == "kfac" else "cholesky"] = factor
+    out["eigh" if run["method"] == "kfac" else "cholesky"] = factor
     out["products"] = phases["total"] - factor
     return out
 
@@ -88,33 +90,37 @@ def make_sweep(
     """
     machine = machine or Machine()
     rng = np.random.default_rng(seed)
+    # the sweep-only K-FAC variants draw their noise apart: the other runs' stay as they were
+    variant_rng = np.random.default_rng([seed, 1])
     points = {tuple({**base, axis: v}[a] for a in fit.AXES) for axis in axes for v in axes[axis]}
     rows = []
     for width, depth, out_dim, batch in sorted(points):
         point = dict(width=width, depth=depth, out_dim=out_dim, batch=batch)
-        shape = costs.MLPShape((width,) * (depth + 1) + (out_dim,), batch, out_dim)
-        minimal = costs.MLPShape(shape.widths, batch, out_dim - 1)
-        sol = costs.speed_of_light_flops(minimal)
+        widths = (width,) * (depth + 1) + (out_dim,)
+        sol = costs.speed_of_light_flops(costs.MLPShape(widths, batch, out_dim - 1))
         for method, kernel in runs:
+            run = dict(method=method, kernel=kernel, **point, device="cpu", dtype="float32")
+            run["output_metric"] = "exact"
+            shape = sw.shape_of(run)
             status = status_fn(method, kernel, point) if status_fn else "ok"
-            kinds = flops_by_kind(method, kernel, shape)
+            kinds = flops_by_kind(run)
             true = dict(kinds)
             if counted:
                 kinds = counted(method, kernel, shape, kinds)
             times = []
             if status == "ok":
                 t = machine.time(method, kernel, shape, kinds)
-                times = (t * rng.lognormal(0.0, noise, repeats)).tolist()
+                times = (
+                    t
+                    * (variant_rng if method in sw.KFAC_VARIANTS else rng).lognormal(
+                        0.0, noise, repeats
+                    )
+                ).tolist()
             q1, q3 = np.percentile(times, [25, 75]) if times else (math.nan, math.nan)
             median = float(np.median(times)) if times else math.nan
             rows.append(
                 dict(
-                    method=method,
-                    kernel=kernel,
-                    **point,
-                    device="cpu",
-                    dtype="float32",
-                    output_metric="exact",
+                    **run,
                     n_params=shape.n_params,
                     d=shape.d,
                     time_median_s=median,
@@ -126,7 +132,7 @@ def make_sweep(
                     sol_products=sol["products"],
                     sol_cholesky=sol["cholesky"],
                     peak_bytes=math.nan,
-                    peak_bytes_model=costs.peak_bytes(method, shape, kernel),
+                    peak_bytes_model=sw.model_peak_bytes(run),
                     spread=(q3 - q1) / median if times else math.nan,
                     flag="",
                     remeasured=0,

@@ -123,7 +123,10 @@ def test_time_exponent_needs_two_compute_bound_points():
 def test_fit_table_compares_counted_and_modelled_exponents_and_time():
     df, meta = make_sweep()
     table = fit.fit_table(df, meta, n_boot=200)
-    assert len(table) == len(df[["method", "kernel"]].drop_duplicates()) * 4
+    # the default K-FAC's d = N (one sampled row per sample) does not vary with out_dim
+    assert len(table) == len(df[["method", "kernel"]].drop_duplicates()) * 4 - 1
+    default = table[table["method"] == "kfac-default"]
+    assert list(default["axis"]) == ["width", "depth", "batch"]
     assert dict(zip(table["axis"], table["x"])) == fit.FIT_X
     assert (table["exponent_gap"] < 1e-9).all()
     assert np.allclose(table["flops_exponent"], table["model_exponent"])

@@ -4,6 +4,7 @@ import json
 import socket
 import sys
 
+import pandas as pd
 import pytest
 import torch
 
@@ -60,6 +61,13 @@ def test_run_writes_results_fits_claims_figures_and_report(tmp_path, capsys):
     assert {c["id"] for c in claims} >= {"flops-match-model", "crossover-width"}
     flops = next(c for c in claims if c["id"] == "flops-match-model")
     assert flops["verdict"] == "pass"
+    # the K-FAC users run by default, kept apart from the exact one in every stage
+    default = {"linear-in-depth-kfac-default", "time-explained-kfac-default", "kfac-default-w"}
+    assert {c["id"] for c in claims} >= default | {"linear-in-depth-kfac", "kfac-w"}
+    for name in ("results.csv", "fits.csv"):
+        methods = pd.read_csv(tmp_path / name)["method"]
+        assert {"kfac", "kfac-default"} <= set(methods), name
+    assert "kfac-default" in report
     assert all(c["detail"] for c in claims)
     # counted FLOPs are exact: no claim on them fails (on time, a loaded machine may)
     assert all(c["verdict"] != "fail" for c in claims if c["basis"] == "flops")

@@ -15,7 +15,10 @@ import pytest
 import torch
 from synthetic import known_time_row
 
+from riemann_core import costs
+from riemann_core.measure import public_kfac
 from riemann_core.measure.flops import KINDS
+from riemann_core.measure.problems import widths
 from riemann_core.measure.timing import RATE_KINDS, Timing, device_rates
 from riemann_core.scaling import grow
 from riemann_core.scaling import sweep as sw
@@ -54,6 +57,64 @@ def test_sweep_records_every_run_with_counted_and_modelled_flops(tmp_path):
         assert float(r["flops_cholesky"]) > 0 and float(r["sol_products"]) > 0
         assert float(r["time_median_s"]) > 0
     assert (tmp_path / "sweep.json").exists()
+
+
+def test_the_default_kfac_is_measured_beside_the_exact_one_with_its_own_cost_model(tmp_path):
+    grid = sw.Grid(**{**TINY, "methods": ("kfac", "kfac-default")})
+    sw.sweep(grid, tmp_path, progress=False)
+    rows = rows_of(tmp_path / "results.csv")
+    assert len(rows) == 2 * len(grid.points()) and {r["status"] for r in rows} == {"ok"}
+    for r in rows:
+        exact = r["method"] == "kfac"
+        point = {a: int(r[a]) for a in sw.AXES}
+        layers = widths(point["width"], point["depth"], point["out_dim"])
+        shape = costs.MLPShape(layers, point["batch"], point["out_dim"] if exact else 1)
+        variant = {} if exact else {"kfac_damping": "factored", "kfac_bias": "separate"}
+        model = costs.flops("kfac", shape, **variant)["total"]
+        assert float(r["flops_model"]) == model
+        assert float(r["flops"]) == pytest.approx(model, rel=0.01)
+        assert float(r["peak_bytes_model"]) == costs.peak_bytes("kfac", shape, itemsize=4)
+        assert int(r["d"]) == shape.d and r["output_metric"] == "exact"  # the sweep's setting
+        # exact damping diagonalises the factors; factored damping factorises them
+        assert (float(r["flops_eigh"]) > 0) == exact
+        assert (float(r["flops_cholesky"]) > 0) == (not exact)
+
+
+def test_the_default_kfac_runs_the_options_its_users_run(monkeypatch):
+    calls = []
+    real = sw.rc.direction
+
+    def spy(*args, **options):
+        calls.append(options)
+        return real(*args, **options)
+
+    monkeypatch.setattr(sw.rc, "direction", spy)
+    grid = sw.Grid(**{**TINY, "methods": ("kfac-default",), "output_metric": "exact"})
+    assert sw.measure_point(next(grid.runs()), grid)["status"] == "ok"
+    expected = dict(method="kfac", output_metric="sampled", kfac_damping="factored")
+    assert calls
+    assert all(c.items() >= {**expected, "kfac_bias": "separate"}.items() for c in calls)
+    assert all(c.items() >= public_kfac.DEFAULT.options().items() for c in calls)
+
+
+def test_results_without_the_default_kfac_resume_beside_it(tmp_path):
+    path = tmp_path / "results.csv"
+    sw.sweep(sw.Grid(**{**TINY, "methods": ("kfac",)}), tmp_path, progress=False)
+    before = rows_of(path)
+    grid = sw.Grid(**{**TINY, "methods": ("kfac", "kfac-default")})
+    result = sw.sweep(grid, tmp_path, progress=False)
+    after = rows_of(path)
+    assert result.resumed == len(before) and result.measured == len(before)
+    assert [r for r in after if r["method"] == "kfac"] == before  # the exact variant's rows
+    assert {r["status"] for r in after if r["method"] == "kfac-default"} == {"ok"}
+
+
+def test_unknown_methods_are_refused_naming_the_choices():
+    choices = "euclidean, layerwise, full, natural, kfac, kfac-default"
+    with pytest.raises(
+        ValueError, match=f"unknown method \\['kfac-fast'\\]; choose from {choices}$"
+    ):
+        sw.Grid(**{**TINY, "methods": ("kfac", "kfac-fast")})
 
 
 def test_budgets_skip_points_with_the_reason(tmp_path):

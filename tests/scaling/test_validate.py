@@ -7,7 +7,6 @@ import json
 import pytest
 from synthetic import AXES, RUNS, Machine, make_sweep
 
-from riemann_core import costs
 from riemann_core.scaling import sweep as sw
 from riemann_core.scaling import validate as va
 
@@ -33,8 +32,10 @@ def test_every_claim_passes_on_a_machine_with_overhead_and_climbing_rates():
     df, meta = make_sweep(REALISTIC, status_fn=full_fits_in_memory)
     claims = va.validate(df, meta, n_boot=300)
     expected = {c.id: "pass" for c in claims}
-    # the plain gradient's work at width 512 is still small against the overhead
+    # the plain gradient's and the default K-FAC's work at width 512 are still small
+    # against the overhead
     expected["time-explained-euclidean"] = "regime not reached"
+    expected["time-explained-kfac-default"] = "regime not reached"
     assert verdicts(claims) == expected
     assert {c.id for c in claims} >= {
         "flops-match-model",
@@ -44,7 +45,9 @@ def test_every_claim_passes_on_a_machine_with_overhead_and_climbing_rates():
         "layerwise-structured-d",
         "full-n",
         "kfac-w",
+        "kfac-default-w",
         "linear-in-depth-layerwise",
+        "linear-in-depth-kfac-default",
         "time-explained-layerwise",
         "time-explained-layerwise-generic",
         "crossover-width",
@@ -283,10 +286,9 @@ def test_the_shipped_grids_reach_the_regime_of_every_flop_claim(grid):
     budget = sw.Grid(**spec)
 
     def within_budgets(method, kernel, point):
-        shape = costs.MLPShape((point["width"],) * (point["depth"] + 1) + (point["out_dim"],),
-                               point["batch"], point["out_dim"])  # fmt: skip
-        over = costs.flops(method, shape, kernel)["total"] > budget.flop_budget
-        over |= costs.peak_bytes(method, shape, kernel) > budget.memory_budget_bytes
+        run = dict(method=method, kernel=kernel, **point, dtype="float32", output_metric="exact")
+        over = sw.model_flops(run)["total"] > budget.flop_budget
+        over |= sw.model_peak_bytes(run) > budget.memory_budget_bytes
         return "skipped" if over else "ok"
 
     df, meta = make_sweep(base=spec["base"], axes=spec["axes"], status_fn=within_budgets)
