@@ -2,9 +2,9 @@
 
 The grid varies one axis at a time (width, depth, output dimension, batch) around a
 base point, for every method, kernel, dtype and device. The methods are ``rc.METHODS``
-and ``kfac-default``, K-FAC as its users run it by default (:data:`KFAC_VARIANTS`),
-a run of its own beside the exact ``kfac`` with its own cost and memory models. The MLP is ``width`` inputs,
-``depth`` hidden tanh layers of ``width`` units and ``out_dim`` outputs, so
+and ``kfac-default``, K-FAC as its users run it by default (:data:`KFAC_VARIANTS`), a
+run of its own beside the exact ``kfac`` with its own cost and memory models. The MLP is
+``width`` inputs, ``depth`` hidden tanh layers of ``width`` units and ``out_dim`` outputs, so
 ``n ~ depth width^2`` and ``d = batch * r``. Each point gets a memory-measured call, a
 warm-up, ``repeats`` timed calls (median and IQR), one FLOP-counted call (FLOPs by kind of
 operation, :mod:`riemann_core.measure.flops`) and a status: ``ok``, ``oom``, ``skipped``
@@ -304,7 +304,8 @@ def direction_options(run: Mapping) -> dict[str, str]:
 
 
 def shape_of(run: Mapping) -> costs.MLPShape:
-    """The cost model's view of ``run``: ``r = C`` exact cross-entropy rows, or 1 probe."""
+    """The cost model's view of ``run``: ``r = C`` exact cross-entropy rows, or 1 probe
+    (the sampled output metric, and ``kfac-default``'s one-sample Monte Carlo Fisher)."""
     rows = run["out_dim"] if direction_options(run)["output_metric"] == "exact" else 1
     return costs.MLPShape(widths(run["width"], run["depth"], run["out_dim"]), run["batch"], rows)
 
