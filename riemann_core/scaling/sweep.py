@@ -268,16 +268,15 @@ def default_grid(device: str, quick: bool) -> dict:
 
 
 def shape_of(run: dict) -> costs.MLPShape:
-    """The cost model's view of ``run``: ``r = C`` exact cross-entropy rows, or 1 probe."""
-    rows = run["out_dim"] if run["output_metric"] == "exact" else 1
+    """The cost model's view of ``run``: ``r = C - 1`` exact cross-entropy rows (the
+    methods use the minimal factor), or 1 probe."""
+    rows = costs.minimal_rows(run["out_dim"], output_metric=run["output_metric"])
     return costs.MLPShape(widths(run["width"], run["depth"], run["out_dim"]), run["batch"], rows)
 
 
 def speed_of_light_of(run: dict) -> dict[str, float]:
     """Minimal FLOPs by kind of the exact layerwise direction at ``run``'s shape."""
-    rows = costs.minimal_rows(run["out_dim"], output_metric=run["output_metric"])
-    shape = costs.MLPShape(widths(run["width"], run["depth"], run["out_dim"]), run["batch"], rows)
-    return costs.speed_of_light_flops(shape)
+    return costs.speed_of_light_flops(shape_of(run))
 
 
 def measure_point(run: dict, grid: Grid) -> dict:

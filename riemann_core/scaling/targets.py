@@ -89,7 +89,7 @@ def measure_targets(
         {"products": 2 * n**3 / g, "cholesky": n**3 / 3 / c}
         for g, c in zip(t["gemm"], t["cholesky"], strict=True)
     ]
-    shape = costs.MLPShape(widths, N, rows=widths[-1])
+    shape = costs.MLPShape(widths, N, rows=costs.minimal_rows(widths[-1]))
     sol_flops = costs.speed_of_light_flops(
         costs.MLPShape(widths, N, rows=costs.minimal_rows(widths[-1]))
     )

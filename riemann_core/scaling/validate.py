@@ -139,8 +139,9 @@ class FlopClaim:
     ``exponents``: the exponents of the cost model's leading terms (``terms``) along x.
 
     ``kernel`` None takes structured where the sweep has it; ``woodbury_only`` keeps the
-    points with ``d`` at most the largest block's parameter count ``max_a n_a`` (beyond it
-    the implementation factorises the ``n_a x n_a`` block instead, at a cost linear in d).
+    points with ``d`` at most the smallest block's parameter count ``min_a n_a``, where
+    every block is solved by Woodbury (beyond it the implementation may factorise an
+    ``n_a x n_a`` block instead, where that costs less: its local exponent in d jumps).
     """
 
     id: str
@@ -353,7 +354,7 @@ def _flop_claim(spec: FlopClaim, df: pd.DataFrame, base: Mapping[str, int]) -> C
             verdict = NOT_REACHED
             reason = (
                 "(the model agrees): lower-order terms still hold over "
-                f"{1 - LEADING_SHARE:.0%} of the work up to d = max_a n_a, where the "
+                f"{1 - LEADING_SHARE:.0%} of the work up to d = min_a n_a, where the "
                 "blocks are factorised densely instead; a larger base width reaches the band"
             )
         else:
@@ -373,7 +374,7 @@ def _model_reaches(spec: FlopClaim, kernel: str, top: pd.Series, lowest: float) 
     for _ in range(EXTRAPOLATION_DOUBLINGS):
         lower, upper = {**run, spec.axis: value}, {**run, spec.axis: 2 * value}
         shapes = [shape_of(r) for r in (lower, upper)]
-        if spec.woodbury_only and shapes[1].d > max(shapes[1].block_params()):
+        if spec.woodbury_only and shapes[1].d > min(shapes[1].block_params()):
             return "range"
         flops = [costs.flops(spec.method, s, kernel)["total"] for s in shapes]
         frame = pd.DataFrame([lower, upper]).assign(
@@ -386,12 +387,14 @@ def _model_reaches(spec: FlopClaim, kernel: str, top: pd.Series, lowest: float) 
 
 
 def _woodbury_range(rows: pd.DataFrame) -> pd.DataFrame:
-    """Points with ``d`` at most the largest block's parameter count ``max_a n_a``."""
-    largest = [
-        max(MLPShape(widths(w, L, c), 1, 1).block_params())
+    """Points with ``d`` at most the smallest block's parameter count ``min_a n_a``: then
+    ``2 n_a^2 d + w n_a^3 / 3 > gram + w d^3 / 3`` for every block, which the layerwise
+    method therefore solves by Woodbury (``costs.dense_is_cheaper``)."""
+    smallest = [
+        min(MLPShape(widths(w, L, c), 1, 1).block_params())
         for w, L, c in zip(rows["width"], rows["depth"], rows["out_dim"])
     ]
-    return rows[rows["d"].to_numpy() <= np.asarray(largest)]
+    return rows[rows["d"].to_numpy() <= np.asarray(smallest)]
 
 
 def _linear_in_depth(

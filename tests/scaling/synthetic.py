@@ -92,9 +92,8 @@ def make_sweep(
     rows = []
     for width, depth, out_dim, batch in sorted(points):
         point = dict(width=width, depth=depth, out_dim=out_dim, batch=batch)
-        shape = costs.MLPShape((width,) * (depth + 1) + (out_dim,), batch, out_dim)
-        minimal = costs.MLPShape(shape.widths, batch, out_dim - 1)
-        sol = costs.speed_of_light_flops(minimal)
+        shape = costs.MLPShape((width,) * (depth + 1) + (out_dim,), batch, out_dim - 1)
+        sol = costs.speed_of_light_flops(shape)
         for method, kernel in runs:
             status = status_fn(method, kernel, point) if status_fn else "ok"
             kinds = flops_by_kind(method, kernel, shape)
