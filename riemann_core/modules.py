@@ -161,12 +161,14 @@ def lower_gram(rows: Tensor, blocks: int, out: Tensor, add: bool, scale: Tensor 
 
     ``rows`` (``d x k``) holds ``blocks`` row blocks of ``m = d / blocks`` rows (the
     probe-major factor rows: block ``s`` is probe ``s`` of every sample); ``S`` is
-    ``scale`` (``m x m``) tiled over the blocks, or 1. Block-row ``s`` is one GEMM
+    ``scale`` (``m x m``, symmetric) tiled over the blocks, or 1. Block-row ``s`` is one GEMM
     ``rows_s rows_{0..s}^T`` written straight into ``out[s]`` (for ``add``: added), so the
     products cost ``m^2 k b (b + 1) = d^2 k (1 + 1/b)`` FLOPs, not the ``2 d^2 k`` of the
     full product, and the strict upper triangle is never formed.
     """
     m = rows.shape[0] // blocks
+    if scale is not None and out.stride(0) == 1:  # column-major: S is symmetric, so S^T
+        scale = scale.mT  # runs along the same memory as out
     for s in range(blocks):
         part = out[s * m : (s + 1) * m, : (s + 1) * m]
         product = torch.mm(
