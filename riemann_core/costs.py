@@ -37,8 +37,6 @@ def lu_solve_flops(n: int, k: int = 1) -> float:
 
 #: Power-iteration steps of the conditioning estimate (``woodbury.largest_eigenvalue``).
 POWER_STEPS = 3
-#: Steps on the diagonal blocks of a Gram (``woodbury.largest_eigenvalue_of_gram``).
-BLOCK_POWER_STEPS = 2 * POWER_STEPS
 
 
 def power_flops(n: int) -> float:
@@ -52,7 +50,7 @@ def gram_power_flops(d: int, blocks: int) -> float:
     ``d x d`` Gram (``m = d / blocks``): its estimate of the largest eigenvalue
     (``woodbury.largest_eigenvalue_of_gram``)."""
     m = d // blocks
-    return 2 * m * m * blocks * BLOCK_POWER_STEPS
+    return 2 * m * m * blocks * POWER_STEPS
 
 
 def lower_gram_flops(d: int, blocks: int, k: int) -> float:

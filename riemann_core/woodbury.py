@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .costs import BLOCK_POWER_STEPS, POWER_STEPS
+from .costs import POWER_STEPS
 
 #: Relative jitter tried, in order, when a Cholesky factorisation fails.
 JITTER_SCALES = (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)
@@ -156,9 +156,7 @@ def diagonal_blocks(matrix: Tensor, size: int) -> Tensor:
     )
 
 
-def largest_eigenvalue_of_gram(
-    gram: Tensor, samples: int, steps: int = BLOCK_POWER_STEPS
-) -> Tensor:
+def largest_eigenvalue_of_gram(gram: Tensor, samples: int, steps: int = POWER_STEPS) -> Tensor:
     """An estimate of ``lambda_max`` of damped Grams ``(..., d, d)`` whose ``d = r N``
     rows are probe-major (``N = samples``), from their ``N x N`` diagonal blocks (the
     Gram of one probe's rows; built in full, so no other entry is read).
@@ -170,6 +168,8 @@ def largest_eigenvalue_of_gram(
     blocks are ``r N^2`` entries instead of ``r^2 N^2``: cheap before the factorisation
     overwrites the Gram.
     """
+    if gram.shape[-1] == samples:  # one probe: the block is the Gram
+        return largest_eigenvalue(gram, steps)
     blocks = diagonal_blocks(gram, samples).contiguous()  # one copy, not one per step
     return largest_eigenvalue(blocks, steps).amax(-1)
 
