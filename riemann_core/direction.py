@@ -155,25 +155,36 @@ def solve(
             "compute the direction outside the inference_mode block"
         )
     checks = Deferred() if checks is None else checks
-    solver = SOLVERS[method]
     devices = {p.device.type for p in model.parameters()}
     devices |= {t.device.type for t in tensors_of((inputs, forward_kwargs))}
+
+    def build():
+        return build_problem(
+            model,
+            inputs,
+            targets,
+            opts,
+            needs_factor=SOLVERS[method].NEEDS_FACTOR,
+            gradient=gradient,
+            forward_kwargs=forward_kwargs,
+            checks=checks,
+            replay=replay,
+        )
+
+    return run_solver(build, method, opts, checks, devices)
+
+
+def run_solver(build, method: str, opts: Options, checks: Deferred, devices: set[str]):
+    """``build()`` a :class:`Problem`, solve it with ``method`` and check the solves, in
+    full float32 precision on ``devices``. Returns ``({name: direction}, diagnostics)``
+    for the parameters seen in the forward pass; on an error, the pending ``checks`` are
+    read first (a failing check of the data explains the error better)."""
     with full_precision(devices):
         try:
-            problem = build_problem(
-                model,
-                inputs,
-                targets,
-                opts,
-                needs_factor=solver.NEEDS_FACTOR,
-                gradient=gradient,
-                forward_kwargs=forward_kwargs,
-                checks=checks,
-                replay=replay,
-            )
-            solves = solver.solve(problem, opts)
+            problem = build()
+            solves = SOLVERS[method].solve(problem, opts)
         except Exception:
-            checks.run()  # a failing check of the data explains the error better
+            checks.run()
             raise
         per_block, diagnostics = finish(problem, solves, opts, checks, method)
     directions = {

@@ -120,27 +120,33 @@ def factor_cotangents(factor: Tensor) -> Tensor:
     return factor.transpose(0, 1) / math.sqrt(factor.shape[0])
 
 
-def pullback(outputs: Tensor, cotangents: Tensor, targets: Sequence[Tensor]) -> list[Tensor]:
-    """Pull ``k`` output cotangents (``(k, *outputs.shape)``) back to each of ``targets``.
+def pullback(
+    roots: Sequence[Tensor],
+    seeds: Sequence[Tensor],
+    targets: Sequence[Tensor],
+    retain_graph: bool = True,
+) -> list[Tensor]:
+    """Pull ``k`` cotangents back from ``roots`` to each of ``targets``: cotangent ``j``
+    seeds ``roots[i]`` with ``seeds[i][j]`` (shape ``(k, *roots[i].shape)``).
 
     ``L_{a-1} = L_a A_a`` is backprop with the factor rows as cotangents. For a network
     that treats samples independently, row ``s`` of every sample can share one backward
     pass, so this runs ``r`` backward passes, vectorised with ``torch.func.vmap``, not
     ``d = N r``. Returns, per target, a tensor ``(k, *target.shape)``; a target outside
-    the autograd graph of ``outputs`` (computed under ``torch.no_grad``) gets zeros.
+    the autograd graph of the roots (computed under ``torch.no_grad``) gets zeros.
     """
     reached = [t for t in targets if t.requires_grad]
 
-    def backward(cotangent):
+    def backward(*cotangents):
         return torch.autograd.grad(
-            outputs, reached, grad_outputs=cotangent, retain_graph=True, allow_unused=True
+            roots, reached, cotangents, retain_graph=retain_graph, allow_unused=True
         )
 
     # torch.func.vmap: batching rules for the backward ops (is_grads_batched's older vmap
     # loops over the rows for some, e.g. tanh_backward)
-    grads = torch.func.vmap(backward)(cotangents.reshape((cotangents.shape[0],) + outputs.shape))
+    grads = torch.func.vmap(backward)(*seeds)
     found = {id(t): g for t, g in zip(reached, grads, strict=True)}
-    k = cotangents.shape[0]
+    k = seeds[0].shape[0]
     return [
         g.detach()
         if (g := found.get(id(t))) is not None
