@@ -1,4 +1,5 @@
-"""asv benchmarks: every method's direction and the phases of the layerwise Woodbury solve.
+"""asv benchmarks: every method's direction, the phases of the layerwise Woodbury solve,
+and every K-FAC variant beside the same variant of the public K-FAC (curvlinops).
 
 Problems come from :mod:`bench.common` (a tanh MLP, cross-entropy, exact output metric,
 damping ``1e-3``, float32) on ``RIEMANN_BENCH_DEVICE``. Combinations whose modelled peak
@@ -14,6 +15,9 @@ CUDA memory benchmarks when CUDA is absent.
 * ``track_cuda_peak_bytes``: peak CUDA memory allocated during one call, above its inputs.
 * ``Overhead.time_overhead``: every method on an MLP so small (2-2-2, batch 1) that its
   time is the fixed cost of a call, the ``t0`` of the sweep's time model.
+* ``track_ours_over_curvlinops``: our K-FAC's time over curvlinops' in the same variant,
+  the median of per-round ratios over interleaved rounds (goal: at most 1). Skipped
+  without curvlinops (``pip install "riemann-bench[compare]"``).
 
 The grids are literals here, never read from the code under test: a cheap default
 (the suite in minutes with ``asv run --python=same --quick``) and, with
@@ -28,8 +32,10 @@ import torch
 
 import riemann_core as rc
 from riemann_core import costs
+from riemann_core.measure import public_kfac
 from riemann_core.measure.flops import flop_counter
 from riemann_core.measure.memory import cuda_peak_bytes
+from riemann_core.measure.timing import interleaved, median_ratio
 from riemann_core.methods import Options, build_problem
 from riemann_core.modules import handler_for
 from riemann_core.woodbury import cholesky
@@ -270,3 +276,54 @@ class LayerwisePhaseCudaMemory(_PhaseCase):
         return cuda_peak_bytes(self.call, self.device)
 
     track_cuda_peak_bytes.unit = "bytes"
+
+
+KFAC_VARIANTS = tuple(v.name for v in public_kfac.VARIANTS)
+KFAC_IMPLEMENTATIONS = ("ours", "curvlinops")
+KFAC_ROUNDS = 5
+
+
+def _kfac_call(variant_name, implementation, width, depth, out_dim, batch):
+    """A from-scratch K-FAC direction of ``variant_name`` by ``implementation``."""
+    if implementation == "curvlinops" and not public_kfac.available():
+        raise NotImplementedError(f"curvlinops is not installed ({public_kfac.INSTALL})")
+    device = common.device()
+    common.require_device(device)
+    variant = next(v for v in public_kfac.VARIANTS if v.name == variant_name)
+    model, x, y = common.problem(width, depth, out_dim, batch, device, DTYPE)
+    make = public_kfac.ours if implementation == "ours" else public_kfac.public
+    return make(model, x, y, variant, damping=common.DAMPING), device
+
+
+class KFAC:
+    """One K-FAC variant from scratch (gradient, factors, damped inverse, product), ours
+    or curvlinops' (:mod:`riemann_core.measure.public_kfac`)."""
+
+    params = (KFAC_VARIANTS, KFAC_IMPLEMENTATIONS, *SIZES)
+    param_names = ("variant", "implementation", *SIZE_NAMES)
+    timeout = 600.0
+
+    def setup(self, variant, implementation, *size):
+        self.call, self.device = _kfac_call(variant, implementation, *size)
+
+    def time_kfac(self, *params):
+        self.call()
+        common.synchronize(self.device)
+
+
+class KFACRatio:
+    """Our K-FAC's time over curvlinops' in one variant, within one run."""
+
+    params = (KFAC_VARIANTS, *SIZES)
+    param_names = ("variant", *SIZE_NAMES)
+    timeout = 600.0
+
+    def setup(self, variant, *size):
+        self.ours, self.device = _kfac_call(variant, "ours", *size)
+        self.theirs, _ = _kfac_call(variant, "curvlinops", *size)
+
+    def track_ours_over_curvlinops(self, *params):
+        t = interleaved({"ours": self.ours, "theirs": self.theirs}, KFAC_ROUNDS, self.device)
+        return median_ratio(t["ours"], t["theirs"])
+
+    track_ours_over_curvlinops.unit = "ratio"

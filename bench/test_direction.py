@@ -1,4 +1,5 @@
-"""Every method's direction beside one plain SGD step, per size (pytest-benchmark).
+"""Every method's direction, and every K-FAC variant beside the public one's (curvlinops),
+beside one plain SGD step, per size (pytest-benchmark).
 
 Each size is one benchmark group, so its methods are read against its baseline: the
 terminal table puts each figure's ratio to the group's fastest in brackets, and a saved
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 
 import riemann_core as rc
 from riemann_core import costs
+from riemann_core.measure import public_kfac
 from riemann_core.measure.environment import environment
 from riemann_core.measure.flops import flop_counter
 from riemann_core.measure.memory import cuda_peak_bytes, host_peak_bytes, host_peak_rss_bytes
@@ -92,15 +94,54 @@ def test_direction(benchmark, problem, method, kernel, memory_budget, rates):
     assert all(torch.isfinite(v).all() for v in directions.values())
 
 
+#: Every K-FAC variant, ours and curvlinops' (skipped when curvlinops is not installed).
+KFAC_RUNS = [
+    pytest.param(v, side, id=f"kfac={v.name}-impl={side}")
+    for v in public_kfac.VARIANTS
+    for side in ("ours", "curvlinops")
+]
+
+
+@pytest.mark.parametrize(("variant", "implementation"), KFAC_RUNS)
+def test_kfac_variant(benchmark, problem, variant, implementation, rates):
+    """One K-FAC variant from scratch: gradient, factors, damped inverse, product.
+
+    ``implementation="curvlinops"`` is the same variant of the public K-FAC
+    (:mod:`riemann_core.measure.public_kfac`); its FLOPs are counted, not modelled.
+    """
+    if implementation == "curvlinops" and not public_kfac.available():
+        pytest.skip(f"curvlinops is not installed ({public_kfac.INSTALL})")
+    make = public_kfac.ours if implementation == "ours" else public_kfac.public
+    call = make(problem.model, problem.inputs, problem.targets, variant, damping=DAMPING)
+    label = f"kfac {variant.name} ({implementation})"
+    modelled = "kfac" if implementation == "ours" else None
+    options = dict(kfac_damping=variant.damping, kfac_bias=variant.bias)
+    rows = problem.size.out_dim if variant.output_metric == "exact" else 1
+    directions = _run(
+        benchmark, problem, call, label, modelled, "structured", rates,
+        flops_options=options, rows=rows,
+    )  # fmt: skip
+    assert directions.keys() == dict(problem.model.named_parameters()).keys()
+    assert all(torch.isfinite(v).all() for v in directions.values())
+
+
 def _itemsize(problem) -> int:
     return next(problem.model.parameters()).element_size()
 
 
-def _run(benchmark, problem, fn, label, modelled_as, kernel, rates):
-    """Attach the FLOP, memory and environment record, then time ``fn`` alone."""
+def _run(
+    benchmark, problem, fn, label, modelled_as, kernel, rates, flops_options=None,
+    rows=None,
+):  # fmt: skip
+    """Attach the FLOP, memory and environment record, then time ``fn`` alone.
+
+    ``modelled_as``: the method whose cost model applies (``None``: none does), with
+    ``flops_options`` (K-FAC's variant) and ``rows`` per sample (default: the size's).
+    """
     device, shape = problem.device, problem.size.shape
+    if rows is not None:
+        shape = costs.MLPShape(shape.widths, shape.batch, rows, shape.bias)
     benchmark.group = problem.size.group
-    modelled = costs.flops(modelled_as, shape, kernel)
     minimal = costs.MLPShape(shape.widths, shape.batch, costs.minimal_rows(problem.size.out_dim))
     sol_flops = costs.speed_of_light_flops(minimal)
     with flop_counter() as counter:
@@ -117,16 +158,18 @@ def _run(benchmark, problem, fn, label, modelled_as, kernel, rates):
         "n_params": sum(p.numel() for p in problem.model.parameters()),
         "d": shape.d,
         "counted_flops": counter.get_total_flops(),
-        "modelled_flops": modelled["total"],
-        "modelled_flops_by_phase": modelled,
         "speed_of_light_flops": sol_flops,
         "device_rates": rates,
         "speed_of_light_s": costs.speed_of_light_seconds(sol_flops, rates),
-        "peak_bytes_model_estimate": costs.peak_bytes(
-            modelled_as, shape, kernel, itemsize=_itemsize(problem)
-        ),
         "environment": environment(device),
     }
+    if modelled_as is not None:
+        modelled = costs.flops(modelled_as, shape, kernel, **(flops_options or {}))
+        info["modelled_flops"] = modelled["total"]
+        info["modelled_flops_by_phase"] = modelled
+        info["peak_bytes_model_estimate"] = costs.peak_bytes(
+            modelled_as, shape, kernel, itemsize=_itemsize(problem)
+        )
     # one measured call, which is also the warm-up of the timed rounds
     if device.type == "cuda":
         info["peak_bytes_cuda_measured"] = cuda_peak_bytes(fn, device)

@@ -152,6 +152,36 @@ class Deferred:
             callback(None if t is None else next(values))
 
 
+#: K-FAC's variants: damping of the Kronecker product, and where the bias goes.
+KFAC_OPTIONS = {"kfac_damping": ("exact", "factored"), "kfac_bias": ("joint", "separate")}
+
+
+def check_kfac_options(method: str, **options) -> None:
+    """K-FAC's options take one of their values, and only with ``method="kfac"``."""
+    for name, value in options.items():
+        check_choice(name, value, KFAC_OPTIONS[name])
+        if method != "kfac" and value != KFAC_OPTIONS[name][0]:
+            raise ValueError(
+                f"{name}={value!r} is an option of method='kfac', not of method={method!r}; "
+                f"drop it, or pass method='kfac'"
+            )
+
+
+def check_refresh(refresh, decay) -> None:
+    """The preconditioner's K-FAC schedule: decompositions every ``refresh`` steps,
+    factors averaged with weight ``decay`` on the past."""
+    if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
+        raise ValueError(
+            f"kfac_refresh must be a positive integer (steps between factorisations), "
+            f"got {refresh!r}"
+        )
+    if isinstance(decay, bool) or not isinstance(decay, Real) or not 0 <= decay < 1:
+        raise ValueError(
+            f"kfac_decay must be a number in [0, 1) (the running average's weight on past "
+            f"factors; 0 uses each step's own), got {decay!r}"
+        )
+
+
 def all_finite(tensor: Tensor) -> bool:
     """Whether every entry is finite; a sum (no mask allocated) decides the usual case."""
     if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):

@@ -65,6 +65,12 @@ def inverse_flops(n: int) -> float:
     return 2 * n**3
 
 
+def cholesky_inverse_flops(n: int) -> float:
+    """``2 n^3 / 3``: ``(L L^T)^{-1}`` from the Cholesky factor ``L`` (``L^{-1}``, then
+    ``L^{-T} L^{-1}``)."""
+    return 2 * n**3 / 3
+
+
 def qr_flops(m: int, n: int) -> float:
     """``2 m n^2 - 2 n^3 / 3``: Householder QR of ``m x n`` (``m >= n``), ``R`` only."""
     return 2 * m * n * n - 2 * n**3 / 3
@@ -112,17 +118,25 @@ class MLPShape:
         return sum(self.block_params())
 
 
-def flops(method: str, shape: MLPShape, kernel: str = "structured") -> dict[str, float]:
+def flops(
+    method: str,
+    shape: MLPShape,
+    kernel: str = "structured",
+    *,
+    kfac_damping: str = "exact",
+    kfac_bias: str = "joint",
+) -> dict[str, float]:
     """Modelled FLOPs of ``rc.direction(method=..., kernel=...)`` by phase, plus ``total``.
 
     Phases: ``forward``; ``pullback`` (``r`` factor rows and the loss gradient through
     the layers above the first); ``gradient`` (parameter gradient where it is formed;
     the generic kernel runs each module's forward again for its ``vjp``); ``jacobian``
-    (generic kernel: ``K_a`` by ``vmap``/``vjp``); ``gram``; ``factorisation``;
-    ``solve`` (products with ``K`` and triangular solves); ``checks`` (the estimate of
-    each factorised ``m x m`` matrix's largest eigenvalue, :func:`power_flops`). The
-    slow paths of ill-conditioned solves (residuals in float64, refinement) are not
-    modelled.
+    (generic kernel: ``K_a`` by ``vmap``/``vjp``); ``gram`` (K-FAC: its factors, or a
+    thin factor's Gram); ``factorisation``; ``solve`` (products with ``K`` and
+    triangular solves); ``checks`` (the estimate of each factorised ``m x m`` matrix's
+    largest eigenvalue, :func:`power_flops`). The slow paths of ill-conditioned solves
+    (residuals in float64, refinement) are not modelled. ``kfac_damping`` and
+    ``kfac_bias`` pick K-FAC's variant.
     """
     N, d, layers = shape.batch, shape.d, shape.layers
     k = shape.rows + 1  # the loss gradient rides along in the pullback
@@ -187,14 +201,57 @@ def flops(method: str, shape: MLPShape, kernel: str = "structured") -> dict[str,
     elif method == "kfac":
         if not generic:
             cost["gradient"] = sum(2 * N * f * i for i, f in zip(f_ins, f_outs, strict=True))
-        cost["gram"] = sum(2 * d * f * f + 2 * N * p * p for p, f in zip(P, f_outs, strict=True))
-        cost["factorisation"] = sum(
-            eigh_flops(f) + eigh_flops(p) for p, f in zip(P, f_outs, strict=True)
-        )
-        cost["solve"] = sum(4 * (f * f * p + f * p * p) for p, f in zip(P, f_outs, strict=True))
+        cost.update(gram=0, factorisation=0, solve=0, checks=0)
+        for f_in, f in layers:
+            for phase, flops_ in _kfac(N, d, f_in, f, shape.bias, kfac_damping, kfac_bias).items():
+                cost[phase] += flops_
     else:
         raise ValueError(f"unknown method {method!r}")
     return _total(cost)
+
+
+def _kfac(N: int, d: int, f_in: int, f: int, bias: bool, damping: str, where: str) -> dict:
+    """One Linear layer's K-FAC (``riemann_core.kronecker``): factors with ``m`` rows and
+    ``n < m`` columns formed (``2 m n^2``), thinner ones kept as rows (Gram ``2 m^2 n``);
+    exact damping: eigendecompositions (a thin factor's of its Gram, and ``B = R^T U``)
+    and the two basis changes, each the cheaper order of a ``multi_dot``; factored
+    damping: Choleskys, the estimate of each damped factor's largest eigenvalue, and the
+    solves (thin: by Woodbury)."""
+    separate = bias and where == "separate"
+    P = f_in + int(bias and not separate)
+    cost = {"gram": 0.0, "factorisation": 0.0, "solve": 0.0, "checks": 0.0}
+    sides = [(d, f), (N, P)]  # (rows, columns) of Gamma and A
+    for m, n in sides:
+        cost["gram"] += 2 * m * m * n if m < n else 2 * m * n * n
+    if damping == "exact":
+        k = []
+        for m, n in sides:
+            cost["factorisation"] += eigh_flops(m) + 2 * n * m * m if m < n else eigh_flops(n)
+            k.append(min(m, n))
+        parts = [(P, k[1])] + ([(1, 1)] if separate else [])
+        for p, k_A in parts:
+            cost["solve"] += _multi_dot(k[0], f, p, k_A) + _multi_dot(f, k[0], k_A, p)
+        return cost
+    for m, n in sides:
+        cost["factorisation"] += cholesky_flops(min(m, n))
+        cost["checks"] += power_flops(min(m, n))
+    for k in [P] + ([1] if separate else []):  # Gamma's side: P right-hand sides
+        cost["solve"] += _shifted_solve(d, f, k)
+    cost["solve"] += _shifted_solve(N, P, f)  # A's side: f right-hand sides
+    return cost
+
+
+def _multi_dot(a: int, b: int, c: int, e: int) -> float:
+    """``(a x b)(b x c)(c x e)`` in the cheaper order, as ``torch.linalg.multi_dot``."""
+    return 2 * min(a * b * c + a * c * e, b * c * e + a * b * e)
+
+
+def _shifted_solve(m: int, n: int, k: int) -> float:
+    """``(R^T R + c I)^{-1} Y`` for ``R`` ``m x n``, ``Y`` ``n x k``: Cholesky solves of
+    ``F + c I`` (dense), or of ``c I + R R^T`` between two products with ``R`` (thin)."""
+    if m < n:
+        return 4 * m * n * k + 2 * triangular_solve_flops(m, k)
+    return 2 * triangular_solve_flops(n, k)
 
 
 def _gram(shape: MLPShape, kernel: str, f_in: int, f: int, n: int) -> float:

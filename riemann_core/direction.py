@@ -33,6 +33,8 @@ def direction(
     solve_dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
     refine: int = 0,
+    kfac_damping: str = "exact",
+    kfac_bias: str = "joint",
     return_diagnostics: bool = False,
     forward_kwargs: dict | None = None,
     check_coupling: bool = True,
@@ -69,6 +71,12 @@ def direction(
             correction with the solve's factor. ``(g - K^T t) / mu`` cancels when ``mu``
             is tiny against the curvature (residual ``~ eps cond(G)``); refinement
             converges while ``eps(solve_dtype) cond(G) < 1``.
+        kfac_damping: ``method="kfac"`` only: ``"exact"`` (``Gamma (x) A + mu I``, in the
+            factors' eigenbases) or ``"factored"`` (``(Gamma + pi sqrt(mu) I) (x)
+            (A + sqrt(mu) / pi I)``, ``pi`` from the factors' traces, by Cholesky).
+        kfac_bias: ``method="kfac"`` only: ``"joint"`` (weight and bias in one Kronecker
+            block) or ``"separate"`` (the bias its own block ``Gamma``, damped like the
+            weight's ``Gamma``).
         return_diagnostics: also return a list of :class:`LayerDiagnostics`.
         forward_kwargs: keyword arguments of the model call.
         check_coupling: probe, on the first call for a model (and after a change of a
@@ -110,6 +118,8 @@ def direction(
         kernel=kernel,
         solve_dtype=solve_dtype,
         refine=refine,
+        kfac_damping=kfac_damping,
+        kfac_bias=kfac_bias,
         diagnostics=return_diagnostics,
         generator=generator,
         check_coupling=check_coupling,
@@ -142,8 +152,10 @@ def solve(
     forward_kwargs: dict | None = None,
     checks: Deferred | None = None,
     replay: list[Tensor] | None = None,
+    state=None,
 ):
-    """Run ``method``; ``gradient`` (``{name: vector}``) replaces the loss gradient.
+    """Run ``method``; ``gradient`` (``{name: vector}``) replaces the loss gradient;
+    ``state`` is K-FAC's state across a preconditioner's steps (``method="kfac"``).
 
     Returns ``({name: direction}, diagnostics)`` for the parameters seen in the forward
     pass. Raises before returning anything if a check fails (``checks`` holds those of
@@ -171,18 +183,20 @@ def solve(
             replay=replay,
         )
 
-    return run_solver(build, method, opts, checks, devices)
+    return run_solver(build, method, opts, checks, devices, state)
 
 
-def run_solver(build, method: str, opts: Options, checks: Deferred, devices: set[str]):
-    """``build()`` a :class:`Problem`, solve it with ``method`` and check the solves, in
-    full float32 precision on ``devices``. Returns ``({name: direction}, diagnostics)``
-    for the parameters seen in the forward pass; on an error, the pending ``checks`` are
-    read first (a failing check of the data explains the error better)."""
+def run_solver(build, method: str, opts: Options, checks: Deferred, devices: set[str], state=None):
+    """``build()`` a :class:`Problem`, solve it with ``method`` (``state``: K-FAC's across
+    a preconditioner's steps) and check the solves, in full float32 precision on
+    ``devices``. Returns ``({name: direction}, diagnostics)`` for the parameters seen in
+    the forward pass; on an error, the pending ``checks`` are read first (a failing check
+    of the data explains the error better)."""
+    extra = () if state is None else (state,)
     with full_precision(devices):
         try:
             problem = build()
-            solves = SOLVERS[method].solve(problem, opts)
+            solves = SOLVERS[method].solve(problem, opts, *extra)
         except Exception:
             checks.run()
             raise

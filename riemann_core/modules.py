@@ -11,8 +11,8 @@ sample ``b``), and provides
 * ``K_mv(v)``     ``K v`` for a list of tensors shaped like the block's parameters
 * ``K_tmv(t)``    ``K^T t`` as such a list
 * ``K()``         ``K`` materialised (``d x n_a``), for the dense ``full`` method
-* ``kronecker()`` K-FAC factors ``(Gamma, A)`` with ``K^T K ~ Gamma (x) A`` (Linear,
-  Conv2d)
+* ``kronecker_rows()`` rows of the K-FAC factors ``Gamma``, ``A`` with
+  ``K^T K ~ Gamma (x) A`` (Linear, Conv2d)
 
 Structured kernels (Linear, Conv2d) use that row ``r`` of ``K`` is
 ``sum_t delta_{r,t} xt_{b,t}^T`` over positions ``t`` (one for a plain Linear), with
@@ -23,6 +23,7 @@ module with parameters through ``torch.func`` and materialises ``K``.
 from __future__ import annotations
 
 import copy
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -270,21 +271,20 @@ class PatchHandler(Handler):
         # Rows of one sample share xt, so sum them first: K^T t = U^T Xt.
         return self.outer(torch.einsum("sb,sbtc->btc", t.reshape(self.r, self.N), self.Dl))
 
-    def kronecker(self) -> tuple[Tensor, Tensor]:
-        """``Gamma = sum_{r,t} delta delta^T``, ``A = mean_{b,t} xt xt^T``.
+    def kronecker_rows(self, ones: bool) -> tuple[Tensor, Tensor]:
+        """Rows of the K-FAC factors: ``Gamma = D^T D``, ``A = R^T R``.
 
-        Exact (``K^T K = Gamma (x) A`` in row-major ``vec([W | b])``) for one sample at
-        one position; otherwise the K-FAC (KFC for convolutions) approximation.
+        ``D`` holds the pulled-back rows ``delta`` at every position (``r N T x f_out``),
+        ``R`` the input patches over ``sqrt(N T)``, with a column of ones when ``ones``
+        (``xt = [x, 1]``, weight and bias in one block). So ``Gamma = sum_{r,t} delta
+        delta^T`` and ``A = mean_{b,t} xt xt^T``: ``K^T K = Gamma (x) A`` (row-major
+        ``vec([W | b])``) for one sample at one position; otherwise the K-FAC (KFC for
+        convolutions) approximation.
         """
-        D = self.Dl.reshape(-1, self.f_out)
         X = self.X.reshape(-1, self.X.shape[-1])
-        ones = X.new_ones(X.shape[0], 1)
-        Xt = (
-            torch.cat([X, ones], 1)
-            if self.with_bias and self.with_weight
-            else (X if self.with_weight else ones)
-        )
-        return D.T @ D, Xt.T @ Xt / Xt.shape[0]
+        if ones:
+            X = torch.cat([X, X.new_ones(X.shape[0], 1)], 1)
+        return self.Dl.reshape(-1, self.f_out), X / math.sqrt(X.shape[0])
 
 
 class LinearHandler(PatchHandler):

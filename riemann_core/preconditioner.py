@@ -7,11 +7,12 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from . import coupling
-from ._checks import Deferred, check_generator, check_model, tensors_of
+from ._checks import Deferred, check_generator, check_model, check_refresh, tensors_of
 from .capture import Capture, capturing, notes_for, rng_devices, rng_state
 from .direction import run_solver, solve
 from .factors import FactorFn
 from .methods import METHODS, SOLVERS, LayerDiagnostics, Options, problem_from_graph
+from .methods.kfac import KFACState
 
 
 class RiemannianPreconditioner:
@@ -42,6 +43,13 @@ class RiemannianPreconditioner:
     Options are those of ``rc.direction``; with ``diagnostics=True`` each step's
     :class:`LayerDiagnostics` are kept in ``.diagnostics``. Call ``remove()`` (or use
     ``with``) to detach the hooks.
+
+    K-FAC as optimisers run it (``method="kfac"`` only): ``kfac_refresh=k`` refreshes
+    the factorisations every ``k`` steps and reuses them in between, where a step then
+    costs two products per block and no forward pass; ``kfac_decay=beta`` keeps running
+    averages of the factors, ``F <- beta F + (1 - beta) F_batch``, updated every step
+    (which then needs the forward pass and the pullback again). The state changes only
+    when a step succeeds.
     """
 
     def __init__(
@@ -57,6 +65,10 @@ class RiemannianPreconditioner:
         solve_dtype: torch.dtype | None = None,
         generator: torch.Generator | None = None,
         refine: int = 0,
+        kfac_damping: str = "exact",
+        kfac_bias: str = "joint",
+        kfac_refresh: int = 1,
+        kfac_decay: float = 0.0,
         diagnostics: bool = False,
         check_coupling: bool = True,
     ):
@@ -70,10 +82,13 @@ class RiemannianPreconditioner:
             kernel=kernel,
             solve_dtype=solve_dtype,
             refine=refine,
+            kfac_damping=kfac_damping,
+            kfac_bias=kfac_bias,
             diagnostics=diagnostics,
             generator=generator,
             check_coupling=check_coupling,
         )
+        self._kfac = _kfac_state(method, kfac_refresh, kfac_decay)
         check_model(model)
         self.model = model
         self.method = method
@@ -140,6 +155,7 @@ class RiemannianPreconditioner:
         notes.clone |= stale
         needs_factor = SOLVERS[self.method].NEEDS_FACTOR
         probing = needs_factor and opts.check_coupling and coupling.needs_probe(model, notes)
+        reuse = self._kfac is not None and not self._kfac.needs_factors(names.values())
         try:
             if not isinstance(capture.output, Tensor):
                 raise ValueError(
@@ -152,13 +168,17 @@ class RiemannianPreconditioner:
                     "pass (with gradients enabled), whose batch the metric is taken at: "
                     "call pre.backward(loss) right after the forward pass of its batch"
                 )
-            if stale or probing or paths.outside:
+            if reuse or stale or probing or paths.outside:
                 gradient = self._autograd_gradient(loss, params)
                 for name, g in gradient.items():
                     checks.finite(f"the gradient of {name!r}", g, "the loss overflowed")
-                directions, diagnostics = self._solve(gradient, params, checks)
+                directions, diagnostics = self._transaction(
+                    lambda: self._solve(gradient, params, checks)
+                )
             else:
-                directions, diagnostics = self._fused(loss, not paths.calls, params, checks)
+                directions, diagnostics = self._transaction(
+                    lambda: self._fused(loss, not paths.calls, params, checks)
+                )
         finally:
             capture.reset()
         for name, p in params:  # every direction exists before any .grad changes
@@ -169,6 +189,7 @@ class RiemannianPreconditioner:
                 else:
                     p.grad.add_(direction)
         self.diagnostics = diagnostics
+        self._commit()
 
     @staticmethod
     def _check_loss(loss) -> None:
@@ -205,7 +226,7 @@ class RiemannianPreconditioner:
 
         devices = {p.device.type for _, p in params}
         devices |= {t.device.type for t in tensors_of(self._batch[:2])}
-        return run_solver(build, self.method, self.options, checks, devices)
+        return run_solver(build, self.method, self.options, checks, devices, self._kfac)
 
     @staticmethod
     def _autograd_gradient(loss: Tensor, params) -> dict[str, Tensor]:
@@ -215,23 +236,42 @@ class RiemannianPreconditioner:
 
     def _solve(self, gradient: dict[str, Tensor], params, checks: Deferred):
         """The direction of ``gradient`` (a zero vector for the ``params`` it lacks) at the
-        recorded batch, replayed from its random state; only ``gradient``'s entries."""
+        recorded batch, replayed from its random state (K-FAC between refreshes: the cached
+        blocks, no forward pass); only ``gradient``'s entries."""
         full = {
             n: gradient[n].detach() if n in gradient else torch.zeros_like(p) for n, p in params
         }
-        args, kwargs, state = self._batch
-        directions, diagnostics = solve(
-            self.model,
-            args,
-            None,
-            self.method,
-            self.options,
-            gradient=full,
-            forward_kwargs=kwargs,
-            checks=checks,
-            replay=state,
-        )
+        if self._kfac is not None and not self._kfac.needs_factors(full):
+            directions, diagnostics = self._kfac.reuse(full, self.options, checks)
+        else:
+            args, kwargs, state = self._batch
+            directions, diagnostics = solve(
+                self.model,
+                args,
+                None,
+                self.method,
+                self.options,
+                gradient=full,
+                forward_kwargs=kwargs,
+                checks=checks,
+                replay=state,
+                state=self._kfac,
+            )
         return {n: d for n, d in directions.items() if n in gradient}, diagnostics
+
+    def _transaction(self, compute):
+        """``compute()``, forgetting what K-FAC's state computed if it fails."""
+        try:
+            return compute()
+        except BaseException:
+            if self._kfac is not None:
+                self._kfac.discard()
+            raise
+
+    def _commit(self) -> None:
+        """Keep K-FAC's state of a step that succeeded."""
+        if self._kfac is not None:
+            self._kfac.commit()
 
     @torch.no_grad()
     def step(self) -> None:
@@ -252,12 +292,15 @@ class RiemannianPreconditioner:
         for name, grad in with_grad.items():
             checks.finite(f"the .grad of {name!r}", grad, "the loss or its backward overflowed")
         # a parameter without .grad took no part in the loss: a zero vector, left as None
-        directions, self.diagnostics = self._solve(
-            {n: g.detach().clone() for n, g in with_grad.items()}, params, checks
+        directions, self.diagnostics = self._transaction(
+            lambda: self._solve(
+                {n: g.detach().clone() for n, g in with_grad.items()}, params, checks
+            )
         )
         for name, p in params:  # every direction exists before any .grad changes
             if name in directions:
                 p.grad.copy_(directions[name])
+        self._commit()
 
     def remove(self) -> None:
         """Detach the forward hooks from the model."""
@@ -269,3 +312,16 @@ class RiemannianPreconditioner:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _kfac_state(method: str, refresh, decay) -> KFACState | None:
+    """K-FAC's state across steps, when ``kfac_refresh`` or ``kfac_decay`` asks for one."""
+    check_refresh(refresh, decay)
+    if refresh == 1 and decay == 0:
+        return None
+    if method != "kfac":
+        raise ValueError(
+            f"kfac_refresh and kfac_decay are options of method='kfac', not of "
+            f"method={method!r}; drop them, or pass method='kfac'"
+        )
+    return KFACState(refresh, decay)

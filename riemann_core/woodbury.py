@@ -39,7 +39,8 @@ class Cholesky:
     hold a batch of factors (``(..., m, m)``).
 
     ``failed`` is a device boolean (one per factor) for a factor from
-    :func:`cholesky_in_place`, whose success is read later; ``None`` once known.
+    :func:`cholesky_in_place` or :func:`cholesky_deferred`, whose success is read later;
+    ``None`` once known.
     """
 
     factor: Tensor
@@ -60,6 +61,13 @@ class Cholesky:
         """The ``i``-th factor of a batch."""
         failed = None if self.failed is None else self.failed[i]
         return Cholesky(self.factor[i], self.jitter, failed)
+
+
+def cholesky_deferred(matrix: Tensor) -> Cholesky:
+    """Cholesky of ``matrix`` (any layout; LAPACK's copy is made) without a host sync.
+    Its failure is a device boolean, read later, as for :func:`cholesky_in_place`."""
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    return Cholesky(factor, 0.0, (info != 0) | ~torch.isfinite(factor.diagonal().sum()))
 
 
 def cholesky_in_place(matrix: Tensor) -> Cholesky:

@@ -369,15 +369,39 @@ def matrix_to_params(module: nn.Module) -> Tensor:
     return torch.eye(f_out * cols, dtype=torch.float64)[order]
 
 
-def kfac_blocks(model: nn.Sequential, inputs: Tensor, targets: Tensor, loss: str):
-    """Per Linear/Conv2d block: ``(positions, Gamma (x) A)`` in parameter order (float64).
+def sampled_hessians(outputs: Tensor, loss: str, generator: torch.Generator) -> Tensor:
+    """One-sample Monte Carlo Fisher of the *mean* loss per sample, ``(N, C, C)``.
 
-    From the definitions: ``Gamma = sum_{b,t} Jh_{b,t}^T H_b Jh_{b,t}`` (the Jacobian of the
-    network output with respect to the layer output at position ``t``, by ``jacrev``;
-    ``H_b`` the loss Hessian of :func:`loss_hessians`), ``A = mean_{b,t} xt xt^T``.
+    Cross-entropy: a label ``y_b ~ Cat(softmax(z_b))``, the number of cumulative
+    probabilities at or below one uniform draw per sample, and ``H_b = (e_y - p)(e_y -
+    p)^T / N``, the outer product of the per-sample loss gradient at the drawn label.
+    MSE: a target ``z_b + eps_b / sqrt(2)`` (``eps ~ N(0, I)``, the noise of
+    ``mse_loss``'s Gaussian) and ``H_b = (2 / C) eps eps^T / N``.
+    """
+    N, C = outputs.shape
+    z = outputs.detach()
+    if loss == "cross_entropy":
+        p = torch.softmax(z, dim=1)
+        cdf = torch.cumsum(p, dim=1)
+        draw = torch.rand((N, 1), dtype=z.dtype, generator=generator) * cdf[:, -1:]
+        labels = (cdf <= draw).sum(1).clamp_max(C - 1)
+        u = F.one_hot(labels, C).to(z.dtype) - p
+    else:
+        u = torch.randn((N, 1, C), dtype=z.dtype, generator=generator)[:, 0]
+        u = u * math.sqrt(2 / C)
+    return u[:, :, None] * u[:, None, :] / N
+
+
+def kfac_factors(model: nn.Sequential, inputs: Tensor, targets: Tensor, loss: str, hessians=None):
+    """Per Linear/Conv2d module ``(positions, module, Gamma, A)`` (float64), from definitions.
+
+    ``Gamma = sum_{b,t} Jh_{b,t}^T H_b Jh_{b,t}`` (the Jacobian of the network output with
+    respect to the layer output at position ``t``, by ``jacrev``; ``H_b`` the loss
+    Hessian of :func:`loss_hessians`, or ``hessians``) and ``A = mean_{b,t} xt xt^T``
+    (``xt = [x, 1]`` when the module has a bias).
     """
     model, inputs, targets = as_float64(model, inputs, targets)
-    H = loss_hessians(model(inputs), targets, loss)
+    H = loss_hessians(model(inputs), targets, loss) if hessians is None else hessians
     blocks = iter(block_indices(model))
     out = []
     for i, module in enumerate(model):
@@ -387,18 +411,71 @@ def kfac_blocks(model: nn.Sequential, inputs: Tensor, targets: Tensor, loss: str
         Jh = output_jacobian_wrt_layer(model, i, inputs)
         N, C = Jh.shape[:2]
         Jh = Jh.reshape(N, C, module.weight.shape[0], -1)  # (N, C, f_out, T)
-        Gamma = torch.einsum("bcot,bcd,bdpt->op", Jh, H, Jh)
+        Gamma = torch.einsum("bcot,bcd,bdpt->op", Jh, H, Jh).detach().contiguous()
         X = layer_patches(module, x).flatten(0, 1)
-        A = X.T @ X / X.shape[0]
-        P = matrix_to_params(module)
-        out.append((next(blocks), P @ torch.kron(Gamma, A) @ P.T))
+        out.append((next(blocks), module, Gamma, X.T @ X / X.shape[0]))
     return out
+
+
+@functools.cache
+def kfac_factors_for(problem: Problem):
+    """:func:`kfac_factors` of ``problem`` (float64), computed once per session."""
+    model, x, y = problem.make()
+    return kfac_factors(model, x, y, problem.loss_name)
+
+
+def factored_shifts(Gamma: Tensor, A: Tensor, damping: float) -> tuple[float, float]:
+    """``(pi sqrt(mu), sqrt(mu) / pi)`` with ``pi = sqrt((tr Gamma / dim) / (tr A / dim))``."""
+    pi = math.sqrt(float(Gamma.trace() / Gamma.shape[0]) / float(A.trace() / A.shape[0]))
+    return pi * math.sqrt(damping), math.sqrt(damping) / pi
+
+
+def damped_kronecker(Gamma: Tensor, A: Tensor, damping: float, scheme: str) -> Tensor:
+    """``Gamma (x) A + mu I`` (``"exact"``) or ``(Gamma + pi sqrt(mu) I) (x)
+    (A + sqrt(mu) / pi I)`` (``"factored"``), dense, row-major ``vec``."""
+    if scheme == "exact":
+        return damped(torch.kron(Gamma, A), damping)
+    c_G, c_A = factored_shifts(Gamma, A, damping)
+    return torch.kron(damped(Gamma, c_G), damped(A, c_A))
+
+
+def kfac_metric(module, Gamma, A, damping: float, scheme: str = "exact", bias: str = "joint"):
+    """A module's damped K-FAC metric in parameter order (``vec(W)`` row-major, ``b``).
+
+    ``bias="joint"``: one block ``[W | b]`` with the whole ``A``. ``"separate"``: the
+    weight's block with ``A`` less its bias row and column, and the bias's block, whose
+    input factor is ``1``: ``Gamma`` damped as in the weight's block (``Gamma + mu I``
+    exact, ``Gamma + pi sqrt(mu) I`` factored).
+    """
+    if module.bias is None or bias == "joint":
+        P = matrix_to_params(module)
+        return P @ damped_kronecker(Gamma, A, damping, scheme) @ P.T
+    A_weight = A[:-1, :-1]
+    shift = damping if scheme == "exact" else factored_shifts(Gamma, A_weight, damping)[0]
+    weight = damped_kronecker(Gamma, A_weight, damping, scheme)
+    return torch.block_diag(weight, damped(Gamma, shift))
+
+
+def kfac_blocks(model: nn.Sequential, inputs: Tensor, targets: Tensor, loss: str):
+    """Per Linear/Conv2d block: ``(positions, Gamma (x) A)`` in parameter order (float64)."""
+    return [
+        (s, matrix_to_params(m) @ torch.kron(Gamma, A) @ matrix_to_params(m).T)
+        for s, m, Gamma, A in kfac_factors(model, inputs, targets, loss)
+    ]
 
 
 def solve_kfac(blocks, v: Tensor, damping: float) -> Tensor:
     out = torch.empty_like(v)
     for s, M in blocks:
         out[s] = solve_dense(M, v[s], damping)
+    return out
+
+
+def solve_kfac_metric(factors, v: Tensor, damping: float, scheme: str, bias: str) -> Tensor:
+    """``v`` solved with each module's :func:`kfac_metric` (already damped)."""
+    out = torch.empty_like(v)
+    for s, module, Gamma, A in factors:
+        out[s] = torch.linalg.solve(kfac_metric(module, Gamma, A, damping, scheme, bias), v[s])
     return out
 
 

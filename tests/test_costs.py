@@ -48,6 +48,31 @@ def test_counted_flops_match_the_model(widths, N, bias, method, kernel, output_m
     assert counter.get_total_flops() == pytest.approx(modelled, rel=1e-2, abs=2)
 
 
+@pytest.mark.parametrize("kfac_bias", ["joint", "separate"])
+@pytest.mark.parametrize("kfac_damping", ["exact", "factored"])
+@pytest.mark.parametrize(
+    "widths,N,bias", SHAPES, ids=[f"widths={'-'.join(map(str, w))}-N={n}" for w, n, _ in SHAPES]
+)
+@pytest.mark.parametrize("output_metric", ["exact", "sampled"])
+def test_counted_kfac_flops_match_the_model(
+    widths, N, bias, output_metric, kfac_damping, kfac_bias
+):
+    """Every K-FAC variant, with thin and dense factors (``N`` and ``d`` against widths),
+    in the steady state (see above)."""
+    torch.manual_seed(0)
+    model = mlp(widths, bias)
+    x, y = torch.randn(N, widths[0]), torch.randint(0, widths[-1], (N,))
+    kw = dict(method="kfac", output_metric=output_metric, damping=1e-2)
+    kw.update(kfac_damping=kfac_damping, kfac_bias=kfac_bias)
+    rc.direction(model, x, y, **kw)
+    with flop_counter() as counter:
+        rc.direction(model, x, y, **kw)
+    rows = widths[-1] if output_metric == "exact" else 1
+    variant = dict(kfac_damping=kfac_damping, kfac_bias=kfac_bias)
+    modelled = costs.flops("kfac", costs.MLPShape(widths, N, rows, bias), **variant)["total"]
+    assert counter.get_total_flops() == pytest.approx(modelled, rel=1e-2, abs=2)
+
+
 def test_speed_of_light_formula_by_hand():
     # one layer 3 -> 2, N = 2, r = 2: d = 4, P = 4, no pullback term
     shape = costs.MLPShape((3, 2), batch=2, rows=2)

@@ -1,12 +1,17 @@
-"""K-FAC: exact for one sample, and the documented damping ``Gamma (x) A + mu I``.
+"""K-FAC: exact for one sample, and each variant's documented damped metric.
 
 The oracle builds ``Gamma = sum_{b,t} Jh_{b,t}^T H_b Jh_{b,t}`` from ``torch.func``
 Jacobians of the network output with respect to each layer's output (the sum of the
 pulled-back factor rows' outer products, without any factor) and
-``A = mean_{b,t} xt xt^T``, then solves ``(Gamma (x) A + mu I) x = g`` densely.
+``A = mean_{b,t} xt xt^T``, forms the damped metric densely (``Gamma (x) A + mu I``, or
+the factored ``(Gamma + pi sqrt(mu) I) (x) (A + sqrt(mu) / pi I)``; weight and bias in one
+block or apart) and solves it with ``torch.linalg.solve``. The sampled variants use the
+oracle's own one-sample Monte Carlo Fisher, drawn from the same seed.
 """
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -20,13 +25,18 @@ from oracle import (
     gradient,
     grid,
     kfac_blocks,
+    kfac_factors,
+    kfac_factors_for,
+    kfac_metric,
     loss_hessians,
     matrix_to_params,
     oracle_for,
     output_jacobian_wrt_layer,
     rel_error,
+    sampled_hessians,
     solve_blocks,
     solve_kfac,
+    solve_kfac_metric,
     unflatten,
 )
 from torch import nn
@@ -78,6 +88,115 @@ def test_kfac_solves_damped_kronecker_product(problem, damping):
     g = gradient(model, x, y, problem.loss_name)
     dirs = rc.direction(model, x, y, loss=problem.loss_name, method="kfac", damping=damping)
     assert rel_error(flatten(dirs, model), solve_kfac(blocks, g, damping)) < 1e-10
+
+
+VARIANTS = [
+    pytest.param(scheme, bias, id=f"kfac_damping={scheme}-kfac_bias={bias}")
+    for scheme in ("exact", "factored")
+    for bias in ("joint", "separate")
+]
+#: Batch 4 keeps every input factor and the sampled Gammas thin (fewer rows than columns);
+#: batch 24 makes every factor dense.
+SHAPES = [
+    Problem(loss=loss, depth=3, width=8, batch=batch, bias=bias)
+    for loss in ("ce", "mse")
+    for batch in (4, 24)
+    for bias in (True, False)
+]
+
+
+def shape_id(problem):
+    return f"{problem.id}-batch={problem.batch}"
+
+
+@pytest.mark.parametrize(("scheme", "bias"), VARIANTS)
+@pytest.mark.parametrize("problem", SHAPES, ids=shape_id)
+def test_kfac_variant_solves_its_damped_metric(problem, scheme, bias):
+    model, x, y = problem.make()
+    factors = kfac_factors_for(problem)
+    g = gradient(model, x, y, problem.loss_name)
+    for damping in (1e-4, 1.0):
+        dirs = rc.direction(
+            model, x, y, loss=problem.loss_name, method="kfac", damping=damping,
+            kfac_damping=scheme, kfac_bias=bias,
+        )  # fmt: skip
+        expected = solve_kfac_metric(factors, g, damping, scheme, bias)
+        assert rel_error(flatten(dirs, model), expected) < 1e-10, damping
+
+
+@functools.cache
+def sampled_factors_for(problem):
+    model, x, y = problem.make()
+    H = sampled_hessians(model(x), problem.loss_name, torch.Generator().manual_seed(7))
+    return kfac_factors(model, x, y, problem.loss_name, hessians=H)
+
+
+@pytest.mark.parametrize(("scheme", "bias"), VARIANTS)
+@pytest.mark.parametrize("problem", SHAPES, ids=shape_id)
+def test_sampled_kfac_is_the_one_sample_monte_carlo_fisher(problem, scheme, bias):
+    """``output_metric="sampled"`` with one probe: ``Gamma`` from the per-sample loss
+    gradient at a label drawn from the model (a target drawn around it for MSE)."""
+    model, x, y = problem.make()
+    factors = sampled_factors_for(problem)
+    g = gradient(model, x, y, problem.loss_name)
+    dirs = rc.direction(
+        model, x, y, loss=problem.loss_name, method="kfac", damping=1e-2,
+        output_metric="sampled", generator=torch.Generator().manual_seed(7),
+        kfac_damping=scheme, kfac_bias=bias,
+    )  # fmt: skip
+    expected = solve_kfac_metric(factors, g, 1e-2, scheme, bias)
+    assert rel_error(flatten(dirs, model), expected) < 1e-10
+
+
+@pytest.mark.parametrize(("scheme", "bias"), VARIANTS)
+@pytest.mark.parametrize("problem", SHAPES[:2] + SHAPES[4:6], ids=shape_id)
+def test_kfac_variant_on_random_vectors(problem, scheme, bias):
+    model, x, y = problem.make()
+    factors = kfac_factors_for(problem)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    opts = Options(damping=1e-2, loss=problem.loss_name, kfac_damping=scheme, kfac_bias=bias)
+    dirs, _ = solve(model, x, y, "kfac", opts, gradient=unflatten(v, model))
+    assert (
+        rel_error(flatten(dirs, model), solve_kfac_metric(factors, v, 1e-2, scheme, bias)) < 1e-10
+    )
+
+
+def test_conv_kfac_variants_solve_their_damped_metrics():
+    model, x, y = conv_net()
+    factors = kfac_factors(model, x, y, "cross_entropy")
+    g = gradient(model, x, y, "cross_entropy")
+    for scheme in ("exact", "factored"):
+        for bias in ("joint", "separate"):
+            dirs = rc.direction(
+                model, x, y, method="kfac", damping=1e-2, kfac_damping=scheme, kfac_bias=bias
+            )
+            expected = solve_kfac_metric(factors, g, 1e-2, scheme, bias)
+            assert rel_error(flatten(dirs, model), expected) < 1e-10, (scheme, bias)
+
+
+@pytest.mark.parametrize("bias", ["joint", "separate"])
+def test_factored_damping_of_a_zero_factor_is_its_limit(bias):
+    """Zero inputs make the weight's ``A`` zero (``bias="separate"``), so ``pi -> inf``
+    and ``(Gamma + pi sqrt(mu) I) (x) (sqrt(mu) / pi I) -> mu I``: the weight's
+    direction is ``v / mu``, and the bias's block is ``Gamma + mu I``. With the bias's
+    column, ``A`` is not zero."""
+    model, _, y = Problem(depth=2).make()
+    x = torch.zeros(4, 5, dtype=torch.float64)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    opts = Options(damping=1e-2, kfac_damping="factored", kfac_bias=bias)
+    dirs, _ = solve(model, x, y, "kfac", opts, gradient=unflatten(v, model))
+    factors = kfac_factors(model, x, y, "cross_entropy")
+    if bias == "separate":
+        given = unflatten(v, model)
+        torch.testing.assert_close(dirs["0.weight"], given["0.weight"] / 1e-2, rtol=1e-12, atol=0)
+        Gamma = factors[0][2]
+        expected = torch.linalg.solve(
+            Gamma + 1e-2 * torch.eye(4, dtype=torch.float64), given["0.bias"]
+        )
+        torch.testing.assert_close(dirs["0.bias"], expected, rtol=1e-10, atol=0)
+    else:
+        expected = solve_kfac_metric(factors, v, 1e-2, "factored", bias)
+        assert rel_error(flatten(dirs, model), expected) < 1e-10
 
 
 def test_kfac_differs_from_layerwise_for_several_samples():
@@ -147,7 +266,7 @@ def test_kfac_sequence_linear_matches_oracle_definition():
     m64, x64, y64 = as_float64(model, x, y)
     H = loss_hessians(m64(x64), y64, "cross_entropy")
     Jh = output_jacobian_wrt_layer(m64, 0, x64)  # (N, C, T, f_out)
-    Gamma = torch.einsum("bcto,bcd,bdtp->op", Jh, H, Jh)
+    Gamma = torch.einsum("bcto,bcd,bdtp->op", Jh, H, Jh).contiguous()  # for torch.kron
     X = torch.cat([x64, torch.ones_like(x64[..., :1])], dim=-1).flatten(0, 1)
     A = X.T @ X / X.shape[0]
     P = matrix_to_params(model[0])
@@ -164,7 +283,7 @@ def test_eigh_of_a_saturated_layer_factor(name):
     # MKL) failed to converge or silently returned NaN. K-FAC must still decompose them.
     from pathlib import Path
 
-    from riemann_core.methods.kfac import eigh
+    from riemann_core.kronecker import eigh
 
     gamma = torch.load(Path(__file__).parent / "data" / f"{name}.pt")
     check_eigendecomposition(gamma, *eigh(gamma, "Gamma"))
@@ -172,7 +291,7 @@ def test_eigh_of_a_saturated_layer_factor(name):
 
 @pytest.mark.parametrize("failure", ["raises", "returns NaN"])
 def test_eigh_falls_back_to_float64_when_float32_lapack_fails(failure, monkeypatch):
-    from riemann_core.methods import kfac
+    from riemann_core import kronecker
 
     real = torch.linalg.eigh
     calls = []
@@ -189,20 +308,20 @@ def test_eigh_falls_back_to_float64_when_float32_lapack_fails(failure, monkeypat
     monkeypatch.setattr(torch.linalg, "eigh", flaky)
     a = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
     gamma = a @ a.T
-    values, vectors = kfac.eigh(gamma, "Gamma")
+    values, vectors = kronecker.eigh(gamma, "Gamma")
     assert calls == [torch.float32, torch.float64]
     check_eigendecomposition(gamma, values, vectors)
 
 
 def test_eigh_failing_in_float64_too_is_a_solve_error(monkeypatch):
-    from riemann_core.methods import kfac
+    from riemann_core import kronecker
 
     def broken(matrix):
         raise torch.linalg.LinAlgError("did not converge")
 
     monkeypatch.setattr(torch.linalg, "eigh", broken)
     with pytest.raises(rc.SolveError, match="eigendecomposition of the Gamma failed"):
-        kfac.eigh(torch.eye(3), "Gamma")
+        kronecker.eigh(torch.eye(3), "Gamma")
 
 
 def check_eigendecomposition(matrix, values, vectors):
@@ -229,3 +348,69 @@ def test_float64_solve_of_a_float32_model(kernel):
     g = oracle_for(problem, torch.float32)[1]
     expected = solve_kfac(kfac_blocks(model, x, y, "cross_entropy"), g, 1e-2)
     assert rel_error(flatten(dirs, model), expected) < 1e-5
+
+
+@pytest.mark.parametrize(("scheme", "bias"), VARIANTS)
+def test_kfac_variant_diagnostics(scheme, bias):
+    """One entry per module, with the residual of its own damped metric and the largest
+    condition number among its Kronecker blocks (the module, or its weight and bias
+    apart), as the oracle's damped metrics have them."""
+    problem = SHAPES[0]
+    model, x, y = problem.make()
+    _, diagnostics = rc.direction(
+        model, x, y, method="kfac", damping=1e-2, kfac_damping=scheme, kfac_bias=bias,
+        return_diagnostics=True,
+    )  # fmt: skip
+    assert [d.name for d in diagnostics] == ["0", "2", "4"]
+    solver = "kronecker" if scheme == "exact" else "kronecker-factored"
+    assert {d.solver for d in diagnostics} == {solver}
+    assert all(d.residual < 1e-12 for d in diagnostics)
+    for d, (_, module, Gamma, A) in zip(diagnostics, kfac_factors_for(problem), strict=True):
+        M = kfac_metric(module, Gamma, A, 1e-2, scheme, bias)
+        n_weight = module.weight.numel()
+        parts = [M] if bias == "joint" else [M[:n_weight, :n_weight], M[n_weight:, n_weight:]]
+        expected = max(float(torch.linalg.cond(P)) for P in parts)
+        assert d.condition == pytest.approx(expected, rel=1e-6)
+        assert d.params == sum(p.numel() for p in module.parameters())
+
+
+def test_direction_checks_kfac_options():
+    model, x, y = Problem().make()
+    with pytest.raises(ValueError, match=r"unknown kfac_damping 'eigen'; choose one of"):
+        rc.direction(model, x, y, method="kfac", kfac_damping="eigen")
+    with pytest.raises(ValueError, match=r"kfac_bias='separate' is an option of method='kfac'"):
+        rc.direction(model, x, y, method="natural", kfac_bias="separate")
+
+
+@pytest.mark.parametrize(("scheme", "bias"), VARIANTS)
+def test_overflowing_factors_are_a_solve_error(scheme, bias):
+    """A factor whose entries overflow is refused, never damped into a finite direction."""
+    model, x, y = Problem(depth=2).make()
+
+    def huge(outputs, targets):
+        return torch.full((outputs.shape[0], 1, outputs.shape[1]), 1e300, dtype=outputs.dtype)
+
+    with pytest.raises(rc.SolveError, match="NaN or inf"):
+        rc.direction(
+            model, x, y, method="kfac", output_metric=huge, kfac_damping=scheme, kfac_bias=bias
+        )
+
+
+@pytest.mark.parametrize("bias", ["joint", "separate"])
+def test_a_failed_float32_eigendecomposition_takes_the_slow_path(bias, monkeypatch):
+    """float32 LAPACK failing inside a call (as on saturated layers): the deferred
+    decomposition flags it, the module is decomposed again in float64, and the direction
+    is the one a working LAPACK gives."""
+    model, x, y = Problem(depth=3, width=8).make(torch.float32)
+    kw = dict(method="kfac", damping=1e-2, kfac_bias=bias)
+    expected = rc.direction(model, x, y, **kw)
+    real = torch.linalg.eigh
+
+    def flaky(matrix):
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("did not converge")
+        return real(matrix)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    got = rc.direction(model, x, y, **kw)
+    assert rel_error(flatten(got, model), flatten(expected, model)) < 1e-5

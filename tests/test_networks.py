@@ -237,6 +237,21 @@ def test_shared_parameters_have_no_kronecker_form(net, kernel):
         rc.direction(model, x, y, method="kfac", kernel=kernel_for(kernel, model))
 
 
+@pytest.mark.parametrize("refresh", [1, 2], ids=lambda k: f"kfac_refresh={k}")
+def test_preconditioner_refuses_kfac_on_shared_parameters(refresh):
+    """The same refusal in a preconditioner's step, with or without K-FAC's state
+    across steps; ``.grad`` untouched, and the state keeps nothing."""
+    model, x, y = tied_mlp()
+    pre = rc.RiemannianPreconditioner(model, method="kfac", kfac_refresh=refresh)
+    F.cross_entropy(model(x), y).backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="several module calls share.*method='layerwise'"):
+        pre.step()
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, before[n])
+    assert pre._kfac is None or pre._kfac.steps == 0
+
+
 class FunctionalTie(nn.Module):
     """``self.embed`` is called, and its weight is used again through ``F.linear``."""
 

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import Problem, assert_unchanged, mlp, snapshot
+from oracle import (
+    Problem,
+    assert_unchanged,
+    flatten,
+    kfac_factors,
+    mlp,
+    rel_error,
+    snapshot,
+    solve_kfac_metric,
+)
 
 import riemann_core as rc
 from riemann_core.direction import solve
@@ -262,3 +273,252 @@ def test_step_refuses_what_changed_since_the_forward_pass(change):
     with pytest.raises(RuntimeError, match="changed in place after the forward pass"):
         pre.step()
     assert_unchanged(model, before)
+
+
+# ------------------------------------------------------- K-FAC across steps
+
+
+def kfac_steps(pre, model, batches, lr=0.05):
+    """``loss.backward(); pre.step(); opt.step()`` on each batch; returns, per step, the
+    parameters and gradient before the step, the direction, and the forward passes run."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    calls = []
+    hook = model.register_forward_hook(lambda *args: calls.append(1))
+    steps = []
+    try:
+        for x, y in batches:
+            opt.zero_grad()
+            state = {n: p.detach().clone() for n, p in model.named_parameters()}
+            calls.clear()
+            F.cross_entropy(model(x), y).backward()
+            g = flatten({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, model)
+            pre.step()
+            d = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+            steps.append(dict(params=state, gradient=g, direction=d, forwards=len(calls)))
+            opt.step()
+    finally:
+        hook.remove()
+    return steps
+
+
+def batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(6, 5, dtype=torch.float64, generator=g),
+            torch.randint(0, 3, (6,), generator=g),
+        )
+        for _ in range(n)
+    ]
+
+
+def factors_at(model, params, x, y):
+    """The oracle's K-FAC factors of ``model`` with ``params``, on ``(x, y)``."""
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(params)
+    return kfac_factors(twin, x, y, "cross_entropy")
+
+
+KFAC_VARIANTS = [
+    pytest.param("exact", "joint", id="kfac_damping=exact-kfac_bias=joint"),
+    pytest.param("factored", "separate", id="kfac_damping=factored-kfac_bias=separate"),
+]
+
+
+@pytest.mark.parametrize(("scheme", "bias"), KFAC_VARIANTS)
+def test_kfac_refresh_reuses_the_factorisation_between_refreshes(scheme, bias):
+    """``kfac_refresh=3``: steps 0 and 3 factorise their own batch's factors; steps 1 and 2
+    apply step 0's metric to their own gradient, without a second forward pass."""
+    model, _, _ = Problem(depth=3).make()
+    kw = dict(method="kfac", damping=1e-2, kfac_damping=scheme, kfac_bias=bias)
+    data = batches(4)
+    pre = rc.RiemannianPreconditioner(model, kfac_refresh=3, **kw)
+    steps = kfac_steps(pre, model, data)
+    assert [s["forwards"] for s in steps] == [2, 1, 1, 2]
+    for t in (0, 3):
+        model.load_state_dict(steps[t]["params"])
+        expected = flatten(rc.direction(model, *data[t], **kw), model)
+        assert rel_error(flatten(steps[t]["direction"], model), expected) < 1e-10
+    factors = factors_at(model, steps[0]["params"], *data[0])
+    for t in (1, 2):
+        expected = solve_kfac_metric(factors, steps[t]["gradient"], 1e-2, scheme, bias)
+        assert rel_error(flatten(steps[t]["direction"], model), expected) < 1e-10
+
+
+def averaged(history, decay):
+    """Running averages of each module's ``Gamma`` and ``A`` over ``history``."""
+    out = history[0]
+    for factors in history[1:]:
+        out = [
+            (s, m, decay * G0 + (1 - decay) * G1, decay * A0 + (1 - decay) * A1)
+            for (s, m, G0, A0), (_, _, G1, A1) in zip(out, factors, strict=True)
+        ]
+    return out
+
+
+@pytest.mark.parametrize(("scheme", "bias"), KFAC_VARIANTS)
+def test_kfac_decay_keeps_running_averages_of_the_factors(scheme, bias):
+    """``kfac_decay=0.6, kfac_refresh=2``: step 1 reuses step 0's metric; step 2
+    factorises ``0.6 (0.6 F_0 + 0.4 F_1) + 0.4 F_2`` for each factor ``F``."""
+    model, _, _ = Problem(depth=3).make()
+    data = batches(3)
+    pre = rc.RiemannianPreconditioner(
+        model, method="kfac", damping=1e-2, kfac_damping=scheme, kfac_bias=bias,
+        kfac_refresh=2, kfac_decay=0.6,
+    )  # fmt: skip
+    steps = kfac_steps(pre, model, data)
+    assert [s["forwards"] for s in steps] == [2, 2, 2]  # the averages need every batch
+    history = [factors_at(model, s["params"], *b) for s, b in zip(steps, data)]
+    for t, factors in [(0, history[0]), (1, history[0]), (2, averaged(history, 0.6))]:
+        expected = solve_kfac_metric(factors, steps[t]["gradient"], 1e-2, scheme, bias)
+        assert rel_error(flatten(steps[t]["direction"], model), expected) < 1e-10, t
+
+
+def broken_eigh(matrix):
+    raise torch.linalg.LinAlgError("injected: did not converge")
+
+
+def broken_cholesky(matrix):
+    return torch.full_like(matrix, float("nan")), torch.ones((), dtype=torch.int32)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "broken", "message"),
+    [
+        ("exact", ("eigh", broken_eigh), "eigendecomposition of the .* failed: injected"),
+        ("factored", ("cholesky_ex", broken_cholesky), "not positive definite even with jitter"),
+    ],
+    ids=["kfac_damping=exact", "kfac_damping=factored"],
+)
+def test_kfac_failed_step_changes_neither_grad_nor_state(monkeypatch, scheme, broken, message):
+    """A step whose factorisation fails (LAPACK fails in float32 and float64, or every
+    Cholesky with jitter) leaves ``.grad`` and the running averages as they were:
+    repeated, it gives what it would have given the first time."""
+    model, _, _ = Problem(depth=3).make()
+    data = batches(2)
+    pre = rc.RiemannianPreconditioner(
+        model, method="kfac", damping=1e-2, kfac_damping=scheme, kfac_decay=0.5,
+        diagnostics=True,
+    )  # fmt: skip
+    first = kfac_steps(pre, model, data[:1])
+    x, y = data[1]
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    before = snapshot(model)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.linalg, *broken)
+        with pytest.raises(rc.SolveError, match=message):
+            pre.step()
+    assert_unchanged(model, before)
+    pre.step()
+    history = [
+        factors_at(model, first[0]["params"], *data[0]),
+        factors_at(model, before["params"], x, y),
+    ]
+    expected = solve_kfac_metric(
+        averaged(history, 0.5), before_gradient(before), 1e-2, scheme, "joint"
+    )
+    assert (
+        rel_error(flatten({n: p.grad for n, p in model.named_parameters()}, model), expected)
+        < 1e-10
+    )
+    assert all(d.residual < 1e-8 for d in pre.diagnostics)
+
+
+@pytest.mark.parametrize("change", ["nan-grad", "optimizer-step"])
+def test_kfac_reuse_keeps_the_checks_of_a_step(change):
+    """Between refreshes (no forward pass in ``step``): a NaN ``.grad`` and a parameter
+    changed in place since the forward pass are refused as in any step, ``.grad`` and
+    the state untouched; the next good step still reuses step 0's metric."""
+    model, _, _ = Problem(depth=3).make()
+    data = batches(2)
+    kw = dict(method="kfac", damping=1e-2, kfac_damping="factored", kfac_bias="separate")
+    pre = rc.RiemannianPreconditioner(model, kfac_refresh=3, **kw)
+    first = kfac_steps(pre, model, data[:1])[0]
+    x, y = data[1]
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    if change == "nan-grad":
+        model[0].weight.grad[0, 0] = float("nan")
+        error, match = ValueError, r"the .grad of '0.weight' contains 1 NaN or inf"
+    else:
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+        error, match = RuntimeError, "changed in place after the forward pass"
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        pre.step()
+    assert_unchanged(model, before)
+    assert pre._kfac.steps == 1
+    second = kfac_steps(pre, model, data[1:])[0]
+    assert second["forwards"] == 1
+    factors = factors_at(model, first["params"], *data[0])
+    expected = solve_kfac_metric(factors, second["gradient"], 1e-2, "factored", "separate")
+    assert rel_error(flatten(second["direction"], model), expected) < 1e-10
+
+
+def test_kfac_reuse_reports_diagnostics_of_the_cached_metric():
+    """A step between refreshes solves with step 0's metric: its diagnostics are those
+    of that metric on this step's gradient (one entry per module, float64 residual)."""
+    model, _, _ = Problem(depth=3).make()
+    pre = rc.RiemannianPreconditioner(
+        model, method="kfac", damping=1e-2, kfac_damping="factored", kfac_refresh=2,
+        diagnostics=True,
+    )  # fmt: skip
+    steps = kfac_steps(pre, model, batches(2))
+    assert [s["forwards"] for s in steps] == [2, 1]
+    assert [d.name for d in pre.diagnostics] == ["0", "2", "4"]
+    assert all(d.solver == "kronecker-factored" and d.residual < 1e-12 for d in pre.diagnostics)
+
+
+def before_gradient(snap):
+    return torch.cat([g.reshape(-1) for g in snap["grads"].values()])
+
+
+def test_kfac_refresh_follows_a_changed_set_of_parameters():
+    """Freezing a bias between refreshes: that module is refactorised at once (its block
+    changed), the others keep their cached metric."""
+    model, _, _ = Problem(depth=2).make()
+    kw = dict(method="kfac", damping=1e-2)
+    data = batches(2)
+    pre = rc.RiemannianPreconditioner(model, kfac_refresh=10, **kw)
+    first = kfac_steps(pre, model, data[:1])
+    model[0].bias.requires_grad_(False)
+    second = kfac_steps(pre, model, data[1:])[0]
+    assert second["forwards"] == 2
+    model.load_state_dict(second["params"])
+    fresh = rc.direction(model, *data[1], **kw)
+    torch.testing.assert_close(second["direction"]["0.weight"], fresh["0.weight"])
+    _, module, Gamma, A = factors_at(model, first[0]["params"], *data[0])[1]
+    g = second["gradient"][-15:]  # module 2: a 3 x 4 weight and a bias of 3
+    expected = solve_kfac_metric([(slice(0, 15), module, Gamma, A)], g, 1e-2, "exact", "joint")
+    got = torch.cat([second["direction"][n].reshape(-1) for n in ("2.weight", "2.bias")])
+    assert rel_error(got, expected) < 1e-10
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(kfac_refresh=0), r"kfac_refresh must be a positive integer"),
+        (dict(kfac_refresh=2.5), r"kfac_refresh must be a positive integer"),
+        (dict(kfac_refresh=True), r"kfac_refresh must be a positive integer"),
+        (dict(kfac_decay=1.0), r"kfac_decay must be a number in \[0, 1\)"),
+        (dict(kfac_decay=-0.1), r"kfac_decay must be a number in \[0, 1\)"),
+        (dict(kfac_decay="0.9"), r"kfac_decay must be a number in \[0, 1\)"),
+        (dict(kfac_damping="tikhonov"), r"unknown kfac_damping 'tikhonov'"),
+        (dict(kfac_bias="apart"), r"unknown kfac_bias 'apart'"),
+    ],
+    ids=lambda v: str(v) if isinstance(v, dict) else "",
+)
+def test_kfac_options_are_checked(options, message):
+    model, _, _ = Problem().make()
+    with pytest.raises(ValueError, match=message):
+        rc.RiemannianPreconditioner(model, method="kfac", **options)
+
+
+@pytest.mark.parametrize(
+    "options", [dict(kfac_refresh=2), dict(kfac_decay=0.9), dict(kfac_damping="factored")]
+)
+def test_kfac_options_with_another_method_are_refused(options):
+    model, _, _ = Problem().make()
+    with pytest.raises(ValueError, match=r"option(s)? of method='kfac', not of method='layerwise'"):
+        rc.RiemannianPreconditioner(model, method="layerwise", **options)

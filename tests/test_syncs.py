@@ -108,6 +108,50 @@ def test_preconditioner_backward_syncs_at_most_twice(method):
         assert len(seen) <= 2, seen
 
 
+KFAC_CASES = [
+    (scheme, bias, metric, batch)
+    for scheme in ("exact", "factored")
+    for bias in ("joint", "separate")
+    for metric in ("exact", "sampled")
+    for batch in (4, 24)
+]
+
+
+@pytest.mark.parametrize(
+    "scheme,bias,metric,batch",
+    KFAC_CASES,
+    ids=[f"kfac_damping={s}-kfac_bias={b}-{m}-batch={n}" for s, b, m, n in KFAC_CASES],
+)
+def test_kfac_variant_syncs_at_most_twice(scheme, bias, metric, batch):
+    """Every K-FAC variant, with thin factors (batch 4 against width 8; sampled
+    ``Gamma``) and dense ones (batch 24): the factored damping's traces stay on the
+    device too."""
+    model, x, y = Problem(depth=3, width=8, batch=batch).make(dtype=torch.float32)
+    kw = dict(method="kfac", output_metric=metric, damping=0.1)
+    kw.update(kfac_damping=scheme, kfac_bias=bias)
+    for _ in range(2):
+        seen = count_syncs(lambda: rc.direction(model, x, y, **kw))
+        assert len(seen) <= 2, seen
+
+
+@pytest.mark.parametrize("scheme", ["exact", "factored"], ids=lambda s: f"kfac_damping={s}")
+@pytest.mark.parametrize("decay", [0.0, 0.5], ids=lambda d: f"kfac_decay={d:g}")
+def test_kfac_preconditioner_steps_sync_at_most_twice(scheme, decay):
+    """Steps that factorise, and steps between refreshes that reuse the factorisations
+    (without a forward pass when there are no running averages)."""
+    model, x, y = Problem(depth=3, width=8).make(dtype=torch.float32)
+    pre = rc.RiemannianPreconditioner(
+        model, method="kfac", damping=0.1, kfac_damping=scheme, kfac_bias="separate",
+        kfac_refresh=2, kfac_decay=decay,
+    )  # fmt: skip
+    for _ in range(3):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        seen = count_syncs(pre.step)
+        assert len(seen) <= 2, seen
+    assert pre._kfac.steps == 3
+
+
 def test_bad_input_still_named_after_deferred_checks():
     """The deferred checks keep the guarantees: a NaN among the inputs is named, though
     the forward pass ran on it."""

@@ -8,27 +8,7 @@ them a standard operation count (leading terms, as in Golub & Van Loan and LAPAC
 operation counts), independent of the cost model in :mod:`riemann_core.costs`, so that
 counted and modelled FLOPs are two separate figures:
 
-=====================================  =====================================================
-operation                              FLOPs
-=====================================  =====================================================
-Cholesky of ``n x n``                  ``n^3 / 3``
-triangular solve, ``k`` right sides    ``n^2 k``
-``cholesky_solve``, ``k`` right sides  ``2 n^2 k`` (two triangular solves)
-symmetric eigendecomposition           ``9 n^3`` with eigenvectors, ``4 n^3 / 3`` values only
-Householder QR of ``m x n``            ``2 M q^2 - 2 q^3 / 3`` for ``R`` (``M = max(m, n)``,
-                                       ``q = min(m, n)``), plus ``4 m c q - 2 (m + c) q^2 +
-                                       4 q^3 / 3`` to form ``Q`` with ``c`` columns
-LU solve, ``k`` right sides            ``2 n^3 / 3 + 2 n^2 k``
-inverse                                ``2 n^3``
-matrix-vector product ``(m x n) v``    ``2 m n``
-=====================================  =====================================================
-
-Counts are recorded by kind (:data:`KINDS`): ``products`` (everything ``FlopCounterMode``
-counts itself, and matrix-vector products), ``cholesky``, ``triangular``, ``eigh``, ``qr``
-and ``lu`` (LU solves and inverses). The kinds run at very different rates on a device,
-which is what the time model of :mod:`riemann_core.scaling.fit` and the phase-wise speed
-of light weigh.
-"""
+=====================================  =============================================="""
 
 from __future__ import annotations
 
@@ -77,6 +57,11 @@ def _inverse(a_shape, *args, out_shape=None, **kwargs) -> int:
     return _batch(a_shape) * 2 * a_shape[-1] ** 3
 
 
+def _cholesky_inverse(a_shape, *args, out_shape=None, **kwargs) -> int:
+    # L^{-1} (n^3 / 3), then L^{-T} L^{-1} (n^3 / 3)
+    return int(_batch(a_shape) * 2 * a_shape[-1] ** 3 / 3)
+
+
 def _qr(a_shape, *args, out_shape=None, **kwargs) -> int:
     m, n = a_shape[-2], a_shape[-1]
     mode = kwargs.get("mode", args[0] if args else "reduced")
@@ -105,6 +90,7 @@ LINALG = {
     aten.linalg_qr: ("qr", _qr),
     aten._linalg_solve_ex: ("lu", _lu_solve),
     aten.linalg_inv_ex: ("lu", _inverse),
+    aten.cholesky_inverse: ("triangular", _cholesky_inverse),
     aten.mv: ("products", _mv),
     aten.addmv: ("products", _addmv),
 }

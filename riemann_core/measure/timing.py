@@ -51,6 +51,26 @@ def measure(
     return Timing(statistics.median(times), iqr, tuple(times))
 
 
+def interleaved(calls: dict, rounds: int, device) -> dict[str, list[float]]:
+    """Seconds per call of each of ``calls``, timed in turn in every round.
+
+    On a shared machine the speed drifts; ratios taken within one round (seconds
+    apart) are far steadier than ratios of separately taken medians.
+    """
+    for fn in calls.values():  # warm-up
+        fn()
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            times[name].append(measure(fn, repeats=1, warmup=0, device=device).median)
+    return times
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    """The median over rounds of ``a[i] / b[i]``."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
 #: Kinds of operation whose best rate a device is measured at (:func:`device_rates`).
 RATE_KINDS = ("products", "cholesky", "triangular")
 

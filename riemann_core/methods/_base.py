@@ -10,7 +10,14 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from .. import coupling
-from .._checks import Deferred, check_options, check_outputs, forward_arguments
+from .._checks import (
+    KFAC_OPTIONS,
+    Deferred,
+    check_kfac_options,
+    check_options,
+    check_outputs,
+    forward_arguments,
+)
 from ..capture import forward, notes_for
 from ..factors import FactorFn, factor_cotangents, output_factor, pullback
 from ..modules import Block, Handler, handler_for
@@ -30,15 +37,19 @@ class Options:
     generator: torch.Generator | None = None
     refine: int = 0
     check_coupling: bool = True
+    kfac_damping: str = "exact"
+    kfac_bias: str = "joint"
 
     @classmethod
     def checked(cls, method: str, methods, **options) -> Options:
         """Validate ``method`` and ``options`` (naming any bad one and its fix)."""
+        unchecked = ("diagnostics", "generator", *KFAC_OPTIONS)
         check_options(
             method=method,
             methods=methods,
-            **{k: v for k, v in options.items() if k not in ("diagnostics", "generator")},
+            **{k: v for k, v in options.items() if k not in unchecked},
         )
+        check_kfac_options(method, **{k: options[k] for k in KFAC_OPTIONS if k in options})
         return cls(**{**options, "damping": float(options["damping"])})
 
 

@@ -146,6 +146,14 @@ class Solve:
         chol = cholesky(matrix, what=self.what)
         return self.factor_solver(chol), matrix, chol
 
+    def corrector(self) -> Callable | None:
+        """``r -> G^{-1} r`` in the solve dtype, for refinement on the slow path (the
+        matrix factorised again), or ``None`` for a record that cannot refine."""
+        if self.factor_solver is None:
+            return None
+        apply, _, _ = self.refactorise()
+        return apply
+
     def redo(self, problem: Problem, opts: Options) -> None:
         """Slow path after a failed factorisation: factorise again with jitter."""
         apply, matrix, chol = self.refactorise()
@@ -186,7 +194,9 @@ def finish(
         condition = condition.value if condition is not None else None
         if failed is not None and failed.value:
             s.redo(problem, opts)
-            residual, condition = None, float(s.condition)
+            residual = None
+            if s.condition is not None:  # the redone metric's (K-FAC: defined now)
+                condition = float(s.condition)
             if s.jitter > opts.damping / 10:
                 warnings.warn(
                     f"the Cholesky factorisation of the {s.what} needed a jitter of "
@@ -222,8 +232,8 @@ def _check_residual(s: Solve, problem, opts, condition: float, residual, model_d
     else:
         return
     steps = 0
-    if not value <= bound and s.factor_solver is not None:
-        apply, _, _ = s.refactorise()
+    apply = None if value <= bound else s.corrector()
+    if apply is not None:
         while not value <= bound and steps < AUTO_REFINE:
             s.refine(problem, opts.damping, 1, apply)
             value, steps = float(s.residual), steps + 1

@@ -1,122 +1,485 @@
-"""K-FAC: per block ``G_a = Gamma_a (x) A_a + mu I``, solved exactly in the eigenbases.
+"""K-FAC: per module ``Gamma (x) A``, damped exactly or by factors, bias with or apart.
 
-``Gamma = sum_{r,t} delta delta^T`` (output side, the pulled-back factor rows) and
-``A = mean_{b,t} xt xt^T`` (input side, bias column included); ``Gamma (x) A`` is the
-Kronecker approximation of the block ``K_a^T K_a`` (exact for one sample at one
-position). Damping scheme: ``mu I`` is added to the Kronecker product itself, not
-factored (no ``pi`` heuristic), so ``kfac`` uses the same ``mu`` as every other method:
-with ``Gamma = Q_G diag(g) Q_G^T`` and ``A = Q_A diag(a) Q_A^T``,
+``Gamma = sum_{r,t} delta delta^T`` (output side: the pulled-back factor rows) and
+``A = mean_{b,t} xt xt^T`` (input side); ``Gamma (x) A`` is the Kronecker approximation
+of the block ``K_a^T K_a`` (exact for one sample at one position). The variants:
 
-    X = Q_G [(Q_G^T V Q_A) / (g a^T + mu)] Q_A^T      for the gradient V = [W | b].
+* ``kfac_damping="exact"`` (default): ``(Gamma (x) A + mu I)^{-1}``, the same ``mu I``
+  as every other method, solved in the factors' eigenbases;
+* ``kfac_damping="factored"``: ``(Gamma + pi sqrt(mu) I)^{-1} V (A + sqrt(mu)/pi I)^{-1}``
+  with ``pi = sqrt((tr Gamma / f_out) / (tr A / P))`` (Martens & Grosse 2015), by Cholesky;
+* ``kfac_bias="joint"`` (default): weight and bias in one block, ``xt = [x, 1]``;
+* ``kfac_bias="separate"``: the weight's block ``Gamma (x) A`` with ``A = mean x x^T``,
+  and the bias's own block ``Gamma`` (input factor ``1``), damped like ``Gamma`` in
+  the weight's block: ``Gamma + mu I`` (exact), ``Gamma + pi sqrt(mu) I`` (factored).
 
-Cost per block ``O(f_in^3 + f_out^3 + N T (f_in^2 + f_out^2))``.
+The Monte Carlo Fisher is ``output_metric="sampled"``. See :mod:`riemann_core.kronecker`
+for the algebra; a factor with fewer rows than columns is never formed.
+
+Each module is one :class:`KroneckerSolve` record, checked like every method's
+(:func:`riemann_core.methods._solve.finish`): its decompositions are deferred, and only
+a module whose flag says that one failed (or that a factored damping is undefined: a
+NaN, inf or zero trace) is factorised again on the slow path, with the checked
+decompositions of :mod:`riemann_core.kronecker`. ``cond(G)`` is exact for exact damping
+(from the eigenvalues) and estimated for factored damping (``cond`` of each damped
+factor, from its largest eigenvalue, multiplied: ``cond`` of a Kronecker product).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import math
+import operator
+from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
-from .._checks import all_finite
-from ..modules import PatchHandler, kronecker_handler
-from ..woodbury import SolveError
+from .._checks import Deferred, check_refresh
+from .._precision import full_precision
+from ..kronecker import (
+    Eigen,
+    Factor,
+    Shifted,
+    exact_condition,
+    exact_solve,
+    split_damping,
+    split_damping_checked,
+    unit_eigen,
+)
+from ..modules import Block, PatchHandler, kronecker_handler
 from ._base import Options, Problem
-from ._solve import Solve
+from ._solve import Solve, finish
 
 NEEDS_FACTOR = True
 
 
-def eigh(matrix, what: str):
-    """Eigendecomposition of a symmetric PSD factor; overflow is a :class:`SolveError`."""
-    if not all_finite(matrix):
-        raise SolveError(
-            f"the {what} contains NaN or inf; check the model outputs and parameters for "
-            "overflow, or solve in float64 (solve_dtype=torch.float64)"
+@dataclass(frozen=True)
+class Part:
+    """Parameters that share one Kronecker block, as the matrix ``[W | b]`` (``f_out``
+    rows: the weight's rows flattened, the bias a column): a module's weight and bias
+    together, or each apart. ``bias_only``: the block has no input factor (``A = 1``)."""
+
+    name: str
+    param_names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    bias_only: bool
+
+    def to_matrix(self, tensors: dict[str, Tensor]) -> Tensor:
+        columns = [tensors[n].reshape(s[0], -1) for n, s in zip(self.param_names, self.shapes)]
+        return torch.cat(columns, 1) if len(columns) > 1 else columns[0]
+
+    def from_matrix(self, M: Tensor) -> dict[str, Tensor]:
+        widths = [math.prod(s[1:]) for s in self.shapes]
+        return {
+            n: c.reshape(s)
+            for n, s, c in zip(self.param_names, self.shapes, M.split(widths, 1), strict=True)
+        }
+
+    @property
+    def n_params(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+
+def parts_of(handler: PatchHandler, bias: str) -> list[Part]:
+    """The module's blocks: one, or the weight's and the bias's apart (``"separate"``)."""
+    block = handler.block
+    names, shapes = tuple(block.param_names), tuple(p.shape for p in block.params)
+    if bias == "separate" and handler.with_weight and handler.with_bias:
+        return [
+            Part(names[0], names[:1], shapes[:1], bias_only=False),
+            Part(names[1], names[1:], shapes[1:], bias_only=True),
+        ]
+    return [Part(block.name, names, shapes, bias_only=not handler.with_weight)]
+
+
+def module_factors(handler: PatchHandler, opts: Options) -> tuple[Factor, dict[str, Factor]]:
+    """``Gamma`` and each part's input factor ``A`` from this batch (in the handler's
+    dtype, which is the solve dtype)."""
+    parts = parts_of(handler, opts.kfac_bias)
+    ones = handler.with_bias and len(parts) == 1
+    D, R = handler.kronecker_rows(ones)
+    name = handler.block.name
+    gamma = Factor.of_rows(D, what=f"K-FAC output factor Gamma of module {name!r}")
+    A = Factor.of_rows(R, what=f"K-FAC input factor A of module {name!r}")
+    return gamma, {p.name: A for p in parts if not p.bias_only}
+
+
+class DampedBlock:
+    """One part's damped Kronecker metric, factorised: ``block(V)`` is ``G^{-1} V``.
+
+    Exact damping: ``eigen``, the eigenpairs of ``Gamma`` and of ``A`` (``A = 1`` for a
+    part without input factor). Factored damping: ``left`` and ``right``, the damped
+    ``Gamma`` and ``A`` (:class:`riemann_core.kronecker.Shifted`; ``right`` is ``None``
+    for a part without input factor, both are ``None`` when a factor is zero and the
+    metric is ``mu I``, the limit of the factored product). ``failed``: a device boolean
+    (deferred decompositions; ``split_failed``: the factored damping is undefined), or
+    ``None``.
+    """
+
+    def __init__(
+        self,
+        part: Part,
+        gamma: Factor,
+        A: Factor | None,
+        damping: float,
+        *,
+        eigen: tuple[Eigen, Eigen] | None = None,
+        left: Shifted | None = None,
+        right: Shifted | None = None,
+        split_failed: Tensor | None = None,
+    ):
+        self.part, self.gamma, self.A, self.damping = part, gamma, A, damping
+        self.eigen, self.left, self.right = eigen, left, right
+        flags = [e.failed for e in eigen or ()] + [s.chol.failed for s in self.shifted]
+        self.failed = _any(flags + [split_failed])
+
+    @property
+    def shifted(self) -> list[Shifted]:
+        return [s for s in (self.left, self.right) if s is not None]
+
+    def __call__(self, V: Tensor) -> Tensor:
+        if self.eigen is not None:
+            return exact_solve(V, *self.eigen, self.damping)
+        if self.left is None:  # a zero factor: the metric is mu I
+            return V / self.damping
+        if self.right is None:  # the bias's block: (Gamma + c I)^{-1} = (c (Gamma + c I)^{-1}) / c
+            c = self.left.shift
+            return self.left.solve(V) / c if isinstance(c, Tensor) else self.left.solve(V, 1 / c)
+        # c_G c_A = mu: the 1 / mu rides along in a thin side's product where there is one
+        if self.left.factor.thin or not self.right.factor.thin:
+            return self.right.solve_right(self.left.solve(V, 1 / self.damping))
+        return self.right.solve_right(self.left.solve(V), 1 / self.damping)
+
+    def float64(self) -> DampedBlock:
+        """The same metric (the same shifts) factorised in float64, checked."""
+        gamma = self.gamma.float64()
+        A = None if self.A is None else self.A.float64()
+        if self.eigen is not None:
+            eigen = (gamma.eigen(True), unit_eigen(gamma.data) if A is None else A.eigen(True))
+            return DampedBlock(self.part, gamma, A, self.damping, eigen=eigen)
+
+        def shifted(factor, s):
+            c = s.shift.double() if isinstance(s.shift, Tensor) else s.shift
+            return factor.shifted(c, checked=True)
+
+        left = None if self.left is None else shifted(gamma, self.left)
+        right = None if self.right is None else shifted(A, self.right)
+        return DampedBlock(self.part, gamma, A, self.damping, left=left, right=right)
+
+    def metric64(self, X: Tensor) -> Tensor:
+        """``G X`` in float64 (``X`` float64), from the factors, for residuals."""
+        if self.eigen is not None:
+            GX = self.gamma.times64(X)
+            GXA = GX if self.A is None else self.A.times64(GX.T).T
+            return GXA + self.damping * X
+        if self.left is None:
+            return self.damping * X
+        GX = self.left.times64(X)
+        return GX if self.right is None else self.right.times64(GX.T).T
+
+    def condition(self) -> Tensor:
+        """``cond(G)``: exact for exact damping, estimated for factored damping (the
+        product of the damped factors' :attr:`~riemann_core.kronecker.Shifted.estimate`),
+        a device scalar."""
+        if self.eigen is not None:
+            return exact_condition(*self.eigen, self.damping)
+        return _product([s.estimate for s in self.shifted], like=self.gamma.data)
+
+    def exact_condition(self) -> Tensor:
+        """``cond(G)`` exactly (factored damping: eigendecompositions; diagnostics)."""
+        if self.eigen is not None:
+            return self.condition()
+        return _product([s.condition() for s in self.shifted], like=self.gamma.data)
+
+
+def damped_blocks(
+    parts: list[Part], gamma: Factor, inputs: dict[str, Factor], opts: Options, checked=False
+) -> list[DampedBlock]:
+    """Each part with its damped metric factorised from ``gamma`` and ``inputs``
+    (``{part: A}``), deferred or ``checked``.
+
+    Factored damping splits ``mu`` by the weight's factors; a bias apart shares the
+    weight's damped ``Gamma + pi sqrt(mu) I`` (one Cholesky for both), and alone (a
+    frozen weight, or a zero factor) has ``Gamma + mu I``.
+    """
+    mu = opts.damping
+    if opts.kfac_damping == "exact":
+        G = gamma.eigen(checked)
+
+        def eigen(part):
+            A = inputs.get(part.name)
+            return G, unit_eigen(G.vectors) if A is None else A.eigen(checked)
+
+        return [DampedBlock(p, gamma, inputs.get(p.name), mu, eigen=eigen(p)) for p in parts]
+    weight = None if parts[0].bias_only else inputs[parts[0].name]
+    split, split_failed = None, None
+    if weight is not None and checked:
+        split = split_damping_checked(gamma, weight, mu)
+    elif weight is not None:
+        c_G, c_A, ok = split_damping(gamma, weight, mu)
+        split, split_failed = (c_G, c_A), ~ok
+    if split is None:  # the weight's metric is mu I; a bias has Gamma + mu I
+        left = gamma.shifted(mu, checked) if parts[-1].bias_only else None
+        return [
+            DampedBlock(p, gamma, inputs.get(p.name), mu, left=left if p.bias_only else None)
+            for p in parts
+        ]
+    left = gamma.shifted(split[0], checked)
+    right = weight.shifted(split[1], checked)
+    return [
+        DampedBlock(
+            p,
+            gamma,
+            inputs.get(p.name),
+            mu,
+            left=left,
+            right=None if p.bias_only else right,
+            split_failed=split_failed,
         )
-    # float32 LAPACK fails on the factors of saturated layers, whose entries are denormal
-    # (seen at 1e-40): it raises, or returns NaN; in float64 those are ordinary numbers
-    try:
-        values, vectors = torch.linalg.eigh(matrix)
-        if all_finite(torch.cat([values, vectors.reshape(-1)])):  # one host sync, not two
-            return values, vectors
-        failure = "it returned NaN or inf"
-    except torch.linalg.LinAlgError as err:
-        failure = str(err)
-    if matrix.dtype != torch.float64:
-        values, vectors = eigh(matrix.double(), what)
-        return values.to(matrix.dtype), vectors.to(matrix.dtype)
-    raise SolveError(f"the eigendecomposition of the {what} failed: {failure}")
+        for p in parts
+    ]
 
 
-def kronecker_solve(Gamma, A, V, damping: float, decompose):
-    """``X`` with ``(Gamma (x) A + mu I) vec X = vec V``, the eigenpairs, and the
-    eigenvalues ``g a^T + mu`` of the damped metric."""
-    eg, QG = decompose(Gamma, "output factor Gamma")
-    ea, QA = decompose(A, "input factor A")
-    # Factors are PSD; clamp round-off negatives so g a^T + mu stays >= mu.
-    scale = eg.clamp_min(0)[:, None] * ea.clamp_min(0)[None, :] + damping
-    X = QG @ ((QG.T @ V @ QA) / scale) @ QA.T
-    return X, (eg, QG, ea, QA), scale
+def apply(blocks: list[DampedBlock], names: list[str], gradient: list[Tensor]) -> list[Tensor]:
+    """``G^{-1}`` of each block on ``gradient`` (a module's tensors in the order of
+    ``names``), as such a list."""
+    by_name = dict(zip(names, gradient, strict=True))
+    out: dict[str, Tensor] = {}
+    for block in blocks:
+        out.update(block.part.from_matrix(block(block.part.to_matrix(by_name))))
+    return [out[n] for n in names]
+
+
+def _any(flags: list[Tensor | None]) -> Tensor | None:
+    """The device booleans ``flags`` or-ed (``None`` ignored; ``None`` if all are)."""
+    flags = [f for f in flags if f is not None]
+    return functools.reduce(operator.or_, flags) if flags else None
+
+
+def _product(tensors: list[Tensor], like: Tensor) -> Tensor:
+    return functools.reduce(operator.mul, tensors) if tensors else like.new_ones(())
+
+
+def _max(tensors: list[Tensor]) -> Tensor:
+    return torch.stack(tensors).max() if len(tensors) > 1 else tensors[0]
 
 
 @dataclass
 class KroneckerSolve(Solve):
-    """A block's K-FAC solve: its metric is ``Gamma (x) A + mu I``."""
+    """A module's K-FAC solve: its metric is block-diagonal over ``blocks`` (its parts),
+    each a damped Kronecker product. ``factors`` (``(Gamma, {part: A})``) are what the
+    slow path factorises again; ``None`` for blocks factorised at an earlier step."""
 
-    handler: PatchHandler | None = None
+    param_names: list[str] = field(default_factory=list)
+    blocks: list[DampedBlock] = field(default_factory=list)
     factors: tuple | None = None
 
     def metric64(self, problem, damping):
-        Gamma, A = (f.double() for f in self.factors)
-
         def G(x):
-            X = self.handler.to_matrix(x)
-            return self.handler.from_matrix(Gamma @ X @ A + damping * X)
+            by_name = dict(zip(self.param_names, x, strict=True))
+            out: dict[str, Tensor] = {}
+            for b in self.blocks:
+                out.update(b.part.from_matrix(b.metric64(b.part.to_matrix(by_name))))
+            return [out[n] for n in self.param_names]
 
         return G
 
+    def corrector(self):
+        """The module's metric factorised in float64 (refinement then converges while
+        the float64 residual is what limits it; the float32 thin algebra loses
+        ``eps cond(G)``, like a Woodbury solve)."""
+        twins = [b.float64() for b in self.blocks]
+
+        def correct(r: list[Tensor]) -> list[Tensor]:
+            return apply(twins, self.param_names, [a.double() for a in r])
+
+        return correct
+
     def redo(self, problem, opts) -> None:
-        """Slow path: eigendecompositions checked one by one, in float64 if need be."""
-        name = self.handler.block.name
-
-        def decompose(matrix, what):
-            return eigh(matrix, f"K-FAC {what} of module {name!r}")
-
-        Gamma, A = self.factors
-        V = self.handler.to_matrix(self.rhs(problem))
-        X, _, _ = kronecker_solve(Gamma, A, V, opts.damping, decompose)
-        self.x = self.handler.from_matrix(X)
-
-
-def _eigh(matrix, what):
-    try:
-        return torch.linalg.eigh(matrix)
-    except torch.linalg.LinAlgError:  # LAPACK refused: NaN eigenpairs send it to redo()
-        nan = torch.full_like(matrix, float("nan"))
-        return nan[0], nan
+        """Slow path: the decompositions checked one by one (float64 retry, jitter),
+        errors naming the factor; a zero factor's damping by its limit."""
+        gamma, inputs = self.factors
+        parts = [b.part for b in self.blocks]
+        self.blocks = damped_blocks(parts, gamma, inputs, opts, checked=True)
+        self.x = apply(self.blocks, self.param_names, self.rhs(problem))
+        self.condition = _max([b.condition() for b in self.blocks])
+        self.jitter, self.what = max(
+            ((s.jitter, s.what) for b in self.blocks for s in b.shifted), default=(0.0, "")
+        )
+        self.residual = None
+        if opts.diagnostics:
+            self.matrix_condition = _max([b.exact_condition() for b in self.blocks])
 
 
-def solve(problem: Problem, opts: Options) -> list[Solve]:
+def kronecker_solve(
+    index: int,
+    block: Block,
+    kernel: str,
+    rows: int,
+    blocks: list[DampedBlock],
+    gradient: list[Tensor],
+    opts: Options,
+    factors: tuple | None = None,
+) -> KroneckerSolve:
+    """The record of ``blocks`` (block ``index`` of a problem) applied to ``gradient``."""
+    solve = KroneckerSolve(
+        name=block.name,
+        kernel=kernel,
+        solver="kronecker" if opts.kfac_damping == "exact" else "kronecker-factored",
+        indices=[index],
+        x=apply(blocks, block.param_names, gradient),
+        rows=rows,
+        params=block.n_params,
+        condition=_max([b.condition() for b in blocks]),
+        failed=_any([b.failed for b in blocks]),
+        param_names=list(block.param_names),
+        blocks=blocks,
+        factors=factors,
+    )
+    if opts.diagnostics and opts.kfac_damping == "factored":
+        solve.matrix_condition = _max([b.exact_condition() for b in blocks])
+    return solve
+
+
+def fresh_solve(
+    handler: PatchHandler, index: int, gradient: list[Tensor], opts: Options, factors=None
+) -> KroneckerSolve:
+    """The module's solve with its damped metric factorised from ``factors`` (default:
+    this batch's, :func:`module_factors`)."""
+    gamma, inputs = factors or module_factors(handler, opts)
+    blocks = damped_blocks(parts_of(handler, opts.kfac_bias), gamma, inputs, opts)
+    kernel = type(handler).__name__
+    return kronecker_solve(
+        index, handler.block, kernel, handler.d, blocks, gradient, opts, (gamma, inputs)
+    )
+
+
+def solve(problem: Problem, opts: Options, state: KFACState | None = None) -> list[Solve]:
+    """Each module's solve; with ``state``, the preconditioner's cached factorisations."""
     solves = []
     for i, handler in enumerate(problem.handlers):
         handler = kronecker_handler(handler)  # the factors need the layer structure
-        Gamma, A = handler.kronecker()
-        V = handler.to_matrix(problem.gradient_of(i))
-        X, parts, scale = kronecker_solve(Gamma, A, V, opts.damping, _eigh)
-        solves.append(
-            KroneckerSolve(
-                name=handler.block.name,
-                kernel=type(handler).__name__,
-                solver="kronecker",
-                indices=[i],
-                x=handler.from_matrix(X),
-                rows=handler.d,
-                params=handler.block.n_params,
-                condition=scale.max() / scale.min(),
-                failed=~torch.isfinite(sum(p.sum() for p in parts)),
-                handler=handler,
-                factors=(Gamma, A),
-            )
-        )
+        gradient = problem.gradient_of(i)
+        if state is None:
+            solves.append(fresh_solve(handler, i, gradient, opts))
+        else:
+            solves.append(state.solve(handler, i, gradient, opts))
     return solves
+
+
+@dataclass(frozen=True)
+class Cached:
+    """A module's damped metric kept across steps: its parameters (``block``, without
+    the batch's data), the kernel and rows it came from, and its factorised parts."""
+
+    block: Block
+    kernel: str
+    rows: int
+    blocks: list[DampedBlock]
+
+    def solve(self, index: int, gradient: list[Tensor], opts: Options) -> KroneckerSolve:
+        return kronecker_solve(
+            index, self.block, self.kernel, self.rows, self.blocks, gradient, opts
+        )
+
+
+class KFACState:
+    """K-FAC across the steps of a preconditioner, as K-FAC optimisers run it.
+
+    Factorisations (eigendecompositions or Choleskys) are refreshed every ``refresh``
+    steps and reused in between. With ``decay > 0`` the factors are running averages,
+    ``F <- decay F + (1 - decay) F_batch`` (started at the first batch's), updated every
+    step; with ``decay = 0`` a step between refreshes needs no factors at all, so
+    :meth:`reuse` applies the cached blocks to the gradient without a forward pass.
+    State changes only in :meth:`commit`, after a step succeeded.
+    """
+
+    def __init__(self, refresh: int = 1, decay: float = 0.0):
+        check_refresh(refresh, decay)
+        self.refresh, self.decay = refresh, float(decay)
+        self.steps = 0
+        self._averages: dict[str, Tensor] = {}  # running factors by "module:Gamma", "part:A"
+        self._cached: dict[str, Cached] = {}  # by module
+        self.discard()
+
+    @property
+    def due(self) -> bool:
+        """Whether this step refreshes the factorisations."""
+        return self.steps % self.refresh == 0
+
+    def needs_factors(self, names) -> bool:
+        """Whether a step on the parameters ``names`` needs this batch's factors."""
+        cached = {n for c in self._cached.values() for n in c.block.param_names}
+        return self.decay > 0 or self.due or cached != set(names)
+
+    def solve(
+        self, handler: PatchHandler, index: int, gradient: list[Tensor], opts: Options
+    ) -> KroneckerSolve:
+        """The module's solve for this step: refactorised from this batch's (averaged)
+        factors when due or not cached for these parameters, else the cached blocks."""
+        name = handler.block.name
+        old = self._cached.get(name)
+        cached = old is not None and not self.due
+        cached = cached and list(old.block.param_names) == list(handler.block.param_names)
+        if not cached or self.decay > 0:
+            gamma, inputs = module_factors(handler, opts)
+        if self.decay > 0:
+            gamma = self._average(f"{name}:Gamma", gamma)
+            inputs = {p: self._average(f"{p}:A", A) for p, A in inputs.items()}
+        if cached:
+            s = old.solve(index, gradient, opts)
+        else:
+            s = fresh_solve(handler, index, gradient, opts, (gamma, inputs))
+        self._pending[name] = (handler, s)
+        return s
+
+    def _average(self, key: str, factor: Factor) -> Factor:
+        batch = factor.dense()
+        old = self._averages.get(key)
+        if old is not None and old.shape == batch.shape and old.dtype == batch.dtype:
+            batch = torch.lerp(batch, old, self.decay)  # decay old + (1 - decay) batch
+        self._pending_averages[key] = batch
+        return Factor(matrix=batch, what=factor.what)
+
+    def reuse(self, gradient: dict[str, Tensor], opts: Options, checks: Deferred):
+        """The cached blocks applied to ``gradient`` (``{name: tensor}``) and checked as
+        :func:`riemann_core.methods._solve.finish` checks every solve (reading
+        ``checks`` too): ``({name: direction}, diagnostics)``."""
+        cached = list(self._cached.values())
+        dtype = cached[0].blocks[0].gamma.data.dtype  # the solve dtype
+        given = [[gradient[n].to(dtype) for n in c.block.param_names] for c in cached]
+        problem = Problem([c.block for c in cached], gradient=given)
+        devices = {g.device.type for g in gradient.values()}
+        with full_precision(devices):
+            solves = [c.solve(i, given[i], opts) for i, c in enumerate(cached)]
+            per_block, diagnostics = finish(problem, solves, opts, checks, "kfac")
+        self._pending = {c.block.name: (None, s) for c, s in zip(cached, solves, strict=True)}
+        directions = {
+            n: x
+            for c, dirs in zip(cached, per_block, strict=True)
+            for n, x in zip(c.block.param_names, dirs, strict=True)
+        }
+        return directions, diagnostics
+
+    def commit(self) -> None:
+        """Keep what the step computed (the blocks of the modules it saw) and count it."""
+        self._averages.update(self._pending_averages)
+        self._cached = {
+            name: self._cached[name] if handler is None else _cache(handler, s)
+            for name, (handler, s) in self._pending.items()
+        }
+        self.steps += 1
+        self.discard()
+
+    def discard(self) -> None:
+        """Forget what a failed step computed."""
+        self._pending_averages: dict[str, Tensor] = {}
+        self._pending: dict[str, tuple[PatchHandler | None, KroneckerSolve]] = {}
+
+
+def _cache(handler: PatchHandler, s: KroneckerSolve) -> Cached:
+    """What a later step needs of this one's module: its parameters, not its data."""
+    b = handler.block
+    block = Block(b.name, b.module, list(b.param_names), list(b.params), inputs=(), output=None)
+    return Cached(block, s.kernel, s.rows, s.blocks)

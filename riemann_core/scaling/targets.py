@@ -21,30 +21,12 @@ from .. import costs
 from ..arguments import Command
 from ..measure.flops import flop_counter
 from ..measure.problems import mlp
-from ..measure.timing import measure
+from ..measure.timing import interleaved, median_ratio
+from . import kfac_targets
 
 TARGETS = {"speed_of_light": 2.0, "sampled_vs_step": 2.5, "full_vs_layerwise": 50.0}
 #: About 4k parameters each: a narrow hidden layer, one and two wider ones.
 SMALL_NETWORKS = ((784, 5, 10), (64, 56, 10), (64, 48, 16, 10))
-
-
-def interleaved(calls: dict, rounds: int, device) -> dict[str, list[float]]:
-    """Seconds per call of each of ``calls``, timed in turn in every round.
-
-    On a shared machine the speed drifts; ratios taken within one round (seconds
-    apart) are far steadier than ratios of separately taken medians.
-    """
-    for fn in calls.values():  # warm-up
-        fn()
-    times = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, fn in calls.items():
-            times[name].append(measure(fn, repeats=1, warmup=0, device=device).median)
-    return times
-
-
-def median_ratio(a: list[float], b: list[float]) -> float:
-    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def measure_targets(
@@ -175,7 +157,10 @@ DESCRIPTION = (
     "float32, cross-entropy) against its phase-wise speed of light (minimal products at the "
     "GEMM rate plus minimal Cholesky FLOPs at the Cholesky rate, measured in the same "
     "rounds), the sampled-Fisher direction (1 probe) against one "
-    "forward+backward, and full against layerwise on networks of about 4k parameters."
+    "forward+backward, and full against layerwise on networks of about 4k parameters. "
+    "Then every K-FAC variant against the same variant of curvlinops (when installed: "
+    'pip install "riemann-bench[compare]") on MLPs 784-1024-1024-10 and 64-512-512-10; '
+    "exits 1 when one is slower. With --out, writes targets.json and kfac.md."
 )
 EXAMPLE = "targets --out reports/cpu/targets"
 
@@ -186,24 +171,30 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ..measure.environment import environment
-    from ..measure.output import write_json
+    from ..measure.output import write_atomic, write_json
 
-    steps = 2 + (2 if args.quick else len(SMALL_NETWORKS))
+    steps = 2 + (2 if args.quick else len(SMALL_NETWORKS)) + len(kfac_targets.NETWORKS)
     with tqdm(total=steps, desc="targets", unit="step", leave=False, file=sys.stderr) as bar:
 
         def progress(label):
             bar.set_postfix_str(label)
             bar.update(1)
 
-        result = measure_targets(
-            device=args.device, quick=args.quick, seed=args.seed, progress=progress
-        )
+        options = dict(device=args.device, quick=args.quick, seed=args.seed, progress=progress)
+        result = measure_targets(**options)
+        kfac = kfac_targets.measure_kfac(**options)
     print(format_targets(result))
+    print("\n" + kfac_targets.format_kfac(kfac))
     if args.out is not None:
         command = "riemann-bench targets" + (" --quick" if args.quick else "")
         payload = {"command": command, "environment": environment(args.device), **result}
-        print(f"\nwrote {write_json(args.out, 'targets.json', payload)}")
-    return 0
+        print(f"\nwrote {write_json(args.out, 'targets.json', {**payload, 'kfac': kfac})}")
+        page = kfac_targets.markdown_kfac(kfac, command)
+        print(f"wrote {write_atomic(args.out / 'kfac.md', page)}")
+    missed = kfac_targets.missed(kfac)
+    if missed:
+        print(f"\nK-FAC slower than curvlinops: {'; '.join(missed)}", file=sys.stderr)
+    return 1 if missed else 0
 
 
 COMMAND = Command("targets", run, HELP, DESCRIPTION, EXAMPLE)

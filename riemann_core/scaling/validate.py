@@ -138,10 +138,12 @@ class FlopClaim:
     """Counted FLOPs of ``method``/``kernel`` along ``axis`` grow like ``x^k``, ``k`` in
     ``exponents``: the exponents of the cost model's leading terms (``terms``) along x.
 
-    ``kernel`` None takes structured where the sweep has it; ``woodbury_only`` keeps the
-    points with ``d`` at most the smallest block's parameter count ``min_a n_a``, where
-    every block is solved by Woodbury (beyond it the implementation may factorise an
-    ``n_a x n_a`` block instead, where that costs less: its local exponent in d jumps).
+    ``kernel`` None takes structured where the sweep has it. ``within`` keeps the points
+    of the range the terms describe: ``"woodbury"``, ``d`` at most the smallest block's
+    parameter count ``min_a n_a``, where every block is solved by Woodbury (beyond it the
+    implementation may factorise an ``n_a x n_a`` block instead, where that costs less: its
+    local exponent in d jumps); ``"dense factors"``, width at most ``d``, the rows of K-FAC's output-side factor (beyond it both factors are kept
+    as rows and K-FAC's work per layer is ``O(N^2 w + N w^2)``, without ``w^3``).
     """
 
     id: str
@@ -152,7 +154,7 @@ class FlopClaim:
     x: str
     exponents: tuple[float, float]
     terms: str
-    woodbury_only: bool = False
+    within: str = ""
 
 
 FLOP_CLAIMS = (
@@ -166,7 +168,7 @@ FLOP_CLAIMS = (
         "layerwise-generic-d",
         "generic-kernel layerwise work grows like d^2..d^3",
         "layerwise", "generic", "batch", "d", (2, 3),
-        "sum_a n_a d^2 + L d^3: slope 2..3 in d", True,
+        "sum_a n_a d^2 + L d^3: slope 2..3 in d", "woodbury",
     ),
     FlopClaim(
         "layerwise-structured-n",
@@ -178,7 +180,7 @@ FLOP_CLAIMS = (
         "layerwise-structured-d",
         "structured-kernel layerwise work grows like d^2..d^3",
         "layerwise", "structured", "batch", "d", (2, 3),
-        "per layer N^2 f_in + d^2 f_out + d^3: slope 2..3 in d", True,
+        "per layer N^2 f_in + d^2 f_out + d^3: slope 2..3 in d", "woodbury",
     ),
     FlopClaim(
         "full-n",
@@ -187,8 +189,9 @@ FLOP_CLAIMS = (
     ),
     FlopClaim(
         "kfac-w",
-        "K-FAC's work grows like N w^2 + w^3",
-        "kfac", None, "width", "width", (2, 3), "N w^2 + w^3 per layer: slope 2..3 in w",
+        "K-FAC's work grows like N w^2 + w^3 while its factors are dense",
+        "kfac", None, "width", "width", (2, 3),
+        "N w^2 + w^3 per layer for w <= d: slope 2..3 in w", "dense factors",
     ),
 )  # fmt: skip
 
@@ -323,12 +326,14 @@ def _flop_claim(spec: FlopClaim, df: pd.DataFrame, base: Mapping[str, int]) -> C
     if not _is_swept(df, spec.method, kernel):
         return _not_measured(spec.id, spec.claim, expected, spec.method, kernel)
     rows = fit.method_points(df, base, spec.method, kernel, spec.axis)
-    if spec.woodbury_only:
-        rows = _woodbury_range(rows)
+    rows = _in_range(rows, spec.within)
     rows = rows.sort_values(spec.axis).drop_duplicates(spec.axis)
     subject = f"{spec.method} ({kernel}) along {spec.axis}"
     if len(rows) < 2:
-        reason = f"{len(rows)} ok points of {subject} (the budgets stopped the axis); need 2."
+        why = "the budgets stopped the axis"
+        if spec.within:
+            why += f", or it ends past the range ({RANGE_ENDS[spec.within]})"
+        reason = f"{len(rows)} ok points of {subject} ({why}); need 2."
         return Claim(spec.id, spec.claim, expected, None, None, None, NOT_REACHED, reason)
     xs = fit.x_values(rows, spec.x)
     counted = float(fit.local_exponents(xs, rows["flops"])[-1])
@@ -354,8 +359,8 @@ def _flop_claim(spec: FlopClaim, df: pd.DataFrame, base: Mapping[str, int]) -> C
             verdict = NOT_REACHED
             reason = (
                 "(the model agrees): lower-order terms still hold over "
-                f"{1 - LEADING_SHARE:.0%} of the work up to d = min_a n_a, where the "
-                "blocks are factorised densely instead; a larger base width reaches the band"
+                f"{1 - LEADING_SHARE:.0%} of the work up to the end of the range "
+                f"({RANGE_ENDS[spec.within]}); {RANGE_FIX[spec.within]} reaches the band"
             )
         else:
             verdict = FAIL
@@ -367,14 +372,14 @@ def _flop_claim(spec: FlopClaim, df: pd.DataFrame, base: Mapping[str, int]) -> C
 
 def _model_reaches(spec: FlopClaim, kernel: str, top: pd.Series, lowest: float) -> int | str:
     """The first doubling of the top point's axis value at which the cost model's exponent
-    reaches ``lowest``; ``"range"`` where the claim's Woodbury range ends first, ``"never"``
+    reaches ``lowest``; ``"range"`` where the claim's range (``within``) ends first, ``"never"``
     within :data:`EXTRAPOLATION_DOUBLINGS` doublings."""
     run = {k: top[k] for k in ("width", "depth", "out_dim", "batch", "output_metric")}
     value = int(top[spec.axis])
     for _ in range(EXTRAPOLATION_DOUBLINGS):
         lower, upper = {**run, spec.axis: value}, {**run, spec.axis: 2 * value}
         shapes = [shape_of(r) for r in (lower, upper)]
-        if spec.woodbury_only and shapes[1].d > min(shapes[1].block_params()):
+        if _in_range(pd.DataFrame([upper]).assign(d=shapes[1].d), spec.within).empty:
             return "range"
         flops = [costs.flops(spec.method, s, kernel)["total"] for s in shapes]
         frame = pd.DataFrame([lower, upper]).assign(
@@ -386,15 +391,26 @@ def _model_reaches(spec: FlopClaim, kernel: str, top: pd.Series, lowest: float) 
     return "never"
 
 
-def _woodbury_range(rows: pd.DataFrame) -> pd.DataFrame:
-    """Points with ``d`` at most the smallest block's parameter count ``min_a n_a``: then
-    ``2 n_a^2 d + w n_a^3 / 3 > gram + w d^3 / 3`` for every block, which the layerwise
-    method therefore solves by Woodbury (``costs.dense_is_cheaper``)."""
-    smallest = [
-        min(MLPShape(widths(w, L, c), 1, 1).block_params())
-        for w, L, c in zip(rows["width"], rows["depth"], rows["out_dim"])
-    ]
-    return rows[rows["d"].to_numpy() <= np.asarray(smallest)]
+#: where each range of :class:`FlopClaim` ends, and which base point stretches it
+RANGE_ENDS = {
+    "woodbury": "d = min_a n_a, where a block may be factorised densely instead",
+    "dense factors": "width = d, where K-FAC keeps its factors as rows instead",
+}
+RANGE_FIX = {"woodbury": "a larger base width", "dense factors": "a larger base batch"}
+
+
+def _in_range(rows: pd.DataFrame, within: str) -> pd.DataFrame:
+    """The points of ``rows`` in the range ``within`` names (:class:`FlopClaim`)."""
+    if within == "woodbury":  # then 2 n_a^2 d + w n_a^3 / 3 > gram + w d^3 / 3 for every
+        # block, which the layerwise method therefore solves by Woodbury (costs.dense_is_cheaper)
+        limit = [
+            min(MLPShape(widths(w, L, c), 1, 1).block_params())
+            for w, L, c in zip(rows["width"], rows["depth"], rows["out_dim"], strict=True)
+        ]
+        return rows[rows["d"].to_numpy() <= np.asarray(limit)]
+    if within == "dense factors":
+        return rows[rows["width"].to_numpy() <= rows["d"].to_numpy()]
+    return rows
 
 
 def _linear_in_depth(

@@ -32,6 +32,8 @@ class Optimiser:
     rule: str  # "sgd" or "adam"
     metric: str | None = None  # one of rc.METHODS, None for the plain rules
     output_metric: str = "exact"
+    kfac_damping: str = "exact"
+    kfac_bias: str = "joint"
 
     @property
     def damped(self) -> bool:
@@ -45,6 +47,8 @@ OPTIMISERS: dict[str, Optimiser] = {
     "layerwise-sampled": Optimiser("sgd", "layerwise", "sampled"),
     "natural": Optimiser("sgd", "natural"),
     "kfac": Optimiser("sgd", "kfac"),
+    # the K-FAC users run: one-sample Monte Carlo Fisher, factored damping, bias apart
+    "kfac-default": Optimiser("sgd", "kfac", "sampled", "factored", "separate"),
 }
 
 
@@ -151,6 +155,8 @@ def train(
             method=spec.metric,
             damping=config.damping,
             output_metric=spec.output_metric,
+            kfac_damping=spec.kfac_damping,
+            kfac_bias=spec.kfac_bias,
             generator=torch.Generator(device).manual_seed(seed),
         )
     run = Run()

@@ -27,7 +27,9 @@ from .trainer import OPTIMISERS, Config, train
 HELP = "train every method on handwritten digits: curves, time-to-target, report"
 DESCRIPTION = (
     "Train an MLP and a small CNN on scikit-learn's handwritten digits with sgd, adam, "
-    "layerwise (exact and sampled Fisher), natural and kfac. Each method's learning rate "
+    "layerwise (exact and sampled Fisher), natural, kfac (exact Fisher, exact damping) and "
+    "kfac-default (what K-FAC users run: one-sample Monte Carlo Fisher, factored damping, "
+    "bias apart). Each method's learning rate "
     "(and damping) is chosen on a validation split; the chosen configuration is then "
     "trained with several seeds on the same budget of examples. Writes the curves of "
     "train/test loss and accuracy against steps and wall-clock, steps- and time-to-target "

@@ -271,7 +271,9 @@ def write_report(out: Path) -> Path:
         f"evaluation every {meta['eval_every']} steps (not counted in the wall-clock).",
         "- Methods: `sgd` and `adam` are `torch.optim`; the others precondition the gradient "
         "with `rc.RiemannianPreconditioner` (metric `layerwise` with the exact or sampled "
-        "Fisher, `natural` = the whole damped Gauss-Newton matrix, `kfac`) and take an SGD "
+        "Fisher, `natural` = the whole damped Gauss-Newton matrix, `kfac` with the exact "
+        "Fisher and damping, `kfac-default` with the one-sample Monte Carlo Fisher, factored "
+        "damping and the bias apart, as K-FAC users run it) and take an SGD "
         "step of length lr along `G^{-1} g`.",
         f"- Tuning: each configuration of the grid trained once (seed {meta['tuning_seed']}); "
         "the lowest final validation loss wins. Learning rates "

@@ -41,12 +41,13 @@ B = torch.randn(30, 4, dtype=torch.float64)
         (lambda: torch.ops.aten._linalg_eigh(A, "L", False), "eigh", 36000),  # 4 30^3 / 3
         (lambda: torch.linalg.solve(A, B), "lu", 25200),  # 2 30^3 / 3 + 2 30^2 4
         (lambda: torch.linalg.inv(A), "lu", 54000),  # 2 30^3
+        (lambda: torch.cholesky_inverse(L), "triangular", 18000),  # 2 30^3 / 3
         (lambda: A @ B[:, 0], "products", 1800),  # 2 30 30
         (lambda: A @ B, "products", 7200),  # 2 30 30 4, FlopCounterMode's own count
     ],
     ids=[
         "cholesky", "batched-cholesky", "trsm", "trsm-right", "cholesky_solve", "eigh",
-        "eigh-values", "lu-solve", "inverse", "mv", "mm",
+        "eigh-values", "lu-solve", "inverse", "cholesky-inverse", "mv", "mm",
     ],
 )  # fmt: skip
 def test_counts_by_hand(fn, kind, by_hand):

@@ -24,3 +24,16 @@ def test_device_rates_measure_each_kind_once_per_repeat():
     rates = timing.device_rates("cpu", n=64, repeats=2)
     assert set(rates) == set(timing.RATE_KINDS) == {"products", "cholesky", "triangular"}
     assert all(len(v) == 2 and all(r > 0 for r in v) for v in rates.values())
+
+
+def test_interleaved_times_each_call_once_per_round_after_a_warm_up():
+    order = []
+    calls = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    times = timing.interleaved(calls, rounds=3, device="cpu")
+    assert order == ["a", "b"] * 4  # warm-up, then three rounds in turn
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+
+
+def test_median_ratio_pairs_rounds():
+    # per-round ratios 2, 4, 3 -> 3; the ratio of medians would be 4 / 1 = 4
+    assert timing.median_ratio([2.0, 4.0, 9.0], [1.0, 1.0, 3.0]) == 3.0

@@ -157,6 +157,18 @@ def test_a_base_width_too_small_for_the_woodbury_range_does_not_reach_the_regime
     assert claim.verdict == "regime not reached" and "larger base width" in claim.detail
 
 
+def test_the_kfac_claim_judges_only_widths_where_its_factors_are_dense():
+    # batch 2, out_dim 10: d = 20 rows; past width 20 both factors are kept as rows and the
+    # work grows like N^2 w + N w^2, below the claimed band
+    base = {"width": 16, "depth": 2, "out_dim": 10, "batch": 2}
+    axes = {**AXES, "width": (8, 16, 64, 128)}
+    claim = by_id(va.validate(*make_sweep(base=base, axes=axes), n_boot=100), "kfac-w")
+    assert claim.verdict == "pass" and "width 8..16" in claim.detail
+    narrow = {**axes, "width": (32, 64, 128)}
+    claim = by_id(va.validate(*make_sweep(base=base, axes=narrow), n_boot=100), "kfac-w")
+    assert claim.verdict == "regime not reached" and "keeps its factors as rows" in claim.detail
+
+
 def test_claims_of_methods_not_swept_are_not_measured():
     runs = [r for r in RUNS if r[0] != "full"]
     claims = va.validate(*make_sweep(REALISTIC, runs=runs), n_boot=200)

@@ -148,7 +148,7 @@ def test_a_real_error_in_the_preconditioner_is_not_hidden(data, monkeypatch):
               eval_every=1, evaluate_on={"train": data})  # fmt: skip
 
 
-@pytest.mark.parametrize("method", ["layerwise-sampled", "kfac"])
+@pytest.mark.parametrize("method", ["layerwise-sampled", "kfac", "kfac-default"])
 def test_training_runs_on_every_available_device(device, method, data):
     """On CUDA (when present) the data, model and Fisher-sampling generator live on the
     device; the batch order is drawn on the CPU, so it matches the CPU run's."""

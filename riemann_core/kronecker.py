@@ -1,0 +1,311 @@
+"""K-FAC's Kronecker factors and the two ways of damping their product.
+
+A factor ``F`` (``n x n``, symmetric PSD) arrives as its rows ``R`` (``m x n``,
+``F = R^T R``): the output factor ``Gamma``'s rows are the factor rows pulled back to a
+layer's output, the input factor ``A``'s are the layer's input patches over ``sqrt(N T)``.
+While ``m < n`` the factor is kept *thin*, as ``R``: its rank is at most ``m`` and all the
+algebra below runs through the ``m x m`` Gram ``R R^T`` (``O(m^2 n + m^3)``) instead of
+``F`` itself (``O(m n^2 + n^3)``). Both give the same matrix; for a Linear layer on a
+batch smaller than its width (``A`` has ``N`` rows) or a sampled Fisher (``Gamma`` has
+``N S``) this is the difference between an ``n^3`` and an ``m^2 n`` factorisation.
+A running average of factors is dense.
+
+Exact damping solves ``(Gamma (x) A + mu I) vec(X) = vec(V)``, i.e.
+``Gamma X A + mu X = V``, in the eigenbases ``Gamma = Q_G diag(g) Q_G^T``,
+``A = Q_A diag(a) Q_A^T``:
+
+    X = Q_G [(Q_G^T V Q_A) / (g a^T + mu)] Q_A^T.
+
+A thin factor has eigenvectors only for its nonzero eigenvalues; on the rest
+``Gamma (x) A`` vanishes and the metric is ``mu I``, so
+
+    X = V / mu - Q_G [(Q_G^T V Q_A) * g a^T / (mu (g a^T + mu))] Q_A^T,
+
+written with ``B = R^T U`` (``R R^T = U diag(s) U^T``, ``F = B B^T``) in place of the
+unit eigenvectors ``B diag(s)^{-1/2}``, which divides by no eigenvalue.
+
+Factored (Tikhonov) damping (Martens & Grosse 2015, section 6.3) damps each factor:
+
+    X = (Gamma + pi sqrt(mu) I)^{-1} V (A + sqrt(mu) / pi I)^{-1},
+    pi = sqrt((tr(Gamma) / dim Gamma) / (tr(A) / dim A)),
+
+each inverse by Cholesky (a thin factor by Woodbury,
+``(R^T R + c I)^{-1} = (I - R^T (c I + R R^T)^{-1} R) / c``); no eigendecomposition.
+
+Decompositions come in two kinds. *Deferred* ones (the default) never wait for the
+device: a failure (LAPACK's error, NaN or inf eigenpairs, a failed Cholesky, a NaN,
+inf or zero trace) is a device boolean ``failed``, read later with the other checks of
+the call (:mod:`riemann_core.methods._solve`). *Checked* ones (``checked=True``, the
+slow path after such a failure) decompose a float32 factor again in float64 when
+LAPACK fails, add jitter to a Cholesky that fails, and raise :class:`SolveError`
+naming the factor when that is not enough.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._checks import all_finite
+from .woodbury import Cholesky, SolveError, cholesky, cholesky_deferred, largest_eigenvalue
+
+OVERFLOW = (
+    "check the model outputs and parameters for overflow, or solve in float64 "
+    "(solve_dtype=torch.float64)"
+)
+
+
+def eigh(matrix: Tensor, what: str) -> tuple[Tensor, Tensor]:
+    """Checked eigendecomposition of a symmetric PSD ``matrix``; overflow is a
+    :class:`SolveError`."""
+    if not all_finite(matrix):
+        raise SolveError(f"the {what} contains NaN or inf; {OVERFLOW}")
+    # float32 LAPACK fails on the factors of saturated layers, whose entries are denormal
+    # (seen at 1e-40): it raises, or returns NaN; in float64 those are ordinary numbers
+    try:
+        values, vectors = torch.linalg.eigh(matrix)
+        if all_finite(torch.cat([values, vectors.reshape(-1)])):  # one host sync, not two
+            return values, vectors
+        failure = "it returned NaN or inf"
+    except torch.linalg.LinAlgError as err:
+        failure = str(err)
+    if matrix.dtype != torch.float64:
+        values, vectors = eigh(matrix.double(), what)
+        return values.to(matrix.dtype), vectors.to(matrix.dtype)
+    raise SolveError(f"the eigendecomposition of the {what} failed: {failure}")
+
+
+def eigh_deferred(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Eigenvalues, eigenvectors and a device boolean ``failed``, without a host sync
+    (on CUDA ``torch.linalg.eigh`` itself waits to check LAPACK's status)."""
+    try:
+        values, vectors = torch.linalg.eigh(matrix)
+    except torch.linalg.LinAlgError:  # NaN eigenpairs send it to the slow path
+        vectors = torch.full_like(matrix, math.nan)
+        values = vectors[0]
+    return values, vectors, ~torch.isfinite(values.sum() + vectors.sum())
+
+
+@dataclass(frozen=True)
+class Eigen:
+    """``F = B diag(w) B^T`` restricted to the eigenvalues ``values`` of ``F``.
+
+    ``complete``: ``B`` is ``F``'s whole orthonormal eigenbasis and ``w = values``.
+    Otherwise (a thin factor) ``B = R^T U`` spans the range of ``F``, ``B^T B =
+    diag(values)`` and ``w = 1``. ``failed``: a device boolean (deferred), or ``None``
+    (checked).
+    """
+
+    vectors: Tensor
+    values: Tensor
+    complete: bool
+    failed: Tensor | None = None
+
+
+def unit_eigen(like: Tensor) -> Eigen:
+    """The input factor of a bias alone, ``A = 1`` (``1 x 1``), in ``like``'s dtype."""
+    one = like.new_ones(1, 1)
+    return Eigen(one, one[0], True)
+
+
+class Factor:
+    """A Kronecker factor ``F`` (``n x n``): thin as its rows ``R`` (``F = R^T R``, kept
+    while ``m < n``) or dense. Its Gram and eigendecompositions are computed once."""
+
+    def __init__(self, rows: Tensor | None = None, matrix: Tensor | None = None, *, what: str):
+        self.rows, self.matrix, self.what = rows, matrix, what
+        self._gram: Tensor | None = None
+        self._eigen: dict[bool, Eigen] = {}  # by checked
+        self._float64: Factor | None = None
+
+    @classmethod
+    def of_rows(cls, rows: Tensor, *, what: str) -> Factor:
+        """``F = R^T R``, thin when ``R`` has fewer rows than columns."""
+        if rows.shape[0] < rows.shape[1]:
+            return cls(rows=rows, what=what)
+        return cls(matrix=rows.T @ rows, what=what)
+
+    @property
+    def thin(self) -> bool:
+        return self.rows is not None
+
+    @property
+    def data(self) -> Tensor:
+        """What is stored: the rows, or the matrix."""
+        return self.rows if self.thin else self.matrix
+
+    @property
+    def n(self) -> int:
+        return self.data.shape[-1]
+
+    def dense(self) -> Tensor:
+        return self.rows.T @ self.rows if self.thin else self.matrix
+
+    def trace(self) -> Tensor:
+        return self.rows.square().sum() if self.thin else self.matrix.diagonal().sum()
+
+    def gram(self) -> Tensor:
+        """``R R^T`` (``m x m``) of a thin factor."""
+        if self._gram is None:
+            self._gram = self.rows @ self.rows.T
+        return self._gram
+
+    def float64(self) -> Factor:
+        """The same factor in float64 (made once)."""
+        if self._float64 is None:
+            data = self.data.double()
+            self._float64 = (
+                Factor(data, what=self.what) if self.thin else Factor(matrix=data, what=self.what)
+            )
+        return self._float64
+
+    def times64(self, Y: Tensor) -> Tensor:
+        """``F Y`` in float64 (``R^T (R Y)`` for a thin factor), for residuals."""
+        if self.thin:
+            R = self.rows.double()
+            return R.T @ (R @ Y)
+        return self.matrix.double() @ Y
+
+    def eigen(self, checked: bool = False) -> Eigen:
+        if checked not in self._eigen:
+            if self.thin:
+                values, U, failed = self._eigh(
+                    self.gram(), f"Gram R R^T of the {self.what}", checked
+                )
+                eigen = Eigen(self.rows.T @ U, values.clamp_min(0), False, failed)
+            else:
+                values, Q, failed = self._eigh(self.matrix, self.what, checked)
+                # PSD: round-off negatives clamped so that g a^T + mu stays >= mu
+                eigen = Eigen(Q, values.clamp_min(0), True, failed)
+            self._eigen[checked] = eigen
+        return self._eigen[checked]
+
+    @staticmethod
+    def _eigh(matrix: Tensor, what: str, checked: bool):
+        return (*eigh(matrix, what), None) if checked else eigh_deferred(matrix)
+
+    def shifted(self, shift: Tensor | float, checked: bool = False) -> Shifted:
+        """``c (F + c I)^{-1}`` for ``c = shift``, factorised (deferred, or checked with
+        jitter)."""
+        if self.thin:
+            M = self.gram().clone()
+            M.diagonal().add_(shift)
+        else:
+            M = self.matrix / shift  # the copy that the Cholesky overwrites anyway
+            M.diagonal().add_(1)
+        # cond(F + c I) <~ lambda_max(M), over c for a thin factor (M = c I + R R^T)
+        estimate = largest_eigenvalue(M) / (shift if self.thin else 1)
+        if not checked:
+            return Shifted(self, shift, cholesky_deferred(M), estimate)
+        size = f"{M.shape[0]} x {M.shape[0]}"
+        what = f"damped Gram of the {self.what} ({size})" if self.thin else f"damped {self.what}"
+        return Shifted(self, shift, cholesky(M, what=what), estimate, what)
+
+
+@dataclass(frozen=True)
+class Shifted:
+    """``c (F + c I)^{-1}``: the inverse of ``F / c + I`` through its Cholesky factor
+    (dense), or ``I - R^T (c I + R R^T)^{-1} R`` through the Cholesky factor of
+    ``c I + R R^T`` (thin, by Woodbury). Either way no product is divided by ``c``, a
+    device scalar: a host ``scale`` rides along in the last product instead.
+
+    ``estimate``: an estimate of ``cond(F + c I)``, a device scalar: the largest
+    eigenvalue of the factorised matrix by a few power iterations
+    (:func:`riemann_core.woodbury.largest_eigenvalue`) over its smallest possible one;
+    ``what`` names the factorised matrix (checked factorisations).
+    """
+
+    factor: Factor
+    shift: Tensor | float
+    chol: Cholesky
+    estimate: Tensor
+    what: str = ""
+
+    @property
+    def jitter(self) -> float:
+        """The jitter of the Cholesky factorisation, on the diagonal of ``F + c I``."""
+        if not self.chol.jitter:
+            return 0.0
+        return self.chol.jitter * (1 if self.factor.thin else float(self.shift))
+
+    def solve(self, Y: Tensor, scale: float = 1.0) -> Tensor:
+        """``scale c (F + c I)^{-1} Y`` for ``Y`` of shape ``(n, k)``."""
+        if not self.factor.thin:
+            X = self.chol.solve(Y)
+            return X if scale == 1 else X.mul_(scale)
+        R = self.factor.rows
+        return torch.addmm(Y, R.T, self.chol.solve(R @ Y), beta=scale, alpha=-scale)
+
+    def solve_right(self, Y: Tensor, scale: float = 1.0) -> Tensor:
+        """``scale Y c (F + c I)^{-1}`` for ``Y`` of shape ``(k, n)``, in ``Y``'s layout."""
+        if not self.factor.thin:
+            L = self.chol.factor
+            Z = torch.linalg.solve_triangular(L.mT, Y, upper=True, left=False)
+            X = torch.linalg.solve_triangular(L, Z, upper=False, left=False)
+            return X if scale == 1 else X.mul_(scale)
+        R = self.factor.rows
+        t = self.chol.solve((Y @ R.T).T).T
+        return torch.addmm(Y, t, R, beta=scale, alpha=-scale)
+
+    def times64(self, Y: Tensor) -> Tensor:
+        """``(F + c I) Y`` in float64."""
+        c = self.shift.double() if isinstance(self.shift, Tensor) else self.shift
+        return self.factor.times64(Y) + c * Y
+
+    def condition(self) -> Tensor:
+        """``cond(F + c I)`` exactly (an eigendecomposition of ``F`` or its Gram)."""
+        F = self.factor
+        values = torch.linalg.eigvalsh(F.gram() if F.thin else F.matrix)
+        low = values.new_zeros(()) if F.thin else values[0].clamp_min(0)
+        return (values[-1] + self.shift) / (low + self.shift)
+
+
+def exact_solve(V: Tensor, G: Eigen, A: Eigen, damping: float) -> Tensor:
+    """``X`` with ``Gamma X A + mu X = V`` (``V``: ``f_out x P``) from the eigenbases."""
+    ga = G.values[:, None] * A.values[None, :]
+    W = torch.linalg.multi_dot([G.vectors.T, V, A.vectors])
+    if G.complete and A.complete:
+        return torch.linalg.multi_dot([G.vectors, W / (ga + damping), A.vectors.T])
+    if G.complete:
+        W = W * G.values[:, None]
+    if A.complete:
+        W = W * A.values[None, :]
+    correction = torch.linalg.multi_dot([G.vectors, W / (damping * (ga + damping)), A.vectors.T])
+    return V / damping - correction
+
+
+def exact_condition(G: Eigen, A: Eigen, damping: float) -> Tensor:
+    """``cond(Gamma (x) A + mu I)`` from the eigenvalues (a device scalar)."""
+    high = G.values.max() * A.values.max() + damping
+    if G.complete and A.complete:
+        return high / (G.values.min() * A.values.min() + damping)
+    return high / damping
+
+
+def split_damping(gamma: Factor, A: Factor, damping: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(pi sqrt(mu), sqrt(mu) / pi)``, the damping of ``Gamma`` and of ``A``, as device
+    scalars, and whether they are defined: ``False`` when a trace is NaN, inf or zero
+    (:func:`split_damping_checked` then says which)."""
+    pi = torch.sqrt((gamma.trace() / gamma.n) / (A.trace() / A.n))
+    root = math.sqrt(damping)
+    # a zero trace makes pi 0 or inf, NaN or inf in one makes it NaN, inf or 0
+    return pi * root, root / pi, torch.isfinite(pi) & (pi > 0)
+
+
+def split_damping_checked(gamma: Factor, A: Factor, damping: float) -> tuple[float, float] | None:
+    """:func:`split_damping` read on the host: a NaN or inf trace is a
+    :class:`SolveError`; ``None`` when a factor is zero, since as ``pi -> 0`` (or
+    ``inf``) the damped product tends to ``mu I``, the metric such a block has."""
+    mean_gamma = float(gamma.trace()) / gamma.n
+    mean_A = float(A.trace()) / A.n
+    for factor, mean in ((gamma, mean_gamma), (A, mean_A)):
+        if not math.isfinite(mean):
+            raise SolveError(f"the {factor.what} contains NaN or inf; {OVERFLOW}")
+    if mean_gamma == 0 or mean_A == 0:
+        return None
+    pi = math.sqrt(mean_gamma / mean_A)
+    root = math.sqrt(damping)
+    return pi * root, root / pi

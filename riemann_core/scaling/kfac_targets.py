@@ -1,0 +1,153 @@
+"""The K-FAC target: each of our K-FAC variants at least as fast as the public one's.
+
+For each network (MLP 784-1024-1024-10 and 64-512-512-10, batch 128, cross-entropy,
+damping ``1e-3``) and each variant of :data:`public_kfac.VARIANTS`, our direction and
+curvlinops' are computed from scratch (gradient, factors, damped inverse, product) in
+turn in every round, beside one forward+backward as a yardstick. The figure is the
+median over rounds of the per-round ratio ours / curvlinops; the goal is ``<= 1``.
+Without curvlinops the section says so and counts as not measured (not missed).
+"""
+
+from __future__ import annotations
+
+import statistics
+from importlib.metadata import version
+
+import torch
+import torch.nn.functional as F
+
+from ..measure import public_kfac
+from ..measure.problems import mlp
+from ..measure.timing import interleaved, median_ratio
+
+GOAL = 1.0
+NETWORKS = ((784, 1024, 1024, 10), (64, 512, 512, 10))
+BATCH = 128
+DAMPING = 1e-3
+
+
+def measure_kfac(*, device="cpu", dtype=torch.float32, quick=False, seed=0, progress=None) -> dict:
+    """Time every variant, ours and curvlinops', interleaved; ``progress(label)`` is called
+    before each network."""
+    progress = progress or (lambda label: None)
+    if not public_kfac.available():
+        return {"measured": False, "reason": f"curvlinops is not installed ({public_kfac.INSTALL})"}
+    rounds = 3 if quick else 7
+    result = {
+        "measured": True,
+        "public": f"curvlinops-for-pytorch {version('curvlinops-for-pytorch')}",
+        "goal": GOAL,
+        "damping": DAMPING,
+        "dtype": str(dtype).removeprefix("torch."),
+        "rounds": rounds,
+        "default_variant": public_kfac.DEFAULT.name,
+        "networks": [],
+    }
+    for widths in NETWORKS:
+        progress(f"K-FAC, {'-'.join(map(str, widths))}")
+        result["networks"].append(_network(widths, device, dtype, rounds, seed))
+    return result
+
+
+def _network(widths, device, dtype, rounds, seed) -> dict:
+    torch.manual_seed(seed)
+    model = mlp(widths).to(device, dtype)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(BATCH, widths[0], generator=generator).to(device, dtype)
+    y = torch.randint(0, widths[-1], (BATCH,), generator=generator).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    calls = {"step": lambda: torch.autograd.grad(F.cross_entropy(model(x), y), params)}
+    for v in public_kfac.VARIANTS:
+        for side, make in (("ours", public_kfac.ours), ("public", public_kfac.public)):
+            calls[f"{side} {v.name}"] = make(model, x, y, v, damping=DAMPING, seed=seed)
+    t = interleaved(calls, rounds, device)
+    rows = []
+    for v in public_kfac.VARIANTS:
+        ours, public = t[f"ours {v.name}"], t[f"public {v.name}"]
+        ratio = median_ratio(ours, public)
+        rows.append(
+            {
+                "variant": v.name,
+                "output_metric": v.output_metric,
+                "kfac_damping": v.damping,
+                "kfac_bias": v.bias,
+                "default": v == public_kfac.DEFAULT,
+                "ours_s": statistics.median(ours),
+                "public_s": statistics.median(public),
+                "ratio": ratio,
+                "met": ratio <= GOAL,
+            }
+        )
+    return {
+        "network": list(widths),
+        "batch": BATCH,
+        "step_s": statistics.median(t["step"]),
+        "variants": rows,
+    }
+
+
+def missed(result: dict) -> list[str]:
+    """``network: variant`` of each figure that missed its goal."""
+    return [
+        f"{'-'.join(map(str, n['network']))}: {v['variant']}"
+        for n in result.get("networks", [])
+        for v in n["variants"]
+        if not v["met"]
+    ]
+
+
+def format_kfac(result: dict) -> str:
+    if not result["measured"]:
+        return f"K-FAC against the public implementation: not measured, {result['reason']}"
+    lines = [
+        f"K-FAC against {result['public']}, from scratch (gradient, factors, damped inverse, "
+        f"product), damping {result['damping']:g}, {result['dtype']}; medians of "
+        f"{result['rounds']} interleaved rounds, ratios per round; goal ours / theirs <= "
+        f"{result['goal']:g} for every variant:",
+    ]
+    for n in result["networks"]:
+        lines.append(
+            f"  MLP {'-'.join(map(str, n['network']))}, batch {n['batch']} "
+            f"(forward+backward {n['step_s'] * 1e3:.2f} ms)"
+        )
+        lines.append(f"    {'variant':<30} {'ours ms':>9} {'theirs ms':>10} {'ratio':>7}")
+        for v in n["variants"]:
+            name = v["variant"] + (" (default)" if v["default"] else "")
+            lines.append(
+                f"    {name:<30} {v['ours_s'] * 1e3:9.2f} {v['public_s'] * 1e3:10.2f} "
+                f"{v['ratio']:6.2f}x  {'met' if v['met'] else 'MISSED'}"
+            )
+    return "\n".join(lines)
+
+
+def markdown_kfac(result: dict, command: str) -> str:
+    """The comparison as a markdown page (``kfac.md`` beside ``targets.json``)."""
+    lines = [
+        "# K-FAC: ours against the public implementation",
+        "",
+        f"Generated by `{command}`; the figures are also in `targets.json` (`kfac`).",
+        "",
+    ]
+    if not result["measured"]:
+        return "\n".join([*lines, f"Not measured: {result['reason']}.", ""])
+    lines += [
+        f"Against {result['public']}, variant for variant, each call from scratch (loss "
+        f"gradient, factors, damped inverse, product), damping {result['damping']:g}, "
+        f"{result['dtype']}, cross-entropy. Medians of {result['rounds']} interleaved "
+        "rounds; the ratio is the median of the per-round ratios. Goal: ours / theirs <= "
+        f"{result['goal']:g}. Variants are named fisher-damping-bias (`type2`: exact "
+        "Fisher, `mc`: one Monte Carlo sample); the default is what K-FAC users run.",
+        "",
+        "| network | variant | ours (ms) | curvlinops (ms) | ours / curvlinops | goal |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for n in result["networks"]:
+        net = f"{'-'.join(map(str, n['network']))}, batch {n['batch']}"
+        lines.append(f"| {net} | forward+backward (yardstick) | {n['step_s'] * 1e3:.2f} | | | |")
+        for v in n["variants"]:
+            name = f"{v['variant']} (default)" if v["default"] else v["variant"]
+            lines.append(
+                f"| {net} | {name} | {v['ours_s'] * 1e3:.2f} | {v['public_s'] * 1e3:.2f} | "
+                f"{v['ratio']:.2f} | {'met' if v['met'] else 'missed'} |"
+            )
+    return "\n".join([*lines, ""])
