@@ -99,7 +99,9 @@ class RiemannianPreconditioner:
         self._capture = Capture(model, notes_for(model).clone, persistent=True)
 
     def _record(self, module, args, kwargs):
-        if capturing():  # riemann_core's own forward passes are not the user's batch
+        # riemann_core's own forward passes are not the user's batch, nor are evaluations
+        # under torch.no_grad(), from which no loss is differentiated
+        if capturing() or not torch.is_grad_enabled():
             return
         args, kwargs = pytree.tree_map(
             lambda a: a.detach() if isinstance(a, Tensor) else a, (args, kwargs)
