@@ -522,3 +522,17 @@ def test_kfac_options_with_another_method_are_refused(options):
     model, _, _ = Problem().make()
     with pytest.raises(ValueError, match=r"option(s)? of method='kfac', not of method='layerwise'"):
         rc.RiemannianPreconditioner(model, method="layerwise", **options)
+
+
+def test_a_forward_under_no_grad_is_not_the_steps_batch():
+    """An evaluation under ``torch.no_grad()`` between the forward pass and the step
+    differentiates nothing: the step keeps the batch of the forward its gradient came from."""
+    model, x, y = Problem().make()
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+    F.cross_entropy(model(x), y).backward()
+    with torch.no_grad():
+        model(torch.randn_like(x))
+    pre.step()
+    expected = rc.direction(model, x, y, damping=1e-2)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-12, atol=1e-14)
