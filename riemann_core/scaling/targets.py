@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
 import sys
 
@@ -61,22 +62,26 @@ def figure(goal: str, network, ratio: float) -> dict:
 def training_steps(model, x, y, method="layerwise", **options) -> dict:
     """``{name: call}``: one plain SGD step and one step with ``pre.backward`` for each
     output metric in ``options["metrics"]``, all at learning rate 0 (the model stays put,
-    the optimizer's arithmetic is still done)."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    the optimizer's arithmetic is still done). Each runs on its own copy of ``model``, so
+    the SGD step pays for no preconditioner's hooks."""
+    plain = copy.deepcopy(model)
+    opt = torch.optim.SGD(plain.parameters(), lr=0.0)
 
     def sgd():
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(plain(x), y).backward()
         opt.step()
 
     calls = {"sgd": sgd}
     for metric in options["metrics"]:
-        pre = rc.RiemannianPreconditioner(model, method=method, output_metric=metric)
+        net = copy.deepcopy(model)
+        pre = rc.RiemannianPreconditioner(net, method=method, output_metric=metric)
+        net_opt = torch.optim.SGD(net.parameters(), lr=0.0)
 
-        def step(pre=pre):
-            opt.zero_grad()
-            pre.backward(F.cross_entropy(model(x), y))
-            opt.step()
+        def step(net=net, pre=pre, net_opt=net_opt):
+            net_opt.zero_grad()
+            pre.backward(F.cross_entropy(net(x), y))
+            net_opt.step()
 
         calls[f"{metric}_step"] = step
     return calls
