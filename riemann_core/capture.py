@@ -147,9 +147,15 @@ class Capture:
                 entered.append(None)
                 return
             # the arguments as the forward receives them (after any other pre-hook)
+            copy = name in self._clone
+            if not kwargs and all(isinstance(a, Tensor) for a in args):  # no pytree walks
+                live = tuple(a for a in args if a.requires_grad)
+                args = tuple(a.detach().clone() if copy else a.detach() for a in args)
+                entered.append((args, kwargs, live, [(a, a._version) for a in args]))
+                return
             leaves, _ = pytree.tree_flatten((args, kwargs))
             live = tuple(a for a in leaves if isinstance(a, Tensor) and a.requires_grad)
-            args, kwargs = _detached((args, kwargs), name in self._clone)
+            args, kwargs = _detached((args, kwargs), copy)
             entered.append((args, kwargs, live, _versions((args, kwargs))))
 
         def hook(mod, args, kwargs, output):

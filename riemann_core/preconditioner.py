@@ -94,7 +94,7 @@ class RiemannianPreconditioner:
         self.method = method
         self.diagnostics: list[LayerDiagnostics] = []
         self._batch: tuple[tuple, dict, list[Tensor]] | None = None
-        self._versions: list[tuple[str, Tensor, int]] = []
+        self._versions: list[tuple[str | None, Tensor, int]] = []
         self._hook = model.register_forward_pre_hook(self._record, with_kwargs=True)
         self._capture = Capture(model, notes_for(model).clone, persistent=True)
 
@@ -103,18 +103,24 @@ class RiemannianPreconditioner:
         # under torch.no_grad(), from which no loss is differentiated
         if capturing() or not torch.is_grad_enabled():
             return
-        args, kwargs = pytree.tree_map(
-            lambda a: a.detach() if isinstance(a, Tensor) else a, (args, kwargs)
-        )
+        if not kwargs and all(isinstance(a, Tensor) for a in args):  # no pytree walks
+            args = inputs = tuple(a.detach() for a in args)
+        else:
+            args, kwargs = pytree.tree_map(
+                lambda a: a.detach() if isinstance(a, Tensor) else a, (args, kwargs)
+            )
+            inputs = tensors_of((args, kwargs))
         self._batch = (args, kwargs, rng_state(rng_devices(self.model)))
         # what step() relies on: the batch and the parameters as the forward pass saw them
-        inputs = [("an input of the forward pass", t) for t in tensors_of((args, kwargs))]
-        params = [(f"parameter {n!r}", p) for n, p in self.model.named_parameters()]
-        self._versions = [(what, t, t._version) for what, t in inputs + params]
+        # (named on failure only: None for an input)
+        self._versions = [(None, t, t._version) for t in inputs] + [
+            (n, p, p._version) for n, p in self.model.named_parameters()
+        ]
 
     def _check_unchanged(self, call: str) -> None:
-        for what, t, version in self._versions:
+        for name, t, version in self._versions:
             if t._version != version:
+                what = "an input of the forward pass" if name is None else f"parameter {name!r}"
                 raise RuntimeError(
                     f"{what} changed in place after the forward pass that {call} uses "
                     "(an optimizer step, or a new batch copied into the same tensor): call "
