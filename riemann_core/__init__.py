@@ -8,6 +8,7 @@ exact natural gradient and K-FAC, behind one interface::
 """
 
 from .direction import direction
+from .distributed import DistributedError
 from .methods import METHODS, LayerDiagnostics
 from .modules import Handler, register_handler
 from .preconditioner import RiemannianPreconditioner
@@ -16,6 +17,7 @@ from .woodbury import AccuracyWarning, SolveError
 __all__ = [
     "METHODS",
     "AccuracyWarning",
+    "DistributedError",
     "Handler",
     "LayerDiagnostics",
     "RiemannianPreconditioner",

@@ -77,31 +77,36 @@ def out_dir(text: str) -> Path:
 
 
 def device(name: str) -> torch.device:
-    """argparse type for ``--device``: a usable ``cpu`` or ``cuda[:N]`` device."""
+    """argparse type for ``--device``: ``cpu`` or ``cuda[:N]`` (see :func:`check_device`
+    for whether this process can use it)."""
     try:
         chosen = torch.device(name)
     except RuntimeError as err:
         raise argparse.ArgumentTypeError(
             f"unknown device {name!r}; use 'cpu' or 'cuda' (or 'cuda:N')"
         ) from err
-    if chosen.type == "cpu":
-        return chosen
-    if chosen.type != "cuda":
+    if chosen.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(
             f"unsupported device {name!r}; use 'cpu' or 'cuda' (or 'cuda:N')"
         )
+    return chosen
+
+
+def check_device(chosen: torch.device) -> None:
+    """``ValueError`` unless this process can run on ``chosen`` (the CUDA device exists)."""
+    if chosen.type == "cpu":
+        return
     if not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(
-            f"device {name!r} requested but CUDA is not available to this torch "
+        raise ValueError(
+            f"device {str(chosen)!r} requested but CUDA is not available to this torch "
             f"({torch.__version__}); use --device cpu"
         )
     count = torch.cuda.device_count()
     if chosen.index is not None and chosen.index >= count:
-        raise argparse.ArgumentTypeError(
-            f"device {name!r} requested but only {count} CUDA device(s) are visible "
+        raise ValueError(
+            f"device {str(chosen)!r} requested but only {count} CUDA device(s) are visible "
             f"(cuda:0 to cuda:{count - 1})"
         )
-    return chosen
 
 
 def common_options() -> argparse.ArgumentParser:

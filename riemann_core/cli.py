@@ -16,15 +16,16 @@ import textwrap
 from collections.abc import Sequence
 from importlib import metadata
 
-from .arguments import Command, common_options
+from .arguments import Command, check_device, common_options
 from .scaling import commands as scaling_commands
-from .scaling import targets
+from .scaling import parallel, targets
 from .studies import demo, stability, training
 
 PROG = "riemann-bench"
 COMMANDS: tuple[Command, ...] = (
     *scaling_commands.COMMANDS,
     targets.COMMAND,
+    parallel.COMMAND,
     training.COMMAND,
     stability.COMMAND,
     demo.COMMAND,
@@ -34,7 +35,13 @@ COMMANDS: tuple[Command, ...] = (
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``riemann-bench`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "scheduler", None) is None:  # on a cluster, the workers' devices count
+        try:
+            check_device(args.device)
+        except ValueError as err:
+            parser.error(str(err))
     args.command_line = " ".join([PROG, *argv])  # recorded with the results
     return args.run(args)
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .ownership import assign
+
 
 def cholesky_flops(n: int) -> float:
     """``n^3 / 3``: Cholesky of an ``n x n`` matrix."""
@@ -210,19 +212,24 @@ def flops(
     return _total(cost)
 
 
-def _kfac(N: int, d: int, f_in: int, f: int, bias: bool, damping: str, where: str) -> dict:
+def _kfac(
+    N: int, d: int, f_in: int, f: int, bias: bool, damping: str, where: str, dense=False
+) -> dict:
     """One Linear layer's K-FAC (``riemann_core.kronecker``): factors with ``m`` rows and
     ``n < m`` columns formed (``2 m n^2``), thinner ones kept as rows (Gram ``2 m^2 n``);
     exact damping: eigendecompositions (a thin factor's of its Gram, and ``B = R^T U``)
     and the two basis changes, each the cheaper order of a ``multi_dot``; factored
     damping: Choleskys, the estimate of each damped factor's largest eigenvalue, and the
-    solves (thin: by Woodbury)."""
+    solves (thin: by Woodbury). ``dense``: every factor formed as its ``n x n`` matrix
+    (the data-parallel step, whose factors are summed over the ranks)."""
     separate = bias and where == "separate"
     P = f_in + int(bias and not separate)
     cost = {"gram": 0.0, "factorisation": 0.0, "solve": 0.0, "checks": 0.0}
     sides = [(d, f), (N, P)]  # (rows, columns) of Gamma and A
     for m, n in sides:
-        cost["gram"] += 2 * m * m * n if m < n else 2 * m * n * n
+        cost["gram"] += 2 * m * m * n if m < n and not dense else 2 * m * n * n
+    if dense:  # past the Gram, a dense factor costs what one with n rows would
+        sides = [(max(m, n), n) for m, n in sides]
     if damping == "exact":
         k = []
         for m, n in sides:
@@ -235,6 +242,7 @@ def _kfac(N: int, d: int, f_in: int, f: int, bias: bool, damping: str, where: st
     for m, n in sides:
         cost["factorisation"] += cholesky_flops(min(m, n))
         cost["checks"] += power_flops(min(m, n))
+    (d, _), (N, _) = sides
     for k in [P] + ([1] if separate else []):  # Gamma's side: P right-hand sides
         cost["solve"] += _shifted_solve(d, f, k)
     cost["solve"] += _shifted_solve(N, P, f)  # A's side: f right-hand sides
@@ -338,3 +346,173 @@ def peak_bytes(
     elif method == "kfac":
         elems += sum(3 * (f * f + shape.patch(i) ** 2) for i, f in shape.layers)
     return elems * itemsize
+
+
+# ------------------------------------------------------------------- data-parallel solves
+
+#: Phases of :func:`flops` that every rank runs on its own shard of the batch in a
+#: data-parallel step (:mod:`riemann_core.distributed`); the others are the owners'.
+LOCAL_PHASES = {
+    "euclidean": ("forward", "gradient"),
+    "layerwise": ("forward", "pullback"),
+    "natural": ("forward", "pullback"),
+    "full": ("forward", "pullback"),
+    "kfac": ("forward", "pullback", "gram", "gradient"),
+}
+
+#: Methods solved block by block on the blocks' owners; the others' solve is one job.
+BLOCKWISE = ("layerwise", "kfac")
+
+#: Entries of the table every rank contributes to the agreement of a step (int64):
+#: failed, samples, signature of the blocks.
+AGREEMENT_SLOTS = 3
+
+
+def block_solve_flops(
+    method: str, f_in: int, f_out: int, batch: int, rows: int, bias=True, **kfac_variant
+) -> float:
+    """Modelled FLOPs of the owner's solve of one Linear block (structured kernel) on
+    ``batch`` samples: :func:`flops` of the one-layer network without its
+    :data:`LOCAL_PHASES`; layerwise rows are kept per sample as ``min(rows, f_out)``
+    (compressed before they are sent, so no QR here); K-FAC's factors are dense
+    (summed over the ranks), ``kfac_variant`` its ``kfac_damping`` and ``kfac_bias``."""
+    if method not in BLOCKWISE:
+        raise ValueError(f"method={method!r} is not solved block by block; use {BLOCKWISE}")
+    if method == "kfac":
+        variant = _kfac_variant(**kfac_variant)
+        cost = _kfac(batch, batch * rows, f_in, f_out, bias, *variant, dense=True)
+        return sum(v for k, v in cost.items() if k not in LOCAL_PHASES[method])
+    if method == "layerwise":
+        rows = min(rows, f_out)
+    phases = flops(method, MLPShape((f_in, f_out), batch, rows, bias))
+    return sum(v for k, v in phases.items() if k != "total" and k not in LOCAL_PHASES[method])
+
+
+def generic_block_solve_flops(n: int, d: int) -> float:
+    """The layerwise solve of a block with a materialised ``K`` (``d x n``): the cheaper
+    of Woodbury (``2 d^2 n + d^3 / 3 + 4 d n``) and the dense metric (``2 n^2 d + n^3 / 3``)."""
+    woodbury = 2 * d * d * n + cholesky_flops(d) + 4 * d * n
+    return min(woodbury, 2 * n * n * d + cholesky_flops(n))
+
+
+def _kfac_variant(kfac_damping: str = "exact", kfac_bias: str = "joint") -> tuple[str, str]:
+    return kfac_damping, kfac_bias
+
+
+def owners(method: str, shape: MLPShape, world: int, **kfac_variant) -> list[int]:
+    """The owner rank of each layer's block in a data-parallel step on ``world`` ranks
+    (the greedy plan of :mod:`riemann_core.ownership` over :func:`block_solve_flops`;
+    ``natural`` and ``full`` solve every block on rank 0)."""
+    if method not in BLOCKWISE:
+        return [0] * len(shape.layers)
+    costs = [
+        block_solve_flops(method, f_in, f_out, shape.batch, shape.rows, shape.bias, **kfac_variant)
+        for f_in, f_out in shape.layers
+    ]
+    return assign(costs, world)
+
+
+def _shard(shape: MLPShape, world: int) -> MLPShape:
+    if world < 1 or shape.batch % world:
+        raise ValueError(
+            f"the model of a data-parallel step needs equal shards: a batch of {shape.batch} "
+            f"does not split over {world} ranks"
+        )
+    return MLPShape(shape.widths, shape.batch // world, shape.rows, shape.bias)
+
+
+def distributed_flops(
+    method: str, shape: MLPShape, world: int, **kfac_variant
+) -> list[dict[str, float]]:
+    """Modelled FLOPs of each rank in a data-parallel direction (structured kernel,
+    equal shards of ``shape.batch``): ``local`` (forward and pullback on its shard, the
+    :data:`LOCAL_PHASES`; layerwise also the QR that keeps ``min(r, f_out)`` rows per
+    sample, before they are sent; K-FAC its dense factors) and ``solve`` (its owned
+    blocks on the global batch), plus ``total``. One rank runs the single-process
+    direction. ``kfac_variant``: K-FAC's ``kfac_damping`` and ``kfac_bias``."""
+    shard = _shard(shape, world)
+    variant = _kfac_variant(**kfac_variant)
+    local_phases = flops(method, shard, kfac_damping=variant[0], kfac_bias=variant[1])
+    if world == 1:  # the single-process direction: the forward pass, then the solve
+        built = ("forward", "gradient") if method == "euclidean" else ("forward", "pullback")
+        local = sum(local_phases.get(k, 0) for k in built)
+        total = local_phases["total"]
+        return [{"local": local, "solve": total - local, "total": total}]
+    local = sum(local_phases.get(k, 0) for k in LOCAL_PHASES[method] if k != "gram")
+    if method == "kfac":  # the factors summed over the ranks are formed dense
+        N, d = shard.batch, shard.d
+        local += sum(
+            _kfac(N, d, i, f, shape.bias, *variant, dense=True)["gram"] for i, f in shape.layers
+        )
+    if method == "layerwise":
+        local += sum(
+            shard.batch * qr_flops(shape.rows, f) for _, f in shape.layers if f < shape.rows
+        )
+    solve = [0.0] * world
+    if method in BLOCKWISE:
+        plan = owners(method, shape, world, **kfac_variant)
+        for (f_in, f_out), owner in zip(shape.layers, plan, strict=True):
+            solve[owner] += block_solve_flops(
+                method, f_in, f_out, shape.batch, shape.rows, shape.bias, **kfac_variant
+            )
+    elif method != "euclidean":
+        whole = flops(method, shape)
+        solve[0] = sum(
+            v for k, v in whole.items() if k != "total" and k not in LOCAL_PHASES[method]
+        )
+    return [{"local": local, "solve": s, "total": local + s} for s in solve]
+
+
+def communication_bytes(
+    method: str, shape: MLPShape, world: int, itemsize: int = 4, **kfac_variant
+) -> list[dict[str, float]]:
+    """Modelled bytes each rank sends and receives in a data-parallel direction
+    (structured kernel, equal shards, the loss gradient formed from ``Lambda``, as
+    :mod:`riemann_core.distributed` counts them; all zero on one rank):
+
+    * the agreement: an all-reduce of ``P x`` :data:`AGREEMENT_SLOTS` int64;
+    * ``layerwise``, ``natural``, ``full``: an all-to-all that sends each block's rows to
+      its owner, per sample ``m f_out + f_in + f_out`` numbers (the factor rows, the input,
+      ``Lambda``; ``m = min(r, f_out)`` for layerwise, ``r`` otherwise);
+    * ``kfac``: an all-reduce of every block's ``Gamma`` (``f_out^2``), ``A`` (``P^2``,
+      without the bias's column for ``kfac_bias="separate"``) and gradient (``n_a``);
+      ``euclidean``: of the gradient;
+    * the directions: each owner broadcasts its blocks' (and one status number); a
+      broadcast counts its size once per receiver, as sent by the owner.
+
+    An all-reduce counts its size both ways.
+    """
+    P = world
+    shard = _shard(shape, world)
+    zero = {"sent": 0.0, "received": 0.0}
+    if P == 1:
+        return [dict(zero) for _ in range(P)]
+    agreement = P * AGREEMENT_SLOTS * 8
+    out = [{"sent": float(agreement), "received": float(agreement)} for _ in range(P)]
+    n_a = shape.block_params()
+    if method in ("kfac", "euclidean"):
+        size = sum(n_a)
+        if method == "kfac":
+            apart = shape.bias and _kfac_variant(**kfac_variant)[1] == "separate"
+            size += sum(f * f + (shape.patch(i) - apart) ** 2 for i, f in shape.layers)
+        for rank in out:
+            rank["sent"] += size * itemsize
+            rank["received"] += size * itemsize
+        if method == "euclidean":
+            return out
+    else:
+        owner = owners(method, shape, world)
+        for (f_in, f), o in zip(shape.layers, owner, strict=True):
+            rows = min(shape.rows, f) if method == "layerwise" else shape.rows
+            per_rank = shard.batch * (rows * f + f_in + f) * itemsize
+            for p, rank in enumerate(out):
+                if p == o:
+                    rank["received"] += (P - 1) * per_rank
+                else:
+                    rank["sent"] += per_rank
+    owner = owners(method, shape, world, **kfac_variant)
+    broadcast = [1 + sum(n for n, o in zip(n_a, owner) if o == p) for p in range(P)]
+    for p, rank in enumerate(out):
+        rank["sent"] += (P - 1) * broadcast[p] * itemsize
+        rank["received"] += sum(b for q, b in enumerate(broadcast) if q != p) * itemsize
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from ._checks import (
     Deferred,
     check_deterministic,
@@ -38,6 +39,8 @@ def direction(
     return_diagnostics: bool = False,
     forward_kwargs: dict | None = None,
     check_coupling: bool = True,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    timeout: float = distributed.TIMEOUT,
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], list[LayerDiagnostics]]:
     """``G^{-1} g`` for the mean loss's gradient ``g`` on the batch ``(inputs, targets)``.
 
@@ -82,6 +85,13 @@ def direction(
         check_coupling: probe, on the first call for a model (and after a change of a
             module's training flag), that the network treats samples independently and
             that parameters reach the output only through their modules' calls.
+        process_group: a ``torch.distributed`` process group whose every rank calls this
+            with its shard of the batch: each gets the direction of the global batch
+            (the shards concatenated in rank order), its blocks solved by their owner
+            ranks (docs/distributed.md); with ``return_diagnostics``, those of the
+            blocks this rank solved.
+        timeout: seconds any rank waits in a collective before raising
+            :class:`~riemann_core.distributed.DistributedError` (``process_group`` only).
 
     Returns:
         ``{name: direction}`` for every trainable parameter (names as in
@@ -124,14 +134,25 @@ def direction(
         generator=generator,
         check_coupling=check_coupling,
     )
-    checks = Deferred()
-    params = check_model(model, checks)
-    check_deterministic(model)
-    args, kwargs = forward_arguments(inputs, forward_kwargs)
-    check_inputs(args, kwargs, targets, checks)
-    check_generator(opts.generator, opts.output_metric, params[0][1].device)
+    if process_group is not None:
+        distributed.check_group(process_group, timeout)
+    with distributed.share_failure(process_group, timeout):
+        checks = Deferred()
+        params = check_model(model, checks)
+        check_deterministic(model)
+        args, kwargs = forward_arguments(inputs, forward_kwargs)
+        check_inputs(args, kwargs, targets, checks)
+        check_generator(opts.generator, opts.output_metric, params[0][1].device)
     directions, diagnostics = solve(
-        model, args, targets, method, opts, forward_kwargs=kwargs, checks=checks
+        model,
+        args,
+        targets,
+        method,
+        opts,
+        forward_kwargs=kwargs,
+        checks=checks,
+        process_group=process_group,
+        timeout=timeout,
     )
     # a parameter the forward pass did not reach has a zero gradient, hence direction
     result = {
@@ -153,6 +174,9 @@ def solve(
     checks: Deferred | None = None,
     replay: list[Tensor] | None = None,
     state=None,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    timeout: float = distributed.TIMEOUT,
+    global_gradient: bool = False,
 ):
     """Run ``method``; ``gradient`` (``{name: vector}``) replaces the loss gradient;
     ``state`` is K-FAC's state across a preconditioner's steps (``method="kfac"``).
@@ -160,6 +184,9 @@ def solve(
     Returns ``({name: direction}, diagnostics)`` for the parameters seen in the forward
     pass. Raises before returning anything if a check fails (``checks`` holds those of
     the caller still to be read); ``replay``: see :func:`riemann_core.capture.forward`.
+    With ``process_group``, the direction of the global batch on every rank
+    (:func:`riemann_core.distributed.solve`; ``global_gradient``: ``gradient`` is
+    already the global batch's).
     """
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
@@ -183,19 +210,58 @@ def solve(
             replay=replay,
         )
 
-    return run_solver(build, method, opts, checks, devices, state)
+    return run_solver(
+        build,
+        method,
+        opts,
+        checks,
+        devices,
+        state,
+        process_group=process_group,
+        timeout=timeout,
+        global_gradient=global_gradient,
+    )
 
 
-def run_solver(build, method: str, opts: Options, checks: Deferred, devices: set[str], state=None):
+def run_solver(
+    build,
+    method: str,
+    opts: Options,
+    checks: Deferred,
+    devices: set[str],
+    state=None,
+    *,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    timeout: float = distributed.TIMEOUT,
+    global_gradient: bool = False,
+):
     """``build()`` a :class:`Problem`, solve it with ``method`` (``state``: K-FAC's across
-    a preconditioner's steps) and check the solves, in full float32 precision on
-    ``devices``. Returns ``({name: direction}, diagnostics)`` for the parameters seen in
-    the forward pass; on an error, the pending ``checks`` are read first (a failing check
-    of the data explains the error better)."""
+    a preconditioner's steps; ``process_group``: see :func:`solve`) and check the solves,
+    in full float32 precision on ``devices``. Returns ``({name: direction}, diagnostics)``
+    for the parameters seen in the forward pass; on an error, the pending ``checks`` are
+    read first (a failing check of the data explains the error better)."""
     extra = () if state is None else (state,)
-    with full_precision(devices):
+
+    def checked_build():
         try:
-            problem = build()
+            return build()
+        except Exception:
+            checks.run()
+            raise
+
+    with full_precision(devices):
+        if process_group is not None:
+            return distributed.solve(
+                checked_build,
+                method,
+                opts,
+                checks,
+                process_group,
+                timeout=timeout,
+                global_gradient=global_gradient,
+            )
+        problem = checked_build()
+        try:
             solves = SOLVERS[method].solve(problem, opts, *extra)
         except Exception:
             checks.run()

@@ -77,6 +77,11 @@ class Handler(ABC):
         """The dtype of the kernel's algebra (that of its pulled-back factor)."""
         return self.delta.dtype
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the kernel's algebra."""
+        return self.delta.device
+
     def to(self, dtype: torch.dtype) -> Handler:
         """The same ``K_a`` with its data (pulled-back rows, inputs) converted to ``dtype``:
         products with it then run in ``dtype``, exactly on the same numbers."""
@@ -135,7 +140,7 @@ class Handler(ABC):
 
     def gram(self) -> Tensor:
         """``K K^T`` as its lower triangle, the strict upper triangle zero."""
-        out = torch.zeros(self.d, self.d, dtype=self.dtype, device=self.delta.device)
+        out = torch.zeros(self.d, self.d, dtype=self.dtype, device=self.device)
         self.gram_into(out)
         return out.tril_()
 

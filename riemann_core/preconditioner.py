@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils import _pytree as pytree
 
-from . import coupling
+from . import coupling, distributed
 from ._checks import Deferred, check_generator, check_model, check_refresh, tensors_of
 from .capture import Capture, capturing, notes_for, rng_devices, rng_state
 from .direction import run_solver, solve
@@ -50,6 +51,15 @@ class RiemannianPreconditioner:
     averages of the factors, ``F <- beta F + (1 - beta) F_batch``, updated every step
     (which then needs the forward pass and the pullback again). The state changes only
     when a step succeeds.
+
+    Data-parallel training (docs/distributed.md): with ``process_group``, every rank
+    calls ``step()`` after a forward pass on its shard, and every rank's ``.grad`` becomes
+    the direction of the global batch (the shards in rank order), each block solved by
+    its owner rank. The gradient of the global batch is ``sum_p (N_p / N) g_p`` of the
+    ranks' ``.grad`` (each the mean loss's over its shard), or, for a model wrapped in
+    ``DistributedDataParallel``, the ``.grad`` it averaged. A failure on any rank makes
+    every rank raise, ``.grad`` untouched; ``timeout`` bounds every wait (seconds).
+    K-FAC's ``kfac_refresh`` and ``kfac_decay`` are refused with a ``process_group``.
     """
 
     def __init__(
@@ -71,6 +81,8 @@ class RiemannianPreconditioner:
         kfac_decay: float = 0.0,
         diagnostics: bool = False,
         check_coupling: bool = True,
+        process_group: torch.distributed.ProcessGroup | None = None,
+        timeout: float = distributed.TIMEOUT,
     ):
         self.options = Options.checked(
             method,
@@ -89,14 +101,22 @@ class RiemannianPreconditioner:
             check_coupling=check_coupling,
         )
         self._kfac = _kfac_state(method, kfac_refresh, kfac_decay)
-        check_model(model)
+        if process_group is not None:
+            distributed.check_group(process_group, timeout)
+            _check_distributed_kfac(self._kfac)
+        # DistributedDataParallel's forward expects its own backward: solve on its module
+        self.network = model.module if isinstance(model, DistributedDataParallel) else model
+        check_model(self.network)
         self.model = model
         self.method = method
+        self.process_group, self.timeout = process_group, timeout
         self.diagnostics: list[LayerDiagnostics] = []
         self._batch: tuple[tuple, dict, list[Tensor]] | None = None
         self._versions: list[tuple[str | None, Tensor, int]] = []
         self._hook = model.register_forward_pre_hook(self._record, with_kwargs=True)
-        self._capture = Capture(model, notes_for(model).clone, persistent=True)
+        # pre.backward(loss) records the user's own forward passes (one process only)
+        single = process_group is None and self.network is model
+        self._capture = Capture(model, notes_for(model).clone, persistent=True) if single else None
 
     def _record(self, module, args, kwargs):
         # riemann_core's own forward passes are not the user's batch, nor are evaluations
@@ -143,8 +163,15 @@ class RiemannianPreconditioner:
         batch-coupling probe runs (it needs the inputs in the graph); when a module's
         output was changed in place after its call (the next forward passes capture it
         through a copy); and when the loss reaches parameters other than through their
-        modules' calls (a weight penalty written into the loss).
+        modules' calls (a weight penalty written into the loss). One process only: with a
+        ``process_group`` or a ``DistributedDataParallel`` model it raises ``ValueError``
+        (use ``loss.backward()`` and :meth:`step`).
         """
+        if self._capture is None:
+            raise ValueError(
+                "pre.backward(loss) runs in one process: with a process_group or a "
+                "DistributedDataParallel model, call loss.backward() and then pre.step()"
+            )
         self._check_loss(loss)
         capture, model, opts = self._capture, self.model, self.options
         if capture.output is None or not capture.calls:
@@ -254,7 +281,7 @@ class RiemannianPreconditioner:
         else:
             args, kwargs, state = self._batch
             directions, diagnostics = solve(
-                self.model,
+                self.network,
                 args,
                 None,
                 self.method,
@@ -264,6 +291,9 @@ class RiemannianPreconditioner:
                 checks=checks,
                 replay=state,
                 state=self._kfac,
+                process_group=self.process_group,
+                timeout=self.timeout,
+                global_gradient=isinstance(self.model, DistributedDataParallel),
             )
         return {n: d for n, d in directions.items() if n in gradient}, diagnostics
 
@@ -284,21 +314,26 @@ class RiemannianPreconditioner:
     @torch.no_grad()
     def step(self) -> None:
         """Replace every trainable ``.grad`` by the preconditioned direction."""
-        if self._batch is None:
-            raise RuntimeError(
-                "pre.step() needs the batch of a forward pass: call model(x) and "
-                "loss.backward() before pre.step()"
-            )
-        self._check_unchanged("pre.step()")
-        self._capture.reset()  # step() runs a forward pass of its own
-        checks = Deferred()
-        params = check_model(self.model, checks)
-        with_grad = {n: p.grad for n, p in params if p.grad is not None}
-        if not with_grad:
-            raise RuntimeError("no parameter has a .grad; call loss.backward() before pre.step()")
-        check_generator(self.options.generator, self.options.output_metric, params[0][1].device)
-        for name, grad in with_grad.items():
-            checks.finite(f"the .grad of {name!r}", grad, "the loss or its backward overflowed")
+        with distributed.share_failure(self.process_group, self.timeout):
+            if self._batch is None:
+                raise RuntimeError(
+                    "pre.step() needs the batch of a forward pass: call model(x) and "
+                    "loss.backward() before pre.step()"
+                )
+            self._check_unchanged("pre.step()")
+            if self._capture is not None:
+                self._capture.reset()  # step() runs a forward pass of its own
+            checks = Deferred()
+            params = check_model(self.network, checks)
+            with_grad = {n: p.grad for n, p in params if p.grad is not None}
+            if not with_grad:
+                raise RuntimeError(
+                    "no parameter has a .grad; call loss.backward() before pre.step()"
+                )
+            device = params[0][1].device
+            check_generator(self.options.generator, self.options.output_metric, device)
+            for name, grad in with_grad.items():
+                checks.finite(f"the .grad of {name!r}", grad, "the loss or its backward overflowed")
         # a parameter without .grad took no part in the loss: a zero vector, left as None
         directions, self.diagnostics = self._transaction(
             lambda: self._solve(
@@ -313,7 +348,8 @@ class RiemannianPreconditioner:
     def remove(self) -> None:
         """Detach the forward hooks from the model."""
         self._hook.remove()
-        self._capture.remove()
+        if self._capture is not None:
+            self._capture.remove()
 
     def __enter__(self) -> RiemannianPreconditioner:
         return self
@@ -333,3 +369,14 @@ def _kfac_state(method: str, refresh, decay) -> KFACState | None:
             f"method={method!r}; drop them, or pass method='kfac'"
         )
     return KFACState(refresh, decay)
+
+
+def _check_distributed_kfac(state: KFACState | None) -> None:
+    """K-FAC's state across steps lives with the factors; over a process group they are
+    the owners' and are formed afresh at each step, so the state is not kept there."""
+    if state is not None:
+        raise ValueError(
+            "kfac_refresh and kfac_decay are not supported with process_group: every "
+            "data-parallel step all-reduces and factorises the factors of its own global "
+            "batch; drop kfac_refresh and kfac_decay (or the process_group)"
+        )

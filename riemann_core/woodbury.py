@@ -93,9 +93,10 @@ def cholesky_in_place(matrix: Tensor) -> Cholesky:
     return Cholesky(matrix, 0.0, (info != 0) | ~torch.isfinite(pivots))
 
 
-def column_major(*shape: int, like: Tensor, zero: bool = False) -> Tensor:
+def column_major(*shape: int, like, zero: bool = False) -> Tensor:
     """An uninitialised (``zero``: zero) ``(..., m, m)`` matrix in column-major memory,
-    the layout :func:`cholesky_in_place` factorises without a copy."""
+    the layout :func:`cholesky_in_place` factorises without a copy, with the dtype and
+    device of ``like`` (a tensor or a kernel)."""
     *batch, m, n = shape
     new = torch.zeros if zero else torch.empty
     return new(*batch, n, m, dtype=like.dtype, device=like.device).mT

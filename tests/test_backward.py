@@ -277,3 +277,16 @@ def test_backward_before_any_forward_raises():
         out = model(x)
     with pytest.raises(RuntimeError, match="needs the forward pass the loss was formed from"):
         pre.backward(F.cross_entropy(out, y) * torch.ones((), requires_grad=True))
+
+
+def test_backward_over_a_process_group_is_refused_before_any_work(monkeypatch):
+    """Data-parallel steps go through ``loss.backward(); pre.step()``: refused with the fix."""
+    from riemann_core import distributed
+
+    monkeypatch.setattr(distributed, "check_group", lambda group, timeout: None)
+    model, x, y = Problem().make()
+    pre = rc.RiemannianPreconditioner(model, process_group=object())
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"runs in one process.*loss.backward\(\) and then"):
+        pre.backward(F.cross_entropy(model(x), y))
+    assert_unchanged(model, before)

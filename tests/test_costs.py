@@ -117,3 +117,83 @@ def test_speed_of_light_of_the_target_network():
 )
 def test_minimal_rows(kwargs, rows):
     assert costs.minimal_rows(10, **kwargs) == rows
+
+
+# ------------------------------------------------------------------- data-parallel steps
+
+DISTRIBUTED = ["layerwise", "natural", "full", "kfac", "euclidean"]
+WIDE = costs.MLPShape((20, 30, 16, 5), 8, 5)  # layer 16 -> 5 keeps 5 rows; 30 -> 16 all
+#: a batch where no K-FAC factor is thin (more rows than columns)
+TALL = costs.MLPShape((20, 30, 16, 5), 40, 5)
+
+
+@pytest.mark.parametrize("method", DISTRIBUTED)
+def test_one_rank_does_the_single_process_work(method):
+    (rank,) = costs.distributed_flops(method, WIDE, 1)
+    assert rank["total"] == pytest.approx(costs.flops(method, WIDE)["total"])
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+@pytest.mark.parametrize("method", DISTRIBUTED)
+def test_the_solve_work_is_split_not_repeated(method, world):
+    """The ranks repeat nothing: their work sums to one rank's (K-FAC's factors, formed
+    where the data are, move from the solve to the local work), and every rank does the
+    same local work on its shard (K-FAC at a batch whose factors one process keeps dense,
+    too)."""
+    shape = TALL if method == "kfac" else WIDE
+    one = costs.distributed_flops(method, shape, 1)[0]
+    ranks = costs.distributed_flops(method, shape, world)
+    assert sum(r["total"] for r in ranks) == pytest.approx(one["total"])
+    assert all(r["local"] == pytest.approx(ranks[0]["local"]) for r in ranks)
+    if method in ("natural", "full"):
+        assert ranks[0]["solve"] == pytest.approx(one["solve"])
+        assert all(r["solve"] == 0 for r in ranks[1:])
+
+
+@pytest.mark.parametrize("kfac_bias", ["joint", "separate"])
+@pytest.mark.parametrize("kfac_damping", ["exact", "factored"])
+def test_kfac_ranks_form_thin_factors_dense(kfac_damping, kfac_bias):
+    """Factors summed over ranks are matrices: where one process keeps a factor thin
+    (WIDE's input factors: 8 samples, 21 columns), the ranks together do more work, the
+    same at every world size."""
+    variant = dict(kfac_damping=kfac_damping, kfac_bias=kfac_bias)
+    one = costs.distributed_flops("kfac", WIDE, 1, **variant)[0]["total"]
+    assert one == pytest.approx(costs.flops("kfac", WIDE, **variant)["total"])
+    totals = [
+        sum(r["total"] for r in costs.distributed_flops("kfac", WIDE, world, **variant))
+        for world in (2, 4, 8)
+    ]
+    assert totals[0] > one and totals == pytest.approx([totals[0]] * 3)
+
+
+def test_layerwise_blocks_go_to_the_least_loaded_rank():
+    work = [costs.block_solve_flops("layerwise", a, b, 8, 5) for a, b in WIDE.layers]
+    assert work[0] > work[1] > work[2] and work[1] + work[2] > work[0]
+    assert costs.owners("layerwise", WIDE, 2) == [0, 1, 1]
+    assert costs.owners("layerwise", WIDE, 3) == [0, 1, 2]
+    assert costs.owners("natural", WIDE, 3) == [0, 0, 0]
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("method", DISTRIBUTED)
+def test_communication_bytes_balance(method, world):
+    """What ranks send others receive (an all-reduce counts both ways on every rank)."""
+    ranks = costs.communication_bytes(method, WIDE, world, itemsize=8)
+    assert sum(r["sent"] for r in ranks) == sum(r["received"] for r in ranks)
+    if world == 1:
+        assert ranks == [{"sent": 0.0, "received": 0.0}]
+
+
+def test_natural_gathers_every_row_on_one_rank():
+    """Rank 0 receives the other ranks' rows of every block; layerwise spreads them (at a
+    batch where the rows outweigh the broadcast directions)."""
+    shape = costs.MLPShape(WIDE.widths, 64, 5)
+    natural = costs.communication_bytes("natural", shape, 4)
+    layerwise = costs.communication_bytes("layerwise", shape, 4)
+    assert natural[0]["received"] > 3 * max(r["received"] for r in natural[1:])
+    assert natural[0]["received"] > 1.5 * max(r["received"] for r in layerwise)
+
+
+def test_unequal_shards_are_not_modelled():
+    with pytest.raises(ValueError, match="does not split over 3 ranks"):
+        costs.distributed_flops("layerwise", WIDE, 3)

@@ -47,7 +47,7 @@ def damped_gram(handlers: list[Handler], damping: float, out=None):
     fresh zero matrix (above the diagonal: zeros, or entries of the Gram)."""
     if out is None:
         d = handlers[0].d
-        out = column_major(d, d, like=handlers[0].delta, zero=True)
+        out = column_major(d, d, like=handlers[0], zero=True)
     for j, h in enumerate(handlers):
         h.gram_into(out, add=j > 0)
     return damped(out, damping)
@@ -71,7 +71,7 @@ def solve(problem: Problem, opts: Options) -> list[Solve]:
         if dense_is_cheaper(handler.block.n_params, handler.d, handler.gram_flops()):
             records[i] = _dense(problem, i, opts)
         else:
-            by_size.setdefault((handler.d, handler.dtype, handler.delta.device), []).append(i)
+            by_size.setdefault((handler.d, handler.dtype, handler.device), []).append(i)
     for indices in by_size.values():
         for i, record in zip(indices, _woodbury(problem, indices, opts), strict=True):
             records[i] = record
@@ -110,7 +110,7 @@ def _woodbury(problem: Problem, indices: list[int], opts: Options) -> list[Solve
     mu = opts.damping
     handlers = [problem.handlers[i] for i in indices]
     d = handlers[0].d
-    grams = column_major(len(handlers), d, d, like=handlers[0].delta)
+    grams = column_major(len(handlers), d, d, like=handlers[0])
     for h, gram in zip(handlers, grams, strict=True):
         damped_gram([h], mu, out=gram)
     condition = largest_eigenvalue_of_gram(grams, handlers[0].N) / mu

@@ -10,6 +10,8 @@ and ``--quick`` only choose the default directory, and are refused beside ``--ou
 from __future__ import annotations
 
 import argparse
+import functools
+from contextlib import contextmanager
 
 from ..arguments import Command, default_out, ints, names
 from . import sweep as sw
@@ -42,6 +44,29 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--flop-budget", type=float, help="skip points whose modelled FLOPs exceed this"
     )
+    group = parser.add_argument_group(
+        "where the points run (default: a local dask cluster, one worker per device)"
+    )
+    group.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes of the local cluster (default: one per GPU, or one that owns "
+        "all the cores of a CPU host); 0 measures in this process, without dask",
+    )
+    group.add_argument(
+        "--threads-per-worker",
+        type=int,
+        metavar="T",
+        help="torch threads of each local worker, on cores of its own (default: the cores "
+        "shared equally among the workers)",
+    )
+    group.add_argument(
+        "--scheduler",
+        metavar="ADDRESS|FILE",
+        help="measure on a running dask cluster: its scheduler's address (tcp://host:8786) "
+        "or scheduler file; each worker declares --resources device=K for its K devices",
+    )
 
 
 def grid_from(args) -> sw.Grid:
@@ -68,22 +93,56 @@ def grid_from(args) -> sw.Grid:
     return sw.Grid(devices=(str(args.device),), seed=args.seed, **spec)
 
 
+def check_cluster_options(args) -> None:
+    """Reject contradictory or impossible cluster options before any work."""
+    workers, threads, scheduler = (
+        getattr(args, name, None) for name in ("workers", "threads_per_worker", "scheduler")
+    )
+    if workers is not None and workers < 0:
+        raise ValueError(f"--workers needs 0 (this process) or more, got {workers}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads-per-worker needs 1 or more, got {threads}")
+    if scheduler is not None and (workers is not None or threads is not None):
+        raise ValueError(
+            "--scheduler measures on a running cluster; --workers and --threads-per-worker "
+            "configure the local one: pass one or the other"
+        )
+    if workers == 0 and threads is not None:
+        raise ValueError("--threads-per-worker configures the workers; --workers 0 has none")
+
+
+@contextmanager
+def points_runner(args):
+    """The runner of the sweep's points: this process (``--workers 0``), a local dask
+    cluster (the default) or a running one (``--scheduler``)."""
+    if args.workers == 0:
+        yield sw.InProcess()
+        return
+    try:
+        from . import dispatch
+    except ImportError as err:
+        raise ValueError(
+            f"a sweep runs on dask.distributed ({err}): install it with "
+            "pip install 'riemann-bench[bench]', or pass --workers 0 to measure in this process"
+        ) from err
+    options = dispatch.ClusterOptions(args.workers, args.threads_per_worker, args.scheduler)
+    with dispatch.runner(options, args.device) as runner:
+        yield runner
+
+
 def run_sweep(args) -> int:
-    from ..measure.environment import environment
     from ..measure.timing import device_rates
 
     grid = grid_from(args)
+    check_cluster_options(args)
     out = default_out(args)
-    sw.read_results(out / "results.csv")  # a corrupted file stops us before any work
-
-    def rates() -> list[dict]:
-        return [
-            {"dtype": dtype, **device_rates(args.device, sw.DTYPES[dtype], n=grid.rate_size)}
-            for dtype in grid.dtypes
-        ]
-
-    meta = {"environment": environment(args.device), "command": args.command_line}
-    result = sw.sweep(grid, out, meta=meta, rates=rates)
+    sw.read_results(out / "results.csv")  # a corrupted file stops us before any cluster,
+    out.mkdir(parents=True, exist_ok=True)  # and so does an --out we cannot write to
+    rates = functools.partial(device_rates, n=grid.rate_size)
+    with points_runner(args) as runner:
+        result = sw.sweep(
+            grid, out, meta={"command": args.command_line}, runner=runner, rates=rates
+        )
     print(
         f"{out / 'results.csv'}: {result.measured} points measured, {result.resumed} "
         f"already there; status counts {result.statuses}"
@@ -112,19 +171,24 @@ def _analysed_out(args):
 
 def run_fit(args) -> int:
     from ..measure.output import write_atomic
-    from . import fit
+    from . import devices, fit
 
     out = _analysed_out(args)
     df, meta = fit.read_sweep(out)
+    df = devices.named(df, meta)
     table = fit.fit_table(df, meta, seed=args.seed)
     models = fit.time_model_table(df)
-    rates = fit.achieved_rates(df, fit.sweep_rates(df, meta))
+    rates = devices.achieved_rates(df, meta)
     write_atomic(out / "fits.csv", table.to_csv(index=False))
     write_atomic(out / "time_model.csv", models.to_csv(index=False))
     write_atomic(out / "rates.csv", rates.to_csv(index=False))
     with _pandas_display():
         for frame in (table, models):
             print(frame.to_string(index=False, float_format=lambda v: f"{v:.3g}"), end="\n\n")
+    for name, rows, device in devices.by_device(df, meta):
+        best = fit.best_rates(device, fit.ok_dtype(rows))
+        measured = ", ".join(f"{kind} {rate / 1e9:.1f}" for kind, rate in best.items())
+        print(f"rates of {name} during the sweep (GFLOP/s, median): {measured or 'none'}")
     print(
         f"wrote fits.csv (exponents of FLOPs and time per axis), time_model.csv (overhead "
         f"and achieved rates per method) and rates.csv (FLOP/s and time / speed of light "
@@ -134,16 +198,19 @@ def run_fit(args) -> int:
 
 
 def run_validate(args) -> int:
-    from . import fit, validate
+    from . import devices, fit, validate
 
     out = _analysed_out(args)
     df, meta = fit.read_sweep(out)
-    claims = validate.validate(df, meta, seed=args.seed)
-    validate.write_claims(claims, out / "claims.json")
-    for c in claims:
+    pairs = devices.claims(df, meta, seed=args.seed)
+    names = [name for name, _ in pairs]
+    claims = [claim for _, claim in pairs]
+    validate.write_claims(claims, out / "claims.json", device_names=names)
+    for name, c in pairs:
         interval = "" if c.low is None else f" [{c.low:.3g}, {c.high:.3g}]"
         measured = "" if c.measured is None else f" {c.measured:.3g}{interval}"
-        print(f"{c.verdict:>18}  {c.id:<32}{measured}")
+        where = f"{name}: " if len(set(names)) > 1 else ""
+        print(f"{c.verdict:>18}  {where}{c.id:<32}{measured}")
     return validate.exit_code(claims)
 
 
@@ -158,6 +225,7 @@ def run_report(args) -> int:
 def run_all(args) -> int:
     """Sweep, fit, validate, report; the exit code is validate's (1 when a claim fails),
     once the report is written."""
+    check_cluster_options(args)
     if len(grid_from(args).dtypes) > 1:
         raise ValueError(
             "fits and claims compare one dtype at a time: run one --dtypes "
@@ -190,9 +258,11 @@ COMMANDS = (
         "of width, depth, output dimension and batch at a time around a base point: "
         "median and IQR of wall-clock, counted FLOPs by kind, peak memory and a status per "
         "point. Width and batch grow, per method, until the per-call overhead is a small "
-        "part of the time or a budget ends. The device's GEMM, Cholesky and triangular-solve "
-        "rates are measured at the start and at the end. Points already in results.csv are "
-        "kept; the file is rewritten atomically.",
+        "part of the time or a budget ends. The points run on a local dask cluster (one "
+        "worker per device), on a running one (--scheduler) or in this process (--workers "
+        "0); each device's GEMM, Cholesky and triangular-solve rates are measured where its "
+        "points run, at the start, after the grid and at the end. Points already in "
+        "results.csv are kept; this process alone rewrites the file, atomically.",
         "sweep --quick --methods layerwise,full --widths 8,16,32,64",
         add_sweep_arguments,
     ),

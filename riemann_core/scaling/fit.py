@@ -49,8 +49,9 @@ from .sweep import AXES, ResultsFileError, read_results, shape_of
 #: linear in ``L`` below slope 1 at small depth); ``out_dim`` and ``batch``: ``d = N r``.
 FIT_X = {"width": "n_params", "depth": "layers", "out_dim": "d", "batch": "d"}
 
-#: a sweep may hold several of these; a fit takes one of each (tables group by them)
-SETTINGS = ("device", "dtype", "output_metric")
+#: a sweep may hold several of these; a fit takes one of each (tables group by them);
+#: ``device_name``: a sweep on a cluster may hold several kinds of device
+SETTINGS = ("device", "device_name", "dtype", "output_metric")
 
 #: a point is compute-bound where the overhead ``t0 + t_module L`` is at most this
 #: fraction of its time
@@ -534,16 +535,23 @@ def fit_table(
 
 
 def device_rates(sweep_meta: Mapping, dtype: str | None = None) -> dict[str, list[float]]:
-    """Every rate the sweep measured (``sweep.json``'s ``device_rates``) in ``dtype`` (any
-    when None), by kind."""
+    """Every rate the sweep measured (``device_rates``: ``sweep.json``'s, or one device's
+    of :func:`~riemann_core.scaling.devices.device_meta`) in ``dtype`` (any when None), by
+    kind, over every measurement and every worker of the device."""
     out: dict[str, list[float]] = {}
     for session in sweep_meta.get("device_rates", []):
         if dtype is not None and session.get("dtype") != dtype:
             continue
         for kind, values in session.items():
-            if kind not in ("when", "dtype"):
+            if kind not in ("when", "dtype", "worker"):
                 out.setdefault(kind, []).extend(values)
     return out
+
+
+def ok_dtype(df: pd.DataFrame) -> str | None:
+    """The dtype of ``df``'s ok rows, None when they have several (or none)."""
+    dtypes = df.loc[df["status"] == "ok", "dtype"].unique()
+    return str(dtypes[0]) if len(dtypes) == 1 else None
 
 
 def best_rates(sweep_meta: Mapping, dtype: str | None = None) -> dict[str, float]:
@@ -554,8 +562,7 @@ def best_rates(sweep_meta: Mapping, dtype: str | None = None) -> dict[str, float
 def sweep_rates(df: pd.DataFrame, sweep_meta: Mapping) -> dict[str, float]:
     """:func:`best_rates` in the dtype of ``df``'s ok rows; a ``ValueError`` when the sweep
     recorded none."""
-    dtypes = df.loc[df["status"] == "ok", "dtype"].unique()
-    rates = best_rates(sweep_meta, dtypes[0] if len(dtypes) == 1 else None)
+    rates = best_rates(sweep_meta, ok_dtype(df))
     if not rates:
         raise ValueError(
             "sweep.json records no device rates (an older sweep?); rerun 'riemann-bench sweep'"

@@ -27,7 +27,7 @@ import pandas as pd
 
 from .. import costs
 from . import fit
-from .sweep import AXES, KEY, NEIGHBOUR_FACTOR, Grid, run_of, shape_of
+from .sweep import AXES, KEY, NEIGHBOUR_FACTOR, WHERE, Grid, key_of, run_of, shape_of
 
 #: calls a measured point costs besides its repeats: memory, warm-up (at least 1) and FLOPs
 EXTRA_CALLS = 3
@@ -45,8 +45,10 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     """The sweep's rows (numbers or the text read back from ``results.csv``) as numbers."""
     df = pd.DataFrame(rows)
     for column in df.columns:
-        if column not in ("times_s", "flag", "reason", *KEY, "status"):
+        if column not in ("times_s", "flag", "reason", *KEY, "status", *WHERE):
             df[column] = pd.to_numeric(df[column], errors="coerce")
+    for column in WHERE:
+        df[column] = df[column].fillna("").astype(str) if column in df else ""
     for axis in AXES:
         df[axis] = df[axis].astype(int)
     return df
@@ -61,6 +63,8 @@ def plan(rows: list[dict], grid: Grid, *, elapsed: float) -> Plan:
     models = fit.time_models(df)
     budget_left = grid.time_budget_s - elapsed
     keys = ["method", "kernel", *fit.SETTINGS]
+    measured = {key_of(r): r for r in rows}
+    several = df["device_name"].nunique() > 1
     for key, group in df.groupby(keys, sort=True):
         model = models.get(key)
         for axis, cap in grid.grow.items():
@@ -68,6 +72,8 @@ def plan(rows: list[dict], grid: Grid, *, elapsed: float) -> Plan:
             if on_axis.empty or model is None:
                 continue
             name = f"{key[0]}/{key[1]}/{axis}"
+            if several:  # a cluster with several kinds of device grows each on its own
+                name += f" on {key[2 + fit.SETTINGS.index('device_name')]}"
             top = on_axis.loc[on_axis[axis].idxmax()]
             if top["status"] != "ok":
                 out.decisions[name] = f"stopped at {axis}={top[axis]}: {top['reason']}"
@@ -83,6 +89,12 @@ def plan(rows: list[dict], grid: Grid, *, elapsed: float) -> Plan:
                 out.decisions[name] = f"stopped at the cap {axis}={cap}: {why}"
                 continue
             run = run_of(top) | {axis: value}
+            if key_of(run) in measured:  # a point is measured once, wherever it ran
+                elsewhere = measured[key_of(run)].get("device_name") or "another device"
+                out.decisions[name] = (
+                    f"stopped at {axis}={top[axis]}: {axis}={value} was measured on {elsewhere}"
+                )
+                continue
             cost = _predicted_seconds(top, run, grid)
             if cost > budget_left:
                 out.decisions[name] = (
@@ -124,7 +136,7 @@ def _far_from_neighbours(df: pd.DataFrame, row: dict) -> bool:
     (a spike also pulls its neighbours' interpolations)."""
     same = (df["status"] == "ok") & (df["method"] == row["method"])
     for k in ("kernel", *fit.SETTINGS):
-        same &= df[k] == row[k]
+        same &= df[k] == row.get(k, "")
     df = df[same]
     for axis in AXES:
         line = df

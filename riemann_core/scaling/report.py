@@ -7,6 +7,7 @@ one colour in every figure (:func:`colour`).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pandas as pd
 import riemann_core as rc
 
 from ..measure.output import markdown_table, pyplot, save_figure, write_atomic
-from . import fit, validate
+from . import devices, fit, validate
 from .sweep import AXES, SPREAD_LIMIT
 
 #: Axis -> (label, [(exponent, line style, what the guide stands for)]).
@@ -229,11 +230,47 @@ CAPTIONS = {
 
 
 def write_report(out: Path, *, seed: int = 0) -> Path:
-    """Figures and ``report.md`` for the sweep in ``out`` (fits and claims recomputed)."""
+    """Figures and ``report.md`` for the sweep in ``out`` (fits and claims recomputed).
+
+    A sweep over several devices gets one report per device in ``devices/<name>/`` (fits
+    and claims never mix devices) and an index of them in ``report.md``.
+    """
     df, meta = load(out)
-    device = fit.sweep_rates(df, meta)
-    rates = fit.achieved_rates(df, device)
-    paths = figures(df, meta, rates, out)
+    contributed = markdown_table(devices.summary(df, meta))
+    parts = list(devices.by_device(df, meta))
+    if len(parts) == 1:
+        _, rows, device = parts[0]
+        return device_report(rows, device, out, out, contributed, seed=seed)
+    lines = [
+        f"# Scaling report: {len(parts)} devices",
+        "",
+        f"Produced by `{meta.get('command', 'riemann-bench run')}` (sweep), then "
+        f"`riemann-bench fit`, `validate` and `report` on `{out}`; regenerate the reports "
+        f"from `results.csv` with `riemann-bench report --out {out}`.",
+        "",
+        "## Devices",
+        "",
+        contributed,
+        "",
+        "Fits and claims never mix devices: each has its own report.",
+        "",
+    ]
+    for name, rows, device in parts:
+        directory = out / "devices" / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        directory.mkdir(parents=True, exist_ok=True)
+        path = device_report(rows, device, directory, out, contributed, seed=seed)
+        lines.append(f"- [{name}]({path.relative_to(out)})")
+    return write_atomic(out / "report.md", "\n".join(lines) + "\n")
+
+
+def device_report(
+    df: pd.DataFrame, meta: dict, directory: Path, out: Path, contributed: str, *, seed: int = 0
+) -> Path:
+    """Figures and ``report.md`` in ``directory`` for the rows of one device of the sweep
+    in ``out`` (``meta``: the sweep's record with that device's rates and environment);
+    ``contributed``: the table of the devices of the sweep."""
+    rates = fit.achieved_rates(df, fit.sweep_rates(df, meta))
+    paths = figures(df, meta, rates, directory)
     claims = validate.validate(df, meta, seed=seed)
     env = meta.get("environment", {})
     regenerate = f"riemann-bench report --out {out}"
@@ -274,6 +311,10 @@ def write_report(out: Path, *, seed: int = 0) -> Path:
         "",
         markdown_table(pd.DataFrame([env])) if env else "(not recorded)",
         "",
+        "Where the points were measured (fits and claims never mix devices):",
+        "",
+        contributed,
+        "",
         f"Grid: one axis varied at a time around the base point {meta['base']}; axes "
         f"{meta['axes']}, grown as above. Status counts: {df['status'].value_counts().to_dict()}.",
         "",
@@ -282,7 +323,7 @@ def write_report(out: Path, *, seed: int = 0) -> Path:
     ]
     for key, path in paths.items():
         lines += [f"![{key}]({path.name})", "", f"{CAPTIONS[key]} Regenerate: `{regenerate}`.", ""]
-    return write_atomic(out / "report.md", "\n".join(lines))
+    return write_atomic(directory / "report.md", "\n".join(lines))
 
 
 def _table(frame: pd.DataFrame) -> str:
@@ -290,8 +331,7 @@ def _table(frame: pd.DataFrame) -> str:
 
 
 def _rates_section(meta: dict, df: pd.DataFrame) -> list[str]:
-    dtypes = df.loc[df["status"] == "ok", "dtype"].unique()
-    dtype = dtypes[0] if len(dtypes) == 1 else None
+    dtype = fit.ok_dtype(df)
     measured = fit.device_rates(meta, dtype)
     spread = fit.rate_spread(meta, dtype)
     records = [

@@ -18,31 +18,42 @@ over points, in rounds:
 3. points whose median lies far from both neighbours on an axis are measured once more
    (a point whose repeats spread widely is re-timed at once, in :func:`measure_point`).
 
-``results.csv`` is rewritten atomically after every point, so a killed sweep loses at
-most the point it was on; a rerun skips the points already measured (``ok``) and decides
-the others again (a larger budget, a fixed error).
+The points run in this process one after another, or on a dask cluster
+(:mod:`riemann_core.scaling.dispatch`), a round at a time: each round is a list of runs
+sent to the runner, and this process decides the next round from the rows it has. Either
+way this process alone writes ``results.csv``, atomically after every point, in the grid's
+order, so a killed sweep loses at most the points it was on; a rerun skips the points
+already measured (``ok``) and decides the others again (a larger budget, a fixed error).
+Each row says where it was measured (``host``, ``device_name``, ``physical_device``), and
+``sweep.json`` holds the record of every device that measured points (``devices``: its
+environment, workers and rates, :func:`add_device`).
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 import riemann_core as rc
 
 from .. import costs
+from ..arguments import check_device
 from ..measure.flops import KINDS, flop_counter, flops_by_kind
 from ..measure.memory import cuda_peak_bytes, host_peak_bytes
 from ..measure.output import write_atomic
 from ..measure.problems import mlp, widths
 from ..measure.timing import Timing, measure
+from .worker import measure_here, rates_here
 
 AXES = ("width", "depth", "out_dim", "batch")
 #: Axis -> the command-line option (and ``argparse`` dest) that lists its values.
@@ -75,7 +86,12 @@ COLUMNS = (
     "remeasured",
     "status",
     "reason",
+    "host",
+    "device_name",
+    "physical_device",
 )
+#: where a point was measured; blank in results written before these were recorded
+WHERE = ("host", "device_name", "physical_device")
 KEY = ("method", "kernel", "width", "depth", "out_dim", "batch", "device", "dtype", "output_metric")
 #: Methods measured with the generic kernel as well as the structured one.
 GENERIC_METHODS = ("layerwise",)
@@ -176,8 +192,8 @@ def check_grid(grid: Grid) -> None:
         if bad or not values:
             raise ValueError(f"unknown {name} {bad or values}; choose from {', '.join(allowed)}")
     for device in grid.devices:
-        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        if torch.device(device).type not in ("cpu", "cuda"):
+            raise ValueError(f"unsupported device {device!r}; use 'cpu' or 'cuda' (or 'cuda:N')")
     for option, value, least in (
         ("--repeats", grid.repeats, 1),
         ("warmup", grid.warmup, 0),
@@ -279,6 +295,35 @@ def speed_of_light_of(run: dict) -> dict[str, float]:
     return costs.speed_of_light_flops(shape_of(run))
 
 
+def blank_row(run: dict) -> dict:
+    """The row of ``run`` before it is measured: the cost model's figures and the speed of
+    light's minimal FLOPs, NaN measurements."""
+    shape = shape_of(run)
+    itemsize = torch.finfo(DTYPES[run["dtype"]]).bits // 8
+    kernel = run["kernel"]
+    sol = speed_of_light_of(run)
+    return {
+        **run,
+        "n_params": shape.n_params,
+        "d": shape.d,
+        "time_median_s": math.nan,
+        "time_iqr_s": math.nan,
+        "times_s": "[]",
+        "flops": math.nan,
+        **{f"flops_{kind}": math.nan for kind in KINDS},
+        "flops_model": costs.flops(run["method"], shape, kernel)["total"],
+        "sol_products": sol["products"],
+        "sol_cholesky": sol["cholesky"],
+        "peak_bytes": math.nan,
+        "peak_bytes_model": costs.peak_bytes(run["method"], shape, kernel, itemsize),
+        "spread": math.nan,
+        "flag": "",
+        "remeasured": 0,
+        "status": "ok",
+        "reason": "",
+    }
+
+
 def measure_point(run: dict, grid: Grid) -> dict:
     """One row of ``results.csv`` for ``run`` (never raises for the point's own failure).
 
@@ -290,32 +335,8 @@ def measure_point(run: dict, grid: Grid) -> dict:
     median are timed once more; the row keeps the second set and its ``flag`` says
     ``spread`` if that spreads too.
     """
-    shape = shape_of(run)
-    itemsize = torch.finfo(DTYPES[run["dtype"]]).bits // 8
-    kernel = run["kernel"]
-    flops_model = costs.flops(run["method"], shape, kernel)["total"]
-    peak_model = costs.peak_bytes(run["method"], shape, kernel, itemsize)
-    sol = speed_of_light_of(run)
-    row = {
-        **run,
-        "n_params": shape.n_params,
-        "d": shape.d,
-        "time_median_s": math.nan,
-        "time_iqr_s": math.nan,
-        "times_s": "[]",
-        "flops": math.nan,
-        **{f"flops_{kind}": math.nan for kind in KINDS},
-        "flops_model": flops_model,
-        "sol_products": sol["products"],
-        "sol_cholesky": sol["cholesky"],
-        "peak_bytes": math.nan,
-        "peak_bytes_model": peak_model,
-        "spread": math.nan,
-        "flag": "",
-        "remeasured": 0,
-        "status": "ok",
-        "reason": "",
-    }
+    row = blank_row(run)
+    flops_model, peak_model = row["flops_model"], row["peak_bytes_model"]
     if peak_model > grid.memory_budget_bytes:
         return {
             **row,
@@ -404,7 +425,7 @@ def read_results(path: Path) -> list[dict]:
     try:
         with path.open(newline="") as f:
             reader = csv.DictReader(f)
-            missing = set(COLUMNS) - set(reader.fieldnames or ())
+            missing = set(COLUMNS) - set(WHERE) - set(reader.fieldnames or ())
             if missing:
                 raise ResultsFileError(
                     f"{path} is not a results file of this version of riemann-bench "
@@ -421,6 +442,8 @@ def read_results(path: Path) -> list[dict]:
                 f"{path} line {i} is incomplete (a truncated or hand-edited file?); "
                 "repair or remove that line, or pass another --out"
             )
+        for column in WHERE:
+            row[column] = row.get(column) or ""
     return rows
 
 
@@ -452,49 +475,111 @@ class SweepResult:
     growth: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class PointLost:
+    """A point that a runner could not measure (its worker died), with the reason."""
+
+    reason: str
+
+
+class Runner(Protocol):
+    """Runs ``task(run)`` for every run and yields ``(run, result)`` as each completes, or
+    ``(run, PointLost(reason))``; :meth:`everywhere` runs ``task(device)`` once on every
+    device that measures points, for each kind of device in ``devices``, and returns the
+    results' items. ``placed``: a point runs on a device the runner chooses, of the kind
+    the grid names (see :mod:`riemann_core.scaling.worker`)."""
+
+    placed: bool
+
+    def __call__(
+        self, task: Callable[[dict], object], runs: Sequence[dict]
+    ) -> Iterator[tuple[dict, object]]: ...
+
+    def everywhere(self, task: Callable[[str], list], devices: Sequence[str]) -> list: ...
+
+
+class InProcess:
+    """The :class:`Runner` that measures the points one after another in this process,
+    each on the device the grid names."""
+
+    placed = False
+
+    def __call__(
+        self, task: Callable[[dict], object], runs: Sequence[dict]
+    ) -> Iterator[tuple[dict, object]]:
+        for run in runs:
+            yield run, task(run)
+
+    def everywhere(self, task: Callable[[str], list], devices: Sequence[str]) -> list:
+        return [item for device in dict.fromkeys(devices) for item in task(device)]
+
+
 def sweep(
     grid: Grid,
     out: Path,
     *,
     progress: bool = True,
     meta: dict | None = None,
-    rates: Callable[[], dict] | None = None,
+    runner: Runner | None = None,
+    measure: Callable[[dict, Grid], dict] | None = None,
+    rates: Callable[[torch.device, torch.dtype], dict[str, list[float]]] | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> SweepResult:
     """Measure ``grid`` into ``out/results.csv`` in the rounds of the module docstring.
 
-    ``sweep.json`` records the grid, ``meta``, the growth decisions and, where ``rates``
-    is given, the device's rates (``rates()`` -> a list of ``{"dtype": ..., kind:
-    [FLOP/s, ...]}``) measured at the start, after the grid's points and at the end, so
-    that their drift over the sweep shows.
+    ``runner`` runs the points (default :class:`InProcess`; a dask cluster through
+    :func:`riemann_core.scaling.dispatch.runner`), a round at a time; ``measure`` is the
+    unit of work (default :func:`measure_point`). ``sweep.json`` records the grid,
+    ``meta``, the growth decisions and every device that measured points
+    (:func:`add_device`); where ``rates`` is given (``rates(device, dtype)`` -> ``{kind:
+    [FLOP/s, ...]}``, e.g. :func:`~riemann_core.measure.timing.device_rates`), each
+    device's rates in every dtype of the grid, measured where its points run, at the
+    start, after the grid's points and at the end, so that their drift over the sweep
+    shows.
     """
     from tqdm import tqdm
 
     from . import grow
 
+    runner = runner or InProcess()
+    if not runner.placed:  # on a cluster, the workers' devices count
+        for device in grid.devices:
+            check_device(torch.device(device))
     path = out / "results.csv"
     rows = read_results(path)  # before any work: a corrupted file stops the sweep here
-    previous = out / "sweep.json"
-    if rows and previous.exists():
-        base = json.loads(previous.read_text()).get("base")
-        if base != grid.base:
-            raise ValueError(
-                f"{out} holds a sweep around the base point {base}, not {grid.base}; "
-                "fits need one base point per directory: pass another --out"
-            )
+    previous = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").exists() else {}
+    if rows and previous.get("base", grid.base) != grid.base:
+        raise ValueError(
+            f"{out} holds a sweep around the base point {previous['base']}, not {grid.base}; "
+            "fits need one base point per directory: pass another --out"
+        )
     # finished points are kept; skipped, failed and out-of-memory ones are decided again
     rows = [r for r in rows if r["status"] == "ok"]
     resumed = len(rows)
     done = {key_of(r) for r in rows}
+    order: dict[tuple[str, ...], int] = {}  # rows are written in the order of their runs
+    for run in [*grid.runs(), *rows]:
+        order.setdefault(key_of(run), len(order))
     record = {"grid": asdict(grid), "base": grid.base, "axes": grid.axes, **(meta or {})}
-    record["device_rates"] = []
+    devices = previous_devices(previous)
+    session = uuid.uuid4().hex
+    task = functools.partial(
+        measure_here, measure or measure_point, grid=grid, session=session, placed=runner.placed
+    )
+    seen: set[tuple[str, str]] = set()
 
-    def save_record():
-        write_atomic(out / "sweep.json", json.dumps(record, indent=2) + "\n")
+    def save_record() -> None:
+        write_atomic(
+            out / "sweep.json", json.dumps({**record, "devices": devices}, indent=2) + "\n"
+        )
 
-    def measure_rates(when: str):
+    def measure_rates(when: str) -> None:
         if rates is not None:
-            record["device_rates"] += [{"when": when, **session} for session in rates()]
+            here = functools.partial(
+                rates_here, rates, dtypes=grid.dtypes, session=session, placed=runner.placed
+            )
+            for measured_here in runner.everywhere(here, grid.devices):
+                add_device(devices, measured_here, when)
         save_record()
 
     measure_rates("start")
@@ -506,16 +591,29 @@ def sweep(
         def measure_all(runs: list[dict], remeasure: bool = False) -> None:
             nonlocal measured
             for run in runs:
-                row = measure_point(run, grid)
-                if remeasure:
-                    row["remeasured"] = 1
-                    if grow.is_outlier(rows, row):
-                        row["flag"] = "outlier"
+                order.setdefault(key_of(run), len(order))
+            for run, outcome in runner(task, runs):
+                bar.update()
+                if isinstance(outcome, PointLost):
+                    if remeasure:  # its first measurement stands; a rerun tries again
+                        continue
+                    row = {**blank_row(run), **dict.fromkeys(WHERE, "")}
+                    row.update(status="error", reason=outcome.reason)
+                else:
+                    row, device = outcome
+                    if (device["host"], device["physical_device"]) not in seen:
+                        seen.add((device["host"], device["physical_device"]))
+                        add_device(devices, device)
+                        save_record()
+                    if remeasure:
+                        row["remeasured"] = 1
+                        if grow.is_outlier(rows, row):
+                            row["flag"] = "outlier"
                 key = key_of(row)
                 rows[:] = [r for r in rows if key_of(r) != key] + [row]
+                rows.sort(key=lambda r: order[key_of(r)])
                 write_results(path, rows)
                 measured += 1
-                bar.update()
 
         measure_all(todo)
         measure_rates("grid")
@@ -524,9 +622,11 @@ def sweep(
             if not plan.runs:
                 break
             bar.total += len(plan.runs)
+            bar.refresh()
             measure_all(plan.runs)
         again = [r for r in grow.outliers(rows) if not int(r["remeasured"])]
         bar.total += len(again)
+        bar.refresh()
         measure_all([run_of(r) for r in again], remeasure=True)
     record["growth"] = plan.decisions
     record["sweep_s"] = clock() - start
@@ -535,3 +635,33 @@ def sweep(
     for r in rows:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
     return SweepResult(rows, measured, resumed, statuses, plan.decisions)
+
+
+def add_device(devices: dict[str, dict], record: dict, when: str | None = None) -> None:
+    """Enter in ``devices``, by device name, a record of a worker's device (see
+    :func:`~riemann_core.scaling.worker.device_record`): its ``environment``, the
+    ``workers`` (``"host physical_device"``) that measured on a device of that name, and,
+    for a record of :func:`~riemann_core.scaling.worker.rates_here` measured at ``when``,
+    its rates (``device_rates``: ``{"when", "worker", "dtype", kind: [FLOP/s, ...]}``)."""
+    entry = devices.setdefault(record["device_name"], {"workers": [], "device_rates": []})
+    worker = f"{record['host']} {record['physical_device']}"
+    if worker not in entry["workers"]:
+        entry["workers"].append(worker)
+    entry["environment"] = record["environment"]
+    if when is not None:
+        measured = {"when": when, "worker": worker, "dtype": record["dtype"], **record["rates"]}
+        entry["device_rates"].append(measured)
+
+
+def previous_devices(previous: dict) -> dict[str, dict]:
+    """The ``devices`` of an earlier ``sweep.json`` in the same directory: their rows are
+    kept, so are their records. A sweep written before ``devices`` had one device, whose
+    environment and rates were at the top."""
+    if "devices" in previous:
+        return previous["devices"]
+    environment = previous.get("environment")
+    if not environment:
+        return {}
+    name = environment.get("device_name", "unknown device")
+    rates = previous.get("device_rates", [])
+    return {name: {"workers": [], "device_rates": rates, "environment": environment}}

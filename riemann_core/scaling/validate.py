@@ -209,8 +209,8 @@ def validate(
     df: pd.DataFrame, sweep_meta: Mapping, *, n_boot: int = 2000, seed: int = 0
 ) -> list[Claim]:
     """Check the claims of the module docstring against a sweep's ``results.csv`` (as
-    ``df``) and ``sweep.json`` (needs its ``base``), for one device, dtype and output
-    metric."""
+    ``df``) and ``sweep.json`` (needs its ``base``), for one device (and device
+    name), dtype and output metric."""
     if "base" not in sweep_meta:
         raise ValueError("sweep_meta has no 'base' point; pass the sweep's sweep.json")
     fit.require_columns(df, REQUIRED_COLUMNS)
@@ -229,7 +229,8 @@ def validate(
     for method, kernel in _time_runs(df):
         timed.append(_time_explained(df, sweep_meta, models, method, kernel, n_boot, seed))
     timed += [_crossover(df, base), _structured_factor(df, base, models, n_boot, seed)]
-    moved = {k: v for k, v in fit.rate_spread(sweep_meta).items() if v > SPREAD_LIMIT}
+    spread = fit.rate_spread(sweep_meta, fit.ok_dtype(df))
+    moved = {k: v for k, v in spread.items() if v > SPREAD_LIMIT}
     judged = (PASS, FAIL, NOT_REACHED)
     return claims + [
         _unsteady(c, moved) if moved and c.basis == "time" and c.verdict in judged else c
@@ -247,9 +248,15 @@ def _unsteady(claim: Claim, moved: Mapping[str, float]) -> Claim:
     return replace(claim, verdict=NOISY, detail=detail)
 
 
-def write_claims(claims: Sequence[Claim], path: str | Path) -> Path:
-    """Write ``claims`` as a JSON list to ``path`` atomically (a temporary file, then a rename)."""
-    text = json.dumps([c.to_dict() for c in claims], indent=2, allow_nan=False) + "\n"
+def write_claims(
+    claims: Sequence[Claim], path: str | Path, device_names: Sequence[str] | None = None
+) -> Path:
+    """Write ``claims`` as a JSON list to ``path`` atomically (a temporary file, then a
+    rename); ``device_names``, one per claim, go into the records as ``device_name``."""
+    records = [c.to_dict() for c in claims]
+    if device_names is not None:
+        records = [{"device_name": n, **r} for n, r in zip(device_names, records, strict=True)]
+    text = json.dumps(records, indent=2, allow_nan=False) + "\n"
     return write_atomic(Path(path), text)
 
 

@@ -131,6 +131,9 @@ def make_sweep(
                     remeasured=0,
                     status=status,
                     reason="" if status == "ok" else "planted",
+                    host="synthetic-host",
+                    device_name="synthetic",
+                    physical_device="cpu",
                 )
             )
     rates = {
@@ -145,3 +148,15 @@ def make_sweep(
         "environment": {"device_name": "synthetic"},
     }
     return pd.DataFrame(rows), meta
+
+
+def known_time_row(run, slower=1.0):
+    """The sweep's row of ``run`` at once, as if measured: ``t = 1 ms + flops_model /
+    (1 GFLOP/s)`` times ``slower``, the counted FLOPs the model's, all products."""
+    from riemann_core.scaling import sweep as sw
+
+    row = sw.blank_row(run)
+    t = (1e-3 + row["flops_model"] / 1e9) * slower
+    row.update({f"flops_{kind}": 0.0 for kind in KINDS}, flops=row["flops_model"], spread=0.0)
+    row.update(flops_products=row["flops_model"], time_median_s=t, time_iqr_s=0.0)
+    return {**row, "times_s": json.dumps([t] * 3)}

@@ -1,6 +1,8 @@
 """The command-line pipeline on a tiny grid: run, the exit codes, bad options and files."""
 
 import json
+import socket
+import sys
 
 import pytest
 import torch
@@ -34,7 +36,7 @@ def small_rates(monkeypatch):
 
 
 def test_run_writes_results_fits_claims_figures_and_report(tmp_path, capsys):
-    assert cli.main(["run", "--quick", "--out", str(tmp_path), *TINY]) == 0
+    code = cli.main(["run", "--quick", "--out", str(tmp_path), *TINY])
     for name in (
         "results.csv",
         "sweep.json",
@@ -61,10 +63,13 @@ def test_run_writes_results_fits_claims_figures_and_report(tmp_path, capsys):
     assert all(c["detail"] for c in claims)
     # counted FLOPs are exact: no claim on them fails (on time, a loaded machine may)
     assert all(c["verdict"] != "fail" for c in claims if c["basis"] == "flops")
+    assert code == int(any(c["verdict"] == "fail" for c in claims))
+    # through the local cluster (the default): the rates are measured in its worker
     meta = json.loads((tmp_path / "sweep.json").read_text())
-    assert [s["when"] for s in meta["device_rates"]] == ["start", "grid", "end"]
-    assert all(r > 0 for s in meta["device_rates"] for r in s["products"])
-    assert meta["environment"]["torch"]
+    (device,) = meta["devices"].values()
+    assert [s["when"] for s in device["device_rates"]] == ["start", "grid", "end"]
+    assert all(r > 0 for s in device["device_rates"] for r in s["products"])
+    assert device["environment"]["torch"] and device["workers"] == [f"{socket.gethostname()} cpu"]
 
 
 def test_a_planted_cubic_step_in_layerwise_fails_its_claim_and_the_run(tmp_path, monkeypatch):
@@ -75,8 +80,8 @@ def test_a_planted_cubic_step_in_layerwise_fails_its_claim_and_the_run(tmp_path,
             torch.linalg.cholesky(torch.eye(handler.block.n_params))
         return solve(problem, opts)
 
-    monkeypatch.setattr(layerwise, "solve", with_an_extra_step)
-    options = ["--methods", "layerwise", "--kernels", "structured", *TINY]
+    monkeypatch.setattr(layerwise, "solve", with_an_extra_step)  # in this process only
+    options = ["--workers", "0", "--methods", "layerwise", "--kernels", "structured", *TINY]
     assert cli.main(["run", "--quick", "--out", str(tmp_path), *options]) == 1
     claims = {c["id"]: c for c in json.loads((tmp_path / "claims.json").read_text())}
     assert claims["layerwise-structured-n"]["verdict"] == "fail"
@@ -88,7 +93,20 @@ def test_a_planted_cubic_step_in_layerwise_fails_its_claim_and_the_run(tmp_path,
 
 def test_validate_exits_non_zero_on_a_failed_claim(tmp_path):
     assert (
-        cli.main(["sweep", "--quick", "--out", str(tmp_path), "--methods", "layerwise", *TINY]) == 0
+        cli.main(
+            [
+                "sweep",
+                "--quick",
+                "--out",
+                str(tmp_path),
+                "--workers",
+                "0",
+                "--methods",
+                "layerwise",
+                *TINY,
+            ]
+        )
+        == 0
     )
     path = tmp_path / "results.csv"
     lines = path.read_text().splitlines()
@@ -118,6 +136,31 @@ def test_bad_grid_options_exit_2_before_any_work(tmp_path, capsys, options, mess
     assert cli.main(["sweep", "--quick", "--out", str(tmp_path), *options]) == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--workers", "-1"], "--workers needs 0"),
+        (["--threads-per-worker", "0"], "--threads-per-worker needs 1"),
+        (["--scheduler", "tcp://127.0.0.1:9", "--workers", "2"], "pass one or the other"),
+        (["--workers", "0", "--threads-per-worker", "2"], "--workers 0 has none"),
+    ],
+    ids=["workers", "threads", "scheduler-and-workers", "threads-without-workers"],
+)
+def test_contradictory_cluster_options_exit_2_before_any_work(tmp_path, capsys, options, message):
+    assert cli.main(["sweep", "--quick", "--out", str(tmp_path), *options]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_without_dask_the_sweep_says_how_to_measure_anyway(tmp_path, capsys, monkeypatch):
+    import riemann_core.scaling
+
+    monkeypatch.setitem(sys.modules, "riemann_core.scaling.dispatch", None)  # not importable
+    monkeypatch.delattr(riemann_core.scaling, "dispatch", raising=False)
+    assert cli.main(["sweep", "--quick", "--out", str(tmp_path), *TINY]) == 2
+    assert "--workers 0" in capsys.readouterr().err
 
 
 def test_missing_results_is_a_clear_error(tmp_path, capsys):

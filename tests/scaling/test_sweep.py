@@ -1,9 +1,11 @@
 """The sweep: one row per point, resumable, atomic, and careful with bad input."""
 
 import csv
+import functools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -11,9 +13,10 @@ import time
 
 import pytest
 import torch
+from synthetic import known_time_row
 
 from riemann_core.measure.flops import KINDS
-from riemann_core.measure.timing import Timing
+from riemann_core.measure.timing import RATE_KINDS, Timing, device_rates
 from riemann_core.scaling import grow
 from riemann_core.scaling import sweep as sw
 
@@ -190,7 +193,8 @@ def test_measure_point_is_a_pure_function_of_its_arguments():
     state = torch.random.get_rng_state()
     first, second = sw.measure_point(run, grid), sw.measure_point(run, grid)
     assert torch.equal(torch.random.get_rng_state(), state)
-    assert first["status"] == "ok" and list(first) == list(sw.COLUMNS)
+    assert first["status"] == "ok"  # every column but where it ran (worker.measure_here's)
+    assert list(first) == [c for c in sw.COLUMNS if c not in sw.WHERE]
     for column in ("flops", *(f"flops_{k}" for k in KINDS), "sol_products", "n_params"):
         assert first[column] == second[column]
 
@@ -250,6 +254,17 @@ def test_growth_doubles_an_axis_while_the_overhead_dominates(overhead, changes, 
     assert [r["width"] for r in plan.runs] == ([32] if grown else [])
 
 
+def test_growth_stops_where_another_kind_of_device_measured_the_next_point():
+    _, rows = synthetic_rows(1e-3)  # would grow to width 32
+    rows = [{**r, "device_name": "GPU A"} for r in rows]
+    rows.append({**rows[0], "width": 32, "device_name": "GPU B"})
+    grid = sw.Grid(**{**TINY, "methods": ("layerwise",), "grow": {"width": 64}})
+    plan = grow.plan(rows, grid, elapsed=0.0)
+    decision = plan.decisions["layerwise/structured/width on GPU A"]
+    assert decision.startswith("stopped at width=16: width=32 was measured on GPU B")
+    assert plan.runs == []  # a point is measured once, wherever it ran
+
+
 def test_a_median_far_from_both_neighbours_is_an_outlier():
     grid, rows = synthetic_rows(1e-3, widths=(4, 8, 16, 32, 64))
     assert grow.outliers(rows) == []
@@ -259,7 +274,7 @@ def test_a_median_far_from_both_neighbours_is_an_outlier():
 
 def test_a_sweep_grows_its_axes_and_records_why_it_stopped(tmp_path):
     grid = sw.Grid(**{**TINY, "methods": ("euclidean",), "grow": {"width": 12}, "repeats": 2})
-    result = sw.sweep(grid, tmp_path, progress=False, rates=lambda: [{"dtype": "float32"}])
+    result = sw.sweep(grid, tmp_path, progress=False, rates=lambda device, dtype: {})
     widths = {int(r["width"]) for r in rows_of(tmp_path / "results.csv")}
     record = json.loads((tmp_path / "sweep.json").read_text())
     decision = record["growth"]["euclidean/structured/width"]
@@ -268,4 +283,94 @@ def test_a_sweep_grows_its_axes_and_records_why_it_stopped(tmp_path):
     assert (widths == {4, 6, 12} and "stopped at the cap" in decision) or (
         decision.startswith("reached") and widths <= {4, 6, 12}
     )
-    assert [s["when"] for s in record["device_rates"]] == ["start", "grid", "end"]
+    (device,) = record["devices"].values()
+    assert [s["when"] for s in device["device_rates"]] == ["start", "grid", "end"]
+
+
+class Killed(BaseException):
+    """The sweep's process killed, as far as its loop can tell."""
+
+
+def test_a_sweep_killed_during_growth_resumes_its_growth(tmp_path):
+    grid = sw.Grid(**{**TINY, "methods": ("euclidean",), "grow": {"width": 48}})
+    victim = sw.key_of({**next(grid.runs()), "width": 24})
+
+    def killed_at_width_24(run, grid):
+        if sw.key_of(run) == victim:
+            raise Killed
+        return known_time_row(run)
+
+    with pytest.raises(Killed):
+        sw.sweep(grid, tmp_path / "killed", measure=killed_at_width_24, progress=False)
+    before = rows_of(tmp_path / "killed" / "results.csv")
+    assert {int(r["width"]) for r in before} == {4, 6, 12}  # grown once, killed in the next
+    resumed = sw.sweep(
+        grid, tmp_path / "killed", measure=lambda r, g: known_time_row(r), progress=False
+    )
+    whole = sw.sweep(
+        grid, tmp_path / "whole", measure=lambda r, g: known_time_row(r), progress=False
+    )
+    assert resumed.resumed == len(before) and resumed.measured == 2  # widths 24 and 48
+    assert [sw.key_of(r) for r in resumed.rows] == [sw.key_of(r) for r in whole.rows]
+    assert resumed.growth == whole.growth
+    assert "stopped at the cap width=48" in whole.growth["euclidean/structured/width"]
+
+
+class Backwards:
+    """A runner that returns the points in reverse order and loses the second."""
+
+    placed = False
+
+    def __call__(self, task, runs):
+        for i, run in reversed(list(enumerate(runs))):
+            yield run, (sw.PointLost("planted: its worker died") if i == 1 else task(run))
+
+
+def test_rows_land_in_grid_order_and_a_lost_point_is_an_error_with_the_reason(tmp_path):
+    grid = sw.Grid(**{**TINY, "methods": ("euclidean",)})
+    result = sw.sweep(grid, tmp_path, runner=Backwards(), progress=False)
+    rows = rows_of(tmp_path / "results.csv")
+    assert [sw.key_of(r) for r in rows] == [sw.key_of(r) for r in grid.runs()]
+    lost = rows[1]
+    assert lost["status"] == "error" and lost["reason"] == "planted: its worker died"
+    assert lost["n_params"] and lost["flops_model"]  # the cost model's figures are kept
+    assert result.statuses == {"ok": len(rows) - 1, "error": 1}
+    again = sw.sweep(grid, tmp_path, progress=False)  # a rerun measures the lost point
+    assert again.measured == 1 and again.statuses == {"ok": len(rows)}
+
+
+def test_rows_say_where_they_were_measured_and_sweep_json_records_the_device(tmp_path):
+    from riemann_core.measure.environment import device_name
+
+    rates = functools.partial(device_rates, n=64, repeats=1)
+    grid = sw.Grid(**{**TINY, "methods": ("euclidean",), "dtypes": ("float32", "float64")})
+    sw.sweep(grid, tmp_path, progress=False, rates=rates)
+    rows = rows_of(tmp_path / "results.csv")
+    assert {(r["host"], r["device_name"], r["physical_device"]) for r in rows} == {
+        (socket.gethostname(), device_name("cpu"), "cpu")
+    }
+    meta = json.loads((tmp_path / "sweep.json").read_text())
+    assert "device_rates" not in meta and "environment" not in meta  # per device only
+    record = meta["devices"][device_name("cpu")]
+    worker = f"{socket.gethostname()} cpu"
+    assert record["workers"] == [worker] and record["environment"]["torch"]
+    measured = [(r["when"], r["dtype"], r["worker"]) for r in record["device_rates"]]
+    assert measured == [(w, d, worker) for w in ("start", "grid", "end") for d in grid.dtypes]
+    assert all(len(r[k]) == 1 and r[k][0] > 0 for r in record["device_rates"] for k in RATE_KINDS)
+
+
+def test_results_written_before_rows_said_where_are_resumed(tmp_path):
+    grid = sw.Grid(**{**TINY, "methods": ("euclidean",)})
+    sw.sweep(grid, tmp_path, progress=False)
+    path = tmp_path / "results.csv"
+    rows = rows_of(path)
+    old = [c for c in sw.COLUMNS if c not in sw.WHERE]
+    with path.open("w", newline="") as f:  # the columns of an older riemann-bench
+        writer = csv.DictWriter(f, fieldnames=old, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows[:2])
+    result = sw.sweep(grid, tmp_path, progress=False)
+    assert result.resumed == 2 and result.measured == len(rows) - 2
+    after = rows_of(path)
+    assert [r["host"] for r in after[:2]] == ["", ""]
+    assert all(r["host"] == socket.gethostname() for r in after[2:])

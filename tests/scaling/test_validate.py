@@ -140,6 +140,15 @@ def test_claims_on_time_on_an_unsteady_machine_are_too_noisy():
     assert va.exit_code(claims) == 0
 
 
+def test_rates_in_another_dtype_do_not_make_the_claims_noisy():
+    df, meta = make_sweep(REALISTIC, status_fn=full_fits_in_memory)
+    (measured,) = meta["device_rates"]
+    halved = {k: [r / 2 for r in v] for k, v in measured.items() if k not in ("when", "dtype")}
+    meta["device_rates"].append({"when": "start", "dtype": "float64", **halved})
+    claims = va.validate(df, meta, n_boot=300)  # the rows are float32
+    assert "too noisy" not in {c.verdict for c in claims if c.basis == "time"}
+
+
 def test_flop_claims_below_their_regime_say_where_the_model_reaches_it():
     # batches 2..8 at width 64: forward and pullback, linear in d, still dominate
     axes = {**AXES, "batch": (2, 4, 8)}

@@ -1,0 +1,330 @@
+"""What dispatching a sweep to dask.distributed costs, and how it scales.
+
+    python -m bench.cluster --out reports/cpu/cluster --results reports/cpu/quick
+
+writes ``cluster.json`` (every timing, the environment, the command), ``cluster.md`` and
+``throughput.png``. Three measurements, each repeated in rounds:
+
+* **interleaved**: the points of the quick grid, or with ``--results DIR`` every point of
+  the sweep in ``DIR`` (the grid's and those its growth added: a ``run --quick`` measures
+  both), measured in this process and on one worker of the local cluster in turn,
+  ``--chunk`` points at a time (through the runner, as in a sweep), the order alternating,
+  so that both see the same machine within seconds (a shared machine's speed drifts by more
+  than the effect over minutes); with the cluster's fixed cost (start-up with the worker's
+  imports, shut-down) this gives the dask path's wall time over the in-process loop's for
+  those points;
+* **end to end**: ``riemann-bench sweep --quick`` through the local cluster and with
+  ``--workers 0``, each a fresh process from start to exit, in turn: what a user waits for,
+  but each sweep takes minutes, so on a busy machine the ratio carries its drift. Growth
+  follows the timings (two sweeps would grow to different points, and stop at the same
+  time budget), so these sweeps measure the grid without growth (``--time-budget``
+  :data:`NO_GROWTH`): the same points both ways, and their rates at the start, after the
+  grid and at the end;
+* **throughput**: points per second of simulated clusters of 1, 2 and 4 workers, each with
+  one fake ``device`` resource, running points of a known duration (a sleep) through the
+  sweep's own loop and runner, against the ideal ``workers / duration``; start-up timed
+  apart.
+
+Not an asv benchmark: asv imports this module (it lies in the benchmark directory), so
+dask is imported only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORKERS = (1, 2, 4)
+#: a time budget (seconds) that no growth fits in: the end-to-end sweeps measure the grid
+NO_GROWTH = 1e-3
+
+
+def sleepy(seconds: float, run: dict, grid) -> dict:
+    """A point of known duration: the cost model's row after ``seconds`` of sleep."""
+    from riemann_core.scaling import sweep as sw
+
+    time.sleep(seconds)
+    return sw.blank_row(run)
+
+
+def _warm_up() -> None:
+    import riemann_core.scaling.sweep  # noqa: F401  (torch and the package)
+
+
+def interleaved(rounds: int, chunk: int, results: Path | None = None) -> list[dict]:
+    """Per round: seconds of the quick grid's points (or of every point of the sweep in
+    ``results``) here and on one local worker, taken ``chunk`` points at a time in turn (the
+    order alternating), and the local cluster's start-up and shut-down."""
+    from distributed import Client
+
+    from riemann_core.scaling import dispatch, worker
+    from riemann_core.scaling import sweep as sw
+
+    grid = sw.Grid(**sw.QUICK)
+    runs = list(grid.runs())
+    if results is not None:
+        runs = [sw.run_of(row) for row in sw.read_results(results / "results.csv")]
+    chunks = [runs[i : i + chunk] for i in range(0, len(runs), chunk)]
+    records = []
+    for r in range(rounds):
+        start = time.perf_counter()
+        cluster = dispatch.start_cluster(dispatch.local_workers("cpu"))
+        client = Client(cluster, set_as_default=False)
+        client.run(_warm_up)
+        started = time.perf_counter()
+        runner = dispatch.DaskRunner(client)
+        task = functools.partial(worker.measure_here, sw.measure_point, grid=grid, session=str(r))
+        there = functools.partial(task, placed=True)
+        seconds = {"here": 0.0, "dask": 0.0}
+        for i, part in enumerate(chunks):
+            for mode in ("here", "dask") if (i + r) % 2 == 0 else ("dask", "here"):
+                t = time.perf_counter()
+                if mode == "here":
+                    for run in part:
+                        task(run)
+                else:
+                    for _ in runner(there, part):
+                        pass
+                seconds[mode] += time.perf_counter() - t
+        closing = time.perf_counter()
+        client.close()
+        cluster.close()
+        fixed = started - start + time.perf_counter() - closing
+        records.append(
+            {
+                **seconds,
+                "fixed": fixed,
+                "points": len(runs),
+                "chunk": chunk,
+                "ratio": (seconds["dask"] + fixed) / seconds["here"],
+            }
+        )
+        print(f"interleaved, round {r}: {records[-1]}", file=sys.stderr)
+    return records
+
+
+def end_to_end(rounds: int, extra: list[str]) -> list[dict]:
+    """Seconds of ``riemann-bench sweep --quick`` in one process and on one local worker."""
+    records = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for r in range(rounds):
+            seconds = {}
+            for mode in ("here", "dask") if r % 2 == 0 else ("dask", "here"):
+                command = [sys.executable, "-m", "riemann_core.cli", "sweep", "--quick"]
+                command += ["--out", str(Path(scratch) / f"{mode}-{r}"), *extra]
+                command += ["--time-budget", str(NO_GROWTH)]
+                command += ["--workers", "0"] if mode == "here" else []
+                start = time.perf_counter()
+                subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+                seconds[mode] = time.perf_counter() - start
+            records.append({**seconds, "ratio": seconds["dask"] / seconds["here"]})
+            print(f"end to end, round {r}: {records[-1]}", file=sys.stderr)
+    return records
+
+
+def throughput(rounds: int, seconds: float) -> list[dict]:
+    """Points per second of the quick grid's runs, each a ``seconds`` sleep, through the
+    sweep's loop on a simulated cluster of each size in :data:`WORKERS` (one round: the
+    sleeps have no times to grow by)."""
+    from distributed import Client
+
+    from riemann_core.scaling import dispatch
+    from riemann_core.scaling import sweep as sw
+
+    grid = sw.Grid(**{**sw.QUICK, "grow": {}})
+    points = len(list(grid.runs()))
+    measure = functools.partial(sleepy, seconds)
+    records = []
+    for r in range(rounds):
+        for workers in WORKERS:
+            start = time.perf_counter()
+            specs = [dispatch.WorkerSpec(threads=1)] * workers  # fake devices, unpinned
+            with dispatch.start_cluster(specs) as cluster, Client(cluster) as client:
+                client.wait_for_workers(workers)
+                client.run(_warm_up)  # imports: part of start-up, as in a long sweep
+                started = time.perf_counter()
+                with tempfile.TemporaryDirectory() as out:
+                    runner = dispatch.DaskRunner(client)
+                    sw.sweep(grid, Path(out), runner=runner, measure=measure, progress=False)
+                done = time.perf_counter()
+            records.append(
+                {
+                    "round": r,
+                    "workers": workers,
+                    "points": points,
+                    "startup_s": started - start,
+                    "seconds": done - started,
+                    "points_per_s": points / (done - started),
+                    "ideal_points_per_s": workers / seconds,
+                }
+            )
+            print(f"throughput: {records[-1]}", file=sys.stderr)
+    return records
+
+
+def _spread(records: list[dict]) -> dict | None:
+    ratios = [r["ratio"] for r in records]
+    if not ratios:
+        return None
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
+def summary(record: dict) -> dict:
+    """Median and range of each overhead ratio; median throughput per cluster size."""
+    sizes = {}
+    for workers in WORKERS:
+        mine = [r for r in record["throughput"] if r["workers"] == workers]
+        if mine:
+            sizes[workers] = {
+                "points_per_s": statistics.median(r["points_per_s"] for r in mine),
+                "ideal_points_per_s": mine[0]["ideal_points_per_s"],
+                "efficiency": statistics.median(
+                    r["points_per_s"] / r["ideal_points_per_s"] for r in mine
+                ),
+                "startup_s": statistics.median(r["startup_s"] for r in mine),
+            }
+    chunks = record["interleaved"]
+    return {
+        "interleaved_ratio": _spread(chunks),
+        "fixed_s": statistics.median(r["fixed"] for r in chunks) if chunks else None,
+        "points_only_ratio": _spread([{"ratio": r["dask"] / r["here"]} for r in chunks]),
+        "end_to_end_ratio": _spread(record["end_to_end"]),
+        "throughput": sizes,
+    }
+
+
+def write(out: Path, record: dict) -> None:
+    from riemann_core.measure.output import pyplot, save_figure, write_atomic
+
+    result = record["summary"]
+    env = record["environment"]
+    lines = [
+        "# Dispatching sweeps to dask.distributed",
+        "",
+        f"Produced by `{record['command']}` on {env['device_name']} ({env['threads']} torch "
+        f"threads, commit {env['commit']}); every timing is in `cluster.json`. The goal: the "
+        "dask path at most 5% slower than the in-process loop with one local worker.",
+        "",
+    ]
+    if result["interleaved_ratio"]:
+        ratio, points = result["interleaved_ratio"], result["points_only_ratio"]
+        chunks = record["interleaved"]
+        source = record["results"] and f"the sweep in `{record['results']}` (grown ones included)"
+        lines += [
+            "## Overhead",
+            "",
+            f"The {chunks[0]['points']} points of {source or 'the quick grid'} measured in one "
+            "process and on one "
+            f"worker of the local cluster in turn, {chunks[0]['chunk']} at a time, the order "
+            f"alternating, in {len(chunks)} rounds; the dask side includes the cluster's "
+            f"start-up and shut-down ({result['fixed_s']:.1f} s, median). Dask path over "
+            f"in-process loop: **{ratio['median']:.3f}** (median; {ratio['min']:.3f} to "
+            f"{ratio['max']:.3f} over rounds); the points alone: {points['median']:.3f} "
+            f"({points['min']:.3f} to {points['max']:.3f}).",
+            "",
+        ]
+    if result["end_to_end_ratio"]:
+        ratio = result["end_to_end_ratio"]
+        lines += [
+            f"End to end (`riemann-bench sweep --quick --time-budget {NO_GROWTH:g}`: the quick "
+            "grid without growth, the same points both ways; each a fresh process, "
+            f"{len(record['end_to_end'])} rounds in turn): **{ratio['median']:.3f}** "
+            f"({ratio['min']:.3f} to {ratio['max']:.3f}); each sweep takes minutes, so this "
+            "ratio also carries the machine's drift between them.",
+            "",
+        ]
+    rows = [
+        f"| {w} | {v['points_per_s']:.2f} | {v['ideal_points_per_s']:.2f} | "
+        f"{v['efficiency']:.3f} | {v['startup_s']:.1f} |"
+        for w, v in result["throughput"].items()
+    ]
+    points = record["throughput"][0]["points"] if record["throughput"] else 0
+    lines += [
+        "## Throughput of a simulated cluster",
+        "",
+        f"The quick grid's {points} runs, each a {record['point_seconds']:g} s sleep, through "
+        "the sweep's loop on workers with one fake device each (medians over "
+        f"{len({r['round'] for r in record['throughput']})} rounds; start-up apart):",
+        "",
+        "| workers | points/s | ideal | efficiency | start-up [s] |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        "![throughput](throughput.png)",
+        "",
+    ]
+    write_atomic(out / "cluster.md", "\n".join(lines))
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    sizes = list(result["throughput"])
+    ideal = [result["throughput"][w]["ideal_points_per_s"] for w in sizes]
+    ax.plot(sizes, ideal, "--", color="0.5", label="ideal: workers / duration")
+    ax.plot(
+        [r["workers"] for r in record["throughput"]],
+        [r["points_per_s"] for r in record["throughput"]],
+        "o",
+        color="C0",
+        alpha=0.5,
+        label="measured, one dot per round",
+    )
+    measured = [result["throughput"][w]["points_per_s"] for w in sizes]
+    ax.plot(sizes, measured, "-", color="C0", label="median")
+    ax.set(xlabel="workers (one fake device each)", ylabel="points per second", xticks=sizes)
+    ax.legend(fontsize=7)
+    ax.grid(True, lw=0.3)
+    save_figure(fig, out / "throughput.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.cluster", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--out", type=Path, required=True, help="directory for the results")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of the interleaved and throughput runs"
+    )
+    parser.add_argument(
+        "--chunk", type=int, default=10, help="points at a time in the interleaved run"
+    )
+    parser.add_argument(
+        "--end-to-end-rounds", type=int, default=2, help="rounds of whole sweeps (0: none)"
+    )
+    parser.add_argument(
+        "--point-seconds", type=float, default=0.2, help="duration of a simulated point"
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        metavar="DIR",
+        help="interleave every point of the sweep in DIR (its results.csv) instead of the "
+        "quick grid's, e.g. a run --quick's, grown points included",
+    )
+    args = parser.parse_args(argv)
+    from riemann_core.measure.environment import environment
+    from riemann_core.measure.output import write_atomic
+
+    record = {
+        "command": " ".join(["python -m bench.cluster", *(sys.argv[1:] if argv is None else argv)]),
+        "environment": environment("cpu"),
+        "point_seconds": args.point_seconds,
+        "results": None if args.results is None else str(args.results),
+        "interleaved": interleaved(args.rounds, args.chunk, args.results),
+        "end_to_end": end_to_end(args.end_to_end_rounds, []),
+        "throughput": throughput(args.rounds, args.point_seconds),
+    }
+    record["summary"] = summary(record)
+    write_atomic(args.out / "cluster.json", json.dumps(record, indent=2) + "\n")
+    write(args.out, record)
+    print(json.dumps(record["summary"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

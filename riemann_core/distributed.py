@@ -1,0 +1,682 @@
+"""Layer-parallel solves over ``torch.distributed``: every rank holds a shard of the
+global batch and ends with the direction of the global batch.
+
+The global batch is the ranks' shards in rank order, ``N = sum_p N_p`` samples; its mean
+loss weights rank ``p``'s shard by ``w_p = N_p / N``. What a rank computes for the mean
+loss of its own shard is rescaled once: factor rows (``Delta``, the rows of ``K``) by
+``sqrt(w_p)`` (the stacked factor is ``F / sqrt(N)``, not ``F / sqrt(N_p)``), the loss
+gradient at a block output (``Lambda``) and parameter gradients by ``w_p``.
+
+A step (:func:`solve`), on every rank of the group:
+
+1. *local*: the forward pass and the pullback on the shard (the ordinary problem), and
+   what the owners need from it;
+2. *agree*: an all-reduce of ``(failed, N_p, signature of the blocks)`` per rank. A rank
+   whose local work raised makes every rank raise here, and ranks that see different
+   networks are refused. Every rank then computes the same plan: ``layerwise`` and
+   ``kfac`` give each block to one rank by the greedy plan of
+   :mod:`riemann_core.ownership` over the modelled solve FLOPs, ``natural`` and ``full``
+   every block to rank 0 (their metric couples all blocks: one solve on one rank);
+3. *exchange*: ``layerwise``, ``natural``, ``full``: one all-to-all sends each block's
+   per-sample rows to its owner (the pulled-back factor rows, the block input and
+   ``Lambda`` for Linear and Conv2d blocks; the rows of ``K`` for a materialised kernel),
+   and the owner concatenates them into the global batch's; ``kfac``: one all-reduce of
+   every block's weighted factors ``w_p Gamma_p`` and ``w_p A_p``, formed dense (a factor
+   thinner than it is wide, kept as its rows on one process, is summed as a matrix);
+   ``euclidean``: of the gradient. Weighted local gradients ride along where the owner
+   cannot form the global one from what it receives;
+4. *solve*: each owner runs the method's own solver on its blocks of the global batch,
+   with the usual checks;
+5. *broadcast*: each rank broadcasts its blocks' directions and a status (the ``P``
+   broadcasts are issued asynchronously, then awaited); a failed solve sends status 1,
+   and every rank raises.
+
+Every wait has a timeout: a rank that stopped outside the step (an exception in its own
+code, a crash) makes the others raise :class:`DistributedError` instead of hanging.
+Nothing is written anywhere before every rank holds every direction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import costs
+from ._checks import Deferred
+from .kronecker import Factor
+from .methods import SOLVERS, LayerDiagnostics, Options, Problem, finish, kfac
+from .modules import Block, Handler, LinearHandler, PatchHandler, kronecker_handler
+from .ownership import assign
+
+#: The phases of a step, in order (see the module docstring).
+PHASES = ("local", "agree", "exchange", "solve", "broadcast")
+
+#: Bytes of each rank's error message shared when a step fails.
+MESSAGE_BYTES = 2048
+
+#: Seconds a rank waits in a collective before it raises (the default).
+TIMEOUT = 600.0
+
+
+class DistributedError(RuntimeError):
+    """Another rank of the process group failed, or a collective did not complete in time."""
+
+
+@dataclass
+class Traffic:
+    """Bytes one rank sent and received in the collectives of one step, per collective
+    (an all-reduce counts its size both ways, a broadcast its size once per receiver,
+    sent by its source), and the owner rank of each block."""
+
+    sent: dict[str, int] = field(default_factory=dict)
+    received: dict[str, int] = field(default_factory=dict)
+    owners: tuple[int, ...] = ()
+
+    def add(self, what: str, sent: int, received: int) -> None:
+        self.sent[what] = self.sent.get(what, 0) + sent
+        self.received[what] = self.received.get(what, 0) + received
+
+
+class Observer:
+    """Sees the distributed steps run inside :func:`observing` (how the measurement layer
+    times their phases and counts their FLOPs): :meth:`phase` is entered around each of
+    :data:`PHASES`, :meth:`traffic` receives each completed step's :class:`Traffic`."""
+
+    def phase(self, name: str) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def traffic(self, traffic: Traffic) -> None:
+        """Called once a step has succeeded."""
+
+
+_LOCAL = threading.local()
+
+
+@contextlib.contextmanager
+def observing(observer: Observer):
+    """Let ``observer`` see the distributed steps run in this thread inside the block."""
+    previous = getattr(_LOCAL, "observer", None)
+    _LOCAL.observer = observer
+    try:
+        yield observer
+    finally:
+        _LOCAL.observer = previous
+
+
+def check_group(group, timeout: float) -> None:
+    """A usable process group and timeout, or an error naming the fix."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(
+            "process_group needs torch.distributed initialised on every rank: call "
+            "torch.distributed.init_process_group(...) first (docs/distributed.md)"
+        )
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"process_group must be a torch.distributed.ProcessGroup (e.g. "
+            f"torch.distributed.group.WORLD), got {type(group).__name__}"
+        )
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+
+
+@contextlib.contextmanager
+def share_failure(group, timeout: float):
+    """Around a caller's own checks before :func:`solve` (``group`` ``None``: nothing):
+    an error raised inside meets the other ranks at the agreement of the step, where
+    this rank raises it and every other rank a :class:`DistributedError` naming it."""
+    if group is None:
+        yield
+        return
+    try:
+        yield
+    except Exception as err:
+        _Group(group, timeout).agree(err, 0, 0)
+        raise
+
+
+# ------------------------------------------------------------------------ the group
+
+
+class _Group:
+    """The process group as a step uses it: its rank and size, the device of its
+    collectives (CUDA for NCCL, the host otherwise), a timeout on every wait, and the
+    bytes counted."""
+
+    def __init__(self, group, timeout: float):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        nccl = "nccl" in str(dist.get_backend(group))
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
+        self.device = self.device or torch.device("cpu")
+        self.timeout = timeout
+        self.traffic = Traffic()
+
+    def _wait(self, works: list, what: str) -> None:
+        for work in works:
+            try:
+                done = work.wait(timeout=timedelta(seconds=self.timeout))
+            except RuntimeError as err:
+                raise self._stalled(what, err) from err
+            if done is False:
+                raise self._stalled(what, "timed out")
+
+    def _stalled(self, what: str, cause) -> DistributedError:
+        return DistributedError(
+            f"rank {self.rank} of {self.world}: the {what} did not complete within "
+            f"{self.timeout:g} s ({cause}). Another rank stopped outside the preconditioner "
+            "(an exception in its own code, a crash) or calls it a different number of "
+            "times; .grad is left as it was. The process group cannot be trusted after "
+            "this: restart the job"
+        )
+
+    def all_reduce(self, tensor: Tensor, what: str) -> Tensor:
+        """The sum over ranks of ``tensor`` (moved to the collectives' device)."""
+        if self.world == 1:
+            return tensor
+        buffer = tensor.to(self.device)
+        size = buffer.numel() * buffer.element_size()
+        self.traffic.add(what, size, size)
+        self._wait([dist.all_reduce(buffer, group=self.group, async_op=True)], what)
+        return buffer.to(tensor.device)
+
+    def all_to_all(
+        self, source: Tensor, send: list[int], receive: list[int], what: str
+    ) -> list[Tensor]:
+        """The first ``send[0]`` elements of ``source`` go to rank 0, the next ``send[1]``
+        to rank 1, ...; returns what each rank sent here, ``receive[q]`` from rank ``q``."""
+        if self.world == 1:
+            return [source]
+        moved = source.to(self.device)
+        target = moved.new_empty(sum(receive))
+        item = moved.element_size()
+        self.traffic.add(
+            what,
+            sum(n for q, n in enumerate(send) if q != self.rank) * item,
+            sum(n for q, n in enumerate(receive) if q != self.rank) * item,
+        )
+        work = dist.all_to_all_single(target, moved, receive, send, group=self.group, async_op=True)
+        self._wait([work], what)
+        return list(target.to(source.device).split(receive))
+
+    def broadcast_all(self, buffers: list[Tensor], what: str) -> list[Tensor]:
+        """Rank ``q`` sends ``buffers[q]`` to every rank: all ``P`` broadcasts in flight
+        at once; the others' buffers only give sizes and dtype."""
+        if self.world == 1:
+            return buffers
+        moved = [b.to(self.device) for b in buffers]
+        works = [
+            dist.broadcast(
+                b, src=dist.get_global_rank(self.group, q), group=self.group, async_op=True
+            )
+            for q, b in enumerate(moved)
+        ]
+        item = moved[0].element_size()
+        own = moved[self.rank].numel()
+        others = sum(b.numel() for q, b in enumerate(moved) if q != self.rank)
+        self.traffic.add(what, (self.world - 1) * own * item, others * item)
+        self._wait(works, what)
+        return [b.to(buffers[0].device) for b in moved]
+
+    def agree(self, failure: Exception | None, samples: int, signature: int) -> list[int]:
+        """Every rank's batch size, once every rank finished its local work and sees the
+        same blocks; a rank that failed makes every rank raise."""
+        if self.world == 1:
+            if failure is not None:
+                raise failure
+            return [samples]
+        table = torch.zeros(self.world, costs.AGREEMENT_SLOTS, dtype=torch.int64)
+        table[self.rank] = torch.tensor([failure is not None, samples, signature])
+        table = self.all_reduce(table, "agreement").tolist()
+        failed = [q for q, row in enumerate(table) if row[0]]
+        if failed:
+            self.fail(failure, failed, "its forward pass, pullback or checks")
+        if len({row[2] for row in table}) > 1:
+            raise ValueError(
+                "the ranks see different blocks (other modules called, or samples of other "
+                "shapes): every rank must run the same network on samples of one shape"
+            )
+        return [row[1] for row in table]
+
+    def fail(self, failure: Exception | None, failed: list[int], where: str) -> None:
+        """Every rank knows that the ``failed`` ranks raised: they share their messages,
+        the failed ranks raise their own error, the others a :class:`DistributedError`."""
+        text = torch.zeros(self.world, MESSAGE_BYTES, dtype=torch.uint8)
+        if failure is not None:
+            message = f"{type(failure).__name__}: {failure}".encode()[:MESSAGE_BYTES]
+            text[self.rank, : len(message)] = torch.frombuffer(
+                bytearray(message), dtype=torch.uint8
+            )
+        text = self.all_reduce(text, "error messages")
+        if failure is not None:
+            raise failure
+        first = failed[0]
+        message = bytes(text[first].tolist()).rstrip(b"\0").decode(errors="replace")
+        others = f" (and ranks {failed[1:]})" if len(failed) > 1 else ""
+        raise DistributedError(
+            f"rank {first}{others} of {self.world} failed in {where}: {message}. Every rank "
+            "raises; .grad is left as it was on every rank"
+        )
+
+
+# ------------------------------------------------------------------- a block's share
+
+
+def _flat(tensors: list[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _unflat(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """``flat`` cut into tensors shaped like ``like``."""
+    pieces = flat.split([t.numel() for t in like])
+    return [c.view(t.shape) for c, t in zip(pieces, like, strict=True)]
+
+
+@dataclass
+class _Share:
+    """What this rank contributes to one block, before weighting: ``rows``, per-sample
+    pieces (``N_p x k``) each with the power of ``w_p`` that rescales it to the global
+    batch; ``summed``, tensors weighted by ``w_p`` and summed over the ranks; and for
+    ``kfac`` the block's Kronecker kernel and its parts (:func:`kfac.parts_of`)."""
+
+    rows: list[tuple[Tensor, float]]
+    summed: list[Tensor]
+    kronecker: PatchHandler | None = None
+    parts: list[kfac.Part] = field(default_factory=list)
+
+    @property
+    def widths(self) -> list[int]:
+        return [t.shape[1] for t, _ in self.rows]
+
+    @property
+    def layout(self) -> tuple[int, int]:
+        """Numbers per sample, and summed numbers."""
+        return sum(self.widths), sum(t.numel() for t in self.summed)
+
+    def numel(self, samples: int) -> int:
+        """Numbers this share packs for ``samples`` samples."""
+        width, summed = self.layout
+        return samples * width + summed
+
+    def pack(self, out: Tensor, weight: float) -> None:
+        """Write the rows (sample-major) and the summed part, weighted, into ``out``."""
+        width, _ = self.layout
+        samples = self.rows[0][0].shape[0] if self.rows else 0
+        rows, start = out[: samples * width].view(samples, width), 0
+        for t, power in self.rows:
+            torch.mul(t, weight**power, out=rows[:, start : start + t.shape[1]])
+            start += t.shape[1]
+        offset = samples * width
+        for t in self.summed:
+            torch.mul(t.reshape(-1), weight, out=out[offset : offset + t.numel()])
+            offset += t.numel()
+
+
+@dataclass
+class _Received:
+    """One block on its owner: every rank's rows (``N x width``, in rank order) and the
+    summed tensors, shaped like the share's."""
+
+    rows: Tensor | None
+    summed: list[Tensor]
+
+    def pieces(self, share: _Share) -> list[Tensor]:
+        return list(self.rows.split(share.widths, 1))
+
+
+def _share(problem: Problem, i: int, method: str, opts: Options, global_gradient: bool) -> _Share:
+    """What block ``i``'s owner needs from this rank (module docstring, step 3)."""
+    # every rank's gradient is summed unless DistributedDataParallel averaged it already
+    sum_gradient = not (problem.given and global_gradient)
+
+    def gradient() -> list[Tensor]:
+        return list(problem.gradient_of(i)) if sum_gradient else []
+
+    if method == "euclidean":
+        return _Share([], gradient())
+    h = problem.handlers[i]
+    if method == "kfac":  # Gamma = D^T D, and A = R^T R where a part has an input factor
+        kh = kronecker_handler(h)
+        parts = kfac.parts_of(kh, opts.kfac_bias)
+        D, R = kh.kronecker_rows(ones=kh.with_bias and len(parts) == 1)
+        factors = [D.T @ D] + ([R.T @ R] if any(not p.bias_only for p in parts) else [])
+        return _Share([], [*factors, *gradient()], kh, parts)
+    N_p = h.N
+    if not isinstance(h, PatchHandler):  # a materialised kernel: K's rows, sample-major
+        K = h.K().view(h.r, N_p, -1).transpose(0, 1).reshape(N_p, -1)
+        return _Share([(K, 0.5)], gradient())
+    rows = [
+        (h.delta.transpose(0, 1).reshape(N_p, -1), 0.5),
+        (h.block.input.to(h.dtype).reshape(N_p, -1), 0),
+    ]
+    if problem.given:
+        return _Share(rows, gradient())
+    # Lambda: the owner forms the gradient from it, as the single process does
+    return _Share(rows + [(h.block.output_grad.to(h.dtype).reshape(N_p, -1), 1)], [])
+
+
+def _owner_handler(h: Handler, got: _Received, share: _Share, given: bool) -> Handler:
+    """The block's kernel on the global batch from the ranks' rows, in ``h``'s dtype."""
+    pieces = [p.to(h.dtype) for p in got.pieces(share)]
+    N = pieces[0].shape[0]
+    if not isinstance(h, PatchHandler):
+        K = pieces[0].reshape(N, h.r, -1).transpose(0, 1).reshape(h.r * N, -1)
+        gradient = None if given else [g.to(h.dtype) for g in got.summed]
+        return _Materialised(h.block, K, h.r, gradient)
+    out_shape, in_shape = h.delta.shape[2:], h.block.input.shape[1:]
+    b = h.block
+    block = Block(
+        name=b.name,
+        module=b.module,
+        param_names=b.param_names,
+        params=b.params,
+        inputs=(pieces[1].reshape((N,) + in_shape),),
+        output=None,
+        delta=pieces[0].reshape((N, h.r) + out_shape).transpose(0, 1).contiguous(),
+        output_grad=None if given else pieces[2].reshape((N,) + out_shape),
+    )
+    return type(h)(block)
+
+
+class _Materialised(Handler):
+    """A block's kernel from ``K`` itself (``d x n_a``, rows probe-major), gathered over
+    the ranks, with the global gradient when the owner cannot form it from ``K``."""
+
+    def __init__(self, block: Block, K: Tensor, r: int, gradient: list[Tensor] | None):
+        self.block = block
+        self._K = K
+        self.r, self.N, self.d = r, K.shape[0] // r, K.shape[0]
+        self._gradient = gradient
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._K.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._K.device
+
+    def to(self, dtype: torch.dtype) -> Handler:
+        gradient = None if self._gradient is None else [g.to(dtype) for g in self._gradient]
+        return _Materialised(self.block, self._K.to(dtype), self.r, gradient)
+
+    def compress_rows(self) -> None:
+        """The rows arrive compressed where the method allows it."""
+
+    def gradient(self) -> list[Tensor]:
+        return self._gradient
+
+    def gradient_from_output(self, lam: Tensor) -> list[Tensor]:
+        raise TypeError("a gathered kernel has no block output; use gradient()")
+
+    def K(self) -> Tensor:
+        return self._K
+
+    def K_mv(self, v: list[Tensor]) -> Tensor:
+        return self._K @ _flat(v)
+
+    def K_tmv(self, t: Tensor) -> list[Tensor]:
+        return _unflat(self._K.T @ t, self.block.params)
+
+
+def _kronecker_solves(problem: Problem, factors: list[list[Tensor]], opts: Options):
+    """K-FAC's solve of each block of ``problem`` from the global batch's summed dense
+    factors ``[Gamma, A]`` (``[Gamma]`` where no part has an input factor)."""
+    solves = []
+    for i, (h, (gamma, *A)) in enumerate(zip(problem.handlers, factors, strict=True)):
+        name = h.block.name
+        parts = kfac.parts_of(h, opts.kfac_bias)
+        gamma = Factor(matrix=gamma, what=f"K-FAC output factor Gamma of module {name!r}")
+        A = [Factor(matrix=a, what=f"K-FAC input factor A of module {name!r}") for a in A]
+        inputs = {p.name: A[0] for p in parts if not p.bias_only}
+        solves.append(kfac.fresh_solve(h, i, problem.gradient_of(i), opts, (gamma, inputs)))
+    return solves
+
+
+def _samples(problem: Problem) -> int:
+    """The shard's batch size."""
+    if problem.handlers:
+        return problem.handlers[0].N
+    block = problem.blocks[0]
+    return (block.calls[0] if block.calls else block).output.shape[0]
+
+
+def _signature(problem: Problem, shares: list[_Share], method: str) -> int:
+    """A checksum of the blocks and what each rank sends for them (equal on every rank
+    that runs the same network on samples of one shape)."""
+    blocks = [(b.name, b.n_params) for b in problem.blocks]
+    kinds = [type(h).__name__ for h in problem.handlers]
+    layouts = [s.layout for s in shares]
+    return zlib.crc32(repr((method, problem.given, blocks, kinds, layouts)).encode())
+
+
+def _common(dtypes) -> torch.dtype:
+    """The dtype every one of ``dtypes`` converts to exactly."""
+    dtypes = list(dtypes)
+    common = dtypes[0]
+    for dtype in dtypes[1:]:
+        common = torch.promote_types(common, dtype)
+    return common
+
+
+def _param_dtype(problem: Problem) -> torch.dtype:
+    return _common(p.dtype for b in problem.blocks for p in b.params)
+
+
+# ------------------------------------------------------------------------- the plan
+
+
+def _block_cost(method: str, opts: Options, h: Handler, share: _Share, N: int) -> float:
+    """Modelled FLOPs of a block's solve on the global batch of ``N`` samples."""
+    if method == "kfac":
+        kh = share.kronecker
+        variant = dict(kfac_damping=opts.kfac_damping, kfac_bias=opts.kfac_bias)
+        f_in, f_out = kh.X.shape[-1], kh.f_out
+        return costs.block_solve_flops("kfac", f_in, f_out, N, kh.r, kh.with_bias, **variant)
+    if isinstance(h, LinearHandler) and h.factored_gradient:
+        return costs.block_solve_flops("layerwise", h.X.shape[-1], h.f_out, N, h.r, h.with_bias)
+    return costs.generic_block_solve_flops(h.block.n_params, h.r * N)
+
+
+def plan(
+    problem: Problem, shares: list[_Share], method: str, opts: Options, N: int, world: int
+) -> list[int]:
+    """The owner of each block: the greedy plan over :func:`_block_cost` for
+    ``layerwise`` and ``kfac``, rank 0 for every other method."""
+    if method not in costs.BLOCKWISE:
+        return [0] * len(problem.blocks)
+    work = [
+        _block_cost(method, opts, h, s, N) for h, s in zip(problem.handlers, shares, strict=True)
+    ]
+    return assign(work, world)
+
+
+# ------------------------------------------------------------------------- the step
+
+
+def solve(
+    build: Callable[[], Problem],
+    method: str,
+    opts: Options,
+    checks: Deferred,
+    group,
+    *,
+    timeout: float,
+    global_gradient: bool = False,
+) -> tuple[dict[str, Tensor], list[LayerDiagnostics]]:
+    """The direction of the global batch on every rank of ``group`` (module docstring).
+
+    ``build()`` makes this rank's problem on its shard (``checks`` holds the caller's
+    checks still to be read). ``global_gradient``: a given gradient is already the
+    global batch's on every rank (DistributedDataParallel averaged it). Returns
+    ``({name: direction}, diagnostics)``: every block parameter's direction, in the
+    parameter's dtype, and the diagnostics of the blocks this rank solved.
+    """
+    observer = getattr(_LOCAL, "observer", None) or Observer()
+    net = _Group(group, timeout)
+    alone = net.world == 1  # the shard is the global batch: the single-process solve
+    with observer.phase("local"):
+        failure, problem, shares = _local(build, method, opts, checks, global_gradient, alone)
+    with observer.phase("agree"):
+        signature = 0 if problem is None else _signature(problem, shares, method)
+        sizes = net.agree(failure, 0 if problem is None else _samples(problem), signature)
+        N = sum(sizes)
+        owners = (
+            [0] * len(problem.blocks)
+            if alone
+            else plan(problem, shares, method, opts, N, net.world)
+        )
+        net.traffic.owners = tuple(owners)
+    with observer.phase("exchange"):
+        received = None if alone else _exchange(net, problem, shares, method, owners, sizes)
+    if method == "euclidean":  # the direction is the global gradient
+        directions = (
+            problem.gradient
+            if alone
+            else [got.summed or problem.gradient_of(i) for i, got in enumerate(received)]
+        )
+        observer.traffic(net.traffic)
+        return _by_name(problem, range(len(problem.blocks)), directions), []
+    mine = [i for i, owner in enumerate(owners) if owner == net.rank]
+    with observer.phase("solve"):
+        failure, solved, diagnostics = None, [], []
+        try:
+            if mine:
+                if alone:
+                    owned, solves = problem, SOLVERS[method].solve(problem, opts)
+                else:
+                    owned, factors = _owned(problem, shares, method, mine, received, N)
+                    solves = (
+                        _kronecker_solves(owned, factors, opts)
+                        if method == "kfac"
+                        else SOLVERS[method].solve(owned, opts)
+                    )
+                solved, diagnostics = finish(owned, solves, opts, Deferred(), method)
+        except Exception as err:
+            failure = err
+    with observer.phase("broadcast"):
+        directions = _broadcast(net, problem, owners, solved, failure)
+    observer.traffic(net.traffic)
+    return directions, diagnostics
+
+
+def _local(build, method: str, opts: Options, checks: Deferred, global_gradient: bool, alone):
+    """This rank's problem and shares (none when ``alone``), or the error that stopped
+    them."""
+    try:
+        problem = build()
+        if method == "layerwise" and not alone:
+            for h in problem.handlers:
+                h.compress_rows()  # fewer rows to send; the owner's QR then has nothing to do
+        blocks = [] if alone else range(len(problem.blocks))
+        shares = [_share(problem, i, method, opts, global_gradient) for i in blocks]
+        for h in problem.handlers:
+            for ok, explain in h.deferred_checks():
+                checks.require(ok, explain)
+        checks.run()
+    except Exception as err:
+        return err, None, None
+    return None, problem, shares
+
+
+def _exchange(net: _Group, problem, shares, method, owners, sizes) -> list[_Received | None]:
+    """Per block, what its owner received (``None`` for the others' blocks); for
+    ``kfac`` and ``euclidean``, every block's summed tensors."""
+    weight = sizes[net.rank] / sum(sizes)
+    dtype = _common([_param_dtype(problem)] + [h.dtype for h in problem.handlers])
+    # this rank's shares in the order of their owners, packed into one buffer
+    order = sorted(range(len(shares)), key=lambda i: owners[i])
+    lengths = [shares[i].numel(sizes[net.rank]) for i in order]
+    device = problem.blocks[0].params[0].device
+    buffer = torch.empty(sum(lengths), dtype=dtype, device=device)
+    for i, part in zip(order, buffer.split(lengths), strict=True):
+        shares[i].pack(part, weight)
+    if method in ("kfac", "euclidean"):
+        total = net.all_reduce(buffer, "all-reduce of factors and gradients")
+        parts = dict(zip(order, total.split(lengths), strict=True))
+        return [_Received(None, _unflat(parts[i], s.summed)) for i, s in enumerate(shares)]
+    mine = [i for i in order if owners[i] == net.rank]
+    send = [sum(n for i, n in zip(order, lengths) if owners[i] == q) for q in range(net.world)]
+    expected = [[shares[i].numel(n) for i in mine] for n in sizes]
+    from_ranks = net.all_to_all(
+        buffer, send, [sum(e) for e in expected], "all-to-all of rows to owners"
+    )
+    received: list[_Received | None] = [None] * len(shares)
+    per_block = zip(*[b.split(e) for b, e in zip(from_ranks, expected, strict=True)])
+    for i, per_rank in zip(mine, per_block, strict=True):
+        width = shares[i].layout[0]
+        rows = [p[: n * width].view(n, width) for p, n in zip(per_rank, sizes, strict=True)]
+        summed = sum(p[n * width :] for p, n in zip(per_rank, sizes, strict=True))
+        received[i] = _Received(torch.cat(rows), _unflat(summed, shares[i].summed))
+    return received
+
+
+def _owned(
+    problem: Problem, shares, method: str, mine: list[int], received, N: int
+) -> tuple[Problem, list[list[Tensor]]]:
+    """The problem of this rank's blocks on the global batch of ``N`` samples, and for
+    ``kfac`` each block's summed factors."""
+    handlers, summed, factors = [], [], []
+    for i in mine:
+        h, share, got = problem.handlers[i], shares[i], received[i]
+        parts = [t.to(h.dtype) for t in got.summed]
+        if method == "kfac":
+            kh = copy.copy(share.kronecker)  # the factors are the global batch's
+            kh.N, kh.d = N, kh.r * N
+            handlers.append(kh)
+            n_factors = 1 + any(not p.bias_only for p in share.parts)
+            factors.append(parts[:n_factors])
+            parts = parts[n_factors:]
+        else:
+            handlers.append(_owner_handler(h, got, share, problem.given))
+        summed.append(parts)
+    blocks = [problem.blocks[i] for i in mine]
+    if method != "kfac" and not problem.given:  # the gradient from Lambda, as on one rank
+        return Problem(blocks, handlers), factors
+    # the ranks' weighted gradients, or the given one DistributedDataParallel averaged
+    gradient = [parts or problem.gradient_of(i) for i, parts in zip(mine, summed, strict=True)]
+    return Problem(blocks, handlers, gradient), factors
+
+
+def _broadcast(net: _Group, problem: Problem, owners, solved, failure) -> dict[str, Tensor]:
+    """Every block's direction from its owner; a failed owner makes every rank raise."""
+    dtype = _param_dtype(problem)
+    device = problem.blocks[0].params[0].device
+    blocks = [[i for i, o in enumerate(owners) if o == q] for q in range(net.world)]
+    sizes = [sum(problem.blocks[i].n_params for i in ids) for ids in blocks]
+    buffers = [torch.empty(1 + n, dtype=dtype, device=device) for n in sizes]
+    if failure is None:
+        body = [x.reshape(-1).to(dtype) for xs in solved for x in xs]
+    else:
+        body = [torch.zeros(sizes[net.rank], dtype=dtype, device=device)]
+    status = torch.tensor([float(failure is not None)], dtype=dtype, device=device)
+    buffers[net.rank] = torch.cat([status, *body])
+    buffers = net.broadcast_all(buffers, "broadcast of directions")
+    statuses = torch.stack([b[0] for b in buffers]).tolist()  # one host sync
+    failed = [q for q, status in enumerate(statuses) if status]
+    if failed:
+        net.fail(failure, failed, "the solve of its blocks")
+    order = [i for ids in blocks for i in ids]
+    flat = torch.cat([b[1:] for b in buffers]).split([problem.blocks[i].n_params for i in order])
+    directions = [_unflat(x, problem.blocks[i].params) for i, x in zip(order, flat, strict=True)]
+    return _by_name(problem, order, directions)
+
+
+def _by_name(problem: Problem, blocks, directions) -> dict[str, Tensor]:
+    """``{parameter name: direction}`` in each parameter's dtype."""
+    return {
+        name: x.to(p.dtype)
+        for i, xs in zip(blocks, directions, strict=True)
+        for name, p, x in zip(
+            problem.blocks[i].param_names, problem.blocks[i].params, xs, strict=True
+        )
+    }

@@ -1,0 +1,465 @@
+"""Sweep points dispatched to dask.distributed: one device per point, on an embedded local
+cluster or on a cluster of the user's (``--scheduler``).
+
+**Exclusive devices.** Every point asks for one ``device`` resource and every worker
+declares as many as it owns devices, so no two points ever share a device: two timed
+points on the same GPU, or on the same CPU cores, corrupt each other's timing.
+
+**Rounds.** A sweep sends its points a round at a time (the grid, each round of growth, the
+re-measurements: :func:`~riemann_core.scaling.sweep.sweep`), and between rounds has every
+worker measure its devices' rates (:meth:`DaskRunner.everywhere`) while it holds all of
+them, so that the rates are those of the devices, threads and cores its points run on.
+
+**The local cluster** (:func:`local_workers`, :func:`start_cluster`): one worker process
+per GPU, pinned to it through ``CUDA_VISIBLE_DEVICES``; on a CPU host one worker that owns
+all the cores, with as many torch threads as this process has. More CPU workers
+(``--workers``) each get cores of their own, never shared, and are pinned to them.
+
+**Nothing lost, nothing twice.** The client (this process) is the only writer of the
+results; a point reaches it once, as it completes. A point that kills its worker (a
+segfault, ``kill -9``, the out-of-memory killer, a poisoned CUDA context) is retried once
+on a fresh worker (the local scheduler's ``allowed_failures``: the nanny restarts the
+worker), then comes back as a :class:`~riemann_core.scaling.sweep.PointLost` that the
+sweep records as ``error`` with the reason. A result lives on its worker until the client
+fetches it (milliseconds after the point ends): one whose worker dies within that window is
+measured again, and still recorded once.
+
+**No silent hang.** Dask waits forever for a resource no worker offers; :func:`check_workers`
+fails before any point is submitted when none does (or when a worker cannot run points),
+and the :class:`DaskRunner` gives up when no worker has offered it for a while.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask
+import torch
+from distributed import (
+    Client,
+    Future,
+    Nanny,
+    Scheduler,
+    SpecCluster,
+    WorkerPlugin,
+    system,
+)
+from distributed.scheduler import KilledWorker
+
+from .sweep import PointLost
+from .worker import THREADS, physical_cores
+
+#: the worker resource a point holds while it runs: one device
+RESOURCE = "device"
+#: retries of a point whose worker died, each on a fresh worker, before it is recorded lost
+ALLOWED_FAILURES = 1
+#: seconds between the checks, while no point completes, that a worker offers the resource
+CHECK_EVERY = 2.0
+#: dask's own periodic work in a worker, its nanny and the scheduler, slowed down: each
+#: wakes a thread on the cores a point is timed on (the profiler samples every thread's
+#: stack every 10 ms; the event loop's latency probe ticks every 20 ms; monitors poll)
+QUIET = {
+    # dask's nanny would set MALLOC_TRIM_THRESHOLD_ (which turns off glibc's adaptive mmap
+    # threshold: every large temporary tensor then costs fresh, page-faulting memory) and
+    # OMP_NUM_THREADS=1 (the worker sets torch's threads itself)
+    "distributed.nanny.pre-spawn-environ": {},
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "5s",
+    "distributed.admin.system-monitor.gil.enabled": False,
+    "distributed.worker.memory.monitor-interval": "1s",
+}
+
+
+class ClusterError(ValueError):
+    """The cluster cannot measure the sweep; the message names the cause and the fix."""
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Where the points run: a local cluster of ``workers`` processes with
+    ``threads_per_worker`` torch threads each (``None``: see :func:`local_workers`), or
+    the running cluster whose scheduler has the address (or scheduler file) ``scheduler``."""
+
+    workers: int | None = None
+    threads_per_worker: int | None = None
+    scheduler: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One worker of a local cluster: its torch ``threads`` (passed as
+    ``RIEMANN_BENCH_THREADS``), the ``devices`` resources it declares, the logical CPUs it
+    is pinned to (``None``: not pinned) and its GPU (``CUDA_VISIBLE_DEVICES``)."""
+
+    threads: int
+    devices: int = 1
+    cores: tuple[int, ...] | None = None
+    gpu: int | None = None
+
+
+def local_workers(
+    device: str | torch.device, workers: int | None = None, threads: int | None = None
+) -> list[WorkerSpec]:
+    """The workers of the local cluster for ``device``.
+
+    CUDA: one worker per GPU (the one ``cuda:N`` names, else every visible one; ``workers``
+    takes the first ones). CPU: one worker (``workers`` more). A lone worker with
+    ``threads`` unset runs as many torch threads as this process, unpinned; otherwise each
+    worker gets ``threads`` (default: an equal share) cores of its own, pinned.
+    """
+    device = torch.device(device)
+    cores = physical_cores()
+    if device.type == "cuda":
+        gpus: list[int | None] = (
+            [device.index] if device.index is not None else list(range(torch.cuda.device_count()))
+        )
+        if not gpus:
+            raise ClusterError(f"a local cluster on {device} needs a GPU, and none is visible")
+        count = len(gpus) if workers is None else workers
+        if count > len(gpus):
+            raise ClusterError(
+                f"--workers {count} on {len(gpus)} GPU(s): two workers on one GPU corrupt "
+                f"each other's timing; pass --workers {len(gpus)} or fewer"
+            )
+        gpus = gpus[:count]
+    else:
+        count = 1 if workers is None else workers
+        gpus = [None] * count
+    if count < 1:
+        raise ClusterError(f"the local cluster needs at least one worker, got {count}")
+    if count == 1 and threads is None:
+        return [WorkerSpec(torch.get_num_threads(), gpu=gpus[0])]
+    share = threads or len(cores) // count
+    if share < 1 or count * share > len(cores):
+        if device.type == "cuda":  # more GPUs than cores: their workers share the cores
+            return [WorkerSpec(max(share, 1), gpu=gpu) for gpu in gpus]
+        raise ClusterError(
+            f"{count} worker(s) x {max(share, 1)} thread(s) need {count * max(share, 1)} cores "
+            f"and this host has {len(cores)}: timed points on shared cores corrupt each "
+            "other's timing; ask for fewer --workers or --threads-per-worker"
+        )
+    return [
+        WorkerSpec(
+            share,
+            cores=tuple(c for core in cores[i * share : (i + 1) * share] for c in core),
+            gpu=gpu,
+        )
+        for i, gpu in enumerate(gpus)
+    ]
+
+
+class Pinning(WorkerPlugin):
+    """Pins every thread of a worker process to ``cores`` (threads started later inherit it)."""
+
+    def __init__(self, cores: tuple[int, ...]):
+        self.cores = cores
+
+    def setup(self, worker) -> None:
+        for thread in os.listdir("/proc/self/task"):
+            os.sched_setaffinity(int(thread), self.cores)
+
+
+def start_cluster(specs: Sequence[WorkerSpec]) -> SpecCluster:
+    """A cluster on this host (loopback only): one nanny-supervised process per spec, the
+    host's memory shared among them, :data:`ALLOWED_FAILURES` retries of a point whose
+    worker died, and dask's periodic work :data:`QUIET`."""
+    memory = system.MEMORY_LIMIT // len(specs)
+    workers = {}
+    for i, spec in enumerate(specs):
+        env = {THREADS: str(spec.threads)}
+        if spec.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(spec.gpu)
+        workers[f"device-{i}"] = {
+            "cls": Nanny,
+            "options": {
+                "host": "127.0.0.1",
+                "nthreads": spec.devices,
+                "resources": {RESOURCE: spec.devices},
+                "env": env,
+                "memory_limit": memory,
+                "plugins": () if spec.cores is None else (Pinning(spec.cores),),
+                "silence_logs": logging.WARNING,
+            },
+        }
+    scheduler = {
+        "cls": Scheduler,
+        "options": {"host": "127.0.0.1", "dashboard": False, "allowed_failures": ALLOWED_FAILURES},
+    }
+    with dask.config.set(QUIET):  # the nannies hand this configuration to their workers
+        return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING)
+
+
+@contextmanager
+def cluster(options: ClusterOptions, device: str | torch.device) -> Iterator[Client]:
+    """A client of the local cluster that ``options`` describe, or of the running one."""
+    if options.scheduler is None:
+        specs = local_workers(device, options.workers, options.threads_per_worker)
+        with start_cluster(specs) as local, Client(local, set_as_default=False) as client:
+            yield client
+        return
+    client = connect(options.scheduler)
+    try:
+        failures = client.run_on_scheduler(_allowed_failures)
+        if failures != ALLOWED_FAILURES:
+            warnings.warn(
+                f"the scheduler at {options.scheduler} retries a point that kills its worker "
+                f"{failures} time(s), not {ALLOWED_FAILURES}; start it with "
+                f"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES={ALLOWED_FAILURES}",
+                stacklevel=3,
+            )
+        yield client
+    finally:
+        client.close()
+
+
+def connect(scheduler: str, timeout: float = 30.0) -> Client:
+    """A client of the scheduler at the address (``tcp://host:8786``) or scheduler file
+    ``scheduler``."""
+    try:
+        if Path(scheduler).is_file():
+            return Client(scheduler_file=scheduler, timeout=timeout, set_as_default=False)
+        return Client(scheduler, timeout=timeout, set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as err:
+        raise ClusterError(
+            f"cannot reach a dask scheduler at {scheduler!r} ({type(err).__name__}: {err}); "
+            "start one (dask scheduler) and pass its address tcp://HOST:PORT or its "
+            "--scheduler-file"
+        ) from err
+
+
+def check_workers(client: Client, device: str | torch.device, timeout: float = 60.0) -> dict:
+    """The workers that offer the ``device`` resource, once one does, checked to run points.
+
+    Waits up to ``timeout`` seconds for one (a batch system may still be starting them),
+    then raises :class:`ClusterError`, as for a worker that cannot import riemann_core,
+    a CUDA sweep on a worker with fewer GPUs than the devices it declares, or a CPU sweep
+    where two points would share cores (a worker that declares several devices, workers
+    on one host pinned to overlapping cores). Returns address -> facts.
+    """
+    deadline = time.monotonic() + timeout
+    while not (offering := _offering(client)):
+        if time.monotonic() > deadline:
+            known = client.scheduler_info(n_workers=-1)["workers"]
+            raise ClusterError(
+                f"none of the {len(known)} worker(s) of the cluster offers the "
+                f"{RESOURCE!r} resource after {timeout:g} s, so no point could ever run; "
+                f"start each worker with --resources {RESOURCE}=K (K: the devices it owns, "
+                f"1 on a CPU host), e.g. dask worker SCHEDULER --resources {RESOURCE}=1"
+            )
+        time.sleep(0.2)
+    facts = client.run(_worker_facts, workers=list(offering), on_error="return")
+    cuda = torch.device(device).type == "cuda"
+    for address, fact in facts.items():
+        declared = offering[address]
+        if isinstance(fact, BaseException):
+            raise ClusterError(
+                f"worker {address} cannot run riemann-bench points ({type(fact).__name__}: "
+                f"{fact}); install riemann-bench in the workers' environment"
+            )
+        if cuda and fact["gpus"] < declared:
+            raise ClusterError(
+                f"worker {address} declares {declared} device(s) but sees {fact['gpus']} "
+                "GPU(s); declare one device per GPU it sees"
+            )
+        if not cuda and declared > 1:
+            raise ClusterError(
+                f"worker {address} declares {declared} devices on a CPU host: its points "
+                f"would share cores and corrupt each other's timing; use --resources "
+                f"{RESOURCE}=1"
+            )
+    if not cuda:
+        _check_disjoint(facts)
+    noisy = [address for address, fact in facts.items() if fact["noisy"]]
+    if noisy:
+        warnings.warn(
+            f"{len(noisy)} of {len(facts)} workers run dask's profiler or have "
+            "MALLOC_TRIM_THRESHOLD_ set by their nanny, which slows the points they time; "
+            "give the workers the dask configuration of docs/clusters.md",
+            stacklevel=2,
+        )
+    return facts
+
+
+def _check_disjoint(facts: dict) -> None:
+    seen: list[tuple[str, dict]] = []
+    for address, fact in facts.items():
+        for other, earlier in seen:
+            shared = set(fact["cores"]) & set(earlier["cores"])
+            if fact["host"] == earlier["host"] and shared:
+                raise ClusterError(
+                    f"workers {other} and {address} on {fact['host']} may run on the same "
+                    f"cores {sorted(shared)}: timed points on shared cores corrupt each "
+                    "other's timing; start one worker per host, or pin each to cores of "
+                    "its own (taskset)"
+                )
+        seen.append((address, fact))
+
+
+def _offering(client: Client) -> dict[str, int]:
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    return {
+        address: int(info["resources"][RESOURCE])
+        for address, info in workers.items()
+        if info.get("resources", {}).get(RESOURCE, 0) >= 1
+    }
+
+
+def _worker_facts() -> dict:
+    from riemann_core.scaling import worker  # noqa: F401  (fails where it is not installed)
+
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return {
+        "host": socket.gethostname(),
+        "gpus": torch.cuda.device_count(),
+        "cores": cores,
+        "noisy": dask.config.get("distributed.worker.profile.enabled")
+        or "MALLOC_TRIM_THRESHOLD_" in os.environ,
+    }
+
+
+def _allowed_failures(dask_scheduler) -> int:
+    return dask_scheduler.allowed_failures
+
+
+class DaskRunner:
+    """The sweep's :class:`~riemann_core.scaling.sweep.Runner` on a dask cluster: each
+    point holds one ``device`` resource, and results are yielded as they complete.
+
+    Only as many points are submitted as the workers offer devices: dask counts a worker's
+    death against every point assigned to it, so points queued behind one that kills its
+    worker would otherwise be retried, and lost, for a crash they did not cause. A device
+    gets its next point once its last result has reached the client: the worker's event
+    loop, which sends the result, would otherwise take turns with the next point on the
+    timed cores (and the Python of a small point holds the GIL it wants). Gives up
+    with :class:`ClusterError` when no worker has offered the resource for ``patience``
+    seconds (the points not yet measured are cancelled; a rerun measures them).
+    """
+
+    placed = True
+
+    def __init__(self, client: Client, *, patience: float = 120.0):
+        self.client = client
+        self.patience = patience
+
+    def __call__(
+        self, task: Callable[[dict], object], runs: Sequence[dict]
+    ) -> Iterator[tuple[dict, object]]:
+        waiting = list(reversed(runs))
+        flying: dict[Future, dict] = {}
+        done: queue.SimpleQueue[Future] = queue.SimpleQueue()
+        capacity = sum(_offering(self.client).values())
+        seen = checked = time.monotonic()
+
+        def refill() -> None:
+            while waiting and len(flying) < capacity:
+                future = self.client.submit(task, waiting[-1], resources={RESOURCE: 1}, pure=False)
+                flying[future] = waiting.pop()
+                future.add_done_callback(done.put)
+
+        try:
+            while waiting or flying:
+                refill()
+                try:
+                    future = done.get(timeout=CHECK_EVERY)
+                except queue.Empty:
+                    pass
+                else:
+                    run, outcome = flying.pop(future), _outcome(future)
+                    future.release()  # else a worker that dies later loses it: run again
+                    refill()  # only now: the result's transfer must not overlap a timed point
+                    yield run, outcome
+                now = time.monotonic()
+                if now - checked >= CHECK_EVERY:  # workers come and go
+                    checked, capacity = now, sum(_offering(self.client).values())
+                    if capacity:
+                        seen = now
+                    elif now - seen > self.patience:
+                        raise ClusterError(
+                            f"no worker has offered the {RESOURCE!r} resource for "
+                            f"{self.patience:g} s; {len(flying) + len(waiting)} point(s) not "
+                            "measured: rerun to measure them once workers are back"
+                        )
+        finally:
+            self.client.cancel(list(flying))
+
+    def everywhere(self, task: Callable[[str], list], devices: Sequence[str]) -> list:
+        """``task(device)`` on every worker that offers the resource, for each kind of
+        device in ``devices``, holding all the worker's devices (no point runs beside it);
+        the results' items. A worker that dies or fails meanwhile is left out, with a
+        warning (its address goes with it, so a task pinned to it would wait forever)."""
+        pending: dict[Future, str] = {}
+        done: queue.SimpleQueue[Future] = queue.SimpleQueue()
+        for address, count in _offering(self.client).items():
+            for device in dict.fromkeys(devices):
+                future = self.client.submit(
+                    task,
+                    device,
+                    workers=[address],
+                    allow_other_workers=False,
+                    resources={RESOURCE: count},
+                    pure=False,
+                )
+                pending[future] = address
+                future.add_done_callback(done.put)
+        items, lost = [], []
+        try:
+            while pending:
+                try:
+                    future = done.get(timeout=CHECK_EVERY)
+                except queue.Empty:
+                    alive = self.client.scheduler_info(n_workers=-1)["workers"]
+                    gone = [f for f, address in pending.items() if address not in alive]
+                    self.client.cancel(gone)
+                    lost += [f"{pending.pop(f)}: it left the cluster" for f in gone]
+                    continue
+                address = pending.pop(future, None)
+                if address is None:  # cancelled above
+                    continue
+                outcome = _outcome(future)
+                future.release()
+                if isinstance(outcome, PointLost):
+                    lost.append(f"{address}: {outcome.reason}")
+                else:
+                    items += outcome
+        finally:
+            self.client.cancel(list(pending))
+        if lost:
+            warnings.warn(
+                "no device rates from " + "; ".join(lost) + ": the speed of light and the "
+                "time model of its points use the rates measured at the other times",
+                stacklevel=2,
+            )
+        return items
+
+
+def _outcome(future) -> object:
+    if future.status == "finished":
+        return future.result()
+    if future.status == "cancelled":
+        return PointLost("cancelled by the dask scheduler before it ran")
+    err = future.exception()
+    if isinstance(err, KilledWorker):
+        return PointLost(
+            f"the point killed its worker {err.allowed_failures + 1} times (last "
+            f"{err.last_worker.address}): a crash, kill -9, the out-of-memory killer or a "
+            "poisoned CUDA context; the worker's log says which"
+        )
+    return PointLost(f"{type(err).__name__} on the worker: {err}"[:300])
+
+
+@contextmanager
+def runner(options: ClusterOptions, device: str | torch.device) -> Iterator[DaskRunner]:
+    """A :class:`DaskRunner` on the cluster ``options`` describe, its workers checked."""
+    with cluster(options, device) as client:
+        check_workers(client, device)
+        yield DaskRunner(client)

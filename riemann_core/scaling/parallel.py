@@ -1,0 +1,400 @@
+"""``riemann-bench distributed``: data-parallel directions measured over the world size.
+
+For each world size ``P`` of ``--ranks``, ``P`` processes (torch.multiprocessing, a gloo
+process group on loopback, or NCCL with one GPU per rank under ``--device cuda``) each
+take ``1/P`` of one global batch and compute ``rc.direction(..., process_group=...)``
+for every method. Each rank stands for one device: it gets ``--threads`` threads, so
+``P`` ranks need ``P x threads`` cores to run side by side. Per method and rank the run
+records, with :class:`riemann_core.measure.phases.PhaseRecorder`:
+
+* the end-to-end time of a direction (every rank starts each repeat at a barrier);
+* the seconds of its phases: ``local`` (forward and pullback on the shard), ``agree``
+  (waiting for every rank to finish its local work), ``exchange`` and ``broadcast``
+  (packing, the collectives, unpacking; the broadcast waits for the slowest owner),
+  ``solve`` (the rank's own blocks);
+* FLOPs counted per phase in one more call, beside the cost model's
+  (:func:`riemann_core.costs.distributed_flops`);
+* bytes through the collectives, beside :func:`riemann_core.costs.communication_bytes`;
+* the GEMM rate each rank reaches while every rank runs one: below the rate of one rank
+  alone, the ranks do not have their cores to themselves;
+* on one rank, the solve phase of the same depth of layers on a tiny network and batch
+  (:data:`SMALL`): its time is the overhead of the time model.
+
+``results.csv`` holds one row per world size, method and rank and ``run.json`` the
+environment; :mod:`riemann_core.scaling.parallel_report` judges the claims
+(``claims.json``) and writes ``report.md`` with its figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import queue
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+import riemann_core as rc
+
+from .. import costs, distributed
+from ..arguments import Command, check_choices, default_out, ints, names
+from ..measure.environment import environment
+from ..measure.output import write_atomic, write_json
+from ..measure.phases import PhaseRecorder
+from ..measure.problems import mlp
+from ..measure.timing import device_rates
+
+METHODS = ("layerwise", "natural", "kfac")
+#: the network: five blocks, four of equal cost, so that P = 2 and 4 can split them
+DEFAULT = {"widths": (512, 512, 512, 512, 512, 10), "batch": 128, "repeats": 7}
+QUICK = {"widths": (128, 256, 256, 256, 256, 10), "batch": 64, "repeats": 5}
+DAMPING = 1e-3
+#: size of the GEMM whose rate tells whether the ranks have their cores to themselves
+GEMM_SIZE = {"cpu": 1024, "cuda": 8192}
+#: hidden width and batch of the network whose solve time is the overhead of the time model
+SMALL = {"width": 4, "batch": 2}
+#: columns of ``results.csv``
+COLUMNS = (
+    "ranks", "rank", "method", "threads", "batch", "gemm_concurrent_flops_per_s", "owned_blocks",
+    "step_median_s", "step_iqr_s", "local_s", "agree_s", "exchange_s", "solve_s", "broadcast_s",
+    "step_times_s", "solve_times_s", "solve_small_s", "flops_solve_small",
+    "flops_local", "flops_solve", "flops_local_model", "flops_solve_model",
+    "bytes_sent", "bytes_received", "bytes_sent_model", "bytes_received_model",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Config:
+    """What every rank measures."""
+
+    widths: tuple[int, ...]
+    batch: int
+    methods: tuple[str, ...]
+    repeats: int
+    threads: int
+    device: str
+    dtype: str
+    seed: int
+    timeout: float
+
+    @property
+    def shape(self) -> costs.MLPShape:
+        return costs.MLPShape(self.widths, self.batch, rows=self.widths[-1])
+
+
+# -------------------------------------------------------------------- on every rank
+
+
+def _rank_main(config: Config, rank: int, world: int, rendezvous: str, out) -> None:
+    """One rank: join the group, measure every method, send the rows to the parent."""
+    try:
+        rows = _measure_rank(config, rank, world, rendezvous, out)
+        out.put(("rows", rows))
+    except BaseException:
+        out.put(("error", f"rank {rank} of {world}:\n{traceback.format_exc()}"))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _measure_rank(config: Config, rank: int, world: int, rendezvous: str, out) -> list[dict]:
+    import torch.distributed as dist
+
+    torch.set_num_threads(config.threads)
+    cuda = config.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        init_method=f"file://{rendezvous}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=config.timeout),
+    )
+    dtype = getattr(torch, config.dtype)
+    torch.manual_seed(config.seed)
+    model = mlp(config.widths).to(device, dtype)
+    x = torch.randn(config.batch, config.widths[0], device=device, dtype=dtype)
+    y = torch.randint(0, config.widths[-1], (config.batch,), device=device)
+    dist.barrier()  # every rank at once: the rate a rank gets while the others compute too
+    concurrent = gemm_rate(device, dtype)
+    shard = slice(rank * config.batch // world, (rank + 1) * config.batch // world)
+    x, y = x[shard], y[shard]
+    tiny_widths = (SMALL["width"],) * (len(config.widths) - 1) + (config.widths[-1],)
+    tiny_model = mlp(tiny_widths).to(device, dtype)
+    tiny = (
+        torch.randn(SMALL["batch"], tiny_widths[0], device=device, dtype=dtype),
+        torch.arange(SMALL["batch"], device=device) % config.widths[-1],
+    )
+    shape = config.shape
+    itemsize = torch.finfo(dtype).bits // 8
+    rows = []
+    for method in config.methods:
+
+        def call(x=x, y=y, method=method, model=model):
+            return rc.direction(
+                model, x, y, method=method, damping=DAMPING, process_group=dist.group.WORLD,
+                timeout=config.timeout,
+            )  # fmt: skip
+
+        times, phase, flops, traffic = _timed(call, config.repeats, device)
+        small = (float("nan"), float("nan"))
+        if world == 1:  # the overhead of the solve: as many blocks, almost no work
+            _, small_phase, small_flops, _ = _timed(
+                functools.partial(call, *tiny, model=tiny_model), config.repeats, device
+            )
+            small = (statistics.median(small_phase["solve"]), small_flops.get("solve", 0))
+        model_flops = costs.distributed_flops(method, shape, world)[rank]
+        model_bytes = costs.communication_bytes(method, shape, world, itemsize)[rank]
+        quartiles = (
+            statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [0, 0, 0]
+        )
+        rows.append(
+            {
+                "ranks": world,
+                "rank": rank,
+                "method": method,
+                "threads": config.threads,
+                "batch": config.batch,
+                "gemm_concurrent_flops_per_s": concurrent,
+                "owned_blocks": sum(o == rank for o in traffic.owners),
+                "step_median_s": statistics.median(times),
+                "step_iqr_s": quartiles[2] - quartiles[0],
+                **{f"{p}_s": statistics.median(v) for p, v in phase.items()},
+                "step_times_s": json.dumps(times),
+                "solve_times_s": json.dumps(phase["solve"]),
+                "solve_small_s": small[0],
+                "flops_solve_small": small[1],
+                "flops_local": flops.get("local", 0),
+                "flops_solve": flops.get("solve", 0),
+                "flops_local_model": model_flops["local"],
+                "flops_solve_model": model_flops["solve"],
+                "bytes_sent": sum(traffic.sent.values()),
+                "bytes_received": sum(traffic.received.values()),
+                "bytes_sent_model": model_bytes["sent"],
+                "bytes_received_model": model_bytes["received"],
+            }
+        )
+        if rank == 0:
+            out.put(("progress", method))
+    return rows
+
+
+def gemm_rate(device, dtype: torch.dtype) -> float:
+    """The median GEMM rate (FLOP/s) at :data:`GEMM_SIZE` on ``device``."""
+    n = GEMM_SIZE[torch.device(device).type]
+    return statistics.median(device_rates(device, dtype, n=n)["products"])
+
+
+def _timed(call, repeats: int, device):
+    """A warm-up call (the first for a model also probes the network), ``repeats`` timed
+    calls started together at a barrier, one FLOP-counted call: the end-to-end times,
+    each phase's times, the counted FLOPs by phase and the bytes."""
+    import torch.distributed as dist
+
+    call()
+    timed, times = PhaseRecorder(device), []
+    with distributed.observing(timed):
+        for _ in range(repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+    counted = PhaseRecorder(device, count_flops=True)
+    with distributed.observing(counted):
+        call()
+    (step,) = counted.steps
+    phase = {p: [s.seconds.get(p, 0.0) for s in timed.steps] for p in distributed.PHASES}
+    return times, phase, step.flops, step.traffic
+
+
+# ------------------------------------------------------------------------ the parent
+
+
+def _context():
+    import torch.multiprocessing as mp
+
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "torch._dynamo", "riemann_core"])
+    return context
+
+
+def run_world(config: Config, world: int, progress=None) -> list[dict]:
+    """The rows of every rank of one world size; a rank that fails ends the run with
+    its traceback."""
+    context = _context()
+    messages = context.Queue()
+    with tempfile.TemporaryDirectory(prefix="riemann-bench-") as tmp:
+        rendezvous = str(Path(tmp) / "rendezvous")
+        processes = [
+            context.Process(target=_rank_main, args=(config, rank, world, rendezvous, messages))
+            for rank in range(world)
+        ]
+        for p in processes:
+            p.start()
+        rows, finished = [], 0
+        try:
+            while finished < world:
+                try:
+                    kind, payload = messages.get(timeout=1.0)
+                except queue.Empty:
+                    dead = [(r, p.exitcode) for r, p in enumerate(processes) if p.exitcode]
+                    if dead:
+                        raise RuntimeError(
+                            f"ranks {dead} (rank, exit code) of {world} died"
+                        ) from None
+                    continue
+                if kind == "error":
+                    raise RuntimeError(payload)
+                if kind == "progress" and progress is not None:
+                    progress(world, payload)
+                if kind == "rows":
+                    rows += payload
+                    finished += 1
+        finally:
+            for p in processes:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+    return sorted(rows, key=lambda r: (r["method"], r["rank"]))
+
+
+def measure(config: Config, ranks: tuple[int, ...], progress=None) -> tuple[list[dict], dict]:
+    """Every world size's rows, and the GEMM rates of ``threads`` threads measured
+    before and after them (their spread tells a loaded machine)."""
+    torch.set_num_threads(config.threads)
+    dtype = getattr(torch, config.dtype)
+    rates = [gemm_rate(config.device, dtype)]
+    rows = []
+    for world in ranks:
+        rows += run_world(config, world, progress)
+    rates.append(gemm_rate(config.device, dtype))
+    return rows, {"gemm_flops_per_s": rates}
+
+
+def write_results(rows: list[dict], out: Path) -> Path:
+    import pandas as pd
+
+    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    return write_atomic(out / "results.csv", frame.to_csv(index=False))
+
+
+# ------------------------------------------------------------------------ the command
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("world sizes and problem")
+    group.add_argument("--ranks", type=ints, default=(1, 2, 4), metavar="P,..",
+                       help="world sizes, one run each (default: 1,2,4)")  # fmt: skip
+    group.add_argument("--methods", type=names, default=METHODS, metavar="M,..",
+                       help=f"methods (default: {','.join(METHODS)})")  # fmt: skip
+    group.add_argument("--widths", type=ints, metavar="W,..",
+                       help="the MLP's layer widths (default: 512,512,512,512,512,10; "
+                       "quick: 128,256,256,256,256,10)")  # fmt: skip
+    group.add_argument("--batch", type=int, help="global batch (default: 128; quick: 64)")
+    group.add_argument("--repeats", type=int, help="timed directions per method (default: 7)")
+    group.add_argument("--threads", type=int,
+                       help="threads per rank (default: CPU cores // largest P, at least 1)")  # fmt: skip
+    group.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    group.add_argument("--timeout", type=float, default=600.0,
+                       help="seconds a rank waits in a collective (default: 600)")  # fmt: skip
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    """The configuration the options describe; bad options raise ``ValueError``."""
+    base = QUICK if args.quick else DEFAULT
+    check_choices("method", tuple(args.methods), rc.METHODS)
+    widths = tuple(args.widths or base["widths"])
+    batch = args.batch or base["batch"]
+    ranks = tuple(args.ranks)
+    if not ranks or min(ranks) < 1:
+        raise ValueError(f"--ranks must be positive world sizes, got {ranks}")
+    if any(batch % p for p in ranks):
+        raise ValueError(
+            f"--batch {batch} must split evenly over every world size in --ranks {ranks} "
+            "(the cost model assumes equal shards)"
+        )
+    if len(widths) < 2 or min(widths) < 1:
+        raise ValueError(f"--widths needs at least two positive widths, got {widths}")
+    device = torch.device(args.device).type
+    if device == "cuda" and max(ranks) > torch.cuda.device_count():
+        raise ValueError(
+            f"--device cuda runs one rank per GPU: {max(ranks)} ranks need as many GPUs, "
+            f"{torch.cuda.device_count()} are visible"
+        )
+    threads = args.threads or max(1, cores() // max(ranks))
+    return Config(
+        widths=widths,
+        batch=batch,
+        methods=tuple(args.methods),
+        repeats=args.repeats or base["repeats"],
+        threads=threads,
+        device=device,
+        dtype=args.dtype,
+        seed=args.seed,
+        timeout=args.timeout,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from . import parallel_report
+
+    config = config_from(args)
+    out = default_out(args, "distributed")
+    ranks = tuple(args.ranks)
+    total = len(ranks) * len(config.methods)
+    with tqdm(total=total, desc="distributed", unit="method", file=sys.stderr) as bar:
+
+        def progress(world, method):
+            bar.set_postfix_str(f"P={world} {method}")
+            bar.update(1)
+
+        rows, rates = measure(config, ranks, progress)
+    write_results(rows, out)
+    meta = {
+        "config": asdict(config),
+        "ranks": list(ranks),
+        "cores": cores(),
+        **rates,
+        "environment": environment(args.device),
+        "command": args.command_line,
+    }
+    write_json(out, "run.json", meta)
+    claims = parallel_report.write(out)
+    print(f"{out / 'report.md'}: {len(rows)} rows; verdicts {parallel_report.tally(claims)}")
+    return parallel_report.exit_code(claims)
+
+
+HELP = "data-parallel directions over world sizes: time, bytes, FLOPs per rank"
+DESCRIPTION = (
+    "Spawns P processes for each world size P of --ranks (a gloo process group on "
+    "loopback; NCCL with one GPU per rank under --device cuda), each holding 1/P of one "
+    "global batch, and measures rc.direction(..., process_group=...) for every method: "
+    "end-to-end time, the time of each phase (local work, collectives, the rank's own "
+    "solves), counted FLOPs and bytes per rank beside the cost model, and the speedup "
+    "over P = 1. Writes results.csv, run.json, claims.json, report.md and figures to "
+    "--out (default reports/<device>/distributed); exits 1 when a claim fails."
+)
+EXAMPLE = "distributed --ranks 1,2,4 --quick"
+COMMAND = Command("distributed", run, HELP, DESCRIPTION, EXAMPLE, add_arguments)

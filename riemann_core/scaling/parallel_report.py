@@ -1,0 +1,446 @@
+"""The claims of ``riemann-bench distributed`` and its report: ``results.csv`` and
+``run.json`` -> ``claims.json``, ``report.md``, ``scaling.png``.
+
+Every claim ends ``pass``, ``fail``, ``regime not reached`` (the run cannot show what
+the claim speaks of, with the figures) or ``too noisy``, with a one-line reason.
+
+**On counted FLOPs and bytes** (exact, the same on every device):
+
+- ``flops-match-model``: every rank's counted FLOPs of its local work and of its solves
+  equal :func:`riemann_core.costs.distributed_flops` within :data:`FLOPS_TOLERANCE`.
+- ``bytes-match-model``: the bytes through every rank's collectives equal
+  :func:`riemann_core.costs.communication_bytes`.
+- ``solve-work-falls-<method>`` (``layerwise``, ``kfac``: blocks solved where they are
+  owned): at every ``P > 1`` the largest per-rank solve work ``T(P)`` (counted) is at most
+  ``(4/3 - 1/(3P)) T_opt(P)``, Graham's bound of the greedy plan, with ``T_opt(P)`` the
+  best split of the blocks' solve work over ``P`` ranks (the cost model's per block, by
+  exhaustion), itself at least ``max(T(1) / P, largest block)``: the work per rank falls
+  like ``1/P`` until the largest block dominates. Fail at the first ``P`` above it.
+- ``solve-work-stays-<method>`` (``natural``, ``full``): ``T(P) >= (1 - tol) T(1)`` at
+  every ``P``: the one solve of the whole metric runs on one rank, whatever ``P``.
+
+**On time**, through the time model ``t_solve = t0 + F / R`` of the solve phase, as the
+scaling study judges time (:mod:`riemann_core.scaling.fit`): ``F`` the counted FLOPs,
+``t0`` and ``R`` from one rank alone, through its solve of the run's network and batch
+and of a tiny network of as many layers (almost all overhead), so that the world sizes
+under test do not shape the model; ``t0`` is taken per block solved. A time verdict only where the
+overhead is at most ``OVERHEAD_TARGET`` of the time and the machine was steady.
+
+- ``solve-time-<method>-P<P>``: the speedup of the slowest rank's solve phase,
+  ``S = t(1) / t(P)`` (medians, a 95% bootstrap interval over the repeats), against the
+  model's ``t(1) / (t0 blocks_P / blocks_1 + T_P / R)``: ``pass`` when ``S`` lies within
+  ``1 +- TIME_BAND`` of it with an interval at most :data:`MAX_INTERVAL_WIDTH` wide;
+  ``fail`` when the interval lies outside the band; ``too noisy`` otherwise, or when the
+  GEMM rates measured before and after the run differ by more than ``SPREAD_LIMIT``.
+  ``regime not reached`` when the ranks cannot each have a device (``P`` ranks of
+  ``threads`` threads need more cores than the machine has, or the GEMM rate a rank
+  reaches while all ``P`` run one is more than ``SPREAD_LIMIT`` below the rate of one
+  rank alone: other work on the machine), or when the overhead is more than
+  ``OVERHEAD_TARGET`` of ``t(P)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import costs
+from ..measure.output import markdown_table, pyplot, read_study, save_figure, write_json
+from ..ownership import greedy_ratio, loads
+from .fit import OVERHEAD_TARGET, TIME_BAND
+from .sweep import SPREAD_LIMIT
+from .validate import FAIL, NOISY, NOT_REACHED, PASS, Claim
+
+#: largest relative gap between counted and modelled FLOPs
+FLOPS_TOLERANCE = 0.01
+#: widest 95% interval of the ratio of those speedups that can pass
+MAX_INTERVAL_WIDTH = 0.5
+#: world sizes of the cost model's table of expected scaling
+MODEL_RANKS = (1, 2, 4, 8, 16, 32)
+
+COMMAND = "riemann-bench distributed"
+TABLES = {
+    "results.csv": ("ranks", "rank", "method", "flops_solve", "solve_times_s", "step_times_s")
+}
+RECORD_KEYS = ("config", "ranks", "cores", "gemm_flops_per_s")
+
+
+def read(out: Path) -> tuple[pd.DataFrame, dict]:
+    (frame,), meta = read_study(out, TABLES, "run.json", RECORD_KEYS, COMMAND)
+    return frame, meta
+
+
+def shape_of(meta: dict) -> costs.MLPShape:
+    config = meta["config"]
+    return costs.MLPShape(tuple(config["widths"]), config["batch"], rows=config["widths"][-1])
+
+
+# --------------------------------------------------------------------------- claims
+
+
+def claims(frame: pd.DataFrame, meta: dict, *, n_boot: int = 2000, seed: int = 0) -> list[Claim]:
+    """Every claim of the module docstring that the run's methods allow."""
+    shape = shape_of(meta)
+    out = [_flops_match(frame), _bytes_match(frame)]
+    for method in sorted(frame["method"].unique()):
+        rows = frame[frame["method"] == method]
+        if method in costs.BLOCKWISE:
+            out.append(_work_falls(method, rows, shape))
+        elif method in ("natural", "full"):
+            out.append(_work_stays(method, rows))
+        out += _solve_time(method, rows, meta, n_boot=n_boot, seed=seed)
+    return out
+
+
+def _flops_match(frame: pd.DataFrame) -> Claim:
+    gaps = []
+    for kind in ("local", "solve"):
+        counted, model = frame[f"flops_{kind}"], frame[f"flops_{kind}_model"]
+        gaps.append(((counted - model).abs() / model.clip(lower=1)).max())
+    gap = float(max(gaps))
+    verdict = PASS if gap <= FLOPS_TOLERANCE else FAIL
+    return Claim(
+        "flops-match-model",
+        "every rank's counted FLOPs (local work, own solves) follow costs.distributed_flops",
+        f"largest relative gap <= {FLOPS_TOLERANCE:g}",
+        gap, None, None, verdict,
+        f"largest gap {gap:.2%} over {len(frame)} rank rows",
+    )  # fmt: skip
+
+
+def _bytes_match(frame: pd.DataFrame) -> Claim:
+    off = frame[
+        (frame["bytes_sent"] != frame["bytes_sent_model"])
+        | (frame["bytes_received"] != frame["bytes_received_model"])
+    ]
+    detail = (
+        f"all {len(frame)} rank rows equal"
+        if off.empty
+        else f"{len(off)} rows differ, first at P={off.iloc[0]['ranks']} {off.iloc[0]['method']}"
+    )
+    return Claim(
+        "bytes-match-model",
+        "bytes through each rank's collectives follow costs.communication_bytes",
+        "equal", float(len(off)), None, None, PASS if off.empty else FAIL, detail,
+    )  # fmt: skip
+
+
+def largest_solve_work(rows: pd.DataFrame) -> pd.Series:
+    """``T(P)``: the largest counted solve FLOPs of a rank, per world size."""
+    return rows.groupby("ranks")["flops_solve"].max()
+
+
+def optimal_load(work: list[float], ranks: int) -> float:
+    """The smallest largest load of any split of ``work`` over ``ranks`` (by exhaustion,
+    over the ranks that can be told apart: the first job goes to rank 0)."""
+    if len(work) <= 1 or ranks == 1:
+        return max(work, default=0.0) if ranks > 1 else sum(work)
+    best = math.inf
+    for rest in itertools.product(range(ranks), repeat=len(work) - 1):
+        best = min(best, max(loads(work, (0, *rest), ranks)))
+    return best
+
+
+def _work_falls(method: str, rows: pd.DataFrame, shape: costs.MLPShape) -> Claim:
+    T = largest_solve_work(rows)
+    work = [
+        costs.block_solve_flops(method, a, b, shape.batch, shape.rows, shape.bias)
+        for a, b in shape.layers
+    ]
+    failing, parts = [], []
+    for P, t in T.items():
+        if P == 1:  # the single-process solve, with what P > 1 does locally
+            continue
+        bound = greedy_ratio(P) * optimal_load(work, P)
+        parts.append(f"P={P}: {T.iloc[0] / t:.2f}x less (bound {t / bound:.2f} of the limit)")
+        if t > bound * (1 + FLOPS_TOLERANCE):
+            failing.append(P)
+    ideal = max(sum(work) / max(T.index), max(work))
+    return Claim(
+        f"solve-work-falls-{method}",
+        f"{method}'s largest per-rank solve work falls like 1/P until the largest block "
+        "dominates",
+        "T(P) <= (4/3 - 1/(3P)) T_opt(P), T_opt >= max(T(1)/P, largest block)",
+        float(T.iloc[0] / T.iloc[-1]), float(T.iloc[0] / ideal), None,
+        FAIL if failing else PASS,
+        ("above the bound at P=" + ",".join(map(str, failing)) + "; " if failing else "")
+        + "; ".join(parts),
+    )  # fmt: skip
+
+
+def _work_stays(method: str, rows: pd.DataFrame) -> Claim:
+    T = largest_solve_work(rows)
+    low = float(T.min() / T.iloc[0])
+    return Claim(
+        f"solve-work-stays-{method}",
+        f"{method}'s solve (one d x d or n x n system) stays on one rank: its work does not "
+        "fall with P",
+        f"T(P) >= {1 - FLOPS_TOLERANCE:g} T(1)",
+        low, None, None, PASS if low >= 1 - FLOPS_TOLERANCE else FAIL,
+        "; ".join(f"P={P}: {t / T.iloc[0]:.3f} T(1)" for P, t in T.items()),
+    )  # fmt: skip
+
+
+def time_model(rows: pd.DataFrame) -> tuple[float, float]:
+    """``(t0, R)`` of ``t_solve = t0 + F / R`` through one rank's two solves: the run's
+    network and batch, and a tiny network of as many layers (``solve_small_s``), whose
+    time is almost all overhead."""
+    one = rows[rows["ranks"] == 1].iloc[0]
+    work = one["flops_solve"] - one["flops_solve_small"]
+    seconds = one["solve_s"] - one["solve_small_s"]
+    if not (work > 0 and seconds > 0):
+        return float(one["solve_s"]), math.inf
+    rate = work / seconds
+    return max(0.0, float(one["solve_small_s"] - one["flops_solve_small"] / rate)), float(rate)
+
+
+def _speedup_interval(base: list[float], times: list[float], n_boot: int, seed: int):
+    rng = np.random.default_rng(seed)
+    base, times = np.asarray(base), np.asarray(times)
+    draws = [
+        np.median(rng.choice(base, base.size)) / np.median(rng.choice(times, times.size))
+        for _ in range(n_boot)
+    ]
+    return np.median(base) / np.median(times), *np.percentile(draws, [2.5, 97.5])
+
+
+def _solve_time(method: str, rows: pd.DataFrame, meta: dict, *, n_boot: int, seed: int):
+    rates = meta["gemm_flops_per_s"]
+    spread = (max(rates) - min(rates)) / max(rates)
+    threads, cores = meta["config"]["threads"], meta["cores"]
+    t0, rate = time_model(rows)
+    concurrent = rows.groupby("ranks")["gemm_concurrent_flops_per_s"].min()
+    alone = concurrent.iloc[0]
+    blocks = rows[rows["ranks"] == 1]["owned_blocks"].iloc[0]
+    slowest = rows.loc[rows.groupby("ranks")["solve_s"].idxmax()].set_index("ranks")
+    base = json.loads(slowest.iloc[0]["solve_times_s"])
+    out = []
+    for P in slowest.index[1:]:
+        row = slowest.loc[P]
+        overhead = t0 * row["owned_blocks"] / blocks  # the overhead is per block solved
+        predicted = slowest.iloc[0]["solve_s"] / (overhead + row["flops_solve"] / rate)
+        S, low, high = _speedup_interval(base, json.loads(row["solve_times_s"]), n_boot, seed)
+        ratio, lo, hi = S / predicted, low / predicted, high / predicted
+        if P * threads > cores:
+            verdict = NOT_REACHED
+            reason = f"{P} ranks x {threads} threads on {cores} cores share them"
+        elif concurrent.loc[P] < (1 - SPREAD_LIMIT) * alone:
+            verdict = NOT_REACHED
+            reason = (
+                f"a rank reached {concurrent.loc[P] / 1e9:.3g} GFLOP/s of GEMM while {P} ran, "
+                f"{alone / 1e9:.3g} alone: the ranks do not have their cores to themselves"
+            )
+        elif spread > SPREAD_LIMIT:
+            verdict = NOISY
+            reason = f"GEMM rates spread {spread:.0%} during the run"
+        elif not math.isfinite(rate) or overhead > OVERHEAD_TARGET * row["solve_s"]:
+            verdict = NOT_REACHED
+            share = overhead / row["solve_s"]
+            reason = f"overhead {overhead * 1e3:.2g} ms is {share:.0%} of the solve"
+        elif hi < 1 - TIME_BAND or lo > 1 + TIME_BAND:
+            verdict, reason = FAIL, "the interval lies outside the band"
+        elif abs(ratio - 1) <= TIME_BAND and hi - lo <= MAX_INTERVAL_WIDTH:
+            verdict, reason = PASS, "time follows the counted work"
+        else:
+            verdict, reason = NOISY, f"interval [{lo:.2f}, {hi:.2f}] too wide or off the band"
+        out.append(
+            Claim(
+                f"solve-time-{method}-P{P}",
+                f"{method}'s slowest solve at P={P} is as much faster as the time model "
+                "predicts from its counted work",
+                f"S / S_model in 1 +- {TIME_BAND:g}",
+                float(ratio),
+                float(lo),
+                float(hi),
+                verdict,
+                f"{reason}; solve speedup {S:.2f} [{low:.2f}, {high:.2f}], model "
+                f"{predicted:.2f} (t0 {t0 * 1e3:.2g} ms for {blocks} blocks, "
+                f"R {rate / 1e9:.3g} GFLOP/s)",
+                basis="time",
+            )  # fmt: skip
+        )
+    return out
+
+
+def tally(found: list[Claim]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for c in found:
+        counts[c.verdict] = counts.get(c.verdict, 0) + 1
+    return counts
+
+
+def exit_code(found: list[Claim]) -> int:
+    """1 if a claim failed."""
+    return int(any(c.verdict == FAIL for c in found))
+
+
+# --------------------------------------------------------------------------- report
+
+
+def summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per method and world size: the slowest rank's times, speedups, the busiest
+    rank's bytes and the largest counted solve work."""
+    rows = []
+    for (method, P), group in frame.groupby(["method", "ranks"]):
+        rows.append(
+            {
+                "method": method,
+                "P": P,
+                "step_ms": group["step_median_s"].max() * 1e3,
+                "solve_ms": group["solve_s"].max() * 1e3,
+                "solve_ms_by_rank": " / ".join(
+                    f"{t * 1e3:.3g}" for t in group.sort_values("rank")["solve_s"]
+                ),
+                "agree_ms": group["agree_s"].max() * 1e3,
+                "exchange_ms": group["exchange_s"].max() * 1e3,
+                "broadcast_ms": group["broadcast_s"].max() * 1e3,
+                "local_ms": group["local_s"].max() * 1e3,
+                "solve_gflop": group["flops_solve"].max() / 1e9,
+                "received_kib": group["bytes_received"].max() / 2**10,
+                "gemm_gflops": group["gemm_concurrent_flops_per_s"].min() / 1e9,
+            }
+        )
+    table = pd.DataFrame(rows)
+    for column, speedup in (("step_ms", "speedup"), ("solve_ms", "solve_speedup")):
+        first = table.groupby("method")[column].transform("first")
+        table[speedup] = first / table[column]
+    first = table.groupby("method")["solve_gflop"].transform("first")
+    table["work_speedup"] = first / table["solve_gflop"]
+    return table
+
+
+def expected(shape: costs.MLPShape, methods, itemsize: int) -> pd.DataFrame:
+    """The cost model's busiest rank at more world sizes than the run had."""
+    rows = []
+    for method in methods:
+        one = max(r["total"] for r in costs.distributed_flops(method, shape, 1))
+        for P in (p for p in MODEL_RANKS if shape.batch % p == 0):
+            flops = costs.distributed_flops(method, shape, P)
+            traffic = costs.communication_bytes(method, shape, P, itemsize)
+            busiest = max(r["total"] for r in flops)
+            rows.append(
+                {
+                    "method": method,
+                    "P": P,
+                    "busiest_gflop": busiest / 1e9,
+                    "flop_speedup": one / busiest,
+                    "received_mib": max(r["received"] for r in traffic) / 2**20,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def figure(table: pd.DataFrame, model: pd.DataFrame, out: Path) -> Path:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method, group in table.groupby("method"):
+        (line,) = axes[0].plot(group["P"], group["solve_speedup"], "o-", label=f"{method} solve")
+        axes[0].plot(group["P"], group["speedup"], "s:", color=line.get_color(),
+                     label=f"{method} end to end")  # fmt: skip
+        axes[0].plot(group["P"], group["work_speedup"], "--", color=line.get_color(), alpha=0.6)
+        expected_rows = model[model["method"] == method]
+        axes[1].plot(expected_rows["P"], expected_rows["flop_speedup"], "o--",
+                     color=line.get_color(), label=method)  # fmt: skip
+    from matplotlib.ticker import ScalarFormatter
+
+    for ax, ranks in zip(axes, (sorted(table["P"].unique()), sorted(model["P"].unique()))):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xticks(ranks)
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(ScalarFormatter())
+        ax.set_xlabel("ranks P")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("speedup over P = 1")
+    axes[0].set_title("measured (dashed: counted solve work)")
+    axes[0].legend(fontsize=7)
+    axes[1].set_ylabel("busiest rank's FLOPs, P = 1 over P")
+    axes[1].set_title("cost model, one device per rank")
+    axes[1].legend(fontsize=7)
+    return save_figure(fig, out / "scaling.png")
+
+
+def write(out: Path, *, n_boot: int = 2000) -> list[Claim]:
+    """Judge the claims and write ``claims.json``, ``report.md`` and ``scaling.png``."""
+    from ..measure.output import write_atomic
+
+    frame, meta = read(out)
+    found = claims(frame, meta, n_boot=n_boot, seed=meta["config"].get("seed", 0))
+    write_json(out, "claims.json", {"claims": [c.to_dict() for c in found]})
+    table = summary(frame)
+    itemsize = 8 if meta["config"]["dtype"] == "float64" else 4
+    model = expected(shape_of(meta), sorted(frame["method"].unique()), itemsize)
+    figure(table, model, out)
+    fits = pd.DataFrame(
+        [
+            {"method": m, "t0_ms": t0 * 1e3, "R_gflops": rate / 1e9}
+            for m, rows in frame.groupby("method")
+            for t0, rate in [time_model(rows)]
+        ]
+    )
+    write_atomic(out / "report.md", _markdown(meta, table, fits, model, found))
+    return found
+
+
+def _markdown(meta, table, fits, model, found) -> str:
+    config, env = meta["config"], meta.get("environment", {})
+    rates = ", ".join(f"{r / 1e9:.1f}" for r in meta["gemm_flops_per_s"])
+    claims_table = pd.DataFrame(
+        [{"claim": c.id, "verdict": c.verdict, "detail": c.detail} for c in found]
+    )
+    widths = "-".join(map(str, config["widths"]))
+    return "\n".join(
+        [
+            "# Data-parallel directions over the world size",
+            "",
+            f"Command: `{meta.get('command', COMMAND)}`  ",
+            f"MLP {widths}, global batch {config['batch']}, {config['dtype']}, "
+            f"cross-entropy (exact Fisher), damping {1e-3:g}; {config['threads']} thread(s) "
+            f"per rank on {meta['cores']} cores ({env.get('cpu', '?')}), device "
+            f"{config['device']}, torch {env.get('torch', '?')}, commit "
+            f"{env.get('commit', '?')}. GEMM rate at that thread count before and after "
+            f"the run: {rates} GFLOP/s.",
+            "",
+            "Each rank holds 1/P of the global batch and computes "
+            "`rc.direction(..., process_group=...)`; times are medians over "
+            f"{config['repeats']} directions, of the slowest rank (`solve_ms_by_rank`: every "
+            "rank's). `agree` is the wait for "
+            "every rank's local work (its imbalance), `exchange` the rows' or factors' "
+            "packing and collective, `broadcast` the directions' (waiting for the slowest "
+            "owner included). `work_speedup` is the counted solve FLOPs of the busiest rank "
+            "at P = 1 over P. `gemm_gflops` is the GEMM rate the slowest rank reached "
+            "while all P ranks ran one at once.",
+            "",
+            "![speedups](scaling.png)",
+            "",
+            "## Measured",
+            "",
+            markdown_table(table),
+            "",
+            "## Claims",
+            "",
+            markdown_table(claims_table),
+            "",
+            "The time model of each method's solve phase, from one rank alone on the run's "
+            "network and on a tiny one of as many layers (`t0` for all blocks; a rank's "
+            "overhead is its share of the blocks):",
+            "",
+            markdown_table(fits),
+            "",
+            "## What the cost model expects with one device per rank",
+            "",
+            "The busiest rank's FLOPs (its shard's forward and pullback, its blocks' "
+            "solves) and the bytes it receives, from `riemann_core.costs`, at world sizes "
+            "beyond this machine's cores. Layerwise and K-FAC fall like 1/P until the "
+            "largest block's solve dominates; natural gradient's d x d solve stays on "
+            "one rank.",
+            "",
+            markdown_table(model),
+            "",
+        ]
+    )

@@ -1,0 +1,410 @@
+"""Sweep points on dask.distributed: exclusive devices, nothing lost or measured twice, clear
+errors instead of hangs. CPU only, loopback only; the workers' "devices" are resources."""
+
+import functools
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import dask
+import pytest
+from distributed import Client, LocalCluster
+from synthetic import known_time_row
+
+from riemann_core.measure.timing import RATE_KINDS
+from riemann_core.scaling import dispatch, worker
+from riemann_core.scaling import sweep as sw
+
+TINY = dict(
+    base={"width": 4, "depth": 1, "out_dim": 3, "batch": 4},
+    axes={"width": (4, 6), "depth": (1, 2), "out_dim": (3,), "batch": (2, 4)},
+    repeats=1,
+    methods=("euclidean", "natural"),
+)
+#: columns that differ between two measurements of the same point
+TIMING = ("time_median_s", "time_iqr_s", "times_s", "peak_bytes")
+
+
+def logged(log, run, grid):
+    """``measure_point`` that appends when and where it ran to the file ``log``."""
+    start = time.time()
+    row = sw.measure_point(run, grid)
+    with open(log, "a") as f:
+        f.write(json.dumps({"key": sw.key_of(run), "pid": os.getpid(), "start": start}) + "\n")
+        f.write(json.dumps({"key": sw.key_of(run), "pid": os.getpid(), "end": time.time()}) + "\n")
+    return row
+
+
+def killer(log, victim, run, grid):
+    """The cost model's row at once; on the point ``victim``, kills its own process a second
+    into the point (mid-point: the client has long fetched the worker's previous result,
+    which would otherwise die with the worker and be measured again)."""
+    with open(log, "a") as f:
+        f.write(json.dumps({"key": sw.key_of(run), "pid": os.getpid()}) + "\n")
+    if list(sw.key_of(run)) == victim:
+        time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return sw.blank_row(run)
+
+
+def entries(log):
+    with open(log) as f:
+        return [json.loads(line) for line in f]
+
+
+def comparable(rows):
+    return {sw.key_of(r): {k: v for k, v in r.items() if k not in TIMING} for r in rows}
+
+
+# -- the local cluster's workers -------------------------------------------------------------
+
+
+def test_a_cpu_host_gets_one_unpinned_worker_with_this_process_threads(monkeypatch):
+    monkeypatch.setattr("torch.get_num_threads", lambda: 6)
+    assert dispatch.local_workers("cpu") == [dispatch.WorkerSpec(threads=6)]
+
+
+def test_cpu_workers_get_cores_of_their_own(monkeypatch):
+    # four cores of two hyperthreads each: a worker takes whole cores, never a sibling
+    monkeypatch.setattr(dispatch, "physical_cores", lambda: [(0, 4), (1, 5), (2, 6), (3, 7)])
+    two = dispatch.local_workers("cpu", workers=2)
+    assert [w.cores for w in two] == [(0, 4, 1, 5), (2, 6, 3, 7)]
+    assert [w.threads for w in two] == [2, 2]
+    one = dispatch.local_workers("cpu", workers=3, threads=1)
+    assert [w.cores for w in one] == [(0, 4), (1, 5), (2, 6)]
+    with pytest.raises(dispatch.ClusterError, match="2 thread.*need 6 cores"):
+        dispatch.local_workers("cpu", workers=3, threads=2)
+
+
+def test_one_worker_per_gpu_pinned_through_cuda_visible_devices(monkeypatch):
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 3)
+    monkeypatch.setattr(dispatch, "physical_cores", lambda: [(c,) for c in range(6)])
+    assert [w.gpu for w in dispatch.local_workers("cuda")] == [0, 1, 2]
+    assert [w.threads for w in dispatch.local_workers("cuda")] == [2, 2, 2]
+    assert [w.gpu for w in dispatch.local_workers("cuda:2")] == [2]
+    assert [w.gpu for w in dispatch.local_workers("cuda", workers=2)] == [0, 1]
+    with pytest.raises(dispatch.ClusterError, match="two workers on one GPU"):
+        dispatch.local_workers("cuda", workers=4)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    with pytest.raises(dispatch.ClusterError, match="needs a GPU"):
+        dispatch.local_workers("cuda")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
+def test_the_local_cluster_pins_its_workers_and_retries_a_point_once():
+    specs = dispatch.local_workers("cpu", workers=2)
+    task = functools.partial(worker.measure_here, _threads_and_cores, grid=None, session="s")
+    with dispatch.start_cluster(specs) as cluster, Client(cluster, set_as_default=False) as client:
+        assert client.run_on_scheduler(dispatch._allowed_failures) == dispatch.ALLOWED_FAILURES
+        rows = client.gather(
+            [
+                client.submit(
+                    task, {"device": "cpu"}, placed=True, resources={"device": 1}, pure=False
+                )
+                for _ in range(4)
+            ]
+        )
+    seen = {(row["threads"], row["cores"]) for row, _ in rows}
+    assert seen == {(spec.threads, spec.cores) for spec in specs}
+
+
+def _threads_and_cores(run, grid):
+    import torch
+
+    cores = tuple(sorted(os.sched_getaffinity(0)))
+    return {"status": "ok", "threads": torch.get_num_threads(), "cores": cores}
+
+
+# -- checks before any point is submitted ----------------------------------------------------
+
+
+@pytest.fixture
+def in_process():
+    """An in-process cluster of workers declaring ``devices`` device resources each."""
+    clusters = []
+
+    def start(workers=1, devices=1):
+        resources = {dispatch.RESOURCE: devices} if devices else None
+        cluster = LocalCluster(
+            n_workers=workers,
+            processes=False,
+            threads_per_worker=2,
+            resources=resources,
+            dashboard_address=":0",  # a free port: 8787 may be taken
+            silence_logs=logging.ERROR,
+        )
+        clusters.append(cluster)
+        return Client(cluster, set_as_default=False)
+
+    yield start
+    for cluster in clusters:
+        cluster.close()
+
+
+def test_no_worker_offering_the_resource_is_a_clear_error_not_a_hang(in_process):
+    client = in_process(devices=0)
+    start = time.monotonic()
+    with pytest.raises(dispatch.ClusterError, match="offers the 'device' resource"):
+        dispatch.check_workers(client, "cpu", timeout=0.5)
+    assert time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize(
+    "workers,devices,device,match",
+    [
+        (1, 2, "cpu", "declares 2 devices on a CPU host"),
+        (2, 1, "cpu", "on the same cores"),
+        (1, 1, "cuda", "sees 0 GPU"),
+    ],
+    ids=["two-cpu-devices", "shared-cores", "cuda-without-gpu"],
+)
+def test_workers_that_would_corrupt_timings_are_refused(
+    in_process, workers, devices, device, match
+):
+    if device == "cuda" and dispatch.torch.cuda.is_available():
+        pytest.skip("this host has a GPU")
+    with pytest.raises(dispatch.ClusterError, match=match):
+        dispatch.check_workers(in_process(workers, devices), device, timeout=5)
+
+
+def test_a_lone_cpu_worker_passes_the_checks_with_a_warning_about_dask_defaults(in_process):
+    with pytest.warns(UserWarning, match="run dask's profiler"):  # dask's default
+        facts = dispatch.check_workers(in_process(), "cpu", timeout=5)
+    assert len(facts) == 1
+    assert next(iter(facts.values()))["cores"] == sorted(os.sched_getaffinity(0))
+
+
+def test_a_scheduler_file_connects_and_a_scheduler_retrying_too_often_is_named(
+    in_process, tmp_path
+):
+    client = in_process()
+    path = tmp_path / "scheduler.json"
+    path.write_text(json.dumps({"address": client.scheduler.address}))
+    options = dispatch.ClusterOptions(scheduler=str(path))
+    with pytest.warns(UserWarning, match="retries a point that kills its worker 3 time"):
+        with dispatch.cluster(options, "cpu") as connected:
+            assert connected.scheduler.address == client.scheduler.address
+
+
+def test_an_unreachable_scheduler_is_a_clear_error():
+    with pytest.raises(dispatch.ClusterError, match="cannot reach a dask scheduler"):
+        dispatch.connect("tcp://127.0.0.1:9", timeout=1)
+
+
+def test_a_runner_without_workers_gives_up_instead_of_waiting_forever(in_process, monkeypatch):
+    monkeypatch.setattr(dispatch, "CHECK_EVERY", 0.1)
+    runner = dispatch.DaskRunner(in_process(devices=0), patience=0.5)
+    with pytest.raises(dispatch.ClusterError, match="2 point.*not measured"):
+        list(runner(_identity, [{"a": 1}, {"a": 2}]))
+
+
+def test_a_task_that_raises_comes_back_as_a_lost_point(in_process):
+    runner = dispatch.DaskRunner(in_process())
+    outcomes = dict(
+        (run["a"], result) for run, result in runner(_fails_on_two, [{"a": 1}, {"a": 2}])
+    )
+    assert outcomes[1] == 1
+    assert isinstance(outcomes[2], sw.PointLost)
+    assert "RuntimeError on the worker: planted" in outcomes[2].reason
+
+
+def _identity(run):
+    return run["a"]
+
+
+def _fails_on_two(run):
+    if run["a"] == 2:
+        raise RuntimeError("planted")
+    return run["a"]
+
+
+# -- two worker processes, one fake device each ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_devices():
+    """Two worker processes with two threads and one device each: only the resource keeps
+    two points from running at once on one worker. A point may kill its worker once. Under
+    the configuration of riemann-bench's own clusters: dask's default one makes the nannies
+    set MALLOC_TRIM_THRESHOLD_ in this process, which every later test's workers inherit."""
+    with (
+        dask.config.set(dispatch.QUIET),
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=2,
+            processes=True,
+            resources={dispatch.RESOURCE: 1},
+            scheduler_kwargs={"allowed_failures": dispatch.ALLOWED_FAILURES},
+            host="127.0.0.1",
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
+        yield client
+
+
+def test_every_point_runs_once_one_at_a_time_per_worker_as_in_process(two_devices, tmp_path):
+    log = tmp_path / "log.jsonl"
+    grid = sw.Grid(**TINY)
+    runner = dispatch.DaskRunner(two_devices)
+    measure = functools.partial(logged, str(log))
+    result = sw.sweep(grid, tmp_path / "dask", runner=runner, measure=measure, progress=False)
+    assert result.statuses == {"ok": len(list(grid.runs()))}
+    starts = [e for e in entries(log) if "start" in e]
+    assert sorted(tuple(e["key"]) for e in starts) == sorted(sw.key_of(r) for r in grid.runs())
+    intervals = {}
+    for e in entries(log):
+        intervals.setdefault((e["pid"], tuple(e["key"])), {}).update(e)
+    by_worker = {}
+    for (pid, _), span in intervals.items():
+        by_worker.setdefault(pid, []).append((span["start"], span["end"]))
+    assert len(by_worker) == 2  # both devices measured
+    for spans in by_worker.values():
+        spans.sort()
+        assert all(end <= later for (_, end), (later, _) in zip(spans, spans[1:]))
+    here = sw.sweep(grid, tmp_path / "here", progress=False)
+    assert comparable(result.rows) == comparable(here.rows)
+    assert [sw.key_of(r) for r in result.rows] == [sw.key_of(r) for r in grid.runs()]
+
+
+def test_a_point_that_kills_its_worker_is_retried_once_then_recorded(two_devices, tmp_path):
+    log = tmp_path / "log.jsonl"
+    grid = sw.Grid(**{**TINY, "methods": ("euclidean",)})
+    runs = list(grid.runs())
+    victim = list(sw.key_of(runs[1]))
+    measure = functools.partial(killer, str(log), victim)
+    runner = dispatch.DaskRunner(two_devices)
+    result = sw.sweep(grid, tmp_path, runner=runner, measure=measure, progress=False)
+    attempts = [tuple(e["key"]) for e in entries(log)]
+    assert attempts.count(tuple(victim)) == dispatch.ALLOWED_FAILURES + 1
+    assert sorted(set(attempts)) == sorted(sw.key_of(r) for r in runs)
+    assert all(attempts.count(k) == 1 for k in set(attempts) if list(k) != victim)
+    rows = {sw.key_of(r): r for r in sw.read_results(tmp_path / "results.csv")}
+    assert len(rows) == len(runs)
+    lost = rows[tuple(victim)]
+    assert lost["status"] == "error" and "killed its worker 2 times" in lost["reason"]
+    assert {r["status"] for k, r in rows.items() if list(k) != victim} == {"ok"}
+    assert result.statuses == {"ok": len(runs) - 1, "error": 1}
+
+
+def synthetic(log, victim, run, grid):
+    """A row of known time at once, ``t = 1 ms + flops_model / (1 GFLOP/s)``, ten times
+    that at the first measurement of the point ``victim``; logs the process it ran in."""
+    with open(log, "a") as f:
+        f.write(json.dumps({"key": sw.key_of(run), "pid": os.getpid()}) + "\n")
+    first = sum(tuple(e["key"]) == sw.key_of(run) for e in entries(log)) == 1
+    return known_time_row(run, 10 if first and list(sw.key_of(run)) == victim else 1)
+
+
+def logged_rates(log, device, dtype):
+    """Fixed rates; logs the process that measured them."""
+    with open(log, "a") as f:
+        f.write(json.dumps({"rates": str(device), "pid": os.getpid()}) + "\n")
+    return {kind: [1e9] for kind in RATE_KINDS}
+
+
+def test_the_grid_its_growth_and_re_measurements_all_run_on_the_workers(two_devices, tmp_path):
+    log, rates_log = tmp_path / "log.jsonl", tmp_path / "rates.jsonl"
+    grid = sw.Grid(**{**TINY, "methods": ("euclidean",), "grow": {"width": 48}})
+    victim = {**next(grid.runs()), "width": 12}  # a grown point, timed 10x too slow once
+    measure = functools.partial(synthetic, str(log), list(sw.key_of(victim)))
+    rates = functools.partial(logged_rates, str(rates_log))
+    two_devices.wait_for_workers(2)  # a worker killed by an earlier test is back
+    runner = dispatch.DaskRunner(two_devices)
+    result = sw.sweep(grid, tmp_path, runner=runner, measure=measure, rates=rates, progress=False)
+    rows = sw.read_results(tmp_path / "results.csv")
+    widths = [int(r["width"]) for r in rows if r["depth"] == "1" and r["batch"] == "4"]
+    assert widths == [4, 6, 12, 24, 48]  # the grid's, then the grown ones in their order
+    assert "stopped at the cap width=48" in result.growth["euclidean/structured/width"]
+    measured = entries(log)
+    assert os.getpid() not in {e["pid"] for e in measured}  # every point ran on a worker
+    keys = [tuple(e["key"]) for e in measured]
+    assert keys.count(sw.key_of(victim)) == 2 and len(keys) == len(rows) + 1
+    (again,) = [r for r in rows if sw.key_of(r) == sw.key_of(victim)]
+    assert (again["remeasured"], again["flag"]) == ("1", "")  # no outlier the second time
+    # every worker measured its device's rates at the start, after the grid and at the end
+    (device,) = json.loads((tmp_path / "sweep.json").read_text())["devices"].values()
+    whens = sorted(r["when"] for r in device["device_rates"])
+    assert whens == ["end", "end", "grid", "grid", "start", "start"]
+    workers = {e["pid"] for e in entries(rates_log)}
+    assert len(workers) == 2 and os.getpid() not in workers
+
+
+def rates_that_kill_a_worker(log, device, dtype):
+    """Fixed rates; the first call kills its own process."""
+    with open(log, "a") as f:
+        f.write(json.dumps({"pid": os.getpid()}) + "\n")
+    if len(entries(log)) == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.5)  # the dying worker's call comes first
+    return {kind: [1e9] for kind in RATE_KINDS}
+
+
+def test_rates_of_a_worker_that_dies_are_left_out_with_a_warning(two_devices, tmp_path):
+    two_devices.wait_for_workers(2)
+    runner = dispatch.DaskRunner(two_devices)
+    task = functools.partial(
+        worker.rates_here,
+        functools.partial(rates_that_kill_a_worker, str(tmp_path / "log.jsonl")),
+        dtypes=("float32",),
+        session="s",
+        placed=True,
+    )
+    start = time.monotonic()
+    with pytest.warns(UserWarning, match="no device rates from"):
+        measured = runner.everywhere(task, ["cpu"])
+    assert len(measured) == 1 and measured[0]["rates"]["products"] == [1e9]
+    assert time.monotonic() - start < 60  # no wait for a task pinned to a dead worker
+
+
+# -- a client killed midway ------------------------------------------------------------------
+
+
+def test_a_client_killed_midway_resumes_without_losing_or_repeating_points(tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "slow_points.py").write_text(
+        textwrap.dedent("""
+            import time
+            from riemann_core.scaling import sweep as sw
+
+            def slow(run, grid):
+                time.sleep(0.3)
+                return sw.measure_point(run, grid)
+        """)
+    )
+    (tmp_path / "main.py").write_text(
+        textwrap.dedent(f"""
+            from pathlib import Path
+            from riemann_core.scaling import dispatch, sweep as sw
+            import slow_points
+
+            if __name__ == "__main__":
+                options = dispatch.ClusterOptions()
+                with dispatch.runner(options, "cpu") as runner:
+                    grid = sw.Grid(**{TINY!r})
+                    sw.sweep(grid, Path({str(out)!r}), runner=runner, measure=slow_points.slow)
+        """)
+    )
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "main.py")], start_new_session=True)
+    path = out / "results.csv"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (path.exists() and len(sw.read_results(path)) >= 3):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = sw.read_results(path)
+    grid = sw.Grid(**TINY)
+    total = len(list(grid.runs()))
+    assert 3 <= len(before) < total  # killed halfway
+    result = sw.sweep(grid, out, progress=False)
+    after = sw.read_results(path)
+    keys = [sw.key_of(r) for r in after]
+    assert len(keys) == len(set(keys)) == total
+    assert result.resumed == len(before) and result.measured == total - len(before)
+    assert after[: len(before)] == before  # finished points kept as they were

@@ -1,0 +1,145 @@
+"""riemann-bench distributed: the claims on synthetic runs, and one small real run."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from riemann_core import costs
+from riemann_core.cli import main
+from riemann_core.scaling import parallel_report as pr
+
+WIDTHS, BATCH = (64, 64, 64, 64, 10), 32
+RATE = 5e10  # FLOP/s of the synthetic ranks
+
+
+def synthetic(methods=("layerwise", "natural"), ranks=(1, 2, 4), *, cores=8, t0=1e-4,
+              slow_rank_at=None, concurrent_drop=1.0):  # fmt: skip
+    """Rows as a steady machine would give them: the cost model's FLOPs and bytes, solve
+    times ``t0 + F / RATE`` with 1% jitter; ``slow_rank_at`` doubles the solve work of
+    rank 0 at that world size, ``concurrent_drop`` scales the GEMM rate of P > 1."""
+    shape = costs.MLPShape(WIDTHS, BATCH, rows=WIDTHS[-1])
+    blocks = len(shape.layers)
+    rows = []
+    for method in methods:
+        for P in ranks:
+            flops = costs.distributed_flops(method, shape, P)
+            traffic = costs.communication_bytes(method, shape, P, 4)
+            owners = costs.owners(method, shape, P)
+            for rank in range(P):
+                F = flops[rank]["solve"] * (2 if (P, rank) == (slow_rank_at, 0) else 1)
+                owned = owners.count(rank)
+                t = t0 * owned / blocks + F / RATE
+                small = 1e6 if P == 1 else float("nan")
+                rows.append(
+                    {
+                        "ranks": P, "rank": rank, "method": method, "owned_blocks": owned,
+                        "flops_solve_small": small, "solve_small_s": t0 + small / RATE,
+                        "gemm_concurrent_flops_per_s": 2 * RATE * (1 if P == 1 else concurrent_drop),
+                        "solve_s": t,
+                        "solve_times_s": json.dumps([t * (1 + 0.01 * k) for k in (-2, -1, 0, 1, 2)]),
+                        "step_times_s": json.dumps([2 * t] * 5),
+                        "flops_local": flops[rank]["local"], "flops_solve": F,
+                        "flops_local_model": flops[rank]["local"],
+                        "flops_solve_model": flops[rank]["solve"],
+                        "bytes_sent": traffic[rank]["sent"],
+                        "bytes_received": traffic[rank]["received"],
+                        "bytes_sent_model": traffic[rank]["sent"],
+                        "bytes_received_model": traffic[rank]["received"],
+                    }
+                )  # fmt: skip
+    meta = {
+        "config": {"widths": list(WIDTHS), "batch": BATCH, "threads": 1, "seed": 0},
+        "cores": cores,
+        "gemm_flops_per_s": [2 * RATE, 2 * RATE],
+    }
+    return pd.DataFrame(rows), meta
+
+
+def verdicts(frame, meta) -> dict[str, str]:
+    return {c.id: c.verdict for c in pr.claims(frame, meta, n_boot=200)}
+
+
+def test_a_steady_run_that_follows_the_model_passes():
+    found = verdicts(*synthetic())
+    assert set(found.values()) == {"pass"}, found
+    assert {
+        "solve-work-falls-layerwise",
+        "solve-work-stays-natural",
+        "solve-time-layerwise-P4",
+    } <= found.keys()
+
+
+def test_a_rank_with_more_solve_work_than_the_plan_fails_the_bound_and_the_model():
+    found = verdicts(*synthetic(slow_rank_at=2))
+    assert found["solve-work-falls-layerwise"] == "fail"
+    assert found["flops-match-model"] == "fail"
+
+
+def test_natural_solve_that_shrinks_with_P_fails():
+    frame, meta = synthetic(methods=("natural",))
+    frame.loc[frame["ranks"] == 4, "flops_solve"] /= 2
+    assert verdicts(frame, meta)["solve-work-stays-natural"] == "fail"
+
+
+def test_time_is_judged_only_where_each_rank_has_its_cores():
+    found = verdicts(*synthetic(cores=2))
+    assert found["solve-time-layerwise-P2"] == "pass"
+    assert found["solve-time-layerwise-P4"] == "regime not reached"  # 4 ranks on 2 cores
+    found = verdicts(*synthetic(concurrent_drop=0.5))
+    assert found["solve-time-layerwise-P2"] == "regime not reached"  # cores shared with others
+
+
+def test_overhead_or_an_unsteady_machine_decides_no_time_verdict():
+    assert verdicts(*synthetic(t0=5e-2))["solve-time-layerwise-P2"] == "regime not reached"
+    frame, meta = synthetic()
+    meta["gemm_flops_per_s"] = [2 * RATE, RATE]
+    assert verdicts(frame, meta)["solve-time-layerwise-P2"] == "too noisy"
+
+
+def test_solve_time_that_does_not_fall_with_the_work_fails():
+    frame, meta = synthetic()
+    at = frame["ranks"] > 1
+    slow = frame.loc[at, "solve_times_s"].map(lambda s: json.dumps([3 * t for t in json.loads(s)]))
+    frame.loc[at, "solve_times_s"] = slow
+    frame.loc[at, "solve_s"] *= 3
+    found = verdicts(frame, meta)
+    assert found["solve-time-layerwise-P2"] == "fail"
+
+
+def test_optimal_load_by_exhaustion():
+    assert pr.optimal_load([3.0, 3.0, 2.0, 2.0, 2.0], 2) == 6
+    assert pr.optimal_load([5.0, 1.0], 1) == 6
+    assert pr.optimal_load([5.0, 1.0, 1.0], 4) == 5
+
+
+def test_a_small_run_end_to_end(tmp_path, capsys):
+    """Two world sizes of a tiny network: files, rows, and the claims on counts."""
+    out = tmp_path / "distributed"
+    argv = ["distributed", "--ranks", "1,2", "--widths", "6,5,5,3", "--batch", "8",
+            "--repeats", "2", "--methods", "layerwise,natural,kfac", "--out", str(out)]  # fmt: skip
+    code = main(argv)
+    frame = pd.read_csv(out / "results.csv")
+    assert len(frame) == 3 * (1 + 2)
+    found = {c["id"]: c for c in json.loads((out / "claims.json").read_text())["claims"]}
+    for claim in ("flops-match-model", "bytes-match-model", "solve-work-falls-layerwise",
+                  "solve-work-falls-kfac", "solve-work-stays-natural"):  # fmt: skip
+        assert found[claim]["verdict"] == "pass", found[claim]
+    assert code == int(any(c["verdict"] == "fail" for c in found.values()))
+    assert (out / "report.md").is_file() and (out / "scaling.png").is_file()
+    assert "report.md" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ranks", "1,3", "--batch", "8"], "must split evenly"),
+        (["--methods", "layerwise,newton"], "unknown method"),
+        (["--ranks", "0"], "positive world sizes"),
+    ],
+)
+def test_bad_options_are_refused_before_any_process_starts(argv, message, capsys):
+    assert main(["distributed", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,381 @@
+"""Data-parallel directions over torch.distributed (gloo on loopback) against one process.
+
+One spawned run per world size (1, 2, 4) computes everything on its ranks: directions of
+``rc.direction(process_group=...)`` and of ``RiemannianPreconditioner.step`` with and
+without DistributedDataParallel, the bytes and FLOPs of each phase, and the failures.
+The tests then compare them with the single process on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from ranks import run_ranks
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import riemann_core as rc
+from riemann_core import costs, distributed
+from riemann_core.measure.phases import PhaseRecorder
+from riemann_core.methods import layerwise
+
+N = 12  # the global batch
+DAMPING = 1e-2
+TIMEOUT = 30.0
+#: (network, method, kernel) of the rc.direction cases
+DIRECTIONS = [
+    ("mlp", "layerwise", "structured"),
+    ("mlp", "layerwise", "generic"),
+    ("mlp", "natural", "structured"),
+    ("mlp", "full", "structured"),
+    ("mlp", "kfac", "structured"),
+    ("mlp", "euclidean", "structured"),
+    ("cnn", "layerwise", "structured"),
+    ("cnn", "natural", "structured"),
+    ("cnn", "kfac", "structured"),
+    ("tied", "layerwise", "structured"),
+    ("tied", "natural", "generic"),
+]
+#: (network, kfac_damping, kfac_bias) of K-FAC's variants
+KFAC_VARIANTS = [
+    ("mlp", "factored", "joint"),
+    ("mlp", "exact", "separate"),
+    ("cnn", "factored", "separate"),
+]
+#: (method, options) of the bytes and FLOPs cases
+PHASES = [
+    ("layerwise", {}),
+    ("natural", {}),
+    ("kfac", {}),
+    ("kfac", {"kfac_damping": "factored", "kfac_bias": "separate"}),
+]
+#: (network, method, wrapped in DistributedDataParallel) of the preconditioner cases
+STEPS = [
+    ("mlp", "layerwise", False),
+    ("mlp", "kfac", False),
+    ("mlp", "natural", False),
+    ("cnn", "layerwise", True),
+    ("cnn", "kfac", True),
+    ("cnn", "natural", True),
+]
+#: the MLP of the bytes and FLOPs cases: its narrow layer keeps 2 of 3 rows per sample
+WIDTHS = (5, 7, 2, 3)
+
+
+class Tied(nn.Module):
+    """A weight used by two modules (one block of the metric, K materialised)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def network(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A float64 network and a global batch of ``N`` samples, the same on every rank."""
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model = nn.Sequential(
+            nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3)
+        )
+        x = torch.randn(N, 5)
+    elif kind == "cnn":
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)
+        )
+        x = torch.randn(N, 2, 4, 4)
+    elif kind == "tied":
+        model, x = Tied(), torch.randn(N, 4)
+    else:
+        layers = [nn.Linear(a, b) for a, b in zip(WIDTHS[:-1], WIDTHS[1:])]
+        model = nn.Sequential(*[m for layer in layers for m in (layer, nn.Tanh())][:-1])
+        x = torch.randn(N, WIDTHS[0])
+    return model.double(), x.double(), torch.randint(0, 3, (N,))
+
+
+def shards(world: int, equal: bool = False) -> list[slice]:
+    """Unequal shards where the world allows (2 ranks: 5 and 7 samples)."""
+    sizes = [5, 7] if world == 2 and not equal else [N // world] * world
+    starts = [sum(sizes[:p]) for p in range(world)]
+    return [slice(s, s + n) for s, n in zip(starts, sizes)]
+
+
+# ----------------------------------------------------------------- on every rank
+
+
+def on_rank(rank: int, world: int) -> dict:
+    """Everything the tests check, computed on one rank."""
+    group = dist.group.WORLD
+    out = {"directions": {}, "variants": {}, "steps": {}, "phases": {}, "failures": {}}
+    part = shards(world)[rank]
+    for kind, method, kernel in DIRECTIONS:
+        model, x, y = network(kind)
+        out["directions"][kind, method, kernel] = rc.direction(
+            model, x[part], y[part], method=method, kernel=kernel, damping=DAMPING,
+            process_group=group, timeout=TIMEOUT,
+        )  # fmt: skip
+    for kind, kfac_damping, kfac_bias in KFAC_VARIANTS:
+        model, x, y = network(kind)
+        out["variants"][kind, kfac_damping, kfac_bias] = rc.direction(
+            model, x[part], y[part], method="kfac", kfac_damping=kfac_damping,
+            kfac_bias=kfac_bias, damping=DAMPING, process_group=group, timeout=TIMEOUT,
+        )  # fmt: skip
+    model, x, y = network("mlp")
+    _, diagnostics = rc.direction(
+        model, x[part], y[part], damping=DAMPING, return_diagnostics=True, process_group=group
+    )
+    out["diagnostics"] = [d.name for d in diagnostics]
+    for kind, method, ddp in STEPS:
+        out["steps"][kind, method, ddp] = _steps(kind, method, ddp, rank, world)
+    for i, (method, options) in enumerate(PHASES):
+        out["phases"][i] = _phases(method, options, rank, world)
+    out["kfac state"] = _outcome(
+        lambda: rc.RiemannianPreconditioner(
+            model, method="kfac", kfac_refresh=2, process_group=group, timeout=TIMEOUT
+        )
+    )
+    out["failures"] = _failures(rank, world)
+    return out
+
+
+def _steps(kind, method, ddp, rank, world) -> list[dict]:
+    """Two training steps with the preconditioner: each step's ``.grad`` after ``step()``."""
+    model, x, y = network(kind)
+    part = shards(world, equal=ddp)[rank]
+    wrapped = DistributedDataParallel(model) if ddp else model
+    pre = rc.RiemannianPreconditioner(
+        wrapped, method=method, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    grads = []
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(wrapped(x[part]), y[part]).backward()
+        pre.step()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        opt.step()
+    return grads
+
+
+def _phases(method, options, rank, world) -> dict:
+    """Bytes and counted FLOPs of each phase of one direction (after a warm-up call: the
+    first call for a model also probes the network)."""
+    model, x, y = network("narrow")
+    part = shards(world, equal=True)[rank]
+    call = functools.partial(
+        rc.direction, model, x[part], y[part], method=method, damping=DAMPING,
+        process_group=dist.group.WORLD, timeout=TIMEOUT, **options,
+    )  # fmt: skip
+    call()
+    recorder = PhaseRecorder(count_flops=True)
+    with distributed.observing(recorder):
+        call()
+    (step,) = recorder.steps
+    return {
+        "flops": step.flops,
+        "sent": sum(step.traffic.sent.values()),
+        "received": sum(step.traffic.received.values()),
+        "owners": step.traffic.owners,
+    }
+
+
+def _outcome(fn) -> tuple[str, str] | None:
+    try:
+        fn()
+    except Exception as err:
+        return type(err).__name__, str(err)
+    return None
+
+
+def _failures(rank, world) -> dict:
+    """A rank with bad data; an owner whose solve raises; a rank that never comes."""
+    out = {}
+    model, x, y = network("mlp")
+    part = shards(world)[rank]
+    xs = x[part].clone()
+    if rank == world - 1:
+        xs[0, 0] = float("nan")
+    call = functools.partial(
+        rc.direction, model, xs, y[part], damping=DAMPING, process_group=dist.group.WORLD,
+        timeout=TIMEOUT,
+    )  # fmt: skip
+    out["bad data"] = _outcome(call)
+
+    pre = rc.RiemannianPreconditioner(
+        model, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
+    )
+    F.cross_entropy(model(x[part]), y[part]).backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    original = layerwise.solve
+    if rank == 0:
+
+        def failing(problem, opts):
+            raise rc.SolveError("forced failure of the owner's solve")
+
+        layerwise.solve = failing
+    try:
+        out["owner fails"] = _outcome(pre.step)
+    finally:
+        layerwise.solve = original
+    out["grad kept"] = all(torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
+
+    if world > 1:  # the last rank never calls: the others time out, then the group is spent
+        pre.timeout = 2.0
+        out["absent rank"] = None if rank == world - 1 else _outcome(pre.step)
+    return out
+
+
+# ------------------------------------------------------------------------ the tests
+
+
+@pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda w: f"world={w}")
+def run(request, tmp_path_factory):
+    world = request.param
+    return world, run_ranks(on_rank, world, tmp_path_factory.mktemp(f"world{world}"))
+
+
+def relative_error(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-300)) for k in b)
+
+
+@functools.cache
+def single_direction(kind: str, method: str, kernel: str) -> dict:
+    model, x, y = network(kind)
+    return rc.direction(model, x, y, method=method, kernel=kernel, damping=DAMPING)
+
+
+@functools.cache
+def single_steps(kind: str, method: str) -> list[dict]:
+    """``.grad`` after each of two preconditioned steps on the whole batch."""
+    model, x, y = network(kind)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    grads = []
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        opt.step()
+    return grads
+
+
+def test_directions_equal_the_single_process_on_the_whole_batch(run):
+    world, results = run
+    for kind, method, kernel in DIRECTIONS:
+        expected = single_direction(kind, method, kernel)
+        for rank, result in enumerate(results):
+            got = result["directions"][kind, method, kernel]
+            assert got.keys() == expected.keys()
+            error = relative_error(got, expected)
+            assert error <= 1e-12, f"{kind} {method} {kernel}: rank {rank} off by {error:.1e}"
+
+
+@functools.cache
+def single_variant(kind: str, kfac_damping: str, kfac_bias: str) -> dict:
+    model, x, y = network(kind)
+    return rc.direction(
+        model, x, y, method="kfac", kfac_damping=kfac_damping, kfac_bias=kfac_bias,
+        damping=DAMPING,
+    )  # fmt: skip
+
+
+def test_kfac_variants_equal_the_single_process_on_the_whole_batch(run):
+    """Factored damping and the bias apart, from the summed dense factors, against one
+    process; there the CNN's head keeps its input factor thin (12 samples, 48 inputs)."""
+    world, results = run
+    for variant in KFAC_VARIANTS:
+        expected = single_variant(*variant)
+        for rank, result in enumerate(results):
+            error = relative_error(result["variants"][variant], expected)
+            assert error <= 1e-12, f"{variant}: rank {rank} off by {error:.1e}"
+
+
+def test_kfac_state_across_steps_is_refused_over_a_process_group(run):
+    world, results = run
+    for result in results:
+        kind, message = result["kfac state"]
+        assert kind == "ValueError"
+        assert "kfac_refresh and kfac_decay are not supported with process_group" in message
+
+
+def test_each_rank_reports_the_diagnostics_of_the_blocks_it_solved(run):
+    world, results = run
+    names = [r["diagnostics"] for r in results]
+    assert sorted(n for ns in names for n in ns) == ["0", "2", "4"]
+    assert sum(bool(ns) for ns in names) == min(world, 3)
+
+
+def test_preconditioner_steps_equal_the_single_process(run):
+    """Plain models (each rank's own ``.grad``, weighted by its shard) and models wrapped
+    in DistributedDataParallel (its averaged ``.grad``), over two training steps."""
+    world, results = run
+    for kind, method, ddp in STEPS:
+        for step, expected in enumerate(single_steps(kind, method)):
+            for rank, result in enumerate(results):
+                got = result["steps"][kind, method, ddp][step]
+                error = relative_error(got, expected)
+                assert error <= 1e-12, (
+                    f"{kind} {method} ddp={ddp} step {step}: rank {rank} {error:.1e}"
+                )
+
+
+@pytest.mark.parametrize("case", range(len(PHASES)), ids=lambda i: str(PHASES[i]))
+def test_bytes_and_flops_of_each_rank_match_the_model(run, case):
+    world, results = run
+    method, options = PHASES[case]
+    shape = costs.MLPShape(
+        WIDTHS, N, rows=costs.minimal_rows(WIDTHS[-1])
+    )  # C - 1: the softmax Fisher
+    sent = costs.communication_bytes(method, shape, world, itemsize=8, **options)
+    modelled = costs.distributed_flops(method, shape, world, **options)
+    assert [r["phases"][case]["owners"] for r in results] == [
+        tuple(costs.owners(method, shape, world, **options))
+    ] * world
+    for rank, result in enumerate(results):
+        phases = result["phases"][case]
+        assert phases["sent"] == sent[rank]["sent"], f"rank {rank}"
+        assert phases["received"] == sent[rank]["received"], f"rank {rank}"
+        flops = phases["flops"]
+        assert flops["local"] == pytest.approx(modelled[rank]["local"], rel=1e-2), f"rank {rank}"
+        assert flops.get("solve", 0) == pytest.approx(modelled[rank]["solve"], rel=1e-2, abs=2)
+        assert flops["agree"] == flops["exchange"] == flops.get("broadcast", 0) == 0
+
+
+def test_a_failing_rank_makes_every_rank_raise(run):
+    world, results = run
+    last = world - 1
+    for rank, result in enumerate(results):
+        kind, message = result["failures"]["bad data"]
+        if rank == last:
+            assert (kind, "inputs contains 1 NaN") == ("ValueError", message[:21])
+        else:
+            assert kind == "DistributedError"
+            assert (
+                f"rank {last} of {world} failed" in message and "inputs contains 1 NaN" in message
+            )
+
+
+def test_a_failing_owner_leaves_grad_as_it_was_on_every_rank(run):
+    world, results = run
+    for rank, result in enumerate(results):
+        kind, message = result["failures"]["owner fails"]
+        assert kind == ("SolveError" if rank == 0 else "DistributedError")
+        assert "forced failure of the owner's solve" in message
+        assert result["failures"]["grad kept"]
+
+
+def test_an_absent_rank_times_out_instead_of_hanging(run):
+    world, results = run
+    if world == 1:
+        pytest.skip("needs a second rank")
+    for result in results[:-1]:
+        kind, message = result["failures"]["absent rank"]
+        assert kind == "DistributedError" and "did not complete within 2 s" in message
