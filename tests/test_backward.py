@@ -19,6 +19,7 @@ from oracle import (
     snapshot,
     unflatten,
 )
+from test_networks import FixedMask
 from torch import nn
 
 import riemann_core as rc
@@ -128,15 +129,6 @@ def test_backward_of_a_loss_with_terms_of_its_own(method, extra):
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
 
 
-class FixedMask(nn.Module):
-    def __init__(self, mask):
-        super().__init__()
-        self.register_buffer("mask", mask)
-
-    def forward(self, x):
-        return x * self.mask
-
-
 @pytest.mark.parametrize("method", EXACT + ("kfac",), ids=lambda m: f"method={m}")
 def test_backward_sees_the_dropout_masks_of_the_step(method):
     """Dropout draws its masks once, in the user's forward: the direction is that of the
@@ -157,9 +149,9 @@ def test_backward_sees_the_dropout_masks_of_the_step(method):
         pre.backward(F.cross_entropy(out, y))
         assert torch.equal(torch.get_rng_state(), after)
         torch.set_rng_state(state)
-        mask = F.dropout(torch.ones(6, 5, dtype=torch.float64), p)
+        mask = F.dropout(torch.ones(6, 5, dtype=torch.float64), p) * (1 - p)
         torch.set_rng_state(after)
-        twin = nn.Sequential(model[0], nn.Tanh(), FixedMask(mask), model[3])
+        twin = nn.Sequential(model[0], nn.Tanh(), FixedMask(mask, p), model[3])
         expected = rc.direction(twin, x, y, method=method, damping=DAMPING)
         for q, twin_name in zip(model.parameters(), expected, strict=True):
             torch.testing.assert_close(q.grad, expected[twin_name], rtol=1e-10, atol=1e-12)
