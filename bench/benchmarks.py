@@ -15,6 +15,11 @@ CUDA memory benchmarks when CUDA is absent.
 * ``track_cuda_peak_bytes``: peak CUDA memory allocated during one call, above its inputs.
 * ``Overhead.time_overhead``: every method on an MLP so small (2-2-2, batch 1) that its
   time is the fixed cost of a call, the ``t0`` of the sweep's time model.
+* ``Targets.track_*``: the core figures of ``riemann-bench targets``, each a median of
+  per-round ratios over interleaved rounds within one run (exact layerwise over its
+  speed of light; a step with ``pre.backward`` over an SGD step, sampled Fisher, at
+  784-1024-1024-10 and 64-32-32-10; exact over the exact direction alone; full over
+  layerwise at about 4k parameters), measured once per run (``setup_cache``, quick rounds).
 * ``track_ours_over_curvlinops``: our K-FAC's time over curvlinops' in the same variant,
   the median of per-round ratios over interleaved rounds (goal: at most 1). Skipped
   without curvlinops (``pip install "riemann-bench[compare]"``).
@@ -38,6 +43,7 @@ from riemann_core.measure.memory import cuda_peak_bytes
 from riemann_core.measure.timing import interleaved, median_ratio
 from riemann_core.methods import Options, build_problem
 from riemann_core.modules import handler_for
+from riemann_core.scaling import targets
 from riemann_core.woodbury import cholesky
 
 from . import common
@@ -327,3 +333,37 @@ class KFACRatio:
         return median_ratio(t["ours"], t["theirs"])
 
     track_ours_over_curvlinops.unit = "ratio"
+
+
+class Targets:
+    """The core figures of ``riemann-bench targets`` against their goals (ratios)."""
+
+    timeout = 1200.0
+
+    def setup_cache(self):
+        result = targets.measure_targets(device=common.device(), dtype=DTYPE, quick=True)
+        figures = {}
+        for f in result["figures"]:  # full over layerwise: the smallest of the networks
+            figures[f["id"]] = min(f["ratio"], figures.get(f["id"], f["ratio"]))
+        return figures
+
+    def track_exact_over_speed_of_light(self, figures):
+        return figures["speed_of_light"]
+
+    def track_sampled_step_over_sgd_step(self, figures):
+        return figures["sampled_step"]
+
+    def track_exact_step_over_exact_direction(self, figures):
+        return figures["exact_step"]
+
+    def track_small_sampled_step_over_sgd_step(self, figures):
+        return figures["small_sampled_step"]
+
+    def track_full_over_layerwise(self, figures):
+        return figures["full_vs_layerwise"]
+
+    track_exact_over_speed_of_light.unit = "ratio"
+    track_sampled_step_over_sgd_step.unit = "ratio"
+    track_exact_step_over_exact_direction.unit = "ratio"
+    track_small_sampled_step_over_sgd_step.unit = "ratio"
+    track_full_over_layerwise.unit = "ratio"

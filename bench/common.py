@@ -50,8 +50,8 @@ def device() -> str:
 
 
 def shape(width: int, depth: int, out_dim: int, batch: int) -> costs.MLPShape:
-    """The cost model's view of a problem: exact cross-entropy has ``r = out_dim`` rows."""
-    return costs.MLPShape(widths(width, depth, out_dim), batch, rows=out_dim)
+    """The cost model's view of a problem: exact cross-entropy has ``r = out_dim - 1`` rows."""
+    return costs.MLPShape(widths(width, depth, out_dim), batch, rows=costs.minimal_rows(out_dim))
 
 
 @functools.lru_cache(maxsize=16)

@@ -94,6 +94,33 @@ def test_direction(benchmark, problem, method, kernel, memory_budget, rates):
     assert all(torch.isfinite(v).all() for v in directions.values())
 
 
+@pytest.mark.parametrize("metric", ["exact", "sampled"], ids=lambda m: f"output_metric={m}")
+def test_preconditioned_step(benchmark, problem, metric, rates):
+    """A training step with ``pre.backward`` (layerwise; the sampled Fisher with one
+    probe): ``zero_grad``, forward, the fused preconditioned backward, ``SGD.step``, on a
+    copy of the model. Read against ``test_sgd_step`` and the exact direction of the same
+    group (``median_over_sgd_step``)."""
+    model = copy.deepcopy(problem.model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # every round the same model
+    pre = rc.RiemannianPreconditioner(
+        model, method="layerwise", damping=DAMPING, loss=LOSS, output_metric=metric
+    )
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(problem.inputs), problem.targets)
+        pre.backward(loss)
+        optimizer.step()
+        return loss
+
+    step()  # the first call runs the batch-coupling probe, off the clock
+    rows = None if metric == "exact" else 1
+    loss = _run(benchmark, problem, step, f"pre.backward step ({metric})", None, "structured",
+                rates, rows=rows)  # fmt: skip
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 #: Every K-FAC variant, ours and curvlinops' (skipped when curvlinops is not installed).
 KFAC_RUNS = [
     pytest.param(v, side, id=f"kfac={v.name}-impl={side}")
@@ -116,7 +143,7 @@ def test_kfac_variant(benchmark, problem, variant, implementation, rates):
     label = f"kfac {variant.name} ({implementation})"
     modelled = "kfac" if implementation == "ours" else None
     options = dict(kfac_damping=variant.damping, kfac_bias=variant.bias)
-    rows = problem.size.out_dim if variant.output_metric == "exact" else 1
+    rows = costs.minimal_rows(problem.size.out_dim, output_metric=variant.output_metric)
     directions = _run(
         benchmark, problem, call, label, modelled, "structured", rates,
         flops_options=options, rows=rows,

@@ -75,8 +75,9 @@ def to_host(scalars: list[Tensor]) -> list[float]:
         by_device.setdefault(t.device, []).append(i)
     values = [math.nan] * len(scalars)
     for indices in by_device.values():
-        stacked = torch.stack([scalars[i].detach().reshape(()).float() for i in indices])
-        for i, v in zip(indices, stacked.tolist(), strict=True):
+        # cat promotes the dtypes (booleans, counts, float32 and float64 values) to one
+        joined = torch.cat([scalars[i].detach().reshape(1) for i in indices])
+        for i, v in zip(indices, joined.tolist(), strict=True):
             values[i] = v
     return values
 
@@ -111,11 +112,27 @@ class Deferred:
     def finite(self, what: str, tensor: Tensor, fix: str, error: type = ValueError) -> None:
         """``tensor`` has no NaN or inf; the message names ``what`` and the ``fix``."""
         if tensor.is_floating_point():
-            # a sum allocates no mask; an overflow with finite entries is re-checked exactly
-            self.require(
-                torch.isfinite(tensor.detach().sum()),
-                lambda: check_finite(what, tensor, fix, error),
-            )
+            # its sum is read (no mask allocated): NaN and inf carry over, and a sum that
+            # overflows with finite entries is re-checked exactly
+            def callback(value: float) -> None:
+                if not math.isfinite(value):
+                    check_finite(what, tensor, fix, error)
+
+            self._pending.append((tensor.detach().sum(), callback))
+
+    def finite_all(self, items: list[tuple[str, Tensor]], fix: str) -> None:
+        """Every tensor of ``items`` (``(what, tensor)``) has no NaN or inf: one reading
+        (their total 1-norm, by ``foreach`` kernels), the culprit named on failure."""
+        tensors = [t.detach() for _, t in items if t.is_floating_point()]
+        if not tensors:
+            return
+
+        def callback(value: float) -> None:
+            if not math.isfinite(value):
+                for what, tensor in items:
+                    check_finite(what, tensor, fix)
+
+        self._pending.append((torch.nn.utils.get_total_norm(tensors, 1.0), callback))
 
     def read(self, value: Tensor) -> Reading:
         """A :class:`Reading` whose ``value`` is set by the next :meth:`run`."""
@@ -257,8 +274,9 @@ def check_model(model: nn.Module, checks: Deferred | None = None) -> list[tuple[
         )
     now = checks is None
     checks = Deferred() if now else checks
-    for name, p in params:
-        checks.finite(f"parameter {name!r}", p, "reset or reinitialise the model")
+    checks.finite_all(
+        [(f"parameter {name!r}", p) for name, p in params], "reset or reinitialise the model"
+    )
     if now:
         checks.run()
     return params

@@ -89,36 +89,80 @@ def _versions(value) -> list[tuple[Tensor, int]]:
 class Capture:
     """Hooks recording each call of the modules of ``model`` that own trainable parameters.
 
-    Use as a context manager around one forward pass; ``calls`` are then the calls in
-    the order they finished, and :meth:`stale` names the modules whose captured tensors
-    changed afterwards. Modules named in ``clone`` are captured through copies.
+    Use as a context manager around one of riemann_core's own forward passes; ``calls``
+    are then the calls in the order they finished, and :meth:`stale` names the modules
+    whose captured tensors changed afterwards. Modules named in ``clone`` are captured
+    through copies.
+
+    With ``persistent=True`` the hooks stay until :meth:`remove` and record the user's
+    own forward passes instead: each call of ``model`` itself with gradients enabled
+    starts a new record (``calls`` and the model's ``output``); riemann_core's own
+    forward passes, calls under ``torch.no_grad()`` and calls of submodules outside a
+    call of ``model`` are not recorded.
     """
 
-    def __init__(self, model: nn.Module, clone: set[str]):
+    def __init__(self, model: nn.Module, clone: set[str], *, persistent: bool = False):
         self.calls: list[Block] = []
+        self.output: Tensor | None = None
         self._clone = clone
         self._stale: set[str] = set()
         self._watched: list[tuple[str, list[tuple[Tensor, int]]]] = []
         self._hooks = []
+        self._recording = not persistent
+        self._depth = 0  # calls of the model under way (it may call itself)
+        if persistent:
+            self._hooks += [
+                model.register_forward_pre_hook(self._begin, prepend=True),
+                model.register_forward_hook(self._end, always_call=True),
+            ]
         names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
         for name, module in model.named_modules():
             own = [p for p in module.parameters(recurse=False) if id(p) in names]
             if own:
                 self._watch(name, module, [names[id(p)] for p in own], own)
 
+    def reset(self) -> None:
+        """Forget the recorded forward pass (its tensors are then freed with the graph)."""
+        self.calls, self.output = [], None
+        self._stale, self._watched = set(), []
+
+    def _begin(self, module, args) -> None:
+        if self._depth:
+            self._depth += 1
+        elif not capturing() and torch.is_grad_enabled():
+            self.reset()
+            self._depth, self._recording = 1, True
+
+    def _end(self, module, args, output) -> None:
+        if self._depth:
+            self._depth -= 1
+            if not self._depth:
+                self.output, self._recording = output, False
+
     def _watch(self, name, module, param_names, params) -> None:
-        entered: list[tuple[tuple, dict, list]] = []
-        copy = name in self._clone
+        entered: list[tuple[tuple, dict, list] | None] = []
 
         def pre_hook(mod, args, kwargs):
+            if not self._recording:
+                entered.append(None)
+                return
             # the arguments as the forward receives them (after any other pre-hook)
+            copy = name in self._clone
+            if not kwargs and all(isinstance(a, Tensor) for a in args):  # no pytree walks
+                live = tuple(a for a in args if a.requires_grad)
+                args = tuple(a.detach().clone() if copy else a.detach() for a in args)
+                entered.append((args, kwargs, live, [(a, a._version) for a in args]))
+                return
             leaves, _ = pytree.tree_flatten((args, kwargs))
             live = tuple(a for a in leaves if isinstance(a, Tensor) and a.requires_grad)
             args, kwargs = _detached((args, kwargs), copy)
             entered.append((args, kwargs, live, _versions((args, kwargs))))
 
         def hook(mod, args, kwargs, output):
-            args, kwargs, live, versions = entered.pop()
+            record = entered.pop()
+            if record is None:
+                return None
+            args, kwargs, live, versions = record
             if any(t._version != v for t, v in versions):  # the module changed its input
                 self._stale.add(name)
             if not isinstance(output, Tensor):
@@ -140,7 +184,7 @@ class Capture:
             )
             self._watched.append((name, versions + [(output, output._version)]))
             # what the rest of the network changes in place is then a copy
-            return output.clone() if copy else None
+            return output.clone() if name in self._clone else None
 
         self._hooks += [
             module.register_forward_pre_hook(pre_hook, with_kwargs=True),
@@ -152,12 +196,16 @@ class Capture:
         changed = {n for n, watched in self._watched if any(t._version != v for t, v in watched)}
         return self._stale | changed
 
+    def remove(self) -> None:
+        """Detach every hook."""
+        for h in self._hooks:
+            h.remove()
+
     def __enter__(self) -> Capture:
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._hooks:
-            h.remove()
+        self.remove()
 
 
 def rng_devices(model: nn.Module) -> list[int]:

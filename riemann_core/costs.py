@@ -42,9 +42,24 @@ POWER_STEPS = 3
 
 
 def power_flops(n: int) -> float:
-    """``2 n^2`` per power-iteration step on an ``n x n`` matrix: the estimate of every
-    factorised matrix's largest eigenvalue (``riemann_core.woodbury.largest_eigenvalue``)."""
+    """``2 n^2`` per power-iteration step on an ``n x n`` matrix: the estimate of a
+    dense factorised matrix's largest eigenvalue (``woodbury.largest_eigenvalue``)."""
     return 2 * n * n * POWER_STEPS
+
+
+def gram_power_flops(d: int, blocks: int) -> float:
+    """``2 m^2`` per step on each of the ``blocks`` diagonal ``m x m`` blocks of a
+    ``d x d`` Gram (``m = d / blocks``): its estimate of the largest eigenvalue
+    (``woodbury.largest_eigenvalue_of_gram``)."""
+    m = d // blocks
+    return 2 * m * m * blocks * POWER_STEPS
+
+
+def lower_gram_flops(d: int, blocks: int, k: int) -> float:
+    """``d^2 k (1 + 1 / blocks)``: the lower triangle of ``R R^T`` for ``R`` of shape
+    ``d x k`` in ``blocks`` row blocks, one GEMM per block-row
+    (``modules.lower_gram``), against ``2 d^2 k`` for the whole product."""
+    return d * d * k * (1 + 1 / blocks)
 
 
 def inverse_flops(n: int) -> float:
@@ -148,7 +163,7 @@ def flops(
             _gram(shape, kernel, i, f, n) for i, f, n in zip(f_ins, f_outs, n_a, strict=True)
         )
         cost["factorisation"] = cholesky_flops(d)
-        cost["checks"] = power_flops(d)
+        cost["checks"] = gram_power_flops(d, shape.rows)
         cost["solve"] = sum(
             _products(shape, kernel, i, f, n) for i, f, n in zip(f_ins, f_outs, n_a, strict=True)
         )
@@ -173,7 +188,7 @@ def flops(
             else:
                 cost["gram"] += gram
                 cost["factorisation"] += cholesky_flops(block.d)
-                cost["checks"] += power_flops(block.d)
+                cost["checks"] += gram_power_flops(block.d, m)
                 cost["solve"] += _products(block, kernel, f_in, f, n) + 2 * triangular_solve_flops(
                     block.d
                 )
@@ -248,9 +263,12 @@ def _shifted_solve(m: int, n: int, k: int) -> float:
 
 
 def _gram(shape: MLPShape, kernel: str, f_in: int, f: int, n: int) -> float:
-    """``K_a K_a^T``: ``(Delta Delta^T) * (X X^T + 1)`` structured, ``K K^T`` generic."""
-    d, N = shape.d, shape.batch
-    return 2 * d * d * n if kernel == "generic" else 2 * N * N * f_in + 2 * d * d * f
+    """``K_a K_a^T`` (lower triangle, by probe block-rows): ``(Delta Delta^T) * (X X^T +
+    1)`` structured, ``K K^T`` generic."""
+    d, N, r = shape.d, shape.batch, shape.rows
+    if kernel == "generic":
+        return lower_gram_flops(d, r, n)
+    return 2 * N * N * f_in + lower_gram_flops(d, r, f)
 
 
 def _products(shape: MLPShape, kernel: str, f_in: int, f: int, n: int) -> float:

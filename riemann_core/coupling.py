@@ -13,7 +13,10 @@ one batched backward pass.
 *Parameters enter only through their modules.* A trainable parameter used outside the
 calls of the modules that own it (``F.linear(h, self.emb.weight)`` beside a call of
 ``self.emb``) reaches the loss through a path no kernel sees. Probe: the gradient of a
-cotangent on all samples through the captured calls must equal autograd's.
+cotangent on all samples through the captured calls must equal autograd's. For a loss
+the user formed (``RiemannianPreconditioner.backward``), which may add terms of its own
+(weight decay written into the loss), :func:`loss_paths` walks its graph down to the
+network: structural and exact, a few nodes.
 
 Both are structural, so they run on the first call for a model and again when a
 module's training flag changes (``check_coupling=False`` skips them); their verdicts
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -188,3 +192,51 @@ def _explain_coupling(model: nn.Module, rows: Tensor, masks: Tensor, rerun) -> N
         "breaks. Make the module act on each sample alone (e.g. LayerNorm/GroupNorm instead "
         "of batch statistics)"
     )
+
+
+@dataclass
+class LossPaths:
+    """How a loss reaches the network (:func:`loss_paths`): ``outside``, the trainable
+    parameters it reaches other than through a module call; ``output``, whether it reaches
+    the model's output; ``calls``, whether it reaches a module call other than through
+    the output (a loss on an intermediate activation)."""
+
+    outside: list[str]
+    output: bool
+    calls: bool
+
+
+def loss_paths(
+    root: Tensor, output: Tensor, calls: list[Block], names: dict[int, str]
+) -> LossPaths:
+    """Walk the autograd graph of ``root`` (a loss) down to the model's ``output`` and the
+    outputs of its ``calls``, recording where it meets the network (``names``:
+    ``{id(p): name}`` of the trainable parameters). A call is resumed at its inputs, so
+    every node outside the network's calls is seen: a few per module; the graph under
+    the output is the batch-coupling probe's (:func:`register`)."""
+    calls_at: dict[object, list[Block]] = {}
+    for c in calls:
+        if c.output.grad_fn is not None:
+            calls_at.setdefault(c.output.grad_fn, []).append(c)
+    paths = LossPaths([], False, False)
+    seen, stack, at_output = set(), [root.grad_fn], output.grad_fn
+    while stack:
+        node = stack.pop()
+        if node is not None and node is at_output:
+            paths.output = True
+            continue
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in calls_at:
+            paths.calls = True
+            for t in (t for c in calls_at[node] for t in c.graph_inputs):
+                if t.grad_fn is None and id(t) in names:  # a parameter as a module's input
+                    paths.outside.append(names[id(t)])
+                stack.append(t.grad_fn)
+            continue
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf's gradient
+        if variable is not None and id(variable) in names:
+            paths.outside.append(names[id(variable)])
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return paths

@@ -194,32 +194,65 @@ def solve(
             "compute the direction outside the inference_mode block"
         )
     checks = Deferred() if checks is None else checks
-    solver = SOLVERS[method]
     devices = {p.device.type for p in model.parameters()}
     devices |= {t.device.type for t in tensors_of((inputs, forward_kwargs))}
-    extra = () if state is None else (state,)
 
     def build():
+        return build_problem(
+            model,
+            inputs,
+            targets,
+            opts,
+            needs_factor=SOLVERS[method].NEEDS_FACTOR,
+            gradient=gradient,
+            forward_kwargs=forward_kwargs,
+            checks=checks,
+            replay=replay,
+        )
+
+    return run_solver(
+        build,
+        method,
+        opts,
+        checks,
+        devices,
+        state,
+        process_group=process_group,
+        timeout=timeout,
+        global_gradient=global_gradient,
+    )
+
+
+def run_solver(
+    build,
+    method: str,
+    opts: Options,
+    checks: Deferred,
+    devices: set[str],
+    state=None,
+    *,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    timeout: float = distributed.TIMEOUT,
+    global_gradient: bool = False,
+):
+    """``build()`` a :class:`Problem`, solve it with ``method`` (``state``: K-FAC's across
+    a preconditioner's steps; ``process_group``: see :func:`solve`) and check the solves,
+    in full float32 precision on ``devices``. Returns ``({name: direction}, diagnostics)``
+    for the parameters seen in the forward pass; on an error, the pending ``checks`` are
+    read first (a failing check of the data explains the error better)."""
+    extra = () if state is None else (state,)
+
+    def checked_build():
         try:
-            return build_problem(
-                model,
-                inputs,
-                targets,
-                opts,
-                needs_factor=solver.NEEDS_FACTOR,
-                gradient=gradient,
-                forward_kwargs=forward_kwargs,
-                checks=checks,
-                replay=replay,
-            )
+            return build()
         except Exception:
-            checks.run()  # a failing check of the data explains the error better
+            checks.run()
             raise
 
     with full_precision(devices):
         if process_group is not None:
             return distributed.solve(
-                build,
+                checked_build,
                 method,
                 opts,
                 checks,
@@ -227,9 +260,9 @@ def solve(
                 timeout=timeout,
                 global_gradient=global_gradient,
             )
-        problem = build()
+        problem = checked_build()
         try:
-            solves = solver.solve(problem, opts, *extra)
+            solves = SOLVERS[method].solve(problem, opts, *extra)
         except Exception:
             checks.run()
             raise

@@ -401,6 +401,10 @@ class _Materialised(Handler):
     def dtype(self) -> torch.dtype:
         return self._K.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self._K.device
+
     def to(self, dtype: torch.dtype) -> Handler:
         gradient = None if self._gradient is None else [g.to(dtype) for g in self._gradient]
         return _Materialised(self.block, self._K.to(dtype), self.r, gradient)

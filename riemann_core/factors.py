@@ -22,14 +22,26 @@ FactorFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def cross_entropy_factor(logits: Tensor) -> Tensor:
-    """Exact softmax Fisher: ``F_b = diag(sqrt p) - sqrt(p) p^T``, ``r = C``.
+    """Exact softmax Fisher with ``r = C - 1`` rows: ``F_b = H' diag(s)``, ``s = sqrt(p)``.
 
-    ``F_b^T F_b = diag(p) - p p^T``, the Hessian of ``cross_entropy`` in the logits
-    (equal to the Fisher and to the GGN's output part).
+    ``M_b = diag(p) - p p^T = diag(s) (I - s s^T) diag(s)`` has rank ``C - 1`` (it
+    annihilates the ones vector), so ``C - 1`` rows suffice. The Householder reflection
+    ``H = I - v v^T / (1 + s_k)``, ``v = s + e_k`` (``|v|^2 = 2 (1 + s_k) >= 2``: stable
+    for every ``p``), maps ``s`` to ``-e_k``, so its rows other than ``k`` are an
+    orthonormal basis ``H'`` of the complement of ``s`` and
+    ``F_b^T F_b = diag(s) H'^T H' diag(s) = diag(s) (I - s s^T) diag(s) = M_b``.
+    ``k = C - 1`` (fixed, so no data-dependent choice). ``C = 1`` gives one zero row.
     """
     p = torch.softmax(logits, dim=1)
+    C = p.shape[1]
+    if C == 1:
+        return torch.zeros_like(p)[:, None, :]
     s = p.sqrt()
-    return torch.diag_embed(s) - s[:, :, None] * p[:, None, :]
+    k = C - 1
+    vs = p.clone()  # v_j s_j = p_j + [j = k] s_k
+    vs[:, k] += s[:, k]
+    head = s[:, :k]  # v_i = s_i for the kept rows i != k
+    return torch.diag_embed(s)[:, :k] - head[:, :, None] * (vs / (1 + s[:, k:]))[:, None, :]
 
 
 def sampled_cross_entropy_factor(logits: Tensor, samples: int, generator=None) -> Tensor:
@@ -108,26 +120,33 @@ def factor_cotangents(factor: Tensor) -> Tensor:
     return factor.transpose(0, 1) / math.sqrt(factor.shape[0])
 
 
-def pullback(outputs: Tensor, cotangents: Tensor, targets: Sequence[Tensor]) -> list[Tensor]:
-    """Pull ``k`` output cotangents (``(k, *outputs.shape)``) back to each of ``targets``.
+def pullback(
+    roots: Sequence[Tensor],
+    seeds: Sequence[Tensor],
+    targets: Sequence[Tensor],
+    retain_graph: bool = True,
+) -> list[Tensor]:
+    """Pull ``k`` cotangents back from ``roots`` to each of ``targets``: cotangent ``j``
+    seeds ``roots[i]`` with ``seeds[i][j]`` (shape ``(k, *roots[i].shape)``).
 
     ``L_{a-1} = L_a A_a`` is backprop with the factor rows as cotangents. For a network
     that treats samples independently, row ``s`` of every sample can share one backward
-    pass, so this runs ``r`` backward passes, vectorised with ``is_grads_batched``, not
+    pass, so this runs ``r`` backward passes, vectorised with ``torch.func.vmap``, not
     ``d = N r``. Returns, per target, a tensor ``(k, *target.shape)``; a target outside
-    the autograd graph of ``outputs`` (computed under ``torch.no_grad``) gets zeros.
+    the autograd graph of the roots (computed under ``torch.no_grad``) gets zeros.
     """
     reached = [t for t in targets if t.requires_grad]
-    grads = torch.autograd.grad(
-        outputs,
-        reached,
-        grad_outputs=cotangents.reshape((cotangents.shape[0],) + outputs.shape),
-        is_grads_batched=True,
-        retain_graph=True,
-        allow_unused=True,
-    )
+
+    def backward(*cotangents):
+        return torch.autograd.grad(
+            roots, reached, cotangents, retain_graph=retain_graph, allow_unused=True
+        )
+
+    # torch.func.vmap: batching rules for the backward ops (is_grads_batched's older vmap
+    # loops over the rows for some, e.g. tanh_backward)
+    grads = torch.func.vmap(backward)(*seeds)
     found = {id(t): g for t, g in zip(reached, grads, strict=True)}
-    k = cotangents.shape[0]
+    k = seeds[0].shape[0]
     return [
         g.detach()
         if (g := found.get(id(t))) is not None

@@ -32,6 +32,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils import _pytree as pytree
 
+from .costs import lower_gram_flops
+
 
 @dataclass(eq=False)
 class Block:
@@ -74,6 +76,11 @@ class Handler(ABC):
     def dtype(self) -> torch.dtype:
         """The dtype of the kernel's algebra (that of its pulled-back factor)."""
         return self.delta.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the kernel's algebra."""
+        return self.delta.device
 
     def to(self, dtype: torch.dtype) -> Handler:
         """The same ``K_a`` with its data (pulled-back rows, inputs) converted to ``dtype``:
@@ -124,13 +131,23 @@ class Handler(ABC):
         """``B_a^T lam`` for ``lam`` shaped like the block output: the partial derivative
         through this call alone (its inputs held fixed)."""
 
+    def gram_into(self, out: Tensor, add: bool = False) -> None:
+        """Write (``add``: add) the lower triangle of ``K K^T`` into ``out`` (``d x d``,
+        any strides), with the ``N x N`` diagonal blocks (one per probe) in full; the rest
+        of the upper triangle is left as it was (Cholesky and ``eigvalsh`` read one
+        triangle, the condition estimate the diagonal blocks)."""
+        lower_gram(self.K(), self.r, out, add)
+
     def gram(self) -> Tensor:
-        K = self.K()
-        return K @ K.T
+        """``K K^T`` as its lower triangle, the strict upper triangle zero."""
+        out = torch.zeros(self.d, self.d, dtype=self.dtype, device=self.device)
+        self.gram_into(out)
+        return out.tril_()
 
     def gram_flops(self) -> float:
-        """Modelled FLOPs of :meth:`gram` (``2 d^2 n_a`` from a materialised ``K``)."""
-        return 2 * self.d**2 * self.block.n_params
+        """Modelled FLOPs of :meth:`gram_into` (``d^2 n_a (1 + 1/r)`` from a materialised
+        ``K``, see :func:`lower_gram`)."""
+        return lower_gram_flops(self.d, self.r, self.block.n_params)
 
     @abstractmethod
     def K(self) -> Tensor:
@@ -143,6 +160,30 @@ class Handler(ABC):
     @abstractmethod
     def K_tmv(self, t: Tensor) -> list[Tensor]:
         """``K^T t`` for ``t`` of length ``d``, shaped like the block's parameters."""
+
+
+def lower_gram(rows: Tensor, blocks: int, out: Tensor, add: bool, scale: Tensor | None = None):
+    """The lower triangle of ``(rows rows^T) * S`` into ``out``, block-row by block-row.
+
+    ``rows`` (``d x k``) holds ``blocks`` row blocks of ``m = d / blocks`` rows (the
+    probe-major factor rows: block ``s`` is probe ``s`` of every sample); ``S`` is
+    ``scale`` (``m x m``, symmetric) tiled over the blocks, or 1. Block-row ``s`` is one GEMM
+    ``rows_s rows_{0..s}^T`` written straight into ``out[s]`` (for ``add``: added), so the
+    products cost ``m^2 k b (b + 1) = d^2 k (1 + 1/b)`` FLOPs, not the ``2 d^2 k`` of the
+    full product, and the strict upper triangle is never formed.
+    """
+    m = rows.shape[0] // blocks
+    if scale is not None and out.stride(0) == 1:  # column-major: S is symmetric, so S^T
+        scale = scale.mT  # runs along the same memory as out
+    for s in range(blocks):
+        part = out[s * m : (s + 1) * m, : (s + 1) * m]
+        product = torch.mm(
+            rows[s * m : (s + 1) * m], rows[: (s + 1) * m].T, out=None if add else part
+        )
+        if scale is not None:
+            product.view(m, s + 1, m).mul_(scale[:, None, :])
+        if add:
+            part.add_(product)
 
 
 class PatchHandler(Handler):
@@ -280,15 +321,12 @@ class LinearHandler(PatchHandler):
     def gram_flops(self) -> float:
         if not self.factored_gradient:
             return super().gram_flops()
-        return 2 * self.d**2 * self.f_out + 2 * self.N**2 * self.X.shape[-1]
+        return lower_gram_flops(self.d, self.r, self.f_out) + 2 * self.N**2 * self.X.shape[-1]
 
-    def gram(self) -> Tensor:
+    def gram_into(self, out: Tensor, add: bool = False) -> None:
         if not self.factored_gradient:  # sequence inputs: positions couple, use K K^T
-            return super().gram()
-        D = self.Dl.reshape(self.d, self.f_out)
-        G = (D @ D.T).view(self.r, self.N, self.r, self.N)
-        G.mul_(self.input_gram()[None, :, None, :])
-        return G.view(self.d, self.d)
+            return super().gram_into(out, add)
+        lower_gram(self.Dl.reshape(self.d, self.f_out), self.r, out, add, self.input_gram())
 
     def K_mv_output_grad(self, lam: Tensor) -> Tensor:
         """``K g`` for ``g = Lambda^T Xt``: row ``(s, b)`` is

@@ -1,4 +1,4 @@
-"""``RiemannianPreconditioner``: turn ``.grad`` into ``G^{-1} .grad`` beside any optimizer."""
+"""``RiemannianPreconditioner``: turn gradients into ``G^{-1} g`` beside any optimizer."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils import _pytree as pytree
 
-from . import distributed
+from . import coupling, distributed
 from ._checks import Deferred, check_generator, check_model, check_refresh, tensors_of
-from .capture import capturing, rng_devices, rng_state
-from .direction import solve
+from .capture import Capture, capturing, notes_for, rng_devices, rng_state
+from .direction import run_solver, solve
 from .factors import FactorFn
-from .methods import METHODS, LayerDiagnostics, Options
+from .methods import METHODS, SOLVERS, LayerDiagnostics, Options, problem_from_graph
 from .methods.kfac import KFACState
 
 
@@ -21,20 +21,29 @@ class RiemannianPreconditioner:
 
         pre = rc.RiemannianPreconditioner(model, method="layerwise", damping=1e-3)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        opt.zero_grad(); pre.backward(F.cross_entropy(model(x), y)); opt.step()
+
+    ``backward(loss)`` replaces ``loss.backward()``: one backward pass through the graph of
+    the model's own forward pass carries the loss gradient and the metric's factor rows
+    together, and each trainable parameter's ``.grad`` receives ``G^{-1} g`` instead of
+    ``g`` (no second forward pass; dropout's masks are those of the step).
+
+    ``step()`` preconditions a ``.grad`` already there, from any loss::
+
         out = model(x); F.cross_entropy(out, y).backward(); pre.step(); opt.step()
 
-    ``step()`` replaces each trainable parameter's ``.grad`` by ``G^{-1} .grad``, where
-    ``G`` is the metric at the batch of the model's last forward pass: a forward
-    pre-hook records its positional and keyword arguments and the random state, and
-    ``step`` runs one more forward pass on them from that state, so that dropout draws
-    the masks the gradient was computed with (the metric is that of the same network).
-    Call it between ``loss.backward()`` and ``opt.step()``: a parameter or an input
-    changed in place since the forward pass is refused.
-    The ``.grad`` may come from any loss; the metric is that of ``loss`` (it needs no
-    targets: a custom ``output_metric`` receives ``None``). On any error ``.grad`` is
-    left as it was. Options are those of ``rc.direction``; with ``diagnostics=True``
-    each step's :class:`LayerDiagnostics` are kept in ``.diagnostics``. Call
-    ``remove()`` (or use ``with``) to detach the hook.
+    replacing each ``.grad`` by ``G^{-1} .grad``, where ``G`` is the metric at the batch of
+    the model's last forward pass: a forward pre-hook records its positional and keyword
+    arguments and the random state, and ``step`` runs one more forward pass on them from
+    that state, so that dropout draws the masks the gradient was computed with. Call it
+    between ``loss.backward()`` and ``opt.step()``: a parameter or an input changed in
+    place since the forward pass is refused.
+
+    Either way the metric is that of ``loss`` (it needs no targets: a custom
+    ``output_metric`` receives ``None``), and on any error ``.grad`` is left as it was.
+    Options are those of ``rc.direction``; with ``diagnostics=True`` each step's
+    :class:`LayerDiagnostics` are kept in ``.diagnostics``. Call ``remove()`` (or use
+    ``with``) to detach the hooks.
 
     K-FAC as optimisers run it (``method="kfac"`` only): ``kfac_refresh=k`` refreshes
     the factorisations every ``k`` steps and reuses them in between, where a step then
@@ -103,30 +112,204 @@ class RiemannianPreconditioner:
         self.process_group, self.timeout = process_group, timeout
         self.diagnostics: list[LayerDiagnostics] = []
         self._batch: tuple[tuple, dict, list[Tensor]] | None = None
-        self._versions: list[tuple[str, Tensor, int]] = []
+        self._versions: list[tuple[str | None, Tensor, int]] = []
         self._hook = model.register_forward_pre_hook(self._record, with_kwargs=True)
+        # pre.backward(loss) records the user's own forward passes (one process only)
+        single = process_group is None and self.network is model
+        self._capture = Capture(model, notes_for(model).clone, persistent=True) if single else None
 
     def _record(self, module, args, kwargs):
-        if capturing():  # riemann_core's own forward passes are not the user's batch
+        # riemann_core's own forward passes are not the user's batch, nor are evaluations
+        # under torch.no_grad(), from which no loss is differentiated
+        if capturing() or not torch.is_grad_enabled():
             return
-        args, kwargs = pytree.tree_map(
-            lambda a: a.detach() if isinstance(a, Tensor) else a, (args, kwargs)
-        )
+        if not kwargs and all(isinstance(a, Tensor) for a in args):  # no pytree walks
+            args = inputs = tuple(a.detach() for a in args)
+        else:
+            args, kwargs = pytree.tree_map(
+                lambda a: a.detach() if isinstance(a, Tensor) else a, (args, kwargs)
+            )
+            inputs = tensors_of((args, kwargs))
         self._batch = (args, kwargs, rng_state(rng_devices(self.model)))
         # what step() relies on: the batch and the parameters as the forward pass saw them
-        inputs = [("an input of the forward pass", t) for t in tensors_of((args, kwargs))]
-        params = [(f"parameter {n!r}", p) for n, p in self.model.named_parameters()]
-        self._versions = [(what, t, t._version) for what, t in inputs + params]
+        # (named on failure only: None for an input)
+        self._versions = [(None, t, t._version) for t in inputs] + [
+            (n, p, p._version) for n, p in self.model.named_parameters()
+        ]
 
-    def _check_unchanged(self) -> None:
-        for what, t, version in self._versions:
+    def _check_unchanged(self, call: str) -> None:
+        for name, t, version in self._versions:
             if t._version != version:
+                what = "an input of the forward pass" if name is None else f"parameter {name!r}"
                 raise RuntimeError(
-                    f"{what} changed in place after the forward pass that pre.step() uses "
+                    f"{what} changed in place after the forward pass that {call} uses "
                     "(an optimizer step, or a new batch copied into the same tensor): call "
-                    "pre.step() between loss.backward() and opt.step(), before the inputs "
-                    "change"
+                    f"{call} before opt.step(), and before the inputs change"
                 )
+
+    def backward(self, loss: Tensor) -> None:
+        """Add ``G^{-1} g`` to each trainable ``.grad``, ``g`` the gradient of ``loss``.
+
+        Replaces ``loss.backward()``: a parameter whose ``.grad`` is ``None`` receives the
+        direction, one with a ``.grad`` has it added (after ``opt.zero_grad()`` the
+        ``.grad`` is then the direction); parameters the loss does not reach keep theirs.
+        ``loss`` is any scalar formed from the outputs of the model's last forward pass
+        with gradients enabled; its graph is consumed, as by ``loss.backward()``.
+
+        One backward pass carries the gradient and the factor rows together from ``loss``
+        and the outputs back to every module with parameters. Where that cannot give the
+        exact direction, the gradient is taken by autograd and preconditioned as by
+        :meth:`step` (one more forward pass): on the first call for a model, when the
+        batch-coupling probe runs (it needs the inputs in the graph); when a module's
+        output was changed in place after its call (the next forward passes capture it
+        through a copy); and when the loss reaches parameters other than through their
+        modules' calls (a weight penalty written into the loss). One process only: with a
+        ``process_group`` or a ``DistributedDataParallel`` model it raises ``ValueError``
+        (use ``loss.backward()`` and :meth:`step`).
+        """
+        if self._capture is None:
+            raise ValueError(
+                "pre.backward(loss) runs in one process: with a process_group or a "
+                "DistributedDataParallel model, call loss.backward() and then pre.step()"
+            )
+        self._check_loss(loss)
+        capture, model, opts = self._capture, self.model, self.options
+        if capture.output is None or not capture.calls:
+            raise RuntimeError(
+                "pre.backward(loss) needs the forward pass the loss was formed from: call "
+                "model(x) with gradients enabled, then pre.backward(loss)"
+            )
+        self._check_unchanged("pre.backward(loss)")
+        checks = Deferred()
+        params = check_model(model, checks)
+        checks.finite("the loss", loss, "check the data and lower the learning rate")
+        check_generator(opts.generator, opts.output_metric, params[0][1].device)
+        names = {id(p): n for n, p in params}
+        notes = notes_for(model)
+        stale = capture.stale()
+        notes.clone |= stale
+        needs_factor = SOLVERS[self.method].NEEDS_FACTOR
+        probing = needs_factor and opts.check_coupling and coupling.needs_probe(model, notes)
+        reuse = self._kfac is not None and not self._kfac.needs_factors(names.values())
+        try:
+            if not isinstance(capture.output, Tensor):
+                raise ValueError(
+                    f"the model must return a tensor of outputs, got {type(capture.output).__name__}"
+                )
+            paths = coupling.loss_paths(loss, capture.output, capture.calls, names)
+            if not (paths.output or paths.calls):
+                raise ValueError(
+                    "the loss was not formed from the outputs of the model's last forward "
+                    "pass (with gradients enabled), whose batch the metric is taken at: "
+                    "call pre.backward(loss) right after the forward pass of its batch"
+                )
+            if reuse or stale or probing or paths.outside:
+                gradient = self._autograd_gradient(loss, params)
+                for name, g in gradient.items():
+                    checks.finite(f"the gradient of {name!r}", g, "the loss overflowed")
+                directions, diagnostics = self._transaction(
+                    lambda: self._solve(gradient, params, checks)
+                )
+            else:
+                directions, diagnostics = self._transaction(
+                    lambda: self._fused(loss, not paths.calls, params, checks)
+                )
+        finally:
+            capture.reset()
+        for name, p in params:  # every direction exists before any .grad changes
+            if name in directions:
+                direction = directions[name].detach().to(p.dtype)
+                if p.grad is None:
+                    p.grad = direction
+                else:
+                    p.grad.add_(direction)
+        self.diagnostics = diagnostics
+        self._commit()
+
+    @staticmethod
+    def _check_loss(loss) -> None:
+        if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise TypeError(
+                f"pre.backward(loss) needs the loss as a floating-point scalar tensor, got {shape}"
+            )
+        if loss.grad_fn is None:
+            raise ValueError(
+                "the loss is not in an autograd graph (formed under torch.no_grad(), from "
+                "detached outputs, or already a leaf): form it from model(x) with gradients "
+                "enabled"
+            )
+
+    def _fused(self, loss: Tensor, through_output: bool, params, checks: Deferred):
+        """The direction of ``loss``'s gradient from the graph of the recorded forward
+        (``through_output``: the loss reaches the network only through its output)."""
+        capture = self._capture
+
+        def build():
+            with torch.enable_grad():
+                return problem_from_graph(
+                    self.model,
+                    capture.output,
+                    capture.calls,
+                    None,
+                    self.options,
+                    checks,
+                    needs_factor=SOLVERS[self.method].NEEDS_FACTOR,
+                    loss=loss,
+                    through_output=through_output,
+                )
+
+        devices = {p.device.type for _, p in params}
+        devices |= {t.device.type for t in tensors_of(self._batch[:2])}
+        return run_solver(build, self.method, self.options, checks, devices, self._kfac)
+
+    @staticmethod
+    def _autograd_gradient(loss: Tensor, params) -> dict[str, Tensor]:
+        """``{name: gradient}`` of ``loss`` by autograd (``None`` where it does not reach)."""
+        grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
+        return {n: g for (n, _), g in zip(params, grads, strict=True) if g is not None}
+
+    def _solve(self, gradient: dict[str, Tensor], params, checks: Deferred):
+        """The direction of ``gradient`` (a zero vector for the ``params`` it lacks) at the
+        recorded batch, replayed from its random state (K-FAC between refreshes: the cached
+        blocks, no forward pass); only ``gradient``'s entries."""
+        full = {
+            n: gradient[n].detach() if n in gradient else torch.zeros_like(p) for n, p in params
+        }
+        if self._kfac is not None and not self._kfac.needs_factors(full):
+            directions, diagnostics = self._kfac.reuse(full, self.options, checks)
+        else:
+            args, kwargs, state = self._batch
+            directions, diagnostics = solve(
+                self.network,
+                args,
+                None,
+                self.method,
+                self.options,
+                gradient=full,
+                forward_kwargs=kwargs,
+                checks=checks,
+                replay=state,
+                state=self._kfac,
+                process_group=self.process_group,
+                timeout=self.timeout,
+                global_gradient=isinstance(self.model, DistributedDataParallel),
+            )
+        return {n: d for n, d in directions.items() if n in gradient}, diagnostics
+
+    def _transaction(self, compute):
+        """``compute()``, forgetting what K-FAC's state computed if it fails."""
+        try:
+            return compute()
+        except BaseException:
+            if self._kfac is not None:
+                self._kfac.discard()
+            raise
+
+    def _commit(self) -> None:
+        """Keep K-FAC's state of a step that succeeded."""
+        if self._kfac is not None:
+            self._kfac.commit()
 
     @torch.no_grad()
     def step(self) -> None:
@@ -137,59 +320,36 @@ class RiemannianPreconditioner:
                     "pre.step() needs the batch of a forward pass: call model(x) and "
                     "loss.backward() before pre.step()"
                 )
-            self._check_unchanged()
+            self._check_unchanged("pre.step()")
+            if self._capture is not None:
+                self._capture.reset()  # step() runs a forward pass of its own
             checks = Deferred()
             params = check_model(self.network, checks)
-            with_grad = [(n, p) for n, p in params if p.grad is not None]
+            with_grad = {n: p.grad for n, p in params if p.grad is not None}
             if not with_grad:
                 raise RuntimeError(
                     "no parameter has a .grad; call loss.backward() before pre.step()"
                 )
             device = params[0][1].device
             check_generator(self.options.generator, self.options.output_metric, device)
-            for name, p in with_grad:
-                checks.finite(
-                    f"the .grad of {name!r}", p.grad, "the loss or its backward overflowed"
-                )
+            for name, grad in with_grad.items():
+                checks.finite(f"the .grad of {name!r}", grad, "the loss or its backward overflowed")
         # a parameter without .grad took no part in the loss: a zero vector, left as None
-        gradient = {
-            n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-            for n, p in params
-        }
-        try:
-            if self._kfac is not None and not self._kfac.needs_factors(gradient):
-                directions, diagnostics = self._kfac.reuse(gradient, self.options, checks)
-            else:
-                args, kwargs, state = self._batch
-                directions, diagnostics = solve(
-                    self.network,
-                    args,
-                    None,
-                    self.method,
-                    self.options,
-                    gradient=gradient,
-                    forward_kwargs=kwargs,
-                    checks=checks,
-                    replay=state,
-                    state=self._kfac,
-                    process_group=self.process_group,
-                    timeout=self.timeout,
-                    global_gradient=isinstance(self.model, DistributedDataParallel),
-                )
-        except BaseException:
-            if self._kfac is not None:
-                self._kfac.discard()
-            raise
-        for name, p in with_grad:  # every direction exists before any .grad changes
+        directions, self.diagnostics = self._transaction(
+            lambda: self._solve(
+                {n: g.detach().clone() for n, g in with_grad.items()}, params, checks
+            )
+        )
+        for name, p in params:  # every direction exists before any .grad changes
             if name in directions:
                 p.grad.copy_(directions[name])
-        self.diagnostics = diagnostics
-        if self._kfac is not None:
-            self._kfac.commit()
+        self._commit()
 
     def remove(self) -> None:
-        """Detach the forward pre-hook from the model."""
+        """Detach the forward hooks from the model."""
         self._hook.remove()
+        if self._capture is not None:
+            self._capture.remove()
 
     def __enter__(self) -> RiemannianPreconditioner:
         return self

@@ -67,9 +67,10 @@ def test_matches_dense_oracle(problem, method, damping):
 
 
 # layerwise factorises G_a itself where that is cheaper (few parameters, many rows):
-# batch 10 mixes both algebras across blocks, batch 20 uses the dense one throughout.
+# batch 15 mixes both algebras across blocks (cross-entropy, r = C - 1 = 2 rows per
+# sample), batch 20 uses the dense one throughout, as does MSE (r = C = 3) at batch 10.
 PATHS = [
-    Problem(batch=10, depth=3),
+    Problem(batch=15, depth=3),
     Problem(batch=10, depth=3, loss="mse", bias=False),
     Problem(batch=20, depth=3, act="relu"),
 ]
@@ -323,7 +324,8 @@ def test_diagnostics(problem, method):
         model, x, y, loss=problem.loss_name, method=method, damping=1e-3, return_diagnostics=True
     )
     assert isinstance(dirs, dict) and all(isinstance(d, rc.LayerDiagnostics) for d in diags)
-    d = problem.batch * problem.classes  # exact factors have r = C rows per sample
+    # exact factors: r = C - 1 rows per sample for cross-entropy (the rank), C for MSE
+    d = problem.batch * (problem.classes - (problem.loss_name == "cross_entropy"))
     if method in ("full", "natural"):
         groups = [[n for n, _ in model.named_parameters()]]
         assert [row.name for row in diags] == ["(all)"]
@@ -366,14 +368,16 @@ def test_diagnostics_rows_follow_samples(method):
 
 
 def test_diagnostics_condition_is_that_of_the_damped_gram():
-    """One Linear layer: the damped ``d x d`` Gram ``mu I + K K^T`` has the nonzero
-    spectrum of ``K^T K`` (the GGN) shifted by ``mu``, plus ``mu`` for the rest."""
+    """One Linear layer: the damped ``d x d`` Gram ``mu I + K K^T`` has the top ``d``
+    eigenvalues of ``K^T K`` (the GGN) shifted by ``mu`` (and ``mu`` for any beyond its
+    ``n`` unknowns)."""
     problem = Problem(depth=1)
     G, _, _ = oracle_for(problem)
     model, x, y = problem.make()
     _, (row,) = rc.direction(model, x, y, method="layerwise", damping=1e-2, return_diagnostics=True)
-    lam = torch.linalg.eigvalsh(G)
-    assert row.condition == pytest.approx(float(lam.max() + 1e-2) / 1e-2, rel=1e-8)
+    lam = torch.linalg.eigvalsh(G).flip(0).clamp_min(0)
+    smallest = float(lam[row.rows - 1]) if row.rows <= len(lam) else 0.0
+    assert row.condition == pytest.approx(float(lam[0] + 1e-2) / (smallest + 1e-2), rel=1e-8)
 
 
 def test_euclidean_has_no_diagnostics():

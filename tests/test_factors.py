@@ -37,10 +37,32 @@ def gram(F):
 
 
 def test_cross_entropy_factor_gram_is_loss_hessian():
+    """``C - 1`` rows (the Fisher's rank) whose Gram is the loss Hessian."""
     z, y = logits_and_targets()
     F = factors.cross_entropy_factor(z)
-    assert F.shape == (N, C, C)
+    assert F.shape == (N, C - 1, C)
     torch.testing.assert_close(gram(F), N * loss_hessians(z, y, "cross_entropy"))
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3, 50])
+def test_cross_entropy_factor_is_stable_for_every_distribution(classes):
+    """Saturated logits (one class, the reflected one, or another at probability ~1),
+    uniform and random ones: the Gram is ``diag(p) - p p^T`` to round-off everywhere."""
+    torch.manual_seed(classes)
+    z = torch.randn(6, classes, dtype=torch.float64) * 3
+    z[0] = 0.0
+    z[1, -1] = z[2, 0] = 200.0
+    z[3] = -200.0
+    z[3, -1] = 0.0
+    F = factors.cross_entropy_factor(z)
+    p = torch.softmax(z, dim=1)
+    assert F.shape == (6, max(classes - 1, 1), classes)
+    assert torch.isfinite(F).all()
+    M = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    assert (gram(F) - M).abs().max() < 1e-15
+    z32 = z.float()
+    M32 = gram(factors.cross_entropy_factor(z32)).double()
+    assert (M32 - M).abs().max() < 1e-6
 
 
 def test_mse_factor_gram_is_loss_hessian():

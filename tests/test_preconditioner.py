@@ -207,14 +207,19 @@ def test_custom_output_metric_receives_no_targets():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
 
 
-def test_remove_detaches_the_hook():
+def hook_counts(model):
+    """The forward (pre-)hooks registered on every module of ``model``."""
+    return [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+
+
+def test_remove_detaches_the_hooks():
     model, x, y = Problem().make()
-    hooks = len(model._forward_pre_hooks)
+    hooks = hook_counts(model)
     pre = rc.RiemannianPreconditioner(model, damping=1e-2)
-    assert len(model._forward_pre_hooks) == hooks + 1
+    assert hook_counts(model) != hooks
     F.cross_entropy(model(x), y).backward()
     pre.remove()
-    assert len(model._forward_pre_hooks) == hooks
+    assert hook_counts(model) == hooks
     model(torch.randn_like(x))  # no longer recorded: the step still uses x
     pre.step()
     expected = rc.direction(model, x, y, damping=1e-2)
@@ -222,13 +227,14 @@ def test_remove_detaches_the_hook():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-12, atol=1e-14)
 
 
-def test_context_manager_removes_the_hook():
+def test_context_manager_removes_the_hooks():
     model, x, y = Problem().make()
-    hooks = len(model._forward_pre_hooks)
+    hooks = hook_counts(model)
     with rc.RiemannianPreconditioner(model) as pre:
+        pre.backward(F.cross_entropy(model(x), y))
         F.cross_entropy(model(x), y).backward()
         pre.step()
-    assert len(model._forward_pre_hooks) == hooks
+    assert hook_counts(model) == hooks
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -516,3 +522,17 @@ def test_kfac_options_with_another_method_are_refused(options):
     model, _, _ = Problem().make()
     with pytest.raises(ValueError, match=r"option(s)? of method='kfac', not of method='layerwise'"):
         rc.RiemannianPreconditioner(model, method="layerwise", **options)
+
+
+def test_a_forward_under_no_grad_is_not_the_steps_batch():
+    """An evaluation under ``torch.no_grad()`` between the forward pass and the step
+    differentiates nothing: the step keeps the batch of the forward its gradient came from."""
+    model, x, y = Problem().make()
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+    F.cross_entropy(model(x), y).backward()
+    with torch.no_grad():
+        model(torch.randn_like(x))
+    pre.step()
+    expected = rc.direction(model, x, y, damping=1e-2)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-12, atol=1e-14)

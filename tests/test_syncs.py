@@ -96,6 +96,18 @@ def test_preconditioner_step_syncs_at_most_twice():
         assert len(seen) <= 2, seen
 
 
+@pytest.mark.parametrize("method", rc.METHODS, ids=lambda m: f"method={m}")
+def test_preconditioner_backward_syncs_at_most_twice(method):
+    """The first call (the probe's fallback) and the fused ones after it."""
+    model, x, y = Problem(depth=3).make(dtype=torch.float32)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=0.1)
+    for _ in range(3):
+        model.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        seen = count_syncs(lambda loss=loss: pre.backward(loss))
+        assert len(seen) <= 2, seen
+
+
 KFAC_CASES = [
     (scheme, bias, metric, batch)
     for scheme in ("exact", "factored")

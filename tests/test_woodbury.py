@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracle import rel_error
+from oracle import Problem, rel_error
 
 import riemann_core as rc
+from riemann_core.methods import Options, build_problem
+from riemann_core.methods.layerwise import damped_gram
 from riemann_core.woodbury import (
     JITTER_SCALES,
     Cholesky,
     WoodburySolve,
     cholesky,
-    cholesky_deferred,
+    cholesky_in_place,
+    column_major,
+    diagonal_blocks,
     largest_eigenvalue,
+    largest_eigenvalue_of_gram,
 )
 
 # (d, n): fewer rows than unknowns (the usual case) and more (rank-deficient Gram)
@@ -125,29 +130,97 @@ def test_cholesky_float32_rank_deficient_gram_gets_jitter():
     assert chol.jitter <= JITTER_SCALES[-1] * float(A.diagonal().mean())
 
 
-def test_deferred_cholesky_reports_failure_on_the_device():
-    """``cholesky_deferred`` never syncs: a failed factor is a device flag, redone with
-    jitter by ``cholesky``; NaN pivots count as a failure too."""
+def test_in_place_cholesky_reports_failure_on_the_device():
+    """``cholesky_in_place`` never syncs: a failed factor is a device flag, redone with
+    jitter by ``cholesky``; NaN pivots count as a failure too. (A symmetric matrix's
+    transpose is its column-major copy.)"""
     torch.manual_seed(0)
     B = torch.randn(6, 2)
-    assert not bool(cholesky_deferred(B @ B.T + torch.eye(6)).failed)
-    assert bool(cholesky_deferred(B @ B.T).failed)  # rank 2 of 6 in float32
+    assert not bool(cholesky_in_place((B @ B.T + torch.eye(6)).mT).failed)
+    assert bool(cholesky_in_place((B @ B.T).mT).failed)  # rank 2 of 6 in float32
     nan = torch.eye(3)
     nan[0, 0] = float("nan")
-    assert bool(cholesky_deferred(nan).failed)
+    assert bool(cholesky_in_place(nan.mT).failed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_in_place_cholesky_reads_the_lower_triangle_and_overwrites_it(dtype):
+    """A batch of column-major lower triangles (NaN above) becomes the lower factors of
+    the symmetric matrices they define, in the same memory, with the upper part zeroed."""
+    torch.manual_seed(1)
+    B = torch.randn(3, 7, 9, dtype=dtype)
+    A = B @ B.mT + torch.eye(7, dtype=dtype)
+    buffer = column_major(3, 7, 7, like=A)
+    buffer.copy_(A.tril() + torch.full_like(A, float("nan")).triu(1))
+    address = buffer.data_ptr()
+    chol = cholesky_in_place(buffer)
+    assert chol.factor.data_ptr() == address and chol.factor.shape == (3, 7, 7)
+    assert not chol.failed.any()
+    assert torch.equal(chol.factor, chol.factor.tril())
+    torch.testing.assert_close(chol.factor @ chol.factor.mT, A)
+    one = cholesky_in_place(A[1].clone().mT)  # symmetric: its transpose is column-major
+    torch.testing.assert_close(one.factor, chol[1].factor)
+    b = torch.randn(3, 7, dtype=dtype)
+    expected = torch.linalg.solve(A, b[..., None])[..., 0]
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert rel_error(chol.solve(b), expected) < tol
+    assert rel_error(chol[2].solve(b[2]), expected[2]) < tol
+
+
+def test_in_place_cholesky_needs_column_major_memory():
+    with pytest.raises(ValueError, match="column-major"):
+        cholesky_in_place(torch.eye(4))
 
 
 @pytest.mark.parametrize("n", [1, 5, 40, 200])
 def test_largest_eigenvalue_estimate_is_a_lower_bound_within_2_5(n):
     """Three power-iteration steps from below: on Grams of random factors with decaying
-    columns, between 0.4 and 1 times ``eigvalsh``'s (median within a few percent)."""
+    columns, between 0.4 and 1 times ``eigvalsh``'s (median within a few percent); a
+    batch of matrices gets the estimates of its members."""
+    matrices = []
     for seed in range(20):
         torch.manual_seed(seed)
         rank = max(n // 3, 1)
         B = torch.randn(n, rank, dtype=torch.float64) * torch.logspace(0, -3 * seed / 20, rank)
-        A = B @ B.T + 1e-3 * torch.eye(n, dtype=torch.float64)
-        ratio = float(largest_eigenvalue(A) / torch.linalg.eigvalsh(A)[-1])
+        matrices.append(B @ B.T + 1e-3 * torch.eye(n, dtype=torch.float64))
+        ratio = float(largest_eigenvalue(matrices[-1]) / torch.linalg.eigvalsh(matrices[-1])[-1])
         assert 0.4 <= ratio <= 1 + 1e-12
+    batched = largest_eigenvalue(torch.stack(matrices))
+    torch.testing.assert_close(batched, torch.stack([largest_eigenvalue(A) for A in matrices]))
+
+
+def test_diagonal_blocks_are_views_of_any_layout():
+    A = torch.arange(2 * 36.0).reshape(2, 6, 6)
+    for matrix in (A, A.mT):
+        blocks = diagonal_blocks(matrix, 2)
+        assert blocks.shape == (2, 3, 2, 2) and blocks.data_ptr() == matrix.data_ptr()
+        for s in range(3):
+            assert torch.equal(blocks[:, s], matrix[:, 2 * s : 2 * s + 2, 2 * s : 2 * s + 2])
+
+
+@pytest.mark.parametrize("method", ["layerwise", "natural"], ids=lambda m: f"method={m}")
+@pytest.mark.parametrize(
+    "problem",
+    [Problem(depth=3), Problem(loss="mse"), Problem(depth=3, act="relu", batch=8)],
+    ids=lambda p: p.id,
+)
+def test_gram_estimate_from_diagonal_blocks_brackets_lambda_max(problem, method):
+    """The Grams the methods factorise: the estimate from the probe blocks lies within
+    ``[lambda_max / r, lambda_max]`` (interlacing, and ``lambda_max <= sum of the blocks'``),
+    and above 0.4 ``lambda_max`` on these networks."""
+    model, x, y = problem.make()
+    opts = Options(damping=1e-3, loss=problem.loss_name)
+    built = build_problem(model, x, y, opts, needs_factor=True)
+    grams = (
+        [damped_gram([h], 1e-3) for h in built.handlers]
+        if method == "layerwise"
+        else [damped_gram(built.handlers, 1e-3)]
+    )
+    for G in grams:
+        r = G.shape[0] // problem.batch
+        exact = torch.linalg.eigvalsh(G)[-1]
+        ratio = float(largest_eigenvalue_of_gram(G, problem.batch) / exact)
+        assert max(0.4, 1 / r) <= ratio <= 1 + 1e-12
 
 
 def test_cholesky_indefinite_raises_solve_error():

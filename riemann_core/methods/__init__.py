@@ -5,7 +5,7 @@ whole network), whose directions :func:`finish` checks and splits back per block
 """
 
 from . import euclidean, full, kfac, layerwise, natural
-from ._base import LayerDiagnostics, Options, Problem, build_problem
+from ._base import LayerDiagnostics, Options, Problem, build_problem, problem_from_graph
 from ._solve import Solve, finish
 
 METHODS = ("euclidean", "layerwise", "full", "natural", "kfac")
@@ -25,5 +25,6 @@ __all__ = [
     "Problem",
     "Solve",
     "build_problem",
+    "problem_from_graph",
     "finish",
 ]

@@ -290,6 +290,44 @@ def _build_problem(
     if probing:
         args, kwargs = _probe_inputs(args, kwargs)
     outputs, calls = forward(model, args, kwargs, replay=replay)
+    return problem_from_graph(
+        model,
+        outputs,
+        calls,
+        targets,
+        opts,
+        checks,
+        needs_factor=needs_factor,
+        gradient=gradient,
+        probe=(lambda: forward_only(model, args, kwargs, replay)) if probing else None,
+    )
+
+
+def problem_from_graph(
+    model: nn.Module,
+    outputs: Tensor,
+    calls: list[Block],
+    targets: Tensor | None,
+    opts: Options,
+    checks: Deferred,
+    *,
+    needs_factor: bool = True,
+    gradient: dict[str, Tensor] | None = None,
+    loss: Tensor | None = None,
+    through_output: bool = True,
+    probe=None,
+) -> Problem:
+    """The problem of a forward pass already run: its ``outputs`` and the ``calls`` of
+    the modules with parameters (:mod:`riemann_core.capture`), still in the autograd graph.
+
+    The vectors to precondition are ``gradient`` (``{name: vector}``) or the gradient of
+    ``loss`` (a scalar in the graph of ``outputs``: the user's own loss, whose graph is
+    then consumed as ``loss.backward()`` would; ``through_output``: it reaches the
+    network only through ``outputs``) or else of the mean loss on ``targets``.
+    ``probe``: run the batch-coupling probe on this graph, with ``probe()`` rerunning the
+    forward pass for its slow path. Checks of the data are read once (a host sync) before
+    the loss gradient is formed.
+    """
     if not isinstance(outputs, Tensor):
         raise ValueError(f"the model must return a tensor of outputs, got {type(outputs).__name__}")
     check_outputs(outputs, targets, opts.loss, checks)
@@ -308,14 +346,14 @@ def _build_problem(
         )
     checks.run()  # the data, parameters and outputs, before the loss is formed from them
     blocks = group_calls(calls, model)
-    _check_reached(model, blocks, outputs, targets, opts, gradient)
+    if loss is None:
+        _check_reached(model, blocks, outputs, targets, opts, gradient)
     given = None if gradient is None else [[gradient[n] for n in b.param_names] for b in blocks]
     if not needs_factor:
         if given is None:
             params = [p for b in blocks for p in b.params]
-            flat = torch.autograd.grad(
-                mean_loss(outputs, targets, opts.loss), params, allow_unused=True
-            )
+            root = mean_loss(outputs, targets, opts.loss) if loss is None else loss
+            flat = torch.autograd.grad(root, params, allow_unused=True)
             flat = [
                 torch.zeros_like(p) if g is None else g for g, p in zip(flat, params, strict=True)
             ]
@@ -335,26 +373,28 @@ def _build_problem(
         checks.finite(
             "the factor of the custom output_metric", factor, "check the output_metric callable"
         )
-    cotangents = factor_cotangents(factor)
-    if given is None:
-        loss = mean_loss(z.view_as(outputs), targets, opts.loss)
-        (dz,) = torch.autograd.grad(loss, z, retain_graph=True)
-        cotangents = torch.cat([dz[None].detach(), cotangents])
-    rows = pullback(z, cotangents, [c.output for c in calls])
-    for c, delta in zip(calls, rows, strict=True):
+    rows = factor_cotangents(factor)
+    roots, seeds = (outputs,), (rows.reshape(rows.shape[:1] + outputs.shape),)
+    if given is None:  # the loss gradient rides along as row 0
+        if loss is None:
+            loss = mean_loss(outputs, targets, opts.loss)
+        if through_output:  # seeded at the output: only the network's graph is batched
+            (dz,) = torch.autograd.grad(loss, outputs, retain_graph=True)
+            checks.finite("the loss gradient at the outputs", dz, "check the loss function")
+            seeds = (torch.cat([dz[None], seeds[0]]),)
+        else:  # the loss seeded with 1, the output with 0
+            seed = torch.zeros(rows.shape[0] + 1, dtype=loss.dtype, device=loss.device)
+            seed[0] = 1
+            roots = (loss, outputs)
+            seeds = (seed, torch.cat([torch.zeros_like(seeds[0][:1]), seeds[0]]))
+    # the probe below needs the graph; otherwise it is freed, as by loss.backward()
+    pulled = pullback(roots, seeds, [c.output for c in calls], retain_graph=probe is not None)
+    for c, delta in zip(calls, pulled, strict=True):
         c.delta = delta if given is not None else delta[1:]
         c.output_grad = None if given is not None else delta[0]
     handlers = [handler_for(b, opts.kernel) for b in blocks]
-    if probing:
-        coupling.register(
-            checks,
-            notes,
-            model,
-            z,
-            calls,
-            handlers,
-            lambda: forward_only(model, args, kwargs, replay),
-        )
+    if probe is not None:
+        coupling.register(checks, notes_for(model), model, z, calls, handlers, probe)
     dtype = opts.solve_dtype
     if dtype is not None and dtype != z.dtype:  # the whole algebra in solve_dtype
         handlers = [h.to(dtype) for h in handlers]

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .._checks import Deferred, all_finite
-from ..woodbury import AccuracyWarning, Cholesky, SolveError, cholesky, largest_eigenvalue
+from ..woodbury import AccuracyWarning, Cholesky, SolveError, cholesky
 from ._base import LayerDiagnostics, Options, Problem, norm
 
 #: Relative residual ``||G x - v|| / ||v||`` above which a solve for a model of that
@@ -88,18 +88,18 @@ class Solve:
     def __post_init__(self):
         self.factor_dtype = self.x[0].dtype
 
-    def settle(self, problem: Problem, opts: Options, matrix: Tensor, chol: Cholesky) -> Solve:
-        """What needs ``matrix`` and its factor, done before the method moves on to the
-        next block: the condition estimate, the failure flag, refinement and the
-        diagnostics' figures (when asked for)."""
-        self.condition = largest_eigenvalue(matrix) / opts.damping
+    def settle(self, problem: Problem, opts: Options, chol: Cholesky, condition: Tensor) -> Solve:
+        """What needs the factor, done before the method moves on: the failure flag and
+        the condition estimate ``condition`` (a device scalar), refinement and the
+        diagnostics' figures (when asked for; they rebuild the factorised matrix)."""
+        self.condition = condition
         self.failed = chol.failed
         if opts.refine:
             self.refine(problem, opts.damping, opts.refine, self.factor_solver(chol))
         elif opts.diagnostics:
             self.residual = self.residual_of(problem, opts.damping)
         if opts.diagnostics:
-            self.matrix_condition = _condition(matrix, chol.jitter)
+            self.matrix_condition = _condition(self.rebuild(), chol.jitter)
         return self
 
     def rhs(self, problem: Problem) -> list[Tensor]:
@@ -158,6 +158,7 @@ class Solve:
         """Slow path after a failed factorisation: factorise again with jitter."""
         apply, matrix, chol = self.refactorise()
         self.jitter = chol.jitter
+        self.condition = (torch.linalg.eigvalsh(matrix)[-1] + chol.jitter) / opts.damping
         self.x = apply(self.rhs(problem))
         self.residual = None
         if opts.refine:
@@ -167,7 +168,8 @@ class Solve:
 
 
 def _condition(matrix: Tensor, jitter: float) -> Tensor:
-    """The 2-norm condition number of ``matrix + jitter I`` (an eigendecomposition)."""
+    """The 2-norm condition number of ``matrix + jitter I`` (an eigendecomposition of its
+    lower triangle)."""
     eigs = torch.linalg.eigvalsh(matrix)
     return (eigs[-1] + jitter) / (eigs[0] + jitter)
 
@@ -189,11 +191,12 @@ def finish(
     model_dtype = problem.blocks[0].params[0].dtype
     diagnostics = []
     for s, (failed, condition, residual, finite) in zip(solves, readings, strict=True):
+        condition = condition.value if condition is not None else None
         if failed is not None and failed.value:
             s.redo(problem, opts)
             residual = None
             if s.condition is not None:  # the redone metric's (K-FAC: defined now)
-                condition.value = float(s.condition)
+                condition = float(s.condition)
             if s.jitter > opts.damping / 10:
                 warnings.warn(
                     f"the Cholesky factorisation of the {s.what} needed a jitter of "
@@ -212,8 +215,8 @@ def finish(
                 "increase the damping or pass solve_dtype=torch.float64"
             )
         if s.condition is not None:
-            _check_residual(s, problem, opts, condition.value, residual, model_dtype)
-            _check_accuracy(s, opts, condition.value, model_dtype)
+            _check_residual(s, problem, opts, condition, residual, model_dtype)
+            _check_accuracy(s, opts, condition, model_dtype)
             if opts.diagnostics:
                 diagnostics.append(_diagnostics(s, problem, opts, method))
     return assemble(problem, solves), diagnostics

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..woodbury import cholesky_deferred
+from ..woodbury import cholesky_in_place, largest_eigenvalue
 from ._base import Options, Problem
 from ._solve import Solve
 from .layerwise import damped, dense_solver
@@ -19,13 +19,14 @@ NEEDS_FACTOR = True
 def solve(problem: Problem, opts: Options) -> list[Solve]:
     def rebuild():
         K = torch.cat([h.K() for h in problem.handlers], dim=1)
-        return damped(K.T @ K, opts.damping)
+        return damped(K.T @ K, opts.damping).mT  # symmetric: its column-major copy
 
     G = rebuild()
-    chol = cholesky_deferred(G)
+    n = G.shape[0]
+    condition = largest_eigenvalue(G) / opts.damping
+    chol = cholesky_in_place(G)
     indices = list(range(len(problem.blocks)))
     v = [a for i in indices for a in problem.gradient_of(i)]
-    n = G.shape[0]
     record = Solve(
         name="(all)",
         kernel=opts.kernel,
@@ -38,4 +39,4 @@ def solve(problem: Problem, opts: Options) -> list[Solve]:
         rebuild=rebuild,
         factor_solver=dense_solver,
     )
-    return [record.settle(problem, opts, G, chol)]
+    return [record.settle(problem, opts, chol, condition)]

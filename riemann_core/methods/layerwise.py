@@ -11,6 +11,10 @@ in ``O(n_a d^2 + d^3)`` (generic kernel); where factorising ``G_a`` itself
 layer, a large batch), that is done instead. Both are exact. Each block first keeps
 ``min(r, m_out)`` factor rows per sample (:meth:`Handler.compress_rows`) and needs
 only its own pulled-back factor.
+
+Blocks whose Grams have the same size are factorised together: their lower triangles
+are written into one ``(B, d, d)`` buffer, factorised in place by one batched Cholesky
+and solved by batched triangular solves (one call each, as a GPU wants them).
 """
 
 from __future__ import annotations
@@ -18,7 +22,14 @@ from __future__ import annotations
 import torch
 
 from ..costs import dense_is_cheaper
-from ..woodbury import WoodburySolve, cholesky_deferred
+from ..modules import Handler
+from ..woodbury import (
+    WoodburySolve,
+    cholesky_in_place,
+    column_major,
+    largest_eigenvalue,
+    largest_eigenvalue_of_gram,
+)
 from ._base import Options, Problem
 from ._solve import Solve
 
@@ -26,9 +37,20 @@ NEEDS_FACTOR = True
 
 
 def damped(matrix, damping: float):
-    """``matrix + mu I``, in place (``matrix`` is a fresh product)."""
-    matrix.diagonal().add_(damping)
+    """``matrix + mu I``, in place (``matrix`` is a fresh product); batched too."""
+    matrix.diagonal(dim1=-2, dim2=-1).add_(damping)
     return matrix
+
+
+def damped_gram(handlers: list[Handler], damping: float, out=None):
+    """``mu I + sum_h K_h K_h^T``, its lower triangle, into ``out``; by default into a
+    fresh zero matrix (above the diagonal: zeros, or entries of the Gram)."""
+    if out is None:
+        d = handlers[0].d
+        out = column_major(d, d, like=handlers[0], zero=True)
+    for j, h in enumerate(handlers):
+        h.gram_into(out, add=j > 0)
+    return damped(out, damping)
 
 
 def dense_solver(chol):
@@ -42,46 +64,79 @@ def dense_solver(chol):
 
 
 def solve(problem: Problem, opts: Options) -> list[Solve]:
-    solves = []
-    mu = opts.damping
+    records: list[Solve | None] = [None] * len(problem.handlers)
+    by_size: dict[tuple, list[int]] = {}
     for i, handler in enumerate(problem.handlers):
         handler.compress_rows()
-        name, n_a, d = handler.block.name, handler.block.n_params, handler.d
-        if dense_is_cheaper(n_a, d, handler.gram_flops()):
-
-            def rebuild(handler=handler):
-                K = handler.K()
-                return damped(K.T @ K, mu)
-
-            matrix = rebuild()
-            chol = cholesky_deferred(matrix)
-            factor_solver = dense_solver
-            x = dense_solver(chol)(problem.gradient_of(i))
-            solver, what = "dense", f"damped metric of module {name!r} ({n_a} x {n_a})"
+        if dense_is_cheaper(handler.block.n_params, handler.d, handler.gram_flops()):
+            records[i] = _dense(problem, i, opts)
         else:
+            by_size.setdefault((handler.d, handler.dtype, handler.device), []).append(i)
+    for indices in by_size.values():
+        for i, record in zip(indices, _woodbury(problem, indices, opts), strict=True):
+            records[i] = record
+    return records
 
-            def rebuild(handler=handler):
-                return damped(handler.gram(), mu)
 
-            def factor_solver(chol, handler=handler):
-                return WoodburySolve(chol, mu, handler.K_mv, handler.K_tmv)
+def _dense(problem: Problem, i: int, opts: Options) -> Solve:
+    """Block ``i`` by a Cholesky factorisation of its own ``n_a x n_a`` metric."""
+    handler, mu = problem.handlers[i], opts.damping
 
-            matrix = rebuild()
-            chol = cholesky_deferred(matrix)
-            t = chol.solve(problem.K_gradient(i))
-            x = problem.gradient_minus_K_tmv(i, t, 1 / mu)
-            solver, what = "woodbury", f"damped Gram of module {name!r} ({d} x {d})"
+    def rebuild():
+        K = handler.K()
+        return damped(K.T @ K, mu).mT  # symmetric: the transpose is its column-major copy
+
+    matrix = rebuild()
+    condition = largest_eigenvalue(matrix) / mu
+    chol = cholesky_in_place(matrix)
+    name, n_a = handler.block.name, handler.block.n_params
+    record = Solve(
+        name=name,
+        kernel=type(handler).__name__,
+        solver="dense",
+        indices=[i],
+        x=dense_solver(chol)(problem.gradient_of(i)),
+        rows=handler.d,
+        params=n_a,
+        what=f"damped metric of module {name!r} ({n_a} x {n_a})",
+        rebuild=rebuild,
+        factor_solver=dense_solver,
+    )
+    return record.settle(problem, opts, chol, condition)
+
+
+def _woodbury(problem: Problem, indices: list[int], opts: Options) -> list[Solve]:
+    """The blocks ``indices`` (equal ``d``) by Woodbury, their Grams factorised together."""
+    mu = opts.damping
+    handlers = [problem.handlers[i] for i in indices]
+    d = handlers[0].d
+    grams = column_major(len(handlers), d, d, like=handlers[0])
+    for h, gram in zip(handlers, grams, strict=True):
+        damped_gram([h], mu, out=gram)
+    condition = largest_eigenvalue_of_gram(grams, handlers[0].N) / mu
+    chol = cholesky_in_place(grams)
+    t = chol.solve(torch.stack([problem.K_gradient(i) for i in indices]))
+    records = []
+    for j, (i, h) in enumerate(zip(indices, handlers, strict=True)):
+
+        def rebuild(h=h):
+            return damped_gram([h], mu)
+
+        def factor_solver(chol, h=h):
+            return WoodburySolve(chol, mu, h.K_mv, h.K_tmv)
+
+        name = h.block.name
         record = Solve(
             name=name,
-            kernel=type(handler).__name__,
-            solver=solver,
+            kernel=type(h).__name__,
+            solver="woodbury",
             indices=[i],
-            x=x,
+            x=problem.gradient_minus_K_tmv(i, t[j], 1 / mu),
             rows=d,
-            params=n_a,
-            what=what,
+            params=h.block.n_params,
+            what=f"damped Gram of module {name!r} ({d} x {d})",
             rebuild=rebuild,
             factor_solver=factor_solver,
         )
-        solves.append(record.settle(problem, opts, matrix, chol))
-    return solves
+        records.append(record.settle(problem, opts, chol[j], condition[j]))
+    return records

@@ -7,10 +7,10 @@
 
 from __future__ import annotations
 
-from ..woodbury import WoodburySolve, cholesky_deferred
+from ..woodbury import WoodburySolve, cholesky_in_place, largest_eigenvalue_of_gram
 from ._base import Options, Problem
 from ._solve import Solve
-from .layerwise import damped
+from .layerwise import damped_gram
 
 NEEDS_FACTOR = True
 
@@ -34,14 +34,12 @@ def solve(problem: Problem, opts: Options) -> list[Solve]:
         return WoodburySolve(chol, mu, K_mv, K_tmv)
 
     def rebuild():
-        gram = handlers[0].gram()
-        for h in handlers[1:]:
-            gram += h.gram()
-        return damped(gram, mu)
+        return damped_gram(handlers, mu)
 
     gram = rebuild()
     d = gram.shape[0]
-    chol = cholesky_deferred(gram)
+    condition = largest_eigenvalue_of_gram(gram, handlers[0].N) / mu
+    chol = cholesky_in_place(gram)
     Kg = sum(problem.K_gradient(i) for i in range(len(handlers)))
     t = chol.solve(Kg)
     x = [a for i in range(len(handlers)) for a in problem.gradient_minus_K_tmv(i, t, 1 / mu)]
@@ -57,4 +55,4 @@ def solve(problem: Problem, opts: Options) -> list[Solve]:
         rebuild=rebuild,
         factor_solver=factor_solver,
     )
-    return [record.settle(problem, opts, gram, chol)]
+    return [record.settle(problem, opts, chol, condition)]

@@ -88,7 +88,8 @@ class Config:
 
     @property
     def shape(self) -> costs.MLPShape:
-        return costs.MLPShape(self.widths, self.batch, rows=self.widths[-1])
+        # cross-entropy's exact Fisher: C - 1 rows per sample
+        return costs.MLPShape(self.widths, self.batch, rows=costs.minimal_rows(self.widths[-1]))
 
 
 # -------------------------------------------------------------------- on every rank

@@ -77,7 +77,8 @@ def read(out: Path) -> tuple[pd.DataFrame, dict]:
 
 def shape_of(meta: dict) -> costs.MLPShape:
     config = meta["config"]
-    return costs.MLPShape(tuple(config["widths"]), config["batch"], rows=config["widths"][-1])
+    widths = tuple(config["widths"])
+    return costs.MLPShape(widths, config["batch"], rows=costs.minimal_rows(widths[-1]))
 
 
 # --------------------------------------------------------------------------- claims

@@ -304,9 +304,11 @@ def direction_options(run: Mapping) -> dict[str, str]:
 
 
 def shape_of(run: Mapping) -> costs.MLPShape:
-    """The cost model's view of ``run``: ``r = C`` exact cross-entropy rows, or 1 probe
-    (the sampled output metric, and ``kfac-default``'s one-sample Monte Carlo Fisher)."""
-    rows = run["out_dim"] if direction_options(run)["output_metric"] == "exact" else 1
+    """The cost model's view of ``run``: ``r = C - 1`` exact cross-entropy rows (the
+    methods use the minimal factor), or 1 probe (the sampled output metric, and
+    ``kfac-default``'s one-sample Monte Carlo Fisher)."""
+    metric = direction_options(run)["output_metric"]
+    rows = costs.minimal_rows(run["out_dim"], output_metric=metric)
     return costs.MLPShape(widths(run["width"], run["depth"], run["out_dim"]), run["batch"], rows)
 
 
@@ -325,7 +327,8 @@ def model_peak_bytes(run: Mapping) -> float:
 
 
 def speed_of_light_of(run: dict) -> dict[str, float]:
-    """Minimal FLOPs by kind of the exact layerwise direction at ``run``'s shape."""
+    """Minimal FLOPs by kind of the exact layerwise direction at ``run``'s shape and
+    output metric (for every method: the yardstick of the point)."""
     rows = costs.minimal_rows(run["out_dim"], output_metric=run["output_metric"])
     shape = costs.MLPShape(widths(run["width"], run["depth"], run["out_dim"]), run["batch"], rows)
     return costs.speed_of_light_flops(shape)

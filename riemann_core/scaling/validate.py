@@ -136,10 +136,10 @@ class FlopClaim:
     ``exponents``: the exponents of the cost model's leading terms (``terms``) along x.
 
     ``kernel`` None takes structured where the sweep has it. ``within`` keeps the points
-    of the range the terms describe: ``"woodbury"``, ``d`` at most the largest block's
-    parameter count ``max_a n_a`` (beyond it the implementation factorises the
-    ``n_a x n_a`` block instead, at a cost linear in d); ``"dense factors"``, width at
-    most ``d``, the rows of K-FAC's output-side factor (beyond it both factors are kept
+    of the range the terms describe: ``"woodbury"``, ``d`` at most the smallest block's
+    parameter count ``min_a n_a``, where every block is solved by Woodbury (beyond it the
+    implementation may factorise an ``n_a x n_a`` block instead, where that costs less: its
+    local exponent in d jumps); ``"dense factors"``, width at most ``d``, the rows of K-FAC's output-side factor (beyond it both factors are kept
     as rows and K-FAC's work per layer is ``O(N^2 w + N w^2)``, without ``w^3``).
     """
 
@@ -404,7 +404,7 @@ def _model_reaches(spec: FlopClaim, kernel: str, top: pd.Series, lowest: float) 
 
 #: where each range of :class:`FlopClaim` ends, and which base point stretches it
 RANGE_ENDS = {
-    "woodbury": "d = max_a n_a, where the blocks are factorised densely instead",
+    "woodbury": "d = min_a n_a, where a block may be factorised densely instead",
     "dense factors": "width = d, where K-FAC keeps its factors as rows instead",
 }
 RANGE_FIX = {"woodbury": "a larger base width", "dense factors": "a larger base batch"}
@@ -412,9 +412,10 @@ RANGE_FIX = {"woodbury": "a larger base width", "dense factors": "a larger base 
 
 def _in_range(rows: pd.DataFrame, within: str) -> pd.DataFrame:
     """The points of ``rows`` in the range ``within`` names (:class:`FlopClaim`)."""
-    if within == "woodbury":
+    if within == "woodbury":  # then 2 n_a^2 d + w n_a^3 / 3 > gram + w d^3 / 3 for every
+        # block, which the layerwise method therefore solves by Woodbury (costs.dense_is_cheaper)
         limit = [
-            max(MLPShape(widths(w, L, c), 1, 1).block_params())
+            min(MLPShape(widths(w, L, c), 1, 1).block_params())
             for w, L, c in zip(rows["width"], rows["depth"], rows["out_dim"], strict=True)
         ]
         return rows[rows["d"].to_numpy() <= np.asarray(limit)]

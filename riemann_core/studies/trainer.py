@@ -1,8 +1,9 @@
 """One training run with one optimiser, shared by ``riemann-bench train`` and ``stability``.
 
-The preconditioned methods take a plain SGD step along ``G^{-1} g`` (``RiemannianPreconditioner``
-before ``torch.optim.SGD``), so their learning rate is the step length along the metric's
-direction and the damping ``mu`` is the mass of ``G = mu I + K^T K``.
+The preconditioned methods take a plain SGD step along ``G^{-1} g``: ``pre.backward(loss)``
+of a ``RiemannianPreconditioner`` in place of ``loss.backward()`` (one backward pass, no
+second forward), then ``torch.optim.SGD``. Their learning rate is the step length along the
+metric's direction and the damping ``mu`` is the mass of ``G = mu I + K^T K``.
 """
 
 from __future__ import annotations
@@ -181,18 +182,17 @@ def train(
             start = time.perf_counter()
             optimiser.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(data.inputs[rows]), data.targets[rows])
-            loss.backward()
-            if preconditioner is not None:
-                try:
-                    preconditioner.step()
+            if preconditioner is None:
+                loss.backward()
+            else:
+                try:  # one backward pass leaves G^{-1} g in .grad
+                    preconditioner.backward(loss)
                 except rc.SolveError as err:  # the metric could not be factorised
                     run.status, run.reason = "solver failed", str(err)
                     break
                 except (ValueError, FloatingPointError) as err:
-                    grads_finite = _parameters_finite(
-                        [p.grad for p in params if p.grad is not None]
-                    )
-                    if isinstance(err, ValueError) and grads_finite and _finite(loss.item()):
+                    finite = _finite(loss.item()) and _parameters_finite(params)
+                    if isinstance(err, ValueError) and finite:
                         raise  # not a divergence: a real error
                     run.status, run.reason = "diverged", str(err)
                     break

@@ -20,7 +20,7 @@ def synthetic(methods=("layerwise", "natural"), ranks=(1, 2, 4), *, cores=8, t0=
     """Rows as a steady machine would give them: the cost model's FLOPs and bytes, solve
     times ``t0 + F / RATE`` with 1% jitter; ``slow_rank_at`` doubles the solve work of
     rank 0 at that world size, ``concurrent_drop`` scales the GEMM rate of P > 1."""
-    shape = costs.MLPShape(WIDTHS, BATCH, rows=WIDTHS[-1])
+    shape = costs.MLPShape(WIDTHS, BATCH, rows=costs.minimal_rows(WIDTHS[-1]))
     blocks = len(shape.layers)
     rows = []
     for method in methods:

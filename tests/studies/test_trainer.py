@@ -126,10 +126,10 @@ def test_time_counts_only_training_steps(data, monkeypatch):
 
 
 def test_a_metric_that_cannot_be_factorised_ends_the_run_not_the_study(data, monkeypatch):
-    def failing_step(self):
+    def failing_backward(self, loss):
         raise rc.SolveError("the damped metric could not be factorised")
 
-    monkeypatch.setattr(rc.RiemannianPreconditioner, "step", failing_step)
+    monkeypatch.setattr(rc.RiemannianPreconditioner, "backward", failing_backward)
     model = build_model("mlp", 0, torch.device("cpu"), torch.float32)
     run = train(model, data, Config("natural", 0.1, 0.1), steps=4, batch_size=8, seed=0,
                 eval_every=1, evaluate_on={"train": data})  # fmt: skip
@@ -138,10 +138,10 @@ def test_a_metric_that_cannot_be_factorised_ends_the_run_not_the_study(data, mon
 
 
 def test_a_real_error_in_the_preconditioner_is_not_hidden(data, monkeypatch):
-    def buggy_step(self):
+    def buggy_backward(self, loss):
         raise ValueError("shape mismatch")
 
-    monkeypatch.setattr(rc.RiemannianPreconditioner, "step", buggy_step)
+    monkeypatch.setattr(rc.RiemannianPreconditioner, "backward", buggy_backward)
     model = build_model("mlp", 0, torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="shape mismatch"):
         train(model, data, Config("layerwise", 0.1, 0.1), steps=2, batch_size=8, seed=0,

@@ -1,0 +1,284 @@
+"""``RiemannianPreconditioner.backward(loss)``: the preconditioned gradient in one backward
+pass through the user's own forward, checked against the dense float64 oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import (
+    Problem,
+    assert_unchanged,
+    block_indices,
+    conv_net,
+    custom_net,
+    ggn,
+    oracle_direction,
+    oracle_for,
+    sequence_net,
+    snapshot,
+    unflatten,
+)
+from test_networks import FixedMask
+from torch import nn
+
+import riemann_core as rc
+from riemann_core.methods import SOLVERS
+
+DAMPING = 1e-2
+EXACT = ("euclidean", "layerwise", "full", "natural")
+PROBLEMS = [Problem(depth=3), Problem(loss="mse", act="relu")]
+
+
+def loss_of(problem: Problem, outputs, targets):
+    return (F.cross_entropy if problem.loss == "ce" else F.mse_loss)(outputs, targets)
+
+
+def forward_count(model: nn.Module) -> list[int]:
+    """A list whose length is the number of calls of ``model`` from now on."""
+    calls: list[int] = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def step(pre, model, x, loss_fn) -> None:
+    """One training step's gradient: zero_grad, forward, ``pre.backward``."""
+    model.zero_grad(set_to_none=True)
+    pre.backward(loss_fn(model(x)))
+
+
+@pytest.mark.parametrize("kernel", ["structured", "generic"])
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.id)
+def test_backward_is_the_oracle_direction(problem, method, kernel):
+    """First call (the batch-coupling probe's fallback) and later calls (one fused
+    backward pass, no second forward) both leave the oracle's direction in ``.grad``."""
+    model, x, y = problem.make()
+    G, g, blocks = oracle_for(problem)
+    expected = unflatten(oracle_direction(G, g, DAMPING, method, blocks), model)
+    pre = rc.RiemannianPreconditioner(
+        model, method=method, damping=DAMPING, loss=problem.loss_name, kernel=kernel
+    )
+    calls = forward_count(model)
+    for _ in range(2):
+        calls.clear()
+        step(pre, model, x, lambda out: loss_of(problem, out, y))
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+    assert len(calls) == 1  # the second call ran no forward pass of its own
+
+
+@pytest.mark.parametrize("kernel", ["structured", "generic"])
+def test_backward_kfac_is_the_direction(kernel):
+    model, x, y = Problem(depth=3).make()
+    kw = dict(method="kfac", damping=DAMPING, kernel=kernel)
+    expected = rc.direction(model, x, y, **kw)
+    pre = rc.RiemannianPreconditioner(model, **kw)
+    for _ in range(2):
+        step(pre, model, x, lambda out: F.cross_entropy(out, y))
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_backward_of_a_random_output_cotangent(method):
+    """``loss = <R, model(x)>`` for a random ``R``: the vector is ``J^T R``, not a loss
+    gradient; the direction is the oracle's ``(G + mu I)^{-1} J^T R`` with ``G`` the
+    cross-entropy GGN."""
+    problem = Problem(depth=3)
+    model, x, y = problem.make()
+    G, _, blocks = oracle_for(problem)
+    R = torch.randn(x.shape[0], problem.classes, dtype=torch.float64)
+    v = torch.autograd.grad((model(x) * R).sum(), list(model.parameters()))
+    v = torch.cat([t.reshape(-1) for t in v])
+    expected = unflatten(oracle_direction(G, v, DAMPING, method, blocks), model)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    for _ in range(2):
+        step(pre, model, x, lambda out: (out * R).sum())
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize(
+    "extra", ["weight-penalty", "activation-penalty"], ids=lambda e: f"extra={e}"
+)
+@pytest.mark.parametrize("method", ["layerwise", "full"], ids=lambda m: f"method={m}")
+def test_backward_of_a_loss_with_terms_of_its_own(method, extra):
+    """A loss that reaches the network other than through its output (a weight penalty
+    written into it, a penalty on a hidden activation): the direction of its whole
+    gradient under the output metric's G, checked against the dense oracle."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    hidden = {}  # the first layer's output, kept by a hook for the loss written on it
+    model[0].register_forward_hook(lambda m, args, out: hidden.update(h=out))
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def loss_fn(out):
+        if extra == "weight-penalty":
+            return F.cross_entropy(out, y) + 0.3 * model[0].weight.pow(2).sum()
+        return F.cross_entropy(out, y) + 0.3 * hidden["h"].pow(2).mean()
+
+    params = list(model.parameters())
+    v = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss_fn(model(x)), params)])
+    G = ggn(model, x, y, "cross_entropy")
+    expected = unflatten(oracle_direction(G, v, DAMPING, method, block_indices(model)), model)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    for _ in range(2):
+        step(pre, model, x, loss_fn)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("method", EXACT + ("kfac",), ids=lambda m: f"method={m}")
+def test_backward_sees_the_dropout_masks_of_the_step(method):
+    """Dropout draws its masks once, in the user's forward: the direction is that of the
+    twin network with those masks fixed, and the random state is left where the forward
+    pass left it."""
+    torch.manual_seed(33)
+    p = 0.4
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Dropout(p), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    calls = forward_count(model)
+    for _ in range(2):  # the probe's first call, then the fused one
+        calls.clear()
+        state = torch.get_rng_state()
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        after = torch.get_rng_state()
+        pre.backward(F.cross_entropy(out, y))
+        assert torch.equal(torch.get_rng_state(), after)
+        torch.set_rng_state(state)
+        mask = F.dropout(torch.ones(6, 5, dtype=torch.float64), p) * (1 - p)
+        torch.set_rng_state(after)
+        twin = nn.Sequential(model[0], nn.Tanh(), FixedMask(mask, p), model[3])
+        expected = rc.direction(twin, x, y, method=method, damping=DAMPING)
+        for q, twin_name in zip(model.parameters(), expected, strict=True):
+            torch.testing.assert_close(q.grad, expected[twin_name], rtol=1e-10, atol=1e-12)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "net, kernel",
+    [(conv_net, "structured"), (sequence_net, "structured"), (custom_net, "auto")],
+    ids=["conv", "sequence", "custom-auto"],
+)
+@pytest.mark.parametrize("method", ["layerwise", "natural"], ids=lambda m: f"method={m}")
+def test_backward_on_other_networks_is_the_direction(net, kernel, method):
+    """Convolutions, a Linear at every position, a module without a structured kernel
+    (the generic kernel where ``kernel='auto'`` needs it): ``rc.direction``'s result."""
+    model, x, y = net()
+    kw = dict(method=method, damping=DAMPING, kernel=kernel)
+    expected = rc.direction(model, x, y, **kw)
+    pre = rc.RiemannianPreconditioner(model, **kw)
+    for _ in range(2):
+        step(pre, model, x, lambda out: F.cross_entropy(out, y))
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+
+
+class WithSpare(nn.Module):
+    """A network beside a module it never calls."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.spare = net, nn.Linear(2, 2).double()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_backward_adds_to_existing_grads_and_skips_unreached_parameters():
+    """Like ``loss.backward()``: the direction is added to a ``.grad`` already there; a
+    parameter the loss does not reach keeps its ``.grad``, a tensor or ``None``."""
+    net, x, y = Problem(depth=3).make()
+    expected = rc.direction(net, x, y, damping=DAMPING)
+    model = WithSpare(net)
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    model.spare.bias.grad = None
+    pre.backward(F.cross_entropy(model(x), y))
+    assert torch.equal(model.spare.weight.grad, torch.ones(2, 2, dtype=torch.float64))
+    assert model.spare.bias.grad is None
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, 1 + expected[name], rtol=1e-10, atol=1e-12)
+
+
+def primed(method="layerwise"):
+    """A preconditioner past its first call (the next one is fused), and ``.grad`` set."""
+    model, x, y = Problem(depth=3).make()
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    pre.backward(F.cross_entropy(model(x), y))
+    return model, x, y, pre
+
+
+@pytest.mark.parametrize("method", EXACT + ("kfac",), ids=lambda m: f"method={m}")
+def test_backward_solver_failure_leaves_grads(method, monkeypatch):
+    def failing(problem, opts):
+        raise rc.SolveError("injected failure")
+
+    model, x, y, pre = primed(method)
+    monkeypatch.setattr(SOLVERS[method], "solve", failing)
+    loss = F.cross_entropy(model(x), y)
+    before = snapshot(model)
+    with pytest.raises(rc.SolveError, match="injected failure"):
+        pre.backward(loss)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        ("nan-loss", ValueError, r"the loss contains 1 NaN or inf"),
+        ("nan-parameter", ValueError, r"parameter '0.weight' contains 1 NaN or inf"),
+        ("vector-loss", TypeError, r"needs the loss as a floating-point scalar"),
+        ("detached-loss", ValueError, r"the loss is not in an autograd graph"),
+        ("older-forward", ValueError, r"not formed from the outputs of the model's last"),
+        ("optimizer-step", RuntimeError, r"changed in place after the forward pass"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and " " not in v and "\\" not in v else "",
+)
+def test_backward_refuses_bad_input_and_leaves_grads(bad, error, match):
+    model, x, y, pre = primed()
+    if bad == "nan-parameter":
+        with torch.no_grad():
+            model[0].weight[1, 1] = float("nan")
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    if bad == "nan-loss":
+        loss = loss * float("nan")
+    elif bad == "vector-loss":
+        loss = F.cross_entropy(out, y, reduction="none")
+    elif bad == "detached-loss":
+        loss = loss.detach()
+    elif bad == "older-forward":
+        model(torch.randn_like(x))
+    elif bad == "optimizer-step":
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        pre.backward(loss)
+    assert_unchanged(model, before)
+
+
+def test_backward_before_any_forward_raises():
+    model, x, y = Problem().make()
+    pre = rc.RiemannianPreconditioner(model)
+    with torch.no_grad():
+        out = model(x)
+    with pytest.raises(RuntimeError, match="needs the forward pass the loss was formed from"):
+        pre.backward(F.cross_entropy(out, y) * torch.ones((), requires_grad=True))
+
+
+def test_backward_over_a_process_group_is_refused_before_any_work(monkeypatch):
+    """Data-parallel steps go through ``loss.backward(); pre.step()``: refused with the fix."""
+    from riemann_core import distributed
+
+    monkeypatch.setattr(distributed, "check_group", lambda group, timeout: None)
+    model, x, y = Problem().make()
+    pre = rc.RiemannianPreconditioner(model, process_group=object())
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"runs in one process.*loss.backward\(\) and then"):
+        pre.backward(F.cross_entropy(model(x), y))
+    assert_unchanged(model, before)
