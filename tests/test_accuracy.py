@@ -139,6 +139,20 @@ def test_refinement_is_automatic_where_the_residual_exceeds_the_bound():
     assert all(d.residual <= _solve.RESIDUAL_BOUND[torch.float32] for d in diags)
 
 
+def test_the_slow_paths_taken_are_recorded_where_asked_and_only_there():
+    """A well-conditioned float32 solve takes none; at ``damping=1e-5`` the residual is
+    evaluated in float64 and refined (their work is outside every cost model)."""
+    model, x, y = PROBLEM.make(torch.float32)
+    with _solve.recording_slow_paths() as plain:
+        rc.direction(model, x, y, damping=1.0)
+    with _solve.recording_slow_paths() as slowed:
+        rc.direction(model, x, y, damping=1e-5)
+    rc.direction(model, x, y, damping=1e-5)  # outside: nothing is kept
+    assert plain == []
+    assert "residual" in slowed and "refine" in slowed
+    assert _solve._slow_paths.get() is None
+
+
 def test_unsolvable_block_is_named_with_the_fix(monkeypatch):
     """No refinement can help at ``eps cond(G) >> 1``."""
     model, x, y = PROBLEM.make(torch.float32)

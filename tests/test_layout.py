@@ -1,6 +1,7 @@
 """The package layout: imports flow one way, and the core needs none of the measuring tools."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,16 @@ def imported(path: Path) -> set[str]:
 MODULES = sorted(ROOT.rglob("*.py"))
 
 
+def tracked_files() -> list[str]:
+    """The repository's files as git lists them; the test is skipped outside a checkout."""
+    out = subprocess.run(
+        ["git", "-C", str(ROOT.parent), "ls-files"], capture_output=True, text=True
+    )
+    if not out.stdout.split():
+        pytest.skip("not a git checkout")
+    return out.stdout.split()
+
+
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_imports_flow_from_the_core_outwards(path):
     own = layer(".".join(("riemann_core", *path.relative_to(ROOT).with_suffix("").parts)))
@@ -64,12 +75,7 @@ def test_the_core_imports_without_the_measuring_tools():
 
 
 def test_nothing_refers_to_files_outside_the_repository():
-    repo = ROOT.parent
-    tracked = subprocess.run(
-        ["git", "-C", str(repo), "ls-files"], capture_output=True, text=True
-    ).stdout.split()
-    if not tracked:
-        pytest.skip("not a git checkout")
+    repo, tracked = ROOT.parent, tracked_files()
     outside = ("DESIGN" + ".md", "STYLE" + ".md", "../" + "shared")
     for name in tracked:
         path = repo / name
@@ -81,3 +87,23 @@ def test_nothing_refers_to_files_outside_the_repository():
             assert not any(o in text for o in outside), (
                 f"{name} refers to a file outside the repository"
             )
+
+
+def test_every_relative_link_of_the_readme_and_docs_leads_to_a_tracked_file():
+    repo, tracked = ROOT.parent, tracked_files()
+    pages = [
+        n for n in tracked if n == "README.md" or (n.startswith("docs/") and n.endswith(".md"))
+    ]
+    broken = []
+    for page in pages:
+        text = (repo / page).read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            path = target.split("#")[0]
+            if not path or re.match(r"[a-z]+:", path):  # an anchor on the page, or a URL
+                continue
+            resolved = (repo / page).parent / path
+            if resolved.resolve().relative_to(repo.resolve()).as_posix() not in tracked:
+                broken.append(f"{page}: {target}")
+    assert not broken, (
+        f"links to files not in the repository (run the command that writes them): {broken}"
+    )

@@ -6,7 +6,7 @@ whole network), whose directions :func:`finish` checks and splits back per block
 
 from . import euclidean, full, kfac, layerwise, natural
 from ._base import LayerDiagnostics, Options, Problem, build_problem, problem_from_graph
-from ._solve import Solve, finish
+from ._solve import Solve, finish, recording_slow_paths
 
 METHODS = ("euclidean", "layerwise", "full", "natural", "kfac")
 SOLVERS = {
@@ -27,4 +27,5 @@ __all__ = [
     "build_problem",
     "problem_from_graph",
     "finish",
+    "recording_slow_paths",
 ]

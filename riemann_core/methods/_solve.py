@@ -26,7 +26,9 @@ a slow path builds them again from the kernels.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +48,31 @@ AUTO_REFINE = 3
 #: ``eps(model dtype) * cond(G)`` above which the direction is reported as undetermined
 #: by the model's precision (the relative error this bounds is typically 10-100x smaller).
 ACCURACY_LEVEL = 0.1
+
+
+#: the slow paths taken inside :func:`recording_slow_paths` (None outside it)
+_slow_paths: ContextVar[list[str] | None] = ContextVar("slow_paths", default=None)
+
+
+@contextmanager
+def recording_slow_paths() -> Iterator[list[str]]:
+    """Collect the slow paths that the solves of calls made inside take, in order:
+    ``"jitter"`` (a Cholesky redone with jitter), ``"residual"`` (the residual evaluated
+    in float64) and ``"refine"`` (one refinement step). Their work depends on the data
+    (on ``cond(G)``), so the cost models of :mod:`riemann_core.costs` leave it out; a
+    measurement that compares counted FLOPs with a model tells such calls apart."""
+    taken: list[str] = []
+    token = _slow_paths.set(taken)
+    try:
+        yield taken
+    finally:
+        _slow_paths.reset(token)
+
+
+def _took(path: str) -> None:
+    taken = _slow_paths.get()
+    if taken is not None:
+        taken.append(path)
 
 
 def _norm(tensors: list[Tensor]) -> Tensor:
@@ -156,6 +183,7 @@ class Solve:
 
     def redo(self, problem: Problem, opts: Options) -> None:
         """Slow path after a failed factorisation: factorise again with jitter."""
+        _took("jitter")
         apply, matrix, chol = self.refactorise()
         self.jitter = chol.jitter
         self.condition = (torch.linalg.eigvalsh(matrix)[-1] + chol.jitter) / opts.damping
@@ -227,6 +255,7 @@ def _check_residual(s: Solve, problem, opts, condition: float, residual, model_d
     if residual is not None:
         value = residual.value
     elif s.jitter > 0 or torch.finfo(s.factor_dtype).eps * condition > bound / 4:
+        _took("residual")
         s.residual = s.residual_of(problem, opts.damping)
         value = float(s.residual)
     else:
@@ -235,6 +264,7 @@ def _check_residual(s: Solve, problem, opts, condition: float, residual, model_d
     apply = None if value <= bound else s.corrector()
     if apply is not None:
         while not value <= bound and steps < AUTO_REFINE:
+            _took("refine")
             s.refine(problem, opts.damping, 1, apply)
             value, steps = float(s.residual), steps + 1
     if not value <= bound:

@@ -80,8 +80,9 @@ class SlopeFit:
 
 
 def read_sweep(directory: str | Path) -> tuple[pd.DataFrame, dict]:
-    """``results.csv`` as a DataFrame (``times_s``, ``flag`` and ``reason`` as text) and
-    ``sweep.json``; a missing, corrupted or foreign file raises a ``ValueError`` naming it."""
+    """``results.csv`` as a DataFrame (``times_s``, ``flag``, ``slow_paths`` and ``reason``
+    as text) and ``sweep.json``; a missing, corrupted or foreign file raises a
+    ``ValueError`` naming it."""
     directory = Path(directory)
     path, record = directory / "results.csv", directory / "sweep.json"
     for needed in (path, record):
@@ -89,7 +90,8 @@ def read_sweep(directory: str | Path) -> tuple[pd.DataFrame, dict]:
             raise ValueError(f"no sweep at {needed}; run 'riemann-bench sweep' with this --out")
     read_results(path)  # the checks of the sweep itself: columns, parse errors, truncation
     try:
-        df = pd.read_csv(path, dtype={"times_s": str, "reason": str, "flag": str})
+        text = {"times_s": str, "reason": str, "flag": str, "slow_paths": str}
+        df = pd.read_csv(path, dtype=text)
         meta = json.loads(record.read_text())
     except (ValueError, UnicodeDecodeError) as err:  # pandas' and json's parse errors
         raise ResultsFileError(
@@ -97,8 +99,8 @@ def read_sweep(directory: str | Path) -> tuple[pd.DataFrame, dict]:
         ) from err
     if not isinstance(meta, dict) or "base" not in meta:
         raise ResultsFileError(f"{record} lacks the base point; rerun 'riemann-bench sweep'")
-    for column in ("reason", "flag"):
-        df[column] = df[column].fillna("")
+    for column in ("reason", "flag", "slow_paths"):
+        df[column] = df[column].fillna("") if column in df else ""
     return df, meta
 
 

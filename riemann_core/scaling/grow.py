@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from . import fit
-from .sweep import AXES, KEY, NEIGHBOUR_FACTOR, WHERE, Grid, key_of, model_flops, run_of
+from .sweep import AXES, KEY, NEIGHBOUR_FACTOR, OPTIONAL, Grid, key_of, model_flops, run_of
 
 #: calls a measured point costs besides its repeats: memory, warm-up (at least 1) and FLOPs
 EXTRA_CALLS = 3
@@ -44,9 +44,9 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     """The sweep's rows (numbers or the text read back from ``results.csv``) as numbers."""
     df = pd.DataFrame(rows)
     for column in df.columns:
-        if column not in ("times_s", "flag", "reason", *KEY, "status", *WHERE):
+        if column not in ("times_s", "flag", "reason", *KEY, "status", *OPTIONAL):
             df[column] = pd.to_numeric(df[column], errors="coerce")
-    for column in WHERE:
+    for column in OPTIONAL:
         df[column] = df[column].fillna("").astype(str) if column in df else ""
     for axis in AXES:
         df[axis] = df[axis].astype(int)

@@ -385,12 +385,18 @@ def _growth_section(meta: dict) -> list[str]:
 
 
 def _flagged_section(df: pd.DataFrame) -> list[str]:
-    flagged = df[(df["flag"] != "") | (df["remeasured"] > 0)]
+    slow_paths = df["slow_paths"] if "slow_paths" in df else pd.Series("", index=df.index)
+    df = df.assign(slow_paths=slow_paths.fillna(""), flops_vs_model=df["flops"] / df["flops_model"])
+    flagged = df[(df["flag"] != "") | (df["remeasured"] > 0) | (df["slow_paths"] != "")]
     columns = ["method", "kernel", *AXES, "time_median_s", "spread", "remeasured", "flag"]
+    columns += ["slow_paths", "flops_vs_model"]
     text = (
         f"Points whose repeats spread over {SPREAD_LIMIT:.0%} of their median, or whose "
         "median was far from both neighbours, were measured once more; `flag` says which "
-        "still are."
+        "still are. `slow_paths` names the data-dependent slow paths a point's solves took "
+        "(a float64 residual, refinement, a Cholesky redone with jitter): their work is in "
+        "the point's time and counted FLOPs (`flops_vs_model`) but in no cost model, so the "
+        "claims on counted FLOPs leave such points out."
     )
     return [
         "## Re-measured and flagged points",

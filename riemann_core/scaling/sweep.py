@@ -9,6 +9,9 @@ run of its own beside the exact ``kfac`` with its own cost and memory models. Th
 warm-up, ``repeats`` timed calls (median and IQR), one FLOP-counted call (FLOPs by kind of
 operation, :mod:`riemann_core.measure.flops`) and a status: ``ok``, ``oom``, ``skipped``
 (over the memory or FLOP budget, by the cost model) or ``error`` (with the reason).
+``slow_paths`` names the data-dependent slow paths the counted call took (``jitter``,
+``residual``, ``refine``: :func:`riemann_core.methods.recording_slow_paths`), whose work
+the cost models leave out.
 
 Measuring a point is the pure function :func:`measure_point`; :func:`sweep` is the loop
 over points, in rounds:
@@ -57,6 +60,7 @@ from ..measure.problems import mlp, widths
 from ..measure.public_kfac import DEFAULT as KFAC_DEFAULT
 from ..measure.public_kfac import Variant
 from ..measure.timing import Timing, measure
+from ..methods import recording_slow_paths
 from .worker import measure_here, rates_here
 
 AXES = ("width", "depth", "out_dim", "batch")
@@ -87,6 +91,7 @@ COLUMNS = (
     "peak_bytes_model",
     "spread",
     "flag",
+    "slow_paths",
     "remeasured",
     "status",
     "reason",
@@ -96,6 +101,8 @@ COLUMNS = (
 )
 #: where a point was measured; blank in results written before these were recorded
 WHERE = ("host", "device_name", "physical_device")
+#: text columns a results file may lack (written before they were recorded): blank then
+OPTIONAL = (*WHERE, "slow_paths")
 KEY = ("method", "kernel", "width", "depth", "out_dim", "batch", "device", "dtype", "output_metric")
 #: Sweep-only methods: a K-FAC variant by its label. ``kfac-default`` is the K-FAC users run
 #: by default (one-sample Monte Carlo Fisher, factored damping, weight and bias apart); its
@@ -355,6 +362,7 @@ def blank_row(run: dict) -> dict:
         "peak_bytes_model": model_peak_bytes(run),
         "spread": math.nan,
         "flag": "",
+        "slow_paths": "",
         "remeasured": 0,
         "status": "ok",
         "reason": "",
@@ -401,7 +409,7 @@ def measure_point(run: dict, grid: Grid) -> dict:
         remeasured = spread_of(timing) > SPREAD_LIMIT
         if remeasured:
             timing = measure(call, repeats=grid.repeats, warmup=0, device=device)
-        with flop_counter() as counter:
+        with flop_counter() as counter, recording_slow_paths() as slow_paths:
             call()
     except torch.cuda.OutOfMemoryError as err:  # torch.OutOfMemoryError only from 2.5
         if device.type == "cuda":
@@ -420,6 +428,7 @@ def measure_point(run: dict, grid: Grid) -> dict:
         "peak_bytes": math.nan if peak is None else peak,
         "spread": spread_of(timing),
         "flag": "spread" if spread_of(timing) > SPREAD_LIMIT else "",
+        "slow_paths": " ".join(sorted(set(slow_paths))),
         "remeasured": int(remeasured),
     }
 
@@ -461,7 +470,7 @@ def read_results(path: Path) -> list[dict]:
     try:
         with path.open(newline="") as f:
             reader = csv.DictReader(f)
-            missing = set(COLUMNS) - set(WHERE) - set(reader.fieldnames or ())
+            missing = set(COLUMNS) - set(OPTIONAL) - set(reader.fieldnames or ())
             if missing:
                 raise ResultsFileError(
                     f"{path} is not a results file of this version of riemann-bench "
@@ -478,7 +487,7 @@ def read_results(path: Path) -> list[dict]:
                 f"{path} line {i} is incomplete (a truncated or hand-edited file?); "
                 "repair or remove that line, or pass another --out"
             )
-        for column in WHERE:
+        for column in OPTIONAL:
             row[column] = row.get(column) or ""
     return rows
 

@@ -135,6 +135,7 @@ def make_sweep(
                     peak_bytes_model=sw.model_peak_bytes(run),
                     spread=(q3 - q1) / median if times else math.nan,
                     flag="",
+                    slow_paths="",
                     remeasured=0,
                     status=status,
                     reason="" if status == "ok" else "planted",

@@ -59,6 +59,15 @@ def test_sweep_records_every_run_with_counted_and_modelled_flops(tmp_path):
     assert (tmp_path / "sweep.json").exists()
 
 
+@pytest.mark.parametrize(("damping", "taken"), [(1.0, ""), (1e-6, "refine residual")])
+def test_a_point_says_which_slow_paths_its_counted_call_took(damping, taken):
+    run = next(r for r in sw.Grid(**TINY).runs() if r["method"] == "natural")
+    row = sw.measure_point(run, sw.Grid(**{**TINY, "damping": damping}))
+    assert row["status"] == "ok" and row["slow_paths"] == taken
+    exact = float(row["flops"]) == pytest.approx(float(row["flops_model"]), rel=0.01)
+    assert exact == (not taken)  # the cost model counts the algorithm, not its slow paths
+
+
 def test_the_default_kfac_is_measured_beside_the_exact_one_with_its_own_cost_model(tmp_path):
     grid = sw.Grid(**{**TINY, "methods": ("kfac", "kfac-default")})
     sw.sweep(grid, tmp_path, progress=False)

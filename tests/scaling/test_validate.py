@@ -181,6 +181,18 @@ def test_the_kfac_claim_judges_only_widths_where_its_factors_are_dense():
     assert claim.verdict == "regime not reached" and "keeps its factors as rows" in claim.detail
 
 
+def test_counts_of_calls_that_took_a_slow_path_are_left_out_of_the_flop_claims():
+    df, meta = make_sweep()
+    top = (df["method"] == "natural") & (df["width"] == df["width"].max())
+    df.loc[top, "flops"] *= 1.4  # a float64 residual's work at the widest point
+    assert by_id(va.validate(df, meta, n_boot=50), "flops-match-model").verdict == "fail"
+    df.loc[top, "slow_paths"] = "refine residual"
+    claim = by_id(va.validate(df, meta, n_boot=50), "flops-match-model")
+    assert claim.verdict == "pass"
+    assert "Left out: 1 point whose" in claim.detail and "refine residual" in claim.detail
+    assert "1.4..1.4x the model" in claim.detail
+
+
 def test_claims_of_methods_not_swept_are_not_measured():
     runs = [r for r in RUNS if r[0] != "full"]
     claims = va.validate(*make_sweep(REALISTIC, runs=runs), n_boot=200)
