@@ -571,13 +571,19 @@ def sweep_rates(df: pd.DataFrame, sweep_meta: Mapping) -> dict[str, float]:
 
 
 def rate_spread(sweep_meta: Mapping, dtype: str | None = None) -> dict[str, float]:
-    """``(max - min) / median`` of each kind's measured rates: how much the device's speed
-    moved during the sweep (load from other processes, frequency scaling)."""
-    return {
-        k: float((max(v) - min(v)) / np.median(v))
-        for k, v in device_rates(sweep_meta, dtype).items()
-        if v
-    }
+    """How much the device's speed moved during the sweep (load from other processes,
+    frequency scaling), per kind: ``(max - min) / median`` of the medians of the
+    measurements (``device_rates``' sessions: start, after the grid, end, per worker).
+    Each session's median, not its single samples, is the speed at that time: one slow
+    sample within a session is jitter the timings' own medians absorb, not drift."""
+    medians: dict[str, list[float]] = {}
+    for session in sweep_meta.get("device_rates", []):
+        if dtype is not None and session.get("dtype") != dtype:
+            continue
+        for kind, values in session.items():
+            if kind not in ("when", "dtype", "worker") and values:
+                medians.setdefault(kind, []).append(float(np.median(values)))
+    return {k: (max(v) - min(v)) / float(np.median(v)) for k, v in medians.items()}
 
 
 def achieved_rates(df: pd.DataFrame, rates: Mapping[str, float]) -> pd.DataFrame:

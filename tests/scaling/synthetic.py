@@ -86,7 +86,7 @@ def make_sweep(
     Times follow ``machine`` times lognormal ``noise``; ``counted(method, kernel, shape,
     flops)`` may change the counted FLOPs by kind (a planted step); ``status_fn(method,
     kernel, point)`` returns a status other than "ok" to plant a missing point; the
-    device rates recorded spread by ``rate_spread``.
+    device rates recorded at start, after the grid and at the end move by ``rate_spread``.
     """
     machine = machine or Machine()
     rng = np.random.default_rng(seed)
@@ -144,15 +144,19 @@ def make_sweep(
                     physical_device="cpu",
                 )
             )
-    rates = {
-        k: [r * (1 - rate_spread / 2), r, r * (1 + rate_spread / 2)]
-        for k, r in machine.rates.items()
-        if k in ("products", "cholesky")
-    }
+    kinds = {k: r for k, r in machine.rates.items() if k in ("products", "cholesky")}
+    sessions = [
+        {"when": when, "dtype": "float32", **{k: [r * scale] * 3 for k, r in kinds.items()}}
+        for when, scale in (
+            ("start", 1 - rate_spread / 2),
+            ("grid", 1),
+            ("end", 1 + rate_spread / 2),
+        )
+    ]
     meta = {
         "base": dict(base),
         "axes": {a: list(v) for a, v in axes.items()},
-        "device_rates": [{"when": "start", "dtype": "float32", **rates}],
+        "device_rates": sessions,
         "environment": {"device_name": "synthetic"},
     }
     return pd.DataFrame(rows), meta

@@ -169,6 +169,18 @@ def test_rate_spread_over_the_sweep():
     assert fit.rate_spread(meta) == pytest.approx({"products": 0.3, "cholesky": 0.3})
 
 
+def test_rate_spread_is_the_drift_between_measurements_not_one_slow_sample():
+    # the rates of a real sweep on 2 cores: one slow triangular sample (150) at the start
+    meta = {"device_rates": [
+        {"when": "start", "dtype": "float32", "products": [263, 264, 262], "triangular": [177, 175, 150]},
+        {"when": "grid", "dtype": "float32", "products": [298, 284, 303], "triangular": [187, 183, 180]},
+        {"when": "end", "dtype": "float32", "products": [242, 249, 248], "triangular": [168, 174, 178]},
+    ]}  # fmt: skip
+    spread = fit.rate_spread(meta)
+    assert spread["products"] == pytest.approx((298 - 248) / 263)
+    assert spread["triangular"] == pytest.approx((183 - 174) / 175)
+
+
 def test_median_ratio_has_an_interval_around_the_ratio():
     ratio, low, high = fit.median_ratio([4.0, 4.2, 3.8], [1.0, 1.1, 0.9])
     assert ratio == pytest.approx(4.0)

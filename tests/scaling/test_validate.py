@@ -145,9 +145,9 @@ def test_claims_on_time_on_an_unsteady_machine_are_too_noisy():
 
 def test_rates_in_another_dtype_do_not_make_the_claims_noisy():
     df, meta = make_sweep(REALISTIC, status_fn=full_fits_in_memory)
-    (measured,) = meta["device_rates"]
-    halved = {k: [r / 2 for r in v] for k, v in measured.items() if k not in ("when", "dtype")}
-    meta["device_rates"].append({"when": "start", "dtype": "float64", **halved})
+    for measured in list(meta["device_rates"]):
+        halved = {k: [r / 2 for r in v] for k, v in measured.items() if k not in ("when", "dtype")}
+        meta["device_rates"].append({"when": measured["when"], "dtype": "float64", **halved})
     claims = va.validate(df, meta, n_boot=300)  # the rows are float32
     assert "too noisy" not in {c.verdict for c in claims if c.basis == "time"}
 
@@ -191,6 +191,19 @@ def test_counts_of_calls_that_took_a_slow_path_are_left_out_of_the_flop_claims()
     assert claim.verdict == "pass"
     assert "Left out: 1 point whose" in claim.detail and "refine residual" in claim.detail
     assert "1.4..1.4x the model" in claim.detail
+
+
+def test_times_of_calls_that_took_a_slow_path_are_left_out_of_the_time_claims():
+    df, meta = make_sweep(REALISTIC, status_fn=full_fits_in_memory)
+    deepest = (df["method"] == "natural") & (df["depth"] == df["depth"].max())
+    df.loc[deepest, "time_median_s"] *= 3  # a float64 residual at the deepest point
+    df.loc[deepest, "times_s"] = df.loc[deepest, "times_s"].map(
+        lambda times: json.dumps([3 * t for t in json.loads(times)])
+    )
+    assert by_id(va.validate(df, meta, n_boot=300), "linear-in-depth-natural").verdict != "pass"
+    df.loc[deepest, "slow_paths"] = "residual"
+    claim = by_id(va.validate(df, meta, n_boot=300), "linear-in-depth-natural")
+    assert claim.verdict == "pass" and f"L = 2..{df['depth'].max() + 1}" not in claim.detail
 
 
 def test_claims_of_methods_not_swept_are_not_measured():
