@@ -395,8 +395,8 @@ def _flagged_section(df: pd.DataFrame) -> list[str]:
         "median was far from both neighbours, were measured once more; `flag` says which "
         "still are. `slow_paths` names the data-dependent slow paths a point's solves took "
         "(a float64 residual, refinement, a Cholesky redone with jitter): their work is in "
-        "the point's time and counted FLOPs (`flops_vs_model`) but in no cost model, so the "
-        "claims on counted FLOPs leave such points out."
+        "the point's time and counted FLOPs (`flops_vs_model`) but in no cost model, so every "
+        "claim leaves such points out."
     )
     return [
         "## Re-measured and flagged points",
