@@ -372,7 +372,7 @@ class DaskRunner:
                 try:
                     future = done.get(timeout=CHECK_EVERY)
                 except queue.Empty:
-                    pass
+                    pass  # nothing finished: the workers are still checked below
                 else:
                     run, outcome = flying.pop(future), _outcome(future)
                     future.release()  # else a worker that dies later loses it: run again
