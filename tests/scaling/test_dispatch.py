@@ -336,11 +336,14 @@ def test_the_grid_its_growth_and_re_measurements_all_run_on_the_workers(two_devi
     assert len(workers) == 2 and os.getpid() not in workers
 
 
-def rates_that_kill_a_worker(log, device, dtype):
-    """Fixed rates; the first call kills its own process."""
-    with open(log, "a") as f:
-        f.write(json.dumps({"pid": os.getpid()}) + "\n")
-    if len(entries(log)) == 1:
+def rates_that_kill_a_worker(marker, device, dtype):
+    """Fixed rates; the first call kills its own process (the one that creates ``marker``:
+    an exclusive create, so two workers that start at once cannot both count as second)."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        pass
+    else:
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(0.5)  # the dying worker's call comes first
     return {kind: [1e9] for kind in RATE_KINDS}
@@ -351,7 +354,7 @@ def test_rates_of_a_worker_that_dies_are_left_out_with_a_warning(two_devices, tm
     runner = dispatch.DaskRunner(two_devices)
     task = functools.partial(
         worker.rates_here,
-        functools.partial(rates_that_kill_a_worker, str(tmp_path / "log.jsonl")),
+        functools.partial(rates_that_kill_a_worker, str(tmp_path / "killed")),
         dtypes=("float32",),
         session="s",
         placed=True,
