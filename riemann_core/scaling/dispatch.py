@@ -216,11 +216,11 @@ def cluster(options: ClusterOptions, device: str | torch.device) -> Iterator[Cli
         if failures:
             warnings.warn(
                 f"the scheduler at {options.scheduler} retries a point that kills its worker "
-                f"{failures} time(s) itself, and every point waiting on that worker with it; "
-                f"riemann-bench retries only the point that ran, {RETRIES} time(s), and a point "
-                "that waited behind it through more deaths than the scheduler allows would be "
-                "recorded as lost: start the scheduler with "
-                "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=0",
+                f"{failures} time(s) itself, with every point waiting on that worker, so "
+                "riemann-bench cannot tell which of them ran, and may record one that waited as "
+                "the one that crashed; start the scheduler with "
+                f"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=0 (riemann-bench retries the "
+                f"crashing point {RETRIES} time(s) itself)",
                 stacklevel=3,
             )
         yield client
