@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from riemann_core import cli
-from riemann_core.scaling import dispatch
 from riemann_core.scaling import sweep as sw
 
 jobqueue = pytest.importorskip("dask_jobqueue.local")
