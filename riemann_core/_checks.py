@@ -74,12 +74,18 @@ def to_host(scalars: list[Tensor]) -> list[float]:
     for i, t in enumerate(scalars):
         by_device.setdefault(t.device, []).append(i)
     values = [math.nan] * len(scalars)
-    for indices in by_device.values():
-        # cat promotes the dtypes (booleans, counts, float32 and float64 values) to one
-        joined = torch.cat([scalars[i].detach().reshape(1) for i in indices])
-        for i, v in zip(indices, joined.tolist(), strict=True):
-            values[i] = v
+    with torch.no_grad():
+        for indices in by_device.values():
+            # stack promotes the dtypes (booleans, counts, float32 and float64 values) to
+            # one; a one-element tensor of another shape is read as its single entry
+            joined = torch.stack([_scalar(scalars[i]) for i in indices])
+            for i, v in zip(indices, joined.tolist(), strict=True):
+                values[i] = v
     return values
+
+
+def _scalar(t: Tensor) -> Tensor:
+    return t if t.ndim == 0 else t.reshape(())
 
 
 class Reading:

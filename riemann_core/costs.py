@@ -272,9 +272,11 @@ def _gram(shape: MLPShape, kernel: str, f_in: int, f: int, n: int) -> float:
 
 
 def _products(shape: MLPShape, kernel: str, f_in: int, f: int, n: int) -> float:
-    """``K_a g_a`` and ``g_a - K_a^T t`` (structured: through ``Lambda``, one GEMM)."""
+    """``K_a g_a`` and ``g_a - K_a^T t`` (structured: through ``Lambda``, one GEMM; the
+    ``d f`` products of the rows with ``Xt Xt^T Lambda`` and with ``t`` are elementwise
+    and not counted, like every elementwise kernel)."""
     d, N = shape.d, shape.batch
-    return 4 * d * n if kernel == "generic" else 2 * N * N * f + 2 * d * f + 2 * N * f * f_in
+    return 4 * d * n if kernel == "generic" else 2 * N * N * f + 2 * N * f * f_in
 
 
 def _total(cost: dict[str, float]) -> dict[str, float]:

@@ -10,6 +10,7 @@ instead of an ``n x n`` factorisation.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -90,7 +91,8 @@ def cholesky_in_place(matrix: Tensor) -> Cholesky:
     info = torch.empty(matrix.shape[:-2], dtype=torch.int32, device=matrix.device)
     torch.linalg.cholesky_ex(matrix, out=(matrix, info))
     pivots = matrix.diagonal(dim1=-2, dim2=-1).sum(-1)
-    return Cholesky(matrix, 0.0, (info != 0) | ~torch.isfinite(pivots))
+    # p - p is NaN for a NaN or inf p and 0 otherwise: two kernels, where isfinite is four
+    return Cholesky(matrix, 0.0, info.ne(0) | (pivots - pivots).ne(0))
 
 
 def column_major(*shape: int, like, zero: bool = False) -> Tensor:
@@ -142,15 +144,23 @@ def largest_eigenvalue(matrix: Tensor, steps: int = POWER_STEPS) -> Tensor:
     condition number. ``2 m^2`` FLOPs per step, no host sync.
     """
     m = matrix.shape[-1]
-    v = torch.cos(torch.arange(m, dtype=matrix.dtype, device=matrix.device) * 2.399963)
-    v = (v / v.norm()).expand(matrix.shape[:-1])[..., None]
+    A = matrix.reshape(-1, m, m)  # one bmm per step, whatever the batch dimensions
+    v = _start_vector(m, matrix.dtype, matrix.device).expand(A.shape[0], m, 1)
     tiny = torch.finfo(matrix.dtype).tiny
-    norm = v.new_zeros(matrix.shape[:-2])
-    for _ in range(steps):
-        w = matrix @ v
-        norm = w.norm(dim=(-2, -1))
-        v = w / (norm[..., None, None] + tiny)
-    return norm
+    for step in range(steps):
+        w = torch.bmm(A, v)
+        norm = torch.linalg.vector_norm(w, dim=1, keepdim=True)
+        if step < steps - 1:
+            v = w / norm.clamp_min_(tiny)
+    return norm.reshape(matrix.shape[:-2])
+
+
+@functools.lru_cache(maxsize=32)
+def _start_vector(m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The power iteration's fixed unit start vector ``(m, 1)`` (made once per size; only
+    read)."""
+    v = torch.cos(torch.arange(m, dtype=dtype, device=device) * 2.399963)
+    return (v / v.norm())[:, None]
 
 
 def diagonal_blocks(matrix: Tensor, size: int) -> Tensor:

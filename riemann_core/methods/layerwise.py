@@ -112,7 +112,8 @@ def _woodbury(problem: Problem, indices: list[int], opts: Options) -> list[Solve
     d = handlers[0].d
     grams = column_major(len(handlers), d, d, like=handlers[0])
     for h, gram in zip(handlers, grams, strict=True):
-        damped_gram([h], mu, out=gram)
+        h.gram_into(gram)
+    damped(grams, mu)
     condition = largest_eigenvalue_of_gram(grams, handlers[0].N) / mu
     chol = cholesky_in_place(grams)
     t = chol.solve(torch.stack([problem.K_gradient(i) for i in indices]))
