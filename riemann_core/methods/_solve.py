@@ -80,10 +80,11 @@ def _norm(tensors: list[Tensor]) -> Tensor:
     return torch.sqrt(sum((t.double() ** 2).sum() for t in tensors))
 
 
-def _one_norm(tensors: list[Tensor]) -> Tensor:
-    """``sum |t|`` over ``tensors``: finite exactly when they are, unless it overflows
-    (three ``foreach`` kernels, whatever the number of tensors)."""
-    return torch.nn.utils.get_total_norm(tensors, 1.0)
+def _norm_of_all(tensors: list[Tensor]) -> Tensor:
+    """The 2-norm of ``tensors`` together: finite exactly when they are, unless it
+    overflows (three ``foreach`` kernels, whatever the number of tensors; on CPU about
+    four times faster than the 1-norm or sums)."""
+    return torch.nn.utils.get_total_norm(tensors, 2.0)
 
 
 @dataclass
@@ -218,7 +219,7 @@ def finish(
         for s in solves
     ]
     # one reading for every solve's x; only when it is not finite is each solve examined
-    norm_x = checks.read(_one_norm([a for s in solves for a in s.x]))
+    norm_x = checks.read(_norm_of_all([a for s in solves for a in s.x]))
     checks.run()
     all_finite_x = math.isfinite(norm_x.value)
     model_dtype = problem.blocks[0].params[0].dtype
