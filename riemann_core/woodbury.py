@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .costs import POWER_STEPS
+from .costs import POWER_STEPS, factor_order
 
 #: Relative jitter tried, in order, when a Cholesky factorisation fails.
 JITTER_SCALES = (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)
@@ -37,7 +37,8 @@ class AccuracyWarning(UserWarning):
 @dataclass(frozen=True)
 class Cholesky:
     """Lower Cholesky factor of ``A + jitter I`` and the jitter it needed; ``factor`` may
-    hold a batch of factors (``(..., m, m)``).
+    hold a batch of factors (``(..., m, m)``), or those of ``A`` padded with an identity,
+    ``A (+) I`` (:func:`padded_gram`), which solve ``A`` for the first rows.
 
     ``failed`` is a device boolean (one per factor) for a factor from
     :func:`cholesky_in_place` or :func:`cholesky_deferred`, whose success is read later;
@@ -53,9 +54,13 @@ class Cholesky:
         column = rhs.ndim == self.factor.ndim - 1
         b = rhs.to(self.factor.dtype)
         b = b[..., None] if column else b
+        m, order = b.shape[-2], self.factor.shape[-1]
+        if order > m:  # a factor of A (+) I: zero rows for the identity's, which stay zero
+            b = torch.nn.functional.pad(b, (0, 0, 0, order - m))
         # Two triangular solves: faster than cholesky_solve on CPU for few right-hand sides.
         y = torch.linalg.solve_triangular(self.factor, b, upper=False)
-        out = torch.linalg.solve_triangular(self.factor.mT, y, upper=True).to(rhs.dtype)
+        out = torch.linalg.solve_triangular(self.factor.mT, y, upper=True)[..., :m, :]
+        out = out.to(rhs.dtype)
         return out[..., 0] if column else out
 
     def __getitem__(self, i: int) -> Cholesky:
@@ -93,6 +98,21 @@ def cholesky_in_place(matrix: Tensor) -> Cholesky:
     pivots = matrix.diagonal(dim1=-2, dim2=-1).sum(-1)
     # p - p is NaN for a NaN or inf p and 0 otherwise: two kernels, where isfinite is four
     return Cholesky(matrix, 0.0, info.ne(0) | (pivots - pivots).ne(0))
+
+
+def padded_gram(*shape: int, like) -> tuple[Tensor, Tensor]:
+    """``(buffer, gram)``: a column-major ``(..., M, M)`` buffer for the factorisation
+    (``M = factor_order(m)``, uninitialised) holding ``A (+) I`` once the ``(..., m, m)``
+    view ``gram`` holds ``A``'s lower triangle: the rows below ``gram`` are written here
+    (zeros, and the identity's diagonal). Its Cholesky factor is ``L (+) I``, ``L`` that
+    of ``A``; :meth:`Cholesky.solve` pads right-hand sides with zeros accordingly."""
+    *batch, m, _ = shape
+    order = factor_order(m)
+    buffer = column_major(*batch, order, order, like=like)
+    if order > m:
+        buffer[..., m:, :].zero_()
+        buffer[..., m:, m:].diagonal(dim1=-2, dim2=-1).fill_(1)
+    return buffer, buffer[..., :m, :m]
 
 
 def column_major(*shape: int, like, zero: bool = False) -> Tensor:

@@ -29,6 +29,7 @@ from ..woodbury import (
     column_major,
     largest_eigenvalue,
     largest_eigenvalue_of_gram,
+    padded_gram,
 )
 from ._base import Options, Problem
 from ._solve import Solve
@@ -110,12 +111,12 @@ def _woodbury(problem: Problem, indices: list[int], opts: Options) -> list[Solve
     mu = opts.damping
     handlers = [problem.handlers[i] for i in indices]
     d = handlers[0].d
-    grams = column_major(len(handlers), d, d, like=handlers[0])
+    buffer, grams = padded_gram(len(handlers), d, d, like=handlers[0])
     for h, gram in zip(handlers, grams, strict=True):
         h.gram_into(gram)
     damped(grams, mu)
     condition = largest_eigenvalue_of_gram(grams, handlers[0].N) / mu
-    chol = cholesky_in_place(grams)
+    chol = cholesky_in_place(buffer)
     t = chol.solve(torch.stack([problem.K_gradient(i) for i in indices]))
     records = []
     for j, (i, h) in enumerate(zip(indices, handlers, strict=True)):
