@@ -1,0 +1,62 @@
+"""Where a call's wall-clock time goes, by kind of operation (on CPU).
+
+:func:`time_by_kind` runs a call under ``torch.profiler`` and attributes the self time of
+every aten operation to the kind of the nearest operation, itself or an enclosing one,
+that :data:`KIND_OF_OP` names: ``products`` (GEMMs, matrix-vector products),
+``cholesky`` (``linalg_cholesky_ex`` with the copies and the triangle it clears),
+``triangular`` (triangular solves); every other operation is ``other ops`` (elementwise
+kernels, reductions, copies, the rest of the linear algebra). ``overhead`` is the rest
+of the call's wall-clock time, timed without the profiler: Python, module hooks,
+autograd's bookkeeping, the dispatcher. On CPU an operation's time is its wall-clock time
+on the calling thread (intra-op threads included), so the kinds add up to the call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from torch.profiler import ProfilerActivity, profile
+
+KIND_OF_OP = {
+    "aten::mm": "products",
+    "aten::addmm": "products",
+    "aten::bmm": "products",
+    "aten::baddbmm": "products",
+    "aten::mv": "products",
+    "aten::addmv": "products",
+    "aten::dot": "products",
+    "aten::linalg_cholesky_ex": "cholesky",
+    "aten::linalg_solve_triangular": "triangular",
+    "aten::cholesky_solve": "triangular",
+}
+KINDS = ("products", "cholesky", "triangular", "other ops", "overhead")
+
+
+def _kind(event) -> str:
+    while event is not None:
+        kind = KIND_OF_OP.get(event.name)
+        if kind is not None:
+            return kind
+        event = event.cpu_parent
+    return "other ops"
+
+
+def time_by_kind(call: Callable[[], object], calls: int = 3) -> dict[str, float]:
+    """Seconds per call of ``call()`` by kind (:data:`KINDS`, see the module docstring):
+    the operations' from ``calls`` profiled calls, the overhead from as many unprofiled
+    ones (the profiler's own cost is left out), after one warm-up call."""
+    call()
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    wall = time.perf_counter() - start
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            call()
+    seconds = dict.fromkeys(KINDS, 0.0)
+    for event in prof.events():
+        if event.name.startswith("aten::"):
+            seconds[_kind(event)] += event.self_cpu_time_total * 1e-6
+    seconds["overhead"] = max(wall - sum(seconds.values()), 0.0)
+    return {kind: s / calls for kind, s in seconds.items()}
