@@ -13,6 +13,7 @@ on the calling thread (intra-op threads included), so the kinds add up to the ca
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 
@@ -44,19 +45,22 @@ def _kind(event) -> str:
 
 def time_by_kind(call: Callable[[], object], calls: int = 3) -> dict[str, float]:
     """Seconds per call of ``call()`` by kind (:data:`KINDS`, see the module docstring):
-    the operations' from ``calls`` profiled calls, the overhead from as many unprofiled
-    ones (the profiler's own cost is left out), after one warm-up call."""
+    the operations' averaged over ``calls`` profiled calls; the overhead is the median
+    wall-clock time of as many unprofiled calls less that (the profiler costs several
+    microseconds per operation, which would otherwise count as overhead), or 0 where the
+    machine slowed down between the two."""
     call()
-    start = time.perf_counter()
+    walls = []
     for _ in range(calls):
+        start = time.perf_counter()
         call()
-    wall = time.perf_counter() - start
+        walls.append(time.perf_counter() - start)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(calls):
             call()
     seconds = dict.fromkeys(KINDS, 0.0)
     for event in prof.events():
         if event.name.startswith("aten::"):
-            seconds[_kind(event)] += event.self_cpu_time_total * 1e-6
-    seconds["overhead"] = max(wall - sum(seconds.values()), 0.0)
-    return {kind: s / calls for kind, s in seconds.items()}
+            seconds[_kind(event)] += event.self_cpu_time_total * 1e-6 / calls
+    seconds["overhead"] = max(statistics.median(walls) - sum(seconds.values()), 0.0)
+    return seconds
