@@ -12,7 +12,8 @@ writes ``cluster.json`` (every timing, the environment, the command), ``cluster.
   so that both see the same machine within seconds (a shared machine's speed drifts by more
   than the effect over minutes); with the cluster's fixed cost (start-up with the worker's
   imports, shut-down) this gives the dask path's wall time over the in-process loop's for
-  those points;
+  those points, and the points' timed medians on the worker over those here (whether the
+  point waiting behind a running one, or the worker's event loop, disturbs its timing);
 * **end to end**: ``riemann-bench sweep --quick`` through the local cluster and with
   ``--workers 0``, each a fresh process from start to exit, in turn: what a user waits for,
   but each sweep takes minutes, so on a busy machine the ratio carries its drift. Growth
@@ -83,16 +84,19 @@ def interleaved(rounds: int, chunk: int, results: Path | None = None) -> list[di
         task = functools.partial(worker.measure_here, sw.measure_point, grid=grid, session=str(r))
         there = functools.partial(task, placed=True)
         seconds = {"here": 0.0, "dask": 0.0}
+        timed: dict[str, dict] = {"here": {}, "dask": {}}  # point -> its timed median
         for i, part in enumerate(chunks):
             for mode in ("here", "dask") if (i + r) % 2 == 0 else ("dask", "here"):
                 t = time.perf_counter()
                 if mode == "here":
-                    for run in part:
-                        task(run)
+                    outcomes = [(run, task(run)) for run in part]
                 else:
-                    for _ in runner(there, part):
-                        pass
+                    outcomes = list(runner(there, part))
                 seconds[mode] += time.perf_counter() - t
+                for run, outcome in outcomes:
+                    row = outcome[0] if isinstance(outcome, tuple) else {}
+                    if row.get("status") == "ok":
+                        timed[mode][sw.key_of(run)] = row["time_median_s"]
         closing = time.perf_counter()
         client.close()
         cluster.close()
@@ -104,6 +108,10 @@ def interleaved(rounds: int, chunk: int, results: Path | None = None) -> list[di
                 "points": len(runs),
                 "chunk": chunk,
                 "ratio": (seconds["dask"] + fixed) / seconds["here"],
+                "timed_ratio": statistics.median(
+                    timed["dask"][k] / timed["here"][k]
+                    for k in timed["here"].keys() & timed["dask"]
+                ),
             }
         )
         print(f"interleaved, round {r}: {records[-1]}", file=sys.stderr)
@@ -195,6 +203,7 @@ def summary(record: dict) -> dict:
         "interleaved_ratio": _spread(chunks),
         "fixed_s": statistics.median(r["fixed"] for r in chunks) if chunks else None,
         "points_only_ratio": _spread([{"ratio": r["dask"] / r["here"]} for r in chunks]),
+        "timed_ratio": _spread([{"ratio": r["timed_ratio"]} for r in chunks]),
         "end_to_end_ratio": _spread(record["end_to_end"]),
         "throughput": sizes,
     }
@@ -215,6 +224,7 @@ def write(out: Path, record: dict) -> None:
     ]
     if result["interleaved_ratio"]:
         ratio, points = result["interleaved_ratio"], result["points_only_ratio"]
+        timed = result["timed_ratio"]
         chunks = record["interleaved"]
         source = record["results"] and f"the sweep in `{record['results']}` (grown ones included)"
         lines += [
@@ -227,7 +237,10 @@ def write(out: Path, record: dict) -> None:
             f"start-up and shut-down ({result['fixed_s']:.1f} s, median). Dask path over "
             f"in-process loop: **{ratio['median']:.3f}** (median; {ratio['min']:.3f} to "
             f"{ratio['max']:.3f} over rounds); the points alone: {points['median']:.3f} "
-            f"({points['min']:.3f} to {points['max']:.3f}).",
+            f"({points['min']:.3f} to {points['max']:.3f}). The points' own timed medians "
+            "on the worker over those in this process (the median over points; each worker "
+            "point has the next one waiting behind it): "
+            f"{timed['median']:.3f} ({timed['min']:.3f} to {timed['max']:.3f} over rounds).",
             "",
         ]
     if result["end_to_end_ratio"]:

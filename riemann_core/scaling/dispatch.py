@@ -18,11 +18,10 @@ all the cores, with as many torch threads as this process has. More CPU workers
 **Nothing lost, nothing twice.** The client (this process) is the only writer of the
 results; a point reaches it once, as it completes. A point that kills its worker (a
 segfault, ``kill -9``, the out-of-memory killer, a poisoned CUDA context) is retried once
-on a fresh worker (the local scheduler's ``allowed_failures``: the nanny restarts the
-worker), then comes back as a :class:`~riemann_core.scaling.sweep.PointLost` that the
-sweep records as ``error`` with the reason. A result lives on its worker until the client
-fetches it (milliseconds after the point ends): one whose worker dies within that window is
-measured again, and still recorded once.
+(the nanny restarts the worker), then comes back as a
+:class:`~riemann_core.scaling.sweep.PointLost` that the sweep records as ``error`` with the
+reason; the points that waited on that worker behind it are sent again, unblamed
+(:class:`DaskRunner`).
 
 **No silent hang.** Dask waits forever for a resource no worker offers; :func:`check_workers`
 fails before any point is submitted when none does (or when a worker cannot run points),
@@ -31,6 +30,7 @@ and the :class:`DaskRunner` gives up when no worker has offered it for a while.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -60,8 +60,11 @@ from .worker import THREADS, physical_cores
 
 #: the worker resource a point holds while it runs: one device
 RESOURCE = "device"
-#: retries of a point whose worker died, each on a fresh worker, before it is recorded lost
-ALLOWED_FAILURES = 1
+#: retries of a point that killed its worker, each on a surviving or restarted worker, before
+#: it is recorded lost; the runner decides them, so the scheduler must retry nothing itself
+RETRIES = 1
+#: points waiting on a worker behind each one its devices run
+QUEUED = 1
 #: seconds between the checks, while no point completes, that a worker offers the resource
 CHECK_EVERY = 2.0
 #: dask's own periodic work in a worker, its nanny and the scheduler, slowed down: each
@@ -171,8 +174,8 @@ class Pinning(WorkerPlugin):
 
 def start_cluster(specs: Sequence[WorkerSpec]) -> SpecCluster:
     """A cluster on this host (loopback only): one nanny-supervised process per spec, the
-    host's memory shared among them, :data:`ALLOWED_FAILURES` retries of a point whose
-    worker died, and dask's periodic work :data:`QUIET`."""
+    host's memory shared among them, no retries by the scheduler (the runner decides them:
+    :class:`DaskRunner`) and dask's periodic work :data:`QUIET`."""
     memory = system.MEMORY_LIMIT // len(specs)
     workers = {}
     for i, spec in enumerate(specs):
@@ -193,7 +196,7 @@ def start_cluster(specs: Sequence[WorkerSpec]) -> SpecCluster:
         }
     scheduler = {
         "cls": Scheduler,
-        "options": {"host": "127.0.0.1", "dashboard": False, "allowed_failures": ALLOWED_FAILURES},
+        "options": {"host": "127.0.0.1", "dashboard": False, "allowed_failures": 0},
     }
     with dask.config.set(QUIET):  # the nannies hand this configuration to their workers
         return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING)
@@ -210,11 +213,14 @@ def cluster(options: ClusterOptions, device: str | torch.device) -> Iterator[Cli
     client = connect(options.scheduler)
     try:
         failures = client.run_on_scheduler(_allowed_failures)
-        if failures != ALLOWED_FAILURES:
+        if failures:
             warnings.warn(
                 f"the scheduler at {options.scheduler} retries a point that kills its worker "
-                f"{failures} time(s), not {ALLOWED_FAILURES}; start it with "
-                f"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES={ALLOWED_FAILURES}",
+                f"{failures} time(s) itself, with every point waiting on that worker, so "
+                "riemann-bench cannot tell which of them ran, and may record one that waited as "
+                "the one that crashed; start the scheduler with "
+                f"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=0 (riemann-bench retries the "
+                f"crashing point {RETRIES} time(s) itself)",
                 stacklevel=3,
             )
         yield client
@@ -335,14 +341,24 @@ class DaskRunner:
     """The sweep's :class:`~riemann_core.scaling.sweep.Runner` on a dask cluster: each
     point holds one ``device`` resource, and results are yielded as they complete.
 
-    Only as many points are submitted as the workers offer devices: dask counts a worker's
-    death against every point assigned to it, so points queued behind one that kills its
-    worker would otherwise be retried, and lost, for a crash they did not cause. A device
-    gets its next point once its last result has reached the client: the worker's event
-    loop, which sends the result, would otherwise take turns with the next point on the
-    timed cores (and the Python of a small point holds the GIL it wants). Gives up
-    with :class:`ClusterError` when no worker has offered the resource for ``patience``
-    seconds (the points not yet measured are cancelled; a rerun measures them).
+    **Pipelined.** Each device has :data:`QUEUED` point(s) waiting on its worker behind the
+    one it runs, so that it starts the next point the moment one ends instead of a round
+    trip through the scheduler and the client later (about 10 ms on a small CPU host: 5% of
+    a quick sweep). What the worker's event loop does meanwhile (sending the result, taking
+    the next point) lands in the next point's untimed set-up, before its warm-up.
+
+    **Blame.** When a worker dies, dask fails every point it held, the ones waiting as well
+    as the one running. The scheduler retries none of them itself (``allowed_failures=0``):
+    a worker starts its points in the order they were sent (their priority says so), so of
+    the points it held the first ones sent, as many as it has devices, were running. Each of those is blamed and
+    retried :data:`RETRIES` time(s) (every retry runs on a surviving or restarted worker)
+    before it is returned as a :class:`~riemann_core.scaling.sweep.PointLost`; the others
+    are sent again, unblamed. A point whose result dies with its worker before the client
+    fetched it (milliseconds after it ends) is measured again by dask, and still yielded
+    once.
+
+    Gives up with :class:`ClusterError` when no worker has offered the resource for
+    ``patience`` seconds (the points not yet measured are cancelled; a rerun measures them).
     """
 
     placed = True
@@ -354,16 +370,22 @@ class DaskRunner:
     def __call__(
         self, task: Callable[[dict], object], runs: Sequence[dict]
     ) -> Iterator[tuple[dict, object]]:
-        waiting = list(reversed(runs))
-        flying: dict[Future, dict] = {}
+        waiting = list(reversed(range(len(runs))))  # indices into runs; the next is last
+        flying: dict[Future, tuple[int, int]] = {}  # future -> (order sent, index)
+        kills = [0] * len(runs)
         done: queue.SimpleQueue[Future] = queue.SimpleQueue()
-        capacity = sum(_offering(self.client).values())
+        offering = _offering(self.client)  # address -> devices, of the live workers
+        declared = dict(offering)  # of every worker seen, dead ones too
+        sent = itertools.count()
         seen = checked = time.monotonic()
 
         def refill() -> None:
-            while waiting and len(flying) < capacity:
-                future = self.client.submit(task, waiting[-1], resources={RESOURCE: 1}, pure=False)
-                flying[future] = waiting.pop()
+            while waiting and len(flying) < (1 + QUEUED) * sum(offering.values()):
+                index, order = waiting.pop(), next(sent)
+                future = self.client.submit(  # a worker starts the highest priority first
+                    task, runs[index], resources={RESOURCE: 1}, priority=-order, pure=False
+                )
+                flying[future] = (order, index)
                 future.add_done_callback(done.put)
 
         try:
@@ -372,16 +394,32 @@ class DaskRunner:
                 try:
                     future = done.get(timeout=CHECK_EVERY)
                 except queue.Empty:
-                    pass  # nothing finished: the workers are still checked below
-                else:
-                    run, outcome = flying.pop(future), _outcome(future)
-                    future.release()  # else a worker that dies later loses it: run again
-                    refill()  # only now: the result's transfer must not overlap a timed point
-                    yield run, outcome
+                    future = None  # nothing finished: the workers are still checked below
+                if future in flying:  # else: already handled with its dead worker's points
+                    dead = _killed_on(future)
+                    if dead is None:
+                        _, index = flying.pop(future)
+                        outcome = _outcome(future)
+                        future.release()  # else a worker that dies later loses it: run again
+                        yield runs[index], outcome
+                    else:
+                        for index in _blame(flying, dead, declared.get(dead, 1), kills):
+                            if kills[index] > RETRIES:
+                                yield (
+                                    runs[index],
+                                    PointLost(
+                                        f"the point killed its worker {kills[index]} times (last "
+                                        f"{dead}): a crash, kill -9, the out-of-memory killer or "
+                                        "a poisoned CUDA context; the worker's log says which"
+                                    ),
+                                )
+                            else:
+                                waiting.append(index)
                 now = time.monotonic()
                 if now - checked >= CHECK_EVERY:  # workers come and go
-                    checked, capacity = now, sum(_offering(self.client).values())
-                    if capacity:
+                    checked, offering = now, _offering(self.client)
+                    declared.update(offering)
+                    if offering:
                         seen = now
                     elif now - seen > self.patience:
                         raise ClusterError(
@@ -442,6 +480,32 @@ class DaskRunner:
         return items
 
 
+def _blame(
+    flying: dict[Future, tuple[int, int]], dead: str, devices: int, kills: list[int]
+) -> list[int]:
+    """Takes out of ``flying`` the points that the worker ``dead`` held (dask fails them all
+    in one message), counts a kill against the ``devices`` first sent (they were running)
+    and returns the indices of all of them, the last sent first."""
+    held = sorted(
+        (order, index, future)
+        for future, (order, index) in flying.items()
+        if _killed_on(future) == dead
+    )
+    for rank, (_, index, future) in enumerate(held):
+        del flying[future]
+        future.release()
+        kills[index] += rank < devices
+    return [index for _, index, _ in reversed(held)]
+
+
+def _killed_on(future: Future) -> str | None:
+    """The address of the worker whose death failed ``future``; ``None`` if it did not."""
+    if future.status != "error":
+        return None
+    err = future.exception()
+    return err.last_worker.address if isinstance(err, KilledWorker) else None
+
+
 def _outcome(future) -> object:
     if future.status == "finished":
         return future.result()
@@ -450,9 +514,8 @@ def _outcome(future) -> object:
     err = future.exception()
     if isinstance(err, KilledWorker):
         return PointLost(
-            f"the point killed its worker {err.allowed_failures + 1} times (last "
-            f"{err.last_worker.address}): a crash, kill -9, the out-of-memory killer or a "
-            "poisoned CUDA context; the worker's log says which"
+            f"its worker {err.last_worker.address} died: a crash, kill -9, the out-of-memory "
+            "killer or a poisoned CUDA context; the worker's log says which"
         )
     return PointLost(f"{type(err).__name__} on the worker: {err}"[:300])
 

@@ -118,39 +118,39 @@ def _predicted_seconds(top: pd.Series, run: dict, grid: Grid) -> float:
 def outliers(rows: list[dict]) -> list[dict]:
     """Ok rows whose median is :data:`~.sweep.NEIGHBOUR_FACTOR` or more off the log-log
     interpolation of their two neighbours on some axis around the sweep's base point."""
-    df = frame(rows)
-    return [r for r in rows if r["status"] == "ok" and _far_from_neighbours(df, r)]
+    return [r for r in rows if r["status"] == "ok" and is_outlier(rows, r)]
 
 
 def is_outlier(rows: list[dict], row: dict) -> bool:
-    """Whether ``row``'s median is far from its neighbours' on an axis (see :func:`outliers`)."""
-    return _far_from_neighbours(frame(rows), row)
-
-
-def _far_from_neighbours(df: pd.DataFrame, row: dict) -> bool:
     """Whether, on some axis through ``row``, its median is :data:`NEIGHBOUR_FACTOR` or
-    more off the interpolation of its neighbours, and more off than they are from theirs
-    (a spike also pulls its neighbours' interpolations)."""
-    same = (df["status"] == "ok") & (df["method"] == row["method"])
-    for k in ("kernel", *fit.SETTINGS):
-        same &= df[k] == row.get(k, "")
-    df = df[same]
+    more off the interpolation of its neighbours among the ok ``rows``, and more off than
+    they are from theirs (a spike also pulls its neighbours' interpolations). ``row`` may be
+    a new measurement of a point of ``rows``: its median replaces the point's."""
+    group = _group(row)
+    same = [r for r in rows if r["status"] == "ok" and _group(r) == group]
     for axis in AXES:
-        line = df
-        for other in AXES:
-            if other != axis:
-                line = line[line[other] == int(row[other])]
-        line = line.sort_values(axis).drop_duplicates(axis)
-        xs = line[axis].to_numpy(float)
-        i = int(np.searchsorted(xs, int(row[axis])))
-        if not 0 < i < len(xs) - 1 or xs[i] != int(row[axis]):
+        others = [a for a in AXES if a != axis]
+        line = {
+            int(r[axis]): float(r["time_median_s"])
+            for r in same
+            if all(int(r[a]) == int(row[a]) for a in others)
+        }
+        x = int(row[axis])
+        xs = sorted(line)
+        if x not in line or not 0 < xs.index(x) < len(xs) - 1:
             continue
-        log_t = np.log(line["time_median_s"].to_numpy(float))
+        i = xs.index(x)
+        log_t = np.log([line[v] for v in xs])
         log_t[i] = math.log(float(row["time_median_s"]))
         off = _deviations(np.log(xs), log_t)
         if off[i] >= math.log(NEIGHBOUR_FACTOR) and off[i] >= max(off[i - 1], off[i + 1]):
             return True
     return False
+
+
+def _group(row: dict) -> tuple[str, ...]:
+    """What a point shares with the points it is compared with: method, kernel, settings."""
+    return tuple(str(row.get(k, "")) for k in ("method", "kernel", *fit.SETTINGS))
 
 
 def _deviations(log_x: np.ndarray, log_t: np.ndarray) -> np.ndarray:

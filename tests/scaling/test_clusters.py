@@ -40,7 +40,7 @@ def test_the_slurm_recipe_asks_for_one_gpu_and_declares_one_device_per_job():
     exec(recipe("SLURMCluster("), scope)
     with scope["cluster"] as cluster:
         script = cluster.job_script()
-        assert cluster.scheduler.allowed_failures == dispatch.ALLOWED_FAILURES
+        assert cluster.scheduler.allowed_failures == 0
     assert "#SBATCH --gres=gpu:1" in script
     assert re.search(r"#SBATCH -n 1\b", script) and "#SBATCH --cpus-per-task=8" in script
     command = script.strip().splitlines()[-1]
@@ -54,7 +54,7 @@ def test_a_sweep_on_workers_from_job_scripts_writes_one_resumable_results_file(t
         processes=1,
         memory="2GB",
         worker_extra_args=["--resources", "device=1"],
-        scheduler_options={"host": "127.0.0.1", "allowed_failures": dispatch.ALLOWED_FAILURES},
+        scheduler_options={"host": "127.0.0.1", "allowed_failures": 0},
     ) as cluster:
         cluster.scale(jobs=1)  # a CPU host: one worker owns its cores
         sweep = ["sweep", "--scheduler", cluster.scheduler_address, "--out", str(tmp_path), *TINY]

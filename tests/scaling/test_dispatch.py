@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import dask
 import pytest
@@ -96,11 +97,11 @@ def test_one_worker_per_gpu_pinned_through_cuda_visible_devices(monkeypatch):
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
-def test_the_local_cluster_pins_its_workers_and_retries_a_point_once():
+def test_the_local_cluster_pins_its_workers_and_leaves_retries_to_the_runner():
     specs = dispatch.local_workers("cpu", workers=2)
     task = functools.partial(worker.measure_here, _threads_and_cores, grid=None, session="s")
     with dispatch.start_cluster(specs) as cluster, Client(cluster, set_as_default=False) as client:
-        assert client.run_on_scheduler(dispatch._allowed_failures) == dispatch.ALLOWED_FAILURES
+        assert client.run_on_scheduler(dispatch._allowed_failures) == 0
         rows = client.gather(
             [
                 client.submit(
@@ -239,7 +240,7 @@ def two_devices():
             threads_per_worker=2,
             processes=True,
             resources={dispatch.RESOURCE: 1},
-            scheduler_kwargs={"allowed_failures": dispatch.ALLOWED_FAILURES},
+            scheduler_kwargs={"allowed_failures": 0},
             host="127.0.0.1",
             dashboard_address=":0",
             silence_logs=logging.ERROR,
@@ -282,7 +283,7 @@ def test_a_point_that_kills_its_worker_is_retried_once_then_recorded(two_devices
     runner = dispatch.DaskRunner(two_devices)
     result = sw.sweep(grid, tmp_path, runner=runner, measure=measure, progress=False)
     attempts = [tuple(e["key"]) for e in entries(log)]
-    assert attempts.count(tuple(victim)) == dispatch.ALLOWED_FAILURES + 1
+    assert attempts.count(tuple(victim)) == dispatch.RETRIES + 1
     assert sorted(set(attempts)) == sorted(sw.key_of(r) for r in runs)
     assert all(attempts.count(k) == 1 for k in set(attempts) if list(k) != victim)
     rows = {sw.key_of(r): r for r in sw.read_results(tmp_path / "results.csv")}
@@ -291,6 +292,64 @@ def test_a_point_that_kills_its_worker_is_retried_once_then_recorded(two_devices
     assert lost["status"] == "error" and "killed its worker 2 times" in lost["reason"]
     assert {r["status"] for k, r in rows.items() if list(k) != victim} == {"ok"}
     assert result.statuses == {"ok": len(runs) - 1, "error": 1}
+
+
+def test_points_waiting_behind_one_that_kills_their_worker_are_run_once_unblamed(tmp_path):
+    """One worker, one device: at both deaths of the victim the next point waits on the same
+    worker behind it, so dask fails both; only the victim is blamed."""
+    log = tmp_path / "log.jsonl"
+    runs = list(sw.Grid(**{**TINY, "methods": ("euclidean",)}).runs())[:3]
+    measure = functools.partial(killer, str(log), list(sw.key_of(runs[0])))
+    task = functools.partial(worker.measure_here, measure, grid=None, session="s", placed=True)
+    with (
+        dask.config.set(dispatch.QUIET),
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            resources={dispatch.RESOURCE: 1},
+            scheduler_kwargs={"allowed_failures": 0},
+            host="127.0.0.1",
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
+        outcomes = {
+            sw.key_of(run): outcome for run, outcome in dispatch.DaskRunner(client)(task, runs)
+        }
+    attempts = [tuple(e["key"]) for e in entries(log)]
+    assert attempts.count(sw.key_of(runs[0])) == dispatch.RETRIES + 1
+    assert [attempts.count(sw.key_of(run)) for run in runs[1:]] == [1, 1]
+    lost = outcomes[sw.key_of(runs[0])]
+    assert isinstance(lost, sw.PointLost) and "killed its worker 2 times" in lost.reason
+    assert [outcomes[sw.key_of(run)][0]["status"] for run in runs[1:]] == ["ok", "ok"]
+
+
+class Failed:
+    """A future that dask failed with the death of the worker ``address``."""
+
+    status = "error"
+
+    def __init__(self, address):
+        self.address, self.released = address, False
+
+    def exception(self):
+        from distributed.scheduler import KilledWorker
+
+        return KilledWorker("key", types.SimpleNamespace(address=self.address), 0)
+
+    def release(self):
+        self.released = True
+
+
+def test_a_dead_worker_with_two_devices_blames_its_two_first_sent_points_only():
+    held = {Failed("w"): (5, 0), Failed("w"): (3, 1), Failed("w"): (9, 2)}
+    other = Failed("v")  # failed with another worker: not handled with these
+    flying = {**held, other: (4, 3)}
+    kills = [0, 0, 0, 1]
+    assert dispatch._blame(flying, "w", 2, kills) == [2, 0, 1]  # the last sent first
+    assert kills == [1, 1, 0, 1] and list(flying) == [other]
+    assert all(f.released for f in held) and not other.released
 
 
 def synthetic(log, victim, run, grid):

@@ -1,0 +1,43 @@
+"""``python -m bench.cluster``'s overhead measurement and report, on a tiny sweep (a smoke
+test of the script: what it measures is only meaningful on the quick grid)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from riemann_core.scaling import sweep as sw
+
+from . import cluster
+
+TINY = dict(
+    base={"width": 4, "depth": 1, "out_dim": 3, "batch": 4},
+    axes={"width": (4, 6), "depth": (1,), "out_dim": (3,), "batch": (4,)},
+    repeats=1,
+    methods=("euclidean", "layerwise"),
+)
+
+
+def test_the_interleaved_measurement_reports_wall_and_timed_ratios(tmp_path):
+    sw.sweep(sw.Grid(**TINY), tmp_path / "tiny", progress=False)
+    chunks = cluster.interleaved(rounds=1, chunk=2, results=tmp_path / "tiny")
+    (chunk,) = chunks
+    assert chunk["points"] == len(sw.read_results(tmp_path / "tiny" / "results.csv"))
+    assert chunk["here"] > 0 and chunk["dask"] > 0 and chunk["fixed"] > 0
+    assert math.isfinite(chunk["timed_ratio"]) and chunk["timed_ratio"] > 0
+    record = {
+        "command": "python -m bench.cluster",
+        "environment": {"device_name": "cpu", "threads": 1, "commit": "abc"},
+        "point_seconds": 0.2,
+        "results": str(tmp_path / "tiny"),
+        "interleaved": chunks,
+        "end_to_end": [],
+        "throughput": [],
+    }
+    record["summary"] = cluster.summary(record)
+    json.dumps(record)  # what cluster.json holds
+    cluster.write(tmp_path, record)
+    text = (tmp_path / "cluster.md").read_text()
+    timed = record["summary"]["timed_ratio"]["median"]
+    assert "timed medians on the worker over those in this process" in text
+    assert f"{timed:.3f}" in text and (tmp_path / "throughput.png").exists()
