@@ -7,6 +7,10 @@
   opt.step()``): sampled Fisher (1 probe) against a plain SGD step on that network and on
   an MLP 64-32-32-10 (the per-call overhead), exact Fisher against the exact direction alone;
 * ``full`` against ``layerwise`` on networks of about 4k parameters.
+
+On the CPU, what limits each figure is measured in the same run: the time per call of
+the exact direction and of the steps by kind of operation
+(:func:`riemann_core.measure.breakdown.time_by_kind`), beside the speed of light.
 """
 
 from __future__ import annotations
@@ -107,12 +111,15 @@ def measure_targets(
     spd = a @ a.T
     spd.diagonal().add_(n)
 
+    def exact():
+        return rc.direction(model, x, y, method="layerwise")
+
     progress("-".join(map(str, NETWORK)))
     t = interleaved(
         {
             "gemm": lambda: a @ b,
             "cholesky": lambda: torch.linalg.cholesky(spd),
-            "exact": lambda: rc.direction(model, x, y, method="layerwise"),
+            "exact": exact,
             **training_steps(model, x, y, metrics=("exact", "sampled")),
         },
         rounds,
@@ -127,10 +134,10 @@ def measure_targets(
     sol_s = [costs.speed_of_light_seconds(sol_flops, r) for r in rates]
     progress("FLOP count")
     with flop_counter() as counter:
-        rc.direction(model, x, y, method="layerwise")
+        exact()
     steps = training_steps(model, x, y, metrics=("sampled",))
     where = {
-        "exact": lambda: rc.direction(model, x, y, method="layerwise"),
+        "exact": exact,
         "sgd": steps["sgd"],
         "sampled_step": steps["sampled_step"],
     }
