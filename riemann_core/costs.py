@@ -284,10 +284,13 @@ def _gram(shape: MLPShape, kernel: str, f_in: int, f: int, n: int) -> float:
 
 def _products(shape: MLPShape, kernel: str, f_in: int, f: int, n: int) -> float:
     """``K_a g_a`` and ``g_a - K_a^T t`` (structured: through ``Lambda``, one GEMM; the
-    ``d f`` products of the rows with ``Xt Xt^T Lambda`` and with ``t`` are elementwise
-    and not counted, like every elementwise kernel)."""
+    rows' products with ``Xt Xt^T Lambda`` and with ``t``, ``2 d f`` each, are batched
+    GEMMs for several rows per sample, elementwise and not counted for one)."""
     d, N = shape.d, shape.batch
-    return 4 * d * n if kernel == "generic" else 2 * N * N * f + 2 * N * f * f_in
+    if kernel == "generic":
+        return 4 * d * n
+    rows = 4 * d * f if shape.rows > 1 else 0
+    return 2 * N * N * f + 2 * N * f * f_in + rows
 
 
 def _total(cost: dict[str, float]) -> dict[str, float]:

@@ -339,11 +339,19 @@ class LinearHandler(PatchHandler):
         """``K g`` for ``g = Lambda^T Xt``: row ``(s, b)`` is
         ``delta_{s,b} . (Xt Xt^T Lambda)_b``, ``O(N^2 f_out + d f_out)``."""
         XXL = self.input_gram() @ lam
-        return (self.Dl[:, :, 0] * XXL[None]).sum(-1).reshape(self.d)
+        D = self.Dl[:, :, 0]
+        if self.r == 1:  # one row per sample: an elementwise product of the output's size
+            return (D[0] * XXL).sum(-1)
+        # per sample, (r x f)(f x 1): no r N f temporary (a fresh one costs page faults)
+        return torch.bmm(D.transpose(0, 1), XXL[:, :, None]).reshape(self.N, self.r).T.reshape(-1)
 
     def output_grad_minus_K_tmv(self, lam: Tensor, t: Tensor, scale: float = 1.0) -> list[Tensor]:
         """``scale (g - K^T t) = (scale (Lambda - U))^T Xt``, ``U_b = sum_s t_{s,b} delta_{s,b}``."""
-        U = (t.reshape(self.r, self.N, 1) * self.Dl[:, :, 0]).sum(0)
+        D = self.Dl[:, :, 0]
+        if self.r == 1:
+            U = t[:, None] * D[0]
+        else:  # per sample, (1 x r)(r x f), as for K g
+            U = torch.bmm(t.reshape(self.r, self.N).T[:, None, :], D.transpose(0, 1))[:, 0]
         return self.outer(torch.sub(lam, U).mul_(scale))
 
 

@@ -20,6 +20,7 @@ from riemann_core.woodbury import (
     diagonal_blocks,
     largest_eigenvalue,
     largest_eigenvalue_of_gram,
+    pad_with_identity,
     padded_gram,
 )
 
@@ -178,8 +179,10 @@ def test_a_gram_padded_with_an_identity_solves_the_gram(m):
     B = torch.randn(2, m, m + 3, dtype=torch.float64)
     A = B @ B.mT + torch.eye(m, dtype=torch.float64)
     buffer, gram = padded_gram(2, m, m, like=A)
+    buffer.fill_(float("nan"))  # uninitialised: whatever was there
     assert buffer.shape == (2, factor_order(m), factor_order(m)) and gram.shape == (2, m, m)
     gram.copy_(A.tril() + torch.full_like(A, float("nan")).triu(1))  # the lower triangle only
+    pad_with_identity(buffer, m)
     chol = cholesky_in_place(buffer)
     assert not chol.failed.any()
     b, R = torch.randn(2, m, dtype=torch.float64), torch.randn(2, m, 3, dtype=torch.float64)

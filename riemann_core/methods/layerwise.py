@@ -31,6 +31,7 @@ from ..woodbury import (
     column_major,
     largest_eigenvalue,
     largest_eigenvalue_of_gram,
+    pad_with_identity,
     padded_gram,
 )
 from ._base import Options, Problem
@@ -116,6 +117,7 @@ def _woodbury(problem: Problem, indices: list[int], opts: Options) -> list[Solve
     buffer, grams = padded_gram(len(handlers), d, d, like=handlers[0])
     for h, gram in zip(handlers, grams, strict=True):
         h.gram_into(gram)
+    pad_with_identity(buffer, d)
     damped(grams, mu)
     condition = largest_eigenvalue_of_gram(grams, handlers[0].N) / mu
     chol = cholesky_in_place(buffer)
