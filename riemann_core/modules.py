@@ -114,7 +114,7 @@ class Handler(ABC):
         e.g. a 5-unit layer under a 10-class output keeps 5 rows per sample, not 10.
         Only for a block solved on its own (the rows no longer match other blocks').
         """
-        m_out = self.delta[0, 0].numel()
+        m_out = math.prod(self.delta.shape[2:])
         if self.r <= m_out:
             return
         rows = self.delta.flatten(2).transpose(0, 1)  # (N, r, m_out)
@@ -175,6 +175,13 @@ def lower_gram(rows: Tensor, blocks: int, out: Tensor, add: bool, scale: Tensor 
     m = rows.shape[0] // blocks
     if scale is not None and out.stride(0) == 1:  # column-major: S is symmetric, so S^T
         scale = scale.mT  # runs along the same memory as out
+    if blocks == 1:  # one block-row: the whole (symmetric) product, in three kernels
+        product = torch.mm(rows, rows.T, out=None if add else out)
+        if scale is not None:
+            product.mul_(scale)
+        if add:
+            out.add_(product)
+        return
     for s in range(blocks):
         part = out[s * m : (s + 1) * m, : (s + 1) * m]
         product = torch.mm(
@@ -332,12 +339,20 @@ class LinearHandler(PatchHandler):
         """``K g`` for ``g = Lambda^T Xt``: row ``(s, b)`` is
         ``delta_{s,b} . (Xt Xt^T Lambda)_b``, ``O(N^2 f_out + d f_out)``."""
         XXL = self.input_gram() @ lam
-        return (self.Dl[:, :, 0] * XXL[None]).sum(-1).reshape(self.d)
+        D = self.Dl[:, :, 0]
+        if self.r == 1:  # one row per sample: an elementwise product of the output's size
+            return (D[0] * XXL).sum(-1)
+        # per sample, (r x f)(f x 1): no r N f temporary (a fresh one costs page faults)
+        return torch.bmm(D.transpose(0, 1), XXL[:, :, None]).reshape(self.N, self.r).T.reshape(-1)
 
     def output_grad_minus_K_tmv(self, lam: Tensor, t: Tensor, scale: float = 1.0) -> list[Tensor]:
         """``scale (g - K^T t) = (scale (Lambda - U))^T Xt``, ``U_b = sum_s t_{s,b} delta_{s,b}``."""
-        U = torch.einsum("sb,sbc->bc", t.reshape(self.r, self.N), self.Dl[:, :, 0])
-        return self.outer((lam - U) * scale)
+        D = self.Dl[:, :, 0]
+        if self.r == 1:
+            U = t[:, None] * D[0]
+        else:  # per sample, (1 x r)(r x f), as for K g
+            U = torch.bmm(t.reshape(self.r, self.N).T[:, None, :], D.transpose(0, 1))[:, 0]
+        return self.outer(torch.sub(lam, U).mul_(scale))
 
 
 class Conv2dHandler(PatchHandler):

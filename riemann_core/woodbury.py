@@ -10,13 +10,14 @@ instead of an ``n x n`` factorisation.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .costs import POWER_STEPS
+from .costs import POWER_STEPS, factor_order
 
 #: Relative jitter tried, in order, when a Cholesky factorisation fails.
 JITTER_SCALES = (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)
@@ -36,7 +37,8 @@ class AccuracyWarning(UserWarning):
 @dataclass(frozen=True)
 class Cholesky:
     """Lower Cholesky factor of ``A + jitter I`` and the jitter it needed; ``factor`` may
-    hold a batch of factors (``(..., m, m)``).
+    hold a batch of factors (``(..., m, m)``), or those of ``A`` padded with an identity,
+    ``A (+) I`` (:func:`padded_gram`), which solve ``A`` for the first rows.
 
     ``failed`` is a device boolean (one per factor) for a factor from
     :func:`cholesky_in_place` or :func:`cholesky_deferred`, whose success is read later;
@@ -52,9 +54,13 @@ class Cholesky:
         column = rhs.ndim == self.factor.ndim - 1
         b = rhs.to(self.factor.dtype)
         b = b[..., None] if column else b
+        m, order = b.shape[-2], self.factor.shape[-1]
+        if order > m:  # a factor of A (+) I: zero rows for the identity's, which stay zero
+            b = torch.nn.functional.pad(b, (0, 0, 0, order - m))
         # Two triangular solves: faster than cholesky_solve on CPU for few right-hand sides.
         y = torch.linalg.solve_triangular(self.factor, b, upper=False)
-        out = torch.linalg.solve_triangular(self.factor.mT, y, upper=True).to(rhs.dtype)
+        out = torch.linalg.solve_triangular(self.factor.mT, y, upper=True)[..., :m, :]
+        out = out.to(rhs.dtype)
         return out[..., 0] if column else out
 
     def __getitem__(self, i: int) -> Cholesky:
@@ -90,7 +96,30 @@ def cholesky_in_place(matrix: Tensor) -> Cholesky:
     info = torch.empty(matrix.shape[:-2], dtype=torch.int32, device=matrix.device)
     torch.linalg.cholesky_ex(matrix, out=(matrix, info))
     pivots = matrix.diagonal(dim1=-2, dim2=-1).sum(-1)
-    return Cholesky(matrix, 0.0, (info != 0) | ~torch.isfinite(pivots))
+    # p - p is NaN for a NaN or inf p and 0 otherwise: two kernels, where isfinite is four
+    return Cholesky(matrix, 0.0, info.ne(0) | (pivots - pivots).ne(0))
+
+
+def padded_gram(*shape: int, like) -> tuple[Tensor, Tensor]:
+    """``(buffer, gram)``: an uninitialised column-major ``(..., M, M)`` buffer for the
+    factorisation (``M = factor_order(m)``) and its ``(..., m, m)`` view ``gram``. Once
+    ``gram`` holds ``A``'s lower triangle, :func:`pad_with_identity` makes the buffer
+    ``A (+) I``, whose Cholesky factor is ``L (+) I``, ``L`` that of ``A``;
+    :meth:`Cholesky.solve` pads right-hand sides with zeros accordingly."""
+    *batch, m, _ = shape
+    order = factor_order(m)
+    buffer = column_major(*batch, order, order, like=like)
+    return buffer, buffer[..., :m, :m]
+
+
+def pad_with_identity(buffer: Tensor, m: int) -> None:
+    """Write the rows of ``buffer`` below its first ``m``: zeros and the identity's
+    diagonal. Called after the Gram is written, so that its GEMMs, not this strided
+    write, touch the fresh buffer's pages first (on CPU a first touch costs a page fault:
+    about 5 ms for the three 1160 x 1160 Grams of 784-1024-1024-10)."""
+    if buffer.shape[-1] > m:
+        buffer[..., m:, :].zero_()
+        buffer[..., m:, m:].diagonal(dim1=-2, dim2=-1).fill_(1)
 
 
 def column_major(*shape: int, like, zero: bool = False) -> Tensor:
@@ -142,15 +171,23 @@ def largest_eigenvalue(matrix: Tensor, steps: int = POWER_STEPS) -> Tensor:
     condition number. ``2 m^2`` FLOPs per step, no host sync.
     """
     m = matrix.shape[-1]
-    v = torch.cos(torch.arange(m, dtype=matrix.dtype, device=matrix.device) * 2.399963)
-    v = (v / v.norm()).expand(matrix.shape[:-1])[..., None]
+    A = matrix.reshape(-1, m, m)  # one bmm per step, whatever the batch dimensions
+    v = _start_vector(m, matrix.dtype, matrix.device).expand(A.shape[0], m, 1)
     tiny = torch.finfo(matrix.dtype).tiny
-    norm = v.new_zeros(matrix.shape[:-2])
-    for _ in range(steps):
-        w = matrix @ v
-        norm = w.norm(dim=(-2, -1))
-        v = w / (norm[..., None, None] + tiny)
-    return norm
+    for step in range(steps):
+        w = torch.bmm(A, v)
+        norm = torch.linalg.vector_norm(w, dim=1, keepdim=True)
+        if step < steps - 1:
+            v = w / norm.clamp_min_(tiny)
+    return norm.reshape(matrix.shape[:-2])
+
+
+@functools.lru_cache(maxsize=32)
+def _start_vector(m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The power iteration's fixed unit start vector ``(m, 1)`` (made once per size; only
+    read)."""
+    v = torch.cos(torch.arange(m, dtype=dtype, device=device) * 2.399963)
+    return (v / v.norm())[:, None]
 
 
 def diagonal_blocks(matrix: Tensor, size: int) -> Tensor:

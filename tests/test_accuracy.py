@@ -185,6 +185,44 @@ def test_jitter_above_a_tenth_of_the_damping_warns(monkeypatch):
             rc.direction(model, x, y, damping=1e-2)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_direction_is_named_and_a_large_finite_one_passes(bad):
+    """Every solve's ``x`` is read as one norm; when it is not finite, each solve is
+    examined exactly: the non-finite one is named, and entries whose squares overflow
+    float32 (a norm of inf, every entry finite) are not mistaken for it."""
+    from riemann_core._checks import Deferred
+    from riemann_core.methods._base import Problem as Blocks
+    from riemann_core.modules import Block
+
+    params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(2)]
+    blocks = [Block(f"m{i}", None, [f"m{i}.weight"], [p], (), None) for i, p in enumerate(params)]
+    opts = rc.methods.Options(damping=1.0)
+
+    def solves(x1):
+        return [
+            _solve.Solve("m0", "k", "s", [0], [torch.full((3,), 1e30)]),
+            _solve.Solve("m1", "k", "s", [1], [x1]),
+        ]
+
+    out, _ = _solve.finish(
+        Blocks(blocks, gradient=[[p] for p in params]),
+        solves(torch.ones(3)),
+        opts,
+        Deferred(),
+        "layerwise",
+    )
+    assert torch.equal(out[0][0], torch.full((3,), 1e30))
+    with pytest.raises(FloatingPointError, match="non-finite direction for 'm1'"):
+        x1 = torch.tensor([1.0, bad, 1.0])
+        _solve.finish(
+            Blocks(blocks, gradient=[[p] for p in params]),
+            solves(x1),
+            opts,
+            Deferred(),
+            "layerwise",
+        )
+
+
 @pytest.mark.parametrize("method", ["layerwise", "natural", "full"], ids=lambda m: f"method={m}")
 def test_failed_factorisation_takes_the_slow_path(method, monkeypatch):
     """A factorisation reported as failed is redone (with jitter if need be) and gives the

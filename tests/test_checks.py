@@ -229,3 +229,19 @@ def test_half_precision_model_is_refused_with_the_fix(dtype):
     model = torch.nn.Linear(4, 3).to(dtype)
     with pytest.raises(ValueError, match="model.float()"):
         rc.direction(model, torch.randn(5, 4).to(dtype), torch.randint(0, 3, (5,)))
+
+
+def test_deferred_readings_come_back_in_one_transfer_whatever_their_dtype():
+    """Booleans, counts, float32 and float64 scalars (and one-element tensors of any
+    shape) are read together, each to its value."""
+    from riemann_core._checks import to_host
+
+    scalars = [
+        torch.tensor(True),
+        torch.tensor([7], dtype=torch.int32),
+        torch.tensor(1.5),
+        torch.tensor([[0.25]], dtype=torch.float64),
+        torch.tensor(float("nan")),
+    ]
+    values = to_host(scalars)
+    assert values[:4] == [1.0, 7.0, 1.5, 0.25] and np.isnan(values[4])

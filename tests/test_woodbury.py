@@ -7,6 +7,7 @@ import torch
 from oracle import Problem, rel_error
 
 import riemann_core as rc
+from riemann_core.costs import factor_order
 from riemann_core.methods import Options, build_problem
 from riemann_core.methods.layerwise import damped_gram
 from riemann_core.woodbury import (
@@ -19,6 +20,8 @@ from riemann_core.woodbury import (
     diagonal_blocks,
     largest_eigenvalue,
     largest_eigenvalue_of_gram,
+    pad_with_identity,
+    padded_gram,
 )
 
 # (d, n): fewer rows than unknowns (the usual case) and more (rank-deficient Gram)
@@ -167,6 +170,27 @@ def test_in_place_cholesky_reads_the_lower_triangle_and_overwrites_it(dtype):
     assert rel_error(chol[2].solve(b[2]), expected[2]) < tol
 
 
+@pytest.mark.parametrize("m", [7, 64, 128])
+def test_a_gram_padded_with_an_identity_solves_the_gram(m):
+    """An order that is a multiple of 64 is factorised as ``A (+) I_8``; the factor solves
+    ``A`` for vectors and matrices as the unpadded factor does, and a batch's members too."""
+    assert factor_order(m) == (m + 8 if m % 64 == 0 else m)
+    torch.manual_seed(m)
+    B = torch.randn(2, m, m + 3, dtype=torch.float64)
+    A = B @ B.mT + torch.eye(m, dtype=torch.float64)
+    buffer, gram = padded_gram(2, m, m, like=A)
+    buffer.fill_(float("nan"))  # uninitialised: whatever was there
+    assert buffer.shape == (2, factor_order(m), factor_order(m)) and gram.shape == (2, m, m)
+    gram.copy_(A.tril() + torch.full_like(A, float("nan")).triu(1))  # the lower triangle only
+    pad_with_identity(buffer, m)
+    chol = cholesky_in_place(buffer)
+    assert not chol.failed.any()
+    b, R = torch.randn(2, m, dtype=torch.float64), torch.randn(2, m, 3, dtype=torch.float64)
+    assert rel_error(chol.solve(b), torch.linalg.solve(A, b[..., None])[..., 0]) < 1e-12
+    assert rel_error(chol.solve(R), torch.linalg.solve(A, R)) < 1e-12
+    assert rel_error(chol[1].solve(b[1]), torch.linalg.solve(A[1], b[1])) < 1e-12
+
+
 def test_in_place_cholesky_needs_column_major_memory():
     with pytest.raises(ValueError, match="column-major"):
         cholesky_in_place(torch.eye(4))
@@ -187,6 +211,9 @@ def test_largest_eigenvalue_estimate_is_a_lower_bound_within_2_5(n):
         assert 0.4 <= ratio <= 1 + 1e-12
     batched = largest_eigenvalue(torch.stack(matrices))
     torch.testing.assert_close(batched, torch.stack([largest_eigenvalue(A) for A in matrices]))
+    # any batch dimensions, any layout
+    grid = torch.stack(matrices[:4]).reshape(2, 2, n, n).mT
+    torch.testing.assert_close(largest_eigenvalue(grid), batched[:4].reshape(2, 2))
 
 
 def test_diagonal_blocks_are_views_of_any_layout():

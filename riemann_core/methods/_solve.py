@@ -25,6 +25,7 @@ a slow path builds them again from the kernels.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -79,8 +80,11 @@ def _norm(tensors: list[Tensor]) -> Tensor:
     return torch.sqrt(sum((t.double() ** 2).sum() for t in tensors))
 
 
-def _finite(tensors: list[Tensor]) -> Tensor:
-    return torch.isfinite(sum(t.sum() for t in tensors))
+def _norm_of_all(tensors: list[Tensor]) -> Tensor:
+    """The 2-norm of ``tensors`` together: finite exactly when they are, unless it
+    overflows (three ``foreach`` kernels, whatever the number of tensors; on CPU about
+    four times faster than the 1-norm or sums)."""
+    return torch.nn.utils.get_total_norm(tensors, 2.0)
 
 
 @dataclass
@@ -212,13 +216,15 @@ def finish(
             checks.require(ok, explain)
     readings = [
         [checks.read(t) if t is not None else None for t in (s.failed, s.condition, s.residual)]
-        + [checks.read(_finite(s.x))]
         for s in solves
     ]
+    # one reading for every solve's x; only when it is not finite is each solve examined
+    norm_x = checks.read(_norm_of_all([a for s in solves for a in s.x]))
     checks.run()
+    all_finite_x = math.isfinite(norm_x.value)
     model_dtype = problem.blocks[0].params[0].dtype
     diagnostics = []
-    for s, (failed, condition, residual, finite) in zip(solves, readings, strict=True):
+    for s, (failed, condition, residual) in zip(solves, readings, strict=True):
         condition = condition.value if condition is not None else None
         if failed is not None and failed.value:
             s.redo(problem, opts)
@@ -234,9 +240,9 @@ def finish(
                     AccuracyWarning,
                     stacklevel=4,
                 )
-            finite_now = all_finite(torch.stack([t.sum() for t in s.x]))
+            finite_now = all(all_finite(t) for t in s.x)
         else:
-            finite_now = bool(finite.value)
+            finite_now = all_finite_x or all(all_finite(t) for t in s.x)
         if not finite_now:
             raise FloatingPointError(
                 f"method={method!r} produced a non-finite direction for {s.name!r}; "

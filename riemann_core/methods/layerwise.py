@@ -14,7 +14,9 @@ only its own pulled-back factor.
 
 Blocks whose Grams have the same size are factorised together: their lower triangles
 are written into one ``(B, d, d)`` buffer, factorised in place by one batched Cholesky
-and solved by batched triangular solves (one call each, as a GPU wants them).
+and solved by batched triangular solves (one call each, as a GPU wants them). An order
+``d`` that is a multiple of 64 is padded with an identity (``costs.factor_order``:
+LAPACK's Cholesky is slower at such orders).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from ..woodbury import (
     column_major,
     largest_eigenvalue,
     largest_eigenvalue_of_gram,
+    pad_with_identity,
+    padded_gram,
 )
 from ._base import Options, Problem
 from ._solve import Solve
@@ -110,11 +114,13 @@ def _woodbury(problem: Problem, indices: list[int], opts: Options) -> list[Solve
     mu = opts.damping
     handlers = [problem.handlers[i] for i in indices]
     d = handlers[0].d
-    grams = column_major(len(handlers), d, d, like=handlers[0])
+    buffer, grams = padded_gram(len(handlers), d, d, like=handlers[0])
     for h, gram in zip(handlers, grams, strict=True):
-        damped_gram([h], mu, out=gram)
+        h.gram_into(gram)
+    pad_with_identity(buffer, d)
+    damped(grams, mu)
     condition = largest_eigenvalue_of_gram(grams, handlers[0].N) / mu
-    chol = cholesky_in_place(grams)
+    chol = cholesky_in_place(buffer)
     t = chol.solve(torch.stack([problem.K_gradient(i) for i in indices]))
     records = []
     for j, (i, h) in enumerate(zip(indices, handlers, strict=True)):

@@ -7,6 +7,10 @@
   opt.step()``): sampled Fisher (1 probe) against a plain SGD step on that network and on
   an MLP 64-32-32-10 (the per-call overhead), exact Fisher against the exact direction alone;
 * ``full`` against ``layerwise`` on networks of about 4k parameters.
+
+On the CPU, what limits each figure is measured in the same run: the time per call of
+the exact direction and of the steps by kind of operation
+(:func:`riemann_core.measure.breakdown.time_by_kind`), beside the speed of light.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import riemann_core as rc
 
 from .. import costs
 from ..arguments import Command
+from ..measure.breakdown import KINDS, time_by_kind
 from ..measure.flops import flop_counter
 from ..measure.problems import mlp
 from ..measure.timing import interleaved, median_ratio
@@ -106,12 +111,15 @@ def measure_targets(
     spd = a @ a.T
     spd.diagonal().add_(n)
 
+    def exact():
+        return rc.direction(model, x, y, method="layerwise")
+
     progress("-".join(map(str, NETWORK)))
     t = interleaved(
         {
             "gemm": lambda: a @ b,
             "cholesky": lambda: torch.linalg.cholesky(spd),
-            "exact": lambda: rc.direction(model, x, y, method="layerwise"),
+            "exact": exact,
             **training_steps(model, x, y, metrics=("exact", "sampled")),
         },
         rounds,
@@ -126,12 +134,20 @@ def measure_targets(
     sol_s = [costs.speed_of_light_seconds(sol_flops, r) for r in rates]
     progress("FLOP count")
     with flop_counter() as counter:
-        rc.direction(model, x, y, method="layerwise")
+        exact()
+    steps = training_steps(model, x, y, metrics=("sampled",))
+    where = {
+        "exact": exact,
+        "sgd": steps["sgd"],
+        "sampled_step": steps["sampled_step"],
+    }
 
     progress(f"per-call overhead, {'-'.join(map(str, SMALL_NETWORK))}")
     small = mlp(SMALL_NETWORK).to(device, dtype)
     xs, ys = data(SMALL_NETWORK)
-    ts = interleaved(training_steps(small, xs, ys, metrics=("sampled",)), 5 * rounds, device)
+    small_steps = training_steps(small, xs, ys, metrics=("sampled",))
+    ts = interleaved(small_steps, 5 * rounds, device)
+    where |= {f"small_{name}": call for name, call in small_steps.items()}
 
     result = {
         "gemm_flops_per_s": statistics.median(r["products"] for r in rates),
@@ -160,6 +176,7 @@ def measure_targets(
             ),
         ],
         "small": [],
+        "time_by_kind": time_by_kinds(where, device, quick),
     }
     for w in SMALL_NETWORKS[:2] if quick else SMALL_NETWORKS:
         progress(f"full vs layerwise, {'-'.join(map(str, w))}")
@@ -185,6 +202,46 @@ def measure_targets(
         )
         result["figures"].append(figure("full_vs_layerwise", w, ratio))
     return result
+
+
+#: The calls :func:`time_by_kinds` profiles, as the tables name them.
+PROFILED = {
+    "exact": "exact layerwise direction",
+    "sgd": "SGD step",
+    "sampled_step": "step with pre.backward, sampled",
+    "small_sgd": "SGD step",
+    "small_sampled_step": "step with pre.backward, sampled",
+}
+
+
+def time_by_kinds(calls: dict, device, quick: bool) -> dict | None:
+    """``{name: {kind: seconds per call}}`` (:func:`riemann_core.measure.breakdown.time_by_kind`)
+    of the figures' calls: what limits each figure, kind by kind. ``None`` off the CPU,
+    whose profiler does not see a GPU's kernels."""
+    if torch.device(device).type != "cpu":
+        return None
+    return {
+        name: time_by_kind(call, calls=(2 if quick else 5) * (1 + 9 * name.startswith("small")))
+        for name, call in calls.items()
+    }
+
+
+def _kind_rows(result: dict) -> list[tuple[str, str, dict[str, float], float | None]]:
+    """``(network, call, {kind: ms}, total ms)`` rows, the exact direction's speed of
+    light under it (its products and Cholesky, no total)."""
+    kinds, rows = result["time_by_kind"], []
+    for name, what in PROFILED.items():
+        net = result["small_network"] if name.startswith("small") else result["network"]
+        ms = {k: s * 1e3 for k, s in kinds[name].items()}
+        rows.append(("-".join(map(str, net)), what, ms, sum(ms.values())))
+        if name == "exact":
+            sol = result["speed_of_light_flops"]
+            light = {
+                "products": sol["products"] / result["gemm_flops_per_s"] * 1e3,
+                "cholesky": sol["cholesky"] / result["cholesky_flops_per_s"] * 1e3,
+            }
+            rows.append(("", "its speed of light", light, None))
+    return rows
 
 
 def missed(result: dict) -> list[str]:
@@ -224,6 +281,16 @@ def format_targets(result: dict) -> str:
             f"  {'-'.join(map(str, s['network'])):>14} ({s['n_params']} params): layerwise "
             f"{s['layerwise_s'] * 1e3:8.2f} ms, full {s['full_s'] * 1e3:8.2f} ms"
         )
+    if result.get("time_by_kind"):
+        lines.append(
+            "Where the time goes, ms per call (CPU profiler; overhead: Python, hooks, "
+            "autograd, dispatch):"
+        )
+        lines.append(f"  {'':>16}  {'':<36}" + "".join(f"{k:>11}" for k in KINDS) + "      total")
+        for net, what, ms, total in _kind_rows(result):
+            cells = "".join(f"{ms[k]:11.2f}" if k in ms else f"{'':>11}" for k in KINDS)
+            end = f"{total:11.2f}" if total is not None else ""
+            lines.append(f"  {net:>16}  {what:<36}{cells}{end}")
     lines.append("Goals:")
     for f in result["figures"]:
         lines.append(
@@ -263,6 +330,22 @@ def markdown_targets(result: dict, command: str) -> str:
         "the public implementation: [kfac.md](kfac.md).",
         "",
     ]
+    if result.get("time_by_kind"):
+        lines += [
+            "Where the time goes, in ms per call, by kind of operation (CPU profiler, "
+            "`riemann_core.measure.breakdown`): products (GEMMs), Cholesky (with the "
+            "triangle it clears), triangular solves, other operations (elementwise, "
+            "reductions, copies) and overhead (Python, hooks, autograd, dispatch).",
+            "",
+            "| network | call | " + " | ".join(KINDS) + " | total |",
+            "|---|---|" + "---:|" * (len(KINDS) + 1),
+        ]
+        for net, what, ms, total in _kind_rows(result):
+            cells = " | ".join(f"{ms[k]:.2f}" if k in ms else "" for k in KINDS)
+            lines.append(
+                f"| {net} | {what} | {cells} | {'' if total is None else f'{total:.2f}'} |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -54,3 +54,23 @@ def test_targets_exits_1_when_a_core_figure_misses_and_writes_the_table(
     rows = [line for line in page.splitlines() if line.startswith("| 8-4-2 |")]
     assert len(rows) == len(ratios)
     assert sum(row.endswith("| missed |") for row in rows) == (missed is not None)
+
+
+def test_the_time_by_kind_of_each_figure_is_tabled_beside_the_speed_of_light():
+    """Each profiled call's milliseconds per kind and in total, the exact direction's
+    speed of light (products and Cholesky at the measured rates) under it."""
+    from riemann_core.measure.breakdown import KINDS
+
+    result = core_result()
+    result["time_by_kind"] = {
+        name: {kind: 1e-3 * (i + 1) for i, kind in enumerate(KINDS)} for name in targets.PROFILED
+    }
+    page = targets.markdown_targets(result, "riemann-bench targets")
+    rows = [line for line in page.splitlines() if line.startswith("| 8-4-2 |")]
+    rows += [line for line in page.splitlines() if line.startswith("| 4-2 |")]
+    assert len([r for r in rows if r.endswith("| 15.00 |")]) == len(targets.PROFILED)
+    # 1e8 product FLOPs at 1e11 FLOP/s, 1e7 Cholesky FLOPs at 2e10 FLOP/s
+    assert "|  | its speed of light | 1.00 | 0.50 |  |  |  |  |" in page
+    text = targets.format_targets(result)
+    assert "Where the time goes" in text and text.count("step with pre.backward, sampled") >= 2
+    assert "Where the time goes" not in targets.format_targets(core_result())  # off the CPU

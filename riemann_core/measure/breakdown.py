@@ -1,0 +1,66 @@
+"""Where a call's wall-clock time goes, by kind of operation (on CPU).
+
+:func:`time_by_kind` runs a call under ``torch.profiler`` and attributes the self time of
+every aten operation to the kind of the nearest operation, itself or an enclosing one,
+that :data:`KIND_OF_OP` names: ``products`` (GEMMs, matrix-vector products),
+``cholesky`` (``linalg_cholesky_ex`` with the copies and the triangle it clears),
+``triangular`` (triangular solves); every other operation is ``other ops`` (elementwise
+kernels, reductions, copies, the rest of the linear algebra). ``overhead`` is the rest
+of the call's wall-clock time, timed without the profiler: Python, module hooks,
+autograd's bookkeeping, the dispatcher. On CPU an operation's time is its wall-clock time
+on the calling thread (intra-op threads included), so the kinds add up to the call.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+from torch.profiler import ProfilerActivity, profile
+
+KIND_OF_OP = {
+    "aten::mm": "products",
+    "aten::addmm": "products",
+    "aten::bmm": "products",
+    "aten::baddbmm": "products",
+    "aten::mv": "products",
+    "aten::addmv": "products",
+    "aten::dot": "products",
+    "aten::linalg_cholesky_ex": "cholesky",
+    "aten::linalg_solve_triangular": "triangular",
+    "aten::cholesky_solve": "triangular",
+}
+KINDS = ("products", "cholesky", "triangular", "other ops", "overhead")
+
+
+def _kind(event) -> str:
+    while event is not None:
+        kind = KIND_OF_OP.get(event.name)
+        if kind is not None:
+            return kind
+        event = event.cpu_parent
+    return "other ops"
+
+
+def time_by_kind(call: Callable[[], object], calls: int = 3) -> dict[str, float]:
+    """Seconds per call of ``call()`` by kind (:data:`KINDS`, see the module docstring):
+    the operations' averaged over ``calls`` profiled calls; the overhead is the median
+    wall-clock time of as many unprofiled calls less that (the profiler costs several
+    microseconds per operation, which would otherwise count as overhead), or 0 where the
+    machine slowed down between the two."""
+    call()
+    walls = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        call()
+        walls.append(time.perf_counter() - start)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            call()
+    seconds = dict.fromkeys(KINDS, 0.0)
+    for event in prof.events():
+        if event.name.startswith("aten::"):
+            seconds[_kind(event)] += event.self_cpu_time_total * 1e-6 / calls
+    seconds["overhead"] = max(statistics.median(walls) - sum(seconds.values()), 0.0)
+    return seconds

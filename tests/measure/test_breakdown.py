@@ -1,0 +1,46 @@
+"""``measure.breakdown``: a call's wall-clock time by kind of operation."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from riemann_core.measure.breakdown import KIND_OF_OP, KINDS, time_by_kind
+
+
+def test_time_by_kind_attributes_each_operation():
+    """A GEMM is a product, a Cholesky a Cholesky, a sum another operation; a call that
+    runs no operation is all overhead (its wall-clock time, timed without the profiler)."""
+    torch.manual_seed(0)
+    a = torch.randn(256, 256)
+    spd = a @ a.T + 256 * torch.eye(256)
+
+    def call():
+        torch.linalg.cholesky_ex(spd)
+        a @ a
+        a.sum()
+
+    seconds = time_by_kind(call, calls=2)
+    assert set(seconds) == set(KINDS)
+    assert seconds["products"] > 0 and seconds["cholesky"] > 0 and seconds["other ops"] > 0
+    assert seconds["triangular"] == 0 and seconds["overhead"] >= 0
+    idle = time_by_kind(lambda: time.sleep(0.01), calls=2)
+    assert idle["overhead"] >= 0.01
+    assert all(idle[k] == 0 for k in KINDS if k != "overhead")
+
+
+def test_an_operation_inside_a_named_one_takes_its_kind():
+    """``linalg_cholesky_ex`` clears a triangle by ``tril`` inside itself: Cholesky's
+    time; ``tril`` on its own, or inside an unnamed composite, is another operation."""
+    from types import SimpleNamespace as Event
+
+    from riemann_core.measure.breakdown import _kind
+
+    cholesky = Event(name="aten::linalg_cholesky_ex", cpu_parent=None)
+    assert _kind(Event(name="aten::tril", cpu_parent=cholesky)) == "cholesky"
+    linear = Event(name="aten::linear", cpu_parent=None)
+    assert _kind(Event(name="aten::addmm", cpu_parent=linear)) == "products"
+    assert _kind(linear) == "other ops"
+    assert _kind(Event(name="aten::tril", cpu_parent=None)) == "other ops"
+    assert KIND_OF_OP["aten::linalg_solve_triangular"] == "triangular"
