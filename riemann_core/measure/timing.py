@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..costs import factor_order
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -85,20 +87,25 @@ def device_rates(
     """FLOP/s of each of :data:`RATE_KINDS` at size ``n``, one figure per timed call.
 
     ``products``: an ``n x n`` by ``n x n`` GEMM (``2 n^3``); ``cholesky``: Cholesky of an
-    ``n x n`` positive definite matrix (``n^3 / 3``); ``triangular``: a triangular solve
-    with ``n`` right-hand sides (``n^3``). At a large ``n`` (2048-4096 on a CPU, 16384 on
-    a GPU) these are the best rates the device reaches for each kind: the yardsticks of
-    the speed of light. The inputs come from a generator on ``device``.
+    ``m x m`` positive definite matrix (``m^3 / 3``); ``triangular``: a triangular solve
+    of order ``m`` with ``m`` right-hand sides (``m^3``), where ``m`` is
+    :func:`~riemann_core.costs.factor_order` of ``n``: ``n + 8`` for a multiple of 64, an
+    order at which LAPACK's Cholesky (MKL's) runs up to 2x slower, and at which the
+    layerwise metric never factorises. At a large ``n`` (2048-4096 on a CPU, 16384 on a GPU)
+    these are the best rates the device reaches for each kind: the yardsticks of the speed
+    of light. The inputs come from a generator on ``device``.
     """
     generator = torch.Generator(device).manual_seed(seed)
     a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=generator) for _ in range(2))
-    spd = a @ a.T
-    spd.diagonal().add_(n)
+    m = factor_order(n)
+    c = torch.randn(m, m, device=device, dtype=dtype, generator=generator)
+    spd = c @ c.T
+    spd.diagonal().add_(m)
     lower = torch.linalg.cholesky(spd)
     calls = {
         "products": (lambda: a @ b, 2 * n**3),
-        "cholesky": (lambda: torch.linalg.cholesky(spd), n**3 / 3),
-        "triangular": (lambda: torch.linalg.solve_triangular(lower, b, upper=False), n**3),
+        "cholesky": (lambda: torch.linalg.cholesky(spd), m**3 / 3),
+        "triangular": (lambda: torch.linalg.solve_triangular(lower, c, upper=False), m**3),
     }
     return {
         kind: [flops / t for t in measure(fn, repeats=repeats, device=device).times]
