@@ -14,10 +14,12 @@ Needs pandas (the ``bench`` extra).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 
 import pandas as pd
 
+from ..measure.timing import RATE_KINDS
 from . import fit, validate
 
 #: the name of rows whose device is not known (a lost point of a sweep over several devices)
@@ -25,8 +27,10 @@ UNKNOWN = "unknown device"
 
 
 def named(df: pd.DataFrame, meta: Mapping) -> pd.DataFrame:
-    """``df`` with a ``device_name`` in every row: where blank, the sweep's device if it
-    has one (:data:`UNKNOWN` if it has several)."""
+    """``df`` with a ``device_name`` in every row (where blank, the sweep's device if it
+    has one, :data:`UNKNOWN` if it has several) and the best rate of each kind its device
+    reached in its dtype during the sweep (``best_rate_<kind>``, FLOP/s; NaN where not
+    measured), which bound the time models' rates (:func:`~.fit.fit_time_model`)."""
     recorded = meta.get("devices") or {}
     if len(recorded) == 1:
         fallback = next(iter(recorded))
@@ -35,7 +39,19 @@ def named(df: pd.DataFrame, meta: Mapping) -> pd.DataFrame:
     else:
         fallback = UNKNOWN
     names = df["device_name"] if "device_name" in df else pd.Series("", index=df.index)
-    return df.assign(device_name=names.fillna("").astype(str).replace("", fallback))
+    df = df.assign(device_name=names.fillna("").astype(str).replace("", fallback))
+    best = {
+        (name, dtype): fit.best_rates(device_meta(meta, name), dtype)
+        for name, dtype in set(zip(df["device_name"], df["dtype"]))
+    }
+    return df.assign(
+        **{
+            f"best_rate_{kind}": [
+                best[key].get(kind, math.nan) for key in zip(df["device_name"], df["dtype"])
+            ]
+            for kind in RATE_KINDS
+        }
+    )
 
 
 def device_meta(meta: Mapping, name: str) -> dict:

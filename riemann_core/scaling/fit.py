@@ -13,8 +13,13 @@ around a base point (``sweep.json``'s ``base``); the base point belongs to every
   by non-negative least squares on relative residuals over the counted FLOPs by kind
   (:data:`riemann_core.measure.flops.KINDS`): ``t0`` is the per-call overhead,
   ``t_module`` the overhead per module (``L`` Linear modules), ``R_kind`` the achieved
-  rate of each kind of operation. A point is *compute-bound* where the overhead
-  ``t0 + t_module L`` is at most a stated fraction of its time.
+  rate of each kind of operation, at most :data:`RATE_HEADROOM` times the device's best
+  rate of that kind measured in the sweep (``best_rate_<kind>`` columns, where the rows
+  have them). Unbounded, kinds whose FLOPs grow alike along the axes trade time freely:
+  a Cholesky fitted at ten times the device's best rate hands its time to the triangular
+  solves, and the slope of time against work then judges that mixture, not the device.
+  A point is *compute-bound* where the overhead ``t0 + t_module L`` is at most a stated
+  fraction of its time.
 - **Time against work** (:func:`time_exponent`, :func:`axis_regime`): along an axis, the
   slope of ``log(t - overhead)`` against ``log`` of the modelled compute time
   ``sum F_kind / R_kind`` over the top segment of compute-bound points; 1 when the time is
@@ -37,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import nnls
+from scipy.optimize import lsq_linear
 
 from ..measure.flops import KINDS
 from . import sweep
@@ -52,6 +57,10 @@ FIT_X = {"width": "n_params", "depth": "layers", "out_dim": "d", "batch": "d"}
 #: a sweep may hold several of these; a fit takes one of each (tables group by them);
 #: ``device_name``: a sweep on a cluster may hold several kinds of device
 SETTINGS = ("device", "device_name", "dtype", "output_metric")
+
+#: an achieved rate may exceed the device's best measured one by this factor: its
+#: measurements during a sweep move by up to 20% before a report calls its speed unsteady
+RATE_HEADROOM = 1.25
 
 #: a point is compute-bound where the overhead ``t0 + t_module L`` is at most this
 #: fraction of its time
@@ -317,8 +326,10 @@ def fit_time_model(rows: pd.DataFrame) -> TimeModel:
     """:class:`TimeModel` of ``rows`` (one method, kernel and device, ok points).
 
     Minimises ``sum_i ((t_model_i - t_i) / t_i)^2`` with every coefficient >= 0, so a 1 ms
-    point weighs as much as a 1 s one; kinds with no FLOPs at any point are left out.
-    Needs more points than coefficients.
+    point weighs as much as a 1 s one, and ``1 / R_kind >= 1 / (RATE_HEADROOM best)`` for
+    each kind whose device's best rate ``rows`` carry (``best_rate_<kind>``: see
+    :func:`~riemann_core.scaling.devices.named`); kinds with no FLOPs at any point are
+    left out. Needs more points than coefficients.
     """
     require_columns(rows, ("time_median_s", "depth", *FLOP_COLUMNS))
     t = rows["time_median_s"].to_numpy(float)
@@ -335,7 +346,12 @@ def fit_time_model(rows: pd.DataFrame) -> TimeModel:
     weighted = features / t[:, None]
     scale = np.abs(weighted).max(axis=0)
     scale[scale == 0] = 1.0
-    coef = nnls(weighted / scale, np.ones_like(t))[0] / scale
+    lowest = np.zeros(features.shape[1])  # seconds per unit of each feature
+    for i, kind in enumerate(kinds, start=2):
+        best = rows[f"best_rate_{kind}"].iloc[0] if f"best_rate_{kind}" in rows else math.nan
+        if math.isfinite(best) and best > 0:
+            lowest[i] = 1 / (RATE_HEADROOM * best)
+    coef = lsq_linear(weighted / scale, np.ones_like(t), bounds=(lowest * scale, np.inf)).x / scale
     model = features @ coef
     return TimeModel(
         t0=float(coef[0]),

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 from synthetic import BASE, Machine, make_sweep
 
-from riemann_core.scaling import fit
+from riemann_core.measure.timing import RATE_KINDS
+from riemann_core.scaling import devices, fit
 from riemann_core.scaling import sweep as sw
 
 
@@ -94,6 +95,28 @@ def test_time_model_recovers_the_overhead_and_the_rate_of_each_kind():
     assert model.predict(df) == pytest.approx(df["time_median_s"].to_numpy(), rel=1e-6)
     with pytest.raises(ValueError, match="needs more than that many points"):
         fit.fit_time_model(df.iloc[:3])
+
+
+def test_the_time_model_s_rates_stay_within_the_device_s_best_ones():
+    machine = Machine(t0=2e-3, t_module=3e-4, rates={"products": 4e10, "cholesky": 8e9})
+    df, _ = make_sweep(machine, runs=(("natural", "structured"),), noise=0)
+    slower = df.assign(best_rate_products=1e10, best_rate_cholesky=1e12)  # products capped
+    model = fit.fit_time_model(slower)
+    assert model.rates["products"] == pytest.approx(fit.RATE_HEADROOM * 1e10, rel=1e-6)
+    assert model.rates["cholesky"] < 1e12 * fit.RATE_HEADROOM
+    assert model.median_error > 0.01  # the capped rate cannot explain the times any more
+    unknown = df.assign(best_rate_products=float("nan"))  # not measured: no bound
+    assert fit.fit_time_model(unknown).rates == pytest.approx(fit.fit_time_model(df).rates)
+
+
+def test_named_rows_carry_their_device_s_best_rates_in_their_dtype():
+    df, meta = make_sweep()
+    rows = devices.named(df, meta)
+    best = fit.best_rates(meta, fit.ok_dtype(df))
+    assert best  # the synthetic sweep measured some kinds, not every one
+    for kind in RATE_KINDS:
+        column = rows[f"best_rate_{kind}"]
+        assert (column == best[kind]).all() if kind in best else column.isna().all()
 
 
 def test_time_exponent_is_one_where_time_follows_the_work():
