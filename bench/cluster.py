@@ -7,7 +7,8 @@ writes ``cluster.json`` (every timing, the environment, the command), ``cluster.
 
 * **interleaved**: the points of the quick grid, or with ``--results DIR`` every point of
   the sweep in ``DIR`` (the grid's and those its growth added: a ``run --quick`` measures
-  both), measured in this process and on one worker of the local cluster in turn,
+  both), measured in one process and on one worker of the local cluster in turn (each
+  round in a fresh process with a fresh cluster, both as cold as at a sweep's start),
   ``--chunk`` points at a time (through the runner, as in a sweep), the order alternating,
   so that both see the same machine within seconds (a shared machine's speed drifts by more
   than the effect over minutes); with the cluster's fixed cost (start-up with the worker's
@@ -60,9 +61,30 @@ def _warm_up() -> None:
 
 
 def interleaved(rounds: int, chunk: int, results: Path | None = None) -> list[dict]:
-    """Per round: seconds of the quick grid's points (or of every point of the sweep in
-    ``results``) here and on one local worker, taken ``chunk`` points at a time in turn (the
-    order alternating), and the local cluster's start-up and shut-down."""
+    """Per round, in a fresh process (as a sweep starts: a process that has measured the
+    points before would run them faster, with its caches warm, than the fresh worker):
+    seconds of the quick grid's points (or of every point of the sweep in ``results``)
+    here and on one local worker, taken ``chunk`` points at a time in turn (the order
+    alternating), the local cluster's start-up and shut-down, and the median over points
+    of their timed medians on the worker over those here."""
+    command = [sys.executable, "-m", "bench.cluster", "--out", ".", "--chunk", str(chunk)]
+    command += [] if results is None else ["--results", str(Path(results).resolve())]
+    records = []
+    for r in range(rounds):
+        done = subprocess.run(
+            [*command, "--one-round", str(r)],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        records.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"interleaved, round {r}: {records[-1]}", file=sys.stderr)
+    return records
+
+
+def one_round(r: int, chunk: int, results: Path | None = None) -> dict:
+    """One round of :func:`interleaved`, in this process."""
     from distributed import Client
 
     from riemann_core.scaling import dispatch, worker
@@ -73,49 +95,42 @@ def interleaved(rounds: int, chunk: int, results: Path | None = None) -> list[di
     if results is not None:
         runs = [sw.run_of(row) for row in sw.read_results(results / "results.csv")]
     chunks = [runs[i : i + chunk] for i in range(0, len(runs), chunk)]
-    records = []
-    for r in range(rounds):
-        start = time.perf_counter()
-        cluster = dispatch.start_cluster(dispatch.local_workers("cpu"))
-        client = Client(cluster, set_as_default=False)
-        client.run(_warm_up)
-        started = time.perf_counter()
-        runner = dispatch.DaskRunner(client)
-        task = functools.partial(worker.measure_here, sw.measure_point, grid=grid, session=str(r))
-        there = functools.partial(task, placed=True)
-        seconds = {"here": 0.0, "dask": 0.0}
-        timed: dict[str, dict] = {"here": {}, "dask": {}}  # point -> its timed median
-        for i, part in enumerate(chunks):
-            for mode in ("here", "dask") if (i + r) % 2 == 0 else ("dask", "here"):
-                t = time.perf_counter()
-                if mode == "here":
-                    outcomes = [(run, task(run)) for run in part]
-                else:
-                    outcomes = list(runner(there, part))
-                seconds[mode] += time.perf_counter() - t
-                for run, outcome in outcomes:
-                    row = outcome[0] if isinstance(outcome, tuple) else {}
-                    if row.get("status") == "ok":
-                        timed[mode][sw.key_of(run)] = row["time_median_s"]
-        closing = time.perf_counter()
-        client.close()
-        cluster.close()
-        fixed = started - start + time.perf_counter() - closing
-        records.append(
-            {
-                **seconds,
-                "fixed": fixed,
-                "points": len(runs),
-                "chunk": chunk,
-                "ratio": (seconds["dask"] + fixed) / seconds["here"],
-                "timed_ratio": statistics.median(
-                    timed["dask"][k] / timed["here"][k]
-                    for k in timed["here"].keys() & timed["dask"]
-                ),
-            }
-        )
-        print(f"interleaved, round {r}: {records[-1]}", file=sys.stderr)
-    return records
+    start = time.perf_counter()
+    cluster = dispatch.start_cluster(dispatch.local_workers("cpu"))
+    client = Client(cluster, set_as_default=False)
+    client.run(_warm_up)
+    started = time.perf_counter()
+    runner = dispatch.DaskRunner(client)
+    task = functools.partial(worker.measure_here, sw.measure_point, grid=grid, session=str(r))
+    there = functools.partial(task, placed=True)
+    seconds = {"here": 0.0, "dask": 0.0}
+    timed: dict[str, dict] = {"here": {}, "dask": {}}  # point -> its timed median
+    for i, part in enumerate(chunks):
+        for mode in ("here", "dask") if (i + r) % 2 == 0 else ("dask", "here"):
+            t = time.perf_counter()
+            if mode == "here":
+                outcomes = [(run, task(run)) for run in part]
+            else:
+                outcomes = list(runner(there, part))
+            seconds[mode] += time.perf_counter() - t
+            for run, outcome in outcomes:
+                row = outcome[0] if isinstance(outcome, tuple) else {}
+                if row.get("status") == "ok":
+                    timed[mode][sw.key_of(run)] = row["time_median_s"]
+    closing = time.perf_counter()
+    client.close()
+    cluster.close()
+    fixed = started - start + time.perf_counter() - closing
+    return {
+        **seconds,
+        "fixed": fixed,
+        "points": len(runs),
+        "chunk": chunk,
+        "ratio": (seconds["dask"] + fixed) / seconds["here"],
+        "timed_ratio": statistics.median(
+            timed["dask"][k] / timed["here"][k] for k in timed["here"].keys() & timed["dask"]
+        ),
+    }
 
 
 def end_to_end(rounds: int, extra: list[str]) -> list[dict]:
@@ -233,7 +248,9 @@ def write(out: Path, record: dict) -> None:
             f"The {chunks[0]['points']} points of {source or 'the quick grid'} measured in one "
             "process and on one "
             f"worker of the local cluster in turn, {chunks[0]['chunk']} at a time, the order "
-            f"alternating, in {len(chunks)} rounds; the dask side includes the cluster's "
+            f"alternating, in {len(chunks)} rounds, each in a fresh process with a fresh "
+            "cluster (a process that measured the points before runs them faster, its "
+            "caches warm); the dask side includes the cluster's "
             f"start-up and shut-down ({result['fixed_s']:.1f} s, median). Dask path over "
             f"in-process loop: **{ratio['median']:.3f}** (median; {ratio['min']:.3f} to "
             f"{ratio['max']:.3f} over rounds); the points alone: {points['median']:.3f} "
@@ -319,7 +336,11 @@ def main(argv: list[str] | None = None) -> int:
         help="interleave every point of the sweep in DIR (its results.csv) instead of the "
         "quick grid's, e.g. a run --quick's, grown points included",
     )
+    parser.add_argument("--one-round", type=int, help=argparse.SUPPRESS)  # see interleaved
     args = parser.parse_args(argv)
+    if args.one_round is not None:
+        print(json.dumps(one_round(args.one_round, args.chunk, args.results)))
+        return 0
     from riemann_core.measure.environment import environment
     from riemann_core.measure.output import write_atomic
 
