@@ -24,8 +24,8 @@ writes ``cluster.json`` (every timing, the environment, the command), ``cluster.
   grid and at the end;
 * **throughput**: points per second of simulated clusters of 1, 2 and 4 workers, each with
   one fake ``device`` resource, running points of a known duration (a sleep) through the
-  sweep's own loop and runner, against the ideal ``workers / duration``; start-up timed
-  apart.
+  sweep's own loop and runner (one point queued per device, as on GPUs: a sleep shares no
+  cores with the client), against the ideal ``workers / duration``; start-up timed apart.
 
 Not an asv benchmark: asv imports this module (it lies in the benchmark directory), so
 dask is imported only when it runs.
@@ -100,7 +100,7 @@ def one_round(r: int, chunk: int, results: Path | None = None) -> dict:
     client = Client(cluster, set_as_default=False)
     client.run(_warm_up)
     started = time.perf_counter()
-    runner = dispatch.DaskRunner(client)
+    runner = dispatch.DaskRunner(client, queued=dispatch.queued_for("cpu"))  # as a sweep's
     task = functools.partial(worker.measure_here, sw.measure_point, grid=grid, session=str(r))
     there = functools.partial(task, placed=True)
     seconds = {"here": 0.0, "dask": 0.0}
@@ -174,7 +174,8 @@ def throughput(rounds: int, seconds: float) -> list[dict]:
                 client.run(_warm_up)  # imports: part of start-up, as in a long sweep
                 started = time.perf_counter()
                 with tempfile.TemporaryDirectory() as out:
-                    runner = dispatch.DaskRunner(client)
+                    # one point queued per device, as on GPUs: a sleep shares no cores
+                    runner = dispatch.DaskRunner(client, queued=1)
                     sw.sweep(grid, Path(out), runner=runner, measure=measure, progress=False)
                 done = time.perf_counter()
             records.append(
@@ -255,8 +256,7 @@ def write(out: Path, record: dict) -> None:
             f"in-process loop: **{ratio['median']:.3f}** (median; {ratio['min']:.3f} to "
             f"{ratio['max']:.3f} over rounds); the points alone: {points['median']:.3f} "
             f"({points['min']:.3f} to {points['max']:.3f}). The points' own timed medians "
-            "on the worker over those in this process (the median over points; each worker "
-            "point has the next one waiting behind it): "
+            "on the worker over those in this process (the median over points): "
             f"{timed['median']:.3f} ({timed['min']:.3f} to {timed['max']:.3f} over rounds).",
             "",
         ]
@@ -280,7 +280,8 @@ def write(out: Path, record: dict) -> None:
         "## Throughput of a simulated cluster",
         "",
         f"The quick grid's {points} runs, each a {record['point_seconds']:g} s sleep, through "
-        "the sweep's loop on workers with one fake device each (medians over "
+        "the sweep's loop on workers with one fake device each, one point queued behind "
+        "the running one as on GPUs (medians over "
         f"{len({r['round'] for r in record['throughput']})} rounds; start-up apart):",
         "",
         "| workers | points/s | ideal | efficiency | start-up [s] |",

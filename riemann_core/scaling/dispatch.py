@@ -63,8 +63,6 @@ RESOURCE = "device"
 #: retries of a point that killed its worker, each on a surviving or restarted worker, before
 #: it is recorded lost; the runner decides them, so the scheduler must retry nothing itself
 RETRIES = 1
-#: points waiting on a worker behind each one its devices run
-QUEUED = 1
 #: seconds between the checks, while no point completes, that a worker offers the resource
 CHECK_EVERY = 2.0
 #: dask's own periodic work in a worker, its nanny and the scheduler, slowed down: each
@@ -341,11 +339,13 @@ class DaskRunner:
     """The sweep's :class:`~riemann_core.scaling.sweep.Runner` on a dask cluster: each
     point holds one ``device`` resource, and results are yielded as they complete.
 
-    **Pipelined.** Each device has :data:`QUEUED` point(s) waiting on its worker behind the
-    one it runs, so that it starts the next point the moment one ends instead of a round
-    trip through the scheduler and the client later (about 10 ms on a small CPU host: 5% of
-    a quick sweep). What the worker's event loop does meanwhile (sending the result, taking
-    the next point) lands in the next point's untimed set-up, before its warm-up.
+    **Queued points** (``queued``, per device): points waiting on a worker behind the one
+    it runs, so that it starts the next the moment one ends instead of a round trip through
+    the scheduler and the client later (about 12 ms on a small CPU host). The client's and
+    the scheduler's work on each result then runs during the next point: on a CPU host,
+    whose cores that point's threads own, it raised the points' timed medians by 3-5%
+    (``python -m bench.cluster``), so CPU points are sent one at a time
+    (:func:`queued_for`); a GPU point's work is on its GPU.
 
     **Blame.** When a worker dies, dask fails every point it held, the ones waiting as well
     as the one running. The scheduler retries none of them itself (``allowed_failures=0``):
@@ -363,8 +363,9 @@ class DaskRunner:
 
     placed = True
 
-    def __init__(self, client: Client, *, patience: float = 120.0):
+    def __init__(self, client: Client, *, queued: int = 0, patience: float = 120.0):
         self.client = client
+        self.queued = queued
         self.patience = patience
 
     def __call__(
@@ -380,7 +381,7 @@ class DaskRunner:
         seen = checked = time.monotonic()
 
         def refill() -> None:
-            while waiting and len(flying) < (1 + QUEUED) * sum(offering.values()):
+            while waiting and len(flying) < (1 + self.queued) * sum(offering.values()):
                 index, order = waiting.pop(), next(sent)
                 future = self.client.submit(  # a worker starts the highest priority first
                     task, runs[index], resources={RESOURCE: 1}, priority=-order, pure=False
@@ -520,9 +521,16 @@ def _outcome(future) -> object:
     return PointLost(f"{type(err).__name__} on the worker: {err}"[:300])
 
 
+def queued_for(device: str | torch.device) -> int:
+    """Points queued behind each running one (:class:`DaskRunner`): one on a GPU, none on a
+    CPU host, where the client's work between points would share the timed cores. (Not
+    measured on a GPU: none was at hand.)"""
+    return 1 if torch.device(device).type == "cuda" else 0
+
+
 @contextmanager
 def runner(options: ClusterOptions, device: str | torch.device) -> Iterator[DaskRunner]:
     """A :class:`DaskRunner` on the cluster ``options`` describe, its workers checked."""
     with cluster(options, device) as client:
         check_workers(client, device)
-        yield DaskRunner(client)
+        yield DaskRunner(client, queued=queued_for(device))

@@ -274,13 +274,14 @@ def test_every_point_runs_once_one_at_a_time_per_worker_as_in_process(two_device
     assert [sw.key_of(r) for r in result.rows] == [sw.key_of(r) for r in grid.runs()]
 
 
-def test_a_point_that_kills_its_worker_is_retried_once_then_recorded(two_devices, tmp_path):
+@pytest.mark.parametrize("queued", [0, 1])
+def test_a_point_that_kills_its_worker_is_retried_once_then_recorded(two_devices, tmp_path, queued):
     log = tmp_path / "log.jsonl"
     grid = sw.Grid(**{**TINY, "methods": ("euclidean",)})
     runs = list(grid.runs())
     victim = list(sw.key_of(runs[1]))
     measure = functools.partial(killer, str(log), victim)
-    runner = dispatch.DaskRunner(two_devices)
+    runner = dispatch.DaskRunner(two_devices, queued=queued)
     result = sw.sweep(grid, tmp_path, runner=runner, measure=measure, progress=False)
     attempts = [tuple(e["key"]) for e in entries(log)]
     assert attempts.count(tuple(victim)) == dispatch.RETRIES + 1
@@ -315,7 +316,8 @@ def test_points_waiting_behind_one_that_kills_their_worker_are_run_once_unblamed
         Client(cluster, set_as_default=False) as client,
     ):
         outcomes = {
-            sw.key_of(run): outcome for run, outcome in dispatch.DaskRunner(client)(task, runs)
+            sw.key_of(run): outcome
+            for run, outcome in dispatch.DaskRunner(client, queued=1)(task, runs)
         }
     attempts = [tuple(e["key"]) for e in entries(log)]
     assert attempts.count(sw.key_of(runs[0])) == dispatch.RETRIES + 1
