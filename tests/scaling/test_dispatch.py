@@ -1,6 +1,7 @@
 """Sweep points on dask.distributed: exclusive devices, nothing lost or measured twice, clear
 errors instead of hangs. CPU only, loopback only; the workers' "devices" are resources."""
 
+import contextlib
 import functools
 import json
 import logging
@@ -230,14 +231,22 @@ def _fails_on_two(run):
 @pytest.fixture(scope="module")
 def two_devices():
     """Two worker processes with two threads and one device each: only the resource keeps
-    two points from running at once on one worker. A point may kill its worker once. Under
-    the configuration of riemann-bench's own clusters: dask's default one makes the nannies
-    set MALLOC_TRIM_THRESHOLD_ in this process, which every later test's workers inherit."""
+    two points from running at once on one worker. Under the configuration of
+    riemann-bench's own clusters: dask's default one makes the nannies set
+    MALLOC_TRIM_THRESHOLD_ in this process, which every later test's workers inherit."""
+    with fake_devices(workers=2, threads=2) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def fake_devices(workers, threads):
+    """A client of ``workers`` local worker processes with one ``device`` resource each,
+    under riemann-bench's dask configuration; the scheduler retries nothing, as its own."""
     with (
         dask.config.set(dispatch.QUIET),
         LocalCluster(
-            n_workers=2,
-            threads_per_worker=2,
+            n_workers=workers,
+            threads_per_worker=threads,
             processes=True,
             resources={dispatch.RESOURCE: 1},
             scheduler_kwargs={"allowed_failures": 0},
@@ -302,19 +311,7 @@ def test_points_waiting_behind_one_that_kills_their_worker_are_run_once_unblamed
     runs = list(sw.Grid(**{**TINY, "methods": ("euclidean",)}).runs())[:3]
     measure = functools.partial(killer, str(log), list(sw.key_of(runs[0])))
     task = functools.partial(worker.measure_here, measure, grid=None, session="s", placed=True)
-    with (
-        dask.config.set(dispatch.QUIET),
-        LocalCluster(
-            n_workers=1,
-            threads_per_worker=1,
-            resources={dispatch.RESOURCE: 1},
-            scheduler_kwargs={"allowed_failures": 0},
-            host="127.0.0.1",
-            dashboard_address=":0",
-            silence_logs=logging.ERROR,
-        ) as cluster,
-        Client(cluster, set_as_default=False) as client,
-    ):
+    with fake_devices(workers=1, threads=1) as client:
         outcomes = {
             sw.key_of(run): outcome
             for run, outcome in dispatch.DaskRunner(client, queued=1)(task, runs)
