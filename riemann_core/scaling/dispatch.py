@@ -351,10 +351,10 @@ class DaskRunner:
     **Blame.** When a worker dies, dask fails every point it held, the ones waiting as well
     as the one running. The scheduler retries none of them itself (``allowed_failures=0``):
     a worker starts its points in the order they were sent (their priority says so), so of
-    the points it held the first ones sent, as many as it has devices, were running. Each of those is blamed and
-    retried :data:`RETRIES` time(s) (every retry runs on a surviving or restarted worker)
-    before it is returned as a :class:`~riemann_core.scaling.sweep.PointLost`; the others
-    are sent again, unblamed. A point whose result dies with its worker before the client
+    the points it held the first ones sent, as many as it has devices, were running. Each
+    of those is blamed and retried :data:`RETRIES` time(s) (every retry runs on a surviving
+    or restarted worker) before it is returned as a
+    :class:`~riemann_core.scaling.sweep.PointLost`; the others are sent again, unblamed. A point whose result dies with its worker before the client
     fetched it (milliseconds after it ends) is measured again by dask, and still yielded
     once.
 
@@ -403,6 +403,7 @@ class DaskRunner:
                         _, index = flying.pop(future)
                         outcome = _outcome(future)
                         future.release()  # else a worker that dies later loses it: run again
+                        refill()  # now, not after the sweep has written the row
                         yield runs[index], outcome
                     else:
                         for index in _blame(flying, dead, declared.get(dead, 1), kills):
