@@ -343,10 +343,10 @@ class DaskRunner:
     it runs, so that it starts the next the moment one ends instead of a round trip through
     the scheduler and the client later (about 12 ms on a small CPU host). The client's and
     the scheduler's work on each result then runs during the next point: on a CPU host,
-    whose cores that point's threads own, the points' timed medians came out 1.01-1.05x
-    those measured in-process against 0.97-1.04x without (``python -m bench.cluster``),
-    so CPU points are sent one at a time (:func:`queued_for`); a GPU point's work is on
-    its GPU.
+    whose cores that point's threads own, that work would share the timed cores (the
+    timed medians came out 0.98-1.05x those in-process queued, 0.97-1.05x not:
+    ``python -m bench.cluster``), so CPU points are sent one at a time
+    (:func:`queued_for`); a GPU point's work is on its GPU.
 
     **Blame.** When a worker dies, dask fails every point it held, the ones waiting as well
     as the one running. The scheduler retries none of them itself (``allowed_failures=0``):
