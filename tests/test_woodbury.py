@@ -7,6 +7,7 @@ import torch
 from oracle import Problem, rel_error
 
 import riemann_core as rc
+from riemann_core import woodbury
 from riemann_core.costs import factor_order
 from riemann_core.methods import Options, build_problem
 from riemann_core.methods.layerwise import damped_gram
@@ -149,7 +150,8 @@ def test_in_place_cholesky_reports_failure_on_the_device():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_in_place_cholesky_reads_the_lower_triangle_and_overwrites_it(dtype):
     """A batch of column-major lower triangles (NaN above) becomes the lower factors of
-    the symmetric matrices they define, in the same memory, with the upper part zeroed."""
+    the symmetric matrices they define, in the same memory; the NaN above the diagonal,
+    left there or zeroed, is never read by a solve."""
     torch.manual_seed(1)
     B = torch.randn(3, 7, 9, dtype=dtype)
     A = B @ B.mT + torch.eye(7, dtype=dtype)
@@ -159,15 +161,34 @@ def test_in_place_cholesky_reads_the_lower_triangle_and_overwrites_it(dtype):
     chol = cholesky_in_place(buffer)
     assert chol.factor.data_ptr() == address and chol.factor.shape == (3, 7, 7)
     assert not chol.failed.any()
-    assert torch.equal(chol.factor, chol.factor.tril())
-    torch.testing.assert_close(chol.factor @ chol.factor.mT, A)
+    L = chol.factor.tril()
+    torch.testing.assert_close(L @ L.mT, A)
     one = cholesky_in_place(A[1].clone().mT)  # symmetric: its transpose is column-major
-    torch.testing.assert_close(one.factor, chol[1].factor)
+    torch.testing.assert_close(one.factor.tril(), L[1])
     b = torch.randn(3, 7, dtype=dtype)
     expected = torch.linalg.solve(A, b[..., None])[..., 0]
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     assert rel_error(chol.solve(b), expected) < tol
     assert rel_error(chol[2].solve(b[2]), expected[2]) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_lapack_potrf_called_directly_equals_torch_cholesky(dtype):
+    """On the CPU the in-place Cholesky calls LAPACK's ``?potrf`` from torch's own library
+    (where torch exports it): the same factor as ``torch.linalg.cholesky``, bit for bit,
+    and LAPACK's ``info`` (the order of the first non-positive pivot) on failure."""
+    potrf = woodbury._lapack_potrf(dtype)
+    if potrf is None:
+        pytest.skip("this torch build does not export LAPACK's potrf")
+    torch.manual_seed(2)
+    B = torch.randn(2, 5, 6, dtype=dtype)
+    A = B @ B.mT + torch.eye(5, dtype=dtype)
+    A[1, 3, 3] = -50.0  # the 4th leading minor is not positive definite
+    buffer = A.mT.contiguous().mT
+    info = potrf(buffer)
+    assert info.tolist() == [0, 4]
+    assert torch.equal(buffer[0].tril(), torch.linalg.cholesky(A[0]))
+    assert woodbury._lapack_potrf(torch.float16) is None
 
 
 @pytest.mark.parametrize("m", [7, 64, 128])

@@ -28,6 +28,7 @@ KIND_OF_OP = {
     "aten::addmv": "products",
     "aten::dot": "products",
     "aten::linalg_cholesky_ex": "cholesky",
+    "riemann_core::potrf_": "cholesky",
     "aten::linalg_solve_triangular": "triangular",
     "aten::cholesky_solve": "triangular",
 }

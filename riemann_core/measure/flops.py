@@ -17,6 +17,8 @@ import math
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .. import woodbury  # noqa: F401  (defines torch.ops.riemann_core.potrf_)
+
 aten = torch.ops.aten
 
 #: Kinds of operation, each with its own rate on a device.
@@ -84,6 +86,7 @@ def _addmv(bias_shape, a_shape, x_shape, *args, out_shape=None, **kwargs) -> int
 #: Operation -> (kind, FLOPs from the argument shapes), for what ``FlopCounterMode`` skips.
 LINALG = {
     aten.linalg_cholesky_ex: ("cholesky", _cholesky),
+    torch.ops.riemann_core.potrf_: ("cholesky", _cholesky),  # LAPACK's, called directly (CPU)
     aten.linalg_solve_triangular: ("triangular", _solve_triangular),
     aten.cholesky_solve: ("triangular", _cholesky_solve),
     aten._linalg_eigh: ("eigh", _eigh),

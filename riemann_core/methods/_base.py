@@ -115,13 +115,16 @@ class Problem:
             return self.handlers[i].K_mv_output_grad(self._output_grad(i))
         return self.handlers[i].K_mv(self.gradient_of(i))
 
-    def gradient_minus_K_tmv(self, i: int, t: Tensor, scale: float = 1.0) -> list[Tensor]:
-        """``scale (g_a - K_a^T t)``; one GEMM ``(scale (Lambda - U))^T Xt`` where the
-        handler can (the scale then touches ``N x f_out`` entries, not ``n_a``)."""
+    def gradient_minus_K_tmv(
+        self, i: int, t: Tensor, scale: float = 1.0
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """``scale (g_a - K_a^T t)`` and an upper bound on its 2-norm, or ``None``. Where
+        the handler can, one GEMM ``(scale (Lambda - U))^T Xt`` (the scale then touches
+        ``N x f_out`` entries, not ``n_a``) whose bound comes from those small factors."""
         if self._factored(i):
             return self.handlers[i].output_grad_minus_K_tmv(self._output_grad(i), t, scale)
         Kt = self.handlers[i].K_tmv(t)
-        return [(g - k) * scale for g, k in zip(self.gradient_of(i), Kt, strict=True)]
+        return [(g - k) * scale for g, k in zip(self.gradient_of(i), Kt, strict=True)], None
 
     # ---- the same metric and gradient in float64, for residuals and refinement
 

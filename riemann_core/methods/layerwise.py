@@ -132,12 +132,14 @@ def _woodbury(problem: Problem, indices: list[int], opts: Options) -> list[Solve
             return WoodburySolve(chol, mu, h.K_mv, h.K_tmv)
 
         name = h.block.name
+        x, x_bound = problem.gradient_minus_K_tmv(i, t[j], 1 / mu)
         record = Solve(
             name=name,
             kernel=type(h).__name__,
             solver="woodbury",
             indices=[i],
-            x=problem.gradient_minus_K_tmv(i, t[j], 1 / mu),
+            x=x,
+            x_bound=x_bound,
             rows=d,
             params=h.block.n_params,
             what=f"damped Gram of module {name!r} ({d} x {d})",

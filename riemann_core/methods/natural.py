@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..woodbury import WoodburySolve, cholesky_in_place, largest_eigenvalue_of_gram
 from ._base import Options, Problem
 from ._solve import Solve
@@ -42,13 +44,19 @@ def solve(problem: Problem, opts: Options) -> list[Solve]:
     chol = cholesky_in_place(gram)
     Kg = sum(problem.K_gradient(i) for i in range(len(handlers)))
     t = chol.solve(Kg)
-    x = [a for i in range(len(handlers)) for a in problem.gradient_minus_K_tmv(i, t, 1 / mu)]
+    parts = [problem.gradient_minus_K_tmv(i, t, 1 / mu) for i in range(len(handlers))]
+    x = [a for part, _ in parts for a in part]
+    bounds = [b for _, b in parts]
+    x_bound = (
+        None if any(b is None for b in bounds) else torch.linalg.vector_norm(torch.stack(bounds))
+    )
     record = Solve(
         name="(all)",
         kernel=opts.kernel,
         solver="woodbury",
         indices=list(range(len(handlers))),
         x=x,
+        x_bound=x_bound,
         rows=d,
         params=sum(b.n_params for b in problem.blocks),
         what=f"damped data-space Gram of the natural gradient ({d} x {d})",
