@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from oracle import Problem, rel_error
@@ -189,6 +191,47 @@ def test_lapack_potrf_called_directly_equals_torch_cholesky(dtype):
     assert info.tolist() == [0, 4]
     assert torch.equal(buffer[0].tril(), torch.linalg.cholesky(A[0]))
     assert woodbury._lapack_potrf(torch.float16) is None
+
+
+def test_a_gram_buffer_given_back_is_reused_for_the_same_shape_only():
+    """The buffer a thread gave back serves its next Gram of the same shape, dtype and
+    device; another shape drops it; another thread never sees it."""
+    woodbury.release_workspace()
+    like = torch.empty(0)
+    buffer, _ = padded_gram(3, 10, 10, like=like)
+    woodbury.give_back(buffer)
+    again, _ = padded_gram(3, 10, 10, like=like)
+    assert again.data_ptr() == buffer.data_ptr()
+    woodbury.give_back(again)
+    other, _ = padded_gram(2, 10, 10, like=like)  # another shape: a fresh one, kept dropped
+    assert other.data_ptr() != buffer.data_ptr() and woodbury._workspace.buffer is None
+    woodbury.give_back(other)
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(woodbury._workspace.buffer))
+    thread.start()
+    thread.join()
+    assert seen == [None] and woodbury._workspace.buffer is other
+    woodbury.release_workspace()
+    woodbury.give_back(torch.empty(woodbury.WORKSPACE_BYTES // 4 + 1))  # too large: not kept
+    assert woodbury._workspace.buffer is None
+
+
+@pytest.mark.parametrize("method", ["layerwise", "natural"], ids=lambda m: f"method={m}")
+def test_a_reused_gram_buffer_leaves_no_trace_in_the_next_direction(method):
+    """Directions computed after another network's, whose Grams filled the reused buffer,
+    equal those computed from a fresh buffer, bit for bit; memory measurements free it."""
+    from riemann_core.measure.memory import host_peak_bytes
+
+    model, x, y = Problem(depth=3).make(torch.float32)
+    woodbury.release_workspace()
+    fresh = rc.direction(model, x, y, method=method, damping=1e-3)
+    rc.direction(model, 3 * x, y, method=method, damping=1e-3)  # other Grams, same shapes
+    assert method != "layerwise" or woodbury._workspace.buffer is not None
+    reused = rc.direction(model, x, y, method=method, damping=1e-3)
+    for name in fresh:
+        assert torch.equal(fresh[name], reused[name])
+    host_peak_bytes(lambda: None)
+    assert woodbury._workspace.buffer is None
 
 
 @pytest.mark.parametrize("m", [7, 64, 128])

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ..woodbury import release_workspace
+
 
 def cuda_peak_bytes(fn: Callable[[], object], device: torch.device | str) -> int:
     """Peak CUDA bytes allocated while ``fn()`` runs, above what was allocated before.
@@ -56,13 +58,15 @@ def release_free_memory() -> bool:
 def host_peak_bytes(fn: Callable[[], object]) -> int | None:
     """Peak rise of resident memory while ``fn()`` runs, above the resident memory before.
 
-    The C allocator's free memory is first returned to the system
-    (:func:`release_free_memory`), so that what ``fn`` allocates shows as a rise rather
+    The Gram buffer an earlier call kept for reuse is freed
+    (:func:`riemann_core.woodbury.release_workspace`) and the C allocator's free memory
+    returned to the system (:func:`release_free_memory`), so that what ``fn`` allocates shows as a rise rather
     than reusing memory freed by earlier calls; Linux resets the peak (``VmHWM``) when ``5``
     is written to ``/proc/self/clear_refs``. Still a lower bound: memory the allocator
     keeps between ``fn``'s own allocations is counted once. ``None`` where the interface
     is missing.
     """
+    release_workspace()  # the Gram buffer a last call kept, so fn allocates its own
     release_free_memory()
     try:
         Path("/proc/self/clear_refs").write_text("5")

@@ -29,6 +29,7 @@ from ..woodbury import (
     WoodburySolve,
     cholesky_in_place,
     column_major,
+    give_back,
     largest_eigenvalue,
     largest_eigenvalue_of_gram,
     pad_with_identity,
@@ -147,4 +148,5 @@ def _woodbury(problem: Problem, indices: list[int], opts: Options) -> list[Solve
             factor_solver=factor_solver,
         )
         records.append(record.settle(problem, opts, chol[j], condition[j]))
+    give_back(buffer)  # no record keeps the factors: the next call may reuse the memory
     return records
