@@ -149,27 +149,34 @@ def test_in_place_cholesky_reports_failure_on_the_device():
     assert bool(cholesky_in_place(nan.mT).failed)
 
 
+@pytest.mark.parametrize("m", [7, woodbury.DIRECT_POTRF_ORDER + 8], ids=lambda m: f"m={m}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_in_place_cholesky_reads_the_lower_triangle_and_overwrites_it(dtype):
+def test_in_place_cholesky_reads_the_lower_triangle_and_overwrites_it(dtype, m):
     """A batch of column-major lower triangles (NaN above) becomes the lower factors of
     the symmetric matrices they define, in the same memory; the NaN above the diagonal,
-    left there or zeroed, is never read by a solve."""
+    left there or zeroed, is never read by a solve (at an order LAPACK's potrf is
+    called directly on, too), and a matrix that is not positive definite is flagged."""
     torch.manual_seed(1)
-    B = torch.randn(3, 7, 9, dtype=dtype)
-    A = B @ B.mT + torch.eye(7, dtype=dtype)
-    buffer = column_major(3, 7, 7, like=A)
+    B = torch.randn(3, m, 2 * m, dtype=dtype)
+    A = B @ B.mT / m + torch.eye(m, dtype=dtype)  # cond(A) < 30
+    buffer = column_major(3, m, m, like=A)
     buffer.copy_(A.tril() + torch.full_like(A, float("nan")).triu(1))
     address = buffer.data_ptr()
     chol = cholesky_in_place(buffer)
-    assert chol.factor.data_ptr() == address and chol.factor.shape == (3, 7, 7)
+    assert chol.factor.data_ptr() == address and chol.factor.shape == (3, m, m)
     assert not chol.failed.any()
-    L = chol.factor.tril()
-    torch.testing.assert_close(L @ L.mT, A)
-    one = cholesky_in_place(A[1].clone().mT)  # symmetric: its transpose is column-major
-    torch.testing.assert_close(one.factor.tril(), L[1])
-    b = torch.randn(3, 7, dtype=dtype)
-    expected = torch.linalg.solve(A, b[..., None])[..., 0]
     tol = 1e-5 if dtype == torch.float32 else 1e-12
+    L = chol.factor.tril()
+    assert rel_error(L @ L.mT, A) < tol
+    one = cholesky_in_place(A[1].clone().mT)  # symmetric: its transpose is column-major
+    assert torch.equal(one.factor.tril(), L[1])
+    indefinite = A.clone()
+    indefinite[1].diagonal()[m // 2] = -1.0
+    assert cholesky_in_place(indefinite.mT.contiguous().mT).failed.tolist() == [0, 1, 0]
+    b = torch.randn(3, m, dtype=dtype)
+    # one matrix at a time: a batched LU runs MKL inside torch's parallel loop, which can
+    # hang once torch.set_num_threads has turned MKL's dynamic threading off
+    expected = torch.stack([torch.linalg.solve(a, c) for a, c in zip(A, b, strict=True)])
     assert rel_error(chol.solve(b), expected) < tol
     assert rel_error(chol[2].solve(b[2]), expected[2]) < tol
 

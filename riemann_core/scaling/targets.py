@@ -336,8 +336,9 @@ def markdown_targets(result: dict, command: str) -> str:
     if result.get("time_by_kind"):
         lines += [
             "Where the time goes, in ms per call, by kind of operation (CPU profiler, "
-            "`riemann_core.measure.breakdown`): products (GEMMs), Cholesky (with the "
-            "triangle it clears), triangular solves, other operations (elementwise, "
+            "`riemann_core.measure.breakdown`): products (GEMMs), Cholesky (LAPACK's "
+            "potrf, or cholesky_ex with the triangle it clears), triangular solves, other "
+            "operations (elementwise, "
             "reductions, copies) and overhead (Python, hooks, autograd, dispatch).",
             "",
             "| network | call | " + " | ".join(KINDS) + " | total |",

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from riemann_core import woodbury
 from riemann_core.measure.breakdown import KIND_OF_OP, KINDS, time_by_kind
 
 
@@ -23,6 +24,9 @@ def test_time_by_kind_attributes_each_operation():
 
     seconds = time_by_kind(call, calls=2)
     assert set(seconds) == set(KINDS)
+    m = woodbury.DIRECT_POTRF_ORDER
+    direct = torch.eye(m).mT  # an order LAPACK's potrf is called directly at: Cholesky's
+    assert time_by_kind(lambda: woodbury.cholesky_in_place(direct), calls=2)["cholesky"] > 0
     assert seconds["products"] > 0 and seconds["cholesky"] > 0 and seconds["other ops"] > 0
     assert seconds["triangular"] == 0 and seconds["overhead"] >= 0
     idle = time_by_kind(lambda: time.sleep(0.01), calls=2)

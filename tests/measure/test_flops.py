@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from riemann_core import woodbury
 from riemann_core.measure.flops import KINDS, flop_counter, flops_by_kind
 
 
@@ -30,6 +31,14 @@ B = torch.randn(30, 4, dtype=torch.float64)
     [
         (lambda: torch.linalg.cholesky(A), "cholesky", 9000),  # 30^3 / 3
         (lambda: torch.linalg.cholesky(BATCHED), "cholesky", 5 * 72),  # 5 times 6^3 / 3
+        pytest.param(
+            lambda: woodbury.potrf_(BATCHED.clone().mT),  # LAPACK's, called directly
+            "cholesky",
+            5 * 72,
+            marks=pytest.mark.skipif(
+                woodbury._lapack_potrf(BATCHED.dtype) is None, reason="no LAPACK potrf exported"
+            ),
+        ),
         (lambda: torch.linalg.solve_triangular(L, B, upper=False), "triangular", 3600),  # 30^2 4
         (
             lambda: torch.linalg.solve_triangular(L, B.T, upper=False, left=False),
@@ -46,7 +55,7 @@ B = torch.randn(30, 4, dtype=torch.float64)
         (lambda: A @ B, "products", 7200),  # 2 30 30 4, FlopCounterMode's own count
     ],
     ids=[
-        "cholesky", "batched-cholesky", "trsm", "trsm-right", "cholesky_solve", "eigh",
+        "cholesky", "batched-cholesky", "direct-potrf", "trsm", "trsm-right", "cholesky_solve", "eigh",
         "eigh-values", "lu-solve", "inverse", "cholesky-inverse", "mv", "mm",
     ],
 )  # fmt: skip
