@@ -45,6 +45,11 @@ def measure(
         fn()
         synchronize(device)
         times.append(time.perf_counter() - start)
+    return timing_of(times)
+
+
+def timing_of(times: list[float]) -> Timing:
+    """Median, interquartile range and every one of ``times`` (seconds per call)."""
     if len(times) >= 2:
         q = statistics.quantiles(times, n=4, method="inclusive")
         iqr = q[2] - q[0]

@@ -148,7 +148,12 @@ def run_sweep(args) -> int:
     rates = functools.partial(device_rates, n=grid.rate_size)
     with points_runner(args) as runner:
         result = sw.sweep(
-            grid, out, meta={"command": args.command_line}, runner=runner, rates=rates
+            grid,
+            out,
+            meta={"command": args.command_line},
+            runner=runner,
+            rates=rates,
+            retime=sw.time_lines,
         )
     print(
         f"{out / 'results.csv'}: {result.measured} points measured, {result.resumed} "

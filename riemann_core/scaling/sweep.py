@@ -21,7 +21,12 @@ over points, in rounds:
    per-call overhead is more than ``grid.overhead_target`` of the time at its top point,
    within the FLOP, memory and time budgets;
 3. points whose median lies far from both neighbours on an axis are measured once more
-   (a point whose repeats spread widely is re-timed at once, in :func:`measure_point`).
+   (a point whose repeats spread widely is re-timed at once, in :func:`measure_point`);
+4. the lines along :data:`INTERLEAVED_AXES` (depth) through the base point are timed
+   again, their points in turn in every round (:func:`time_lines`, where ``sweep`` is
+   given it, as ``riemann-bench run`` and ``sweep`` do): the claims on depth judge a
+   line's shape to a few percent, which the machine's drift between points measured
+   minutes apart would bend.
 
 The points run in this process one after another, or on a dask cluster
 (:mod:`riemann_core.scaling.dispatch`), a round at a time: each round is a list of runs
@@ -59,9 +64,9 @@ from ..measure.output import write_atomic
 from ..measure.problems import mlp, widths
 from ..measure.public_kfac import DEFAULT as KFAC_DEFAULT
 from ..measure.public_kfac import Variant
-from ..measure.timing import Timing, measure
+from ..measure.timing import Timing, interleaved, measure, timing_of
 from ..methods import recording_slow_paths
-from .worker import measure_here, rates_here
+from .worker import lines_here, measure_here, rates_here
 
 AXES = ("width", "depth", "out_dim", "batch")
 #: Axis -> the command-line option (and ``argparse`` dest) that lists its values.
@@ -93,6 +98,7 @@ COLUMNS = (
     "flag",
     "slow_paths",
     "remeasured",
+    "interleaved",
     "status",
     "reason",
     "host",
@@ -102,7 +108,7 @@ COLUMNS = (
 #: where a point was measured; blank in results written before these were recorded
 WHERE = ("host", "device_name", "physical_device")
 #: text columns a results file may lack (written before they were recorded): blank then
-OPTIONAL = (*WHERE, "slow_paths")
+OPTIONAL = (*WHERE, "slow_paths", "interleaved")
 KEY = ("method", "kernel", "width", "depth", "out_dim", "batch", "device", "dtype", "output_metric")
 #: Sweep-only methods: a K-FAC variant by its label. ``kfac-default`` is the K-FAC users run
 #: by default (one-sample Monte Carlo Fisher, factored damping, weight and bias apart); its
@@ -119,6 +125,10 @@ SPREAD_LIMIT = 0.2
 #: A point whose median is this factor or more off the log-log interpolation of its two
 #: neighbours on an axis is measured once more, and flagged ``outlier`` if it still is.
 NEIGHBOUR_FACTOR = 1.5
+#: Axes whose line through the base point is timed again at the end of a sweep, its points
+#: interleaved (:func:`time_lines`): the depth claims judge the line's shape to a few
+#: percent, which the machine's drift between points measured minutes apart bends.
+INTERLEAVED_AXES = ("depth",)
 
 
 class ResultsFileError(ValueError):
@@ -364,6 +374,7 @@ def blank_row(run: dict) -> dict:
         "flag": "",
         "slow_paths": "",
         "remeasured": 0,
+        "interleaved": "",
         "status": "ok",
         "reason": "",
     }
@@ -436,6 +447,53 @@ def measure_point(run: dict, grid: Grid) -> dict:
 def spread_of(timing: Timing) -> float:
     """IQR / median of the repeats."""
     return timing.iqr / timing.median if timing.median > 0 else math.inf
+
+
+def lines_to_interleave(rows: list[dict], base: Mapping[str, int]) -> list[tuple[str, list[dict]]]:
+    """``(axis, runs)`` of every line along :data:`INTERLEAVED_AXES` through ``base``: per
+    method, kernel, dtype, device and output metric, the ok points whose other axes sit at
+    the base point, in order along the axis, where there are three or more (a shape needs
+    three)."""
+    lines: dict[tuple, list[dict]] = {}
+    for axis in INTERLEAVED_AXES:
+        for row in rows:
+            if row["status"] == "ok" and all(
+                int(row[a]) == int(base[a]) for a in AXES if a != axis
+            ):
+                group = (axis, *(row[k] for k in KEY if k not in AXES))
+                lines.setdefault(group, []).append(run_of(row))
+    return [
+        (axis, sorted(line, key=lambda r: r[axis]))
+        for (axis, *_), line in lines.items()
+        if len(line) >= 3
+    ]
+
+
+def time_lines(lines: list[list[dict]], grid: Grid, device: torch.device) -> list[dict]:
+    """``{**key, time_median_s, time_iqr_s, times_s, spread}`` of every point of ``lines``
+    on ``device``: each line's points timed in turn in each of ``grid.repeats`` rounds,
+    after a warm-up call each (:func:`~riemann_core.measure.timing.interleaved`), so that
+    a slow spell of the machine slows every point of a round alike instead of bending the
+    line. A line whose point fails here keeps the times of its own measurement."""
+    timed = []
+    for line in lines:
+        try:
+            calls = {key_of(run): _direction_call(run, grid, device) for run in line}
+            times = interleaved(calls, grid.repeats, device)
+        except Exception:  # noqa: BLE001  (its points were measured; the line stays so)
+            continue
+        for run in line:
+            timing = timing_of(times[key_of(run)])
+            timed.append(
+                {
+                    **run,
+                    "time_median_s": timing.median,
+                    "time_iqr_s": timing.iqr,
+                    "times_s": json.dumps([round(t, 9) for t in timing.times]),
+                    "spread": spread_of(timing),
+                }
+            )
+    return timed
 
 
 def _direction_call(run: dict, grid: Grid, device: torch.device) -> Callable[[], object]:
@@ -568,6 +626,7 @@ def sweep(
     runner: Runner | None = None,
     measure: Callable[[dict, Grid], dict] | None = None,
     rates: Callable[[torch.device, torch.dtype], dict[str, list[float]]] | None = None,
+    retime: Callable[[list[list[dict]], Grid, torch.device], list[dict]] | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> SweepResult:
     """Measure ``grid`` into ``out/results.csv`` in the rounds of the module docstring.
@@ -580,7 +639,9 @@ def sweep(
     [FLOP/s, ...]}``, e.g. :func:`~riemann_core.measure.timing.device_rates`), each
     device's rates in every dtype of the grid, measured where its points run, at the
     start, after the grid's points and at the end, so that their drift over the sweep
-    shows.
+    shows. Where ``retime`` is given (e.g. :func:`time_lines`), the lines of
+    :func:`lines_to_interleave` are timed again by it at the end, and their rows take
+    those times (``interleaved``: the axis), see :func:`interleave_lines`.
     """
     from tqdm import tqdm
 
@@ -673,6 +734,9 @@ def sweep(
         bar.total += len(again)
         bar.refresh()
         measure_all([run_of(r) for r in again], remeasure=True)
+    if retime is not None:
+        interleave_lines(retime, rows, grid, runner, session)
+        write_results(path, rows)
     record["growth"] = plan.decisions
     record["sweep_s"] = clock() - start
     measure_rates("end")
@@ -680,6 +744,34 @@ def sweep(
     for r in rows:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
     return SweepResult(rows, measured, resumed, statuses, plan.decisions)
+
+
+def interleave_lines(
+    retime: Callable, rows: list[dict], grid: Grid, runner: Runner, session: str
+) -> None:
+    """Time the lines of :func:`lines_to_interleave` again with ``retime`` (on every
+    worker of each kind of device, through ``runner.everywhere``) and give their rows the
+    first worker's times, so that each line comes from one device in one stretch of time."""
+    todo = lines_to_interleave(rows, grid.base)
+    if not todo:
+        return
+    task = functools.partial(
+        lines_here,
+        retime,
+        lines=[line for _, line in todo],
+        grid=grid,
+        session=session,
+        placed=runner.placed,
+    )
+    timed: dict[tuple[str, ...], dict] = {}
+    for row in sorted(runner.everywhere(task, grid.devices), key=lambda r: r["worker"]):
+        timed.setdefault(key_of(row), row)
+    axis = {key_of(run): a for a, line in todo for run in line}
+    for i, row in enumerate(rows):
+        new = timed.get(key_of(row))
+        if new is not None:
+            fields = ("time_median_s", "time_iqr_s", "times_s", "spread", *WHERE)
+            rows[i] = {**row, **{k: new[k] for k in fields}, "interleaved": axis[key_of(row)]}
 
 
 def add_device(devices: dict[str, dict], record: dict, when: str | None = None) -> None:

@@ -480,9 +480,12 @@ def _linear_in_depth(
         return Claim(cid, text, expected, float(flops_dev.max()), None, None, FAIL, detail)
     curve = fit.quadratic_share(L, fit.repeat_times(rows), n_boot=n_boot, seed=seed)
     a, b = _line(L, rows["time_median_s"].to_numpy(float))
+    timed = "interleaved" in rows and rows["interleaved"].astype(str).eq("depth").all()
     detail = (
         f"FLOPs affine in L; time of {method} ({kernel}) ~ {a * 1e3:.3g} ms + {b * 1e3:.3g} ms "
-        f"x L over {span}; the quadratic term of a fit a + b L + c L^2 is "
+        f"x L over {span}, the depths timed "
+        f"{'interleaved' if timed else 'one after another'}; the quadratic term of a fit "
+        "a + b L + c L^2 is "
         f"{curve.slope:.0%} [{curve.low:.0%}, {curve.high:.0%}] of the time at L = {L[-1]:g}"
     )
     if abs(curve.slope) <= DEPTH_TOLERANCE and curve.high - curve.low <= MAX_INTERVAL_WIDTH:

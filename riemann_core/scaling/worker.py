@@ -106,6 +106,32 @@ def rates_here(
     ]
 
 
+def lines_here(
+    time_lines: Callable[[list[list[dict]], object, torch.device], list[dict]],
+    requested: str,
+    *,
+    lines: list[list[dict]],
+    grid: object,
+    session: str,
+    placed: bool = False,
+) -> list[dict]:
+    """``time_lines(lines, grid, device)`` for the lines of points of the kind of device
+    ``requested`` names, on a device of this process of that kind (``placed``: a cluster's
+    worker holding all its devices, with :func:`worker_threads` torch threads); each row
+    gains the device's ``host``, ``device_name``, ``physical_device`` and the ``worker``
+    (they and the process id)."""
+    mine = [line for line in lines if line[0]["device"] == requested]
+    if not mine:
+        return []
+    if placed:
+        torch.set_num_threads(worker_threads())
+    with _device(requested, placed) as device:
+        record = device_record(device, session)
+        where = {k: record[k] for k in ("host", "device_name", "physical_device")}
+        worker = f"{record['host']} {record['physical_device']} {os.getpid()}"
+        return [{**row, **where, "worker": worker} for row in time_lines(mine, grid, device)]
+
+
 def device_record(device: torch.device, session: str) -> dict:
     """``host``, ``device_name``, ``physical_device`` and ``environment`` of ``device``,
     cached per ``session`` and device in this process."""

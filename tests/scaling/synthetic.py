@@ -137,6 +137,7 @@ def make_sweep(
                     flag="",
                     slow_paths="",
                     remeasured=0,
+                    interleaved="",
                     status=status,
                     reason="" if status == "ok" else "planted",
                     host="synthetic-host",

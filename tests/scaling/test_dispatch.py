@@ -394,6 +394,21 @@ def test_the_grid_its_growth_and_re_measurements_all_run_on_the_workers(two_devi
     assert len(workers) == 2 and os.getpid() not in workers
 
 
+def test_the_depth_lines_are_timed_again_on_the_workers(two_devices, tmp_path):
+    """The interleaved timing of the depth lines runs where the points run, and each row
+    of a line takes one worker's times."""
+    grid = sw.Grid(
+        **{**TINY, "axes": {**TINY["axes"], "depth": (1, 2, 3)}, "methods": ("euclidean",)}
+    )
+    two_devices.wait_for_workers(2)
+    runner = dispatch.DaskRunner(two_devices)
+    sw.sweep(grid, tmp_path, runner=runner, retime=sw.time_lines, progress=False)
+    line = [r for r in sw.read_results(tmp_path / "results.csv") if r["interleaved"]]
+    assert sorted(int(r["depth"]) for r in line) == [1, 2, 3]
+    assert {r["interleaved"] for r in line} == {"depth"}
+    assert all(len(json.loads(r["times_s"])) == grid.repeats for r in line)
+
+
 def rates_that_kill_a_worker(marker, device, dtype):
     """Fixed rates; the first call kills its own process (the one that creates ``marker``:
     an exclusive create, so two workers that start at once cannot both count as second)."""

@@ -445,3 +445,48 @@ def test_results_written_before_rows_said_where_are_resumed(tmp_path):
     after = rows_of(path)
     assert [r["host"] for r in after[:2]] == ["", ""]
     assert all(r["host"] == socket.gethostname() for r in after[2:])
+
+
+def test_the_depth_lines_through_the_base_are_the_ones_timed_again_interleaved():
+    """Per method and kernel, the ok points along depth with the other axes at the base;
+    a line needs three points."""
+    grid = sw.Grid(**{**TINY, "axes": {**TINY["axes"], "depth": (1, 2, 3)}})
+    rows = [{**sw.blank_row(run), "status": "ok"} for run in grid.runs()]
+    lines = sw.lines_to_interleave(rows, grid.base)
+    assert len(lines) == len(grid.methods) + 1  # + layerwise with the generic kernel
+    for axis, line in lines:
+        assert axis == "depth" and [r["depth"] for r in line] == [1, 2, 3]
+        assert len({(r["method"], r["kernel"]) for r in line}) == 1
+        assert all(r[a] == grid.base[a] for r in line for a in sw.AXES if a != "depth")
+    rows[0]["status"] = "error"  # a line left with two ok points is not timed again
+    assert len(sw.lines_to_interleave(rows, grid.base)) == len(lines) - 1
+
+
+def test_a_sweep_times_its_depth_lines_again_interleaved(tmp_path, monkeypatch):
+    """With ``retime``, the rows of the depth lines take times from rounds in which every
+    point of their line ran in turn; the other rows keep their own; a line whose point
+    fails to run again keeps its first times."""
+    grid = sw.Grid(
+        **{**TINY, "axes": {**TINY["axes"], "depth": (1, 2, 3)}, "methods": ("layerwise",)}
+    )
+    order = []
+    real = sw._direction_call
+
+    def recording(run, grid, device):
+        call = real(run, grid, device)
+        if run["kernel"] == "generic":
+            raise RuntimeError("cannot build this line again")
+        return lambda: (order.append(run["depth"]), call())[1]
+
+    sw.sweep(grid, tmp_path, progress=False)
+    before = {sw.key_of(r): r for r in rows_of(tmp_path / "results.csv")}
+    monkeypatch.setattr(sw, "_direction_call", recording)
+    sw.sweep(grid, tmp_path, progress=False, retime=sw.time_lines)
+    rows = {sw.key_of(r): r for r in rows_of(tmp_path / "results.csv")}
+    assert order == [1, 2, 3] * (1 + grid.repeats)  # a warm-up, then the rounds
+    on_line = [r for r in rows.values() if r["width"] == "4" and r["batch"] == "4"]
+    for key, row in rows.items():
+        timed_again = row in on_line and row["kernel"] == "structured"
+        assert row["interleaved"] == ("depth" if timed_again else "")
+        assert (row["times_s"] == before[key]["times_s"]) != timed_again
+        assert row["host"] == socket.gethostname()

@@ -103,6 +103,11 @@ def test_a_depth_quadratic_in_time_fails_linear_in_depth():
     claim = by_id(va.validate(*make_sweep(machine), n_boot=300), "linear-in-depth-natural")
     assert claim.verdict == "fail" and claim.low > va.DEPTH_TOLERANCE
     assert claim.basis == "time"
+    assert "the depths timed one after another" in claim.detail
+    df, meta = make_sweep(machine)
+    df["interleaved"] = "depth"  # what a sweep's interleaved timing of the lines records
+    claim = by_id(va.validate(df, meta, n_boot=300), "linear-in-depth-natural")
+    assert "the depths timed interleaved" in claim.detail and claim.verdict == "fail"
 
 
 def test_flops_that_are_not_affine_in_depth_fail_linear_in_depth():
