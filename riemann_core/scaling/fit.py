@@ -231,13 +231,17 @@ def quadratic_share(
     *,
     n_boot: int = 2000,
     seed: int = 0,
+    paired: bool = False,
 ) -> SlopeFit:
     """Share of the quadratic term at the largest x in ``t = a + b x + c x^2``, fitted to
     the medians on relative residuals: ``c x_max^2 / t(x_max)``, 0 for a line.
 
     The interval resamples both levels, as :func:`loglog_slope` does (replicates with
-    fewer than 3 distinct x are dropped). Returned as a :class:`SlopeFit` whose ``slope``
-    is the share.
+    fewer than 3 distinct x are dropped). ``paired``: repeat ``j`` of every point was
+    timed in the same round (the points interleaved, equally many repeats), so rounds are
+    resampled whole: a slow round then slows every point of a replicate alike, as it did
+    the measurement, instead of bending the replicate's curve. Returned as a
+    :class:`SlopeFit` whose ``slope`` is the share.
 
     >>> round(quadratic_share([1, 2, 3, 4], [[3.0], [5.0], [7.0], [9.0]]).slope, 9)
     0.0
@@ -259,8 +263,13 @@ def quadratic_share(
     estimate = float(shares(scaled[None], medians[None])[0])
     rng = np.random.default_rng(seed)
     boot = np.empty((n_boot, xs.size))
+    rounds = {s.size for s in samples}
+    if paired and len(rounds) != 1:
+        raise ValueError(f"paired samples need as many repeats each, got sizes {sorted(rounds)}")
+    shared = rng.integers(0, rounds.pop(), (n_boot, samples[0].size)) if paired else None
     for i, s in enumerate(samples):
-        boot[:, i] = np.median(s[rng.integers(0, s.size, (n_boot, s.size))], axis=1)
+        draw = shared if paired else rng.integers(0, s.size, (n_boot, s.size))
+        boot[:, i] = np.median(s[draw], axis=1)
     pick = rng.integers(0, xs.size, (n_boot, xs.size))
     distinct = (np.diff(np.sort(scaled[pick], axis=1), axis=1) > 0).sum(axis=1) + 1
     keep = distinct >= 3

@@ -478,9 +478,11 @@ def _linear_in_depth(
             f"at L = {L[flops_dev.argmax()]:g}, over {span}."
         )
         return Claim(cid, text, expected, float(flops_dev.max()), None, None, FAIL, detail)
-    curve = fit.quadratic_share(L, fit.repeat_times(rows), n_boot=n_boot, seed=seed)
-    a, b = _line(L, rows["time_median_s"].to_numpy(float))
+    samples = fit.repeat_times(rows)
     timed = "interleaved" in rows and rows["interleaved"].astype(str).eq("depth").all()
+    paired = bool(timed) and len({s.size for s in samples}) == 1
+    curve = fit.quadratic_share(L, samples, n_boot=n_boot, seed=seed, paired=paired)
+    a, b = _line(L, rows["time_median_s"].to_numpy(float))
     detail = (
         f"FLOPs affine in L; time of {method} ({kernel}) ~ {a * 1e3:.3g} ms + {b * 1e3:.3g} ms "
         f"x L over {span}, the depths timed "

@@ -253,3 +253,18 @@ def test_axis_regime_without_modelled_compute_is_overhead_not_a_crash():
     regime = fit.axis_regime(rows, model)
     assert (regime.state, regime.compute_bound, regime.exponent) == ("overhead", 0, None)
     assert "0 compute-bound points" in regime.describe("width")
+
+
+def test_paired_rounds_cancel_a_drift_that_slows_whole_rounds():
+    """Points timed in turn in each round (a line interleaved) share each round's speed: a
+    drift of 2x between rounds leaves a line a line when rounds are resampled whole, and
+    widens the interval when each point's repeats are resampled on their own."""
+    x = np.arange(1.0, 9.0)
+    speed = np.array([1.0, 2.0, 1.2, 1.9, 1.0, 1.5, 2.0])  # one factor per round
+    samples = [(1 + 0.5 * xi) * speed for xi in x]
+    paired = fit.quadratic_share(x, samples, n_boot=500, paired=True)
+    alone = fit.quadratic_share(x, samples, n_boot=500)
+    assert abs(paired.slope) < 1e-9 and paired.high - paired.low < 1e-9
+    assert alone.high - alone.low > 0.1
+    with pytest.raises(ValueError, match="as many repeats"):
+        fit.quadratic_share(x[:3], [[1.0], [2.0, 2.1], [3.0]], paired=True)
