@@ -236,12 +236,15 @@ def quadratic_share(
     """Share of the quadratic term at the largest x in ``t = a + b x + c x^2``, fitted to
     the medians on relative residuals: ``c x_max^2 / t(x_max)``, 0 for a line.
 
-    The interval resamples both levels, as :func:`loglog_slope` does (replicates with
-    fewer than 3 distinct x are dropped). ``paired``: repeat ``j`` of every point was
-    timed in the same round (the points interleaved, equally many repeats), so rounds are
-    resampled whole: a slow round then slows every point of a replicate alike, as it did
-    the measurement, instead of bending the replicate's curve. Returned as a
-    :class:`SlopeFit` whose ``slope`` is the share.
+    The interval resamples each point's repeats and keeps the x: they are a design (the
+    depths swept), not a sample, and a share is the curvature over the whole range.
+    (Resampling the points as well, as :func:`loglog_slope` does, draws replicates that
+    span only part of the range, whose quadratic term at their own top is unstable: over
+    8 depths it made every depth claim's interval 1-2 wide, whatever the noise.)
+    ``paired``: repeat ``j`` of every point was timed in the same round (the points
+    interleaved, equally many repeats), so rounds are resampled whole: a slow round then
+    slows every point of a replicate alike, as it did the measurement, instead of bending
+    the replicate's curve. Returned as a :class:`SlopeFit` whose ``slope`` is the share.
 
     >>> round(quadratic_share([1, 2, 3, 4], [[3.0], [5.0], [7.0], [9.0]]).slope, 9)
     0.0
@@ -270,11 +273,8 @@ def quadratic_share(
     for i, s in enumerate(samples):
         draw = shared if paired else rng.integers(0, s.size, (n_boot, s.size))
         boot[:, i] = np.median(s[draw], axis=1)
-    pick = rng.integers(0, xs.size, (n_boot, xs.size))
-    distinct = (np.diff(np.sort(scaled[pick], axis=1), axis=1) > 0).sum(axis=1) + 1
-    keep = distinct >= 3
-    boots = shares(scaled[pick][keep], np.take_along_axis(boot, pick, axis=1)[keep])
-    low, high = np.percentile(boots, [2.5, 97.5]) if boots.size else (estimate, estimate)
+    boots = shares(np.broadcast_to(scaled, boot.shape), boot)
+    low, high = np.percentile(boots, [2.5, 97.5])
     return SlopeFit(estimate, float(low), float(high), xs.size, (float(xs.min()), float(xs.max())))
 
 

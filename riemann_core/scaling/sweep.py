@@ -129,6 +129,11 @@ NEIGHBOUR_FACTOR = 1.5
 #: interleaved (:func:`time_lines`): the depth claims judge the line's shape to a few
 #: percent, which the machine's drift between points measured minutes apart bends.
 INTERLEAVED_AXES = ("depth",)
+#: Rounds of a line's interleaved timing, per repeat of a point: a line of a few
+#: milliseconds per point takes seconds, and its shape needs each point's median to a few
+#: percent (at 7 rounds on a shared 2-core CPU, the quadratic term's interval was 0.2-1.3
+#: wide).
+LINE_ROUNDS_PER_REPEAT = 3
 
 
 class ResultsFileError(ValueError):
@@ -471,15 +476,15 @@ def lines_to_interleave(rows: list[dict], base: Mapping[str, int]) -> list[tuple
 
 def time_lines(lines: list[list[dict]], grid: Grid, device: torch.device) -> list[dict]:
     """``{**key, time_median_s, time_iqr_s, times_s, spread}`` of every point of ``lines``
-    on ``device``: each line's points timed in turn in each of ``grid.repeats`` rounds,
-    after a warm-up call each (:func:`~riemann_core.measure.timing.interleaved`), so that
+    on ``device``: each line's points timed in turn in each of
+    ``LINE_ROUNDS_PER_REPEAT * grid.repeats`` rounds, after a warm-up call each (:func:`~riemann_core.measure.timing.interleaved`), so that
     a slow spell of the machine slows every point of a round alike instead of bending the
     line. A line whose point fails here keeps the times of its own measurement."""
     timed = []
     for line in lines:
         try:
             calls = {key_of(run): _direction_call(run, grid, device) for run in line}
-            times = interleaved(calls, grid.repeats, device)
+            times = interleaved(calls, LINE_ROUNDS_PER_REPEAT * grid.repeats, device)
         except Exception:  # noqa: BLE001  (its points were measured; the line stays so)
             continue
         for run in line:

@@ -406,7 +406,8 @@ def test_the_depth_lines_are_timed_again_on_the_workers(two_devices, tmp_path):
     line = [r for r in sw.read_results(tmp_path / "results.csv") if r["interleaved"]]
     assert sorted(int(r["depth"]) for r in line) == [1, 2, 3]
     assert {r["interleaved"] for r in line} == {"depth"}
-    assert all(len(json.loads(r["times_s"])) == grid.repeats for r in line)
+    rounds = sw.LINE_ROUNDS_PER_REPEAT * grid.repeats
+    assert all(len(json.loads(r["times_s"])) == rounds for r in line)
 
 
 def rates_that_kill_a_worker(marker, device, dtype):

@@ -483,7 +483,7 @@ def test_a_sweep_times_its_depth_lines_again_interleaved(tmp_path, monkeypatch):
     monkeypatch.setattr(sw, "_direction_call", recording)
     sw.sweep(grid, tmp_path, progress=False, retime=sw.time_lines)
     rows = {sw.key_of(r): r for r in rows_of(tmp_path / "results.csv")}
-    assert order == [1, 2, 3] * (1 + grid.repeats)  # a warm-up, then the rounds
+    assert order == [1, 2, 3] * (1 + sw.LINE_ROUNDS_PER_REPEAT * grid.repeats)  # warm-up, rounds
     on_line = [r for r in rows.values() if r["width"] == "4" and r["batch"] == "4"]
     for key, row in rows.items():
         timed_again = row in on_line and row["kernel"] == "structured"
