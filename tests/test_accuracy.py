@@ -277,6 +277,25 @@ def test_finiteness_is_proved_by_a_bound_or_examined(x, bound, passes):
             finish()
 
 
+@pytest.mark.parametrize("bound", [None, 2e39], ids=["examined", "bound"])
+def test_a_float64_direction_beyond_the_model_s_float32_range_is_refused(bound):
+    """A float64 solve of a float32 model returns the direction in float32: 1e39 is
+    finite in float64 and not in float32, so neither check lets it through."""
+    from riemann_core._checks import Deferred
+    from riemann_core.methods._base import Problem as Blocks
+    from riemann_core.modules import Block
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    blocks = [Block("m0", None, ["m0.weight"], [p], (), None)]
+    x = torch.tensor([1.0, 1e39, 1.0], dtype=torch.float64)
+    solve = _solve.Solve(
+        "m0", "k", "s", [0], [x], x_bound=None if bound is None else torch.tensor(bound)
+    )
+    opts = rc.methods.Options(damping=1.0)
+    with pytest.raises(FloatingPointError, match="non-finite direction for 'm0'"):
+        _solve.finish(Blocks(blocks, gradient=[[p]]), [solve], opts, Deferred(), "m")
+
+
 def test_refinement_drops_the_bound_of_the_direction_it_replaces():
     """A refined ``x`` is no longer the product the bound was taken from."""
     model, x, y = PROBLEM.make(torch.float32)

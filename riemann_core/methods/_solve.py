@@ -92,13 +92,20 @@ def _norm_bound(solves: list[Solve]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(bounds))
 
 
-def _proves_finite(bound: float, solves: list[Solve]) -> bool:
-    """Whether a 2-norm ``bound`` of every ``x`` proves each entry finite: every entry
-    is at most the norm, and a computed product ``M^T Xt`` at most ``(1 + N eps)`` times
-    ``||M|| ||Xt||``, so a bound under half the dtype's largest value leaves a margin
-    for the rounding of the bound itself (a NaN bound compares false)."""
-    largest = min(torch.finfo(a.dtype).max for s in solves for a in s.x)
-    return bound < largest / 2
+def _proves_finite(bound: float, solves: list[Solve], model_dtype: torch.dtype) -> bool:
+    """Whether a 2-norm ``bound`` of every ``x`` proves each entry finite in its own dtype
+    and in the model's, which the directions are returned in: every entry is at most the
+    norm, and a computed product ``M^T Xt`` at most ``(1 + N eps)`` times
+    ``||M|| ||Xt||``, so a bound under half the smallest largest value leaves a margin for
+    the rounding of the bound itself (a NaN bound compares false)."""
+    dtypes = {model_dtype, *(a.dtype for s in solves for a in s.x)}
+    return bound < min(torch.finfo(d).max for d in dtypes) / 2
+
+
+def _representable(tensors: list[Tensor], dtype: torch.dtype) -> bool:
+    """Whether every entry is finite, also once converted to ``dtype`` (a float64 solve
+    of a float32 model: 1e39 is finite, but not in float32)."""
+    return all(all_finite(t.to(dtype)) for t in tensors)
 
 
 @dataclass
@@ -238,8 +245,8 @@ def finish(
     # one reading for every solve's x; only when it proves nothing is each x examined
     norm_x = checks.read(_norm_bound(solves))
     checks.run()
-    all_finite_x = _proves_finite(norm_x.value, solves)
     model_dtype = problem.blocks[0].params[0].dtype
+    all_finite_x = _proves_finite(norm_x.value, solves, model_dtype)
     diagnostics = []
     for s, (failed, condition, residual) in zip(solves, readings, strict=True):
         condition = condition.value if condition is not None else None
@@ -257,9 +264,9 @@ def finish(
                     AccuracyWarning,
                     stacklevel=4,
                 )
-            finite_now = all(all_finite(t) for t in s.x)
+            finite_now = _representable(s.x, model_dtype)
         else:
-            finite_now = all_finite_x or all(all_finite(t) for t in s.x)
+            finite_now = all_finite_x or _representable(s.x, model_dtype)
         if not finite_now:
             raise FloatingPointError(
                 f"method={method!r} produced a non-finite direction for {s.name!r}; "

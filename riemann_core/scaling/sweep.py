@@ -47,6 +47,7 @@ import json
 import math
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -479,13 +480,16 @@ def time_lines(lines: list[list[dict]], grid: Grid, device: torch.device) -> lis
     on ``device``: each line's points timed in turn in each of
     ``LINE_ROUNDS_PER_REPEAT * grid.repeats`` rounds, after a warm-up call each (:func:`~riemann_core.measure.timing.interleaved`), so that
     a slow spell of the machine slows every point of a round alike instead of bending the
-    line. A line whose point fails here keeps the times of its own measurement."""
+    line. A line whose point fails here comes back as ``{**key, "error": reason}`` rows:
+    its points keep the times of their own measurement, and the caller says why."""
     timed = []
     for line in lines:
         try:
             calls = {key_of(run): _direction_call(run, grid, device) for run in line}
             times = interleaved(calls, LINE_ROUNDS_PER_REPEAT * grid.repeats, device)
-        except Exception:  # noqa: BLE001  (its points were measured; the line stays so)
+        except Exception as err:  # noqa: BLE001  (its points were measured; reported above)
+            reason = f"{type(err).__name__}: {err}"[:300]
+            timed += [{**run, "error": reason} for run in line]
             continue
         for run in line:
             timing = timing_of(times[key_of(run)])
@@ -756,7 +760,9 @@ def interleave_lines(
 ) -> None:
     """Time the lines of :func:`lines_to_interleave` again with ``retime`` (on every
     worker of each kind of device, through ``runner.everywhere``) and give their rows the
-    first worker's times, so that each line comes from one device in one stretch of time."""
+    first worker's times, so that each line comes from one device in one stretch of time,
+    and flags for those times; a line that could not be timed again keeps its rows, with a
+    warning that says why."""
     todo = lines_to_interleave(rows, grid.base)
     if not todo:
         return
@@ -771,12 +777,25 @@ def interleave_lines(
     timed: dict[tuple[str, ...], dict] = {}
     for row in sorted(runner.everywhere(task, grid.devices), key=lambda r: r["worker"]):
         timed.setdefault(key_of(row), row)
+    failed = {(r["method"], r["kernel"], r["error"]) for r in timed.values() if "error" in r}
+    for method, kernel, reason in sorted(failed):
+        warnings.warn(
+            f"the depth line of {method} ({kernel}) could not be timed again ({reason}); its "
+            "points keep the times of their own measurements",
+            stacklevel=2,
+        )
     axis = {key_of(run): a for a, line in todo for run in line}
     for i, row in enumerate(rows):
         new = timed.get(key_of(row))
-        if new is not None:
+        if new is not None and "error" not in new:
             fields = ("time_median_s", "time_iqr_s", "times_s", "spread", *WHERE)
             rows[i] = {**row, **{k: new[k] for k in fields}, "interleaved": axis[key_of(row)]}
+    from . import grow
+
+    for i, row in enumerate(rows):  # their flags, for the new times
+        if row["interleaved"] and key_of(row) in timed and "error" not in timed[key_of(row)]:
+            spread = "spread" if float(row["spread"]) > SPREAD_LIMIT else ""
+            rows[i] = {**row, "flag": "outlier" if grow.is_outlier(rows, row) else spread}
 
 
 def add_device(devices: dict[str, dict], record: dict, when: str | None = None) -> None:

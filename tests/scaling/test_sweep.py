@@ -464,8 +464,8 @@ def test_the_depth_lines_through_the_base_are_the_ones_timed_again_interleaved()
 
 def test_a_sweep_times_its_depth_lines_again_interleaved(tmp_path, monkeypatch):
     """With ``retime``, the rows of the depth lines take times from rounds in which every
-    point of their line ran in turn; the other rows keep their own; a line whose point
-    fails to run again keeps its first times."""
+    point of their line ran in turn, and flags for them; the other rows keep their own; a
+    line whose point fails to run again keeps its first times, with a warning."""
     grid = sw.Grid(
         **{**TINY, "axes": {**TINY["axes"], "depth": (1, 2, 3)}, "methods": ("layerwise",)}
     )
@@ -481,7 +481,8 @@ def test_a_sweep_times_its_depth_lines_again_interleaved(tmp_path, monkeypatch):
     sw.sweep(grid, tmp_path, progress=False)
     before = {sw.key_of(r): r for r in rows_of(tmp_path / "results.csv")}
     monkeypatch.setattr(sw, "_direction_call", recording)
-    sw.sweep(grid, tmp_path, progress=False, retime=sw.time_lines)
+    with pytest.warns(UserWarning, match=r"layerwise \(generic\).*cannot build this line"):
+        sw.sweep(grid, tmp_path, progress=False, retime=sw.time_lines)
     rows = {sw.key_of(r): r for r in rows_of(tmp_path / "results.csv")}
     assert order == [1, 2, 3] * (1 + sw.LINE_ROUNDS_PER_REPEAT * grid.repeats)  # warm-up, rounds
     on_line = [r for r in rows.values() if r["width"] == "4" and r["batch"] == "4"]
@@ -490,3 +491,5 @@ def test_a_sweep_times_its_depth_lines_again_interleaved(tmp_path, monkeypatch):
         assert row["interleaved"] == ("depth" if timed_again else "")
         assert (row["times_s"] == before[key]["times_s"]) != timed_again
         assert row["host"] == socket.gethostname()
+        if timed_again and row["flag"] != "outlier":  # the flag is that of the new times
+            assert (row["flag"] == "spread") == (float(row["spread"]) > sw.SPREAD_LIMIT)
