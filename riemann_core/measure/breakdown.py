@@ -3,8 +3,8 @@
 :func:`time_by_kind` runs a call under ``torch.profiler`` and attributes the self time of
 every aten operation to the kind of the nearest operation, itself or an enclosing one,
 that :data:`KIND_OF_OP` names: ``products`` (GEMMs, matrix-vector products),
-``cholesky`` (LAPACK's ``potrf`` called directly on the CPU, :func:`riemann_core.woodbury.
-potrf_`; ``linalg_cholesky_ex`` with the copies and the triangle it clears),
+``cholesky`` (LAPACK's ``potrf`` called directly, ``riemann_core.woodbury.potrf_``;
+``linalg_cholesky_ex`` with the copies and the triangle it clears),
 ``triangular`` (triangular solves); every other operation is ``other ops`` (elementwise
 kernels, reductions, copies, the rest of the linear algebra). ``overhead`` is the rest
 of the call's wall-clock time, timed without the profiler: Python, module hooks,

@@ -60,9 +60,9 @@ def host_peak_bytes(fn: Callable[[], object]) -> int | None:
 
     The Gram buffer an earlier call kept for reuse is freed
     (:func:`riemann_core.woodbury.release_workspace`) and the C allocator's free memory
-    returned to the system (:func:`release_free_memory`), so that what ``fn`` allocates shows as a rise rather
-    than reusing memory freed by earlier calls; Linux resets the peak (``VmHWM``) when ``5``
-    is written to ``/proc/self/clear_refs``. Still a lower bound: memory the allocator
+    returned to the system (:func:`release_free_memory`), so that what ``fn`` allocates
+    shows as a rise rather than reusing memory freed by earlier calls; Linux resets the
+    peak (``VmHWM``) when ``5`` is written to ``/proc/self/clear_refs``. Still a lower bound: memory the allocator
     keeps between ``fn``'s own allocations is counted once. ``None`` where the interface
     is missing.
     """

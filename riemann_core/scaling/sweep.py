@@ -478,9 +478,9 @@ def lines_to_interleave(rows: list[dict], base: Mapping[str, int]) -> list[tuple
 def time_lines(lines: list[list[dict]], grid: Grid, device: torch.device) -> list[dict]:
     """``{**key, time_median_s, time_iqr_s, times_s, spread}`` of every point of ``lines``
     on ``device``: each line's points timed in turn in each of
-    ``LINE_ROUNDS_PER_REPEAT * grid.repeats`` rounds, after a warm-up call each (:func:`~riemann_core.measure.timing.interleaved`), so that
-    a slow spell of the machine slows every point of a round alike instead of bending the
-    line. A line whose point fails here comes back as ``{**key, "error": reason}`` rows:
+    ``LINE_ROUNDS_PER_REPEAT * grid.repeats`` rounds, after a warm-up call each
+    (:func:`~riemann_core.measure.timing.interleaved`), so that a slow spell of the machine
+    slows every point of a round alike instead of bending the line. A line whose point fails here comes back as ``{**key, "error": reason}`` rows:
     its points keep the times of their own measurement, and the caller says why."""
     timed = []
     for line in lines:
