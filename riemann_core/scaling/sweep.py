@@ -777,23 +777,28 @@ def interleave_lines(
     timed: dict[tuple[str, ...], dict] = {}
     for row in sorted(runner.everywhere(task, grid.devices), key=lambda r: r["worker"]):
         timed.setdefault(key_of(row), row)
-    failed = {(r["method"], r["kernel"], r["error"]) for r in timed.values() if "error" in r}
-    for method, kernel, reason in sorted(failed):
+    axis = {key_of(run): a for a, line in todo for run in line}
+    failed = {
+        (axis[k], r["method"], r["kernel"], r["error"]) for k, r in timed.items() if "error" in r
+    }
+    for along, method, kernel, reason in sorted(failed):
         warnings.warn(
-            f"the depth line of {method} ({kernel}) could not be timed again ({reason}); its "
-            "points keep the times of their own measurements",
+            f"the {along} line of {method} ({kernel}) could not be timed again ({reason}); "
+            "its points keep the times of their own measurements",
             stacklevel=2,
         )
-    axis = {key_of(run): a for a, line in todo for run in line}
-    for i, row in enumerate(rows):
-        new = timed.get(key_of(row))
-        if new is not None and "error" not in new:
-            fields = ("time_median_s", "time_iqr_s", "times_s", "spread", *WHERE)
-            rows[i] = {**row, **{k: new[k] for k in fields}, "interleaved": axis[key_of(row)]}
+    retimed = {k: r for k, r in timed.items() if "error" not in r}
+    fields = ("time_median_s", "time_iqr_s", "times_s", "spread", *WHERE)
+    rows[:] = [
+        {**row, **{f: new[f] for f in fields}, "interleaved": axis[key_of(row)]}
+        if (new := retimed.get(key_of(row))) is not None
+        else row
+        for row in rows
+    ]
     from . import grow
 
-    for i, row in enumerate(rows):  # their flags, for the new times
-        if row["interleaved"] and key_of(row) in timed and "error" not in timed[key_of(row)]:
+    for i, row in enumerate(rows):  # flags for the new times, among the new neighbours
+        if key_of(row) in retimed:
             spread = "spread" if float(row["spread"]) > SPREAD_LIMIT else ""
             rows[i] = {**row, "flag": "outlier" if grow.is_outlier(rows, row) else spread}
 
