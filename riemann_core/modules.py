@@ -250,11 +250,12 @@ class PatchHandler(Handler):
     def outer(self, M: Tensor) -> list[Tensor]:
         """``sum_{b,t} M_{b,t} xt_{b,t}^T`` for ``M`` of shape ``(N, T, f_out)``, as the
         trainable parameters' tensors: ``M^T X`` and ``sum M``."""
-        M = M.reshape(-1, self.f_out)
+        M = M if M.ndim == 2 else M.reshape(-1, self.f_out)
         out = []
         if self.with_weight:
-            W = M.T @ self.X.reshape(-1, self.X.shape[-1])
-            out.append(W.reshape(self.block.module.weight.shape))
+            W = M.T @ self.X.flatten(0, 1)
+            shape = self.block.module.weight.shape
+            out.append(W if W.shape == shape else W.reshape(shape))
         if self.with_bias:
             out.append(M.sum(0))
         return out
@@ -340,8 +341,8 @@ class LinearHandler(PatchHandler):
         ``delta_{s,b} . (Xt Xt^T Lambda)_b``, ``O(N^2 f_out + d f_out)``."""
         XXL = self.input_gram() @ lam
         D = self.Dl[:, :, 0]
-        if self.r == 1:  # one row per sample: an elementwise product of the output's size
-            return (D[0] * XXL).sum(-1)
+        if self.r == 1:  # one row per sample: a dot product per sample, no temporary
+            return torch.linalg.vecdot(D[0], XXL)
         # per sample, (r x f)(f x 1): no r N f temporary (a fresh one costs page faults)
         return torch.bmm(D.transpose(0, 1), XXL[:, :, None]).reshape(self.N, self.r).T.reshape(-1)
 
@@ -353,12 +354,12 @@ class LinearHandler(PatchHandler):
         an upper bound on the result's 2-norm read from ``N (f_out + 1)`` entries instead
         of its ``f_out (f_in + 1)`` (``||Xt||_F^2`` is the trace of ``Xt Xt^T``)."""
         D, t = self.Dl[:, :, 0], t.reshape(self.r, self.N, 1)
-        # a sum over the r probes, each an N x f_out update: a bmm over samples of
-        # (1 x r)(r x f) loops over them on the CPU, 2.4x slower at r = 9, N = 128
-        U = D[0] * t[0]
+        # the r probes subtracted one by one, each an N x f_out update: a bmm over samples
+        # of (1 x r)(r x f) loops over them on the CPU, 2.4x slower at r = 9, N = 128
+        M = torch.addcmul(lam, D[0], t[0], value=-1)
         for s in range(1, self.r):
-            U.addcmul_(D[s], t[s])
-        M = torch.sub(lam, U).mul_(scale)
+            M.addcmul_(D[s], t[s], value=-1)
+        M.mul_(scale)
         bound = torch.linalg.vector_norm(M) * self.input_gram().diagonal().sum().sqrt()
         return self.outer(M), bound
 

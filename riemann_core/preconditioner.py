@@ -218,7 +218,9 @@ class RiemannianPreconditioner:
             capture.reset()
         for name, p in params:  # every direction exists before any .grad changes
             if name in directions:
-                direction = directions[name].detach().to(p.dtype)
+                direction = directions[name]
+                if direction.requires_grad or direction.dtype != p.dtype:
+                    direction = direction.detach().to(p.dtype)
                 if p.grad is None:
                     p.grad = direction
                 else:

@@ -58,7 +58,8 @@ class Cholesky:
     def solve(self, rhs: Tensor) -> Tensor:
         """``(A + jitter I)^{-1} rhs`` for ``rhs`` of shape ``(..., m)`` or ``(..., m, k)``."""
         column = rhs.ndim == self.factor.ndim - 1
-        b = rhs.to(self.factor.dtype)
+        dtype = self.factor.dtype
+        b = rhs if rhs.dtype == dtype else rhs.to(dtype)
         b = b[..., None] if column else b
         m, order = b.shape[-2], self.factor.shape[-1]
         if order > m:  # a factor of A (+) I: zero rows for the identity's, which stay zero
@@ -66,7 +67,7 @@ class Cholesky:
         # Two triangular solves: faster than cholesky_solve on CPU for few right-hand sides.
         y = torch.linalg.solve_triangular(self.factor, b, upper=False)
         out = torch.linalg.solve_triangular(self.factor.mT, y, upper=True)[..., :m, :]
-        out = out.to(rhs.dtype)
+        out = out if out.dtype == rhs.dtype else out.to(rhs.dtype)
         return out[..., 0] if column else out
 
     def __getitem__(self, i: int) -> Cholesky:

@@ -106,8 +106,8 @@ class Problem:
         return not self.given and self.handlers[i].factored_gradient
 
     def _output_grad(self, i: int) -> Tensor:
-        h = self.handlers[i]
-        return h.block.output_grad.to(h.dtype)
+        h, lam = self.handlers[i], self.handlers[i].block.output_grad
+        return lam if lam.dtype == h.dtype else lam.to(h.dtype)
 
     def K_gradient(self, i: int) -> Tensor:
         """``K_a g_a`` (``d``), through ``Lambda_a`` where the handler can."""
@@ -329,7 +329,10 @@ def problem_from_graph(
     network only through ``outputs``) or else of the mean loss on ``targets``.
     ``probe``: run the batch-coupling probe on this graph, with ``probe()`` rerunning the
     forward pass for its slow path. Checks of the data are read once (a host sync) before
-    the loss gradient is formed.
+    the loss gradient is formed; with ``loss`` (already formed) they are left to the
+    caller's one reading of every check, where a failing one still raises before the
+    errors it would cause (checks are read in order, and the callers read them before
+    raising any error of their own).
     """
     if not isinstance(outputs, Tensor):
         raise ValueError(f"the model must return a tensor of outputs, got {type(outputs).__name__}")
@@ -347,7 +350,8 @@ def problem_from_graph(
             "no module with trainable parameters took part in the forward pass; "
             "nothing to precondition"
         )
-    checks.run()  # the data, parameters and outputs, before the loss is formed from them
+    if loss is None:  # the data, parameters and outputs, before the loss is formed from them
+        checks.run()
     blocks = group_calls(calls, model)
     if loss is None:
         _check_reached(model, blocks, outputs, targets, opts, gradient)
