@@ -176,6 +176,8 @@ def group_calls(calls: list[Block], model: nn.Module) -> list[Block]:
     groups: dict[int, list[Block]] = {}
     for i, call in enumerate(calls):
         groups.setdefault(root(i), []).append(call)
+    if all(len(group) == 1 for group in groups.values()):  # nothing shared
+        return list(calls)
     names = {id(p): n for n, p in model.named_parameters()}
     order = {key: i for i, key in enumerate(names)}
     blocks = []
