@@ -128,8 +128,8 @@ class Deferred:
             self._pending.append((value if value.numel() == 1 else value.sum(), callback))
 
     def finite_all(self, items: list[tuple[str, Tensor]], fix: str) -> None:
-        """Every tensor of ``items`` (``(what, tensor)``) has no NaN or inf: one reading
-        (the sum of their sums; a sum that overflows is re-checked exactly), the culprit
+        """Every tensor of ``items`` (``(what, tensor)``) has no NaN or inf: one reading per
+        device (the sum of their sums; a sum that overflows is re-checked exactly), the culprit
         named on failure. Per-tensor sums run on all cores; on a 2-core CPU they took
         0.5-0.8x the time of ``foreach`` 2-norms for the parameters of MLPs with 6 to 82
         tensors (0.29 against 0.59 ms for 784-1024-1024-10)."""
@@ -142,9 +142,12 @@ class Deferred:
                 for what, tensor in items:
                     check_finite(what, tensor, fix)
 
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for t in tensors:
+            by_device.setdefault(t.device, []).append(t)
         with torch.no_grad():  # parameters: no graph for their sums
-            total = torch.stack([t.sum() for t in tensors]).sum()
-        self._pending.append((total, callback))
+            for group in by_device.values():  # one reading per device
+                self._pending.append((torch.stack([t.sum() for t in group]).sum(), callback))
 
     def read(self, value: Tensor) -> Reading:
         """A :class:`Reading` whose ``value`` is set by the next :meth:`run`."""

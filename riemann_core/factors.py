@@ -148,7 +148,7 @@ def pullback(
     found = {id(t): g for t, g in zip(reached, grads, strict=True)}
     k = seeds[0].shape[0]
     return [
-        g
+        g.detach()  # autograd.grad hands a root's own seed back for a root among the targets
         if (g := found.get(id(t))) is not None
         else torch.zeros((k,) + t.shape, dtype=t.dtype, device=t.device)
         for t in targets

@@ -341,8 +341,8 @@ class LinearHandler(PatchHandler):
         ``delta_{s,b} . (Xt Xt^T Lambda)_b``, ``O(N^2 f_out + d f_out)``."""
         XXL = self.input_gram() @ lam
         D = self.Dl[:, :, 0]
-        if self.r == 1:  # one row per sample: a dot product per sample, no temporary
-            return torch.linalg.vecdot(D[0], XXL)
+        if self.r == 1:  # one row per sample: an elementwise product of the output's size
+            return (D[0] * XXL).sum(-1)
         # per sample, (r x f)(f x 1): no r N f temporary (a fresh one costs page faults)
         return torch.bmm(D.transpose(0, 1), XXL[:, :, None]).reshape(self.N, self.r).T.reshape(-1)
 

@@ -296,3 +296,31 @@ def test_custom_factor_with_nan_raises():
 
     with pytest.raises(ValueError, match="NaN or inf"):
         rc.direction(model, x, y, output_metric=nan_factor)
+
+
+@pytest.mark.parametrize("method", ["layerwise", "full", "natural", "kfac"])
+def test_custom_factor_in_an_autograd_graph_is_data(method):
+    """A factor built from tensors that require grad (a learnable output metric) enters
+    as data: the direction equals that of its detached copy, with no graph, through
+    ``rc.direction`` and ``pre.backward``."""
+    model, x, y = Problem().make()
+    scale = torch.nn.Parameter(torch.tensor(2.0, dtype=x.dtype))
+
+    def learnable(out, tgt):
+        return scale * symmetric_sqrt_factor(out, tgt)
+
+    def fixed(out, tgt):
+        return learnable(out, tgt).detach()
+
+    kw = dict(method=method, damping=1e-2)
+    want = rc.direction(model, x, y, output_metric=fixed, **kw)
+    got = rc.direction(model, x, y, output_metric=learnable, **kw)
+    pre = rc.RiemannianPreconditioner(model, output_metric=learnable, **kw)
+    for _ in range(2):  # the first call takes the probe's path, the second the fused one
+        model.zero_grad()
+        pre.backward(torch.nn.functional.cross_entropy(model(x), y))
+        for name, p in model.named_parameters():
+            assert not got[name].requires_grad and not p.grad.requires_grad
+            assert rel_error(got[name], want[name]) < 1e-12
+            assert rel_error(p.grad, want[name]) < 1e-10
+    pre.remove()

@@ -331,10 +331,7 @@ def problem_from_graph(
     network only through ``outputs``) or else of the mean loss on ``targets``.
     ``probe``: run the batch-coupling probe on this graph, with ``probe()`` rerunning the
     forward pass for its slow path. Checks of the data are read once (a host sync) before
-    the loss gradient is formed; with ``loss`` (already formed) they are left to the
-    caller's one reading of every check, where a failing one still raises before the
-    errors it would cause (checks are read in order, and the callers read them before
-    raising any error of their own).
+    the loss gradient is formed.
     """
     if not isinstance(outputs, Tensor):
         raise ValueError(f"the model must return a tensor of outputs, got {type(outputs).__name__}")
@@ -352,8 +349,7 @@ def problem_from_graph(
             "no module with trainable parameters took part in the forward pass; "
             "nothing to precondition"
         )
-    if loss is None:  # the data, parameters and outputs, before the loss is formed from them
-        checks.run()
+    checks.run()  # the data, parameters and outputs, before the loss is formed from them
     blocks = group_calls(calls, model)
     if loss is None:
         _check_reached(model, blocks, outputs, targets, opts, gradient)

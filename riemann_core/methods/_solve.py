@@ -82,9 +82,9 @@ def _norm(tensors: list[Tensor]) -> Tensor:
 def _norm_bound(solves: list[Solve]) -> Tensor:
     """An upper bound on the 2-norm of every solve's ``x`` together (a float64 device
     scalar): each solve's ``x_bound`` where it has one, else ``x``'s own 2-norm (three
-    ``foreach`` kernels, whatever the number of tensors; on CPU about four times faster
-    than the 1-norm or sums). NaN or inf when an ``x`` is not finite, or the bound
-    overflows."""
+    ``foreach`` kernels, whatever the number of tensors; the 1-norm's took 2.7x as long
+    for the parameters of 784-1024-1024-10 on a 2-core CPU). NaN or inf when an ``x`` is
+    not finite, or the bound overflows."""
     bounds = [s.x_bound.double() for s in solves if s.x_bound is not None]
     rest = [a for s in solves if s.x_bound is None for a in s.x]
     if rest:
