@@ -569,6 +569,27 @@ def write_results(path: Path, rows: list[dict]) -> None:
     write_atomic(path, buffer.getvalue())
 
 
+def check_same_model(rows: list[dict], path: Path) -> None:
+    """Refuse to resume rows whose recorded ``flops_model`` is not this version's cost model
+    at their point (a results file of another version of riemann-bench: say, before the
+    cross-entropy factor dropped its null row): fits and claims over a mix of the two would
+    compare different algorithms. Raises :class:`ResultsFileError`; the file is left alone."""
+    stale = []
+    for row in rows:
+        recorded, now = float(row["flops_model"]), model_flops(run_of(row))["total"]
+        if not math.isclose(recorded, now, rel_tol=1e-9):
+            stale.append((row, recorded, now))
+    if stale:
+        row, recorded, now = stale[0]
+        point = ", ".join(f"{k}={row[k]}" for k in KEY)
+        raise ResultsFileError(
+            f"{path} holds {len(stale)} of {len(rows)} finished points measured with another "
+            f"cost model, i.e. another version of riemann-bench (e.g. {point}: "
+            f"{recorded:.6g} modelled FLOPs recorded, {now:.6g} now); resuming would mix the "
+            "two. Pass another --out, or move the file away to measure again"
+        )
+
+
 def key_of(row: dict) -> tuple[str, ...]:
     return tuple(str(row[k]) for k in KEY)
 
@@ -670,6 +691,7 @@ def sweep(
         )
     # finished points are kept; skipped, failed and out-of-memory ones are decided again
     rows = [r for r in rows if r["status"] == "ok"]
+    check_same_model(rows, path)
     resumed = len(rows)
     done = {key_of(r) for r in rows}
     order: dict[tuple[str, ...], int] = {}  # rows are written in the order of their runs

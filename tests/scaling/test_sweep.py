@@ -192,6 +192,24 @@ def test_corrupted_results_file_is_a_clear_error_and_left_alone(tmp_path, conten
     assert path.read_text() == content
 
 
+def test_results_of_another_cost_model_are_refused_and_left_alone(tmp_path):
+    """Rows whose recorded modelled FLOPs are not this version's at their point (a results
+    file of another version) are not resumed: fits would mix two cost models."""
+    sw.sweep(sw.Grid(**{**TINY, "methods": ("layerwise",)}), tmp_path, progress=False)
+    path = tmp_path / "results.csv"
+    rows = rows_of(path)
+    rows[1]["flops_model"] = str(float(rows[1]["flops_model"]) * 10 / 9)  # say, C rows, not C-1
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    before = path.read_text()
+    point = ", ".join(f"{k}={rows[1][k]}" for k in sw.KEY)
+    with pytest.raises(sw.ResultsFileError, match=f"1 of {len(rows)} finished .*{point}"):
+        sw.sweep(sw.Grid(**{**TINY, "methods": ("layerwise",)}), tmp_path, progress=False)
+    assert path.read_text() == before
+
+
 def test_truncated_line_is_reported_with_its_number(tmp_path):
     sw.sweep(sw.Grid(**{**TINY, "methods": ("euclidean",)}), tmp_path, progress=False)
     path = tmp_path / "results.csv"
