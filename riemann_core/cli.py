@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from importlib import metadata
 
 from .arguments import Command, check_device, common_options
+from .measure.allocator import keep_freed_memory
 from .scaling import commands as scaling_commands
 from .scaling import parallel, targets
 from .studies import demo, stability, training
@@ -35,6 +36,7 @@ COMMANDS: tuple[Command, ...] = (
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``riemann-bench`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    keep_freed_memory()  # timings without the page faults of glibc's default policy
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "scheduler", None) is None:  # on a cluster, the workers' devices count

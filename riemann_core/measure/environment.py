@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .._precision import precision_knobs
+from .allocator import policy
 
 
 def cpu_model() -> str:
@@ -92,8 +93,9 @@ def precision_settings() -> dict[str, str | bool | int]:
 
 
 def environment(device: torch.device | str = "cpu") -> dict[str, str | int]:
-    """Commit, torch version, device, CPU model, thread count, BLAS, Python, time, and
-    the float32 precision and cuDNN settings (:func:`precision_settings`)."""
+    """Commit, torch version, device, CPU model, thread count, BLAS, Python, time, the C
+    allocator's policy (:func:`riemann_core.measure.allocator.policy`), and the float32
+    precision and cuDNN settings (:func:`precision_settings`)."""
     return {
         "commit": git_commit(),
         "torch": torch.__version__,
@@ -102,6 +104,7 @@ def environment(device: torch.device | str = "cpu") -> dict[str, str | int]:
         "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "blas": blas(),
+        "malloc": policy(),
         "cuda": torch.version.cuda or "none",
         "python": platform.python_version(),
         "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

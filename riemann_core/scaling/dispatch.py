@@ -55,6 +55,7 @@ from distributed import (
 )
 from distributed.scheduler import KilledWorker
 
+from ..measure import allocator
 from .sweep import PointLost
 from .worker import THREADS, physical_cores
 
@@ -69,10 +70,11 @@ CHECK_EVERY = 2.0
 #: wakes a thread on the cores a point is timed on (the profiler samples every thread's
 #: stack every 10 ms; the event loop's latency probe ticks every 20 ms; monitors poll)
 QUIET = {
-    # dask's nanny would set MALLOC_TRIM_THRESHOLD_ (which turns off glibc's adaptive mmap
-    # threshold: every large temporary tensor then costs fresh, page-faulting memory) and
-    # OMP_NUM_THREADS=1 (the worker sets torch's threads itself)
-    "distributed.nanny.pre-spawn-environ": {},
+    # the workers keep the memory they free (riemann_core.measure.allocator), where dask's
+    # nanny would set MALLOC_TRIM_THRESHOLD_=65536 (every large temporary tensor then
+    # costs fresh, page-faulting memory) and OMP_NUM_THREADS=1 (the worker sets torch's
+    # threads itself)
+    "distributed.nanny.pre-spawn-environ": dict(allocator.KEEP),
     "distributed.worker.profile.enabled": False,
     "distributed.admin.tick.interval": "1s",
     "distributed.admin.system-monitor.interval": "5s",
@@ -286,9 +288,10 @@ def check_workers(client: Client, device: str | torch.device, timeout: float = 6
     noisy = [address for address, fact in facts.items() if fact["noisy"]]
     if noisy:
         warnings.warn(
-            f"{len(noisy)} of {len(facts)} workers run dask's profiler or have "
-            "MALLOC_TRIM_THRESHOLD_ set by their nanny, which slows the points they time; "
-            "give the workers the dask configuration of docs/clusters.md",
+            f"{len(noisy)} of {len(facts)} workers run dask's profiler or glibc's default "
+            "malloc policy (each large tensor then maps fresh, page-faulting memory), which "
+            "slows the points they time; give the workers the dask configuration of "
+            "docs/clusters.md",
             stacklevel=2,
         )
     return facts
@@ -327,7 +330,7 @@ def _worker_facts() -> dict:
         "gpus": torch.cuda.device_count(),
         "cores": cores,
         "noisy": dask.config.get("distributed.worker.profile.enabled")
-        or "MALLOC_TRIM_THRESHOLD_" in os.environ,
+        or allocator.policy() == "default",
     }
 
 

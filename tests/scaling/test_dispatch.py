@@ -18,6 +18,7 @@ import pytest
 from distributed import Client, LocalCluster
 from synthetic import known_time_row
 
+from riemann_core.measure import allocator
 from riemann_core.measure.timing import RATE_KINDS
 from riemann_core.scaling import dispatch, worker
 from riemann_core.scaling import sweep as sw
@@ -257,6 +258,13 @@ def fake_devices(workers, threads):
         Client(cluster, set_as_default=False) as client,
     ):
         yield client
+
+
+def test_workers_under_riemann_bench_configuration_keep_freed_memory(two_devices):
+    """The workers start with glibc told to keep what it frees (measure.allocator), and
+    the check of a running cluster finds nothing that slows their points."""
+    assert set(two_devices.run(allocator.policy).values()) == {"keep freed"}
+    assert not any(fact["noisy"] for fact in two_devices.run(dispatch._worker_facts).values())
 
 
 def test_every_point_runs_once_one_at_a_time_per_worker_as_in_process(two_devices, tmp_path):
