@@ -13,11 +13,12 @@ against none).
 
 :data:`KEEP` are glibc's settings that keep freed memory for reuse: no mmap for large
 blocks, no trimming of the heap's top, one arena for every thread (a thread's own arena
-maps its large blocks anyway). ``riemann-bench`` applies them to its processes
-(:func:`keep_freed_memory`) and starts the workers of its local cluster with them; the
-environment record says which policy a measurement ran under (:func:`policy`). A memory
-measurement still returns the free memory first
-(:func:`riemann_core.measure.memory.release_free_memory`), so peaks are unchanged.
+maps its large blocks anyway); free memory at the heap's top beyond 2 GiB is still
+returned. ``riemann-bench`` applies them to its processes (:func:`keep_freed_memory`) and
+starts the workers of its local cluster with them; the environment record says which
+policy a measurement ran under (:func:`policy`). A memory measurement still returns the
+free memory first (:func:`riemann_core.measure.memory.release_free_memory`), and so does
+the sweep after each point: the memory kept is at most a point's own.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ KEEP = {
 #: the ``mallopt`` parameter of each (glibc's malloc.h: M_ARENA_MAX, M_MMAP_MAX,
 #: M_TRIM_THRESHOLD)
 _PARAMETER = {"MALLOC_ARENA_MAX": -8, "MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1}
+
+
+def _tuned() -> bool:
+    """Whether ``GLIBC_TUNABLES`` sets malloc's parameters: they override :data:`KEEP`."""
+    return "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
 
 
 def _in_environment() -> bool:
@@ -72,8 +78,11 @@ def keep_freed_memory() -> bool:
 
 def policy() -> str:
     """The environment record's ``malloc``: ``"keep freed"`` when this process runs with
-    :data:`KEEP` (see ``_kept``), ``"default"`` with glibc's defaults, ``"not glibc"``
-    under another C library (whose policy this package leaves alone)."""
+    :data:`KEEP` (see ``_kept``), ``"tunables"`` when ``GLIBC_TUNABLES`` sets malloc's
+    parameters instead (which this package does not read), ``"default"`` with glibc's
+    defaults, ``"not glibc"`` under another C library (whose policy is left alone)."""
     if platform.libc_ver()[0] != "glibc":
         return "not glibc"
+    if _tuned():
+        return "tunables"
     return "keep freed" if _kept else "default"

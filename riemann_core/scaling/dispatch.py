@@ -289,7 +289,8 @@ def check_workers(client: Client, device: str | torch.device, timeout: float = 6
     if noisy:
         warnings.warn(
             f"{len(noisy)} of {len(facts)} workers run dask's profiler or glibc's default "
-            "malloc policy (each large tensor then maps fresh, page-faulting memory), which "
+            "malloc policy (or GLIBC_TUNABLES's; each large tensor then maps fresh, "
+            "page-faulting memory), which "
             "slows the points they time; give the workers the dask configuration of "
             "docs/clusters.md",
             stacklevel=2,
@@ -330,7 +331,7 @@ def _worker_facts() -> dict:
         "gpus": torch.cuda.device_count(),
         "cores": cores,
         "noisy": dask.config.get("distributed.worker.profile.enabled")
-        or allocator.policy() == "default",
+        or allocator.policy() in ("default", "tunables"),
     }
 
 

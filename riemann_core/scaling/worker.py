@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ..measure.environment import device_name, environment
+from ..measure.memory import release_free_memory
 
 #: environment variable: the torch threads of a worker (default: :func:`physical_cores`)
 THREADS = "RIEMANN_BENCH_THREADS"
@@ -60,7 +61,11 @@ def measure_here(
     :func:`worker_threads` torch threads. The row keeps the requested ``device`` (the
     sweep's key) and gains ``host``, ``device_name`` and ``physical_device``. ``record``
     (see :func:`device_record`) is made once per sweep ``session`` and device, before
-    the device's first point or rate.
+    the device's first point or rate. Afterwards the C allocator's free memory goes back
+    to the system: a process that keeps freed memory for its timings
+    (:mod:`riemann_core.measure.allocator`) would otherwise hold a point's peak until the
+    next point, over dask's pause threshold for a worker near its memory limit (the next
+    point's memory measurement returns it first anyway, so its timing is unchanged).
     """
     if placed:
         torch.set_num_threads(worker_threads())
@@ -72,6 +77,7 @@ def measure_here(
             # that the cluster retries the point once on a fresh worker, then records it
             print(f"riemann-bench: {row['reason']} left {device} unusable", file=sys.stderr)
             os._exit(70)
+    release_free_memory()
     where = {k: record[k] for k in ("host", "device_name", "physical_device")}
     return {**row, "device": run["device"], **where}, record
 
@@ -99,11 +105,13 @@ def rates_here(
     own = [device]
     if placed and device.type == "cuda":
         own = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-    return [
+    measured = [
         {**device_record(d, session), "dtype": dtype, "rates": rates(d, getattr(torch, dtype))}
         for d in own
         for dtype in dtypes
     ]
+    release_free_memory()  # as after a point (measure_here)
+    return measured
 
 
 def lines_here(
@@ -129,7 +137,9 @@ def lines_here(
         record = device_record(device, session)
         where = {k: record[k] for k in ("host", "device_name", "physical_device")}
         worker = f"{record['host']} {record['physical_device']} {os.getpid()}"
-        return [{**row, **where, "worker": worker} for row in time_lines(mine, grid, device)]
+        rows = [{**row, **where, "worker": worker} for row in time_lines(mine, grid, device)]
+    release_free_memory()  # as after a point (measure_here)
+    return rows
 
 
 def device_record(device: torch.device, session: str) -> dict:

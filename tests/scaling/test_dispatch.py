@@ -235,8 +235,16 @@ def two_devices():
     two points from running at once on one worker. Under the configuration of
     riemann-bench's own clusters: dask's default one makes the nannies set
     MALLOC_TRIM_THRESHOLD_ in this process, which every later test's workers inherit."""
-    with fake_devices(workers=2, threads=2) as client:
-        yield client
+    # without the policy's variables here (riemann-bench's main puts them into this
+    # process's environment, which the workers would inherit): they come from QUIET
+    saved = {name: os.environ.pop(name) for name in allocator.KEEP if name in os.environ}
+    try:
+        with fake_devices(workers=2, threads=2) as client:
+            yield client
+    finally:
+        for name in allocator.KEEP:
+            os.environ.pop(name, None)
+        os.environ.update(saved)
 
 
 @contextlib.contextmanager

@@ -32,6 +32,28 @@ def test_in_process_a_point_runs_on_the_device_named_and_keeps_its_key(fresh, mo
     assert len(calls) == 2  # once per sweep session
 
 
+def test_the_free_memory_goes_back_after_each_point_rate_and_line(fresh, monkeypatch):
+    """A process keeping freed memory for its timings holds at most one point's: the
+    allocator's free memory is returned after each (a dask worker holding a point's peak
+    would stay over its pause threshold)."""
+    events = []
+    monkeypatch.setattr(worker, "release_free_memory", lambda: events.append("released"))
+
+    def measure(run, grid):
+        events.append("measured")
+        return {"status": "ok"}
+
+    worker.measure_here(measure, {"device": "cpu"}, grid=None, session="s")
+    worker.rates_here(
+        lambda d, t: events.append("rates") or {}, "cpu", dtypes=("float32",), session="s"
+    )
+    line = [[{"device": "cpu"}]]
+    worker.lines_here(
+        lambda l, g, d: events.append("line") or [], "cpu", lines=line, grid=None, session="s"
+    )
+    assert events == ["measured", "released", "rates", "released", "line", "released"]
+
+
 def test_rates_are_measured_on_the_device_named_in_each_dtype(fresh):
     def rates(device, dtype):
         return {"products": [float(torch.finfo(dtype).bits)], "on": str(device)}
