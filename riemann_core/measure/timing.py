@@ -58,18 +58,21 @@ def timing_of(times: list[float]) -> Timing:
     return Timing(statistics.median(times), iqr, tuple(times))
 
 
-def interleaved(calls: dict, rounds: int, device) -> dict[str, list[float]]:
-    """Seconds per call of each of ``calls``, timed in turn in every round.
+def interleaved(calls: dict, rounds: int, device, warmup: int = 0) -> dict[str, list[float]]:
+    """Seconds per call of each of ``calls``, timed in turn in every round, each right
+    after ``warmup`` untimed calls of its own.
 
     On a shared machine the speed drifts; ratios taken within one round (seconds
-    apart) are far steadier than ratios of separately taken medians.
+    apart) are far steadier than ratios of separately taken medians. With ``warmup=0``
+    a call is timed in the cache state the call before it, of another kind, left; with
+    ``warmup=1`` as a call that repeats, say a training step after a training step.
     """
     for fn in calls.values():  # warm-up
         fn()
     times = {name: [] for name in calls}
     for _ in range(rounds):
         for name, fn in calls.items():
-            times[name].append(measure(fn, repeats=1, warmup=0, device=device).median)
+            times[name].append(measure(fn, repeats=1, warmup=warmup, device=device).median)
     return times
 
 

@@ -37,3 +37,11 @@ def test_interleaved_times_each_call_once_per_round_after_a_warm_up():
 def test_median_ratio_pairs_rounds():
     # per-round ratios 2, 4, 3 -> 3; the ratio of medians would be 4 / 1 = 4
     assert timing.median_ratio([2.0, 4.0, 9.0], [1.0, 1.0, 3.0]) == 3.0
+
+
+def test_interleaved_times_each_call_right_after_its_own_warm_up_calls():
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in ("a", "b")}
+    times = timing.interleaved(calls, rounds=2, device="cpu", warmup=1)
+    assert [len(t) for t in times.values()] == [2, 2]
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 2  # warm-up, then (own, timed) pairs
