@@ -398,7 +398,7 @@ def run(args) -> int:
     print(format_targets(result))
     print("\n" + kfac_targets.format_kfac(kfac))
     if args.out is not None:
-        command = "riemann-bench targets" + (" --quick" if args.quick else "")
+        command = args.command_line  # the invocation itself, --out included, as elsewhere
         payload = {"command": command, "environment": environment(args.device), **result}
         print(f"\nwrote {write_json(args.out, 'targets.json', {**payload, 'kfac': kfac})}")
         page = markdown_targets(result, command)
