@@ -15,6 +15,11 @@ writes ``cluster.json`` (every timing, the environment, the command), ``cluster.
   imports, shut-down) this gives the dask path's wall time over the in-process loop's for
   those points, and the points' timed medians on the worker over those here (whether the
   point waiting behind a running one, or the worker's event loop, disturbs its timing);
+  then, on the same worker, dask's own work per point: empty points (each returns its row
+  at once) through the same runner, their wall time and the CPU time they cost this
+  process (client, scheduler and nanny) and the worker, which is what the points' extra
+  wall time is made of where the cores are all the point's (on a CPU host); and the fixed
+  cost split into the cluster's start and its shut-down;
 * **end to end**: ``riemann-bench sweep --quick`` through the local cluster and with
   ``--workers 0``, each a fresh process from start to exit, in turn: what a user waits for,
   but each sweep takes minutes, so on a busy machine the ratio carries its drift. Growth
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import statistics
 import subprocess
@@ -46,6 +52,10 @@ from pathlib import Path
 from riemann_core.measure.allocator import keep_freed_memory
 
 WORKERS = (1, 2, 4)
+#: empty points per round through the runner: dask's own work per point
+EMPTY_POINTS = 100
+#: the cluster's fixed cost, in the order paid (:func:`one_round`)
+FIXED_PARTS = ("start_s", "close_s")
 #: a time budget (seconds) that no growth fits in: the end-to-end sweeps measure the grid
 NO_GROWTH = 1e-3
 
@@ -60,6 +70,33 @@ def sleepy(seconds: float, run: dict, grid) -> dict:
 
 def _warm_up() -> None:
     import riemann_core.scaling.sweep  # noqa: F401  (torch and the package)
+
+
+def _cpu_seconds() -> float:
+    import resource  # POSIX only, as the measurement
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of the process
+    return usage.ru_utime + usage.ru_stime
+
+
+def bookkeeping(client, runner, grid, points: int) -> dict:
+    """Dask's own work per point: ``points`` empty points (:func:`sleepy` for no time)
+    through ``runner``, their wall seconds and the CPU seconds of this process (the client,
+    and the local cluster's scheduler and nanny) and of the workers, each per point."""
+    runs = list(itertools.islice(itertools.cycle(grid.runs()), points))
+    empty = functools.partial(sleepy, 0.0, grid=grid)
+    list(runner(empty, runs[:5]))  # the code paths warm
+    here, there = _cpu_seconds(), sum(client.run(_cpu_seconds).values())
+    start = time.perf_counter()
+    list(runner(empty, runs))
+    wall = time.perf_counter() - start
+    here, there = _cpu_seconds() - here, sum(client.run(_cpu_seconds).values()) - there
+    return {
+        "points": points,
+        "wall_s": wall / points,
+        "client_cpu_s": here / points,
+        "worker_cpu_s": there / points,
+    }
 
 
 def interleaved(rounds: int, chunk: int, results: Path | None = None) -> list[dict]:
@@ -100,7 +137,7 @@ def one_round(r: int, chunk: int, results: Path | None = None) -> dict:
     start = time.perf_counter()
     cluster = dispatch.start_cluster(dispatch.local_workers("cpu"))
     client = Client(cluster, set_as_default=False)
-    client.run(_warm_up)
+    client.run(_warm_up)  # done already: the worker's process imports them as it starts
     started = time.perf_counter()
     runner = dispatch.DaskRunner(client, queued=dispatch.queued_for("cpu"))  # as a sweep's
     task = functools.partial(worker.measure_here, sw.measure_point, grid=grid, session=str(r))
@@ -119,13 +156,18 @@ def one_round(r: int, chunk: int, results: Path | None = None) -> dict:
                 row = outcome[0] if isinstance(outcome, tuple) else {}
                 if row.get("status") == "ok":
                     timed[mode][sw.key_of(run)] = row["time_median_s"]
+    empty = bookkeeping(client, runner, grid, EMPTY_POINTS)
     closing = time.perf_counter()
     client.close()
     cluster.close()
-    fixed = started - start + time.perf_counter() - closing
+    closed = time.perf_counter()
+    fixed = started - start + closed - closing
     return {
         **seconds,
         "fixed": fixed,
+        "start_s": started - start,
+        "close_s": closed - closing,
+        "empty_point": empty,
         "points": len(runs),
         "chunk": chunk,
         "ratio": (seconds["dask"] + fixed) / seconds["here"],
@@ -217,14 +259,43 @@ def summary(record: dict) -> dict:
                 "startup_s": statistics.median(r["startup_s"] for r in mine),
             }
     chunks = record["interleaved"]
+
+    def median(value) -> float | None:
+        return statistics.median(value(r) for r in chunks) if chunks else None
+
     return {
         "interleaved_ratio": _spread(chunks),
-        "fixed_s": statistics.median(r["fixed"] for r in chunks) if chunks else None,
+        "fixed_s": median(lambda r: r["fixed"]),
+        **{part: median(lambda r, part=part: r[part]) for part in FIXED_PARTS},
+        "extra_per_point_s": median(lambda r: (r["dask"] - r["here"]) / r["points"]),
+        "empty_point": {
+            part: median(lambda r, part=part: r["empty_point"][part])
+            for part in ("wall_s", "client_cpu_s", "worker_cpu_s")
+        },
         "points_only_ratio": _spread([{"ratio": r["dask"] / r["here"]} for r in chunks]),
         "timed_ratio": _spread([{"ratio": r["timed_ratio"]} for r in chunks]),
         "end_to_end_ratio": _spread(record["end_to_end"]),
         "throughput": sizes,
     }
+
+
+def _attribution(result: dict) -> list[str]:
+    """Where the dask path's extra time goes (medians over rounds)."""
+    empty = result["empty_point"]
+    cpu = empty["client_cpu_s"] + empty["worker_cpu_s"]
+    return [
+        "Where it goes (medians over rounds): the fixed cost is the cluster's start "
+        f"({result['start_s']:.1f} s: the scheduler, and the worker's process, which imports "
+        f"torch and the package) and its shut-down ({result['close_s']:.1f} s). The "
+        f"points take {1e3 * result['extra_per_point_s']:.1f} ms more each on the worker; "
+        f"dask's own work on an empty point (its row returned at once) through the same "
+        f"runner on the same worker takes {1e3 * empty['wall_s']:.1f} ms of wall time and "
+        f"{1e3 * cpu:.1f} ms of CPU time ({1e3 * empty['client_cpu_s']:.1f} in this process: "
+        f"client, scheduler and nanny; {1e3 * empty['worker_cpu_s']:.1f} in the worker). "
+        "On a CPU host a point's torch threads own every core, so that CPU time is taken "
+        "from the points whether a point waits on the worker or not.",
+        "",
+    ]
 
 
 def write(out: Path, record: dict) -> None:
@@ -261,6 +332,7 @@ def write(out: Path, record: dict) -> None:
             "on the worker over those in this process (the median over points): "
             f"{timed['median']:.3f} ({timed['min']:.3f} to {timed['max']:.3f} over rounds).",
             "",
+            *_attribution(result),
         ]
     if result["end_to_end_ratio"]:
         ratio = result["end_to_end_ratio"]

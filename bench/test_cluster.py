@@ -25,6 +25,11 @@ def test_the_interleaved_measurement_reports_wall_and_timed_ratios(tmp_path):
     assert chunk["points"] == len(sw.read_results(tmp_path / "tiny" / "results.csv"))
     assert chunk["here"] > 0 and chunk["dask"] > 0 and chunk["fixed"] > 0
     assert math.isfinite(chunk["timed_ratio"]) and chunk["timed_ratio"] > 0
+    parts = [chunk[part] for part in cluster.FIXED_PARTS]
+    assert min(parts) > 0 and math.isclose(sum(parts), chunk["fixed"])
+    empty = chunk["empty_point"]
+    assert empty["points"] == cluster.EMPTY_POINTS
+    assert empty["wall_s"] > 0 and empty["client_cpu_s"] > 0 and empty["worker_cpu_s"] > 0
     record = {
         "command": "python -m bench.cluster",
         "environment": {"device_name": "cpu", "threads": 1, "commit": "abc"},
@@ -41,3 +46,8 @@ def test_the_interleaved_measurement_reports_wall_and_timed_ratios(tmp_path):
     timed = record["summary"]["timed_ratio"]["median"]
     assert "timed medians on the worker over those in this process" in text
     assert f"{timed:.3f}" in text and (tmp_path / "throughput.png").exists()
+    wall = 1e3 * record["summary"]["empty_point"]["wall_s"]
+    assert (
+        f"empty point (its row returned at once) through the same runner on the same worker takes {wall:.1f} ms"
+        in " ".join(text.split())
+    )
