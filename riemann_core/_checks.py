@@ -266,6 +266,13 @@ def check_model(model: nn.Module, checks: Deferred | None = None) -> list[tuple[
                 "the output through the parametrization, which no kernel sees. Remove it "
                 "(parametrize.remove_parametrizations) or freeze its parameters"
             )
+        if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.max_norm is not None:
+            raise ValueError(
+                f"module {name!r} ({type(module).__name__}) has max_norm={module.max_norm:g}: "
+                "it renormalises its weight in place at every forward pass, so the parameters "
+                "change under the metric taken at them (and torch.func cannot run it). Drop "
+                "max_norm, or renormalise the weight outside the forward pass (after opt.step)"
+            )
         # Batch statistics couple the samples; the pullback treats them as independent.
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
             module.training or not module.track_running_stats

@@ -55,12 +55,12 @@ class ModelNotes:
     """What has been learnt about a model, kept between calls.
 
     ``clone``: modules whose captured tensors an in-place operation changed. ``probed``:
-    the modules' training flags when the batch-coupling probe last passed (``None``:
-    never), see :mod:`riemann_core.coupling`.
+    the modules (weakly) and their training flags when the batch-coupling probe last
+    passed (``None``: never), see :mod:`riemann_core.coupling`.
     """
 
     clone: set[str] = field(default_factory=set)
-    probed: tuple[bool, ...] | None = None
+    probed: tuple | None = None
 
 
 _NOTES: weakref.WeakKeyDictionary[nn.Module, ModelNotes] = weakref.WeakKeyDictionary()
@@ -116,10 +116,15 @@ class Capture:
                 model.register_forward_hook(self._end, always_call=True),
             ]
         names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-        for name, module in model.named_modules():
-            own = [p for p in module.parameters(recurse=False) if id(p) in names]
-            if own:
-                self._watch(name, module, [names[id(p)] for p in own], own)
+        self.owners = owners(model)
+        for name, module, own in self.owners:
+            self._watch(name, module, [names[id(p)] for p in own], list(own))
+
+    def hooks_current(self, model: nn.Module) -> bool:
+        """Whether the hooks still watch every module of ``model`` that owns trainable
+        parameters, with those parameters: not after a parameter was frozen or unfrozen,
+        replaced, or its module swapped for another since they were installed."""
+        return same_owners(self.owners, owners(model))
 
     def reset(self) -> None:
         """Forget the recorded forward pass (its tensors are then freed with the graph)."""
@@ -206,6 +211,28 @@ class Capture:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def owners(model: nn.Module) -> tuple[tuple[str, nn.Module, tuple[Tensor, ...]], ...]:
+    """``(name, module, parameters)`` of each module of ``model`` with trainable parameters
+    of its own: the modules a :class:`Capture` hooks (compare with :func:`same_owners`)."""
+    found = []
+    for name, module in model.named_modules():
+        # module.parameters(recurse=False) without its generators: called at every step
+        own = module._parameters.values()
+        own = tuple(dict.fromkeys(p for p in own if p is not None and p.requires_grad))
+        if own:
+            found.append((name, module, own))
+    return tuple(found)
+
+
+def same_owners(a, b) -> bool:
+    """Whether two :func:`owners` hold the same modules and parameters (by identity: a
+    tensor's ``==`` compares its entries)."""
+    return len(a) == len(b) and all(
+        ma is mb and len(pa) == len(pb) and all(x is y for x, y in zip(pa, pb, strict=True))
+        for (_, ma, pa), (_, mb, pb) in zip(a, b, strict=True)
+    )
 
 
 def rng_devices(model: nn.Module) -> list[int]:

@@ -19,7 +19,7 @@ the user formed (``RiemannianPreconditioner.backward``), which may add terms of 
 network: structural and exact, a few nodes.
 
 Both are structural, so they run on the first call for a model and again when a
-module's training flag changes (``check_coupling=False`` skips them); their verdicts
+module's training flag changes or a module is swapped for another (``check_coupling=False`` skips them); their verdicts
 join the deferred checks. Only on a failure is the forward pass run once more with
 every module hooked, to name the module that couples the samples.
 """
@@ -27,6 +27,7 @@ every module hooked, to name the module that couples the samples.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,8 +43,10 @@ def needs_probe(model: nn.Module, notes: ModelNotes) -> bool:
     return notes.probed != _flags(model)
 
 
-def _flags(model: nn.Module) -> tuple[bool, ...]:
-    return tuple(m.training for m in model.modules())
+def _flags(model: nn.Module) -> tuple[tuple[weakref.ref, bool], ...]:
+    """Each module, by identity (weakly: the notes must not keep the model alive), and its
+    training flag: a module swapped for another is probed again."""
+    return tuple((weakref.ref(m), m.training) for m in model.modules())
 
 
 def probe_cotangents(z: Tensor) -> tuple[Tensor, Tensor]:

@@ -83,7 +83,7 @@ def direction(
         return_diagnostics: also return a list of :class:`LayerDiagnostics`.
         forward_kwargs: keyword arguments of the model call.
         check_coupling: probe, on the first call for a model (and after a change of a
-            module's training flag), that the network treats samples independently and
+            module's training flag, or a module swapped for another), that the network treats samples independently and
             that parameters reach the output only through their modules' calls.
         process_group: a ``torch.distributed`` process group whose every rank calls this
             with its shard of the batch: each gets the direction of the global batch

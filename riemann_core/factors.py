@@ -133,19 +133,28 @@ def pullback(
     that treats samples independently, row ``s`` of every sample can share one backward
     pass, so this runs ``r`` backward passes, vectorised with ``torch.func.vmap``, not
     ``d = N r``. Returns, per target, a tensor ``(k, *target.shape)``; a target outside
-    the autograd graph of the roots (computed under ``torch.no_grad``) gets zeros.
+    the autograd graph of the roots (computed under ``torch.no_grad``), or one they do not
+    reach (a module's output that is discarded), gets zeros.
     """
     reached = [t for t in targets if t.requires_grad]
+    unreached: set[int] = set()  # positions in reached of targets the roots do not reach
 
     def backward(*cotangents):
-        return torch.autograd.grad(
+        grads = torch.autograd.grad(
             roots, reached, cotangents, retain_graph=retain_graph, allow_unused=True
+        )
+        # a module whose output is discarded: vmap returns tensors only, so a placeholder
+        unreached.update(i for i, g in enumerate(grads) if g is None)
+        return tuple(
+            torch.zeros_like(t) if g is None else g for t, g in zip(reached, grads, strict=True)
         )
 
     # torch.func.vmap: batching rules for the backward ops (is_grads_batched's older vmap
     # loops over the rows for some, e.g. tanh_backward)
     grads = torch.func.vmap(backward)(*seeds)
-    found = {id(t): g for t, g in zip(reached, grads, strict=True)}
+    found = {
+        id(t): g for i, (t, g) in enumerate(zip(reached, grads, strict=True)) if i not in unreached
+    }
     k = seeds[0].shape[0]
     return [
         g.detach()  # autograd.grad hands a root's own seed back for a root among the targets

@@ -262,7 +262,9 @@ class PatchHandler(Handler):
 
     def apply(self, v: list[Tensor]) -> Tensor:
         """``xt_{b,t} . [W | b]`` for every sample and position: ``(N, T, f_out)``."""
-        out = self.X @ v[0].reshape(self.f_out, -1).T if self.with_weight else 0
+        if not self.with_weight:  # the bias alone: the same at every sample and position
+            return v[-1].expand(*self.X.shape[:2], self.f_out)
+        out = self.X @ v[0].reshape(self.f_out, -1).T
         return out + v[-1] if self.with_bias else out
 
     def gradient_from_output(self, lam: Tensor) -> list[Tensor]:
@@ -452,7 +454,11 @@ class GenericHandler(Handler):
         # copies: a module that changes its input in place must not change the record
         leaves = [a.clone() if isinstance(a, Tensor) else a for a in leaves]
         args, kwargs = pytree.tree_unflatten(leaves, spec)
-        return functional_call(self.block.module, params, tuple(args), kwargs)
+        # the module's other parameters (its children's, which are blocks of their own,
+        # and frozen ones) are constants of this block: detached, K carries no graph
+        own = set(params)
+        fixed = {n: p.detach() for n, p in self.block.module.named_parameters() if n not in own}
+        return functional_call(self.block.module, {**fixed, **params}, tuple(args), kwargs)
 
     def _materialise(self) -> Tensor:
         leaves, spec = pytree.tree_flatten((self.block.inputs, self.block.kwargs))

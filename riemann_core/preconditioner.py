@@ -160,7 +160,8 @@ class RiemannianPreconditioner:
         and the outputs back to every module with parameters. Where that cannot give the
         exact direction, the gradient is taken by autograd and preconditioned as by
         :meth:`step` (one more forward pass): on the first call for a model, when the
-        batch-coupling probe runs (it needs the inputs in the graph); when a module's
+        batch-coupling probe runs (it needs the inputs in the graph); on the first call
+        after a parameter was frozen, unfrozen or replaced, or a module swapped; when a module's
         output was changed in place after its call (the next forward passes capture it
         through a copy); and when the loss reaches parameters other than through their
         modules' calls (a weight penalty written into the loss). One process only: with a
@@ -188,6 +189,9 @@ class RiemannianPreconditioner:
         notes = notes_for(model)
         stale = capture.stale()
         notes.clone |= stale
+        # a parameter frozen, unfrozen or replaced, or a module swapped, since the hooks
+        # were installed: the recorded calls miss or misname blocks
+        rehook = not capture.hooks_current(model)
         needs_factor = SOLVERS[self.method].NEEDS_FACTOR
         probing = needs_factor and opts.check_coupling and coupling.needs_probe(model, notes)
         reuse = self._kfac is not None and not self._kfac.needs_factors(names.values())
@@ -203,7 +207,7 @@ class RiemannianPreconditioner:
                     "pass (with gradients enabled), whose batch the metric is taken at: "
                     "call pre.backward(loss) right after the forward pass of its batch"
                 )
-            if reuse or stale or probing or paths.outside:
+            if reuse or stale or probing or rehook or paths.outside:
                 gradient = self._autograd_gradient(loss, params)
                 for name, g in gradient.items():
                     checks.finite(f"the gradient of {name!r}", g, "the loss overflowed")
@@ -216,6 +220,9 @@ class RiemannianPreconditioner:
                 )
         finally:
             capture.reset()
+            if rehook:
+                capture.remove()
+                self._capture = Capture(model, notes.clone, persistent=True)
         for name, p in params:  # every direction exists before any .grad changes
             if name in directions:
                 direction = directions[name]

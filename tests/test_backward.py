@@ -13,13 +13,14 @@ from oracle import (
     conv_net,
     custom_net,
     ggn,
+    gradient,
     oracle_direction,
     oracle_for,
     sequence_net,
     snapshot,
     unflatten,
 )
-from test_networks import FixedMask
+from test_networks import DeadBranch, FixedMask, LayerScale, bias_only
 from torch import nn
 
 import riemann_core as rc
@@ -282,3 +283,79 @@ def test_backward_over_a_process_group_is_refused_before_any_work(monkeypatch):
     with pytest.raises(ValueError, match=r"runs in one process.*loss.backward\(\) and then"):
         pre.backward(F.cross_entropy(model(x), y))
     assert_unchanged(model, before)
+
+
+def freeze(model):
+    model[2].weight.requires_grad_(False)
+
+
+def unfreeze(model):
+    model[0].weight.requires_grad_(True)
+
+
+def replace_module(model):
+    model[4] = nn.Linear(4, 3).double()
+
+
+def replace_parameter(model):
+    model[2].weight = nn.Parameter(torch.randn_like(model[2].weight))
+
+
+@pytest.mark.parametrize(
+    "change", [freeze, unfreeze, replace_module, replace_parameter], ids=lambda c: c.__name__
+)
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_backward_follows_the_trainable_parameters_as_they_change(method, change):
+    """A parameter frozen or unfrozen (progressive freezing), a module or a parameter
+    replaced after the preconditioner was made: each later step is the oracle's for the
+    network as it is then, the first through autograd, the next fused again."""
+    model, x, y = Problem(depth=3).make()
+    model[0].weight.requires_grad_(False)  # unfrozen by one of the changes
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    for _ in range(2):
+        step(pre, model, x, lambda out: F.cross_entropy(out, y))
+    change(model)
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    expected = unflatten(oracle_direction(G, g, DAMPING, method, block_indices(model)), model)
+    calls = forward_count(model)
+    for _ in range(2):
+        calls.clear()
+        step(pre, model, x, lambda out: F.cross_entropy(out, y))
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+            else:
+                assert p.grad is None
+    assert len(calls) == 1  # fused again once the hooks follow the network
+
+
+@pytest.mark.parametrize(
+    "net", ["dead-branch", "layer-scale", "bias-only"], ids=lambda n: f"net={n}"
+)
+@pytest.mark.parametrize("method", ["layerwise", "natural"], ids=lambda m: f"method={m}")
+def test_backward_on_networks_with_unusual_blocks(net, method):
+    """A module whose output is discarded, a parameter of a module with children, a
+    trainable bias beside a frozen weight: ``pre.backward`` and ``pre.step`` give the
+    oracle's direction."""
+    if net == "bias-only":
+        model, x, y = bias_only("linear")
+    else:
+        torch.manual_seed(38)
+        model = (DeadBranch if net == "dead-branch" else LayerScale)().double()
+        x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    expected = unflatten(oracle_direction(G, g, DAMPING, method, block_indices(model)), model)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel="auto")
+    for _ in range(2):
+        step(pre, model, x, lambda out: F.cross_entropy(out, y))
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+            elif p.requires_grad:  # the loss does not reach it: its .grad is left, as by autograd
+                assert net == "dead-branch" and not expected[name].any()
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)

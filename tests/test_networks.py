@@ -352,6 +352,16 @@ def test_probe_runs_once_per_model_and_mode(monkeypatch):
     assert len(calls) == 3
 
 
+def test_a_module_swapped_in_is_probed():
+    """A coupling module put in place of another after a probe passed is found: the
+    probe follows the modules themselves, not only their training flags."""
+    model, x, y = coupled(nn.Tanh)
+    rc.direction(model, x, y)
+    model[2] = Centre()
+    with pytest.raises(ValueError, match="module '2' \\(Centre\\) couples the samples"):
+        rc.direction(model, x, y)
+
+
 def test_probe_can_be_skipped():
     """``check_coupling=False`` trusts the user: the coupled network then runs (and its
     direction is not the exact one)."""
@@ -530,6 +540,22 @@ def test_parametrized_module_is_refused():
         rc.direction(model, x, y, kernel="auto")
 
 
+@pytest.mark.parametrize("bag", [False, True], ids=["Embedding", "EmbeddingBag"])
+def test_embedding_with_max_norm_is_refused_before_its_forward_changes_it(bag):
+    """``max_norm`` renormalises the weight in place at every forward pass: refused before
+    any, the weight as it was."""
+    torch.manual_seed(39)
+    embedding = (nn.EmbeddingBag if bag else nn.Embedding)(6, 4, max_norm=0.5)
+    model = nn.Sequential(embedding, nn.Flatten(), nn.Linear(4 if bag else 12, 3)).double()
+    x, y = torch.randint(0, 6, (5, 3)), torch.tensor([0, 1, 2, 0, 1])
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"module '0' \(Embedding(Bag)?\) has max_norm=0.5"):
+        rc.direction(model, x, y, kernel="auto")
+    assert_unchanged(model, before)
+    with pytest.raises(ValueError, match="renormalise the weight outside the forward pass"):
+        rc.RiemannianPreconditioner(model, kernel="auto")
+
+
 def test_torchscript_is_refused():
     model, x, y = relu_mlp()
     with pytest.raises(TypeError, match="TorchScript.*pass the original nn.Module"):
@@ -669,3 +695,73 @@ def test_preconditioner_refuses_random_numbers_inside_a_generic_module():
     with pytest.raises(ValueError, match=r"cannot evaluate module '2' \(NoisyScale\) one sample"):
         pre.step()
     assert_unchanged(model, before)
+
+
+class DeadBranch(nn.Module):
+    """An auxiliary head computed and discarded: its output never reaches the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.aux, self.head = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        self.aux(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"kernel={k}")
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_module_whose_output_is_discarded_is_exact(method, kernel):
+    """Called but not reaching the loss: no gradient, no metric, a zero direction."""
+    torch.manual_seed(35)
+    model = DeadBranch().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    dirs = assert_exact(model, x, y, method, kernel)
+    assert not dirs["aux.weight"].any() and not dirs["aux.bias"].any()
+
+
+class LayerScale(nn.Module):
+    """A parameter of a module with children, used in its own forward (``x * scale``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3)
+        self.scale = nn.Parameter(torch.rand(6) + 0.5)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)) * self.scale)
+
+
+@pytest.mark.parametrize("kernel", ["generic", "auto"], ids=lambda k: f"kernel={k}")
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_parameter_of_a_module_with_children_is_exact(method, kernel):
+    """The parent's block differentiates through its children with their parameters held
+    fixed (they are blocks of their own)."""
+    torch.manual_seed(36)
+    model = LayerScale().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    assert_exact(model, x, y, method, kernel)
+
+
+def bias_only(kind):
+    """A network whose first layer trains its bias alone (bias-only fine-tuning)."""
+    torch.manual_seed(37)
+    if kind == "linear":
+        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+        x = torch.randn(6, 5)
+    else:
+        model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3))
+        x = torch.randn(6, 2, 4, 4)
+    model[0].weight.requires_grad_(False)
+    return model.double(), x.double(), torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+@pytest.mark.parametrize("refine", [0, 1], ids=lambda r: f"refine={r}")
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_frozen_weight_with_a_trainable_bias_is_exact(kind, method, refine):
+    """``K`` applied to the bias alone is the bias at every sample and position."""
+    model, x, y = bias_only(kind)
+    dirs = assert_exact(model, x, y, method, "structured", refine=refine)
+    assert "0.weight" not in dirs
