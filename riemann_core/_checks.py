@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 from torch import Tensor, nn
 
 from .factors import LOSSES, OUTPUT_METRICS
 from .modules import KERNELS
+
+#: The most refinement steps: each costs a float64 residual, and the iteration either
+#: converges in a few or not at all (``eps(solve dtype) cond(G) >= 1``).
+MAX_REFINE = 100
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -51,11 +55,16 @@ def check_options(
             f"damping must be positive and finite (it is mu in mu I + K^T K), got {damping!r}; "
             "use e.g. damping=1e-3"
         )
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+    if isinstance(samples, bool) or not isinstance(samples, Integral) or samples < 1:
         raise ValueError(f"samples must be a positive integer (probes per sample), got {samples!r}")
-    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+    if (
+        isinstance(refine, bool)
+        or not isinstance(refine, Integral)
+        or not 0 <= refine <= MAX_REFINE
+    ):
         raise ValueError(
-            f"refine must be a non-negative integer (refinement steps), got {refine!r}"
+            f"refine must be a non-negative integer of at most {MAX_REFINE} (refinement "
+            f"steps; a few suffice where refinement converges at all), got {refine!r}"
         )
     if solve_dtype is not None and solve_dtype not in (torch.float32, torch.float64):
         raise ValueError(
@@ -305,7 +314,8 @@ def check_model(model: nn.Module, checks: Deferred | None = None) -> list[tuple[
 
 
 def check_generator(generator: torch.Generator | None, output_metric, device: torch.device) -> None:
-    """A generator for ``output_metric="sampled"`` must live where the outputs are drawn."""
+    """A generator for ``output_metric="sampled"`` must live where the outputs are drawn
+    (another output metric draws nothing and ignores it)."""
     if generator is None or output_metric != "sampled":
         return
     if not isinstance(generator, torch.Generator):
@@ -380,6 +390,22 @@ def check_inputs(args: tuple, kwargs: dict, targets, checks: Deferred) -> None:
 
 def check_outputs(outputs: Tensor, targets: Tensor | None, loss: str, checks: Deferred) -> None:
     """Checks of the model's outputs and, when given, of the targets against them."""
+    if outputs.ndim == 0:
+        raise ValueError(
+            "the model returns a scalar; the metrics need its outputs, one row per sample "
+            "(N, ...): return the outputs, and leave the loss to the loss option"
+        )
+    if not outputs.is_floating_point():
+        raise ValueError(
+            f"the model returns {outputs.dtype} outputs; the metrics need floating-point "
+            "outputs (logits for cross_entropy)"
+        )
+    if not outputs.requires_grad:
+        raise ValueError(
+            "the model's outputs are not in an autograd graph of its parameters (detached, or "
+            "computed under torch.no_grad() or from frozen parameters only): return outputs "
+            "computed from the trainable parameters"
+        )
     checks.finite("the model's outputs", outputs, "the forward pass overflowed; check the model")
     N = outputs.shape[0]
     if loss == "cross_entropy" and outputs.ndim != 2:

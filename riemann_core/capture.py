@@ -235,6 +235,29 @@ def same_owners(a, b) -> bool:
     )
 
 
+@contextlib.contextmanager
+def buffers_kept(model: nn.Module):
+    """Put back every buffer of ``model`` as it was: riemann_core's own forward passes
+    leave no trace in the model, though a module may update its buffers as it runs
+    (quantisation observers, spectral_norm's power iteration), and a failing call leaves
+    them as they were too. Costs a copy of the buffers."""
+    kept = [
+        (module, name, b, b._version, b.detach().clone())
+        for module in model.modules()
+        for name, b in module._buffers.items()
+        if b is not None and not b.is_inference()  # an inference tensor has no version
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, name, b, version, value in kept:
+                if module._buffers.get(name) is not b:  # replaced rather than updated
+                    module._buffers[name] = b
+                if b._version != version:
+                    b.copy_(value)
+
+
 def rng_devices(model: nn.Module) -> list[int]:
     """CUDA devices holding the model's parameters (whose generators a forward may use)."""
     return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
@@ -268,6 +291,7 @@ def forward(
     devices = rng_devices(model)
     for _ in range(2):
         with contextlib.ExitStack() as stack:
+            stack.enter_context(buffers_kept(model))
             if replay is not None:
                 stack.enter_context(torch.random.fork_rng(devices=devices))
                 set_rng_state(replay, devices)

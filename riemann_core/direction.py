@@ -96,7 +96,8 @@ def direction(
     Returns:
         ``{name: direction}`` for every trainable parameter (names as in
         ``model.named_parameters()``), each of that parameter's shape and dtype. The
-        model, its parameters and their ``.grad`` are left untouched.
+        model, its parameters, their ``.grad`` and its buffers (those a module updates as
+        it runs are put back) are left untouched.
 
     Raises:
         ValueError / TypeError: bad options or data, or a network whose direction cannot
@@ -134,6 +135,11 @@ def direction(
         generator=generator,
         check_coupling=check_coupling,
     )
+    if not isinstance(targets, Tensor):
+        raise TypeError(
+            f"targets must be a torch.Tensor (class indices for cross_entropy, values for mse), "
+            f"got {type(targets).__name__}"
+        )
     if process_group is not None:
         distributed.check_group(process_group, timeout)
     with distributed.share_failure(process_group, timeout):

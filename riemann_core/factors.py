@@ -97,11 +97,17 @@ def output_factor(
     if callable(output_metric):
         F = output_metric(outputs, targets)
         N, C = outputs.shape
-        if not isinstance(F, Tensor) or F.ndim != 3 or F.shape[0] != N or F.shape[2] != C:
+        if (
+            not isinstance(F, Tensor)
+            or F.ndim != 3
+            or F.shape[0] != N
+            or F.shape[2] != C
+            or not F.shape[1]
+        ):
             shape = tuple(F.shape) if isinstance(F, Tensor) else type(F).__name__
             raise ValueError(
                 f"a custom output_metric must return a factor of shape (N, r, C) = "
-                f"({N}, r, {C}); it returned {shape}"
+                f"({N}, r, {C}) with r >= 1; it returned {shape}"
             )
         return F.to(outputs.dtype)
     sampled = output_metric == "sampled"

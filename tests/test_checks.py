@@ -80,6 +80,9 @@ CASES = [
     case("samples-true", options(samples=True), ValueError, "samples must be a positive integer"),
     case("refine-negative", options(refine=-1), ValueError, "refine must be a non-negative integer"),
     case("refine-float", options(refine=0.5), ValueError, "refine must be a non-negative integer"),
+    case("refine-huge", options(refine=10**9), ValueError, "refine must be a non-negative integer of at most 100"),
+    case("diagnostics-string", options(return_diagnostics="no"), TypeError,
+         "diagnostics .return_diagnostics of rc.direction. must be True or False, got 'no'"),
     case("solve_dtype-half", options(solve_dtype=torch.float16), ValueError, "solve_dtype must be None, torch.float32 or"),
     case("targets-too-many-ce", targets(lambda y: torch.cat([y, y[:1]])), ValueError,
          r"targets \(shape \(5,\)\) must have one entry per sample: inputs have a batch of 4"),
@@ -100,7 +103,8 @@ CASES = [
     case("inputs-wrong-dtype", inputs(lambda x: x.float()), ValueError, "forward pass failed on these inputs"),
     case("inputs-not-tensor", inputs(lambda x: x.tolist()), TypeError,
          r"inputs must be a torch.Tensor \(or a tuple of the model's positional arguments\), got list"),
-    case("targets-not-tensor", targets(lambda y: y.tolist()), TypeError, "targets must be a torch.Tensor, got list"),
+    case("targets-not-tensor", targets(lambda y: y.tolist()), TypeError, r"targets must be a torch.Tensor \(class indices for cross_entropy, values for mse\), got list"),
+    case("targets-none", targets(lambda y: None), TypeError, r"targets must be a torch.Tensor \(class indices"),
 ]
 # fmt: on
 
@@ -115,6 +119,61 @@ def test_bad_input_raises_and_leaves_model_untouched(loss, change, error, match,
     with pytest.raises(error, match=match):
         rc.direction(model, x, y, **kwargs)
     assert_unchanged(model, before)
+
+
+def test_samples_accept_numpy_integers():
+    import numpy as np
+
+    model, x, y = setup()
+    kw = dict(output_metric="sampled", generator=torch.Generator().manual_seed(0))
+    expected = rc.direction(model, x, y, samples=2, **kw)
+    kw["generator"].manual_seed(0)
+    got = rc.direction(model, x, y, samples=np.int64(2), **kw)
+    for name, d in expected.items():
+        torch.testing.assert_close(got[name], d, rtol=0, atol=0)
+
+
+class Returns(nn.Module):
+    """A Linear whose forward returns ``how(outputs)``."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.lin, self.how = nn.Linear(F_IN, C), how
+
+    def forward(self, x):
+        return self.how(self.lin(x))
+
+
+@pytest.mark.parametrize(
+    "how, match",
+    [
+        (lambda z: z.sum(), "the model returns a scalar; the metrics need its outputs"),
+        (lambda z: z.argmax(1, keepdim=True), "the model returns torch.int64 outputs"),
+        (lambda z: z.detach(), "the model's outputs are not in an autograd graph"),
+    ],
+    ids=["scalar", "integer", "detached"],
+)
+def test_outputs_the_metrics_cannot_use_are_refused_leaving_the_model(how, match):
+    model = Returns(how).double()
+    x, y = torch.randn(N, F_IN, dtype=torch.float64), torch.zeros(N).long()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        rc.direction(model, x, y)
+    pre = rc.RiemannianPreconditioner(model)
+    out = model(x)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        pre.step()
+    assert_unchanged(model, before)
+    del out
+
+
+def test_custom_output_metric_without_rows_is_refused():
+    model, x, y = setup()
+    with pytest.raises(ValueError, match=r"factor of shape \(N, r, C\) = \(4, r, 3\) with r >= 1"):
+        rc.direction(model, x, y, output_metric=lambda z, t: z.new_zeros(z.shape[0], 0, z.shape[1]))
 
 
 def test_model_must_be_a_module():

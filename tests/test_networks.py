@@ -765,3 +765,63 @@ def test_frozen_weight_with_a_trainable_bias_is_exact(kind, method, refine):
     model, x, y = bias_only(kind)
     dirs = assert_exact(model, x, y, method, "structured", refine=refine)
     assert "0.weight" not in dirs
+
+
+class Observed(nn.Module):
+    """A Linear whose forward updates buffers of its own, as quantisation observers do:
+    a running maximum (in place) and a count of calls (replaced)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("peak", torch.zeros(()))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+        self.observing = True  # off for the oracle: torch.func refuses in-place updates
+
+    def forward(self, x):
+        out = self.lin(x)
+        if self.observing:
+            self.peak.copy_(torch.maximum(self.peak, out.detach().abs().max()))
+            self.calls = self.calls + 1
+        return out
+
+
+def observed():
+    torch.manual_seed(40)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), Observed()).double()
+    return model, torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+def buffers_of(model):
+    return {n: b.clone() for n, b in model.named_buffers()}
+
+
+def assert_same_buffers(model, before):
+    after = dict(model.named_buffers())
+    assert after.keys() == before.keys()
+    for n, b in before.items():
+        assert torch.equal(after[n], b), f"buffer {n!r} changed"
+
+
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_own_forward_passes_leave_the_buffers_as_they_were(method):
+    """``rc.direction``'s forward passes, and ``pre.step``'s replay, put back the buffers a
+    module updates as it runs; so does a call that fails after its forward pass."""
+    model, x, y = observed()
+    before = buffers_of(model)
+    dirs = rc.direction(model, x, y, method=method, damping=DAMPING)
+    assert_same_buffers(model, before)
+    twin = copy.deepcopy(model)
+    twin[2].observing = False
+    G, g = ggn(twin, x, y, "cross_entropy"), gradient(twin, x, y, "cross_entropy")
+    expected = oracle_direction(G, g, DAMPING, method, block_indices(twin))
+    assert rel_error(flatten(dirs, model), expected) < 1e-10
+    with pytest.raises(ValueError, match="class indices must lie in"):
+        rc.direction(model, x, y + 5, method=method, damping=DAMPING)
+    assert_same_buffers(model, before)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    F.cross_entropy(model(x), y).backward()  # the user's forward updates them once
+    after_user = buffers_of(model)
+    assert int(after_user["2.calls"]) == 1
+    pre.step()
+    assert_same_buffers(model, after_user)

@@ -50,7 +50,13 @@ class Options:
             **{k: v for k, v in options.items() if k not in unchecked},
         )
         check_kfac_options(method, **{k: options[k] for k in KFAC_OPTIONS if k in options})
-        return cls(**{**options, "damping": float(options["damping"])})
+        if not isinstance(options.get("diagnostics", False), bool):
+            raise TypeError(
+                "diagnostics (return_diagnostics of rc.direction) must be True or False, got "
+                f"{options['diagnostics']!r}"
+            )
+        numbers = {k: int(options[k]) for k in ("samples", "refine") if k in options}
+        return cls(**{**options, **numbers, "damping": float(options["damping"])})
 
 
 @dataclass

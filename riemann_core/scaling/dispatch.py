@@ -31,6 +31,7 @@ and the :class:`DaskRunner` gives up when no worker has offered it for a while.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import queue
@@ -231,15 +232,26 @@ def cluster(options: ClusterOptions, device: str | torch.device) -> Iterator[Cli
 def connect(scheduler: str, timeout: float = 30.0) -> Client:
     """A client of the scheduler at the address (``tcp://host:8786``) or scheduler file
     ``scheduler``."""
+    how = "start one (dask scheduler) and pass its address tcp://HOST:PORT or its --scheduler-file"
+    if Path(scheduler).is_file():
+        try:
+            address = json.loads(Path(scheduler).read_text()).get("address")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            address = None
+        if not isinstance(address, str):
+            raise ClusterError(
+                f"{scheduler} is not a dask scheduler file (JSON with the scheduler's "
+                f"'address'); {how}"
+            )
+    elif "://" not in scheduler and ":" not in scheduler:
+        raise ClusterError(f"{scheduler!r} is neither a scheduler file nor an address; {how}")
     try:
         if Path(scheduler).is_file():
             return Client(scheduler_file=scheduler, timeout=timeout, set_as_default=False)
         return Client(scheduler, timeout=timeout, set_as_default=False)
     except (OSError, TimeoutError, ValueError) as err:
         raise ClusterError(
-            f"cannot reach a dask scheduler at {scheduler!r} ({type(err).__name__}: {err}); "
-            "start one (dask scheduler) and pass its address tcp://HOST:PORT or its "
-            "--scheduler-file"
+            f"cannot reach a dask scheduler at {scheduler!r} ({type(err).__name__}: {err}); {how}"
         ) from err
 
 

@@ -46,7 +46,7 @@ from scipy.optimize import lsq_linear
 
 from ..measure.flops import KINDS
 from . import sweep
-from .sweep import AXES, ResultsFileError, read_results
+from .sweep import AXES, ResultsFileError, read_record, read_results
 
 #: x of each axis in :func:`fit_table`. ``width``: ``n_params`` (``n ~ w^2``, so the slope is the
 #: exponent in ``n`` at fixed ``d``, the paper's variable); ``depth``: ``layers``, the number
@@ -97,17 +97,17 @@ def read_sweep(directory: str | Path) -> tuple[pd.DataFrame, dict]:
     for needed in (path, record):
         if not needed.is_file():
             raise ValueError(f"no sweep at {needed}; run 'riemann-bench sweep' with this --out")
-    read_results(path)  # the checks of the sweep itself: columns, parse errors, truncation
+    # the checks of the sweep itself: columns, parse errors, truncation, impossible values
+    if not read_results(path):
+        raise ResultsFileError(f"{path} holds no points; run 'riemann-bench sweep' with this --out")
+    meta = read_record(record)
     try:
         text = {"times_s": str, "reason": str, "flag": str, "slow_paths": str}
         df = pd.read_csv(path, dtype=text)
-        meta = json.loads(record.read_text())
-    except (ValueError, UnicodeDecodeError) as err:  # pandas' and json's parse errors
+    except (ValueError, UnicodeDecodeError) as err:  # pandas' parse errors
         raise ResultsFileError(
             f"cannot read the sweep in {directory} ({err}); move it away or rerun the sweep"
         ) from err
-    if not isinstance(meta, dict) or "base" not in meta:
-        raise ResultsFileError(f"{record} lacks the base point; rerun 'riemann-bench sweep'")
     for column in ("reason", "flag", "slow_paths"):
         df[column] = df[column].fillna("") if column in df else ""
     return df, meta

@@ -46,7 +46,15 @@ import torch
 import riemann_core as rc
 
 from .. import costs, distributed
-from ..arguments import Command, check_choices, default_out, ints, names
+from ..arguments import (
+    Command,
+    check_choices,
+    default_out,
+    ints,
+    names,
+    positive_int,
+    positive_seconds,
+)
 from ..measure.environment import environment
 from ..measure.output import write_atomic, write_json
 from ..measure.phases import PhaseRecorder
@@ -311,12 +319,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--widths", type=ints, metavar="W,..",
                        help="the MLP's layer widths (default: 512,512,512,512,512,10; "
                        "quick: 128,256,256,256,256,10)")  # fmt: skip
-    group.add_argument("--batch", type=int, help="global batch (default: 128; quick: 64)")
-    group.add_argument("--repeats", type=int, help="timed directions per method (default: 7)")
-    group.add_argument("--threads", type=int,
+    group.add_argument("--batch", type=positive_int, help="global batch (default: 128; quick: 64)")
+    group.add_argument("--repeats", type=positive_int,
+                       help="timed directions per method (default: 7)")  # fmt: skip
+    group.add_argument("--threads", type=positive_int,
                        help="threads per rank (default: CPU cores // largest P, at least 1)")  # fmt: skip
     group.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    group.add_argument("--timeout", type=float, default=600.0,
+    group.add_argument("--timeout", type=positive_seconds, default=600.0,
                        help="seconds a rank waits in a collective (default: 600)")  # fmt: skip
 
 

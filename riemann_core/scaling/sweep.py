@@ -554,9 +554,59 @@ def read_results(path: Path) -> list[dict]:
                 f"{path} line {i} is incomplete (a truncated or hand-edited file?); "
                 "repair or remove that line, or pass another --out"
             )
+        problem = _row_problem(row)
+        if problem:
+            raise ResultsFileError(
+                f"{path} line {i}: {problem} (a hand-edited or corrupted file?); repair or "
+                "remove that line, or pass another --out"
+            )
         for column in OPTIONAL:
             row[column] = row.get(column) or ""
     return rows
+
+
+#: What a row's status may be: measured, or why not.
+STATUSES = ("ok", "error", "oom", "skipped")
+#: Columns every measured point has: non-negative finite numbers.
+MEASURED = ("time_median_s", "flops", "flops_model")
+
+
+def _row_problem(row: dict) -> str | None:
+    """What makes a row of ``results.csv`` unusable, or ``None``."""
+    if row["status"] not in STATUSES:
+        return f"unknown status {row['status']!r} (one of {', '.join(STATUSES)})"
+    if row["method"] not in METHODS:
+        return f"unknown method {row['method']!r} (one of {', '.join(METHODS)})"
+    for axis in AXES:
+        if not row[axis].isdigit() or int(row[axis]) < 1:
+            return f"{axis} is {row[axis]!r}, not a positive integer"
+    if row["status"] == "ok":
+        for column in MEASURED:
+            try:
+                value = float(row.get(column) or "nan")
+            except ValueError:
+                value = math.nan
+            if not math.isfinite(value) or value < 0:
+                return f"a measured point with {column} = {row.get(column)!r}"
+    return None
+
+
+def read_record(path: Path) -> dict:
+    """``sweep.json``: the grid, its base point, the devices; a file that is not one
+    raises :class:`ResultsFileError` naming it, and is never modified."""
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:  # json's parse errors
+        raise ResultsFileError(
+            f"{path} cannot be parsed ({err}); move it away or pass another --out"
+        ) from err
+    base = record.get("base") if isinstance(record, dict) else None
+    if not isinstance(base, dict) or not all(type(base.get(a)) is int for a in AXES):
+        raise ResultsFileError(
+            f"{path} is not the record of a sweep (it needs a base point with integer "
+            f"{', '.join(AXES)}); move it away or pass another --out"
+        )
+    return record
 
 
 def write_results(path: Path, rows: list[dict]) -> None:
@@ -683,8 +733,14 @@ def sweep(
             check_device(torch.device(device))
     path = out / "results.csv"
     rows = read_results(path)  # before any work: a corrupted file stops the sweep here
-    previous = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").exists() else {}
-    if rows and previous.get("base", grid.base) != grid.base:
+    record_path = out / "sweep.json"
+    previous = read_record(record_path) if record_path.exists() else {}
+    if rows and not previous:
+        raise ResultsFileError(
+            f"{path} has no {record_path.name} beside it, so nothing says which grid measured "
+            "it; resuming could mix two sweeps. Move results.csv away, or pass another --out"
+        )
+    if rows and previous["base"] != grid.base:
         raise ValueError(
             f"{out} holds a sweep around the base point {previous['base']}, not {grid.base}; "
             "fits need one base point per directory: pass another --out"

@@ -44,15 +44,16 @@ def logged(log, run, grid):
 
 
 def killer(log, victim, run, grid):
-    """The cost model's row at once; on the point ``victim``, kills its own process a second
-    into the point (mid-point: the client has long fetched the worker's previous result,
-    which would otherwise die with the worker and be measured again)."""
+    """A row as if measured, at once (:func:`synthetic.known_time_row`); on the point
+    ``victim``, kills its own process a second into the point (mid-point: the client has
+    long fetched the worker's previous result, which would otherwise die with the worker
+    and be measured again)."""
     with open(log, "a") as f:
         f.write(json.dumps({"key": sw.key_of(run), "pid": os.getpid()}) + "\n")
     if list(sw.key_of(run)) == victim:
         time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGKILL)
-    return sw.blank_row(run)
+    return known_time_row(run)
 
 
 def entries(log):
@@ -197,6 +198,26 @@ def test_a_scheduler_file_connects_and_a_scheduler_retrying_too_often_is_named(
 def test_an_unreachable_scheduler_is_a_clear_error():
     with pytest.raises(dispatch.ClusterError, match="cannot reach a dask scheduler"):
         dispatch.connect("tcp://127.0.0.1:9", timeout=1)
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (None, "is neither a scheduler file nor an address"),
+        ("{not json", "is not a dask scheduler file"),
+        ('{"id": "x"}', "is not a dask scheduler file"),
+    ],
+    ids=["missing-file", "garbage", "no-address"],
+)
+def test_a_bad_scheduler_file_is_named_at_once(tmp_path, content, match):
+    """No dask traceback and no minute-long wait for a file that is not one."""
+    path = tmp_path / "scheduler.json"
+    if content is not None:
+        path.write_text(content)
+    start = time.monotonic()
+    with pytest.raises(dispatch.ClusterError, match=match):
+        dispatch.connect(str(path), timeout=30)
+    assert time.monotonic() - start < 5
 
 
 def test_a_runner_without_workers_gives_up_instead_of_waiting_forever(in_process, monkeypatch):

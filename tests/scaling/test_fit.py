@@ -226,7 +226,7 @@ def test_read_sweep_reads_what_the_sweep_writes(tmp_path):
     [
         (lambda d: (d / "results.csv").write_text("not,a,results\n1,2,3\n"), "missing columns"),
         (lambda d: (d / "results.csv").write_bytes(b"\x00\xff\xfe"), "results.csv"),
-        (lambda d: (d / "sweep.json").write_text("{not json"), "cannot read the sweep"),
+        (lambda d: (d / "sweep.json").write_text("{not json"), "sweep.json cannot be parsed"),
         (lambda d: (d / "sweep.json").unlink(), "no sweep at"),
     ],
     ids=["foreign-csv", "binary", "bad-json", "no-json"],

@@ -143,3 +143,20 @@ def test_a_small_run_end_to_end(tmp_path, capsys):
 def test_bad_options_are_refused_before_any_process_starts(argv, message, capsys):
     assert main(["distributed", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch", "0"], "--batch: expected a positive integer, got '0'"),
+        (["--repeats", "0"], "--repeats: expected a positive integer, got '0'"),
+        (["--threads", "-1"], "--threads: expected a positive integer, got '-1'"),
+        (["--timeout", "-1"], "--timeout: expected a positive number of seconds, got '-1'"),
+        (["--timeout", "nan"], "--timeout: expected a positive number of seconds, got 'nan'"),
+    ],
+)
+def test_zero_or_negative_sizes_are_not_taken_for_the_default(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["distributed", *argv])
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err

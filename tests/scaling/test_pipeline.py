@@ -220,3 +220,94 @@ def test_options_the_analysis_commands_would_ignore_are_refused(tmp_path, capsys
 def test_a_bad_option_is_named_alone(tmp_path, capsys, options, message):
     assert cli.main(["sweep", "--quick", "--out", str(tmp_path), *options]) == 2
     assert capsys.readouterr().err.endswith(message)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished tiny sweep, measured once for the module (with its fits and report)."""
+    out = tmp_path_factory.mktemp("finished")
+    assert cli.main(["sweep", "--quick", "--workers", "0", "--out", str(out), *TINY]) == 0
+    assert cli.main(["report", "--out", str(out)]) == 0
+    return out
+
+
+def _edit_row(column, value):
+    def edit(out):
+        df = pd.read_csv(out / "results.csv", dtype=str, keep_default_na=False)
+        ok = df.index[df["status"] == "ok"][0]
+        df.loc[ok, column] = value
+        df.to_csv(out / "results.csv", index=False)
+        return ok + 2  # the line: the header is line 1
+
+    return edit
+
+
+def _header_only(out):
+    text = (out / "results.csv").read_text()
+    (out / "results.csv").write_text(text.splitlines()[0] + "\n")
+
+
+def _record(text):
+    def edit(out):
+        (out / "sweep.json").write_text(text)
+
+    return edit
+
+
+CORRUPTIONS = {
+    "header-only": (_header_only, "holds no points"),
+    "unknown-status": (_edit_row("status", "done"), "unknown status 'done'"),
+    "unknown-method": (_edit_row("method", "bogus"), "unknown method 'bogus'"),
+    "width-text": (_edit_row("width", "abc"), "width is 'abc', not a positive integer"),
+    "time-nan": (_edit_row("time_median_s", "nan"), "a measured point with time_median_s = 'nan'"),
+    "time-negative": (_edit_row("time_median_s", "-0.5"), "time_median_s = '-0.5'"),
+    "flops-empty": (_edit_row("flops", ""), "a measured point with flops = ''"),
+    "record-list": (_record("[1, 2]"), "sweep.json is not the record of a sweep"),
+    "record-garbage": (_record("{not json"), "sweep.json cannot be parsed"),
+    "record-base-text": (_record('{"base": "x"}'), "sweep.json is not the record of a sweep"),
+}
+
+
+@pytest.mark.parametrize(
+    "corruption, command",
+    [
+        (corruption, command)
+        for corruption in CORRUPTIONS
+        for command in ("fit", "validate", "report", "sweep")
+        if (corruption, command) != ("header-only", "sweep")  # a sweep starts from no rows
+    ],
+    ids=lambda v: v,
+)
+def test_a_corrupted_sweep_is_named_and_nothing_is_rewritten(
+    finished, tmp_path, capsys, command, corruption
+):
+    """Each analysis command, and a resumed sweep, refuses a results file or record it
+    cannot trust (naming the file, and the line of a bad row) before writing anything."""
+    import shutil
+
+    out = tmp_path / "sweep"
+    shutil.copytree(finished, out)
+    edit, message = CORRUPTIONS[corruption]
+    line = edit(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    extra = ["--quick", "--workers", "0", *TINY] if command == "sweep" else []
+    assert cli.main([command, "--out", str(out), *extra]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert message in err
+    if line is not None:
+        assert f"results.csv line {line}:" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_results_without_their_record_are_not_resumed(finished, tmp_path, capsys):
+    """Without sweep.json nothing says which grid measured results.csv: a sweep into it
+    would mix two grids."""
+    import shutil
+
+    out = tmp_path / "sweep"
+    shutil.copytree(finished, out)
+    (out / "sweep.json").unlink()
+    before = (out / "results.csv").read_bytes()
+    assert cli.main(["sweep", "--quick", "--workers", "0", "--out", str(out), *TINY]) == 2
+    assert "has no sweep.json beside it" in capsys.readouterr().err
+    assert (out / "results.csv").read_bytes() == before
