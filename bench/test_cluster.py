@@ -25,8 +25,7 @@ def test_the_interleaved_measurement_reports_wall_and_timed_ratios(tmp_path):
     assert chunk["points"] == len(sw.read_results(tmp_path / "tiny" / "results.csv"))
     assert chunk["here"] > 0 and chunk["dask"] > 0 and chunk["fixed"] > 0
     assert math.isfinite(chunk["timed_ratio"]) and chunk["timed_ratio"] > 0
-    parts = [chunk[part] for part in cluster.FIXED_PARTS]
-    assert min(parts) > 0 and math.isclose(sum(parts), chunk["fixed"])
+    assert min(chunk[part] for part in cluster.FIXED_PARTS) > 0
     empty = chunk["empty_point"]
     assert empty["points"] == cluster.EMPTY_POINTS
     assert empty["wall_s"] > 0 and empty["client_cpu_s"] > 0 and empty["worker_cpu_s"] > 0

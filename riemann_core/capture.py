@@ -227,35 +227,35 @@ def owners(model: nn.Module) -> tuple[tuple[str, nn.Module, tuple[Tensor, ...]],
 
 
 def same_owners(a, b) -> bool:
-    """Whether two :func:`owners` hold the same modules and parameters (by identity: a
-    tensor's ``==`` compares its entries)."""
+    """Whether two :func:`owners` hold the same modules under the same names with the same
+    parameters (by identity: a tensor's ``==`` compares its entries)."""
     return len(a) == len(b) and all(
-        ma is mb and len(pa) == len(pb) and all(x is y for x, y in zip(pa, pb, strict=True))
-        for (_, ma, pa), (_, mb, pb) in zip(a, b, strict=True)
+        na == nb
+        and ma is mb
+        and len(pa) == len(pb)
+        and all(x is y for x, y in zip(pa, pb, strict=True))
+        for (na, ma, pa), (nb, mb, pb) in zip(a, b, strict=True)
     )
 
 
 @contextlib.contextmanager
 def buffers_kept(model: nn.Module):
-    """Put back every buffer of ``model`` as it was: riemann_core's own forward passes
-    leave no trace in the model, though a module may update its buffers as it runs
-    (quantisation observers, spectral_norm's power iteration), and a failing call leaves
-    them as they were too. Costs a copy of the buffers."""
-    kept = [
-        (module, name, b, b._version, b.detach().clone())
-        for module in model.modules()
-        for name, b in module._buffers.items()
-        if b is not None and not b.is_inference()  # an inference tensor has no version
-    ]
+    """Run riemann_core's own forward passes on copies of the model's buffers and put the
+    originals back afterwards: a module may update its buffers as it runs (quantisation
+    observers, spectral_norm's power iteration), and the model must be left as it was,
+    also by a call that fails. The originals are never written, so a copy the forward
+    saved for the backward pass stays intact. Costs a copy of the buffers per forward."""
+    kept = [(module, dict(module._buffers)) for module in model.modules()]
+    for module, buffers in kept:
+        for name, b in buffers.items():
+            if isinstance(b, Tensor):
+                module._buffers[name] = b.clone()
     try:
         yield
     finally:
-        with torch.no_grad():
-            for module, name, b, version, value in kept:
-                if module._buffers.get(name) is not b:  # replaced rather than updated
-                    module._buffers[name] = b
-                if b._version != version:
-                    b.copy_(value)
+        for module, buffers in kept:  # also drops buffers the forward registered
+            module._buffers.clear()
+            module._buffers.update(buffers)
 
 
 def rng_devices(model: nn.Module) -> list[int]:

@@ -19,9 +19,10 @@ the user formed (``RiemannianPreconditioner.backward``), which may add terms of 
 network: structural and exact, a few nodes.
 
 Both are structural, so they run on the first call for a model and again when a
-module's training flag changes or a module is swapped for another (``check_coupling=False`` skips them); their verdicts
-join the deferred checks. Only on a failure is the forward pass run once more with
-every module hooked, to name the module that couples the samples.
+module's training flag changes or a module is swapped for another
+(``check_coupling=False`` skips them); their verdicts join the deferred checks. Only on
+a failure is the forward pass run once more with every module hooked, to name the
+module that couples the samples.
 """
 
 from __future__ import annotations

@@ -83,8 +83,9 @@ def direction(
         return_diagnostics: also return a list of :class:`LayerDiagnostics`.
         forward_kwargs: keyword arguments of the model call.
         check_coupling: probe, on the first call for a model (and after a change of a
-            module's training flag, or a module swapped for another), that the network treats samples independently and
-            that parameters reach the output only through their modules' calls.
+            module's training flag, or a module swapped for another), that the network
+            treats samples independently and that parameters reach the output only
+            through their modules' calls.
         process_group: a ``torch.distributed`` process group whose every rank calls this
             with its shard of the batch: each gets the direction of the global batch
             (the shards concatenated in rank order), its blocks solved by their owner
@@ -135,14 +136,14 @@ def direction(
         generator=generator,
         check_coupling=check_coupling,
     )
-    if not isinstance(targets, Tensor):
-        raise TypeError(
-            f"targets must be a torch.Tensor (class indices for cross_entropy, values for mse), "
-            f"got {type(targets).__name__}"
-        )
     if process_group is not None:
         distributed.check_group(process_group, timeout)
     with distributed.share_failure(process_group, timeout):
+        if not isinstance(targets, Tensor):
+            raise TypeError(
+                "targets must be a torch.Tensor (class indices for cross_entropy, values "
+                f"for mse), got {type(targets).__name__}"
+            )
         checks = Deferred()
         params = check_model(model, checks)
         check_deterministic(model)

@@ -161,9 +161,9 @@ class RiemannianPreconditioner:
         exact direction, the gradient is taken by autograd and preconditioned as by
         :meth:`step` (one more forward pass): on the first call for a model, when the
         batch-coupling probe runs (it needs the inputs in the graph); on the first call
-        after a parameter was frozen, unfrozen or replaced, or a module swapped; when a module's
-        output was changed in place after its call (the next forward passes capture it
-        through a copy); and when the loss reaches parameters other than through their
+        after a parameter was frozen, unfrozen or replaced, or a module swapped or
+        renamed; when a module's output was changed in place after its call (the next forward passes
+        capture it through a copy); and when the loss reaches parameters other than through their
         modules' calls (a weight penalty written into the loss). One process only: with a
         ``process_group`` or a ``DistributedDataParallel`` model it raises ``ValueError``
         (use ``loss.backward()`` and :meth:`step`).
@@ -175,7 +175,10 @@ class RiemannianPreconditioner:
             )
         self._check_loss(loss)
         capture, model, opts = self._capture, self.model, self.options
-        if capture.output is None or not capture.calls:
+        # a parameter frozen, unfrozen or replaced, or a module swapped or renamed, since
+        # the hooks were installed: the recorded calls miss or misname blocks
+        rehook = not capture.hooks_current(model)
+        if capture.output is None or not (capture.calls or rehook):
             raise RuntimeError(
                 "pre.backward(loss) needs the forward pass the loss was formed from: call "
                 "model(x) with gradients enabled, then pre.backward(loss)"
@@ -189,9 +192,6 @@ class RiemannianPreconditioner:
         notes = notes_for(model)
         stale = capture.stale()
         notes.clone |= stale
-        # a parameter frozen, unfrozen or replaced, or a module swapped, since the hooks
-        # were installed: the recorded calls miss or misname blocks
-        rehook = not capture.hooks_current(model)
         needs_factor = SOLVERS[self.method].NEEDS_FACTOR
         probing = needs_factor and opts.check_coupling and coupling.needs_probe(model, notes)
         reuse = self._kfac is not None and not self._kfac.needs_factors(names.values())

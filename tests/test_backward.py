@@ -329,6 +329,47 @@ def test_backward_follows_the_trainable_parameters_as_they_change(method, change
     assert len(calls) == 1  # fused again once the hooks follow the network
 
 
+class Heads(nn.Module):
+    """A frozen trunk and trainable heads in a ModuleDict, as in transfer learning."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(5, 4), nn.Tanh()).requires_grad_(False)
+        self.heads = nn.ModuleDict({"old": nn.Linear(4, 3)})
+
+    def forward(self, x):
+        return sum(head(self.trunk(x)) for head in self.heads.values())
+
+
+def swap_the_only_head(model):
+    model.heads["old"] = nn.Linear(4, 3).double()
+
+
+def rename_the_head(model):
+    model.heads["new"] = model.heads.pop("old")
+
+
+@pytest.mark.parametrize("change", [swap_the_only_head, rename_the_head], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("method", ["layerwise", "natural"], ids=lambda m: f"method={m}")
+def test_backward_follows_a_head_swapped_or_renamed(method, change):
+    """The only hooked module swapped (no recorded call is left), or renamed (the same
+    module under a new name): the next steps are the oracle's, every .grad set."""
+    torch.manual_seed(41)
+    model = Heads().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    for _ in range(2):
+        step(pre, model, x, lambda out: F.cross_entropy(out, y))
+    change(model)
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    expected = unflatten(oracle_direction(G, g, DAMPING, method, block_indices(model)), model)
+    for _ in range(2):
+        step(pre, model, x, lambda out: F.cross_entropy(out, y))
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize(
     "net", ["dead-branch", "layer-scale", "bias-only"], ids=lambda n: f"net={n}"
 )

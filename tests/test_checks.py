@@ -159,6 +159,7 @@ def test_outputs_the_metrics_cannot_use_are_refused_leaving_the_model(how, match
     before = snapshot(model)
     with pytest.raises(ValueError, match=match):
         rc.direction(model, x, y)
+    assert_unchanged(model, before)
     pre = rc.RiemannianPreconditioner(model)
     out = model(x)
     for p in model.parameters():

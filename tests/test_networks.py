@@ -769,13 +769,15 @@ def test_frozen_weight_with_a_trainable_bias_is_exact(kind, method, refine):
 
 class Observed(nn.Module):
     """A Linear whose forward updates buffers of its own, as quantisation observers do:
-    a running maximum (in place) and a count of calls (replaced)."""
+    a running maximum (in place), a count of calls (replaced) and a gain it then uses
+    (updated in place, saved for the backward pass)."""
 
     def __init__(self):
         super().__init__()
         self.lin = nn.Linear(4, 3)
         self.register_buffer("peak", torch.zeros(()))
         self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("gain", torch.full((3,), 2.0))
         self.observing = True  # off for the oracle: torch.func refuses in-place updates
 
     def forward(self, x):
@@ -783,7 +785,8 @@ class Observed(nn.Module):
         if self.observing:
             self.peak.copy_(torch.maximum(self.peak, out.detach().abs().max()))
             self.calls = self.calls + 1
-        return out
+            self.gain.mul_(0.5)
+        return out * self.gain
 
 
 def observed():
@@ -813,6 +816,7 @@ def test_own_forward_passes_leave_the_buffers_as_they_were(method):
     assert_same_buffers(model, before)
     twin = copy.deepcopy(model)
     twin[2].observing = False
+    twin[2].gain.mul_(0.5)  # as the forward pass leaves it for its outputs
     G, g = ggn(twin, x, y, "cross_entropy"), gradient(twin, x, y, "cross_entropy")
     expected = oracle_direction(G, g, DAMPING, method, block_indices(twin))
     assert rel_error(flatten(dirs, model), expected) < 1e-10

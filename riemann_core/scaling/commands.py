@@ -143,10 +143,11 @@ def run_sweep(args) -> int:
     grid = grid_from(args)
     check_cluster_options(args)
     out = default_out(args)
-    # a corrupted file or another version's stops us before any cluster, and so does an
-    # --out we cannot write to
-    finished = [r for r in sw.read_results(out / "results.csv") if r["status"] == "ok"]
-    sw.check_same_model(finished, out / "results.csv")
+    # a corrupted file, another version's or another sweep's stops us before any
+    # cluster, and so does an --out we cannot write to
+    rows = sw.read_results(out / "results.csv")
+    sw.resumable_record(out, rows, grid)
+    sw.check_same_model([r for r in rows if r["status"] == "ok"], out / "results.csv")
     out.mkdir(parents=True, exist_ok=True)
     rates = functools.partial(device_rates, n=grid.rate_size)
     with points_runner(args) as runner:

@@ -578,7 +578,7 @@ def _row_problem(row: dict) -> str | None:
     if row["method"] not in METHODS:
         return f"unknown method {row['method']!r} (one of {', '.join(METHODS)})"
     for axis in AXES:
-        if not row[axis].isdigit() or int(row[axis]) < 1:
+        if not (row[axis].isascii() and row[axis].isdigit()) or int(row[axis]) < 1:
             return f"{axis} is {row[axis]!r}, not a positive integer"
     if row["status"] == "ok":
         for column in MEASURED:
@@ -607,6 +607,26 @@ def read_record(path: Path) -> dict:
             f"{', '.join(AXES)}); move it away or pass another --out"
         )
     return record
+
+
+def resumable_record(out: Path, rows: list[dict], grid: Grid) -> dict:
+    """``sweep.json`` of the sweep in ``out`` (``{}`` for none), refused where measuring
+    ``grid`` into it beside ``rows`` (its ``results.csv``) would mix two sweeps: results
+    without their record (nothing says which grid measured them), or another base point."""
+    record_path = out / "sweep.json"
+    previous = read_record(record_path) if record_path.exists() else {}
+    if rows and not previous:
+        raise ResultsFileError(
+            f"{out / 'results.csv'} has no {record_path.name} beside it, so nothing says which "
+            "grid measured it; resuming could mix two sweeps. Move results.csv away, or pass "
+            "another --out"
+        )
+    if rows and previous["base"] != grid.base:
+        raise ValueError(
+            f"{out} holds a sweep around the base point {previous['base']}, not {grid.base}; "
+            "fits need one base point per directory: pass another --out"
+        )
+    return previous
 
 
 def write_results(path: Path, rows: list[dict]) -> None:
@@ -733,18 +753,7 @@ def sweep(
             check_device(torch.device(device))
     path = out / "results.csv"
     rows = read_results(path)  # before any work: a corrupted file stops the sweep here
-    record_path = out / "sweep.json"
-    previous = read_record(record_path) if record_path.exists() else {}
-    if rows and not previous:
-        raise ResultsFileError(
-            f"{path} has no {record_path.name} beside it, so nothing says which grid measured "
-            "it; resuming could mix two sweeps. Move results.csv away, or pass another --out"
-        )
-    if rows and previous["base"] != grid.base:
-        raise ValueError(
-            f"{out} holds a sweep around the base point {previous['base']}, not {grid.base}; "
-            "fits need one base point per directory: pass another --out"
-        )
+    previous = resumable_record(out, rows, grid)
     # finished points are kept; skipped, failed and out-of-memory ones are decided again
     rows = [r for r in rows if r["status"] == "ok"]
     check_same_model(rows, path)
