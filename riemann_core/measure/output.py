@@ -35,10 +35,17 @@ def write_json(out: Path, name: str, payload: dict) -> Path:
 
 
 def read_study(
-    out: Path, tables: dict[str, tuple[str, ...]], record: str, keys: tuple[str, ...], command: str
+    out: Path,
+    tables: dict[str, tuple[str, ...]],
+    record: str,
+    keys: tuple[str, ...],
+    command: str,
+    numeric: dict[str, tuple[str, ...]] | None = None,
 ) -> tuple[list, dict]:
     """The CSV ``tables`` (name -> required columns) and the JSON ``record`` of a study in
-    ``out``; missing, corrupted or foreign files raise ``ValueError`` naming ``command``."""
+    ``out``; missing, corrupted, empty or foreign files, and a cell of a ``numeric`` column
+    (name -> columns) that is not a number (blank is NaN), raise ``ValueError`` naming the
+    file (and the line) and ``command``."""
     import pandas as pd
 
     rerun = f"rerun '{command}' with this --out"
@@ -61,6 +68,17 @@ def read_study(
             raise ValueError(
                 f"{out / name} lacks columns {absent}; it was not written by this version: {rerun}"
             )
+        if frame.empty:
+            raise ValueError(f"{out / name} holds no rows: {rerun}")
+        for column in (numeric or {}).get(name, ()):
+            values = pd.to_numeric(frame[column], errors="coerce")
+            bad = values.isna() & frame[column].notna()
+            if bad.any():
+                line, value = int(bad.idxmax()) + 2, frame[column][bad].iloc[0]  # + header
+                raise ValueError(
+                    f"{out / name} line {line}: {column} is {value!r}, not a number: {rerun}"
+                )
+            frame[column] = values
     if not isinstance(meta, dict) or not set(keys) <= meta.keys():
         raise ValueError(f"{out / record} lacks the record of the run ({', '.join(keys)}); {rerun}")
     return frames, meta

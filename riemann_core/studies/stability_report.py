@@ -22,7 +22,10 @@ def load(out: Path) -> tuple[pd.DataFrame, dict]:
     """``pairs.csv`` and ``stability.json`` of ``out``, checked."""
     keys = ("sweep", "command", "environment")
     tables = {"pairs.csv": PAIR_COLUMNS}
-    (pairs,), meta = read_study(out, tables, "stability.json", keys, "riemann-bench stability")
+    numeric = {"pairs.csv": tuple(c for c in PAIR_COLUMNS if c not in ("method", "status"))}
+    (pairs,), meta = read_study(
+        out, tables, "stability.json", keys, "riemann-bench stability", numeric
+    )
     return pairs, meta
 
 

@@ -43,7 +43,11 @@ def load(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """``runs.csv``, ``tuning.csv`` and ``training.json`` of ``out``, checked."""
     tables = {"runs.csv": RUN_COLUMNS, "tuning.csv": TUNING_COLUMNS}
     keys = ("study", "command", "environment")
-    (runs, tuning), meta = read_study(out, tables, "training.json", keys, "riemann-bench train")
+    text = ("model", "method", "status")
+    numeric = {name: tuple(c for c in columns if c not in text) for name, columns in tables.items()}
+    (runs, tuning), meta = read_study(
+        out, tables, "training.json", keys, "riemann-bench train", numeric
+    )
     return runs, tuning, meta
 
 

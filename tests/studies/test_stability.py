@@ -116,7 +116,7 @@ def test_verdict_reads_the_interval_against_the_bound():
     assert verdict(0.5, -2.0, 3.0, -1.0) == "inconclusive"  # holds -1, but also 0 and more
 
 
-def test_small_sweep_writes_pairs_slopes_figures_and_report(tmp_path):
+def test_small_sweep_writes_pairs_slopes_figures_and_report(tmp_path, capsys):
     assert cli.main([*SMALL, "--out", str(tmp_path)]) == 0
     pairs = pd.read_csv(tmp_path / "pairs.csv")
     assert len(pairs) == 2 * 2 * 2  # pairs x sizes x dampings, one method
@@ -133,6 +133,16 @@ def test_small_sweep_writes_pairs_slopes_figures_and_report(tmp_path):
     (tmp_path / "stability.json").write_text("[1, 2")
     assert cli.main(["stability", "--report-only", "--out", str(tmp_path)]) == 2
     assert (tmp_path / "pairs.csv").read_text() == kept
+    (tmp_path / "stability.json").write_text(json.dumps(meta))
+    for edit, message in (
+        (lambda df: df.assign(param_distance="far"), "line 2: param_distance is 'far'"),
+        (lambda df: df.iloc[:0], "pairs.csv holds no rows"),
+    ):
+        edit(pairs.astype(str)).to_csv(tmp_path / "pairs.csv", index=False)
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+        assert cli.main(["stability", "--report-only", "--out", str(tmp_path)]) == 2
+        assert message in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 @pytest.mark.parametrize(

@@ -71,6 +71,28 @@ def test_report_only_redraws_and_corrupted_results_are_refused(study, tmp_path, 
 
 
 @pytest.mark.parametrize(
+    "name, edit, message",
+    [
+        ("runs.csv", lambda df: df.iloc[:0], "runs.csv holds no rows"),
+        ("runs.csv", lambda df: df.assign(test_accuracy="high"), "line 2: test_accuracy is 'high'"),
+        ("tuning.csv", lambda df: df.assign(lr="fast"), "line 2: lr is 'fast', not a number"),
+    ],
+    ids=["no-rows", "text-accuracy", "text-lr"],
+)
+def test_report_only_names_a_table_without_rows_or_numbers(
+    study, tmp_path, capsys, name, edit, message
+):
+    """Instead of a KeyError or TypeError from deep inside the report, and every file left."""
+    for file in ("runs.csv", "tuning.csv", "training.json"):
+        (tmp_path / file).write_bytes((study / file).read_bytes())
+    edit(pd.read_csv(tmp_path / name, dtype=str)).to_csv(tmp_path / name, index=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert cli.main(["train", "--report-only", "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize(
     "options, message",
     [
         (["--methods", "sgd,lbfgs"], "unknown method(s) ['lbfgs']; choose from sgd, adam"),
