@@ -285,6 +285,12 @@ def test_backward_over_a_process_group_is_refused_before_any_work(monkeypatch):
     assert_unchanged(model, before)
 
 
+def oracle_of(model, x, y, method):
+    """``{name: direction}`` of the dense float64 oracle for the network as it is now."""
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    return unflatten(oracle_direction(G, g, DAMPING, method, block_indices(model)), model)
+
+
 def freeze(model):
     model[2].weight.requires_grad_(False)
 
@@ -315,8 +321,7 @@ def test_backward_follows_the_trainable_parameters_as_they_change(method, change
     for _ in range(2):
         step(pre, model, x, lambda out: F.cross_entropy(out, y))
     change(model)
-    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
-    expected = unflatten(oracle_direction(G, g, DAMPING, method, block_indices(model)), model)
+    expected = oracle_of(model, x, y, method)
     calls = forward_count(model)
     for _ in range(2):
         calls.clear()
@@ -361,8 +366,7 @@ def test_backward_follows_a_head_swapped_or_renamed(method, change):
     for _ in range(2):
         step(pre, model, x, lambda out: F.cross_entropy(out, y))
     change(model)
-    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
-    expected = unflatten(oracle_direction(G, g, DAMPING, method, block_indices(model)), model)
+    expected = oracle_of(model, x, y, method)
     for _ in range(2):
         step(pre, model, x, lambda out: F.cross_entropy(out, y))
         for name, p in model.named_parameters():
@@ -384,8 +388,7 @@ def test_backward_on_networks_with_unusual_blocks(net, method):
         torch.manual_seed(38)
         model = (DeadBranch if net == "dead-branch" else LayerScale)().double()
         x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
-    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
-    expected = unflatten(oracle_direction(G, g, DAMPING, method, block_indices(model)), model)
+    expected = oracle_of(model, x, y, method)
     pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel="auto")
     for _ in range(2):
         step(pre, model, x, lambda out: F.cross_entropy(out, y))
