@@ -345,6 +345,10 @@ class Targets:
         figures = {}
         for f in result["figures"]:  # full over layerwise: the smallest of the networks
             figures[f["id"]] = min(f["ratio"], figures.get(f["id"], f["ratio"]))
+        for r in result["references"]:  # what the package adds over the lean eager step
+            if r["id"] == "step_over_lean":
+                small = r["network"] == list(targets.SMALL_NETWORK)
+                figures["small_step_over_lean" if small else "step_over_lean"] = r["ratio"]
         return figures
 
     def track_exact_over_speed_of_light(self, figures):
@@ -362,8 +366,16 @@ class Targets:
     def track_full_over_layerwise(self, figures):
         return figures["full_vs_layerwise"]
 
+    def track_sampled_step_over_lean_step(self, figures):
+        return figures["step_over_lean"]
+
+    def track_small_sampled_step_over_lean_step(self, figures):
+        return figures["small_step_over_lean"]
+
     track_exact_over_speed_of_light.unit = "ratio"
     track_sampled_step_over_sgd_step.unit = "ratio"
     track_exact_step_over_exact_direction.unit = "ratio"
     track_small_sampled_step_over_sgd_step.unit = "ratio"
     track_full_over_layerwise.unit = "ratio"
+    track_sampled_step_over_lean_step.unit = "ratio"
+    track_small_sampled_step_over_lean_step.unit = "ratio"

@@ -8,6 +8,12 @@
   an MLP 64-32-32-10 (the per-call overhead), exact Fisher against the exact direction alone;
 * ``full`` against ``layerwise`` on networks of about 4k parameters.
 
+Beside the sampled steps runs a reference, no goal of its own: the same step written lean
+(:class:`riemann_core.measure.lean.LeanStep`: the same algebra with no hooks, checks or
+fallbacks), the floor of an eager implementation. Its ratio to the SGD step is the part of
+a step's goal that eager PyTorch can reach on the machine; the step's ratio to it is what
+the package adds for its guarantees and generality.
+
 On the CPU, what limits each figure is measured in the same run: the time per call of
 the exact direction and of the steps by kind of operation
 (:func:`riemann_core.measure.breakdown.time_by_kind`), beside the speed of light.
@@ -28,6 +34,7 @@ from .. import costs
 from ..arguments import Command
 from ..measure.breakdown import KINDS, time_by_kind
 from ..measure.flops import flop_counter
+from ..measure.lean import LeanStep
 from ..measure.problems import mlp
 from ..measure.timing import interleaved, median_ratio
 from . import kfac_targets
@@ -50,6 +57,11 @@ NETWORK, SMALL_NETWORK, BATCH = (784, 1024, 1024, 10), (64, 32, 32, 10), 128
 #: cold, the sampled step / SGD step read 2.04 where the same run's repeated calls gave
 #: 12.73 against 7.71 ms, 1.65).
 WARMUP = 1
+#: ``id: what`` of the reference ratios (no goal): the lean eager step (:class:`LeanStep`).
+REFERENCES = {
+    "lean_step": "lean eager step, the same algebra without checks (reference) / SGD step",
+    "step_over_lean": "step with pre.backward, sampled Fisher (1 probe) / lean eager step",
+}
 #: About 4k parameters each: a narrow hidden layer, one and two wider ones.
 SMALL_NETWORKS = ((784, 5, 10), (64, 56, 10), (64, 48, 16, 10))
 
@@ -97,6 +109,27 @@ def training_steps(model, x, y, method="layerwise", **options) -> dict:
     return calls
 
 
+def lean_step(model, x, y):
+    """The sampled step of :func:`training_steps` written lean (:class:`LeanStep`), on its
+    own copy of ``model`` at learning rate 0."""
+    net = copy.deepcopy(model)
+    step = LeanStep(net, torch.optim.SGD(net.parameters(), lr=0.0))
+    return lambda: step(x, y)
+
+
+def references(network, steps: dict) -> list[dict]:
+    """The reference ratios (:data:`REFERENCES`) of one network's interleaved ``steps``
+    (seconds per round of ``sgd``, ``sampled_step`` and ``lean``)."""
+    ratios = {
+        "lean_step": median_ratio(steps["lean"], steps["sgd"]),
+        "step_over_lean": median_ratio(steps["sampled_step"], steps["lean"]),
+    }
+    return [
+        {"id": key, "what": REFERENCES[key], "network": list(network), "ratio": ratio}
+        for key, ratio in ratios.items()
+    ]
+
+
 def measure_targets(
     *, device="cpu", dtype=torch.float32, quick=False, seed=0, progress=None
 ) -> dict:
@@ -128,6 +161,7 @@ def measure_targets(
             "cholesky": lambda: torch.linalg.cholesky(spd),
             "exact": exact,
             **training_steps(model, x, y, metrics=("exact", "sampled")),
+            "lean": lean_step(model, x, y),
         },
         rounds,
         device,
@@ -148,12 +182,14 @@ def measure_targets(
         "exact": exact,
         "sgd": steps["sgd"],
         "sampled_step": steps["sampled_step"],
+        "lean": lean_step(model, x, y),
     }
 
     progress(f"per-call overhead, {'-'.join(map(str, SMALL_NETWORK))}")
     small = mlp(SMALL_NETWORK).to(device, dtype)
     xs, ys = data(SMALL_NETWORK)
     small_steps = training_steps(small, xs, ys, metrics=("sampled",))
+    small_steps["lean"] = lean_step(small, xs, ys)
     ts = interleaved(small_steps, 5 * rounds, device, warmup=WARMUP)
     where |= {f"small_{name}": call for name, call in small_steps.items()}
 
@@ -171,6 +207,8 @@ def measure_targets(
         "sampled_step_s": statistics.median(t["sampled_step"]),
         "small_sgd_step_s": statistics.median(ts["sgd"]),
         "small_sampled_step_s": statistics.median(ts["sampled_step"]),
+        "lean_step_s": statistics.median(t["lean"]),
+        "small_lean_step_s": statistics.median(ts["lean"]),
         "speed_of_light_s": statistics.median(sol_s),
         "speed_of_light_flops": sol_flops,
         "counted_flops": counter.get_total_flops(),
@@ -183,6 +221,7 @@ def measure_targets(
                 "small_sampled_step", SMALL_NETWORK, median_ratio(ts["sampled_step"], ts["sgd"])
             ),
         ],
+        "references": references(NETWORK, t) + references(SMALL_NETWORK, ts),
         "small": [],
         "time_by_kind": time_by_kinds(where, device, quick),
     }
@@ -217,8 +256,10 @@ PROFILED = {
     "exact": "exact layerwise direction",
     "sgd": "SGD step",
     "sampled_step": "step with pre.backward, sampled",
+    "lean": "lean eager step (reference)",
     "small_sgd": "SGD step",
     "small_sampled_step": "step with pre.backward, sampled",
+    "small_lean": "lean eager step (reference)",
 }
 
 
@@ -305,6 +346,12 @@ def format_targets(result: dict) -> str:
             f"  {'-'.join(map(str, f['network'])):>16}  {f['what']:<58} {f['ratio']:7.2f}x  "
             f"(goal {f['sense']} {f['goal']:g})  {_verdict(f)}"
         )
+    if result.get("references"):
+        lines.append("Reference, no goal (the floor of an eager implementation):")
+        for r in result["references"]:
+            lines.append(
+                f"  {'-'.join(map(str, r['network'])):>16}  {r['what']:<72} {r['ratio']:7.2f}x"
+            )
     return "\n".join(lines)
 
 
@@ -331,6 +378,20 @@ def markdown_targets(result: dict, command: str) -> str:
             f"| {'-'.join(map(str, f['network']))} | {f['what']} | {f['ratio']:.2f} | "
             f"{f['sense']} {f['goal']:g} | {'met' if f['met'] else 'missed'} |"
         )
+    if result.get("references"):
+        lines += [
+            "",
+            "For reference (no goal), the sampled step written lean, the same algebra with no "
+            "hooks, checks or fallbacks (`riemann_core.measure.lean.LeanStep`), timed in the "
+            "same rounds: its ratio to the SGD step is the floor of an eager implementation "
+            "on this machine; the step's ratio to it is what the package adds for its "
+            "guarantees and generality.",
+            "",
+            "| network | reference | ratio |",
+            "|---|---|---:|",
+        ]
+        for r in result["references"]:
+            lines.append(f"| {'-'.join(map(str, r['network']))} | {r['what']} | {r['ratio']:.2f} |")
     lines += [
         "",
         f"Counted FLOPs of the exact layerwise direction: {result['counted_flops'] / 1e9:.3f} G "

@@ -51,6 +51,10 @@ def core_result(ratios=None):
         "speed_of_light_s": 1e-3,
         "speed_of_light_flops": {"products": 1e8, "cholesky": 1e7}, "counted_flops": 2e8,
         "modelled_flops": 2e8, "figures": figures, "small": [],
+        "lean_step_s": 1.2e-3, "small_lean_step_s": 1.5e-4,
+        "references": targets.references(
+            [8, 4, 2], {"sgd": [1e-3], "sampled_step": [1.5e-3], "lean": [1.2e-3]}
+        ),
     }  # fmt: skip
 
 

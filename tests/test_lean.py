@@ -1,0 +1,51 @@
+"""The lean reference step sets the .grad that pre.backward sets, given the same probes
+(pre.backward is checked against the dense oracle in tests/test_backward.py)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import riemann_core as rc
+from riemann_core.measure.lean import LeanStep
+
+
+def _mlp(widths, bias):
+    layers = []
+    for f_in, f_out in zip(widths[:-1], widths[1:], strict=True):
+        layers += [nn.Linear(f_in, f_out, bias=bias), nn.Tanh()]
+    return nn.Sequential(*layers[:-1]).double()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("widths", [(6, 5, 4, 3), (7, 9, 3)])
+def test_lean_step_is_pre_backward(widths, bias):
+    torch.manual_seed(0)
+    model = _mlp(widths, bias)
+    lean_model = copy.deepcopy(model)
+    x, y = torch.randn(16, widths[0], dtype=torch.float64), torch.randint(0, widths[-1], (16,))
+    generator = torch.Generator()
+    pre = rc.RiemannianPreconditioner(
+        model, output_metric="sampled", damping=1e-3, generator=generator
+    )
+    for _ in range(2):  # the first call probes and replays the forward, the second is fused
+        generator.manual_seed(5)
+        model.zero_grad()
+        pre.backward(F.cross_entropy(model(x), y))
+        want = [p.grad.clone() for p in model.parameters()]
+        opt = torch.optim.SGD(lean_model.parameters(), lr=0.0)
+        LeanStep(lean_model, opt, damping=1e-3, generator=generator.manual_seed(5))(x, y)
+        for got, expected in zip(lean_model.parameters(), want, strict=True):
+            torch.testing.assert_close(got.grad, expected, rtol=1e-9, atol=1e-12)
+    pre.remove()
+    assert min(float(g.abs().max()) for g in want) > 0
+    generator.manual_seed(6)  # other probes, another direction: the comparison can fail
+    LeanStep(lean_model, opt, damping=1e-3, generator=generator)(x, y)
+    assert not torch.allclose(lean_model[0].weight.grad, want[0])
+
+
+def test_lean_step_refuses_other_layers():
+    with pytest.raises(ValueError, match="nn.Sequential of nn.Linear"):
+        LeanStep(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), None)
