@@ -480,10 +480,10 @@ def _block_cost(method: str, opts: Options, h: Handler, share: _Share, N: int) -
     if method == "kfac":
         kh = share.kronecker
         variant = dict(kfac_damping=opts.kfac_damping, kfac_bias=opts.kfac_bias)
-        f_in, f_out = kh.X.shape[-1], kh.f_out
+        f_in, f_out = kh.P, kh.f_out
         return costs.block_solve_flops("kfac", f_in, f_out, N, kh.r, kh.with_bias, **variant)
     if isinstance(h, LinearHandler) and h.factored_gradient:
-        return costs.block_solve_flops("layerwise", h.X.shape[-1], h.f_out, N, h.r, h.with_bias)
+        return costs.block_solve_flops("layerwise", h.P, h.f_out, N, h.r, h.with_bias)
     return costs.generic_block_solve_flops(h.block.n_params, h.r * N)
 
 

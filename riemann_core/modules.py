@@ -199,7 +199,9 @@ class PatchHandler(Handler):
     ``X`` holds the patches ``(N, T, P)``, ``Delta`` is reshaped to ``(r, N, T, f_out)``.
     In the formulas the bias is a column of ``[W | b]`` and ``xt = [x, 1]``; in the code
     it is kept apart (``Lambda^T Xt = [Lambda^T X | sum Lambda]``), which spares copying
-    ``X`` and keeps GEMM sizes aligned. A frozen weight or bias is left out.
+    ``X`` and keeps GEMM sizes aligned. A frozen weight or bias is left out; with the
+    weight frozen no product needs the patches, so they are not formed (bias-only
+    fine-tuning of a convolutional network would otherwise unfold every input).
     """
 
     def __init__(self, block: Block):
@@ -208,8 +210,16 @@ class PatchHandler(Handler):
         trainable = {id(p) for p in block.params}
         self.with_weight = id(module.weight) in trainable
         self.with_bias = getattr(module, "bias", None) is not None and id(module.bias) in trainable
-        self.X = self.patches(block.input)
         self.f_out = module.weight.shape[0]
+        self.P = module.weight[0].numel()  # the size of a patch
+        self._X = None
+
+    @property
+    def X(self) -> Tensor:
+        """The input patches ``(N, T, P)``, in the kernel's dtype, formed on first use."""
+        if self._X is None:
+            self._X = self.patches(self.block.input).to(self.dtype)
+        return self._X
 
     @classmethod
     def supports(cls, module: nn.Module) -> str | None:
@@ -263,7 +273,7 @@ class PatchHandler(Handler):
     def apply(self, v: list[Tensor]) -> Tensor:
         """``xt_{b,t} . [W | b]`` for every sample and position: ``(N, T, f_out)``."""
         if not self.with_weight:  # the bias alone: the same at every sample and position
-            return v[-1].expand(*self.X.shape[:2], self.f_out)
+            return v[-1].expand(*self.Dl.shape[1:3], self.f_out)
         out = self.X @ v[0].reshape(self.f_out, -1).T
         return out + v[-1] if self.with_bias else out
 
@@ -296,7 +306,10 @@ class PatchHandler(Handler):
         ``vec([W | b])``) for one sample at one position; otherwise the K-FAC (KFC for
         convolutions) approximation.
         """
-        X = self.X.reshape(-1, self.X.shape[-1])
+        if not self.with_weight:  # the bias's part has no input factor: ones only
+            X = self.Dl.new_empty(self.Dl.shape[1] * self.Dl.shape[2], 0)
+        else:
+            X = self.X.reshape(-1, self.X.shape[-1])
         if ones:
             X = torch.cat([X, X.new_ones(X.shape[0], 1)], 1)
         return self.Dl.reshape(-1, self.f_out), X / math.sqrt(X.shape[0])
@@ -317,21 +330,21 @@ class LinearHandler(PatchHandler):
 
     def __init__(self, block: Block):
         super().__init__(block)
-        self.factored_gradient = self.X.shape[1] == 1
+        self.factored_gradient = self.Dl.shape[2] == 1  # one position per sample
         self._input_gram = None
 
     def input_gram(self) -> Tensor:
         """``Xt Xt^T = X X^T + 1`` (``N x N``)."""
         if self._input_gram is None:
-            X = self.X[:, 0]
-            G = X @ X.T if self.with_weight else X.new_zeros(self.N, self.N)
+            X = self.X[:, 0] if self.with_weight else None
+            G = X @ X.T if X is not None else self.Dl.new_zeros(self.N, self.N)
             self._input_gram = G + 1 if self.with_bias else G
         return self._input_gram
 
     def gram_flops(self) -> float:
         if not self.factored_gradient:
             return super().gram_flops()
-        return lower_gram_flops(self.d, self.r, self.f_out) + 2 * self.N**2 * self.X.shape[-1]
+        return lower_gram_flops(self.d, self.r, self.f_out) + 2 * self.N**2 * self.P
 
     def gram_into(self, out: Tensor, add: bool = False) -> None:
         if not self.factored_gradient:  # sequence inputs: positions couple, use K K^T

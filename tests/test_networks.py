@@ -767,6 +767,25 @@ def test_frozen_weight_with_a_trainable_bias_is_exact(kind, method, refine):
     assert "0.weight" not in dirs
 
 
+@pytest.mark.parametrize("method", ["layerwise", "natural", "kfac"])
+def test_a_bias_alone_never_unfolds_its_input(method, monkeypatch):
+    """No product with a bias alone reads the input patches: a bias-only fine-tuned
+    convolution must not unfold its input (N T x C_in k_h k_w, often the largest tensor)."""
+    from riemann_core.modules import Conv2dHandler
+
+    model, x, y = bias_only("conv")
+    unfolded = []
+    patches = Conv2dHandler.patches
+    monkeypatch.setattr(
+        Conv2dHandler, "patches", lambda self, x: unfolded.append(1) or patches(self, x)
+    )
+    rc.direction(model, x, y, method=method)
+    assert not unfolded
+    model[0].weight.requires_grad_(True)  # the hook is live: a trained weight unfolds
+    rc.direction(model, x, y, method=method)
+    assert unfolded
+
+
 class Observed(nn.Module):
     """A Linear whose forward updates buffers of its own, as quantisation observers do:
     a running maximum (in place), a count of calls (replaced) and a gain it then uses
