@@ -41,11 +41,16 @@ def read_study(
     keys: tuple[str, ...],
     command: str,
     numeric: dict[str, tuple[str, ...]] | None = None,
+    measured: dict[str, tuple[str, ...]] | None = None,
 ) -> tuple[list, dict]:
     """The CSV ``tables`` (name -> required columns) and the JSON ``record`` of a study in
-    ``out``; missing, corrupted, empty or foreign files, and a cell of a ``numeric`` column
-    (name -> columns) that is not a number (blank is NaN), raise ``ValueError`` naming the
-    file (and the line) and ``command``."""
+    ``out``; missing, corrupted, empty or foreign files, a cell of a ``numeric`` column
+    (name -> columns) that is not a number (blank is NaN), and a blank, NaN or infinite
+    cell of a ``measured`` column (name -> numeric columns) in a row whose ``status`` is
+    ``ok`` raise ``ValueError`` naming the file (and the line) and ``command``. A run
+    writes a finite measurement in every row it marks ok (a diverged or failed row may
+    hold none), so anything else there would flow into the report as if measured."""
+    import numpy as np
     import pandas as pd
 
     rerun = f"rerun '{command}' with this --out"
@@ -79,6 +84,15 @@ def read_study(
                     f"{out / name} line {line}: {column} is {value!r}, not a number: {rerun}"
                 )
             frame[column] = values
+        for column in (measured or {}).get(name, ()):
+            bad = (frame["status"] == "ok") & ~np.isfinite(frame[column])
+            if bad.any():
+                line, value = int(bad.idxmax()) + 2, frame[column][bad].iloc[0]
+                shown = "blank or NaN" if np.isnan(value) else f"{value:g}"
+                raise ValueError(
+                    f"{out / name} line {line}: {column} is {shown}, but a row with status ok "
+                    f"holds a finite measurement: {rerun}"
+                )
     if not isinstance(meta, dict) or not set(keys) <= meta.keys():
         raise ValueError(f"{out / record} lacks the record of the run ({', '.join(keys)}); {rerun}")
     return frames, meta

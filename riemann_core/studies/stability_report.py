@@ -23,8 +23,9 @@ def load(out: Path) -> tuple[pd.DataFrame, dict]:
     keys = ("sweep", "command", "environment")
     tables = {"pairs.csv": PAIR_COLUMNS}
     numeric = {"pairs.csv": tuple(c for c in PAIR_COLUMNS if c not in ("method", "status"))}
+    # a pair that diverged or failed has NaN distances; one marked ok has them all
     (pairs,), meta = read_study(
-        out, tables, "stability.json", keys, "riemann-bench stability", numeric
+        out, tables, "stability.json", keys, "riemann-bench stability", numeric, numeric
     )
     return pairs, meta
 

@@ -45,8 +45,12 @@ def load(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     keys = ("study", "command", "environment")
     text = ("model", "method", "status")
     numeric = {name: tuple(c for c in columns if c not in text) for name, columns in tables.items()}
+    # the damping is blank by design for the methods that take none (sgd, adam)
+    measured = {
+        name: tuple(c for c in columns if c != "damping") for name, columns in numeric.items()
+    }
     (runs, tuning), meta = read_study(
-        out, tables, "training.json", keys, "riemann-bench train", numeric
+        out, tables, "training.json", keys, "riemann-bench train", numeric, measured
     )
     return runs, tuning, meta
 

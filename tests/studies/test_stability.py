@@ -137,12 +137,19 @@ def test_small_sweep_writes_pairs_slopes_figures_and_report(tmp_path, capsys):
     for edit, message in (
         (lambda df: df.assign(param_distance="far"), "line 2: param_distance is 'far'"),
         (lambda df: df.iloc[:0], "pairs.csv holds no rows"),
+        (lambda df: df.assign(loss_gap=""), "line 2: loss_gap is blank or NaN, but a row"),
+        (lambda df: df.assign(param_distance="inf"), "line 2: param_distance is inf, but"),
     ):
         edit(pairs.astype(str)).to_csv(tmp_path / "pairs.csv", index=False)
         before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
         assert cli.main(["stability", "--report-only", "--out", str(tmp_path)]) == 2
         assert message in capsys.readouterr().err
         assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    # what a pair that diverged writes: no distances
+    pairs.loc[0, "status"] = "diverged"
+    pairs.loc[0, ["param_distance", "prediction_distance", "loss_gap"]] = np.nan
+    pairs.to_csv(tmp_path / "pairs.csv", index=False)
+    assert cli.main(["stability", "--report-only", "--out", str(tmp_path)]) == 0
 
 
 @pytest.mark.parametrize(

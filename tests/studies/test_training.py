@@ -70,14 +70,25 @@ def test_report_only_redraws_and_corrupted_results_are_refused(study, tmp_path, 
     assert "run 'riemann-bench train'" in capsys.readouterr().err
 
 
+def second(frame: pd.DataFrame, **cells) -> pd.DataFrame:
+    """``frame`` with ``cells`` (column -> text) written into its second row (line 3)."""
+    frame = frame.copy()
+    for column, text in cells.items():
+        frame.loc[1, column] = text
+    return frame
+
+
 @pytest.mark.parametrize(
     "name, edit, message",
     [
         ("runs.csv", lambda df: df.iloc[:0], "runs.csv holds no rows"),
         ("runs.csv", lambda df: df.assign(test_accuracy="high"), "line 2: test_accuracy is 'high'"),
         ("tuning.csv", lambda df: df.assign(lr="fast"), "line 2: lr is 'fast', not a number"),
+        ("runs.csv", lambda df: second(df, test_accuracy=""), "line 3: test_accuracy is blank"),
+        ("runs.csv", lambda df: second(df, time_s="inf"), "line 3: time_s is inf, but a row"),
+        ("tuning.csv", lambda df: second(df, validation_loss="nan"), "line 3: validation_loss"),
     ],
-    ids=["no-rows", "text-accuracy", "text-lr"],
+    ids=["no-rows", "text-accuracy", "text-lr", "blank-accuracy", "inf-time", "nan-loss"],
 )
 def test_report_only_names_a_table_without_rows_or_numbers(
     study, tmp_path, capsys, name, edit, message
@@ -90,6 +101,18 @@ def test_report_only_names_a_table_without_rows_or_numbers(
     assert cli.main(["train", "--report-only", "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_report_only_takes_the_blanks_a_run_writes(study, tmp_path):
+    """A diverged row may lack measurements and sgd has no damping: neither is refused."""
+    for file in ("runs.csv", "tuning.csv", "training.json"):
+        (tmp_path / file).write_bytes((study / file).read_bytes())
+    tuning = pd.read_csv(tmp_path / "tuning.csv")
+    assert tuning["damping"].isna().any()  # sgd's rows
+    tuning.loc[0, "status"] = "diverged"
+    tuning.loc[0, ["validation_loss", "validation_accuracy"]] = [np.inf, np.nan]
+    tuning.to_csv(tmp_path / "tuning.csv", index=False)
+    assert cli.main(["train", "--report-only", "--out", str(tmp_path)]) == 0
 
 
 @pytest.mark.parametrize(
