@@ -352,7 +352,7 @@ def config_from(args: argparse.Namespace) -> Config:
             f"{torch.cuda.device_count()} are visible"
         )
     threads = args.threads or max(1, cores() // max(ranks))
-    return Config(
+    config = Config(
         widths=widths,
         batch=batch,
         methods=tuple(args.methods),
@@ -363,6 +363,35 @@ def config_from(args: argparse.Namespace) -> Config:
         seed=args.seed,
         timeout=args.timeout,
     )
+    check_memory(config, memory_bytes(device, max(ranks)))
+    return config
+
+
+def memory_bytes(device: str, world: int) -> int:
+    """The memory one rank's solve may take at most: the host's physical memory (every
+    rank shares it) or the smallest of the ``world`` GPUs (one per rank)."""
+    if device == "cuda":
+        return min(torch.cuda.get_device_properties(i).total_memory for i in range(world))
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(config: Config, available: int) -> None:
+    """Refuse a method whose modelled peak (:func:`riemann_core.costs.peak_bytes`, by which
+    ``riemann-bench run`` skips the points over its memory budget) exceeds ``available``
+    bytes, before any process starts: else its solve dies in the allocator after the
+    other methods' work (``full`` holds the ``n x n`` metric of the ``n`` parameters)."""
+    itemsize = torch.finfo(getattr(torch, config.dtype)).bits // 8
+    shape = config.shape
+    for method in config.methods:
+        need = costs.peak_bytes(method, shape, itemsize=itemsize)
+        if need > available:
+            raise ValueError(
+                f"method {method} needs about {need / 2**30:.1f} GiB ({config.dtype}) on the "
+                f"network of widths {','.join(map(str, config.widths))} ({shape.n_params:,} "
+                f"parameters) and batch {config.batch}, more than the {available / 2**30:.1f} "
+                f"GiB of {'GPU' if config.device == 'cuda' else 'host'} memory; drop {method} "
+                "from --methods or pass smaller --widths"
+            )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ import pytest
 
 from riemann_core import costs
 from riemann_core.cli import main
+from riemann_core.scaling import parallel
 from riemann_core.scaling import parallel_report as pr
 
 WIDTHS, BATCH = (64, 64, 64, 64, 10), 32
@@ -143,6 +144,26 @@ def test_a_small_run_end_to_end(tmp_path, capsys):
 def test_bad_options_are_refused_before_any_process_starts(argv, message, capsys):
     assert main(["distributed", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_method_over_the_memory_is_refused_before_any_process_starts(
+    monkeypatch, tmp_path, capsys
+):
+    """The quick network's full metric (n = 232,970) would take ~217 GB in the allocator,
+    after the other methods' work; the default methods fit."""
+    monkeypatch.setattr(parallel, "memory_bytes", lambda device, world: 64 * 2**30)
+    out = tmp_path / "distributed"
+    argv = ["distributed", "--quick", "--methods", "layerwise,full", "--out", str(out)]
+    assert main(argv) == 2
+    assert (
+        "method full needs about 404.9 GiB (float32) on the network of widths "
+        "128,256,256,256,256,10 (232,970 parameters) and batch 64, more than the 64.0 GiB of "
+        "host memory; drop full from --methods or pass smaller --widths"
+    ) in capsys.readouterr().err
+    assert not out.exists()
+    config = parallel.Config(**parallel.QUICK, methods=parallel.METHODS, threads=1,
+                             device="cpu", dtype="float64", seed=0, timeout=1.0)  # fmt: skip
+    parallel.check_memory(config, 64 * 2**30)
 
 
 @pytest.mark.parametrize(
