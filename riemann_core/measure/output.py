@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +31,24 @@ def write_atomic(path: Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A hidden directory in ``out`` to write a command's outputs in, under their own names;
+    when the block ends without error each file moves to its place in ``out`` (a rename),
+    else they are all dropped. A command that fails half way, in its work or in a write
+    (a full disk), so leaves every earlier output as it was, never new ones beside old."""
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=".staged-"))
+    try:
+        yield stage
+        for path in sorted(stage.rglob("*")):
+            if path.is_file():
+                target = out / path.relative_to(stage)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def write_json(out: Path, name: str, payload: dict) -> Path:

@@ -186,7 +186,7 @@ def _analysed_out(args):
 
 
 def run_fit(args) -> int:
-    from ..measure.output import write_atomic
+    from ..measure.output import staged, write_atomic
     from . import devices, fit
 
     out = _analysed_out(args)
@@ -195,9 +195,10 @@ def run_fit(args) -> int:
     table = fit.fit_table(df, meta, seed=args.seed)
     models = fit.time_model_table(df)
     rates = devices.achieved_rates(df, meta)
-    write_atomic(out / "fits.csv", table.to_csv(index=False))
-    write_atomic(out / "time_model.csv", models.to_csv(index=False))
-    write_atomic(out / "rates.csv", rates.to_csv(index=False))
+    with staged(out) as stage:  # all three, or none
+        write_atomic(stage / "fits.csv", table.to_csv(index=False))
+        write_atomic(stage / "time_model.csv", models.to_csv(index=False))
+        write_atomic(stage / "rates.csv", rates.to_csv(index=False))
     with _pandas_display():
         for frame in (table, models):
             print(frame.to_string(index=False, float_format=lambda v: f"{v:.3g}"), end="\n\n")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..measure.output import markdown_table, pyplot, save_figure, write_atomic
+from ..measure.output import markdown_table, pyplot, save_figure, staged, write_atomic
 from . import devices, fit, validate
 from .sweep import AXES, GENERIC_METHODS, METHODS, SPREAD_LIMIT
 
@@ -227,17 +227,26 @@ CAPTIONS = {
 
 
 def write_report(out: Path, *, seed: int = 0) -> Path:
-    """Figures and ``report.md`` for the sweep in ``out`` (fits and claims recomputed).
+    """Figures and ``report.md`` for the sweep in ``out`` (fits and claims recomputed), all
+    written or, on a failure, none.
 
     A sweep over several devices gets one report per device in ``devices/<name>/`` (fits
     and claims never mix devices) and an index of them in ``report.md``.
     """
     df, meta = load(out)
+    with staged(out) as stage:
+        _write_reports(df, meta, out, stage, seed=seed)
+    return out / "report.md"
+
+
+def _write_reports(df: pd.DataFrame, meta: dict, out: Path, stage: Path, *, seed: int) -> None:
+    """:func:`write_report`'s files, written in ``stage`` as they will lie in ``out``."""
     contributed = markdown_table(devices.summary(df, meta))
     parts = list(devices.by_device(df, meta))
     if len(parts) == 1:
         _, rows, device = parts[0]
-        return device_report(rows, device, out, out, contributed, seed=seed)
+        device_report(rows, device, stage, out, contributed, seed=seed)
+        return
     lines = [
         f"# Scaling report: {len(parts)} devices",
         "",
@@ -253,11 +262,11 @@ def write_report(out: Path, *, seed: int = 0) -> Path:
         "",
     ]
     for name, rows, device in parts:
-        directory = out / "devices" / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        directory = stage / "devices" / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         directory.mkdir(parents=True, exist_ok=True)
         path = device_report(rows, device, directory, out, contributed, seed=seed)
-        lines.append(f"- [{name}]({path.relative_to(out)})")
-    return write_atomic(out / "report.md", "\n".join(lines) + "\n")
+        lines.append(f"- [{name}]({path.relative_to(stage)})")
+    write_atomic(stage / "report.md", "\n".join(lines) + "\n")
 
 
 def device_report(

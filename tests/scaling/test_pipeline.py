@@ -1,5 +1,6 @@
 """The command-line pipeline on a tiny grid: run, the exit codes, bad options and files."""
 
+import errno
 import json
 import socket
 import sys
@@ -311,3 +312,58 @@ def test_results_without_their_record_are_not_resumed(finished, tmp_path, capsys
     assert cli.main(["sweep", "--quick", "--workers", "0", "--out", str(out), *TINY]) == 2
     assert "has no sweep.json beside it" in capsys.readouterr().err
     assert (out / "results.csv").read_bytes() == before
+
+
+def _full_disk_at(name):
+    """``write_atomic`` that fails like a full disk when it writes ``name``."""
+    from riemann_core.measure import output
+
+    write = output.write_atomic
+
+    def write_atomic(path, text):
+        if path.name == name:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return write(path, text)
+
+    return "riemann_core.measure.output.write_atomic", write_atomic
+
+
+def _claims_fail():
+    """Claims that fail to compute, after the report has drawn its figures."""
+
+    def validate(*args, **kwargs):
+        raise ValueError("the claims failed")
+
+    return "riemann_core.scaling.validate.validate", validate
+
+
+@pytest.mark.parametrize(
+    "command, names, plant, message",
+    [
+        ("fit", ("fits.csv", "time_model.csv", "rates.csv"), _full_disk_at("time_model.csv"),
+         "No space left on device"),
+        ("report", ("report.md", "time.png", "flops.png", "memory.png"), _claims_fail(),
+         "the claims failed"),
+    ],
+    ids=["fit-disk-full", "report-fails-after-figures"],
+)  # fmt: skip
+def test_a_command_that_fails_half_way_leaves_every_output_as_it_was(
+    finished, tmp_path, capsys, monkeypatch, command, names, plant, message
+):
+    """Not new fits.csv beside old time_model.csv and rates.csv, nor new figures beside an
+    old report.md: each command's outputs are written all together, or not at all."""
+    import shutil
+
+    out = tmp_path / "sweep"
+    shutil.copytree(finished, out)
+    for name in names:
+        (out / name).write_text(f"the previous {name}\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with monkeypatch.context() as planted:
+        planted.setattr(*plant)
+        assert cli.main([command, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert cli.main([command, "--out", str(out)]) == 0
+    assert all((out / name).read_bytes() != before[name] for name in names)
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)  # no staging left behind
