@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..measure.output import markdown_table, pyplot, read_study, save_figure, write_atomic
+from ..measure.output import markdown_table, pyplot, read_study, save_figure, staged, write_atomic
 from .stability_fit import MAX_WIDTH, METRICS, PREDICTED, joint_slopes, local_slopes, slopes
 
 LABELS = {
@@ -85,7 +85,16 @@ def distance_figure(pairs: pd.DataFrame, axis: str, path: Path) -> Path:
 
 
 def write_report(out: Path) -> Path:
+    """The slopes, figures and ``report.md`` of the study in ``out``: all of them or, on a
+    failure, none (the earlier ones left as they were)."""
     pairs, meta = load(out)
+    with staged(out) as stage:
+        _write_files(pairs, meta, out, stage)
+    return out / "report.md"
+
+
+def _write_files(pairs: pd.DataFrame, meta: dict, out: Path, stage: Path) -> None:
+    """:func:`write_report`'s files, written in ``stage`` as they will lie in ``out``."""
     seed = meta["seed"]  # the study's seed: a redraw resamples the bootstrap alike
     sweep, env, command = meta["sweep"], meta["environment"], meta["command"]
     redraw = f"riemann-bench stability --report-only --out {out}"
@@ -99,8 +108,8 @@ def write_report(out: Path) -> Path:
         if not local.empty
         else local
     )
-    write_atomic(out / "slopes.csv", per_point.to_csv(index=False))
-    write_atomic(out / "joint_slopes.csv", joint.to_csv(index=False))
+    write_atomic(stage / "slopes.csv", per_point.to_csv(index=False))
+    write_atomic(stage / "joint_slopes.csv", joint.to_csv(index=False))
     counts = pairs["status"].value_counts().to_dict()
     left_out = (
         pairs[pairs["status"] != "ok"]
@@ -182,7 +191,7 @@ def write_report(out: Path) -> Path:
         "",
     ]
     for axis in ("damping", "size"):
-        path = distance_figure(pairs, axis, out / f"distance_vs_{axis}.png")
+        path = distance_figure(pairs, axis, stage / f"distance_vs_{axis}.png")
         lines += [
             f"![distance against {axis}]({path.name})",
             "",
@@ -191,4 +200,4 @@ def write_report(out: Path) -> Path:
             f"`{command}`.",
             "",
         ]
-    return write_atomic(out / "report.md", "\n".join(lines))
+    write_atomic(stage / "report.md", "\n".join(lines))

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..measure.output import markdown_table, pyplot, read_study, save_figure, write_atomic
+from ..measure.output import markdown_table, pyplot, read_study, save_figure, staged, write_atomic
 
 CURVES = (
     ("train_loss", "train loss", "log"),
@@ -251,7 +251,18 @@ def tuning_figure(tuning: pd.DataFrame, model: str, path: Path) -> Path:
 
 
 def write_report(out: Path) -> Path:
+    """The figures and ``report.md`` of the study in ``out``: all of them or, on a failure,
+    none (the earlier ones left as they were)."""
     runs, tuning, meta = load(out)
+    with staged(out) as stage:
+        _write_files(runs, tuning, meta, out, stage)
+    return out / "report.md"
+
+
+def _write_files(
+    runs: pd.DataFrame, tuning: pd.DataFrame, meta: dict, out: Path, stage: Path
+) -> None:
+    """:func:`write_report`'s files, written in ``stage`` as they will lie in ``out``."""
     study, env = meta["study"], meta["environment"]
     target = study["target_accuracy"]
     command = meta["command"]
@@ -312,8 +323,8 @@ def write_report(out: Path) -> Path:
         "",
     ]
     for model in dict.fromkeys(runs["model"]):
-        curves = curves_figure(runs, model, target, out / f"curves_{model}.png")
-        grid = tuning_figure(tuning, model, out / f"tuning_{model}.png")
+        curves = curves_figure(runs, model, target, stage / f"curves_{model}.png")
+        grid = tuning_figure(tuning, model, stage / f"tuning_{model}.png")
         lines += [
             f"![{model} curves]({curves.name})",
             "",
@@ -326,4 +337,4 @@ def write_report(out: Path) -> Path:
             f"`{command}`.",
             "",
         ]
-    return write_atomic(out / "report.md", "\n".join(lines))
+    write_atomic(stage / "report.md", "\n".join(lines))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from riemann_core import cli
+from riemann_core.studies import stability_report
 from riemann_core.studies.stability import load_pool, neighbours, pair_distance
 from riemann_core.studies.stability_fit import joint_slopes, local_slopes, slopes, verdict
 from riemann_core.studies.trainer import Config
@@ -116,7 +117,7 @@ def test_verdict_reads_the_interval_against_the_bound():
     assert verdict(0.5, -2.0, 3.0, -1.0) == "inconclusive"  # holds -1, but also 0 and more
 
 
-def test_small_sweep_writes_pairs_slopes_figures_and_report(tmp_path, capsys):
+def test_small_sweep_writes_pairs_slopes_figures_and_report(tmp_path, capsys, monkeypatch):
     assert cli.main([*SMALL, "--out", str(tmp_path)]) == 0
     pairs = pd.read_csv(tmp_path / "pairs.csv")
     assert len(pairs) == 2 * 2 * 2  # pairs x sizes x dampings, one method
@@ -150,6 +151,18 @@ def test_small_sweep_writes_pairs_slopes_figures_and_report(tmp_path, capsys):
     pairs.loc[0, ["param_distance", "prediction_distance", "loss_gap"]] = np.nan
     pairs.to_csv(tmp_path / "pairs.csv", index=False)
     assert cli.main(["stability", "--report-only", "--out", str(tmp_path)]) == 0
+    # a report that fails half way leaves the last one: not new slopes beside old figures
+    for name in ("slopes.csv", "joint_slopes.csv", "report.md"):
+        (tmp_path / name).write_text(f"the previous {name}\n")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def distance_figure(*args):
+        raise ValueError("the figure failed")
+
+    monkeypatch.setattr(stability_report, "distance_figure", distance_figure)
+    assert cli.main(["stability", "--report-only", "--out", str(tmp_path)]) == 2
+    assert "the figure failed" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 @pytest.mark.parametrize(

@@ -115,6 +115,27 @@ def test_report_only_takes_the_blanks_a_run_writes(study, tmp_path):
     assert cli.main(["train", "--report-only", "--out", str(tmp_path)]) == 0
 
 
+def test_report_only_that_fails_half_way_leaves_the_last_report(
+    study, tmp_path, capsys, monkeypatch
+):
+    """Not a new curves figure beside the old tuning figure and report.md."""
+    from riemann_core.studies import training_report
+
+    for file in ("runs.csv", "tuning.csv", "training.json"):
+        (tmp_path / file).write_bytes((study / file).read_bytes())
+    for file in ("curves_mlp.png", "tuning_mlp.png", "report.md"):
+        (tmp_path / file).write_text(f"the previous {file}\n")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def tuning_figure(*args):
+        raise ValueError("the tuning figure failed")
+
+    monkeypatch.setattr(training_report, "tuning_figure", tuning_figure)
+    assert cli.main(["train", "--report-only", "--out", str(tmp_path)]) == 2
+    assert "the tuning figure failed" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
