@@ -34,6 +34,24 @@ def write_atomic(path: Path, text: str) -> Path:
 
 
 @contextmanager
+def results_directory(out: Path) -> Iterator[Path]:
+    """``out`` made (with its missing parents) for a command's results and, if the command
+    fails before it writes anything there, removed again with the parents it made: a
+    failed start leaves no empty directory behind, and never touches one that was there."""
+    made = [d for d in (out, *out.parents) if not d.exists()]  # out first
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield out
+    except BaseException:
+        for directory in made:
+            try:
+                directory.rmdir()
+            except OSError:  # not empty: it holds results, or another directory
+                break
+        raise
+
+
+@contextmanager
 def staged(out: Path) -> Iterator[Path]:
     """A hidden directory in ``out`` to write a command's outputs in, under their own names;
     when the block ends without error each file moves to its place in ``out`` (a rename),

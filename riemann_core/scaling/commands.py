@@ -138,6 +138,7 @@ def points_runner(args):
 
 
 def run_sweep(args) -> int:
+    from ..measure.output import results_directory
     from ..measure.timing import device_rates
 
     grid = grid_from(args)
@@ -148,9 +149,8 @@ def run_sweep(args) -> int:
     rows = sw.read_results(out / "results.csv")
     sw.resumable_record(out, rows, grid)
     sw.check_same_model([r for r in rows if r["status"] == "ok"], out / "results.csv")
-    out.mkdir(parents=True, exist_ok=True)
     rates = functools.partial(device_rates, n=grid.rate_size)
-    with points_runner(args) as runner:
+    with results_directory(out), points_runner(args) as runner:
         result = sw.sweep(
             grid,
             out,

@@ -172,6 +172,18 @@ def test_without_dask_the_sweep_says_how_to_measure_anyway(tmp_path, capsys, mon
     assert "--workers 0" in capsys.readouterr().err
 
 
+def test_a_sweep_that_fails_to_start_leaves_no_directory_it_made(tmp_path, capsys):
+    """The cluster is refused after --out is made: the directories made for it go again,
+    one that was there stays."""
+    out = tmp_path / "new" / "sweep"
+    argv = ["sweep", "--quick", "--workers", "100000", *TINY]
+    assert cli.main([*argv, "--out", str(out)]) == 2
+    assert "need 100000 cores" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert cli.main([*argv, "--out", str(tmp_path)]) == 2
+    assert tmp_path.is_dir()
+
+
 def test_missing_results_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["fit", "--out", str(tmp_path)]) == 2
     assert "results.csv" in capsys.readouterr().err
