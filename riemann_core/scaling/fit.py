@@ -46,7 +46,7 @@ from scipy.optimize import lsq_linear
 
 from ..measure.flops import KINDS
 from . import sweep
-from .sweep import AXES, ResultsFileError, read_record, read_results
+from .sweep import AXES, ResultsFileError, check_rows_of_record, read_record, read_results
 
 #: x of each axis in :func:`fit_table`. ``width``: ``n_params`` (``n ~ w^2``, so the slope is the
 #: exponent in ``n`` at fixed ``d``, the paper's variable); ``depth``: ``layers``, the number
@@ -90,17 +90,19 @@ class SlopeFit:
 
 def read_sweep(directory: str | Path) -> tuple[pd.DataFrame, dict]:
     """``results.csv`` as a DataFrame (``times_s``, ``flag``, ``slow_paths`` and ``reason``
-    as text) and ``sweep.json``; a missing, corrupted or foreign file raises a
-    ``ValueError`` naming it."""
+    as text) and ``sweep.json``; a missing, corrupted or foreign file, or results of
+    another grid than the record's, raises a ``ValueError`` naming it."""
     directory = Path(directory)
     path, record = directory / "results.csv", directory / "sweep.json"
     for needed in (path, record):
         if not needed.is_file():
             raise ValueError(f"no sweep at {needed}; run 'riemann-bench sweep' with this --out")
     # the checks of the sweep itself: columns, parse errors, truncation, impossible values
-    if not read_results(path):
+    rows = read_results(path)
+    if not rows:
         raise ResultsFileError(f"{path} holds no points; run 'riemann-bench sweep' with this --out")
     meta = read_record(record)
+    check_rows_of_record(rows, meta, directory)
     try:
         text = {"times_s": str, "reason": str, "flag": str, "slow_paths": str}
         df = pd.read_csv(path, dtype=text)

@@ -621,12 +621,35 @@ def resumable_record(out: Path, rows: list[dict], grid: Grid) -> dict:
             "grid measured it; resuming could mix two sweeps. Move results.csv away, or pass "
             "another --out"
         )
+    if rows:
+        check_rows_of_record(rows, previous, out)
     if rows and previous["base"] != grid.base:
         raise ValueError(
             f"{out} holds a sweep around the base point {previous['base']}, not {grid.base}; "
             "fits need one base point per directory: pass another --out"
         )
     return previous
+
+
+def check_rows_of_record(rows: list[dict], record: dict, out: Path) -> None:
+    """Refuse the rows of ``out/results.csv`` that the grid of ``out/sweep.json``
+    (``record``) cannot have measured: every sweep into a directory varies one axis at a
+    time around its one base point (:func:`resumable_record`), so a row two axes or more
+    away from it comes from another grid, and fits and claims along the record's axes would
+    judge the wrong points. Methods and axis values the record does not list are no sign:
+    a sweep resumed with a smaller grid keeps the rows measured before. Raises
+    :class:`ResultsFileError` naming the line; the files are left alone."""
+    base = record["base"]
+    for line, row in enumerate(rows, start=2):
+        off = [a for a in AXES if int(row[a]) != base[a]]
+        if len(off) > 1:
+            point = ", ".join(f"{a}={row[a]}" for a in AXES)
+            raise ResultsFileError(
+                f"{out / 'results.csv'} line {line}: the point ({point}) differs in "
+                f"{' and '.join(off)} from the base point {base} of {out / 'sweep.json'}, "
+                "and a sweep varies one axis at a time: the two files come from different "
+                "sweeps. Put a sweep's results.csv and sweep.json together, or pass another --out"
+            )
 
 
 def write_results(path: Path, rows: list[dict]) -> None:

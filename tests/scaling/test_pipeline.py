@@ -267,6 +267,14 @@ def _record(text):
     return edit
 
 
+def _record_of_another_grid(out):
+    """``sweep.json`` of a grid around another base point: its rows are not this one's."""
+    record = json.loads((out / "sweep.json").read_text())
+    record["base"] = {"width": 6, "depth": 2, "out_dim": 3, "batch": 4}
+    (out / "sweep.json").write_text(json.dumps(record))
+    return 2  # the first row, at the base point (4, 1, 3, 2) of the sweep that measured it
+
+
 CORRUPTIONS = {
     "header-only": (_header_only, "holds no points"),
     "unknown-status": (_edit_row("status", "done"), "unknown status 'done'"),
@@ -278,6 +286,7 @@ CORRUPTIONS = {
     "record-list": (_record("[1, 2]"), "sweep.json is not the record of a sweep"),
     "record-garbage": (_record("{not json"), "sweep.json cannot be parsed"),
     "record-base-text": (_record('{"base": "x"}'), "sweep.json is not the record of a sweep"),
+    "record-of-another-grid": (_record_of_another_grid, "the two files come from different sweeps"),
 }
 
 
@@ -310,6 +319,19 @@ def test_a_corrupted_sweep_is_named_and_nothing_is_rewritten(
     if line is not None:
         assert f"results.csv line {line}:" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_rows_a_resumed_sweep_kept_are_its_own(finished, tmp_path):
+    """A sweep resumed with a smaller grid records that grid and keeps the rows measured
+    before, other methods and widths: they are not taken for another sweep's."""
+    import shutil
+
+    out = tmp_path / "sweep"
+    shutil.copytree(finished, out)
+    record = json.loads((out / "sweep.json").read_text())
+    record["axes"]["width"], record["grid"]["methods"] = [4], ["layerwise"]
+    (out / "sweep.json").write_text(json.dumps(record))
+    assert cli.main(["validate", "--out", str(out)]) in (0, 1)
 
 
 def test_results_without_their_record_are_not_resumed(finished, tmp_path, capsys):
