@@ -1,8 +1,9 @@
 """The floor of an eager implementation: the sampled layerwise step, written lean.
 
 :class:`LeanStep` is one training step with the layerwise metric (sampled Fisher, one
-probe) on an ``nn.Sequential`` of ``nn.Linear`` layers and parameter-free modules, written
-with as few eager PyTorch calls as the algebra allows: no hooks (the forward pass walks
+probe) on an ``nn.Sequential`` of ``nn.Linear`` layers and parameter-free modules that treat
+samples independently (activations), 2-D inputs ``(N, f)`` and the mean cross-entropy,
+written with as few eager PyTorch calls as the algebra allows: no hooks (the forward pass walks
 the layers itself), no checks of the data, no condition estimate, no fallbacks. It is a
 measuring stick, not an API: its time beside ``pre.backward``'s, in the same rounds
 (``riemann-bench targets``), separates what the algorithm costs in eager PyTorch from
