@@ -112,19 +112,33 @@ class Capture:
         self._depth = 0  # calls of the model under way (it may call itself)
         if persistent:
             self._hooks += [
-                model.register_forward_pre_hook(self._begin, prepend=True),
-                model.register_forward_hook(self._end, always_call=True),
+                model.register_forward_pre_hook(own_hook(model, self._begin), prepend=True),
+                model.register_forward_hook(own_hook(model, self._end), always_call=True),
             ]
         names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-        self.owners = owners(model)
-        for name, module, own in self.owners:
+        found = owners(model)
+        # held weakly: a module swapped out of the model (and its parameters) is freed
+        self._owners = tuple(
+            (name, weakref.ref(module), tuple(weakref.ref(p) for p in own))
+            for name, module, own in found
+        )
+        for name, module, own in found:
             self._watch(name, module, [names[id(p)] for p in own], list(own))
 
     def hooks_current(self, model: nn.Module) -> bool:
         """Whether the hooks still watch every module of ``model`` that owns trainable
         parameters, with those parameters: not after a parameter was frozen or unfrozen,
         replaced, or its module swapped for another since they were installed."""
-        return same_owners(self.owners, owners(model))
+        now = owners(model)
+        if len(now) != len(self._owners):
+            return False
+        for (name, module, own), (kept, module_ref, refs) in zip(now, self._owners, strict=True):
+            # by identity: a tensor's == compares its entries
+            if name != kept or module is not module_ref() or len(own) != len(refs):
+                return False
+            if not all(p is ref() for p, ref in zip(own, refs, strict=True)):
+                return False
+        return True
 
     def reset(self) -> None:
         """Forget the recorded forward pass (its tensors are then freed with the graph)."""
@@ -192,8 +206,8 @@ class Capture:
             return output.clone() if name in self._clone else None
 
         self._hooks += [
-            module.register_forward_pre_hook(pre_hook, with_kwargs=True),
-            module.register_forward_hook(hook, with_kwargs=True, prepend=True),
+            module.register_forward_pre_hook(own_hook(module, pre_hook), with_kwargs=True),
+            module.register_forward_hook(own_hook(module, hook), with_kwargs=True, prepend=True),
         ]
 
     def stale(self) -> set[str]:
@@ -213,9 +227,22 @@ class Capture:
         self.remove()
 
 
+def own_hook(module: nn.Module, hook):
+    """``hook`` as a plain function that runs for ``module`` alone. ``copy.deepcopy`` of a
+    model copies its hooks: a bound method would take its instance along (a preconditioner
+    with the graph of a forward pass, which cannot be copied), a function is shared as it
+    is, and the copy's calls pass through it untouched (they are not this module's)."""
+    target = weakref.ref(module)
+
+    def call(mod, *args):
+        return hook(mod, *args) if mod is target() else None
+
+    return call
+
+
 def owners(model: nn.Module) -> tuple[tuple[str, nn.Module, tuple[Tensor, ...]], ...]:
     """``(name, module, parameters)`` of each module of ``model`` with trainable parameters
-    of its own: the modules a :class:`Capture` hooks (compare with :func:`same_owners`)."""
+    of its own: the modules a :class:`Capture` hooks."""
     found = []
     for name, module in model.named_modules():
         # module.parameters(recurse=False) without its generators: called at every step
@@ -224,18 +251,6 @@ def owners(model: nn.Module) -> tuple[tuple[str, nn.Module, tuple[Tensor, ...]],
         if own:
             found.append((name, module, own))
     return tuple(found)
-
-
-def same_owners(a, b) -> bool:
-    """Whether two :func:`owners` hold the same modules under the same names with the same
-    parameters (by identity: a tensor's ``==`` compares its entries)."""
-    return len(a) == len(b) and all(
-        na == nb
-        and ma is mb
-        and len(pa) == len(pb)
-        and all(x is y for x, y in zip(pa, pb, strict=True))
-        for (na, ma, pa), (nb, mb, pb) in zip(a, b, strict=True)
-    )
 
 
 @contextlib.contextmanager

@@ -3,6 +3,10 @@ pass through the user's own forward, checked against the dense float64 oracle.""
 
 from __future__ import annotations
 
+import copy
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -372,6 +376,44 @@ def test_backward_follows_a_head_swapped_or_renamed(method, change):
         for name, p in model.named_parameters():
             if p.requires_grad:
                 torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("method", ["layerwise", "natural"], ids=lambda m: f"method={m}")
+def test_a_deep_copy_of_the_model_between_forward_and_backward(method):
+    """``copy.deepcopy(model)`` after the forward pass (an EMA or teacher copy) copies no
+    preconditioner and no graph; the copy's own forward passes leave the recorded batch
+    alone, and the step is the oracle's, fused."""
+    model, x, y = Problem(depth=3).make()
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    step(pre, model, x, lambda out: F.cross_entropy(out, y))  # the probe's first call
+    calls = []  # whose forward passes ran (the copy shares this hook)
+    model.register_forward_hook(lambda module, *_: calls.append(module is model))
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    twin = copy.deepcopy(model)
+    twin(torch.randn_like(x)).sum().backward()
+    pre.backward(loss)
+    assert calls == [True, False]  # no second forward pass of the model: fused
+    expected = oracle_of(model, x, y, method)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(twin(x), model(x))
+
+
+def test_a_head_swapped_out_is_freed():
+    """The preconditioner keeps no module it no longer hooks alive: a head swapped out is
+    freed once the next forward pass replaces the batch recorded with its parameters."""
+    torch.manual_seed(41)
+    model = Heads().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    for _ in range(2):
+        step(pre, model, x, lambda out: F.cross_entropy(out, y))
+    old = weakref.ref(model.heads["old"])
+    swap_the_only_head(model)
+    model(x)
+    gc.collect()
+    assert old() is None
 
 
 @pytest.mark.parametrize(
