@@ -227,17 +227,42 @@ class Capture:
         self.remove()
 
 
-def own_hook(module: nn.Module, hook):
-    """``hook`` as a plain function that runs for ``module`` alone. ``copy.deepcopy`` of a
-    model copies its hooks: a bound method would take its instance along (a preconditioner
-    with the graph of a forward pass, which cannot be copied), a function is shared as it
-    is, and the copy's calls pass through it untouched (they are not this module's)."""
-    target = weakref.ref(module)
+def own_hook(module: nn.Module, hook) -> OwnHook:
+    """``hook`` for ``module`` alone, holding ``module`` weakly (:class:`OwnHook`)."""
+    return OwnHook(module, hook)
 
-    def call(mod, *args):
-        return hook(mod, *args) if mod is target() else None
 
-    return call
+class OwnHook:
+    """A module hook that runs ``hook`` for its own module alone and holds it weakly.
+
+    ``copy.deepcopy`` and pickling of a model copy its hooks: a bound method or a closure
+    would take the preconditioner along (with the graph of a forward pass, which cannot be
+    copied) or keep it and the original model alive from the copy. A copy of this hook is
+    :func:`inert` instead, so the copy of the model is a plain model, and ``torch.save`` of
+    the model works. A shallow copy shares the hooks, whose calls for it pass through."""
+
+    __slots__ = ("target", "hook")
+
+    def __init__(self, module: nn.Module, hook):
+        self.target, self.hook = weakref.ref(module), hook
+
+    def __call__(self, module, *args):
+        return self.hook(module, *args) if module is self.target() else None
+
+    def __deepcopy__(self, memo):
+        return inert
+
+    def __reduce__(self):
+        return _inert_hook, ()
+
+
+def inert(module, *args) -> None:
+    """The hook a copy of an :class:`OwnHook` becomes: it changes nothing."""
+    return None
+
+
+def _inert_hook():
+    return inert
 
 
 def owners(model: nn.Module) -> tuple[tuple[str, nn.Module, tuple[Tensor, ...]], ...]:

@@ -400,6 +400,31 @@ def test_a_deep_copy_of_the_model_between_forward_and_backward(method):
     torch.testing.assert_close(twin(x), model(x))
 
 
+def test_a_copy_of_the_model_keeps_nothing_of_the_preconditioner_alive(tmp_path):
+    """A deep copy (the best model of a search, an EMA) is a plain model: once the
+    original and its preconditioner are gone they are freed; the copy saves and loads with
+    torch.save, and trains with a preconditioner of its own."""
+    model, x, y = Problem(depth=3).make()
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    for _ in range(2):
+        step(pre, model, x, lambda out: F.cross_entropy(out, y))
+    best = copy.deepcopy(model)
+    gone = weakref.ref(pre), weakref.ref(model)
+    pre.remove()
+    del pre, model
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None]
+    torch.save(best, tmp_path / "best.pt")
+    loaded = torch.load(tmp_path / "best.pt", weights_only=False)
+    torch.testing.assert_close(loaded(x), best(x))
+    own = rc.RiemannianPreconditioner(best, damping=DAMPING)
+    for _ in range(2):
+        step(own, best, x, lambda out: F.cross_entropy(out, y))
+    expected = oracle_of(best, x, y, "layerwise")
+    for name, p in best.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+
+
 def test_a_head_swapped_out_is_freed():
     """The preconditioner keeps no module it no longer hooks alive: a head swapped out is
     freed once the next forward pass replaces the batch recorded with its parameters."""

@@ -19,13 +19,15 @@ def _mlp(widths, bias):
     return nn.Sequential(*layers[:-1]).double()
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=lambda b: f"batched={b}")
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("widths", [(6, 5, 4, 3), (7, 9, 3)])
-def test_lean_step_is_pre_backward(widths, bias):
+@pytest.mark.parametrize(("widths", "N"), [((6, 5, 4, 3), 16), ((7, 9, 3), 64)])
+def test_lean_step_is_pre_backward(widths, N, bias, batched):
+    """At N = 64 the Grams are factorised padded to 72 (off LAPACK's slow orders)."""
     torch.manual_seed(0)
     model = _mlp(widths, bias)
     lean_model = copy.deepcopy(model)
-    x, y = torch.randn(16, widths[0], dtype=torch.float64), torch.randint(0, widths[-1], (16,))
+    x, y = torch.randn(N, widths[0], dtype=torch.float64), torch.randint(0, widths[-1], (N,))
     generator = torch.Generator()
     pre = rc.RiemannianPreconditioner(
         model, output_metric="sampled", damping=1e-3, generator=generator
@@ -36,13 +38,15 @@ def test_lean_step_is_pre_backward(widths, bias):
         pre.backward(F.cross_entropy(model(x), y))
         want = [p.grad.clone() for p in model.parameters()]
         opt = torch.optim.SGD(lean_model.parameters(), lr=0.0)
-        LeanStep(lean_model, opt, damping=1e-3, generator=generator.manual_seed(5))(x, y)
+        lean = LeanStep(lean_model, opt, damping=1e-3, generator=generator, batched=batched)
+        generator.manual_seed(5)
+        lean(x, y)
         for got, expected in zip(lean_model.parameters(), want, strict=True):
             torch.testing.assert_close(got.grad, expected, rtol=1e-9, atol=1e-12)
     pre.remove()
     assert min(float(g.abs().max()) for g in want) > 0
     generator.manual_seed(6)  # other probes, another direction: the comparison can fail
-    LeanStep(lean_model, opt, damping=1e-3, generator=generator)(x, y)
+    lean(x, y)
     assert not torch.allclose(lean_model[0].weight.grad, want[0])
 
 

@@ -43,11 +43,11 @@ def results_directory(out: Path) -> Iterator[Path]:
     try:
         yield out
     except BaseException:
-        for directory in made:
+        for directory in made:  # rmdir removes empty directories only
             try:
                 directory.rmdir()
-            except OSError:  # not empty: it holds results, or another directory
-                break
+            except OSError:  # it holds results or another directory, or is x/.. of x/../y
+                continue
         raise
 
 

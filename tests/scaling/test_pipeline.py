@@ -180,6 +180,8 @@ def test_a_sweep_that_fails_to_start_leaves_no_directory_it_made(tmp_path, capsy
     assert cli.main([*argv, "--out", str(out)]) == 2
     assert "need 100000 cores" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+    assert cli.main([*argv, "--out", f"{tmp_path}/x/../y/sweep"]) == 2  # x made on the way
+    assert list(tmp_path.iterdir()) == []
     assert cli.main([*argv, "--out", str(tmp_path)]) == 2
     assert tmp_path.is_dir()
 
