@@ -197,6 +197,18 @@ def run(args: argparse.Namespace) -> int:
     if args.report_only:
         print(f"wrote {write_report(out)}")
         return 0
+    from ..measure.output import results_directory
+
+    # made now, so that an unusable --out fails before training; removed again (with the
+    # parents made for it) if the study fails or is interrupted before writing into it
+    with results_directory(out):
+        _study(args, out)
+    print(f"wrote {write_report(out)}")
+    return 0
+
+
+def _study(args: argparse.Namespace, out: Path) -> None:
+    """Tune and train as :func:`run` describes, writing the tables into ``out``."""
     study = study_from(args)
     from tqdm import tqdm
 
@@ -211,7 +223,6 @@ def run(args: argparse.Namespace) -> int:
             f"--batch-size may be at most the {len(data['train'])} training examples, "
             f"got {study.batch_size}"
         )
-    out.mkdir(parents=True, exist_ok=True)  # an unusable --out fails now, not after training
     steps = math.ceil(study.epochs * len(data["train"]) / study.batch_size)
     eval_every = max(1, math.ceil(steps / study.evaluations))
     tune_seed = args.seed + study.seeds  # not one of the seeds the results are reported for
@@ -290,8 +301,6 @@ def run(args: argparse.Namespace) -> int:
         # after every round of seeds, so that an interrupted study keeps what it measured
         write_atomic(out / "runs.csv", pd.DataFrame(curves).to_csv(index=False))
     progress.close()
-    print(f"wrote {write_report(out)}")
-    return 0
 
 
 def choose(tuning: pd.DataFrame, model: str, method: str) -> Config | None:

@@ -211,3 +211,17 @@ def test_grid_edge_flags_winners_on_the_border_of_the_grid():
     assert grid_edge(group, group.iloc[2]) == "lr max, mu min"
     plain = pd.DataFrame({"lr": [0.1, 0.3, 1.0], "damping": [np.nan] * 3})
     assert grid_edge(plain, plain.iloc[1]) == "-"
+
+
+def test_a_study_interrupted_before_its_first_table_leaves_no_directory(tmp_path, monkeypatch):
+    """The --out made for a study goes again when tuning is interrupted before any table
+    is written (as a failed sweep's does)."""
+    from riemann_core.studies import training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["train", "--quick", "--out", str(tmp_path / "new" / "out")])
+    assert list(tmp_path.iterdir()) == []
