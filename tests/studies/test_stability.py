@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_training import failing_report_changes_nothing
 
 from riemann_core import cli
 from riemann_core.studies import stability_report
@@ -154,15 +155,9 @@ def test_small_sweep_writes_pairs_slopes_figures_and_report(tmp_path, capsys, mo
     # a report that fails half way leaves the last one: not new slopes beside old figures
     for name in ("slopes.csv", "joint_slopes.csv", "report.md"):
         (tmp_path / name).write_text(f"the previous {name}\n")
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-
-    def distance_figure(*args):
-        raise ValueError("the figure failed")
-
-    monkeypatch.setattr(stability_report, "distance_figure", distance_figure)
-    assert cli.main(["stability", "--report-only", "--out", str(tmp_path)]) == 2
-    assert "the figure failed" in capsys.readouterr().err
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    failing_report_changes_nothing(
+        tmp_path, "stability", stability_report, "distance_figure", monkeypatch, capsys
+    )
 
 
 @pytest.mark.parametrize(

@@ -125,15 +125,23 @@ def test_report_only_that_fails_half_way_leaves_the_last_report(
         (tmp_path / file).write_bytes((study / file).read_bytes())
     for file in ("curves_mlp.png", "tuning_mlp.png", "report.md"):
         (tmp_path / file).write_text(f"the previous {file}\n")
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    failing_report_changes_nothing(
+        tmp_path, "train", training_report, "tuning_figure", monkeypatch, capsys
+    )
 
-    def tuning_figure(*args):
-        raise ValueError("the tuning figure failed")
 
-    monkeypatch.setattr(training_report, "tuning_figure", tuning_figure)
-    assert cli.main(["train", "--report-only", "--out", str(tmp_path)]) == 2
-    assert "the tuning figure failed" in capsys.readouterr().err
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+def failing_report_changes_nothing(out, command, module, step, monkeypatch, capsys):
+    """``command --report-only`` with ``module.step`` failing half way exits 2 naming the
+    failure, and every file in ``out`` is as it was (the report is staged)."""
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def failing(*args):
+        raise ValueError(f"{step} failed")
+
+    monkeypatch.setattr(module, step, failing)
+    assert cli.main([command, "--report-only", "--out", str(out)]) == 2
+    assert f"{step} failed" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 @pytest.mark.parametrize(
