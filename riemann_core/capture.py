@@ -112,8 +112,8 @@ class Capture:
         self._depth = 0  # calls of the model under way (it may call itself)
         if persistent:
             self._hooks += [
-                model.register_forward_pre_hook(own_hook(model, self._begin), prepend=True),
-                model.register_forward_hook(own_hook(model, self._end), always_call=True),
+                model.register_forward_pre_hook(OwnHook(model, self._begin), prepend=True),
+                model.register_forward_hook(OwnHook(model, self._end), always_call=True),
             ]
         names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
         found = owners(model)
@@ -206,8 +206,8 @@ class Capture:
             return output.clone() if name in self._clone else None
 
         self._hooks += [
-            module.register_forward_pre_hook(own_hook(module, pre_hook), with_kwargs=True),
-            module.register_forward_hook(own_hook(module, hook), with_kwargs=True, prepend=True),
+            module.register_forward_pre_hook(OwnHook(module, pre_hook), with_kwargs=True),
+            module.register_forward_hook(OwnHook(module, hook), with_kwargs=True, prepend=True),
         ]
 
     def stale(self) -> set[str]:
@@ -225,11 +225,6 @@ class Capture:
 
     def __exit__(self, *exc) -> None:
         self.remove()
-
-
-def own_hook(module: nn.Module, hook) -> OwnHook:
-    """``hook`` for ``module`` alone, holding ``module`` weakly (:class:`OwnHook`)."""
-    return OwnHook(module, hook)
 
 
 class OwnHook:

@@ -9,7 +9,7 @@ from torch.utils import _pytree as pytree
 
 from . import coupling, distributed
 from ._checks import Deferred, check_generator, check_model, check_refresh, tensors_of
-from .capture import Capture, capturing, notes_for, own_hook, rng_devices, rng_state
+from .capture import Capture, OwnHook, capturing, notes_for, rng_devices, rng_state
 from .direction import run_solver, solve
 from .factors import FactorFn
 from .methods import METHODS, SOLVERS, LayerDiagnostics, Options, problem_from_graph
@@ -113,9 +113,7 @@ class RiemannianPreconditioner:
         self.diagnostics: list[LayerDiagnostics] = []
         self._batch: tuple[tuple, dict, list[Tensor]] | None = None
         self._versions: list[tuple[str | None, Tensor, int]] = []
-        self._hook = model.register_forward_pre_hook(
-            own_hook(model, self._record), with_kwargs=True
-        )
+        self._hook = model.register_forward_pre_hook(OwnHook(model, self._record), with_kwargs=True)
         # pre.backward(loss) records the user's own forward passes (one process only)
         single = process_group is None and self.network is model
         self._capture = Capture(model, notes_for(model).clone, persistent=True) if single else None

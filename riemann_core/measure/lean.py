@@ -1,19 +1,21 @@
 """The floor of an eager implementation: the sampled layerwise step, written lean.
 
 :class:`LeanStep` is one training step with the layerwise metric (sampled Fisher, one
-probe) on an ``nn.Sequential`` of ``nn.Linear`` layers and parameter-free modules that treat
-samples independently (activations), 2-D inputs ``(N, f)`` and the mean cross-entropy,
-written with as few eager PyTorch calls as the algebra allows: no hooks (the forward pass walks
-the layers itself), no checks of the data, no condition estimate, no fallbacks. The loss
-gradient and the probe rows are pulled back either in two backward passes or in one batched
-over both (``torch.func.vmap``, as ``pre.backward`` does): which is faster depends on the
-network (one GEMM of ``2 N`` rows against two of ``N``, the batching's own overhead), so
-``targets`` times both and takes the faster as the floor. It is a measuring stick, not an API: its time beside ``pre.backward``'s, in the same rounds
-(``riemann-bench targets``), separates what the algorithm costs in eager PyTorch from
-what the package adds for its guarantees and its generality.
+probe) on an ``nn.Sequential`` of ``nn.Linear`` layers and parameter-free modules that
+treat samples independently (activations), 2-D inputs ``(N, f)`` and the mean
+cross-entropy, written with as few eager PyTorch calls as the algebra allows: no hooks (the
+forward pass walks the layers itself), no checks of the data, no condition estimate, no
+fallbacks. It is a measuring stick, not an API: its time beside ``pre.backward``'s, in the
+same rounds (``riemann-bench targets``), separates what the algorithm costs in eager
+PyTorch from what the package adds for its guarantees and its generality.
+
+The loss gradient and the probe rows are pulled back either in two backward passes or in
+one batched over both (``torch.func.vmap``, as ``pre.backward`` does). Which is faster
+depends on the network (one GEMM of ``2 N`` rows against two of ``N``, against the
+batching's own overhead), so ``targets`` times both and takes the faster as the floor.
 
 Per layer ``a`` with inputs ``X`` (``N x f_in``), loss gradient ``Lambda`` and pulled-back
-probe rows ``Delta`` at its output (``N x f_out``, one backward pass each), ``Xt = [X, 1]``:
+probe rows ``Delta`` at its output (``N x f_out``), ``Xt = [X, 1]``:
 
     K K^T = (Delta Delta^T) * (Xt Xt^T),       K g = rowsum((Delta Lambda^T) * (Xt Xt^T)),
     t = (mu I + K K^T)^{-1} K g,                [dW | db] = (Lambda - t * Delta)^T Xt / mu,
