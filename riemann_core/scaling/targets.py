@@ -10,9 +10,10 @@
 
 Beside the sampled steps runs a reference, no goal of its own: the same step written lean
 (:class:`riemann_core.measure.lean.LeanStep`: the same algebra with no hooks, checks or
-fallbacks; per round the faster of its two pullbacks), the floor of an eager implementation. Its ratio to the SGD step is the part of
-a step's goal that eager PyTorch can reach on the machine; the step's ratio to it is what
-the package adds for its guarantees and generality.
+fallbacks; per round the faster of its two pullbacks), the floor of an eager
+implementation. Its ratio to the SGD step is the part of a step's goal that eager PyTorch
+can reach on the machine; the step's ratio to it is what the package adds for its
+guarantees and generality.
 
 On the CPU, what limits each figure is measured in the same run: the time per call of
 the exact direction and of the steps by kind of operation
@@ -121,13 +122,14 @@ def lean_steps(model, x, y) -> dict:
     return calls
 
 
-def lean_floor(times: dict) -> tuple[list[float], str]:
-    """The lean step's seconds per round, the faster of its two pullbacks in each round
-    (:func:`lean_steps`), and the name of the one faster in most rounds (to profile)."""
+def lean_floor(times: dict) -> str:
+    """Replace the two lean steps' seconds per round in ``times`` (:func:`lean_steps`) by
+    the faster of the two in each round, as ``lean``; return the name of the one faster in
+    most rounds (the one to profile)."""
     two, batched = times.pop("lean"), times.pop("lean_batched")
     times["lean"] = [min(a, b) for a, b in zip(two, batched, strict=True)]
     wins = sum(b < a for a, b in zip(two, batched, strict=True))
-    return times["lean"], "lean_batched" if 2 * wins > len(two) else "lean"
+    return "lean_batched" if 2 * wins > len(two) else "lean"
 
 
 def references(network, steps: dict) -> list[dict]:
@@ -181,7 +183,7 @@ def measure_targets(
         device,
         warmup=WARMUP,
     )
-    _, faster = lean_floor(t)
+    faster = lean_floor(t)
     rates = [
         {"products": 2 * n**3 / g, "cholesky": m**3 / 3 / h}
         for g, h in zip(t["gemm"], t["cholesky"], strict=True)
@@ -206,7 +208,7 @@ def measure_targets(
     small_steps = training_steps(small, xs, ys, metrics=("sampled",))
     small_lean = lean_steps(small, xs, ys)
     ts = interleaved(small_steps | small_lean, 5 * rounds, device, warmup=WARMUP)
-    _, faster = lean_floor(ts)
+    faster = lean_floor(ts)
     small_steps["lean"] = small_lean[faster]
     where |= {f"small_{name}": call for name, call in small_steps.items()}
 
