@@ -45,9 +45,11 @@ RESIDUAL_BOUND = {torch.float32: 1e-3, torch.float64: 1e-6}
 #: Refinement steps taken, at most, when a solve's residual exceeds the bound.
 AUTO_REFINE = 3
 
-#: ``eps(model dtype) * cond(G)`` above which the direction is reported as undetermined
-#: by the model's precision (the relative error this bounds is typically 10-100x smaller).
-ACCURACY_LEVEL = 0.1
+#: ``eps(model dtype) * cond(G)``, ``cond(G)`` as estimated, above which the direction is
+#: reported as undetermined by the model's precision: every error above 1% warns. The
+#: estimate reads low by up to 2.5x (a few power iterations), and on small float32
+#: networks the error reached 2/3 of ``eps cond(G)`` (tests/test_accuracy.py).
+ACCURACY_LEVEL = 0.005
 
 
 #: the slow paths taken inside :func:`recording_slow_paths` (None outside it)
@@ -313,8 +315,8 @@ def _check_accuracy(s: Solve, opts, condition: float, model_dtype: torch.dtype) 
         warnings.warn(
             f"the direction of block {s.name!r} is determined by the model's {model_dtype} "
             f"data only to a relative error of up to ~{bound:.0e} (eps x cond(G), "
-            f"cond(G) ~ {condition:.0e} at damping {opts.damping:g}; the error is typically "
-            "10-100 times smaller). Use a larger damping or a float64 model",
+            f"cond(G) ~ {condition:.0e} at damping {opts.damping:g}, estimated; the error "
+            "may be that large). Use a larger damping or a float64 model",
             AccuracyWarning,
             stacklevel=5,
         )
