@@ -455,9 +455,10 @@ class GenericHandler(Handler):
                 f"kernel='generic' cannot evaluate module {self.block.name!r} "
                 f"({type(self.block.module).__name__}) one sample at a time with "
                 f"torch.func: {err}. A module that draws random numbers (call "
-                "model.eval()), or that takes an argument whose first dimension equals "
-                "the batch but is not per sample, cannot be split into samples; give it "
-                "a structured kernel (rc.register_handler)"
+                "model.eval()), that takes an argument whose first dimension equals the "
+                "batch but is not per sample, or whose operations torch.func cannot batch "
+                "cannot be split into samples; give it a structured kernel "
+                "(rc.register_handler)"
             ) from err
 
     def _params(self) -> dict[str, Tensor]:
@@ -486,14 +487,24 @@ class GenericHandler(Handler):
                 call[i] = a[None] if bt else a
             return self._call(p, call, spec)[0]
 
+        nested = True  # the probes batched inside the samples' vmap
+
         def rows_of_sample(delta_b, *sample):
             out, pullback = vjp(lambda p: output_of_sample(p, *sample), params)
-            return vmap(pullback)(delta_b)[0], out
+            if nested:
+                return vmap(pullback)(delta_b)[0], out
+            rows = [pullback(row)[0] for row in delta_b.unbind(0)]
+            return {n: torch.stack([r[n] for r in rows]) for n in rows[0]}, out
 
         in_dims = (1,) + tuple(0 if bt else None for bt in batched)
-        rows, outs = vmap(rows_of_sample, in_dims=in_dims)(
-            self.delta.to(dtype), *[leaves[i] for i in tensors]
-        )
+        args = (self.delta.to(dtype), *[leaves[i] for i in tensors])
+        try:
+            rows, outs = vmap(rows_of_sample, in_dims=in_dims)(*args)
+        except RuntimeError:
+            # some backward formulas have no rule for a vmap inside a vmap (PReLU's weight
+            # gradient in torch 2.13): the probes one at a time, the samples still batched
+            nested = False
+            rows, outs = vmap(rows_of_sample, in_dims=in_dims)(*args)
         if self.output_value is not None:
             reference = self.output_value
             scale = reference.abs().max().clamp_min(torch.finfo(dtype).tiny)

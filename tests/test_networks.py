@@ -848,3 +848,15 @@ def test_own_forward_passes_leave_the_buffers_as_they_were(method):
     assert int(after_user["2.calls"]) == 1
     pre.step()
     assert_same_buffers(model, after_user)
+
+
+@pytest.mark.parametrize("channels", [1, 8], ids=lambda c: f"num_parameters={c}")
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_prelu_is_exact_with_the_generic_kernel(method, channels):
+    """Found by a review: PReLU's weight gradient has no rule for a vmap inside a vmap
+    (torch 2.13), and the generic kernel refused it blaming random numbers; the probes now
+    go one at a time there, the samples still batched."""
+    torch.manual_seed(42)
+    model = nn.Sequential(nn.Linear(6, 8), nn.PReLU(channels), nn.Linear(8, 3)).double()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    assert_exact(model, x, y, method, "auto")  # two probes per sample: the fallback
