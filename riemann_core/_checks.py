@@ -388,6 +388,19 @@ def check_inputs(args: tuple, kwargs: dict, targets, checks: Deferred) -> None:
         checks.finite("targets", targets, "clean the targets before computing a direction")
 
 
+def check_one_output(outputs) -> None:
+    """Refuse a model that returns anything but one tensor: the output metric is taken at
+    that tensor, and the hooks that see the forward pass record it."""
+    if not isinstance(outputs, Tensor):
+        raise ValueError(
+            f"the model must return a tensor of outputs, got {type(outputs).__name__}: the "
+            "output metric is taken at one tensor. Return the main output from forward (an "
+            "auxiliary head whose loss is added can be a module called inside forward, its "
+            "output kept as an attribute for the loss), or wrap the model in a module that "
+            "returns one tensor"
+        )
+
+
 def check_outputs(outputs: Tensor, targets: Tensor | None, loss: str, checks: Deferred) -> None:
     """Checks of the model's outputs and, when given, of the targets against them."""
     if outputs.ndim == 0:

@@ -8,7 +8,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils import _pytree as pytree
 
 from . import coupling, distributed
-from ._checks import Deferred, check_generator, check_model, check_refresh, tensors_of
+from ._checks import (
+    Deferred,
+    check_generator,
+    check_model,
+    check_one_output,
+    check_refresh,
+    tensors_of,
+)
 from .capture import Capture, OwnHook, capturing, notes_for, rng_devices, rng_state
 from .direction import run_solver, solve
 from .factors import FactorFn
@@ -196,10 +203,7 @@ class RiemannianPreconditioner:
         probing = needs_factor and opts.check_coupling and coupling.needs_probe(model, notes)
         reuse = self._kfac is not None and not self._kfac.needs_factors(names.values())
         try:
-            if not isinstance(capture.output, Tensor):
-                raise ValueError(
-                    f"the model must return a tensor of outputs, got {type(capture.output).__name__}"
-                )
+            check_one_output(capture.output)
             paths = coupling.loss_paths(loss, capture.output, capture.calls, names)
             if not (paths.output or paths.calls):
                 raise ValueError(

@@ -470,3 +470,28 @@ def test_backward_on_networks_with_unusual_blocks(net, method):
     for name, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+
+
+class AuxHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head, self.aux = nn.Linear(5, 4), nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))
+
+
+def test_a_head_called_outside_forward_is_named_with_the_fix():
+    """An auxiliary head applied to a submodule's output outside forward: its parameters
+    reach the loss through no recorded call; refused naming them and the fix, .grad as
+    it was (found by a review: the message spoke of weight tying only)."""
+    torch.manual_seed(43)
+    model = AuxHead().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    before = snapshot(model)
+    out = model(x)
+    aux = model.aux(torch.tanh(model.body(x)))
+    with pytest.raises(ValueError, match=r"\['aux.weight', 'aux.bias'\].*head applied outside"):
+        pre.backward(F.cross_entropy(out, y) + 0.3 * F.cross_entropy(aux, y))
+    assert_unchanged(model, before)

@@ -199,8 +199,13 @@ def test_model_returning_a_tuple():
             return self.lin(x), x
 
     model = Pair().double()
-    with pytest.raises(ValueError, match="the model must return a tensor of outputs, got tuple"):
-        rc.direction(model, torch.randn(N, F_IN, dtype=torch.float64), torch.zeros(N).long())
+    x = torch.randn(N, F_IN, dtype=torch.float64)
+    message = "the model must return a tensor of outputs, got tuple.*wrap the model"
+    with pytest.raises(ValueError, match=message):
+        rc.direction(model, x, torch.zeros(N).long())
+    pre = rc.RiemannianPreconditioner(model)
+    with pytest.raises(ValueError, match=message):
+        pre.backward(model(x)[0].sum())
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from .._checks import (
     KFAC_OPTIONS,
     Deferred,
     check_kfac_options,
+    check_one_output,
     check_options,
     check_outputs,
     forward_arguments,
@@ -229,9 +230,10 @@ def _check_reached(model, blocks, outputs, targets, opts, gradient) -> None:
         used = [n for (n, _), g in zip(unreached, grads, strict=True) if g is not None]
     if used:
         raise ValueError(
-            f"parameters {used} enter the loss without their module being called (e.g. weight "
-            "tying through F.linear); no kernel sees them. Call the owning module, or freeze "
-            "them with requires_grad_(False)"
+            f"parameters {used} enter the loss without their module being called in the "
+            "model's forward pass (weight tying through F.linear, or a head applied outside "
+            "forward to a submodule's output); no kernel sees them. Call the owning module "
+            "inside forward, or freeze them with requires_grad_(False)"
         )
 
 
@@ -339,8 +341,7 @@ def problem_from_graph(
     forward pass for its slow path. Checks of the data are read once (a host sync) before
     the loss gradient is formed.
     """
-    if not isinstance(outputs, Tensor):
-        raise ValueError(f"the model must return a tensor of outputs, got {type(outputs).__name__}")
+    check_one_output(outputs)
     check_outputs(outputs, targets, opts.loss, checks)
     for c in calls:
         if c.output.shape[:1] != outputs.shape[:1]:
