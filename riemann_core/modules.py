@@ -393,14 +393,21 @@ class Conv2dHandler(PatchHandler):
             return reason
         if module.groups != 1:
             return f"groups={module.groups} (the structured Conv2d kernel needs groups=1)"
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            return "padding_mode/padding string (the structured kernel needs zero padding ints)"
+        if module.padding_mode != "zeros" or module.padding == "same":
+            return (
+                f"padding_mode={module.padding_mode!r}, padding={module.padding!r} (the "
+                "structured kernel needs zero padding given by numbers, or 'valid')"
+            )
         return None
 
     def patches(self, x: Tensor) -> Tensor:
         m = self.block.module
         cols = nn.functional.unfold(
-            x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride
+            x,
+            m.kernel_size,
+            dilation=m.dilation,
+            padding=0 if m.padding == "valid" else m.padding,
+            stride=m.stride,
         )
         return cols.transpose(1, 2)  # (N, T, C_in k_h k_w)
 

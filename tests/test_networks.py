@@ -860,3 +860,23 @@ def test_prelu_is_exact_with_the_generic_kernel(method, channels):
     model = nn.Sequential(nn.Linear(6, 8), nn.PReLU(channels), nn.Linear(8, 3)).double()
     x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
     assert_exact(model, x, y, method, "auto")  # two probes per sample: the fallback
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_conv_padding_valid_takes_the_structured_kernel_and_same_falls_back(method):
+    """``padding='valid'`` is zero padding: structured and exact. ``'same'`` (asymmetric
+    for an even kernel) has no structured kernel: refused there, exact with ``auto``."""
+    torch.manual_seed(44)
+    x, y = torch.randn(4, 2, 5, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    for padding, features in (("valid", 3 * 4 * 3), ("same", 3 * 5 * 5)):
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, (2, 3), padding=padding), nn.Tanh(), nn.Flatten(),
+            nn.Linear(features, 3),
+        ).double()  # fmt: skip
+        if padding == "valid":
+            assert_exact(model, x, y, method, "structured")
+        else:
+            with pytest.raises(ValueError, match="padding='same'"):
+                rc.direction(model, x, y, method=method, kernel="structured")
+            assert_exact(model, x, y, method, "auto")
