@@ -194,7 +194,8 @@ def _explain_coupling(model: nn.Module, rows: Tensor, masks: Tensor, rerun) -> N
         "another sample's input (batch statistics, centring or attention over the batch). "
         "The metrics here pull each sample's factor back on its own, which such a network "
         "breaks. Make the module act on each sample alone (e.g. LayerNorm/GroupNorm instead "
-        "of batch statistics)"
+        "of batch statistics), and keep the samples on dimension 0 of every input (a "
+        "time-first (T, N, ...) layout mixes samples along it)"
     )
 
 

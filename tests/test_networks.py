@@ -880,3 +880,24 @@ def test_conv_padding_valid_takes_the_structured_kernel_and_same_falls_back(meth
             with pytest.raises(ValueError, match="padding='same'"):
                 rc.direction(model, x, y, method=method, kernel="structured")
             assert_exact(model, x, y, method, "auto")
+
+
+class TimeFirst(nn.Module):
+    """A Linear on a time-first ``(T, N, f)`` input, averaged over time."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x.transpose(0, 1)).mean(0)
+
+
+def test_a_time_first_layout_is_refused_naming_the_layout():
+    """With T == N the batch check cannot see the layout; the coupling probe refuses it,
+    and the message names the layout among the causes (found by a review)."""
+    torch.manual_seed(45)
+    model = TimeFirst().double()
+    x, y = torch.randn(5, 5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    with pytest.raises(ValueError, match=r"couples the samples.*time-first \(T, N, \.\.\.\)"):
+        rc.direction(model, x, y)
