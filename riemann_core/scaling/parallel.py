@@ -367,19 +367,26 @@ def config_from(args: argparse.Namespace) -> Config:
     return config
 
 
-def memory_bytes(device: str, world: int) -> int:
+def memory_bytes(device: str, world: int) -> int | None:
     """The memory one rank's solve may take at most: the host's physical memory (every
-    rank shares it) or the smallest of the ``world`` GPUs (one per rank)."""
+    rank shares it) or the smallest of the ``world`` GPUs (one per rank); ``None`` where
+    the system does not say (no ``sysconf``: Windows)."""
     if device == "cuda":
         return min(torch.cuda.get_device_properties(i).total_memory for i in range(world))
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
-def check_memory(config: Config, available: int) -> None:
+def check_memory(config: Config, available: int | None) -> None:
     """Refuse a method whose modelled peak (:func:`riemann_core.costs.peak_bytes`, by which
     ``riemann-bench run`` skips the points over its memory budget) exceeds ``available``
     bytes, before any process starts: else its solve dies in the allocator after the
-    other methods' work (``full`` holds the ``n x n`` metric of the ``n`` parameters)."""
+    other methods' work (``full`` holds the ``n x n`` metric of the ``n`` parameters).
+    Nothing is checked where ``available`` is unknown."""
+    if available is None:
+        return
     itemsize = torch.finfo(getattr(torch, config.dtype)).bits // 8
     shape = config.shape
     for method in config.methods:

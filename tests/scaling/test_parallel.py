@@ -164,6 +164,13 @@ def test_a_method_over_the_memory_is_refused_before_any_process_starts(
     config = parallel.Config(**parallel.QUICK, methods=parallel.METHODS, threads=1,
                              device="cpu", dtype="float64", seed=0, timeout=1.0)  # fmt: skip
     parallel.check_memory(config, 64 * 2**30)
+    parallel.check_memory(config, None)  # memory unknown (no sysconf): nothing to refuse by
+
+
+def test_host_memory_unknown_without_sysconf(monkeypatch):
+    assert parallel.memory_bytes("cpu", 1) > 2**30
+    monkeypatch.delattr(parallel.os, "sysconf")
+    assert parallel.memory_bytes("cpu", 1) is None
 
 
 @pytest.mark.parametrize(
