@@ -10,6 +10,7 @@ instead of an ``n x n`` factorisation.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import threading
@@ -21,6 +22,9 @@ import torch
 from torch import Tensor
 
 from .costs import POWER_STEPS, factor_order
+
+#: The library of torch's CPU operators (and, in the x86 wheels, of MKL's LAPACK).
+_TORCH_CPU = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
 
 #: Relative jitter tried, in order, when a Cholesky factorisation fails.
 JITTER_SCALES = (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)
@@ -79,7 +83,8 @@ class Cholesky:
 def cholesky_deferred(matrix: Tensor) -> Cholesky:
     """Cholesky of ``matrix`` (any layout; LAPACK's copy is made) without a host sync.
     Its failure is a device boolean, read later, as for :func:`cholesky_in_place`."""
-    factor, info = torch.linalg.cholesky_ex(matrix)
+    with serial_if_small(matrix):
+        factor, info = torch.linalg.cholesky_ex(matrix)
     return Cholesky(factor, 0.0, (info != 0) | ~torch.isfinite(factor.diagonal().sum()))
 
 
@@ -94,7 +99,8 @@ def cholesky_in_place(matrix: Tensor) -> Cholesky:
     CPU, from order :data:`DIRECT_POTRF_ORDER`, LAPACK's ``?potrf`` is called directly
     (:func:`potrf_`); otherwise, or where torch does not export it,
     ``torch.linalg.cholesky_ex`` with ``out`` set to ``matrix`` itself (one call for a
-    batch; it zeroes the upper triangle too).
+    batch; it zeroes the upper triangle too), on one thread below
+    :data:`SERIAL_POTRF_ORDER`.
     The failure (``info != 0``, or a NaN or inf pivot) is a device boolean, read later
     with the other deferred checks; a failed factor holds garbage: redo it with
     :func:`cholesky`.
@@ -109,7 +115,8 @@ def cholesky_in_place(matrix: Tensor) -> Cholesky:
         info = potrf_(matrix)
     else:
         info = torch.empty(matrix.shape[:-2], dtype=torch.int32, device=matrix.device)
-        torch.linalg.cholesky_ex(matrix, out=(matrix, info))
+        with serial_if_small(matrix):
+            torch.linalg.cholesky_ex(matrix, out=(matrix, info))
     pivots = matrix.diagonal(dim1=-2, dim2=-1).sum(-1)
     # p - p is NaN for a NaN or inf p and 0 otherwise: two kernels, where isfinite is four
     return Cholesky(matrix, 0.0, info.ne(0) | (pivots - pivots).ne(0))
@@ -120,6 +127,45 @@ def cholesky_in_place(matrix: Tensor) -> Cholesky:
 #: zeroing the triangle outweighs from about 500 (three factors at 520: 1.86 against 2.05
 #: ms; at 264: 0.57 against 0.53 ms; at 1160: 11.4 against 14.9 ms, on a 2-core CPU).
 DIRECT_POTRF_ORDER = 512
+
+#: The order below which a CPU Cholesky runs on one thread: there MKL's threaded potrf
+#: spends more on coordinating its threads than it gains (on a 2-core CPU, float32, one
+#: thread took 0.52x the time of two at order 136, 0.70x at 264, 0.9x at 520, and 1.5x
+#: at 776).
+SERIAL_POTRF_ORDER = 512
+
+
+@contextlib.contextmanager
+def serial_if_small(matrix: Tensor):
+    """Run the block (a Cholesky of ``matrix``) with MKL on one thread when ``matrix`` is
+    on the CPU and of order below :data:`SERIAL_POTRF_ORDER`.
+
+    MKL's thread-local setting (``MKL_Set_Num_Threads_Local``, restored after, also on
+    an exception): this thread's MKL calls only, not torch's own thread pool, nor other
+    threads, nor MKL's dynamic threading (which ``torch.set_num_threads`` turns off for
+    the whole process). Where torch does not export it (no MKL), nothing changes.
+    """
+    set_local = _mkl_set_num_threads_local()
+    if set_local is None or matrix.device.type != "cpu" or matrix.shape[-1] >= SERIAL_POTRF_ORDER:
+        yield
+        return
+    previous = set_local(1)  # 0: this thread followed the global setting
+    try:
+        yield
+    finally:
+        set_local(previous)
+
+
+@functools.cache
+def _mkl_set_num_threads_local() -> Callable[[int], int] | None:
+    """MKL's ``MKL_Set_Num_Threads_Local`` (``n -> previous``) from the library torch calls
+    for LAPACK on the CPU, or ``None`` where torch does not export it."""
+    try:
+        function = ctypes.CDLL(str(_TORCH_CPU)).MKL_Set_Num_Threads_Local
+    except (OSError, AttributeError, TypeError):
+        return None
+    function.argtypes, function.restype = [ctypes.c_int], ctypes.c_int
+    return function
 
 
 @functools.cache
@@ -135,9 +181,8 @@ def _lapack_potrf(dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
     factorisations themselves.
     """
     name = {torch.float32: "spotrf_", torch.float64: "dpotrf_"}.get(dtype)
-    library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
     try:
-        potrf = getattr(ctypes.CDLL(str(library)), name)
+        potrf = getattr(ctypes.CDLL(str(_TORCH_CPU)), name)
     except (OSError, AttributeError, TypeError):
         return None
     c_int_p = ctypes.POINTER(ctypes.c_int)
@@ -257,7 +302,8 @@ def cholesky(matrix: Tensor, *, what: str) -> Cholesky:
     ``s * mean(diag) * I`` for the scales in :data:`JITTER_SCALES` and report the
     jitter used. ``what`` names the matrix in the error raised when every try fails.
     """
-    factor, info = torch.linalg.cholesky_ex(matrix)
+    with serial_if_small(matrix):
+        factor, info = torch.linalg.cholesky_ex(matrix)
     if int(info) == 0:
         return Cholesky(factor, 0.0)
     if not torch.isfinite(matrix).all():
@@ -269,7 +315,8 @@ def cholesky(matrix: Tensor, *, what: str) -> Cholesky:
     for s in JITTER_SCALES[1:]:
         jittered = matrix.clone()
         jittered.diagonal().add_(s * scale)
-        factor, info = torch.linalg.cholesky_ex(jittered)
+        with serial_if_small(jittered):
+            factor, info = torch.linalg.cholesky_ex(jittered)
         if int(info) == 0:
             return Cholesky(factor, s * scale)
     raise SolveError(
@@ -290,23 +337,39 @@ def largest_eigenvalue(matrix: Tensor, steps: int = POWER_STEPS) -> Tensor:
     condition number. ``2 m^2`` FLOPs per step, no host sync.
     """
     m = matrix.shape[-1]
-    A = matrix.reshape(-1, m, m)  # one bmm per step, whatever the batch dimensions
-    v = _start_vector(m, matrix.dtype, matrix.device).expand(A.shape[0], m, 1)
+    A = matrix.reshape(-1, m, m)  # one product per step, whatever the batch dimensions
+    v = _start_vector(m, matrix.dtype, matrix.device).expand(A.shape[0], m)
     tiny = torch.finfo(matrix.dtype).tiny
     for step in range(steps):
-        w = torch.bmm(A, v)
+        w = matvec(A, v)
         norm = torch.linalg.vector_norm(w, dim=1, keepdim=True)
         if step < steps - 1:
             v = w / norm.clamp_min_(tiny)
     return norm.reshape(matrix.shape[:-2])
 
 
+#: The order from which :func:`matvec` multiplies CPU matrices one by one.
+MATVEC_LOOP_ORDER = 512
+
+
+def matvec(A: Tensor, v: Tensor) -> Tensor:
+    """``A_i v_i`` for every matrix of ``A`` (``(b, m, m)``; ``v``: ``(b, m)``), ``(b, m)``.
+
+    One ``bmm``, except for CPU matrices from :data:`MATVEC_LOOP_ORDER`: one ``mv`` each
+    (the same FLOPs), where MKL's ``bmm`` with one column streams them 3x slower (torch
+    2.13, 2-core CPU: 3 matrices of order 1160 took 3.8 ms by ``bmm``, 1.1 ms by ``mv``).
+    """
+    if A.device.type == "cpu" and A.shape[-1] >= MATVEC_LOOP_ORDER:
+        return torch.stack([a @ x for a, x in zip(A, v, strict=True)])
+    return torch.bmm(A, v[..., None])[..., 0]
+
+
 @functools.lru_cache(maxsize=32)
 def _start_vector(m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The power iteration's fixed unit start vector ``(m, 1)`` (made once per size; only
+    """The power iteration's fixed unit start vector ``(m,)`` (made once per size; only
     read)."""
     v = torch.cos(torch.arange(m, dtype=dtype, device=device) * 2.399963)
-    return (v / v.norm())[:, None]
+    return v / v.norm()
 
 
 def diagonal_blocks(matrix: Tensor, size: int) -> Tensor:
