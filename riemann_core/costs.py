@@ -284,11 +284,13 @@ def _gram(shape: MLPShape, kernel: str, f_in: int, f: int, n: int) -> float:
 
 def _products(shape: MLPShape, kernel: str, f_in: int, f: int, n: int) -> float:
     """``K_a g_a`` and ``g_a - K_a^T t`` (structured: through ``Lambda``, one GEMM; the
-    rows' products with ``Xt Xt^T Lambda`` and with ``t`` are elementwise, not counted)."""
+    rows' products with ``Xt Xt^T Lambda``, ``2 d f``, are a batched GEMM for several rows
+    per sample, elementwise and not counted for one; those with ``t`` are elementwise)."""
     d, N = shape.d, shape.batch
     if kernel == "generic":
         return 4 * d * n
-    return 2 * N * N * f + 2 * N * f * f_in
+    rows = 2 * d * f if shape.rows > 1 else 0
+    return 2 * N * N * f + 2 * N * f * f_in + rows
 
 
 def _total(cost: dict[str, float]) -> dict[str, float]:

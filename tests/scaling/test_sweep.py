@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -511,3 +512,14 @@ def test_a_sweep_times_its_depth_lines_again_interleaved(tmp_path, monkeypatch):
         assert row["host"] == socket.gethostname()
         if timed_again and row["flag"] != "outlier":  # the flag is that of the new times
             assert (row["flag"] == "spread") == (float(row["spread"]) > sw.SPREAD_LIMIT)
+
+
+def test_the_committed_sweep_resumes_with_this_version():
+    """``riemann-bench run`` on a fresh clone resumes ``reports/cpu``: its finished points
+    follow this version's cost model and its record's grid. A change to the algorithms'
+    counted FLOPs needs the committed sweep measured again (or the model kept)."""
+    out = Path(__file__).resolve().parents[2] / "reports" / "cpu"
+    rows = [r for r in sw.read_results(out / "results.csv") if r["status"] == "ok"]
+    assert rows
+    sw.check_same_model(rows, out / "results.csv")
+    sw.check_rows_of_record(rows, sw.read_record(out / "sweep.json"), out)
