@@ -33,6 +33,30 @@ def write_atomic(path: Path, text: str) -> Path:
     return path
 
 
+def generated_block(text: str, name: str) -> tuple[int, int]:
+    """Where the generated block ``name`` of a Markdown file's ``text`` lies: the span
+    ``(start, end)`` between its lines ``<!-- name: begin -->`` and ``<!-- name: end -->``.
+    Raises ``ValueError`` naming the fix when the markers are missing, repeated or out of
+    order (the file is left alone)."""
+    begin, end = f"<!-- {name}: begin -->\n", f"<!-- {name}: end -->"
+    counts = text.count(begin), text.count(end)
+    if counts != (1, 1) or text.index(begin) > text.index(end):
+        raise ValueError(
+            f"the file needs exactly one line {begin.strip()!r} and, after it, one line "
+            f"{end!r} around the block to regenerate (found {counts[0]} and {counts[1]}); "
+            "add them where the table goes"
+        )
+    return text.index(begin) + len(begin), text.index(end)
+
+
+def replace_generated_block(path: Path, name: str, block: str) -> Path:
+    """Replace the generated block ``name`` of the Markdown file ``path``
+    (:func:`generated_block`) by ``block``, atomically; the rest of the file is kept."""
+    text = path.read_text()
+    start, end = generated_block(text, name)
+    return write_atomic(path, text[:start] + block.rstrip("\n") + "\n" + text[end:])
+
+
 @contextmanager
 def results_directory(out: Path) -> Iterator[Path]:
     """``out`` made (with its missing parents) for a command's results and, if the command

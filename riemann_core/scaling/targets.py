@@ -22,9 +22,12 @@ the exact direction and of the steps by kind of operation
 
 from __future__ import annotations
 
+import argparse
 import copy
+import os
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +39,12 @@ from ..arguments import Command
 from ..measure.breakdown import KINDS, time_by_kind
 from ..measure.flops import flop_counter
 from ..measure.lean import LeanStep
+from ..measure.output import (
+    generated_block,
+    replace_generated_block,
+    write_atomic,
+    write_json,
+)
 from ..measure.problems import mlp
 from ..measure.timing import interleaved, median_ratio
 from . import kfac_targets
@@ -63,6 +72,9 @@ REFERENCES = {
     "lean_step": "lean eager step, the same algebra without checks (reference) / SGD step",
     "step_over_lean": "step with pre.backward, sampled Fisher (1 probe) / lean eager step",
 }
+#: The name of the README's generated block (``--readme``): its lines
+#: ``<!-- riemann-bench targets: begin -->`` and ``<!-- riemann-bench targets: end -->``.
+README_BLOCK = "riemann-bench targets"
 #: About 4k parameters each: a narrow hidden layer, one and two wider ones.
 SMALL_NETWORKS = ((784, 5, 10), (64, 56, 10), (64, 48, 16, 10))
 
@@ -392,11 +404,7 @@ def markdown_targets(result: dict, command: str) -> str:
         "| network | figure | ratio | goal | |",
         "|---|---|---:|---|---|",
     ]
-    for f in result["figures"]:
-        lines.append(
-            f"| {'-'.join(map(str, f['network']))} | {f['what']} | {f['ratio']:.2f} | "
-            f"{f['sense']} {f['goal']:g} | {'met' if f['met'] else 'missed'} |"
-        )
+    lines += [_figure_row(f) for f in result["figures"]]
     if result.get("references"):
         lines += [
             "",
@@ -441,6 +449,60 @@ def markdown_targets(result: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+def _figure_row(f: dict) -> str:
+    return (
+        f"| {'-'.join(map(str, f['network']))} | {f['what']} | {f['ratio']:.2f} | "
+        f"{f['sense']} {f['goal']:g} | {'met' if f['met'] else 'missed'} |"
+    )
+
+
+def readme_targets(payload: dict, link: str) -> str:
+    """The README's table (the block ``--readme`` regenerates) from a run's
+    ``targets.json`` (``payload``): every figure against its goal, the K-FAC comparison
+    in one row per network (its variants' range of ratios), and links to the run's pages
+    in the directory ``link`` (relative to the README)."""
+    env = payload["environment"]
+    lines = [
+        f"Measured by `{payload['command']}` on {env['device_name']} ({env['threads']} "
+        f"threads, torch {env['torch']}, commit {env['commit']}, {env['time_utc'][:10]}); "
+        f"{payload['dtype']}, batch {payload['batch']}, each ratio the median over "
+        f"{payload['rounds']} interleaved rounds of the ratio within a round. The command "
+        "writes this table; rerun it to regenerate it.",
+        "",
+        "| network | figure | ratio | goal | |",
+        "|---|---|---:|---|---|",
+        *(_figure_row(f) for f in payload["figures"]),
+    ]
+    kfac = payload["kfac"]
+    for n in kfac["networks"] if kfac["measured"] else []:
+        ratios, slower = [v["ratio"] for v in n["variants"]], kfac_targets.missed({"networks": [n]})
+        lines.append(
+            f"| {'-'.join(map(str, n['network']))} | K-FAC, each of {len(ratios)} variants: "
+            f"ours / {kfac['public']} | {min(ratios):.2f}-{max(ratios):.2f} | <= "
+            f"{kfac['goal']:g} | {f'missed by {len(slower)}' if slower else 'met'} |"
+        )
+    if not kfac["measured"]:
+        lines += ["", f"K-FAC against the public implementation: not measured, {kfac['reason']}."]
+    lines += [
+        "",
+        f"Where each figure's time goes, by kind of operation, and the lean eager reference: "
+        f"[{link}/targets.md]({link}/targets.md); K-FAC variant by variant: "
+        f"[{link}/kfac.md]({link}/kfac.md).",
+    ]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        metavar="FILE",
+        help="also rewrite the table between the lines '<!-- riemann-bench targets: begin "
+        "-->' and '<!-- riemann-bench targets: end -->' of FILE (a README) with this run's "
+        "figures; needs --out, whose pages the table links",
+    )
+
+
 HELP = "measure the core's performance targets as ratios within one run"
 DESCRIPTION = (
     "Measure the core's figures as ratios within one run, each against its goal: the "
@@ -453,18 +515,25 @@ DESCRIPTION = (
     "variant against the same variant of curvlinops (when installed: "
     'pip install "riemann-bench[compare]") on MLPs 784-1024-1024-10 and 64-512-512-10. '
     "Prints each figure met or MISSED and exits 1 when one is missed. With --out, writes "
-    "targets.json, targets.md (the table the README links) and kfac.md."
+    "targets.json, targets.md and kfac.md; with --readme too, the README's table of the "
+    "figures."
 )
-EXAMPLE = "targets --out reports/cpu"
+EXAMPLE = "targets --out reports/cpu --readme README.md"
 
 
 def run(args) -> int:
+    readme = args.readme
+    if readme is not None:  # fail on an unusable --readme before the work, not after
+        if args.out is None:
+            raise ValueError(
+                "--readme needs --out: the table links the run's targets.md and kfac.md"
+            )
+        generated_block(readme.read_text(), README_BLOCK)
     if args.out is not None:  # fail on an unusable --out before the work, not after
         args.out.mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
 
     from ..measure.environment import environment
-    from ..measure.output import write_atomic, write_json
 
     steps = 3 + (2 if args.quick else len(SMALL_NETWORKS)) + len(kfac_targets.NETWORKS)
     with tqdm(total=steps, desc="targets", unit="step", leave=False, file=sys.stderr) as bar:
@@ -486,6 +555,10 @@ def run(args) -> int:
         print(f"wrote {write_atomic(args.out / 'targets.md', page)}")
         page = kfac_targets.markdown_kfac(kfac, command)
         print(f"wrote {write_atomic(args.out / 'kfac.md', page)}")
+        if readme is not None:
+            link = Path(os.path.relpath(args.out.resolve(), readme.resolve().parent)).as_posix()
+            table = readme_targets({**payload, "kfac": kfac}, link)
+            print(f"wrote {replace_generated_block(readme, README_BLOCK, table)}")
     core, slower = missed(result), kfac_targets.missed(kfac)
     if core:
         print(f"\ngoals missed: {'; '.join(core)}", file=sys.stderr)
@@ -494,4 +567,4 @@ def run(args) -> int:
     return 1 if core or slower else 0
 
 
-COMMAND = Command("targets", run, HELP, DESCRIPTION, EXAMPLE)
+COMMAND = Command("targets", run, HELP, DESCRIPTION, EXAMPLE, add_arguments)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 from test_kfac_targets import core_result, kfac_result
 
 from riemann_core.measure import public_kfac
+from riemann_core.measure.output import generated_block
 from riemann_core.scaling import kfac_targets, targets
 
 
@@ -41,7 +43,9 @@ def test_targets_exits_1_when_a_core_figure_misses_and_writes_the_table(
         kfac_targets, "measure_kfac", lambda **kw: kfac_result([0.5] * len(public_kfac.VARIANTS))
     )
     command = f"riemann-bench targets --out {tmp_path}"
-    args = Namespace(out=tmp_path, device="cpu", quick=False, seed=0, command_line=command)
+    args = Namespace(
+        out=tmp_path, device="cpu", quick=False, seed=0, command_line=command, readme=None
+    )
     assert targets.run(args) == (missed is not None)
     out = capsys.readouterr()
     assert out.out.count("MISSED") == (missed is not None)
@@ -102,3 +106,78 @@ def test_the_lean_floor_is_the_faster_pullback_in_each_round():
     assert times == {"sgd": [1.0, 1.0, 1.0], "lean": [2.5, 2.0, 3.0]}
     times = {"lean": [1.0, 2.0], "lean_batched": [1.5, 1.0]}
     assert targets.lean_floor(times) == "lean"  # a tie: the two passes
+
+
+def _fake_measurements(monkeypatch, kfac_ratio=0.5):
+    ratios = {"speed_of_light": 1.1, "sampled_step": 2.5, "full_vs_layerwise": 60.0}
+    monkeypatch.setattr(targets, "measure_targets", lambda **kw: core_result(ratios))
+    monkeypatch.setattr(
+        kfac_targets,
+        "measure_kfac",
+        lambda **kw: kfac_result([kfac_ratio] * len(public_kfac.VARIANTS)),
+    )
+
+
+def _args(out, readme, command="riemann-bench targets"):
+    return Namespace(
+        out=out, device="cpu", quick=False, seed=0, command_line=command, readme=readme
+    )
+
+
+BEGIN, END = "<!-- riemann-bench targets: begin -->", "<!-- riemann-bench targets: end -->"
+
+
+def test_readme_gets_this_runs_table_between_its_markers_only(tmp_path, monkeypatch):
+    """--readme rewrites the block between the markers with every figure, one K-FAC row
+    per network and links to the run's pages relative to the README; the rest stays."""
+    _fake_measurements(monkeypatch, kfac_ratio=1.5)
+    readme = tmp_path / "README.md"
+    before, after = "# Title\n\nSome text.\n", "\n## After\n\nMore text.\n"
+    readme.write_text(f"{before}{BEGIN}\nan old table\n{END}{after}")
+    out = tmp_path / "reports" / "cpu"
+    command = f"riemann-bench targets --out {out} --readme {readme}"
+    assert targets.run(_args(out, readme, command)) == 1  # sampled_step and K-FAC missed
+    text = readme.read_text()
+    assert text.startswith(f"{before}{BEGIN}\n") and text.endswith(f"{END}{after}")
+    assert "an old table" not in text
+    block = text[text.index(BEGIN) : text.index(END)]
+    assert f"Measured by `{command}`" in block
+    saved = json.loads((out / "targets.json").read_text())
+    for f in saved["figures"]:
+        assert targets._figure_row(f) in block
+    assert block.count("| missed |") == 1
+    kfac_rows = [line for line in block.splitlines() if "K-FAC, each of" in line]
+    assert len(kfac_rows) == len(saved["kfac"]["networks"])
+    assert all(row.endswith(f"| missed by {len(public_kfac.VARIANTS)} |") for row in kfac_rows)
+    assert "[reports/cpu/targets.md](reports/cpu/targets.md)" in block
+    assert "[reports/cpu/kfac.md](reports/cpu/kfac.md)" in block
+
+
+@pytest.mark.parametrize(
+    "text", ["no markers\n", f"{END}\n{BEGIN}\n", f"{BEGIN}\n{BEGIN}\n{END}\n"]
+)
+def test_a_readme_without_one_pair_of_markers_is_refused_before_any_work(
+    text, tmp_path, monkeypatch
+):
+    def unreachable(**kw):
+        raise AssertionError("measured before the README was checked")
+
+    monkeypatch.setattr(targets, "measure_targets", unreachable)
+    readme, out = tmp_path / "README.md", tmp_path / "out"
+    readme.write_text(text)
+    with pytest.raises(ValueError, match="riemann-bench targets: begin"):
+        targets.run(_args(out, readme))
+    assert readme.read_text() == text and not out.exists()
+    with pytest.raises(ValueError, match="--readme needs --out"):
+        targets.run(_args(None, readme))
+
+
+def test_the_readmes_table_is_the_committed_run_of_targets():
+    """The README's performance table is what the command wrote from
+    reports/cpu/targets.json, not typed: regenerated from that file, it is the same."""
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "README.md").read_text()
+    start, end = generated_block(text, targets.README_BLOCK)
+    payload = json.loads((root / "reports" / "cpu" / "targets.json").read_text())
+    assert "--readme README.md" in payload["command"]
+    assert text[start:end] == targets.readme_targets(payload, "reports/cpu") + "\n"
