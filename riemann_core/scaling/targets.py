@@ -458,9 +458,10 @@ def _figure_row(f: dict) -> str:
 
 def readme_targets(payload: dict, link: str) -> str:
     """The README's table (the block ``--readme`` regenerates) from a run's
-    ``targets.json`` (``payload``): every figure against its goal, the K-FAC comparison
-    in one row per network (its variants' range of ratios), and links to the run's pages
-    in the directory ``link`` (relative to the README)."""
+    ``targets.json`` (``payload``): every figure against its goal, the lean eager
+    references (no goal), the K-FAC comparison in one row per network (its variants'
+    range of ratios), and links to the run's pages in the directory ``link`` (relative to
+    the README)."""
     env = payload["environment"]
     lines = [
         f"Measured by `{payload['command']}` on {env['device_name']} ({env['threads']} "
@@ -472,6 +473,10 @@ def readme_targets(payload: dict, link: str) -> str:
         "| network | figure | ratio | goal | |",
         "|---|---|---:|---|---|",
         *(_figure_row(f) for f in payload["figures"]),
+        *(
+            f"| {'-'.join(map(str, r['network']))} | {r['what']} | {r['ratio']:.2f} | | |"
+            for r in payload.get("references", [])
+        ),
     ]
     kfac = payload["kfac"]
     for n in kfac["networks"] if kfac["measured"] else []:

@@ -146,6 +146,8 @@ def test_readme_gets_this_runs_table_between_its_markers_only(tmp_path, monkeypa
     for f in saved["figures"]:
         assert targets._figure_row(f) in block
     assert block.count("| missed |") == 1
+    for r in saved["references"]:  # the lean floor, without a goal or verdict
+        assert f"| {r['what']} | {r['ratio']:.2f} | | |" in block
     kfac_rows = [line for line in block.splitlines() if "K-FAC, each of" in line]
     assert len(kfac_rows) == len(saved["kfac"]["networks"])
     assert all(row.endswith(f"| missed by {len(public_kfac.VARIANTS)} |") for row in kfac_rows)
