@@ -66,7 +66,9 @@ def test_targets_exit_code_and_files_follow_the_kfac_goal(slow, tmp_path, monkey
     monkeypatch.setattr(targets, "measure_targets", lambda **kw: core_result())
     monkeypatch.setattr(kfac_targets, "measure_kfac", lambda **kw: kfac_result(ratios))
     command = f"riemann-bench targets --quick --out {tmp_path}"
-    args = Namespace(out=tmp_path, device="cpu", quick=True, seed=0, command_line=command)
+    args = Namespace(
+        out=tmp_path, device="cpu", quick=True, seed=0, command_line=command, readme=None
+    )
     assert targets.run(args) == int(slow)
     out = capsys.readouterr()
     assert ("MISSED" in out.out) == slow

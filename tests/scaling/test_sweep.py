@@ -1,5 +1,6 @@
 """The sweep: one row per point, resumable, atomic, and careful with bad input."""
 
+import contextlib
 import csv
 import functools
 import json
@@ -23,6 +24,7 @@ from riemann_core.measure.problems import widths
 from riemann_core.measure.timing import RATE_KINDS, Timing, device_rates
 from riemann_core.scaling import grow
 from riemann_core.scaling import sweep as sw
+from riemann_core.woodbury import AccuracyWarning
 
 TINY = dict(
     base={"width": 4, "depth": 1, "out_dim": 3, "batch": 4},
@@ -63,7 +65,10 @@ def test_sweep_records_every_run_with_counted_and_modelled_flops(tmp_path):
 @pytest.mark.parametrize(("damping", "taken"), [(1.0, ""), (1e-6, "refine residual")])
 def test_a_point_says_which_slow_paths_its_counted_call_took(damping, taken):
     run = next(r for r in sw.Grid(**TINY).runs() if r["method"] == "natural")
-    row = sw.measure_point(run, sw.Grid(**{**TINY, "damping": damping}))
+    # the ill-conditioned solve also says its direction is undetermined in float32
+    expected = pytest.warns(AccuracyWarning) if taken else contextlib.nullcontext()
+    with expected:
+        row = sw.measure_point(run, sw.Grid(**{**TINY, "damping": damping}))
     assert row["status"] == "ok" and row["slow_paths"] == taken
     exact = float(row["flops"]) == pytest.approx(float(row["flops_model"]), rel=0.01)
     assert exact == (not taken)  # the cost model counts the algorithm, not its slow paths
