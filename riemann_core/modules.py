@@ -211,7 +211,7 @@ class PatchHandler(Handler):
         self.with_weight = id(module.weight) in trainable
         self.with_bias = getattr(module, "bias", None) is not None and id(module.bias) in trainable
         self.f_out = module.weight.shape[0]
-        self.P = module.weight[0].numel()  # the size of a patch
+        self.P = math.prod(module.weight.shape[1:])  # the size of a patch (no tensor op)
         self._X = None
 
     @property
