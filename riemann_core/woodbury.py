@@ -338,7 +338,7 @@ def largest_eigenvalue(matrix: Tensor, steps: int = POWER_STEPS) -> Tensor:
     """
     m = matrix.shape[-1]
     A = matrix.reshape(-1, m, m)  # one product per step, whatever the batch dimensions
-    v = _start_vector(m, matrix.dtype, matrix.device).expand(A.shape[0], m)
+    v = _start_vector(m, matrix.dtype, matrix.device).expand(A.shape[0], m, 1)
     tiny = torch.finfo(matrix.dtype).tiny
     for step in range(steps):
         w = matvec(A, v)
@@ -353,23 +353,25 @@ MATVEC_LOOP_ORDER = 512
 
 
 def matvec(A: Tensor, v: Tensor) -> Tensor:
-    """``A_i v_i`` for every matrix of ``A`` (``(b, m, m)``; ``v``: ``(b, m)``), ``(b, m)``.
+    """``A_i v_i`` for every matrix of ``A`` (``(b, m, m)``) and column of ``v``
+    (``(b, m, 1)``), as ``(b, m, 1)``.
 
-    One ``bmm``, except for CPU matrices from :data:`MATVEC_LOOP_ORDER`: one ``mv`` each
+    One ``bmm``, except for CPU matrices from :data:`MATVEC_LOOP_ORDER`: one product each
     (the same FLOPs), where MKL's ``bmm`` with one column streams them 3x slower (torch
-    2.13, 2-core CPU: 3 matrices of order 1160 took 3.8 ms by ``bmm``, 1.1 ms by ``mv``).
+    2.13, 2-core CPU: 3 matrices of order 1160 took 3.8-4.1 ms by ``bmm``, 1.1-1.3 ms one
+    by one).
     """
     if A.device.type == "cpu" and A.shape[-1] >= MATVEC_LOOP_ORDER:
         return torch.stack([a @ x for a, x in zip(A, v, strict=True)])
-    return torch.bmm(A, v[..., None])[..., 0]
+    return torch.bmm(A, v)
 
 
 @functools.lru_cache(maxsize=32)
 def _start_vector(m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The power iteration's fixed unit start vector ``(m,)`` (made once per size; only
+    """The power iteration's fixed unit start vector ``(m, 1)`` (made once per size; only
     read)."""
     v = torch.cos(torch.arange(m, dtype=dtype, device=device) * 2.399963)
-    return v / v.norm()
+    return (v / v.norm())[:, None]
 
 
 def diagonal_blocks(matrix: Tensor, size: int) -> Tensor:
