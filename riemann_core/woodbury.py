@@ -83,8 +83,7 @@ class Cholesky:
 def cholesky_deferred(matrix: Tensor) -> Cholesky:
     """Cholesky of ``matrix`` (any layout; LAPACK's copy is made) without a host sync.
     Its failure is a device boolean, read later, as for :func:`cholesky_in_place`."""
-    with serial_if_small(matrix):
-        factor, info = torch.linalg.cholesky_ex(matrix)
+    factor, info = cholesky_ex(matrix)
     return Cholesky(factor, 0.0, (info != 0) | ~torch.isfinite(factor.diagonal().sum()))
 
 
@@ -115,8 +114,7 @@ def cholesky_in_place(matrix: Tensor) -> Cholesky:
         info = potrf_(matrix)
     else:
         info = torch.empty(matrix.shape[:-2], dtype=torch.int32, device=matrix.device)
-        with serial_if_small(matrix):
-            torch.linalg.cholesky_ex(matrix, out=(matrix, info))
+        cholesky_ex(matrix, out=(matrix, info))
     pivots = matrix.diagonal(dim1=-2, dim2=-1).sum(-1)
     # p - p is NaN for a NaN or inf p and 0 otherwise: two kernels, where isfinite is four
     return Cholesky(matrix, 0.0, info.ne(0) | (pivots - pivots).ne(0))
@@ -135,8 +133,15 @@ DIRECT_POTRF_ORDER = 512
 SERIAL_POTRF_ORDER = 512
 
 
+def cholesky_ex(matrix: Tensor, out: tuple[Tensor, Tensor] | None = None):
+    """``torch.linalg.cholesky_ex``, with MKL on one thread for a CPU matrix of order below
+    :data:`SERIAL_POTRF_ORDER`: every Cholesky of this module goes through it."""
+    with _serial_if_small(matrix):
+        return torch.linalg.cholesky_ex(matrix, out=out)
+
+
 @contextlib.contextmanager
-def serial_if_small(matrix: Tensor):
+def _serial_if_small(matrix: Tensor):
     """Run the block (a Cholesky of ``matrix``) with MKL on one thread when ``matrix`` is
     on the CPU and of order below :data:`SERIAL_POTRF_ORDER`.
 
@@ -302,8 +307,7 @@ def cholesky(matrix: Tensor, *, what: str) -> Cholesky:
     ``s * mean(diag) * I`` for the scales in :data:`JITTER_SCALES` and report the
     jitter used. ``what`` names the matrix in the error raised when every try fails.
     """
-    with serial_if_small(matrix):
-        factor, info = torch.linalg.cholesky_ex(matrix)
+    factor, info = cholesky_ex(matrix)
     if int(info) == 0:
         return Cholesky(factor, 0.0)
     if not torch.isfinite(matrix).all():
@@ -315,8 +319,7 @@ def cholesky(matrix: Tensor, *, what: str) -> Cholesky:
     for s in JITTER_SCALES[1:]:
         jittered = matrix.clone()
         jittered.diagonal().add_(s * scale)
-        with serial_if_small(jittered):
-            factor, info = torch.linalg.cholesky_ex(jittered)
+        factor, info = cholesky_ex(jittered)
         if int(info) == 0:
             return Cholesky(factor, s * scale)
     raise SolveError(

@@ -315,14 +315,14 @@ def test_a_small_cholesky_runs_mkl_on_one_thread_for_this_thread_only():
 
     threads, before = torch.get_num_threads(), setting()
     small, large = torch.eye(8), torch.empty(0, SERIAL_POTRF_ORDER, SERIAL_POTRF_ORDER)
-    with woodbury.serial_if_small(small):
+    with woodbury._serial_if_small(small):
         assert setting() == 1
         assert torch.get_num_threads() == threads
     assert setting() == before
-    with pytest.raises(ZeroDivisionError), woodbury.serial_if_small(small):
+    with pytest.raises(ZeroDivisionError), woodbury._serial_if_small(small):
         1 / 0  # noqa: B018
     assert setting() == before
-    with woodbury.serial_if_small(large):
+    with woodbury._serial_if_small(large):
         assert setting() == before
     torch.manual_seed(0)
     B = torch.randn(3, 40, 80, dtype=torch.float64)

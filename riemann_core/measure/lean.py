@@ -23,7 +23,7 @@ probe rows ``Delta`` at its output (``N x f_out``), ``Xt = [X, 1]``:
 the Woodbury form of ``(mu I + K^T K)^{-1} g`` of ``riemann_core.methods.layerwise`` with
 ``g = Lambda^T Xt`` never formed; the layers' Grams (all ``N x N``) are factorised by one
 batched Cholesky, at an order off LAPACK's slow multiples of 64 (``costs.factor_order``),
-on one MKL thread where that is faster (``woodbury.serial_if_small``), as in the package.
+on one MKL thread where that is faster (``woodbury.cholesky_ex``), as in the package.
 Given the same probes it sets the ``.grad`` that ``pre.backward`` sets
 (tests/test_lean.py).
 """
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..costs import factor_order
 from ..factors import sampled_cross_entropy_factor
-from ..woodbury import serial_if_small
+from ..woodbury import cholesky_ex
 
 
 class LeanStep:
@@ -97,8 +97,7 @@ class LeanStep:
             torch.mul(D @ D.T, XX, out=grams[a, :N, :N])
             Kg[a, :N, 0] = ((D @ L.T) * XX).sum(1)
         grams.diagonal(dim1=-2, dim2=-1).add_(self.mu)
-        with serial_if_small(grams):
-            factor = torch.linalg.cholesky(grams)
+        factor, _ = cholesky_ex(grams)  # damped Grams: positive definite, no check
         t = torch.cholesky_solve(Kg, factor)[:, :N]
         for a, (m, X, L, D) in enumerate(zip(self.linears, inputs, lam, delta, strict=True)):
             M = torch.addcmul(L, D, t[a], value=-1).div_(self.mu)
