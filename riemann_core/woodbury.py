@@ -133,11 +133,12 @@ DIRECT_POTRF_ORDER = 512
 SERIAL_POTRF_ORDER = 512
 
 
-def cholesky_ex(matrix: Tensor, out: tuple[Tensor, Tensor] | None = None):
-    """``torch.linalg.cholesky_ex``, with MKL on one thread for a CPU matrix of order below
-    :data:`SERIAL_POTRF_ORDER`: every Cholesky of this module goes through it."""
+def cholesky_ex(matrix: Tensor, **kwargs):
+    """``torch.linalg.cholesky_ex(matrix, **kwargs)``, with MKL on one thread for a CPU
+    matrix of order below :data:`SERIAL_POTRF_ORDER`: every Cholesky of this module goes
+    through it."""
     with _serial_if_small(matrix):
-        return torch.linalg.cholesky_ex(matrix, out=out)
+        return torch.linalg.cholesky_ex(matrix, **kwargs)
 
 
 @contextlib.contextmanager
