@@ -22,11 +22,12 @@ over points, in rounds:
    within the FLOP, memory and time budgets;
 3. points whose median lies far from both neighbours on an axis are measured once more
    (a point whose repeats spread widely is re-timed at once, in :func:`measure_point`);
-4. the lines along :data:`INTERLEAVED_AXES` (depth) through the base point are timed
-   again, their points in turn in every round (:func:`time_lines`, where ``sweep`` is
-   given it, as ``riemann-bench run`` and ``sweep`` do): the claims on depth judge a
-   line's shape to a few percent, which the machine's drift between points measured
-   minutes apart would bend.
+4. the lines along :data:`INTERLEAVED_AXES` (depth) through the base point, and the top
+   two points of those along :data:`TOP_PAIR_AXES` (width, batch), are timed again, their
+   points in turn in every round (:func:`time_lines`, where ``sweep`` is given it, as
+   ``riemann-bench run`` and ``sweep`` do): the claims on depth judge a line's shape to a
+   few percent, the claims on time the ratio of a top pair, which the machine's drift
+   between points measured minutes apart would bend.
 
 The points run in this process one after another, or on a dask cluster
 (:mod:`riemann_core.scaling.dispatch`), a round at a time: each round is a list of runs
@@ -130,6 +131,12 @@ NEIGHBOUR_FACTOR = 1.5
 #: interleaved (:func:`time_lines`): the depth claims judge the line's shape to a few
 #: percent, which the machine's drift between points measured minutes apart bends.
 INTERLEAVED_AXES = ("depth",)
+#: Axes whose top pair (the two largest ok points of the line through the base point: the
+#: top segment the claims on time judge) is timed again the same way. Two points measured
+#: minutes apart carry the machine's drift into their ratio: a quick CPU sweep once judged
+#: ``time-explained-layerwise-generic`` "fail" on batch 256 -> 512 taking 2.75x the time
+#: for 1.93x the FLOPs, where the same two points timed alternately took 1.6-1.7x.
+TOP_PAIR_AXES = ("width", "batch")
 #: Rounds of a line's interleaved timing, per repeat of a point: a line of a few
 #: milliseconds per point takes seconds, and its shape needs each point's median to a few
 #: percent (at 7 rounds on a shared 2-core CPU, the quadratic term's interval was 0.2-1.3
@@ -456,23 +463,37 @@ def spread_of(timing: Timing) -> float:
 
 
 def lines_to_interleave(rows: list[dict], base: Mapping[str, int]) -> list[tuple[str, list[dict]]]:
-    """``(axis, runs)`` of every line along :data:`INTERLEAVED_AXES` through ``base``: per
-    method, kernel, dtype, device and output metric, the ok points whose other axes sit at
-    the base point, in order along the axis, where there are three or more (a shape needs
-    three)."""
+    """``(axes, runs)`` of every group of points to time again interleaved.
+
+    Per method, kernel, dtype, device and output metric: the line along each of
+    :data:`INTERLEAVED_AXES` through ``base`` (the ok points whose other axes sit at the
+    base, in order along the axis) where it has three or more points (a shape needs
+    three), and the top two points of the line along each of :data:`TOP_PAIR_AXES`.
+    Lines that share a point are timed as one group, so that every point has one timing
+    and every line through it is timed in one stretch; ``axes`` names the group's axes,
+    space-separated.
+    """
     lines: dict[tuple, list[dict]] = {}
-    for axis in INTERLEAVED_AXES:
+    for axis in (*INTERLEAVED_AXES, *TOP_PAIR_AXES):
         for row in rows:
             if row["status"] == "ok" and all(
                 int(row[a]) == int(base[a]) for a in AXES if a != axis
             ):
                 group = (axis, *(row[k] for k in KEY if k not in AXES))
                 lines.setdefault(group, []).append(run_of(row))
-    return [
-        (axis, sorted(line, key=lambda r: r[axis]))
-        for (axis, *_), line in lines.items()
-        if len(line) >= 3
-    ]
+    groups: list[tuple[list[str], dict[tuple, dict]]] = []
+    for (axis, *_), line in lines.items():
+        line.sort(key=lambda r: r[axis])
+        if axis in TOP_PAIR_AXES:
+            line = line[-2:]
+        if len(line) < (2 if axis in TOP_PAIR_AXES else 3):
+            continue
+        axes, runs = [axis], {key_of(r): r for r in line}
+        for other in [g for g in groups if g[1].keys() & runs.keys()]:
+            groups.remove(other)
+            axes, runs = [*other[0], *axes], {**other[1], **runs}
+        groups.append((axes, runs))
+    return [(" ".join(dict.fromkeys(axes)), list(runs.values())) for axes, runs in groups]
 
 
 def time_lines(lines: list[list[dict]], grid: Grid, device: torch.device) -> list[dict]:
@@ -764,7 +785,7 @@ def sweep(
     start, after the grid's points and at the end, so that their drift over the sweep
     shows. Where ``retime`` is given (e.g. :func:`time_lines`), the lines of
     :func:`lines_to_interleave` are timed again by it at the end, and their rows take
-    those times (``interleaved``: the axis), see :func:`interleave_lines`.
+    those times (``interleaved``: the axes of their group), see :func:`interleave_lines`.
     """
     from tqdm import tqdm
 
@@ -871,8 +892,8 @@ def interleave_lines(
     """Time the lines of :func:`lines_to_interleave` again with ``retime`` (on every
     worker of each kind of device, through ``runner.everywhere``) and give their rows the
     first worker's times, so that each line comes from one device in one stretch of time,
-    and flags for those times; a line that could not be timed again keeps its rows, with a
-    warning that says why."""
+    and flags for those times (``interleaved``: the group's axes); a group that could not be
+    timed again keeps its rows, with a warning that says why."""
     todo = lines_to_interleave(rows, grid.base)
     if not todo:
         return
@@ -893,8 +914,8 @@ def interleave_lines(
     }
     for along, method, kernel, reason in sorted(failed):
         warnings.warn(
-            f"the {along} line of {method} ({kernel}) could not be timed again ({reason}); "
-            "its points keep the times of their own measurements",
+            f"the points of {method} ({kernel}) along {along.replace(' ', ', ')} could not be "
+            f"timed again ({reason}); they keep the times of their own measurements",
             stacklevel=2,
         )
     retimed = {k: r for k, r in timed.items() if "error" not in r}

@@ -431,9 +431,9 @@ def test_the_grid_its_growth_and_re_measurements_all_run_on_the_workers(two_devi
     assert len(workers) == 2 and os.getpid() not in workers
 
 
-def test_the_depth_lines_are_timed_again_on_the_workers(two_devices, tmp_path):
-    """The interleaved timing of the depth lines runs where the points run, and each row
-    of a line takes one worker's times."""
+def test_the_depth_lines_and_top_pairs_are_timed_again_on_the_workers(two_devices, tmp_path):
+    """The interleaved timing of the depth lines (and top pairs) runs where the points run,
+    and each row of a group takes one worker's times."""
     grid = sw.Grid(
         **{**TINY, "axes": {**TINY["axes"], "depth": (1, 2, 3)}, "methods": ("euclidean",)}
     )
@@ -441,8 +441,10 @@ def test_the_depth_lines_are_timed_again_on_the_workers(two_devices, tmp_path):
     runner = dispatch.DaskRunner(two_devices)
     sw.sweep(grid, tmp_path, runner=runner, retime=sw.time_lines, progress=False)
     line = [r for r in sw.read_results(tmp_path / "results.csv") if r["interleaved"]]
-    assert sorted(int(r["depth"]) for r in line) == [1, 2, 3]
-    assert {r["interleaved"] for r in line} == {"depth"}
+    points = sorted((int(r["width"]), int(r["depth"]), int(r["batch"])) for r in line)
+    # the depth line through the base (width 4, batch 4) and the top pairs along width, batch
+    assert points == [(4, 1, 2), (4, 1, 4), (4, 2, 4), (4, 3, 4), (6, 1, 4)]
+    assert {r["interleaved"] for r in line} == {"depth width batch"}
     rounds = sw.LINE_ROUNDS_PER_REPEAT * grid.repeats
     assert all(len(json.loads(r["times_s"])) == rounds for r in line)
 

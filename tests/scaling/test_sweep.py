@@ -471,28 +471,41 @@ def test_results_written_before_rows_said_where_are_resumed(tmp_path):
     assert all(r["host"] == socket.gethostname() for r in after[2:])
 
 
-def test_the_depth_lines_through_the_base_are_the_ones_timed_again_interleaved():
-    """Per method and kernel, the ok points along depth with the other axes at the base;
-    a line needs three points."""
-    grid = sw.Grid(**{**TINY, "axes": {**TINY["axes"], "depth": (1, 2, 3)}})
+def test_the_depth_lines_and_top_pairs_through_the_base_are_the_ones_timed_again():
+    """Per method and kernel, the ok points along depth with the other axes at the base (a
+    line needs three), and the top two along width and along batch; lines that share a
+    point are one group."""
+    axes = {"width": (2, 3, 4), "depth": (1, 2, 3), "out_dim": (3,), "batch": (2, 4, 8)}
+    grid = sw.Grid(**{**TINY, "axes": axes})  # base: width 4, depth 1, batch 4
     rows = [{**sw.blank_row(run), "status": "ok"} for run in grid.runs()]
-    lines = sw.lines_to_interleave(rows, grid.base)
-    assert len(lines) == len(grid.methods) + 1  # + layerwise with the generic kernel
-    for axis, line in lines:
-        assert axis == "depth" and [r["depth"] for r in line] == [1, 2, 3]
-        assert len({(r["method"], r["kernel"]) for r in line}) == 1
-        assert all(r[a] == grid.base[a] for r in line for a in sw.AXES if a != "depth")
-    rows[0]["status"] = "error"  # a line left with two ok points is not timed again
-    assert len(sw.lines_to_interleave(rows, grid.base)) == len(lines) - 1
+    groups = sw.lines_to_interleave(rows, grid.base)
+    assert len(groups) == len(grid.methods) + 1  # + layerwise with the generic kernel
+    for axes_named, runs in groups:  # every line passes through the base point
+        assert axes_named == "depth width batch"
+        assert len({(r["method"], r["kernel"]) for r in runs}) == 1
+        points = sorted((r["width"], r["depth"], r["batch"]) for r in runs)
+        assert points == [(3, 1, 4), (4, 1, 4), (4, 1, 8), (4, 2, 4), (4, 3, 4)]
+    # at the bottom of width and batch, the top pairs miss the base: three groups apart
+    low = sw.Grid(**{**TINY, "axes": axes, "base": {**TINY["base"], "width": 2, "batch": 2}})
+    rows_low = [{**sw.blank_row(run), "status": "ok"} for run in low.runs()]
+    groups = sw.lines_to_interleave(rows_low, low.base)
+    assert len(groups) == 3 * (len(grid.methods) + 1)
+    for axes_named, runs in groups:
+        along = [r[axes_named] for r in runs]
+        assert along == ([1, 2, 3] if axes_named == "depth" else list(axes[axes_named][1:]))
+    for r in rows:  # left: two ok points along depth, one along width and along batch
+        if r["depth"] == 3 or r["width"] in (2, 3) or r["batch"] in (2, 8):
+            r["status"] = "error"
+    assert sw.lines_to_interleave(rows, grid.base) == []
 
 
-def test_a_sweep_times_its_depth_lines_again_interleaved(tmp_path, monkeypatch):
-    """With ``retime``, the rows of the depth lines take times from rounds in which every
-    point of their line ran in turn, and flags for them; the other rows keep their own; a
-    line whose point fails to run again keeps its first times, with a warning."""
-    grid = sw.Grid(
-        **{**TINY, "axes": {**TINY["axes"], "depth": (1, 2, 3)}, "methods": ("layerwise",)}
-    )
+def test_a_sweep_times_its_depth_lines_and_top_pairs_again_interleaved(tmp_path, monkeypatch):
+    """With ``retime``, the rows of the depth lines and of the top pairs along width and
+    batch take times from rounds in which every point of their group ran in turn, and flags
+    for them; the other rows keep their own; a group whose point fails to run again keeps
+    its first times, with a warning."""
+    axes = {"width": (2, 4, 6), "depth": (1, 2, 3), "out_dim": (3,), "batch": (2, 4, 8)}
+    grid = sw.Grid(**{**TINY, "axes": axes, "methods": ("layerwise",)})
     order = []
     real = sw._direction_call
 
@@ -500,19 +513,22 @@ def test_a_sweep_times_its_depth_lines_again_interleaved(tmp_path, monkeypatch):
         call = real(run, grid, device)
         if run["kernel"] == "generic":
             raise RuntimeError("cannot build this line again")
-        return lambda: (order.append(run["depth"]), call())[1]
+        return lambda: (order.append((run["width"], run["depth"], run["batch"])), call())[1]
 
     sw.sweep(grid, tmp_path, progress=False)
     before = {sw.key_of(r): r for r in rows_of(tmp_path / "results.csv")}
     monkeypatch.setattr(sw, "_direction_call", recording)
-    with pytest.warns(UserWarning, match=r"layerwise \(generic\).*cannot build this line"):
+    with pytest.warns(
+        UserWarning, match=r"layerwise \(generic\) along depth, width, batch.*cannot"
+    ):
         sw.sweep(grid, tmp_path, progress=False, retime=sw.time_lines)
     rows = {sw.key_of(r): r for r in rows_of(tmp_path / "results.csv")}
-    assert order == [1, 2, 3] * (1 + sw.LINE_ROUNDS_PER_REPEAT * grid.repeats)  # warm-up, rounds
-    on_line = [r for r in rows.values() if r["width"] == "4" and r["batch"] == "4"]
+    group = [(4, 1, 4), (4, 2, 4), (4, 3, 4), (6, 1, 4), (4, 1, 8)]  # the base point first
+    assert order == group * (1 + sw.LINE_ROUNDS_PER_REPEAT * grid.repeats)  # warm-up, rounds
     for key, row in rows.items():
-        timed_again = row in on_line and row["kernel"] == "structured"
-        assert row["interleaved"] == ("depth" if timed_again else "")
+        point = (int(row["width"]), int(row["depth"]), int(row["batch"]))
+        timed_again = point in group and row["kernel"] == "structured"
+        assert row["interleaved"] == ("depth width batch" if timed_again else "")
         assert (row["times_s"] == before[key]["times_s"]) != timed_again
         assert row["host"] == socket.gethostname()
         if timed_again and row["flag"] != "outlier":  # the flag is that of the new times

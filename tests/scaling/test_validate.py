@@ -73,12 +73,20 @@ def planted(method, kernel, seconds):
 
 
 def test_work_the_flop_count_does_not_see_fails_the_time_claim():
+    """... once the top segment was timed interleaved; points timed one after another
+    cannot tell it from the machine's drift between them (too noisy)."""
     # an O(n^1.5) = O(w^3) step hidden in structured layerwise along width
     machine = planted("layerwise", "structured", lambda s: 2e-9 * s.widths[0] ** 3)
-    claims = va.validate(*make_sweep(machine), n_boot=300)
+    df, meta = make_sweep(machine)
+    claim = by_id(va.validate(df, meta, n_boot=300), "time-explained-layerwise")
+    assert claim.verdict == "too noisy" and claim.low > 1 + va.TIME_BAND
+    assert "along width, but its top two points were timed one after another" in claim.detail
+    df["interleaved"] = "depth width batch"  # what a sweep's timing again records
+    claims = va.validate(df, meta, n_boot=300)
     claim = by_id(claims, "time-explained-layerwise")
     assert claim.verdict == "fail" and claim.low > 1 + va.TIME_BAND
-    assert "faster than the counted work along width" in claim.detail
+    assert "faster than the counted work along width." in claim.detail
+    assert "over the top segment, timed interleaved" in claim.detail
     assert by_id(claims, "layerwise-structured-n").verdict == "pass"  # the FLOPs are right
     assert va.exit_code(claims) == 1
 
@@ -139,7 +147,9 @@ def test_overhead_that_dominates_every_point_does_not_reach_the_regime():
 
 def test_claims_on_time_on_an_unsteady_machine_are_too_noisy():
     machine = planted("layerwise", "structured", lambda s: 2e-9 * s.widths[0] ** 3)
-    claims = va.validate(*make_sweep(machine, rate_spread=0.5), n_boot=300)
+    df, meta = make_sweep(machine, rate_spread=0.5)
+    df["interleaved"] = "depth width batch"
+    claims = va.validate(df, meta, n_boot=300)
     claim = by_id(claims, "time-explained-layerwise")
     assert claim.verdict == "too noisy" and "would be 'fail'" in claim.detail
     assert "rates moved during the sweep" in claim.detail
