@@ -131,23 +131,26 @@ def pullback(
     seeds: Sequence[Tensor],
     targets: Sequence[Tensor],
     retain_graph: bool = True,
+    batched: bool = True,
 ) -> list[Tensor]:
     """Pull ``k`` cotangents back from ``roots`` to each of ``targets``: cotangent ``j``
     seeds ``roots[i]`` with ``seeds[i][j]`` (shape ``(k, *roots[i].shape)``).
 
     ``L_{a-1} = L_a A_a`` is backprop with the factor rows as cotangents. For a network
     that treats samples independently, row ``s`` of every sample can share one backward
-    pass, so this runs ``r`` backward passes, vectorised with ``torch.func.vmap``, not
-    ``d = N r``. Returns, per target, a tensor ``(k, *target.shape)``; a target outside
+    pass, so this runs ``r`` backward passes, not ``d = N r``: vectorised with
+    ``torch.func.vmap`` (``batched``: one product of ``k N`` rows per layer), or one after
+    another (fewer tensor operations than vmap's batching adds, which matters only for
+    small networks). Returns, per target, a tensor ``(k, *target.shape)``; a target outside
     the autograd graph of the roots (computed under ``torch.no_grad``), or one they do not
     reach (a module's output that is discarded), gets zeros.
     """
     reached = [t for t in targets if t.requires_grad]
     unreached: set[int] = set()  # positions in reached of targets the roots do not reach
 
-    def backward(*cotangents):
+    def backward(*cotangents, retain=retain_graph):
         grads = torch.autograd.grad(
-            roots, reached, cotangents, retain_graph=retain_graph, allow_unused=True
+            roots, reached, cotangents, retain_graph=retain, allow_unused=True
         )
         # a module whose output is discarded: vmap returns tensors only, so a placeholder
         unreached.update(i for i, g in enumerate(grads) if g is None)
@@ -157,11 +160,17 @@ def pullback(
 
     # torch.func.vmap: batching rules for the backward ops (is_grads_batched's older vmap
     # loops over the rows for some, e.g. tanh_backward)
-    grads = torch.func.vmap(backward)(*seeds)
+    k = seeds[0].shape[0]
+    if batched:
+        grads = torch.func.vmap(backward)(*seeds)
+    else:  # the graph kept for every pass but the last, unless the caller keeps it
+        each = [
+            backward(*(s[j] for s in seeds), retain=retain_graph or j < k - 1) for j in range(k)
+        ]
+        grads = [torch.stack(g) for g in zip(*each, strict=True)]
     found = {
         id(t): g for i, (t, g) in enumerate(zip(reached, grads, strict=True)) if i not in unreached
     }
-    k = seeds[0].shape[0]
     return [
         g.detach()  # autograd.grad hands a root's own seed back for a root among the targets
         if (g := found.get(id(t))) is not None

@@ -224,6 +224,34 @@ def test_sampled_direction_follows_the_generator():
     assert rel_error(run(5), run(6)) > 1e-3
 
 
+def test_few_rows_of_a_small_network_are_pulled_back_one_pass_after_another(monkeypatch):
+    """One probe (two rows with the gradient) of a small network: pass by pass; the exact
+    factor's C + 1 rows, or a network over the work limit, vectorised; the same direction
+    either way."""
+    from riemann_core.methods import _base
+
+    batched, real = [], _base.pullback
+
+    def recording(*args, **kwargs):
+        batched.append(kwargs["batched"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_base, "pullback", recording)
+    model, x, y = Problem().make()
+
+    def sampled():
+        gen = torch.Generator().manual_seed(0)
+        dirs = rc.direction(model, x, y, output_metric="sampled", damping=1e-2, generator=gen)
+        return flatten(dirs, model)
+
+    one_after_another = sampled()
+    rc.direction(model, x, y, damping=1e-2)
+    monkeypatch.setattr(_base, "SERIAL_PULLBACK_WORK", 0)
+    vectorised = sampled()
+    assert batched == [False, True, True]
+    assert rel_error(one_after_another, vectorised) < 1e-12
+
+
 # ---------------------------------------------------------------------- custom
 
 
@@ -324,3 +352,36 @@ def test_custom_factor_in_an_autograd_graph_is_data(method):
             assert rel_error(got[name], want[name]) < 1e-12
             assert rel_error(p.grad, want[name]) < 1e-10
     pre.remove()
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["vmap", "one-after-another"])
+@pytest.mark.parametrize("retain_graph", [True, False])
+def test_pullback_is_the_chain_rule_for_every_seed(batched, retain_graph):
+    """Each seed's cotangent at every target, vectorised or pass by pass; zeros for a
+    target the roots do not reach or outside the graph; the graph kept between passes and
+    freed after the last unless ``retain_graph``."""
+    torch.manual_seed(0)
+    dt = torch.float64
+    first, second, spare = (torch.nn.Linear(4, 5), torch.nn.Linear(5, 3), torch.nn.Linear(5, 2))
+    for m in (first, second, spare):
+        m.to(dt)
+    x = torch.randn(6, 4, dtype=dt)
+    h = first(x)
+    out = second(torch.tanh(h))
+    dropped = spare(torch.tanh(h))  # discarded: the roots do not reach it
+    with torch.no_grad():
+        outside = first(x)
+    seeds = torch.randn(3, 6, 3, dtype=dt)
+    pulled = factors.pullback(
+        (out,), (seeds,), [h, out, dropped, outside], retain_graph=retain_graph, batched=batched
+    )
+    chain = (seeds @ second.weight.detach()) * (1 - torch.tanh(h.detach()) ** 2)
+    assert rel_error(pulled[0], chain) < 1e-14
+    assert torch.equal(pulled[1], seeds)
+    assert pulled[2].shape == (3, 6, 2) and not pulled[2].any()
+    assert pulled[3].shape == (3, 6, 5) and not pulled[3].any()
+    if retain_graph:
+        out.sum().backward()
+    else:
+        with pytest.raises(RuntimeError, match="second time"):
+            out.sum().backward()
