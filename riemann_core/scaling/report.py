@@ -354,8 +354,10 @@ def _rates_section(meta: dict, df: pd.DataFrame) -> list[str]:
     moved = [k for k, s in spread.items() if s > SPREAD_LIMIT]
     warning = (
         f"**The device's speed moved during the sweep** ({', '.join(moved)} spread over "
-        f"{SPREAD_LIMIT:.0%}: other load on the machine?), so the claims on time are too "
-        "noisy to judge; rerun on a quiet machine. The claims on counted FLOPs stand."
+        f"{SPREAD_LIMIT:.0%}: other load on the machine?), so the claims on time of points "
+        "measured one after another are too noisy to judge; rerun on a quiet machine. The "
+        "claims on counted FLOPs stand, and so do those on points timed in the same "
+        "interleaved rounds (basis: interleaved time)."
         if moved
         else "The rates held steady during the sweep."
     )

@@ -42,7 +42,10 @@ Every claim ends with one verdict and a one-line reason (``detail``):
 depth claims' time part too). Every claim on time is too noisy instead (its would-be
 verdict in the detail) when the device's rates measured during the sweep spread by more
 than :data:`~riemann_core.scaling.sweep.SPREAD_LIMIT`: the speed of a loaded machine, not
-the algorithm, would decide it.
+the algorithm, would decide it. Except a claim decided by points timed in the same
+interleaved rounds (``basis`` :data:`INTERLEAVED`: a depth line, or the top pairs of the
+deciding axes, see :func:`~riemann_core.scaling.sweep.time_lines`): a slow spell slowed its
+points alike, and the noise within the rounds is in its interval.
 
 - ``time-explained-<method>``: along width and batch (``n`` and ``d``), over the top
   segment of compute-bound points (overhead at most
@@ -88,6 +91,8 @@ from . import fit
 from .sweep import METHODS, SPREAD_LIMIT, model_flops, shape_of
 
 PASS, FAIL = "pass", "fail"
+#: the basis of a claim decided by times of points measured in the same interleaved rounds
+INTERLEAVED = "interleaved time"
 NOT_REACHED, NOT_MEASURED, NOISY = "regime not reached", "not measured", "too noisy"
 VERDICTS = (PASS, FAIL, NOT_REACHED, NOT_MEASURED, NOISY)
 
@@ -125,7 +130,9 @@ class Claim:
     high: float | None
     verdict: str
     detail: str
-    basis: str = "flops"  # what decided the verdict: "flops" (counted) or "time"
+    # what decided the verdict: "flops" (counted), "time" (of points measured one after
+    # another) or "interleaved time" (of points measured in the same interleaved rounds)
+    basis: str = "flops"
 
     def to_dict(self) -> dict:
         """The JSON record; non-finite numbers become null."""
@@ -243,14 +250,23 @@ def validate(
     moved = {k: v for k, v in spread.items() if v > SPREAD_LIMIT}
     judged = (PASS, FAIL, NOT_REACHED)
     return claims + [
-        _unsteady(c, moved) if moved and c.basis == "time" and c.verdict in judged else c
+        _unsteady(c, moved) if moved and c.basis != "flops" and c.verdict in judged else c
         for c in timed
     ]
 
 
 def _unsteady(claim: Claim, moved: Mapping[str, float]) -> Claim:
-    """A claim on time, on a device whose speed moved during the sweep: too noisy."""
+    """A claim on time, on a device whose speed moved during the sweep: too noisy, unless
+    the points that decide it were timed in the same interleaved rounds (a slow spell
+    slowed them alike)."""
     spread = ", ".join(f"{k} {v:.0%}" for k, v in moved.items())
+    if claim.basis == INTERLEAVED:
+        detail = (
+            f"{claim.detail} The device's rates moved during the sweep ({spread} between "
+            "measurements), but the points that decide this claim were timed in the same "
+            "interleaved rounds."
+        )
+        return replace(claim, detail=detail)
     detail = (
         f"{claim.detail} The verdict would be '{claim.verdict}', but the device's rates "
         f"moved during the sweep ({spread} between measurements): rerun on a quiet machine."
@@ -508,7 +524,7 @@ def _linear_in_depth(
         curve.high,
         verdict,
         detail + reason + ".",
-        "time",
+        INTERLEAVED if timed else "time",
     )
 
 
@@ -610,7 +626,9 @@ def _time_explained(
         return Claim(cid, text, expected, top, None, None, NOT_REACHED, detail, "time")
     worst = judged[axis]
     detail = f"{reason[0].upper()}{reason[1:]}. {per_axis}. {summary}."
-    return Claim(cid, text, expected, worst.slope, worst.low, worst.high, verdict, detail, "time")
+    deciding = judged if verdict == PASS else [axis]  # a pass needs every judged axis
+    basis = INTERLEAVED if all(together[a] for a in deciding) else "time"
+    return Claim(cid, text, expected, worst.slope, worst.low, worst.high, verdict, detail, basis)
 
 
 def _timed_together(rows: pd.DataFrame, axis: str) -> bool:

@@ -116,6 +116,7 @@ def test_a_depth_quadratic_in_time_fails_linear_in_depth():
     df["interleaved"] = "depth"  # what a sweep's interleaved timing of the lines records
     claim = by_id(va.validate(df, meta, n_boot=300), "linear-in-depth-natural")
     assert "the depths timed interleaved" in claim.detail and claim.verdict == "fail"
+    assert claim.basis == "interleaved time"
 
 
 def test_flops_that_are_not_affine_in_depth_fail_linear_in_depth():
@@ -146,16 +147,25 @@ def test_overhead_that_dominates_every_point_does_not_reach_the_regime():
 
 
 def test_claims_on_time_on_an_unsteady_machine_are_too_noisy():
+    """... unless the points that decide them were timed in the same interleaved rounds."""
     machine = planted("layerwise", "structured", lambda s: 2e-9 * s.widths[0] ** 3)
     df, meta = make_sweep(machine, rate_spread=0.5)
-    df["interleaved"] = "depth width batch"
     claims = va.validate(df, meta, n_boot=300)
-    claim = by_id(claims, "time-explained-layerwise")
-    assert claim.verdict == "too noisy" and "would be 'fail'" in claim.detail
+    claim = by_id(claims, "linear-in-depth-layerwise")
+    assert claim.verdict == "too noisy" and "would be 'pass'" in claim.detail
     assert "rates moved during the sweep" in claim.detail
     assert {c.verdict for c in claims if c.basis == "time"} == {"too noisy"}
     assert {c.verdict for c in claims if c.basis == "flops"} == {"pass"}
     assert va.exit_code(claims) == 0
+    df["interleaved"] = "depth width batch"  # every line and top pair timed interleaved
+    claims = va.validate(df, meta, n_boot=300)
+    claim = by_id(claims, "time-explained-layerwise")
+    assert claim.verdict == "fail" and claim.basis == "interleaved time"
+    assert "but the points that decide this claim were timed in the same" in claim.detail
+    assert by_id(claims, "linear-in-depth-layerwise").verdict == "pass"
+    # crossover-width and structured-vs-generic compare points timed one after another
+    assert {c.verdict for c in claims if c.basis == "time"} == {"too noisy"}
+    assert va.exit_code(claims) == 1
 
 
 def test_rates_in_another_dtype_do_not_make_the_claims_noisy():
