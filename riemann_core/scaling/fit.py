@@ -440,6 +440,17 @@ def time_exponent(
     return loglog_slope(bound["_compute"], samples, tail=tail, n_boot=n_boot, seed=seed)
 
 
+def top_segment(
+    rows: pd.DataFrame, model: TimeModel, *, target: float = OVERHEAD_TARGET, tail: int = 2
+) -> pd.DataFrame:
+    """The rows :func:`time_exponent` fits: those of the ``tail`` largest distinct
+    modelled compute times among the compute-bound points."""
+    compute = model.compute(rows)
+    bound = (overhead_fraction(rows, model) <= target) & (compute > 0)
+    top = np.unique(compute[bound])[-tail:]
+    return rows[bound & np.isin(compute, top)]
+
+
 #: the top segment must add at least this factor of work to judge time against it (a
 #: doubled axis adds up to 2x the work of terms linear in it, more for higher powers)
 MIN_WORK_RATIO = 1.5

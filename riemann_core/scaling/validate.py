@@ -576,7 +576,7 @@ def _time_explained(
         rows = fit.method_points(group, base, method, kernel, axis)
         if len(rows):
             regimes[axis] = fit.axis_regime(rows, model, n_boot=n_boot, seed=seed)
-            together[axis] = _timed_together(rows, axis)
+            together[axis] = _timed_together(fit.top_segment(rows, model), axis)
     by_state = {}
     for axis, regime in regimes.items():
         by_state.setdefault(regime.state, []).append(axis)
@@ -631,11 +631,11 @@ def _time_explained(
     return Claim(cid, text, expected, worst.slope, worst.low, worst.high, verdict, detail, basis)
 
 
-def _timed_together(rows: pd.DataFrame, axis: str) -> bool:
-    """Whether the top two points of ``rows`` along ``axis`` were timed interleaved
-    (``interleaved`` names the axis: :func:`~riemann_core.scaling.sweep.time_lines`)."""
-    top = rows.sort_values(axis).tail(2)
-    return len(top) == 2 and bool(_interleaved_along(top, axis).all())
+def _timed_together(top: pd.DataFrame, axis: str) -> bool:
+    """Whether the points of a top segment along ``axis`` (two or more) were timed
+    interleaved (``interleaved`` names the axis: see
+    :func:`~riemann_core.scaling.sweep.time_lines`)."""
+    return len(top) >= 2 and bool(_interleaved_along(top, axis).all())
 
 
 def _interleaved_along(rows: pd.DataFrame, axis: str) -> pd.Series:

@@ -128,6 +128,18 @@ def test_time_exponent_is_one_where_time_follows_the_work():
     assert slope.slope == pytest.approx(1, abs=0.1) and slope.low <= 1 <= slope.high
 
 
+def test_the_top_segment_is_the_two_largest_compute_bound_points():
+    """... the points time_exponent fits: its slope from them alone is the same."""
+    df, meta = make_sweep(Machine(t0=5e-3), runs=(("layerwise", "generic"),))
+    model = fit.fit_time_model(df)
+    rows = fit.axis_points(df, meta["base"], "batch").sort_values("batch")
+    top = fit.top_segment(rows, model)
+    assert list(top["batch"]) == list(rows["batch"].iloc[-2:])
+    reduced = rows.iloc[:1]  # under the overhead target: not compute-bound
+    assert fit.top_segment(reduced, model).empty
+    assert fit.time_exponent(top, model).slope == fit.time_exponent(rows, model).slope
+
+
 def test_time_exponent_shows_work_the_flops_do_not_see():
     hidden = Machine(extra=lambda method, kernel, s: 2e-9 * s.widths[0] ** 3)  # w^3 = n^1.5
     df, meta = make_sweep(hidden, runs=(("layerwise", "structured"),))
