@@ -22,6 +22,7 @@ the caller, so its call includes one more forward and backward pass for it.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -71,10 +72,22 @@ DEFAULT = Variant("sampled", "factored", "separate")
 def available() -> bool:
     """Whether curvlinops can be imported."""
     try:
-        import curvlinops  # noqa: F401
+        _curvlinops()
     except ImportError:
         return False
     return True
+
+
+def _curvlinops():
+    """curvlinops, imported without the DeprecationWarning its dependency linear_operator
+    raises at import (it calls ``torch.jit.script``, which torch 2.13 deprecates): a note
+    on that library's internals, which a user of the comparison cannot act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`torch.jit.script` is deprecated", category=DeprecationWarning
+        )
+        import curvlinops
+    return curvlinops
 
 
 def ours(
@@ -103,7 +116,7 @@ def public(
     Raises ``ImportError`` naming the install command when curvlinops is absent.
     """
     try:
-        from curvlinops import KFACInverseLinearOperator, KFACLinearOperator
+        curvlinops = _curvlinops()
     except ImportError as err:
         raise ImportError(
             f"the public K-FAC comparison needs curvlinops; install it with {INSTALL}"
@@ -115,7 +128,7 @@ def public(
 
     def call():
         gradient = torch.autograd.grad(mean_loss(model(inputs), targets), params)
-        kfac = KFACLinearOperator(
+        kfac = curvlinops.KFACLinearOperator(
             model,
             loss_fn,
             params,
@@ -128,7 +141,7 @@ def public(
             num_data=inputs.shape[0],
             num_per_example_loss_terms=1,
         )
-        inverse = KFACInverseLinearOperator(
+        inverse = curvlinops.KFACInverseLinearOperator(
             kfac,
             damping=damping,
             use_exact_damping=variant.damping == "exact",
