@@ -356,7 +356,7 @@ def _rates_section(meta: dict, df: pd.DataFrame) -> list[str]:
         f"**The device's speed moved during the sweep** ({', '.join(moved)} spread over "
         f"{SPREAD_LIMIT:.0%}: other load on the machine?), so the claims on time of points "
         "measured one after another are too noisy to judge; rerun on a quiet machine. The "
-        "claims on counted FLOPs stand, and so do those on points timed in the same "
+        "claims on counted FLOPs stand, and so do the passes on points timed in the same "
         "interleaved rounds (basis: interleaved time)."
         if moved
         else "The rates held steady during the sweep."

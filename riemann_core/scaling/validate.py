@@ -42,10 +42,11 @@ Every claim ends with one verdict and a one-line reason (``detail``):
 depth claims' time part too). Every claim on time is too noisy instead (its would-be
 verdict in the detail) when the device's rates measured during the sweep spread by more
 than :data:`~riemann_core.scaling.sweep.SPREAD_LIMIT`: the speed of a loaded machine, not
-the algorithm, would decide it. Except a claim decided by points timed in the same
+the algorithm, would decide it. Except a pass decided by points timed in the same
 interleaved rounds (``basis`` :data:`INTERLEAVED`: a depth line, or the top pairs of the
 deciding axes, see :func:`~riemann_core.scaling.sweep.time_lines`): a slow spell slowed its
-points alike, and the noise within the rounds is in its interval.
+points alike, and the noise within the rounds is in its interval; load makes times deviate
+from a claim, not agree with it, so a fail or regime not reached there stays too noisy.
 
 - ``time-explained-<method>``: along width and batch (``n`` and ``d``), over the top
   segment of compute-bound points (overhead at most
@@ -261,15 +262,16 @@ def validate(
 
 
 def _unsteady(claim: Claim, moved: Mapping[str, float]) -> Claim:
-    """A claim on time, on a device whose speed moved during the sweep: too noisy, unless
-    the points that decide it were timed in the same interleaved rounds (a slow spell
-    slowed them alike)."""
+    """A claim on time, on a device whose speed moved during the sweep: too noisy, except
+    a pass on points timed in the same interleaved rounds (a slow spell slowed them alike;
+    load makes times deviate from a claim, it does not make them agree with it within a
+    narrow interval, so only a verdict against the claim stays unproven)."""
     spread = ", ".join(f"{k} {v:.0%}" for k, v in moved.items())
-    if claim.basis == INTERLEAVED:
+    if claim.basis == INTERLEAVED and claim.verdict == PASS:
         detail = (
             f"{claim.detail} The device's rates moved during the sweep ({spread} between "
-            "measurements), but the points that decide this claim were timed in the same "
-            "interleaved rounds."
+            "measurements), but the points that decide this pass were timed in the same "
+            "interleaved rounds (a verdict against the claim would read too noisy here)."
         )
         return replace(claim, detail=detail)
     detail = (

@@ -159,13 +159,15 @@ def test_claims_on_time_on_an_unsteady_machine_are_too_noisy():
     assert va.exit_code(claims) == 0
     df["interleaved"] = "depth width batch"  # every line and top pair timed interleaved
     claims = va.validate(df, meta, n_boot=300)
-    claim = by_id(claims, "time-explained-layerwise")
-    assert claim.verdict == "fail" and claim.basis == "interleaved time"
-    assert "but the points that decide this claim were timed in the same" in claim.detail
-    assert by_id(claims, "linear-in-depth-layerwise").verdict == "pass"
+    depth = by_id(claims, "linear-in-depth-layerwise")  # a pass on interleaved points stands
+    assert depth.verdict == "pass" and depth.basis == "interleaved time"
+    assert "but the points that decide this pass were timed in the same" in depth.detail
+    claim = by_id(claims, "time-explained-layerwise")  # a fail under load is unproven
+    assert claim.verdict == "too noisy" and claim.basis == "interleaved time"
+    assert "would be 'fail'" in claim.detail
     # crossover-width and structured-vs-generic compare points timed one after another
     assert {c.verdict for c in claims if c.basis == "time"} == {"too noisy"}
-    assert va.exit_code(claims) == 1
+    assert va.exit_code(claims) == 0
 
 
 def test_an_exponent_in_the_band_passes_only_with_an_interval_near_it():
