@@ -55,12 +55,12 @@ from a claim, not agree with it, so a fail or regime not reached there stays too
   ``t - overhead`` against the modelled compute time
   (:func:`~riemann_core.scaling.fit.axis_regime`) lies in ``1 +- TIME_BAND``, its 95%
   interval within ``1 +- STABLE_REACH``: the time is explained by the counted FLOPs at
-  stable rates (too noisy where the interval reaches beyond). Fail when an axis's 95% interval lies
-  above the band (time grows faster than the counted work) and its top two points were
-  timed interleaved (``interleaved`` names the axis; where they were timed one after
-  another, the machine's drift between them can do that: too noisy), too noisy when an
-  exponent above the band has an interval reaching into it, regime not reached when an exponent
-  lies below it (the achieved rates still climb with size) or when no axis has such a
+  stable rates (too noisy where the interval reaches beyond). Fail when an axis's 95%
+  interval lies above the band (time grows faster than the counted work) and its top two
+  points were timed interleaved (``interleaved`` names the axis; where they were timed one
+  after another, the machine's drift between them can do that: too noisy), too noisy when
+  an exponent above the band has an interval reaching into it, regime not reached when an
+  exponent lies below it (the achieved rates still climb with size) or when no axis has such a
   segment (the overhead fractions at the top and the growth of the axes are given).
 - ``crossover-width``: the smallest width from which on structured layerwise is faster
   than ``full`` at every width where both ran: pass if it exists; fail if ``full`` is faster
