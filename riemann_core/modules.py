@@ -358,8 +358,11 @@ class LinearHandler(PatchHandler):
         D = self.Dl[:, :, 0]
         if self.r == 1:  # one row per sample: an elementwise product of the output's size
             return (D[0] * XXL).sum(-1)
-        # per sample, (r x f)(f x 1): no r N f temporary (a fresh one costs page faults)
-        return torch.bmm(D.transpose(0, 1), XXL[:, :, None]).reshape(self.N, self.r).T.reshape(-1)
+        # per sample, (1 x f)(f x r): no r N f temporary (a fresh one costs page faults), and
+        # D's probe-major memory is each sample's f x r matrix in column-major order, which
+        # MKL takes as it is; as (r x f)(f x 1) the same product ran 7x slower (r = 9,
+        # N = 128, f = 1024, 2-core CPU: 0.14 against 1.0 ms)
+        return torch.bmm(XXL[:, None, :], D.permute(1, 2, 0)).reshape(self.N, self.r).T.reshape(-1)
 
     def output_grad_minus_K_tmv(
         self, lam: Tensor, t: Tensor, scale: float = 1.0
