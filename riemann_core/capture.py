@@ -309,18 +309,72 @@ def set_rng_state(state: list[Tensor], devices: list[int]) -> None:
         torch.cuda.set_rng_state(s, d)
 
 
+@dataclass(frozen=True)
+class Replay:
+    """A forward pass of the user's to run again (``RiemannianPreconditioner.step``): the
+    random state it started from (:func:`rng_state`) and, where recorded, the tensors of
+    its output, which the pass run again must give again.
+
+    Python state the forward pass reads (its ``random`` module, a call counter, a flag
+    changed since) is not replayed; a pass that took another path gives another output,
+    while the same operations on the same data agree to rounding (GPU atomics, kernels
+    chosen by alignment): a floating tensor may differ by ``sqrt(eps)`` of its dtype
+    (float32: 3.5e-4) times its largest entry, any other must be equal."""
+
+    state: list[Tensor]
+    output: list[Tensor] | None = None
+
+    def check(self, outputs, checks) -> None:
+        """Register with ``checks`` (a :class:`~riemann_core._checks.Deferred`) that
+        ``outputs`` are the recorded output (NaN and inf are left to the checks of the
+        outputs). No host sync; another structure raises at once."""
+        if self.output is None:
+            return
+        new = [t.detach() for t in pytree.tree_leaves(outputs) if isinstance(t, Tensor)]
+        if [(t.shape, t.dtype) for t in new] != [(t.shape, t.dtype) for t in self.output]:
+            _replay_differs(new, self.output)
+        alike = torch.stack([~_differ(a, b) for a, b in zip(new, self.output, strict=True)])
+        checks.require(alike.all(), lambda: _replay_differs(new, self.output))
+
+
+def _differ(new: Tensor, old: Tensor) -> Tensor:
+    """A device boolean: ``new`` is not ``old`` up to rounding (see :class:`Replay`)."""
+    if not old.is_floating_point():
+        return new.ne(old).any()
+    tolerance = torch.finfo(old.dtype).eps ** 0.5
+    return (new - old).abs().amax() > tolerance * old.abs().amax()
+
+
+def _replay_differs(new: list[Tensor], old: list[Tensor]) -> None:
+    if [t.shape for t in new] == [t.shape for t in old]:
+        error = max(float((a - b).abs().max()) for a, b in zip(new, old))
+        seen = f"entries differ by up to {error:.3g}"
+    else:
+        seen = f"shapes {[tuple(t.shape) for t in new]} against {[tuple(t.shape) for t in old]}"
+    raise ValueError(
+        "the model's forward pass, run again on the recorded batch from the recorded random "
+        f"state for the metric, gave another output than the pass the gradient came from "
+        f"({seen}). pre.step() runs the pass again, and so does pre.backward(loss) on its "
+        "first call for a model; this forward pass depends on state that is not replayed "
+        "(Python's random module, a call counter, an attribute or a global hook changed "
+        "since): draw random choices with torch's generator, or keep such state fixed until "
+        "the direction is computed"
+    )
+
+
 def forward(
     model: nn.Module,
     args: tuple,
     kwargs: dict,
     *,
-    replay: list[Tensor] | None = None,
+    replay: Replay | None = None,
 ) -> tuple[Tensor, list[Block]]:
     """Run ``model(*args, **kwargs)`` and capture every call of a module with parameters.
 
-    The forward pass must not draw random numbers, unless ``replay`` (a state from
-    :func:`rng_state`) is given: every pass then starts from that state, so dropout
-    draws the masks it drew then, and the caller's random state is restored afterwards.
+    The forward pass must not draw random numbers, unless ``replay`` is given: every pass
+    then starts from its random state, so dropout draws the masks it drew then, and the
+    caller's random state is restored afterwards (:meth:`Replay.check` then tells whether
+    the pass took the recorded path).
     """
     notes = notes_for(model)
     devices = rng_devices(model)
@@ -329,7 +383,7 @@ def forward(
             stack.enter_context(buffers_kept(model))
             if replay is not None:
                 stack.enter_context(torch.random.fork_rng(devices=devices))
-                set_rng_state(replay, devices)
+                set_rng_state(replay.state, devices)
             before = None if replay is not None else rng_state(devices)
             capture = stack.enter_context(Capture(model, notes.clone))
             stack.enter_context(eager())

@@ -16,6 +16,7 @@ from ._checks import (
     tensors_of,
 )
 from ._precision import full_precision
+from .capture import Replay
 from .factors import FactorFn
 from .methods import METHODS, SOLVERS, LayerDiagnostics, Options, build_problem, finish
 
@@ -179,7 +180,7 @@ def solve(
     *,
     forward_kwargs: dict | None = None,
     checks: Deferred | None = None,
-    replay: list[Tensor] | None = None,
+    replay: Replay | None = None,
     state=None,
     process_group: torch.distributed.ProcessGroup | None = None,
     timeout: float = distributed.TIMEOUT,
@@ -190,7 +191,7 @@ def solve(
 
     Returns ``({name: direction}, diagnostics)`` for the parameters seen in the forward
     pass. Raises before returning anything if a check fails (``checks`` holds those of
-    the caller still to be read); ``replay``: see :func:`riemann_core.capture.forward`.
+    the caller still to be read); ``replay``: see :class:`riemann_core.capture.Replay`.
     With ``process_group``, the direction of the global batch on every rank
     (:func:`riemann_core.distributed.solve`; ``global_gradient``: ``gradient`` is
     already the global batch's).

@@ -16,7 +16,7 @@ from ._checks import (
     check_refresh,
     tensors_of,
 )
-from .capture import Capture, OwnHook, capturing, notes_for, rng_devices, rng_state
+from .capture import Capture, OwnHook, Replay, capturing, notes_for, rng_devices, rng_state
 from .direction import run_solver, solve
 from .factors import FactorFn
 from .methods import METHODS, SOLVERS, LayerDiagnostics, Options, problem_from_graph
@@ -44,7 +44,9 @@ class RiemannianPreconditioner:
     arguments and the random state, and ``step`` runs one more forward pass on them from
     that state, so that dropout draws the masks the gradient was computed with. Call it
     between ``loss.backward()`` and ``opt.step()``: a parameter or an input changed in
-    place since the forward pass is refused.
+    place since the forward pass is refused, and so is a pass run again whose output is
+    not the recorded one (beyond rounding): its path depended on state that is not
+    replayed, such as Python's ``random`` module or a counter.
 
     Either way the metric is that of ``loss`` (it needs no targets: a custom
     ``output_metric`` receives ``None``), and on any error ``.grad`` is left as it was.
@@ -121,6 +123,8 @@ class RiemannianPreconditioner:
         self._batch: tuple[tuple, dict, list[Tensor]] | None = None
         self._versions: list[tuple[str | None, Tensor, int]] = []
         self._hook = model.register_forward_pre_hook(OwnHook(model, self._record), with_kwargs=True)
+        self._output_hook = model.register_forward_hook(OwnHook(model, self._record_output))
+        self._output: list[Tensor] | None = None
         # pre.backward(loss) records the user's own forward passes (one process only)
         single = process_group is None and self.network is model
         self._capture = Capture(model, notes_for(model).clone, persistent=True) if single else None
@@ -138,11 +142,17 @@ class RiemannianPreconditioner:
             )
             inputs = tensors_of((args, kwargs))
         self._batch = (args, kwargs, rng_state(rng_devices(self.model)))
+        self._output = None  # until this pass returns
         # what step() relies on: the batch and the parameters as the forward pass saw them
         # (named on failure only: None for an input)
         self._versions = [(None, t, t._version) for t in inputs] + [
             (n, p, p._version) for n, p in self.model.named_parameters()
         ]
+
+    def _record_output(self, module, args, output):
+        # the output a replay of this pass must give again (kept until the next pass)
+        if not (capturing() or not torch.is_grad_enabled()):
+            self._output = [t.detach() for t in pytree.tree_leaves(output) if isinstance(t, Tensor)]
 
     def _check_unchanged(self, call: str) -> None:
         for name, t, version in self._versions:
@@ -302,7 +312,7 @@ class RiemannianPreconditioner:
                 gradient=full,
                 forward_kwargs=kwargs,
                 checks=checks,
-                replay=state,
+                replay=Replay(state, self._output),
                 state=self._kfac,
                 process_group=self.process_group,
                 timeout=self.timeout,
@@ -361,6 +371,7 @@ class RiemannianPreconditioner:
     def remove(self) -> None:
         """Detach the forward hooks from the model."""
         self._hook.remove()
+        self._output_hook.remove()
         if self._capture is not None:
             self._capture.remove()
 

@@ -10,15 +10,22 @@ import torch.nn.functional as F
 from oracle import (
     Problem,
     assert_unchanged,
+    block_indices,
     flatten,
+    ggn,
+    gradient,
     kfac_factors,
     mlp,
+    oracle_direction,
     rel_error,
     snapshot,
     solve_kfac_metric,
+    unflatten,
 )
 
 import riemann_core as rc
+from riemann_core._checks import Deferred
+from riemann_core.capture import Replay
 from riemann_core.direction import solve
 from riemann_core.methods import SOLVERS
 
@@ -536,3 +543,78 @@ def test_a_forward_under_no_grad_is_not_the_steps_batch():
     expected = rc.direction(model, x, y, damping=1e-2)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-12, atol=1e-14)
+
+
+class PythonChoice(torch.nn.Module):
+    """A residual branch taken or skipped by Python state the replay does not restore (a
+    flag flipped between the forward pass and the step, as Python's ``random`` would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.r, self.b = (
+            torch.nn.Linear(5, 5),
+            torch.nn.Linear(5, 5),
+            torch.nn.Linear(5, 3),
+        )
+        self.branch = False
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h + torch.tanh(self.r(h)) if self.branch else h)
+
+
+@pytest.mark.parametrize("user_branch", [False, True], ids=["replay-adds", "replay-skips"])
+@pytest.mark.parametrize("call", ["step", "first-backward"])
+def test_a_replay_that_takes_another_path_is_refused(user_branch, call):
+    """``step()`` (and ``backward`` on its first call, which probes) runs the forward pass
+    again; a pass that depends on unreplayed Python state takes another path there, whose
+    metric is that of another network: refused, naming the cause, ``.grad`` untouched."""
+    torch.manual_seed(0)
+    model = PythonChoice().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    pre = rc.RiemannianPreconditioner(model)
+    model.branch = user_branch
+    loss = F.cross_entropy(model(x), y)
+    if call == "step":
+        loss.backward()
+    before = snapshot(model)
+    model.branch = not user_branch
+    with pytest.raises(ValueError, match="gave another output than the pass the gradient came"):
+        pre.step() if call == "step" else pre.backward(loss)
+    assert_unchanged(model, before)
+    # the same state at both passes: the direction of the network that ran
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    expected = oracle_direction(G, g, pre.options.damping, "layerwise", block_indices(model))
+    params = dict(model.named_parameters())
+    for name, d in unflatten(expected, model).items():
+        if params[name].grad is not None:  # a skipped branch's stays None
+            torch.testing.assert_close(params[name].grad, d)
+
+
+def test_a_replay_agrees_to_rounding_and_no_further():
+    """The replay's output may differ from the recorded one by rounding (kernels chosen
+    another way, GPU atomics): sqrt(eps) of the largest entry; beyond that, or in an
+    integer output, it is another pass."""
+    old = torch.linspace(-2, 3, 12).reshape(4, 3)
+    eps = torch.finfo(torch.float32).eps
+
+    def alike(new, out=old):
+        checks = Deferred()
+        Replay([], [out]).check(new, checks)
+        try:
+            checks.run()
+        except ValueError:
+            return False
+        return True
+
+    assert alike(old * (1 + 8 * eps))
+    assert alike(old + 0.5 * eps**0.5 * 3)
+    assert not alike(old + 2 * eps**0.5 * 3)
+    assert alike(old.clone().fill_(float("nan")))  # left to the checks of the outputs
+    labels = torch.arange(4)
+    assert alike(labels.clone(), labels) and not alike(labels.flip(0), labels)
+    with pytest.raises(ValueError, match=r"shapes \[\(3, 4\)\] against \[\(4, 3\)\]"):
+        alike(old.T.contiguous())

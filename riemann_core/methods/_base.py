@@ -19,7 +19,7 @@ from .._checks import (
     check_outputs,
     forward_arguments,
 )
-from ..capture import forward, notes_for
+from ..capture import Replay, forward, notes_for
 from ..factors import FactorFn, factor_cotangents, output_factor, pullback
 from ..modules import Block, Handler, handler_for
 
@@ -277,7 +277,7 @@ def build_problem(
     gradient: dict[str, Tensor] | None = None,
     forward_kwargs: dict | None = None,
     checks: Deferred | None = None,
-    replay: list[Tensor] | None = None,
+    replay: Replay | None = None,
 ) -> Problem:
     """Forward pass, the loss gradient (unless ``gradient`` maps parameter names to the
     vectors to precondition) and, if needed, the pulled-back factor. ``targets`` may be
@@ -286,8 +286,8 @@ def build_problem(
     ``inputs`` is the model's argument, or a tuple of its positional arguments, beside
     ``forward_kwargs``. Checks of the data join ``checks`` and are read (one host sync)
     after the forward pass, before the loss is formed; the batch-coupling probe's join
-    them for the caller to read. ``replay`` is a random state every forward pass starts
-    from (see :func:`riemann_core.capture.forward`).
+    them for the caller to read. ``replay``: a recorded forward pass to run again, whose
+    output the new pass must reproduce (:class:`riemann_core.capture.Replay`).
 
     With the factor, the loss gradient at the network output rides along as one more
     cotangent row of the pullback, which yields ``Lambda_a`` at every block output.
@@ -314,6 +314,8 @@ def _build_problem(
     if probing:
         args, kwargs = _probe_inputs(args, kwargs)
     outputs, calls = forward(model, args, kwargs, replay=replay)
+    if replay is not None:  # read with the data's checks, before what a wrong path breaks
+        replay.check(outputs, checks)
     return problem_from_graph(
         model,
         outputs,
