@@ -55,8 +55,8 @@ class ModelNotes:
     """What has been learnt about a model, kept between calls.
 
     ``clone``: modules whose captured tensors an in-place operation changed. ``probed``:
-    the modules (weakly) and their training flags when the batch-coupling probe last
-    passed (``None``: never), see :mod:`riemann_core.coupling`.
+    what the batch-coupling probe's last pass holds for (``None``: never passed), see
+    :func:`riemann_core.coupling.probe_key`.
     """
 
     clone: set[str] = field(default_factory=set)
@@ -274,23 +274,34 @@ def owners(model: nn.Module) -> tuple[tuple[str, nn.Module, tuple[Tensor, ...]],
 
 
 @contextlib.contextmanager
-def buffers_kept(model: nn.Module):
+def buffers_kept(model: nn.Module, start: dict[str, Tensor] | None = None):
     """Run riemann_core's own forward passes on copies of the model's buffers and put the
     originals back afterwards: a module may update its buffers as it runs (quantisation
     observers, spectral_norm's power iteration), and the model must be left as it was,
     also by a call that fails. The originals are never written, so a copy the forward
-    saved for the backward pass stays intact. Costs a copy of the buffers per forward."""
-    kept = [(module, dict(module._buffers)) for module in model.modules()]
-    for module, buffers in kept:
+    saved for the backward pass stays intact. Costs a copy of the buffers per forward.
+
+    ``start`` (qualified name -> tensor, :func:`buffer_state`): the copies are of these
+    instead, the buffers as a recorded forward pass found them, for its replay."""
+    start = start or {}
+    kept = [(prefix, module, dict(module._buffers)) for prefix, module in model.named_modules()]
+    for prefix, module, buffers in kept:
         for name, b in buffers.items():
             if isinstance(b, Tensor):
+                b = start.get(f"{prefix}.{name}" if prefix else name, b)
                 module._buffers[name] = b.clone()
     try:
         yield
     finally:
-        for module, buffers in kept:  # also drops buffers the forward registered
+        for _, module, buffers in kept:  # also drops buffers the forward registered
             module._buffers.clear()
             module._buffers.update(buffers)
+
+
+def buffer_state(model: nn.Module) -> dict[str, Tensor]:
+    """A copy of every buffer, by qualified name: what a forward pass that updates them
+    (observers, counters) starts from, for :class:`Replay`."""
+    return {name: b.detach().clone() for name, b in model.named_buffers()}
 
 
 def rng_devices(model: nn.Module) -> list[int]:
@@ -312,7 +323,8 @@ def set_rng_state(state: list[Tensor], devices: list[int]) -> None:
 @dataclass(frozen=True)
 class Replay:
     """A forward pass of the user's to run again (``RiemannianPreconditioner.step``): the
-    random state it started from (:func:`rng_state`) and, where recorded, the tensors of
+    random state it started from (:func:`rng_state`), the buffers as it found them
+    (:func:`buffer_state`; ``None``: as they are now) and, where recorded, the tensors of
     its output, which the pass run again must give again.
 
     Python state the forward pass reads (its ``random`` module, a call counter, a flag
@@ -323,6 +335,7 @@ class Replay:
 
     state: list[Tensor]
     output: list[Tensor] | None = None
+    buffers: dict[str, Tensor] | None = None
 
     def check(self, outputs, checks) -> None:
         """Register with ``checks`` (a :class:`~riemann_core._checks.Deferred`) that
@@ -372,15 +385,15 @@ def forward(
     """Run ``model(*args, **kwargs)`` and capture every call of a module with parameters.
 
     The forward pass must not draw random numbers, unless ``replay`` is given: every pass
-    then starts from its random state, so dropout draws the masks it drew then, and the
-    caller's random state is restored afterwards (:meth:`Replay.check` then tells whether
-    the pass took the recorded path).
+    then starts from its random state and buffers, so dropout draws the masks it drew
+    then, and the caller's random state is restored afterwards (:meth:`Replay.check` then
+    tells whether the pass took the recorded path).
     """
     notes = notes_for(model)
     devices = rng_devices(model)
     for _ in range(2):
         with contextlib.ExitStack() as stack:
-            stack.enter_context(buffers_kept(model))
+            stack.enter_context(buffers_kept(model, replay and replay.buffers))
             if replay is not None:
                 stack.enter_context(torch.random.fork_rng(devices=devices))
                 set_rng_state(replay.state, devices)

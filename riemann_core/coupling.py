@@ -18,15 +18,18 @@ the user formed (``RiemannianPreconditioner.backward``), which may add terms of 
 (weight decay written into the loss), :func:`loss_paths` walks its graph down to the
 network: structural and exact, a few nodes.
 
-Both are structural, so they run on the first call for a model and again when a
-module's training flag changes or a module is swapped for another
-(``check_coupling=False`` skips them); their verdicts join the deferred checks. Only on
-a failure is the forward pass run once more with every module hooked, to name the
-module that couples the samples.
+Both are structural, so they run on the first call for a model and again when what
+may choose the forward pass's path changes (:func:`probe_key`: a module's training flag,
+a module swapped for another, a global module hook, an argument of ``forward`` other
+than a tensor; ``check_coupling=False`` skips them); their verdicts join the deferred
+checks. A path chosen by state outside these (an attribute set on a module, Python's
+``random``) is probed as first taken. Only on a failure is the forward pass run once
+more with every module hooked, to name the module that couples the samples.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 import weakref
 from collections.abc import Callable
@@ -34,20 +37,52 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from ._checks import Deferred
 from .capture import ModelNotes
 from .modules import Block, Handler, SharedHandler
 
 
-def needs_probe(model: nn.Module, notes: ModelNotes) -> bool:
-    return notes.probed != _flags(model)
+@dataclass(frozen=True)
+class Probe:
+    """The probe to run on a call's graph: what its verdict holds for (:func:`probe_key`)
+    and ``rerun()``, the forward pass run again for the slow path that names a module."""
+
+    key: tuple
+    rerun: Callable[[], Tensor]
 
 
-def _flags(model: nn.Module) -> tuple[tuple[weakref.ref, bool], ...]:
-    """Each module, by identity (weakly: the notes must not keep the model alive), and its
-    training flag: a module swapped for another is probed again."""
-    return tuple((weakref.ref(m), m.training) for m in model.modules())
+def needs_probe(notes: ModelNotes, key: tuple) -> bool:
+    return notes.probed != key
+
+
+def probe_key(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """What a passed probe's verdict holds for (the structure, not the data): each module
+    by identity (weakly: the notes must not keep the model alive) with its training flag,
+    the global module hooks, and the forward pass's arguments other than tensors (numbers,
+    strings, ``None`` by value, other objects by identity; a tensor by its place). A
+    module swapped in, a flag or hook changed, or another option passed to ``forward``
+    may take another path: it is probed again."""
+    hooks = torch.nn.modules.module
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    arguments = tuple(
+        None if isinstance(a, Tensor) else a if isinstance(a, _BY_VALUE) else (type(a), id(a))
+        for a in leaves
+    )
+    return (
+        tuple((weakref.ref(m), m.training) for m in model.modules()),
+        tuple(hooks._global_forward_pre_hooks),
+        tuple(hooks._global_forward_hooks),
+        tuple(hooks._global_backward_pre_hooks),
+        tuple(hooks._global_backward_hooks),
+        spec,
+        arguments,
+    )
+
+
+#: arguments that stand for their value in :func:`probe_key`
+_BY_VALUE = (bool, int, float, complex, str, bytes, type(None), enum.Enum)
 
 
 def probe_cotangents(z: Tensor) -> tuple[Tensor, Tensor]:
@@ -82,13 +117,11 @@ def register(
     z: Tensor,
     calls: list[Block],
     handlers: list[Handler],
-    rerun: Callable[[], Tensor],
+    probe: Probe,
 ) -> None:
-    """Probe the call's graph; verdicts join ``checks`` (see the module docstring).
-
-    ``rerun()`` runs the forward pass again and returns its output, for the slow path
-    that hooks every module to name the one coupling the samples.
-    """
+    """Probe the call's graph; verdicts join ``checks`` (see the module docstring), and
+    once they pass, ``notes`` keep ``probe.key``."""
+    key, rerun = probe.key, probe.rerun
     rows, masks = probe_cotangents(z)
     targets = graph_tensors(calls)
     pulled = torch.autograd.grad(
@@ -108,8 +141,7 @@ def register(
         checks.require(~coupled, lambda: _explain_coupling(model, rows[:-1], masks[:-1], rerun))
     _register_parameter_check(checks, model, z, rows[-1], calls, targets, pulled, handlers)
     if z.shape[0] > 1:
-        flags = _flags(model)
-        checks.then(lambda: setattr(notes, "probed", flags))
+        checks.then(lambda: setattr(notes, "probed", key))
 
 
 def _register_parameter_check(checks, model, z, row, calls, targets, pulled, handlers) -> None:
@@ -143,8 +175,9 @@ def _register_parameter_check(checks, model, z, row, calls, targets, pulled, han
         ]
         raise ValueError(
             f"parameters {bad} reach the output outside the calls of the modules that own "
-            "them (e.g. F.linear(h, self.emb.weight) beside a call of self.emb, or a "
-            "parametrization), a path no kernel sees. Call the owning module for every use "
+            "them (e.g. F.linear(h, self.emb.weight) beside a call of self.emb, a "
+            "parametrization, or a global module hook that changes outputs), a path no "
+            "kernel sees. Call the owning module for every use "
             "(weight tying by assignment, m2.weight = m1.weight, is exact), or freeze them "
             "with requires_grad_(False)"
         )

@@ -84,9 +84,11 @@ def direction(
         return_diagnostics: also return a list of :class:`LayerDiagnostics`.
         forward_kwargs: keyword arguments of the model call.
         check_coupling: probe, on the first call for a model (and after a change of a
-            module's training flag, or a module swapped for another), that the network
-            treats samples independently and that parameters reach the output only
-            through their modules' calls.
+            module's training flag, a module swapped for another, a global module hook
+            added or removed, or other arguments of ``forward`` than tensors), that the
+            network treats samples independently and that parameters reach the output
+            only through their modules' calls. A path chosen by other state (an
+            attribute read in ``forward``, Python's ``random``) is probed as first taken.
         process_group: a ``torch.distributed`` process group whose every rank calls this
             with its shard of the batch: each gets the direction of the global batch
             (the shards concatenated in rank order), its blocks solved by their owner

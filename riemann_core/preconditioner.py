@@ -16,7 +16,16 @@ from ._checks import (
     check_refresh,
     tensors_of,
 )
-from .capture import Capture, OwnHook, Replay, capturing, notes_for, rng_devices, rng_state
+from .capture import (
+    Capture,
+    OwnHook,
+    Replay,
+    buffer_state,
+    capturing,
+    notes_for,
+    rng_devices,
+    rng_state,
+)
 from .direction import run_solver, solve
 from .factors import FactorFn
 from .methods import METHODS, SOLVERS, LayerDiagnostics, Options, problem_from_graph
@@ -41,8 +50,10 @@ class RiemannianPreconditioner:
 
     replacing each ``.grad`` by ``G^{-1} .grad``, where ``G`` is the metric at the batch of
     the model's last forward pass: a forward pre-hook records its positional and keyword
-    arguments and the random state, and ``step`` runs one more forward pass on them from
-    that state, so that dropout draws the masks the gradient was computed with. Call it
+    arguments, the random state and the buffers, and ``step`` runs one more forward pass
+    on them from that state, so that dropout draws the masks the gradient was computed
+    with (and a module that updates its buffers as it runs, an observer, starts from
+    the same ones). Call it
     between ``loss.backward()`` and ``opt.step()``: a parameter or an input changed in
     place since the forward pass is refused, and so is a pass run again whose output is
     not the recorded one (beyond rounding): its path depended on state that is not
@@ -120,7 +131,7 @@ class RiemannianPreconditioner:
         self.method = method
         self.process_group, self.timeout = process_group, timeout
         self.diagnostics: list[LayerDiagnostics] = []
-        self._batch: tuple[tuple, dict, list[Tensor]] | None = None
+        self._batch: tuple[tuple, dict, list[Tensor], dict[str, Tensor]] | None = None
         self._versions: list[tuple[str | None, Tensor, int]] = []
         self._hook = model.register_forward_pre_hook(OwnHook(model, self._record), with_kwargs=True)
         self._output_hook = model.register_forward_hook(OwnHook(model, self._record_output))
@@ -141,7 +152,7 @@ class RiemannianPreconditioner:
                 lambda a: a.detach() if isinstance(a, Tensor) else a, (args, kwargs)
             )
             inputs = tensors_of((args, kwargs))
-        self._batch = (args, kwargs, rng_state(rng_devices(self.model)))
+        self._batch = (args, kwargs, rng_state(rng_devices(self.model)), buffer_state(self.model))
         self._output = None  # until this pass returns
         # what step() relies on: the batch and the parameters as the forward pass saw them
         # (named on failure only: None for an input)
@@ -210,7 +221,8 @@ class RiemannianPreconditioner:
         stale = capture.stale()
         notes.clone |= stale
         needs_factor = SOLVERS[self.method].NEEDS_FACTOR
-        probing = needs_factor and opts.check_coupling and coupling.needs_probe(model, notes)
+        key = coupling.probe_key(model, *self._batch[:2])
+        probing = needs_factor and opts.check_coupling and coupling.needs_probe(notes, key)
         reuse = self._kfac is not None and not self._kfac.needs_factors(names.values())
         try:
             check_one_output(capture.output)
@@ -302,7 +314,7 @@ class RiemannianPreconditioner:
         if self._kfac is not None and not self._kfac.needs_factors(full):
             directions, diagnostics = self._kfac.reuse(full, self.options, checks)
         else:
-            args, kwargs, state = self._batch
+            args, kwargs, state, buffers = self._batch
             directions, diagnostics = solve(
                 self.network,
                 args,
@@ -312,7 +324,7 @@ class RiemannianPreconditioner:
                 gradient=full,
                 forward_kwargs=kwargs,
                 checks=checks,
-                replay=Replay(state, self._output),
+                replay=Replay(state, self._output, buffers),
                 state=self._kfac,
                 process_group=self.process_group,
                 timeout=self.timeout,

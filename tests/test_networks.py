@@ -362,6 +362,60 @@ def test_a_module_swapped_in_is_probed():
         rc.direction(model, x, y)
 
 
+class Optional(nn.Module):
+    """A forward pass whose path an argument chooses: mixing samples, or a parameter used
+    outside its module's call."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x, mix=False, tie=False):
+        h = torch.tanh(self.a(x))
+        if mix:
+            h = 0.7 * h + 0.3 * h.flip(0)
+        if tie:
+            h = h + F.linear(h, self.b.weight)
+        return self.c(torch.tanh(self.b(h)))
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [("mix", "couples the samples"), ("tie", "reach the output outside the calls")],
+)
+@pytest.mark.parametrize("call", ["direction", "backward"])
+def test_another_argument_of_forward_is_probed_again(option, message, call):
+    """A probe passed on one path says nothing of another: ``forward``'s other arguments
+    than tensors choose paths, so a change of them is probed again (before, a second call
+    with ``mix=True`` gave a direction 0.3 off the oracle's, silently)."""
+    torch.manual_seed(3)
+    model = Optional().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = rc.RiemannianPreconditioner(model)
+    rc.direction(model, x, y) if call == "direction" else pre.backward(F.cross_entropy(model(x), y))
+    with pytest.raises(ValueError, match=message):
+        if call == "direction":
+            rc.direction(model, x, y, forward_kwargs={option: True})
+        else:
+            pre.backward(F.cross_entropy(model(x, **{option: True}), y))
+
+
+def test_a_global_hook_added_later_is_probed():
+    """A global module hook changes every call: added after a probe passed, it is probed
+    (here it is refused, as on a first call)."""
+    model, x, y = relu_mlp()
+    rc.direction(model, x, y)
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: 1.5 * o if isinstance(m, nn.Linear) else None
+    )
+    try:
+        with pytest.raises(ValueError, match="or a global module hook that changes outputs"):
+            rc.direction(model, x, y)
+    finally:
+        handle.remove()
+    rc.direction(model, x, y)
+
+
 def test_probe_can_be_skipped():
     """``check_coupling=False`` trusts the user: the coupled network then runs (and its
     direction is not the exact one)."""
@@ -848,6 +902,13 @@ def test_own_forward_passes_leave_the_buffers_as_they_were(method):
     assert int(after_user["2.calls"]) == 1
     pre.step()
     assert_same_buffers(model, after_user)
+    # the replay starts from the buffers the user's pass found: the metric is its network's
+    G, g = ggn(twin, x, y, "cross_entropy"), gradient(twin, x, y, "cross_entropy")
+    expected = oracle_direction(G, g, DAMPING, method, block_indices(twin))
+    assert (
+        rel_error(flatten({n: p.grad for n, p in model.named_parameters()}, model), expected)
+        < 1e-10
+    )
 
 
 @pytest.mark.parametrize("channels", [1, 8], ids=lambda c: f"num_parameters={c}")

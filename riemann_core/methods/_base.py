@@ -310,7 +310,8 @@ def _build_problem(
     model, args, kwargs, targets, opts, needs_factor, gradient, checks, replay
 ) -> Problem:
     notes = notes_for(model)
-    probing = needs_factor and opts.check_coupling and coupling.needs_probe(model, notes)
+    key = coupling.probe_key(model, args, kwargs)
+    probing = needs_factor and opts.check_coupling and coupling.needs_probe(notes, key)
     if probing:
         args, kwargs = _probe_inputs(args, kwargs)
     outputs, calls = forward(model, args, kwargs, replay=replay)
@@ -325,7 +326,9 @@ def _build_problem(
         checks,
         needs_factor=needs_factor,
         gradient=gradient,
-        probe=(lambda: forward_only(model, args, kwargs, replay)) if probing else None,
+        probe=coupling.Probe(key, lambda: forward_only(model, args, kwargs, replay))
+        if probing
+        else None,
     )
 
 
@@ -350,8 +353,8 @@ def problem_from_graph(
     ``loss`` (a scalar in the graph of ``outputs``: the user's own loss, whose graph is
     then consumed as ``loss.backward()`` would; ``through_output``: it reaches the
     network only through ``outputs``) or else of the mean loss on ``targets``.
-    ``probe``: run the batch-coupling probe on this graph, with ``probe()`` rerunning the
-    forward pass for its slow path. Checks of the data are read once (a host sync) before
+    ``probe``: run the batch-coupling probe on this graph (a
+    :class:`~riemann_core.coupling.Probe`). Checks of the data are read once (a host sync) before
     the loss gradient is formed.
     """
     check_one_output(outputs)
