@@ -70,8 +70,11 @@ def check_options(
         raise ValueError(
             f"solve_dtype must be None, torch.float32 or torch.float64, got {solve_dtype}"
         )
-    if not isinstance(check_coupling, bool):
-        raise TypeError(f"check_coupling must be True or False, got {check_coupling!r}")
+    if not (isinstance(check_coupling, bool) or check_coupling == "always"):
+        raise ValueError(
+            f"check_coupling must be True (probe when the structure changes), 'always' (every "
+            f"call) or False, got {check_coupling!r}"
+        )
 
 
 # ------------------------------------------------------------------ deferred checks

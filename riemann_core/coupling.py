@@ -20,10 +20,10 @@ network: structural and exact, a few nodes.
 
 Both are structural, so they run on the first call for a model and again when what
 may choose the forward pass's path changes (:func:`probe_key`: a module's training flag,
-a module swapped for another, a global module hook, an argument of ``forward`` other
-than a tensor; ``check_coupling=False`` skips them); their verdicts join the deferred
-checks. A path chosen by state outside these (an attribute set on a module, Python's
-``random``) is probed as first taken. Only on a failure is the forward pass run once
+a module swapped for another, an argument of ``forward`` other than a tensor;
+``check_coupling=False`` skips them); their verdicts join the deferred checks. A path
+chosen by state outside these (an attribute set on a module, Python's ``random``, a
+global module hook added later) is probed as first taken; ``check_coupling="always"`` probes every call. Only on a failure is the forward pass run once
 more with every module hooked, to name the module that couples the samples.
 """
 
@@ -53,18 +53,20 @@ class Probe:
     rerun: Callable[[], Tensor]
 
 
-def needs_probe(notes: ModelNotes, key: tuple) -> bool:
-    return notes.probed != key
+def needs_probe(notes: ModelNotes, key: tuple, check: bool | str = True) -> bool:
+    """Whether to probe a call with :func:`probe_key` ``key`` under the option
+    ``check_coupling`` (``check``: ``True``, ``"always"`` or ``False``)."""
+    return check == "always" or (check is True and notes.probed != key)
 
 
 def probe_key(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
     """What a passed probe's verdict holds for (the structure, not the data): each module
     by identity (weakly: the notes must not keep the model alive) with its training flag,
-    the global module hooks, and the forward pass's arguments other than tensors (numbers,
-    strings, ``None`` by value, other objects by identity; a tensor by its place). A
-    module swapped in, a flag or hook changed, or another option passed to ``forward``
-    may take another path: it is probed again."""
-    hooks = torch.nn.modules.module
+    and the forward pass's arguments other than tensors (numbers, strings, ``None`` by
+    value, other objects by identity; a tensor by its place). A module swapped in, a flag
+    changed, or another option passed to ``forward`` may take another path: it is probed
+    again. Global module hooks are left out: measuring tools register them
+    (``FlopCounterMode``), which must not change what a call computes."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
     arguments = tuple(
         None if isinstance(a, Tensor) else a if isinstance(a, _BY_VALUE) else (type(a), id(a))
@@ -72,10 +74,6 @@ def probe_key(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
     )
     return (
         tuple((weakref.ref(m), m.training) for m in model.modules()),
-        tuple(hooks._global_forward_pre_hooks),
-        tuple(hooks._global_forward_hooks),
-        tuple(hooks._global_backward_pre_hooks),
-        tuple(hooks._global_backward_hooks),
         spec,
         arguments,
     )

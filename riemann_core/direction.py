@@ -39,7 +39,7 @@ def direction(
     kfac_bias: str = "joint",
     return_diagnostics: bool = False,
     forward_kwargs: dict | None = None,
-    check_coupling: bool = True,
+    check_coupling: bool | str = True,
     process_group: torch.distributed.ProcessGroup | None = None,
     timeout: float = distributed.TIMEOUT,
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], list[LayerDiagnostics]]:
@@ -84,11 +84,14 @@ def direction(
         return_diagnostics: also return a list of :class:`LayerDiagnostics`.
         forward_kwargs: keyword arguments of the model call.
         check_coupling: probe, on the first call for a model (and after a change of a
-            module's training flag, a module swapped for another, a global module hook
-            added or removed, or other arguments of ``forward`` than tensors), that the
-            network treats samples independently and that parameters reach the output
-            only through their modules' calls. A path chosen by other state (an
-            attribute read in ``forward``, Python's ``random``) is probed as first taken.
+            module's training flag, a module swapped for another, or other arguments of
+            ``forward`` than tensors), that the network treats samples independently and
+            that parameters reach the output only through their modules' calls. A path
+            chosen by other state (an attribute read in ``forward``, Python's ``random``,
+            a global module hook added later) is probed as first taken;
+            ``"always"`` probes every call (one more batched backward pass of
+            ``2 ceil(log2 N) + 1`` rows; ``pre.backward`` then also runs the forward pass
+            again), ``False`` never.
         process_group: a ``torch.distributed`` process group whose every rank calls this
             with its shard of the batch: each gets the direction of the global batch
             (the shards concatenated in rank order), its blocks solved by their owner

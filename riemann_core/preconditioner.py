@@ -100,7 +100,7 @@ class RiemannianPreconditioner:
         kfac_refresh: int = 1,
         kfac_decay: float = 0.0,
         diagnostics: bool = False,
-        check_coupling: bool = True,
+        check_coupling: bool | str = True,
         process_group: torch.distributed.ProcessGroup | None = None,
         timeout: float = distributed.TIMEOUT,
     ):
@@ -222,7 +222,7 @@ class RiemannianPreconditioner:
         notes.clone |= stale
         needs_factor = SOLVERS[self.method].NEEDS_FACTOR
         key = coupling.probe_key(model, *self._batch[:2])
-        probing = needs_factor and opts.check_coupling and coupling.needs_probe(notes, key)
+        probing = needs_factor and coupling.needs_probe(notes, key, opts.check_coupling)
         reuse = self._kfac is not None and not self._kfac.needs_factors(names.values())
         try:
             check_one_output(capture.output)

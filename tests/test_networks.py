@@ -25,6 +25,7 @@ from oracle import (
     snapshot,
 )
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import riemann_core as rc
 from riemann_core import coupling
@@ -400,20 +401,34 @@ def test_another_argument_of_forward_is_probed_again(option, message, call):
             pre.backward(F.cross_entropy(model(x, **{option: True}), y))
 
 
-def test_a_global_hook_added_later_is_probed():
-    """A global module hook changes every call: added after a probe passed, it is probed
-    (here it is refused, as on a first call)."""
+def test_a_global_hook_added_later_is_probed_with_check_coupling_always():
+    """A global module hook changes every call; measuring tools add some
+    (``FlopCounterMode``), so the default does not key on them: a hook added after a probe
+    passed is probed with ``"always"`` (here refused, as on a first call)."""
     model, x, y = relu_mlp()
     rc.direction(model, x, y)
     handle = torch.nn.modules.module.register_module_forward_hook(
         lambda m, i, o: 1.5 * o if isinstance(m, nn.Linear) else None
     )
     try:
+        rc.direction(model, x, y)  # probed as first taken
         with pytest.raises(ValueError, match="or a global module hook that changes outputs"):
-            rc.direction(model, x, y)
+            rc.direction(model, x, y, check_coupling="always")
     finally:
         handle.remove()
+
+
+def test_counting_flops_does_not_probe_again(monkeypatch):
+    """FlopCounterMode registers global module hooks: counting a call's FLOPs counts the
+    same call, without a probe of its own."""
+    model, x, y = relu_mlp()
     rc.direction(model, x, y)
+    calls = []
+    register = coupling.register
+    monkeypatch.setattr(coupling, "register", lambda *a: calls.append(1) or register(*a))
+    with FlopCounterMode(display=False):
+        rc.direction(model, x, y)
+    assert calls == []
 
 
 def test_probe_can_be_skipped():
@@ -962,3 +977,37 @@ def test_a_time_first_layout_is_refused_naming_the_layout():
     x, y = torch.randn(5, 5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
     with pytest.raises(ValueError, match=r"couples the samples.*time-first \(T, N, \.\.\.\)"):
         rc.direction(model, x, y)
+
+
+class Flagged(Optional):
+    """``Optional`` whose path an attribute chooses, which no probe key sees."""
+
+    mix = False
+
+    def forward(self, x):
+        return super().forward(x, mix=self.mix)
+
+
+def test_check_coupling_always_probes_a_path_chosen_by_an_attribute():
+    """With the default the probe holds for the path first taken; ``"always"`` probes
+    every call, so an attribute that turns mixing on later is refused."""
+    torch.manual_seed(3)
+    model = Flagged().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    rc.direction(model, x, y, check_coupling="always")
+    model.mix = True
+    with pytest.raises(ValueError, match="couples the samples"):
+        rc.direction(model, x, y, check_coupling="always")
+    pre = rc.RiemannianPreconditioner(model, check_coupling="always")
+    model.mix = False
+    pre.backward(F.cross_entropy(model(x), y))
+    model.mix = True
+    with pytest.raises(ValueError, match="couples the samples"):
+        pre.backward(F.cross_entropy(model(x), y))
+
+
+@pytest.mark.parametrize("bad", ["sometimes", 1, None])
+def test_check_coupling_takes_true_false_or_always(bad):
+    model, x, y = relu_mlp()
+    with pytest.raises(ValueError, match="check_coupling must be True .*, 'always' .* or False"):
+        rc.direction(model, x, y, check_coupling=bad)

@@ -48,7 +48,7 @@ class Options:
     diagnostics: bool = False
     generator: torch.Generator | None = None
     refine: int = 0
-    check_coupling: bool = True
+    check_coupling: bool | str = True
     kfac_damping: str = "exact"
     kfac_bias: str = "joint"
 
@@ -311,7 +311,7 @@ def _build_problem(
 ) -> Problem:
     notes = notes_for(model)
     key = coupling.probe_key(model, args, kwargs)
-    probing = needs_factor and opts.check_coupling and coupling.needs_probe(notes, key)
+    probing = needs_factor and coupling.needs_probe(notes, key, opts.check_coupling)
     if probing:
         args, kwargs = _probe_inputs(args, kwargs)
     outputs, calls = forward(model, args, kwargs, replay=replay)
