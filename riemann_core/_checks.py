@@ -286,8 +286,12 @@ def check_model(model: nn.Module, checks: Deferred | None = None) -> list[tuple[
                 "max_norm, or renormalise the weight outside the forward pass (after opt.step)"
             )
         # Batch statistics couple the samples; the pullback treats them as independent.
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
-            module.training or not module.track_running_stats
+        # Without parameters of its own the probe decides: before every parameter such a
+        # normalisation is data preparation.
+        if (
+            isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and (module.training or not module.track_running_stats)
+            and any(p.requires_grad for p in module.parameters(recurse=False))
         ):
             raise ValueError(
                 f"module {name!r} ({type(module).__name__}) normalises with batch statistics, "

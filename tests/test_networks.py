@@ -338,6 +338,31 @@ def test_coupling_before_every_parameter_is_exact(method, kernel):
     assert_exact(model, x, y, method, kernel)
 
 
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_batchnorm_without_parameters_before_every_parameter_is_exact(method):
+    """Found by review: such a BatchNorm in training mode standardises the batch, data
+    preparation like ``Centre``; it was refused by its type alone."""
+    torch.manual_seed(31)
+    norm = nn.BatchNorm1d(4, affine=False)
+    model = nn.Sequential(norm, nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    before = buffers_of(model)
+    dirs = rc.direction(model, x, y, method=method, damping=DAMPING)
+    assert_same_buffers(model, before)
+    twin = copy.deepcopy(model)  # the same batch statistics, no update (torch.func's)
+    twin[0].track_running_stats = False
+    G, g = ggn(twin, x, y, "cross_entropy"), gradient(twin, x, y, "cross_entropy")
+    expected = oracle_direction(G, g, DAMPING, method, block_indices(twin))
+    assert rel_error(flatten(dirs, model), expected) < 1e-10
+
+
+def test_batchnorm_without_parameters_between_modules_is_found_by_the_probe():
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5, affine=False), nn.Linear(5, 3))
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    with pytest.raises(ValueError, match=r"module '1' \(BatchNorm1d\) couples the samples"):
+        rc.direction(model.double(), x, y)
+
+
 def test_probe_runs_once_per_model_and_mode(monkeypatch):
     calls = []
     register = coupling.register
