@@ -187,7 +187,10 @@ class Capture:
             if not isinstance(output, Tensor):
                 raise ValueError(
                     f"module {name!r} ({type(mod).__name__}) returns {type(output).__name__}, "
-                    "not a tensor; only modules with a single tensor output are supported"
+                    "not a tensor; a module with trainable parameters must return one tensor "
+                    "(a wrapper that picks an output does not help: the parameters stay this "
+                    "module's). Write it with nn.Linear layers, or freeze it with "
+                    "requires_grad_(False)"
                 )
             self.calls.append(
                 Block(

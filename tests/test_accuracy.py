@@ -208,6 +208,15 @@ def test_unsolvable_block_is_named_with_the_fix(monkeypatch):
             rc.direction(model, x, y, damping=1e-9)
 
 
+def test_unsolvable_block_counts_the_requested_refinement_too():
+    """Found by review: with ``refine=5`` the message said 3 steps (the automatic ones)."""
+    model, x, y = PROBLEM.make(torch.float32)
+    with pytest.raises(rc.SolveError, match=r"after \d+ steps of refinement \(2 requested, "):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rc.AccuracyWarning)
+            rc.direction(model, x, y, damping=1e-9, refine=2)
+
+
 def test_jitter_above_a_tenth_of_the_damping_warns(monkeypatch):
     """A failed factorisation redone with a jitter above a tenth of the damping: the
     warning names the Gram and the jitter, and the solve of the jittered metric does not

@@ -300,10 +300,12 @@ def _check_residual(s: Solve, problem, opts, condition: float, residual, model_d
             s.refine(problem, opts.damping, 1, apply)
             value, steps = float(s.residual), steps + 1
     if not value <= bound:
+        requested = f" ({opts.refine} requested, {steps} more)" if opts.refine else ""
         raise SolveError(
             f"the solve of block {s.name!r} did not solve: relative residual "
-            f"||G x - g|| / ||g|| = {value:.1e} exceeds {bound:g} after {steps} steps of "
-            f"refinement (cond(G) ~ {condition:.0e} at damping {opts.damping:g}, factorised "
+            f"||G x - g|| / ||g|| = {value:.1e} exceeds {bound:g} after {opts.refine + steps} "
+            f"steps of refinement{requested} (cond(G) ~ {condition:.0e} at damping "
+            f"{opts.damping:g}, factorised "
             f"in {s.factor_dtype}). Pass solve_dtype=torch.float64 (forms and factorises "
             "the metric in float64) or a larger damping"
         )
