@@ -6,7 +6,7 @@ whole network), whose directions :func:`finish` checks and splits back per block
 
 from . import euclidean, full, kfac, layerwise, natural
 from ._base import LayerDiagnostics, Options, Problem, build_problem, problem_from_graph
-from ._solve import Solve, finish, recording_slow_paths
+from ._solve import SLOW_PATHS, Solve, finish, recording_slow_paths
 
 METHODS = ("euclidean", "layerwise", "full", "natural", "kfac")
 SOLVERS = {
@@ -19,6 +19,7 @@ SOLVERS = {
 
 __all__ = [
     "METHODS",
+    "SLOW_PATHS",
     "SOLVERS",
     "LayerDiagnostics",
     "Options",

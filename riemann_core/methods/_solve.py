@@ -52,6 +52,8 @@ AUTO_REFINE = 3
 ACCURACY_LEVEL = 0.005
 
 
+#: the names of the slow paths (:func:`recording_slow_paths`)
+SLOW_PATHS = ("jitter", "residual", "refine")
 #: the slow paths taken inside :func:`recording_slow_paths` (None outside it)
 _slow_paths: ContextVar[list[str] | None] = ContextVar("slow_paths", default=None)
 

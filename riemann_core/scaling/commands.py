@@ -219,6 +219,8 @@ def run_validate(args) -> int:
 
     out = _analysed_out(args)
     df, meta = fit.read_sweep(out)
+    for _, rows, device in devices.by_device(devices.named(df, meta), meta):
+        fit.sweep_rates(rows, device)  # the claims on time need them, as fit does
     pairs = devices.claims(df, meta, seed=args.seed)
     names = [name for name, _ in pairs]
     claims = [claim for _, claim in pairs]

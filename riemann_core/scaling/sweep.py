@@ -67,7 +67,7 @@ from ..measure.problems import mlp, widths
 from ..measure.public_kfac import DEFAULT as KFAC_DEFAULT
 from ..measure.public_kfac import Variant
 from ..measure.timing import Timing, interleaved, measure, timing_of
-from ..methods import recording_slow_paths
+from ..methods import SLOW_PATHS, recording_slow_paths
 from .worker import lines_here, measure_here, rates_here
 
 AXES = ("width", "depth", "out_dim", "batch")
@@ -569,6 +569,7 @@ def read_results(path: Path) -> list[dict]:
         raise ResultsFileError(
             f"{path} cannot be parsed ({err}); move it away or pass another --out"
         ) from err
+    first: dict[tuple, int] = {}
     for i, row in enumerate(rows, start=2):
         if any(row.get(c) in (None, "") for c in KEY + ("status",)):
             raise ResultsFileError(
@@ -581,6 +582,12 @@ def read_results(path: Path) -> list[dict]:
                 f"{path} line {i}: {problem} (a hand-edited or corrupted file?); repair or "
                 "remove that line, or pass another --out"
             )
+        seen = first.setdefault((*key_of(row), row.get("device_name") or ""), i)
+        if seen != i:  # a point is measured once per device; fits would count it twice
+            raise ResultsFileError(
+                f"{path} lines {seen} and {i} hold the same point; remove one of them, or pass "
+                "another --out"
+            )
         for column in OPTIONAL:
             row[column] = row.get(column) or ""
     return rows
@@ -589,7 +596,23 @@ def read_results(path: Path) -> list[dict]:
 #: What a row's status may be: measured, or why not.
 STATUSES = ("ok", "error", "oom", "skipped")
 #: Columns every measured point has: non-negative finite numbers.
-MEASURED = ("time_median_s", "flops", "flops_model")
+MEASURED = (
+    "n_params",
+    "d",
+    "time_median_s",
+    "time_iqr_s",
+    "flops",
+    *(f"flops_{kind}" for kind in KINDS),
+    "flops_model",
+    "sol_products",
+    "sol_cholesky",
+    "peak_bytes_model",
+)
+#: Columns of a measured point that may also be NaN or empty (not measured: a host whose
+#: peak memory cannot be read) or, for the spread, inf (a median of zero).
+MAYBE_MEASURED = ("peak_bytes", "spread")
+#: The words of a measured point's text columns (space-separated; empty: none).
+WORDS = {"flag": ("spread", "outlier"), "slow_paths": SLOW_PATHS, "interleaved": AXES}
 
 
 def _row_problem(row: dict) -> str | None:
@@ -598,18 +621,53 @@ def _row_problem(row: dict) -> str | None:
         return f"unknown status {row['status']!r} (one of {', '.join(STATUSES)})"
     if row["method"] not in METHODS:
         return f"unknown method {row['method']!r} (one of {', '.join(METHODS)})"
+    if row["kernel"] not in ("structured", "generic"):
+        return f"unknown kernel {row['kernel']!r} (structured or generic)"
     for axis in AXES:
         if not (row[axis].isascii() and row[axis].isdigit()) or int(row[axis]) < 1:
             return f"{axis} is {row[axis]!r}, not a positive integer"
-    if row["status"] == "ok":
-        for column in MEASURED:
-            try:
-                value = float(row.get(column) or "nan")
-            except ValueError:
-                value = math.nan
-            if not math.isfinite(value) or value < 0:
-                return f"a measured point with {column} = {row.get(column)!r}"
+    if row["status"] != "ok":
+        return None
+    for column in MEASURED + MAYBE_MEASURED:
+        value = _number(row.get(column))
+        if column in MAYBE_MEASURED:
+            value = math.nan if row.get(column) == "" else value
+            usable = value is not None and (math.isnan(value) or value >= 0)
+        else:
+            usable = value is not None and math.isfinite(value) and value >= 0
+        if not usable:
+            return f"a measured point with {column} = {row.get(column)!r}"
+    times = _times(row["times_s"])
+    if times is None:
+        return f"times_s is {row['times_s']!r}, not a list of non-negative times in seconds"
+    if row["remeasured"] not in ("0", "1"):
+        return f"remeasured is {row['remeasured']!r}, not 0 or 1"
+    for column, words in WORDS.items():
+        unknown = set((row.get(column) or "").split()) - set(words)
+        if unknown:
+            return f"{column} holds {sorted(unknown)} (words of {', '.join(words)})"
     return None
+
+
+def _number(text: str | None) -> float | None:
+    """``text`` as a float (``"nan"`` as NaN), or ``None`` where it is not a number."""
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _times(text: str) -> list[float] | None:
+    """The repeats' times of a ``times_s`` cell, or ``None`` where it is not a JSON list
+    of finite non-negative numbers."""
+    try:
+        times = json.loads(text)
+    except ValueError:
+        return None
+    numbers = isinstance(times, list) and all(
+        type(t) in (int, float) and math.isfinite(t) and t >= 0 for t in times
+    )
+    return times if numbers and times else None
 
 
 def read_record(path: Path) -> dict:
@@ -627,29 +685,95 @@ def read_record(path: Path) -> dict:
             f"{path} is not the record of a sweep (it needs a base point with integer "
             f"{', '.join(AXES)}); move it away or pass another --out"
         )
+    axes = record.get("axes")
+    if not isinstance(axes, dict) or not all(isinstance(axes.get(a), list) for a in AXES):
+        raise ResultsFileError(
+            f"{path} is not the record of a sweep (it needs the values of every axis, "
+            f"{', '.join(AXES)}); move it away or pass another --out"
+        )
+    problem = _rates_problem(record)
+    if problem:
+        raise ResultsFileError(
+            f"{path}: {problem} (a hand-edited or corrupted file?); restore it, or rerun the "
+            "sweep into another --out"
+        )
     return record
+
+
+def _rates_problem(record: dict) -> str | None:
+    """What makes the device rates of a sweep's record unusable (each measurement a list
+    of positive finite FLOP/s per kind), or ``None``."""
+    devices = record.get("devices", {})
+    if not isinstance(devices, dict):
+        return f"devices is {devices!r}, not a mapping of device names"
+    sessions = [(None, s) for s in record.get("device_rates", [])]
+    for name, device in devices.items():
+        if not isinstance(device, dict) or not isinstance(device.get("device_rates", []), list):
+            return f"device {name!r} has no list of device_rates"
+        sessions += [(name, s) for s in device.get("device_rates", [])]
+    for name, session in sessions:
+        if not isinstance(session, dict):
+            return f"a measurement of device {name!r}'s rates is {session!r}"
+        for kind, values in session.items():
+            if kind in ("when", "dtype", "worker"):
+                continue
+            if not isinstance(values, list) or not all(
+                type(v) in (int, float) and math.isfinite(v) and v > 0 for v in values
+            ):
+                return f"the {kind} rates of device {name!r} are {values!r}, not FLOP/s"
+    return None
 
 
 def resumable_record(out: Path, rows: list[dict], grid: Grid) -> dict:
     """``sweep.json`` of the sweep in ``out`` (``{}`` for none), refused where measuring
     ``grid`` into it beside ``rows`` (its ``results.csv``) would mix two sweeps: results
-    without their record (nothing says which grid measured them), or another base point."""
+    without their record (nothing says which grid measured them), another base point, or
+    another setting that fits and claims do not tell apart (:data:`RESUMED_SETTINGS`).
+    Devices may differ: each has its own fits and report."""
     record_path = out / "sweep.json"
     previous = read_record(record_path) if record_path.exists() else {}
-    if rows and not previous:
+    if not rows:
+        return previous
+    if not previous:
         raise ResultsFileError(
             f"{out / 'results.csv'} has no {record_path.name} beside it, so nothing says which "
             "grid measured it; resuming could mix two sweeps. Move results.csv away, or pass "
             "another --out"
         )
-    if rows:
-        check_rows_of_record(rows, previous, out)
-    if rows and previous["base"] != grid.base:
+    check_rows_of_record(rows, previous, out)
+    if previous["base"] != grid.base:
         raise ValueError(
             f"{out} holds a sweep around the base point {previous['base']}, not {grid.base}; "
             "fits need one base point per directory: pass another --out"
         )
+    recorded = previous.get("grid", {})
+    settings = {  # setting: (what the rows were measured with, what grid measures)
+        "output_metric": ({r["output_metric"] for r in rows}, {grid.output_metric}),
+        "dtype": ({r["dtype"] for r in rows}, set(grid.dtypes)),
+        **{
+            s: ({str(recorded[s])}, {str(getattr(grid, s))})
+            for s in ("seed", "damping")
+            if s in recorded
+        },
+    }
+    for setting, (was, now) in settings.items():
+        if not was <= now:
+            raise ValueError(
+                f"{out} holds points measured with {setting} {', '.join(sorted(was))}, not "
+                f"{', '.join(sorted(now))}: resuming would mix them in one set of fits. Pass "
+                f"{RESUMED_SETTINGS[setting]} {', '.join(sorted(was))}, or another --out"
+            )
     return previous
+
+
+#: The settings a resumed sweep must keep (-> how to set them): fits and claims are made
+#: per device, but not per output metric, dtype, seed or damping.
+RESUMED_SETTINGS = {
+    "output_metric": "--output-metric",
+    "dtype": "--dtypes",
+    "seed": "--seed",
+    "damping": "Grid(damping=...)",
+}
 
 
 def check_rows_of_record(rows: list[dict], record: dict, out: Path) -> None:

@@ -257,6 +257,35 @@ def _edit_row(column, value):
     return edit
 
 
+def _duplicate_row(out):
+    df = pd.read_csv(out / "results.csv", dtype=str, keep_default_na=False)
+    ok = df.index[df["status"] == "ok"][0]
+    pd.concat([df, df.loc[[ok]]]).to_csv(out / "results.csv", index=False)
+    return None  # named as two lines
+
+
+def _edit_record(change):
+    def edit(out):
+        record = json.loads((out / "sweep.json").read_text())
+        change(record)
+        (out / "sweep.json").write_text(json.dumps(record))
+
+    return edit
+
+
+def _first_rates(value):
+    def change(record):
+        device = next(iter(record["devices"].values()))
+        device["device_rates"][0]["products"] = [value, value]
+
+    return change
+
+
+def _no_rates(record):
+    for device in record["devices"].values():
+        device["device_rates"] = []
+
+
 def _header_only(out):
     text = (out / "results.csv").read_text()
     (out / "results.csv").write_text(text.splitlines()[0] + "\n")
@@ -285,6 +314,23 @@ CORRUPTIONS = {
     "time-nan": (_edit_row("time_median_s", "nan"), "a measured point with time_median_s = 'nan'"),
     "time-negative": (_edit_row("time_median_s", "-0.5"), "time_median_s = '-0.5'"),
     "flops-empty": (_edit_row("flops", ""), "a measured point with flops = ''"),
+    # found by review: these columns went unchecked and changed verdicts, or crashed
+    "cholesky-flops-text": (_edit_row("flops_cholesky", "abc"), "flops_cholesky = 'abc'"),
+    "products-flops-negative": (_edit_row("flops_products", "-1"), "flops_products = '-1'"),
+    "d-text": (_edit_row("d", "x"), "a measured point with d = 'x'"),
+    "sol-text": (_edit_row("sol_products", "abc"), "sol_products = 'abc'"),
+    "peak-text": (_edit_row("peak_bytes", "lots"), "peak_bytes = 'lots'"),
+    "times-not-json": (_edit_row("times_s", "[0.1, 0.2"), "times_s is '[0.1, 0.2', not a list"),
+    "times-negative": (_edit_row("times_s", "[0.1, -2]"), "not a list of non-negative times"),
+    "unknown-kernel": (_edit_row("kernel", "fancy"), "unknown kernel 'fancy'"),
+    "slow-paths-text": (_edit_row("slow_paths", "{{{"), "slow_paths holds ['{{{']"),
+    "interleaved-text": (_edit_row("interleaved", "sideways"), "interleaved holds ['sideways']"),
+    "remeasured-text": (_edit_row("remeasured", "yes"), "remeasured is 'yes', not 0 or 1"),
+    "duplicate-point": (_duplicate_row, "hold the same point"),
+    "record-without-axes": (_edit_record(lambda r: r.pop("axes")), "the values of every axis"),
+    "record-rates-text": (_edit_record(_first_rates("fast")), "rates of device"),
+    "record-rates-negative": (_edit_record(_first_rates(-1.0)), "not FLOP/s"),
+    "record-without-rates": (_edit_record(_no_rates), "records no device rates"),
     "record-list": (_record("[1, 2]"), "sweep.json is not the record of a sweep"),
     "record-garbage": (_record("{not json"), "sweep.json cannot be parsed"),
     "record-base-text": (_record('{"base": "x"}'), "sweep.json is not the record of a sweep"),
@@ -298,7 +344,8 @@ CORRUPTIONS = {
         (corruption, command)
         for corruption in CORRUPTIONS
         for command in ("fit", "validate", "report", "sweep")
-        if (corruption, command) != ("header-only", "sweep")  # a sweep starts from no rows
+        # a sweep starts from no rows, and measures the rates again
+        if command != "sweep" or corruption not in ("header-only", "record-without-rates")
     ],
     ids=lambda v: v,
 )

@@ -272,6 +272,28 @@ def test_resuming_around_another_base_point_is_refused(tmp_path):
     assert (tmp_path / "results.csv").read_text() == before
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"output_metric": "sampled"}, "output_metric exact, not sampled.*--output-metric exact"),
+        ({"dtypes": ("float64",)}, "dtype float32, not float64.*--dtypes float32"),
+        ({"seed": 7}, "seed 0, not 7.*--seed 0"),
+        ({"damping": 0.1}, "damping 0.001, not 0.1"),
+    ],
+    ids=["output-metric", "dtype", "seed", "damping"],
+)
+def test_resuming_with_other_settings_is_refused(tmp_path, change, message):
+    """Found by review: a sweep resumed with another output metric, dtype or seed mixed
+    two sweeps in one results file (and the record said only the new setting)."""
+    grid = {**TINY, "methods": ("euclidean",)}
+    sw.sweep(sw.Grid(**grid), tmp_path, progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match=message):
+        sw.sweep(sw.Grid(**{**grid, **change}), tmp_path, progress=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    sw.sweep(sw.Grid(**{**grid, "devices": ("cpu",)}), tmp_path, progress=False)  # the same
+
+
 def test_resume_retries_points_that_were_skipped(tmp_path):
     tight = {**TINY, "methods": ("full",), "flop_budget": 1e3}
     sw.sweep(sw.Grid(**tight), tmp_path, progress=False)
