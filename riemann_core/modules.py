@@ -23,6 +23,7 @@ module with parameters through ``torch.func`` and materialises ``K``.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -649,7 +650,19 @@ KERNELS = ("structured", "generic", "auto")
 
 
 def register_handler(module_type: type, handler: type[Handler], *, overwrite: bool = False):
-    """Register a structured kernel for ``module_type`` (``overwrite=True`` to replace)."""
+    """Register a structured kernel for ``module_type`` (``overwrite=True`` to replace):
+    ``handler`` a concrete subclass of :class:`Handler`, ``module_type`` a subclass of
+    ``nn.Module``. Checked here, since the registry is global: a bad entry would break
+    every later call on such a module."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be a subclass of nn.Module, got {module_type!r}")
+    if not (isinstance(handler, type) and issubclass(handler, Handler)) or inspect.isabstract(
+        handler
+    ):
+        raise TypeError(
+            f"handler must be a subclass of riemann_core.Handler that implements its abstract "
+            f"methods (gradient_from_output, K, K_mv, K_tmv), got {handler!r}"
+        )
     if module_type in STRUCTURED and not overwrite:
         raise ValueError(
             f"{module_type.__name__} already has the kernel {STRUCTURED[module_type].__name__}; "

@@ -215,6 +215,9 @@ class RiemannianPreconditioner:
         checks = Deferred()
         params = check_model(model, checks)
         checks.finite("the loss", loss, "check the data and lower the learning rate")
+        for name, p in params:  # the direction is added to them, as loss.backward() adds
+            if p.grad is not None:
+                _check_grad(name, p.grad, checks)
         check_generator(opts.generator, opts.output_metric, params[0][1].device)
         names = {id(p): n for n, p in params}
         notes = notes_for(model)
@@ -244,6 +247,14 @@ class RiemannianPreconditioner:
                 directions, diagnostics = self._transaction(
                     lambda: self._fused(loss, not paths.calls, params, checks)
                 )
+        except RuntimeError as err:
+            if "backward through the graph a second time" not in str(err):
+                raise
+            raise ValueError(
+                "the loss's graph was already consumed (by loss.backward(), or an earlier "
+                "pre.backward(loss)): pre.backward(loss) replaces loss.backward(), call it "
+                "instead; to precondition a .grad already there, call pre.step()"
+            ) from err
         finally:
             capture.reset()
             if rehook:
@@ -368,7 +379,7 @@ class RiemannianPreconditioner:
             device = params[0][1].device
             check_generator(self.options.generator, self.options.output_metric, device)
             for name, grad in with_grad.items():
-                checks.finite(f"the .grad of {name!r}", grad, "the loss or its backward overflowed")
+                _check_grad(name, grad, checks)
         # a parameter without .grad took no part in the loss: a zero vector, left as None
         directions, self.diagnostics = self._transaction(
             lambda: self._solve(
@@ -392,6 +403,16 @@ class RiemannianPreconditioner:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _check_grad(name: str, grad: Tensor, checks: Deferred) -> None:
+    """A ``.grad`` the preconditioner uses: dense, and finite (read with ``checks``)."""
+    if grad.layout != torch.strided:
+        raise TypeError(
+            f"the .grad of {name!r} is {grad.layout} (an nn.Embedding(sparse=True)?): the "
+            "metrics need dense gradients; build the module with sparse=False"
+        )
+    checks.finite(f"the .grad of {name!r}", grad, "the loss or its backward overflowed")
 
 
 def _kfac_state(method: str, refresh, decay) -> KFACState | None:

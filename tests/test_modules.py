@@ -27,6 +27,7 @@ from oracle import (
 from torch import nn
 
 import riemann_core as rc
+from riemann_core import modules
 from riemann_core.modules import (
     Block,
     Conv2dHandler,
@@ -244,6 +245,26 @@ def test_frozen_parameters_are_skipped():
 def test_register_existing_type_needs_overwrite(restore_handlers):
     with pytest.raises(ValueError, match="Linear already has the kernel LinearHandler.*overwrite"):
         rc.register_handler(nn.Linear, LinearHandler)
+
+
+@pytest.mark.parametrize(
+    "module_type, handler, message",
+    [
+        ("foo", LinearHandler, "module_type must be a subclass of nn.Module"),
+        (nn.Linear, object, "handler must be a subclass of riemann_core.Handler"),
+        (nn.Linear, rc.Handler, "that implements its abstract methods"),
+    ],
+    ids=["module-not-a-type", "handler-not-a-handler", "abstract-handler"],
+)
+def test_register_handler_refuses_what_would_break_later_calls(
+    restore_handlers, module_type, handler, message
+):
+    """Found by review: the registry is global, and a bad entry failed only at the next
+    direction of such a module (AttributeError), for every later call."""
+    before = dict(modules.STRUCTURED)
+    with pytest.raises(TypeError, match=message):
+        rc.register_handler(module_type, handler, overwrite=True)
+    assert modules.STRUCTURED == before
 
 
 def test_register_handler_for_new_type(restore_handlers):

@@ -618,3 +618,33 @@ def test_a_replay_agrees_to_rounding_and_no_further():
     assert alike(labels.clone(), labels) and not alike(labels.flip(0), labels)
     with pytest.raises(ValueError, match=r"shapes \[\(3, 4\)\] against \[\(4, 3\)\]"):
         alike(old.T.contiguous())
+
+
+def test_backward_after_loss_backward_names_the_mix_up():
+    """Found by review: torch's 'backward through the graph a second time' surfaced."""
+    model, x, y = Problem().make()
+    pre = rc.RiemannianPreconditioner(model)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="pre.backward\\(loss\\) replaces loss.backward\\(\\)"):
+        pre.backward(loss)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("call", ["step", "backward"])
+def test_a_grad_that_cannot_be_used_is_refused(call):
+    """A NaN ``.grad`` the direction would be added to (``backward``) or replace (``step``),
+    and a sparse one: refused, every ``.grad`` as it was."""
+    model, x, y = Problem().make()
+    pre = rc.RiemannianPreconditioner(model)
+    F.cross_entropy(model(x), y).backward()
+    model[0].bias.grad[0] = float("nan")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="the .grad of '0.bias' contains 1 NaN or inf"):
+        pre.step() if call == "step" else pre.backward(F.cross_entropy(model(x), y))
+    assert_unchanged(model, before)
+    model[0].bias.grad = torch.zeros_like(model[0].bias).to_sparse()
+    model(x)
+    with pytest.raises(TypeError, match="the .grad of '0.bias' is torch.sparse_coo"):
+        pre.step() if call == "step" else pre.backward(F.cross_entropy(model(x), y))
