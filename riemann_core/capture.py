@@ -404,6 +404,7 @@ def forward(
             capture = stack.enter_context(Capture(model, notes.clone))
             stack.enter_context(eager())
             stack.enter_context(_own_forward())
+            versions = [(n, p, p._version) for n, p in model.named_parameters()]
             try:
                 outputs = model(*args, **kwargs)
             except (RuntimeError, IndexError, TypeError) as err:
@@ -411,6 +412,14 @@ def forward(
                     f"the model's forward pass failed on these inputs: {err}. Check that the "
                     "inputs have the shape and dtype the model expects"
                 ) from err
+        changed = [n for n, p, v in versions if p._version != v]
+        if changed:
+            raise ValueError(
+                f"the model's forward pass changed parameters {changed} in place, so the "
+                "metric would be taken at parameters other than the gradient's (and every "
+                "call here changes them again). Make such updates outside forward, e.g. "
+                "after opt.step()"
+            )
         if before is not None and not all(
             torch.equal(a, b) for a, b in zip(before, rng_state(devices), strict=True)
         ):

@@ -1036,3 +1036,24 @@ def test_check_coupling_takes_true_false_or_always(bad):
     model, x, y = relu_mlp()
     with pytest.raises(ValueError, match="check_coupling must be True .*, 'always' .* or False"):
         rc.direction(model, x, y, check_coupling=bad)
+
+
+class Drifting(nn.Module):
+    """A forward pass that moves its own weight in place (a hand-made renormalisation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.lin.weight.mul_(0.5)
+        return self.lin(x)
+
+
+def test_a_forward_that_changes_a_parameter_is_refused():
+    """Found by review: rc.direction accepted it (the preconditioner refused it)."""
+    model = Drifting().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    with pytest.raises(ValueError, match=r"changed parameters \['lin.weight'\] in place"):
+        rc.direction(model, x, y)
