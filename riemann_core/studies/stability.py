@@ -37,6 +37,7 @@ from ..arguments import Command, check_choices, default_out, floats, ints, names
 from . import digits
 from .stability_fit import METRICS
 from .trainer import OPTIMISERS, Config, train
+from .trainer import STATUSES as RUN_STATUSES
 from .training import DTYPES
 
 HELP = "distance between models trained on neighbouring data sets, against damping and size"
@@ -53,6 +54,8 @@ EXAMPLE = "stability --quick --dampings 0.01,0.1,1 --sizes 150,300,600"
 #: damped methods only: the damping axis is what the bound is about
 METHODS = tuple(m for m, spec in OPTIMISERS.items() if spec.damped)
 TEST_SHARE = 0.2
+#: a pair's status: its runs' (the first that is not ok), or "not trained" (kept, not fitted)
+STATUSES = (*RUN_STATUSES, "not trained")
 
 
 @dataclass(frozen=True)

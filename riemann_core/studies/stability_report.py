@@ -7,6 +7,17 @@ from pathlib import Path
 import pandas as pd
 
 from ..measure.output import markdown_table, pyplot, read_study, save_figure, staged, write_atomic
+from .results import (
+    COUNT,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    Range,
+    check_record,
+    check_rows,
+    check_whole_rows,
+)
+from .stability import STATUSES
 from .stability_fit import MAX_WIDTH, METRICS, PREDICTED, joint_slopes, local_slopes, slopes
 
 LABELS = {
@@ -16,6 +27,39 @@ LABELS = {
 }
 AXES = {"damping": "damping mu", "size": "training-set size n"}
 PAIR_COLUMNS = ("method", "damping", "size", "pair", "status", *METRICS, "train_loss_a")
+#: what the numbers of pairs.csv can be, as stability.py writes them (a diverged pair may
+#: hold an infinite loss; prediction_distance is a total-variation distance)
+RANGES = {
+    "damping": POSITIVE,
+    "size": Range("a whole number >= 2", lambda v: (v >= 2) & (v % 1 == 0)),
+    "pair": COUNT,
+    "param_distance": NON_NEGATIVE,
+    "prediction_distance": FRACTION,
+    "loss_gap": NON_NEGATIVE,
+    "train_loss_a": NON_NEGATIVE,
+}
+#: written in every row, diverged or not
+EVERY_ROW = ("damping", "size", "pair")
+#: the fields of stability.json the report reads, and their kinds
+RECORD = {
+    "command": "text",
+    "sweep": {
+        "methods": "a list of names",
+        "dampings": "a list",
+        "sizes": "a list",
+        "pairs": "a whole number >= 0",
+        "steps": "a whole number >= 0",
+        "lr": "a finite number",
+        "batch_size": "a whole number >= 0",
+        "model": "text",
+        "dtype": "text",
+    },
+    "environment": "an object",
+    "seed": "a whole number >= 0",  # the bootstrap's seed too
+    "pool": "a whole number >= 0",
+    "test": "a whole number >= 0",
+}
+COMMAND = "riemann-bench stability"
 
 
 def load(out: Path) -> tuple[pd.DataFrame, dict]:
@@ -23,10 +67,12 @@ def load(out: Path) -> tuple[pd.DataFrame, dict]:
     keys = ("sweep", "command", "environment")
     tables = {"pairs.csv": PAIR_COLUMNS}
     numeric = {"pairs.csv": tuple(c for c in PAIR_COLUMNS if c not in ("method", "status"))}
+    check_whole_rows(out / "pairs.csv", COMMAND)
     # a pair that diverged or failed has NaN distances; one marked ok has them all
-    (pairs,), meta = read_study(
-        out, tables, "stability.json", keys, "riemann-bench stability", numeric, numeric
-    )
+    (pairs,), meta = read_study(out, tables, "stability.json", keys, COMMAND, numeric, numeric)
+    check_record(meta, out / "stability.json", COMMAND, RECORD)
+    labels = {"method": meta["sweep"]["methods"], "status": STATUSES}
+    check_rows(pairs, out / "pairs.csv", COMMAND, labels, RANGES, EVERY_ROW)
     return pairs, meta
 
 

@@ -24,6 +24,8 @@ from .digits import Examples
 #: a loss this many times its initial value counts as divergence (saturated tanh networks
 #: keep the loss finite however far the parameters run away)
 DIVERGED = 1e3
+#: the statuses a run ends with (see :class:`Run`)
+STATUSES = ("ok", "diverged", "solver failed")
 
 
 @dataclass(frozen=True)

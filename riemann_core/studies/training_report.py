@@ -8,6 +8,18 @@ import numpy as np
 import pandas as pd
 
 from ..measure.output import markdown_table, pyplot, read_study, save_figure, staged, write_atomic
+from .results import (
+    COUNT,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    check_record,
+    check_rows,
+    check_whole_rows,
+    first_line,
+    rerun,
+)
+from .trainer import OPTIMISERS, STATUSES
 
 CURVES = (
     ("train_loss", "train loss", "log"),
@@ -37,6 +49,47 @@ TUNING_COLUMNS = (
     "validation_loss",
     "validation_accuracy",
 )
+#: what the numbers of runs.csv and tuning.csv can be, as training.py and trainer.py write
+#: them (a diverged row may hold an infinite loss)
+RANGES = {
+    "lr": POSITIVE,
+    "damping": POSITIVE,
+    "seed": COUNT,
+    "step": COUNT,
+    "time_s": NON_NEGATIVE,
+    "train_loss": NON_NEGATIVE,
+    "train_accuracy": FRACTION,
+    "test_loss": NON_NEGATIVE,
+    "test_accuracy": FRACTION,
+    "validation_loss": NON_NEGATIVE,
+    "validation_accuracy": FRACTION,
+}
+#: written in every row, diverged or not (the damping by the damped methods only)
+EVERY_ROW = ("lr", "seed", "step", "time_s")
+DAMPED = tuple(m for m, spec in OPTIMISERS.items() if spec.damped)
+#: the fields of training.json the report reads, and their kinds
+RECORD = {
+    "command": "text",
+    "study": {
+        "models": "a list of names",
+        "methods": "a list of names",
+        "lrs": "an object",
+        "dampings": "a list",
+        "epochs": "a finite number",
+        "batch_size": "a whole number >= 0",
+        "target_accuracy": "a finite number",
+        "dtype": "text",
+    },
+    "environment": "an object",
+    "split": "an object",
+    "seed": "a whole number >= 0",
+    "tuning_seed": "a whole number >= 0",
+    "seeds": "a list",
+    "steps": "a whole number >= 0",
+    "eval_every": "a whole number >= 0",
+    "examples_per_run": "a whole number >= 0",
+}
+COMMAND = "riemann-bench train"
 
 
 def load(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
@@ -49,9 +102,29 @@ def load(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     measured = {
         name: tuple(c for c in columns if c != "damping") for name, columns in numeric.items()
     }
-    (runs, tuning), meta = read_study(
-        out, tables, "training.json", keys, "riemann-bench train", numeric, measured
-    )
+    for name in tables:
+        check_whole_rows(out / name, COMMAND)
+    frames, meta = read_study(out, tables, "training.json", keys, COMMAND, numeric, measured)
+    check_record(meta, out / "training.json", COMMAND, RECORD)
+    study = meta["study"]
+    labels = {"model": study["models"], "method": study["methods"], "status": STATUSES}
+    for frame, (name, columns) in zip(frames, tables.items()):
+        path = out / name
+        ranges = {column: RANGES[column] for column in numeric[name]}
+        every_row = [column for column in EVERY_ROW if column in columns]
+        check_rows(frame, path, COMMAND, labels, ranges, every_row)
+        # a damped method's rows record its damping, the others' leave it blank
+        damped = frame["method"].isin(DAMPED)
+        bad = damped == frame["damping"].isna()
+        if bad.any():
+            row = frame[bad].iloc[0]
+            shown = "blank" if pd.isna(row["damping"]) else f"{row['damping']:g}"
+            takes = "one" if row["method"] in DAMPED else "none"
+            raise ValueError(
+                f"{path} line {first_line(bad)}: damping is {shown}, but method "
+                f"{row['method']!r} takes {takes}: {rerun(COMMAND)}"
+            )
+    runs, tuning = frames
     return runs, tuning, meta
 
 

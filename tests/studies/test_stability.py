@@ -6,7 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_training import failing_report_changes_nothing
+from test_training import (
+    copy_study,
+    cut_short,
+    failing_report_changes_nothing,
+    refused,
+    second,
+    set_key,
+)
 
 from riemann_core import cli
 from riemann_core.studies import stability_report
@@ -16,6 +23,13 @@ from riemann_core.studies.trainer import Config
 
 SMALL = ["stability", "--quick", "--dampings", "0.3,1", "--lr", "0.5", "--sizes", "40,80",
          "--pairs", "2", "--steps", "12", "--batch-size", "16"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stability")
+    assert cli.main([*SMALL, "--out", str(out)]) == 0
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +132,8 @@ def test_verdict_reads_the_interval_against_the_bound():
     assert verdict(0.5, -2.0, 3.0, -1.0) == "inconclusive"  # holds -1, but also 0 and more
 
 
-def test_small_sweep_writes_pairs_slopes_figures_and_report(tmp_path, capsys, monkeypatch):
-    assert cli.main([*SMALL, "--out", str(tmp_path)]) == 0
+def test_small_sweep_writes_pairs_slopes_figures_and_report(sweep, tmp_path, capsys, monkeypatch):
+    copy_study(sweep, tmp_path)
     pairs = pd.read_csv(tmp_path / "pairs.csv")
     assert len(pairs) == 2 * 2 * 2  # pairs x sizes x dampings, one method
     assert (pairs["status"] == "ok").all() and (pairs["param_distance"] > 0).all()
@@ -157,6 +171,76 @@ def test_small_sweep_writes_pairs_slopes_figures_and_report(tmp_path, capsys, mo
         (tmp_path / name).write_text(f"the previous {name}\n")
     failing_report_changes_nothing(
         tmp_path, "stability", stability_report, "distance_figure", monkeypatch, capsys
+    )
+
+
+@pytest.mark.parametrize("keep_fields", [2, 8, None], ids=["before-status", "at-status", "last"])
+def test_report_only_refuses_pairs_cut_short(sweep, tmp_path, capsys, keep_fields):
+    """A pair cut before its status would read as one that is not ok, and drop out of the
+    fits; one cut in its last field would read as a shorter distance."""
+    copy_study(sweep, tmp_path)
+    line = cut_short(tmp_path / "pairs.csv", keep_fields)
+    shape = f"has {keep_fields} of 12 fields" if keep_fields else "ends without a line break"
+    fix = "rerun 'riemann-bench stability' with this --out, or restore the file"
+    refused(
+        "stability",
+        tmp_path,
+        f"pairs.csv line {line} {shape}: the file is truncated; {fix}",
+        capsys,
+    )
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda df: second(df, method="adam"), "line 3: method is 'adam', not one of those the study records (layerwise)"),
+        (lambda df: second(df, method=""), "line 3: method is blank"),
+        (lambda df: second(df, status="done"), "line 3: status is 'done', not one of those the study records (ok, diverged, solver failed, not trained)"),
+        (lambda df: second(df, status=""), "line 3: status is blank"),
+        (lambda df: second(df, status="diverged", damping=""), "line 3: damping is blank, but the study records it in every row"),
+        (lambda df: second(df, damping="-0.01"), "line 3: damping is -0.01, but it must be positive and finite"),
+        (lambda df: second(df, damping="0"), "line 3: damping is 0, but it must be positive"),
+        (lambda df: second(df, param_distance="-1"), "line 3: param_distance is -1, but it must be >= 0"),
+        (lambda df: second(df, loss_gap="-0.5"), "line 3: loss_gap is -0.5, but it must be >= 0"),
+        (lambda df: second(df, prediction_distance="1.5"), "line 3: prediction_distance is 1.5, but it must be within [0, 1]"),
+        (lambda df: second(df, train_loss_a="-2"), "line 3: train_loss_a is -2, but it must be >= 0"),
+        (lambda df: second(df, size="1"), "line 3: size is 1, but it must be a whole number >= 2"),
+        (lambda df: second(df, pair="0.5"), "line 3: pair is 0.5, but it must be a whole number >= 0"),
+    ],
+    ids=["adam", "blank-method", "done", "blank-status", "blank-damping", "damping-neg",
+         "damping-zero", "distance-neg", "gap-neg", "tv-1.5", "loss-neg", "size-1", "pair-half"],
+)  # fmt: skip
+def test_report_only_refuses_unknown_labels_and_impossible_numbers(
+    sweep, tmp_path, capsys, edit, message
+):
+    """A method the sweep did not run, a status no run writes, or a number no pair can hold
+    (a negative distance, a damping of 0) would be fitted as if measured."""
+    copy_study(sweep, tmp_path)
+    edit(pd.read_csv(tmp_path / "pairs.csv", dtype=str)).to_csv(tmp_path / "pairs.csv", index=False)
+    refused("stability", tmp_path, f"pairs.csv {message}", capsys)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("sweep", "x", "'sweep' is 'x', but the study records an object there"),
+        ("sweep.lr", "fast", "'sweep.lr' is 'fast', but the study records a finite number there"),
+        ("sweep.methods", "layerwise", "'sweep.methods' is 'layerwise', but the study records a list of names there"),
+        ("seed", -1, "'seed' is -1, but the study records a whole number >= 0 there"),
+        ("command", None, "lacks the record of the run (sweep, command, environment)"),
+        ("pool", None, "lacks 'pool'"),
+    ],
+)  # fmt: skip
+def test_report_only_refuses_a_record_of_the_wrong_kind(
+    sweep, tmp_path, capsys, key, value, message
+):
+    """Instead of a TypeError or KeyError traceback from the middle of the report."""
+    copy_study(sweep, tmp_path)
+    record = json.loads((sweep / "stability.json").read_text())
+    set_key(record, key, value)
+    (tmp_path / "stability.json").write_text(json.dumps(record))
+    refused(
+        "stability", tmp_path, f"stability.json{'' if value is None else ':'} {message}", capsys
     )
 
 

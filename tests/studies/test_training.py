@@ -58,7 +58,7 @@ def test_report_only_redraws_and_corrupted_results_are_refused(study, tmp_path, 
         (tmp_path / name).write_bytes((study / name).read_bytes())
     assert cli.main(["train", "--report-only", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "report.md").read_text().startswith("# Training study")
-    (tmp_path / "runs.csv").write_text("model,method\nmlp")
+    (tmp_path / "runs.csv").write_text("model,method\nmlp,sgd\n")
     kept = (tmp_path / "report.md").read_text()
     assert cli.main(["train", "--report-only", "--out", str(tmp_path)]) == 2
     assert "lacks columns" in capsys.readouterr().err
@@ -101,6 +101,136 @@ def test_report_only_names_a_table_without_rows_or_numbers(
     assert cli.main(["train", "--report-only", "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def copy_study(source, out):
+    """Every file of the study in ``source`` (results, figures and report.md) into ``out``."""
+    for path in source.iterdir():
+        if path.is_file():
+            (out / path.name).write_bytes(path.read_bytes())
+
+
+def refused(command, out, message, capsys):
+    """``command --report-only`` on ``out`` exits 2 naming ``message`` before it writes
+    anything: report.md, the figures and the results stay as they were."""
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "report.md" in before
+    assert cli.main([command, "--report-only", "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def cut_short(path, keep_fields):
+    """``path`` cut in its middle row, as by an interrupted copy: after ``keep_fields``
+    fields of that row, or (None) one character before its end. Its line number."""
+    lines = path.read_text().splitlines(keepends=True)
+    middle = len(lines) // 2
+    row = lines[middle].rstrip("\n")
+    cut = row[:-1] if keep_fields is None else ",".join(row.split(",")[:keep_fields])
+    path.write_text("".join(lines[:middle]) + cut)
+    return middle + 1
+
+
+@pytest.mark.parametrize("name", ["runs.csv", "tuning.csv"])
+@pytest.mark.parametrize("keep_fields", [2, 6, None], ids=["before-status", "at-status", "last"])
+def test_report_only_refuses_a_table_cut_short(study, tmp_path, capsys, name, keep_fields):
+    """pandas reads the cut row's missing cells as blanks: a row without a status (or an ok
+    one with blank measurements), and the report would be drawn from the rows before it."""
+    copy_study(study, tmp_path)
+    line = cut_short(tmp_path / name, keep_fields)
+    fields = len((study / name).read_text().splitlines()[0].split(","))
+    shape = f"has {keep_fields} of {fields} fields" if keep_fields else "ends without a line break"
+    fix = "rerun 'riemann-bench train' with this --out, or restore the file"
+    refused("train", tmp_path, f"{name} line {line} {shape}: the file is truncated; {fix}", capsys)
+
+
+STATUSES = "(ok, diverged, solver failed)"
+
+
+@pytest.mark.parametrize(
+    "name, edit, message",
+    [
+        ("runs.csv", lambda df: second(df, status=""), f"line 3: status is blank, not one of those the study records {STATUSES}"),
+        ("runs.csv", lambda df: second(df, status="diverged", lr=""), "line 3: lr is blank, but the study records it in every row"),
+        ("tuning.csv", lambda df: second(df, method=""), "line 3: method is blank"),
+        ("runs.csv", lambda df: second(df, method="adam"), "line 3: method is 'adam', not one of those the study records (sgd, layerwise)"),
+        ("tuning.csv", lambda df: second(df, method="rmsprop"), "line 3: method is 'rmsprop', not one"),
+        ("runs.csv", lambda df: second(df, model="cnn"), "line 3: model is 'cnn', not one of those the study records (mlp)"),
+        ("runs.csv", lambda df: second(df, status="done"), f"line 3: status is 'done', not one of those the study records {STATUSES}"),
+        ("tuning.csv", lambda df: second(df, status="finished"), "line 3: status is 'finished', not one"),
+    ],
+    ids=["blank-status", "blank-lr", "blank-method", "adam", "rmsprop", "model", "done", "finished"],
+)  # fmt: skip
+def test_report_only_refuses_blank_or_unknown_labels(study, tmp_path, capsys, name, edit, message):
+    """Only the study's models and methods and the statuses a run ends with: a row of
+    another one would be drawn as a method of its own, or left out as not ok."""
+    copy_study(study, tmp_path)
+    edit(pd.read_csv(tmp_path / name, dtype=str)).to_csv(tmp_path / name, index=False)
+    refused("train", tmp_path, f"{name} {message}", capsys)
+
+
+@pytest.mark.parametrize(
+    "name, edit, message",
+    [
+        ("tuning.csv", lambda df: second(df, lr="-1"), "line 3: lr is -1, but it must be positive and finite"),
+        ("tuning.csv", lambda df: second(df, lr="0"), "line 3: lr is 0, but it must be positive"),
+        ("tuning.csv", lambda df: second(df, damping="-0.1"), "line 3: damping is -0.1, but it must be positive"),
+        ("runs.csv", lambda df: second(df, damping="0"), "line 3: damping is 0, but it must be positive"),
+        ("tuning.csv", lambda df: second(df, damping="0.1"), "line 3: damping is 0.1, but method 'sgd' takes none"),
+        ("runs.csv", lambda df: second(df, method="layerwise"), "line 3: damping is blank, but method 'layerwise' takes one"),
+        ("runs.csv", lambda df: second(df, time_s="-5"), "line 3: time_s is -5, but it must be >= 0"),
+        ("runs.csv", lambda df: second(df, test_accuracy="2.5"), "line 3: test_accuracy is 2.5, but it must be within [0, 1]"),
+        ("tuning.csv", lambda df: second(df, validation_accuracy="-0.1"), "line 3: validation_accuracy is -0.1, but it must be within [0, 1]"),
+        ("runs.csv", lambda df: second(df, train_loss="-0.2"), "line 3: train_loss is -0.2, but it must be >= 0"),
+        ("runs.csv", lambda df: second(df, step="2.5"), "line 3: step is 2.5, but it must be a whole number >= 0"),
+        ("runs.csv", lambda df: second(df, seed="-1"), "line 3: seed is -1, but it must be a whole number >= 0"),
+    ],
+    ids=["lr-neg", "lr-zero", "damping-neg", "damping-zero", "damping-sgd", "no-damping",
+         "time-neg", "accuracy-2.5", "accuracy-neg", "loss-neg", "step-half", "seed-neg"],
+)  # fmt: skip
+def test_report_only_refuses_impossible_numbers(study, tmp_path, capsys, name, edit, message):
+    """Each number within what a run can write: a negative time or an accuracy above 1
+    would flow into the tables and the summary as if measured."""
+    copy_study(study, tmp_path)
+    edit(pd.read_csv(tmp_path / name, dtype=str)).to_csv(tmp_path / name, index=False)
+    refused("train", tmp_path, f"{name} {message}", capsys)
+
+
+def set_key(record, key, value):
+    """``record`` with ``key`` (``a.b`` for a nested one) set to ``value``, or removed (None)."""
+    *parents, last = key.split(".")
+    for parent in parents:
+        record = record[parent]
+    if value is None:
+        del record[last]
+    else:
+        record[last] = value
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("study", "x", "'study' is 'x', but the study records an object there"),
+        ("environment", [], "'environment' is [], but the study records an object there"),
+        ("study.target_accuracy", "0.95", "'study.target_accuracy' is '0.95', but the study records a finite number there"),
+        ("study.methods", ["sgd", 3], "'study.methods' is ['sgd', 3], but the study records a list of names there"),
+        ("steps", True, "'steps' is True, but the study records a whole number >= 0 there"),
+        ("split", None, "lacks 'split'"),
+        ("study.dtype", None, "lacks 'study.dtype'"),
+    ],
+)  # fmt: skip
+def test_report_only_refuses_a_record_of_the_wrong_kind(
+    study, tmp_path, capsys, key, value, message
+):
+    """Instead of a TypeError or KeyError traceback from the middle of the report."""
+    copy_study(study, tmp_path)
+    record = json.loads((study / "training.json").read_text())
+    set_key(record, key, value)
+    (tmp_path / "training.json").write_text(json.dumps(record))
+    fix = ": rerun 'riemann-bench train' with this --out"
+    refused(
+        "train", tmp_path, f"training.json{'' if value is None else ':'} {message}{fix}", capsys
+    )
 
 
 def test_report_only_takes_the_blanks_a_run_writes(study, tmp_path):
