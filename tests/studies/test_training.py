@@ -164,9 +164,7 @@ STATUSES = "(ok, diverged, solver failed)"
 def test_report_only_refuses_blank_or_unknown_labels(study, tmp_path, capsys, name, edit, message):
     """Only the study's models and methods and the statuses a run ends with: a row of
     another one would be drawn as a method of its own, or left out as not ok."""
-    copy_study(study, tmp_path)
-    edit(pd.read_csv(tmp_path / name, dtype=str)).to_csv(tmp_path / name, index=False)
-    refused("train", tmp_path, f"{name} {message}", capsys)
+    refused_after_edit(study, tmp_path, capsys, name, edit, message)
 
 
 @pytest.mark.parametrize(
@@ -191,6 +189,11 @@ def test_report_only_refuses_blank_or_unknown_labels(study, tmp_path, capsys, na
 def test_report_only_refuses_impossible_numbers(study, tmp_path, capsys, name, edit, message):
     """Each number within what a run can write: a negative time or an accuracy above 1
     would flow into the tables and the summary as if measured."""
+    refused_after_edit(study, tmp_path, capsys, name, edit, message)
+
+
+def refused_after_edit(study, tmp_path, capsys, name, edit, message):
+    """A copy of ``study`` whose table ``name`` went through ``edit`` is refused."""
     copy_study(study, tmp_path)
     edit(pd.read_csv(tmp_path / name, dtype=str)).to_csv(tmp_path / name, index=False)
     refused("train", tmp_path, f"{name} {message}", capsys)
