@@ -71,7 +71,8 @@ def check_options(
             f"solve_dtype must be None, torch.float32 or torch.float64, got {solve_dtype}"
         )
     if not (isinstance(check_coupling, bool) or check_coupling == "always"):
-        raise ValueError(
+        error = ValueError if isinstance(check_coupling, str) else TypeError
+        raise error(
             f"check_coupling must be True (probe when the structure changes), 'always' (every "
             f"call) or False, got {check_coupling!r}"
         )

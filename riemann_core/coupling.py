@@ -23,8 +23,9 @@ may choose the forward pass's path changes (:func:`probe_key`: a module's traini
 a module swapped for another, an argument of ``forward`` other than a tensor;
 ``check_coupling=False`` skips them); their verdicts join the deferred checks. A path
 chosen by state outside these (an attribute set on a module, Python's ``random``, a
-global module hook added later) is probed as first taken; ``check_coupling="always"`` probes every call. Only on a failure is the forward pass run once
-more with every module hooked, to name the module that couples the samples.
+global module hook added later) is probed as first taken; ``check_coupling="always"``
+probes every call. Only on a failure is the forward pass run once more with every module
+hooked, to name the module that couples the samples.
 """
 
 from __future__ import annotations

@@ -52,12 +52,11 @@ class RiemannianPreconditioner:
     the model's last forward pass: a forward pre-hook records its positional and keyword
     arguments, the random state and the buffers, and ``step`` runs one more forward pass
     on them from that state, so that dropout draws the masks the gradient was computed
-    with (and a module that updates its buffers as it runs, an observer, starts from
-    the same ones). Call it
-    between ``loss.backward()`` and ``opt.step()``: a parameter or an input changed in
-    place since the forward pass is refused, and so is a pass run again whose output is
-    not the recorded one (beyond rounding): its path depended on state that is not
-    replayed, such as Python's ``random`` module or a counter.
+    with (and a module that updates its buffers as it runs, an observer, starts from the
+    same ones). Call it between ``loss.backward()`` and ``opt.step()``: a parameter or an
+    input changed in place since the forward pass is refused, and so is a pass run again
+    whose output is not the recorded one (beyond rounding): its path depended on state
+    that is not replayed, such as Python's ``random`` module or a counter.
 
     Either way the metric is that of ``loss`` (it needs no targets: a custom
     ``output_metric`` receives ``None``), and on any error ``.grad`` is left as it was.
@@ -162,7 +161,7 @@ class RiemannianPreconditioner:
 
     def _record_output(self, module, args, output):
         # the output a replay of this pass must give again (kept until the next pass)
-        if not (capturing() or not torch.is_grad_enabled()):
+        if not capturing() and torch.is_grad_enabled():
             self._output = [t.detach() for t in pytree.tree_leaves(output) if isinstance(t, Tensor)]
 
     def _check_unchanged(self, call: str) -> None:

@@ -1031,10 +1031,12 @@ def test_check_coupling_always_probes_a_path_chosen_by_an_attribute():
         pre.backward(F.cross_entropy(model(x), y))
 
 
-@pytest.mark.parametrize("bad", ["sometimes", 1, None])
-def test_check_coupling_takes_true_false_or_always(bad):
+@pytest.mark.parametrize(
+    "bad, error", [("sometimes", ValueError), (1, TypeError), (None, TypeError)]
+)
+def test_check_coupling_takes_true_false_or_always(bad, error):
     model, x, y = relu_mlp()
-    with pytest.raises(ValueError, match="check_coupling must be True .*, 'always' .* or False"):
+    with pytest.raises(error, match="check_coupling must be True .*, 'always' .* or False"):
         rc.direction(model, x, y, check_coupling=bad)
 
 
