@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -188,3 +189,21 @@ def markdown_table(frame: pd.DataFrame, floatfmt: str = ".3g") -> str:
         cells = [format(v, floatfmt) if isinstance(v, float) else str(v) for v in row]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+@contextmanager
+def progress_bar(
+    desc: str, unit: str = "step", total: int | None = None
+) -> Iterator[Callable[[str], None]]:
+    """A progress bar on stderr while the block runs (tqdm; gone when it ends). Yields
+    ``advance(label)``, which counts one step done and shows ``label``; without ``total``
+    the bar shows the count and the elapsed time."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr) as bar:
+
+        def advance(label: str) -> None:
+            bar.set_postfix_str(label, refresh=False)
+            bar.update(1)
+
+        yield advance

@@ -186,13 +186,14 @@ def _analysed_out(args):
 
 
 def run_fit(args) -> int:
-    from ..measure.output import staged, write_atomic
+    from ..measure.output import progress_bar, staged, write_atomic
     from . import devices, fit
 
     out = _analysed_out(args)
     df, meta = fit.read_sweep(out)
     df = devices.named(df, meta)
-    table = fit.fit_table(df, meta, seed=args.seed)
+    with progress_bar("fit", unit="fit") as progress:
+        table = fit.fit_table(df, meta, seed=args.seed, progress=progress)
     models = fit.time_model_table(df)
     rates = devices.achieved_rates(df, meta)
     with staged(out) as stage:  # all three, or none
@@ -215,13 +216,15 @@ def run_fit(args) -> int:
 
 
 def run_validate(args) -> int:
+    from ..measure.output import progress_bar
     from . import devices, fit, validate
 
     out = _analysed_out(args)
     df, meta = fit.read_sweep(out)
     for _, rows, device in devices.by_device(devices.named(df, meta), meta):
         fit.sweep_rates(rows, device)  # the claims on time need them, as fit does
-    pairs = devices.claims(df, meta, seed=args.seed)
+    with progress_bar("validate", unit="claim") as progress:
+        pairs = devices.claims(df, meta, seed=args.seed, progress=progress)
     names = [name for name, _ in pairs]
     claims = [claim for _, claim in pairs]
     validate.write_claims(claims, out / "claims.json", device_names=names)
@@ -234,9 +237,11 @@ def run_validate(args) -> int:
 
 
 def run_report(args) -> int:
+    from ..measure.output import progress_bar
     from .report import write_report
 
-    path = write_report(_analysed_out(args), seed=args.seed)
+    with progress_bar("report", unit="step") as progress:
+        path = write_report(_analysed_out(args), seed=args.seed, progress=progress)
     print(f"wrote {path}")
     return 0
 

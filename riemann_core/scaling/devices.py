@@ -15,7 +15,7 @@ Needs pandas (the ``bench`` extra).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import pandas as pd
 
@@ -87,12 +87,19 @@ def achieved_rates(df: pd.DataFrame, meta: Mapping) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def claims(df: pd.DataFrame, meta: Mapping, *, seed: int = 0) -> list[tuple[str, validate.Claim]]:
-    """``(device name, claim)``: :func:`~riemann_core.scaling.validate.validate` per device."""
+def claims(
+    df: pd.DataFrame,
+    meta: Mapping,
+    *,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> list[tuple[str, validate.Claim]]:
+    """``(device name, claim)``: :func:`~riemann_core.scaling.validate.validate` per
+    device (``progress`` as there)."""
     return [
         (name, claim)
         for name, rows, m in by_device(df, meta)
-        for claim in validate.validate(rows, m, seed=seed)
+        for claim in validate.validate(rows, m, seed=seed, progress=progress)
     ]
 
 

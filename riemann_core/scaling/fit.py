@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
@@ -518,7 +518,12 @@ def axis_regime(
 
 
 def fit_table(
-    df: pd.DataFrame, sweep_meta: Mapping, *, n_boot: int = 2000, seed: int = 0
+    df: pd.DataFrame,
+    sweep_meta: Mapping,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
 ) -> pd.DataFrame:
     """Per method/kernel (and setting) and swept axis, against x of :data:`FIT_X`:
 
@@ -528,7 +533,8 @@ def fit_table(
     ``overhead_at_top``: the time model's overhead fraction at the largest point;
     ``compute_bound``: how many points are compute-bound; ``time_exponent`` with ``low``
     and ``high``: :func:`time_exponent` (empty with fewer than 2 compute-bound points).
-    A combination with fewer than 2 distinct ok x has no row.
+    A combination with fewer than 2 distinct ok x has no row. ``progress(label)`` is
+    called after each fit.
     """
     base = sweep_meta["base"]
     axes = [a for a in sweep_meta.get("axes", AXES) if a in AXES]
@@ -566,6 +572,8 @@ def fit_table(
                     high=slope.high if slope else math.nan,
                 )
             records.append(record)
+            if progress is not None:
+                progress(f"{key[0]} ({key[1]}) along {axis}")
     columns = [*keys, "axis", "x", "points", "x_max", "flops_exponent", "model_exponent"]
     columns += ["exponent_gap", "overhead_at_top", "compute_bound", "time_exponent"]
     columns += ["low", "high"]

@@ -8,6 +8,7 @@ one colour in every figure (:func:`colour`).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -200,15 +201,28 @@ def time_model_figure(df: pd.DataFrame, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def figures(df: pd.DataFrame, meta: dict, rates: pd.DataFrame, out: Path) -> dict[str, Path]:
-    return {
-        "time": scaling_figure(df, meta, "time_median_s", out / "time.png"),
-        "flops": scaling_figure(df, meta, "flops", out / "flops.png"),
-        "memory": scaling_figure(df, meta, "peak_bytes", out / "memory.png"),
-        "crossover": crossover_figure(df, meta, out / "crossover.png"),
-        "rate": rate_figure(rates, fit.sweep_rates(df, meta), out / "achieved_rate.png"),
-        "time_model": time_model_figure(df, out / "time_model.png"),
+def figures(
+    df: pd.DataFrame,
+    meta: dict,
+    rates: pd.DataFrame,
+    out: Path,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Path]:
+    """The report's figures in ``out``, by name; ``progress(name)`` after each."""
+    draw = {
+        "time": lambda: scaling_figure(df, meta, "time_median_s", out / "time.png"),
+        "flops": lambda: scaling_figure(df, meta, "flops", out / "flops.png"),
+        "memory": lambda: scaling_figure(df, meta, "peak_bytes", out / "memory.png"),
+        "crossover": lambda: crossover_figure(df, meta, out / "crossover.png"),
+        "rate": lambda: rate_figure(rates, fit.sweep_rates(df, meta), out / "achieved_rate.png"),
+        "time_model": lambda: time_model_figure(df, out / "time_model.png"),
     }
+    paths = {}
+    for name, figure in draw.items():
+        paths[name] = figure()
+        if progress is not None:
+            progress(f"{name} figure")
+    return paths
 
 
 CAPTIONS = {
@@ -226,26 +240,31 @@ CAPTIONS = {
 }
 
 
-def write_report(out: Path, *, seed: int = 0) -> Path:
+def write_report(
+    out: Path, *, seed: int = 0, progress: Callable[[str], None] | None = None
+) -> Path:
     """Figures and ``report.md`` for the sweep in ``out`` (fits and claims recomputed), all
-    written or, on a failure, none.
+    written or, on a failure, none; ``progress(label)`` after each figure and each claim on
+    time of each device.
 
     A sweep over several devices gets one report per device in ``devices/<name>/`` (fits
     and claims never mix devices) and an index of them in ``report.md``.
     """
     df, meta = load(out)
     with staged(out) as stage:
-        _write_reports(df, meta, out, stage, seed=seed)
+        _write_reports(df, meta, out, stage, seed=seed, progress=progress)
     return out / "report.md"
 
 
-def _write_reports(df: pd.DataFrame, meta: dict, out: Path, stage: Path, *, seed: int) -> None:
+def _write_reports(
+    df: pd.DataFrame, meta: dict, out: Path, stage: Path, *, seed: int, progress
+) -> None:
     """:func:`write_report`'s files, written in ``stage`` as they will lie in ``out``."""
     contributed = markdown_table(devices.summary(df, meta))
     parts = list(devices.by_device(df, meta))
     if len(parts) == 1:
         _, rows, device = parts[0]
-        device_report(rows, device, stage, out, contributed, seed=seed)
+        device_report(rows, device, stage, out, contributed, seed=seed, progress=progress)
         return
     lines = [
         f"# Scaling report: {len(parts)} devices",
@@ -264,20 +283,29 @@ def _write_reports(df: pd.DataFrame, meta: dict, out: Path, stage: Path, *, seed
     for name, rows, device in parts:
         directory = stage / "devices" / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         directory.mkdir(parents=True, exist_ok=True)
-        path = device_report(rows, device, directory, out, contributed, seed=seed)
+        path = device_report(
+            rows, device, directory, out, contributed, seed=seed, progress=progress
+        )
         lines.append(f"- [{name}]({path.relative_to(stage)})")
     write_atomic(stage / "report.md", "\n".join(lines) + "\n")
 
 
 def device_report(
-    df: pd.DataFrame, meta: dict, directory: Path, out: Path, contributed: str, *, seed: int = 0
+    df: pd.DataFrame,
+    meta: dict,
+    directory: Path,
+    out: Path,
+    contributed: str,
+    *,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Figures and ``report.md`` in ``directory`` for the rows of one device of the sweep
     in ``out`` (``meta``: the sweep's record with that device's rates and environment);
     ``contributed``: the table of the devices of the sweep."""
     rates = fit.achieved_rates(df, fit.sweep_rates(df, meta))
-    paths = figures(df, meta, rates, directory)
-    claims = validate.validate(df, meta, seed=seed)
+    paths = figures(df, meta, rates, directory, progress)
+    claims = validate.validate(df, meta, seed=seed, progress=progress)
     env = meta.get("environment", {})
     regenerate = f"riemann-bench report --out {out}"
     verdicts = pd.Series([c.verdict for c in claims]).value_counts()

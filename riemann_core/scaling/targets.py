@@ -41,6 +41,7 @@ from ..measure.flops import flop_counter
 from ..measure.lean import LeanStep
 from ..measure.output import (
     generated_block,
+    progress_bar,
     replace_generated_block,
     write_atomic,
     write_json,
@@ -536,17 +537,10 @@ def run(args) -> int:
         generated_block(readme.read_text(), README_BLOCK)
     if args.out is not None:  # fail on an unusable --out before the work, not after
         args.out.mkdir(parents=True, exist_ok=True)
-    from tqdm import tqdm
-
     from ..measure.environment import environment
 
     steps = 3 + (2 if args.quick else len(SMALL_NETWORKS)) + len(kfac_targets.NETWORKS)
-    with tqdm(total=steps, desc="targets", unit="step", leave=False, file=sys.stderr) as bar:
-
-        def progress(label):
-            bar.set_postfix_str(label)
-            bar.update(1)
-
+    with progress_bar("targets", total=steps) as progress:
         options = dict(device=args.device, quick=args.quick, seed=args.seed, progress=progress)
         result = measure_targets(**options)
         kfac = kfac_targets.measure_kfac(**options)

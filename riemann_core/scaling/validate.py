@@ -79,7 +79,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -228,11 +228,17 @@ REQUIRED_COLUMNS = (
 
 
 def validate(
-    df: pd.DataFrame, sweep_meta: Mapping, *, n_boot: int = 2000, seed: int = 0
+    df: pd.DataFrame,
+    sweep_meta: Mapping,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
 ) -> list[Claim]:
     """Check the claims of the module docstring against a sweep's ``results.csv`` (as
     ``df``) and ``sweep.json`` (needs its ``base``), for one device (and device
-    name), dtype and output metric."""
+    name), dtype and output metric. ``progress(claim id)`` is called after each claim on
+    time (those take the bootstrap's time)."""
     if "base" not in sweep_meta:
         raise ValueError("sweep_meta has no 'base' point; pass the sweep's sweep.json")
     fit.require_columns(df, REQUIRED_COLUMNS)
@@ -248,10 +254,19 @@ def validate(
     df = _by_slow_paths(df)[1]
     models = fit.time_models(df)
     claims += [_flop_claim(spec, df, base) for spec in FLOP_CLAIMS]
-    timed = [_linear_in_depth(df, base, m, n_boot, seed) for m in DEPTH_METHODS]
+    timed: list[Claim] = []
+
+    def judged(claim: Claim) -> None:
+        timed.append(claim)
+        if progress is not None:
+            progress(claim.id)
+
+    for method in DEPTH_METHODS:
+        judged(_linear_in_depth(df, base, method, n_boot, seed))
     for method, kernel in _time_runs(df):
-        timed.append(_time_explained(df, sweep_meta, models, method, kernel, n_boot, seed))
-    timed += [_crossover(df, base), _structured_factor(df, base, models, n_boot, seed)]
+        judged(_time_explained(df, sweep_meta, models, method, kernel, n_boot, seed))
+    judged(_crossover(df, base))
+    judged(_structured_factor(df, base, models, n_boot, seed))
     spread = fit.rate_spread(sweep_meta, fit.ok_dtype(df))
     moved = {k: v for k, v in spread.items() if v > SPREAD_LIMIT}
     judged = (PASS, FAIL, NOT_REACHED)

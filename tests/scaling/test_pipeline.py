@@ -2,6 +2,7 @@
 
 import errno
 import json
+import re
 import socket
 import sys
 
@@ -244,6 +245,20 @@ def finished(tmp_path_factory):
     assert cli.main(["sweep", "--quick", "--workers", "0", "--out", str(out), *TINY]) == 0
     assert cli.main(["report", "--out", str(out)]) == 0
     return out
+
+
+@pytest.mark.parametrize(
+    "command, unit", [("fit", "fit"), ("validate", "claim"), ("report", "step")]
+)
+def test_analysis_commands_show_their_progress(finished, tmp_path, capsys, command, unit):
+    """fit, validate and report take seconds to tens of seconds on a real sweep (the
+    bootstrap, the figures): each shows a progress bar on stderr, gone when it ends."""
+    import shutil
+
+    out = tmp_path / "sweep"
+    shutil.copytree(finished, out)
+    assert cli.main([command, "--out", str(out)]) in (0, 1)
+    assert re.search(rf"{command}: +[1-9]\d*{unit} \[", capsys.readouterr().err)
 
 
 def _edit_row(column, value):
