@@ -111,7 +111,7 @@ def test_the_summary_says_which_devices_contributed():
 def test_a_report_per_device_and_an_index(tmp_path, monkeypatch):
     drawn = {}
 
-    def figures(df, meta, rates, out):  # the figures have tests of their own
+    def figures(df, meta, rates, out, progress=None):  # the figures have tests of their own
         drawn[out.name] = (set(df["device_name"]), fit.best_rates(meta)["products"])
         return {}
 
