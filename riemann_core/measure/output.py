@@ -98,6 +98,11 @@ def write_json(out: Path, name: str, payload: dict) -> Path:
     return write_atomic(out / name, json.dumps(payload, indent=2) + "\n")
 
 
+def rerun(command: str) -> str:
+    """The fix a refused study result names: run its command again into the folder."""
+    return f"rerun '{command}' with this --out"
+
+
 def read_study(
     out: Path,
     tables: dict[str, tuple[str, ...]],
@@ -117,7 +122,7 @@ def read_study(
     import numpy as np
     import pandas as pd
 
-    rerun = f"rerun '{command}' with this --out"
+    fix = rerun(command)
     missing = [str(out / f) for f in (*tables, record) if not (out / f).is_file()]
     if missing:
         raise ValueError(
@@ -129,23 +134,23 @@ def read_study(
     except (pd.errors.ParserError, pd.errors.EmptyDataError, json.JSONDecodeError,
             UnicodeDecodeError) as err:  # fmt: skip
         raise ValueError(
-            f"cannot read the results in {out} ({err}); they are corrupted: {rerun}"
+            f"cannot read the results in {out} ({err}); they are corrupted: {fix}"
         ) from err
     for frame, (name, columns) in zip(frames, tables.items()):
         absent = [c for c in columns if c not in frame.columns]
         if absent:
             raise ValueError(
-                f"{out / name} lacks columns {absent}; it was not written by this version: {rerun}"
+                f"{out / name} lacks columns {absent}; it was not written by this version: {fix}"
             )
         if frame.empty:
-            raise ValueError(f"{out / name} holds no rows: {rerun}")
+            raise ValueError(f"{out / name} holds no rows: {fix}")
         for column in (numeric or {}).get(name, ()):
             values = pd.to_numeric(frame[column], errors="coerce")
             bad = values.isna() & frame[column].notna()
             if bad.any():
                 line, value = int(bad.idxmax()) + 2, frame[column][bad].iloc[0]  # + header
                 raise ValueError(
-                    f"{out / name} line {line}: {column} is {value!r}, not a number: {rerun}"
+                    f"{out / name} line {line}: {column} is {value!r}, not a number: {fix}"
                 )
             frame[column] = values
         for column in (measured or {}).get(name, ()):
@@ -155,10 +160,10 @@ def read_study(
                 shown = "blank or NaN" if np.isnan(value) else f"{value:g}"
                 raise ValueError(
                     f"{out / name} line {line}: {column} is {shown}, but a row with status ok "
-                    f"holds a finite measurement: {rerun}"
+                    f"holds a finite measurement: {fix}"
                 )
     if not isinstance(meta, dict) or not set(keys) <= meta.keys():
-        raise ValueError(f"{out / record} lacks the record of the run ({', '.join(keys)}); {rerun}")
+        raise ValueError(f"{out / record} lacks the record of the run ({', '.join(keys)}); {fix}")
     return frames, meta
 
 

@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import pandas as pd
 
+from ..measure.output import rerun
+
 
 class Range(NamedTuple):
     """The values a numeric column can hold, as the study writes them."""
@@ -45,11 +47,6 @@ KINDS: dict[str, Callable[[object], bool]] = {
     ),
     "a whole number >= 0": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
 }
-
-
-def rerun(command: str) -> str:
-    """The fix every refusal names, in ``read_study``'s words."""
-    return f"rerun '{command}' with this --out"
 
 
 def check_whole_rows(path: Path, command: str) -> None:

@@ -7,7 +7,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..measure.output import markdown_table, pyplot, read_study, save_figure, staged, write_atomic
+from ..measure.output import (
+    markdown_table,
+    pyplot,
+    read_study,
+    rerun,
+    save_figure,
+    staged,
+    write_atomic,
+)
 from .results import (
     COUNT,
     FRACTION,
@@ -17,7 +25,6 @@ from .results import (
     check_rows,
     check_whole_rows,
     first_line,
-    rerun,
 )
 from .trainer import OPTIMISERS, STATUSES
 
