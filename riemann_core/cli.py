@@ -6,6 +6,9 @@ commands default to ``reports/<device>``), ``--quick`` (a smaller problem or gri
 ``--seed``. Each subcommand's ``--help`` ends with an example invocation. The subcommands
 come from :mod:`riemann_core.scaling` (the scaling study and the performance targets) and
 :mod:`riemann_core.studies` (training, stability and the demo on real data).
+
+Exit codes: 0 done, 1 a claim failed or a goal was missed (a finding), 2 bad options or
+unreadable files, 3 an unexpected error broke the command off (its traceback is printed).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+import traceback
 from collections.abc import Sequence
 from importlib import metadata
 
@@ -38,7 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     keep_freed_memory()  # timings without the page faults of glibc's default policy
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the subcommand's parser, with its usage (argparse: the top level's)
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "scheduler", None) is None:  # on a cluster, the workers' devices count
         try:
             check_device(args.device)
@@ -74,19 +80,35 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if command.add_arguments is not None:
             command.add_arguments(sub)
-        sub.set_defaults(run=guarded(command.run))
+        sub.set_defaults(run=guarded(command.run), parser=sub)
     return parser
 
 
+#: Exit codes beside 0 (done; every claim passed, every goal met) and 1 (a claim failed or
+#: a goal was missed: a finding): bad options or unreadable files, and an unexpected
+#: error that broke the command off (its traceback is printed; no verdict).
+USAGE_ERROR, UNEXPECTED_ERROR = 2, 3
+
+
 def guarded(fn):
-    """Turn bad options and unreadable files into a one-line error and exit code 2."""
+    """Turn bad options and unreadable files into a one-line error and exit code 2, and an
+    unexpected error into its traceback and exit code 3 (Python's own 1 would read as a
+    failed claim)."""
 
     def run(args) -> int:
         try:
             return fn(args)
         except (ValueError, OSError) as err:  # bad options, unreadable or unwritable paths
             print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
-            return 2
+            return USAGE_ERROR
+        except Exception:
+            traceback.print_exc()
+            print(
+                f"{PROG} {args.command}: unexpected error (above), no verdict: exit code "
+                f"{UNEXPECTED_ERROR}",
+                file=sys.stderr,
+            )
+            return UNEXPECTED_ERROR
 
     return run
 

@@ -39,3 +39,31 @@ def test_demo_quick_writes_agreeing_directions(tmp_path, capsys):
     assert rows["layerwise", "generic"]["rel_diff_to_full"] == pytest.approx(structured, rel=1e-8)
     assert record["environment"]["torch"]
     assert "natural" in capsys.readouterr().out
+
+
+def test_an_unknown_option_is_named_with_the_subcommands_usage(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["targets", "--quick", "--bogus", "3"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: riemann-bench targets ")
+    assert "unrecognized arguments: --bogus 3" in err
+
+
+def test_an_unexpected_error_exits_3_with_its_traceback_not_as_a_finding(capsys, monkeypatch):
+    from riemann_core.studies import demo
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(demo, "_batch", broken)
+    assert cli.main(["demo", "--quick"]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: a bug" in err
+    assert "riemann-bench demo: unexpected error" in err
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    assert cli.main(["fit", "--out", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("riemann-bench fit: error: ") and "Traceback" not in err
