@@ -70,11 +70,25 @@ def names(text: str) -> tuple[str, ...]:
 
 
 def check_choices(what: str, chosen: tuple[str, ...], known: tuple[str, ...]) -> None:
-    """``ValueError`` naming the unknown ``what``\\ s and the choices, or for an empty choice."""
+    """``ValueError`` naming the unknown ``what``\\ s and the choices, for an empty choice,
+    or for one listed twice."""
     unknown = [c for c in chosen if c not in known]
     if unknown or not chosen:
         raise ValueError(
             f"unknown {what}(s) {unknown or list(chosen)}; choose from {', '.join(known)}"
+        )
+    check_distinct(f"{what}s", chosen)
+
+
+def check_distinct(what: str, values) -> None:
+    """``ValueError`` naming the values ``what`` lists more than once: each would be run,
+    and recorded, twice."""
+    values = list(values)
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(
+            f"{what}: {', '.join(map(str, repeated))} given more than once, which would "
+            "measure and record them twice; give each value once"
         )
 
 

@@ -49,6 +49,7 @@ from .. import costs, distributed
 from ..arguments import (
     Command,
     check_choices,
+    check_distinct,
     default_out,
     ints,
     names,
@@ -338,6 +339,7 @@ def config_from(args: argparse.Namespace) -> Config:
     ranks = tuple(args.ranks)
     if not ranks or min(ranks) < 1:
         raise ValueError(f"--ranks must be positive world sizes, got {ranks}")
+    check_distinct("--ranks", ranks)
     if any(batch % p for p in ranks):
         raise ValueError(
             f"--batch {batch} must split evenly over every world size in --ranks {ranks} "

@@ -59,7 +59,7 @@ import torch
 import riemann_core as rc
 
 from .. import costs
-from ..arguments import check_device
+from ..arguments import check_device, check_distinct
 from ..measure.flops import KINDS, flop_counter, flops_by_kind
 from ..measure.memory import cuda_peak_bytes, host_peak_bytes
 from ..measure.output import write_atomic
@@ -232,6 +232,7 @@ def check_grid(grid: Grid) -> None:
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             raise ValueError(f"unknown {name} {bad or values}; choose from {', '.join(allowed)}")
+        check_distinct(f"{name}s", values)
     for device in grid.devices:
         if torch.device(device).type not in ("cpu", "cuda"):
             raise ValueError(f"unsupported device {device!r}; use 'cpu' or 'cuda' (or 'cuda:N')")

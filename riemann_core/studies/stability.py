@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..arguments import Command, check_choices, default_out, floats, ints, names
+from ..arguments import Command, check_choices, check_distinct, default_out, floats, ints, names
 from . import digits
 from .stability_fit import METRICS
 from .trainer import OPTIMISERS, Config, train
@@ -129,6 +129,8 @@ def sweep_from(args: argparse.Namespace) -> Sweep:
         raise ValueError(f"every damping must be positive and finite, got {list(sweep.dampings)}")
     if not sweep.sizes or min(sweep.sizes) < 2:
         raise ValueError(f"every training-set size must be at least 2, got {list(sweep.sizes)}")
+    check_distinct("--dampings", sweep.dampings)
+    check_distinct("--sizes", sweep.sizes)
     if sweep.pairs < 1 or sweep.steps < 1:
         raise ValueError(
             f"--pairs and --steps must be positive, got {sweep.pairs} and {sweep.steps}"

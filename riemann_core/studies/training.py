@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..arguments import Command, check_choices, default_out, floats, names
+from ..arguments import Command, check_choices, check_distinct, default_out, floats, names
 from . import digits
 from .trainer import OPTIMISERS, Config, train
 
@@ -162,6 +162,9 @@ def _check(study: Study) -> None:
         bad = list(dict.fromkeys(v for v in values if not 0 < v < math.inf))  # once each
         if bad or not values:
             raise ValueError(f"{option} must be positive and finite, got {bad or list(values)}")
+    for values in study.lrs.values():
+        check_distinct("--lrs", values)
+    check_distinct("--dampings", study.dampings)
     if study.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {study.seeds}")
     if not 0 < study.epochs < math.inf:

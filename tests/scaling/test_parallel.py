@@ -139,6 +139,8 @@ def test_a_small_run_end_to_end(tmp_path, capsys):
         (["--ranks", "1,3", "--batch", "8"], "must split evenly"),
         (["--methods", "layerwise,newton"], "unknown method"),
         (["--ranks", "0"], "positive world sizes"),
+        (["--ranks", "1,2,1"], "--ranks: 1 given more than once"),
+        (["--methods", "natural,natural"], "methods: natural given more than once"),
     ],
 )
 def test_bad_options_are_refused_before_any_process_starts(argv, message, capsys):

@@ -250,6 +250,8 @@ def test_report_only_refuses_a_record_of_the_wrong_kind(
         (["--methods", "sgd"], "unknown method(s) ['sgd']; choose from layerwise"),
         (["--dampings", "0.1,0"], "every damping must be positive"),
         (["--sizes", "1"], "every training-set size must be at least 2"),
+        (["--sizes", "150,300,150"], "--sizes: 150 given more than once"),
+        (["--dampings", "0.1,0.1"], "--dampings: 0.1 given more than once"),
         (["--sizes", "5000"], "--sizes may be at most 1437"),
         (["--batch-size", "200"], "--batch-size must be between 1 and the smallest size 150"),
         (["--pairs", "0"], "--pairs and --steps must be positive"),

@@ -284,6 +284,8 @@ def failing_report_changes_nothing(out, command, module, step, monkeypatch, caps
         (["--models", "resnet"], "unknown model(s) ['resnet']"),
         (["--lrs", "0.1,-1"], "--lrs must be positive and finite, got [-1.0]\n"),
         (["--dampings", "0"], "--dampings must be positive and finite, got [0.0]\n"),
+        (["--lrs", "0.1,0.1"], "--lrs: 0.1 given more than once"),
+        (["--models", "mlp,mlp"], "models: mlp given more than once"),
         (["--seeds", "0"], "--seeds must be at least 1"),
         (["--epochs", "0"], "--epochs must be positive"),
         (["--target-accuracy", "1.5"], "--target-accuracy must lie in (0, 1]"),
