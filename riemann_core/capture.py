@@ -81,6 +81,26 @@ def _detached(value, copy: bool):
     return pytree.tree_map(leaf, value)
 
 
+def _same_call(a: tuple, b: tuple) -> bool:
+    """Whether two ``(args, kwargs)`` hold the same objects (by identity)."""
+    if a[0] is b[0] and a[1] is b[1]:  # the usual case: no hook returned new ones
+        return True
+    leaves_a, spec_a = pytree.tree_flatten(a)
+    leaves_b, spec_b = pytree.tree_flatten(b)
+    return spec_a == spec_b and all(x is y for x, y in zip(leaves_a, leaves_b, strict=True))
+
+
+def _hooked_before(module: nn.Module, hook_id: int) -> bool:
+    """Whether a forward hook other than riemann_core's own (:class:`OwnHook`, which leave
+    the output's values as they are) runs before the hook ``hook_id`` of ``module``."""
+    for key, hook in module._forward_hooks.items():
+        if key == hook_id:
+            return False
+        if not isinstance(hook, OwnHook):
+            return True
+    return False
+
+
 def _versions(value) -> list[tuple[Tensor, int]]:
     leaves, _ = pytree.tree_flatten(value)
     return [(a, a._version) for a in leaves if isinstance(a, Tensor)]
@@ -106,6 +126,7 @@ class Capture:
         self.output: Tensor | None = None
         self._clone = clone
         self._stale: set[str] = set()
+        self._misordered = False  # a user's hook runs between ours and the forward
         self._watched: list[tuple[str, list[tuple[Tensor, int]]]] = []
         self._hooks = []
         self._recording = not persistent
@@ -128,7 +149,12 @@ class Capture:
     def hooks_current(self, model: nn.Module) -> bool:
         """Whether the hooks still watch every module of ``model`` that owns trainable
         parameters, with those parameters: not after a parameter was frozen or unfrozen,
-        replaced, or its module swapped for another since they were installed."""
+        replaced, or its module swapped for another since they were installed, nor after a
+        hook registered since then ran between them and a module's forward (then the
+        recorded call is not the one the module made; hooks installed anew run nearest
+        the forward again)."""
+        if self._misordered:
+            return False
         now = owners(model)
         if len(now) != len(self._owners):
             return False
@@ -165,23 +191,31 @@ class Capture:
             if not self._recording:
                 entered.append(None)
                 return
-            # the arguments as the forward receives them (after any other pre-hook)
+            # the arguments as the forward receives them (unless a pre-hook registered
+            # later replaces them: checked at the output, see hook)
             copy = name in self._clone
+            received = (args, kwargs)
             if not kwargs and all(isinstance(a, Tensor) for a in args):  # no pytree walks
                 live = tuple(a for a in args if a.requires_grad)
                 args = tuple(a.detach().clone() if copy else a.detach() for a in args)
-                entered.append((args, kwargs, live, [(a, a._version) for a in args]))
+                entered.append((args, kwargs, live, [(a, a._version) for a in args], received))
                 return
             leaves, _ = pytree.tree_flatten((args, kwargs))
             live = tuple(a for a in leaves if isinstance(a, Tensor) and a.requires_grad)
             args, kwargs = _detached((args, kwargs), copy)
-            entered.append((args, kwargs, live, _versions((args, kwargs))))
+            entered.append((args, kwargs, live, _versions((args, kwargs)), received))
 
         def hook(mod, args, kwargs, output):
             record = entered.pop()
             if record is None:
                 return None
-            args, kwargs, live, versions = record
+            recorded_args, recorded_kwargs, live, versions, received = record
+            if not _same_call(received, (args, kwargs)) or _hooked_before(mod, handles[1].id):
+                # a hook registered after these ones, which runs between them and the
+                # forward (a pre-hook that replaces the arguments, a prepended hook that
+                # may replace the output): this record is not the module's call
+                self._misordered = True
+            args, kwargs = recorded_args, recorded_kwargs
             if any(t._version != v for t, v in versions):  # the module changed its input
                 self._stale.add(name)
             if not isinstance(output, Tensor):
@@ -208,10 +242,11 @@ class Capture:
             # what the rest of the network changes in place is then a copy
             return output.clone() if name in self._clone else None
 
-        self._hooks += [
+        handles = [
             module.register_forward_pre_hook(OwnHook(module, pre_hook), with_kwargs=True),
             module.register_forward_hook(OwnHook(module, hook), with_kwargs=True, prepend=True),
         ]
+        self._hooks += handles
 
     def stale(self) -> set[str]:
         """Modules whose captured inputs or outputs were changed in place."""

@@ -493,7 +493,8 @@ class GenericHandler(Handler):
         # and frozen ones) are constants of this block: detached, K carries no graph
         own = set(params)
         fixed = {n: p.detach() for n, p in self.block.module.named_parameters() if n not in own}
-        return functional_call(self.block.module, {**fixed, **params}, tuple(args), kwargs)
+        values = {f"module.{n}": p for n, p in {**fixed, **params}.items()}
+        return functional_call(_Unhooked(self.block.module), values, tuple(args), kwargs)
 
     def _materialise(self) -> Tensor:
         leaves, spec = pytree.tree_flatten((self.block.inputs, self.block.kwargs))
@@ -574,6 +575,19 @@ class GenericHandler(Handler):
             c.reshape(s)
             for c, s in zip(flat.split([s.numel() for s in self.shapes]), self.shapes, strict=True)
         ]
+
+
+class _Unhooked(nn.Module):
+    """``module.forward`` without ``module``'s own hooks: the call as the capture records it,
+    its inputs after any pre-hook and its output before any hook changes it (a user's hook
+    that scales the output lies between the module and the rows pulled back to it)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module.forward(*args, **kwargs)
 
 
 class SharedHandler(Handler):

@@ -188,8 +188,9 @@ class RiemannianPreconditioner:
         exact direction, the gradient is taken by autograd and preconditioned as by
         :meth:`step` (one more forward pass): on the first call for a model, when the
         batch-coupling probe runs (it needs the inputs in the graph); on the first call
-        after a parameter was frozen, unfrozen or replaced, or a module swapped or
-        renamed; when a module's output was changed in place after its call (the next forward passes
+        after a parameter was frozen, unfrozen or replaced, a module swapped or renamed,
+        or a hook registered that runs between the preconditioner's and a module's forward
+        (a pre-hook that replaces the inputs, a prepended hook); when a module's output was changed in place after its call (the next forward passes
         capture it through a copy); and when the loss reaches parameters other than through their
         modules' calls (a weight penalty written into the loss). One process only: with a
         ``process_group`` or a ``DistributedDataParallel`` model it raises ``ValueError``
@@ -202,8 +203,9 @@ class RiemannianPreconditioner:
             )
         self._check_loss(loss)
         capture, model, opts = self._capture, self.model, self.options
-        # a parameter frozen, unfrozen or replaced, or a module swapped or renamed, since
-        # the hooks were installed: the recorded calls miss or misname blocks
+        # a parameter frozen, unfrozen or replaced, a module swapped or renamed, or a hook
+        # run between ours and a forward, since the hooks were installed: the recorded
+        # calls miss or misname blocks, or are not the calls the modules made
         rehook = not capture.hooks_current(model)
         if capture.output is None or not (capture.calls or rehook):
             raise RuntimeError(
