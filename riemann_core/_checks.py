@@ -279,6 +279,16 @@ def check_model(model: nn.Module, checks: Deferred | None = None) -> list[tuple[
                 "the output through the parametrization, which no kernel sees. Remove it "
                 "(parametrize.remove_parametrizations) or freeze its parameters"
             )
+        hooked = [type(h).__name__ for h in module._forward_pre_hooks.values()]
+        hooked = [h for h in hooked if h in ("WeightNorm", "SpectralNorm")]
+        if hooked and any(p.requires_grad for p in module.parameters(recurse=False)):
+            raise ValueError(
+                f"module {name!r} ({type(module).__name__}) has a {hooked[0]} hook "
+                "(torch.nn.utils.weight_norm or spectral_norm): a pre-hook computes its weight "
+                "from other parameters before every call, a path no kernel sees. Remove it "
+                "(torch.nn.utils.remove_weight_norm / remove_spectral_norm) or freeze the "
+                "module's parameters"
+            )
         if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.max_norm is not None:
             raise ValueError(
                 f"module {name!r} ({type(module).__name__}) has max_norm={module.max_norm:g}: "

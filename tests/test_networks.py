@@ -10,6 +10,7 @@ out-of-place twin), or to a refusal where it has no Kronecker form.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -680,6 +681,20 @@ def test_parametrized_module_is_refused():
         ValueError, match=r"module '2' \(ParametrizedLinear\) is parametrized \(weight"
     ):
         rc.direction(model, x, y, kernel="auto")
+
+
+@pytest.mark.parametrize("hook", ["weight_norm", "spectral_norm"])
+@pytest.mark.parametrize("kernel", ["auto", "generic"])
+def test_a_weight_computed_by_a_pre_hook_is_refused_naming_it(hook, kernel):
+    """The hook-based weight_norm and spectral_norm (before: a deepcopy error from deep in
+    torch, or batch coupling blamed)."""
+    model, x, y = relu_mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # weight_norm is deprecated
+        getattr(torch.nn.utils, hook)(model[2])
+    name = {"weight_norm": "WeightNorm", "spectral_norm": "SpectralNorm"}[hook]
+    with pytest.raises(ValueError, match=rf"module '2' \(Linear\) has a {name} hook"):
+        rc.direction(model, x, y, kernel=kernel)
 
 
 @pytest.mark.parametrize("bag", [False, True], ids=["Embedding", "EmbeddingBag"])
