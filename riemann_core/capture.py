@@ -358,12 +358,23 @@ def set_rng_state(state: list[Tensor], devices: list[int]) -> None:
         torch.cuda.set_rng_state(s, d)
 
 
+def autocast_state(device_types: set[str]) -> dict[str, torch.dtype]:
+    """``{device type: dtype}`` of the autocast regions enabled now, among ``device_types``
+    and the CPU's (a forward pass under ``torch.autocast``), for :class:`Replay`."""
+    return {
+        t: torch.get_autocast_dtype(t)
+        for t in sorted(device_types | {"cpu"})
+        if torch.is_autocast_enabled(t)
+    }
+
+
 @dataclass(frozen=True)
 class Replay:
     """A forward pass of the user's to run again (``RiemannianPreconditioner.step``): the
     random state it started from (:func:`rng_state`), the buffers as it found them
-    (:func:`buffer_state`; ``None``: as they are now) and, where recorded, the tensors of
-    its output, which the pass run again must give again.
+    (:func:`buffer_state`; ``None``: as they are now), the autocast regions it ran in
+    (:func:`autocast_state`: the pass run again computes in the same precisions) and, where
+    recorded, the tensors of its output, which the pass run again must give again.
 
     Python state the forward pass reads (its ``random`` module, a call counter, a flag
     changed since) is not replayed; a pass that took another path gives another output,
@@ -374,6 +385,7 @@ class Replay:
     state: list[Tensor]
     output: list[Tensor] | None = None
     buffers: dict[str, Tensor] | None = None
+    autocast: dict[str, torch.dtype] = field(default_factory=dict)
 
     def check(self, outputs, checks) -> None:
         """Register with ``checks`` (a :class:`~riemann_core._checks.Deferred`) that
@@ -435,6 +447,8 @@ def forward(
             if replay is not None:
                 stack.enter_context(torch.random.fork_rng(devices=devices))
                 set_rng_state(replay.state, devices)
+                for device_type, dtype in replay.autocast.items():
+                    stack.enter_context(torch.autocast(device_type, dtype=dtype))
             before = None if replay is not None else rng_state(devices)
             capture = stack.enter_context(Capture(model, notes.clone))
             stack.enter_context(eager())

@@ -496,12 +496,20 @@ class GenericHandler(Handler):
         values = {f"module.{n}": p for n, p in {**fixed, **params}.items()}
         return functional_call(_Unhooked(self.block.module), values, tuple(args), kwargs)
 
-    def _materialise(self) -> Tensor:
+    def _leaves(self, dtype: torch.dtype) -> tuple[list, object]:
+        """The call's arguments, flattened; half-precision ones (a forward pass under
+        autocast) in the parameters' ``dtype``, as the structured kernels take them."""
         leaves, spec = pytree.tree_flatten((self.block.inputs, self.block.kwargs))
-        tensors = [i for i, a in enumerate(leaves) if isinstance(a, Tensor)]
-        batched = [leaves[i].ndim > 0 and leaves[i].shape[0] == self.N for i in tensors]
+        half = (torch.float16, torch.bfloat16)
+        leaves = [a.to(dtype) if isinstance(a, Tensor) and a.dtype in half else a for a in leaves]
+        return leaves, spec
+
+    def _materialise(self) -> Tensor:
         params = self._params()
         dtype = next(iter(params.values())).dtype  # the vjp runs in the module's dtype
+        leaves, spec = self._leaves(dtype)
+        tensors = [i for i, a in enumerate(leaves) if isinstance(a, Tensor)]
+        batched = [leaves[i].ndim > 0 and leaves[i].shape[0] == self.N for i in tensors]
 
         def output_of_sample(p, *sample):
             call = list(leaves)
@@ -554,9 +562,9 @@ class GenericHandler(Handler):
         return [(mismatch <= eps**0.5, explain)]
 
     def gradient_from_output(self, lam: Tensor) -> list[Tensor]:
-        leaves, spec = pytree.tree_flatten((self.block.inputs, self.block.kwargs))
         params = self._params()
         dtype = next(iter(params.values())).dtype
+        leaves, spec = self._leaves(dtype)
 
         def gradient(cotangent):
             _, pullback = vjp(lambda p: self._call(p, leaves, spec), params)

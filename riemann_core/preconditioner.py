@@ -20,6 +20,7 @@ from .capture import (
     Capture,
     OwnHook,
     Replay,
+    autocast_state,
     buffer_state,
     capturing,
     notes_for,
@@ -130,7 +131,7 @@ class RiemannianPreconditioner:
         self.method = method
         self.process_group, self.timeout = process_group, timeout
         self.diagnostics: list[LayerDiagnostics] = []
-        self._batch: tuple[tuple, dict, list[Tensor], dict[str, Tensor]] | None = None
+        self._batch: tuple[tuple, dict, list, dict, dict] | None = None
         self._versions: list[tuple[str | None, Tensor, int]] = []
         self._hook = model.register_forward_pre_hook(OwnHook(model, self._record), with_kwargs=True)
         self._output_hook = model.register_forward_hook(OwnHook(model, self._record_output))
@@ -151,7 +152,15 @@ class RiemannianPreconditioner:
                 lambda a: a.detach() if isinstance(a, Tensor) else a, (args, kwargs)
             )
             inputs = tensors_of((args, kwargs))
-        self._batch = (args, kwargs, rng_state(rng_devices(self.model)), buffer_state(self.model))
+        cuda = rng_devices(self.model)
+        device_types = {t.device.type for t in inputs} | ({"cuda"} if cuda else set())
+        self._batch = (
+            args,
+            kwargs,
+            rng_state(cuda),
+            buffer_state(self.model),
+            autocast_state(device_types),
+        )
         self._output = None  # until this pass returns
         # what step() relies on: the batch and the parameters as the forward pass saw them
         # (named on failure only: None for an input)
@@ -326,7 +335,7 @@ class RiemannianPreconditioner:
         if self._kfac is not None and not self._kfac.needs_factors(full):
             directions, diagnostics = self._kfac.reuse(full, self.options, checks)
         else:
-            args, kwargs, state, buffers = self._batch
+            args, kwargs, state, buffers, autocast = self._batch
             directions, diagnostics = solve(
                 self.network,
                 args,
@@ -336,7 +345,7 @@ class RiemannianPreconditioner:
                 gradient=full,
                 forward_kwargs=kwargs,
                 checks=checks,
-                replay=Replay(state, self._output, buffers),
+                replay=Replay(state, self._output, buffers, autocast),
                 state=self._kfac,
                 process_group=self.process_group,
                 timeout=self.timeout,

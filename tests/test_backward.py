@@ -495,3 +495,40 @@ def test_a_head_called_outside_forward_is_named_with_the_fix():
     with pytest.raises(ValueError, match=r"\['aux.weight', 'aux.bias'\].*head applied outside"):
         pre.backward(F.cross_entropy(out, y) + 0.3 * F.cross_entropy(aux, y))
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("method", ["layerwise", "natural", "kfac"], ids=lambda m: f"method={m}")
+def test_a_forward_pass_under_autocast(method, half):
+    """Mixed precision: the rows are pulled back through the half-precision graph and the
+    algebra runs in the parameters' float32 (before: "cholesky_cpu not implemented for
+    'BFloat16'"). The fused step is the float64 oracle's to the half precision's accuracy,
+    and the structured and generic kernels, which read the call differently, agree."""
+    model, x, y = Problem(depth=3, width=8, batch=16).make(torch.float32)
+    expected = None
+    if method != "kfac":
+        expected = torch.cat(
+            [
+                d.reshape(-1)
+                for d in oracle_of(copy.deepcopy(model).double(), x.double(), y, method).values()
+            ]
+        )
+    got = {}
+    for kernel in ("structured", "generic"):
+        twin = copy.deepcopy(model)
+        pre = rc.RiemannianPreconditioner(twin, method=method, kernel=kernel, damping=DAMPING)
+        calls = forward_count(twin)
+        for _ in range(2):  # the probe's first call, then the fused one
+            calls.clear()
+            twin.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=half):
+                loss = F.cross_entropy(twin(x), y)
+            pre.backward(loss)
+        assert len(calls) == 1  # fused: no forward pass of its own
+        assert all(p.grad.dtype == torch.float32 for p in twin.parameters())
+        got[kernel] = torch.cat([p.grad.reshape(-1).double() for p in twin.parameters()])
+    scale = got["structured"].norm()
+    assert (got["generic"] - got["structured"]).norm() < 1e-5 * scale
+    if expected is not None:
+        accuracy = 50 * torch.finfo(half).eps
+        assert (got["structured"] - expected).norm() < accuracy * expected.norm()

@@ -1122,3 +1122,47 @@ def test_a_forward_that_changes_a_parameter_is_refused():
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
     with pytest.raises(ValueError, match=r"changed parameters \['lin.weight'\] in place"):
         rc.direction(model, x, y)
+
+
+# ------------------------------------------------------------ gradient checkpointing
+
+
+class Checkpointed(nn.Module):
+    """A middle block under ``torch.utils.checkpoint`` (recomputed in the backward pass)."""
+
+    def __init__(self, checkpointed=True):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.checkpointed = checkpointed
+
+    def block(self, h):
+        return torch.tanh(self.b(h))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.checkpointed:
+            h = torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=False)
+        else:
+            h = self.block(h)
+        return self.c(h)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gradient_checkpointing_is_exact(kernel):
+    """Checked against the same network without checkpointing (torch.func, which the
+    oracle uses, does not run under checkpoint's saved-tensor hooks)."""
+    torch.manual_seed(0)
+    model = Checkpointed().double()
+    plain = copy.deepcopy(model)
+    plain.checkpointed = False
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    G, g = ggn(plain, x, y, "cross_entropy"), gradient(plain, x, y, "cross_entropy")
+    expected = oracle_direction(G, g, DAMPING, "layerwise", block_indices(plain))
+    dirs = rc.direction(model, x, y, damping=DAMPING, kernel=kernel)
+    assert rel_error(flatten(dirs, model), expected) < 1e-10
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel=kernel)
+    for _ in range(2):  # the probe's first call, then the fused one
+        model.zero_grad()
+        pre.backward(F.cross_entropy(model(x), y))
+        got = {n: p.grad for n, p in model.named_parameters()}
+        assert rel_error(flatten(got, model), expected) < 1e-10

@@ -430,6 +430,12 @@ def problem_from_graph(
     if dtype is not None and dtype != z.dtype:  # the whole algebra in solve_dtype
         handlers = [h.to(dtype) for h in handlers]
         given = None if given is None else [[a.to(dtype) for a in g] for g in given]
+    # a forward pass under autocast: rows pulled back in half precision, the algebra in
+    # the parameters' dtype (no half-precision Cholesky; half the digits would be lost)
+    handlers = [
+        h.to(h.block.params[0].dtype) if h.dtype in (torch.float16, torch.bfloat16) else h
+        for h in handlers
+    ]
     for c in calls:
         c.output, c.graph_inputs = None, ()  # release the graph
     return Problem(blocks, handlers, given)
