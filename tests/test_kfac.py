@@ -199,6 +199,22 @@ def test_factored_damping_of_a_zero_factor_is_its_limit(bias):
         assert rel_error(flatten(dirs, model), expected) < 1e-10
 
 
+@pytest.mark.parametrize(("scheme", "bias"), VARIANTS)
+def test_a_bias_with_its_weight_frozen_has_gamma_plus_mu(scheme, bias):
+    """Bias-only fine-tuning: no input factor to split the damping with, so the bias's
+    block is ``Gamma + mu I`` for every variant; the frozen weight gets no direction."""
+    model, x, y = Problem(depth=2).make()
+    model[0].weight.requires_grad_(False)
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    opts = Options(damping=1e-2, kfac_damping=scheme, kfac_bias=bias)
+    dirs, _ = solve(model, x, y, "kfac", opts, gradient=v)
+    assert "0.weight" not in dirs
+    Gamma = kfac_factors(model, x, y, "cross_entropy")[0][2]
+    eye = torch.eye(Gamma.shape[0], dtype=torch.float64)
+    expected = torch.linalg.solve(Gamma + 1e-2 * eye, v["0.bias"])
+    torch.testing.assert_close(dirs["0.bias"], expected, rtol=1e-10, atol=0)
+
+
 def test_kfac_differs_from_layerwise_for_several_samples():
     """For ``N > 1`` the Kronecker product is an approximation, not the block."""
     model, x, y = Problem(depth=2).make()
