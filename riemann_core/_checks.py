@@ -289,6 +289,13 @@ def check_model(model: nn.Module, checks: Deferred | None = None) -> list[tuple[
                 "(torch.nn.utils.remove_weight_norm / remove_spectral_norm) or freeze the "
                 "module's parameters"
             )
+        if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.scale_grad_by_freq:
+            raise ValueError(
+                f"module {name!r} ({type(module).__name__}) has scale_grad_by_freq=True: its "
+                "backward divides each row's gradient by the token's count in the batch, so "
+                "the gradient is not the derivative of the loss (and couples the samples), "
+                "and no metric matches it. Build it with scale_grad_by_freq=False"
+            )
         if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.max_norm is not None:
             raise ValueError(
                 f"module {name!r} ({type(module).__name__}) has max_norm={module.max_norm:g}: "

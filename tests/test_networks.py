@@ -698,6 +698,19 @@ def test_a_weight_computed_by_a_pre_hook_is_refused_naming_it(hook, kernel):
 
 
 @pytest.mark.parametrize("bag", [False, True], ids=["Embedding", "EmbeddingBag"])
+def test_embedding_scaling_gradients_by_frequency_is_refused(bag):
+    """Before: a direction 0.15 off the oracle's, silently (the oracle's own "gradient"
+    is the rescaled one, which no loss has)."""
+    torch.manual_seed(0)
+    embedding = (nn.EmbeddingBag if bag else nn.Embedding)(6, 4, scale_grad_by_freq=True)
+    model = nn.Sequential(embedding, nn.Flatten(), nn.LazyLinear(3)).double()
+    x, y = torch.tensor([[0, 1], [1, 1], [2, 5], [0, 3]]), torch.tensor([0, 1, 2, 0])
+    model(x)  # the lazy layer takes its shape
+    with pytest.raises(ValueError, match=r"module '0' \(Embedding(Bag)?\) has scale_grad_by_freq"):
+        rc.direction(model, x, y, kernel="auto")
+
+
+@pytest.mark.parametrize("bag", [False, True], ids=["Embedding", "EmbeddingBag"])
 def test_embedding_with_max_norm_is_refused_before_its_forward_changes_it(bag):
     """``max_norm`` renormalises the weight in place at every forward pass: refused before
     any, the weight as it was."""
