@@ -413,6 +413,39 @@ def check_inputs(args: tuple, kwargs: dict, targets, checks: Deferred) -> None:
         checks.finite("targets", targets, "clean the targets before computing a direction")
 
 
+def classes_along_positions(outputs: Tensor, loss: str, output_metric) -> bool:
+    """Whether the output metric reads ``outputs`` as cross-entropy logits ``(N, ..., C)``
+    with positions: the classes are then taken along the last dimension."""
+    return loss == "cross_entropy" and not callable(output_metric) and outputs.ndim > 2
+
+
+def check_classes_last(loss: Tensor, outputs: Tensor, checks: Deferred) -> None:
+    """``loss``'s gradient at ``outputs`` ``(N, ..., C)`` sums to zero over the last
+    dimension at every position, as a cross-entropy's does with the classes there
+    (``softmax - one-hot``): registered with ``checks``; one backward pass from the loss to
+    the outputs, the graph kept. ``F.cross_entropy(out, y)`` on ``(N, C, L)`` outputs, whose
+    classes lie along dimension 1, would otherwise be read wrongly, silently."""
+    (dz,) = torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
+    if dz is None:  # the loss does not reach the outputs: nothing to read
+        return
+    dz = dz.detach()
+    sums = dz.sum(-1).abs().amax()
+    ok = sums <= torch.finfo(dz.dtype).eps ** 0.5 * dz.abs().amax()
+    shape = tuple(outputs.shape)
+
+    def explain():
+        raise ValueError(
+            f"the loss's gradient at the model's outputs {shape} does not sum to zero over "
+            "the last dimension at every position, as a cross-entropy's does with the classes "
+            "there: with loss='cross_entropy' the classes of (N, ..., C) outputs lie along the "
+            "last dimension. For outputs (N, C, L), return out.movedim(1, -1) and take "
+            "F.cross_entropy(out.reshape(-1, C), targets.reshape(-1)); a loss other than a "
+            "cross-entropy of these outputs needs its own output_metric"
+        )
+
+    checks.require(ok, explain)
+
+
 def check_one_output(outputs) -> None:
     """Refuse a model that returns anything but one tensor: the output metric is taken at
     that tensor, and the hooks that see the forward pass record it."""
@@ -445,10 +478,10 @@ def check_outputs(outputs: Tensor, targets: Tensor | None, loss: str, checks: De
             "computed from the trainable parameters"
         )
     checks.finite("the model's outputs", outputs, "the forward pass overflowed; check the model")
-    N = outputs.shape[0]
-    if loss == "cross_entropy" and outputs.ndim != 2:
+    if loss == "cross_entropy" and outputs.ndim < 2:
         raise ValueError(
-            f"loss='cross_entropy' needs outputs of shape (N, C) (logits), got {tuple(outputs.shape)}"
+            f"loss='cross_entropy' needs outputs of shape (N, C) or (N, ..., C) (logits, the "
+            f"classes along the last dimension), got {tuple(outputs.shape)}"
         )
     if targets is None:
         return
@@ -458,11 +491,14 @@ def check_outputs(outputs: Tensor, targets: Tensor | None, loss: str, checks: De
                 f"loss='cross_entropy' needs integer class indices as targets, got dtype {targets.dtype}; "
                 "convert with targets.long() (probability targets are not supported)"
             )
-        if targets.shape != (N,):
+        if targets.shape != outputs.shape[:-1]:
+            expected = tuple(outputs.shape[:-1])
             raise ValueError(
-                f"loss='cross_entropy' needs targets of shape (N,) = ({N},), got {tuple(targets.shape)}"
+                f"loss='cross_entropy' needs one class index per sample and position, targets "
+                f"of shape {expected} for outputs {tuple(outputs.shape)} (the classes along the "
+                f"last dimension), got {tuple(targets.shape)}"
             )
-        C = outputs.shape[1]
+        C = outputs.shape[-1]
 
         def explain():
             low, high = int(targets.min()), int(targets.max())

@@ -57,7 +57,10 @@ def direction(
         inputs: the model's input, or a tuple of its positional arguments; the model is
             called as ``model(*inputs, **forward_kwargs)``.
         loss: ``"cross_entropy"`` (class-index targets) or ``"mse"``; the gradient is
-            that of ``F.cross_entropy`` / ``F.mse_loss`` with ``reduction="mean"``.
+            that of ``F.cross_entropy`` / ``F.mse_loss`` with ``reduction="mean"``. For
+            cross-entropy on outputs ``(N, ..., C)`` the classes lie along the last
+            dimension, targets are ``(N, ...)`` and the loss is the mean over every
+            position.
         output_metric: ``"exact"`` (softmax Fisher / MSE Hessian), ``"sampled"``
             (``samples`` Monte Carlo probes per sample) or a callable
             ``(outputs, targets) -> (N, r, C)`` returning a per-sample factor ``F_b``

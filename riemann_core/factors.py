@@ -63,6 +63,38 @@ def sampled_cross_entropy_factor(logits: Tensor, samples: int, generator=None) -
     return (onehot - p[:, None, :]) / math.sqrt(samples)
 
 
+def positions_cross_entropy_factor(
+    logits: Tensor, sampled: bool, samples: int = 1, generator=None
+) -> Tensor:
+    """Cross-entropy averaged over every position of ``(N, ..., C)`` logits (classes along
+    the last dimension, as ``F.cross_entropy(logits.reshape(-1, C), targets.reshape(-1))``),
+    as a factor ``(N, r, P C)`` of each sample's ``P`` positions flattened.
+
+    A sample's metric is ``(1/P) blockdiag_t(diag(p_t) - p_t p_t^T)``. Exact: the factors of
+    :func:`cross_entropy_factor` on the block diagonal, over ``sqrt(P)``: ``r = P (C - 1)``.
+    Sampled: each probe one row holding every position's ``(e_y_t - p_t) / sqrt(P S)``,
+    ``r = S``, unbiased: draws at different positions are independent with mean zero, so
+    the blocks between positions vanish in expectation. ``P = 1`` is the ``(N, C)`` case.
+    """
+    N, C = logits.shape[0], logits.shape[-1]
+    flat = logits.reshape(-1, C)
+    P = flat.shape[0] // N
+    if sampled:
+        F = sampled_cross_entropy_factor(flat, samples, generator)
+        if P == 1:
+            return F
+        return F.reshape(N, P, samples, C).transpose(1, 2).reshape(N, samples, P * C) / math.sqrt(P)
+    F = cross_entropy_factor(flat)
+    if P == 1:
+        return F
+    r = F.shape[1]
+    blocks = F.new_zeros(N, P, r, P, C)
+    at = torch.arange(P, device=F.device)
+    # advanced indices split by a slice come first: (P, N, r, C)
+    blocks[:, at, :, at, :] = F.reshape(N, P, r, C).transpose(0, 1)
+    return blocks.reshape(N, P * r, P * C) / math.sqrt(P)
+
+
 def mse_factor(outputs: Tensor) -> Tensor:
     """``mse_loss`` (mean over all ``N C`` entries): ``M_b = (2 / C) I``, ``F_b = sqrt(2/C) I``."""
     N, C = outputs.shape
@@ -88,12 +120,18 @@ def output_factor(
     samples: int,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Per-sample factor ``(N, r, C)`` of the output metric for ``loss``.
+    """Per-sample factor ``(N, r, C)`` of the output metric for ``loss``, ``C`` the size
+    of one sample's outputs.
 
-    ``outputs`` is ``(N, C)`` and detached. A callable ``output_metric`` receives
-    ``(outputs, targets)`` and returns its own factor; its shape is checked here, its
-    finiteness by the caller.
+    ``outputs`` is ``(N, ...)`` and detached; for cross-entropy the classes lie along the
+    last dimension (:func:`positions_cross_entropy_factor`). A callable ``output_metric``
+    receives ``(outputs, targets)``, the outputs flattened to ``(N, C)``, and returns its
+    own factor; its shape is checked here, its finiteness by the caller.
     """
+    sampled = output_metric == "sampled"
+    if loss == "cross_entropy" and not callable(output_metric):
+        return positions_cross_entropy_factor(outputs, sampled, samples, generator)
+    outputs = outputs.reshape(outputs.shape[0], -1)
     if callable(output_metric):
         F = output_metric(outputs, targets)
         N, C = outputs.shape
@@ -110,11 +148,6 @@ def output_factor(
                 f"({N}, r, {C}) with r >= 1; it returned {shape}"
             )
         return F.to(outputs.dtype)
-    sampled = output_metric == "sampled"
-    if loss == "cross_entropy":
-        if sampled:
-            return sampled_cross_entropy_factor(outputs, samples, generator)
-        return cross_entropy_factor(outputs)
     if sampled:
         return sampled_mse_factor(outputs, samples, generator)
     return mse_factor(outputs)

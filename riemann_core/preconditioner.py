@@ -10,10 +10,12 @@ from torch.utils import _pytree as pytree
 from . import coupling, distributed
 from ._checks import (
     Deferred,
+    check_classes_last,
     check_generator,
     check_model,
     check_one_output,
     check_refresh,
+    classes_along_positions,
     tensors_of,
 )
 from .capture import (
@@ -246,6 +248,10 @@ class RiemannianPreconditioner:
                     "pass (with gradients enabled), whose batch the metric is taken at: "
                     "call pre.backward(loss) right after the forward pass of its batch"
                 )
+            if needs_factor and classes_along_positions(
+                capture.output, opts.loss, opts.output_metric
+            ):
+                check_classes_last(loss, capture.output, checks)
             if reuse or stale or probing or rehook or paths.outside:
                 gradient = self._autograd_gradient(loss, params)
                 for name, g in gradient.items():
@@ -377,6 +383,19 @@ class RiemannianPreconditioner:
                     "loss.backward() before pre.step()"
                 )
             self._check_unchanged("pre.step()")
+            outputs = self._output[0] if self._output and len(self._output) == 1 else None
+            metric = self.options.loss, self.options.output_metric
+            if (
+                SOLVERS[self.method].NEEDS_FACTOR
+                and outputs is not None
+                and classes_along_positions(outputs, *metric)
+            ):
+                raise ValueError(
+                    f"pre.step() cannot tell where the classes lie in the outputs "
+                    f"{tuple(outputs.shape)}: its gradient comes from a loss it does not see. Call "
+                    "pre.backward(loss) instead of loss.backward() and pre.step() (it checks "
+                    "that the classes lie along the last dimension), or pass output_metric"
+                )
             if self._capture is not None:
                 self._capture.reset()  # step() runs a forward pass of its own
             checks = Deferred()

@@ -234,10 +234,27 @@ def ggn(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str, kwargs=Non
     J = jacobian(model, inputs, kwargs)
     N = J.shape[0]
     J = J.reshape(N, -1, J.shape[-1])  # outputs of any shape, flattened per sample
-    if loss == "mse":
-        targets = targets.reshape(N, -1)
-    H = loss_hessians(model(inputs, **kwargs).reshape(N, -1), targets, loss)
+    outputs = model(inputs, **kwargs)
+    if loss == "cross_entropy" and outputs.ndim > 2:
+        H = position_hessians(outputs, targets)
+    else:
+        if loss == "mse":
+            targets = targets.reshape(N, -1)
+        H = loss_hessians(outputs.reshape(N, -1), targets, loss)
     return torch.einsum("bci,bcd,bdj->ij", J, H, J)
+
+
+def position_hessians(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Per-sample Hessians ``(N, P C, P C)`` of the token-level cross-entropy, the mean over
+    every position of ``(N, ..., C)`` logits: ``torch.func.hessian`` of the whole batch's
+    loss in the outputs, its diagonal ``(b, b)`` blocks."""
+    N, C = outputs.shape[0], outputs.shape[-1]
+
+    def mean_loss(out):
+        return F.cross_entropy(out.reshape(-1, C), targets.reshape(-1))
+
+    H = hessian(mean_loss)(outputs.detach()).reshape(N, -1, N, outputs[0].numel())
+    return torch.stack([H[b, :, b, :] for b in range(N)])
 
 
 def _float64_kwargs(kwargs) -> dict:
@@ -251,7 +268,10 @@ def gradient(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str, kwarg
     """Flat gradient of the mean loss by ``torch.autograd`` (float64)."""
     model, inputs, targets = as_float64(model, inputs, targets)
     out = model(inputs, **_float64_kwargs(kwargs))
-    value = F.cross_entropy(out, targets) if loss == "cross_entropy" else F.mse_loss(out, targets)
+    if loss == "cross_entropy":  # classes along the last dimension, mean over positions
+        value = F.cross_entropy(out.reshape(-1, out.shape[-1]), targets.reshape(-1))
+    else:
+        value = F.mse_loss(out, targets)
     params = [dict(model.named_parameters())[n] for n in param_names(model)]
     grads = torch.autograd.grad(value, params, allow_unused=True)  # unused: a zero gradient
     return torch.cat(

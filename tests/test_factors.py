@@ -13,6 +13,7 @@ from oracle import (
     loss_hessians,
     oracle_direction,
     oracle_for,
+    position_hessians,
     rel_error,
 )
 
@@ -65,6 +66,16 @@ def test_cross_entropy_factor_is_stable_for_every_distribution(classes):
     assert (M32 - M).abs().max() < 1e-6
 
 
+def test_positions_factor_gram_is_the_token_level_loss_hessian():
+    """Cross-entropy over every position of ``(N, T, C)`` logits (classes last): the
+    factor's Gram is the Hessian of the mean over the ``N T`` positions, per sample."""
+    torch.manual_seed(0)
+    z, y = 2 * torch.randn(N, 3, C, dtype=torch.float64), torch.randint(0, C, (N, 3))
+    F = factors.positions_cross_entropy_factor(z, sampled=False)
+    assert F.shape == (N, 3 * (C - 1), 3 * C)
+    torch.testing.assert_close(gram(F), N * position_hessians(z, y))
+
+
 def test_mse_factor_gram_is_loss_hessian():
     z = torch.randn(N, C, dtype=torch.float64)
     y = torch.randn(N, C, dtype=torch.float64)
@@ -85,20 +96,30 @@ SAMPLERS = {"ce": factors.sampled_cross_entropy_factor, "mse": factors.sampled_m
 
 
 def largest_z(sample, loss, draws=DRAWS, samples=SAMPLES, seed=1) -> float:
-    """``max |mean Gram - N H_b| / standard error`` over the entries of every sample."""
+    """``max |mean Gram - N H_b| / standard error`` over the entries of every sample
+    (``loss="positions"``: cross-entropy over 2 positions of ``(N, 2, C)`` logits)."""
     z, y = logits_and_targets()
     if loss == "mse":
         y = torch.randn(N, C, dtype=torch.float64)
+    if loss == "positions":
+        z, y = torch.stack([z, z.flip(0)], 1), torch.stack([y, y.flip(0)], 1)
     gen = torch.Generator().manual_seed(seed)
     grams = []
     for _ in range(draws):
         F = sample(z, samples, gen)
-        assert F.shape == (N, samples, C)
+        assert F.shape == (N, samples, z[0].numel())
         grams.append(gram(F))
     grams = torch.stack(grams)
     mean, se = grams.mean(0), grams.std(0) / math.sqrt(draws)
-    exact = N * loss_hessians(z, y, LOSS_NAMES[loss])
+    if loss == "positions":
+        exact = N * position_hessians(z, y)
+    else:
+        exact = N * loss_hessians(z, y, LOSS_NAMES[loss])
     return float(((mean - exact).abs() / se.clamp_min(1e-12)).max())
+
+
+def sampled_positions(z, samples, gen):
+    return factors.positions_cross_entropy_factor(z, True, samples, gen)
 
 
 def biased(sample, bias):
@@ -109,6 +130,13 @@ def biased(sample, bias):
 @pytest.mark.parametrize("loss", ["ce", "mse"], ids=lambda s: f"loss={s}")
 def test_sampled_factor_is_unbiased(loss):
     assert largest_z(SAMPLERS[loss], loss) < 5
+
+
+def test_sampled_positions_factor_is_unbiased():
+    """One row per probe holding every position's draw: the blocks between positions,
+    zero in the metric, vanish in expectation (the draws are independent, mean zero)."""
+    assert largest_z(sampled_positions, "positions") < 5
+    assert largest_z(biased(sampled_positions, 0.05), "positions") > 5
 
 
 @pytest.mark.parametrize("loss", ["ce", "mse"], ids=lambda s: f"loss={s}")

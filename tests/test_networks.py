@@ -1179,3 +1179,82 @@ def test_gradient_checkpointing_is_exact(kernel):
         pre.backward(F.cross_entropy(model(x), y))
         got = {n: p.grad for n, p in model.named_parameters()}
         assert rel_error(flatten(got, model), expected) < 1e-10
+
+
+# ------------------------------------------------------- token-level cross-entropy
+
+
+class TokenTagger(nn.Module):
+    """Per-token logits ``(N, T, C)`` from tokens ``(N, T)``, as a tagger or a language
+    model head gives them, with one layer mixing the positions of a sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.mix = nn.Linear(3, 3)  # across the T = 3 positions of a sample
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, tokens):
+        h = torch.tanh(self.embed(tokens))
+        h = self.mix(h.transpose(1, 2)).transpose(1, 2)
+        return self.head(h)
+
+
+def token_tagger():
+    torch.manual_seed(0)
+    model = TokenTagger().double()
+    return model, torch.randint(0, 11, (5, 3)), torch.randint(0, 4, (5, 3))
+
+
+def token_loss(outputs, targets):
+    return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
+
+
+@pytest.mark.parametrize("kernel", ["auto", "generic"])
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_token_level_cross_entropy_is_exact(method, kernel):
+    """Outputs ``(N, T, C)`` with the classes last and the loss the mean over every token
+    (before: refused, "needs outputs of shape (N, C)"): ``rc.direction`` and both calls of
+    ``pre.backward`` are the oracle's, whose metric is the Hessian of that loss."""
+    model, x, y = token_tagger()
+    assert_exact(model, x, y, method, kernel)
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    expected = oracle_direction(G, g, DAMPING, method, block_indices(model))
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel=kernel)
+    for _ in range(2):  # the probe's first call, then the fused one
+        model.zero_grad()
+        pre.backward(token_loss(model(x), y))
+        got = {n: p.grad for n, p in model.named_parameters()}
+        assert rel_error(flatten(got, model), expected) < 1e-10
+
+
+class ClassesFirst(nn.Module):
+    """A 1-d convolution's ``(N, C, L)`` outputs: classes along dimension 1, the layout
+    ``F.cross_entropy(out, y)`` takes for positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_classes_along_another_dimension_are_refused():
+    """Read with the classes last, ``(N, C, L)`` logits would give another metric, silently:
+    ``pre.backward`` sees on the loss gradient that they are not, ``pre.step`` cannot see the
+    loss and refuses such outputs, and ``rc.direction`` reads the targets' shape."""
+    torch.manual_seed(0)
+    model = ClassesFirst().double()
+    x, y = torch.randn(4, 2, 5, dtype=torch.float64), torch.randint(0, 3, (4, 5))
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel="auto")
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        with pytest.raises(ValueError, match=r"does not sum to zero over the last dimension"):
+            pre.backward(F.cross_entropy(model(x), y))
+        assert all(p.grad is None for p in model.parameters())
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match=r"pre.step\(\) cannot tell where the classes lie"):
+        pre.step()
+    with pytest.raises(ValueError, match=r"targets of shape \(4, 3\) for outputs \(4, 3, 5\)"):
+        rc.direction(model, x, y, kernel="auto")

@@ -141,13 +141,15 @@ def test_step_without_any_grad_raises():
         pre.step()
 
 
-def test_step_checks_the_outputs_like_direction():
+def test_step_refuses_outputs_whose_classes_it_cannot_place():
+    """Cross-entropy on ``(N, C, H, W)`` outputs: ``pre.step()`` does not see the loss, so
+    it cannot tell the classes' dimension (``pre.backward`` reads it off the gradient)."""
     model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1)).double()
     x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
     pre = rc.RiemannianPreconditioner(model)
     model(x).sum().backward()
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"needs outputs of shape \(N, C\)"):
+    with pytest.raises(ValueError, match=r"pre.step\(\) cannot tell where the classes lie"):
         pre.step()
     assert_unchanged(model, before)
 

@@ -250,8 +250,9 @@ def _check_reached(model, blocks, outputs, targets, opts, gradient) -> None:
 
 def mean_loss(outputs: Tensor, targets: Tensor, loss: str) -> Tensor:
     """The mean loss as torch defines it (``reduction="mean"``)."""
-    if loss == "cross_entropy":
-        return F.cross_entropy(outputs, targets.long())
+    if loss == "cross_entropy":  # classes along the last dimension, mean over positions
+        C = outputs.shape[-1]
+        return F.cross_entropy(outputs.reshape(-1, C), targets.reshape(-1).long())
     return F.mse_loss(outputs, targets)
 
 
@@ -390,7 +391,7 @@ def problem_from_graph(
 
     z = outputs.reshape(outputs.shape[0], -1)
     factor = output_factor(
-        z.detach(),
+        outputs.detach(),
         targets,
         loss=opts.loss,
         output_metric=opts.output_metric,
