@@ -289,7 +289,11 @@ def check_model(model: nn.Module, checks: Deferred | None = None) -> list[tuple[
                 "(torch.nn.utils.remove_weight_norm / remove_spectral_norm) or freeze the "
                 "module's parameters"
             )
-        if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.scale_grad_by_freq:
+        if (
+            isinstance(module, nn.Embedding | nn.EmbeddingBag)
+            and module.scale_grad_by_freq
+            and module.weight.requires_grad
+        ):
             raise ValueError(
                 f"module {name!r} ({type(module).__name__}) has scale_grad_by_freq=True: its "
                 "backward divides each row's gradient by the token's count in the batch, so "
@@ -420,27 +424,55 @@ def classes_along_positions(outputs: Tensor, loss: str, output_metric) -> bool:
 
 
 def check_classes_last(loss: Tensor, outputs: Tensor, checks: Deferred) -> None:
-    """``loss``'s gradient at ``outputs`` ``(N, ..., C)`` sums to zero over the last
-    dimension at every position, as a cross-entropy's does with the classes there
-    (``softmax - one-hot``): registered with ``checks``; one backward pass from the loss to
-    the outputs, the graph kept. ``F.cross_entropy(out, y)`` on ``(N, C, L)`` outputs, whose
-    classes lie along dimension 1, would otherwise be read wrongly, silently."""
-    (dz,) = torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
+    """``loss`` is a cross-entropy over every position of ``outputs`` ``(N, ..., C)`` with
+    the classes last, as the token-level metric reads it (registered with ``checks``; one
+    backward pass from the loss to the outputs, the graph kept):
+
+    - its gradient sums to zero over the last dimension at every position, as
+      ``softmax - one-hot`` does: ``F.cross_entropy(out, y)`` on ``(N, C, L)`` outputs,
+      whose classes lie along dimension 1, would otherwise be read wrongly, silently;
+    - no position is left out (a zero gradient where the softmax is not saturated:
+      ``ignore_index``, padding, a shifted language-model loss), which the metric, the mean
+      over every position, would still weigh.
+
+    Float16 gradients are read scaled by the number of positions: the mean's ``p / (N T)``
+    underflows there for large vocabularies.
+    """
+    positions = outputs.shape[:-1].numel()
+    scale = float(positions) if outputs.dtype == torch.float16 else 1.0
+    seed = torch.full_like(loss, scale)
+    (dz,) = torch.autograd.grad(loss, outputs, seed, retain_graph=True, allow_unused=True)
     if dz is None:  # the loss does not reach the outputs: nothing to read
         return
-    dz = dz.detach()
-    sums = dz.sum(-1).abs().amax()
-    ok = sums <= torch.finfo(dz.dtype).eps ** 0.5 * dz.abs().amax()
+    wide = torch.promote_types(dz.dtype, torch.float32)  # half precision summed in float32
+    dz = dz.detach().to(wide)
+    tolerance = torch.finfo(outputs.dtype).eps ** 0.5
+    largest = dz.abs().amax()
+    summed = dz.sum(-1).abs().amax() <= tolerance * largest
+    p = torch.softmax(outputs.detach().to(wide), dim=-1)
+    left_out = (dz == 0).all(-1) & (p.amax(-1) < 1 - tolerance)
+    # unreadable (a float16 gradient overflowed by the scale): nothing is refused
+    ok = ~torch.isfinite(largest) | (summed & ~left_out.any())
     shape = tuple(outputs.shape)
 
     def explain():
+        if not bool(summed):
+            raise ValueError(
+                f"the loss's gradient at the model's outputs {shape} does not sum to zero "
+                "over the last dimension at every position, as a cross-entropy's does with "
+                "the classes there: with loss='cross_entropy' the classes of (N, ..., C) "
+                "outputs lie along the last dimension. For outputs (N, C, L), return "
+                "out.movedim(1, -1) and take F.cross_entropy(out.reshape(-1, C), "
+                "targets.reshape(-1)); a loss other than a cross-entropy of these outputs "
+                "needs its own output_metric"
+            )
+        count = int(left_out.sum())
         raise ValueError(
-            f"the loss's gradient at the model's outputs {shape} does not sum to zero over "
-            "the last dimension at every position, as a cross-entropy's does with the classes "
-            "there: with loss='cross_entropy' the classes of (N, ..., C) outputs lie along the "
-            "last dimension. For outputs (N, C, L), return out.movedim(1, -1) and take "
-            "F.cross_entropy(out.reshape(-1, C), targets.reshape(-1)); a loss other than a "
-            "cross-entropy of these outputs needs its own output_metric"
+            f"the loss leaves out {count} of the {positions} positions of the outputs {shape} "
+            "(ignore_index, padding, or a shifted language-model loss), while the metric is "
+            "that of the mean over every position. Return from forward only the positions "
+            "the loss takes (e.g. logits[:, :-1] for next-token prediction), or pass an "
+            "output_metric that weighs them"
         )
 
     checks.require(ok, explain)

@@ -81,13 +81,15 @@ def _detached(value, copy: bool):
     return pytree.tree_map(leaf, value)
 
 
-def _same_call(a: tuple, b: tuple) -> bool:
-    """Whether two ``(args, kwargs)`` hold the same objects (by identity)."""
-    if a[0] is b[0] and a[1] is b[1]:  # the usual case: no hook returned new ones
-        return True
-    leaves_a, spec_a = pytree.tree_flatten(a)
-    leaves_b, spec_b = pytree.tree_flatten(b)
-    return spec_a == spec_b and all(x is y for x, y in zip(leaves_a, leaves_b, strict=True))
+def _call_leaves(args: tuple, kwargs: dict) -> tuple:
+    """The objects a call passes (``args`` itself for tensors only, the usual case)."""
+    if not kwargs and all(isinstance(a, Tensor) for a in args):
+        return args
+    return tuple(pytree.tree_leaves((args, kwargs)))
+
+
+def _same_objects(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _hooked_before(module: nn.Module, hook_id: int) -> bool:
@@ -194,7 +196,7 @@ class Capture:
             # the arguments as the forward receives them (unless a pre-hook registered
             # later replaces them: checked at the output, see hook)
             copy = name in self._clone
-            received = (args, kwargs)
+            received = _call_leaves(args, kwargs)  # a dict edited in place is seen too
             if not kwargs and all(isinstance(a, Tensor) for a in args):  # no pytree walks
                 live = tuple(a for a in args if a.requires_grad)
                 args = tuple(a.detach().clone() if copy else a.detach() for a in args)
@@ -210,7 +212,9 @@ class Capture:
             if record is None:
                 return None
             recorded_args, recorded_kwargs, live, versions, received = record
-            if not _same_call(received, (args, kwargs)) or _hooked_before(mod, handles[1].id):
+            if not _same_objects(received, _call_leaves(args, kwargs)) or _hooked_before(
+                mod, handles[1].id
+            ):
                 # a hook registered after these ones, which runs between them and the
                 # forward (a pre-hook that replaces the arguments, a prepended hook that
                 # may replace the output): this record is not the module's call
@@ -360,12 +364,34 @@ def set_rng_state(state: list[Tensor], devices: list[int]) -> None:
 
 def autocast_state(device_types: set[str]) -> dict[str, torch.dtype]:
     """``{device type: dtype}`` of the autocast regions enabled now, among ``device_types``
-    and the CPU's (a forward pass under ``torch.autocast``), for :class:`Replay`."""
-    return {
-        t: torch.get_autocast_dtype(t)
-        for t in sorted(device_types | {"cpu"})
-        if torch.is_autocast_enabled(t)
-    }
+    and the CPU's (a forward pass under ``torch.autocast``), for :class:`Replay`. Device
+    types autocast does not know (``meta``) have none."""
+    found = {}
+    for t in sorted(device_types | {"cpu"}):
+        try:
+            if _autocast_enabled(t):
+                found[t] = _autocast_dtype(t)
+        except RuntimeError:  # not a device type autocast knows
+            continue
+    return found
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: the CPU's and CUDA's own functions
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return device_type == "cuda" and torch.is_autocast_enabled()
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype:
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except AttributeError:  # torch < 2.4
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype()
+        return torch.get_autocast_gpu_dtype()
 
 
 @dataclass(frozen=True)

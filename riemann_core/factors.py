@@ -63,6 +63,12 @@ def sampled_cross_entropy_factor(logits: Tensor, samples: int, generator=None) -
     return (onehot - p[:, None, :]) / math.sqrt(samples)
 
 
+#: The most entries the exact factor of a token-level cross-entropy may hold
+#: (:func:`positions_cross_entropy_factor`; 2 GiB in float64), beyond which the sampled
+#: metric is the way.
+EXACT_POSITIONS_ENTRIES = 2**28
+
+
 def positions_cross_entropy_factor(
     logits: Tensor, sampled: bool, samples: int = 1, generator=None
 ) -> Tensor:
@@ -88,6 +94,14 @@ def positions_cross_entropy_factor(
     if P == 1:
         return F
     r = F.shape[1]
+    entries = N * P * r * P * C
+    if entries > EXACT_POSITIONS_ENTRIES:
+        raise ValueError(
+            f"the exact metric of cross-entropy over {P} positions of {C} classes keeps "
+            f"{P * r} rows of {P * C} entries per sample: {entries:.2e} entries for {N} "
+            f"samples (over {EXACT_POSITIONS_ENTRIES:.1e}), and as many rows to pull back. "
+            "Pass output_metric='sampled' (one row per probe, a draw at every position)"
+        )
     blocks = F.new_zeros(N, P, r, P, C)
     at = torch.arange(P, device=F.device)
     # advanced indices split by a slice come first: (P, N, r, C)

@@ -586,16 +586,30 @@ class GenericHandler(Handler):
 
 
 class _Unhooked(nn.Module):
-    """``module.forward`` without ``module``'s own hooks: the call as the capture records it,
-    its inputs after any pre-hook and its output before any hook changes it (a user's hook
-    that scales the output lies between the module and the rows pulled back to it)."""
+    """``module``'s call as the capture records it: its inputs as they reached ``forward``
+    (after any pre-hook) and its output before any hook changes it (a user's hook that
+    scales the output lies between the module and the rows pulled back to it).
+
+    The module's pre-hooks still run, for what they set on the module (pruning computes
+    ``weight`` from ``weight_orig`` in one), but what they return is dropped: the recorded
+    inputs already are what they returned. riemann_core's own hooks are skipped."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
 
     def forward(self, *args, **kwargs):
-        return self.module.forward(*args, **kwargs)
+        from .capture import OwnHook  # capture imports this module
+
+        m = self.module
+        for key, hook in m._forward_pre_hooks.items():
+            if isinstance(hook, OwnHook):
+                continue
+            if key in m._forward_pre_hooks_with_kwargs:  # copies: the dict may be edited
+                hook(m, args, dict(kwargs))
+            else:
+                hook(m, args)
+        return m.forward(*args, **kwargs)
 
 
 class SharedHandler(Handler):

@@ -394,7 +394,8 @@ class RiemannianPreconditioner:
                     f"pre.step() cannot tell where the classes lie in the outputs "
                     f"{tuple(outputs.shape)}: its gradient comes from a loss it does not see. Call "
                     "pre.backward(loss) instead of loss.backward() and pre.step() (it checks "
-                    "that the classes lie along the last dimension), or pass output_metric"
+                    "the loss's gradient), or pass a callable output_metric (it receives the "
+                    "outputs flattened per sample)"
                 )
             if self._capture is not None:
                 self._capture.reset()  # step() runs a forward pass of its own

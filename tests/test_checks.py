@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from oracle import Problem, assert_unchanged, snapshot
 from torch import nn
 
@@ -310,3 +311,27 @@ def test_deferred_readings_come_back_in_one_transfer_whatever_their_dtype():
     ]
     values = to_host(scalars)
     assert values[:4] == [1.0, 7.0, 1.5, 0.25] and np.isnan(values[4])
+
+
+def test_token_logits_in_float16_with_a_large_vocabulary_are_read():
+    """Under float16 autocast the mean's gradient ``p / (N T)`` underflows for a large
+    vocabulary (a fifth of the entries here): the check reads it scaled by the positions,
+    so a correct layout passes, and a wrong one still fails."""
+    from riemann_core._checks import Deferred, check_classes_last
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 256, 20000).half().requires_grad_()
+    targets = torch.randint(0, 20000, (4, 256))
+    loss = F.cross_entropy(logits.float().reshape(-1, 20000), targets.reshape(-1))
+    (raw,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    # the underflow this guards against: read unscaled, the rows would not sum to zero
+    raw = raw.float()
+    assert raw.sum(-1).abs().amax() > torch.finfo(torch.float16).eps ** 0.5 * raw.abs().amax()
+    checks = Deferred()
+    check_classes_last(loss, logits, checks)
+    checks.run()
+    wrong = F.cross_entropy(logits.float(), torch.randint(0, 256, (4, 20000)))  # classes: dim 1
+    checks = Deferred()
+    check_classes_last(wrong, logits, checks)
+    with pytest.raises(ValueError, match="does not sum to zero over the last dimension"):
+        checks.run()

@@ -26,6 +26,7 @@ from oracle import (
     snapshot,
 )
 from torch import nn
+from torch.nn.utils import prune
 from torch.utils.flop_counter import FlopCounterMode
 
 import riemann_core as rc
@@ -708,6 +709,8 @@ def test_embedding_scaling_gradients_by_frequency_is_refused(bag):
     model(x)  # the lazy layer takes its shape
     with pytest.raises(ValueError, match=r"module '0' \(Embedding(Bag)?\) has scale_grad_by_freq"):
         rc.direction(model, x, y, kernel="auto")
+    embedding.requires_grad_(False)  # frozen, the option changes nothing
+    rc.direction(model, x, y, kernel="auto")
 
 
 @pytest.mark.parametrize("bag", [False, True], ids=["Embedding", "EmbeddingBag"])
@@ -1258,3 +1261,92 @@ def test_classes_along_another_dimension_are_refused():
         pre.step()
     with pytest.raises(ValueError, match=r"targets of shape \(4, 3\) for outputs \(4, 3, 5\)"):
         rc.direction(model, x, y, kernel="auto")
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda out, y: F.cross_entropy(
+            out.reshape(-1, 4), y.masked_fill(y == 0, -100).reshape(-1), ignore_index=-100
+        ),
+        lambda out, y: F.cross_entropy(out[:, :-1].reshape(-1, 4), y[:, 1:].reshape(-1)),
+    ],
+    ids=["ignore_index", "shifted"],
+)
+def test_a_token_loss_leaving_positions_out_is_refused(loss):
+    """The metric is that of the mean over every position: a loss over fewer (padding, a
+    next-token shift) would be preconditioned by another metric (before: 0.25 and 0.19 off
+    the oracle of the loss taken, silently)."""
+    model, x, y = token_tagger()
+    y[0, 0] = 0  # a padded position for ignore_index
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel="auto")
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        with pytest.raises(ValueError, match=r"the loss leaves out \d+ of the 15 positions"):
+            pre.backward(loss(model(x), y))
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_an_exact_token_level_metric_too_large_is_refused():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 300))
+    x = torch.zeros(8, 64, dtype=torch.long)
+    with pytest.raises(ValueError, match="Pass output_metric='sampled'"):
+        rc.direction(model, x, torch.zeros(8, 64, dtype=torch.long), kernel="auto")
+
+
+# ------------------------------------------------------------------------- pruning
+
+
+@pytest.mark.parametrize("kernel", ["auto", "generic"])
+def test_a_pruned_module_is_exact(kernel):
+    """``torch.nn.utils.prune`` computes ``weight = weight_orig * mask`` in a pre-hook: the
+    generic kernel runs a module's pre-hooks for what they set (it skips its output hooks)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    prune.l1_unstructured(model[2], "weight", amount=0.4)
+    with torch.no_grad():  # the oracle deep-copies the model, which a non-leaf weight stops
+        model[2].weight = model[2].weight_orig * model[2].weight_mask
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    expected = oracle_direction(G, g, DAMPING, "layerwise", block_indices(model))
+    dirs = rc.direction(model, x, y, damping=DAMPING, kernel=kernel)
+    assert rel_error(flatten(dirs, model), expected) < 1e-10
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel=kernel)
+    for _ in range(2):
+        model.zero_grad()
+        pre.backward(F.cross_entropy(model(x), y))
+        got = {n: p.grad for n, p in model.named_parameters()}
+        assert rel_error(flatten(got, model), expected) < 1e-10
+
+
+class KeywordCalls(nn.Module):
+    """Modules called with keyword arguments only."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(input=torch.tanh(self.a(input=x)))
+
+
+def double_the_input_keyword(module, args, kwargs):
+    kwargs["input"] = 2 * kwargs["input"]  # edited in place, nothing returned
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_hook_registered_later_that_edits_the_keywords_in_place_is_seen(kernel):
+    """The same dict comes back from such a hook: the capture compares what it holds."""
+    torch.manual_seed(0)
+    model = KeywordCalls().double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel=kernel)
+    pre.backward(F.cross_entropy(model(x), y))  # the first call probes
+    model.b.register_forward_pre_hook(double_the_input_keyword, with_kwargs=True)
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    expected = oracle_direction(G, g, DAMPING, "layerwise", block_indices(model))
+    for _ in range(2):
+        model.zero_grad()
+        pre.backward(F.cross_entropy(model(x), y))
+        got = {n: p.grad for n, p in model.named_parameters()}
+        assert rel_error(flatten(got, model), expected) < 1e-10
