@@ -250,10 +250,22 @@ def finished(tmp_path_factory):
 @pytest.mark.parametrize(
     "command, unit", [("fit", "fit"), ("validate", "claim"), ("report", "step")]
 )
-def test_analysis_commands_show_their_progress(finished, tmp_path, capsys, command, unit):
+def test_analysis_commands_show_their_progress(
+    finished, tmp_path, capsys, monkeypatch, command, unit
+):
     """fit, validate and report take seconds to tens of seconds on a real sweep (the
-    bootstrap, the figures): each shows a progress bar on stderr, gone when it ends."""
+    bootstrap, the figures): each shows a progress bar on stderr, gone when it ends. (tqdm
+    redraws at most every 0.1 s; on this tiny sweep every step is drawn, or a fast run
+    shows none: the test failed once so.)"""
     import shutil
+
+    import tqdm
+
+    class EveryStep(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, mininterval=0, miniters=1, **kwargs)
+
+    monkeypatch.setattr(tqdm, "tqdm", EveryStep)  # progress_bar imports it when called
 
     out = tmp_path / "sweep"
     shutil.copytree(finished, out)
