@@ -48,6 +48,22 @@ def assert_exact(model, x, y, method, kernel, **kwargs):
     return dirs
 
 
+def oracle_of(model, x, y, method="layerwise"):
+    """The dense float64 oracle's direction for ``model`` on ``(x, y)``, flattened."""
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    return oracle_direction(G, g, DAMPING, method, block_indices(model))
+
+
+def assert_steps_exact(pre, model, x, loss, expected, steps=2):
+    """``steps`` calls of ``pre.backward(loss(model(x)))`` (a first call probes, the next
+    are fused) each leave ``expected`` in the ``.grad``."""
+    for _ in range(steps):
+        model.zero_grad()
+        pre.backward(loss(model(x)))
+        got = {n: p.grad for n, p in model.named_parameters()}
+        assert rel_error(flatten(got, model), expected) < 1e-10
+
+
 def kernel_for(kernel, model):
     """``generic``, or ``auto`` where a module has no structured kernel."""
     structured = (nn.Linear, nn.Conv2d)
@@ -630,13 +646,8 @@ def test_a_hook_registered_after_the_preconditioner_is_seen(hook, kernel):
     pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel=kernel)
     pre.backward(F.cross_entropy(model(x), y))  # the first call probes
     HOOKS[hook](model[2])
-    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
-    expected = oracle_direction(G, g, DAMPING, "layerwise", block_indices(model))
-    for _ in range(2):  # the step that finds the hook, then one with the hooks anew
-        model.zero_grad()
-        pre.backward(F.cross_entropy(model(x), y))
-        got = {n: p.grad for n, p in model.named_parameters()}
-        assert rel_error(flatten(got, model), expected) < 1e-10
+    # the step that finds the hook, then one with the hooks anew
+    assert_steps_exact(pre, model, x, lambda out: F.cross_entropy(out, y), oracle_of(model, x, y))
     assert pre._capture.hooks_current(model)
 
 
@@ -1172,16 +1183,11 @@ def test_gradient_checkpointing_is_exact(kernel):
     plain = copy.deepcopy(model)
     plain.checkpointed = False
     x, y = torch.randn(8, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    G, g = ggn(plain, x, y, "cross_entropy"), gradient(plain, x, y, "cross_entropy")
-    expected = oracle_direction(G, g, DAMPING, "layerwise", block_indices(plain))
+    expected = oracle_of(plain, x, y)
     dirs = rc.direction(model, x, y, damping=DAMPING, kernel=kernel)
     assert rel_error(flatten(dirs, model), expected) < 1e-10
     pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel=kernel)
-    for _ in range(2):  # the probe's first call, then the fused one
-        model.zero_grad()
-        pre.backward(F.cross_entropy(model(x), y))
-        got = {n: p.grad for n, p in model.named_parameters()}
-        assert rel_error(flatten(got, model), expected) < 1e-10
+    assert_steps_exact(pre, model, x, lambda out: F.cross_entropy(out, y), expected)
 
 
 # ------------------------------------------------------- token-level cross-entropy
@@ -1221,14 +1227,9 @@ def test_token_level_cross_entropy_is_exact(method, kernel):
     ``pre.backward`` are the oracle's, whose metric is the Hessian of that loss."""
     model, x, y = token_tagger()
     assert_exact(model, x, y, method, kernel)
-    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
-    expected = oracle_direction(G, g, DAMPING, method, block_indices(model))
     pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel=kernel)
-    for _ in range(2):  # the probe's first call, then the fused one
-        model.zero_grad()
-        pre.backward(token_loss(model(x), y))
-        got = {n: p.grad for n, p in model.named_parameters()}
-        assert rel_error(flatten(got, model), expected) < 1e-10
+    expected = oracle_of(model, x, y, method)
+    assert_steps_exact(pre, model, x, lambda out: token_loss(out, y), expected)
 
 
 class ClassesFirst(nn.Module):
@@ -1307,16 +1308,11 @@ def test_a_pruned_module_is_exact(kernel):
     with torch.no_grad():  # the oracle deep-copies the model, which a non-leaf weight stops
         model[2].weight = model[2].weight_orig * model[2].weight_mask
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
-    expected = oracle_direction(G, g, DAMPING, "layerwise", block_indices(model))
+    expected = oracle_of(model, x, y)  # first: a forward pass makes the weight a non-leaf
     dirs = rc.direction(model, x, y, damping=DAMPING, kernel=kernel)
     assert rel_error(flatten(dirs, model), expected) < 1e-10
     pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel=kernel)
-    for _ in range(2):
-        model.zero_grad()
-        pre.backward(F.cross_entropy(model(x), y))
-        got = {n: p.grad for n, p in model.named_parameters()}
-        assert rel_error(flatten(got, model), expected) < 1e-10
+    assert_steps_exact(pre, model, x, lambda out: F.cross_entropy(out, y), expected)
 
 
 class KeywordCalls(nn.Module):
@@ -1343,10 +1339,4 @@ def test_a_hook_registered_later_that_edits_the_keywords_in_place_is_seen(kernel
     pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel=kernel)
     pre.backward(F.cross_entropy(model(x), y))  # the first call probes
     model.b.register_forward_pre_hook(double_the_input_keyword, with_kwargs=True)
-    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
-    expected = oracle_direction(G, g, DAMPING, "layerwise", block_indices(model))
-    for _ in range(2):
-        model.zero_grad()
-        pre.backward(F.cross_entropy(model(x), y))
-        got = {n: p.grad for n, p in model.named_parameters()}
-        assert rel_error(flatten(got, model), expected) < 1e-10
+    assert_steps_exact(pre, model, x, lambda out: F.cross_entropy(out, y), oracle_of(model, x, y))
