@@ -201,9 +201,12 @@ class RiemannianPreconditioner:
         batch-coupling probe runs (it needs the inputs in the graph); on the first call
         after a parameter was frozen, unfrozen or replaced, a module swapped or renamed,
         or a hook registered that runs between the preconditioner's and a module's forward
-        (a pre-hook that replaces the inputs, a prepended hook); when a module's output was changed in place after its call (the next forward passes
-        capture it through a copy); and when the loss reaches parameters other than through their
-        modules' calls (a weight penalty written into the loss). One process only: with a
+        (a pre-hook that replaces the inputs, a prepended hook); when a module's output was
+        changed in place after its call (the next forward passes capture it through a
+        copy); and when the loss reaches parameters other than through their modules'
+        calls (a weight penalty written into the loss). For cross-entropy on outputs
+        ``(N, ..., C)`` the loss's gradient must show the classes along the last dimension
+        and every position taken (see ``docs/api.md``). One process only: with a
         ``process_group`` or a ``DistributedDataParallel`` model it raises ``ValueError``
         (use ``loss.backward()`` and :meth:`step`).
         """
