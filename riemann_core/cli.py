@@ -43,8 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory()  # timings without the page faults of glibc's default policy
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown:  # named by the subcommand's parser, with its usage (argparse: the top level's)
-        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:  # named with the usage of the parser they were given to
+        before = argv[: argv.index(args.command)]
+        owner = parser if any(a in before for a in unknown) else args.parser
+        owner.error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "scheduler", None) is None:  # on a cluster, the workers' devices count
         try:
             check_device(args.device)

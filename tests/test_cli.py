@@ -48,6 +48,11 @@ def test_an_unknown_option_is_named_with_the_subcommands_usage(capsys):
     err = capsys.readouterr().err
     assert err.startswith("usage: riemann-bench targets ")
     assert "unrecognized arguments: --bogus 3" in err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--bogus", "targets"])  # before the subcommand: the top level's option
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: riemann-bench [-h]") and "unrecognized arguments: --bogus" in err
 
 
 def test_an_unexpected_error_exits_3_with_its_traceback_not_as_a_finding(capsys, monkeypatch):
