@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .blas import symmetric_products
 from .ownership import assign
 
 
@@ -65,10 +66,13 @@ def gram_power_flops(d: int, blocks: int) -> float:
     return 2 * m * m * blocks * POWER_STEPS
 
 
-def lower_gram_flops(d: int, blocks: int, k: int) -> float:
-    """``d^2 k (1 + 1 / blocks)``: the lower triangle of ``R R^T`` for ``R`` of shape
-    ``d x k`` in ``blocks`` row blocks, one GEMM per block-row
-    (``modules.lower_gram``), against ``2 d^2 k`` for the whole product."""
+def lower_gram_flops(d: int, blocks: int, k: int, symmetric: bool = False) -> float:
+    """The lower triangle of ``R R^T`` for ``R`` of shape ``d x k`` in ``blocks`` row
+    blocks (``modules.lower_gram``): ``d^2 k`` by BLAS ``syrk`` (``symmetric``: where
+    :func:`riemann_core.blas.symmetric_products` holds), else ``d^2 k (1 + 1 / blocks)``,
+    one GEMM per block-row; ``2 d^2 k``, the whole product, for one block."""
+    if symmetric and blocks > 1:
+        return d * d * k
     return d * d * k * (1 + 1 / blocks)
 
 
@@ -137,8 +141,10 @@ def flops(
     *,
     kfac_damping: str = "exact",
     kfac_bias: str = "joint",
+    device: str = "cpu",
 ) -> dict[str, float]:
-    """Modelled FLOPs of ``rc.direction(method=..., kernel=...)`` by phase, plus ``total``.
+    """Modelled FLOPs of ``rc.direction(method=..., kernel=...)`` on ``device`` by phase,
+    plus ``total``.
 
     Phases: ``forward``; ``pullback`` (``r`` factor rows and the loss gradient through
     the layers above the first); ``gradient`` (parameter gradient where it is formed;
@@ -148,9 +154,11 @@ def flops(
     triangular solves); ``checks`` (the estimate of each factorised ``m x m`` matrix's
     largest eigenvalue, :func:`power_flops`). The slow paths of ill-conditioned solves
     (residuals in float64, refinement) are not modelled. ``kfac_damping`` and
-    ``kfac_bias`` pick K-FAC's variant.
+    ``kfac_bias`` pick K-FAC's variant. The device matters for one term: a Gram's lower
+    triangle costs less where BLAS ``syrk`` runs (:func:`lower_gram_flops`).
     """
     N, d, layers = shape.batch, shape.d, shape.layers
+    symmetric = symmetric_products(device)
     k = shape.rows + 1  # the loss gradient rides along in the pullback
     matmul = sum(2 * N * f_in * f_out for f_in, f_out in layers)  # one forward's GEMMs
     above_first = sum(2 * N * f_in * f_out for f_in, f_out in layers[1:])
@@ -170,7 +178,8 @@ def flops(
             cost["jacobian"] = matmul + shape.rows * matmul
     if method == "natural":
         cost["gram"] = sum(
-            _gram(shape, kernel, i, f, n) for i, f, n in zip(f_ins, f_outs, n_a, strict=True)
+            _gram(shape, kernel, i, f, n, symmetric)
+            for i, f, n in zip(f_ins, f_outs, n_a, strict=True)
         )
         cost["factorisation"] = cholesky_flops(d)
         cost["checks"] = gram_power_flops(d, shape.rows)
@@ -187,7 +196,7 @@ def flops(
             if m < shape.rows:
                 cost["factorisation"] += N * qr_flops(shape.rows, f)
             block = MLPShape((p - int(shape.bias), f), N, m, shape.bias)
-            gram = _gram(block, kernel, f_in, f, n)
+            gram = _gram(block, kernel, f_in, f, n, symmetric)
             if dense_is_cheaper(n, block.d, gram):
                 if not generic:
                     cost["gradient"] = cost.get("gradient", 0) + 2 * N * f * f_in
@@ -273,13 +282,13 @@ def _shifted_solve(m: int, n: int, k: int) -> float:
     return 2 * triangular_solve_flops(n, k)
 
 
-def _gram(shape: MLPShape, kernel: str, f_in: int, f: int, n: int) -> float:
-    """``K_a K_a^T`` (lower triangle, by probe block-rows): ``(Delta Delta^T) * (X X^T +
+def _gram(shape: MLPShape, kernel: str, f_in: int, f: int, n: int, symmetric: bool) -> float:
+    """``K_a K_a^T`` (lower triangle, :func:`lower_gram_flops`): ``(Delta Delta^T) * (X X^T +
     1)`` structured, ``K K^T`` generic."""
     d, N, r = shape.d, shape.batch, shape.rows
     if kernel == "generic":
-        return lower_gram_flops(d, r, n)
-    return 2 * N * N * f_in + lower_gram_flops(d, r, f)
+        return lower_gram_flops(d, r, n, symmetric)
+    return 2 * N * N * f_in + lower_gram_flops(d, r, f, symmetric)
 
 
 def _products(shape: MLPShape, kernel: str, f_in: int, f: int, n: int) -> float:
@@ -385,13 +394,21 @@ AGREEMENT_SLOTS = 3
 
 
 def block_solve_flops(
-    method: str, f_in: int, f_out: int, batch: int, rows: int, bias=True, **kfac_variant
+    method: str,
+    f_in: int,
+    f_out: int,
+    batch: int,
+    rows: int,
+    bias=True,
+    device: str = "cpu",
+    **kfac_variant,
 ) -> float:
     """Modelled FLOPs of the owner's solve of one Linear block (structured kernel) on
     ``batch`` samples: :func:`flops` of the one-layer network without its
     :data:`LOCAL_PHASES`; layerwise rows are kept per sample as ``min(rows, f_out)``
     (compressed before they are sent, so no QR here); K-FAC's factors are dense
-    (summed over the ranks), ``kfac_variant`` its ``kfac_damping`` and ``kfac_bias``."""
+    (summed over the ranks), ``kfac_variant`` its ``kfac_damping`` and ``kfac_bias``;
+    ``device`` as in :func:`flops`."""
     if method not in BLOCKWISE:
         raise ValueError(f"method={method!r} is not solved block by block; use {BLOCKWISE}")
     if method == "kfac":
@@ -400,7 +417,7 @@ def block_solve_flops(
         return sum(v for k, v in cost.items() if k not in LOCAL_PHASES[method])
     if method == "layerwise":
         rows = min(rows, f_out)
-    phases = flops(method, MLPShape((f_in, f_out), batch, rows, bias))
+    phases = flops(method, MLPShape((f_in, f_out), batch, rows, bias), device=device)
     return sum(v for k, v in phases.items() if k != "total" and k not in LOCAL_PHASES[method])
 
 
@@ -438,17 +455,20 @@ def _shard(shape: MLPShape, world: int) -> MLPShape:
 
 
 def distributed_flops(
-    method: str, shape: MLPShape, world: int, **kfac_variant
+    method: str, shape: MLPShape, world: int, device: str = "cpu", **kfac_variant
 ) -> list[dict[str, float]]:
     """Modelled FLOPs of each rank in a data-parallel direction (structured kernel,
     equal shards of ``shape.batch``): ``local`` (forward and pullback on its shard, the
     :data:`LOCAL_PHASES`; layerwise also the QR that keeps ``min(r, f_out)`` rows per
     sample, before they are sent; K-FAC its dense factors) and ``solve`` (its owned
     blocks on the global batch), plus ``total``. One rank runs the single-process
-    direction. ``kfac_variant``: K-FAC's ``kfac_damping`` and ``kfac_bias``."""
+    direction. ``kfac_variant``: K-FAC's ``kfac_damping`` and ``kfac_bias``; ``device`` as
+    in :func:`flops`."""
     shard = _shard(shape, world)
     variant = _kfac_variant(**kfac_variant)
-    local_phases = flops(method, shard, kfac_damping=variant[0], kfac_bias=variant[1])
+    local_phases = flops(
+        method, shard, kfac_damping=variant[0], kfac_bias=variant[1], device=device
+    )
     if world == 1:  # the single-process direction: the forward pass, then the solve
         built = ("forward", "gradient") if method == "euclidean" else ("forward", "pullback")
         local = sum(local_phases.get(k, 0) for k in built)
@@ -469,10 +489,10 @@ def distributed_flops(
         plan = owners(method, shape, world, **kfac_variant)
         for (f_in, f_out), owner in zip(shape.layers, plan, strict=True):
             solve[owner] += block_solve_flops(
-                method, f_in, f_out, shape.batch, shape.rows, shape.bias, **kfac_variant
+                method, f_in, f_out, shape.batch, shape.rows, shape.bias, device, **kfac_variant
             )
     elif method != "euclidean":
-        whole = flops(method, shape)
+        whole = flops(method, shape, device=device)
         solve[0] = sum(
             v for k, v in whole.items() if k != "total" and k not in LOCAL_PHASES[method]
         )

@@ -33,7 +33,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils import _pytree as pytree
 
+from .blas import symmetric_product_applies, symmetric_products, syrk_
 from .costs import lower_gram_flops
+from .woodbury import column_major
 
 
 @dataclass(eq=False)
@@ -146,9 +148,10 @@ class Handler(ABC):
         return out.tril_()
 
     def gram_flops(self) -> float:
-        """Modelled FLOPs of :meth:`gram_into` (``d^2 n_a (1 + 1/r)`` from a materialised
-        ``K``, see :func:`lower_gram`)."""
-        return lower_gram_flops(self.d, self.r, self.block.n_params)
+        """Modelled FLOPs of :meth:`gram_into` (the lower triangle of ``K K^T`` from a
+        materialised ``K``, :func:`lower_gram`)."""
+        symmetric = symmetric_products(self.device, self.dtype)
+        return lower_gram_flops(self.d, self.r, self.block.n_params, symmetric)
 
     @abstractmethod
     def K(self) -> Tensor:
@@ -164,14 +167,17 @@ class Handler(ABC):
 
 
 def lower_gram(rows: Tensor, blocks: int, out: Tensor, add: bool, scale: Tensor | None = None):
-    """The lower triangle of ``(rows rows^T) * S`` into ``out``, block-row by block-row.
+    """The lower triangle of ``(rows rows^T) * S`` into ``out`` (for ``add``: added to it;
+    the strict upper triangle is left as it was, except for one block-row: see below).
 
     ``rows`` (``d x k``) holds ``blocks`` row blocks of ``m = d / blocks`` rows (the
     probe-major factor rows: block ``s`` is probe ``s`` of every sample); ``S`` is
-    ``scale`` (``m x m``, symmetric) tiled over the blocks, or 1. Block-row ``s`` is one GEMM
-    ``rows_s rows_{0..s}^T`` written straight into ``out[s]`` (for ``add``: added), so the
-    products cost ``m^2 k b (b + 1) = d^2 k (1 + 1/b)`` FLOPs, not the ``2 d^2 k`` of the
-    full product, and the strict upper triangle is never formed.
+    ``scale`` (``m x m``, symmetric) tiled over the blocks, or 1. The product costs
+    ``d^2 k`` FLOPs by BLAS ``syrk`` where it runs (:mod:`riemann_core.blas`; CPU), else
+    ``d^2 k (1 + 1/b)`` as one GEMM per block-row ``s``, ``rows_s rows_{0..s}^T``, written
+    straight into ``out``, not the ``2 d^2 k`` of the whole product
+    (:func:`riemann_core.costs.lower_gram_flops`). One block (``blocks == 1``) is the whole
+    product, upper triangle included, by one GEMM.
     """
     m = rows.shape[0] // blocks
     if scale is not None and out.stride(0) == 1:  # column-major: S is symmetric, so S^T
@@ -183,15 +189,25 @@ def lower_gram(rows: Tensor, blocks: int, out: Tensor, add: bool, scale: Tensor 
         if add:
             out.add_(product)
         return
+    symmetric = symmetric_product_applies(rows, out)
+    if symmetric:
+        if add and scale is None:
+            syrk_(rows, out, 1.0)
+            return
+        product = column_major(*out.shape, like=out) if add else out
+        syrk_(rows, product, 0.0)
     for s in range(blocks):
-        part = out[s * m : (s + 1) * m, : (s + 1) * m]
-        product = torch.mm(
-            rows[s * m : (s + 1) * m], rows[: (s + 1) * m].T, out=None if add else part
-        )
+        block_row = (slice(s * m, (s + 1) * m), slice(0, (s + 1) * m))
+        if symmetric:
+            part = product[block_row]
+        else:
+            part = torch.mm(
+                rows[block_row[0]], rows[block_row[1]].T, out=None if add else out[block_row]
+            )
         if scale is not None:
-            product.view(m, s + 1, m).mul_(scale[:, None, :])
+            part.view(m, s + 1, m).mul_(scale[:, None, :])
         if add:
-            part.add_(product)
+            out[block_row].add_(part)
 
 
 def rows_dot(Dl: Tensor, V: Tensor) -> Tensor:
@@ -360,7 +376,8 @@ class LinearHandler(PatchHandler):
     def gram_flops(self) -> float:
         if not self.factored_gradient:
             return super().gram_flops()
-        return lower_gram_flops(self.d, self.r, self.f_out) + 2 * self.N**2 * self.P
+        symmetric = symmetric_products(self.device, self.dtype)
+        return lower_gram_flops(self.d, self.r, self.f_out, symmetric) + 2 * self.N**2 * self.P
 
     def gram_into(self, out: Tensor, add: bool = False) -> None:
         if not self.factored_gradient:  # sequence inputs: positions couple, use K K^T

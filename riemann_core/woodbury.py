@@ -400,12 +400,20 @@ def largest_eigenvalue_of_gram(gram: Tensor, samples: int, steps: int = POWER_ST
     largest block's lies within ``[lambda_max(G) / r, lambda_max(G)]``; measured on this
     package's Grams it is 0.45-1 times ``lambda_max`` (tests/test_woodbury.py). The
     blocks are ``r N^2`` entries instead of ``r^2 N^2``: cheap before the factorisation
-    overwrites the Gram.
+    overwrites the Gram. Only their lower triangles are read (``syrk`` writes no more).
     """
-    if gram.shape[-1] == samples:  # one probe: the block is the Gram
+    if gram.shape[-1] == samples:  # one probe: the whole product (modules.lower_gram)
         return largest_eigenvalue(gram, steps)
-    blocks = diagonal_blocks(gram, samples).contiguous()  # one copy, not one per step
-    return largest_eigenvalue(blocks, steps).amax(-1)
+    blocks = diagonal_blocks(gram, samples)
+    # the blocks in full from their lower triangles: one copy, not one per step
+    full = torch.where(_lower_mask(samples, gram.device), blocks, blocks.mT)
+    return largest_eigenvalue(full, steps).amax(-1)
+
+
+@functools.lru_cache(maxsize=32)
+def _lower_mask(m: int, device: torch.device) -> Tensor:
+    """``True`` on and below the diagonal of an ``m x m`` matrix (made once per size)."""
+    return torch.ones(m, m, dtype=torch.bool, device=device).tril_()
 
 
 @dataclass(frozen=True)

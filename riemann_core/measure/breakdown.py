@@ -2,7 +2,7 @@
 
 :func:`time_by_kind` runs a call under ``torch.profiler`` and attributes the self time of
 every aten operation to the kind of the nearest operation, itself or an enclosing one,
-that :data:`KIND_OF_OP` names: ``products`` (GEMMs, matrix-vector products),
+that :data:`KIND_OF_OP` names: ``products`` (GEMMs, BLAS ``syrk``, matrix-vector products),
 ``cholesky`` (LAPACK's ``potrf`` called directly, ``riemann_core.woodbury.potrf_``;
 ``linalg_cholesky_ex`` with the copies and the triangle it clears),
 ``triangular`` (triangular solves); every other operation is ``other ops`` (elementwise
@@ -28,6 +28,7 @@ KIND_OF_OP = {
     "aten::mv": "products",
     "aten::addmv": "products",
     "aten::dot": "products",
+    "riemann_core::syrk_": "products",
     "aten::linalg_cholesky_ex": "cholesky",
     "riemann_core::potrf_": "cholesky",
     "aten::linalg_solve_triangular": "triangular",

@@ -8,7 +8,20 @@ them a standard operation count (leading terms, as in Golub & Van Loan and LAPAC
 operation counts), independent of the cost model in :mod:`riemann_core.costs`, so that
 counted and modelled FLOPs are two separate figures:
 
-=====================================  =============================================="""
+=====================================  ==============================================
+operation                              FLOPs (kind)
+=====================================  ==============================================
+Cholesky, LAPACK's ``potrf``           ``n^3 / 3`` per matrix (cholesky)
+triangular solve                       ``n^2 k`` for ``k`` right-hand sides (triangular)
+``cholesky_solve``                     ``2 n^2 k`` (triangular)
+``cholesky_inverse``                   ``2 n^3 / 3`` (triangular)
+``eigh``                               ``9 n^3`` with vectors, ``4 n^3 / 3`` without (eigh)
+QR (Householder)                       ``2 m n^2 - 2 n^3 / 3`` for R, plus Q's (qr)
+LU solve, inverse                      ``2 n^3 / 3 + 2 n^2 k``; ``2 n^3`` (lu)
+matrix-vector product                  ``2 m n`` (products)
+BLAS ``syrk``, ``R R^T`` one triangle  ``d^2 k`` for ``R`` ``d x k`` (products)
+=====================================  ==============================================
+"""
 
 from __future__ import annotations
 
@@ -17,7 +30,7 @@ import math
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .. import woodbury  # noqa: F401  (defines torch.ops.riemann_core.potrf_)
+from .. import blas, woodbury  # noqa: F401  (define torch.ops.riemann_core.syrk_, potrf_)
 
 aten = torch.ops.aten
 
@@ -79,6 +92,11 @@ def _mv(a_shape, x_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * a_shape[0] * a_shape[1]
 
 
+def _syrk(rows_shape, out_shape_, *args, out_shape=None, **kwargs) -> int:
+    d, k = rows_shape
+    return d * d * k  # one triangle of R R^T: half of the product's 2 d^2 k
+
+
 def _addmv(bias_shape, a_shape, x_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * a_shape[0] * a_shape[1]
 
@@ -96,6 +114,7 @@ LINALG = {
     aten.cholesky_inverse: ("triangular", _cholesky_inverse),
     aten.mv: ("products", _mv),
     aten.addmv: ("products", _addmv),
+    torch.ops.riemann_core.syrk_: ("products", _syrk),  # BLAS's, called directly (CPU)
 }
 _KIND_OF = {str(op): kind for op, (kind, _) in LINALG.items()}
 

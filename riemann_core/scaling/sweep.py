@@ -347,7 +347,9 @@ def model_flops(run: Mapping) -> dict[str, float]:
     """``costs.flops`` of ``run``'s method (and K-FAC variant) at its shape, by phase."""
     options = direction_options(run)
     variant = {k: options[k] for k in ("kfac_damping", "kfac_bias") if k in options}
-    return costs.flops(options["method"], shape_of(run), run["kernel"], **variant)
+    return costs.flops(
+        options["method"], shape_of(run), run["kernel"], device=run["device"], **variant
+    )
 
 
 def model_peak_bytes(run: Mapping) -> float:

@@ -445,7 +445,7 @@ def _model_reaches(spec: FlopClaim, kernel: str, top: pd.Series, lowest: float) 
     """The first doubling of the top point's axis value at which the cost model's exponent
     reaches ``lowest``; ``"range"`` where the claim's range (``within``) ends first, ``"never"``
     within :data:`EXTRAPOLATION_DOUBLINGS` doublings."""
-    run = {k: top[k] for k in ("width", "depth", "out_dim", "batch", "output_metric")}
+    run = {k: top[k] for k in ("width", "depth", "out_dim", "batch", "device", "output_metric")}
     run.update(method=spec.method, kernel=kernel)
     value = int(top[spec.axis])
     for _ in range(EXTRAPOLATION_DOUBLINGS):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from riemann_core import woodbury
+from riemann_core import blas, woodbury
 from riemann_core.measure.flops import KINDS, flop_counter, flops_by_kind
 
 
@@ -53,10 +53,18 @@ B = torch.randn(30, 4, dtype=torch.float64)
         (lambda: torch.cholesky_inverse(L), "triangular", 18000),  # 2 30^3 / 3
         (lambda: A @ B[:, 0], "products", 1800),  # 2 30 30
         (lambda: A @ B, "products", 7200),  # 2 30 30 4, FlopCounterMode's own count
+        pytest.param(
+            lambda: blas.syrk_(B, torch.zeros(30, 30, dtype=B.dtype), 0.0),  # BLAS's, directly
+            "products",
+            3600,  # one triangle of B B^T: 30^2 4
+            marks=pytest.mark.skipif(
+                not blas.symmetric_products("cpu", B.dtype), reason="no BLAS syrk exported"
+            ),
+        ),
     ],
     ids=[
         "cholesky", "batched-cholesky", "direct-potrf", "trsm", "trsm-right", "cholesky_solve", "eigh",
-        "eigh-values", "lu-solve", "inverse", "cholesky-inverse", "mv", "mm",
+        "eigh-values", "lu-solve", "inverse", "cholesky-inverse", "mv", "mm", "direct-syrk",
     ],
 )  # fmt: skip
 def test_counts_by_hand(fn, kind, by_hand):

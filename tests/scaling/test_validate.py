@@ -356,7 +356,9 @@ def test_the_shipped_grids_reach_the_regime_of_every_flop_claim(grid):
     budget = sw.Grid(**spec)
 
     def within_budgets(method, kernel, point):
-        run = dict(method=method, kernel=kernel, **point, dtype="float32", output_metric="exact")
+        device = "cuda" if grid.endswith("CUDA") else "cpu"
+        run = dict(method=method, kernel=kernel, **point, output_metric="exact")
+        run.update(device=device, dtype="float32")
         over = sw.model_flops(run)["total"] > budget.flop_budget
         over |= sw.model_peak_bytes(run) > budget.memory_budget_bytes
         return "skipped" if over else "ok"
