@@ -478,6 +478,45 @@ def check_classes_last(loss: Tensor, outputs: Tensor, checks: Deferred) -> None:
     checks.require(ok, explain)
 
 
+#: Autograd's nodes of embedding lookups: their saved ``scale_grad_by_freq`` divides the
+#: weight's gradient by each token's count in the batch.
+EMBEDDING_NODES = ("EmbeddingBackward0", "EmbeddingBagBackward0")
+
+
+def check_no_frequency_scaling(outputs: Tensor, names: dict[int, str]) -> None:
+    """Refuse an embedding lookup with ``scale_grad_by_freq=True`` on a trainable weight
+    anywhere in the autograd graph of ``outputs``: ``F.embedding`` or ``F.embedding_bag``
+    called in a module's ``forward`` (the option of ``nn.Embedding`` itself is refused by
+    :func:`check_model`). Its backward is not the derivative of the outputs, and it couples
+    the samples: the direction was 0.09 off the oracle's, silently. ``names``:
+    ``{id(p): name}`` of the preconditioned parameters (a weight computed from them counts
+    too; a leaf tensor outside them does not). A walk over every node of the graph, at
+    every call: an option passed in ``forward`` changes nothing that the probes of
+    :mod:`riemann_core.coupling` key on (about a microsecond per node)."""
+    seen, stack = set(), [outputs.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ in EMBEDDING_NODES and getattr(
+            node, "_saved_scale_grad_by_freq", False
+        ):
+            leaves = [getattr(n, "variable", None) for n, _ in node.next_functions if n]
+            weight = next((names[id(v)] for v in leaves if id(v) in names), None)
+            if weight is None and all(v is not None for v in leaves):
+                continue  # the weight is a tensor of its own, not one preconditioned
+            raise ValueError(
+                "an embedding lookup of "
+                + (f"the trainable parameter {weight!r}" if weight else "a trainable weight")
+                + " has scale_grad_by_freq=True: its backward divides each row's gradient by "
+                "the token's count in the batch, so the gradient is not the derivative of the "
+                "loss (and couples the samples), and no metric matches it. Call F.embedding "
+                "(or F.embedding_bag) with scale_grad_by_freq=False"
+            )
+        stack.extend(n for n, _ in node.next_functions)
+
+
 def check_one_output(outputs) -> None:
     """Refuse a model that returns anything but one tensor: the output metric is taken at
     that tensor, and the hooks that see the forward pass record it."""

@@ -13,6 +13,7 @@ from ._checks import (
     check_classes_last,
     check_generator,
     check_model,
+    check_no_frequency_scaling,
     check_one_output,
     check_refresh,
     classes_along_positions,
@@ -251,6 +252,8 @@ class RiemannianPreconditioner:
                     "pass (with gradients enabled), whose batch the metric is taken at: "
                     "call pre.backward(loss) right after the forward pass of its batch"
                 )
+            if needs_factor:  # each call: a lookup's option is not seen by the probe's key
+                check_no_frequency_scaling(capture.output, names)
             if needs_factor and classes_along_positions(
                 capture.output, opts.loss, opts.output_metric
             ):

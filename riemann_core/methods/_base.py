@@ -14,6 +14,7 @@ from .._checks import (
     KFAC_OPTIONS,
     Deferred,
     check_kfac_options,
+    check_no_frequency_scaling,
     check_one_output,
     check_options,
     check_outputs,
@@ -389,6 +390,8 @@ def problem_from_graph(
             given = [[flat.pop(0) for _ in b.params] for b in blocks]
         return Problem(blocks, gradient=given)
 
+    names = {id(p): n for b in blocks for n, p in zip(b.param_names, b.params, strict=True)}
+    check_no_frequency_scaling(outputs, names)
     z = outputs.reshape(outputs.shape[0], -1)
     factor = output_factor(
         outputs.detach(),
