@@ -137,7 +137,7 @@ class Direction(_CountedFlops, _DirectionCase):
         self.call()
 
     def track_flops_modelled(self, *params):
-        return costs.flops(self.method, self.shape, self.kernel)["total"]
+        return costs.flops(self.method, self.shape, self.kernel, device=self.device)["total"]
 
     track_flops_modelled.unit = "flops"
 

@@ -191,7 +191,8 @@ def _run(
         "environment": environment(device),
     }
     if modelled_as is not None:
-        modelled = costs.flops(modelled_as, shape, kernel, **(flops_options or {}))
+        options = {"device": device, **(flops_options or {})}
+        modelled = costs.flops(modelled_as, shape, kernel, **options)
         info["modelled_flops"] = modelled["total"]
         info["modelled_flops_by_phase"] = modelled
         info["peak_bytes_model_estimate"] = costs.peak_bytes(

@@ -490,7 +490,7 @@ def check_no_frequency_scaling(outputs: Tensor, names: dict[int, str]) -> None:
     :func:`check_model`). Its backward is not the derivative of the outputs, and it couples
     the samples: the direction was 0.09 off the oracle's, silently. ``names``:
     ``{id(p): name}`` of the preconditioned parameters (a weight computed from them counts
-    too; a leaf tensor outside them does not). A walk over every node of the graph, at
+    too; a weight that depends on none of them does not). A walk over every node of the graph, at
     every call: an option passed in ``forward`` changes nothing that the probes of
     :mod:`riemann_core.coupling` key on (about a microsecond per node)."""
     seen, stack = set(), [outputs.grad_fn]
@@ -502,19 +502,43 @@ def check_no_frequency_scaling(outputs: Tensor, names: dict[int, str]) -> None:
         if type(node).__name__ in EMBEDDING_NODES and getattr(
             node, "_saved_scale_grad_by_freq", False
         ):
-            leaves = [getattr(n, "variable", None) for n, _ in node.next_functions if n]
-            weight = next((names[id(v)] for v in leaves if id(v) in names), None)
-            if weight is None and all(v is not None for v in leaves):
-                continue  # the weight is a tensor of its own, not one preconditioned
+            reached = _parameters_under(node, names)
+            if not reached:
+                continue  # the weight depends on no preconditioned parameter
+            direct = [names[id(v)] for v in reached if _is_input(v, node)]
+            weight = (
+                f"the trainable parameter {direct[0]!r}"
+                if direct
+                else "a weight computed from " + ", ".join(repr(names[id(v)]) for v in reached)
+            )
             raise ValueError(
-                "an embedding lookup of "
-                + (f"the trainable parameter {weight!r}" if weight else "a trainable weight")
-                + " has scale_grad_by_freq=True: its backward divides each row's gradient by "
+                f"an embedding lookup of {weight} has scale_grad_by_freq=True: its backward "
+                "divides each row's gradient by "
                 "the token's count in the batch, so the gradient is not the derivative of the "
                 "loss (and couples the samples), and no metric matches it. Call F.embedding "
                 "(or F.embedding_bag) with scale_grad_by_freq=False"
             )
         stack.extend(n for n, _ in node.next_functions)
+
+
+def _parameters_under(node, names: dict[int, str]) -> list[Tensor]:
+    """The parameters among ``names`` whose gradients ``node``'s inputs reach."""
+    found, seen, stack = [], set(), [n for n, _ in node.next_functions]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf's gradient
+        if variable is not None and id(variable) in names:
+            found.append(variable)
+        stack.extend(n for n, _ in node.next_functions)
+    return found
+
+
+def _is_input(variable: Tensor, node) -> bool:
+    """Whether ``variable``'s gradient is accumulated right below ``node``."""
+    return any(getattr(n, "variable", None) is variable for n, _ in node.next_functions)
 
 
 def check_one_output(outputs) -> None:

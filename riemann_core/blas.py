@@ -8,11 +8,11 @@ Without it the lower triangle takes one GEMM per block-row of the rows
 CPU, float32, ``d = 1152``, ``k = 1024``, nine blocks, ``syrk`` took 0.67-0.81x their
 time (``k = 10``: 0.34x).
 
-MKL exports its BLAS only under its internal names (``mkl_blas_ssyrk``, with the
-reference BLAS arguments), so :func:`_blas_syrk` checks one small product against
-``torch.mm`` before it is trusted; where the symbol is missing or the check fails (other
-builds of torch, other CPUs, CUDA) :func:`symmetric_product_applies` is false and callers
-take their GEMMs.
+MKL exports its BLAS only under its internal names (``mkl_blas_ssyrk``: the reference
+BLAS's arguments, by pointer, its integers 64-bit), so :func:`_blas_syrk` checks small
+products in every layout against ``torch.mm`` before it is trusted; where torch is built
+without MKL, the symbol is missing or a check fails (other builds of torch, other CPUs,
+CUDA), :func:`symmetric_product_applies` is false and callers take their GEMMs.
 """
 
 from __future__ import annotations
@@ -45,15 +45,15 @@ def _blas_syrk(dtype: torch.dtype) -> Callable[[Tensor, Tensor, float], None] | 
     (of ``rows``) and the triangle (of ``out``) are chosen to match.
     """
     name, scalar = _SYRK.get(dtype, (None, None))
-    if name is None:
+    if name is None or not torch.backends.mkl.is_available():
         return None
     try:
         syrk = getattr(ctypes.CDLL(str(TORCH_CPU)), name)
     except (OSError, AttributeError, TypeError):
         return None
-    c_int_p, scalar_p = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(scalar)
-    syrk.argtypes = [ctypes.c_char_p, ctypes.c_char_p, c_int_p, c_int_p, scalar_p,
-                     ctypes.c_void_p, c_int_p, scalar_p, ctypes.c_void_p, c_int_p]  # fmt: skip
+    int_p, scalar_p = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(scalar)
+    syrk.argtypes = [ctypes.c_char_p, ctypes.c_char_p, int_p, int_p, scalar_p,
+                     ctypes.c_void_p, int_p, scalar_p, ctypes.c_void_p, int_p]  # fmt: skip
     syrk.restype = None
 
     def product(rows: Tensor, out: Tensor, beta: float) -> None:
@@ -63,18 +63,31 @@ def _blas_syrk(dtype: torch.dtype) -> Callable[[Tensor, Tensor, float], None] | 
         trans = b"N" if rows_major == "column" else b"T"
         # BLAS's lower triangle of a row-major out is its upper one
         uplo = b"L" if out_major == "column" else b"U"
-        syrk(uplo, trans, ctypes.c_int(d), ctypes.c_int(k), scalar(1), rows.data_ptr(),
-             ctypes.c_int(lda), scalar(beta), out.data_ptr(), ctypes.c_int(ldc))  # fmt: skip
+        integer = ctypes.c_int64
+        syrk(uplo, trans, integer(d), integer(k), scalar(1), rows.data_ptr(), integer(lda),
+             scalar(beta), out.data_ptr(), integer(ldc))  # fmt: skip
 
-    rows = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.5, 4.0]], dtype=dtype)
-    out = torch.full((3, 3), 7.0, dtype=dtype).mT
-    try:
-        product(rows, out, 0.0)
-    except (OSError, ValueError, ctypes.ArgumentError):
-        return None
+    return product if _passes_check(product, dtype) else None
+
+
+def _passes_check(product, dtype: torch.dtype) -> bool:
+    """Whether ``product`` (:func:`_blas_syrk`'s) writes exactly the lower triangle of
+    ``R R^T + beta C`` for small ``R`` and ``C``, row- and column-major, ``beta`` 0 and 1
+    (the values are small integers: the products are exact in any precision)."""
+    R = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.5, 4.0]], dtype=dtype)
+    C = torch.tensor([[2.0, 7.0, 7.0], [1.0, -3.0, 7.0], [4.0, 5.0, 6.0]], dtype=dtype)
     upper = torch.ones(3, 3, dtype=torch.bool).triu(1)
-    expected = (rows @ rows.T).masked_fill(upper, 7.0)
-    return product if torch.equal(out, expected) else None
+    for rows in (R, R.T.contiguous().T):
+        for beta in (0.0, 1.0):
+            for out in (C.clone(), C.T.contiguous().T):
+                expected = torch.where(upper, C, R @ R.T + beta * C)
+                try:
+                    product(rows, out, beta)
+                except (OSError, ValueError, ctypes.ArgumentError):
+                    return False
+                if not torch.equal(out, expected):
+                    return False
+    return True
 
 
 def _layout(matrix: Tensor) -> tuple[str, int] | None:

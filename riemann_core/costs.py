@@ -141,7 +141,7 @@ def flops(
     *,
     kfac_damping: str = "exact",
     kfac_bias: str = "joint",
-    device: str = "cpu",
+    device: str | None = "cpu",
 ) -> dict[str, float]:
     """Modelled FLOPs of ``rc.direction(method=..., kernel=...)`` on ``device`` by phase,
     plus ``total``.
@@ -154,11 +154,14 @@ def flops(
     triangular solves); ``checks`` (the estimate of each factorised ``m x m`` matrix's
     largest eigenvalue, :func:`power_flops`). The slow paths of ill-conditioned solves
     (residuals in float64, refinement) are not modelled. ``kfac_damping`` and
-    ``kfac_bias`` pick K-FAC's variant. The device matters for one term: a Gram's lower
-    triangle costs less where BLAS ``syrk`` runs (:func:`lower_gram_flops`).
+    ``kfac_bias`` pick K-FAC's variant. ``device`` matters where BLAS ``syrk`` runs
+    (:func:`riemann_core.blas.symmetric_products`): a Gram's lower triangle costs less
+    there (:func:`lower_gram_flops`), which can also tip a layerwise block from Woodbury to
+    its dense metric (:func:`dense_is_cheaper`); ``None`` models no ``syrk`` anywhere, a
+    plan that does not depend on the build of torch.
     """
     N, d, layers = shape.batch, shape.d, shape.layers
-    symmetric = symmetric_products(device)
+    symmetric = device is not None and symmetric_products(device)
     k = shape.rows + 1  # the loss gradient rides along in the pullback
     matmul = sum(2 * N * f_in * f_out for f_in, f_out in layers)  # one forward's GEMMs
     above_first = sum(2 * N * f_in * f_out for f_in, f_out in layers[1:])
@@ -400,7 +403,7 @@ def block_solve_flops(
     batch: int,
     rows: int,
     bias=True,
-    device: str = "cpu",
+    device: str | None = "cpu",
     **kfac_variant,
 ) -> float:
     """Modelled FLOPs of the owner's solve of one Linear block (structured kernel) on
@@ -439,9 +442,11 @@ def owners(method: str, shape: MLPShape, world: int, **kfac_variant) -> list[int
     if method not in BLOCKWISE:
         return [0] * len(shape.layers)
     costs = [
-        block_solve_flops(method, f_in, f_out, shape.batch, shape.rows, shape.bias, **kfac_variant)
+        block_solve_flops(
+            method, f_in, f_out, shape.batch, shape.rows, shape.bias, None, **kfac_variant
+        )
         for f_in, f_out in shape.layers
-    ]
+    ]  # device None: every rank plans alike, whatever build of torch it runs
     return assign(costs, world)
 
 
@@ -455,7 +460,7 @@ def _shard(shape: MLPShape, world: int) -> MLPShape:
 
 
 def distributed_flops(
-    method: str, shape: MLPShape, world: int, device: str = "cpu", **kfac_variant
+    method: str, shape: MLPShape, world: int, device: str | None = "cpu", **kfac_variant
 ) -> list[dict[str, float]]:
     """Modelled FLOPs of each rank in a data-parallel direction (structured kernel,
     equal shards of ``shape.batch``): ``local`` (forward and pullback on its shard, the

@@ -481,9 +481,9 @@ def _block_cost(method: str, opts: Options, h: Handler, share: _Share, N: int) -
         kh = share.kronecker
         variant = dict(kfac_damping=opts.kfac_damping, kfac_bias=opts.kfac_bias)
         f_in, f_out = kh.P, kh.f_out
-        return costs.block_solve_flops("kfac", f_in, f_out, N, kh.r, kh.with_bias, **variant)
-    if isinstance(h, LinearHandler) and h.factored_gradient:
-        return costs.block_solve_flops("layerwise", h.P, h.f_out, N, h.r, h.with_bias)
+        return costs.block_solve_flops("kfac", f_in, f_out, N, kh.r, kh.with_bias, None, **variant)
+    if isinstance(h, LinearHandler) and h.factored_gradient:  # device None: ranks plan alike
+        return costs.block_solve_flops("layerwise", h.P, h.f_out, N, h.r, h.with_bias, None)
     return costs.generic_block_solve_flops(h.block.n_params, h.r * N)
 
 

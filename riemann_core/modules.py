@@ -136,9 +136,8 @@ class Handler(ABC):
 
     def gram_into(self, out: Tensor, add: bool = False) -> None:
         """Write (``add``: add) the lower triangle of ``K K^T`` into ``out`` (``d x d``,
-        any strides), with the ``N x N`` diagonal blocks (one per probe) in full; the rest
-        of the upper triangle is left as it was (Cholesky and ``eigvalsh`` read one
-        triangle, the condition estimate the diagonal blocks)."""
+        any strides); read only that triangle afterwards, as Cholesky, ``eigvalsh`` and
+        the condition estimate do (the strict upper one: see :func:`lower_gram`)."""
         lower_gram(self.K(), self.r, out, add)
 
     def gram(self) -> Tensor:
@@ -167,8 +166,10 @@ class Handler(ABC):
 
 
 def lower_gram(rows: Tensor, blocks: int, out: Tensor, add: bool, scale: Tensor | None = None):
-    """The lower triangle of ``(rows rows^T) * S`` into ``out`` (for ``add``: added to it;
-    the strict upper triangle is left as it was, except for one block-row: see below).
+    """The lower triangle of ``(rows rows^T) * S`` written into ``out`` (``add``: added to
+    it). Read only that triangle afterwards: the strict upper one keeps what it held,
+    possibly times ``S``, or gets entries of the product (all of them for one block, the
+    diagonal blocks' by block-row GEMMs); zeros there stay zeros or entries of the product.
 
     ``rows`` (``d x k``) holds ``blocks`` row blocks of ``m = d / blocks`` rows (the
     probe-major factor rows: block ``s`` is probe ``s`` of every sample); ``S`` is
@@ -191,10 +192,11 @@ def lower_gram(rows: Tensor, blocks: int, out: Tensor, add: bool, scale: Tensor 
         return
     symmetric = symmetric_product_applies(rows, out)
     if symmetric:
-        if add and scale is None:
-            syrk_(rows, out, 1.0)
+        if scale is None:
+            syrk_(rows, out, 1.0 if add else 0.0)
             return
-        product = column_major(*out.shape, like=out) if add else out
+        # zeros above the diagonal: the block-rows added below carry nothing else there
+        product = column_major(*out.shape, like=out, zero=True) if add else out
         syrk_(rows, product, 0.0)
     for s in range(blocks):
         block_row = (slice(s * m, (s + 1) * m), slice(0, (s + 1) * m))

@@ -16,15 +16,12 @@ import functools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .blas import TORCH_CPU as _TORCH_CPU
 from .costs import POWER_STEPS, factor_order
-
-#: The library of torch's CPU operators (and, in the x86 wheels, of MKL's LAPACK).
-_TORCH_CPU = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
 
 #: Relative jitter tried, in order, when a Cholesky factorisation fails.
 JITTER_SCALES = (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)

@@ -8,6 +8,7 @@ import riemann_core as rc
 from riemann_core import blas, modules
 from riemann_core.woodbury import column_major
 
+NAN = float("nan")
 needs_syrk = pytest.mark.skipif(
     not blas.symmetric_products("cpu"), reason="this torch build exports no BLAS syrk"
 )
@@ -86,14 +87,21 @@ def test_no_syrk_off_the_cpu_nor_for_half_precision():
 @pytest.mark.parametrize("blocks", [1, 3])
 def test_lower_gram_by_syrk_equals_the_one_by_gemms(monkeypatch, add, scaled, blocks):
     """``modules.lower_gram``: the lower triangle of ``(R R^T) * S`` (S tiled over the
-    probe blocks), added or written, is the same by ``syrk`` as by block-row GEMMs."""
+    probe blocks), added or written, is the same by ``syrk`` as by block-row GEMMs; zeros
+    above the diagonal stay zeros or entries of the result (``damped_gram``'s promise)."""
     torch.manual_seed(1)
     m, k = 4, 6
     R = torch.randn(blocks * m, k, dtype=torch.float64)
     X = torch.randn(m, 3, dtype=torch.float64)
     S = X @ X.T + 1 if scaled else None
-    start = torch.randn(blocks * m, blocks * m, dtype=torch.float64)
-    grams = []
+    start = torch.randn(blocks * m, blocks * m, dtype=torch.float64).tril()
+    grams, uppers = [], []
+    fresh = modules.column_major  # uninitialised memory may hold anything: NaN here
+
+    def garbage(*shape, like, zero=False):
+        return fresh(*shape, like=like, zero=zero) if zero else fresh(*shape, like=like).fill_(NAN)
+
+    monkeypatch.setattr(modules, "column_major", garbage)
     for symmetric in (True, False):
         if not symmetric:
             monkeypatch.setattr(modules, "symmetric_product_applies", lambda rows, out: False)
@@ -101,9 +109,12 @@ def test_lower_gram_by_syrk_equals_the_one_by_gemms(monkeypatch, add, scaled, bl
         out.copy_(start)
         modules.lower_gram(R, blocks, out, add, S)
         grams.append(out.tril())
+        uppers.append(out.triu(1))
     expected = (R @ R.T) * (S.repeat(blocks, blocks) if scaled else 1) + (start if add else 0)
-    assert torch.allclose(grams[0], expected.tril(), atol=1e-12)
-    assert torch.allclose(grams[1], expected.tril(), atol=1e-12)
+    for gram, upper in zip(grams, uppers, strict=True):
+        assert torch.allclose(gram, expected.tril(), atol=1e-12)
+        written = upper != 0
+        assert torch.allclose(upper[written], expected[written], atol=1e-12)
 
 
 @needs_syrk

@@ -726,15 +726,15 @@ def test_embedding_scaling_gradients_by_frequency_is_refused(bag):
 
 class FunctionalEmbedding(nn.Module):
     """A weight looked up by ``F.embedding`` (``bag``: ``F.embedding_bag``, summed) in
-    ``forward``, as custom token modules do; ``table`` overrides the weight looked up."""
+    ``forward``, as custom token modules do; ``table(weight)``, if set, is looked up."""
 
-    def __init__(self, scale_grad_by_freq, bag=False, table=None):
+    def __init__(self, scale_grad_by_freq, bag=False):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(7, 5, dtype=torch.float64))
-        self.scale, self.bag, self.table = scale_grad_by_freq, bag, table
+        self.scale, self.bag, self.table = scale_grad_by_freq, bag, None
 
     def forward(self, tokens):
-        table = self.weight if self.table is None else self.table
+        table = self.weight if self.table is None else self.table(self.weight)
         if self.bag:
             return F.embedding_bag(tokens, table, mode="sum", scale_grad_by_freq=self.scale)
         return F.embedding(tokens, table, scale_grad_by_freq=self.scale).sum(1)
@@ -743,31 +743,39 @@ class FunctionalEmbedding(nn.Module):
 @pytest.mark.parametrize("bag", [False, True], ids=["embedding", "embedding_bag"])
 def test_functional_embedding_scaling_gradients_by_frequency_is_refused(bag):
     """``F.embedding(..., scale_grad_by_freq=True)`` inside a module's forward: before, a
-    direction 3x off the oracle's, silently; now refused by every entry point, the
-    ``.grad`` as they were. Without the option it is exact; a frozen table is left alone."""
+    direction 0.09 off the oracle's, silently; now refused by ``rc.direction``,
+    ``pre.step`` and a fused ``pre.backward`` (not its first, probing call), the ``.grad``
+    and the loss's graph as they were. Without the option it is exact. A table computed
+    from the weight is refused too; a frozen weight is left alone."""
     torch.manual_seed(40)
     x, y = torch.randint(0, 7, (6, 4)), torch.randint(0, 3, (6,))
     model = nn.Sequential(FunctionalEmbedding(False, bag), nn.Tanh(), nn.Linear(5, 3)).double()
     expected = oracle_of(model, x, y)
     got = rc.direction(model, x, y, damping=DAMPING, kernel="auto")
     assert rel_error(flatten(got, model), expected) < 1e-10
+    pre = rc.RiemannianPreconditioner(model, kernel="auto")
+    pre.backward(F.cross_entropy(model(x), y))  # probes; the calls below are fused
     model[0].scale = True
     match = r"embedding lookup of the trainable parameter '0.weight' has scale_grad_by_freq"
     with pytest.raises(ValueError, match=match):
         rc.direction(model, x, y, kernel="auto")
-    for fused in (True, False):
-        pre = rc.RiemannianPreconditioner(model, kernel="auto")
+    for call in ("backward", "step"):
         model.zero_grad()
         loss = F.cross_entropy(model(x), y)
-        if not fused:
+        if call == "step":
             loss.backward()
         before = snapshot(model)
         with pytest.raises(ValueError, match=match):
-            pre.backward(loss) if fused else pre.step()
+            pre.backward(loss) if call == "backward" else pre.step()
         assert_unchanged(model, before)
-    if not bag:  # (torch.func cannot batch embedding_bag's backward for a tensor of its own)
-        model[0].table = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
-        rc.direction(model, x, y, kernel="auto")  # a table not among the parameters
+        if call == "backward":
+            loss.backward()  # the graph was not consumed
+    model[0].table = lambda weight: 2 * weight
+    with pytest.raises(ValueError, match=r"lookup of a weight computed from '0.weight' has"):
+        rc.direction(model, x, y, kernel="auto")
+    model[0].table = None
+    model[0].weight.requires_grad_(False)
+    rc.direction(model, x, y, kernel="auto")
 
 
 @pytest.mark.parametrize("bag", [False, True], ids=["Embedding", "EmbeddingBag"])

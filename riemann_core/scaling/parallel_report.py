@@ -150,7 +150,7 @@ def optimal_load(work: list[float], ranks: int) -> float:
 def _work_falls(method: str, rows: pd.DataFrame, shape: costs.MLPShape) -> Claim:
     T = largest_solve_work(rows)
     work = [
-        costs.block_solve_flops(method, a, b, shape.batch, shape.rows, shape.bias)
+        costs.block_solve_flops(method, a, b, shape.batch, shape.rows, shape.bias, None)
         for a, b in shape.layers
     ]
     failing, parts = [], []
@@ -315,13 +315,13 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def expected(shape: costs.MLPShape, methods, itemsize: int) -> pd.DataFrame:
-    """The cost model's busiest rank at more world sizes than the run had."""
+def expected(shape: costs.MLPShape, methods, itemsize: int, device: str) -> pd.DataFrame:
+    """The cost model's busiest rank on ``device`` at more world sizes than the run had."""
     rows = []
     for method in methods:
-        one = max(r["total"] for r in costs.distributed_flops(method, shape, 1))
+        one = max(r["total"] for r in costs.distributed_flops(method, shape, 1, device))
         for P in (p for p in MODEL_RANKS if shape.batch % p == 0):
-            flops = costs.distributed_flops(method, shape, P)
+            flops = costs.distributed_flops(method, shape, P, device)
             traffic = costs.communication_bytes(method, shape, P, itemsize)
             busiest = max(r["total"] for r in flops)
             rows.append(
@@ -375,7 +375,8 @@ def write(out: Path, *, n_boot: int = 2000) -> list[Claim]:
     write_json(out, "claims.json", {"claims": [c.to_dict() for c in found]})
     table = summary(frame)
     itemsize = 8 if meta["config"]["dtype"] == "float64" else 4
-    model = expected(shape_of(meta), sorted(frame["method"].unique()), itemsize)
+    methods = sorted(frame["method"].unique())
+    model = expected(shape_of(meta), methods, itemsize, meta["config"]["device"])
     figure(table, model, out)
     fits = pd.DataFrame(
         [
