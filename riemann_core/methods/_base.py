@@ -390,8 +390,9 @@ def problem_from_graph(
             given = [[flat.pop(0) for _ in b.params] for b in blocks]
         return Problem(blocks, gradient=given)
 
-    names = {id(p): n for b in blocks for n, p in zip(b.param_names, b.params, strict=True)}
-    check_no_frequency_scaling(outputs, names)
+    if loss is None:  # (pre.backward checks its loss's graph before any of it is consumed)
+        names = {id(p): n for b in blocks for n, p in zip(b.param_names, b.params, strict=True)}
+        check_no_frequency_scaling(outputs, names)
     z = outputs.reshape(outputs.shape[0], -1)
     factor = output_factor(
         outputs.detach(),

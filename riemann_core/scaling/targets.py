@@ -433,7 +433,7 @@ def markdown_targets(result: dict, command: str) -> str:
     if result.get("time_by_kind"):
         lines += [
             "Where the time goes, in ms per call, by kind of operation (CPU profiler, "
-            "`riemann_core.measure.breakdown`): products (GEMMs), Cholesky (LAPACK's "
+            "`riemann_core.measure.breakdown`): products (GEMMs, syrk), Cholesky (LAPACK's "
             "potrf, or cholesky_ex with the triangle it clears), triangular solves, other "
             "operations (elementwise, "
             "reductions, copies) and overhead (Python, hooks, autograd, dispatch).",
