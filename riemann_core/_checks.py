@@ -423,10 +423,11 @@ def classes_along_positions(outputs: Tensor, loss: str, output_metric) -> bool:
     return loss == "cross_entropy" and not callable(output_metric) and outputs.ndim > 2
 
 
-def check_classes_last(loss: Tensor, outputs: Tensor, checks: Deferred) -> None:
+def check_classes_last(loss: Tensor, outputs: Tensor, checks: Deferred) -> Tensor | None:
     """``loss`` is a cross-entropy over every position of ``outputs`` ``(N, ..., C)`` with
     the classes last, as the token-level metric reads it (registered with ``checks``; one
-    backward pass from the loss to the outputs, the graph kept):
+    backward pass from the loss to the outputs, the graph kept, whose gradient is returned
+    for the pullback to reuse: ``None`` where it was read scaled, or is not there):
 
     - its gradient sums to zero over the last dimension at every position, as
       ``softmax - one-hot`` does: ``F.cross_entropy(out, y)`` on ``(N, C, L)`` outputs,
@@ -441,11 +442,11 @@ def check_classes_last(loss: Tensor, outputs: Tensor, checks: Deferred) -> None:
     positions = outputs.shape[:-1].numel()
     scale = float(positions) if outputs.dtype == torch.float16 else 1.0
     seed = torch.full_like(loss, scale)
-    (dz,) = torch.autograd.grad(loss, outputs, seed, retain_graph=True, allow_unused=True)
-    if dz is None:  # the loss does not reach the outputs: nothing to read
-        return
-    wide = torch.promote_types(dz.dtype, torch.float32)  # half precision summed in float32
-    dz = dz.detach().to(wide)
+    (gradient,) = torch.autograd.grad(loss, outputs, seed, retain_graph=True, allow_unused=True)
+    if gradient is None:  # the loss does not reach the outputs: nothing to read
+        return None
+    wide = torch.promote_types(gradient.dtype, torch.float32)  # half precision: in float32
+    dz = gradient.detach().to(wide)
     tolerance = torch.finfo(outputs.dtype).eps ** 0.5
     largest = dz.abs().amax()
     summed = dz.sum(-1).abs().amax() <= tolerance * largest
@@ -476,6 +477,7 @@ def check_classes_last(loss: Tensor, outputs: Tensor, checks: Deferred) -> None:
         )
 
     checks.require(ok, explain)
+    return gradient if scale == 1.0 else None
 
 
 #: Autograd's nodes of embedding lookups: their saved ``scale_grad_by_freq`` divides the

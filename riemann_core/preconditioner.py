@@ -254,10 +254,11 @@ class RiemannianPreconditioner:
                 )
             if needs_factor:  # each call: a lookup's option is not seen by the probe's key
                 check_no_frequency_scaling(capture.output, names)
+            output_gradient = None
             if needs_factor and classes_along_positions(
                 capture.output, opts.loss, opts.output_metric
             ):
-                check_classes_last(loss, capture.output, checks)
+                output_gradient = check_classes_last(loss, capture.output, checks)
             if reuse or stale or probing or rehook or paths.outside:
                 gradient = self._autograd_gradient(loss, params)
                 for name, g in gradient.items():
@@ -267,7 +268,7 @@ class RiemannianPreconditioner:
                 )
             else:
                 directions, diagnostics = self._transaction(
-                    lambda: self._fused(loss, not paths.calls, params, checks)
+                    lambda: self._fused(loss, not paths.calls, params, checks, output_gradient)
                 )
         except RuntimeError as err:
             if "backward through the graph a second time" not in str(err):
@@ -308,9 +309,17 @@ class RiemannianPreconditioner:
                 "enabled"
             )
 
-    def _fused(self, loss: Tensor, through_output: bool, params, checks: Deferred):
+    def _fused(
+        self,
+        loss: Tensor,
+        through_output: bool,
+        params,
+        checks: Deferred,
+        output_gradient: Tensor | None = None,
+    ):
         """The direction of ``loss``'s gradient from the graph of the recorded forward
-        (``through_output``: the loss reaches the network only through its output)."""
+        (``through_output``: the loss reaches the network only through its output, where
+        its gradient is ``output_gradient`` if already taken)."""
         capture = self._capture
 
         def build():
@@ -325,6 +334,7 @@ class RiemannianPreconditioner:
                     needs_factor=SOLVERS[self.method].NEEDS_FACTOR,
                     loss=loss,
                     through_output=through_output,
+                    output_gradient=output_gradient,
                 )
 
         devices = {p.device.type for _, p in params}

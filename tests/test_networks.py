@@ -1286,6 +1286,39 @@ def test_token_level_cross_entropy_is_exact(method, kernel):
     assert_steps_exact(pre, model, x, lambda out: token_loss(out, y), expected)
 
 
+class CountedBackward(torch.autograd.Function):
+    """The identity, counting the backward passes through it."""
+
+    passes = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        CountedBackward.passes += 1
+        return grad
+
+
+def test_a_fused_token_step_takes_the_loss_gradient_once():
+    """The check that the classes are last reads the loss gradient at the outputs; the
+    pullback reuses it (before: a second backward through the loss, the size of the logits,
+    at every step). Still exact."""
+    model, x, y = token_tagger()
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel="auto")
+    expected = oracle_of(model, x, y)
+    passes = []
+    for _ in range(3):  # the first call probes; the next are fused
+        model.zero_grad()
+        CountedBackward.passes = 0
+        pre.backward(token_loss(CountedBackward.apply(model(x)), y))
+        passes.append(CountedBackward.passes)
+        got = {n: p.grad for n, p in model.named_parameters()}
+        assert rel_error(flatten(got, model), expected) < 1e-10
+    assert passes[1:] == [1, 1]
+
+
 class ClassesFirst(nn.Module):
     """A 1-d convolution's ``(N, C, L)`` outputs: classes along dimension 1, the layout
     ``F.cross_entropy(out, y)`` takes for positions."""

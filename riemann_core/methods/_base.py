@@ -346,6 +346,7 @@ def problem_from_graph(
     gradient: dict[str, Tensor] | None = None,
     loss: Tensor | None = None,
     through_output: bool = True,
+    output_gradient: Tensor | None = None,
     probe=None,
 ) -> Problem:
     """The problem of a forward pass already run: its ``outputs`` and the ``calls`` of
@@ -354,10 +355,10 @@ def problem_from_graph(
     The vectors to precondition are ``gradient`` (``{name: vector}``) or the gradient of
     ``loss`` (a scalar in the graph of ``outputs``: the user's own loss, whose graph is
     then consumed as ``loss.backward()`` would; ``through_output``: it reaches the
-    network only through ``outputs``) or else of the mean loss on ``targets``.
-    ``probe``: run the batch-coupling probe on this graph (a
-    :class:`~riemann_core.coupling.Probe`). Checks of the data are read once (a host sync) before
-    the loss gradient is formed.
+    network only through ``outputs``, where its gradient is ``output_gradient`` if the
+    caller already took it) or else of the mean loss on ``targets``. ``probe``: run the
+    batch-coupling probe on this graph (a :class:`~riemann_core.coupling.Probe`). Checks of
+    the data are read once (a host sync) before the loss gradient is formed.
     """
     check_one_output(outputs)
     check_outputs(outputs, targets, opts.loss, checks)
@@ -412,7 +413,9 @@ def problem_from_graph(
         if loss is None:
             loss = mean_loss(outputs, targets, opts.loss)
         if through_output:  # seeded at the output: only the network's graph is batched
-            (dz,) = torch.autograd.grad(loss, outputs, retain_graph=True)
+            dz = output_gradient
+            if dz is None:
+                (dz,) = torch.autograd.grad(loss, outputs, retain_graph=True)
             checks.finite("the loss gradient at the outputs", dz, "check the loss function")
             seeds = (torch.cat([dz[None], seeds[0]]),)
         else:  # the loss seeded with 1, the output with 0
