@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import riemann_core as rc
-from riemann_core import costs
+from riemann_core import blas, costs, modules
 from riemann_core.measure.flops import flop_counter
 
 # (6, 2, 3): n_a <= d, layerwise factorises G_a; (40, 3, 8): 3 < r rows kept per sample
@@ -46,6 +46,33 @@ def test_counted_flops_match_the_model(widths, N, bias, method, kernel, output_m
     rows = costs.minimal_rows(widths[-1], output_metric=output_metric, samples=samples)
     modelled = costs.flops(method, costs.MLPShape(widths, N, rows, bias), kernel)["total"]
     assert counter.get_total_flops() == pytest.approx(modelled, rel=1e-2, abs=2)
+
+
+@pytest.mark.parametrize("kernel", ["structured", "generic"])
+@pytest.mark.parametrize("method", ["layerwise", "natural"])
+@pytest.mark.parametrize(
+    "widths,N,bias", SHAPES, ids=[f"widths={'-'.join(map(str, w))}-N={n}" for w, n, _ in SHAPES]
+)
+def test_counted_flops_without_syrk_match_the_model_of_block_rows(
+    monkeypatch, widths, N, bias, method, kernel
+):
+    """Where BLAS ``syrk`` does not run (CUDA, torch without MKL), a Gram's lower triangle
+    is one GEMM per block-row: ``costs.flops(device=None)`` counts that, here checked on
+    the CPU with ``syrk`` switched off; on the CPU with it the model counts less."""
+    monkeypatch.setattr(modules, "symmetric_product_applies", lambda rows, out: False)
+    monkeypatch.setattr(modules, "symmetric_products", lambda device, dtype=None: False)
+    torch.manual_seed(0)
+    model = mlp(widths, bias)
+    x, y = torch.randn(N, widths[0]), torch.randint(0, widths[-1], (N,))
+    rc.direction(model, x, y, method=method, kernel=kernel, damping=1e-2)
+    with flop_counter() as counter:
+        rc.direction(model, x, y, method=method, kernel=kernel, damping=1e-2)
+    shape = costs.MLPShape(widths, N, costs.minimal_rows(widths[-1]), bias)
+    modelled = costs.flops(method, shape, kernel, device=None)["total"]
+    assert counter.get_total_flops() == pytest.approx(modelled, rel=1e-2, abs=2)
+    assert costs.flops(method, shape, kernel, device="cuda")["total"] == modelled
+    if blas.symmetric_products("cpu"):  # (less, unless every block takes its dense metric)
+        assert costs.flops(method, shape, kernel, device="cpu")["total"] <= modelled
 
 
 @pytest.mark.parametrize("kfac_bias", ["joint", "separate"])
