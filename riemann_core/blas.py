@@ -5,7 +5,7 @@ operator for, called from the BLAS torch itself links on the CPU (MKL in the x86
 GEMM's, at a GEMM's rate: the Gram ``K K^T`` of every Woodbury solve is such a product.
 Without it the lower triangle takes one GEMM per block-row of the rows
 (``d^2 k (1 + 1/b)`` FLOPs for ``b`` blocks), whose thin GEMMs run slower: on a 2-core
-CPU, float32, ``d = 1152``, ``k = 1024``, nine blocks, ``syrk`` took 0.67-0.81x their
+CPU, float32, ``d = 1152``, ``k = 1024``, nine blocks, ``syrk`` took 0.67-0.85x their
 time (``k = 10``: 0.34x).
 
 MKL exports its BLAS only under its internal names (``mkl_blas_ssyrk``: the reference
