@@ -492,55 +492,45 @@ def check_no_frequency_scaling(outputs: Tensor, names: dict[int, str]) -> None:
     :func:`check_model`). Its backward is not the derivative of the outputs, and it couples
     the samples: the direction was 0.09 off the oracle's, silently. ``names``:
     ``{id(p): name}`` of the preconditioned parameters (a weight computed from them counts
-    too; a weight that depends on none of them does not). A walk over every node of the graph, at
-    every call: an option passed in ``forward`` changes nothing that the probes of
-    :mod:`riemann_core.coupling` key on (about a microsecond per node)."""
-    seen, stack = set(), [outputs.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if type(node).__name__ in EMBEDDING_NODES and getattr(
+    too; a weight that depends on none of them does not). A walk over every node of the
+    graph, at every call: an option passed in ``forward`` changes nothing that the probes
+    of :mod:`riemann_core.coupling` key on (about a microsecond per node)."""
+    for node in _graph_nodes([outputs.grad_fn]):
+        if type(node).__name__ not in EMBEDDING_NODES or not getattr(
             node, "_saved_scale_grad_by_freq", False
         ):
-            reached = _parameters_under(node, names)
-            if not reached:
-                continue  # the weight depends on no preconditioned parameter
-            direct = [names[id(v)] for v in reached if _is_input(v, node)]
-            weight = (
-                f"the trainable parameter {direct[0]!r}"
-                if direct
-                else "a weight computed from " + ", ".join(repr(names[id(v)]) for v in reached)
-            )
-            raise ValueError(
-                f"an embedding lookup of {weight} has scale_grad_by_freq=True: its backward "
-                "divides each row's gradient by "
-                "the token's count in the batch, so the gradient is not the derivative of the "
-                "loss (and couples the samples), and no metric matches it. Call F.embedding "
-                "(or F.embedding_bag) with scale_grad_by_freq=False"
-            )
-        stack.extend(n for n, _ in node.next_functions)
+            continue
+        below = [n for n, _ in node.next_functions]
+        reached = [v for n in _graph_nodes(below) if id(v := getattr(n, "variable", None)) in names]
+        if not reached:
+            continue  # the weight depends on no preconditioned parameter
+        direct = [
+            names[id(v)] for v in reached if any(getattr(n, "variable", None) is v for n in below)
+        ]
+        weight = (
+            f"the trainable parameter {direct[0]!r}"
+            if direct
+            else "a weight computed from " + ", ".join(repr(names[id(v)]) for v in reached)
+        )
+        raise ValueError(
+            f"an embedding lookup of {weight} has scale_grad_by_freq=True: its backward "
+            "divides each row's gradient by the token's count in the batch, so the gradient "
+            "is not the derivative of the loss (and couples the samples), and no metric "
+            "matches it. Call F.embedding (or F.embedding_bag) with scale_grad_by_freq=False"
+        )
 
 
-def _parameters_under(node, names: dict[int, str]) -> list[Tensor]:
-    """The parameters among ``names`` whose gradients ``node``'s inputs reach."""
-    found, seen, stack = [], set(), [n for n, _ in node.next_functions]
+def _graph_nodes(starts):
+    """Every autograd node at or below ``starts``, once each (``AccumulateGrad`` nodes
+    carry their leaf as ``variable``)."""
+    seen, stack = set(), list(starts)
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf's gradient
-        if variable is not None and id(variable) in names:
-            found.append(variable)
+        yield node
         stack.extend(n for n, _ in node.next_functions)
-    return found
-
-
-def _is_input(variable: Tensor, node) -> bool:
-    """Whether ``variable``'s gradient is accumulated right below ``node``."""
-    return any(getattr(n, "variable", None) is variable for n, _ in node.next_functions)
 
 
 def check_one_output(outputs) -> None:

@@ -92,7 +92,7 @@ def _mv(a_shape, x_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * a_shape[0] * a_shape[1]
 
 
-def _syrk(rows_shape, out_shape_, *args, out_shape=None, **kwargs) -> int:
+def _syrk(rows_shape, matrix_shape, *args, out_shape=None, **kwargs) -> int:
     d, k = rows_shape
     return d * d * k  # one triangle of R R^T: half of the product's 2 d^2 k
 
