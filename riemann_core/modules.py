@@ -367,6 +367,11 @@ class LinearHandler(PatchHandler):
         self.factored_gradient = self.Dl.shape[2] == 1  # one position per sample
         self._input_gram = None
 
+    def to(self, dtype: torch.dtype) -> LinearHandler:
+        new = super().to(dtype)
+        new._input_gram = None  # formed again from the converted inputs, not converted
+        return new
+
     def input_gram(self) -> Tensor:
         """``Xt Xt^T = X X^T + 1`` (``N x N``)."""
         if self._input_gram is None:
@@ -393,6 +398,31 @@ class LinearHandler(PatchHandler):
         if self.r == 1:  # one row per sample: an elementwise product of the output's size
             return (self.Dl[0, :, 0] * XXL).sum(-1)
         return rows_dot(self.Dl, XXL[:, None, :])  # no r N f temporary (fresh: page faults)
+
+    def residual_terms(
+        self, x: list[Tensor], Y: Tensor, s: Tensor, lam: Tensor, damping: float
+    ) -> Tensor:
+        """The terms of ``||mu x + K^T s - Lambda^T Xt||^2`` for ``Y = Xt x^T`` (``N x f_out``)
+        and rows ``s`` (``d``), from ``N``-sized factors
+        (:meth:`riemann_core.methods._base.Problem.residual_squared`): that squared norm,
+        ``||Lambda^T Xt||^2``, ``mu^2 ||x||^2``, ``2 mu ||B|| ||Xt|| ||x|| + ||B||^2 ||Xt||^2``
+        and ``||Lambda||^2 ||Xt||^2`` (Frobenius norms), ``B = sum_p diag(s_p) Delta_p -
+        Lambda``."""
+        XXt, lam = self.input_gram(), lam.reshape(self.N, self.f_out)
+        B = torch.einsum("pb,pbf->bf", s.view(self.r, self.N), self.Dl[:, :, 0]) - lam
+        xx = sum(torch.dot(a.reshape(-1), a.reshape(-1)) for a in x)
+        BY, BB, LL = (B * Y).sum(), (B @ B.T * XXt).sum(), (lam @ lam.T * XXt).sum()
+        B_norm, Xt_norm = torch.linalg.vector_norm(B), XXt.diagonal().sum().sqrt()
+        mu = damping
+        return torch.stack(
+            [
+                mu**2 * xx + 2 * mu * BY + BB,
+                LL,
+                mu**2 * xx,
+                2 * mu * B_norm * Xt_norm * xx.sqrt() + (B_norm * Xt_norm) ** 2,
+                lam.square().sum() * Xt_norm**2,
+            ]
+        )
 
     def output_grad_minus_K_tmv(
         self, lam: Tensor, t: Tensor, scale: float = 1.0

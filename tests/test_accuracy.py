@@ -199,6 +199,101 @@ def test_the_slow_paths_taken_are_recorded_where_asked_and_only_there():
     assert _solve._slow_paths.get() is None
 
 
+def _checked_solves(monkeypatch, model, x, y, **options):
+    """``(solve, problem, options)`` of every solve whose residual check ran."""
+    seen = []
+    check = _solve._check_residual
+
+    def record(s, problem, opts, *args):
+        seen.append((s, problem, opts))
+        return check(s, problem, opts, *args)
+
+    monkeypatch.setattr(_solve, "_check_residual", record)
+    rc.direction(model, x, y, **options)
+    return seen
+
+
+def _residual_net(frozen_weight, conv):
+    """Linear layers with and without bias (one with its weight frozen: a bias-only
+    block); with ``conv``, also a 1x1 convolution, whose gradient is not ``Lambda^T Xt``."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    middle = [nn.Unflatten(1, (7, 1, 1)), nn.Conv2d(7, 7, 1), nn.Flatten()] if conv else []
+    model = nn.Sequential(
+        nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 7, bias=False), nn.ReLU(), *middle,
+        nn.Linear(7, 4),
+    )  # fmt: skip
+    model[0].weight.requires_grad_(not frozen_weight)
+    return model, torch.randn(16, 6), torch.randint(0, 4, (16,))
+
+
+@pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")
+@pytest.mark.parametrize("damping", [1e-2, 1e-6], ids=lambda d: f"damping={d:g}")
+@pytest.mark.parametrize("frozen_weight", [False, True], ids=["weights", "frozen-weight"])
+@pytest.mark.parametrize("metric", ["exact", "sampled"])
+@pytest.mark.parametrize(
+    "method, conv", [("layerwise", True), ("natural", False), ("full", False)],
+    ids=["method=layerwise", "method=natural", "method=full"],
+)  # fmt: skip
+def test_the_residual_from_small_factors_is_the_direct_one(
+    method, conv, metric, frozen_weight, damping, monkeypatch
+):
+    """``||G x - g|| / ||g||`` from ``N``-sized factors (one GEMM per block) equals the
+    direct float64 evaluation within its own rounding bound, for the solve's ``x`` (a
+    bound four orders below the float32 check's) and for random vectors (residuals of
+    order 1, where nothing cancels); ``None`` for the block whose gradient is not
+    ``Lambda^T Xt`` (the convolution)."""
+    model, x, y = _residual_net(frozen_weight, conv)
+    probes = {"output_metric": metric, "samples": 3} if metric == "sampled" else {}
+    seen = _checked_solves(monkeypatch, model, x, y, method=method, damping=damping, **probes)
+    factored = 0
+    for s, problem, opts in seen:
+        is_conv = any(type(problem.handlers[i]).__name__ == "Conv2dHandler" for i in s.indices)
+        errors = []
+        for vector in [s.x, [torch.randn_like(a) for a in s.x]]:
+            s.x = vector
+            terms = problem.residual_squared(s.indices, s.x, opts.damping)
+            assert (terms is None) == is_conv
+            if terms is not None:
+                q, error = (float(t) for t in terms)
+                direct = float(s.residual_of(problem, opts.damping))
+                assert abs(max(q, 0) ** 0.5 - direct) <= error**0.5 + 1e-9 * direct
+                errors.append(error)
+        assert is_conv or errors[0] < 1e-10
+        factored += len(errors)
+    assert factored == 2 * (len(seen) - conv)
+    assert len(seen) == {"layerwise": 4}.get(method, 1)
+
+
+def test_kfac_residuals_are_evaluated_directly(monkeypatch):
+    """K-FAC's metric is not ``mu I + K^T K``: its solves never take the evaluation from
+    small factors."""
+    model, x, y = _residual_net(frozen_weight=False, conv=False)
+    seen = _checked_solves(monkeypatch, model, x, y, method="kfac", damping=1e-3)
+    assert len(seen) == 3
+    assert all(s.residual_within(problem, 1e-3, 1.0) is None for s, problem, _ in seen)
+
+
+@pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")  # eps cond(G) ~ 5e-3
+@pytest.mark.parametrize("damping", [1e-4, 1e-5], ids=lambda d: f"damping={d:g}")
+def test_the_residual_check_evaluates_directly_only_what_small_factors_do_not_prove(
+    damping, monkeypatch
+):
+    """At ``damping=1e-4`` (``eps cond(G) ~ 7e-4``) the float32 residual is checked and
+    proven within the bound from small factors: no direct evaluation. At ``1e-5`` a block
+    exceeds the bound: evaluated directly, then refined."""
+    model, x, y = PROBLEM.make(torch.float32)
+    direct = []
+    residual_of = _solve.Solve.residual_of
+    monkeypatch.setattr(
+        _solve.Solve, "residual_of", lambda s, *a: direct.append(s.name) or residual_of(s, *a)
+    )
+    with _solve.recording_slow_paths() as slowed:
+        rc.direction(model, x, y, damping=damping)
+    assert "residual" in slowed
+    assert ("refine" in slowed) == bool(direct) == (damping == 1e-5)
+
+
 def test_unsolvable_block_is_named_with_the_fix(monkeypatch):
     """No refinement can help at ``eps cond(G) >> 1``."""
     model, x, y = PROBLEM.make(torch.float32)

@@ -22,7 +22,7 @@ from .._checks import (
 )
 from ..capture import Replay, forward, notes_for
 from ..factors import FactorFn, factor_cotangents, output_factor, pullback
-from ..modules import Block, Handler, handler_for
+from ..modules import Block, Handler, handler_for, rows_dot
 
 #: The pulled-back rows (the loss gradient and the factor's) go through the network one
 #: backward pass after another, not vectorised by vmap, when there are at most this many
@@ -164,18 +164,65 @@ class Problem:
         """``x -> (mu I + K_S^T K_S) x`` in float64, ``K_S`` the blocks ``indices`` side by
         side; ``x`` a list over their parameters."""
         handlers = [self.handler64(i) for i in indices]
-        sizes = [len(self.blocks[i].params) for i in indices]
 
         def G(x: list[Tensor]) -> list[Tensor]:
-            parts, start = [], 0
-            for s in sizes:
-                parts.append(x[start : start + s])
-                start += s
+            parts = self._by_block(indices, x)
             Kx = sum(h.K_mv(p) for h, p in zip(handlers, parts, strict=True))
             KtKx = [a for h in handlers for a in h.K_tmv(Kx)]
             return [damping * a + b for a, b in zip(x, KtKx, strict=True)]
 
         return G
+
+    def residual_squared(
+        self, indices: list[int], x: list[Tensor], damping: float
+    ) -> tuple[Tensor, Tensor] | None:
+        """``(q, e)``: ``q = ||G x - v||^2 / ||v||^2`` for ``x`` (a list over the parameters
+        of ``blocks[indices]``, ``G`` as in :meth:`metric64`) in float64 from ``N``-sized
+        factors, and a bound ``e`` on its rounding error (device scalars); ``None`` unless
+        every block's gradient is ``v_a = Lambda_a^T Xt_a`` (a 2-D ``nn.Linear``).
+
+        With ``Y_a = Xt_a x_a^T`` (``N x f_out``) and the rows ``s = sum_a K_a x_a``
+        (``s_{p,b} = sum_a <delta_{a,p,b}, Y_{a,b}>``), block ``a``'s residual is
+        ``r_a = mu x_a + K_a^T s - v_a = mu x_a + B_a^T Xt_a``, with
+        ``B_a = sum_p diag(s_p) Delta_{a,p} - Lambda_a``, so that
+
+            ||r_a||^2 = mu^2 ||x_a||^2 + 2 mu <B_a, Y_a> + <B_a B_a^T, Xt_a Xt_a^T>,
+            ||v_a||^2 = <Lambda_a Lambda_a^T, Xt_a Xt_a^T>:
+
+        one float64 GEMM of the forward's size per block (``Y_a``) and ``N x N`` products,
+        where forming ``r`` and ``v`` takes three GEMMs and passes over every parameter.
+        The sum cancels (``r`` is small), so ``e`` bounds its float64 rounding:
+        ``gamma_n mu^2 ||x||^2 + gamma_m (2 mu ||B|| ||Xt|| ||x|| + ||B||^2 ||Xt||^2 +
+        q ||Lambda||^2 ||Xt||^2)`` over ``||v||^2`` (Frobenius norms; ``n`` parameters,
+        ``m = N^2 + f_in + f_out + 2`` terms, ``gamma_k = k u / (1 - k u)``, ``u = 2^-53``).
+        The rounding of ``K x`` enters only times ``||K r||`` (to first order the large
+        terms cancel) and is left out, as the direct evaluation leaves out its own.
+        """
+        if not all(self._factored(i) for i in indices):
+            return None
+        handlers = [self.handler64(i) for i in indices]
+        parts = [[a.double() for a in p] for p in self._by_block(indices, x)]
+        Y = [h.apply(p) for h, p in zip(handlers, parts, strict=True)]
+        s = sum(rows_dot(h.Dl, y) for h, y in zip(handlers, Y, strict=True))
+        terms = sum(
+            h.residual_terms(p, y[:, 0], s, self._output_grad(i).double(), damping)
+            for i, h, p, y in zip(indices, handlers, parts, Y, strict=True)
+        )
+        r2, v2, x_part, rest, lam_part = terms.unbind()
+        q = r2 / v2
+        n = sum(self.blocks[i].n_params for i in indices)
+        m = max(h.N**2 + h.P + h.f_out + 2 for h in handlers)
+        gamma = [k * 2.0**-53 / (1 - k * 2.0**-53) for k in (n, m)]
+        return q, (gamma[0] * x_part + gamma[1] * (rest + q.abs() * lam_part)) / v2
+
+    def _by_block(self, indices: list[int], x: list[Tensor]) -> list[list[Tensor]]:
+        """``x`` (a list over the parameters of ``blocks[indices]``) split by block."""
+        parts, start = [], 0
+        for i in indices:
+            size = len(self.blocks[i].params)
+            parts.append(x[start : start + size])
+            start += size
+        return parts
 
 
 def group_calls(calls: list[Block], model: nn.Module) -> list[Block]:

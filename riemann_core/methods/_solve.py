@@ -175,6 +175,20 @@ class Solve:
         r = [a - b for a, b in zip(v, Gx, strict=True)]
         return _norm(r) / _norm(v).clamp_min(torch.finfo(torch.float64).tiny)
 
+    def residual_within(self, problem: Problem, damping: float, bound: float) -> Tensor | None:
+        """``||G x - v|| / ||v||`` (a float64 device scalar) when its evaluation from the
+        blocks' ``N``-sized factors (:meth:`Problem.residual_squared`: one GEMM of the
+        forward's size per block, where :meth:`residual_of` takes three) proves it at most
+        ``bound``, rounding included; ``None`` otherwise, or where that evaluation does not
+        apply. One host read."""
+        terms = problem.residual_squared(self.indices, self.x, damping)
+        if terms is None:
+            return None
+        q, error = torch.stack(terms).tolist()
+        if not q + error <= bound**2:  # NaN compares false
+            return None
+        return terms[0].clamp_min(0).sqrt()
+
     def refine(self, problem: Problem, damping: float, steps: int, apply: Callable) -> None:
         """Mixed-precision iterative refinement: ``x`` and the residual ``v - G x`` in
         float64, the correction solved by ``apply`` in the solve dtype. It converges
@@ -290,7 +304,9 @@ def _check_residual(s: Solve, problem, opts, condition: float, residual, model_d
         value = residual.value
     elif s.jitter > 0 or torch.finfo(s.factor_dtype).eps * condition > bound / 4:
         _took("residual")
-        s.residual = s.residual_of(problem, opts.damping)
+        s.residual = s.residual_within(problem, opts.damping, bound)
+        if s.residual is None:  # not proven within the bound: evaluated directly
+            s.residual = s.residual_of(problem, opts.damping)
         value = float(s.residual)
     else:
         return

@@ -285,6 +285,9 @@ class KroneckerSolve(Solve):
 
         return G
 
+    def residual_within(self, problem, damping, bound):
+        return None  # the N-space evaluation is of mu I + K^T K, not of K-FAC's metric
+
     def corrector(self):
         """The module's metric factorised in float64 (refinement then converges while
         the float64 residual is what limits it; the float32 thin algebra loses
