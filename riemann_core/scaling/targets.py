@@ -8,6 +8,12 @@
   an MLP 64-32-32-10 (the per-call overhead), exact Fisher against the exact direction alone;
 * ``full`` against ``layerwise`` on networks of about 4k parameters.
 
+Beside the sampled step at the initial weights (learning rate 0: the model stays put, so
+every round times the same step), the same step along a training run
+(:func:`training_run`), a reference with no goal: as the model trains, ``eps cond(G)``
+passes the threshold of the float64 residual check and steps take it; the run says how
+many did and what the step then costs.
+
 Beside the sampled steps runs a reference, no goal of its own: the same step written lean
 (:class:`riemann_core.measure.lean.LeanStep`: the same algebra with no hooks, checks or
 fallbacks; per round the faster of its two pullbacks), the floor of an eager
@@ -48,6 +54,7 @@ from ..measure.output import (
 )
 from ..measure.problems import mlp
 from ..measure.timing import interleaved, median_ratio
+from ..methods._solve import recording_slow_paths
 from . import kfac_targets
 
 #: ``id: (what, sense, goal)``: a figure meets its goal when ``figure sense goal``.
@@ -72,7 +79,11 @@ WARMUP = 1
 REFERENCES = {
     "lean_step": "lean eager step, the same algebra without checks (reference) / SGD step",
     "step_over_lean": "step with pre.backward, sampled Fisher (1 probe) / lean eager step",
+    "training_step": "step with pre.backward, sampled Fisher (1 probe), along a training run / SGD step",
 }
+#: The training run of :func:`training_run`: SGD at this learning rate on the
+#: preconditioned direction, for this many rounds (two training steps each, one timed).
+TRAINING_LR, TRAINING_ROUNDS = 1e-3, 40
 #: The name of the README's generated block (``--readme``): its lines
 #: ``<!-- riemann-bench targets: begin -->`` and ``<!-- riemann-bench targets: end -->``.
 README_BLOCK = "riemann-bench targets"
@@ -116,11 +127,45 @@ def training_steps(model, x, y, method="layerwise", **options) -> dict:
 
         def step(net=net, pre=pre, net_opt=net_opt):
             net_opt.zero_grad()
-            pre.backward(F.cross_entropy(net(x), y))
+            pre.backward(F.cross_entropy(model(x), y))
             net_opt.step()
 
         calls[f"{metric}_step"] = step
     return calls
+
+
+def training_run(model, x, y, rounds: int, device) -> dict:
+    """The sampled step of :func:`training_steps` along a training run: SGD at learning
+    rate :data:`TRAINING_LR` on the preconditioned direction, training ``model`` itself,
+    interleaved with the SGD step (on a copy, at learning rate 0), each timed after an
+    untimed call of its own (:func:`interleaved`: ``1 + 2 rounds`` training steps, every
+    other one timed).
+    ``{"sgd": seconds per round, "training_step": seconds per round, "checked": the steps
+    that evaluated the float64 residual, "steps": the steps taken}``."""
+    pre = rc.RiemannianPreconditioner(model, method="layerwise", output_metric="sampled")
+    opt = torch.optim.SGD(model.parameters(), lr=TRAINING_LR)
+    checked = []
+
+    def step():
+        with recording_slow_paths() as taken:
+            opt.zero_grad()
+            pre.backward(F.cross_entropy(model(x), y))
+            opt.step()
+        checked.append("residual" in taken)
+
+    calls = {"sgd": training_steps(model, x, y, metrics=())["sgd"], "training_step": step}
+    times = interleaved(calls, rounds, device, warmup=WARMUP)
+    return times | {"checked": sum(checked), "steps": len(checked)}
+
+
+def training_reference(network, run: dict) -> dict:
+    """The reference ``training_step`` (:data:`REFERENCES`) of a :func:`training_run`."""
+    what = (
+        f"{REFERENCES['training_step']} ({run['steps']} steps at learning rate {TRAINING_LR:g}, "
+        f"{run['checked']} of them evaluated the float64 residual)"
+    )
+    ratio = median_ratio(run["training_step"], run["sgd"])
+    return {"id": "training_step", "what": what, "network": list(network), "ratio": ratio}
 
 
 def lean_steps(model, x, y) -> dict:
@@ -204,6 +249,8 @@ def measure_targets(
     shape = costs.MLPShape(NETWORK, BATCH, rows=costs.minimal_rows(NETWORK[-1]))
     sol_flops = costs.speed_of_light_flops(shape)
     sol_s = [costs.speed_of_light_seconds(sol_flops, r) for r in rates]
+    progress(f"training run, {'-'.join(map(str, NETWORK))}")
+    run = training_run(copy.deepcopy(model), x, y, TRAINING_ROUNDS, device)
     progress("FLOP count")
     with flop_counter() as counter:
         exact()
@@ -223,6 +270,7 @@ def measure_targets(
     ts = interleaved(small_steps | small_lean, 5 * rounds, device, warmup=WARMUP)
     faster = lean_floor(ts)
     small_steps["lean"] = small_lean[faster]
+    small_run = training_run(copy.deepcopy(small), xs, ys, TRAINING_ROUNDS, device)
     where |= {f"small_{name}": call for name, call in small_steps.items()}
 
     result = {
@@ -253,7 +301,13 @@ def measure_targets(
                 "small_sampled_step", SMALL_NETWORK, median_ratio(ts["sampled_step"], ts["sgd"])
             ),
         ],
-        "references": references(NETWORK, t) + references(SMALL_NETWORK, ts),
+        "training_step_s": statistics.median(run["training_step"]),
+        "references": [
+            *references(NETWORK, t),
+            training_reference(NETWORK, run),
+            *references(SMALL_NETWORK, ts),
+            training_reference(SMALL_NETWORK, small_run),
+        ],
         "small": [],
         "time_by_kind": time_by_kinds(where, device, quick),
     }
@@ -379,7 +433,7 @@ def format_targets(result: dict) -> str:
             f"(goal {f['sense']} {f['goal']:g})  {_verdict(f)}"
         )
     if result.get("references"):
-        lines.append("Reference, no goal (the floor of an eager implementation):")
+        lines.append("References, no goal (the floor of an eager implementation; a training run):")
         for r in result["references"]:
             lines.append(
                 f"  {'-'.join(map(str, r['network'])):>16}  {r['what']:<72} {r['ratio']:7.2f}x"
@@ -414,7 +468,11 @@ def markdown_targets(result: dict, command: str) -> str:
             "same rounds, the faster of its two pullbacks (two backward passes, or one batched "
             "over both rows) in each: its ratio to the SGD step is the floor of an eager implementation "
             "on this machine; the step's ratio to it is what the package adds for its "
-            "guarantees and generality.",
+            "guarantees and generality. And the sampled step along a training run, from the "
+            "same initial weights (the goals' steps run at learning rate 0): "
+            f"{2 * TRAINING_ROUNDS} steps of SGD on the preconditioned direction, every other "
+            "one timed against an SGD step; as the model trains, `eps cond(G)` passes the "
+            "threshold of the float64 residual check, which those steps then take.",
             "",
             "| network | reference | ratio |",
             "|---|---|---:|",
@@ -517,7 +575,8 @@ DESCRIPTION = (
     "rate plus minimal Cholesky FLOPs at the Cholesky rate, measured in the same rounds); "
     "a training step with pre.backward (sampled Fisher, 1 probe) against a plain SGD step "
     "there and on an MLP 64-32-32-10, and with the exact Fisher against the exact direction "
-    "alone; full against layerwise on networks of about 4k parameters. Then every K-FAC "
+    "alone; full against layerwise on networks of about 4k parameters. For reference, the "
+    "sampled step written lean and along a training run. Then every K-FAC "
     "variant against the same variant of curvlinops (when installed: "
     'pip install "riemann-bench[compare]") on MLPs 784-1024-1024-10 and 64-512-512-10. '
     "Prints each figure met or MISSED and exits 1 when one is missed. With --out, writes "
@@ -539,7 +598,7 @@ def run(args) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
     from ..measure.environment import environment
 
-    steps = 3 + (2 if args.quick else len(SMALL_NETWORKS)) + len(kfac_targets.NETWORKS)
+    steps = 4 + (2 if args.quick else len(SMALL_NETWORKS)) + len(kfac_targets.NETWORKS)
     with progress_bar("targets", total=steps) as progress:
         options = dict(device=args.device, quick=args.quick, seed=args.seed, progress=progress)
         result = measure_targets(**options)

@@ -108,6 +108,37 @@ def test_the_lean_floor_is_the_faster_pullback_in_each_round():
     assert targets.lean_floor(times) == "lean"  # a tie: the two passes
 
 
+@pytest.mark.parametrize("checked", [False, True], ids=["unchecked", "checked"])
+def test_the_training_run_trains_and_counts_the_steps_that_check_the_residual(checked, monkeypatch):
+    """The reference along a training run takes ``1 + 2 rounds`` steps of SGD on the
+    preconditioned direction (the model's weights move) and counts those whose solves
+    evaluated the float64 residual (here: none, or every one when the check is forced)."""
+    import torch
+
+    from riemann_core.measure.problems import mlp
+    from riemann_core.methods import _solve
+
+    if checked:
+        check = _solve._check_residual
+
+        def forced(s, *args):
+            _solve._took("residual")
+            return check(s, *args)
+
+        monkeypatch.setattr(_solve, "_check_residual", forced)
+    torch.manual_seed(0)
+    model, x, y = mlp([6, 5, 3]), torch.randn(16, 6), torch.randint(0, 3, (16,))
+    before = [p.detach().clone() for p in model.parameters()]
+    run = targets.training_run(model, x, y, rounds=2, device="cpu")
+    assert run["steps"] == 5 and run["checked"] == 5 * checked
+    assert len(run["sgd"]) == len(run["training_step"]) == 2
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    ref = targets.training_reference([6, 5, 3], run)
+    assert (
+        ref["ratio"] > 0 and f"5 steps at learning rate 0.001, {5 * checked} of them" in ref["what"]
+    )
+
+
 def _fake_measurements(monkeypatch, kfac_ratio=0.5):
     ratios = {"speed_of_light": 1.1, "sampled_step": 2.5, "full_vs_layerwise": 60.0}
     monkeypatch.setattr(targets, "measure_targets", lambda **kw: core_result(ratios))
