@@ -271,27 +271,43 @@ def test_kfac_residuals_are_evaluated_directly(monkeypatch):
     model, x, y = _residual_net(frozen_weight=False, conv=False)
     seen = _checked_solves(monkeypatch, model, x, y, method="kfac", damping=1e-3)
     assert len(seen) == 3
-    assert all(s.residual_within(problem, 1e-3, 1.0) is None for s, problem, _ in seen)
+    assert all(s.residual_settled(problem, 1e-3, 1.0) is None for s, problem, _ in seen)
 
 
-@pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")  # eps cond(G) ~ 5e-3
-@pytest.mark.parametrize("damping", [1e-4, 1e-5], ids=lambda d: f"damping={d:g}")
-def test_the_residual_check_evaluates_directly_only_what_small_factors_do_not_prove(
-    damping, monkeypatch
-):
-    """At ``damping=1e-4`` (``eps cond(G) ~ 7e-4``) the float32 residual is checked and
-    proven within the bound from small factors: no direct evaluation. At ``1e-5`` a block
-    exceeds the bound: evaluated directly, then refined."""
-    model, x, y = PROBLEM.make(torch.float32)
+def _counting_direct_residuals(monkeypatch) -> list[str]:
     direct = []
     residual_of = _solve.Solve.residual_of
     monkeypatch.setattr(
         _solve.Solve, "residual_of", lambda s, *a: direct.append(s.name) or residual_of(s, *a)
     )
+    return direct
+
+
+@pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")  # eps cond(G) ~ 5e-3
+@pytest.mark.parametrize("damping", [1e-4, 1e-5], ids=lambda d: f"damping={d:g}")
+def test_the_residual_check_is_settled_from_small_factors(damping, monkeypatch):
+    """At ``damping=1e-4`` (``eps cond(G) ~ 7e-4``) the float32 residual is checked and
+    proven within the bound from small factors; at ``1e-5`` a block's is proven above it
+    and refined. Neither evaluates the residual directly before refining."""
+    model, x, y = PROBLEM.make(torch.float32)
+    direct = _counting_direct_residuals(monkeypatch)
     with _solve.recording_slow_paths() as slowed:
         rc.direction(model, x, y, damping=damping)
-    assert "residual" in slowed
-    assert ("refine" in slowed) == bool(direct) == (damping == 1e-5)
+    assert "residual" in slowed and direct == []
+    assert ("refine" in slowed) == (damping == 1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")
+def test_a_residual_too_close_to_the_bound_to_tell_is_evaluated_directly(monkeypatch):
+    """Where the rounding bound straddles the residual bound, the direct float64
+    evaluation decides (here it finds the solve within the bound: no refinement)."""
+    model, x, y = PROBLEM.make(torch.float32)
+    direct = _counting_direct_residuals(monkeypatch)
+    straddling = (torch.tensor(1e-6, dtype=torch.float64), torch.tensor(1e-8, dtype=torch.float64))
+    monkeypatch.setattr(_solve.Problem, "residual_squared", lambda *a: straddling)
+    with _solve.recording_slow_paths() as slowed:
+        rc.direction(model, x, y, damping=1e-4)
+    assert direct and "refine" not in slowed
 
 
 def test_unsolvable_block_is_named_with_the_fix(monkeypatch):

@@ -175,17 +175,17 @@ class Solve:
         r = [a - b for a, b in zip(v, Gx, strict=True)]
         return _norm(r) / _norm(v).clamp_min(torch.finfo(torch.float64).tiny)
 
-    def residual_within(self, problem: Problem, damping: float, bound: float) -> Tensor | None:
-        """``||G x - v|| / ||v||`` (a float64 device scalar) when its evaluation from the
-        blocks' ``N``-sized factors (:meth:`Problem.residual_squared`: one GEMM of the
-        forward's size per block, where :meth:`residual_of` takes three) proves it at most
-        ``bound``, rounding included; ``None`` otherwise, or where that evaluation does not
-        apply. One host read."""
+    def residual_settled(self, problem: Problem, damping: float, bound: float) -> Tensor | None:
+        """``||G x - v|| / ||v||`` (a float64 device scalar) evaluated from the blocks'
+        ``N``-sized factors (:meth:`Problem.residual_squared`: one GEMM of the forward's
+        size per block, where :meth:`residual_of` takes three) when that settles on which
+        side of ``bound`` it lies, rounding included; ``None`` otherwise, or where that
+        evaluation does not apply. One host read."""
         terms = problem.residual_squared(self.indices, self.x, damping)
         if terms is None:
             return None
         q, error = torch.stack(terms).tolist()
-        if not q + error <= bound**2:  # NaN compares false
+        if not (q + error <= bound**2 or q - error > bound**2):  # NaN: neither
             return None
         return terms[0].clamp_min(0).sqrt()
 
@@ -304,8 +304,8 @@ def _check_residual(s: Solve, problem, opts, condition: float, residual, model_d
         value = residual.value
     elif s.jitter > 0 or torch.finfo(s.factor_dtype).eps * condition > bound / 4:
         _took("residual")
-        s.residual = s.residual_within(problem, opts.damping, bound)
-        if s.residual is None:  # not proven within the bound: evaluated directly
+        s.residual = s.residual_settled(problem, opts.damping, bound)
+        if s.residual is None:  # too close to the bound to tell: evaluated directly
             s.residual = s.residual_of(problem, opts.damping)
         value = float(s.residual)
     else:

@@ -285,7 +285,7 @@ class KroneckerSolve(Solve):
 
         return G
 
-    def residual_within(self, problem, damping, bound):
+    def residual_settled(self, problem, damping, bound):
         return None  # the N-space evaluation is of mu I + K^T K, not of K-FAC's metric
 
     def corrector(self):
