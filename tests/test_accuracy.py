@@ -215,13 +215,15 @@ def _checked_solves(monkeypatch, model, x, y, **options):
 
 def _residual_net(frozen_weight, conv):
     """Linear layers with and without bias (one with its weight frozen: a bias-only
-    block); with ``conv``, also a 1x1 convolution, whose gradient is not ``Lambda^T Xt``."""
+    block; one of 2 outputs under 4 classes, whose 3 rows per sample ``layerwise``
+    compresses to 2); with ``conv``, also a 1x1 convolution, whose gradient is not
+    ``Lambda^T Xt``."""
     torch.manual_seed(0)
     nn = torch.nn
-    middle = [nn.Unflatten(1, (7, 1, 1)), nn.Conv2d(7, 7, 1), nn.Flatten()] if conv else []
+    middle = [nn.Unflatten(1, (2, 1, 1)), nn.Conv2d(2, 2, 1), nn.Flatten()] if conv else []
     model = nn.Sequential(
-        nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 7, bias=False), nn.ReLU(), *middle,
-        nn.Linear(7, 4),
+        nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 2, bias=False), nn.ReLU(), *middle,
+        nn.Linear(2, 4),
     )  # fmt: skip
     model[0].weight.requires_grad_(not frozen_weight)
     return model, torch.randn(16, 6), torch.randint(0, 4, (16,))
@@ -240,9 +242,9 @@ def test_the_residual_from_small_factors_is_the_direct_one(
 ):
     """``||G x - g|| / ||g||`` from ``N``-sized factors (one GEMM per block) equals the
     direct float64 evaluation within its own rounding bound, for the solve's ``x`` (a
-    bound four orders below the float32 check's) and for random vectors (residuals of
-    order 1, where nothing cancels); ``None`` for the block whose gradient is not
-    ``Lambda^T Xt`` (the convolution)."""
+    bound four orders below the float32 check's), the same in float64 (as refinement
+    leaves it) and random vectors (residuals of order 1, where nothing cancels); ``None``
+    for the block whose gradient is not ``Lambda^T Xt`` (the convolution)."""
     model, x, y = _residual_net(frozen_weight, conv)
     probes = {"output_metric": metric, "samples": 3} if metric == "sampled" else {}
     seen = _checked_solves(monkeypatch, model, x, y, method=method, damping=damping, **probes)
@@ -250,7 +252,7 @@ def test_the_residual_from_small_factors_is_the_direct_one(
     for s, problem, opts in seen:
         is_conv = any(type(problem.handlers[i]).__name__ == "Conv2dHandler" for i in s.indices)
         errors = []
-        for vector in [s.x, [torch.randn_like(a) for a in s.x]]:
+        for vector in [s.x, [a.double() for a in s.x], [torch.randn_like(a) for a in s.x]]:
             s.x = vector
             terms = problem.residual_squared(s.indices, s.x, opts.damping)
             assert (terms is None) == is_conv
@@ -261,7 +263,7 @@ def test_the_residual_from_small_factors_is_the_direct_one(
                 errors.append(error)
         assert is_conv or errors[0] < 1e-10
         factored += len(errors)
-    assert factored == 2 * (len(seen) - conv)
+    assert factored == 3 * (len(seen) - conv)
     assert len(seen) == {"layerwise": 4}.get(method, 1)
 
 
@@ -274,7 +276,47 @@ def test_kfac_residuals_are_evaluated_directly(monkeypatch):
     assert all(s.residual_settled(problem, 1e-3, 1.0) is None for s, problem, _ in seen)
 
 
+def test_the_residual_from_small_factors_refuses_a_gradient_it_cannot_resolve(monkeypatch):
+    """A loss gradient that cancels over the samples (``Lambda`` orthogonal to the inputs,
+    ``v = Lambda^T Xt = 0`` up to rounding): ``||v||^2`` is not determined, so nothing is
+    settled from small factors (the direct evaluation finds a huge relative residual)."""
+    model, x, y = _residual_net(frozen_weight=False, conv=False)
+    seen = _checked_solves(monkeypatch, model, x, y, method="layerwise", damping=1e-3)
+    s, problem, opts = seen[0]  # the first Linear: inputs (16, 6), so Lambda has room
+    block = problem.handlers[s.indices[0]].block
+    Xt = torch.cat([x, torch.ones(16, 1)], 1).double()
+    orthogonal = torch.eye(16, dtype=torch.float64) - Xt @ torch.linalg.pinv(Xt)
+    block.output_grad = (orthogonal @ block.output_grad.double()).float()
+    q, error = problem.residual_squared(s.indices, s.x, opts.damping)
+    assert not float(q + error) <= 1e-6
+    monkeypatch.setattr(_solve.Problem, "residual_from_factors_pays", lambda *a: True)
+    assert s.residual_settled(problem, opts.damping, 1e-3) is None
+    assert float(s.residual_of(problem, opts.damping)) > 1
+
+
+def test_the_residual_from_small_factors_runs_where_it_pays(monkeypatch):
+    """Wide layers (``f_in, f_out >= N``) in float32: yes; a layer of 10 outputs at batch
+    128, or a float64 model's bound (1e-6): no."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)
+    )  # fmt: skip
+    x, y = torch.randn(128, 256), torch.randint(0, 10, (128,))
+    seen = _checked_solves(monkeypatch, model, x, y, output_metric="sampled", damping=1e-3)
+    assert [p.residual_from_factors_pays(s.indices, 1e-3) for s, p, _ in seen] == [True, False]
+    wide, problem, _ = seen[0]
+    assert not problem.residual_from_factors_pays(wide.indices, 1e-6)
+
+
 def _counting_direct_residuals(monkeypatch) -> list[str]:
+    """The names of the blocks whose residual is evaluated directly; the evaluation from
+    small factors made to apply wherever it can (the toy network is too small for it to
+    pay)."""
+    monkeypatch.setattr(
+        _solve.Problem,
+        "residual_from_factors_pays",
+        lambda self, indices, bound: all(self._factored(i) for i in indices),
+    )
     direct = []
     residual_of = _solve.Solve.residual_of
     monkeypatch.setattr(
@@ -283,7 +325,7 @@ def _counting_direct_residuals(monkeypatch) -> list[str]:
     return direct
 
 
-@pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")  # eps cond(G) ~ 5e-3
+@pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")  # 1e-5: eps cond(G) ~ 5e-3
 @pytest.mark.parametrize("damping", [1e-4, 1e-5], ids=lambda d: f"damping={d:g}")
 def test_the_residual_check_is_settled_from_small_factors(damping, monkeypatch):
     """At ``damping=1e-4`` (``eps cond(G) ~ 7e-4``) the float32 residual is checked and

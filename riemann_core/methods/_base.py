@@ -178,8 +178,9 @@ class Problem:
     ) -> tuple[Tensor, Tensor] | None:
         """``(q, e)``: ``q = ||G x - v||^2 / ||v||^2`` for ``x`` (a list over the parameters
         of ``blocks[indices]``, ``G`` as in :meth:`metric64`) in float64 from ``N``-sized
-        factors, and a bound ``e`` on its rounding error (device scalars); ``None`` unless
-        every block's gradient is ``v_a = Lambda_a^T Xt_a`` (a 2-D ``nn.Linear``).
+        factors, and a bound ``e`` on its rounding error (device scalars; ``e`` is inf where
+        ``||v||^2`` is not determined); ``None`` unless every block's gradient is
+        ``v_a = Lambda_a^T Xt_a`` (a 2-D ``nn.Linear``).
 
         With ``Y_a = Xt_a x_a^T`` (``N x f_out``) and the rows ``s = sum_a K_a x_a``
         (``s_{p,b} = sum_a <delta_{a,p,b}, Y_{a,b}>``), block ``a``'s residual is
@@ -189,14 +190,17 @@ class Problem:
             ||r_a||^2 = mu^2 ||x_a||^2 + 2 mu <B_a, Y_a> + <B_a B_a^T, Xt_a Xt_a^T>,
             ||v_a||^2 = <Lambda_a Lambda_a^T, Xt_a Xt_a^T>:
 
-        one float64 GEMM of the forward's size per block (``Y_a``) and ``N x N`` products,
-        where forming ``r`` and ``v`` takes three GEMMs and passes over every parameter.
-        The sum cancels (``r`` is small), so ``e`` bounds its float64 rounding:
-        ``gamma_n mu^2 ||x||^2 + gamma_m (2 mu ||B|| ||Xt|| ||x|| + ||B||^2 ||Xt||^2 +
-        q ||Lambda||^2 ||Xt||^2)`` over ``||v||^2`` (Frobenius norms; ``n`` parameters,
-        ``m = N^2 + f_in + f_out + 2`` terms, ``gamma_k = k u / (1 - k u)``, ``u = 2^-53``).
-        The rounding of ``K x`` enters only times ``||K r||`` (to first order the large
-        terms cancel) and is left out, as the direct evaluation leaves out its own.
+        one float64 GEMM of the forward's size per block (``Y_a``) and ``N x N`` ones
+        (``Xt_a Xt_a^T`` over ``f_in``, the others over ``f_out``), where forming ``r`` and
+        ``v`` takes three of the forward's size and passes over every parameter. Both sums
+        cancel (``r`` is small; ``v`` may be), so their float64 rounding is bounded:
+        ``gamma_n mu^2 ||x||^2 + gamma_m (2 mu ||B|| ||Xt|| ||x|| + ||B||^2 ||Xt||^2)`` for
+        ``||r||^2`` and ``gamma_m ||Lambda||^2 ||Xt||^2`` for ``||v||^2`` (Frobenius norms;
+        ``n`` parameters, ``m = N^2 + N f_out + f_in + f_out + 4`` terms per block plus the
+        blocks, ``gamma_k = k u / (1 - k u)``, ``u = 2^-53``), and ``e`` bounds ``q`` over the
+        interval both leave. The rounding of ``K x`` enters only times ``||K r||`` (to first
+        order the large terms cancel) and is left out, as the direct evaluation leaves out
+        its own.
         """
         if not all(self._factored(i) for i in indices):
             return None
@@ -209,11 +213,32 @@ class Problem:
             for i, h, p, y in zip(indices, handlers, parts, Y, strict=True)
         )
         r2, v2, x_part, rest, lam_part = terms.unbind()
+        gamma_n, gamma_m = (_gamma(k) for k in self._residual_terms_count(indices))
+        r2_error, v2_error = gamma_n * x_part + gamma_m * rest, gamma_m * lam_part
         q = r2 / v2
-        n = sum(self.blocks[i].n_params for i in indices)
-        m = max(h.N**2 + h.P + h.f_out + 2 for h in handlers)
-        gamma = [k * 2.0**-53 / (1 - k * 2.0**-53) for k in (n, m)]
-        return q, (gamma[0] * x_part + gamma[1] * (rest + q.abs() * lam_part)) / v2
+        low, high = (r2 - r2_error) / (v2 + v2_error), (r2 + r2_error) / (v2 - v2_error)
+        error = torch.maximum(high - q, q - low)
+        return q, torch.where(v2 > 2 * v2_error, error, torch.inf)
+
+    def _residual_terms_count(self, indices: list[int]) -> tuple[int, int]:
+        """``(n, m)`` of :meth:`residual_squared`'s rounding bound."""
+        handlers = [self.handlers[i] for i in indices]
+        m = max(h.N**2 + h.N * h.f_out + h.P + h.f_out + 4 for h in handlers) + len(handlers)
+        return sum(self.blocks[i].n_params for i in indices), m
+
+    def residual_from_factors_pays(self, indices: list[int], bound: float) -> bool:
+        """Whether :meth:`residual_squared` applies to ``blocks[indices]``, costs less than
+        the direct evaluation (``N^2 (f_in + 2 f_out) + N f_in f_out`` against
+        ``3 N f_in f_out`` multiply-adds per block, the direct one's passes over every
+        parameter left out), and can settle a squared residual of ``bound^2``: its rounding
+        bound, at least ``gamma_m`` relative, must fall well below it (for a float64
+        model's bound, ``1e-12``, it does not)."""
+        if not all(self._factored(i) for i in indices):
+            return False
+        handlers = [self.handlers[i] for i in indices]
+        ours = sum(h.N**2 * (h.P + 2 * h.f_out) + h.N * h.P * h.f_out for h in handlers)
+        direct = sum(3 * h.N * h.P * h.f_out for h in handlers)
+        return ours < direct and 1000 * _gamma(self._residual_terms_count(indices)[1]) < bound**2
 
     def _by_block(self, indices: list[int], x: list[Tensor]) -> list[list[Tensor]]:
         """``x`` (a list over the parameters of ``blocks[indices]``) split by block."""
@@ -223,6 +248,12 @@ class Problem:
             parts.append(x[start : start + size])
             start += size
         return parts
+
+
+def _gamma(k: int) -> float:
+    """``gamma_k = k u / (1 - k u)``: the relative rounding of a float64 sum of ``k`` terms
+    (``u = 2^-53``)."""
+    return k * 2.0**-53 / (1 - k * 2.0**-53)
 
 
 def group_calls(calls: list[Block], model: nn.Module) -> list[Block]:

@@ -25,6 +25,7 @@ a slow path builds them again from the kernels.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -175,19 +176,17 @@ class Solve:
         r = [a - b for a, b in zip(v, Gx, strict=True)]
         return _norm(r) / _norm(v).clamp_min(torch.finfo(torch.float64).tiny)
 
-    def residual_settled(self, problem: Problem, damping: float, bound: float) -> Tensor | None:
-        """``||G x - v|| / ||v||`` (a float64 device scalar) evaluated from the blocks'
-        ``N``-sized factors (:meth:`Problem.residual_squared`: one GEMM of the forward's
-        size per block, where :meth:`residual_of` takes three) when that settles on which
-        side of ``bound`` it lies, rounding included; ``None`` otherwise, or where that
-        evaluation does not apply. One host read."""
-        terms = problem.residual_squared(self.indices, self.x, damping)
-        if terms is None:
+    def residual_settled(self, problem: Problem, damping: float, bound: float) -> float | None:
+        """``||G x - v|| / ||v||`` evaluated from the blocks' ``N``-sized factors
+        (:meth:`Problem.residual_squared`) when that settles on which side of ``bound`` it
+        lies, rounding included; ``None`` otherwise, or where that evaluation does not pay
+        (:meth:`Problem.residual_from_factors_pays`). One host read."""
+        if not problem.residual_from_factors_pays(self.indices, bound):
             return None
-        q, error = torch.stack(terms).tolist()
-        if not (q + error <= bound**2 or q - error > bound**2):  # NaN: neither
+        q, error = torch.stack(problem.residual_squared(self.indices, self.x, damping)).tolist()
+        if not (q + error <= bound**2 or q - error > bound**2):  # NaN or inf: neither
             return None
-        return terms[0].clamp_min(0).sqrt()
+        return math.sqrt(max(q, 0.0))
 
     def refine(self, problem: Problem, damping: float, steps: int, apply: Callable) -> None:
         """Mixed-precision iterative refinement: ``x`` and the residual ``v - G x`` in
@@ -304,10 +303,14 @@ def _check_residual(s: Solve, problem, opts, condition: float, residual, model_d
         value = residual.value
     elif s.jitter > 0 or torch.finfo(s.factor_dtype).eps * condition > bound / 4:
         _took("residual")
-        s.residual = s.residual_settled(problem, opts.damping, bound)
-        if s.residual is None:  # too close to the bound to tell: evaluated directly
+        # diagnostics report the direct evaluation; otherwise it decides only what the
+        # evaluation from small factors leaves open (too close to the bound to tell)
+        value = None if opts.diagnostics else s.residual_settled(problem, opts.damping, bound)
+        if value is None:
             s.residual = s.residual_of(problem, opts.damping)
-        value = float(s.residual)
+            value = float(s.residual)
+        else:
+            s.residual = torch.tensor(value, dtype=torch.float64)
     else:
         return
     steps = 0

@@ -139,6 +139,23 @@ def test_the_training_run_trains_and_counts_the_steps_that_check_the_residual(ch
     )
 
 
+def test_the_goals_training_steps_run_on_their_own_copies():
+    """Each step of :func:`training_steps` runs (the preconditioner on the copy whose
+    forward pass forms the loss) and, at learning rate 0, leaves the weights as they were."""
+    import torch
+
+    from riemann_core.measure.problems import mlp
+
+    torch.manual_seed(0)
+    model, x, y = mlp([6, 5, 3]), torch.randn(16, 6), torch.randint(0, 3, (16,))
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = targets.training_steps(model, x, y, metrics=("exact", "sampled"))
+    assert sorted(calls) == ["exact_step", "sampled_step", "sgd"]
+    for call in calls.values():
+        call()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
 def _fake_measurements(monkeypatch, kfac_ratio=0.5):
     ratios = {"speed_of_light": 1.1, "sampled_step": 2.5, "full_vs_layerwise": 60.0}
     monkeypatch.setattr(targets, "measure_targets", lambda **kw: core_result(ratios))
