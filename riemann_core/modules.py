@@ -399,6 +399,10 @@ class LinearHandler(PatchHandler):
             return (self.Dl[0, :, 0] * XXL).sum(-1)
         return rows_dot(self.Dl, XXL[:, None, :])  # no r N f temporary (fresh: page faults)
 
+    def rows_combination(self, t: Tensor) -> Tensor:
+        """``U = sum_p diag(t_p) Delta_p`` (``N x f_out``) for ``t`` (``d``): ``K^T t = U^T Xt``."""
+        return torch.einsum("pb,pbf->bf", t.view(self.r, self.N), self.Dl[:, :, 0])
+
     def residual_terms(
         self, x: list[Tensor], Y: Tensor, s: Tensor, lam: Tensor, damping: float
     ) -> Tensor:
@@ -409,7 +413,7 @@ class LinearHandler(PatchHandler):
         and ``||Lambda||^2 ||Xt||^2`` (Frobenius norms), ``B = sum_p diag(s_p) Delta_p -
         Lambda``."""
         XXt, lam = self.input_gram(), lam.reshape(self.N, self.f_out)
-        B = torch.einsum("pb,pbf->bf", s.view(self.r, self.N), self.Dl[:, :, 0]) - lam
+        B = self.rows_combination(s) - lam
         xx = sum(torch.dot(a.reshape(-1), a.reshape(-1)) for a in x)
         BY, BB, LL = (B * Y).sum(), (B @ B.T * XXt).sum(), (lam @ lam.T * XXt).sum()
         B_norm, Xt_norm = torch.linalg.vector_norm(B), XXt.diagonal().sum().sqrt()

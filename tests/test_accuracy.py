@@ -315,7 +315,7 @@ def _counting_direct_residuals(monkeypatch) -> list[str]:
     monkeypatch.setattr(
         _solve.Problem,
         "residual_from_factors_pays",
-        lambda self, indices, bound: all(self._factored(i) for i in indices),
+        lambda self, indices, bound: all(self.factored(i) for i in indices),
     )
     direct = []
     residual_of = _solve.Solve.residual_of
@@ -352,8 +352,59 @@ def test_a_residual_too_close_to_the_bound_to_tell_is_evaluated_directly(monkeyp
     assert direct and "refine" not in slowed
 
 
+@pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")  # eps cond(G) ~ 50
+def test_refinement_in_the_rows_solves_what_a_float64_solve_does(monkeypatch):
+    """At ``damping=1e-9`` (``eps cond(G) ~ 50``) no refinement of ``x`` with float32
+    corrections converges; refined in the rows (float64 residual ``rho`` from small
+    factors, ``x`` formed in float64) the solve reaches the bound and the direction is as
+    close to the float64 oracle as a float64 solve's (the float32 data limit both)."""
+    model, x, y = PROBLEM.make(torch.float32)
+    expected, _ = oracle("layerwise", 1e-9)
+    in_x = []
+    refine = _solve.Solve.refine
+    monkeypatch.setattr(_solve.Solve, "refine", lambda s, *a: in_x.append(s) or refine(s, *a))
+    with _solve.recording_slow_paths() as slowed:
+        dirs = rc.direction(model, x, y, damping=1e-9)
+    best = rc.direction(model, x, y, damping=1e-9, solve_dtype=torch.float64)
+    assert "refine" in slowed and in_x == []
+    error, best_error = (
+        rel_error(flatten(dirs, model), expected),
+        rel_error(flatten(best, model), expected),
+    )
+    assert error <= 1.01 * best_error
+
+
+@pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")  # eps cond(G) ~ 5e-3
+def test_a_step_in_the_rows_that_does_not_help_is_undone(monkeypatch):
+    """A correction in the rows that raises the residual (here: overshot threefold) is
+    undone; refining ``x`` takes over and ends within the bound."""
+    model, x, y = PROBLEM.make(torch.float32)
+    refactorise = _solve.Solve.refactorise
+
+    class Overshooting(woodbury.Cholesky):
+        def solve(self, rhs):
+            return 3 * super().solve(rhs)
+
+    def overshooting(s):
+        apply, matrix, chol = refactorise(s)
+        return apply, matrix, Overshooting(chol.factor, chol.jitter)
+
+    monkeypatch.setattr(_solve.Solve, "refactorise", overshooting)
+    in_x = []
+    refine = _solve.Solve.refine
+    monkeypatch.setattr(_solve.Solve, "refine", lambda s, *a: in_x.append(s) or refine(s, *a))
+    _, diags = rc.direction(model, x, y, damping=1e-5, return_diagnostics=True)
+    assert in_x and all(d.residual <= _solve.RESIDUAL_BOUND[torch.float32] for d in diags)
+
+
+def _no_refinement_in_the_rows(monkeypatch):
+    monkeypatch.setattr(_solve.Solve, "refine_rows", lambda s, *a, **k: (float(s.residual), 0))
+
+
 def test_unsolvable_block_is_named_with_the_fix(monkeypatch):
-    """No refinement can help at ``eps cond(G) >> 1``."""
+    """No refinement of ``x`` can help at ``eps cond(G) >> 1`` (refinement in the rows,
+    which can, switched off)."""
+    _no_refinement_in_the_rows(monkeypatch)
     model, x, y = PROBLEM.make(torch.float32)
     with pytest.raises(rc.SolveError, match=r"block '\d' did not solve.*solve_dtype=torch.float64"):
         with warnings.catch_warnings():

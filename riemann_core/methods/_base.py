@@ -121,8 +121,15 @@ class Problem:
             self._gradient[i] = self.handlers[i].gradient()
         return self._gradient[i]
 
-    def _factored(self, i: int) -> bool:
+    def factored(self, i: int) -> bool:
+        """Whether block ``i``'s gradient is ``Lambda^T Xt`` and its products with ``K``
+        run through ``Lambda`` (a 2-D ``nn.Linear``, the loss gradient not given)."""
         return not self.given and self.handlers[i].factored_gradient
+
+    def output_grad64(self, i: int) -> Tensor:
+        """``Lambda_a`` of a factored block (:meth:`factored`) in float64, ``N x f_out``."""
+        h = self.handlers[i]
+        return h.block.output_grad.double().reshape(h.N, h.f_out)
 
     def _output_grad(self, i: int) -> Tensor:
         h, lam = self.handlers[i], self.handlers[i].block.output_grad
@@ -130,7 +137,7 @@ class Problem:
 
     def K_gradient(self, i: int) -> Tensor:
         """``K_a g_a`` (``d``), through ``Lambda_a`` where the handler can."""
-        if self._factored(i):
+        if self.factored(i):
             return self.handlers[i].K_mv_output_grad(self._output_grad(i))
         return self.handlers[i].K_mv(self.gradient_of(i))
 
@@ -140,7 +147,7 @@ class Problem:
         """``scale (g_a - K_a^T t)`` and an upper bound on its 2-norm, or ``None``. Where
         the handler can, one GEMM ``(scale (Lambda - U))^T Xt`` (the scale then touches
         ``N x f_out`` entries, not ``n_a``) whose bound comes from those small factors."""
-        if self._factored(i):
+        if self.factored(i):
             return self.handlers[i].output_grad_minus_K_tmv(self._output_grad(i), t, scale)
         Kt = self.handlers[i].K_tmv(t)
         return [(g - k) * scale for g, k in zip(self.gradient_of(i), Kt, strict=True)], None
@@ -202,14 +209,14 @@ class Problem:
         order the large terms cancel) and is left out, as the direct evaluation leaves out
         its own.
         """
-        if not all(self._factored(i) for i in indices):
+        if not all(self.factored(i) for i in indices):
             return None
         handlers = [self.handler64(i) for i in indices]
         parts = [[a.double() for a in p] for p in self._by_block(indices, x)]
         Y = [h.apply(p) for h, p in zip(handlers, parts, strict=True)]
         s = sum(rows_dot(h.Dl, y) for h, y in zip(handlers, Y, strict=True))
         terms = sum(
-            h.residual_terms(p, y[:, 0], s, self._output_grad(i).double(), damping)
+            h.residual_terms(p, y[:, 0], s, self.output_grad64(i), damping)
             for i, h, p, y in zip(indices, handlers, parts, Y, strict=True)
         )
         r2, v2, x_part, rest, lam_part = terms.unbind()
@@ -233,7 +240,7 @@ class Problem:
         parameter left out), and can settle a squared residual of ``bound^2``: its rounding
         bound, at least ``gamma_m`` relative, must fall well below it (for a float64
         model's bound, ``1e-12``, it does not)."""
-        if not all(self._factored(i) for i in indices):
+        if not all(self.factored(i) for i in indices):
             return False
         handlers = [self.handlers[i] for i in indices]
         ours = sum(h.N**2 * (h.P + 2 * h.f_out) + h.N * h.P * h.f_out for h in handlers)

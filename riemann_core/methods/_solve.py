@@ -124,7 +124,9 @@ class Solve:
     and an estimate of ``cond(G)``. Records without them (``euclidean``) are only
     checked for finiteness. ``x_bound``, a device scalar, bounds ``||x||`` from above
     (computed from factors of ``x`` smaller than ``x``); it stands for ``x``'s own norm
-    in the finiteness check until ``x`` changes.
+    in the finiteness check until ``x`` changes. ``t`` (``d``), where set, is the rows'
+    solution of a Woodbury solve of one 2-D Linear block, ``x = (g - K^T t) / mu``
+    formed from ``Lambda``: refinement can work on it (:meth:`refine_rows`).
     """
 
     name: str
@@ -141,6 +143,7 @@ class Solve:
     condition: Tensor | None = None
     failed: Tensor | None = None
     jitter: float = 0.0
+    t: Tensor | None = None
     residual: Tensor | None = None
     matrix_condition: Tensor | None = None
     factor_dtype: torch.dtype = field(init=False)  # x may turn float64 in refinement
@@ -210,7 +213,45 @@ class Solve:
             better = size < best_residual
             best = [torch.where(better, a, b) for a, b in zip(x, best, strict=True)]
             best_residual = torch.where(better, size, best_residual)
-        self.x, self.x_bound, self.residual = best, None, best_residual
+        self.x, self.x_bound, self.residual, self.t = best, None, best_residual, None
+
+    def refine_rows(
+        self, problem: Problem, damping: float, bound: float, direct: bool = False
+    ) -> tuple[float, int]:
+        """Refinement in the rows, for a solve that keeps ``t`` (one 2-D Linear block):
+        ``G x - g = K^T rho / mu`` for ``x = (g - K^T t) / mu``, with
+        ``rho = K g - (mu I + K K^T) t`` in the rows, so each step is
+        ``t += (mu I + K K^T)^{-1} rho``, ``rho`` in float64 from ``N``-sized factors
+        (``K g`` and ``K K^T t = K (U^T Xt)`` through ``Xt Xt^T``), the correction by the
+        Gram's factor in the solve dtype; ``x`` is formed again from ``t``, in float64 as
+        refinement leaves it (one GEMM; formed in float32, its own rounding stalled the
+        residual near 1e-3 at ``eps cond(G) ~ 0.1``), and its residual checked (:meth:`residual_settled`, else, or with ``direct``, directly). Up to
+        :data:`AUTO_REFINE` steps, until the residual is within ``bound``; a step that does
+        not lower it is undone and ends the refinement. ``(residual, steps taken)``."""
+        (i,) = self.indices
+        h = problem.handler64(i)
+        lam = problem.output_grad64(i)
+        _, _, chol = self.refactorise()
+        Kg, t = h.K_mv_output_grad(lam), self.t.double()
+        value, steps = float(self.residual), 0
+        while value > bound and steps < AUTO_REFINE:
+            _took("refine")
+            steps += 1
+            rho = Kg - damping * t - h.K_mv_output_grad(h.rows_combination(t))
+            t = t + chol.solve(rho.to(chol.factor.dtype)).double()
+            before = (self.x, self.x_bound, self.residual)
+            self.x, self.x_bound = h.output_grad_minus_K_tmv(lam, t, 1 / damping)
+            settled = None if direct else self.residual_settled(problem, damping, bound)
+            self.residual = (
+                self.residual_of(problem, damping)
+                if settled is None
+                else torch.tensor(settled, dtype=torch.float64)
+            )
+            if not float(self.residual) < value:  # no better (or NaN): keep the last x
+                self.x, self.x_bound, self.residual = before
+                break
+            value, self.t = float(self.residual), t
+        return value, steps
 
     def refactorise(self) -> tuple[Callable, Tensor, Cholesky]:
         """Slow path: the damped matrix again, factorised with jitter if need be."""
@@ -232,7 +273,7 @@ class Solve:
         apply, matrix, chol = self.refactorise()
         self.jitter = chol.jitter
         self.condition = (torch.linalg.eigvalsh(matrix)[-1] + chol.jitter) / opts.damping
-        self.x, self.x_bound = apply(self.rhs(problem)), None
+        self.x, self.x_bound, self.t = apply(self.rhs(problem)), None, None
         self.residual = None
         if opts.refine:
             self.refine(problem, opts.damping, opts.refine, apply)
@@ -314,6 +355,8 @@ def _check_residual(s: Solve, problem, opts, condition: float, residual, model_d
     else:
         return
     steps = 0
+    if not value <= bound and s.t is not None:  # in the rows first: no pass over x
+        value, steps = s.refine_rows(problem, opts.damping, bound, direct=opts.diagnostics)
     apply = None if value <= bound else s.corrector()
     if apply is not None:
         while not value <= bound and steps < AUTO_REFINE:

@@ -135,6 +135,7 @@ def _woodbury(problem: Problem, indices: list[int], opts: Options) -> list[Solve
         name = h.block.name
         x, x_bound = problem.gradient_minus_K_tmv(i, t[j], 1 / mu)
         record = Solve(
+            t=t[j] if problem.factored(i) else None,
             name=name,
             kernel=type(h).__name__,
             solver="woodbury",
