@@ -401,7 +401,7 @@ class LinearHandler(PatchHandler):
 
     def rows_combination(self, t: Tensor) -> Tensor:
         """``U = sum_p diag(t_p) Delta_p`` (``N x f_out``) for ``t`` (``d``): ``K^T t = U^T Xt``."""
-        return torch.einsum("pb,pbf->bf", t.view(self.r, self.N), self.Dl[:, :, 0])
+        return torch.einsum("pb,pbf->bf", t.reshape(self.r, self.N), self.Dl[:, :, 0])
 
     def residual_terms(
         self, x: list[Tensor], Y: Tensor, s: Tensor, lam: Tensor, damping: float

@@ -377,7 +377,8 @@ def test_refinement_in_the_rows_solves_what_a_float64_solve_does(monkeypatch):
 @pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")  # eps cond(G) ~ 5e-3
 def test_a_step_in_the_rows_that_does_not_help_is_undone(monkeypatch):
     """A correction in the rows that raises the residual (here: overshot threefold) is
-    undone; refining ``x`` takes over and ends within the bound."""
+    undone, ``x`` and its residual back to what they were; refining ``x`` takes over and
+    ends within the bound."""
     model, x, y = PROBLEM.make(torch.float32)
     refactorise = _solve.Solve.refactorise
 
@@ -390,15 +391,64 @@ def test_a_step_in_the_rows_that_does_not_help_is_undone(monkeypatch):
         return apply, matrix, Overshooting(chol.factor, chol.jitter)
 
     monkeypatch.setattr(_solve.Solve, "refactorise", overshooting)
-    in_x = []
-    refine = _solve.Solve.refine
-    monkeypatch.setattr(_solve.Solve, "refine", lambda s, *a: in_x.append(s) or refine(s, *a))
+    states = {"rows": [], "x": []}
+
+    def recording(name, method):
+        def wrapped(s, *args, **kwargs):
+            states[name].append(([a.clone() for a in s.x], float(s.residual)))
+            return method(s, *args, **kwargs)
+
+        monkeypatch.setattr(_solve.Solve, method.__name__, wrapped)
+
+    recording("rows", _solve.Solve.refine_rows)
+    recording("x", _solve.Solve.refine)
     _, diags = rc.direction(model, x, y, damping=1e-5, return_diagnostics=True)
-    assert in_x and all(d.residual <= _solve.RESIDUAL_BOUND[torch.float32] for d in diags)
+    assert states["rows"] and len(states["x"]) >= len(states["rows"])
+    (x_rows, residual_rows), (x_after, residual_after) = states["rows"][0], states["x"][0]
+    assert residual_after == residual_rows
+    assert all(torch.equal(a, b) for a, b in zip(x_rows, x_after, strict=True))
+    assert all(d.residual <= _solve.RESIDUAL_BOUND[torch.float32] for d in diags)
+
+
+@pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")
+@pytest.mark.parametrize("damping", [1e-12, 1e-13], ids=lambda d: f"damping={d:g}")
+def test_a_float64_model_refines_x_not_the_rows(damping, monkeypatch):
+    """In float64 the rows' residual and ``x`` are no more precise than the solve, so
+    refinement goes to ``x`` (found by review: three steps in the rows first left it none,
+    and a float64 model that solved raised ``SolveError``)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
+        torch.nn.Linear(64, 10),
+    ).double()  # fmt: skip
+    x, y = torch.randn(16, 64, dtype=torch.float64), torch.randint(0, 10, (16,))
+    in_rows = []
+    refine_rows = _solve.Solve.refine_rows
+    monkeypatch.setattr(
+        _solve.Solve, "refine_rows", lambda s, *a, **k: in_rows.append(s) or refine_rows(s, *a, **k)
+    )
+    with _solve.recording_slow_paths() as slowed:
+        _, diags = rc.direction(model, x, y, damping=damping, return_diagnostics=True)
+    assert "refine" in slowed and in_rows == []
+    assert all(d.residual <= _solve.RESIDUAL_BOUND[torch.float64] for d in diags)
+
+
+@pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")
+@pytest.mark.parametrize("damping", [1e-7, 1e-9], ids=lambda d: f"damping={d:g}")
+def test_requested_refinement_is_in_the_rows_too(damping):
+    """``refine=1`` refines a float32 layerwise solve in the rows as the checks would (found
+    by review: refining ``x`` first dropped ``t``, and ``refine=1`` raised ``SolveError`` at
+    1e-9 where the default solved): every block within the bound, no worse than without."""
+    model, x, y = PROBLEM.make(torch.float32)
+    _, plain = rc.direction(model, x, y, damping=damping, return_diagnostics=True)
+    _, asked = rc.direction(model, x, y, damping=damping, refine=1, return_diagnostics=True)
+    bound = _solve.RESIDUAL_BOUND[torch.float32]
+    assert all(d.residual <= bound for d in asked)
+    assert max(d.residual for d in asked) <= max(d.residual for d in plain)
 
 
 def _no_refinement_in_the_rows(monkeypatch):
-    monkeypatch.setattr(_solve.Solve, "refine_rows", lambda s, *a, **k: (float(s.residual), 0))
+    monkeypatch.setattr(_solve.Solve, "refines_in_rows", lambda s: False)
 
 
 def test_unsolvable_block_is_named_with_the_fix(monkeypatch):
@@ -412,8 +462,9 @@ def test_unsolvable_block_is_named_with_the_fix(monkeypatch):
             rc.direction(model, x, y, damping=1e-9)
 
 
-def test_unsolvable_block_counts_the_requested_refinement_too():
+def test_unsolvable_block_counts_the_requested_refinement_too(monkeypatch):
     """Found by review: with ``refine=5`` the message said 3 steps (the automatic ones)."""
+    _no_refinement_in_the_rows(monkeypatch)
     model, x, y = PROBLEM.make(torch.float32)
     with pytest.raises(rc.SolveError, match=r"after \d+ steps of refinement \(2 requested, "):
         with warnings.catch_warnings():
@@ -553,12 +604,20 @@ def test_a_float64_direction_beyond_the_model_s_float32_range_is_refused(bound):
         _solve.finish(Blocks(blocks, gradient=[[p]]), [solve], opts, Deferred(), "m")
 
 
-def test_refinement_drops_the_bound_of_the_direction_it_replaces():
-    """A refined ``x`` is no longer the product the bound was taken from."""
+@pytest.mark.parametrize("method", ["layerwise", "natural"], ids=lambda m: f"method={m}")
+def test_refinement_drops_the_bound_of_the_direction_it_replaces(method):
+    """A refined ``x`` is no longer the product the bound was taken from: refined as
+    ``x`` (``natural``) it has none; refined in the rows (``layerwise``) it is formed
+    again from small factors, with their bound."""
     model, x, y = PROBLEM.make(torch.float32)
     opts = rc.methods.Options(damping=1e-2, refine=1)
     problem = rc.methods.build_problem(model, x, y, opts, needs_factor=True)
-    assert all(s.x_bound is None for s in rc.methods.layerwise.solve(problem, opts))
+    for s in rc.methods.SOLVERS[method].solve(problem, opts):
+        if method == "natural":
+            assert s.x_bound is None
+        else:
+            norm = torch.sqrt(sum((a.double() ** 2).sum() for a in s.x))
+            assert s.x[0].dtype == torch.float64 and float(s.x_bound) >= float(norm)
 
 
 @pytest.mark.parametrize("method", ["layerwise", "natural", "full"], ids=lambda m: f"method={m}")

@@ -10,9 +10,11 @@ only where one needs it:
 * where ``eps(solve dtype) * cond(G)`` exceeds a quarter of :data:`RESIDUAL_BOUND`, or
   jitter was needed, the relative residual ``||G x - v|| / ||v||`` is evaluated in
   float64 on the solve's own data (a Woodbury or Cholesky solve leaves about
-  ``eps * cond(G)``); above the bound, up to :data:`AUTO_REFINE` steps of
-  mixed-precision refinement follow, and a residual still above it raises
-  :class:`SolveError`;
+  ``eps * cond(G)``; for 2-D Linear blocks from ``N``-sized factors where that pays,
+  :meth:`Solve.residual_settled`); above the bound, up to :data:`AUTO_REFINE` steps of
+  mixed-precision refinement follow (a float32 Woodbury solve of one 2-D Linear block
+  first up to as many in its rows, :meth:`Solve.refine_rows`), and a residual still
+  above it raises :class:`SolveError`;
 * where ``eps(model dtype) * cond(G)`` exceeds :data:`ACCURACY_LEVEL`, the rounding of
   the model's own data (factor rows, inputs, gradient) may change the direction by that
   much: an :class:`AccuracyWarning` gives the figure.
@@ -157,7 +159,9 @@ class Solve:
         diagnostics' figures (when asked for; they rebuild the factorised matrix)."""
         self.condition = condition
         self.failed = chol.failed
-        if opts.refine:
+        if opts.refine and self.refines_in_rows():  # keeps t for the checks' refinement
+            self.refine_rows(problem, opts.damping, opts.refine, chol=chol, direct=True)
+        elif opts.refine:
             self.refine(problem, opts.damping, opts.refine, self.factor_solver(chol))
         elif opts.diagnostics:
             self.residual = self.residual_of(problem, opts.damping)
@@ -215,30 +219,45 @@ class Solve:
             best_residual = torch.where(better, size, best_residual)
         self.x, self.x_bound, self.residual, self.t = best, None, best_residual, None
 
+    def refines_in_rows(self) -> bool:
+        """Whether :meth:`refine_rows` applies: the solve keeps ``t`` and ran below float64
+        (in float64 the rows' residual and ``x`` would be no more precise than the solve)."""
+        return self.t is not None and self.factor_dtype != torch.float64
+
     def refine_rows(
-        self, problem: Problem, damping: float, bound: float, direct: bool = False
-    ) -> tuple[float, int]:
+        self,
+        problem: Problem,
+        damping: float,
+        steps: int,
+        bound: float = 0.0,
+        chol: Cholesky | None = None,
+        direct: bool = False,
+    ) -> int:
         """Refinement in the rows, for a solve that keeps ``t`` (one 2-D Linear block):
         ``G x - g = K^T rho / mu`` for ``x = (g - K^T t) / mu``, with
         ``rho = K g - (mu I + K K^T) t`` in the rows, so each step is
-        ``t += (mu I + K K^T)^{-1} rho``, ``rho`` in float64 from ``N``-sized factors
+        ``t += (mu I + K K^T)^{-1} rho``: ``rho`` in float64 from ``N``-sized factors
         (``K g`` and ``K K^T t = K (U^T Xt)`` through ``Xt Xt^T``), the correction by the
-        Gram's factor in the solve dtype; ``x`` is formed again from ``t``, in float64 as
-        refinement leaves it (one GEMM; formed in float32, its own rounding stalled the
-        residual near 1e-3 at ``eps cond(G) ~ 0.1``), and its residual checked (:meth:`residual_settled`, else, or with ``direct``, directly). Up to
-        :data:`AUTO_REFINE` steps, until the residual is within ``bound``; a step that does
-        not lower it is undone and ends the refinement. ``(residual, steps taken)``."""
+        Gram's factor ``chol`` in the solve dtype (factorised again when ``None``), ``x``
+        formed again from ``t`` in float64 as refinement leaves it (one GEMM; formed in
+        float32, its own rounding stalled the residual near 1e-3 at ``eps cond(G) ~ 0.1``)
+        and its residual evaluated (:meth:`residual_settled`, else, or with ``direct``,
+        directly). Up to ``steps`` steps, until the residual is within ``bound``; a step
+        that does not lower it is undone and ends the refinement. Returns the steps taken;
+        ``residual`` is set (evaluated first where it is not)."""
         (i,) = self.indices
         h = problem.handler64(i)
         lam = problem.output_grad64(i)
-        _, _, chol = self.refactorise()
+        if chol is None:
+            _, _, chol = self.refactorise()
+        if self.residual is None:
+            self.residual = self.residual_of(problem, damping)
         Kg, t = h.K_mv_output_grad(lam), self.t.double()
-        value, steps = float(self.residual), 0
-        while value > bound and steps < AUTO_REFINE:
-            _took("refine")
-            steps += 1
+        value, taken = float(self.residual), 0
+        while value > bound and taken < steps:
+            taken += 1
             rho = Kg - damping * t - h.K_mv_output_grad(h.rows_combination(t))
-            t = t + chol.solve(rho.to(chol.factor.dtype)).double()
+            t = t + chol.solve(rho).double()
             before = (self.x, self.x_bound, self.residual)
             self.x, self.x_bound = h.output_grad_minus_K_tmv(lam, t, 1 / damping)
             settled = None if direct else self.residual_settled(problem, damping, bound)
@@ -251,7 +270,7 @@ class Solve:
                 self.x, self.x_bound, self.residual = before
                 break
             value, self.t = float(self.residual), t
-        return value, steps
+        return taken
 
     def refactorise(self) -> tuple[Callable, Tensor, Cholesky]:
         """Slow path: the damped matrix again, factorised with jitter if need be."""
@@ -355,11 +374,16 @@ def _check_residual(s: Solve, problem, opts, condition: float, residual, model_d
     else:
         return
     steps = 0
-    if not value <= bound and s.t is not None:  # in the rows first: no pass over x
-        value, steps = s.refine_rows(problem, opts.damping, bound, direct=opts.diagnostics)
+    if not value <= bound and s.refines_in_rows():  # first in the rows: no pass over x
+        steps = s.refine_rows(problem, opts.damping, AUTO_REFINE, bound, direct=opts.diagnostics)
+        value = float(s.residual)
+        for _ in range(steps):
+            _took("refine")
     apply = None if value <= bound else s.corrector()
-    if apply is not None:
-        while not value <= bound and steps < AUTO_REFINE:
+    if apply is not None:  # refinement of x, with a budget of its own
+        for _ in range(AUTO_REFINE):
+            if value <= bound:
+                break
             _took("refine")
             s.refine(problem, opts.damping, 1, apply)
             value, steps = float(s.residual), steps + 1
