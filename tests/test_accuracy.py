@@ -21,6 +21,7 @@ from oracle import (
     ggn,
     gradient,
     kfac_blocks,
+    mlp,
     oracle_direction,
     oracle_for,
     rel_error,
@@ -417,10 +418,7 @@ def test_a_float64_model_refines_x_not_the_rows(damping, monkeypatch):
     refinement goes to ``x`` (found by review: three steps in the rows first left it none,
     and a float64 model that solved raised ``SolveError``)."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
-        torch.nn.Linear(64, 10),
-    ).double()  # fmt: skip
+    model = mlp(64, 64, 10, depth=3).double()
     x, y = torch.randn(16, 64, dtype=torch.float64), torch.randint(0, 10, (16,))
     in_rows = []
     refine_rows = _solve.Solve.refine_rows
