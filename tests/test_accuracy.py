@@ -354,19 +354,20 @@ def test_a_residual_too_close_to_the_bound_to_tell_is_evaluated_directly(monkeyp
 
 
 @pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")  # eps cond(G) ~ 50
-def test_refinement_in_the_rows_solves_what_a_float64_solve_does(monkeypatch):
+@pytest.mark.parametrize("method", ["layerwise", "natural"], ids=lambda m: f"method={m}")
+def test_refinement_in_the_rows_solves_what_a_float64_solve_does(method, monkeypatch):
     """At ``damping=1e-9`` (``eps cond(G) ~ 50``) no refinement of ``x`` with float32
     corrections converges; refined in the rows (float64 residual ``rho`` from small
     factors, ``x`` formed in float64) the solve reaches the bound and the direction is as
     close to the float64 oracle as a float64 solve's (the float32 data limit both)."""
     model, x, y = PROBLEM.make(torch.float32)
-    expected, _ = oracle("layerwise", 1e-9)
+    expected, _ = oracle(method, 1e-9)
     in_x = []
     refine = _solve.Solve.refine
     monkeypatch.setattr(_solve.Solve, "refine", lambda s, *a: in_x.append(s) or refine(s, *a))
     with _solve.recording_slow_paths() as slowed:
-        dirs = rc.direction(model, x, y, damping=1e-9)
-    best = rc.direction(model, x, y, damping=1e-9, solve_dtype=torch.float64)
+        dirs = rc.direction(model, x, y, method=method, damping=1e-9)
+    best = rc.direction(model, x, y, method=method, damping=1e-9, solve_dtype=torch.float64)
     assert "refine" in slowed and in_x == []
     error, best_error = (
         rel_error(flatten(dirs, model), expected),
@@ -602,16 +603,16 @@ def test_a_float64_direction_beyond_the_model_s_float32_range_is_refused(bound):
         _solve.finish(Blocks(blocks, gradient=[[p]]), [solve], opts, Deferred(), "m")
 
 
-@pytest.mark.parametrize("method", ["layerwise", "natural"], ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("method", ["layerwise", "natural", "full"], ids=lambda m: f"method={m}")
 def test_refinement_drops_the_bound_of_the_direction_it_replaces(method):
     """A refined ``x`` is no longer the product the bound was taken from: refined as
-    ``x`` (``natural``) it has none; refined in the rows (``layerwise``) it is formed
-    again from small factors, with their bound."""
+    ``x`` (``full``) it has none; refined in the rows (``layerwise``, ``natural``) it is
+    formed again from small factors, with their bound."""
     model, x, y = PROBLEM.make(torch.float32)
     opts = rc.methods.Options(damping=1e-2, refine=1)
     problem = rc.methods.build_problem(model, x, y, opts, needs_factor=True)
     for s in rc.methods.SOLVERS[method].solve(problem, opts):
-        if method == "natural":
+        if method == "full":
             assert s.x_bound is None
         else:
             norm = torch.sqrt(sum((a.double() ** 2).sum() for a in s.x))

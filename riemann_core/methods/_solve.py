@@ -12,7 +12,7 @@ only where one needs it:
   float64 on the solve's own data (a Woodbury or Cholesky solve leaves about
   ``eps * cond(G)``; for 2-D Linear blocks from ``N``-sized factors where that pays,
   :meth:`Solve.residual_settled`); above the bound, up to :data:`AUTO_REFINE` steps of
-  mixed-precision refinement follow (a float32 Woodbury solve of one 2-D Linear block
+  mixed-precision refinement follow (a float32 Woodbury solve of 2-D Linear blocks
   first up to as many in its rows, :meth:`Solve.refine_rows`), and a residual still
   above it raises :class:`SolveError`;
 * where ``eps(model dtype) * cond(G)`` exceeds :data:`ACCURACY_LEVEL`, the rounding of
@@ -127,8 +127,8 @@ class Solve:
     checked for finiteness. ``x_bound``, a device scalar, bounds ``||x||`` from above
     (computed from factors of ``x`` smaller than ``x``); it stands for ``x``'s own norm
     in the finiteness check until ``x`` changes. ``t`` (``d``), where set, is the rows'
-    solution of a Woodbury solve of one 2-D Linear block, ``x = (g - K^T t) / mu``
-    formed from ``Lambda``: refinement can work on it (:meth:`refine_rows`).
+    solution of a Woodbury solve of 2-D Linear blocks, ``x = (g - K^T t) / mu`` formed
+    from their ``Lambda``: refinement can work on it (:meth:`refine_rows`).
     """
 
     name: str
@@ -233,9 +233,10 @@ class Solve:
         chol: Cholesky | None = None,
         direct: bool = False,
     ) -> int:
-        """Refinement in the rows, for a solve that keeps ``t`` (one 2-D Linear block):
-        ``G x - g = K^T rho / mu`` for ``x = (g - K^T t) / mu``, with
-        ``rho = K g - (mu I + K K^T) t`` in the rows, so each step is
+        """Refinement in the rows, for a solve that keeps ``t`` (2-D Linear blocks whose
+        rows ``K = [K_1 .. K_L]`` share): ``G x - g = K^T rho / mu`` for
+        ``x = (g - K^T t) / mu``, with ``rho = K g - (mu I + K K^T) t`` in the rows
+        (``K g = sum_a K_a g_a``, ``K K^T = sum_a K_a K_a^T``), so each step is
         ``t += (mu I + K K^T)^{-1} rho``: ``rho`` in float64 from ``N``-sized factors
         (``K g`` and ``K K^T t = K (U^T Xt)`` through ``Xt Xt^T``), the correction by the
         Gram's factor ``chol`` in the solve dtype (factorised again when ``None``), ``x``
@@ -245,21 +246,26 @@ class Solve:
         directly). Up to ``steps`` steps, until the residual is within ``bound``; a step
         that does not lower it is undone and ends the refinement. Returns the steps taken;
         ``residual`` is set (evaluated first where it is not)."""
-        (i,) = self.indices
-        h = problem.handler64(i)
-        lam = problem.output_grad64(i)
+        handlers = [problem.handler64(i) for i in self.indices]
+        lams = [problem.output_grad64(i) for i in self.indices]
         if chol is None:
             _, _, chol = self.refactorise()
         if self.residual is None:
             self.residual = self.residual_of(problem, damping)
-        Kg, t = h.K_mv_output_grad(lam), self.t.double()
+        Kg = sum(h.K_mv_output_grad(lam) for h, lam in zip(handlers, lams, strict=True))
+        t = self.t.double()
         value, taken = float(self.residual), 0
         while value > bound and taken < steps:
             taken += 1
-            rho = Kg - damping * t - h.K_mv_output_grad(h.rows_combination(t))
-            t = t + chol.solve(rho).double()
+            KKt = sum(h.K_mv_output_grad(h.rows_combination(t)) for h in handlers)
+            t = t + chol.solve(Kg - damping * t - KKt).double()
             before = (self.x, self.x_bound, self.residual)
-            self.x, self.x_bound = h.output_grad_minus_K_tmv(lam, t, 1 / damping)
+            parts = [
+                h.output_grad_minus_K_tmv(lam, t, 1 / damping)
+                for h, lam in zip(handlers, lams, strict=True)
+            ]
+            self.x = [a for part, _ in parts for a in part]
+            self.x_bound = torch.linalg.vector_norm(torch.stack([b for _, b in parts]))
             settled = None if direct else self.residual_settled(problem, damping, bound)
             self.residual = (
                 self.residual_of(problem, damping)
