@@ -110,6 +110,7 @@ class Problem:
         self.handlers: list[Handler] = list(handlers)
         self.given = gradient is not None
         self._gradient: list[list[Tensor] | None] = gradient or [None] * len(blocks)
+        self._handlers64: dict[int, Handler] = {}
 
     @property
     def gradient(self) -> list[list[Tensor]]:
@@ -155,10 +156,16 @@ class Problem:
     # ---- the same metric and gradient in float64, for residuals and refinement
 
     def handler64(self, i: int) -> Handler:
-        """``handlers[i]`` on its data converted to float64 (the same ``K_a``; a copy made
-        on each call and freed with its user)."""
+        """``handlers[i]`` on its data converted to float64 (the same ``K_a``): a copy made
+        on first use and kept with the problem, so that the residuals and refinement steps
+        of one call convert the rows and form ``Xt Xt^T`` once (a problem lives for one
+        call; the fast path never makes one)."""
         h = self.handlers[i]
-        return h if h.dtype == torch.float64 else h.to(torch.float64)
+        if h.dtype == torch.float64:
+            return h
+        if i not in self._handlers64:
+            self._handlers64[i] = h.to(torch.float64)
+        return self._handlers64[i]
 
     def gradient64(self, indices: list[int]) -> list[Tensor]:
         """The vectors of ``blocks[indices]`` in float64 (the loss gradient formed from
