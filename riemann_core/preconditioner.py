@@ -260,6 +260,9 @@ class RiemannianPreconditioner:
             ):
                 output_gradient = check_classes_last(loss, capture.output, checks)
             if reuse or stale or probing or rehook or paths.outside:
+                # autograd consumes the loss's graph: the data's checks first (one host
+                # sync, on a path that runs a second forward), so a refused loss keeps it
+                checks.run()
                 gradient = self._autograd_gradient(loss, params)
                 for name, g in gradient.items():
                     checks.finite(f"the gradient of {name!r}", g, "the loss overflowed")

@@ -267,6 +267,25 @@ def test_backward_refuses_bad_input_and_leaves_grads(bad, error, match):
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("first_call", [True, False], ids=["first-call", "primed"])
+def test_backward_refusing_a_nan_loss_keeps_its_graph(first_call):
+    """A refused loss is the user's still: on the first call too (whose gradient autograd
+    takes, consuming the graph), ``loss.backward()`` runs after the error."""
+    if first_call:
+        model, x, y = Problem(depth=3).make()
+        pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    else:
+        model, x, y, pre = primed()
+    loss = F.cross_entropy(model(x), y) * float("nan")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"the loss contains 1 NaN or inf"):
+        pre.backward(loss)
+    assert_unchanged(model, before)
+    model.zero_grad(set_to_none=True)
+    loss.backward()  # raises if the graph was freed
+    assert all(p.grad is not None and p.grad.isnan().all() for p in model.parameters())
+
+
 def test_backward_before_any_forward_raises():
     model, x, y = Problem().make()
     pre = rc.RiemannianPreconditioner(model)
