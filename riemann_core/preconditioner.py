@@ -288,13 +288,14 @@ class RiemannianPreconditioner:
                 self._capture = Capture(model, notes.clone, persistent=True)
         for name, p in params:  # every direction exists before any .grad changes
             if name in directions:
-                direction = directions[name]
-                if direction.requires_grad or direction.dtype != p.dtype:
-                    direction = direction.detach().to(p.dtype)
-                if p.grad is None:
-                    p.grad = direction
-                else:
+                direction = directions[name].detach()
+                if p.grad is not None:
                     p.grad.add_(direction)
+                elif direction.dtype == p.dtype and direction.stride() == p.stride():
+                    p.grad = direction
+                else:  # laid out as loss.backward() lays it out: fused optimizers read
+                    # .grad with the parameter's strides (K-FAC's are views of [W | b])
+                    p.grad = torch.empty_like(p).copy_(direction)
         self.diagnostics = diagnostics
         self._commit()
 

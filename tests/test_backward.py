@@ -135,6 +135,28 @@ def test_backward_of_a_loss_with_terms_of_its_own(method, extra):
 
 
 @pytest.mark.parametrize("method", EXACT + ("kfac",), ids=lambda m: f"method={m}")
+def test_backward_lays_out_each_grad_as_its_parameter(method):
+    """A ``.grad`` that ``pre.backward`` creates has its parameter's dtype and strides, as
+    ``loss.backward()``'s has: a fused optimizer reads it with the parameter's strides, so
+    its step is the unfused one."""
+    model, x, y = Problem(depth=3).make()
+    twin = copy.deepcopy(model)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    fused = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+    plain = torch.optim.Adam(twin.parameters(), lr=0.1, foreach=False)
+    for _ in range(2):  # the first call, then the fused one
+        fused.zero_grad(set_to_none=True)
+        pre.backward(F.cross_entropy(model(x), y))
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            assert (p.grad.dtype, p.grad.stride()) == (p.dtype, p.stride())
+            q.grad = p.grad.clone()
+        fused.step()
+        plain.step()
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("method", EXACT + ("kfac",), ids=lambda m: f"method={m}")
 def test_backward_sees_the_dropout_masks_of_the_step(method):
     """Dropout draws its masks once, in the user's forward: the direction is that of the
     twin network with those masks fixed, and the random state is left where the forward
