@@ -29,6 +29,11 @@ from .modules import Block
 
 _LOCAL = threading.local()
 
+#: What :meth:`Capture.stale` and :attr:`ModelNotes.clone` call the model's own output
+#: (a module's name holds no angle brackets): changed in place after the forward pass
+#: (``logits /= T``), it is passed on as a copy from the next forward pass on.
+MODEL_OUTPUT = "<output>"
+
 
 def capturing() -> bool:
     """Whether the current thread is inside one of riemann_core's own forward passes."""
@@ -54,7 +59,8 @@ def eager():
 class ModelNotes:
     """What has been learnt about a model, kept between calls.
 
-    ``clone``: modules whose captured tensors an in-place operation changed. ``probed``:
+    ``clone``: modules whose captured tensors an in-place operation changed, and
+    :data:`MODEL_OUTPUT` where it was the model's output. ``probed``:
     what the batch-coupling probe's last pass holds for (``None``: never passed), see
     :func:`riemann_core.coupling.probe_key`.
     """
@@ -180,11 +186,18 @@ class Capture:
             self.reset()
             self._depth, self._recording = 1, True
 
-    def _end(self, module, args, output) -> None:
+    def _end(self, module, args, output):
         if self._depth:
             self._depth -= 1
             if not self._depth:
                 self.output, self._recording = output, False
+                watched = [(output, output._version)] if isinstance(output, Tensor) else None
+                self._watched.append((MODEL_OUTPUT, watched or _versions(output)))
+                if MODEL_OUTPUT in self._clone:  # the caller's in-place edits change a copy
+                    return pytree.tree_map(
+                        lambda a: a.clone() if isinstance(a, Tensor) else a, output
+                    )
+        return None
 
     def _watch(self, name, module, param_names, params) -> None:
         entered: list[tuple[tuple, dict, list] | None] = []
@@ -253,7 +266,8 @@ class Capture:
         self._hooks += handles
 
     def stale(self) -> set[str]:
-        """Modules whose captured inputs or outputs were changed in place."""
+        """Modules whose captured inputs or outputs were changed in place, and
+        :data:`MODEL_OUTPUT` if the recorded model's output was."""
         changed = {n for n, watched in self._watched if any(t._version != v for t, v in watched)}
         return self._stale | changed
 

@@ -20,6 +20,7 @@ from ._checks import (
     tensors_of,
 )
 from .capture import (
+    MODEL_OUTPUT,
     Capture,
     OwnHook,
     Replay,
@@ -139,6 +140,7 @@ class RiemannianPreconditioner:
         self._hook = model.register_forward_pre_hook(OwnHook(model, self._record), with_kwargs=True)
         self._output_hook = model.register_forward_hook(OwnHook(model, self._record_output))
         self._output: list[Tensor] | None = None
+        self._output_versions: list[int] = []
         # pre.backward(loss) records the user's own forward passes (one process only)
         single = process_group is None and self.network is model
         self._capture = Capture(model, notes_for(model).clone, persistent=True) if single else None
@@ -172,9 +174,26 @@ class RiemannianPreconditioner:
         ]
 
     def _record_output(self, module, args, output):
-        # the output a replay of this pass must give again (kept until the next pass)
+        # the output a replay of this pass must give again (kept until the next pass); a
+        # copy where the caller changes it in place and no capture passes a copy on
         if not capturing() and torch.is_grad_enabled():
-            self._output = [t.detach() for t in pytree.tree_leaves(output) if isinstance(t, Tensor)]
+            copy = self._capture is None and MODEL_OUTPUT in notes_for(self.model).clone
+            self._output = [
+                t.detach().clone() if copy else t.detach()
+                for t in pytree.tree_leaves(output)
+                if isinstance(t, Tensor)
+            ]
+            self._output_versions = [t._version for t in self._output]
+
+    def _replayed_output(self) -> list[Tensor] | None:
+        """The recorded output, for the replay to give again; ``None`` where it was changed
+        in place since (``logits /= T``: then the next passes record a copy)."""
+        if self._output is None or all(
+            t._version == v for t, v in zip(self._output, self._output_versions, strict=True)
+        ):
+            return self._output
+        notes_for(self.model).clone.add(MODEL_OUTPUT)
+        return None
 
     def _check_unchanged(self, call: str) -> None:
         for name, t, version in self._versions:
@@ -371,7 +390,7 @@ class RiemannianPreconditioner:
                 gradient=full,
                 forward_kwargs=kwargs,
                 checks=checks,
-                replay=Replay(state, self._output, buffers, autocast),
+                replay=Replay(state, self._replayed_output(), buffers, autocast),
                 state=self._kfac,
                 process_group=self.process_group,
                 timeout=self.timeout,

@@ -134,6 +134,53 @@ def test_backward_of_a_loss_with_terms_of_its_own(method, extra):
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
 
 
+class Tempered(nn.Module):
+    """``model(x) / T``: the loss ``logits = model(x); logits /= T`` forms, out of place."""
+
+    def __init__(self, model: nn.Module, T: float):
+        super().__init__()
+        self.model, self.T = model, T
+
+    def forward(self, x):
+        return self.model(x) / self.T
+
+
+class Offset(nn.Module):
+    """``x + 1``: a last module without parameters, whose output no hook captures."""
+
+    def forward(self, x):
+        return x + 1.0
+
+
+@pytest.mark.parametrize("last", ["linear", "offset"], ids=lambda m: f"output-of-{m}")
+@pytest.mark.parametrize("call", ["backward", "step"])
+@pytest.mark.parametrize("method", ["layerwise", "natural"], ids=lambda m: f"method={m}")
+def test_an_output_changed_in_place_keeps_the_metric_at_the_output(method, call, last):
+    """``logits = model(x); logits /= T``: the metric is taken at the model's output, as
+    for ``model(x) / T``, on every call: the first after the change (whose replay cannot
+    compare its output with the changed one), and the next, which pass a copy on."""
+    torch.manual_seed(5)
+    layers = [nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)]
+    model = nn.Sequential(*layers, *([Offset()] if last == "offset" else [])).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    T = 2.0
+    G = ggn(model, x, y, "cross_entropy")
+    g = gradient(Tempered(model, T), x, y, "cross_entropy")
+    expected = unflatten(oracle_direction(G, g, DAMPING, method, block_indices(model)), model)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        logits = model(x)
+        logits /= T
+        if call == "backward":
+            pre.backward(F.cross_entropy(logits, y))
+        else:
+            F.cross_entropy(logits, y).backward()
+            pre.step()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("method", EXACT + ("kfac",), ids=lambda m: f"method={m}")
 def test_backward_lays_out_each_grad_as_its_parameter(method):
     """A ``.grad`` that ``pre.backward`` creates has its parameter's dtype and strides, as

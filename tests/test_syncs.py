@@ -20,8 +20,17 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import riemann_core as rc
+from riemann_core.blas import symmetric_products
 
 DATA_DEPENDENT = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _blas_checked():
+    """``syrk``'s one-time check (:mod:`riemann_core.blas`) compares small products on the
+    host at its first use in a process, not at each call: done before any count, so the
+    counts do not depend on which tests ran before."""
+    symmetric_products()
 
 
 class SyncCounter(TorchDispatchMode):
@@ -98,14 +107,15 @@ def test_preconditioner_step_syncs_at_most_twice():
 
 @pytest.mark.parametrize("method", rc.METHODS, ids=lambda m: f"method={m}")
 def test_preconditioner_backward_syncs_at_most_twice(method):
-    """The first call (the probe's fallback) and the fused ones after it."""
+    """The fused calls, twice; the first (the probe's fallback, which also reads the data's
+    checks before autograd consumes the loss's graph), three times."""
     model, x, y = Problem(depth=3).make(dtype=torch.float32)
     pre = rc.RiemannianPreconditioner(model, method=method, damping=0.1)
-    for _ in range(3):
+    for call in range(3):
         model.zero_grad()
         loss = F.cross_entropy(model(x), y)
         seen = count_syncs(lambda loss=loss: pre.backward(loss))
-        assert len(seen) <= 2, seen
+        assert len(seen) <= (3 if call == 0 else 2), seen
 
 
 KFAC_CASES = [
