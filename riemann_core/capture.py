@@ -98,15 +98,21 @@ def _same_objects(a: tuple, b: tuple) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
-def _hooked_before(module: nn.Module, hook_id: int) -> bool:
-    """Whether a forward hook other than riemann_core's own (:class:`OwnHook`, which leave
-    the output's values as they are) runs before the hook ``hook_id`` of ``module``."""
-    for key, hook in module._forward_hooks.items():
+def hooked_before(hooks: dict, hook_id: int) -> bool:
+    """Whether a hook other than riemann_core's own (:class:`OwnHook`, which leave the
+    values as they are) runs before the hook ``hook_id`` among a module's ``hooks`` (its
+    ``_forward_hooks`` or ``_forward_pre_hooks``, in the order they run)."""
+    for key, hook in hooks.items():
         if key == hook_id:
             return False
         if not isinstance(hook, OwnHook):
             return True
     return False
+
+
+def hooked_after(hooks: dict, hook_id: int) -> bool:
+    """Whether a hook other than riemann_core's own runs after the hook ``hook_id``."""
+    return hooked_before(dict(reversed(hooks.items())), hook_id)
 
 
 def _versions(value) -> list[tuple[Tensor, int]]:
@@ -140,9 +146,12 @@ class Capture:
         self._recording = not persistent
         self._depth = 0  # calls of the model under way (it may call itself)
         if persistent:
+            self._end_hook = model.register_forward_hook(
+                OwnHook(model, self._end), always_call=True
+            )
             self._hooks += [
                 model.register_forward_pre_hook(OwnHook(model, self._begin), prepend=True),
-                model.register_forward_hook(OwnHook(model, self._end), always_call=True),
+                self._end_hook,
             ]
         names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
         found = owners(model)
@@ -173,6 +182,17 @@ class Capture:
             if not all(p is ref() for p, ref in zip(own, refs, strict=True)):
                 return False
         return True
+
+    def end_last(self, model: nn.Module) -> None:
+        """Run the hook that records the model's output after every other forward hook of
+        ``model`` (one registered since that changes the output would run after it)."""
+        if hooked_after(model._forward_hooks, self._end_hook.id):
+            self._end_hook.remove()
+            self._hooks.remove(self._end_hook)
+            self._end_hook = model.register_forward_hook(
+                OwnHook(model, self._end), always_call=True
+            )
+            self._hooks.append(self._end_hook)
 
     def reset(self) -> None:
         """Forget the recorded forward pass (its tensors are then freed with the graph)."""
@@ -225,8 +245,8 @@ class Capture:
             if record is None:
                 return None
             recorded_args, recorded_kwargs, live, versions, received = record
-            if not _same_objects(received, _call_leaves(args, kwargs)) or _hooked_before(
-                mod, handles[1].id
+            if not _same_objects(received, _call_leaves(args, kwargs)) or hooked_before(
+                mod._forward_hooks, handles[1].id
             ):
                 # a hook registered after these ones, which runs between them and the
                 # forward (a pre-hook that replaces the arguments, a prepended hook that

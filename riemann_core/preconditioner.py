@@ -27,6 +27,8 @@ from .capture import (
     autocast_state,
     buffer_state,
     capturing,
+    hooked_after,
+    hooked_before,
     notes_for,
     rng_devices,
     rng_state,
@@ -137,8 +139,13 @@ class RiemannianPreconditioner:
         self.diagnostics: list[LayerDiagnostics] = []
         self._batch: tuple[tuple, dict, list, dict, dict] | None = None
         self._versions: list[tuple[str | None, Tensor, int]] = []
-        self._hook = model.register_forward_pre_hook(OwnHook(model, self._record), with_kwargs=True)
+        # the batch as the caller passes it, before the model's own pre-hooks (a replay
+        # calls the model, which runs them again); the output after its forward hooks
+        self._hook = model.register_forward_pre_hook(
+            OwnHook(model, self._record), with_kwargs=True, prepend=True
+        )
         self._output_hook = model.register_forward_hook(OwnHook(model, self._record_output))
+        self._prehooked = False  # a pre-hook prepended since ran before the record
         self._output: list[Tensor] | None = None
         self._output_versions: list[int] = []
         # pre.backward(loss) records the user's own forward passes (one process only)
@@ -150,6 +157,7 @@ class RiemannianPreconditioner:
         # under torch.no_grad(), from which no loss is differentiated
         if capturing() or not torch.is_grad_enabled():
             return
+        self._hooks_in_order(module)
         if not kwargs and all(isinstance(a, Tensor) for a in args):  # no pytree walks
             args = inputs = tuple(a.detach() for a in args)
         else:
@@ -172,6 +180,23 @@ class RiemannianPreconditioner:
         self._versions = [(None, t, t._version) for t in inputs] + [
             (n, p, p._version) for n, p in self.model.named_parameters()
         ]
+
+    def _hooks_in_order(self, model: nn.Module) -> None:
+        """Keep the record of a batch before the model's forward pre-hooks and the record of
+        its output after its forward hooks, also those registered since: a pre-hook
+        prepended since has already changed this pass's inputs (:meth:`_check_unchanged`
+        refuses the pass), the next passes are recorded first."""
+        self._prehooked = hooked_before(model._forward_pre_hooks, self._hook.id)
+        if self._prehooked:
+            self._hook.remove()
+            self._hook = model.register_forward_pre_hook(
+                OwnHook(model, self._record), with_kwargs=True, prepend=True
+            )
+        if hooked_after(model._forward_hooks, self._output_hook.id):
+            self._output_hook.remove()
+            self._output_hook = model.register_forward_hook(OwnHook(model, self._record_output))
+        if self._capture is not None:  # after the output's record: it may pass a copy on
+            self._capture.end_last(model)
 
     def _record_output(self, module, args, output):
         # the output a replay of this pass must give again (kept until the next pass); a
@@ -196,6 +221,14 @@ class RiemannianPreconditioner:
         return None
 
     def _check_unchanged(self, call: str) -> None:
+        if self._prehooked:
+            raise ValueError(
+                "a forward pre-hook registered on the model with prepend=True after the "
+                "RiemannianPreconditioner ran before it recorded the batch, so running the "
+                f"forward pass again would apply the hook twice: {call} needs the next "
+                "forward pass (recorded before the hook from now on), or register the "
+                "hook before creating the preconditioner"
+            )
         for name, t, version in self._versions:
             if t._version != version:
                 what = "an input of the forward pass" if name is None else f"parameter {name!r}"

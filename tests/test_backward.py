@@ -426,6 +426,74 @@ def test_backward_follows_the_trainable_parameters_as_they_change(method, change
     assert len(calls) == 1  # fused again once the hooks follow the network
 
 
+def halve_inputs(model, args):
+    return (args[0] * 0.5,)
+
+
+def double_output(model, args, output):
+    return output * 2.0
+
+
+@pytest.mark.parametrize(
+    "kind, registered",
+    [("pre-hook", "before"), ("pre-hook", "after"), ("hook", "before"), ("hook", "after")],
+    ids=lambda v: v,
+)
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_hooks_on_the_model_itself_are_part_of_the_network(kind, registered, call):
+    """A pre-hook that changes the model's inputs, or a hook that changes its output,
+    registered before or after the preconditioner: each call is the oracle's for the
+    network with the hook (the batch is recorded before the pre-hooks, which the replay
+    runs again, and the output after the hooks)."""
+    model, x, y = Problem(depth=3).make()
+    hook = (
+        (lambda: model.register_forward_pre_hook(halve_inputs))
+        if kind == "pre-hook"
+        else (lambda: model.register_forward_hook(double_output))
+    )
+    if registered == "before":
+        hook()
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    if registered == "after":
+        hook()
+    expected = oracle_of(model, x, y, "layerwise")
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        if call == "backward":
+            pre.backward(loss)
+        else:
+            loss.backward()
+            pre.step()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_a_pre_hook_prepended_later_is_refused_once(call):
+    """A pre-hook prepended after the preconditioner ran before the batch's record: that
+    pass cannot be replayed (it would halve the inputs twice) and is refused, ``.grad``
+    untouched; the next forward pass is recorded first and gives the oracle's direction."""
+    model, x, y, pre = primed()
+    model.register_forward_pre_hook(halve_inputs, prepend=True)
+    expected = oracle_of(model, x, y, "layerwise")
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"pre-hook registered on the model with prepend=True"):
+        if call == "backward":
+            pre.backward(loss)
+        else:
+            loss.backward()
+            before = snapshot(model)
+            pre.step()
+    assert_unchanged(model, before)
+    model.zero_grad(set_to_none=True)
+    step(pre, model, x, lambda out: F.cross_entropy(out, y))
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+
+
 class Heads(nn.Module):
     """A frozen trunk and trainable heads in a ModuleDict, as in transfer learning."""
 
