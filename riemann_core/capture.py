@@ -115,6 +115,19 @@ def hooked_after(hooks: dict, hook_id: int) -> bool:
     return hooked_before(dict(reversed(hooks.items())), hook_id)
 
 
+#: The key under which :func:`mark_pass` stamps an output's autograd node.
+FORWARD_PASS = "riemann_core.forward_pass"
+
+
+def mark_pass(output, token: object) -> None:
+    """Stamp the autograd node of each tensor of a forward pass's ``output`` with the
+    pass's ``token`` (a node's ``metadata`` keeps no tensor alive), so that a walk of a
+    loss's graph (``riemann_core.coupling.loss_paths``) tells an earlier pass's output."""
+    for t in (output,) if isinstance(output, Tensor) else pytree.tree_leaves(output):
+        if isinstance(t, Tensor) and t.grad_fn is not None:
+            t.grad_fn.metadata[FORWARD_PASS] = token
+
+
 def _versions(value) -> list[tuple[Tensor, int]]:
     leaves, _ = pytree.tree_flatten(value)
     return [(a, a._version) for a in leaves if isinstance(a, Tensor)]
@@ -138,6 +151,7 @@ class Capture:
     def __init__(self, model: nn.Module, clone: set[str], *, persistent: bool = False):
         self.calls: list[Block] = []
         self.output: Tensor | None = None
+        self.token: object | None = None  # of the pass recorded last (persistent)
         self._clone = clone
         self._stale: set[str] = set()
         self._misordered = False  # a user's hook runs between ours and the forward
@@ -205,12 +219,14 @@ class Capture:
         elif not capturing() and torch.is_grad_enabled():
             self.reset()
             self._depth, self._recording = 1, True
+            self.token = object()  # this pass's, see mark_pass
 
     def _end(self, module, args, output):
         if self._depth:
             self._depth -= 1
             if not self._depth:
                 self.output, self._recording = output, False
+                mark_pass(output, self.token)
                 watched = [(output, output._version)] if isinstance(output, Tensor) else None
                 self._watched.append((MODEL_OUTPUT, watched or _versions(output)))
                 if MODEL_OUTPUT in self._clone:  # the caller's in-place edits change a copy

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from ._checks import Deferred
-from .capture import ModelNotes
+from .capture import FORWARD_PASS, ModelNotes
 from .modules import Block, Handler, SharedHandler
 
 
@@ -236,21 +236,25 @@ class LossPaths:
     """How a loss reaches the network (:func:`loss_paths`): ``outside``, the trainable
     parameters it reaches other than through a module call; ``output``, whether it reaches
     the model's output; ``calls``, whether it reaches a module call other than through
-    the output (a loss on an intermediate activation)."""
+    the output (a loss on an intermediate activation); ``earlier``, whether it reaches the
+    output of an earlier forward pass of the model (:func:`~riemann_core.capture.mark_pass`)."""
 
     outside: list[str]
     output: bool
     calls: bool
+    earlier: bool = False
 
 
 def loss_paths(
-    root: Tensor, output: Tensor, calls: list[Block], names: dict[int, str]
+    root: Tensor, output: Tensor, calls: list[Block], names: dict[int, str], token=None
 ) -> LossPaths:
     """Walk the autograd graph of ``root`` (a loss) down to the model's ``output`` and the
     outputs of its ``calls``, recording where it meets the network (``names``:
     ``{id(p): name}`` of the trainable parameters). A call is resumed at its inputs, so
     every node outside the network's calls is seen: a few per module; the graph under
-    the output is the batch-coupling probe's (:func:`register`)."""
+    the output is the batch-coupling probe's (:func:`register`). A node stamped by
+    :func:`~riemann_core.capture.mark_pass` with another token than ``token`` (that of the pass ``output``
+    comes from) is the output of an earlier pass."""
     calls_at: dict[object, list[Block]] = {}
     for c in calls:
         if c.output.grad_fn is not None:
@@ -265,6 +269,8 @@ def loss_paths(
         if node is None or node in seen:
             continue
         seen.add(node)
+        if node.metadata.get(FORWARD_PASS, token) is not token:
+            paths.earlier = True
         if node in calls_at:
             paths.calls = True
             for t in (t for c in calls_at[node] for t in c.graph_inputs):

@@ -297,12 +297,20 @@ class RiemannianPreconditioner:
         reuse = self._kfac is not None and not self._kfac.needs_factors(names.values())
         try:
             check_one_output(capture.output)
-            paths = coupling.loss_paths(loss, capture.output, capture.calls, names)
+            paths = coupling.loss_paths(loss, capture.output, capture.calls, names, capture.token)
             if not (paths.output or paths.calls):
                 raise ValueError(
                     "the loss was not formed from the outputs of the model's last forward "
                     "pass (with gradients enabled), whose batch the metric is taken at: "
                     "call pre.backward(loss) right after the forward pass of its batch"
+                )
+            if paths.earlier:
+                raise ValueError(
+                    "the loss was formed from more than one forward pass of the model (a "
+                    "siamese, consistency or R-Drop loss), and the metric is taken at one "
+                    "batch: pass the batches through one forward pass (concatenated), or "
+                    "call loss.backward() and then pre.step(), which preconditions with the "
+                    "metric at the last pass's batch"
                 )
             if needs_factor:  # each call: a lookup's option is not seen by the probe's key
                 check_no_frequency_scaling(capture.output, names)

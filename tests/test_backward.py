@@ -309,6 +309,7 @@ def test_backward_solver_failure_leaves_grads(method, monkeypatch):
         ("vector-loss", TypeError, r"needs the loss as a floating-point scalar"),
         ("detached-loss", ValueError, r"the loss is not in an autograd graph"),
         ("older-forward", ValueError, r"not formed from the outputs of the model's last"),
+        ("two-passes", ValueError, r"formed from more than one forward pass of the model"),
         ("optimizer-step", RuntimeError, r"changed in place after the forward pass"),
     ],
     ids=lambda v: v if isinstance(v, str) and " " not in v and "\\" not in v else "",
@@ -328,6 +329,8 @@ def test_backward_refuses_bad_input_and_leaves_grads(bad, error, match):
         loss = loss.detach()
     elif bad == "older-forward":
         model(torch.randn_like(x))
+    elif bad == "two-passes":  # a consistency loss over two batches
+        loss = loss + F.cross_entropy(model(torch.randn_like(x)), y)
     elif bad == "optimizer-step":
         torch.optim.SGD(model.parameters(), lr=0.1).step()
     before = snapshot(model)
