@@ -22,6 +22,9 @@ class Command:
     description: str
     example: str  # the arguments after ``riemann-bench``
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    #: whether it runs on ``--device`` (else ``--device`` only names recorded results,
+    #: which need no such device here: a CUDA sweep analysed on a CPU-only host)
+    runs_on_device: bool = True
 
 
 def ints(text: str) -> tuple[int, ...]:

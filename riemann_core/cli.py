@@ -47,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         before = argv[: argv.index(args.command)]
         owner = parser if any(a in before for a in unknown) else args.parser
         owner.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if getattr(args, "scheduler", None) is None:  # on a cluster, the workers' devices count
+    # on a cluster, the workers' devices count; analyses of recorded results need none
+    if args.runs_on_device and getattr(args, "scheduler", None) is None:
         try:
             check_device(args.device)
         except ValueError as err:
@@ -82,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if command.add_arguments is not None:
             command.add_arguments(sub)
-        sub.set_defaults(run=guarded(command.run), parser=sub)
+        sub.set_defaults(
+            run=guarded(command.run), parser=sub, runs_on_device=command.runs_on_device
+        )
     return parser
 
 

@@ -1,6 +1,8 @@
 """The riemann-bench command line: conventions and the demo."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +29,18 @@ def test_unavailable_device_is_a_clear_usage_error(capsys, monkeypatch):
         cli.main(["demo", "--device", "cuda"])
     assert exit_.value.code == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_analyses_of_recorded_results_need_no_such_device_here(tmp_path, monkeypatch):
+    """``fit --device cuda`` reads reports/cuda, a CUDA sweep copied to a CPU-only host."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    recorded = Path(__file__).parents[1] / "reports" / "cpu"
+    (tmp_path / "reports" / "cuda").mkdir(parents=True)
+    for name in ("results.csv", "sweep.json"):
+        shutil.copy(recorded / name, tmp_path / "reports" / "cuda" / name)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["fit", "--device", "cuda"]) == 0
+    assert (tmp_path / "reports" / "cuda" / "fits.csv").is_file()
 
 
 def test_demo_quick_writes_agreeing_directions(tmp_path, capsys):

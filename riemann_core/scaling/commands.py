@@ -301,6 +301,7 @@ COMMANDS = (
         "rates); per point the FLOP rate and time / speed of light. --device and --quick "
         "only choose the default directory.",
         "fit --out reports/cpu",
+        runs_on_device=False,
     ),
     Command(
         "validate",
@@ -312,6 +313,7 @@ COMMANDS = (
         "generic), and write claims.json: pass, fail, regime not reached or not measured, "
         "each with its reason. --device and --quick only choose the default directory.",
         "validate --out reports/cpu",
+        runs_on_device=False,
     ),
     Command(
         "report",
@@ -323,6 +325,7 @@ COMMANDS = (
         "report.md with the verdicts, tables, environment and regenerating commands. "
         "--device and --quick only choose the default directory.",
         "report --out reports/cpu",
+        runs_on_device=False,
     ),
     Command(
         "run",

@@ -62,6 +62,9 @@ SETTINGS = ("device", "device_name", "dtype", "output_metric")
 #: measurements during a sweep move by up to 20% before a report calls its speed unsteady
 RATE_HEADROOM = 1.25
 
+#: a time model's term that is below this share of every point's time is set to 0
+NEGLIGIBLE_SHARE = 1e-9
+
 #: a point is compute-bound where the overhead ``t0 + t_module L`` is at most this
 #: fraction of its time
 OVERHEAD_TARGET = 0.2
@@ -363,6 +366,10 @@ def fit_time_model(rows: pd.DataFrame) -> TimeModel:
         if math.isfinite(best) and best > 0:
             lowest[i] = 1 / (RATE_HEADROOM * best)
     coef = lsq_linear(weighted / scale, np.ones_like(t), bounds=(lowest * scale, np.inf)).x / scale
+    # at its bound 0 the solver leaves a coefficient of ~1e-30, a rate of 1e24 FLOP/s: a
+    # term below NEGLIGIBLE_SHARE of every point's time is no time (rate inf)
+    negligible = ((features * coef) / t[:, None]).max(axis=0) < NEGLIGIBLE_SHARE
+    coef[negligible & (lowest == 0)] = 0.0
     model = features @ coef
     return TimeModel(
         t0=float(coef[0]),

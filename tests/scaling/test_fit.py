@@ -109,6 +109,16 @@ def test_the_time_model_s_rates_stay_within_the_device_s_best_ones():
     assert fit.fit_time_model(unknown).rates == pytest.approx(fit.fit_time_model(df).rates)
 
 
+def test_a_kind_the_times_do_not_see_takes_no_time_not_an_absurd_rate():
+    """FLOPs of a kind that cost nothing, and no overhead: the solver's leftovers at the
+    bound 0 (~1e-30 s per FLOP) are no time: rate inf, t0 0, not 1e24 GFLOP/s."""
+    machine = Machine(t0=0.0, t_module=3e-4, rates={"products": 4e10, "cholesky": 1e30})
+    df, _ = make_sweep(machine, runs=(("natural", "structured"),), noise=0)
+    model = fit.fit_time_model(df)
+    assert model.t0 == 0 and model.rates["cholesky"] == float("inf")
+    assert model.rates["products"] == pytest.approx(4e10, rel=1e-3)
+
+
 def test_named_rows_carry_their_device_s_best_rates_in_their_dtype():
     df, meta = make_sweep()
     rows = devices.named(df, meta)
