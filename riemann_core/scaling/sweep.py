@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import math
 import time
@@ -250,6 +251,12 @@ def check_grid(grid: Grid) -> None:
     bad_growth = {a: v for a, v in grid.grow.items() if a not in AXES or not _positive_int(v)}
     if bad_growth:
         raise ValueError(f"grow needs axes of {AXES} with positive caps, got {bad_growth}")
+    if next(grid.runs(), None) is None:  # only the generic kernel, for methods without one
+        raise ValueError(
+            f"no point to measure: the generic kernel runs only {', '.join(GENERIC_METHODS)}, "
+            f"and --kernels generic is the only kernel for --methods {','.join(grid.methods)}; "
+            "add structured to --kernels"
+        )
 
 
 def _positive_int(value) -> bool:
@@ -560,21 +567,25 @@ def read_results(path: Path) -> list[dict]:
         return []
     try:
         with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            missing = set(COLUMNS) - set(OPTIONAL) - set(reader.fieldnames or ())
-            if missing:
-                raise ResultsFileError(
-                    f"{path} is not a results file of this version of riemann-bench "
-                    f"(missing columns {sorted(missing)}); move it away or pass another --out"
-                )
-            rows = list(reader)
+            text = f.read()
+        reader = csv.DictReader(io.StringIO(text))
+        missing = set(COLUMNS) - set(OPTIONAL) - set(reader.fieldnames or ())
+        if missing:
+            raise ResultsFileError(
+                f"{path} is not a results file of this version of riemann-bench "
+                f"(missing columns {sorted(missing)}); move it away or pass another --out"
+            )
+        rows = list(reader)
     except (csv.Error, UnicodeDecodeError) as err:
         raise ResultsFileError(
             f"{path} cannot be parsed ({err}); move it away or pass another --out"
         ) from err
     first: dict[tuple, int] = {}
     for i, row in enumerate(rows, start=2):
-        if any(row.get(c) in (None, "") for c in KEY + ("status",)):
+        # every row is written whole, ending in a newline: a short row, or a last one
+        # without its newline, was cut (DictReader fills missing fields with None)
+        cut = None in row or None in row.values() or (i == len(rows) + 1 and text[-1] != "\n")
+        if cut or any(row.get(c) in (None, "") for c in KEY + ("status",)):
             raise ResultsFileError(
                 f"{path} line {i} is incomplete (a truncated or hand-edited file?); "
                 "repair or remove that line, or pass another --out"

@@ -216,11 +216,20 @@ def test_results_of_another_cost_model_are_refused_and_left_alone(tmp_path):
     assert path.read_text() == before
 
 
-def test_truncated_line_is_reported_with_its_number(tmp_path):
+@pytest.mark.parametrize(
+    "cut",
+    [
+        lambda line: line.split(",")[0] + "\n",  # a row of one field
+        lambda line: line[: len(line) // 2],  # cut mid-row, inside a field
+        lambda line: line[:-1],  # inside the last field: every column there, no newline
+    ],
+    ids=["one-field", "mid-row", "last-field"],
+)
+def test_truncated_line_is_reported_with_its_number(tmp_path, cut):
     sw.sweep(sw.Grid(**{**TINY, "methods": ("euclidean",)}), tmp_path, progress=False)
     path = tmp_path / "results.csv"
     text = path.read_text().splitlines()
-    broken = "\n".join(text[:-1] + [text[-1].split(",")[0]]) + "\n"
+    broken = "\n".join(text[:-1] + [cut(text[-1])])
     path.write_text(broken)
     with pytest.raises(sw.ResultsFileError, match=f"line {len(text)} is incomplete"):
         sw.sweep(sw.Grid(**TINY), tmp_path, progress=False)
@@ -244,6 +253,7 @@ def test_truncated_line_is_reported_with_its_number(tmp_path):
         ({"flop_budget": -1.0}, r"^--flop-budget must be positive, got -1$"),
         ({"grow": {"height": 8}}, "grow needs axes"),
         ({"base": {"width": 4}}, "must name exactly"),
+        ({"methods": ("full",), "kernels": ("generic",)}, "no point to measure: the generic"),
     ],
     ids=[
         "zero-width",
@@ -257,6 +267,7 @@ def test_truncated_line_is_reported_with_its_number(tmp_path):
         "flop-budget",
         "grow",
         "base-axes",
+        "no-point",
     ],  # fmt: skip
 )
 def test_bad_grid_options_fail_before_any_work(tmp_path, change, match):
