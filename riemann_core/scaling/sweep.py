@@ -69,7 +69,7 @@ from ..measure.public_kfac import DEFAULT as KFAC_DEFAULT
 from ..measure.public_kfac import Variant
 from ..measure.timing import Timing, interleaved, measure, timing_of
 from ..methods import SLOW_PATHS, recording_slow_paths
-from .worker import lines_here, measure_here, rates_here
+from .worker import device_record, lines_here, measure_here, rates_here
 
 AXES = ("width", "depth", "out_dim", "batch")
 #: Axis -> the command-line option (and ``argparse`` dest) that lists its values.
@@ -947,6 +947,9 @@ def sweep(
     record = {"grid": asdict(grid), "base": grid.base, "axes": grid.axes, **(meta or {})}
     devices = previous_devices(previous)
     session = uuid.uuid4().hex
+    if not runner.placed:  # this process's devices, before any write (workers: as they report)
+        for device in grid.devices:
+            check_timed_alike(devices, device_record(torch.device(device), session))
     task = functools.partial(
         measure_here, measure or measure_point, grid=grid, session=session, placed=runner.placed
     )
@@ -1078,6 +1081,7 @@ def add_device(devices: dict[str, dict], record: dict, when: str | None = None) 
     ``workers`` (``"host physical_device"``) that measured on a device of that name, and,
     for a record of :func:`~riemann_core.scaling.worker.rates_here` measured at ``when``,
     its rates (``device_rates``: ``{"when", "worker", "dtype", kind: [FLOP/s, ...]}``)."""
+    check_timed_alike(devices, record)
     entry = devices.setdefault(record["device_name"], {"workers": [], "device_rates": []})
     worker = f"{record['host']} {record['physical_device']}"
     if worker not in entry["workers"]:
@@ -1086,6 +1090,31 @@ def add_device(devices: dict[str, dict], record: dict, when: str | None = None) 
     if when is not None:
         measured = {"when": when, "worker": worker, "dtype": record["dtype"], **record["rates"]}
         entry["device_rates"].append(measured)
+
+
+#: What an environment record may change between the sessions of one sweep: the time, the
+#: commit (a changed cost model is refused by :func:`check_same_model`), the device's index.
+UNTIMED_ENVIRONMENT = ("time_utc", "commit", "device")
+
+
+def check_timed_alike(devices: dict[str, dict], record: dict) -> None:
+    """Refuse a worker's device ``record`` whose environment differs from the one that
+    timed the sweep's points on a device of its name (in ``devices``) in a setting that
+    times a point (threads, torch, BLAS, allocator, precision; among those both records
+    hold: older ones lack some)."""
+    old, new = devices.get(record["device_name"], {}).get("environment", {}), record["environment"]
+    changed = sorted(
+        k for k in old.keys() & new.keys() - set(UNTIMED_ENVIRONMENT) if old[k] != new[k]
+    )
+    if changed:
+        raise ValueError(
+            f"the sweep's points on {record['device_name']} were timed with "
+            + ", ".join(f"{k} {old[k]!r}" for k in changed)
+            + "; here "
+            + ", ".join(f"{k} {new[k]!r}" for k in changed)
+            + ": resuming would mix their times in one set of fits. Measure with the same "
+            "settings (OMP_NUM_THREADS, torch, the allocator's policy), or pass another --out"
+        )
 
 
 def previous_devices(previous: dict) -> dict[str, dict]:

@@ -307,6 +307,22 @@ def test_resuming_with_other_settings_is_refused(tmp_path, change, message):
     sw.sweep(sw.Grid(**{**grid, "devices": ("cpu",)}), tmp_path, progress=False)  # the same
 
 
+def test_resuming_under_another_timing_environment_is_refused(tmp_path, monkeypatch):
+    """Found by review: a sweep resumed with another thread count kept the rows timed with
+    the first and overwrote the record of their environment."""
+    grid = {**TINY, "methods": ("euclidean",)}
+    sw.sweep(sw.Grid(**grid), tmp_path, progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads + 1)
+    wider = {**grid, "axes": {**grid["axes"], "width": (*grid["axes"]["width"], 12)}}
+    with pytest.raises(
+        ValueError, match=f"timed with threads {threads}; here threads {threads + 1}"
+    ):
+        sw.sweep(sw.Grid(**wider), tmp_path, progress=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_resume_retries_points_that_were_skipped(tmp_path):
     tight = {**TINY, "methods": ("full",), "flop_budget": 1e3}
     sw.sweep(sw.Grid(**tight), tmp_path, progress=False)
