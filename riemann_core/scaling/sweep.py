@@ -623,7 +623,8 @@ MEASURED = (
     "peak_bytes_model",
 )
 #: Columns of a measured point that may also be NaN or empty (not measured: a host whose
-#: peak memory cannot be read) or, for the spread, inf (a median of zero).
+#: peak memory cannot be read) or, for the spread, inf (a median of zero). A measured
+#: time is positive.
 MAYBE_MEASURED = ("peak_bytes", "spread")
 #: The words of a measured point's text columns (space-separated; empty: none).
 WORDS = {"flag": ("spread", "outlier"), "slow_paths": SLOW_PATHS, "interleaved": AXES}
@@ -647,8 +648,10 @@ def _row_problem(row: dict) -> str | None:
         if column in MAYBE_MEASURED:
             value = math.nan if row.get(column) == "" else value
             usable = value is not None and (math.isnan(value) or value >= 0)
+            usable &= column == "spread" or value != math.inf
         else:
             usable = value is not None and math.isfinite(value) and value >= 0
+            usable &= column != "time_median_s" or value > 0  # times divide
         if not usable:
             return f"a measured point with {column} = {row.get(column)!r}"
     times = _times(row["times_s"])
@@ -705,7 +708,14 @@ def read_record(path: Path) -> dict:
             f"{path} is not the record of a sweep (it needs the values of every axis, "
             f"{', '.join(AXES)}); move it away or pass another --out"
         )
-    problem = _rates_problem(record)
+    problem = _rates_problem(record) or next(
+        (
+            f"{key} is {record[key]!r}, not a mapping"
+            for key in ("grid", "growth", "environment")
+            if key in record and not isinstance(record[key], dict)
+        ),
+        None,
+    )
     if problem:
         raise ResultsFileError(
             f"{path}: {problem} (a hand-edited or corrupted file?); restore it, or rerun the "
@@ -731,8 +741,10 @@ def _rates_problem(record: dict) -> str | None:
         for kind, values in session.items():
             if kind in ("when", "dtype", "worker"):
                 continue
-            if not isinstance(values, list) or not all(
-                type(v) in (int, float) and math.isfinite(v) and v > 0 for v in values
+            if (
+                not isinstance(values, list)
+                or not values
+                or not all(type(v) in (int, float) and math.isfinite(v) and v > 0 for v in values)
             ):
                 return f"the {kind} rates of device {name!r} are {values!r}, not FLOP/s"
     return None

@@ -300,12 +300,16 @@ def _edit_record(change):
     return edit
 
 
-def _first_rates(value):
+def _first_rates_list(values):
     def change(record):
         device = next(iter(record["devices"].values()))
-        device["device_rates"][0]["products"] = [value, value]
+        device["device_rates"][0]["products"] = values
 
     return change
+
+
+def _first_rates(value):
+    return _first_rates_list([value, value])
 
 
 def _no_rates(record):
@@ -362,6 +366,12 @@ CORRUPTIONS = {
     "record-garbage": (_record("{not json"), "sweep.json cannot be parsed"),
     "record-base-text": (_record('{"base": "x"}'), "sweep.json is not the record of a sweep"),
     "record-of-another-grid": (_record_of_another_grid, "the two files come from different sweeps"),
+    # found by review: accepted, then crashed a later stage without naming the file
+    "time-zero": (_edit_row("time_median_s", "0"), "a measured point with time_median_s = '0'"),
+    "peak-inf": (_edit_row("peak_bytes", "inf"), "a measured point with peak_bytes = 'inf'"),
+    "record-rates-empty": (_edit_record(_first_rates_list([])), "rates of device"),
+    "record-grid-text": (_edit_record(lambda r: r.update(grid="x")), "grid is 'x', not a mapping"),
+    "record-growth-list": (_edit_record(lambda r: r.update(growth=[1])), "growth is [1], not a"),
 }
 
 
