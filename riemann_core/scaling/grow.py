@@ -68,11 +68,17 @@ def plan(rows: list[dict], grid: Grid, *, elapsed: float) -> Plan:
         model = models.get(key)
         for axis, cap in grid.grow.items():
             on_axis = fit.axis_points(group, grid.base, axis, ok_only=False)
-            if on_axis.empty or model is None:
+            if on_axis.empty:
                 continue
             name = f"{key[0]}/{key[1]}/{axis}"
             if several:  # a cluster with several kinds of device grows each on its own
                 name += f" on {key[2 + fit.SETTINGS.index('device_name')]}"
+            if model is None:
+                out.decisions[name] = (
+                    f"not grown: too few ok points for a time model of {key[0]} ({key[1]}), "
+                    "which decides whether an axis reached its regime; add points to the grid"
+                )
+                continue
             top = on_axis.loc[on_axis[axis].idxmax()]
             if top["status"] != "ok":
                 out.decisions[name] = f"stopped at {axis}={top[axis]}: {top['reason']}"

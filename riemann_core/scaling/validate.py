@@ -418,7 +418,10 @@ def _flop_claim(spec: FlopClaim, df: pd.DataFrame, base: Mapping[str, int]) -> C
     rows = rows.sort_values(spec.axis).drop_duplicates(spec.axis)
     subject = f"{spec.method} ({kernel}) along {spec.axis}"
     if len(rows) < 2:
-        why = "the budgets stopped the axis"
+        planned = fit.axis_points(df, base, spec.axis, ok_only=False)
+        planned = planned[(planned["method"] == spec.method) & (planned["kernel"] == kernel)]
+        grid = planned[spec.axis].nunique()
+        why = f"the grid has {grid} on the axis" if grid < 2 else "the budgets stopped the axis"
         if spec.within:
             why += f", or it ends past the range ({RANGE_ENDS[spec.within]})"
         reason = f"{len(rows)} ok points of {subject} ({why}); need 2."

@@ -400,6 +400,19 @@ def test_growth_doubles_an_axis_while_the_overhead_dominates(overhead, changes, 
     assert [r["width"] for r in plan.runs] == ([32] if grown else [])
 
 
+def test_an_axis_without_a_time_model_says_why_it_did_not_grow():
+    """Found by review: too few points for a time model, and growth was skipped silently
+    (the verdicts then blamed the budgets)."""
+    grid, rows = synthetic_rows(1e-3, widths=(4,))
+    grid = sw.Grid(**{**TINY, "methods": ("layerwise",), "grow": {"width": 64}})
+    plan = grow.plan(rows[:2], grid, elapsed=0.0)
+    assert (
+        "not grown: too few ok points for a time model"
+        in plan.decisions["layerwise/structured/width"]
+    )
+    assert plan.runs == []
+
+
 def test_growth_stops_where_another_kind_of_device_measured_the_next_point():
     _, rows = synthetic_rows(1e-3)  # would grow to width 32
     rows = [{**r, "device_name": "GPU A"} for r in rows]

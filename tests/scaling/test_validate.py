@@ -406,3 +406,10 @@ def test_a_sweep_of_one_point_compares_no_exponent():
     factor = by_id(claims, "structured-vs-generic")
     assert "%" not in factor.detail
     assert factor.verdict == "regime not reached" and "is not known" in factor.detail
+
+
+def test_an_axis_of_one_point_in_the_grid_is_not_blamed_on_the_budgets():
+    axes = {**AXES, "batch": (32,)}
+    claim = by_id(va.validate(*make_sweep(axes=axes), n_boot=50), "layerwise-structured-d")
+    assert claim.verdict == "regime not reached"
+    assert "the grid has 1 on the axis" in claim.detail and "budgets" not in claim.detail
