@@ -86,3 +86,20 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert cli.main(["fit", "--out", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("riemann-bench fit: error: ") and "Traceback" not in err
+
+
+def test_an_out_that_cannot_be_written_stops_a_sweep_before_any_work(tmp_path, capsys, monkeypatch):
+    """Found by review: the device rates were measured first (tens of seconds)."""
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "out"))
+
+    def measured(*args, **kwargs):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr("tempfile.TemporaryFile", unwritable)
+    monkeypatch.setattr("riemann_core.measure.timing.device_rates", measured)
+    out = tmp_path / "out"
+    assert cli.main(["sweep", "--quick", "--workers", "0", "--out", str(out)]) == 2
+    assert "Permission denied" in capsys.readouterr().err
+    assert not out.exists()  # the directory it made is removed again

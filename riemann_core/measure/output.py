@@ -60,12 +60,15 @@ def replace_generated_block(path: Path, name: str, block: str) -> Path:
 
 @contextmanager
 def results_directory(out: Path) -> Iterator[Path]:
-    """``out`` made (with its missing parents) for a command's results and, if the command
-    fails before it writes anything there, removed again with the parents it made: a
-    failed start leaves no empty directory behind, and never touches one that was there."""
+    """``out`` made (with its missing parents) for a command's results, and checked
+    writable before any work; if the command fails before it writes anything there, it is
+    removed again with the parents it made: a failed start leaves no empty directory
+    behind, and never touches one that was there."""
     made = [d for d in (out, *out.parents) if not d.exists()]  # out first
     out.mkdir(parents=True, exist_ok=True)
     try:
+        with tempfile.TemporaryFile(dir=out):  # an --out we cannot write to stops us here
+            pass
         yield out
     except BaseException:
         for directory in made:  # rmdir removes empty directories only

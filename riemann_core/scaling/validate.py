@@ -254,8 +254,9 @@ def validate(
     for setting in fit.SETTINGS:
         if setting in ok and ok[setting].nunique() > 1:
             raise ValueError(
-                f"the results mix {setting}s {sorted(ok[setting].unique())}; validate one "
-                f"device, dtype and output metric at a time, e.g. df[df.{setting} == ...]"
+                f"the results mix {setting}s {sorted(ok[setting].unique())}, and the claims "
+                f"judge one at a time: sweep each {setting} into its own --out (from Python, "
+                f"pass the rows of one, e.g. df[df.{setting} == ...])"
             )
     base = sweep_meta["base"]
     claims = [_flops_match(df, base)]  # it lists the points that took slow paths
