@@ -294,7 +294,7 @@ class RiemannianPreconditioner:
         needs_factor = SOLVERS[self.method].NEEDS_FACTOR
         key = coupling.probe_key(model, *self._batch[:2])
         probing = needs_factor and coupling.needs_probe(notes, key, opts.check_coupling)
-        reuse = self._kfac is not None and not self._kfac.needs_factors(names.values())
+        reuse = self._kfac is not None and not self._kfac.needs_factors(params)
         try:
             check_one_output(capture.output)
             paths = coupling.loss_paths(loss, capture.output, capture.calls, names, capture.token)
@@ -418,7 +418,7 @@ class RiemannianPreconditioner:
         full = {
             n: gradient[n].detach() if n in gradient else torch.zeros_like(p) for n, p in params
         }
-        if self._kfac is not None and not self._kfac.needs_factors(full):
+        if self._kfac is not None and not self._kfac.needs_factors(params):
             directions, diagnostics = self._kfac.reuse(full, self.options, checks)
         else:
             args, kwargs, state, buffers, autocast = self._batch

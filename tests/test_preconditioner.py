@@ -22,6 +22,7 @@ from oracle import (
     solve_kfac_metric,
     unflatten,
 )
+from torch import nn
 
 import riemann_core as rc
 from riemann_core._checks import Deferred
@@ -352,6 +353,41 @@ def test_kfac_refresh_reuses_the_factorisation_between_refreshes(scheme, bias):
     for t in (1, 2):
         expected = solve_kfac_metric(factors, steps[t]["gradient"], 1e-2, scheme, bias)
         assert rel_error(flatten(steps[t]["direction"], model), expected) < 1e-10
+
+
+def swap_module(model):
+    model[2] = nn.Linear(model[2].in_features, model[2].out_features).double()
+
+
+def replace_parameter(model):
+    model[2].weight = nn.Parameter(torch.randn_like(model[2].weight))
+
+
+def widen(model):
+    model[2] = nn.Linear(model[2].in_features, 8).double()
+    model[4] = nn.Linear(8, model[4].out_features).double()
+
+
+@pytest.mark.parametrize(
+    ("change", "changed"), [(swap_module, {1}), (replace_parameter, {1}), (widen, {1, 2})],
+    ids=lambda v: getattr(v, "__name__", ""),
+)  # fmt: skip
+def test_kfac_refactorises_a_module_whose_parameters_changed_between_refreshes(change, changed):
+    """Found by review: a module swapped or a parameter replaced between refreshes kept the
+    old module's cached factorisation (silently, or failing at every step when the shapes
+    changed). The changed modules are factorised from this batch, the others reused."""
+    model, _, _ = Problem(depth=3).make()
+    data = batches(2)
+    pre = rc.RiemannianPreconditioner(model, method="kfac", damping=1e-2, kfac_refresh=10)
+    first = kfac_steps(pre, model, data[:1])[0]
+    stale = factors_at(model, first["params"], *data[0])
+    torch.manual_seed(3)
+    change(model)
+    second = kfac_steps(pre, model, data[1:])[0]
+    fresh = factors_at(model, second["params"], *data[1])
+    mixed = [fresh[i] if i in changed else stale[i] for i in range(len(stale))]
+    expected = solve_kfac_metric(mixed, second["gradient"], 1e-2, "exact", "joint")
+    assert rel_error(flatten(second["direction"], model), expected) < 1e-10
 
 
 def averaged(history, decay):

@@ -411,10 +411,16 @@ class KFACState:
         """Whether this step refreshes the factorisations."""
         return self.steps % self.refresh == 0
 
-    def needs_factors(self, names) -> bool:
-        """Whether a step on the parameters ``names`` needs this batch's factors."""
-        cached = {n for c in self._cached.values() for n in c.block.param_names}
-        return self.decay > 0 or self.due or cached != set(names)
+    def needs_factors(self, params) -> bool:
+        """Whether a step on ``params`` (``(name, parameter)`` pairs) needs this batch's
+        factors: when due, with running averages, and where the cached blocks were
+        factorised for other parameters (a module swapped, a parameter replaced, frozen or
+        unfrozen: compared by identity, which the cached blocks keep)."""
+        return (
+            self.decay > 0
+            or self.due
+            or _identities(self._cached.values()) != {(n, id(p)) for n, p in params}
+        )
 
     def solve(
         self, handler: PatchHandler, index: int, gradient: list[Tensor], opts: Options
@@ -424,7 +430,7 @@ class KFACState:
         name = handler.block.name
         old = self._cached.get(name)
         cached = old is not None and not self.due
-        cached = cached and list(old.block.param_names) == list(handler.block.param_names)
+        cached = cached and _identities([old]) == _identities([handler])
         if not cached or self.decay > 0:
             gamma, inputs = module_factors(handler, opts)
         if self.decay > 0:
@@ -479,6 +485,12 @@ class KFACState:
         """Forget what a failed step computed."""
         self._pending_averages: dict[str, Tensor] = {}
         self._pending: dict[str, tuple[PatchHandler | None, KroneckerSolve]] = {}
+
+
+def _identities(solved) -> set[tuple[str, int]]:
+    """``(name, id)`` of the parameters of each block of ``solved`` (handlers or cached
+    blocks)."""
+    return {(n, id(p)) for c in solved for n, p in zip(c.block.param_names, c.block.params)}
 
 
 def _cache(handler: PatchHandler, s: KroneckerSolve) -> Cached:
