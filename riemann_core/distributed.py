@@ -242,8 +242,9 @@ class _Group:
             self.fail(failure, failed, "its forward pass, pullback or checks")
         if len({row[2] for row in table}) > 1:
             raise ValueError(
-                "the ranks see different blocks (other modules called, or samples of other "
-                "shapes): every rank must run the same network on samples of one shape"
+                "the ranks see different blocks or options (other modules called, samples "
+                "of other shapes, another damping, output metric or solve option): every "
+                "rank must run the same network on samples of one shape, with the same options"
             )
         return [row[1] for row in table]
 
@@ -450,13 +451,26 @@ def _samples(problem: Problem) -> int:
     return (block.calls[0] if block.calls else block).output.shape[0]
 
 
-def _signature(problem: Problem, shares: list[_Share], method: str) -> int:
-    """A checksum of the blocks and what each rank sends for them (equal on every rank
-    that runs the same network on samples of one shape)."""
+#: The options every rank's solve must share (a rank's diagnostics, probe and generator
+#: are its own); a custom output metric by its name.
+SHARED_OPTIONS = (
+    "damping", "loss", "output_metric", "samples", "kernel", "solve_dtype", "refine",
+    "kfac_damping", "kfac_bias",
+)  # fmt: skip
+
+
+def _signature(problem: Problem, shares: list[_Share], method: str, opts: Options) -> int:
+    """A checksum of the blocks, what each rank sends for them and the options of the
+    solve (equal on every rank that runs the same network on samples of one shape with
+    the same options: an owner solves with its own)."""
     blocks = [(b.name, b.n_params) for b in problem.blocks]
     kinds = [type(h).__name__ for h in problem.handlers]
     layouts = [s.layout for s in shares]
-    return zlib.crc32(repr((method, problem.given, blocks, kinds, layouts)).encode())
+    options = [
+        getattr(v, "__qualname__", type(v).__name__) if callable(v) else repr(v)
+        for v in (getattr(opts, k) for k in SHARED_OPTIONS)
+    ]
+    return zlib.crc32(repr((method, problem.given, blocks, kinds, layouts, options)).encode())
 
 
 def _common(dtypes) -> torch.dtype:
@@ -527,9 +541,17 @@ def solve(
     with observer.phase("local"):
         failure, problem, shares = _local(build, method, opts, checks, global_gradient, alone)
     with observer.phase("agree"):
-        signature = 0 if problem is None else _signature(problem, shares, method)
+        signature = 0 if problem is None else _signature(problem, shares, method, opts)
         sizes = net.agree(failure, 0 if problem is None else _samples(problem), signature)
         N = sum(sizes)
+        if global_gradient and problem.given and len(set(sizes)) > 1:  # on every rank
+            raise ValueError(
+                f"DistributedDataParallel averaged the ranks' gradients with equal weights, "
+                f"but the shards hold {sizes} samples, and the global batch's mean loss "
+                "weights shard p by N_p / N: give every rank as many samples (e.g. "
+                "DistributedSampler(..., drop_last=True)), or pass the model itself, not "
+                "wrapped, and the preconditioner combines the shards' gradients by weight"
+            )
         owners = (
             [0] * len(problem.blocks)
             if alone

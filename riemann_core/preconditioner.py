@@ -127,6 +127,12 @@ class RiemannianPreconditioner:
             check_coupling=check_coupling,
         )
         self._kfac = _kfac_state(method, kfac_refresh, kfac_decay)
+        if isinstance(model, DistributedDataParallel) and process_group is None:
+            raise ValueError(
+                "a DistributedDataParallel model averages the gradient over its process "
+                "group, and the metric must be the global batch's too: pass that group as "
+                "process_group (e.g. torch.distributed.group.WORLD)"
+            )
         if process_group is not None:
             distributed.check_group(process_group, timeout)
             _check_distributed_kfac(self._kfac)

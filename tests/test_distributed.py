@@ -226,6 +226,26 @@ def _failures(rank, world) -> dict:
         layerwise.solve = original
     out["grad kept"] = all(torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
 
+    # found by review: DDP's equal-weight average of uneven shards, and DDP without the
+    # group (each rank's own metric), gave silently wrong, and diverging, directions
+    wrapped = DistributedDataParallel(network("mlp")[0])
+    out["ddp without group"] = _outcome(lambda: rc.RiemannianPreconditioner(wrapped))
+    pre_ddp = rc.RiemannianPreconditioner(
+        wrapped, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
+    )
+    F.cross_entropy(wrapped(x[part]), y[part]).backward()
+    before = {n: p.grad.clone() for n, p in wrapped.module.named_parameters()}
+    out["ddp uneven"] = _outcome(pre_ddp.step)
+    out["ddp grad kept"] = all(
+        torch.equal(p.grad, before[n]) for n, p in wrapped.module.named_parameters()
+    )
+    other = rc.RiemannianPreconditioner(  # another damping on the last rank
+        model, damping=DAMPING * (2 if rank == world - 1 else 1),
+        process_group=dist.group.WORLD, timeout=TIMEOUT,
+    )  # fmt: skip
+    F.cross_entropy(model(x[part]), y[part]).backward()
+    out["other damping"] = _outcome(other.step)
+
     if world > 1:  # the last rank never calls: the others time out, then the group is spent
         pre.timeout = 2.0
         out["absent rank"] = None if rank == world - 1 else _outcome(pre.step)
@@ -370,6 +390,25 @@ def test_a_failing_owner_leaves_grad_as_it_was_on_every_rank(run):
         assert kind == ("SolveError" if rank == 0 else "DistributedError")
         assert "forced failure of the owner's solve" in message
         assert result["failures"]["grad kept"]
+
+
+def test_ddp_needs_the_group_and_equal_shards_and_ranks_the_same_options(run):
+    world, results = run
+    for result in results:
+        failures = result["failures"]
+        kind, message = failures["ddp without group"]
+        assert kind == "ValueError" and "pass that group as process_group" in message
+        if world == 2:  # shards of 5 and 7 samples
+            kind, message = failures["ddp uneven"]
+            assert kind == "ValueError" and "the shards hold [5, 7] samples" in message
+            assert failures["ddp grad kept"]
+        else:
+            assert failures["ddp uneven"] is None
+        if world > 1:
+            kind, message = failures["other damping"]
+            assert kind == "ValueError" and "see different blocks or options" in message
+        else:
+            assert failures["other damping"] is None
 
 
 def test_an_absent_rank_times_out_instead_of_hanging(run):
