@@ -12,6 +12,7 @@ from ._checks import (
     Deferred,
     check_classes_last,
     check_generator,
+    check_inputs,
     check_model,
     check_no_frequency_scaling,
     check_one_output,
@@ -494,6 +495,7 @@ class RiemannianPreconditioner:
                 )
             device = params[0][1].device
             check_generator(self.options.generator, self.options.output_metric, device)
+            check_inputs(*self._batch[:2], None, checks)  # an empty shard, named
             for name, grad in with_grad.items():
                 _check_grad(name, grad, checks)
         # a parameter without .grad took no part in the loss: a zero vector, left as None

@@ -686,3 +686,16 @@ def test_a_grad_that_cannot_be_used_is_refused(call):
     model(x)
     with pytest.raises(TypeError, match="the .grad of '0.bias' is torch.sparse_coo"):
         pre.step() if call == "step" else pre.backward(F.cross_entropy(model(x), y))
+
+
+def test_step_on_an_empty_batch_names_it():
+    """Found by review (an empty shard of a data-parallel step): torch's reduction error
+    came out instead; ``.grad`` stays as it was."""
+    model, _, _ = Problem(depth=3).make()
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+    x = torch.randn(0, model[0].in_features, dtype=torch.float64)
+    F.cross_entropy(model(x), torch.zeros(0, dtype=torch.long), reduction="sum").backward()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"inputs hold an empty batch \(shape \(0, "):
+        pre.step()
+    assert_unchanged(model, before)
