@@ -17,6 +17,7 @@ model runs its submodules inside a compiled graph where hooks do not fire.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -115,17 +116,35 @@ def hooked_after(hooks: dict, hook_id: int) -> bool:
     return hooked_before(dict(reversed(hooks.items())), hook_id)
 
 
-#: The key under which :func:`mark_pass` stamps an output's autograd node.
-FORWARD_PASS = "riemann_core.forward_pass"
+#: Serial numbers of the :class:`Capture` objects: each stamps under a key of its own.
+_CAPTURES = itertools.count()
 
 
-def mark_pass(output, token: object) -> None:
+def mark_pass(output, key: str, token: object) -> None:
     """Stamp the autograd node of each tensor of a forward pass's ``output`` with the
-    pass's ``token`` (a node's ``metadata`` keeps no tensor alive), so that a walk of a
-    loss's graph (``riemann_core.coupling.loss_paths``) tells an earlier pass's output."""
+    pass's ``token`` under the capture's ``key`` (a node's ``metadata`` keeps no tensor
+    alive; another model's capture stamps under its own key), so that a walk of a graph
+    (``riemann_core.coupling.loss_paths``, :func:`reaches_pass`) tells an earlier pass's
+    output."""
     for t in (output,) if isinstance(output, Tensor) else pytree.tree_leaves(output):
         if isinstance(t, Tensor) and t.grad_fn is not None:
-            t.grad_fn.metadata[FORWARD_PASS] = token
+            t.grad_fn.metadata[key] = token
+
+
+def reaches_pass(tensors, key: str) -> bool:
+    """Whether the autograd graph of ``tensors`` holds an output stamped under ``key``:
+    a forward pass fed with an earlier pass's output (``model(model(x))``). Walks only
+    where inputs carry a graph (the usual batch has none)."""
+    seen, stack = set(), [t.grad_fn for t in tensors if isinstance(t, Tensor)]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if key in node.metadata:
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 def _versions(value) -> list[tuple[Tensor, int]]:
@@ -152,6 +171,8 @@ class Capture:
         self.calls: list[Block] = []
         self.output: Tensor | None = None
         self.token: object | None = None  # of the pass recorded last (persistent)
+        self.key = f"riemann_core.forward_pass.{next(_CAPTURES)}"  # see mark_pass
+        self.chained = False  # the pass recorded last was fed an earlier one's output
         self._clone = clone
         self._stale: set[str] = set()
         self._misordered = False  # a user's hook runs between ours and the forward
@@ -220,13 +241,14 @@ class Capture:
             self.reset()
             self._depth, self._recording = 1, True
             self.token = object()  # this pass's, see mark_pass
+            self.chained = reaches_pass(args, self.key)
 
     def _end(self, module, args, output):
         if self._depth:
             self._depth -= 1
             if not self._depth:
                 self.output, self._recording = output, False
-                mark_pass(output, self.token)
+                mark_pass(output, self.key, self.token)
                 watched = [(output, output._version)] if isinstance(output, Tensor) else None
                 self._watched.append((MODEL_OUTPUT, watched or _versions(output)))
                 if MODEL_OUTPUT in self._clone:  # the caller's in-place edits change a copy

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from ._checks import Deferred
-from .capture import FORWARD_PASS, ModelNotes
+from .capture import ModelNotes
 from .modules import Block, Handler, SharedHandler
 
 
@@ -246,15 +246,20 @@ class LossPaths:
 
 
 def loss_paths(
-    root: Tensor, output: Tensor, calls: list[Block], names: dict[int, str], token=None
+    root: Tensor,
+    output: Tensor,
+    calls: list[Block],
+    names: dict[int, str],
+    key: str = "",
+    token=None,
 ) -> LossPaths:
     """Walk the autograd graph of ``root`` (a loss) down to the model's ``output`` and the
     outputs of its ``calls``, recording where it meets the network (``names``:
     ``{id(p): name}`` of the trainable parameters). A call is resumed at its inputs, so
     every node outside the network's calls is seen: a few per module; the graph under
     the output is the batch-coupling probe's (:func:`register`). A node stamped by
-    :func:`~riemann_core.capture.mark_pass` with another token than ``token`` (that of the pass ``output``
-    comes from) is the output of an earlier pass."""
+    :func:`~riemann_core.capture.mark_pass` under ``key`` with another token than ``token``
+    (that of the pass ``output`` comes from) is the output of an earlier pass."""
     calls_at: dict[object, list[Block]] = {}
     for c in calls:
         if c.output.grad_fn is not None:
@@ -269,7 +274,7 @@ def loss_paths(
         if node is None or node in seen:
             continue
         seen.add(node)
-        if node.metadata.get(FORWARD_PASS, token) is not token:
+        if key and node.metadata.get(key, token) is not token:
             paths.earlier = True
         if node in calls_at:
             paths.calls = True

@@ -147,9 +147,11 @@ class RiemannianPreconditioner:
         self._batch: tuple[tuple, dict, list, dict, dict] | None = None
         self._versions: list[tuple[str | None, Tensor, int]] = []
         # the batch as the caller passes it, before the model's own pre-hooks (a replay
-        # calls the model, which runs them again); the output after its forward hooks
+        # calls the model, which runs them again); the output after its forward hooks. A
+        # replay runs a DistributedDataParallel's module, not the wrapper's hooks: there
+        # the batch is the one the wrapper's pre-hooks pass on
         self._hook = model.register_forward_pre_hook(
-            OwnHook(model, self._record), with_kwargs=True, prepend=True
+            OwnHook(model, self._record), with_kwargs=True, prepend=self.network is model
         )
         self._output_hook = model.register_forward_hook(OwnHook(model, self._record_output))
         self._prehooked = False  # a pre-hook prepended since ran before the record
@@ -164,7 +166,8 @@ class RiemannianPreconditioner:
         # under torch.no_grad(), from which no loss is differentiated
         if capturing() or not torch.is_grad_enabled():
             return
-        self._hooks_in_order(module)
+        if self.network is module:
+            self._hooks_in_order(module)
         if not kwargs and all(isinstance(a, Tensor) for a in args):  # no pytree walks
             args = inputs = tuple(a.detach() for a in args)
         else:
@@ -227,15 +230,18 @@ class RiemannianPreconditioner:
         notes_for(self.model).clone.add(MODEL_OUTPUT)
         return None
 
-    def _check_unchanged(self, call: str) -> None:
+    def _check_replayable(self) -> None:
+        """Before a replay of the recorded pass (a fused ``backward`` runs none)."""
         if self._prehooked:
             raise ValueError(
                 "a forward pre-hook registered on the model with prepend=True after the "
                 "RiemannianPreconditioner ran before it recorded the batch, so running the "
-                f"forward pass again would apply the hook twice: {call} needs the next "
+                "forward pass again for the metric would apply the hook twice: run the next "
                 "forward pass (recorded before the hook from now on), or register the "
                 "hook before creating the preconditioner"
             )
+
+    def _check_unchanged(self, call: str) -> None:
         for name, t, version in self._versions:
             if t._version != version:
                 what = "an input of the forward pass" if name is None else f"parameter {name!r}"
@@ -304,18 +310,20 @@ class RiemannianPreconditioner:
         reuse = self._kfac is not None and not self._kfac.needs_factors(params)
         try:
             check_one_output(capture.output)
-            paths = coupling.loss_paths(loss, capture.output, capture.calls, names, capture.token)
+            paths = coupling.loss_paths(
+                loss, capture.output, capture.calls, names, capture.key, capture.token
+            )
             if not (paths.output or paths.calls):
                 raise ValueError(
                     "the loss was not formed from the outputs of the model's last forward "
                     "pass (with gradients enabled), whose batch the metric is taken at: "
                     "call pre.backward(loss) right after the forward pass of its batch"
                 )
-            if paths.earlier:
+            if paths.earlier or capture.chained:
                 raise ValueError(
                     "the loss was formed from more than one forward pass of the model (a "
-                    "siamese, consistency or R-Drop loss), and the metric is taken at one "
-                    "batch: pass the batches through one forward pass (concatenated), or "
+                    "siamese, consistency or R-Drop loss, or the model applied to its own "
+                    "output), and the metric is taken at one batch: pass the batches through one forward pass (concatenated), or "
                     "call loss.backward() and then pre.step(), which preconditions with the "
                     "metric at the last pass's batch"
                 )
@@ -329,6 +337,8 @@ class RiemannianPreconditioner:
             if reuse or stale or probing or rehook or paths.outside:
                 # autograd consumes the loss's graph: the data's checks first (one host
                 # sync, on a path that runs a second forward), so a refused loss keeps it
+                if not reuse:
+                    self._check_replayable()
                 checks.run()
                 gradient = self._autograd_gradient(loss, params)
                 for name, g in gradient.items():
@@ -428,6 +438,7 @@ class RiemannianPreconditioner:
         if self._kfac is not None and not self._kfac.needs_factors(params):
             directions, diagnostics = self._kfac.reuse(full, self.options, checks)
         else:
+            self._check_replayable()
             args, kwargs, state, buffers, autocast = self._batch
             directions, diagnostics = solve(
                 self.network,

@@ -358,6 +358,45 @@ def test_backward_refusing_a_nan_loss_keeps_its_graph(first_call):
     assert all(p.grad is not None and p.grad.isnan().all() for p in model.parameters())
 
 
+def test_a_model_applied_to_its_own_output_is_refused():
+    """``model(model(x))``: the earlier pass is reached only through the last pass's input
+    (found by review: the fused calls dropped its parameters' gradient, silently)."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 4, (16,))
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    for _ in range(2):  # the first call, and a fused one after a plain step
+        loss = F.cross_entropy(model(model(x)), y)
+        before = snapshot(model)
+        with pytest.raises(ValueError, match="or the model applied to its own output"):
+            pre.backward(loss)
+        assert_unchanged(model, before)
+        pre.backward(F.cross_entropy(model(x), y))
+
+
+def test_a_loss_through_another_preconditioned_model_is_one_pass():
+    """A GAN's generator step, ``loss = mse(D(G(z)), 1)``, with preconditioners on both: D's
+    pass is not an earlier pass of G (found by review: every call was refused; each
+    capture stamps under its own key now). G's direction is that of ``loss.backward()``
+    and ``pre_G.step()``: the same gradient, the metric at G's output."""
+    torch.manual_seed(9)
+    G = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 4)).double()
+    D = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    pre_G = rc.RiemannianPreconditioner(G, loss="mse", damping=DAMPING)
+    rc.RiemannianPreconditioner(D, loss="mse", damping=DAMPING)
+    z, ones = torch.randn(8, 3, dtype=torch.float64), torch.ones(8, 1, dtype=torch.float64)
+    for _ in range(2):  # the first call, then the fused one
+        D(G(z).detach())  # the discriminator's own pass, as its step makes one
+        G.zero_grad(set_to_none=True)
+        pre_G.backward(F.mse_loss(D(G(z)), ones))
+        fused = [p.grad.clone() for p in G.parameters()]
+        G.zero_grad(set_to_none=True)
+        F.mse_loss(D(G(z)), ones).backward()
+        pre_G.step()
+        for p, direction in zip(G.parameters(), fused, strict=True):
+            torch.testing.assert_close(direction, p.grad, rtol=1e-9, atol=1e-12)
+
+
 def test_backward_before_any_forward_raises():
     model, x, y = Problem().make()
     pre = rc.RiemannianPreconditioner(model)
@@ -472,29 +511,33 @@ def test_hooks_on_the_model_itself_are_part_of_the_network(kind, registered, cal
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("call", ["backward", "step"])
-def test_a_pre_hook_prepended_later_is_refused_once(call):
-    """A pre-hook prepended after the preconditioner ran before the batch's record: that
-    pass cannot be replayed (it would halve the inputs twice) and is refused, ``.grad``
-    untouched; the next forward pass is recorded first and gives the oracle's direction."""
+def test_a_pre_hook_prepended_later_is_refused_where_the_pass_is_replayed():
+    """A pre-hook prepended after the preconditioner ran before the batch's record: a
+    fused ``backward`` (no replay) is the oracle's direction, while ``step``, which runs
+    the pass again (it would halve the inputs twice), refuses it once, ``.grad``
+    untouched; the next forward pass is recorded first and its step is the oracle's."""
     model, x, y, pre = primed()
     model.register_forward_pre_hook(halve_inputs, prepend=True)
     expected = oracle_of(model, x, y, "layerwise")
+
+    def check():
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+
+    step(pre, model, x, lambda out: F.cross_entropy(out, y))
+    check()
+    model.register_forward_pre_hook(halve_inputs, prepend=True)  # another, before the record
+    expected = oracle_of(model, x, y, "layerwise")
     model.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(x), y)
+    F.cross_entropy(model(x), y).backward()
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"pre-hook registered on the model with prepend=True"):
-        if call == "backward":
-            pre.backward(loss)
-        else:
-            loss.backward()
-            before = snapshot(model)
-            pre.step()
+        pre.step()
     assert_unchanged(model, before)
     model.zero_grad(set_to_none=True)
-    step(pre, model, x, lambda out: F.cross_entropy(out, y))
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    check()
 
 
 class Heads(nn.Module):

@@ -73,15 +73,15 @@ def plan(rows: list[dict], grid: Grid, *, elapsed: float) -> Plan:
             name = f"{key[0]}/{key[1]}/{axis}"
             if several:  # a cluster with several kinds of device grows each on its own
                 name += f" on {key[2 + fit.SETTINGS.index('device_name')]}"
+            top = on_axis.loc[on_axis[axis].idxmax()]
+            if top["status"] != "ok":
+                out.decisions[name] = f"stopped at {axis}={top[axis]}: {top['reason']}"
+                continue
             if model is None:
                 out.decisions[name] = (
                     f"not grown: too few ok points for a time model of {key[0]} ({key[1]}), "
                     "which decides whether an axis reached its regime; add points to the grid"
                 )
-                continue
-            top = on_axis.loc[on_axis[axis].idxmax()]
-            if top["status"] != "ok":
-                out.decisions[name] = f"stopped at {axis}={top[axis]}: {top['reason']}"
                 continue
             ok = on_axis[on_axis["status"] == "ok"]
             regime = fit.axis_regime(ok, model, target=grid.overhead_target, n_boot=200)

@@ -959,7 +959,10 @@ def sweep(
     record = {"grid": asdict(grid), "base": grid.base, "axes": grid.axes, **(meta or {})}
     devices = previous_devices(previous)
     session = uuid.uuid4().hex
-    if not runner.placed:  # this process's devices, before any write (workers: as they report)
+    # a resumed sweep measures in this process as it did: checked before any write (a
+    # cluster's workers on one kind of device may run on hosts that differ; their spread
+    # of rates is judged by the claims, see fit.rate_spread)
+    if rows and not runner.placed:
         for device in grid.devices:
             check_timed_alike(devices, device_record(torch.device(device), session))
     task = functools.partial(
@@ -1093,7 +1096,6 @@ def add_device(devices: dict[str, dict], record: dict, when: str | None = None) 
     ``workers`` (``"host physical_device"``) that measured on a device of that name, and,
     for a record of :func:`~riemann_core.scaling.worker.rates_here` measured at ``when``,
     its rates (``device_rates``: ``{"when", "worker", "dtype", kind: [FLOP/s, ...]}``)."""
-    check_timed_alike(devices, record)
     entry = devices.setdefault(record["device_name"], {"workers": [], "device_rates": []})
     worker = f"{record['host']} {record['physical_device']}"
     if worker not in entry["workers"]:

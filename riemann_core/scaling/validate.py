@@ -48,8 +48,7 @@ the algorithm, would decide it. Except a pass decided by points timed in the sam
 interleaved rounds (``basis`` :data:`INTERLEAVED`: a depth line, or the top pairs of the
 deciding axes, see :func:`~riemann_core.scaling.sweep.time_lines`): a slow spell slowed its
 points alike, and the noise within the rounds is in its interval; load makes times deviate
-from a claim, not agree with it, so a fail or regime not reached there stays too noisy. A
-regime not reached for want of points (no figure measured) stays what it is.
+from a claim, not agree with it, so a fail or regime not reached there stays too noisy.
 
 - ``time-explained-<method>``: along width and batch (``n`` and ``d``), over the top
   segment of compute-bound points (overhead at most
@@ -278,12 +277,9 @@ def validate(
     judged(_structured_factor(df, base, models, n_boot, seed))
     spread = fit.rate_spread(sweep_meta, fit.ok_dtype(df))
     moved = {k: v for k, v in spread.items() if v > SPREAD_LIMIT}
-    # a regime not reached for want of points (no figure measured) is not the noise's
     judged = (PASS, FAIL, NOT_REACHED)
     return claims + [
-        _unsteady(c, moved)
-        if moved and c.basis != "flops" and c.verdict in judged and c.measured is not None
-        else c
+        _unsteady(c, moved) if moved and c.basis != "flops" and c.verdict in judged else c
         for c in timed
     ]
 
@@ -752,13 +748,28 @@ def _crossover(df: pd.DataFrame, base: Mapping[str, int]) -> Claim:
             f"full within {EXTRAPOLATION_DOUBLINGS} doublings of the width."
         )
         return Claim(cid, text, expected, None, None, None, FAIL, reason, "time")
-    where = f"already at width {widest}" if fewer == widest else f"from width {fewer} on (doubling)"
+    if fewer == widest:  # fewer FLOPs and more time: slower per FLOP at these sizes
+        per_flop = (layerwise[widest] / _counted(df, base, "layerwise", "structured", widest)) / (
+            full[widest] / _counted(df, base, "full", kernel, widest)
+        )
+        where = (
+            f"already at width {widest}, where its time per counted FLOP is {per_flop:.3g}x full's"
+        )
+    else:
+        where = f"from width {fewer} on (doubling the widest)"
     reason = (
         f"Full is faster at every width where both ran: {subject}. The cost models give "
-        f"layerwise fewer FLOPs than full {where}: the per-call overhead and the rates at "
-        "these sizes decide the times, not the work; a grid that reaches wider decides."
+        f"layerwise fewer FLOPs than full {where}: the claim speaks of the widths where "
+        "layerwise's smaller work decides, which these times do not reach; a grid that "
+        "reaches wider decides."
     )
     return Claim(cid, text, expected, None, None, None, NOT_REACHED, reason, "time")
+
+
+def _counted(df: pd.DataFrame, base, method: str, kernel: str, width: int) -> float:
+    """Median counted FLOPs of ``method``/``kernel`` at ``width`` on the width axis."""
+    rows = fit.method_points(df, base, method, kernel, "width")
+    return float(rows.loc[rows["width"] == width, "flops"].median())
 
 
 def _fewer_flops_from(top: pd.Series, full_kernel: str) -> int | None:

@@ -411,6 +411,20 @@ def test_an_axis_without_a_time_model_says_why_it_did_not_grow():
         in plan.decisions["layerwise/structured/width"]
     )
     assert plan.runs == []
+    _, rows = synthetic_rows(1e-3, widths=(4,), statuses={8: "skipped"})  # the budget first
+    plan = grow.plan([rows[0], rows[-1]], grid, elapsed=0.0)
+    assert plan.decisions["layerwise/structured/width"] == "stopped at width=8: planted skipped"
+
+
+def test_workers_on_one_kind_of_device_may_run_on_hosts_that_differ():
+    """A cluster's workers with one device name on hosts of other CPUs or thread counts
+    (found by review: a fresh sweep stopped after its first row); only resuming under
+    another environment is refused, see above."""
+    devices = {}
+    for host, threads in (("a", 8), ("b", 16)):
+        record = {"device_name": "GPU X", "host": host, "physical_device": "cuda:0"}
+        sw.add_device(devices, {**record, "environment": {"threads": threads}})
+    assert devices["GPU X"]["workers"] == ["a cuda:0", "b cuda:0"]
 
 
 def test_growth_stops_where_another_kind_of_device_measured_the_next_point():
