@@ -194,8 +194,8 @@ class RiemannianPreconditioner:
     def _hooks_in_order(self, model: nn.Module) -> None:
         """Keep the record of a batch before the model's forward pre-hooks and the record of
         its output after its forward hooks, also those registered since: a pre-hook
-        prepended since has already changed this pass's inputs (:meth:`_check_unchanged`
-        refuses the pass), the next passes are recorded first."""
+        prepended since has already changed this pass's inputs (:meth:`_check_replayable`
+        refuses to replay the pass), the next passes are recorded first."""
         self._prehooked = hooked_before(model._forward_pre_hooks, self._hook.id)
         if self._prehooked:
             self._hook.remove()
@@ -323,9 +323,10 @@ class RiemannianPreconditioner:
                 raise ValueError(
                     "the loss was formed from more than one forward pass of the model (a "
                     "siamese, consistency or R-Drop loss, or the model applied to its own "
-                    "output), and the metric is taken at one batch: pass the batches through one forward pass (concatenated), or "
-                    "call loss.backward() and then pre.step(), which preconditions with the "
-                    "metric at the last pass's batch"
+                    "output), and the metric is taken at one batch: pass the batches "
+                    "through one forward pass (concatenated), or call loss.backward() and "
+                    "then pre.step(), which preconditions with the metric at the last pass's "
+                    "batch"
                 )
             if needs_factor:  # each call: a lookup's option is not seen by the probe's key
                 check_no_frequency_scaling(capture.output, names)

@@ -68,8 +68,8 @@ from a claim, not agree with it, so a fail or regime not reached there stays too
   than ``full`` at every width where both ran: pass if it exists. Where ``full`` is faster
   at the largest width where both ran: regime not reached where the budgets stopped
   ``full`` there, or where the cost models count fewer FLOPs for layerwise than for
-  ``full`` at that width or further out (overhead and the rates at small sizes decide the
-  times until then); fail only where they never do (within
+  ``full`` at that width or further out (the detail gives layerwise's time per counted
+  FLOP against full's where its work is already smaller); fail only where they never do (within
   :data:`EXTRAPOLATION_DOUBLINGS` doublings of the width).
 - ``structured-vs-generic``: generic / structured layerwise time at the largest width where
   both ran, bootstrapped over the repeats: pass if the interval lies above
@@ -737,8 +737,8 @@ def _crossover(df: pd.DataFrame, base: Mapping[str, int]) -> Claim:
         reason = f"Full is faster at width {widest} and the budgets stopped it there: {subject}."
         return Claim(cid, text, expected, None, None, None, NOT_REACHED, reason, "time")
     # a finite grid cannot show "never": the cost models decide whether layerwise's work
-    # falls below full's further out (then overhead and the rates at small sizes decide
-    # the times measured so far), or never does (false of the algorithms)
+    # falls below full's here or further out (the times measured so far do not reach the
+    # widths the claim speaks of), or never does (false of the algorithms)
     top = fit.method_points(df, base, "layerwise", "structured", "width")
     top = top[top["width"] == widest].iloc[0]
     fewer = _fewer_flops_from(top, kernel)
