@@ -518,7 +518,8 @@ def test_a_client_killed_midway_resumes_without_losing_or_repeating_points(tmp_p
     grid = sw.Grid(**TINY)
     total = len(list(grid.runs()))
     assert 3 <= len(before) < total  # killed halfway
-    result = sw.sweep(grid, out, progress=False)
+    with dispatch.runner(dispatch.ClusterOptions(), "cpu") as runner:  # as it ran
+        result = sw.sweep(grid, out, progress=False, runner=runner)
     after = sw.read_results(path)
     keys = [sw.key_of(r) for r in after]
     assert len(keys) == len(set(keys)) == total

@@ -159,7 +159,9 @@ def test_killed_sweep_resumes_without_losing_or_duplicating_points(tmp_path):
     script = textwrap.dedent(f"""
         import time
         from pathlib import Path
+        import torch
         from riemann_core.scaling import sweep as sw
+        torch.set_num_threads({torch.get_num_threads()})  # resumed here: timed alike
         real = sw.measure_point
         def slow(run, grid):
             time.sleep(0.3)
