@@ -125,7 +125,8 @@ def mark_pass(output, key: str, token: object) -> None:
     pass's ``token`` under the capture's ``key`` (a node's ``metadata`` keeps no tensor
     alive; another model's capture stamps under its own key), so that a walk of a graph
     (``riemann_core.coupling.loss_paths``, :func:`reaches_pass`) tells an earlier pass's
-    output."""
+    output; the outputs of the pass's module calls are stamped alike (a loss on an earlier
+    pass's hidden features)."""
     for t in (output,) if isinstance(output, Tensor) else pytree.tree_leaves(output):
         if isinstance(t, Tensor) and t.grad_fn is not None:
             t.grad_fn.metadata[key] = token
@@ -133,8 +134,9 @@ def mark_pass(output, key: str, token: object) -> None:
 
 def reaches_pass(tensors, key: str) -> bool:
     """Whether the autograd graph of ``tensors`` holds an output stamped under ``key``:
-    a forward pass fed with an earlier pass's output (``model(model(x))``). Walks only
-    where inputs carry a graph (the usual batch has none)."""
+    a forward pass fed with an earlier pass's output (``model(model(x))``). Called once
+    per preconditioned loss, on the inputs that carry a graph (the usual batch has none);
+    it walks what lies upstream, as autograd's own backward would."""
     seen, stack = set(), [t.grad_fn for t in tensors if isinstance(t, Tensor)]
     while stack:
         node = stack.pop()
@@ -172,7 +174,7 @@ class Capture:
         self.output: Tensor | None = None
         self.token: object | None = None  # of the pass recorded last (persistent)
         self.key = f"riemann_core.forward_pass.{next(_CAPTURES)}"  # see mark_pass
-        self.chained = False  # the pass recorded last was fed an earlier one's output
+        self.inputs: list[Tensor] = []  # the recorded pass's inputs that carry a graph
         self._clone = clone
         self._stale: set[str] = set()
         self._misordered = False  # a user's hook runs between ours and the forward
@@ -185,7 +187,9 @@ class Capture:
                 OwnHook(model, self._end), always_call=True
             )
             self._hooks += [
-                model.register_forward_pre_hook(OwnHook(model, self._begin), prepend=True),
+                model.register_forward_pre_hook(
+                    OwnHook(model, self._begin), prepend=True, with_kwargs=True
+                ),
                 self._end_hook,
             ]
         names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
@@ -231,17 +235,21 @@ class Capture:
 
     def reset(self) -> None:
         """Forget the recorded forward pass (its tensors are then freed with the graph)."""
-        self.calls, self.output = [], None
+        self.calls, self.output, self.inputs = [], None, []
         self._stale, self._watched = set(), []
 
-    def _begin(self, module, args) -> None:
+    def _begin(self, module, args, kwargs) -> None:
         if self._depth:
             self._depth += 1
         elif not capturing() and torch.is_grad_enabled():
             self.reset()
             self._depth, self._recording = 1, True
             self.token = object()  # this pass's, see mark_pass
-            self.chained = reaches_pass(args, self.key)
+            # kept to walk only if a loss is preconditioned (reaches_pass), every leaf
+            leaves = args if not kwargs else pytree.tree_leaves((args, kwargs))
+            if len(leaves) != len(args) or not all(isinstance(a, Tensor) for a in args):
+                leaves = pytree.tree_leaves((args, kwargs))  # nested: no fast path
+            self.inputs = [t for t in leaves if isinstance(t, Tensor) and t.grad_fn is not None]
 
     def _end(self, module, args, output):
         if self._depth:
@@ -314,6 +322,8 @@ class Capture:
                 )
             )
             self._watched.append((name, versions + [(output, output._version)]))
+            if self.token is not None and output.grad_fn is not None:  # see mark_pass
+                output.grad_fn.metadata[self.key] = self.token
             # what the rest of the network changes in place is then a copy
             return output.clone() if name in self._clone else None
 

@@ -31,6 +31,7 @@ from .capture import (
     hooked_after,
     hooked_before,
     notes_for,
+    reaches_pass,
     rng_devices,
     rng_state,
 )
@@ -153,7 +154,10 @@ class RiemannianPreconditioner:
         self._hook = model.register_forward_pre_hook(
             OwnHook(model, self._record), with_kwargs=True, prepend=self.network is model
         )
-        self._output_hook = model.register_forward_hook(OwnHook(model, self._record_output))
+        self._output_hook = model.register_forward_hook(
+            OwnHook(model, self._record_output), always_call=True
+        )
+        self._depth = 0  # calls of the model under way (it may call itself)
         self._prehooked = False  # a pre-hook prepended since ran before the record
         self._output: list[Tensor] | None = None
         self._output_versions: list[int] = []
@@ -165,6 +169,9 @@ class RiemannianPreconditioner:
         # riemann_core's own forward passes are not the user's batch, nor are evaluations
         # under torch.no_grad(), from which no loss is differentiated
         if capturing() or not torch.is_grad_enabled():
+            return
+        self._depth += 1
+        if self._depth > 1:  # the model calling itself: the outermost call is the batch
             return
         if self.network is module:
             self._hooks_in_order(module)
@@ -204,14 +211,19 @@ class RiemannianPreconditioner:
             )
         if hooked_after(model._forward_hooks, self._output_hook.id):
             self._output_hook.remove()
-            self._output_hook = model.register_forward_hook(OwnHook(model, self._record_output))
+            self._output_hook = model.register_forward_hook(
+                OwnHook(model, self._record_output), always_call=True
+            )
         if self._capture is not None:  # after the output's record: it may pass a copy on
             self._capture.end_last(model)
 
     def _record_output(self, module, args, output):
         # the output a replay of this pass must give again (kept until the next pass); a
         # copy where the caller changes it in place and no capture passes a copy on
-        if not capturing() and torch.is_grad_enabled():
+        if capturing() or not torch.is_grad_enabled() or not self._depth:
+            return
+        self._depth -= 1
+        if not self._depth:  # the outermost call's end (also when its forward raised)
             copy = self._capture is None and MODEL_OUTPUT in notes_for(self.model).clone
             self._output = [
                 t.detach().clone() if copy else t.detach()
@@ -319,7 +331,7 @@ class RiemannianPreconditioner:
                     "pass (with gradients enabled), whose batch the metric is taken at: "
                     "call pre.backward(loss) right after the forward pass of its batch"
                 )
-            if paths.earlier or capture.chained:
+            if paths.earlier or reaches_pass(capture.inputs, capture.key):
                 raise ValueError(
                     "the loss was formed from more than one forward pass of the model (a "
                     "siamese, consistency or R-Drop loss, or the model applied to its own "

@@ -374,6 +374,97 @@ def test_a_model_applied_to_its_own_output_is_refused():
         pre.backward(F.cross_entropy(model(x), y))
 
 
+class Refine(nn.Module):
+    """``net(x) (+ bias)``: an earlier pass's output may come in as a keyword or in a list."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4))
+
+    def forward(self, x, bias=None):
+        x = x[0] if isinstance(x, list) else x
+        return self.net(x) if bias is None else self.net(x) + bias
+
+
+Y4 = torch.arange(16) % 4
+
+
+def hidden_of_an_earlier_pass(model, x):
+    """A loss on a pass's output and on the first layer's output of a pass before it."""
+    kept = []
+    handle = model.net[0].register_forward_hook(lambda m, args, out: kept.append(out))
+    model(x)
+    handle.remove()
+    return F.cross_entropy(model(x), Y4) + kept[0].square().mean()
+
+
+@pytest.mark.parametrize(
+    "two_passes",
+    [
+        lambda m, x: F.cross_entropy(m(x, bias=m(x)), Y4),
+        lambda m, x: F.cross_entropy(m([m([x])]), Y4),
+        lambda m, x: hidden_of_an_earlier_pass(m, x),
+    ],
+    ids=["keyword", "in-a-list", "hidden-features"],
+)
+def test_an_earlier_pass_reached_otherwise_is_refused(two_passes):
+    """An earlier pass's output given as a keyword or inside a list, or its hidden features
+    (kept by a hook) in the loss: refused as two passes (found by review: accepted, and
+    the fused calls dropped or mis-preconditioned the earlier pass's gradient)."""
+    torch.manual_seed(10)
+    model = Refine().double()
+    x = torch.randn(16, 4, dtype=torch.float64)
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    for _ in range(2):  # the first call, and a fused one after a plain step
+        loss = two_passes(model, x)
+        with pytest.raises(ValueError, match="more than one forward pass of the model"):
+            pre.backward(loss)
+        pre.backward(F.cross_entropy(model(x), Y4))
+
+
+class Recursive(nn.Module):
+    """Three applications of one block, the model calling itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 8), nn.Linear(8, 4)
+
+    def forward(self, x, n=2):
+        out = self.l2(torch.tanh(self.l1(x)))
+        return out if n == 0 else self(out, n - 1)
+
+
+class Unrolled(Recursive):
+    def forward(self, x):
+        for _ in range(3):
+            x = self.l2(torch.tanh(self.l1(x)))
+        return x
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_a_model_that_calls_itself_is_recorded_at_its_outermost_call(call):
+    """Found by review: each nested call overwrote the recorded batch (and lost its
+    keyword), so the replay ran another network. The direction is that of the same
+    network written unrolled, on every call."""
+    torch.manual_seed(11)
+    model = Recursive().double()
+    twin = Unrolled().double()
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(16, 4, dtype=torch.float64)
+    expected = oracle_of(twin, x, Y4, "layerwise")
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), Y4)
+        if call == "backward":
+            pre.backward(loss)
+        else:
+            loss.backward()
+            pre.step()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+
+
 def test_a_loss_through_another_preconditioned_model_is_one_pass():
     """A GAN's generator step, ``loss = mse(D(G(z)), 1)``, with preconditioners on both: D's
     pass is not an earlier pass of G (found by review: every call was refused; each
