@@ -338,7 +338,8 @@ class RiemannianPreconditioner:
                     "output), and the metric is taken at one batch: pass the batches "
                     "through one forward pass (concatenated), or call loss.backward() and "
                     "then pre.step(), which preconditions with the metric at the last pass's "
-                    "batch"
+                    "batch; a state carried over from an earlier step (an RNN's hidden state) "
+                    "is detached first, as truncated backpropagation through time does"
                 )
             if needs_factor:  # each call: a lookup's option is not seen by the probe's key
                 check_no_frequency_scaling(capture.output, names)
