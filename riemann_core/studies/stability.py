@@ -101,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dampings", type=floats, metavar="A,B,..", help="values of mu")
     group.add_argument("--sizes", type=ints, metavar="A,B,..", help="training-set sizes n")
     group.add_argument(
-        "--pairs", type=int, help="pairs (seeds) per point, at least 2 for an interval"
+        "--pairs", type=int, help="pairs (seeds) per point, at least 5 for an interval (a verdict)"
     )
     group.add_argument("--steps", type=int, help="training steps per run, the same for every n")
     group.add_argument("--lr", type=float, help="learning rate, the same for every point")
@@ -262,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
         "test": len(pool.test),
         "environment": env,
     }
+    (out / "pairs.csv").unlink(missing_ok=True)  # not an earlier sweep's beside this record
     write_json(out, "stability.json", meta)
     points = [
         (p, n, method, mu)

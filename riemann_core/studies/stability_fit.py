@@ -61,14 +61,20 @@ def joint_slopes(pairs: pd.DataFrame, *, seed: int = 0, n_boot: int = 2000) -> p
     return pd.DataFrame(rows)
 
 
+#: Pair seeds a bootstrap interval needs: resampling ``k`` seeds gives ``C(2k - 1, k)``
+#: distinct resamples (3 for 2 seeds, 10 for 3, 126 for 5), too few below 5 to bound a
+#: slope (with 2 seeds the interval is the two seeds' own slopes).
+MIN_PAIRS = 5
+
+
 def cluster_fit(
     data: pd.DataFrame, metric: str, axes: tuple[str, ...], *, seed: int, n_boot: int
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Least squares of ``log metric`` on ``1, log axes...`` over the pairs with a positive
     distance, and ``n_boot`` bootstrap coefficient vectors, each refitted on a resample of
     the pair seeds with all of a seed's points kept together (a pair's ``S``, ``S'`` is
-    shared across the grid, so its points are not independent). ``None`` when the points
-    span fewer than two values of an axis."""
+    shared across the grid, so its points are not independent); none with fewer than
+    :data:`MIN_PAIRS` seeds. ``None`` when the points span fewer than two values of an axis."""
     data = data[data[metric] > 0]
     if any(data[axis].nunique() < 2 for axis in axes):
         return None
@@ -79,7 +85,7 @@ def cluster_fit(
     rows_of = [np.flatnonzero(pair == p) for p in np.unique(pair)]
     rng = np.random.default_rng(seed)
     boots = []
-    for _ in range(n_boot if len(rows_of) > 1 else 0):
+    for _ in range(n_boot if len(rows_of) >= MIN_PAIRS else 0):
         take = np.concatenate([rows_of[i] for i in rng.integers(0, len(rows_of), len(rows_of))])
         if np.linalg.matrix_rank(design[take]) == design.shape[1]:
             boots.append(np.linalg.lstsq(design[take], target[take], rcond=None)[0])
@@ -147,7 +153,7 @@ def verdict(slope: float, low: float, high: float, predicted: float) -> str:
     most ``MAX_WIDTH`` wide (agrees), holds it but is wider (inconclusive), or lies wholly
     below (the distance falls faster) or above it (falls slower)."""
     if math.isnan(low):
-        return "no interval (one pair)"
+        return f"no interval (fewer than {MIN_PAIRS} pair seeds)"
     if high < predicted:
         return "falls faster than the bound"
     if low > predicted:

@@ -268,6 +268,8 @@ def _study(args: argparse.Namespace, out: Path) -> None:
                 )[-1]
                 tuning.append(last)
             chosen[model_name, method] = choose(pd.DataFrame(tuning), model_name, method)
+    # this study's tables, not beside an earlier study's runs (a report would mix them)
+    (out / "runs.csv").unlink(missing_ok=True)
     write_atomic(out / "tuning.csv", pd.DataFrame(tuning).to_csv(index=False))
     if all(c is None for c in chosen.values()):
         raise ValueError(

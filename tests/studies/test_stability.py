@@ -128,7 +128,9 @@ def test_verdict_reads_the_interval_against_the_bound():
     assert verdict(-1.1, -1.3, -0.9, -1.0) == "agrees with the bound"
     assert verdict(-2.0, -2.2, -1.8, -1.0) == "falls faster than the bound"
     assert verdict(-0.2, -0.4, 0.1, -1.0) == "falls slower than the bound"
-    assert verdict(-0.2, float("nan"), float("nan"), -1.0) == "no interval (one pair)"
+    assert (
+        verdict(-0.2, float("nan"), float("nan"), -1.0) == "no interval (fewer than 5 pair seeds)"
+    )
     assert verdict(0.5, -2.0, 3.0, -1.0) == "inconclusive"  # holds -1, but also 0 and more
 
 
@@ -263,3 +265,22 @@ def test_bad_options_are_clear_errors(options, message, tmp_path, capsys):
     assert cli.main(["stability", "--quick", *options, "--out", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o" / "pairs.csv").exists()
+
+
+def test_a_sweep_stopped_early_leaves_no_earlier_pairs_beside_its_record(
+    sweep, tmp_path, monkeypatch
+):
+    """Found by review: a rerun into the same --out stopped before its first pair left the
+    earlier sweep's pairs.csv beside the new stability.json."""
+    from riemann_core.studies import stability
+
+    copy_study(sweep, tmp_path)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stability, "pair_distance", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([*SMALL, "--steps", "20", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "stability.json").read_text())["sweep"]["steps"] == 20
+    assert not (tmp_path / "pairs.csv").exists()

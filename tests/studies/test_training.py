@@ -368,3 +368,24 @@ def test_a_study_interrupted_before_its_first_table_leaves_no_directory(tmp_path
     with pytest.raises(KeyboardInterrupt):
         cli.main(["train", "--quick", "--out", str(tmp_path / "new" / "out")])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_study_stopped_early_leaves_no_earlier_runs_beside_its_record(
+    study, tmp_path, monkeypatch
+):
+    """Found by review: a rerun into the same --out stopped after tuning left the earlier
+    study's runs.csv beside the new training.json, and the report mixed the two."""
+    from riemann_core.measure import output
+
+    copy_study(study, tmp_path)
+    write_json = output.write_json
+
+    def stopped(out, name, record):  # interrupted right after the record is written
+        write_json(out, name, record)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(output, "write_json", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([*SMALL, "--seed", "5", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "training.json").read_text())["seed"] == 5
+    assert not (tmp_path / "runs.csv").exists()
