@@ -8,7 +8,7 @@ import pytest
 
 from riemann_core import cli
 from riemann_core.studies.training import choose
-from riemann_core.studies.training_report import spread, target_table, to_target
+from riemann_core.studies.training_report import spread, summary, target_table, to_target
 
 SMALL = ["train", "--quick", "--models", "mlp", "--methods", "sgd,layerwise", "--epochs", "0.5",
          "--seeds", "2", "--lrs", "0.1,0.3", "--dampings", "0.1", "--evaluations", "4"]  # fmt: skip
@@ -389,3 +389,23 @@ def test_a_study_stopped_early_leaves_no_earlier_runs_beside_its_record(
         cli.main([*SMALL, "--seed", "5", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "training.json").read_text())["seed"] == 5
     assert not (tmp_path / "runs.csv").exists()
+
+
+def test_the_summary_does_not_crown_a_method_for_one_lucky_seed():
+    """Found by review: medians over the seeds that reached the target let a method that
+    reached it in 1 of 2 seeds win "least time". Seeds that never reached it count as
+    never: ``fast`` (1 of 2, at 10 steps) has no median, ``steady`` (2 of 2, at 40) wins."""
+
+    def run(method, seed, hit_step):
+        return [
+            dict(model="mlp", method=method, seed=seed, step=s, time_s=s / 100, status="ok",
+                 test_accuracy=0.9 if hit_step is not None and s >= hit_step else 0.5)
+            for s in (10, 20, 40, 80)
+        ]  # fmt: skip
+
+    runs = pd.DataFrame(
+        run("fast", 0, 10) + run("fast", 1, None) + run("steady", 0, 40) + run("steady", 1, 40)
+    )
+    (line,) = summary(runs, 0.8)
+    assert "fewest steps to 0.8 test accuracy: `steady` (40)" in line
+    assert "least time: `steady`" in line
