@@ -598,6 +598,9 @@ def test_a_sweep_times_its_depth_lines_and_top_pairs_again_interleaved(tmp_path,
     sw.sweep(grid, tmp_path, progress=False)
     before = {sw.key_of(r): r for r in rows_of(tmp_path / "results.csv")}
     monkeypatch.setattr(sw, "_direction_call", recording)
+    # a loaded machine's noise must not re-measure an outlier here (its new row would fail
+    # to build, and its line drop out of the group: CI failed so once)
+    monkeypatch.setattr(grow, "outliers", lambda rows: [])
     with pytest.warns(
         UserWarning, match=r"layerwise \(generic\) along depth, width, batch.*cannot"
     ):
