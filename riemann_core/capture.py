@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -132,7 +133,21 @@ def mark_pass(output, key: str, token: object) -> None:
             t.grad_fn.metadata[key] = token
 
 
-def reaches_pass(tensors, key: str) -> bool:
+def calls_under_way(module: nn.Module) -> int:
+    """Calls of ``module`` on this thread's stack, the one whose hook asks included. Hooks
+    count a module's nested calls, and an interrupt (``KeyboardInterrupt``, which
+    ``always_call`` hooks do not see) would leave such a count stuck: read where it says
+    nested, to tell."""
+    code, count = nn.Module._call_impl.__code__, 0
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code and frame.f_locals.get("self") is module:
+            count += 1
+        frame = frame.f_back
+    return count
+
+
+def reaches_pass(tensors, key: str, token: object) -> bool:
     """Whether the autograd graph of ``tensors`` holds an output stamped under ``key``:
     a forward pass fed with an earlier pass's output (``model(model(x))``). Called once
     per preconditioned loss, on the inputs that carry a graph (the usual batch has none);
@@ -143,7 +158,7 @@ def reaches_pass(tensors, key: str) -> bool:
         if node is None or node in seen:
             continue
         seen.add(node)
-        if key in node.metadata:
+        if node.metadata.get(key, token) is not token:
             return True
         stack.extend(next_node for next_node, _ in node.next_functions)
     return False
@@ -239,6 +254,8 @@ class Capture:
         self._stale, self._watched = set(), []
 
     def _begin(self, module, args, kwargs) -> None:
+        if self._depth and calls_under_way(module) < 2:
+            self._depth = 0  # a call interrupted (KeyboardInterrupt) never ended: not nested
         if self._depth:
             self._depth += 1
         elif not capturing() and torch.is_grad_enabled():
@@ -322,8 +339,14 @@ class Capture:
                 )
             )
             self._watched.append((name, versions + [(output, output._version)]))
-            if self.token is not None and output.grad_fn is not None:  # see mark_pass
-                output.grad_fn.metadata[self.key] = self.token
+            # see mark_pass; not a node of the inputs' (a module passing its input on)
+            node = output.grad_fn
+            if (
+                self.token is not None
+                and node is not None
+                and all(a.grad_fn is not node for a in live)
+            ):
+                node.metadata[self.key] = self.token
             # what the rest of the network changes in place is then a copy
             return output.clone() if name in self._clone else None
 

@@ -27,6 +27,7 @@ from .capture import (
     Replay,
     autocast_state,
     buffer_state,
+    calls_under_way,
     capturing,
     hooked_after,
     hooked_before,
@@ -170,6 +171,8 @@ class RiemannianPreconditioner:
         # under torch.no_grad(), from which no loss is differentiated
         if capturing() or not torch.is_grad_enabled():
             return
+        if self._depth and calls_under_way(module) < 2:
+            self._depth = 0  # a call interrupted (KeyboardInterrupt) never ended: not nested
         self._depth += 1
         if self._depth > 1:  # the model calling itself: the outermost call is the batch
             return
@@ -331,7 +334,7 @@ class RiemannianPreconditioner:
                     "pass (with gradients enabled), whose batch the metric is taken at: "
                     "call pre.backward(loss) right after the forward pass of its batch"
                 )
-            if paths.earlier or reaches_pass(capture.inputs, capture.key):
+            if paths.earlier or reaches_pass(capture.inputs, capture.key, capture.token):
                 raise ValueError(
                     "the loss was formed from more than one forward pass of the model (a "
                     "siamese, consistency or R-Drop loss, or the model applied to its own "

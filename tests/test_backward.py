@@ -465,6 +465,71 @@ def test_a_model_that_calls_itself_is_recorded_at_its_outermost_call(call):
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
 
 
+class Interruptible(nn.Module):
+    """An MLP whose forward raises ``KeyboardInterrupt`` once (Ctrl-C in a notebook)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.interrupt = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4)), False
+
+    def forward(self, x):
+        out = self.net(x)
+        if self.interrupt:
+            self.interrupt = False
+            raise KeyboardInterrupt
+        return out
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_a_forward_pass_interrupted_leaves_no_stale_record(call):
+    """Found by review: a KeyboardInterrupt inside forward (which hooks with always_call do
+    not see) left the call count stuck, so every later pass looked nested: step used the
+    interrupted pass's batch silently, backward refused every loss."""
+    torch.manual_seed(12)
+    model = Interruptible().double()
+    x, x2 = (torch.randn(16, 4, dtype=torch.float64) for _ in range(2))
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    model.interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        model(x)
+    expected = oracle_of(model, x2, Y4, "layerwise")
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x2), Y4)
+    if call == "backward":
+        pre.backward(loss)
+    else:
+        loss.backward()
+        pre.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+
+
+class Adapter(nn.Module):
+    """A trainable scale, disabled: its input passed on as it is (stochastic depth, an
+    adapter switched off)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x
+
+
+def test_a_module_passing_its_input_on_is_one_pass():
+    """Found by review: with an input that carries a graph (an encoder's output), a module
+    that returns its input stamped the input's node, which then read as an earlier pass."""
+    torch.manual_seed(13)
+    encoder = nn.Linear(4, 4).double()
+    model = nn.Sequential(Adapter(), nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel="auto")
+    x = torch.randn(16, 4, dtype=torch.float64)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        pre.backward(F.cross_entropy(model(encoder(x)), Y4))
+        assert model[1].weight.grad is not None
+
+
 def test_a_loss_through_another_preconditioned_model_is_one_pass():
     """A GAN's generator step, ``loss = mse(D(G(z)), 1)``, with preconditioners on both: D's
     pass is not an earlier pass of G (found by review: every call was refused; each

@@ -262,7 +262,11 @@ def run(args: argparse.Namespace) -> int:
         "test": len(pool.test),
         "environment": env,
     }
-    (out / "pairs.csv").unlink(missing_ok=True)  # not an earlier sweep's beside this record
+    # not an earlier sweep's pairs, slopes, figures or report beside this record
+    for name in ("pairs.csv", "slopes.csv", "joint_slopes.csv", "report.md"):
+        (out / name).unlink(missing_ok=True)
+    for figure in out.glob("distance_vs_*.png"):
+        figure.unlink()
     write_json(out, "stability.json", meta)
     points = [
         (p, n, method, mu)

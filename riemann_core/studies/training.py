@@ -268,8 +268,11 @@ def _study(args: argparse.Namespace, out: Path) -> None:
                 )[-1]
                 tuning.append(last)
             chosen[model_name, method] = choose(pd.DataFrame(tuning), model_name, method)
-    # this study's tables, not beside an earlier study's runs (a report would mix them)
-    (out / "runs.csv").unlink(missing_ok=True)
+    # this study's tables, not beside an earlier study's runs, figures or report
+    for name in ("runs.csv", "report.md"):
+        (out / name).unlink(missing_ok=True)
+    for figure in out.glob("curves_*.png"):
+        figure.unlink()
     write_atomic(out / "tuning.csv", pd.DataFrame(tuning).to_csv(index=False))
     if all(c is None for c in chosen.values()):
         raise ValueError(

@@ -253,7 +253,7 @@ def _tied(values: pd.Series) -> str:
 def summary(runs: pd.DataFrame, target: float) -> list[str]:
     """One sentence per model: who reached the target in the fewest steps and the least time
     (medians over all seeds, a seed that never reached it counting as never: a method that
-    reached it in under half its seeds has no median, and one lucky seed does not decide)
+    reached it in half its seeds or fewer has no median, and one lucky seed does not decide)
     and who ended with the best test accuracy."""
     hits = to_target(runs, target)
     last = final_rows(runs)
@@ -264,7 +264,7 @@ def summary(runs: pd.DataFrame, target: float) -> list[str]:
         medians = medians[np.isfinite(medians["steps"])]
         parts = []
         if medians.empty:
-            parts.append(f"no method reached test accuracy {target:g} in half its seeds")
+            parts.append(f"no method reached test accuracy {target:g} in more than half its seeds")
         else:
             steps, time = medians["steps"].min(), medians["time_s"].min()
             parts.append(
@@ -275,7 +275,10 @@ def summary(runs: pd.DataFrame, target: float) -> list[str]:
         accuracy = ok.groupby("method")["test_accuracy"].median()
         if not accuracy.empty:
             parts.append(f"best final test accuracy: `{accuracy.idxmax()}` ({accuracy.max():.4f})")
-        lines.append(f"- `{model}`: " + "; ".join(parts) + " (medians over seeds).")
+        lines.append(
+            f"- `{model}`: " + "; ".join(parts) + " (medians over all seeds, a seed that "
+            "never reached the target counting as never; the table's are over those that did)."
+        )
     return lines
 
 

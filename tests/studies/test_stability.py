@@ -283,4 +283,5 @@ def test_a_sweep_stopped_early_leaves_no_earlier_pairs_beside_its_record(
     with pytest.raises(KeyboardInterrupt):
         cli.main([*SMALL, "--steps", "20", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "stability.json").read_text())["sweep"]["steps"] == 20
-    assert not (tmp_path / "pairs.csv").exists()
+    for name in ("pairs.csv", "slopes.csv", "report.md", "distance_vs_size.png"):
+        assert not (tmp_path / name).exists()

@@ -388,7 +388,8 @@ def test_a_study_stopped_early_leaves_no_earlier_runs_beside_its_record(
     with pytest.raises(KeyboardInterrupt):
         cli.main([*SMALL, "--seed", "5", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "training.json").read_text())["seed"] == 5
-    assert not (tmp_path / "runs.csv").exists()
+    for name in ("runs.csv", "report.md", "curves_mlp.png"):
+        assert not (tmp_path / name).exists()
 
 
 def test_the_summary_does_not_crown_a_method_for_one_lucky_seed():
