@@ -454,15 +454,8 @@ def test_a_model_that_calls_itself_is_recorded_at_its_outermost_call(call):
     expected = oracle_of(twin, x, Y4, "layerwise")
     pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
     for _ in range(2):
-        model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), Y4)
-        if call == "backward":
-            pre.backward(loss)
-        else:
-            loss.backward()
-            pre.step()
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+        preconditioned(pre, model, x, Y4, call)
+        assert_directions(model, expected)
 
 
 class Interruptible(nn.Module):
@@ -492,16 +485,8 @@ def test_a_forward_pass_interrupted_leaves_no_stale_record(call):
     model.interrupt = True
     with pytest.raises(KeyboardInterrupt):
         model(x)
-    expected = oracle_of(model, x2, Y4, "layerwise")
-    model.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(x2), Y4)
-    if call == "backward":
-        pre.backward(loss)
-    else:
-        loss.backward()
-        pre.step()
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+    preconditioned(pre, model, x2, Y4, call)
+    assert_directions(model, oracle_of(model, x2, Y4, "layerwise"))
 
 
 class Adapter(nn.Module):
@@ -624,6 +609,23 @@ def test_backward_follows_the_trainable_parameters_as_they_change(method, change
     assert len(calls) == 1  # fused again once the hooks follow the network
 
 
+def preconditioned(pre, model, x, y, call) -> None:
+    """One step's ``.grad`` by ``call``: ``pre.backward(loss)``, or ``loss.backward()`` and
+    ``pre.step()``."""
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    if call == "backward":
+        pre.backward(loss)
+    else:
+        loss.backward()
+        pre.step()
+
+
+def assert_directions(model, expected) -> None:
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+
+
 def halve_inputs(model, args):
     return (args[0] * 0.5,)
 
@@ -656,15 +658,8 @@ def test_hooks_on_the_model_itself_are_part_of_the_network(kind, registered, cal
         hook()
     expected = oracle_of(model, x, y, "layerwise")
     for _ in range(3):
-        model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        if call == "backward":
-            pre.backward(loss)
-        else:
-            loss.backward()
-            pre.step()
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+        preconditioned(pre, model, x, y, call)
+        assert_directions(model, expected)
 
 
 def test_a_pre_hook_prepended_later_is_refused_where_the_pass_is_replayed():
