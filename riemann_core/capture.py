@@ -263,9 +263,8 @@ class Capture:
             self._depth, self._recording = 1, True
             self.token = object()  # this pass's, see mark_pass
             # kept to walk only if a loss is preconditioned (reaches_pass), every leaf
-            leaves = args if not kwargs else pytree.tree_leaves((args, kwargs))
-            if len(leaves) != len(args) or not all(isinstance(a, Tensor) for a in args):
-                leaves = pytree.tree_leaves((args, kwargs))  # nested: no fast path
+            plain = not kwargs and all(isinstance(a, Tensor) for a in args)
+            leaves = args if plain else pytree.tree_leaves((args, kwargs))  # nested: walked
             self.inputs = [t for t in leaves if isinstance(t, Tensor) and t.grad_fn is not None]
 
     def _end(self, module, args, output):

@@ -67,8 +67,7 @@ def results_directory(out: Path) -> Iterator[Path]:
     made = [d for d in (out, *out.parents) if not d.exists()]  # out first
     out.mkdir(parents=True, exist_ok=True)
     try:
-        with tempfile.TemporaryFile(dir=out):  # an --out we cannot write to stops us here
-            pass
+        tempfile.TemporaryFile(dir=out).close()  # an --out we cannot write to stops us here
         yield out
     except BaseException:
         for directory in made:  # rmdir removes empty directories only
