@@ -38,7 +38,14 @@ from .capture import (
 )
 from .direction import run_solver, solve
 from .factors import FactorFn
-from .methods import METHODS, SOLVERS, LayerDiagnostics, Options, problem_from_graph
+from .methods import (
+    METHODS,
+    SOLVERS,
+    LayerDiagnostics,
+    Options,
+    kfac_checkpoint,
+    problem_from_graph,
+)
 from .methods.kfac import KFACState
 
 
@@ -537,6 +544,43 @@ class RiemannianPreconditioner:
                 p.grad.copy_(directions[name])
         self._commit()
 
+    def state_dict(self) -> dict:
+        """The state a checkpoint needs to resume the preconditioner, beside the model's
+        and the optimiser's ``state_dict()``: ``{"method": ..., "kfac": ...}``.
+
+        Only K-FAC with ``kfac_refresh > 1`` or ``kfac_decay > 0`` keeps state across
+        steps: the step count, the running averages and the factors its cached
+        factorisations came from (:mod:`riemann_core.methods.kfac_checkpoint`); every other
+        preconditioner has none (``"kfac": None``). Plain data: ``torch.save`` writes it,
+        ``torch.load(..., weights_only=True)`` reads it."""
+        kfac = None if self._kfac is None else kfac_checkpoint.state_dict(self._kfac, self.options)
+        return {"method": self.method, "kfac": kfac}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`'s ``state``: on the same machine the steps that
+        follow are those of the run that saved it, to the bit (the cached factorisations
+        are computed again from their saved factors). A state of another method or other
+        K-FAC options, or one that does not fit the model, is refused (``ValueError``,
+        naming it) and the preconditioner left as it was."""
+        if not isinstance(state, dict) or set(state) != {"method", "kfac"}:
+            raise ValueError(
+                "load_state_dict takes what RiemannianPreconditioner.state_dict() returned "
+                f"(a dict with 'method' and 'kfac'), got {_describe(state)}"
+            )
+        if state["method"] != self.method:
+            raise ValueError(
+                f"the state was saved by a method={state['method']!r} preconditioner, this one "
+                f"has method={self.method!r}: build it with the saved run's method"
+            )
+        if (state["kfac"] is None) != (self._kfac is None):
+            saved, ours = ("no", "keeps") if state["kfac"] is None else ("a", "keeps no")
+            raise ValueError(
+                f"the state holds {saved} K-FAC state across steps, and this preconditioner "
+                f"{ours} such state: build it with the saved run's kfac_refresh and kfac_decay"
+            )
+        if self._kfac is not None:
+            kfac_checkpoint.load(self._kfac, state["kfac"], self.network, self.options)
+
     def remove(self) -> None:
         """Detach the forward hooks from the model."""
         self._hook.remove()
@@ -583,3 +627,11 @@ def _check_distributed_kfac(state: KFACState | None) -> None:
             "data-parallel step all-reduces and factorises the factors of its own global "
             "batch; drop kfac_refresh and kfac_decay (or the process_group)"
         )
+
+
+def _describe(value) -> str:
+    return (
+        f"a dict with keys {sorted(map(str, value))}"
+        if isinstance(value, dict)
+        else type(value).__name__
+    )

@@ -99,10 +99,18 @@ def module_factors(handler: PatchHandler, opts: Options) -> tuple[Factor, dict[s
     parts = parts_of(handler, opts.kfac_bias)
     ones = handler.with_bias and len(parts) == 1
     D, R = handler.kronecker_rows(ones)
-    name = handler.block.name
-    gamma = Factor.of_rows(D, what=f"K-FAC output factor Gamma of module {name!r}")
-    A = Factor.of_rows(R, what=f"K-FAC input factor A of module {name!r}")
+    gamma_what, input_what = factor_names(handler.block.name)
+    gamma = Factor.of_rows(D, what=gamma_what)
+    A = Factor.of_rows(R, what=input_what)
     return gamma, {p.name: A for p in parts if not p.bias_only}
+
+
+def factor_names(module: str) -> tuple[str, str]:
+    """What errors call the output and the input factor of ``module``."""
+    return (
+        f"K-FAC output factor Gamma of module {module!r}",
+        f"K-FAC input factor A of module {module!r}",
+    )
 
 
 class DampedBlock:
@@ -479,6 +487,11 @@ class KFACState:
             for name, (handler, s) in self._pending.items()
         }
         self.steps += 1
+        self.discard()
+
+    def restore(self, steps: int, averages: dict[str, Tensor], cached: dict[str, Cached]):
+        """Take the state of a checkpoint (:mod:`riemann_core.methods.kfac_checkpoint`)."""
+        self.steps, self._averages, self._cached = steps, averages, cached
         self.discard()
 
     def discard(self) -> None:

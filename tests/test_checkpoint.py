@@ -1,0 +1,214 @@
+"""``RiemannianPreconditioner.state_dict`` / ``load_state_dict``: a checkpoint resumes
+K-FAC's state across steps exactly, and a state that does not fit is refused."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import Problem
+
+import riemann_core as rc
+from riemann_core.methods import kfac_checkpoint
+
+VARIANTS = [
+    pytest.param(
+        dict(kfac_damping="exact", kfac_bias="joint", kfac_refresh=3),
+        "step",
+        id="exact-joint-refresh",
+    ),
+    pytest.param(
+        dict(kfac_damping="factored", kfac_bias="separate", kfac_refresh=3, kfac_decay=0.9),
+        "backward",
+        id="factored-separate-refresh-decay",
+    ),
+    pytest.param(
+        dict(kfac_damping="exact", kfac_bias="separate", kfac_decay=0.5), "step", id="exact-decay"
+    ),
+]
+
+
+def batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(6, 5, dtype=torch.float64, generator=g),
+            torch.randint(0, 3, (6,), generator=g),
+        )
+        for _ in range(n)
+    ]
+
+
+def train(model, pre, opt, data, how):
+    for x, y in data:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        if how == "backward":
+            pre.backward(loss)
+        else:
+            loss.backward()
+            pre.step()
+        opt.step()
+
+
+def build(options, checkpoint=None):
+    model, _, _ = Problem(depth=3).make()
+    pre = rc.RiemannianPreconditioner(model, method="kfac", damping=1e-2, **options)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        opt.load_state_dict(checkpoint["opt"])
+    return model, pre, opt
+
+
+def saved(model, pre, opt):
+    """A checkpoint through ``torch.save`` and ``torch.load(weights_only=True)``."""
+    buffer = io.BytesIO()
+    state = {"model": model.state_dict(), "opt": opt.state_dict(), "pre": pre.state_dict()}
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize(("options", "how"), VARIANTS)
+def test_a_checkpoint_resumes_kfac_to_the_bit(options, how):
+    """Saved after 4 steps (between refreshes), resumed for 5: the parameters are those
+    of the run never interrupted, bit for bit; resumed without the preconditioner's state
+    (the factors afresh) they are not."""
+    data = batches(9)
+    model, pre, opt = build(options)
+    train(model, pre, opt, data[:4], how)
+    checkpoint = saved(model, pre, opt)
+    train(model, pre, opt, data[4:], how)
+
+    resumed, resumed_pre, resumed_opt = build(options, checkpoint)
+    resumed_pre.load_state_dict(checkpoint["pre"])
+    assert resumed_pre._kfac.steps == 4
+    train(resumed, resumed_pre, resumed_opt, data[4:], how)
+    for (name, p), q in zip(model.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+    afresh, afresh_pre, afresh_opt = build(options, checkpoint)
+    train(afresh, afresh_pre, afresh_opt, data[4:], how)
+    gap = max((p - q).abs().max() for p, q in zip(model.parameters(), afresh.parameters()))
+    assert gap > 1e-6
+
+
+def test_a_factorisation_that_took_the_checked_path_is_checked_again_on_load(monkeypatch):
+    """A cached module whose deferred factorisation failed at its step was factorised on
+    the checked path: on load too (its deferred flag read), and the resumed steps are
+    still those of the run never interrupted."""
+    options = dict(kfac_damping="exact", kfac_bias="joint", kfac_refresh=4)
+    data = batches(5)
+    model, pre, opt = build(options)
+    train(model, pre, opt, data[:2], "step")
+    checkpoint = saved(model, pre, opt)
+    train(model, pre, opt, data[2:], "step")
+
+    calls = []
+    deferred = kfac_checkpoint.damped_blocks
+
+    def failing_once(parts, gamma, inputs, opts, checked=False):
+        blocks = deferred(parts, gamma, inputs, opts, checked)
+        calls.append(checked)
+        if not checked and len(calls) == 1:
+            for b in blocks:
+                b.failed = torch.tensor(True)
+        return blocks
+
+    monkeypatch.setattr(kfac_checkpoint, "damped_blocks", failing_once)
+    resumed, resumed_pre, resumed_opt = build(options, checkpoint)
+    resumed_pre.load_state_dict(checkpoint["pre"])
+    assert calls == [False, True, False, False]  # module 0 again on the checked path
+    assert resumed_pre._kfac._cached["0"].blocks[0].failed is None
+    train(resumed, resumed_pre, resumed_opt, data[2:], "step")
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("method", rc.METHODS)
+def test_preconditioners_without_state_across_steps_save_none(method):
+    model, x, y = Problem().make()
+    pre = rc.RiemannianPreconditioner(model, method=method)
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    state = pre.state_dict()
+    assert state == {"method": method, "kfac": None}
+    pre.load_state_dict(state)
+
+
+def same_state(a, b) -> bool:
+    """Whether two ``state_dict()`` results hold the same data."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+        )
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(same_state, a, b))
+    return a == b
+
+
+def corrupt(state, change):
+    state = copy.deepcopy(state)
+    kfac = state["kfac"]
+    module = kfac["cached"]["2"]
+    if change == "not-a-dict":
+        return [state]
+    if change == "method":
+        state["method"] = "layerwise"
+    elif change == "no-kfac":
+        state["kfac"] = None
+    elif change == "refresh":
+        kfac["refresh"] = 5
+    elif change == "bias":
+        kfac["bias"] = "joint"
+    elif change == "steps":
+        kfac["steps"] = -1
+    elif change == "nan":
+        module["gamma"] = {"matrix": torch.full((4, 4), float("nan"), dtype=torch.float64)}
+    elif change == "parameter":
+        module["param_names"] = ["9.weight", "2.bias"]
+    elif change == "order":
+        module["gamma"] = {"matrix": torch.eye(5, dtype=torch.float64)}
+    elif change == "dtype":
+        module["A"] = {k: v.float() for k, v in module["A"].items()}
+    elif change == "keys":
+        del module["rows"]
+    elif change == "average":
+        kfac["averages"]["2:Gamma"] = torch.eye(3, dtype=torch.float64)
+    return state
+
+
+CORRUPTIONS = {
+    "not-a-dict": r"load_state_dict takes what RiemannianPreconditioner.state_dict\(\) returned",
+    "method": r"saved by a method='layerwise' preconditioner, this one has method='kfac'",
+    "no-kfac": r"the state holds no K-FAC state across steps, and this preconditioner keeps such",
+    "refresh": r"saved with kfac_refresh=5, this preconditioner has kfac_refresh=3",
+    "bias": r"saved with kfac_bias='joint', this preconditioner has kfac_bias='separate'",
+    "steps": r"'steps' must be a count \(int >= 0\), got -1",
+    "nan": r"K-FAC output factor Gamma of module '2' contains NaN or inf",
+    "parameter": r"module '2' names parameters \['9.weight'\] that this model does not have",
+    "order": r"Gamma of module '2' is of order 5, its parameters need \[4\]",
+    "dtype": r"is torch.float32, and this preconditioner solves in torch.float64",
+    "keys": r"module '2' does not have the keys of a saved state: missing \['rows'\]",
+    "average": r"running average '2:Gamma' is of order 3, its parameters need \[4\]",
+}
+
+
+@pytest.mark.parametrize("change", CORRUPTIONS)
+def test_a_state_that_does_not_fit_is_refused_and_nothing_changes(change):
+    """Each defect named; the preconditioner keeps the state it had (its own steps')."""
+    options = dict(kfac_damping="factored", kfac_bias="separate", kfac_refresh=3, kfac_decay=0.9)
+    model, pre, opt = build(options)
+    train(model, pre, opt, batches(2), "step")
+    other, other_pre, other_opt = build(options)
+    train(other, other_pre, other_opt, batches(4, seed=2), "step")
+    before = pre.state_dict()
+    with pytest.raises(ValueError, match=CORRUPTIONS[change]):
+        pre.load_state_dict(corrupt(other_pre.state_dict(), change))
+    assert same_state(pre.state_dict(), before)
