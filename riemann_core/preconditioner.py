@@ -559,7 +559,9 @@ class RiemannianPreconditioner:
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`'s ``state``: on the same machine the steps that
         follow are those of the run that saved it, to the bit (the cached factorisations
-        are computed again from their saved factors). A state of another method or other
+        are computed again from their saved factors; with ``pre.backward``, Conv2d layers
+        and a ``solve_dtype`` other than the model's may differ by rounding,
+        docs/api.md#checkpoints). A state of another method or other
         K-FAC options, or one that does not fit the model, is refused (``ValueError``,
         naming it) and the preconditioner left as it was."""
         if not isinstance(state, dict) or set(state) != {"method", "kfac"}:

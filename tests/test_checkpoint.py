@@ -97,6 +97,60 @@ def test_a_checkpoint_resumes_kfac_to_the_bit(options, how):
     assert gap > 1e-6
 
 
+def conv_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(48, 3)
+    )
+
+
+def wide_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(256, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+
+
+@pytest.mark.parametrize(
+    ("network", "shape", "precision"),
+    [(conv_net, (6, 2, 6, 6), "highest"), (wide_net, (16, 256), "medium")],
+    ids=["conv2d-float32", "float32-matmul-precision-medium"],
+)
+def test_a_checkpoint_resumes_float32_networks_to_the_bit(network, shape, precision):
+    """Found by review: a float32 Conv2d network; and the factorisations computed again on
+    load under the user's float32 matmul precision (bfloat16 products where the CPU has
+    them) gave another metric than the step's, which factorises in IEEE float32."""
+    g = torch.Generator().manual_seed(1)
+    data = [
+        (torch.randn(*shape, generator=g), torch.randint(0, 3, (shape[0],), generator=g))
+        for _ in range(7)
+    ]
+    options = dict(method="kfac", damping=1e-2, kfac_damping="factored", kfac_refresh=4)
+
+    def built():
+        model = network()
+        return (
+            model,
+            rc.RiemannianPreconditioner(model, **options),
+            torch.optim.SGD(model.parameters(), lr=0.1),
+        )
+
+    saved_precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        model, pre, opt = built()
+        train(model, pre, opt, data[:2], "step")
+        checkpoint = saved(model, pre, opt)
+        train(model, pre, opt, data[2:], "step")
+        resumed, resumed_pre, resumed_opt = built()
+        resumed.load_state_dict(checkpoint["model"])
+        resumed_opt.load_state_dict(checkpoint["opt"])
+        resumed_pre.load_state_dict(checkpoint["pre"])
+        train(resumed, resumed_pre, resumed_opt, data[2:], "step")
+    finally:
+        torch.set_float32_matmul_precision(saved_precision)
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
 def test_a_factorisation_that_took_the_checked_path_is_checked_again_on_load(monkeypatch):
     """A cached module whose deferred factorisation failed at its step was factorised on
     the checked path: on load too (its deferred flag read), and the resumed steps are
@@ -173,6 +227,24 @@ def corrupt(state, change):
         module["gamma"] = {"matrix": torch.full((4, 4), float("nan"), dtype=torch.float64)}
     elif change == "parameter":
         module["param_names"] = ["9.weight", "2.bias"]
+    elif change == "swapped":
+        kfac["cached"]["0"]["param_names"] = ["0.weight", "2.bias"]
+    elif change == "module":
+        kfac["cached"]["9"] = kfac["cached"].pop("2")
+    elif change == "rows":
+        module["rows"] = 0
+    elif change == "empty-cache":
+        kfac["cached"] = {}
+    elif change == "missing-average":
+        del kfac["averages"]["2:Gamma"]
+    elif change == "negative":
+        module["gamma"] = {"matrix": -torch.eye(4, dtype=torch.float64)}
+    elif change == "sparse":
+        module["gamma"] = {"matrix": torch.eye(4, dtype=torch.float64).to_sparse()}
+    elif change == "overflow":
+        module["gamma"] = {"matrix": 1e308 * torch.eye(4, dtype=torch.float64)}
+    elif change == "tensor-option":
+        kfac["refresh"] = torch.tensor([3, 3])
     elif change == "order":
         module["gamma"] = {"matrix": torch.eye(5, dtype=torch.float64)}
     elif change == "dtype":
@@ -192,7 +264,16 @@ CORRUPTIONS = {
     "bias": r"saved with kfac_bias='joint', this preconditioner has kfac_bias='separate'",
     "steps": r"'steps' must be a count \(int >= 0\), got -1",
     "nan": r"K-FAC output factor Gamma of module '2' contains NaN or inf",
-    "parameter": r"module '2' names parameters \['9.weight'\] that this model does not have",
+    "parameter": r"module '2': its 'param_names' \['9.weight', '2.bias'\] are not the weight",
+    "swapped": r"module '0': its 'param_names' \['0.weight', '2.bias'\] are not the weight",
+    "module": r"the model has no module '9' that K-FAC factorises",
+    "rows": r"module '2': 'rows' must be a positive count, got 0",
+    "empty-cache": r"counts 4 steps but caches no module",
+    "missing-average": r"lacks the running averages \['2:Gamma'\] of modules it caches",
+    "negative": r"Gamma of module '2' must be a square matrix with a non-negative diagonal",
+    "sparse": r"Gamma of module '2' must be a dense 2-D floating tensor",
+    "overflow": r"module '2': its saved factors cannot be factorised",
+    "tensor-option": r"saved with kfac_refresh=tensor\(\[3, 3\]\)",
     "order": r"Gamma of module '2' is of order 5, its parameters need \[4\]",
     "dtype": r"is torch.float32, and this preconditioner solves in torch.float64",
     "keys": r"module '2' does not have the keys of a saved state: missing \['rows'\]",

@@ -83,14 +83,19 @@ class Part:
 
 def parts_of(handler: PatchHandler, bias: str) -> list[Part]:
     """The module's blocks: one, or the weight's and the bias's apart (``"separate"``)."""
-    block = handler.block
+    return block_parts(handler.block, handler.with_weight, handler.with_bias, bias)
+
+
+def block_parts(block: Block, with_weight: bool, with_bias: bool, bias: str) -> list[Part]:
+    """:func:`parts_of` for ``block``, whose trainable parameters are its module's weight
+    (``with_weight``) and bias (``with_bias``), in that order."""
     names, shapes = tuple(block.param_names), tuple(p.shape for p in block.params)
-    if bias == "separate" and handler.with_weight and handler.with_bias:
+    if bias == "separate" and with_weight and with_bias:
         return [
             Part(names[0], names[:1], shapes[:1], bias_only=False),
             Part(names[1], names[1:], shapes[1:], bias_only=True),
         ]
-    return [Part(block.name, names, shapes, bias_only=not handler.with_weight)]
+    return [Part(block.name, names, shapes, bias_only=not with_weight)]
 
 
 def module_factors(handler: PatchHandler, opts: Options) -> tuple[Factor, dict[str, Factor]]:

@@ -1,12 +1,14 @@
 """K-FAC's state across steps as a checkpoint: :func:`state_dict` and :func:`load`.
 
 What a run needs to resume exactly is the step count, the running averages and, per
-module whose factorisation is cached, the factors it was factorised from: ``Gamma`` and
-the input factor ``A`` (a module has at most one: its weight's, or weight and bias
-together), thin as their rows or dense. The factorisations themselves are not saved;
-:func:`load` computes them again from those factors, as the step did (deferred, and
-checked only where that failed), so on the same machine a resumed run takes the same
-steps, to the bit, as one never interrupted.
+module whose factorisation is cached, its trainable parameters' names, its factor rows
+and the factors it was factorised from: ``Gamma`` and the input factor ``A`` (a module
+has at most one: its weight's, or weight and bias together), thin as their rows or
+dense. Everything else (the module, its kernel, its Kronecker blocks) comes from the
+model, and the factorisations are computed again from the factors as the step computed
+them (deferred, and checked only where that failed), so on the same machine a resumed
+run takes the same steps, to the bit, as one never interrupted (with ``pre.backward``:
+for Linear layers in the model's dtype, see docs/api.md#checkpoints).
 
 The checkpoint holds only tensors, strings, numbers and lists: ``torch.save`` writes it
 and ``torch.load(..., weights_only=True)`` reads it. :func:`load` checks all of it
@@ -17,17 +19,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from numbers import Real
 
 import torch
 from torch import Tensor, nn
 
+from .._precision import full_precision
 from ..kronecker import Factor
-from ..modules import Block
+from ..modules import STRUCTURED, Block, PatchHandler
+from ..woodbury import SolveError
 from ._base import Options
-from .kfac import Cached, KFACState, Part, damped_blocks, factor_names
+from .kfac import Cached, KFACState, block_parts, damped_blocks, factor_names
 
-#: The options that shape the state: loading under others is refused.
-SHAPING = ("refresh", "decay", "bias")
+#: The options that shape the state, with their types: loading under others is refused.
+SHAPING = {"refresh": int, "decay": Real, "bias": str}
 
 
 def state_dict(state: KFACState, opts: Options) -> dict:
@@ -46,17 +51,8 @@ def state_dict(state: KFACState, opts: Options) -> dict:
 def _cached_state(cached: Cached) -> dict:
     inputs = [b.A for b in cached.blocks if b.A is not None]
     return {
-        "kernel": cached.kernel,
-        "rows": cached.rows,
         "param_names": list(cached.block.param_names),
-        "parts": [
-            {
-                "name": b.part.name,
-                "param_names": list(b.part.param_names),
-                "bias_only": b.part.bias_only,
-            }
-            for b in cached.blocks
-        ],
+        "rows": cached.rows,
         "gamma": _factor_state(cached.blocks[0].gamma),
         "A": _factor_state(inputs[0]) if inputs else None,
     }
@@ -68,31 +64,44 @@ def _factor_state(factor: Factor) -> dict:
 
 def load(state: KFACState, saved, network: nn.Module, opts: Options) -> None:
     """Restore ``state`` from ``saved`` (:func:`state_dict`'s), for ``network``'s
-    parameters (found by name, on their device); refactorise the cached modules. Raises
-    ``ValueError`` naming what does not fit, ``state`` unchanged."""
-    saved = _mapping(saved, "the K-FAC state", set(SHAPING) | {"steps", "averages", "cached"})
+    modules and parameters (found by name, on their device); refactorise the cached
+    modules. Raises ``ValueError`` naming what does not fit, ``state`` unchanged."""
+    saved = _mapping(saved, "the K-FAC state", {*SHAPING, "steps", "averages", "cached"})
     ours = {"refresh": state.refresh, "decay": state.decay, "bias": opts.kfac_bias}
-    for key in SHAPING:
-        if saved[key] != ours[key]:
+    for key, kind in SHAPING.items():
+        value = saved[key]
+        if isinstance(value, bool) or not isinstance(value, kind) or value != ours[key]:
             raise ValueError(
-                f"the K-FAC state was saved with kfac_{key}={saved[key]!r}, this preconditioner "
+                f"the K-FAC state was saved with kfac_{key}={value!r}, this preconditioner "
                 f"has kfac_{key}={ours[key]!r}: build it with the options of the saved run"
             )
     steps = saved["steps"]
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"the K-FAC state's 'steps' must be a count (int >= 0), got {steps!r}")
+    entries = _mapping(saved["cached"], "the K-FAC state's 'cached'")
+    if steps > 0 and not entries:
+        raise ValueError(
+            f"the K-FAC state counts {steps} steps but caches no module: every step caches "
+            "the modules it solved, so the state is incomplete"
+        )
     params = dict(network.named_parameters())
-    device = next(iter(params.values())).device if params else torch.device("cpu")
-    cached = {
-        name: _cached(name, entry, params, opts)
-        for name, entry in _mapping(saved["cached"], "the K-FAC state's 'cached'").items()
-    }
+    devices = {p.device.type for p in params.values()}
+    with full_precision(devices):  # as every step factorises
+        cached = {name: _cached(name, entry, network, opts) for name, entry in entries.items()}
     owners = _average_owners(cached.values())
+    given = _mapping(saved["averages"], "the K-FAC state's 'averages'")
+    missing = sorted(set(owners) - set(given)) if state.decay > 0 else []
+    if missing:
+        raise ValueError(
+            f"the K-FAC state lacks the running averages {missing} of modules it caches: "
+            "the state is incomplete (a step with kfac_decay > 0 averages every module)"
+        )
+    first = next(iter(params.values()))
     averages = {}
-    for key, value in _mapping(saved["averages"], "the K-FAC state's 'averages'").items():
+    for key, value in given.items():
         what = f"running average {key!r}"
         if key not in owners:  # a module the last step did not see: kept, as a step keeps it
-            averages[key] = _matrix(value, what, device)
+            averages[key] = _matrix(value, what, first.device)
             continue
         factor, where = owners[key]
         averages[key] = _matrix(value, what, factor.data.device, factor.data.dtype)
@@ -111,55 +120,73 @@ def _average_owners(cached) -> dict[str, tuple[Factor, str]]:
     return owners
 
 
-def _cached(name, entry, params: dict[str, nn.Parameter], opts: Options) -> Cached:
-    """The cached module ``name``, its blocks factorised again from its saved factors."""
+def _cached(name, entry, network: nn.Module, opts: Options) -> Cached:
+    """The cached module ``name``: its blocks from the model, factorised again from its
+    saved factors."""
     where = f"the K-FAC state of module {name!r}"
-    keys = {"kernel", "rows", "param_names", "parts", "gamma", "A"}
-    entry = _mapping(entry, where, keys)
-    names = _strings(entry["param_names"], f"{where}: 'param_names'")
-    missing = [n for n in names if n not in params]
-    if missing:
+    entry = _mapping(entry, where, {"param_names", "rows", "gamma", "A"})
+    module = _module(network, name, where)
+    own = {
+        local: f"{name}.{local}" if name else local
+        for local in ("weight", "bias")
+        if isinstance(getattr(module, local, None), nn.Parameter)
+    }
+    names = entry["param_names"]
+    if not isinstance(names, list | tuple) or list(names) not in _orders(list(own.values())):
         raise ValueError(
-            f"{where} names parameters {missing} that this model does not have: load the "
-            "state into the model it was saved with (its parameters' names as saved)"
+            f"{where}: its 'param_names' {names!r} are not the weight and bias of the "
+            f"model's module {name!r} ({list(own.values())}): the state was saved for another model"
         )
-    block_params = [params[n] for n in names]
-    shapes = {n: p.shape for n, p in zip(names, block_params, strict=True)}
-    parts = [_part(p, shapes, where) for p in _list(entry["parts"], f"{where}: 'parts'")]
-    if not parts or sorted(n for p in parts for n in p.param_names) != sorted(names):
-        raise ValueError(f"{where}: its parts do not hold its parameters {names} once each")
-    device, dtype = block_params[0].device, opts.solve_dtype or block_params[0].dtype
+    names = list(names)
+    rows = entry["rows"]
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"{where}: 'rows' must be a positive count, got {rows!r}")
+    params = dict(network.named_parameters())
+    block = Block(name, None, names, [params[n] for n in names], inputs=(), output=None)
+    with_weight, with_bias = own.get("weight") in names, own.get("bias") in names
+    parts = block_parts(block, with_weight, with_bias, opts.kfac_bias)
+    device = block.params[0].device
+    dtype = opts.solve_dtype or block.params[0].dtype
     gamma_what, input_what = factor_names(name)
     gamma = _factor(entry["gamma"], gamma_what, device, dtype, where)
-    _check_order(gamma, {p.shapes[0][0] for p in parts}, gamma_what, where)
-    weighted = [p for p in parts if not p.bias_only]
+    _check_order(gamma, {module.weight.shape[0]}, gamma_what, where)
     inputs = {}
-    if weighted:
+    if with_weight:
         if entry["A"] is None:
             raise ValueError(f"{where}: 'A' is missing; its weight needs an input factor")
         A = _factor(entry["A"], input_what, device, dtype, where)
-        _check_order(
-            A, {sum(math.prod(s[1:]) for s in p.shapes) for p in weighted}, input_what, where
+        order = math.prod(module.weight.shape[1:]) + (opts.kfac_bias == "joint" and with_bias)
+        _check_order(A, {order}, input_what, where)
+        inputs = {p.name: A for p in parts if not p.bias_only}
+    try:
+        blocks = damped_blocks(parts, gamma, inputs, opts)
+        failed = [b.failed for b in blocks if b.failed is not None]
+        if failed and bool(torch.stack(failed).any()):  # the step took the checked path too
+            blocks = damped_blocks(parts, gamma, inputs, opts, checked=True)
+    except SolveError as err:
+        raise ValueError(f"{where}: its saved factors cannot be factorised ({err})") from err
+    kernel = STRUCTURED[type(module)].__name__
+    return Cached(block, kernel, rows, blocks)
+
+
+def _module(network: nn.Module, name, where: str) -> nn.Module:
+    """The model's module ``name``, one that K-FAC factorises."""
+    try:
+        module = network.get_submodule(name) if isinstance(name, str) else None
+    except AttributeError:
+        module = None
+    kernel = STRUCTURED.get(type(module))
+    if module is None or kernel is None or not issubclass(kernel, PatchHandler):
+        raise ValueError(
+            f"{where}: the model has no module {name!r} that K-FAC factorises (Linear, "
+            "Conv2d): the state was saved for another model"
         )
-        inputs = {p.name: A for p in weighted}
-    for key, kind in (("kernel", str), ("rows", int)):
-        if not isinstance(entry[key], kind) or isinstance(entry[key], bool):
-            raise ValueError(f"{where}: {key!r} must be a {kind.__name__}, got {entry[key]!r}")
-    blocks = damped_blocks(parts, gamma, inputs, opts)
-    failed = [b.failed for b in blocks if b.failed is not None]
-    if failed and bool(torch.stack(failed).any()):  # the step took the checked path too
-        blocks = damped_blocks(parts, gamma, inputs, opts, checked=True)
-    block = Block(name, None, names, block_params, inputs=(), output=None)
-    return Cached(block, entry["kernel"], entry["rows"], blocks)
+    return module
 
 
-def _part(entry, shapes: dict[str, torch.Size], where: str) -> Part:
-    entry = _mapping(entry, f"{where}: a part", {"name", "param_names", "bias_only"})
-    names = _strings(entry["param_names"], f"{where}: a part's 'param_names'")
-    unknown = [n for n in names if n not in shapes]
-    if unknown or not isinstance(entry["name"], str) or not isinstance(entry["bias_only"], bool):
-        raise ValueError(f"{where}: the part {dict(entry)!r} does not fit its parameters")
-    return Part(entry["name"], tuple(names), tuple(shapes[n] for n in names), entry["bias_only"])
+def _orders(names: list[str]) -> list[list[str]]:
+    """The trainable parameter lists a module with ``names`` (weight, bias) can have."""
+    return [names, *([n] for n in names)] if len(names) > 1 else [names]
 
 
 def _factor(entry, what: str, device, dtype, where: str) -> Factor:
@@ -180,16 +207,29 @@ def _check_order(factor: Factor, orders: set[int], what: str, where: str) -> Non
 
 
 def _matrix(value, what: str, device, dtype=None) -> Tensor:
+    """A square :func:`_tensor` with a non-negative diagonal (a Gram matrix's)."""
     tensor = _tensor(value, what, device, dtype)
-    if tensor.shape[0] != tensor.shape[1]:
-        raise ValueError(f"the K-FAC state's {what} must be square, got {tuple(tensor.shape)}")
+    if tensor.shape[0] != tensor.shape[1] or bool((tensor.diagonal() < 0).any()):
+        raise ValueError(
+            f"the K-FAC state's {what} must be a square matrix with a non-negative diagonal "
+            f"(a sum of outer products), got shape {tuple(tensor.shape)}: the file is corrupted"
+        )
     return tensor
 
 
 def _tensor(value, what: str, device, dtype=None) -> Tensor:
-    """A 2-D finite floating tensor, on ``device``, of ``dtype`` (when given)."""
-    if not isinstance(value, Tensor) or value.dim() != 2 or not value.is_floating_point():
-        raise ValueError(f"the K-FAC state's {what} must be a 2-D floating tensor, got {value!r}")
+    """A dense, finite, floating 2-D tensor with rows, on ``device``, of ``dtype``."""
+    if (
+        not isinstance(value, Tensor)
+        or value.layout != torch.strided
+        or value.dim() != 2
+        or value.shape[0] == 0
+        or not value.is_floating_point()
+    ):
+        raise ValueError(
+            f"the K-FAC state's {what} must be a dense 2-D floating tensor with rows, got "
+            f"{_describe(value)}"
+        )
     if dtype is not None and value.dtype != dtype:
         raise ValueError(
             f"the K-FAC state's {what} is {value.dtype}, and this preconditioner solves in "
@@ -200,27 +240,20 @@ def _tensor(value, what: str, device, dtype=None) -> Tensor:
     return value.to(device)
 
 
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.layout} {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
 def _mapping(value, what: str, keys: set[str] | None = None) -> Mapping:
     if not isinstance(value, Mapping):
         raise ValueError(
             f"{what} must be a mapping (from state_dict()), got {type(value).__name__}"
         )
     if keys is not None and set(value) != keys:
-        missing, extra = sorted(keys - set(value)), sorted(set(value) - keys)
+        missing, extra = sorted(keys - set(value)), sorted(map(str, set(value) - keys))
         raise ValueError(
             f"{what} does not have the keys of a saved state: missing {missing}, unknown {extra}"
         )
-    return value
-
-
-def _list(value, what: str) -> list:
-    if not isinstance(value, list | tuple):
-        raise ValueError(f"{what} must be a list, got {type(value).__name__}")
-    return list(value)
-
-
-def _strings(value, what: str) -> list[str]:
-    value = _list(value, what)
-    if not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{what} must be a list of parameter names, got {value!r}")
     return value
