@@ -5,7 +5,8 @@ Each size is one benchmark group, so its methods are read against its baseline: 
 terminal table puts each figure's ratio to the group's fastest in brackets, and a saved
 run carries ``median_over_sgd_step`` in every benchmark's ``extra_info`` (see
 ``conftest.py``). FLOPs (``flop_counter``) and memory are measured outside the timed
-call; the timed call is only the operation, synchronised on CUDA.
+call, after an uncounted one (a new model's first call runs a one-time check); the timed
+call is only the operation, synchronised on CUDA.
 
 ``extra_info`` per benchmark: the problem (``widths``, ``batch``, ``n_params``, ``d``),
 ``counted_flops``, ``modelled_flops`` (``costs.flops``, by phase as well),
@@ -171,6 +172,7 @@ def _run(
     benchmark.group = problem.size.group
     minimal = costs.MLPShape(shape.widths, shape.batch, costs.minimal_rows(problem.size.out_dim))
     sol_flops = costs.speed_of_light_flops(minimal)
+    fn()  # the first call on a new model runs its one-time check (independent samples)
     with flop_counter() as counter:
         fn()
     info = {

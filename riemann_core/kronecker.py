@@ -50,7 +50,14 @@ import torch
 from torch import Tensor
 
 from ._checks import all_finite
-from .woodbury import Cholesky, SolveError, cholesky, cholesky_deferred, largest_eigenvalue
+from .woodbury import (
+    Cholesky,
+    SolveError,
+    cholesky,
+    cholesky_deferred,
+    eigenvalues,
+    largest_eigenvalue,
+)
 
 OVERFLOW = (
     "check the model outputs and parameters for overflow, or solve in float64 "
@@ -258,7 +265,7 @@ class Shifted:
     def condition(self) -> Tensor:
         """``cond(F + c I)`` exactly (an eigendecomposition of ``F`` or its Gram)."""
         F = self.factor
-        values = torch.linalg.eigvalsh(F.gram() if F.thin else F.matrix)
+        values = eigenvalues(F.gram() if F.thin else F.matrix)
         low = values.new_zeros(()) if F.thin else values[0].clamp_min(0)
         return (values[-1] + self.shift) / (low + self.shift)
 

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .._checks import Deferred, all_finite
-from ..woodbury import AccuracyWarning, Cholesky, SolveError, cholesky
+from ..woodbury import AccuracyWarning, Cholesky, SolveError, cholesky, eigenvalues
 from ._base import LayerDiagnostics, Options, Problem, norm
 
 #: Relative residual ``||G x - v|| / ||v||`` above which a solve for a model of that
@@ -297,7 +297,7 @@ class Solve:
         _took("jitter")
         apply, matrix, chol = self.refactorise()
         self.jitter = chol.jitter
-        self.condition = (torch.linalg.eigvalsh(matrix)[-1] + chol.jitter) / opts.damping
+        self.condition = (eigenvalues(matrix)[-1] + chol.jitter) / opts.damping
         self.x, self.x_bound, self.t = apply(self.rhs(problem)), None, None
         self.residual = None
         if opts.refine:
@@ -309,7 +309,7 @@ class Solve:
 def _condition(matrix: Tensor, jitter: float) -> Tensor:
     """The 2-norm condition number of ``matrix + jitter I`` (an eigendecomposition of its
     lower triangle)."""
-    eigs = torch.linalg.eigvalsh(matrix)
+    eigs = eigenvalues(matrix)
     return (eigs[-1] + jitter) / (eigs[0] + jitter)
 
 

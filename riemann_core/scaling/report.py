@@ -228,9 +228,9 @@ def figures(
 CAPTIONS = {
     "time": "Time per direction against each axis; grey lines: the claimed slopes.",
     "flops": "Counted FLOPs (FlopCounterMode with its own table of linear-algebra counts).",
-    "memory": "Peak memory of one direction (CUDA: the allocator's peak; host: the rise of "
-    "resident memory once the allocator's free memory is returned, a lower bound); dashed: "
-    "the cost model's estimate.",
+    "memory": "Peak memory of one direction after a warm-up call (CUDA: the allocator's "
+    "peak; host: the rise of resident memory once the allocator's free memory is returned, "
+    "a lower bound); dashed: the cost model's estimate.",
     "crossover": "Layerwise against full along the width axis, and their time ratio.",
     "rate": "Achieved FLOP/s against the device's rates measured in the same run, and "
     "layerwise's time over its phase-wise speed of light.",

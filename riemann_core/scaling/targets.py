@@ -321,6 +321,7 @@ def measure_targets(
             },
             max(3, rounds // 2),
             device,
+            warmup=WARMUP,
         )
         ratio = median_ratio(ts["full"], ts["layerwise"])
         result["small"].append(

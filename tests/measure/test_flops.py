@@ -92,3 +92,15 @@ def test_kinds_add_up_to_the_total():
         A @ B
     by_kind = flops_by_kind(counter)
     assert sum(by_kind.values()) == counter.get_total_flops() == 9000 + 3600 + 7200
+
+
+def test_eigenvalues_are_counted_without_eigenvectors():
+    """Found by review: ``torch.linalg.eigvalsh`` under the FLOP counter (a dispatch mode)
+    computed the eigenvectors too, counted 9 n^3 and ran 12x slower (the jitter slow path
+    and the diagnostics' condition numbers); ``woodbury.eigenvalues`` asks for none."""
+    A = torch.randn(30, 30, dtype=torch.float64)
+    A = A @ A.T
+    with flop_counter() as counter:
+        values = woodbury.eigenvalues(A)
+    assert flops_by_kind(counter)["eigh"] == 36000  # 4 30^3 / 3
+    torch.testing.assert_close(values, torch.linalg.eigvalsh(A))

@@ -347,6 +347,29 @@ def test_measure_point_is_a_pure_function_of_its_arguments():
         assert first[column] == second[column]
 
 
+def test_memory_is_measured_after_a_warm_up_call(monkeypatch):
+    """Found by review: on the host the memory was measured on a point's first call, which
+    on a new model runs the one-time check that it treats samples independently (80 MiB
+    against a model of 0.05 MiB at the first point of a process)."""
+    calls, measured_after = [], []
+    real = sw._direction_call
+
+    def counted(*args):
+        call = real(*args)
+        return lambda: (calls.append(1), call())[1]
+
+    def peak(fn):
+        measured_after.append(len(calls))
+        fn()
+        return 1
+
+    monkeypatch.setattr(sw, "_direction_call", counted)
+    monkeypatch.setattr(sw, "host_peak_bytes", peak)
+    grid = sw.Grid(**{**TINY, "methods": ("layerwise",)})
+    assert sw.measure_point(next(grid.runs()), grid)["peak_bytes"] == 1
+    assert measured_after == [1]
+
+
 def test_repeats_that_spread_are_timed_once_more(monkeypatch):
     timings = iter([Timing(1.0, 0.5, (0.5, 1.0, 1.5)), Timing(1.0, 0.1, (0.95, 1.0, 1.05))])
     monkeypatch.setattr(sw, "measure", lambda *a, **k: next(timings))
