@@ -567,9 +567,9 @@ class RiemannianPreconditioner:
         if not isinstance(state, dict) or set(state) != {"method", "kfac"}:
             raise ValueError(
                 "load_state_dict takes what RiemannianPreconditioner.state_dict() returned "
-                f"(a dict with 'method' and 'kfac'), got {_describe(state)}"
+                f"(a dict with 'method' and 'kfac'), got {kfac_checkpoint.describe(state)}"
             )
-        if state["method"] != self.method:
+        if not isinstance(state["method"], str) or state["method"] != self.method:
             raise ValueError(
                 f"the state was saved by a method={state['method']!r} preconditioner, this one "
                 f"has method={self.method!r}: build it with the saved run's method"
@@ -629,11 +629,3 @@ def _check_distributed_kfac(state: KFACState | None) -> None:
             "data-parallel step all-reduces and factorises the factors of its own global "
             "batch; drop kfac_refresh and kfac_decay (or the process_group)"
         )
-
-
-def _describe(value) -> str:
-    return (
-        f"a dict with keys {sorted(map(str, value))}"
-        if isinstance(value, dict)
-        else type(value).__name__
-    )

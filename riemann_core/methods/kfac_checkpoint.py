@@ -228,7 +228,7 @@ def _tensor(value, what: str, device, dtype=None) -> Tensor:
     ):
         raise ValueError(
             f"the K-FAC state's {what} must be a dense 2-D floating tensor with rows, got "
-            f"{_describe(value)}"
+            f"{describe(value)}"
         )
     if dtype is not None and value.dtype != dtype:
         raise ValueError(
@@ -240,7 +240,10 @@ def _tensor(value, what: str, device, dtype=None) -> Tensor:
     return value.to(device)
 
 
-def _describe(value) -> str:
+def describe(value) -> str:
+    """What a malformed entry of a saved state is, for an error message."""
+    if isinstance(value, dict):
+        return f"a dict with keys {sorted(map(str, value))}"
     if isinstance(value, Tensor):
         return f"a {value.layout} {value.dtype} tensor of shape {tuple(value.shape)}"
     return type(value).__name__
