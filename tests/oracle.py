@@ -536,3 +536,27 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
             assert torch.allclose(p.grad, old, equal_nan=True, rtol=0, atol=0), (
                 f".grad of {n!r} changed"
             )
+
+
+def batches(n, seed=1):
+    """``n`` seeded batches of 6 float64 samples of 5 features and 3 classes."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(6, 5, dtype=torch.float64, generator=g),
+            torch.randint(0, 3, (6,), generator=g),
+        )
+        for _ in range(n)
+    ]
+
+
+def preconditioned(pre, model, x, y, call) -> None:
+    """One step's ``.grad`` by ``call``: ``pre.backward(loss)``, or ``loss.backward()`` and
+    ``pre.step()``."""
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    if call == "backward":
+        pre.backward(loss)
+    else:
+        loss.backward()
+        pre.step()

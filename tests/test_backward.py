@@ -20,6 +20,7 @@ from oracle import (
     gradient,
     oracle_direction,
     oracle_for,
+    preconditioned,
     sequence_net,
     snapshot,
     unflatten,
@@ -607,18 +608,6 @@ def test_backward_follows_the_trainable_parameters_as_they_change(method, change
             else:
                 assert p.grad is None
     assert len(calls) == 1  # fused again once the hooks follow the network
-
-
-def preconditioned(pre, model, x, y, call) -> None:
-    """One step's ``.grad`` by ``call``: ``pre.backward(loss)``, or ``loss.backward()`` and
-    ``pre.step()``."""
-    model.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(x), y)
-    if call == "backward":
-        pre.backward(loss)
-    else:
-        loss.backward()
-        pre.step()
 
 
 def assert_directions(model, expected) -> None:

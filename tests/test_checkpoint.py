@@ -9,7 +9,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import Problem
+from oracle import Problem, batches, preconditioned
 
 import riemann_core as rc
 from riemann_core.methods import kfac_checkpoint
@@ -31,26 +31,9 @@ VARIANTS = [
 ]
 
 
-def batches(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (
-            torch.randn(6, 5, dtype=torch.float64, generator=g),
-            torch.randint(0, 3, (6,), generator=g),
-        )
-        for _ in range(n)
-    ]
-
-
 def train(model, pre, opt, data, how):
     for x, y in data:
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        if how == "backward":
-            pre.backward(loss)
-        else:
-            loss.backward()
-            pre.step()
+        preconditioned(pre, model, x, y, how)
         opt.step()
 
 

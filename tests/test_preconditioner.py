@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from oracle import (
     Problem,
     assert_unchanged,
+    batches,
     block_indices,
     flatten,
     ggn,
@@ -309,17 +310,6 @@ def kfac_steps(pre, model, batches, lr=0.05):
     finally:
         hook.remove()
     return steps
-
-
-def batches(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (
-            torch.randn(6, 5, dtype=torch.float64, generator=g),
-            torch.randint(0, 3, (6,), generator=g),
-        )
-        for _ in range(n)
-    ]
 
 
 def factors_at(model, params, x, y):
