@@ -233,7 +233,8 @@ def _tensor(value, what: str, device, dtype=None) -> Tensor:
     if dtype is not None and value.dtype != dtype:
         raise ValueError(
             f"the K-FAC state's {what} is {value.dtype}, and this preconditioner solves in "
-            f"{dtype}: pass solve_dtype={value.dtype} as the saved run did"
+            f"{dtype}: load it into the model in {value.dtype}, or pass "
+            f"solve_dtype={value.dtype} (the dtype the saved run solved in)"
         )
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"the K-FAC state's {what} contains NaN or inf: the file is corrupted")

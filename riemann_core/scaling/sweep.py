@@ -411,9 +411,9 @@ def measure_point(run: dict, grid: Grid) -> dict:
     call precedes the memory measurement: the first call on a new model runs the one-time
     check that it treats samples independently (extra backward passes: 80 MiB against a
     model of 0.05 MiB at the first point of a process, 490 MiB against 26 at kfac-default
-    width 128 batch 4096), and on CUDA allocates the cuBLAS workspace. Repeats whose IQR exceeds :data:`SPREAD_LIMIT` of their
-    median are timed once more; the row keeps the second set and its ``flag`` says
-    ``spread`` if that spreads too.
+    width 128 batch 4096), and on CUDA allocates the cuBLAS workspace. Repeats whose IQR
+    exceeds :data:`SPREAD_LIMIT` of their median are timed once more; the row keeps the
+    second set and its ``flag`` says ``spread`` if that spreads too.
     """
     row = blank_row(run)
     flops_model, peak_model = row["flops_model"], row["peak_bytes_model"]
