@@ -12,6 +12,7 @@ the gradient comes from ``torch.autograd`` on the loss, and every solve is a den
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -21,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev
+
+from riemann_core._precision import precision_knobs  # test state only, not the oracle
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
 LOSS_NAMES = {"ce": "cross_entropy", "mse": "mse"}
@@ -560,3 +563,18 @@ def preconditioned(pre, model, x, y, call) -> None:
     else:
         loss.backward()
         pre.step()
+
+
+@contextlib.contextmanager
+def restored_precision():
+    """Restore the float32 matmul precision exactly on leaving: the legacy setting and
+    every ``fp32_precision`` knob (setting the legacy one back turns knobs that read
+    ``none`` into ``ieee``, which the sweep's resume check tells apart)."""
+    legacy = torch.get_float32_matmul_precision()
+    knobs = [(k, k.fp32_precision) for _, k in precision_knobs()]
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(legacy)
+        for knob, value in knobs:
+            knob.fp32_precision = value

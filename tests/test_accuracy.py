@@ -25,6 +25,7 @@ from oracle import (
     oracle_direction,
     oracle_for,
     rel_error,
+    restored_precision,
     solve_kfac,
 )
 
@@ -674,13 +675,10 @@ def test_reduced_float32_precision_is_switched_off_inside_and_restored():
 
 def test_legacy_matmul_precision_setting_is_restored():
     model, x, y = PROBLEM.make(torch.float32)
-    before = torch.get_float32_matmul_precision()
-    try:
+    with restored_precision():
         torch.set_float32_matmul_precision("high")
         rc.direction(model, x, y)
         assert torch.get_float32_matmul_precision() == "high"
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 def test_environment_records_precision_settings():

@@ -9,7 +9,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import Problem, batches, preconditioned
+from oracle import Problem, batches, preconditioned, restored_precision
 
 import riemann_core as rc
 from riemann_core.methods import kfac_checkpoint
@@ -116,9 +116,8 @@ def test_a_checkpoint_resumes_float32_networks_to_the_bit(network, shape, precis
             torch.optim.SGD(model.parameters(), lr=0.1),
         )
 
-    saved_precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
+    with restored_precision():
+        torch.set_float32_matmul_precision(precision)
         model, pre, opt = built()
         train(model, pre, opt, data[:2], "step")
         checkpoint = saved(model, pre, opt)
@@ -128,8 +127,6 @@ def test_a_checkpoint_resumes_float32_networks_to_the_bit(network, shape, precis
         resumed_opt.load_state_dict(checkpoint["opt"])
         resumed_pre.load_state_dict(checkpoint["pre"])
         train(resumed, resumed_pre, resumed_opt, data[2:], "step")
-    finally:
-        torch.set_float32_matmul_precision(saved_precision)
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
 
