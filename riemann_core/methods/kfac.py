@@ -447,8 +447,8 @@ class KFACState:
         if not cached or self.decay > 0:
             gamma, inputs = module_factors(handler, opts)
         if self.decay > 0:
-            gamma = self._average(f"{name}:Gamma", gamma)
-            inputs = {p: self._average(f"{p}:A", A) for p, A in inputs.items()}
+            gamma = self._average(average_key(name, "Gamma"), gamma)
+            inputs = {p: self._average(average_key(p, "A"), A) for p, A in inputs.items()}
         if cached:
             s = old.solve(index, gradient, opts)
         else:
@@ -503,6 +503,11 @@ class KFACState:
         """Forget what a failed step computed."""
         self._pending_averages: dict[str, Tensor] = {}
         self._pending: dict[str, tuple[PatchHandler | None, KroneckerSolve]] = {}
+
+
+def average_key(owner: str, factor: str) -> str:
+    """The key of a running average: ``module:Gamma``, or ``part:A`` (a part's name)."""
+    return f"{owner}:{factor}"
 
 
 def _identities(solved) -> set[tuple[str, int]]:

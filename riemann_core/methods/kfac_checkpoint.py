@@ -29,7 +29,14 @@ from ..kronecker import Factor
 from ..modules import STRUCTURED, Block, PatchHandler
 from ..woodbury import SolveError
 from ._base import Options
-from .kfac import Cached, KFACState, block_parts, damped_blocks, factor_names
+from .kfac import (
+    Cached,
+    KFACState,
+    average_key,
+    block_parts,
+    damped_blocks,
+    factor_names,
+)
 
 #: The options that shape the state, with their types: loading under others is refused.
 SHAPING = {"refresh": int, "decay": Real, "bias": str}
@@ -115,8 +122,10 @@ def _average_owners(cached) -> dict[str, tuple[Factor, str]]:
     owners = {}
     for c in cached:
         where = f"the K-FAC state of module {c.block.name!r}"
-        owners[f"{c.block.name}:Gamma"] = (c.blocks[0].gamma, where)
-        owners.update({f"{b.part.name}:A": (b.A, where) for b in c.blocks if b.A is not None})
+        owners[average_key(c.block.name, "Gamma")] = (c.blocks[0].gamma, where)
+        owners.update(
+            {average_key(b.part.name, "A"): (b.A, where) for b in c.blocks if b.A is not None}
+        )
     return owners
 
 
