@@ -322,7 +322,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "quick: 128,256,256,256,256,10)")  # fmt: skip
     group.add_argument("--batch", type=positive_int, help="global batch (default: 128; quick: 64)")
     group.add_argument("--repeats", type=positive_int,
-                       help="timed directions per method (default: 7)")  # fmt: skip
+                       help="timed directions per method (default: 7; quick: 5)")  # fmt: skip
     group.add_argument("--threads", type=positive_int,
                        help="threads per rank (default: CPU cores // largest P, at least 1)")  # fmt: skip
     group.add_argument("--dtype", choices=("float32", "float64"), default="float32")
