@@ -417,24 +417,33 @@ def check_inputs(args: tuple, kwargs: dict, targets, checks: Deferred) -> None:
         checks.finite("targets", targets, "clean the targets before computing a direction")
 
 
+def reads_softmax_fisher(loss: str, output_metric) -> bool:
+    """Whether the output metric reads the outputs as cross-entropy logits ``(N, ..., C)``,
+    the classes along the last dimension."""
+    return loss == "cross_entropy" and not callable(output_metric)
+
+
 def classes_along_positions(outputs: Tensor, loss: str, output_metric) -> bool:
     """Whether the output metric reads ``outputs`` as cross-entropy logits ``(N, ..., C)``
     with positions: the classes are then taken along the last dimension."""
-    return loss == "cross_entropy" and not callable(output_metric) and outputs.ndim > 2
+    return reads_softmax_fisher(loss, output_metric) and outputs.ndim > 2
 
 
 def check_classes_last(loss: Tensor, outputs: Tensor, checks: Deferred) -> Tensor | None:
-    """``loss`` is a cross-entropy over every position of ``outputs`` ``(N, ..., C)`` with
-    the classes last, as the token-level metric reads it (registered with ``checks``; one
-    backward pass from the loss to the outputs, the graph kept, whose gradient is returned
-    for the pullback to reuse: ``None`` where it was read scaled, or is not there):
+    """``loss`` is a cross-entropy over every sample and position of ``outputs``
+    ``(N, ..., C)`` with the classes last, as the softmax Fisher reads it (registered with
+    ``checks``; one backward pass from the loss to the outputs, the graph kept, whose
+    gradient is returned for the pullback to reuse: ``None`` where it was read scaled, or
+    is not there):
 
-    - its gradient sums to zero over the last dimension at every position, as
-      ``softmax - one-hot`` does: ``F.cross_entropy(out, y)`` on ``(N, C, L)`` outputs,
-      whose classes lie along dimension 1, would otherwise be read wrongly, silently;
-    - no position is left out (a zero gradient where the softmax is not saturated:
-      ``ignore_index``, padding, a shifted language-model loss), which the metric, the mean
-      over every position, would still weigh.
+    - with positions, its gradient sums to zero over the last dimension at every position,
+      as ``softmax - one-hot`` does: ``F.cross_entropy(out, y)`` on ``(N, C, L)`` outputs,
+      whose classes lie along dimension 1, would otherwise be read wrongly, silently
+      (``(N, C)`` outputs have their classes nowhere else; a loss there need not be a
+      cross-entropy, its gradient is preconditioned by the metric asked for);
+    - no sample or position is left out (a zero gradient where the softmax is not
+      saturated: ``ignore_index``, a class weight of zero, padding, a shifted
+      language-model loss), which the metric, the mean over every one, would still weigh.
 
     Float16 gradients are read scaled by the number of positions: the mean's ``p / (N T)``
     underflows there for large vocabularies.
@@ -449,7 +458,7 @@ def check_classes_last(loss: Tensor, outputs: Tensor, checks: Deferred) -> Tenso
     dz = gradient.detach().to(wide)
     tolerance = torch.finfo(outputs.dtype).eps ** 0.5
     largest = dz.abs().amax()
-    summed = dz.sum(-1).abs().amax() <= tolerance * largest
+    summed = outputs.ndim <= 2 or dz.sum(-1).abs().amax() <= tolerance * largest
     p = torch.softmax(outputs.detach().to(wide), dim=-1)
     left_out = (dz == 0).all(-1) & (p.amax(-1) < 1 - tolerance)
     # unreadable (a float16 gradient overflowed by the scale): nothing is refused
@@ -468,6 +477,13 @@ def check_classes_last(loss: Tensor, outputs: Tensor, checks: Deferred) -> Tenso
                 "needs its own output_metric"
             )
         count = int(left_out.sum())
+        if outputs.ndim <= 2:
+            raise ValueError(
+                f"the loss leaves out {count} of the {positions} samples of the outputs "
+                f"{shape} (ignore_index, a class weight of zero, a mask), while the metric "
+                "is that of the mean over every sample. Leave those samples out of the "
+                "batch before the forward pass, or pass an output_metric that weighs them"
+            )
         raise ValueError(
             f"the loss leaves out {count} of the {positions} positions of the outputs {shape} "
             "(ignore_index, padding, or a shifted language-model loss), while the metric is "

@@ -18,6 +18,7 @@ from ._checks import (
     check_one_output,
     check_refresh,
     classes_along_positions,
+    reads_softmax_fisher,
     tensors_of,
 )
 from .capture import (
@@ -354,9 +355,7 @@ class RiemannianPreconditioner:
             if needs_factor:  # each call: a lookup's option is not seen by the probe's key
                 check_no_frequency_scaling(capture.output, names)
             output_gradient = None
-            if needs_factor and classes_along_positions(
-                capture.output, opts.loss, opts.output_metric
-            ):
+            if needs_factor and reads_softmax_fisher(opts.loss, opts.output_metric):
                 output_gradient = check_classes_last(loss, capture.output, checks)
             if reuse or stale or probing or rehook or paths.outside:
                 # autograd consumes the loss's graph: the data's checks first (one host
