@@ -170,6 +170,7 @@ class RiemannianPreconditioner:
         self._prehooked = False  # a pre-hook prepended since ran before the record
         self._output: list[Tensor] | None = None
         self._output_versions: list[int] = []
+        self._edited_in_forward = False
         # pre.backward(loss) records the user's own forward passes (one process only)
         single = process_group is None and self.network is model
         self._capture = Capture(model, notes_for(model).clone, persistent=True) if single else None
@@ -242,6 +243,10 @@ class RiemannianPreconditioner:
                 if isinstance(t, Tensor)
             ]
             self._output_versions = [t._version for t in self._output]
+            # an input the forward pass itself changed in place (x /= 255): named on refusal
+            self._edited_in_forward = any(
+                n is None and t._version != v for n, t, v in self._versions
+            )
 
     def _replayed_output(self) -> list[Tensor] | None:
         """The recorded output, for the replay to give again; ``None`` where it was changed
@@ -265,6 +270,12 @@ class RiemannianPreconditioner:
             )
 
     def _check_unchanged(self, call: str) -> None:
+        if self._edited_in_forward:
+            raise RuntimeError(
+                "the model's forward pass changed its input in place (x.sub_(m), x /= 255), "
+                f"and {call} may run the model again on the batch as the forward pass received "
+                "it: compute into a new tensor in forward (x = x - m, x = x / 255)"
+            )
         for name, t, version in self._versions:
             if t._version != version:
                 what = "an input of the forward pass" if name is None else f"parameter {name!r}"

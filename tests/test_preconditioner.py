@@ -286,6 +286,33 @@ def test_step_refuses_what_changed_since_the_forward_pass(change):
     assert_unchanged(model, before)
 
 
+class EditsItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+
+    def forward(self, x):
+        x.sub_(0.5)  # as x /= 255 in a forward
+        return self.net(x)
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_a_forward_that_changes_its_input_in_place_is_named(call):
+    """The refusal names the forward pass's own edit (before: it blamed an optimizer step
+    or a new batch copied into the input), ``.grad`` untouched."""
+    torch.manual_seed(0)
+    model = EditsItsInput().double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    pre = rc.RiemannianPreconditioner(model)
+    loss = F.cross_entropy(model(x), y)
+    if call == "step":
+        loss.backward()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"forward pass changed its input in place"):
+        pre.backward(loss) if call == "backward" else pre.step()
+    assert_unchanged(model, before)
+
+
 # ------------------------------------------------------- K-FAC across steps
 
 
