@@ -190,6 +190,18 @@ class Grid:
                     out.append(point)
         return out
 
+    def selects(self, row: Mapping) -> bool:
+        """Whether ``row`` is of a method, kernel, dtype, device and output metric this grid
+        measures: a sweep resumed with a smaller grid decides, grows, measures again and
+        times again only those, and keeps the others as they were recorded."""
+        return (
+            row["method"] in self.methods
+            and row["kernel"] in self.kernels
+            and row["dtype"] in self.dtypes
+            and row["device"] in self.devices
+            and row["output_metric"] == self.output_metric
+        )
+
     def runs(self) -> Iterator[dict]:
         """Every measurement: shape x method x kernel x dtype x device."""
         for device in self.devices:
@@ -946,9 +958,10 @@ def sweep(
     path = out / "results.csv"
     rows = read_results(path)  # before any work: a corrupted file stops the sweep here
     previous = resumable_record(out, rows, grid)
-    # finished points are kept; skipped, failed and out-of-memory ones are decided again
-    rows = [r for r in rows if r["status"] == "ok"]
-    check_same_model(rows, path)
+    # finished points are kept; skipped, failed and out-of-memory ones are decided again,
+    # those of what this grid measures (a smaller grid's resume keeps the others as they are)
+    rows = [r for r in rows if r["status"] == "ok" or not grid.selects(r)]
+    check_same_model([r for r in rows if r["status"] == "ok"], path)
     resumed = len(rows)
     done = {key_of(r) for r in rows}
     order: dict[tuple[str, ...], int] = {}  # rows are written in the order of their runs
@@ -1018,13 +1031,13 @@ def sweep(
         measure_all(todo)
         measure_rates("grid")
         while True:
-            plan = grow.plan(rows, grid, elapsed=clock() - start)
+            plan = grow.plan([r for r in rows if grid.selects(r)], grid, elapsed=clock() - start)
             if not plan.runs:
                 break
             bar.total += len(plan.runs)
             bar.refresh()
             measure_all(plan.runs)
-        again = [r for r in grow.outliers(rows) if not int(r["remeasured"])]
+        again = [r for r in grow.outliers(rows) if grid.selects(r) and not int(r["remeasured"])]
         bar.total += len(again)
         bar.refresh()
         measure_all([run_of(r) for r in again], remeasure=True)
@@ -1048,7 +1061,7 @@ def interleave_lines(
     first worker's times, so that each line comes from one device in one stretch of time,
     and flags for those times (``interleaved``: the group's axes); a group that could not be
     timed again keeps its rows, with a warning that says why."""
-    todo = lines_to_interleave(rows, grid.base)
+    todo = lines_to_interleave([r for r in rows if grid.selects(r)], grid.base)
     if not todo:
         return
     task = functools.partial(

@@ -335,6 +335,28 @@ def test_resume_retries_points_that_were_skipped(tmp_path):
     assert len(rows) == result.measured == len(list(sw.Grid(**tight).runs()))
 
 
+def test_a_resume_with_a_smaller_grid_keeps_the_other_rows_as_recorded(tmp_path, monkeypatch):
+    """Found by review: resumed with fewer methods, a sweep dropped the skipped rows of the
+    methods left out (neither kept nor decided again), and measured again, with its own
+    repeats, the other methods' points it took for outliers."""
+    grid = {**TINY, "methods": ("euclidean", "layerwise", "full"), "kernels": ("structured",)}
+    grid["flop_budget"] = 1e4  # full skipped
+    sw.sweep(sw.Grid(**grid), tmp_path, progress=False)
+    before = rows_of(tmp_path / "results.csv")
+    statuses = {(r["method"], r["status"]) for r in before}
+    assert statuses == {("euclidean", "ok"), ("layerwise", "ok"), ("full", "skipped")}
+    monkeypatch.setattr(grow, "is_outlier", lambda rows, row: True)
+    smaller = {**grid, "methods": ("euclidean",), "axes": {**TINY["axes"], "width": (4, 5, 6)}}
+    sw.sweep(sw.Grid(**smaller), tmp_path, progress=False)
+    after = rows_of(tmp_path / "results.csv")
+    assert [r for r in after if r["method"] != "euclidean"] == [
+        r for r in before if r["method"] != "euclidean"
+    ]
+    euclidean = [r for r in after if r["method"] == "euclidean"]
+    assert {r["width"] for r in euclidean} == {"4", "5", "6"}
+    assert all(r["remeasured"] == "1" for r in euclidean)  # the grid's own: measured again
+
+
 def test_measure_point_is_a_pure_function_of_its_arguments():
     grid = sw.Grid(**{**TINY, "methods": ("layerwise",), "output_metric": "sampled"})
     run = next(grid.runs())
