@@ -392,8 +392,9 @@ LOCAL_PHASES = {
 BLOCKWISE = ("layerwise", "kfac")
 
 #: Entries of the table every rank contributes to the agreement of a step (int64):
-#: failed, samples, signature of the blocks.
-AGREEMENT_SLOTS = 3
+#: failed, samples, signature of the blocks, and the bits of the float64 checksums of
+#: the parameters (the sums of their entries and of their magnitudes).
+AGREEMENT_SLOTS = 5
 
 
 def block_solve_flops(

@@ -129,25 +129,29 @@ def direction(
         >>> bool(torch.allclose(d["weight"], n["weight"]))  # one module: same matrix
         True
     """
-    opts = Options.checked(
-        method,
-        METHODS,
-        damping=damping,
-        loss=loss,
-        output_metric=output_metric,
-        samples=samples,
-        kernel=kernel,
-        solve_dtype=solve_dtype,
-        refine=refine,
-        kfac_damping=kfac_damping,
-        kfac_bias=kfac_bias,
-        diagnostics=return_diagnostics,
-        generator=generator,
-        check_coupling=check_coupling,
-    )
     if process_group is not None:
-        distributed.check_group(process_group, timeout)
+        distributed.check_group(process_group)
+    # a bad option on one rank meets the others at the agreement: they would wait it out
     with distributed.share_failure(process_group, timeout):
+        if process_group is not None:
+            distributed.check_timeout(timeout)
+        opts = Options.checked(
+            method,
+            METHODS,
+            damping=damping,
+            loss=loss,
+            output_metric=output_metric,
+            samples=samples,
+            kernel=kernel,
+            solve_dtype=solve_dtype,
+            refine=refine,
+            kfac_damping=kfac_damping,
+            kfac_bias=kfac_bias,
+            diagnostics=return_diagnostics,
+            generator=generator,
+            check_coupling=check_coupling,
+        )
+        check_autograd()
         if not isinstance(targets, Tensor):
             raise TypeError(
                 "targets must be a torch.Tensor (class indices for cross_entropy, values "
@@ -178,6 +182,14 @@ def direction(
     return (result, diagnostics) if return_diagnostics else result
 
 
+def check_autograd() -> None:
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "riemann_core needs autograd, which torch.inference_mode() switches off; "
+            "compute the direction outside the inference_mode block"
+        )
+
+
 def solve(
     model,
     inputs,
@@ -204,11 +216,8 @@ def solve(
     (:func:`riemann_core.distributed.solve`; ``global_gradient``: ``gradient`` is
     already the global batch's).
     """
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            "riemann_core needs autograd, which torch.inference_mode() switches off; "
-            "compute the direction outside the inference_mode block"
-        )
+    with distributed.share_failure(process_group, timeout):
+        check_autograd()
     checks = Deferred() if checks is None else checks
     devices = {p.device.type for p in model.parameters()}
     devices |= {t.device.type for t in tensors_of((inputs, forward_kwargs))}

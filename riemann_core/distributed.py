@@ -112,8 +112,8 @@ def observing(observer: Observer):
         _LOCAL.observer = previous
 
 
-def check_group(group, timeout: float) -> None:
-    """A usable process group and timeout, or an error naming the fix."""
+def check_group(group) -> None:
+    """A usable process group, or an error naming the fix."""
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError(
             "process_group needs torch.distributed initialised on every rank: call "
@@ -124,7 +124,14 @@ def check_group(group, timeout: float) -> None:
             f"process_group must be a torch.distributed.ProcessGroup (e.g. "
             f"torch.distributed.group.WORLD), got {type(group).__name__}"
         )
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+
+
+def valid_timeout(timeout) -> bool:
+    return not isinstance(timeout, bool) and isinstance(timeout, (int, float)) and timeout > 0
+
+
+def check_timeout(timeout) -> None:
+    if not valid_timeout(timeout):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
 
 
@@ -132,14 +139,15 @@ def check_group(group, timeout: float) -> None:
 def share_failure(group, timeout: float):
     """Around a caller's own checks before :func:`solve` (``group`` ``None``: nothing):
     an error raised inside meets the other ranks at the agreement of the step, where
-    this rank raises it and every other rank a :class:`DistributedError` naming it."""
+    this rank raises it and every other rank a :class:`DistributedError` naming it (a
+    bad ``timeout`` among them: the default's is waited then)."""
     if group is None:
         yield
         return
     try:
         yield
     except Exception as err:
-        _Group(group, timeout).agree(err, 0, 0)
+        _Group(group, timeout if valid_timeout(timeout) else TIMEOUT).agree(err, 0, 0, None)
         raise
 
 
@@ -227,26 +235,42 @@ class _Group:
         self._wait(works, what)
         return [b.to(buffers[0].device) for b in moved]
 
-    def agree(self, failure: Exception | None, samples: int, signature: int) -> list[int]:
-        """Every rank's batch size, once every rank finished its local work and sees the
-        same blocks; a rank that failed makes every rank raise."""
+    def agree(
+        self, failure: Exception | None, samples: int, signature: int, params: list | None
+    ) -> list[int]:
+        """Every rank's batch size, once every rank finished its local work, sees the same
+        blocks and holds the same ``params`` (by :func:`_checksum`); a rank that failed
+        makes every rank raise."""
         if self.world == 1:
             if failure is not None:
                 raise failure
             return [samples]
         table = torch.zeros(self.world, costs.AGREEMENT_SLOTS, dtype=torch.int64)
-        table[self.rank] = torch.tensor([failure is not None, samples, signature])
-        table = self.all_reduce(table, "agreement").tolist()
-        failed = [q for q, row in enumerate(table) if row[0]]
+        table[self.rank, :3] = torch.tensor([failure is not None, samples, signature])
+        if params:  # the float64 checksums' bits: a sum with the other ranks' zeros keeps them
+            table[self.rank, 3:] = _checksum(params).view(torch.int64)
+        table = self.all_reduce(table, "agreement")
+        rows = table.tolist()
+        failed = [q for q, row in enumerate(rows) if row[0]]
         if failed:
             self.fail(failure, failed, "its forward pass, pullback or checks")
-        if len({row[2] for row in table}) > 1:
+        if len({row[2] for row in rows}) > 1:
             raise ValueError(
                 "the ranks see different blocks or options (other modules called, samples "
-                "of other shapes, another damping, output metric or solve option): every "
-                "rank must run the same network on samples of one shape, with the same options"
+                "of other shapes, parameters of another dtype, another damping, output "
+                "metric or solve option): every rank must run the same network on samples "
+                "of one shape, with the same options"
             )
-        return [row[1] for row in table]
+        sums = table[:, 3:].cpu().contiguous().view(torch.float64)
+        if params and (sums - sums[0]).abs().max() > CHECKSUM_TOLERANCE * sums[0, 1]:
+            raise ValueError(
+                "the ranks hold different parameters (sums of their entries "
+                f"{[f'{s:.6g}' for s in sums[:, 0].tolist()]}): every rank must start from "
+                "the same weights (seed the model's initialisation alike, or broadcast rank "
+                "0's state, as DistributedDataParallel does when it wraps the model) and "
+                "take the same steps"
+            )
+        return [row[1] for row in rows]
 
     def fail(self, failure: Exception | None, failed: list[int], where: str) -> None:
         """Every rank knows that the ``failed`` ranks raised: they share their messages,
@@ -463,7 +487,7 @@ def _signature(problem: Problem, shares: list[_Share], method: str, opts: Option
     """A checksum of the blocks, what each rank sends for them and the options of the
     solve (equal on every rank that runs the same network on samples of one shape with
     the same options: an owner solves with its own)."""
-    blocks = [(b.name, b.n_params) for b in problem.blocks]
+    blocks = [(b.name, b.n_params, [str(p.dtype) for p in b.params]) for b in problem.blocks]
     kinds = [type(h).__name__ for h in problem.handlers]
     layouts = [s.layout for s in shares]
     options = [
@@ -471,6 +495,18 @@ def _signature(problem: Problem, shares: list[_Share], method: str, opts: Option
         for v in (getattr(opts, k) for k in SHARED_OPTIONS)
     ]
     return zlib.crc32(repr((method, problem.given, blocks, kinds, layouts, options)).encode())
+
+
+#: Checksums of the ranks' parameters further apart than this, relative to the sum of
+#: their magnitudes, are different parameters: rounding in another order of summation
+#: (other hardware) stays below ``n eps`` of float64, some 1e-10 for a billion entries.
+CHECKSUM_TOLERANCE = 1e-6
+
+
+def _checksum(params: list[Tensor]) -> Tensor:
+    """``[sum p, sum |p|]`` over every entry of ``params``, in float64."""
+    sums = [(p.detach().double().sum(), p.detach().double().abs().sum()) for p in params]
+    return torch.stack([sum(s for s, _ in sums), sum(a for _, a in sums)]).cpu()
 
 
 def _common(dtypes) -> torch.dtype:
@@ -542,7 +578,8 @@ def solve(
         failure, problem, shares = _local(build, method, opts, checks, global_gradient, alone)
     with observer.phase("agree"):
         signature = 0 if problem is None else _signature(problem, shares, method, opts)
-        sizes = net.agree(failure, 0 if problem is None else _samples(problem), signature)
+        params = None if problem is None else [p for b in problem.blocks for p in b.params]
+        sizes = net.agree(failure, 0 if problem is None else _samples(problem), signature, params)
         N = sum(sizes)
         if global_gradient and problem.given and len(set(sizes)) > 1:  # on every rank
             raise ValueError(

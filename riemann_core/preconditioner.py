@@ -145,7 +145,8 @@ class RiemannianPreconditioner:
                 "process_group (e.g. torch.distributed.group.WORLD)"
             )
         if process_group is not None:
-            distributed.check_group(process_group, timeout)
+            distributed.check_group(process_group)
+            distributed.check_timeout(timeout)
             _check_distributed_kfac(self._kfac)
         # DistributedDataParallel's forward expects its own backward: solve on its module
         self.network = model.module if isinstance(model, DistributedDataParallel) else model
@@ -472,7 +473,8 @@ class RiemannianPreconditioner:
         if self._kfac is not None and not self._kfac.needs_factors(params):
             directions, diagnostics = self._kfac.reuse(full, self.options, checks)
         else:
-            self._check_replayable()
+            with distributed.share_failure(self.process_group, self.timeout):
+                self._check_replayable()
             args, kwargs, state, buffers, autocast = self._batch
             directions, diagnostics = solve(
                 self.network,

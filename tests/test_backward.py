@@ -552,7 +552,7 @@ def test_backward_over_a_process_group_is_refused_before_any_work(monkeypatch):
     """Data-parallel steps go through ``loss.backward(); pre.step()``: refused with the fix."""
     from riemann_core import distributed
 
-    monkeypatch.setattr(distributed, "check_group", lambda group, timeout: None)
+    monkeypatch.setattr(distributed, "check_group", lambda group: None)
     model, x, y = Problem().make()
     pre = rc.RiemannianPreconditioner(model, process_group=object())
     before = snapshot(model)

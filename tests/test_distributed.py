@@ -246,6 +246,27 @@ def _failures(rank, world) -> dict:
     F.cross_entropy(model(x[part]), y[part]).backward()
     out["other damping"] = _outcome(other.step)
 
+    # found by review: parameters of another dtype on one rank crashed it inside gloo,
+    # other weights gave a wrong direction silently, and a bad option on one rank left the
+    # others waiting out the timeout
+    last = rank == world - 1
+
+    def direction(m, damping=DAMPING):
+        xs = x[part].to(next(m.parameters()).dtype)
+        return _outcome(
+            lambda: rc.direction(
+                m, xs, y[part], damping=damping, process_group=dist.group.WORLD, timeout=TIMEOUT
+            )
+        )
+
+    out["other dtype"] = direction(network("mlp")[0].float() if last else model)
+    moved = network("mlp")[0]
+    if last:
+        with torch.no_grad():
+            moved[0].weight[0, 0] += 1e-3
+    out["other weights"] = direction(moved)
+    out["bad option"] = direction(model, damping=-1.0 if last else DAMPING)
+
     if world > 1:  # the last rank never calls: the others time out, then the group is spent
         pre.timeout = 2.0
         out["absent rank"] = None if rank == world - 1 else _outcome(pre.step)
@@ -409,6 +430,25 @@ def test_ddp_needs_the_group_and_equal_shards_and_ranks_the_same_options(run):
             assert kind == "ValueError" and "see different blocks or options" in message
         else:
             assert failures["other damping"] is None
+
+
+def test_ranks_with_other_parameters_or_a_bad_option_are_refused_on_every_rank(run):
+    world, results = run
+    if world == 1:
+        pytest.skip("needs a second rank")
+    last = world - 1
+    for rank, result in enumerate(results):
+        failures = result["failures"]
+        kind, message = failures["other dtype"]
+        assert kind == "ValueError" and "parameters of another dtype" in message
+        kind, message = failures["other weights"]
+        assert kind == "ValueError" and "the ranks hold different parameters" in message
+        kind, message = failures["bad option"]
+        if rank == last:
+            assert kind == "ValueError" and "damping" in message
+        else:
+            assert kind == "DistributedError" and f"rank {last} of {world} failed" in message
+            assert "damping" in message
 
 
 def test_an_absent_rank_times_out_instead_of_hanging(run):

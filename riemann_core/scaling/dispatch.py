@@ -54,6 +54,7 @@ from distributed import (
     WorkerPlugin,
     system,
 )
+from distributed.comm import parse_address, parse_host_port
 from distributed.scheduler import KilledWorker
 
 from ..measure import allocator
@@ -245,6 +246,15 @@ def connect(scheduler: str, timeout: float = 30.0) -> Client:
             )
     elif "://" not in scheduler and ":" not in scheduler:
         raise ClusterError(f"{scheduler!r} is neither a scheduler file nor an address; {how}")
+    else:  # before the Client: one that fails to start waits 60 s for its own close
+        try:
+            scheme, location = parse_address(scheduler)
+            if scheme in ("tcp", "tls"):
+                parse_host_port(location)
+        except ValueError as err:
+            raise ClusterError(
+                f"{scheduler!r} is not a scheduler's address ({err}); {how}"
+            ) from err
     try:
         if Path(scheduler).is_file():
             return Client(scheduler_file=scheduler, timeout=timeout, set_as_default=False)

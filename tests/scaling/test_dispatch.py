@@ -220,6 +220,13 @@ def test_a_bad_scheduler_file_is_named_at_once(tmp_path, content, match):
     assert time.monotonic() - start < 5
 
 
+def test_an_address_without_a_port_is_named_before_a_client_starts(monkeypatch):
+    """Found by review: the Client refused it, then its close waited 60 s at exit."""
+    monkeypatch.setattr(dispatch, "Client", None)  # not called
+    with pytest.raises(dispatch.ClusterError, match="is not a scheduler's address.*port"):
+        dispatch.connect("tcp://127.0.0.1", timeout=30)
+
+
 def test_a_runner_without_workers_gives_up_instead_of_waiting_forever(in_process, monkeypatch):
     monkeypatch.setattr(dispatch, "CHECK_EVERY", 0.1)
     runner = dispatch.DaskRunner(in_process(devices=0), patience=0.5)
