@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Exit codes beside 0 (done; every claim passed, every goal met) and 1 (a claim failed or
 #: a goal was missed: a finding): bad options or unreadable files, and an unexpected
-#: error that broke the command off (its traceback is printed; no verdict).
-USAGE_ERROR, UNEXPECTED_ERROR = 2, 3
+#: error that broke the command off (its traceback is printed; no verdict); Ctrl-C, as
+#: shells report a SIGINT.
+USAGE_ERROR, UNEXPECTED_ERROR, INTERRUPTED = 2, 3, 130
 
 
 def guarded(fn):
@@ -106,6 +107,14 @@ def guarded(fn):
         except (ValueError, OSError) as err:  # bad options, unreadable or unwritable paths
             print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
             return USAGE_ERROR
+        except KeyboardInterrupt:
+            print(
+                f"{PROG} {args.command}: interrupted. Every file written so far is whole "
+                "(written atomically); a sweep resumes where it stopped when run again with "
+                "the same --out",
+                file=sys.stderr,
+            )
+            return INTERRUPTED
         except Exception:
             traceback.print_exc()
             print(

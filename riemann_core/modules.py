@@ -799,5 +799,7 @@ def handler_for(block: Block, kernel: str) -> Handler:
     raise ValueError(
         f"module {block.name!r} ({type(block.module).__name__}) has parameters but {reason}; "
         f"structured kernels exist for {supported}. Pass kernel='generic' (torch.func, "
-        "materialises K) or kernel='auto' (structured where possible, generic elsewhere)"
+        "materialises K) or kernel='auto' (structured where possible, generic elsewhere); "
+        "method='kfac' has Kronecker factors for Linear and Conv2d (groups=1, zero padding) "
+        "only: use method='layerwise' for other modules"
     )

@@ -103,3 +103,15 @@ def test_an_out_that_cannot_be_written_stops_a_sweep_before_any_work(tmp_path, c
     assert cli.main(["sweep", "--quick", "--workers", "0", "--out", str(out)]) == 2
     assert "Permission denied" in capsys.readouterr().err
     assert not out.exists()  # the directory it made is removed again
+
+
+def test_ctrl_c_is_one_line_and_its_own_exit_code(capsys):
+    """Found by review: a KeyboardInterrupt printed torch's traceback."""
+    import argparse
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    assert cli.guarded(interrupted)(argparse.Namespace(command="sweep")) == cli.INTERRUPTED
+    err = capsys.readouterr().err
+    assert "riemann-bench sweep: interrupted" in err and "Traceback" not in err

@@ -104,6 +104,13 @@ def read_sweep(directory: str | Path) -> tuple[pd.DataFrame, dict]:
     rows = read_results(path)
     if not rows:
         raise ResultsFileError(f"{path} holds no points; run 'riemann-bench sweep' with this --out")
+    if not any(r["status"] == "ok" for r in rows):
+        statuses = sorted({r["status"] for r in rows})
+        raise ResultsFileError(
+            f"{path} holds no measured point (every one {' or '.join(statuses)}), so no claim "
+            "can be judged; its 'reason' column says why each was not measured. Fix that and "
+            "run 'riemann-bench sweep' with this --out again"
+        )
     meta = read_record(record)
     check_rows_of_record(rows, meta, directory)
     try:

@@ -47,6 +47,7 @@ import functools
 import io
 import json
 import math
+import re
 import time
 import uuid
 import warnings
@@ -255,7 +256,7 @@ def check_grid(grid: Grid) -> None:
         ("damping", grid.damping, None),
         ("--memory-budget-gib", grid.memory_budget_bytes / 2**30, None),
         ("--flop-budget", grid.flop_budget, None),
-        ("time budget", grid.time_budget_s, None),
+        ("--time-budget", grid.time_budget_s, None),
     ):
         if not (value >= least if least is not None else value > 0):
             need = f"at least {least}" if least is not None else "positive"
@@ -648,6 +649,12 @@ def _row_problem(row: dict) -> str | None:
         return f"unknown method {row['method']!r} (one of {', '.join(METHODS)})"
     if row["kernel"] not in ("structured", "generic"):
         return f"unknown kernel {row['kernel']!r} (structured or generic)"
+    if row["dtype"] not in DTYPES:
+        return f"unknown dtype {row['dtype']!r} ({' or '.join(DTYPES)})"
+    if row["output_metric"] not in ("exact", "sampled"):
+        return f"unknown output_metric {row['output_metric']!r} (exact or sampled)"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", row["device"]):
+        return f"unknown device {row['device']!r} (cpu, cuda or cuda:N)"
     for axis in AXES:
         if not (row[axis].isascii() and row[axis].isdigit()) or int(row[axis]) < 1:
             return f"{axis} is {row[axis]!r}, not a positive integer"
@@ -661,7 +668,7 @@ def _row_problem(row: dict) -> str | None:
             usable &= column == "spread" or value != math.inf
         else:
             usable = value is not None and math.isfinite(value) and value >= 0
-            usable &= column != "time_median_s" or value > 0  # times divide
+            usable = usable and (column != "time_median_s" or value > 0)  # times divide
         if not usable:
             return f"a measured point with {column} = {row.get(column)!r}"
     times = _times(row["times_s"])
@@ -817,11 +824,20 @@ def check_rows_of_record(rows: list[dict], record: dict, out: Path) -> None:
     (``record``) cannot have measured: every sweep into a directory varies one axis at a
     time around its one base point (:func:`resumable_record`), so a row two axes or more
     away from it comes from another grid, and fits and claims along the record's axes would
-    judge the wrong points. Methods and axis values the record does not list are no sign:
-    a sweep resumed with a smaller grid keeps the rows measured before. Raises
-    :class:`ResultsFileError` naming the line; the files are left alone."""
-    base = record["base"]
+    judge the wrong points; so does a point measured on a device the record does not
+    list. Methods and axis values the record does not list are no sign: a sweep resumed
+    with a smaller grid keeps the rows measured before. Raises :class:`ResultsFileError`
+    naming the line; the files are left alone."""
+    base, devices = record["base"], record.get("devices") or {}
     for line, row in enumerate(rows, start=2):
+        name = row.get("device_name") or ""
+        if devices and row["status"] == "ok" and name and name not in devices:
+            raise ResultsFileError(
+                f"{out / 'results.csv'} line {line}: a point measured on {name!r}, which "
+                f"{out / 'sweep.json'} does not record (it records {sorted(devices)}): the "
+                "two files come from different sweeps. Put a sweep's results.csv and "
+                "sweep.json together, or pass another --out"
+            )
         off = [a for a in AXES if int(row[a]) != base[a]]
         if len(off) > 1:
             point = ", ".join(f"{a}={row[a]}" for a in AXES)

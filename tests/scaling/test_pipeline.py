@@ -284,6 +284,12 @@ def _edit_row(column, value):
     return edit
 
 
+def _every_row_skipped(out):
+    df = pd.read_csv(out / "results.csv", dtype=str, keep_default_na=False)
+    df["status"], df["reason"] = "skipped", "over the FLOP budget"
+    df.to_csv(out / "results.csv", index=False)
+
+
 def _duplicate_row(out):
     df = pd.read_csv(out / "results.csv", dtype=str, keep_default_na=False)
     ok = df.index[df["status"] == "ok"][0]
@@ -372,6 +378,16 @@ CORRUPTIONS = {
     "record-rates-empty": (_edit_record(_first_rates_list([])), "rates of device"),
     "record-grid-text": (_edit_record(lambda r: r.update(grid="x")), "grid is 'x', not a mapping"),
     "record-growth-list": (_edit_record(lambda r: r.update(growth=[1])), "growth is [1], not a"),
+    # found by review: a TypeError, or accepted and given fixes that argparse refuses
+    "time-text": (_edit_row("time_median_s", "abc"), "time_median_s = 'abc'"),
+    "unknown-device": (_edit_row("device", "tpu"), "unknown device 'tpu'"),
+    "unknown-dtype": (_edit_row("dtype", "float16"), "unknown dtype 'float16'"),
+    "unknown-output-metric": (_edit_row("output_metric", "bogus"), "unknown output_metric"),
+    "none-measured": (_every_row_skipped, "holds no measured point (every one skipped)"),
+    "unrecorded-device": (
+        _edit_row("device_name", "Other CPU"),
+        "sweep.json does not record (it records",
+    ),
 }
 
 
@@ -382,7 +398,8 @@ CORRUPTIONS = {
         for corruption in CORRUPTIONS
         for command in ("fit", "validate", "report", "sweep")
         # a sweep starts from no rows, and measures the rates again
-        if command != "sweep" or corruption not in ("header-only", "record-without-rates")
+        if command != "sweep"
+        or corruption not in ("header-only", "record-without-rates", "none-measured")
     ],
     ids=lambda v: v,
 )

@@ -220,6 +220,8 @@ def test_a_readme_without_one_pair_of_markers_is_refused_before_any_work(
     assert readme.read_text() == text and not out.exists()
     with pytest.raises(ValueError, match="--readme needs --out"):
         targets.run(_args(None, readme))
+    with pytest.raises(ValueError, match="no such file; pass the README"):
+        targets.run(_args(out, tmp_path / "missing.md"))
 
 
 def test_the_readmes_table_is_the_committed_run_of_targets():
