@@ -66,6 +66,12 @@ def check_options(
             f"refine must be a non-negative integer of at most {MAX_REFINE} (refinement "
             f"steps; a few suffice where refinement converges at all), got {refine!r}"
         )
+    if refine and method in ("euclidean", "kfac"):
+        raise ValueError(
+            f"refine={refine} does not apply to method={method!r} (refinement is of the "
+            "solves of layerwise, full and natural; euclidean solves nothing and K-FAC's "
+            "Kronecker solves are not refined): drop refine, or use one of those methods"
+        )
     if solve_dtype is not None and solve_dtype not in (torch.float32, torch.float64):
         raise ValueError(
             f"solve_dtype must be None, torch.float32 or torch.float64, got {solve_dtype}"

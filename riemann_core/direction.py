@@ -73,8 +73,8 @@ def direction(
             damping; default the model's dtype.
         generator: random generator for ``output_metric="sampled"``, on the model's
             device.
-        refine: steps of mixed-precision iterative refinement (every method but
-            ``kfac`` and ``euclidean``): the residual ``g - G x`` in float64, its
+        refine: steps of mixed-precision iterative refinement (``layerwise``,
+            ``full``, ``natural``; refused with the others): the residual ``g - G x`` in float64, its
             correction with the solve's factor. ``(g - K^T t) / mu`` cancels when ``mu``
             is tiny against the curvature (residual ``~ eps cond(G)``); refinement
             converges while ``eps(solve_dtype) cond(G) < 1``.

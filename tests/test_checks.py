@@ -82,6 +82,9 @@ CASES = [
     case("refine-negative", options(refine=-1), ValueError, "refine must be a non-negative integer"),
     case("refine-float", options(refine=0.5), ValueError, "refine must be a non-negative integer"),
     case("refine-huge", options(refine=10**9), ValueError, "refine must be a non-negative integer of at most 100"),
+    # found by review: ignored silently
+    case("refine-kfac", options(method="kfac", refine=2), ValueError, "refine=2 does not apply to method='kfac'"),
+    case("refine-euclidean", options(method="euclidean", refine=1), ValueError, "does not apply to method='euclidean'"),
     case("diagnostics-string", options(return_diagnostics="no"), TypeError,
          "diagnostics .return_diagnostics of rc.direction. must be True or False, got 'no'"),
     case("solve_dtype-half", options(solve_dtype=torch.float16), ValueError, "solve_dtype must be None, torch.float32 or"),
