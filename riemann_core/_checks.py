@@ -435,21 +435,60 @@ def classes_along_positions(outputs: Tensor, loss: str, output_metric) -> bool:
     return reads_softmax_fisher(loss, output_metric) and outputs.ndim > 2
 
 
-def check_classes_last(loss: Tensor, outputs: Tensor, checks: Deferred) -> Tensor | None:
-    """``loss`` is a cross-entropy over every sample and position of ``outputs``
-    ``(N, ..., C)`` with the classes last, as the softmax Fisher reads it (registered with
-    ``checks``; one backward pass from the loss to the outputs, the graph kept, whose
-    gradient is returned for the pullback to reuse: ``None`` where it was read scaled, or
-    is not there):
+#: Autograd's nodes of ``F.nll_loss`` (the last step of ``F.cross_entropy`` with class
+#: indices): their saved targets, ``ignore_index`` and class weights say which samples
+#: the loss takes.
+NLL_NODES = ("NllLossBackward0", "NllLoss2DBackward0")
 
-    - with positions, its gradient sums to zero over the last dimension at every position,
-      as ``softmax - one-hot`` does: ``F.cross_entropy(out, y)`` on ``(N, C, L)`` outputs,
-      whose classes lie along dimension 1, would otherwise be read wrongly, silently
-      (``(N, C)`` outputs have their classes nowhere else; a loss there need not be a
-      cross-entropy, its gradient is preconditioned by the metric asked for);
-    - no sample or position is left out (a zero gradient where the softmax is not
-      saturated: ``ignore_index``, a class weight of zero, padding, a shifted
-      language-model loss), which the metric, the mean over every one, would still weigh.
+
+def check_samples_taken(loss: Tensor, outputs: Tensor, checks: Deferred) -> None:
+    """Refuse (registered with ``checks``) a cross-entropy with class indices that leaves
+    samples out: a target equal to its ``ignore_index`` or of a class weighted zero, read
+    from the ``nll_loss`` nodes between ``loss`` and ``outputs``. The metric, the mean
+    over every sample, would still weigh those samples. A zero gradient alone is no sign:
+    a hinge or clamped loss, or a softmax the loss sharpens, has zeros at samples it takes.
+    """
+    stop = outputs.grad_fn
+    counts = []
+    for node in _graph_nodes([loss.grad_fn], stop):
+        if type(node).__name__ not in NLL_NODES:
+            continue
+        target = node._saved_target
+        ignored = node._saved_ignore_index
+        ignored = ignored - 2**64 if ignored >= 2**63 else ignored  # read back unsigned
+        left = target == ignored
+        weight = node._saved_weight
+        if weight is not None:
+            left |= weight[target.clamp(0, weight.numel() - 1)] == 0
+        counts.append(left.sum())
+    if not counts:
+        return
+    count = torch.stack(counts).sum()
+    N = outputs.shape[0]
+
+    def explain():
+        raise ValueError(
+            f"the loss leaves out {int(count)} sample(s) of the batch of {N} (targets equal "
+            "to ignore_index, or of a class weighted zero), while the metric is that of the "
+            "mean over every sample. Leave those samples out of the batch before the forward "
+            "pass, or pass an output_metric that weighs them"
+        )
+
+    checks.require(count == 0, explain)
+
+
+def check_classes_last(loss: Tensor, outputs: Tensor, checks: Deferred) -> Tensor | None:
+    """``loss`` is a cross-entropy over every position of ``outputs`` ``(N, ..., C)`` with
+    the classes last, as the token-level metric reads it (registered with ``checks``; one
+    backward pass from the loss to the outputs, the graph kept, whose gradient is returned
+    for the pullback to reuse: ``None`` where it was read scaled, or is not there):
+
+    - its gradient sums to zero over the last dimension at every position, as
+      ``softmax - one-hot`` does: ``F.cross_entropy(out, y)`` on ``(N, C, L)`` outputs,
+      whose classes lie along dimension 1, would otherwise be read wrongly, silently;
+    - no position is left out (a zero gradient where the softmax is not saturated:
+      ``ignore_index``, padding, a shifted language-model loss), which the metric, the mean
+      over every position, would still weigh.
 
     Float16 gradients are read scaled by the number of positions: the mean's ``p / (N T)``
     underflows there for large vocabularies.
@@ -464,7 +503,7 @@ def check_classes_last(loss: Tensor, outputs: Tensor, checks: Deferred) -> Tenso
     dz = gradient.detach().to(wide)
     tolerance = torch.finfo(outputs.dtype).eps ** 0.5
     largest = dz.abs().amax()
-    summed = outputs.ndim <= 2 or dz.sum(-1).abs().amax() <= tolerance * largest
+    summed = dz.sum(-1).abs().amax() <= tolerance * largest
     p = torch.softmax(outputs.detach().to(wide), dim=-1)
     left_out = (dz == 0).all(-1) & (p.amax(-1) < 1 - tolerance)
     # unreadable (a float16 gradient overflowed by the scale): nothing is refused
@@ -483,13 +522,6 @@ def check_classes_last(loss: Tensor, outputs: Tensor, checks: Deferred) -> Tenso
                 "needs its own output_metric"
             )
         count = int(left_out.sum())
-        if outputs.ndim <= 2:
-            raise ValueError(
-                f"the loss leaves out {count} of the {positions} samples of the outputs "
-                f"{shape} (ignore_index, a class weight of zero, a mask), while the metric "
-                "is that of the mean over every sample. Leave those samples out of the "
-                "batch before the forward pass, or pass an output_metric that weighs them"
-            )
         raise ValueError(
             f"the loss leaves out {count} of the {positions} positions of the outputs {shape} "
             "(ignore_index, padding, or a shifted language-model loss), while the metric is "
@@ -542,9 +574,9 @@ def check_no_frequency_scaling(outputs: Tensor, names: dict[int, str]) -> None:
         )
 
 
-def _graph_nodes(starts):
-    """Every autograd node at or below ``starts``, once each (``AccumulateGrad`` nodes
-    carry their leaf as ``variable``)."""
+def _graph_nodes(starts, stop=None):
+    """Every autograd node at or below ``starts``, once each, not below ``stop``
+    (``AccumulateGrad`` nodes carry their leaf as ``variable``)."""
     seen, stack = set(), list(starts)
     while stack:
         node = stack.pop()
@@ -552,7 +584,8 @@ def _graph_nodes(starts):
             continue
         seen.add(node)
         yield node
-        stack.extend(n for n, _ in node.next_functions)
+        if node is not stop:
+            stack.extend(n for n, _ in node.next_functions)
 
 
 def check_one_output(outputs) -> None:

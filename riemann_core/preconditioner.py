@@ -17,6 +17,7 @@ from ._checks import (
     check_no_frequency_scaling,
     check_one_output,
     check_refresh,
+    check_samples_taken,
     classes_along_positions,
     reads_softmax_fisher,
     tensors_of,
@@ -367,8 +368,12 @@ class RiemannianPreconditioner:
             if needs_factor:  # each call: a lookup's option is not seen by the probe's key
                 check_no_frequency_scaling(capture.output, names)
             output_gradient = None
-            if needs_factor and reads_softmax_fisher(opts.loss, opts.output_metric):
+            if needs_factor and classes_along_positions(
+                capture.output, opts.loss, opts.output_metric
+            ):
                 output_gradient = check_classes_last(loss, capture.output, checks)
+            elif needs_factor and reads_softmax_fisher(opts.loss, opts.output_metric):
+                check_samples_taken(loss, capture.output, checks)
             if reuse or stale or probing or rehook or paths.outside:
                 # autograd consumes the loss's graph: the data's checks first (one host
                 # sync, on a path that runs a second forward), so a refused loss keeps it

@@ -1386,9 +1386,11 @@ def classifier():
     [
         lambda out, y: F.cross_entropy(out, y.masked_fill(y == 2, -100)),
         lambda out, y: F.cross_entropy(out, y, weight=torch.tensor([1.0, 1, 0, 1]).double()),
-        lambda out, y: F.cross_entropy(out[y != 2], y[y != 2]),
+        lambda out, y: F.cross_entropy(out, y.masked_fill(y == 2, -1), ignore_index=-1),
+        lambda out, y: F.cross_entropy(out, y.masked_fill(y == 2, 7), ignore_index=7),
+        lambda out, y: F.cross_entropy(out, y.masked_fill(y == 2, -100), reduction="none").mean(),
     ],
-    ids=["ignore_index", "class weight 0", "mask"],
+    ids=["ignore_index", "class weight 0", "ignore_index -1", "ignore_index 7", "per sample"],
 )
 @pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
 def test_a_loss_leaving_samples_out_is_refused(loss, method):
@@ -1399,7 +1401,9 @@ def test_a_loss_leaving_samples_out_is_refused(loss, method):
     pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
     for _ in range(2):
         model.zero_grad(set_to_none=True)
-        with pytest.raises(ValueError, match=r"the loss leaves out 2 of the 6 samples"):
+        with pytest.raises(
+            ValueError, match=r"the loss leaves out 2 sample\(s\) of the batch of 6"
+        ):
             pre.backward(loss(model(x), y))
         assert all(p.grad is None for p in model.parameters())
 
@@ -1412,14 +1416,29 @@ def test_a_loss_leaving_samples_out_is_refused(loss, method):
         lambda out, y: F.cross_entropy(out, y, weight=torch.tensor([1.0, 2, 0.5, 1]).double()),
         lambda out, y: F.cross_entropy(out, F.softmax(torch.arange(24.0).reshape(6, 4), -1)),
         lambda out, y: F.cross_entropy(out, y) + 0.1 * out.logsumexp(-1).pow(2).mean(),
+        # zero gradients at samples the loss takes (found by review: refused by a check
+        # that read a zero gradient as a sample left out)
+        lambda out, y: F.multi_margin_loss(out, y, margin=0.05),
+        lambda out, y: F.cross_entropy(out, y, reduction="none").clamp(min=1.2).mean(),
+        lambda out, y: F.cross_entropy(out / 1e-5, y),
     ],
-    ids=["label_smoothing", "sum", "class weights", "probabilities", "z-loss"],
+    ids=[
+        "label_smoothing",
+        "sum",
+        "class weights",
+        "probabilities",
+        "z-loss",
+        "multi_margin",
+        "clamped per sample",
+        "sharpened softmax",
+    ],  # fmt: skip
 )
 @pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
 def test_another_loss_of_every_sample_is_preconditioned_by_the_mean_metric(loss, method):
     """Any loss that takes every sample, a cross-entropy or not (a z-loss's gradient does
-    not sum to zero over the classes), gets ``G^{-1} g`` with ``g`` its own gradient and
-    ``G`` the metric of the mean cross-entropy over the batch."""
+    not sum to zero over the classes; a hinge's is zero past the margin), gets ``G^{-1} g``
+    with ``g`` its own gradient and ``G`` the metric of the mean cross-entropy over the
+    batch."""
     model, x, y = classifier()
     G = ggn(model, x, y, "cross_entropy")
     model.zero_grad(set_to_none=True)
