@@ -108,10 +108,11 @@ def guarded(fn):
             print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
             return USAGE_ERROR
         except KeyboardInterrupt:
+            resumes = args.command in ("sweep", "run")
             print(
                 f"{PROG} {args.command}: interrupted. Every file written so far is whole "
-                "(written atomically); a sweep resumes where it stopped when run again with "
-                "the same --out",
+                "(written atomically)"
+                + ("; run it again with the same --out to resume" if resumes else ""),
                 file=sys.stderr,
             )
             return INTERRUPTED

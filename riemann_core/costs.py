@@ -393,7 +393,7 @@ BLOCKWISE = ("layerwise", "kfac")
 
 #: Entries of the table every rank contributes to the agreement of a step (int64):
 #: failed, samples, signature of the blocks, and the bits of the float64 checksums of
-#: the parameters (the sums of their entries and of their magnitudes).
+#: the parameters (weighted sums of their entries and of their magnitudes).
 AGREEMENT_SLOTS = 5
 
 

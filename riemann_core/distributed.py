@@ -262,10 +262,14 @@ class _Group:
                 "of one shape, with the same options"
             )
         sums = table[:, 3:].cpu().contiguous().view(torch.float64)
-        if params and (sums - sums[0]).abs().max() > CHECKSUM_TOLERANCE * sums[0, 1]:
+        # the rounding of a float64 sum of n products in any order (other hardware) stays
+        # below 2 n eps of the sum of their magnitudes
+        n = sum(p.numel() for p in params or [])
+        tolerance = 2 * n * torch.finfo(torch.float64).eps * float(sums[:, 1].max())
+        if params and (sums - sums[0]).abs().max() > tolerance:
             raise ValueError(
-                "the ranks hold different parameters (sums of their entries "
-                f"{[f'{s:.6g}' for s in sums[:, 0].tolist()]}): every rank must start from "
+                "the ranks hold different parameters (weighted sums of their entries "
+                f"{[f'{s:.12g}' for s in sums[:, 0].tolist()]}): every rank must start from "
                 "the same weights (seed the model's initialisation alike, or broadcast rank "
                 "0's state, as DistributedDataParallel does when it wraps the model) and "
                 "take the same steps"
@@ -497,16 +501,33 @@ def _signature(problem: Problem, shares: list[_Share], method: str, opts: Option
     return zlib.crc32(repr((method, problem.given, blocks, kinds, layouts, options)).encode())
 
 
-#: Checksums of the ranks' parameters further apart than this, relative to the sum of
-#: their magnitudes, are different parameters: rounding in another order of summation
-#: (other hardware) stays below ``n eps`` of float64, some 1e-10 for a billion entries.
-CHECKSUM_TOLERANCE = 1e-6
+#: Entries of a parameter :func:`_checksum` converts to float64 at a time.
+CHECKSUM_CHUNK = 2**20
+_GOLDEN = (5**0.5 - 1) / 2
 
 
 def _checksum(params: list[Tensor]) -> Tensor:
-    """``[sum p, sum |p|]`` over every entry of ``params``, in float64."""
-    sums = [(p.detach().double().sum(), p.detach().double().abs().sum()) for p in params]
-    return torch.stack([sum(s for s, _ in sums), sum(a for _, a in sums)]).cpu()
+    """``[sum_i w_i p_i, sum_i w_i |p_i|]`` over the entries of ``params`` in order, in
+    float64, with weights ``w_i = 1 + frac(i phi)`` (``phi`` the golden ratio's fraction,
+    exact elementwise arithmetic: alike on every device) that tell entries apart by
+    position, so that two swapped entries change the first sum; chunk by chunk, so that
+    the float64 copies stay small beside the parameters."""
+    sums: dict[torch.device, Tensor] = {}
+    offset = 0
+    for p in params:
+        flat = p.detach().reshape(-1)
+        for start in range(0, flat.numel(), CHECKSUM_CHUNK):
+            piece = flat[start : start + CHECKSUM_CHUNK].double()
+            index = torch.arange(
+                offset + start, offset + start + piece.numel(), dtype=torch.float64,
+                device=piece.device,
+            )  # fmt: skip
+            weight = 1 + torch.frac(index * _GOLDEN)
+            acc = sums.setdefault(piece.device, piece.new_zeros(2))
+            acc[0] += (weight * piece).sum()
+            acc[1] += (weight * piece.abs()).sum()
+        offset += flat.numel()
+    return sum((acc.cpu() for acc in sums.values()), torch.zeros(2, dtype=torch.float64))
 
 
 def _common(dtypes) -> torch.dtype:

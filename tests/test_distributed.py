@@ -265,6 +265,12 @@ def _failures(rank, world) -> dict:
         with torch.no_grad():
             moved[0].weight[0, 0] += 1e-3
     out["other weights"] = direction(moved)
+    swapped = network("mlp")[0]
+    if last:  # the same entries in another order
+        with torch.no_grad():
+            w = swapped[0].weight
+            w[0, 0], w[1, 1] = w[1, 1].clone(), w[0, 0].clone()
+    out["swapped weights"] = direction(swapped)
     out["bad option"] = direction(model, damping=-1.0 if last else DAMPING)
 
     if world > 1:  # the last rank never calls: the others time out, then the group is spent
@@ -441,8 +447,9 @@ def test_ranks_with_other_parameters_or_a_bad_option_are_refused_on_every_rank(r
         failures = result["failures"]
         kind, message = failures["other dtype"]
         assert kind == "ValueError" and "parameters of another dtype" in message
-        kind, message = failures["other weights"]
-        assert kind == "ValueError" and "the ranks hold different parameters" in message
+        for case in ("other weights", "swapped weights"):
+            kind, message = failures[case]
+            assert kind == "ValueError" and "the ranks hold different parameters" in message
         kind, message = failures["bad option"]
         if rank == last:
             assert kind == "ValueError" and "damping" in message

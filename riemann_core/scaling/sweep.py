@@ -193,7 +193,8 @@ class Grid:
 
     def selects(self, row: Mapping) -> bool:
         """Whether ``row`` is of a method, kernel, dtype, device and output metric this grid
-        measures: a sweep resumed with a smaller grid decides, grows, measures again and
+        measures: a sweep resumed with a smaller grid (fewer methods, kernels or devices;
+        other dtypes and output metrics are refused) decides, grows, measures again and
         times again only those, and keeps the others as they were recorded."""
         return (
             row["method"] in self.methods
@@ -653,7 +654,7 @@ def _row_problem(row: dict) -> str | None:
         return f"unknown dtype {row['dtype']!r} ({' or '.join(DTYPES)})"
     if row["output_metric"] not in ("exact", "sampled"):
         return f"unknown output_metric {row['output_metric']!r} (exact or sampled)"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", row["device"]):
+    if not re.fullmatch(r"(cpu|cuda)(:\d+)?", row["device"]):
         return f"unknown device {row['device']!r} (cpu, cuda or cuda:N)"
     for axis in AXES:
         if not (row[axis].isascii() and row[axis].isdigit()) or int(row[axis]) < 1:
@@ -1059,10 +1060,17 @@ def sweep(
         measure_all([run_of(r) for r in again], remeasure=True)
     if retime is not None:
         interleave_lines(retime, rows, grid, runner, session)
-        write_results(path, rows)
-    record["growth"] = plan.decisions
+    # the decisions of what this grid does not measure stand as recorded
+    kept = {
+        name: why
+        for name, why in previous.get("growth", {}).items()
+        if not (name.split("/")[0] in grid.methods and name.split("/")[1] in grid.kernels)
+    }
+    record["growth"] = {**kept, **plan.decisions}
     record["sweep_s"] = clock() - start
     measure_rates("end")
+    if retime is not None:  # after the record names every worker whose times rows now hold
+        write_results(path, rows)
     statuses: dict[str, int] = {}
     for r in rows:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1

@@ -340,11 +340,12 @@ def test_a_resume_with_a_smaller_grid_keeps_the_other_rows_as_recorded(tmp_path,
     methods left out (neither kept nor decided again), and measured again, with its own
     repeats, the other methods' points it took for outliers."""
     grid = {**TINY, "methods": ("euclidean", "layerwise", "full"), "kernels": ("structured",)}
-    grid["flop_budget"] = 1e4  # full skipped
+    grid.update(flop_budget=1e4, grow={"width": 8})  # full skipped; a growth decision each
     sw.sweep(sw.Grid(**grid), tmp_path, progress=False)
     before = rows_of(tmp_path / "results.csv")
     statuses = {(r["method"], r["status"]) for r in before}
     assert statuses == {("euclidean", "ok"), ("layerwise", "ok"), ("full", "skipped")}
+    growth_before = json.loads((tmp_path / "sweep.json").read_text())["growth"]
     monkeypatch.setattr(grow, "is_outlier", lambda rows, row: True)
     smaller = {**grid, "methods": ("euclidean",), "axes": {**TINY["axes"], "width": (4, 5, 6)}}
     sw.sweep(sw.Grid(**smaller), tmp_path, progress=False)
@@ -352,9 +353,22 @@ def test_a_resume_with_a_smaller_grid_keeps_the_other_rows_as_recorded(tmp_path,
     assert [r for r in after if r["method"] != "euclidean"] == [
         r for r in before if r["method"] != "euclidean"
     ]
+    growth = json.loads((tmp_path / "sweep.json").read_text())["growth"]
+    assert (
+        {n for n in growth if not n.startswith("euclidean/")}
+        == {n for n in growth_before if not n.startswith("euclidean/")}
+        != set()
+    )  # and their growth decisions (found by review: replaced by the smaller grid's)
     euclidean = [r for r in after if r["method"] == "euclidean"]
     assert {r["width"] for r in euclidean} == {"4", "5", "6"}
     assert all(r["remeasured"] == "1" for r in euclidean)  # the grid's own: measured again
+
+
+def test_a_sweep_on_cpu_0_reads_its_own_rows_back(tmp_path):
+    """Found by review: the row check took only cpu, cuda and cuda:N for a device."""
+    grid = {**TINY, "methods": ("euclidean",), "kernels": ("structured",), "devices": ("cpu:0",)}
+    sw.sweep(sw.Grid(**grid), tmp_path, progress=False)
+    assert {r["device"] for r in sw.read_results(tmp_path / "results.csv")} == {"cpu:0"}
 
 
 def test_measure_point_is_a_pure_function_of_its_arguments():
