@@ -74,10 +74,10 @@ def direction(
         generator: random generator for ``output_metric="sampled"``, on the model's
             device.
         refine: steps of mixed-precision iterative refinement (``layerwise``,
-            ``full``, ``natural``; refused with the others): the residual ``g - G x`` in float64, its
-            correction with the solve's factor. ``(g - K^T t) / mu`` cancels when ``mu``
-            is tiny against the curvature (residual ``~ eps cond(G)``); refinement
-            converges while ``eps(solve_dtype) cond(G) < 1``.
+            ``full``, ``natural``; refused with the others): the residual ``g - G x`` in
+            float64, its correction with the solve's factor. ``(g - K^T t) / mu`` cancels
+            when ``mu`` is tiny against the curvature (residual ``~ eps cond(G)``);
+            refinement converges while ``eps(solve_dtype) cond(G) < 1``.
         kfac_damping: ``method="kfac"`` only: ``"exact"`` (``Gamma (x) A + mu I``, in the
             factors' eigenbases) or ``"factored"`` (``(Gamma + pi sqrt(mu) I) (x)
             (A + sqrt(mu) / pi I)``, ``pi`` from the factors' traces, by Cholesky).

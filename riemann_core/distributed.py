@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import threading
 import zlib
 from collections.abc import Callable
@@ -261,19 +262,20 @@ class _Group:
                 "metric or solve option): every rank must run the same network on samples "
                 "of one shape, with the same options"
             )
-        sums = table[:, 3:].cpu().contiguous().view(torch.float64)
-        # the rounding of a float64 sum of n products in any order (other hardware) stays
-        # below 2 n eps of the sum of their magnitudes
-        n = sum(p.numel() for p in params or [])
-        tolerance = 2 * n * torch.finfo(torch.float64).eps * float(sums[:, 1].max())
-        if params and (sums - sums[0]).abs().max() > tolerance:
-            raise ValueError(
-                "the ranks hold different parameters (weighted sums of their entries "
-                f"{[f'{s:.12g}' for s in sums[:, 0].tolist()]}): every rank must start from "
-                "the same weights (seed the model's initialisation alike, or broadcast rank "
-                "0's state, as DistributedDataParallel does when it wraps the model) and "
-                "take the same steps"
-            )
+        if params:
+            sums = table[:, 3:].cpu().contiguous().view(torch.float64)
+            # the rounding of a float64 sum of n products in any order (other hardware)
+            # stays below 2 n eps of the sum of their magnitudes
+            n = sum(p.numel() for p in params)
+            tolerance = 2 * n * torch.finfo(torch.float64).eps * float(sums[:, 1].max())
+            if (sums - sums[0]).abs().max() > tolerance:
+                raise ValueError(
+                    "the ranks hold different parameters (weighted sums of their entries "
+                    f"{[f'{s:.12g}' for s in sums[:, 0].tolist()]}): every rank must start "
+                    "from the same weights (seed the model's initialisation alike, or "
+                    "broadcast rank 0's state, as DistributedDataParallel does when it "
+                    "wraps the model) and take the same steps"
+                )
         return [row[1] for row in rows]
 
     def fail(self, failure: Exception | None, failed: list[int], where: str) -> None:
@@ -503,30 +505,38 @@ def _signature(problem: Problem, shares: list[_Share], method: str, opts: Option
 
 #: Entries of a parameter :func:`_checksum` converts to float64 at a time.
 CHECKSUM_CHUNK = 2**20
-_GOLDEN = (5**0.5 - 1) / 2
+
+
+def _fractions(n: int, step: float, device=None) -> Tensor:
+    """``1 + frac(i step)`` for ``i < n`` in float64: weights in ``[1, 2)`` that differ
+    from index to index (exact elementwise arithmetic: alike on every device)."""
+    return 1 + torch.frac(torch.arange(n, dtype=torch.float64, device=device) * step)
+
+
+@functools.cache
+def _position_weights(device: torch.device) -> Tensor:
+    return _fractions(CHECKSUM_CHUNK, (5**0.5 - 1) / 2, device)
 
 
 def _checksum(params: list[Tensor]) -> Tensor:
     """``[sum_i w_i p_i, sum_i w_i |p_i|]`` over the entries of ``params`` in order, in
-    float64, with weights ``w_i = 1 + frac(i phi)`` (``phi`` the golden ratio's fraction,
-    exact elementwise arithmetic: alike on every device) that tell entries apart by
-    position, so that two swapped entries change the first sum; chunk by chunk, so that
-    the float64 copies stay small beside the parameters."""
+    float64, cut in chunks of :data:`CHECKSUM_CHUNK` (the float64 copies stay small beside
+    the parameters); ``w_i`` is a weight of the position in the chunk times one of the
+    chunk (:func:`_fractions`, steps the fractions of the golden ratio and of sqrt 2), so
+    that two swapped entries change the first sum."""
+    chunks = sum(-(-p.numel() // CHECKSUM_CHUNK) for p in params)
+    scales = _fractions(chunks, 2**0.5 - 1).tolist()
     sums: dict[torch.device, Tensor] = {}
-    offset = 0
+    k = 0
     for p in params:
         flat = p.detach().reshape(-1)
         for start in range(0, flat.numel(), CHECKSUM_CHUNK):
             piece = flat[start : start + CHECKSUM_CHUNK].double()
-            index = torch.arange(
-                offset + start, offset + start + piece.numel(), dtype=torch.float64,
-                device=piece.device,
-            )  # fmt: skip
-            weight = 1 + torch.frac(index * _GOLDEN)
+            weight = _position_weights(piece.device)[: piece.numel()]
             acc = sums.setdefault(piece.device, piece.new_zeros(2))
-            acc[0] += (weight * piece).sum()
-            acc[1] += (weight * piece.abs()).sum()
-        offset += flat.numel()
+            acc[0] += scales[k] * torch.dot(weight, piece)
+            acc[1] += scales[k] * torch.dot(weight, piece.abs())
+            k += 1
     return sum((acc.cpu() for acc in sums.values()), torch.zeros(2, dtype=torch.float64))
 
 
