@@ -441,17 +441,16 @@ def classes_along_positions(outputs: Tensor, loss: str, output_metric) -> bool:
 NLL_NODES = ("NllLossBackward0", "NllLoss2DBackward0")
 
 
-def check_samples_taken(loss: Tensor, outputs: Tensor, checks: Deferred) -> None:
-    """Refuse (registered with ``checks``) a cross-entropy with class indices that leaves
-    samples out: a target equal to its ``ignore_index`` or of a class weighted zero, read
-    from the ``nll_loss`` nodes between ``loss`` and ``outputs``. The metric, the mean
-    over every sample, would still weigh those samples. A zero gradient alone is no sign:
-    a hinge or clamped loss, or a softmax the loss sharpens, has zeros at samples it takes.
-    """
+def _nll_readings(loss: Tensor, outputs: Tensor) -> list[tuple[int, Tensor]]:
+    """The ``nll_loss`` nodes of ``loss``'s graph whose input is computed from ``outputs``
+    (an auxiliary head's are not), each as its number of targets and the number of those
+    it leaves out: equal to its ``ignore_index``, or of a class weighted zero."""
     stop = outputs.grad_fn
-    counts = []
+    readings = []
     for node in _graph_nodes([loss.grad_fn], stop):
         if type(node).__name__ not in NLL_NODES:
+            continue
+        if not any(n is stop for n in _graph_nodes([node], stop)):
             continue
         target = node._saved_target
         ignored = node._saved_ignore_index
@@ -460,7 +459,19 @@ def check_samples_taken(loss: Tensor, outputs: Tensor, checks: Deferred) -> None
         weight = node._saved_weight
         if weight is not None:
             left |= weight[target.clamp(0, weight.numel() - 1)] == 0
-        counts.append(left.sum())
+        readings.append((target.numel(), left.sum()))
+    return readings
+
+
+def check_samples_taken(loss: Tensor, outputs: Tensor, checks: Deferred) -> None:
+    """Refuse (registered with ``checks``) a cross-entropy with class indices that leaves
+    samples of ``outputs`` out: a target equal to its ``ignore_index`` or of a class
+    weighted zero, read from the ``nll_loss`` nodes between ``loss`` and ``outputs``. The
+    metric, the mean over every sample, would still weigh those samples. A zero gradient
+    alone is no sign: a hinge or clamped loss, or a softmax the loss sharpens, has zeros at
+    samples it takes.
+    """
+    counts = [left for _, left in _nll_readings(loss, outputs)]
     if not counts:
         return
     count = torch.stack(counts).sum()
@@ -486,9 +497,12 @@ def check_classes_last(loss: Tensor, outputs: Tensor, checks: Deferred) -> Tenso
     - its gradient sums to zero over the last dimension at every position, as
       ``softmax - one-hot`` does: ``F.cross_entropy(out, y)`` on ``(N, C, L)`` outputs,
       whose classes lie along dimension 1, would otherwise be read wrongly, silently;
-    - no position is left out (a zero gradient where the softmax is not saturated:
-      ``ignore_index``, padding, a shifted language-model loss), which the metric, the mean
-      over every position, would still weigh.
+    - no position is left out, which the metric, the mean over every position, would
+      still weigh. Where one ``nll_loss`` over as many targets as positions reaches the
+      outputs (``F.cross_entropy(out.reshape(-1, C), y.reshape(-1))``, clamped, sharpened
+      or not), its targets say which (``ignore_index``, a class weighted zero); otherwise
+      a zero gradient where the softmax is not saturated is read as a position left out
+      (padding, a shifted language-model loss), which refuses a hinge-like loss too.
 
     Float16 gradients are read scaled by the number of positions: the mean's ``p / (N T)``
     underflows there for large vocabularies.
@@ -504,10 +518,14 @@ def check_classes_last(loss: Tensor, outputs: Tensor, checks: Deferred) -> Tenso
     tolerance = torch.finfo(outputs.dtype).eps ** 0.5
     largest = dz.abs().amax()
     summed = dz.sum(-1).abs().amax() <= tolerance * largest
-    p = torch.softmax(outputs.detach().to(wide), dim=-1)
-    left_out = (dz == 0).all(-1) & (p.amax(-1) < 1 - tolerance)
+    readings = _nll_readings(loss, outputs)
+    if len(readings) == 1 and readings[0][0] == positions:
+        left_out = readings[0][1]
+    else:
+        p = torch.softmax(outputs.detach().to(wide), dim=-1)
+        left_out = ((dz == 0).all(-1) & (p.amax(-1) < 1 - tolerance)).sum()
     # unreadable (a float16 gradient overflowed by the scale): nothing is refused
-    ok = ~torch.isfinite(largest) | (summed & ~left_out.any())
+    ok = ~torch.isfinite(largest) | (summed & (left_out == 0))
     shape = tuple(outputs.shape)
 
     def explain():
@@ -521,7 +539,7 @@ def check_classes_last(loss: Tensor, outputs: Tensor, checks: Deferred) -> Tenso
                 "targets.reshape(-1)); a loss other than a cross-entropy of these outputs "
                 "needs its own output_metric"
             )
-        count = int(left_out.sum())
+        count = int(left_out)
         raise ValueError(
             f"the loss leaves out {count} of the {positions} positions of the outputs {shape} "
             "(ignore_index, padding, or a shifted language-model loss), while the metric is "

@@ -1375,6 +1375,69 @@ def test_a_token_loss_leaving_positions_out_is_refused(loss):
         assert all(p.grad is None for p in model.parameters())
 
 
+def clamped_per_token(out, y):
+    """A per-token cross-entropy clamped from below: zero gradients at the positions it
+    has learnt (whose softmax is far from saturated), every position taken."""
+    per_token = F.cross_entropy(out.reshape(-1, 4), y.reshape(-1), reduction="none")
+    return per_token.clamp(min=per_token.detach().median()).mean()
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [clamped_per_token, lambda out, y: token_loss(out / 1e-5, y)],
+    ids=["clamped per token", "sharpened softmax"],
+)
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_a_token_loss_of_every_position_with_zero_gradients_is_preconditioned(loss, method):
+    """A loss over every position whose gradient is zero at some (found by review: refused
+    as leaving those positions out, by a check that read a zero gradient as a position
+    left out, where the loss's nll_loss says it takes them) gets ``G^{-1} g``, ``G`` the
+    metric of the mean cross-entropy over every position."""
+    model, x, y = token_tagger()
+    model.zero_grad(set_to_none=True)
+    loss(model(x), y).backward()
+    g = flatten({n: p.grad for n, p in model.named_parameters()}, model)
+    G = ggn(model, x, y, "cross_entropy")
+    expected = oracle_direction(G, g, DAMPING, method, block_indices(model))
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel="auto")
+    assert_steps_exact(pre, model, x, lambda out: loss(out, y), expected)
+
+
+class WithAuxiliaryHead(nn.Module):
+    """A classifier whose forward also keeps an auxiliary head's logits for the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head, self.aux = nn.Linear(5, 7), nn.Linear(7, 4), nn.Linear(7, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        self.aux_logits = self.aux(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_an_auxiliary_loss_leaving_samples_out_is_not_read_as_the_outputs(method):
+    """Samples an auxiliary head's cross-entropy leaves out (ignore_index) are not samples
+    of the outputs left out (before: refused, reading every nll_loss of the loss's graph):
+    the direction is ``G^{-1} g`` with ``G`` the metric at the outputs."""
+    torch.manual_seed(0)
+    model = WithAuxiliaryHead().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 1, 2])
+
+    def loss(out):
+        aux = F.cross_entropy(model.aux_logits, y.masked_fill(y == 2, -100))
+        return F.cross_entropy(out, y) + 0.3 * aux
+
+    G = ggn(model, x, y, "cross_entropy")  # deep-copies the model: before aux_logits is set
+    model.zero_grad(set_to_none=True)
+    loss(model(x)).backward()
+    g = flatten({n: p.grad for n, p in model.named_parameters()}, model)
+    expected = oracle_direction(G, g, DAMPING, method, block_indices(model))
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    assert_steps_exact(pre, model, x, loss, expected)
+
+
 def classifier():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)).double()
