@@ -183,7 +183,8 @@ def train(
             synchronize(device)
             start = time.perf_counter()
             optimiser.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(data.inputs[rows]), data.targets[rows])
+            x, y = data.inputs[rows], data.targets[rows]
+            loss = F.cross_entropy(model(x), y)
             if preconditioner is None:
                 loss.backward()
             else:
@@ -193,7 +194,11 @@ def train(
                     run.status, run.reason = "solver failed", str(err)
                     break
                 except (ValueError, FloatingPointError) as err:
-                    finite = _finite(loss.item()) and _parameters_finite(params)
+                    finite = (
+                        _finite(loss.item())
+                        and _parameters_finite(params)
+                        and _gradient_finite(F.cross_entropy(model(x), y), params)
+                    )
                     if isinstance(err, ValueError) and finite:
                         raise  # not a divergence: a real error
                     run.status, run.reason = "diverged", str(err)
@@ -216,3 +221,10 @@ def _finite(value: float) -> bool:
 
 def _parameters_finite(params: list[Tensor]) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in params)
+
+
+def _gradient_finite(loss: Tensor, params: list[Tensor]) -> bool:
+    """Whether ``loss``'s plain gradient is finite: a refused non-finite one (the
+    preconditioner leaves ``.grad`` as it was) is a divergence, as SGD's run records it."""
+    gradients = torch.autograd.grad(loss, params, allow_unused=True)
+    return all(g is None or bool(torch.isfinite(g).all()) for g in gradients)

@@ -100,6 +100,34 @@ def test_a_run_that_blows_up_stops_with_status_diverged(config, data):
     assert run.records[-1]["step"] < 20
 
 
+class NaNGradient(torch.nn.Module):
+    """A finite loss whose gradient is NaN: ``0 * sqrt(0)`` on the way back."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(64, 5), torch.nn.Linear(5, 10)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = h + 0 * torch.sqrt((h - h.detach()).pow(2).sum(1, keepdim=True))
+        return self.b(torch.tanh(h))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [Config("sgd", 0.1), Config("layerwise", 0.1, 1e-2), Config("kfac", 0.1, 1e-2)],
+    ids=lambda c: c.method,
+)
+def test_a_nan_gradient_at_a_finite_loss_stops_with_status_diverged(config, data):
+    """As SGD's run does (the NaN reaches the parameters), a preconditioned run whose
+    pre.backward refuses a non-finite gradient stops as diverged, the study goes on
+    (before: the ValueError ended the study, found by review)."""
+    torch.manual_seed(0)
+    run = train(NaNGradient(), data, config, steps=3, batch_size=8, seed=0, eval_every=1,
+                evaluate_on={"train": data})  # fmt: skip
+    assert run.status == "diverged" and run.records[-1]["step"] < 3
+
+
 def test_time_counts_only_training_steps(data, monkeypatch):
     from riemann_core.studies import trainer
 
