@@ -29,6 +29,16 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}")
 
 
+def check_damping(damping) -> None:
+    if isinstance(damping, bool) or not isinstance(damping, Real):
+        raise TypeError(f"damping must be a positive real number, got {type(damping).__name__}")
+    if not math.isfinite(damping) or damping <= 0:
+        raise ValueError(
+            f"damping must be positive and finite (it is mu in mu I + K^T K), got {damping!r}; "
+            "use e.g. damping=1e-3"
+        )
+
+
 def check_options(
     *,
     method,
@@ -48,13 +58,7 @@ def check_options(
     check_choice("kernel", kernel, KERNELS)
     if not callable(output_metric):
         check_choice("output_metric", output_metric, OUTPUT_METRICS)
-    if isinstance(damping, bool) or not isinstance(damping, Real):
-        raise TypeError(f"damping must be a positive real number, got {type(damping).__name__}")
-    if not math.isfinite(damping) or damping <= 0:
-        raise ValueError(
-            f"damping must be positive and finite (it is mu in mu I + K^T K), got {damping!r}; "
-            "use e.g. damping=1e-3"
-        )
+    check_damping(damping)
     if isinstance(samples, bool) or not isinstance(samples, Integral) or samples < 1:
         raise ValueError(f"samples must be a positive integer (probes per sample), got {samples!r}")
     if (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -11,6 +13,7 @@ from . import coupling, distributed
 from ._checks import (
     Deferred,
     check_classes_last,
+    check_damping,
     check_generator,
     check_inputs,
     check_model,
@@ -122,7 +125,7 @@ class RiemannianPreconditioner:
         process_group: torch.distributed.ProcessGroup | None = None,
         timeout: float = distributed.TIMEOUT,
     ):
-        self.options = Options.checked(
+        self._options = Options.checked(
             method,
             METHODS,
             damping=damping,
@@ -318,7 +321,7 @@ class RiemannianPreconditioner:
                 "DistributedDataParallel model, call loss.backward() and then pre.step()"
             )
         self._check_loss(loss)
-        capture, model, opts = self._capture, self.model, self.options
+        capture, model, opts = self._capture, self.model, self._options
         # a parameter frozen, unfrozen or replaced, a module swapped or renamed, or a hook
         # run between ours and a forward, since the hooks were installed: the recorded
         # calls miss or misname blocks, or are not the calls the modules made
@@ -450,7 +453,7 @@ class RiemannianPreconditioner:
                     capture.output,
                     capture.calls,
                     None,
-                    self.options,
+                    self._options,
                     checks,
                     needs_factor=SOLVERS[self.method].NEEDS_FACTOR,
                     loss=loss,
@@ -460,7 +463,7 @@ class RiemannianPreconditioner:
 
         devices = {p.device.type for _, p in params}
         devices |= {t.device.type for t in tensors_of(self._batch[:2])}
-        return run_solver(build, self.method, self.options, checks, devices, self._kfac)
+        return run_solver(build, self.method, self._options, checks, devices, self._kfac)
 
     @staticmethod
     def _autograd_gradient(loss: Tensor, params) -> dict[str, Tensor]:
@@ -476,7 +479,7 @@ class RiemannianPreconditioner:
             n: gradient[n].detach() if n in gradient else torch.zeros_like(p) for n, p in params
         }
         if self._kfac is not None and not self._kfac.needs_factors(params):
-            directions, diagnostics = self._kfac.reuse(full, self.options, checks)
+            directions, diagnostics = self._kfac.reuse(full, self._options, checks)
         else:
             with distributed.share_failure(self.process_group, self.timeout):
                 self._check_replayable()
@@ -486,7 +489,7 @@ class RiemannianPreconditioner:
                 args,
                 None,
                 self.method,
-                self.options,
+                self._options,
                 gradient=full,
                 forward_kwargs=kwargs,
                 checks=checks,
@@ -523,7 +526,7 @@ class RiemannianPreconditioner:
                 )
             self._check_unchanged("pre.step()")
             outputs = self._output[0] if self._output and len(self._output) == 1 else None
-            metric = self.options.loss, self.options.output_metric
+            metric = self._options.loss, self._options.output_metric
             if (
                 SOLVERS[self.method].NEEDS_FACTOR
                 and outputs is not None
@@ -546,7 +549,7 @@ class RiemannianPreconditioner:
                     "no parameter has a .grad; call loss.backward() before pre.step()"
                 )
             device = params[0][1].device
-            check_generator(self.options.generator, self.options.output_metric, device)
+            check_generator(self._options.generator, self._options.output_metric, device)
             check_inputs(*self._batch[:2], None, checks)  # an empty shard, named
             for name, grad in with_grad.items():
                 _check_grad(name, grad, checks)
@@ -561,6 +564,29 @@ class RiemannianPreconditioner:
                 p.grad.copy_(directions[name])
         self._commit()
 
+    @property
+    def options(self) -> Options:
+        """The options the preconditioner was built with (read-only: set :attr:`damping`
+        to change the damping, build another preconditioner for other options)."""
+        return self._options
+
+    @property
+    def damping(self) -> float:
+        """The damping ``mu`` of ``(G + mu I)^{-1}``. Set it between steps, for a schedule
+        or a Levenberg-Marquardt rule (checked as the constructor checks it; a data-parallel
+        group must set the same on every rank, or the next step is refused). K-FAC's cached
+        factorisations hold the old damping: the next step factorises afresh, keeping the
+        step count and the running averages. A checkpoint does not hold the damping: set
+        it again after :meth:`load_state_dict`."""
+        return self._options.damping
+
+    @damping.setter
+    def damping(self, value: float) -> None:
+        check_damping(value)
+        self._options = replace(self._options, damping=float(value))
+        if self._kfac is not None:
+            self._kfac.forget_factorisations()
+
     def state_dict(self) -> dict:
         """The state a checkpoint needs to resume the preconditioner, beside the model's
         and the optimiser's ``state_dict()``: ``{"method": ..., "kfac": ...}``.
@@ -570,7 +596,7 @@ class RiemannianPreconditioner:
         factorisations came from (:mod:`riemann_core.methods.kfac_checkpoint`); every other
         preconditioner has none (``"kfac": None``). Plain data: ``torch.save`` writes it,
         ``torch.load(..., weights_only=True)`` reads it."""
-        kfac = None if self._kfac is None else kfac_checkpoint.state_dict(self._kfac, self.options)
+        kfac = None if self._kfac is None else kfac_checkpoint.state_dict(self._kfac, self._options)
         return {"method": self.method, "kfac": kfac}
 
     def load_state_dict(self, state: dict) -> None:
@@ -598,7 +624,7 @@ class RiemannianPreconditioner:
                 f"{ours} such state: build it with the saved run's kfac_refresh and kfac_decay"
             )
         if self._kfac is not None:
-            kfac_checkpoint.load(self._kfac, state["kfac"], self.network, self.options)
+            kfac_checkpoint.load(self._kfac, state["kfac"], self.network, self._options)
 
     def remove(self) -> None:
         """Detach the forward hooks from the model."""

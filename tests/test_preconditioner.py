@@ -436,6 +436,63 @@ def test_kfac_decay_keeps_running_averages_of_the_factors(scheme, bias):
         assert rel_error(flatten(steps[t]["direction"], model), expected) < 1e-10, t
 
 
+@pytest.mark.parametrize("decay", [0.0, 0.6], ids=lambda d: f"kfac_decay={d}")
+@pytest.mark.parametrize(("scheme", "bias"), KFAC_VARIANTS)
+def test_kfac_damping_set_between_refreshes_is_the_next_steps(scheme, bias, decay):
+    """``pre.damping = 0.3`` after step 0 (refresh every 10): step 1 factorises its
+    (averaged) factors afresh with the new damping, step 2 reuses that (found by review:
+    replacing ``pre.options`` kept the cached factorisations' old damping until the next
+    refresh, silently; the options are read-only now)."""
+    model, _, _ = Problem(depth=3).make()
+    data = batches(3)
+    pre = rc.RiemannianPreconditioner(
+        model, method="kfac", damping=1e-2, kfac_damping=scheme, kfac_bias=bias,
+        kfac_refresh=10, kfac_decay=decay,
+    )  # fmt: skip
+    first = kfac_steps(pre, model, data[:1])[0]
+    with pytest.raises(AttributeError):
+        pre.options = pre.options
+    pre.damping = 0.3
+    second, third = kfac_steps(pre, model, data[1:])
+    assert [second["forwards"], third["forwards"]] == [2, 1 if decay == 0 else 2]
+    history = [factors_at(model, s["params"], *b) for s, b in zip([first, second], data)]
+    for step in (second, third):
+        expected = solve_kfac_metric(averaged(history, decay), step["gradient"], 0.3, scheme, bias)
+        assert rel_error(flatten(step["direction"], model), expected) < 1e-10
+
+
+@pytest.mark.parametrize("method", ["layerwise", "natural"])
+def test_damping_set_between_steps_is_the_next_steps(method):
+    model, x, y = Problem(depth=3).make()
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=1e-2)
+    model.zero_grad()
+    pre.backward(F.cross_entropy(model(x), y))
+    pre.damping = 0.3
+    assert pre.damping == 0.3 and pre.options.damping == 0.3
+    model.zero_grad()
+    pre.backward(F.cross_entropy(model(x), y))
+    expected = flatten(rc.direction(model, x, y, method=method, damping=0.3), model)
+    assert (
+        rel_error(flatten({n: p.grad for n, p in model.named_parameters()}, model), expected)
+        < 1e-10
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [(0.0, ValueError, "damping must be positive and finite"),
+     (float("nan"), ValueError, "damping must be positive and finite"),
+     (True, TypeError, "damping must be a positive real number, got bool"),
+     ("1e-3", TypeError, "damping must be a positive real number, got str")],
+)  # fmt: skip
+def test_a_bad_damping_set_is_refused_and_the_old_one_kept(value, error, message):
+    model, _, _ = Problem(depth=2).make()
+    pre = rc.RiemannianPreconditioner(model, method="kfac", damping=1e-2, kfac_refresh=3)
+    with pytest.raises(error, match=message):
+        pre.damping = value
+    assert pre.damping == 1e-2
+
+
 def broken_eigh(matrix):
     raise torch.linalg.LinAlgError("injected: did not converge")
 

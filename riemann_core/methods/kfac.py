@@ -499,6 +499,11 @@ class KFACState:
         self.steps, self._averages, self._cached = steps, averages, cached
         self.discard()
 
+    def forget_factorisations(self) -> None:
+        """Factorise afresh at the next step (the damping changed: the cached blocks hold
+        the old one); the step count and the running averages are kept."""
+        self._cached = {}
+
     def discard(self) -> None:
         """Forget what a failed step computed."""
         self._pending_averages: dict[str, Tensor] = {}
