@@ -203,10 +203,13 @@ def run_fit(args) -> int:
     with _pandas_display():
         for frame in (table, models):
             print(frame.to_string(index=False, float_format=lambda v: f"{v:.3g}"), end="\n\n")
-    for name, rows, device in devices.by_device(df, meta):
-        best = fit.best_rates(device, fit.ok_dtype(rows))
-        measured = ", ".join(f"{kind} {rate / 1e9:.1f}" for kind, rate in best.items())
-        print(f"rates of {name} during the sweep (GFLOP/s, median): {measured or 'none'}")
+    for name, device_rows, device in devices.by_device(df, meta):
+        for dtype in sorted(device_rows["dtype"].unique()):
+            best = fit.best_rates(device, dtype)
+            measured = ", ".join(f"{kind} {rate / 1e9:.1f}" for kind, rate in best.items())
+            print(
+                f"{dtype} rates of {name} during the sweep (GFLOP/s, median): {measured or 'none'}"
+            )
     print(
         f"wrote fits.csv (exponents of FLOPs and time per axis), time_model.csv (overhead "
         f"and achieved rates per method) and rates.csv (FLOP/s and time / speed of light "

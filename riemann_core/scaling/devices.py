@@ -79,10 +79,12 @@ def by_device(df: pd.DataFrame, meta: Mapping) -> Iterator[tuple[str, pd.DataFra
 
 
 def achieved_rates(df: pd.DataFrame, meta: Mapping) -> pd.DataFrame:
-    """:func:`~riemann_core.scaling.fit.achieved_rates` of each device against its own
-    rates."""
+    """:func:`~riemann_core.scaling.fit.achieved_rates` of each device and dtype against
+    its own rates (a float64 point against the float64 rates)."""
     parts = [
-        fit.achieved_rates(rows, fit.sweep_rates(rows, m)) for _, rows, m in by_device(df, meta)
+        fit.achieved_rates(rows, fit.sweep_rates(rows, m))
+        for _, device_rows, m in by_device(df, meta)
+        for _, rows in device_rows.groupby("dtype", sort=True)
     ]
     return pd.concat(parts, ignore_index=True)
 

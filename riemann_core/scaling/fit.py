@@ -46,7 +46,14 @@ from scipy.optimize import lsq_linear
 
 from ..measure.flops import KINDS
 from . import sweep
-from .sweep import AXES, ResultsFileError, check_rows_of_record, read_record, read_results
+from .sweep import (
+    AXES,
+    ResultsFileError,
+    check_rows_of_record,
+    check_same_model,
+    read_record,
+    read_results,
+)
 
 #: x of each axis in :func:`fit_table`. ``width``: ``n_params`` (``n ~ w^2``, so the slope is the
 #: exponent in ``n`` at fixed ``d``, the paper's variable); ``depth``: ``layers``, the number
@@ -113,6 +120,7 @@ def read_sweep(directory: str | Path) -> tuple[pd.DataFrame, dict]:
         )
     meta = read_record(record)
     check_rows_of_record(rows, meta, directory)
+    check_same_model([r for r in rows if r["status"] == "ok"], path)
     try:
         text = {"times_s": str, "reason": str, "flag": str, "slow_paths": str}
         df = pd.read_csv(path, dtype=text)
@@ -630,12 +638,9 @@ def sweep_rates(df: pd.DataFrame, sweep_meta: Mapping) -> dict[str, float]:
     return rates
 
 
-def rate_spread(sweep_meta: Mapping, dtype: str | None = None) -> dict[str, float]:
-    """How much the device's speed moved during the sweep (load from other processes,
-    frequency scaling), per kind: ``(max - min) / median`` of the medians of the
-    measurements (``device_rates``' sessions: start, after the grid, end, per worker).
-    Each session's median, not its single samples, is the speed at that time: one slow
-    sample within a session is jitter the timings' own medians absorb, not drift."""
+def rate_medians(sweep_meta: Mapping, dtype: str | None = None) -> dict[str, list[float]]:
+    """Per kind, the median rate of each measurement (``device_rates``' sessions: start,
+    after the grid, end, per worker) in ``dtype`` (any when None)."""
     medians: dict[str, list[float]] = {}
     for session in sweep_meta.get("device_rates", []):
         if dtype is not None and session.get("dtype") != dtype:
@@ -643,7 +648,20 @@ def rate_spread(sweep_meta: Mapping, dtype: str | None = None) -> dict[str, floa
         for kind, values in session.items():
             if kind not in ("when", "dtype", "worker") and values:
                 medians.setdefault(kind, []).append(float(np.median(values)))
-    return {k: (max(v) - min(v)) / float(np.median(v)) for k, v in medians.items()}
+    return medians
+
+
+def rate_spread(sweep_meta: Mapping, dtype: str | None = None) -> dict[str, float]:
+    """How much the device's speed moved during the sweep (load from other processes,
+    frequency scaling), per kind: ``(max - min) / median`` of :func:`rate_medians`; NaN,
+    not known, where the rates were measured once (a sweep stopped before it measured
+    them again). Each measurement's median, not its single samples, is the speed at that
+    time: one slow sample within a measurement is jitter the timings' own medians absorb,
+    not drift."""
+    return {
+        k: (max(v) - min(v)) / float(np.median(v)) if len(v) > 1 else math.nan
+        for k, v in rate_medians(sweep_meta, dtype).items()
+    }
 
 
 def achieved_rates(df: pd.DataFrame, rates: Mapping[str, float]) -> pd.DataFrame:

@@ -7,6 +7,7 @@ one colour in every figure (:func:`colour`).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -368,6 +369,7 @@ def _rates_section(meta: dict, df: pd.DataFrame) -> list[str]:
     dtype = fit.ok_dtype(df)
     measured = fit.device_rates(meta, dtype)
     spread = fit.rate_spread(meta, dtype)
+    sessions = fit.rate_medians(meta, dtype)
     records = [
         {
             "kind": kind,
@@ -375,20 +377,32 @@ def _rates_section(meta: dict, df: pd.DataFrame) -> list[str]:
             "min": min(v) / 1e9,
             "max": max(v) / 1e9,
             "spread": spread[kind],
-            "measurements": len(v),
+            "measurements": len(sessions[kind]),
+            "samples": len(v),
         }
         for kind, v in measured.items()
     ]
     moved = [k for k, s in spread.items() if s > SPREAD_LIMIT]
-    warning = (
-        f"**The device's speed moved during the sweep** ({', '.join(moved)} spread over "
-        f"{SPREAD_LIMIT:.0%}: other load on the machine?), so the claims on time of points "
-        "measured one after another are too noisy to judge; rerun on a quiet machine. The "
-        "claims on counted FLOPs stand, and so do the passes on points timed in the same "
+    stand = (
+        "The claims on counted FLOPs stand, and so do the passes on points timed in the same "
         "interleaved rounds (basis: interleaved time)."
-        if moved
-        else "The rates held steady during the sweep."
     )
+    if any(math.isnan(s) for s in spread.values()):
+        warning = (
+            "**The rates were measured once** (the sweep stopped before it measured them "
+            "again), so whether the device's speed held during the sweep is not known, and "
+            f"the claims on time of points measured one after another read too noisy; resume "
+            f"the sweep. {stand}"
+        )
+    elif moved:
+        warning = (
+            f"**The device's speed moved during the sweep** ({', '.join(moved)} spread over "
+            f"{SPREAD_LIMIT:.0%}: other load on the machine?), so the claims on time of points "
+            f"measured one after another are too noisy to judge; rerun on a quiet machine. "
+            f"{stand}"
+        )
+    else:
+        warning = "The rates held steady during the sweep."
     size = meta.get("grid", {}).get("rate_size", "?")
     return [
         f"## Device rates ({dtype or 'all dtypes'}, size {size}, during the sweep)",

@@ -48,6 +48,7 @@ import io
 import json
 import math
 import re
+import statistics
 import time
 import uuid
 import warnings
@@ -674,7 +675,17 @@ def _row_problem(row: dict) -> str | None:
             return f"a measured point with {column} = {row.get(column)!r}"
     times = _times(row["times_s"])
     if times is None:
-        return f"times_s is {row['times_s']!r}, not a list of non-negative times in seconds"
+        return f"times_s is {row['times_s']!r}, not a list of positive times in seconds"
+    median = statistics.median(times)
+    if not math.isclose(float(row["time_median_s"]), median, rel_tol=1e-6, abs_tol=1e-9):
+        return f"time_median_s is {row['time_median_s']}, not {median:.9g}, the median of times_s"
+    counted = sum(float(row[f"flops_{kind}"]) for kind in KINDS)
+    if not math.isclose(float(row["flops"]), counted, rel_tol=1e-9):
+        return f"flops is {row['flops']}, not {counted:.6g}, the sum of its kinds' columns"
+    shape = shape_of(run_of(row))
+    for column, value in (("n_params", shape.n_params), ("d", shape.d)):
+        if float(row[column]) != value:
+            return f"{column} is {row[column]}, not {value}, the network's at this point"
     if row["remeasured"] not in ("0", "1"):
         return f"remeasured is {row['remeasured']!r}, not 0 or 1"
     for column, words in WORDS.items():
@@ -694,13 +705,13 @@ def _number(text: str | None) -> float | None:
 
 def _times(text: str) -> list[float] | None:
     """The repeats' times of a ``times_s`` cell, or ``None`` where it is not a JSON list
-    of finite non-negative numbers."""
+    of finite positive numbers."""
     try:
         times = json.loads(text)
     except ValueError:
         return None
     numbers = isinstance(times, list) and all(
-        type(t) in (int, float) and math.isfinite(t) and t >= 0 for t in times
+        type(t) in (int, float) and math.isfinite(t) and t > 0 for t in times
     )
     return times if numbers and times else None
 
@@ -861,8 +872,8 @@ def write_results(path: Path, rows: list[dict]) -> None:
 
 
 def check_same_model(rows: list[dict], path: Path) -> None:
-    """Refuse to resume rows whose recorded ``flops_model`` is not this version's cost model
-    at their point (a results file of another version of riemann-bench: say, before the
+    """Refuse to resume, fit or judge rows whose recorded ``flops_model`` is not this
+    version's cost model at their point (a results file of another version of riemann-bench: say, before the
     cross-entropy factor dropped its null row): fits and claims over a mix of the two would
     compare different algorithms. Raises :class:`ResultsFileError`; the file is left alone."""
     stale = []
@@ -876,8 +887,9 @@ def check_same_model(rows: list[dict], path: Path) -> None:
         raise ResultsFileError(
             f"{path} holds {len(stale)} of {len(rows)} finished points measured with another "
             f"cost model, i.e. another version of riemann-bench (e.g. {point}: "
-            f"{recorded:.6g} modelled FLOPs recorded, {now:.6g} now); resuming would mix the "
-            "two. Pass another --out, or move the file away to measure again"
+            f"{recorded:.6g} modelled FLOPs recorded, {now:.6g} now); its fits and claims, "
+            "or a resumed sweep, would mix the two. Read it with the version that measured it, "
+            "pass another --out, or move the file away to measure again"
         )
 
 
@@ -1054,7 +1066,11 @@ def sweep(
             bar.total += len(plan.runs)
             bar.refresh()
             measure_all(plan.runs)
-        again = [r for r in grow.outliers(rows) if grid.selects(r) and not int(r["remeasured"])]
+        # measured again once: an outlier still far off then is flagged (a point re-timed
+        # for its spread, also remeasured, is not one measured again)
+        again = [
+            r for r in grow.outliers(rows) if grid.selects(r) and "outlier" not in r["flag"].split()
+        ]
         bar.total += len(again)
         bar.refresh()
         measure_all([run_of(r) for r in again], remeasure=True)

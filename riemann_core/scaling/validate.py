@@ -276,31 +276,39 @@ def validate(
     judged(_crossover(df, base))
     judged(_structured_factor(df, base, models, n_boot, seed))
     spread = fit.rate_spread(sweep_meta, fit.ok_dtype(df))
-    moved = {k: v for k, v in spread.items() if v > SPREAD_LIMIT}
+    moved = {k: v for k, v in spread.items() if not v <= SPREAD_LIMIT}  # NaN: not known
     judged = (PASS, FAIL, NOT_REACHED)
     return claims + [
-        _unsteady(c, moved) if moved and c.basis != "flops" and c.verdict in judged else c
+        # a verdict with no measured figure (too few points) was not decided by the times
+        _unsteady(c, moved)
+        if moved and c.basis != "flops" and c.verdict in judged and c.measured is not None
+        else c
         for c in timed
     ]
 
 
 def _unsteady(claim: Claim, moved: Mapping[str, float]) -> Claim:
-    """A claim on time, on a device whose speed moved during the sweep: too noisy, except
-    a pass on points timed in the same interleaved rounds (a slow spell slowed them alike;
-    load makes times deviate from a claim, it does not make them agree with it within a
-    narrow interval, so only a verdict against the claim stays unproven)."""
-    spread = ", ".join(f"{k} {v:.0%}" for k, v in moved.items())
+    """A claim on time, on a device whose speed moved during the sweep (or is not known to
+    have held: its rates measured once): too noisy, except a pass on points timed in the
+    same interleaved rounds (a slow spell slowed them alike; load makes times deviate from
+    a claim, it does not make them agree with it within a narrow interval, so only a
+    verdict against the claim stays unproven)."""
+    if any(math.isnan(v) for v in moved.values()):
+        why = "the device's rates were measured once (the sweep stopped before it measured "
+        why += "them again), so whether its speed held is not known"
+        fix = "resume the sweep"
+    else:
+        spread = ", ".join(f"{k} {v:.0%}" for k, v in moved.items())
+        why = f"the device's rates moved during the sweep ({spread} between measurements)"
+        fix = "rerun on a quiet machine"
     if claim.basis == INTERLEAVED and claim.verdict == PASS:
         detail = (
-            f"{claim.detail} The device's rates moved during the sweep ({spread} between "
-            "measurements), but the points that decide this pass were timed in the same "
-            "interleaved rounds (a verdict against the claim would read too noisy here)."
+            f"{claim.detail} {why[0].upper()}{why[1:]}, but the points that decide this pass "
+            "were timed in the same interleaved rounds (a verdict against the claim would "
+            "read too noisy here)."
         )
         return replace(claim, detail=detail)
-    detail = (
-        f"{claim.detail} The verdict would be '{claim.verdict}', but the device's rates "
-        f"moved during the sweep ({spread} between measurements): rerun on a quiet machine."
-    )
+    detail = f"{claim.detail} The verdict would be '{claim.verdict}', but {why}: {fix}."
     return replace(claim, verdict=NOISY, detail=detail)
 
 

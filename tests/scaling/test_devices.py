@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from synthetic import Machine, make_sweep
 
+from riemann_core.measure.timing import RATE_KINDS
 from riemann_core.scaling import devices, fit, report, validate
 
 #: GPU B is three times faster than GPU A at every kind of work, with a third of its overhead
@@ -131,3 +132,27 @@ def test_a_report_per_device_and_an_index(tmp_path, monkeypatch):
     assert "The device's speed moved during the sweep" in b
     a = (tmp_path / "devices" / "gpu-a" / "report.md").read_text()
     assert "The rates held steady during the sweep." in a
+
+
+def test_achieved_rates_of_each_dtype_use_that_dtypes_rates():
+    """Found by review: a sweep of float32 and float64 read every point against the median
+    of both dtypes' rates (a float32 point's time over its speed of light 2.13 read 1.40)."""
+    df, meta = make_sweep(rate_spread=0.0)
+    double = df.assign(dtype="float64", time_median_s=2 * df["time_median_s"])
+    halved = [
+        {
+            **s,
+            "dtype": "float64",
+            **{k: [r / 2 for r in v] for k, v in s.items() if k in RATE_KINDS},
+        }
+        for s in meta["device_rates"]
+    ]
+    both = devices.achieved_rates(
+        pd.concat([df, double], ignore_index=True),
+        {**meta, "device_rates": meta["device_rates"] + halved},
+    )
+    alone = devices.achieved_rates(df, meta)
+    single = both[both["dtype"] == "float32"].reset_index(drop=True)
+    pd.testing.assert_series_equal(single["sol_s"], alone["sol_s"])
+    ratio = both.loc[both["dtype"] == "float64", "sol_s"].to_numpy() / alone["sol_s"].to_numpy()
+    assert np.allclose(ratio[np.isfinite(ratio)], 2.0)

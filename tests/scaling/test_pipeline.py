@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from riemann_core import cli
+from riemann_core.measure.flops import KINDS
 from riemann_core.methods import layerwise
 from riemann_core.scaling import sweep as sw
 
@@ -119,15 +120,11 @@ def test_validate_exits_non_zero_on_a_failed_claim(tmp_path):
         == 0
     )
     path = tmp_path / "results.csv"
-    lines = path.read_text().splitlines()
-    header = lines[0].split(",")
-    flops = header.index("flops")
-    planted = [lines[0]]
-    for line in lines[1:]:  # counted FLOPs 5% above the model: a planted violation
-        cells = line.split(",")
-        cells[flops] = str(float(cells[flops]) * 1.05)
-        planted.append(",".join(cells))
-    path.write_text("\n".join(planted) + "\n")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    ok = df["status"] == "ok"
+    for column in ("flops", *(f"flops_{kind}" for kind in KINDS)):  # the total and its kinds
+        df.loc[ok, column] = (df.loc[ok, column].astype(float) * 1.05).map(repr)
+    df.to_csv(path, index=False)  # counted FLOPs 5% above the model: a planted violation
     assert cli.main(["validate", "--out", str(tmp_path)]) == 1
     claims = json.loads((tmp_path / "claims.json").read_text())
     assert next(c for c in claims if c["id"] == "flops-match-model")["verdict"] == "fail"
@@ -284,6 +281,11 @@ def _edit_row(column, value):
     return edit
 
 
+def _another_cost_model(out):
+    """Another version's modelled FLOPs at a point (the file is named, not a line)."""
+    _edit_row("flops_model", "12345")(out)
+
+
 def _every_row_skipped(out):
     df = pd.read_csv(out / "results.csv", dtype=str, keep_default_na=False)
     df["status"], df["reason"] = "skipped", "over the FLOP budget"
@@ -358,7 +360,7 @@ CORRUPTIONS = {
     "sol-text": (_edit_row("sol_products", "abc"), "sol_products = 'abc'"),
     "peak-text": (_edit_row("peak_bytes", "lots"), "peak_bytes = 'lots'"),
     "times-not-json": (_edit_row("times_s", "[0.1, 0.2"), "times_s is '[0.1, 0.2', not a list"),
-    "times-negative": (_edit_row("times_s", "[0.1, -2]"), "not a list of non-negative times"),
+    "times-negative": (_edit_row("times_s", "[0.1, -2]"), "not a list of positive times"),
     "unknown-kernel": (_edit_row("kernel", "fancy"), "unknown kernel 'fancy'"),
     "slow-paths-text": (_edit_row("slow_paths", "{{{"), "slow_paths holds ['{{{']"),
     "interleaved-text": (_edit_row("interleaved", "sideways"), "interleaved holds ['sideways']"),
@@ -388,6 +390,13 @@ CORRUPTIONS = {
         _edit_row("device_name", "Other CPU"),
         "sweep.json does not record (it records",
     ),
+    # found by review: columns that disagree with each other changed verdicts, silently
+    "times-zero": (_edit_row("times_s", "[0.0, 0.0, 0.0]"), "not a list of positive times"),
+    "median-not-of-times": (_edit_row("time_median_s", "5.0"), ", the median of times_s"),
+    "flops-not-summed": (_edit_row("flops", "1"), "flops is 1, not"),
+    "n-params-edited": (_edit_row("n_params", "123"), "n_params is 123, not"),
+    "rows-edited": (_edit_row("d", "7"), "d is 7, not"),
+    "another-cost-model": (_another_cost_model, "with another cost model"),
 }
 
 

@@ -364,6 +364,29 @@ def test_a_resume_with_a_smaller_grid_keeps_the_other_rows_as_recorded(tmp_path,
     assert all(r["remeasured"] == "1" for r in euclidean)  # the grid's own: measured again
 
 
+def test_an_outlier_retimed_for_its_spread_is_still_measured_again(tmp_path):
+    """Found by review: a point whose repeats spread (re-timed at once, ``remeasured=1``)
+    was taken for an outlier measured again already, so a slow spell there was neither
+    measured again nor flagged. Measured again, and flagged where it stays far off."""
+    calls = []
+
+    def spiky(run, grid):
+        calls.append(run["width"])
+        row = known_time_row(run, slower=3.0 if run["width"] == 6 else 1.0)
+        if run["width"] == 6 and run["method"] == "euclidean" and calls.count(6) == 1:
+            row.update(flag="spread", remeasured=1)  # what measure_point writes
+        return row
+
+    grid = {**TINY, "methods": ("euclidean",), "kernels": ("structured",)}
+    grid["axes"] = {**TINY["axes"], "width": (4, 6, 8)}
+    sw.sweep(sw.Grid(**grid), tmp_path, measure=spiky, progress=False)
+    assert calls.count(6) == 2
+    (row,) = [r for r in rows_of(tmp_path / "results.csv") if r["width"] == "6"]
+    assert (row["remeasured"], row["flag"]) == ("1", "outlier")
+    sw.sweep(sw.Grid(**grid), tmp_path, measure=spiky, progress=False)
+    assert calls.count(6) == 2  # a resume does not measure a flagged outlier once more
+
+
 def test_a_sweep_on_cpu_0_reads_its_own_rows_back(tmp_path):
     """Found by review: the row check took only cpu, cuda and cuda:N for a device."""
     grid = {**TINY, "methods": ("euclidean",), "kernels": ("structured",), "devices": ("cpu:0",)}

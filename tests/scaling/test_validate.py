@@ -3,10 +3,12 @@ noise: pass where the algorithms behave as claimed, fail on planted violations, 
 reached where the points do not reach the regime, not measured where nothing ran."""
 
 import json
+import math
 
 import pytest
 from synthetic import AXES, RUNS, Machine, make_sweep
 
+from riemann_core.scaling import fit
 from riemann_core.scaling import sweep as sw
 from riemann_core.scaling import validate as va
 
@@ -168,6 +170,34 @@ def test_claims_on_time_on_an_unsteady_machine_are_too_noisy():
     # crossover-width and structured-vs-generic compare points timed one after another
     assert {c.verdict for c in claims if c.basis == "time"} == {"too noisy"}
     assert va.exit_code(claims) == 0
+
+
+def test_too_few_points_stays_regime_not_reached_on_an_unsteady_machine():
+    """A claim that no figure decided (two depths where a line needs three) is not
+    relabelled too noisy with "rerun on a quiet machine" when the rates moved (found by
+    review: noise decided nothing there, and the advice was wrong)."""
+    machine = planted("layerwise", "structured", lambda s: 2e-9 * s.widths[0] ** 3)
+    df, meta = make_sweep(machine, rate_spread=0.5)
+    deep = (df["method"] == "kfac") & (df["depth"] > 2)  # depths 1 and 2 left
+    claims = va.validate(df[~deep], meta, n_boot=300)
+    claim = by_id(claims, "linear-in-depth-kfac")
+    assert claim.verdict == "regime not reached" and claim.measured is None
+    assert "a line needs 3" in claim.detail and "quiet machine" not in claim.detail
+    assert by_id(claims, "linear-in-depth-layerwise").verdict == "too noisy"
+
+
+def test_rates_measured_once_leave_the_claims_on_time_too_noisy():
+    """A sweep stopped after its first measurement of the rates: its spread is not known
+    (found by review: read as 0, "the rates held steady", and passes stood)."""
+    machine = planted("layerwise", "structured", lambda s: 2e-9 * s.widths[0] ** 3)
+    df, meta = make_sweep(machine, rate_spread=0.0)
+    meta["device_rates"] = meta["device_rates"][:1]
+    assert all(math.isnan(v) for v in fit.rate_spread(meta).values())
+    claims = va.validate(df, meta, n_boot=300)
+    claim = by_id(claims, "linear-in-depth-layerwise")
+    assert claim.verdict == "too noisy" and "would be 'pass'" in claim.detail
+    assert "measured once" in claim.detail and "resume the sweep" in claim.detail
+    assert {c.verdict for c in claims if c.basis == "flops"} == {"pass"}
 
 
 def test_an_exponent_in_the_band_passes_only_with_an_interval_near_it():
