@@ -7,8 +7,11 @@ memory (``costs.peak_bytes``) exceeds the budget are skipped in ``setup``, as ar
 CUDA memory benchmarks when CUDA is absent.
 
 * ``time_``: seconds per call; on CUDA the timed call ends with a synchronisation.
-* ``peakmem_``: asv's peak resident host memory of the benchmark process, so it includes
-  torch and the call's inputs (model and batch; for a phase, what the phase starts from).
+* ``peakmem_``: asv's peak resident host memory of the benchmark process, restarted at the
+  end of ``setup`` after a warm-up call (``memory.reset_host_peak``; before, it held the
+  first call's one-time memory, ~80 MiB where a direction needs ~1, and a phase's ``setup``
+  peak): torch, the call's inputs (model and batch; for a phase, what the phase starts
+  from) and the call's own peak.
 * ``track_flops_counted``: FLOPs of one call (after a warm-up call) counted by
   ``riemann_core.measure.flops.flop_counter``; ``track_flops_modelled``: the cost
   model's ``riemann_core.costs.flops`` total. Either changing flags a regression.
@@ -42,7 +45,7 @@ import riemann_core as rc
 from riemann_core import costs
 from riemann_core.measure import public_kfac
 from riemann_core.measure.flops import flop_counter
-from riemann_core.measure.memory import cuda_peak_bytes
+from riemann_core.measure.memory import cuda_peak_bytes, reset_host_peak
 from riemann_core.measure.timing import interleaved, median_ratio
 from riemann_core.methods import Options, build_problem
 from riemann_core.modules import handler_for
@@ -118,10 +121,18 @@ class _DirectionCase:
         return common.device()
 
 
+def _settle(call) -> None:
+    """A warm-up ``call()``, then the process's peak memory restarted, so that asv's
+    ``peakmem`` reads what the timed call adds to what is resident, not the first call's
+    one-time memory nor ``setup``'s."""
+    call()
+    reset_host_peak()
+
+
 class _CountedFlops:
     """``track_flops_counted``: FLOPs of one ``self.call()`` under ``flop_counter``, after
     an uncounted one (the first call on a new model runs the one-time check that it treats
-    samples independently: +6% to +45% of a direction's FLOPs at the default grid)."""
+    samples independently: 0% to +63% of a direction's FLOPs on the default grid, measured)."""
 
     def track_flops_counted(self, *params):
         self.call()
@@ -141,6 +152,10 @@ class Direction(_CountedFlops, _DirectionCase):
 
     def peakmem_direction(self, *params):
         self.call()
+
+    def setup(self, *params):
+        super().setup(*params)
+        _settle(self.call)
 
     def track_flops_modelled(self, *params):
         return costs.flops(self.method, self.shape, self.kernel, device=self.device)["total"]
@@ -277,6 +292,10 @@ class LayerwisePhase(_CountedFlops, _PhaseCase):
 
     def peakmem_phase(self, *params):
         self.call()
+
+    def setup(self, *params):
+        super().setup(*params)
+        _settle(self.call)
 
 
 class LayerwisePhaseCudaMemory(_PhaseCase):

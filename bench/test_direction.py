@@ -19,7 +19,8 @@ measurement), ``environment``, and the measured memory of one untimed call: on C
 ``peak_bytes_cuda_measured`` (allocator peak above what was allocated before); on CPU
 ``host_rss_rise_bytes_measured`` (``memory.host_peak_bytes``: the peak rise of resident
 memory once the C allocator's free memory is returned to the system, ``None`` off
-Linux; a lower bound) and ``host_peak_rss_bytes_process_wide``, the peak resident memory
+Linux; it can exceed the live tensors' peak under the keep-freed-memory policy that the
+suites set, ``memory.host_peak_bytes``) and ``host_peak_rss_bytes_process_wide``, the peak resident memory
 of the whole process (model, data, torch) read after the timed rounds; Linux restarts that peak at
 the measured call, so it spans this benchmark's calls.
 """

@@ -231,7 +231,8 @@ CAPTIONS = {
     "flops": "Counted FLOPs (FlopCounterMode with its own table of linear-algebra counts).",
     "memory": "Peak memory of one direction after a warm-up call (CUDA: the allocator's "
     "peak; host: the rise of resident memory once the allocator's free memory is returned, "
-    "a lower bound); dashed: the cost model's estimate.",
+    "which can read above the live tensors' peak where freed memory is kept); dashed: the "
+    "cost model's estimate.",
     "crossover": "Layerwise against full along the width axis, and their time ratio.",
     "rate": "Achieved FLOP/s against the device's rates measured in the same run, and "
     "layerwise's time over its phase-wise speed of light.",
