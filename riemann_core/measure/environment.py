@@ -29,10 +29,19 @@ def blas() -> str:
     return match.group(1) if match else "unknown"
 
 
-def git_commit() -> str:
-    """The commit of the working tree this package runs from, or ``"unknown"``."""
-    root = Path(__file__).resolve().parents[2]
+def git_commit(package: Path | None = None) -> str:
+    """The commit of the working tree this package runs from, or ``"unknown"``: also where
+    it was installed (not editable) into an environment inside another checkout, whose
+    commit is not that of the code (``package``, its directory, for tests)."""
+    package = package or Path(__file__).resolve().parents[1]
+    root = package.parent
     try:
+        subprocess.run(  # the package's own files tracked by the enclosing repository
+            ["git", "-C", str(root), "ls-files", "--error-unmatch", "--", f"{package.name}/"],
+            capture_output=True,
+            timeout=10,
+            check=True,
+        )
         out = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
             capture_output=True,

@@ -47,14 +47,19 @@ def _cholesky(a_shape, *args, out_shape=None, **kwargs) -> int:
     return int(_batch(a_shape) * n**3 / 3)
 
 
+def _broadcast_batch(*batches) -> int:
+    """The number of matrices the broadcast batch dimensions ``batches`` give."""
+    return math.prod(torch.broadcast_shapes(*(tuple(b) for b in batches)))
+
+
 def _solve_triangular(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     left = kwargs.get("left", args[1] if len(args) > 1 else True)
     k = b_shape[-1] if left else b_shape[-2]
-    return _batch(b_shape) * a_shape[-1] ** 2 * k
+    return _broadcast_batch(a_shape[:-2], b_shape[:-2]) * a_shape[-1] ** 2 * k
 
 
 def _cholesky_solve(b_shape, a_shape, *args, out_shape=None, **kwargs) -> int:
-    return _batch(b_shape) * 2 * a_shape[-1] ** 2 * b_shape[-1]
+    return _broadcast_batch(a_shape[:-2], b_shape[:-2]) * 2 * a_shape[-1] ** 2 * b_shape[-1]
 
 
 def _eigh(a_shape, *args, out_shape=None, **kwargs) -> int:
@@ -64,8 +69,16 @@ def _eigh(a_shape, *args, out_shape=None, **kwargs) -> int:
 
 
 def _lu_solve(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    n, k = a_shape[-1], 1 if len(b_shape) == 1 else b_shape[-1]
-    return int(_batch(a_shape) * (2 * n**3 / 3 + 2 * n * n * k))
+    n = a_shape[-1]
+    # torch.linalg.solve's rule: B is a (batch of) vector(s) if it has A's shape but one
+    # dimension less, or is 1-D
+    vectors = len(b_shape) == 1 or tuple(b_shape) == tuple(a_shape[:-1])
+    if vectors:
+        k, batch = 1, _broadcast_batch(a_shape[:-2], b_shape[:-1])
+    else:
+        k = b_shape[-1] if kwargs.get("left", True) else b_shape[-2]
+        batch = _broadcast_batch(a_shape[:-2], b_shape[:-2])
+    return int(batch * (2 * n**3 / 3 + 2 * n * n * k))
 
 
 def _inverse(a_shape, *args, out_shape=None, **kwargs) -> int:

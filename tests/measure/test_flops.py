@@ -24,6 +24,8 @@ def only(kind, flops):
 
 A, L, BATCHED = spd(30), torch.linalg.cholesky(spd(30)), spd(6, (5,))
 B = torch.randn(30, 4, dtype=torch.float64)
+A3 = spd(30, (3,))
+L3, B3 = torch.linalg.cholesky(A3), torch.randn(3, 30, 4, dtype=torch.float64)
 
 
 @pytest.mark.parametrize(
@@ -50,6 +52,12 @@ B = torch.randn(30, 4, dtype=torch.float64)
         (lambda: torch.ops.aten._linalg_eigh(A, "L", False), "eigh", 36000),  # 4 30^3 / 3
         (lambda: torch.linalg.solve(A, B), "lu", 25200),  # 2 30^3 / 3 + 2 30^2 4
         (lambda: torch.linalg.inv(A), "lu", 54000),  # 2 30^3
+        # broadcast batches and vector right-hand sides (found by review: the batch was
+        # read from B alone, k from B's last dimension whatever its form)
+        (lambda: torch.linalg.solve_triangular(L3, B, upper=False), "triangular", 3 * 3600),
+        (lambda: torch.cholesky_solve(B, L3), "triangular", 3 * 7200),
+        (lambda: torch.linalg.solve(A3, B3[..., 0]), "lu", 3 * 19800),  # 2 30^3 / 3 + 2 30^2
+        (lambda: torch.linalg.solve(A, B.T, left=False), "lu", 25200),
         (lambda: torch.cholesky_inverse(L), "triangular", 18000),  # 2 30^3 / 3
         (lambda: A @ B[:, 0], "products", 1800),  # 2 30 30
         (lambda: A @ B, "products", 7200),  # 2 30 30 4, FlopCounterMode's own count
@@ -64,7 +72,8 @@ B = torch.randn(30, 4, dtype=torch.float64)
     ],
     ids=[
         "cholesky", "batched-cholesky", "direct-potrf", "trsm", "trsm-right", "cholesky_solve", "eigh",
-        "eigh-values", "lu-solve", "inverse", "cholesky-inverse", "mv", "mm", "direct-syrk",
+        "eigh-values", "lu-solve", "inverse", "trsm-broadcast", "cholesky_solve-broadcast",
+        "lu-solve-vectors", "lu-solve-right", "cholesky-inverse", "mv", "mm", "direct-syrk",
     ],
 )  # fmt: skip
 def test_counts_by_hand(fn, kind, by_hand):
