@@ -98,7 +98,9 @@ def problem(request, device) -> Problem:
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
-    """Add each figure as a ratio: to the SGD step of its size, and to its speed of light."""
+    """Add each figure as a ratio: to the SGD step of its size, and to its speed of light
+    (ratios of medians taken at different moments, which drift on a shared machine; the
+    ratios within one run are ``riemann-bench targets``' and asv's ``Targets``')."""
     baseline = {
         b["group"]: b["stats"]["median"]
         for b in output_json["benchmarks"]
