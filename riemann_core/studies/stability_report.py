@@ -224,9 +224,8 @@ def _write_files(pairs: pd.DataFrame, meta: dict, out: Path, stage: Path) -> Non
         "one means its rate does not describe the data on this grid (a distance that levels "
         "off is still below some C / (mu sqrt(n)) over a finite grid). The size slope also "
         "carries the training budget: every `n` gets the same steps, so the replaced example "
-        "is drawn fewer times in a larger set (in a small run, layerwise at mu 0.1 on n = "
-        "40, 80, 160, four pairs: -1.23 with a fixed number of steps, -0.80 with a fixed "
-        "number of epochs).",
+        "is drawn fewer times in a larger set, and a fixed number of epochs would give "
+        "another slope (docs/studies.md).",
         "",
         markdown_table(joint) if not joint.empty else "(needs two dampings and two sizes)",
         "",
