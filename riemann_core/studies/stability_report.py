@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..measure.output import markdown_table, pyplot, read_study, save_figure, staged, write_atomic
+from ..measure.output import (
+    markdown_table,
+    pyplot,
+    read_study,
+    rerun,
+    save_figure,
+    staged,
+    write_atomic,
+)
 from .results import (
     COUNT,
     FRACTION,
@@ -16,6 +24,7 @@ from .results import (
     check_record,
     check_rows,
     check_whole_rows,
+    first_line,
 )
 from .stability import STATUSES
 from .stability_fit import (
@@ -83,7 +92,41 @@ def load(out: Path) -> tuple[pd.DataFrame, dict]:
     check_record(meta, out / "stability.json", COMMAND, RECORD)
     labels = {"method": meta["sweep"]["methods"], "status": STATUSES}
     check_rows(pairs, out / "pairs.csv", COMMAND, labels, RANGES, EVERY_ROW)
+    check_design(pairs, meta, out / "pairs.csv")
     return pairs, meta
+
+
+def check_design(pairs: pd.DataFrame, meta: dict, path: Path) -> None:
+    """Refuse pairs the study cannot have trained (``ValueError`` naming the line): one at a
+    damping or size off the recorded grid, or a pair twice at a grid point."""
+    sweep = meta["sweep"]
+    for axis, values in (("damping", sweep["dampings"]), ("size", sweep["sizes"])):
+        off = ~pairs[axis].isin([float(v) for v in values])
+        if off.any():
+            raise ValueError(
+                f"{path} line {first_line(off)}: {axis} {pairs.loc[off, axis].iloc[0]:g} is not "
+                f"on the study's grid {values}: {rerun(COMMAND)}"
+            )
+    twice = pairs.duplicated([*POINT, "pair"])
+    if twice.any():
+        raise ValueError(
+            f"{path} line {first_line(twice)} repeats the method, damping, size and pair of an "
+            f"earlier line: {rerun(COMMAND)}"
+        )
+
+
+def missing(pairs: pd.DataFrame, meta: dict) -> str | None:
+    """How many grid points an interrupted study lacks pairs at, or None when complete."""
+    sweep = meta["sweep"]
+    planned = len(sweep["methods"]) * len(sweep["dampings"]) * len(sweep["sizes"])
+    counts = point_counts(pairs)
+    short = int((counts["pairs"] < sweep["pairs"]).sum()) + planned - len(counts)
+    if short == 0:
+        return None
+    return (
+        f"{short} of the {planned} grid points have fewer than the {sweep['pairs']} planned "
+        f"pairs ({len(pairs)} pairs of {planned * sweep['pairs']})"
+    )
 
 
 def distance_figure(pairs: pd.DataFrame, axis: str, path: Path) -> Path:
@@ -189,6 +232,15 @@ def _write_files(pairs: pd.DataFrame, meta: dict, out: Path, stage: Path) -> Non
         f"Produced by `{command}`; tables and figures are drawn from its `pairs.csv` and "
         f"`stability.json` (redraw with `{redraw}`; slopes resampled with seed {seed}).",
         "",
+        *(
+            [
+                f"**An incomplete study** (interrupted?): {gap}. The fits, tables and figures "
+                "are over the pairs there are.",
+                "",
+            ]
+            if (gap := missing(pairs, meta))
+            else []
+        ),
         "## Setup",
         "",
         f"- Data: scikit-learn's digits; a stratified test split of {meta['test']} images "

@@ -166,13 +166,23 @@ def train(
     elapsed = 0.0
 
     def record(step: int) -> bool:
+        """Evaluate at ``step``; False, with the reason kept, where the run diverged."""
         row = {"step": step, "examples": step * batch_size, "time_s": elapsed}
         for name, examples in evaluate_on.items():
             row[f"{name}_loss"], row[f"{name}_accuracy"] = evaluate(model, examples)
         run.records.append(row)
         start = run.records[0]
-        blown_up = any(row[k] > DIVERGED * start[k] for k in row if k.endswith("_loss"))
-        return all(_finite(v) for v in row.values()) and _parameters_finite(params) and not blown_up
+        losses = [k for k in row if k.endswith("_loss")]
+        if not all(_finite(v) for v in row.values()) or not _parameters_finite(params):
+            run.reason = f"the loss or the parameters are NaN or inf at step {step}"
+        elif blown := [k for k in losses if row[k] > DIVERGED * start[k]]:
+            run.reason = (
+                f"the {blown[0]} {row[blown[0]]:.3g} exceeds {DIVERGED:g} times its initial "
+                f"{start[blown[0]]:.3g} at step {step}"
+            )
+        else:
+            return True
+        return False
 
     try:
         if not record(0):

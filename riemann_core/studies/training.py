@@ -168,7 +168,7 @@ def _check(study: Study) -> None:
     if study.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {study.seeds}")
     if not 0 < study.epochs < math.inf:
-        raise ValueError(f"--epochs must be positive, got {study.epochs}")
+        raise ValueError(f"--epochs must be positive and finite, got {study.epochs}")
     if study.batch_size < 1 or study.evaluations < 1:
         raise ValueError(
             f"--batch-size and --evaluations must be positive, got {study.batch_size} "

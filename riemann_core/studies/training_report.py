@@ -27,6 +27,7 @@ from .results import (
     first_line,
 )
 from .trainer import OPTIMISERS, STATUSES
+from .training import choose
 
 CURVES = (
     ("train_loss", "train loss", "log"),
@@ -132,7 +133,81 @@ def load(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
                 f"{row['method']!r} takes {takes}: {rerun(COMMAND)}"
             )
     runs, tuning = frames
+    check_design(runs, tuning, meta, out)
     return runs, tuning, meta
+
+
+def check_design(runs: pd.DataFrame, tuning: pd.DataFrame, meta: dict, out: Path) -> None:
+    """Refuse results that the study cannot have written (``ValueError`` naming the file,
+    the line or the run, and the fix): a record twice, a run marked ``ok`` that stops
+    before the budget's last step, runs trained at a configuration that is not the one
+    ``tuning.csv`` chooses."""
+    for name, frame, key in (
+        ("runs.csv", runs, ["model", "method", "seed", "step"]),
+        ("tuning.csv", tuning, ["model", "method", "lr", "damping"]),
+    ):
+        twice = frame.duplicated(key, keep="first")
+        if twice.any():
+            raise ValueError(
+                f"{out / name} line {first_line(twice)} repeats the {', '.join(key)} of an "
+                f"earlier line: {rerun(COMMAND)}"
+            )
+    last = final_rows(runs)
+    short = last[(last["status"] == "ok") & (last["step"] != meta["steps"])]
+    if not short.empty:
+        run = short.iloc[0]
+        raise ValueError(
+            f"{out / 'runs.csv'}: the run {run['model']}/{run['method']} seed {run['seed']} "
+            f"is marked ok but its records stop at step {run['step']}, not the budget's "
+            f"{meta['steps']}: {rerun(COMMAND)}"
+        )
+    for (model, method), group in runs.groupby(["model", "method"], sort=False):
+        config = choose(tuning, model, method)
+        trained = group[["lr", "damping"]].drop_duplicates()
+        chosen = (config.lr, config.damping) if config is not None else None
+        if chosen is None or len(trained) != 1 or not _same_config(trained.iloc[0], chosen):
+            raise ValueError(
+                f"{out / 'runs.csv'}: the runs of {model}/{method} were trained at "
+                f"{_configs(trained)}, but {out / 'tuning.csv'} chooses "
+                f"{'none (every configuration diverged)' if chosen is None else _configs(chosen)}"
+                f": the two files come from different studies, {rerun(COMMAND)}"
+            )
+
+
+def _same_config(row: pd.Series, chosen: tuple[float, float | None]) -> bool:
+    lr, damping = chosen
+    same_damping = pd.isna(row["damping"]) if damping is None else row["damping"] == damping
+    return bool(row["lr"] == lr and same_damping)
+
+
+def _configs(configs) -> str:
+    """``lr ...[, damping ...]`` of a configuration (a pair) or of each row of a frame."""
+    rows = [configs] if isinstance(configs, tuple) else list(configs.itertuples(index=False))
+    return " and ".join(
+        f"lr {lr:g}" + ("" if damping is None or pd.isna(damping) else f", damping {damping:g}")
+        for lr, damping in rows
+    )
+
+
+def missing(runs: pd.DataFrame, tuning: pd.DataFrame, meta: dict) -> list[str]:
+    """What an interrupted study lacks of its design: configurations not tuned, seeds not
+    trained (per model and method), one line each; empty for a complete study."""
+    study, lines = meta["study"], []
+    for model in study["models"]:
+        for method in study["methods"]:
+            damped = method in DAMPED
+            planned = len(study["lrs"].get(method, [])) * (len(study["dampings"]) if damped else 1)
+            tried = tuning[(tuning["model"] == model) & (tuning["method"] == method)]
+            if len(tried) < planned:
+                lines.append(f"{model}/{method}: {len(tried)} of {planned} configurations tuned")
+                continue
+            if choose(tuning, model, method) is None:
+                continue  # every configuration diverged in tuning: nothing to train
+            seeds = set(runs.loc[(runs["model"] == model) & (runs["method"] == method), "seed"])
+            absent = [s for s in meta["seeds"] if s not in seeds]
+            if absent:
+                lines.append(f"{model}/{method}: seeds {absent} not trained")
+    return lines
 
 
 def spread(values: pd.Series, fmt: str = ".3g") -> str:
@@ -254,7 +329,8 @@ def summary(runs: pd.DataFrame, target: float) -> list[str]:
     """One sentence per model: who reached the target in the fewest steps and the least time
     (medians over all seeds, a seed that never reached it counting as never: a method that
     reached it in half its seeds or fewer has no median, and one lucky seed does not decide)
-    and who ended with the best test accuracy."""
+    and who ended with the best test accuracy, every method where tied, and the next best
+    (medians over all seeds, one that did not finish counting as accuracy 0)."""
     hits = to_target(runs, target)
     last = final_rows(runs)
     lines = []
@@ -271,13 +347,21 @@ def summary(runs: pd.DataFrame, target: float) -> list[str]:
                 f"fewest steps to {target:g} test accuracy: {_tied(medians['steps'])} "
                 f"({steps:.0f}); least time: {_tied(medians['time_s'])} ({time:.3g} s)"
             )
-        ok = last[(last["model"] == model) & (last["status"] == "ok")]
-        accuracy = ok.groupby("method")["test_accuracy"].median()
+        final = last[last["model"] == model]
+        # a seed that did not finish (diverged, solver failed) counts as accuracy 0
+        accuracy = final["test_accuracy"].where(final["status"] == "ok", 0.0)
+        accuracy = accuracy.groupby(final["method"], sort=False).median()
         if not accuracy.empty:
-            parts.append(f"best final test accuracy: `{accuracy.idxmax()}` ({accuracy.max():.4f})")
+            best = accuracy.max()
+            text = f"best final test accuracy: {_tied(-accuracy)} ({best:.4f}"
+            others = accuracy[accuracy < best]
+            if not others.empty:
+                text += f"; next {_tied(-others)} {others.max():.4f}"
+            parts.append(text + ")")
         lines.append(
             f"- `{model}`: " + "; ".join(parts) + " (medians over all seeds, a seed that "
-            "never reached the target counting as never; the table's are over those that did)."
+            "never reached the target counting as never, one that did not finish as accuracy "
+            "0; the tables' are over the seeds that did)."
         )
     return lines
 
@@ -362,6 +446,15 @@ def _write_files(
         f"Produced by `{command}`; every table and figure below comes from its `runs.csv`, "
         f"`tuning.csv` and `training.json` (redraw them with `{redraw}`).",
         "",
+        *(
+            [
+                f"**An incomplete study** (interrupted?): {'; '.join(gaps)}. The tables and "
+                "figures are over what was run.",
+                "",
+            ]
+            if (gaps := missing(runs, tuning, meta))
+            else []
+        ),
         "## Summary",
         "",
         *summary(runs, target),

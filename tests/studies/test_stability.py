@@ -223,9 +223,14 @@ def test_report_only_refuses_pairs_cut_short(sweep, tmp_path, capsys, keep_field
         (lambda df: second(df, train_loss_a="-2"), "line 3: train_loss_a is -2, but it must be >= 0"),
         (lambda df: second(df, size="1"), "line 3: size is 1, but it must be a whole number >= 2"),
         (lambda df: second(df, pair="0.5"), "line 3: pair is 0.5, but it must be a whole number >= 0"),
+        # found by review: fitted as if the study had trained them
+        (lambda df: second(df, damping="0.5"), "line 3: damping 0.5 is not on the study's grid [0.3, 1.0]"),
+        (lambda df: second(df, size="60"), "line 3: size 60 is not on the study's grid [40, 80]"),
+        (lambda df: pd.concat([df, df.iloc[[2]]]), "line 10 repeats the method, damping, size and pair"),
     ],
     ids=["adam", "blank-method", "done", "blank-status", "blank-damping", "damping-neg",
-         "damping-zero", "distance-neg", "gap-neg", "tv-1.5", "loss-neg", "size-1", "pair-half"],
+         "damping-zero", "distance-neg", "gap-neg", "tv-1.5", "loss-neg", "size-1", "pair-half",
+         "damping-off-grid", "size-off-grid", "pair-twice"],
 )  # fmt: skip
 def test_report_only_refuses_unknown_labels_and_impossible_numbers(
     sweep, tmp_path, capsys, edit, message
@@ -299,3 +304,16 @@ def test_a_sweep_stopped_early_leaves_no_earlier_pairs_beside_its_record(
     assert json.loads((tmp_path / "stability.json").read_text())["sweep"]["steps"] == 20
     for name in ("pairs.csv", "slopes.csv", "report.md", "distance_vs_size.png"):
         assert not (tmp_path / name).exists()
+
+
+def test_an_interrupted_study_is_reported_as_incomplete(sweep, tmp_path):
+    """Found by review: a pairs.csv with fewer pairs than planned was reported as the
+    whole design ("2 pairs per point")."""
+    copy_study(sweep, tmp_path)
+    pairs = pd.read_csv(tmp_path / "pairs.csv")
+    pairs.iloc[:-2].to_csv(tmp_path / "pairs.csv", index=False)
+    assert cli.main(["stability", "--report-only", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "**An incomplete study** (interrupted?): 2 of the 4 grid points have fewer" in report
+    assert "(6 pairs of 8)" in report
+    assert "incomplete" not in (sweep / "report.md").read_text()

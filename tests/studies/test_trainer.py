@@ -98,6 +98,9 @@ def test_a_run_that_blows_up_stops_with_status_diverged(config, data):
                 evaluate_on={"train": data})  # fmt: skip
     assert run.status == "diverged"
     assert run.records[-1]["step"] < 20
+    # the reason is kept (found by review: blank in every diverged row of tuning.csv)
+    assert f"at step {run.records[-1]['step']}" in run.reason
+    assert "NaN or inf" in run.reason or "times its initial" in run.reason
 
 
 class NaNGradient(torch.nn.Module):

@@ -287,7 +287,8 @@ def failing_report_changes_nothing(out, command, module, step, monkeypatch, caps
         (["--lrs", "0.1,0.1"], "--lrs: 0.1 given more than once"),
         (["--models", "mlp,mlp"], "models: mlp given more than once"),
         (["--seeds", "0"], "--seeds must be at least 1"),
-        (["--epochs", "0"], "--epochs must be positive"),
+        (["--epochs", "0"], "--epochs must be positive and finite"),
+        (["--epochs", "inf"], "--epochs must be positive and finite, got inf"),
         (["--target-accuracy", "1.5"], "--target-accuracy must lie in (0, 1]"),
         (["--batch-size", "0"], "--batch-size and --evaluations must be positive"),
         (["--batch-size", "5000"], "--batch-size may be at most the 1078 training examples"),
@@ -408,3 +409,68 @@ def test_the_summary_does_not_crown_a_method_for_one_lucky_seed():
     (line,) = summary(runs, 0.8)
     assert "fewest steps to 0.8 test accuracy: `steady` (40)" in line
     assert "least time: `steady`" in line
+
+
+def _short_run(df):
+    """Every record of the last run past its first two removed: an ok run cut short."""
+    last = (df["method"] == df["method"].iloc[-1]) & (df["seed"] == df["seed"].iloc[-1])
+    steps = df.loc[last, "step"].astype(int)
+    return df[~last | (df["step"].astype(int) <= sorted(steps)[1])]
+
+
+def _other_choice(df):
+    """The tuning of sgd rewritten so that its other learning rate wins."""
+    sgd = df.index[df["method"] == "sgd"]
+    losses = df.loc[sgd, "validation_loss"].astype(float)
+    df.loc[sgd, "validation_loss"] = (losses.max() + losses.min() - losses).map(repr)
+    return df
+
+
+@pytest.mark.parametrize(
+    "name, edit, message",
+    [
+        ("runs.csv", lambda df: pd.concat([df, df.iloc[[3]]]), "repeats the model, method, seed, step of an earlier line"),
+        ("tuning.csv", lambda df: pd.concat([df, df.iloc[[0]]]), "repeats the model, method, lr, damping"),
+        ("runs.csv", _short_run, "is marked ok but its records stop at step"),
+        ("tuning.csv", _other_choice, "the two files come from different studies"),
+    ],
+    ids=["runs-twice", "tuning-twice", "ok-run-cut-short", "tuning-chooses-another"],
+)  # fmt: skip
+def test_report_only_refuses_results_the_study_cannot_have_written(
+    study, tmp_path, capsys, name, edit, message
+):
+    """Found by review: duplicated records (counted twice by the curves), an ok run stopping
+    before the budget (shown under "end of budget"), and runs trained at another
+    configuration than the tuning chooses were drawn into the report, exit 0."""
+    copy_study(study, tmp_path)
+    edit(pd.read_csv(tmp_path / name, dtype=str)).to_csv(tmp_path / name, index=False)
+    refused("train", tmp_path, message, capsys)
+
+
+def test_an_interrupted_study_is_reported_as_incomplete(study, tmp_path):
+    """A study interrupted after its first round of seeds (runs.csv is written after each):
+    the report says which seeds were not trained (found by review: it listed every planned
+    seed as reported)."""
+    copy_study(study, tmp_path)
+    runs = pd.read_csv(tmp_path / "runs.csv")
+    runs[runs["seed"] == 0].to_csv(tmp_path / "runs.csv", index=False)
+    assert cli.main(["train", "--report-only", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "**An incomplete study** (interrupted?): mlp/sgd: seeds [1] not trained" in report
+    assert "**An incomplete study**" not in (study / "report.md").read_text()
+
+
+def test_the_best_final_accuracy_names_ties_and_counts_unfinished_seeds():
+    """Found by review: the first of tied methods alone was named, and a method whose
+    other seeds diverged won on its one finished seed."""
+    from riemann_core.studies.training_report import summary
+
+    rows = []
+    for method, accuracies in (("sgd", [0.9, 0.9, 0.9]), ("adam", [0.9, 0.9, 0.9]),
+                               ("kfac", [0.99, None, None])):  # fmt: skip
+        for seed, accuracy in enumerate(accuracies):
+            rows.append({"model": "mlp", "method": method, "seed": seed, "step": 10,
+                         "time_s": 1.0, "test_accuracy": accuracy,
+                         "status": "ok" if accuracy else "diverged"})  # fmt: skip
+    (line,) = summary(pd.DataFrame(rows), target=0.95)
+    assert "best final test accuracy: `sgd` and `adam` (0.9000; next `kfac` 0.0000)" in line
