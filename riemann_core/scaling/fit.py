@@ -15,7 +15,8 @@ around a base point (``sweep.json``'s ``base``); the base point belongs to every
   ``t_module`` the overhead per module (``L`` Linear modules), ``R_kind`` the achieved
   rate of each kind of operation, at most :data:`RATE_HEADROOM` times the device's best
   rate of that kind measured in the sweep (``best_rate_<kind>`` columns, where the rows
-  have them). Unbounded, kinds whose FLOPs grow alike along the axes trade time freely:
+  have them: the median of the rate measurements' samples at the rate size, where the
+  device runs that kind best; a single sample may exceed it). Unbounded, kinds whose FLOPs grow alike along the axes trade time freely:
   a Cholesky fitted at ten times the device's best rate hands its time to the triangular
   solves, and the slope of time against work then judges that mixture, not the device.
   A point is *compute-bound* where the overhead ``t0 + t_module L`` is at most a stated
@@ -197,8 +198,10 @@ def loglog_slope(
     replicates, each resampling both levels: the repeat times of every point (with
     replacement, then the median: measurement noise) and the points themselves (pairs
     ``(x_i, t_i)`` with replacement: scatter and curvature about a straight line).
-    Replicates that draw a single distinct x have no slope and are dropped.
-    Deterministic given ``seed``.
+    Replicates that draw a single distinct x have no slope and are dropped. Over two points
+    the interval is the repeats' alone (resampling two points adds no scatter): where one
+    of them has a single time it is ``nan``, not measured (it read zero-width). Deterministic
+    given ``seed``.
 
     >>> fit = loglog_slope([1, 2, 4, 8], [[1.0], [8.0], [64.0], [512.0]])
     >>> round(fit.slope, 6), fit.points, fit.x_range
@@ -242,6 +245,8 @@ def loglog_slope(
     has_slope = sxx > 1e-12 * (log_x[-1] - log_x[0]) ** 2
     boots = (bx * by).sum(axis=1)[has_slope] / sxx[has_slope]
     low, high = np.percentile(boots, [2.5, 97.5]) if boots.size else (slope, slope)
+    if tail == 2 and any(s.size < 2 for s in pooled):  # a single time: its noise unmeasured
+        low = high = math.nan
     return SlopeFit(slope, float(low), float(high), tail, (float(distinct[-tail]), float(xs.max())))
 
 
@@ -396,10 +401,18 @@ def fit_time_model(rows: pd.DataFrame) -> TimeModel:
     )
 
 
+def took_slow_path(rows: pd.DataFrame) -> pd.Series:
+    """Which of ``rows`` took a data-dependent slow path in their counted call
+    (``slow_paths``: jitter, residual, refine), whose work the cost models leave out: the
+    fits, the time models and the claims take none of them."""
+    paths = rows["slow_paths"] if "slow_paths" in rows else pd.Series("", index=rows.index)
+    return paths.fillna("").astype(str) != ""
+
+
 def time_models(df: pd.DataFrame) -> dict[tuple, TimeModel]:
-    """:func:`fit_time_model` per method, kernel and setting over the ok rows (groups with
-    too few points have none)."""
-    ok = df[(df["status"] == "ok") & (df["time_median_s"] > 0)]
+    """:func:`fit_time_model` per method, kernel and setting over the ok rows that took no
+    slow path (groups with too few points have none)."""
+    ok = df[(df["status"] == "ok") & (df["time_median_s"] > 0) & ~took_slow_path(df)]
     models = {}
     for key, rows in ok.groupby(_group_keys(df), sort=True):
         try:
@@ -552,18 +565,20 @@ def fit_table(
     ``points``, ``x_max``; ``flops_exponent`` and ``model_exponent``: the local exponents
     of the counted and the modelled FLOPs over the top segment; ``exponent_gap``: the
     largest ``|counted - modelled|`` over every segment of the axis;
-    ``overhead_at_top``: the time model's overhead fraction at the largest point;
-    ``compute_bound``: how many points are compute-bound; ``time_exponent`` with ``low``
-    and ``high``: :func:`time_exponent` (empty with fewer than 2 compute-bound points).
-    A combination with fewer than 2 distinct ok x has no row. ``progress(label)`` is
-    called after each fit.
+    ``overhead_at_top``, ``compute_bound``, ``work_ratio`` and ``regime``: the axis's
+    :class:`AxisRegime`, as the claims judge it; ``time_exponent`` with ``low`` and
+    ``high``: its exponent over the top segment (empty where the regime is ``overhead`` or
+    ``flat``). The ok points that took no slow path, as the claims take them. A
+    combination with fewer than 2 distinct such x has no row. ``progress(label)`` is called
+    after each fit.
     """
     base = sweep_meta["base"]
     axes = [a for a in sweep_meta.get("axes", AXES) if a in AXES]
     keys = _group_keys(df)
     models = time_models(df)
     records = []
-    for key, group in df[df["status"] == "ok"].groupby(keys, sort=True):
+    ok = df[(df["status"] == "ok") & ~took_slow_path(df)]
+    for key, group in ok.groupby(keys, sort=True):
         for axis in axes:
             x = FIT_X[axis]
             rows = method_points(group, base, key[0], key[1], axis).sort_values(axis)
@@ -584,11 +599,13 @@ def fit_table(
             }
             model = models.get(key)
             if model is not None:
-                fraction = overhead_fraction(rows, model)
-                slope = time_exponent(rows, model, n_boot=n_boot, seed=seed)
+                regime = axis_regime(rows, model, n_boot=n_boot, seed=seed)
+                slope = regime.exponent
                 record.update(
-                    overhead_at_top=fraction[-1],
-                    compute_bound=int((fraction <= OVERHEAD_TARGET).sum()),
+                    overhead_at_top=regime.overhead_at_top,
+                    compute_bound=regime.compute_bound,
+                    work_ratio=regime.work_ratio,
+                    regime=regime.state,
                     time_exponent=slope.slope if slope else math.nan,
                     low=slope.low if slope else math.nan,
                     high=slope.high if slope else math.nan,
@@ -597,7 +614,8 @@ def fit_table(
             if progress is not None:
                 progress(f"{key[0]} ({key[1]}) along {axis}")
     columns = [*keys, "axis", "x", "points", "x_max", "flops_exponent", "model_exponent"]
-    columns += ["exponent_gap", "overhead_at_top", "compute_bound", "time_exponent"]
+    columns += ["exponent_gap", "overhead_at_top", "compute_bound", "work_ratio", "regime"]
+    columns += ["time_exponent"]
     columns += ["low", "high"]
     return pd.DataFrame.from_records(records, columns=columns)
 

@@ -431,7 +431,10 @@ def _growth_section(meta: dict) -> list[str]:
         "compute-bound (overhead at most "
         f"{meta.get('grid', {}).get('overhead_target', fit.OVERHEAD_TARGET):.0%} of the "
         "time), add enough work to judge, and the achieved rates no longer climb between "
-        f"them.{took}",
+        f"them.{took} Each decision was read from the times as they stood when growth "
+        "stopped, before outliers were measured again and the top pairs timed again "
+        "interleaved: the claims and the exponents above judge the final times, so their "
+        "figures may differ from these.",
         "",
         markdown_table(frame),
         "",

@@ -2,6 +2,7 @@
 climbing rates, achieved rates and the phase-wise speed of light."""
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -290,3 +291,31 @@ def test_paired_rounds_cancel_a_drift_that_slows_whole_rounds():
     assert alone.high - alone.low > 0.1
     with pytest.raises(ValueError, match="as many repeats"):
         fit.quadratic_share(x[:3], [[1.0], [2.0, 2.1], [3.0]], paired=True)
+
+
+def test_two_points_of_one_time_each_have_no_interval():
+    """Found by review: two points timed once each gave a zero-width 95% interval, which
+    passed any interval test; their noise is not measured."""
+    result = fit.loglog_slope([1e6, 2e6], [[1e-3], [2.1e-3]], tail=2)
+    assert result.slope == pytest.approx(math.log2(2.1))
+    assert math.isnan(result.low) and math.isnan(result.high)
+    timed = fit.loglog_slope([1e6, 2e6], [[1e-3, 1.1e-3], [2.1e-3, 2.0e-3]], tail=2)
+    assert timed.low < timed.slope < timed.high
+
+
+def test_fits_and_time_models_leave_out_points_that_took_a_slow_path():
+    """As the claims do (found by review: fits.csv and time_model.csv kept them, so the
+    report showed two contradictory sets of figures)."""
+    df, meta = make_sweep(runs=(("layerwise", "structured"),))
+    df["slow_paths"] = ""
+    top = df["width"].idxmax()
+    slowed = df.copy()
+    slowed.loc[top, ["slow_paths", "time_median_s"]] = [
+        "residual",
+        10 * df.loc[top, "time_median_s"],
+    ]
+    without = df.drop(index=top)
+    pd.testing.assert_frame_equal(fit.time_model_table(slowed), fit.time_model_table(without))
+    pd.testing.assert_frame_equal(
+        fit.fit_table(slowed, meta, n_boot=50), fit.fit_table(without, meta, n_boot=50)
+    )

@@ -443,3 +443,26 @@ def test_an_axis_of_one_point_in_the_grid_is_not_blamed_on_the_budgets():
     claim = by_id(va.validate(*make_sweep(axes=axes), n_boot=50), "layerwise-structured-d")
     assert claim.verdict == "regime not reached"
     assert "the grid has 1 on the axis" in claim.detail and "budgets" not in claim.detail
+
+
+def test_a_depth_share_passes_only_with_its_interval_near_zero(monkeypatch):
+    """Found by review: an interval up to 1 wide could pass; a true quadratic share of 0.33
+    passed 16 of 200 noisy draws, e.g. 0.049 [-0.095, 0.553]. A pass needs the interval
+    within +-2 x the tolerance, as the time exponents' passes do."""
+    df, meta = make_sweep()
+
+    def share(low, high):
+        monkeypatch.setattr(
+            fit, "quadratic_share", lambda *a, **k: fit.SlopeFit(0.049, low, high, 5, (2, 17))
+        )
+        return by_id(va.validate(df, meta, n_boot=50), "linear-in-depth-layerwise").verdict
+
+    assert share(-0.095, 0.553) == "too noisy"
+    assert share(-0.1, 0.25) == "pass"
+    assert share(0.2, 0.5) == "fail"
+
+
+def test_an_unmeasured_exponent_interval_does_not_pass(monkeypatch):
+    """Two points timed once each have no interval (nan), which must not read as narrow."""
+    assert va._reaches_beyond(fit.SlopeFit(1.0, math.nan, math.nan, 2, (1, 2)))
+    assert not va._reaches_beyond(fit.SlopeFit(1.0, 0.9, 1.1, 2, (1, 2)))
