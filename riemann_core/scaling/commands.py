@@ -13,7 +13,7 @@ import argparse
 import functools
 from contextlib import contextmanager
 
-from ..arguments import Command, default_out, ints, names
+from ..arguments import Command, check_distinct, default_out, ints, names
 from . import sweep as sw
 
 
@@ -83,6 +83,7 @@ def grid_from(args) -> sw.Grid:
     for axis, dest in sw.AXIS_OPTIONS.items():
         values = getattr(args, dest, None)
         if values is not None:
+            check_distinct(f"--{dest.replace('_', '-')}", values)  # as a method twice is
             spec["axes"][axis] = values
     if args.base is not None:
         if len(args.base) != 4:

@@ -136,8 +136,11 @@ def test_validate_exits_non_zero_on_a_failed_claim(tmp_path):
         (["--widths", "0,4"], "positive integers"),
         (["--methods", "newton"], "unknown method"),
         (["--base", "4,1"], "--base needs 4 integers"),
+        # as a method given twice is (it was measured once, the repeat dropped silently)
+        (["--widths", "8,8"], "--widths: 8 given more than once"),
+        (["--batches", "4,8,4"], "--batches: 4 given more than once"),
     ],
-    ids=["width", "method", "base"],
+    ids=["width", "method", "base", "width-twice", "batch-twice"],
 )
 def test_bad_grid_options_exit_2_before_any_work(tmp_path, capsys, options, message):
     assert cli.main(["sweep", "--quick", "--out", str(tmp_path), *options]) == 2
