@@ -575,17 +575,22 @@ class RiemannianPreconditioner:
         """The damping ``mu`` of ``(G + mu I)^{-1}``. Set it between steps, for a schedule
         or a Levenberg-Marquardt rule (checked as the constructor checks it; a data-parallel
         group must set the same on every rank, or the next step is refused). K-FAC's cached
-        factorisations hold the old damping: the next step factorises afresh, keeping the
-        step count and the running averages. A checkpoint does not hold the damping: set
-        it again after :meth:`load_state_dict`."""
+        factorisations are damped again at once from the same factors (their
+        eigendecompositions reused; with factored damping, its Choleskys taken again), so
+        the refresh schedule, the step count and the running averages are kept; a value
+        equal to the current one changes nothing. A checkpoint does not hold the damping:
+        set it before or after :meth:`load_state_dict`, the steps that follow are the same."""
         return self._options.damping
 
     @damping.setter
     def damping(self, value: float) -> None:
         check_damping(value)
-        self._options = replace(self._options, damping=float(value))
+        if float(value) == self._options.damping:
+            return
+        options = replace(self._options, damping=float(value))
         if self._kfac is not None:
-            self._kfac.forget_factorisations()
+            self._kfac.redamp(options)  # raises SolveError, the cache and damping kept
+        self._options = options
 
     def state_dict(self) -> dict:
         """The state a checkpoint needs to resume the preconditioner, beside the model's

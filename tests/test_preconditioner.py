@@ -438,11 +438,12 @@ def test_kfac_decay_keeps_running_averages_of_the_factors(scheme, bias):
 
 @pytest.mark.parametrize("decay", [0.0, 0.6], ids=lambda d: f"kfac_decay={d}")
 @pytest.mark.parametrize(("scheme", "bias"), KFAC_VARIANTS)
-def test_kfac_damping_set_between_refreshes_is_the_next_steps(scheme, bias, decay):
-    """``pre.damping = 0.3`` after step 0 (refresh every 10): step 1 factorises its
-    (averaged) factors afresh with the new damping, step 2 reuses that (found by review:
-    replacing ``pre.options`` kept the cached factorisations' old damping until the next
-    refresh, silently; the options are read-only now)."""
+def test_kfac_damping_set_between_refreshes_damps_the_cached_factors_again(scheme, bias, decay):
+    """``pre.damping = 0.3`` after step 0 (refresh every 10): steps 1 and 2 apply step 0's
+    factors damped with 0.3, the refresh schedule kept (found by review: replacing
+    ``pre.options`` kept the cached factorisations' old damping until the next refresh,
+    silently; a first fix dropped the cache, so that a damping set to its own value, or
+    after load_state_dict, changed the steps)."""
     model, _, _ = Problem(depth=3).make()
     data = batches(3)
     pre = rc.RiemannianPreconditioner(
@@ -454,11 +455,40 @@ def test_kfac_damping_set_between_refreshes_is_the_next_steps(scheme, bias, deca
         pre.options = pre.options
     pre.damping = 0.3
     second, third = kfac_steps(pre, model, data[1:])
-    assert [second["forwards"], third["forwards"]] == [2, 1 if decay == 0 else 2]
-    history = [factors_at(model, s["params"], *b) for s, b in zip([first, second], data)]
+    forwards = 1 if decay == 0 else 2  # running averages need every batch's factors
+    assert [second["forwards"], third["forwards"]] == [forwards, forwards]
+    factors = factors_at(model, first["params"], *data[0])
     for step in (second, third):
-        expected = solve_kfac_metric(averaged(history, decay), step["gradient"], 0.3, scheme, bias)
+        expected = solve_kfac_metric(factors, step["gradient"], 0.3, scheme, bias)
         assert rel_error(flatten(step["direction"], model), expected) < 1e-10
+
+
+@pytest.mark.parametrize(("scheme", "bias"), KFAC_VARIANTS)
+def test_kfac_damping_set_to_itself_or_around_a_checkpoint_changes_no_step(scheme, bias):
+    """The steps of a run whose damping is assigned its own value, or set after (or
+    before) load_state_dict, are those of a run that never did, to the bit."""
+    data = batches(4)
+
+    def run(change):
+        model, _, _ = Problem(depth=3).make()
+        kw = dict(method="kfac", kfac_damping=scheme, kfac_bias=bias, kfac_refresh=4)
+        pre = rc.RiemannianPreconditioner(model, damping=0.1, **kw)
+        steps = kfac_steps(pre, model, data[:2])
+        if change == "itself":
+            pre.damping = 0.1
+        elif change in ("load then set", "set then load"):
+            state = pre.state_dict()
+            pre = rc.RiemannianPreconditioner(model, damping=1e-3, **kw)
+            if change == "set then load":
+                pre.damping = 0.1
+            pre.load_state_dict(state)
+            pre.damping = 0.1
+        return [s["direction"] for s in steps + kfac_steps(pre, model, data[2:])]
+
+    reference = run(None)
+    for change in ("itself", "load then set", "set then load"):
+        for got, expected in zip(run(change), reference, strict=True):
+            assert all(torch.equal(got[n], expected[n]) for n in expected), change
 
 
 @pytest.mark.parametrize("method", ["layerwise", "natural"])

@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -499,10 +499,22 @@ class KFACState:
         self.steps, self._averages, self._cached = steps, averages, cached
         self.discard()
 
-    def forget_factorisations(self) -> None:
-        """Factorise afresh at the next step (the damping changed: the cached blocks hold
-        the old one); the step count and the running averages are kept."""
-        self._cached = {}
+    def redamp(self, opts: Options) -> None:
+        """The cached factorisations damped with ``opts.damping`` (the damping changed):
+        the same factors, their eigendecompositions reused (exact damping) or their damped
+        Choleskys taken again (factored damping); the step count and the running averages
+        are kept. A factorisation that fails raises :class:`SolveError`, the cache left as
+        it was."""
+        redamped = {}
+        for name, c in self._cached.items():
+            parts, gamma = [b.part for b in c.blocks], c.blocks[0].gamma
+            inputs = {b.part.name: b.A for b in c.blocks if b.A is not None}
+            blocks = damped_blocks(parts, gamma, inputs, opts)
+            failed = [b.failed for b in blocks if b.failed is not None]
+            if failed and bool(torch.stack(failed).any()):
+                blocks = damped_blocks(parts, gamma, inputs, opts, checked=True)
+            redamped[name] = replace(c, blocks=blocks)
+        self._cached = redamped
 
     def discard(self) -> None:
         """Forget what a failed step computed."""
