@@ -501,12 +501,12 @@ def check_classes_last(loss: Tensor, outputs: Tensor, checks: Deferred) -> Tenso
     - its gradient sums to zero over the last dimension at every position, as
       ``softmax - one-hot`` does: ``F.cross_entropy(out, y)`` on ``(N, C, L)`` outputs,
       whose classes lie along dimension 1, would otherwise be read wrongly, silently;
-    - no position is left out, which the metric, the mean over every position, would
-      still weigh. Where one ``nll_loss`` over as many targets as positions reaches the
-      outputs (``F.cross_entropy(out.reshape(-1, C), y.reshape(-1))``, clamped, sharpened
-      or not), its targets say which (``ignore_index``, a class weighted zero); otherwise
-      a zero gradient where the softmax is not saturated is read as a position left out
-      (padding, a shifted language-model loss), which refuses a hinge-like loss too.
+    - no position is left out (a zero gradient where the softmax is not saturated:
+      ``ignore_index``, padding by ``ignore_index`` or by a mask that multiplies a
+      per-token loss, a shifted language-model loss), which the metric, the mean over
+      every position, would still weigh. A per-token loss clamped or sharpened to a zero
+      gradient is refused too: its zeros cannot be told from a mask's (the loss's
+      ``nll_loss`` takes every position either way), and masks are the common padding.
 
     Float16 gradients are read scaled by the number of positions: the mean's ``p / (N T)``
     underflows there for large vocabularies.
@@ -522,12 +522,8 @@ def check_classes_last(loss: Tensor, outputs: Tensor, checks: Deferred) -> Tenso
     tolerance = torch.finfo(outputs.dtype).eps ** 0.5
     largest = dz.abs().amax()
     summed = dz.sum(-1).abs().amax() <= tolerance * largest
-    readings = _nll_readings(loss, outputs)
-    if len(readings) == 1 and readings[0][0] == positions:
-        left_out = readings[0][1]
-    else:
-        p = torch.softmax(outputs.detach().to(wide), dim=-1)
-        left_out = ((dz == 0).all(-1) & (p.amax(-1) < 1 - tolerance)).sum()
+    p = torch.softmax(outputs.detach().to(wide), dim=-1)
+    left_out = ((dz == 0).all(-1) & (p.amax(-1) < 1 - tolerance)).sum()
     # unreadable (a float16 gradient overflowed by the scale): nothing is refused
     ok = ~torch.isfinite(largest) | (summed & (left_out == 0))
     shape = tuple(outputs.shape)
