@@ -8,7 +8,8 @@ CUDA memory benchmarks when CUDA is absent.
 
 * ``time_``: seconds per call; on CUDA the timed call ends with a synchronisation.
 * ``peakmem_``: asv's peak resident host memory of the benchmark process, restarted at the
-  end of ``setup`` after a warm-up call (``memory.reset_host_peak``; before, it held the
+  end of ``setup`` after a warm-up call (``memory.reset_host_peak``, on Linux; elsewhere
+  the peak cannot be restarted and holds setup's and the first call's; before, it held the
   first call's one-time memory, ~80 MiB where a direction needs ~1, and a phase's ``setup``
   peak): torch, the call's inputs (model and batch; for a phase, what the phase starts
   from) and the call's own peak.

@@ -661,7 +661,11 @@ def _time_explained(
     elif "faster" in by_state:
         axis = by_state["faster"][0]
         verdict = NOISY
-        reason = f"the exponent along {axis} lies above the band, its interval reaching into it"
+        reason = f"the exponent along {axis} lies above the band, " + (
+            "its interval not measured (its top points timed once each)"
+            if math.isnan(judged[axis].low)
+            else "its interval reaching into it"
+        )
     elif "climbing" in by_state:
         axis = by_state["climbing"][0]
         verdict = NOT_REACHED
@@ -671,9 +675,10 @@ def _time_explained(
         wide = [a for a in by_state["stable"] if _reaches_beyond(judged[a])]
         if wide:
             axis, verdict = wide[0], NOISY
-            reason = (
-                f"the exponent along {axis} lies in the band, but its interval reaches beyond "
-                f"[{1 - STABLE_REACH:g}, {1 + STABLE_REACH:g}]"
+            reason = f"the exponent along {axis} lies in the band, but " + (
+                "its interval is not measured (its top points timed once each)"
+                if math.isnan(judged[axis].low)
+                else f"its interval reaches beyond [{1 - STABLE_REACH:g}, {1 + STABLE_REACH:g}]"
             )
         else:
             verdict, reason = PASS, "time explained by the FLOPs at stable rates"

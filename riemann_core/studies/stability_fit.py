@@ -58,24 +58,23 @@ def slopes(pairs: pd.DataFrame, *, seed: int = 0, n_boot: int = 2000) -> pd.Data
     """Log-log slope of every metric along ``damping`` (at each ``size``) and along ``size``
     (at each ``damping``), per method: least squares over the pairs of the grid points
     where every pair trained, a 95% interval from resampling the pair seeds, the verdict
-    against the bound's exponent, and how many grid points of the line were left out."""
+    against the bound's exponent, and how many grid points of the line were left out (a
+    line with too few such points gets a row that says so)."""
     ok, counts = complete_points(pairs), point_counts(pairs)
     rows = []
-    for method, by_method in ok.groupby("method", sort=False):
+    for method, by_method in counts.groupby("method", sort=False):
         for axis, other in (("damping", "size"), ("size", "damping")):
-            for fixed, group in by_method.groupby(other):
-                line = counts[(counts["method"] == method) & (counts[other] == fixed)]
+            for fixed, line in by_method.groupby(other):
+                group = ok[(ok["method"] == method) & (ok[other] == fixed)]
                 for metric in METRICS:
                     fit = cluster_fit(group, metric, (axis,), seed=seed, n_boot=n_boot)
-                    if fit is None:
-                        continue
                     rows.append(
                         {
                             "method": method,
                             "axis": axis,
                             "at": f"{'n' if other == 'size' else 'mu'}={fixed:g}",
                             "metric": metric,
-                            **_judged(fit, 1, axis),
+                            **(_judged(fit, 1, axis) if fit else _not_fitted(axis)),
                             "points left out": _left_out(line, group),
                         }
                     )
@@ -85,27 +84,38 @@ def slopes(pairs: pd.DataFrame, *, seed: int = 0, n_boot: int = 2000) -> pd.Data
 def joint_slopes(pairs: pd.DataFrame, *, seed: int = 0, n_boot: int = 2000) -> pd.DataFrame:
     """``log D = a + b log mu + c log n`` by least squares over the pairs of a method at the
     grid points where every pair trained, with 95% intervals from resampling the pair seeds
-    (each seed's whole grid kept together), and how many grid points were left out."""
+    (each seed's whole grid kept together), and how many grid points were left out (a
+    method with too few such points gets rows that say so)."""
     ok, counts = complete_points(pairs), point_counts(pairs)
     rows = []
-    for method, group in ok.groupby("method", sort=False):
-        left_out = _left_out(counts[counts["method"] == method], group)
+    for method, points in counts.groupby("method", sort=False):
+        group = ok[ok["method"] == method]
+        left_out = _left_out(points, group)
         for metric in METRICS:
             fit = cluster_fit(group, metric, ("damping", "size"), seed=seed, n_boot=n_boot)
-            if fit is None:
-                continue
             for i, axis in ((1, "damping"), (2, "size")):
-                judged = _judged(fit, i, axis)
                 rows.append(
                     {
                         "method": method,
                         "metric": metric,
                         "axis": axis,
-                        **judged,
+                        **(_judged(fit, i, axis) if fit else _not_fitted(axis)),
                         "points left out": left_out,
                     }
                 )
     return pd.DataFrame(rows)
+
+
+def _not_fitted(axis: str) -> dict:
+    """The row of a fit with fewer than two values of an axis to fit."""
+    return {
+        "slope": math.nan,
+        "low": math.nan,
+        "high": math.nan,
+        "predicted": PREDICTED[axis],
+        "verdict": "not fitted: fewer than two values of the axis where every pair trained "
+        "(at a positive distance)",
+    }
 
 
 #: Pair seeds a bootstrap interval needs: resampling ``k`` seeds gives ``C(2k - 1, k)``

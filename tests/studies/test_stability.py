@@ -317,3 +317,15 @@ def test_an_interrupted_study_is_reported_as_incomplete(sweep, tmp_path):
     assert "**An incomplete study** (interrupted?): 2 of the 4 grid points have fewer" in report
     assert "(6 pairs of 8)" in report
     assert "incomplete" not in (sweep / "report.md").read_text()
+
+
+def test_a_method_with_no_point_where_every_pair_trained_is_named_in_the_fits():
+    """Found by review: such a method vanished from the fit tables, unmentioned."""
+    pairs = pd.concat([synthetic(), synthetic().assign(method="natural", status="not trained")])
+    joint = joint_slopes(pairs)
+    natural = joint[joint["method"] == "natural"]
+    assert len(natural) == 6 and natural["slope"].isna().all()
+    assert natural["verdict"].str.startswith("not fitted").all()
+    assert natural["points left out"].eq(9).all()
+    lines = slopes(pairs)
+    assert (lines.loc[lines["method"] == "natural", "points left out"] == 3).all()
