@@ -492,6 +492,11 @@ def check_samples_taken(loss: Tensor, outputs: Tensor, checks: Deferred) -> None
     checks.require(count == 0, explain)
 
 
+#: The largest scale of a float16 loss's seed in :func:`check_classes_last` (a power of two,
+#: well inside float16's 65504).
+HALF_SCALE = 2**14
+
+
 def check_classes_last(loss: Tensor, outputs: Tensor, checks: Deferred) -> Tensor | None:
     """``loss`` is a cross-entropy over every position of ``outputs`` ``(N, ..., C)`` with
     the classes last, as the token-level metric reads it (registered with ``checks``; one
@@ -508,11 +513,12 @@ def check_classes_last(loss: Tensor, outputs: Tensor, checks: Deferred) -> Tenso
       gradient is refused too: its zeros cannot be told from a mask's (the loss's
       ``nll_loss`` takes every position either way), and masks are the common padding.
 
-    Float16 gradients are read scaled by the number of positions: the mean's ``p / (N T)``
-    underflows there for large vocabularies.
+    Float16 gradients are read scaled by the number of positions, at most :data:`HALF_SCALE`
+    (a float16 seed past 65504 is inf, and its gradient was read as unreadable: nothing was
+    refused): the mean's ``p / (N T)`` underflows there for large vocabularies.
     """
     positions = outputs.shape[:-1].numel()
-    scale = float(positions) if outputs.dtype == torch.float16 else 1.0
+    scale = float(min(positions, HALF_SCALE)) if outputs.dtype == torch.float16 else 1.0
     seed = torch.full_like(loss, scale)
     (gradient,) = torch.autograd.grad(loss, outputs, seed, retain_graph=True, allow_unused=True)
     if gradient is None:  # the loss does not reach the outputs: nothing to read

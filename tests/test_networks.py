@@ -1569,3 +1569,23 @@ def test_a_hook_registered_later_that_edits_the_keywords_in_place_is_seen(kernel
     pre.backward(F.cross_entropy(model(x), y))  # the first call probes
     model.b.register_forward_pre_hook(double_the_input_keyword, with_kwargs=True)
     assert_steps_exact(pre, model, x, lambda out: F.cross_entropy(out, y), oracle_of(model, x, y))
+
+
+class ToHalf(nn.Module):
+    def forward(self, z):
+        return z.half()
+
+
+def test_a_half_precision_token_loss_over_many_positions_is_still_checked():
+    """Found by review: past 65504 positions the float16 seed scaled by their number was
+    inf, the gradient read as unreadable, and a loss leaving half the positions out was
+    accepted."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), ToHalf())
+    N, T = 33000, 2
+    x, y = torch.randn(N, T, 2), torch.randint(0, 3, (N, T))
+    y[:, 1] = -100
+    pre = rc.RiemannianPreconditioner(model, method="kfac", damping=0.1)
+    with pytest.raises(ValueError, match=r"leaves out 3\d{4} of the 66000 positions"):
+        pre.backward(F.cross_entropy(model(x).reshape(-1, 3), y.reshape(-1)))
+    assert all(p.grad is None for p in model.parameters())

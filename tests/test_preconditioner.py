@@ -803,3 +803,19 @@ def test_step_on_an_empty_batch_names_it():
     with pytest.raises(ValueError, match=r"inputs hold an empty batch \(shape \(0, "):
         pre.step()
     assert_unchanged(model, before)
+
+
+def test_a_damping_set_so_small_that_its_choleskys_need_jitter_warns_at_the_next_steps():
+    """The re-damped cached factors that needed jitter say so at every step that applies
+    them, as a step that factorised them would (found by review: the cached solves reported
+    no jitter, so neither the warning nor the residual check ran until the next refresh)."""
+    torch.manual_seed(0)
+    model = mlp(5, 8, 3, 3).float()
+    data = [(x.float(), y) for x, y in batches(2)]
+    pre = rc.RiemannianPreconditioner(
+        model, method="kfac", damping=1e-2, kfac_damping="factored", kfac_refresh=4
+    )
+    kfac_steps(pre, model, data[:1], lr=0.0)
+    pre.damping = 1e-20
+    with pytest.warns(rc.AccuracyWarning, match="needed a jitter"):
+        kfac_steps(pre, model, data[1:], lr=0.0)

@@ -338,18 +338,19 @@ def finish(
             residual = None
             if s.condition is not None:  # the redone metric's (K-FAC: defined now)
                 condition = float(s.condition)
-            if s.jitter > opts.damping / 10:
-                warnings.warn(
-                    f"the Cholesky factorisation of the {s.what} needed a jitter of "
-                    f"{s.jitter:.1e} on its diagonal, more than a tenth of the damping "
-                    f"{opts.damping:g}: the direction is that of a larger damping. Increase the "
-                    "damping or pass solve_dtype=torch.float64",
-                    AccuracyWarning,
-                    stacklevel=4,
-                )
             finite_now = _representable(s.x, model_dtype)
         else:
             finite_now = all_finite_x or _representable(s.x, model_dtype)
+        # redone now, or factorised at an earlier step (K-FAC's cached blocks)
+        if s.jitter > opts.damping / 10:
+            warnings.warn(
+                f"the Cholesky factorisation of the {s.what} needed a jitter of "
+                f"{s.jitter:.1e} on its diagonal, more than a tenth of the damping "
+                f"{opts.damping:g}: the direction is that of a larger damping. Increase the "
+                "damping or pass solve_dtype=torch.float64",
+                AccuracyWarning,
+                stacklevel=4,
+            )
         if not finite_now:
             raise FloatingPointError(
                 f"method={method!r} produced a non-finite direction for {s.name!r}; "

@@ -338,7 +338,9 @@ def kronecker_solve(
     opts: Options,
     factors: tuple | None = None,
 ) -> KroneckerSolve:
-    """The record of ``blocks`` (block ``index`` of a problem) applied to ``gradient``."""
+    """The record of ``blocks`` (block ``index`` of a problem) applied to ``gradient``,
+    with the jitter their Choleskys needed (factorised at an earlier step, or just now)."""
+    jitter, what = max(((s.jitter, s.what) for b in blocks for s in b.shifted), default=(0.0, ""))
     solve = KroneckerSolve(
         name=block.name,
         kernel=kernel,
@@ -352,6 +354,8 @@ def kronecker_solve(
         param_names=list(block.param_names),
         blocks=blocks,
         factors=factors,
+        jitter=jitter,
+        what=what,
     )
     if opts.diagnostics and opts.kfac_damping == "factored":
         solve.matrix_condition = _max([b.exact_condition() for b in blocks])
@@ -506,14 +510,16 @@ class KFACState:
         are kept. A factorisation that fails raises :class:`SolveError`, the cache left as
         it was."""
         redamped = {}
-        for name, c in self._cached.items():
-            parts, gamma = [b.part for b in c.blocks], c.blocks[0].gamma
-            inputs = {b.part.name: b.A for b in c.blocks if b.A is not None}
-            blocks = damped_blocks(parts, gamma, inputs, opts)
-            failed = [b.failed for b in blocks if b.failed is not None]
-            if failed and bool(torch.stack(failed).any()):
-                blocks = damped_blocks(parts, gamma, inputs, opts, checked=True)
-            redamped[name] = replace(c, blocks=blocks)
+        devices = {c.blocks[0].gamma.data.device.type for c in self._cached.values()}
+        with full_precision(devices):  # as every step factorises
+            for name, c in self._cached.items():
+                parts, gamma = [b.part for b in c.blocks], c.blocks[0].gamma
+                inputs = {b.part.name: b.A for b in c.blocks if b.A is not None}
+                blocks = damped_blocks(parts, gamma, inputs, opts)
+                failed = [b.failed for b in blocks if b.failed is not None]
+                if failed and bool(torch.stack(failed).any()):
+                    blocks = damped_blocks(parts, gamma, inputs, opts, checked=True)
+                redamped[name] = replace(c, blocks=blocks)
         self._cached = redamped
 
     def discard(self) -> None:

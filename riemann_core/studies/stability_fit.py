@@ -74,7 +74,7 @@ def slopes(pairs: pd.DataFrame, *, seed: int = 0, n_boot: int = 2000) -> pd.Data
                             "axis": axis,
                             "at": f"{'n' if other == 'size' else 'mu'}={fixed:g}",
                             "metric": metric,
-                            **(_judged(fit, 1, axis) if fit else _not_fitted(axis)),
+                            **(_judged(fit, 1, axis) if fit else _not_fitted(axis, (axis,))),
                             "points left out": _left_out(line, group),
                         }
                     )
@@ -99,22 +99,24 @@ def joint_slopes(pairs: pd.DataFrame, *, seed: int = 0, n_boot: int = 2000) -> p
                         "method": method,
                         "metric": metric,
                         "axis": axis,
-                        **(_judged(fit, i, axis) if fit else _not_fitted(axis)),
+                        **(
+                            _judged(fit, i, axis) if fit else _not_fitted(axis, ("damping", "size"))
+                        ),
                         "points left out": left_out,
                     }
                 )
     return pd.DataFrame(rows)
 
 
-def _not_fitted(axis: str) -> dict:
-    """The row of a fit with fewer than two values of an axis to fit."""
+def _not_fitted(axis: str, axes: tuple[str, ...]) -> dict:
+    """The row of a fit along ``axes`` with fewer than two values of one of them to fit."""
     return {
         "slope": math.nan,
         "low": math.nan,
         "high": math.nan,
         "predicted": PREDICTED[axis],
-        "verdict": "not fitted: fewer than two values of the axis where every pair trained "
-        "(at a positive distance)",
+        "verdict": f"not fitted: fewer than two values of {' or of '.join(axes)} where every "
+        "pair trained (at a positive distance)",
     }
 
 
