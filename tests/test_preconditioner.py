@@ -805,6 +805,7 @@ def test_step_on_an_empty_batch_names_it():
     assert_unchanged(model, before)
 
 
+@pytest.mark.filterwarnings("ignore:the direction of block:riemann_core.AccuracyWarning")
 def test_a_damping_set_so_small_that_its_choleskys_need_jitter_warns_at_the_next_steps():
     """The re-damped cached factors that needed jitter say so at every step that applies
     them, as a step that factorised them would (found by review: the cached solves reported
