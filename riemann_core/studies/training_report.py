@@ -260,6 +260,31 @@ def grid_edge(group: pd.DataFrame, best: pd.Series) -> str:
     return ", ".join(edges) or "-"
 
 
+def tuning_caveats(tuning: pd.DataFrame) -> list[str]:
+    """What the summary's winners owe to the tuning: the chosen configurations at the edge
+    of their grid (a wider grid might choose otherwise) and, where they differ, how many
+    configurations each method was tuned over (more tries favour a method)."""
+    chosen = chosen_table(tuning)
+    edge = chosen[~chosen["at grid edge"].isin(["-"])]
+    lines = []
+    if not edge.empty:
+        listed = "; ".join(
+            f"`{r['model']}/{r['method']}` ({r['at grid edge']})" for r in edge.to_dict("records")
+        )
+        lines.append(
+            f"- Chosen at the edge of its tuning grid (a wider grid might choose otherwise): "
+            f"{listed}."
+        )
+    tried = chosen.groupby("configurations")["method"].unique()
+    if len(tried) > 1:
+        counts = "; ".join(
+            f"{n} for {', '.join(f'`{m}`' for m in dict.fromkeys(methods))}"
+            for n, methods in sorted(tried.items(), reverse=True)
+        )
+        lines.append(f"- Configurations tried in tuning (more tries favour a method): {counts}.")
+    return lines
+
+
 def final_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Per model and method: end-of-budget metrics and time per step, over seeds."""
     last = final_rows(runs)
@@ -458,6 +483,7 @@ def _write_files(
         "## Summary",
         "",
         *summary(runs, target),
+        *tuning_caveats(tuning),
         "",
         "## Setup",
         "",
