@@ -445,12 +445,12 @@ def classes_along_positions(outputs: Tensor, loss: str, output_metric) -> bool:
 NLL_NODES = ("NllLossBackward0", "NllLoss2DBackward0")
 
 
-def _nll_readings(loss: Tensor, outputs: Tensor) -> list[tuple[int, Tensor]]:
-    """The ``nll_loss`` nodes of ``loss``'s graph whose input is computed from ``outputs``
-    (an auxiliary head's are not), each as its number of targets and the number of those
-    it leaves out: equal to its ``ignore_index``, or of a class weighted zero."""
+def _samples_left_out(loss: Tensor, outputs: Tensor) -> list[Tensor]:
+    """For each ``nll_loss`` node of ``loss``'s graph whose input is computed from
+    ``outputs`` (an auxiliary head's is not), how many of its targets it leaves out: equal
+    to its ``ignore_index``, or of a class weighted zero."""
     stop = outputs.grad_fn
-    readings = []
+    counts = []
     for node in _graph_nodes([loss.grad_fn], stop):
         if type(node).__name__ not in NLL_NODES:
             continue
@@ -463,8 +463,8 @@ def _nll_readings(loss: Tensor, outputs: Tensor) -> list[tuple[int, Tensor]]:
         weight = node._saved_weight
         if weight is not None:
             left |= weight[target.clamp(0, weight.numel() - 1)] == 0
-        readings.append((target.numel(), left.sum()))
-    return readings
+        counts.append(left.sum())
+    return counts
 
 
 def check_samples_taken(loss: Tensor, outputs: Tensor, checks: Deferred) -> None:
@@ -475,7 +475,7 @@ def check_samples_taken(loss: Tensor, outputs: Tensor, checks: Deferred) -> None
     alone is no sign: a hinge or clamped loss, or a softmax the loss sharpens, has zeros at
     samples it takes.
     """
-    counts = [left for _, left in _nll_readings(loss, outputs)]
+    counts = _samples_left_out(loss, outputs)
     if not counts:
         return
     count = torch.stack(counts).sum()
