@@ -275,13 +275,19 @@ def tuning_caveats(tuning: pd.DataFrame) -> list[str]:
             f"- Chosen at the edge of its tuning grid (a wider grid might choose otherwise): "
             f"{listed}."
         )
-    tried = chosen.groupby("configurations")["method"].unique()
-    if len(tried) > 1:
+    same = chosen.groupby("method")["configurations"].nunique().eq(1).all()
+    for model, rows in [(None, chosen)] if same else chosen.groupby("model", sort=False):
+        tried = rows.groupby("configurations")["method"].unique()
+        if len(tried) < 2:
+            continue
         counts = "; ".join(
             f"{n} for {', '.join(f'`{m}`' for m in dict.fromkeys(methods))}"
             for n, methods in sorted(tried.items(), reverse=True)
         )
-        lines.append(f"- Configurations tried in tuning (more tries favour a method): {counts}.")
+        where = "" if model is None else f" for `{model}`"
+        lines.append(
+            f"- Configurations tried in tuning{where} (more tries favour a method): {counts}."
+        )
     return lines
 
 

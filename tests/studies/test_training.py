@@ -491,3 +491,21 @@ def test_the_summary_names_winners_at_the_grid_edge_and_unequal_tuning():
     edge, counts = tuning_caveats(pd.DataFrame(rows))
     assert "`mlp/sgd` (lr max); `mlp/layerwise` (mu max)" in edge
     assert counts.endswith("6 for `layerwise`; 2 for `sgd`.")
+
+
+def test_unequal_tuning_is_named_per_model_where_the_models_differ():
+    from riemann_core.studies.training_report import tuning_caveats
+
+    def rows(model, method, lrs):
+        return [{"model": model, "method": method, "lr": lr, "damping": np.nan, "status": "ok",
+                 "validation_loss": lr, "validation_accuracy": 0.9} for lr in lrs]  # fmt: skip
+
+    tuning = pd.DataFrame(
+        rows("mlp", "sgd", (0.1, 0.3, 1.0)) + rows("mlp", "adam", (0.1, 0.3))
+        + rows("cnn", "sgd", (0.1, 0.3)) + rows("cnn", "adam", (0.1, 0.3))
+    )  # fmt: skip
+    (*_, line) = tuning_caveats(tuning)
+    assert (
+        line
+        == "- Configurations tried in tuning for `mlp` (more tries favour a method): 3 for `sgd`; 2 for `adam`."
+    )
