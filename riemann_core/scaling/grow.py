@@ -3,7 +3,8 @@
 **Growth.** A time claim needs points where the per-call overhead is a small part of the
 time and the achieved rates have stopped climbing with size. After each round of a sweep,
 :func:`plan` fits the time model (:func:`~riemann_core.scaling.fit.fit_time_model`) of every
-method and kernel on the rows so far and, on every axis of ``grid.grow``, doubles the
+method and kernel on the rows so far (as the claims, without points that took a slow path)
+and, on every axis of ``grid.grow``, doubles the
 axis's top value while the overhead is more than ``grid.overhead_target`` of the time there,
 while it has fewer than two such compute-bound points, while its top segment adds too
 little work to judge, or while the time grows more slowly than the work there (the
@@ -83,7 +84,8 @@ def plan(rows: list[dict], grid: Grid, *, elapsed: float) -> Plan:
                     "which decides whether an axis reached its regime; add points to the grid"
                 )
                 continue
-            ok = on_axis[on_axis["status"] == "ok"]
+            # the points the claims judge: a slow path's time is not the cost model's
+            ok = on_axis[(on_axis["status"] == "ok") & ~fit.took_slow_path(on_axis)]
             regime = fit.axis_regime(ok, model, target=grid.overhead_target, n_boot=200)
             if regime.state not in ("overhead", "flat", "climbing"):
                 out.decisions[name] = f"reached: {regime.describe(axis)}"

@@ -484,6 +484,19 @@ def test_growth_doubles_an_axis_while_the_overhead_dominates(overhead, changes, 
     assert [r["width"] for r in plan.runs] == ([32] if grown else [])
 
 
+def test_growth_judges_the_regime_without_points_that_took_a_slow_path():
+    """As the claims do (found by review: two slow-path points at the top, each 50x its
+    cost model's time, read as compute-bound and growing like the work: "reached")."""
+    grid, rows = synthetic_rows(1e-3, widths=(4, 8, 16, 32))
+    rows = [{**r, "slow_paths": ""} for r in rows]
+    for i in (2, 3):  # widths 16 and 32
+        rows[i].update(slow_paths="residual", time_median_s=50 * rows[i]["time_median_s"])
+    grid = sw.Grid(**{**TINY, "methods": ("layerwise",), "grow": {"width": 256}})
+    plan = grow.plan(rows, grid, elapsed=0.0)
+    assert plan.decisions["layerwise/structured/width"].startswith("growing to width=64")
+    assert [r["width"] for r in plan.runs] == [64]
+
+
 def test_an_axis_without_a_time_model_says_why_it_did_not_grow():
     """Found by review: too few points for a time model, and growth was skipped silently
     (the verdicts then blamed the budgets)."""
