@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from .modules import Block
+from .modules import CONTAINERS, Block, own_parameters
 
 _LOCAL = threading.local()
 
@@ -408,12 +408,13 @@ def _inert_hook():
 
 def owners(model: nn.Module) -> tuple[tuple[str, nn.Module, tuple[Tensor, ...]], ...]:
     """``(name, module, parameters)`` of each module of ``model`` with trainable parameters
-    of its own: the modules a :class:`Capture` hooks."""
+    of its own (:func:`~riemann_core.modules.own_parameters`): the modules a
+    :class:`Capture` hooks."""
     found = []
     for name, module in model.named_modules():
-        # module.parameters(recurse=False) without its generators: called at every step
-        own = module._parameters.values()
-        own = tuple(dict.fromkeys(p for p in own if p is not None and p.requires_grad))
+        if isinstance(module, CONTAINERS):  # never called: its holder owns them
+            continue
+        own = tuple(dict.fromkeys(p for _, p in own_parameters(module) if p.requires_grad))
         if own:
             found.append((name, module, own))
     return tuple(found)

@@ -1,7 +1,8 @@
 """Per-module kernels for the whitened Jacobian ``K_a = L_a B_a`` of one block.
 
 A *block* is a module that owns trainable parameters (a Linear's weight and bias form
-one block); modules that share a parameter, and a module called more than once, form
+one block; a module's parameters include those of the ``nn.ParameterList`` and
+``nn.ParameterDict`` it holds, see :func:`own_parameters`); modules that share a parameter, and a module called more than once, form
 one block whose ``K`` sums those of the calls (:class:`SharedHandler`). A handler knows
 the block's input ``x`` and the factor pulled back to its output, ``Delta`` (``r`` rows
 per sample, ``d = r N`` rows in all, ordered probe-major: row ``s N + b`` belongs to
@@ -36,6 +37,21 @@ from torch.utils import _pytree as pytree
 from .blas import symmetric_product_applies, symmetric_products, syrk_
 from .costs import lower_gram_flops
 from .woodbury import column_major
+
+#: Parameter containers: never called, so their parameters belong to the module that holds
+#: them (``F.linear(x, self.weights[i])`` in its forward), see :func:`own_parameters`
+CONTAINERS = (nn.ParameterList, nn.ParameterDict)
+
+
+def own_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name in module, parameter)`` of the parameters ``module`` owns as a block: those
+    registered on it and those of the :data:`CONTAINERS` it holds (recursively), which
+    its forward uses. Trainable or not, duplicates kept."""
+    own = [(n, p) for n, p in module._parameters.items() if p is not None]
+    for child_name, child in module._modules.items():
+        if isinstance(child, CONTAINERS):
+            own += [(f"{child_name}.{n}", p) for n, p in own_parameters(child)]
+    return own
 
 
 @dataclass(eq=False)
@@ -257,7 +273,7 @@ class PatchHandler(Handler):
 
     @classmethod
     def supports(cls, module: nn.Module) -> str | None:
-        other = {n for n, _ in module.named_parameters(recurse=False)} - {"weight", "bias"}
+        other = {n for n, _ in own_parameters(module)} - {"weight", "bias"}
         if other or not isinstance(getattr(module, "weight", None), nn.Parameter):
             return "parameters other than weight and bias (e.g. weight norm's weight_g, weight_v)"
         return None
@@ -499,7 +515,7 @@ class GenericHandler(Handler):
     def __init__(self, block: Block):
         super().__init__(block)
         self.shapes = [p.shape for p in block.params]
-        local = {id(p): n for n, p in block.module.named_parameters(recurse=False)}
+        local = {id(p): n for n, p in own_parameters(block.module)}
         self.local_names = [local[id(p)] for p in block.params]
         self.output_value = None if block.output is None else block.output.detach()
         self.mismatch: Tensor | None = None

@@ -157,7 +157,8 @@ def unflatten(vector: Tensor, model: nn.Module) -> dict[str, Tensor]:
 def block_indices(model: nn.Module) -> list[Tensor]:
     """Positions in the flat vector of each block of the layerwise metric.
 
-    A block is the trainable parameters of one module (weight and bias together),
+    A block is the trainable parameters of one module (weight and bias together, and
+    those of the ``nn.ParameterList`` / ``nn.ParameterDict`` it holds, which its forward uses),
     merged across modules that hold the same parameter object (weight tying; a module
     called twice is one module anyway): a union over parameter identities, aliases
     included, in the order of each block's first parameter.
@@ -174,10 +175,15 @@ def block_indices(model: nn.Module) -> list[Tensor]:
             key = parent[key]
         return key
 
+    containers = (nn.ParameterList, nn.ParameterDict)  # never called: the holder's
     for module in model.modules():
+        if isinstance(module, containers):
+            continue
+        held = [m for m in module.children() if isinstance(m, containers)]
         own = [
             id(p)
-            for _, p in module.named_parameters(recurse=False, remove_duplicate=False)
+            for m in (module, *held)
+            for _, p in m.named_parameters(recurse=m is not module, remove_duplicate=False)
             if id(p) in position
         ]
         for key in own[1:]:

@@ -294,6 +294,68 @@ def test_parameter_used_outside_its_module_is_refused(method, kernel):
                      method=method, kernel=kernel)  # fmt: skip
 
 
+# -------------------------------------------------------------- parameter containers
+
+
+class ListLinear(nn.Module):
+    """A called module whose weight sits in an ``nn.ParameterList``."""
+
+    def __init__(self, f_in, f_out):
+        super().__init__()
+        self.weights = nn.ParameterList([nn.Parameter(torch.randn(f_out, f_in) / f_in**0.5)])
+        self.bias = nn.Parameter(torch.zeros(f_out))
+
+    def forward(self, x):
+        return F.linear(x, self.weights[0], self.bias)
+
+
+class ListHolder(nn.Module):
+    """A ``ListLinear`` before an ``nn.Linear``."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.out = ListLinear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(x)))
+
+
+class FunctionalMLP(nn.Module):
+    """The model itself holds its layers' parameters in an ``nn.ParameterDict``."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = nn.ParameterDict(
+            {"w1": nn.Parameter(torch.randn(5, 4) / 2), "b1": nn.Parameter(torch.zeros(5)),
+             "w2": nn.Parameter(torch.randn(3, 5) / 2)}
+        )  # fmt: skip
+
+    def forward(self, x):
+        return F.linear(torch.tanh(F.linear(x, self.p["w1"], self.p["b1"])), self.p["w2"])
+
+
+CONTAINED = {"parameter-list": ListHolder, "parameter-dict": FunctionalMLP}
+
+
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("net", CONTAINED, ids=lambda n: f"net={n}")
+def test_parameters_in_containers_belong_to_the_module_holding_them(net, method):
+    """A ParameterList or ParameterDict is never called: its parameters form one block
+    with the module that holds them and uses them in its forward (found by review: every
+    method, euclidean too, refused them as "not called", or found no module at all)."""
+    torch.manual_seed(28)
+    model = CONTAINED[net]().double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    dirs = assert_exact(model, x, y, method, "auto")
+    assert list(dirs) == [n for n, _ in model.named_parameters()]
+    _, diags = rc.direction(model, x, y, damping=DAMPING, kernel="auto", return_diagnostics=True)
+    assert [d.name for d in diags] == {"parameter-list": ["hidden", "out"],
+                                       "parameter-dict": [""]}[net]  # fmt: skip
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel="auto")
+    expected = oracle_of(model, x, y, method)
+    assert_steps_exact(pre, model, x, lambda out: F.cross_entropy(out, y), expected)
+
+
 # ------------------------------------------------------------------- batch coupling
 
 
