@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import replace
 
 import torch
@@ -176,6 +177,9 @@ class RiemannianPreconditioner:
         self._output: list[Tensor] | None = None
         self._output_versions: list[int] = []
         self._edited_in_forward = False
+        # the .grad each call wrote, and their versions then (a second step() refused)
+        self._written: list[tuple[weakref.ref, int]] = []
+        self._spent = False  # the last forward pass's graph consumed by pre.backward(loss)
         # pre.backward(loss) records the user's own forward passes (one process only)
         single = process_group is None and self.network is model
         self._capture = Capture(model, notes_for(model).clone, persistent=True) if single else None
@@ -209,6 +213,7 @@ class RiemannianPreconditioner:
             autocast_state(device_types),
         )
         self._output = None  # until this pass returns
+        self._spent = False
         # what step() relies on: the batch and the parameters as the forward pass saw them
         # (named on failure only: None for an input)
         self._versions = [(None, t, t._version) for t in inputs] + [
@@ -326,6 +331,11 @@ class RiemannianPreconditioner:
         # run between ours and a forward, since the hooks were installed: the recorded
         # calls miss or misname blocks, or are not the calls the modules made
         rehook = not capture.hooks_current(model)
+        if self._spent:
+            raise ValueError(
+                "pre.backward(loss) already ran on the model's last forward pass and consumed "
+                "its graph (as loss.backward() does): run model(x) again and form a new loss"
+            )
         if capture.output is None or not (capture.calls or rehook):
             raise RuntimeError(
                 "pre.backward(loss) needs the forward pass the loss was formed from: call "
@@ -346,7 +356,7 @@ class RiemannianPreconditioner:
         needs_factor = SOLVERS[self.method].NEEDS_FACTOR
         key = coupling.probe_key(model, *self._batch[:2])
         probing = needs_factor and coupling.needs_probe(notes, key, opts.check_coupling)
-        reuse = self._kfac is not None and not self._kfac.needs_factors(params)
+        reuse = self._kfac is not None and not self._kfac.needs_factors(params, opts)
         try:
             check_one_output(capture.output)
             paths = coupling.loss_paths(
@@ -401,11 +411,13 @@ class RiemannianPreconditioner:
                 "pre.backward(loss)): pre.backward(loss) replaces loss.backward(), call it "
                 "instead; to precondition a .grad already there, call pre.step()"
             ) from err
-        finally:
-            capture.reset()
-            if rehook:
-                capture.remove()
-                self._capture = Capture(model, notes.clone, persistent=True)
+        # the pass is spent: its record (and graph) freed. A refused call keeps it, for a
+        # retry (or for its error, where the graph was consumed)
+        capture.reset()
+        self._spent = True
+        if rehook:
+            capture.remove()
+            self._capture = Capture(model, notes.clone, persistent=True)
         for name, p in params:  # every direction exists before any .grad changes
             if name in directions:
                 direction = directions[name].detach()
@@ -416,6 +428,7 @@ class RiemannianPreconditioner:
                 else:  # laid out as loss.backward() lays it out: fused optimizers read
                     # .grad with the parameter's strides (K-FAC's are views of [W | b])
                     p.grad = torch.empty_like(p).copy_(direction)
+        self._wrote(params, directions)
         self.diagnostics = diagnostics
         self._commit()
 
@@ -478,7 +491,7 @@ class RiemannianPreconditioner:
         full = {
             n: gradient[n].detach() if n in gradient else torch.zeros_like(p) for n, p in params
         }
-        if self._kfac is not None and not self._kfac.needs_factors(params):
+        if self._kfac is not None and not self._kfac.needs_factors(params, self._options):
             directions, diagnostics = self._kfac.reuse(full, self._options, checks)
         else:
             with distributed.share_failure(self.process_group, self.timeout):
@@ -553,6 +566,7 @@ class RiemannianPreconditioner:
             check_inputs(*self._batch[:2], None, checks)  # an empty shard, named
             for name, grad in with_grad.items():
                 _check_grad(name, grad, checks)
+            self._check_not_preconditioned(with_grad)
         # a parameter without .grad took no part in the loss: a zero vector, left as None
         directions, self.diagnostics = self._transaction(
             lambda: self._solve(
@@ -562,7 +576,27 @@ class RiemannianPreconditioner:
         for name, p in params:  # every direction exists before any .grad changes
             if name in directions:
                 p.grad.copy_(directions[name])
+        self._wrote(params, directions)
         self._commit()
+
+    def _wrote(self, params, directions: dict[str, Tensor]) -> None:
+        """Remember the ``.grad`` that now hold a direction, as they are now."""
+        grads = [p.grad for name, p in params if name in directions]
+        self._written = [(weakref.ref(g), g._version) for g in grads]
+
+    def _check_not_preconditioned(self, grads: dict[str, Tensor]) -> None:
+        """Refuse ``.grad`` that still hold the direction a call wrote: preconditioning
+        them again would give ``G^{-2} g``."""
+        written = {id(ref()): version for ref, version in self._written if ref() is not None}
+        again = [n for n, g in grads.items() if written.get(id(g)) == g._version]
+        if again:
+            raise RuntimeError(
+                f"the .grad of {again[:3]}{' ...' if len(again) > 3 else ''} still hold "
+                "the direction the last pre.step() or pre.backward(loss) wrote, and another "
+                "pre.step() would precondition it twice: call loss.backward() (after "
+                "opt.zero_grad()) before each pre.step(), and pre.step() once per backward; "
+                "pre.backward(loss) needs no pre.step()"
+            )
 
     @property
     def options(self) -> Options:

@@ -359,6 +359,33 @@ def test_backward_refusing_a_nan_loss_keeps_its_graph(first_call):
     assert all(p.grad is not None and p.grad.isnan().all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("first_call", [True, False], ids=["first-call", "primed"])
+def test_backward_can_be_retried_once_the_refused_input_is_fixed(first_call):
+    """Found by review: a refusal forgot the recorded pass, so a retry after the fix
+    (``opt.zero_grad()`` after a NaN left in ``.grad``) was told to run the forward pass
+    it had run. The retry gives the direction; a second call on the loss, whose graph the
+    first consumed, names that instead."""
+    if first_call:
+        model, x, y = Problem(depth=3).make()
+        pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    else:
+        model, x, y, pre = primed()
+    model[0].weight.grad = torch.full_like(model[0].weight, float("nan"))
+    loss = F.cross_entropy(model(x), y)
+    with pytest.raises(ValueError, match=r"\.grad of '0.weight' contains .* NaN or inf"):
+        pre.backward(loss)
+    model.zero_grad(set_to_none=True)
+    pre.backward(loss)
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    expected = unflatten(oracle_direction(G, g, DAMPING, "layerwise", block_indices(model)), model)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="already ran on the model's last forward pass"):
+        pre.backward(loss)
+    assert_unchanged(model, before)
+
+
 def test_a_model_applied_to_its_own_output_is_refused():
     """``model(model(x))``: the earlier pass is reached only through the last pass's input
     (found by review: the fused calls dropped its parameters' gradient, silently)."""

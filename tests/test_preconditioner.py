@@ -143,6 +143,37 @@ def test_step_without_any_grad_raises():
         pre.step()
 
 
+@pytest.mark.parametrize("first", ["step", "backward", "step-after-new-forward"])
+@pytest.mark.parametrize("method", ("layerwise", "kfac"), ids=lambda m: f"method={m}")
+def test_step_refuses_to_precondition_a_direction_twice(first, method):
+    """Found by review: ``pre.step(); pre.step()`` (or ``pre.backward(loss); pre.step()``,
+    or a new forward pass without ``loss.backward()``) left ``G^{-2} g`` in ``.grad``, 45x
+    the direction's norm. Refused, ``.grad`` and K-FAC's step count kept; a new backward
+    pass (accumulating into the direction, or after ``zero_grad``) is accepted again."""
+    model, x, y = Problem(depth=3).make()
+    refresh = {"kfac_refresh": 2} if method == "kfac" else {}  # the second step reuses
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=1e-2, **refresh)
+    if first == "backward":
+        pre.backward(F.cross_entropy(model(x), y))
+    else:
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+    if first == "step-after-new-forward":
+        model(x)
+    before = snapshot(model)
+    steps = pre._kfac.steps if pre._kfac else None
+    with pytest.raises(RuntimeError, match="still hold the direction.*precondition it twice"):
+        pre.step()
+    assert_unchanged(model, before)
+    assert (pre._kfac.steps if pre._kfac else None) == steps
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    expected = rc.direction(model, x, y, method=method, damping=1e-2)
+    assert rel_error(flatten({n: p.grad for n, p in model.named_parameters()}, model),
+                     flatten(expected, model)) < 1e-10  # fmt: skip
+
+
 def test_step_refuses_outputs_whose_classes_it_cannot_place():
     """Cross-entropy on ``(N, C, H, W)`` outputs: ``pre.step()`` does not see the loss, so
     it cannot tell the classes' dimension (``pre.backward`` reads it off the gradient)."""
@@ -405,6 +436,41 @@ def test_kfac_refactorises_a_module_whose_parameters_changed_between_refreshes(c
     mixed = [fresh[i] if i in changed else stale[i] for i in range(len(stale))]
     expected = solve_kfac_metric(mixed, second["gradient"], 1e-2, "exact", "joint")
     assert rel_error(flatten(second["direction"], model), expected) < 1e-10
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.6], ids=lambda d: f"kfac_decay={d}")
+def test_kfac_refactorises_after_the_model_moved_to_another_dtype(decay):
+    """Found by review: after ``model.double()`` between refreshes the float32
+    factorisations were applied (a float64 ``.grad`` exactly float32-representable), and the
+    checkpoint was refused by the same preconditioner. The step after the move factorises
+    its batch in float64 (with the running averages carried over); checkpoints load."""
+    model, _, _ = Problem(depth=3).make(torch.float32)
+    data = [(x.float(), y) for x, y in batches(2)]
+    kw = dict(method="kfac", damping=1e-2, kfac_refresh=10, kfac_decay=decay)
+    pre = rc.RiemannianPreconditioner(model, **kw)
+    first = kfac_steps(pre, model, data[:1])[0]
+    model.double()
+    x, y = data[1][0].double(), data[1][1]
+    second = kfac_steps(pre, model, [(x, y)])[0]
+    assert second["forwards"] == 2  # factorised again
+    got = flatten(second["direction"], model)
+    assert got.dtype == torch.float64
+    if decay == 0:  # this batch's factors alone
+        twin = copy.deepcopy(model)
+        twin.load_state_dict(second["params"])
+        expected = flatten(rc.direction(twin, x, y, method="kfac", damping=1e-2), model)
+        assert rel_error(got, expected) < 1e-12
+    else:  # the float32 average, carried over: float32 rounding
+        params = {n: p.double() for n, p in first["params"].items()}
+        history = [factors_at(model, params, data[0][0].double(), data[0][1])]
+        history.append(factors_at(model, second["params"], x, y))
+        expected = solve_kfac_metric(averaged(history, decay), second["gradient"], 1e-2,
+                                     "exact", "joint")  # fmt: skip
+        assert rel_error(got, expected) < 1e-5
+    state = pre.state_dict()
+    pre.load_state_dict(state)
+    fresh = rc.RiemannianPreconditioner(copy.deepcopy(model), **kw)
+    fresh.load_state_dict(state)
 
 
 def averaged(history, decay):

@@ -508,7 +508,12 @@ def problem_from_graph(
             dz = output_gradient
             if dz is None:
                 (dz,) = torch.autograd.grad(loss, outputs, retain_graph=True)
-            checks.finite("the loss gradient at the outputs", dz, "check the loss function")
+            checks.finite(
+                "the loss gradient at the outputs",
+                dz,
+                "check the loss function (a loss scaled by torch.amp.GradScaler overflowed in "
+                "float16: use bfloat16 autocast, which needs no scaler)",
+            )
             seeds = (torch.cat([dz[None], seeds[0]]),)
         else:  # the loss seeded with 1, the output with 0
             seed = torch.zeros(rows.shape[0] + 1, dtype=loss.dtype, device=loss.device)

@@ -398,6 +398,13 @@ class Cached:
     rows: int
     blocks: list[DampedBlock]
 
+    def placed_for(self, opts: Options) -> bool:
+        """Whether the factorisations are in the dtype and on the device a solve for the
+        block's parameters takes now (not after ``model.double()`` or ``model.to(device)``
+        moved them)."""
+        p, data = self.block.params[0], self.blocks[0].gamma.data
+        return (data.dtype, data.device) == (opts.solve_dtype or p.dtype, p.device)
+
     def solve(self, index: int, gradient: list[Tensor], opts: Options) -> KroneckerSolve:
         return kronecker_solve(
             index, self.block, self.kernel, self.rows, self.blocks, gradient, opts
@@ -428,15 +435,17 @@ class KFACState:
         """Whether this step refreshes the factorisations."""
         return self.steps % self.refresh == 0
 
-    def needs_factors(self, params) -> bool:
-        """Whether a step on ``params`` (``(name, parameter)`` pairs) needs this batch's
-        factors: when due, with running averages, and where the cached blocks were
-        factorised for other parameters (a module swapped, a parameter replaced, frozen or
-        unfrozen: compared by identity, which the cached blocks keep)."""
+    def needs_factors(self, params, opts: Options) -> bool:
+        """Whether a step on ``params`` (``(name, parameter)`` pairs) with ``opts`` needs
+        this batch's factors: when due, with running averages, and where the cached blocks
+        were factorised for other parameters (a module swapped, a parameter replaced,
+        frozen or unfrozen: compared by identity, which the cached blocks keep) or in
+        another dtype or on another device (the model moved since)."""
         return (
             self.decay > 0
             or self.due
             or _identities(self._cached.values()) != {(n, id(p)) for n, p in params}
+            or not all(c.placed_for(opts) for c in self._cached.values())
         )
 
     def solve(
@@ -447,7 +456,7 @@ class KFACState:
         name = handler.block.name
         old = self._cached.get(name)
         cached = old is not None and not self.due
-        cached = cached and _identities([old]) == _identities([handler])
+        cached = cached and _identities([old]) == _identities([handler]) and old.placed_for(opts)
         if not cached or self.decay > 0:
             gamma, inputs = module_factors(handler, opts)
         if self.decay > 0:
@@ -463,8 +472,8 @@ class KFACState:
     def _average(self, key: str, factor: Factor) -> Factor:
         batch = factor.dense()
         old = self._averages.get(key)
-        if old is not None and old.shape == batch.shape and old.dtype == batch.dtype:
-            batch = torch.lerp(batch, old, self.decay)  # decay old + (1 - decay) batch
+        if old is not None and old.shape == batch.shape:  # moved with the model: kept
+            batch = torch.lerp(batch, old.to(batch), self.decay)  # decay old + (1-decay) batch
         self._pending_averages[key] = batch
         return Factor(matrix=batch, what=factor.what)
 
