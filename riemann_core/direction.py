@@ -205,6 +205,7 @@ def solve(
     process_group: torch.distributed.ProcessGroup | None = None,
     timeout: float = distributed.TIMEOUT,
     global_gradient: bool = False,
+    absent: tuple[str, ...] = (),
 ):
     """Run ``method``; ``gradient`` (``{name: vector}``) replaces the loss gradient;
     ``state`` is K-FAC's state across a preconditioner's steps (``method="kfac"``).
@@ -214,7 +215,8 @@ def solve(
     the caller still to be read); ``replay``: see :class:`riemann_core.capture.Replay`.
     With ``process_group``, the direction of the global batch on every rank
     (:func:`riemann_core.distributed.solve`; ``global_gradient``: ``gradient`` is
-    already the global batch's).
+    already the global batch's; ``absent``: the names whose ``gradient`` entry stands for
+    a ``.grad`` this rank lacks, which every rank must lack alike).
     """
     with distributed.share_failure(process_group, timeout):
         check_autograd()
@@ -245,6 +247,7 @@ def solve(
         process_group=process_group,
         timeout=timeout,
         global_gradient=global_gradient,
+        absent=absent,
     )
 
 
@@ -259,6 +262,7 @@ def run_solver(
     process_group: torch.distributed.ProcessGroup | None = None,
     timeout: float = distributed.TIMEOUT,
     global_gradient: bool = False,
+    absent: tuple[str, ...] = (),
 ):
     """``build()`` a :class:`Problem`, solve it with ``method`` (``state``: K-FAC's across
     a preconditioner's steps; ``process_group``: see :func:`solve`) and check the solves,
@@ -284,6 +288,7 @@ def run_solver(
                 process_group,
                 timeout=timeout,
                 global_gradient=global_gradient,
+                absent=absent,
             )
         problem = checked_build()
         try:

@@ -259,8 +259,9 @@ class _Group:
             raise ValueError(
                 "the ranks see different blocks or options (other modules called, samples "
                 "of other shapes, parameters of another dtype, another damping, output "
-                "metric or solve option): every rank must run the same network on samples "
-                "of one shape, with the same options"
+                "metric or solve option, or a .grad set to None on some ranks only): every "
+                "rank must run the same network on samples of one shape, with the same "
+                "options and the same parameters holding a .grad"
             )
         if params:
             sums = table[:, 3:].cpu().contiguous().view(torch.float64)
@@ -489,10 +490,13 @@ SHARED_OPTIONS = (
 )  # fmt: skip
 
 
-def _signature(problem: Problem, shares: list[_Share], method: str, opts: Options) -> int:
-    """A checksum of the blocks, what each rank sends for them and the options of the
-    solve (equal on every rank that runs the same network on samples of one shape with
-    the same options: an owner solves with its own)."""
+def _signature(
+    problem: Problem, shares: list[_Share], method: str, opts: Options, absent: tuple[str, ...]
+) -> int:
+    """A checksum of the blocks, what each rank sends for them, the options of the solve
+    and the parameters without a ``.grad`` (equal on every rank that runs the same network
+    on samples of one shape with the same options: an owner solves with its own, and every
+    rank writes the directions of the same parameters)."""
     blocks = [(b.name, b.n_params, [str(p.dtype) for p in b.params]) for b in problem.blocks]
     kinds = [type(h).__name__ for h in problem.handlers]
     layouts = [s.layout for s in shares]
@@ -500,7 +504,8 @@ def _signature(problem: Problem, shares: list[_Share], method: str, opts: Option
         getattr(v, "__qualname__", type(v).__name__) if callable(v) else repr(v)
         for v in (getattr(opts, k) for k in SHARED_OPTIONS)
     ]
-    return zlib.crc32(repr((method, problem.given, blocks, kinds, layouts, options)).encode())
+    signed = (method, problem.given, blocks, kinds, layouts, options, sorted(absent))
+    return zlib.crc32(repr(signed).encode())
 
 
 #: Entries of a parameter :func:`_checksum` converts to float64 at a time.
@@ -593,12 +598,14 @@ def solve(
     *,
     timeout: float,
     global_gradient: bool = False,
+    absent: tuple[str, ...] = (),
 ) -> tuple[dict[str, Tensor], list[LayerDiagnostics]]:
     """The direction of the global batch on every rank of ``group`` (module docstring).
 
     ``build()`` makes this rank's problem on its shard (``checks`` holds the caller's
     checks still to be read). ``global_gradient``: a given gradient is already the
-    global batch's on every rank (DistributedDataParallel averaged it). Returns
+    global batch's on every rank (DistributedDataParallel averaged it); ``absent``: the
+    parameters without a ``.grad`` here (the same on every rank, or every rank raises). Returns
     ``({name: direction}, diagnostics)``: every block parameter's direction, in the
     parameter's dtype, and the diagnostics of the blocks this rank solved.
     """
@@ -608,7 +615,7 @@ def solve(
     with observer.phase("local"):
         failure, problem, shares = _local(build, method, opts, checks, global_gradient, alone)
     with observer.phase("agree"):
-        signature = 0 if problem is None else _signature(problem, shares, method, opts)
+        signature = 0 if problem is None else _signature(problem, shares, method, opts, absent)
         params = None if problem is None else [p for b in problem.blocks for p in b.params]
         sizes = net.agree(failure, 0 if problem is None else _samples(problem), signature, params)
         N = sum(sizes)

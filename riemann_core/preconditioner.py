@@ -511,6 +511,7 @@ class RiemannianPreconditioner:
                 process_group=self.process_group,
                 timeout=self.timeout,
                 global_gradient=isinstance(self.model, DistributedDataParallel),
+                absent=tuple(n for n, _ in params if n not in gradient),
             )
         return {n: d for n, d in directions.items() if n in gradient}, diagnostics
 

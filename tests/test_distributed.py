@@ -245,6 +245,19 @@ def _failures(rank, world) -> dict:
     )  # fmt: skip
     F.cross_entropy(model(x[part]), y[part]).backward()
     out["other damping"] = _outcome(other.step)
+    # found by review: a .grad set to None on one rank only left the ranks' .grad apart
+    # (a direction on the others), and the next step blamed the initialisation
+    model.zero_grad()
+    F.cross_entropy(model(x[part]), y[part]).backward()
+    if rank == world - 1:
+        model[-1].bias.grad = None
+    before = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    out["grad on some ranks"] = _outcome(pre.step)
+    out["grad on some ranks kept"] = all(
+        (p.grad is None) == (before[n] is None)
+        and (p.grad is None or torch.equal(p.grad, before[n]))
+        for n, p in model.named_parameters()
+    )
 
     # found by review: parameters of another dtype on one rank crashed it inside gloo,
     # other weights gave a wrong direction silently, and a bad option on one rank left the
@@ -456,6 +469,16 @@ def test_ranks_with_other_parameters_or_a_bad_option_are_refused_on_every_rank(r
         else:
             assert kind == "DistributedError" and f"rank {last} of {world} failed" in message
             assert "damping" in message
+
+
+def test_a_grad_on_some_ranks_only_is_refused_on_every_rank(run):
+    world, results = run
+    outcomes = [r["failures"]["grad on some ranks"] for r in results]
+    if world == 1:
+        pytest.skip("needs a second rank")
+    assert all(o is not None and ".grad set to None on some ranks only" in o[1]
+               for o in outcomes)  # fmt: skip
+    assert all(r["failures"]["grad on some ranks kept"] for r in results)
 
 
 def test_an_absent_rank_times_out_instead_of_hanging(run):
