@@ -904,9 +904,13 @@ def run_of(row: dict) -> dict:
 
 @dataclass
 class SweepResult:
+    """``measured``: points this run measured (``again`` of them measured once more as
+    outliers); ``resumed``: finished points the file held already."""
+
     rows: list[dict]
     measured: int
     resumed: int
+    again: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
     growth: dict[str, str] = field(default_factory=dict)
 
@@ -1027,11 +1031,11 @@ def sweep(
     measure_rates("start")
     start = clock()
     todo = [r for r in grid.runs() if key_of(r) not in done]
-    measured = 0
+    measured, again_count = set(), 0
     with tqdm(total=len(todo), desc="sweep", unit="point", disable=not progress) as bar:
 
         def measure_all(runs: list[dict], remeasure: bool = False) -> None:
-            nonlocal measured
+            nonlocal again_count
             for run in runs:
                 order.setdefault(key_of(run), len(order))
             for run, outcome in runner(task, runs):
@@ -1055,7 +1059,8 @@ def sweep(
                 rows[:] = [r for r in rows if key_of(r) != key] + [row]
                 rows.sort(key=lambda r: order[key_of(r)])
                 write_results(path, rows)
-                measured += 1
+                again_count += remeasure
+                measured.add(key)
 
         measure_all(todo)
         measure_rates("grid")
@@ -1090,7 +1095,7 @@ def sweep(
     statuses: dict[str, int] = {}
     for r in rows:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
-    return SweepResult(rows, measured, resumed, statuses, plan.decisions)
+    return SweepResult(rows, len(measured), resumed, again_count, statuses, plan.decisions)
 
 
 def interleave_lines(

@@ -364,6 +364,17 @@ def test_a_resume_with_a_smaller_grid_keeps_the_other_rows_as_recorded(tmp_path,
     assert all(r["remeasured"] == "1" for r in euclidean)  # the grid's own: measured again
 
 
+def test_points_measured_again_as_outliers_are_counted_once(tmp_path, monkeypatch):
+    """Found by review: a sweep reported 34 points measured where its file held 32 (two
+    outliers measured again were counted twice)."""
+    monkeypatch.setattr(grow, "is_outlier", lambda rows, row: True)
+    grid = sw.Grid(**{**TINY, "methods": ("euclidean",)})
+    result = sw.sweep(grid, tmp_path, progress=False)
+    points = len(rows_of(tmp_path / "results.csv"))
+    assert result.measured == points == len(list(grid.runs()))
+    assert result.again == points  # every point taken for an outlier
+
+
 def test_an_outlier_retimed_for_its_spread_is_still_measured_again(tmp_path):
     """Found by review: a point whose repeats spread (re-timed at once, ``remeasured=1``)
     was taken for an outlier measured again already, so a slow spell there was neither
