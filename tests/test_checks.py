@@ -293,6 +293,22 @@ def test_weight_tied_through_a_functional_call_is_refused():
         rc.direction(model, torch.randn(5, 3), torch.randint(0, 3, (5,)))
 
 
+def test_a_stale_grad_of_a_module_not_called_names_zero_grad():
+    """Found by review: a nonzero .grad left on a module the last forward pass did not call
+    was said to "enter the loss"; .grad kept."""
+    model = torch.nn.ModuleDict({"used": torch.nn.Linear(3, 2), "unused": torch.nn.Linear(3, 2)})
+    model.forward = lambda x: model["used"](x)
+    pre = rc.RiemannianPreconditioner(model)
+    torch.nn.functional.cross_entropy(
+        model(torch.randn(5, 3)), torch.randint(0, 2, (5,))
+    ).backward()
+    model["unused"].weight.grad = torch.ones(2, 3)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    with pytest.raises(ValueError, match=r"\['unused.weight'\] have a nonzero gradient.*zero_grad"):
+        pre.step()
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters() if n in grads)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_half_precision_model_is_refused_with_the_fix(dtype):
     model = torch.nn.Linear(4, 3).to(dtype)

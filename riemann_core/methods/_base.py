@@ -332,6 +332,15 @@ def _check_reached(model, blocks, outputs, targets, opts, gradient) -> None:
             allow_unused=True,
         )
         used = [n for (n, _), g in zip(unreached, grads, strict=True) if g is not None]
+    if used and gradient is not None:  # a .grad given: it may be left from another pass
+        raise ValueError(
+            f"parameters {used} have a nonzero gradient, but their modules were not called "
+            "in the model's forward pass: the loss reaches them another way (weight tying "
+            "through F.linear, a head applied outside forward), which no kernel sees, or the "
+            ".grad is left from an earlier step (call opt.zero_grad() before the backward "
+            "pass). Call the owning module inside forward, or freeze them with "
+            "requires_grad_(False)"
+        )
     if used:
         raise ValueError(
             f"parameters {used} enter the loss without their module being called in the "
