@@ -569,10 +569,20 @@ def forward(
     then starts from its random state and buffers, so dropout draws the masks it drew
     then, and the caller's random state is restored afterwards (:meth:`Replay.check` then
     tells whether the pass took the recorded path).
+
+    Without ``replay`` every pass runs on copies of the argument tensors: a forward that
+    changes its input in place (``x.mul_(2)``) leaves the caller's tensors as they were,
+    and a second pass (below) starts from the values the first did. (A replayed batch is
+    the preconditioner's, which refuses such a forward.)
     """
     notes = notes_for(model)
     devices = rng_devices(model)
+    given = args, kwargs
     for _ in range(2):
+        if replay is None:
+            args, kwargs = pytree.tree_map(
+                lambda a: a.clone() if isinstance(a, Tensor) else a, given
+            )
         with contextlib.ExitStack() as stack:
             stack.enter_context(buffers_kept(model, replay and replay.buffers))
             if replay is not None:

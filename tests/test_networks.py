@@ -185,6 +185,40 @@ def test_in_place_second_pass_is_paid_once():
     assert first == 2 and len(calls) == 3
 
 
+class ScalesItsInput(nn.Module):
+    """``forward`` doubles its input in place, then an in-place ReLU after a module (which
+    makes the first call run the forward pass twice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        x.mul_(2.0)
+        return self.b(self.a(x).relu_())
+
+
+@pytest.mark.parametrize("method", ("euclidean",) + EXACT, ids=lambda m: f"method={m}")
+def test_a_forward_changing_its_input_leaves_the_callers_tensor(method):
+    """Found by review: the caller's input was doubled on every call but a probing one,
+    and a first call that ran the forward pass twice took the direction at 4 x (0.36-1.2
+    off). Each call now gives the direction of one ``model(x)`` call, at 2 x."""
+    torch.manual_seed(29)
+    model = ScalesItsInput().double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    twin = nn.Sequential(model.a, nn.ReLU(), model.b)  # the same parameters, out of place
+    if method == "euclidean":
+        expected = gradient(twin, 2 * x, y, "cross_entropy")
+    else:
+        expected = oracle_of(twin, 2 * x, y, method)
+    original = x.clone()
+    for _ in range(2):
+        dirs = rc.direction(model, x, y, method=method, damping=DAMPING)
+        assert torch.equal(x, original)
+        assert rel_error(torch.cat([dirs[n].reshape(-1) for n, _ in model.named_parameters()]),
+                         expected) < 1e-10  # fmt: skip
+
+
 # ------------------------------------------------------------------ shared parameters
 
 
