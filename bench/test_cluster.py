@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from riemann_core.scaling import sweep as sw
 
 from . import cluster
@@ -45,8 +47,24 @@ def test_the_interleaved_measurement_reports_wall_and_timed_ratios(tmp_path):
     timed = record["summary"]["timed_ratio"]["median"]
     assert "timed medians on the worker over those in this process" in text
     assert f"{timed:.3f}" in text and (tmp_path / "throughput.png").exists()
+    ratio = record["summary"]["interleaved_ratio"]["median"]
+    verdict = "met" if ratio <= cluster.GOAL_RATIO else "missed"
+    assert f"Goal (<= {cluster.GOAL_RATIO:.2f}): **{verdict}** ({ratio:.3f})" in text
     wall = 1e3 * record["summary"]["empty_point"]["wall_s"]
     assert (
         f"empty point (its row returned at once) through the same runner on the same worker takes {wall:.1f} ms"
         in " ".join(text.split())
     )
+
+
+def test_the_report_is_written_again_from_its_record_or_refused_naming_the_fix(tmp_path, capsys):
+    """Found by review: the committed report stated its goal and missed it without a word;
+    ``--report-only`` writes it again, with the verdict, from ``cluster.json``."""
+    assert "**missed** (1.500); the points alone meet it" in cluster._verdict(1.5, 1.01)
+    assert cluster._verdict(1.01, 1.0) == "Goal (<= 1.05): **met** (1.010)."
+    (tmp_path / "cluster.json").write_text("{not json")
+    with pytest.raises(SystemExit) as exit:
+        cluster.main(["--out", str(tmp_path), "--report-only"])
+    assert exit.value.code == 2
+    assert "measure it first (python -m bench.cluster --out" in capsys.readouterr().err
+    assert not (tmp_path / "cluster.md").exists()
