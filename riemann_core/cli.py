@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             check_device(args.device)
         except ValueError as err:
-            parser.error(str(err))
+            args.parser.error(str(err))
     args.command_line = " ".join([PROG, *argv])  # recorded with the results
     return args.run(args)
 

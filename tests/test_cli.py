@@ -28,7 +28,9 @@ def test_unavailable_device_is_a_clear_usage_error(capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["demo", "--device", "cuda"])
     assert exit_.value.code == 2
-    assert "CUDA is not available" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "CUDA is not available" in err
+    assert err.startswith("usage: riemann-bench demo")  # the subcommand's usage
 
 
 def test_analyses_of_recorded_results_need_no_such_device_here(tmp_path, monkeypatch):

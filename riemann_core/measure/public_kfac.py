@@ -1,6 +1,6 @@
 """The public K-FAC we measure ours against: curvlinops, variant for variant.
 
-curvlinops (``pip install "riemann-bench[compare]"``) is a widely used K-FAC for PyTorch:
+curvlinops (``pip install -e ".[compare]"``) is a widely used K-FAC for PyTorch:
 ``KFACLinearOperator`` builds the factors, ``KFACInverseLinearOperator`` damps and
 inverts them. Its defaults are a one-sample Monte Carlo Fisher and weight and bias
 apart. A :class:`Variant` names the same K-FAC in both:
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 import riemann_core as rc
 
-INSTALL = 'pip install "riemann-bench[compare]"'
+INSTALL = 'python -m pip install -c constraints.txt -e ".[compare]" (in the repository root)'
 
 
 @dataclass(frozen=True)

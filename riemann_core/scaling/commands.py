@@ -243,10 +243,13 @@ def run_validate(args) -> int:
 
 def run_report(args) -> int:
     from ..measure.output import progress_bar
+    from .fit import require_sweep
     from .report import write_report
 
+    out = _analysed_out(args)
+    require_sweep(out)  # refused before a progress bar is drawn
     with progress_bar("report", unit="step") as progress:
-        path = write_report(_analysed_out(args), seed=args.seed, progress=progress)
+        path = write_report(out, seed=args.seed, progress=progress)
     print(f"wrote {path}")
     return 0
 

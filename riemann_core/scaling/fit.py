@@ -99,15 +99,22 @@ class SlopeFit:
     x_range: tuple[float, float]
 
 
+def require_sweep(directory: Path) -> tuple[Path, Path]:
+    """``results.csv`` and ``sweep.json`` in ``directory``, or a ``ValueError`` naming the
+    one missing and the fix."""
+    needed = directory / "results.csv", directory / "sweep.json"
+    for path in needed:
+        if not path.is_file():
+            raise ValueError(f"no sweep at {path}; run 'riemann-bench sweep' with this --out")
+    return needed
+
+
 def read_sweep(directory: str | Path) -> tuple[pd.DataFrame, dict]:
     """``results.csv`` as a DataFrame (``times_s``, ``flag``, ``slow_paths`` and ``reason``
     as text) and ``sweep.json``; a missing, corrupted or foreign file, or results of
     another grid than the record's, raises a ``ValueError`` naming it."""
     directory = Path(directory)
-    path, record = directory / "results.csv", directory / "sweep.json"
-    for needed in (path, record):
-        if not needed.is_file():
-            raise ValueError(f"no sweep at {needed}; run 'riemann-bench sweep' with this --out")
+    path, record = require_sweep(directory)
     # the checks of the sweep itself: columns, parse errors, truncation, impossible values
     rows = read_results(path)
     if not rows:

@@ -146,6 +146,7 @@ def crossover_figure(df: pd.DataFrame, meta: dict, path: Path) -> Path:
         xscale="log", yscale="log", xlabel="parameters n", ylabel="time full / time layerwise"
     )
     right.set_title("crossover: above 1 layerwise wins", fontsize=10)
+    right.xaxis.set_minor_formatter(plt.NullFormatter())  # under a decade they overlap
     return save_figure(fig, path)
 
 

@@ -578,10 +578,12 @@ DESCRIPTION = (
     "alone; full against layerwise on networks of about 4k parameters. For reference, the "
     "sampled step written lean and along a training run. Then every K-FAC "
     "variant against the same variant of curvlinops (when installed: "
-    'pip install "riemann-bench[compare]") on MLPs 784-1024-1024-10 and 64-512-512-10. '
+    'pip install -e ".[compare]") on MLPs 784-1024-1024-10 and 64-512-512-10. '
     "Prints each figure met or MISSED and exits 1 when one is missed. With --out, writes "
     "targets.json, targets.md and kfac.md; with --readme too, the README's table of the "
-    "figures."
+    "figures. --quick: 5 rounds instead of 11 (K-FAC: 3 instead of 7), the GEMM yardstick at "
+    "order 2048 instead of 4096 and two of the small networks: noisier figures, for a check "
+    "that everything runs."
 )
 EXAMPLE = "targets --out reports/cpu --readme README.md"
 

@@ -1,6 +1,6 @@
 """Our K-FAC equals the public one (curvlinops), variant for variant, in float64.
 
-Skipped when curvlinops is not installed (``pip install "riemann-bench[compare]"``).
+Skipped when curvlinops is not installed (``pip install -e ".[compare]"``).
 Same network, batch, damping and seed. The sampled variants must see the same draw:
 for MSE both draw ``randn`` from the seed; for cross-entropy curvlinops draws labels with
 ``torch.multinomial`` and ours by inverting the cumulative distribution at uniform draws
