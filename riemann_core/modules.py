@@ -38,15 +38,17 @@ from .blas import symmetric_product_applies, symmetric_products, syrk_
 from .costs import lower_gram_flops
 from .woodbury import column_major
 
-#: Parameter containers: never called, so their parameters belong to the module that holds
-#: them (``F.linear(x, self.weights[i])`` in its forward), see :func:`own_parameters`
-CONTAINERS = (nn.ParameterList, nn.ParameterDict)
+#: Containers, never called: the parameters of the ParameterList and ParameterDict among
+#: them belong to the module that holds them (``F.linear(x, self.weights[i])`` in its
+#: forward), see :func:`own_parameters`
+CONTAINERS = (nn.ParameterList, nn.ParameterDict, nn.ModuleList, nn.ModuleDict)
 
 
 def own_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """``(name in module, parameter)`` of the parameters ``module`` owns as a block: those
-    registered on it and those of the :data:`CONTAINERS` it holds (recursively), which
-    its forward uses. Trainable or not, duplicates kept."""
+    registered on it and those of the parameter containers it holds, directly or inside
+    other :data:`CONTAINERS`, which its forward uses. Trainable or not, duplicates kept
+    (the first name first)."""
     own = [(n, p) for n, p in module._parameters.items() if p is not None]
     for child_name, child in module._modules.items():
         if isinstance(child, CONTAINERS):
@@ -273,7 +275,10 @@ class PatchHandler(Handler):
 
     @classmethod
     def supports(cls, module: nn.Module) -> str | None:
-        other = {n for n, _ in own_parameters(module)} - {"weight", "bias"}
+        # frozen entries of a container are not the block's (a structured module's forward
+        # never reads its containers); any other parameter registered on it is
+        other = {n for n, p in own_parameters(module) if p.requires_grad or "." not in n}
+        other -= {"weight", "bias"}
         if other or not isinstance(getattr(module, "weight", None), nn.Parameter):
             return "parameters other than weight and bias (e.g. weight norm's weight_g, weight_v)"
         return None
@@ -515,7 +520,9 @@ class GenericHandler(Handler):
     def __init__(self, block: Block):
         super().__init__(block)
         self.shapes = [p.shape for p in block.params]
-        local = {id(p): n for n, p in own_parameters(block.module)}
+        local: dict[int, str] = {}
+        for n, p in own_parameters(block.module):  # an alias: its first name, as functional_call
+            local.setdefault(id(p), n)
         self.local_names = [local[id(p)] for p in block.params]
         self.output_value = None if block.output is None else block.output.detach()
         self.mismatch: Tensor | None = None

@@ -177,8 +177,8 @@ class RiemannianPreconditioner:
         self._output: list[Tensor] | None = None
         self._output_versions: list[int] = []
         self._edited_in_forward = False
-        # the .grad each call wrote, and their versions then (a second step() refused)
-        self._written: list[tuple[weakref.ref, int]] = []
+        # the .grad each call wrote, their versions and norms then (a second step() refused)
+        self._written: list[tuple[weakref.ref, int, Tensor]] = []
         self._spent = False  # the last forward pass's graph consumed by pre.backward(loss)
         # pre.backward(loss) records the user's own forward passes (one process only)
         single = process_group is None and self.network is model
@@ -553,8 +553,6 @@ class RiemannianPreconditioner:
                     "the loss's gradient), or pass a callable output_metric (it receives the "
                     "outputs flattened per sample)"
                 )
-            if self._capture is not None:
-                self._capture.reset()  # step() runs a forward pass of its own
             checks = Deferred()
             params = check_model(self.network, checks)
             with_grad = {n: p.grad for n, p in params if p.grad is not None}
@@ -568,6 +566,8 @@ class RiemannianPreconditioner:
             for name, grad in with_grad.items():
                 _check_grad(name, grad, checks)
             self._check_not_preconditioned(with_grad)
+            if self._capture is not None:  # (a refusal above keeps the recorded pass)
+                self._capture.reset()  # step() runs a forward pass of its own
         # a parameter without .grad took no part in the loss: a zero vector, left as None
         directions, self.diagnostics = self._transaction(
             lambda: self._solve(
@@ -581,15 +581,25 @@ class RiemannianPreconditioner:
         self._commit()
 
     def _wrote(self, params, directions: dict[str, Tensor]) -> None:
-        """Remember the ``.grad`` that now hold a direction, as they are now."""
+        """Remember the ``.grad`` that now hold a direction, as they are now: their
+        versions, and their norms (one fused kernel, no host sync) for writes through
+        ``.data``, which leave the version as it was."""
         grads = [p.grad for name, p in params if name in directions]
-        self._written = [(weakref.ref(g), g._version) for g in grads]
+        norms = torch._foreach_norm(grads) if grads else []
+        self._written = [
+            (weakref.ref(g), g._version, norm) for g, norm in zip(grads, norms, strict=True)
+        ]
 
     def _check_not_preconditioned(self, grads: dict[str, Tensor]) -> None:
-        """Refuse ``.grad`` that still hold the direction a call wrote: preconditioning
-        them again would give ``G^{-2} g``."""
-        written = {id(ref()): version for ref, version in self._written if ref() is not None}
-        again = [n for n, g in grads.items() if written.get(id(g)) == g._version]
+        """Refuse ``.grad`` that still hold the direction a call wrote (the same tensor, at
+        the same version and norm): preconditioning them again would give ``G^{-2} g``."""
+        written = {id(ref()): (v, norm) for ref, v, norm in self._written if ref() is not None}
+        same = [(n, g) for n, g in grads.items() if written.get(id(g), (None,))[0] == g._version]
+        if not same:
+            return
+        norms = torch._foreach_norm([g for _, g in same])
+        unchanged = torch.stack([a == written[id(g)][1] for (_, g), a in zip(same, norms)])
+        again = [n for (n, _), kept in zip(same, unchanged.tolist(), strict=True) if kept]
         if again:
             raise RuntimeError(
                 f"the .grad of {again[:3]}{' ...' if len(again) > 3 else ''} still hold "

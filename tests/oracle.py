@@ -175,15 +175,21 @@ def block_indices(model: nn.Module) -> list[Tensor]:
             key = parent[key]
         return key
 
-    containers = (nn.ParameterList, nn.ParameterDict)  # never called: the holder's
+    containers = (nn.ParameterList, nn.ParameterDict, nn.ModuleList, nn.ModuleDict)
+
+    def held(module):  # never called: their parameters are the holder's
+        for child in module.children():
+            if isinstance(child, containers):
+                yield child
+                yield from held(child)
+
     for module in model.modules():
         if isinstance(module, containers):
             continue
-        held = [m for m in module.children() if isinstance(m, containers)]
         own = [
             id(p)
-            for m in (module, *held)
-            for _, p in m.named_parameters(recurse=m is not module, remove_duplicate=False)
+            for m in (module, *held(module))
+            for _, p in m.named_parameters(recurse=False, remove_duplicate=False)
             if id(p) in position
         ]
         for key in own[1:]:

@@ -255,7 +255,7 @@ CORRUPTIONS = {
     "overflow": r"module '2': its saved factors cannot be factorised",
     "tensor-option": r"saved with kfac_refresh=tensor\(\[3, 3\]\)",
     "order": r"Gamma of module '2' is of order 5, its parameters need \[4\]",
-    "dtype": r"is torch.float32, and this preconditioner solves in torch.float64",
+    "dtype": r"its factors differ in dtype \(torch.float64, torch.float32\): the file is",
     "keys": r"module '2' does not have the keys of a saved state: missing \['rows'\]",
     "average": r"running average '2:Gamma' is of order 3, its parameters need \[4\]",
 }

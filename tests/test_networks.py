@@ -368,7 +368,39 @@ class FunctionalMLP(nn.Module):
         return F.linear(torch.tanh(F.linear(x, self.p["w1"], self.p["b1"])), self.p["w2"])
 
 
-CONTAINED = {"parameter-list": ListHolder, "parameter-dict": FunctionalMLP}
+class NestedLists(nn.Module):
+    """Per-layer ParameterLists inside an ``nn.ModuleList`` (never called either)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.ParameterList([nn.Parameter(torch.randn(o, i) / 2), nn.Parameter(torch.zeros(o))])
+            for i, o in ((4, 5), (5, 3))
+        )
+
+    def forward(self, x):
+        (w1, b1), (w2, b2) = self.layers
+        return F.linear(torch.tanh(F.linear(x, w1, b1)), w2, b2)
+
+
+class AliasedLinear(nn.Linear):
+    """Its weight listed again in a ParameterList of its own (one parameter, two names)."""
+
+    def __init__(self, f_in, f_out):
+        super().__init__(f_in, f_out)
+        self.ws = nn.ParameterList([self.weight])
+
+
+def aliased():
+    return nn.Sequential(AliasedLinear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+CONTAINED = {
+    "parameter-list": ListHolder,
+    "parameter-dict": FunctionalMLP,
+    "nested": NestedLists,
+    "aliased": aliased,
+}
 
 
 @pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
@@ -383,11 +415,27 @@ def test_parameters_in_containers_belong_to_the_module_holding_them(net, method)
     dirs = assert_exact(model, x, y, method, "auto")
     assert list(dirs) == [n for n, _ in model.named_parameters()]
     _, diags = rc.direction(model, x, y, damping=DAMPING, kernel="auto", return_diagnostics=True)
-    assert [d.name for d in diags] == {"parameter-list": ["hidden", "out"],
-                                       "parameter-dict": [""]}[net]  # fmt: skip
+    assert [d.name for d in diags] == {"parameter-list": ["hidden", "out"], "parameter-dict": [""],
+                                       "nested": [""], "aliased": ["0", "2"]}[net]  # fmt: skip
     pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel="auto")
     expected = oracle_of(model, x, y, method)
     assert_steps_exact(pre, model, x, lambda out: F.cross_entropy(out, y), expected)
+
+
+@pytest.mark.parametrize("method", EXACT + ("kfac",), ids=lambda m: f"method={m}")
+def test_a_frozen_container_on_a_linear_keeps_its_structured_kernel(method):
+    """Found by review: a Linear holding a frozen ParameterList (unused by its forward) was
+    refused by the structured kernel and K-FAC once containers joined their holders."""
+    torch.manual_seed(30)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    model[0].extra = nn.ParameterList([nn.Parameter(torch.randn(2), requires_grad=False)])
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    plain = copy.deepcopy(model)
+    del plain[0].extra
+    kw = dict(method=method, damping=DAMPING, kernel="structured")
+    got, expected = rc.direction(model, x, y, **kw), rc.direction(plain, x, y, **kw)
+    assert list(got) == list(expected)
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
 
 
 # ------------------------------------------------------------------- batch coupling

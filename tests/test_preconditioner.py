@@ -174,6 +174,30 @@ def test_step_refuses_to_precondition_a_direction_twice(first, method):
                      flatten(expected, model)) < 1e-10  # fmt: skip
 
 
+def test_a_refused_second_step_keeps_the_pass_and_data_writes_are_new_gradients():
+    """From the second review: the refusal above forgot the recorded pass, so following
+    its advice (pre.backward(loss) on that pass) failed; and gradients written through
+    ``.data`` (no version bump) were taken for the direction written before."""
+    model, x, y = Problem(depth=3).make()
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+    pre.backward(F.cross_entropy(model(x), y))
+    loss = F.cross_entropy(model(x), y)
+    with pytest.raises(RuntimeError, match="precondition it twice"):
+        pre.step()
+    model.zero_grad()
+    pre.backward(loss)
+    expected = flatten(rc.direction(model, x, y, damping=1e-2), model)
+    assert rel_error(flatten({n: p.grad for n, p in model.named_parameters()}, model),
+                     expected) < 1e-10  # fmt: skip
+    model(x)
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    for p, g in zip(model.parameters(), grads):
+        p.grad.data.copy_(g)
+    pre.step()
+    assert rel_error(flatten({n: p.grad for n, p in model.named_parameters()}, model),
+                     expected) < 1e-10  # fmt: skip
+
+
 def test_step_refuses_outputs_whose_classes_it_cannot_place():
     """Cross-entropy on ``(N, C, H, W)`` outputs: ``pre.step()`` does not see the loss, so
     it cannot tell the classes' dimension (``pre.backward`` reads it off the gradient)."""
@@ -450,6 +474,7 @@ def test_kfac_refactorises_after_the_model_moved_to_another_dtype(decay):
     pre = rc.RiemannianPreconditioner(model, **kw)
     first = kfac_steps(pre, model, data[:1])[0]
     model.double()
+    pre.load_state_dict(pre.state_dict())  # saved before a step of the moved model
     x, y = data[1][0].double(), data[1][1]
     second = kfac_steps(pre, model, [(x, y)])[0]
     assert second["forwards"] == 2  # factorised again

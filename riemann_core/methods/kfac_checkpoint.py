@@ -155,15 +155,20 @@ def _cached(name, entry, network: nn.Module, opts: Options) -> Cached:
     with_weight, with_bias = own.get("weight") in names, own.get("bias") in names
     parts = block_parts(block, with_weight, with_bias, opts.kfac_bias)
     device = block.params[0].device
-    dtype = opts.solve_dtype or block.params[0].dtype
     gamma_what, input_what = factor_names(name)
-    gamma = _factor(entry["gamma"], gamma_what, device, dtype, where)
+    # in the dtype saved: a model moved to another since factorises its next batch again
+    gamma = _factor(entry["gamma"], gamma_what, device, where)
     _check_order(gamma, {module.weight.shape[0]}, gamma_what, where)
     inputs = {}
     if with_weight:
         if entry["A"] is None:
             raise ValueError(f"{where}: 'A' is missing; its weight needs an input factor")
-        A = _factor(entry["A"], input_what, device, dtype, where)
+        A = _factor(entry["A"], input_what, device, where)
+        if A.data.dtype != gamma.data.dtype:
+            raise ValueError(
+                f"{where}: its factors differ in dtype ({gamma.data.dtype}, {A.data.dtype}): "
+                "the file is corrupted"
+            )
         order = math.prod(module.weight.shape[1:]) + (opts.kfac_bias == "joint" and with_bias)
         _check_order(A, {order}, input_what, where)
         inputs = {p.name: A for p in parts if not p.bias_only}
@@ -198,12 +203,12 @@ def _orders(names: list[str]) -> list[list[str]]:
     return [names, *([n] for n in names)] if len(names) > 1 else [names]
 
 
-def _factor(entry, what: str, device, dtype, where: str) -> Factor:
+def _factor(entry, what: str, device, where: str) -> Factor:
     entry = _mapping(entry, f"{where}: the {what}")
     if set(entry) == {"rows"}:
-        return Factor(rows=_tensor(entry["rows"], what, device, dtype), what=what)
+        return Factor(rows=_tensor(entry["rows"], what, device), what=what)
     if set(entry) == {"matrix"}:
-        return Factor(matrix=_matrix(entry["matrix"], what, device, dtype), what=what)
+        return Factor(matrix=_matrix(entry["matrix"], what, device), what=what)
     raise ValueError(f"{where}: the {what} must hold 'rows' or 'matrix', got {sorted(entry)}")
 
 
@@ -241,9 +246,8 @@ def _tensor(value, what: str, device, dtype=None) -> Tensor:
         )
     if dtype is not None and value.dtype != dtype:
         raise ValueError(
-            f"the K-FAC state's {what} is {value.dtype}, and this preconditioner solves in "
-            f"{dtype}: load it into the model in {value.dtype}, or pass "
-            f"solve_dtype={value.dtype} (the dtype the saved run solved in)"
+            f"the K-FAC state's {what} is {value.dtype}, and its factor {dtype}: the file is "
+            "corrupted"
         )
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"the K-FAC state's {what} contains NaN or inf: the file is corrupted")

@@ -161,9 +161,10 @@ def run_sweep(args) -> int:
             retime=sw.time_lines,
         )
     print(
-        f"{out / 'results.csv'}: {result.measured} points measured"
-        + (f" ({result.again} of them once more as outliers)" if result.again else "")
-        + f", {result.resumed} already there; status counts {result.statuses}"
+        f"{out / 'results.csv'}: {result.measured} points measured, {result.resumed} "
+        "already there"
+        + (f", {result.again} measured once more as outliers" if result.again else "")
+        + f"; status counts {result.statuses}"
     )
     for axis, decision in result.growth.items():
         print(f"  growth {axis}: {decision}")

@@ -7,9 +7,9 @@ turn in every round, each right after an untimed call of its own (timed right af
 other side's call, each would read the cache state that call left), beside one
 forward+backward as a yardstick. The figure is the
 median over rounds of the per-round ratio ours / curvlinops; the goal is ``<= 1``. A
-variant that misses it is timed again, the two sides alone in as many more rounds, and
-judged on every round (a slow spell of a loaded machine in two of three quick rounds read
-10x once). Without curvlinops the section says so and counts as not measured (not missed).
+variant that misses it, or meets it by less than :data:`MARGIN`, is timed again, the two
+sides alone in as many more rounds, and judged on every round (a slow spell of a loaded
+machine in two of three quick rounds read 10x once). Without curvlinops the section says so and counts as not measured (not missed).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from ..measure.problems import mlp
 from ..measure.timing import interleaved, median_ratio
 
 GOAL = 1.0
+#: a ratio above GOAL / MARGIN is timed again before it is judged, met or missed
+MARGIN = 1.25
 NETWORKS = ((784, 1024, 1024, 10), (64, 512, 512, 10))
 BATCH = 128
 DAMPING = 1e-3
@@ -69,9 +71,9 @@ def _network(widths, device, dtype, rounds, seed) -> dict:
         for side, make in (("ours", public_kfac.ours), ("public", public_kfac.public)):
             calls[f"{side} {v.name}"] = make(model, x, y, v, damping=DAMPING, seed=seed)
     t = interleaved(calls, rounds, device, warmup=WARMUP)
-    for v in public_kfac.VARIANTS:  # a miss is timed once more before it stands
+    for v in public_kfac.VARIANTS:  # a miss, or a near one, is timed once more
         pair = [f"ours {v.name}", f"public {v.name}"]
-        if median_ratio(*(t[k] for k in pair)) > GOAL:
+        if median_ratio(*(t[k] for k in pair)) > GOAL / MARGIN:
             again = interleaved({k: calls[k] for k in pair}, rounds, device, warmup=WARMUP)
             for k in pair:
                 t[k] = t[k] + again[k]
@@ -151,9 +153,9 @@ def markdown_kfac(result: dict, command: str) -> str:
         f"gradient, factors, damped inverse, product), damping {result['damping']:g}, "
         f"{result['dtype']}, cross-entropy. Medians of {result['rounds']} interleaved "
         "rounds, each call timed right after an untimed call of its own; the ratio is the "
-        "median of the per-round ratios (a variant that missed was timed again, the two "
-        "sides alone in as many more rounds, and is judged on all of them). Goal: ours / "
-        "theirs <= "
+        "median of the per-round ratios (a variant above "
+        f"{result['goal'] / MARGIN:g} was timed again, the two sides alone in as many more "
+        "rounds, and is judged on all of them). Goal: ours / theirs <= "
         f"{result['goal']:g}. Variants are named fisher-damping-bias (`type2`: exact "
         "Fisher, `mc`: one Monte Carlo sample); the default is what K-FAC users run.",
         "",

@@ -904,8 +904,8 @@ def run_of(row: dict) -> dict:
 
 @dataclass
 class SweepResult:
-    """``measured``: points this run measured (``again`` of them measured once more as
-    outliers); ``resumed``: finished points the file held already."""
+    """``measured``: points this run measured for the first time; ``resumed``: finished
+    points the file held already; ``again``: points measured once more as outliers."""
 
     rows: list[dict]
     measured: int
@@ -1059,8 +1059,10 @@ def sweep(
                 rows[:] = [r for r in rows if key_of(r) != key] + [row]
                 rows.sort(key=lambda r: order[key_of(r)])
                 write_results(path, rows)
-                again_count += remeasure
-                measured.add(key)
+                if remeasure:
+                    again_count += 1
+                else:
+                    measured.add(key)
 
         measure_all(todo)
         measure_rates("grid")

@@ -94,7 +94,8 @@ def test_without_curvlinops_the_kfac_section_is_not_measured(monkeypatch):
 
 def test_a_missed_variant_is_timed_again_before_it_stands(monkeypatch):
     """Found by review: on a loaded machine two slow quick rounds of three read one
-    variant 10x slower than its twin, and targets exited 1. A miss is timed again, both
+    variant 10x slower than its twin, and targets exited 1. A miss (or a near miss: a
+    second review found a miss-only retime leaned towards "met") is timed again, both
     sides alone, and judged on every round: a slow spell no longer decides it alone."""
     slow = public_kfac.VARIANTS[1].name
     timings = []
@@ -117,4 +118,19 @@ def test_a_missed_variant_is_timed_again_before_it_stands(monkeypatch):
     assert timings[1] == [f"ours {slow}", f"public {slow}"]  # only the miss, timed again
     by_name = {v["variant"]: v for v in result["variants"]}
     assert by_name[slow]["rounds"] == 6 and by_name[slow]["met"]  # 10, 10, 1, 0.5 x 3
-    assert all(v["rounds"] == 3 for n, v in by_name.items() if n != slow)
+    assert all(v["rounds"] == 3 for n, v in by_name.items() if n != slow)  # 0.5: far from 1
+
+
+def test_a_variant_just_under_the_goal_is_timed_again_too(monkeypatch):
+    calls = []
+
+    def fake_interleaved(calls_, rounds, device, warmup):
+        calls.append(sorted(calls_))
+        return {k: [0.9 if k.startswith("ours") else 1.0] * rounds for k in calls_}
+
+    monkeypatch.setattr(kfac_targets, "interleaved", fake_interleaved)
+    monkeypatch.setattr(public_kfac, "ours", lambda *a, **k: lambda: None)
+    monkeypatch.setattr(public_kfac, "public", lambda *a, **k: lambda: None)
+    result = kfac_targets._network((6, 4, 3), "cpu", torch.float32, 3, 0)
+    assert len(calls) == 1 + len(public_kfac.VARIANTS)  # 0.9 > 1 / 1.25: each again
+    assert all(v["rounds"] == 6 and v["met"] for v in result["variants"])

@@ -366,13 +366,17 @@ def test_a_resume_with_a_smaller_grid_keeps_the_other_rows_as_recorded(tmp_path,
 
 def test_points_measured_again_as_outliers_are_counted_once(tmp_path, monkeypatch):
     """Found by review: a sweep reported 34 points measured where its file held 32 (two
-    outliers measured again were counted twice)."""
-    monkeypatch.setattr(grow, "is_outlier", lambda rows, row: True)
+    outliers measured again were counted twice), and a resumed point measured again was
+    counted as measured and as already there."""
     grid = sw.Grid(**{**TINY, "methods": ("euclidean",)})
-    result = sw.sweep(grid, tmp_path, progress=False)
-    points = len(rows_of(tmp_path / "results.csv"))
+    sw.sweep(grid, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(grow, "is_outlier", lambda rows, row: True)
+    result = sw.sweep(grid, tmp_path / "fresh", progress=False)
+    points = len(rows_of(tmp_path / "fresh" / "results.csv"))
     assert result.measured == points == len(list(grid.runs()))
     assert result.again == points  # every point taken for an outlier
+    resumed = sw.sweep(grid, tmp_path / "resumed", progress=False)  # again, none anew
+    assert (resumed.measured, resumed.resumed, resumed.again) == (0, points, points)
 
 
 def test_an_outlier_retimed_for_its_spread_is_still_measured_again(tmp_path):
