@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from .modules import CONTAINERS, Block, own_parameters
+from .modules import Block, is_container, own_parameters
 
 _LOCAL = threading.local()
 
@@ -412,7 +412,7 @@ def owners(model: nn.Module) -> tuple[tuple[str, nn.Module, tuple[Tensor, ...]],
     :class:`Capture` hooks."""
     found = []
     for name, module in model.named_modules():
-        if isinstance(module, CONTAINERS):  # never called: its holder owns them
+        if is_container(module):  # never called: its holder owns them
             continue
         own = tuple(dict.fromkeys(p for _, p in own_parameters(module) if p.requires_grad))
         if own:

@@ -40,8 +40,14 @@ from .woodbury import column_major
 
 #: Containers, never called: the parameters of the ParameterList and ParameterDict among
 #: them belong to the module that holds them (``F.linear(x, self.weights[i])`` in its
-#: forward), see :func:`own_parameters`
+#: forward), see :func:`own_parameters`. By exact type: a subclass with a ``forward`` of
+#: its own is called, and owns its parameters
 CONTAINERS = (nn.ParameterList, nn.ParameterDict, nn.ModuleList, nn.ModuleDict)
+
+
+def is_container(module: nn.Module) -> bool:
+    """Whether ``module`` is one of the :data:`CONTAINERS` (not a subclass of one)."""
+    return type(module) in CONTAINERS
 
 
 def own_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -51,7 +57,7 @@ def own_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     (the first name first)."""
     own = [(n, p) for n, p in module._parameters.items() if p is not None]
     for child_name, child in module._modules.items():
-        if isinstance(child, CONTAINERS):
+        if is_container(child):
             own += [(f"{child_name}.{n}", p) for n, p in own_parameters(child)]
     return own
 
@@ -567,8 +573,10 @@ class GenericHandler(Handler):
         args, kwargs = pytree.tree_unflatten(leaves, spec)
         # the module's other parameters (its children's, which are blocks of their own,
         # and frozen ones) are constants of this block: detached, K carries no graph
-        own = set(params)
-        fixed = {n: p.detach() for n, p in self.block.module.named_parameters() if n not in own}
+        # by identity: a parameter of the block may have another first name in the module
+        # (an alias held by a child), and functional_call ties aliases itself
+        own = {id(p) for p in self.block.params}
+        fixed = {n: p.detach() for n, p in self.block.module.named_parameters() if id(p) not in own}
         values = {f"module.{n}": p for n, p in {**fixed, **params}.items()}
         return functional_call(_Unhooked(self.block.module), values, tuple(args), kwargs)
 

@@ -566,14 +566,14 @@ class RiemannianPreconditioner:
             for name, grad in with_grad.items():
                 _check_grad(name, grad, checks)
             self._check_not_preconditioned(with_grad)
-            if self._capture is not None:  # (a refusal above keeps the recorded pass)
-                self._capture.reset()  # step() runs a forward pass of its own
         # a parameter without .grad took no part in the loss: a zero vector, left as None
         directions, self.diagnostics = self._transaction(
             lambda: self._solve(
                 {n: g.detach().clone() for n, g in with_grad.items()}, params, checks
             )
         )
+        if self._capture is not None:  # the pass is spent (a refusal keeps it, for a retry)
+            self._capture.reset()
         for name, p in params:  # every direction exists before any .grad changes
             if name in directions:
                 p.grad.copy_(directions[name])
@@ -597,9 +597,13 @@ class RiemannianPreconditioner:
         same = [(n, g) for n, g in grads.items() if written.get(id(g), (None,))[0] == g._version]
         if not same:
             return
-        norms = torch._foreach_norm([g for _, g in same])
-        unchanged = torch.stack([a == written[id(g)][1] for (_, g), a in zip(same, norms)])
-        again = [n for (n, _), kept in zip(same, unchanged.tolist(), strict=True) if kept]
+        norms = torch._foreach_norm([g for _, g in same])  # a host sync, on suspicion only
+        # a zero direction preconditioned again is the same zero: not refused
+        again = [
+            n
+            for (n, g), norm in zip(same, norms, strict=True)
+            if bool(norm == written[id(g)][1]) and bool(norm != 0)
+        ]
         if again:
             raise RuntimeError(
                 f"the .grad of {again[:3]}{' ...' if len(again) > 3 else ''} still hold "

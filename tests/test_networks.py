@@ -395,11 +395,23 @@ def aliased():
     return nn.Sequential(AliasedLinear(4, 5), nn.Tanh(), nn.Linear(5, 3))
 
 
+class Stack(nn.ModuleList):
+    """A ModuleList with a forward (and a parameter) of its own: called, so an owner."""
+
+    def __init__(self):
+        super().__init__([nn.Linear(4, 5), nn.Linear(5, 3)])
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self[1](torch.tanh(self[0](x))) * self.scale
+
+
 CONTAINED = {
     "parameter-list": ListHolder,
     "parameter-dict": FunctionalMLP,
     "nested": NestedLists,
     "aliased": aliased,
+    "called-module-list": Stack,
 }
 
 
@@ -416,7 +428,8 @@ def test_parameters_in_containers_belong_to_the_module_holding_them(net, method)
     assert list(dirs) == [n for n, _ in model.named_parameters()]
     _, diags = rc.direction(model, x, y, damping=DAMPING, kernel="auto", return_diagnostics=True)
     assert [d.name for d in diags] == {"parameter-list": ["hidden", "out"], "parameter-dict": [""],
-                                       "nested": [""], "aliased": ["0", "2"]}[net]  # fmt: skip
+                                       "nested": [""], "aliased": ["0", "2"],
+                                       "called-module-list": ["0", "1", ""]}[net]  # fmt: skip
     pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel="auto")
     expected = oracle_of(model, x, y, method)
     assert_steps_exact(pre, model, x, lambda out: F.cross_entropy(out, y), expected)

@@ -196,6 +196,11 @@ def test_a_refused_second_step_keeps_the_pass_and_data_writes_are_new_gradients(
     pre.step()
     assert rel_error(flatten({n: p.grad for n, p in model.named_parameters()}, model),
                      expected) < 1e-10  # fmt: skip
+    for p in model.parameters():  # a zero gradient's direction is zero, written again
+        p.grad.data.zero_()
+    pre.step()
+    pre.step()  # zero preconditioned twice is the same zero: not refused
+    assert all(not p.grad.any() for p in model.parameters())
 
 
 def test_step_refuses_outputs_whose_classes_it_cannot_place():
