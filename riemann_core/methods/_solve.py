@@ -50,7 +50,8 @@ AUTO_REFINE = 3
 
 #: ``eps(model dtype) * cond(G)``, ``cond(G)`` as estimated, above which the direction is
 #: reported as undetermined by the model's precision: every error above 1% warns. The
-#: estimate reads low by up to 2.5x (a few power iterations), and on small float32
+#: estimate reads low by up to 2.5x (a few power iterations; a Gram's is the sum over its
+#: probe blocks, never below its ``lambda_max`` but by that), and on small float32
 #: networks the error reached 2/3 of ``eps cond(G)`` (tests/test_accuracy.py).
 ACCURACY_LEVEL = 0.005
 
