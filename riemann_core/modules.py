@@ -559,7 +559,9 @@ class GenericHandler(Handler):
                 f"({type(self.block.module).__name__}) one sample at a time with "
                 f"torch.func: {err}. A module that draws random numbers (call "
                 "model.eval()), that takes an argument whose first dimension equals the "
-                "batch but is not per sample, or whose operations torch.func cannot batch "
+                "batch but is not per sample, that writes in place into a tensor it makes "
+                "itself (an RNN cell's default hx=None: pass the initial state, "
+                "torch.zeros(N, hidden_size)), or whose operations torch.func cannot batch "
                 "cannot be split into samples; give it a structured kernel "
                 "(rc.register_handler)"
             ) from err

@@ -328,6 +328,43 @@ def test_parameter_used_outside_its_module_is_refused(method, kernel):
                      method=method, kernel=kernel)  # fmt: skip
 
 
+class RecurrentCell(nn.Module):
+    """A GRUCell unrolled over three steps (its weights shared across them), its state
+    given explicitly or left to the cell (``hx=None``)."""
+
+    def __init__(self, explicit_state: bool):
+        super().__init__()
+        self.cell, self.head, self.explicit_state = (
+            nn.GRUCell(4, 5),
+            nn.Linear(5, 3),
+            explicit_state,
+        )
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], 5) if self.explicit_state else None
+        for t in range(3):
+            h = self.cell(x * (t + 1), h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_recurrent_cell_with_its_state_given_is_exact(method):
+    torch.manual_seed(28)
+    model = RecurrentCell(explicit_state=True).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    assert_exact(model, x, y, method, "auto")
+
+
+def test_recurrent_cell_making_its_own_state_is_refused_with_the_fix():
+    # the cell writes in place into the zero state it makes itself, which torch.func
+    # cannot split into samples: the message says to pass the state
+    torch.manual_seed(28)
+    model = RecurrentCell(explicit_state=False).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    with pytest.raises(ValueError, match=r"RNN cell's default hx=None: pass the initial state"):
+        rc.direction(model, x, y, method="layerwise", kernel="auto")
+
+
 # -------------------------------------------------------------- parameter containers
 
 
