@@ -150,7 +150,9 @@ class Deferred:
             value = tensor.detach()
             self._pending.append((value if value.numel() == 1 else value.sum(), callback))
 
-    def finite_all(self, items: list[tuple[str, Tensor]], fix: str) -> None:
+    def finite_all(
+        self, items: list[tuple[str, Tensor]], fix: str, error: type = ValueError
+    ) -> None:
         """Every tensor of ``items`` (``(what, tensor)``) has no NaN or inf: one reading per
         device (the sum of their sums; a sum that overflows is re-checked exactly), the culprit
         named on failure. Per-tensor sums run on all cores; on a 2-core CPU they took
@@ -163,7 +165,7 @@ class Deferred:
         def callback(value: float) -> None:
             if not math.isfinite(value):
                 for what, tensor in items:
-                    check_finite(what, tensor, fix)
+                    check_finite(what, tensor, fix, error)
 
         by_device: dict[torch.device, list[Tensor]] = {}
         for t in tensors:
@@ -218,6 +220,19 @@ def check_refresh(refresh, decay) -> None:
             f"kfac_decay must be a number in [0, 1) (the running average's weight on past "
             f"factors; 0 uses each step's own), got {decay!r}"
         )
+
+
+#: What a non-finite gradient asks of the caller.
+OVERFLOW_FIX = (
+    "the loss or its backward overflowed (a loss scaled by torch.amp.GradScaler: pass the "
+    "scaler to the RiemannianPreconditioner as grad_scaler, and the scaler skips the step)"
+)
+
+
+class GradientOverflow(FloatingPointError):
+    """The gradient of a loss scaled by an enabled ``torch.amp.GradScaler`` overflowed:
+    raised by the checks of a preconditioner built with ``grad_scaler``, which hands the
+    step to the scaler to skip instead of refusing it."""
 
 
 def all_finite(tensor: Tensor) -> bool:

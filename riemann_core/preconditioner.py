@@ -12,7 +12,9 @@ from torch.utils import _pytree as pytree
 
 from . import coupling, distributed
 from ._checks import (
+    OVERFLOW_FIX,
     Deferred,
+    GradientOverflow,
     check_classes_last,
     check_damping,
     check_generator,
@@ -102,6 +104,20 @@ class RiemannianPreconditioner:
     ``DistributedDataParallel``, the ``.grad`` it averaged. A failure on any rank makes
     every rank raise, ``.grad`` untouched; ``timeout`` bounds every wait (seconds).
     K-FAC's ``kfac_refresh`` and ``kfac_decay`` are refused with a ``process_group``.
+
+    Mixed precision with a ``torch.amp.GradScaler`` (float16 autocast): pass it as
+    ``grad_scaler`` and call ``pre.backward(scaler.scale(loss))`` (or
+    ``scaler.scale(loss).backward(); pre.step()``), then ``scaler.step(opt)`` and
+    ``scaler.update()``. The direction of the scaled gradient is the scaled direction
+    (``G`` does not depend on the loss's scale), which ``scaler.step`` unscales. Where the
+    scaled gradient overflowed (NaN or inf in it, at the outputs or on the way back to a
+    module), the step is the scaler's to skip, as it is without the preconditioner: no
+    direction is computed, K-FAC's state is kept, each trainable ``.grad`` holds NaN
+    (``pre.step()``: the ``.grad`` are left as they are), ``pre.overflowed`` is ``True``,
+    and ``scaler.step(opt)`` skips the step and ``scaler.update()`` lowers the scale. A
+    disabled scaler changes nothing (an overflow is refused, as without one). With a
+    ``process_group`` only for a ``DistributedDataParallel`` model, whose averaged
+    ``.grad`` overflow on every rank alike.
     """
 
     def __init__(
@@ -125,6 +141,7 @@ class RiemannianPreconditioner:
         check_coupling: bool | str = True,
         process_group: torch.distributed.ProcessGroup | None = None,
         timeout: float = distributed.TIMEOUT,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ):
         self._options = Options.checked(
             method,
@@ -149,6 +166,8 @@ class RiemannianPreconditioner:
                 "group, and the metric must be the global batch's too: pass that group as "
                 "process_group (e.g. torch.distributed.group.WORLD)"
             )
+        _check_grad_scaler(grad_scaler, model, process_group)
+        self.grad_scaler = grad_scaler
         if process_group is not None:
             distributed.check_group(process_group)
             distributed.check_timeout(timeout)
@@ -160,6 +179,8 @@ class RiemannianPreconditioner:
         self.method = method
         self.process_group, self.timeout = process_group, timeout
         self.diagnostics: list[LayerDiagnostics] = []
+        #: whether the last step's scaled gradient overflowed (``grad_scaler`` only)
+        self.overflowed = False
         self._batch: tuple[tuple, dict, list, dict, dict] | None = None
         self._versions: list[tuple[str | None, Tensor, int]] = []
         # the batch as the caller passes it, before the model's own pre-hooks (a replay
@@ -345,9 +366,10 @@ class RiemannianPreconditioner:
         checks = Deferred()
         params = check_model(model, checks)
         checks.finite("the loss", loss, "check the data and lower the learning rate")
+        overflow = GradientOverflow if self._scaling else None  # the scaler's to skip
         for name, p in params:  # the direction is added to them, as loss.backward() adds
             if p.grad is not None:
-                _check_grad(name, p.grad, checks)
+                _check_grad(name, p.grad, checks, overflow or ValueError)
         check_generator(opts.generator, opts.output_metric, params[0][1].device)
         names = {id(p): n for n, p in params}
         notes = notes_for(model)
@@ -357,6 +379,7 @@ class RiemannianPreconditioner:
         key = coupling.probe_key(model, *self._batch[:2])
         probing = needs_factor and coupling.needs_probe(notes, key, opts.check_coupling)
         reuse = self._kfac is not None and not self._kfac.needs_factors(params, opts)
+        overflowed = False
         try:
             check_one_output(capture.output)
             paths = coupling.loss_paths(
@@ -395,14 +418,20 @@ class RiemannianPreconditioner:
                 checks.run()
                 gradient = self._autograd_gradient(loss, params)
                 for name, g in gradient.items():
-                    checks.finite(f"the gradient of {name!r}", g, "the loss overflowed")
+                    checks.finite(
+                        f"the gradient of {name!r}", g, OVERFLOW_FIX, overflow or ValueError
+                    )
                 directions, diagnostics = self._transaction(
                     lambda: self._solve(gradient, params, checks)
                 )
             else:
                 directions, diagnostics = self._transaction(
-                    lambda: self._fused(loss, not paths.calls, params, checks, output_gradient)
+                    lambda: self._fused(
+                        loss, not paths.calls, params, checks, output_gradient, overflow
+                    )
                 )
+        except GradientOverflow:
+            overflowed = True
         except RuntimeError as err:
             if "backward through the graph a second time" not in str(err):
                 raise
@@ -418,6 +447,16 @@ class RiemannianPreconditioner:
         if rehook:
             capture.remove()
             self._capture = Capture(model, notes.clone, persistent=True)
+        self.overflowed = overflowed
+        if overflowed:  # NaN, as the scaled backward's inf would leave, for scaler.step
+            for _, p in params:
+                p.grad = (
+                    torch.full_like(p, float("nan"))
+                    if p.grad is None
+                    else p.grad.fill_(float("nan"))
+                )
+            self.diagnostics, self._written = [], []
+            return
         for name, p in params:  # every direction exists before any .grad changes
             if name in directions:
                 direction = directions[name].detach()
@@ -453,10 +492,12 @@ class RiemannianPreconditioner:
         params,
         checks: Deferred,
         output_gradient: Tensor | None = None,
+        overflow: type | None = None,
     ):
         """The direction of ``loss``'s gradient from the graph of the recorded forward
         (``through_output``: the loss reaches the network only through its output, where
-        its gradient is ``output_gradient`` if already taken)."""
+        its gradient is ``output_gradient`` if already taken; ``overflow``: the error a
+        non-finite gradient raises)."""
         capture = self._capture
 
         def build():
@@ -472,6 +513,7 @@ class RiemannianPreconditioner:
                     loss=loss,
                     through_output=through_output,
                     output_gradient=output_gradient,
+                    overflow=overflow,
                 )
 
         devices = {p.device.type for _, p in params}
@@ -560,6 +602,9 @@ class RiemannianPreconditioner:
                 raise RuntimeError(
                     "no parameter has a .grad; call loss.backward() before pre.step()"
                 )
+            if self._scaling and _overflowed(with_grad):  # the scaler's to skip
+                self.overflowed, self.diagnostics, self._written = True, [], []
+                return
             device = params[0][1].device
             check_generator(self._options.generator, self._options.output_metric, device)
             check_inputs(*self._batch[:2], None, checks)  # an empty shard, named
@@ -578,6 +623,7 @@ class RiemannianPreconditioner:
             if name in directions:
                 p.grad.copy_(directions[name])
         self._wrote(params, directions)
+        self.overflowed = False
         self._commit()
 
     def _wrote(self, params, directions: dict[str, Tensor]) -> None:
@@ -612,6 +658,11 @@ class RiemannianPreconditioner:
                 "opt.zero_grad()) before each pre.step(), and pre.step() once per backward; "
                 "pre.backward(loss) needs no pre.step()"
             )
+
+    @property
+    def _scaling(self) -> bool:
+        """Whether an overflowed gradient is handed to an enabled ``grad_scaler``."""
+        return self.grad_scaler is not None and self.grad_scaler.is_enabled()
 
     @property
     def options(self) -> Options:
@@ -694,14 +745,44 @@ class RiemannianPreconditioner:
         self.remove()
 
 
-def _check_grad(name: str, grad: Tensor, checks: Deferred) -> None:
-    """A ``.grad`` the preconditioner uses: dense, and finite (read with ``checks``)."""
+def _check_grad(name: str, grad: Tensor, checks: Deferred, error: type = ValueError) -> None:
+    """A ``.grad`` the preconditioner uses: dense, and finite (read with ``checks``;
+    ``error`` raised otherwise)."""
     if grad.layout != torch.strided:
         raise TypeError(
             f"the .grad of {name!r} is {grad.layout} (an nn.Embedding(sparse=True)?): the "
             "metrics need dense gradients; build the module with sparse=False"
         )
-    checks.finite(f"the .grad of {name!r}", grad, "the loss or its backward overflowed")
+    checks.finite(f"the .grad of {name!r}", grad, OVERFLOW_FIX, error)
+
+
+def _overflowed(grads: dict[str, Tensor]) -> bool:
+    """Whether a ``.grad`` holds NaN or inf (one host read per device)."""
+    checks = Deferred()
+    checks.finite_all([(n, g) for n, g in grads.items()], "", GradientOverflow)
+    try:
+        checks.run()
+    except GradientOverflow:
+        return True
+    return False
+
+
+def _check_grad_scaler(scaler, model: nn.Module, process_group) -> None:
+    """``grad_scaler`` is ``None`` or a ``torch.amp.GradScaler``; with a process group, the
+    model is ``DistributedDataParallel`` (whose ``.grad`` overflow on every rank alike)."""
+    if scaler is None:
+        return
+    if not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(
+            f"grad_scaler must be a torch.amp.GradScaler (the one whose scale(loss) the "
+            f"preconditioner sees), got {type(scaler).__name__}"
+        )
+    if process_group is not None and not isinstance(model, DistributedDataParallel):
+        raise ValueError(
+            "grad_scaler with a process_group needs a DistributedDataParallel model: the "
+            "ranks' own .grad may overflow on some ranks only, and the step must be skipped "
+            "on all of them; wrap the model in DistributedDataParallel"
+        )
 
 
 def _kfac_state(method: str, refresh, decay) -> KFACState | None:

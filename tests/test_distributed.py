@@ -134,6 +134,7 @@ def on_rank(rank: int, world: int) -> dict:
     out["diagnostics"] = [d.name for d in diagnostics]
     for kind, method, ddp in STEPS:
         out["steps"][kind, method, ddp] = _steps(kind, method, ddp, rank, world)
+    out["scaled"] = _scaled_steps(rank, world)
     for i, (method, options) in enumerate(PHASES):
         out["phases"][i] = _phases(method, options, rank, world)
     out["kfac state"] = _outcome(
@@ -162,6 +163,33 @@ def _steps(kind, method, ddp, rank, world) -> list[dict]:
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
         opt.step()
     return grads
+
+
+def _scaled_steps(rank, world) -> list[tuple[bool, dict]]:
+    """Three steps of a DistributedDataParallel model beside a ``GradScaler``: in the
+    second, the last rank's loss overflows (its scale made inf), so the averaged ``.grad``
+    hold NaN on every rank. ``(pre.overflowed, .grad)`` after each ``pre.step()``."""
+    model, x, y = network("mlp")
+    part = shards(world, equal=True)[rank]
+    wrapped = DistributedDataParallel(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    pre = rc.RiemannianPreconditioner(
+        wrapped, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT,
+        grad_scaler=scaler,
+    )  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = []
+    for step in range(3):
+        opt.zero_grad()
+        loss = scaler.scale(F.cross_entropy(wrapped(x[part]), y[part]))
+        if step == 1 and rank == world - 1:
+            loss = loss * float("inf")
+        loss.backward()
+        pre.step()
+        steps.append((pre.overflowed, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        scaler.step(opt)
+        scaler.update()
+    return steps
 
 
 def _phases(method, options, rank, world) -> dict:
@@ -385,6 +413,26 @@ def test_preconditioner_steps_equal_the_single_process(run):
                 assert error <= 1e-12, (
                     f"{kind} {method} ddp={ddp} step {step}: rank {rank} {error:.1e}"
                 )
+
+
+def test_an_overflow_under_a_grad_scaler_is_skipped_on_every_rank(run):
+    """One rank's overflow reaches every rank through the averaged ``.grad``: each skips
+    the step alike (no rank left waiting in a solve). The other steps' ``.grad`` are the
+    single-process directions times the scale: 2^10 at the start, and 2^9 (the scale
+    backed off) at the point the first step left, the skipped step having moved nothing."""
+    world, results = run
+    model, x, y = network("mlp")
+    expected = [{n: d * 2.0**10 for n, d in rc.direction(model, x, y, damping=DAMPING).items()}]
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p -= 0.1 * expected[0][n] / 2.0**10
+    expected.append({n: d * 2.0**9 for n, d in rc.direction(model, x, y, damping=DAMPING).items()})
+    for rank, result in enumerate(results):
+        assert [overflowed for overflowed, _ in result["scaled"]] == [False, True, False]
+        (_, first), (_, skipped), (_, third) = result["scaled"]
+        assert all(not g.isfinite().all() for g in skipped.values()), f"rank {rank}"
+        assert relative_error(first, expected[0]) <= 1e-12, f"rank {rank}"
+        assert relative_error(third, expected[1]) <= 1e-12, f"rank {rank}"
 
 
 @pytest.mark.parametrize("case", range(len(PHASES)), ids=lambda i: str(PHASES[i]))

@@ -12,6 +12,7 @@ from torch.utils import _pytree as pytree
 from .. import coupling
 from .._checks import (
     KFAC_OPTIONS,
+    OVERFLOW_FIX,
     Deferred,
     check_kfac_options,
     check_no_frequency_scaling,
@@ -449,6 +450,7 @@ def problem_from_graph(
     through_output: bool = True,
     output_gradient: Tensor | None = None,
     probe=None,
+    overflow: type | None = None,
 ) -> Problem:
     """The problem of a forward pass already run: its ``outputs`` and the ``calls`` of
     the modules with parameters (:mod:`riemann_core.capture`), still in the autograd graph.
@@ -459,7 +461,9 @@ def problem_from_graph(
     network only through ``outputs``, where its gradient is ``output_gradient`` if the
     caller already took it) or else of the mean loss on ``targets``. ``probe``: run the
     batch-coupling probe on this graph (a :class:`~riemann_core.coupling.Probe`). Checks of
-    the data are read once (a host sync) before the loss gradient is formed.
+    the data are read once (a host sync) before the loss gradient is formed. ``overflow``:
+    the error a non-finite loss gradient raises, at the outputs or pulled back to a module
+    (a loss scaled by a ``GradScaler``; by default the outputs' is refused as bad input).
     """
     check_one_output(outputs)
     check_outputs(outputs, targets, opts.loss, checks)
@@ -489,6 +493,9 @@ def problem_from_graph(
             flat = [
                 torch.zeros_like(p) if g is None else g for g, p in zip(flat, params, strict=True)
             ]
+            names = [n for b in blocks for n in b.param_names]
+            items = [(f"the gradient of {n!r}", g) for n, g in zip(names, flat, strict=True)]
+            checks.finite_all(items, OVERFLOW_FIX, overflow or ValueError)
             given = [[flat.pop(0) for _ in b.params] for b in blocks]
         return Problem(blocks, gradient=given)
 
@@ -518,10 +525,7 @@ def problem_from_graph(
             if dz is None:
                 (dz,) = torch.autograd.grad(loss, outputs, retain_graph=True)
             checks.finite(
-                "the loss gradient at the outputs",
-                dz,
-                "check the loss function (a loss scaled by torch.amp.GradScaler overflowed in "
-                "float16: use bfloat16 autocast, which needs no scaler)",
+                "the loss gradient at the outputs", dz, OVERFLOW_FIX, overflow or ValueError
             )
             seeds = (torch.cat([dz[None], seeds[0]]),)
         else:  # the loss seeded with 1, the output with 0
@@ -537,6 +541,9 @@ def problem_from_graph(
     for c, delta in zip(calls, pulled, strict=True):
         c.delta = delta if given is not None else delta[1:]
         c.output_grad = None if given is not None else delta[0]
+    if overflow is not None and given is None:  # half-precision rows may overflow on the way
+        items = [(f"the loss gradient at the output of {c.name!r}", c.output_grad) for c in calls]
+        checks.finite_all(items, OVERFLOW_FIX, overflow)
     handlers = [handler_for(b, opts.kernel) for b in blocks]
     if probe is not None:
         coupling.register(checks, notes_for(model), model, z, calls, handlers, probe)
