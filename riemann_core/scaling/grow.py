@@ -9,8 +9,10 @@ axis's top value while the overhead is more than ``grid.overhead_target`` of the
 while it has fewer than two such compute-bound points, while its top segment adds too
 little work to judge, or while the time grows more slowly than the work there (the
 achieved rates still climb: :func:`~riemann_core.scaling.fit.axis_regime`). An axis stops
-growing where its top segment is in that regime, where it reached its cap, where the top point was over the FLOP or
-memory budget (or failed), or where measuring the next point would overrun
+growing where its top segment is in that regime, where it reached its cap, where the top
+point was over the FLOP or memory budget (or failed), where it took a slow path (its time is
+not the cost model's, and a larger point, whose ``cond(G)`` is usually larger, would take it
+too), or where measuring the next point would overrun
 ``grid.time_budget_s``; :class:`Plan`'s ``decisions`` say which, per method, kernel and axis.
 
 **Outliers.** A point whose median lies a factor :data:`~.sweep.NEIGHBOUR_FACTOR` or more
@@ -77,6 +79,13 @@ def plan(rows: list[dict], grid: Grid, *, elapsed: float) -> Plan:
             top = on_axis.loc[on_axis[axis].idxmax()]
             if top["status"] != "ok":
                 out.decisions[name] = f"stopped at {axis}={top[axis]}: {top['reason']}"
+                continue
+            if top["slow_paths"]:
+                out.decisions[name] = (
+                    f"stopped at {axis}={top[axis]}: it took a slow path ({top['slow_paths']}), "
+                    "whose time the claims leave out, and a larger point would most likely "
+                    "take it too"
+                )
                 continue
             if model is None:
                 out.decisions[name] = (

@@ -491,7 +491,8 @@ def lines_to_interleave(rows: list[dict], base: Mapping[str, int]) -> list[tuple
     Per method, kernel, dtype, device and output metric: the line along each of
     :data:`INTERLEAVED_AXES` through ``base`` (the ok points whose other axes sit at the
     base, in order along the axis) where it has three or more points (a shape needs
-    three), and the top two points of the line along each of :data:`TOP_PAIR_AXES`.
+    three), and the top two points of the line along each of :data:`TOP_PAIR_AXES`. Points
+    that took a slow path are left out, as the claims leave them out.
     Lines that share a point are timed as one group, so that every point has one timing
     and every line through it is timed in one stretch; ``axes`` names the group's axes,
     space-separated.
@@ -499,8 +500,10 @@ def lines_to_interleave(rows: list[dict], base: Mapping[str, int]) -> list[tuple
     lines: dict[tuple, list[dict]] = {}
     for axis in (*INTERLEAVED_AXES, *TOP_PAIR_AXES):
         for row in rows:
-            if row["status"] == "ok" and all(
-                int(row[a]) == int(base[a]) for a in AXES if a != axis
+            if (
+                row["status"] == "ok"
+                and not row.get("slow_paths")
+                and all(int(row[a]) == int(base[a]) for a in AXES if a != axis)
             ):
                 group = (axis, *(row[k] for k in KEY if k not in AXES))
                 lines.setdefault(group, []).append(run_of(row))

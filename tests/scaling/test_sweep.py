@@ -501,15 +501,23 @@ def test_growth_doubles_an_axis_while_the_overhead_dominates(overhead, changes, 
 
 def test_growth_judges_the_regime_without_points_that_took_a_slow_path():
     """As the claims do (found by review: two slow-path points at the top, each 50x its
-    cost model's time, read as compute-bound and growing like the work: "reached")."""
+    cost model's time, read as compute-bound and growing like the work: "reached"). A top
+    point that took one stops the axis (found by review: every point grown past it took
+    one too, no claim could use them, and the sweep overran its time budget 7.5x)."""
     grid, rows = synthetic_rows(1e-3, widths=(4, 8, 16, 32))
     rows = [{**r, "slow_paths": ""} for r in rows]
-    for i in (2, 3):  # widths 16 and 32
-        rows[i].update(slow_paths="residual", time_median_s=50 * rows[i]["time_median_s"])
+    rows[2].update(slow_paths="residual", time_median_s=50 * rows[2]["time_median_s"])  # 16
     grid = sw.Grid(**{**TINY, "methods": ("layerwise",), "grow": {"width": 256}})
     plan = grow.plan(rows, grid, elapsed=0.0)
     assert plan.decisions["layerwise/structured/width"].startswith("growing to width=64")
     assert [r["width"] for r in plan.runs] == [64]
+    rows[3].update(slow_paths="refine residual")  # 32, the top
+    plan = grow.plan(rows, grid, elapsed=0.0)
+    assert plan.decisions["layerwise/structured/width"] == (
+        "stopped at width=32: it took a slow path (refine residual), whose time the claims "
+        "leave out, and a larger point would most likely take it too"
+    )
+    assert plan.runs == []
 
 
 def test_an_axis_without_a_time_model_says_why_it_did_not_grow():
@@ -687,6 +695,20 @@ def test_the_depth_lines_and_top_pairs_through_the_base_are_the_ones_timed_again
         if r["depth"] == 3 or r["width"] in (2, 3) or r["batch"] in (2, 8):
             r["status"] = "error"
     assert sw.lines_to_interleave(rows, grid.base) == []
+
+
+def test_points_that_took_a_slow_path_are_not_timed_again():
+    """The claims leave them out, so the top pair is the top two without one (found by
+    review: the width pair timed again was two slow-path points, and the pair the claims
+    judged was not)."""
+    axes = {"width": (2, 3, 4), "depth": (1,), "out_dim": (3,), "batch": (4,)}
+    grid = sw.Grid(**{**TINY, "axes": axes, "methods": ("layerwise",)})
+    rows = [{**sw.blank_row(run), "status": "ok", "slow_paths": ""} for run in grid.runs()]
+    for r in rows:
+        if r["width"] == 4:
+            r["slow_paths"] = "residual"
+    groups = sw.lines_to_interleave(rows, grid.base)
+    assert groups and {tuple(r["width"] for r in runs) for _, runs in groups} == {(2, 3)}
 
 
 def test_a_sweep_times_its_depth_lines_and_top_pairs_again_interleaved(tmp_path, monkeypatch):
