@@ -378,7 +378,8 @@ class RiemannianPreconditioner:
         needs_factor = SOLVERS[self.method].NEEDS_FACTOR
         key = coupling.probe_key(model, *self._batch[:2])
         probing = needs_factor and coupling.needs_probe(notes, key, opts.check_coupling)
-        reuse = self._kfac is not None and not self._kfac.needs_factors(params, opts)
+        called = {n for c in capture.calls for n in c.param_names}
+        reuse = self._kfac is not None and not self._kfac.needs_factors(params, opts, called)
         overflowed = False
         try:
             check_one_output(capture.output)
@@ -533,7 +534,9 @@ class RiemannianPreconditioner:
         full = {
             n: gradient[n].detach() if n in gradient else torch.zeros_like(p) for n, p in params
         }
-        if self._kfac is not None and not self._kfac.needs_factors(params, self._options):
+        if self._kfac is not None and not self._kfac.needs_factors(
+            params, self._options, set(gradient)
+        ):
             directions, diagnostics = self._kfac.reuse(full, self._options, checks)
         else:
             with distributed.share_failure(self.process_group, self.timeout):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from oracle import Problem, batches, preconditioned, restored_precision
+from torch import nn
 
 import riemann_core as rc
 from riemann_core.methods import kfac_checkpoint
@@ -259,6 +260,21 @@ CORRUPTIONS = {
     "keys": r"module '2' does not have the keys of a saved state: missing \['rows'\]",
     "average": r"running average '2:Gamma' is of order 3, its parameters need \[4\]",
 }
+
+
+def test_a_state_loaded_into_a_model_with_tied_weights_is_refused():
+    """Found by review: a KeyError from inside, where K-FAC refuses shared parameters."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    pre = rc.RiemannianPreconditioner(model, method="kfac", kfac_refresh=3)
+    F.cross_entropy(model(torch.randn(6, 4)), torch.randint(0, 4, (6,))).backward()
+    pre.step()
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    tied[2].weight = tied[0].weight
+    other = rc.RiemannianPreconditioner(tied, method="kfac", kfac_refresh=3)
+    before = other.state_dict()
+    with pytest.raises(ValueError, match=r"\['2.weight'\] are tied to another module's"):
+        other.load_state_dict(pre.state_dict())
+    assert same_state(other.state_dict(), before)
 
 
 @pytest.mark.parametrize("change", CORRUPTIONS)

@@ -18,6 +18,7 @@ from oracle import (
     kfac_factors,
     mlp,
     oracle_direction,
+    preconditioned,
     rel_error,
     snapshot,
     solve_kfac_metric,
@@ -738,6 +739,71 @@ def test_kfac_refresh_follows_a_changed_set_of_parameters():
     expected = solve_kfac_metric([(slice(0, 15), module, Gamma, A)], g, 1e-2, "exact", "joint")
     got = torch.cat([second["direction"][n].reshape(-1) for n in ("2.weight", "2.bias")])
     assert rel_error(got, expected) < 1e-10
+
+
+class WithAuxiliaryHead(nn.Module):
+    """``net`` and a trainable head that the forward pass does not call."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.aux = net, nn.Linear(3, 3).double()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("call", ["step", "backward"])
+def test_kfac_refresh_is_kept_beside_a_module_the_forward_pass_does_not_call(call):
+    """Found by review: every step between refreshes factorised again (and ``pre.step()``
+    ran the forward pass again), as the cached blocks never covered the uncalled head."""
+    net, _, _ = Problem(depth=3).make()
+    model, plain = WithAuxiliaryHead(copy.deepcopy(net)), net
+    kw = dict(method="kfac", damping=1e-2, kfac_refresh=3)
+    runs = []
+    for m in (model, plain):
+        pre = rc.RiemannianPreconditioner(m, **kw)
+        forwards, fused = [], []
+        m.register_forward_hook(lambda *args, forwards=forwards: forwards.append(1))
+        solve_from_graph = pre._fused
+        pre._fused = lambda *a, fused=fused, f=solve_from_graph: fused.append(1) or f(*a)
+        directions = []
+        for x, y in batches(4):
+            forwards.clear()
+            preconditioned(pre, m, x, y, call)
+            named = m.net.named_parameters() if m is model else m.named_parameters()
+            directions.append((len(forwards), {n: p.grad.clone() for n, p in named}))
+        runs.append((directions, len(fused)))
+        assert model.aux.weight.grad is None
+    (got, got_fused), (expected, expected_fused) = runs
+    assert [f for f, _ in got] == [f for f, _ in expected]
+    assert [f for f, _ in expected] == ([2, 1, 1, 2] if call == "step" else [2, 1, 1, 1])
+    assert got_fused == expected_fused
+    for (_, a), (_, b) in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+def test_kfac_running_average_of_a_weight_apart_from_its_bias_outlives_a_frozen_bias():
+    """``kfac_bias="separate"``: the weight's input factor ``mean x x^T`` does not depend
+    on the bias, so its running average goes on while the bias is frozen and after it is
+    unfrozen (found by review: it started afresh from one batch, 115% off, and resumed a
+    stale one on unfreezing). A state saved before, which keyed it by the weight's name,
+    loads."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    kw = dict(method="kfac", damping=1e-2, kfac_bias="separate", kfac_decay=0.9)
+    pre = rc.RiemannianPreconditioner(model, **kw)
+    expected = None
+    for t, (x, y) in enumerate(batches(4)):
+        model[0].bias.requires_grad_(t not in (1, 2))
+        preconditioned(pre, model, x[:, :4], y, "step")
+        A = x[:, :4].T @ x[:, :4] / len(x)
+        expected = A if expected is None else 0.9 * expected + 0.1 * A
+        torch.testing.assert_close(pre.state_dict()["kfac"]["averages"]["0:A"], expected)
+    state = pre.state_dict()
+    state["kfac"]["averages"]["0.weight:A"] = state["kfac"]["averages"].pop("0:A")
+    resumed = rc.RiemannianPreconditioner(model, **kw)
+    resumed.load_state_dict(state)
+    torch.testing.assert_close(resumed.state_dict()["kfac"]["averages"]["0:A"], expected)
 
 
 @pytest.mark.parametrize(

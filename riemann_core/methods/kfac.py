@@ -426,7 +426,7 @@ class KFACState:
         check_refresh(refresh, decay)
         self.refresh, self.decay = refresh, float(decay)
         self.steps = 0
-        self._averages: dict[str, Tensor] = {}  # running factors by "module:Gamma", "part:A"
+        self._averages: dict[str, Tensor] = {}  # running factors by "module:Gamma", "module:A"
         self._cached: dict[str, Cached] = {}  # by module
         self.discard()
 
@@ -435,16 +435,21 @@ class KFACState:
         """Whether this step refreshes the factorisations."""
         return self.steps % self.refresh == 0
 
-    def needs_factors(self, params, opts: Options) -> bool:
-        """Whether a step on ``params`` (``(name, parameter)`` pairs) with ``opts`` needs
-        this batch's factors: when due, with running averages, and where the cached blocks
-        were factorised for other parameters (a module swapped, a parameter replaced,
-        frozen or unfrozen: compared by identity, which the cached blocks keep) or in
-        another dtype or on another device (the model moved since)."""
+    def needs_factors(self, params, opts: Options, used: set[str] | None = None) -> bool:
+        """Whether a step on ``params`` (the trainable ``(name, parameter)`` pairs) with
+        ``opts`` needs this batch's factors: when due, with running averages, where a cached
+        block's parameters are not all among ``params`` (a module swapped, a parameter
+        replaced or frozen: compared by identity, which the cached blocks keep), where a
+        parameter the step uses (``used``, names; by default all of ``params``) has no
+        cached block (unfrozen, or its module not called at the last refresh), or where the
+        blocks were factorised in another dtype or on another device (the model moved
+        since). A trainable module the forward pass does not call needs nothing."""
+        current = {(n, id(p)) for n, p in params}
+        needed = current if used is None else {(n, i) for n, i in current if n in used}
         return (
             self.decay > 0
             or self.due
-            or _identities(self._cached.values()) != {(n, id(p)) for n, p in params}
+            or not needed <= _identities(self._cached.values()) <= current
             or not all(c.placed_for(opts) for c in self._cached.values())
         )
 
@@ -461,7 +466,9 @@ class KFACState:
             gamma, inputs = module_factors(handler, opts)
         if self.decay > 0:
             gamma = self._average(average_key(name, "Gamma"), gamma)
-            inputs = {p: self._average(average_key(p, "A"), A) for p, A in inputs.items()}
+            # one input factor per module (its weight's), whatever the bias does: freezing
+            # the bias apart from the weight keeps the weight's average
+            inputs = {p: self._average(average_key(name, "A"), A) for p, A in inputs.items()}
         if cached:
             s = old.solve(index, gradient, opts)
         else:
@@ -538,7 +545,9 @@ class KFACState:
 
 
 def average_key(owner: str, factor: str) -> str:
-    """The key of a running average: ``module:Gamma``, or ``part:A`` (a part's name)."""
+    """The key of a running average: ``module:Gamma`` or ``module:A`` (the module's input
+    factor, with a column of ones where the bias joins the weight: then another order, and
+    an average of another order starts afresh)."""
     return f"{owner}:{factor}"
 
 

@@ -96,7 +96,7 @@ def load(state: KFACState, saved, network: nn.Module, opts: Options) -> None:
     with full_precision(devices):  # as every step factorises
         cached = {name: _cached(name, entry, network, opts) for name, entry in entries.items()}
     owners = _average_owners(cached.values())
-    given = _mapping(saved["averages"], "the K-FAC state's 'averages'")
+    given = _renamed(_mapping(saved["averages"], "the K-FAC state's 'averages'"), cached.values())
     missing = sorted(set(owners) - set(given)) if state.decay > 0 else []
     if missing:
         raise ValueError(
@@ -117,16 +117,28 @@ def load(state: KFACState, saved, network: nn.Module, opts: Options) -> None:
 
 
 def _average_owners(cached) -> dict[str, tuple[Factor, str]]:
-    """The running averages' keys (``module:Gamma``, ``part:A``) of the cached modules,
+    """The running averages' keys (``module:Gamma``, ``module:A``) of the cached modules,
     with the factor each must match in order, dtype and device."""
     owners = {}
     for c in cached:
         where = f"the K-FAC state of module {c.block.name!r}"
         owners[average_key(c.block.name, "Gamma")] = (c.blocks[0].gamma, where)
         owners.update(
-            {average_key(b.part.name, "A"): (b.A, where) for b in c.blocks if b.A is not None}
+            {average_key(c.block.name, "A"): (b.A, where) for b in c.blocks if b.A is not None}
         )
     return owners
+
+
+def _renamed(given: dict, cached) -> dict:
+    """``given`` averages with the input factor of a weight apart from its bias under its
+    module's key, where a state saved before this version keyed it by the weight's name."""
+    given = dict(given)
+    for c in cached:
+        for b in c.blocks:
+            old, new = average_key(b.part.name, "A"), average_key(c.block.name, "A")
+            if b.A is not None and old != new and new not in given and old in given:
+                given[new] = given.pop(old)
+    return given
 
 
 def _cached(name, entry, network: nn.Module, opts: Options) -> Cached:
@@ -150,7 +162,14 @@ def _cached(name, entry, network: nn.Module, opts: Options) -> Cached:
     rows = entry["rows"]
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
         raise ValueError(f"{where}: 'rows' must be a positive count, got {rows!r}")
-    params = dict(network.named_parameters())
+    params = dict(network.named_parameters())  # a tied parameter under its first name
+    tied = [n for n in names if n not in params]
+    if tied:
+        raise ValueError(
+            f"{where}: the model's {tied} are tied to another module's parameter, which "
+            "K-FAC refuses (a shared parameter has no Kronecker form): the state was saved "
+            "for another model"
+        )
     block = Block(name, None, names, [params[n] for n in names], inputs=(), output=None)
     with_weight, with_bias = own.get("weight") in names, own.get("bias") in names
     parts = block_parts(block, with_weight, with_bias, opts.kfac_bias)
