@@ -272,7 +272,7 @@ def _write_reports(
     lines = [
         f"# Scaling report: {len(parts)} devices",
         "",
-        f"Produced by `{meta.get('command', 'riemann-bench run')}` (sweep), then "
+        f"Produced by {produced_by(meta)} (sweep), then "
         f"`riemann-bench fit`, `validate` and `report` on `{out}`; regenerate the reports "
         f"from `results.csv` with `riemann-bench report --out {out}`.",
         "",
@@ -293,6 +293,13 @@ def _write_reports(
     write_atomic(stage / "report.md", "\n".join(lines) + "\n")
 
 
+def produced_by(meta: dict) -> str:
+    """The sweep commands that filled the directory, in order (a resume adds its own)."""
+    commands = meta.get("commands") or [meta.get("command", "riemann-bench run")]
+    first, *resumes = [f"`{c}`" for c in commands]
+    return first + "".join(f", resumed by {c}" for c in resumes)
+
+
 def device_report(
     df: pd.DataFrame,
     meta: dict,
@@ -310,12 +317,13 @@ def device_report(
     paths = figures(df, meta, rates, directory, progress)
     claims = validate.validate(df, meta, seed=seed, progress=progress)
     env = meta.get("environment", {})
-    regenerate = f"riemann-bench report --out {out}"
+    # the claims' bootstrap intervals depend on the seed: the command names it
+    regenerate = f"riemann-bench report --out {out}" + (f" --seed {seed}" if seed else "")
     verdicts = pd.Series([c.verdict for c in claims]).value_counts()
     lines = [
         f"# Scaling report: {env.get('device_name', 'unknown device')}",
         "",
-        f"Produced by `{meta.get('command', 'riemann-bench run')}` (sweep), then "
+        f"Produced by {produced_by(meta)} (sweep), then "
         f"`riemann-bench fit`, `validate` and `report` on `{out}`. Regenerate the figures and "
         f"this file from `results.csv` with `{regenerate}`.",
         "",

@@ -994,9 +994,12 @@ def sweep(
     path = out / "results.csv"
     rows = read_results(path)  # before any work: a corrupted file stops the sweep here
     previous = resumable_record(out, rows, grid)
-    # finished points are kept; skipped, failed and out-of-memory ones are decided again,
-    # those of what this grid measures (a smaller grid's resume keeps the others as they are)
-    rows = [r for r in rows if r["status"] == "ok" or not grid.selects(r)]
+    # finished points are kept; skipped, failed and out-of-memory ones are decided again
+    # where this grid measures them (a smaller grid's resume keeps the others as they are)
+    planned = {key_of(run) for run in grid.runs()}
+    rows = [
+        r for r in rows if r["status"] == "ok" or not grid.selects(r) or key_of(r) not in planned
+    ]
     check_same_model([r for r in rows if r["status"] == "ok"], path)
     resumed = len(rows)
     done = {key_of(r) for r in rows}
@@ -1004,6 +1007,12 @@ def sweep(
     for run in [*grid.runs(), *rows]:
         order.setdefault(key_of(run), len(order))
     record = {"grid": asdict(grid), "base": grid.base, "axes": grid.axes, **(meta or {})}
+    if rows and previous:  # a resume: the axes and commands of every sweep into out
+        axes = previous["axes"]
+        record["axes"] = {a: sorted({*axes[a], *grid.axes[a]}) for a in AXES}
+        if "command" in record:
+            earlier = previous.get("commands") or [previous.get("command", "an earlier sweep")]
+            record["commands"] = [*earlier, record["command"]]
     devices = previous_devices(previous)
     session = uuid.uuid4().hex
     # a resumed sweep measures in this process as it did: checked before any write (a

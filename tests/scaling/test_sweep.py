@@ -22,7 +22,7 @@ from riemann_core.measure import public_kfac
 from riemann_core.measure.flops import KINDS
 from riemann_core.measure.problems import widths
 from riemann_core.measure.timing import RATE_KINDS, Timing, device_rates
-from riemann_core.scaling import grow
+from riemann_core.scaling import grow, report
 from riemann_core.scaling import sweep as sw
 from riemann_core.woodbury import AccuracyWarning
 
@@ -362,6 +362,25 @@ def test_a_resume_with_a_smaller_grid_keeps_the_other_rows_as_recorded(tmp_path,
     euclidean = [r for r in after if r["method"] == "euclidean"]
     assert {r["width"] for r in euclidean} == {"4", "5", "6"}
     assert all(r["remeasured"] == "1" for r in euclidean)  # the grid's own: measured again
+
+
+def test_a_resume_keeps_the_skipped_points_its_grid_leaves_out_and_records_both(tmp_path):
+    """Found by review: resumed with fewer widths, a sweep deleted the skipped row of a
+    width it left out, and its record (then the report) named only the last command and
+    its axes while the file held both sweeps' points."""
+    grid = {**TINY, "methods": ("full",), "kernels": ("structured",), "flop_budget": 1e4}
+    grid["axes"] = {**TINY["axes"], "width": (4, 6)}
+    sw.sweep(sw.Grid(**grid), tmp_path, progress=False, meta={"command": "first"})
+    before = rows_of(tmp_path / "results.csv")
+    assert {r["status"] for r in before} == {"skipped"}
+    smaller = {**grid, "axes": {**grid["axes"], "width": (4,)}}
+    sw.sweep(sw.Grid(**smaller), tmp_path, progress=False, meta={"command": "second"})
+    after = rows_of(tmp_path / "results.csv")
+    assert sorted(r["width"] for r in after) == sorted(r["width"] for r in before)
+    record = json.loads((tmp_path / "sweep.json").read_text())
+    assert record["commands"] == ["first", "second"] and record["command"] == "second"
+    assert record["axes"]["width"] == [4, 6]
+    assert report.produced_by(record) == "`first`, resumed by `second`"
 
 
 def test_points_measured_again_as_outliers_are_counted_once(tmp_path, monkeypatch):
