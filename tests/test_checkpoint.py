@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from oracle import Problem, batches, preconditioned, restored_precision
 from torch import nn
+from torch.utils import _pytree as pytree
 
 import riemann_core as rc
 from riemann_core.methods import kfac_checkpoint
@@ -220,6 +221,11 @@ def corrupt(state, change):
         del kfac["averages"]["2:Gamma"]
     elif change == "negative":
         module["gamma"] = {"matrix": -torch.eye(4, dtype=torch.float64)}
+    elif change == "asymmetric":
+        module["gamma"] = {"matrix": torch.eye(4, dtype=torch.float64) + torch.ones(4, 4).tril(-1)}
+    elif change == "indefinite":  # symmetric, a 2 x 2 minor negative
+        module["gamma"] = {"matrix": torch.tensor([[1.0, 2, 0, 0], [2, 1, 0, 0], [0, 0, 1, 0],
+                                                  [0, 0, 0, 1]], dtype=torch.float64)}  # fmt: skip
     elif change == "sparse":
         module["gamma"] = {"matrix": torch.eye(4, dtype=torch.float64).to_sparse()}
     elif change == "overflow":
@@ -253,6 +259,8 @@ CORRUPTIONS = {
     "missing-average": r"lacks the running averages \['2:Gamma'\] of modules it caches",
     "negative": r"Gamma of module '2' must be a square matrix with a non-negative diagonal",
     "sparse": r"Gamma of module '2' must be a dense 2-D floating tensor",
+    "asymmetric": r"Gamma of module '2' is not a Gram matrix .* not symmetric",
+    "indefinite": r"Gamma of module '2' is not a Gram matrix .* exceeds sqrt\(F_ii F_jj\)",
     "overflow": r"module '2': its saved factors cannot be factorised",
     "tensor-option": r"saved with kfac_refresh=tensor\(\[3, 3\]\)",
     "order": r"Gamma of module '2' is of order 5, its parameters need \[4\]",
@@ -260,6 +268,22 @@ CORRUPTIONS = {
     "keys": r"module '2' does not have the keys of a saved state: missing \['rows'\]",
     "average": r"running average '2:Gamma' is of order 3, its parameters need \[4\]",
 }
+
+
+@pytest.mark.parametrize("how", ["backward", "step"])
+def test_a_state_holds_its_factors_alone(how):
+    """Found by review: after ``pre.backward`` the cached factor rows were views into the
+    pullback's buffer, which holds the loss gradient's row too: the cache kept it alive and
+    ``torch.save`` wrote all of it."""
+    torch.manual_seed(0)  # a wide layer: its factor Gamma's rows are fewer than its order
+    model = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 3)).double()
+    pre = rc.RiemannianPreconditioner(model, method="kfac", kfac_refresh=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train(model, pre, opt, batches(3), how)  # the third step refreshes (fused backward)
+    tensors = [t for t in pytree.tree_leaves(pre.state_dict()) if isinstance(t, torch.Tensor)]
+    assert tensors
+    for t in tensors:
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 def test_a_state_loaded_into_a_model_with_tied_weights_is_refused():

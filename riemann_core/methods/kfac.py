@@ -558,7 +558,17 @@ def _identities(solved) -> set[tuple[str, int]]:
 
 
 def _cache(handler: PatchHandler, s: KroneckerSolve) -> Cached:
-    """What a later step needs of this one's module: its parameters, not its data."""
+    """What a later step needs of this one's module: its parameters, not its data. Thin
+    factors' rows are copied out of a larger buffer (``pre.backward``'s rows share theirs
+    with the loss gradient's): kept, or saved by ``torch.save``, a view keeps it whole."""
+    for damped in s.blocks:
+        for factor in (damped.gamma, damped.A):
+            if factor is not None and factor.thin and _in_larger_storage(factor.rows):
+                factor.rows = factor.rows.clone()
     b = handler.block
     block = Block(b.name, b.module, list(b.param_names), list(b.params), inputs=(), output=None)
     return Cached(block, s.kernel, s.rows, s.blocks)
+
+
+def _in_larger_storage(tensor: Tensor) -> bool:
+    return tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size()

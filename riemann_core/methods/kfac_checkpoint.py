@@ -240,12 +240,25 @@ def _check_order(factor: Factor, orders: set[int], what: str, where: str) -> Non
 
 
 def _matrix(value, what: str, device, dtype=None) -> Tensor:
-    """A square :func:`_tensor` with a non-negative diagonal (a Gram matrix's)."""
+    """A square :func:`_tensor` that may be a Gram matrix: a non-negative diagonal,
+    symmetric and ``|F_ij| <= sqrt(F_ii F_jj)`` (its 2 x 2 principal minors non-negative;
+    O(n^2), where a full test of definiteness would cost a factorisation), each up to a
+    rounding of ``sqrt(eps)`` relative to the largest entry. A corrupted or hand-edited
+    factor breaks one of them, where the eigendecomposition would read one triangle and
+    clamp negative eigenvalues to zero, silently another metric."""
     tensor = _tensor(value, what, device, dtype)
     if tensor.shape[0] != tensor.shape[1] or bool((tensor.diagonal() < 0).any()):
         raise ValueError(
             f"the K-FAC state's {what} must be a square matrix with a non-negative diagonal "
             f"(a sum of outer products), got shape {tuple(tensor.shape)}: the file is corrupted"
+        )
+    slack = torch.finfo(tensor.dtype).eps ** 0.5 * tensor.abs().max()
+    diagonal = tensor.diagonal()
+    bound = (diagonal[:, None] * diagonal[None, :]).sqrt() + slack
+    if bool(((tensor - tensor.mT).abs() > slack).any()) or bool((tensor.abs() > bound).any()):
+        raise ValueError(
+            f"the K-FAC state's {what} is not a Gram matrix (a sum of outer products): it is "
+            "not symmetric, or an entry exceeds sqrt(F_ii F_jj): the file is corrupted"
         )
     return tensor
 
