@@ -102,10 +102,15 @@ class SlopeFit:
 def require_sweep(directory: Path) -> tuple[Path, Path]:
     """``results.csv`` and ``sweep.json`` in ``directory``, or a ``ValueError`` naming the
     one missing and the fix."""
-    needed = directory / "results.csv", directory / "sweep.json"
-    for path in needed:
-        if not path.is_file():
-            raise ValueError(f"no sweep at {path}; run 'riemann-bench sweep' with this --out")
+    results, record = needed = directory / "results.csv", directory / "sweep.json"
+    if not results.is_file():
+        raise ValueError(f"no sweep at {results}; run 'riemann-bench sweep' with this --out")
+    if not record.is_file():  # a sweep would refuse to resume such results too
+        raise ValueError(
+            f"{results} has no {record.name} beside it, so nothing says which grid measured "
+            "it; move results.csv away and run 'riemann-bench sweep' with this --out, or pass "
+            "the --out of the sweep that wrote it"
+        )
     return needed
 
 
@@ -131,7 +136,7 @@ def read_sweep(directory: str | Path) -> tuple[pd.DataFrame, dict]:
     check_same_model([r for r in rows if r["status"] == "ok"], path)
     try:
         text = {"times_s": str, "reason": str, "flag": str, "slow_paths": str}
-        df = pd.read_csv(path, dtype=text)
+        df = pd.read_csv(path, dtype=text, encoding="utf-8-sig")
     except (ValueError, UnicodeDecodeError) as err:  # pandas' parse errors
         raise ResultsFileError(
             f"cannot read the sweep in {directory} ({err}); move it away or rerun the sweep"

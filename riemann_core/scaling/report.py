@@ -177,7 +177,8 @@ def rate_figure(rates: pd.DataFrame, device: dict[str, float], path: Path) -> Pa
 
 def time_model_figure(df: pd.DataFrame, path: Path) -> Path:
     """Measured time against the time model's, a panel per method and kernel; hollow
-    markers where the overhead is more than the stated fraction of the time."""
+    markers where the overhead is more than the stated fraction of the time, crosses where
+    the call took a slow path (left out of the fit: its work is not the cost model's)."""
     plt = pyplot()
     models = fit.time_models(df)
     keys = list(models)
@@ -191,10 +192,13 @@ def time_model_figure(df: pd.DataFrame, path: Path) -> Path:
         rows = df[(df["status"] == "ok") & (df["method"] == key[0]) & (df["kernel"] == key[1])]
         predicted = model.predict(rows)
         bound = fit.overhead_fraction(rows, model) <= fit.OVERHEAD_TARGET
+        slow = fit.took_slow_path(rows).to_numpy()
         c = colour(f"{key[0]} ({key[1]})")
         t = rows["time_median_s"].to_numpy(float)
-        ax.scatter(predicted[bound], t[bound], s=10, color=c)
-        ax.scatter(predicted[~bound], t[~bound], s=10, facecolors="none", edgecolors=c)
+        ax.scatter(predicted[bound & ~slow], t[bound & ~slow], s=10, color=c)
+        ax.scatter(predicted[~bound & ~slow], t[~bound & ~slow], s=10, facecolors="none",
+                   edgecolors=c)  # fmt: skip
+        ax.scatter(predicted[slow], t[slow], s=14, marker="x", color=c)
         low, high = min(t.min(), predicted.min()), max(t.max(), predicted.max())
         ax.plot([low, high], [low, high], color="0.5", lw=0.8)
         ax.set(xscale="log", yscale="log", xlabel="time model [s]", ylabel="measured [s]")
@@ -239,7 +243,8 @@ CAPTIONS = {
     "layerwise's time over its phase-wise speed of light.",
     "time_model": "Measured time against the time model t0 + t_module L + sum F_kind / "
     "R_kind; hollow: points where the overhead is more than "
-    f"{fit.OVERHEAD_TARGET:.0%} of the time.",
+    f"{fit.OVERHEAD_TARGET:.0%} of the time; crosses: calls that took a slow path (jitter, "
+    "float64 residual, refinement), left out of the fit.",
 }
 
 

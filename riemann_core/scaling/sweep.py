@@ -582,7 +582,7 @@ def read_results(path: Path) -> list[dict]:
     if not path.exists():
         return []
     try:
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # a spreadsheet's BOM read
             text = f.read()
         reader = csv.DictReader(io.StringIO(text))
         missing = set(COLUMNS) - set(OPTIONAL) - set(reader.fieldnames or ())
