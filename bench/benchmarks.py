@@ -7,12 +7,16 @@ memory (``costs.peak_bytes``) exceeds the budget are skipped in ``setup``, as ar
 CUDA memory benchmarks when CUDA is absent.
 
 * ``time_``: seconds per call; on CUDA the timed call ends with a synchronisation.
-* ``peakmem_``: asv's peak resident host memory of the benchmark process, restarted at the
-  end of ``setup`` after a warm-up call (``memory.reset_host_peak``, on Linux; elsewhere
-  the peak cannot be restarted and holds setup's and the first call's; before, it held the
-  first call's one-time memory, ~80 MiB where a direction needs ~1, and a phase's ``setup``
-  peak): torch, the call's inputs (model and batch; for a phase, what the phase starts
-  from) and the call's own peak.
+* ``peakmem_``: asv's peak resident host memory of the benchmark process, restarted right
+  before the call, after ``setup``'s warm-up call (``memory.reset_host_peak``, on Linux;
+  elsewhere the peak cannot be restarted and holds setup's and the first call's; before,
+  it held the first call's one-time memory, ~80 MiB where a direction needs ~1, and a
+  phase's ``setup`` peak): torch, the call's inputs (model and batch; for a phase, what
+  the phase starts from) and the call's own peak. The restart returns free memory to the
+  system, so it runs in the ``peakmem_`` benchmark only: a ``time_`` call follows the
+  warm-up call with the memory it freed kept, as in a training loop (restarted in
+  ``setup``, which asv runs before every timed call, it added the page faults of fresh
+  memory to each: 18-37% of a direction at width 128).
 * ``track_flops_counted``: FLOPs of one call (after a warm-up call) counted by
   ``riemann_core.measure.flops.flop_counter``; ``track_flops_modelled``: the cost
   model's ``riemann_core.costs.flops`` total. Either changing flags a regression.
@@ -48,10 +52,11 @@ from riemann_core.measure import public_kfac
 from riemann_core.measure.flops import flop_counter
 from riemann_core.measure.memory import cuda_peak_bytes, reset_host_peak
 from riemann_core.measure.timing import interleaved, median_ratio
-from riemann_core.methods import Options, build_problem
+from riemann_core.methods import Options, Problem, build_problem
+from riemann_core.methods.layerwise import damped
 from riemann_core.modules import handler_for
 from riemann_core.scaling import kfac_targets, targets
-from riemann_core.woodbury import cholesky
+from riemann_core.woodbury import cholesky_in_place, pad_with_identity, padded_gram
 
 from . import common
 
@@ -122,12 +127,12 @@ class _DirectionCase:
         return common.device()
 
 
-def _settle(call) -> None:
-    """A warm-up ``call()``, then the process's peak memory restarted, so that asv's
-    ``peakmem`` reads what the timed call adds to what is resident, not the first call's
-    one-time memory nor ``setup``'s."""
-    call()
+def _peak_of(call) -> None:
+    """``call()`` with the process's peak memory restarted first, so that asv's
+    ``peakmem`` reads what the call adds to what is resident, not the first call's
+    one-time memory nor ``setup``'s (``setup`` ran a warm-up call)."""
     reset_host_peak()
+    call()
 
 
 class _CountedFlops:
@@ -152,11 +157,11 @@ class Direction(_CountedFlops, _DirectionCase):
         common.synchronize(self.device)
 
     def peakmem_direction(self, *params):
-        self.call()
+        _peak_of(self.call)
 
     def setup(self, *params):
         super().setup(*params)
-        _settle(self.call)
+        self.call()  # warm-up: the model's one-time check, the memory it frees kept
 
     def track_flops_modelled(self, *params):
         return costs.flops(self.method, self.shape, self.kernel, device=self.device)["total"]
@@ -215,16 +220,39 @@ def _pulled(kernel, width, depth, out_dim, batch, device):
     return _pullback(model, x, y, kernel)
 
 
+def _groups(problem) -> list[list[int]]:
+    """The blocks whose Grams the direction factorises together: those of equal ``d``."""
+    by_size: dict[int, list[int]] = {}
+    for i, handler in enumerate(problem.handlers):
+        by_size.setdefault(handler.d, []).append(i)
+    return list(by_size.values())
+
+
+def _gram_buffers(problem) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """Per group of :func:`_groups`: ``(indices, buffer, grams)``, the padded column-major
+    buffer the direction factorises in place and its Gram views (``woodbury.padded_gram``)."""
+    out = []
+    for indices in _groups(problem):
+        first = problem.handlers[indices[0]]
+        out.append((indices, *padded_gram(len(indices), first.d, first.d, like=first)))
+    return out
+
+
 @functools.lru_cache(maxsize=4)
 def _factored(kernel, width, depth, out_dim, batch, device):
-    """``mu I + K_a K_a^T`` and its Cholesky factor per block of :func:`_pulled`'s problem
-    (whose handlers then hold what the solve reuses: ``Xt Xt^T``, a generic ``K_a``)."""
-    damped = []
-    for handler in _pulled(kernel, width, depth, out_dim, batch, device).handlers:
-        gram = handler.gram()
-        gram.diagonal().add_(common.DAMPING)
-        damped.append(gram)
-    return damped, [cholesky(g, what="benchmark Gram") for g in damped]
+    """Per group of :func:`_groups` of :func:`_pulled`'s problem: ``(indices, damped,
+    chol)``, the padded buffer of the damped Grams ``mu I + K_a K_a^T`` and its Cholesky
+    factor, as the direction forms and factorises them (its handlers then hold what the
+    solve reuses: ``Xt Xt^T``, a generic ``K_a``)."""
+    problem = _pulled(kernel, width, depth, out_dim, batch, device)
+    out = []
+    for indices, buffer, grams in _gram_buffers(problem):
+        for i, gram in zip(indices, grams, strict=True):
+            problem.handlers[i].gram_into(gram)
+        pad_with_identity(buffer, grams.shape[-1])
+        damped(grams, common.DAMPING)
+        out.append((indices, buffer.clone(), cholesky_in_place(buffer)))
+    return out
 
 
 class _PhaseCase:
@@ -245,29 +273,37 @@ class _PhaseCase:
 
         elif phase == "gram":
             problem = _pulled(*size)
+            buffers = _gram_buffers(problem)
 
             def call():
-                # A fresh handler per block, so nothing cached by an earlier call is reused.
-                for block, pulled in zip(problem.blocks, problem.handlers):
-                    handler = handler_for(block, kernel)
-                    handler.set_delta(pulled.delta)
-                    handler.gram()
+                # A fresh handler per block, so nothing cached by an earlier call is reused;
+                # each Gram written into the buffer the direction factorises
+                for indices, _, grams in buffers:
+                    for i, gram in zip(indices, grams, strict=True):
+                        handler = handler_for(problem.blocks[i], kernel)
+                        handler.set_delta(problem.handlers[i].delta)
+                        handler.gram_into(gram)
 
         elif phase == "factorisation":
-            damped, _ = _factored(*size)
+            work = [(damped, torch.empty_like(damped)) for _, damped, _ in _factored(*size)]
 
             def call():
-                for gram in damped:
-                    cholesky(gram, what="benchmark Gram")
+                # the damped Grams copied in (the factorisation overwrites them; O(d^2)),
+                # factorised in place together, as the direction does
+                for damped, buffer in work:
+                    cholesky_in_place(buffer.copy_(damped))
 
         else:
-            _, chols = _factored(*size)
-            problem = _pulled(*size)
+            factored = _factored(*size)
+            pulled = _pulled(*size)
 
             def call():
-                for i, chol in enumerate(chols):
-                    t = chol.solve(problem.K_gradient(i))
-                    problem.gradient_minus_K_tmv(i, t, 1 / common.DAMPING)
+                # a fresh problem: each call forms g_a (a generic block caches it)
+                problem = Problem(pulled.blocks, pulled.handlers)
+                for indices, _, chol in factored:
+                    t = chol.solve(torch.stack([problem.K_gradient(i) for i in indices]))
+                    for j, i in enumerate(indices):
+                        problem.gradient_minus_K_tmv(i, t[j], 1 / common.DAMPING)
 
         self.call = call
 
@@ -280,9 +316,12 @@ class LayerwisePhase(_CountedFlops, _PhaseCase):
 
     ``pullback``: forward, loss gradient and the output factor pulled back to every
     block (``build_problem``), rows compressed to ``min(r, f_out)`` per sample;
-    ``gram``: ``handler.gram()`` per block (generic kernel: materialising ``K_a`` too);
-    ``factorisation``: ``cholesky(mu I + K_a K_a^T)``; ``solve``: ``t = chol.solve(K_a
-    g_a)`` and ``(g_a - K_a^T t) / mu``. Every block takes the Woodbury route here,
+    ``gram``: ``handler.gram_into`` per block, into the padded column-major buffer the
+    direction factorises (generic kernel: materialising ``K_a`` too); ``factorisation``:
+    the damped Grams of equal order factorised together in place
+    (``woodbury.cholesky_in_place``), after a copy into the buffer; ``solve``: ``t =
+    chol.solve(K_a g_a)`` and ``(g_a - K_a^T t) / mu``, forming ``g_a``. The routines are
+    the direction's (``methods.layerwise``). Every block takes the Woodbury route here,
     where ``method="layerwise"`` factorises a block's ``n_a x n_a`` metric instead when
     that costs fewer FLOPs.
     """
@@ -292,11 +331,11 @@ class LayerwisePhase(_CountedFlops, _PhaseCase):
         common.synchronize(self.device)
 
     def peakmem_phase(self, *params):
-        self.call()
+        _peak_of(self.call)
 
     def setup(self, *params):
         super().setup(*params)
-        _settle(self.call)
+        self.call()  # warm-up
 
 
 class LayerwisePhaseCudaMemory(_PhaseCase):
@@ -372,7 +411,7 @@ class Targets:
     def setup_cache(self):
         result = targets.measure_targets(device=common.device(), dtype=DTYPE, quick=True)
         figures = {}
-        for f in result["figures"]:  # full over layerwise: the smallest of the networks
+        for f in result["figures"]:  # full over layerwise: the smallest ratio of its networks
             figures[f["id"]] = min(f["ratio"], figures.get(f["id"], f["ratio"]))
         for r in result["references"]:  # the lean eager step, the training run
             small = r["network"] == list(targets.SMALL_NETWORK)

@@ -505,6 +505,13 @@ def distributed_flops(
     return [{"local": local, "solve": s, "total": local + s} for s in solve]
 
 
+def agreement_flops(n_params: int, world: int) -> int:
+    """``4 n``: the counted FLOPs of a data-parallel step's agreement on the parameters,
+    two dot products over their ``n`` entries (``distributed._checksum``); none on one
+    rank, which has no other to agree with."""
+    return 4 * n_params if world > 1 else 0
+
+
 def communication_bytes(
     method: str, shape: MLPShape, world: int, itemsize: int = 4, **kfac_variant
 ) -> list[dict[str, float]]:

@@ -114,6 +114,10 @@ def _addmv(bias_shape, a_shape, x_shape, *args, out_shape=None, **kwargs) -> int
     return 2 * a_shape[0] * a_shape[1]
 
 
+def _dot(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0]
+
+
 #: Operation -> (kind, FLOPs from the argument shapes), for what ``FlopCounterMode`` skips.
 LINALG = {
     aten.linalg_cholesky_ex: ("cholesky", _cholesky),
@@ -127,6 +131,8 @@ LINALG = {
     aten.cholesky_inverse: ("triangular", _cholesky_inverse),
     aten.mv: ("products", _mv),
     aten.addmv: ("products", _addmv),
+    aten.dot: ("products", _dot),
+    aten.vdot: ("products", _dot),
     torch.ops.riemann_core.syrk_: ("products", _syrk),  # BLAS's, called directly (CPU)
 }
 _KIND_OF = {str(op): kind for op, (kind, _) in LINALG.items()}

@@ -61,6 +61,8 @@ L3, B3 = torch.linalg.cholesky(A3), torch.randn(3, 30, 4, dtype=torch.float64)
         (lambda: torch.cholesky_inverse(L), "triangular", 18000),  # 2 30^3 / 3
         (lambda: A @ B[:, 0], "products", 1800),  # 2 30 30
         (lambda: A @ B, "products", 7200),  # 2 30 30 4, FlopCounterMode's own count
+        (lambda: torch.dot(B[:, 0], B[:, 1]), "products", 60),  # 2 30 (found by review: 0)
+        (lambda: torch.vdot(B[:, 0], B[:, 1]), "products", 60),
         pytest.param(
             lambda: blas.syrk_(B, torch.zeros(30, 30, dtype=B.dtype), 0.0),  # BLAS's, directly
             "products",
@@ -73,7 +75,8 @@ L3, B3 = torch.linalg.cholesky(A3), torch.randn(3, 30, 4, dtype=torch.float64)
     ids=[
         "cholesky", "batched-cholesky", "direct-potrf", "trsm", "trsm-right", "cholesky_solve", "eigh",
         "eigh-values", "lu-solve", "inverse", "trsm-broadcast", "cholesky_solve-broadcast",
-        "lu-solve-vectors", "lu-solve-right", "cholesky-inverse", "mv", "mm", "direct-syrk",
+        "lu-solve-vectors", "lu-solve-right", "cholesky-inverse", "mv", "mm", "dot", "vdot",
+        "direct-syrk",
     ],
 )  # fmt: skip
 def test_counts_by_hand(fn, kind, by_hand):
