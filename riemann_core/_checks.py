@@ -512,7 +512,9 @@ def check_samples_taken(loss: Tensor, outputs: Tensor, checks: Deferred) -> None
 HALF_SCALE = 2**14
 
 
-def check_classes_last(loss: Tensor, outputs: Tensor, checks: Deferred) -> Tensor | None:
+def check_classes_last(
+    loss: Tensor, outputs: Tensor, checks: Deferred, *, scaled: bool = False
+) -> Tensor | None:
     """``loss`` is a cross-entropy over every position of ``outputs`` ``(N, ..., C)`` with
     the classes last, as the token-level metric reads it (registered with ``checks``; one
     backward pass from the loss to the outputs, the graph kept, whose gradient is returned
@@ -530,10 +532,13 @@ def check_classes_last(loss: Tensor, outputs: Tensor, checks: Deferred) -> Tenso
 
     Float16 gradients are read scaled by the number of positions, at most :data:`HALF_SCALE`
     (a float16 seed past 65504 is inf, and its gradient was read as unreadable: nothing was
-    refused): the mean's ``p / (N T)`` underflows there for large vocabularies.
+    refused): the mean's ``p / (N T)`` underflows there for large vocabularies. A loss
+    already ``scaled`` (by a ``GradScaler``) is read as it is: scaled again, it overflowed,
+    and nothing was refused.
     """
     positions = outputs.shape[:-1].numel()
-    scale = float(min(positions, HALF_SCALE)) if outputs.dtype == torch.float16 else 1.0
+    half = outputs.dtype == torch.float16 and not scaled
+    scale = float(min(positions, HALF_SCALE)) if half else 1.0
     seed = torch.full_like(loss, scale)
     (gradient,) = torch.autograd.grad(loss, outputs, seed, retain_graph=True, allow_unused=True)
     if gradient is None:  # the loss does not reach the outputs: nothing to read

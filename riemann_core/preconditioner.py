@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import replace
 
@@ -112,8 +113,8 @@ class RiemannianPreconditioner:
     (``G`` does not depend on the loss's scale), which ``scaler.step`` unscales. Where the
     scaled gradient overflowed (NaN or inf in it, at the outputs or on the way back to a
     module), the step is the scaler's to skip, as it is without the preconditioner: no
-    direction is computed, K-FAC's state is kept, each trainable ``.grad`` holds NaN
-    (``pre.step()``: the ``.grad`` are left as they are), ``pre.overflowed`` is ``True``,
+    direction is computed, K-FAC's state is kept, the ``.grad`` of the parameters the step
+    reaches hold NaN (``pre.step()``: every ``.grad``), ``pre.overflowed`` is ``True``,
     and ``scaler.step(opt)`` skips the step and ``scaler.update()`` lowers the scale. A
     disabled scaler changes nothing (an overflow is refused, as without one). With a
     ``process_group`` only for a ``DistributedDataParallel`` model, whose averaged
@@ -181,6 +182,7 @@ class RiemannianPreconditioner:
         self.diagnostics: list[LayerDiagnostics] = []
         #: whether the last step's scaled gradient overflowed (``grad_scaler`` only)
         self.overflowed = False
+        self._overflows_in_a_row = 0
         self._batch: tuple[tuple, dict, list, dict, dict] | None = None
         self._versions: list[tuple[str | None, Tensor, int]] = []
         # the batch as the caller passes it, before the model's own pre-hooks (a replay
@@ -363,13 +365,14 @@ class RiemannianPreconditioner:
                 "model(x) with gradients enabled, then pre.backward(loss)"
             )
         self._check_unchanged("pre.backward(loss)")
+        self.overflowed = False
         checks = Deferred()
         params = check_model(model, checks)
         checks.finite("the loss", loss, "check the data and lower the learning rate")
         overflow = GradientOverflow if self._scaling else None  # the scaler's to skip
         for name, p in params:  # the direction is added to them, as loss.backward() adds
             if p.grad is not None:
-                _check_grad(name, p.grad, checks, overflow or ValueError)
+                _check_grad(name, p.grad, checks, _EarlierOverflow if overflow else ValueError)
         check_generator(opts.generator, opts.output_metric, params[0][1].device)
         names = {id(p): n for n, p in params}
         notes = notes_for(model)
@@ -378,7 +381,8 @@ class RiemannianPreconditioner:
         needs_factor = SOLVERS[self.method].NEEDS_FACTOR
         key = coupling.probe_key(model, *self._batch[:2])
         probing = needs_factor and coupling.needs_probe(notes, key, opts.check_coupling)
-        called = {n for c in capture.calls for n in c.param_names}
+        calls = capture.calls  # (the capture is reset before the overflow's NaN is written)
+        called = {n for c in calls for n in c.param_names}
         reuse = self._kfac is not None and not self._kfac.needs_factors(params, opts, called)
         overflowed = False
         try:
@@ -408,7 +412,10 @@ class RiemannianPreconditioner:
             if needs_factor and classes_along_positions(
                 capture.output, opts.loss, opts.output_metric
             ):
-                output_gradient = check_classes_last(loss, capture.output, checks)
+                # a scaled loss: its gradient read as it is (the scale keeps float16 readable)
+                output_gradient = check_classes_last(
+                    loss, capture.output, checks, scaled=self._scaling
+                )
             elif needs_factor and reads_softmax_fisher(opts.loss, opts.output_metric):
                 check_samples_taken(loss, capture.output, checks)
             if reuse or stale or probing or rehook or paths.outside:
@@ -431,8 +438,10 @@ class RiemannianPreconditioner:
                         loss, not paths.calls, params, checks, output_gradient, overflow
                     )
                 )
-        except GradientOverflow:
+        except GradientOverflow as err:
             overflowed = True
+            if isinstance(err, _EarlierOverflow):
+                warnings.warn(str(err), RuntimeWarning, stacklevel=2)
         except RuntimeError as err:
             if "backward through the graph a second time" not in str(err):
                 raise
@@ -448,14 +457,10 @@ class RiemannianPreconditioner:
         if rehook:
             capture.remove()
             self._capture = Capture(model, notes.clone, persistent=True)
-        self.overflowed = overflowed
+        self._note_overflow(overflowed)
         if overflowed:  # NaN, as the scaled backward's inf would leave, for scaler.step
-            for _, p in params:
-                p.grad = (
-                    torch.full_like(p, float("nan"))
-                    if p.grad is None
-                    else p.grad.fill_(float("nan"))
-                )
+            called = {n for c in calls for n in c.param_names} or {n for n, _ in params}
+            _fill_nan([p for n, p in params if n in called])
             self.diagnostics, self._written = [], []
             return
         for name, p in params:  # every direction exists before any .grad changes
@@ -605,8 +610,13 @@ class RiemannianPreconditioner:
                 raise RuntimeError(
                     "no parameter has a .grad; call loss.backward() before pre.step()"
                 )
+            self.overflowed = False
             if self._scaling and _overflowed(with_grad):  # the scaler's to skip
-                self.overflowed, self.diagnostics, self._written = True, [], []
+                # NaN in every .grad, so that every optimiser's scaler.step skips (one whose
+                # own .grad stayed finite would apply them unpreconditioned)
+                _fill_nan([p for n, p in params if n in with_grad])
+                self.diagnostics, self._written = [], []
+                self._note_overflow(True)
                 return
             device = params[0][1].device
             check_generator(self._options.generator, self._options.output_metric, device)
@@ -626,7 +636,7 @@ class RiemannianPreconditioner:
             if name in directions:
                 p.grad.copy_(directions[name])
         self._wrote(params, directions)
-        self.overflowed = False
+        self._note_overflow(False)
         self._commit()
 
     def _wrote(self, params, directions: dict[str, Tensor]) -> None:
@@ -660,6 +670,22 @@ class RiemannianPreconditioner:
                 "pre.step() would precondition it twice: call loss.backward() (after "
                 "opt.zero_grad()) before each pre.step(), and pre.step() once per backward; "
                 "pre.backward(loss) needs no pre.step()"
+            )
+
+    def _note_overflow(self, overflowed: bool) -> None:
+        """Set :attr:`overflowed`; warn when :data:`OVERFLOWS_IN_A_ROW` steps in a row
+        overflowed (the scale halved as often: a ``.grad`` that no optimiser zeroes?)."""
+        self.overflowed = overflowed
+        self._overflows_in_a_row = self._overflows_in_a_row + 1 if overflowed else 0
+        if self._overflows_in_a_row == OVERFLOWS_IN_A_ROW:
+            warnings.warn(
+                f"{OVERFLOWS_IN_A_ROW} steps in a row overflowed and were skipped: the "
+                f"scale is now {self.grad_scaler.get_scale():.1e}. A .grad that holds NaN or "
+                "inf from an earlier step stays so: opt.zero_grad() zeroes its optimiser's "
+                "parameters only, so freeze a trainable parameter that no optimiser holds "
+                "(requires_grad_(False)) or zero its .grad",
+                RuntimeWarning,
+                stacklevel=3,
             )
 
     @property
@@ -750,13 +776,41 @@ class RiemannianPreconditioner:
 
 def _check_grad(name: str, grad: Tensor, checks: Deferred, error: type = ValueError) -> None:
     """A ``.grad`` the preconditioner uses: dense, and finite (read with ``checks``;
-    ``error`` raised otherwise)."""
+    ``error`` raised otherwise; an earlier overflow's, with what to check)."""
     if grad.layout != torch.strided:
         raise TypeError(
             f"the .grad of {name!r} is {grad.layout} (an nn.Embedding(sparse=True)?): the "
             "metrics need dense gradients; build the module with sparse=False"
         )
-    checks.finite(f"the .grad of {name!r}", grad, OVERFLOW_FIX, error)
+    fix = EARLIER_OVERFLOW if error is _EarlierOverflow else OVERFLOW_FIX
+    checks.finite(f"the .grad of {name!r}", grad, fix, error)
+
+
+#: Overflowed steps in a row after which the preconditioner warns: GradScaler halves its
+#: scale at each, so its default 2^16 reaches 1 in 16.
+OVERFLOWS_IN_A_ROW = 32
+
+
+class _EarlierOverflow(GradientOverflow):
+    """A ``.grad`` that held NaN or inf before ``pre.backward`` added to it."""
+
+
+def _fill_nan(params) -> None:
+    """NaN in each ``.grad`` of ``params`` (set where ``None``)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.full_like(p, float("nan"))
+        else:
+            p.grad.fill_(float("nan"))
+
+
+#: What a ``.grad`` that overflowed before ``pre.backward`` says (a warning; step skipped).
+EARLIER_OVERFLOW = (
+    "an earlier step overflowed and this .grad was not zeroed since, so this step is left "
+    "to the scaler to skip as well. opt.zero_grad() zeroes its optimiser's parameters only: "
+    "a trainable parameter that no optimiser holds keeps the NaN, and every later step is "
+    "skipped; freeze it (requires_grad_(False)) or zero its .grad"
+)
 
 
 def _overflowed(grads: dict[str, Tensor]) -> bool:

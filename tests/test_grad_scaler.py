@@ -91,11 +91,9 @@ def test_an_overflow_is_left_to_the_scaler_to_skip(method, call):
         scaled_step(pre, model, x, y, scaler, call, autocast=True)
         if scale == HUGE:
             assert pre.overflowed and pre.diagnostics == []
-            grads = [p.grad for p in model.parameters()]
-            if call == "backward":  # NaN, as the scaled backward leaves inf
-                assert all(g.isnan().all() for g in grads)
-            else:  # the scaled backward's own .grad, left as they are
-                assert any(not g.isfinite().all() for g in grads)
+            # NaN in every .grad, as the scaled backward leaves inf in some: an optimiser
+            # holding only finite ones would step them unpreconditioned (found by review)
+            assert all(p.grad.isnan().all() for p in model.parameters())
             assert same_state(pre.state_dict(), state)
             scaler.step(opt)  # skipped: the parameters as they were
             assert all(map(torch.equal, before, model.parameters()))
@@ -159,3 +157,106 @@ def test_bad_grad_scalers_are_refused():
         rc.RiemannianPreconditioner(
             model, grad_scaler=torch.amp.GradScaler("cpu"), process_group=object()
         )
+
+
+class WithAuxiliaryHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net, self.aux = half_precision_problem()[0], nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_an_overflow_fills_only_the_parameters_the_step_reaches():
+    """Found by review: NaN written into every trainable .grad, also of a module the
+    forward pass does not call, which no optimiser zeroes: every later step read it as an
+    overflow and was skipped."""
+    model = WithAuxiliaryHead()
+    _, x, y = half_precision_problem()
+    scaler = torch.amp.GradScaler("cpu", init_scale=HUGE)
+    pre = rc.RiemannianPreconditioner(model, grad_scaler=scaler)
+    for _ in range(2):  # the first call (autograd's path) and a fused one
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            pre.backward(scaler.scale(F.cross_entropy(model(x), y)) * HUGE)
+        assert pre.overflowed and model.aux.weight.grad is None
+        assert all(p.grad.isnan().all() for p in model.net.parameters())
+
+
+def test_a_grad_left_from_an_overflow_warns_and_many_overflows_in_a_row_warn():
+    """A parameter no optimiser zeroes keeps the NaN of an overflowed step: the next
+    pre.backward says so; and pre.step, which cannot tell, warns after 32 skipped steps."""
+    model, x, y = half_precision_problem()
+    scaler = torch.amp.GradScaler("cpu", init_scale=HUGE)
+    pre = rc.RiemannianPreconditioner(model, grad_scaler=scaler)
+    opt = torch.optim.SGD(model[2].parameters(), lr=0.1)  # model[0] is in no optimiser
+    with torch.autocast("cpu", dtype=torch.float16):
+        pre.backward(scaler.scale(F.cross_entropy(model(x), y)))
+    assert pre.overflowed
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = scaler.scale(F.cross_entropy(model(x), y))
+    with pytest.warns(RuntimeWarning, match="an earlier step overflowed and this .grad was not"):
+        pre.backward(loss)
+    assert pre.overflowed
+    with pytest.warns(RuntimeWarning, match="32 steps in a row overflowed and were skipped"):
+        for _ in range(32):
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                scaler.scale(F.cross_entropy(model(x), y)).backward()
+            pre.step()
+
+
+def test_the_token_level_check_reads_a_scaled_loss():
+    """Found by review: the check of a token-level cross-entropy scaled the float16 loss
+    again, which a GradScaler had scaled already: it overflowed and refused nothing, so a
+    loss leaving out padded positions passed at the default scale."""
+    torch.manual_seed(42)
+    model = nn.Sequential(nn.Linear(6, 11))
+    x, y = torch.randn(4, 6, 6), torch.randint(0, 11, (4, 6))
+    y[:, 4:] = -100  # padding: positions the loss leaves out
+    scaler = torch.amp.GradScaler("cpu")  # the default scale, 2^16
+    pre = rc.RiemannianPreconditioner(model, grad_scaler=scaler)
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = model(x)
+            loss = F.cross_entropy(out.reshape(-1, 11), y.reshape(-1), ignore_index=-100)
+        with pytest.raises(ValueError, match="the loss leaves out 8 of the 24 positions"):
+            pre.backward(scaler.scale(loss))
+
+
+def test_overflowed_is_reset_by_the_next_call():
+    model, x, y = half_precision_problem()
+    scaler = torch.amp.GradScaler("cpu", init_scale=HUGE)
+    pre = rc.RiemannianPreconditioner(model, grad_scaler=scaler)
+    with torch.autocast("cpu", dtype=torch.float16):
+        pre.backward(scaler.scale(F.cross_entropy(model(x), y)))
+    assert pre.overflowed
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="the loss contains"):
+        pre.backward(F.cross_entropy(model(x), y) * float("nan"))
+    assert not pre.overflowed
+
+
+def test_an_overflow_in_one_grad_leaves_every_grad_nan_for_every_optimiser():
+    """Found by review: pre.step() left the .grad as they were, so with an optimiser per
+    layer (as torch's AMP examples have) the one whose .grad stayed finite stepped them
+    unpreconditioned."""
+    model, x, y = half_precision_problem()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    pre = rc.RiemannianPreconditioner(model, grad_scaler=scaler)
+    opts = [torch.optim.SGD(model[i].parameters(), lr=0.1) for i in (0, 2)]
+    with torch.autocast("cpu", dtype=torch.float16):
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+    model[0].weight.grad[0, 0] = float("inf")  # the first layer's alone overflowed
+    before = [p.detach().clone() for p in model.parameters()]
+    pre.step()
+    assert pre.overflowed and all(p.grad.isnan().all() for p in model.parameters())
+    for opt in opts:
+        scaler.step(opt)
+    assert all(map(torch.equal, before, model.parameters()))

@@ -801,9 +801,13 @@ def test_kfac_running_average_of_a_weight_apart_from_its_bias_outlives_a_frozen_
         torch.testing.assert_close(pre.state_dict()["kfac"]["averages"]["0:A"], expected)
     state = pre.state_dict()
     state["kfac"]["averages"]["0.weight:A"] = state["kfac"]["averages"].pop("0:A")
-    resumed = rc.RiemannianPreconditioner(model, **kw)
+    state["kfac"]["averages"]["9.weight:A"] = expected  # a module the last step did not see
+    resumed = rc.RiemannianPreconditioner(nn.Sequential(model[0], *[nn.Identity()] * 8,
+                                                        nn.Linear(3, 3).double()), **kw)  # fmt: skip
     resumed.load_state_dict(state)
-    torch.testing.assert_close(resumed.state_dict()["kfac"]["averages"]["0:A"], expected)
+    averages = resumed.state_dict()["kfac"]["averages"]
+    assert set(averages) == {"0:A", "0:Gamma", "9:A"}  # found by review: 9.weight:A kept
+    torch.testing.assert_close(averages["0:A"], expected)
 
 
 @pytest.mark.parametrize(

@@ -96,7 +96,7 @@ def load(state: KFACState, saved, network: nn.Module, opts: Options) -> None:
     with full_precision(devices):  # as every step factorises
         cached = {name: _cached(name, entry, network, opts) for name, entry in entries.items()}
     owners = _average_owners(cached.values())
-    given = _renamed(_mapping(saved["averages"], "the K-FAC state's 'averages'"), cached.values())
+    given = _renamed(_mapping(saved["averages"], "the K-FAC state's 'averages'"), params)
     missing = sorted(set(owners) - set(given)) if state.decay > 0 else []
     if missing:
         raise ValueError(
@@ -129,16 +129,20 @@ def _average_owners(cached) -> dict[str, tuple[Factor, str]]:
     return owners
 
 
-def _renamed(given: dict, cached) -> dict:
+def _renamed(given: dict, params: dict) -> dict:
     """``given`` averages with the input factor of a weight apart from its bias under its
-    module's key, where a state saved before this version keyed it by the weight's name."""
-    given = dict(given)
-    for c in cached:
-        for b in c.blocks:
-            old, new = average_key(b.part.name, "A"), average_key(c.block.name, "A")
-            if b.A is not None and old != new and new not in given and old in given:
-                given[new] = given.pop(old)
-    return given
+    module's key, where a state saved before this version keyed it by the weight's name
+    (``params``: the model's parameters by name; cached modules or not)."""
+    renamed = {}
+    for key, value in given.items():
+        weight = key.removesuffix(":A")
+        module = weight.removesuffix("weight").removesuffix(".")
+        new = average_key(module, "A")
+        if key != weight + ":A" or weight == module or weight not in params or new in given:
+            renamed[key] = value
+        else:
+            renamed[new] = value
+    return renamed
 
 
 def _cached(name, entry, network: nn.Module, opts: Options) -> Cached:

@@ -279,7 +279,7 @@ def _write_reports(
         "",
         f"Produced by {produced_by(meta)} (sweep), then "
         f"`riemann-bench fit`, `validate` and `report` on `{out}`; regenerate the reports "
-        f"from `results.csv` with `riemann-bench report --out {out}`.",
+        f"from `results.csv` with `{regenerate_command(out, seed)}`.",
         "",
         "## Devices",
         "",
@@ -296,6 +296,12 @@ def _write_reports(
         )
         lines.append(f"- [{name}]({path.relative_to(stage)})")
     write_atomic(stage / "report.md", "\n".join(lines) + "\n")
+
+
+def regenerate_command(out: Path, seed: int) -> str:
+    """The command that draws the report again: with the seed, on which the claims'
+    bootstrap intervals depend, where it is not the default."""
+    return f"riemann-bench report --out {out}" + (f" --seed {seed}" if seed else "")
 
 
 def produced_by(meta: dict) -> str:
@@ -322,8 +328,7 @@ def device_report(
     paths = figures(df, meta, rates, directory, progress)
     claims = validate.validate(df, meta, seed=seed, progress=progress)
     env = meta.get("environment", {})
-    # the claims' bootstrap intervals depend on the seed: the command names it
-    regenerate = f"riemann-bench report --out {out}" + (f" --seed {seed}" if seed else "")
+    regenerate = regenerate_command(out, seed)
     verdicts = pd.Series([c.verdict for c in claims]).value_counts()
     lines = [
         f"# Scaling report: {env.get('device_name', 'unknown device')}",

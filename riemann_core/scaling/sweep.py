@@ -996,9 +996,14 @@ def sweep(
     previous = resumable_record(out, rows, grid)
     # finished points are kept; skipped, failed and out-of-memory ones are decided again
     # where this grid measures them (a smaller grid's resume keeps the others as they are)
-    planned = {key_of(run) for run in grid.runs()}
+    # (a point of an earlier, larger grid is kept; a grown one is grown, or not, again)
+    planned, earlier = {key_of(run) for run in grid.runs()}, previous.get("axes", {})
     rows = [
-        r for r in rows if r["status"] == "ok" or not grid.selects(r) or key_of(r) not in planned
+        r
+        for r in rows
+        if r["status"] == "ok"
+        or not grid.selects(r)
+        or (key_of(r) not in planned and all(int(r[a]) in earlier.get(a, ()) for a in AXES))
     ]
     check_same_model([r for r in rows if r["status"] == "ok"], path)
     resumed = len(rows)
@@ -1010,9 +1015,13 @@ def sweep(
     if rows and previous:  # a resume: the axes and commands of every sweep into out
         axes = previous["axes"]
         record["axes"] = {a: sorted({*axes[a], *grid.axes[a]}) for a in AXES}
+        commands = list(previous.get("commands") or [])
+        if not commands and "command" in previous:
+            commands = [previous["command"]]
         if "command" in record:
-            earlier = previous.get("commands") or [previous.get("command", "an earlier sweep")]
-            record["commands"] = [*earlier, record["command"]]
+            commands.append(record["command"])
+        if commands:
+            record["commands"] = commands
     devices = previous_devices(previous)
     session = uuid.uuid4().hex
     # a resumed sweep measures in this process as it did: checked before any write (a

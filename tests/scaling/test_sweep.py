@@ -383,6 +383,34 @@ def test_a_resume_keeps_the_skipped_points_its_grid_leaves_out_and_records_both(
     assert report.produced_by(record) == "`first`, resumed by `second`"
 
 
+def test_a_resume_grows_again_through_a_grown_point_that_was_lost(tmp_path):
+    """Found by review of the fix above: it kept every failed point outside the grid, grown
+    ones too, and growth then stopped at the lost point for good."""
+    grid = sw.Grid(**{**TINY, "methods": ("euclidean",), "grow": {"width": 48}})
+    victim = sw.key_of({**next(grid.runs()), "width": 24})
+
+    class LosesWidth24:
+        placed = False
+
+        def __call__(self, task, runs):
+            for run in runs:
+                lost = sw.key_of(run) == victim
+                yield run, sw.PointLost("planted: its worker died") if lost else task(run)
+
+    def measure(run, grid):
+        return known_time_row(run)
+
+    def widths(result):
+        on_line = [r for r in result.rows if int(r["depth"]) == 1 and int(r["batch"]) == 4]
+        return sorted((int(r["width"]), r["status"]) for r in on_line)
+
+    first = sw.sweep(grid, tmp_path / "a", runner=LosesWidth24(), measure=measure, progress=False)
+    assert (24, "error") in widths(first)
+    again = sw.sweep(grid, tmp_path / "a", measure=measure, progress=False)
+    whole = sw.sweep(grid, tmp_path / "b", measure=measure, progress=False)
+    assert widths(again) == widths(whole) and (48, "ok") in widths(again)
+
+
 def test_points_measured_again_as_outliers_are_counted_once(tmp_path, monkeypatch):
     """Found by review: a sweep reported 34 points measured where its file held 32 (two
     outliers measured again were counted twice), and a resumed point measured again was
