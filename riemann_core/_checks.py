@@ -513,7 +513,7 @@ HALF_SCALE = 2**14
 
 
 def check_classes_last(
-    loss: Tensor, outputs: Tensor, checks: Deferred, *, scaled: bool = False
+    loss: Tensor, outputs: Tensor, checks: Deferred, *, loss_scale: float = 1.0
 ) -> Tensor | None:
     """``loss`` is a cross-entropy over every position of ``outputs`` ``(N, ..., C)`` with
     the classes last, as the token-level metric reads it (registered with ``checks``; one
@@ -533,12 +533,13 @@ def check_classes_last(
     Float16 gradients are read scaled by the number of positions, at most :data:`HALF_SCALE`
     (a float16 seed past 65504 is inf, and its gradient was read as unreadable: nothing was
     refused): the mean's ``p / (N T)`` underflows there for large vocabularies. A loss
-    already ``scaled`` (by a ``GradScaler``) is read as it is: scaled again, it overflowed,
-    and nothing was refused.
+    a ``GradScaler`` multiplied by ``loss_scale`` is read at the same scale (scaled again by
+    the positions, it overflowed and nothing was refused; read as it is at a small scale,
+    it underflowed and a valid loss was refused).
     """
     positions = outputs.shape[:-1].numel()
-    half = outputs.dtype == torch.float16 and not scaled
-    scale = float(min(positions, HALF_SCALE)) if half else 1.0
+    half = outputs.dtype == torch.float16
+    scale = float(min(positions, HALF_SCALE)) / loss_scale if half else 1.0
     seed = torch.full_like(loss, scale)
     (gradient,) = torch.autograd.grad(loss, outputs, seed, retain_graph=True, allow_unused=True)
     if gradient is None:  # the loss does not reach the outputs: nothing to read

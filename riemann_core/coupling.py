@@ -92,7 +92,10 @@ def probe_cotangents(z: Tensor) -> tuple[Tensor, Tensor]:
     bits = [((samples >> k) & 1).bool() for k in range(math.ceil(math.log2(N)) if N > 1 else 0)]
     masks = torch.stack([m for b in bits for m in (b, ~b)] + [torch.ones_like(samples).bool()])
     # a fixed pattern without sign structure, so no cancellation hides a dependence
-    pattern = torch.cos(torch.arange(z[0].numel(), device=z.device, dtype=z.dtype) * 2.399963 + 1)
+    # (in float32, cast after: float16's arange reaches inf past 65504 entries a sample, and
+    # a NaN probe passed the coupling check and refused every parameter, naming none)
+    index = torch.arange(z[0].numel(), device=z.device, dtype=torch.float32)
+    pattern = torch.cos(index * 2.399963 + 1).to(z.dtype)
     rows = masks[..., None].to(z.dtype) * pattern
     return rows.reshape((len(masks),) + z.shape), masks
 

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
+from torch.amp.grad_scaler import OptState
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils import _pytree as pytree
 
@@ -182,7 +183,8 @@ class RiemannianPreconditioner:
         self.diagnostics: list[LayerDiagnostics] = []
         #: whether the last step's scaled gradient overflowed (``grad_scaler`` only)
         self.overflowed = False
-        self._overflows_in_a_row = 0
+        self._overflows_in_a_row = 0  # at as many scales (micro-batches share theirs)
+        self._overflow_scale: float | None = None
         self._batch: tuple[tuple, dict, list, dict, dict] | None = None
         self._versions: list[tuple[str | None, Tensor, int]] = []
         # the batch as the caller passes it, before the model's own pre-hooks (a replay
@@ -372,7 +374,7 @@ class RiemannianPreconditioner:
         overflow = GradientOverflow if self._scaling else None  # the scaler's to skip
         for name, p in params:  # the direction is added to them, as loss.backward() adds
             if p.grad is not None:
-                _check_grad(name, p.grad, checks, _EarlierOverflow if overflow else ValueError)
+                _check_grad(name, p.grad, checks, overflow or ValueError)
         check_generator(opts.generator, opts.output_metric, params[0][1].device)
         names = {id(p): n for n, p in params}
         notes = notes_for(model)
@@ -385,6 +387,9 @@ class RiemannianPreconditioner:
         called = {n for c in calls for n in c.param_names}
         reuse = self._kfac is not None and not self._kfac.needs_factors(params, opts, called)
         overflowed = False
+        # a skipped step's draws for the sampled metric are undone (a generator passed)
+        sampling = self._scaling and opts.output_metric == "sampled"
+        random_state = opts.generator.get_state() if sampling and opts.generator else None
         try:
             check_one_output(capture.output)
             paths = coupling.loss_paths(
@@ -412,10 +417,10 @@ class RiemannianPreconditioner:
             if needs_factor and classes_along_positions(
                 capture.output, opts.loss, opts.output_metric
             ):
-                # a scaled loss: its gradient read as it is (the scale keeps float16 readable)
-                output_gradient = check_classes_last(
-                    loss, capture.output, checks, scaled=self._scaling
-                )
+                # a scaled loss: read at the scale it has (a host read; float16 outputs)
+                half = capture.output.dtype == torch.float16
+                scale = self.grad_scaler.get_scale() if self._scaling and half else 1.0
+                output_gradient = check_classes_last(loss, capture.output, checks, loss_scale=scale)
             elif needs_factor and reads_softmax_fisher(opts.loss, opts.output_metric):
                 check_samples_taken(loss, capture.output, checks)
             if reuse or stale or probing or rehook or paths.outside:
@@ -438,10 +443,10 @@ class RiemannianPreconditioner:
                         loss, not paths.calls, params, checks, output_gradient, overflow
                     )
                 )
-        except GradientOverflow as err:
+        except GradientOverflow:
             overflowed = True
-            if isinstance(err, _EarlierOverflow):
-                warnings.warn(str(err), RuntimeWarning, stacklevel=2)
+            if random_state is not None:  # as if the skipped step had drawn nothing
+                opts.generator.set_state(random_state)
         except RuntimeError as err:
             if "backward through the graph a second time" not in str(err):
                 raise
@@ -611,6 +616,8 @@ class RiemannianPreconditioner:
                     "no parameter has a .grad; call loss.backward() before pre.step()"
                 )
             self.overflowed = False
+            if self._scaling:
+                _check_not_unscaled(self.grad_scaler)
             if self._scaling and _overflowed(with_grad):  # the scaler's to skip
                 # NaN in every .grad, so that every optimiser's scaler.step skips (one whose
                 # own .grad stayed finite would apply them unpreconditioned)
@@ -673,14 +680,20 @@ class RiemannianPreconditioner:
             )
 
     def _note_overflow(self, overflowed: bool) -> None:
-        """Set :attr:`overflowed`; warn when :data:`OVERFLOWS_IN_A_ROW` steps in a row
-        overflowed (the scale halved as often: a ``.grad`` that no optimiser zeroes?)."""
+        """Set :attr:`overflowed`; warn when the steps of :data:`OVERFLOWS_IN_A_ROW` scales
+        in a row overflowed (the scale halved as often: a ``.grad`` that no optimiser
+        zeroes?). Calls at one scale count once: the micro-batches of one step share it."""
         self.overflowed = overflowed
-        self._overflows_in_a_row = self._overflows_in_a_row + 1 if overflowed else 0
-        if self._overflows_in_a_row == OVERFLOWS_IN_A_ROW:
+        if not overflowed:
+            self._overflows_in_a_row, self._overflow_scale = 0, None
+            return
+        scale = self.grad_scaler.get_scale()  # a host read, on an overflow only
+        if scale != self._overflow_scale:
+            self._overflows_in_a_row, self._overflow_scale = self._overflows_in_a_row + 1, scale
+        if self._overflows_in_a_row == OVERFLOWS_IN_A_ROW and scale == self._overflow_scale:
             warnings.warn(
                 f"{OVERFLOWS_IN_A_ROW} steps in a row overflowed and were skipped: the "
-                f"scale is now {self.grad_scaler.get_scale():.1e}. A .grad that holds NaN or "
+                f"scale is now {scale:.1e}. A .grad that holds NaN or "
                 "inf from an earlier step stays so: opt.zero_grad() zeroes its optimiser's "
                 "parameters only, so freeze a trainable parameter that no optimiser holds "
                 "(requires_grad_(False)) or zero its .grad",
@@ -776,23 +789,18 @@ class RiemannianPreconditioner:
 
 def _check_grad(name: str, grad: Tensor, checks: Deferred, error: type = ValueError) -> None:
     """A ``.grad`` the preconditioner uses: dense, and finite (read with ``checks``;
-    ``error`` raised otherwise; an earlier overflow's, with what to check)."""
+    ``error`` raised otherwise)."""
     if grad.layout != torch.strided:
         raise TypeError(
             f"the .grad of {name!r} is {grad.layout} (an nn.Embedding(sparse=True)?): the "
             "metrics need dense gradients; build the module with sparse=False"
         )
-    fix = EARLIER_OVERFLOW if error is _EarlierOverflow else OVERFLOW_FIX
-    checks.finite(f"the .grad of {name!r}", grad, fix, error)
+    checks.finite(f"the .grad of {name!r}", grad, OVERFLOW_FIX, error)
 
 
 #: Overflowed steps in a row after which the preconditioner warns: GradScaler halves its
 #: scale at each, so its default 2^16 reaches 1 in 16.
 OVERFLOWS_IN_A_ROW = 32
-
-
-class _EarlierOverflow(GradientOverflow):
-    """A ``.grad`` that held NaN or inf before ``pre.backward`` added to it."""
 
 
 def _fill_nan(params) -> None:
@@ -804,13 +812,20 @@ def _fill_nan(params) -> None:
             p.grad.fill_(float("nan"))
 
 
-#: What a ``.grad`` that overflowed before ``pre.backward`` says (a warning; step skipped).
-EARLIER_OVERFLOW = (
-    "an earlier step overflowed and this .grad was not zeroed since, so this step is left "
-    "to the scaler to skip as well. opt.zero_grad() zeroes its optimiser's parameters only: "
-    "a trainable parameter that no optimiser holds keeps the NaN, and every later step is "
-    "skipped; freeze it (requires_grad_(False)) or zero its .grad"
-)
+def _check_not_unscaled(scaler: torch.amp.GradScaler) -> None:
+    """Refuse ``pre.step()`` after ``scaler.unscale_(opt)`` of this step: the scaler has
+    read that optimiser's ``.grad`` for an overflow already, so one found now would not skip
+    its step. (GradScaler keeps the stage per optimiser in a private attribute; where a
+    release of torch lacks it, nothing is checked.)"""
+    states = getattr(scaler, "_per_optimizer_states", {})
+    unscaled = getattr(OptState, "UNSCALED", None)
+    if any(isinstance(s, dict) and s.get("stage") is unscaled for s in states.values()):
+        raise RuntimeError(
+            "pre.step() after scaler.unscale_(opt): the scaler has already looked for an "
+            "overflow in that optimiser's .grad, so an overflow found by pre.step() would not "
+            "skip its step. Call pre.step() before scaler.unscale_(opt) (clipping after it "
+            "then clips the preconditioned direction)"
+        )
 
 
 def _overflowed(grads: dict[str, Tensor]) -> bool:

@@ -866,6 +866,25 @@ def test_a_head_called_outside_forward_is_named_with_the_fix():
     assert_unchanged(model, before)
 
 
+def test_float16_outputs_of_more_entries_a_sample_than_float16_counts_are_probed():
+    """Found by review: the coupling probe's pattern was made in the outputs' dtype, whose
+    float16 index reached inf past 65504 entries a sample: the NaN probe passed the
+    coupling check and refused every parameter, naming none ("parameters []"). Here 256
+    positions of 300 outputs, the sampled MSE metric (its draws do not depend on the
+    precision); the direction is the float32 one to float16's accuracy."""
+    torch.manual_seed(44)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 300))
+    x, y = torch.randn(2, 256, 8), torch.randn(2, 256, 300)
+    kw = dict(method="kfac", loss="mse", output_metric="sampled", damping=0.1)
+    expected = rc.direction(copy.deepcopy(model), x, y, **kw,
+                            generator=torch.Generator().manual_seed(0))  # fmt: skip
+    pre = rc.RiemannianPreconditioner(model, **kw, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.float16):
+        pre.backward(F.mse_loss(model(x), y))
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-2, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("method", ["layerwise", "natural", "kfac"], ids=lambda m: f"method={m}")
 def test_a_forward_pass_under_autocast(method, half):

@@ -5,6 +5,7 @@ is left to the scaler to skip, with nothing of the preconditioner's state change
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -184,32 +185,83 @@ def test_an_overflow_fills_only_the_parameters_the_step_reaches():
         assert all(p.grad.isnan().all() for p in model.net.parameters())
 
 
-def test_a_grad_left_from_an_overflow_warns_and_many_overflows_in_a_row_warn():
-    """A parameter no optimiser zeroes keeps the NaN of an overflowed step: the next
-    pre.backward says so; and pre.step, which cannot tell, warns after 32 skipped steps."""
+def test_many_overflowed_steps_in_a_row_warn_but_micro_batches_count_once():
+    """A parameter that no optimiser zeroes keeps the NaN of an overflowed step, and every
+    later step overflows: after 32 scales in a row, a warning says so. The micro-batches of
+    one step (gradient accumulation) share a scale and count once (found by review: each
+    warned, and four overflowed steps of eight micro-batches warned of 32)."""
     model, x, y = half_precision_problem()
     scaler = torch.amp.GradScaler("cpu", init_scale=HUGE)
     pre = rc.RiemannianPreconditioner(model, grad_scaler=scaler)
-    opt = torch.optim.SGD(model[2].parameters(), lr=0.1)  # model[0] is in no optimiser
-    with torch.autocast("cpu", dtype=torch.float16):
-        pre.backward(scaler.scale(F.cross_entropy(model(x), y)))
-    assert pre.overflowed
-    scaler.step(opt)
-    scaler.update()
-    opt.zero_grad()
-    with torch.autocast("cpu", dtype=torch.float16):
-        loss = scaler.scale(F.cross_entropy(model(x), y))
-    with pytest.warns(RuntimeWarning, match="an earlier step overflowed and this .grad was not"):
-        pre.backward(loss)
-    assert pre.overflowed
-    with pytest.warns(RuntimeWarning, match="32 steps in a row overflowed and were skipped"):
-        for _ in range(32):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning while micro-batches accumulate
+        for _ in range(4):
+            opt.zero_grad()
+            for part in x.chunk(8):
+                with torch.autocast("cpu", dtype=torch.float16):
+                    pre.backward(scaler.scale(F.cross_entropy(model(part), y[: len(part)])))
+            assert pre.overflowed
             scaler.step(opt)
             scaler.update()
-            opt.zero_grad()
+    stuck = torch.optim.SGD(model[2].parameters(), lr=0.1)  # model[0] is in no optimiser
+    with pytest.warns(RuntimeWarning, match="32 steps in a row overflowed and were skipped"):
+        for _ in range(28):  # 4 scales above, 28 here, each half the one before
+            stuck.zero_grad()
             with torch.autocast("cpu", dtype=torch.float16):
                 scaler.scale(F.cross_entropy(model(x), y)).backward()
             pre.step()
+            assert pre.overflowed
+            scaler.step(stuck)
+            scaler.update()
+
+
+def test_pre_step_after_unscale_is_refused():
+    """Found by review: with an optimiser per layer, unscale_ had recorded no overflow for
+    the first when pre.step() found one in the second and wrote NaN into every .grad: the
+    first stepped NaN into its parameters."""
+    model, x, y = half_precision_problem()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    pre = rc.RiemannianPreconditioner(model, grad_scaler=scaler)
+    opts = [torch.optim.SGD(model[i].parameters(), lr=0.1) for i in (0, 2)]
+    with torch.autocast("cpu", dtype=torch.float16):
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+    scaler.unscale_(opts[0])
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"pre.step\(\) after scaler.unscale_\(opt\)"):
+        pre.step()
+    assert_unchanged(model, before)
+
+
+def test_an_overflowed_step_draws_nothing_from_the_generator():
+    """Found by review: the sampled metric's draws of a skipped step moved the generator,
+    so the steps after it differed from those of a run that never saw it."""
+    model, x, y = half_precision_problem()
+    generator = torch.Generator().manual_seed(3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=HUGE)
+    pre = rc.RiemannianPreconditioner(
+        model, grad_scaler=scaler, output_metric="sampled", generator=generator
+    )
+    for _ in range(2):  # the first call (autograd's path) and a fused one
+        state = generator.get_state()
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            pre.backward(scaler.scale(F.cross_entropy(model(x), y)))
+        assert pre.overflowed and torch.equal(generator.get_state(), state)
+
+
+def test_the_token_level_check_reads_a_valid_loss_at_a_small_scale():
+    """Found by review: read at seed 1, a float16 gradient scaled by 2^-4 underflowed and a
+    valid mean cross-entropy over 8000 classes was refused."""
+    torch.manual_seed(43)
+    model = nn.Sequential(nn.Linear(16, 8000))
+    x, y = torch.randn(2, 256, 16), torch.randint(0, 8000, (2, 256))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**-4)
+    pre = rc.RiemannianPreconditioner(model, grad_scaler=scaler, output_metric="sampled")
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = F.cross_entropy(model(x).reshape(-1, 8000), y.reshape(-1))
+    pre.backward(scaler.scale(loss))
+    assert not pre.overflowed and all(p.grad.isfinite().all() for p in model.parameters())
 
 
 def test_the_token_level_check_reads_a_scaled_loss():
