@@ -107,7 +107,12 @@ def out_dir(text: str) -> Path:
     """argparse type for ``--out``: a directory, or a path where one can be created."""
     path = Path(text)
     for part in (path, *path.parents):
-        if part.exists() and not part.is_dir():
+        try:
+            is_file = part.exists() and not part.is_dir()
+        except OSError as err:  # a name too long, a loop of links (found by review: traceback)
+            message = f"{text}: {err.strerror}; pass another --out"
+            raise argparse.ArgumentTypeError(message) from err
+        if is_file:
             where = "is" if part == path else f"lies under {part}, which is"
             raise argparse.ArgumentTypeError(
                 f"{text} {where} a file, not a directory; pass a directory (it is created "

@@ -90,6 +90,16 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert err.startswith("riemann-bench fit: error: ") and "Traceback" not in err
 
 
+def test_an_out_name_the_system_refuses_is_one_line(tmp_path, capsys):
+    """Found by review: a name too long raised OSError inside argparse: a traceback, exit 1
+    (a missed goal's code)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["demo", "--quick", "--out", str(tmp_path / ("x" * 300))])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "File name too long; pass another --out" in err and "Traceback" not in err
+
+
 def test_an_out_that_cannot_be_written_stops_a_sweep_before_any_work(tmp_path, capsys, monkeypatch):
     """Found by review: the device rates were measured first (tens of seconds)."""
 

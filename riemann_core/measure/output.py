@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,27 @@ def write_atomic(path: Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def set_aside(out: Path, patterns: tuple[str, ...]) -> Path | None:
+    """Move the files of ``out`` that match ``patterns`` (globs) into a new directory
+    ``out/earlier-<UTC time>``, and return it (``None`` where none matched): a study run
+    again into its ``--out`` starts afresh, and the earlier one is kept whole, whatever
+    happens to the new one."""
+    found = sorted({f for pattern in patterns for f in out.glob(pattern) if f.is_file()})
+    if not found:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = out / f"earlier-{stamp}"
+    for n in range(1, 1000):
+        try:
+            aside.mkdir()
+            break
+        except FileExistsError:
+            aside = out / f"earlier-{stamp}-{n}"
+    for f in found:
+        os.replace(f, aside / f.name)
+    return aside
 
 
 def generated_block(text: str, name: str) -> tuple[int, int]:

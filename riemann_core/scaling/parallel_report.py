@@ -99,18 +99,26 @@ def claims(frame: pd.DataFrame, meta: dict, *, n_boot: int = 2000, seed: int = 0
 
 
 def _flops_match(frame: pd.DataFrame) -> Claim:
+    """Over the rank rows whose counted call took no slow path (its work depends on the
+    data, and the cost model leaves it out, as the sweep's FLOP claims do)."""
+    text = "every rank's counted FLOPs (local work, own solves) follow costs.distributed_flops"
+    expected = f"largest relative gap <= {FLOPS_TOLERANCE:g}"
+    paths = frame["slow_paths"] if "slow_paths" in frame else pd.Series("", index=frame.index)
+    slow = paths.notna() & (paths.astype(str) != "")  # read back, empty text is NaN
+    judged = frame[~slow]
+    left_out = f" ({int(slow.sum())} that took a slow path left out)" if slow.any() else ""
+    if judged.empty:
+        detail = f"every one of the {len(frame)} rank rows took a slow path"
+        return Claim("flops-match-model", text, expected, None, None, None, NOT_REACHED, detail)
     gaps = []
     for kind in ("local", "solve"):
-        counted, model = frame[f"flops_{kind}"], frame[f"flops_{kind}_model"]
+        counted, model = judged[f"flops_{kind}"], judged[f"flops_{kind}_model"]
         gaps.append(((counted - model).abs() / model.clip(lower=1)).max())
     gap = float(max(gaps))
     verdict = PASS if gap <= FLOPS_TOLERANCE else FAIL
     return Claim(
-        "flops-match-model",
-        "every rank's counted FLOPs (local work, own solves) follow costs.distributed_flops",
-        f"largest relative gap <= {FLOPS_TOLERANCE:g}",
-        gap, None, None, verdict,
-        f"largest gap {gap:.2%} over {len(frame)} rank rows",
+        "flops-match-model", text, expected, gap, None, None, verdict,
+        f"largest gap {gap:.2%} over {len(judged)} rank rows{left_out}",
     )  # fmt: skip
 
 
@@ -147,8 +155,20 @@ def optimal_load(work: list[float], ranks: int) -> float:
     return best
 
 
+def _one_rank_only(cid: str, text: str, expected: str) -> Claim:
+    """A claim on how the work changes with ``P`` where only ``P = 1`` was run."""
+    detail = "only P = 1 was run: pass --ranks 1,2,... to judge it"
+    return Claim(cid, text, expected, None, None, None, NOT_REACHED, detail)
+
+
 def _work_falls(method: str, rows: pd.DataFrame, shape: costs.MLPShape) -> Claim:
     T = largest_solve_work(rows)
+    text = (
+        f"{method}'s largest per-rank solve work falls like 1/P until the largest block dominates"
+    )
+    expected = "T(P) <= (4/3 - 1/(3P)) T_opt(P), T_opt >= max(T(1)/P, largest block)"
+    if len(T) < 2:  # (found by review: it passed with nothing to judge)
+        return _one_rank_only(f"solve-work-falls-{method}", text, expected)
     work = [
         costs.block_solve_flops(method, a, b, shape.batch, shape.rows, shape.bias, None)
         for a, b in shape.layers
@@ -163,10 +183,7 @@ def _work_falls(method: str, rows: pd.DataFrame, shape: costs.MLPShape) -> Claim
             failing.append(P)
     ideal = max(sum(work) / max(T.index), max(work))
     return Claim(
-        f"solve-work-falls-{method}",
-        f"{method}'s largest per-rank solve work falls like 1/P until the largest block "
-        "dominates",
-        "T(P) <= (4/3 - 1/(3P)) T_opt(P), T_opt >= max(T(1)/P, largest block)",
+        f"solve-work-falls-{method}", text, expected,
         float(T.iloc[0] / T.iloc[-1]), float(T.iloc[0] / ideal), None,
         FAIL if failing else PASS,
         ("above the bound at P=" + ",".join(map(str, failing)) + "; " if failing else "")
@@ -176,12 +193,16 @@ def _work_falls(method: str, rows: pd.DataFrame, shape: costs.MLPShape) -> Claim
 
 def _work_stays(method: str, rows: pd.DataFrame) -> Claim:
     T = largest_solve_work(rows)
+    text = (
+        f"{method}'s solve (one d x d or n x n system) stays on one rank: its work does not "
+        "fall with P"
+    )
+    expected = f"T(P) >= {1 - FLOPS_TOLERANCE:g} T(1)"
+    if len(T) < 2:
+        return _one_rank_only(f"solve-work-stays-{method}", text, expected)
     low = float(T.min() / T.iloc[0])
     return Claim(
-        f"solve-work-stays-{method}",
-        f"{method}'s solve (one d x d or n x n system) stays on one rank: its work does not "
-        "fall with P",
-        f"T(P) >= {1 - FLOPS_TOLERANCE:g} T(1)",
+        f"solve-work-stays-{method}", text, expected,
         low, None, None, PASS if low >= 1 - FLOPS_TOLERANCE else FAIL,
         "; ".join(f"P={P}: {t / T.iloc[0]:.3f} T(1)" for P, t in T.items()),
     )  # fmt: skip

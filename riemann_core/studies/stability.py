@@ -232,6 +232,11 @@ def pair_distance(
         }
 
 
+#: What a study writes into its ``--out`` (a new one sets an earlier one's aside).
+STUDY_FILES = ("stability.json", "pairs.csv", "slopes.csv", "joint_slopes.csv", "report.md",
+               "distance_vs_*.png")  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     from .stability_report import write_report
 
@@ -243,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..measure.environment import environment
-    from ..measure.output import write_atomic, write_json
+    from ..measure.output import set_aside, write_atomic, write_json
 
     device = torch.device(args.device)
     env = environment(device)  # now: the code that runs, whatever happens to the tree later
@@ -262,11 +267,10 @@ def run(args: argparse.Namespace) -> int:
         "test": len(pool.test),
         "environment": env,
     }
-    # not an earlier sweep's pairs, slopes, figures or report beside this record
-    for name in ("pairs.csv", "slopes.csv", "joint_slopes.csv", "report.md"):
-        (out / name).unlink(missing_ok=True)
-    for figure in out.glob("distance_vs_*.png"):
-        figure.unlink()
+    # not beside an earlier sweep's record, pairs, slopes, figures or report: those kept apart
+    earlier = set_aside(out, STUDY_FILES)
+    if earlier is not None:
+        print(f"the earlier study in {out} moved to {earlier}", file=sys.stderr)
     write_json(out, "stability.json", meta)
     points = [
         (p, n, method, mu)

@@ -193,6 +193,11 @@ def out_dir(args: argparse.Namespace) -> Path:
     return default_out(args, "training")
 
 
+#: What a study writes into its ``--out`` (a new one sets an earlier one's aside).
+STUDY_FILES = ("training.json", "tuning.csv", "runs.csv", "report.md", "curves_*.png",
+               "tuning_*.png")  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     from .training_report import write_report
 
@@ -216,7 +221,7 @@ def _study(args: argparse.Namespace, out: Path) -> None:
     from tqdm import tqdm
 
     from ..measure.environment import environment
-    from ..measure.output import write_atomic, write_json
+    from ..measure.output import set_aside, write_atomic, write_json
 
     device = torch.device(args.device)
     env = environment(device)  # now: the code that runs, whatever happens to the tree later
@@ -232,6 +237,10 @@ def _study(args: argparse.Namespace, out: Path) -> None:
     seeds = [args.seed + i for i in range(study.seeds)]
     n_runs = sum(len(study.configs(m)) for m in study.methods) * len(study.models)
     n_runs += len(study.models) * len(study.methods) * study.seeds
+    # not beside an earlier study's record, tables, figures or report: those kept apart
+    earlier = set_aside(out, STUDY_FILES)
+    if earlier is not None:
+        print(f"the earlier study in {out} moved to {earlier}", file=sys.stderr)
     progress = tqdm(total=n_runs, desc="train", unit="run", file=sys.stderr)
 
     def one_run(model_name, config, seed, evaluate_on, every):
@@ -268,11 +277,6 @@ def _study(args: argparse.Namespace, out: Path) -> None:
                 )[-1]
                 tuning.append(last)
             chosen[model_name, method] = choose(pd.DataFrame(tuning), model_name, method)
-    # this study's tables, not beside an earlier study's runs, figures or report
-    for name in ("runs.csv", "report.md"):
-        (out / name).unlink(missing_ok=True)
-    for figure in out.glob("curves_*.png"):
-        figure.unlink()
     write_atomic(out / "tuning.csv", pd.DataFrame(tuning).to_csv(index=False))
     if all(c is None for c in chosen.values()):
         raise ValueError(

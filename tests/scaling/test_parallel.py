@@ -110,6 +110,38 @@ def test_solve_time_that_does_not_fall_with_the_work_fails():
     assert found["solve-time-layerwise-P2"] == "fail"
 
 
+def test_claims_on_the_work_over_p_need_more_than_one_rank():
+    """Found by review: with --ranks 1 they passed with nothing to judge."""
+    found = verdicts(*synthetic(ranks=(1,)))
+    assert (
+        found["solve-work-falls-layerwise"]
+        == found["solve-work-stays-natural"]
+        == ("regime not reached")
+    )
+
+
+def test_rank_rows_that_took_a_slow_path_are_left_out_of_the_flop_claim():
+    """Found by review: a solve that took the float64 residual check counted 9% above its
+    model and failed the claim, exit 1; the sweep leaves such calls out of its FLOP claims."""
+    frame, meta = synthetic()
+    frame["slow_paths"] = ""
+    frame.loc[0, ["slow_paths", "flops_solve"]] = ["residual", 1.5 * frame.loc[0, "flops_solve"]]
+    (claim,) = [c for c in pr.claims(frame, meta, n_boot=200) if c.id == "flops-match-model"]
+    assert claim.verdict == "pass" and "(1 that took a slow path left out)" in claim.detail
+    frame["slow_paths"] = "residual"
+    (claim,) = [c for c in pr.claims(frame, meta, n_boot=200) if c.id == "flops-match-model"]
+    assert claim.verdict == "regime not reached"
+
+
+def test_an_unusable_out_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
+    """Found by review: --out was first written after every rank was measured."""
+    monkeypatch.setattr(parallel, "measure", lambda *a: pytest.fail("measured"))
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "x")
+    argv = ["distributed", "--ranks", "1", "--widths", "6,3", "--batch", "4"]
+    assert main([*argv, "--out", str(tmp_path / "dangling")]) == 2
+    assert "error" in capsys.readouterr().err
+
+
 def test_optimal_load_by_exhaustion():
     assert pr.optimal_load([3.0, 3.0, 2.0, 2.0, 2.0], 2) == 6
     assert pr.optimal_load([5.0, 1.0], 1) == 6
@@ -141,6 +173,8 @@ def test_a_small_run_end_to_end(tmp_path, capsys):
         (["--ranks", "0"], "positive world sizes"),
         (["--ranks", "1,2,1"], "--ranks: 1 given more than once"),
         (["--methods", "natural,natural"], "methods: natural given more than once"),
+        # found by review: without P = 1 the report crashed after every rank was measured
+        (["--ranks", "2,4"], "--ranks must include 1, the run every speedup"),
     ],
 )
 def test_bad_options_are_refused_before_any_process_starts(argv, message, capsys):

@@ -291,10 +291,12 @@ def test_a_sweep_stopped_early_leaves_no_earlier_pairs_beside_its_record(
     sweep, tmp_path, monkeypatch
 ):
     """Found by review: a rerun into the same --out stopped before its first pair left the
-    earlier sweep's pairs.csv beside the new stability.json."""
+    earlier sweep's pairs.csv beside the new stability.json. And the earlier study is kept
+    whole, apart (found by review: it was deleted before the new one had a pair)."""
     from riemann_core.studies import stability
 
     copy_study(sweep, tmp_path)
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()}
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
@@ -304,6 +306,8 @@ def test_a_sweep_stopped_early_leaves_no_earlier_pairs_beside_its_record(
     assert json.loads((tmp_path / "stability.json").read_text())["sweep"]["steps"] == 20
     for name in ("pairs.csv", "slopes.csv", "report.md", "distance_vs_size.png"):
         assert not (tmp_path / name).exists()
+    (earlier,) = tmp_path.glob("earlier-*")
+    assert {f.name: f.read_bytes() for f in earlier.iterdir()} == before
 
 
 def test_an_interrupted_study_is_reported_as_incomplete(sweep, tmp_path):

@@ -374,10 +374,13 @@ def test_a_study_stopped_early_leaves_no_earlier_runs_beside_its_record(
     study, tmp_path, monkeypatch
 ):
     """Found by review: a rerun into the same --out stopped after tuning left the earlier
-    study's runs.csv beside the new training.json, and the report mixed the two."""
+    study's runs.csv beside the new training.json, and the report mixed the two. And the
+    earlier study is kept whole, apart (found by review: deleted by a rerun that then
+    failed)."""
     from riemann_core.measure import output
 
     copy_study(study, tmp_path)
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()}
     write_json = output.write_json
 
     def stopped(out, name, record):  # interrupted right after the record is written
@@ -387,8 +390,10 @@ def test_a_study_stopped_early_leaves_no_earlier_runs_beside_its_record(
     monkeypatch.setattr(output, "write_json", stopped)
     assert cli.main([*SMALL, "--seed", "5", "--out", str(tmp_path)]) == cli.INTERRUPTED
     assert json.loads((tmp_path / "training.json").read_text())["seed"] == 5
-    for name in ("runs.csv", "report.md", "curves_mlp.png"):
+    for name in ("runs.csv", "report.md", "curves_mlp.png", "tuning_mlp.png"):
         assert not (tmp_path / name).exists()
+    (earlier,) = tmp_path.glob("earlier-*")
+    assert {f.name: f.read_bytes() for f in earlier.iterdir()} == before
 
 
 def test_the_summary_does_not_crown_a_method_for_one_lucky_seed():
