@@ -48,6 +48,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed(text: str) -> int:
+    """``"3"`` -> ``3``; a negative or non-integer seed is an argparse error (numpy's
+    generators take none below zero: found by review, a numpy message naming no option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a seed >= 0, got {text!r}")
+    return value
+
+
 def positive_seconds(text: str) -> float:
     """``"600"`` -> ``600.0``; zero, negative, NaN or inf is an argparse error."""
     try:
@@ -181,7 +193,7 @@ def common_options() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--seed",
-        type=int,
+        type=seed,
         default=0,
         help="seed for data, models and sampling; for fit/validate/report the bootstrap "
         "(default: 0)",

@@ -54,7 +54,16 @@ def test_demo_quick_writes_agreeing_directions(tmp_path, capsys):
     structured = rows["layerwise", "structured"]["rel_diff_to_full"]
     assert rows["layerwise", "generic"]["rel_diff_to_full"] == pytest.approx(structured, rel=1e-8)
     assert record["environment"]["torch"]
+    assert record["command"] == f"riemann-bench demo --quick --out {tmp_path}"  # (was "demo")
     assert "natural" in capsys.readouterr().out
+
+
+def test_a_negative_seed_is_refused_by_name(capsys):
+    """Found by review: numpy's own message, naming no option."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["demo", "--quick", "--seed", "-1"])
+    assert exit_.value.code == 2
+    assert "argument --seed: expected a seed >= 0, got '-1'" in capsys.readouterr().err
 
 
 def test_an_unknown_option_is_named_with_the_subcommands_usage(capsys):

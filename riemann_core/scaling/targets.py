@@ -291,7 +291,7 @@ def measure_targets(
         "lean": lean[faster],
     }
 
-    progress(f"per-call overhead, {'-'.join(map(str, SMALL_NETWORK))}")
+    progress(f"per-call overhead and training run, {'-'.join(map(str, SMALL_NETWORK))}")
     small = mlp(SMALL_NETWORK).to(device, dtype)
     xs, ys = data(SMALL_NETWORK)
     small_steps = training_steps(small, xs, ys, metrics=("sampled",))
@@ -302,6 +302,8 @@ def measure_targets(
     small_run = training_run(copy.deepcopy(small), xs, ys, TRAINING_ROUNDS, device)
     where |= {f"small_{name}": call for name, call in small_steps.items()}
 
+    progress("where the time goes (profiler)")
+    kinds = time_by_kinds(where, device, quick)
     result = {
         "gemm_flops_per_s": statistics.median(r["products"] for r in rates),
         "cholesky_flops_per_s": statistics.median(r["cholesky"] for r in rates),
@@ -337,7 +339,7 @@ def measure_targets(
             training_reference(SMALL_NETWORK, small_run),
         ],
         "small": [],
-        "time_by_kind": time_by_kinds(where, device, quick),
+        "time_by_kind": kinds,
     }
     for w in SMALL_NETWORKS[:2] if quick else SMALL_NETWORKS:
         progress(f"full vs layerwise, {'-'.join(map(str, w))}")
@@ -641,7 +643,7 @@ def run(args) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
     from ..measure.environment import environment
 
-    steps = 4 + (2 if args.quick else len(SMALL_NETWORKS)) + len(kfac_targets.NETWORKS)
+    steps = 5 + (2 if args.quick else len(SMALL_NETWORKS)) + len(kfac_targets.NETWORKS)
     env = environment(args.device)  # now: the code that runs, whatever the tree does later
     with progress_bar("targets", total=steps) as progress:
         options = dict(device=args.device, quick=args.quick, seed=args.seed, progress=progress)

@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out is not None:
         payload = {
-            "command": "demo",
+            "command": args.command_line,
             "config": {
                 "dataset": "sklearn.datasets.load_digits, standardised",
                 "widths": list(size.widths),

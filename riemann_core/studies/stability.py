@@ -121,8 +121,6 @@ def sweep_from(args: argparse.Namespace) -> Sweep:
     for name in spec:
         if getattr(args, name, None) is not None:
             spec[name] = getattr(args, name)
-    if args.seed < 0:
-        raise ValueError(f"--seed must be non-negative, got {args.seed}")
     sweep = Sweep(**spec)
     check_choices("method", sweep.methods, METHODS)
     if not sweep.dampings or not all(0 < mu < math.inf for mu in sweep.dampings):

@@ -148,8 +148,6 @@ def study_from(args: argparse.Namespace) -> Study:
             spec[name] = getattr(args, name)
     if getattr(args, "lrs", None) is not None:
         spec["lrs"] = dict.fromkeys(METHODS, args.lrs)
-    if args.seed < 0:
-        raise ValueError(f"--seed must be non-negative, got {args.seed}")
     study = Study(**spec)
     _check(study)
     return study
@@ -242,77 +240,80 @@ def _study(args: argparse.Namespace, out: Path) -> None:
     if earlier is not None:
         print(f"the earlier study in {out} moved to {earlier}", file=sys.stderr)
     progress = tqdm(total=n_runs, desc="train", unit="run", file=sys.stderr)
+    # closed on an error too: the message is not written onto the bar's line
+    try:
 
-    def one_run(model_name, config, seed, evaluate_on, every):
-        progress.set_postfix_str(f"{model_name} {config.label} seed {seed}")
-        model = digits.build_model(model_name, seed, device, DTYPES[study.dtype])
-        result = train(
-            model,
-            data["train"],
-            config,
-            steps=steps,
-            batch_size=study.batch_size,
-            seed=seed,
-            eval_every=every,
-            evaluate_on=evaluate_on,
-        )
-        progress.update()
-        base = {
-            "model": model_name,
-            "method": config.method,
-            "lr": config.lr,
-            "damping": config.damping,
-            "seed": seed,
-            "status": result.status,
-            "reason": result.reason,
-        }
-        return [{**base, **r} for r in result.records]
+        def one_run(model_name, config, seed, evaluate_on, every):
+            progress.set_postfix_str(f"{model_name} {config.label} seed {seed}")
+            model = digits.build_model(model_name, seed, device, DTYPES[study.dtype])
+            result = train(
+                model,
+                data["train"],
+                config,
+                steps=steps,
+                batch_size=study.batch_size,
+                seed=seed,
+                eval_every=every,
+                evaluate_on=evaluate_on,
+            )
+            progress.update()
+            base = {
+                "model": model_name,
+                "method": config.method,
+                "lr": config.lr,
+                "damping": config.damping,
+                "seed": seed,
+                "status": result.status,
+                "reason": result.reason,
+            }
+            return [{**base, **r} for r in result.records]
 
-    tuning, chosen = [], {}
-    for model_name in study.models:
-        for method in study.methods:
-            for config in study.configs(method):
-                last = one_run(
-                    model_name, config, tune_seed, {"validation": data["validation"]}, steps
-                )[-1]
-                tuning.append(last)
-            chosen[model_name, method] = choose(pd.DataFrame(tuning), model_name, method)
-    write_atomic(out / "tuning.csv", pd.DataFrame(tuning).to_csv(index=False))
-    if all(c is None for c in chosen.values()):
-        raise ValueError(
-            f"every configuration diverged in tuning (see {out / 'tuning.csv'}); try smaller "
-            "--lrs or larger --dampings"
-        )
-    meta = {
-        "command": args.command_line,
-        "study": asdict(study),
-        "seed": args.seed,
-        "tuning_seed": tune_seed,
-        "seeds": seeds,
-        "split": {name: len(ex) for name, ex in data.items()},
-        "steps": steps,
-        "eval_every": eval_every,
-        "examples_per_run": steps * study.batch_size,
-        "chosen": {
-            f"{m}/{meth}": None if c is None else asdict(c) for (m, meth), c in chosen.items()
-        },
-        "environment": env,
-    }
-    write_json(out, "training.json", meta)
-
-    curves = []
-    for seed in seeds:  # seeds outermost: methods interleaved in time
+        tuning, chosen = [], {}
         for model_name in study.models:
             for method in study.methods:
-                config = chosen[model_name, method]
-                if config is None:  # every configuration diverged in tuning
-                    progress.update()
-                    continue
-                sets = {"train": data["train"], "test": data["test"]}
-                curves += one_run(model_name, config, seed, sets, eval_every)
-        # after every round of seeds, so that an interrupted study keeps what it measured
-        write_atomic(out / "runs.csv", pd.DataFrame(curves).to_csv(index=False))
-    progress.close()
+                for config in study.configs(method):
+                    last = one_run(
+                        model_name, config, tune_seed, {"validation": data["validation"]}, steps
+                    )[-1]
+                    tuning.append(last)
+                chosen[model_name, method] = choose(pd.DataFrame(tuning), model_name, method)
+        write_atomic(out / "tuning.csv", pd.DataFrame(tuning).to_csv(index=False))
+        if all(c is None for c in chosen.values()):
+            raise ValueError(
+                f"every configuration diverged in tuning (see {out / 'tuning.csv'}); try smaller "
+                "--lrs or larger --dampings"
+            )
+        meta = {
+            "command": args.command_line,
+            "study": asdict(study),
+            "seed": args.seed,
+            "tuning_seed": tune_seed,
+            "seeds": seeds,
+            "split": {name: len(ex) for name, ex in data.items()},
+            "steps": steps,
+            "eval_every": eval_every,
+            "examples_per_run": steps * study.batch_size,
+            "chosen": {
+                f"{m}/{meth}": None if c is None else asdict(c) for (m, meth), c in chosen.items()
+            },
+            "environment": env,
+        }
+        write_json(out, "training.json", meta)
+
+        curves = []
+        for seed in seeds:  # seeds outermost: methods interleaved in time
+            for model_name in study.models:
+                for method in study.methods:
+                    config = chosen[model_name, method]
+                    if config is None:  # every configuration diverged in tuning
+                        progress.update()
+                        continue
+                    sets = {"train": data["train"], "test": data["test"]}
+                    curves += one_run(model_name, config, seed, sets, eval_every)
+            # after every round of seeds, so that an interrupted study keeps what it measured
+            write_atomic(out / "runs.csv", pd.DataFrame(curves).to_csv(index=False))
+    finally:
+        progress.close()
 
 
 def choose(tuning: pd.DataFrame, model: str, method: str) -> Config | None:

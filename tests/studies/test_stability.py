@@ -278,7 +278,6 @@ def test_report_only_refuses_a_record_of_the_wrong_kind(
         (["--batch-size", "200"], "--batch-size must be between 1 and the smallest size 150"),
         (["--pairs", "0"], "--pairs and --steps must be positive"),
         (["--lr", "-1"], "--lr must be positive"),
-        (["--seed", "-1"], "--seed must be non-negative"),
     ],
 )
 def test_bad_options_are_clear_errors(options, message, tmp_path, capsys):

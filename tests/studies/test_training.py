@@ -292,7 +292,6 @@ def failing_report_changes_nothing(out, command, module, step, monkeypatch, caps
         (["--target-accuracy", "1.5"], "--target-accuracy must lie in (0, 1]"),
         (["--batch-size", "0"], "--batch-size and --evaluations must be positive"),
         (["--batch-size", "5000"], "--batch-size may be at most the 1078 training examples"),
-        (["--seed", "-1"], "--seed must be non-negative"),
     ],
 )
 def test_bad_options_fail_before_any_training(options, message, tmp_path, capsys):
