@@ -82,6 +82,23 @@ def test_a_checkpoint_resumes_kfac_to_the_bit(options, how):
     assert gap > 1e-6
 
 
+def assert_resumes_to_the_bit(built, rebuilt, data, saved_after, how):
+    """A run of ``built()`` (model, preconditioner, optimiser) over ``data``, and one saved
+    after ``saved_after`` batches and resumed into ``rebuilt()``: the same parameters, bit
+    for bit."""
+    model, pre, opt = built()
+    train(model, pre, opt, data[:saved_after], how)
+    checkpoint = saved(model, pre, opt)
+    train(model, pre, opt, data[saved_after:], how)
+    resumed, resumed_pre, resumed_opt = rebuilt()
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt.load_state_dict(checkpoint["opt"])
+    resumed_pre.load_state_dict(checkpoint["pre"])
+    train(resumed, resumed_pre, resumed_opt, data[saved_after:], how)
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
 def conv_net():
     torch.manual_seed(0)
     return torch.nn.Sequential(
@@ -120,17 +137,7 @@ def test_a_checkpoint_resumes_float32_networks_to_the_bit(network, shape, precis
 
     with restored_precision():
         torch.set_float32_matmul_precision(precision)
-        model, pre, opt = built()
-        train(model, pre, opt, data[:2], "step")
-        checkpoint = saved(model, pre, opt)
-        train(model, pre, opt, data[2:], "step")
-        resumed, resumed_pre, resumed_opt = built()
-        resumed.load_state_dict(checkpoint["model"])
-        resumed_opt.load_state_dict(checkpoint["opt"])
-        resumed_pre.load_state_dict(checkpoint["pre"])
-        train(resumed, resumed_pre, resumed_opt, data[2:], "step")
-    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(p, q)
+        assert_resumes_to_the_bit(built, built, data, 2, "step")
 
 
 def test_a_float32_run_resumed_with_pre_backward_is_exact_without_the_coupling_check():
@@ -149,17 +156,7 @@ def test_a_float32_run_resumed_with_pre_backward_is_exact_without_the_coupling_c
         pre = rc.RiemannianPreconditioner(model, **options, **extra)
         return model, pre, torch.optim.SGD(model.parameters(), lr=0.1)
 
-    model, pre, opt = built()
-    train(model, pre, opt, data[:1], "backward")
-    checkpoint = saved(model, pre, opt)
-    train(model, pre, opt, data[1:], "backward")
-    resumed, resumed_pre, resumed_opt = built(check_coupling=False)
-    resumed.load_state_dict(checkpoint["model"])
-    resumed_opt.load_state_dict(checkpoint["opt"])
-    resumed_pre.load_state_dict(checkpoint["pre"])
-    train(resumed, resumed_pre, resumed_opt, data[1:], "backward")
-    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(p, q)
+    assert_resumes_to_the_bit(built, lambda: built(check_coupling=False), data, 1, "backward")
 
 
 def test_a_factorisation_that_took_the_checked_path_is_checked_again_on_load(monkeypatch):

@@ -216,16 +216,24 @@ def test_many_overflowed_steps_in_a_row_warn_but_micro_batches_count_once():
             scaler.update()
 
 
-def test_pre_step_after_unscale_is_refused():
-    """Found by review: with an optimiser per layer, unscale_ had recorded no overflow for
-    the first when pre.step() found one in the second and wrote NaN into every .grad: the
-    first stepped NaN into its parameters."""
+def scaled_backward_with_an_optimiser_per_layer():
+    """``(model, scaler, pre, optimisers)`` after ``scaler.scale(loss).backward()`` at a
+    scale that does not overflow, an SGD optimiser per Linear layer (as torch's AMP
+    examples have)."""
     model, x, y = half_precision_problem()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     pre = rc.RiemannianPreconditioner(model, grad_scaler=scaler)
     opts = [torch.optim.SGD(model[i].parameters(), lr=0.1) for i in (0, 2)]
     with torch.autocast("cpu", dtype=torch.float16):
         scaler.scale(F.cross_entropy(model(x), y)).backward()
+    return model, scaler, pre, opts
+
+
+def test_pre_step_after_unscale_is_refused():
+    """Found by review: with an optimiser per layer, unscale_ had recorded no overflow for
+    the first when pre.step() found one in the second and wrote NaN into every .grad: the
+    first stepped NaN into its parameters."""
+    model, scaler, pre, opts = scaled_backward_with_an_optimiser_per_layer()
     scaler.unscale_(opts[0])
     before = snapshot(model)
     with pytest.raises(RuntimeError, match=r"pre.step\(\) after scaler.unscale_\(opt\)"):
@@ -299,12 +307,7 @@ def test_an_overflow_in_one_grad_leaves_every_grad_nan_for_every_optimiser():
     """Found by review: pre.step() left the .grad as they were, so with an optimiser per
     layer (as torch's AMP examples have) the one whose .grad stayed finite stepped them
     unpreconditioned."""
-    model, x, y = half_precision_problem()
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    pre = rc.RiemannianPreconditioner(model, grad_scaler=scaler)
-    opts = [torch.optim.SGD(model[i].parameters(), lr=0.1) for i in (0, 2)]
-    with torch.autocast("cpu", dtype=torch.float16):
-        scaler.scale(F.cross_entropy(model(x), y)).backward()
+    model, scaler, pre, opts = scaled_backward_with_an_optimiser_per_layer()
     model[0].weight.grad[0, 0] = float("inf")  # the first layer's alone overflowed
     before = [p.detach().clone() for p in model.parameters()]
     pre.step()

@@ -24,6 +24,7 @@ from oracle import (
     solve_kfac_metric,
     unflatten,
 )
+from test_backward import WithSpare
 from torch import nn
 
 import riemann_core as rc
@@ -741,23 +742,12 @@ def test_kfac_refresh_follows_a_changed_set_of_parameters():
     assert rel_error(got, expected) < 1e-10
 
 
-class WithAuxiliaryHead(nn.Module):
-    """``net`` and a trainable head that the forward pass does not call."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.aux = net, nn.Linear(3, 3).double()
-
-    def forward(self, x):
-        return self.net(x)
-
-
 @pytest.mark.parametrize("call", ["step", "backward"])
 def test_kfac_refresh_is_kept_beside_a_module_the_forward_pass_does_not_call(call):
     """Found by review: every step between refreshes factorised again (and ``pre.step()``
     ran the forward pass again), as the cached blocks never covered the uncalled head."""
     net, _, _ = Problem(depth=3).make()
-    model, plain = WithAuxiliaryHead(copy.deepcopy(net)), net
+    model, plain = WithSpare(copy.deepcopy(net)), net
     kw = dict(method="kfac", damping=1e-2, kfac_refresh=3)
     runs = []
     for m in (model, plain):
@@ -773,7 +763,7 @@ def test_kfac_refresh_is_kept_beside_a_module_the_forward_pass_does_not_call(cal
             named = m.net.named_parameters() if m is model else m.named_parameters()
             directions.append((len(forwards), {n: p.grad.clone() for n, p in named}))
         runs.append((directions, len(fused)))
-        assert model.aux.weight.grad is None
+        assert model.spare.weight.grad is None
     (got, got_fused), (expected, expected_fused) = runs
     assert [f for f, _ in got] == [f for f, _ in expected]
     assert [f for f, _ in expected] == ([2, 1, 1, 2] if call == "step" else [2, 1, 1, 1])
