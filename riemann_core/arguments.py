@@ -48,15 +48,22 @@ def positive_int(text: str) -> int:
     return value
 
 
+#: The largest seed: numpy's and torch's generators take 0 to 2^32 - 1 everywhere, with
+#: room for the seeds a study derives from it (seed + pair, seed + seeds).
+MAX_SEED = 2**32 - 1
+
+
 def seed(text: str) -> int:
-    """``"3"`` -> ``3``; a negative or non-integer seed is an argparse error (numpy's
-    generators take none below zero: found by review, a numpy message naming no option)."""
+    """``"3"`` -> ``3``; a seed outside ``[0, MAX_SEED]`` or not an integer is an argparse
+    error (found by review: numpy's or torch's messages, naming no option)."""
     try:
         value = int(text)
     except ValueError:
         value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a seed >= 0, got {text!r}")
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer seed from 0 to {MAX_SEED}, got {text!r}"
+        )
     return value
 
 

@@ -63,7 +63,9 @@ def test_a_negative_seed_is_refused_by_name(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["demo", "--quick", "--seed", "-1"])
     assert exit_.value.code == 2
-    assert "argument --seed: expected a seed >= 0, got '-1'" in capsys.readouterr().err
+    assert "argument --seed: expected an integer seed from 0 to 4294967295, got '-1'" in (
+        capsys.readouterr().err
+    )
 
 
 def test_an_unknown_option_is_named_with_the_subcommands_usage(capsys):

@@ -51,8 +51,15 @@ def set_aside(out: Path, patterns: tuple[str, ...]) -> Path | None:
             break
         except FileExistsError:
             aside = out / f"earlier-{stamp}-{n}"
-    for f in found:
-        os.replace(f, aside / f.name)
+    moved = 0
+    try:
+        for f in found:
+            os.replace(f, aside / f.name)
+            moved += 1
+    finally:  # an interrupt (Ctrl-C) midway: the rest follows, so the study stays whole
+        for f in found[moved:]:
+            if f.exists():
+                os.replace(f, aside / f.name)
     return aside
 
 
@@ -149,8 +156,10 @@ def read_study(
     fix = rerun(command)
     missing = [str(out / f) for f in (*tables, record) if not (out / f).is_file()]
     if missing:
+        earlier = sorted(out.glob("earlier-*"))
+        aside = f" (an earlier study was set aside in {earlier[-1]})" if earlier else ""
         raise ValueError(
-            f"no results at {', '.join(missing)}; run '{command}' with this --out first"
+            f"no results at {', '.join(missing)}{aside}; run '{command}' with this --out first"
         )
     try:
         frames = [pd.read_csv(out / name) for name in tables]

@@ -24,3 +24,27 @@ def test_atomic_write_gives_the_usual_file_mode(tmp_path):
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_study_set_aside_stays_whole_when_interrupted(tmp_path, monkeypatch):
+    """Found by review: Ctrl-C during the moves split the earlier study between --out and
+    the new directory (and the next rerun split it again)."""
+    names = ["a.json", "b.csv", "c.png", "d.md"]
+    for name in names:
+        (tmp_path / name).write_text(name)
+    (tmp_path / "other.txt").write_text("kept")
+    replace, calls = output.os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            replace(src, dst)  # the second file moved, then Ctrl-C
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(output.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        output.set_aside(tmp_path, ("*.json", "*.csv", "*.png", "*.md"))
+    (aside,) = tmp_path.glob("earlier-*")
+    assert sorted(f.name for f in aside.iterdir()) == names
+    assert sorted(f.name for f in tmp_path.iterdir() if f.is_file()) == ["other.txt"]

@@ -133,6 +133,29 @@ def test_rank_rows_that_took_a_slow_path_are_left_out_of_the_flop_claim():
     assert claim.verdict == "regime not reached"
 
 
+def test_claims_on_the_work_over_p_are_not_judged_on_slow_path_rows():
+    """Found by review: a P = 1 row that took the residual check (+9% solve FLOPs) failed
+    solve-work-stays, exit 1, while the FLOP claim left it out."""
+    frame, meta = synthetic()
+    frame["slow_paths"] = ""
+    one = (frame["ranks"] == 1) & (frame["method"] == "natural")
+    frame.loc[one, "slow_paths"] = "residual"
+    frame.loc[one, "flops_solve"] *= 1.09
+    found = {c.id: c for c in pr.claims(frame, meta, n_boot=200)}
+    assert found["solve-work-stays-natural"].verdict == "regime not reached"
+    assert "1 rank rows took a slow path" in found["solve-work-stays-natural"].detail
+    assert found["solve-work-falls-layerwise"].verdict == "pass"
+
+
+def test_results_without_a_run_at_one_rank_are_refused_by_the_report(tmp_path):
+    frame, meta = synthetic(ranks=(2, 4))
+    frame.to_csv(tmp_path / "results.csv", index=False)
+    record = {**meta, "ranks": [2, 4], "command": "riemann-bench distributed"}
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="holds no run at P = 1"):
+        pr.read(tmp_path)
+
+
 def test_an_unusable_out_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
     """Found by review: --out was first written after every rank was measured."""
     monkeypatch.setattr(parallel, "measure", lambda *a: pytest.fail("measured"))

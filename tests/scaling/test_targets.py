@@ -47,6 +47,20 @@ def test_a_figure_whose_rounds_straddle_its_goal_is_too_noisy_not_missed():
     assert targets.missed(result) == [] and targets.missed(result, "too noisy") == ["8-4-2: noisy"]
 
 
+def test_the_pages_say_how_many_rounds_each_figure_is_over():
+    """Found by review: they said 11 rounds, where the small network's step took 55 (its
+    calls are short) and full / layerwise 5."""
+    result = core_result()
+    result["figures"] = [
+        targets.figure("speed_of_light", [8, 4, 2], [1.0] * 11),
+        targets.figure("small_sampled_step", [4, 2], [2.0] * 55),
+    ]
+    assert targets.rounds_of(result) == "11 interleaved rounds (55 for 4-2)"
+    assert "the median over 11 interleaved rounds (55 for 4-2)" in targets.markdown_targets(
+        result, "riemann-bench targets"
+    )
+
+
 @pytest.mark.parametrize("missed", [None, "speed_of_light", "full_vs_layerwise"])
 def test_targets_exits_1_when_a_core_figure_misses_and_writes_the_table(
     missed, tmp_path, monkeypatch, capsys
