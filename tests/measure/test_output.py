@@ -48,3 +48,10 @@ def test_a_study_set_aside_stays_whole_when_interrupted(tmp_path, monkeypatch):
     (aside,) = tmp_path.glob("earlier-*")
     assert sorted(f.name for f in aside.iterdir()) == names
     assert sorted(f.name for f in tmp_path.iterdir() if f.is_file()) == ["other.txt"]
+
+
+def test_results_missing_beside_a_study_set_aside_name_it(tmp_path):
+    """A rerun that failed before writing leaves only the study it set aside: say where."""
+    (tmp_path / "earlier-20261203T000000Z").mkdir()
+    with pytest.raises(ValueError, match=r"set aside in .*earlier-20261203T000000Z"):
+        output.read_study(tmp_path, {"runs.csv": ()}, "training.json", (), "riemann-bench train")
