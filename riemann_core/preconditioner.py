@@ -383,8 +383,8 @@ class RiemannianPreconditioner:
         needs_factor = SOLVERS[self.method].NEEDS_FACTOR
         key = coupling.probe_key(model, *self._batch[:2])
         probing = needs_factor and coupling.needs_probe(notes, key, opts.check_coupling)
-        calls = capture.calls  # (the capture is reset before the overflow's NaN is written)
-        called = {n for c in calls for n in c.param_names}
+        # (read now: the capture is reset before an overflow's NaN is written)
+        called = {n for c in capture.calls for n in c.param_names}
         reuse = self._kfac is not None and not self._kfac.needs_factors(params, opts, called)
         overflowed = False
         # a skipped step's draws for the sampled metric are undone (a generator passed)
@@ -464,8 +464,8 @@ class RiemannianPreconditioner:
             self._capture = Capture(model, notes.clone, persistent=True)
         self._note_overflow(overflowed)
         if overflowed:  # NaN, as the scaled backward's inf would leave, for scaler.step
-            called = {n for c in calls for n in c.param_names} or {n for n, _ in params}
-            _fill_nan([p for n, p in params if n in called])
+            reached = called or {n for n, _ in params}  # (no calls recorded: a rehook)
+            _fill_nan([p for n, p in params if n in reached])
             self.diagnostics, self._written = [], []
             return
         for name, p in params:  # every direction exists before any .grad changes
