@@ -48,14 +48,15 @@ def positive_int(text: str) -> int:
     return value
 
 
-#: The largest seed: numpy's and torch's generators take 0 to 2^32 - 1 everywhere, with
-#: room for the seeds a study derives from it (seed + pair, seed + seeds).
+#: The largest seed: torch's generators take seeds below 2^64, and the studies derive
+#: others from it (``seed * 7919 + n``, ``seed + pair``), which stay below that from here.
 MAX_SEED = 2**32 - 1
 
 
 def seed(text: str) -> int:
     """``"3"`` -> ``3``; a seed outside ``[0, MAX_SEED]`` or not an integer is an argparse
-    error (found by review: numpy's or torch's messages, naming no option)."""
+    error (found by review: numpy's message below 0 and torch's overflow past 2^64, for a
+    seed or one derived from it, named no option)."""
     try:
         value = int(text)
     except ValueError:

@@ -3,6 +3,7 @@ figures and Markdown tables of the reports."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -56,10 +57,14 @@ def set_aside(out: Path, patterns: tuple[str, ...]) -> Path | None:
         for f in found:
             os.replace(f, aside / f.name)
             moved += 1
-    finally:  # an interrupt (Ctrl-C) midway: the rest follows, so the study stays whole
+    except Exception:  # a failed move (permissions): raised as it is, nothing retried
+        raise
+    except BaseException:  # an interrupt (Ctrl-C) midway: the rest follows, whole
         for f in found[moved:]:
-            if f.exists():
-                os.replace(f, aside / f.name)
+            with contextlib.suppress(OSError):  # the interrupt is what is raised
+                if f.exists():
+                    os.replace(f, aside / f.name)
+        raise
     return aside
 
 
@@ -156,8 +161,8 @@ def read_study(
     fix = rerun(command)
     missing = [str(out / f) for f in (*tables, record) if not (out / f).is_file()]
     if missing:
-        earlier = sorted(out.glob("earlier-*"))
-        aside = f" (an earlier study was set aside in {earlier[-1]})" if earlier else ""
+        earlier = max(out.glob("earlier-*"), key=lambda d: d.stat().st_mtime, default=None)
+        aside = f" (an earlier study was set aside in {earlier})" if earlier else ""
         raise ValueError(
             f"no results at {', '.join(missing)}{aside}; run '{command}' with this --out first"
         )

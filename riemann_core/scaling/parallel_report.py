@@ -72,10 +72,13 @@ RECORD_KEYS = ("config", "ranks", "cores", "gemm_flops_per_s")
 
 def read(out: Path) -> tuple[pd.DataFrame, dict]:
     (frame,), meta = read_study(out, TABLES, "run.json", RECORD_KEYS, COMMAND)
-    if not (frame["ranks"] == 1).any():  # every speedup and claim compares with P = 1
+    at_one = set(frame.loc[frame["ranks"] == 1, "method"])
+    lacking = sorted(set(frame["method"]) - at_one)  # every speedup compares with P = 1
+    if lacking:
         raise ValueError(
-            f"{out / 'results.csv'} holds no run at P = 1, which every speedup and claim "
-            "compares with: run 'riemann-bench distributed' with --ranks 1,... and this --out"
+            f"{out / 'results.csv'} holds no run at P = 1 of {lacking}, which every speedup "
+            "and claim compares with: run 'riemann-bench distributed' with --ranks 1,... and "
+            "this --out"
         )
     return frame, meta
 

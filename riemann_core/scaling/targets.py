@@ -428,6 +428,11 @@ def _interval(f: dict) -> str:
     return f" [{f['low']:.2f}, {f['high']:.2f}]" if "low" in f else ""
 
 
+def kfac_rounds(kfac: dict) -> str:
+    """``, K-FAC's over its N rounds`` where K-FAC was measured."""
+    return f", K-FAC's over its {kfac['rounds']} rounds" if kfac.get("measured") else ""
+
+
 def rounds_of(payload: dict) -> str:
     """How many rounds each figure's median is over: ``11 interleaved rounds``, or with the
     figures that took another count named (``...; 55 for 64-32-32-10``)."""
@@ -580,10 +585,12 @@ def readme_targets(payload: dict, link: str) -> str:
     lines = [
         f"Measured by `{payload['command']}` on {env['device_name']} ({env['threads']} "
         f"threads, torch {env['torch']}, commit {env['commit']}, {env['time_utc'][:10]}); "
-        f"{payload['dtype']}, batch {payload['batch']}, each ratio the median over "
-        f"{rounds_of(payload)} of the ratio within a round [its 95% "
-        "bootstrap interval; a goal is too noisy to judge where the interval straddles it]. "
-        "The command writes this table; rerun it to regenerate it.",
+        f"{payload['dtype']}, batch {payload['batch']}; each figure with a goal, and the "
+        f"lean references of its network, the median over {rounds_of(payload)} of the ratio "
+        "within a round [its 95% bootstrap interval; a goal is too noisy to judge where the "
+        "interval straddles it], a training run's over its timed steps (every other of "
+        f"those it names){kfac_rounds(payload['kfac'])}. The command writes this table; "
+        "rerun it to regenerate it.",
         "",
         "| network | figure | ratio | goal | |",
         "|---|---|---:|---|---|",

@@ -55,3 +55,22 @@ def test_results_missing_beside_a_study_set_aside_name_it(tmp_path):
     (tmp_path / "earlier-20261203T000000Z").mkdir()
     with pytest.raises(ValueError, match=r"set aside in .*earlier-20261203T000000Z"):
         output.read_study(tmp_path, {"runs.csv": ()}, "training.json", (), "riemann-bench train")
+
+
+def test_a_failed_move_is_raised_once_and_nothing_is_retried(tmp_path, monkeypatch):
+    """Found by review: the interrupt's clean-up ran for any error, retried the failed file
+    and raised a second error over the first."""
+    for name in ("a.json", "b.csv", "c.png"):
+        (tmp_path / name).write_text(name)
+    replace, calls = output.os.replace, []
+
+    def refused(src, dst):
+        calls.append(src.name)
+        if src.name == "b.csv":
+            raise PermissionError(13, "Permission denied", str(src))
+        replace(src, dst)
+
+    monkeypatch.setattr(output.os, "replace", refused)
+    with pytest.raises(PermissionError) as error:
+        output.set_aside(tmp_path, ("*.json", "*.csv", "*.png"))
+    assert calls == ["a.json", "b.csv"] and error.value.__context__ is None

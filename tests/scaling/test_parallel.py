@@ -152,7 +152,12 @@ def test_results_without_a_run_at_one_rank_are_refused_by_the_report(tmp_path):
     frame.to_csv(tmp_path / "results.csv", index=False)
     record = {**meta, "ranks": [2, 4], "command": "riemann-bench distributed"}
     (tmp_path / "run.json").write_text(json.dumps(record))
-    with pytest.raises(ValueError, match="holds no run at P = 1"):
+    with pytest.raises(ValueError, match=r"holds no run at P = 1 of \['layerwise', 'natural'\]"):
+        pr.read(tmp_path)
+    frame, meta = synthetic()  # one method lacking it (found by review: an IndexError later)
+    frame = frame[(frame["ranks"] > 1) | (frame["method"] == "natural")]
+    frame.to_csv(tmp_path / "results.csv", index=False)
+    with pytest.raises(ValueError, match=r"holds no run at P = 1 of \['layerwise'\]"):
         pr.read(tmp_path)
 
 
