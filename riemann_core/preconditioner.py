@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
-from torch.amp.grad_scaler import OptState
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils import _pytree as pytree
 
@@ -812,13 +812,25 @@ def _fill_nan(params) -> None:
             p.grad.fill_(float("nan"))
 
 
+def _grad_scaler_types() -> tuple[type, ...]:
+    """GradScaler's classes in this torch (``torch.amp`` from 2.3, ``torch.cuda.amp``
+    before)."""
+    return tuple(
+        t
+        for t in (getattr(torch.amp, "GradScaler", None), torch.cuda.amp.GradScaler)
+        if isinstance(t, type)
+    )
+
+
 def _check_not_unscaled(scaler: torch.amp.GradScaler) -> None:
     """Refuse ``pre.step()`` after ``scaler.unscale_(opt)`` of this step: the scaler has
     read that optimiser's ``.grad`` for an overflow already, so one found now would not skip
     its step. (GradScaler keeps the stage per optimiser in a private attribute; where a
     release of torch lacks it, nothing is checked.)"""
-    states = getattr(scaler, "_per_optimizer_states", {})
-    unscaled = getattr(OptState, "UNSCALED", None)
+    modules = [sys.modules.get(c.__module__) for c in reversed(type(scaler).__mro__)]
+    stages = [m.OptState for m in modules if hasattr(m, "OptState")]  # the base's first
+    unscaled = getattr(stages[0], "UNSCALED", None) if stages else None
+    states = getattr(scaler, "_per_optimizer_states", {}) if unscaled is not None else {}
     if any(isinstance(s, dict) and s.get("stage") is unscaled for s in states.values()):
         raise RuntimeError(
             "pre.step() after scaler.unscale_(opt): the scaler has already looked for an "
@@ -844,7 +856,7 @@ def _check_grad_scaler(scaler, model: nn.Module, process_group) -> None:
     model is ``DistributedDataParallel`` (whose ``.grad`` overflow on every rank alike)."""
     if scaler is None:
         return
-    if not isinstance(scaler, torch.amp.GradScaler):
+    if not isinstance(scaler, _grad_scaler_types()):
         raise TypeError(
             f"grad_scaler must be a torch.amp.GradScaler (the one whose scale(loss) the "
             f"preconditioner sees), got {type(scaler).__name__}"
