@@ -866,6 +866,51 @@ def test_a_head_called_outside_forward_is_named_with_the_fix():
     assert_unchanged(model, before)
 
 
+class HandWrittenLinear(nn.Module):
+    """``F.linear`` plus a float32 bias: under autocast a float32 output computed from
+    half-precision inputs."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(n_out, n_in) / n_in**0.5)
+        self.b = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        return F.linear(x, self.w) + self.b
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=str)
+def test_a_generic_module_under_autocast_is_checked_at_half_precision(half):
+    """Found by review: the generic kernel's checks (the outputs one sample at a time, and
+    the parameters' gradient through the calls) compared at float32's rounding a call that
+    autocast ran in half precision: refused as coupling the samples, or as a parameter used
+    outside its module. The direction is the float32 one to the half precision's accuracy."""
+    torch.manual_seed(45)
+    model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), HandWrittenLinear(32, 10))
+    x, y = torch.randn(16, 12), torch.randint(0, 10, (16,))
+    expected = rc.direction(copy.deepcopy(model), x, y, kernel="auto", damping=0.1)
+    pre = rc.RiemannianPreconditioner(model, kernel="auto", damping=0.1)
+    for _ in range(2):  # the probe's first call, then the fused one
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=half):
+            pre.backward(F.cross_entropy(model(x), y))
+        got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        want = torch.cat([expected[n].reshape(-1) for n, _ in model.named_parameters()])
+        assert (got - want).norm() < 20 * torch.finfo(half).eps * want.norm()
+
+
+def test_the_sampled_fisher_draws_every_class_from_bfloat16_logits():
+    """Found by review: uniforms drawn in bfloat16 take 128 values in [0.5, 1), so of 2000
+    equally likely classes 634 were ever drawn: a biased metric, not a noisier one."""
+    from riemann_core.factors import sampled_cross_entropy_factor
+
+    logits = torch.zeros(1024, 2000, dtype=torch.bfloat16)
+    F_ = sampled_cross_entropy_factor(logits, 16, torch.Generator().manual_seed(0))
+    assert F_.dtype == torch.bfloat16
+    drawn = (F_ > 0).any(1).any(0)  # the row of a draw is positive at its class only
+    assert int(drawn.sum()) == 2000
+
+
 def test_float16_outputs_of_more_entries_a_sample_than_float16_counts_are_probed():
     """Found by review: the coupling probe's pattern was made in the outputs' dtype, whose
     float16 index reached inf past 65504 entries a sample: the NaN probe passed the
