@@ -57,9 +57,7 @@ def set_aside(out: Path, patterns: tuple[str, ...]) -> Path | None:
         for f in found:
             os.replace(f, aside / f.name)
             moved += 1
-    except Exception:  # a failed move (permissions): raised as it is, nothing retried
-        raise
-    except BaseException:  # an interrupt (Ctrl-C) midway: the rest follows, whole
+    except KeyboardInterrupt:  # Ctrl-C midway: the rest follows (a failed move is raised)
         for f in found[moved:]:
             with contextlib.suppress(OSError):  # the interrupt is what is raised
                 if f.exists():

@@ -418,7 +418,7 @@ def took_slow_path(rows: pd.DataFrame) -> pd.Series:
     (``slow_paths``: jitter, residual, refine), whose work the cost models leave out: the
     fits, the time models and the claims take none of them."""
     paths = rows["slow_paths"] if "slow_paths" in rows else pd.Series("", index=rows.index)
-    return paths.fillna("").astype(str) != ""
+    return paths.notna() & (paths.astype(str) != "")  # read back, an empty column is NaN
 
 
 def time_models(df: pd.DataFrame) -> dict[tuple, TimeModel]:

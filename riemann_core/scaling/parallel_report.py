@@ -52,7 +52,7 @@ import pandas as pd
 from .. import costs
 from ..measure.output import markdown_table, pyplot, read_study, save_figure, write_json
 from ..ownership import greedy_ratio, loads
-from .fit import OVERHEAD_TARGET, TIME_BAND
+from .fit import OVERHEAD_TARGET, TIME_BAND, took_slow_path
 from .sweep import SPREAD_LIMIT
 from .validate import FAIL, NOISY, NOT_REACHED, PASS, Claim
 
@@ -160,13 +160,6 @@ def optimal_load(work: list[float], ranks: int) -> float:
     for rest in itertools.product(range(ranks), repeat=len(work) - 1):
         best = min(best, max(loads(work, (0, *rest), ranks)))
     return best
-
-
-def took_slow_path(frame: pd.DataFrame) -> pd.Series:
-    """Which rank rows' counted call took a slow path (their solve work is not the cost
-    model's, and differs from rank to rank and from P to P with the data)."""
-    paths = frame["slow_paths"] if "slow_paths" in frame else pd.Series("", index=frame.index)
-    return paths.notna() & (paths.astype(str) != "")  # read back, empty text is NaN
 
 
 def _not_judged_over_p(cid: str, text: str, expected: str, rows: pd.DataFrame) -> Claim | None:
