@@ -8,7 +8,9 @@ to every captured module output and input, must leave the rows of the samples ou
 ``S`` exactly zero (autograd propagates such structural zeros exactly). With ``S_k``
 the samples whose ``k``-th bit is set, and its complement, for ``k < ceil(log2 N)``,
 every pair of distinct samples is told apart by some probe: ``2 ceil(log2 N)`` rows of
-one batched backward pass.
+one batched backward pass. A probe pulled back to NaN or inf (an overflow in half
+precision, where ``inf - inf`` is NaN, and NaN compares unequal to nothing) proves
+nothing either way: it is refused first, naming where.
 
 *Parameters enter only through their modules.* A trainable parameter used outside the
 calls of the modules that own it (``F.linear(h, self.emb.weight)`` beside a call of
@@ -103,7 +105,7 @@ def probe_cotangents(z: Tensor) -> tuple[Tensor, Tensor]:
 def _leaked(pulled: Tensor, masks: Tensor) -> Tensor:
     """Whether a pulled-back tensor ``(k, N, ...)`` is nonzero outside a probe's support."""
     outside = (~masks).reshape(masks.shape + (1,) * (pulled.ndim - 2))
-    return ((pulled.abs() > 0) & outside).flatten(1).any()
+    return ((pulled != 0) & outside).flatten(1).any()  # NaN too
 
 
 def graph_tensors(calls: list[Block]) -> list[tuple[Block, Tensor]]:
@@ -138,6 +140,19 @@ def register(
         torch.zeros((len(rows),) + t.shape, dtype=t.dtype, device=t.device) if p is None else p
         for (_, t), p in zip(targets, pulled, strict=True)
     ]
+    # first, for the two checks below compare with 0 (a NaN is neither leaked nor equal)
+    checks.finite_all(
+        [
+            (f"the coupling probe pulled back to {where} of module {c.name!r}", p)
+            for (c, t), p in zip(targets, pulled, strict=True)
+            for where in ["the output" if t is c.output else "an input"]
+        ],
+        f"the probe's rows on the output have entries of size 1 (the loss gradient's about "
+        f"1 / N), and in {z.dtype} they overflow through this network's Jacobian. Run the "
+        "first call, which probes, in float32 (outside autocast), or pass "
+        "check_coupling=False if the network keeps the samples of a batch apart and "
+        "calls each parameter's module for every use of it",
+    )
     coupled = torch.stack([_leaked(p[:-1], masks[:-1]) for p in pulled]).any() if pulled else None
     if coupled is not None and len(masks) > 1:
         checks.require(~coupled, lambda: _explain_coupling(model, rows[:-1], masks[:-1], rerun))

@@ -575,6 +575,46 @@ def test_batchnorm_without_parameters_between_modules_is_found_by_the_probe():
         rc.direction(model.double(), x, y)
 
 
+class NaNCoupling(nn.Module):
+    """The identity, whose backward mixes the batch's cotangents into every sample as NaN:
+    a coupling seen only through NaN, as an overflow (inf - inf) in half precision
+    makes it."""
+
+    class _Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g + g.sum(0, keepdim=True) * float("nan")
+
+    def forward(self, x):
+        return self._Function.apply(x)
+
+
+def test_a_nan_leak_counts_as_a_leak():
+    """Found by review: NaN compared as zero, so a probe pulled back to NaN outside its
+    support passed the coupling check."""
+    masks = torch.tensor([[True, False], [False, True]])
+    pulled = torch.zeros(2, 2, 3, dtype=torch.float64)
+    pulled[0, 1, 2] = float("nan")  # probe 0 reached sample 1
+    assert bool(coupling._leaked(pulled, masks))
+    assert not bool(coupling._leaked(torch.zeros_like(pulled), masks))
+
+
+@pytest.mark.parametrize("method", ["layerwise", "kfac"], ids=lambda m: f"method={m}")
+def test_a_probe_pulled_back_to_nan_is_refused_naming_where(method):
+    """Before, a non-finite probe was refused by the parameter check, naming no parameter
+    ("parameters []"): now the error says where the probe stopped being finite and why."""
+    model, x, y = coupled(NaNCoupling)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"coupling probe pulled back to the output of module "
+                       r"'0' contains \d+ NaN .* check_coupling=False"):  # fmt: skip
+        rc.direction(model, x, y, method=method)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_probe_runs_once_per_model_and_mode(monkeypatch):
     calls = []
     register = coupling.register
