@@ -9,8 +9,8 @@ to every captured module output and input, must leave the rows of the samples ou
 the samples whose ``k``-th bit is set, and its complement, for ``k < ceil(log2 N)``,
 every pair of distinct samples is told apart by some probe: ``2 ceil(log2 N)`` rows of
 one batched backward pass. A probe pulled back to NaN or inf (an overflow in half
-precision, where ``inf - inf`` is NaN) proves
-nothing either way: it is refused first, naming where.
+precision, where ``inf - inf`` is NaN) proves nothing either way: it is refused first,
+naming where.
 
 *Parameters enter only through their modules.* A trainable parameter used outside the
 calls of the modules that own it (``F.linear(h, self.emb.weight)`` beside a call of
