@@ -26,8 +26,10 @@ a module swapped for another, an argument of ``forward`` other than a tensor;
 ``check_coupling=False`` skips them); their verdicts join the deferred checks. A path
 chosen by state outside these (an attribute set on a module, Python's ``random``, a
 global module hook added later) is probed as first taken; ``check_coupling="always"``
-probes every call. Only on a failure is the forward pass run once more with every module
-hooked, to name the module that couples the samples.
+probes every call. A probe that saw only zeros (a layer downstream initialised at zero:
+every Jacobian upstream of it is exactly zero, whatever the structure) proves nothing, and
+runs again on the next call. Only on a failure is the forward pass run once more with
+every module hooked, to name the module that couples the samples.
 """
 
 from __future__ import annotations
@@ -136,6 +138,10 @@ def register(
         retain_graph=True,
         allow_unused=True,
     )
+    # a tensor the output reaches with a Jacobian of exact zeros here (a layer downstream
+    # initialised at zero, as classifier heads often are) shows no dependence whatever the
+    # structure: the probe then proves nothing, and is run again on the next call
+    reached = [p[-1] for p in pulled if p is not None]
     pulled = [
         torch.zeros((len(rows),) + t.shape, dtype=t.dtype, device=t.device) if p is None else p
         for (_, t), p in zip(targets, pulled, strict=True)
@@ -156,13 +162,15 @@ def register(
     coupled = torch.stack([_leaked(p[:-1], masks[:-1]) for p in pulled]).any() if pulled else None
     if coupled is not None and len(masks) > 1:
         checks.require(~coupled, lambda: _explain_coupling(model, rows[:-1], masks[:-1], rerun))
-    _register_parameter_check(checks, model, z, rows[-1], calls, targets, pulled, handlers)
+    scale = _register_parameter_check(checks, model, z, rows[-1], calls, targets, pulled, handlers)
+    seen = checks.read(torch.stack([(p != 0).any() for p in reached] + [scale > 0]).all())
     if z.shape[0] > 1:
-        checks.then(lambda: setattr(notes, "probed", key))
+        checks.then(lambda: setattr(notes, "probed", key) if seen.value else None)
 
 
-def _register_parameter_check(checks, model, z, row, calls, targets, pulled, handlers) -> None:
-    """Autograd's gradient of ``row`` against the sum of the captured calls' own."""
+def _register_parameter_check(checks, model, z, row, calls, targets, pulled, handlers) -> Tensor:
+    """Autograd's gradient of ``row`` against the sum of the captured calls' own; returns
+    the squared norm of autograd's (zero: the check proves nothing)."""
     at_output = {id(c): p[-1] for (c, t), p in zip(targets, pulled, strict=True) if t is c.output}
     per_call = {
         id(h.block): h
@@ -203,6 +211,7 @@ def _register_parameter_check(checks, model, z, row, calls, targets, pulled, han
         )
 
     checks.require(error <= eps * scale, explain)
+    return scale
 
 
 def _explain_coupling(model: nn.Module, rows: Tensor, masks: Tensor, rerun) -> None:

@@ -91,7 +91,8 @@ def direction(
             ``forward`` than tensors), that the network treats samples independently and
             that parameters reach the output only through their modules' calls. A path
             chosen by other state (an attribute read in ``forward``, Python's ``random``,
-            a global module hook added later) is probed as first taken;
+            a global module hook added later) is probed as first taken; a probe that
+            saw only zeros (a head initialised at zero) runs again on the next call;
             ``"always"`` probes every call (one more batched backward pass of
             ``2 ceil(log2 N) + 1`` rows; ``pre.backward`` then also runs the forward pass
             again), ``False`` never.

@@ -615,6 +615,72 @@ def test_a_probe_pulled_back_to_nan_is_refused_naming_where(method):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+class TiedOutside(nn.Module):
+    """``a.weight`` used a second time outside ``a``'s call: refused by the probe."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.head(h + F.linear(h, self.a.weight))
+
+
+ZERO_HEAD = {
+    "batchnorm": (
+        lambda: nn.Sequential(
+            nn.Linear(5, 4),
+            nn.BatchNorm1d(4, affine=False, track_running_stats=False),
+            nn.Tanh(),
+            nn.Linear(4, 3),
+        ),
+        r"module '1' \(BatchNorm1d\) couples the samples",
+    ),
+    "used-outside": (TiedOutside, r"parameters \['a.weight'\] reach the output outside"),
+}
+
+
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("net", ZERO_HEAD, ids=lambda n: f"net={n}")
+def test_a_zero_initialised_head_does_not_hide_what_the_probe_refuses(net, method):
+    """Found by review: behind a head initialised at zero every pulled-back probe is
+    exactly zero, so the first call's probe passed, and was never run again: once the
+    head had moved the directions were off by 0.4-31x the oracle's norm. The first call
+    is exact (the coupling reaches no parameter's metric yet); a probe that saw only zeros
+    is run again, and refuses the call after the head moved."""
+    factory, message = ZERO_HEAD[net]
+    torch.manual_seed(33)
+    model = factory().double()
+    head = list(model.children())[-1]
+    nn.init.zeros_(head.weight)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0, 2])
+    dirs = rc.direction(model, x, y, method=method, damping=DAMPING)
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    expected = oracle_direction(G, g, DAMPING, method, block_indices(model))
+    assert rel_error(flatten(dirs, model), expected) < 1e-10
+    with torch.no_grad():
+        head.weight.normal_()  # as after a step
+    with pytest.raises(ValueError, match=message):
+        rc.direction(model, x, y, method=method, damping=DAMPING)
+
+
+def test_a_probe_that_saw_only_zeros_runs_again_until_it_sees(monkeypatch):
+    calls = []
+    register = coupling.register
+    monkeypatch.setattr(coupling, "register", lambda *a: calls.append(1) or register(*a))
+    model, x, y = relu_mlp()
+    nn.init.zeros_(model[-1].weight)
+    rc.direction(model, x, y)
+    rc.direction(model, x, y)
+    assert len(calls) == 2
+    with torch.no_grad():
+        model[-1].weight.normal_()
+    rc.direction(model, x, y)
+    rc.direction(model, x, y)
+    assert len(calls) == 3
+
+
 def test_probe_runs_once_per_model_and_mode(monkeypatch):
     calls = []
     register = coupling.register
