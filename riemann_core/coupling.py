@@ -46,7 +46,7 @@ from torch.utils import _pytree as pytree
 
 from ._checks import Deferred
 from .capture import ModelNotes
-from .modules import Block, Handler, SharedHandler, lowest_precision_eps
+from .modules import Block, GenericHandler, Handler, SharedHandler, lowest_precision_eps
 
 
 @dataclass(frozen=True)
@@ -95,13 +95,17 @@ def probe_cotangents(z: Tensor) -> tuple[Tensor, Tensor]:
     samples = torch.arange(N, device=z.device)
     bits = [((samples >> k) & 1).bool() for k in range(math.ceil(math.log2(N)) if N > 1 else 0)]
     masks = torch.stack([m for b in bits for m in (b, ~b)] + [torch.ones_like(samples).bool()])
-    # a fixed pattern without sign structure, so no cancellation hides a dependence
-    # (in float32, cast after: float16's arange reaches inf past 65504 entries a sample, and
-    # a NaN probe passed the coupling check and refused every parameter, naming none)
-    index = torch.arange(z[0].numel(), device=z.device, dtype=torch.float32)
-    pattern = torch.cos(index * 2.399963 + 1).to(z.dtype)
-    rows = masks[..., None].to(z.dtype) * pattern
+    rows = masks[..., None].to(z.dtype) * _pattern(z[0])
     return rows.reshape((len(masks),) + z.shape), masks
+
+
+def _pattern(like: Tensor) -> Tensor:
+    """A fixed pattern of ``like``'s shape and dtype without sign structure, so that no
+    cancellation hides a dependence (made in float32, cast after: float16's arange reaches
+    inf past 65504 entries, and a NaN probe passed the coupling check and refused every
+    parameter, naming none)."""
+    index = torch.arange(like.numel(), device=like.device, dtype=torch.float32)
+    return torch.cos(index * 2.399963 + 1).to(like.dtype).reshape(like.shape)
 
 
 def _leaked(pulled: Tensor, masks: Tensor) -> Tensor:
@@ -180,7 +184,13 @@ def _register_parameter_check(checks, model, z, row, calls, targets, pulled, han
     params = [p for _, p in model.named_parameters() if p.requires_grad]
     index = {id(p): i for i, p in enumerate(params)}
     through_calls = [torch.zeros_like(p) for p in params]
+    # the roundest precision of the pass: under autocast the calls ran in half precision
+    # (found by review: a hand-written layer's float32 vjp against autograd's bfloat16 one
+    # was refused as a parameter used outside its module)
+    eps = lowest_precision_eps([params[0], z, *(t for c in calls for t in (c.output, *c.inputs))])
     for c in calls:
+        if isinstance(per_call[id(c)], GenericHandler):  # K_a's Jacobian, one sample at a time
+            _register_batch_check(checks, per_call[id(c)], c.output.detach(), eps)
         if id(c) in at_output:
             grads = per_call[id(c)].gradient_from_output(at_output[id(c)])
             for p, g in zip(c.params, grads, strict=True):
@@ -189,10 +199,6 @@ def _register_parameter_check(checks, model, z, row, calls, targets, pulled, han
     direct = [torch.zeros_like(p) if g is None else g for g, p in zip(direct, params, strict=True)]
     error = sum(((a - b) ** 2).sum() for a, b in zip(direct, through_calls, strict=True))
     scale = sum((a**2).sum() for a in direct)
-    # the roundest precision of the pass: under autocast the calls ran in half precision
-    # (found by review: a hand-written layer's float32 vjp against autograd's bfloat16 one
-    # was refused as a parameter used outside its module)
-    eps = lowest_precision_eps([params[0], z, *(t for c in calls for t in (c.output, *c.inputs))])
 
     def explain():
         names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -212,6 +218,16 @@ def _register_parameter_check(checks, model, z, row, calls, targets, pulled, han
 
     checks.require(error <= eps * scale, explain)
     return scale
+
+
+def _register_batch_check(checks, handler: GenericHandler, output: Tensor, eps: float) -> None:
+    """The generic kernel's Jacobian, one sample at a time, against the batch call's
+    (:meth:`~riemann_core.modules.GenericHandler.batch_mismatch`), under as many rows as
+    ``K_a`` has per sample (so by the same ``vmap`` path) that vary over the samples: the
+    probe's pulled back to the call may not (a linear layer above gives every sample the
+    same)."""
+    mismatch = handler.batch_mismatch(_pattern(output.expand(handler.r, *output.shape)))
+    checks.require(mismatch <= eps**0.5, lambda: handler.refuse_batch_mismatch(mismatch))
 
 
 def _explain_coupling(model: nn.Module, rows: Tensor, masks: Tensor, rerun) -> None:

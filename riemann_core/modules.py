@@ -527,7 +527,8 @@ class GenericHandler(Handler):
     dimension is the batch is split into samples, any other is passed whole. Evaluating
     one sample at a time is exact only for a module that treats samples independently:
     the outputs it gives are compared with those of the forward pass (a deferred check,
-    see :meth:`deferred_checks`).
+    see :meth:`deferred_checks`), and, where the coupling probe runs, its Jacobian with the
+    batch call's (:meth:`batch_mismatch`).
     """
 
     def __init__(self, block: Block):
@@ -598,6 +599,19 @@ class GenericHandler(Handler):
         return leaves, spec
 
     def _materialise(self) -> Tensor:
+        rows, outs = self._rows_one_sample_at_a_time(self.delta)
+        if self.output_value is not None:
+            reference = self.output_value
+            scale = reference.abs().max().clamp_min(torch.finfo(outs.dtype).tiny)
+            self.mismatch = (outs - reference).abs().max() / scale
+        # rows[name]: (N, r, *shape) -> (r N, numel), probe-major like Delta
+        flat = [rows[n].transpose(0, 1).reshape(self.d, -1) for n in self.local_names]
+        return torch.cat(flat, dim=1).to(self.dtype)
+
+    def _rows_one_sample_at_a_time(self, delta: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """``({name: (N, r, *shape)}, outputs)``: the vjps of the rows ``delta``
+        (``(r, N, ...)``) through the module evaluated one sample at a time, in the
+        module's dtype, and its outputs so evaluated."""
         params = self._params()
         dtype = next(iter(params.values())).dtype  # the vjp runs in the module's dtype
         leaves, spec = self._leaves(dtype)
@@ -610,7 +624,10 @@ class GenericHandler(Handler):
                 call[i] = a[None] if bt else a
             return self._call(p, call, spec)[0]
 
-        nested = True  # the probes batched inside the samples' vmap
+        # the rows batched inside the samples' vmap, but for one row: torch 2.13's PReLU
+        # weight gradient under such a vmap of one row is silently wrong (10x; found by the
+        # check of batch_mismatch), under one of more rows it raises
+        nested = delta.shape[0] > 1
 
         def rows_of_sample(delta_b, *sample):
             out, pullback = vjp(lambda p: output_of_sample(p, *sample), params)
@@ -620,21 +637,57 @@ class GenericHandler(Handler):
             return {n: torch.stack([r[n] for r in rows]) for n in rows[0]}, out
 
         in_dims = (1,) + tuple(0 if bt else None for bt in batched)
-        args = (self.delta.to(dtype), *[leaves[i] for i in tensors])
+        args = (delta.to(dtype), *[leaves[i] for i in tensors])
         try:
-            rows, outs = vmap(rows_of_sample, in_dims=in_dims)(*args)
+            return vmap(rows_of_sample, in_dims=in_dims)(*args)
         except RuntimeError:
             # some backward formulas have no rule for a vmap inside a vmap (PReLU's weight
             # gradient in torch 2.13): the probes one at a time, the samples still batched
             nested = False
-            rows, outs = vmap(rows_of_sample, in_dims=in_dims)(*args)
-        if self.output_value is not None:
-            reference = self.output_value
-            scale = reference.abs().max().clamp_min(torch.finfo(dtype).tiny)
-            self.mismatch = (outs - reference).abs().max() / scale
-        # rows[name]: (N, r, *shape) -> (r N, numel), probe-major like Delta
-        flat = [rows[n].transpose(0, 1).reshape(self.d, -1) for n in self.local_names]
-        return torch.cat(flat, dim=1).to(self.dtype)
+            return vmap(rows_of_sample, in_dims=in_dims)(*args)
+
+    def _rows_of_batch(self, rows: Tensor) -> dict[str, Tensor]:
+        """``{name: (r, *shape)}``: the batch call's vjps of ``rows`` (``(r, N, ...)``),
+        in the module's dtype; under vmap (over the rows) like ``K_a``'s, so that random
+        numbers are refused."""
+        params = self._params()
+        dtype = next(iter(params.values())).dtype
+        leaves, spec = self._leaves(dtype)
+
+        def gradient(cotangent):
+            _, pullback = vjp(lambda p: self._call(p, leaves, spec), params)
+            return pullback(cotangent)[0]
+
+        return self._per_sample(lambda: vmap(gradient)(rows.to(dtype)))
+
+    def batch_mismatch(self, rows: Tensor) -> Tensor:
+        """The largest relative difference, over the parameters and the rows ``rows``
+        (``(r, N, ...)``), of their vjps formed as ``K_a``'s rows are (one sample at a time,
+        then summed over the samples) from the batch call's. Zero but for rounding, unless
+        the parameters reach one sample through the others (a gate initialised at zero on
+        a batch mean agrees in its outputs one sample at a time, not in its Jacobian) or
+        ``torch.func`` differentiates the module wrongly under ``vmap``. The coupling
+        probe checks it (:mod:`riemann_core.coupling`)."""
+        alone, _ = self._per_sample(lambda: self._rows_one_sample_at_a_time(rows))
+        batch = self._rows_of_batch(rows)
+        differences = []
+        for name in self.local_names:
+            a, b = alone[name].sum(0), batch[name]  # (r, *shape) each
+            scale = torch.maximum(alone[name].abs().sum(0).max(), b.abs().max())
+            differences.append((a - b).abs().max() / scale.clamp_min(torch.finfo(b.dtype).tiny))
+        return torch.stack(differences).max()
+
+    def refuse_batch_mismatch(self, mismatch: Tensor) -> None:
+        """The error of a failed :meth:`batch_mismatch`."""
+        raise ValueError(
+            f"module {self.block.name!r} ({type(self.block.module).__name__}) has another "
+            "Jacobian in its parameters when evaluated one sample at a time, as "
+            f"kernel='generic' does (largest relative difference {float(mismatch):.1e}), "
+            "though its outputs agree: its parameters reach one sample through the others "
+            "(e.g. a gate initialised at zero on a batch mean), or torch.func differentiates "
+            "it wrongly under vmap. Make it act on each sample alone, or give it a "
+            "structured kernel (rc.register_handler)"
+        )
 
     def deferred_checks(self) -> list[tuple[Tensor, object]]:
         if self.mismatch is None:
@@ -659,16 +712,7 @@ class GenericHandler(Handler):
         return [(mismatch <= eps**0.5, explain)]
 
     def gradient_from_output(self, lam: Tensor) -> list[Tensor]:
-        params = self._params()
-        dtype = next(iter(params.values())).dtype
-        leaves, spec = self._leaves(dtype)
-
-        def gradient(cotangent):
-            _, pullback = vjp(lambda p: self._call(p, leaves, spec), params)
-            return pullback(cotangent)[0]
-
-        # under vmap (over one cotangent) like K, so that random numbers are refused
-        grads = self._per_sample(lambda: vmap(gradient)(lam.to(dtype)[None]))
+        grads = self._rows_of_batch(lam[None])
         return [grads[n][0].to(self.dtype) for n in self.local_names]
 
     def K_mv(self, v: list[Tensor]) -> Tensor:

@@ -828,6 +828,31 @@ def test_generic_kernel_refuses_an_argument_it_would_split_wrongly():
                      kernel="auto")  # fmt: skip
 
 
+class GatedBatchMean(nn.Module):
+    """Mixes in the batch mean through a gate initialised at zero (ReZero, LayerScale)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(width))
+
+    def forward(self, h):
+        return h + self.alpha * h.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_generic_kernel_refuses_a_batch_coupling_behind_a_zero_gate(method):
+    """Found by review: at alpha = 0 the outputs one sample at a time agree with the
+    batch's and the probe sees the identity, but the Jacobian in alpha is h_b per sample
+    against the batch mean: the direction was off by 9-76% of the oracle's norm on the
+    first call. The generic kernel's rows summed are checked against the batch call's
+    vjp."""
+    torch.manual_seed(34)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), GatedBatchMean(4), nn.Linear(4, 3))
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0, 2])
+    with pytest.raises(ValueError, match=r"module '2' \(GatedBatchMean\) has another Jacobian"):
+        rc.direction(model.double(), x, y, method=method, kernel="auto")
+
+
 # -------------------------------------------------------------- forward arguments
 
 
@@ -1395,16 +1420,20 @@ def test_own_forward_passes_leave_the_buffers_as_they_were(method):
     )
 
 
+@pytest.mark.parametrize("classes", [2, 3], ids=lambda c: f"classes={c}")
 @pytest.mark.parametrize("channels", [1, 8], ids=lambda c: f"num_parameters={c}")
 @pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
-def test_prelu_is_exact_with_the_generic_kernel(method, channels):
-    """Found by a review: PReLU's weight gradient has no rule for a vmap inside a vmap
-    (torch 2.13), and the generic kernel refused it blaming random numbers; the probes now
-    go one at a time there, the samples still batched."""
+def test_prelu_is_exact_with_the_generic_kernel(method, channels, classes):
+    """Found by a review: PReLU's weight gradient has no rule for a vmap of two or more
+    rows inside a vmap (torch 2.13), and the generic kernel refused it blaming random
+    numbers; the rows now go one at a time there, the samples still batched. Under a vmap
+    of one row (two classes: one row per sample) it is silently wrong, 10x: the direction
+    was off by 41% (layerwise) to 17x (full) of the oracle's norm, until the check of the
+    generic kernel's Jacobian against the batch call's found it; one row is not nested."""
     torch.manual_seed(42)
-    model = nn.Sequential(nn.Linear(6, 8), nn.PReLU(channels), nn.Linear(8, 3)).double()
-    x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
-    assert_exact(model, x, y, method, "auto")  # two probes per sample: the fallback
+    model = nn.Sequential(nn.Linear(6, 8), nn.PReLU(channels), nn.Linear(8, classes)).double()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1]) % classes
+    assert_exact(model, x, y, method, "auto")
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own
