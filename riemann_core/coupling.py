@@ -20,7 +20,13 @@ the user formed (``RiemannianPreconditioner.backward``), which may add terms of 
 (weight decay written into the loss), :func:`loss_paths` walks its graph down to the
 network: structural and exact, a few nodes.
 
-Both are structural, so they run on the first call for a model and again when what
+*The backward pass is linear in its cotangent.* A hook that changes gradients (a tensor
+hook registered in ``forward`` that clamps, a module's full backward hook that clips) runs
+on every row pulled back, and no metric matches what it leaves. Probe: the row on every
+sample, pulled back once more scaled by :data:`LINEARITY_SCALE`, must come back as that
+multiple of its pullback. A hook that only reads passes.
+
+All three are structural, so they run on the first call for a model and again when what
 may choose the forward pass's path changes (:func:`probe_key`: a module's training flag,
 a module swapped for another, an argument of ``forward`` other than a tensor;
 ``check_coupling=False`` skips them); their verdicts join the deferred checks. A path
@@ -62,6 +68,13 @@ def needs_probe(notes: ModelNotes, key: tuple, check: bool | str = True) -> bool
     """Whether to probe a call with :func:`probe_key` ``key`` under the option
     ``check_coupling`` (``check``: ``True``, ``"always"`` or ``False``)."""
     return check == "always" or (check is True and notes.probed != key)
+
+
+#: The factor of the probe row pulled back a second time (a power of two: the scaling is
+#: exact in binary floating point, barring overflow, so a linear backward pass returns
+#: exactly this multiple of the row's pullback; a clamp of gradients at bound ``c`` does
+#: not wherever the pullback exceeds ``c / 8``).
+LINEARITY_SCALE = 8.0
 
 
 def probe_key(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
@@ -137,7 +150,7 @@ def register(
     pulled = torch.autograd.grad(
         z,
         [t for _, t in targets],
-        rows,
+        torch.cat([rows, LINEARITY_SCALE * rows[-1:]]),  # the last once more, scaled
         is_grads_batched=True,
         retain_graph=True,
         allow_unused=True,
@@ -145,17 +158,22 @@ def register(
     # a tensor the output reaches with a Jacobian of exact zeros here (a layer downstream
     # initialised at zero, as classifier heads often are) shows no dependence whatever the
     # structure: the probe then proves nothing, and is run again on the next call
-    reached = [p[-1] for p in pulled if p is not None]
+    reached = [p[-2] for p in pulled if p is not None]
     pulled = [
-        torch.zeros((len(rows),) + t.shape, dtype=t.dtype, device=t.device) if p is None else p
+        torch.zeros((len(rows) + 1,) + t.shape, dtype=t.dtype, device=t.device) if p is None else p
         for (_, t), p in zip(targets, pulled, strict=True)
     ]
+    scaled, pulled = [p[-1] for p in pulled], [p[:-1] for p in pulled]
+    # the roundest precision of the pass: under autocast the calls ran in half precision
+    # (found by review: a hand-written layer's float32 vjp against autograd's bfloat16 one
+    # was refused as a parameter used outside its module)
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
+    eps = lowest_precision_eps([params[0], z, *(t for c in calls for t in (c.output, *c.inputs))])
     # first, for the two checks below compare with 0 (a NaN is neither leaked nor equal)
     checks.finite_all(
         [
-            (f"the coupling probe pulled back to {where} of module {c.name!r}", p)
+            (f"the coupling probe pulled back to {_name_of(c, t)}", p)
             for (c, t), p in zip(targets, pulled, strict=True)
-            for where in ["the output" if t is c.output else "an input"]
         ],
         f"the probe's rows on the output have entries of size 1 (the loss gradient's about "
         f"1 / N), and in {z.dtype} they overflow through this network's Jacobian. Run the "
@@ -163,16 +181,53 @@ def register(
         "check_coupling=False if the network keeps the samples of a batch apart and "
         "calls each parameter's module for every use of it",
     )
+    _register_linearity_check(checks, targets, pulled, scaled, eps)
     coupled = torch.stack([_leaked(p[:-1], masks[:-1]) for p in pulled]).any() if pulled else None
     if coupled is not None and len(masks) > 1:
         checks.require(~coupled, lambda: _explain_coupling(model, rows[:-1], masks[:-1], rerun))
-    scale = _register_parameter_check(checks, model, z, rows[-1], calls, targets, pulled, handlers)
+    scale = _register_parameter_check(
+        checks, model, z, rows[-1], calls, targets, pulled, handlers, params, eps
+    )
     seen = checks.read(torch.stack([(p != 0).any() for p in reached] + [scale > 0]).all())
     if z.shape[0] > 1:
         checks.then(lambda: setattr(notes, "probed", key) if seen.value else None)
 
 
-def _register_parameter_check(checks, model, z, row, calls, targets, pulled, handlers) -> Tensor:
+def _name_of(call: Block, tensor: Tensor) -> str:
+    """Which tensor of a call a probe target is, in words."""
+    return f"the {'output' if tensor is call.output else 'input'} of module {call.name!r}"
+
+
+def _register_linearity_check(checks, targets, pulled, scaled, eps: float) -> None:
+    """The last probe row, pulled back once more scaled by :data:`LINEARITY_SCALE`
+    (``scaled``, one per target), must come back as that multiple of its pullback: the
+    backward pass is linear in its cotangent, unless a hook changes gradients."""
+    residual = [
+        (s - LINEARITY_SCALE * p[-1]).abs().max() / (LINEARITY_SCALE * p[-1]).abs().max()
+        for s, p in zip(scaled, pulled, strict=True)
+    ]
+    if not residual:
+        return
+    nonlinear = torch.stack([r > eps**0.5 for r in residual]).any()  # 0 / 0: NaN, not above
+    names = [_name_of(c, t) for c, t in targets]  # now: the record may change by then
+
+    def explain():
+        where = [n for n, r in zip(names, residual, strict=True) if float(r) > eps**0.5]
+        raise ValueError(
+            f"the backward pass is not linear in its cotangent at {', '.join(where)}: a hook "
+            "changes gradients there (a tensor hook registered in forward, "
+            "h.register_hook(lambda g: g.clamp(...)), or a module's full backward hook that "
+            "clips). It runs on every row riemann_core pulls back, and no metric matches "
+            "what it leaves. Remove the hook, or make it only read; to clip, clip the "
+            "direction after pre.backward"
+        )
+
+    checks.require(~nonlinear, explain)
+
+
+def _register_parameter_check(
+    checks, model, z, row, calls, targets, pulled, handlers, params, eps
+) -> Tensor:
     """Autograd's gradient of ``row`` against the sum of the captured calls' own; returns
     the squared norm of autograd's (zero: the check proves nothing)."""
     at_output = {id(c): p[-1] for (c, t), p in zip(targets, pulled, strict=True) if t is c.output}
@@ -181,13 +236,8 @@ def _register_parameter_check(checks, model, z, row, calls, targets, pulled, han
         for b in handlers
         for h in (b.handlers if isinstance(b, SharedHandler) else [b])
     }
-    params = [p for _, p in model.named_parameters() if p.requires_grad]
     index = {id(p): i for i, p in enumerate(params)}
     through_calls = [torch.zeros_like(p) for p in params]
-    # the roundest precision of the pass: under autocast the calls ran in half precision
-    # (found by review: a hand-written layer's float32 vjp against autograd's bfloat16 one
-    # was refused as a parameter used outside its module)
-    eps = lowest_precision_eps([params[0], z, *(t for c in calls for t in (c.output, *c.inputs))])
     for c in calls:
         if isinstance(per_call[id(c)], GenericHandler):  # K_a's Jacobian, one sample at a time
             _register_batch_check(checks, per_call[id(c)], c.output.detach(), eps)

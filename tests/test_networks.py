@@ -681,6 +681,60 @@ def test_a_probe_that_saw_only_zeros_runs_again_until_it_sees(monkeypatch):
     assert len(calls) == 3
 
 
+class HookedHidden(nn.Module):
+    """A tensor hook on the hidden activation, registered in ``forward``."""
+
+    def __init__(self, hook):
+        super().__init__()
+        self.a, self.b, self.hook = nn.Linear(5, 4), nn.Linear(4, 3), hook
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h.register_hook(self.hook)
+        return self.b(h)
+
+
+def with_module_hook(hook):
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    if hook is not None:
+        model[1].register_full_backward_hook(lambda module, grad_in, grad_out: hook(grad_in[0]))
+    return model
+
+
+HOOKED = {"tensor": HookedHidden, "module": with_module_hook}
+
+
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("where", HOOKED, ids=lambda w: f"hook={w}")
+def test_a_hook_that_clips_gradients_is_refused(where, method):
+    """Found by review: a hook that clips gradients (RNN and RL code clamp hidden states'
+    gradients) ran on every pulled-back row, and the direction matched no metric (off by
+    10-56% of the oracle's norm, with or without the hook). The probe pulls one row back
+    once more, scaled by 8: a linear backward pass returns 8 times its pullback."""
+    torch.manual_seed(35)
+    model = HOOKED[where](
+        lambda g: (g.clamp(-0.05, 0.05),) if where == "module" else g.clamp(-0.05, 0.05)
+    )
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0, 2])
+    with pytest.raises(ValueError, match="the backward pass is not linear in its cotangent"):
+        rc.direction(model.double(), x, y, method=method, damping=DAMPING)
+
+
+@pytest.mark.parametrize("where", HOOKED, ids=lambda w: f"hook={w}")
+def test_a_hook_that_only_reads_gradients_is_exact(where):
+    """Against the oracle of the same network without the hook (torch.func cannot run a
+    module's backward hook)."""
+    seen = []
+    torch.manual_seed(35)
+    model = HOOKED[where](lambda g: seen.append(g.shape) and None).double()
+    torch.manual_seed(35)
+    twin = HOOKED[where](None if where == "module" else lambda g: None).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0, 2])
+    dirs = rc.direction(model, x, y, damping=DAMPING)
+    assert rel_error(flatten(dirs, model), oracle_of(twin, x, y)) < 1e-10
+    assert seen
+
+
 def test_probe_runs_once_per_model_and_mode(monkeypatch):
     calls = []
     register = coupling.register
