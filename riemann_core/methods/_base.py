@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +123,15 @@ class Problem:
         if self._gradient[i] is None:
             self._gradient[i] = self.handlers[i].gradient()
         return self._gradient[i]
+
+    def in_one_dtype(self) -> None:
+        """Every handler, and the vectors given, in the widest dtype among the handlers: a
+        solve over every block at once needs one (a model with a float32 and a float64
+        layer raised torch's "expected m1 and m2 to have the same dtype")."""
+        dtype = functools.reduce(torch.promote_types, (h.dtype for h in self.handlers))
+        if any(h.dtype != dtype for h in self.handlers):
+            self.handlers = [h.to(dtype) for h in self.handlers]
+            self._gradient = [g and [a.to(dtype) for a in g] for g in self._gradient]
 
     def factored(self, i: int) -> bool:
         """Whether block ``i``'s gradient is ``Lambda^T Xt`` and its products with ``K``

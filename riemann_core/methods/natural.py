@@ -18,6 +18,7 @@ NEEDS_FACTOR = True
 
 
 def solve(problem: Problem, opts: Options) -> list[Solve]:
+    problem.in_one_dtype()
     handlers = problem.handlers
     sizes = [len(b.params) for b in problem.blocks]
     mu = opts.damping
