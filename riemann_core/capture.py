@@ -556,6 +556,18 @@ def _replay_differs(new: list[Tensor], old: list[Tensor]) -> None:
     )
 
 
+def _own_generators(model: nn.Module) -> list[tuple[str, torch.Generator]]:
+    """``(name, generator)`` of every ``torch.Generator`` a module of ``model`` holds as an
+    attribute (``self.gen = torch.Generator()``): the global generators' states do not
+    show its draws."""
+    return [
+        (f"{prefix}.{attr}" if prefix else attr, value)
+        for prefix, module in model.named_modules()
+        for attr, value in vars(module).items()
+        if isinstance(value, torch.Generator)
+    ]
+
+
 def forward(
     model: nn.Module,
     args: tuple,
@@ -591,6 +603,8 @@ def forward(
                 for device_type, dtype in replay.autocast.items():
                     stack.enter_context(torch.autocast(device_type, dtype=dtype))
             before = None if replay is not None else rng_state(devices)
+            own = [] if replay is not None else _own_generators(model)
+            own_before = [g.get_state() for _, g in own]
             capture = stack.enter_context(Capture(model, notes.clone))
             stack.enter_context(eager())
             stack.enter_context(_own_forward())
@@ -609,6 +623,20 @@ def forward(
                 "metric would be taken at parameters other than the gradient's (and every "
                 "call here changes them again). Make such updates outside forward, e.g. "
                 "after opt.step()"
+            )
+        drawn = [
+            n
+            for (n, g), s in zip(own, own_before, strict=True)
+            if not torch.equal(g.get_state(), s)
+        ]
+        for (_, g), state in zip(own, own_before, strict=True):
+            g.set_state(state)  # the caller's draws stay as they were
+        if drawn:
+            raise ValueError(
+                f"the model's forward pass draws random numbers from the generators {drawn} "
+                "of its modules, so two calls would give different directions of different "
+                "networks; make the forward pass deterministic (e.g. draw nothing in eval "
+                "mode, and call model.eval())"
             )
         if before is not None and not all(
             torch.equal(a, b) for a, b in zip(before, rng_state(devices), strict=True)
