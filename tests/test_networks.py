@@ -1245,6 +1245,15 @@ def test_random_numbers_from_a_module_generator_are_refused_and_the_generator_ke
     assert torch.equal(model.gen.get_state(), state)
 
 
+def test_a_sparse_embedding_is_refused_naming_the_option():
+    """Found by review: the generic kernel's error quoted torch's "Could not run
+    'aten::view' with arguments from the 'SparseCPU' backend"."""
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 3))
+    x, y = torch.randint(0, 10, (5, 2)), torch.tensor([0, 1, 2, 1, 0])
+    with pytest.raises(ValueError, match=r"module '0' \(Embedding\) has sparse=True.*sparse=False"):
+        rc.direction(model, x, y, kernel="auto")
+
+
 class FixedMask(nn.Module):
     def __init__(self, mask, p):
         super().__init__()
