@@ -1245,6 +1245,7 @@ def test_random_numbers_from_a_module_generator_are_refused_and_the_generator_ke
     assert torch.equal(model.gen.get_state(), state)
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's, under vmap
 def test_a_sparse_embedding_is_refused_naming_the_option():
     """Found by review: the generic kernel's error quoted torch's "Could not run
     'aten::view' with arguments from the 'SparseCPU' backend"."""
