@@ -1025,8 +1025,9 @@ def sweep(
     devices = previous_devices(previous)
     session = uuid.uuid4().hex
     # a resumed sweep measures in this process as it did: checked before any write (a
-    # cluster's workers on one kind of device may run on hosts that differ; their spread
-    # of rates is judged by the claims, see fit.rate_spread)
+    # cluster's workers are checked as they first report, against the record and each
+    # other; hosts alike in every setting may still differ in speed, which the claims
+    # judge by the spread of the rates, see fit.rate_spread)
     if rows and not runner.placed:
         for device in grid.devices:
             check_timed_alike(devices, device_record(torch.device(device), session))
@@ -1046,6 +1047,7 @@ def sweep(
                 rates_here, rates, dtypes=grid.dtypes, session=session, placed=runner.placed
             )
             for measured_here in runner.everywhere(here, grid.devices):
+                check_timed_alike(devices, measured_here)
                 add_device(devices, measured_here, when)
         save_record()
 
@@ -1069,6 +1071,7 @@ def sweep(
                 else:
                     row, device = outcome
                     if (device["host"], device["physical_device"]) not in seen:
+                        check_timed_alike(devices, device)  # a worker unlike the others
                         seen.add((device["host"], device["physical_device"]))
                         add_device(devices, device)
                         save_record()
@@ -1194,7 +1197,9 @@ def check_timed_alike(devices: dict[str, dict], record: dict) -> None:
     """Refuse a worker's device ``record`` whose environment differs from the one that
     timed the sweep's points on a device of its name (in ``devices``) in a setting that
     times a point (threads, torch, BLAS, allocator, precision; among those both records
-    hold: older ones lack some)."""
+    hold: older ones lack some): a sweep resumed in another setting, or a cluster's worker
+    unlike the others (a local cluster started with other threads per worker). The
+    records of a device's workers are then alike, and ``devices`` keeps one."""
     old, new = devices.get(record["device_name"], {}).get("environment", {}), record["environment"]
     changed = sorted(
         k for k in old.keys() & new.keys() - set(UNTIMED_ENVIRONMENT) if old[k] != new[k]

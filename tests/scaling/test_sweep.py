@@ -806,3 +806,30 @@ def test_the_committed_sweep_resumes_with_this_version():
     assert rows
     sw.check_same_model(rows, out / "results.csv")
     sw.check_rows_of_record(rows, sw.read_record(out / "sweep.json"), out)
+
+
+class PlacedHere:
+    """A runner that measures in this process as a cluster's worker would (``placed``)."""
+
+    placed = True
+
+    def __call__(self, task, runs):
+        for run in runs:
+            yield run, task(run)
+
+
+def test_a_workers_other_timing_environment_is_refused(tmp_path, monkeypatch):
+    """Found by review: on a cluster, a worker's environment was not checked (a local
+    cluster resumed with other threads per worker mixed both timings in one set of fits),
+    and sweep.json kept the environment of whichever worker reported last."""
+    grid = {**TINY, "methods": ("euclidean",)}
+    sw.sweep(sw.Grid(**grid), tmp_path, runner=PlacedHere(), progress=False)
+    before = (tmp_path / "results.csv").read_bytes()
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads + 1)
+    wider = {**grid, "axes": {**grid["axes"], "width": (*grid["axes"]["width"], 12)}}
+    with pytest.raises(
+        ValueError, match=f"timed with threads {threads}; here threads {threads + 1}"
+    ):
+        sw.sweep(sw.Grid(**wider), tmp_path, runner=PlacedHere(), progress=False)
+    assert (tmp_path / "results.csv").read_bytes() == before
