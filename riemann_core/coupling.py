@@ -251,6 +251,18 @@ def _register_parameter_check(
     scale = sum((a**2).sum() for a in direct)
 
     def explain():
+        hooked = [
+            n
+            for n, p in model.named_parameters()
+            if p.requires_grad and getattr(p, "_backward_hooks", None)
+        ]
+        if hooked:
+            raise ValueError(
+                f"parameters {hooked} have gradient hooks (Tensor.register_hook), which "
+                "change autograd's gradient of them but not the metric's Jacobian, so no "
+                "direction is exact. Remove them; to mask or clip, apply it to .grad after "
+                "pre.step() or pre.backward(loss)"
+            )
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         bad = [
             n

@@ -326,6 +326,10 @@ class RiemannianPreconditioner:
         Replaces ``loss.backward()``: a parameter whose ``.grad`` is ``None`` receives the
         direction, one with a ``.grad`` has it added (after ``opt.zero_grad()`` the
         ``.grad`` is then the direction); parameters the loss does not reach keep theirs.
+        Every other leaf the loss reaches (a temperature beside the model, an input that
+        requires grad, a backbone not preconditioned) gets its gradient as from
+        ``loss.backward()``; gradient hooks on the preconditioned parameters are refused
+        (they would not run).
         ``loss`` is any scalar formed from the outputs of the model's last forward pass
         with gradients enabled; its graph is consumed, as by ``loss.backward()``.
 
@@ -338,8 +342,9 @@ class RiemannianPreconditioner:
         or a hook registered that runs between the preconditioner's and a module's forward
         (a pre-hook that replaces the inputs, a prepended hook); when a module's output was
         changed in place after its call (the next forward passes capture it through a
-        copy); and when the loss reaches parameters other than through their modules'
-        calls (a weight penalty written into the loss). For cross-entropy on outputs
+        copy); when the loss reaches parameters other than through their modules'
+        calls (a weight penalty written into the loss); and for a compiled model
+        (``torch.compile``), whose compiled backward cannot run batched. For cross-entropy on outputs
         ``(N, ..., C)`` the loss's gradient must show the classes along the last dimension
         and every position taken (see ``docs/api.md``). One process only: with a
         ``process_group`` or a ``DistributedDataParallel`` model it raises ``ValueError``
@@ -401,6 +406,12 @@ class RiemannianPreconditioner:
                     "pass (with gradients enabled), whose batch the metric is taken at: "
                     "call pre.backward(loss) right after the forward pass of its batch"
                 )
+            foreign, compiled = _walk_loss_graph(loss, names)
+            _check_no_gradient_hooks(params)
+            # loss.backward() gives every other leaf the loss reaches its gradient (a
+            # temperature beside the model, an input that requires grad, a backbone not
+            # preconditioned): taken first, added once the directions are written
+            foreign_grads = torch.autograd.grad(loss, foreign, retain_graph=True) if foreign else ()
             if paths.earlier or reaches_pass(capture.inputs, capture.key, capture.token):
                 raise ValueError(
                     "the loss was formed from more than one forward pass of the model (a "
@@ -423,7 +434,8 @@ class RiemannianPreconditioner:
                 output_gradient = check_classes_last(loss, capture.output, checks, loss_scale=scale)
             elif needs_factor and reads_softmax_fisher(opts.loss, opts.output_metric):
                 check_samples_taken(loss, capture.output, checks)
-            if reuse or stale or probing or rehook or paths.outside:
+            # (a compiled forward's backward cannot run under vmap: the autograd path)
+            if reuse or stale or probing or rehook or paths.outside or compiled:
                 # autograd consumes the loss's graph: the data's checks first (one host
                 # sync, on a path that runs a second forward), so a refused loss keeps it
                 if not reuse:
@@ -463,6 +475,7 @@ class RiemannianPreconditioner:
             capture.remove()
             self._capture = Capture(model, notes.clone, persistent=True)
         self._note_overflow(overflowed)
+        _accumulate(foreign, foreign_grads)
         if overflowed:  # NaN, as the scaled backward's inf would leave, for scaler.step
             reached = called or {n for n, _ in params}  # (no calls recorded: a rehook)
             _fill_nan([p for n, p in params if n in reached])
@@ -785,6 +798,48 @@ class RiemannianPreconditioner:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _walk_loss_graph(loss: Tensor, names: dict[int, str]) -> tuple[list[Tensor], bool]:
+    """``(foreign, compiled)``: the leaves ``loss`` reaches that are not the preconditioned
+    parameters (``names``: ``{id(p): name}``), and whether its graph holds the backward of
+    a compiled forward (``torch.compile``). Every node once: about 1 us each."""
+    foreign, compiled, seen, stack = [], False, set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf's gradient
+        if variable is not None and id(variable) not in names:
+            foreign.append(variable)
+        compiled = compiled or type(node).__name__ == "CompiledFunctionBackward"
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return foreign, compiled
+
+
+def _accumulate(leaves: list[Tensor], grads) -> None:
+    """Add ``grads`` into the ``.grad`` of ``leaves``, as ``loss.backward()`` does."""
+    for leaf, grad in zip(leaves, grads, strict=True):
+        leaf.grad = grad if leaf.grad is None else leaf.grad + grad
+
+
+def _check_no_gradient_hooks(params) -> None:
+    """Refuse preconditioned parameters with gradient hooks, which ``pre.backward`` could
+    not run: it writes the direction into ``.grad`` itself."""
+    hooked = [
+        n
+        for n, p in params
+        if getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks", None)
+    ]
+    if hooked:
+        raise ValueError(
+            f"parameters {hooked} have gradient hooks (Tensor.register_hook, "
+            "register_post_accumulate_grad_hook). pre.backward(loss) writes the direction "
+            "into .grad itself, so they would not run (a mask would not apply, an optimizer "
+            "stepped from a hook would never step). Remove them, or call loss.backward() "
+            "and then pre.step(), which preconditions the .grad they leave"
+        )
 
 
 def _check_grad(name: str, grad: Tensor, checks: Deferred, error: type = ValueError) -> None:

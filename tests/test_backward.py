@@ -972,3 +972,87 @@ def test_a_forward_pass_under_autocast(method, half):
         assert (stepped - expected).norm() < accuracy
     scale = directions["structured"].norm()
     assert (directions["generic"] - directions["structured"]).norm() < 1e-5 * scale
+
+
+def test_leaves_outside_the_model_get_their_gradients_as_from_loss_backward():
+    """Found by review: pre.backward(loss) "replaces loss.backward()", but a learnable
+    temperature beside the model (CLIP), a head outside it, an input that requires grad
+    (adversarial training reads x.grad) and a backbone the preconditioner does not cover
+    got no .grad, and silently never trained."""
+    torch.manual_seed(37)
+    backbone = nn.Sequential(nn.Linear(5, 5), nn.Tanh()).double()
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    head = nn.Linear(3, 3).double()
+    temperature = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    outside = [x, temperature, *backbone.parameters(), *head.parameters()]
+
+    def loss():
+        return F.cross_entropy(head(model(backbone(x))) / temperature, y)
+
+    expected = torch.autograd.grad(loss(), outside)
+    twin = copy.deepcopy(model)  # the model's directions: pre.step on loss.backward's .grad
+    twin_pre = rc.RiemannianPreconditioner(twin, damping=DAMPING)
+    F.cross_entropy(head(twin(backbone(x))) / temperature, y).backward()
+    twin_pre.step()
+    for t in outside:
+        t.grad = None
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    for _ in range(2):  # the probe's call, then the fused one
+        model.zero_grad()
+        pre.backward(loss())
+        for t, g in zip(outside, expected, strict=True):
+            torch.testing.assert_close(t.grad, g, rtol=1e-12, atol=1e-14)
+            t.grad = None
+        for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def small_mlp():
+    torch.manual_seed(39)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    return model, torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+@pytest.mark.parametrize("kind", ["register_hook", "register_post_accumulate_grad_hook"])
+def test_gradient_hooks_on_parameters_are_refused_by_pre_backward(kind):
+    """Found by review: pre.backward writes .grad itself, so a mask hook was ignored and an
+    optimizer stepped from a post-accumulate hook (optimizer in backward) never stepped."""
+    model, x, y = small_mlp()
+    getattr(model[0].weight, kind)(lambda g: None)
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"parameters \['0.weight'\] have gradient hooks"):
+        pre.backward(F.cross_entropy(model(x), y))
+    assert_unchanged(model, before)
+
+
+def test_a_gradient_hook_on_a_parameter_is_named_by_pre_step():
+    """Before: "parameters ['0.weight'] reach the output outside the calls of the modules
+    that own them (e.g. F.linear(h, self.emb.weight) ...)", a fix that does not apply."""
+    model, x, y = small_mlp()
+    mask = (torch.rand_like(model[0].weight) > 0.5).to(model[0].weight.dtype)
+    model[0].weight.register_hook(lambda g: g * mask)
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match=r"parameters \['0.weight'\] have gradient hooks"):
+        pre.step()
+
+
+@pytest.mark.parametrize("method", ["layerwise", "natural", "kfac"], ids=lambda m: f"method={m}")
+def test_pre_backward_on_a_compiled_model_is_exact_at_every_step(method):
+    """Found by review: every step after the first raised torch's "trying to call a
+    compiled backward function within vmap/grad/vjp" (the fused pass batches its rows
+    with vmap); a compiled graph now takes autograd's gradient and replays the forward."""
+    torch.manual_seed(38)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    runnable = torch.compile(model, backend="aot_eager")
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    expected = rc.direction(copy.deepcopy(model), x, y, method=method, damping=DAMPING)
+    pre = rc.RiemannianPreconditioner(runnable, method=method, damping=DAMPING)
+    for _ in range(3):
+        runnable.zero_grad()
+        pre.backward(F.cross_entropy(runnable(x), y))
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
