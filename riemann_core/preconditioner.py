@@ -747,6 +747,15 @@ class RiemannianPreconditioner:
             self._kfac.redamp(options)  # raises SolveError, the cache and damping kept
         self._options = options
 
+    def __deepcopy__(self, memo):
+        # the hooks are the model's modules', the record their last forward pass: a copy
+        # would record nothing, or precondition with the original's batch
+        raise TypeError(
+            "a RiemannianPreconditioner cannot be deep-copied (its hooks belong to its "
+            "model's modules, its record to their last forward pass): copy the model, build "
+            "a new RiemannianPreconditioner on the copy and load_state_dict(pre.state_dict())"
+        )
+
     def state_dict(self) -> dict:
         """The state a checkpoint needs to resume the preconditioner, beside the model's
         and the optimiser's ``state_dict()``: ``{"method": ..., "kfac": ...}``.

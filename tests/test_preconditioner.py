@@ -976,3 +976,22 @@ def test_a_damping_set_so_small_that_its_choleskys_need_jitter_warns_at_the_next
     pre.damping = 1e-20
     with pytest.warns(rc.AccuracyWarning, match="needed a jitter"):
         kfac_steps(pre, model, data[1:], lr=0.0)
+
+
+def test_a_deep_copy_is_refused_and_the_documented_copy_is_exact():
+    """Found by review: copy.deepcopy((model, pre)) gave a preconditioner whose hooks
+    recorded nothing; it was refused only by chance (version counters), with errors that
+    named other causes, and would otherwise have used the original's batch."""
+    torch.manual_seed(40)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+    with pytest.raises(TypeError, match="cannot be deep-copied.*load_state_dict"):
+        copy.deepcopy((model, pre))
+    twin = copy.deepcopy(model)
+    twin_pre = rc.RiemannianPreconditioner(twin, damping=1e-2)
+    twin_pre.load_state_dict(pre.state_dict())
+    twin_pre.backward(F.cross_entropy(twin(x), y))
+    expected = rc.direction(model, x, y, damping=1e-2)
+    for name, p in twin.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
