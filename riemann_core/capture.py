@@ -64,11 +64,13 @@ class ModelNotes:
     ``clone``: modules whose captured tensors an in-place operation changed, and
     :data:`MODEL_OUTPUT` where it was the model's output. ``probed``:
     what the batch-coupling probe's last pass holds for (``None``: never passed), see
-    :func:`riemann_core.coupling.probe_key`.
+    :func:`riemann_core.coupling.probe_key`; ``inconclusive``: probes in a row since that
+    saw only zeros somewhere (:func:`riemann_core.coupling.register`).
     """
 
     clone: set[str] = field(default_factory=set)
     probed: tuple | None = None
+    inconclusive: int = 0
 
 
 _NOTES: weakref.WeakKeyDictionary[nn.Module, ModelNotes] = weakref.WeakKeyDictionary()

@@ -24,7 +24,9 @@ network: structural and exact, a few nodes.
 hook registered in ``forward`` that clamps, a module's full backward hook that clips) runs
 on every row pulled back, and no metric matches what it leaves. Probe: the row on every
 sample, pulled back once more scaled by :data:`LINEARITY_SCALE`, must come back as that
-multiple of its pullback. A hook that only reads passes.
+multiple of its pullback, and with another pattern added, as the sum of the two
+pullbacks. A hook that only reads passes; one that clips only beyond the values the
+probe's call reached passes too (``check_coupling="always"`` checks every call).
 
 All three are structural, so they run on the first call for a model and again when what
 may choose the forward pass's path changes (:func:`probe_key`: a module's training flag,
@@ -34,7 +36,7 @@ chosen by state outside these (an attribute set on a module, Python's ``random``
 global module hook added later) is probed as first taken; ``check_coupling="always"``
 probes every call. A probe that saw only zeros (a layer downstream initialised at zero:
 every Jacobian upstream of it is exactly zero, whatever the structure) proves nothing, and
-runs again on the next call. Only on a failure is the forward pass run once more with
+runs again on the next call, :data:`INCONCLUSIVE_PROBES` times at most (then a warning). Only on a failure is the forward pass run once more with
 every module hooked, to name the module that couples the samples.
 """
 
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import enum
 import math
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,11 +73,14 @@ def needs_probe(notes: ModelNotes, key: tuple, check: bool | str = True) -> bool
     return check == "always" or (check is True and notes.probed != key)
 
 
-#: The factor of the probe row pulled back a second time (a power of two: the scaling is
-#: exact in binary floating point, barring overflow, so a linear backward pass returns
-#: exactly this multiple of the row's pullback; a clamp of gradients at bound ``c`` does
-#: not wherever the pullback exceeds ``c / 8``).
-LINEARITY_SCALE = 8.0
+#: The factor of the probe row pulled back a second time (a negative power of two: the
+#: scaling is exact in binary floating point, barring overflow, so a linear backward pass
+#: returns exactly this multiple of the row's pullback; a clamp of gradients at bound ``c``
+#: does not wherever the pullback exceeds ``c / 8``, a one-sided clamp or ``abs`` nowhere).
+LINEARITY_SCALE = -8.0
+#: Probes that saw only zeros (see :func:`register`) before the verdict is kept anyway,
+#: with a warning naming the tensors the output never reached.
+INCONCLUSIVE_PROBES = 8
 
 
 def probe_key(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
@@ -112,19 +118,21 @@ def probe_cotangents(z: Tensor) -> tuple[Tensor, Tensor]:
     return rows.reshape((len(masks),) + z.shape), masks
 
 
-def _pattern(like: Tensor) -> Tensor:
+def _pattern(like: Tensor, phase: float = 1.0) -> Tensor:
     """A fixed pattern of ``like``'s shape and dtype without sign structure, so that no
     cancellation hides a dependence (made in float32, cast after: float16's arange reaches
     inf past 65504 entries, and a NaN probe passed the coupling check and refused every
-    parameter, naming none)."""
+    parameter, naming none); another ``phase``, another pattern."""
     index = torch.arange(like.numel(), device=like.device, dtype=torch.float32)
-    return torch.cos(index * 2.399963 + 1).to(like.dtype).reshape(like.shape)
+    return torch.cos(index * 2.399963 + phase).to(like.dtype).reshape(like.shape)
 
 
-def _leaked(pulled: Tensor, masks: Tensor) -> Tensor:
-    """Whether a pulled-back tensor ``(k, N, ...)`` is nonzero outside a probe's support."""
+def _leaked(pulled: Tensor, masks: Tensor, nan: bool = True) -> Tensor:
+    """Whether a pulled-back tensor ``(k, N, ...)`` is nonzero outside a probe's support
+    (``nan``: a NaN counts)."""
     outside = (~masks).reshape(masks.shape + (1,) * (pulled.ndim - 2))
-    return ((pulled != 0) & outside).flatten(1).any()  # NaN too
+    nonzero = pulled != 0 if nan else pulled.abs() > 0
+    return (nonzero & outside).flatten(1).any()
 
 
 def graph_tensors(calls: list[Block]) -> list[tuple[Block, Tensor]]:
@@ -147,10 +155,14 @@ def register(
     key, rerun = probe.key, probe.rerun
     rows, masks = probe_cotangents(z)
     targets = graph_tensors(calls)
+    # the row on every sample once more scaled, and with another pattern alone and added:
+    # a backward pass linear in its cotangent returns the scaled and the summed pullbacks
+    other = _pattern(z, phase=2.0)[None]
+    extra = [LINEARITY_SCALE * rows[-1:], other, rows[-1:] + other]
     pulled = torch.autograd.grad(
         z,
         [t for _, t in targets],
-        torch.cat([rows, LINEARITY_SCALE * rows[-1:]]),  # the last once more, scaled
+        torch.cat([rows, *extra]),
         is_grads_batched=True,
         retain_graph=True,
         allow_unused=True,
@@ -158,39 +170,90 @@ def register(
     # a tensor the output reaches with a Jacobian of exact zeros here (a layer downstream
     # initialised at zero, as classifier heads often are) shows no dependence whatever the
     # structure: the probe then proves nothing, and is run again on the next call
-    reached = [p[-2] for p in pulled if p is not None]
+    reached = [(i, p[len(rows) - 1]) for i, p in enumerate(pulled) if p is not None]
     pulled = [
-        torch.zeros((len(rows) + 1,) + t.shape, dtype=t.dtype, device=t.device) if p is None else p
+        torch.zeros((len(rows) + 3,) + t.shape, dtype=t.dtype, device=t.device) if p is None else p
         for (_, t), p in zip(targets, pulled, strict=True)
     ]
-    scaled, pulled = [p[-1] for p in pulled], [p[:-1] for p in pulled]
+    again, pulled = [p[len(rows) :] for p in pulled], [p[: len(rows)] for p in pulled]
     # the roundest precision of the pass: under autocast the calls ran in half precision
     # (found by review: a hand-written layer's float32 vjp against autograd's bfloat16 one
     # was refused as a parameter used outside its module)
     params = [p for _, p in model.named_parameters() if p.requires_grad]
     eps = lowest_precision_eps([params[0], z, *(t for c in calls for t in (c.output, *c.inputs))])
-    # first, for the two checks below compare with 0 (a NaN is neither leaked nor equal)
+    # data (an input made to require grad for the probe, or made from one) may pull back
+    # NaN that reaches no parameter (0 * inf through mask.log()): only the tensors that
+    # depend on parameters must be finite, and only there is a NaN a leak
+    ids = {id(p) for p in params}
+    inner = [t is c.output or _depends_on(t, ids) for c, t in targets]
     checks.finite_all(
         [
             (f"the coupling probe pulled back to {_name_of(c, t)}", p)
-            for (c, t), p in zip(targets, pulled, strict=True)
+            for (c, t), p, own in zip(targets, pulled, inner, strict=True)
+            if own
         ],
-        f"the probe's rows on the output have entries of size 1 (the loss gradient's about "
-        f"1 / N), and in {z.dtype} they overflow through this network's Jacobian. Run the "
-        "first call, which probes, in float32 (outside autocast), or pass "
-        "check_coupling=False if the network keeps the samples of a batch apart and "
-        "calls each parameter's module for every use of it",
+        "the probe's rows on the output have entries of size 1 (the loss gradient's about "
+        f"1 / N): in {z.dtype} they overflowed through this network's Jacobian, or met "
+        "0 * inf (a log or a division at 0). Run the first call, which probes, in float32 "
+        "(outside autocast) or on other data, or pass check_coupling=False if the network "
+        "keeps the samples of a batch apart and calls each parameter's module for every use",
     )
-    _register_linearity_check(checks, targets, pulled, scaled, eps)
-    coupled = torch.stack([_leaked(p[:-1], masks[:-1]) for p in pulled]).any() if pulled else None
+    _register_linearity_check(checks, targets, pulled, again, eps)
+    coupled = (
+        torch.stack(
+            [_leaked(p[:-1], masks[:-1], nan=own) for p, own in zip(pulled, inner, strict=True)]
+        ).any()
+        if pulled
+        else None
+    )
     if coupled is not None and len(masks) > 1:
         checks.require(~coupled, lambda: _explain_coupling(model, rows[:-1], masks[:-1], rerun))
     scale = _register_parameter_check(
         checks, model, z, rows[-1], calls, targets, pulled, handlers, params, eps
     )
-    seen = checks.read(torch.stack([(p != 0).any() for p in reached] + [scale > 0]).all())
     if z.shape[0] > 1:
-        checks.then(lambda: setattr(notes, "probed", key) if seen.value else None)
+        _register_verdict(checks, notes, key, targets, reached, scale)
+
+
+def _depends_on(tensor: Tensor, parameters: set[int]) -> bool:
+    """Whether ``tensor``'s graph reaches one of ``parameters`` (their ``id``)."""
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if id(getattr(node, "variable", None)) in parameters:
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+def _register_verdict(checks, notes: ModelNotes, key, targets, reached, scale: Tensor) -> None:
+    """Once every check passed: ``notes`` keep ``key`` if the probe saw the output reach
+    every target it reaches and the parameters (:func:`register`); else it runs again on
+    the next call, up to :data:`INCONCLUSIVE_PROBES` times, after which the verdict is kept
+    with a warning (a branch multiplied by a zero that never moves would probe forever)."""
+    seen = [checks.read((p != 0).any()) for _, p in reached] + [checks.read(scale > 0)]
+    names = [_name_of(*targets[i]) for i, _ in reached] + ["the parameters' gradient"]
+
+    def verdict():
+        if all(r.value for r in seen):
+            notes.probed, notes.inconclusive = key, 0
+            return
+        notes.inconclusive += 1
+        if notes.inconclusive >= INCONCLUSIVE_PROBES:
+            zero = [n for n, r in zip(names, seen, strict=True) if not r.value]
+            warnings.warn(
+                f"the batch-coupling probe saw only zeros at {', '.join(zero)} in "
+                f"{notes.inconclusive} calls in a row (a branch multiplied by zero?), so what "
+                "it checks is unproven there; it is not run again until the structure "
+                "changes (check_coupling='always' probes every call)",
+                stacklevel=2,
+            )
+            notes.probed, notes.inconclusive = key, 0
+
+    checks.then(verdict)
 
 
 def _name_of(call: Block, tensor: Tensor) -> str:
@@ -198,14 +261,26 @@ def _name_of(call: Block, tensor: Tensor) -> str:
     return f"the {'output' if tensor is call.output else 'input'} of module {call.name!r}"
 
 
-def _register_linearity_check(checks, targets, pulled, scaled, eps: float) -> None:
-    """The last probe row, pulled back once more scaled by :data:`LINEARITY_SCALE`
-    (``scaled``, one per target), must come back as that multiple of its pullback: the
-    backward pass is linear in its cotangent, unless a hook changes gradients."""
-    residual = [
-        (s - LINEARITY_SCALE * p[-1]).abs().max() / (LINEARITY_SCALE * p[-1]).abs().max()
-        for s, p in zip(scaled, pulled, strict=True)
-    ]
+def _register_linearity_check(checks, targets, pulled, again, eps: float) -> None:
+    """The last probe row ``P``, pulled back once more scaled by :data:`LINEARITY_SCALE`,
+    and with another pattern ``Q`` alone and added (``again``: those three pullbacks per
+    target), must come back as ``LINEARITY_SCALE f(P)`` and ``f(P) + f(Q)``: the backward
+    pass is linear in its cotangent, unless a hook changes gradients (scaling catches an
+    elementwise clamp or ``abs``, adding a top-k). Entries that overflowed (the scaled row
+    in half precision) are left out."""
+
+    def wide(t: Tensor) -> Tensor:  # half precision compared in float32
+        return t.to(torch.promote_types(t.dtype, torch.float32))
+
+    residual = []
+    for p, (scaled, q, both) in zip(pulled, again, strict=True):
+        f_p, q = wide(p[-1]), wide(q)
+        off = [
+            torch.where(scaled.isfinite(), wide(scaled) - LINEARITY_SCALE * f_p, 0.0),
+            wide(both) - (f_p + q),
+        ]
+        size = f_p.abs().max() + q.abs().max()
+        residual.append(torch.stack([o.abs().max() for o in off]).max() / size)
     if not residual:
         return
     nonlinear = torch.stack([r > eps**0.5 for r in residual]).any()  # 0 / 0: NaN, not above

@@ -633,7 +633,7 @@ class GenericHandler(Handler):
 
         # the rows batched inside the samples' vmap, but for one row: torch 2.13's PReLU
         # weight gradient under such a vmap of one row is silently wrong (10x; found by the
-        # check of batch_mismatch), under one of more rows it raises
+        # check of batch_mismatch), under two or more rows it raises
         nested = delta.shape[0] > 1
 
         def rows_of_sample(delta_b, *sample):

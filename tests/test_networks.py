@@ -704,17 +704,34 @@ def with_module_hook(hook):
 HOOKED = {"tensor": HookedHidden, "module": with_module_hook}
 
 
+def top_entries(g):
+    """The 2 largest entries in magnitude of each sample kept, the others zeroed."""
+    flat = g.reshape(g.shape[0], -1)
+    kept = torch.zeros_like(flat).scatter(1, flat.abs().topk(2, dim=1).indices, 1.0)
+    return (flat * kept).reshape(g.shape)
+
+
+CHANGES = {
+    "clamp": lambda g: g.clamp(-0.05, 0.05),
+    "clamp-min": lambda g: g.clamp(min=0),  # guided backpropagation
+    "abs": torch.abs,
+    "top-k": top_entries,
+}
+
+
+@pytest.mark.parametrize("change", CHANGES, ids=lambda c: f"change={c}")
 @pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
 @pytest.mark.parametrize("where", HOOKED, ids=lambda w: f"hook={w}")
-def test_a_hook_that_clips_gradients_is_refused(where, method):
+def test_a_hook_that_changes_gradients_is_refused(where, method, change):
     """Found by review: a hook that clips gradients (RNN and RL code clamp hidden states'
     gradients) ran on every pulled-back row, and the direction matched no metric (off by
     10-56% of the oracle's norm, with or without the hook). The probe pulls one row back
-    once more, scaled by 8: a linear backward pass returns 8 times its pullback."""
+    once more scaled by -8 (a one-sided clamp or abs keeps a scaling by +8; found by a
+    review of the first version: off by 1.1-10x), and with another pattern added (a top-k
+    is odd and scale-free: 1.3-2x off)."""
     torch.manual_seed(35)
-    model = HOOKED[where](
-        lambda g: (g.clamp(-0.05, 0.05),) if where == "module" else g.clamp(-0.05, 0.05)
-    )
+    hook = CHANGES[change]
+    model = HOOKED[where](lambda g: (hook(g),) if where == "module" else hook(g))
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0, 2])
     with pytest.raises(ValueError, match="the backward pass is not linear in its cotangent"):
         rc.direction(model.double(), x, y, method=method, damping=DAMPING)
@@ -733,6 +750,81 @@ def test_a_hook_that_only_reads_gradients_is_exact(where):
     dirs = rc.direction(model, x, y, damping=DAMPING)
     assert rel_error(flatten(dirs, model), oracle_of(twin, x, y)) < 1e-10
     assert seen
+
+
+class MaskedAttention(nn.Module):
+    """Attention over positions with a float mask added as its log (0 -> -inf)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.query, self.key = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, h, mask):
+        scores = self.query(h) @ self.key(h).transpose(1, 2) / h.shape[-1] ** 0.5
+        return torch.softmax(scores + mask.log()[:, None, :], -1) @ h
+
+
+class MaskedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.attend, self.head = nn.Linear(4, 6), MaskedAttention(6), nn.Linear(30, 3)
+
+    def forward(self, x, mask):
+        return self.head(self.attend(self.embed(x), mask).flatten(1))
+
+
+def test_nan_pulled_back_into_data_alone_is_not_refused():
+    """Found by a review of the NaN check: the probe makes float inputs require grad, and a
+    0/1 mask added as its log pulls back 0 * inf = NaN into the mask, which no parameter
+    depends on; the call was refused (and the message blamed half precision). Only tensors
+    that depend on parameters must pull back finite."""
+    torch.manual_seed(41)
+    model = MaskedNet().double()
+    x, y = torch.randn(8, 5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    mask = torch.ones(8, 5, dtype=torch.float64)
+    mask[:, 3:] = 0
+    dirs = rc.direction(model, (x, mask), y, damping=DAMPING, kernel="auto")
+
+    class WithMask(nn.Module):  # the oracle's model: the mask a constant
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, inputs):
+            return self.net(inputs, mask)
+
+    assert rel_error(flatten(dirs, model), oracle_of(WithMask(), x, y)) < 1e-10
+
+
+def test_a_probe_that_never_sees_warns_and_stops(monkeypatch):
+    """Found by a review: a branch multiplied by a zero that never moves (a gate fixed at
+    0) kept the probe at zero there for good, and the probe and its second forward pass ran
+    at every call (1.17x the step's time)."""
+    calls = []
+    register = coupling.register
+    monkeypatch.setattr(coupling, "register", lambda *a: calls.append(1) or register(*a))
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.aux, self.head = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+            self.register_buffer("gate", torch.zeros(()))
+
+        def forward(self, x):
+            h = torch.tanh(self.body(x))
+            return self.head(h + self.gate * self.aux(h))
+
+    torch.manual_seed(42)
+    model = Gated().double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(coupling.INCONCLUSIVE_PROBES - 1):
+            rc.direction(model, x, y, damping=DAMPING)
+    with pytest.warns(UserWarning, match=r"saw only zeros at the output of module 'aux'"):
+        rc.direction(model, x, y, damping=DAMPING)
+    rc.direction(model, x, y, damping=DAMPING)
+    assert len(calls) == coupling.INCONCLUSIVE_PROBES
 
 
 def test_probe_runs_once_per_model_and_mode(monkeypatch):
