@@ -519,6 +519,7 @@ class Replay:
     output: list[Tensor] | None = None
     buffers: dict[str, Tensor] | None = None
     autocast: dict[str, torch.dtype] = field(default_factory=dict)
+    cause: str = ""  # a likely cause of another output, known to the caller
 
     def check(self, outputs, checks) -> None:
         """Register with ``checks`` (a :class:`~riemann_core._checks.Deferred`) that
@@ -528,9 +529,9 @@ class Replay:
             return
         new = [t.detach() for t in pytree.tree_leaves(outputs) if isinstance(t, Tensor)]
         if [(t.shape, t.dtype) for t in new] != [(t.shape, t.dtype) for t in self.output]:
-            _replay_differs(new, self.output)
+            _replay_differs(new, self.output, self.cause)
         alike = torch.stack([~_differ(a, b) for a, b in zip(new, self.output, strict=True)])
-        checks.require(alike.all(), lambda: _replay_differs(new, self.output))
+        checks.require(alike.all(), lambda: _replay_differs(new, self.output, self.cause))
 
 
 def _differ(new: Tensor, old: Tensor) -> Tensor:
@@ -541,12 +542,17 @@ def _differ(new: Tensor, old: Tensor) -> Tensor:
     return (new - old).abs().amax() > tolerance * old.abs().amax()
 
 
-def _replay_differs(new: list[Tensor], old: list[Tensor]) -> None:
+def _replay_differs(new: list[Tensor], old: list[Tensor], cause: str = "") -> None:
     if [t.shape for t in new] == [t.shape for t in old]:
         error = max(float((a - b).abs().max()) for a, b in zip(new, old))
         seen = f"entries differ by up to {error:.3g}"
     else:
         seen = f"shapes {[tuple(t.shape) for t in new]} against {[tuple(t.shape) for t in old]}"
+    if cause:
+        raise ValueError(
+            "the model's forward pass, run again on the recorded batch for the metric, gave "
+            f"another output than the pass the gradient came from ({seen}): {cause}"
+        )
     raise ValueError(
         "the model's forward pass, run again on the recorded batch from the recorded random "
         f"state for the metric, gave another output than the pass the gradient came from "

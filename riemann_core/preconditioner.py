@@ -199,6 +199,7 @@ class RiemannianPreconditioner:
         )
         self._depth = 0  # calls of the model under way (it may call itself)
         self._prehooked = False  # a pre-hook prepended since ran before the record
+        self._modes: list[bool] = []  # each module's training flag in the recorded pass
         self._output: list[Tensor] | None = None
         self._output_versions: list[int] = []
         self._edited_in_forward = False
@@ -238,6 +239,7 @@ class RiemannianPreconditioner:
             autocast_state(device_types),
         )
         self._output = None  # until this pass returns
+        self._modes = [m.training for m in self.model.modules()]
         self._spent = False
         # what step() relies on: the batch and the parameters as the forward pass saw them
         # (named on failure only: None for an input)
@@ -303,6 +305,19 @@ class RiemannianPreconditioner:
                 "forward pass (recorded before the hook from now on), or register the "
                 "hook before creating the preconditioner"
             )
+
+    def _mode_changes(self) -> str:
+        """What a replay that gives another output should name: the modules whose training
+        flag changed since the recorded pass (``""``: none)."""
+        modes = [(n, m.training) for n, m in self.model.named_modules()]
+        changed = [n or "(the model)" for (n, now), then in zip(modes, self._modes) if now != then]
+        if not changed:
+            return ""
+        return (
+            f"modules {changed[:3]}{' ...' if len(changed) > 3 else ''} changed training mode "
+            "(model.train() / model.eval()) since that pass: compute the direction "
+            "(pre.backward(loss), or pre.step()) before switching the mode"
+        )
 
     def _check_unchanged(self, call: str) -> None:
         if self._edited_in_forward:
@@ -574,7 +589,9 @@ class RiemannianPreconditioner:
                 gradient=full,
                 forward_kwargs=kwargs,
                 checks=checks,
-                replay=Replay(state, self._replayed_output(), buffers, autocast),
+                replay=Replay(
+                    state, self._replayed_output(), buffers, autocast, self._mode_changes()
+                ),
                 state=self._kfac,
                 process_group=self.process_group,
                 timeout=self.timeout,

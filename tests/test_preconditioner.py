@@ -1023,3 +1023,25 @@ def test_a_deep_copy_is_refused_and_the_documented_copy_is_exact():
     expected = rc.direction(model, x, y, damping=1e-2)
     for name, p in twin.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
+
+
+def test_a_mode_switched_before_the_step_is_named_only_where_it_changes_the_pass():
+    """Found by review: model.eval() between a forward pass with dropout and pre.step()
+    was refused blaming Python's random module or a call counter; the changed flag is
+    named now. Where the mode changes nothing (no dropout), the step stays exact."""
+    torch.manual_seed(43)
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    dropped = nn.Sequential(nn.Linear(5, 6), nn.Dropout(0.5), nn.Tanh(), nn.Linear(6, 3))
+    plain = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    for model in (dropped.double(), plain.double()):
+        pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+        F.cross_entropy(model(x), y).backward()
+        model.eval()
+        if model is dropped:
+            with pytest.raises(ValueError, match=r"modules \['\(the model\)'.*changed training"):
+                pre.step()
+        else:
+            pre.step()
+            expected = rc.direction(model, x, y, damping=1e-2)
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
