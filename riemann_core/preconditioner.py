@@ -204,7 +204,7 @@ class RiemannianPreconditioner:
         self._output_versions: list[int] = []
         self._edited_in_forward = False
         # the .grad each call wrote, their versions and norms then (a second step() refused)
-        self._written: list[tuple[weakref.ref, int, Tensor, Tensor]] = []
+        self._written: list[tuple[weakref.ref, int, Tensor]] = []
         self._spent = False  # the last forward pass's graph consumed by pre.backward(loss)
         # pre.backward(loss) records the user's own forward passes (one process only)
         single = process_group is None and self.network is model
@@ -660,7 +660,7 @@ class RiemannianPreconditioner:
             check_inputs(*self._batch[:2], None, checks)  # an empty shard, named
             for name, grad in with_grad.items():
                 _check_grad(name, grad, checks)
-            self._check_not_preconditioned(with_grad, checks)
+            self._check_not_preconditioned(with_grad)
         # a parameter without .grad took no part in the loss: a zero vector, left as None
         directions, self.diagnostics = self._transaction(
             lambda: self._solve(
@@ -678,38 +678,18 @@ class RiemannianPreconditioner:
 
     def _wrote(self, params, directions: dict[str, Tensor]) -> None:
         """Remember the ``.grad`` that now hold a direction, as they are now: their
-        versions, their norms (one fused kernel, no host sync) for writes through ``.data``,
-        which leave the version as it was, and a sample of their entries for writes in
-        place that only scale them (:func:`_sample`)."""
+        versions, and their norms (one fused kernel, no host sync) for writes through
+        ``.data``, which leave the version as it was."""
         grads = [p.grad for name, p in params if name in directions]
         norms = torch._foreach_norm(grads) if grads else []
         self._written = [
-            (weakref.ref(g), g._version, norm, _sample(g))
-            for g, norm in zip(grads, norms, strict=True)
+            (weakref.ref(g), g._version, norm) for g, norm in zip(grads, norms, strict=True)
         ]
 
-    def _check_not_preconditioned(self, grads: dict[str, Tensor], checks: Deferred) -> None:
+    def _check_not_preconditioned(self, grads: dict[str, Tensor]) -> None:
         """Refuse ``.grad`` that still hold the direction a call wrote (the same tensor, at
-        the same version and norm, or changed in place only by a common factor, as
-        ``clip_grad_norm_`` does; a deferred check): preconditioning them again would give
-        ``G^{-2} g``."""
-        alive = [(ref(), v, norm, sample) for ref, v, norm, sample in self._written]
-        written = {id(g): (v, norm, sample) for g, v, norm, sample in alive if g is not None}
-        scaled = [
-            (written[id(g)][2], _sample(g))
-            for g in grads.values()
-            if id(g) in written and written[id(g)][0] != g._version
-        ]
-        if scaled:  # a found direction, scaled: parallel to what was written (a new
-            # gradient added to it is not, and a zeroed one is zero)
-            old = torch.cat([a for a, _ in scaled]).double()
-            new = torch.cat([b for _, b in scaled]).double()
-            cosine = old.dot(new).abs() / (old.norm() * new.norm())  # 0 / 0: NaN, passes
-            if old.numel() > 1:  # (one entry is parallel to anything)
-                checks.require(
-                    ~(cosine > 1 - 1e-6),
-                    lambda: _refuse_twice([n for n, g in grads.items() if id(g) in written]),
-                )
+        the same version and norm): preconditioning them again would give ``G^{-2} g``."""
+        written = {id(ref()): (v, norm) for ref, v, norm in self._written if ref() is not None}
         same = [(n, g) for n, g in grads.items() if written.get(id(g), (None,))[0] == g._version]
         if not same:
             return
@@ -721,7 +701,13 @@ class RiemannianPreconditioner:
             if bool(norm == written[id(g)][1]) and bool(norm != 0)
         ]
         if again:
-            _refuse_twice(again)
+            raise RuntimeError(
+                f"the .grad of {again[:3]}{' ...' if len(again) > 3 else ''} still hold "
+                "the direction the last pre.step() or pre.backward(loss) wrote, and another "
+                "pre.step() would precondition it twice: call loss.backward() (after "
+                "opt.zero_grad()) before each pre.step(), and pre.step() once per backward; "
+                "pre.backward(loss) needs no pre.step()"
+            )
 
     def _note_overflow(self, overflowed: bool) -> None:
         """Set :attr:`overflowed`; warn when the steps of :data:`OVERFLOWS_IN_A_ROW` scales
@@ -838,26 +824,6 @@ class RiemannianPreconditioner:
 
     def __exit__(self, *exc) -> None:
         self.remove()
-
-
-#: Entries of each written ``.grad`` kept to recognise it scaled in place.
-SAMPLED_ENTRIES = 64
-
-
-def _sample(grad: Tensor) -> Tensor:
-    """A copy of :data:`SAMPLED_ENTRIES` entries of ``grad``, evenly spaced."""
-    flat = grad.detach().reshape(-1)
-    return flat[:: max(1, flat.numel() // SAMPLED_ENTRIES)][:SAMPLED_ENTRIES].clone()
-
-
-def _refuse_twice(names: list[str]) -> None:
-    raise RuntimeError(
-        f"the .grad of {names[:3]}{' ...' if len(names) > 3 else ''} still hold the "
-        "direction the last pre.step() or pre.backward(loss) wrote (or a multiple of it: "
-        "clip_grad_norm_ scales it in place), and another pre.step() would precondition it "
-        "twice: call loss.backward() (after opt.zero_grad()) before each pre.step(), and "
-        "pre.step() once per backward; pre.backward(loss) needs no pre.step()"
-    )
 
 
 def _walk_loss_graph(loss: Tensor, names: dict[int, str]) -> tuple[list[Tensor], bool]:
