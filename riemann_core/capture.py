@@ -65,12 +65,15 @@ class ModelNotes:
     :data:`MODEL_OUTPUT` where it was the model's output. ``probed``:
     what the batch-coupling probe's last pass holds for (``None``: never passed), see
     :func:`riemann_core.coupling.probe_key`; ``inconclusive``: probes in a row since that
-    saw only zeros somewhere (:func:`riemann_core.coupling.register`).
+    saw only zeros somewhere, at other parameter values each, the last at
+    ``inconclusive_at`` (its key and the parameters' versions; see
+    :func:`riemann_core.coupling.register`).
     """
 
     clone: set[str] = field(default_factory=set)
     probed: tuple | None = None
     inconclusive: int = 0
+    inconclusive_at: tuple | None = None
 
 
 _NOTES: weakref.WeakKeyDictionary[nn.Module, ModelNotes] = weakref.WeakKeyDictionary()

@@ -212,7 +212,8 @@ def register(
         checks, model, z, rows[-1], calls, targets, pulled, handlers, params, eps
     )
     if z.shape[0] > 1:
-        _register_verdict(checks, notes, key, targets, reached, scale)
+        versions = tuple(p._version for p in params)
+        _register_verdict(checks, notes, (key, versions), targets, reached, scale)
 
 
 def _depends_on(tensor: Tensor, parameters: set[int]) -> bool:
@@ -229,29 +230,36 @@ def _depends_on(tensor: Tensor, parameters: set[int]) -> bool:
     return False
 
 
-def _register_verdict(checks, notes: ModelNotes, key, targets, reached, scale: Tensor) -> None:
-    """Once every check passed: ``notes`` keep ``key`` if the probe saw the output reach
+def _register_verdict(checks, notes: ModelNotes, at, targets, reached, scale: Tensor) -> None:
+    """Once every check passed: ``notes`` keep the probe's key if it saw the output reach
     every target it reaches and the parameters (:func:`register`); else it runs again on
-    the next call, up to :data:`INCONCLUSIVE_PROBES` times, after which the verdict is kept
-    with a warning (a branch multiplied by a zero that never moves would probe forever)."""
+    the next call. Where it saw only zeros at :data:`INCONCLUSIVE_PROBES` sets of parameter
+    values in a row (``at``: the key and the parameters' versions, which an optimizer step
+    bumps; micro-batches before a step count once), the verdict is kept with a warning: a
+    branch multiplied by a zero that never moves would probe forever."""
+    key, versions = at
     seen = [checks.read((p != 0).any()) for _, p in reached] + [checks.read(scale > 0)]
     names = [_name_of(*targets[i]) for i, _ in reached] + ["the parameters' gradient"]
 
     def verdict():
         if all(r.value for r in seen):
-            notes.probed, notes.inconclusive = key, 0
+            notes.probed, notes.inconclusive, notes.inconclusive_at = key, 0, None
             return
-        notes.inconclusive += 1
+        if notes.inconclusive_at is None or notes.inconclusive_at[0] != key:
+            notes.inconclusive = 0  # another structure: counted afresh
+        if notes.inconclusive_at != at:
+            notes.inconclusive, notes.inconclusive_at = notes.inconclusive + 1, at
         if notes.inconclusive >= INCONCLUSIVE_PROBES:
             zero = [n for n, r in zip(names, seen, strict=True) if not r.value]
             warnings.warn(
                 f"the batch-coupling probe saw only zeros at {', '.join(zero)} in "
-                f"{notes.inconclusive} calls in a row (a branch multiplied by zero?), so what "
-                "it checks is unproven there; it is not run again until the structure "
-                "changes (check_coupling='always' probes every call)",
+                f"{notes.inconclusive} calls in a row, at other parameters each (a branch "
+                "multiplied by zero?), so what it checks is unproven there; it is not run "
+                "again until the structure changes (check_coupling='always' probes every "
+                "call)",
                 stacklevel=2,
             )
-            notes.probed, notes.inconclusive = key, 0
+            notes.probed, notes.inconclusive, notes.inconclusive_at = key, 0, None
 
     checks.then(verdict)
 
