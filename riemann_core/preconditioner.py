@@ -426,7 +426,7 @@ class RiemannianPreconditioner:
             # loss.backward() gives every other leaf the loss reaches its gradient (a
             # temperature beside the model, an input that requires grad, a backbone not
             # preconditioned): taken first, added once the directions are written
-            foreign_grads = torch.autograd.grad(loss, foreign, retain_graph=True) if foreign else ()
+            foreign_grads = _gradients_of(loss, foreign) if foreign else ()
             if paths.earlier or reaches_pass(capture.inputs, capture.key, capture.token):
                 raise ValueError(
                     "the loss was formed from more than one forward pass of the model (a "
@@ -844,10 +844,32 @@ def _walk_loss_graph(loss: Tensor, names: dict[int, str]) -> tuple[list[Tensor],
     return foreign, compiled
 
 
+def _gradients_of(loss: Tensor, leaves: list[Tensor]) -> tuple[Tensor, ...]:
+    """The gradients of ``loss`` at ``leaves`` (outside the preconditioned model), its
+    graph kept for the directions."""
+    try:
+        return torch.autograd.grad(loss, leaves, retain_graph=True)
+    except RuntimeError as err:
+        if "reentrant" not in str(err) and "checkpoint" not in str(err):
+            raise
+        raise ValueError(
+            f"the loss reaches {len(leaves)} tensors outside the preconditioned model "
+            "through torch.utils.checkpoint with use_reentrant=True, which only "
+            "loss.backward() can differentiate: pass use_reentrant=False, or call "
+            "loss.backward() and then pre.step()"
+        ) from err
+
+
 def _accumulate(leaves: list[Tensor], grads) -> None:
-    """Add ``grads`` into the ``.grad`` of ``leaves``, as ``loss.backward()`` does."""
+    """Add ``grads`` into the ``.grad`` of ``leaves`` as ``loss.backward()`` does: in place
+    into a ``.grad`` there, else a tensor of the leaf's own layout (autograd's may be a
+    broadcast, stride 0, or shared by two leaves; found by review: in-place clips then
+    failed, or scaled a shared one twice)."""
     for leaf, grad in zip(leaves, grads, strict=True):
-        leaf.grad = grad if leaf.grad is None else leaf.grad + grad
+        if leaf.grad is None:
+            leaf.grad = torch.empty_like(leaf).copy_(grad)
+        else:
+            leaf.grad.add_(grad)
 
 
 def _check_no_gradient_hooks(params) -> None:

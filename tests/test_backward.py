@@ -1056,3 +1056,51 @@ def test_pre_backward_on_a_compiled_model_is_exact_at_every_step(method):
         pre.backward(F.cross_entropy(runnable(x), y))
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
+
+
+def test_gradients_outside_the_model_have_their_own_memory():
+    """Found by review: autograd's gradients were stored as they came, a broadcast of
+    stride 0 (the ``loss + 0.0 * sum(p.sum())`` idiom: an in-place clip then raised) or one
+    tensor shared by two leaves (``model(x) * (a + c)``: a clip scaled it twice, 466x)."""
+    model, x, y = small_mlp()
+    aux = nn.Linear(3, 3).double()
+    a, c = (nn.Parameter(torch.tensor(0.5, dtype=torch.float64)) for _ in range(2))
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    for _ in range(2):  # the probe's call, then the fused one
+        model.zero_grad()
+        loss = F.cross_entropy(model(x) * (a + c), y) + 0.0 * sum(p.sum() for p in aux.parameters())
+        pre.backward(loss)
+        assert aux.weight.grad.stride() == aux.weight.stride()
+        assert a.grad.data_ptr() != c.grad.data_ptr()
+        torch.nn.utils.clip_grad_norm_([a, c, *aux.parameters()], 1e-3)  # in place: fine
+        torch.testing.assert_close(a.grad, c.grad)
+        a.grad = c.grad = aux.weight.grad = aux.bias.grad = None
+
+
+def test_a_reentrant_checkpoint_before_leaves_outside_the_model_is_refused_clearly():
+    """Found by review: torch's "incompatible with .grad()" escaped at every call."""
+    model, x, y = small_mlp()
+    first, second = nn.Linear(5, 5).double(), nn.Linear(5, 5).double()  # a backbone
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    h = torch.tanh(first(x))
+    h = torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(second(t)), h, use_reentrant=True)
+    with pytest.raises(ValueError, match="use_reentrant=True.*use_reentrant=False"):
+        pre.backward(F.cross_entropy(model(h), y))
+    assert first.weight.grad is None and second.weight.grad is None
+
+
+def test_a_float16_pass_whose_pullbacks_underflow_is_not_taken_for_a_hook():
+    """Found by review: a 12-layer GELU MLP of width 512 under float16 autocast pulled the
+    probe back to float16's subnormals, where rounding alone broke the linearity check by
+    12-60%, and it was refused as a hook changing gradients."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(64, 512), nn.GELU()]
+    for _ in range(10):
+        layers += [nn.Linear(512, 512), nn.GELU()]
+    model = nn.Sequential(*layers, nn.Linear(512, 10))
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    pre = rc.RiemannianPreconditioner(model, method="kfac", damping=1e-3)
+    with torch.autocast("cpu", dtype=torch.float16):
+        outputs = model(x)
+    pre.backward(F.cross_entropy(outputs.float(), y))
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -1017,3 +1017,19 @@ def test_a_mode_switched_before_the_step_is_named_only_where_it_changes_the_pass
             expected = rc.direction(model, x, y, damping=1e-2)
             for name, p in model.named_parameters():
                 torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["euclidean", "layerwise"])
+def test_full_batch_steps_with_grads_zeroed_in_place_are_not_refused(method):
+    """A review of a check against a direction scaled in place (since withdrawn) found it
+    refusing this loop: the new gradient is then nearly parallel to the last direction."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 10))
+    x, y = torch.randn(128, 20), torch.randint(0, 10, (128,))
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=100.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    for _ in range(4):
+        opt.zero_grad(set_to_none=False)
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        opt.step()
