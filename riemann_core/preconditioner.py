@@ -199,7 +199,7 @@ class RiemannianPreconditioner:
         )
         self._depth = 0  # calls of the model under way (it may call itself)
         self._prehooked = False  # a pre-hook prepended since ran before the record
-        self._modes: list[bool] = []  # each module's training flag in the recorded pass
+        self._modes: dict[int, bool] = {}  # each module's training flag in the recorded pass
         self._output: list[Tensor] | None = None
         self._output_versions: list[int] = []
         self._edited_in_forward = False
@@ -239,7 +239,7 @@ class RiemannianPreconditioner:
             autocast_state(device_types),
         )
         self._output = None  # until this pass returns
-        self._modes = [m.training for m in self.model.modules()]
+        self._modes = {id(m): m.training for m in self.model.modules()}
         self._spent = False
         # what step() relies on: the batch and the parameters as the forward pass saw them
         # (named on failure only: None for an input)
@@ -309,8 +309,11 @@ class RiemannianPreconditioner:
     def _mode_changes(self) -> str:
         """What a replay that gives another output should name: the modules whose training
         flag changed since the recorded pass (``""``: none)."""
-        modes = [(n, m.training) for n, m in self.model.named_modules()]
-        changed = [n or "(the model)" for (n, now), then in zip(modes, self._modes) if now != then]
+        changed = [
+            n or "(the model)"
+            for n, m in self.model.named_modules()
+            if self._modes.get(id(m), m.training) != m.training
+        ]
         if not changed:
             return ""
         return (
