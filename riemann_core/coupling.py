@@ -36,8 +36,9 @@ chosen by state outside these (an attribute set on a module, Python's ``random``
 global module hook added later) is probed as first taken; ``check_coupling="always"``
 probes every call. A probe that saw only zeros (a layer downstream initialised at zero:
 every Jacobian upstream of it is exactly zero, whatever the structure) proves nothing, and
-runs again on the next call, :data:`INCONCLUSIVE_PROBES` times at most (then a warning). Only on a failure is the forward pass run once more with
-every module hooked, to name the module that couples the samples.
+runs again on the next call, until it has seen only zeros at :data:`INCONCLUSIVE_PROBES`
+sets of parameter values (then a warning). Only on a failure is the forward pass run once
+more with every module hooked, to name the module that couples the samples.
 """
 
 from __future__ import annotations

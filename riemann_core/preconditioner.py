@@ -362,9 +362,9 @@ class RiemannianPreconditioner:
         changed in place after its call (the next forward passes capture it through a
         copy); when the loss reaches parameters other than through their modules'
         calls (a weight penalty written into the loss); and for a compiled model
-        (``torch.compile``), whose compiled backward cannot run batched. For cross-entropy on outputs
-        ``(N, ..., C)`` the loss's gradient must show the classes along the last dimension
-        and every position taken (see ``docs/api.md``). One process only: with a
+        (``torch.compile``), whose compiled backward cannot run batched. For cross-entropy
+        on outputs ``(N, ..., C)`` the loss's gradient must show the classes along the last
+        dimension and every position taken (see ``docs/api.md``). One process only: with a
         ``process_group`` or a ``DistributedDataParallel`` model it raises ``ValueError``
         (use ``loss.backward()`` and :meth:`step`).
         """
