@@ -21,6 +21,7 @@ import itertools
 import sys
 import threading
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -152,21 +153,25 @@ def calls_under_way(module: nn.Module) -> int:
     return count
 
 
-def reaches_pass(tensors, key: str, token: object) -> bool:
-    """Whether the autograd graph of ``tensors`` holds an output stamped under ``key``:
-    a forward pass fed with an earlier pass's output (``model(model(x))``). Called once
-    per preconditioned loss, on the inputs that carry a graph (the usual batch has none);
-    it walks what lies upstream, as autograd's own backward would."""
-    seen, stack = set(), [t.grad_fn for t in tensors if isinstance(t, Tensor)]
+def autograd_nodes(roots) -> Iterator:
+    """Every node of the autograd graph under ``roots`` (``grad_fn`` s; ``None`` is
+    skipped) once, depth first, as autograd's own backward would reach them."""
+    seen, stack = set(), list(roots)
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if node.metadata.get(key, token) is not token:
-            return True
+        yield node
         stack.extend(next_node for next_node, _ in node.next_functions)
-    return False
+
+
+def reaches_pass(tensors, key: str, token: object) -> bool:
+    """Whether the autograd graph of ``tensors`` holds an output stamped under ``key``:
+    a forward pass fed with an earlier pass's output (``model(model(x))``). Called once
+    per preconditioned loss, on the inputs that carry a graph (the usual batch has none)."""
+    roots = (t.grad_fn for t in tensors if isinstance(t, Tensor))
+    return any(node.metadata.get(key, token) is not token for node in autograd_nodes(roots))
 
 
 def _versions(value) -> list[tuple[Tensor, int]]:
@@ -600,6 +605,7 @@ def forward(
     """
     notes = notes_for(model)
     devices = rng_devices(model)
+    own = [] if replay is not None else _own_generators(model)
     given = args, kwargs
     for _ in range(2):
         if replay is None:
@@ -614,7 +620,6 @@ def forward(
                 for device_type, dtype in replay.autocast.items():
                     stack.enter_context(torch.autocast(device_type, dtype=dtype))
             before = None if replay is not None else rng_state(devices)
-            own = [] if replay is not None else _own_generators(model)
             own_before = [g.get_state() for _, g in own]
             capture = stack.enter_context(Capture(model, notes.clone))
             stack.enter_context(eager())

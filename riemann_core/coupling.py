@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from ._checks import Deferred
-from .capture import ModelNotes
+from .capture import ModelNotes, autograd_nodes
 from .modules import Block, GenericHandler, Handler, SharedHandler, lowest_precision_eps
 
 
@@ -219,16 +219,8 @@ def register(
 
 def _depends_on(tensor: Tensor, parameters: set[int]) -> bool:
     """Whether ``tensor``'s graph reaches one of ``parameters`` (their ``id``)."""
-    seen, stack = set(), [tensor.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if id(getattr(node, "variable", None)) in parameters:
-            return True
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return False
+    nodes = autograd_nodes([tensor.grad_fn])
+    return any(id(getattr(node, "variable", None)) in parameters for node in nodes)
 
 
 def _register_verdict(checks, notes: ModelNotes, at, targets, reached, scale: Tensor) -> None:

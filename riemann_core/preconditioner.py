@@ -36,6 +36,7 @@ from .capture import (
     OwnHook,
     Replay,
     autocast_state,
+    autograd_nodes,
     buffer_state,
     calls_under_way,
     capturing,
@@ -833,17 +834,12 @@ def _walk_loss_graph(loss: Tensor, names: dict[int, str]) -> tuple[list[Tensor],
     """``(foreign, compiled)``: the leaves ``loss`` reaches that are not the preconditioned
     parameters (``names``: ``{id(p): name}``), and whether its graph holds the backward of
     a compiled forward (``torch.compile``). Every node once: about 1 us each."""
-    foreign, compiled, seen, stack = [], False, set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
+    foreign, compiled = [], False
+    for node in autograd_nodes([loss.grad_fn]):
         variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf's gradient
         if variable is not None and id(variable) not in names:
             foreign.append(variable)
         compiled = compiled or type(node).__name__ == "CompiledFunctionBackward"
-        stack.extend(next_node for next_node, _ in node.next_functions)
     return foreign, compiled
 
 
