@@ -438,7 +438,7 @@ def buffers_kept(model: nn.Module, start: dict[str, Tensor] | None = None):
     also by a call that fails. The originals are never written, so a copy the forward
     saved for the backward pass stays intact. Costs a copy of the buffers per forward.
 
-    ``start`` (qualified name -> tensor, :func:`buffer_state`): the copies are of these
+    ``start`` (qualified name -> tensor, :class:`BufferStates`): the copies are of these
     instead, the buffers as a recorded forward pass found them, for its replay."""
     start = start or {}
     kept = [(prefix, module, dict(module._buffers)) for prefix, module in model.named_modules()]
@@ -455,10 +455,87 @@ def buffers_kept(model: nn.Module, start: dict[str, Tensor] | None = None):
             module._buffers.update(buffers)
 
 
-def buffer_state(model: nn.Module) -> dict[str, Tensor]:
-    """A copy of every buffer, by qualified name: what a forward pass that updates them
-    (observers, counters) starts from, for :class:`Replay`."""
-    return {name: b.detach().clone() for name, b in model.named_buffers()}
+#: Buffers of at least this many bytes are copied before a recorded forward pass only
+#: once a pass has been seen to change them (:class:`BufferStates`).
+LARGE_BUFFER_BYTES = 2**20
+
+
+class BufferStates:
+    """The buffers as each recorded forward pass of a model found them, by qualified name:
+    what a pass that updates them (observers, counters, a queue) starts from, for its
+    :class:`Replay` (:func:`buffers_kept` takes the present tensor for a name left out).
+
+    Copying every buffer at every pass costs as much as a causal mask or a positional
+    table (twelve 1024 x 1024 masks: 50 MB per forward pass), which no pass changes. So a
+    buffer of :data:`LARGE_BUFFER_BYTES` or more is copied only on the first pass that
+    meets it and once a pass has changed it (moved its version counter, or assigned a
+    new tensor); smaller ones always, since some kernels change a buffer without moving
+    its version counter (batch norm's running statistics). A large buffer that such a
+    kernel (or a write through ``.data``) changes, or that a pass changes for the first
+    time, starts the replay where that pass left it: the replay's check of the output
+    tells, and :meth:`changes` names it.
+    """
+
+    def __init__(self) -> None:
+        self._changing: set[str] = set()  # large buffers some pass changed
+        self._seen: set[str] = set()  # large buffers met by a pass
+        # (name, tensor, version, copied) of the large buffers, at the last pass's start
+        self._large: list[tuple[str, Tensor, int, bool]] = []
+        self._uncopied_changes: list[str] = []  # changed by the last pass, not copied
+
+    def before_pass(self, model: nn.Module) -> dict[str, Tensor]:
+        """Copies of the buffers the pass about to run may change, by qualified name."""
+        copies, self._large, self._uncopied_changes = {}, [], []
+        for name, b in model.named_buffers():
+            large = b.numel() * b.element_size() >= LARGE_BUFFER_BYTES
+            copy = not large or name in self._changing or name not in self._seen
+            if copy:
+                copies[name] = b.detach().clone()
+            if large:
+                self._large.append((name, b, b._version, copy))
+        return copies
+
+    def after_pass(self, model: nn.Module) -> None:
+        """Learn which large buffers the pass that just ran changed."""
+        if not self._large:
+            return
+        now = dict(model.named_buffers())
+        for name, b, version, copied in self._large:
+            self._seen.add(name)
+            if now.get(name) is not b or b._version != version:
+                self._changing.add(name)
+                if not copied:
+                    self._uncopied_changes.append(name)
+
+    def changes(self, model: nn.Module) -> str:
+        """What a replay that gives another output should name about buffers: those the
+        last pass changed without a copy of their start, or changed since (``""``:
+        none)."""
+        now = dict(model.named_buffers()) if self._large else {}
+        since = [
+            name
+            for name, b, version, copied in self._large
+            if not copied
+            and name not in self._uncopied_changes
+            and (now.get(name) is not b or b._version != version)
+        ]
+        said = []
+        if self._uncopied_changes:
+            said.append(
+                f"buffers {_some(self._uncopied_changes)} changed during that pass for the "
+                "first time, and the replay started from their new values (they are copied "
+                "before every pass from now on): run the forward pass again"
+            )
+        if since:
+            said.append(
+                f"buffers {_some(since)} changed after that pass, and the replay started "
+                "from their new values: compute the direction before changing them"
+            )
+        return "; ".join(said)
+
+
+def _some(names: list[str]) -> str:
+    return f"{names[:3]}{' ...' if len(names) > 3 else ''}"
 
 
 def rng_devices(model: nn.Module) -> list[int]:
@@ -513,9 +590,10 @@ def _autocast_dtype(device_type: str) -> torch.dtype:
 class Replay:
     """A forward pass of the user's to run again (``RiemannianPreconditioner.step``): the
     random state it started from (:func:`rng_state`), the buffers as it found them
-    (:func:`buffer_state`; ``None``: as they are now), the autocast regions it ran in
-    (:func:`autocast_state`: the pass run again computes in the same precisions) and, where
-    recorded, the tensors of its output, which the pass run again must give again.
+    (:class:`BufferStates`; a name left out, or ``None``: as they are now), the autocast
+    regions it ran in (:func:`autocast_state`: the pass run again computes in the same
+    precisions) and, where recorded, the tensors of its output, which the pass run again
+    must give again.
 
     Python state the forward pass reads (its ``random`` module, a call counter, a flag
     changed since) is not replayed; a pass that took another path gives another output,

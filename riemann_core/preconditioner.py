@@ -32,12 +32,12 @@ from ._checks import (
 )
 from .capture import (
     MODEL_OUTPUT,
+    BufferStates,
     Capture,
     OwnHook,
     Replay,
     autocast_state,
     autograd_nodes,
-    buffer_state,
     calls_under_way,
     capturing,
     hooked_after,
@@ -201,6 +201,7 @@ class RiemannianPreconditioner:
         self._depth = 0  # calls of the model under way (it may call itself)
         self._prehooked = False  # a pre-hook prepended since ran before the record
         self._modes: dict[int, bool] = {}  # each module's training flag in the recorded pass
+        self._buffer_states = BufferStates()
         self._output: list[Tensor] | None = None
         self._output_versions: list[int] = []
         self._edited_in_forward = False
@@ -236,7 +237,7 @@ class RiemannianPreconditioner:
             args,
             kwargs,
             rng_state(cuda),
-            buffer_state(self.model),
+            self._buffer_states.before_pass(self.model),
             autocast_state(device_types),
         )
         self._output = None  # until this pass returns
@@ -281,6 +282,7 @@ class RiemannianPreconditioner:
                 if isinstance(t, Tensor)
             ]
             self._output_versions = [t._version for t in self._output]
+            self._buffer_states.after_pass(self.model)
             # an input the forward pass itself changed in place (x /= 255): named on refusal
             self._edited_in_forward = any(
                 n is None and t._version != v for n, t, v in self._versions
@@ -307,21 +309,24 @@ class RiemannianPreconditioner:
                 "hook before creating the preconditioner"
             )
 
-    def _mode_changes(self) -> str:
+    def _replay_cause(self) -> str:
         """What a replay that gives another output should name: the modules whose training
-        flag changed since the recorded pass (``""``: none)."""
+        flag changed since the recorded pass, buffers it started from as they are now
+        (``""``: none)."""
         changed = [
             n or "(the model)"
             for n, m in self.model.named_modules()
             if self._modes.get(id(m), m.training) != m.training
         ]
-        if not changed:
-            return ""
-        return (
-            f"modules {changed[:3]}{' ...' if len(changed) > 3 else ''} changed training mode "
-            "(model.train() / model.eval()) since that pass: compute the direction "
-            "(pre.backward(loss), or pre.step()) before switching the mode"
-        )
+        causes = [self._buffer_states.changes(self.model)]
+        if changed:
+            causes.insert(
+                0,
+                f"modules {changed[:3]}{' ...' if len(changed) > 3 else ''} changed training "
+                "mode (model.train() / model.eval()) since that pass: compute the direction "
+                "(pre.backward(loss), or pre.step()) before switching the mode",
+            )
+        return "; ".join(c for c in causes if c)
 
     def _check_unchanged(self, call: str) -> None:
         if self._edited_in_forward:
@@ -594,7 +599,7 @@ class RiemannianPreconditioner:
                 forward_kwargs=kwargs,
                 checks=checks,
                 replay=Replay(
-                    state, self._replayed_output(), buffers, autocast, self._mode_changes()
+                    state, self._replayed_output(), buffers, autocast, self._replay_cause()
                 ),
                 state=self._kfac,
                 process_group=self.process_group,

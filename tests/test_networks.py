@@ -30,7 +30,7 @@ from torch.nn.utils import prune
 from torch.utils.flop_counter import FlopCounterMode
 
 import riemann_core as rc
-from riemann_core import coupling
+from riemann_core import capture, coupling
 
 EXACT = ("layerwise", "full", "natural")
 KERNELS = ("structured", "generic")
@@ -1628,6 +1628,83 @@ def test_own_forward_passes_leave_the_buffers_as_they_were(method):
         rel_error(flatten({n: p.grad for n, p in model.named_parameters()}, model), expected)
         < 1e-10
     )
+
+
+class Tabled(nn.Module):
+    """A Linear scaled by a large buffer: a constant table (as a positional table or a
+    causal mask is) and, where ``halving``, a gain the forward pass halves before use."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        large = capture.LARGE_BUFFER_BYTES // 8  # float64 entries
+        self.register_buffer("table", torch.linspace(0.5, 1.5, large).double())
+        self.register_buffer("gain", torch.full((large,), 2.0).double())
+        self.halving = False
+
+    def forward(self, x):
+        if self.halving:
+            self.gain.mul_(0.5)
+        return self.lin(x) * self.table[:3] * self.gain[:3]
+
+
+def tabled():
+    torch.manual_seed(41)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), Tabled()).double()
+    return model, torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+def test_a_large_buffer_no_pass_changes_is_not_copied_at_every_forward_pass():
+    """Copying every buffer before every recorded pass cost as much as the model's large
+    constant buffers (twelve 1024 x 1024 causal masks: 50 MB per forward pass). A large
+    buffer is copied on the first pass that meets it and once a pass has changed it;
+    small ones always (batch norm changes its statistics without moving their version)."""
+    model = nn.Sequential(Tabled(), nn.BatchNorm1d(3)).double()
+    states = capture.BufferStates()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    copied = []
+    for halving in (False, False, True, True):
+        model[0].halving = halving
+        copied.append(sorted(states.before_pass(model)))
+        model(x)
+        states.after_pass(model)
+    small = ["1.num_batches_tracked", "1.running_mean", "1.running_var"]
+    assert copied[0] == ["0.gain", "0.table"] + small
+    assert copied[1] == copied[2] == small
+    assert copied[3] == ["0.gain"] + small
+
+
+def test_a_replay_starts_from_the_large_buffers_as_the_pass_found_them():
+    """``pre.step()`` replays the user's pass from copies of the large buffers it changes:
+    exact on every step; a pass that changes a large buffer for the first time (not
+    copied), or a change after the pass, is refused naming the buffer, not replayed
+    from the new values."""
+    model, x, y = tabled()
+    pre = rc.RiemannianPreconditioner(model, method="layerwise", damping=DAMPING)
+
+    def step():
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+
+    for _ in range(2):  # the gain is met, then left uncopied: nothing changes it
+        step()
+    model[2].halving = True
+    with pytest.raises(ValueError, match=r"buffers \['2.gain'\] changed during that pass"):
+        step()
+    for _ in range(2):  # copied from now on: the replay halves the gain the pass found
+        step()
+        twin = copy.deepcopy(model)
+        twin[2].halving = False
+        got = {n: p.grad for n, p in model.named_parameters()}
+        assert rel_error(flatten(got, model), oracle_of(twin, x, y)) < 1e-10
+    model[2].halving = False
+    step()
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    model[2].table.mul_(2.0)
+    with pytest.raises(ValueError, match=r"buffers \['2.table'\] changed after that pass"):
+        pre.step()
 
 
 @pytest.mark.parametrize("classes", [2, 3], ids=lambda c: f"classes={c}")
