@@ -63,18 +63,29 @@ class ModelNotes:
     """What has been learnt about a model, kept between calls.
 
     ``clone``: modules whose captured tensors an in-place operation changed, and
-    :data:`MODEL_OUTPUT` where it was the model's output. ``probed``:
-    what the batch-coupling probe's last pass holds for (``None``: never passed), see
-    :func:`riemann_core.coupling.probe_key`; ``inconclusive``: probes in a row since that
-    saw only zeros somewhere, at other parameter values each, the last at
-    ``inconclusive_at`` (its key and the parameters' versions; see
-    :func:`riemann_core.coupling.register`).
+    :data:`MODEL_OUTPUT` where it was the model's output. ``probed``: what the
+    batch-coupling probe's passes hold for, the last :data:`PROBED_KEYS` structures
+    (see :func:`riemann_core.coupling.probe_key`; a model switched between training and
+    evaluation, or called with two kernels, is not probed at every switch);
+    ``inconclusive``: probes in a row since that saw only zeros somewhere, at other
+    parameter values each, the last at ``inconclusive_at`` (its key and the parameters'
+    versions; see :func:`riemann_core.coupling.register`).
     """
 
     clone: set[str] = field(default_factory=set)
-    probed: tuple | None = None
+    probed: list[tuple] = field(default_factory=list)
     inconclusive: int = 0
     inconclusive_at: tuple | None = None
+
+    def passed(self, key: tuple) -> None:
+        """A probe passed for ``key``: kept, the oldest dropped past :data:`PROBED_KEYS`."""
+        if key not in self.probed:
+            self.probed = self.probed[1 - PROBED_KEYS :] + [key]
+        self.inconclusive, self.inconclusive_at = 0, None
+
+
+#: How many structures' passed probes a model's notes keep (:class:`ModelNotes`).
+PROBED_KEYS = 8
 
 
 _NOTES: weakref.WeakKeyDictionary[nn.Module, ModelNotes] = weakref.WeakKeyDictionary()
@@ -179,6 +190,11 @@ def _versions(value) -> list[tuple[Tensor, int]]:
     return [(a, a._version) for a in leaves if isinstance(a, Tensor)]
 
 
+#: The record of a forward pass (persistent :class:`Capture`), kept from the last complete
+#: pass while one runs.
+_RECORD = ("calls", "output", "inputs", "substituted", "token", "_stale", "_watched")
+
+
 class Capture:
     """Hooks recording each call of the modules of ``model`` that own trainable parameters.
 
@@ -200,6 +216,8 @@ class Capture:
         self.token: object | None = None  # of the pass recorded last (persistent)
         self.key = f"riemann_core.forward_pass.{next(_CAPTURES)}"  # see mark_pass
         self.inputs: list[Tensor] = []  # the recorded pass's inputs that carry a graph
+        # modules that ran with other tensors in place of their parameters
+        self.substituted: list[str] = []
         self._clone = clone
         self._stale: set[str] = set()
         self._misordered = False  # a user's hook runs between ours and the forward
@@ -207,6 +225,7 @@ class Capture:
         self._hooks = []
         self._recording = not persistent
         self._depth = 0  # calls of the model under way (it may call itself)
+        self._previous = {a: getattr(self, a) for a in _RECORD}
         if persistent:
             self._end_hook = model.register_forward_hook(
                 OwnHook(model, self._end), always_call=True
@@ -260,7 +279,7 @@ class Capture:
 
     def reset(self) -> None:
         """Forget the recorded forward pass (its tensors are then freed with the graph)."""
-        self.calls, self.output, self.inputs = [], None, []
+        self.calls, self.output, self.inputs, self.substituted = [], None, [], []
         self._stale, self._watched = set(), []
 
     def _begin(self, module, args, kwargs) -> None:
@@ -269,6 +288,7 @@ class Capture:
         if self._depth:
             self._depth += 1
         elif not capturing() and torch.is_grad_enabled():
+            self._previous = {a: getattr(self, a) for a in _RECORD}  # back if this raises
             self.reset()
             self._depth, self._recording = 1, True
             self.token = object()  # this pass's, see mark_pass
@@ -280,7 +300,12 @@ class Capture:
     def _end(self, module, args, output):
         if self._depth:
             self._depth -= 1
-            if not self._depth:
+            if not self._depth and output is None and sys.exc_info()[1] is not None:
+                # the pass raised (caught by the caller): the last complete pass stands
+                for attribute, value in self._previous.items():
+                    setattr(self, attribute, value)
+                self._recording = False
+            elif not self._depth:
                 self.output, self._recording = output, False
                 mark_pass(output, self.key, self.token)
                 watched = [(output, output._version)] if isinstance(output, Tensor) else None
@@ -327,6 +352,9 @@ class Capture:
             args, kwargs = recorded_args, recorded_kwargs
             if any(t._version != v for t, v in versions):  # the module changed its input
                 self._stale.add(name)
+            held = [q for _, q in own_parameters(mod)]
+            if not all(any(p is q for q in held) for p in params):
+                self.substituted.append(name)  # torch.func.functional_call's tensors
             if not isinstance(output, Tensor):
                 raise ValueError(
                     f"module {name!r} ({type(mod).__name__}) returns {type(output).__name__}, "
@@ -460,8 +488,19 @@ def buffers_kept(model: nn.Module, start: dict[str, Tensor] | None = None):
 LARGE_BUFFER_BYTES = 2**20
 
 
+@dataclass
+class BufferStart:
+    """The buffers as one forward pass found them (:class:`BufferStates`): ``copies`` by
+    qualified name; ``large``, ``(name, tensor, version, copied)`` of the large buffers at
+    its start; ``uncopied_changes``, large buffers it changed without a copy."""
+
+    copies: dict[str, Tensor]
+    large: list[tuple[str, Tensor, int, bool]]
+    uncopied_changes: list[str] = field(default_factory=list)
+
+
 class BufferStates:
-    """The buffers as each recorded forward pass of a model found them, by qualified name:
+    """The buffers as each recorded forward pass of a model found them (:class:`BufferStart`):
     what a pass that updates them (observers, counters, a queue) starts from, for its
     :class:`Replay` (:func:`buffers_kept` takes the present tensor for a name left out).
 
@@ -479,50 +518,47 @@ class BufferStates:
     def __init__(self) -> None:
         self._changing: set[str] = set()  # large buffers some pass changed
         self._seen: set[str] = set()  # large buffers met by a pass
-        # (name, tensor, version, copied) of the large buffers, at the last pass's start
-        self._large: list[tuple[str, Tensor, int, bool]] = []
-        self._uncopied_changes: list[str] = []  # changed by the last pass, not copied
 
-    def before_pass(self, model: nn.Module) -> dict[str, Tensor]:
-        """Copies of the buffers the pass about to run may change, by qualified name."""
-        copies, self._large, self._uncopied_changes = {}, [], []
+    def before_pass(self, model: nn.Module) -> BufferStart:
+        """Copies of the buffers the pass about to run may change."""
+        copies, large = {}, []
         for name, b in model.named_buffers():
-            large = b.numel() * b.element_size() >= LARGE_BUFFER_BYTES
-            copy = not large or name in self._changing or name not in self._seen
+            is_large = b.numel() * b.element_size() >= LARGE_BUFFER_BYTES
+            copy = not is_large or name in self._changing or name not in self._seen
             if copy:
                 copies[name] = b.detach().clone()
-            if large:
-                self._large.append((name, b, b._version, copy))
-        return copies
+            if is_large:
+                large.append((name, b, b._version, copy))
+        return BufferStart(copies, large)
 
-    def after_pass(self, model: nn.Module) -> None:
-        """Learn which large buffers the pass that just ran changed."""
-        if not self._large:
+    def after_pass(self, model: nn.Module, start: BufferStart) -> None:
+        """Learn which large buffers the pass that ran from ``start`` changed."""
+        if not start.large:
             return
         now = dict(model.named_buffers())
-        for name, b, version, copied in self._large:
+        for name, b, version, copied in start.large:
             self._seen.add(name)
             if now.get(name) is not b or b._version != version:
                 self._changing.add(name)
                 if not copied:
-                    self._uncopied_changes.append(name)
+                    start.uncopied_changes.append(name)
 
-    def changes(self, model: nn.Module) -> str:
-        """What a replay that gives another output should name about buffers: those the
-        last pass changed without a copy of their start, or changed since (``""``:
-        none)."""
-        now = dict(model.named_buffers()) if self._large else {}
+    @staticmethod
+    def changes(model: nn.Module, start: BufferStart) -> str:
+        """What a replay from ``start`` that gives another output should name about
+        buffers: those its pass changed without a copy, or changed since (``""``: none)."""
+        now = dict(model.named_buffers()) if start.large else {}
         since = [
             name
-            for name, b, version, copied in self._large
+            for name, b, version, copied in start.large
             if not copied
-            and name not in self._uncopied_changes
+            and name not in start.uncopied_changes
             and (now.get(name) is not b or b._version != version)
         ]
         said = []
-        if self._uncopied_changes:
+        if start.uncopied_changes:
             said.append(
-                f"buffers {_some(self._uncopied_changes)} changed during that pass for the "
+                f"buffers {_some(start.uncopied_changes)} changed during that pass for the "
                 "first time, and the replay started from their new values (they are copied "
                 "before every pass from now on): run the forward pass again"
             )

@@ -29,9 +29,9 @@ pullbacks. A hook that only reads passes; one that clips only beyond the values 
 probe's call reached passes too (``check_coupling="always"`` checks every call).
 
 All three are structural, so they run on the first call for a model and again when what
-may choose the forward pass's path changes (:func:`probe_key`: a module's training flag,
-a module swapped for another, an argument of ``forward`` other than a tensor;
-``check_coupling=False`` skips them); their verdicts join the deferred checks. A path
+may choose the forward pass's path changes (:func:`probe_key`: a module's training flag
+or hooks, a module swapped for another, a parameter frozen or unfrozen, the kernel, an
+argument of ``forward`` other than a tensor; ``check_coupling=False`` skips them); their verdicts join the deferred checks. A path
 chosen by state outside these (an attribute set on a module, Python's ``random``, a
 global module hook added later) is probed as first taken; ``check_coupling="always"``
 probes every call. A probe that saw only zeros (a layer downstream initialised at zero:
@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from ._checks import Deferred
-from .capture import ModelNotes, autograd_nodes
+from .capture import ModelNotes, OwnHook, autograd_nodes
 from .modules import Block, GenericHandler, Handler, SharedHandler, lowest_precision_eps
 
 
@@ -71,7 +71,7 @@ class Probe:
 def needs_probe(notes: ModelNotes, key: tuple, check: bool | str = True) -> bool:
     """Whether to probe a call with :func:`probe_key` ``key`` under the option
     ``check_coupling`` (``check``: ``True``, ``"always"`` or ``False``)."""
-    return check == "always" or (check is True and notes.probed != key)
+    return check == "always" or (check is True and key not in notes.probed)
 
 
 #: The factor of the probe row pulled back a second time (a negative power of two: the
@@ -84,24 +84,44 @@ LINEARITY_SCALE = -8.0
 INCONCLUSIVE_PROBES = 8
 
 
-def probe_key(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
+def probe_key(model: nn.Module, args: tuple, kwargs: dict, kernel: str) -> tuple:
     """What a passed probe's verdict holds for (the structure, not the data): each module
     by identity (weakly: the notes must not keep the model alive) with its training flag,
-    and the forward pass's arguments other than tensors (numbers, strings, ``None`` by
-    value, other objects by identity; a tensor by its place). A module swapped in, a flag
-    changed, or another option passed to ``forward`` may take another path: it is probed
-    again. Global module hooks are left out: measuring tools register them
-    (``FlopCounterMode``), which must not change what a call computes."""
+    its hooks (but the model's own pre-hooks) and its parameters (by identity, with ``requires_grad``: a parameter
+    unfrozen may reach the loss along a path the probe passed while it was frozen); the
+    forward pass's arguments other than tensors (numbers, strings, ``None`` by value, other
+    objects by identity; a tensor by its place); and the ``kernel`` option (the
+    structured kernels assume what the generic one does not: a ``Linear`` whose
+    ``forward`` was replaced is exact only under the generic one). A module swapped in, a
+    flag changed, a hook registered, a parameter frozen or unfrozen, or another option
+    passed to ``forward`` may take another path: it is probed again. Global module hooks
+    are left out: measuring tools register them (``FlopCounterMode``), which must not
+    change what a call computes."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
     arguments = tuple(
         None if isinstance(a, Tensor) else a if isinstance(a, _BY_VALUE) else (type(a), id(a))
         for a in leaves
     )
-    return (
-        tuple((weakref.ref(m), m.training) for m in model.modules()),
-        spec,
-        arguments,
+    modules = tuple(
+        (
+            weakref.ref(m),
+            m.training,
+            # (the model's own pre-hooks act before every parameter: data preparation)
+            _user_hooks(m._forward_pre_hooks) if m is not model else (),
+            _user_hooks(m._forward_hooks),
+            _user_hooks(m._backward_pre_hooks),
+            _user_hooks(m._backward_hooks),
+            tuple((id(p), p.requires_grad) for p in m._parameters.values() if p is not None),
+        )
+        for m in model.modules()
     )
+    return modules, spec, arguments, kernel
+
+
+def _user_hooks(hooks: dict) -> tuple:
+    """The ids of the hooks of ``hooks`` other than riemann_core's own (:class:`OwnHook`,
+    installed anew when the parameters change, which :func:`probe_key` sees already)."""
+    return tuple(i for i, h in hooks.items() if not isinstance(h, OwnHook))
 
 
 #: arguments that stand for their value in :func:`probe_key`
@@ -236,7 +256,7 @@ def _register_verdict(checks, notes: ModelNotes, at, targets, reached, scale: Te
 
     def verdict():
         if all(r.value for r in seen):
-            notes.probed, notes.inconclusive, notes.inconclusive_at = key, 0, None
+            notes.passed(key)
             return
         if notes.inconclusive_at is None or notes.inconclusive_at[0] != key:
             notes.inconclusive = 0  # another structure: counted afresh
@@ -252,7 +272,7 @@ def _register_verdict(checks, notes: ModelNotes, at, targets, reached, scale: Te
                 "call)",
                 stacklevel=2,
             )
-            notes.probed, notes.inconclusive, notes.inconclusive_at = key, 0, None
+            notes.passed(key)
 
     checks.then(verdict)
 

@@ -87,8 +87,9 @@ def direction(
         return_diagnostics: also return a list of :class:`LayerDiagnostics`.
         forward_kwargs: keyword arguments of the model call.
         check_coupling: probe, on the first call for a model (and after a change of a
-            module's training flag, a module swapped for another, or other arguments of
-            ``forward`` than tensors), that the network treats samples independently and
+            module's training flag or hooks, a module swapped for another, a parameter
+            frozen or unfrozen, another ``kernel``, or other arguments of ``forward`` than
+            tensors), that the network treats samples independently and
             that parameters reach the output only through their modules' calls. A path
             chosen by other state (an attribute read in ``forward``, Python's ``random``,
             a global module hook added later) is probed as first taken; a probe that

@@ -32,6 +32,7 @@ from ._checks import (
 )
 from .capture import (
     MODEL_OUTPUT,
+    BufferStart,
     BufferStates,
     Capture,
     OwnHook,
@@ -186,7 +187,7 @@ class RiemannianPreconditioner:
         self.overflowed = False
         self._overflows_in_a_row = 0  # at as many scales (micro-batches share theirs)
         self._overflow_scale: float | None = None
-        self._batch: tuple[tuple, dict, list, dict, dict] | None = None
+        self._batch: tuple[tuple, dict, list, BufferStart, dict] | None = None
         self._versions: list[tuple[str | None, Tensor, int]] = []
         # the batch as the caller passes it, before the model's own pre-hooks (a replay
         # calls the model, which runs them again); the output after its forward hooks. A
@@ -202,6 +203,7 @@ class RiemannianPreconditioner:
         self._prehooked = False  # a pre-hook prepended since ran before the record
         self._modes: dict[int, bool] = {}  # each module's training flag in the recorded pass
         self._buffer_states = BufferStates()
+        self._previous: dict[str, object] = {}  # the record before the pass under way
         self._output: list[Tensor] | None = None
         self._output_versions: list[int] = []
         self._edited_in_forward = False
@@ -224,6 +226,7 @@ class RiemannianPreconditioner:
             return
         if self.network is module:
             self._hooks_in_order(module)
+        self._previous = {a: getattr(self, a) for a in _RECORD}  # back if this pass raises
         if not kwargs and all(isinstance(a, Tensor) for a in args):  # no pytree walks
             args = inputs = tuple(a.detach() for a in args)
         else:
@@ -274,7 +277,12 @@ class RiemannianPreconditioner:
         if capturing() or not torch.is_grad_enabled() or not self._depth:
             return
         self._depth -= 1
-        if not self._depth:  # the outermost call's end (also when its forward raised)
+        if not self._depth and output is None and sys.exc_info()[1] is not None:
+            # the pass raised (caught by the caller: a bad batch skipped): the last
+            # complete pass stays the one a loss can be formed from
+            for attribute, value in self._previous.items():
+                setattr(self, attribute, value)
+        elif not self._depth:  # the outermost call's end
             copy = self._capture is None and MODEL_OUTPUT in notes_for(self.model).clone
             self._output = [
                 t.detach().clone() if copy else t.detach()
@@ -282,7 +290,7 @@ class RiemannianPreconditioner:
                 if isinstance(t, Tensor)
             ]
             self._output_versions = [t._version for t in self._output]
-            self._buffer_states.after_pass(self.model)
+            self._buffer_states.after_pass(self.model, self._batch[3])
             # an input the forward pass itself changed in place (x /= 255): named on refusal
             self._edited_in_forward = any(
                 n is None and t._version != v for n, t, v in self._versions
@@ -318,7 +326,7 @@ class RiemannianPreconditioner:
             for n, m in self.model.named_modules()
             if self._modes.get(id(m), m.training) != m.training
         ]
-        causes = [self._buffer_states.changes(self.model)]
+        causes = [self._buffer_states.changes(self.model, self._batch[3])]
         if changed:
             causes.insert(
                 0,
@@ -396,6 +404,7 @@ class RiemannianPreconditioner:
                 "model(x) with gradients enabled, then pre.backward(loss)"
             )
         self._check_unchanged("pre.backward(loss)")
+        _check_own_parameters(capture, model, "pre.backward(loss)")
         self.overflowed = False
         checks = Deferred()
         params = check_model(model, checks)
@@ -410,7 +419,7 @@ class RiemannianPreconditioner:
         stale = capture.stale()
         notes.clone |= stale
         needs_factor = SOLVERS[self.method].NEEDS_FACTOR
-        key = coupling.probe_key(model, *self._batch[:2])
+        key = coupling.probe_key(model, *self._batch[:2], opts.kernel)
         probing = needs_factor and coupling.needs_probe(notes, key, opts.check_coupling)
         # (read now: the capture is reset before an overflow's NaN is written)
         called = {n for c in capture.calls for n in c.param_names}
@@ -599,7 +608,7 @@ class RiemannianPreconditioner:
                 forward_kwargs=kwargs,
                 checks=checks,
                 replay=Replay(
-                    state, self._replayed_output(), buffers, autocast, self._replay_cause()
+                    state, self._replayed_output(), buffers.copies, autocast, self._replay_cause()
                 ),
                 state=self._kfac,
                 process_group=self.process_group,
@@ -633,6 +642,8 @@ class RiemannianPreconditioner:
                     "loss.backward() before pre.step()"
                 )
             self._check_unchanged("pre.step()")
+            if self._capture is not None:
+                _check_own_parameters(self._capture, self.model, "pre.step()")
             outputs = self._output[0] if self._output and len(self._output) == 1 else None
             metric = self._options.loss, self._options.output_metric
             if (
@@ -874,6 +885,36 @@ def _accumulate(leaves: list[Tensor], grads) -> None:
             leaf.grad = torch.empty_like(leaf).copy_(grad)
         else:
             leaf.grad.add_(grad)
+
+
+#: The record of a forward pass (:meth:`RiemannianPreconditioner._record`), kept from the
+#: last complete pass while one runs.
+_RECORD = (
+    "_batch",
+    "_output",
+    "_output_versions",
+    "_modes",
+    "_versions",
+    "_spent",
+    "_edited_in_forward",
+)
+
+
+def _check_own_parameters(capture: Capture, model: nn.Module, call: str) -> None:
+    """Refuse a recorded pass in which modules ran with other tensors in place of their
+    parameters (found by review: after ``torch.func.functional_call(model, {"2.weight":
+    W}, x)`` the direction for ``W`` was written into the ``.grad`` of ``2.weight``, which
+    the loss does not reach, and ``W`` got its plain gradient too). Not where the capture's
+    hooks are out of date (a parameter replaced since: they are installed anew)."""
+    substituted = capture.substituted
+    if substituted and capture.hooks_current(model):
+        raise ValueError(
+            f"modules {substituted[:3]}{' ...' if len(substituted) > 3 else ''} ran with other "
+            "tensors in place of their parameters (torch.func.functional_call, "
+            "torch.nn.utils.stateless): the loss does not reach those parameters, and "
+            f"{call} preconditions the model's own. Call the model itself, or precondition "
+            "a model that holds those tensors as its parameters"
+        )
 
 
 def _check_no_gradient_hooks(params) -> None:

@@ -487,7 +487,8 @@ def test_a_model_that_calls_itself_is_recorded_at_its_outermost_call(call):
 
 
 class Interruptible(nn.Module):
-    """An MLP whose forward raises ``KeyboardInterrupt`` once (Ctrl-C in a notebook)."""
+    """An MLP whose forward raises ``KeyboardInterrupt`` once (Ctrl-C in a notebook), or
+    the exception ``interrupt`` names."""
 
     def __init__(self):
         super().__init__()
@@ -496,8 +497,8 @@ class Interruptible(nn.Module):
     def forward(self, x):
         out = self.net(x)
         if self.interrupt:
-            self.interrupt = False
-            raise KeyboardInterrupt
+            error, self.interrupt = self.interrupt, False
+            raise KeyboardInterrupt if error is True else error("bad batch")
         return out
 
 
@@ -515,6 +516,45 @@ def test_a_forward_pass_interrupted_leaves_no_stale_record(call):
         model(x)
     preconditioned(pre, model, x2, Y4, call)
     assert_directions(model, oracle_of(model, x2, Y4, "layerwise"))
+
+
+def raise_bad_batch(module, args, output):
+    raise ValueError("bad batch")
+
+
+@pytest.mark.parametrize("where", ["hook", "forward"])
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_a_forward_pass_that_raises_leaves_the_last_complete_pass_recorded(call, where):
+    """Found by review: a pass that raised (caught: a bad validation batch skipped) between
+    a forward pass and its ``pre.backward(loss)`` or ``pre.step()`` replaced the record of
+    the complete pass with its empty one: refused, blaming a forward pass not made or state
+    not replayed. The last complete pass stays recorded; a pass run inside the caller's
+    ``except`` block (a fallback) is recorded as usual."""
+    torch.manual_seed(12)
+    model = Interruptible().double()
+    x, x2 = (torch.randn(16, 4, dtype=torch.float64) for _ in range(2))
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    for batch in (x, x2):
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(batch), Y4)
+        if call == "step":
+            loss.backward()
+        if where == "hook":
+            handle = model.net[2].register_forward_hook(raise_bad_batch)
+        else:
+            model.interrupt = ValueError
+        with pytest.raises(ValueError, match="bad batch"):
+            model(torch.randn_like(batch))
+        if where == "hook":
+            handle.remove()
+        pre.backward(loss) if call == "backward" else pre.step()
+        assert_directions(model, oracle_of(model, batch, Y4, "layerwise"))
+    try:
+        raise RuntimeError("out of memory")
+    except RuntimeError:  # a fallback pass, run while the caller handles an exception
+        model.zero_grad(set_to_none=True)
+        preconditioned(pre, model, x, Y4, call)
+    assert_directions(model, oracle_of(model, x, Y4, "layerwise"))
 
 
 class Adapter(nn.Module):
@@ -754,9 +794,10 @@ def test_a_deep_copy_of_the_model_between_forward_and_backward(method):
     alone, and the step is the oracle's, fused."""
     model, x, y = Problem(depth=3).make()
     pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
-    step(pre, model, x, lambda out: F.cross_entropy(out, y))  # the probe's first call
     calls = []  # whose forward passes ran (the copy shares this hook)
     model.register_forward_hook(lambda module, *_: calls.append(module is model))
+    step(pre, model, x, lambda out: F.cross_entropy(out, y))  # the probe's first call
+    calls.clear()
     model.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(x), y)
     twin = copy.deepcopy(model)
@@ -1104,3 +1145,28 @@ def test_a_float16_pass_whose_pullbacks_underflow_is_not_taken_for_a_hook():
         outputs = model(x)
     pre.backward(F.cross_entropy(outputs.float(), y))
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_a_pass_with_other_tensors_in_place_of_the_parameters_is_refused(call):
+    """Found by review: after ``functional_call(model, {"2.weight": W}, x)`` the fused
+    ``pre.backward`` wrote the direction for ``W`` into ``2.weight.grad``, which the loss
+    does not reach, and gave ``W`` its plain gradient too; ``pre.step`` blamed state not
+    replayed. Both are refused naming the module, ``.grad`` untouched; a call with the
+    model's own parameters is exact."""
+    model, x, y, pre = primed()
+    own = dict(model.named_parameters())
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(torch.func.functional_call(model, own, (x,)), y)
+    pre.backward(loss)
+    assert_directions(model, oracle_of(model, x, y, "layerwise"))
+    W = (1.5 * model[2].weight.detach()).requires_grad_()
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(torch.func.functional_call(model, {"2.weight": W}, (x,)), y)
+    if call == "step":
+        loss.backward()
+    before, w_grad = snapshot(model), W.grad
+    with pytest.raises(ValueError, match=r"modules \['2'\] ran with other tensors in place"):
+        pre.backward(loss) if call == "backward" else pre.step()
+    assert_unchanged(model, before)
+    assert W.grad is w_grad

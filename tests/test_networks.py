@@ -10,6 +10,7 @@ out-of-place twin), or to a refusal where it has no Kronecker form.
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 
 import pytest
@@ -969,6 +970,122 @@ def test_one_sample_cannot_be_probed_and_is_probed_later():
         rc.direction(model, x, y)
 
 
+def frozen_trunk_before_batch_statistics():
+    """A trunk before a normalisation with batch statistics (no parameters of its own):
+    exact while the trunk is frozen (data preparation), coupled once it trains."""
+    torch.manual_seed(14)
+    model = nn.Sequential(
+        nn.Linear(5, 4), nn.Tanh(), nn.BatchNorm1d(4, affine=False, track_running_stats=False),
+        nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3),
+    ).double()  # fmt: skip
+    model[0].requires_grad_(False)
+    return model, torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 2, 0, 1])
+
+
+@pytest.mark.parametrize("call", ["direction", "backward"])
+def test_a_trunk_unfrozen_after_a_probe_is_probed_again(call):
+    """Found by review: the probe's verdict was kept under a key of the modules alone, so
+    a trunk unfrozen after a first call (staged fine-tuning) was never probed again, and
+    the batch statistics now after a trainable parameter were accepted: 3.7x the
+    oracle's norm off (layerwise), 7.5x (natural). The key holds the parameters' flags."""
+    model, x, y = frozen_trunk_before_batch_statistics()
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    for _ in range(2):
+        if call == "direction":
+            dirs = rc.direction(model, x, y, damping=DAMPING)
+        else:
+            model.zero_grad(set_to_none=True)
+            pre.backward(F.cross_entropy(model(x), y))
+            dirs = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert rel_error(flatten(dirs, model), oracle_of(model, x, y)) < 1e-10
+    model[0].requires_grad_(True)
+    with pytest.raises(ValueError, match=r"module '2' \(BatchNorm1d\) couples the samples"):
+        if call == "direction":
+            rc.direction(model, x, y, damping=DAMPING)
+        else:
+            model.zero_grad(set_to_none=True)
+            pre.backward(F.cross_entropy(model(x), y))
+
+
+def centre_output(module, args, output):
+    return output - output.mean(0, keepdim=True)
+
+
+def clip_input_gradient(module, grad_input, grad_output):
+    return (grad_input[0].clamp(-1e-3, 1e-3),)
+
+
+@pytest.mark.parametrize(
+    "hook, error",
+    [
+        ("forward", r"module '2' \(Linear\) couples the samples"),
+        ("full backward", "the backward pass is not linear in its cotangent"),
+    ],
+)
+@pytest.mark.parametrize("call", ["direction", "backward"])
+def test_a_module_hook_registered_after_a_probe_is_probed(call, hook, error):
+    """Found by review: a hook registered on a module after the first call was not probed:
+    a forward hook centring a layer's output was accepted, 1.35x the oracle's norm off, as
+    was a backward hook clipping gradients. The key holds each module's hooks."""
+    torch.manual_seed(16)
+    model = nn.Sequential(
+        nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)
+    ).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 2, 0, 1])
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+
+    def run():
+        if call == "direction":
+            rc.direction(model, x, y, damping=DAMPING)
+        else:
+            model.zero_grad(set_to_none=True)
+            pre.backward(F.cross_entropy(model(x), y))
+
+    for _ in range(2):
+        run()
+    if hook == "forward":
+        model[2].register_forward_hook(centre_output)
+    else:
+        model[2].register_full_backward_hook(clip_input_gradient)
+    with pytest.raises(ValueError, match=error):
+        run()
+
+
+def scaled_input_linear(self, x):
+    return F.linear(2.0 * x, self.weight, self.bias)
+
+
+def test_a_probe_passed_under_the_generic_kernel_does_not_pass_the_structured_one():
+    """Found by review: a Linear whose forward was replaced on the instance is exact under
+    the generic kernel and refused under the structured one, which assumes ``W x + b``;
+    after a generic call, a structured one skipped the probe and was 31-46% off the
+    oracle. The key holds the kernel option."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    model[0].forward = types.MethodType(scaled_input_linear, model[0])
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 2])
+    assert_exact(model, x, y, "layerwise", "generic")
+    with pytest.raises(ValueError, match="reach the output outside the calls"):
+        rc.direction(model, x, y, damping=DAMPING, kernel="structured")
+    assert_exact(model, x, y, "layerwise", "generic")  # its pass kept beside the refusal
+
+
+def test_switching_training_mode_is_not_probed_at_every_switch(monkeypatch):
+    """The notes keep the passes of several structures: a model switched between training
+    and evaluation (a validation pass with gradients) is probed once per mode."""
+    torch.manual_seed(17)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.0), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(6, 5), torch.tensor([0, 2, 1, 2, 0, 1])
+    model.eval()
+    calls = []
+    register = coupling.register
+    monkeypatch.setattr(coupling, "register", lambda *a: calls.append(1) or register(*a))
+    for mode in (False, True, False, True):
+        model.train(mode)
+        rc.direction(model, x, y)
+    assert len(calls) == 2
+
+
 def test_batchnorm_keeps_its_own_message():
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).double()
     with pytest.raises(ValueError, match=r"module '1' \(BatchNorm1d\) normalises with batch"):
@@ -1665,9 +1782,10 @@ def test_a_large_buffer_no_pass_changes_is_not_copied_at_every_forward_pass():
     copied = []
     for halving in (False, False, True, True):
         model[0].halving = halving
-        copied.append(sorted(states.before_pass(model)))
+        start = states.before_pass(model)
+        copied.append(sorted(start.copies))
         model(x)
-        states.after_pass(model)
+        states.after_pass(model, start)
     small = ["1.num_batches_tracked", "1.running_mean", "1.running_var"]
     assert copied[0] == ["0.gain", "0.table"] + small
     assert copied[1] == copied[2] == small
