@@ -138,14 +138,15 @@ def outliers(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["status"] == "ok" and is_outlier(rows, r)]
 
 
-def is_outlier(rows: list[dict], row: dict) -> bool:
-    """Whether, on some axis through ``row``, its median is :data:`NEIGHBOUR_FACTOR` or
-    more off the interpolation of its neighbours among the ok ``rows``, and more off than
-    they are from theirs (a spike also pulls its neighbours' interpolations). ``row`` may be
-    a new measurement of a point of ``rows``: its median replaces the point's."""
+def is_outlier(rows: list[dict], row: dict, axes: tuple[str, ...] = AXES) -> bool:
+    """Whether, on some axis of ``axes`` through ``row``, its median is
+    :data:`NEIGHBOUR_FACTOR` or more off the interpolation of its neighbours among the ok
+    ``rows``, and more off than they are from theirs (a spike also pulls its neighbours'
+    interpolations). ``row`` may be a new measurement of a point of ``rows``: its median
+    replaces the point's."""
     group = _group(row)
     same = [r for r in rows if r["status"] == "ok" and _group(r) == group]
-    for axis in AXES:
+    for axis in axes:
         others = [a for a in AXES if a != axis]
         line = {
             int(r[axis]): float(r["time_median_s"])

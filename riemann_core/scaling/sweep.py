@@ -740,13 +740,17 @@ def read_record(path: Path) -> dict:
             f"{path} is not the record of a sweep (it needs the values of every axis, "
             f"{', '.join(AXES)}); move it away or pass another --out"
         )
-    problem = _rates_problem(record) or next(
-        (
-            f"{key} is {record[key]!r}, not a mapping"
-            for key in ("grid", "growth", "environment")
-            if key in record and not isinstance(record[key], dict)
-        ),
-        None,
+    problem = (
+        _rates_problem(record)
+        or next(
+            (
+                f"{key} is {record[key]!r}, not a mapping"
+                for key in ("grid", "growth", "environment")
+                if key in record and not isinstance(record[key], dict)
+            ),
+            None,
+        )
+        or _numbers_problem(record)
     )
     if problem:
         raise ResultsFileError(
@@ -754,6 +758,28 @@ def read_record(path: Path) -> dict:
             "sweep into another --out"
         )
     return record
+
+
+def _numbers_problem(record: dict) -> str | None:
+    """What makes the numbers a report reads from a sweep's record unusable (found by
+    review: a string ``sweep_s`` or ``grid.overhead_target`` failed in the report with a
+    format error naming neither the file nor the field), or ``None``."""
+    grid = record.get("grid", {})
+    for where, value in (("sweep_s", record.get("sweep_s", 0)),
+                         ("grid.overhead_target", grid.get("overhead_target", 0.5))):  # fmt: skip
+        if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+            return f"{where} is {value!r}, not a non-negative number"
+    if not 0 < grid.get("overhead_target", 0.5) < 1:
+        return f"grid.overhead_target is {grid['overhead_target']!r}, not a fraction in (0, 1)"
+    commands = record.get("commands", [])
+    if not isinstance(commands, list) or not all(isinstance(c, str) for c in commands):
+        return f"commands is {commands!r}, not a list of the commands that filled the directory"
+    return None
+
+
+#: The kinds of rate every measurement of a device's rates holds (the speed of light and
+#: the time models need both).
+REQUIRED_RATES = ("products", "cholesky")
 
 
 def _rates_problem(record: dict) -> str | None:
@@ -766,10 +792,17 @@ def _rates_problem(record: dict) -> str | None:
     for name, device in devices.items():
         if not isinstance(device, dict) or not isinstance(device.get("device_rates", []), list):
             return f"device {name!r} has no list of device_rates"
+        if not isinstance(device.get("environment", {}), dict):
+            return f"the environment of device {name!r} is {device['environment']!r}, not a mapping"
         sessions += [(name, s) for s in device.get("device_rates", [])]
     for name, session in sessions:
         if not isinstance(session, dict):
             return f"a measurement of device {name!r}'s rates is {session!r}"
+        missing = [kind for kind in REQUIRED_RATES if kind not in session]
+        if missing:
+            return (
+                f"a measurement of the rates of device {name!r} has no {' and no '.join(missing)}"
+            )
         for kind, values in session.items():
             if kind in ("when", "dtype", "worker"):
                 continue

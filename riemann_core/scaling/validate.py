@@ -51,6 +51,11 @@ interleaved rounds (``basis`` :data:`INTERLEAVED`: a depth line, or the top pair
 deciding axes, see :func:`~riemann_core.scaling.sweep.time_lines`): a slow spell slowed its
 points alike, and the noise within the rounds is in its interval; load makes times deviate
 from a claim, not agree with it, so a fail or regime not reached there stays too noisy.
+Likewise where the points that decide a claim include ones the sweep flagged ``outlier``
+(measured twice, and both times a factor
+:data:`~riemann_core.scaling.sweep.NEIGHBOUR_FACTOR` or more off the trend of their
+neighbours): the detail names them; a fail or regime not reached decided on them is too
+noisy, a pass stands (:func:`_on_outliers`).
 
 - ``time-explained-<method>``: along width and batch (``n`` and ``d``), over the top
   segment of compute-bound points (overhead at most
@@ -98,8 +103,8 @@ from ..costs import MLPShape
 from ..measure.flops import KINDS
 from ..measure.output import write_atomic
 from ..measure.problems import widths
-from . import fit
-from .sweep import METHODS, SPREAD_LIMIT, model_flops, shape_of
+from . import fit, grow
+from .sweep import AXIS_OPTIONS, METHODS, NEIGHBOUR_FACTOR, SPREAD_LIMIT, model_flops, shape_of
 
 PASS, FAIL = "pass", "fail"
 #: the basis of a claim decided by times of points measured in the same interleaved rounds
@@ -617,7 +622,7 @@ def _linear_in_depth(
             )
     else:
         verdict, reason = NOISY, ": the interval is too wide to tell"
-    return Claim(
+    claim = Claim(
         cid,
         text,
         expected,
@@ -628,6 +633,7 @@ def _linear_in_depth(
         detail + reason + ".",
         INTERLEAVED if timed else "time",
     )
+    return _on_outliers(claim, rows, df, ("depth",))
 
 
 def _line(L: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -673,12 +679,13 @@ def _time_explained(
     )
     base, growth_of = sweep_meta["base"], sweep_meta.get("growth", {})
     group = df[(df["method"] == method) & (df["kernel"] == kernel)]
-    regimes, together = {}, {}
+    regimes, together, top_of = {}, {}, {}
     for axis in fit.TIMED_AXES:
         rows = fit.method_points(group, base, method, kernel, axis)
         if len(rows):
             regimes[axis] = fit.axis_regime(rows, model, n_boot=n_boot, seed=seed)
-            together[axis] = _timed_together(fit.top_segment(rows, model), axis)
+            top_of[axis] = fit.top_segment(rows, model)
+            together[axis] = _timed_together(top_of[axis], axis)
     by_state = {}
     for axis, regime in regimes.items():
         by_state.setdefault(regime.state, []).append(axis)
@@ -738,12 +745,14 @@ def _time_explained(
             reason += "; growth " + "; ".join(growth)
         top = min(r.overhead_at_top for r in regimes.values()) if regimes else None
         detail = f"{reason[0].upper()}{reason[1:]}. {per_axis}. {summary}."
-        return Claim(cid, text, expected, top, None, None, NOT_REACHED, detail, "time")
+        claim = Claim(cid, text, expected, top, None, None, NOT_REACHED, detail, "time")
+        return _on_outliers(claim, pd.concat(top_of.values()) if top_of else group, df, top_of)
     worst = judged[axis]
     detail = f"{reason[0].upper()}{reason[1:]}. {per_axis}. {summary}."
     deciding = judged if verdict == PASS else [axis]  # a pass needs every judged axis
     basis = INTERLEAVED if all(together[a] for a in deciding) else "time"
-    return Claim(cid, text, expected, worst.slope, worst.low, worst.high, verdict, detail, basis)
+    claim = Claim(cid, text, expected, worst.slope, worst.low, worst.high, verdict, detail, basis)
+    return _on_outliers(claim, pd.concat([top_of[a] for a in deciding]), df, deciding)
 
 
 def _reaches_beyond(exponent: fit.SlopeFit) -> bool:
@@ -773,8 +782,14 @@ def _crossover(df: pd.DataFrame, base: Mapping[str, int]) -> Claim:
     for method, k in (("layerwise", "structured"), ("full", kernel)):
         if not _is_swept(df, method, k):
             return _not_measured(cid, text, expected, method, k, "time")
-    layerwise = _median_by(fit.method_points(df, base, "layerwise", "structured", "width"))
-    full = _median_by(fit.method_points(df, base, "full", kernel, "width"))
+    lines = pd.concat(
+        [
+            fit.method_points(df, base, "layerwise", "structured", "width"),
+            fit.method_points(df, base, "full", kernel, "width"),
+        ]
+    )
+    layerwise = _median_by(lines[lines["method"] == "layerwise"])
+    full = _median_by(lines[lines["method"] == "full"])
     both = sorted(set(layerwise) & set(full))
     if len(both) < 2:
         reason = f"{len(both)} widths where both layerwise and full ran; need 2."
@@ -793,10 +808,13 @@ def _crossover(df: pd.DataFrame, base: Mapping[str, int]) -> Claim:
         low = both[start - 1] if start > 0 else None
         where = f"between widths {low} and {crossover}" if low else "below the smallest width"
         detail = f"Crossover {where}, from the {subject}."
-        return Claim(cid, text, expected, crossover, low, crossover, PASS, detail, "time")
+        claim = Claim(cid, text, expected, crossover, low, crossover, PASS, detail, "time")
+        return _on_outliers(claim, lines[lines["width"].isin([low, crossover])], df, ("width",))
+    at_widest = lines[lines["width"] == widest]  # what decides the rest
     if max(layerwise) > widest:
         reason = f"Full is faster at width {widest} and the budgets stopped it there: {subject}."
-        return Claim(cid, text, expected, None, None, None, NOT_REACHED, reason, "time")
+        claim = Claim(cid, text, expected, None, None, None, NOT_REACHED, reason, "time")
+        return _on_outliers(claim, at_widest, df, ("width",))
     # a finite grid cannot show "never": the cost models decide whether layerwise's work
     # falls below full's here or further out (the times measured so far do not reach the
     # widths the claim speaks of), or never does (false of the algorithms)
@@ -808,7 +826,8 @@ def _crossover(df: pd.DataFrame, base: Mapping[str, int]) -> Claim:
             f"Layerwise never wins: {subject}; nor do the cost models give it fewer FLOPs than "
             f"full within {EXTRAPOLATION_DOUBLINGS} doublings of the width."
         )
-        return Claim(cid, text, expected, None, None, None, FAIL, reason, "time")
+        claim = Claim(cid, text, expected, None, None, None, FAIL, reason, "time")
+        return _on_outliers(claim, at_widest, df, ("width",))
     if fewer == widest:  # fewer FLOPs and more time: slower per FLOP at these sizes
         per_flop = (layerwise[widest] / _counted(df, base, "layerwise", "structured", widest)) / (
             full[widest] / _counted(df, base, "full", kernel, widest)
@@ -824,7 +843,8 @@ def _crossover(df: pd.DataFrame, base: Mapping[str, int]) -> Claim:
         "layerwise's smaller work decides, which these times do not reach; a grid that "
         "reaches wider decides."
     )
-    return Claim(cid, text, expected, None, None, None, NOT_REACHED, reason, "time")
+    claim = Claim(cid, text, expected, None, None, None, NOT_REACHED, reason, "time")
+    return _on_outliers(claim, at_widest, df, ("width",))
 
 
 def _counted(df: pd.DataFrame, base, method: str, kernel: str, width: int) -> float:
@@ -863,8 +883,8 @@ def _structured_factor(
     for kernel in ("structured", "generic"):
         if not _is_swept(df, "layerwise", kernel):
             return _not_measured(cid, text, expected, "layerwise", kernel, "time")
-    structured = _samples_by(fit.method_points(df, base, "layerwise", "structured", "width"))
-    generic = _samples_by(fit.method_points(df, base, "layerwise", "generic", "width"))
+    lines = {k: fit.method_points(df, base, "layerwise", k, "width") for k in KERNELS}
+    structured, generic = _samples_by(lines["structured"]), _samples_by(lines["generic"])
     both = sorted(set(structured) & set(generic))
     if not both:
         reason = "No width where both layerwise kernels ran."
@@ -877,23 +897,69 @@ def _structured_factor(
         f"{structured[w].size} repeats, bootstrapped)"
     )
     model = next((m for k, m in models.items() if k[:2] == ("layerwise", "generic")), None)
-    rows = fit.method_points(df, base, "layerwise", "generic", "width")
-    at_w = rows[rows["width"] == w]
+    at_w = lines["generic"][lines["generic"]["width"] == w]
+    deciding = pd.concat([at_w, lines["structured"][lines["structured"]["width"] == w]])
     if model is None and low < STRUCTURED_FACTOR:  # overhead brings the ratio nearer 1
         detail += (
             "; with too few ok points of the generic kernel for its time model, its "
             "overhead there, which brings the ratio nearer 1, is not known."
         )
-        return Claim(cid, text, expected, factor, low, high, NOT_REACHED, detail, "time")
+        claim = Claim(cid, text, expected, factor, low, high, NOT_REACHED, detail, "time")
+        return _on_outliers(claim, deciding, df, ("width",))
     fraction = float(fit.overhead_fraction(at_w, model)[0]) if model else 0.0
     if fraction > fit.OVERHEAD_TARGET:
         detail += (
             f"; the generic kernel's overhead is {fraction:.0%} of its time there, so the "
             "kernels' work does not decide the ratio yet."
         )
-        return Claim(cid, text, expected, factor, low, high, NOT_REACHED, detail, "time")
+        claim = Claim(cid, text, expected, factor, low, high, NOT_REACHED, detail, "time")
+        return _on_outliers(claim, deciding, df, ("width",))
     verdict = PASS if low >= STRUCTURED_FACTOR else FAIL if high < STRUCTURED_FACTOR else NOISY
-    return Claim(cid, text, expected, factor, low, high, verdict, detail + ".", "time")
+    claim = Claim(cid, text, expected, factor, low, high, verdict, detail + ".", "time")
+    return _on_outliers(claim, deciding, df, ("width",))
+
+
+#: the kernels of the layerwise metric
+KERNELS = ("structured", "generic")
+
+
+def _on_outliers(claim: Claim, deciding: pd.DataFrame, df: pd.DataFrame, axes) -> Claim:
+    """``claim`` saying which of the points that decide it (``deciding``, rows of ``df``)
+    the sweep flagged ``outlier`` and that lie off the trend along the claim's ``axes``:
+    measured twice, off the trend of their neighbours by a factor
+    :data:`~riemann_core.scaling.sweep.NEIGHBOUR_FACTOR` or more both times (a spike, or a
+    size the library runs slowly), not the scaling the claim speaks of. (The base point
+    lies on every axis: flagged along width, it does not bend the depth line.) A fail or
+    regime not reached decided on them is too noisy; a pass stands (an outlier bends a
+    line away from a claim, it does not make it agree)."""
+    flags = deciding["flag"] if "flag" in deciding else pd.Series(dtype=object)
+    flagged = deciding[flags.map(lambda f: isinstance(f, str) and "outlier" in f.split())]
+    if flagged.empty:
+        return claim
+    rows = df.to_dict("records")
+    flagged = flagged[[grow.is_outlier(rows, r, tuple(axes)) for r in flagged.to_dict("records")]]
+    if flagged.empty:
+        return claim
+    points = "; ".join(
+        sorted({f"{r.method} ({r.kernel}) at " + _point(r) for r in flagged.itertuples()})
+    )
+    said = (
+        f"it rests on points the sweep flagged outlier ({points}): measured twice, each time "
+        f"{NEIGHBOUR_FACTOR:g}x or more off the trend of its neighbours"
+    )
+    if claim.verdict in (FAIL, NOT_REACHED):
+        options = ", ".join("--" + AXIS_OPTIONS[a].replace("_", "-") for a in axes)
+        detail = (
+            f"{claim.detail} The verdict would be '{claim.verdict}', but {said}, so it may "
+            "be that point's, not the algorithm's: rerun the sweep on a quiet machine, or "
+            f"add points around it ({options})."
+        )
+        return replace(claim, verdict=NOISY, detail=detail)
+    return replace(claim, detail=f"{claim.detail} {said[0].upper()}{said[1:]}.")
+
+
+def _point(row) -> str:
+    return ", ".join(f"{axis} {int(getattr(row, axis))}" for axis in fit.AXES)
 
 
 def _median_by(rows: pd.DataFrame) -> dict[int, float]:

@@ -334,6 +334,18 @@ def _no_rates(record):
         device["device_rates"] = []
 
 
+def _first_device(change):
+    def edit(record):
+        change(next(iter(record["devices"].values())))
+
+    return edit
+
+
+def _without_cholesky_rates(device):
+    for session in device["device_rates"]:
+        session.pop("cholesky")
+
+
 def _header_only(out):
     text = (out / "results.csv").read_text()
     (out / "results.csv").write_text(text.splitlines()[0] + "\n")
@@ -406,6 +418,25 @@ CORRUPTIONS = {
     "n-params-edited": (_edit_row("n_params", "123"), "n_params is 123, not"),
     "rows-edited": (_edit_row("d", "7"), "d is 7, not"),
     "another-cost-model": (_another_cost_model, "with another cost model"),
+    # found by review: a traceback in report, or a format error naming neither file nor
+    # field; rates without a Cholesky rate were accepted by validate and refused by fit
+    "record-environment-list": (
+        _edit_record(_first_device(lambda d: d.update(environment=[]))),
+        "is [], not a mapping",
+    ),
+    "record-sweep-s-text": (_edit_record(lambda r: r.update(sweep_s="258")), "sweep_s is '258'"),
+    "record-overhead-text": (
+        _edit_record(lambda r: r["grid"].update(overhead_target="0.2")),
+        "grid.overhead_target is '0.2'",
+    ),
+    "record-commands-text": (
+        _edit_record(lambda r: r.update(commands="riemann-bench run")),
+        "commands is 'riemann-bench run', not a list",
+    ),
+    "record-without-cholesky-rates": (
+        _edit_record(_first_device(_without_cholesky_rates)),
+        "has no cholesky",
+    ),
 }
 
 

@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from synthetic import AXES, RUNS, Machine, make_sweep
+from synthetic import AXES, BASE, RUNS, Machine, make_sweep
 
 from riemann_core.scaling import fit
 from riemann_core.scaling import sweep as sw
@@ -488,3 +488,49 @@ def test_a_depth_curve_of_an_overhead_bound_line_is_not_a_fail():
         machine = Machine(saturation=1e7, extra=curved(c))
         claim = by_id(va.validate(*make_sweep(machine), n_boot=300), "linear-in-depth-natural")
         assert claim.verdict == "fail", c
+
+
+def plant_outlier(df, factor, method, kernel, **point):
+    """Scale the times of ``method``/``kernel`` at the base with ``point`` set by
+    ``factor``, and flag it ``outlier`` as a sweep would; returns its row."""
+    at = {**BASE, **point}
+    row = (df["method"] == method) & (df["kernel"] == kernel)
+    for axis, value in at.items():
+        row &= df[axis] == value
+    assert row.sum() == 1
+    df.loc[row, "time_median_s"] *= factor
+    df.loc[row, "times_s"] = df.loc[row, "times_s"].map(
+        lambda t: json.dumps([factor * x for x in json.loads(t)])
+    )
+    df.loc[row, "flag"] = "outlier"
+    return df[row]
+
+
+def test_a_verdict_decided_on_a_flagged_outlier_says_so():
+    """Found by review: points the sweep flagged ``outlier`` (measured twice, 1.5x or more
+    off the trend of their neighbours both times) decided verdicts, and nothing said so:
+    one layerwise point at 2x its time turned time-explained from pass into 'regime not
+    reached', blaming climbing rates. A fail or regime not reached decided on such a point
+    is too noisy, naming it; a pass stands and names it; a point flagged along another
+    axis (the base point lies on every axis) is not named."""
+    df, meta = make_sweep(REALISTIC, status_fn=full_fits_in_memory)
+    df["interleaved"] = "depth width batch"
+    plant_outlier(df, 1.6, "layerwise", "structured", batch=128)
+    plant_outlier(df, 1.6, "natural", "structured", depth=4)
+    df.loc[(df["method"] == "kfac") & (df["width"] == BASE["width"]), "flag"] = "outlier"
+    claims = va.validate(df, meta, n_boot=300)
+    for cid, point in (
+        ("time-explained-layerwise", "layerwise (structured) at width 64, depth 2, out_dim 10, batch 128"),
+        ("linear-in-depth-natural", "natural (structured) at width 64, depth 4, out_dim 10, batch 32"),
+    ):  # fmt: skip
+        claim = by_id(claims, cid)
+        assert claim.verdict == "too noisy"
+        assert "but it rests on points the sweep flagged outlier" in claim.detail
+        assert point in claim.detail
+    assert "outlier" not in by_id(claims, "linear-in-depth-kfac").detail
+    assert "--batches" in by_id(claims, "time-explained-layerwise").detail
+    deciding = df[(df["method"] == "natural") & (df["width"] == BASE["width"])]
+    passed = va.Claim("c", "claim", "expected", 1.0, 0.9, 1.1, "pass", "Detail.", "time")
+    claim = va._on_outliers(passed, deciding, df, ("depth",))
+    assert claim.verdict == "pass"
+    assert claim.detail.startswith("Detail. It rests on points the sweep flagged outlier")
