@@ -121,6 +121,8 @@ def probe_key(model: nn.Module, args: tuple, kwargs: dict, kernel: str) -> tuple
 def _user_hooks(hooks: dict) -> tuple:
     """The ids of the hooks of ``hooks`` other than riemann_core's own (:class:`OwnHook`,
     installed anew when the parameters change, which :func:`probe_key` sees already)."""
+    if not hooks:  # most modules' (a few microseconds a call)
+        return ()
     return tuple(i for i, h in hooks.items() if not isinstance(h, OwnHook))
 
 
