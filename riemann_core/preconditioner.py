@@ -793,6 +793,16 @@ class RiemannianPreconditioner:
             "a new RiemannianPreconditioner on the copy and load_state_dict(pre.state_dict())"
         )
 
+    def __reduce_ex__(self, protocol):
+        # pickle and torch.save met a weak reference and said only that; copy.copy
+        # shared the record and the hooks between two preconditioners
+        raise TypeError(
+            "a RiemannianPreconditioner cannot be copied, pickled or saved whole (its hooks "
+            "belong to its model's modules, its record to their last forward pass): save "
+            "pre.state_dict() beside the model's and the optimizer's, and load it into a new "
+            "RiemannianPreconditioner (on a copy of the model, for a copy) with load_state_dict"
+        )
+
     def state_dict(self) -> dict:
         """The state a checkpoint needs to resume the preconditioner, beside the model's
         and the optimiser's ``state_dict()``: ``{"method": ..., "kfac": ...}``.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import io
+import pickle
 
 import pytest
 import torch
@@ -981,13 +983,17 @@ def test_a_damping_set_so_small_that_its_choleskys_need_jitter_warns_at_the_next
 def test_a_deep_copy_is_refused_and_the_documented_copy_is_exact():
     """Found by review: copy.deepcopy((model, pre)) gave a preconditioner whose hooks
     recorded nothing; it was refused only by chance (version counters), with errors that
-    named other causes, and would otherwise have used the original's batch."""
+    named other causes, and would otherwise have used the original's batch. Pickling
+    (torch.save of the whole object) said only "cannot pickle 'weakref' object"."""
     torch.manual_seed(40)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
     pre = rc.RiemannianPreconditioner(model, damping=1e-2)
     with pytest.raises(TypeError, match="cannot be deep-copied.*load_state_dict"):
         copy.deepcopy((model, pre))
+    for save in (pickle.dumps, lambda obj: torch.save(obj, io.BytesIO()), copy.copy):
+        with pytest.raises(TypeError, match="cannot be copied, pickled or saved whole.*state_d"):
+            save({"model": model, "pre": pre} if save is not copy.copy else pre)
     twin = copy.deepcopy(model)
     twin_pre = rc.RiemannianPreconditioner(twin, damping=1e-2)
     twin_pre.load_state_dict(pre.state_dict())
