@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from .modules import Block, is_container, own_parameters
+from .modules import Block, is_container, output_index, own_parameters
 
 _LOCAL = threading.local()
 
@@ -355,14 +355,17 @@ class Capture:
             held = [q for _, q in own_parameters(mod)]
             if not all(any(p is q for q in held) for p in params):
                 self.substituted.append(name)  # torch.func.functional_call's tensors
-            if not isinstance(output, Tensor):
+            index = output_index(output)
+            if index is False:
                 raise ValueError(
                     f"module {name!r} ({type(mod).__name__}) returns {type(output).__name__}, "
-                    "not a tensor; a module with trainable parameters must return one tensor "
-                    "(a wrapper that picks an output does not help: the parameters stay this "
-                    "module's). Write it with nn.Linear layers, or freeze it with "
-                    "requires_grad_(False)"
+                    "not a tensor; a module with trainable parameters must return one tensor, "
+                    "or a tuple of one tensor and None (nn.MultiheadAttention with "
+                    "need_weights=False); a wrapper that picks an output does not help: the "
+                    "parameters stay this module's. Write it with nn.Linear layers, or freeze "
+                    "it with requires_grad_(False)"
                 )
+            whole, output = output, output if index is None else output[index]
             self.calls.append(
                 Block(
                     name=name,
@@ -372,6 +375,7 @@ class Capture:
                     inputs=args,
                     kwargs=kwargs,
                     output=output,
+                    output_index=index,
                     graph_inputs=live,
                 )
             )
@@ -385,7 +389,11 @@ class Capture:
             ):
                 node.metadata[self.key] = self.token
             # what the rest of the network changes in place is then a copy
-            return output.clone() if name in self._clone else None
+            if name not in self._clone:
+                return None
+            if index is None:
+                return output.clone()
+            return type(whole)(output.clone() if i == index else a for i, a in enumerate(whole))
 
         handles = [
             module.register_forward_pre_hook(OwnHook(module, pre_hook), with_kwargs=True),

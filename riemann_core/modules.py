@@ -42,12 +42,32 @@ from .woodbury import column_major
 #: them belong to the module that holds them (``F.linear(x, self.weights[i])`` in its
 #: forward), see :func:`own_parameters`. By exact type: a subclass with a ``forward`` of
 #: its own is called, and owns its parameters
-CONTAINERS = (nn.ParameterList, nn.ParameterDict, nn.ModuleList, nn.ModuleDict)
+CONTAINERS = (
+    nn.ParameterList,
+    nn.ParameterDict,
+    nn.ModuleList,
+    nn.ModuleDict,
+    # nn.MultiheadAttention's out_proj, whose weight its forward reads without calling it
+    nn.modules.linear.NonDynamicallyQuantizableLinear,
+)
 
 
 def is_container(module: nn.Module) -> bool:
     """Whether ``module`` is one of the :data:`CONTAINERS` (not a subclass of one)."""
     return type(module) in CONTAINERS
+
+
+def output_index(output) -> int | None | bool:
+    """``None`` where a module's ``output`` is a tensor; where it is a tuple or list of one
+    tensor and ``None`` otherwise (``nn.MultiheadAttention(need_weights=False)``), the
+    tensor's place in it; ``False`` for anything else."""
+    if isinstance(output, Tensor):
+        return None
+    if isinstance(output, tuple | list):
+        places = [i for i, a in enumerate(output) if isinstance(a, Tensor)]
+        if len(places) == 1 and all(a is None or isinstance(a, Tensor) for a in output):
+            return places[0]
+    return False
 
 
 def own_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -78,6 +98,8 @@ class Block:
     output_grad: Tensor | None = None  # the loss gradient at the output, Lambda
     graph_inputs: tuple[Tensor, ...] = ()  # the call's input tensors in the autograd graph
     calls: tuple[Block, ...] = ()  # the calls of a shared block
+    # where the call returned a tuple of one tensor and None: the tensor's place in it
+    output_index: int | None = None
 
     @property
     def n_params(self) -> int:
@@ -595,7 +617,9 @@ class GenericHandler(Handler):
         own = {id(p) for p in self.block.params}
         fixed = {n: p.detach() for n, p in self.block.module.named_parameters() if id(p) not in own}
         values = {f"module.{n}": p for n, p in {**fixed, **params}.items()}
-        return functional_call(_Unhooked(self.block.module), values, tuple(args), kwargs)
+        output = functional_call(_Unhooked(self.block.module), values, tuple(args), kwargs)
+        index = self.block.output_index
+        return output if index is None else output[index]
 
     def _leaves(self, dtype: torch.dtype) -> tuple[list, object]:
         """The call's arguments, flattened; half-precision ones (a forward pass under

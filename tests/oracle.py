@@ -175,7 +175,15 @@ def block_indices(model: nn.Module) -> list[Tensor]:
             key = parent[key]
         return key
 
-    containers = (nn.ParameterList, nn.ParameterDict, nn.ModuleList, nn.ModuleDict)
+    # and nn.MultiheadAttention's out_proj, a Linear its forward never calls (the attention
+    # reads its weight): one module, one block
+    containers = (
+        nn.ParameterList,
+        nn.ParameterDict,
+        nn.ModuleList,
+        nn.ModuleDict,
+        nn.modules.linear.NonDynamicallyQuantizableLinear,
+    )
 
     def held(module):  # never called: their parameters are the holder's
         for child in module.children():

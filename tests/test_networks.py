@@ -2258,6 +2258,92 @@ def test_an_exact_token_level_metric_too_large_is_refused():
         rc.direction(model, x, torch.zeros(8, 64, dtype=torch.long), kernel="auto")
 
 
+# ----------------------------------------------------------------------- attention
+
+
+class Attending(nn.Module):
+    """Token logits through ``nn.MultiheadAttention`` (``batch_first``, as transformer code
+    calls it: ``need_weights=False``, a causal mask held as a buffer, padding per sample)."""
+
+    def __init__(self, tokens):
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+        self.register_buffer("causal", torch.ones(tokens, tokens, dtype=torch.bool).triu(1))
+
+    def forward(self, x, padding=None):
+        h = torch.tanh(self.embed(x))
+        mixed, _ = self.attention(
+            h, h, h, attn_mask=self.causal, key_padding_mask=padding, need_weights=False
+        )
+        return self.head(h + mixed)
+
+
+class Encoded(nn.Module):
+    """Token logits through ``nn.TransformerEncoderLayer``."""
+
+    def __init__(self, norm_first):
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.encoder = nn.TransformerEncoderLayer(
+            8, 2, 16, dropout=0.0, batch_first=True, norm_first=norm_first
+        )
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(torch.tanh(self.embed(x))))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's vmap fallback
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("net", ["attention", "encoder", "encoder-norm-first"])
+def test_multihead_attention_and_transformer_layers_are_exact(net, method):
+    """Were refused ("returns tuple"). A module returning a tuple of one tensor and None
+    (``nn.MultiheadAttention(need_weights=False)``, as ``nn.TransformerEncoderLayer``
+    calls it) is taken at that tensor; ``out_proj``, a Linear the attention's forward
+    never calls, belongs to its block. Exact under the generic kernel against the
+    oracle, with a causal mask and per-sample padding, by ``rc.direction`` and by
+    ``pre.backward``."""
+    torch.manual_seed(45)
+    x, y = torch.randn(5, 4, 6, dtype=torch.float64), torch.randint(0, 3, (5, 4))
+    kwargs = {}
+    if net == "attention":
+        model = Attending(tokens=4).double()
+        padding = torch.zeros(5, 4, dtype=torch.bool)
+        padding[1, 3], padding[3, 2:] = True, True
+        kwargs = {"padding": padding}
+    else:
+        model = Encoded(norm_first=net == "encoder-norm-first").double()
+    dirs = assert_exact(model, x, y, method, "auto", forward_kwargs=kwargs)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel="auto")
+    for _ in range(2):  # the first call probes, the next is fused
+        model.zero_grad()
+        pre.backward(token_loss(model(x, **kwargs), y))
+        got = {n: p.grad for n, p in model.named_parameters()}
+        assert rel_error(flatten(got, model), flatten(dirs, model)) < 1e-10
+
+
+class Weighing(nn.Module):
+    """``nn.MultiheadAttention`` called as its default has it: the weights returned too."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.attention(x, x, x)[0])
+
+
+def test_attention_returning_its_weights_is_refused_naming_need_weights():
+    """``nn.MultiheadAttention`` returns its averaged weights by default: a second tensor,
+    whose use no metric of the output sees; refused with the fix."""
+    x, y = torch.randn(5, 4, 6, dtype=torch.float64), torch.randint(0, 3, (5, 4))
+    with pytest.raises(ValueError, match=r"returns tuple.*need_weights=False"):
+        rc.direction(Weighing().double(), x, y, kernel="auto")
+
+
 # ------------------------------------------------------------------------- pruning
 
 
