@@ -177,6 +177,14 @@ def autograd_nodes(roots) -> Iterator:
         stack.extend(next_node for next_node, _ in node.next_functions)
 
 
+def raising_since(handled: BaseException | None) -> bool:
+    """Whether an exception other than ``handled`` (the one the caller was handling when a
+    forward pass began: a pass run inside an ``except`` block) is being handled now: a
+    hook that torch calls as that pass raises, in its forward or in a later hook."""
+    error = sys.exc_info()[1]
+    return error is not None and error is not handled
+
+
 def reaches_pass(tensors, key: str, token: object) -> bool:
     """Whether the autograd graph of ``tensors`` holds an output stamped under ``key``:
     a forward pass fed with an earlier pass's output (``model(model(x))``). Called once
@@ -226,6 +234,7 @@ class Capture:
         self._recording = not persistent
         self._depth = 0  # calls of the model under way (it may call itself)
         self._previous = {a: getattr(self, a) for a in _RECORD}
+        self._handled: BaseException | None = None
         if persistent:
             self._end_hook = model.register_forward_hook(
                 OwnHook(model, self._end), always_call=True
@@ -289,6 +298,7 @@ class Capture:
             self._depth += 1
         elif not capturing() and torch.is_grad_enabled():
             self._previous = {a: getattr(self, a) for a in _RECORD}  # back if this raises
+            self._handled = sys.exc_info()[1]  # a pass run inside the caller's except
             self.reset()
             self._depth, self._recording = 1, True
             self.token = object()  # this pass's, see mark_pass
@@ -298,22 +308,24 @@ class Capture:
             self.inputs = [t for t in leaves if isinstance(t, Tensor) and t.grad_fn is not None]
 
     def _end(self, module, args, output):
+        if not self._depth:
+            return None
+        self._depth -= 1
         if self._depth:
-            self._depth -= 1
-            if not self._depth and output is None and sys.exc_info()[1] is not None:
-                # the pass raised (caught by the caller): the last complete pass stands
-                for attribute, value in self._previous.items():
-                    setattr(self, attribute, value)
-                self._recording = False
-            elif not self._depth:
-                self.output, self._recording = output, False
-                mark_pass(output, self.key, self.token)
-                watched = [(output, output._version)] if isinstance(output, Tensor) else None
-                self._watched.append((MODEL_OUTPUT, watched or _versions(output)))
-                if MODEL_OUTPUT in self._clone:  # the caller's in-place edits change a copy
-                    return pytree.tree_map(
-                        lambda a: a.clone() if isinstance(a, Tensor) else a, output
-                    )
+            return None
+        self._recording = False
+        previous, handled = self._previous, self._handled
+        self._previous, self._handled = {}, None  # (the last pass's graph freed)
+        if raising_since(handled):  # the pass raised (caught by the caller): the last
+            for attribute, value in previous.items():  # complete pass stands
+                setattr(self, attribute, value)
+            return None
+        self.output = output
+        mark_pass(output, self.key, self.token)
+        watched = [(output, output._version)] if isinstance(output, Tensor) else None
+        self._watched.append((MODEL_OUTPUT, watched or _versions(output)))
+        if MODEL_OUTPUT in self._clone:  # the caller's in-place edits change a copy
+            return pytree.tree_map(lambda a: a.clone() if isinstance(a, Tensor) else a, output)
         return None
 
     def _watch(self, name, module, param_names, params) -> None:
@@ -514,13 +526,14 @@ class BufferStates:
 
     Copying every buffer at every pass costs as much as a causal mask or a positional
     table (twelve 1024 x 1024 masks: 50 MB per forward pass), which no pass changes. So a
-    buffer of :data:`LARGE_BUFFER_BYTES` or more is copied only on the first pass that
-    meets it and once a pass has changed it (moved its version counter, or assigned a
-    new tensor); smaller ones always, since some kernels change a buffer without moving
-    its version counter (batch norm's running statistics). A large buffer that such a
-    kernel (or a write through ``.data``) changes, or that a pass changes for the first
-    time, starts the replay where that pass left it: the replay's check of the output
-    tells, and :meth:`changes` names it.
+    buffer of :data:`LARGE_BUFFER_BYTES` or more is copied on the first pass that meets it,
+    which compares it with its copy afterwards (a write through ``.data``, or a kernel
+    such as batch norm's on its running statistics, does not move the version counter),
+    and from then on only once a pass has changed it: moved its version counter, assigned
+    a new tensor, or changed it in that first comparison. Smaller ones are always copied.
+    A large buffer that a pass changes for the first time (or later through ``.data``)
+    starts the replay where that pass left it: the replay's check of the output tells,
+    :meth:`changes` names it, and :meth:`distrust` has it copied from then on.
     """
 
     def __init__(self) -> None:
@@ -545,17 +558,27 @@ class BufferStates:
             return
         now = dict(model.named_buffers())
         for name, b, version, copied in start.large:
+            changed = now.get(name) is not b or b._version != version
+            if not changed and name not in self._seen:  # its first pass: by value too
+                changed = not torch.equal(b, start.copies[name])
             self._seen.add(name)
-            if now.get(name) is not b or b._version != version:
+            if changed:
                 self._changing.add(name)
                 if not copied:
                     start.uncopied_changes.append(name)
 
+    def distrust(self, start: BufferStart) -> None:
+        """A replay from ``start`` gave another output: copy the large buffers it did not
+        copy from now on (a pass may change them unseen, through ``.data``)."""
+        self._changing.update(name for name, _, _, copied in start.large if not copied)
+
     @staticmethod
     def changes(model: nn.Module, start: BufferStart) -> str:
         """What a replay from ``start`` that gives another output should name about
-        buffers: those its pass changed without a copy, or changed since (``""``: none)."""
+        buffers: those its pass changed without a copy, changed since, or not copied
+        (``""``: none)."""
         now = dict(model.named_buffers()) if start.large else {}
+        uncopied = [name for name, _, _, copied in start.large if not copied]
         since = [
             name
             for name, b, version, copied in start.large
@@ -563,6 +586,7 @@ class BufferStates:
             and name not in start.uncopied_changes
             and (now.get(name) is not b or b._version != version)
         ]
+        unseen = [n for n in uncopied if n not in start.uncopied_changes and n not in since]
         said = []
         if start.uncopied_changes:
             said.append(
@@ -574,6 +598,13 @@ class BufferStates:
             said.append(
                 f"buffers {_some(since)} changed after that pass, and the replay started "
                 "from their new values: compute the direction before changing them"
+            )
+        if unseen:
+            said.append(
+                f"buffers {_some(unseen)} were not copied before that pass (no pass had "
+                "changed them); if it writes them through .data, which no version counter "
+                "shows, the replay started from their new values: they are copied before "
+                "every pass from now on, run the forward pass again"
             )
         return "; ".join(said)
 
@@ -672,6 +703,10 @@ def _differ(new: Tensor, old: Tensor) -> Tensor:
     return (new - old).abs().amax() > tolerance * old.abs().amax()
 
 
+class ReplayDiffers(ValueError):
+    """The model's forward pass, run again on a recorded batch, gave another output."""
+
+
 def _replay_differs(new: list[Tensor], old: list[Tensor], cause: str = "") -> None:
     if [t.shape for t in new] == [t.shape for t in old]:
         error = max(float((a - b).abs().max()) for a, b in zip(new, old))
@@ -679,11 +714,11 @@ def _replay_differs(new: list[Tensor], old: list[Tensor], cause: str = "") -> No
     else:
         seen = f"shapes {[tuple(t.shape) for t in new]} against {[tuple(t.shape) for t in old]}"
     if cause:
-        raise ValueError(
+        raise ReplayDiffers(
             "the model's forward pass, run again on the recorded batch for the metric, gave "
             f"another output than the pass the gradient came from ({seen}): {cause}"
         )
-    raise ValueError(
+    raise ReplayDiffers(
         "the model's forward pass, run again on the recorded batch from the recorded random "
         f"state for the metric, gave another output than the pass the gradient came from "
         f"({seen}). pre.step() runs the pass again, and so does pre.backward(loss) on its "

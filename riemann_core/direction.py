@@ -250,6 +250,7 @@ def solve(
         timeout=timeout,
         global_gradient=global_gradient,
         absent=absent,
+        model=model,
     )
 
 
@@ -265,10 +266,11 @@ def run_solver(
     timeout: float = distributed.TIMEOUT,
     global_gradient: bool = False,
     absent: tuple[str, ...] = (),
+    model: torch.nn.Module | None = None,
 ):
     """``build()`` a :class:`Problem`, solve it with ``method`` (``state``: K-FAC's across
-    a preconditioner's steps; ``process_group``: see :func:`solve`) and check the solves,
-    in full float32 precision on ``devices``. Returns ``({name: direction}, diagnostics)``
+    a preconditioner's steps; ``process_group``: see :func:`solve`, ``model`` its network)
+    and check the solves, in full float32 precision on ``devices``. Returns ``({name: direction}, diagnostics)``
     for the parameters seen in the forward pass; on an error, the pending ``checks`` are
     read first (a failing check of the data explains the error better)."""
     extra = () if state is None else (state,)
@@ -291,6 +293,7 @@ def run_solver(
                 timeout=timeout,
                 global_gradient=global_gradient,
                 absent=absent,
+                model=model,
             )
         problem = checked_build()
         try:

@@ -49,7 +49,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import costs
 from ._checks import Deferred
@@ -113,6 +113,11 @@ def observing(observer: Observer):
         _LOCAL.observer = previous
 
 
+def usable(group) -> bool:
+    """Whether ``group`` is a process group of an initialised ``torch.distributed``."""
+    return dist.is_available() and dist.is_initialized() and isinstance(group, dist.ProcessGroup)
+
+
 def check_group(group) -> None:
     """A usable process group, or an error naming the fix."""
     if not dist.is_available() or not dist.is_initialized():
@@ -141,8 +146,9 @@ def share_failure(group, timeout: float):
     """Around a caller's own checks before :func:`solve` (``group`` ``None``: nothing):
     an error raised inside meets the other ranks at the agreement of the step, where
     this rank raises it and every other rank a :class:`DistributedError` naming it (a
-    bad ``timeout`` among them: the default's is waited then)."""
-    if group is None:
+    bad ``timeout`` among them: the default's is waited then; a ``group`` that is not a
+    usable process group: nothing, :func:`check_group` names it)."""
+    if group is None or not usable(group):
         yield
         return
     try:
@@ -258,10 +264,11 @@ class _Group:
         if len({row[2] for row in rows}) > 1:
             raise ValueError(
                 "the ranks see different blocks or options (other modules called, samples "
-                "of other shapes, parameters of another dtype, another damping, output "
-                "metric or solve option, or a .grad set to None on some ranks only): every "
-                "rank must run the same network on samples of one shape, with the same "
-                "options and the same parameters holding a .grad"
+                "of other shapes, parameters of another dtype, modules in another training "
+                "mode, another damping, output metric or solve option, or a .grad set to "
+                "None on some ranks only): every rank must run the same network, in the "
+                "same mode, on samples of one shape, with the same options and the same "
+                "parameters holding a .grad"
             )
         if params:
             sums = table[:, 3:].cpu().contiguous().view(torch.float64)
@@ -271,7 +278,9 @@ class _Group:
             tolerance = 2 * n * torch.finfo(torch.float64).eps * float(sums[:, 1].max())
             if (sums - sums[0]).abs().max() > tolerance:
                 raise ValueError(
-                    "the ranks hold different parameters (weighted sums of their entries "
+                    "the ranks hold different parameters or buffers (weighted sums of their "
+                    "entries, frozen parameters and the buffers of modules in evaluation mode "
+                    "included: "
                     f"{[f'{s:.12g}' for s in sums[:, 0].tolist()]}): every rank must start "
                     "from the same weights (seed the model's initialisation alike, or "
                     "broadcast rank 0's state, as DistributedDataParallel does when it "
@@ -490,13 +499,39 @@ SHARED_OPTIONS = (
 )  # fmt: skip
 
 
+def model_state(model: nn.Module | None) -> tuple[list[Tensor], tuple[bool, ...]]:
+    """What every rank's copy of ``model`` must hold alike beyond the blocks' parameters:
+    its frozen parameters and the floating buffers of its modules in evaluation mode
+    (running statistics, which a module in training mode updates from its own shard), and
+    every module's training flag. Found by review: a frozen layer scaled on one rank, or
+    BatchNorm statistics that differed, were accepted (0.68 and 2.7 relative error against
+    the single process), as was dropout left in training mode on one rank only."""
+    if model is None:
+        return [], ()
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    buffers = [
+        b
+        for m in model.modules()
+        if not m.training
+        for b in m._buffers.values()
+        if b is not None and b.is_floating_point()
+    ]
+    return frozen + buffers, tuple(m.training for m in model.modules())
+
+
 def _signature(
-    problem: Problem, shares: list[_Share], method: str, opts: Options, absent: tuple[str, ...]
+    problem: Problem,
+    shares: list[_Share],
+    method: str,
+    opts: Options,
+    absent: tuple[str, ...],
+    modes: tuple[bool, ...] = (),
 ) -> int:
-    """A checksum of the blocks, what each rank sends for them, the options of the solve
-    and the parameters without a ``.grad`` (equal on every rank that runs the same network
-    on samples of one shape with the same options: an owner solves with its own, and every
-    rank writes the directions of the same parameters)."""
+    """A checksum of the blocks, what each rank sends for them, the options of the solve,
+    the parameters without a ``.grad`` and the modules' training flags ``modes`` (equal on
+    every rank that runs the same network on samples of one shape with the same options:
+    an owner solves with its own, and every rank writes the directions of the same
+    parameters)."""
     blocks = [(b.name, b.n_params, [str(p.dtype) for p in b.params]) for b in problem.blocks]
     kinds = [type(h).__name__ for h in problem.handlers]
     layouts = [s.layout for s in shares]
@@ -504,7 +539,7 @@ def _signature(
         getattr(v, "__qualname__", type(v).__name__) if callable(v) else repr(v)
         for v in (getattr(opts, k) for k in SHARED_OPTIONS)
     ]
-    signed = (method, problem.given, blocks, kinds, layouts, options, sorted(absent))
+    signed = (method, problem.given, blocks, kinds, layouts, options, sorted(absent), modes)
     return zlib.crc32(repr(signed).encode())
 
 
@@ -599,13 +634,16 @@ def solve(
     timeout: float,
     global_gradient: bool = False,
     absent: tuple[str, ...] = (),
+    model: nn.Module | None = None,
 ) -> tuple[dict[str, Tensor], list[LayerDiagnostics]]:
     """The direction of the global batch on every rank of ``group`` (module docstring).
 
     ``build()`` makes this rank's problem on its shard (``checks`` holds the caller's
     checks still to be read). ``global_gradient``: a given gradient is already the
     global batch's on every rank (DistributedDataParallel averaged it); ``absent``: the
-    parameters without a ``.grad`` here (the same on every rank, or every rank raises). Returns
+    parameters without a ``.grad`` here (the same on every rank, or every rank raises);
+    ``model``: the network, whose state beyond the blocks must agree too
+    (:func:`model_state`). Returns
     ``({name: direction}, diagnostics)``: every block parameter's direction, in the
     parameter's dtype, and the diagnostics of the blocks this rank solved.
     """
@@ -615,8 +653,12 @@ def solve(
     with observer.phase("local"):
         failure, problem, shares = _local(build, method, opts, checks, global_gradient, alone)
     with observer.phase("agree"):
-        signature = 0 if problem is None else _signature(problem, shares, method, opts, absent)
+        constants, modes = model_state(model)
+        signature = (
+            0 if problem is None else _signature(problem, shares, method, opts, absent, modes)
+        )
         params = None if problem is None else [p for b in problem.blocks for p in b.params]
+        params = params and params + constants
         sizes = net.agree(failure, 0 if problem is None else _samples(problem), signature, params)
         N = sum(sizes)
         if global_gradient and problem.given and len(set(sizes)) > 1:  # on every rank

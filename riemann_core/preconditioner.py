@@ -37,6 +37,7 @@ from .capture import (
     Capture,
     OwnHook,
     Replay,
+    ReplayDiffers,
     autocast_state,
     autograd_nodes,
     calls_under_way,
@@ -44,6 +45,7 @@ from .capture import (
     hooked_after,
     hooked_before,
     notes_for,
+    raising_since,
     reaches_pass,
     rng_devices,
     rng_state,
@@ -147,41 +149,44 @@ class RiemannianPreconditioner:
         timeout: float = distributed.TIMEOUT,
         grad_scaler: torch.amp.GradScaler | None = None,
     ):
-        self._options = Options.checked(
-            method,
-            METHODS,
-            damping=damping,
-            loss=loss,
-            output_metric=output_metric,
-            samples=samples,
-            kernel=kernel,
-            solve_dtype=solve_dtype,
-            refine=refine,
-            kfac_damping=kfac_damping,
-            kfac_bias=kfac_bias,
-            diagnostics=diagnostics,
-            generator=generator,
-            check_coupling=check_coupling,
-        )
-        self._kfac = _kfac_state(method, kfac_refresh, kfac_decay)
-        if isinstance(model, DistributedDataParallel) and process_group is None:
-            raise ValueError(
-                "a DistributedDataParallel model averages the gradient over its process "
-                "group, and the metric must be the global batch's too: pass that group as "
-                "process_group (e.g. torch.distributed.group.WORLD)"
+        # a rank refused here meets the others at their first step's agreement, where every
+        # rank raises (found by review: the others waited out the whole timeout)
+        with distributed.share_failure(process_group, timeout):
+            self._options = Options.checked(
+                method,
+                METHODS,
+                damping=damping,
+                loss=loss,
+                output_metric=output_metric,
+                samples=samples,
+                kernel=kernel,
+                solve_dtype=solve_dtype,
+                refine=refine,
+                kfac_damping=kfac_damping,
+                kfac_bias=kfac_bias,
+                diagnostics=diagnostics,
+                generator=generator,
+                check_coupling=check_coupling,
             )
-        _check_grad_scaler(grad_scaler, model, process_group)
+            self._kfac = _kfac_state(method, kfac_refresh, kfac_decay)
+            if isinstance(model, DistributedDataParallel) and process_group is None:
+                raise ValueError(
+                    "a DistributedDataParallel model averages the gradient over its process "
+                    "group, and the metric must be the global batch's too: pass that group "
+                    "as process_group (e.g. torch.distributed.group.WORLD)"
+                )
+            _check_grad_scaler(grad_scaler, model, process_group)
+            if process_group is not None:
+                distributed.check_group(process_group)
+                distributed.check_timeout(timeout)
+                _check_distributed_kfac(self._kfac)
+            # DistributedDataParallel's forward expects its own backward: solve on its module
+            self.network = model.module if isinstance(model, DistributedDataParallel) else model
+            check_model(self.network)
         self.grad_scaler = grad_scaler
-        if process_group is not None:
-            distributed.check_group(process_group)
-            distributed.check_timeout(timeout)
-            _check_distributed_kfac(self._kfac)
-        # DistributedDataParallel's forward expects its own backward: solve on its module
-        self.network = model.module if isinstance(model, DistributedDataParallel) else model
-        check_model(self.network)
         self.model = model
         self.method = method
-        self.process_group, self.timeout = process_group, timeout
+        self.process_group, self._timeout = process_group, timeout
         self.diagnostics: list[LayerDiagnostics] = []
         #: whether the last step's scaled gradient overflowed (``grad_scaler`` only)
         self.overflowed = False
@@ -203,7 +208,9 @@ class RiemannianPreconditioner:
         self._prehooked = False  # a pre-hook prepended since ran before the record
         self._modes: dict[int, bool] = {}  # each module's training flag in the recorded pass
         self._buffer_states = BufferStates()
+        self._synced = True
         self._previous: dict[str, object] = {}  # the record before the pass under way
+        self._handled: BaseException | None = None
         self._output: list[Tensor] | None = None
         self._output_versions: list[int] = []
         self._edited_in_forward = False
@@ -213,6 +220,17 @@ class RiemannianPreconditioner:
         # pre.backward(loss) records the user's own forward passes (one process only)
         single = process_group is None and self.network is model
         self._capture = Capture(model, notes_for(model).clone, persistent=True) if single else None
+
+    @property
+    def timeout(self) -> float:
+        """Seconds every wait of a data-parallel step may take (``process_group`` only)."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, seconds: float) -> None:
+        # found by review: a negative, zero or text timeout set here failed mid-step
+        distributed.check_timeout(seconds)
+        self._timeout = seconds
 
     def _record(self, module, args, kwargs):
         # riemann_core's own forward passes are not the user's batch, nor are evaluations
@@ -227,6 +245,7 @@ class RiemannianPreconditioner:
         if self.network is module:
             self._hooks_in_order(module)
         self._previous = {a: getattr(self, a) for a in _RECORD}  # back if this pass raises
+        self._handled = sys.exc_info()[1]  # a pass run inside the caller's except block
         if not kwargs and all(isinstance(a, Tensor) for a in args):  # no pytree walks
             args = inputs = tuple(a.detach() for a in args)
         else:
@@ -245,6 +264,8 @@ class RiemannianPreconditioner:
         )
         self._output = None  # until this pass returns
         self._modes = {id(m): m.training for m in self.model.modules()}
+        # DistributedDataParallel averages the gradients of a pass outside no_sync() only
+        self._synced = getattr(self.model, "require_backward_grad_sync", True)
         self._spent = False
         # what step() relies on: the batch and the parameters as the forward pass saw them
         # (named on failure only: None for an input)
@@ -277,12 +298,16 @@ class RiemannianPreconditioner:
         if capturing() or not torch.is_grad_enabled() or not self._depth:
             return
         self._depth -= 1
-        if not self._depth and output is None and sys.exc_info()[1] is not None:
+        if self._depth:  # a nested call's end
+            return
+        previous, handled = self._previous, self._handled
+        self._previous, self._handled = {}, None  # (the last pass's batch freed)
+        if raising_since(handled):
             # the pass raised (caught by the caller: a bad batch skipped): the last
             # complete pass stays the one a loss can be formed from
-            for attribute, value in self._previous.items():
+            for attribute, value in previous.items():
                 setattr(self, attribute, value)
-        elif not self._depth:  # the outermost call's end
+        else:  # the outermost call's end
             copy = self._capture is None and MODEL_OUTPUT in notes_for(self.model).clone
             self._output = [
                 t.detach().clone() if copy else t.detach()
@@ -598,24 +623,29 @@ class RiemannianPreconditioner:
             with distributed.share_failure(self.process_group, self.timeout):
                 self._check_replayable()
             args, kwargs, state, buffers, autocast = self._batch
-            directions, diagnostics = solve(
-                self.network,
-                args,
-                None,
-                self.method,
-                self._options,
-                gradient=full,
-                forward_kwargs=kwargs,
-                checks=checks,
-                replay=Replay(
-                    state, self._replayed_output(), buffers.copies, autocast, self._replay_cause()
-                ),
-                state=self._kfac,
-                process_group=self.process_group,
-                timeout=self.timeout,
-                global_gradient=isinstance(self.model, DistributedDataParallel),
-                absent=tuple(n for n, _ in params if n not in gradient),
+            replay = Replay(
+                state, self._replayed_output(), buffers.copies, autocast, self._replay_cause()
             )
+            try:
+                directions, diagnostics = solve(
+                    self.network,
+                    args,
+                    None,
+                    self.method,
+                    self._options,
+                    gradient=full,
+                    forward_kwargs=kwargs,
+                    checks=checks,
+                    replay=replay,
+                    state=self._kfac,
+                    process_group=self.process_group,
+                    timeout=self.timeout,
+                    global_gradient=isinstance(self.model, DistributedDataParallel),
+                    absent=tuple(n for n, _ in params if n not in gradient),
+                )
+            except ReplayDiffers:
+                self._buffer_states.distrust(buffers)  # the next passes copy them
+                raise
         return {n: d for n, d in directions.items() if n in gradient}, diagnostics
 
     def _transaction(self, compute):
@@ -642,6 +672,14 @@ class RiemannianPreconditioner:
                     "loss.backward() before pre.step()"
                 )
             self._check_unchanged("pre.step()")
+            if not self._synced:
+                raise ValueError(
+                    "the forward pass pre.step() uses ran inside DistributedDataParallel's "
+                    "no_sync(), so each rank's .grad holds its own shard's gradient, not the "
+                    "average over the ranks the global batch's direction needs: call "
+                    "pre.step() after a micro-batch whose forward and backward run outside "
+                    "no_sync() (DDP then averages the accumulated .grad)"
+                )
             if self._capture is not None:
                 _check_own_parameters(self._capture, self.model, "pre.step()")
             outputs = self._output[0] if self._output and len(self._output) == 1 else None
@@ -907,6 +945,7 @@ _RECORD = (
     "_versions",
     "_spent",
     "_edited_in_forward",
+    "_synced",
 )
 
 

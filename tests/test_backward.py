@@ -1170,3 +1170,54 @@ def test_a_pass_with_other_tensors_in_place_of_the_parameters_is_refused(call):
         pre.backward(loss) if call == "backward" else pre.step()
     assert_unchanged(model, before)
     assert W.grad is w_grad
+
+
+def test_a_hook_registered_anew_at_every_step_is_probed_once():
+    """Found by review: the probe's key held hooks by registration, so a logging hook
+    registered before each forward pass and removed after pre.backward (activation
+    statistics) made every step probe and take the autograd path (a second forward pass,
+    1.7x a step's time). Keyed by its code, it is probed once."""
+    model, x, y, pre = primed()
+    calls = forward_count(model)
+    norms = []
+    for _ in range(4):
+        calls.clear()
+        handle = model[1].register_forward_hook(lambda m, i, out: norms.append(out.norm()))
+        step(pre, model, x, lambda out: F.cross_entropy(out, y))
+        handle.remove()
+    assert len(calls) == 1  # the last step fused: the user's forward pass only
+    assert_directions(model, oracle_of(model, x, y, "layerwise"))
+
+
+def test_the_record_of_an_earlier_pass_is_freed_once_the_next_one_ends():
+    """Found by review: the record kept to restore after a pass that raises held the
+    earlier pass's graph (a validation pass with gradients) through the next step."""
+    model, x, y, pre = primed()
+    validation = model(x)
+    alive = weakref.ref(validation)
+    del validation
+    step(pre, model, x, lambda out: F.cross_entropy(out, y))
+    gc.collect()
+    assert alive() is None
+
+
+def raise_on_output(module, args, output):
+    raise ValueError("bad batch")
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_a_pass_refused_by_a_hook_on_the_model_leaves_the_last_one_recorded(call):
+    """Found by review: a forward hook on the model itself that raises runs before the
+    hook that records the output, which then saw an output and took the refused pass for
+    complete (pre.step replayed the refused batch)."""
+    model, x, y, pre = primed()
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    if call == "step":
+        loss.backward()
+    handle = model.register_forward_hook(raise_on_output)
+    with pytest.raises(ValueError, match="bad batch"):
+        model(torch.randn_like(x))
+    handle.remove()
+    pre.backward(loss) if call == "backward" else pre.step()
+    assert_directions(model, oracle_of(model, x, y, "layerwise"))

@@ -314,6 +314,56 @@ def _failures(rank, world) -> dict:
     out["swapped weights"] = direction(swapped)
     out["bad option"] = direction(model, damping=-1.0 if last else DAMPING)
 
+    # found by review: what the agreement did not compare was accepted, and the direction
+    # was wrong on every rank alike: a frozen layer other on one rank (0.68 relative
+    # error), BatchNorm statistics other in evaluation (2.7), a module in another mode, a
+    # DistributedDataParallel step inside no_sync() (each rank's own gradient: 1.71)
+    frozen = network("mlp")[0]
+    frozen[0].requires_grad_(False)
+    if last:
+        with torch.no_grad():
+            frozen[0].weight.mul_(3.0)
+    out["other frozen weights"] = direction(frozen)
+    torch.manual_seed(1)
+    normed = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7, affine=False), nn.Tanh(),
+                           nn.Linear(7, 3)).double().eval()  # fmt: skip
+    if last:
+        normed[1].running_mean.fill_(2.0)
+    out["other statistics"] = direction(normed)
+    moded = network("mlp")[0]
+    if last:
+        moded[1].eval()
+    out["other mode"] = direction(moded)
+    synced = DistributedDataParallel(network("mlp")[0])
+    pre_sync = rc.RiemannianPreconditioner(
+        synced, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
+    )
+    even = shards(world, equal=True)[rank]
+    with synced.no_sync():
+        F.cross_entropy(synced(x[even]), y[even]).backward()
+    before = {n: p.grad.clone() for n, p in synced.module.named_parameters()}
+    out["no_sync"] = _outcome(pre_sync.step)
+    out["no_sync grad kept"] = all(
+        torch.equal(p.grad, before[n]) for n, p in synced.module.named_parameters()
+    )
+    # found by review: an option refused on one rank when the preconditioner was made left
+    # the others waiting out the timeout, then blaming the process group
+    made = _outcome(
+        lambda: rc.RiemannianPreconditioner(
+            model,
+            damping=DAMPING,
+            kfac_refresh=2 if last else 1,
+            method="kfac" if last else "layerwise",
+            process_group=dist.group.WORLD,
+            timeout=TIMEOUT,
+        )  # fmt: skip
+    )
+    if not last:
+        model.zero_grad()
+        F.cross_entropy(model(x[part]), y[part]).backward()
+        made = _outcome(pre.step)
+    out["refused when made"] = made
+
     if world > 1:  # the last rank never calls: the others time out, then the group is spent
         pre.timeout = 2.0
         out["absent rank"] = None if rank == world - 1 else _outcome(pre.step)
@@ -518,6 +568,29 @@ def test_ranks_with_other_parameters_or_a_bad_option_are_refused_on_every_rank(r
         else:
             assert kind == "DistributedError" and f"rank {last} of {world} failed" in message
             assert "damping" in message
+
+
+def test_ranks_whose_frozen_weights_buffers_or_modes_differ_are_refused(run):
+    world, results = run
+    for rank, result in enumerate(results):
+        failures = result["failures"]
+        if world == 1:
+            for case in ("other frozen weights", "other statistics", "other mode"):
+                assert failures[case] is None
+        else:
+            for case in ("other frozen weights", "other statistics"):
+                kind, message = failures[case]
+                assert kind == "ValueError" and "hold different parameters or buffers" in message
+            kind, message = failures["other mode"]
+            assert kind == "ValueError" and "modules in another training mode" in message
+        kind, message = failures["no_sync"]
+        assert kind == "ValueError" and "inside DistributedDataParallel's no_sync()" in message
+        assert failures["no_sync grad kept"]
+        kind, message = failures["refused when made"]
+        if rank == world - 1:
+            assert kind == "ValueError" and "kfac_refresh and kfac_decay" in message
+        else:
+            assert kind == "DistributedError" and f"rank {world - 1} of {world} failed" in message
 
 
 def test_a_grad_on_some_ranks_only_is_refused_on_every_rank(run):

@@ -1816,13 +1816,64 @@ def test_a_replay_starts_from_the_large_buffers_as_the_pass_found_them():
         twin[2].halving = False
         got = {n: p.grad for n, p in model.named_parameters()}
         assert rel_error(flatten(got, model), oracle_of(twin, x, y)) < 1e-10
-    model[2].halving = False
-    step()
+    model, x, y = tabled()  # (the refusal above has every large buffer copied since)
+    pre = rc.RiemannianPreconditioner(model, method="layerwise", damping=DAMPING)
+    for _ in range(2):
+        step()
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
     model[2].table.mul_(2.0)
     with pytest.raises(ValueError, match=r"buffers \['2.table'\] changed after that pass"):
         pre.step()
+
+
+class Codebook(nn.Module):
+    """A Linear scaled by a large buffer that its forward updates through ``.data`` (as
+    VQ-VAE code updates an EMA codebook), which moves no version counter."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("codes", torch.ones(capture.LARGE_BUFFER_BYTES // 8).double())
+        self.updating = True
+
+    def forward(self, x):
+        out = self.lin(x) * self.codes[:3].clone()  # (autograd keeps the codes it used)
+        if self.updating:
+            self.codes.data.mul_(0.5)
+        return out
+
+
+@pytest.mark.parametrize("from_the_start", [True, False])
+def test_a_large_buffer_written_through_data_is_replayed_from_its_start(from_the_start):
+    """Found by review: a large buffer the forward pass writes through ``.data`` (a
+    VQ-VAE codebook) was never seen to change, so it was not copied after the first pass,
+    and every later ``pre.step()`` was refused, blaming Python's random module. Its first
+    pass compares it with its copy; one that starts such writes later is refused once,
+    naming it, and copied from then on."""
+    torch.manual_seed(46)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), Codebook()).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 2, 0, 1])
+    model[2].updating = from_the_start
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+
+    def step():
+        model.zero_grad()
+        twin = copy.deepcopy(model)
+        twin[2].updating = False
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        got = {n: p.grad for n, p in model.named_parameters()}
+        assert rel_error(flatten(got, model), oracle_of(twin, x, y)) < 1e-10
+
+    step()
+    if not from_the_start:
+        step()
+        model[2].updating = True
+        with pytest.raises(ValueError, match=r"buffers \['2.codes'\] were not copied"):
+            step()
+    for _ in range(2):
+        step()
 
 
 @pytest.mark.parametrize("classes", [2, 3], ids=lambda c: f"classes={c}")

@@ -1039,3 +1039,14 @@ def test_full_batch_steps_with_grads_zeroed_in_place_are_not_refused(method):
         F.cross_entropy(model(x), y).backward()
         pre.step()
         opt.step()
+
+
+@pytest.mark.parametrize("seconds", [0, -1.0, "30", True])
+def test_a_timeout_set_between_steps_is_checked(seconds):
+    """Found by review: ``pre.timeout`` was a plain attribute; a negative, zero or text
+    value failed in the middle of a data-parallel step, blaming the process group."""
+    pre = rc.RiemannianPreconditioner(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+        pre.timeout = seconds
+    pre.timeout = 2.5
+    assert pre.timeout == 2.5
