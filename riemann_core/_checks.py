@@ -150,6 +150,20 @@ class Deferred:
             value = tensor.detach()
             self._pending.append((value if value.numel() == 1 else value.sum(), callback))
 
+    def no_nan(self, what: str, tensor: Tensor, fix: str) -> None:
+        """``tensor`` has no NaN (``inf`` allowed: an additive attention mask's ``-inf``);
+        read as :meth:`finite` reads, its entries examined only where the sum is not
+        finite."""
+        if tensor.is_floating_point():
+
+            def callback(value: float) -> None:
+                nan = 0 if math.isfinite(value) else int(tensor.isnan().sum())
+                if nan:
+                    raise ValueError(f"{what} contains {nan} NaN entries; {fix}")
+
+            value = tensor.detach()
+            self._pending.append((value if value.numel() == 1 else value.sum(), callback))
+
     def finite_all(
         self, items: list[tuple[str, Tensor]], fix: str, error: type = ValueError
     ) -> None:
@@ -420,7 +434,8 @@ def check_inputs(args: tuple, kwargs: dict, targets, checks: Deferred) -> None:
     """Data checks that need no forward pass; finiteness is registered with ``checks``.
 
     The batch is the first dimension of the first positional tensor argument (when
-    there is one; the outputs' first dimension is checked against the targets later).
+    there is one; the outputs' first dimension is checked against the targets later). That
+    tensor must be finite; other tensors (masks) may hold inf, not NaN.
     """
     if targets is not None and not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
@@ -435,9 +450,13 @@ def check_inputs(args: tuple, kwargs: dict, targets, checks: Deferred) -> None:
                 f"targets (shape {tuple(targets.shape)}) must have one entry per sample: "
                 f"inputs have a batch of {first.shape[0]}"
             )
+    fix = "clean or impute the data before computing a direction"
     for i, t in enumerate(tensors_of((args, kwargs))):
         what = "inputs" if len(args) == 1 and not kwargs else f"input tensor {i}"
-        checks.finite(what, t, "clean or impute the data before computing a direction")
+        if t is first:  # the data
+            checks.finite(what, t, fix)
+        else:  # a mask may hold -inf (attention: nn.Transformer's causal mask)
+            checks.no_nan(what, t, fix)
     if targets is not None:
         checks.finite("targets", targets, "clean the targets before computing a direction")
 

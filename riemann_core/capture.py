@@ -405,7 +405,8 @@ class Capture:
                 return None
             if index is None:
                 return output.clone()
-            return type(whole)(output.clone() if i == index else a for i, a in enumerate(whole))
+            items = [output.clone() if i == index else a for i, a in enumerate(whole)]
+            return type(whole)(*items) if hasattr(whole, "_fields") else type(whole)(items)
 
         handles = [
             module.register_forward_pre_hook(OwnHook(module, pre_hook), with_kwargs=True),

@@ -122,21 +122,68 @@ def probe_key(model: nn.Module, args: tuple, kwargs: dict, kernel: str) -> tuple
 def _user_hooks(hooks: dict) -> tuple:
     """What the hooks of ``hooks`` are, other than riemann_core's own (:class:`OwnHook`,
     installed anew when the parameters change, which :func:`probe_key` sees already): each
-    one's code, not its registration (found by review: keyed by registration, a logging
-    hook registered and removed at every step made every step probe, and take the
-    autograd path, 1.7x a step's time)."""
+    one's :func:`_hook_key` (which holds the objects it names), not its registration (found by review: keyed by
+    registration, a logging hook registered and removed at every step made every step
+    probe, and take the autograd path, 1.7x a step's time)."""
     if not hooks:  # most modules' (a few microseconds a call)
         return ()
-    return tuple(_code_of(h) for h in hooks.values() if not isinstance(h, OwnHook))
+    return tuple(_hook_key(h) for h in hooks.values() if not isinstance(h, OwnHook))
 
 
-def _code_of(hook) -> object:
-    """A hook's code (a function or lambda defined once and registered anew is the same),
-    through bound methods and ``functools.partial``; its type for other callables."""
-    hook = getattr(hook, "__func__", hook)
-    while isinstance(hook, functools.partial):
-        hook = getattr(hook.func, "__func__", hook.func)
-    return getattr(hook, "__code__", type(hook))
+def _hook_key(hook) -> tuple:
+    """A hook by what it runs: its code with the values it closes over, its defaults, the
+    arguments of a ``functools.partial`` and the object of a bound method (numbers,
+    strings and ``None`` by value, other objects by identity), or, for a callable object,
+    its type and attributes. A hook made anew each step from the same code and objects is the
+    same; one made with another value (found by review: a factory's ``center=True``, a
+    partial's argument) is another, and is probed."""
+    parts: list = []
+    while True:
+        if isinstance(hook, functools.partial):
+            parts += [_argument(a) for a in hook.args]
+            parts += [(k, _argument(v)) for k, v in sorted(hook.keywords.items())]
+            hook = hook.func
+        elif hasattr(hook, "__func__") and hasattr(hook, "__self__"):  # a bound method
+            parts.append(_argument(hook.__self__))
+            hook = hook.__func__
+        else:
+            break
+    code = getattr(hook, "__code__", None)
+    if code is None:  # a callable object: by its attributes
+        state = vars(hook) if hasattr(hook, "__dict__") else {}
+        return (type(hook), *((k, _argument(v)) for k, v in sorted(state.items())), *parts)
+    cells = []
+    for cell in hook.__closure__ or ():
+        try:
+            cells.append(_argument(cell.cell_contents))
+        except ValueError:  # a cell not yet filled
+            cells.append(None)
+    defaults = [_argument(d) for d in hook.__defaults__ or ()]
+    defaults += [(k, _argument(v)) for k, v in sorted((hook.__kwdefaults__ or {}).items())]
+    return (code, tuple(cells), tuple(defaults), *parts)
+
+
+def _argument(value) -> object:
+    """``value`` itself where it stands for its value (:data:`_BY_VALUE`), else the object
+    held and compared by identity (:class:`_Same`)."""
+    return value if isinstance(value, _BY_VALUE) else _Same(value)
+
+
+class _Same:
+    """An object compared by identity (a tensor's ``==`` compares entries), and held: a
+    key that named it by ``id`` alone matched a new object at the address of a freed one
+    (found by a flaky test: a hook object with another setting taken for the last)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Same) and other.value is self.value
+
+    def __hash__(self) -> int:
+        return id(self.value)
 
 
 #: arguments that stand for their value in :func:`probe_key`
@@ -171,10 +218,18 @@ def _leaked(pulled: Tensor, masks: Tensor, nan: bool = True) -> Tensor:
     return (nonzero & outside).flatten(1).any()
 
 
-def graph_tensors(calls: list[Block]) -> list[tuple[Block, Tensor]]:
-    """Each call's output and the tensors of its inputs that are in the autograd graph."""
+def graph_tensors(calls: list[Block], N: int) -> list[tuple[Block, Tensor]]:
+    """Each call's output and the tensors of its inputs that are in the autograd graph and
+    hold the ``N`` samples along their first dimension (not an attention mask of the
+    positions, shared by the samples: found by review, its pullback crashed the probe)."""
     out = [(c, c.output) for c in calls if c.output.requires_grad]
-    return out + [(c, t) for c in calls for t in c.graph_inputs if t.requires_grad]
+    per_sample = [
+        (c, t)
+        for c in calls
+        for t in c.graph_inputs
+        if t.requires_grad and t.ndim > 0 and t.shape[0] == N
+    ]
+    return out + per_sample
 
 
 def register(
@@ -190,7 +245,7 @@ def register(
     once they pass, ``notes`` keep ``probe.key``."""
     key, rerun = probe.key, probe.rerun
     rows, masks = probe_cotangents(z)
-    targets = graph_tensors(calls)
+    targets = graph_tensors(calls, z.shape[0])
     # the row on every sample once more scaled, and with another pattern alone and added:
     # a backward pass linear in its cotangent returns the scaled and the summed pullbacks
     other = _pattern(z, phase=2.0)[None]

@@ -57,6 +57,11 @@ def is_container(module: nn.Module) -> bool:
     return type(module) in CONTAINERS
 
 
+#: Keyword arguments a module shares between the samples whatever their first dimension,
+#: by exact type of module: the generic kernel passes them whole.
+SHARED_ARGUMENTS: dict[type, tuple[str, ...]] = {nn.MultiheadAttention: ("attn_mask",)}
+
+
 def output_index(output) -> int | None | bool:
     """``None`` where a module's ``output`` is a tensor; where it is a tuple or list of one
     tensor and ``None`` otherwise (``nn.MultiheadAttention(need_weights=False)``), the
@@ -621,6 +626,21 @@ class GenericHandler(Handler):
         index = self.block.output_index
         return output if index is None else output[index]
 
+    def _whole(self) -> list[bool]:
+        """Per leaf of the call's arguments (:meth:`_leaves`' order), whether it is one the
+        module shares between the samples whatever its shape (:data:`SHARED_ARGUMENTS`:
+        an attention mask of ``T x T`` positions with ``T`` equal to the batch, which the
+        first-dimension rule would split; found by review)."""
+        shared = SHARED_ARGUMENTS.get(type(self.block.module), ())
+        flags = (
+            pytree.tree_map(lambda a: False, self.block.inputs),
+            {
+                k: pytree.tree_map(lambda a, k=k: k in shared, v)
+                for k, v in self.block.kwargs.items()
+            },
+        )
+        return pytree.tree_leaves(flags)
+
     def _leaves(self, dtype: torch.dtype) -> tuple[list, object]:
         """The call's arguments, flattened; half-precision ones (a forward pass under
         autocast) in the parameters' ``dtype``, as the structured kernels take them."""
@@ -647,7 +667,10 @@ class GenericHandler(Handler):
         dtype = next(iter(params.values())).dtype  # the vjp runs in the module's dtype
         leaves, spec = self._leaves(dtype)
         tensors = [i for i, a in enumerate(leaves) if isinstance(a, Tensor)]
-        batched = [leaves[i].ndim > 0 and leaves[i].shape[0] == self.N for i in tensors]
+        whole = self._whole()
+        batched = [
+            leaves[i].ndim > 0 and leaves[i].shape[0] == self.N and not whole[i] for i in tensors
+        ]
 
         def output_of_sample(p, *sample):
             call = list(leaves)
@@ -714,10 +737,12 @@ class GenericHandler(Handler):
             f"module {self.block.name!r} ({type(self.block.module).__name__}) has another "
             "Jacobian in its parameters when evaluated one sample at a time, as "
             f"kernel='generic' does (largest relative difference {float(mismatch):.1e}), "
-            "though its outputs agree: its parameters reach one sample through the others "
-            "(e.g. a gate initialised at zero on a batch mean), or torch.func differentiates "
-            "it wrongly under vmap. Make it act on each sample alone, or give it a "
-            "structured kernel (rc.register_handler)"
+            "its parameters reach one sample through the others (e.g. a gate initialised at "
+            "zero on a batch mean), it takes an argument whose first dimension equals the "
+            "batch but is not per sample (a T x T attention mask with T the batch size: hold "
+            "it as a buffer of the module), or torch.func differentiates it wrongly under "
+            "vmap. Make it act on each sample alone, or give it a structured kernel "
+            "(rc.register_handler)"
         )
 
     def deferred_checks(self) -> list[tuple[Tensor, object]]:

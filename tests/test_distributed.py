@@ -334,6 +334,23 @@ def _failures(rank, world) -> dict:
     if last:
         moded[1].eval()
     out["other mode"] = direction(moded)
+    # found by review: a -inf buffer (an additive causal mask) made the sums infinite, and
+    # their NaN difference passed the comparison whatever the weights
+    masked = network("mlp")[0].eval()
+    masked[1].register_buffer("mask", torch.full((4,), float("-inf"), dtype=torch.float64))
+    if last:
+        with torch.no_grad():
+            masked[0].weight.mul_(3.0)
+    out["other weights beside -inf"] = direction(masked)
+    # the frozen parameters' sums are kept between steps while their versions hold: a
+    # change in place on one rank after a first agreement is still seen
+    changed = network("mlp")[0]
+    changed[0].requires_grad_(False)
+    out["frozen first"] = direction(changed)
+    if last:
+        with torch.no_grad():
+            changed[0].weight.add_(1.0)
+    out["frozen changed"] = direction(changed)
     synced = DistributedDataParallel(network("mlp")[0])
     pre_sync = rc.RiemannianPreconditioner(
         synced, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
@@ -583,6 +600,10 @@ def test_ranks_whose_frozen_weights_buffers_or_modes_differ_are_refused(run):
                 assert kind == "ValueError" and "hold different parameters or buffers" in message
             kind, message = failures["other mode"]
             assert kind == "ValueError" and "modules in another training mode" in message
+            for case in ("other weights beside -inf", "frozen changed"):
+                kind, message = failures[case]
+                assert kind == "ValueError" and "hold different parameters or buffers" in message
+            assert failures["frozen first"] is None
         kind, message = failures["no_sync"]
         assert kind == "ValueError" and "inside DistributedDataParallel's no_sync()" in message
         assert failures["no_sync grad kept"]

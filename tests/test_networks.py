@@ -9,7 +9,9 @@ out-of-place twin), or to a refusal where it has no Kronecker form.
 
 from __future__ import annotations
 
+import collections
 import copy
+import functools
 import types
 import warnings
 
@@ -1049,6 +1051,58 @@ def test_a_module_hook_registered_after_a_probe_is_probed(call, hook, error):
         model[2].register_full_backward_hook(clip_input_gradient)
     with pytest.raises(ValueError, match=error):
         run()
+
+
+def centring(center):
+    """A forward hook made by a factory: centring the output over the batch or not."""
+
+    def hook(module, args, output):
+        return output - output.mean(0, keepdim=True) if center else output
+
+    return hook
+
+
+class Centring:
+    """A forward hook as a callable object."""
+
+    def __init__(self, center):
+        self.center = center
+
+    def __call__(self, module, args, output):
+        return centring(self.center)(module, args, output)
+
+
+@pytest.mark.parametrize("made", ["factory", "partial", "object"])
+def test_a_hook_of_the_same_code_with_another_value_is_probed(made):
+    """Found by review: keyed by its code alone, a hook from the same factory (or partial,
+    or class) with another value, centring the output where the first did not, was never
+    probed: 4.25x the oracle's norm off. Its closure, arguments and object count."""
+    torch.manual_seed(16)
+    model = nn.Sequential(
+        nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)
+    ).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 2, 0, 1])
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    make = {
+        "factory": centring,
+        "partial": lambda c: functools.partial(_centre_if, c),
+        "object": Centring,
+    }[made]
+    for center in (False, False, True):
+        handle = model[2].register_forward_hook(make(center))
+        model.zero_grad(set_to_none=True)
+        try:
+            if center:
+                with pytest.raises(ValueError, match=r"module '2' \(Linear\) couples"):
+                    pre.backward(F.cross_entropy(model(x), y))
+            else:
+                pre.backward(F.cross_entropy(model(x), y))
+        finally:
+            handle.remove()
+
+
+def _centre_if(center, module, args, output):
+    return centring(center)(module, args, output)
 
 
 def scaled_input_linear(self, x):
@@ -2373,6 +2427,89 @@ def test_multihead_attention_and_transformer_layers_are_exact(net, method):
         pre.backward(token_loss(model(x, **kwargs), y))
         got = {n: p.grad for n, p in model.named_parameters()}
         assert rel_error(flatten(got, model), flatten(dirs, model)) < 1e-10
+
+
+class Masked(nn.Module):
+    """Attention whose additive float mask is an argument of the model's forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x, mask):
+        h = torch.tanh(self.embed(x))
+        return self.head(h + self.attention(h, h, h, attn_mask=mask, need_weights=False)[0])
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_a_float_mask_passed_to_the_model_and_a_batch_as_long_as_the_sequence():
+    """Found by review: a float T x T mask passed to the model crashed the probe (it made
+    the mask a probe target, whose first dimension is not the batch), and one with -inf
+    (nn.Transformer.generate_square_subsequent_mask) was refused as dirty data; with T
+    equal to the batch the attention's mask buffer was split into samples. Exact now: a
+    mask of -inf entries, of -1e9, and a T x T buffer at T = N (a mask passed to the model
+    at T = N looks per sample: documented)."""
+    torch.manual_seed(47)
+    tokens = 4
+    x, y = torch.randn(5, tokens, 6, dtype=torch.float64), torch.randint(0, 3, (5, tokens))
+    causal = nn.Transformer.generate_square_subsequent_mask(tokens, dtype=torch.float64)
+    model = Masked().double()
+    for mask in (causal, causal.clamp_min(-1e9)):
+        dirs = assert_exact(model, x, y, "layerwise", "auto", forward_kwargs={"mask": mask})
+        pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel="auto")
+        for _ in range(2):
+            model.zero_grad()
+            pre.backward(token_loss(model(x, mask), y))
+            got = {n: p.grad for n, p in model.named_parameters()}
+            assert rel_error(flatten(got, model), flatten(dirs, model)) < 1e-10
+    square = torch.randn(tokens, tokens, 6, dtype=torch.float64)  # N = T, the mask a buffer
+    assert_exact(Attending(tokens).double(), square, y[:tokens], "layerwise", "auto")
+    with pytest.raises(ValueError, match="input tensor 1 contains 1 NaN entries"):
+        rc.direction(
+            model,
+            x,
+            y,
+            forward_kwargs={
+                "mask": causal.index_put(
+                    (torch.tensor([0]), torch.tensor([0])),
+                    torch.tensor(float("nan"), dtype=torch.float64),
+                )
+            },
+            kernel="auto",
+        )
+
+
+Pair = collections.namedtuple("Pair", "value aux")
+
+
+class PairLinear(nn.Linear):
+    """A Linear returning a namedtuple of its output and ``None``."""
+
+    def forward(self, x):
+        return Pair(super().forward(x), None)
+
+
+class EditedPair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = PairLinear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.lin(x).value
+        h.mul_(2.0)  # in place after the module: the next passes capture through a copy
+        return self.head(torch.tanh(h))
+
+
+def test_a_namedtuple_of_one_tensor_and_none_is_taken_at_its_tensor():
+    """Found by review: the copy taken for in-place edits rebuilt the namedtuple with one
+    argument, and the user's own forward pass failed (missing 'aux')."""
+    torch.manual_seed(48)
+    model = EditedPair().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 2, 0, 1])
+    for _ in range(2):
+        assert_exact(model, x, y, "layerwise", "auto")
 
 
 class Weighing(nn.Module):

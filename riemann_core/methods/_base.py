@@ -370,13 +370,18 @@ def mean_loss(outputs: Tensor, targets: Tensor, loss: str) -> Tensor:
 
 
 def _probe_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Floating inputs as non-leaf tensors in the graph, so that the coupling probe
-    reaches the first module's input too (and in-place operations on them still work)."""
+    """Floating inputs of the batch (first dimension that of the first positional tensor)
+    as non-leaf tensors in the graph, so that the coupling probe reaches the first module's
+    input too (and in-place operations on them still work); others (an attention mask of
+    the positions) as they are."""
+    first = next((a for a in args if isinstance(a, Tensor) and a.ndim > 0), None)
 
     def leaf(a):
-        if isinstance(a, Tensor) and a.is_floating_point():
-            return a.detach().requires_grad_().clone()
-        return a
+        if not isinstance(a, Tensor) or not a.is_floating_point() or a.ndim == 0:
+            return a
+        if first is not None and a.shape[0] != first.shape[0]:
+            return a
+        return a.detach().requires_grad_().clone()
 
     return pytree.tree_map(leaf, (args, kwargs))
 
@@ -483,7 +488,9 @@ def problem_from_graph(
                 f"module {c.name!r} returns shape {tuple(c.output.shape)}, whose first dimension "
                 f"is not the batch of {outputs.shape[0]} samples; the metrics need every module "
                 "with parameters to map samples along dimension 0 (no reshaping of the batch "
-                "into other dimensions around it)"
+                "into other dimensions around it: nn.MultiheadAttention and the transformer "
+                "layers with batch_first=True; a table of positions, an nn.Embedding called on "
+                "torch.arange(T), as an nn.Parameter of the model indexed in forward)"
             )
     if not calls:
         raise ValueError(
