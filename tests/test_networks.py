@@ -1009,6 +1009,15 @@ def test_a_trunk_unfrozen_after_a_probe_is_probed_again(call):
             pre.backward(F.cross_entropy(model(x), y))
 
 
+def tanh_mlp():
+    """A float64 MLP 5-4-4-3 and a batch of 6."""
+    torch.manual_seed(16)
+    model = nn.Sequential(
+        nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)
+    ).double()
+    return model, torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 2, 0, 1])
+
+
 def centre_output(module, args, output):
     return output - output.mean(0, keepdim=True)
 
@@ -1029,11 +1038,7 @@ def test_a_module_hook_registered_after_a_probe_is_probed(call, hook, error):
     """Found by review: a hook registered on a module after the first call was not probed:
     a forward hook centring a layer's output was accepted, 1.35x the oracle's norm off, as
     was a backward hook clipping gradients. The key holds each module's hooks."""
-    torch.manual_seed(16)
-    model = nn.Sequential(
-        nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)
-    ).double()
-    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 2, 0, 1])
+    model, x, y = tanh_mlp()
     pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
 
     def run():
@@ -1077,11 +1082,7 @@ def test_a_hook_of_the_same_code_with_another_value_is_probed(made):
     """Found by review: keyed by its code alone, a hook from the same factory (or partial,
     or class) with another value, centring the output where the first did not, was never
     probed: 4.25x the oracle's norm off. Its closure, arguments and object count."""
-    torch.manual_seed(16)
-    model = nn.Sequential(
-        nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)
-    ).double()
-    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 2, 0, 1])
+    model, x, y = tanh_mlp()
     pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
     make = {
         "factory": centring,
