@@ -435,7 +435,8 @@ def check_inputs(args: tuple, kwargs: dict, targets, checks: Deferred) -> None:
 
     The batch is the first dimension of the first positional tensor argument (when
     there is one; the outputs' first dimension is checked against the targets later). That
-    tensor must be finite; other tensors (masks) may hold inf, not NaN.
+    tensor (the first keyword's without one) must be finite; other tensors (masks) may
+    hold inf, not NaN.
     """
     if targets is not None and not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
@@ -451,9 +452,11 @@ def check_inputs(args: tuple, kwargs: dict, targets, checks: Deferred) -> None:
                 f"inputs have a batch of {first.shape[0]}"
             )
     fix = "clean or impute the data before computing a direction"
-    for i, t in enumerate(tensors_of((args, kwargs))):
+    tensors = list(tensors_of((args, kwargs)))
+    data = first if first is not None else next(iter(tensors), None)  # (keywords only)
+    for i, t in enumerate(tensors):
         what = "inputs" if len(args) == 1 and not kwargs else f"input tensor {i}"
-        if t is first:  # the data
+        if t is data:
             checks.finite(what, t, fix)
         else:  # a mask may hold -inf (attention: nn.Transformer's causal mask)
             checks.no_nan(what, t, fix)

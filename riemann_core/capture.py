@@ -550,7 +550,7 @@ class BufferStates:
             if copy:
                 copies[name] = b.detach().clone()
             if is_large:
-                large.append((name, b, b._version, copy))
+                large.append((name, b, version_of(b), copy))
         return BufferStart(copies, large)
 
     def after_pass(self, model: nn.Module, start: BufferStart) -> None:
@@ -559,7 +559,7 @@ class BufferStates:
             return
         now = dict(model.named_buffers())
         for name, b, version, copied in start.large:
-            changed = now.get(name) is not b or b._version != version
+            changed = now.get(name) is not b or version_of(b) != version
             if not changed and name not in self._seen:  # its first pass: by value too
                 changed = not torch.equal(b, start.copies[name])
             self._seen.add(name)
@@ -585,7 +585,7 @@ class BufferStates:
             for name, b, version, copied in start.large
             if not copied
             and name not in start.uncopied_changes
-            and (now.get(name) is not b or b._version != version)
+            and (now.get(name) is not b or version_of(b) != version)
         ]
         unseen = [n for n in uncopied if n not in start.uncopied_changes and n not in since]
         said = []
@@ -608,6 +608,12 @@ class BufferStates:
                 "every pass from now on, run the forward pass again"
             )
         return "; ".join(said)
+
+
+def version_of(tensor: Tensor) -> int | None:
+    """``tensor._version``, or ``None`` for an inference tensor (made under
+    ``torch.inference_mode()``), which keeps no version counter."""
+    return None if tensor.is_inference() else tensor._version
 
 
 def _some(names: list[str]) -> str:

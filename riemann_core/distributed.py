@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
 import threading
 import zlib
 from collections.abc import Callable
@@ -565,6 +566,9 @@ def _position_weights(device: torch.device) -> Tensor:
     return _fractions(CHECKSUM_CHUNK, (5**0.5 - 1) / 2, device)
 
 
+_PHI = (1 + 5**0.5) / 2
+
+
 def _chunks(params: list[Tensor]) -> int:
     return sum(-(-p.numel() // CHECKSUM_CHUNK) for p in params)
 
@@ -585,7 +589,8 @@ def _checksum(params: list[Tensor], first_chunk: int = 0, finite: bool = False) 
         for start in range(0, flat.numel(), CHECKSUM_CHUNK):
             piece = flat[start : start + CHECKSUM_CHUNK].double()
             if finite:
-                piece = torch.nan_to_num(piece, nan=0.5, posinf=1.0, neginf=-1.0)
+                # (markers no buffer holds by chance: inf and 1.0 were taken alike)
+                piece = torch.nan_to_num(piece, nan=_PHI, posinf=math.e, neginf=-math.pi)
             weight = _position_weights(piece.device)[: piece.numel()]
             acc = sums.setdefault(piece.device, piece.new_zeros(2))
             acc[0] += scales[k] * torch.dot(weight, piece)
@@ -603,6 +608,8 @@ def _constant_sums(constants: list[Tensor], first_chunk: int) -> Tensor:
     same tensor at the same version (found by review: summing a frozen 2048 x 2048 layer
     at every step made a data-parallel step 2-3x slower); a write through ``.data``, which
     moves no version counter, is not summed again."""
+    if any(t.is_inference() for t in constants):  # no version counter to keep them by
+        return _checksum(constants, first_chunk, finite=True)
     key = (first_chunk, tuple((id(t), t._version, t.data_ptr()) for t in constants))
     if key not in _CONSTANT_SUMS:
         if len(_CONSTANT_SUMS) >= 8:  # a few models' at a time

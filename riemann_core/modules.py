@@ -58,8 +58,10 @@ def is_container(module: nn.Module) -> bool:
 
 
 #: Keyword arguments a module shares between the samples whatever their first dimension,
-#: by exact type of module: the generic kernel passes them whole.
-SHARED_ARGUMENTS: dict[type, tuple[str, ...]] = {nn.MultiheadAttention: ("attn_mask",)}
+#: by exact type of module, with the number of dimensions they have then: the generic
+#: kernel passes them whole (the attention's ``(L, S)`` mask; its 3-D mask holds one per
+#: sample and head, and is split where its first dimension is the batch).
+SHARED_ARGUMENTS: dict[type, dict[str, int]] = {nn.MultiheadAttention: {"attn_mask": 2}}
 
 
 def output_index(output) -> int | None | bool:
@@ -631,11 +633,15 @@ class GenericHandler(Handler):
         module shares between the samples whatever its shape (:data:`SHARED_ARGUMENTS`:
         an attention mask of ``T x T`` positions with ``T`` equal to the batch, which the
         first-dimension rule would split; found by review)."""
-        shared = SHARED_ARGUMENTS.get(type(self.block.module), ())
+        shared = SHARED_ARGUMENTS.get(type(self.block.module), {})
+
+        def whole(name, a) -> bool:
+            return isinstance(a, Tensor) and a.ndim == shared.get(name)
+
         flags = (
             pytree.tree_map(lambda a: False, self.block.inputs),
             {
-                k: pytree.tree_map(lambda a, k=k: k in shared, v)
+                k: pytree.tree_map(lambda a, k=k: whole(k, a), v)
                 for k, v in self.block.kwargs.items()
             },
         )

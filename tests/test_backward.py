@@ -1172,21 +1172,26 @@ def test_a_pass_with_other_tensors_in_place_of_the_parameters_is_refused(call):
     assert W.grad is w_grad
 
 
-def test_a_hook_registered_anew_at_every_step_is_probed_once():
-    """Found by review: the probe's key held hooks by registration, so a logging hook
-    registered before each forward pass and removed after pre.backward (activation
-    statistics) made every step probe and take the autograd path (a second forward pass,
-    1.7x a step's time). Keyed by its code, it is probed once."""
+def test_a_hook_registered_once_is_probed_once_and_one_registered_at_every_step_each_step():
+    """A logging hook registered once is probed once, and the next steps are fused; one
+    registered anew before each forward pass (and removed after pre.backward) is another
+    hook each time: every step probes (a second forward pass), and stays exact."""
     model, x, y, pre = primed()
     calls = forward_count(model)
     norms = []
-    for _ in range(4):
+    handle = model[1].register_forward_hook(lambda m, i, out: norms.append(out.norm()))
+    for _ in range(3):
+        calls.clear()
+        step(pre, model, x, lambda out: F.cross_entropy(out, y))
+    assert len(calls) == 1  # fused: the user's forward pass only
+    handle.remove()
+    for _ in range(2):
         calls.clear()
         handle = model[1].register_forward_hook(lambda m, i, out: norms.append(out.norm()))
         step(pre, model, x, lambda out: F.cross_entropy(out, y))
         handle.remove()
-    assert len(calls) == 1  # the last step fused: the user's forward pass only
-    assert_directions(model, oracle_of(model, x, y, "layerwise"))
+        assert len(calls) == 2  # probed: the autograd path runs the pass again
+        assert_directions(model, oracle_of(model, x, y, "layerwise"))
 
 
 def test_the_record_of_an_earlier_pass_is_freed_once_the_next_one_ends():
@@ -1221,3 +1226,17 @@ def test_a_pass_refused_by_a_hook_on_the_model_leaves_the_last_one_recorded(call
     handle.remove()
     pre.backward(loss) if call == "backward" else pre.step()
     assert_directions(model, oracle_of(model, x, y, "layerwise"))
+
+
+def test_a_model_whose_hooks_refer_to_it_is_freed():
+    """Found by review: probe keys that held a hook's closure values kept the model alive
+    from the notes (a weak dictionary keyed by the model). Hooks are keyed by
+    registration: the model and its preconditioner are freed."""
+    model, x, y, pre = primed()
+    model[0].register_forward_hook(lambda module, args, out, owner=model: owner.training and None)
+    step(pre, model, x, lambda out: F.cross_entropy(out, y))
+    rc.direction(model, x, y, damping=DAMPING)
+    alive = weakref.ref(model)
+    del model, pre
+    gc.collect()
+    assert alive() is None

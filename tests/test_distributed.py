@@ -342,6 +342,18 @@ def _failures(rank, world) -> dict:
         with torch.no_grad():
             masked[0].weight.mul_(3.0)
     out["other weights beside -inf"] = direction(masked)
+    # found by review: the markers of inf took it for 1.0 (a running variance of inf on
+    # one rank accepted), and an inference tensor among the constants (no version counter)
+    # crashed the cache of their sums
+    infinite = network("mlp")[0].eval()
+    infinite[1].register_buffer("scale", torch.ones(4, dtype=torch.float64))
+    if last:
+        infinite[1].scale[0] = float("inf")
+    out["inf against 1.0"] = direction(infinite)
+    inferred = network("mlp")[0].eval()
+    with torch.inference_mode():
+        inferred[1].register_buffer("table", torch.ones(4, dtype=torch.float64))
+    out["inference buffer"] = direction(inferred)
     # the frozen parameters' sums are kept between steps while their versions hold: a
     # change in place on one rank after a first agreement is still seen
     changed = network("mlp")[0]
@@ -600,10 +612,11 @@ def test_ranks_whose_frozen_weights_buffers_or_modes_differ_are_refused(run):
                 assert kind == "ValueError" and "hold different parameters or buffers" in message
             kind, message = failures["other mode"]
             assert kind == "ValueError" and "modules in another training mode" in message
-            for case in ("other weights beside -inf", "frozen changed"):
+            for case in ("other weights beside -inf", "frozen changed", "inf against 1.0"):
                 kind, message = failures[case]
                 assert kind == "ValueError" and "hold different parameters or buffers" in message
             assert failures["frozen first"] is None
+        assert failures["inference buffer"] is None
         kind, message = failures["no_sync"]
         assert kind == "ValueError" and "inside DistributedDataParallel's no_sync()" in message
         assert failures["no_sync grad kept"]

@@ -2513,6 +2513,53 @@ def test_a_namedtuple_of_one_tensor_and_none_is_taken_at_its_tensor():
         assert_exact(model, x, y, "layerwise", "auto")
 
 
+class PerSampleMasked(Masked):
+    """A 3-D attn_mask (N * heads, T, T) with one head: one mask per sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(8, 1, batch_first=True)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_a_three_dimensional_mask_of_one_head_per_sample_is_split():
+    """Found by review: passing every attn_mask whole refused a 3-D mask of one head (its
+    first dimension N * heads is the batch), exact before; only the (T, T) mask is shared."""
+    torch.manual_seed(49)
+    x, y = torch.randn(4, 4, 6, dtype=torch.float64), torch.randint(0, 3, (4, 4))
+    mask = torch.randn(4, 4, 4, dtype=torch.float64)
+    assert_exact(
+        PerSampleMasked().double(), x, y, "layerwise", "auto", forward_kwargs={"mask": mask}
+    )
+
+
+class KeywordsOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.b = nn.Linear(5, 4), nn.Linear(2, 4), nn.Linear(4, 3)
+
+    def forward(self, *, x, z=None):
+        h = self.a(x) if z is None else self.a(x) + self.c(z)
+        return self.b(torch.tanh(h))
+
+
+def test_inf_in_the_data_is_refused_naming_it():
+    """The data (the first positional tensor, or the first keyword's) must be finite; inf
+    elsewhere is left to what the network makes of it (found by review: a keywords-only
+    forward took its data for a mask, and inf in a second input read as parameters used
+    outside their modules, naming none)."""
+    torch.manual_seed(50)
+    x, y = torch.randn(6, 5), torch.tensor([0, 2, 1, 2, 0, 1])
+    bad = x.clone()
+    bad[1, 0] = float("inf")
+    with pytest.raises(ValueError, match="input tensor 0 contains 1 NaN or inf entries"):
+        rc.direction(KeywordsOnly(), (), y, forward_kwargs={"x": bad})
+    z = torch.randn(6, 2)
+    z[1, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"the gradient of parameters \['c.weight'\] holds NaN"):
+        rc.direction(KeywordsOnly(), (), y, forward_kwargs={"x": x, "z": z})
+
+
 class Weighing(nn.Module):
     """``nn.MultiheadAttention`` called as its default has it: the weights returned too."""
 
