@@ -638,8 +638,14 @@ class GenericHandler(Handler):
         def whole(name, a) -> bool:
             return isinstance(a, Tensor) and a.ndim == shared.get(name)
 
+        # positional arguments by their names in forward (found by review: the mask passed
+        # positionally, MultiheadAttention's sixth, was split)
+        names = list(inspect.signature(self.block.module.forward).parameters) if shared else []
         flags = (
-            pytree.tree_map(lambda a: False, self.block.inputs),
+            tuple(
+                pytree.tree_map(lambda a, k=k: whole(k, a), v)
+                for k, v in zip(names + [None] * len(self.block.inputs), self.block.inputs)
+            ),
             {
                 k: pytree.tree_map(lambda a, k=k: whole(k, a), v)
                 for k, v in self.block.kwargs.items()

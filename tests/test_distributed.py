@@ -354,6 +354,14 @@ def _failures(rank, world) -> dict:
     with torch.inference_mode():
         inferred[1].register_buffer("table", torch.ones(4, dtype=torch.float64))
     out["inference buffer"] = direction(inferred)
+    # found by review: kept by id and address, the sums of a buffer replaced by a new tensor
+    # each step were read stale where a freed one had lain: identical ranks refused
+    replaced = network("mlp")[0].eval()
+    replaced_outcomes = []
+    for value in range(12):
+        replaced[1].register_buffer("level", torch.full((50_000,), float(value)).double())
+        replaced_outcomes.append(direction(replaced))
+    out["replaced buffers"] = replaced_outcomes
     # the frozen parameters' sums are kept between steps while their versions hold: a
     # change in place on one rank after a first agreement is still seen
     changed = network("mlp")[0]
@@ -617,6 +625,7 @@ def test_ranks_whose_frozen_weights_buffers_or_modes_differ_are_refused(run):
                 assert kind == "ValueError" and "hold different parameters or buffers" in message
             assert failures["frozen first"] is None
         assert failures["inference buffer"] is None
+        assert failures["replaced buffers"] == [None] * 12
         kind, message = failures["no_sync"]
         assert kind == "ValueError" and "inside DistributedDataParallel's no_sync()" in message
         assert failures["no_sync grad kept"]

@@ -2467,7 +2467,7 @@ def test_a_float_mask_passed_to_the_model_and_a_batch_as_long_as_the_sequence():
             assert rel_error(flatten(got, model), flatten(dirs, model)) < 1e-10
     square = torch.randn(tokens, tokens, 6, dtype=torch.float64)  # N = T, the mask a buffer
     assert_exact(Attending(tokens).double(), square, y[:tokens], "layerwise", "auto")
-    with pytest.raises(ValueError, match="input tensor 1 contains 1 NaN entries"):
+    with pytest.raises(ValueError, match="input tensor 1 contains 1 NaN or \\+inf entries"):
         rc.direction(
             model,
             x,
@@ -2533,6 +2533,33 @@ def test_a_three_dimensional_mask_of_one_head_per_sample_is_split():
     )
 
 
+class PositionalMask(Attending):
+    """The attention called with every argument positional, the causal buffer sixth."""
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        return self.head(h + self.attention(h, h, h, None, False, self.causal)[0])
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_a_mask_passed_positionally_to_the_attention_is_shared_by_the_samples():
+    """Found by review: the (T, T) mask passed as the attention's sixth positional argument
+    was split into samples at T = N and refused; arguments are named by forward's
+    signature."""
+    torch.manual_seed(51)
+    x, y = torch.randn(4, 4, 6, dtype=torch.float64), torch.randint(0, 3, (4, 4))
+    assert_exact(PositionalMask(tokens=4).double(), x, y, "layerwise", "auto")
+
+
+class TokensAndFeatures(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.lin, self.head = nn.Embedding(7, 4), nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, ids, features):
+        return self.head(torch.tanh(self.embed(ids) + self.lin(features)))
+
+
 class KeywordsOnly(nn.Module):
     def __init__(self):
         super().__init__()
@@ -2556,8 +2583,16 @@ def test_inf_in_the_data_is_refused_naming_it():
         rc.direction(KeywordsOnly(), (), y, forward_kwargs={"x": bad})
     z = torch.randn(6, 2)
     z[1, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"input tensor 1 contains 1 NaN or \+inf entries"):
+        rc.direction(KeywordsOnly(), (), y, forward_kwargs={"x": x, "z": z})
+    z[1, 0] = float("-inf")  # as a mask may: what the network makes of it decides
     with pytest.raises(ValueError, match=r"the gradient of parameters \['c.weight'\] holds NaN"):
         rc.direction(KeywordsOnly(), (), y, forward_kwargs={"x": x, "z": z})
+    features = torch.randn(6, 3)  # found by review: token ids first, the data second
+    features[2, 1] = float("inf")
+    ids = torch.randint(0, 7, (6,))
+    with pytest.raises(ValueError, match="input tensor 1 contains 1 NaN or inf entries"):
+        rc.direction(TokensAndFeatures(), (ids, features), y, kernel="auto")
 
 
 class Weighing(nn.Module):
