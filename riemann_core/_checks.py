@@ -150,21 +150,16 @@ class Deferred:
             value = tensor.detach()
             self._pending.append((value if value.numel() == 1 else value.sum(), callback))
 
-    def mask_like(self, what: str, tensor: Tensor, fix: str) -> None:
-        """``tensor`` has no NaN and no ``+inf`` (``-inf`` allowed: an additive attention
-        mask's); read as :meth:`finite` reads, its entries examined only where the sum is
-        not finite."""
+    def no_nan(self, what: str, tensor: Tensor, fix: str) -> None:
+        """``tensor`` has no NaN (``inf`` allowed: an additive attention mask's ``-inf``, a
+        distance of unreachable nodes); read as :meth:`finite` reads, its entries examined
+        only where the sum is not finite."""
         if tensor.is_floating_point():
 
             def callback(value: float) -> None:
-                if math.isfinite(value):
-                    return
-                bad = int((tensor.isnan() | tensor.isposinf()).sum())
-                if bad:
-                    raise ValueError(
-                        f"{what} contains {bad} NaN or +inf entries (beside the data, an input "
-                        f"may hold -inf, as an additive attention mask does); {fix}"
-                    )
+                nan = 0 if math.isfinite(value) else int(tensor.isnan().sum())
+                if nan:
+                    raise ValueError(f"{what} contains {nan} NaN entries; {fix}")
 
             value = tensor.detach()
             self._pending.append((value if value.numel() == 1 else value.sum(), callback))
@@ -440,8 +435,8 @@ def check_inputs(args: tuple, kwargs: dict, targets, checks: Deferred) -> None:
 
     The batch is the first dimension of the first positional tensor argument (when
     there is one; the outputs' first dimension is checked against the targets later). The
-    data, the first floating tensor (of the positional arguments, else of the keywords),
-    must be finite; other tensors (masks) may hold -inf, not NaN or +inf.
+    data, the first floating tensor of the batch (of the positional arguments, else of the
+    keywords), must be finite; other tensors (masks, distances) may hold inf, not NaN.
     """
     if targets is not None and not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
@@ -458,15 +453,23 @@ def check_inputs(args: tuple, kwargs: dict, targets, checks: Deferred) -> None:
             )
     fix = "clean or impute the data before computing a direction"
     tensors = list(tensors_of((args, kwargs)))
-    # the data: the first floating tensor (token ids may come first), positional first
-    data = next((t for t in tensors_of(args) if t.is_floating_point()), None)
-    data = data if data is not None else next((t for t in tensors if t.is_floating_point()), None)
+    # the data: the first floating tensor of the batch (token ids may come first; a T x T
+    # mask is not of the batch), positional first
+    batch = None if first is None else first.shape[0]
+    data = next(
+        (
+            t
+            for t in [*tensors_of(args), *tensors]
+            if t.is_floating_point() and t.ndim > 0 and batch in (None, t.shape[0])
+        ),
+        None,
+    )
     for i, t in enumerate(tensors):
         what = "inputs" if len(args) == 1 and not kwargs else f"input tensor {i}"
         if t is data:
             checks.finite(what, t, fix)
         else:  # a mask may hold -inf (attention: nn.Transformer's causal mask)
-            checks.mask_like(what, t, fix)
+            checks.no_nan(what, t, fix)
     if targets is not None:
         checks.finite("targets", targets, "clean the targets before computing a direction")
 

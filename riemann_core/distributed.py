@@ -614,7 +614,8 @@ def _constant_sums(constants: list[Tensor], first_chunk: int) -> Tensor:
     a freed one lay read the old sums: identical ranks refused 15-30 steps in 40)."""
     if any(t.is_inference() for t in constants):  # no version counter to keep them by
         return _checksum(constants, first_chunk, finite=True)
-    versions = tuple(t._version for t in constants)
+    # by version and address: p.data = t keeps the tensor and its version (found by review)
+    versions = tuple((t._version, t.data_ptr()) for t in constants)
     for refs, kept_versions, kept_first, sums in _CONSTANT_SUMS:
         if (
             kept_first == first_chunk

@@ -57,10 +57,11 @@ def is_container(module: nn.Module) -> bool:
     return type(module) in CONTAINERS
 
 
-#: Keyword arguments a module shares between the samples whatever their first dimension,
-#: by exact type of module, with the number of dimensions they have then: the generic
-#: kernel passes them whole (the attention's ``(L, S)`` mask; its 3-D mask holds one per
-#: sample and head, and is split where its first dimension is the batch).
+#: Arguments (by their names in ``forward``) a module shares between the samples whatever
+#: their first dimension, by type of module (subclasses too), with the number of
+#: dimensions they have then: the generic kernel passes them whole (the attention's
+#: ``(L, S)`` mask; its 3-D mask holds one per sample and head, and is split where its
+#: first dimension is the batch).
 SHARED_ARGUMENTS: dict[type, dict[str, int]] = {nn.MultiheadAttention: {"attn_mask": 2}}
 
 
@@ -633,7 +634,8 @@ class GenericHandler(Handler):
         module shares between the samples whatever its shape (:data:`SHARED_ARGUMENTS`:
         an attention mask of ``T x T`` positions with ``T`` equal to the batch, which the
         first-dimension rule would split; found by review)."""
-        shared = SHARED_ARGUMENTS.get(type(self.block.module), {})
+        module = self.block.module
+        shared = next((v for t, v in SHARED_ARGUMENTS.items() if isinstance(module, t)), {})
 
         def whole(name, a) -> bool:
             return isinstance(a, Tensor) and a.ndim == shared.get(name)

@@ -371,6 +371,13 @@ def _failures(rank, world) -> dict:
         with torch.no_grad():
             changed[0].weight.add_(1.0)
     out["frozen changed"] = direction(changed)
+    # found by review: p.data = t keeps the tensor and its version; its address tells
+    reassigned = network("mlp")[0]
+    reassigned[0].requires_grad_(False)
+    out["frozen first again"] = direction(reassigned)
+    if last:
+        reassigned[0].weight.data = reassigned[0].weight.detach() * 3.0
+    out["frozen reassigned"] = direction(reassigned)
     synced = DistributedDataParallel(network("mlp")[0])
     pre_sync = rc.RiemannianPreconditioner(
         synced, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
@@ -620,10 +627,12 @@ def test_ranks_whose_frozen_weights_buffers_or_modes_differ_are_refused(run):
                 assert kind == "ValueError" and "hold different parameters or buffers" in message
             kind, message = failures["other mode"]
             assert kind == "ValueError" and "modules in another training mode" in message
-            for case in ("other weights beside -inf", "frozen changed", "inf against 1.0"):
+            cases = ("other weights beside -inf", "frozen changed", "frozen reassigned",
+                     "inf against 1.0")  # fmt: skip
+            for case in cases:
                 kind, message = failures[case]
                 assert kind == "ValueError" and "hold different parameters or buffers" in message
-            assert failures["frozen first"] is None
+            assert failures["frozen first"] is None and failures["frozen first again"] is None
         assert failures["inference buffer"] is None
         assert failures["replaced buffers"] == [None] * 12
         kind, message = failures["no_sync"]

@@ -2467,7 +2467,7 @@ def test_a_float_mask_passed_to_the_model_and_a_batch_as_long_as_the_sequence():
             assert rel_error(flatten(got, model), flatten(dirs, model)) < 1e-10
     square = torch.randn(tokens, tokens, 6, dtype=torch.float64)  # N = T, the mask a buffer
     assert_exact(Attending(tokens).double(), square, y[:tokens], "layerwise", "auto")
-    with pytest.raises(ValueError, match="input tensor 1 contains 1 NaN or \\+inf entries"):
+    with pytest.raises(ValueError, match="input tensor 1 contains 1 NaN entries"):
         rc.direction(
             model,
             x,
@@ -2560,6 +2560,34 @@ class TokensAndFeatures(nn.Module):
         return self.head(torch.tanh(self.embed(ids) + self.lin(features)))
 
 
+class TokensMasked(nn.Module):
+    """Token ids, then an additive mask: the mask is not the data."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids, mask=None):
+        h = self.embed(ids)
+        return self.head(h + self.attention(h, h, h, attn_mask=mask, need_weights=False)[0])
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_token_ids_then_an_additive_mask_is_exact():
+    """Found by review: with token ids first, the -inf mask was taken for the data and
+    refused; the data is the first floating tensor of the batch, which a T x T mask is
+    not."""
+    torch.manual_seed(52)
+    ids, y = torch.randint(0, 7, (5, 4)), torch.randint(0, 3, (5, 4))
+    mask = nn.Transformer.generate_square_subsequent_mask(4, dtype=torch.float64)
+    model = TokensMasked().double()
+    dirs = assert_exact(model, ids, y, "layerwise", "auto", forward_kwargs={"mask": mask})
+    positional = rc.direction(model, (ids, mask), y, damping=DAMPING, kernel="auto")
+    assert rel_error(flatten(positional, model), flatten(dirs, model)) < 1e-12
+
+
 class KeywordsOnly(nn.Module):
     def __init__(self):
         super().__init__()
@@ -2582,10 +2610,7 @@ def test_inf_in_the_data_is_refused_naming_it():
     with pytest.raises(ValueError, match="input tensor 0 contains 1 NaN or inf entries"):
         rc.direction(KeywordsOnly(), (), y, forward_kwargs={"x": bad})
     z = torch.randn(6, 2)
-    z[1, 0] = float("inf")
-    with pytest.raises(ValueError, match=r"input tensor 1 contains 1 NaN or \+inf entries"):
-        rc.direction(KeywordsOnly(), (), y, forward_kwargs={"x": x, "z": z})
-    z[1, 0] = float("-inf")  # as a mask may: what the network makes of it decides
+    z[1, 0] = float("inf")  # beside the data, as a mask may: what the network makes of it
     with pytest.raises(ValueError, match=r"the gradient of parameters \['c.weight'\] holds NaN"):
         rc.direction(KeywordsOnly(), (), y, forward_kwargs={"x": x, "z": z})
     features = torch.randn(6, 3)  # found by review: token ids first, the data second
