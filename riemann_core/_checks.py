@@ -150,16 +150,21 @@ class Deferred:
             value = tensor.detach()
             self._pending.append((value if value.numel() == 1 else value.sum(), callback))
 
-    def no_nan(self, what: str, tensor: Tensor, fix: str) -> None:
-        """``tensor`` has no NaN (``inf`` allowed: an additive attention mask's ``-inf``, a
-        distance of unreachable nodes); read as :meth:`finite` reads, its entries examined
-        only where the sum is not finite."""
+    def no_nan(self, what: str, tensor: Tensor, fix: str, positive_inf: bool = False) -> None:
+        """``tensor`` has no NaN, and no ``+inf`` where ``positive_inf`` (``inf`` otherwise
+        allowed: an additive attention mask's ``-inf``, a distance of unreachable nodes);
+        read as :meth:`finite` reads, its entries examined only where the sum is not
+        finite."""
         if tensor.is_floating_point():
 
             def callback(value: float) -> None:
-                nan = 0 if math.isfinite(value) else int(tensor.isnan().sum())
-                if nan:
-                    raise ValueError(f"{what} contains {nan} NaN entries; {fix}")
+                if math.isfinite(value):
+                    return
+                bad = tensor.isnan() | tensor.isposinf() if positive_inf else tensor.isnan()
+                count = int(bad.sum())
+                if count:
+                    kinds = "NaN or +inf" if positive_inf else "NaN"
+                    raise ValueError(f"{what} contains {count} {kinds} entries; {fix}")
 
             value = tensor.detach()
             self._pending.append((value if value.numel() == 1 else value.sum(), callback))
@@ -436,7 +441,8 @@ def check_inputs(args: tuple, kwargs: dict, targets, checks: Deferred) -> None:
     The batch is the first dimension of the first positional tensor argument (when
     there is one; the outputs' first dimension is checked against the targets later). The
     data, the first floating tensor of the batch (of the positional arguments, else of the
-    keywords), must be finite; other tensors (masks, distances) may hold inf, not NaN.
+    keywords), must be finite; without one, the first floating tensor may hold -inf (a
+    mask), not +inf; other tensors (masks, distances) may hold inf, not NaN.
     """
     if targets is not None and not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
@@ -454,20 +460,19 @@ def check_inputs(args: tuple, kwargs: dict, targets, checks: Deferred) -> None:
     fix = "clean or impute the data before computing a direction"
     tensors = list(tensors_of((args, kwargs)))
     # the data: the first floating tensor of the batch (token ids may come first; a T x T
-    # mask is not of the batch), positional first
+    # mask is not of the batch), positional first. Without one, the first floating tensor
+    # may be the data (node features beside the indices of the samples: found by review,
+    # unchecked) or a mask (beside token ids): no NaN and no +inf
     batch = None if first is None else first.shape[0]
-    data = next(
-        (
-            t
-            for t in [*tensors_of(args), *tensors]
-            if t.is_floating_point() and t.ndim > 0 and batch in (None, t.shape[0])
-        ),
-        None,
-    )
+    floating = [t for t in [*tensors_of(args), *tensors] if t.is_floating_point()]
+    data = next((t for t in floating if t.ndim > 0 and batch in (None, t.shape[0])), None)
+    either = floating[0] if floating and data is None else None
     for i, t in enumerate(tensors):
         what = "inputs" if len(args) == 1 and not kwargs else f"input tensor {i}"
         if t is data:
             checks.finite(what, t, fix)
+        elif t is either:
+            checks.no_nan(what, t, fix, positive_inf=True)
         else:  # a mask may hold -inf (attention: nn.Transformer's causal mask)
             checks.no_nan(what, t, fix)
     if targets is not None:

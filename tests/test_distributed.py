@@ -362,6 +362,17 @@ def _failures(rank, world) -> dict:
         replaced[1].register_buffer("level", torch.full((50_000,), float(value)).double())
         replaced_outcomes.append(direction(replaced))
     out["replaced buffers"] = replaced_outcomes
+    # and p.data = t, which keeps the tensor and its version, often at the last address:
+    # identical loads agree, another on one rank is seen (stale sums at 34-37 steps of 40)
+    loaded = network("mlp")[0]
+    loaded[0].requires_grad_(False)
+    snapshot = loaded[0].weight.detach().clone()
+    loaded_outcomes = []
+    for value in range(12):
+        scale = 3.0 if last and value % 4 == 3 else 1.0
+        loaded[0].weight.data = snapshot * scale
+        loaded_outcomes.append(direction(loaded))
+    out["loaded weights"] = loaded_outcomes
     # the frozen parameters' sums are kept between steps while their versions hold: a
     # change in place on one rank after a first agreement is still seen
     changed = network("mlp")[0]
@@ -635,6 +646,8 @@ def test_ranks_whose_frozen_weights_buffers_or_modes_differ_are_refused(run):
             assert failures["frozen first"] is None and failures["frozen first again"] is None
         assert failures["inference buffer"] is None
         assert failures["replaced buffers"] == [None] * 12
+        refused = [o is not None for o in failures["loaded weights"]]
+        assert refused == [world > 1 and value % 4 == 3 for value in range(12)]
         kind, message = failures["no_sync"]
         assert kind == "ValueError" and "inside DistributedDataParallel's no_sync()" in message
         assert failures["no_sync grad kept"]

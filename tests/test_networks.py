@@ -2598,6 +2598,17 @@ class KeywordsOnly(nn.Module):
         return self.b(torch.tanh(h))
 
 
+class Indexed(nn.Module):
+    """The samples picked by index from a table of node features (a graph's nodes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, index, nodes):
+        return self.head(torch.tanh(self.lin(nodes[index])))
+
+
 def test_inf_in_the_data_is_refused_naming_it():
     """The data (the first positional tensor, or the first keyword's) must be finite; inf
     elsewhere is left to what the network makes of it (found by review: a keywords-only
@@ -2613,6 +2624,10 @@ def test_inf_in_the_data_is_refused_naming_it():
     z[1, 0] = float("inf")  # beside the data, as a mask may: what the network makes of it
     with pytest.raises(ValueError, match=r"the gradient of parameters \['c.weight'\] holds NaN"):
         rc.direction(KeywordsOnly(), (), y, forward_kwargs={"x": x, "z": z})
+    nodes = torch.randn(9, 5)  # found by review: indices of the samples, then the data
+    nodes[4, 0] = float("inf")
+    with pytest.raises(ValueError, match="input tensor 1 contains 1 NaN or \\+inf entries"):
+        rc.direction(Indexed(), (torch.arange(6), nodes), y)
     features = torch.randn(6, 3)  # found by review: token ids first, the data second
     features[2, 1] = float("inf")
     ids = torch.randint(0, 7, (6,))
