@@ -464,7 +464,10 @@ def _explain_coupling(model: nn.Module, rows: Tensor, masks: Tensor, rerun) -> N
         "The metrics here pull each sample's factor back on its own, which such a network "
         "breaks. Make the module act on each sample alone (e.g. LayerNorm/GroupNorm instead "
         "of batch statistics), and keep the samples on dimension 0 of every input (a "
-        "time-first (T, N, ...) layout mixes samples along it)"
+        "time-first (T, N, ...) layout mixes samples along it). A tensor shared by all "
+        "samples whose first dimension happens to equal the batch size couples them too: "
+        "an nn.Embedding called on torch.arange(T) when T equals the batch size; hold "
+        "such a table as an nn.Parameter of the model, indexed in forward"
     )
 
 

@@ -2720,3 +2720,44 @@ def test_a_half_precision_token_loss_over_many_positions_is_still_checked():
     with pytest.raises(ValueError, match=r"leaves out 3\d{4} of the 66000 positions"):
         pre.backward(F.cross_entropy(model(x).reshape(-1, 3), y.reshape(-1)))
     assert all(p.grad is None for p in model.parameters())
+
+
+class PositionTable(nn.Module):
+    """Token and position embeddings summed, then a Linear head: the positions' table an
+    nn.Embedding called on ``torch.arange(T)`` (``module=True``) or a parameter indexed."""
+
+    def __init__(self, module: bool, vocab=7, T=4, D=3, C=3):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, D)
+        if module:
+            self.pos = nn.Embedding(T, D)
+        else:
+            self.pos = nn.Parameter(torch.randn(T, D))
+        self.head = nn.Linear(D * T, C)
+
+    def forward(self, idx):
+        T = idx.shape[1]
+        table = self.pos(torch.arange(T)) if isinstance(self.pos, nn.Module) else self.pos[:T]
+        return self.head((self.tok(idx) + table).flatten(1))
+
+
+@pytest.mark.parametrize("batch", [3, 4])
+def test_a_position_table_called_on_arange_is_refused_naming_the_fix(batch):
+    """Its output's first dimension is T: refused as not the batch, and at T = N (where it
+    looks per sample, and its rows reach every sample) as coupling, naming the table."""
+    torch.manual_seed(0)
+    model = PositionTable(module=True).double()
+    x, y = torch.randint(0, 7, (batch, 4)), torch.randint(0, 3, (batch,))
+    message = "first dimension is not the batch" if batch == 3 else "torch.arange.T. when T"
+    with pytest.raises(ValueError, match=message):
+        rc.direction(model, x, y, kernel="auto", damping=DAMPING)
+
+
+@pytest.mark.parametrize("method", EXACT)
+@pytest.mark.parametrize("batch", [3, 4])
+def test_a_position_table_held_as_a_parameter_is_exact(method, batch):
+    """The fix both refusals name, at T != N and at T = N."""
+    torch.manual_seed(0)
+    model = PositionTable(module=False).double()
+    x, y = torch.randint(0, 7, (batch, 4)), torch.randint(0, 3, (batch,))
+    assert_exact(model, x, y, method, "auto")
