@@ -738,14 +738,21 @@ def _replay_differs(new: list[Tensor], old: list[Tensor], cause: str = "") -> No
 
 def _own_generators(model: nn.Module) -> list[tuple[str, torch.Generator]]:
     """``(name, generator)`` of every ``torch.Generator`` a module of ``model`` holds as an
-    attribute (``self.gen = torch.Generator()``): the global generators' states do not
-    show its draws."""
-    return [
-        (f"{prefix}.{attr}" if prefix else attr, value)
-        for prefix, module in model.named_modules()
-        for attr, value in vars(module).items()
-        if isinstance(value, torch.Generator)
-    ]
+    attribute (``self.gen = torch.Generator()``) or in a list, tuple or dict attribute
+    (``self.gens = [...]``, named ``gens[0]``): the global generators' states do not show
+    its draws."""
+    found = []
+    for prefix, module in model.named_modules():
+        for attr, value in vars(module).items():
+            name = f"{prefix}.{attr}" if prefix else attr
+            if isinstance(value, (list, tuple)):
+                entries = [(f"{name}[{i}]", v) for i, v in enumerate(value)]
+            elif isinstance(value, dict):
+                entries = [(f"{name}[{k!r}]", v) for k, v in value.items()]
+            else:
+                entries = [(name, value)]
+            found += [(n, v) for n, v in entries if isinstance(v, torch.Generator)]
+    return found
 
 
 def forward(

@@ -1542,6 +1542,31 @@ def test_random_numbers_from_a_module_generator_are_refused_and_the_generator_ke
     assert torch.equal(model.gen.get_state(), state)
 
 
+@pytest.mark.parametrize("held", ["list", "dict"])
+def test_random_numbers_from_generators_in_a_container_are_refused(held):
+    """Found by review: generators a module held in a list or dict were not seen, so noise
+    drawn from them was accepted (each call a direction of another network)."""
+
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            gen = torch.Generator().manual_seed(0)
+            self.lin, self.gens = nn.Linear(4, 3), [gen] if held == "list" else {"a": gen}
+
+        def forward(self, x):
+            h = self.lin(x)
+            gen = self.gens[0] if held == "list" else self.gens["a"]
+            return h + torch.randn(h.shape, generator=gen)
+
+    model = Noisy()
+    gen = model.gens[0] if held == "list" else model.gens["a"]
+    state = gen.get_state()
+    name = r"gens\[0\]" if held == "list" else r"gens\['a'\]"
+    with pytest.raises(ValueError, match=rf"draws random numbers from the generators \[.{name}.\]"):
+        rc.direction(model, torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0]))
+    assert torch.equal(gen.get_state(), state)
+
+
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's, under vmap
 def test_a_sparse_embedding_is_refused_naming_the_option():
     """Found by review: the generic kernel's error quoted torch's "Could not run
