@@ -276,6 +276,41 @@ def test_module_that_moves_the_batch_dimension_is_refused():
         rc.direction(MergeBatch(), torch.randn(4, 5, 3), torch.randint(0, 10, (4,)))
 
 
+class PerSampleLoop(torch.nn.Module):
+    """A Linear called once per sample, on the row ``x[i]``, its outputs stacked."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.a, self.head = torch.nn.Linear(5, width), torch.nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(torch.stack([self.a(row) for row in x])))
+
+
+@pytest.mark.parametrize("kernel", ["structured", "generic"])
+@pytest.mark.parametrize("call", ["direction", "backward", "step"])
+def test_a_module_called_per_sample_is_refused_when_its_width_is_the_batch(kernel, call):
+    """Found by review: at a width of 4 (the batch size) each call's output (4,) passed the
+    check of its first dimension, and the kernels crashed deep inside ('shape [2, 4, -1, 4]
+    is invalid', 'the size of tensor a (5) must match'); at width 3 it was refused."""
+    torch.manual_seed(0)
+    model = PerSampleLoop(4)
+    x, y = torch.randn(4, 5), torch.tensor([0, 2, 1, 2])
+    message = r"called on inputs of shapes \[\(5,\)\], none of whose first dimension"
+    if call == "direction":
+        with pytest.raises(ValueError, match=message):
+            rc.direction(model, x, y, kernel=kernel)
+        return
+    pre = rc.RiemannianPreconditioner(model, kernel=kernel)
+    loss = F.cross_entropy(model(x), y)
+    if call == "step":
+        loss.backward()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        pre.backward(loss) if call == "backward" else pre.step()
+    assert_unchanged(model, before)
+
+
 def test_weight_tied_through_a_functional_call_is_refused():
     class Tied(torch.nn.Module):
         def __init__(self):

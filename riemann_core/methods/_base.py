@@ -492,6 +492,17 @@ def problem_from_graph(
                 "layers with batch_first=True; a table of positions, an nn.Embedding called on "
                 "torch.arange(T), as an nn.Parameter of the model indexed in forward)"
             )
+        if any(isinstance(a, Tensor) and a.shape[:1] == outputs.shape[:1] for a in c.inputs):
+            continue
+        leaves = pytree.tree_leaves((c.inputs, c.kwargs))
+        shapes = [tuple(t.shape) for t in leaves if isinstance(t, Tensor)]
+        if shapes and not any(s[:1] == tuple(outputs.shape[:1]) for s in shapes):
+            raise ValueError(
+                f"module {c.name!r} is called on inputs of shapes {shapes}, none of whose "
+                f"first dimension is the batch of {outputs.shape[0]} samples (its output's "
+                "matches it by chance): a module called once per sample, on x[i], maps no "
+                "batch. Call it on the whole batch, samples along dimension 0"
+            )
     if not calls:
         raise ValueError(
             "no module with trainable parameters took part in the forward pass; "
