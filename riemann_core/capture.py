@@ -69,13 +69,22 @@ class ModelNotes:
     evaluation, or called with two kernels, is not probed at every switch);
     ``inconclusive``: probes in a row since that saw only zeros somewhere, at other
     parameter values each, the last at ``inconclusive_at`` (its key and the parameters'
-    versions; see :func:`riemann_core.coupling.register`).
+    versions; see :func:`riemann_core.coupling.register`). ``splits``: the patterns of
+    arguments split into samples whose Jacobian check passed, by module, the last
+    :data:`SPLIT_PATTERNS` (:func:`riemann_core.coupling.register_splits`).
     """
 
     clone: set[str] = field(default_factory=set)
     probed: list[tuple] = field(default_factory=list)
     inconclusive: int = 0
     inconclusive_at: tuple | None = None
+    splits: list[tuple] = field(default_factory=list)
+
+    def split_passed(self, pattern: tuple) -> None:
+        """A pattern of splits passed its Jacobian check: kept, the oldest dropped past
+        :data:`SPLIT_PATTERNS`."""
+        if pattern not in self.splits:
+            self.splits = self.splits[1 - SPLIT_PATTERNS :] + [pattern]
 
     def passed(self, key: tuple) -> None:
         """A probe passed for ``key``: kept, the oldest dropped past :data:`PROBED_KEYS`."""
@@ -86,6 +95,9 @@ class ModelNotes:
 
 #: How many structures' passed probes a model's notes keep (:class:`ModelNotes`).
 PROBED_KEYS = 8
+#: How many patterns of arguments split into samples a model's notes keep (each module's
+#: calls have one or two: at ``T != N`` and at ``T = N``).
+SPLIT_PATTERNS = 64
 
 
 _NOTES: weakref.WeakKeyDictionary[nn.Module, ModelNotes] = weakref.WeakKeyDictionary()

@@ -655,6 +655,20 @@ class GenericHandler(Handler):
         )
         return pytree.tree_leaves(flags)
 
+    def split(self) -> tuple[bool, ...]:
+        """Per tensor among the call's arguments, whether it is split into samples: its
+        first dimension is the batch's, and it is not one the module shares
+        (:meth:`_whole`). Decided by shapes, so a table whose length equals the batch size
+        only at some calls (rotary positions at ``T = N``) is split at those: the
+        Jacobian check runs for each new pattern (:func:`riemann_core.coupling.register`)."""
+        leaves = pytree.tree_leaves((self.block.inputs, self.block.kwargs))
+        whole = self._whole()
+        return tuple(
+            a.ndim > 0 and a.shape[0] == self.N and not whole[i]
+            for i, a in enumerate(leaves)
+            if isinstance(a, Tensor)
+        )
+
     def _leaves(self, dtype: torch.dtype) -> tuple[list, object]:
         """The call's arguments, flattened; half-precision ones (a forward pass under
         autocast) in the parameters' ``dtype``, as the structured kernels take them."""
@@ -681,10 +695,7 @@ class GenericHandler(Handler):
         dtype = next(iter(params.values())).dtype  # the vjp runs in the module's dtype
         leaves, spec = self._leaves(dtype)
         tensors = [i for i, a in enumerate(leaves) if isinstance(a, Tensor)]
-        whole = self._whole()
-        batched = [
-            leaves[i].ndim > 0 and leaves[i].shape[0] == self.N and not whole[i] for i in tensors
-        ]
+        batched = self.split()
 
         def output_of_sample(p, *sample):
             call = list(leaves)
@@ -753,8 +764,9 @@ class GenericHandler(Handler):
             f"kernel='generic' does (largest relative difference {float(mismatch):.1e}), "
             "its parameters reach one sample through the others (e.g. a gate initialised at "
             "zero on a batch mean), it takes an argument whose first dimension equals the "
-            "batch but is not per sample (a T x T attention mask with T the batch size: hold "
-            "it as a buffer of the module), or torch.func differentiates it wrongly under "
+            "batch but is not per sample (a T x T attention mask or a table of T positions, "
+            "such as rotary cos/sin, with T the batch size: hold it as a buffer of the "
+            "module, sliced in its forward), or torch.func differentiates it wrongly under "
             "vmap. Make it act on each sample alone, or give it a structured kernel "
             "(rc.register_handler)"
         )

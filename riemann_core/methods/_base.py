@@ -575,6 +575,7 @@ def problem_from_graph(
     handlers = [handler_for(b, opts.kernel) for b in blocks]
     if probe is not None:
         coupling.register(checks, notes_for(model), model, z, calls, handlers, probe)
+    coupling.register_splits(checks, notes_for(model), handlers, probed=probe is not None)
     dtype = opts.solve_dtype
     if dtype is not None and dtype != z.dtype:  # the whole algebra in solve_dtype
         handlers = [h.to(dtype) for h in handlers]
