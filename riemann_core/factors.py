@@ -146,6 +146,16 @@ def output_factor(
     """
     sampled = output_metric == "sampled"
     if loss == "cross_entropy" and not callable(output_metric):
+        if outputs.shape[-1] == 1:
+            raise ValueError(
+                "loss='cross_entropy' on outputs of one class (last dimension 1): the softmax "
+                "of one logit is constant, so its Fisher is zero and every direction would "
+                "be the gradient over the damping. For one logit per label trained with "
+                "binary cross-entropy (the mean BCEWithLogits over C labels), pass its "
+                "Bernoulli Fisher's factor, output_metric=lambda z, y: torch.diag_embed(("
+                "torch.sigmoid(z) * torch.sigmoid(-z) / z.shape[1]).sqrt()); or give the "
+                "model two logits"
+            )
         return positions_cross_entropy_factor(outputs, sampled, samples, generator)
     outputs = outputs.reshape(outputs.shape[0], -1)
     if callable(output_metric):

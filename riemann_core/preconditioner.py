@@ -413,6 +413,7 @@ class RiemannianPreconditioner:
                 "DistributedDataParallel model, call loss.backward() and then pre.step()"
             )
         self._check_loss(loss)
+        loss = loss.reshape(())  # a loss of shape (1,) as the scalar the algebra seeds
         capture, model, opts = self._capture, self.model, self._options
         # a parameter frozen, unfrozen or replaced, a module swapped or renamed, or a hook
         # run between ours and a forward, since the hooks were installed: the recorded
@@ -464,7 +465,7 @@ class RiemannianPreconditioner:
                     "pass (with gradients enabled), whose batch the metric is taken at: "
                     "call pre.backward(loss) right after the forward pass of its batch"
                 )
-            foreign, compiled = _walk_loss_graph(loss, names)
+            foreign, reached, compiled = _walk_loss_graph(loss, names)
             _check_no_gradient_hooks(params)
             # loss.backward() gives every other leaf the loss reaches its gradient (a
             # temperature beside the model, an input that requires grad, a backbone not
@@ -513,6 +514,10 @@ class RiemannianPreconditioner:
                         loss, not paths.calls, params, checks, output_gradient, overflow
                     )
                 )
+                # every called module's parameters have one, the .grad only those the loss
+                # reaches (found by review: an auxiliary head the loss leaves out got zeros,
+                # which AdamW's decay moved, and natural's coupled part)
+                directions = {n: d for n, d in directions.items() if n in reached}
         except GradientOverflow:
             overflowed = True
             if random_state is not None:  # as if the skipped step had drawn nothing
@@ -894,17 +899,22 @@ class RiemannianPreconditioner:
         self.remove()
 
 
-def _walk_loss_graph(loss: Tensor, names: dict[int, str]) -> tuple[list[Tensor], bool]:
-    """``(foreign, compiled)``: the leaves ``loss`` reaches that are not the preconditioned
-    parameters (``names``: ``{id(p): name}``), and whether its graph holds the backward of
-    a compiled forward (``torch.compile``). Every node once: about 1 us each."""
-    foreign, compiled = [], False
+def _walk_loss_graph(loss: Tensor, names: dict[int, str]) -> tuple[list[Tensor], set[str], bool]:
+    """``(foreign, reached, compiled)``: the leaves ``loss`` reaches that are not the
+    preconditioned parameters (``names``: ``{id(p): name}``), the names of those it
+    reaches (the ``.grad`` that ``loss.backward()`` would write), and whether its graph
+    holds the backward of a compiled forward (``torch.compile``). Every node once: about
+    1 us each."""
+    foreign, reached, compiled = [], set(), False
     for node in autograd_nodes([loss.grad_fn]):
         variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf's gradient
-        if variable is not None and id(variable) not in names:
-            foreign.append(variable)
+        if variable is not None:
+            if id(variable) in names:
+                reached.add(names[id(variable)])
+            else:
+                foreign.append(variable)
         compiled = compiled or type(node).__name__ == "CompiledFunctionBackward"
-    return foreign, compiled
+    return foreign, reached, compiled
 
 
 def _gradients_of(loss: Tensor, leaves: list[Tensor]) -> tuple[Tensor, ...]:

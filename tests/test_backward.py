@@ -280,6 +280,68 @@ def test_backward_adds_to_existing_grads_and_skips_unreached_parameters():
         torch.testing.assert_close(p.grad, 1 + expected[name], rtol=1e-10, atol=1e-12)
 
 
+class WithAuxiliary(nn.Module):
+    """A network and an auxiliary head on its hidden layer, called in forward, whose
+    output the loss may leave out (``aux_out``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.aux = nn.Linear(5, 4), nn.Linear(4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        self.aux_out = self.aux(h)
+        return self.l2(h)
+
+
+@pytest.mark.parametrize("method", EXACT)
+def test_a_called_module_the_loss_leaves_out_keeps_its_grad_at_every_call(method):
+    """Found by review: the first call (the autograd path) left the auxiliary head's
+    ``.grad`` None, as ``loss.backward()`` does, but the fused calls after it wrote zeros
+    there (which AdamW's decay and moments then moved) and, for full and natural, the
+    coupled part of the direction (norm 30 against the head's None before). Every call now
+    writes the ``.grad`` of the parameters the loss reaches, each the oracle's."""
+    torch.manual_seed(0)
+    model = WithAuxiliary().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    expected = oracle_of(model, x, y, method)
+    for _ in range(3):
+        model.zero_grad()
+        pre.backward(F.cross_entropy(model(x), y))
+        assert model.aux.weight.grad is None and model.aux.bias.grad is None
+        for name in ("l1.weight", "l1.bias", "l2.weight", "l2.bias"):
+            got = model.get_parameter(name).grad
+            torch.testing.assert_close(got, expected[name], rtol=1e-10, atol=1e-12)
+
+
+def test_a_loss_of_shape_one_reaching_a_hidden_layer_is_taken_as_a_scalar():
+    """Found by review: a loss of shape (1,) (accepted, as by loss.backward()) with a term
+    on a hidden activation crashed the fused calls inside autograd ('grad_output[0] has a
+    shape of torch.Size([]) and output[0] has a shape of torch.Size([1])')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+
+    hidden = {}
+    for net in (model, twin):
+        net[1].register_forward_hook(lambda m, args, out: hidden.update(h=out))
+
+    def loss(net, shape):
+        out = net(x)
+        return (F.cross_entropy(out, y) + 0.3 * hidden["h"].pow(2).mean()).reshape(shape)
+
+    pre, pre_twin = (rc.RiemannianPreconditioner(m, damping=DAMPING) for m in (model, twin))
+    for _ in range(2):  # the first call probes, the second is fused
+        model.zero_grad()
+        twin.zero_grad()
+        pre_twin.backward(loss(twin, ()))
+        pre.backward(loss(model, (1,)))
+        for p, e in zip(model.parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, e.grad, rtol=1e-12, atol=0)
+
+
 def primed(method="layerwise"):
     """A preconditioner past its first call (the next one is fused), and ``.grad`` set."""
     model, x, y = Problem(depth=3).make()

@@ -404,3 +404,53 @@ def test_token_logits_in_float16_with_a_large_vocabulary_are_read():
     check_classes_last(wrong, logits, checks)
     with pytest.raises(ValueError, match="does not sum to zero over the last dimension"):
         checks.run()
+
+
+def test_cross_entropy_on_one_logit_is_refused_naming_the_bernoulli_fisher():
+    """Found by review: a one-logit binary classifier under the default loss had a zero
+    metric (the softmax of one class is constant): every direction was g / damping, with
+    no word. Refused; the factor the message names gives the Bernoulli Fisher of
+    BCEWithLogits, checked against the dense float64 oracle of that metric."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1, 0])
+    with pytest.raises(ValueError, match="outputs of one class"):
+        rc.direction(model, x, torch.zeros(6, dtype=torch.long), damping=1e-2)
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+    labels = y.double()[:, None]
+    loss = F.binary_cross_entropy_with_logits(model(x), labels)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="outputs of one class"):
+        pre.backward(loss)
+    assert_unchanged(model, before)
+
+    def bernoulli(z, y):
+        return torch.diag_embed((torch.sigmoid(z) * torch.sigmoid(-z) / z.shape[1]).sqrt())
+
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2, output_metric=bernoulli)
+    pre.backward(F.binary_cross_entropy_with_logits(model(x), labels))
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+    # the oracle: G = (1 / N) sum_b J_b^T diag(p (1 - p)) J_b, per layer's block
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+
+    def outputs(*flat):
+        values = dict(zip(names, flat, strict=True))
+        return torch.func.functional_call(model, values, (x,))
+
+    jac = torch.autograd.functional.jacobian(outputs, tuple(params.values()))
+    J = torch.cat([j.reshape(6, -1) for j in jac], dim=1)  # (N, n), one logit
+    p = torch.sigmoid(model(x)).detach()[:, 0]
+    G = (J.T * (p * (1 - p))) @ J / 6
+    g = torch.autograd.grad(
+        F.binary_cross_entropy_with_logits(model(x), labels), tuple(params.values())
+    )
+    g = torch.cat([t.flatten() for t in g])
+    expected, start = torch.empty_like(g), 0
+    for layer in (model[0], model[2]):
+        size = sum(t.numel() for t in layer.parameters())
+        block = slice(start, start + size)
+        damped = G[block, block] + 1e-2 * torch.eye(size, dtype=torch.float64)
+        expected[block] = torch.linalg.solve(damped, g[block])
+        start += size
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
