@@ -69,22 +69,23 @@ class ModelNotes:
     evaluation, or called with two kernels, is not probed at every switch);
     ``inconclusive``: probes in a row since that saw only zeros somewhere, at other
     parameter values each, the last at ``inconclusive_at`` (its key and the parameters'
-    versions; see :func:`riemann_core.coupling.register`). ``splits``: the patterns of
-    arguments split into samples whose Jacobian check passed, by module, the last
-    :data:`SPLIT_PATTERNS` (:func:`riemann_core.coupling.register_splits`).
+    versions; see :func:`riemann_core.coupling.register`). ``splits``: per module (held
+    weakly), the patterns of arguments split into samples whose Jacobian check passed,
+    the last :data:`SPLIT_PATTERNS` (:func:`riemann_core.coupling.register_splits`).
     """
 
     clone: set[str] = field(default_factory=set)
     probed: list[tuple] = field(default_factory=list)
     inconclusive: int = 0
     inconclusive_at: tuple | None = None
-    splits: list[tuple] = field(default_factory=list)
+    splits: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
 
-    def split_passed(self, pattern: tuple) -> None:
-        """A pattern of splits passed its Jacobian check: kept, the oldest dropped past
-        :data:`SPLIT_PATTERNS`."""
-        if pattern not in self.splits:
-            self.splits = self.splits[1 - SPLIT_PATTERNS :] + [pattern]
+    def split_passed(self, module: nn.Module, pattern: tuple) -> None:
+        """A pattern of ``module``'s splits passed its Jacobian check: kept, its oldest
+        dropped past :data:`SPLIT_PATTERNS`."""
+        kept = self.splits.get(module, [])
+        if pattern not in kept:
+            self.splits[module] = kept[1 - SPLIT_PATTERNS :] + [pattern]
 
     def passed(self, key: tuple) -> None:
         """A probe passed for ``key``: kept, the oldest dropped past :data:`PROBED_KEYS`."""
@@ -95,9 +96,9 @@ class ModelNotes:
 
 #: How many structures' passed probes a model's notes keep (:class:`ModelNotes`).
 PROBED_KEYS = 8
-#: How many patterns of arguments split into samples a model's notes keep (each module's
+#: How many patterns of arguments split into samples a model's notes keep per module (its
 #: calls have one or two: at ``T != N`` and at ``T = N``).
-SPLIT_PATTERNS = 64
+SPLIT_PATTERNS = 8
 
 
 _NOTES: weakref.WeakKeyDictionary[nn.Module, ModelNotes] = weakref.WeakKeyDictionary()
@@ -748,23 +749,38 @@ def _replay_differs(new: list[Tensor], old: list[Tensor], cause: str = "") -> No
     )
 
 
+#: Containers (list, tuple, dict attributes of a module, and those inside them, two levels
+#: deep) of up to this many entries are searched for generators; larger ones (a
+#: vocabulary) are not read at every call.
+GENERATOR_CONTAINER_ENTRIES = 256
+
+
 def _own_generators(model: nn.Module) -> list[tuple[str, torch.Generator]]:
     """``(name, generator)`` of every ``torch.Generator`` a module of ``model`` holds as an
     attribute (``self.gen = torch.Generator()``) or in a list, tuple or dict attribute
-    (``self.gens = [...]``, named ``gens[0]``): the global generators' states do not show
-    its draws."""
+    (``self.gens = [...]``, named ``gens[0]``; see :data:`GENERATOR_CONTAINER_ENTRIES`):
+    the global generators' states do not show its draws."""
     found = []
     for prefix, module in model.named_modules():
         for attr, value in vars(module).items():
-            name = f"{prefix}.{attr}" if prefix else attr
-            if isinstance(value, (list, tuple)):
-                entries = [(f"{name}[{i}]", v) for i, v in enumerate(value)]
-            elif isinstance(value, dict):
-                entries = [(f"{name}[{k!r}]", v) for k, v in value.items()]
-            else:
-                entries = [(name, value)]
-            found += [(n, v) for n, v in entries if isinstance(v, torch.Generator)]
+            found += _generators_in(f"{prefix}.{attr}" if prefix else attr, value, depth=2)
     return found
+
+
+def _generators_in(name: str, value, depth: int) -> list[tuple[str, torch.Generator]]:
+    if isinstance(value, torch.Generator):
+        return [(name, value)]
+    if not (depth and isinstance(value, (list, tuple, dict))):
+        return []
+    if len(value) > GENERATOR_CONTAINER_ENTRIES:
+        return []
+    entries = value.items() if isinstance(value, dict) else enumerate(value)
+    return [
+        found
+        for key, entry in entries
+        if isinstance(entry, (torch.Generator, list, tuple, dict))
+        for found in _generators_in(f"{name}[{key!r}]", entry, depth - 1)
+    ]
 
 
 def forward(

@@ -427,15 +427,17 @@ def register_splits(checks: Deferred, notes: ModelNotes, handlers: list, probed:
         for h in (b.handlers if isinstance(b, SharedHandler) else [b])
         if isinstance(h, GenericHandler)
     ]
+    new = set()
     for h in generic:
-        pattern = (weakref.ref(h.block.module), h.split())
-        if pattern in notes.splits:
+        module, pattern = h.block.module, h.split()
+        if pattern in notes.splits.get(module, ()) or (id(module), pattern) in new:
             continue
+        new.add((id(module), pattern))
         if not probed:
             block = h.block
             eps = lowest_precision_eps([*block.params, block.output, *block.inputs])
             _register_batch_check(checks, h, block.output.detach(), eps)
-        checks.then(lambda pattern=pattern: notes.split_passed(pattern))
+        checks.then(lambda m=module, p=pattern: notes.split_passed(m, p))
 
 
 def _register_batch_check(checks, handler: GenericHandler, output: Tensor, eps: float) -> None:

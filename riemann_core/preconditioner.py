@@ -447,8 +447,8 @@ class RiemannianPreconditioner:
         needs_factor = SOLVERS[self.method].NEEDS_FACTOR
         key = coupling.probe_key(model, *self._batch[:2], opts.kernel)
         probing = needs_factor and coupling.needs_probe(notes, key, opts.check_coupling)
-        # (read now: the capture is reset before an overflow's NaN is written)
         called = {n for c in capture.calls for n in c.param_names}
+        reaches = called  # the parameters the loss reaches, once its graph is walked
         reuse = self._kfac is not None and not self._kfac.needs_factors(params, opts, called)
         overflowed = False
         # a skipped step's draws for the sampled metric are undone (a generator passed)
@@ -465,7 +465,7 @@ class RiemannianPreconditioner:
                     "pass (with gradients enabled), whose batch the metric is taken at: "
                     "call pre.backward(loss) right after the forward pass of its batch"
                 )
-            foreign, reached, compiled = _walk_loss_graph(loss, names)
+            foreign, reaches, compiled = _walk_loss_graph(loss, names)
             _check_no_gradient_hooks(params)
             # loss.backward() gives every other leaf the loss reaches its gradient (a
             # temperature beside the model, an input that requires grad, a backbone not
@@ -517,7 +517,7 @@ class RiemannianPreconditioner:
                 # every called module's parameters have one, the .grad only those the loss
                 # reaches (found by review: an auxiliary head the loss leaves out got zeros,
                 # which AdamW's decay moved, and natural's coupled part)
-                directions = {n: d for n, d in directions.items() if n in reached}
+                directions = {n: d for n, d in directions.items() if n in reaches}
         except GradientOverflow:
             overflowed = True
             if random_state is not None:  # as if the skipped step had drawn nothing
@@ -539,9 +539,8 @@ class RiemannianPreconditioner:
             self._capture = Capture(model, notes.clone, persistent=True)
         self._note_overflow(overflowed)
         _accumulate(foreign, foreign_grads)
-        if overflowed:  # NaN, as the scaled backward's inf would leave, for scaler.step
-            reached = called or {n for n, _ in params}  # (no calls recorded: a rehook)
-            _fill_nan([p for n, p in params if n in reached])
+        if overflowed:  # NaN where the scaled backward's inf would be, for scaler.step
+            _fill_nan([p for n, p in params if n in reaches])
             self.diagnostics, self._written = [], []
             return
         for name, p in params:  # every direction exists before any .grad changes

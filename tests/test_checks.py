@@ -296,7 +296,7 @@ def test_a_module_called_per_sample_is_refused_when_its_width_is_the_batch(kerne
     torch.manual_seed(0)
     model = PerSampleLoop(4)
     x, y = torch.randn(4, 5), torch.tensor([0, 2, 1, 2])
-    message = r"called on inputs of shapes \[\(5,\)\], none of whose first dimension"
+    message = r"module 'a' \(Linear\) is called on inputs of shapes \[\(5,\)\], one sample's"
     if call == "direction":
         with pytest.raises(ValueError, match=message):
             rc.direction(model, x, y, kernel=kernel)
@@ -309,6 +309,44 @@ def test_a_module_called_per_sample_is_refused_when_its_width_is_the_batch(kerne
     with pytest.raises(ValueError, match=message):
         pre.backward(loss) if call == "backward" else pre.step()
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_square_linear_called_per_sample_is_refused(batch):
+    """Found by review: with its input's width equal to the batch size too (or a batch of
+    one), each row x[i] looked batched, and the kernels crashed ('shape [2, 4, -1, 4] is
+    invalid', 'Dimension out of range'): a Linear on a 1-D input is one sample."""
+    torch.manual_seed(0)
+    model = PerSampleLoop(batch)
+    model.a = torch.nn.Linear(batch, batch)
+    x, y = torch.randn(batch, batch), torch.randint(0, 3, (batch,))
+    with pytest.raises(ValueError, match=r"\(Linear\) is called on inputs of shapes"):
+        rc.direction(model, x, y, kernel="auto")
+
+
+def test_a_module_of_its_own_called_per_sample_is_refused():
+    """A module without a structured kernel, called once per sample: more than one call
+    with no input of the batch."""
+
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(5, 4))
+
+        def forward(self, row):
+            return row @ self.w
+
+    class Loop(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale, self.head = Scale(), torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.stack([self.scale(row) for row in x]))
+
+    x, y = torch.randn(4, 5), torch.tensor([0, 2, 1, 2])  # each call: (5,) -> (4,)
+    with pytest.raises(ValueError, match=r"module 'scale' \(Scale\) is called on inputs"):
+        rc.direction(Loop(), x, y, kernel="auto")
 
 
 def test_weight_tied_through_a_functional_call_is_refused():

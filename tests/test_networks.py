@@ -1542,28 +1542,29 @@ def test_random_numbers_from_a_module_generator_are_refused_and_the_generator_ke
     assert torch.equal(model.gen.get_state(), state)
 
 
-@pytest.mark.parametrize("held", ["list", "dict"])
-def test_random_numbers_from_generators_in_a_container_are_refused(held):
-    """Found by review: generators a module held in a list or dict were not seen, so noise
-    drawn from them was accepted (each call a direction of another network)."""
+@pytest.mark.parametrize(
+    "held, name",
+    [("list", r"gens\[0\]"), ("dict", r"gens\['a'\]"), ("nested", r"gens\['a'\]\[1\]")],
+)
+def test_random_numbers_from_generators_in_a_container_are_refused(held, name):
+    """Found by review: generators a module held in a list or dict (or a list in a dict)
+    were not seen, so noise drawn from them was accepted (each call a direction of
+    another network)."""
+    gen = torch.Generator().manual_seed(0)
+    gens = {"list": [gen], "dict": {"a": gen}, "nested": {"a": [None, gen]}}[held]
 
     class Noisy(nn.Module):
         def __init__(self):
             super().__init__()
-            gen = torch.Generator().manual_seed(0)
-            self.lin, self.gens = nn.Linear(4, 3), [gen] if held == "list" else {"a": gen}
+            self.lin, self.gens = nn.Linear(4, 3), gens
 
         def forward(self, x):
             h = self.lin(x)
-            gen = self.gens[0] if held == "list" else self.gens["a"]
             return h + torch.randn(h.shape, generator=gen)
 
-    model = Noisy()
-    gen = model.gens[0] if held == "list" else model.gens["a"]
     state = gen.get_state()
-    name = r"gens\[0\]" if held == "list" else r"gens\['a'\]"
     with pytest.raises(ValueError, match=rf"draws random numbers from the generators \[.{name}.\]"):
-        rc.direction(model, torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0]))
+        rc.direction(Noisy(), torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0]))
     assert torch.equal(gen.get_state(), state)
 
 
@@ -2869,3 +2870,69 @@ def test_a_table_held_by_the_module_is_exact_at_every_length():
         x, y = torch.randn(batch, 4, 8, dtype=torch.float64), torch.randint(0, 3, (batch,))
         for method in EXACT:
             assert_exact(model, x, y, method, "auto")
+
+
+class BroadcastTable(nn.Module):
+    """A module of its own called once, on positions and the batch size, expanding its
+    table over the batch; and one on a scalar tensor: no input of theirs is batched."""
+
+    class Table(nn.Module):
+        def __init__(self, T, D):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(T, D))
+
+        def forward(self, positions, n):
+            return self.table[positions].unsqueeze(0).expand(n, -1, -1)
+
+    class Offset(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3))
+
+        def forward(self, t, n):
+            return (t * self.w).expand(n, 3)
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.pos = nn.Linear(3, 4), self.Table(5, 4)
+        self.head, self.offset = nn.Linear(20, 3), self.Offset()
+
+    def forward(self, x):
+        N, T, _ = x.shape
+        h = (self.emb(x) + self.pos(torch.arange(T), N)).flatten(1)
+        return self.head(h) + self.offset(torch.tensor(2.0, dtype=x.dtype), N)
+
+
+@pytest.mark.parametrize("method", EXACT)
+def test_modules_called_once_without_a_batched_input_are_exact(method):
+    """Found by review: the check of modules called once per sample refused these (no
+    input of the batch), which are exact: one call broadcasting over the batch."""
+    torch.manual_seed(0)
+    model = BroadcastTable().double()
+    x, y = torch.randn(4, 5, 3, dtype=torch.float64), torch.randint(0, 3, (4,))
+    assert_exact(model, x, y, method, "auto")
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_split_patterns_are_kept_per_module(check, monkeypatch):
+    """Found by review: the patterns that passed were one list of 64 for the whole model,
+    so past 64 modules under the generic kernel they evicted each other and the Jacobian
+    check ran again at every step (1.3x a step at 101 modules). Kept per module, no check
+    runs once each module's pattern passed; none under check_coupling=False."""
+    checked = []
+    original = coupling._register_batch_check
+    monkeypatch.setattr(
+        coupling,
+        "_register_batch_check",
+        lambda *args: checked.append(1) or original(*args),
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(capture.SPLIT_PATTERNS * 9)])
+    x, y = torch.randn(4, 2), torch.tensor([0, 1, 1, 0])
+    pre = rc.RiemannianPreconditioner(model, kernel="generic", check_coupling=check)
+    for step in range(3):
+        checked.clear()
+        model.zero_grad()
+        pre.backward(F.cross_entropy(model(x), y))
+        expected = len(model) if check and step == 0 else 0  # the first step probes
+        assert len(checked) == expected

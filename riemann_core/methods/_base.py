@@ -482,6 +482,7 @@ def problem_from_graph(
     """
     check_one_output(outputs)
     check_outputs(outputs, targets, opts.loss, checks)
+    _check_per_sample_calls(calls, outputs.shape[0])
     for c in calls:
         if c.output.shape[:1] != outputs.shape[:1]:
             raise ValueError(
@@ -491,17 +492,6 @@ def problem_from_graph(
                 "into other dimensions around it: nn.MultiheadAttention and the transformer "
                 "layers with batch_first=True; a table of positions, an nn.Embedding called on "
                 "torch.arange(T), as an nn.Parameter of the model indexed in forward)"
-            )
-        if any(isinstance(a, Tensor) and a.shape[:1] == outputs.shape[:1] for a in c.inputs):
-            continue
-        leaves = pytree.tree_leaves((c.inputs, c.kwargs))
-        shapes = [tuple(t.shape) for t in leaves if isinstance(t, Tensor)]
-        if shapes and not any(s[:1] == tuple(outputs.shape[:1]) for s in shapes):
-            raise ValueError(
-                f"module {c.name!r} is called on inputs of shapes {shapes}, none of whose "
-                f"first dimension is the batch of {outputs.shape[0]} samples (its output's "
-                "matches it by chance): a module called once per sample, on x[i], maps no "
-                "batch. Call it on the whole batch, samples along dimension 0"
             )
     if not calls:
         raise ValueError(
@@ -575,7 +565,8 @@ def problem_from_graph(
     handlers = [handler_for(b, opts.kernel) for b in blocks]
     if probe is not None:
         coupling.register(checks, notes_for(model), model, z, calls, handlers, probe)
-    coupling.register_splits(checks, notes_for(model), handlers, probed=probe is not None)
+    if opts.check_coupling:  # (the Jacobian check is one of the probe's)
+        coupling.register_splits(checks, notes_for(model), handlers, probed=probe is not None)
     dtype = opts.solve_dtype
     if dtype is not None and dtype != z.dtype:  # the whole algebra in solve_dtype
         handlers = [h.to(dtype) for h in handlers]
@@ -589,6 +580,36 @@ def problem_from_graph(
     for c in calls:
         c.output, c.graph_inputs = None, ()  # release the graph
     return Problem(blocks, handlers, given)
+
+
+def _check_per_sample_calls(calls: list[Block], N: int) -> None:
+    """Refuse a module called once per sample (``torch.stack([self.a(row) for row in x])``),
+    whose outputs pass the check of the batch dimension where their width equals the
+    batch size (found by review: the kernels then crashed deep inside): a ``Linear`` or
+    convolution called on an unbatched input (one sample: a 1-D input of a ``Linear``),
+    or a module called more than once with no tensor input whose first dimension is the
+    batch's (one call that broadcasts a table over the batch is fine)."""
+    unbatched: dict[int, list[Block]] = {}
+    for c in calls:
+        leaves = [t for t in pytree.tree_leaves((c.inputs, c.kwargs)) if isinstance(t, Tensor)]
+        if not leaves:
+            continue
+        module = c.module
+        one_sample = (isinstance(module, nn.Linear) and c.input.ndim < 2) or (
+            isinstance(module, nn.modules.conv._ConvNd)
+            and c.input.ndim == len(module.kernel_size) + 1
+        )
+        if one_sample or not any(t.ndim and t.shape[0] == N for t in leaves):
+            unbatched.setdefault(id(module), []).append(c)
+            if one_sample or len(unbatched[id(module)]) > 1:
+                shapes = [tuple(t.shape) for t in leaves]
+                raise ValueError(
+                    f"module {c.name!r} ({type(module).__name__}) is called on inputs of "
+                    f"shapes {shapes}, one sample's rather than a batch of {N} (its output's "
+                    "first dimension may match the batch by chance): a module called once "
+                    "per sample, on x[i], maps no batch. Call it on the whole batch, "
+                    "samples along dimension 0"
+                )
 
 
 def forward_only(model, args, kwargs, replay) -> Tensor:
