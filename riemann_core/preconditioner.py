@@ -217,6 +217,7 @@ class RiemannianPreconditioner:
         # the .grad each call wrote, their versions and norms then (a second step() refused)
         self._written: list[tuple[weakref.ref, int, Tensor]] = []
         self._spent = False  # the last forward pass's graph consumed by pre.backward(loss)
+        self._preconditioned = False  # a direction of the last forward pass written
         # pre.backward(loss) records the user's own forward passes (one process only)
         single = process_group is None and self.network is model
         self._capture = Capture(model, notes_for(model).clone, persistent=True) if single else None
@@ -267,6 +268,7 @@ class RiemannianPreconditioner:
         # DistributedDataParallel averages the gradients of a pass outside no_sync() only
         self._synced = getattr(self.model, "require_backward_grad_sync", True)
         self._spent = False
+        self._preconditioned = False  # until a direction of this pass is written
         # what step() relies on: the batch and the parameters as the forward pass saw them
         # (named on failure only: None for an input)
         self._versions = [(None, t, t._version) for t in inputs] + [
@@ -744,15 +746,23 @@ class RiemannianPreconditioner:
         ``.data``, which leave the version as it was."""
         grads = [p.grad for name, p in params if name in directions]
         norms = torch._foreach_norm(grads) if grads else []
+        self._preconditioned = True
         self._written = [
             (weakref.ref(g), g._version, norm) for g, norm in zip(grads, norms, strict=True)
         ]
 
     def _check_not_preconditioned(self, grads: dict[str, Tensor]) -> None:
-        """Refuse ``.grad`` that still hold the direction a call wrote (the same tensor, at
-        the same version and norm): preconditioning them again would give ``G^{-2} g``."""
+        """Refuse ``.grad`` that hold a direction a call wrote: preconditioning them again
+        would give ``G^{-2} g``. On the pass it was written for, whatever changed them
+        since (a clip, even one that clips nothing, or a second backward: found by review,
+        57x off); after a new forward pass, the same tensors at the same version and norm
+        (a loss.backward() forgotten)."""
         written = {id(ref()): (v, norm) for ref, v, norm in self._written if ref() is not None}
-        same = [(n, g) for n, g in grads.items() if written.get(id(g), (None,))[0] == g._version]
+        same = [
+            (n, g)
+            for n, g in grads.items()
+            if self._preconditioned or written.get(id(g), (None,))[0] == g._version
+        ]
         if not same:
             return
         norms = torch._foreach_norm([g for _, g in same])  # a host sync, on suspicion only
@@ -760,7 +770,7 @@ class RiemannianPreconditioner:
         again = [
             n
             for (n, g), norm in zip(same, norms, strict=True)
-            if bool(norm == written[id(g)][1]) and bool(norm != 0)
+            if bool(norm != 0) and (self._preconditioned or bool(norm == written[id(g)][1]))
         ]
         if again:
             raise RuntimeError(
@@ -953,6 +963,7 @@ _RECORD = (
     "_modes",
     "_versions",
     "_spent",
+    "_preconditioned",
     "_edited_in_forward",
     "_synced",
 )
@@ -994,12 +1005,21 @@ def _check_no_gradient_hooks(params) -> None:
 
 
 def _check_grad(name: str, grad: Tensor, checks: Deferred, error: type = ValueError) -> None:
-    """A ``.grad`` the preconditioner uses: dense, and finite (read with ``checks``;
-    ``error`` raised otherwise)."""
+    """A ``.grad`` the preconditioner uses: dense, with an element of its own at every
+    index (written in place), and finite (read with ``checks``; ``error`` raised
+    otherwise)."""
     if grad.layout != torch.strided:
         raise TypeError(
             f"the .grad of {name!r} is {grad.layout} (an nn.Embedding(sparse=True)?): the "
             "metrics need dense gradients; build the module with sparse=False"
+        )
+    if any(step == 0 and size > 1 for step, size in zip(grad.stride(), grad.shape)):
+        # (found by review: the directions were written into the .grad before it until
+        # torch's error; loss.backward() fails on it too)
+        raise ValueError(
+            f"the .grad of {name!r} is a broadcast view (stride 0, e.g. made by expand): "
+            "no direction can be written into it in place. Set it to None (opt.zero_grad()) "
+            "or to a tensor of its own (.clone())"
         )
     checks.finite(f"the .grad of {name!r}", grad, OVERFLOW_FIX, error)
 

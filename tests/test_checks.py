@@ -492,3 +492,44 @@ def test_cross_entropy_on_one_logit_is_refused_naming_the_bernoulli_fisher():
         expected[block] = torch.linalg.solve(damped, g[block])
         start += size
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, None])
+def test_a_grad_dtype_other_than_the_parameters_is_refused(grad_dtype):
+    """Found by review: with p.grad_dtype = float32 on float64 parameters autograd's
+    gradients came in float32, read as 'parameters reach the output outside the calls of
+    their modules' or a raw dtype error 14 frames deep, and the fused pre.backward wrote
+    some .grad before it failed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+    pre.backward(F.cross_entropy(model(x), y))  # probed: the next call is fused
+    model.zero_grad()
+    model[2].weight.grad_dtype = grad_dtype
+    message = r"parameters \['2.weight'\] have a grad_dtype other than their own"
+    with pytest.raises(ValueError, match=message):
+        rc.direction(model, x, y)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        pre.backward(F.cross_entropy(model(x), y))
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_a_broadcast_grad_is_refused_before_any_grad_is_written(call):
+    """Found by review: an expanded (stride 0) .grad on the last bias: the directions were
+    added to the .grad before it, then torch's raw 'more than one element ... single
+    memory location' error."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+    loss = F.cross_entropy(model(x), y)
+    if call == "step":
+        loss.backward()
+    model[2].bias.grad = torch.zeros(1, dtype=torch.float64).expand(3)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"the .grad of '2.bias' is a broadcast view"):
+        pre.backward(loss) if call == "backward" else pre.step()
+    assert_unchanged(model, before)

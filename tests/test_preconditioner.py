@@ -178,6 +178,32 @@ def test_step_refuses_to_precondition_a_direction_twice(first, method):
                      flatten(expected, model)) < 1e-10  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "first, between", [("step", "clip"), ("backward", "clip"), ("step", "second backward")]
+)
+def test_step_refuses_a_pass_preconditioned_already_whatever_changed_its_grads(first, between):
+    """Found by review: a clip between two steps (clip_grad_norm_ that clips nothing still
+    scales in place) or a second backward pass into the direction bumped the versions, and
+    the second pre.step() was accepted: G^{-2} g, 57x off. On the pass that was
+    preconditioned, pre.step() is refused whatever changed the .grad since."""
+    model, x, y = Problem(depth=3).make()
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+    out = model(x)
+    if first == "backward":
+        pre.backward(F.cross_entropy(out, y))
+    else:
+        F.cross_entropy(out, y).backward(retain_graph=True)
+        pre.step()
+    if between == "clip":
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e6)
+    else:  # the pass's graph, retained: its gradient added to the direction
+        F.cross_entropy(out, y).backward()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="still hold the direction.*precondition it twice"):
+        pre.step()
+    assert_unchanged(model, before)
+
+
 def test_a_refused_second_step_keeps_the_pass_and_data_writes_are_new_gradients():
     """From the second review: the refusal above forgot the recorded pass, so following
     its advice (pre.backward(loss) on that pass) failed; and gradients written through
