@@ -415,7 +415,8 @@ class RiemannianPreconditioner:
                 "DistributedDataParallel model, call loss.backward() and then pre.step()"
             )
         self._check_loss(loss)
-        loss = loss.reshape(())  # a loss of shape (1,) as the scalar the algebra seeds
+        if loss.dim():  # a loss of shape (1,) as the scalar the algebra seeds
+            loss = loss.reshape(())
         capture, model, opts = self._capture, self.model, self._options
         # a parameter frozen, unfrozen or replaced, a module swapped or renamed, or a hook
         # run between ours and a forward, since the hooks were installed: the recorded

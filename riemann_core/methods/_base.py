@@ -591,7 +591,9 @@ def _check_per_sample_calls(calls: list[Block], N: int) -> None:
     batch's (one call that broadcasts a table over the batch is fine)."""
     unbatched: dict[int, list[Block]] = {}
     for c in calls:
-        leaves = [t for t in pytree.tree_leaves((c.inputs, c.kwargs)) if isinstance(t, Tensor)]
+        leaves = c.inputs  # (a call on tensors alone needs no walk)
+        if c.kwargs or not all(isinstance(t, Tensor) for t in leaves):
+            leaves = [t for t in pytree.tree_leaves((c.inputs, c.kwargs)) if isinstance(t, Tensor)]
         if not leaves:
             continue
         module = c.module
