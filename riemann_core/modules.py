@@ -930,6 +930,13 @@ def register_handler(module_type: type, handler: type[Handler], *, overwrite: bo
     STRUCTURED[module_type] = handler
 
 
+def has_kronecker_factors(module: nn.Module) -> bool:
+    """Whether K-FAC factorises ``module``'s metric: a structured kernel with Kronecker
+    factors (:class:`PatchHandler`) that supports its settings."""
+    cls = STRUCTURED.get(type(module))
+    return cls is not None and issubclass(cls, PatchHandler) and cls.supports(module) is None
+
+
 def kronecker_handler(handler: Handler) -> PatchHandler:
     """A handler with K-FAC factors for ``handler``'s block (any kernel was asked for)."""
     if isinstance(handler, PatchHandler):
@@ -941,14 +948,14 @@ def kronecker_handler(handler: Handler) -> PatchHandler:
             "twice): its metric is a sum of Kronecker products. Use method='layerwise', 'full' "
             "or 'natural', which are exact for it"
         )
-    cls = STRUCTURED.get(type(handler.block.module))
-    if cls is None or not issubclass(cls, PatchHandler) or cls.supports(handler.block.module):
+    if not has_kronecker_factors(handler.block.module):
         raise ValueError(
             f"method='kfac' has no Kronecker factorisation for module {handler.block.name!r} "
             f"({type(handler.block.module).__name__}); K-FAC supports Linear and Conv2d "
             "(groups=1, zero padding). Use method='layerwise' for other modules"
         )
-    structured = cls(handler.block)  # on the call's data: in the dtype of the handler's
+    structured = STRUCTURED[type(handler.block.module)](handler.block)  # on the call's
+    # data: in the dtype of the handler's
     return structured if structured.dtype == handler.dtype else structured.to(handler.dtype)
 
 

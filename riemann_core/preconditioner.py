@@ -450,9 +450,12 @@ class RiemannianPreconditioner:
         needs_factor = SOLVERS[self.method].NEEDS_FACTOR
         key = coupling.probe_key(model, *self._batch[:2], opts.kernel)
         probing = needs_factor and coupling.needs_probe(notes, key, opts.check_coupling)
-        called = {n for c in capture.calls for n in c.param_names}
+        calls = [n for c in capture.calls for n in c.param_names]
+        called = set(calls)
         reaches = called  # the parameters the loss reaches, once its graph is walked
-        reuse = self._kfac is not None and not self._kfac.needs_factors(params, opts, called)
+        reuse = self._kfac is not None and not self._kfac.needs_factors(
+            params, opts, called, shared=len(calls) > len(called)
+        )
         overflowed = False
         # a skipped step's draws for the sampled metric are undone (a generator passed)
         sampling = self._scaling and opts.output_metric == "sampled"
@@ -622,8 +625,10 @@ class RiemannianPreconditioner:
         full = {
             n: gradient[n].detach() if n in gradient else torch.zeros_like(p) for n, p in params
         }
+        calls = [] if self._capture is None else self._capture.calls  # (none: DDP's)
+        names = [n for c in calls for n in c.param_names]
         if self._kfac is not None and not self._kfac.needs_factors(
-            params, self._options, set(gradient)
+            params, self._options, set(gradient), shared=len(names) > len(set(names))
         ):
             directions, diagnostics = self._kfac.reuse(full, self._options, checks)
         else:

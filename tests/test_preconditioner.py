@@ -1076,3 +1076,81 @@ def test_a_timeout_set_between_steps_is_checked(seconds):
         pre.timeout = seconds
     pre.timeout = 2.5
     assert pre.timeout == 2.5
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+@pytest.mark.parametrize("change", ["called twice", "circular padding"])
+def test_kfac_reuse_refuses_a_structure_it_has_no_factors_for(change, call):
+    """Found by review: between refreshes the structural refusals of K-FAC did not run, so
+    a module called twice since the refresh, or a convolution whose padding mode changed,
+    got the cached blocks (a metric no longer of the network) until the next refresh."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(2, 2, 3, padding=1), nn.Linear(2 * 4 * 4, 3)
+            self.twice = False
+
+        def forward(self, x):
+            h = torch.tanh(self.conv(x))
+            h = torch.tanh(self.conv(h)) if self.twice else h
+            return self.head(h.flatten(1))
+
+    torch.manual_seed(0)
+    model = Net().double()
+    x, y = torch.randn(5, 2, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    pre = rc.RiemannianPreconditioner(model, method="kfac", damping=1e-2, kfac_refresh=3)
+    pre.backward(F.cross_entropy(model(x), y))
+    if change == "called twice":
+        model.twice = True
+        message = "no Kronecker factorisation for the block 'conv'"
+    else:
+        model.conv.padding_mode = "circular"
+        message = "padding_mode='circular'"
+    model.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    if call == "step":
+        loss.backward()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        pre.backward(loss) if call == "backward" else pre.step()
+    assert_unchanged(model, before)
+    assert pre._kfac.steps == 1
+
+
+@pytest.mark.parametrize("scheme", ["exact", "factored"])
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_kfac_reuse_solves_each_module_in_its_own_dtype(scheme, call):
+    """Found by review: between refreshes every gradient was cast to the first cached
+    module's dtype, so a float32 module beside a float64 one failed at every step after
+    the first, for good (the failed steps never counted towards a refresh). The step
+    between refreshes on the same batch gives the refresh step's direction."""
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 3).double()
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)).double())
+
+    torch.manual_seed(0)
+    model = Mixed()
+    x, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = rc.RiemannianPreconditioner(
+        model, method="kfac", damping=1e-2, kfac_refresh=2, kfac_damping=scheme
+    )
+    directions = []
+    for _ in range(2):  # the refresh, then a step between refreshes
+        model.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        if call == "backward":
+            pre.backward(loss)
+        else:
+            loss.backward()
+            pre.step()
+        directions.append([p.grad.clone() for p in model.parameters()])
+    assert pre._kfac.steps == 2
+    for refreshed, reused in zip(*directions, strict=True):
+        assert reused.dtype == refreshed.dtype
+        torch.testing.assert_close(reused, refreshed, rtol=1e-6, atol=0)

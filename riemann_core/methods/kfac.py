@@ -47,7 +47,7 @@ from ..kronecker import (
     split_damping_checked,
     unit_eigen,
 )
-from ..modules import Block, PatchHandler, kronecker_handler
+from ..modules import Block, PatchHandler, has_kronecker_factors, kronecker_handler
 from ._base import Options, Problem
 from ._solve import Solve, finish
 
@@ -435,7 +435,9 @@ class KFACState:
         """Whether this step refreshes the factorisations."""
         return self.steps % self.refresh == 0
 
-    def needs_factors(self, params, opts: Options, used: set[str] | None = None) -> bool:
+    def needs_factors(
+        self, params, opts: Options, used: set[str] | None = None, shared: bool = False
+    ) -> bool:
         """Whether a step on ``params`` (the trainable ``(name, parameter)`` pairs) with
         ``opts`` needs this batch's factors: when due, with running averages, where a cached
         block's parameters are not all among ``params`` (a module swapped, a parameter
@@ -443,14 +445,20 @@ class KFACState:
         parameter the step uses (``used``, names; by default all of ``params``) has no
         cached block (unfrozen, or its module not called at the last refresh), or where the
         blocks were factorised in another dtype or on another device (the model moved
-        since). A trainable module the forward pass does not call needs nothing."""
+        since). A trainable module the forward pass does not call needs nothing. So does a
+        step whose structure K-FAC refuses, so that it is refused between refreshes too
+        (found by review: accepted with the cached blocks until the next refresh): a
+        parameter ``shared`` by several calls (a module now called twice), a cached module
+        without Kronecker factors now (a convolution's padding mode changed)."""
         current = {(n, id(p)) for n, p in params}
         needed = current if used is None else {(n, i) for n, i in current if n in used}
+        cached = self._cached.values()
         return (
             self.decay > 0
             or self.due
-            or not needed <= _identities(self._cached.values()) <= current
-            or not all(c.placed_for(opts) for c in self._cached.values())
+            or shared
+            or not needed <= _identities(cached) <= current
+            or not all(c.placed_for(opts) and has_kronecker_factors(c.block.module) for c in cached)
         )
 
     def solve(
@@ -489,8 +497,12 @@ class KFACState:
         :func:`riemann_core.methods._solve.finish` checks every solve (reading
         ``checks`` too): ``({name: direction}, diagnostics)``."""
         cached = list(self._cached.values())
-        dtype = cached[0].blocks[0].gamma.data.dtype  # the solve dtype
-        given = [[gradient[n].to(dtype) for n in c.block.param_names] for c in cached]
+        # each block in its own solve dtype (found by review: all in the first block's,
+        # a model of float32 and float64 modules failed at every step between refreshes)
+        given = [
+            [gradient[n].to(c.blocks[0].gamma.data.dtype) for n in c.block.param_names]
+            for c in cached
+        ]
         problem = Problem([c.block for c in cached], gradient=given)
         devices = {g.device.type for g in gradient.values()}
         with full_precision(devices):
