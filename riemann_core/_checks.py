@@ -540,13 +540,22 @@ def check_samples_taken(loss: Tensor, outputs: Tensor, checks: Deferred) -> None
         return
     count = torch.stack(counts).sum()
     N = outputs.shape[0]
+    # on token outputs (N, ..., C) the targets are positions (found by review: there only
+    # the zero gradient was read, and a term over every position beside a cross-entropy
+    # with ignore_index hid the positions it left out)
+    positions = outputs.shape[:-1].numel() if outputs.ndim > 2 else None
 
     def explain():
+        left = (
+            f"{int(count)} of the {positions} positions"
+            if positions
+            else f"{int(count)} sample(s) of the batch of {N}"
+        )
         raise ValueError(
-            f"the loss leaves out {int(count)} sample(s) of the batch of {N} (targets equal "
-            "to ignore_index, or of a class weighted zero), while the metric is that of the "
-            "mean over every sample. Leave those samples out of the batch before the forward "
-            "pass, or pass an output_metric that weighs them"
+            f"the loss leaves out {left} (targets equal to ignore_index, or of a class "
+            "weighted zero), while the metric is that of the mean over every "
+            f"{'position' if positions else 'sample'}. Leave those out of the batch before "
+            "the forward pass, or pass an output_metric that weighs them"
         )
 
     checks.require(count == 0, explain)

@@ -497,7 +497,7 @@ class RiemannianPreconditioner:
                 half = capture.output.dtype == torch.float16
                 scale = self.grad_scaler.get_scale() if self._scaling and half else 1.0
                 output_gradient = check_classes_last(loss, capture.output, checks, loss_scale=scale)
-            elif needs_factor and reads_softmax_fisher(opts.loss, opts.output_metric):
+            if needs_factor and reads_softmax_fisher(opts.loss, opts.output_metric):
                 check_samples_taken(loss, capture.output, checks)
             # (a compiled forward's backward cannot run under vmap: the autograd path)
             if reuse or stale or probing or rehook or paths.outside or compiled:

@@ -2224,13 +2224,21 @@ def test_classes_along_another_dimension_are_refused():
             out.reshape(-1, 4), y.masked_fill(y == 0, -100).reshape(-1), ignore_index=-100
         ),
         lambda out, y: F.cross_entropy(out[:, :-1].reshape(-1, 4), y[:, 1:].reshape(-1)),
+        lambda out, y: (
+            F.cross_entropy(
+                out.reshape(-1, 4), y.masked_fill(y == 0, -100).reshape(-1), ignore_index=-100
+            )
+            - 0.1 * F.log_softmax(out, -1).mean()
+        ),
     ],
-    ids=["ignore_index", "shifted"],
+    ids=["ignore_index", "shifted", "ignore_index-beside-a-term-on-all"],
 )
 def test_a_token_loss_leaving_positions_out_is_refused(loss):
     """The metric is that of the mean over every position: a loss over fewer (padding, a
     next-token shift) would be preconditioned by another metric (before: 0.25 and 0.19 off
-    the oracle of the loss taken, silently)."""
+    the oracle of the loss taken, silently). Found by review: a term over every position
+    beside the cross-entropy with ignore_index hid the positions it left out (its
+    ``nll_loss``, which (N, C) outputs read, was not read for tokens)."""
     model, x, y = token_tagger()
     y[0, 0] = 0  # a padded position for ignore_index
     pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel="auto")
