@@ -32,7 +32,11 @@ def check_choice(name: str, value, choices) -> None:
 def check_damping(damping) -> None:
     if isinstance(damping, bool) or not isinstance(damping, Real):
         raise TypeError(f"damping must be a positive real number, got {type(damping).__name__}")
-    if not math.isfinite(damping) or damping <= 0:
+    try:
+        finite = math.isfinite(damping)
+    except OverflowError:  # an integer past float's range
+        finite = False
+    if not finite or damping <= 0:
         raise ValueError(
             f"damping must be positive and finite (it is mu in mu I + K^T K), got {damping!r}; "
             "use e.g. damping=1e-3"
@@ -229,7 +233,7 @@ def check_kfac_options(method: str, **options) -> None:
 def check_refresh(refresh, decay) -> None:
     """The preconditioner's K-FAC schedule: decompositions every ``refresh`` steps,
     factors averaged with weight ``decay`` on the past."""
-    if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
+    if isinstance(refresh, bool) or not isinstance(refresh, Integral) or refresh < 1:
         raise ValueError(
             f"kfac_refresh must be a positive integer (steps between factorisations), "
             f"got {refresh!r}"

@@ -135,8 +135,7 @@ def direction(
         distributed.check_group(process_group)
     # a bad option on one rank meets the others at the agreement: they would wait it out
     with distributed.share_failure(process_group, timeout):
-        if process_group is not None:
-            distributed.check_timeout(timeout)
+        distributed.check_timeout(timeout)
         opts = Options.checked(
             method,
             METHODS,

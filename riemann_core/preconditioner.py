@@ -176,17 +176,19 @@ class RiemannianPreconditioner:
                     "as process_group (e.g. torch.distributed.group.WORLD)"
                 )
             _check_grad_scaler(grad_scaler, model, process_group)
+            distributed.check_timeout(timeout)  # (checked by its setter too)
             if process_group is not None:
                 distributed.check_group(process_group)
-                distributed.check_timeout(timeout)
                 _check_distributed_kfac(self._kfac)
             # DistributedDataParallel's forward expects its own backward: solve on its module
-            self.network = model.module if isinstance(model, DistributedDataParallel) else model
-            check_model(self.network)
-        self.grad_scaler = grad_scaler
-        self.model = model
-        self.method = method
-        self.process_group, self._timeout = process_group, timeout
+            network = model.module if isinstance(model, DistributedDataParallel) else model
+            check_model(network)
+        # read-only (found by review: pre.method = "Full" failed with a KeyError at the next
+        # step, and a K-FAC state's method changed under it could not be loaded again)
+        self._model, self._network, self._method = model, network, method
+        self._grad_scaler, self._process_group = grad_scaler, process_group
+        self._timeout = timeout
+        self._removed = False
         self.diagnostics: list[LayerDiagnostics] = []
         #: whether the last step's scaled gradient overflowed (``grad_scaler`` only)
         self.overflowed = False
@@ -221,6 +223,28 @@ class RiemannianPreconditioner:
         # pre.backward(loss) records the user's own forward passes (one process only)
         single = process_group is None and self.network is model
         self._capture = Capture(model, notes_for(model).clone, persistent=True) if single else None
+
+    @property
+    def model(self) -> nn.Module:
+        """The model as passed (a ``DistributedDataParallel`` wrapper included)."""
+        return self._model
+
+    @property
+    def network(self) -> nn.Module:
+        """The model whose parameters are preconditioned (a wrapper's ``module``)."""
+        return self._network
+
+    @property
+    def method(self) -> str:
+        return self._method
+
+    @property
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        return self._grad_scaler
+
+    @property
+    def process_group(self):
+        return self._process_group
 
     @property
     def timeout(self) -> float:
@@ -409,6 +433,7 @@ class RiemannianPreconditioner:
         ``process_group`` or a ``DistributedDataParallel`` model it raises ``ValueError``
         (use ``loss.backward()`` and :meth:`step`).
         """
+        self._check_not_removed("pre.backward(loss)")
         if self._capture is None:
             raise ValueError(
                 "pre.backward(loss) runs in one process: with a process_group or a "
@@ -566,9 +591,13 @@ class RiemannianPreconditioner:
     @staticmethod
     def _check_loss(loss) -> None:
         if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
-            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            what = (
+                f"a {loss.dtype} tensor of shape {tuple(loss.shape)}"
+                if isinstance(loss, Tensor)
+                else type(loss).__name__
+            )
             raise TypeError(
-                f"pre.backward(loss) needs the loss as a floating-point scalar tensor, got {shape}"
+                f"pre.backward(loss) needs the loss as a floating-point scalar tensor, got {what}"
             )
         if loss.grad_fn is None:
             raise ValueError(
@@ -678,6 +707,7 @@ class RiemannianPreconditioner:
     def step(self) -> None:
         """Replace every trainable ``.grad`` by the preconditioned direction."""
         with distributed.share_failure(self.process_group, self.timeout):
+            self._check_not_removed("pre.step()")
             if self._batch is None:
                 raise RuntimeError(
                     "pre.step() needs the batch of a forward pass: call model(x) and "
@@ -900,8 +930,21 @@ class RiemannianPreconditioner:
         if self._kfac is not None:
             kfac_checkpoint.load(self._kfac, state["kfac"], self.network, self._options)
 
+    def _check_not_removed(self, call: str) -> None:
+        """Refuse a call after :meth:`remove`: forward passes since are not recorded, so it
+        would take the metric at the batch of the last one before (found by review: a step
+        on a later batch's gradient, 8x off)."""
+        if self._removed:
+            raise RuntimeError(
+                f"{call} after pre.remove() (or the end of its with block): the model's "
+                "forward passes are no longer recorded; build a new RiemannianPreconditioner "
+                "(load this one's state_dict() into it to keep K-FAC's state)"
+            )
+
     def remove(self) -> None:
-        """Detach the forward hooks from the model."""
+        """Detach the forward hooks from the model; the preconditioner is then spent (its
+        ``state_dict()`` can still be saved)."""
+        self._removed = True
         self._hook.remove()
         self._output_hook.remove()
         if self._capture is not None:

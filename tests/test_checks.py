@@ -533,3 +533,30 @@ def test_a_broadcast_grad_is_refused_before_any_grad_is_written(call):
     with pytest.raises(ValueError, match=r"the .grad of '2.bias' is a broadcast view"):
         pre.backward(loss) if call == "backward" else pre.step()
     assert_unchanged(model, before)
+
+
+def test_option_values_found_by_review():
+    """Each was a raw error or accepted: a damping past float's range (OverflowError), a
+    generator of the wrong type (accepted under the exact metric, or refused only at the
+    first step of a preconditioner), a negative timeout without a process group (accepted,
+    then refused by its own setter), a numpy integer kfac_refresh (refused, though numpy
+    integers are taken for samples), an integer loss (its message named its shape)."""
+    model, x, y = setup()
+    with pytest.raises(ValueError, match="damping must be positive and finite"):
+        rc.direction(model, x, y, damping=10**400)
+    for metric in ("exact", "sampled"):
+        with pytest.raises(TypeError, match="generator must be a torch.Generator or None"):
+            rc.RiemannianPreconditioner(model, output_metric=metric, generator="seed-42")
+        with pytest.raises(TypeError, match="generator must be a torch.Generator or None"):
+            rc.direction(model, x, y, output_metric=metric, generator=12345)
+    with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+        rc.RiemannianPreconditioner(model, timeout=-1)
+    with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+        rc.direction(model, x, y, timeout=0)
+    pre = rc.RiemannianPreconditioner(model, method="kfac", kfac_refresh=np.int64(3))
+    assert pre.state_dict()["kfac"]["refresh"] == 3
+    assert type(pre.state_dict()["kfac"]["refresh"]) is int
+    pre = rc.RiemannianPreconditioner(model)
+    loss = F.cross_entropy(model(x), y)
+    with pytest.raises(TypeError, match="got a torch.int64 tensor of shape"):
+        pre.backward(loss.long())

@@ -321,11 +321,28 @@ def test_remove_detaches_the_hooks():
     F.cross_entropy(model(x), y).backward()
     pre.remove()
     assert hook_counts(model) == hooks
-    model(torch.randn_like(x))  # no longer recorded: the step still uses x
-    pre.step()
-    expected = rc.direction(model, x, y, damping=1e-2)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, expected[name], rtol=1e-12, atol=1e-14)
+    # found by review: forward passes after remove() are not recorded, and a step on a
+    # later batch's gradient took the metric at x (8x off): refused, .grad untouched
+    model.zero_grad()
+    loss = F.cross_entropy(model(torch.randn_like(x)), y)
+    loss.backward(retain_graph=True)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"pre.step\(\) after pre.remove\(\)"):
+        pre.step()
+    with pytest.raises(RuntimeError, match=r"pre.backward\(loss\) after pre.remove\(\)"):
+        pre.backward(loss)
+    assert_unchanged(model, before)
+
+
+def test_the_preconditioners_own_settings_are_read_only():
+    """Found by review: pre.method = "Full" was accepted and failed with a KeyError at the
+    next step; a K-FAC preconditioner set to "layerwise" saved a state none could load."""
+    model, _, _ = Problem().make()
+    pre = rc.RiemannianPreconditioner(model, method="kfac", kfac_refresh=2)
+    for name in ("method", "model", "network", "grad_scaler", "process_group"):
+        with pytest.raises(AttributeError, match="has no setter"):
+            setattr(pre, name, None)
+    assert pre.method == "kfac" and pre.model is model and pre.network is model
 
 
 def test_context_manager_removes_the_hooks():

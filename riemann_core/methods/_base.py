@@ -70,6 +70,11 @@ class Options:
                 "diagnostics (return_diagnostics of rc.direction) must be True or False, got "
                 f"{options['diagnostics']!r}"
             )
+        generator = options.get("generator")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(  # (found by review: accepted, or refused only at a first step)
+                f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+            )
         numbers = {k: int(options[k]) for k in ("samples", "refine") if k in options}
         return cls(**{**options, **numbers, "damping": float(options["damping"])})
 

@@ -424,7 +424,7 @@ class KFACState:
 
     def __init__(self, refresh: int = 1, decay: float = 0.0):
         check_refresh(refresh, decay)
-        self.refresh, self.decay = refresh, float(decay)
+        self.refresh, self.decay = int(refresh), float(decay)
         self.steps = 0
         self._averages: dict[str, Tensor] = {}  # running factors by "module:Gamma", "module:A"
         self._cached: dict[str, Cached] = {}  # by module

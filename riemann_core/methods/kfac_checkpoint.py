@@ -272,6 +272,7 @@ def _tensor(value, what: str, device, dtype=None) -> Tensor:
     if (
         not isinstance(value, Tensor)
         or value.layout != torch.strided
+        or value.is_meta  # (found by review: .item() on it raised a RuntimeError)
         or value.dim() != 2
         or value.shape[0] == 0
         or not value.is_floating_point()
@@ -304,6 +305,8 @@ def _mapping(value, what: str, keys: set[str] | None = None) -> Mapping:
         raise ValueError(
             f"{what} must be a mapping (from state_dict()), got {type(value).__name__}"
         )
+    if not all(isinstance(k, str) for k in value):  # (found by review: an AttributeError)
+        raise ValueError(f"{what} must have text keys (from state_dict()): the file is corrupted")
     if keys is not None and set(value) != keys:
         missing, extra = sorted(keys - set(value)), sorted(map(str, set(value) - keys))
         raise ValueError(
