@@ -380,13 +380,12 @@ def check_model(model: nn.Module, checks: Deferred | None = None) -> list[tuple[
         raise ValueError(
             "the model has no trainable parameters (requires_grad=True); nothing to solve"
         )
-    other = [n for n, p in params if getattr(p, "grad_dtype", p.dtype) != p.dtype]
+    other = [n for n, p in params if getattr(p, "grad_dtype", p.dtype) not in (None, p.dtype)]
     if other:  # (found by review: autograd's gradients in another dtype broke the checks)
         raise ValueError(
             f"parameters {other} have a grad_dtype other than their own dtype: the metrics' "
             "algebra runs in the parameters' dtype and writes .grad in it; set "
-            "p.grad_dtype = p.dtype (None allows a .grad of any dtype; keep float64 "
-            "parameters for float64 gradients)"
+            "p.grad_dtype = p.dtype (or keep float64 parameters for float64 gradients)"
         )
     now = checks is None
     checks = Deferred() if now else checks

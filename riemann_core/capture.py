@@ -749,38 +749,49 @@ def _replay_differs(new: list[Tensor], old: list[Tensor], cause: str = "") -> No
     )
 
 
-#: Containers (list, tuple, dict attributes of a module, and those inside them, two levels
-#: deep) of up to this many entries are searched for generators; larger ones (a
-#: vocabulary) are not read at every call.
-GENERATOR_CONTAINER_ENTRIES = 256
+#: How many entries of a module's list, tuple and dict attributes (and of those inside
+#: them, two levels deep) are searched for generators, in all: a large container (a
+#: vocabulary) is not read at every call.
+GENERATOR_SEARCH_ENTRIES = 256
+
+_CONTAINERS = (list, tuple, dict)
 
 
 def _own_generators(model: nn.Module) -> list[tuple[str, torch.Generator]]:
     """``(name, generator)`` of every ``torch.Generator`` a module of ``model`` holds as an
     attribute (``self.gen = torch.Generator()``) or in a list, tuple or dict attribute
-    (``self.gens = [...]``, named ``gens[0]``; see :data:`GENERATOR_CONTAINER_ENTRIES`):
+    (``self.gens = [...]``, named ``gens[0]``; see :data:`GENERATOR_SEARCH_ENTRIES`):
     the global generators' states do not show its draws."""
     found = []
     for prefix, module in model.named_modules():
         for attr, value in vars(module).items():
-            found += _generators_in(f"{prefix}.{attr}" if prefix else attr, value, depth=2)
+            name = f"{prefix}.{attr}" if prefix else attr
+            if isinstance(value, torch.Generator):
+                found.append((name, value))
+            elif isinstance(value, _CONTAINERS):
+                found += [(name + path, g) for path, g in _generators_in(value)]
     return found
 
 
-def _generators_in(name: str, value, depth: int) -> list[tuple[str, torch.Generator]]:
-    if isinstance(value, torch.Generator):
-        return [(name, value)]
-    if not (depth and isinstance(value, (list, tuple, dict))):
-        return []
-    if len(value) > GENERATOR_CONTAINER_ENTRIES:
-        return []
-    entries = value.items() if isinstance(value, dict) else enumerate(value)
-    return [
-        found
-        for key, entry in entries
-        if isinstance(entry, (torch.Generator, list, tuple, dict))
-        for found in _generators_in(f"{name}[{key!r}]", entry, depth - 1)
-    ]
+def _generators_in(container) -> list[tuple[str, torch.Generator]]:
+    """``(path, generator)`` in ``container`` and the containers in it (two levels), up
+    to :data:`GENERATOR_SEARCH_ENTRIES` entries read; paths formatted for finds only."""
+    found, budget = [], GENERATOR_SEARCH_ENTRIES
+    level = [((), container)]
+    for depth in range(2):
+        inner = []
+        for keys, value in level:
+            if len(value) > budget:
+                return found
+            budget -= len(value)
+            entries = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, entry in entries:
+                if isinstance(entry, torch.Generator):
+                    found.append(("".join(f"[{k!r}]" for k in (*keys, key)), entry))
+                elif depth == 0 and isinstance(entry, _CONTAINERS):
+                    inner.append(((*keys, key), entry))
+        level = inner
+    return found
 
 
 def forward(

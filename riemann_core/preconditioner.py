@@ -466,7 +466,7 @@ class RiemannianPreconditioner:
         overflow = GradientOverflow if self._scaling else None  # the scaler's to skip
         for name, p in params:  # the direction is added to them, as loss.backward() adds
             if p.grad is not None:
-                _check_grad(name, p.grad, checks, overflow or ValueError)
+                _check_grad(name, p.grad, p.dtype, checks, overflow or ValueError)
         check_generator(opts.generator, opts.output_metric, params[0][1].device)
         names = {id(p): n for n, p in params}
         notes = notes_for(model)
@@ -758,8 +758,9 @@ class RiemannianPreconditioner:
             device = params[0][1].device
             check_generator(self._options.generator, self._options.output_metric, device)
             check_inputs(*self._batch[:2], None, checks)  # an empty shard, named
-            for name, grad in with_grad.items():
-                _check_grad(name, grad, checks)
+            for name, p in params:
+                if name in with_grad:
+                    _check_grad(name, p.grad, p.dtype, checks)
             self._check_not_preconditioned(with_grad)
         # a parameter without .grad took no part in the loss: a zero vector, left as None
         directions, self.diagnostics = self._transaction(
@@ -789,15 +790,16 @@ class RiemannianPreconditioner:
 
     def _check_not_preconditioned(self, grads: dict[str, Tensor]) -> None:
         """Refuse ``.grad`` that hold a direction a call wrote: preconditioning them again
-        would give ``G^{-2} g``. On the pass it was written for, whatever changed them
-        since (a clip, even one that clips nothing, or a second backward: found by review,
-        57x off); after a new forward pass, the same tensors at the same version and norm
-        (a loss.backward() forgotten)."""
+        would give ``G^{-2} g``. On the pass it was written for, the tensors written,
+        whatever changed them since (a clip, even one that clips nothing, or a second
+        backward: found by review, 57x off; a fresh ``.grad`` after ``opt.zero_grad()``,
+        a new tensor, is taken); after a new forward pass, the same tensors at the same
+        version and norm (a loss.backward() forgotten)."""
         written = {id(ref()): (v, norm) for ref, v, norm in self._written if ref() is not None}
         same = [
             (n, g)
             for n, g in grads.items()
-            if self._preconditioned or written.get(id(g), (None,))[0] == g._version
+            if id(g) in written and (self._preconditioned or written[id(g)][0] == g._version)
         ]
         if not same:
             return
@@ -813,8 +815,8 @@ class RiemannianPreconditioner:
                 f"the .grad of {again[:3]}{' ...' if len(again) > 3 else ''} still hold "
                 "the direction the last pre.step() or pre.backward(loss) wrote, and another "
                 "pre.step() would precondition it twice: call loss.backward() (after "
-                "opt.zero_grad()) before each pre.step(), and pre.step() once per backward; "
-                "pre.backward(loss) needs no pre.step()"
+                "opt.zero_grad(), which sets them to None) before each pre.step(), and "
+                "pre.step() once per backward; pre.backward(loss) needs no pre.step()"
             )
 
     def _note_overflow(self, overflowed: bool) -> None:
@@ -1053,10 +1055,17 @@ def _check_no_gradient_hooks(params) -> None:
         )
 
 
-def _check_grad(name: str, grad: Tensor, checks: Deferred, error: type = ValueError) -> None:
-    """A ``.grad`` the preconditioner uses: dense, with an element of its own at every
-    index (written in place), and finite (read with ``checks``; ``error`` raised
-    otherwise)."""
+def _check_grad(
+    name: str, grad: Tensor, dtype: torch.dtype, checks: Deferred, error: type = ValueError
+) -> None:
+    """A ``.grad`` the preconditioner uses: dense, in its parameter's dtype, with an
+    element of its own at every index (written in place), and finite (read with
+    ``checks``; ``error`` raised otherwise)."""
+    if grad.dtype != dtype:  # (grad_dtype=None lets a .grad of another dtype be set)
+        raise ValueError(
+            f"the .grad of {name!r} is {grad.dtype}, its parameter {dtype}: the direction "
+            "is solved and written in the parameter's dtype; set it to None (opt.zero_grad())"
+        )
     if grad.layout != torch.strided:
         raise TypeError(
             f"the .grad of {name!r} is {grad.layout} (an nn.Embedding(sparse=True)?): the "

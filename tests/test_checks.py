@@ -494,7 +494,30 @@ def test_cross_entropy_on_one_logit_is_refused_naming_the_bernoulli_fisher():
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("grad_dtype", [torch.float32, None])
+def test_grad_dtype_none_is_exact_and_a_grad_of_another_dtype_refused():
+    """Found by review: grad_dtype=None (autograd's gradients still in the parameter's
+    dtype) was refused though exact; a .grad of another dtype it lets the user set is
+    refused by name, before anything is written (a raw dtype error before)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    for p in model.parameters():
+        p.grad_dtype = None
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+    pre.backward(F.cross_entropy(model(x), y))
+    expected = rc.direction(model, x, y, damping=1e-2)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    model[2].bias.grad = model[2].bias.grad.float()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"the .grad of '2.bias' is torch.float32"):
+        pre.step()
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32])
 def test_a_grad_dtype_other_than_the_parameters_is_refused(grad_dtype):
     """Found by review: with p.grad_dtype = float32 on float64 parameters autograd's
     gradients came in float32, read as 'parameters reach the output outside the calls of

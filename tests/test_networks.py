@@ -2907,14 +2907,17 @@ class BroadcastTable(nn.Module):
 
     def forward(self, x):
         N, T, _ = x.shape
-        h = (self.emb(x) + self.pos(torch.arange(T), N)).flatten(1)
-        return self.head(h) + self.offset(torch.tensor(2.0, dtype=x.dtype), N)
+        h = self.emb(x) + self.pos(torch.arange(T), N)
+        h = torch.tanh(h) + self.pos(torch.arange(T), N)  # a table per step, as in a
+        # Universal Transformer: a second call broadcast over the batch (found by review)
+        return self.head(h.flatten(1)) + self.offset(torch.tensor(2.0, dtype=x.dtype), N)
 
 
 @pytest.mark.parametrize("method", EXACT)
-def test_modules_called_once_without_a_batched_input_are_exact(method):
+def test_modules_without_a_batched_input_broadcast_over_the_batch_are_exact(method):
     """Found by review: the check of modules called once per sample refused these (no
-    input of the batch), which are exact: one call broadcasting over the batch."""
+    input of the batch), which are exact: calls broadcasting over the batch, once or once
+    per step."""
     torch.manual_seed(0)
     model = BroadcastTable().double()
     x, y = torch.randn(4, 5, 3, dtype=torch.float64), torch.randint(0, 3, (4,))

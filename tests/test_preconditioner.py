@@ -204,6 +204,23 @@ def test_step_refuses_a_pass_preconditioned_already_whatever_changed_its_grads(f
     assert_unchanged(model, before)
 
 
+def test_a_fresh_grad_on_a_preconditioned_pass_is_taken():
+    """Found by review: refusing every .grad on a pass already preconditioned also refused a
+    fresh gradient after opt.zero_grad() (a damping sweep on one batch); those .grad are
+    new tensors, and exact."""
+    model, x, y = Problem(depth=3).make()
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward(retain_graph=True)
+    pre.step()
+    model.zero_grad()
+    loss.backward()
+    pre.step()
+    expected = rc.direction(model, x, y, damping=1e-2)
+    assert rel_error(flatten({n: p.grad for n, p in model.named_parameters()}, model),
+                     flatten(expected, model)) < 1e-10  # fmt: skip
+
+
 def test_a_refused_second_step_keeps_the_pass_and_data_writes_are_new_gradients():
     """From the second review: the refusal above forgot the recorded pass, so following
     its advice (pre.backward(loss) on that pass) failed; and gradients written through

@@ -487,7 +487,6 @@ def problem_from_graph(
     """
     check_one_output(outputs)
     check_outputs(outputs, targets, opts.loss, checks)
-    _check_per_sample_calls(calls, outputs.shape[0])
     for c in calls:
         if c.output.shape[:1] != outputs.shape[:1]:
             raise ValueError(
@@ -498,6 +497,7 @@ def problem_from_graph(
                 "layers with batch_first=True; a table of positions, an nn.Embedding called on "
                 "torch.arange(T), as an nn.Parameter of the model indexed in forward)"
             )
+    _check_per_sample_calls(calls, outputs.shape[0])
     if not calls:
         raise ValueError(
             "no module with trainable parameters took part in the forward pass; "
@@ -593,7 +593,8 @@ def _check_per_sample_calls(calls: list[Block], N: int) -> None:
     batch size (found by review: the kernels then crashed deep inside): a ``Linear`` or
     convolution called on an unbatched input (one sample: a 1-D input of a ``Linear``),
     or a module called more than once with no tensor input whose first dimension is the
-    batch's (one call that broadcasts a table over the batch is fine)."""
+    batch's and an output not broadcast over it (one call that broadcasts a table over the
+    batch, or several such calls, a table per step, are exact)."""
     unbatched: dict[int, list[Block]] = {}
     for c in calls:
         leaves = c.inputs  # (a call on tensors alone needs no walk)
@@ -606,7 +607,8 @@ def _check_per_sample_calls(calls: list[Block], N: int) -> None:
             isinstance(module, nn.modules.conv._ConvNd)
             and c.input.ndim == len(module.kernel_size) + 1
         )
-        if one_sample or not any(t.ndim and t.shape[0] == N for t in leaves):
+        broadcast = c.output.ndim and c.output.stride(0) == 0  # (expanded over the batch)
+        if one_sample or not (broadcast or any(t.ndim and t.shape[0] == N for t in leaves)):
             unbatched.setdefault(id(module), []).append(c)
             if one_sample or len(unbatched[id(module)]) > 1:
                 shapes = [tuple(t.shape) for t in leaves]
