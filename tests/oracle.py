@@ -18,6 +18,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -541,6 +542,18 @@ def snapshot(model: nn.Module) -> dict:
             for n, p in model.named_parameters()
         },
     }
+
+
+def assert_call_refused(pre, model, x, y, call, match, error=ValueError) -> None:
+    """``pre.backward(loss)`` or ``loss.backward(); pre.step()`` on ``model(x)`` raises
+    ``error`` matching ``match``, parameters and ``.grad`` left as they were."""
+    loss = F.cross_entropy(model(x), y)
+    if call == "step":
+        loss.backward()
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        pre.backward(loss) if call == "backward" else pre.step()
+    assert_unchanged(model, before)
 
 
 def assert_unchanged(model: nn.Module, before: dict) -> None:

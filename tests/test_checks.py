@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import Problem, assert_unchanged, snapshot
+from oracle import Problem, assert_call_refused, assert_unchanged, snapshot
 from torch import nn
 
 import riemann_core as rc
@@ -302,13 +302,7 @@ def test_a_module_called_per_sample_is_refused_when_its_width_is_the_batch(kerne
             rc.direction(model, x, y, kernel=kernel)
         return
     pre = rc.RiemannianPreconditioner(model, kernel=kernel)
-    loss = F.cross_entropy(model(x), y)
-    if call == "step":
-        loss.backward()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=message):
-        pre.backward(loss) if call == "backward" else pre.step()
-    assert_unchanged(model, before)
+    assert_call_refused(pre, model, x, y, call, message)
 
 
 @pytest.mark.parametrize("batch", [1, 4])
