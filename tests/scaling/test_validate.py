@@ -38,6 +38,8 @@ def test_every_claim_passes_on_a_machine_with_overhead_and_climbing_rates():
     # against the overhead
     expected["time-explained-euclidean"] = "regime not reached"
     expected["time-explained-kfac-default"] = "regime not reached"
+    # and the plain gradient's depth line adds too little work to judge its curve by
+    expected["linear-in-depth-euclidean"] = "regime not reached"
     assert verdicts(claims) == expected
     assert {c.id for c in claims} >= {
         "flops-match-model",
@@ -534,3 +536,42 @@ def test_a_verdict_decided_on_a_flagged_outlier_says_so():
     claim = va._on_outliers(passed, deciding, df, ("depth",))
     assert claim.verdict == "pass"
     assert claim.detail.startswith("Detail. It rests on points the sweep flagged outlier")
+
+
+def test_a_depth_line_of_three_depths_or_two_rounds_is_too_noisy():
+    """Found by review: exactly affine times failed linear-in-depth on three depths of
+    three rounds (9 of 40 claims over 8 seeds): a quadratic through three points leaves no
+    scatter to measure. The planted curve that fails on the full line reads too noisy."""
+    for axes, repeats in (({**AXES, "depth": (1, 2, 4)}, 5), (AXES, 2)):
+        df, meta = make_sweep(axes=axes, repeats=repeats)
+        for share in ((0.3, 0.25, 0.35), (0.0, -0.05, 0.05)):  # would fail, would pass
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(
+                    fit,
+                    "quadratic_share",
+                    lambda *a, share=share, **k: fit.SlopeFit(*share, 5, (2, 5)),
+                )
+                claim = by_id(va.validate(df, meta, n_boot=50), "linear-in-depth-natural")
+            assert claim.verdict == "too noisy" and "leave no scatter" in claim.detail
+
+
+def test_a_flat_depth_line_under_overhead_does_not_pass():
+    """Found by review: a quadratic line of little work under a large constant overhead
+    passed (0.046 [-0.048, 0.138]); the work it adds is under MIN_LINE_WORK of the time,
+    so its curve is not judged either way."""
+    fast = {"products": 5e13, "cholesky": 1e13, "eigh": 3e12}  # the work takes no time
+    machine = Machine(t0=2.0, rates=fast)
+    claim = by_id(va.validate(*make_sweep(machine), n_boot=300), "linear-in-depth-natural")
+    assert claim.verdict == "regime not reached" and "the count does not see" in claim.detail
+
+
+def test_structured_vs_generic_under_the_structured_kernels_overhead_is_not_a_fail():
+    """Found by review: the structured kernel's per-call overhead brought the ratio near 1
+    (1.25 [1.23, 1.31]) and the claim failed, though its own time model put the overhead
+    above the target; only the generic kernel's was checked."""
+    machine = Machine(saturation=1e7)
+    machine.extra = lambda m, k, s: 5.0 if k == "structured" else 0.0
+    df, meta = make_sweep(machine, runs=(("layerwise", "structured"), ("layerwise", "generic")))
+    claim = by_id(va.validate(df, meta, n_boot=300), "structured-vs-generic")
+    assert claim.verdict == "regime not reached"
+    assert "the structured kernel's overhead" in claim.detail
