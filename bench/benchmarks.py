@@ -185,6 +185,7 @@ class Overhead:
         self.call = functools.partial(
             rc.direction, model, x, y, method=method, damping=common.DAMPING, kernel=kernel
         )
+        self.call()  # warm: a first call in a process is 1000x the next (imports, probes)
 
     def time_overhead(self, label):
         self.call()
@@ -378,6 +379,7 @@ class KFAC:
 
     def setup(self, variant, implementation, *size):
         self.call, self.device = _kfac_call(variant, implementation, *size)
+        self.call()  # warm, as the directions' setups are (asv --quick takes no warm-up)
 
     def time_kfac(self, *params):
         self.call()

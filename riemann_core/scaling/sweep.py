@@ -42,7 +42,9 @@ environment, workers and rates, :func:`add_device`).
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import functools
 import io
 import json
@@ -1015,7 +1017,56 @@ def sweep(
     shows. Where ``retime`` is given (e.g. :func:`time_lines`), the lines of
     :func:`lines_to_interleave` are timed again by it at the end, and their rows take
     those times (``interleaved``: the axes of their group), see :func:`interleave_lines`.
+    One sweep at a time writes into ``out`` (:func:`writing`).
     """
+    with writing(out):
+        return _sweep(
+            grid,
+            out,
+            progress=progress,
+            meta=meta,
+            runner=runner,
+            measure=measure,
+            rates=rates,
+            retime=retime,
+            clock=clock,
+        )
+
+
+@contextlib.contextmanager
+def writing(out: Path):
+    """Hold ``out``'s lock (``.riemann-bench.lock``, an exclusive ``flock``) while a sweep
+    writes there: two sweeps into one directory each rewrote ``results.csv`` from their own
+    rows, and one's points were lost (found by review). Released when the sweep ends, or
+    its process does."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"another riemann-bench sweep is writing into {out} (it holds "
+                f"{out / LOCK_FILE}): wait for it to end, or pass another --out"
+            ) from None
+        yield
+
+
+#: The lock file of a directory a sweep writes into (:func:`writing`).
+LOCK_FILE = ".riemann-bench.lock"
+
+
+def _sweep(
+    grid: Grid,
+    out: Path,
+    *,
+    progress: bool,
+    meta: dict | None,
+    runner: Runner | None,
+    measure: Callable[[dict, Grid], dict] | None,
+    rates: Callable[[torch.device, torch.dtype], dict[str, list[float]]] | None,
+    retime: Callable[[list[list[dict]], Grid, torch.device], list[dict]] | None,
+    clock: Callable[[], float],
+) -> SweepResult:
     from tqdm import tqdm
 
     from . import grow
@@ -1055,6 +1106,9 @@ def sweep(
             commands.append(record["command"])
         if commands:
             record["commands"] = commands
+        # kept until this sweep ends (found by review: an interrupted resume saved a
+        # record without them, and the decisions of methods it did not measure were lost)
+        record.update({k: previous[k] for k in ("growth", "sweep_s") if k in previous})
     devices = previous_devices(previous)
     session = uuid.uuid4().hex
     # a resumed sweep measures in this process as it did: checked before any write (a

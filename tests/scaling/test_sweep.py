@@ -833,3 +833,35 @@ def test_a_workers_other_timing_environment_is_refused(tmp_path, monkeypatch):
     ):
         sw.sweep(sw.Grid(**wider), tmp_path, runner=PlacedHere(), progress=False)
     assert (tmp_path / "results.csv").read_bytes() == before
+
+
+def test_an_interrupted_resume_keeps_the_recorded_growth_decisions(tmp_path):
+    """Found by review: a resume saved its record at the start without the growth decisions
+    and the sweep's duration; interrupted, they were gone, and a resume of other methods
+    never wrote back those of the methods it did not measure."""
+    sw.sweep(sw.Grid(**TINY), tmp_path, progress=False)
+    recorded = json.loads((tmp_path / "sweep.json").read_text())
+    recorded["growth"] = {"layerwise/structured": "a decision of the first sweep"}
+    (tmp_path / "sweep.json").write_text(json.dumps(recorded))
+
+    def interrupted(run, grid):
+        raise KeyboardInterrupt
+
+    grid = sw.Grid(**{**TINY, "axes": {**TINY["axes"], "width": (4, 6, 8)}})
+    with pytest.raises(KeyboardInterrupt):
+        sw.sweep(grid, tmp_path, progress=False, measure=interrupted)
+    after = json.loads((tmp_path / "sweep.json").read_text())
+    assert after["growth"] == recorded["growth"]
+    assert after["sweep_s"] == recorded["sweep_s"]
+
+
+def test_a_second_sweep_into_the_same_directory_is_refused(tmp_path):
+    """Found by review: two sweeps into one --out each rewrote results.csv from their own
+    rows, both exited 0, and one's points were lost. The second is refused while the
+    first holds the directory's lock; nothing is written."""
+    with sw.writing(tmp_path):
+        with pytest.raises(ValueError, match="another riemann-bench sweep is writing into"):
+            sw.sweep(sw.Grid(**TINY), tmp_path, progress=False)
+        assert not (tmp_path / "results.csv").exists()
+    sw.sweep(sw.Grid(**TINY), tmp_path, progress=False)  # released: the next one runs
+    assert len(rows_of(tmp_path / "results.csv")) == len(list(sw.Grid(**TINY).runs()))
