@@ -665,8 +665,16 @@ def _row_problem(row: dict) -> str | None:
     for axis in AXES:
         if not (row[axis].isascii() and row[axis].isdigit()) or int(row[axis]) < 1:
             return f"{axis} is {row[axis]!r}, not a positive integer"
-    if row["status"] != "ok":
-        return None
+    if row["status"] != "ok":  # nothing measured, but what is there reads as numbers
+        # (found by review: an 'error' row's text time crashed fit with a TypeError)
+        return next(
+            (
+                f"a point not measured ({row['status']}) with {column} = {row[column]!r}"
+                for column in MEASURED + MAYBE_MEASURED
+                if row.get(column) not in (None, "") and _number(row[column]) is None
+            ),
+            None,
+        )
     for column in MEASURED + MAYBE_MEASURED:
         value = _number(row.get(column))
         if column in MAYBE_MEASURED:
@@ -737,10 +745,14 @@ def read_record(path: Path) -> dict:
             f"{', '.join(AXES)}); move it away or pass another --out"
         )
     axes = record.get("axes")
-    if not isinstance(axes, dict) or not all(isinstance(axes.get(a), list) for a in AXES):
+    if not isinstance(axes, dict) or not all(  # (found by review: [null, 8] crashed a resume)
+        isinstance(axes.get(a), list) and all(type(v) is int and v > 0 for v in axes[a])
+        for a in AXES
+    ):
         raise ResultsFileError(
             f"{path} is not the record of a sweep (it needs the values of every axis, "
-            f"{', '.join(AXES)}); move it away or pass another --out"
+            f"{', '.join(AXES)}, as lists of positive integers); move it away or pass "
+            "another --out"
         )
     problem = (
         _rates_problem(record)
@@ -776,6 +788,8 @@ def _numbers_problem(record: dict) -> str | None:
     commands = record.get("commands", [])
     if not isinstance(commands, list) or not all(isinstance(c, str) for c in commands):
         return f"commands is {commands!r}, not a list of the commands that filled the directory"
+    if not isinstance(record.get("command", ""), str):  # (found by review: read as `5`)
+        return f"command is {record['command']!r}, not the command that ran the sweep"
     return None
 
 

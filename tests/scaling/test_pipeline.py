@@ -308,6 +308,15 @@ def _duplicate_row(out):
     return None  # named as two lines
 
 
+def _failed_row_with_text(out):
+    """A point not measured (status error) whose time holds text."""
+    df = pd.read_csv(out / "results.csv", dtype=str, keep_default_na=False)
+    ok = df.index[df["status"] == "ok"][0]
+    df.loc[ok, "status"], df.loc[ok, "time_median_s"] = "error", "garbage"
+    df.to_csv(out / "results.csv", index=False)
+    return ok + 2
+
+
 def _edit_record(change):
     def edit(out):
         record = json.loads((out / "sweep.json").read_text())
@@ -436,6 +445,17 @@ CORRUPTIONS = {
     "record-without-cholesky-rates": (
         _edit_record(_first_device(_without_cholesky_rates)),
         "has no cholesky",
+    ),
+    # found by review: a TypeError traceback (exit 3), a resume crashed in sorted(), and a
+    # report "produced by `5`"
+    "failed-row-text": (_failed_row_with_text, "a point not measured (error) with time_median_s"),
+    "record-axis-null": (
+        _edit_record(lambda r: r["axes"].update(width=[None, 8])),
+        "as lists of positive integers",
+    ),
+    "record-command-number": (
+        _edit_record(lambda r: r.update(command=5)),
+        "command is 5, not the command that ran the sweep",
     ),
 }
 
