@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -81,6 +82,15 @@ def interleaved(calls: dict, rounds: int, device, warmup: int = 0) -> dict[str, 
 def median_ratio(a: list[float], b: list[float]) -> float:
     """The median over rounds of ``a[i] / b[i]``."""
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def median_interval(values, n_boot: int = 2000) -> tuple[float, float, float]:
+    """``(median, low, high)``: the median of ``values`` (per-round ratios) and the 95%
+    bootstrap interval of that median (seeded: a rerun on the same figures agrees)."""
+    vs = np.atleast_1d(np.asarray(values, dtype=float))
+    boot = np.random.default_rng(0).integers(0, vs.size, (n_boot, vs.size))
+    low, high = np.percentile(np.median(vs[boot], axis=1), [2.5, 97.5])
+    return float(np.median(vs)), float(low), float(high)
 
 
 def in_place_cholesky(spd: Tensor, calls: int) -> Callable[[], object]:

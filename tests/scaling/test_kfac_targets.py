@@ -117,7 +117,11 @@ def test_a_missed_variant_is_timed_again_before_it_stands(monkeypatch):
     result = kfac_targets._network((6, 4, 3), "cpu", torch.float32, 3, 0)
     assert timings[1] == [f"ours {slow}", f"public {slow}"]  # only the miss, timed again
     by_name = {v["variant"]: v for v in result["variants"]}
-    assert by_name[slow]["rounds"] == 6 and by_name[slow]["met"]  # 10, 10, 1, 0.5 x 3
+    # 10, 10, 1, 0.5 x 3: the median meets the goal, its interval straddles it (found by
+    # review: judged on the bare median, noise near the goal decided the exit code)
+    assert by_name[slow]["rounds"] == 6 and by_name[slow]["verdict"] == "too noisy"
+    assert by_name[slow]["low"] < 1 < by_name[slow]["high"]
+    assert kfac_targets.missed({"networks": [result]}) == []
     assert all(v["rounds"] == 3 for n, v in by_name.items() if n != slow)  # 0.5: far from 1
 
 
