@@ -660,10 +660,14 @@ def best_rates(sweep_meta: Mapping, dtype: str | None = None) -> dict[str, float
 def sweep_rates(df: pd.DataFrame, sweep_meta: Mapping) -> dict[str, float]:
     """:func:`best_rates` in the dtype of ``df``'s ok rows; a ``ValueError`` when the sweep
     recorded none."""
-    rates = best_rates(sweep_meta, ok_dtype(df))
-    if not rates:
+    dtype = ok_dtype(df)
+    rates = best_rates(sweep_meta, dtype)
+    if not rates:  # (found by review: a float64 row in a float32 sweep read 'no rates')
+        which = f"{dtype} " if dtype else ""
         raise ValueError(
-            "sweep.json records no device rates (an older sweep?); rerun 'riemann-bench sweep'"
+            f"sweep.json records no {which}device rates for these points (an older sweep, "
+            "or points of a dtype the sweep did not measure rates in?); rerun "
+            "'riemann-bench sweep' with their --dtypes"
         )
     return rates
 

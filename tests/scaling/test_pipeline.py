@@ -453,6 +453,15 @@ CORRUPTIONS = {
         _edit_record(lambda r: r["axes"].update(width=[None, 8])),
         "as lists of positive integers",
     ),
+    "mixed-dtype": (  # fit said 'no device rates (an older sweep?)'
+        lambda out: _edit_row("dtype", "float64")(out) and None,
+        {
+            "fit": "records no float64 device rates for these points",
+            "validate": "the results mix dtypes",
+            "report": "the results mix dtypes",
+            "sweep": "holds points measured with dtypes float32, float64",
+        },
+    ),
     "record-command-number": (
         _edit_record(lambda r: r.update(command=5)),
         "command is 5, not the command that ran the sweep",
@@ -482,6 +491,7 @@ def test_a_corrupted_sweep_is_named_and_nothing_is_rewritten(
     out = tmp_path / "sweep"
     shutil.copytree(finished, out)
     edit, message = CORRUPTIONS[corruption]
+    message = message[command] if isinstance(message, dict) else message
     line = edit(out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     extra = ["--quick", "--workers", "0", *TINY] if command == "sweep" else []
