@@ -459,7 +459,7 @@ CORRUPTIONS = {
             "fit": "records no float64 device rates for these points",
             "validate": "the results mix dtypes",
             "report": "the results mix dtypes",
-            "sweep": "holds points measured with dtypes float32, float64",
+            "sweep": "holds points measured with dtype float32, float64",
         },
     ),
     "record-command-number": (
