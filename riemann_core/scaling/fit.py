@@ -663,9 +663,9 @@ def sweep_rates(df: pd.DataFrame, sweep_meta: Mapping) -> dict[str, float]:
     dtype = ok_dtype(df)
     rates = best_rates(sweep_meta, dtype)
     if not rates:  # (found by review: a float64 row in a float32 sweep read 'no rates')
-        which = f"{dtype} " if dtype else ""
+        which = f" in {dtype}" if dtype else ""
         raise ValueError(
-            f"sweep.json records no {which}device rates for these points (an older sweep, "
+            f"sweep.json records no device rates{which} for these points (an older sweep, "
             "or points of a dtype the sweep did not measure rates in?); rerun "
             "'riemann-bench sweep' with their --dtypes"
         )

@@ -456,7 +456,7 @@ CORRUPTIONS = {
     "mixed-dtype": (  # fit said 'no device rates (an older sweep?)'
         lambda out: _edit_row("dtype", "float64")(out) and None,
         {
-            "fit": "records no float64 device rates for these points",
+            "fit": "records no device rates in float64 for these points",
             "validate": "the results mix dtypes",
             "report": "the results mix dtypes",
             "sweep": "holds points measured with dtype float32, float64",
