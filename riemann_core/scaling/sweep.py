@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import functools
 import io
 import json
@@ -62,6 +61,11 @@ from typing import Protocol
 import torch
 
 import riemann_core as rc
+
+try:  # POSIX: the lock of a directory a sweep writes into (:func:`writing`)
+    import fcntl
+except ImportError:  # Windows: not taken
+    fcntl = None
 
 from .. import costs
 from ..arguments import check_device, check_distinct
@@ -1052,8 +1056,11 @@ def writing(out: Path):
     """Hold ``out``'s lock (``.riemann-bench.lock``, an exclusive ``flock``) while a sweep
     writes there: two sweeps into one directory each rewrote ``results.csv`` from their own
     rows, and one's points were lost (found by review). Released when the sweep ends, or
-    its process does."""
+    its process does. Not taken where the platform has no ``fcntl`` (Windows)."""
     out.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
     with open(out / LOCK_FILE, "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
