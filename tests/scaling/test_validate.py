@@ -575,3 +575,14 @@ def test_structured_vs_generic_under_the_structured_kernels_overhead_is_not_a_fa
     claim = by_id(va.validate(df, meta, n_boot=300), "structured-vs-generic")
     assert claim.verdict == "regime not reached"
     assert "the structured kernel's overhead" in claim.detail
+
+
+def test_a_crossover_whose_widest_ratio_reaches_1_is_too_noisy(monkeypatch):
+    """Found by review: the crossover was decided on bare medians, so under a large
+    overhead noise alone made it pass (at 8..12, 12..16 or 16..24 by the seed). A pass
+    needs full / layerwise above 1 at the widest width beyond its bootstrap interval."""
+    df, meta = make_sweep(REALISTIC, status_fn=full_fits_in_memory)
+    assert by_id(va.validate(df, meta, n_boot=300), "crossover-width").verdict == "pass"
+    monkeypatch.setattr(fit, "median_ratio", lambda *a, **k: (1.05, 0.97, 1.12))
+    claim = by_id(va.validate(df, meta, n_boot=300), "crossover-width")
+    assert claim.verdict == "too noisy" and "it reaches 1" in claim.detail
