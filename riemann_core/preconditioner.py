@@ -475,11 +475,10 @@ class RiemannianPreconditioner:
         needs_factor = SOLVERS[self.method].NEEDS_FACTOR
         key = coupling.probe_key(model, *self._batch[:2], opts.kernel)
         probing = needs_factor and coupling.needs_probe(notes, key, opts.check_coupling)
-        calls = [n for c in capture.calls for n in c.param_names]
-        called = set(calls)
+        called = {n for c in capture.calls for n in c.param_names}
         reaches = called  # the parameters the loss reaches, once its graph is walked
         reuse = self._kfac is not None and not self._kfac.needs_factors(
-            params, opts, called, shared=len(calls) > len(called)
+            params, opts, called, shared=_shared(capture.calls)
         )
         overflowed = False
         # a skipped step's draws for the sampled metric are undone (a generator passed)
@@ -655,9 +654,8 @@ class RiemannianPreconditioner:
             n: gradient[n].detach() if n in gradient else torch.zeros_like(p) for n, p in params
         }
         calls = [] if self._capture is None else self._capture.calls  # (none: DDP's)
-        names = [n for c in calls for n in c.param_names]
         if self._kfac is not None and not self._kfac.needs_factors(
-            params, self._options, set(gradient), shared=len(names) > len(set(names))
+            params, self._options, set(gradient), shared=_shared(calls)
         ):
             directions, diagnostics = self._kfac.reuse(full, self._options, checks)
         else:
@@ -957,6 +955,13 @@ class RiemannianPreconditioner:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _shared(calls) -> bool:
+    """Whether a parameter takes part in more than one of the recorded ``calls`` (a module
+    called twice, a tied weight): a block K-FAC has no Kronecker factors for."""
+    names = [n for c in calls for n in c.param_names]
+    return len(names) > len(set(names))
 
 
 def _walk_loss_graph(loss: Tensor, names: dict[int, str]) -> tuple[list[Tensor], set[str], bool]:
