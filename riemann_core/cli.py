@@ -39,7 +39,7 @@ COMMANDS: tuple[Command, ...] = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``riemann-bench`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _attach_negative_values(list(sys.argv[1:] if argv is None else argv))
     keep_freed_memory()  # timings without the page faults of glibc's default policy
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -55,6 +55,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.parser.error(str(err))
     args.command_line = " ".join([PROG, *argv])  # recorded with the results
     return args.run(args)
+
+
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """``--widths -8,16`` as ``--widths=-8,16``: argparse takes a value that starts with a
+    minus and is not a plain number (a list) for an option, and says only "expected one
+    argument"; attached, it reaches the option's own check, which names the problem. No
+    option of ``riemann-bench`` is spelt as a minus and a digit."""
+    out: list[str] = []
+    for token in argv:
+        negative = token.startswith("-") and token[1:2].isdigit()
+        if negative and out and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -236,6 +236,8 @@ def test_options_the_analysis_commands_would_ignore_are_refused(tmp_path, capsys
     "options, message",
     [
         (["--widths", "0,8"], "--widths needs positive integers, got [0]\n"),
+        # found by a hunt: argparse took "-8,16" for an option ("expected one argument")
+        (["--widths", "-8,16"], "--widths needs positive integers, got [-8]\n"),
         (["--repeats", "0"], "error: --repeats must be at least 1, got 0\n"),
     ],
 )
