@@ -21,25 +21,18 @@ import pandas as pd
 
 from ..measure.timing import RATE_KINDS
 from . import fit, validate
-
-#: the name of rows whose device is not known (a lost point of a sweep over several devices)
-UNKNOWN = "unknown device"
+from .sweep import device_of_unnamed_rows
 
 
 def named(df: pd.DataFrame, meta: Mapping) -> pd.DataFrame:
     """``df`` with a ``device_name`` in every row (where blank, the sweep's device if it
-    has one, :data:`UNKNOWN` if it has several) and the best rate of each kind its device
+    has one, ``unknown device`` if it has several:
+    :func:`~.sweep.device_of_unnamed_rows`) and the best rate of each kind its device
     reached in its dtype during the sweep (``best_rate_<kind>``, FLOP/s; NaN where not
     measured), which bound the time models' rates (:func:`~.fit.fit_time_model`)."""
-    recorded = meta.get("devices") or {}
-    if len(recorded) == 1:
-        fallback = next(iter(recorded))
-    elif not recorded:
-        fallback = meta.get("environment", {}).get("device_name", UNKNOWN)
-    else:
-        fallback = UNKNOWN
     names = df["device_name"] if "device_name" in df else pd.Series("", index=df.index)
-    df = df.assign(device_name=names.fillna("").astype(str).replace("", fallback))
+    unnamed = device_of_unnamed_rows(meta)
+    df = df.assign(device_name=names.fillna("").astype(str).replace("", unnamed))
     best = {
         (name, dtype): fit.best_rates(device_meta(meta, name), dtype)
         for name, dtype in set(zip(df["device_name"], df["dtype"]))

@@ -887,6 +887,22 @@ RESUMED_SETTINGS = {
 }
 
 
+#: the name of rows whose device is not known (a lost point of a sweep over several devices)
+UNKNOWN = "unknown device"
+
+
+def device_of_unnamed_rows(record: Mapping) -> str:
+    """The device a row with a blank ``device_name`` was measured on: the one device of
+    the sweep's record (``record``, ``sweep.json``), :data:`UNKNOWN` where it has several
+    (a lost point, which ran nowhere)."""
+    recorded = record.get("devices") or {}
+    if len(recorded) == 1:
+        return next(iter(recorded))
+    if not recorded:  # written before devices were recorded
+        return record.get("environment", {}).get("device_name", UNKNOWN)
+    return UNKNOWN
+
+
 def check_rows_of_record(rows: list[dict], record: dict, out: Path) -> None:
     """Refuse the rows of ``out/results.csv`` that the grid of ``out/sweep.json``
     (``record``) cannot have measured: every sweep into a directory varies one axis at a
@@ -894,11 +910,21 @@ def check_rows_of_record(rows: list[dict], record: dict, out: Path) -> None:
     away from it comes from another grid, and fits and claims along the record's axes would
     judge the wrong points; so does a point measured on a device the record does not
     list. Methods and axis values the record does not list are no sign: a sweep resumed
-    with a smaller grid keeps the rows measured before. Raises :class:`ResultsFileError`
-    naming the line; the files are left alone."""
+    with a smaller grid keeps the rows measured before. Nor may a row with a blank
+    ``device_name`` repeat a point of the device it stands for
+    (:func:`device_of_unnamed_rows`): fits would count it twice. Raises
+    :class:`ResultsFileError` naming the line; the files are left alone."""
     base, devices = record["base"], record.get("devices") or {}
+    unnamed, first = device_of_unnamed_rows(record), {}
     for line, row in enumerate(rows, start=2):
         name = row.get("device_name") or ""
+        seen = first.setdefault((*key_of(row), name or unnamed), line)
+        if seen != line:  # found by a hunt: read as another device's point, fitted twice
+            raise ResultsFileError(
+                f"{out / 'results.csv'} lines {seen} and {line} hold the same point on "
+                f"{name or unnamed!r} (a blank device_name stands for it); remove one of "
+                "them, or pass another --out"
+            )
         if devices and row["status"] == "ok" and name and name not in devices:
             raise ResultsFileError(
                 f"{out / 'results.csv'} line {line}: a point measured on {name!r}, which "

@@ -9,7 +9,7 @@ import pytest
 from synthetic import Machine, make_sweep
 
 from riemann_core.measure.timing import RATE_KINDS
-from riemann_core.scaling import devices, fit, report, validate
+from riemann_core.scaling import devices, fit, report, sweep, validate
 
 #: GPU B is three times faster than GPU A at every kind of work, with a third of its overhead
 MACHINES = {
@@ -97,7 +97,7 @@ def test_rows_without_a_device_name_belong_to_the_sweep_device():
     meta["devices"] = {"cpu model": {"device_rates": [], "environment": {}}}
     assert set(devices.named(df, meta)["device_name"]) == {"cpu model"}
     meta["devices"]["other"] = meta["devices"]["cpu model"]
-    assert devices.named(df, meta)["device_name"].iloc[-1] == devices.UNKNOWN
+    assert devices.named(df, meta)["device_name"].iloc[-1] == sweep.UNKNOWN
 
 
 def test_the_summary_says_which_devices_contributed():

@@ -310,6 +310,12 @@ def _duplicate_row(out):
     return None  # named as two lines
 
 
+def _duplicate_row_unnamed(out):
+    df = pd.read_csv(out / "results.csv", dtype=str, keep_default_na=False)
+    copy = df.loc[[df.index[df["status"] == "ok"][0]]].assign(device_name="")
+    pd.concat([df, copy]).to_csv(out / "results.csv", index=False)
+
+
 def _failed_row_with_text(out):
     """A point not measured (status error) whose time holds text."""
     df = pd.read_csv(out / "results.csv", dtype=str, keep_default_na=False)
@@ -398,6 +404,9 @@ CORRUPTIONS = {
     "interleaved-text": (_edit_row("interleaved", "sideways"), "interleaved holds ['sideways']"),
     "remeasured-text": (_edit_row("remeasured", "yes"), "remeasured is 'yes', not 0 or 1"),
     "duplicate-point": (_duplicate_row, "hold the same point"),
+    # found by a hunt: a copy with a blank device_name was read as another device's point,
+    # then named the sweep's device and fitted twice
+    "duplicate-point-unnamed": (_duplicate_row_unnamed, "a blank device_name stands for it"),
     "record-without-axes": (_edit_record(lambda r: r.pop("axes")), "the values of every axis"),
     "record-rates-text": (_edit_record(_first_rates("fast")), "rates of device"),
     "record-rates-negative": (_edit_record(_first_rates(-1.0)), "not FLOP/s"),
