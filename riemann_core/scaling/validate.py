@@ -75,7 +75,9 @@ noisy, a pass stands (:func:`_on_outliers`).
 - ``crossover-width``: the smallest width from which on structured layerwise is faster
   than ``full`` at every width where both ran: pass if it exists and the bootstrap
   interval of full / layerwise at the largest of those widths lies above 1 (too noisy where
-  it reaches 1; the crossover itself is read off the medians). Where ``full`` is faster
+  it reaches 1). The crossover is read off the medians, and its interval off bootstrap
+  resamples of the repeat times (the range of widths where 95% of them put it, among those
+  where layerwise wins at the largest width). Where ``full`` is faster
   at the largest width where both ran: regime not reached where the budgets stopped
   ``full`` there, or where the cost models count fewer FLOPs for layerwise than for
   ``full`` at that width or further out (the detail gives layerwise's time per counted
@@ -823,14 +825,20 @@ def _crossover(df: pd.DataFrame, base: Mapping[str, int], n_boot: int, seed: int
         f"{ratio:.3g} at width {widest}"
     )
     if faster[-1]:
-        start = len(faster) - faster[::-1].index(False) if False in faster else 0
+        start = _crossover_index(faster)
         crossover = both[start]
         low = both[start - 1] if start > 0 else None
         where = f"between widths {low} and {crossover}" if low else "below the smallest width"
-        detail = f"Crossover {where}, from the {subject}."
+        samples = {m: _samples_by(lines[lines["method"] == m]) for m in ("layerwise", "full")}
+        # found by a hunt: under a large overhead noise moved the crossover read off the
+        # medians (8..12 to 16..24 in a synthetic sweep): its interval says how far
+        first, last = _crossover_range(samples, both, start, n_boot, seed)
+        detail = (
+            f"Crossover {where}, from the {subject}; resampling the repeat times, it lies at "
+            f"widths {first}..{last} (95%)."
+        )
         # layerwise faster at the widest width beyond noise (found by review: compared on
         # bare medians, the crossover passed wherever noise put it)
-        samples = {m: _samples_by(lines[lines["method"] == m]) for m in ("layerwise", "full")}
         _, ratio_low, ratio_high = fit.median_ratio(
             samples["full"][widest], samples["layerwise"][widest], n_boot=n_boot, seed=seed
         )
@@ -840,7 +848,7 @@ def _crossover(df: pd.DataFrame, base: Mapping[str, int], n_boot: int, seed: int
                 f" The interval of full / layerwise at width {widest} is [{ratio_low:.3g}, "
                 f"{ratio_high:.3g}]: it reaches 1, so noise may decide which is faster there."
             )
-        claim = Claim(cid, text, expected, crossover, low, crossover, verdict, detail, "time")
+        claim = Claim(cid, text, expected, crossover, first, last, verdict, detail, "time")
         return _on_outliers(claim, lines[lines["width"].isin([low, crossover])], df, ("width",))
     at_widest = lines[lines["width"] == widest]  # what decides the rest
     if max(layerwise) > widest:
@@ -1003,6 +1011,40 @@ def _on_outliers(claim: Claim, deciding: pd.DataFrame, df: pd.DataFrame, axes) -
 
 def _point(row) -> str:
     return ", ".join(f"{axis} {int(getattr(row, axis))}" for axis in fit.AXES)
+
+
+def _crossover_index(faster: Sequence[bool]) -> int:
+    """Where the last run of ``True`` in ``faster`` (layerwise faster, by width) starts."""
+    return len(faster) - list(faster)[::-1].index(False) if False in faster else 0
+
+
+def _crossover_range(
+    samples: Mapping[str, Mapping[int, np.ndarray]],
+    widths: list[int],
+    start: int,
+    n_boot: int,
+    seed: int,
+) -> tuple[int, int]:
+    """The widths between which 95% of the crossovers lie, each read off the medians of one
+    resample (with replacement) of every point's repeat times, as :func:`_crossover` reads
+    its own (``start``, the index of the medians' own crossover, where full wins at the
+    widest width in every resample); resamples in which full wins there have none and are
+    left out (the verdict says how likely those are)."""
+    rng = np.random.default_rng(seed)
+
+    def medians(method: str) -> np.ndarray:  # (n_boot, widths)
+        return np.stack(
+            [
+                np.median(s[rng.integers(0, s.size, (n_boot, s.size))], axis=1)
+                for s in (samples[method][w] for w in widths)
+            ],
+            axis=1,
+        )
+
+    faster = medians("layerwise") < medians("full")
+    starts = [_crossover_index(row) for row in faster if row[-1]] or [start]
+    first, last = np.percentile(starts, [2.5, 97.5], method="inverted_cdf")
+    return widths[int(first)], widths[int(last)]
 
 
 def _median_by(rows: pd.DataFrame) -> dict[int, float]:
