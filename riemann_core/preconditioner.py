@@ -80,7 +80,9 @@ class RiemannianPreconditioner:
         out = model(x); F.cross_entropy(out, y).backward(); pre.step(); opt.step()
 
     replacing each ``.grad`` by ``G^{-1} .grad``, where ``G`` is the metric at the batch of
-    the model's last forward pass: a forward pre-hook records its positional and keyword
+    the model's last forward pass with gradients enabled, the one ``loss.backward()`` went
+    through (a later pass outside ``torch.no_grad()``, an evaluation, is refused: its
+    batch is not the gradient's): a forward pre-hook records its positional and keyword
     arguments, the random state and the buffers, and ``step`` runs one more forward pass
     on them from that state, so that dropout draws the masks the gradient was computed
     with (and a module that updates its buffers as it runs, an observer, starts from the
@@ -215,6 +217,7 @@ class RiemannianPreconditioner:
         self._handled: BaseException | None = None
         self._output: list[Tensor] | None = None
         self._output_versions: list[int] = []
+        self._differentiated: Differentiated | None = None  # a gradient reached the output
         self._edited_in_forward = False
         # the .grad each call wrote, their versions and norms then (a second step() refused)
         self._written: list[tuple[weakref.ref, int, Tensor]] = []
@@ -287,7 +290,7 @@ class RiemannianPreconditioner:
             self._buffer_states.before_pass(self.model),
             autocast_state(device_types),
         )
-        self._output = None  # until this pass returns
+        self._output = self._differentiated = None  # until this pass returns
         self._modes = {id(m): m.training for m in self.model.modules()}
         # DistributedDataParallel averages the gradients of a pass outside no_sync() only
         self._synced = getattr(self.model, "require_backward_grad_sync", True)
@@ -341,6 +344,7 @@ class RiemannianPreconditioner:
                 if isinstance(t, Tensor)
             ]
             self._output_versions = [t._version for t in self._output]
+            self._differentiated = Differentiated(output)
             self._buffer_states.after_pass(self.model, self._batch[3])
             # an input the forward pass itself changed in place (x /= 255): named on refusal
             self._edited_in_forward = any(
@@ -760,6 +764,14 @@ class RiemannianPreconditioner:
                 if name in with_grad:
                     _check_grad(name, p.grad, p.dtype, checks)
             self._check_not_preconditioned(with_grad)
+            if self._differentiated is not None and not self._differentiated.seen:
+                # found by a hunt: the metric at the evaluation's batch, 6x off
+                raise RuntimeError(
+                    "no gradient flowed back through the model's last forward pass with "
+                    "gradients enabled, whose batch pre.step() takes the metric at: a pass "
+                    "after the one loss.backward() went through (an evaluation) replaced it. "
+                    "Run evaluations under torch.no_grad(), or call pre.step() before them"
+                )
         # a parameter without .grad took no part in the loss: a zero vector, left as None
         directions, self.diagnostics = self._transaction(
             lambda: self._solve(
@@ -1010,12 +1022,31 @@ def _accumulate(leaves: list[Tensor], grads) -> None:
             leaf.grad.add_(grad)
 
 
+class Differentiated:
+    """Whether a gradient flowed back through a forward pass's output: a hook on each of
+    its tensors that requires grad (``seen`` stays true where none does)."""
+
+    __slots__ = ("seen",)
+
+    def __init__(self, output) -> None:
+        tensors = [
+            t for t in pytree.tree_leaves(output) if isinstance(t, Tensor) and t.requires_grad
+        ]
+        self.seen = not tensors
+        for t in tensors:
+            t.register_hook(self)
+
+    def __call__(self, grad: Tensor) -> None:
+        self.seen = True
+
+
 #: The record of a forward pass (:meth:`RiemannianPreconditioner._record`), kept from the
 #: last complete pass while one runs.
 _RECORD = (
     "_batch",
     "_output",
     "_output_versions",
+    "_differentiated",
     "_modes",
     "_versions",
     "_spent",

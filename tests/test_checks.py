@@ -166,8 +166,11 @@ def test_outputs_the_metrics_cannot_use_are_refused_leaving_the_model(how, match
     assert_unchanged(model, before)
     pre = rc.RiemannianPreconditioner(model)
     out = model(x)
-    for p in model.parameters():
-        p.grad = torch.ones_like(p)
+    if out.requires_grad:  # (a scalar) the gradient comes through the recorded pass
+        out.backward(retain_graph=True)
+    else:
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
     before = snapshot(model)
     with pytest.raises(ValueError, match=match):
         pre.step()
@@ -378,6 +381,7 @@ def test_a_stale_grad_of_a_module_not_called_names_zero_grad():
     # it is preconditioned once the stale .grad is gone
     x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
     loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward(retain_graph=True)
     model["unused"].weight.grad = torch.ones(2, 3)
     with pytest.raises(ValueError, match="have a nonzero gradient"):
         pre.step()

@@ -148,6 +148,36 @@ def test_step_without_any_grad_raises():
         pre.step()
 
 
+@pytest.mark.parametrize("evaluated", ["after backward", "before backward", "smaller batch"])
+@pytest.mark.parametrize("method", ("layerwise", "natural"), ids=lambda m: f"method={m}")
+def test_step_refuses_a_last_pass_the_gradient_did_not_come_through(evaluated, method):
+    """Found by a hunt: a forward pass with gradients enabled after the one the loss came
+    from (an evaluation outside no_grad) became the recorded batch, and pre.step() took the
+    metric there: 6x off (natural 14x). Refused, .grad kept; under no_grad it is exact."""
+    model, x, y = Problem(depth=3).make()
+    other = torch.randn(2 if evaluated == "smaller batch" else len(x), *x.shape[1:], dtype=x.dtype)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=1e-2)
+    loss = F.cross_entropy(model(x), y)
+    if evaluated == "before backward":
+        model(other)
+        loss.backward()
+    else:
+        loss.backward()
+        model(other)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="no gradient flowed back through the model's last"):
+        pre.step()
+    assert_unchanged(model, before)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with torch.no_grad():
+        model(other)
+    pre.step()
+    expected = rc.direction(model, x, y, method=method, damping=1e-2)
+    got = {n: p.grad for n, p in model.named_parameters()}
+    assert rel_error(flatten(got, model), flatten(expected, model)) < 1e-10
+
+
 @pytest.mark.parametrize("first", ["step", "backward", "step-after-new-forward"])
 @pytest.mark.parametrize("method", ("layerwise", "kfac"), ids=lambda m: f"method={m}")
 def test_step_refuses_to_precondition_a_direction_twice(first, method):
