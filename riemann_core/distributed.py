@@ -272,8 +272,9 @@ class _Group:
             self.fail(failure, failed, "its forward pass, pullback or checks")
         if len({row[2] for row in rows}) > 1:
             raise ValueError(
-                "the ranks see different blocks or options (other modules called, samples "
-                "of other shapes, parameters of another dtype, modules in another training "
+                "the ranks see different blocks or options (other modules called, modules "
+                "of another type or with other settings, samples of other shapes, "
+                "parameters of another dtype, modules in another training "
                 "mode, another damping, output metric or solve option, or a .grad set to "
                 "None on some ranks only): every rank must run the same network, in the "
                 "same mode, on samples of one shape, with the same options and the same "
@@ -508,13 +509,15 @@ SHARED_OPTIONS = (
 )  # fmt: skip
 
 
-def model_state(model: nn.Module | None) -> tuple[list[Tensor], tuple[bool, ...]]:
+def model_state(model: nn.Module | None) -> tuple[list[Tensor], tuple[tuple, ...]]:
     """What every rank's copy of ``model`` must hold alike beyond the blocks' parameters:
     its frozen parameters and the floating buffers of its modules in evaluation mode
     (running statistics, which a module in training mode updates from its own shard), and
-    every module's training flag. Found by review: a frozen layer scaled on one rank, or
-    BatchNorm statistics that differed, were accepted (0.68 and 2.7 relative error against
-    the single process), as was dropout left in training mode on one rank only."""
+    every module's type, settings (``extra_repr``: a dropout's ``p``, a slope) and training
+    flag. Found by review: a frozen layer scaled on one rank, or BatchNorm statistics that
+    differed, were accepted (0.68 and 2.7 relative error against the single process), as
+    was dropout left in training mode on one rank only; found by a hunt: Tanh on one rank
+    and ReLU on the other (0.8, K-FAC 1.65)."""
     if model is None:
         return [], ()
     frozen = [p for p in model.parameters() if not p.requires_grad]
@@ -525,7 +528,8 @@ def model_state(model: nn.Module | None) -> tuple[list[Tensor], tuple[bool, ...]
         for b in m._buffers.values()
         if b is not None and b.is_floating_point()
     ]
-    return frozen + buffers, tuple(m.training for m in model.modules())
+    modules = tuple((type(m).__qualname__, m.extra_repr(), m.training) for m in model.modules())
+    return frozen + buffers, modules
 
 
 def _signature(
@@ -534,10 +538,10 @@ def _signature(
     method: str,
     opts: Options,
     absent: tuple[str, ...],
-    modes: tuple[bool, ...] = (),
+    modules: tuple[tuple, ...] = (),
 ) -> int:
     """A checksum of the blocks, what each rank sends for them, the options of the solve,
-    the parameters without a ``.grad`` and the modules' training flags ``modes`` (equal on
+    the parameters without a ``.grad`` and the ``modules`` (:func:`model_state`; equal on
     every rank that runs the same network on samples of one shape with the same options:
     an owner solves with its own, and every rank writes the directions of the same
     parameters)."""
@@ -548,7 +552,7 @@ def _signature(
         getattr(v, "__qualname__", type(v).__name__) if callable(v) else repr(v)
         for v in (getattr(opts, k) for k in SHARED_OPTIONS)
     ]
-    signed = (method, problem.given, blocks, kinds, layouts, options, sorted(absent), modes)
+    signed = (method, problem.given, blocks, kinds, layouts, options, sorted(absent), modules)
     return zlib.crc32(repr(signed).encode())
 
 
@@ -725,9 +729,9 @@ def solve(
     with observer.phase("local"):
         failure, problem, shares = _local(build, method, opts, checks, global_gradient, alone)
     with observer.phase("agree"):
-        constants, modes = model_state(model)
+        constants, modules = model_state(model)
         signature = (
-            0 if problem is None else _signature(problem, shares, method, opts, absent, modes)
+            0 if problem is None else _signature(problem, shares, method, opts, absent, modules)
         )
         params = None if problem is None else [p for b in problem.blocks for p in b.params]
         samples = 0 if problem is None else _samples(problem)

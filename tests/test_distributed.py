@@ -334,6 +334,15 @@ def _failures(rank, world) -> dict:
     if last:
         moded[1].eval()
     out["other mode"] = direction(moded)
+    # found by a hunt: modules without parameters were not compared (Tanh on one rank and
+    # ReLU on the other: 0.8 relative error, K-FAC 1.65), nor their settings
+    activated = network("mlp")[0]
+    if last:
+        activated[1] = nn.ReLU()
+    out["other activation"] = direction(activated)
+    sloped = network("mlp")[0]
+    sloped[1] = nn.LeakyReLU(0.2 if last else 0.1)
+    out["other slope"] = direction(sloped)
     # found by review: a -inf buffer (an additive causal mask) made the sums infinite, and
     # their NaN difference passed the comparison whatever the weights
     masked = network("mlp")[0].eval()
@@ -630,7 +639,8 @@ def test_ranks_whose_frozen_weights_buffers_or_modes_differ_are_refused(run):
     for rank, result in enumerate(results):
         failures = result["failures"]
         if world == 1:
-            for case in ("other frozen weights", "other statistics", "other mode"):
+            for case in ("other frozen weights", "other statistics", "other mode",
+                         "other activation", "other slope"):  # fmt: skip
                 assert failures[case] is None
         else:
             for case in ("other frozen weights", "other statistics"):
@@ -638,6 +648,9 @@ def test_ranks_whose_frozen_weights_buffers_or_modes_differ_are_refused(run):
                 assert kind == "ValueError" and "hold different parameters or buffers" in message
             kind, message = failures["other mode"]
             assert kind == "ValueError" and "modules in another training mode" in message
+            for case in ("other activation", "other slope"):
+                kind, message = failures[case]
+                assert kind == "ValueError" and "modules of another type or with other" in message
             cases = ("other weights beside -inf", "frozen changed", "frozen reassigned",
                      "inf against 1.0")  # fmt: skip
             for case in cases:
