@@ -118,6 +118,9 @@ class Problem:
         self.given = gradient is not None
         self._gradient: list[list[Tensor] | None] = gradient or [None] * len(blocks)
         self._handlers64: dict[int, Handler] = {}
+        #: the dtype of the data the metric was formed from where it differs from the
+        #: parameters' (rows pulled back in half precision under autocast), or None
+        self.data_dtype: torch.dtype | None = None
 
     @property
     def gradient(self) -> list[list[Tensor]]:
@@ -568,6 +571,8 @@ def problem_from_graph(
         items = [(f"the loss gradient at the output of {c.name!r}", c.output_grad) for c in calls]
         checks.finite_all(items, OVERFLOW_FIX, overflow)
     handlers = [handler_for(b, opts.kernel) for b in blocks]
+    # the precision the rows were pulled back in (half under autocast) bounds the accuracy
+    data_dtype = max((h.dtype for h in handlers), key=lambda d: torch.finfo(d).eps, default=None)
     if probe is not None:
         coupling.register(checks, notes_for(model), model, z, calls, handlers, probe)
     if opts.check_coupling:  # (the Jacobian check is one of the probe's)
@@ -584,7 +589,9 @@ def problem_from_graph(
     ]
     for c in calls:
         c.output, c.graph_inputs = None, ()  # release the graph
-    return Problem(blocks, handlers, given)
+    problem = Problem(blocks, handlers, given)
+    problem.data_dtype = data_dtype
+    return problem
 
 
 def _check_per_sample_calls(calls: list[Block], N: int) -> None:
