@@ -912,7 +912,8 @@ def register_handler(module_type: type, handler: type[Handler], *, overwrite: bo
     """Register a structured kernel for ``module_type`` (``overwrite=True`` to replace):
     ``handler`` a concrete subclass of :class:`Handler`, ``module_type`` a subclass of
     ``nn.Module``. Checked here, since the registry is global: a bad entry would break
-    every later call on such a module."""
+    every later call on such a module; the shapes the kernel's products return are
+    checked at every call (:func:`_shape_checked`)."""
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"module_type must be a subclass of nn.Module, got {module_type!r}")
     if not (isinstance(handler, type) and issubclass(handler, Handler)) or inspect.isabstract(
@@ -927,7 +928,46 @@ def register_handler(module_type: type, handler: type[Handler], *, overwrite: bo
             f"{module_type.__name__} already has the kernel {STRUCTURED[module_type].__name__}; "
             "pass overwrite=True to replace it"
         )
-    STRUCTURED[module_type] = handler
+    STRUCTURED[module_type] = _shape_checked(handler)
+
+
+def _shape_checked(handler: type[Handler]) -> type[Handler]:
+    """``handler`` with the shapes of what its products return checked at every call: a
+    registered kernel's wrong shape is named with the method that returned it (found by a
+    hunt: a broadcasting or size error deep in the solve, naming neither)."""
+
+    def check(self, what: str, got, expected: list[tuple[int, ...]]):
+        listed = isinstance(got, (list, tuple))
+        shapes = [tuple(getattr(t, "shape", ())) for t in got] if listed else type(got).__name__
+        if shapes != expected:
+            raise ValueError(
+                f"{handler.__qualname__}.{what} returned {shapes} for module "
+                f"{self.block.name!r} ({type(self.block.module).__name__}), where a kernel "
+                f"returns the shapes {expected}: fix the kernel registered by rc.register_handler"
+            )
+        return got
+
+    def own(self) -> list[tuple[int, ...]]:
+        return [tuple(p.shape) for p in self.block.params]
+
+    class Checked(handler):
+        def K(self):
+            return check(self, "K()", [super().K()], [(self.d, self.block.n_params)])[0]
+
+        def K_mv(self, v):
+            return check(self, "K_mv(v)", [super().K_mv(v)], [(self.d,)])[0]
+
+        def K_tmv(self, t):
+            return check(self, "K_tmv(t)", super().K_tmv(t), own(self))
+
+        def gradient_from_output(self, lam):
+            return check(
+                self, "gradient_from_output(lam)", super().gradient_from_output(lam), own(self)
+            )
+
+    Checked.__name__, Checked.__qualname__ = handler.__name__, handler.__qualname__
+    Checked.__module__, Checked.__doc__ = handler.__module__, handler.__doc__
+    return Checked
 
 
 def has_kronecker_factors(module: nn.Module) -> bool:

@@ -291,6 +291,60 @@ def test_register_handler_overwrite_replaces(restore_handlers):
     assert calls == ["0", "2", "4"]
 
 
+class DenseLinear(rc.Handler):
+    """A kernel for ``MyLinear`` as a user writes one: ``K`` materialised, rows
+    ``delta_(r, n) (x) [x_n, 1]``."""
+
+    def gradient_from_output(self, lam):
+        return [lam.T @ self.block.input, lam.sum(0)]
+
+    def K(self):
+        x, D = self.block.input, self.delta
+        W = torch.einsum("rno,ni->rnoi", D, x).reshape(self.d, -1)
+        return torch.cat([W, D.reshape(self.d, -1)], 1)
+
+    def K_mv(self, v):
+        return self.K() @ torch.cat([a.reshape(-1) for a in v])
+
+    def K_tmv(self, t):
+        flat, (W, b) = self.K().T @ t, self.block.params
+        return [flat[: W.numel()].reshape(W.shape), flat[W.numel() :].reshape(b.shape)]
+
+
+BROKEN = {
+    "K": ("K()", lambda h: DenseLinear.K(h)[:, :-1], "24)]"),  # d x (n_a - 1)
+    "K_mv": ("K_mv(v)", lambda h, v: DenseLinear.K_mv(h, v)[:, None], ", 1)]"),
+    "K_tmv": ("K_tmv(t)", lambda h, t: [a.T for a in DenseLinear.K_tmv(h, t)], "[(4, 5), (5,)]"),
+    "gradient_from_output": (
+        "gradient_from_output(lam)",
+        lambda h, lam: [a.reshape(-1) for a in DenseLinear.gradient_from_output(h, lam)],
+        "[(20,), (5,)]",
+    ),
+}
+
+
+@pytest.mark.parametrize("broken", BROKEN)
+@pytest.mark.parametrize("method", ["layerwise", "natural", "full"])
+def test_a_registered_kernel_returning_wrong_shapes_is_named(restore_handlers, broken, method):
+    """Found by a hunt: a size or broadcasting error deep in the solve, naming neither the
+    kernel nor the method (a K v of shape (d, 1) could broadcast). The kernel as written
+    is exact."""
+    model, x, y = mylinear_net()
+    rc.register_handler(MyLinear, DenseLinear)
+    structured = rc.direction(model, x, y, method=method, kernel="structured", damping=1e-2)
+    generic = rc.direction(model, x, y, method=method, kernel="generic", damping=1e-2)
+    assert rel_error(flatten(structured, model), flatten(generic, model)) < 1e-12
+    what, wrong, returned = BROKEN[broken]
+    rc.register_handler(MyLinear, type("Broken", (DenseLinear,), {broken: wrong}), overwrite=True)
+    try:
+        rc.direction(model, x, y, method=method, kernel="structured", damping=1e-2)
+    except ValueError as err:
+        assert f"Broken.{what} returned [" in str(err)
+        assert f"{returned} for module '0' (MyLinear), where a kernel returns" in str(err)
+    else:  # full materialises K and calls nothing else
+        assert method == "full" and broken in ("K_mv", "K_tmv")
+
+
 def test_restore_handlers_fixture_restored_registry():
     """Runs after the registration tests: nothing they registered leaks."""
     from riemann_core.modules import STRUCTURED
