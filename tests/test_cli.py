@@ -128,6 +128,28 @@ def test_an_out_that_cannot_be_written_stops_a_sweep_before_any_work(tmp_path, c
     assert not out.exists()  # the directory it made is removed again
 
 
+@pytest.mark.parametrize(
+    "command, there",
+    [
+        (["distributed", "--ranks", "1", "--widths", "8,4", "--batch", "4"], "sweep.json"),
+        (["sweep", "--quick"], "training.json"),
+        (["train", "--quick"], "run.json"),
+        (["stability", "--quick"], "sweep.json"),
+    ],
+    ids=lambda v: v[0] if isinstance(v, list) else v,
+)
+def test_a_directory_holding_another_commands_results_is_refused(tmp_path, capsys, command, there):
+    """Found by a hunt: `distributed --out` on a sweep's directory replaced its results.csv,
+    claims.json and report.md (the sweep's measurements lost)."""
+    for name in (there, "results.csv", "report.md"):
+        (tmp_path / name).write_text(f"{name} kept\n")
+    assert cli.main([*command, "--out", str(tmp_path)]) == 2
+    assert "holds the results of 'riemann-bench " in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {
+        name: f"{name} kept\n" for name in (there, "results.csv", "report.md")
+    }
+
+
 def test_ctrl_c_is_one_line_and_its_own_exit_code(capsys):
     """Found by review: a KeyboardInterrupt printed torch's traceback."""
     import argparse

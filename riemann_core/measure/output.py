@@ -36,6 +36,29 @@ def write_atomic(path: Path, text: str) -> Path:
     return path
 
 
+#: The record file each command that fills a directory writes there, and the command: a
+#: directory holds the results of one of them (their tables and reports share names).
+RECORDS = {
+    "sweep.json": "sweep",
+    "run.json": "distributed",
+    "training.json": "train",
+    "stability.json": "stability",
+}
+
+
+def check_not_foreign(out: Path, record: str) -> None:
+    """Refuse ``out`` where it holds another command's results (another record of
+    :data:`RECORDS` than ``record``, this command's), before any work: this command would
+    overwrite them (found by a hunt: ``distributed --out`` on a sweep's directory replaced
+    its results.csv, claims.json and report.md) or move them aside."""
+    for name, command in RECORDS.items():
+        if name != record and (out / name).is_file():
+            raise ValueError(
+                f"{out} holds the results of 'riemann-bench {command}' ({name}), which this "
+                "command would overwrite: pass another --out"
+            )
+
+
 def set_aside(out: Path, patterns: tuple[str, ...]) -> Path | None:
     """Move the files of ``out`` that match ``patterns`` (globs) into a new directory
     ``out/earlier-<UTC time>``, and return it (``None`` where none matched): a study run

@@ -4,7 +4,8 @@ All read and write one directory (``--out``, default ``reports/<device>[/quick]`
 ``results.csv`` and ``sweep.json`` (sweep), ``fits.csv``, ``time_model.csv`` and
 ``rates.csv`` (fit), ``claims.json`` (validate), the figures and ``report.md`` (report).
 ``fit``, ``validate`` and ``report`` analyse what the sweep measured: for them ``--device``
-and ``--quick`` only choose the default directory, and are refused beside ``--out``.
+and ``--quick`` only choose the default directory, and are refused beside ``--out``
+(``--device`` where it names another device than the default ``cpu``).
 """
 
 from __future__ import annotations
@@ -139,14 +140,15 @@ def points_runner(args):
 
 
 def run_sweep(args) -> int:
-    from ..measure.output import results_directory
+    from ..measure.output import check_not_foreign, results_directory
     from ..measure.timing import device_rates
 
     grid = grid_from(args)
     check_cluster_options(args)
     out = default_out(args)
-    # a corrupted file, another version's or another sweep's stops us before any
-    # cluster, and so does an --out we cannot write to
+    # a corrupted file, another version's, another sweep's or another command's stops us
+    # before any cluster, and so does an --out we cannot write to
+    check_not_foreign(out, "sweep.json")
     rows = sw.read_results(out / "results.csv")
     sw.resumable_record(out, rows, grid)
     sw.check_same_model([r for r in rows if r["status"] == "ok"], out / "results.csv")

@@ -57,7 +57,7 @@ from ..arguments import (
     positive_seconds,
 )
 from ..measure.environment import environment
-from ..measure.output import results_directory, write_atomic, write_json
+from ..measure.output import check_not_foreign, results_directory, write_atomic, write_json
 from ..measure.phases import PhaseRecorder
 from ..measure.problems import mlp
 from ..measure.timing import device_rates
@@ -418,6 +418,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from(args)
     out = default_out(args, "distributed")
+    check_not_foreign(out, "run.json")
     ranks = tuple(args.ranks)
     total = len(ranks) * len(config.methods)
     env = environment(args.device)  # now: the code that runs, whatever the tree does later

@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..measure.environment import environment
-    from ..measure.output import set_aside, write_atomic, write_json
+    from ..measure.output import check_not_foreign, set_aside, write_atomic, write_json
 
     device = torch.device(args.device)
     env = environment(device)  # now: the code that runs, whatever happens to the tree later
@@ -256,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
             f"--sizes may be at most {len(pool.labels) - 1} (the digits outside the test "
             f"split, less one replacement), got {max(sweep.sizes)}"
         )
+    check_not_foreign(out, "stability.json")
     out.mkdir(parents=True, exist_ok=True)  # an unusable --out fails now, not after training
     meta = {
         "command": args.command_line,

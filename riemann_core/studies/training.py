@@ -203,8 +203,9 @@ def run(args: argparse.Namespace) -> int:
     if args.report_only:
         print(f"wrote {write_report(out)}")
         return 0
-    from ..measure.output import results_directory
+    from ..measure.output import check_not_foreign, results_directory
 
+    check_not_foreign(out, "training.json")
     # made now, so that an unusable --out fails before training; removed again (with the
     # parents made for it) if the study fails or is interrupted before writing into it
     with results_directory(out):
