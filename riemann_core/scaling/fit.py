@@ -727,10 +727,14 @@ def median_ratio(
     seed: int = 0,
 ) -> tuple[float, float, float]:
     """``median(numerator) / median(denominator)`` and a 95% bootstrap interval (each set of
-    repeat times resampled with replacement)."""
+    repeat times resampled with replacement); the interval is ``nan`` where a side has a
+    single time, which has no spread to resample (found by a hunt: its zero-width interval
+    decided claims on one timing each)."""
     num, den = np.asarray(numerator, float), np.asarray(denominator, float)
     if num.size == 0 or den.size == 0 or (num <= 0).any() or (den <= 0).any():
         raise ValueError("a ratio of times needs non-empty, positive samples")
+    if num.size < 2 or den.size < 2:
+        return float(np.median(num) / np.median(den)), math.nan, math.nan
     rng = np.random.default_rng(seed)
     boot_num = np.median(num[rng.integers(0, num.size, (n_boot, num.size))], axis=1)
     boot_den = np.median(den[rng.integers(0, den.size, (n_boot, den.size))], axis=1)

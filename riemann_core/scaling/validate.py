@@ -849,7 +849,9 @@ def _crossover(df: pd.DataFrame, base: Mapping[str, int], n_boot: int, seed: int
             samples["full"][widest], samples["layerwise"][widest], n_boot=n_boot, seed=seed
         )
         verdict = PASS if ratio_low > 1 else NOISY
-        if verdict == NOISY:
+        if math.isnan(ratio_low):
+            detail += f" {_single_time(samples['full'][widest], samples['layerwise'][widest])}"
+        elif verdict == NOISY:
             detail += (
                 f" The interval of full / layerwise at width {widest} is [{ratio_low:.3g}, "
                 f"{ratio_high:.3g}]: it reaches 1, so noise may decide which is faster there."
@@ -942,6 +944,8 @@ def _structured_factor(
         f"{len(both)} widths where both kernels ran ({generic[w].size} and "
         f"{structured[w].size} repeats, bootstrapped)"
     )
+    if math.isnan(low):
+        detail += f". {_single_time(generic[w], structured[w])[:-1]}"
     model = next((m for k, m in models.items() if k[:2] == ("layerwise", "generic")), None)
     at_w = lines["generic"][lines["generic"]["width"] == w]
     deciding = pd.concat([at_w, lines["structured"][lines["structured"]["width"] == w]])
@@ -1017,6 +1021,15 @@ def _on_outliers(claim: Claim, deciding: pd.DataFrame, df: pd.DataFrame, axes) -
 
 def _point(row) -> str:
     return ", ".join(f"{axis} {int(getattr(row, axis))}" for axis in fit.AXES)
+
+
+def _single_time(*samples: np.ndarray) -> str:
+    """What a claim decided on a point with one repeat time says (too noisy)."""
+    sizes = " and ".join(str(s.size) for s in samples)
+    return (
+        f"With {sizes} repeat times there, the ratio has no interval: noise may have "
+        "decided it. Sweep with --repeats 2 or more."
+    )
 
 
 def _crossover_index(faster: Sequence[bool]) -> int:

@@ -351,6 +351,24 @@ def test_the_crossover_comes_with_the_widths_noise_could_put_it_at():
     assert "it lies at widths 128..256 (95%)" in claim.detail
 
 
+def test_claims_decided_on_one_time_per_side_are_too_noisy():
+    """Found by a hunt: with one repeat time per point the bootstrap interval had zero
+    width, and crossover-width and structured-vs-generic passed on one timing each."""
+    machine = Machine(t0=0.0, t_module=0.0, rates={"products": 1e30, "cholesky": 1e30})
+    machine.extra = lambda m, k, s: (
+        1e-6 * s.widths[0] ** 2
+        if m == "full"
+        else ((2e-4 if k == "generic" else 1e-4) * s.widths[0])
+    )
+    runs = (("layerwise", "structured"), ("layerwise", "generic"), ("full", "structured"))
+    claims = va.validate(*make_sweep(machine, runs=runs, repeats=1), n_boot=100)
+    for cid in ("crossover-width", "structured-vs-generic"):
+        claim = by_id(claims, cid)
+        assert claim.verdict == "too noisy" and "With 1 and 1 repeat times there" in claim.detail
+    assert by_id(claims, "crossover-width").measured == 128
+    assert fit.median_ratio([2.0], [1.0, 1.1])[0] == pytest.approx(2 / 1.05)
+
+
 def test_no_crossover_before_full_runs_out_of_budget_does_not_reach_the_regime():
     machine = Machine(t0=0.0, t_module=0.0, rates={"products": 1e30, "cholesky": 1e30})
     machine.extra = lambda method, kernel, shape: 1e-6 if method == "full" else 1e-3
