@@ -812,6 +812,9 @@ def _rates_problem(record: dict) -> str | None:
     for name, device in devices.items():
         if not isinstance(device, dict) or not isinstance(device.get("device_rates", []), list):
             return f"device {name!r} has no list of device_rates"
+        workers = device.get("workers", [])  # (found by a hunt: a resume crashed on a text)
+        if not isinstance(workers, list) or not all(isinstance(w, str) for w in workers):
+            return f"the workers of device {name!r} are {workers!r}, not a list of names"
         if not isinstance(device.get("environment", {}), dict):
             return f"the environment of device {name!r} is {device['environment']!r}, not a mapping"
         sessions += [(name, s) for s in device.get("device_rates", [])]

@@ -444,6 +444,11 @@ CORRUPTIONS = {
         _edit_record(_first_device(lambda d: d.update(environment=[]))),
         "is [], not a mapping",
     ),
+    # found by a hunt: accepted by fit, validate and report; a resume crashed (exit 3)
+    "record-workers-text": (
+        _edit_record(_first_device(lambda d: d.update(workers="node1 cpu"))),
+        "are 'node1 cpu', not a list of names",
+    ),
     "record-sweep-s-text": (_edit_record(lambda r: r.update(sweep_s="258")), "sweep_s is '258'"),
     "record-overhead-text": (
         _edit_record(lambda r: r["grid"].update(overhead_target="0.2")),
