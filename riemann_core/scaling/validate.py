@@ -771,6 +771,7 @@ def _time_explained(
         ]
         if growth:
             reason += "; growth " + "; ".join(growth)
+        # the measured figure: the smallest overhead share at the top (times decided it)
         top = min(r.overhead_at_top for r in regimes.values()) if regimes else None
         detail = f"{reason[0].upper()}{reason[1:]}. {per_axis}. {summary}."
         claim = Claim(cid, text, expected, top, None, None, NOT_REACHED, detail, "time")
