@@ -1145,7 +1145,9 @@ def _sweep(
     order: dict[tuple[str, ...], int] = {}  # rows are written in the order of their runs
     for run in [*grid.runs(), *rows]:
         order.setdefault(key_of(run), len(order))
-    record = {"grid": asdict(grid), "base": grid.base, "axes": grid.axes, **(meta or {})}
+    # an infinite budget (none) as null: JSON has no infinity (found by a hunt: "Infinity")
+    settings = {k: None if v == math.inf else v for k, v in asdict(grid).items()}
+    record = {"grid": settings, "base": grid.base, "axes": grid.axes, **(meta or {})}
     if rows and previous:  # a resume: the axes and commands of every sweep into out
         axes = previous["axes"]
         record["axes"] = {a: sorted({*axes[a], *grid.axes[a]}) for a in AXES}

@@ -59,7 +59,11 @@ def test_sweep_records_every_run_with_counted_and_modelled_flops(tmp_path):
         assert float(r["flops"]) == sum(float(r[f"flops_{k}"]) for k in KINDS)
         assert float(r["flops_cholesky"]) > 0 and float(r["sol_products"]) > 0
         assert float(r["time_median_s"]) > 0
-    assert (tmp_path / "sweep.json").exists()
+    # strict JSON (found by a hunt: the default time budget, none, was written Infinity)
+    text = (tmp_path / "sweep.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    record = json.loads(text)
+    assert grid.time_budget_s == float("inf") and record["grid"]["time_budget_s"] is None
 
 
 @pytest.mark.parametrize(("damping", "taken"), [(1.0, ""), (1e-6, "refine residual")])
