@@ -658,7 +658,8 @@ def run(args) -> int:
                 "--readme needs --out: the table links the run's targets.md and kfac.md"
             )
         if not readme.is_file():
-            raise ValueError(f"--readme {readme}: no such file; pass the README to update")
+            what = "a directory" if readme.is_dir() else "no such file"
+            raise ValueError(f"--readme {readme}: {what}; pass the README to update")
         generated_block(readme.read_text(), README_BLOCK)
     if args.out is not None:  # fail on an unusable --out before the work, not after
         args.out.mkdir(parents=True, exist_ok=True)

@@ -252,6 +252,8 @@ def test_a_readme_without_one_pair_of_markers_is_refused_before_any_work(
         targets.run(_args(None, readme))
     with pytest.raises(ValueError, match="no such file; pass the README"):
         targets.run(_args(out, tmp_path / "missing.md"))
+    with pytest.raises(ValueError, match="a directory; pass the README"):  # (found by a hunt)
+        targets.run(_args(out, tmp_path))
 
 
 def test_the_readmes_table_is_the_committed_run_of_targets():
