@@ -590,6 +590,8 @@ def read_results(path: Path) -> list[dict]:
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:  # a spreadsheet's BOM read
             text = f.read()
+        if not text.strip():  # a sweep writes the header first (found by a hunt)
+            raise ResultsFileError(f"{path} is empty; move it away or pass another --out")
         reader = csv.DictReader(io.StringIO(text))
         missing = set(COLUMNS) - set(OPTIONAL) - set(reader.fieldnames or ())
         if missing:
