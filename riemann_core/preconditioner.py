@@ -1023,8 +1023,12 @@ def _accumulate(leaves: list[Tensor], grads) -> None:
 
 
 class Differentiated:
-    """Whether a gradient flowed back through a forward pass's output: a hook on each of
-    its tensors that requires grad (``seen`` stays true where none does)."""
+    """Whether a gradient flowed back through a forward pass's output: a pre-hook on the
+    autograd node of each of its tensors that requires grad, and of a view's base (a view
+    changed in place afterwards, ``logits[:, :C] /= T``, is rebased and its own node left
+    out of the graph: found by review). The hooks go with the graph. ``seen`` is true from
+    the start where there is nothing to watch: no tensor requires grad, or one is a leaf (a
+    hook on it would stay for good)."""
 
     __slots__ = ("seen",)
 
@@ -1032,11 +1036,14 @@ class Differentiated:
         tensors = [
             t for t in pytree.tree_leaves(output) if isinstance(t, Tensor) and t.requires_grad
         ]
-        self.seen = not tensors
-        for t in tensors:
-            t.register_hook(self)
+        tensors += [t._base for t in tensors if t._is_view() and t._base.requires_grad]
+        nodes = {t.grad_fn for t in tensors}
+        self.seen = not tensors or None in nodes
+        if not self.seen:
+            for node in nodes:
+                node.register_prehook(self)
 
-    def __call__(self, grad: Tensor) -> None:
+    def __call__(self, grad_outputs) -> None:
         self.seen = True
 
 

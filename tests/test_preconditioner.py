@@ -178,6 +178,35 @@ def test_step_refuses_a_last_pass_the_gradient_did_not_come_through(evaluated, m
     assert rel_error(flatten(got, model), flatten(expected, model)) < 1e-10
 
 
+@pytest.mark.parametrize("edit", ["out /= 2", "out[:, 0] = 0", "out.clamp_(-5, 5)"])
+def test_step_takes_a_pass_whose_output_view_was_changed_in_place(edit):
+    """Found by review of the check above: a model returning a view (``logits[:, :3]``)
+    changed in place after the pass is rebased, and a hook on its own node never fired:
+    such a pass, differentiated, was refused."""
+
+    class FirstLogits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))[:, :3]
+
+    torch.manual_seed(0)
+    model = FirstLogits().double()
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    directions = []
+    for in_place in (True, False):  # the same loss from a copy of the output: the reference
+        twin = copy.deepcopy(model)
+        pre = rc.RiemannianPreconditioner(twin, damping=1e-2)
+        out = twin(x) if in_place else twin(x).clone()
+        exec(edit)
+        F.cross_entropy(out, y).backward()
+        pre.step()
+        directions.append(torch.cat([p.grad.reshape(-1) for p in twin.parameters()]))
+    assert torch.allclose(directions[0], directions[1], rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("first", ["step", "backward", "step-after-new-forward"])
 @pytest.mark.parametrize("method", ("layerwise", "kfac"), ids=lambda m: f"method={m}")
 def test_step_refuses_to_precondition_a_direction_twice(first, method):
