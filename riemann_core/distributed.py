@@ -513,8 +513,9 @@ def model_state(model: nn.Module | None) -> tuple[list[Tensor], tuple[tuple, ...
     """What every rank's copy of ``model`` must hold alike beyond the blocks' parameters:
     its frozen parameters and the floating buffers of its modules in evaluation mode
     (running statistics, which a module in training mode updates from its own shard), and
-    every module's type, settings (``extra_repr``: a dropout's ``p``, a slope) and training
-    flag. Found by review: a frozen layer scaled on one rank, or BatchNorm statistics that
+    every module's type, settings (``extra_repr``: a dropout's ``p``, a slope; not of a
+    module with buffers, whose repr may print their values, an observer's ``min_val``
+    updated from its own shard: found by review) and training flag. Found by review: a frozen layer scaled on one rank, or BatchNorm statistics that
     differed, were accepted (0.68 and 2.7 relative error against the single process), as
     was dropout left in training mode on one rank only; found by a hunt: Tanh on one rank
     and ReLU on the other (0.8, K-FAC 1.65)."""
@@ -528,7 +529,10 @@ def model_state(model: nn.Module | None) -> tuple[list[Tensor], tuple[tuple, ...
         for b in m._buffers.values()
         if b is not None and b.is_floating_point()
     ]
-    modules = tuple((type(m).__qualname__, m.extra_repr(), m.training) for m in model.modules())
+    modules = tuple(
+        (type(m).__qualname__, "" if m._buffers else m.extra_repr(), m.training)
+        for m in model.modules()
+    )
     return frozen + buffers, modules
 
 
@@ -856,10 +860,10 @@ def _owned(
         summed.append(parts)
     blocks = [problem.blocks[i] for i in mine]
     if method != "kfac" and not problem.given:  # the gradient from Lambda, as on one rank
-        return Problem(blocks, handlers), factors
+        return Problem(blocks, handlers, data_dtype=problem.data_dtype), factors
     # the ranks' weighted gradients, or the given one DistributedDataParallel averaged
     gradient = [parts or problem.gradient_of(i) for i, parts in zip(mine, summed, strict=True)]
-    return Problem(blocks, handlers, gradient), factors
+    return Problem(blocks, handlers, gradient, problem.data_dtype), factors
 
 
 def _broadcast(net: _Group, problem: Problem, owners, solved, failure) -> dict[str, Tensor]:

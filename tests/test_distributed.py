@@ -9,6 +9,7 @@ The tests then compare them with the single process on the concatenated batch.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from ranks import run_ranks
 from torch import nn
+from torch.ao.quantization import MinMaxObserver
 from torch.nn.parallel import DistributedDataParallel
 
 import riemann_core as rc
@@ -343,6 +345,23 @@ def _failures(rank, world) -> dict:
     sloped = network("mlp")[0]
     sloped[1] = nn.LeakyReLU(0.2 if last else 0.1)
     out["other slope"] = direction(sloped)
+    # found by review of that fix: an observer prints its statistics, which each rank
+    # updates from its own shard, in its repr (refused at every step)
+    observed = network("mlp")[0]
+    observed[1] = nn.Sequential(MinMaxObserver(), nn.Tanh()).double()
+    out["observer in training"] = direction(observed)
+    # found by review: the half-precision rows' accuracy was not passed to the owners
+    # (under bfloat16 autocast no rank warned): each rank warns of the blocks it solves
+    half = network("mlp")[0].float()
+    pre_half = rc.RiemannianPreconditioner(
+        half, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        F.cross_entropy(half(x[part].float()).float(), y[part]).backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pre_half.step()
+    out["autocast warned"] = [str(w.message) for w in caught if w.category is rc.AccuracyWarning]
     # found by review: a -inf buffer (an additive causal mask) made the sums infinite, and
     # their NaN difference passed the comparison whatever the weights
     masked = network("mlp")[0].eval()
@@ -658,6 +677,9 @@ def test_ranks_whose_frozen_weights_buffers_or_modes_differ_are_refused(run):
                 assert kind == "ValueError" and "hold different parameters or buffers" in message
             assert failures["frozen first"] is None and failures["frozen first again"] is None
         assert failures["inference buffer"] is None
+        assert failures["observer in training"] is None
+        said = failures["autocast warned"]
+        assert all("bfloat16 rows of the forward pass under autocast" in m for m in said)
         assert failures["replaced buffers"] == [None] * 12
         refused = [o is not None for o in failures["loaded weights"]]
         assert refused == [world > 1 and value % 4 == 3 for value in range(12)]
@@ -669,6 +691,9 @@ def test_ranks_whose_frozen_weights_buffers_or_modes_differ_are_refused(run):
             assert kind == "ValueError" and "kfac_refresh and kfac_decay" in message
         else:
             assert kind == "DistributedError" and f"rank {world - 1} of {world} failed" in message
+    # every rank that owns one of the 3 blocks warns of it
+    warned = [bool(result["failures"]["autocast warned"]) for result in results]
+    assert sum(warned) == min(world, 3)
 
 
 def test_a_grad_on_some_ranks_only_is_refused_on_every_rank(run):

@@ -112,15 +112,15 @@ class Problem:
     as such, see :meth:`K_gradient`).
     """
 
-    def __init__(self, blocks, handlers=(), gradient=None):
+    def __init__(self, blocks, handlers=(), gradient=None, data_dtype=None):
         self.blocks: list[Block] = blocks
         self.handlers: list[Handler] = list(handlers)
         self.given = gradient is not None
         self._gradient: list[list[Tensor] | None] = gradient or [None] * len(blocks)
         self._handlers64: dict[int, Handler] = {}
-        #: the dtype of the data the metric was formed from where it differs from the
-        #: parameters' (rows pulled back in half precision under autocast), or None
-        self.data_dtype: torch.dtype | None = None
+        #: the dtype of the data the metric was formed from (rows pulled back in half
+        #: precision under autocast), whose eps bounds the accuracy; None: the parameters'
+        self.data_dtype: torch.dtype | None = data_dtype
 
     @property
     def gradient(self) -> list[list[Tensor]]:
@@ -589,9 +589,7 @@ def problem_from_graph(
     ]
     for c in calls:
         c.output, c.graph_inputs = None, ()  # release the graph
-    problem = Problem(blocks, handlers, given)
-    problem.data_dtype = data_dtype
-    return problem
+    return Problem(blocks, handlers, given, data_dtype)
 
 
 def _check_per_sample_calls(calls: list[Block], N: int) -> None:
