@@ -839,11 +839,17 @@ def _crossover(df: pd.DataFrame, base: Mapping[str, int], n_boot: int, seed: int
         samples = {m: _samples_by(lines[lines["method"] == m]) for m in ("layerwise", "full")}
         # found by a hunt: under a large overhead noise moved the crossover read off the
         # medians (8..12 to 16..24 in a synthetic sweep): its interval says how far
-        first, last = _crossover_range(samples, both, start, n_boot, seed)
-        detail = (
-            f"Crossover {where}, from the {subject}; resampling the repeat times, it lies at "
-            f"widths {first}..{last} (95%)."
+        single = any(samples[m][w].size < 2 for m in samples for w in both)
+        # one time has no spread to resample (found by review: read "12..12 (95%)")
+        first, last = (
+            (None, None) if single else _crossover_range(samples, both, start, n_boot, seed)
         )
+        resampled = (
+            f"it lies at widths {first}..{last} (95%)"
+            if first
+            else "a point with one repeat time gives it no interval"
+        )
+        detail = f"Crossover {where}, from the {subject}; resampling the repeat times, {resampled}."
         # layerwise faster at the widest width beyond noise (found by review: compared on
         # bare medians, the crossover passed wherever noise put it)
         _, ratio_low, ratio_high = fit.median_ratio(

@@ -365,7 +365,9 @@ def test_claims_decided_on_one_time_per_side_are_too_noisy():
     for cid in ("crossover-width", "structured-vs-generic"):
         claim = by_id(claims, cid)
         assert claim.verdict == "too noisy" and "With 1 and 1 repeat times there" in claim.detail
-    assert by_id(claims, "crossover-width").measured == 128
+    crossover = by_id(claims, "crossover-width")
+    assert crossover.measured == 128 and crossover.low is None and crossover.high is None
+    assert "a point with one repeat time gives it no interval" in crossover.detail
     assert fit.median_ratio([2.0], [1.0, 1.1])[0] == pytest.approx(2 / 1.05)
 
 
