@@ -183,7 +183,8 @@ def _analysed_out(args):
         ]
         if ignored:
             raise ValueError(
-                f"{' and '.join(ignored)} only choose the default directory of "
+                f"{' and '.join(ignored)} only choose{'s' if len(ignored) == 1 else ''} the "
+                "default directory of "
                 f"'{args.command}', which analyses what the sweep in --out measured; "
                 "drop them or drop --out"
             )

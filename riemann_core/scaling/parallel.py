@@ -286,14 +286,16 @@ def run_world(config: Config, world: int, progress=None) -> list[dict]:
 
 def measure(config: Config, ranks: tuple[int, ...], progress=None) -> tuple[list[dict], dict]:
     """Every world size's rows, and the GEMM rates of ``threads`` threads measured
-    before and after them (their spread tells a loaded machine)."""
+    before, between and after them (their spread tells a loaded machine: the world sizes
+    run one after another, and load between two of them would read as their speedup;
+    found by a hunt, a fail on a busy machine whose rates before and after agreed)."""
     torch.set_num_threads(config.threads)
     dtype = getattr(torch, config.dtype)
     rates = [gemm_rate(config.device, dtype)]
     rows = []
     for world in ranks:
         rows += run_world(config, world, progress)
-    rates.append(gemm_rate(config.device, dtype))
+        rates.append(gemm_rate(config.device, dtype))
     return rows, {"gemm_flops_per_s": rates}
 
 

@@ -31,7 +31,8 @@ overhead is at most ``OVERHEAD_TARGET`` of the time and the machine was steady.
   model's ``t(1) / (t0 blocks_P / blocks_1 + T_P / R)``: ``pass`` when ``S`` lies within
   ``1 +- TIME_BAND`` of it with an interval at most :data:`MAX_INTERVAL_WIDTH` wide;
   ``fail`` when the interval lies outside the band; ``too noisy`` otherwise, or when the
-  GEMM rates measured before and after the run differ by more than ``SPREAD_LIMIT``.
+  GEMM rates measured before, between and after the world sizes differ by more than
+  ``SPREAD_LIMIT``.
   ``regime not reached`` when the ranks cannot each have a device (``P`` ranks of
   ``threads`` threads need more cores than the machine has, or the GEMM rate a rank
   reaches while all ``P`` run one is more than ``SPREAD_LIMIT`` below the rate of one
@@ -444,8 +445,8 @@ def _markdown(meta, table, fits, model, found) -> str:
             f"cross-entropy (exact Fisher), damping {1e-3:g}; {config['threads']} thread(s) "
             f"per rank on {meta['cores']} cores ({env.get('cpu', '?')}), device "
             f"{config['device']}, torch {env.get('torch', '?')}, commit "
-            f"{env.get('commit', '?')}. GEMM rate at that thread count before and after "
-            f"the run: {rates} GFLOP/s.",
+            f"{env.get('commit', '?')}. GEMM rate at that thread count, measured before the "
+            f"run and after world sizes: {rates} GFLOP/s.",
             "",
             "Each rank holds 1/P of the global batch and computes "
             "`rc.direction(..., process_group=...)`; times are medians over "

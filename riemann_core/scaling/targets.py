@@ -582,7 +582,7 @@ def readme_targets(payload: dict, link: str) -> str:
     env = payload["environment"]
     lines = [
         f"Measured by `{payload['command']}` on {env['device_name']} ({env['threads']} "
-        f"threads, torch {env['torch']}, commit {env['commit']}, {env['time_utc'][:10]}); "
+        f"thread{'s' if env['threads'] != 1 else ''}, torch {env['torch']}, commit {env['commit']}, {env['time_utc'][:10]}); "
         f"{payload['dtype']}, batch {payload['batch']}; each figure with a goal, and the "
         f"lean references of its network, the median over {rounds_of(payload)} of the ratio "
         "within a round [its 95% bootstrap interval; a goal is too noisy to judge where the "

@@ -170,6 +170,17 @@ def test_an_unusable_out_is_refused_before_measuring(tmp_path, capsys, monkeypat
     assert "error" in capsys.readouterr().err
 
 
+def test_the_gemm_rate_is_measured_between_world_sizes_too(monkeypatch):
+    """Found by a hunt: measured before and after the run only, load between two world
+    sizes went unseen, and a busy machine read a fail."""
+    rates = iter([4e10, 1e10, 4e10])  # the machine busy while P = 1 ran
+    monkeypatch.setattr(parallel, "gemm_rate", lambda device, dtype: next(rates))
+    monkeypatch.setattr(parallel, "run_world", lambda config, world, progress: [])
+    config = parallel.Config((8, 4), 4, ("layerwise",), 1, 1, "cpu", "float64", 0, 60.0)
+    _, measured = parallel.measure(config, (1, 2))
+    assert measured["gemm_flops_per_s"] == [4e10, 1e10, 4e10]
+
+
 def test_optimal_load_by_exhaustion():
     assert pr.optimal_load([3.0, 3.0, 2.0, 2.0, 2.0], 2) == 6
     assert pr.optimal_load([5.0, 1.0], 1) == 6

@@ -229,7 +229,7 @@ def test_the_analysis_commands_name_a_corrupted_results_file(tmp_path, capsys, c
 @pytest.mark.parametrize("command", ["fit", "validate", "report"])
 def test_options_the_analysis_commands_would_ignore_are_refused(tmp_path, capsys, command):
     assert cli.main([command, "--quick", "--out", str(tmp_path)]) == 2
-    assert "--quick only choose the default directory" in capsys.readouterr().err
+    assert "--quick only chooses the default directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
