@@ -338,13 +338,10 @@ class RiemannianPreconditioner:
                 setattr(self, attribute, value)
         else:  # the outermost call's end
             copy = self._capture is None and MODEL_OUTPUT in notes_for(self.model).clone
-            self._output = [
-                t.detach().clone() if copy else t.detach()
-                for t in pytree.tree_leaves(output)
-                if isinstance(t, Tensor)
-            ]
+            tensors = [t for t in pytree.tree_leaves(output) if isinstance(t, Tensor)]
+            self._output = [t.detach().clone() if copy else t.detach() for t in tensors]
             self._output_versions = [t._version for t in self._output]
-            self._differentiated = Differentiated(output)
+            self._differentiated = Differentiated(tensors)
             self._buffer_states.after_pass(self.model, self._batch[3])
             # an input the forward pass itself changed in place (x /= 255): named on refusal
             self._edited_in_forward = any(
@@ -1023,19 +1020,17 @@ def _accumulate(leaves: list[Tensor], grads) -> None:
 
 
 class Differentiated:
-    """Whether a gradient flowed back through a forward pass's output: a pre-hook on the
-    autograd node of each of its tensors that requires grad, and of a view's base (a view
-    changed in place afterwards, ``logits[:, :C] /= T``, is rebased and its own node left
-    out of the graph: found by review). The hooks go with the graph. ``seen`` is true from
-    the start where there is nothing to watch: no tensor requires grad, or one is a leaf (a
-    hook on it would stay for good)."""
+    """Whether a gradient flowed back through a forward pass's output tensors (``outputs``):
+    a pre-hook on the autograd node of each that requires grad, and of a view's base (a
+    view changed in place afterwards, ``logits[:, :C] /= T``, is rebased and its own node
+    left out of the graph: found by review). The hooks go with the graph. ``seen`` is true
+    from the start where there is nothing to watch: no tensor requires grad, or one is a
+    leaf (a hook on it would stay for good)."""
 
     __slots__ = ("seen",)
 
-    def __init__(self, output) -> None:
-        tensors = [
-            t for t in pytree.tree_leaves(output) if isinstance(t, Tensor) and t.requires_grad
-        ]
+    def __init__(self, outputs: list[Tensor]) -> None:
+        tensors = [t for t in outputs if t.requires_grad]
         tensors += [t._base for t in tensors if t._is_view() and t._base.requires_grad]
         nodes = {t.grad_fn for t in tensors}
         self.seen = not tensors or None in nodes
