@@ -513,9 +513,10 @@ def model_state(model: nn.Module | None) -> tuple[list[Tensor], tuple[tuple, ...
     """What every rank's copy of ``model`` must hold alike beyond the blocks' parameters:
     its frozen parameters and the floating buffers of its modules in evaluation mode
     (running statistics, which a module in training mode updates from its own shard), and
-    every module's type, settings (``extra_repr``: a dropout's ``p``, a slope; not of a
-    module with buffers, whose repr may print their values, an observer's ``min_val``
-    updated from its own shard: found by review) and training flag. Found by review: a frozen layer scaled on one rank, or BatchNorm statistics that
+    every module's type, settings (``extra_repr``: a dropout's ``p``, a slope, a
+    BatchNorm's ``eps``; not where it prints a tensor, a buffer's values: an observer's
+    ``min_val``, updated from its own shard, refused every step, found by review) and
+    training flag. Found by review: a frozen layer scaled on one rank, or BatchNorm statistics that
     differed, were accepted (0.68 and 2.7 relative error against the single process), as
     was dropout left in training mode on one rank only; found by a hunt: Tanh on one rank
     and ReLU on the other (0.8, K-FAC 1.65)."""
@@ -529,9 +530,10 @@ def model_state(model: nn.Module | None) -> tuple[list[Tensor], tuple[tuple, ...
         for b in m._buffers.values()
         if b is not None and b.is_floating_point()
     ]
+    settings = [m.extra_repr() for m in model.modules()]
     modules = tuple(
-        (type(m).__qualname__, "" if m._buffers else m.extra_repr(), m.training)
-        for m in model.modules()
+        (type(m).__qualname__, "" if "tensor(" in s else s, m.training)
+        for m, s in zip(model.modules(), settings, strict=True)
     )
     return frozen + buffers, modules
 

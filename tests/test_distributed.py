@@ -345,6 +345,11 @@ def _failures(rank, world) -> dict:
     sloped = network("mlp")[0]
     sloped[1] = nn.LeakyReLU(0.2 if last else 0.1)
     out["other slope"] = direction(sloped)
+    # found by review: a module with buffers was signed by its type alone
+    torch.manual_seed(1)
+    epsilon = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7, eps=0.5 if last else 1e-5,
+                            affine=False), nn.Tanh(), nn.Linear(7, 3)).double().eval()  # fmt: skip
+    out["other eps"] = direction(epsilon)
     # found by review of that fix: an observer prints its statistics, which each rank
     # updates from its own shard, in its repr (refused at every step)
     observed = network("mlp")[0]
@@ -659,7 +664,7 @@ def test_ranks_whose_frozen_weights_buffers_or_modes_differ_are_refused(run):
         failures = result["failures"]
         if world == 1:
             for case in ("other frozen weights", "other statistics", "other mode",
-                         "other activation", "other slope"):  # fmt: skip
+                         "other activation", "other slope", "other eps"):  # fmt: skip
                 assert failures[case] is None
         else:
             for case in ("other frozen weights", "other statistics"):
@@ -667,7 +672,7 @@ def test_ranks_whose_frozen_weights_buffers_or_modes_differ_are_refused(run):
                 assert kind == "ValueError" and "hold different parameters or buffers" in message
             kind, message = failures["other mode"]
             assert kind == "ValueError" and "modules in another training mode" in message
-            for case in ("other activation", "other slope"):
+            for case in ("other activation", "other slope", "other eps"):
                 kind, message = failures[case]
                 assert kind == "ValueError" and "modules of another type or with other" in message
             cases = ("other weights beside -inf", "frozen changed", "frozen reassigned",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 from contextlib import contextmanager
 
 from ..arguments import Command, check_distinct, default_out, ints, names
@@ -238,7 +239,8 @@ def run_validate(args) -> int:
     claims = [claim for _, claim in pairs]
     validate.write_claims(claims, out / "claims.json", device_names=names)
     for name, c in pairs:
-        interval = "" if c.low is None else f" [{c.low:.3g}, {c.high:.3g}]"
+        unknown = c.low is None or math.isnan(c.low)  # (one repeat time: no interval)
+        interval = "" if unknown else f" [{c.low:.3g}, {c.high:.3g}]"
         measured = "" if c.measured is None else f" {c.measured:.3g}{interval}"
         where = f"{name}: " if len(set(names)) > 1 else ""
         print(f"{c.verdict:>18}  {where}{c.id:<32}{measured}")

@@ -281,7 +281,8 @@ def quadratic_share(
     ``paired``: repeat ``j`` of every point was timed in the same round (the points
     interleaved, equally many repeats), so rounds are resampled whole: a slow round then
     slows every point of a replicate alike, as it did the measurement, instead of bending
-    the replicate's curve. Returned as a :class:`SlopeFit` whose ``slope`` is the share.
+    the replicate's curve. Returned as a :class:`SlopeFit` whose ``slope`` is the share;
+    its interval is ``nan`` where a point has a single time (nothing to resample).
 
     >>> round(quadratic_share([1, 2, 3, 4], [[3.0], [5.0], [7.0], [9.0]]).slope, 9)
     0.0
@@ -312,6 +313,8 @@ def quadratic_share(
         boot[:, i] = np.median(s[draw], axis=1)
     boots = shares(np.broadcast_to(scaled, boot.shape), boot)
     low, high = np.percentile(boots, [2.5, 97.5])
+    if min(s.size for s in samples) < 2:  # one time has no spread to resample (found by
+        low = high = math.nan  # review: a zero-width interval was recorded)
     return SlopeFit(estimate, float(low), float(high), xs.size, (float(xs.min()), float(xs.max())))
 
 

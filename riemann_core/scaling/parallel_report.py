@@ -446,7 +446,7 @@ def _markdown(meta, table, fits, model, found) -> str:
             f"per rank on {meta['cores']} cores ({env.get('cpu', '?')}), device "
             f"{config['device']}, torch {env.get('torch', '?')}, commit "
             f"{env.get('commit', '?')}. GEMM rate at that thread count, measured before the "
-            f"run and after world sizes: {rates} GFLOP/s.",
+            f"run and after each world size: {rates} GFLOP/s.",
             "",
             "Each rank holds 1/P of the global batch and computes "
             "`rc.direction(..., process_group=...)`; times are medians over "
