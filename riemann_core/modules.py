@@ -992,7 +992,8 @@ def kronecker_handler(handler: Handler) -> PatchHandler:
         raise ValueError(
             f"method='kfac' has no Kronecker factorisation for module {handler.block.name!r} "
             f"({type(handler.block.module).__name__}); K-FAC supports Linear and Conv2d "
-            "(groups=1, zero padding). Use method='layerwise' for other modules"
+            "(groups=1, zero padding given by numbers or 'valid'). Use method='layerwise' for "
+            "other modules"
         )
     structured = STRUCTURED[type(handler.block.module)](handler.block)  # on the call's
     # data: in the dtype of the handler's
@@ -1017,6 +1018,7 @@ def handler_for(block: Block, kernel: str) -> Handler:
         f"module {block.name!r} ({type(block.module).__name__}) has parameters but {reason}; "
         f"structured kernels exist for {supported}. Pass kernel='generic' (torch.func, "
         "materialises K) or kernel='auto' (structured where possible, generic elsewhere); "
-        "method='kfac' has Kronecker factors for Linear and Conv2d (groups=1, zero padding) "
-        "only: use method='layerwise' for other modules"
+        "with method='kfac' no kernel helps: it has Kronecker factors for Linear and Conv2d "
+        "(groups=1, zero padding given by numbers or 'valid') only, use method='layerwise' "
+        "for other modules"
     )

@@ -430,3 +430,18 @@ def test_a_failed_float32_eigendecomposition_takes_the_slow_path(bias, monkeypat
     monkeypatch.setattr(torch.linalg, "eigh", flaky)
     got = rc.direction(model, x, y, **kw)
     assert rel_error(flatten(got, model), flatten(expected, model)) < 1e-5
+
+
+@pytest.mark.parametrize("kernel", ["structured", "auto"])
+def test_kfac_on_a_convolution_it_cannot_factorise_names_what_it_takes(kernel):
+    """Found by a hunt: padding='same' is zero padding, yet K-FAC's refusal said it takes
+    "zero padding", and the structured kernel's sent K-FAC users to kernel='auto', which
+    K-FAC refused again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding="same"), nn.Flatten(), nn.Linear(48, 3))
+    x, y = torch.randn(4, 2, 4, 4), torch.randint(0, 3, (4,))
+    with pytest.raises(ValueError) as err:
+        rc.direction(model, x, y, method="kfac", kernel=kernel)
+    message = str(err.value)
+    assert "zero padding given by numbers or 'valid'" in message
+    assert kernel == "auto" or "with method='kfac' no kernel helps" in message
