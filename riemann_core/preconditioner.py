@@ -801,8 +801,29 @@ class RiemannianPreconditioner:
         whatever changed them since (a clip, even one that clips nothing, or a second
         backward: found by review, 57x off; a fresh ``.grad`` after ``opt.zero_grad()``,
         a new tensor, is taken); after a new forward pass, the same tensors at the same
-        version and norm (a loss.backward() forgotten)."""
+        version and norm (a loss.backward() forgotten), or one version on: one backward
+        pass added to the direction with no ``opt.zero_grad()`` between (whose in-place
+        zeroing is a version too), as when accumulating micro-batches with a pre.step()
+        after each (found by a hunt: 466x off)."""
         written = {id(ref()): (v, norm) for ref, v, norm in self._written if ref() is not None}
+        added = [
+            n
+            for n, g in grads.items()
+            if not self._preconditioned
+            and id(g) in written
+            and g._version == written[id(g)][0] + 1
+            and bool(written[id(g)][1] != 0)  # (a host sync, on suspicion only)
+        ]
+        if added:
+            raise RuntimeError(
+                f"the .grad of {added[:3]}{' ...' if len(added) > 3 else ''} hold the "
+                "direction the last pre.step() or pre.backward(loss) wrote with one backward "
+                "pass added since, and pre.step() would precondition that direction again: "
+                "call opt.zero_grad() before each step's backward passes, and when "
+                "accumulating micro-batches, pre.step() once, after the last one's backward "
+                "(a .grad zeroed through .data, p.grad.data.zero_(), is not seen: use "
+                "opt.zero_grad())"
+            )
         same = [
             (n, g)
             for n, g in grads.items()
