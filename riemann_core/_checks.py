@@ -508,12 +508,13 @@ def classes_along_positions(outputs: Tensor, loss: str, output_metric) -> bool:
 NLL_NODES = ("NllLossBackward0", "NllLoss2DBackward0")
 
 
-def _samples_left_out(loss: Tensor, outputs: Tensor) -> list[Tensor]:
+def _samples_left_out(loss: Tensor, outputs: Tensor) -> tuple[list[Tensor], set[int]]:
     """For each ``nll_loss`` node of ``loss``'s graph whose input is computed from
-    ``outputs`` (an auxiliary head's is not), how many of its targets it leaves out: equal
-    to its ``ignore_index``, or of a class weighted zero."""
+    ``outputs`` (an auxiliary head's is not), how many of its targets it leaves out (equal
+    to its ``ignore_index``, or of a class weighted zero), and the numbers of classes of
+    those nodes."""
     stop = outputs.grad_fn
-    counts = []
+    counts, classes = [], set()
     for node in _graph_nodes([loss.grad_fn], stop):
         if type(node).__name__ not in NLL_NODES:
             continue
@@ -527,20 +528,35 @@ def _samples_left_out(loss: Tensor, outputs: Tensor) -> list[Tensor]:
         if weight is not None:
             left |= weight[target.clamp(0, weight.numel() - 1)] == 0
         counts.append(left.sum())
-    return counts
+        log_p = node._saved_self  # (N, C, ...) or (C,)
+        classes.add(log_p.shape[1] if log_p.ndim > 1 else log_p.shape[0])
+    return counts, classes
 
 
 def check_samples_taken(loss: Tensor, outputs: Tensor, checks: Deferred) -> None:
     """Refuse (registered with ``checks``) a cross-entropy with class indices that leaves
     samples of ``outputs`` out: a target equal to its ``ignore_index`` or of a class
     weighted zero, read from the ``nll_loss`` nodes between ``loss`` and ``outputs``. The
-    metric, the mean over every sample, would still weigh those samples. A zero gradient
+    metric, the mean over every sample, would still weigh those samples. Refuse at once one
+    whose classes are not as many as the columns of ``(N, C)`` outputs: the outputs are
+    then not its logits. A zero gradient
     alone is no sign: a hinge or clamped loss, or a softmax the loss sharpens, has zeros at
     samples it takes.
     """
-    counts = _samples_left_out(loss, outputs)
+    counts, classes = _samples_left_out(loss, outputs)
     if not counts:
         return
+    # (found by a hunt: an encoder preconditioned alone; classes not last on (N, C, L)
+    # outputs are named by check_classes_last)
+    if outputs.ndim == 2 and classes != {outputs.shape[1]}:
+        raise ValueError(
+            f"the loss's cross-entropy is over {sorted(classes)} classes, and the model's "
+            f"outputs {tuple(outputs.shape)} have {outputs.shape[-1]} along the last "
+            "dimension, where the metric takes them as the loss's logits: they are not (a "
+            "head outside the preconditioned model, or a loss on some of the outputs), "
+            "and the cross-entropy metric at them is not the loss's. Precondition the "
+            "model whose outputs the loss takes as logits, or pass an output_metric"
+        )
     count = torch.stack(counts).sum()
     N = outputs.shape[0]
     # on token outputs (N, ..., C) the targets are positions (found by review: there only

@@ -1312,3 +1312,23 @@ def test_a_model_whose_hooks_refer_to_it_is_freed():
     del model, pre
     gc.collect()
     assert alive() is None
+
+
+@pytest.mark.parametrize("where", ["encoder alone", "loss on some outputs"])
+def test_outputs_that_are_not_the_cross_entropys_logits_are_refused(where):
+    """Found by a hunt: a preconditioner on an encoder (a head outside it) took its five
+    features for the logits of the loss's four classes, 9.4x off the whole model's block,
+    without a word. Refused, .grad kept."""
+    torch.manual_seed(41)
+    encoder = nn.Sequential(nn.Linear(6, 5), nn.Tanh()).double()
+    head = nn.Linear(5, 4).double()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 4, (8,))
+    model = encoder if where == "encoder alone" else nn.Sequential(encoder, nn.Linear(5, 6))
+    model = model.double()
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    for _ in range(2):  # the probe's call, then the fused one
+        out = model(x)
+        loss = F.cross_entropy(head(out) if where == "encoder alone" else out[:, :4], y)
+        with pytest.raises(ValueError, match=r"cross-entropy is over \[4\] classes"):
+            pre.backward(loss)
+        assert all(p.grad is None for p in model.parameters())
