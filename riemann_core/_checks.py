@@ -43,6 +43,21 @@ def check_damping(damping) -> None:
         )
 
 
+def check_damping_fits(damping: float, params, solve_dtype: torch.dtype | None) -> None:
+    """Refuse a ``damping`` past the largest number of the dtype the metric is formed in
+    (``solve_dtype``, else each parameter's): ``mu I`` would be inf there (found by a
+    hunt: a float32 model at damping 1e39 gave SolveError naming NaN in the Gram, a raw
+    LinAlgError under ``full``, and under ``kfac`` a zero direction)."""
+    dtypes = {solve_dtype} if solve_dtype is not None else {p.dtype for _, p in params}
+    for dtype in sorted(dtypes, key=lambda d: torch.finfo(d).max):
+        if damping > torch.finfo(dtype).max:
+            raise ValueError(
+                f"damping {damping:g} exceeds the largest {dtype} ({torch.finfo(dtype).max:.3g}), "
+                "the dtype the metric mu I + K^T K is formed in: it would be inf there. Use a "
+                "damping the model's dtype holds (or solve_dtype=torch.float64)"
+            )
+
+
 def check_options(
     *,
     method,

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from . import distributed
 from ._checks import (
     Deferred,
+    check_damping_fits,
     check_deterministic,
     check_generator,
     check_inputs,
@@ -161,6 +162,7 @@ def direction(
             )
         checks = Deferred()
         params = check_model(model, checks)
+        check_damping_fits(opts.damping, params, opts.solve_dtype)
         check_deterministic(model)
         args, kwargs = forward_arguments(inputs, forward_kwargs)
         check_inputs(args, kwargs, targets, checks)

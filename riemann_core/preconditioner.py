@@ -19,6 +19,7 @@ from ._checks import (
     GradientOverflow,
     check_classes_last,
     check_damping,
+    check_damping_fits,
     check_generator,
     check_inputs,
     check_model,
@@ -463,6 +464,7 @@ class RiemannianPreconditioner:
         self.overflowed = False
         checks = Deferred()
         params = check_model(model, checks)
+        check_damping_fits(opts.damping, params, opts.solve_dtype)
         checks.finite("the loss", loss, "check the data and lower the learning rate")
         overflow = GradientOverflow if self._scaling else None  # the scaler's to skip
         for name, p in params:  # the direction is added to them, as loss.backward() adds
@@ -739,6 +741,7 @@ class RiemannianPreconditioner:
                 )
             checks = Deferred()
             params = check_model(self.network, checks)
+            check_damping_fits(self._options.damping, params, self._options.solve_dtype)
             with_grad = {n: p.grad for n, p in params if p.grad is not None}
             if not with_grad:
                 raise RuntimeError(

@@ -581,3 +581,27 @@ def test_option_values_found_by_review():
     loss = F.cross_entropy(model(x), y)
     with pytest.raises(TypeError, match="got a torch.int64 tensor of shape"):
         pre.backward(loss.long())
+
+
+@pytest.mark.parametrize("method", ["layerwise", "natural", "full", "kfac"])
+def test_a_damping_the_models_dtype_cannot_hold_is_refused(method):
+    """Found by a hunt: at damping 1e39 a float32 model gave a SolveError naming NaN in the
+    Gram, a raw LinAlgError under full, and under kfac a zero direction."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    message = r"damping 1e\+39 exceeds the largest torch.float32"
+    with pytest.raises(ValueError, match=message):
+        rc.direction(model, x, y, method=method, damping=1e39)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=1e39)
+    nn.functional.cross_entropy(model(x), y).backward()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        pre.step()
+    assert_unchanged(model, before)
+    model.zero_grad()
+    with pytest.raises(ValueError, match=message):
+        pre.backward(nn.functional.cross_entropy(model(x), y))
+    assert all(p.grad is None for p in model.parameters())
+    # float64 holds it (the direction g / mu, tiny), and so does solve_dtype=float64
+    rc.direction(model, x, y, method=method, damping=1e39, solve_dtype=torch.float64)
