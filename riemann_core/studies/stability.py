@@ -123,8 +123,12 @@ def sweep_from(args: argparse.Namespace) -> Sweep:
             spec[name] = getattr(args, name)
     sweep = Sweep(**spec)
     check_choices("method", sweep.methods, METHODS)
-    if not sweep.dampings or not all(0 < mu < math.inf for mu in sweep.dampings):
-        raise ValueError(f"every damping must be positive and finite, got {list(sweep.dampings)}")
+    largest = torch.finfo(DTYPES[sweep.dtype]).max  # (past it: a traceback, found by a hunt)
+    if not sweep.dampings or not all(0 < mu <= largest for mu in sweep.dampings):
+        raise ValueError(
+            f"every damping must be positive and at most the largest {sweep.dtype} "
+            f"({largest:.3g}), got {list(sweep.dampings)}"
+        )
     if not sweep.sizes or min(sweep.sizes) < 2:
         raise ValueError(f"every training-set size must be at least 2, got {list(sweep.sizes)}")
     check_distinct("--dampings", sweep.dampings)
@@ -133,8 +137,11 @@ def sweep_from(args: argparse.Namespace) -> Sweep:
         raise ValueError(
             f"--pairs and --steps must be positive, got {sweep.pairs} and {sweep.steps}"
         )
-    if not 0 < sweep.lr < math.inf:
-        raise ValueError(f"--lr must be positive and finite, got {sweep.lr}")
+    if not 0 < sweep.lr <= largest:
+        raise ValueError(
+            f"--lr must be positive and at most the largest {sweep.dtype} ({largest:.3g}), "
+            f"got {sweep.lr}"
+        )
     if not 1 <= sweep.batch_size <= min(sweep.sizes):
         raise ValueError(
             f"--batch-size must be between 1 and the smallest size {min(sweep.sizes)}, "
@@ -222,12 +229,15 @@ def pair_distance(
         tv = 0.5 * (logits_a.softmax(1) - logits_b.softmax(1)).abs().sum(1)
         loss_a = F.cross_entropy(logits_a, pool.test.targets, reduction="none")
         loss_b = F.cross_entropy(logits_b, pool.test.targets, reduction="none")
-        return {
-            **row,
+        distances = {
             "param_distance": float((theta[0] - theta[1]).norm()),
             "prediction_distance": float(tv.mean()),
             "loss_gap": float((loss_a - loss_b).abs().mean()),
         }
+    if not all(map(math.isfinite, distances.values())):  # parameters blown up (found by a
+        # hunt: --lr 1e300 wrote an ok pair at distance inf, which its own report refused)
+        return {**row, "status": "diverged", **dict.fromkeys(METRICS, math.nan)}
+    return {**row, **distances}
 
 
 #: What a study writes into its ``--out`` (a new one sets an earlier one's aside).

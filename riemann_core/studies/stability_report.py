@@ -315,7 +315,10 @@ def _write_files(pairs: pd.DataFrame, meta: dict, out: Path, stage: Path) -> Non
         "## Figures",
         "",
     ]
-    for axis in ("damping", "size"):
+    drawn = ("damping", "size") if not complete_points(pairs).empty else ()
+    if not drawn:  # (found by a hunt: the report failed, drawing nothing)
+        lines += ["No grid point has every pair trained: there is nothing to draw.", ""]
+    for axis in drawn:
         path = distance_figure(pairs, axis, stage / f"distance_vs_{axis}.png")
         lines += [
             f"![distance against {axis}]({path.name})",

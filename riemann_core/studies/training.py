@@ -156,10 +156,15 @@ def study_from(args: argparse.Namespace) -> Study:
 def _check(study: Study) -> None:
     check_choices("model", study.models, digits.MODELS)
     check_choices("method", study.methods, METHODS)
+    # at most the dtype's largest number (found by a hunt: 1e300 crashed the study, exit 3)
+    largest = torch.finfo(DTYPES[study.dtype]).max
     for option, values in (("--lrs", sum(study.lrs.values(), ())), ("--dampings", study.dampings)):
-        bad = list(dict.fromkeys(v for v in values if not 0 < v < math.inf))  # once each
+        bad = list(dict.fromkeys(v for v in values if not 0 < v <= largest))  # once each
         if bad or not values:
-            raise ValueError(f"{option} must be positive and finite, got {bad or list(values)}")
+            raise ValueError(
+                f"{option} must be positive and at most the largest {study.dtype} "
+                f"({largest:.3g}), got {bad or list(values)}"
+            )
     for values in study.lrs.values():
         check_distinct("--lrs", values)
     check_distinct("--dampings", study.dampings)

@@ -278,6 +278,9 @@ def test_report_only_refuses_a_record_of_the_wrong_kind(
         (["--batch-size", "200"], "--batch-size must be between 1 and the smallest size 150"),
         (["--pairs", "0"], "--pairs and --steps must be positive"),
         (["--lr", "-1"], "--lr must be positive"),
+        # found by a hunt: a traceback, exit 3
+        (["--dtype", "float32", "--lr", "1e39"], "--lr must be positive and at most the largest"),
+        (["--dtype", "float32", "--dampings", "1e39"], "every damping must be positive and at"),
     ],
 )
 def test_bad_options_are_clear_errors(options, message, tmp_path, capsys):
@@ -332,3 +335,22 @@ def test_a_method_with_no_point_where_every_pair_trained_is_named_in_the_fits():
     assert natural["points left out"].eq(9).all()
     lines = slopes(pairs)
     assert (lines.loc[lines["method"] == "natural", "points left out"] == 3).all()
+
+
+@pytest.mark.parametrize(
+    "options, status",
+    [(["--steps", "2"], "not trained"), (["--lr", "1e300", "--steps", "3"], "diverged")],
+    ids=["too few steps", "parameters blown up"],
+)
+def test_a_sweep_where_no_pair_trained_still_gets_its_report(options, status, tmp_path, capsys):
+    """Found by a hunt: with no grid point whose every pair trained, the report failed
+    drawing nothing (exit 2, a matplotlib message); at --lr 1e300 the pairs' distances
+    overflowed to inf in rows marked ok, which the report then refused."""
+    argv = ["stability", "--quick", "--methods", "layerwise", "--dampings", "0.1,1",
+            "--sizes", "40,80", "--pairs", "2", *options, "--out", str(tmp_path)]  # fmt: skip
+    assert cli.main(argv) == 0
+    pairs = pd.read_csv(tmp_path / "pairs.csv")
+    assert set(pairs["status"]) == {status}
+    report = (tmp_path / "report.md").read_text()
+    assert "No grid point has every pair trained: there is nothing to draw." in report
+    assert cli.main(["stability", "--report-only", "--out", str(tmp_path)]) == 0

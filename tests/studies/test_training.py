@@ -282,8 +282,23 @@ def failing_report_changes_nothing(out, command, module, step, monkeypatch, caps
     [
         (["--methods", "sgd,lbfgs"], "unknown method(s) ['lbfgs']; choose from sgd, adam"),
         (["--models", "resnet"], "unknown model(s) ['resnet']"),
-        (["--lrs", "0.1,-1"], "--lrs must be positive and finite, got [-1.0]\n"),
-        (["--dampings", "0"], "--dampings must be positive and finite, got [0.0]\n"),
+        (
+            ["--lrs", "0.1,-1"],
+            "--lrs must be positive and at most the largest float32 (3.4e+38), got [-1.0]\n",
+        ),
+        (
+            ["--dampings", "0"],
+            "--dampings must be positive and at most the largest float32 (3.4e+38), got [0.0]\n",
+        ),
+        # found by a hunt: a traceback, exit 3, from the optimiser's or the solver's overflow
+        (
+            ["--lrs", "1e300"],
+            "--lrs must be positive and at most the largest float32 (3.4e+38), got [1e+300]\n",
+        ),
+        (
+            ["--dampings", "1e300"],
+            "--dampings must be positive and at most the largest float32 (3.4e+38), got [1e+300]\n",
+        ),
         (["--lrs", "0.1,0.1"], "--lrs: 0.1 given more than once"),
         (["--models", "mlp,mlp"], "models: mlp given more than once"),
         (["--seeds", "0"], "--seeds must be at least 1"),
