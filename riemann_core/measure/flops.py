@@ -17,10 +17,15 @@ triangular solve                       ``n^2 k`` for ``k`` right-hand sides (tri
 ``cholesky_inverse``                   ``2 n^3 / 3`` (triangular)
 ``eigh``                               ``9 n^3`` with vectors, ``4 n^3 / 3`` without (eigh)
 QR (Householder)                       ``2 m n^2 - 2 n^3 / 3`` for R, plus Q's (qr)
-LU solve, inverse                      ``2 n^3 / 3 + 2 n^2 k``; ``2 n^3`` (lu)
+``linalg.solve`` (LU), inverse         ``2 n^3 / 3 + 2 n^2 k``; ``2 n^3`` (lu)
 matrix-vector product                  ``2 m n`` (products)
 BLAS ``syrk``, ``R R^T`` one triangle  ``d^2 k`` for ``R`` ``d x k`` (products)
 =====================================  ==============================================
+
+Operations the package does not call stay at zero: ``lu_factor`` / ``lu_solve``, the
+legacy ``triangular_solve``, ``lstsq``, ``svd``; and ``eigvalsh`` is counted as ``eigh``
+with vectors, which torch computes under the counter (the package's eigenvalues go through
+``riemann_core.woodbury.eigenvalues``).
 """
 
 from __future__ import annotations
