@@ -139,9 +139,11 @@ def load(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
 
 def check_design(runs: pd.DataFrame, tuning: pd.DataFrame, meta: dict, out: Path) -> None:
     """Refuse results that the study cannot have written (``ValueError`` naming the file,
-    the line or the run, and the fix): a record twice, a run marked ``ok`` that stops
-    before the budget's last step, runs trained at a configuration that is not the one
-    ``tuning.csv`` chooses."""
+    the line or the run, and the fix): a record twice, a run at a seed ``training.json``
+    does not list, a record off the evaluation grid (every ``eval_every`` steps and the
+    last), a run marked ``ok`` that stops before the budget's last step, runs trained at a
+    configuration that is not the one ``tuning.csv`` chooses (found by a hunt: a seed
+    relabelled, or a step moved off the grid, were reported)."""
     for name, frame, key in (
         ("runs.csv", runs, ["model", "method", "seed", "step"]),
         ("tuning.csv", tuning, ["model", "method", "lr", "damping"]),
@@ -151,6 +153,17 @@ def check_design(runs: pd.DataFrame, tuning: pd.DataFrame, meta: dict, out: Path
             raise ValueError(
                 f"{out / name} line {first_line(twice)} repeats the {', '.join(key)} of an "
                 f"earlier line: {rerun(COMMAND)}"
+            )
+    for bad, what in (
+        (~runs["seed"].isin(meta["seeds"]), f"a seed that training.json, seeds {meta['seeds']}, "
+         "does not list"),
+        ((runs["step"] % max(meta["eval_every"], 1) != 0) & (runs["step"] != meta["steps"]),
+         f"a step off the evaluation grid (every {meta['eval_every']} and {meta['steps']})"),
+    ):  # fmt: skip
+        if bad.any():
+            raise ValueError(
+                f"{out / 'runs.csv'} line {first_line(bad)} holds {what}: the files come from "
+                f"different studies, {rerun(COMMAND)}"
             )
     last = final_rows(runs)
     short = last[(last["status"] == "ok") & (last["step"] != meta["steps"])]

@@ -437,6 +437,12 @@ def _short_run(df):
     return df[~last | (df["step"].astype(int) <= sorted(steps)[1])]
 
 
+def _off_grid(df):
+    """The second record of the first run a step later."""
+    df.loc[1, "step"] = str(int(df.loc[1, "step"]) + 1)
+    return df
+
+
 def _other_choice(df):
     """The tuning of sgd rewritten so that its other learning rate wins."""
     sgd = df.index[df["method"] == "sgd"]
@@ -452,8 +458,12 @@ def _other_choice(df):
         ("tuning.csv", lambda df: pd.concat([df, df.iloc[[0]]]), "repeats the model, method, lr, damping"),
         ("runs.csv", _short_run, "is marked ok but its records stop at step"),
         ("tuning.csv", _other_choice, "the two files come from different studies"),
+        # found by a hunt: reported with the wrong seeds, or a curve bent off the grid
+        ("runs.csv", lambda df: df.assign(seed=df["seed"].replace("1", "7")), "holds a seed that training.json"),
+        ("runs.csv", _off_grid, "holds a step off the evaluation grid"),
     ],
-    ids=["runs-twice", "tuning-twice", "ok-run-cut-short", "tuning-chooses-another"],
+    ids=["runs-twice", "tuning-twice", "ok-run-cut-short", "tuning-chooses-another",
+         "seed-not-recorded", "step-off-grid"],
 )  # fmt: skip
 def test_report_only_refuses_results_the_study_cannot_have_written(
     study, tmp_path, capsys, name, edit, message
