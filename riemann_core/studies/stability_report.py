@@ -98,9 +98,13 @@ def load(out: Path) -> tuple[pd.DataFrame, dict]:
 
 def check_design(pairs: pd.DataFrame, meta: dict, path: Path) -> None:
     """Refuse pairs the study cannot have trained (``ValueError`` naming the line): one at a
-    damping or size off the recorded grid, or a pair twice at a grid point."""
+    damping or size off the recorded grid, or a pair index past the recorded number of
+    pairs (found by a hunt: it changed the bootstrap's clusters), or a pair twice at a grid
+    point."""
     sweep = meta["sweep"]
-    for axis, values in (("damping", sweep["dampings"]), ("size", sweep["sizes"])):
+    grid = (("damping", sweep["dampings"]), ("size", sweep["sizes"]),
+            ("pair", list(range(sweep["pairs"]))))  # fmt: skip
+    for axis, values in grid:
         off = ~pairs[axis].isin([float(v) for v in values])
         if off.any():
             raise ValueError(

@@ -226,11 +226,13 @@ def test_report_only_refuses_pairs_cut_short(sweep, tmp_path, capsys, keep_field
         # found by review: fitted as if the study had trained them
         (lambda df: second(df, damping="0.5"), "line 3: damping 0.5 is not on the study's grid [0.3, 1.0]"),
         (lambda df: second(df, size="60"), "line 3: size 60 is not on the study's grid [40, 80]"),
+        # found by a hunt: a pair index past the recorded pairs changed the bootstrap's clusters
+        (lambda df: second(df, pair="9"), "line 3: pair 9 is not on the study's grid [0, 1]"),
         (lambda df: pd.concat([df, df.iloc[[2]]]), "line 10 repeats the method, damping, size and pair"),
     ],
     ids=["adam", "blank-method", "done", "blank-status", "blank-damping", "damping-neg",
          "damping-zero", "distance-neg", "gap-neg", "tv-1.5", "loss-neg", "size-1", "pair-half",
-         "damping-off-grid", "size-off-grid", "pair-twice"],
+         "damping-off-grid", "size-off-grid", "pair-off-grid", "pair-twice"],
 )  # fmt: skip
 def test_report_only_refuses_unknown_labels_and_impossible_numbers(
     sweep, tmp_path, capsys, edit, message
