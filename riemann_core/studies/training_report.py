@@ -521,7 +521,8 @@ def _write_files(
         "conv 3x3 stride 2 (16 ch.) tanh, linear (3,818 parameters). "
         f"dtype {study['dtype']}, cross-entropy.",
         f"- Budget: {meta['steps']} steps of {study['batch_size']} examples "
-        f"({meta['examples_per_run']} examples, {study['epochs']:g} passes over the training "
+        f"({meta['examples_per_run']} examples, {study['epochs']:g} "
+        f"pass{'es' if study['epochs'] != 1 else ''} over the training "
         "split) for every run; "
         f"evaluation every {meta['eval_every']} steps (not counted in the wall-clock).",
         "- Methods: `sgd` and `adam` are `torch.optim`; the others precondition the gradient "
