@@ -563,7 +563,7 @@ def check_samples_taken(loss: Tensor, outputs: Tensor, checks: Deferred) -> None
         return
     # (found by a hunt: an encoder preconditioned alone; classes not last on (N, C, L)
     # outputs are named by check_classes_last)
-    if outputs.ndim == 2 and classes != {outputs.shape[1]}:
+    if outputs.ndim == 2 and outputs.shape[1] not in classes:  # (a coarse term beside: fine)
         raise ValueError(
             f"the loss's cross-entropy is over {sorted(classes)} classes, and the model's "
             f"outputs {tuple(outputs.shape)} have {outputs.shape[-1]} along the last "

@@ -809,13 +809,17 @@ class RiemannianPreconditioner:
         zeroing is a version too), as when accumulating micro-batches with a pre.step()
         after each (found by a hunt: 466x off)."""
         written = {id(ref()): (v, norm) for ref, v, norm in self._written if ref() is not None}
+        # not DDP's bucket views, whose shared version counts a bucket's writes (found by
+        # review); a .grad zeroed and not reached since is zero, preconditioned the same
         added = [
             n
             for n, g in grads.items()
             if not self._preconditioned
+            and not g._is_view()
             and id(g) in written
             and g._version == written[id(g)][0] + 1
-            and bool(written[id(g)][1] != 0)  # (a host sync, on suspicion only)
+            and bool(written[id(g)][1] != 0)  # (host syncs, on suspicion only)
+            and bool(g.norm() != 0)
         ]
         if added:
             raise RuntimeError(

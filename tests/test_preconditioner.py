@@ -206,6 +206,33 @@ def test_step_refuses_a_direction_a_micro_batch_was_added_to(first, set_to_none)
     pre.step()
 
 
+def test_a_zeroed_grad_the_next_loss_does_not_reach_is_not_refused():
+    """Found by review of the check above: zeroed in place (one version on) and reached by
+    no backward pass, a head of another task looked like a direction with a pass added."""
+    torch.manual_seed(0)
+    heads = nn.ModuleList([nn.Linear(5, 3), nn.Linear(5, 3)]).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    task = [0]
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = heads
+
+        def forward(self, x):
+            return self.heads[task[0]](x)
+
+    model = TwoHeads()
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(4):
+        task[0] = step % 2
+        opt.zero_grad(set_to_none=False)
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        opt.step()
+
+
 @pytest.mark.parametrize("edit", ["out /= 2", "out[:, 0] = 0", "out.clamp_(-5, 5)"])
 def test_step_takes_a_pass_whose_output_view_was_changed_in_place(edit):
     """Found by review of the check above: a model returning a view (``logits[:, :3]``)
