@@ -55,15 +55,21 @@ PHASES = [
     ("kfac", {}),
     ("kfac", {"kfac_damping": "factored", "kfac_bias": "separate"}),
 ]
-#: (network, method, wrapped in DistributedDataParallel) of the preconditioner cases
+#: (network, method, wrapping) of the preconditioner cases: the model itself, wrapped in
+#: DistributedDataParallel, or wrapped with its ``.grad`` views into the buckets it
+#: all-reduces (``gradient_as_bucket_view``: a bucket's writes count in each view's version)
 STEPS = [
-    ("mlp", "layerwise", False),
-    ("mlp", "kfac", False),
-    ("mlp", "natural", False),
-    ("cnn", "layerwise", True),
-    ("cnn", "kfac", True),
-    ("cnn", "natural", True),
+    ("mlp", "layerwise", "plain"),
+    ("mlp", "kfac", "plain"),
+    ("mlp", "natural", "plain"),
+    ("cnn", "layerwise", "ddp"),
+    ("cnn", "kfac", "ddp"),
+    ("cnn", "natural", "ddp"),
+    ("linear", "layerwise", "ddp bucket views"),
+    ("mlp", "natural", "ddp bucket views"),
 ]
+#: steps of each preconditioner case (a bucket of one view was once refused at the third)
+STEPS_TAKEN = 3
 #: the MLP of the bytes and FLOPs cases: its narrow layer keeps 2 of 3 rows per sample
 WIDTHS = (5, 7, 2, 3)
 
@@ -95,6 +101,8 @@ def network(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         x = torch.randn(N, 2, 4, 4)
     elif kind == "tied":
         model, x = Tied(), torch.randn(N, 4)
+    elif kind == "linear":  # one parameter: one bucket of one view
+        model, x = nn.Sequential(nn.Linear(5, 3, bias=False)), torch.randn(N, 5)
     else:
         layers = [nn.Linear(a, b) for a, b in zip(WIDTHS[:-1], WIDTHS[1:])]
         model = nn.Sequential(*[m for layer in layers for m in (layer, nn.Tanh())][:-1])
@@ -134,8 +142,8 @@ def on_rank(rank: int, world: int) -> dict:
         model, x[part], y[part], damping=DAMPING, return_diagnostics=True, process_group=group
     )
     out["diagnostics"] = [d.name for d in diagnostics]
-    for kind, method, ddp in STEPS:
-        out["steps"][kind, method, ddp] = _steps(kind, method, ddp, rank, world)
+    for kind, method, wrapping in STEPS:
+        out["steps"][kind, method, wrapping] = _steps(kind, method, wrapping, rank, world)
     out["scaled"] = _scaled_steps(rank, world)
     for i, (method, options) in enumerate(PHASES):
         out["phases"][i] = _phases(method, options, rank, world)
@@ -148,17 +156,22 @@ def on_rank(rank: int, world: int) -> dict:
     return out
 
 
-def _steps(kind, method, ddp, rank, world) -> list[dict]:
-    """Two training steps with the preconditioner: each step's ``.grad`` after ``step()``."""
+def _steps(kind, method, wrapping, rank, world) -> list[dict]:
+    """``STEPS_TAKEN`` training steps with the preconditioner: each step's ``.grad`` after ``step()``."""
     model, x, y = network(kind)
-    part = shards(world, equal=ddp)[rank]
-    wrapped = DistributedDataParallel(model) if ddp else model
+    part = shards(world, equal=wrapping != "plain")[rank]
+    views = wrapping == "ddp bucket views"
+    wrapped = (
+        model
+        if wrapping == "plain"
+        else DistributedDataParallel(model, gradient_as_bucket_view=views)
+    )
     pre = rc.RiemannianPreconditioner(
         wrapped, method=method, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     grads = []
-    for _ in range(2):
+    for _ in range(STEPS_TAKEN):
         opt.zero_grad()
         F.cross_entropy(wrapped(x[part]), y[part]).backward()
         pre.step()
@@ -479,12 +492,12 @@ def single_direction(kind: str, method: str, kernel: str) -> dict:
 
 @functools.cache
 def single_steps(kind: str, method: str) -> list[dict]:
-    """``.grad`` after each of two preconditioned steps on the whole batch."""
+    """``.grad`` after each of ``STEPS_TAKEN`` preconditioned steps on the whole batch."""
     model, x, y = network(kind)
     pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     grads = []
-    for _ in range(2):
+    for _ in range(STEPS_TAKEN):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         pre.step()
@@ -541,15 +554,16 @@ def test_each_rank_reports_the_diagnostics_of_the_blocks_it_solved(run):
 
 def test_preconditioner_steps_equal_the_single_process(run):
     """Plain models (each rank's own ``.grad``, weighted by its shard) and models wrapped
-    in DistributedDataParallel (its averaged ``.grad``), over two training steps."""
+    in DistributedDataParallel (its averaged ``.grad``, also as views into its buckets),
+    over ``STEPS_TAKEN`` training steps."""
     world, results = run
-    for kind, method, ddp in STEPS:
+    for kind, method, wrapping in STEPS:
         for step, expected in enumerate(single_steps(kind, method)):
             for rank, result in enumerate(results):
-                got = result["steps"][kind, method, ddp][step]
+                got = result["steps"][kind, method, wrapping][step]
                 error = relative_error(got, expected)
                 assert error <= 1e-12, (
-                    f"{kind} {method} ddp={ddp} step {step}: rank {rank} {error:.1e}"
+                    f"{kind} {method} {wrapping} step {step}: rank {rank} {error:.1e}"
                 )
 
 
