@@ -185,7 +185,7 @@ class RiemannianPreconditioner:
                 _check_distributed_kfac(self._kfac)
             # DistributedDataParallel's forward expects its own backward: solve on its module
             network = model.module if isinstance(model, DistributedDataParallel) else model
-            check_model(network)
+            check_damping_fits(damping, check_model(network), solve_dtype)
         # read-only (found by review: pre.method = "Full" failed with a KeyError at the next
         # step, and a K-FAC state's method changed under it could not be loaded again)
         self._model, self._network, self._method = model, network, method
@@ -902,6 +902,8 @@ class RiemannianPreconditioner:
     @damping.setter
     def damping(self, value: float) -> None:
         check_damping(value)
+        trainable = [(n, p) for n, p in self._network.named_parameters() if p.requires_grad]
+        check_damping_fits(float(value), trainable, self._options.solve_dtype)
         if float(value) == self._options.damping:
             return
         options = replace(self._options, damping=float(value))

@@ -593,7 +593,15 @@ def test_a_damping_the_models_dtype_cannot_hold_is_refused(method):
     message = r"damping 1e\+39 exceeds the largest torch.float32"
     with pytest.raises(ValueError, match=message):
         rc.direction(model, x, y, method=method, damping=1e39)
-    pre = rc.RiemannianPreconditioner(model, method=method, damping=1e39)
+    with pytest.raises(ValueError, match=message):
+        rc.RiemannianPreconditioner(model, method=method, damping=1e39)
+    pre = rc.RiemannianPreconditioner(model, method=method)
+    with pytest.raises(ValueError, match=message):
+        pre.damping = 1e39
+    assert pre.damping == 1e-3
+    # a model converted to float32 after the preconditioner was built at a float64 one's
+    pre = rc.RiemannianPreconditioner(model.double(), method=method, damping=1e39)
+    model.float()
     nn.functional.cross_entropy(model(x), y).backward()
     before = snapshot(model)
     with pytest.raises(ValueError, match=message):
@@ -605,3 +613,4 @@ def test_a_damping_the_models_dtype_cannot_hold_is_refused(method):
     assert all(p.grad is None for p in model.parameters())
     # float64 holds it (the direction g / mu, tiny), and so does solve_dtype=float64
     rc.direction(model, x, y, method=method, damping=1e39, solve_dtype=torch.float64)
+    rc.RiemannianPreconditioner(model, method=method, damping=1e39, solve_dtype=torch.float64)
