@@ -1087,6 +1087,25 @@ def test_a_forward_pass_under_autocast(method, half):
     assert (directions["generic"] - directions["structured"]).norm() < 1e-5 * scale
 
 
+def test_kfac_between_refreshes_warns_of_the_half_precision_its_factors_came_in():
+    """K-FAC's factors taken under autocast bound the accuracy of every step that reuses
+    them: between refreshes (no forward pass of their own, the gradient in float32) the
+    steps warn as the refreshing one does (found by review: they read the parameters'
+    float32 and said nothing)."""
+    model, x, y = Problem(depth=3, width=8, batch=16).make(torch.float32)
+    pre = rc.RiemannianPreconditioner(model, method="kfac", kfac_refresh=3, damping=DAMPING)
+    for step in range(4):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pre.backward(loss)
+        said = [str(w.message) for w in caught if w.category is rc.AccuracyWarning]
+        assert said, f"step {step}"
+        assert all("torch.bfloat16 rows of the forward pass under autocast" in m for m in said)
+
+
 def test_leaves_outside_the_model_get_their_gradients_as_from_loss_backward():
     """Found by review: pre.backward(loss) "replaces loss.backward()", but a learnable
     temperature beside the model (CLIP), a head outside it, an input that requires grad

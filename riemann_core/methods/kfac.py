@@ -384,19 +384,22 @@ def solve(problem: Problem, opts: Options, state: KFACState | None = None) -> li
         if state is None:
             solves.append(fresh_solve(handler, i, gradient, opts))
         else:
-            solves.append(state.solve(handler, i, gradient, opts))
+            solves.append(state.solve(handler, i, gradient, opts, problem.data_dtype))
     return solves
 
 
 @dataclass(frozen=True)
 class Cached:
     """A module's damped metric kept across steps: its parameters (``block``, without
-    the batch's data), the kernel and rows it came from, and its factorised parts."""
+    the batch's data), the kernel and rows it came from, its factorised parts, and the
+    dtype its rows were pulled back in (half under autocast, which bounds the accuracy of
+    every step that reuses them; ``None``: the parameters')."""
 
     block: Block
     kernel: str
     rows: int
     blocks: list[DampedBlock]
+    data_dtype: torch.dtype | None = None
 
     def placed_for(self, opts: Options) -> bool:
         """Whether the factorisations are in the dtype and on the device a solve for the
@@ -462,10 +465,16 @@ class KFACState:
         )
 
     def solve(
-        self, handler: PatchHandler, index: int, gradient: list[Tensor], opts: Options
+        self,
+        handler: PatchHandler,
+        index: int,
+        gradient: list[Tensor],
+        opts: Options,
+        data_dtype: torch.dtype | None = None,
     ) -> KroneckerSolve:
         """The module's solve for this step: refactorised from this batch's (averaged)
-        factors when due or not cached for these parameters, else the cached blocks."""
+        factors, pulled back in ``data_dtype``, when due or not cached for these
+        parameters, else the cached blocks."""
         name = handler.block.name
         old = self._cached.get(name)
         cached = old is not None and not self.due
@@ -478,10 +487,10 @@ class KFACState:
             # the bias apart from the weight keeps the weight's average
             inputs = {p: self._average(average_key(name, "A"), A) for p, A in inputs.items()}
         if cached:
-            s = old.solve(index, gradient, opts)
+            s, data_dtype = old.solve(index, gradient, opts), old.data_dtype
         else:
             s = fresh_solve(handler, index, gradient, opts, (gamma, inputs))
-        self._pending[name] = (handler, s)
+        self._pending[name] = (handler, s, data_dtype)
         return s
 
     def _average(self, key: str, factor: Factor) -> Factor:
@@ -503,7 +512,9 @@ class KFACState:
             [gradient[n].to(c.blocks[0].gamma.data.dtype) for n in c.block.param_names]
             for c in cached
         ]
-        problem = Problem([c.block for c in cached], gradient=given)
+        data = [c.data_dtype for c in cached if c.data_dtype is not None]
+        coarsest = max(data, key=lambda d: torch.finfo(d).eps, default=None)
+        problem = Problem([c.block for c in cached], gradient=given, data_dtype=coarsest)
         devices = {g.device.type for g in gradient.values()}
         with full_precision(devices):
             solves = [c.solve(i, given[i], opts) for i, c in enumerate(cached)]
@@ -520,8 +531,8 @@ class KFACState:
         """Keep what the step computed (the blocks of the modules it saw) and count it."""
         self._averages.update(self._pending_averages)
         self._cached = {
-            name: self._cached[name] if handler is None else _cache(handler, s)
-            for name, (handler, s) in self._pending.items()
+            name: self._cached[name] if pending[0] is None else _cache(*pending)
+            for name, pending in self._pending.items()
         }
         self.steps += 1
         self.discard()
@@ -553,7 +564,9 @@ class KFACState:
     def discard(self) -> None:
         """Forget what a failed step computed."""
         self._pending_averages: dict[str, Tensor] = {}
-        self._pending: dict[str, tuple[PatchHandler | None, KroneckerSolve]] = {}
+        #: ``(handler, solve, data dtype)`` of each module this step solved, ``(None,
+        #: solve)`` where it reused the cached blocks without a forward pass
+        self._pending: dict[str, tuple] = {}
 
 
 def average_key(owner: str, factor: str) -> str:
@@ -569,8 +582,9 @@ def _identities(solved) -> set[tuple[str, int]]:
     return {(n, id(p)) for c in solved for n, p in zip(c.block.param_names, c.block.params)}
 
 
-def _cache(handler: PatchHandler, s: KroneckerSolve) -> Cached:
-    """What a later step needs of this one's module: its parameters, not its data. Thin
+def _cache(handler: PatchHandler, s: KroneckerSolve, data_dtype: torch.dtype | None) -> Cached:
+    """What a later step needs of this one's module: its parameters, not its data (but the
+    dtype it came in). Thin
     factors' rows are copied out of a larger buffer (``pre.backward``'s rows share theirs
     with the loss gradient's): kept, or saved by ``torch.save``, a view keeps it whole."""
     for damped in s.blocks:
@@ -579,7 +593,7 @@ def _cache(handler: PatchHandler, s: KroneckerSolve) -> Cached:
                 factor.rows = factor.rows.clone()
     b = handler.block
     block = Block(b.name, b.module, list(b.param_names), list(b.params), inputs=(), output=None)
-    return Cached(block, s.kernel, s.rows, s.blocks)
+    return Cached(block, s.kernel, s.rows, s.blocks, data_dtype)
 
 
 def _in_larger_storage(tensor: Tensor) -> bool:
