@@ -88,6 +88,11 @@ def median_interval(values, n_boot: int = 2000) -> tuple[float, float, float]:
     """``(median, low, high)``: the median of ``values`` (per-round ratios) and the 95%
     bootstrap interval of that median (seeded: a rerun on the same figures agrees)."""
     vs = np.atleast_1d(np.asarray(values, dtype=float))
+    if vs.size == 0 or not np.isfinite(vs).all():
+        raise ValueError(
+            f"median_interval needs one finite value per round and at least one round, got "
+            f"{vs.tolist()}"
+        )
     boot = np.random.default_rng(0).integers(0, vs.size, (n_boot, vs.size))
     low, high = np.percentile(np.median(vs[boot], axis=1), [2.5, 97.5])
     return float(np.median(vs)), float(low), float(high)

@@ -39,6 +39,14 @@ def test_median_ratio_pairs_rounds():
     assert timing.median_ratio([2.0, 4.0, 9.0], [1.0, 1.0, 3.0]) == 3.0
 
 
+def test_median_interval_brackets_the_median_and_refuses_no_rounds_or_non_finite():
+    median, low, high = timing.median_interval([1.0, 3.0, 2.0, 5.0, 4.0])
+    assert median == 3.0 and 1.0 <= low <= median <= high <= 5.0
+    for values in ([], [1.0, float("nan")], [float("inf")]):
+        with pytest.raises(ValueError, match="one finite value per round and at least one"):
+            timing.median_interval(values)
+
+
 def test_interleaved_times_each_call_right_after_its_own_warm_up_calls():
     order = []
     calls = {name: (lambda name=name: order.append(name)) for name in ("a", "b")}
