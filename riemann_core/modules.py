@@ -513,6 +513,10 @@ class LinearHandler(PatchHandler):
 class Conv2dHandler(PatchHandler):
     """``nn.Conv2d`` (groups=1, zero padding) through unfolded patches.
 
+    ``padding='same'`` pads ``dilation (k - 1)`` zeros per dimension, half of them (rounded
+    down) before and the rest after, as the convolution does: an even kernel pads one more
+    after, which ``unfold`` cannot, so the input is padded first.
+
     ``K v`` and ``K^T t`` run on the ``(N, T, C_in k_h k_w)`` patches without
     ``K``; the Gram is built as ``K K^T`` from ``K`` assembled from patches (the
     pairwise-position alternative costs ``d^2 T^2 C_out``, more for typical convs).
@@ -524,21 +528,23 @@ class Conv2dHandler(PatchHandler):
             return reason
         if module.groups != 1:
             return f"groups={module.groups} (the structured Conv2d kernel needs groups=1)"
-        if module.padding_mode != "zeros" or module.padding == "same":
+        if module.padding_mode != "zeros":
             return (
-                f"padding_mode={module.padding_mode!r}, padding={module.padding!r} (the "
-                "structured kernel needs zero padding given by numbers, or 'valid')"
+                f"padding_mode={module.padding_mode!r} (the structured kernel needs zero padding)"
             )
         return None
 
     def patches(self, x: Tensor) -> Tensor:
         m = self.block.module
+        padding = 0 if m.padding == "valid" else m.padding
+        if m.padding == "same":
+            totals = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size, strict=True)]
+            padding = tuple(t // 2 for t in totals)
+            if any(t % 2 for t in totals):  # (left, right, top, bottom): one more after
+                x = nn.functional.pad(x, [p for t in totals[::-1] for p in (t // 2, t - t // 2)])
+                padding = 0
         cols = nn.functional.unfold(
-            x,
-            m.kernel_size,
-            dilation=m.dilation,
-            padding=0 if m.padding == "valid" else m.padding,
-            stride=m.stride,
+            x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride
         )
         return cols.transpose(1, 2)  # (N, T, C_in k_h k_w)
 
@@ -992,7 +998,7 @@ def kronecker_handler(handler: Handler) -> PatchHandler:
         raise ValueError(
             f"method='kfac' has no Kronecker factorisation for module {handler.block.name!r} "
             f"({type(handler.block.module).__name__}); K-FAC supports Linear and Conv2d "
-            "(groups=1, zero padding given by numbers or 'valid'). Use method='layerwise' for "
+            "(groups=1, zero padding). Use method='layerwise' for "
             "other modules"
         )
     structured = STRUCTURED[type(handler.block.module)](handler.block)  # on the call's
@@ -1019,6 +1025,6 @@ def handler_for(block: Block, kernel: str) -> Handler:
         f"structured kernels exist for {supported}. Pass kernel='generic' (torch.func, "
         "materialises K) or kernel='auto' (structured where possible, generic elsewhere); "
         "with method='kfac' no kernel helps: it has Kronecker factors for Linear and Conv2d "
-        "(groups=1, zero padding given by numbers or 'valid') only, use method='layerwise' "
+        "(groups=1, zero padding) only, use method='layerwise' "
         "for other modules"
     )

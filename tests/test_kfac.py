@@ -434,14 +434,33 @@ def test_a_failed_float32_eigendecomposition_takes_the_slow_path(bias, monkeypat
 
 @pytest.mark.parametrize("kernel", ["structured", "auto"])
 def test_kfac_on_a_convolution_it_cannot_factorise_names_what_it_takes(kernel):
-    """Found by a hunt: padding='same' is zero padding, yet K-FAC's refusal said it takes
-    "zero padding", and the structured kernel's sent K-FAC users to kernel='auto', which
-    K-FAC refused again."""
+    """Found by a hunt: the structured kernel's refusal sent K-FAC users to kernel='auto',
+    which K-FAC refused again."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding="same"), nn.Flatten(), nn.Linear(48, 3))
+    conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect")
+    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(48, 3))
     x, y = torch.randn(4, 2, 4, 4), torch.randint(0, 3, (4,))
     with pytest.raises(ValueError) as err:
         rc.direction(model, x, y, method="kfac", kernel=kernel)
     message = str(err.value)
-    assert "zero padding given by numbers or 'valid'" in message
+    assert "(groups=1, zero padding)" in message
     assert kernel == "auto" or "with method='kfac' no kernel helps" in message
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own
+@pytest.mark.parametrize("scheme,bias", VARIANTS)
+def test_kfac_of_same_padding_is_that_of_the_padded_input(scheme, bias):
+    """``padding='same'`` with an even kernel pads one more zero after than before: KFC's
+    patches are those of a convolution without padding on the input padded so."""
+    torch.manual_seed(0)
+    same = nn.Sequential(
+        nn.Conv2d(2, 3, (2, 3), padding="same"), nn.Tanh(), nn.Flatten(), nn.Linear(60, 3)
+    ).double()
+    padded = nn.Sequential(nn.ZeroPad2d((1, 1, 0, 1)), nn.Conv2d(2, 3, (2, 3)).double(), *same[1:])
+    padded[1].load_state_dict(same[0].state_dict())
+    x, y = torch.randn(4, 2, 4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    torch.testing.assert_close(same(x), padded(x), rtol=0, atol=0)
+    kw = dict(method="kfac", damping=1e-2, kfac_damping=scheme, kfac_bias=bias)
+    got, expected = rc.direction(same, x, y, **kw), rc.direction(padded, x, y, **kw)
+    for (name, a), b in zip(got.items(), expected.values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0, msg=name)

@@ -1975,22 +1975,26 @@ def test_prelu_is_exact_with_the_generic_kernel(method, channels, classes):
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own
 @pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
-def test_conv_padding_valid_takes_the_structured_kernel_and_same_falls_back(method):
-    """``padding='valid'`` is zero padding: structured and exact. ``'same'`` (asymmetric
-    for an even kernel) has no structured kernel: refused there, exact with ``auto``."""
+def test_conv_padding_valid_and_same_take_the_structured_kernel(method):
+    """``padding='valid'`` and ``'same'`` are zero padding: structured and exact, ``'same'``
+    also where it pads one more after than before (an even kernel, an odd dilation:
+    refused before, found by a hunt); another padding mode is refused there."""
     torch.manual_seed(44)
     x, y = torch.randn(4, 2, 5, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
-    for padding, features in (("valid", 3 * 4 * 3), ("same", 3 * 5 * 5)):
+    for padding, dilation, features in (
+        ("valid", 1, 3 * 4 * 3),
+        ("same", 1, 3 * 5 * 5),
+        ("same", (2, 1), 3 * 5 * 5),
+    ):
         model = nn.Sequential(
-            nn.Conv2d(2, 3, (2, 3), padding=padding), nn.Tanh(), nn.Flatten(),
-            nn.Linear(features, 3),
+            nn.Conv2d(2, 3, (2, 3), padding=padding, dilation=dilation), nn.Tanh(),
+            nn.Flatten(), nn.Linear(features, 3),
         ).double()  # fmt: skip
-        if padding == "valid":
-            assert_exact(model, x, y, method, "structured")
-        else:
-            with pytest.raises(ValueError, match="padding='same'"):
-                rc.direction(model, x, y, method=method, kernel="structured")
-            assert_exact(model, x, y, method, "auto")
+        assert_exact(model, x, y, method, "structured")
+    model[0].padding_mode = "reflect"
+    with pytest.raises(ValueError, match="padding_mode='reflect'"):
+        rc.direction(model, x, y, method=method, kernel="structured")
+    assert_exact(model, x, y, method, "auto")
 
 
 class TimeFirst(nn.Module):
