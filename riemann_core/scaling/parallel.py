@@ -57,7 +57,13 @@ from ..arguments import (
     positive_seconds,
 )
 from ..measure.environment import environment
-from ..measure.output import check_not_foreign, results_directory, write_atomic, write_json
+from ..measure.output import (
+    check_not_foreign,
+    results_directory,
+    set_aside,
+    write_atomic,
+    write_json,
+)
 from ..measure.phases import PhaseRecorder
 from ..measure.problems import mlp
 from ..measure.timing import device_rates
@@ -413,6 +419,10 @@ def check_memory(config: Config, available: int | None) -> None:
             )
 
 
+#: what a run writes to its --out
+RUN_FILES = ("results.csv", "run.json", "claims.json", "report.md", "scaling.png")
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -433,6 +443,10 @@ def run(args: argparse.Namespace) -> int:
                 bar.update(1)
 
             rows, rates = measure(config, ranks, progress)
+        # a run again into its --out starts afresh: the earlier one kept whole, apart
+        earlier = set_aside(out, RUN_FILES)
+        if earlier is not None:
+            print(f"the earlier run in {out} moved to {earlier}", file=sys.stderr)
         write_results(rows, out)
     meta = {
         "config": asdict(config),
@@ -457,7 +471,8 @@ DESCRIPTION = (
     "solves), counted FLOPs and bytes per rank beside the cost model, and the speedup "
     "over P = 1 (--ranks includes 1). Writes results.csv, run.json, claims.json, report.md "
     "and figures to --out (default reports/<device>/distributed, with --quick "
-    "reports/<device>/quick/distributed); exits 1 when a claim fails."
+    "reports/<device>/quick/distributed; an earlier run there is moved into "
+    "earlier-<UTC time>/ first); exits 1 when a claim fails."
 )
 EXAMPLE = "distributed --ranks 1,2,4 --quick"
 COMMAND = Command("distributed", run, HELP, DESCRIPTION, EXAMPLE, add_arguments)

@@ -202,6 +202,14 @@ def test_a_small_run_end_to_end(tmp_path, capsys):
     assert code == int(any(c["verdict"] == "fail" for c in found.values()))
     assert (out / "report.md").is_file() and (out / "scaling.png").is_file()
     assert "report.md" in capsys.readouterr().out
+    # run again into its --out: the earlier run kept whole, apart (found by a hunt: its
+    # results were replaced without a word)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    main([*argv[:-4], "--methods", "layerwise", "--out", str(out)])
+    (earlier,) = out.glob("earlier-*")
+    assert {f.name: f.read_bytes() for f in earlier.iterdir()} == before
+    assert len(pd.read_csv(out / "results.csv")) == 1 + 2
+    assert f"moved to {earlier}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
