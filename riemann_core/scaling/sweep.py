@@ -914,8 +914,10 @@ def check_rows_of_record(rows: list[dict], record: dict, out: Path) -> None:
     time around its one base point (:func:`resumable_record`), so a row two axes or more
     away from it comes from another grid, and fits and claims along the record's axes would
     judge the wrong points; so does a point measured on a device the record does not
-    list. Methods and axis values the record does not list are no sign: a sweep resumed
-    with a smaller grid keeps the rows measured before. Nor may a row with a blank
+    list, or on a device of another kind than the one of its ``device_name`` (a ``cuda``
+    row named after a CPU). Methods and axis values the record does not list are no sign:
+    a sweep resumed with a smaller grid keeps the rows measured before. Nor may a row with
+    a blank
     ``device_name`` repeat a point of the device it stands for
     (:func:`device_of_unnamed_rows`): fits would count it twice. Raises
     :class:`ResultsFileError` naming the line; the files are left alone."""
@@ -937,6 +939,13 @@ def check_rows_of_record(rows: list[dict], record: dict, out: Path) -> None:
                 "two files come from different sweeps. Put a sweep's results.csv and "
                 "sweep.json together, or pass another --out"
             )
+        kind = _device_kind(devices.get(name, {}).get("environment", {}).get("device"))
+        if kind and _device_kind(row["device"]) != kind:  # found by a hunt: fitted without it
+            raise ResultsFileError(
+                f"{out / 'results.csv'} line {line}: a point on device {row['device']!r} "
+                f"named {name!r}, which {out / 'sweep.json'} records as a {kind} device: the "
+                "row was edited or comes from another sweep. Restore it, or pass another --out"
+            )
         off = [a for a in AXES if int(row[a]) != base[a]]
         if len(off) > 1:
             point = ", ".join(f"{a}={row[a]}" for a in AXES)
@@ -946,6 +955,11 @@ def check_rows_of_record(rows: list[dict], record: dict, out: Path) -> None:
                 "and a sweep varies one axis at a time: the two files come from different "
                 "sweeps. Put a sweep's results.csv and sweep.json together, or pass another --out"
             )
+
+
+def _device_kind(device: str | None) -> str | None:
+    """``"cuda"`` of ``"cuda:1"``; ``None`` of no device."""
+    return device.split(":")[0] if device else None
 
 
 def write_results(path: Path, rows: list[dict]) -> None:

@@ -437,6 +437,8 @@ CORRUPTIONS = {
         _edit_row("device_name", "Other CPU"),
         "sweep.json does not record (it records",
     ),
+    # found by a hunt: fit left the row out, validate blamed another version's cost model
+    "device-of-another-kind": (_edit_row("device", "cuda:0"), "records as a cpu device"),
     # found by review: columns that disagree with each other changed verdicts, silently
     "times-zero": (_edit_row("times_s", "[0.0, 0.0, 0.0]"), "not a list of positive times"),
     "median-not-of-times": (_edit_row("time_median_s", "5.0"), ", the median of times_s"),
