@@ -88,8 +88,12 @@ def floats(text: str) -> tuple[float, ...]:
 
 
 def names(text: str) -> tuple[str, ...]:
-    """``"a, b,"`` -> ``("a", "b")``."""
-    return tuple(v.strip() for v in text.split(",") if v.strip())
+    """``"a, b,"`` -> ``("a", "b")``; no name at all is an argparse error (found by a hunt:
+    ``--methods ''`` read "unknown method ()")."""
+    chosen = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not chosen:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return chosen
 
 
 def check_choices(what: str, chosen: tuple[str, ...], known: tuple[str, ...]) -> None:

@@ -68,6 +68,17 @@ def test_a_negative_seed_is_refused_by_name(capsys):
     )
 
 
+@pytest.mark.parametrize("option", ["--methods", "--kernels", "--dtypes"])
+def test_an_empty_list_of_names_is_refused_by_name(capsys, option):
+    """Found by a hunt: "unknown method ()"."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["sweep", option, " , "])
+    assert exit_.value.code == 2
+    assert f"argument {option}: expected comma-separated names, got ' , '" in (
+        capsys.readouterr().err
+    )
+
+
 def test_an_unknown_option_is_named_with_the_subcommands_usage(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["targets", "--quick", "--bogus", "3"])

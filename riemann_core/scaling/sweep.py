@@ -255,6 +255,11 @@ def check_grid(grid: Grid) -> None:
         if bad or not values:
             raise ValueError(f"unknown {name} {bad or values}; choose from {', '.join(allowed)}")
         check_distinct(f"{name}s", values)
+    if len(grid.dtypes) > 1:  # found by a hunt: fit, validate and report refused the rows
+        raise ValueError(
+            f"--dtypes {','.join(grid.dtypes)}: fits, claims and the grid's growth compare one "
+            "dtype at a time; sweep each dtype into its own --out"
+        )
     for device in grid.devices:
         if torch.device(device).type not in ("cpu", "cuda"):
             raise ValueError(f"unsupported device {device!r}; use 'cpu' or 'cuda' (or 'cuda:N')")

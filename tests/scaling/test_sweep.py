@@ -255,6 +255,7 @@ def test_truncated_line_is_reported_with_its_number(tmp_path, cut):
         ({"methods": ("full", "full")}, "^methods: full given more than once"),
         ({"kernels": ("fast",)}, "unknown kernel"),
         ({"dtypes": ("float16",)}, "unknown dtype"),
+        ({"dtypes": ("float32", "float64")}, "compare one dtype at a time"),
         ({"repeats": 0}, r"^--repeats must be at least 1, got 0$"),
         ({"flop_budget": -1.0}, r"^--flop-budget must be positive, got -1$"),
         ({"grow": {"height": 8}}, "grow needs axes"),
@@ -269,6 +270,7 @@ def test_truncated_line_is_reported_with_its_number(tmp_path, cut):
         "method-twice",
         "kernel",
         "dtype",
+        "two-dtypes",
         "repeats",
         "flop-budget",
         "grow",
@@ -687,7 +689,7 @@ def test_rows_say_where_they_were_measured_and_sweep_json_records_the_device(tmp
     from riemann_core.measure.environment import device_name
 
     rates = functools.partial(device_rates, n=64, repeats=1)
-    grid = sw.Grid(**{**TINY, "methods": ("euclidean",), "dtypes": ("float32", "float64")})
+    grid = sw.Grid(**{**TINY, "methods": ("euclidean",), "dtypes": ("float64",)})
     sw.sweep(grid, tmp_path, progress=False, rates=rates)
     rows = rows_of(tmp_path / "results.csv")
     assert {(r["host"], r["device_name"], r["physical_device"]) for r in rows} == {
