@@ -185,7 +185,7 @@ class RiemannianPreconditioner:
                 _check_distributed_kfac(self._kfac)
             # DistributedDataParallel's forward expects its own backward: solve on its module
             network = model.module if isinstance(model, DistributedDataParallel) else model
-            check_damping_fits(damping, check_model(network), solve_dtype)
+            check_damping_fits(self._options.damping, check_model(network), solve_dtype)
         # read-only (found by review: pre.method = "Full" failed with a KeyError at the next
         # step, and a K-FAC state's method changed under it could not be loaded again)
         self._model, self._network, self._method = model, network, method

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -270,6 +271,10 @@ def corrupt(state, change):
         kfac["averages"][5] = torch.eye(4, dtype=torch.float64)
     elif change == "meta":
         module["gamma"] = {"matrix": torch.eye(4, dtype=torch.float64, device="meta")}
+    elif change == "data-dtype":
+        module["data_dtype"] = "torch.int8"
+    elif change == "extra-key":
+        module["colour"] = "red"
     return state
 
 
@@ -300,6 +305,8 @@ CORRUPTIONS = {
     # found by review: an AttributeError and a RuntimeError
     "key-type": r"the K-FAC state's 'averages' must have text keys",
     "meta": r"Gamma of module '2' must be a dense 2-D floating tensor",
+    "data-dtype": r"module '2': 'data_dtype' is 'torch.int8', not one of",
+    "extra-key": r"module '2' does not have the keys of a saved state: missing \[\], unknown \['colour'\]",
 }
 
 
@@ -317,6 +324,57 @@ def test_a_state_holds_its_factors_alone(how):
     assert tensors
     for t in tensors:
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_a_state_saved_before_the_data_dtype_was_loads():
+    """A module's entry without ``data_dtype`` (an older version's) loads: its steps are
+    checked at the parameters' accuracy."""
+    options = dict(kfac_refresh=3)
+    model, pre, opt = build(options)
+    train(model, pre, opt, batches(2), "step")
+    state = pre.state_dict()
+    for entry in state["kfac"]["cached"].values():
+        assert entry.pop("data_dtype") == "torch.float64"
+    other, other_pre, _ = build(options)
+    other_pre.load_state_dict(state)
+    assert all(c.data_dtype is None for c in other_pre._kfac._cached.values())
+
+
+@pytest.mark.parametrize("kfac_decay", [0.0, 0.5])
+def test_steps_reusing_factors_taken_under_autocast_warn_after_a_checkpoint_too(kfac_decay):
+    """Found by review: the dtype the cached factors were pulled back in was lost by a
+    checkpoint (no warning after a resume), and with running averages the steps between
+    refreshes read the current pass's dtype (float32 steps reusing bfloat16 factors said
+    nothing)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4))
+    options = dict(method="kfac", kfac_refresh=3, kfac_decay=kfac_decay, damping=1e-3)
+    pre = rc.RiemannianPreconditioner(model, **options)
+    x, y = torch.randn(16, 5), torch.randint(0, 4, (16,))
+
+    def warnings_of_a_step(precondition) -> list[str]:
+        model.zero_grad(set_to_none=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            precondition()
+        return [str(w.message) for w in caught if w.category is rc.AccuracyWarning]
+
+    def autocast_step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        pre.backward(loss)
+
+    def float32_step():
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+
+    said = warnings_of_a_step(autocast_step)  # the refresh, under autocast
+    assert said and all("torch.bfloat16 rows" in m for m in said)
+    state = pre.state_dict()
+    pre = rc.RiemannianPreconditioner(model, **options)
+    pre.load_state_dict(state)
+    said = warnings_of_a_step(float32_step)  # reusing them, resumed, without autocast
+    assert said and all("torch.bfloat16 rows" in m for m in said)
 
 
 def test_a_state_loaded_into_a_model_with_tied_weights_is_refused():

@@ -149,6 +149,9 @@ class Solve:
     t: Tensor | None = None
     residual: Tensor | None = None
     matrix_condition: Tensor | None = None
+    #: the dtype the factorised matrix's rows were pulled back in, where it is not the
+    #: problem's (K-FAC's blocks cached at an earlier step, under autocast or not)
+    data_dtype: torch.dtype | None = None
     factor_dtype: torch.dtype = field(init=False)  # x may turn float64 in refinement
 
     def __post_init__(self):
@@ -359,7 +362,8 @@ def finish(
             )
         if s.condition is not None:
             _check_residual(s, problem, opts, condition, residual, model_dtype)
-            _check_accuracy(s, opts, condition, problem.data_dtype or model_dtype)
+            data_dtype = s.data_dtype or problem.data_dtype or model_dtype
+            _check_accuracy(s, opts, condition, data_dtype)
             if opts.diagnostics:
                 diagnostics.append(_diagnostics(s, problem, opts, method))
     return assemble(problem, solves), diagnostics

@@ -487,10 +487,12 @@ class KFACState:
             # the bias apart from the weight keeps the weight's average
             inputs = {p: self._average(average_key(name, "A"), A) for p, A in inputs.items()}
         if cached:
-            s, data_dtype = old.solve(index, gradient, opts), old.data_dtype
+            s = old.solve(index, gradient, opts)
+            s.data_dtype = old.data_dtype
         else:
             s = fresh_solve(handler, index, gradient, opts, (gamma, inputs))
-        self._pending[name] = (handler, s, data_dtype)
+            s.data_dtype = data_dtype
+        self._pending[name] = (handler, s)
         return s
 
     def _average(self, key: str, factor: Factor) -> Factor:
@@ -512,12 +514,12 @@ class KFACState:
             [gradient[n].to(c.blocks[0].gamma.data.dtype) for n in c.block.param_names]
             for c in cached
         ]
-        data = [c.data_dtype for c in cached if c.data_dtype is not None]
-        coarsest = max(data, key=lambda d: torch.finfo(d).eps, default=None)
-        problem = Problem([c.block for c in cached], gradient=given, data_dtype=coarsest)
+        problem = Problem([c.block for c in cached], gradient=given)
         devices = {g.device.type for g in gradient.values()}
         with full_precision(devices):
             solves = [c.solve(i, given[i], opts) for i, c in enumerate(cached)]
+            for c, s in zip(cached, solves, strict=True):
+                s.data_dtype = c.data_dtype
             per_block, diagnostics = finish(problem, solves, opts, checks, "kfac")
         self._pending = {c.block.name: (None, s) for c, s in zip(cached, solves, strict=True)}
         directions = {
@@ -531,8 +533,8 @@ class KFACState:
         """Keep what the step computed (the blocks of the modules it saw) and count it."""
         self._averages.update(self._pending_averages)
         self._cached = {
-            name: self._cached[name] if pending[0] is None else _cache(*pending)
-            for name, pending in self._pending.items()
+            name: self._cached[name] if handler is None else _cache(handler, s)
+            for name, (handler, s) in self._pending.items()
         }
         self.steps += 1
         self.discard()
@@ -564,9 +566,7 @@ class KFACState:
     def discard(self) -> None:
         """Forget what a failed step computed."""
         self._pending_averages: dict[str, Tensor] = {}
-        #: ``(handler, solve, data dtype)`` of each module this step solved, ``(None,
-        #: solve)`` where it reused the cached blocks without a forward pass
-        self._pending: dict[str, tuple] = {}
+        self._pending: dict[str, tuple[PatchHandler | None, KroneckerSolve]] = {}
 
 
 def average_key(owner: str, factor: str) -> str:
@@ -582,18 +582,18 @@ def _identities(solved) -> set[tuple[str, int]]:
     return {(n, id(p)) for c in solved for n, p in zip(c.block.param_names, c.block.params)}
 
 
-def _cache(handler: PatchHandler, s: KroneckerSolve, data_dtype: torch.dtype | None) -> Cached:
+def _cache(handler: PatchHandler, s: KroneckerSolve) -> Cached:
     """What a later step needs of this one's module: its parameters, not its data (but the
-    dtype it came in). Thin
-    factors' rows are copied out of a larger buffer (``pre.backward``'s rows share theirs
-    with the loss gradient's): kept, or saved by ``torch.save``, a view keeps it whole."""
+    dtype that came in). Thin factors' rows are copied out of a larger buffer
+    (``pre.backward``'s rows share theirs with the loss gradient's): kept, or saved by
+    ``torch.save``, a view keeps it whole."""
     for damped in s.blocks:
         for factor in (damped.gamma, damped.A):
             if factor is not None and factor.thin and _in_larger_storage(factor.rows):
                 factor.rows = factor.rows.clone()
     b = handler.block
     block = Block(b.name, b.module, list(b.param_names), list(b.params), inputs=(), output=None)
-    return Cached(block, s.kernel, s.rows, s.blocks, data_dtype)
+    return Cached(block, s.kernel, s.rows, s.blocks, s.data_dtype)
 
 
 def _in_larger_storage(tensor: Tensor) -> bool:

@@ -62,6 +62,7 @@ def _cached_state(cached: Cached) -> dict:
         "rows": cached.rows,
         "gamma": _factor_state(cached.blocks[0].gamma),
         "A": _factor_state(inputs[0]) if inputs else None,
+        "data_dtype": None if cached.data_dtype is None else str(cached.data_dtype),
     }
 
 
@@ -149,7 +150,8 @@ def _cached(name, entry, network: nn.Module, opts: Options) -> Cached:
     """The cached module ``name``: its blocks from the model, factorised again from its
     saved factors."""
     where = f"the K-FAC state of module {name!r}"
-    entry = _mapping(entry, where, {"param_names", "rows", "gamma", "A"})
+    keys = {"param_names", "rows", "gamma", "A"}  # and data_dtype, since it was saved
+    entry = _mapping(entry, where, keys | ({"data_dtype"} & set(_mapping(entry, where))))
     module = _module(network, name, where)
     own = {
         local: f"{name}.{local}" if name else local
@@ -203,7 +205,24 @@ def _cached(name, entry, network: nn.Module, opts: Options) -> Cached:
     except SolveError as err:
         raise ValueError(f"{where}: its saved factors cannot be factorised ({err})") from err
     kernel = STRUCTURED[type(module)].__name__
-    return Cached(block, kernel, rows, blocks)
+    return Cached(block, kernel, rows, blocks, _data_dtype(entry.get("data_dtype"), where))
+
+
+#: the dtypes factor rows are pulled back in: the parameters', or half under autocast
+DATA_DTYPES = {str(d): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
+def _data_dtype(saved, where: str) -> torch.dtype | None:
+    """The dtype a cached module's rows were pulled back in, as saved (``None``: not saved,
+    by an older version; its steps are then checked at the parameters' accuracy)."""
+    if saved is None:
+        return None
+    if saved not in DATA_DTYPES:
+        raise ValueError(
+            f"{where}: 'data_dtype' is {saved!r}, not one of {sorted(DATA_DTYPES)}: the file "
+            "is corrupted"
+        )
+    return DATA_DTYPES[saved]
 
 
 def _module(network: nn.Module, name, where: str) -> nn.Module:
