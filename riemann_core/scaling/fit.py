@@ -135,7 +135,7 @@ def read_sweep(directory: str | Path) -> tuple[pd.DataFrame, dict]:
     check_rows_of_record(rows, meta, directory)
     check_same_model([r for r in rows if r["status"] == "ok"], path)
     try:
-        text = {"times_s": str, "reason": str, "flag": str, "slow_paths": str}
+        text = {"times_s": str, "reason": str, "flag": str, "slow_paths": str, "sweep": str}
         df = pd.read_csv(path, dtype=text, encoding="utf-8-sig")
     except (ValueError, UnicodeDecodeError) as err:  # pandas' parse errors
         raise ResultsFileError(

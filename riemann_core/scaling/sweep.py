@@ -115,11 +115,14 @@ COLUMNS = (
     "host",
     "device_name",
     "physical_device",
+    "sweep",
 )
 #: where a point was measured; blank in results written before these were recorded
 WHERE = ("host", "device_name", "physical_device")
-#: text columns a results file may lack (written before they were recorded): blank then
-OPTIONAL = (*WHERE, "slow_paths", "interleaved")
+#: text columns a results file may lack (written before they were recorded): blank then.
+#: ``sweep`` is the id of the sweep whose directory the row was written in, which its
+#: ``sweep.json`` records
+OPTIONAL = (*WHERE, "slow_paths", "interleaved", "sweep")
 KEY = ("method", "kernel", "width", "depth", "out_dim", "batch", "device", "dtype", "output_metric")
 #: Sweep-only methods: a K-FAC variant by its label. ``kfac-default`` is the K-FAC users run
 #: by default (one-sample Monte Carlo Fisher, factored damping, weight and bias apart); its
@@ -426,6 +429,7 @@ def blank_row(run: dict) -> dict:
         "interleaved": "",
         "status": "ok",
         "reason": "",
+        "sweep": "",
     }
 
 
@@ -801,6 +805,8 @@ def _numbers_problem(record: dict) -> str | None:
         return f"commands is {commands!r}, not a list of the commands that filled the directory"
     if not isinstance(record.get("command", ""), str):  # (found by review: read as `5`)
         return f"command is {record['command']!r}, not the command that ran the sweep"
+    if not isinstance(record.get("sweep", ""), str):
+        return f"sweep is {record['sweep']!r}, not the id of a sweep"
     return None
 
 
@@ -929,6 +935,14 @@ def check_rows_of_record(rows: list[dict], record: dict, out: Path) -> None:
     base, devices = record["base"], record.get("devices") or {}
     unnamed, first = device_of_unnamed_rows(record), {}
     for line, row in enumerate(rows, start=2):
+        if row.get("sweep") and row["sweep"] != record.get("sweep"):  # found by a hunt
+            recorded = record.get("sweep") or "none (it was written before sweeps had ids)"
+            raise ResultsFileError(
+                f"{out / 'results.csv'} line {line}: a point of sweep {row['sweep']}, and "
+                f"{out / 'sweep.json'} records sweep {recorded}: the two files come from "
+                "different sweeps. Put a sweep's results.csv and sweep.json together, or "
+                "pass another --out"
+            )
         name = row.get("device_name") or ""
         seen = first.setdefault((*key_of(row), name or unnamed), line)
         if seen != line:  # found by a hunt: read as another device's point, fitted twice
@@ -1168,7 +1182,17 @@ def _sweep(
         order.setdefault(key_of(run), len(order))
     # an infinite budget (none) as null: JSON has no infinity (found by a hunt: "Infinity")
     settings = {k: None if v == math.inf else v for k, v in asdict(grid).items()}
-    record = {"grid": settings, "base": grid.base, "axes": grid.axes, **(meta or {})}
+    # the id its rows carry (a resume keeps it: rows of an older sweep, blank, take it)
+    sweep_id = previous.get("sweep") or uuid.uuid4().hex
+    for r in rows:
+        r["sweep"] = sweep_id
+    record = {
+        "grid": settings,
+        "base": grid.base,
+        "axes": grid.axes,
+        "sweep": sweep_id,
+        **(meta or {}),
+    }
     if rows and previous:  # a resume: the axes and commands of every sweep into out
         axes = previous["axes"]
         record["axes"] = {a: sorted({*axes[a], *grid.axes[a]}) for a in AXES}
@@ -1239,6 +1263,7 @@ def _sweep(
                         row["remeasured"] = 1
                         if grow.is_outlier(rows, row):
                             row["flag"] = "outlier"
+                row["sweep"] = sweep_id
                 key = key_of(row)
                 rows[:] = [r for r in rows if key_of(r) != key] + [row]
                 rows.sort(key=lambda r: order[key_of(r)])

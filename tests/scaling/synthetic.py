@@ -143,6 +143,7 @@ def make_sweep(
                     host="synthetic-host",
                     device_name="synthetic",
                     physical_device="cpu",
+                    sweep="synthetic",
                 )
             )
     kinds = {k: r for k, r in machine.rates.items() if k in ("products", "cholesky")}
@@ -159,6 +160,7 @@ def make_sweep(
         "axes": {a: list(v) for a, v in axes.items()},
         "device_rates": sessions,
         "environment": {"device_name": "synthetic"},
+        "sweep": "synthetic",
     }
     return pd.DataFrame(rows), meta
 

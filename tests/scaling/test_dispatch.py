@@ -62,7 +62,8 @@ def entries(log):
 
 
 def comparable(rows):
-    return {sw.key_of(r): {k: v for k, v in r.items() if k not in TIMING} for r in rows}
+    """The rows without their times and sweep ids (each sweep has its own)."""
+    return {sw.key_of(r): {k: v for k, v in r.items() if k not in (*TIMING, "sweep")} for r in rows}
 
 
 # -- the local cluster's workers -------------------------------------------------------------

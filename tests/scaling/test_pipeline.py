@@ -437,6 +437,13 @@ CORRUPTIONS = {
         _edit_row("device_name", "Other CPU"),
         "sweep.json does not record (it records",
     ),
+    # found by a hunt: another sweep's sweep.json beside these rows changed a verdict
+    "row-of-another-sweep": (_edit_row("sweep", "0123abcd"), "a point of sweep 0123abcd, and"),
+    "record-of-another-sweep": (
+        _edit_record(lambda r: r.update(sweep="0123abcd")),
+        "records sweep 0123abcd: the two files come from different sweeps",
+    ),
+    "record-sweep-number": (_edit_record(lambda r: r.update(sweep=5)), "sweep is 5, not the id"),
     # found by a hunt: fit left the row out, validate blamed another version's cost model
     "device-of-another-kind": (_edit_row("device", "cuda:0"), "records as a cpu device"),
     # found by review: columns that disagree with each other changed verdicts, silently

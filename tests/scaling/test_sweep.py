@@ -696,6 +696,7 @@ def test_rows_say_where_they_were_measured_and_sweep_json_records_the_device(tmp
         (socket.gethostname(), device_name("cpu"), "cpu")
     }
     meta = json.loads((tmp_path / "sweep.json").read_text())
+    assert {r["sweep"] for r in rows} == {meta["sweep"]} and len(meta["sweep"]) == 32
     assert "device_rates" not in meta and "environment" not in meta  # per device only
     record = meta["devices"][device_name("cpu")]
     worker = f"{socket.gethostname()} cpu"
@@ -710,7 +711,10 @@ def test_results_written_before_rows_said_where_are_resumed(tmp_path):
     sw.sweep(grid, tmp_path, progress=False)
     path = tmp_path / "results.csv"
     rows = rows_of(path)
-    old = [c for c in sw.COLUMNS if c not in sw.WHERE]
+    old = [c for c in sw.COLUMNS if c not in (*sw.WHERE, "sweep")]
+    record = json.loads((tmp_path / "sweep.json").read_text())
+    del record["sweep"]  # and its record, before sweeps had ids
+    (tmp_path / "sweep.json").write_text(json.dumps(record))
     with path.open("w", newline="") as f:  # the columns of an older riemann-bench
         writer = csv.DictWriter(f, fieldnames=old, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
@@ -720,6 +724,10 @@ def test_results_written_before_rows_said_where_are_resumed(tmp_path):
     after = rows_of(path)
     assert [r["host"] for r in after[:2]] == ["", ""]
     assert all(r["host"] == socket.gethostname() for r in after[2:])
+    # the rows written before sweeps had ids take the id the resumed sweep keeps
+    assert {r["sweep"] for r in after} == {
+        json.loads((tmp_path / "sweep.json").read_text())["sweep"]
+    }
 
 
 def test_the_depth_lines_and_top_pairs_through_the_base_are_the_ones_timed_again():
