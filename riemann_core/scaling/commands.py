@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import sys
 from contextlib import contextmanager
 
 from ..arguments import Command, check_distinct, default_out, ints, names
@@ -198,6 +199,7 @@ def run_fit(args) -> int:
 
     out = _analysed_out(args)
     df, meta = fit.read_sweep(out)
+    _say_if_unfinished(meta, out)
     df = devices.named(df, meta)
     with progress_bar("fit", unit="fit") as progress:
         table = fit.fit_table(df, meta, seed=args.seed, progress=progress)
@@ -225,12 +227,18 @@ def run_fit(args) -> int:
     return 0
 
 
+def _say_if_unfinished(meta: dict, out) -> None:
+    if note := sw.unfinished_note(meta, out):
+        print(f"note: {note}", file=sys.stderr)
+
+
 def run_validate(args) -> int:
     from ..measure.output import progress_bar
     from . import devices, fit, validate
 
     out = _analysed_out(args)
     df, meta = fit.read_sweep(out)
+    _say_if_unfinished(meta, out)
     for _, rows, device in devices.by_device(devices.named(df, meta), meta):
         fit.sweep_rates(rows, device)  # the claims on time need them, as fit does
     with progress_bar("validate", unit="claim") as progress:

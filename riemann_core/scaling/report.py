@@ -17,7 +17,7 @@ import pandas as pd
 
 from ..measure.output import markdown_table, pyplot, save_figure, staged, write_atomic
 from . import devices, fit, validate
-from .sweep import AXES, GENERIC_METHODS, METHODS, SPREAD_LIMIT
+from .sweep import AXES, GENERIC_METHODS, METHODS, SPREAD_LIMIT, unfinished_note
 
 #: Axis -> (label, [(exponent, line style, what the guide stands for)]).
 GUIDES = {
@@ -281,6 +281,7 @@ def _write_reports(
         f"`riemann-bench fit`, `validate` and `report` on `{out}`; regenerate the reports "
         f"from `results.csv` with `{regenerate_command(out, seed)}`.",
         "",
+        *unfinished_lines(meta, out),
         "## Devices",
         "",
         contributed,
@@ -296,6 +297,12 @@ def _write_reports(
         )
         lines.append(f"- [{name}]({path.relative_to(stage)})")
     write_atomic(stage / "report.md", "\n".join(lines) + "\n")
+
+
+def unfinished_lines(meta: dict, out: Path) -> list[str]:
+    """The banner of a sweep that did not finish (:func:`sweep.unfinished_note`), if so."""
+    note = unfinished_note(meta, out)
+    return [f"**An unfinished sweep**: {note[0].upper()}{note[1:]}.", ""] if note else []
 
 
 def regenerate_command(out: Path, seed: int) -> str:
@@ -337,6 +344,7 @@ def device_report(
         f"`riemann-bench fit`, `validate` and `report` on `{out}`. Regenerate the figures and "
         f"this file from `results.csv` with `{regenerate}`.",
         "",
+        *unfinished_lines(meta, out),
         "## Claims",
         "",
         ", ".join(f"{n} {v}" for v, n in verdicts.items()) + f" of {len(claims)} claims.",

@@ -807,7 +807,26 @@ def _numbers_problem(record: dict) -> str | None:
         return f"command is {record['command']!r}, not the command that ran the sweep"
     if not isinstance(record.get("sweep", ""), str):
         return f"sweep is {record['sweep']!r}, not the id of a sweep"
+    if not isinstance(record.get("finished", True), bool):
+        return f"finished is {record['finished']!r}, not true or false"
     return None
+
+
+def unfinished_note(record: Mapping, out: Path) -> str | None:
+    """What to say of a sweep that did not finish (interrupted, or still running), whose
+    ``sweep.json`` says so; ``None`` for a finished one (or one recorded before sweeps
+    said). Its fits and claims are over the points there are: a regime "not reached" or a
+    line of too few points may only mean the grid was not measured yet (found by a hunt:
+    an interrupted sweep's report read as findings)."""
+    if record.get("finished", True):
+        return None
+    commands = record.get("commands") or [record.get("command", "riemann-bench sweep")]
+    return (
+        f"the sweep in {out} did not finish (interrupted?): its fits and claims are over the "
+        "points measured so far, and the axes, growth and commands of sweep.json may name "
+        f"what it had yet to measure. Resume it with `{commands[-1]}`, then fit, validate "
+        "and report again"
+    )
 
 
 #: The kinds of rate every measurement of a device's rates holds (the speed of light and
@@ -1191,6 +1210,7 @@ def _sweep(
         "base": grid.base,
         "axes": grid.axes,
         "sweep": sweep_id,
+        "finished": False,  # until this sweep ends (see unfinished_note)
         **(meta or {}),
     }
     if rows and previous:  # a resume: the axes and commands of every sweep into out
@@ -1300,6 +1320,7 @@ def _sweep(
     }
     record["growth"] = {**kept, **plan.decisions}
     record["sweep_s"] = clock() - start
+    record["finished"] = True
     measure_rates("end")
     if retime is not None:  # after the record names every worker whose times rows now hold
         write_results(path, rows)

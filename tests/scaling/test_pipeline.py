@@ -255,6 +255,29 @@ def finished(tmp_path_factory):
     return out
 
 
+def test_an_unfinished_sweep_is_said_so_by_every_analysis(finished, tmp_path, capsys):
+    """Found by a hunt: an interrupted sweep's regimes "not reached" and lines of too few
+    points read as findings, with nothing said."""
+    import shutil
+
+    out = tmp_path / "sweep"
+    shutil.copytree(finished, out)
+    record = json.loads((out / "sweep.json").read_text())
+    (out / "sweep.json").write_text(json.dumps({**record, "finished": False}))
+    for command in ("fit", "validate"):
+        assert cli.main([command, "--out", str(out)]) in (0, 1)
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"note: the sweep in {out} did not finish (interrupted?)" in err
+        assert f"Resume it with `{record['command']}`" in err
+    assert cli.main(["report", "--out", str(out)]) == 0
+    report = " ".join((out / "report.md").read_text().split())
+    assert f"**An unfinished sweep**: The sweep in {out} did not finish" in report
+    (out / "sweep.json").write_text(json.dumps(record))  # finished: nothing said
+    assert cli.main(["report", "--out", str(out)]) == 0
+    assert "An unfinished sweep" not in (out / "report.md").read_text()
+    assert "did not finish" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "command, unit", [("fit", "fit"), ("validate", "claim"), ("report", "step")]
 )
@@ -444,6 +467,10 @@ CORRUPTIONS = {
         "records sweep 0123abcd: the two files come from different sweeps",
     ),
     "record-sweep-number": (_edit_record(lambda r: r.update(sweep=5)), "sweep is 5, not the id"),
+    "record-finished-text": (
+        _edit_record(lambda r: r.update(finished="yes")),
+        "finished is 'yes', not true or false",
+    ),
     # found by a hunt: fit left the row out, validate blamed another version's cost model
     "device-of-another-kind": (_edit_row("device", "cuda:0"), "records as a cpu device"),
     # found by review: columns that disagree with each other changed verdicts, silently

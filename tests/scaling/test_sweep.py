@@ -867,6 +867,10 @@ def test_an_interrupted_resume_keeps_the_recorded_growth_decisions(tmp_path):
     after = json.loads((tmp_path / "sweep.json").read_text())
     assert after["growth"] == recorded["growth"]
     assert after["sweep_s"] == recorded["sweep_s"]
+    # and it says it did not finish, until a resume does (found by a hunt: read as done)
+    assert recorded["finished"] is True and after["finished"] is False
+    sw.sweep(grid, tmp_path, progress=False)
+    assert json.loads((tmp_path / "sweep.json").read_text())["finished"] is True
 
 
 def test_a_second_sweep_into_the_same_directory_is_refused(tmp_path):
