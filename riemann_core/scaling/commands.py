@@ -168,6 +168,11 @@ def run_sweep(args) -> int:
         f"{out / 'results.csv'}: {result.measured} points measured, {result.resumed} "
         "already there"
         + (f", {result.again} measured once more as outliers" if result.again else "")
+        + (
+            f", {result.retimed} timed again in lines of one stretch (their times replaced)"
+            if result.retimed
+            else ""
+        )
         + f"; status counts {result.statuses}"
     )
     for axis, decision in result.growth.items():

@@ -1044,7 +1044,9 @@ def run_of(row: dict) -> dict:
 @dataclass
 class SweepResult:
     """``measured``: points this run measured for the first time; ``resumed``: finished
-    points the file held already; ``again``: points measured once more as outliers."""
+    points the file held already; ``again``: points measured once more as outliers;
+    ``retimed``: points whose times were replaced by a line timed again in one stretch
+    (:func:`interleave_lines`), a resumed sweep's among them."""
 
     rows: list[dict]
     measured: int
@@ -1052,6 +1054,7 @@ class SweepResult:
     again: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
     growth: dict[str, str] = field(default_factory=dict)
+    retimed: int = 0
 
 
 @dataclass(frozen=True)
@@ -1310,8 +1313,7 @@ def _sweep(
         bar.total += len(again)
         bar.refresh()
         measure_all([run_of(r) for r in again], remeasure=True)
-    if retime is not None:
-        interleave_lines(retime, rows, grid, runner, session)
+    retimed = 0 if retime is None else interleave_lines(retime, rows, grid, runner, session)
     # the decisions of what this grid does not measure stand as recorded
     kept = {
         name: why
@@ -1327,20 +1329,21 @@ def _sweep(
     statuses: dict[str, int] = {}
     for r in rows:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
-    return SweepResult(rows, len(measured), resumed, again_count, statuses, plan.decisions)
+    return SweepResult(rows, len(measured), resumed, again_count, statuses, plan.decisions, retimed)
 
 
 def interleave_lines(
     retime: Callable, rows: list[dict], grid: Grid, runner: Runner, session: str
-) -> None:
+) -> int:
     """Time the lines of :func:`lines_to_interleave` again with ``retime`` (on every
     worker of each kind of device, through ``runner.everywhere``) and give their rows the
     first worker's times, so that each line comes from one device in one stretch of time,
     and flags for those times (``interleaved``: the group's axes); a group that could not be
-    timed again keeps its rows, with a warning that says why."""
+    timed again keeps its rows, with a warning that says why. Returns the number of rows
+    whose times were replaced."""
     todo = lines_to_interleave([r for r in rows if grid.selects(r)], grid.base)
     if not todo:
-        return
+        return 0
     task = functools.partial(
         lines_here,
         retime,
@@ -1376,6 +1379,7 @@ def interleave_lines(
         if key_of(row) in retimed:
             spread = "spread" if float(row["spread"]) > SPREAD_LIMIT else ""
             rows[i] = {**row, "flag": "outlier" if grow.is_outlier(rows, row) else spread}
+    return sum(key_of(row) in retimed for row in rows)
 
 
 def add_device(devices: dict[str, dict], record: dict, when: str | None = None) -> None:

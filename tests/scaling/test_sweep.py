@@ -797,9 +797,13 @@ def test_a_sweep_times_its_depth_lines_and_top_pairs_again_interleaved(tmp_path,
     with pytest.warns(
         UserWarning, match=r"layerwise \(generic\) along depth, width, batch.*cannot"
     ):
-        sw.sweep(grid, tmp_path, progress=False, retime=sw.time_lines)
+        result = sw.sweep(grid, tmp_path, progress=False, retime=sw.time_lines)
     rows = {sw.key_of(r): r for r in rows_of(tmp_path / "results.csv")}
     group = [(4, 1, 4), (4, 2, 4), (4, 3, 4), (6, 1, 4), (4, 1, 8)]  # the base point first
+    # a resume that measured nothing says how many times it replaced (found by a hunt)
+    assert result.measured == 0 and result.retimed == sum(
+        r["interleaved"] != "" for r in rows.values()
+    )
     assert order == group * (1 + sw.LINE_ROUNDS_PER_REPEAT * grid.repeats)  # warm-up, rounds
     for key, row in rows.items():
         point = (int(row["width"]), int(row["depth"]), int(row["batch"]))
