@@ -485,6 +485,14 @@ def write_report(out: Path) -> Path:
     return out / "report.md"
 
 
+#: The models of the study, as the report's setup describes them.
+MODELS = {
+    "mlp": "`mlp` 64-64-10 tanh (4,810 parameters)",
+    "cnn": "`cnn` conv 3x3 (8 ch.) tanh, conv 3x3 stride 2 (16 ch.) tanh, linear (3,818 "
+    "parameters)",
+}
+
+
 def _write_files(
     runs: pd.DataFrame, tuning: pd.DataFrame, meta: dict, out: Path, stage: Path
 ) -> None:
@@ -492,6 +500,7 @@ def _write_files(
     study, env = meta["study"], meta["environment"]
     target = study["target_accuracy"]
     command = meta["command"]
+    damped = any(OPTIMISERS[m].damped for m in study["methods"])
     redraw = f"riemann-bench train --report-only --out {out}"
     lines = [
         f"# Training study on handwritten digits: {env.get('device_name', 'unknown device')}",
@@ -517,8 +526,7 @@ def _write_files(
         "",
         f"- Data: scikit-learn's 8x8 handwritten digits, stratified split {meta['split']} "
         f"(split seed {meta['seed']}), standardised with the training split's statistics.",
-        "- Models: `mlp` 64-64-10 tanh (4,810 parameters); `cnn` conv 3x3 (8 ch.) tanh, "
-        "conv 3x3 stride 2 (16 ch.) tanh, linear (3,818 parameters). "
+        f"- Models: {'; '.join(MODELS[m] for m in study['models'])}. "
         f"dtype {study['dtype']}, cross-entropy.",
         f"- Budget: {meta['steps']} steps of {study['batch_size']} examples "
         f"({meta['examples_per_run']} examples, {study['epochs']:g} "
@@ -533,7 +541,8 @@ def _write_files(
         "step of length lr along `G^{-1} g`.",
         f"- Tuning: each configuration of the grid trained once (seed {meta['tuning_seed']}); "
         "the lowest final validation loss wins. Learning rates "
-        f"{study['lrs']}; dampings {study['dampings']}.",
+        + "; ".join(f"`{m}` {study['lrs'][m]}" for m in study["methods"])
+        + (f"; dampings {study['dampings']}." if damped else "."),
         f"- Reported: the chosen configuration with seeds {meta['seeds']} (initialisation, "
         "batch order, Fisher samples), methods interleaved seed by seed.",
         "",

@@ -45,6 +45,10 @@ def test_small_study_writes_curves_tables_figures_and_report(study):
     assert f"`{meta['command']}`" in report
     for name in ("curves_mlp.png", "tuning_mlp.png"):
         assert (study / name).stat().st_size > 10_000 and f"]({name})" in report
+    # the setup names what ran, not every model and method (found by a docs walkthrough)
+    setup = report.split("## Setup")[1].split("## Environment")[0]
+    assert "`mlp` 64-64-10" in setup and "`cnn`" not in setup
+    assert "Learning rates `sgd` [0.1, 0.3]; `layerwise` [0.1, 0.3]; dampings [0.1]." in setup
 
 
 def test_study_repeats_exactly_but_for_the_clock(study, tmp_path):
