@@ -250,7 +250,13 @@ def run_validate(args) -> int:
         pairs = devices.claims(df, meta, seed=args.seed, progress=progress)
     names = [name for name, _ in pairs]
     claims = [claim for _, claim in pairs]
-    validate.write_claims(claims, out / "claims.json", device_names=names)
+    provenance = {  # found by a hunt: the claims named nothing of what produced them
+        "command": args.command_line,
+        "seed": args.seed,
+        "sweep": meta.get("sweep"),
+        "sweep_commands": meta.get("commands") or [meta.get("command")],
+    }
+    validate.write_claims(claims, out / "claims.json", device_names=names, provenance=provenance)
     for name, c in pairs:
         unknown = c.low is None or math.isnan(c.low)  # (one repeat time: no interval)
         interval = "" if unknown else f" [{c.low:.3g}, {c.high:.3g}]"

@@ -337,14 +337,19 @@ def _unsteady(claim: Claim, moved: Mapping[str, float]) -> Claim:
 
 
 def write_claims(
-    claims: Sequence[Claim], path: str | Path, device_names: Sequence[str] | None = None
+    claims: Sequence[Claim],
+    path: str | Path,
+    device_names: Sequence[str] | None = None,
+    provenance: Mapping | None = None,
 ) -> Path:
-    """Write ``claims`` as a JSON list to ``path`` atomically (a temporary file, then a
-    rename); ``device_names``, one per claim, go into the records as ``device_name``."""
+    """Write ``{**provenance, "claims": [...]}`` to ``path`` atomically (a temporary file,
+    then a rename): what produced the claims (the command, the seed, the sweep) and the
+    claims; ``device_names``, one per claim, go into the records as ``device_name``."""
     records = [c.to_dict() for c in claims]
     if device_names is not None:
         records = [{"device_name": n, **r} for n, r in zip(device_names, records, strict=True)]
-    text = json.dumps(records, indent=2, allow_nan=False) + "\n"
+    document = {**(provenance or {}), "claims": records}
+    text = json.dumps(document, indent=2, allow_nan=False) + "\n"
     return write_atomic(Path(path), text)
 
 

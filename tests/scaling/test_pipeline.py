@@ -60,7 +60,13 @@ def test_run_writes_results_fits_claims_figures_and_report(tmp_path, capsys):
     report = (tmp_path / "report.md").read_text()
     assert f"riemann-bench report --out {tmp_path}" in report
     assert "riemann-bench run --quick" in report  # the sweep's own command line
-    claims = json.loads((tmp_path / "claims.json").read_text())
+    document = json.loads((tmp_path / "claims.json").read_text())
+    record = json.loads((tmp_path / "sweep.json").read_text())
+    # what produced them (found by a hunt: a bare list named nothing)
+    assert document["command"] == f"riemann-bench run --quick --out {tmp_path} " + " ".join(TINY)
+    assert document["seed"] == 0 and document["sweep"] == record["sweep"]
+    assert document["sweep_commands"] == [record["command"]]
+    claims = document["claims"]
     assert {c["id"] for c in claims} >= {"flops-match-model", "crossover-width"}
     flops = next(c for c in claims if c["id"] == "flops-match-model")
     assert flops["verdict"] == "pass"
@@ -100,7 +106,7 @@ def test_a_planted_cubic_step_in_layerwise_fails_its_claim_and_the_run(tmp_path,
     monkeypatch.setattr(layerwise, "solve", with_an_extra_step)  # in this process only
     options = ["--workers", "0", "--methods", "layerwise", "--kernels", "structured", *TINY]
     assert cli.main(["run", "--quick", "--out", str(tmp_path), *options]) == 1
-    claims = {c["id"]: c for c in json.loads((tmp_path / "claims.json").read_text())}
+    claims = {c["id"]: c for c in json.loads((tmp_path / "claims.json").read_text())["claims"]}
     assert claims["layerwise-structured-n"]["verdict"] == "fail"
     assert claims["layerwise-structured-n"]["measured"] > 2
     assert claims["flops-match-model"]["verdict"] == "fail"
@@ -132,7 +138,7 @@ def test_validate_exits_non_zero_on_a_failed_claim(tmp_path):
         df.loc[ok, column] = (df.loc[ok, column].astype(float) * 1.05).map(repr)
     df.to_csv(path, index=False)  # counted FLOPs 5% above the model: a planted violation
     assert cli.main(["validate", "--out", str(tmp_path)]) == 1
-    claims = json.loads((tmp_path / "claims.json").read_text())
+    claims = json.loads((tmp_path / "claims.json").read_text())["claims"]
     assert next(c for c in claims if c["id"] == "flops-match-model")["verdict"] == "fail"
 
 

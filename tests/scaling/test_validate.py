@@ -430,10 +430,12 @@ def test_validate_refuses_a_sweep_it_cannot_read():
         va.validate(df, meta)
 
 
-def test_claims_are_written_as_a_json_list(tmp_path):
+def test_claims_are_written_as_a_json_list_beside_what_produced_them(tmp_path):
     claims = va.validate(*make_sweep(runs=[r for r in RUNS if r[0] != "full"]), n_boot=100)
-    path = va.write_claims(claims, tmp_path / "out" / "claims.json")
-    records = json.loads(path.read_text())
+    path = va.write_claims(claims, tmp_path / "out" / "claims.json", provenance={"seed": 3})
+    document = json.loads(path.read_text())
+    assert list(document) == ["seed", "claims"] and document["seed"] == 3
+    records = document["claims"]
     assert [r["id"] for r in records] == [c.id for c in claims]
     assert set(records[0]) == {
         *("id", "claim", "expected", "measured", "low", "high", "verdict", "detail", "basis"),
