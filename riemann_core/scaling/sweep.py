@@ -1011,24 +1011,37 @@ def write_results(path: Path, rows: list[dict]) -> None:
 
 
 def check_same_model(rows: list[dict], path: Path) -> None:
-    """Refuse to resume, fit or judge rows whose recorded ``flops_model`` is not this
-    version's cost model at their point (a results file of another version of riemann-bench: say, before the
-    cross-entropy factor dropped its null row): fits and claims over a mix of the two would
-    compare different algorithms. Raises :class:`ResultsFileError`; the file is left alone."""
+    """Refuse to resume, fit or judge rows whose recorded model figures (``flops_model``,
+    the speed of light's ``sol_products`` and ``sol_cholesky``, ``peak_bytes_model``) are
+    not this version's cost model at their point (a results file of another version of
+    riemann-bench: say, before the cross-entropy factor dropped its null row; or a
+    hand-edited one, found by a hunt to move the speed-of-light ratios): fits and claims
+    over a mix would compare different algorithms. Raises :class:`ResultsFileError`; the
+    file is left alone."""
     stale = []
     for row in rows:
-        recorded, now = float(row["flops_model"]), model_flops(run_of(row))["total"]
-        if not math.isclose(recorded, now, rel_tol=1e-9):
-            stale.append((row, recorded, now))
+        run = run_of(row)
+        sol = speed_of_light_of(run)
+        for column, now in (
+            ("flops_model", model_flops(run)["total"]),
+            ("sol_products", sol["products"]),
+            ("sol_cholesky", sol["cholesky"]),
+            ("peak_bytes_model", model_peak_bytes(run)),
+        ):
+            recorded = float(row[column])
+            if not math.isclose(recorded, now, rel_tol=1e-9):
+                stale.append((row, column, recorded, now))
+                break
     if stale:
-        row, recorded, now = stale[0]
+        row, column, recorded, now = stale[0]
         point = ", ".join(f"{k}={row[k]}" for k in KEY)
         raise ResultsFileError(
             f"{path} holds {len(stale)} of {len(rows)} finished points measured with another "
-            f"cost model, i.e. another version of riemann-bench (e.g. {point}: "
-            f"{recorded:.6g} modelled FLOPs recorded, {now:.6g} now); its fits and claims, "
-            "or a resumed sweep, would mix the two. Read it with the version that measured it, "
-            "pass another --out, or move the file away to measure again"
+            f"cost model, i.e. another version of riemann-bench, or edited by hand (e.g. "
+            f"{point}: {column} {recorded:.6g} recorded, {now:.6g} now); its fits and "
+            "claims, or a resumed sweep, would mix the two. Read it with the version that "
+            "measured it, restore the file, pass another --out, or move the file away to "
+            "measure again"
         )
 
 

@@ -321,6 +321,16 @@ def _edit_row(column, value):
     return edit
 
 
+def _edit_row_unnamed(column, value):
+    """:func:`_edit_row` of a figure checked for the whole file (the file is named, not a
+    line)."""
+
+    def edit(out):
+        _edit_row(column, value)(out)
+
+    return edit
+
+
 def _another_cost_model(out):
     """Another version's modelled FLOPs at a point (the file is named, not a line)."""
     _edit_row("flops_model", "12345")(out)
@@ -486,6 +496,9 @@ CORRUPTIONS = {
     "n-params-edited": (_edit_row("n_params", "123"), "n_params is 123, not"),
     "rows-edited": (_edit_row("d", "7"), "d is 7, not"),
     "another-cost-model": (_another_cost_model, "with another cost model"),
+    # found by a hunt: accepted, and the speed-of-light ratios moved (44.7 -> 57.7)
+    "sol-edited": (_edit_row_unnamed("sol_products", "1"), "sol_products 1 recorded"),
+    "peak-model-edited": (_edit_row_unnamed("peak_bytes_model", "7"), "peak_bytes_model 7"),
     # found by review: a traceback in report, or a format error naming neither file nor
     # field; rates without a Cholesky rate were accepted by validate and refused by fit
     "record-environment-list": (
@@ -517,12 +530,12 @@ CORRUPTIONS = {
         _edit_record(lambda r: r["axes"].update(width=[None, 8])),
         "as lists of positive integers",
     ),
-    "mixed-dtype": (  # fit said 'no device rates (an older sweep?)'
+    "mixed-dtype": (  # fit said 'no device rates (an older sweep?)', then blamed the sweep
         lambda out: _edit_row("dtype", "float64")(out) and None,
         {
-            "fit": "records no device rates in float64 for these points",
-            "validate": "the results mix dtypes",
-            "report": "the results mix dtypes",
+            "fit": "dtype=float64, output_metric=exact: peak_bytes_model",
+            "validate": "dtype=float64, output_metric=exact: peak_bytes_model",
+            "report": "dtype=float64, output_metric=exact: peak_bytes_model",
             "sweep": "holds points measured with dtype float32, float64",
         },
     ),
