@@ -55,6 +55,10 @@ def test_demo_quick_writes_agreeing_directions(tmp_path, capsys):
     assert rows["layerwise", "generic"]["rel_diff_to_full"] == pytest.approx(structured, rel=1e-8)
     assert record["environment"]["torch"]
     assert record["command"] == f"riemann-bench demo --quick --out {tmp_path}"  # (was "demo")
+    before = (tmp_path / "demo.json").read_bytes()
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 0  # again: kept apart
+    (earlier,) = tmp_path.glob("earlier-*")
+    assert (earlier / "demo.json").read_bytes() == before
     assert "natural" in capsys.readouterr().out
 
 

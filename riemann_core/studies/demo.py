@@ -11,7 +11,7 @@ import torch
 
 from ..arguments import Command
 from ..measure.environment import environment
-from ..measure.output import write_json
+from ..measure.output import set_aside, write_json
 from ..measure.problems import mlp
 from ..measure.timing import measure
 from .digits import standardiser
@@ -21,7 +21,9 @@ DESCRIPTION = (
     "Compute the direction of every method in riemann_core.METHODS (layerwise with both "
     "kernels) for one batch of scikit-learn's handwritten digits and a tanh MLP in "
     "float64 with cross-entropy, and print each method's median time and its relative "
-    "difference and cosine similarity to the full damped Gauss-Newton direction."
+    "difference and cosine similarity to the full damped Gauss-Newton direction. With "
+    "--out, also writes them to demo.json there (an earlier one moved into "
+    "earlier-<UTC time>/ first)."
 )
 EXAMPLE = "demo --quick --seed 1 --out results/demo"
 
@@ -159,8 +161,12 @@ def run(args: argparse.Namespace) -> int:
             "environment": environment(device),
             "results": results,
         }
+        # a demo again into its --out: the earlier record kept, apart (found by a hunt)
+        earlier = set_aside(args.out, ("demo.json",))
         path = write_json(args.out, "demo.json", payload)
-        print(f"\nwrote {path}")
+        print(
+            f"\nwrote {path}" + (f" (the earlier demo.json moved to {earlier})" if earlier else "")
+        )
     return 0
 
 
