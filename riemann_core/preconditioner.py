@@ -581,10 +581,17 @@ class RiemannianPreconditioner:
                 direction = directions[name].detach()
                 if p.grad is not None:
                     p.grad.add_(direction)
-                elif direction.dtype == p.dtype and direction.stride() == p.stride():
+                elif (
+                    direction.dtype == p.dtype
+                    and direction.stride() == p.stride()
+                    and _owns_storage(direction)
+                ):
                     p.grad = direction
                 else:  # laid out as loss.backward() lays it out: fused optimizers read
-                    # .grad with the parameter's strides (K-FAC's are views of [W | b])
+                    # .grad with the parameter's strides (K-FAC's are views of [W | b]);
+                    # and apart: slices of one solution (full's, a dense block's) share a
+                    # version counter, which hid a backward pass added to one of them
+                    # from pre.step()'s check (found by a hunt: preconditioned twice, 66x)
                     p.grad = torch.empty_like(p).copy_(direction)
         self._wrote(params, directions)
         self.diagnostics = diagnostics
@@ -1035,6 +1042,11 @@ def _gradients_of(loss: Tensor, leaves: list[Tensor]) -> tuple[Tensor, ...]:
             "loss.backward() can differentiate: pass use_reentrant=False, or call "
             "loss.backward() and then pre.step()"
         ) from err
+
+
+def _owns_storage(t: Tensor) -> bool:
+    """Whether ``t`` is the only tensor on its storage (no slice of a larger solution)."""
+    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 def _accumulate(leaves: list[Tensor], grads) -> None:
