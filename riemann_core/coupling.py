@@ -56,6 +56,7 @@ from torch.utils import _pytree as pytree
 
 from ._checks import Deferred
 from .capture import ModelNotes, OwnHook, autograd_nodes
+from .factors import batched_backward
 from .modules import Block, GenericHandler, Handler, SharedHandler, lowest_precision_eps
 
 
@@ -197,14 +198,15 @@ def register(
     # a backward pass linear in its cotangent returns the scaled and the summed pullbacks
     other = _pattern(z, phase=2.0)[None]
     extra = [LINEARITY_SCALE * rows[-1:], other, rows[-1:] + other]
-    pulled = torch.autograd.grad(
-        z,
-        [t for _, t in targets],
-        torch.cat([rows, *extra]),
-        is_grads_batched=True,
-        retain_graph=True,
-        allow_unused=True,
-    )
+    with batched_backward():
+        pulled = torch.autograd.grad(
+            z,
+            [t for _, t in targets],
+            torch.cat([rows, *extra]),
+            is_grads_batched=True,
+            retain_graph=True,
+            allow_unused=True,
+        )
     # a tensor the output reaches with a Jacobian of exact zeros here (a layer downstream
     # initialised at zero, as classifier heads often are) shows no dependence whatever the
     # structure: the probe then proves nothing, and is run again on the next call
@@ -473,9 +475,14 @@ def _explain_coupling(model: nn.Module, rows: Tensor, masks: Tensor, rerun) -> N
         for h in hooks:
             h.remove()
     tensors = [t for _, _, inputs, out in seen for t in [out, *inputs] if t.requires_grad]
-    pulled = torch.autograd.grad(
-        z, tensors, rows.reshape((len(rows),) + z.shape), is_grads_batched=True, allow_unused=True
-    )
+    with batched_backward():
+        pulled = torch.autograd.grad(
+            z,
+            tensors,
+            rows.reshape((len(rows),) + z.shape),
+            is_grads_batched=True,
+            allow_unused=True,
+        )
     leaks = {id(t): p is not None and bool(_leaked(p, masks)) for t, p in zip(tensors, pulled)}
     culprits = [
         (name, module)

@@ -9,7 +9,8 @@ stacked factor of the mean loss is ``L_o = F / sqrt(N)`` with ``d = N r`` rows, 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -185,6 +186,35 @@ def factor_cotangents(factor: Tensor) -> Tensor:
     return factor.transpose(0, 1) / math.sqrt(factor.shape[0])
 
 
+#: words of torch's errors for an operation that a batched backward pass cannot batch
+UNBATCHABLE = ("Batching rule not implemented", "vmap: ")
+
+
+@contextmanager
+def batched_backward() -> Iterator[None]:
+    """A backward pass that pulls several rows back at once (``torch.func.vmap``,
+    ``is_grads_batched``): torch's error for an operation of the graph it cannot batch (a
+    gradient hook that reads a value to the host, a custom ``autograd.Function`` whose
+    backward does) raised as one that names the cause and the fix (found by a hunt: a
+    grad-norm logging hook failed every step with "Batching rule not implemented for
+    aten::item")."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not any(word in str(err) for word in UNBATCHABLE):
+            raise
+        raise ValueError(
+            "the backward pass cannot run batched, as riemann_core runs it to pull the "
+            "metric's factor rows back several at once (torch.func.vmap): a gradient hook on "
+            "it (a module's register_full_backward_hook or register_full_backward_pre_hook, "
+            "a tensor's register_hook) or a custom autograd.Function's backward calls an "
+            "operation that cannot be batched (.item(), float(), .tolist(), .detach(), a "
+            "printed value). Read gradients after the call instead (each parameter's .grad "
+            "after pre.backward(loss) or pre.step()), or remove the hook while "
+            f"preconditioning (torch: {str(err).splitlines()[0]})"
+        ) from err
+
+
 def pullback(
     roots: Sequence[Tensor],
     seeds: Sequence[Tensor],
@@ -221,7 +251,8 @@ def pullback(
     # loops over the rows for some, e.g. tanh_backward)
     k = seeds[0].shape[0]
     if batched:
-        grads = torch.func.vmap(backward)(*seeds)
+        with batched_backward():
+            grads = torch.func.vmap(backward)(*seeds)
     else:  # the graph kept for every pass but the last, unless the caller keeps it
         each = [
             backward(*(s[j] for s in seeds), retain=retain_graph or j < k - 1) for j in range(k)

@@ -755,6 +755,26 @@ def test_a_hook_that_only_reads_gradients_is_exact(where):
     assert seen
 
 
+@pytest.mark.parametrize("where", HOOKED, ids=lambda w: f"hook={w}")
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_a_hook_that_reads_a_value_to_the_host_is_refused_naming_it(where, call):
+    """Found by a hunt: a grad-norm logging hook (``.item()``) failed every step with
+    torch's "Batching rule not implemented for aten::item" from inside the batched
+    backward passes; now an error that names the hook and the fix, every .grad kept."""
+    torch.manual_seed(35)
+    model = HOOKED[where](lambda g: g.norm().item() and None).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0, 2])
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    loss = F.cross_entropy(model(x), y)
+    if call == "step":
+        loss.backward()
+    before = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"cannot run batched.*\.item\(\).*Read gradients after"):
+        pre.backward(loss) if call == "backward" else pre.step()
+    for n, p in model.named_parameters():
+        assert (p.grad is None) if before[n] is None else torch.equal(p.grad, before[n])
+
+
 class MaskedAttention(nn.Module):
     """Attention over positions with a float mask added as its log (0 -> -inf)."""
 
