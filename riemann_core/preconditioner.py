@@ -61,7 +61,7 @@ from .methods import (
     kfac_checkpoint,
     problem_from_graph,
 )
-from .methods.kfac import KFACState
+from .methods.kfac import KFACState, in_larger_storage
 
 
 class RiemannianPreconditioner:
@@ -584,7 +584,7 @@ class RiemannianPreconditioner:
                 elif (
                     direction.dtype == p.dtype
                     and direction.stride() == p.stride()
-                    and _owns_storage(direction)
+                    and not in_larger_storage(direction)
                 ):
                     p.grad = direction
                 else:  # laid out as loss.backward() lays it out: fused optimizers read
@@ -1042,11 +1042,6 @@ def _gradients_of(loss: Tensor, leaves: list[Tensor]) -> tuple[Tensor, ...]:
             "loss.backward() can differentiate: pass use_reentrant=False, or call "
             "loss.backward() and then pre.step()"
         ) from err
-
-
-def _owns_storage(t: Tensor) -> bool:
-    """Whether ``t`` is the only tensor on its storage (no slice of a larger solution)."""
-    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 def _accumulate(leaves: list[Tensor], grads) -> None:

@@ -589,12 +589,13 @@ def _cache(handler: PatchHandler, s: KroneckerSolve) -> Cached:
     ``torch.save``, a view keeps it whole."""
     for damped in s.blocks:
         for factor in (damped.gamma, damped.A):
-            if factor is not None and factor.thin and _in_larger_storage(factor.rows):
+            if factor is not None and factor.thin and in_larger_storage(factor.rows):
                 factor.rows = factor.rows.clone()
     b = handler.block
     block = Block(b.name, b.module, list(b.param_names), list(b.params), inputs=(), output=None)
     return Cached(block, s.kernel, s.rows, s.blocks, s.data_dtype)
 
 
-def _in_larger_storage(tensor: Tensor) -> bool:
+def in_larger_storage(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a part of a larger storage (a slice, a view of a buffer)."""
     return tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size()
