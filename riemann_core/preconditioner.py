@@ -220,6 +220,7 @@ class RiemannianPreconditioner:
         self._output_versions: list[int] = []
         self._differentiated: Differentiated | None = None  # a gradient reached the output
         self._edited_in_forward = False
+        self._compiled = False  # the recorded output came from compiled code (torch.compile)
         # the .grad each call wrote, their versions and norms then (a second step() refused)
         self._written: list[tuple[weakref.ref, int, Tensor]] = []
         self._spent = False  # the last forward pass's graph consumed by pre.backward(loss)
@@ -343,6 +344,9 @@ class RiemannianPreconditioner:
             self._output = [t.detach().clone() if copy else t.detach() for t in tensors]
             self._output_versions = [t._version for t in self._output]
             self._differentiated = Differentiated(tensors)
+            self._compiled = any(
+                type(t.grad_fn).__name__ == "CompiledFunctionBackward" for t in tensors
+            )
             self._buffer_states.after_pass(self.model, self._batch[3])
             # an input the forward pass itself changed in place (x /= 255): named on refusal
             self._edited_in_forward = any(
@@ -380,6 +384,15 @@ class RiemannianPreconditioner:
             if self._modes.get(id(m), m.training) != m.training
         ]
         causes = [self._buffer_states.changes(self.model, self._batch[3])]
+        if self._compiled:
+            causes.append(
+                "the pass ran compiled (torch.compile) and the replay runs eagerly, so random "
+                "numbers the compiled code drew with its own generator (inductor's dropout "
+                "masks) are drawn again differently: set "
+                "torch._inductor.config.fallback_random = True (or compile with "
+                "backend='aot_eager'); otherwise the pass depends on state that is not "
+                "replayed (Python's random module, a counter, a global hook changed since)"
+            )
         if changed:
             causes.insert(
                 0,
@@ -1091,6 +1104,7 @@ _RECORD = (
     "_spent",
     "_preconditioned",
     "_edited_in_forward",
+    "_compiled",
     "_synced",
 )
 

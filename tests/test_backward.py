@@ -1190,6 +1190,25 @@ def test_pre_backward_on_a_compiled_model_is_exact_at_every_step(method):
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
 
 
+def test_a_compiled_dropout_the_replay_draws_again_names_the_compiler_and_its_fix():
+    """Found by a hunt: with inductor's dropout and a forward hook (which splits the compiled
+    graph), the eager replay drew other masks and the refusal blamed Python's random module
+    or a counter; it now names the compiled pass and torch's switch for eager random."""
+    torch.manual_seed(39)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3))
+    for module in model:  # a logger's hooks
+        module.register_forward_hook(lambda module, args, output: None)
+    runnable = torch.compile(model)  # inductor
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    pre = rc.RiemannianPreconditioner(runnable, damping=DAMPING)
+    F.cross_entropy(runnable(x), y).backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"ran compiled .*config.fallback_random = True"):
+        pre.step()
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, before[name])
+
+
 def test_gradients_outside_the_model_have_their_own_memory():
     """Found by review: autograd's gradients were stored as they came, a broadcast of
     stride 0 (the ``loss + 0.0 * sum(p.sum())`` idiom: an in-place clip then raised) or one
