@@ -530,6 +530,28 @@ COUPLED = {
 }
 
 
+class Reordered(nn.Module):
+    """A module run on the batch in reverse order, put back after: no sample's output
+    depends on another's input, but the modules' samples no longer line up."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.b(torch.tanh(self.a(x)).flip(0))).flip(0)
+        return self.c(h)
+
+
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_a_batch_reordered_inside_the_model_is_refused_naming_the_reordering(method):
+    """Found by a hunt: the refusal named only batch statistics, centring and attention."""
+    torch.manual_seed(29)
+    model, x = Reordered().double(), torch.randn(6, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"reordered between modules: flip\(0\), sorting"):
+        rc.direction(model, x, torch.tensor([0, 1, 2, 0, 1, 2]), method=method)
+
+
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"kernel={k}")
 @pytest.mark.parametrize("method", EXACT + ("kfac",), ids=lambda m: f"method={m}")
 @pytest.mark.parametrize("net", COUPLED, ids=lambda n: f"net={n}")
