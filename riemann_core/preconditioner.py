@@ -220,7 +220,6 @@ class RiemannianPreconditioner:
         self._output_versions: list[int] = []
         self._differentiated: Differentiated | None = None  # a gradient reached the output
         self._edited_in_forward = False
-        self._compiled = False  # the recorded output came from compiled code (torch.compile)
         # the .grad each call wrote, their versions and norms then (a second step() refused)
         self._written: list[tuple[weakref.ref, int, Tensor]] = []
         self._spent = False  # the last forward pass's graph consumed by pre.backward(loss)
@@ -344,9 +343,6 @@ class RiemannianPreconditioner:
             self._output = [t.detach().clone() if copy else t.detach() for t in tensors]
             self._output_versions = [t._version for t in self._output]
             self._differentiated = Differentiated(tensors)
-            self._compiled = any(
-                type(t.grad_fn).__name__ == "CompiledFunctionBackward" for t in tensors
-            )
             self._buffer_states.after_pass(self.model, self._batch[3])
             # an input the forward pass itself changed in place (x /= 255): named on refusal
             self._edited_in_forward = any(
@@ -384,7 +380,7 @@ class RiemannianPreconditioner:
             if self._modes.get(id(m), m.training) != m.training
         ]
         causes = [self._buffer_states.changes(self.model, self._batch[3])]
-        if self._compiled:
+        if _compiled(self.model):
             causes.append(
                 "the pass ran compiled (torch.compile) and the replay runs eagerly, so random "
                 "numbers the compiled code drew with its own generator (inductor's dropout "
@@ -1104,9 +1100,19 @@ _RECORD = (
     "_spent",
     "_preconditioned",
     "_edited_in_forward",
-    "_compiled",
     "_synced",
 )
+
+
+def _compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or a submodule is ``torch.compile``'d (``torch.compile(m)``'s
+    wrapper, or ``m.compile()``)."""
+    frames = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing compiled
+    wrapper = getattr(frames, "OptimizedModule", ())
+    return frames is not None and any(
+        isinstance(m, wrapper) or getattr(m, "_compiled_call_impl", None) is not None
+        for m in model.modules()
+    )
 
 
 def _check_own_parameters(capture: Capture, model: nn.Module, call: str) -> None:
