@@ -16,7 +16,10 @@ CUDA memory benchmarks when CUDA is absent.
   system, so it runs in the ``peakmem_`` benchmark only: a ``time_`` call follows the
   warm-up call with the memory it freed kept, as in a training loop (restarted in
   ``setup``, which asv runs before every timed call, it added the page faults of fresh
-  memory to each: 18-37% of a direction at width 128).
+  memory to each: 18-37% of a direction at width 128). Torch's own ~275 MiB dwarf a
+  direction's few MiB there, so a call's memory doubling moves it by a few percent:
+* ``track_host_peak_bytes``: the call's own memory, the peak rise of resident host memory
+  during one call above what is resident before it (``memory.host_peak_bytes``; Linux).
 * ``track_flops_counted``: FLOPs of one call (after a warm-up call) counted by
   ``riemann_core.measure.flops.flop_counter``; ``track_flops_modelled``: the cost
   model's ``riemann_core.costs.flops`` total. Either changing flags a regression.
@@ -50,7 +53,7 @@ import riemann_core as rc
 from riemann_core import costs
 from riemann_core.measure import public_kfac
 from riemann_core.measure.flops import flop_counter
-from riemann_core.measure.memory import cuda_peak_bytes, reset_host_peak
+from riemann_core.measure.memory import cuda_peak_bytes, host_peak_bytes, reset_host_peak
 from riemann_core.measure.timing import interleaved, median_ratio
 from riemann_core.methods import Options, Problem, build_problem
 from riemann_core.methods.layerwise import damped
@@ -133,6 +136,22 @@ def _peak_of(call) -> None:
     one-time memory nor ``setup``'s (``setup`` ran a warm-up call)."""
     reset_host_peak()
     call()
+
+
+class DirectionHostMemory(_DirectionCase):
+    """Peak host memory one direction adds to what is resident (skipped where it cannot be
+    read: not Linux)."""
+
+    def setup(self, *params):
+        if not reset_host_peak():
+            raise NotImplementedError("the peak resident memory cannot be restarted here")
+        super().setup(*params)
+        self.call()  # warm-up: the model's one-time check
+
+    def track_host_peak_bytes(self, *params):
+        return host_peak_bytes(self.call)
+
+    track_host_peak_bytes.unit = "bytes"
 
 
 class _CountedFlops:

@@ -84,3 +84,19 @@ def test_every_timed_benchmark_warms_its_call_in_setup(monkeypatch):
     monkeypatch.setattr(benchmarks, "_kfac_call", lambda *a: (counting, "cpu"))
     benchmarks.KFAC().setup(benchmarks.KFAC_VARIANTS[0], "ours", *SIZE)
     assert len(calls) == 2
+
+
+def test_the_host_memory_track_reads_the_calls_own_memory():
+    """Found by review: ``peakmem_direction`` reads the process's peak, ~275 MiB of torch
+    beside a direction's few MiB, so a call's memory doubling moved it by ~3%, under the
+    gate's factor of 1.1. The track reads the call's rise alone: full's dense n x n metric
+    against euclidean's gradient."""
+    size = (32, 1, 10, 32)
+    readings = {}
+    for method in ("euclidean", "full"):
+        case = benchmarks.DirectionHostMemory()
+        case.setup(method, *size)
+        readings[method] = case.track_host_peak_bytes(method, *size)
+    n = sum(p.numel() for p in case.call.args[0].parameters())
+    assert readings["euclidean"] < 2**20
+    assert readings["full"] >= 4 * n * n  # the float32 metric alone
