@@ -290,11 +290,14 @@ class _Group:
                 raise ValueError(
                     "the ranks hold different parameters or buffers (weighted sums of their "
                     "entries, frozen parameters and the buffers of modules in evaluation mode "
-                    "included: "
+                    "included, and under DistributedDataParallel the .grad it averaged: "
                     f"{[f'{s:.12g}' for s in sums[:, 0].tolist()]}): every rank must start "
                     "from the same weights (seed the model's initialisation alike, or "
                     "broadcast rank 0's state, as DistributedDataParallel does when it "
-                    "wraps the model) and take the same steps"
+                    "wraps the model) and take the same steps; a .grad that differs means "
+                    "DistributedDataParallel's reduction did not complete (a trainable "
+                    "parameter the forward pass did not use: pass "
+                    "find_unused_parameters=True) or a .grad changed on some ranks since"
                 )
         return [row[1] for row in rows]
 
@@ -740,6 +743,10 @@ def solve(
             0 if problem is None else _signature(problem, shares, method, opts, absent, modules)
         )
         params = None if problem is None else [p for b in problem.blocks for p in b.params]
+        if params and global_gradient and problem.given:  # DDP's average: alike everywhere
+            # (found by a hunt: a parameter forward left unused held DDP's reduction back,
+            # and each rank's own .grad was taken for the average, 0.87 off)
+            params += [g for i in range(len(problem.blocks)) for g in problem.gradient_of(i)]
         samples = 0 if problem is None else _samples(problem)
         sizes = net.agree(failure, samples, signature, params, constants)
         N = sum(sizes)

@@ -86,6 +86,17 @@ class Tied(nn.Module):
         return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
 
 
+class WithUnused(nn.Module):
+    """A network beside a trainable module its forward never calls."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.unused = net, nn.Linear(3, 3).double()
+
+    def forward(self, x):
+        return self.net(x)
+
+
 def network(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """A float64 network and a global batch of ``N`` samples, the same on every rank."""
     torch.manual_seed(0)
@@ -447,6 +458,21 @@ def _failures(rank, world) -> dict:
     out["no_sync grad kept"] = all(
         torch.equal(p.grad, before[n]) for n, p in synced.module.named_parameters()
     )
+    # found by a hunt: a trainable module forward never calls holds DistributedDataParallel's
+    # reduction back (find_unused_parameters=False), and each rank's own .grad was taken for
+    # the average (0.87 relative error against the single process)
+    unused = DistributedDataParallel(WithUnused(network("mlp")[0]))
+    pre_unused = rc.RiemannianPreconditioner(
+        unused, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
+    )
+    F.cross_entropy(unused(x[even]), y[even]).backward()
+    before = {n: p.grad for n, p in unused.module.named_parameters()}
+    before = {n: g if g is None else g.clone() for n, g in before.items()}
+    out["ddp unreduced"] = _outcome(pre_unused.step)
+    out["ddp unreduced grad kept"] = all(
+        (p.grad is None and before[n] is None) or torch.equal(p.grad, before[n])
+        for n, p in unused.module.named_parameters()
+    )
     # found by review: an option refused on one rank when the preconditioner was made left
     # the others waiting out the timeout, then blaming the process group
     made = _outcome(
@@ -705,6 +731,12 @@ def test_ranks_whose_frozen_weights_buffers_or_modes_differ_are_refused(run):
         kind, message = failures["no_sync"]
         assert kind == "ValueError" and "inside DistributedDataParallel's no_sync()" in message
         assert failures["no_sync grad kept"]
+        if world > 1:
+            kind, message = failures["ddp unreduced"]
+            assert kind == "ValueError" and "find_unused_parameters=True" in message
+            assert failures["ddp unreduced grad kept"]
+        else:  # one rank's gradient is the global batch's
+            assert failures["ddp unreduced"] is None
         kind, message = failures["refused when made"]
         if rank == world - 1:
             assert kind == "ValueError" and "kfac_refresh and kfac_decay" in message
