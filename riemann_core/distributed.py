@@ -189,8 +189,8 @@ class _Group:
 
     def _stalled(self, what: str, cause) -> DistributedError:
         return DistributedError(
-            f"rank {self.rank} of {self.world}: the {what} did not complete within "
-            f"{self.timeout:g} s ({cause}). Another rank stopped outside the preconditioner "
+            f"rank {self.rank} of {self.world} waited for the {what}, which did not complete "
+            f"within {self.timeout:g} s or failed ({cause}). Another rank stopped outside the preconditioner "
             "(an exception in its own code, a crash) or calls it a different number of "
             "times; .grad is left as it was. The process group cannot be trusted after "
             "this: restart the job"
