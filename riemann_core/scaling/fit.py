@@ -46,6 +46,7 @@ import pandas as pd
 from scipy.optimize import lsq_linear
 
 from ..measure.flops import KINDS
+from ..measure.output import RECORDS
 from . import sweep
 from .sweep import (
     AXES,
@@ -104,6 +105,13 @@ def require_sweep(directory: Path) -> tuple[Path, Path]:
     one missing and the fix."""
     results, record = needed = directory / "results.csv", directory / "sweep.json"
     if not results.is_file():
+        # (found by a hunt: on a train directory it said to run sweep there, which refuses)
+        others = [f"'riemann-bench {c}'" for n, c in RECORDS.items() if (directory / n).is_file()]
+        if others:
+            raise ValueError(
+                f"{directory} holds the results of {others[0]}, not a sweep: pass the --out "
+                "of a sweep, or run 'riemann-bench sweep' with another --out"
+            )
         raise ValueError(f"no sweep at {results}; run 'riemann-bench sweep' with this --out")
     if not record.is_file():  # a sweep would refuse to resume such results too
         raise ValueError(

@@ -121,8 +121,21 @@ def sweep_from(args: argparse.Namespace) -> Sweep:
     for name in spec:
         if getattr(args, name, None) is not None:
             spec[name] = getattr(args, name)
-    sweep = Sweep(**spec)
+    return check_sweep(Sweep(**spec))
+
+
+def sweep_of(record: dict) -> Sweep:
+    """The sweep ``stability.json`` records (``asdict`` of a :class:`Sweep`), checked as the
+    command checks its options."""
+    lists = {k: tuple(v) for k, v in record.items() if isinstance(v, list)}
+    return check_sweep(Sweep(**{**record, **lists}))
+
+
+def check_sweep(sweep: Sweep) -> Sweep:
+    """``sweep``, or ``ValueError`` naming the option it may not hold and the fix."""
     check_choices("method", sweep.methods, METHODS)
+    check_choices("model", (sweep.model,), digits.MODELS)
+    check_choices("dtype", (sweep.dtype,), tuple(DTYPES))
     largest = torch.finfo(DTYPES[sweep.dtype]).max  # (past it: a traceback, found by a hunt)
     if not sweep.dampings or not all(0 < mu <= largest for mu in sweep.dampings):
         raise ValueError(

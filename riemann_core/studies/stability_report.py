@@ -21,12 +21,13 @@ from .results import (
     NON_NEGATIVE,
     POSITIVE,
     Range,
+    check_options,
     check_record,
     check_rows,
     check_whole_rows,
     first_line,
 )
-from .stability import STATUSES
+from .stability import STATUSES, sweep_of
 from .stability_fit import (
     MAX_WIDTH,
     METRICS,
@@ -64,8 +65,8 @@ RECORD = {
     "command": "text",
     "sweep": {
         "methods": "a list of names",
-        "dampings": "a list",
-        "sizes": "a list",
+        "dampings": "a list of finite numbers",
+        "sizes": "a list of whole numbers >= 0",
         "pairs": "a whole number >= 0",
         "steps": "a whole number >= 0",
         "lr": "a finite number",
@@ -90,6 +91,7 @@ def load(out: Path) -> tuple[pd.DataFrame, dict]:
     # a pair that diverged or failed has NaN distances; one marked ok has them all
     (pairs,), meta = read_study(out, tables, "stability.json", keys, COMMAND, numeric, numeric)
     check_record(meta, out / "stability.json", COMMAND, RECORD)
+    check_options(meta, "sweep", out / "stability.json", COMMAND, sweep_of)
     labels = {"method": meta["sweep"]["methods"], "status": STATUSES}
     check_rows(pairs, out / "pairs.csv", COMMAND, labels, RANGES, EVERY_ROW)
     check_design(pairs, meta, out / "pairs.csv")

@@ -148,14 +148,25 @@ def study_from(args: argparse.Namespace) -> Study:
             spec[name] = getattr(args, name)
     if getattr(args, "lrs", None) is not None:
         spec["lrs"] = dict.fromkeys(METHODS, args.lrs)
-    study = Study(**spec)
-    _check(study)
-    return study
+    return check_study(Study(**spec))
 
 
-def _check(study: Study) -> None:
+def study_of(record: dict) -> Study:
+    """The study ``training.json`` records (``asdict`` of a :class:`Study`), checked as the
+    command checks its options."""
+    lists = {k: tuple(v) for k, v in record.items() if isinstance(v, list)}
+    lrs = {m: tuple(v) for m, v in record["lrs"].items()}
+    return check_study(Study(**{**record, **lists, "lrs": lrs}))
+
+
+def check_study(study: Study) -> Study:
+    """``study``, or ``ValueError`` naming the option it may not hold and the fix."""
     check_choices("model", study.models, digits.MODELS)
     check_choices("method", study.methods, METHODS)
+    check_choices("dtype", (study.dtype,), tuple(DTYPES))
+    lacking = [m for m in study.methods if m not in study.lrs]
+    if lacking:
+        raise ValueError(f"no learning rates for method(s) {lacking}")
     # at most the dtype's largest number (found by a hunt: 1e300 crashed the study, exit 3)
     largest = torch.finfo(DTYPES[study.dtype]).max
     for option, values in (("--lrs", sum(study.lrs.values(), ())), ("--dampings", study.dampings)):
@@ -179,6 +190,7 @@ def _check(study: Study) -> None:
         )
     if not 0 < study.target_accuracy <= 1:
         raise ValueError(f"--target-accuracy must lie in (0, 1], got {study.target_accuracy}")
+    return study
 
 
 def load_split(seed: int, device: torch.device, dtype: torch.dtype) -> dict[str, digits.Examples]:

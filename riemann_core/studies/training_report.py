@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..arguments import check_distinct
 from ..measure.output import (
     markdown_table,
     pyplot,
@@ -21,13 +22,14 @@ from .results import (
     FRACTION,
     NON_NEGATIVE,
     POSITIVE,
+    check_options,
     check_record,
     check_rows,
     check_whole_rows,
     first_line,
 )
 from .trainer import OPTIMISERS, STATUSES
-from .training import choose
+from .training import choose, study_of
 
 CURVES = (
     ("train_loss", "train loss", "log"),
@@ -81,18 +83,18 @@ RECORD = {
     "study": {
         "models": "a list of names",
         "methods": "a list of names",
-        "lrs": "an object",
-        "dampings": "a list",
+        "lrs": "an object of lists of finite numbers",
+        "dampings": "a list of finite numbers",
         "epochs": "a finite number",
         "batch_size": "a whole number >= 0",
         "target_accuracy": "a finite number",
         "dtype": "text",
     },
     "environment": "an object",
-    "split": "an object",
+    "split": "an object of whole numbers >= 0",
     "seed": "a whole number >= 0",
     "tuning_seed": "a whole number >= 0",
-    "seeds": "a list",
+    "seeds": "a list of whole numbers >= 0",
     "steps": "a whole number >= 0",
     "eval_every": "a whole number >= 0",
     "examples_per_run": "a whole number >= 0",
@@ -114,6 +116,10 @@ def load(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         check_whole_rows(out / name, COMMAND)
     frames, meta = read_study(out, tables, "training.json", keys, COMMAND, numeric, measured)
     check_record(meta, out / "training.json", COMMAND, RECORD)
+    check_options(meta, "study", out / "training.json", COMMAND, study_of)
+    check_options(
+        meta, "seeds", out / "training.json", COMMAND, lambda s: check_distinct("seeds", s)
+    )
     study = meta["study"]
     labels = {"model": study["models"], "method": study["methods"], "status": STATUSES}
     for frame, (name, columns) in zip(frames, tables.items()):

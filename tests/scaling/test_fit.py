@@ -263,6 +263,17 @@ def test_read_sweep_names_a_corrupted_or_missing_file(tmp_path, damage, match):
         fit.read_sweep(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "record, command", [("training.json", "train"), ("stability.json", "stability")]
+)
+def test_another_commands_directory_is_named_not_sent_to_sweep(tmp_path, record, command):
+    """Found by a hunt: fit, validate and report there said to run sweep with this --out,
+    which sweep then refuses (the directory holds another command's results)."""
+    (tmp_path / record).write_text("{}")
+    with pytest.raises(ValueError, match=f"holds the results of 'riemann-bench {command}', not a"):
+        fit.read_sweep(tmp_path)
+
+
 def test_results_saved_with_a_byte_order_mark_are_read(tmp_path):
     """A spreadsheet's UTF-8 save starts with a BOM (found by review: refused as "missing
     columns ['method']")."""

@@ -251,6 +251,11 @@ def test_report_only_refuses_unknown_labels_and_impossible_numbers(
         ("sweep.lr", "fast", "'sweep.lr' is 'fast', but the study records a finite number there"),
         ("sweep.methods", "layerwise", "'sweep.methods' is 'layerwise', but the study records a list of names there"),
         ("seed", -1, "'seed' is -1, but the study records a whole number >= 0 there"),
+        # found by a hunt: a traceback naming neither file nor fix, or the value reported
+        ("sweep.dampings", ["a", "b"], "'sweep.dampings' is ['a', 'b'], but the study records a list of finite numbers there"),
+        ("sweep.sizes", [40, "80"], "'sweep.sizes' is [40, '80'], but the study records a list of whole numbers >= 0"),
+        ("sweep.model", "xyz", "'sweep' holds options the command refuses (unknown model(s) ['xyz']"),
+        ("sweep.lr", -5, "'sweep' holds options the command refuses (--lr must be positive"),
         ("command", None, "lacks the record of the run (sweep, command, environment)"),
         ("pool", None, "lacks 'pool'"),
     ],

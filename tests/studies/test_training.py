@@ -240,6 +240,31 @@ def test_report_only_refuses_a_record_of_the_wrong_kind(
     )
 
 
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("study.models", ["mlp", "xyz"], "'study' holds options the command refuses (unknown model(s) ['xyz']"),
+        ("study.lrs.sgd", None, "'study' holds options the command refuses (no learning rates for method(s) ['sgd']"),
+        ("study.target_accuracy", 7, "'study' holds options the command refuses (--target-accuracy must lie in (0, 1], got 7): rerun 'riemann-bench train' with this --out"),
+        ("study.dtype", "float16", "'study' holds options the command refuses (unknown dtype(s) ['float16']"),
+        ("study.lrs.sgd", ["abc"], "but the study records an object of lists of finite numbers there"),
+        ("split.train", "x", "but the study records an object of whole numbers >= 0 there"),
+        ("seeds", [0, 0], "'seeds' holds options the command refuses (seeds: 0 given more than once"),
+    ],
+)  # fmt: skip
+def test_report_only_refuses_options_the_command_refuses(
+    study, tmp_path, capsys, key, value, message
+):
+    """Found by a hunt: an unknown model or method, or a learning rate missing, stopped the
+    report with a KeyError (exit 3); a target accuracy of 7 or a learning rate "abc" were
+    printed in the report as recorded."""
+    copy_study(study, tmp_path)
+    record = json.loads((study / "training.json").read_text())
+    set_key(record, key, value)
+    (tmp_path / "training.json").write_text(json.dumps(record))
+    refused("train", tmp_path, message, capsys)
+
+
 def test_report_only_takes_the_blanks_a_run_writes(study, tmp_path):
     """A diverged row may lack measurements and sgd has no damping: neither is refused."""
     for file in ("runs.csv", "tuning.csv", "training.json"):
