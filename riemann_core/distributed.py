@@ -290,7 +290,7 @@ class _Group:
                 raise ValueError(
                     "the ranks hold different parameters or buffers (weighted sums of their "
                     "entries, frozen parameters and the buffers of modules in evaluation mode "
-                    "included, and under DistributedDataParallel the .grad it averaged: "
+                    "or that the forward pass left alone included, and under DistributedDataParallel the .grad it averaged: "
                     f"{[f'{s:.12g}' for s in sums[:, 0].tolist()]}): every rank must start "
                     "from the same weights (seed the model's initialisation alike, or "
                     "broadcast rank 0's state, as DistributedDataParallel does when it "
@@ -512,10 +512,31 @@ SHARED_OPTIONS = (
 )  # fmt: skip
 
 
-def model_state(model: nn.Module | None) -> tuple[list[Tensor], tuple[tuple, ...]]:
+def buffer_versions(model: nn.Module | None) -> dict[int, tuple[Tensor, int]]:
+    """Each floating buffer of ``model``'s modules in training mode and its version, by
+    ``id``: taken before the forward pass, they tell :func:`model_state` which of those
+    buffers the pass left alone (held, so that a buffer the pass replaced by a new tensor
+    cannot pass for it at a reused ``id``)."""
+    if model is None:
+        return {}
+    return {
+        id(b): (b, b._version)
+        for m in model.modules()
+        if m.training
+        for b in m._buffers.values()
+        if b is not None and b.is_floating_point()
+    }
+
+
+def model_state(
+    model: nn.Module | None, before: dict[int, tuple[Tensor, int]] | None = None
+) -> tuple[list[Tensor], tuple[tuple, ...]]:
     """What every rank's copy of ``model`` must hold alike beyond the blocks' parameters:
     its frozen parameters and the floating buffers of its modules in evaluation mode
     (running statistics, which a module in training mode updates from its own shard), and
+    of those in training mode the buffers the forward pass left alone (``before``:
+    :func:`buffer_versions` then; a constant scale or mask set apart on one rank was
+    accepted, found by a hunt: 0.58 off the single process), and
     every module's type, settings (``extra_repr``: a dropout's ``p``, a slope, a
     BatchNorm's ``eps``; not where it prints a tensor, a buffer's values: an observer's
     ``min_val``, updated from its own shard, refused every step, found by review) and
@@ -526,12 +547,14 @@ def model_state(model: nn.Module | None) -> tuple[list[Tensor], tuple[tuple, ...
     if model is None:
         return [], ()
     frozen = [p for p in model.parameters() if not p.requires_grad]
+    before = before or {}
     buffers = [
         b
         for m in model.modules()
-        if not m.training
         for b in m._buffers.values()
-        if b is not None and b.is_floating_point()
+        if b is not None
+        and b.is_floating_point()
+        and (not m.training or _left_alone(b, before.get(id(b))))
     ]
     settings = [m.extra_repr() for m in model.modules()]
     modules = tuple(
@@ -539,6 +562,10 @@ def model_state(model: nn.Module | None) -> tuple[list[Tensor], tuple[tuple, ...
         for m, s in zip(model.modules(), settings, strict=True)
     )
     return frozen + buffers, modules
+
+
+def _left_alone(buffer: Tensor, before: tuple[Tensor, int] | None) -> bool:
+    return before is not None and before[0] is buffer and before[1] == buffer._version
 
 
 def _signature(
@@ -735,10 +762,11 @@ def solve(
     observer = getattr(_LOCAL, "observer", None) or Observer()
     net = _Group(group, timeout)
     alone = net.world == 1  # the shard is the global batch: the single-process solve
+    versions = buffer_versions(model)
     with observer.phase("local"):
         failure, problem, shares = _local(build, method, opts, checks, global_gradient, alone)
     with observer.phase("agree"):
-        constants, modules = model_state(model)
+        constants, modules = model_state(model, versions)
         signature = (
             0 if problem is None else _signature(problem, shares, method, opts, absent, modules)
         )

@@ -86,6 +86,17 @@ class Tied(nn.Module):
         return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
 
 
+class Scale(nn.Module):
+    """A constant scale held as a buffer, which no forward pass changes."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(value, dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.scale
+
+
 class WithUnused(nn.Module):
     """A network beside a trainable module its forward never calls."""
 
@@ -356,6 +367,11 @@ def _failures(rank, world) -> dict:
     if last:
         normed[1].running_mean.fill_(2.0)
     out["other statistics"] = direction(normed)
+    # found by a hunt: a module in training mode had no buffer compared (a constant scale
+    # set apart on one rank: 0.58 relative error); those its forward pass leaves alone are
+    scaled = network("mlp")[0]
+    scaled[1] = nn.Sequential(Scale(3.0 if last else 1.0), nn.Tanh())
+    out["other constant buffer"] = direction(scaled)
     moded = network("mlp")[0]
     if last:
         moded[1].eval()
@@ -703,11 +719,11 @@ def test_ranks_whose_frozen_weights_buffers_or_modes_differ_are_refused(run):
     for rank, result in enumerate(results):
         failures = result["failures"]
         if world == 1:
-            for case in ("other frozen weights", "other statistics", "other mode",
+            for case in ("other frozen weights", "other statistics", "other constant buffer", "other mode",
                          "other activation", "other slope", "other eps"):  # fmt: skip
                 assert failures[case] is None
         else:
-            for case in ("other frozen weights", "other statistics"):
+            for case in ("other frozen weights", "other statistics", "other constant buffer"):
                 kind, message = failures[case]
                 assert kind == "ValueError" and "hold different parameters or buffers" in message
             kind, message = failures["other mode"]
