@@ -91,9 +91,7 @@ def probe_key(model: nn.Module, args: tuple, kwargs: dict, kernel: str) -> tuple
     its hooks (but the model's own pre-hooks) and its parameters (by identity, with ``requires_grad``: a parameter
     unfrozen may reach the loss along a path the probe passed while it was frozen); the
     forward pass's arguments other than tensors (numbers, strings, ``None`` by value, other
-    objects by identity; a tensor by its place, and whether it holds one sample: a batch of
-    one cannot show coupling, so its verdict holds for batches of one only); and the
-    ``kernel`` option (the
+    objects by identity; a tensor by its place); and the ``kernel`` option (the
     structured kernels assume what the generic one does not: a ``Linear`` whose
     ``forward`` was replaced is exact only under the generic one). A module swapped in, a
     flag changed, a hook registered, a parameter frozen or unfrozen, or another option
@@ -102,11 +100,7 @@ def probe_key(model: nn.Module, args: tuple, kwargs: dict, kernel: str) -> tuple
     change what a call computes."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
     arguments = tuple(
-        a.shape[:1] == (1,)
-        if isinstance(a, Tensor)
-        else a
-        if isinstance(a, _BY_VALUE)
-        else (type(a), id(a))
+        None if isinstance(a, Tensor) else a if isinstance(a, _BY_VALUE) else (type(a), id(a))
         for a in leaves
     )
     modules = tuple(
@@ -257,10 +251,9 @@ def register(
     scale = _register_parameter_check(
         checks, model, z, rows[-1], calls, targets, pulled, handlers, params, eps
     )
-    # (a batch of one, which shows no coupling, is keyed apart: found by review, every call
-    # at batch one probed again, 1.7x the call)
-    versions = tuple(p._version for p in params)
-    _register_verdict(checks, notes, (key, versions), targets, reached, scale)
+    if z.shape[0] > 1:
+        versions = tuple(p._version for p in params)
+        _register_verdict(checks, notes, (key, versions), targets, reached, scale)
 
 
 def _depends_on(tensor: Tensor, parameters: set[int]) -> bool:
