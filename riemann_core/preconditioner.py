@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 import weakref
@@ -370,16 +371,16 @@ class RiemannianPreconditioner:
                 "hook before creating the preconditioner"
             )
 
-    def _replay_cause(self) -> str:
+    def _replay_cause(self, buffers: str) -> str:
         """What a replay that gives another output should name: the modules whose training
-        flag changed since the recorded pass, buffers it started from as they are now
-        (``""``: none)."""
+        flag changed since the recorded pass, ``buffers`` (what :meth:`BufferStates.changes`
+        said before the replay, which may change them), a compiled model (``""``: none)."""
         changed = [
             n or "(the model)"
             for n, m in self.model.named_modules()
             if self._modes.get(id(m), m.training) != m.training
         ]
-        causes = [self._buffer_states.changes(self.model, self._batch[3])]
+        causes = [buffers]
         if _compiled(self.model):
             causes.append(
                 "the pass ran compiled (torch.compile) and the replay runs eagerly, so random "
@@ -682,7 +683,13 @@ class RiemannianPreconditioner:
                 self._check_replayable()
             args, kwargs, state, buffers, autocast = self._batch
             replay = Replay(
-                state, self._replayed_output(), buffers.copies, autocast, self._replay_cause()
+                state,
+                self._replayed_output(),
+                buffers.copies,
+                autocast,
+                functools.partial(
+                    self._replay_cause, self._buffer_states.changes(self.model, buffers)
+                ),
             )
             try:
                 directions, diagnostics = solve(
