@@ -61,5 +61,7 @@ def test_the_pullback_by_hand_refuses_an_activation_whose_derivative_it_does_not
         LeanStep(
             nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)), None, pullback="by hand"
         )
+    with pytest.raises(ValueError, match=r"the in-place \['ReLU'\] overwrite"):
+        LeanStep(nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)), None)
     with pytest.raises(ValueError, match="pullback must be one of"):
         LeanStep(nn.Sequential(nn.Linear(3, 4)), None, pullback="batch")

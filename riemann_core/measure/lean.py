@@ -78,6 +78,12 @@ class LeanStep:
                 "LeanStep takes an nn.Sequential of nn.Linear layers and parameter-free "
                 f"modules, got {type(model).__name__} with {others or 'no such layers'}"
             )
+        inplace = [type(m).__name__ for m in model if getattr(m, "inplace", False)]
+        if inplace:  # (found by review: autograd's pullbacks then reached the wrong tensors)
+            raise ValueError(
+                f"LeanStep keeps each layer's output for the pullback, which the in-place "
+                f"{inplace} overwrite: build them with inplace=False"
+            )
         if pullback not in PULLBACKS:
             raise ValueError(f"pullback must be one of {PULLBACKS}, got {pullback!r}")
         unknown = [
