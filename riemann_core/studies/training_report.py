@@ -87,6 +87,8 @@ RECORD = {
         "dampings": "a list of finite numbers",
         "epochs": "a finite number",
         "batch_size": "a whole number >= 0",
+        "seeds": "a whole number >= 0",
+        "evaluations": "a whole number >= 0",
         "target_accuracy": "a finite number",
         "dtype": "text",
     },

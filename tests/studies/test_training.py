@@ -224,6 +224,7 @@ def set_key(record, key, value):
         ("steps", True, "'steps' is True, but the study records a whole number >= 0 there"),
         ("split", None, "lacks 'split'"),
         ("study.dtype", None, "lacks 'study.dtype'"),
+        ("study.evaluations", None, "lacks 'study.evaluations'"),  # (found by review: a TypeError's text)
     ],
 )  # fmt: skip
 def test_report_only_refuses_a_record_of_the_wrong_kind(
