@@ -709,8 +709,8 @@ class Replay:
         """Register with ``checks`` (a :class:`~riemann_core._checks.Deferred`) that
         ``outputs`` are the recorded output (NaN and inf are left to the checks of the
         outputs). No host sync; another structure raises at once."""
-        if self.output is None:
-            return
+        if not self.output:  # (none recorded: an output torch's pytree does not open, a
+            return  # dataclass, is refused by the outputs' own check, found by a hunt)
         new = [t.detach() for t in pytree.tree_leaves(outputs) if isinstance(t, Tensor)]
         if [(t.shape, t.dtype) for t in new] != [(t.shape, t.dtype) for t in self.output]:
             _replay_differs(new, self.output, self.cause)

@@ -322,8 +322,10 @@ class PatchHandler(Handler):
         # never reads its containers); any other parameter registered on it is
         other = {n for n, p in own_parameters(module) if p.requires_grad or "." not in n}
         other -= {"weight", "bias"}
-        if other or not isinstance(getattr(module, "weight", None), nn.Parameter):
-            return "parameters other than weight and bias (e.g. weight norm's weight_g, weight_v)"
+        if other:  # (found by a hunt: pruning's weight_orig was called weight norm's)
+            return f"parameters other than weight and bias ({', '.join(sorted(other))})"
+        if not isinstance(getattr(module, "weight", None), nn.Parameter):
+            return "a weight that is not a parameter (a parametrization or pruning computes it)"
         return None
 
     def set_delta(self, delta: Tensor) -> None:

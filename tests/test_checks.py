@@ -3,6 +3,8 @@ the model's parameters and ``.grad`` exactly as they were."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -213,6 +215,32 @@ def test_model_returning_a_tuple():
     pre = rc.RiemannianPreconditioner(model)
     with pytest.raises(ValueError, match=message):
         pre.backward(model(x)[0].sum())
+
+
+def test_pre_step_refuses_a_dataclass_output_clearly():
+    """Found by a hunt: torch's pytree does not open a dataclass, so no output was recorded
+    and pre.step() raised torch's "stack expects a non-empty TensorList"."""
+
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(F_IN, C)
+
+        def forward(self, x):
+            return Out(self.lin(x))
+
+    model = Wrapped().double()
+    x = torch.randn(N, F_IN, dtype=torch.float64)
+    pre = rc.RiemannianPreconditioner(model)
+    F.cross_entropy(model(x).logits, torch.zeros(N).long()).backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="the model must return a tensor of outputs, got Out"):
+        pre.step()
+    assert all(torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
 
 
 @pytest.mark.parametrize(

@@ -1413,6 +1413,20 @@ def test_parametrized_module_is_refused():
         rc.direction(model, x, y, kernel="auto")
 
 
+def test_a_pruned_module_under_the_structured_kernel_is_refused_naming_its_parameter():
+    """Found by a hunt: pruning's weight_orig was called "weight norm's weight_g, weight_v";
+    kernel='auto', which the message suggests, is exact (tested in the hunt against the
+    oracle, and here against the generic kernel's solve of the same metric)."""
+    model, x, y = relu_mlp()
+    torch.nn.utils.prune.random_unstructured(model[0], "weight", amount=0.5)
+    with pytest.raises(ValueError, match=r"other than weight and bias \(weight_orig\); struct"):
+        rc.direction(model, x, y)
+    auto = rc.direction(model, x, y, kernel="auto")
+    generic = rc.direction(model, x, y, kernel="generic")
+    for name, d in generic.items():
+        torch.testing.assert_close(auto[name], d)
+
+
 @pytest.mark.parametrize("hook", ["weight_norm", "spectral_norm"])
 @pytest.mark.parametrize("kernel", ["auto", "generic"])
 def test_a_weight_computed_by_a_pre_hook_is_refused_naming_it(hook, kernel):
