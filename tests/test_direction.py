@@ -7,6 +7,9 @@ whole damped GGN.
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import pytest
 import torch
 from oracle import (
@@ -378,6 +381,21 @@ def test_diagnostics_condition_is_that_of_the_damped_gram():
     lam = torch.linalg.eigvalsh(G).flip(0).clamp_min(0)
     smallest = float(lam[row.rows - 1]) if row.rows <= len(lam) else 0.0
     assert row.condition == pytest.approx(float(lam[0] + 1e-2) / (smallest + 1e-2), rel=1e-8)
+
+
+def test_the_condition_of_a_jittered_float32_solve_is_positive():
+    """Found by a hunt: at damping 1e-10 in float32 the rebuilt metric's smallest eigenvalue
+    read below zero and the jitter did not make up for it: a condition of -4.6e8. A damped
+    metric's eigenvalues are at least the damping, and the estimate is taken in float64."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4))
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the jitter and the accuracy are warned of
+        _, (row,) = rc.direction(model, x, y, method="full", damping=1e-10, return_diagnostics=True)
+    assert row.jitter > 0
+    assert 1 <= row.condition < math.inf
 
 
 def test_euclidean_has_no_diagnostics():

@@ -170,7 +170,7 @@ class Solve:
         elif opts.diagnostics:
             self.residual = self.residual_of(problem, opts.damping)
         if opts.diagnostics:
-            self.matrix_condition = _condition(self.rebuild(), chol.jitter)
+            self.matrix_condition = _condition(self.rebuild(), chol.jitter, opts.damping)
         return self
 
     def rhs(self, problem: Problem) -> list[Tensor]:
@@ -307,14 +307,16 @@ class Solve:
         if opts.refine:
             self.refine(problem, opts.damping, opts.refine, apply)
         if opts.diagnostics:
-            self.matrix_condition = _condition(matrix, chol.jitter)
+            self.matrix_condition = _condition(matrix, chol.jitter, opts.damping)
 
 
-def _condition(matrix: Tensor, jitter: float) -> Tensor:
+def _condition(matrix: Tensor, jitter: float, damping: float) -> Tensor:
     """The 2-norm condition number of ``matrix + jitter I`` (an eigendecomposition of its
-    lower triangle)."""
-    eigs = eigenvalues(matrix)
-    return (eigs[-1] + jitter) / (eigs[0] + jitter)
+    lower triangle, in float64) for a damped ``matrix``, whose eigenvalues are at least
+    ``damping``: rounding that reads its smallest below that (float32 at damping 1e-10:
+    below zero, a negative condition, found by a hunt) is taken at ``damping``."""
+    eigs = eigenvalues(matrix.double())
+    return (eigs[-1] + jitter) / (eigs[0].clamp_min(damping) + jitter)
 
 
 def finish(
