@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import lsq_linear
+from scipy.optimize import LinearConstraint, lsq_linear, minimize
 
 from ..measure.flops import KINDS
 from ..measure.output import RECORDS
@@ -408,7 +408,7 @@ def fit_time_model(rows: pd.DataFrame) -> TimeModel:
         best = rows[f"best_rate_{kind}"].iloc[0] if f"best_rate_{kind}" in rows else math.nan
         if math.isfinite(best) and best > 0:
             lowest[i] = 1 / (RATE_HEADROOM * best)
-    coef = lsq_linear(weighted / scale, np.ones_like(t), bounds=(lowest * scale, np.inf)).x / scale
+    coef = _least_squares(weighted / scale, lowest * scale, _overhead_cap(rows, t), scale)
     # at its bound 0 the solver leaves a coefficient of ~1e-30, a rate of 1e24 FLOP/s: a
     # term below NEGLIGIBLE_SHARE of every point's time is no time (rate inf)
     negligible = ((features * coef) / t[:, None]).max(axis=0) < NEGLIGIBLE_SHARE
@@ -422,6 +422,40 @@ def fit_time_model(rows: pd.DataFrame) -> TimeModel:
         median_error=float(np.median(np.abs(model / t - 1))),
         points=len(t),
     )
+
+
+def _overhead_cap(rows: pd.DataFrame, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(L, fastest)``: each module count of ``rows`` and the fastest time measured there."""
+    L = x_values(rows, "layers")
+    depths = np.unique(L)
+    return depths, np.array([t[L == d].min() for d in depths])
+
+
+def _least_squares(A: np.ndarray, lowest: np.ndarray, cap, scale: np.ndarray) -> np.ndarray:
+    """The coefficients minimising ``||A z - 1||`` for ``z >= lowest``, unscaled (``z /
+    scale``), with the overhead ``z0 + z1 L`` (unscaled) at most the fastest time at each
+    ``L`` of ``cap`` (:func:`_overhead_cap`): the bounded least-squares solution where it
+    holds that already, else the constrained one (SLSQP from it, held to the cap)."""
+    ones = np.ones(A.shape[0])
+    z = lsq_linear(A, ones, bounds=(lowest, np.inf)).x
+    depths, fastest = cap
+    rows = np.zeros((len(depths), A.shape[1]))
+    rows[:, 0], rows[:, 1] = 1 / scale[0], depths / scale[1]
+    if (rows @ z <= fastest).all():
+        return z / scale
+    start = z.copy()
+    start[:2] *= float(np.min(fastest / (rows @ z)))  # the overhead cut to the cap
+    solution = minimize(
+        lambda v: float(np.sum((A @ v - ones) ** 2)),
+        np.maximum(start, lowest),
+        jac=lambda v: 2 * A.T @ (A @ v - ones),
+        bounds=[(low, None) for low in lowest],
+        constraints=[LinearConstraint(rows, -np.inf, fastest)],
+        method="SLSQP",
+        options={"maxiter": 500, "ftol": 1e-12},
+    )
+    v = solution.x if solution.success else start
+    return np.maximum(v, lowest) / scale
 
 
 def took_slow_path(rows: pd.DataFrame) -> pd.Series:

@@ -60,7 +60,7 @@ def test_every_claim_passes_on_a_machine_with_overhead_and_climbing_rates():
     }
     assert va.exit_code(claims) == 0
     assert (
-        "width: 0 compute-bound points, overhead 46% at the top"
+        "width: 0 compute-bound points, overhead 45% at the top"
         in by_id(claims, "time-explained-euclidean").detail
     )
     n = by_id(claims, "layerwise-generic-n")
