@@ -238,6 +238,7 @@ def _say_if_unfinished(meta: dict, out) -> None:
 
 
 def run_validate(args) -> int:
+    from ..measure.environment import git_commit
     from ..measure.output import progress_bar
     from . import devices, fit, validate
 
@@ -255,6 +256,7 @@ def run_validate(args) -> int:
         "seed": args.seed,
         "sweep": meta.get("sweep"),
         "sweep_commands": meta.get("commands") or [meta.get("command")],
+        "commit": git_commit(),  # of the code that judged (found by review: only the sweep's)
     }
     validate.write_claims(claims, out / "claims.json", device_names=names, provenance=provenance)
     for name, c in pairs:

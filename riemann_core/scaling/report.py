@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..measure.environment import git_commit
 from ..measure.output import markdown_table, pyplot, save_figure, staged, write_atomic
 from . import devices, fit, validate
 from .sweep import AXES, GENERIC_METHODS, METHODS, SPREAD_LIMIT, unfinished_note
@@ -278,7 +279,8 @@ def _write_reports(
         f"# Scaling report: {len(parts)} devices",
         "",
         f"Produced by {produced_by(meta)} (sweep), then "
-        f"`riemann-bench fit`, `validate` and `report` on `{out}`; regenerate the reports "
+        f"`riemann-bench fit`, `validate` and `report` on `{out}` (the claims judged by the "
+        f"code at commit {git_commit()}); regenerate the reports "
         f"from `results.csv` with `{regenerate_command(out, seed)}`.",
         "",
         *unfinished_lines(meta, out),
@@ -341,7 +343,8 @@ def device_report(
         f"# Scaling report: {env.get('device_name', 'unknown device')}",
         "",
         f"Produced by {produced_by(meta)} (sweep), then "
-        f"`riemann-bench fit`, `validate` and `report` on `{out}`. Regenerate the figures and "
+        f"`riemann-bench fit`, `validate` and `report` on `{out}` (the claims judged by the "
+        f"code at commit {git_commit()}). Regenerate the figures and "
         f"this file from `results.csv` with `{regenerate}`.",
         "",
         *unfinished_lines(meta, out),

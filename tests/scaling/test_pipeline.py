@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from riemann_core import cli
+from riemann_core.measure.environment import git_commit
 from riemann_core.measure.flops import KINDS
 from riemann_core.methods import layerwise
 from riemann_core.scaling import sweep as sw
@@ -66,6 +67,8 @@ def test_run_writes_results_fits_claims_figures_and_report(tmp_path, capsys):
     assert document["command"] == f"riemann-bench run --quick --out {tmp_path} " + " ".join(TINY)
     assert document["seed"] == 0 and document["sweep"] == record["sweep"]
     assert document["sweep_commands"] == [record["command"]]
+    # and the code that judged them, which may be later than the sweep's (found by review)
+    assert document["commit"] == git_commit() != "" and f"commit {git_commit()})" in report
     claims = document["claims"]
     assert {c["id"] for c in claims} >= {"flops-match-model", "crossover-width"}
     flops = next(c for c in claims if c["id"] == "flops-match-model")
