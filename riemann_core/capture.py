@@ -700,9 +700,9 @@ class Replay:
     output: list[Tensor] | None = None
     buffers: dict[str, Tensor] | None = None
     autocast: dict[str, torch.dtype] = field(default_factory=dict)
-    # a likely cause of another output, known to the caller ("" for none), asked only on a
-    # refusal (found by review: naming it at every step walked every module, 1.3 ms for
-    # 2.8k modules)
+    # names a likely cause of another output, known to the caller ("": none), called only on
+    # a refusal (found by review: naming it before every replay walked every module, 1.3 ms
+    # for 2.8k modules)
     cause: Callable[[], str] | None = None
 
     def check(self, outputs, checks) -> None:

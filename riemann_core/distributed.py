@@ -190,10 +190,10 @@ class _Group:
     def _stalled(self, what: str, cause) -> DistributedError:
         return DistributedError(
             f"rank {self.rank} of {self.world} waited for the {what}, which did not complete "
-            f"within {self.timeout:g} s or failed ({cause}). Another rank stopped outside the preconditioner "
-            "(an exception in its own code, a crash) or calls it a different number of "
-            "times; .grad is left as it was. The process group cannot be trusted after "
-            "this: restart the job"
+            f"within {self.timeout:g} s or failed ({cause}). Another rank stopped outside the "
+            "preconditioner (an exception in its own code, a crash) or calls it a different "
+            "number of times; .grad is left as it was. The process group cannot be trusted "
+            "after this: restart the job"
         )
 
     def all_reduce(self, tensor: Tensor, what: str) -> Tensor:
@@ -290,7 +290,8 @@ class _Group:
                 raise ValueError(
                     "the ranks hold different parameters or buffers (weighted sums of their "
                     "entries, frozen parameters and the buffers of modules in evaluation mode "
-                    "or that the forward pass left alone included, and under DistributedDataParallel the .grad it averaged: "
+                    "or that the forward pass left alone included, and under "
+                    "DistributedDataParallel the .grad it averaged: "
                     f"{[f'{s:.12g}' for s in sums[:, 0].tolist()]}): every rank must start "
                     "from the same weights (seed the model's initialisation alike, or "
                     "broadcast rank 0's state, as DistributedDataParallel does when it "
