@@ -863,6 +863,17 @@ def _crossover(df: pd.DataFrame, base: Mapping[str, int], n_boot: int, seed: int
             else "a point with one repeat time gives it no interval"
         )
         detail = f"Crossover {where}, from the {subject}; resampling the repeat times, {resampled}."
+        # (found by review: the CPU run's crossover, 12, was where the per-call overheads
+        # cross, the counted work favouring layerwise from the smallest width already)
+        work = [
+            _counted(df, base, "layerwise", "structured", w) < _counted(df, base, "full", kernel, w)
+            for w in both
+        ]
+        if work[-1] and both[_crossover_index(work)] < crossover:
+            detail += (
+                f" The counted FLOPs favour layerwise from width {both[_crossover_index(work)]} "
+                "on: below the crossover the per-call overheads, not the work, decide."
+            )
         # layerwise faster at the widest width beyond noise (found by review: compared on
         # bare medians, the crossover passed wherever noise put it)
         _, ratio_low, ratio_high = fit.median_ratio(

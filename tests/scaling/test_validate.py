@@ -342,6 +342,16 @@ def test_crossover_is_where_layerwise_starts_winning_for_good():
     claim = by_id(va.validate(df, meta, n_boot=100), "crossover-width")
     assert (claim.verdict, claim.measured, claim.low, claim.high) == ("pass", 128, 128, 128)
     assert "Crossover between widths 64 and 128" in claim.detail
+    # time the FLOPs do not see put it there: the counted work favours layerwise earlier
+    # (found by review: the CPU run's crossover was where the overheads cross)
+    assert "The counted FLOPs favour layerwise from width 8 on: below the crossover" in claim.detail
+
+
+def test_a_crossover_where_the_work_crosses_names_no_overhead():
+    machine = Machine(t0=0.0, t_module=0.0, saturation=0.0)
+    df, meta = make_sweep(machine, runs=(("layerwise", "structured"), ("full", "structured")))
+    claim = by_id(va.validate(df, meta, n_boot=100), "crossover-width")
+    assert claim.verdict == "pass" and "per-call overheads" not in claim.detail
 
 
 def test_the_crossover_comes_with_the_widths_noise_could_put_it_at():
