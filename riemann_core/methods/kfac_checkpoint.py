@@ -150,8 +150,8 @@ def _cached(name, entry, network: nn.Module, opts: Options) -> Cached:
     """The cached module ``name``: its blocks from the model, factorised again from its
     saved factors."""
     where = f"the K-FAC state of module {name!r}"
-    keys = {"param_names", "rows", "gamma", "A"}  # and data_dtype, since it was saved
-    entry = _mapping(entry, where, keys | ({"data_dtype"} & set(_mapping(entry, where))))
+    keys = {"param_names", "rows", "gamma", "A"}
+    entry = _mapping(entry, where, keys, optional={"data_dtype"})  # saved by later versions
     module = _module(network, name, where)
     own = {
         local: f"{name}.{local}" if name else local
@@ -319,15 +319,19 @@ def describe(value) -> str:
     return type(value).__name__
 
 
-def _mapping(value, what: str, keys: set[str] | None = None) -> Mapping:
+def _mapping(
+    value, what: str, keys: set[str] | None = None, optional: set[str] = frozenset()
+) -> Mapping:
+    """``value``, a mapping with text keys: every one of ``keys`` and nothing else but
+    ``optional`` ones (``keys`` ``None``: any)."""
     if not isinstance(value, Mapping):
         raise ValueError(
             f"{what} must be a mapping (from state_dict()), got {type(value).__name__}"
         )
     if not all(isinstance(k, str) for k in value):  # (found by review: an AttributeError)
         raise ValueError(f"{what} must have text keys (from state_dict()): the file is corrupted")
-    if keys is not None and set(value) != keys:
-        missing, extra = sorted(keys - set(value)), sorted(map(str, set(value) - keys))
+    if keys is not None and not keys <= set(value) <= keys | optional:
+        missing, extra = sorted(keys - set(value)), sorted(map(str, set(value) - keys - optional))
         raise ValueError(
             f"{what} does not have the keys of a saved state: missing {missing}, unknown {extra}"
         )
