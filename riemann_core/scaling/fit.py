@@ -16,9 +16,13 @@ around a base point (``sweep.json``'s ``base``); the base point belongs to every
   rate of each kind of operation, at most :data:`RATE_HEADROOM` times the device's best
   rate of that kind measured in the sweep (``best_rate_<kind>`` columns, where the rows
   have them: the median of the rate measurements' samples at the rate size, where the
-  device runs that kind best; a single sample may exceed it). Unbounded, kinds whose FLOPs grow alike along the axes trade time freely:
-  a Cholesky fitted at ten times the device's best rate hands its time to the triangular
-  solves, and the slope of time against work then judges that mixture, not the device.
+  device runs that kind best; a single sample may exceed it), and at least
+  :data:`RATE_FLOOR` times that best rate (the products' best for a kind the sweep has no
+  rate of: eigh, QR, LU). Unbounded, kinds whose FLOPs grow alike along the axes trade time
+  freely: a Cholesky fitted at ten times the device's best rate hands its time to the
+  triangular solves, and the slope of time against work then judges that mixture, not the
+  device; and a kind with few FLOPs, fitted at a rate hundreds of times below any the
+  device runs it at, is a second per-call overhead the overhead's bounds do not see.
   A point is *compute-bound* where the overhead ``t0 + t_module L`` is at most a stated
   fraction of its time.
 - **Time against work** (:func:`time_exponent`, :func:`axis_regime`): along an axis, the
@@ -70,6 +74,15 @@ SETTINGS = ("device", "device_name", "dtype", "output_metric")
 #: an achieved rate may exceed the device's best measured one by this factor: its
 #: measurements during a sweep move by up to 20% before a report calls its speed unsteady
 RATE_HEADROOM = 1.25
+
+#: an achieved rate is at least this fraction of the device's best measured one (of the
+#: products' best for a kind without one). Measured on a 2-core CPU (float32, 2 threads):
+#: triangular solves of order 288-2304 with 1-2 right-hand sides, the layerwise solve's
+#: shapes, run at 10-47 GFLOP/s against a best of 145, call overhead included; only a
+#: solve of order 64, a few microseconds of call overhead, falls below 1/100 of the best.
+#: Without it the CPU sweep's layerwise model put its triangular solves at 0.39 GFLOP/s:
+#: 1.3 ms of constant time at every width, which bent its time exponent along the width.
+RATE_FLOOR = 0.01
 
 #: a time model's term that is below this share of every point's time is set to 0
 NEGLIGIBLE_SHARE = 1e-9
@@ -383,10 +396,11 @@ def fit_time_model(rows: pd.DataFrame) -> TimeModel:
     """:class:`TimeModel` of ``rows`` (one method, kernel and device, ok points).
 
     Minimises ``sum_i ((t_model_i - t_i) / t_i)^2`` with every coefficient >= 0, so a 1 ms
-    point weighs as much as a 1 s one, and ``1 / R_kind >= 1 / (RATE_HEADROOM best)`` for
-    each kind whose device's best rate ``rows`` carry (``best_rate_<kind>``: see
-    :func:`~riemann_core.scaling.devices.named`); kinds with no FLOPs at any point are
-    left out. Needs more points than coefficients.
+    point weighs as much as a 1 s one, and ``RATE_FLOOR best <= R_kind <= RATE_HEADROOM
+    best`` for each kind whose device's best rate ``rows`` carry (``best_rate_<kind>``: see
+    :func:`~riemann_core.scaling.devices.named`), ``R_kind >= RATE_FLOOR best_products``
+    for a kind without one; kinds with no FLOPs at any point are left out. Needs more
+    points than coefficients.
     """
     require_columns(rows, ("time_median_s", "depth", *FLOP_COLUMNS))
     t = rows["time_median_s"].to_numpy(float)
@@ -403,12 +417,19 @@ def fit_time_model(rows: pd.DataFrame) -> TimeModel:
     weighted = features / t[:, None]
     scale = np.abs(weighted).max(axis=0)
     scale[scale == 0] = 1.0
-    lowest = np.zeros(features.shape[1])  # seconds per unit of each feature
+    # seconds per unit of each feature
+    lowest, highest = np.zeros(features.shape[1]), np.full(features.shape[1], np.inf)
+    products = _best_rate(rows, "products")
     for i, kind in enumerate(kinds, start=2):
-        best = rows[f"best_rate_{kind}"].iloc[0] if f"best_rate_{kind}" in rows else math.nan
-        if math.isfinite(best) and best > 0:
+        best = _best_rate(rows, kind)
+        if best > 0:
             lowest[i] = 1 / (RATE_HEADROOM * best)
-    coef = _least_squares(weighted / scale, lowest * scale, _overhead_cap(rows, t), scale)
+        floor = best if best > 0 else products
+        if floor > 0:
+            highest[i] = 1 / (RATE_FLOOR * floor)
+    coef = _least_squares(
+        weighted / scale, (lowest * scale, highest * scale), _overhead_cap(rows, t), scale
+    )
     # at its bound 0 the solver leaves a coefficient of ~1e-30, a rate of 1e24 FLOP/s: a
     # term below NEGLIGIBLE_SHARE of every point's time is no time (rate inf)
     negligible = ((features * coef) / t[:, None]).max(axis=0) < NEGLIGIBLE_SHARE
@@ -424,6 +445,12 @@ def fit_time_model(rows: pd.DataFrame) -> TimeModel:
     )
 
 
+def _best_rate(rows: pd.DataFrame, kind: str) -> float:
+    """The device's best rate of ``kind`` that ``rows`` carry; 0 where they carry none."""
+    best = rows[f"best_rate_{kind}"].iloc[0] if f"best_rate_{kind}" in rows else math.nan
+    return float(best) if math.isfinite(best) and best > 0 else 0.0
+
+
 def _overhead_cap(rows: pd.DataFrame, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(L, fastest)``: each module count of ``rows`` and the fastest time measured there."""
     L = x_values(rows, "layers")
@@ -431,13 +458,14 @@ def _overhead_cap(rows: pd.DataFrame, t: np.ndarray) -> tuple[np.ndarray, np.nda
     return depths, np.array([t[L == d].min() for d in depths])
 
 
-def _least_squares(A: np.ndarray, lowest: np.ndarray, cap, scale: np.ndarray) -> np.ndarray:
-    """The coefficients minimising ``||A z - 1||`` for ``z >= lowest``, unscaled (``z /
-    scale``), with the overhead ``z0 + z1 L`` (unscaled) at most the fastest time at each
+def _least_squares(A: np.ndarray, bounds, cap, scale: np.ndarray) -> np.ndarray:
+    """The coefficients minimising ``||A z - 1||`` for ``lowest <= z <= highest``
+    (``bounds``), unscaled (``z / scale``), with the overhead ``z0 + z1 L`` (unscaled) at most the fastest time at each
     ``L`` of ``cap`` (:func:`_overhead_cap`): the bounded least-squares solution where it
     holds that already, else the constrained one (SLSQP from it, held to the cap)."""
     ones = np.ones(A.shape[0])
-    z = lsq_linear(A, ones, bounds=(lowest, np.inf)).x
+    lowest, highest = bounds
+    z = lsq_linear(A, ones, bounds=(lowest, highest)).x
     depths, fastest = cap
     rows = np.zeros((len(depths), A.shape[1]))
     rows[:, 0], rows[:, 1] = 1 / scale[0], depths / scale[1]
@@ -447,15 +475,15 @@ def _least_squares(A: np.ndarray, lowest: np.ndarray, cap, scale: np.ndarray) ->
     start[:2] *= float(np.min(fastest / (rows @ z)))  # the overhead cut to the cap
     solution = minimize(
         lambda v: float(np.sum((A @ v - ones) ** 2)),
-        np.maximum(start, lowest),
+        np.clip(start, lowest, highest),
         jac=lambda v: 2 * A.T @ (A @ v - ones),
-        bounds=[(low, None) for low in lowest],
+        bounds=[(low, high if np.isfinite(high) else None) for low, high in zip(lowest, highest)],
         constraints=[LinearConstraint(rows, -np.inf, fastest)],
         method="SLSQP",
         options={"maxiter": 500, "ftol": 1e-12},
     )
     v = solution.x if solution.success else start
-    return np.maximum(v, lowest) / scale
+    return np.clip(v, lowest, highest) / scale
 
 
 def took_slow_path(rows: pd.DataFrame) -> pd.Series:

@@ -110,6 +110,27 @@ def test_the_time_model_s_rates_stay_within_the_device_s_best_ones():
     assert fit.fit_time_model(unknown).rates == pytest.approx(fit.fit_time_model(df).rates)
 
 
+def test_a_kind_with_few_flops_cannot_absorb_time_at_a_rate_far_below_the_device_s():
+    """Time the FLOPs do not see, growing with the batch (a loop over samples), beside a
+    few triangular FLOPs that grow alike: unbounded, the fit takes those FLOPs at a rate
+    the device never runs them at, a second overhead; held to RATE_FLOOR of the device's
+    best rate (the products' best for a kind without one), it cannot."""
+    machine = Machine(
+        t0=1e-3,
+        t_module=1e-4,
+        rates={"products": 4e10, "cholesky": 8e9},
+        extra=lambda method, kernel, shape: 1e-4 * shape.batch,
+    )
+    df, _ = make_sweep(machine, runs=(("natural", "structured"),), noise=0)
+    df = df.assign(flops_triangular=1e3 * df["batch"], flops_qr=1e3 * df["batch"])
+    unbounded = fit.fit_time_model(df).rates
+    assert unbounded["triangular"] < 1e8 and unbounded["qr"] < 1e8  # about 1e3 / 1e-4 = 1e7
+    bounded = df.assign(best_rate_products=1e11, best_rate_cholesky=1e10, best_rate_triangular=2e10)
+    rates = fit.fit_time_model(bounded).rates
+    assert rates["triangular"] >= fit.RATE_FLOOR * 2e10 * (1 - 1e-9)
+    assert rates["qr"] >= fit.RATE_FLOOR * 1e11 * (1 - 1e-9)  # no best of its own: the products'
+
+
 def test_a_kind_the_times_do_not_see_takes_no_time_not_an_absurd_rate():
     """FLOPs of a kind that cost nothing, and no overhead: the solver's leftovers at the
     bound 0 (~1e-30 s per FLOP) are no time: rate inf, t0 0, not 1e24 GFLOP/s."""
