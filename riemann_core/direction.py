@@ -18,7 +18,7 @@ from ._checks import (
 )
 from ._precision import full_precision
 from .capture import Replay
-from .factors import FactorFn
+from .factors import FactorFn, reentrant_checkpoint_refused
 from .methods import METHODS, SOLVERS, LayerDiagnostics, Options, build_problem, finish
 
 
@@ -167,17 +167,18 @@ def direction(
         args, kwargs = forward_arguments(inputs, forward_kwargs)
         check_inputs(args, kwargs, targets, checks)
         check_generator(opts.generator, opts.output_metric, params[0][1].device)
-    directions, diagnostics = solve(
-        model,
-        args,
-        targets,
-        method,
-        opts,
-        forward_kwargs=kwargs,
-        checks=checks,
-        process_group=process_group,
-        timeout=timeout,
-    )
+    with reentrant_checkpoint_refused():
+        directions, diagnostics = solve(
+            model,
+            args,
+            targets,
+            method,
+            opts,
+            forward_kwargs=kwargs,
+            checks=checks,
+            process_group=process_group,
+            timeout=timeout,
+        )
     # a parameter the forward pass did not reach has a zero gradient, hence direction
     result = {
         name: directions[name].detach().to(p.dtype) if name in directions else torch.zeros_like(p)

@@ -215,6 +215,25 @@ def batched_backward() -> Iterator[None]:
         ) from err
 
 
+@contextmanager
+def reentrant_checkpoint_refused() -> Iterator[None]:
+    """torch's error for a backward pass through ``torch.utils.checkpoint`` with
+    ``use_reentrant=True`` inside the model raised as one that names it and the fix (found
+    by a hunt: torch's message speaks of ``.grad()``, which the user never called)."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "use_reentrant=True" not in str(err):
+            raise
+        raise ValueError(
+            "the model's forward pass runs torch.utils.checkpoint with use_reentrant=True, "
+            "whose backward torch runs only inside loss.backward(), not for "
+            "torch.autograd.grad, with which riemann_core pulls the metric's factor rows "
+            "back: pass use_reentrant=False to checkpoint (the variant torch recommends; "
+            "it recomputes the same activations)"
+        ) from err
+
+
 def pullback(
     roots: Sequence[Tensor],
     seeds: Sequence[Tensor],

@@ -607,6 +607,14 @@ class GenericHandler(Handler):
                     "cannot form one sample at a time with torch.func. Construct it with "
                     "sparse=False (the preconditioned direction is dense anyway)"
                 ) from err
+            if isinstance(self.block.module, nn.EmbeddingBag) and "offsets" in str(err):
+                raise ValueError(
+                    f"module {self.block.name!r} (EmbeddingBag) cannot be evaluated one "
+                    "sample at a time by kernel='generic' (torch.func): with a 1-D input and "
+                    "offsets, its first dimension holds every sample's ids, not one row per "
+                    "sample. Pass the bags as a 2-D (N, length) tensor of ids, padding "
+                    f"shorter bags with padding_idx (torch: {str(err).splitlines()[0]})"
+                ) from err
             raise ValueError(
                 f"kernel='generic' cannot evaluate module {self.block.name!r} "
                 f"({type(self.block.module).__name__}) one sample at a time with "

@@ -53,7 +53,7 @@ from .capture import (
     rng_state,
 )
 from .direction import run_solver, solve
-from .factors import FactorFn
+from .factors import FactorFn, reentrant_checkpoint_refused
 from .methods import (
     METHODS,
     SOLVERS,
@@ -716,7 +716,8 @@ class RiemannianPreconditioner:
     def _transaction(self, compute):
         """``compute()``, forgetting what K-FAC's state computed if it fails."""
         try:
-            return compute()
+            with reentrant_checkpoint_refused():
+                return compute()
         except BaseException:
             if self._kfac is not None:
                 self._kfac.discard()
@@ -1055,8 +1056,9 @@ def _gradients_of(loss: Tensor, leaves: list[Tensor]) -> tuple[Tensor, ...]:
         raise ValueError(
             f"the loss reaches {len(leaves)} tensors outside the preconditioned model "
             "through torch.utils.checkpoint with use_reentrant=True, which only "
-            "loss.backward() can differentiate: pass use_reentrant=False, or call "
-            "loss.backward() and then pre.step()"
+            "loss.backward() can differentiate: pass use_reentrant=False (where the "
+            "checkpoint is outside the preconditioned model, loss.backward() and then "
+            "pre.step() also work)"
         ) from err
 
 

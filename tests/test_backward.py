@@ -1240,6 +1240,40 @@ def test_a_reentrant_checkpoint_before_leaves_outside_the_model_is_refused_clear
     assert first.weight.grad is None and second.weight.grad is None
 
 
+@pytest.mark.parametrize("method", ["layerwise", "natural", "kfac"])
+def test_a_reentrant_checkpoint_inside_the_model_is_refused_clearly_on_every_path(method):
+    """Found by a hunt: torch's "incompatible with .grad()" escaped from pre.step() and
+    rc.direction, and pre.backward's refusal sent the user to pre.step()."""
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(5, 5).double(), nn.Linear(5, 3).double()
+
+        def forward(self, x):
+            hidden = lambda h: torch.tanh(self.a(h))  # noqa: E731
+            return self.b(torch.utils.checkpoint.checkpoint(hidden, x, use_reentrant=True))
+
+    torch.manual_seed(0)
+    model, x, y = Checkpointed(), torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    refusal = "use_reentrant=True.*use_reentrant=False"
+    with pytest.warns(UserWarning, match="requires_grad"), pytest.raises(ValueError, match=refusal):
+        pre.backward(F.cross_entropy(model(x), y))
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.warns(UserWarning, match="requires_grad"):
+        F.cross_entropy(model(x), y).backward()  # leaves self.a's .grad None: torch's pitfall
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=refusal):
+        pre.step()
+    for p, g in zip(model.parameters(), grads, strict=True):
+        assert torch.equal(p.grad, g)
+    with pytest.raises(ValueError, match=refusal):
+        rc.direction(model, x, y, method=method, damping=DAMPING)
+
+
 def test_a_float16_pass_whose_pullbacks_underflow_is_not_taken_for_a_hook():
     """Found by review: a 12-layer GELU MLP of width 512 under float16 autocast pulled the
     probe back to float16's subnormals, where rounding alone broke the linearity check by

@@ -1526,6 +1526,31 @@ def test_embedding_with_max_norm_is_refused_before_its_forward_changes_it(bag):
         rc.RiemannianPreconditioner(model, kernel="auto")
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_embedding_bag_with_offsets_is_refused_naming_the_2d_input():
+    """Found by a hunt: the 1-D ids with offsets (as many offsets as samples) were split
+    into samples, and torch's "offsets[0] has to be 0" was the whole explanation."""
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag, self.head = nn.EmbeddingBag(9, 5, mode="mean"), nn.Linear(5, 4)
+
+        def forward(self, ids, offsets):
+            return self.head(torch.tanh(self.bag(ids, offsets)))
+
+    torch.manual_seed(39)
+    model = Bag().double()
+    ids, offsets = torch.randint(0, 9, (14,)), torch.tensor([0, 2, 5, 5, 9, 11])
+    pre = rc.RiemannianPreconditioner(model, kernel="auto")
+    F.cross_entropy(model(ids, offsets), torch.randint(0, 4, (6,))).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"'bag' \(EmbeddingBag\).*2-D \(N, length\) tensor"):
+        pre.step()
+    for p, g in zip(model.parameters(), grads, strict=True):
+        assert torch.equal(p.grad, g)
+
+
 def test_torchscript_is_refused():
     model, x, y = relu_mlp()
     with pytest.raises(TypeError, match="TorchScript.*pass the original nn.Module"):
