@@ -16,7 +16,7 @@ around a base point (``sweep.json``'s ``base``); the base point belongs to every
   rate of each kind of operation, at most :data:`RATE_HEADROOM` times the device's best
   rate of that kind measured in the sweep (``best_rate_<kind>`` columns, where the rows
   have them: the median of the rate measurements' samples at the rate size, where the
-  device runs that kind best; a single sample may exceed it), and at least
+  device runs that kind best; a single sample may exceed it), and on a CPU at least
   :data:`RATE_FLOOR` times that best rate (the products' best for a kind the sweep has no
   rate of: eigh, QR, LU). Unbounded, kinds whose FLOPs grow alike along the axes trade time
   freely: a Cholesky fitted at ten times the device's best rate hands its time to the
@@ -75,13 +75,15 @@ SETTINGS = ("device", "device_name", "dtype", "output_metric")
 #: measurements during a sweep move by up to 20% before a report calls its speed unsteady
 RATE_HEADROOM = 1.25
 
-#: an achieved rate is at least this fraction of the device's best measured one (of the
-#: products' best for a kind without one). Measured on a 2-core CPU (float32, 2 threads):
-#: triangular solves of order 288-2304 with 1-2 right-hand sides, the layerwise solve's
-#: shapes, run at 10-47 GFLOP/s against a best of 145, call overhead included; only a
-#: solve of order 64, a few microseconds of call overhead, falls below 1/100 of the best.
-#: Without it the CPU sweep's layerwise model put its triangular solves at 0.39 GFLOP/s:
-#: 1.3 ms of constant time at every width, which bent its time exponent along the width.
+#: on a CPU, an achieved rate is at least this fraction of the device's best measured one
+#: (of the products' best for a kind without one). Measured on a 2-core CPU (float32, 2
+#: threads): triangular solves of order 288-2304 with 1-2 right-hand sides, the layerwise
+#: solve's shapes, run at 10-47 GFLOP/s against a best of 145, call overhead included;
+#: only a solve of order 64, a few microseconds of call overhead, falls below 1/100 of the
+#: best. Without it the CPU sweep's layerwise model put its triangular solves at 0.39
+#: GFLOP/s: 1.3 ms of constant time at every width, which bent its time exponent along the
+#: width. Not on a GPU: there a solve with few right-hand sides runs column by column,
+#: bound by latency, at a fraction of the best rate no measurement here has fixed.
 RATE_FLOOR = 0.01
 
 #: a time model's term that is below this share of every point's time is set to 0
@@ -396,11 +398,11 @@ def fit_time_model(rows: pd.DataFrame) -> TimeModel:
     """:class:`TimeModel` of ``rows`` (one method, kernel and device, ok points).
 
     Minimises ``sum_i ((t_model_i - t_i) / t_i)^2`` with every coefficient >= 0, so a 1 ms
-    point weighs as much as a 1 s one, and ``RATE_FLOOR best <= R_kind <= RATE_HEADROOM
-    best`` for each kind whose device's best rate ``rows`` carry (``best_rate_<kind>``: see
-    :func:`~riemann_core.scaling.devices.named`), ``R_kind >= RATE_FLOOR best_products``
-    for a kind without one; kinds with no FLOPs at any point are left out. Needs more
-    points than coefficients.
+    point weighs as much as a 1 s one, and ``R_kind <= RATE_HEADROOM best`` for each kind
+    whose device's best rate ``rows`` carry (``best_rate_<kind>``: see
+    :func:`~riemann_core.scaling.devices.named`); on a CPU also ``R_kind >= RATE_FLOOR
+    best`` (``best_products`` for a kind without one). Kinds with no FLOPs at any point are
+    left out. Needs more points than coefficients.
     """
     require_columns(rows, ("time_median_s", "depth", *FLOP_COLUMNS))
     t = rows["time_median_s"].to_numpy(float)
@@ -420,12 +422,13 @@ def fit_time_model(rows: pd.DataFrame) -> TimeModel:
     # seconds per unit of each feature
     lowest, highest = np.zeros(features.shape[1]), np.full(features.shape[1], np.inf)
     products = _best_rate(rows, "products")
+    cpu = "device" in rows and (rows["device"] == "cpu").all()
     for i, kind in enumerate(kinds, start=2):
         best = _best_rate(rows, kind)
         if best > 0:
             lowest[i] = 1 / (RATE_HEADROOM * best)
         floor = best if best > 0 else products
-        if floor > 0:
+        if cpu and floor > 0:
             highest[i] = 1 / (RATE_FLOOR * floor)
     coef = _least_squares(
         weighted / scale, (lowest * scale, highest * scale), _overhead_cap(rows, t), scale

@@ -113,8 +113,8 @@ def test_the_time_model_s_rates_stay_within_the_device_s_best_ones():
 def test_a_kind_with_few_flops_cannot_absorb_time_at_a_rate_far_below_the_device_s():
     """Time the FLOPs do not see, growing with the batch (a loop over samples), beside a
     few triangular FLOPs that grow alike: unbounded, the fit takes those FLOPs at a rate
-    the device never runs them at, a second overhead; held to RATE_FLOOR of the device's
-    best rate (the products' best for a kind without one), it cannot."""
+    the device never runs them at, a second overhead; on a CPU, held to RATE_FLOOR of the
+    device's best rate (the products' best for a kind without one), it cannot."""
     machine = Machine(
         t0=1e-3,
         t_module=1e-4,
@@ -129,6 +129,8 @@ def test_a_kind_with_few_flops_cannot_absorb_time_at_a_rate_far_below_the_device
     rates = fit.fit_time_model(bounded).rates
     assert rates["triangular"] >= fit.RATE_FLOOR * 2e10 * (1 - 1e-9)
     assert rates["qr"] >= fit.RATE_FLOOR * 1e11 * (1 - 1e-9)  # no best of its own: the products'
+    gpu = fit.fit_time_model(bounded.assign(device="cuda")).rates  # not measured there: no floor
+    assert gpu["triangular"] == pytest.approx(unbounded["triangular"], rel=1e-3)
 
 
 def test_a_kind_the_times_do_not_see_takes_no_time_not_an_absurd_rate():
