@@ -74,9 +74,12 @@ def run(method, damping, **options):
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: f"options={o}")
-@pytest.mark.parametrize("damping", [1e-7, 1e-9], ids=lambda d: f"damping={d:g}")
+@pytest.mark.parametrize("damping", [1e-5, 1e-7, 1e-9], ids=lambda d: f"damping={d:g}")
 @pytest.mark.parametrize("method", rc.METHODS[1:], ids=lambda m: f"method={m}")
 def test_float32_at_small_damping_is_accurate_warned_or_refused(method, damping, options):
+    """Within the stated worst case eps cond(G) (0.005-0.007 at 1e-5, 0.5-0.7 at 1e-7);
+    where that bound reaches 1 (50-70 at 1e-9) it holds for any answer, and the warning is
+    what the user gets: it must be there (found by an audit: a negated direction passed)."""
     if method == "kfac" and "refine" in OPTIONS[options]:  # K-FAC's solves are not refined
         with pytest.raises(ValueError, match="does not apply to method='kfac'"):
             run(method, damping, **OPTIONS[options])
@@ -86,9 +89,9 @@ def test_float32_at_small_damping_is_accurate_warned_or_refused(method, damping,
     if dirs is None:  # refused: only a float32 solve may fail to solve
         assert options != "float64-solve" and method != "kfac"
         return
-    error = rel_error(dirs, expected)
-    assert error <= EPS32 * condition  # the stated worst case
-    if error > 1e-2:
+    error, bound = rel_error(dirs, expected), EPS32 * condition
+    assert error <= bound  # the stated worst case
+    if error > 1e-2 or bound >= 1:
         assert any("determined by the model's torch.float32 data" in m for m in messages)
 
 
@@ -364,7 +367,9 @@ def test_refinement_in_the_rows_solves_what_a_float64_solve_does(method, monkeyp
     """At ``damping=1e-9`` (``eps cond(G) ~ 50``) no refinement of ``x`` with float32
     corrections converges; refined in the rows (float64 residual ``rho`` from small
     factors, ``x`` formed in float64) the solve reaches the bound and the direction is as
-    close to the float64 oracle as a float64 solve's (the float32 data limit both)."""
+    close to the float64 oracle as a float64 solve's (the float32 data limit both: natural's
+    float64 solve is 3.9 off the oracle here, so that alone held for a zero direction,
+    found by an audit); and close to that float64 solve itself (3e-4 and 1e-5 measured)."""
     model, x, y = PROBLEM.make(torch.float32)
     expected, _ = oracle(method, 1e-9)
     in_x = []
@@ -379,6 +384,7 @@ def test_refinement_in_the_rows_solves_what_a_float64_solve_does(method, monkeyp
         rel_error(flatten(best, model), expected),
     )
     assert error <= 1.01 * best_error
+    assert rel_error(flatten(dirs, model), flatten(best, model)) <= 1e-3
 
 
 @pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")  # eps cond(G) ~ 5e-3

@@ -211,6 +211,14 @@ def test_step_refuses_a_direction_a_micro_batch_was_added_to(first, set_to_none,
     pre.step()
 
 
+def assert_grads_are(model, expected, **tolerances):
+    """Each ``.grad`` of ``model`` is ``expected``'s direction; ``None`` only where that is
+    zero (a parameter no backward pass has reached yet)."""
+    for name, p in model.named_parameters():
+        grad = torch.zeros_like(p) if p.grad is None else p.grad
+        torch.testing.assert_close(grad, expected[name], **tolerances)
+
+
 def test_a_zeroed_grad_the_next_loss_does_not_reach_is_not_refused():
     """Found by review of the check above: zeroed in place (one version on) and reached by
     no backward pass, a head of another task looked like a direction with a pass added."""
@@ -235,6 +243,8 @@ def test_a_zeroed_grad_the_next_loss_does_not_reach_is_not_refused():
         opt.zero_grad(set_to_none=False)
         F.cross_entropy(model(x), y).backward()
         pre.step()
+        expected = rc.direction(model, x, y, damping=1e-2)  # the other head's: zeros
+        assert_grads_are(model, expected, rtol=1e-10, atol=1e-12)
         opt.step()
 
 
@@ -1244,6 +1254,8 @@ def test_full_batch_steps_with_grads_zeroed_in_place_are_not_refused(method):
         opt.zero_grad(set_to_none=False)
         F.cross_entropy(model(x), y).backward()
         pre.step()
+        expected = rc.direction(model, x, y, method=method, damping=100.0)
+        assert_grads_are(model, expected, rtol=1e-5, atol=1e-8)
         opt.step()
 
 
