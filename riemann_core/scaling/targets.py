@@ -614,7 +614,7 @@ def readme_targets(payload: dict, link: str) -> str:
     for n in kfac["networks"] if kfac["measured"] else []:
         ratios, slower = [v["ratio"] for v in n["variants"]], kfac_targets.missed({"networks": [n]})
         lines.append(
-            f"| {'-'.join(map(str, n['network']))} | K-FAC, each of {len(ratios)} variants: "
+            f"| {kfac_targets.network(n)} | K-FAC, each of {len(ratios)} variants: "
             f"ours / {kfac['public']} | {min(ratios):.2f}-{max(ratios):.2f} | <= "
             f"{kfac['goal']:g} | {f'missed by {len(slower)}' if slower else 'met'} |"
         )

@@ -74,7 +74,7 @@ def test_targets_exit_code_and_files_follow_the_kfac_goal(slow, tmp_path, monkey
     out = capsys.readouterr()
     assert ("MISSED" in out.out) == slow
     if slow:
-        assert f"8-4-2: {public_kfac.VARIANTS[-1].name}" in out.err
+        assert f"8-4-2, batch 128: {public_kfac.VARIANTS[-1].name}" in out.err
     saved = json.loads((tmp_path / "targets.json").read_text())
     assert [v["ratio"] for v in saved["kfac"]["networks"][0]["variants"]] == ratios
     page = (tmp_path / "kfac.md").read_text()
@@ -114,7 +114,7 @@ def test_a_missed_variant_is_timed_again_before_it_stands(monkeypatch):
     monkeypatch.setattr(kfac_targets, "interleaved", fake_interleaved)
     monkeypatch.setattr(public_kfac, "ours", lambda *a, **k: lambda: None)
     monkeypatch.setattr(public_kfac, "public", lambda *a, **k: lambda: None)
-    result = kfac_targets._network((6, 4, 3), "cpu", torch.float32, 3, 0)
+    result = kfac_targets._network((6, 4, 3), 5, "cpu", torch.float32, 3, 0)
     assert timings[1] == [f"ours {slow}", f"public {slow}"]  # only the miss, timed again
     by_name = {v["variant"]: v for v in result["variants"]}
     # 10, 10, 1, 0.5 x 3: the median meets the goal, its interval straddles it (found by
@@ -135,6 +135,6 @@ def test_a_variant_just_under_the_goal_is_timed_again_too(monkeypatch):
     monkeypatch.setattr(kfac_targets, "interleaved", fake_interleaved)
     monkeypatch.setattr(public_kfac, "ours", lambda *a, **k: lambda: None)
     monkeypatch.setattr(public_kfac, "public", lambda *a, **k: lambda: None)
-    result = kfac_targets._network((6, 4, 3), "cpu", torch.float32, 3, 0)
+    result = kfac_targets._network((6, 4, 3), 5, "cpu", torch.float32, 3, 0)
     assert len(calls) == 1 + len(public_kfac.VARIANTS)  # 0.9 > 1 / 1.25: each again
     assert all(v["rounds"] == 6 and v["met"] for v in result["variants"])
