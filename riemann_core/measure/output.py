@@ -257,17 +257,26 @@ def markdown_table(frame: pd.DataFrame, floatfmt: str = ".3g") -> str:
 
 @contextmanager
 def progress_bar(
-    desc: str, unit: str = "step", total: int | None = None
+    desc: str, unit: str = "step", total: int | None = None, announce: bool = False
 ) -> Iterator[Callable[[str], None]]:
     """A progress bar on stderr while the block runs (tqdm; gone when it ends). Yields
-    ``advance(label)``, which counts one step done and shows ``label``; without ``total``
-    the bar shows the count and the elapsed time."""
+    ``advance(label)``, which counts one step done and shows ``label``; with ``announce``,
+    ``label`` names the step about to run instead, and the step before it counts done (the
+    last one when the block ends: announced steps counted at their start read 100% while
+    the last one ran, minutes in ``targets``). Without ``total`` the bar shows the count
+    and the elapsed time."""
     from tqdm import tqdm
 
     with tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr) as bar:
+        running = False  # an announced step is running
 
         def advance(label: str) -> None:
-            bar.set_postfix_str(label, refresh=False)
-            bar.update(1)
+            nonlocal running
+            if running or not announce:
+                bar.update(1)
+            running = announce
+            bar.set_postfix_str(label, refresh=not announce)
 
         yield advance
+        if running:
+            bar.update(1)

@@ -74,3 +74,27 @@ def test_a_failed_move_is_raised_once_and_nothing_is_retried(tmp_path, monkeypat
     with pytest.raises(PermissionError) as error:
         output.set_aside(tmp_path, ("*.json", "*.csv", "*.png"))
     assert calls == ["a.json", "b.csv"] and error.value.__context__ is None
+
+
+@pytest.mark.parametrize("announce", [False, True], ids=["after", "announced"])
+def test_the_progress_bar_counts_a_step_when_it_is_done(monkeypatch, announce):
+    """Found on a targets run: steps announced before they ran were counted at their start,
+    and the bar read 100% through the last one (K-FAC at batch 1024, minutes)."""
+    import tqdm
+
+    counts = []
+
+    class Recorded(tqdm.tqdm):
+        def update(self, n=1):
+            super().update(n)
+            counts.append(self.n)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorded)
+    with output.progress_bar("steps", total=3, announce=announce) as advance:
+        for label in ("first", "second", "third"):
+            advance(label)
+            counts.append(f"ran {label}")  # the step's work, after its announcement
+    if announce:
+        assert counts == ["ran first", 1, "ran second", 2, "ran third", 3]
+    else:  # advance(label) after each step's work: here the work of the one before
+        assert counts == [1, "ran first", 2, "ran second", 3, "ran third"]

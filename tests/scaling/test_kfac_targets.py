@@ -138,3 +138,25 @@ def test_a_variant_just_under_the_goal_is_timed_again_too(monkeypatch):
     result = kfac_targets._network((6, 4, 3), 5, "cpu", torch.float32, 3, 0)
     assert len(calls) == 1 + len(public_kfac.VARIANTS)  # 0.9 > 1 / 1.25: each again
     assert all(v["rounds"] == 6 and v["met"] for v in result["variants"])
+
+
+def test_the_readme_row_of_a_network_with_a_variant_too_noisy_says_so(tmp_path, monkeypatch):
+    """Found on a targets run: one variant at 0.99 [0.97, 1.01] (too noisy) and seven met
+    were summed up in the README as met."""
+    result = kfac_result([0.5] * len(public_kfac.VARIANTS))
+    noisy = result["networks"][0]["variants"][2]
+    noisy.update(ratio=0.99, low=0.97, high=1.01, verdict="too noisy", met=False)
+    monkeypatch.setattr(targets, "measure_targets", lambda **kw: core_result())
+    monkeypatch.setattr(kfac_targets, "measure_kfac", lambda **kw: result)
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "<!-- riemann-bench targets: begin -->\n<!-- riemann-bench targets: end -->\n"
+    )
+    out = tmp_path / "out"
+    command = f"riemann-bench targets --out {out} --readme {readme}"
+    args = Namespace(
+        out=out, device="cpu", quick=False, seed=0, command_line=command, readme=readme
+    )
+    assert targets.run(args) == 0  # too noisy is not missed: exit 0, and said so
+    row = next(line for line in readme.read_text().splitlines() if "K-FAC, each of" in line)
+    assert row.endswith("| too noisy: 1 |")
