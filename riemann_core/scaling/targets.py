@@ -656,7 +656,8 @@ DESCRIPTION = (
     "alone; full against layerwise on networks of about 4k parameters. For reference, the "
     "sampled step written lean and along a training run. Then every K-FAC "
     "variant against the same variant of curvlinops (when installed: "
-    'pip install -e ".[compare]") on MLPs 784-1024-1024-10 and 64-512-512-10. '
+    'pip install -e ".[compare]") on MLPs 784-1024-1024-10 and 64-512-512-10 at batch '
+    "128, and 784-1024-1024-10 at batch 1024 (the factors dense on both sides). "
     "Prints each figure with the 95% interval of its median and met, MISSED or too noisy "
     "(the interval straddles the goal), and exits 1 when one is missed. With --out, writes "
     "targets.json, targets.md and kfac.md; with --readme too, the README's table of the "
