@@ -513,8 +513,12 @@ def buffers_kept(model: nn.Module, start: dict[str, Tensor] | None = None):
         yield
     finally:
         for _, module, buffers in kept:  # also drops buffers the forward registered
-            module._buffers.clear()
-            module._buffers.update(buffers)
+            # key by key: a traced module's buffers (torch.jit's wrapper) have no clear()
+            # (found by a hunt: the restore stopped there, later modules kept the copies)
+            for name in [n for n in module._buffers.keys() if n not in buffers]:
+                del module._buffers[name]
+            for name, b in buffers.items():
+                module._buffers[name] = b
 
 
 #: Buffers of at least this many bytes are copied before a recorded forward pass only

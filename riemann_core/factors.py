@@ -215,6 +215,10 @@ def batched_backward() -> Iterator[None]:
         ) from err
 
 
+#: the start of torch's error for a reentrant checkpoint's backward under autograd.grad
+REENTRANT_CHECKPOINT = "When use_reentrant=True, torch.utils.checkpoint is incompatible"
+
+
 @contextmanager
 def reentrant_checkpoint_refused() -> Iterator[None]:
     """torch's error for a backward pass through ``torch.utils.checkpoint`` with
@@ -223,7 +227,9 @@ def reentrant_checkpoint_refused() -> Iterator[None]:
     try:
         yield
     except RuntimeError as err:
-        if "use_reentrant=True" not in str(err):
+        # torch's own message only: another rank's failure, shared with this one as a
+        # DistributedError, quotes it and must reach the caller as it is (found by review)
+        if not str(err).startswith(REENTRANT_CHECKPOINT):
             raise
         raise ValueError(
             "the model's forward pass runs torch.utils.checkpoint with use_reentrant=True, "

@@ -641,6 +641,10 @@ class GenericHandler(Handler):
         own = {id(p) for p in self.block.params}
         fixed = {n: p.detach() for n, p in self.block.module.named_parameters() if id(p) not in own}
         values = {f"module.{n}": p for n, p in {**fixed, **params}.items()}
+        # its buffers as copies: a module that updates them as it runs (a quantisation
+        # observer) must leave the model's as they were (found by a hunt: rc.direction
+        # moved a QAT Linear's observer)
+        values |= {f"module.{n}": b.clone() for n, b in self.block.module.named_buffers()}
         output = functional_call(_Unhooked(self.block.module), values, tuple(args), kwargs)
         index = self.block.output_index
         return output if index is None else output[index]
@@ -803,11 +807,24 @@ class GenericHandler(Handler):
                 "outputs when evaluated one sample at a time, as kernel='generic' does "
                 f"(largest relative difference {float(mismatch):.1e}): it couples the samples "
                 "of the batch, depends on the batch size, or takes an argument whose first "
-                "dimension equals the batch but is not per sample. Make it act on each sample "
-                "alone, or give it a structured kernel (rc.register_handler)"
+                f"dimension equals the batch but is not per sample{self._buffers_hint()}. "
+                "Make it act on each sample alone, or give it a structured kernel "
+                "(rc.register_handler)"
             )
 
         return [(mismatch <= eps**0.5, explain)]
+
+    def _buffers_hint(self) -> str:
+        """Where the module has buffers: that it may update them as it runs, and the fix."""
+        names = [n for n, _ in self.block.module.named_buffers()]
+        if not names:
+            return ""
+        return (
+            f"; or it updates its buffers {names[:4]} as it runs (a quantisation observer, a "
+            "power iteration): evaluated again, one sample at a time, it starts from where "
+            "the forward pass left them. Freeze them while preconditioning (for "
+            "quantisation-aware training: model.apply(torch.ao.quantization.disable_observer))"
+        )
 
     def gradient_from_output(self, lam: Tensor) -> list[Tensor]:
         grads = self._rows_of_batch(lam[None])

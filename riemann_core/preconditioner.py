@@ -543,7 +543,8 @@ class RiemannianPreconditioner:
                 if not reuse:
                     self._check_replayable()
                 checks.run()
-                gradient = self._autograd_gradient(loss, params)
+                with reentrant_checkpoint_refused():
+                    gradient = self._autograd_gradient(loss, params)
                 for name, g in gradient.items():
                     checks.finite(
                         f"the gradient of {name!r}", g, OVERFLOW_FIX, overflow or ValueError

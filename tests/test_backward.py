@@ -1241,6 +1241,31 @@ def test_a_reentrant_checkpoint_before_leaves_outside_the_model_is_refused_clear
 
 
 @pytest.mark.parametrize("method", ["layerwise", "natural", "kfac"])
+def test_a_reentrant_checkpoint_between_layers_is_refused_clearly_by_pre_backward(method):
+    """Found by review: with the checkpoint's input requiring grad (a checkpoint between
+    layers), pre.backward's first call took the gradient outside the refusal."""
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.a = nn.Linear(5, 5).double(), nn.Linear(5, 5).double()
+            self.b = nn.Linear(5, 3).double()
+
+        def forward(self, x):
+            hidden = lambda h: torch.tanh(self.a(h))  # noqa: E731
+            h = torch.utils.checkpoint.checkpoint(hidden, self.first(x), use_reentrant=True)
+            return self.b(h)
+
+    torch.manual_seed(0)
+    model, x, y = Checkpointed(), torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    for _ in range(2):  # and a retry
+        with pytest.raises(ValueError, match="use_reentrant=True.*use_reentrant=False"):
+            pre.backward(F.cross_entropy(model(x), y))
+        assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["layerwise", "natural", "kfac"])
 def test_a_reentrant_checkpoint_inside_the_model_is_refused_clearly_on_every_path(method):
     """Found by a hunt: torch's "incompatible with .grad()" escaped from pre.step() and
     rc.direction, and pre.backward's refusal sent the user to pre.step()."""

@@ -413,3 +413,18 @@ def test_pullback_is_the_chain_rule_for_every_seed(batched, retain_graph):
     else:
         with pytest.raises(RuntimeError, match="second time"):
             out.sum().backward()
+
+
+def test_another_rank_s_checkpoint_failure_reaches_this_rank_as_it_is():
+    """Found by review: the refusal matched any error quoting torch's message, so a
+    healthy rank's DistributedError (which quotes the failing rank's) became the
+    checkpoint's ValueError, and a caller catching DistributedError missed it."""
+    from riemann_core.distributed import DistributedError
+
+    quoted = f"rank 0 of 2 failed: RuntimeError: {factors.REENTRANT_CHECKPOINT} with .grad()"
+    with pytest.raises(DistributedError, match="rank 0 of 2 failed"):
+        with factors.reentrant_checkpoint_refused():
+            raise DistributedError(quoted)
+    with pytest.raises(ValueError, match="use_reentrant=False"):
+        with factors.reentrant_checkpoint_refused():
+            raise RuntimeError(f"{factors.REENTRANT_CHECKPOINT} with .grad() or ...")

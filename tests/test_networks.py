@@ -1551,6 +1551,73 @@ def test_embedding_bag_with_offsets_is_refused_naming_the_2d_input():
         assert torch.equal(p.grad, g)
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_the_generic_kernel_leaves_a_quantisation_observer_as_it_was():
+    """Found by a hunt: evaluating a QAT Linear one sample at a time ran its observer on
+    the model's own buffers, so rc.direction moved them, and pre.step's refusal blamed
+    coupled samples."""
+    import torch.ao.nn.qat as nnqat
+    from torch.ao.quantization import disable_observer, get_default_qat_qconfig
+
+    torch.manual_seed(0)
+    qat = nnqat.Linear(7, 4, qconfig=get_default_qat_qconfig("fbgemm"))
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), qat)
+    x, y = torch.randn(16, 5), torch.randint(0, 4, (16,))
+    model(x)  # the observer has seen the weight once
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rc.direction(model, x, y, damping=1e-2, kernel="auto")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2, kernel="auto")
+    with torch.no_grad():
+        qat.weight.mul_(3)  # a step: the observer's moving average has not caught up
+    F.cross_entropy(model(x), y).backward()
+    grads, before = [p.grad.clone() for p in model.parameters()], model.state_dict()
+    before = {k: v.clone() for k, v in before.items()}
+    with pytest.raises(ValueError, match=r"updates its buffers.*disable_observer"):
+        pre.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for p, g in zip(model.parameters(), grads, strict=True):
+        assert torch.equal(p.grad, g)
+    model.apply(disable_observer)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+
+
+def test_a_traced_submodule_leaves_every_buffer_as_it_was():
+    """Found by a hunt: a torch.jit.trace'd submodule's buffers (torch.jit's wrapper) have
+    no clear(): restoring the buffers failed with a raw AttributeError there, and every
+    module after it kept riemann_core's copies, moved by the forward pass."""
+
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("n", torch.zeros((), dtype=torch.float64))
+
+        def forward(self, h):
+            self.n += 1
+            return h
+
+    torch.manual_seed(0)
+    traced = torch.jit.trace(nn.Linear(5, 7).double(), torch.randn(2, 5, dtype=torch.float64))
+    model = nn.Sequential(traced, nn.Tanh(), Counter(), nn.Linear(7, 4).double())
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 4, (6,))
+    counter = model[2].n
+    with pytest.raises(ValueError, match=r"'0' \(TopLevelTracedModule\) has parameters but no"):
+        rc.direction(model, x, y)
+    assert model[2].n is counter and float(counter) == 0
+    plain = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)).double()
+    plain[0].load_state_dict(traced.state_dict())
+    plain[2].load_state_dict(model[3].state_dict())
+    traced_dirs = rc.direction(model, x, y, kernel="auto")
+    plain_dirs = rc.direction(plain, x, y)
+    for (_, d), (_, e) in zip(sorted(traced_dirs.items()), sorted(plain_dirs.items()), strict=True):
+        torch.testing.assert_close(d, e, rtol=1e-10, atol=1e-12)
+    assert model[2].n is counter and float(counter) == 0
+
+
 def test_torchscript_is_refused():
     model, x, y = relu_mlp()
     with pytest.raises(TypeError, match="TorchScript.*pass the original nn.Module"):

@@ -17,8 +17,8 @@ around a base point (``sweep.json``'s ``base``); the base point belongs to every
   rate of that kind measured in the sweep (``best_rate_<kind>`` columns, where the rows
   have them: the median of the rate measurements' samples at the rate size, where the
   device runs that kind best; a single sample may exceed it), and on a CPU at least
-  :data:`RATE_FLOOR` times that best rate (the products' best for a kind the sweep has no
-  rate of: eigh, QR, LU). Unbounded, kinds whose FLOPs grow alike along the axes trade time
+  :data:`RATE_FLOOR` times that best rate (a kind the sweep has no rate of, eigh, QR or
+  LU, has neither bound). Unbounded, kinds whose FLOPs grow alike along the axes trade time
   freely: a Cholesky fitted at ten times the device's best rate hands its time to the
   triangular solves, and the slope of time against work then judges that mixture, not the
   device; and a kind with few FLOPs, fitted at a rate hundreds of times below any the
@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Real
 from pathlib import Path
 
@@ -75,12 +75,13 @@ SETTINGS = ("device", "device_name", "dtype", "output_metric")
 #: measurements during a sweep move by up to 20% before a report calls its speed unsteady
 RATE_HEADROOM = 1.25
 
-#: on a CPU, an achieved rate is at least this fraction of the device's best measured one
-#: (of the products' best for a kind without one). Measured on a 2-core CPU (float32, 2
-#: threads): triangular solves of order 288-2304 with 1-2 right-hand sides, the layerwise
-#: solve's shapes, run at 10-47 GFLOP/s against a best of 145, call overhead included;
-#: only a solve of order 64, a few microseconds of call overhead, falls below 1/100 of the
-#: best. Without it the CPU sweep's layerwise model put its triangular solves at 0.39
+#: on a CPU, an achieved rate is at least this fraction of the device's best measured one.
+#: Measured on a 2-core CPU (float32, 2 threads): triangular solves of order 288-2304 with
+#: 1-2 right-hand sides, the layerwise solve's shapes, run at 10-47 GFLOP/s against a best
+#: of 145, call overhead included; solves of order below about 100, microseconds of call
+#: overhead each, fall below 1/100 of the best. A kind without a measured best has no
+#: floor: the small batched QR of the layerwise rows ran at 0.4-1.4 GFLOP/s, under 1/100
+#: of the GEMM's best (found by review). Without it the CPU sweep's layerwise model put its triangular solves at 0.39
 #: GFLOP/s: 1.3 ms of constant time at every width, which bent its time exponent along the
 #: width. Not on a GPU: there a solve with few right-hand sides runs column by column,
 #: bound by latency, at a fraction of the best rate no measurement here has fixed.
@@ -373,6 +374,9 @@ class TimeModel:
     r2_log: float
     median_error: float  # median |t_model / t - 1| over the points
     points: int
+    #: kinds whose rate the fit put on a bound: "cap" (RATE_HEADROOM times the device's
+    #: best) or "floor" (RATE_FLOOR times it): a figure the bound, not the data, set
+    bounded: dict[str, str] = field(default_factory=dict)
 
     @property
     def rates(self) -> dict[str, float]:
@@ -400,9 +404,9 @@ def fit_time_model(rows: pd.DataFrame) -> TimeModel:
     Minimises ``sum_i ((t_model_i - t_i) / t_i)^2`` with every coefficient >= 0, so a 1 ms
     point weighs as much as a 1 s one, and ``R_kind <= RATE_HEADROOM best`` for each kind
     whose device's best rate ``rows`` carry (``best_rate_<kind>``: see
-    :func:`~riemann_core.scaling.devices.named`); on a CPU also ``R_kind >= RATE_FLOOR
-    best`` (``best_products`` for a kind without one). Kinds with no FLOPs at any point are
-    left out. Needs more points than coefficients.
+    :func:`~riemann_core.scaling.devices.named`), on a CPU also ``R_kind >= RATE_FLOOR
+    best``. Kinds with no FLOPs at any point are left out. Needs more points than
+    coefficients.
     """
     require_columns(rows, ("time_median_s", "depth", *FLOP_COLUMNS))
     t = rows["time_median_s"].to_numpy(float)
@@ -421,15 +425,14 @@ def fit_time_model(rows: pd.DataFrame) -> TimeModel:
     scale[scale == 0] = 1.0
     # seconds per unit of each feature
     lowest, highest = np.zeros(features.shape[1]), np.full(features.shape[1], np.inf)
-    products = _best_rate(rows, "products")
-    cpu = "device" in rows and (rows["device"] == "cpu").all()
+    # "cpu" or "cpu:N" (found by review: a sweep with --device cpu:0 had no floor)
+    cpu = "device" in rows and rows["device"].astype(str).str.split(":").str[0].eq("cpu").all()
     for i, kind in enumerate(kinds, start=2):
         best = _best_rate(rows, kind)
         if best > 0:
             lowest[i] = 1 / (RATE_HEADROOM * best)
-        floor = best if best > 0 else products
-        if cpu and floor > 0:
-            highest[i] = 1 / (RATE_FLOOR * floor)
+            if cpu:
+                highest[i] = 1 / (RATE_FLOOR * best)
     coef = _least_squares(
         weighted / scale, (lowest * scale, highest * scale), _overhead_cap(rows, t), scale
     )
@@ -438,6 +441,12 @@ def fit_time_model(rows: pd.DataFrame) -> TimeModel:
     negligible = ((features * coef) / t[:, None]).max(axis=0) < NEGLIGIBLE_SHARE
     coef[negligible & (lowest == 0)] = 0.0
     model = features @ coef
+    bounded = {
+        kind: bound
+        for i, kind in enumerate(kinds, start=2)
+        for bound, limit in (("cap", lowest[i]), ("floor", highest[i]))
+        if 0 < limit < np.inf and math.isclose(coef[i], limit, rel_tol=1e-6)
+    }
     return TimeModel(
         t0=float(coef[0]),
         t_module=float(coef[1]),
@@ -445,6 +454,7 @@ def fit_time_model(rows: pd.DataFrame) -> TimeModel:
         r2_log=_r2(np.log(t), np.log(model)) if (model > 0).all() else math.nan,
         median_error=float(np.median(np.abs(model / t - 1))),
         points=len(t),
+        bounded=bounded,
     )
 
 

@@ -713,7 +713,11 @@ def _time_explained(
         reason = f"Too few ok points of {method} ({kernel}) for a time model."
         return Claim(cid, text, expected, None, None, None, NOT_REACHED, reason, "time")
     model = models[key]
-    rates = ", ".join(f"{k} {r / 1e9:.3g}" for k, r in model.rates.items() if math.isfinite(r))
+    rates = ", ".join(
+        f"{k} {r / 1e9:.3g}" + (f" (at its {model.bounded[k]})" if k in model.bounded else "")
+        for k, r in model.rates.items()
+        if math.isfinite(r)
+    )
     summary = (
         f"t0 {model.t0 * 1e3:.3g} ms, {model.t_module * 1e3:.3g} ms per module; achieved "
         f"GFLOP/s {rates or 'none'}; model error {model.median_error:.0%} (median)"
