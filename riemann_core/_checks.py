@@ -332,6 +332,12 @@ def check_model(model: nn.Module, checks: Deferred | None = None) -> list[tuple[
             "(torch.compile'd modules are fine)"
         )
     for name, module in model.named_modules():
+        if any(isinstance(p, nn.UninitializedParameter) for p in module._parameters.values()):
+            raise ValueError(
+                f"module {name!r} ({type(module).__name__}) has uninitialized parameters (a "
+                "lazy module, shaped by its first call): run the model once, model(x), "
+                "before constructing the preconditioner or computing a direction"
+            )
         if torch.nn.utils.parametrize.is_parametrized(module) and any(
             p.requires_grad for p in module.parametrizations.parameters()
         ):

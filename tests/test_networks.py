@@ -1618,6 +1618,24 @@ def test_a_traced_submodule_leaves_every_buffer_as_it_was():
     assert model[2].n is counter and float(counter) == 0
 
 
+def test_a_lazy_module_before_its_first_call_is_refused_by_name():
+    """Found by a hunt: torch's "Attempted to use an uninitialized parameter" escaped."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    refusal = r"module '0' \(LazyLinear\) has uninitialized parameters.*model\(x\)"
+    with pytest.raises(ValueError, match=refusal):
+        rc.RiemannianPreconditioner(model)
+    with pytest.raises(ValueError, match=refusal):
+        rc.direction(model, x, y)
+    model(x)  # shaped now: as its plain twin
+    twin = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    twin.load_state_dict(model.state_dict())
+    got, expected = rc.direction(model, x, y), rc.direction(twin, x, y)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-12, atol=1e-14)
+
+
 def test_torchscript_is_refused():
     model, x, y = relu_mlp()
     with pytest.raises(TypeError, match="TorchScript.*pass the original nn.Module"):
