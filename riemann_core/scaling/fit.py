@@ -81,9 +81,9 @@ RATE_HEADROOM = 1.25
 #: of 145, call overhead included; solves of order below about 100, microseconds of call
 #: overhead each, fall below 1/100 of the best. A kind without a measured best has no
 #: floor: the small batched QR of the layerwise rows ran at 0.4-1.4 GFLOP/s, under 1/100
-#: of the GEMM's best (found by review). Without it the CPU sweep's layerwise model put its triangular solves at 0.39
-#: GFLOP/s: 1.3 ms of constant time at every width, which bent its time exponent along the
-#: width. Not on a GPU: there a solve with few right-hand sides runs column by column,
+#: of the GEMM's best (found by review). Without it the CPU sweep's layerwise model put
+#: its triangular solves at 0.39 GFLOP/s: 1.3 ms of constant time at every width, which
+#: bent its time exponent along the width. Not on a GPU: there a solve with few right-hand sides runs column by column,
 #: bound by latency, at a fraction of the best rate no measurement here has fixed.
 RATE_FLOOR = 0.01
 
@@ -473,9 +473,10 @@ def _overhead_cap(rows: pd.DataFrame, t: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def _least_squares(A: np.ndarray, bounds, cap, scale: np.ndarray) -> np.ndarray:
     """The coefficients minimising ``||A z - 1||`` for ``lowest <= z <= highest``
-    (``bounds``), unscaled (``z / scale``), with the overhead ``z0 + z1 L`` (unscaled) at most the fastest time at each
-    ``L`` of ``cap`` (:func:`_overhead_cap`): the bounded least-squares solution where it
-    holds that already, else the constrained one (SLSQP from it, held to the cap)."""
+    (``bounds``), unscaled (``z / scale``), with the overhead ``z0 + z1 L`` (unscaled) at
+    most the fastest time at each ``L`` of ``cap`` (:func:`_overhead_cap`): the bounded
+    least-squares solution where it holds that already, else the constrained one (SLSQP
+    from it, held to the cap)."""
     ones = np.ones(A.shape[0])
     lowest, highest = bounds
     z = lsq_linear(A, ones, bounds=(lowest, highest)).x

@@ -1,14 +1,15 @@
 """The K-FAC target: each of our K-FAC variants at least as fast as the public one's.
 
-For each network of :data:`NETWORKS` (cross-entropy, damping ``1e-3``) and each variant of :data:`public_kfac.VARIANTS`, our direction and
-curvlinops' are computed from scratch (gradient, factors, damped inverse, product) in
-turn in every round, each right after an untimed call of its own (timed right after the
-other side's call, each would read the cache state that call left), beside one
-forward+backward as a yardstick. The figure is the
-median over rounds of the per-round ratio ours / curvlinops; the goal is ``<= 1``. A
+For each network of :data:`NETWORKS` (cross-entropy, damping ``1e-3``) and each variant
+of :data:`public_kfac.VARIANTS`, our direction and curvlinops' are computed from scratch
+(gradient, factors, damped inverse, product) in turn in every round, each right after an
+untimed call of its own (timed right after the other side's call, each would read the
+cache state that call left), beside one forward+backward as a yardstick. The figure is
+the median over rounds of the per-round ratio ours / curvlinops; the goal is ``<= 1``. A
 variant that misses it, or meets it by less than :data:`MARGIN`, is timed again, the two
 sides alone in as many more rounds, and judged on every round (a slow spell of a loaded
-machine in two of three quick rounds read 10x once). Without curvlinops the section says so and counts as not measured (not missed).
+machine in two of three quick rounds read 10x once). Without curvlinops the section says
+so and counts as not measured (not missed).
 
 At batch 128 the layers are wider than the batch, and a factor with fewer rows than
 columns is kept as its rows (``Factor.of_rows``): its damped inverse comes from the small
@@ -16,9 +17,9 @@ Gram of the rows, where curvlinops eigendecomposes (or factorises and inverts) t
 ``n x n`` factor. That, not the code around it, is most of the speed-up at batch 128 (the
 Monte Carlo variants' two factors per layer are both thin). At batch 1024 the factors are
 dense on both sides: there the comparison is of like for like (0.61-0.99 in the committed
-CPU run, the Monte Carlo variants 0.83-0.99). curvlinops' timed call includes one more forward and backward pass for the
-gradient (its interface takes the gradient from the caller; about 3% of its time at
-batch 128, 10% at batch 1024).
+CPU run, the Monte Carlo variants 0.83-0.99). curvlinops' timed call includes one more
+forward and backward pass for the gradient (its interface takes the gradient from the
+caller; about 3% of its time at batch 128, 10% at batch 1024).
 """
 
 from __future__ import annotations
