@@ -820,10 +820,10 @@ class GenericHandler(Handler):
         if not names:
             return ""
         return (
-            f"; or it updates its buffers {names[:4]} as it runs (a quantisation observer, a "
-            "power iteration): evaluated again, one sample at a time, it starts from where "
-            "the forward pass left them. Freeze them while preconditioning (for "
-            "quantisation-aware training: model.apply(torch.ao.quantization.disable_observer))"
+            f"; or it updates its buffers {names[:4]} from the batch it sees (an observer of "
+            "its inputs' range): one sample at a time it sees another. Freeze them while "
+            "preconditioning (for quantisation-aware training: "
+            "model.apply(torch.ao.quantization.disable_observer))"
         )
 
     def gradient_from_output(self, lam: Tensor) -> list[Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import warnings
@@ -42,6 +43,7 @@ from .capture import (
     ReplayDiffers,
     autocast_state,
     autograd_nodes,
+    buffers_kept,
     calls_under_way,
     capturing,
     hooked_after,
@@ -717,12 +719,22 @@ class RiemannianPreconditioner:
     def _transaction(self, compute):
         """``compute()``, forgetting what K-FAC's state computed if it fails."""
         try:
-            with reentrant_checkpoint_refused():
+            with reentrant_checkpoint_refused(), self._buffers_at_start():
                 return compute()
         except BaseException:
             if self._kfac is not None:
                 self._kfac.discard()
             raise
+
+    def _buffers_at_start(self):
+        """Where a generic kernel may evaluate modules again, one sample at a time: the
+        model's buffers, on copies, as the recorded pass found them, and put back after. A
+        module that updates them as it runs (a quantisation observer) then gives the outputs
+        of that pass (found by a hunt: evaluated from where the pass left them, a QAT
+        Linear whose observer still moved was refused as coupling the samples)."""
+        if self._options.kernel == "structured" or self._batch is None:
+            return contextlib.nullcontext()
+        return buffers_kept(self.model, self._batch[3].copies)
 
     def _commit(self) -> None:
         """Keep K-FAC's state of a step that succeeded."""

@@ -1554,10 +1554,11 @@ def test_embedding_bag_with_offsets_is_refused_naming_the_2d_input():
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 def test_the_generic_kernel_leaves_a_quantisation_observer_as_it_was():
     """Found by a hunt: evaluating a QAT Linear one sample at a time ran its observer on
-    the model's own buffers, so rc.direction moved them, and pre.step's refusal blamed
-    coupled samples."""
+    the model's own buffers, so rc.direction moved them, and pre.step, evaluating from
+    where the pass left them, was refused as coupling the samples. Evaluated on copies of
+    the buffers as the pass found them, the steps equal rc.direction from that state."""
     import torch.ao.nn.qat as nnqat
-    from torch.ao.quantization import disable_observer, get_default_qat_qconfig
+    from torch.ao.quantization import get_default_qat_qconfig
 
     torch.manual_seed(0)
     qat = nnqat.Linear(7, 4, qconfig=get_default_qat_qconfig("fbgemm"))
@@ -1571,19 +1572,25 @@ def test_the_generic_kernel_leaves_a_quantisation_observer_as_it_was():
     pre = rc.RiemannianPreconditioner(model, damping=1e-2, kernel="auto")
     with torch.no_grad():
         qat.weight.mul_(3)  # a step: the observer's moving average has not caught up
-    F.cross_entropy(model(x), y).backward()
-    grads, before = [p.grad.clone() for p in model.parameters()], model.state_dict()
-    before = {k: v.clone() for k, v in before.items()}
-    with pytest.raises(ValueError, match=r"updates its buffers.*disable_observer"):
-        pre.step()
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    for p, g in zip(model.parameters(), grads, strict=True):
-        assert torch.equal(p.grad, g)
-    model.apply(disable_observer)
-    model.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    pre.step()
+    for call in ("step", "backward"):
+        start = copy.deepcopy(model)  # the buffers as the pass finds them
+        model.zero_grad()
+        if call == "step":
+            F.cross_entropy(model(x), y).backward()
+            after = {k: v.clone() for k, v in model.state_dict().items()}
+            pre.step()
+        else:
+            out = model(x)
+            after = {k: v.clone() for k, v in model.state_dict().items()}
+            pre.backward(F.cross_entropy(out, y))
+        for k, v in model.state_dict().items():  # as the user's pass left them
+            assert torch.equal(v, after[k]), (call, k)
+        expected = rc.direction(start, x, y, damping=1e-2, kernel="auto")
+        for name, p in model.named_parameters():  # float32: to its rounding, in norm
+            error = (p.grad - expected[name]).norm() / expected[name].norm()
+            assert error < 1e-5, (call, name, float(error))
+        with torch.no_grad():
+            qat.weight.mul_(2)
 
 
 def test_a_traced_submodule_leaves_every_buffer_as_it_was():
