@@ -84,7 +84,8 @@ class LayerDiagnostics:
     """What one solve did. ``name`` is the block's module name (``"(all)"`` for a
     whole-network solve); ``rows`` the factor rows ``d``; ``params`` the unknowns;
     ``solver`` the algebra used (``"woodbury"``: the damped ``d x d`` Gram;
-    ``"dense"``: the ``n x n`` metric; ``"kronecker"``: K-FAC eigenbases);
+    ``"dense"``: the ``n x n`` metric; ``"kronecker"``: K-FAC eigenbases, exact damping;
+    ``"kronecker-factored"``: K-FAC's factors damped apart, by Cholesky);
     ``condition`` the 2-norm condition number of the factorised matrix; ``residual``
     ``||G x - v|| / ||v||`` of the whole metric, evaluated in float64; ``jitter``
     added to its diagonal; ``update_norm`` ``||x||``."""
