@@ -181,6 +181,16 @@ def read_study(
 
     fix = rerun(command)
     missing = [str(out / f) for f in (*tables, record) if not (out / f).is_file()]
+    # another command's directory: its record named (found by a hunt: the advice to run
+    # the study there, which refuses a directory holding another command's results)
+    foreign = [
+        f"'riemann-bench {c}'" for n, c in RECORDS.items() if n != record and (out / n).is_file()
+    ]
+    if missing and foreign:
+        raise ValueError(
+            f"{out} holds the results of {foreign[0]}, not of '{command}': pass the --out "
+            f"of a '{command}' run"
+        )
     if missing:
         earlier = max(out.glob("earlier-*"), key=lambda d: d.stat().st_mtime, default=None)
         aside = f" (an earlier study was set aside in {earlier})" if earlier else ""

@@ -122,7 +122,16 @@ def require_sweep(directory: Path) -> tuple[Path, Path]:
     results, record = needed = directory / "results.csv", directory / "sweep.json"
     if not results.is_file():
         # (found by a hunt: on a train directory it said to run sweep there, which refuses)
-        others = [f"'riemann-bench {c}'" for n, c in RECORDS.items() if (directory / n).is_file()]
+        others = [
+            f"'riemann-bench {c}'"
+            for n, c in RECORDS.items()
+            if (directory / n).is_file() and n != record.name
+        ]
+        if record.is_file():  # (found by a hunt: a sweep stopped before its first point)
+            raise ValueError(
+                f"{directory} holds a sweep that recorded no point yet ({record.name} without "
+                f"{results.name}); run 'riemann-bench sweep' with this --out to measure it"
+            )
         if others:
             raise ValueError(
                 f"{directory} holds the results of {others[0]}, not a sweep: pass the --out "

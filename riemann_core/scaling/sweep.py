@@ -248,6 +248,13 @@ def check_grid(grid: Grid) -> None:
         bad = [v for v in grid.axes[axis] if not _positive_int(v)]
         if bad or not grid.axes[axis]:
             raise ValueError(f"{flag} needs positive integers, got {bad or list(grid.axes[axis])}")
+    # (found by a hunt: one output, a cross-entropy of one class, divided by zero rows)
+    single = [v for v in (grid.base["out_dim"], *grid.axes["out_dim"]) if v == 1]
+    if single:
+        raise ValueError(
+            "--out-dims and --base need out_dim >= 2: a cross-entropy over one class is "
+            "constant, its metric has no rows; got out_dim 1"
+        )
     for name, values, allowed in (
         ("method", grid.methods, METHODS),
         ("kernel", grid.kernels, ("structured", "generic")),
@@ -602,7 +609,14 @@ def read_results(path: Path) -> list[dict]:
         if not text.strip():  # a sweep writes the header first (found by a hunt)
             raise ResultsFileError(f"{path} is empty; move it away or pass another --out")
         reader = csv.DictReader(io.StringIO(text))
-        missing = set(COLUMNS) - set(OPTIONAL) - set(reader.fieldnames or ())
+        names = reader.fieldnames or ()
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # csv keeps a name's last column, pandas its first (found by a hunt)
+            raise ResultsFileError(
+                f"{path} names the columns {twice} more than once (a hand-edited file?); "
+                "keep one column of each name, or pass another --out"
+            )
+        missing = set(COLUMNS) - set(OPTIONAL) - set(names)
         if missing:
             raise ResultsFileError(
                 f"{path} is not a results file of this version of riemann-bench "
@@ -659,6 +673,12 @@ MEASURED = (
 #: peak memory cannot be read) or, for the spread, inf (a median of zero). A measured
 #: time is positive.
 MAYBE_MEASURED = ("peak_bytes", "spread")
+#: The largest value a measured column can hold: a time of over 30 years, or a peak of
+#: over an exbibyte, is an edit (1e300 bytes overflowed the memory figure, 1e300 s gave an
+#: infinite rate; found by a hunt). Modelled sweeps in the tests reach 1e7 s.
+LIMITS = {"time_median_s": 1e9, "time_iqr_s": 1e9, "peak_bytes": 2.0**60}
+#: The shortest time a call can take (seconds): below, a timer does not resolve it.
+SHORTEST_TIME = 1e-9
 #: The words of a measured point's text columns (space-separated; empty: none).
 WORDS = {"flag": ("spread", "outlier"), "slow_paths": SLOW_PATHS, "interleaved": AXES}
 
@@ -699,6 +719,10 @@ def _row_problem(row: dict) -> str | None:
         else:
             usable = value is not None and math.isfinite(value) and value >= 0
             usable = usable and (column != "time_median_s" or value > 0)  # times divide
+        if usable and value == value and value > LIMITS.get(column, math.inf):
+            usable = False  # a float, but no measurement (found by a hunt: a figure's inf)
+        if usable and column == "time_median_s" and value < SHORTEST_TIME:
+            usable = False
         if not usable:
             return f"a measured point with {column} = {row.get(column)!r}"
     times = _times(row["times_s"])
@@ -724,11 +748,18 @@ def _row_problem(row: dict) -> str | None:
 
 
 def _number(text: str | None) -> float | None:
-    """``text`` as a float (``"nan"`` as NaN), or ``None`` where it is not a number."""
-    try:
-        return float(text)
-    except (TypeError, ValueError):
+    """``text`` as a float (``"nan"`` as NaN), or ``None`` where it is not a number as the
+    analysis reads one: Python's float() also takes ``1_000``, full-width digits and
+    spaces, which pandas reads as text (found by a hunt: a traceback in validate)."""
+    if not isinstance(text, str) or not _PLAIN_NUMBER.fullmatch(text):
         return None
+    return float(text)
+
+
+#: a number as the results file holds one (and pandas reads): ASCII, no ``_`` or spaces
+_PLAIN_NUMBER = re.compile(
+    r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.I | re.A
+)
 
 
 def _times(text: str) -> list[float] | None:
@@ -847,8 +878,14 @@ def _rates_problem(record: dict) -> str | None:
         workers = device.get("workers", [])  # (found by a hunt: a resume crashed on a text)
         if not isinstance(workers, list) or not all(isinstance(w, str) for w in workers):
             return f"the workers of device {name!r} are {workers!r}, not a list of names"
-        if not isinstance(device.get("environment", {}), dict):
-            return f"the environment of device {name!r} is {device['environment']!r}, not a mapping"
+        environment = device.get("environment", {})
+        if not isinstance(environment, dict):
+            return f"the environment of device {name!r} is {environment!r}, not a mapping"
+        kind = environment.get("device")  # (found by a hunt: a number crashed the reading)
+        if kind is not None and not (
+            isinstance(kind, str) and re.fullmatch(r"(cpu|cuda)(:\d+)?", kind)
+        ):
+            return f"the environment of device {name!r} names its device {kind!r}, not cpu or cuda"
         sessions += [(name, s) for s in device.get("device_rates", [])]
     for name, session in sessions:
         if not isinstance(session, dict):

@@ -321,6 +321,15 @@ def test_another_commands_directory_is_named_not_sent_to_sweep(tmp_path, record,
         fit.read_sweep(tmp_path)
 
 
+def test_a_sweep_that_recorded_no_point_is_named_so(tmp_path):
+    """Found by a hunt: a sweep stopped before its first point was said to hold the
+    results of 'riemann-bench sweep', not a sweep."""
+    _, meta = make_sweep(runs=(("euclidean", "structured"),))
+    (tmp_path / "sweep.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="holds a sweep that recorded no point yet"):
+        fit.read_sweep(tmp_path)
+
+
 def test_results_saved_with_a_byte_order_mark_are_read(tmp_path):
     """A spreadsheet's UTF-8 save starts with a BOM (found by review: refused as "missing
     columns ['method']")."""

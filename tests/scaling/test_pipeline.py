@@ -324,6 +324,17 @@ def _edit_row(column, value):
     return edit
 
 
+def _column_twice(out):
+    """results.csv with its time_median_s column repeated, the first copy edited."""
+    path = out / "results.csv"
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",")
+    at = header.index("time_median_s")
+    rows = [line.split(",") for line in lines]  # no quoted commas before the times column
+    out_lines = [",".join([*r[:at], "9" if i else r[at], *r[at:]]) for i, r in enumerate(rows)]
+    path.write_text("\n".join(out_lines) + "\n")
+
+
 def _edit_row_unnamed(column, value):
     """:func:`_edit_row` of a figure checked for the whole file (the file is named, not a
     line)."""
@@ -545,6 +556,19 @@ CORRUPTIONS = {
     "record-command-number": (
         _edit_record(lambda r: r.update(command=5)),
         "command is 5, not the command that ran the sweep",
+    ),
+    # found by a hunt: numbers float() reads but pandas does not (a traceback in validate
+    # and report), values no measurement has (an overflow in the memory figure), a column
+    # named twice (csv checked its last copy, the analysis read its first), a device kind
+    # that is not text (a traceback)
+    "flops-underscore": (_edit_row("flops_products", "35_840"), "flops_products = '35_840'"),
+    "peak-full-width": (_edit_row("peak_bytes", "\uff14\uff10\uff19\uff16"), "peak_bytes = "),
+    "peak-huge": (_edit_row("peak_bytes", "1e300"), "peak_bytes = '1e300'"),
+    "time-tiny": (_edit_row("time_median_s", "1e-300"), "time_median_s = '1e-300'"),
+    "column-twice": (_column_twice, "names the columns ['time_median_s'] more than once"),
+    "record-device-number": (
+        _edit_record(_first_device(lambda d: d["environment"].update(device=5))),
+        "names its device 5, not cpu or cuda",
     ),
 }
 

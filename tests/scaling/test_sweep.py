@@ -261,6 +261,8 @@ def test_truncated_line_is_reported_with_its_number(tmp_path, cut):
         ({"grow": {"height": 8}}, "grow needs axes"),
         ({"base": {"width": 4}}, "must name exactly"),
         ({"methods": ("full",), "kernels": ("generic",)}, "no point to measure: the generic"),
+        # found by a hunt: a ZeroDivisionError (exit 3) after sweep.json was rewritten
+        ({"axes": {**TINY["axes"], "out_dim": (3, 1)}}, "need out_dim >= 2"),
     ],
     ids=[
         "zero-width",
@@ -276,6 +278,7 @@ def test_truncated_line_is_reported_with_its_number(tmp_path, cut):
         "grow",
         "base-axes",
         "no-point",
+        "one-output",
     ],  # fmt: skip
 )
 def test_bad_grid_options_fail_before_any_work(tmp_path, change, match):

@@ -72,6 +72,13 @@ def test_report_only_redraws_and_corrupted_results_are_refused(study, tmp_path, 
     assert (tmp_path / "report.md").read_text() == kept
     assert cli.main(["train", "--report-only", "--out", str(tmp_path / "none")]) == 2
     assert "run 'riemann-bench train'" in capsys.readouterr().err
+    # another command's directory: named, not sent to run train there, which refuses it
+    # (found by a hunt)
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text("{}")
+    assert cli.main(["train", "--report-only", "--out", str(sweep)]) == 2
+    assert "holds the results of 'riemann-bench sweep', not of" in capsys.readouterr().err
 
 
 def second(frame: pd.DataFrame, **cells) -> pd.DataFrame:
