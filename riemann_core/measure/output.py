@@ -89,7 +89,7 @@ def set_aside(out: Path, patterns: tuple[str, ...]) -> Path | None:
     return aside
 
 
-def generated_block(text: str, name: str) -> tuple[int, int]:
+def generated_block(text: str, name: str, path: Path | None = None) -> tuple[int, int]:
     """Where the generated block ``name`` of a Markdown file's ``text`` lies: the span
     ``(start, end)`` between its lines ``<!-- name: begin -->`` and ``<!-- name: end -->``.
     Raises ``ValueError`` naming the fix when the markers are missing, repeated or out of
@@ -98,7 +98,7 @@ def generated_block(text: str, name: str) -> tuple[int, int]:
     counts = text.count(begin), text.count(end)
     if counts != (1, 1) or text.index(begin) > text.index(end):
         raise ValueError(
-            f"the file needs exactly one line {begin.strip()!r} and, after it, one line "
+            f"{path or 'the file'} needs exactly one line {begin.strip()!r} and, after it, one line "
             f"{end!r} around the block to regenerate (found {counts[0]} and {counts[1]}); "
             "add them where the table goes"
         )
@@ -109,7 +109,7 @@ def replace_generated_block(path: Path, name: str, block: str) -> Path:
     """Replace the generated block ``name`` of the Markdown file ``path``
     (:func:`generated_block`) by ``block``, atomically; the rest of the file is kept."""
     text = path.read_text()
-    start, end = generated_block(text, name)
+    start, end = generated_block(text, name, path)
     return write_atomic(path, text[:start] + block.rstrip("\n") + "\n" + text[end:])
 
 

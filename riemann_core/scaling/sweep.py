@@ -629,9 +629,14 @@ def read_results(path: Path) -> list[dict]:
         ) from err
     first: dict[tuple, int] = {}
     for i, row in enumerate(rows, start=2):
+        if None in row:  # DictReader's key of the fields past the header's
+            raise ResultsFileError(
+                f"{path} line {i} has more fields than the header (a hand-edited file, or a "
+                "comma in an unquoted cell?); repair or remove that line, or pass another --out"
+            )
         # every row is written whole, ending in a newline: a short row, or a last one
         # without its newline, was cut (DictReader fills missing fields with None)
-        cut = None in row or None in row.values() or (i == len(rows) + 1 and text[-1] != "\n")
+        cut = None in row.values() or (i == len(rows) + 1 and text[-1] != "\n")
         if cut or any(row.get(c) in (None, "") for c in KEY + ("status",)):
             raise ResultsFileError(
                 f"{path} line {i} is incomplete (a truncated or hand-edited file?); "
@@ -944,7 +949,7 @@ def resumable_record(out: Path, rows: list[dict], grid: Grid) -> dict:
             raise ValueError(
                 f"{out} holds points measured with {setting} {', '.join(sorted(was))}, not "
                 f"{', '.join(sorted(now))}: resuming would mix them in one set of fits. Pass "
-                f"{RESUMED_SETTINGS[setting]} {', '.join(sorted(was))}, or another --out"
+                f"{RESUMED_SETTINGS[setting].format(', '.join(sorted(was)))}, or another --out"
             )
     return previous
 
@@ -952,10 +957,11 @@ def resumable_record(out: Path, rows: list[dict], grid: Grid) -> dict:
 #: The settings a resumed sweep must keep (-> how to set them): fits and claims are made
 #: per device, but not per output metric, dtype, seed or damping.
 RESUMED_SETTINGS = {
-    "output_metric": "--output-metric",
-    "dtype": "--dtypes",
-    "seed": "--seed",
-    "damping": "Grid(damping=...)",
+    "output_metric": "--output-metric {}",
+    "dtype": "--dtypes {}",
+    "seed": "--seed {}",
+    # (found by a hunt: "Pass Grid(damping=...) None"; the command line has no damping)
+    "damping": "riemann_core.scaling.sweep.Grid(damping={}) from Python",
 }
 
 

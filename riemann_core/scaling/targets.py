@@ -678,7 +678,7 @@ def run(args) -> int:
         if not readme.is_file():
             what = "a directory" if readme.is_dir() else "no such file"
             raise ValueError(f"--readme {readme}: {what}; pass the README to update")
-        generated_block(readme.read_text(), README_BLOCK)
+        generated_block(readme.read_text(), README_BLOCK, readme)
     if args.out is not None:  # fail on an unusable --out before the work, not after
         args.out.mkdir(parents=True, exist_ok=True)
     from ..measure.environment import environment

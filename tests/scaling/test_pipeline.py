@@ -324,6 +324,14 @@ def _edit_row(column, value):
     return edit
 
 
+def _field_too_many(out):
+    """results.csv with a field past the header's on its first row (was: "incomplete")."""
+    path = out / "results.csv"
+    lines = path.read_text().splitlines()
+    lines[1] += ",extra"
+    path.write_text("\n".join(lines) + "\n")
+
+
 def _column_twice(out):
     """results.csv with its time_median_s column repeated, the first copy edited."""
     path = out / "results.csv"
@@ -566,6 +574,7 @@ CORRUPTIONS = {
     "peak-huge": (_edit_row("peak_bytes", "1e300"), "peak_bytes = '1e300'"),
     "time-tiny": (_edit_row("time_median_s", "1e-300"), "time_median_s = '1e-300'"),
     "column-twice": (_column_twice, "names the columns ['time_median_s'] more than once"),
+    "field-too-many": (_field_too_many, "line 2 has more fields than the header"),
     "record-device-number": (
         _edit_record(_first_device(lambda d: d["environment"].update(device=5))),
         "names its device 5, not cpu or cuda",

@@ -302,7 +302,7 @@ def test_resuming_around_another_base_point_is_refused(tmp_path):
         ({"output_metric": "sampled"}, "output_metric exact, not sampled.*--output-metric exact"),
         ({"dtypes": ("float64",)}, "dtype float32, not float64.*--dtypes float32"),
         ({"seed": 7}, "seed 0, not 7.*--seed 0"),
-        ({"damping": 0.1}, "damping 0.001, not 0.1"),
+        ({"damping": 0.1}, r"damping 0.001, not 0.1.*Grid\(damping=0.001\) from Python"),
     ],
     ids=["output-metric", "dtype", "seed", "damping"],
 )
