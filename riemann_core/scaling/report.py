@@ -7,6 +7,7 @@ one colour in every figure (:func:`colour`).
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Callable
@@ -291,8 +292,17 @@ def _write_reports(
         "Fits and claims never mix devices: each has its own report.",
         "",
     ]
+    slugs: set[str] = set()
     for name, rows, device in parts:
-        directory = stage / "devices" / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        # one directory per device: names that differ in case or punctuation only, or
+        # with no letter or digit, share a slug (found by a hunt: one report overwrote
+        # the other, or landed in devices/ itself)
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
+        slug = next(
+            s for i in itertools.count(1) if (s := slug + (f"-{i}" if i > 1 else "")) not in slugs
+        )
+        slugs.add(slug)
+        directory = stage / "devices" / slug
         directory.mkdir(parents=True, exist_ok=True)
         path = device_report(
             rows, device, directory, out, contributed, seed=seed, progress=progress

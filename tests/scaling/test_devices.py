@@ -134,6 +134,22 @@ def test_a_report_per_device_and_an_index(tmp_path, monkeypatch):
     assert "The rates held steady during the sweep." in a
 
 
+def test_devices_whose_names_share_a_slug_get_a_report_each(tmp_path, monkeypatch):
+    """Found by a hunt: "GPU A" and "gpu a" both wrote devices/gpu-a/, one over the other."""
+    monkeypatch.setattr(report, "figures", lambda *a, **k: {})
+    df, meta = two_devices()
+    df["device_name"] = df["device_name"].replace("GPU B", "gpu a")
+    meta["devices"]["gpu a"] = meta["devices"].pop("GPU B")
+    meta["devices"]["gpu a"]["environment"]["device_name"] = "gpu a"
+    df.to_csv(tmp_path / "results.csv", index=False)
+    (tmp_path / "sweep.json").write_text(json.dumps(meta))
+    index = report.write_report(tmp_path).read_text()
+    for name, slug in (("GPU A", "gpu-a"), ("gpu a", "gpu-a-2")):
+        assert f"[{name}](devices/{slug}/report.md)" in index
+        own = (tmp_path / "devices" / slug / "report.md").read_text()
+        assert own.startswith(f"# Scaling report: {name}")
+
+
 def test_achieved_rates_of_each_dtype_use_that_dtypes_rates():
     """Found by review: a sweep of float32 and float64 read every point against the median
     of both dtypes' rates (a float32 point's time over its speed of light 2.13 read 1.40)."""
