@@ -96,6 +96,19 @@ def names(text: str) -> tuple[str, ...]:
     return chosen
 
 
+def check_report_only(args: argparse.Namespace, parser_group: str, dests: tuple[str, ...]) -> None:
+    """``ValueError`` naming the study options given beside ``--report-only``, which draws
+    the report from the recorded study and would ignore them (found by a hunt: ``train
+    --report-only --lrs 0.1`` said nothing)."""
+    given = ["--" + d.replace("_", "-") for d in dests if getattr(args, d, None) is not None]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} would be ignored with --report-only, which draws the report "
+            f"from the {parser_group} recorded in --out: drop {'them' if len(given) > 1 else 'it'}, "
+            "or run the study without --report-only"
+        )
+
+
 def check_choices(what: str, chosen: tuple[str, ...], known: tuple[str, ...]) -> None:
     """``ValueError`` naming the unknown ``what``\\ s and the choices, for an empty choice,
     or for one listed twice."""

@@ -33,7 +33,16 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..arguments import Command, check_choices, check_distinct, default_out, floats, ints, names
+from ..arguments import (
+    Command,
+    check_choices,
+    check_distinct,
+    check_report_only,
+    default_out,
+    floats,
+    ints,
+    names,
+)
 from . import digits
 from .stability_fit import METRICS
 from .trainer import OPTIMISERS, Config, train
@@ -91,6 +100,11 @@ QUICK = Sweep(
         "steps": 200,
     }
 )
+
+
+#: the options that describe the sweep (``--report-only`` reads the recorded one)
+SWEEP_OPTIONS = ("methods", "dampings", "sizes", "pairs", "steps", "lr", "batch_size", "model",
+                 "dtype")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -263,6 +277,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = out_dir(args)
     if args.report_only:
+        check_report_only(args, "sweep", SWEEP_OPTIONS)
         print(f"wrote {write_report(out)}")
         return 0
     sweep = sweep_from(args)

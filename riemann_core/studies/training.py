@@ -20,7 +20,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..arguments import Command, check_choices, check_distinct, default_out, floats, names
+from ..arguments import (
+    Command,
+    check_choices,
+    check_distinct,
+    check_report_only,
+    default_out,
+    floats,
+    names,
+)
 from . import digits
 from .trainer import OPTIMISERS, Config, train
 
@@ -92,6 +100,11 @@ QUICK = Study(
         "evaluations": 20,
     }
 )
+
+
+#: the options that describe the study (``--report-only`` reads the recorded one)
+STUDY_OPTIONS = ("models", "methods", "lrs", "dampings", "seeds", "epochs", "batch_size",
+                 "evaluations", "target_accuracy", "dtype")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -218,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = out_dir(args)
     if args.report_only:
+        check_report_only(args, "study", STUDY_OPTIONS)
         print(f"wrote {write_report(out)}")
         return 0
     from ..measure.output import check_not_foreign, results_directory

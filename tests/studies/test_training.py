@@ -79,6 +79,9 @@ def test_report_only_redraws_and_corrupted_results_are_refused(study, tmp_path, 
     (sweep / "sweep.json").write_text("{}")
     assert cli.main(["train", "--report-only", "--out", str(sweep)]) == 2
     assert "holds the results of 'riemann-bench sweep', not of" in capsys.readouterr().err
+    # study options it would ignore: refused (found by a hunt: ignored without a word)
+    assert cli.main(["train", "--report-only", "--lrs", "0.1", "--out", str(tmp_path)]) == 2
+    assert "--lrs would be ignored with --report-only" in capsys.readouterr().err
 
 
 def second(frame: pd.DataFrame, **cells) -> pd.DataFrame:
