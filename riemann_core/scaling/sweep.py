@@ -1013,6 +1013,13 @@ def check_rows_of_record(rows: list[dict], record: dict, out: Path) -> None:
                 f"{name or unnamed!r} (a blank device_name stands for it); remove one of "
                 "them, or pass another --out"
             )
+        if len(devices) > 1 and row["status"] == "ok" and not name:  # found by a hunt
+            raise ResultsFileError(
+                f"{out / 'results.csv'} line {line}: a measured point without a device_name, "
+                f"in a sweep over {len(devices)} devices ({sorted(devices)}): which one "
+                "measured it is not recorded (only a lost point, not measured, has none). "
+                "Restore its device_name, or remove the line"
+            )
         if devices and row["status"] == "ok" and name and name not in devices:
             raise ResultsFileError(
                 f"{out / 'results.csv'} line {line}: a point measured on {name!r}, which "

@@ -172,3 +172,14 @@ def test_achieved_rates_of_each_dtype_use_that_dtypes_rates():
     pd.testing.assert_series_equal(single["sol_s"], alone["sol_s"])
     ratio = both.loc[both["dtype"] == "float64", "sol_s"].to_numpy() / alone["sol_s"].to_numpy()
     assert np.allclose(ratio[np.isfinite(ratio)], 2.0)
+
+
+def test_a_measured_point_without_its_device_in_a_sweep_over_several_is_named(tmp_path):
+    """Found by a hunt: report blamed the dtype ("sweep.json records no device rates in
+    float32"), not the blank device_name of a measured row."""
+    df, meta = two_devices()
+    df.loc[df.index[df["device_name"] == "GPU B"][0], "device_name"] = ""
+    df.to_csv(tmp_path / "results.csv", index=False)
+    (tmp_path / "sweep.json").write_text(json.dumps(meta))
+    with pytest.raises(sweep.ResultsFileError, match="a measured point without a device_name"):
+        fit.read_sweep(tmp_path)
