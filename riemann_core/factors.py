@@ -174,6 +174,13 @@ def output_factor(
                 f"a custom output_metric must return a factor of shape (N, r, C) = "
                 f"({N}, r, {C}) with r >= 1; it returned {shape}"
             )
+        if not F.dtype.is_floating_point:  # (found by a hunt: a complex one was cast to
+            # real, its imaginary part dropped, the direction 23-108x off)
+            raise ValueError(
+                f"a custom output_metric must return a real floating-point factor, got "
+                f"{F.dtype}: for a complex F with F^H F = M, return the real factor "
+                "torch.cat([F.real, F.imag], dim=1), whose F^T F is the same M"
+            )
         return F.to(outputs.dtype)
     if sampled:
         return sampled_mse_factor(outputs, samples, generator)

@@ -751,3 +751,21 @@ def test_correlated_factor_rows_do_not_hide_an_inaccurate_direction(method):
             got = rc.direction(model, x, y, loss="mse", method=method, damping=damping)
         warned = any(issubclass(w.category, rc.AccuracyWarning) for w in caught)
         assert warned or rel_error(flatten(got, model), expected) < 1e-2, damping
+
+
+@pytest.mark.parametrize("options", [{"solve_dtype": torch.float64}, {"refine": 1}])
+@pytest.mark.parametrize("method", ["layerwise", "full"])
+def test_diagnostics_are_of_the_direction_returned_not_of_its_float64_iterate(method, options):
+    """Found by a hunt: with a float64 solve (or refinement) of a float32 model, the
+    residual and the update norm were the float64 iterate's (3.5e-14), not those of the
+    float32 direction returned (1.0e-7)."""
+    model, x, y = PROBLEM.make(torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rc.AccuracyWarning)
+        dirs, diags = rc.direction(
+            model, x, y, method=method, damping=1e-3, return_diagnostics=True, **options
+        )
+    returned = torch.cat([d.flatten() for d in dirs.values()]).double()
+    assert sum(d.update_norm**2 for d in diags) ** 0.5 == pytest.approx(float(returned.norm()))
+    # a float32 direction's residual (rounding alone: ~1e-7), not its float64 iterate's
+    assert all(diag.residual > 1e-9 for diag in diags)

@@ -342,6 +342,19 @@ def test_custom_factor_of_wrong_shape_raises(bad):
         rc.direction(model, x, y, output_metric=lambda out, tgt: bad(out))
 
 
+@pytest.mark.parametrize("dtype", [torch.complex128, torch.int64, torch.bool])
+def test_custom_factor_that_is_not_real_floating_point_raises(dtype):
+    """Found by a hunt: a complex factor with F^H F = M was cast to real (its imaginary
+    part dropped, the direction 23-108x off), with torch's warning only."""
+    model, x, y = Problem().make()
+
+    def factor(out, tgt):
+        return (1j * symmetric_sqrt_factor(out, tgt)).to(dtype)
+
+    with pytest.raises(ValueError, match=f"real floating-point factor, got {dtype}"):
+        rc.direction(model, x, y, output_metric=factor)
+
+
 def test_custom_factor_with_nan_raises():
     model, x, y = Problem().make()
 

@@ -11,7 +11,9 @@ oracle's own one-sample Monte Carlo Fisher, drawn from the same seed.
 
 from __future__ import annotations
 
+import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -464,3 +466,27 @@ def test_kfac_of_same_padding_is_that_of_the_padded_input(scheme, bias):
     got, expected = rc.direction(same, x, y, **kw), rc.direction(padded, x, y, **kw)
     for (name, a), b in zip(got.items(), expected.values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0, msg=name)
+
+
+def test_the_exact_damping_s_condition_of_a_singular_float32_factor_is_not_rounded_up():
+    """Found by a hunt: cross-entropy's Gamma is singular, and float32's eigh read its zero
+    eigenvalue as ~3.7e-8, so at damping 1e-10 the reported condition was 370x low (the
+    figure behind the accuracy warning). Only the last bias trains: its block is Gamma's."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 4, (6,))
+    model[0].requires_grad_(False)
+    model[2].weight.requires_grad_(False)
+    with torch.no_grad():
+        p = torch.softmax(model(x), 1)
+    gamma = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mean(0)
+    damping = 1e-10
+    eigenvalues = torch.linalg.eigvalsh(gamma)
+    true = float((eigenvalues[-1] + damping) / (eigenvalues[0].clamp_min(0) + damping))
+    for m, xx in ((model, x), (copy.deepcopy(model).float(), x.float())):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rc.AccuracyWarning)
+            _, diags = rc.direction(
+                m, xx, y, method="kfac", damping=damping, return_diagnostics=True
+            )
+        assert diags[0].condition == pytest.approx(true, rel=0.05)
