@@ -153,22 +153,23 @@ def test_damping_1e_30_is_refused_or_warned(method):
 @pytest.mark.parametrize("method", ["layerwise", "natural", "full"], ids=lambda m: f"method={m}")
 def test_float64_solve_forms_the_gram_in_float64(method):
     """At ``damping=1e-7`` a float32 Gram is off by ``~eps ||K||^2 ~ mu``; formed and
-    factorised in float64 the solve leaves a float64-sized residual: within a few
-    ``eps(float64) cond(G)`` (1e-9 here, where float32 would leave ~1)."""
+    factorised in float64 the solve leaves a float64-sized residual, and the direction
+    returned, rounded to float32, that rounding's alone (3e-8 to 3e-7 measured, where a
+    float32 solve would leave ~1; the diagnostics are of the direction returned)."""
     model, x, y = PROBLEM.make(torch.float32)
-    _, cond = oracle(method, 1e-7)
     _, diags = rc.direction(
         model, x, y, method=method, damping=1e-7, solve_dtype=torch.float64,
         return_diagnostics=True,
     )  # fmt: skip
-    assert all(d.residual < 4 * torch.finfo(torch.float64).eps * cond for d in diags)
+    assert all(d.residual < 1e-6 for d in diags)
 
 
 @pytest.mark.parametrize("method", ["layerwise", "natural", "full"], ids=lambda m: f"method={m}")
 def test_mixed_precision_refinement_converges(method):
     """At ``damping=1e-4`` (``eps cond(G) ~ 7e-4``): each step of float64 residual and
-    float32 correction divides the residual, and one step reaches the accuracy of a
-    float64 solve of the same float32 data (the best the data allow)."""
+    float32 correction divides the residual (down to the float32 rounding of the direction
+    returned, ~1e-8 to 1e-7, which the diagnostics report), and one step reaches the
+    accuracy of a float64 solve of the same float32 data (the best the data allow)."""
     model, x, y = PROBLEM.make(torch.float32)
     expected, _ = oracle(method, 1e-4)
     residuals, errors = [], []
@@ -179,7 +180,9 @@ def test_mixed_precision_refinement_converges(method):
         residuals.append(max(d.residual for d in diags))
         errors.append(rel_error(flatten(dirs, model), expected))
     best = rc.direction(model, x, y, method=method, damping=1e-4, solve_dtype=torch.float64)
-    assert residuals[1] < residuals[0] / 10 and residuals[2] <= residuals[1] * 1.01
+    rounding = 1e-6  # the float32 direction's own, at most
+    assert residuals[1] < max(residuals[0] / 10, rounding)
+    assert residuals[2] <= max(residuals[1] * 1.01, rounding)
     assert errors[1] < errors[0]
     assert errors[1] <= 1.1 * rel_error(flatten(best, model), expected)
 
