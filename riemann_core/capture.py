@@ -493,7 +493,9 @@ def owners(model: nn.Module) -> tuple[tuple[str, nn.Module, tuple[Tensor, ...]],
 
 
 @contextlib.contextmanager
-def buffers_kept(model: nn.Module, start: dict[str, Tensor] | None = None):
+def buffers_kept(
+    model: nn.Module, start: dict[str, Tensor] | None = None, modules: list | None = None
+):
     """Run riemann_core's own forward passes on copies of the model's buffers and put the
     originals back afterwards: a module may update its buffers as it runs (quantisation
     observers, spectral_norm's power iteration), and the model must be left as it was,
@@ -501,9 +503,11 @@ def buffers_kept(model: nn.Module, start: dict[str, Tensor] | None = None):
     saved for the backward pass stays intact. Costs a copy of the buffers per forward.
 
     ``start`` (qualified name -> tensor, :class:`BufferStates`): the copies are of these
-    instead, the buffers as a recorded forward pass found them, for its replay."""
+    instead, the buffers as a recorded forward pass found them, for its replay.
+    ``modules``: ``(qualified name, module)`` of ``model`` to do it for (all by default)."""
     start = start or {}
-    kept = [(prefix, module, dict(module._buffers)) for prefix, module in model.named_modules()]
+    named = model.named_modules() if modules is None else modules
+    kept = [(prefix, module, dict(module._buffers)) for prefix, module in named]
     for prefix, module, buffers in kept:
         for name, b in buffers.items():
             if isinstance(b, Tensor):

@@ -1033,6 +1033,15 @@ def kronecker_handler(handler: Handler) -> PatchHandler:
     return structured if structured.dtype == handler.dtype else structured.to(handler.dtype)
 
 
+def evaluated_per_sample(module: nn.Module, kernel: str) -> bool:
+    """Whether :func:`handler_for` gives a call of ``module`` (one owning trainable
+    parameters) the generic kernel, which evaluates it again one sample at a time."""
+    if kernel == "generic":
+        return True
+    cls = STRUCTURED.get(type(module))
+    return kernel == "auto" and (cls is None or cls.supports(module) is not None)
+
+
 def handler_for(block: Block, kernel: str) -> Handler:
     """The kernel for ``block``: structured where registered, generic where asked for; a
     shared block sums the kernels of its calls."""

@@ -490,3 +490,23 @@ def test_the_exact_damping_s_condition_of_a_singular_float32_factor_is_not_round
                 m, xx, y, method="kfac", damping=damping, return_diagnostics=True
             )
         assert diags[0].condition == pytest.approx(true, rel=0.05)
+
+
+def test_the_exact_damping_s_condition_of_a_wide_float32_layer_is_not_read_high():
+    """Found by review: taking each smallest eigenvalue at the low end of ``n eps`` times
+    the largest read a float32 layer of 512 inputs spread over 1e2 in scale 300x
+    ill-conditioned (5.4e6 against 1.7e4), with a false accuracy warning."""
+    torch.manual_seed(0)
+    model = nn.Linear(512, 4)
+    x = torch.randn(2048, 512) * torch.logspace(0, 2, 512)
+    y = torch.randn(2048, 4)
+    conditions = []
+    for dtype in (torch.float32, torch.float64):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", rc.AccuracyWarning)  # none here: eps cond ~ 2e-3
+            _, diags = rc.direction(
+                copy.deepcopy(model).to(dtype), x.to(dtype), y.to(dtype), loss="mse",
+                method="kfac", damping=1e-3, return_diagnostics=True,
+            )  # fmt: skip
+        conditions.append(diags[0].condition)
+    assert conditions[0] == pytest.approx(conditions[1], rel=0.1)

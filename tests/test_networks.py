@@ -2130,6 +2130,36 @@ def test_a_large_buffer_written_through_data_is_replayed_from_its_start(from_the
         step()
 
 
+def test_a_replay_refused_under_the_generic_kernel_names_the_buffers_rightly():
+    """Found by review: with the buffers of a generic module on copies during the solve,
+    a large constant buffer read as replaced, and a replay differing for another reason
+    (Python state) was blamed on it: "changed after that pass"."""
+
+    class Scaled(nn.Module):  # its own parameter: the generic kernel's, with a buffer
+        def __init__(self):
+            super().__init__()
+            self.lin, self.scale = nn.Linear(5, 3), nn.Parameter(torch.ones(3))
+            self.register_buffer("table", torch.ones(capture.LARGE_BUFFER_BYTES // 8))
+            self.k = 1.0
+
+        def forward(self, x):
+            return self.lin(x) * self.scale * self.table[:3] * self.k
+
+    torch.manual_seed(0)
+    model = Scaled().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel="auto")
+    for _ in range(2):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    model.k = 2.0  # state outside the replay: the replay differs; the table never changed
+    with pytest.raises(ValueError, match=r"buffers \['table'\] were not copied"):
+        pre.step()
+
+
 @pytest.mark.parametrize("classes", [2, 3], ids=lambda c: f"classes={c}")
 @pytest.mark.parametrize("channels", [1, 8], ids=lambda c: f"num_parameters={c}")
 @pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
