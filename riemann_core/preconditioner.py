@@ -292,7 +292,7 @@ class RiemannianPreconditioner:
             args,
             kwargs,
             rng_state(cuda),
-            self._buffer_states.before_pass(self.model),
+            self._buffer_states.before_pass(self.network),
             autocast_state(device_types),
         )
         self._output = self._differentiated = None  # until this pass returns
@@ -347,7 +347,7 @@ class RiemannianPreconditioner:
             self._output = [t.detach().clone() if copy else t.detach() for t in tensors]
             self._output_versions = [t._version for t in self._output]
             self._differentiated = Differentiated(tensors)
-            self._buffer_states.after_pass(self.model, self._batch[3])
+            self._buffer_states.after_pass(self.network, self._batch[3])
             # an input the forward pass itself changed in place (x /= 255): named on refusal
             self._edited_in_forward = any(
                 n is None and t._version != v for n, t, v in self._versions
@@ -693,7 +693,7 @@ class RiemannianPreconditioner:
                 buffers.copies,
                 autocast,
                 functools.partial(
-                    self._replay_cause, self._buffer_states.changes(self.model, buffers)
+                    self._replay_cause, self._buffer_states.changes(self.network, buffers)
                 ),
             )
             try:
@@ -740,7 +740,7 @@ class RiemannianPreconditioner:
         kernel = self._options.kernel
         if kernel == "structured" or self._batch is None:
             return contextlib.nullcontext()
-        named = list(self.model.named_modules())
+        named = list(self.network.named_modules())
         generic = [
             prefix
             for prefix, m in named
@@ -755,7 +755,7 @@ class RiemannianPreconditioner:
             for prefix, m in named
             if any(prefix == g or prefix.startswith(f"{g}.") or not g for g in generic)
         ]
-        return buffers_kept(self.model, self._batch[3].copies, inside)
+        return buffers_kept(self.network, self._batch[3].copies, inside)
 
     def _commit(self) -> None:
         """Keep K-FAC's state of a step that succeeded."""

@@ -97,6 +97,18 @@ class Scale(nn.Module):
         return x * self.scale
 
 
+class Counted(nn.Module):
+    """A buffer the forward pass updates (a step counter), on which the output depends."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        self.count.add_(1)
+        return x * (1 + 0.1 * self.count)
+
+
 class WithUnused(nn.Module):
     """A network beside a trainable module its forward never calls."""
 
@@ -489,6 +501,16 @@ def _failures(rank, world) -> dict:
         (p.grad is None and before[n] is None) or torch.equal(p.grad, before[n])
         for n, p in unused.module.named_parameters()
     )
+    # found by review: the buffers' starting state was recorded under the wrapper's names
+    # (module.1.0.count) and replayed under the module's (1.0.count): refused at every step
+    counted = network("mlp")[0]
+    counted[1] = nn.Sequential(Counted(), nn.Tanh())
+    wrapped = DistributedDataParallel(counted)
+    pre_counted = rc.RiemannianPreconditioner(
+        wrapped, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
+    )
+    F.cross_entropy(wrapped(x[even]), y[even]).backward()
+    out["ddp counted buffer"] = _outcome(pre_counted.step)
     # found by review: an option refused on one rank when the preconditioner was made left
     # the others waiting out the timeout, then blaming the process group
     made = _outcome(
@@ -738,6 +760,7 @@ def test_ranks_whose_frozen_weights_buffers_or_modes_differ_are_refused(run):
                 assert kind == "ValueError" and "hold different parameters or buffers" in message
             assert failures["frozen first"] is None and failures["frozen first again"] is None
         assert failures["inference buffer"] is None
+        assert failures["ddp counted buffer"] is None
         assert failures["observer in training"] is None
         said = failures["autocast warned"]
         assert all("bfloat16 rows of the forward pass under autocast" in m for m in said)
