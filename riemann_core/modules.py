@@ -644,8 +644,16 @@ class GenericHandler(Handler):
         # its buffers as copies: a module that updates them as it runs (a quantisation
         # observer) must leave the model's as they were (found by a hunt: rc.direction
         # moved a QAT Linear's observer)
-        values |= {f"module.{n}": b.clone() for n, b in self.block.module.named_buffers()}
-        output = functional_call(_Unhooked(self.block.module), values, tuple(args), kwargs)
+        module = self.block.module
+        values |= {f"module.{n}": b.clone() for n, b in module.named_buffers()}
+        registered = {id(m): set(m._buffers.keys()) for m in module.modules()}
+        try:
+            output = functional_call(_Unhooked(module), values, tuple(args), kwargs)
+        finally:  # nor keep a buffer it registers as it runs (found by review: one holding
+            # torch.func's wrapped tensor was left in the user's model)
+            for m in module.modules():
+                for name in [n for n in m._buffers.keys() if n not in registered.get(id(m), ())]:
+                    del m._buffers[name]
         index = self.block.output_index
         return output if index is None else output[index]
 

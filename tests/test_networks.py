@@ -2130,6 +2130,27 @@ def test_a_large_buffer_written_through_data_is_replayed_from_its_start(from_the
         step()
 
 
+def test_a_buffer_registered_in_forward_is_not_left_by_the_generic_kernel():
+    """Found by review: evaluated one sample at a time, a module that registers a buffer
+    in its forward left it in the user's model, holding torch.func's wrapped tensor."""
+
+    class Registering(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 5, dtype=torch.float64) * 0.5)
+
+        def forward(self, x):
+            if not hasattr(self, "extra"):
+                self.register_buffer("extra", torch.ones(1, dtype=torch.float64))
+            return torch.tanh(x @ self.w.T) * self.extra
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), Registering()).double()
+    x, y = torch.randn(7, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    rc.direction(model, x, y, kernel="auto")
+    assert dict(model.named_buffers()) == {} and not hasattr(model[2], "extra")
+
+
 def test_a_replay_refused_under_the_generic_kernel_names_the_buffers_rightly():
     """Found by review: with the buffers of a generic module on copies during the solve,
     a large constant buffer read as replaced, and a replay differing for another reason
