@@ -92,6 +92,12 @@ def load(out: Path) -> tuple[pd.DataFrame, dict]:
     (pairs,), meta = read_study(out, tables, "stability.json", keys, COMMAND, numeric, numeric)
     check_record(meta, out / "stability.json", COMMAND, RECORD)
     check_options(meta, "sweep", out / "stability.json", COMMAND, sweep_of)
+    largest = max(meta["sweep"]["sizes"])
+    if meta["pool"] <= largest:  # each pair draws a set and one more example from the pool
+        raise ValueError(  # (found by a hunt: a pool of 10 beside sizes to 1200 was printed)
+            f"{out / 'stability.json'}: 'pool' is {meta['pool']}, but the study draws training "
+            f"sets of up to {largest} examples and one more from it: {rerun(COMMAND)}"
+        )
     labels = {"method": meta["sweep"]["methods"], "status": STATUSES}
     check_rows(pairs, out / "pairs.csv", COMMAND, labels, RANGES, EVERY_ROW)
     check_design(pairs, meta, out / "pairs.csv")

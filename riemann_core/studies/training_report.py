@@ -173,6 +173,19 @@ def check_design(runs: pd.DataFrame, tuning: pd.DataFrame, meta: dict, out: Path
                 f"{out / 'runs.csv'} line {first_line(bad)} holds {what}: the files come from "
                 f"different studies, {rerun(COMMAND)}"
             )
+    # a run ends at its first record that is not ok (found by a hunt: a diverged record
+    # followed by ok ones of the same run was read, and moved a steps-to-target interval)
+    ended = runs[runs["status"] != "ok"].groupby(["model", "method", "seed"])["step"].min()
+    for (model, method, seed), step in ended.items():
+        run = runs[(runs["model"] == model) & (runs["method"] == method) & (runs["seed"] == seed)]
+        later = run["step"] > step
+        if later.any():
+            line = first_line(runs.index.to_series().isin(run.index[later]))
+            raise ValueError(
+                f"{out / 'runs.csv'} line {line}: "
+                f"the run {model}/{method} seed {seed} ended at step {step} (a record that is "
+                f"not ok), and a run records nothing after that: {rerun(COMMAND)}"
+            )
     last = final_rows(runs)
     short = last[(last["status"] == "ok") & (last["step"] != meta["steps"])]
     if not short.empty:

@@ -261,6 +261,8 @@ def test_report_only_refuses_unknown_labels_and_impossible_numbers(
         ("sweep.lr", -5, "'sweep' holds options the command refuses (--lr must be positive"),
         ("command", None, "lacks the record of the run (sweep, command, environment)"),
         ("pool", None, "lacks 'pool'"),
+        # found by a hunt: printed as recorded
+        ("pool", 10, "'pool' is 10, but the study draws training sets of up to"),
     ],
 )  # fmt: skip
 def test_report_only_refuses_a_record_of_the_wrong_kind(

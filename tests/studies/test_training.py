@@ -608,3 +608,20 @@ def test_unequal_tuning_is_named_per_model_where_the_models_differ():
         line
         == "- Configurations tried in tuning for `mlp` (more tries favour a method): 3 for `sgd`; 2 for `adam`."
     )
+
+
+def test_report_only_refuses_records_after_a_run_ended(study, tmp_path, capsys):
+    """Found by a hunt: a record marked diverged followed by ok records of the same run was
+    read, and moved a steps-to-target interval; a run ends at its first record not ok."""
+    copy_study(study, tmp_path)
+    runs = pd.read_csv(study / "runs.csv")
+    first = runs.index[(runs["status"] == "ok")]
+    run = runs.loc[first[0], ["model", "method", "seed"]]
+    same = runs.index[
+        (runs["model"] == run["model"]) & (runs["method"] == run["method"])
+        & (runs["seed"] == run["seed"])
+    ]  # fmt: skip
+    runs.loc[same[1], "status"] = "diverged"
+    runs.to_csv(tmp_path / "runs.csv", index=False)
+    message = f"runs.csv line {same[2] + 2}: the run {run['model']}/{run['method']} seed"
+    refused("train", tmp_path, message, capsys)
