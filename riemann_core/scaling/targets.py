@@ -87,8 +87,9 @@ REFERENCES = {
 #: The training run of :func:`training_run`: SGD at this learning rate on the
 #: preconditioned direction, for this many rounds (two training steps each, one timed).
 TRAINING_LR, TRAINING_ROUNDS = 1e-3, 40
-#: The name of the README's generated block (``--readme``): its lines
-#: ``<!-- riemann-bench targets: begin -->`` and ``<!-- riemann-bench targets: end -->``.
+#: The name of the README's generated block (``--readme``) of a CPU run: its lines
+#: ``<!-- riemann-bench targets: begin -->`` and ``<!-- riemann-bench targets: end -->``;
+#: other devices' runs have blocks of their own (:func:`readme_block`).
 README_BLOCK = "riemann-bench targets"
 #: About 4k parameters each: a narrow hidden layer, one and two wider ones.
 SMALL_NETWORKS = ((784, 5, 10), (64, 56, 10), (64, 48, 16, 10))
@@ -634,6 +635,14 @@ def readme_targets(payload: dict, link: str) -> str:
     return "\n".join(lines)
 
 
+def readme_block(device) -> str:
+    """The README block a run on ``device`` rewrites: :data:`README_BLOCK` on the CPU,
+    ``riemann-bench targets (cuda)`` on a GPU, so that one device's run leaves the other
+    devices' tables as they are."""
+    kind = torch.device(device).type
+    return README_BLOCK if kind == "cpu" else f"{README_BLOCK} ({kind})"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--readme",
@@ -641,7 +650,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="also rewrite the table between the lines '<!-- riemann-bench targets: begin "
         "-->' and '<!-- riemann-bench targets: end -->' of FILE (a README) with this run's "
-        "figures; needs --out, whose pages the table links",
+        "figures ('riemann-bench targets (cuda)' in both lines for a run on a GPU); needs "
+        "--out, whose pages the table links",
     )
 
 
@@ -678,7 +688,7 @@ def run(args) -> int:
         if not readme.is_file():
             what = "a directory" if readme.is_dir() else "no such file"
             raise ValueError(f"--readme {readme}: {what}; pass the README to update")
-        generated_block(readme.read_text(), README_BLOCK, readme)
+        generated_block(readme.read_text(), readme_block(args.device), readme)
     if args.out is not None:  # fail on an unusable --out before the work, not after
         args.out.mkdir(parents=True, exist_ok=True)
     from ..measure.environment import environment
@@ -702,7 +712,8 @@ def run(args) -> int:
         if readme is not None:
             link = Path(os.path.relpath(args.out.resolve(), readme.resolve().parent)).as_posix()
             table = readme_targets({**payload, "kfac": kfac}, link)
-            print(f"wrote {replace_generated_block(readme, README_BLOCK, table)}")
+            block = readme_block(args.device)
+            print(f"wrote {replace_generated_block(readme, block, table)}")
     core, slower = missed(result), kfac_targets.missed(kfac)
     noisy = missed(result, NOISY) + [f"K-FAC {m}" for m in kfac_targets.missed(kfac, NOISY)]
     if noisy:

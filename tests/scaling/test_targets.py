@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from test_kfac_targets import core_result, kfac_result
 
-from riemann_core.measure import public_kfac
+from riemann_core.measure import environment, public_kfac
 from riemann_core.measure.output import generated_block
 from riemann_core.scaling import kfac_targets, targets
 
@@ -255,6 +255,28 @@ def test_readme_gets_this_runs_table_between_its_markers_only(tmp_path, monkeypa
     assert "[reports/cpu/kfac.md](reports/cpu/kfac.md)" in block
 
 
+def test_a_gpu_run_rewrites_its_own_block_and_leaves_the_cpus(tmp_path, monkeypatch):
+    """A run on a GPU writes the block named for its device kind; the CPU's table stays."""
+    _fake_measurements(monkeypatch, kfac_ratio=0.5)
+    real = environment.environment("cpu")
+    monkeypatch.setattr(environment, "environment", lambda device: {**real, "device_name": "GPU"})
+    gpu = targets.readme_block("cuda:0")
+    cpu_block = f"{BEGIN}\nthe CPU's table\n{END}\n"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{cpu_block}<!-- {gpu}: begin -->\nold\n<!-- {gpu}: end -->\n")
+    out = tmp_path / "reports" / "cuda"
+    args = _args(out, readme, f"riemann-bench targets --device cuda --out {out}")
+    args.device = "cuda"
+    targets.run(args)
+    text = readme.read_text()
+    assert gpu == "riemann-bench targets (cuda)" and text.startswith(cpu_block)
+    assert "old" not in text and "on GPU (" in text
+    assert "[reports/cuda/targets.md](reports/cuda/targets.md)" in text
+    readme.write_text(cpu_block)  # no block for the GPU: refused before any work
+    with pytest.raises(ValueError, match=r"riemann-bench targets \(cuda\): begin"):
+        targets.run(args)
+
+
 @pytest.mark.parametrize(
     "text", ["no markers\n", f"{END}\n{BEGIN}\n", f"{BEGIN}\n{BEGIN}\n{END}\n"]
 )
@@ -278,12 +300,17 @@ def test_a_readme_without_one_pair_of_markers_is_refused_before_any_work(
         targets.run(_args(out, tmp_path))
 
 
-def test_the_readmes_table_is_the_committed_run_of_targets():
-    """The README's performance table is what the command wrote from
-    reports/cpu/targets.json, not typed: regenerated from that file, it is the same."""
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_readmes_table_is_the_committed_run_of_targets(device):
+    """The README's performance table of each device is what the command wrote from
+    reports/<device>/targets.json, not typed: regenerated from that file, it is the same."""
     root = Path(__file__).resolve().parents[2]
     text = (root / "README.md").read_text()
-    start, end = generated_block(text, targets.README_BLOCK)
-    payload = json.loads((root / "reports" / "cpu" / "targets.json").read_text())
+    start, end = generated_block(text, targets.readme_block(device))
+    saved = root / "reports" / device / "targets.json"
+    if device == "cuda" and not saved.exists():
+        assert text[start:end] == "Not measured yet.\n"
+        return
+    payload = json.loads(saved.read_text())
     assert "--readme README.md" in payload["command"]
-    assert text[start:end] == targets.readme_targets(payload, "reports/cpu") + "\n"
+    assert text[start:end] == targets.readme_targets(payload, f"reports/{device}") + "\n"
