@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from . import costs
 from ._checks import Deferred
-from .kronecker import Factor
+from .kronecker import Factor, eigen_together
 from .methods import SOLVERS, LayerDiagnostics, Options, Problem, finish, kfac
 from .modules import Block, Handler, LinearHandler, PatchHandler, kronecker_handler
 from .ownership import assign
@@ -486,15 +486,19 @@ class _Materialised(Handler):
 def _kronecker_solves(problem: Problem, factors: list[list[Tensor]], opts: Options):
     """K-FAC's solve of each block of ``problem`` from the global batch's summed dense
     factors ``[Gamma, A]`` (``[Gamma]`` where no part has an input factor)."""
-    solves = []
-    for i, (h, (gamma, *A)) in enumerate(zip(problem.handlers, factors, strict=True)):
+    pairs = []
+    for h, (gamma, *A) in zip(problem.handlers, factors, strict=True):
         name = h.block.name
-        parts = kfac.parts_of(h, opts.kfac_bias)
         gamma = Factor(matrix=gamma, what=f"K-FAC output factor Gamma of module {name!r}")
         A = [Factor(matrix=a, what=f"K-FAC input factor A of module {name!r}") for a in A]
-        inputs = {p.name: A[0] for p in parts if not p.bias_only}
-        solves.append(kfac.fresh_solve(h, i, problem.gradient_of(i), opts, (gamma, inputs)))
-    return solves
+        parts = kfac.parts_of(h, opts.kfac_bias)
+        pairs.append((gamma, {p.name: A[0] for p in parts if not p.bias_only}))
+    if opts.kfac_damping == "exact":  # those of one order in one call, as kfac.solve does
+        eigen_together(f for gamma, inputs in pairs for f in (gamma, *inputs.values()))
+    return [
+        kfac.fresh_solve(h, i, problem.gradient_of(i), opts, pair)
+        for i, (h, pair) in enumerate(zip(problem.handlers, pairs, strict=True))
+    ]
 
 
 def _samples(problem: Problem) -> int:

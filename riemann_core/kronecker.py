@@ -44,6 +44,7 @@ naming the factor when that is not enough.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -86,14 +87,41 @@ def eigh(matrix: Tensor, what: str) -> tuple[Tensor, Tensor]:
 
 
 def eigh_deferred(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Eigenvalues, eigenvectors and a device boolean ``failed``, without a host sync
-    (on CUDA ``torch.linalg.eigh`` itself waits to check LAPACK's status)."""
+    """Eigenvalues, eigenvectors and a device boolean ``failed`` (one per matrix of a
+    batch ``(..., n, n)``), without a host sync of ours (on CUDA ``torch.linalg.eigh``
+    itself waits to check the solver's status: once per call, however large the batch)."""
     try:
         values, vectors = torch.linalg.eigh(matrix)
     except torch.linalg.LinAlgError:  # NaN eigenpairs send it to the slow path
         vectors = torch.full_like(matrix, math.nan)
-        values = vectors[0]
-    return values, vectors, ~torch.isfinite(values.sum() + vectors.sum())
+        values = vectors[..., 0]
+    return values, vectors, ~torch.isfinite(values.sum(-1) + vectors.sum((-2, -1)))
+
+
+def batched(device: torch.device) -> bool:
+    """Whether :func:`eigen_together` batches the factors on ``device``: off the CPU. On
+    CUDA every ``torch.linalg.eigh`` call waits for the host to check its status. On a
+    CPU there is no such wait, LAPACK runs one matrix at a time either way, and MKL's
+    eigenvectors of a matrix differ in their last bits with where it sits in memory, so
+    each is decomposed alone, as a resumed checkpoint decomposes it."""
+    return device.type != "cpu"
+
+
+def eigen_together(factors: Iterable[Factor]) -> None:
+    """The deferred eigendecompositions (:meth:`Factor.eigen`) of ``factors`` on a GPU,
+    those of matrices of one order, dtype and device in one batched call, so that a
+    network of equal widths takes one host sync per order however deep it is, not one
+    per factor (:func:`batched`)."""
+    groups: dict[tuple, list[Factor]] = {}
+    for f in factors:
+        m = f.decomposed()
+        if False not in f._eigen and batched(m.device):
+            groups.setdefault((m.shape, m.dtype, m.device), []).append(f)
+    for group in groups.values():
+        if len(group) > 1:  # alone, Factor.eigen decomposes it when asked
+            values, vectors, failed = eigh_deferred(torch.stack([f.decomposed() for f in group]))
+            for i, f in enumerate(group):
+                f._eigen[False] = f.eigen_of(values[i], vectors[i], failed[i])
 
 
 @dataclass(frozen=True)
@@ -176,23 +204,28 @@ class Factor:
             return R.T @ (R @ Y)
         return self.matrix.double() @ Y
 
+    def decomposed(self) -> Tensor:
+        """The matrix :meth:`eigen` decomposes: the Gram ``R R^T`` of a thin factor, else
+        ``F``."""
+        return self.gram() if self.thin else self.matrix
+
     def eigen(self, checked: bool = False) -> Eigen:
         if checked not in self._eigen:
-            if self.thin:
-                values, U, failed = self._eigh(
-                    self.gram(), f"Gram R R^T of the {self.what}", checked
-                )
-                eigen = Eigen(self.rows.T @ U, values.clamp_min(0), False, failed)
+            matrix = self.decomposed()
+            if checked:
+                what = f"Gram R R^T of the {self.what}" if self.thin else self.what
+                self._eigen[checked] = self.eigen_of(*eigh(matrix, what), None)
             else:
-                values, Q, failed = self._eigh(self.matrix, self.what, checked)
-                # PSD: round-off negatives clamped so that g a^T + mu stays >= mu
-                eigen = Eigen(Q, values.clamp_min(0), True, failed)
-            self._eigen[checked] = eigen
+                self._eigen[checked] = self.eigen_of(*eigh_deferred(matrix))
         return self._eigen[checked]
 
-    @staticmethod
-    def _eigh(matrix: Tensor, what: str, checked: bool):
-        return (*eigh(matrix, what), None) if checked else eigh_deferred(matrix)
+    def eigen_of(self, values: Tensor, vectors: Tensor, failed: Tensor | None) -> Eigen:
+        """The :class:`Eigen` of the eigendecomposition ``(values, vectors)`` of
+        :meth:`decomposed`: ``B = R^T U`` for a thin factor."""
+        # PSD: round-off negatives clamped so that g a^T + mu stays >= mu
+        if self.thin:
+            return Eigen(self.rows.T @ vectors, values.clamp_min(0), False, failed)
+        return Eigen(vectors, values.clamp_min(0), True, failed)
 
     def shifted(self, shift: Tensor | float, checked: bool = False) -> Shifted:
         """``c (F + c I)^{-1}`` for ``c = shift``, factorised (deferred, or checked with

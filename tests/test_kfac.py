@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import warnings
 
 import pytest
@@ -44,6 +45,7 @@ from oracle import (
 from torch import nn
 
 import riemann_core as rc
+from riemann_core import kronecker
 from riemann_core.direction import solve
 from riemann_core.methods import Options
 
@@ -124,6 +126,30 @@ def test_kfac_variant_solves_its_damped_metric(problem, scheme, bias):
         )  # fmt: skip
         expected = solve_kfac_metric(factors, g, damping, scheme, bias)
         assert rel_error(flatten(dirs, model), expected) < 1e-10, damping
+
+
+@pytest.mark.parametrize("bias", ["joint", "separate"])
+@pytest.mark.parametrize("batch", [4, 24], ids=lambda b: f"batch={b}")  # thin and dense
+def test_factors_of_one_order_are_eigendecomposed_in_one_call_where_batched(
+    batch, bias, monkeypatch
+):
+    """Where the factors are batched (on a GPU, where each ``torch.linalg.eigh`` call
+    waits for the host; forced here on the CPU), those of one order take one call, and
+    each direction is still its damped metric's (a deep network of equal widths: one call
+    per order, however deep)."""
+    problem = Problem(depth=5, width=8, batch=batch)
+    model, x, y = problem.make()
+    factors = kfac_factors_for(problem)
+    g = gradient(model, x, y, problem.loss_name)
+    calls, eigh = [], torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m: calls.append(m.shape) or eigh(m))
+    monkeypatch.setattr(kronecker, "batched", lambda device: True)
+    dirs = rc.direction(model, x, y, method="kfac", damping=1e-3, kfac_bias=bias)
+    assert (
+        rel_error(flatten(dirs, model), solve_kfac_metric(factors, g, 1e-3, "exact", bias)) < 1e-10
+    )
+    assert sum(math.prod(s[:-2]) for s in calls) == 2 * problem.depth  # Gamma and A each
+    assert len(calls) == len({s[-2:] for s in calls}) < 2 * problem.depth
 
 
 @functools.cache

@@ -41,6 +41,7 @@ from ..kronecker import (
     Eigen,
     Factor,
     Shifted,
+    eigen_together,
     exact_condition,
     exact_solve,
     split_damping,
@@ -376,15 +377,23 @@ def fresh_solve(
 
 
 def solve(problem: Problem, opts: Options, state: KFACState | None = None) -> list[Solve]:
-    """Each module's solve; with ``state``, the preconditioner's cached factorisations."""
+    """Each module's solve; with ``state``, the preconditioner's cached factorisations.
+    Every module's factors are formed first, so that exact damping eigendecomposes those
+    of one order together (:func:`riemann_core.kronecker.eigen_together`)."""
+    handlers = [kronecker_handler(h) for h in problem.handlers]  # the layer structure
+    if state is None:
+        factors = [module_factors(h, opts) for h in handlers]
+    else:
+        factors = [state.factors(h, opts) for h in handlers]
+    if opts.kfac_damping == "exact":
+        eigen_together(f for pair in factors if pair for f in (pair[0], *pair[1].values()))
     solves = []
-    for i, handler in enumerate(problem.handlers):
-        handler = kronecker_handler(handler)  # the factors need the layer structure
+    for i, (handler, pair) in enumerate(zip(handlers, factors, strict=True)):
         gradient = problem.gradient_of(i)
         if state is None:
-            solves.append(fresh_solve(handler, i, gradient, opts))
+            solves.append(fresh_solve(handler, i, gradient, opts, pair))
         else:
-            solves.append(state.solve(handler, i, gradient, opts, problem.data_dtype))
+            solves.append(state.solve(handler, i, gradient, opts, pair, problem.data_dtype))
     return solves
 
 
@@ -464,33 +473,43 @@ class KFACState:
             or not all(c.placed_for(opts) and has_kronecker_factors(c.block.module) for c in cached)
         )
 
+    def factors(self, handler: PatchHandler, opts: Options) -> tuple | None:
+        """The module's factors this step refactorises from, ``(Gamma, {part: A})`` of this
+        batch (averaged, with a decay), when due or not cached for these parameters; else
+        ``None``: the cached blocks serve (their running averages updated all the same)."""
+        name = handler.block.name
+        old = self._cached.get(name)
+        cached = old is not None and not self.due
+        cached = cached and _identities([old]) == _identities([handler]) and old.placed_for(opts)
+        if cached and self.decay == 0:
+            return None
+        gamma, inputs = module_factors(handler, opts)
+        if self.decay > 0:
+            gamma = self._average(average_key(name, "Gamma"), gamma)
+            # one input factor per module (its weight's), whatever the bias does: freezing
+            # the bias apart from the weight keeps the weight's average
+            inputs = {p: self._average(average_key(name, "A"), A) for p, A in inputs.items()}
+        return None if cached else (gamma, inputs)
+
     def solve(
         self,
         handler: PatchHandler,
         index: int,
         gradient: list[Tensor],
         opts: Options,
+        factors: tuple | None,
         data_dtype: torch.dtype | None = None,
     ) -> KroneckerSolve:
-        """The module's solve for this step: refactorised from this batch's (averaged)
-        factors, pulled back in ``data_dtype``, when due or not cached for these
-        parameters, else the cached blocks."""
+        """The module's solve for this step: refactorised from ``factors``
+        (:meth:`factors`), pulled back in ``data_dtype``, or with the cached blocks where
+        ``factors`` is ``None``."""
         name = handler.block.name
-        old = self._cached.get(name)
-        cached = old is not None and not self.due
-        cached = cached and _identities([old]) == _identities([handler]) and old.placed_for(opts)
-        if not cached or self.decay > 0:
-            gamma, inputs = module_factors(handler, opts)
-        if self.decay > 0:
-            gamma = self._average(average_key(name, "Gamma"), gamma)
-            # one input factor per module (its weight's), whatever the bias does: freezing
-            # the bias apart from the weight keeps the weight's average
-            inputs = {p: self._average(average_key(name, "A"), A) for p, A in inputs.items()}
-        if cached:
+        if factors is None:
+            old = self._cached[name]
             s = old.solve(index, gradient, opts)
             s.data_dtype = old.data_dtype
         else:
-            s = fresh_solve(handler, index, gradient, opts, (gamma, inputs))
+            s = fresh_solve(handler, index, gradient, opts, factors)
             s.data_dtype = data_dtype
         self._pending[name] = (handler, s)
         return s

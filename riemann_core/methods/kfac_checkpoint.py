@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from numbers import Real
 
 import torch
 from torch import Tensor, nn
 
 from .._precision import full_precision
-from ..kronecker import Factor
+from ..kronecker import Factor, eigen_together
 from ..modules import STRUCTURED, Block, PatchHandler
 from ..woodbury import SolveError
 from ._base import Options
@@ -95,7 +96,10 @@ def load(state: KFACState, saved, network: nn.Module, opts: Options) -> None:
     params = dict(network.named_parameters())
     devices = {p.device.type for p in params.values()}
     with full_precision(devices):  # as every step factorises
-        cached = {name: _cached(name, entry, network, opts) for name, entry in entries.items()}
+        read = {name: _read(name, entry, network, opts) for name, entry in entries.items()}
+        if opts.kfac_damping == "exact":  # those of one order together, as the step did
+            eigen_together(f for r in read.values() for f in (r.gamma, *r.inputs.values()))
+        cached = {name: _factorised(name, r, opts) for name, r in read.items()}
     owners = _average_owners(cached.values())
     given = _renamed(_mapping(saved["averages"], "the K-FAC state's 'averages'"), params)
     missing = sorted(set(owners) - set(given)) if state.decay > 0 else []
@@ -146,9 +150,21 @@ def _renamed(given: dict, params: dict) -> dict:
     return renamed
 
 
-def _cached(name, entry, network: nn.Module, opts: Options) -> Cached:
-    """The cached module ``name``: its blocks from the model, factorised again from its
-    saved factors."""
+@dataclass(frozen=True)
+class _Read:
+    """A cached module's entry, checked against the model: its block, parts and factors."""
+
+    block: Block
+    parts: list
+    gamma: Factor
+    inputs: dict[str, Factor]
+    kernel: str
+    rows: int
+    data_dtype: torch.dtype | None
+
+
+def _read(name, entry, network: nn.Module, opts: Options) -> _Read:
+    """The cached module ``name``: its block from the model and its saved factors."""
     where = f"the K-FAC state of module {name!r}"
     keys = {"param_names", "rows", "gamma", "A"}
     entry = _mapping(entry, where, keys, optional={"data_dtype"})  # saved by later versions
@@ -197,15 +213,23 @@ def _cached(name, entry, network: nn.Module, opts: Options) -> Cached:
         order = math.prod(module.weight.shape[1:]) + (opts.kfac_bias == "joint" and with_bias)
         _check_order(A, {order}, input_what, where)
         inputs = {p.name: A for p in parts if not p.bias_only}
+    kernel = STRUCTURED[type(module)].__name__
+    data_dtype = _data_dtype(entry.get("data_dtype"), where)
+    return _Read(block, parts, gamma, inputs, kernel, rows, data_dtype)
+
+
+def _factorised(name, read: _Read, opts: Options) -> Cached:
+    """The cached module ``name`` with its blocks factorised again from its saved factors."""
+    parts, gamma, inputs = read.parts, read.gamma, read.inputs
     try:
         blocks = damped_blocks(parts, gamma, inputs, opts)
         failed = [b.failed for b in blocks if b.failed is not None]
         if failed and bool(torch.stack(failed).any()):  # the step took the checked path too
             blocks = damped_blocks(parts, gamma, inputs, opts, checked=True)
     except SolveError as err:
+        where = f"the K-FAC state of module {name!r}"
         raise ValueError(f"{where}: its saved factors cannot be factorised ({err})") from err
-    kernel = STRUCTURED[type(module)].__name__
-    return Cached(block, kernel, rows, blocks, _data_dtype(entry.get("data_dtype"), where))
+    return Cached(read.block, read.kernel, read.rows, blocks, read.data_dtype)
 
 
 #: the dtypes factor rows are pulled back in: the parameters', or half under autocast

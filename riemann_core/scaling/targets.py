@@ -316,6 +316,7 @@ def measure_targets(
     progress("where the time goes (profiler)")
     kinds = time_by_kinds(where, device, quick)
     result = {
+        "device": torch.device(device).type,
         "gemm_flops_per_s": statistics.median(r["products"] for r in rates),
         "cholesky_flops_per_s": statistics.median(r["cholesky"] for r in rates),
         "network": list(NETWORK),
@@ -393,12 +394,15 @@ PROFILED = {
 
 def time_by_kinds(calls: dict, device, quick: bool) -> dict | None:
     """``{name: {kind: seconds per call}}`` (:func:`riemann_core.measure.breakdown.time_by_kind`)
-    of the figures' calls: what limits each figure, kind by kind. ``None`` off the CPU,
-    whose profiler does not see a GPU's kernels."""
-    if torch.device(device).type != "cpu":
+    of the figures' calls: what limits each figure, kind by kind (on a GPU its kernels'
+    time, and the GPU's idle time as the overhead). ``None`` on devices other than a CPU
+    or CUDA GPU."""
+    if torch.device(device).type not in ("cpu", "cuda"):
         return None
     return {
-        name: time_by_kind(call, calls=(2 if quick else 5) * (1 + 9 * name.startswith("small")))
+        name: time_by_kind(
+            call, calls=(2 if quick else 5) * (1 + 9 * name.startswith("small")), device=device
+        )
         for name, call in calls.items()
     }
 
@@ -560,12 +564,27 @@ def markdown_targets(result: dict, command: str) -> str:
         "",
     ]
     if result.get("time_by_kind"):
+        gpu = result.get("device") == "cuda"
         lines += [
-            "Where the time goes, in ms per call, by kind of operation (CPU profiler, "
-            "`riemann_core.measure.breakdown`): products (GEMMs, syrk), Cholesky (LAPACK's "
-            "potrf, or cholesky_ex with the triangle it clears), triangular solves, other "
-            "operations (elementwise, "
-            "reductions, copies) and overhead (Python, hooks, autograd, dispatch).",
+            "Where the time goes, in ms per call, by kind of operation ("
+            + (
+                "GPU profiler: the time of the kernels each operation launched"
+                if gpu
+                else "CPU profiler"
+            )
+            + ", `riemann_core.measure.breakdown`): products (GEMMs, syrk), Cholesky "
+            + (
+                "(cholesky_ex)"
+                if gpu
+                else "(LAPACK's potrf, or cholesky_ex with the triangle it clears)"
+            )
+            + ", triangular solves, other operations (elementwise, reductions, copies) and "
+            + (
+                "overhead: the time the GPU is idle, waiting for the host (Python, hooks, "
+                "autograd, dispatch, kernel launches, host syncs)."
+                if gpu
+                else "overhead (Python, hooks, autograd, dispatch)."
+            ),
             "",
             "| network | call | " + " | ".join(KINDS) + " | total |",
             "|---|---|" + "---:|" * (len(KINDS) + 1),
