@@ -111,7 +111,8 @@ def eigen_together(factors: Iterable[Factor]) -> None:
     """The deferred eigendecompositions (:meth:`Factor.eigen`) of ``factors`` on a GPU,
     those of matrices of one order, dtype and device in one batched call, so that a
     network of equal widths takes one host sync per order however deep it is, not one
-    per factor (:func:`batched`)."""
+    per factor (:func:`batched`). A batch that fails (a NaN factor) sends all its factors
+    to the checked path, one by one."""
     groups: dict[tuple, list[Factor]] = {}
     for f in factors:
         m = f.decomposed()

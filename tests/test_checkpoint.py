@@ -66,8 +66,9 @@ def test_a_checkpoint_resumes_kfac_to_the_bit(options, how, batched, monkeypatch
     """Saved after 4 steps (between refreshes), resumed for 5: the parameters are those
     of the run never interrupted, bit for bit; resumed without the preconditioner's state
     (the factors afresh) they are not. Also where the factors of one order are
-    eigendecomposed together (as on a GPU; forced here): loading batches them as the step
-    did (alone, a matrix's eigenvectors differ in the last bits)."""
+    eigendecomposed together (as on a GPU; forced here): loading batches them as a refresh
+    of every module does (on a CPU, alone, a matrix's eigenvectors differ in the last bits;
+    on an H200 they did not)."""
     monkeypatch.setattr(kronecker, "batched", lambda device: batched)
     data = batches(9)
     model, pre, opt = build(options)

@@ -101,6 +101,16 @@ def precision_settings() -> dict[str, str | bool | int]:
     return record
 
 
+def summary(env: dict) -> str:
+    """Where and from what a run was measured, in one line, from its :func:`environment`:
+    ``NVIDIA H200 (16 threads, torch 2.11.0+cu130, commit edf1aabd4659, 2026-12-04)``."""
+    threads = env["threads"]
+    return (
+        f"{env['device_name']} ({threads} thread{'s' if threads != 1 else ''}, torch "
+        f"{env['torch']}, commit {env['commit']}, {env['time_utc'][:10]})"
+    )
+
+
 def environment(device: torch.device | str = "cpu") -> dict[str, str | int]:
     """Commit, torch version, device, CPU model, thread count, BLAS, Python, time, the C
     allocator's policy (:func:`riemann_core.measure.allocator.policy`), and the float32

@@ -6,7 +6,8 @@ and the factors it was factorised from: ``Gamma`` and the input factor ``A`` (a 
 has at most one: its weight's, or weight and bias together), thin as their rows or
 dense. Everything else (the module, its kernel, its Kronecker blocks) comes from the
 model, and the factorisations are computed again from the factors as the step computed
-them (deferred, and checked only where that failed), so on the same machine a resumed
+them (deferred, and checked only where that failed; on a GPU those of one order in one
+batched call, as a step that refreshes every module does), so on the same machine a resumed
 run takes the same steps, to the bit, as one never interrupted (with ``pre.backward``:
 for Linear layers in the model's dtype, see docs/api.md#checkpoints).
 
@@ -97,7 +98,7 @@ def load(state: KFACState, saved, network: nn.Module, opts: Options) -> None:
     devices = {p.device.type for p in params.values()}
     with full_precision(devices):  # as every step factorises
         read = {name: _read(name, entry, network, opts) for name, entry in entries.items()}
-        if opts.kfac_damping == "exact":  # those of one order together, as the step did
+        if opts.kfac_damping == "exact":  # one order together, as a refresh of all does
             eigen_together(f for r in read.values() for f in (r.gamma, *r.inputs.values()))
         cached = {name: _factorised(name, r, opts) for name, r in read.items()}
     owners = _average_owners(cached.values())

@@ -11,6 +11,16 @@ import torch
 from riemann_core.measure import public_kfac
 from riemann_core.scaling import kfac_targets, targets
 
+#: an environment record (riemann_core.measure.environment.environment), as a run keeps it
+ENV = {
+    "device": "cpu",
+    "device_name": "Some CPU",
+    "threads": 2,
+    "torch": "2.13.0+cpu",
+    "commit": "0123456789ab",
+    "time_utc": "2026-12-04T18:00:00+00:00",
+}
+
 
 def kfac_result(ratios):
     """A measured result with one network and the given ours / theirs ratios."""
@@ -68,7 +78,13 @@ def test_targets_exit_code_and_files_follow_the_kfac_goal(slow, tmp_path, monkey
     monkeypatch.setattr(kfac_targets, "measure_kfac", lambda **kw: kfac_result(ratios))
     command = f"riemann-bench targets --quick --out {tmp_path}"
     args = Namespace(
-        out=tmp_path, device="cpu", quick=True, seed=0, command_line=command, readme=None
+        out=tmp_path,
+        device="cpu",
+        quick=True,
+        seed=0,
+        command_line=command,
+        report_only=False,
+        readme=None,
     )
     assert targets.run(args) == int(slow)
     out = capsys.readouterr()
@@ -89,7 +105,7 @@ def test_without_curvlinops_the_kfac_section_is_not_measured(monkeypatch):
     assert public_kfac.INSTALL in result["reason"]
     assert kfac_targets.missed(result) == []
     assert "not measured" in kfac_targets.format_kfac(result)
-    assert "Not measured" in kfac_targets.markdown_kfac(result, "riemann-bench targets")
+    assert "Not measured" in kfac_targets.markdown_kfac(result, "riemann-bench targets", ENV)
 
 
 def test_a_missed_variant_is_timed_again_before_it_stands(monkeypatch):
@@ -155,7 +171,13 @@ def test_the_readme_row_of_a_network_with_a_variant_too_noisy_says_so(tmp_path, 
     out = tmp_path / "out"
     command = f"riemann-bench targets --out {out} --readme {readme}"
     args = Namespace(
-        out=out, device="cpu", quick=False, seed=0, command_line=command, readme=readme
+        out=out,
+        device="cpu",
+        quick=False,
+        seed=0,
+        command_line=command,
+        report_only=False,
+        readme=readme,
     )
     assert targets.run(args) == 0  # too noisy is not missed: exit 0, and said so
     row = next(line for line in readme.read_text().splitlines() if "K-FAC, each of" in line)
