@@ -107,10 +107,12 @@ def generated_block(text: str, name: str, path: Path | None = None) -> tuple[int
 
 def replace_generated_block(path: Path, name: str, block: str) -> Path:
     """Replace the generated block ``name`` of the Markdown file ``path``
-    (:func:`generated_block`) by ``block``, atomically; the rest of the file is kept."""
+    (:func:`generated_block`) by ``block``, atomically; the rest of the file is kept (a
+    symbolic link stays one: its target is rewritten)."""
     text = path.read_text()
     start, end = generated_block(text, name, path)
-    return write_atomic(path, text[:start] + block.rstrip("\n") + "\n" + text[end:])
+    write_atomic(path.resolve(), text[:start] + block.rstrip("\n") + "\n" + text[end:])
+    return path
 
 
 @contextmanager

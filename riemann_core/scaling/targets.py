@@ -32,7 +32,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
+import re
 import statistics
 import sys
 from collections.abc import Callable
@@ -534,7 +536,8 @@ def markdown_targets(result: dict, command: str, env: dict) -> str:
         "plus the minimal Cholesky FLOPs at the Cholesky rate, both measured in the same "
         f"rounds ({result['gemm_flops_per_s'] / 1e9:.1f} and "
         f"{result['cholesky_flops_per_s'] / 1e9:.1f} GFLOP/s; the Cholesky 8 rows off a "
-        "multiple of 64, where MKL's runs up to 2x slower).",
+        "multiple of 64"
+        + (", where MKL's runs up to 2x slower)." if result.get("device") != "cuda" else ")."),
         "",
         "| network | figure | ratio | goal | |",
         "|---|---|---:|---|---|",
@@ -649,11 +652,15 @@ def readme_targets(payload: dict, link: str) -> str:
         )
     if not kfac["measured"]:
         lines += ["", f"K-FAC against the public implementation: not measured, {kfac['reason']}."]
+
+    def to(page: str) -> str:  # a link target with a space is no link unless in <...>
+        target = f"{link}/{page}"
+        return f"[{target}]({f'<{target}>' if ' ' in target else target})"
+
     lines += [
         "",
         f"Where each figure's time goes, by kind of operation, and the lean eager reference: "
-        f"[{link}/targets.md]({link}/targets.md); K-FAC variant by variant: "
-        f"[{link}/kfac.md]({link}/kfac.md).",
+        f"{to('targets.md')}; K-FAC variant by variant: {to('kfac.md')}.",
     ]
     return "\n".join(lines)
 
@@ -676,16 +683,78 @@ def read_targets(out: Path) -> dict:
         raise ValueError(f"{path}: no such file; --report-only redraws a recorded run: {fix}")
     try:
         payload = json.loads(path.read_text())
+        check_record(payload)
         pages(payload)
         readme_targets(payload, ".")
         readme_block(payload["environment"]["device"])
         missed(payload, NOISY)
         kfac_targets.missed(payload["kfac"], NOISY)
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as err:
+    except (
+        ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, ArithmeticError
+    ) as err:  # fmt: skip
         raise ValueError(
             f"{path} is not a record of riemann-bench targets ({type(err).__name__}: {err}): {fix}"
         ) from err
     return payload
+
+
+def check_record(payload: dict) -> None:
+    """``ValueError`` naming the first value of a ``targets.json`` (``payload``) that no run
+    writes: a ratio, rate or goal that is not a finite number (a rate not positive), a
+    verdict not among :data:`MET`, :data:`MISSED`, :data:`NOISY`, a network that is not
+    widths, a device other than the CPU or CUDA. The pages would draw such values as they
+    are (``nan``) and the exit code would follow them."""
+
+    def number(value, where: str, positive: bool = False) -> None:
+        real = isinstance(value, int | float) and not isinstance(value, bool)
+        if not real or not math.isfinite(value) or (positive and value <= 0):
+            raise ValueError(f"{where} is {value!r}, not a finite{' positive' * positive} number")
+
+    def judged(item: dict, where: str) -> None:
+        for key in ("ratio", "low", "high"):
+            if key in item or key == "ratio":
+                number(item[key], f"{where}.{key}")
+        # (a record from before verdicts has a boolean "met")
+        met = {True: MET, False: MISSED}.get(item.get("met"))
+        if item.get("verdict", met) not in (MET, MISSED, NOISY):
+            raise ValueError(f"{where} has no verdict among {MET!r}, {MISSED!r}, {NOISY!r}")
+
+    def widths(value, where: str) -> None:
+        if (
+            not isinstance(value, list)
+            or len(value) < 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in value)
+        ):
+            raise ValueError(f"{where} is {value!r}, not a network's layer widths")
+
+    device = payload["environment"]["device"]
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"environment.device is {device!r}, not cpu or cuda[:N]")
+    if payload.get("device", torch.device(device).type) != torch.device(device).type:
+        raise ValueError(f"device {payload['device']!r} differs from environment.device")
+    for key in ("gemm_flops_per_s", "cholesky_flops_per_s"):
+        number(payload[key], key, positive=True)
+    if not payload["figures"]:
+        raise ValueError("figures is empty")
+    for i, f in enumerate(payload["figures"]):
+        if f["id"] not in GOALS or f["sense"] not in ("<=", ">="):
+            raise ValueError(f"figures[{i}] is not a goal ({f['id']!r}, {f['sense']!r})")
+        number(f["goal"], f"figures[{i}].goal")
+        judged(f, f"figures[{i}]")
+        widths(f["network"], f"figures[{i}].network")
+    for i, r in enumerate(payload.get("references", [])):
+        number(r["ratio"], f"references[{i}].ratio")
+        widths(r["network"], f"references[{i}].network")
+    kfac = payload["kfac"]
+    if not isinstance(kfac["measured"], bool):
+        raise ValueError(f"kfac.measured is {kfac['measured']!r}, not true or false")
+    for i, n in enumerate(kfac["networks"] if kfac["measured"] else []):
+        widths(n["network"], f"kfac.networks[{i}].network")
+        number(n["batch"], f"kfac.networks[{i}].batch", positive=True)
+        if not n["variants"]:
+            raise ValueError(f"kfac.networks[{i}].variants is empty")
+        for j, v in enumerate(n["variants"]):
+            judged(v, f"kfac.networks[{i}].variants[{j}]")
 
 
 def readme_block(device) -> str:

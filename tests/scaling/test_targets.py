@@ -380,6 +380,71 @@ def test_report_only_refuses_a_missing_or_corrupted_record_and_writes_nothing(
         targets.run(args)
 
 
+def _set(record: dict, path: str, value) -> None:
+    """``record`` with the value at ``path`` (``a.0.b``: keys and list indices) replaced."""
+    *parents, last = [int(k) if k.isdigit() else k for k in path.split(".")]
+    for key in parents:
+        record = record[key]
+    record[last] = value
+
+
+# (found by a hunt: each was drawn as it was, or decided the exit code)
+CORRUPTED = [
+    ("figures.0.ratio", float("nan"), "figures\\[0\\].ratio is nan"),
+    ("figures.0.high", float("inf"), "figures\\[0\\].high is inf"),
+    ("figures.0.ratio", True, "figures\\[0\\].ratio is True"),
+    ("figures.0.verdict", "MISSED", "figures\\[0\\] has no verdict"),
+    ("figures.0.network", "784-1024", "not a network's layer widths"),
+    ("figures.0.sense", "!=", "not a goal"),
+    ("kfac.networks.0.variants.0.ratio", float("nan"), "variants\\[0\\].ratio is nan"),
+    ("kfac.networks.0.variants.0.verdict", 0, "has no verdict"),
+    ("kfac.measured", "no", "kfac.measured is 'no'"),
+    ("gemm_flops_per_s", 0, "gemm_flops_per_s is 0, not a finite positive number"),
+    ("environment.device", "mps", "environment.device is 'mps'"),
+    ("environment.device", 42, "environment.device is 42"),
+    ("device", "cpu", "differs from environment.device"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "message"), CORRUPTED)
+def test_report_only_refuses_values_no_run_writes(path, value, message, tmp_path):
+    """A recorded run with a value no run writes is refused by --report-only, naming the
+    value, with nothing written; the committed records pass the same checks."""
+    root = Path(__file__).resolve().parents[2]
+    record = json.loads((root / "reports" / "cuda" / "targets.json").read_text())
+    targets.check_record(record)
+    targets.check_record(json.loads((root / "reports" / "cpu" / "targets.json").read_text()))
+    _set(record, path, value)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "targets.json").write_text(json.dumps(record))
+    args = _args(out, None)
+    args.report_only = True
+    with pytest.raises(ValueError, match=f"targets.json is not a record.*{message}"):
+        targets.run(args)
+    assert [p.name for p in out.iterdir()] == ["targets.json"]
+
+
+def test_the_readme_table_links_a_directory_with_a_space_and_writes_through_a_link(
+    tmp_path,
+):
+    """Found by a hunt: a link target with a space is no link in Markdown (now in <...>),
+    and a README that is a symbolic link was replaced by a file (now its target is written)."""
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "my reports"
+    out.mkdir()
+    (out / "targets.json").write_text((root / "reports" / "cpu" / "targets.json").read_text())
+    real = tmp_path / "real.md"
+    real.write_text(f"{BEGIN}\nold\n{END}\n")
+    readme = tmp_path / "README.md"
+    readme.symlink_to(real)
+    args = _args(out, readme)
+    args.report_only = True
+    targets.run(args)
+    assert readme.is_symlink()
+    assert "[my reports/targets.md](<my reports/targets.md>)" in real.read_text()
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_the_readmes_table_is_the_committed_run_of_targets(device):
     """The README's performance table of each device is what the command wrote from
