@@ -22,6 +22,19 @@ ENV = {
 }
 
 
+def targets_args(out, readme=None, command="riemann-bench targets", quick=False) -> Namespace:
+    """The arguments of ``riemann-bench targets`` as the parser gives them to targets.run."""
+    return Namespace(
+        out=out,
+        device="cpu",
+        quick=quick,
+        seed=0,
+        command_line=command,
+        report_only=False,
+        readme=readme,
+    )
+
+
 def kfac_result(ratios):
     """A measured result with one network and the given ours / theirs ratios."""
     variants = [
@@ -77,16 +90,7 @@ def test_targets_exit_code_and_files_follow_the_kfac_goal(slow, tmp_path, monkey
     monkeypatch.setattr(targets, "measure_targets", lambda **kw: core_result())
     monkeypatch.setattr(kfac_targets, "measure_kfac", lambda **kw: kfac_result(ratios))
     command = f"riemann-bench targets --quick --out {tmp_path}"
-    args = Namespace(
-        out=tmp_path,
-        device="cpu",
-        quick=True,
-        seed=0,
-        command_line=command,
-        report_only=False,
-        readme=None,
-    )
-    assert targets.run(args) == int(slow)
+    assert targets.run(targets_args(tmp_path, command=command, quick=True)) == int(slow)
     out = capsys.readouterr()
     assert ("MISSED" in out.out) == slow
     if slow:
@@ -170,15 +174,7 @@ def test_the_readme_row_of_a_network_with_a_variant_too_noisy_says_so(tmp_path, 
     )
     out = tmp_path / "out"
     command = f"riemann-bench targets --out {out} --readme {readme}"
-    args = Namespace(
-        out=out,
-        device="cpu",
-        quick=False,
-        seed=0,
-        command_line=command,
-        report_only=False,
-        readme=readme,
-    )
+    args = targets_args(out, readme, command)
     assert targets.run(args) == 0  # too noisy is not missed: exit 0, and said so
     row = next(line for line in readme.read_text().splitlines() if "K-FAC, each of" in line)
     assert row.endswith("| too noisy: 1 |")

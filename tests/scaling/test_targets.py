@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
-from test_kfac_targets import ENV, core_result, kfac_result
+from test_kfac_targets import ENV, core_result, kfac_result, targets_args
 
 from riemann_core.measure import environment, public_kfac
 from riemann_core.measure.output import generated_block
@@ -73,16 +72,7 @@ def test_targets_exits_1_when_a_core_figure_misses_and_writes_the_table(
         kfac_targets, "measure_kfac", lambda **kw: kfac_result([0.5] * len(public_kfac.VARIANTS))
     )
     command = f"riemann-bench targets --out {tmp_path}"
-    args = Namespace(
-        out=tmp_path,
-        device="cpu",
-        quick=False,
-        seed=0,
-        command_line=command,
-        report_only=False,
-        readme=None,
-    )
-    assert targets.run(args) == (missed is not None)
+    assert targets.run(targets_args(tmp_path, command=command)) == (missed is not None)
     out = capsys.readouterr()
     assert out.out.count("MISSED") == (missed is not None)
     assert out.out.count(" met") == len(ratios) - (missed is not None) + len(public_kfac.VARIANTS)
@@ -225,15 +215,7 @@ def _fake_measurements(monkeypatch, kfac_ratio=0.5):
 
 
 def _args(out, readme, command="riemann-bench targets"):
-    return Namespace(
-        out=out,
-        device="cpu",
-        quick=False,
-        seed=0,
-        command_line=command,
-        report_only=False,
-        readme=readme,
-    )
+    return targets_args(out, readme, command)
 
 
 BEGIN, END = "<!-- riemann-bench targets: begin -->", "<!-- riemann-bench targets: end -->"
