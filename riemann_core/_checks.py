@@ -332,6 +332,13 @@ def check_model(model: nn.Module, checks: Deferred | None = None) -> list[tuple[
             "(torch.compile'd modules are fine)"
         )
     for name, module in model.named_modules():
+        scripted = isinstance(module, torch.jit.RecursiveScriptModule)  # (traced ones hook)
+        if scripted and any(p.requires_grad for p in module.parameters()):
+            raise TypeError(  # (found by a hunt: torch's raw refusal of a hook, unnamed)
+                f"module {name!r} is a TorchScript module (torch.jit.script), on which torch "
+                "runs no Python hooks, so its calls cannot be seen: pass the original "
+                "nn.Module (torch.compile'd modules are fine), or freeze its parameters"
+            )
         if any(isinstance(p, nn.UninitializedParameter) for p in module._parameters.values()):
             raise ValueError(
                 f"module {name!r} ({type(module).__name__}) has uninitialized parameters (a "
@@ -369,7 +376,14 @@ def check_model(model: nn.Module, checks: Deferred | None = None) -> list[tuple[
                 "the gradient is not the derivative of the loss (and couples the samples), "
                 "and no metric matches it. Build it with scale_grad_by_freq=False"
             )
-        if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.max_norm is not None:
+        embedding = isinstance(module, nn.Embedding | nn.EmbeddingBag)
+        if embedding and module.sparse and module.weight.requires_grad:  # (found by a hunt:
+            raise ValueError(  # the euclidean method raised torch's own error)
+                f"module {name!r} ({type(module).__name__}) has sparse=True: its gradient is "
+                "a sparse tensor, and every method writes a dense direction (the euclidean "
+                "one too). Build it with sparse=False"
+            )
+        if embedding and module.max_norm is not None:  # (frozen too: its weight changes)
             raise ValueError(
                 f"module {name!r} ({type(module).__name__}) has max_norm={module.max_norm:g}: "
                 "it renormalises its weight in place at every forward pass, so the parameters "

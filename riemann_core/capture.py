@@ -265,8 +265,12 @@ class Capture:
             (name, weakref.ref(module), tuple(weakref.ref(p) for p in own))
             for name, module, own in found
         )
-        for name, module, own in found:
-            self._watch(name, module, [names[id(p)] for p in own], list(own))
+        try:
+            for name, module, own in found:
+                self._watch(name, module, [names[id(p)] for p in own], list(own))
+        except BaseException:  # no hook left behind on the user's model
+            self.remove()
+            raise
 
     def hooks_current(self, model: nn.Module) -> bool:
         """Whether the hooks still watch every module of ``model`` that owns trainable

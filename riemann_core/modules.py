@@ -600,13 +600,6 @@ class GenericHandler(Handler):
         try:
             return compute()
         except RuntimeError as err:
-            if getattr(self.block.module, "sparse", False) is True:
-                raise ValueError(
-                    f"module {self.block.name!r} ({type(self.block.module).__name__}) has "
-                    "sparse=True: its gradient is a sparse tensor, which kernel='generic' "
-                    "cannot form one sample at a time with torch.func. Construct it with "
-                    "sparse=False (the preconditioned direction is dense anyway)"
-                ) from err
             if isinstance(self.block.module, nn.EmbeddingBag) and "offsets" in str(err):
                 raise ValueError(
                     f"module {self.block.name!r} (EmbeddingBag) cannot be evaluated one "

@@ -230,7 +230,14 @@ class RiemannianPreconditioner:
         self._preconditioned = False  # a direction of the last forward pass written
         # pre.backward(loss) records the user's own forward passes (one process only)
         single = process_group is None and self.network is model
-        self._capture = Capture(model, notes_for(model).clone, persistent=True) if single else None
+        try:
+            self._capture = (
+                Capture(model, notes_for(model).clone, persistent=True) if single else None
+            )
+        except BaseException:  # (found by a hunt: the hooks above, left on the model, broke
+            self._hook.remove()  # every later forward pass with gradients)
+            self._output_hook.remove()
+            raise
 
     @property
     def model(self) -> nn.Module:
@@ -484,6 +491,9 @@ class RiemannianPreconditioner:
             if p.grad is not None:
                 _check_grad(name, p.grad, p.dtype, checks, overflow or ValueError)
         check_generator(opts.generator, opts.output_metric, params[0][1].device)
+        # the data, as pre.step() checks it (found by a hunt: an inf input that a tanh
+        # saturates was refused as a damped Gram holding inf, blaming the damping)
+        check_inputs(*self._batch[:2], None, checks)
         names = {id(p): n for n, p in params}
         notes = notes_for(model)
         stale = capture.stale()
@@ -497,9 +507,11 @@ class RiemannianPreconditioner:
             params, opts, called, shared=_shared(capture.calls)
         )
         overflowed = False
-        # a skipped step's draws for the sampled metric are undone (a generator passed)
-        sampling = self._scaling and opts.output_metric == "sampled"
-        random_state = opts.generator.get_state() if sampling and opts.generator else None
+        # the draws for the sampled metric of a skipped or refused call are undone (a
+        # generator passed): the same call can be made again, or the batch skipped, as if
+        # it had never been (found by a hunt: a refused call moved the generator on)
+        sampling = opts.output_metric == "sampled" and opts.generator is not None
+        random_state = opts.generator.get_state() if sampling else None
         try:
             check_one_output(capture.output)
             paths = coupling.loss_paths(
@@ -569,14 +581,16 @@ class RiemannianPreconditioner:
             overflowed = True
             if random_state is not None:  # as if the skipped step had drawn nothing
                 opts.generator.set_state(random_state)
-        except RuntimeError as err:
-            if "backward through the graph a second time" not in str(err):
-                raise
-            raise ValueError(
-                "the loss's graph was already consumed (by loss.backward(), or an earlier "
-                "pre.backward(loss)): pre.backward(loss) replaces loss.backward(), call it "
-                "instead; to precondition a .grad already there, call pre.step()"
-            ) from err
+        except BaseException as err:
+            if random_state is not None:
+                opts.generator.set_state(random_state)
+            if isinstance(err, RuntimeError) and "backward through the graph a second" in str(err):
+                raise ValueError(
+                    "the loss's graph was already consumed (by loss.backward(), or an earlier "
+                    "pre.backward(loss)): pre.backward(loss) replaces loss.backward(), call it "
+                    "instead; to precondition a .grad already there, call pre.step()"
+                ) from err
+            raise
         # the pass is spent: its record (and graph) freed. A refused call keeps it, for a
         # retry (or for its error, where the graph was consumed)
         capture.reset()

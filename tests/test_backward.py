@@ -1429,3 +1429,36 @@ def test_outputs_that_are_not_the_cross_entropys_logits_are_refused(where):
         with pytest.raises(ValueError, match=r"cross-entropy is over \[4\] classes"):
             pre.backward(loss)
         assert all(p.grad is None for p in model.parameters())
+
+
+def test_an_inf_input_is_refused_as_pre_step_refuses_it():
+    """Found by a hunt: an inf input that a tanh saturates (the loss finite) was refused as
+    a damped Gram holding inf, blaming the damping; now as pre.step() refuses it."""
+    model, x, y = Problem(depth=3).make()
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    x[0, 0] = float("inf")
+    loss = F.cross_entropy(model(x), y)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="inputs contains 1 NaN or inf entries; clean"):
+        pre.backward(loss)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_refused_call_leaves_the_generator_as_it_was(monkeypatch):
+    """Found by a hunt: a pre.backward refused after the sampled metric drew its probes
+    moved the generator on, so skipping the batch changed the rest of the run."""
+    model, x, y = Problem(depth=3).make()
+    gen = torch.Generator().manual_seed(0)
+    pre = rc.RiemannianPreconditioner(model, output_metric="sampled", generator=gen)
+    pre.backward(F.cross_entropy(model(x), y))  # the first call: the model's checks
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("refused in the solve")
+
+    monkeypatch.setattr(SOLVERS["layerwise"], "solve", refused)
+    model.zero_grad()
+    state = gen.get_state()
+    with pytest.raises(RuntimeError, match="refused in the solve"):
+        pre.backward(F.cross_entropy(model(x), y))
+    assert torch.equal(gen.get_state(), state)
+    assert all(p.grad is None for p in model.parameters())

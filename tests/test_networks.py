@@ -1741,14 +1741,20 @@ def test_random_numbers_from_generators_in_a_container_are_refused(held, name):
     assert torch.equal(gen.get_state(), state)
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's, under vmap
-def test_a_sparse_embedding_is_refused_naming_the_option():
+@pytest.mark.parametrize("method", rc.METHODS, ids=lambda m: f"method={m}")
+def test_a_sparse_embedding_is_refused_naming_the_option(method):
     """Found by review: the generic kernel's error quoted torch's "Could not run
-    'aten::view' with arguments from the 'SparseCPU' backend"."""
+    'aten::view' with arguments from the 'SparseCPU' backend"; found by a hunt: the
+    euclidean method's, 'aten::linalg_vector_norm'. Frozen, it is data: exact."""
     model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 3))
     x, y = torch.randint(0, 10, (5, 2)), torch.tensor([0, 1, 2, 1, 0])
-    with pytest.raises(ValueError, match=r"module '0' \(Embedding\) has sparse=True.*sparse=False"):
-        rc.direction(model, x, y, kernel="auto")
+    refused = r"module '0' \(Embedding\) has sparse=True.*sparse=False"
+    with pytest.raises(ValueError, match=refused):
+        rc.direction(model, x, y, method=method, kernel="auto")
+    with pytest.raises(ValueError, match=refused):
+        rc.RiemannianPreconditioner(model, method=method, kernel="auto")
+    model[0].requires_grad_(False)
+    assert list(rc.direction(model, x, y, method=method, kernel="auto")) == ["2.weight", "2.bias"]
 
 
 class FixedMask(nn.Module):
@@ -3175,3 +3181,43 @@ def test_split_patterns_are_kept_per_module(check, monkeypatch):
         pre.backward(F.cross_entropy(model(x), y))
         expected = len(model) if check and step == 0 else 0  # the first step probes
         assert len(checked) == expected
+
+
+def no_hooks(model: nn.Module) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_scripted_submodule_is_refused_naming_it_and_leaves_no_hook():
+    """Found by a hunt: torch's raw "register_forward_pre_hook is not supported on
+    ScriptModules", and the refused preconditioner's hooks, left on the model, broke every
+    later forward pass with gradients. Frozen, a scripted module is data: exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(torch.jit.script(nn.Linear(4, 3)), nn.Tanh(), nn.Linear(3, 2))
+    model = model.double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    refused = r"module '0' is a TorchScript module \(torch.jit.script\).*freeze"
+    with pytest.raises(TypeError, match=refused):
+        rc.RiemannianPreconditioner(model)
+    with pytest.raises(TypeError, match=refused):
+        rc.direction(model, x, y)
+    assert no_hooks(model)
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    assert_exact(model, x, y, "layerwise", "auto")
+
+
+def test_a_preconditioner_refused_while_hooking_leaves_no_hook(monkeypatch):
+    """Whatever refuses a module as the hooks go on, none is left on the model."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    watch = capture.Capture._watch
+
+    def refuse_the_second(self, name, *args):
+        if name == "2":
+            raise RuntimeError("refused while hooking")
+        watch(self, name, *args)
+
+    monkeypatch.setattr(capture.Capture, "_watch", refuse_the_second)
+    with pytest.raises(RuntimeError, match="refused while hooking"):
+        rc.RiemannianPreconditioner(model)
+    assert no_hooks(model)
+    F.cross_entropy(model(torch.randn(5, 4)), torch.tensor([0, 1, 1, 0, 1])).backward()

@@ -193,7 +193,10 @@ def _read(name, entry, network: nn.Module, opts: Options) -> _Read:
             "K-FAC refuses (a shared parameter has no Kronecker form): the state was saved "
             "for another model"
         )
-    block = Block(name, None, names, [params[n] for n in names], inputs=(), output=None)
+    # with its module, as a step caches it (found by a hunt: without, the first step after
+    # loading read it as no longer factorisable and refactorised, a sampled run's probes
+    # drawn one step early)
+    block = Block(name, module, names, [params[n] for n in names], inputs=(), output=None)
     with_weight, with_bias = own.get("weight") in names, own.get("bias") in names
     parts = block_parts(block, with_weight, with_bias, opts.kfac_bias)
     device = block.params[0].device
