@@ -3221,3 +3221,17 @@ def test_a_preconditioner_refused_while_hooking_leaves_no_hook(monkeypatch):
         rc.RiemannianPreconditioner(model)
     assert no_hooks(model)
     F.cross_entropy(model(torch.randn(5, 4)), torch.tensor([0, 1, 1, 0, 1])).backward()
+
+
+@pytest.mark.parametrize("method", ["layerwise", "natural"])
+def test_a_linear_on_sequences_of_length_one_is_exact(method):
+    """Found by a hunt: inputs ``(N, 1, f)`` (one position per sample) sent the Linear's
+    gradient down the factored path in its ``(N, 1, f_out)`` shape: torch's bmm error from
+    rc.direction and from pre.backward's fused call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(4, 1, 3, dtype=torch.float64), torch.randint(0, 3, (4, 1))
+    assert_exact(model, x, y, method, "structured")
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    expected = oracle_of(model, x, y, method)
+    assert_steps_exact(pre, model, x, lambda out: F.cross_entropy(out.mT, y), expected)

@@ -153,7 +153,10 @@ class Problem:
         return h.block.output_grad.double().reshape(h.N, h.f_out)
 
     def _output_grad(self, i: int) -> Tensor:
-        h, lam = self.handlers[i], self.handlers[i].block.output_grad
+        """``Lambda_a`` of a factored block in the handler's dtype, ``N x f_out`` (found by a
+        hunt: a Linear on ``(N, 1, f)`` inputs kept its ``(N, 1, f_out)`` and crashed)."""
+        h = self.handlers[i]
+        lam = h.block.output_grad.reshape(h.N, h.f_out)
         return lam if lam.dtype == h.dtype else lam.to(h.dtype)
 
     def K_gradient(self, i: int) -> Tensor:
