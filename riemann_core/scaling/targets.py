@@ -573,27 +573,12 @@ def markdown_targets(result: dict, command: str, env: dict) -> str:
         "",
     ]
     if result.get("time_by_kind"):
-        gpu = result.get("device") == "cuda"
+        profiler, cholesky, overhead = PROFILED_ON[result.get("device", "cpu")]
         lines += [
-            "Where the time goes, in ms per call, by kind of operation ("
-            + (
-                "GPU profiler: the time of the kernels each operation launched"
-                if gpu
-                else "CPU profiler"
-            )
-            + ", `riemann_core.measure.breakdown`): products (GEMMs, syrk), Cholesky "
-            + (
-                "(cholesky_ex)"
-                if gpu
-                else "(LAPACK's potrf, or cholesky_ex with the triangle it clears)"
-            )
-            + ", triangular solves, other operations (elementwise, reductions, copies) and "
-            + (
-                "overhead: the time the GPU is idle, waiting for the host (Python, hooks, "
-                "autograd, dispatch, kernel launches, host syncs)."
-                if gpu
-                else "overhead (Python, hooks, autograd, dispatch)."
-            ),
+            f"Where the time goes, in ms per call, by kind of operation ({profiler}, "
+            f"`riemann_core.measure.breakdown`): products (GEMMs, syrk), Cholesky ({cholesky}), "
+            "triangular solves, other operations (elementwise, reductions, copies) and "
+            f"overhead ({overhead}).",
             "",
             "| network | call | " + " | ".join(KINDS) + " | total |",
             "|---|---|" + "---:|" * (len(KINDS) + 1),
@@ -605,6 +590,23 @@ def markdown_targets(result: dict, command: str, env: dict) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+#: How :func:`markdown_targets` describes the profile of each device kind: the profiler,
+#: the Cholesky it times, and what its overhead is.
+PROFILED_ON = {
+    "cpu": (
+        "CPU profiler",
+        "LAPACK's potrf, or cholesky_ex with the triangle it clears",
+        "Python, hooks, autograd, dispatch",
+    ),
+    "cuda": (
+        "GPU profiler: the time of the kernels each operation launched",
+        "cholesky_ex",
+        "the time the GPU is idle, waiting for the host: Python, hooks, autograd, dispatch, "
+        "kernel launches, host syncs",
+    ),
+}
 
 
 def _figure_row(f: dict) -> str:
