@@ -50,6 +50,13 @@ def check_damping_fits(damping: float, params, solve_dtype: torch.dtype | None) 
     LinAlgError under ``full``, and under ``kfac`` a zero direction)."""
     dtypes = {solve_dtype} if solve_dtype is not None else {p.dtype for _, p in params}
     for dtype in sorted(dtypes, key=lambda d: torch.finfo(d).max):
+        info = torch.finfo(dtype)  # half the smallest subnormal, or less, rounds to 0
+        if damping <= info.smallest_normal * info.eps / 2:  # (found by a hunt: 1e-46 in
+            raise ValueError(  # float32 was refused by the solve, after the backward pass)
+                f"damping {damping:g} is 0 in {dtype} (below its smallest subnormal), the "
+                "dtype the metric mu I + K^T K is formed in: mu I would vanish. Use a damping "
+                "the model's dtype holds (or solve_dtype=torch.float64)"
+            )
         if damping > torch.finfo(dtype).max:
             raise ValueError(
                 f"damping {damping:g} exceeds the largest {dtype} ({torch.finfo(dtype).max:.3g}), "
@@ -301,7 +308,9 @@ def stochastic_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
         (name, module)
         for name, module in model.named_modules()
-        if module.training and any(isinstance(module, t) and on(module) for t, on in STOCHASTIC)
+        # (a torch.jit.freeze'd module has no training flag: found by review)
+        if getattr(module, "training", False)
+        and any(isinstance(module, t) and on(module) for t, on in STOCHASTIC)
     ]
 
 
@@ -315,6 +324,26 @@ def check_deterministic(model: nn.Module) -> None:
             "(dropout), so two calls would give different directions of different networks. "
             "Call model.eval() before rc.direction (RiemannianPreconditioner.step replays the "
             "masks of the training forward pass instead)"
+        )
+
+
+def _check_not_scripted(name: str, module: nn.Module) -> None:
+    """Refuse TorchScript that hides trainable modules' calls (found by a hunt: torch's raw
+    refusal of a hook; by review: a traced container's submodules run inside its graph,
+    and their missing calls were blamed on the user's code). A traced leaf (its own
+    parameters only) is called, and hooked, like any module."""
+    scripted = isinstance(module, torch.jit.RecursiveScriptModule)
+    traced = isinstance(module, torch.jit.ScriptModule) and not scripted
+    inner = [p for child in module.children() for p in child.parameters()]
+    if (scripted and any(p.requires_grad for p in module.parameters())) or (
+        traced and any(p.requires_grad for p in inner)
+    ):
+        how = "torch.jit.script" if scripted else "torch.jit.trace of a module with submodules"
+        raise TypeError(
+            f"module {name!r} is TorchScript ({how}), whose trainable modules run without "
+            "Python hooks, so their calls cannot be seen: pass the original nn.Module "
+            "(torch.compile'd modules are fine; a traced leaf such as a traced nn.Linear "
+            "works with kernel='auto'), or set requires_grad=False on each of its parameters"
         )
 
 
@@ -332,13 +361,7 @@ def check_model(model: nn.Module, checks: Deferred | None = None) -> list[tuple[
             "(torch.compile'd modules are fine)"
         )
     for name, module in model.named_modules():
-        scripted = isinstance(module, torch.jit.RecursiveScriptModule)  # (traced ones hook)
-        if scripted and any(p.requires_grad for p in module.parameters()):
-            raise TypeError(  # (found by a hunt: torch's raw refusal of a hook, unnamed)
-                f"module {name!r} is a TorchScript module (torch.jit.script), on which torch "
-                "runs no Python hooks, so its calls cannot be seen: pass the original "
-                "nn.Module (torch.compile'd modules are fine), or freeze its parameters"
-            )
+        _check_not_scripted(name, module)
         if any(isinstance(p, nn.UninitializedParameter) for p in module._parameters.values()):
             raise ValueError(
                 f"module {name!r} ({type(module).__name__}) has uninitialized parameters (a "

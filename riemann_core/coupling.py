@@ -106,7 +106,7 @@ def probe_key(model: nn.Module, args: tuple, kwargs: dict, kernel: str) -> tuple
     modules = tuple(
         (
             weakref.ref(m),
-            m.training,
+            getattr(m, "training", False),  # (a torch.jit.freeze'd module has no flag)
             # (the model's own pre-hooks act before every parameter: data preparation)
             _user_hooks(m._forward_pre_hooks) if m is not model else (),
             _user_hooks(m._forward_hooks),

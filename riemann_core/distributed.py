@@ -527,7 +527,7 @@ def buffer_versions(model: nn.Module | None) -> dict[int, tuple[Tensor, int]]:
     return {
         id(b): (b, b._version)
         for m in model.modules()
-        if m.training
+        if getattr(m, "training", False)  # (a torch.jit.freeze'd module has no flag)
         for b in m._buffers.values()
         if b is not None and b.is_floating_point()
     }
@@ -559,11 +559,11 @@ def model_state(
         for b in m._buffers.values()
         if b is not None
         and b.is_floating_point()
-        and (not m.training or _left_alone(b, before.get(id(b))))
+        and (not getattr(m, "training", False) or _left_alone(b, before.get(id(b))))
     ]
     settings = [m.extra_repr() for m in model.modules()]
     modules = tuple(
-        (type(m).__qualname__, "" if "tensor(" in s else s, m.training)
+        (type(m).__qualname__, "" if "tensor(" in s else s, getattr(m, "training", False))
         for m, s in zip(model.modules(), settings, strict=True)
     )
     return frozen + buffers, modules

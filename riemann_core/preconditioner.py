@@ -54,7 +54,7 @@ from .capture import (
     rng_devices,
     rng_state,
 )
-from .direction import run_solver, solve
+from .direction import check_autograd, run_solver, solve
 from .factors import FactorFn, reentrant_checkpoint_refused
 from .methods import (
     METHODS,
@@ -303,7 +303,7 @@ class RiemannianPreconditioner:
             autocast_state(device_types),
         )
         self._output = self._differentiated = None  # until this pass returns
-        self._modes = {id(m): m.training for m in self.model.modules()}
+        self._modes = {id(m): getattr(m, "training", False) for m in self.model.modules()}
         # DistributedDataParallel averages the gradients of a pass outside no_sync() only
         self._synced = getattr(self.model, "require_backward_grad_sync", True)
         self._spent = False
@@ -388,7 +388,8 @@ class RiemannianPreconditioner:
         changed = [
             n or "(the model)"
             for n, m in self.model.named_modules()
-            if self._modes.get(id(m), m.training) != m.training
+            if self._modes.get(id(m), getattr(m, "training", False))
+            != getattr(m, "training", False)
         ]
         causes = [buffers]
         if _compiled(self.model):
@@ -461,6 +462,7 @@ class RiemannianPreconditioner:
                 "pre.backward(loss) runs in one process: with a process_group or a "
                 "DistributedDataParallel model, call loss.backward() and then pre.step()"
             )
+        check_autograd()  # (found by a hunt: under inference_mode the .grad were written)
         self._check_loss(loss)
         if loss.dim():  # a loss of shape (1,) as the scalar the algebra seeds
             loss = loss.reshape(())
@@ -473,6 +475,12 @@ class RiemannianPreconditioner:
             raise ValueError(
                 "pre.backward(loss) already ran on the model's last forward pass and consumed "
                 "its graph (as loss.backward() does): run model(x) again and form a new loss"
+            )
+        if any(c.output is None for c in capture.calls):  # (found by a hunt: AttributeError)
+            raise ValueError(
+                "a pre.backward(loss) refused in its solve, after its backward pass, consumed "
+                "the graph of the model's last forward pass: run model(x) again and form a new "
+                "loss"
             )
         if capture.output is None or not (capture.calls or rehook):
             raise RuntimeError(
@@ -595,9 +603,9 @@ class RiemannianPreconditioner:
         # retry (or for its error, where the graph was consumed)
         capture.reset()
         self._spent = True
-        if rehook:
-            capture.remove()
+        if rehook:  # the new hooks first: a refusal keeps the old ones (found by review)
             self._capture = Capture(model, notes.clone, persistent=True)
+            capture.remove()
         self._note_overflow(overflowed)
         _accumulate(foreign, foreign_grads)
         if overflowed:  # NaN where the scaled backward's inf would be, for scaler.step

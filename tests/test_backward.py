@@ -1458,7 +1458,33 @@ def test_a_refused_call_leaves_the_generator_as_it_was(monkeypatch):
     monkeypatch.setattr(SOLVERS["layerwise"], "solve", refused)
     model.zero_grad()
     state = gen.get_state()
+    loss = F.cross_entropy(model(x), y)
     with pytest.raises(RuntimeError, match="refused in the solve"):
-        pre.backward(F.cross_entropy(model(x), y))
+        pre.backward(loss)
     assert torch.equal(gen.get_state(), state)
     assert all(p.grad is None for p in model.parameters())
+    monkeypatch.undo()  # its backward pass consumed the graph: a retry is told so (found by
+    with pytest.raises(ValueError, match="refused in its solve.*run model"):  # a hunt:
+        pre.backward(loss)  # AttributeError), and a new forward pass draws as if first
+    pre.backward(F.cross_entropy(model(x), y))
+    gen.set_state(state)
+    expected = rc.direction(model, x, y, output_metric="sampled", generator=gen)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-call", "later-call"])
+def test_pre_backward_under_inference_mode_is_refused_before_anything(first):
+    """Found by a hunt: a later call wrote .grad as inference tensors, then raised torch's
+    "Inference tensors do not track version counter"; a first call consumed the graph."""
+    model, x, y = Problem(depth=3).make()
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    if not first:
+        pre.backward(F.cross_entropy(model(x), y))
+        model.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="needs autograd"):
+        pre.backward(loss)
+    assert all(p.grad is None for p in model.parameters())
+    pre.backward(loss)  # outside: the same call
+    assert all(p.grad is not None for p in model.parameters())

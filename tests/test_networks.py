@@ -3195,7 +3195,7 @@ def test_a_scripted_submodule_is_refused_naming_it_and_leaves_no_hook():
     model = nn.Sequential(torch.jit.script(nn.Linear(4, 3)), nn.Tanh(), nn.Linear(3, 2))
     model = model.double()
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
-    refused = r"module '0' is a TorchScript module \(torch.jit.script\).*freeze"
+    refused = r"module '0' is TorchScript \(torch.jit.script\).*requires_grad=False"
     with pytest.raises(TypeError, match=refused):
         rc.RiemannianPreconditioner(model)
     with pytest.raises(TypeError, match=refused):
@@ -3204,6 +3204,25 @@ def test_a_scripted_submodule_is_refused_naming_it_and_leaves_no_hook():
     for p in model[0].parameters():
         p.requires_grad_(False)
     assert_exact(model, x, y, "layerwise", "auto")
+
+
+def test_a_traced_container_is_refused_and_a_frozen_scripted_module_is_exact():
+    """Found by review: a traced module with submodules runs them inside its graph, whose
+    calls no hook sees (refused blaming weight tying); a torch.jit.freeze'd module has no
+    training flag (AttributeError). A traced leaf is a module like any other."""
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    inner = nn.Sequential(nn.Linear(4, 3), nn.Tanh()).double()
+    traced = nn.Sequential(torch.jit.trace(inner, x), nn.Linear(3, 2)).double()
+    with pytest.raises(TypeError, match=r"module '0' is TorchScript \(torch.jit.trace of a"):
+        rc.direction(traced, x, y, kernel="auto")
+    leaf = nn.Sequential(torch.jit.trace(nn.Linear(4, 3).double(), x), nn.Tanh(), nn.Linear(3, 2))
+    assert_exact(leaf.double(), x, y, "layerwise", "auto")
+    frozen = torch.jit.freeze(torch.jit.script(nn.Linear(4, 3).double().eval()))
+    model = nn.Sequential(frozen, nn.Tanh(), nn.Linear(3, 2)).double()
+    assert_exact(model, x, y, "layerwise", "auto")
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel="auto")
+    assert_steps_exact(pre, model, x, lambda out: F.cross_entropy(out, y), oracle_of(model, x, y))
 
 
 def test_a_preconditioner_refused_while_hooking_leaves_no_hook(monkeypatch):

@@ -6,8 +6,9 @@ masks) waits for the device. The counter sees them at the dispatcher
 (``_local_scalar_dense``, ops tagged ``data_dependent_output`` or
 ``dynamic_output_shape``) and at the Python level (``Tensor.tolist`` and ``numpy``,
 which read memory directly). ``torch.linalg.eigh`` checks LAPACK's status inside its
-kernel, out of the counter's sight: on CUDA, K-FAC pays one more sync per
-eigendecomposition.
+kernel, out of the counter's sight: on CUDA, K-FAC pays one more sync per order of its
+factors (those of one order are eigendecomposed in one call; counted on a GPU by
+tests/test_host_syncs.py).
 """
 
 from __future__ import annotations

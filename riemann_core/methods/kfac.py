@@ -364,11 +364,11 @@ def kronecker_solve(
 
 
 def fresh_solve(
-    handler: PatchHandler, index: int, gradient: list[Tensor], opts: Options, factors=None
+    handler: PatchHandler, index: int, gradient: list[Tensor], opts: Options, factors: tuple
 ) -> KroneckerSolve:
-    """The module's solve with its damped metric factorised from ``factors`` (default:
-    this batch's, :func:`module_factors`)."""
-    gamma, inputs = factors or module_factors(handler, opts)
+    """The module's solve with its damped metric factorised from ``factors``
+    (``(Gamma, {part: A})``, :func:`module_factors`)."""
+    gamma, inputs = factors
     blocks = damped_blocks(parts_of(handler, opts.kfac_bias), gamma, inputs, opts)
     kernel = type(handler).__name__
     return kronecker_solve(

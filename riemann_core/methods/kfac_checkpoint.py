@@ -7,7 +7,9 @@ has at most one: its weight's, or weight and bias together), thin as their rows 
 dense. Everything else (the module, its kernel, its Kronecker blocks) comes from the
 model, and the factorisations are computed again from the factors as the step computed
 them (deferred, and checked only where that failed; on a GPU those of one order in one
-batched call, as a step that refreshes every module does), so on the same machine a resumed
+batched call, as a step that refreshes every module does: resumed between a step that
+refactorised some modules alone and the next refresh, a GPU's eigenvectors may differ in
+their last bits, as cuSOLVER batches small matrices another way), so on the same machine a resumed
 run takes the same steps, to the bit, as one never interrupted (with ``pre.backward``:
 for Linear layers in the model's dtype, see docs/api.md#checkpoints).
 

@@ -688,14 +688,14 @@ def read_targets(out: Path) -> dict:
         check_record(payload)
         pages(payload)
         readme_targets(payload, ".")
-        readme_block(payload["environment"]["device"])
         missed(payload, NOISY)
         kfac_targets.missed(payload["kfac"], NOISY)
     except (
         ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, ArithmeticError
     ) as err:  # fmt: skip
         raise ValueError(
-            f"{path} is not a record of riemann-bench targets ({type(err).__name__}: {err}): {fix}"
+            f"{path} is not a record of riemann-bench targets, or one of an older version that "
+            f"lacks what this one draws ({type(err).__name__}: {err}): {fix}"
         ) from err
     return payload
 
@@ -713,8 +713,9 @@ def check_record(payload: dict) -> None:
             raise ValueError(f"{where} is {value!r}, not a finite{' positive' * positive} number")
 
     def judged(item: dict, where: str) -> None:
-        for key in ("ratio", "low", "high"):
-            if key in item or key == "ratio":
+        number(item["ratio"], f"{where}.ratio")
+        for key in ("low", "high"):  # (a record from before intervals has none)
+            if key in item:
                 number(item[key], f"{where}.{key}")
         # (a record from before verdicts has a boolean "met")
         met = {True: MET, False: MISSED}.get(item.get("met"))
@@ -730,12 +731,15 @@ def check_record(payload: dict) -> None:
             raise ValueError(f"{where} is {value!r}, not a network's layer widths")
 
     device = payload["environment"]["device"]
-    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise ValueError(f"environment.device is {device!r}, not cpu or cuda[:N]")
+    if not isinstance(device, str) or not re.fullmatch(r"(cpu|cuda)(:\d+)?", device):
+        raise ValueError(f"environment.device is {device!r}, not cpu[:N] or cuda[:N]")
     if payload.get("device", torch.device(device).type) != torch.device(device).type:
         raise ValueError(f"device {payload['device']!r} differs from environment.device")
     for key in ("gemm_flops_per_s", "cholesky_flops_per_s"):
         number(payload[key], key, positive=True)
+    for name, kinds in (payload.get("time_by_kind") or {}).items():
+        for kind, seconds in kinds.items():
+            number(seconds, f"time_by_kind.{name}.{kind}")
     if not payload["figures"]:
         raise ValueError("figures is empty")
     for i, f in enumerate(payload["figures"]):
@@ -755,8 +759,11 @@ def check_record(payload: dict) -> None:
         number(n["batch"], f"kfac.networks[{i}].batch", positive=True)
         if not n["variants"]:
             raise ValueError(f"kfac.networks[{i}].variants is empty")
+        number(n["step_s"], f"kfac.networks[{i}].step_s", positive=True)
         for j, v in enumerate(n["variants"]):
             judged(v, f"kfac.networks[{i}].variants[{j}]")
+            for side in ("ours_s", "public_s"):
+                number(v[side], f"kfac.networks[{i}].variants[{j}].{side}", positive=True)
 
 
 def readme_block(device) -> str:
@@ -826,7 +833,7 @@ def run(args) -> int:
             what = "a directory" if readme.is_dir() else "no such file"
             raise ValueError(f"--readme {readme}: {what}; pass the README to update")
         generated_block(readme.read_text(), readme_block(device), readme)
-    payload = recorded or _measured(args)
+    payload = recorded if recorded is not None else _measured(args)
     if out is not None:
         for name, page in pages(payload).items():
             print(f"wrote {write_atomic(out / name, page)}")
