@@ -304,6 +304,11 @@ def corrupt(state, change):
         del module["rows"]
     elif change == "average":
         kfac["averages"]["2:Gamma"] = torch.eye(3, dtype=torch.float64)
+    elif change == "foreign-average":
+        kfac["averages"]["9:Gamma"] = torch.eye(4, dtype=torch.float64)
+    elif change == "uncached-average":
+        del kfac["cached"]["4"]
+        kfac["averages"]["4:A"] = torch.eye(2, dtype=torch.float64)
     elif change == "key-type":
         kfac["averages"][5] = torch.eye(4, dtype=torch.float64)
     elif change == "meta":
@@ -339,6 +344,9 @@ CORRUPTIONS = {
     "dtype": r"its factors differ in dtype \(torch.float64, torch.float32\): the file is",
     "keys": r"module '2' does not have the keys of a saved state: missing \['rows'\]",
     "average": r"running average '2:Gamma' is of order 3, its parameters need \[4\]",
+    # found by a hunt: loaded, and saved again from then on
+    "foreign-average": r"running average '9:Gamma': the model has no module '9' that K-FAC",
+    "uncached-average": r"running average '4:A' is of order 2, its parameters need \[4",
     # found by review: an AttributeError and a RuntimeError
     "key-type": r"the K-FAC state's 'averages' must have text keys",
     "meta": r"Gamma of module '2' must be a dense 2-D floating tensor",

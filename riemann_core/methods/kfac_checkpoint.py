@@ -117,11 +117,29 @@ def load(state: KFACState, saved, network: nn.Module, opts: Options) -> None:
         what = f"running average {key!r}"
         if key not in owners:  # a module the last step did not see: kept, as a step keeps it
             averages[key] = _matrix(value, what, first.device)
+            orders = _average_orders(network, key, opts, f"the K-FAC state's {what}")
+            _check_order(Factor(matrix=averages[key], what=what), orders, what, "the K-FAC state")
             continue
         factor, where = owners[key]
         averages[key] = _matrix(value, what, factor.data.device, factor.data.dtype)
         _check_order(Factor(matrix=averages[key], what=what), {factor.n}, what, where)
     state.restore(steps, averages, cached)
+
+
+def _average_orders(network: nn.Module, key, opts: Options, where: str) -> set[int]:
+    """The orders the running average ``key`` (``module:Gamma`` or ``module:A``) of a
+    module not cached may have: its module must be the model's (found by a hunt: averages
+    of modules the model lacks, or of another order, were loaded). An input factor has a
+    column of ones more where the bias joins the weight, whether or not it was trainable."""
+    name, _, factor = key.rpartition(":") if isinstance(key, str) else ("", "", "")
+    if factor not in ("Gamma", "A"):
+        raise ValueError(f"{where}: its key is not module:Gamma or module:A")
+    module = _module(network, name, where)
+    if factor == "Gamma":
+        return {module.weight.shape[0]}
+    fan_in = math.prod(module.weight.shape[1:])
+    joins = opts.kfac_bias == "joint" and getattr(module, "bias", None) is not None
+    return {fan_in, fan_in + 1} if joins else {fan_in}
 
 
 def _average_owners(cached) -> dict[str, tuple[Factor, str]]:
@@ -285,7 +303,7 @@ def _factor(entry, what: str, device, where: str) -> Factor:
 
 
 def _check_order(factor: Factor, orders: set[int], what: str, where: str) -> None:
-    if orders != {factor.n}:
+    if factor.n not in orders:
         raise ValueError(
             f"{where}: the {what} is of order {factor.n}, its parameters need {sorted(orders)}: "
             "the state was saved for another model"
