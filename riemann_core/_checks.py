@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .factors import LOSSES, OUTPUT_METRICS
-from .modules import KERNELS
+from .modules import KERNELS, training
 
 #: The most refinement steps: each costs a float64 residual, and the iteration either
 #: converges in a few or not at all (``eps(solve dtype) cond(G) >= 1``).
@@ -308,9 +308,7 @@ def stochastic_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
         (name, module)
         for name, module in model.named_modules()
-        # (a torch.jit.freeze'd module has no training flag: found by review)
-        if getattr(module, "training", False)
-        and any(isinstance(module, t) and on(module) for t, on in STOCHASTIC)
+        if training(module) and any(isinstance(module, t) and on(module) for t, on in STOCHASTIC)
     ]
 
 

@@ -57,7 +57,14 @@ from torch.utils import _pytree as pytree
 from ._checks import Deferred
 from .capture import ModelNotes, OwnHook, autograd_nodes
 from .factors import batched_backward
-from .modules import Block, GenericHandler, Handler, SharedHandler, lowest_precision_eps
+from .modules import (
+    Block,
+    GenericHandler,
+    Handler,
+    SharedHandler,
+    lowest_precision_eps,
+    training,
+)
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,7 @@ def probe_key(model: nn.Module, args: tuple, kwargs: dict, kernel: str) -> tuple
     modules = tuple(
         (
             weakref.ref(m),
-            getattr(m, "training", False),  # (a torch.jit.freeze'd module has no flag)
+            training(m),
             # (the model's own pre-hooks act before every parameter: data preparation)
             _user_hooks(m._forward_pre_hooks) if m is not model else (),
             _user_hooks(m._forward_hooks),

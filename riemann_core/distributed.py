@@ -57,7 +57,7 @@ from . import costs
 from ._checks import Deferred
 from .kronecker import Factor, eigen_together
 from .methods import SOLVERS, LayerDiagnostics, Options, Problem, finish, kfac
-from .modules import Block, Handler, LinearHandler, PatchHandler, kronecker_handler
+from .modules import Block, Handler, LinearHandler, PatchHandler, kronecker_handler, training
 from .ownership import assign
 
 #: The phases of a step, in order (see the module docstring).
@@ -527,7 +527,7 @@ def buffer_versions(model: nn.Module | None) -> dict[int, tuple[Tensor, int]]:
     return {
         id(b): (b, b._version)
         for m in model.modules()
-        if getattr(m, "training", False)  # (a torch.jit.freeze'd module has no flag)
+        if training(m)
         for b in m._buffers.values()
         if b is not None and b.is_floating_point()
     }
@@ -559,11 +559,11 @@ def model_state(
         for b in m._buffers.values()
         if b is not None
         and b.is_floating_point()
-        and (not getattr(m, "training", False) or _left_alone(b, before.get(id(b))))
+        and (not training(m) or _left_alone(b, before.get(id(b))))
     ]
     settings = [m.extra_repr() for m in model.modules()]
     modules = tuple(
-        (type(m).__qualname__, "" if "tensor(" in s else s, getattr(m, "training", False))
+        (type(m).__qualname__, "" if "tensor(" in s else s, training(m))
         for m, s in zip(model.modules(), settings, strict=True)
     )
     return frozen + buffers, modules

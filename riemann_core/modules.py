@@ -78,6 +78,12 @@ def output_index(output) -> int | None | bool:
     return False
 
 
+def training(module: nn.Module) -> bool:
+    """``module.training``; ``False`` for a module without the flag (a ``torch.jit.freeze``d
+    TorchScript module: found by review, an AttributeError wherever the flag was read)."""
+    return getattr(module, "training", False)
+
+
 def own_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """``(name in module, parameter)`` of the parameters ``module`` owns as a block: those
     registered on it and those of the parameter containers it holds, directly or inside

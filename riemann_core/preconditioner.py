@@ -65,7 +65,7 @@ from .methods import (
     problem_from_graph,
 )
 from .methods.kfac import KFACState, in_larger_storage
-from .modules import evaluated_per_sample
+from .modules import evaluated_per_sample, training
 
 
 class RiemannianPreconditioner:
@@ -303,7 +303,7 @@ class RiemannianPreconditioner:
             autocast_state(device_types),
         )
         self._output = self._differentiated = None  # until this pass returns
-        self._modes = {id(m): getattr(m, "training", False) for m in self.model.modules()}
+        self._modes = {id(m): training(m) for m in self.model.modules()}
         # DistributedDataParallel averages the gradients of a pass outside no_sync() only
         self._synced = getattr(self.model, "require_backward_grad_sync", True)
         self._spent = False
@@ -388,8 +388,7 @@ class RiemannianPreconditioner:
         changed = [
             n or "(the model)"
             for n, m in self.model.named_modules()
-            if self._modes.get(id(m), getattr(m, "training", False))
-            != getattr(m, "training", False)
+            if self._modes.get(id(m), training(m)) != training(m)
         ]
         causes = [buffers]
         if _compiled(self.model):
