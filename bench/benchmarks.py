@@ -183,7 +183,8 @@ class Direction(_CountedFlops, _DirectionCase):
         self.call()  # warm-up: the model's one-time check, the memory it frees kept
 
     def track_flops_modelled(self, *params):
-        return costs.flops(self.method, self.shape, self.kernel, device=self.device)["total"]
+        options = {"device": self.device, "dtype": DTYPE}
+        return costs.flops(self.method, self.shape, self.kernel, **options)["total"]
 
     track_flops_modelled.unit = "flops"
 

@@ -194,7 +194,8 @@ def _run(
         "environment": environment(device),
     }
     if modelled_as is not None:
-        options = {"device": device, **(flops_options or {})}
+        dtype = next(problem.model.parameters()).dtype
+        options = {"device": device, "dtype": dtype, **(flops_options or {})}
         modelled = costs.flops(modelled_as, shape, kernel, **options)
         info["modelled_flops"] = modelled["total"]
         info["modelled_flops_by_phase"] = modelled

@@ -330,8 +330,10 @@ def _check_not_scripted(name: str, module: nn.Module) -> None:
     refusal of a hook; by review: a traced container's submodules run inside its graph,
     and their missing calls were blamed on the user's code). A traced leaf (its own
     parameters only) is called, and hooked, like any module."""
+    if not isinstance(module, torch.jit.ScriptModule):  # (no walk: it runs at every call)
+        return
     scripted = isinstance(module, torch.jit.RecursiveScriptModule)
-    traced = isinstance(module, torch.jit.ScriptModule) and not scripted
+    traced = not scripted
     inner = [p for child in module.children() for p in child.parameters()]
     if (scripted and any(p.requires_grad for p in module.parameters())) or (
         traced and any(p.requires_grad for p in inner)

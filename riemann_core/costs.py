@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .blas import symmetric_products
 from .ownership import assign
 
@@ -23,13 +25,26 @@ def cholesky_flops(n: int) -> float:
     return n**3 / 3
 
 
-def factor_order(m: int) -> int:
+#: Float32 CPU orders factorised at :data:`SMALL_PATH_ORDER` instead (:func:`factor_order`).
+SMALL_PATH = range(89, 129)
+SMALL_PATH_ORDER = 136
+
+
+def factor_order(m: int, dtype: torch.dtype | None = None, device=None) -> int:
     """The order at which an ``m x m`` Gram is factorised: ``m``, or ``m + 8`` for a
     multiple of 64. LAPACK's Cholesky (MKL's, measured on a 2-core AVX-512 CPU) runs
     1.2-3x slower at such orders than a few rows larger (three of 128 x 128: 0.33 against
     0.11 ms; of 1024 x 1024: 33 against 21 ms), the usual cost of leading dimensions that
     map columns onto the same cache sets; the 8 rows more cost ``(1 + 8 / m)^3 - 1`` in
-    FLOPs (20% at ``m = 128``, 2% at 1024)."""
+    FLOPs (20% at ``m = 128``, 2% at 1024).
+
+    In float32 on the CPU (``dtype``, ``device``), an order in :data:`SMALL_PATH` (89 to
+    128) is factorised at 136: MKL's ``spotrf`` takes a slower path up to order 128 (one
+    thread, AMD EPYC, torch 2.13: 85 us at 128 against 36 at 129 and 31 at 136; 35 at 92,
+    32 at 88, where the step ends). Its float64 ``dpotrf`` has no such step."""
+    cpu = device is not None and torch.device(device).type == "cpu"
+    if cpu and dtype == torch.float32 and m in SMALL_PATH:
+        return SMALL_PATH_ORDER
     return m + 8 if m % 64 == 0 else m
 
 
@@ -142,6 +157,7 @@ def flops(
     kfac_damping: str = "exact",
     kfac_bias: str = "joint",
     device: str | None = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Modelled FLOPs of ``rc.direction(method=..., kernel=...)`` on ``device`` by phase,
     plus ``total``.
@@ -158,7 +174,9 @@ def flops(
     (:func:`riemann_core.blas.symmetric_products`): a Gram's lower triangle costs less
     there (:func:`lower_gram_flops`), which can also tip a layerwise block from Woodbury to
     its dense metric (:func:`dense_is_cheaper`); ``None`` models no ``syrk`` anywhere, a
-    plan that does not depend on the build of torch.
+    plan that does not depend on the build of torch. ``dtype`` and ``device`` set the
+    order each Gram is factorised at (:func:`factor_order`; ``None``: the multiples of 64
+    alone).
     """
     N, d, layers = shape.batch, shape.d, shape.layers
     symmetric = device is not None and symmetric_products(device)
@@ -208,7 +226,7 @@ def flops(
                 cost["checks"] += power_flops(n)
                 cost["solve"] += 2 * triangular_solve_flops(n)
             else:
-                order = factor_order(block.d)  # the Gram padded with an identity
+                order = factor_order(block.d, dtype, device)  # padded with an identity
                 cost["gram"] += gram
                 cost["factorisation"] += cholesky_flops(order)
                 cost["checks"] += gram_power_flops(block.d, m)

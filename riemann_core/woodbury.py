@@ -241,7 +241,7 @@ _workspace = _Workspace()
 
 def padded_gram(*shape: int, like) -> tuple[Tensor, Tensor]:
     """``(buffer, gram)``: an uninitialised column-major ``(..., M, M)`` buffer for the
-    factorisation (``M = factor_order(m)``) and its ``(..., m, m)`` view ``gram``. Once
+    factorisation (``M = factor_order(m)`` for ``like``'s dtype and device) and its ``(..., m, m)`` view ``gram``. Once
     ``gram`` holds ``A``'s lower triangle, :func:`pad_with_identity` makes the buffer
     ``A (+) I``, whose Cholesky factor is ``L (+) I``, ``L`` that of ``A``;
     :meth:`Cholesky.solve` pads right-hand sides with zeros accordingly.
@@ -249,7 +249,7 @@ def padded_gram(*shape: int, like) -> tuple[Tensor, Tensor]:
     The buffer given back last by this thread (:func:`give_back`) is reused when it has
     the same shape, dtype and device; one of another shape is dropped."""
     *batch, m, _ = shape
-    order = factor_order(m)
+    order = factor_order(m, like.dtype, like.device)
     buffer, _workspace.buffer = _workspace.buffer, None
     if buffer is None or (
         buffer.shape != (*batch, order, order)
@@ -357,22 +357,19 @@ def largest_eigenvalue(matrix: Tensor, steps: int = POWER_STEPS) -> Tensor:
     return norm.reshape(matrix.shape[:-2])
 
 
-#: The order from which :func:`matvec` multiplies CPU matrices one by one.
-MATVEC_LOOP_ORDER = 512
-
-
 def matvec(A: Tensor, v: Tensor) -> Tensor:
     """``A_i v_i`` for every matrix of ``A`` (``(b, m, m)``) and column of ``v``
     (``(b, m, 1)``), as ``(b, m, 1)``.
 
-    One ``bmm``, except for CPU matrices from :data:`MATVEC_LOOP_ORDER`: one product each
-    (the same FLOPs), where MKL's ``bmm`` with one column streams them 3x slower (torch
-    2.13, 2-core CPU: 3 matrices of order 1160 took 3.8-4.1 ms by ``bmm``, 1.1-1.3 ms one
-    by one).
+    One ``bmm``; for more than one CPU matrix as ``(v_i^T A_i^T)^T``, a row vector times
+    the transposed matrices: MKL's ``bmm`` with one column is slow there, with one row it
+    streams the memory of a column-major ``A`` (the Grams') row by row (torch 2.13, 2-core
+    CPU, three column-major matrices: 5 against 25 us at order 136, 137 us against 2.2 ms
+    at 1160; row-major ones 2.5-5x faster too; one matrix: the same).
     """
-    if A.device.type == "cpu" and A.shape[-1] >= MATVEC_LOOP_ORDER:
-        return torch.stack([a @ x for a, x in zip(A, v, strict=True)])
-    return torch.bmm(A, v)
+    if A.device.type != "cpu" or A.shape[0] == 1:
+        return torch.bmm(A, v)
+    return torch.bmm(v.mT, A.mT).mT
 
 
 @functools.lru_cache(maxsize=32)

@@ -7,10 +7,12 @@ import threading
 import pytest
 import torch
 from oracle import Problem, rel_error
+from torch import nn
 
 import riemann_core as rc
-from riemann_core import woodbury
+from riemann_core import costs, woodbury
 from riemann_core.costs import factor_order
+from riemann_core.measure.flops import flop_counter
 from riemann_core.methods import Options, build_problem
 from riemann_core.methods.layerwise import damped_gram
 from riemann_core.woodbury import (
@@ -247,6 +249,41 @@ def test_a_reused_gram_buffer_leaves_no_trace_in_the_next_direction(direct, monk
     assert woodbury._workspace.buffer is None
 
 
+def test_float32_cpu_grams_of_order_89_to_128_are_factorised_at_136():
+    """MKL's slower path for small float32 Choleskys (costs.factor_order); float64 and
+    other devices only step off the multiples of 64."""
+    f32, f64 = torch.float32, torch.float64
+    assert [factor_order(m, f32, "cpu") for m in (88, 89, 100, 128, 129)] == [
+        88,
+        136,
+        136,
+        136,
+        129,
+    ]
+    assert [factor_order(m, f64, "cpu") for m in (100, 128)] == [100, 136]
+    assert [factor_order(m, f32, "cuda") for m in (100, 128)] == [100, 136]
+    assert factor_order(100) == 100  # no dtype or device: the multiples of 64 alone
+    buffer, gram = padded_gram(3, 100, 100, like=torch.empty(0))
+    assert buffer.shape == (3, 136, 136) and gram.shape == (3, 100, 100)
+
+
+def test_counted_flops_of_a_padded_float32_gram_match_the_model():
+    """Batch 100, one sampled row: each Gram of order 100 is factorised at 136, counted
+    and modelled alike where the model is given the dtype and device."""
+    torch.manual_seed(0)
+    widths, N = (12, 16, 6), 100
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 6))
+    x, y = torch.randn(N, 12), torch.randint(0, 6, (N,))
+    kw = dict(method="layerwise", output_metric="sampled", damping=1e-2)
+    rc.direction(model, x, y, **kw)
+    with flop_counter() as counter:
+        rc.direction(model, x, y, **kw)
+    shape = costs.MLPShape(widths, N, 1)
+    padded = costs.flops("layerwise", shape, device="cpu", dtype=torch.float32)["total"]
+    assert counter.get_total_flops() == pytest.approx(padded, rel=1e-2)
+    assert costs.flops("layerwise", shape, device="cpu")["total"] < 0.9 * padded
+
+
 @pytest.mark.parametrize("m", [7, 64, 128])
 def test_a_gram_padded_with_an_identity_solves_the_gram(m):
     """An order that is a multiple of 64 is factorised as ``A (+) I_8``; the factor solves
@@ -273,7 +310,7 @@ def test_in_place_cholesky_needs_column_major_memory():
         cholesky_in_place(torch.eye(4))
 
 
-@pytest.mark.parametrize("n", [1, 5, 40, 200, woodbury.MATVEC_LOOP_ORDER])
+@pytest.mark.parametrize("n", [1, 5, 40, 200, 512])
 def test_largest_eigenvalue_estimate_is_a_lower_bound_within_2_5(n):
     """Three power-iteration steps from below: on Grams of random factors with decaying
     columns, between 0.4 and 1 times ``eigvalsh``'s (median within a few percent); a
@@ -293,12 +330,18 @@ def test_largest_eigenvalue_estimate_is_a_lower_bound_within_2_5(n):
     torch.testing.assert_close(largest_eigenvalue(grid), batched[:4].reshape(2, 2))
 
 
-@pytest.mark.parametrize("b, m", [(1, 5), (27, 128), (3, woodbury.MATVEC_LOOP_ORDER)])
-def test_matvec_multiplies_each_matrix_by_its_own_vector(b, m):
-    """Both CPU paths (one bmm, one mv per matrix) against an elementwise oracle."""
+@pytest.mark.parametrize("column_major", [False, True])
+@pytest.mark.parametrize("b, m", [(1, 5), (1, 600), (27, 128), (3, 600)])
+def test_matvec_multiplies_each_matrix_by_its_own_vector(b, m, column_major):
+    """Both CPU paths (one matrix, several: by row vectors), on non-symmetric matrices in
+    either layout, against an oracle summing each row's products one by one."""
     torch.manual_seed(0)
     A, v = torch.randn(b, m, m, dtype=torch.float64), torch.randn(b, m, 1, dtype=torch.float64)
-    torch.testing.assert_close(woodbury.matvec(A, v), (A * v.mT).sum(-1, keepdim=True))
+    A = A.mT.contiguous().mT if column_major else A
+    expected = torch.zeros(b, m, 1, dtype=torch.float64)
+    for j in range(m):
+        expected[:, :, 0] += A[:, :, j] * v[:, j]
+    torch.testing.assert_close(woodbury.matvec(A, v), expected)
 
 
 def test_a_small_cholesky_runs_mkl_on_one_thread_for_this_thread_only():

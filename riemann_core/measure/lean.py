@@ -27,7 +27,7 @@ probe rows ``Delta`` at its output (``N x f_out``), ``Xt = [X, 1]``:
 
 the Woodbury form of ``(mu I + K^T K)^{-1} g`` of ``riemann_core.methods.layerwise`` with
 ``g = Lambda^T Xt`` never formed; the layers' Grams (all ``N x N``) are factorised by one
-batched Cholesky, at an order off LAPACK's slow multiples of 64 (``costs.factor_order``),
+batched Cholesky, at an order off LAPACK's slow ones (``costs.factor_order``),
 on one MKL thread where that is faster (``woodbury.cholesky_ex``), as in the package.
 Given the same probes it sets the ``.grad`` that ``pre.backward`` sets
 (tests/test_lean.py).
@@ -105,7 +105,7 @@ class LeanStep:
         pull = self._by_hand if self.pullback == "by hand" else self._by_autograd
         inputs, lam, delta = pull(x, y)
         N = x.shape[0]
-        order = factor_order(N)
+        order = factor_order(N, x.dtype, x.device)
         grams = x.new_zeros(len(inputs), order, order)
         Kg = x.new_zeros(len(inputs), order, 1)
         for a, (m, X, L, D) in enumerate(zip(self.linears, inputs, lam, delta, strict=True)):

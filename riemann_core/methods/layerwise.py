@@ -15,8 +15,8 @@ only its own pulled-back factor.
 Blocks whose Grams have the same size are factorised together: their lower triangles
 are written into one ``(B, d, d)`` buffer, factorised in place by one batched Cholesky
 and solved by batched triangular solves (one call each, as a GPU wants them). An order
-``d`` that is a multiple of 64 is padded with an identity (``costs.factor_order``:
-LAPACK's Cholesky is slower at such orders).
+``d`` that is a multiple of 64 (and in float32 on the CPU, one from 89 to 128) is padded
+with an identity (``costs.factor_order``: LAPACK's Cholesky is slower at such orders).
 """
 
 from __future__ import annotations

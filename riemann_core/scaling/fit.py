@@ -368,6 +368,7 @@ def local_exponents(x: Sequence[float], y: Sequence[float]) -> np.ndarray:
 def model_flops(rows: pd.DataFrame) -> np.ndarray:
     """:func:`~riemann_core.scaling.sweep.model_flops` ``["total"]`` at every row."""
     columns = ["method", "kernel", *AXES, "device", "output_metric"]
+    columns += ["dtype"] if "dtype" in rows else []  # (the order of a padded Gram)
     return np.array(
         [sweep.model_flops(r._asdict())["total"] for r in rows[columns].itertuples(index=False)]
     )

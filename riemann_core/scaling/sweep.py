@@ -387,11 +387,17 @@ def shape_of(run: Mapping) -> costs.MLPShape:
 
 
 def model_flops(run: Mapping) -> dict[str, float]:
-    """``costs.flops`` of ``run``'s method (and K-FAC variant) at its shape, by phase."""
+    """``costs.flops`` of ``run``'s method (and K-FAC variant) at its shape, by phase, for
+    its device and dtype."""
     options = direction_options(run)
     variant = {k: options[k] for k in ("kfac_damping", "kfac_bias") if k in options}
     return costs.flops(
-        options["method"], shape_of(run), run["kernel"], device=run["device"], **variant
+        options["method"],
+        shape_of(run),
+        run["kernel"],
+        device=run["device"],
+        dtype=DTYPES.get(run.get("dtype")),  # (None: a record without one)
+        **variant,
     )
 
 

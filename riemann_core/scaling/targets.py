@@ -339,7 +339,7 @@ def measure_targets(
         "speed_of_light_s": statistics.median(sol_s),
         "speed_of_light_flops": sol_flops,
         "counted_flops": counter.get_total_flops(),
-        "modelled_flops": costs.flops("layerwise", shape, device=device)["total"],
+        "modelled_flops": costs.flops("layerwise", shape, device=device, dtype=dtype)["total"],
         "figures": [
             figure("speed_of_light", NETWORK, round_ratios(t["exact"], sol_s)),
             figure("sampled_step", NETWORK, round_ratios(t["sampled_step"], t["sgd"])),
