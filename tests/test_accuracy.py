@@ -33,7 +33,7 @@ import riemann_core as rc
 from riemann_core import _precision, woodbury
 from riemann_core._checks import check_generator
 from riemann_core.measure.environment import environment
-from riemann_core.methods import _solve
+from riemann_core.methods import _solve, layerwise
 
 EPS32 = torch.finfo(torch.float32).eps
 PROBLEM = Problem(depth=3)
@@ -209,6 +209,42 @@ def test_the_slow_paths_taken_are_recorded_where_asked_and_only_there():
     assert plain == []
     assert "residual" in slowed and "refine" in slowed
     assert _solve._slow_paths.get() is None
+
+
+SHARPENED = Problem(depth=3, width=32, classes=10, batch=16, n_in=8)
+
+
+def test_a_solve_the_probe_blocks_overestimate_skips_the_float64_residual(monkeypatch):
+    """The exact cross-entropy factor's Gram has ``C - 1`` probe blocks, and the sum of
+    their estimates reads its ``lambda_max`` several times high: at damping 1e-4 here two
+    Grams' sums pass the threshold of the float64 residual check, though their
+    ``cond(G)`` (2015 and 1632, from the diagnostics' eigendecomposition) is below it
+    (``bound / 4 eps`` = 2097). The whole Gram's estimate (``sharpen_condition``) sends
+    none there, and the direction stays within float32 accuracy of the float64 oracle; a
+    Gram whose cond is past the threshold (the second problem's last, 2534) still takes
+    the check."""
+    mu, threshold = 1e-4, _solve.RESIDUAL_BOUND[torch.float32] / 4 / EPS32
+    model, x, y = SHARPENED.make(torch.float32)
+    _, diags = rc.direction(model, x, y, damping=mu, return_diagnostics=True)
+    assert max(d.condition for d in diags) < threshold
+    with _solve.recording_slow_paths() as taken:
+        dirs = rc.direction(model, x, y, damping=mu)
+    assert taken == []
+    G, g, blocks = oracle_for(SHARPENED, torch.float32)
+    expected = oracle_direction(G, g, mu, "layerwise", blocks)
+    assert rel_error(flatten(dirs, model), expected) < EPS32 * threshold
+    with monkeypatch.context() as patched:  # the sums alone: two checks
+        patched.setattr(layerwise, "sharpen_condition", lambda grams, N, c, mu, above: c)
+        with _solve.recording_slow_paths() as summed:
+            rc.direction(model, x, y, damping=mu)
+    assert summed == ["residual", "residual"]
+    ill = Problem(depth=3, width=16, classes=6, batch=12, n_in=8)
+    model, x, y = ill.make(torch.float32)
+    _, diags = rc.direction(model, x, y, damping=mu, return_diagnostics=True)
+    assert sum(d.condition > threshold for d in diags) == 1
+    with _solve.recording_slow_paths() as taken:
+        rc.direction(model, x, y, damping=mu)
+    assert taken == ["residual"]
 
 
 def _checked_solves(monkeypatch, model, x, y, **options):

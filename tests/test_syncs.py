@@ -21,6 +21,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import riemann_core as rc
+from riemann_core import woodbury
 from riemann_core.blas import symmetric_products
 
 DATA_DEPENDENT = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
@@ -32,6 +33,13 @@ def _blas_checked():
     host at its first use in a process, not at each call: done before any count, so the
     counts do not depend on which tests ran before."""
     symmetric_products()
+
+
+@pytest.fixture(autouse=True)
+def _as_on_a_gpu(monkeypatch):
+    """The counts stand for a GPU's: choices made on the host where a read is free (the
+    CPU's alone, ``woodbury.reads_are_free``) take the path a GPU takes."""
+    monkeypatch.setattr(woodbury, "reads_are_free", lambda device: False)
 
 
 class SyncCounter(TorchDispatchMode):

@@ -51,9 +51,22 @@ AUTO_REFINE = 3
 #: ``eps(model dtype) * cond(G)``, ``cond(G)`` as estimated, above which the direction is
 #: reported as undetermined by the model's precision: every error above 1% warns. The
 #: estimate reads low by up to 2.5x (a few power iterations; a Gram's is the sum over its
-#: probe blocks, never below its ``lambda_max`` but by that), and on small float32
+#: probe blocks, never below its ``lambda_max`` but by that, or where that sum reads past
+#: :func:`examined_above` on the CPU the whole Gram's, when lower: ``woodbury.
+#: sharpen_condition``), and on small float32
 #: networks the error reached 2/3 of ``eps cond(G)`` (tests/test_accuracy.py).
 ACCURACY_LEVEL = 0.005
+
+
+def examined_above(problem: Problem, factor_dtype: torch.dtype) -> float:
+    """The least estimate of ``cond(G)`` at which :func:`finish` examines a solve of
+    ``problem`` factorised in ``factor_dtype`` beyond its finiteness: the float64 residual
+    (:func:`_check_residual`, ``eps cond(G) > bound / 4``) or the accuracy warning
+    (:func:`_check_accuracy`, ``eps cond(G) > ACCURACY_LEVEL`` of the data)."""
+    model_dtype = problem.blocks[0].params[0].dtype
+    data_dtype = problem.data_dtype or model_dtype
+    residual = RESIDUAL_BOUND[model_dtype] / 4 / torch.finfo(factor_dtype).eps
+    return min(residual, ACCURACY_LEVEL / torch.finfo(data_dtype).eps)
 
 
 #: the names of the slow paths (:func:`recording_slow_paths`)

@@ -34,9 +34,10 @@ from ..woodbury import (
     largest_eigenvalue_of_gram,
     pad_with_identity,
     padded_gram,
+    sharpen_condition,
 )
 from ._base import Options, Problem
-from ._solve import Solve
+from ._solve import Solve, examined_above
 
 NEEDS_FACTOR = True
 
@@ -121,6 +122,8 @@ def _woodbury(problem: Problem, indices: list[int], opts: Options) -> list[Solve
     pad_with_identity(buffer, d)
     damped(grams, mu)
     condition = largest_eigenvalue_of_gram(grams, handlers[0].N) / mu
+    above = examined_above(problem, grams.dtype)
+    condition = sharpen_condition(grams, handlers[0].N, condition, mu, above)
     chol = cholesky_in_place(buffer)
     t = chol.solve(torch.stack([problem.K_gradient(i) for i in indices]))
     records = []

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from ..woodbury import WoodburySolve, cholesky_in_place, largest_eigenvalue_of_gram
+from ..woodbury import (
+    WoodburySolve,
+    cholesky_in_place,
+    largest_eigenvalue_of_gram,
+    sharpen_condition,
+)
 from ._base import Options, Problem
-from ._solve import Solve
+from ._solve import Solve, examined_above
 from .layerwise import damped_gram
 
 NEEDS_FACTOR = True
@@ -42,6 +47,8 @@ def solve(problem: Problem, opts: Options) -> list[Solve]:
     gram = rebuild()
     d = gram.shape[0]
     condition = largest_eigenvalue_of_gram(gram, handlers[0].N) / mu
+    above = examined_above(problem, gram.dtype)
+    condition = sharpen_condition(gram, handlers[0].N, condition, mu, above)
     chol = cholesky_in_place(gram)
     Kg = sum(problem.K_gradient(i) for i in range(len(handlers)))
     t = chol.solve(Kg)
