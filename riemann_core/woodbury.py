@@ -399,7 +399,8 @@ def largest_eigenvalue_of_gram(gram: Tensor, samples: int, steps: int = POWER_ST
     """An estimate of ``lambda_max`` of damped Grams ``(..., d, d)`` whose ``d = r N``
     rows are probe-major (``N = samples``), from their ``N x N`` diagonal blocks (the
     Gram of one probe's rows; built in full, so no other entry is read), never below it
-    but by the power iterations' shortfall: the sum of the blocks' estimates.
+    but by the power iterations' shortfall: the sum of the blocks' estimates
+    (:func:`probe_block_estimates`).
 
     For PSD blocks ``max_s lambda_max(G_ss) <= lambda_max(G) <= sum_s lambda_max(G_ss)``
     (interlacing; Cauchy-Schwarz on ``x^T G x``), so the sum lies within
@@ -408,15 +409,21 @@ def largest_eigenvalue_of_gram(gram: Tensor, samples: int, steps: int = POWER_ST
     the last weight) it read 47x low, and float32 directions 1-9% off passed unwarned.
     The blocks are ``r N^2`` entries instead of ``r^2 N^2``: cheap before the
     factorisation overwrites the Gram. Only their lower triangles are read (``syrk``
-    writes no more). Where the sum decides for a slow path, :func:`sharpen_condition`
-    reads the whole Gram.
+    writes no more). Where the sum sends a solve to the float64 residual,
+    :func:`sharpen_condition` reads the whole Gram.
     """
+    return probe_block_estimates(gram, samples, steps).sum(-1)
+
+
+def probe_block_estimates(gram: Tensor, samples: int, steps: int = POWER_STEPS) -> Tensor:
+    """``(..., r)``: the estimate of ``lambda_max`` of each ``N x N`` diagonal block of
+    :func:`largest_eigenvalue_of_gram`'s Grams (one probe: the whole Gram's)."""
     if gram.shape[-1] == samples:  # one probe: the whole product (modules.lower_gram)
-        return largest_eigenvalue(gram, steps)
+        return largest_eigenvalue(gram, steps)[..., None]
     blocks = diagonal_blocks(gram, samples)
     # the blocks in full from their lower triangles: one copy, not one per step
     full = torch.where(_lower_mask(samples, gram.device), blocks, blocks.mT)
-    return largest_eigenvalue(full, steps).sum(-1)
+    return largest_eigenvalue(full, steps)
 
 
 def reads_are_free(device: torch.device) -> bool:
@@ -425,40 +432,52 @@ def reads_are_free(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+#: Power-iteration steps of :func:`sharpen_condition` on a whole Gram: twice the blocks'
+#: (three read 0.28 of ``lambda_max`` on a random MLP, found by a hunt; six 0.75-1.0 on the
+#: MLPs of tests/test_woodbury.py).
+SHARPEN_STEPS = 2 * POWER_STEPS
+
+
 def sharpen_condition(
-    grams: Tensor, samples: int, condition: Tensor, damping: float, above: float
-) -> Tensor:
-    """``condition``, the estimates ``largest_eigenvalue_of_gram(grams, samples) /
-    damping`` of damped Grams ``(..., d, d)`` (lower triangles), with each one above
-    ``above`` replaced by the estimate from its whole Gram where that is lower.
+    grams: Tensor, samples: int, blocks: Tensor, damping: float, above: float
+) -> Tensor | None:
+    """For damped Grams ``(..., d, d)`` (lower triangles) of ``r`` probe blocks whose
+    estimates ``blocks / damping`` (:func:`probe_block_estimates`, ``(..., r)``) sum past
+    ``above``: a lower estimate of their condition, to decide on the float64 residual
+    (``None`` where none is made: on a GPU, for one probe block, or where no sum passes
+    ``above``; the sum itself is kept elsewhere).
 
     The sum over the probe blocks reads up to ``r`` times high (2-10x on MLPs with the
-    exact cross-entropy factor, ``r = C - 1``), and past ``above`` it sends a solve down a
-    slow path (the float64 residual: 7 of 59 ms for the exact direction of
-    784-1024-1024-10 at batch 128, where both of its Grams it sent there had a true
-    ``cond`` under the threshold). Power iterations on the whole Gram (its lower
-    triangle mirrored into a ``d x d`` matrix this thread keeps, as it keeps the Gram
-    buffer: 0.6 ms there, 2 ms in fresh memory at ``d = 1152``) never read above
-    ``lambda_max`` and fall short of it as the blocks' do (:func:`largest_eigenvalue`), so
-    the lower of the two stays an estimate of that kind. On the CPU only, where reading
-    ``condition`` costs no host sync; a Gram of one probe block is estimated whole already.
+    exact cross-entropy factor, ``r = C - 1``), and past ``above`` it sends a solve to the
+    float64 residual (7 of 59 ms for the exact direction of 784-1024-1024-10 at batch 128,
+    where both Grams it sent there had a ``cond`` under the threshold). Power iterations on
+    the whole Gram (its lower triangle mirrored into a ``d x d`` matrix this thread keeps,
+    as it keeps the Gram buffer: 0.6 ms there, 2 ms in fresh memory at ``d = 1152``) never
+    read above ``lambda_max``, but a start vector nearly orthogonal to its eigenvector can
+    read it far low (a hunt built a Gram read 12x low): the estimate is floored at the
+    largest block's, never below ``1 / r`` of the sum (interlacing: ``lambda_max(G) >=
+    max_s lambda_max(G_ss)``), and capped at the sum. On the CPU only, where reading the
+    sums back costs no host sync.
     """
     d = grams.shape[-1]
     if not reads_are_free(grams.device) or d == samples:
-        return condition
+        return None
+    condition = blocks.sum(-1) / damping
     flat, estimates = grams.reshape(-1, d, d), condition.reshape(-1)
     high = (estimates > above).nonzero().flatten().tolist()
     if not high:
-        return condition
+        return None
     whole = _workspace.mirror
     if whole is None or whole.shape != (d, d) or whole.dtype != grams.dtype:
         whole = torch.empty(d, d, dtype=grams.dtype)
     if whole.numel() * whole.element_size() <= WORKSPACE_BYTES:
         _workspace.mirror = whole
+    floor = blocks.reshape(-1, blocks.shape[-1]).amax(-1) / damping
     sharp, lower = estimates.clone(), _lower_mask(d, grams.device)
     for i in high:
         torch.where(lower, flat[i], flat[i].mT, out=whole)
-        sharp[i] = torch.minimum(sharp[i], largest_eigenvalue(whole) / damping)
+        estimate = torch.maximum(largest_eigenvalue(whole, SHARPEN_STEPS) / damping, floor[i])
+        sharp[i] = torch.minimum(sharp[i], estimate)
     return sharp.reshape(condition.shape)
 
 

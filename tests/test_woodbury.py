@@ -28,6 +28,7 @@ from riemann_core.woodbury import (
     largest_eigenvalue_of_gram,
     pad_with_identity,
     padded_gram,
+    probe_block_estimates,
     sharpen_condition,
 )
 
@@ -414,11 +415,12 @@ def test_gram_estimate_from_diagonal_blocks_brackets_lambda_max(problem, method)
     [Problem(depth=3), Problem(loss="mse", classes=5), Problem(depth=3, act="relu", batch=8)],
     ids=lambda p: p.id,
 )
-def test_a_sharpened_condition_is_the_whole_grams_estimate_above_the_threshold(problem):
-    """Above ``above``, the whole Gram's estimate where it is lower than the blocks'
-    sum: never above ``lambda_max / mu`` (eigvalsh, float64), above 0.4 of it; at or under
-    ``above`` the sum is kept (no Gram read: its strict upper triangle, NaN here, never
-    is). A Gram of one probe block is left as it was."""
+def test_a_sharpened_condition_lies_between_the_largest_block_and_the_sum(problem):
+    """Where the blocks' sum passes ``above``: the whole Gram's estimate, never above
+    ``lambda_max / mu`` (eigvalsh, float64) where it is not the largest block's, above
+    0.4 of it, never below the largest block's and never above the sum; ``None`` where no
+    sum passes ``above`` (no Gram read: its strict upper triangle, NaN here, never is) or
+    for a Gram of one probe block."""
     mu = 1e-3
     model, x, y = problem.make()
     opts = Options(damping=mu, loss=problem.loss_name)
@@ -427,17 +429,19 @@ def test_a_sharpened_condition_is_the_whole_grams_estimate_above_the_threshold(p
     grams = torch.stack([damped_gram([h], mu) for h in built.handlers[:2]])
     grams += torch.full_like(grams, float("nan")).triu(1)  # only the lower triangles hold it
     exact = torch.linalg.eigvalsh(grams)[:, -1] / mu
-    summed = largest_eigenvalue_of_gram(grams, N) / mu
-    sharp = sharpen_condition(grams, N, summed, mu, above=0.0)
-    assert (sharp <= torch.minimum(summed, exact * (1 + 1e-12))).all()
+    blocks = probe_block_estimates(grams, N)
+    summed, largest = blocks.sum(-1) / mu, blocks.amax(-1) / mu
+    sharp = sharpen_condition(grams, N, blocks, mu, above=0.0)
+    assert (largest <= sharp).all() and (sharp <= summed).all()
+    assert (sharp <= torch.maximum(largest, exact * (1 + 1e-12))).all()
     assert (sharp >= 0.4 * exact).all()
     assert (sharp < summed).any()  # the sums read high on these Grams
     above = float(summed.min())  # the lower sum is at the threshold: kept
-    partial = sharpen_condition(grams, N, summed, mu, above)
+    partial = sharpen_condition(grams, N, blocks, mu, above)
     low = int(summed.argmin())
     assert partial[low] == summed[low] and partial[1 - low] == sharp[1 - low]
-    one = grams[:, :N, :N]
-    assert sharpen_condition(one, N, summed, mu, above=0.0) is summed
+    assert sharpen_condition(grams, N, blocks, mu, above=float(summed.max())) is None
+    assert sharpen_condition(grams[:, :N, :N], N, blocks[:, :1], mu, above=0.0) is None
 
 
 def test_cholesky_indefinite_raises_solve_error():

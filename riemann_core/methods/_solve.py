@@ -51,22 +51,17 @@ AUTO_REFINE = 3
 #: ``eps(model dtype) * cond(G)``, ``cond(G)`` as estimated, above which the direction is
 #: reported as undetermined by the model's precision: every error above 1% warns. The
 #: estimate reads low by up to 2.5x (a few power iterations; a Gram's is the sum over its
-#: probe blocks, never below its ``lambda_max`` but by that, or where that sum reads past
-#: :func:`examined_above` on the CPU the whole Gram's, when lower: ``woodbury.
-#: sharpen_condition``), and on small float32
+#: probe blocks, never below its ``lambda_max`` but by that), and on small float32
 #: networks the error reached 2/3 of ``eps cond(G)`` (tests/test_accuracy.py).
 ACCURACY_LEVEL = 0.005
 
 
-def examined_above(problem: Problem, factor_dtype: torch.dtype) -> float:
-    """The least estimate of ``cond(G)`` at which :func:`finish` examines a solve of
-    ``problem`` factorised in ``factor_dtype`` beyond its finiteness: the float64 residual
-    (:func:`_check_residual`, ``eps cond(G) > bound / 4``) or the accuracy warning
-    (:func:`_check_accuracy`, ``eps cond(G) > ACCURACY_LEVEL`` of the data)."""
+def residual_checked_above(problem: Problem, factor_dtype: torch.dtype) -> float:
+    """The estimate of ``cond(G)`` above which :func:`finish` evaluates the float64
+    residual of a solve of ``problem`` factorised in ``factor_dtype``
+    (:func:`_check_residual`: ``eps cond(G) > bound / 4``)."""
     model_dtype = problem.blocks[0].params[0].dtype
-    data_dtype = problem.data_dtype or model_dtype
-    residual = RESIDUAL_BOUND[model_dtype] / 4 / torch.finfo(factor_dtype).eps
-    return min(residual, ACCURACY_LEVEL / torch.finfo(data_dtype).eps)
+    return RESIDUAL_BOUND[model_dtype] / 4 / torch.finfo(factor_dtype).eps
 
 
 #: the names of the slow paths (:func:`recording_slow_paths`)
@@ -137,7 +132,8 @@ class Solve:
     ``rebuild()`` returns the damped matrix that was factorised and ``factor_solver``
     makes ``G^{-1}`` (a function of a list of tensors) from a Cholesky factor of it;
     ``failed`` and ``condition`` are device scalars: whether the factorisation failed,
-    and an estimate of ``cond(G)``. Records without them (``euclidean``) are only
+    and an estimate of ``cond(G)``; ``residual_condition``, where set, a lower one that
+    decides on the float64 residual alone (``woodbury.sharpen_condition``). Records without them (``euclidean``) are only
     checked for finiteness. ``x_bound``, a device scalar, bounds ``||x||`` from above
     (computed from factors of ``x`` smaller than ``x``); it stands for ``x``'s own norm
     in the finiteness check until ``x`` changes. ``t`` (``d``), where set, is the rows'
@@ -157,6 +153,7 @@ class Solve:
     rebuild: Callable[[], Tensor] | None = None
     factor_solver: Callable[[Cholesky], Callable] | None = None
     condition: Tensor | None = None
+    residual_condition: Tensor | None = None
     failed: Tensor | None = None
     jitter: float = 0.0
     t: Tensor | None = None
@@ -170,11 +167,19 @@ class Solve:
     def __post_init__(self):
         self.factor_dtype = self.x[0].dtype
 
-    def settle(self, problem: Problem, opts: Options, chol: Cholesky, condition: Tensor) -> Solve:
+    def settle(
+        self,
+        problem: Problem,
+        opts: Options,
+        chol: Cholesky,
+        condition: Tensor,
+        residual_condition: Tensor | None = None,
+    ) -> Solve:
         """What needs the factor, done before the method moves on: the failure flag and
-        the condition estimate ``condition`` (a device scalar), refinement and the
-        diagnostics' figures (when asked for; they rebuild the factorised matrix)."""
-        self.condition = condition
+        the condition estimates ``condition`` and ``residual_condition`` (device scalars,
+        see the class), refinement and the diagnostics' figures (when asked for; they
+        rebuild the factorised matrix)."""
+        self.condition, self.residual_condition = condition, residual_condition
         self.failed = chol.failed
         if opts.refine and self.refines_in_rows():  # keeps t for the checks' refinement
             self.refine_rows(problem, opts.damping, opts.refine, chol=chol, direct=True)
@@ -318,6 +323,7 @@ class Solve:
         apply, matrix, chol = self.refactorise()
         self.jitter = chol.jitter
         self.condition = (eigenvalues(matrix)[-1] + chol.jitter) / opts.damping
+        self.residual_condition = None  # (the redone metric's condition is exact)
         self.x, self.x_bound, self.t = apply(self.rhs(problem)), None, None
         self.residual = None
         if opts.refine:
@@ -344,7 +350,10 @@ def finish(
         for ok, explain in handler.deferred_checks():
             checks.require(ok, explain)
     readings = [
-        [checks.read(t) if t is not None else None for t in (s.failed, s.condition, s.residual)]
+        [
+            checks.read(t) if t is not None else None
+            for t in (s.failed, s.condition, s.residual, s.residual_condition)
+        ]
         for s in solves
     ]
     # one reading for every solve's x; only when it proves nothing is each x examined
@@ -353,13 +362,14 @@ def finish(
     model_dtype = problem.blocks[0].params[0].dtype
     all_finite_x = _proves_finite(norm_x.value, solves, model_dtype)
     diagnostics = []
-    for s, (failed, condition, residual) in zip(solves, readings, strict=True):
+    for s, (failed, condition, residual, decisive) in zip(solves, readings, strict=True):
         condition = condition.value if condition is not None else None
+        decisive = decisive.value if decisive is not None else condition
         if failed is not None and failed.value:
             s.redo(problem, opts)
             residual = None
             if s.condition is not None:  # the redone metric's (K-FAC: defined now)
-                condition = float(s.condition)
+                condition = decisive = float(s.condition)
             finite_now = _representable(s.x, model_dtype)
         else:
             finite_now = all_finite_x or _representable(s.x, model_dtype)
@@ -379,7 +389,7 @@ def finish(
                 "increase the damping or pass solve_dtype=torch.float64"
             )
         if s.condition is not None:
-            _check_residual(s, problem, opts, condition, residual, model_dtype)
+            _check_residual(s, problem, opts, condition, residual, model_dtype, decisive)
             data_dtype = s.data_dtype or problem.data_dtype or model_dtype
             _check_accuracy(s, opts, condition, data_dtype)
             if opts.diagnostics:
@@ -387,11 +397,16 @@ def finish(
     return assemble(problem, solves), diagnostics
 
 
-def _check_residual(s: Solve, problem, opts, condition: float, residual, model_dtype) -> None:
+def _check_residual(
+    s: Solve, problem, opts, condition: float, residual, model_dtype, decisive: float
+) -> None:
+    """The float64 residual where ``eps(solve dtype) decisive > bound / 4`` (``decisive``:
+    the solve's ``residual_condition``, or its ``condition``) or a jitter was needed,
+    refinement above the bound, ``SolveError`` if that falls short."""
     bound = RESIDUAL_BOUND[model_dtype]
     if residual is not None:
         value = residual.value
-    elif s.jitter > 0 or torch.finfo(s.factor_dtype).eps * condition > bound / 4:
+    elif s.jitter > 0 or torch.finfo(s.factor_dtype).eps * decisive > bound / 4:
         _took("residual")
         # diagnostics report the direct evaluation; otherwise it decides only what the
         # evaluation from small factors leaves open (too close to the bound to tell)

@@ -31,13 +31,13 @@ from ..woodbury import (
     column_major,
     give_back,
     largest_eigenvalue,
-    largest_eigenvalue_of_gram,
     pad_with_identity,
     padded_gram,
+    probe_block_estimates,
     sharpen_condition,
 )
 from ._base import Options, Problem
-from ._solve import Solve, examined_above
+from ._solve import Solve, residual_checked_above
 
 NEEDS_FACTOR = True
 
@@ -121,9 +121,10 @@ def _woodbury(problem: Problem, indices: list[int], opts: Options) -> list[Solve
         h.gram_into(gram)
     pad_with_identity(buffer, d)
     damped(grams, mu)
-    condition = largest_eigenvalue_of_gram(grams, handlers[0].N) / mu
-    above = examined_above(problem, grams.dtype)
-    condition = sharpen_condition(grams, handlers[0].N, condition, mu, above)
+    blocks = probe_block_estimates(grams, handlers[0].N)
+    condition = blocks.sum(-1) / mu
+    above = residual_checked_above(problem, grams.dtype)
+    decisive = sharpen_condition(grams, handlers[0].N, blocks, mu, above)
     chol = cholesky_in_place(buffer)
     t = chol.solve(torch.stack([problem.K_gradient(i) for i in indices]))
     records = []
@@ -151,6 +152,7 @@ def _woodbury(problem: Problem, indices: list[int], opts: Options) -> list[Solve
             rebuild=rebuild,
             factor_solver=factor_solver,
         )
-        records.append(record.settle(problem, opts, chol[j], condition[j]))
+        sharp = None if decisive is None else decisive[j]
+        records.append(record.settle(problem, opts, chol[j], condition[j], sharp))
     give_back(buffer)  # no record keeps the factors: the next call may reuse the memory
     return records

@@ -12,11 +12,11 @@ import torch
 from ..woodbury import (
     WoodburySolve,
     cholesky_in_place,
-    largest_eigenvalue_of_gram,
+    probe_block_estimates,
     sharpen_condition,
 )
 from ._base import Options, Problem
-from ._solve import Solve, examined_above
+from ._solve import Solve, residual_checked_above
 from .layerwise import damped_gram
 
 NEEDS_FACTOR = True
@@ -46,9 +46,10 @@ def solve(problem: Problem, opts: Options) -> list[Solve]:
 
     gram = rebuild()
     d = gram.shape[0]
-    condition = largest_eigenvalue_of_gram(gram, handlers[0].N) / mu
-    above = examined_above(problem, gram.dtype)
-    condition = sharpen_condition(gram, handlers[0].N, condition, mu, above)
+    blocks = probe_block_estimates(gram, handlers[0].N)
+    condition = blocks.sum(-1) / mu
+    above = residual_checked_above(problem, gram.dtype)
+    decisive = sharpen_condition(gram, handlers[0].N, blocks, mu, above)
     chol = cholesky_in_place(gram)
     Kg = sum(problem.K_gradient(i) for i in range(len(handlers)))
     t = chol.solve(Kg)
@@ -72,4 +73,4 @@ def solve(problem: Problem, opts: Options) -> list[Solve]:
         rebuild=rebuild,
         factor_solver=factor_solver,
     )
-    return [record.settle(problem, opts, chol, condition)]
+    return [record.settle(problem, opts, chol, condition, decisive)]
