@@ -65,7 +65,7 @@ def residual_checked_above(problem: Problem, factor_dtype: torch.dtype) -> float
 
 
 #: the names of the slow paths (:func:`recording_slow_paths`)
-SLOW_PATHS = ("jitter", "residual", "refine")
+SLOW_PATHS = ("condition", "jitter", "residual", "refine")
 #: the slow paths taken inside :func:`recording_slow_paths` (None outside it)
 _slow_paths: ContextVar[list[str] | None] = ContextVar("slow_paths", default=None)
 
@@ -73,8 +73,10 @@ _slow_paths: ContextVar[list[str] | None] = ContextVar("slow_paths", default=Non
 @contextmanager
 def recording_slow_paths() -> Iterator[list[str]]:
     """Collect the slow paths that the solves of calls made inside take, in order:
-    ``"jitter"`` (a Cholesky redone with jitter), ``"residual"`` (the residual evaluated
-    in float64) and ``"refine"`` (one refinement step). Their work depends on the data
+    ``"condition"`` (a Gram's condition estimated again from the whole Gram,
+    ``woodbury.sharpen_condition``), ``"jitter"`` (a Cholesky redone with jitter),
+    ``"residual"`` (the residual evaluated in float64) and ``"refine"`` (one refinement
+    step). Their work depends on the data
     (on ``cond(G)``), so the cost models of :mod:`riemann_core.costs` leave it out; a
     measurement that compares counted FLOPs with a model tells such calls apart."""
     taken: list[str] = []
@@ -85,7 +87,8 @@ def recording_slow_paths() -> Iterator[list[str]]:
         _slow_paths.reset(token)
 
 
-def _took(path: str) -> None:
+def took(path: str) -> None:
+    """Record the slow path ``path`` (:data:`SLOW_PATHS`) where it is being recorded."""
     taken = _slow_paths.get()
     if taken is not None:
         taken.append(path)
@@ -319,7 +322,7 @@ class Solve:
 
     def redo(self, problem: Problem, opts: Options) -> None:
         """Slow path after a failed factorisation: factorise again with jitter."""
-        _took("jitter")
+        took("jitter")
         apply, matrix, chol = self.refactorise()
         self.jitter = chol.jitter
         self.condition = (eigenvalues(matrix)[-1] + chol.jitter) / opts.damping
@@ -407,7 +410,7 @@ def _check_residual(
     if residual is not None:
         value = residual.value
     elif s.jitter > 0 or torch.finfo(s.factor_dtype).eps * decisive > bound / 4:
-        _took("residual")
+        took("residual")
         # diagnostics report the direct evaluation; otherwise it decides only what the
         # evaluation from small factors leaves open (too close to the bound to tell)
         value = None if opts.diagnostics else s.residual_settled(problem, opts.damping, bound)
@@ -423,13 +426,13 @@ def _check_residual(
         steps = s.refine_rows(problem, opts.damping, AUTO_REFINE, bound, direct=opts.diagnostics)
         value = float(s.residual)
         for _ in range(steps):
-            _took("refine")
+            took("refine")
     apply = None if value <= bound else s.corrector()
     if apply is not None:  # refinement of x, with a budget of its own
         for _ in range(AUTO_REFINE):
             if value <= bound:
                 break
-            _took("refine")
+            took("refine")
             s.refine(problem, opts.damping, 1, apply)
             value, steps = float(s.residual), steps + 1
     if not value <= bound:

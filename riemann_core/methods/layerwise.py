@@ -37,7 +37,7 @@ from ..woodbury import (
     sharpen_condition,
 )
 from ._base import Options, Problem
-from ._solve import Solve, residual_checked_above
+from ._solve import Solve, residual_checked_above, took
 
 NEEDS_FACTOR = True
 
@@ -125,6 +125,8 @@ def _woodbury(problem: Problem, indices: list[int], opts: Options) -> list[Solve
     condition = blocks.sum(-1) / mu
     above = residual_checked_above(problem, grams.dtype)
     decisive = sharpen_condition(grams, handlers[0].N, blocks, mu, above)
+    if decisive is not None:
+        took("condition")
     chol = cholesky_in_place(buffer)
     t = chol.solve(torch.stack([problem.K_gradient(i) for i in indices]))
     records = []

@@ -16,7 +16,7 @@ from ..woodbury import (
     sharpen_condition,
 )
 from ._base import Options, Problem
-from ._solve import Solve, residual_checked_above
+from ._solve import Solve, residual_checked_above, took
 from .layerwise import damped_gram
 
 NEEDS_FACTOR = True
@@ -50,6 +50,8 @@ def solve(problem: Problem, opts: Options) -> list[Solve]:
     condition = blocks.sum(-1) / mu
     above = residual_checked_above(problem, gram.dtype)
     decisive = sharpen_condition(gram, handlers[0].N, blocks, mu, above)
+    if decisive is not None:
+        took("condition")
     chol = cholesky_in_place(gram)
     Kg = sum(problem.K_gradient(i) for i in range(len(handlers)))
     t = chol.solve(Kg)

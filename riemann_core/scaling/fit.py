@@ -512,7 +512,7 @@ def _least_squares(A: np.ndarray, bounds, cap, scale: np.ndarray) -> np.ndarray:
 
 def took_slow_path(rows: pd.DataFrame) -> pd.Series:
     """Which of ``rows`` took a data-dependent slow path in their counted call
-    (``slow_paths``: jitter, residual, refine), whose work the cost models leave out: the
+    (``slow_paths``: condition, jitter, residual, refine), whose work the cost models leave out: the
     fits, the time models and the claims take none of them."""
     paths = rows["slow_paths"] if "slow_paths" in rows else pd.Series("", index=rows.index)
     return paths.notna() & (paths.astype(str) != "")  # read back, an empty column is NaN

@@ -9,8 +9,8 @@ run of its own beside the exact ``kfac`` with its own cost and memory models. Th
 warm-up, ``repeats`` timed calls (median and IQR), one FLOP-counted call (FLOPs by kind of
 operation, :mod:`riemann_core.measure.flops`) and a status: ``ok``, ``oom``, ``skipped``
 (over the memory or FLOP budget, by the cost model) or ``error`` (with the reason).
-``slow_paths`` names the data-dependent slow paths the counted call took (``jitter``,
-``residual``, ``refine``: :func:`riemann_core.methods.recording_slow_paths`), whose work
+``slow_paths`` names the data-dependent slow paths the counted call took (``condition``,
+``jitter``, ``residual``, ``refine``: :func:`riemann_core.methods.recording_slow_paths`), whose work
 the cost models leave out.
 
 Measuring a point is the pure function :func:`measure_point`; :func:`sweep` is the loop

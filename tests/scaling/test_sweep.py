@@ -66,7 +66,7 @@ def test_sweep_records_every_run_with_counted_and_modelled_flops(tmp_path):
     assert grid.time_budget_s == float("inf") and record["grid"]["time_budget_s"] is None
 
 
-@pytest.mark.parametrize(("damping", "taken"), [(1.0, ""), (1e-6, "refine residual")])
+@pytest.mark.parametrize(("damping", "taken"), [(1.0, ""), (1e-6, "condition refine residual")])
 def test_a_point_says_which_slow_paths_its_counted_call_took(damping, taken):
     run = next(r for r in sw.Grid(**TINY).runs() if r["method"] == "natural")
     # the ill-conditioned solve also says its direction is undetermined in float32

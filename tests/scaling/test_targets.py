@@ -170,7 +170,7 @@ def test_the_training_run_trains_and_counts_the_steps_that_check_the_residual(ch
         check = _solve._check_residual
 
         def forced(s, *args):
-            _solve._took("residual")
+            _solve.took("residual")
             return check(s, *args)
 
         monkeypatch.setattr(_solve, "_check_residual", forced)
