@@ -553,15 +553,20 @@ def lines_to_interleave(rows: list[dict], base: Mapping[str, int]) -> list[tuple
 def time_lines(lines: list[list[dict]], grid: Grid, device: torch.device) -> list[dict]:
     """``{**key, time_median_s, time_iqr_s, times_s, spread}`` of every point of ``lines``
     on ``device``: each line's points timed in turn in each of
-    ``LINE_ROUNDS_PER_REPEAT * grid.repeats`` rounds, after a warm-up call each
-    (:func:`~riemann_core.measure.timing.interleaved`), so that a slow spell of the machine
-    slows every point of a round alike instead of bending the line. A line whose point fails here comes back as ``{**key, "error": reason}`` rows:
+    ``LINE_ROUNDS_PER_REPEAT * grid.repeats`` rounds, each call right after an untimed call
+    of its own (:func:`~riemann_core.measure.timing.interleaved`), so that a slow spell of
+    the machine slows every point of a round alike instead of bending the line, and each
+    point is timed in the cache state its own call leaves, as a point measured alone is:
+    timed right after the line's largest point of the round before, the smallest read
+    25-30% high and bent the line (layerwise along depth at width 128, batch 32: 3.1-3.2
+    against 2.4-2.6 ms at depth 1, a quadratic term of 31% [28%, 36%] failed the linear
+    claim). A line whose point fails here comes back as ``{**key, "error": reason}`` rows:
     its points keep the times of their own measurement, and the caller says why."""
     timed = []
     for line in lines:
         try:
             calls = {key_of(run): _direction_call(run, grid, device) for run in line}
-            times = interleaved(calls, LINE_ROUNDS_PER_REPEAT * grid.repeats, device)
+            times = interleaved(calls, LINE_ROUNDS_PER_REPEAT * grid.repeats, device, warmup=1)
         except Exception as err:  # noqa: BLE001  (its points were measured; reported above)
             reason = f"{type(err).__name__}: {err}"[:300]
             timed += [{**run, "error": reason} for run in line]
