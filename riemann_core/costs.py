@@ -423,6 +423,7 @@ def block_solve_flops(
     rows: int,
     bias=True,
     device: str | None = "cpu",
+    dtype: torch.dtype | None = None,
     **kfac_variant,
 ) -> float:
     """Modelled FLOPs of the owner's solve of one Linear block (structured kernel) on
@@ -430,7 +431,7 @@ def block_solve_flops(
     :data:`LOCAL_PHASES`; layerwise rows are kept per sample as ``min(rows, f_out)``
     (compressed before they are sent, so no QR here); K-FAC's factors are dense
     (summed over the ranks), ``kfac_variant`` its ``kfac_damping`` and ``kfac_bias``;
-    ``device`` as in :func:`flops`."""
+    ``device`` and ``dtype`` as in :func:`flops`."""
     if method not in BLOCKWISE:
         raise ValueError(f"method={method!r} is not solved block by block; use {BLOCKWISE}")
     if method == "kfac":
@@ -439,7 +440,8 @@ def block_solve_flops(
         return sum(v for k, v in cost.items() if k not in LOCAL_PHASES[method])
     if method == "layerwise":
         rows = min(rows, f_out)
-    phases = flops(method, MLPShape((f_in, f_out), batch, rows, bias), device=device)
+    shape = MLPShape((f_in, f_out), batch, rows, bias)
+    phases = flops(method, shape, device=device, dtype=dtype)
     return sum(v for k, v in phases.items() if k != "total" and k not in LOCAL_PHASES[method])
 
 
@@ -479,19 +481,24 @@ def _shard(shape: MLPShape, world: int) -> MLPShape:
 
 
 def distributed_flops(
-    method: str, shape: MLPShape, world: int, device: str | None = "cpu", **kfac_variant
+    method: str,
+    shape: MLPShape,
+    world: int,
+    device: str | None = "cpu",
+    dtype: torch.dtype | None = None,
+    **kfac_variant,
 ) -> list[dict[str, float]]:
     """Modelled FLOPs of each rank in a data-parallel direction (structured kernel,
     equal shards of ``shape.batch``): ``local`` (forward and pullback on its shard, the
     :data:`LOCAL_PHASES`; layerwise also the QR that keeps ``min(r, f_out)`` rows per
     sample, before they are sent; K-FAC its dense factors) and ``solve`` (its owned
     blocks on the global batch), plus ``total``. One rank runs the single-process
-    direction. ``kfac_variant``: K-FAC's ``kfac_damping`` and ``kfac_bias``; ``device`` as
-    in :func:`flops`."""
+    direction. ``kfac_variant``: K-FAC's ``kfac_damping`` and ``kfac_bias``; ``device`` and
+    ``dtype`` as in :func:`flops`."""
     shard = _shard(shape, world)
     variant = _kfac_variant(**kfac_variant)
     local_phases = flops(
-        method, shard, kfac_damping=variant[0], kfac_bias=variant[1], device=device
+        method, shard, kfac_damping=variant[0], kfac_bias=variant[1], device=device, dtype=dtype
     )
     if world == 1:  # the single-process direction: the forward pass, then the solve
         built = ("forward", "gradient") if method == "euclidean" else ("forward", "pullback")
@@ -513,10 +520,18 @@ def distributed_flops(
         plan = owners(method, shape, world, **kfac_variant)
         for (f_in, f_out), owner in zip(shape.layers, plan, strict=True):
             solve[owner] += block_solve_flops(
-                method, f_in, f_out, shape.batch, shape.rows, shape.bias, device, **kfac_variant
+                method,
+                f_in,
+                f_out,
+                shape.batch,
+                shape.rows,
+                shape.bias,
+                device,
+                dtype,
+                **kfac_variant,
             )
     elif method != "euclidean":
-        whole = flops(method, shape, device=device)
+        whole = flops(method, shape, device=device, dtype=dtype)
         solve[0] = sum(
             v for k, v in whole.items() if k != "total" and k not in LOCAL_PHASES[method]
         )

@@ -469,7 +469,7 @@ def sharpen_condition(
         return None
     whole = _workspace.mirror
     if whole is None or whole.shape != (d, d) or whole.dtype != grams.dtype:
-        whole = torch.empty(d, d, dtype=grams.dtype)
+        whole = torch.empty(d, d, dtype=grams.dtype, device=grams.device)
     if whole.numel() * whole.element_size() <= WORKSPACE_BYTES:
         _workspace.mirror = whole
     floor = blocks.reshape(-1, blocks.shape[-1]).amax(-1) / damping

@@ -231,6 +231,10 @@ def test_a_solve_the_probe_blocks_overestimate_skips_the_float64_residual(monkey
     with _solve.recording_slow_paths() as taken:
         dirs = rc.direction(model, x, y, damping=mu)
     assert taken == ["condition"]  # the Grams' condition estimated again; no residual
+    for options in ({"return_diagnostics": True}, {"refine": 1}):  # (found by review:
+        with _solve.recording_slow_paths() as taken:  # they evaluate the residual anyway)
+            rc.direction(model, x, y, damping=mu, **options)
+        assert "condition" not in taken
     G, g, blocks = oracle_for(SHARPENED, torch.float32)
     expected = oracle_direction(G, g, mu, "layerwise", blocks)
     assert rel_error(flatten(dirs, model), expected) < EPS32 * threshold

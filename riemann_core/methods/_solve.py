@@ -7,8 +7,9 @@ only where one needs it:
 
 * a Cholesky that failed is redone with jitter (:func:`riemann_core.woodbury.cholesky`),
   with an :class:`AccuracyWarning` when the jitter exceeds a tenth of the damping;
-* where ``eps(solve dtype) * cond(G)`` exceeds a quarter of :data:`RESIDUAL_BOUND`, or
-  jitter was needed, the relative residual ``||G x - v|| / ||v||`` is evaluated in
+* where ``eps(solve dtype) * cond(G)`` exceeds a quarter of :data:`RESIDUAL_BOUND` (on
+  the CPU, for a Gram of several probe blocks, the whole Gram's estimate decides:
+  ``Solve.residual_condition``), or jitter was needed, the relative residual ``||G x - v|| / ||v||`` is evaluated in
   float64 on the solve's own data (a Woodbury or Cholesky solve leaves about
   ``eps * cond(G)``; for 2-D Linear blocks from ``N``-sized factors where that pays,
   :meth:`Solve.residual_settled`); above the bound, up to :data:`AUTO_REFINE` steps of

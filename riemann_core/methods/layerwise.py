@@ -124,7 +124,12 @@ def _woodbury(problem: Problem, indices: list[int], opts: Options) -> list[Solve
     blocks = probe_block_estimates(grams, handlers[0].N)
     condition = blocks.sum(-1) / mu
     above = residual_checked_above(problem, grams.dtype)
-    decisive = sharpen_condition(grams, handlers[0].N, blocks, mu, above)
+    # (refinement and the diagnostics evaluate the residual anyway: nothing to decide)
+    decisive = (
+        None
+        if opts.refine or opts.diagnostics
+        else sharpen_condition(grams, handlers[0].N, blocks, mu, above)
+    )
     if decisive is not None:
         took("condition")
     chol = cholesky_in_place(buffer)

@@ -49,7 +49,12 @@ def solve(problem: Problem, opts: Options) -> list[Solve]:
     blocks = probe_block_estimates(gram, handlers[0].N)
     condition = blocks.sum(-1) / mu
     above = residual_checked_above(problem, gram.dtype)
-    decisive = sharpen_condition(gram, handlers[0].N, blocks, mu, above)
+    # (refinement and the diagnostics evaluate the residual anyway: nothing to decide)
+    decisive = (
+        None
+        if opts.refine or opts.diagnostics
+        else sharpen_condition(gram, handlers[0].N, blocks, mu, above)
+    )
     if decisive is not None:
         took("condition")
     chol = cholesky_in_place(gram)

@@ -171,7 +171,7 @@ def _measure_rank(config: Config, rank: int, world: int, rendezvous: str, out) -
                 functools.partial(call, *tiny, model=tiny_model), config.repeats, device
             )
             small = (statistics.median(small_phase["solve"]), small_flops.get("solve", 0))
-        model_flops = costs.distributed_flops(method, shape, world, config.device)[rank]
+        model_flops = costs.distributed_flops(method, shape, world, config.device, dtype)[rank]
         model_bytes = costs.communication_bytes(method, shape, world, itemsize)[rank]
         quartiles = (
             statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [0, 0, 0]

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .. import costs
 from ..measure.output import markdown_table, pyplot, read_study, save_figure, write_json
@@ -356,12 +357,14 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def expected(shape: costs.MLPShape, methods, itemsize: int, device: str) -> pd.DataFrame:
-    """The cost model's busiest rank on ``device`` at more world sizes than the run had."""
+    """The cost model's busiest rank on ``device`` at more world sizes than the run had
+    (in the dtype of ``itemsize`` bytes)."""
+    dtype = {4: torch.float32, 8: torch.float64}.get(itemsize)
     rows = []
     for method in methods:
-        one = max(r["total"] for r in costs.distributed_flops(method, shape, 1, device))
+        one = max(r["total"] for r in costs.distributed_flops(method, shape, 1, device, dtype))
         for P in (p for p in MODEL_RANKS if shape.batch % p == 0):
-            flops = costs.distributed_flops(method, shape, P, device)
+            flops = costs.distributed_flops(method, shape, P, device, dtype)
             traffic = costs.communication_bytes(method, shape, P, itemsize)
             busiest = max(r["total"] for r in flops)
             rows.append(

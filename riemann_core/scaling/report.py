@@ -245,8 +245,8 @@ CAPTIONS = {
     "layerwise's time over its phase-wise speed of light.",
     "time_model": "Measured time against the time model t0 + t_module L + sum F_kind / "
     "R_kind; hollow: points where the overhead is more than "
-    f"{fit.OVERHEAD_TARGET:.0%} of the time; crosses: calls that took a slow path (jitter, "
-    "float64 residual, refinement), left out of the fit.",
+    f"{fit.OVERHEAD_TARGET:.0%} of the time; crosses: calls that took a slow path (a "
+    "condition estimated again, jitter, float64 residual, refinement), left out of the fit.",
 }
 
 
@@ -491,7 +491,8 @@ def _flagged_section(df: pd.DataFrame) -> list[str]:
         f"Points whose repeats spread over {SPREAD_LIMIT:.0%} of their median, or whose "
         "median was far from both neighbours, were measured once more; `flag` says which "
         "still are. `slow_paths` names the data-dependent slow paths a point's solves took "
-        "(a float64 residual, refinement, a Cholesky redone with jitter): their work is in "
+        "(a Gram's condition estimated again from the whole Gram, a float64 residual, "
+        "refinement, a Cholesky redone with jitter): their work is in "
         "the point's time and counted FLOPs (`flops_vs_model`) but in no cost model, so every "
         "claim leaves such points out."
     )
