@@ -239,7 +239,7 @@ def test_a_solve_the_probe_blocks_overestimate_skips_the_float64_residual(monkey
     expected = oracle_direction(G, g, mu, "layerwise", blocks)
     assert rel_error(flatten(dirs, model), expected) < EPS32 * threshold
     with monkeypatch.context() as patched:  # the sums alone: two checks
-        patched.setattr(layerwise, "sharpen_condition", lambda grams, N, blocks, mu, above: None)
+        patched.setattr(_solve, "sharpen_condition", lambda grams, N, blocks, mu, above: None)
         with _solve.recording_slow_paths() as summed:
             rc.direction(model, x, y, damping=mu)
     assert summed == ["residual", "residual"]

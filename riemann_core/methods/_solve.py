@@ -39,7 +39,15 @@ import torch
 from torch import Tensor
 
 from .._checks import Deferred, all_finite
-from ..woodbury import AccuracyWarning, Cholesky, SolveError, cholesky, eigenvalues
+from ..woodbury import (
+    AccuracyWarning,
+    Cholesky,
+    SolveError,
+    cholesky,
+    eigenvalues,
+    probe_block_estimates,
+    sharpen_condition,
+)
 from ._base import LayerDiagnostics, Options, Problem, norm
 
 #: Relative residual ``||G x - v|| / ||v||`` above which a solve for a model of that
@@ -55,6 +63,26 @@ AUTO_REFINE = 3
 #: probe blocks, never below its ``lambda_max`` but by that), and on small float32
 #: networks the error reached 2/3 of ``eps cond(G)`` (tests/test_accuracy.py).
 ACCURACY_LEVEL = 0.005
+
+
+def gram_conditions(
+    problem: Problem, opts: Options, grams: Tensor, samples: int
+) -> tuple[Tensor, Tensor | None]:
+    """``(condition, residual_condition)`` (:class:`Solve`) of damped Grams ``(..., d, d)``
+    of probe-major rows of ``samples`` samples: the sum of the probe blocks' estimates
+    (``woodbury.largest_eigenvalue_of_gram``) over the damping and, where it sends a
+    solve to the float64 residual, the whole Gram's (``woodbury.sharpen_condition``,
+    recorded as the slow path ``"condition"``); ``None`` where there is nothing to decide
+    (refinement and the diagnostics evaluate the residual anyway)."""
+    blocks = probe_block_estimates(grams, samples)
+    condition = blocks.sum(-1) / opts.damping
+    if opts.refine or opts.diagnostics:
+        return condition, None
+    above = residual_checked_above(problem, grams.dtype)
+    decisive = sharpen_condition(grams, samples, blocks, opts.damping, above)
+    if decisive is not None:
+        took("condition")
+    return condition, decisive
 
 
 def residual_checked_above(problem: Problem, factor_dtype: torch.dtype) -> float:

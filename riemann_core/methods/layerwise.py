@@ -33,11 +33,9 @@ from ..woodbury import (
     largest_eigenvalue,
     pad_with_identity,
     padded_gram,
-    probe_block_estimates,
-    sharpen_condition,
 )
 from ._base import Options, Problem
-from ._solve import Solve, residual_checked_above, took
+from ._solve import Solve, gram_conditions
 
 NEEDS_FACTOR = True
 
@@ -121,17 +119,7 @@ def _woodbury(problem: Problem, indices: list[int], opts: Options) -> list[Solve
         h.gram_into(gram)
     pad_with_identity(buffer, d)
     damped(grams, mu)
-    blocks = probe_block_estimates(grams, handlers[0].N)
-    condition = blocks.sum(-1) / mu
-    above = residual_checked_above(problem, grams.dtype)
-    # (refinement and the diagnostics evaluate the residual anyway: nothing to decide)
-    decisive = (
-        None
-        if opts.refine or opts.diagnostics
-        else sharpen_condition(grams, handlers[0].N, blocks, mu, above)
-    )
-    if decisive is not None:
-        took("condition")
+    condition, decisive = gram_conditions(problem, opts, grams, handlers[0].N)
     chol = cholesky_in_place(buffer)
     t = chol.solve(torch.stack([problem.K_gradient(i) for i in indices]))
     records = []

@@ -9,14 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..woodbury import (
-    WoodburySolve,
-    cholesky_in_place,
-    probe_block_estimates,
-    sharpen_condition,
-)
+from ..woodbury import WoodburySolve, cholesky_in_place
 from ._base import Options, Problem
-from ._solve import Solve, residual_checked_above, took
+from ._solve import Solve, gram_conditions
 from .layerwise import damped_gram
 
 NEEDS_FACTOR = True
@@ -46,17 +41,7 @@ def solve(problem: Problem, opts: Options) -> list[Solve]:
 
     gram = rebuild()
     d = gram.shape[0]
-    blocks = probe_block_estimates(gram, handlers[0].N)
-    condition = blocks.sum(-1) / mu
-    above = residual_checked_above(problem, gram.dtype)
-    # (refinement and the diagnostics evaluate the residual anyway: nothing to decide)
-    decisive = (
-        None
-        if opts.refine or opts.diagnostics
-        else sharpen_condition(gram, handlers[0].N, blocks, mu, above)
-    )
-    if decisive is not None:
-        took("condition")
+    condition, decisive = gram_conditions(problem, opts, gram, handlers[0].N)
     chol = cholesky_in_place(gram)
     Kg = sum(problem.K_gradient(i) for i in range(len(handlers)))
     t = chol.solve(Kg)
