@@ -243,9 +243,10 @@ _workspace = _Workspace()
 
 def padded_gram(*shape: int, like) -> tuple[Tensor, Tensor]:
     """``(buffer, gram)``: an uninitialised column-major ``(..., M, M)`` buffer for the
-    factorisation (``M = factor_order(m)`` for ``like``'s dtype and device) and its ``(..., m, m)`` view ``gram``. Once
-    ``gram`` holds ``A``'s lower triangle, :func:`pad_with_identity` makes the buffer
-    ``A (+) I``, whose Cholesky factor is ``L (+) I``, ``L`` that of ``A``;
+    factorisation (``M = factor_order(m)`` for ``like``'s dtype and device) and its
+    ``(..., m, m)`` view ``gram``. Once ``gram`` holds ``A``'s lower triangle,
+    :func:`pad_with_identity` makes the buffer ``A (+) I``, whose Cholesky factor is
+    ``L (+) I``, ``L`` that of ``A``;
     :meth:`Cholesky.solve` pads right-hand sides with zeros accordingly.
 
     The buffer given back last by this thread (:func:`give_back`) is reused when it has

@@ -9,13 +9,13 @@ only where one needs it:
   with an :class:`AccuracyWarning` when the jitter exceeds a tenth of the damping;
 * where ``eps(solve dtype) * cond(G)`` exceeds a quarter of :data:`RESIDUAL_BOUND` (on
   the CPU, for a Gram of several probe blocks, the whole Gram's estimate decides:
-  ``Solve.residual_condition``), or jitter was needed, the relative residual ``||G x - v|| / ||v||`` is evaluated in
-  float64 on the solve's own data (a Woodbury or Cholesky solve leaves about
-  ``eps * cond(G)``; for 2-D Linear blocks from ``N``-sized factors where that pays,
-  :meth:`Solve.residual_settled`); above the bound, up to :data:`AUTO_REFINE` steps of
-  mixed-precision refinement follow (a float32 Woodbury solve of 2-D Linear blocks
-  first up to as many in its rows, :meth:`Solve.refine_rows`), and a residual still
-  above it raises :class:`SolveError`;
+  ``Solve.residual_condition``), or jitter was needed, the relative residual
+  ``||G x - v|| / ||v||`` is evaluated in float64 on the solve's own data (a Woodbury or
+  Cholesky solve leaves about ``eps * cond(G)``; for 2-D Linear blocks from ``N``-sized
+  factors where that pays, :meth:`Solve.residual_settled`); above the bound, up to
+  :data:`AUTO_REFINE` steps of mixed-precision refinement follow (a float32 Woodbury
+  solve of 2-D Linear blocks first up to as many in its rows, :meth:`Solve.refine_rows`),
+  and a residual still above it raises :class:`SolveError`;
 * where ``eps(model dtype) * cond(G)`` exceeds :data:`ACCURACY_LEVEL`, the rounding of
   the model's own data (factor rows, inputs, gradient) may change the direction by that
   much: an :class:`AccuracyWarning` gives the figure.
@@ -165,9 +165,10 @@ class Solve:
     makes ``G^{-1}`` (a function of a list of tensors) from a Cholesky factor of it;
     ``failed`` and ``condition`` are device scalars: whether the factorisation failed,
     and an estimate of ``cond(G)``; ``residual_condition``, where set, a lower one that
-    decides on the float64 residual alone (``woodbury.sharpen_condition``). Records without them (``euclidean``) are only
-    checked for finiteness. ``x_bound``, a device scalar, bounds ``||x||`` from above
-    (computed from factors of ``x`` smaller than ``x``); it stands for ``x``'s own norm
+    decides on the float64 residual alone (``woodbury.sharpen_condition``). Records
+    without them (``euclidean``) are only checked for finiteness. ``x_bound``, a device
+    scalar, bounds ``||x||`` from above (computed from factors of ``x`` smaller than
+    ``x``); it stands for ``x``'s own norm
     in the finiteness check until ``x`` changes. ``t`` (``d``), where set, is the rows'
     solution of a Woodbury solve of 2-D Linear blocks, ``x = (g - K^T t) / mu`` formed
     from their ``Lambda``: refinement can work on it (:meth:`refine_rows`).

@@ -19,9 +19,9 @@ Every claim ends with one verdict and a one-line reason (``detail``):
   :data:`FLOPS_TOLERANCE` (regime not reached where the counts agree but no axis has two
   ok points to compare exponents). Points whose counted call took a data-dependent slow path
   (``slow_paths``: a condition estimated again, a float64 residual, refinement, jitter;
-  their work depends on ``cond(G)``, which no cost model knows) are listed in the detail with their counts
-  against the model, and left out of every claim, on FLOPs and on time: the claims are
-  about the algorithms, the slow paths' cost is reported beside them.
+  their work depends on ``cond(G)``, which no cost model knows) are listed in the detail
+  with their counts against the model, and left out of every claim, on FLOPs and on time:
+  the claims are about the algorithms, the slow paths' cost is reported beside them.
 - :data:`FLOP_CLAIMS`: the paper's asymptotic exponents, where the leading terms dominate.
   The local exponent of a sum of terms ``c_i x^k_i`` is the share-weighted mean of the
   ``k_i``, so with the claimed terms' exponents in ``[k_lo, k_hi]`` the exponent of the
