@@ -76,7 +76,7 @@ def power_flops(n: int) -> float:
 def gram_power_flops(d: int, blocks: int) -> float:
     """``2 m^2`` per step on each of the ``blocks`` diagonal ``m x m`` blocks of a
     ``d x d`` Gram (``m = d / blocks``): its estimate of the largest eigenvalue
-    (``woodbury.largest_eigenvalue_of_gram``)."""
+    (the sum of ``woodbury.probe_block_estimates``)."""
     m = d // blocks
     return 2 * m * m * blocks * POWER_STEPS
 

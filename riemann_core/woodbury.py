@@ -396,12 +396,11 @@ def diagonal_blocks(matrix: Tensor, size: int) -> Tensor:
     )
 
 
-def largest_eigenvalue_of_gram(gram: Tensor, samples: int, steps: int = POWER_STEPS) -> Tensor:
-    """An estimate of ``lambda_max`` of damped Grams ``(..., d, d)`` whose ``d = r N``
-    rows are probe-major (``N = samples``), from their ``N x N`` diagonal blocks (the
-    Gram of one probe's rows; built in full, so no other entry is read), never below it
-    but by the power iterations' shortfall: the sum of the blocks' estimates
-    (:func:`probe_block_estimates`).
+def probe_block_estimates(gram: Tensor, samples: int, steps: int = POWER_STEPS) -> Tensor:
+    """``(..., r)``: estimates of ``lambda_max`` of the ``N x N`` diagonal blocks of damped
+    Grams ``(..., d, d)`` whose ``d = r N`` rows are probe-major (``N = samples``): the
+    Gram of one probe's rows each (one probe: the whole Gram's). Their sum estimates
+    ``lambda_max(G)``, never below it but by the power iterations' shortfall.
 
     For PSD blocks ``max_s lambda_max(G_ss) <= lambda_max(G) <= sum_s lambda_max(G_ss)``
     (interlacing; Cauchy-Schwarz on ``x^T G x``), so the sum lies within
@@ -413,12 +412,6 @@ def largest_eigenvalue_of_gram(gram: Tensor, samples: int, steps: int = POWER_ST
     writes no more). Where the sum sends a solve to the float64 residual,
     :func:`sharpen_condition` reads the whole Gram.
     """
-    return probe_block_estimates(gram, samples, steps).sum(-1)
-
-
-def probe_block_estimates(gram: Tensor, samples: int, steps: int = POWER_STEPS) -> Tensor:
-    """``(..., r)``: the estimate of ``lambda_max`` of each ``N x N`` diagonal block of
-    :func:`largest_eigenvalue_of_gram`'s Grams (one probe: the whole Gram's)."""
     if gram.shape[-1] == samples:  # one probe: the whole product (modules.lower_gram)
         return largest_eigenvalue(gram, steps)[..., None]
     blocks = diagonal_blocks(gram, samples)

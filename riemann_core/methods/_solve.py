@@ -70,7 +70,7 @@ def gram_conditions(
 ) -> tuple[Tensor, Tensor | None]:
     """``(condition, residual_condition)`` (:class:`Solve`) of damped Grams ``(..., d, d)``
     of probe-major rows of ``samples`` samples: the sum of the probe blocks' estimates
-    (``woodbury.largest_eigenvalue_of_gram``) over the damping and, where it sends a
+    (``woodbury.probe_block_estimates``) over the damping and, where it sends a
     solve to the float64 residual, the whole Gram's (``woodbury.sharpen_condition``,
     recorded as the slow path ``"condition"``); ``None`` where there is nothing to decide
     (refinement and the diagnostics evaluate the residual anyway)."""
