@@ -212,12 +212,13 @@ class Problem:
 
     def residual_squared(
         self, indices: list[int], x: list[Tensor], damping: float
-    ) -> tuple[Tensor, Tensor] | None:
-        """``(q, e)``: ``q = ||G x - v||^2 / ||v||^2`` for ``x`` (a list over the parameters
-        of ``blocks[indices]``, ``G`` as in :meth:`metric64`) in float64 from ``N``-sized
-        factors, and a bound ``e`` on its rounding error (device scalars; ``e`` is inf where
-        ``||v||^2`` is not determined); ``None`` unless every block's gradient is
-        ``v_a = Lambda_a^T Xt_a`` (a 2-D ``nn.Linear``).
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(q, e, s)``: ``q = ||G x - v||^2 / ||v||^2`` for ``x`` (a list over the
+        parameters of ``blocks[indices]``, ``G`` as in :meth:`metric64`) in float64 from
+        ``N``-sized factors, a bound ``e`` on its rounding error (``e`` is inf where
+        ``||v||^2`` is not determined) and ``s = mu^2 ||x||^2 / ||v||^2`` (device scalars);
+        ``None`` unless every block's gradient is ``v_a = Lambda_a^T Xt_a`` (a 2-D
+        ``nn.Linear``).
 
         With ``Y_a = Xt_a x_a^T`` (``N x f_out``) and the rows ``s = sum_a K_a x_a``
         (``s_{p,b} = sum_a <delta_{a,p,b}, Y_{a,b}>``), block ``a``'s residual is
@@ -255,7 +256,7 @@ class Problem:
         q = r2 / v2
         low, high = (r2 - r2_error) / (v2 + v2_error), (r2 + r2_error) / (v2 - v2_error)
         error = torch.maximum(high - q, q - low)
-        return q, torch.where(v2 > 2 * v2_error, error, torch.inf)
+        return q, torch.where(v2 > 2 * v2_error, error, torch.inf), x_part / v2
 
     def _residual_terms_count(self, indices: list[int]) -> tuple[int, int]:
         """``(n, m)`` of :meth:`residual_squared`'s rounding bound."""

@@ -16,6 +16,12 @@ only where one needs it:
   :data:`AUTO_REFINE` steps of mixed-precision refinement follow (a float32 Woodbury
   solve of 2-D Linear blocks first up to as many in its rows, :meth:`Solve.refine_rows`),
   and a residual still above it raises :class:`SolveError`;
+* wherever the residual is evaluated, it also bounds the error of ``x`` itself: ``G``
+  has no eigenvalue below ``mu``, so ``||x - G^{-1} v|| <= ||G x - v|| / mu``; where that
+  bound exceeds :data:`FORWARD_LEVEL` times ``||x||`` (a Woodbury solve of a ``v`` along
+  ``G``'s top eigenvectors: ``(g - K^T t) / mu`` cancels ``||g||`` down to ``mu ||x||``
+  and loses up to ``eps cond(G)^2``), the same refinement follows until it does not, and an
+  :class:`AccuracyWarning` gives the bound if it still does;
 * where ``eps(model dtype) * cond(G)`` exceeds :data:`ACCURACY_LEVEL`, the rounding of
   the model's own data (factor rows, inputs, gradient) may change the direction by that
   much: an :class:`AccuracyWarning` gives the figure.
@@ -63,6 +69,11 @@ AUTO_REFINE = 3
 #: probe blocks, never below its ``lambda_max`` but by that), and on small float32
 #: networks the error reached 2/3 of ``eps cond(G)`` (tests/test_accuracy.py).
 ACCURACY_LEVEL = 0.005
+
+#: The a-posteriori bound ``||G x - v|| / (mu ||x||)`` on the relative error of a solve's
+#: ``x``, evaluated with its residual, above which ``x`` is refined (and, where that falls
+#: short, the bound is given in an :class:`AccuracyWarning`).
+FORWARD_LEVEL = 0.01
 
 
 def gram_conditions(
@@ -171,7 +182,10 @@ class Solve:
     ``x``); it stands for ``x``'s own norm
     in the finiteness check until ``x`` changes. ``t`` (``d``), where set, is the rows'
     solution of a Woodbury solve of 2-D Linear blocks, ``x = (g - K^T t) / mu`` formed
-    from their ``Lambda``: refinement can work on it (:meth:`refine_rows`).
+    from their ``Lambda``: refinement can work on it (:meth:`refine_rows`). ``residual``,
+    where evaluated, is ``||G x - v|| / ||v||`` in float64 and ``forward_scale`` (set with
+    it) ``mu ||x|| / ||v||``: a residual under ``e`` times it proves
+    ``||x - G^{-1} v|| <= e ||x||``.
     """
 
     name: str
@@ -191,6 +205,7 @@ class Solve:
     jitter: float = 0.0
     t: Tensor | None = None
     residual: Tensor | None = None
+    forward_scale: Tensor | None = None
     matrix_condition: Tensor | None = None
     #: the dtype the factorised matrix's rows were pulled back in, where it is not the
     #: problem's (K-FAC's blocks cached at an earlier step, under autocast or not)
@@ -219,7 +234,7 @@ class Solve:
         elif opts.refine:
             self.refine(problem, opts.damping, opts.refine, self.factor_solver(chol))
         elif opts.diagnostics:
-            self.residual = self.residual_of(problem, opts.damping)
+            self.evaluate_residual(problem, opts.damping)
         if opts.diagnostics:
             self.matrix_condition = _condition(self.rebuild(), chol.jitter, opts.damping)
         return self
@@ -236,22 +251,39 @@ class Solve:
     ) -> Tensor:
         """``||G x - v|| / ||v||`` in float64 (a device scalar), of ``x`` (this solve's
         by default)."""
+        return self._residual_and_scale(problem, damping, x)[0]
+
+    def evaluate_residual(self, problem: Problem, damping: float) -> Tensor:
+        """Set ``residual`` and ``forward_scale`` (see the class) of this solve's ``x``,
+        evaluated directly; returns ``residual``."""
+        self.residual, self.forward_scale = self._residual_and_scale(problem, damping)
+        return self.residual
+
+    def _residual_and_scale(
+        self, problem: Problem, damping: float, x: list[Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
         v = problem.gradient64(self.indices)
-        Gx = self.metric64(problem, damping)([a.double() for a in (self.x if x is None else x)])
-        r = [a - b for a, b in zip(v, Gx, strict=True)]
-        return _norm(r) / _norm(v).clamp_min(torch.finfo(torch.float64).tiny)
+        x = [a.double() for a in (self.x if x is None else x)]
+        r = [a - b for a, b in zip(v, self.metric64(problem, damping)(x), strict=True)]
+        v_norm = _norm(v).clamp_min(torch.finfo(torch.float64).tiny)
+        return _norm(r) / v_norm, damping * _norm(x) / v_norm
 
     def residual_settled(self, problem: Problem, damping: float, bound: float) -> float | None:
         """``||G x - v|| / ||v||`` evaluated from the blocks' ``N``-sized factors
         (:meth:`Problem.residual_squared`) when that settles on which side of ``bound`` it
-        lies, rounding included; ``None`` otherwise, or where that evaluation does not pay
+        lies, rounding included, and then set as ``residual`` (with ``forward_scale``);
+        ``None`` otherwise, or where that evaluation does not pay
         (:meth:`Problem.residual_from_factors_pays`). One host read."""
         if not problem.residual_from_factors_pays(self.indices, bound):
             return None
-        q, error = torch.stack(problem.residual_squared(self.indices, self.x, damping)).tolist()
+        terms = problem.residual_squared(self.indices, self.x, damping)
+        q, error, scale_squared = torch.stack(terms).tolist()
         if not (q + error <= bound**2 or q - error > bound**2):  # NaN or inf: neither
             return None
-        return math.sqrt(max(q, 0.0))
+        value = math.sqrt(max(q, 0.0))
+        self.residual = torch.tensor(value, dtype=torch.float64)
+        self.forward_scale = torch.tensor(math.sqrt(scale_squared), dtype=torch.float64)
+        return value
 
     def refine(self, problem: Problem, damping: float, steps: int, apply: Callable) -> None:
         """Mixed-precision iterative refinement: ``x`` and the residual ``v - G x`` in
@@ -260,11 +292,11 @@ class Solve:
         is kept (chosen on the device, without a host sync)."""
         v = problem.gradient64(self.indices)
         G = self.metric64(problem, damping)
-        scale = _norm(v).clamp_min(torch.finfo(torch.float64).tiny)
+        v_norm = _norm(v).clamp_min(torch.finfo(torch.float64).tiny)
 
         def residual(x):
             r = [a - b for a, b in zip(v, G(x), strict=True)]
-            return r, _norm(r) / scale
+            return r, _norm(r) / v_norm
 
         x = best = [a.double() for a in self.x]
         r, best_residual = residual(x)
@@ -276,6 +308,7 @@ class Solve:
             best = [torch.where(better, a, b) for a, b in zip(x, best, strict=True)]
             best_residual = torch.where(better, size, best_residual)
         self.x, self.x_bound, self.residual, self.t = best, None, best_residual, None
+        self.forward_scale = damping * _norm(best) / v_norm
 
     def refines_in_rows(self) -> bool:
         """Whether :meth:`refine_rows` applies: the solve keeps ``t`` and ran below float64
@@ -309,7 +342,7 @@ class Solve:
         if chol is None:
             _, _, chol = self.refactorise()
         if self.residual is None:
-            self.residual = self.residual_of(problem, damping)
+            self.evaluate_residual(problem, damping)
         Kg = sum(h.K_mv_output_grad(lam) for h, lam in zip(handlers, lams, strict=True))
         t = self.t.double()
         value, taken = float(self.residual), 0
@@ -317,21 +350,17 @@ class Solve:
             taken += 1
             KKt = sum(h.K_mv_output_grad(h.rows_combination(t)) for h in handlers)
             t = t + chol.solve(Kg - damping * t - KKt).double()
-            before = (self.x, self.x_bound, self.residual)
+            before = (self.x, self.x_bound, self.residual, self.forward_scale)
             parts = [
                 h.output_grad_minus_K_tmv(lam, t, 1 / damping)
                 for h, lam in zip(handlers, lams, strict=True)
             ]
             self.x = [a for part, _ in parts for a in part]
             self.x_bound = torch.linalg.vector_norm(torch.stack([b for _, b in parts]))
-            settled = None if direct else self.residual_settled(problem, damping, bound)
-            self.residual = (
-                self.residual_of(problem, damping)
-                if settled is None
-                else torch.tensor(settled, dtype=torch.float64)
-            )
+            if direct or self.residual_settled(problem, damping, bound) is None:
+                self.evaluate_residual(problem, damping)
             if not float(self.residual) < value:  # no better (or NaN): keep the last x
-                self.x, self.x_bound, self.residual = before
+                self.x, self.x_bound, self.residual, self.forward_scale = before
                 break
             value, self.t = float(self.residual), t
         return taken
@@ -434,8 +463,11 @@ def _check_residual(
     s: Solve, problem, opts, condition: float, residual, model_dtype, decisive: float
 ) -> None:
     """The float64 residual where ``eps(solve dtype) decisive > bound / 4`` (``decisive``:
-    the solve's ``residual_condition``, or its ``condition``) or a jitter was needed,
-    refinement above the bound, ``SolveError`` if that falls short."""
+    the solve's ``residual_condition``, or its ``condition``) or a jitter was needed;
+    refinement where it exceeds the bound, or the forward-error bound it gives exceeds
+    :data:`FORWARD_LEVEL` (a residual above ``FORWARD_LEVEL mu ||x|| / ||v||``);
+    ``SolveError`` where the residual stays above the bound, an ``AccuracyWarning`` where
+    the forward-error bound stays above its level."""
     bound = RESIDUAL_BOUND[model_dtype]
     if residual is not None:
         value = residual.value
@@ -445,26 +477,25 @@ def _check_residual(
         # evaluation from small factors leaves open (too close to the bound to tell)
         value = None if opts.diagnostics else s.residual_settled(problem, opts.damping, bound)
         if value is None:
-            s.residual = s.residual_of(problem, opts.damping)
-            value = float(s.residual)
-        else:
-            s.residual = torch.tensor(value, dtype=torch.float64)
+            value = float(s.evaluate_residual(problem, opts.damping))
     else:
         return
+    target = min(bound, FORWARD_LEVEL * float(s.forward_scale))
     steps = 0
-    if not value <= bound and s.refines_in_rows():  # first in the rows: no pass over x
-        steps = s.refine_rows(problem, opts.damping, AUTO_REFINE, bound, direct=opts.diagnostics)
-        value = float(s.residual)
+    if not value <= target and s.refines_in_rows():  # first in the rows: no pass over x
+        steps = s.refine_rows(problem, opts.damping, AUTO_REFINE, target, direct=opts.diagnostics)
+        value, target = float(s.residual), min(bound, FORWARD_LEVEL * float(s.forward_scale))
         for _ in range(steps):
             took("refine")
-    apply = None if value <= bound else s.corrector()
+    apply = None if value <= target else s.corrector()
     if apply is not None:  # refinement of x, with a budget of its own
         for _ in range(AUTO_REFINE):
-            if value <= bound:
+            if value <= target:
                 break
             took("refine")
             s.refine(problem, opts.damping, 1, apply)
             value, steps = float(s.residual), steps + 1
+            target = min(bound, FORWARD_LEVEL * float(s.forward_scale))
     if not value <= bound:
         requested = f" ({opts.refine} requested, {steps} more)" if opts.refine else ""
         raise SolveError(
@@ -474,6 +505,17 @@ def _check_residual(
             f"{opts.damping:g}, factorised "
             f"in {s.factor_dtype}). Pass solve_dtype=torch.float64 (forms and factorises "
             "the metric in float64) or a larger damping"
+        )
+    if not value <= target:
+        forward = value / float(s.forward_scale) if float(s.forward_scale) > 0 else math.inf
+        warnings.warn(
+            f"the direction of block {s.name!r} is known only to within a relative error of "
+            f"{forward:.1e} (||G x - g|| / (damping ||x||), the bound its residual "
+            f"{value:.1e} gives, after {opts.refine + steps} steps of refinement; cond(G) ~ "
+            f"{condition:.0e} at damping {opts.damping:g}, factorised in {s.factor_dtype}). "
+            "Pass solve_dtype=torch.float64 or use a larger damping",
+            AccuracyWarning,
+            stacklevel=5,
         )
 
 
