@@ -450,7 +450,9 @@ class Capture:
 
 
 class OwnHook:
-    """A module hook that runs ``hook`` for its own module alone and holds it weakly.
+    """A module hook that runs ``hook`` for its own module alone, which it holds weakly;
+    ``hook`` may be a :class:`weakref.WeakMethod` (a preconditioner's: the model does not
+    keep it alive), and the hook does nothing once that is dead.
 
     ``copy.deepcopy`` and pickling of a model copy its hooks: a bound method or a closure
     would take the preconditioner along (with the graph of a forward pass, which cannot be
@@ -464,7 +466,8 @@ class OwnHook:
         self.target, self.hook = weakref.ref(module), hook
 
     def __call__(self, module, *args):
-        return self.hook(module, *args) if module is self.target() else None
+        hook = self.hook() if isinstance(self.hook, weakref.WeakMethod) else self.hook
+        return hook(module, *args) if hook is not None and module is self.target() else None
 
     def __deepcopy__(self, memo):
         return inert

@@ -207,11 +207,23 @@ class RiemannianPreconditioner:
         # calls the model, which runs them again); the output after its forward hooks. A
         # replay runs a DistributedDataParallel's module, not the wrapper's hooks: there
         # the batch is the one the wrapper's pre-hooks pass on
-        self._hook = model.register_forward_pre_hook(
-            OwnHook(model, self._record), with_kwargs=True, prepend=self.network is model
+        # what the model holds of this preconditioner: detached by remove(), or once the
+        # caller drops the preconditioner (the hooks hold it weakly; found by review: one
+        # built again on the same model, as a notebook cell run twice does, left the old
+        # one recording every forward pass, its activations too)
+        self._attached: list = []
+        weakref.finalize(self, _detach, self._attached)
+        self._hook = self._attach(
+            model.register_forward_pre_hook(
+                OwnHook(model, weakref.WeakMethod(self._record)),
+                with_kwargs=True,
+                prepend=self.network is model,
+            )
         )
-        self._output_hook = model.register_forward_hook(
-            OwnHook(model, self._record_output), always_call=True
+        self._output_hook = self._attach(
+            model.register_forward_hook(
+                OwnHook(model, weakref.WeakMethod(self._record_output)), always_call=True
+            )
         )
         self._depth = 0  # calls of the model under way (it may call itself)
         self._prehooked = False  # a pre-hook prepended since ran before the record
@@ -232,7 +244,9 @@ class RiemannianPreconditioner:
         single = process_group is None and self.network is model
         try:
             self._capture = (
-                Capture(model, notes_for(model).clone, persistent=True) if single else None
+                self._attach(Capture(model, notes_for(model).clone, persistent=True))
+                if single
+                else None
             )
         except BaseException:  # (found by a hunt: the hooks above, left on the model, broke
             self._hook.remove()  # every later forward pass with gradients)
@@ -322,13 +336,17 @@ class RiemannianPreconditioner:
         self._prehooked = hooked_before(model._forward_pre_hooks, self._hook.id)
         if self._prehooked:
             self._hook.remove()
-            self._hook = model.register_forward_pre_hook(
-                OwnHook(model, self._record), with_kwargs=True, prepend=True
+            self._hook = self._attach(
+                model.register_forward_pre_hook(
+                    OwnHook(model, weakref.WeakMethod(self._record)), with_kwargs=True, prepend=True
+                )
             )
         if hooked_after(model._forward_hooks, self._output_hook.id):
             self._output_hook.remove()
-            self._output_hook = model.register_forward_hook(
-                OwnHook(model, self._record_output), always_call=True
+            self._output_hook = self._attach(
+                model.register_forward_hook(
+                    OwnHook(model, weakref.WeakMethod(self._record_output)), always_call=True
+                )
             )
         if self._capture is not None:  # after the output's record: it may pass a copy on
             self._capture.end_last(model)
@@ -603,7 +621,7 @@ class RiemannianPreconditioner:
         capture.reset()
         self._spent = True
         if rehook:  # the new hooks first: a refusal keeps the old ones (found by review)
-            self._capture = Capture(model, notes.clone, persistent=True)
+            self._capture = self._attach(Capture(model, notes.clone, persistent=True))
             capture.remove()
         self._note_overflow(overflowed)
         _accumulate(foreign, foreign_grads)
@@ -1063,16 +1081,26 @@ class RiemannianPreconditioner:
         """Detach the forward hooks from the model; the preconditioner is then spent (its
         ``state_dict()`` can still be saved)."""
         self._removed = True
-        self._hook.remove()
-        self._output_hook.remove()
-        if self._capture is not None:
-            self._capture.remove()
+        _detach(self._attached)
+
+    def _attach(self, hooks):
+        """``hooks`` (a hook's handle, or a :class:`Capture`), kept to be detached."""
+        self._attached.append(hooks)
+        return hooks
 
     def __enter__(self) -> RiemannianPreconditioner:
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _detach(attached: list) -> None:
+    """Remove the hooks and captures a preconditioner attached to its model (removing one
+    again does nothing)."""
+    for hooks in attached:
+        hooks.remove()
+    attached.clear()
 
 
 def _shared(calls) -> bool:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import pickle
+import weakref
 
 import pytest
 import torch
@@ -479,6 +481,34 @@ def test_remove_detaches_the_hooks():
     with pytest.raises(RuntimeError, match=r"pre.backward\(loss\) after pre.remove\(\)"):
         pre.backward(loss)
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("method", ["layerwise", "kfac"], ids=lambda m: f"method={m}")
+def test_a_preconditioner_dropped_without_remove_detaches_its_hooks(method):
+    """Found by review: the model's hooks held the preconditioner, so one built again on
+    the same model (a notebook cell run twice) left the old one alive and recording every
+    forward pass, its activations too. Now only the latest is attached, and one dropped is
+    collected and its hooks detached, with or without a step, with a step's graph alive;
+    the model trains on unchanged."""
+    model, x, y = Problem().make()
+    hooks = hook_counts(model)
+    alive = []
+    for steps in range(3):
+        pre = rc.RiemannianPreconditioner(model, method=method, damping=1e-2)
+        alive.append(weakref.ref(pre))
+        for _ in range(steps):
+            loss = F.cross_entropy(model(x), y)
+            pre.backward(loss)
+    attached = hook_counts(model)
+    gc.collect()
+    assert [ref() is None for ref in alive] == [True, True, False]
+    assert hook_counts(model) == attached
+    del pre
+    gc.collect()
+    assert alive[-1]() is None and hook_counts(model) == hooks
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_the_preconditioners_own_settings_are_read_only():
