@@ -1694,25 +1694,30 @@ def test_random_numbers_in_a_forward_method_are_refused():
         rc.direction(Noisy(), torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0]))
 
 
-def test_random_numbers_from_a_module_generator_are_refused_and_the_generator_kept():
+@pytest.mark.parametrize("attribute", ["gen", "_gen"])
+def test_random_numbers_from_a_module_generator_are_refused_and_the_generator_kept(attribute):
     """Found by review: noise drawn from a module's own torch.Generator moves no global
     random state, so it was accepted; two calls differed by 81% of the direction's norm,
-    and each advanced the user's generator."""
+    and each advanced the user's generator. A private attribute is searched too (only
+    the attributes torch gives every module are not)."""
 
     class Noisy(nn.Module):
         def __init__(self):
             super().__init__()
-            self.lin, self.gen = nn.Linear(4, 3), torch.Generator().manual_seed(0)
+            self.lin = nn.Linear(4, 3)
+            setattr(self, attribute, torch.Generator().manual_seed(0))
 
         def forward(self, x):
             h = self.lin(x)
-            return h + torch.randn(h.shape, generator=self.gen)
+            return h + torch.randn(h.shape, generator=getattr(self, attribute))
 
     model = Noisy()
-    state = model.gen.get_state()
-    with pytest.raises(ValueError, match=r"draws random numbers from the generators \['gen'\]"):
+    state = getattr(model, attribute).get_state()
+    with pytest.raises(
+        ValueError, match=rf"draws random numbers from the generators \['{attribute}'\]"
+    ):
         rc.direction(model, torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0]))
-    assert torch.equal(model.gen.get_state(), state)
+    assert torch.equal(getattr(model, attribute).get_state(), state)
 
 
 @pytest.mark.parametrize(
