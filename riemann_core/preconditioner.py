@@ -211,19 +211,21 @@ class RiemannianPreconditioner:
         # caller drops the preconditioner (the hooks hold it weakly; found by review: one
         # built again on the same model, as a notebook cell run twice does, left the old
         # one recording every forward pass, its activations too)
-        self._attached: list = []
+        self._attached: dict[str, object] = {}
         weakref.finalize(self, _detach, self._attached)
         self._hook = self._attach(
+            "record",
             model.register_forward_pre_hook(
                 OwnHook(model, weakref.WeakMethod(self._record)),
                 with_kwargs=True,
                 prepend=self.network is model,
-            )
+            ),
         )
         self._output_hook = self._attach(
+            "record output",
             model.register_forward_hook(
                 OwnHook(model, weakref.WeakMethod(self._record_output)), always_call=True
-            )
+            ),
         )
         self._depth = 0  # calls of the model under way (it may call itself)
         self._prehooked = False  # a pre-hook prepended since ran before the record
@@ -244,7 +246,7 @@ class RiemannianPreconditioner:
         single = process_group is None and self.network is model
         try:
             self._capture = (
-                self._attach(Capture(model, notes_for(model).clone, persistent=True))
+                self._attach("capture", Capture(model, notes_for(model).clone, persistent=True))
                 if single
                 else None
             )
@@ -337,16 +339,18 @@ class RiemannianPreconditioner:
         if self._prehooked:
             self._hook.remove()
             self._hook = self._attach(
+                "record",
                 model.register_forward_pre_hook(
                     OwnHook(model, weakref.WeakMethod(self._record)), with_kwargs=True, prepend=True
-                )
+                ),
             )
         if hooked_after(model._forward_hooks, self._output_hook.id):
             self._output_hook.remove()
             self._output_hook = self._attach(
+                "record output",
                 model.register_forward_hook(
                     OwnHook(model, weakref.WeakMethod(self._record_output)), always_call=True
-                )
+                ),
             )
         if self._capture is not None:  # after the output's record: it may pass a copy on
             self._capture.end_last(model)
@@ -621,7 +625,7 @@ class RiemannianPreconditioner:
         capture.reset()
         self._spent = True
         if rehook:  # the new hooks first: a refusal keeps the old ones (found by review)
-            self._capture = self._attach(Capture(model, notes.clone, persistent=True))
+            self._capture = self._attach("capture", Capture(model, notes.clone, persistent=True))
             capture.remove()
         self._note_overflow(overflowed)
         _accumulate(foreign, foreign_grads)
@@ -1083,9 +1087,10 @@ class RiemannianPreconditioner:
         self._removed = True
         _detach(self._attached)
 
-    def _attach(self, hooks):
-        """``hooks`` (a hook's handle, or a :class:`Capture`), kept to be detached."""
-        self._attached.append(hooks)
+    def _attach(self, role: str, hooks):
+        """``hooks`` (a hook's handle, or a :class:`Capture`) kept to be detached, in place
+        of the ones of the same role before (detached by the caller)."""
+        self._attached[role] = hooks
         return hooks
 
     def __enter__(self) -> RiemannianPreconditioner:
@@ -1095,10 +1100,10 @@ class RiemannianPreconditioner:
         self.remove()
 
 
-def _detach(attached: list) -> None:
+def _detach(attached: dict) -> None:
     """Remove the hooks and captures a preconditioner attached to its model (removing one
     again does nothing)."""
-    for hooks in attached:
+    for hooks in attached.values():
         hooks.remove()
     attached.clear()
 

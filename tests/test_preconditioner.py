@@ -511,6 +511,24 @@ def test_a_preconditioner_dropped_without_remove_detaches_its_hooks(method):
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_hooks_attached_again_leave_nothing_behind():
+    """Found by review: a step that attaches its captures again (a parameter frozen or
+    unfrozen since the last, as in alternating or gradual unfreezing) kept every earlier
+    capture alive with the preconditioner (12 KB a step on a 21-layer MLP); the
+    preconditioner now holds the ones attached last alone."""
+    model, x, y = Problem(depth=3).make()
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+    captures = []
+    for step in range(6):
+        model[0].weight.requires_grad_(step % 2 == 0)
+        model.zero_grad()
+        pre.backward(F.cross_entropy(model(x), y))
+        captures.append(weakref.ref(pre._capture))
+    gc.collect()
+    assert len({id(c()) for c in captures if c() is not None}) == 1
+    assert captures[-1]() is pre._capture
+
+
 def test_the_preconditioners_own_settings_are_read_only():
     """Found by review: pre.method = "Full" was accepted and failed with a KeyError at the
     next step; a K-FAC preconditioner set to "layerwise" saved a state none could load."""
