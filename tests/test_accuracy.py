@@ -355,6 +355,23 @@ def test_below_the_residual_threshold_the_top_eigenvector_case_stays_within_1_pe
     assert rel_error(flatten(dirs, model), oracle_direction(G, g, 0.2, "natural", None)) < 0.01
 
 
+@pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")
+@pytest.mark.parametrize("method", ["full", "kfac", "layerwise"], ids=lambda m: f"method={m}")
+def test_only_woodbury_solves_are_refined_on_the_forward_error_bound(method, monkeypatch):
+    """A Cholesky or eigendecomposition of the metric itself is backward stable (its error
+    is about ``eps cond(G)``, which the warning covers); the bound reads 100-1700x high
+    (found by review: a conv net's K-FAC direction at damping 1e-3 took a float64
+    refinement step for an error of 7e-5). With the level at 1e-12, only the Woodbury
+    solves of ``layerwise`` are refined at damping 1e-4, where every method's residual is
+    evaluated."""
+    model, x, y = PROBLEM.make(torch.float32)
+    monkeypatch.setattr(_solve, "FORWARD_LEVEL", 1e-12)
+    with _solve.recording_slow_paths() as slowed:
+        rc.direction(model, x, y, method=method, damping=1e-4)
+    assert "residual" in slowed
+    assert ("refine" in slowed) == (method == "layerwise")
+
+
 def test_a_forward_error_bound_that_refinement_cannot_meet_warns(monkeypatch):
     """Without refinement steps (budget 0) the hunt's solve keeps its bound of ~2.9: an
     ``AccuracyWarning`` gives it."""
@@ -520,6 +537,20 @@ def test_a_residual_too_close_to_the_bound_to_tell_is_evaluated_directly(monkeyp
     with _solve.recording_slow_paths() as slowed:
         rc.direction(model, x, y, damping=1e-4)
     assert direct and "refine" not in slowed
+
+
+@pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")
+def test_a_residual_too_close_to_the_forward_goal_to_tell_is_evaluated_directly(monkeypatch):
+    """Found by review: the evaluation from small factors was settled against the bound
+    (1e-3) alone, and its figure then compared with the forward-error goal of a Woodbury
+    solve (``FORWARD_LEVEL mu ||x|| / ||v||``, here 1e-4), which its rounding straddled."""
+    model, x, y = PROBLEM.make(torch.float32)
+    direct = _counting_direct_residuals(monkeypatch)
+    monkeypatch.setattr(_solve, "FORWARD_LEVEL", 0.01)  # (the helper turns it off)
+    near_the_goal = torch.tensor([1e-8, 1e-9, 1e-4], dtype=torch.float64).unbind()
+    monkeypatch.setattr(_solve.Problem, "residual_squared", lambda *a: near_the_goal)
+    rc.direction(model, x, y, damping=1e-4)
+    assert direct
 
 
 @pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")  # eps cond(G) ~ 50

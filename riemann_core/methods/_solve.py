@@ -16,12 +16,15 @@ only where one needs it:
   :data:`AUTO_REFINE` steps of mixed-precision refinement follow (a float32 Woodbury
   solve of 2-D Linear blocks first up to as many in its rows, :meth:`Solve.refine_rows`),
   and a residual still above it raises :class:`SolveError`;
-* wherever the residual is evaluated, it also bounds the error of ``x`` itself: ``G``
-  has no eigenvalue below ``mu``, so ``||x - G^{-1} v|| <= ||G x - v|| / mu``; where that
-  bound exceeds :data:`FORWARD_LEVEL` times ``||x||`` (a Woodbury solve of a ``v`` along
-  ``G``'s top eigenvectors: ``(g - K^T t) / mu`` cancels ``||g||`` down to ``mu ||x||``
-  and loses up to ``eps cond(G)^2``), the same refinement follows until it does not, and an
-  :class:`AccuracyWarning` gives the bound if it still does;
+* for a Woodbury solve, wherever the residual is evaluated it also bounds the error of
+  ``x`` itself: ``G`` has no eigenvalue below ``mu``, so ``||x - G^{-1} v|| <=
+  ||G x - v|| / mu``; where that bound exceeds :data:`FORWARD_LEVEL` times ``||x||`` the
+  same refinement follows until it does not, and an :class:`AccuracyWarning` gives the
+  bound if it still does. A Woodbury solve of a ``v`` along ``G``'s top eigenvectors
+  loses up to ``eps cond(G)^2``: ``(g - K^T t) / mu`` cancels ``||g||`` down to
+  ``mu ||x||``. A Cholesky or eigendecomposition of ``G`` itself (``full``, dense
+  blocks, K-FAC) is backward stable and loses about ``eps cond(G)``, which the residual
+  and the warning below cover;
 * where ``eps(model dtype) * cond(G)`` exceeds :data:`ACCURACY_LEVEL`, the rounding of
   the model's own data (factor rows, inputs, gradient) may change the direction by that
   much: an :class:`AccuracyWarning` gives the figure.
@@ -70,8 +73,8 @@ AUTO_REFINE = 3
 #: networks the error reached 2/3 of ``eps cond(G)`` (tests/test_accuracy.py).
 ACCURACY_LEVEL = 0.005
 
-#: The a-posteriori bound ``||G x - v|| / (mu ||x||)`` on the relative error of a solve's
-#: ``x``, evaluated with its residual, above which ``x`` is refined (and, where that falls
+#: The a-posteriori bound ``||G x - v|| / (mu ||x||)`` on the relative error of a Woodbury
+#: solve's ``x``, evaluated with its residual, above which ``x`` is refined (and, where that falls
 #: short, the bound is given in an :class:`AccuracyWarning`).
 FORWARD_LEVEL = 0.01
 
@@ -271,19 +274,30 @@ class Solve:
     def residual_settled(self, problem: Problem, damping: float, bound: float) -> float | None:
         """``||G x - v|| / ||v||`` evaluated from the blocks' ``N``-sized factors
         (:meth:`Problem.residual_squared`) when that settles on which side of ``bound`` it
-        lies, rounding included, and then set as ``residual`` (with ``forward_scale``);
+        (or :meth:`goal`) lies, rounding included, and then set as ``residual`` (with
+        ``forward_scale``);
         ``None`` otherwise, or where that evaluation does not pay
         (:meth:`Problem.residual_from_factors_pays`). One host read."""
         if not problem.residual_from_factors_pays(self.indices, bound):
             return None
         terms = problem.residual_squared(self.indices, self.x, damping)
         q, error, scale_squared = torch.stack(terms).tolist()
-        if not (q + error <= bound**2 or q - error > bound**2):  # NaN or inf: neither
+        goal = self.goal(bound, math.sqrt(scale_squared))
+        if not (q + error <= goal**2 or q - error > goal**2):  # NaN or inf: neither
             return None
         value = math.sqrt(max(q, 0.0))
         self.residual = torch.tensor(value, dtype=torch.float64)
         self.forward_scale = torch.tensor(math.sqrt(scale_squared), dtype=torch.float64)
         return value
+
+    def goal(self, bound: float, forward_scale: float | None = None) -> float:
+        """The relative residual this solve must reach: ``bound``, and for a Woodbury
+        solve also ``FORWARD_LEVEL forward_scale`` (this solve's by default), under which
+        its error is proven below :data:`FORWARD_LEVEL`."""
+        if self.solver != "woodbury":
+            return bound
+        scale = float(self.forward_scale) if forward_scale is None else forward_scale
+        return min(bound, FORWARD_LEVEL * scale)
 
     def refine(self, problem: Problem, damping: float, steps: int, apply: Callable) -> None:
         """Mixed-precision iterative refinement: ``x`` and the residual ``v - G x`` in
@@ -464,8 +478,8 @@ def _check_residual(
 ) -> None:
     """The float64 residual where ``eps(solve dtype) decisive > bound / 4`` (``decisive``:
     the solve's ``residual_condition``, or its ``condition``) or a jitter was needed;
-    refinement where it exceeds the bound, or the forward-error bound it gives exceeds
-    :data:`FORWARD_LEVEL` (a residual above ``FORWARD_LEVEL mu ||x|| / ||v||``);
+    refinement where it exceeds the bound or, for a Woodbury solve, the forward-error bound
+    it gives exceeds :data:`FORWARD_LEVEL` (:meth:`Solve.goal`);
     ``SolveError`` where the residual stays above the bound, an ``AccuracyWarning`` where
     the forward-error bound stays above its level."""
     bound = RESIDUAL_BOUND[model_dtype]
@@ -480,11 +494,11 @@ def _check_residual(
             value = float(s.evaluate_residual(problem, opts.damping))
     else:
         return
-    target = min(bound, FORWARD_LEVEL * float(s.forward_scale))
+    target = s.goal(bound)
     steps = 0
     if not value <= target and s.refines_in_rows():  # first in the rows: no pass over x
         steps = s.refine_rows(problem, opts.damping, AUTO_REFINE, target, direct=opts.diagnostics)
-        value, target = float(s.residual), min(bound, FORWARD_LEVEL * float(s.forward_scale))
+        value, target = float(s.residual), s.goal(bound)
         for _ in range(steps):
             took("refine")
     apply = None if value <= target else s.corrector()
@@ -494,8 +508,7 @@ def _check_residual(
                 break
             took("refine")
             s.refine(problem, opts.damping, 1, apply)
-            value, steps = float(s.residual), steps + 1
-            target = min(bound, FORWARD_LEVEL * float(s.forward_scale))
+            value, steps, target = float(s.residual), steps + 1, s.goal(bound)
     if not value <= bound:
         requested = f" ({opts.refine} requested, {steps} more)" if opts.refine else ""
         raise SolveError(
