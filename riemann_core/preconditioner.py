@@ -100,7 +100,8 @@ class RiemannianPreconditioner:
     ``output_metric`` receives ``None``), and on any error ``.grad`` is left as it was.
     Options are those of ``rc.direction``; with ``diagnostics=True`` each step's
     :class:`LayerDiagnostics` are kept in ``.diagnostics``. Call ``remove()`` (or use
-    ``with``) to detach the hooks.
+    ``with``) to detach the hooks; a preconditioner no longer referenced is collected
+    and its hooks detached too (the model holds it weakly).
 
     K-FAC as optimisers run it (``method="kfac"`` only): ``kfac_refresh=k`` refreshes
     the factorisations every ``k`` steps and reuses them in between, where a step then
@@ -203,16 +204,16 @@ class RiemannianPreconditioner:
         self._overflow_scale: float | None = None
         self._batch: tuple[tuple, dict, list, BufferStart, dict] | None = None
         self._versions: list[tuple[str | None, Tensor, int]] = []
-        # the batch as the caller passes it, before the model's own pre-hooks (a replay
-        # calls the model, which runs them again); the output after its forward hooks. A
-        # replay runs a DistributedDataParallel's module, not the wrapper's hooks: there
-        # the batch is the one the wrapper's pre-hooks pass on
         # what the model holds of this preconditioner: detached by remove(), or once the
         # caller drops the preconditioner (the hooks hold it weakly; found by review: one
         # built again on the same model, as a notebook cell run twice does, left the old
         # one recording every forward pass, its activations too)
         self._attached: dict[str, object] = {}
-        weakref.finalize(self, _detach, self._attached)
+        self._finalizer = weakref.finalize(self, _detach, self._attached)
+        # the batch as the caller passes it, before the model's own pre-hooks (a replay
+        # calls the model, which runs them again); the output after its forward hooks. A
+        # replay runs a DistributedDataParallel's module, not the wrapper's hooks: there
+        # the batch is the one the wrapper's pre-hooks pass on
         self._hook = self._attach(
             "record",
             model.register_forward_pre_hook(
@@ -251,8 +252,7 @@ class RiemannianPreconditioner:
                 else None
             )
         except BaseException:  # (found by a hunt: the hooks above, left on the model, broke
-            self._hook.remove()  # every later forward pass with gradients)
-            self._output_hook.remove()
+            self._finalizer()  # every later forward pass with gradients)
             raise
 
     @property
@@ -1085,7 +1085,7 @@ class RiemannianPreconditioner:
         """Detach the forward hooks from the model; the preconditioner is then spent (its
         ``state_dict()`` can still be saved)."""
         self._removed = True
-        _detach(self._attached)
+        self._finalizer()
 
     def _attach(self, role: str, hooks):
         """``hooks`` (a hook's handle, or a :class:`Capture`) kept to be detached, in place

@@ -213,10 +213,10 @@ class Problem:
     def residual_squared(
         self, indices: list[int], x: list[Tensor], damping: float
     ) -> tuple[Tensor, Tensor, Tensor] | None:
-        """``(q, e, s)``: ``q = ||G x - v||^2 / ||v||^2`` for ``x`` (a list over the
+        """``(q, e, c)``: ``q = ||G x - v||^2 / ||v||^2`` for ``x`` (a list over the
         parameters of ``blocks[indices]``, ``G`` as in :meth:`metric64`) in float64 from
         ``N``-sized factors, a bound ``e`` on its rounding error (``e`` is inf where
-        ``||v||^2`` is not determined) and ``s = mu^2 ||x||^2 / ||v||^2`` (device scalars);
+        ``||v||^2`` is not determined) and ``c = mu^2 ||x||^2 / ||v||^2`` (device scalars);
         ``None`` unless every block's gradient is ``v_a = Lambda_a^T Xt_a`` (a 2-D
         ``nn.Linear``).
 

@@ -324,7 +324,7 @@ class KroneckerSolve(Solve):
         self.jitter, self.what = max(
             ((s.jitter, s.what) for b in self.blocks for s in b.shifted), default=(0.0, "")
         )
-        self.residual = None
+        self.residual = self.forward_scale = None
         if opts.diagnostics:
             self.matrix_condition = _max([b.exact_condition() for b in self.blocks])
 
