@@ -16,8 +16,8 @@ only where one needs it:
   :data:`AUTO_REFINE` steps of mixed-precision refinement follow (a float32 Woodbury
   solve of 2-D Linear blocks first up to as many in its rows, :meth:`Solve.refine_rows`),
   and a residual still above it raises :class:`SolveError`;
-* for a Woodbury solve, wherever the residual is evaluated it also bounds the error of
-  ``x`` itself: ``G`` has no eigenvalue below ``mu``, so ``||x - G^{-1} v|| <=
+* for a Woodbury solve, wherever that check evaluates the residual it also bounds the
+  error of ``x`` itself: ``G`` has no eigenvalue below ``mu``, so ``||x - G^{-1} v|| <=
   ||G x - v|| / mu``; where that bound exceeds :data:`FORWARD_LEVEL` times ``||x||`` the
   same refinement follows until it does not, and an :class:`AccuracyWarning` gives the
   bound if it still does. A Woodbury solve of a ``v`` along ``G``'s top eigenvectors
@@ -73,9 +73,9 @@ AUTO_REFINE = 3
 #: networks the error reached 2/3 of ``eps cond(G)`` (tests/test_accuracy.py).
 ACCURACY_LEVEL = 0.005
 
-#: The a-posteriori bound ``||G x - v|| / (mu ||x||)`` on the relative error of a Woodbury
-#: solve's ``x``, evaluated with its residual, above which ``x`` is refined (and, where that falls
-#: short, the bound is given in an :class:`AccuracyWarning`).
+#: The a-posteriori bound ``||G x - v|| / (mu ||x||)`` on the relative error of a
+#: Woodbury solve's ``x``, read with its residual, above which ``x`` is refined (and,
+#: where that falls short, the bound is given in an :class:`AccuracyWarning`).
 FORWARD_LEVEL = 0.01
 
 
@@ -351,9 +351,9 @@ class Solve:
         float32, its own rounding stalled the residual near 1e-3 at ``eps cond(G) ~ 0.1``)
         and its residual evaluated (:meth:`residual_settled`, else, or with ``direct``,
         directly). Up to ``steps`` steps, until the residual is within :meth:`goal` of
-        ``bound`` (formed again with each ``x``); a step
-        that does not lower it is undone and ends the refinement. Returns the steps taken;
-        ``residual`` is set (evaluated first where it is not)."""
+        ``bound`` (formed again with each ``x``); a step that does not lower it is undone
+        and ends the refinement. Returns the steps taken; ``residual`` is set (evaluated
+        first where it is not)."""
         handlers = [problem.handler64(i) for i in self.indices]
         lams = [problem.output_grad64(i) for i in self.indices]
         if chol is None:
