@@ -241,7 +241,9 @@ class RiemannianPreconditioner:
         self._edited_in_forward = False
         # the .grad each call wrote, their versions and norms then (a second step() refused)
         self._written: list[tuple[weakref.ref, int, Tensor]] = []
-        self._spent = False  # the last forward pass's graph consumed by pre.backward(loss)
+        # what consumed the last forward pass's graph: None, "ran" (a pre.backward(loss)) or
+        # "refused" (one refused after its backward pass)
+        self._spent: str | None = None
         self._preconditioned = False  # a direction of the last forward pass written
         # pre.backward(loss) records the user's own forward passes (one process only)
         single = process_group is None and self.network is model
@@ -322,7 +324,7 @@ class RiemannianPreconditioner:
         self._modes = {id(m): training(m) for m in self.model.modules()}
         # DistributedDataParallel averages the gradients of a pass outside no_sync() only
         self._synced = getattr(self.model, "require_backward_grad_sync", True)
-        self._spent = False
+        self._spent = None
         self._preconditioned = False  # until a direction of this pass is written
         # what step() relies on: the batch and the parameters as the forward pass saw them
         # (named on failure only: None for an input)
@@ -492,17 +494,14 @@ class RiemannianPreconditioner:
         # run between ours and a forward, since the hooks were installed: the recorded
         # calls miss or misname blocks, or are not the calls the modules made
         rehook = not capture.hooks_current(model)
-        if self._spent:
+        if self._spent == "ran":
             raise ValueError(
                 "pre.backward(loss) already ran on the model's last forward pass and consumed "
                 "its graph (as loss.backward() does): run model(x) again and form a new loss"
             )
-        if any(c.output is None for c in capture.calls):  # (found by a hunt: AttributeError)
-            raise ValueError(
-                "a pre.backward(loss) refused in its solve, after its backward pass, consumed "
-                "the graph of the model's last forward pass: run model(x) again and form a new "
-                "loss"
-            )
+        # (the fused path's outputs: found by a hunt, an AttributeError)
+        if self._spent == "refused" or any(c.output is None for c in capture.calls):
+            raise ValueError(f"a pre.backward(loss) {_REFUSED_AFTER_BACKWARD}")
         if capture.output is None or not (capture.calls or rehook):
             raise RuntimeError(
                 "pre.backward(loss) needs the forward pass the loss was formed from: call "
@@ -541,6 +540,7 @@ class RiemannianPreconditioner:
         # it had never been (found by a hunt: a refused call moved the generator on)
         sampling = opts.output_metric == "sampled" and opts.generator is not None
         random_state = opts.generator.get_state() if sampling else None
+        consumed = False  # the loss's graph, by the backward pass of the autograd path
         try:
             check_one_output(capture.output)
             paths = coupling.loss_paths(
@@ -589,6 +589,7 @@ class RiemannianPreconditioner:
                 checks.run()
                 with reentrant_checkpoint_refused():
                     gradient = self._autograd_gradient(loss, params)
+                consumed = True
                 for name, g in gradient.items():
                     checks.finite(
                         f"the gradient of {name!r}", g, OVERFLOW_FIX, overflow or ValueError
@@ -613,6 +614,16 @@ class RiemannianPreconditioner:
         except BaseException as err:
             if random_state is not None:
                 opts.generator.set_state(random_state)
+            # (the fused path's backward frees the calls' outputs as it consumes the graph)
+            consumed = consumed or any(c.output is None for c in capture.calls)
+            if consumed and isinstance(err, Exception):
+                # found by a hunt: a retry once the cause was fixed was told the user had
+                # called loss.backward(); say now that the graph is gone, and on a retry
+                self._spent = "refused"
+                if err.args and isinstance(err.args[0], str):
+                    note = f"this pre.backward(loss) {_REFUSED_AFTER_BACKWARD}"
+                    err.args = (f"{err.args[0]} ({note})", *err.args[1:])
+                raise
             if isinstance(err, RuntimeError) and "backward through the graph a second" in str(err):
                 raise ValueError(
                     "the loss's graph was already consumed (by loss.backward(), or an earlier "
@@ -623,7 +634,7 @@ class RiemannianPreconditioner:
         # the pass is spent: its record (and graph) freed. A refused call keeps it, for a
         # retry (or for its error, where the graph was consumed)
         capture.reset()
-        self._spent = True
+        self._spent = "ran"
         if rehook:  # the new hooks first: a refusal keeps the old ones (found by review)
             self._capture = self._attach("capture", Capture(model, notes.clone, persistent=True))
             capture.remove()
@@ -1187,6 +1198,12 @@ class Differentiated:
 
 #: The record of a forward pass (:meth:`RiemannianPreconditioner._record`), kept from the
 #: last complete pass while one runs.
+#: A pre.backward(loss) refused after its backward pass consumed the loss's graph.
+_REFUSED_AFTER_BACKWARD = (
+    "was refused after its backward pass consumed the graph of the model's last forward "
+    "pass: once the cause is fixed, run model(x) again and form a new loss"
+)
+
 _RECORD = (
     "_batch",
     "_output",

@@ -30,6 +30,7 @@ from test_networks import DeadBranch, FixedMask, LayerScale, bias_only
 from torch import nn
 
 import riemann_core as rc
+from riemann_core.capture import ReplayDiffers
 from riemann_core.methods import SOLVERS
 
 DAMPING = 1e-2
@@ -1444,6 +1445,32 @@ def test_an_inf_input_is_refused_as_pre_step_refuses_it():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_a_call_refused_after_its_backward_pass_says_to_run_the_forward_pass_again():
+    """Found by a hunt: on the autograd path (here a dropout model switched to eval mode
+    between its forward pass and pre.backward: the replay differs) the refusal came after
+    the backward pass had consumed the loss's graph without saying so, and a retry once
+    the mode was restored was told the user had called loss.backward(). Both now say to
+    run the forward pass again; that works, and the .grad were left as they were."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Dropout(0.3), nn.Linear(6, 3)).double()
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+    pre.backward(F.cross_entropy(model(x), y))
+    model.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    model.eval()
+    again = r"was refused after its backward pass consumed the graph.*run model\(x\) again"
+    with pytest.raises(ReplayDiffers, match="changed training mode.*" + again):
+        pre.backward(loss)
+    assert all(p.grad is None for p in model.parameters())
+    model.train()
+    with pytest.raises(ValueError, match="a pre.backward.loss. " + again):
+        pre.backward(loss)
+    assert all(p.grad is None for p in model.parameters())
+    pre.backward(F.cross_entropy(model(x), y))
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_a_refused_call_leaves_the_generator_as_it_was(monkeypatch):
     """Found by a hunt: a pre.backward refused after the sampled metric drew its probes
     moved the generator on, so skipping the batch changed the rest of the run."""
@@ -1459,13 +1486,13 @@ def test_a_refused_call_leaves_the_generator_as_it_was(monkeypatch):
     model.zero_grad()
     state = gen.get_state()
     loss = F.cross_entropy(model(x), y)
-    with pytest.raises(RuntimeError, match="refused in the solve"):
+    with pytest.raises(RuntimeError, match="refused in the solve .this pre.backward.*run model"):
         pre.backward(loss)
     assert torch.equal(gen.get_state(), state)
     assert all(p.grad is None for p in model.parameters())
     monkeypatch.undo()  # its backward pass consumed the graph: a retry is told so (found by
-    with pytest.raises(ValueError, match="refused in its solve.*run model"):  # a hunt:
-        pre.backward(loss)  # AttributeError), and a new forward pass draws as if first
+    with pytest.raises(ValueError, match="was refused after its backward.*run model"):  # a
+        pre.backward(loss)  # hunt: AttributeError), and a new forward pass draws as if first
     pre.backward(F.cross_entropy(model(x), y))
     gen.set_state(state)
     expected = rc.direction(model, x, y, output_metric="sampled", generator=gen)
