@@ -14,6 +14,7 @@ unreadable files, 3 an unexpected error broke the command off (its traceback is 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import textwrap
 import traceback
@@ -53,7 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_device(args.device)
         except ValueError as err:
             args.parser.error(str(err))
-    args.command_line = " ".join([PROG, *argv])  # recorded with the results
+    # recorded with the results, as a shell takes it back (found by a hunt: a path with a
+    # space in the report's command to resume or redraw split in two)
+    args.command_line = shlex.join([PROG, *argv])
     return args.run(args)
 
 

@@ -1,12 +1,14 @@
 """The riemann-bench command line: conventions and the demo."""
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
 import pytest
 
 from riemann_core import cli
+from riemann_core.scaling import report
 
 
 @pytest.mark.parametrize(
@@ -43,6 +45,21 @@ def test_analyses_of_recorded_results_need_no_such_device_here(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     assert cli.main(["fit", "--device", "cuda"]) == 0
     assert (tmp_path / "reports" / "cuda" / "fits.csv").is_file()
+
+
+def test_recorded_commands_are_quoted_for_a_shell(tmp_path):
+    """Found by a hunt: with an --out holding a space, the command recorded with the
+    claims (and a report's command to redraw it) split the path in two when pasted back."""
+    out = tmp_path / "with space"
+    out.mkdir()
+    recorded = Path(__file__).parents[1] / "reports" / "cpu"
+    for name in ("results.csv", "sweep.json"):
+        shutil.copy(recorded / name, out / name)
+    assert cli.main(["validate", "--out", str(out)]) == 0
+    command = json.loads((out / "claims.json").read_text())["command"]
+    assert shlex.split(command) == ["riemann-bench", "validate", "--out", str(out)]
+    redraw = report.regenerate_command(out, seed=3)
+    assert shlex.split(redraw) == ["riemann-bench", "report", "--out", str(out), "--seed", "3"]
 
 
 def test_demo_quick_writes_agreeing_directions(tmp_path, capsys):

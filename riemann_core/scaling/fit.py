@@ -55,6 +55,7 @@ from . import sweep
 from .sweep import (
     AXES,
     ResultsFileError,
+    check_a_file,
     check_rows_of_record,
     check_same_model,
     read_record,
@@ -120,6 +121,8 @@ def require_sweep(directory: Path) -> tuple[Path, Path]:
     """``results.csv`` and ``sweep.json`` in ``directory``, or a ``ValueError`` naming the
     one missing and the fix."""
     results, record = needed = directory / "results.csv", directory / "sweep.json"
+    for path in needed:  # (found by a hunt: a directory there read as a missing file)
+        check_a_file(path)
     if not results.is_file():
         # (found by a hunt: on a train directory it said to run sweep there, which refuses)
         others = [

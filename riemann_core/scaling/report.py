@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 
@@ -320,7 +321,9 @@ def unfinished_lines(meta: dict, out: Path) -> list[str]:
 def regenerate_command(out: Path, seed: int) -> str:
     """The command that draws the report again: with the seed, on which the claims'
     bootstrap intervals depend, where it is not the default."""
-    return f"riemann-bench report --out {out}" + (f" --seed {seed}" if seed else "")
+    return f"riemann-bench report --out {shlex.quote(str(out))}" + (
+        f" --seed {seed}" if seed else ""
+    )
 
 
 def produced_by(meta: dict) -> str:

@@ -609,11 +609,32 @@ def _direction_call(run: dict, grid: Grid, device: torch.device) -> Callable[[],
     return call
 
 
+def check_a_file(path: Path) -> None:
+    """:class:`ResultsFileError` where ``path`` exists but is no file (found by a hunt: a
+    directory there gave a bare ``[Errno 21]``)."""
+    if path.exists() and not path.is_file():
+        raise ResultsFileError(f"{path} is not a file (a directory?); move it away")
+
+
+def _parsed(reader: csv.DictReader, longest: int) -> list[dict]:
+    """The rows of ``reader``, fields up to ``longest`` characters allowed (the csv
+    module's limit, 131072 by default, is put back after): found by a hunt, the times of a
+    point swept at ``--repeats 10500`` took 135341, and the sweep could not read back its
+    own file to resume, fit or report."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, longest))
+    try:
+        return list(reader)
+    finally:
+        csv.field_size_limit(limit)
+
+
 def read_results(path: Path) -> list[dict]:
     """Rows of an existing ``results.csv``; a file that is not one raises
     :class:`ResultsFileError` and is never modified."""
     if not path.exists():
         return []
+    check_a_file(path)
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:  # a spreadsheet's BOM read
             text = f.read()
@@ -633,7 +654,7 @@ def read_results(path: Path) -> list[dict]:
                 f"{path} is not a results file of this version of riemann-bench "
                 f"(missing columns {sorted(missing)}); move it away or pass another --out"
             )
-        rows = list(reader)
+        rows = _parsed(reader, len(text))
     except (csv.Error, UnicodeDecodeError) as err:
         raise ResultsFileError(
             f"{path} cannot be parsed ({err}); move it away or pass another --out"
@@ -794,6 +815,7 @@ def _times(text: str) -> list[float] | None:
 def read_record(path: Path) -> dict:
     """``sweep.json``: the grid, its base point, the devices; a file that is not one
     raises :class:`ResultsFileError` naming it, and is never modified."""
+    check_a_file(path)
     try:
         record = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:  # json's parse errors

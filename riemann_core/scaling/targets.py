@@ -35,6 +35,7 @@ import json
 import math
 import os
 import re
+import shlex
 import statistics
 import sys
 from collections.abc import Callable
@@ -114,8 +115,7 @@ def figure(goal: str, network, ratios) -> dict:
     met and missed in turn, each deciding the exit code)."""
     what, sense, bound = GOALS[goal]
     ratio, low, high = median_interval(ratios, N_BOOT)
-    meets = [r <= bound if sense == "<=" else r >= bound for r in (low, high)]
-    verdict = MET if all(meets) else MISSED if not any(meets) else NOISY
+    verdict = verdict_for(low, high, sense, bound)
     return {
         "id": goal,
         "what": what,
@@ -129,6 +129,14 @@ def figure(goal: str, network, ratios) -> dict:
         "met": verdict == MET,
         "rounds": int(np.atleast_1d(ratios).size),
     }
+
+
+def verdict_for(low: float, high: float, sense: str, bound: float) -> str:
+    """The verdict of the interval ``[low, high]`` against the goal ``sense bound``
+    (``"<="`` or ``">="``): :data:`MET` where all of it meets the goal, :data:`MISSED`
+    where none does, :data:`NOISY` where it straddles the goal."""
+    meets = [r <= bound if sense == "<=" else r >= bound for r in (low, high)]
+    return MET if all(meets) else MISSED if not any(meets) else NOISY
 
 
 def round_ratios(a: list[float], b: list[float]) -> list[float]:
@@ -680,7 +688,10 @@ def read_targets(out: Path) -> dict:
     """The run recorded in ``out/targets.json``, checked by drawing from it all that
     ``--report-only`` draws: a ``ValueError`` naming the file and the fix otherwise."""
     path = out / "targets.json"
-    fix = f"run riemann-bench targets --out {out} (without --report-only) to measure again"
+    fix = (
+        f"run riemann-bench targets --out {shlex.quote(str(out))} (without --report-only) to "
+        "measure again"
+    )
     if not path.is_file():
         raise ValueError(f"{path}: no such file; --report-only redraws a recorded run: {fix}")
     try:
@@ -703,24 +714,36 @@ def read_targets(out: Path) -> dict:
 def check_record(payload: dict) -> None:
     """``ValueError`` naming the first value of a ``targets.json`` (``payload``) that no run
     writes: a ratio, rate or goal that is not a finite number (a rate not positive), a
-    verdict not among :data:`MET`, :data:`MISSED`, :data:`NOISY`, a network that is not
-    widths, a device other than the CPU or CUDA. The pages would draw such values as they
-    are (``nan``) and the exit code would follow them."""
+    verdict not among :data:`MET`, :data:`MISSED`, :data:`NOISY` or not the one its
+    interval and goal give (:func:`verdict_for`), a ratio outside its interval, a goal that
+    is not this version's (:data:`GOALS`), a network that is not widths, a device other
+    than the CPU or CUDA. The pages would draw such values as they are (``nan``, a
+    hand-edited ``met``: found by a hunt) and the exit code would follow them."""
 
     def number(value, where: str, positive: bool = False) -> None:
         real = isinstance(value, int | float) and not isinstance(value, bool)
         if not real or not math.isfinite(value) or (positive and value <= 0):
             raise ValueError(f"{where} is {value!r}, not a finite{' positive' * positive} number")
 
-    def judged(item: dict, where: str) -> None:
+    def judged(item: dict, where: str, sense: str, bound: float) -> None:
         number(item["ratio"], f"{where}.ratio")
         for key in ("low", "high"):  # (a record from before intervals has none)
             if key in item:
                 number(item[key], f"{where}.{key}")
+        low, high = item.get("low", item["ratio"]), item.get("high", item["ratio"])
+        if not low <= item["ratio"] <= high:
+            raise ValueError(f"{where}.ratio {item['ratio']!r} lies outside [{low!r}, {high!r}]")
         # (a record from before verdicts has a boolean "met")
         met = {True: MET, False: MISSED}.get(item.get("met"))
-        if item.get("verdict", met) not in (MET, MISSED, NOISY):
+        verdict = item.get("verdict", met)
+        if verdict not in (MET, MISSED, NOISY):
             raise ValueError(f"{where} has no verdict among {MET!r}, {MISSED!r}, {NOISY!r}")
+        given = verdict_for(low, high, sense, bound)
+        if verdict != given or ("met" in item and item["met"] != (verdict == MET)):
+            raise ValueError(
+                f"{where} reads {verdict!r} where its interval [{low:.4g}, {high:.4g}] "
+                f"against the goal {sense} {bound:g} gives {given!r}"
+            )
 
     def widths(value, where: str) -> None:
         if (
@@ -746,7 +769,13 @@ def check_record(payload: dict) -> None:
         if f["id"] not in GOALS or f["sense"] not in ("<=", ">="):
             raise ValueError(f"figures[{i}] is not a goal ({f['id']!r}, {f['sense']!r})")
         number(f["goal"], f"figures[{i}].goal")
-        judged(f, f"figures[{i}]")
+        _, sense, bound = GOALS[f["id"]]
+        if (f["sense"], f["goal"]) != (sense, bound):
+            raise ValueError(
+                f"figures[{i}] ({f['id']!r}) has the goal {f['sense']} {f['goal']!r}, where "
+                f"this version's is {sense} {bound:g}"
+            )
+        judged(f, f"figures[{i}]", sense, bound)
         widths(f["network"], f"figures[{i}].network")
     for i, r in enumerate(payload.get("references", [])):
         number(r["ratio"], f"references[{i}].ratio")
@@ -761,7 +790,7 @@ def check_record(payload: dict) -> None:
             raise ValueError(f"kfac.networks[{i}].variants is empty")
         number(n["step_s"], f"kfac.networks[{i}].step_s", positive=True)
         for j, v in enumerate(n["variants"]):
-            judged(v, f"kfac.networks[{i}].variants[{j}]")
+            judged(v, f"kfac.networks[{i}].variants[{j}]", "<=", kfac_targets.GOAL)
             for side in ("ours_s", "public_s"):
                 number(v[side], f"kfac.networks[{i}].variants[{j}].{side}", positive=True)
 

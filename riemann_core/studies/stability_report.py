@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pandas as pd
@@ -211,7 +212,7 @@ def _write_files(pairs: pd.DataFrame, meta: dict, out: Path, stage: Path) -> Non
     """:func:`write_report`'s files, written in ``stage`` as they will lie in ``out``."""
     seed = meta["seed"]  # the study's seed: a redraw resamples the bootstrap alike
     sweep, env, command = meta["sweep"], meta["environment"], meta["command"]
-    redraw = f"riemann-bench stability --report-only --out {out}"
+    redraw = f"riemann-bench stability --report-only --out {shlex.quote(str(out))}"
     per_point = slopes(pairs, seed=seed)
     joint = joint_slopes(pairs, seed=seed)
     local = local_slopes(pairs)

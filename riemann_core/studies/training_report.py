@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -522,7 +523,7 @@ def _write_files(
     target = study["target_accuracy"]
     command = meta["command"]
     damped = any(OPTIMISERS[m].damped for m in study["methods"])
-    redraw = f"riemann-bench train --report-only --out {out}"
+    redraw = f"riemann-bench train --report-only --out {shlex.quote(str(out))}"
     lines = [
         f"# Training study on handwritten digits: {env.get('device_name', 'unknown device')}",
         "",

@@ -465,6 +465,36 @@ def test_a_sweep_on_cpu_0_reads_its_own_rows_back(tmp_path):
     assert {r["device"] for r in sw.read_results(tmp_path / "results.csv")} == {"cpu:0"}
 
 
+def test_a_sweep_reads_back_times_longer_than_the_csv_modules_field_limit(tmp_path):
+    """Found by a hunt: at --repeats 10500 a point's times took 135341 characters, past the
+    csv module's 131072, and the sweep could not read its own file to resume, fit or
+    report. The limit is raised for the read alone."""
+    grid = {**TINY, "methods": ("euclidean",), "kernels": ("structured",)}
+    sw.sweep(sw.Grid(**grid), tmp_path, progress=False)
+    path = tmp_path / "results.csv"
+    rows = rows_of(path)
+    rows[0]["times_s"] = json.dumps([float(rows[0]["time_median_s"])] * 6000)
+    rows[0]["time_iqr_s"] = "0.0"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    limit = csv.field_size_limit()
+    assert len(rows[0]["times_s"]) > limit
+    assert len(sw.read_results(path)) == len(rows)
+    assert csv.field_size_limit() == limit
+
+
+@pytest.mark.parametrize("name", ["results.csv", "sweep.json"])
+def test_a_directory_where_a_record_belongs_is_named(tmp_path, name):
+    """Found by a hunt: a directory named results.csv read as no results (and a sweep gave
+    a bare "[Errno 21]"); sweep.json as a directory was called missing."""
+    grid = {**TINY, "methods": ("euclidean",), "kernels": ("structured",)}
+    (tmp_path / name).mkdir()
+    with pytest.raises(sw.ResultsFileError, match=f"{name} is not a file.*move it away"):
+        sw.sweep(sw.Grid(**grid), tmp_path, progress=False)
+
+
 def test_measure_point_is_a_pure_function_of_its_arguments():
     grid = sw.Grid(**{**TINY, "methods": ("layerwise",), "output_metric": "sampled"})
     run = next(grid.runs())
