@@ -214,7 +214,7 @@ class RiemannianPreconditioner:
         # calls the model, which runs them again); the output after its forward hooks. A
         # replay runs a DistributedDataParallel's module, not the wrapper's hooks: there
         # the batch is the one the wrapper's pre-hooks pass on
-        self._hook = self._attach(
+        self._attach(
             "record",
             model.register_forward_pre_hook(
                 OwnHook(model, weakref.WeakMethod(self._record)),
@@ -222,7 +222,7 @@ class RiemannianPreconditioner:
                 prepend=self.network is model,
             ),
         )
-        self._output_hook = self._attach(
+        self._attach(
             "record output",
             model.register_forward_hook(
                 OwnHook(model, weakref.WeakMethod(self._record_output)), always_call=True
@@ -248,11 +248,8 @@ class RiemannianPreconditioner:
         # pre.backward(loss) records the user's own forward passes (one process only)
         single = process_group is None and self.network is model
         try:
-            self._capture = (
+            if single:
                 self._attach("capture", Capture(model, notes_for(model).clone, persistent=True))
-                if single
-                else None
-            )
         except BaseException:  # (found by a hunt: the hooks above, left on the model, broke
             self._finalizer()  # every later forward pass with gradients)
             raise
@@ -340,7 +337,7 @@ class RiemannianPreconditioner:
         self._prehooked = hooked_before(model._forward_pre_hooks, self._hook.id)
         if self._prehooked:
             self._hook.remove()
-            self._hook = self._attach(
+            self._attach(
                 "record",
                 model.register_forward_pre_hook(
                     OwnHook(model, weakref.WeakMethod(self._record)), with_kwargs=True, prepend=True
@@ -348,7 +345,7 @@ class RiemannianPreconditioner:
             )
         if hooked_after(model._forward_hooks, self._output_hook.id):
             self._output_hook.remove()
-            self._output_hook = self._attach(
+            self._attach(
                 "record output",
                 model.register_forward_hook(
                     OwnHook(model, weakref.WeakMethod(self._record_output)), always_call=True
@@ -636,7 +633,7 @@ class RiemannianPreconditioner:
         capture.reset()
         self._spent = "ran"
         if rehook:  # the new hooks first: a refusal keeps the old ones (found by review)
-            self._capture = self._attach("capture", Capture(model, notes.clone, persistent=True))
+            self._attach("capture", Capture(model, notes.clone, persistent=True))
             capture.remove()
         self._note_overflow(overflowed)
         _accumulate(foreign, foreign_grads)
@@ -1098,11 +1095,26 @@ class RiemannianPreconditioner:
         self._removed = True
         self._finalizer()
 
-    def _attach(self, role: str, hooks):
+    def _attach(self, role: str, hooks) -> None:
         """``hooks`` (a hook's handle, or a :class:`Capture`) kept to be detached, in place
         of the ones of the same role before (detached by the caller)."""
         self._attached[role] = hooks
-        return hooks
+
+    @property
+    def _hook(self):
+        """The handle of the forward pre-hook that records a batch."""
+        return self._attached["record"]
+
+    @property
+    def _output_hook(self):
+        """The handle of the forward hook that records the output."""
+        return self._attached["record output"]
+
+    @property
+    def _capture(self) -> Capture | None:
+        """The capture of the user's forward passes (``None`` where ``pre.backward(loss)``
+        does not run: across processes, or on a ``DistributedDataParallel``'s module)."""
+        return self._attached.get("capture")
 
     def __enter__(self) -> RiemannianPreconditioner:
         return self
@@ -1116,7 +1128,6 @@ def _detach(attached: dict) -> None:
     again does nothing)."""
     for hooks in attached.values():
         hooks.remove()
-    attached.clear()
 
 
 def _shared(calls) -> bool:

@@ -84,6 +84,19 @@ def median_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
+#: A goal's verdicts on a figure: its whole interval meets the goal, misses it, or straddles
+#: it.
+MET, MISSED, NOISY = "met", "missed", "too noisy"
+
+
+def verdict_for(low: float, high: float, sense: str, bound: float) -> str:
+    """The verdict of the interval ``[low, high]`` against the goal ``sense bound``
+    (``"<="`` or ``">="``): :data:`MET` where all of it meets the goal, :data:`MISSED`
+    where none does, :data:`NOISY` where it straddles the goal."""
+    meets = [r <= bound if sense == "<=" else r >= bound for r in (low, high)]
+    return MET if all(meets) else MISSED if not any(meets) else NOISY
+
+
 def median_interval(values, n_boot: int = 2000) -> tuple[float, float, float]:
     """``(median, low, high)``: the median of ``values`` (per-round ratios) and the 95%
     bootstrap interval of that median (seeded: a rerun on the same figures agrees)."""

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..measure import public_kfac
 from ..measure.environment import summary
 from ..measure.problems import mlp
-from ..measure.timing import interleaved, median_interval, median_ratio
+from ..measure.timing import MET, interleaved, median_interval, median_ratio, verdict_for
 
 GOAL = 1.0
 #: a ratio above GOAL / MARGIN is timed again before it is judged, met or missed
@@ -99,7 +99,7 @@ def _network(widths, batch, device, dtype, rounds, seed) -> dict:
         # judged on the interval, as the core figures are (found by review: on the bare
         # median, noise near the goal decided the verdict and the exit code)
         ratio, low, high = median_interval([a / b for a, b in zip(ours, public, strict=True)])
-        verdict = "met" if high <= GOAL else "missed" if low > GOAL else "too noisy"
+        verdict = verdict_for(low, high, "<=", GOAL)
         rows.append(
             {
                 "variant": v.name,
@@ -114,7 +114,7 @@ def _network(widths, batch, device, dtype, rounds, seed) -> dict:
                 "high": high,
                 "rounds": len(ours),
                 "verdict": verdict,
-                "met": verdict == "met",
+                "met": verdict == MET,
             }
         )
     return {

@@ -61,7 +61,16 @@ from ..measure.output import (
     write_json,
 )
 from ..measure.problems import mlp
-from ..measure.timing import in_place_cholesky, interleaved, median_interval, median_ratio
+from ..measure.timing import (
+    MET,
+    MISSED,
+    NOISY,
+    in_place_cholesky,
+    interleaved,
+    median_interval,
+    median_ratio,
+    verdict_for,
+)
 from ..methods._solve import recording_slow_paths
 from . import kfac_targets
 
@@ -102,8 +111,6 @@ SMALL_NETWORKS = ((784, 5, 10), (64, 56, 10), (64, 48, 16, 10))
 
 #: Bootstrap resamples of a figure's per-round ratios, for the 95% interval of their median.
 N_BOOT = 2000
-#: A figure's verdicts: its whole interval meets the goal, misses it, or straddles it.
-MET, MISSED, NOISY = "met", "missed", "too noisy"
 
 
 def figure(goal: str, network, ratios) -> dict:
@@ -129,14 +136,6 @@ def figure(goal: str, network, ratios) -> dict:
         "met": verdict == MET,
         "rounds": int(np.atleast_1d(ratios).size),
     }
-
-
-def verdict_for(low: float, high: float, sense: str, bound: float) -> str:
-    """The verdict of the interval ``[low, high]`` against the goal ``sense bound``
-    (``"<="`` or ``">="``): :data:`MET` where all of it meets the goal, :data:`MISSED`
-    where none does, :data:`NOISY` where it straddles the goal."""
-    meets = [r <= bound if sense == "<=" else r >= bound for r in (low, high)]
-    return MET if all(meets) else MISSED if not any(meets) else NOISY
 
 
 def round_ratios(a: list[float], b: list[float]) -> list[float]:
