@@ -280,6 +280,14 @@ class GradientOverflow(FloatingPointError):
     step to the scaler to skip instead of refusing it."""
 
 
+class DirectionOverflow(FloatingPointError):
+    """A solve gave a direction with NaN or inf entries (or entries past the parameters'
+    dtype). Beside a ``torch.amp.GradScaler`` at a scale above 1 it is the scaled
+    direction ``S G^{-1} g`` that overflowed, with a finite scaled gradient (a scale grown
+    over a long bfloat16 run, a float16 model's narrow range): the preconditioner hands the
+    step to the scaler to skip, which lowers the scale, as for an overflowed gradient."""
+
+
 def all_finite(tensor: Tensor) -> bool:
     """Whether every entry is finite; a sum (no mask allocated) decides the usual case."""
     if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):

@@ -54,7 +54,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import costs
-from ._checks import Deferred
+from ._checks import Deferred, DirectionOverflow
 from .kronecker import Factor, eigen_together
 from .methods import SOLVERS, LayerDiagnostics, Options, Problem, finish, kfac
 from .modules import Block, Handler, LinearHandler, PatchHandler, kronecker_handler, training
@@ -304,7 +304,10 @@ class _Group:
 
     def fail(self, failure: Exception | None, failed: list[int], where: str) -> None:
         """Every rank knows that the ``failed`` ranks raised: they share their messages,
-        the failed ranks raise their own error, the others a :class:`DistributedError`."""
+        the failed ranks raise their own error, the others a :class:`DistributedError`, or
+        a :class:`DirectionOverflow` where that is what the first failed rank raised: the
+        owner of a block whose scaled direction overflowed skips the step beside a
+        GradScaler, and so must every rank."""
         text = torch.zeros(self.world, MESSAGE_BYTES, dtype=torch.uint8)
         if failure is not None:
             message = f"{type(failure).__name__}: {failure}".encode()[:MESSAGE_BYTES]
@@ -317,7 +320,10 @@ class _Group:
         first = failed[0]
         message = bytes(text[first].tolist()).rstrip(b"\0").decode(errors="replace")
         others = f" (and ranks {failed[1:]})" if len(failed) > 1 else ""
-        raise DistributedError(
+        error = DistributedError
+        if message.startswith(f"{DirectionOverflow.__name__}:"):
+            error = DirectionOverflow
+        raise error(
             f"rank {first}{others} of {self.world} failed in {where}: {message}. Every rank "
             "raises; .grad is left as it was on every rank"
         )

@@ -18,6 +18,7 @@ from . import coupling, distributed
 from ._checks import (
     OVERFLOW_FIX,
     Deferred,
+    DirectionOverflow,
     GradientOverflow,
     check_classes_last,
     check_damping,
@@ -771,13 +772,24 @@ class RiemannianPreconditioner:
         return {n: d for n, d in directions.items() if n in gradient}, diagnostics
 
     def _transaction(self, compute):
-        """``compute()``, forgetting what K-FAC's state computed if it fails."""
+        """``compute()``, forgetting what K-FAC's state computed if it fails. A direction
+        that overflowed beside a scaler at a scale above 1 is the scaler's to skip (a
+        :class:`GradientOverflow`): the scaled direction ``S G^{-1} g`` can overflow where
+        the scaled gradient did not. At a scale of 1 or less the scale is not the cause,
+        and the error stands (found by a hunt: a scale of 1e37, grown over a bfloat16 run,
+        stopped training with a FloatingPointError that advised more damping)."""
         try:
             with reentrant_checkpoint_refused():
                 return compute()
-        except BaseException:
+        except BaseException as err:
             if self._kfac is not None:
                 self._kfac.discard()
+            if (
+                isinstance(err, DirectionOverflow)
+                and self._scaling
+                and self.grad_scaler.get_scale() > 1
+            ):
+                raise GradientOverflow(str(err)) from err
             raise
 
     def _buffers_at_start(self):
@@ -882,11 +894,17 @@ class RiemannianPreconditioner:
                     "Run evaluations under torch.no_grad(), or call pre.step() before them"
                 )
         # a parameter without .grad took no part in the loss: a zero vector, left as None
-        directions, self.diagnostics = self._transaction(
-            lambda: self._solve(
-                {n: g.detach().clone() for n, g in with_grad.items()}, params, checks
+        try:
+            directions, self.diagnostics = self._transaction(
+                lambda: self._solve(
+                    {n: g.detach().clone() for n, g in with_grad.items()}, params, checks
+                )
             )
-        )
+        except GradientOverflow:  # the scaled direction overflowed: skipped, as above
+            _fill_nan([p for n, p in params if n in with_grad])
+            self.diagnostics, self._written = [], []
+            self._note_overflow(True)
+            return
         if self._capture is not None:  # the pass is spent (a refusal keeps it, for a retry)
             self._capture.reset()
         for name, p in params:  # every direction exists before any .grad changes

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import riemann_core as rc
 from riemann_core import costs, distributed
+from riemann_core._checks import DirectionOverflow
 from riemann_core.measure.phases import PhaseRecorder
 from riemann_core.methods import layerwise
 
@@ -215,9 +216,11 @@ def _steps(kind, method, wrapping, rank, world) -> list[dict]:
 
 
 def _scaled_steps(rank, world) -> list[tuple[bool, dict]]:
-    """Three steps of a DistributedDataParallel model beside a ``GradScaler``: in the
+    """Four steps of a DistributedDataParallel model beside a ``GradScaler``: in the
     second, the last rank's loss overflows (its scale made inf), so the averaged ``.grad``
-    hold NaN on every rank. ``(pre.overflowed, .grad)`` after each ``pre.step()``."""
+    hold NaN on every rank; in the fourth, rank 0's solve of the blocks it owns gives a
+    direction that overflows (forced), which the other ranks learn of only from it.
+    ``(pre.overflowed, .grad)`` after each ``pre.step()``."""
     model, x, y = network("mlp")
     part = shards(world, equal=True)[rank]
     wrapped = DistributedDataParallel(model)
@@ -228,13 +231,23 @@ def _scaled_steps(rank, world) -> list[tuple[bool, dict]]:
     )  # fmt: skip
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     steps = []
-    for step in range(3):
+    original = layerwise.solve
+
+    def overflowing(problem, opts):
+        raise DirectionOverflow("method='layerwise' produced a non-finite direction (forced)")
+
+    for step in range(4):
         opt.zero_grad()
         loss = scaler.scale(F.cross_entropy(wrapped(x[part]), y[part]))
         if step == 1 and rank == world - 1:
             loss = loss * float("inf")
         loss.backward()
-        pre.step()
+        if step == 3 and rank == 0:
+            layerwise.solve = overflowing
+        try:
+            pre.step()
+        finally:
+            layerwise.solve = original
         steps.append((pre.overflowed, {n: p.grad.clone() for n, p in model.named_parameters()}))
         scaler.step(opt)
         scaler.update()
@@ -635,7 +648,8 @@ def test_an_overflow_under_a_grad_scaler_is_skipped_on_every_rank(run):
     """One rank's overflow reaches every rank through the averaged ``.grad``: each skips
     the step alike (no rank left waiting in a solve). The other steps' ``.grad`` are the
     single-process directions times the scale: 2^10 at the start, and 2^9 (the scale
-    backed off) at the point the first step left, the skipped step having moved nothing."""
+    backed off) at the point the first step left, the skipped step having moved nothing.
+    A scaled direction that overflows on its owner alone is skipped on every rank too."""
     world, results = run
     model, x, y = network("mlp")
     expected = [{n: d * 2.0**10 for n, d in rc.direction(model, x, y, damping=DAMPING).items()}]
@@ -644,9 +658,10 @@ def test_an_overflow_under_a_grad_scaler_is_skipped_on_every_rank(run):
             p -= 0.1 * expected[0][n] / 2.0**10
     expected.append({n: d * 2.0**9 for n, d in rc.direction(model, x, y, damping=DAMPING).items()})
     for rank, result in enumerate(results):
-        assert [overflowed for overflowed, _ in result["scaled"]] == [False, True, False]
-        (_, first), (_, skipped), (_, third) = result["scaled"]
-        assert all(not g.isfinite().all() for g in skipped.values()), f"rank {rank}"
+        assert [overflowed for overflowed, _ in result["scaled"]] == [False, True, False, True]
+        (_, first), (_, skipped), (_, third), (_, fourth) = result["scaled"]
+        for grads in (skipped, fourth):
+            assert all(not g.isfinite().all() for g in grads.values()), f"rank {rank}"
         assert relative_error(first, expected[0]) <= 1e-12, f"rank {rank}"
         assert relative_error(third, expected[1]) <= 1e-12, f"rank {rank}"
 

@@ -326,3 +326,64 @@ def test_an_overflow_in_one_grad_leaves_every_grad_nan_for_every_optimiser():
     for opt in opts:
         scaler.step(opt)
     assert all(map(torch.equal, before, model.parameters()))
+
+
+#: a scale at which the float32 direction of the network below overflows at damping 1e-4
+#: while its scaled loss and gradient (1.3e37 at most) do not
+GRAND = 2.0**126
+
+
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize("method", ("layerwise", "full", "natural", "kfac"))
+def test_a_scaled_direction_that_overflows_is_left_to_the_scaler_to_skip(method, call):
+    """A scale grown large (bfloat16 autocast never overflows, so the scaler doubles it
+    unchecked) can make the scaled direction ``S G^{-1} g`` overflow float32 where the
+    scaled gradient did not: the scaler skips the step and lowers the scale, as for an
+    overflowed gradient (found by a hunt: a ``FloatingPointError`` advising more damping
+    stopped training). At a scale of 1 the scale is not the cause: the error stands."""
+    model, x, y = half_precision_problem()
+    twin = copy.deepcopy(model)
+    kw = dict(method=method, damping=1e-4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=GRAND)
+    pre = rc.RiemannianPreconditioner(model, grad_scaler=scaler, **kw)
+    plain = rc.RiemannianPreconditioner(twin, **kw)  # the same steps, never overflowed
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).mul(GRAND).backward()
+    assert all(p.grad.isfinite().all() for p in model.parameters())  # only the direction
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler.scale(torch.ones(()))
+    for scale in (GRAND, 2.0**8):
+        scaler.update(scale)
+        before = [p.detach().clone() for p in model.parameters()]
+        state = copy.deepcopy(pre.state_dict())
+        scaled_step(pre, model, x, y, scaler, call)
+        if scale == GRAND:
+            assert pre.overflowed and pre.diagnostics == []
+            assert all(p.grad.isnan().all() for p in model.parameters())
+            assert same_state(pre.state_dict(), state)
+            scaler.step(opt)
+            assert all(map(torch.equal, before, model.parameters()))
+            scaler.update()
+            assert scaler.get_scale() == GRAND * scaler.get_backoff_factor()
+            continue
+        assert not pre.overflowed  # as if never skipped (float32 at damping 1e-4: the
+        # fused and autograd paths' round-off differs by eps cond(G), 8e-5 here)
+        twin.zero_grad(set_to_none=True)
+        plain.backward(F.cross_entropy(twin(x), y) * scale)
+        for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+            assert (p.grad - q.grad).norm() <= 1e-3 * q.grad.norm(), name
+    # at a scale of 1 a direction that overflows is refused, .grad left as it was
+    scaler.update(1.0)
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y) * GRAND  # the scale is not what overflows
+    if call == "backward":
+        before = snapshot(model)
+        with pytest.raises(FloatingPointError, match="non-finite direction"):
+            pre.backward(scaler.scale(loss))
+    else:
+        scaler.scale(loss).backward()
+        before = snapshot(model)
+        with pytest.raises(FloatingPointError, match="non-finite direction"):
+            pre.step()
+    assert_unchanged(model, before)
+    assert not pre.overflowed

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .._checks import Deferred, all_finite
+from .._checks import Deferred, DirectionOverflow, all_finite
 from ..woodbury import (
     AccuracyWarning,
     Cholesky,
@@ -463,7 +463,7 @@ def finish(
                 stacklevel=4,
             )
         if not finite_now:
-            raise FloatingPointError(
+            raise DirectionOverflow(
                 f"method={method!r} produced a non-finite direction for {s.name!r}; "
                 "increase the damping or pass solve_dtype=torch.float64"
             )
