@@ -1,5 +1,6 @@
 """The riemann-bench command line: conventions and the demo."""
 
+import importlib
 import json
 import shlex
 import shutil
@@ -158,6 +159,69 @@ def test_an_out_that_cannot_be_written_stops_a_sweep_before_any_work(tmp_path, c
     assert cli.main(["sweep", "--quick", "--workers", "0", "--out", str(out)]) == 2
     assert "Permission denied" in capsys.readouterr().err
     assert not out.exists()  # the directory it made is removed again
+
+
+@pytest.mark.parametrize(
+    "command, work",
+    [
+        (["fit"], "riemann_core.scaling.fit.read_sweep"),
+        (["validate"], "riemann_core.scaling.fit.read_sweep"),
+        (["report"], "riemann_core.scaling.report.write_report"),
+        (["demo", "--quick"], "riemann_core.studies.demo._batch"),
+        (["targets", "--quick"], "riemann_core.scaling.targets.measure_targets"),
+        (["stability", "--quick"], "riemann_core.measure.output.set_aside"),
+    ],
+    ids=lambda v: v[0] if isinstance(v, list) else None,
+)
+def test_an_out_that_cannot_be_written_stops_a_command_before_its_work(
+    tmp_path, capsys, monkeypatch, command, work
+):
+    """Found by a hunt: on a read-only sweep, fit, validate and report did their work and
+    then failed with a bare [Errno 13] naming a temporary file; demo and targets measured
+    for minutes first. Each names the directory and the fix before any work."""
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".tmpxyz"))
+
+    def started(*args, **kwargs):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr("tempfile.TemporaryFile", unwritable)
+    module, name = work.rsplit(".", 1)
+    monkeypatch.setattr(importlib.import_module(module), name, started)
+    if command[0] == "report":  # report reads the sweep first: it must be there
+        monkeypatch.setattr("riemann_core.scaling.fit.require_sweep", lambda out: None)
+    assert cli.main([*command, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write into {tmp_path} (Permission denied)" in err, err
+    assert "pass another --out" in err and ".tmpxyz" not in err
+
+
+def test_a_readme_that_cannot_be_replaced_stops_targets_before_its_work(
+    tmp_path, capsys, monkeypatch
+):
+    """``--readme`` is replaced by a rename in its directory: checked before measuring."""
+    from riemann_core.scaling import targets
+
+    readme = tmp_path / "docs" / "README.md"
+    readme.parent.mkdir()
+    block = targets.readme_block("cpu")
+    readme.write_text(f"# a project\n<!-- {block}: begin -->\n<!-- {block}: end -->\n")
+    real = __import__("tempfile").TemporaryFile
+
+    def unwritable(*args, dir=None, **kwargs):
+        if Path(dir) == readme.parent:
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    def started(*args, **kwargs):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr("tempfile.TemporaryFile", unwritable)
+    monkeypatch.setattr(targets, "_measured", started)
+    out = tmp_path / "out"
+    assert cli.main(["targets", "--quick", "--out", str(out), "--readme", str(readme)]) == 2
+    assert f"cannot write into {readme.parent}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

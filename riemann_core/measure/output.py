@@ -36,6 +36,27 @@ def write_atomic(path: Path, text: str) -> Path:
     return path
 
 
+def check_writable(directory: Path) -> None:
+    """An ``OSError`` naming ``directory`` and the fix where no file can be made in it (a
+    read-only directory or file system, another user's), checked before a command's work:
+    the first write would otherwise fail after it, naming a temporary file (found by a
+    hunt: ``fit`` on a read-only sweep gave a bare ``[Errno 13]`` once its fits were done)."""
+    try:
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as err:
+        raise OSError(
+            f"cannot write into {directory} ({err.strerror or err}): make it writable, or "
+            "pass another --out"
+        ) from err
+
+
+def writable_out(out: Path) -> Path:
+    """``out``, made with its missing parents and checked writable (:func:`check_writable`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
+    return out
+
+
 #: The record file each command that fills a directory writes there, and the command: a
 #: directory holds the results of one of them (their tables and reports share names).
 RECORDS = {
@@ -124,7 +145,7 @@ def results_directory(out: Path) -> Iterator[Path]:
     made = [d for d in (out, *out.parents) if not d.exists()]  # out first
     out.mkdir(parents=True, exist_ok=True)
     try:
-        tempfile.TemporaryFile(dir=out).close()  # an --out we cannot write to stops us here
+        check_writable(out)  # an --out we cannot write to stops us here
         yield out
     except BaseException:
         for directory in made:  # rmdir removes empty directories only

@@ -181,7 +181,10 @@ def run_sweep(args) -> int:
 
 
 def _analysed_out(args):
-    """``--out`` of fit, validate and report, refusing the options they would ignore."""
+    """``--out`` of fit, validate and report, refusing the options they would ignore, and
+    checked writable before their work."""
+    from ..measure.output import check_writable
+
     if args.command in ("fit", "validate", "report") and args.out is not None:
         ignored = [
             option
@@ -195,7 +198,10 @@ def _analysed_out(args):
                 f"'{args.command}', which analyses what the sweep in --out measured; "
                 "drop them or drop --out"
             )
-    return default_out(args)
+    out = default_out(args)
+    if out.is_dir():  # a sweep to analyse (else reading it says what is missing)
+        check_writable(out)
+    return out
 
 
 def run_fit(args) -> int:

@@ -54,9 +54,11 @@ from ..measure.environment import summary
 from ..measure.flops import flop_counter
 from ..measure.lean import LeanStep
 from ..measure.output import (
+    check_writable,
     generated_block,
     progress_bar,
     replace_generated_block,
+    writable_out,
     write_atomic,
     write_json,
 )
@@ -861,6 +863,7 @@ def run(args) -> int:
             what = "a directory" if readme.is_dir() else "no such file"
             raise ValueError(f"--readme {readme}: {what}; pass the README to update")
         generated_block(readme.read_text(), readme_block(device), readme)
+        check_writable(readme.resolve().parent)  # it is replaced by a rename there
     payload = recorded if recorded is not None else _measured(args)
     if out is not None:
         for name, page in pages(payload).items():
@@ -891,7 +894,7 @@ def _measured(args) -> dict:
     from ..measure.environment import environment
 
     if args.out is not None:  # fail on an unusable --out before the work, not after
-        args.out.mkdir(parents=True, exist_ok=True)
+        writable_out(args.out)
     steps = 5 + (2 if args.quick else len(SMALL_NETWORKS)) + len(kfac_targets.NETWORKS)
     env = environment(args.device)  # now: the code that runs, whatever the tree does later
     with progress_bar("targets", total=steps, announce=True) as progress:

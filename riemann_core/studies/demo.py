@@ -11,7 +11,7 @@ import torch
 
 from ..arguments import Command
 from ..measure.environment import environment
-from ..measure.output import set_aside, write_json
+from ..measure.output import set_aside, writable_out, write_json
 from ..measure.problems import mlp
 from ..measure.timing import measure
 from .digits import standardiser
@@ -58,7 +58,7 @@ def _batch(
 
 def run(args: argparse.Namespace) -> int:
     if args.out is not None:  # fail on an unusable --out before the work, not after
-        args.out.mkdir(parents=True, exist_ok=True)
+        writable_out(args.out)
     try:
         from sklearn.datasets import load_digits
         from tqdm import tqdm

@@ -284,7 +284,13 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..measure.environment import environment
-    from ..measure.output import check_not_foreign, set_aside, write_atomic, write_json
+    from ..measure.output import (
+        check_not_foreign,
+        set_aside,
+        writable_out,
+        write_atomic,
+        write_json,
+    )
 
     device = torch.device(args.device)
     env = environment(device)  # now: the code that runs, whatever happens to the tree later
@@ -295,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
             f"split, less one replacement), got {max(sweep.sizes)}"
         )
     check_not_foreign(out, "stability.json")
-    out.mkdir(parents=True, exist_ok=True)  # an unusable --out fails now, not after training
+    writable_out(out)  # an unusable --out fails now, not after training
     meta = {
         "command": args.command_line,
         "sweep": asdict(sweep),
