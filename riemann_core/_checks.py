@@ -429,11 +429,18 @@ def check_model(model: nn.Module, checks: Deferred | None = None) -> list[tuple[
             and (module.training or not module.track_running_stats)
             and any(p.requires_grad for p in module.parameters(recurse=False))
         ):
+            # (found by a hunt: eval() was advised where it could not help)
+            fix = (
+                "Call model.eval() (running statistics)"
+                if module.track_running_stats
+                else "It keeps no running statistics (track_running_stats=False), so it "
+                "normalises so in eval mode too: build it with track_running_stats=True and "
+                "call model.eval()"
+            )
             raise ValueError(
                 f"module {name!r} ({type(module).__name__}) normalises with batch statistics, "
                 "which couples the samples; the metrics here need a network that treats samples "
-                "independently. Call model.eval() (running statistics), or use "
-                "LayerNorm/GroupNorm"
+                f"independently. {fix}, or use LayerNorm/GroupNorm"
             )
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     low = sorted({str(p.dtype) for _, p in params if p.dtype not in (torch.float32, torch.float64)})

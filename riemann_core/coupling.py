@@ -531,6 +531,30 @@ class LossPaths:
     earlier: bool = False
 
 
+def off_output(output: Tensor, calls: list[Block], names: dict[int, str]) -> list[str]:
+    """The trainable parameters (``names``: ``{id(p): name}``) of the ``calls`` whose
+    outputs the autograd graph of the model's ``output`` does not reach, and of no call it
+    reaches: the output metric, pulled back from ``output``, is zero on them (an auxiliary
+    head computed inside ``forward``). The whole graph under ``output`` is walked (a few
+    nodes per module), until every call's output is found."""
+    pending: dict[object, list[Block]] = {}
+    for c in calls:
+        if c.output is not None and c.output.grad_fn is not None:
+            pending.setdefault(c.output.grad_fn, []).append(c)
+    seen, stack = set(), [output.grad_fn]
+    while stack and pending:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        pending.pop(node, None)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    off = {id(p) for cs in pending.values() for c in cs for p in c.params}
+    off -= {id(p) for c in calls if c.output is not None and c.output.grad_fn not in pending
+            for p in c.params}  # fmt: skip
+    return [names[i] for i in off if i in names]
+
+
 def loss_paths(
     root: Tensor,
     output: Tensor,

@@ -65,6 +65,7 @@ from .methods import (
     kfac_checkpoint,
     problem_from_graph,
 )
+from .methods._base import check_batch_dimension
 from .methods.kfac import KFACState, in_larger_storage
 from .modules import evaluated_per_sample, training
 
@@ -541,6 +542,8 @@ class RiemannianPreconditioner:
         consumed = False  # the loss's graph, by the backward pass of the autograd path
         try:
             check_one_output(capture.output)
+            if SOLVERS[self.method].NEEDS_FACTOR:  # before autograd's path consumes the graph
+                check_batch_dimension(capture.calls, capture.output)
             paths = coupling.loss_paths(
                 loss, capture.output, capture.calls, names, capture.key, capture.token
             )
@@ -551,6 +554,9 @@ class RiemannianPreconditioner:
                     "call pre.backward(loss) right after the forward pass of its batch"
                 )
             foreign, reaches, compiled = _walk_loss_graph(loss, names)
+            if needs_factor and paths.calls:  # the loss reaches a module past the output
+                off = coupling.off_output(capture.output, capture.calls, names)
+                _warn_off_output([n for n in off if n in reaches], opts.damping)
             _check_no_gradient_hooks(params)
             # loss.backward() gives every other leaf the loss reaches its gradient (a
             # temperature beside the model, an input that requires grad, a backbone not
@@ -905,8 +911,13 @@ class RiemannianPreconditioner:
             self.diagnostics, self._written = [], []
             self._note_overflow(True)
             return
-        if self._capture is not None:  # the pass is spent (a refusal keeps it, for a retry)
-            self._capture.reset()
+        capture = self._capture
+        if capture is not None:
+            if SOLVERS[self.method].NEEDS_FACTOR and isinstance(capture.output, Tensor):
+                names = {id(p): n for n, p in params}
+                off = coupling.off_output(capture.output, capture.calls, names)
+                _warn_off_output([n for n in off if n in with_grad], self._options.damping)
+            capture.reset()  # the pass is spent (a refusal keeps it, for a retry)
         for name, p in params:  # every direction exists before any .grad changes
             if name in directions:
                 p.grad.copy_(directions[name])
@@ -1359,6 +1370,24 @@ def _check_not_unscaled(scaler: torch.amp.GradScaler) -> None:
             "overflow in that optimiser's .grad, so an overflow found by pre.step() would not "
             "skip its step. Call pre.step() before scaler.unscale_(opt) (clipping after it "
             "then clips the preconditioned direction)"
+        )
+
+
+def _warn_off_output(names: list[str], damping: float) -> None:
+    """Warn that the loss trains ``names``, which the metric does not see (found by a hunt:
+    an auxiliary head computed inside forward, as the refusal of a model returning a tuple
+    advised, stepped 1/damping times its gradient, silently)."""
+    if names:
+        warnings.warn(
+            f"the loss trains {sorted(names)}, whose modules do not reach the model's output: "
+            "the metric, pulled back from the output, is zero on them, so their direction is "
+            f"their gradient over the damping ({1 / damping:.3g} times the gradient). An "
+            "auxiliary head computed inside forward is such a module: keep it out of the model "
+            "(a module not registered in it, applied to features the model keeps aside; its "
+            "parameters then get their plain gradient, as every leaf outside the model does), "
+            "or freeze it",
+            UserWarning,
+            stacklevel=3,
         )
 
 

@@ -317,6 +317,55 @@ def test_a_called_module_the_loss_leaves_out_keeps_its_grad_at_every_call(method
             torch.testing.assert_close(got, expected[name], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("call", ["backward", "step"])
+@pytest.mark.parametrize("method", ("layerwise", "full", "natural"))
+def test_an_auxiliary_head_inside_forward_that_the_loss_trains_warns(method, call):
+    """Found by a hunt: a head computed inside forward (as the refusal of a model returning
+    a tuple advised) does not reach the output, so the metric is zero on it and its
+    direction is ``g / mu``, the oracle's, but 1/damping times its gradient: a warning
+    names it. A hidden-layer term of the loss (its module reaches the output) and a head the
+    loss leaves out warn of nothing."""
+    torch.manual_seed(0)
+    model = WithAuxiliary().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+
+    def loss_of(net, aux_weight, hidden_weight=0.0):
+        out = net(x)
+        hidden = net.l1.weight.new_zeros(())
+        if hidden_weight:
+            hidden = hidden_weight * net.l1(x).square().mean()
+        loss = F.cross_entropy(out, y) + hidden
+        return loss + aux_weight * F.cross_entropy(net.aux_out, y % 2) if aux_weight else loss
+
+    def step(aux_weight, hidden_weight=0.0):
+        model.zero_grad(set_to_none=True)
+        loss = loss_of(model, aux_weight, hidden_weight)
+        if call == "backward":
+            pre.backward(loss)
+        else:
+            loss.backward()
+            pre.step()
+
+    for _ in range(2):  # the first call and a later one (the fused path for backward)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            step(0.0)
+            step(0.0, hidden_weight=0.1)
+        with pytest.warns(UserWarning, match=r"trains \['aux.bias', 'aux.weight'\].*\(100 times"):
+            step(0.4)
+    model.aux_out = None  # (a non-leaf: the models are deep-copied below)
+    twin = copy.deepcopy(model)
+    loss_of(twin, 0.4).backward()
+    g = torch.cat([p.grad.reshape(-1) for p in twin.parameters()])
+    twin.aux_out = None
+    G = ggn(model, x, y, "cross_entropy")  # zero on the head's block
+    expected = unflatten(oracle_direction(G, g, DAMPING, method, block_indices(model)), model)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(model.aux.weight.grad, twin.aux.weight.grad / DAMPING)
+
+
 def test_a_loss_of_shape_one_reaching_a_hidden_layer_is_taken_as_a_scalar():
     """Found by review: a loss of shape (1,) (accepted, as by loss.backward()) with a term
     on a hidden activation crashed the fused calls inside autograd ('grad_output[0] has a

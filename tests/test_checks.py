@@ -4,6 +4,7 @@ the model's parameters and ``.grad`` exactly as they were."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -294,17 +295,36 @@ def test_model_whose_parameters_take_no_part_is_refused():
         rc.direction(Bypass(), torch.randn(3, 2), torch.tensor([0, 1, 2]))
 
 
-def test_module_that_moves_the_batch_dimension_is_refused():
-    class MergeBatch(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(3, 2)
+class MergeBatch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
 
-        def forward(self, x):  # (N, T, 3) -> (N T, 3) -> Linear -> (N, T * 2)
-            return self.lin(x.reshape(-1, 3)).reshape(x.shape[0], -1)
+    def forward(self, x):  # (N, T, 3) -> (N T, 3) -> Linear -> (N, T * 2)
+        return self.lin(x.reshape(-1, 3)).reshape(x.shape[0], -1)
 
-    with pytest.raises(ValueError, match="first dimension is not the batch"):
-        rc.direction(MergeBatch(), torch.randn(4, 5, 3), torch.randint(0, 10, (4,)))
+
+def test_module_that_moves_the_batch_dimension_is_refused_with_the_fix():
+    """Found by a hunt: the batch flattened with time, ``h.reshape(N * T, f)``, was told
+    of attention and tables of positions, not of calling the Linear on ``(N, T, f)``;
+    ``pre.backward`` refused it only once autograd's path had consumed the loss's graph
+    (its first call), and the plain gradient, which needs no samples along dimension 0,
+    was refused too."""
+    torch.manual_seed(3)
+    model, x, y = MergeBatch().double(), torch.randn(4, 5, 3).double(), torch.randint(0, 10, (4,))
+    fix = r"call it on the \(4, T, f\) tensor instead"
+    with pytest.raises(ValueError, match="first dimension is not the batch of 4 samples") as err:
+        rc.direction(model, x, y)
+    assert re.search(fix, str(err.value))
+    pre = rc.RiemannianPreconditioner(model)
+    loss = F.cross_entropy(model(x), y)
+    with pytest.raises(ValueError, match=fix):
+        pre.backward(loss)
+    loss.backward()  # the graph is the user's still
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    plain = rc.direction(model, x, y, method="euclidean")
+    for name, g in expected.items():
+        torch.testing.assert_close(plain[name], g, rtol=1e-12, atol=0)
 
 
 class PerSampleLoop(torch.nn.Module):

@@ -417,6 +417,23 @@ def test_batch_coupled_module_is_refused_or_exact(method):
     assert rel_error(flatten(dirs, model), expected) < 1e-10
 
 
+@pytest.mark.parametrize("tracked", [True, False], ids=["running stats", "no running stats"])
+def test_batchnorm_with_batch_statistics_is_refused_with_the_fix_that_applies(tracked):
+    """Found by a hunt: a BatchNorm without running statistics, in eval mode already, was
+    told to call model.eval(), which cannot help it."""
+    bn = nn.BatchNorm1d(5, track_running_stats=tracked)
+    model = nn.Sequential(nn.Linear(4, 5), bn, nn.Tanh(), nn.Linear(5, 3)).double()
+    model.train(tracked)  # tracked: training mode is the cause; else eval mode already
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    with pytest.raises(ValueError, match="module '1' \\(BatchNorm1d\\) normalises") as err:
+        rc.direction(model, x, y, damping=1e-2)
+    if tracked:
+        assert "Call model.eval() (running statistics)" in str(err.value)
+    else:
+        assert "model.eval() (running" not in str(err.value)
+        assert "build it with track_running_stats=True" in str(err.value)
+
+
 @pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
 def test_eval_mode_batchnorm_uses_generic_kernel(method):
     """In eval mode BatchNorm is sample-wise: its affine parameters take the generic path."""

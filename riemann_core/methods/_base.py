@@ -495,17 +495,8 @@ def problem_from_graph(
     """
     check_one_output(outputs)
     check_outputs(outputs, targets, opts.loss, checks)
-    for c in calls:
-        if c.output.shape[:1] != outputs.shape[:1]:
-            raise ValueError(
-                f"module {c.name!r} returns shape {tuple(c.output.shape)}, whose first dimension "
-                f"is not the batch of {outputs.shape[0]} samples; the metrics need every module "
-                "with parameters to map samples along dimension 0 (no reshaping of the batch "
-                "into other dimensions around it: nn.MultiheadAttention and the transformer "
-                "layers with batch_first=True; a table of positions, an nn.Embedding called on "
-                "torch.arange(T), as an nn.Parameter of the model indexed in forward)"
-            )
-    _check_per_sample_calls(calls, outputs.shape[0])
+    if needs_factor:  # (the gradient alone needs no samples along dimension 0)
+        check_batch_dimension(calls, outputs)
     if not calls:
         raise ValueError(
             "no module with trainable parameters took part in the forward pass; "
@@ -595,6 +586,32 @@ def problem_from_graph(
     for c in calls:
         c.output, c.graph_inputs = None, ()  # release the graph
     return Problem(blocks, handlers, given, data_dtype)
+
+
+def check_batch_dimension(calls: list[Block], outputs: Tensor) -> None:
+    """Refuse a module with parameters whose output's first dimension is not the batch
+    (the metrics pull rows back sample by sample), or that is called once per sample."""
+    N = outputs.shape[0]
+    for c in calls:
+        if c.output.shape[:1] != outputs.shape[:1]:
+            flattened = c.output.shape[0] % N == 0 and c.output.shape[0] > N
+            raise ValueError(
+                f"module {c.name!r} returns shape {tuple(c.output.shape)}, whose first dimension "
+                f"is not the batch of {N} samples; the metrics need every module with "
+                "parameters to map samples along dimension 0"
+                + (
+                    f" (its {c.output.shape[0]} rows look like the batch flattened with another "
+                    f"dimension, h.reshape({N} * T, f): nn.Linear takes any leading dimensions, "
+                    f"so call it on the ({N}, T, f) tensor instead; call a convolution on each "
+                    f"step's ({N}, C, ...) slice)"
+                    if flattened
+                    else " (no reshaping of the batch into other dimensions around it: "
+                    "nn.MultiheadAttention and the transformer layers with batch_first=True; a "
+                    "table of positions, an nn.Embedding called on torch.arange(T), as an "
+                    "nn.Parameter of the model indexed in forward)"
+                )
+            )
+    _check_per_sample_calls(calls, N)
 
 
 def _check_per_sample_calls(calls: list[Block], N: int) -> None:
