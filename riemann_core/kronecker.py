@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from ._checks import all_finite
+from .costs import eigen_order
 from .woodbury import (
     Cholesky,
     SolveError,
@@ -66,6 +67,24 @@ OVERFLOW = (
 )
 
 
+def linalg_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh(matrix)`` (a batch ``(..., n, n)``, lower triangle read) at
+    the order :func:`~riemann_core.costs.eigen_order` gives: padded with a diagonal
+    ``c I`` below every eigenvalue (``c = -1 - n max_{i >= j} |F_ij|``), whose eigenpairs,
+    sorted first and zero on the matrix's rows, are dropped. The zero rows make LAPACK's
+    reduction split the pad off exactly: the eigenpairs are the matrix's own."""
+    n = matrix.shape[-1]
+    pad = eigen_order(n, matrix.device) - n
+    if not pad:
+        return torch.linalg.eigh(matrix)
+    padded = matrix.new_zeros(*matrix.shape[:-2], n + pad, n + pad)
+    padded[..., :n, :n] = matrix
+    below = -1 - n * matrix.tril().abs().amax((-2, -1))[..., None]
+    padded.diagonal(dim1=-2, dim2=-1)[..., n:] = below
+    values, vectors = torch.linalg.eigh(padded)
+    return values[..., pad:].contiguous(), vectors[..., :n, pad:].contiguous()
+
+
 def eigh(matrix: Tensor, what: str) -> tuple[Tensor, Tensor]:
     """Checked eigendecomposition of a symmetric PSD ``matrix``; overflow is a
     :class:`SolveError`."""
@@ -74,7 +93,7 @@ def eigh(matrix: Tensor, what: str) -> tuple[Tensor, Tensor]:
     # float32 LAPACK fails on the factors of saturated layers, whose entries are denormal
     # (seen at 1e-40): it raises, or returns NaN; in float64 those are ordinary numbers
     try:
-        values, vectors = torch.linalg.eigh(matrix)
+        values, vectors = linalg_eigh(matrix)
         if all_finite(torch.cat([values, vectors.reshape(-1)])):  # one host sync, not two
             return values, vectors
         failure = "it returned NaN or inf"
@@ -91,7 +110,7 @@ def eigh_deferred(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     batch ``(..., n, n)``), without a host sync of ours (on CUDA ``torch.linalg.eigh``
     itself waits to check the solver's status: once per call, however large the batch)."""
     try:
-        values, vectors = torch.linalg.eigh(matrix)
+        values, vectors = linalg_eigh(matrix)
     except torch.linalg.LinAlgError:  # NaN eigenpairs send it to the slow path
         vectors = torch.full_like(matrix, math.nan)
         values = vectors[..., 0]

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import riemann_core as rc
-from riemann_core import blas, costs, modules
+from riemann_core import blas, costs, kronecker, modules
 from riemann_core.measure.flops import flop_counter
 
 # (6, 2, 3): n_a <= d, layerwise factorises G_a; (40, 3, 8): 3 < r rows kept per sample
@@ -98,6 +98,34 @@ def test_counted_kfac_flops_match_the_model(
     variant = dict(kfac_damping=kfac_damping, kfac_bias=kfac_bias)
     modelled = costs.flops("kfac", costs.MLPShape(widths, N, rows, bias), **variant)["total"]
     assert counter.get_total_flops() == pytest.approx(modelled, rel=1e-2, abs=2)
+
+
+@pytest.mark.parametrize("kfac_damping", ["exact", "factored"])
+def test_kfac_at_a_padded_eigendecomposition_order_is_counted_and_unchanged(
+    kfac_damping, monkeypatch
+):
+    """A dense 768 x 768 factor (the first layer's output factor: 2 rows per sample on
+    400 samples) is eigendecomposed at order 776 on the CPU (``costs.eigen_order``): the
+    model counts that, and the direction is the one at order 768, to float64's round-off."""
+    torch.manual_seed(0)
+    widths, N = (8, 768, 3), 400
+    model = mlp(widths, True).double()
+    x, y = torch.randn(N, widths[0]).double(), torch.randint(0, widths[-1], (N,))
+    kw = dict(method="kfac", damping=1e-2, kfac_damping=kfac_damping, kfac_bias="separate")
+    rc.direction(model, x, y, **kw)
+    with flop_counter() as counter:
+        padded = rc.direction(model, x, y, **kw)
+    variant = dict(kfac_damping=kfac_damping, kfac_bias="separate")
+    shape = costs.MLPShape(widths, N, costs.minimal_rows(widths[-1]), True)
+    modelled = costs.flops("kfac", shape, **variant)["total"]
+    assert counter.get_total_flops() == pytest.approx(modelled, rel=1e-2)
+    if kfac_damping == "exact":
+        at_768 = costs.flops("kfac", shape, **variant, device="cuda")["total"]
+        assert modelled - at_768 == pytest.approx(costs.eigh_flops(776) - costs.eigh_flops(768))
+    monkeypatch.setattr(kronecker, "eigen_order", lambda m, device=None: m)
+    plain = rc.direction(model, x, y, **kw)
+    for name, d in plain.items():
+        torch.testing.assert_close(padded[name], d, rtol=1e-11, atol=1e-14)
 
 
 def test_speed_of_light_formula_by_hand():

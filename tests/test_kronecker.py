@@ -11,6 +11,7 @@ import pytest
 import torch
 from oracle import rel_error
 
+from riemann_core import costs, kronecker
 from riemann_core.kronecker import (
     Factor,
     eigh_deferred,
@@ -160,3 +161,30 @@ def test_split_damping_refuses_a_non_finite_factor(bad):
     assert not bool(split_damping(G, A, 1e-2)[2])
     with pytest.raises(SolveError, match="output factor G contains NaN or inf"):
         split_damping_checked(G, A, 1e-2)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e20])
+def test_an_eigendecomposition_at_a_padded_order_gives_the_matrix_own(scale):
+    """On the CPU an order such as 768 is eigendecomposed 8 rows larger (LAPACK runs
+    slower at it, see ``costs.eigen_order``), beside a diagonal below the spectrum: the
+    eigenpairs are the matrix's own, for a singular factor too (zero eigenvalues, and
+    rounding's slightly negative ones), at any scale, one matrix or a batch."""
+    assert costs.eigen_order(768, "cpu") == 776 and costs.eigen_order(1024, "cpu") == 1032
+    assert costs.eigen_order(640, "cpu") == 640 and costs.eigen_order(1024, "cuda") == 1024
+    R = rows(300, 768, seed=5, scale=scale)  # rank 300
+    F = R.T @ R
+    expected_values, expected_vectors = torch.linalg.eigh(F)
+    values, vectors = kronecker.linalg_eigh(F)
+    assert values.shape == (768,) and vectors.shape == (768, 768) and vectors.is_contiguous()
+    top = expected_values.abs().max()
+    assert (values - expected_values).abs().max() <= 1e-13 * top
+    assert rel_error((vectors * values) @ vectors.T, F) <= 1e-13
+    torch.testing.assert_close(
+        vectors.T @ vectors, torch.eye(768, dtype=F.dtype), atol=1e-13, rtol=0
+    )
+    top_vectors = vectors[:, -300:].T @ expected_vectors[:, -300:]  # the same subspace
+    assert torch.linalg.svdvals(top_vectors).min() >= 1 - 1e-10
+    batch_values, _ = kronecker.linalg_eigh(torch.stack([F, 2 * F]))
+    torch.testing.assert_close(
+        batch_values, torch.stack([values, 2 * values]), rtol=1e-12, atol=1e-13 * top
+    )
