@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import functools
+import hashlib
 import platform
 import re
 import subprocess
@@ -27,6 +29,20 @@ def cpu_model() -> str:
 def blas() -> str:
     match = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
     return match.group(1) if match else "unknown"
+
+
+@functools.cache
+def code_fingerprint(package: Path | None = None) -> str:
+    """The first 12 hex digits of the SHA-256 of the package's Python sources (each
+    file's path and bytes, in order): two processes give the same exactly when they run
+    the same code, whatever :func:`git_commit` reads there (``unknown`` outside a checkout,
+    a ``-dirty`` tree)."""
+    package = package or Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def git_commit(package: Path | None = None) -> str:

@@ -58,6 +58,7 @@ from distributed.comm import parse_address, parse_host_port
 from distributed.scheduler import KilledWorker
 
 from ..measure import allocator
+from ..measure.environment import code_fingerprint
 from .sweep import PointLost
 from .worker import THREADS, physical_cores
 
@@ -269,8 +270,8 @@ def check_workers(client: Client, device: str | torch.device, timeout: float = 6
     """The workers that offer the ``device`` resource, once one does, checked to run points.
 
     Waits up to ``timeout`` seconds for one (a batch system may still be starting them),
-    then raises :class:`ClusterError`, as for a worker that cannot import riemann_core,
-    a CUDA sweep on a worker with fewer GPUs than the devices it declares, or a CPU sweep
+    then raises :class:`ClusterError`, as for a worker that cannot import riemann_core or
+    runs other code than this process (:func:`code_fingerprint`), a CUDA sweep on a worker with fewer GPUs than the devices it declares, or a CPU sweep
     where two points would share cores (a worker that declares several devices, workers
     on one host pinned to overlapping cores). Returns address -> facts.
     """
@@ -293,6 +294,13 @@ def check_workers(client: Client, device: str | torch.device, timeout: float = 6
             raise ClusterError(
                 f"worker {address} cannot run riemann-bench points ({type(fact).__name__}: "
                 f"{fact}); install riemann-bench in the workers' environment"
+            )
+        if fact["code"] != code_fingerprint():  # (found by a hunt: its rows were mixed in)
+            raise ClusterError(
+                f"worker {address} runs other riemann_core code (from {fact['package']}, "
+                f"sources {fact['code']}) than this process (sources {code_fingerprint()}): "
+                "its points would be timed and counted by another version; install the same "
+                "version in the workers' environment"
             )
         if cuda and fact["gpus"] < declared:
             raise ClusterError(
@@ -345,10 +353,14 @@ def _offering(client: Client) -> dict[str, int]:
 
 
 def _worker_facts() -> dict:
+    import riemann_core
+    from riemann_core.measure.environment import code_fingerprint
     from riemann_core.scaling import worker  # noqa: F401  (fails where it is not installed)
 
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     return {
+        "code": code_fingerprint(),
+        "package": str(Path(riemann_core.__file__).parent),
         "host": socket.gethostname(),
         "gpus": torch.cuda.device_count(),
         "cores": cores,

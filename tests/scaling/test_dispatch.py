@@ -177,6 +177,22 @@ def test_workers_that_would_corrupt_timings_are_refused(
         dispatch.check_workers(in_process(workers, devices), device, timeout=5)
 
 
+def test_a_worker_running_other_code_is_refused_before_any_point(in_process, monkeypatch):
+    """Found by a hunt: a worker with another version of riemann_core was accepted; its
+    rows, counted by another cost model, made fit refuse the whole sweep afterwards (and
+    another version of the timed code alone would have gone unseen)."""
+    facts = dispatch._worker_facts
+
+    def elsewhere():
+        return {**facts(), "code": "0123456789ab", "package": "/elsewhere/riemann_core"}
+
+    monkeypatch.setattr(dispatch, "_worker_facts", elsewhere)
+    with pytest.raises(dispatch.ClusterError, match="runs other riemann_core code") as err:
+        dispatch.check_workers(in_process(), "cpu", timeout=5)
+    assert "/elsewhere/riemann_core, sources 0123456789ab" in str(err.value)
+    assert dispatch.code_fingerprint() in str(err.value)
+
+
 def test_a_lone_cpu_worker_passes_the_checks_with_a_warning_about_dask_defaults(in_process):
     with pytest.warns(UserWarning, match="run dask's profiler"):  # dask's default
         facts = dispatch.check_workers(in_process(), "cpu", timeout=5)
