@@ -434,8 +434,8 @@ def check_model(model: nn.Module, checks: Deferred | None = None) -> list[tuple[
                 "Call model.eval() (running statistics)"
                 if module.track_running_stats
                 else "It keeps no running statistics (track_running_stats=False), so it "
-                "normalises so in eval mode too: build it with track_running_stats=True and "
-                "call model.eval()"
+                "normalises with batch statistics in eval mode too: build it with "
+                "track_running_stats=True and call model.eval()"
             )
             raise ValueError(
                 f"module {name!r} ({type(module).__name__}) normalises with batch statistics, "

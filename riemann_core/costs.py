@@ -49,15 +49,17 @@ def factor_order(m: int, dtype: torch.dtype | None = None, device=None) -> int:
 
 
 def eigen_order(m: int, device=None) -> int:
-    """The order at which an ``m x m`` symmetric matrix is eigendecomposed: on the CPU
-    ``m + 8`` for a multiple of 256 from 768 on (the block sits beside an 8 x 8 diagonal
-    below its spectrum, which LAPACK splits off exactly), else ``m``. LAPACK's ``syevd``
-    (MKL's, measured on a 2-core AVX-512 CPU, torch 2.13) runs slower at those orders,
+    """The order at which an ``m x m`` symmetric matrix is eigendecomposed: on a CPU with
+    MKL ``m + 8`` for a multiple of 256 from 768 on (the block sits beside an 8 x 8
+    diagonal below its spectrum, which LAPACK splits off exactly), else ``m``. MKL's
+    ``syevd`` (measured on a 2-core AVX-512 CPU, torch 2.13) runs slower at those orders,
     the cache-set cost that :func:`factor_order` avoids for Cholesky: float32 at 768,
     1024, 1536, 2048 took 1.10, 1.23, 1.10 and 1.34 times as long as 8 rows more (float64:
-    1.03-1.09); from 128 to 640 the 8 rows cost up to 10% and gain nothing."""
+    1.03-1.09); from 128 to 640 the 8 rows cost up to 10% and gain nothing. Other LAPACKs
+    were not measured: their orders stay."""
     cpu = device is not None and torch.device(device).type == "cpu"
-    return m + 8 if cpu and m >= 768 and m % 256 == 0 else m
+    mkl = cpu and torch.backends.mkl.is_available()
+    return m + 8 if mkl and m >= 768 and m % 256 == 0 else m
 
 
 def triangular_solve_flops(n: int, k: int = 1) -> float:

@@ -74,6 +74,12 @@ class DistributedError(RuntimeError):
     """Another rank of the process group failed, or a collective did not complete in time."""
 
 
+class DirectionOverflowElsewhere(DistributedError, DirectionOverflow):
+    """The directions of blocks other ranks own overflowed, and nothing else failed: a
+    :class:`DistributedError` that a preconditioner beside a ``GradScaler`` hands to the
+    scaler to skip, as the owners do their own :class:`DirectionOverflow`."""
+
+
 @dataclass
 class Traffic:
     """Bytes one rank sent and received in the collectives of one step, per collective
@@ -304,10 +310,12 @@ class _Group:
 
     def fail(self, failure: Exception | None, failed: list[int], where: str) -> None:
         """Every rank knows that the ``failed`` ranks raised: they share their messages,
-        the failed ranks raise their own error, the others a :class:`DistributedError`, or
-        a :class:`DirectionOverflow` where that is what the first failed rank raised: the
-        owner of a block whose scaled direction overflowed skips the step beside a
-        GradScaler, and so must every rank."""
+        the failed ranks raise their own error, the others a :class:`DistributedError`.
+        Where every failed rank's error is a :class:`DirectionOverflow` (beside a
+        GradScaler, the scaler's to skip), the others raise
+        :class:`DirectionOverflowElsewhere`, so that all skip alike; where another error
+        came too, an owner's overflow is raised as a :class:`DistributedError` naming it,
+        so that all raise alike (found by review: one rank skipped, one raised)."""
         text = torch.zeros(self.world, MESSAGE_BYTES, dtype=torch.uint8)
         if failure is not None:
             message = f"{type(failure).__name__}: {failure}".encode()[:MESSAGE_BYTES]
@@ -315,18 +323,22 @@ class _Group:
                 bytearray(message), dtype=torch.uint8
             )
         text = self.all_reduce(text, "error messages")
-        if failure is not None:
+        messages = {
+            r: bytes(text[r].tolist()).rstrip(b"\0").decode(errors="replace") for r in failed
+        }
+        overflows = all(m.startswith(f"{DirectionOverflow.__name__}:") for m in messages.values())
+        if failure is not None and (overflows or not isinstance(failure, DirectionOverflow)):
             raise failure
-        first = failed[0]
-        message = bytes(text[first].tolist()).rstrip(b"\0").decode(errors="replace")
-        others = f" (and ranks {failed[1:]})" if len(failed) > 1 else ""
-        error = DistributedError
-        if message.startswith(f"{DirectionOverflow.__name__}:"):
-            error = DirectionOverflow
+        first = next(r for r in failed if r != self.rank and not (
+            messages[r].startswith(f"{DirectionOverflow.__name__}:") and not overflows
+        ))  # fmt: skip
+        others = [r for r in failed if r != first]
+        also = f" (and ranks {others})" if others else ""
+        error = DirectionOverflowElsewhere if overflows else DistributedError
         raise error(
-            f"rank {first}{others} of {self.world} failed in {where}: {message}. Every rank "
-            "raises; .grad is left as it was on every rank"
-        )
+            f"rank {first}{also} of {self.world} failed in {where}: {messages[first]}. Every "
+            "rank raises; .grad is left as it was on every rank"
+        ) from failure
 
 
 # ------------------------------------------------------------------- a block's share

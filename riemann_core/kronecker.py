@@ -70,16 +70,20 @@ OVERFLOW = (
 def linalg_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """``torch.linalg.eigh(matrix)`` (a batch ``(..., n, n)``, lower triangle read) at
     the order :func:`~riemann_core.costs.eigen_order` gives: padded with a diagonal
-    ``c I`` below every eigenvalue (``c = -1 - n max_{i >= j} |F_ij|``), whose eigenpairs,
-    sorted first and zero on the matrix's rows, are dropped. The zero rows make LAPACK's
-    reduction split the pad off exactly: the eigenpairs are the matrix's own."""
+    ``c I`` below every eigenvalue (``c = -2 n max_{i >= j} |F_ij|``, ``-1`` for a zero
+    matrix), whose eigenpairs, sorted first and zero on the matrix's rows, are dropped. The
+    zero rows make LAPACK's reduction split the pad off exactly: the eigenpairs are the
+    matrix's own. ``c`` is of the matrix's scale, so that LAPACK scales a tiny matrix up
+    as it would without the pad (found by review: ``c = -1`` lost 5 digits at 1e-38); where
+    ``c`` overflows, the matrix is decomposed at its own order."""
     n = matrix.shape[-1]
     pad = eigen_order(n, matrix.device) - n
-    if not pad:
+    largest = matrix.tril().abs().amax((-2, -1))[..., None] if pad else None
+    below = torch.where(largest > 0, -2 * n * largest, -1.0) if pad else None
+    if not pad or not bool(torch.isfinite(below).all()):  # (a host read: CPU only)
         return torch.linalg.eigh(matrix)
     padded = matrix.new_zeros(*matrix.shape[:-2], n + pad, n + pad)
     padded[..., :n, :n] = matrix
-    below = -1 - n * matrix.tril().abs().amax((-2, -1))[..., None]
     padded.diagonal(dim1=-2, dim2=-1)[..., n:] = below
     values, vectors = torch.linalg.eigh(padded)
     return values[..., pad:].contiguous(), vectors[..., :n, pad:].contiguous()

@@ -542,8 +542,10 @@ class RiemannianPreconditioner:
         consumed = False  # the loss's graph, by the backward pass of the autograd path
         try:
             check_one_output(capture.output)
-            if SOLVERS[self.method].NEEDS_FACTOR:  # before autograd's path consumes the graph
-                check_batch_dimension(capture.calls, capture.output)
+            if needs_factor and not rehook:  # before autograd's path consumes the graph
+                # (of trainable modules: one frozen since is no call of the next pass)
+                trained = [c for c in capture.calls if any(id(p) in names for p in c.params)]
+                check_batch_dimension(trained, capture.output)
             paths = coupling.loss_paths(
                 loss, capture.output, capture.calls, names, capture.key, capture.token
             )
@@ -554,9 +556,9 @@ class RiemannianPreconditioner:
                     "call pre.backward(loss) right after the forward pass of its batch"
                 )
             foreign, reaches, compiled = _walk_loss_graph(loss, names)
+            off = []  # what the loss trains past the output, warned of once written
             if needs_factor and paths.calls:  # the loss reaches a module past the output
-                off = coupling.off_output(capture.output, capture.calls, names)
-                _warn_off_output([n for n in off if n in reaches], opts.damping)
+                off = [n for n in _off_output(capture, names, stale) if n in reaches]
             _check_no_gradient_hooks(params)
             # loss.backward() gives every other leaf the loss reaches its gradient (a
             # temperature beside the model, an input that requires grad, a backbone not
@@ -668,6 +670,7 @@ class RiemannianPreconditioner:
         self._wrote(params, directions)
         self.diagnostics = diagnostics
         self._commit()
+        _warn_off_output(off, opts.damping)
 
     @staticmethod
     def _check_loss(loss) -> None:
@@ -915,8 +918,11 @@ class RiemannianPreconditioner:
         if capture is not None:
             if SOLVERS[self.method].NEEDS_FACTOR and isinstance(capture.output, Tensor):
                 names = {id(p): n for n, p in params}
-                off = coupling.off_output(capture.output, capture.calls, names)
-                _warn_off_output([n for n in off if n in with_grad], self._options.damping)
+                off = _off_output(capture, names, capture.stale())
+                # a zeroed .grad (zero_grad(set_to_none=False)) is no gradient of the loss
+                # (found by review); one host read, and only for such parameters
+                off = [n for n in off if n in with_grad and bool(with_grad[n].ne(0).any())]
+                _warn_off_output(off, self._options.damping)
             capture.reset()  # the pass is spent (a refusal keeps it, for a retry)
         for name, p in params:  # every direction exists before any .grad changes
             if name in directions:
@@ -1009,7 +1015,9 @@ class RiemannianPreconditioner:
                 f"scale is now {scale:.1e}. A .grad that holds NaN or "
                 "inf from an earlier step stays so: opt.zero_grad() zeroes its optimiser's "
                 "parameters only, so freeze a trainable parameter that no optimiser holds "
-                "(requires_grad_(False)) or zero its .grad",
+                "(requires_grad_(False)) or zero its .grad. (A preconditioned direction that "
+                "overflows is skipped at every scale above 1 and refused at 1: raise the "
+                "damping if it is the cause)",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -1371,6 +1379,15 @@ def _check_not_unscaled(scaler: torch.amp.GradScaler) -> None:
             "skip its step. Call pre.step() before scaler.unscale_(opt) (clipping after it "
             "then clips the preconditioned direction)"
         )
+
+
+def _off_output(capture: Capture, names: dict[int, str], stale: set[str]) -> list[str]:
+    """The trainable parameters of the recorded pass's calls that do not reach its output
+    (:func:`coupling.off_output`), leaving out calls whose output was changed in place
+    after it (``stale``): their captured tensor's node is then the in-place operation's
+    (found by review: a head that reaches the output was named)."""
+    calls = [c for c in capture.calls if c.name not in stale]
+    return coupling.off_output(capture.output, calls, names)
 
 
 def _warn_off_output(names: list[str], damping: float) -> None:

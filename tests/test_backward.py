@@ -338,8 +338,8 @@ def test_an_auxiliary_head_inside_forward_that_the_loss_trains_warns(method, cal
         loss = F.cross_entropy(out, y) + hidden
         return loss + aux_weight * F.cross_entropy(net.aux_out, y % 2) if aux_weight else loss
 
-    def step(aux_weight, hidden_weight=0.0):
-        model.zero_grad(set_to_none=True)
+    def step(aux_weight, hidden_weight=0.0, to_none=True):
+        model.zero_grad(set_to_none=to_none)
         loss = loss_of(model, aux_weight, hidden_weight)
         if call == "backward":
             pre.backward(loss)
@@ -350,6 +350,7 @@ def test_an_auxiliary_head_inside_forward_that_the_loss_trains_warns(method, cal
     for _ in range(2):  # the first call and a later one (the fused path for backward)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
+            step(0.0, to_none=False)  # a zeroed .grad is no gradient (found by review)
             step(0.0)
             step(0.0, hidden_weight=0.1)
         with pytest.warns(UserWarning, match=r"trains \['aux.bias', 'aux.weight'\].*\(100 times"):
@@ -364,6 +365,41 @@ def test_an_auxiliary_head_inside_forward_that_the_loss_trains_warns(method, cal
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(model.aux.weight.grad, twin.aux.weight.grad / DAMPING)
+
+
+class ChangedAfterUse(nn.Module):
+    """The head's output, used, then changed in place (its recorded node is then the
+    in-place operation's, outside the output's graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        logits = self.head(torch.tanh(self.body(x)))
+        out = logits * 2
+        logits.add_(1)
+        return out
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_a_module_output_changed_after_use_is_not_taken_off_the_output(call):
+    """Found by review: pre.step() warned that the head, whose output reaches the model's
+    output, did not."""
+    torch.manual_seed(0)
+    model = ChangedAfterUse().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            if call == "backward":
+                pre.backward(loss)
+            else:
+                loss.backward()
+                pre.step()
 
 
 def test_a_loss_of_shape_one_reaching_a_hidden_layer_is_taken_as_a_scalar():

@@ -327,6 +327,59 @@ def test_module_that_moves_the_batch_dimension_is_refused_with_the_fix():
         torch.testing.assert_close(plain[name], g, rtol=1e-12, atol=0)
 
 
+class PositionTable(torch.nn.Module):
+    """A table of positions, ``nn.Embedding(T, f)`` called on ``torch.arange(T)``."""
+
+    def __init__(self, T=3):
+        super().__init__()
+        self.T, self.pos, self.out = T, torch.nn.Embedding(T, 5), torch.nn.Linear(5 * T, 3)
+
+    def forward(self, x):
+        return self.out((x + self.pos(torch.arange(self.T))).reshape(x.shape[0], -1))
+
+
+class Scalar(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.value = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self):
+        return self.value * 1.0  # a 0-dim output
+
+
+class Temperature(torch.nn.Module):
+    """Logits over a learned temperature, a module whose output is 0-dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.t = torch.nn.Linear(5, 3), Scalar()
+
+    def forward(self, x):
+        return self.lin(x) / self.t()
+
+
+def test_batch_dimension_refusals_name_what_applies_and_a_frozen_table_is_taken():
+    """Found by review: a module with a 0-dim output raised IndexError; a table whose rows
+    are no multiple of the batch was told of the flattened batch; and a table frozen after
+    the preconditioner was built was refused by pre.backward at every call (the check read
+    the calls recorded while it was trainable)."""
+    model = Temperature()
+    with pytest.raises(ValueError, match=r"returns shape \(\), whose first dimension"):
+        rc.direction(model, torch.randn(8, 5), torch.randint(0, 3, (8,)))
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 5), torch.randint(0, 3, (4,))
+    table = PositionTable()
+    with pytest.raises(ValueError, match="a table of positions") as err:
+        rc.direction(table, x, y)
+    assert "flattened" not in str(err.value)  # 3 rows, a batch of 4
+    pre = rc.RiemannianPreconditioner(table)
+    table.pos.requires_grad_(False)
+    for _ in range(2):
+        table.zero_grad(set_to_none=True)
+        pre.backward(F.cross_entropy(table(x), y))
+        assert table.pos.weight.grad is None and table.out.weight.grad is not None
+
+
 class PerSampleLoop(torch.nn.Module):
     """A Linear called once per sample, on the row ``x[i]``, its outputs stacked."""
 

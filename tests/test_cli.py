@@ -191,10 +191,13 @@ def test_an_out_that_cannot_be_written_stops_a_command_before_its_work(
     monkeypatch.setattr(importlib.import_module(module), name, started)
     if command[0] == "report":  # report reads the sweep first: it must be there
         monkeypatch.setattr("riemann_core.scaling.fit.require_sweep", lambda out: None)
-    assert cli.main([*command, "--out", str(tmp_path)]) == 2
+    made = command[0] not in ("fit", "validate", "report")  # (those read a sweep there)
+    out = tmp_path / "made" / "out" if made else tmp_path
+    assert cli.main([*command, "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert f"cannot write into {tmp_path} (Permission denied)" in err, err
+    assert f"cannot write into {out} (Permission denied)" in err, err
     assert "pass another --out" in err and ".tmpxyz" not in err
+    assert not (tmp_path / "made").exists()  # the directories made for it removed again
 
 
 def test_a_readme_that_cannot_be_replaced_stops_targets_before_its_work(
@@ -221,7 +224,8 @@ def test_a_readme_that_cannot_be_replaced_stops_targets_before_its_work(
     monkeypatch.setattr(targets, "_measured", started)
     out = tmp_path / "out"
     assert cli.main(["targets", "--quick", "--out", str(out), "--readme", str(readme)]) == 2
-    assert f"cannot write into {readme.parent}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"cannot write into {readme.parent}" in err and "pass another --readme" in err
 
 
 @pytest.mark.parametrize(

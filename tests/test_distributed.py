@@ -315,6 +315,30 @@ def _failures(rank, world) -> dict:
     finally:
         layerwise.solve = original
     out["grad kept"] = all(torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
+    # an owner's direction that overflows, without a scaler: the others' error is still a
+    # DistributedError (found by review: a DirectionOverflow); beside another rank's error
+    # under a scaler, every rank raises (found by review: the overflowing owner skipped)
+    for case, scaled in (("owner overflows", False), ("overflow and error", True)):
+        if case == "overflow and error" and world != 2:  # (2 ranks: both own blocks)
+            continue
+        wrapped = DistributedDataParallel(network("mlp")[0])
+        pre_case = rc.RiemannianPreconditioner(
+            wrapped, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT,
+            grad_scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaled else None,
+        )  # fmt: skip
+        equal = shards(world, equal=True)[rank]
+        F.cross_entropy(wrapped(x[equal]), y[equal]).backward()
+
+        def broken(problem, opts, rank=rank, case=case):
+            if rank == world - 1 and case == "overflow and error":
+                raise RuntimeError("a genuine failure of the owner's solve")
+            raise DirectionOverflow("method='layerwise' produced a non-finite direction (forced)")
+
+        layerwise.solve = broken  # (called by the ranks that own blocks)
+        try:
+            out[case] = _outcome(pre_case.step), pre_case.overflowed
+        finally:
+            layerwise.solve = original
 
     # found by review: DDP's equal-weight average of uneven shards, and DDP without the
     # group (each rank's own metric), gave silently wrong, and diverging, directions
@@ -701,6 +725,32 @@ def test_a_failing_rank_makes_every_rank_raise(run):
             assert (
                 f"rank {last} of {world} failed" in message and "inputs contains 1 NaN" in message
             )
+
+
+def test_an_overflowing_owner_beside_another_failure_makes_every_rank_raise(run):
+    """Without a scaler the owners raise their own error and the others (4 ranks, 3
+    blocks: one owns none) a DistributedError; under a scaler, where another rank failed
+    otherwise, no rank skips: all raise."""
+    world, results = run
+    assert issubclass(distributed.DirectionOverflowElsewhere, distributed.DistributedError)
+    kinds = []
+    for result in results:
+        (kind, message), overflowed = result["failures"]["owner overflows"]
+        assert not overflowed and "(forced)" in message
+        kinds.append(kind)
+    assert sorted(kinds) == ["DirectionOverflow"] * min(world, 3) + [
+        "DirectionOverflowElsewhere"
+    ] * (world - min(world, 3))
+    for rank, result in enumerate(results):
+        if world != 2:
+            continue
+        (kind, message), overflowed = result["failures"]["overflow and error"]
+        assert not overflowed, f"rank {rank} skipped"
+        if rank == world - 1:
+            assert kind == "RuntimeError"
+        else:
+            assert kind == "DistributedError"
+            assert f"rank {world - 1}" in message and "a genuine failure" in message
 
 
 def test_a_failing_owner_leaves_grad_as_it_was_on_every_rank(run):

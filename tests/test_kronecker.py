@@ -163,28 +163,49 @@ def test_split_damping_refuses_a_non_finite_factor(bad):
         split_damping_checked(G, A, 1e-2)
 
 
-@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e20])
-def test_an_eigendecomposition_at_a_padded_order_gives_the_matrix_own(scale):
-    """On the CPU an order such as 768 is eigendecomposed 8 rows larger (LAPACK runs
-    slower at it, see ``costs.eigen_order``), beside a diagonal below the spectrum: the
-    eigenpairs are the matrix's own, for a singular factor too (zero eigenvalues, and
-    rounding's slightly negative ones), at any scale, one matrix or a batch."""
+@pytest.mark.parametrize(
+    "dtype,scale",
+    [(torch.float64, s) for s in (1e-150, 1.0, 1e150)]
+    + [(torch.float32, s) for s in (3e-21, 1e-20, 1.0, 1e16)],
+)
+def test_an_eigendecomposition_at_a_padded_order_gives_the_matrix_own(dtype, scale):
+    """On the CPU with MKL an order such as 768 is eigendecomposed 8 rows larger (LAPACK
+    runs slower at it, see ``costs.eigen_order``), beside a diagonal below the spectrum:
+    the eigenpairs are the matrix's own, for a singular factor too (zero eigenvalues, and
+    rounding's slightly negative ones), from near the smallest normal numbers to near the
+    largest (found by review: a pad of -1 lost 5 digits of a float32 factor at 1e-38, and
+    one past float32's range made every eigenpair NaN), one matrix or a batch."""
+    if not torch.backends.mkl.is_available():
+        pytest.skip("the orders are padded on MKL's LAPACK only")
     assert costs.eigen_order(768, "cpu") == 776 and costs.eigen_order(1024, "cpu") == 1032
     assert costs.eigen_order(640, "cpu") == 640 and costs.eigen_order(1024, "cuda") == 1024
     R = rows(300, 768, seed=5, scale=scale)  # rank 300
-    F = R.T @ R
+    F = (R.T @ R).to(dtype)
+    eps = torch.finfo(dtype).eps
     expected_values, expected_vectors = torch.linalg.eigh(F)
     values, vectors = kronecker.linalg_eigh(F)
     assert values.shape == (768,) and vectors.shape == (768, 768) and vectors.is_contiguous()
     top = expected_values.abs().max()
-    assert (values - expected_values).abs().max() <= 1e-13 * top
-    assert rel_error((vectors * values) @ vectors.T, F) <= 1e-13
-    torch.testing.assert_close(
-        vectors.T @ vectors, torch.eye(768, dtype=F.dtype), atol=1e-13, rtol=0
+    assert (values - expected_values).abs().max() <= 20 * eps * top
+    assert (
+        rel_error(  # at the scale of 1: the norms of F itself under- or overflow
+            (vectors.double() * (values / top).double()) @ vectors.double().T, (F / top).double()
+        )
+        <= 1000 * eps
     )
+    eye = torch.eye(768, dtype=dtype)
+    torch.testing.assert_close(vectors.T @ vectors, eye, atol=1000 * eps, rtol=0)
     top_vectors = vectors[:, -300:].T @ expected_vectors[:, -300:]  # the same subspace
-    assert torch.linalg.svdvals(top_vectors).min() >= 1 - 1e-10
+    assert torch.linalg.svdvals(top_vectors.double()).min() >= 1 - 1e4 * eps
     batch_values, _ = kronecker.linalg_eigh(torch.stack([F, 2 * F]))
-    torch.testing.assert_close(
-        batch_values, torch.stack([values, 2 * values]), rtol=1e-12, atol=1e-13 * top
-    )
+    twice = torch.stack([values, 2 * values])
+    torch.testing.assert_close(batch_values, twice, rtol=1000 * eps, atol=1000 * eps * top)
+
+
+def test_a_factor_whose_pad_would_overflow_is_decomposed_at_its_own_order():
+    """Where ``-2 n max |F_ij|`` passes float32's range, no pad (found by review: NaN)."""
+    if not torch.backends.mkl.is_available():
+        pytest.skip("the orders are padded on MKL's LAPACK only")
+    F = torch.eye(768) * 1e36
+    values, vectors = kronecker.linalg_eigh(F)
+    assert torch.equal(values, torch.full((768,), 1e36)) and torch.equal(vectors, torch.eye(768))

@@ -36,24 +36,35 @@ def write_atomic(path: Path, text: str) -> Path:
     return path
 
 
-def check_writable(directory: Path) -> None:
+def check_writable(directory: Path, option: str = "--out") -> None:
     """An ``OSError`` naming ``directory`` and the fix where no file can be made in it (a
     read-only directory or file system, another user's), checked before a command's work:
     the first write would otherwise fail after it, naming a temporary file (found by a
-    hunt: ``fit`` on a read-only sweep gave a bare ``[Errno 13]`` once its fits were done)."""
+    hunt: ``fit`` on a read-only sweep gave a bare ``[Errno 13]`` once its fits were done).
+    ``option``: the command-line option that chose the directory."""
     try:
         tempfile.TemporaryFile(dir=directory).close()
     except OSError as err:
         raise OSError(
             f"cannot write into {directory} ({err.strerror or err}): make it writable, or "
-            "pass another --out"
+            f"pass another {option}"
         ) from err
 
 
 def writable_out(out: Path) -> Path:
-    """``out``, made with its missing parents and checked writable (:func:`check_writable`)."""
-    out.mkdir(parents=True, exist_ok=True)
-    check_writable(out)
+    """``out``, made with its missing parents and checked writable (:func:`check_writable`);
+    the directories made for it are removed again if it is not."""
+    made = [d for d in (out, *out.parents) if not d.exists()]  # out first
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        check_writable(out)
+    except OSError as err:
+        for directory in made:
+            with contextlib.suppress(OSError):  # not made, or not empty
+                directory.rmdir()
+        if isinstance(err.args[0], str):  # check_writable's, which names the fix
+            raise
+        raise OSError(f"cannot make {out} ({err.strerror or err}): pass another --out") from err
     return out
 
 

@@ -594,22 +594,23 @@ def check_batch_dimension(calls: list[Block], outputs: Tensor) -> None:
     N = outputs.shape[0]
     for c in calls:
         if c.output.shape[:1] != outputs.shape[:1]:
-            flattened = c.output.shape[0] % N == 0 and c.output.shape[0] > N
+            rows = c.output.shape[0] if c.output.ndim else 0
+            # (found by a hunt: the batch flattened with time was told only of tables)
+            flattened = (
+                f"; if its {rows} rows are the batch flattened with another dimension "
+                f"(h.reshape({N} * T, f)), call it on the ({N}, T, f) tensor instead "
+                f"(nn.Linear takes any leading dimensions; a convolution, each step's ({N}, "
+                "C, ...) slice)"
+                if rows > N and rows % N == 0
+                else ""
+            )
             raise ValueError(
                 f"module {c.name!r} returns shape {tuple(c.output.shape)}, whose first dimension "
                 f"is not the batch of {N} samples; the metrics need every module with "
-                "parameters to map samples along dimension 0"
-                + (
-                    f" (its {c.output.shape[0]} rows look like the batch flattened with another "
-                    f"dimension, h.reshape({N} * T, f): nn.Linear takes any leading dimensions, "
-                    f"so call it on the ({N}, T, f) tensor instead; call a convolution on each "
-                    f"step's ({N}, C, ...) slice)"
-                    if flattened
-                    else " (no reshaping of the batch into other dimensions around it: "
-                    "nn.MultiheadAttention and the transformer layers with batch_first=True; a "
-                    "table of positions, an nn.Embedding called on torch.arange(T), as an "
-                    "nn.Parameter of the model indexed in forward)"
-                )
+                "parameters to map samples along dimension 0 (no reshaping of the batch into "
+                "other dimensions around it: nn.MultiheadAttention and the transformer layers "
+                "with batch_first=True; a table of positions, an nn.Embedding called on "
+                f"torch.arange(T), as an nn.Parameter of the model indexed in forward){flattened}"
             )
     _check_per_sample_calls(calls, N)
 

@@ -863,7 +863,7 @@ def run(args) -> int:
             what = "a directory" if readme.is_dir() else "no such file"
             raise ValueError(f"--readme {readme}: {what}; pass the README to update")
         generated_block(readme.read_text(), readme_block(device), readme)
-        check_writable(readme.resolve().parent)  # it is replaced by a rename there
+        check_writable(readme.resolve().parent, "--readme")  # replaced by a rename there
     payload = recorded if recorded is not None else _measured(args)
     if out is not None:
         for name, page in pages(payload).items():
