@@ -16,8 +16,8 @@ columns is kept as its rows (``Factor.of_rows``): its damped inverse comes from 
 Gram of the rows, where curvlinops eigendecomposes (or factorises and inverts) the whole
 ``n x n`` factor. That, not the code around it, is most of the speed-up at batch 128 (the
 Monte Carlo variants' two factors per layer are both thin). At batch 1024 the factors are
-dense on both sides: there the comparison is of like for like (0.61-1.00 in the committed
-CPU run, the Monte Carlo variants 0.82-1.00). curvlinops' timed call includes one more
+dense on both sides: there the comparison is of like for like (0.62-0.94 in the committed
+CPU run, the Monte Carlo variants 0.81-0.94). curvlinops' timed call includes one more
 forward and backward pass for the gradient (its interface takes the gradient from the
 caller; about 3% of its time at batch 128, 10% at batch 1024).
 """
