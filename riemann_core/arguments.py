@@ -101,6 +101,8 @@ def check_report_only(args: argparse.Namespace, parser_group: str, dests: tuple[
     the report from the recorded study and would ignore them (found by a hunt: ``train
     --report-only --lrs 0.1`` said nothing)."""
     given = ["--" + d.replace("_", "-") for d in dests if getattr(args, d, None) is not None]
+    if getattr(args, "seed_given", False):  # the report resamples with the recorded seed
+        given.append("--seed")  # (found by a hunt: --seed 7 was ignored, silently)
     if given:
         raise ValueError(
             f"{', '.join(given)} would be ignored with --report-only, which draws the report "
@@ -219,7 +221,7 @@ def common_options() -> argparse.ArgumentParser:
     group.add_argument(
         "--seed",
         type=seed,
-        default=0,
+        default=None,  # 0, once cli.main has noted whether it was given
         help="seed for data, models and sampling; for fit/validate/report the bootstrap "
         "(default: 0)",
     )

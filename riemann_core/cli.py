@@ -48,8 +48,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         before = argv[: argv.index(args.command)]
         owner = parser if any(a in before for a in unknown) else args.parser
         owner.error(f"unrecognized arguments: {' '.join(unknown)}")
-    # on a cluster, the workers' devices count; analyses of recorded results need none
-    if args.runs_on_device and getattr(args, "scheduler", None) is None:
+    args.seed_given = args.seed is not None
+    args.seed = 0 if args.seed is None else args.seed
+    # on a cluster, the workers' devices count; analyses and redraws of recorded results
+    # need none (found by a hunt: train --report-only --device cuda needed a GPU)
+    redraw = getattr(args, "report_only", False)
+    if args.runs_on_device and getattr(args, "scheduler", None) is None and not redraw:
         try:
             check_device(args.device)
         except ValueError as err:

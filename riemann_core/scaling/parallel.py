@@ -361,6 +361,13 @@ def config_from(args: argparse.Namespace) -> Config:
             f"--batch {batch} must split evenly over every world size in --ranks {ranks} "
             "(the cost model assumes equal shards)"
         )
+    if batch < 2 * max(ranks):  # (found by a hunt: a claim on FLOPs failed by 72%)
+        raise ValueError(
+            f"--batch {batch} leaves a rank of --ranks {max(ranks)} fewer than 2 samples: on "
+            "one sample a rank cannot tell whether the network couples the samples, and "
+            "probes it at every call, work the cost model leaves out; pass --batch "
+            f"{2 * max(ranks)} or more"
+        )
     if len(widths) < 2 or min(widths) < 1:
         raise ValueError(f"--widths needs at least two positive widths, got {widths}")
     device = torch.device(args.device).type

@@ -32,7 +32,8 @@ overhead is at most ``OVERHEAD_TARGET`` of the time and the machine was steady.
   ``1 +- TIME_BAND`` of it with an interval at most :data:`MAX_INTERVAL_WIDTH` wide;
   ``fail`` when the interval lies outside the band; ``too noisy`` otherwise, or when the
   GEMM rates measured before, between and after the world sizes differ by more than
-  ``SPREAD_LIMIT``.
+  ``SPREAD_LIMIT``, or the single rank's, read while it was timed, lies more than
+  ``SPREAD_LIMIT`` below the best of them (the base of every speedup timed under load).
   ``regime not reached`` when the ranks cannot each have a device (``P`` ranks of
   ``threads`` threads need more cores than the machine has, or the GEMM rate a rank
   reaches while all ``P`` run one is more than ``SPREAD_LIMIT`` below the rate of one
@@ -280,6 +281,13 @@ def _solve_time(method: str, rows: pd.DataFrame, meta: dict, *, n_boot: int, see
         elif spread > SPREAD_LIMIT:
             verdict = NOISY
             reason = f"GEMM rates spread {spread:.0%} during the run"
+        elif alone < (1 - SPREAD_LIMIT) * max(rates):  # (found by a hunt: a fail, exit 1)
+            verdict = NOISY
+            reason = (
+                f"the single rank reached {alone / 1e9:.3g} GFLOP/s of GEMM while it was "
+                f"timed, {max(rates) / 1e9:.3g} before and after: its times, every speedup's "
+                "base, were taken on a loaded machine"
+            )
         elif not math.isfinite(rate) or overhead > OVERHEAD_TARGET * row["solve_s"]:
             verdict = NOT_REACHED
             share = overhead / row["solve_s"]

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 import riemann_core as rc
 
 from .. import costs
-from ..arguments import Command
+from ..arguments import Command, check_report_only
 from ..measure.breakdown import KINDS, time_by_kind
 from ..measure.environment import summary
 from ..measure.flops import flop_counter
@@ -852,6 +852,7 @@ def run(args) -> int:
     if args.report_only:
         if out is None:
             raise ValueError("--report-only needs --out: the directory of the run to redraw")
+        check_report_only(args, "run", ())
         recorded = read_targets(out)
         device = recorded["environment"]["device"]
     if readme is not None:  # fail on an unusable --readme before the work, not after

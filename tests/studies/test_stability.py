@@ -186,6 +186,9 @@ def test_small_sweep_writes_pairs_slopes_figures_and_report(sweep, tmp_path, cap
     # sweep options it would ignore: refused (found by a hunt: ignored without a word)
     assert cli.main(["stability", "--report-only", "--sizes", "10", "--out", str(tmp_path)]) == 2
     assert "--sizes would be ignored with --report-only" in capsys.readouterr().err
+    # and the seed, the bootstrap's: the recorded one resamples (found by a hunt)
+    assert cli.main(["stability", "--report-only", "--seed", "7", "--out", str(tmp_path)]) == 2
+    assert "--seed would be ignored with --report-only" in capsys.readouterr().err
     # a report that fails half way leaves the last one: not new slopes beside old figures
     for name in ("slopes.csv", "joint_slopes.csv", "report.md"):
         (tmp_path / name).write_text(f"the previous {name}\n")

@@ -82,6 +82,12 @@ def test_report_only_redraws_and_corrupted_results_are_refused(study, tmp_path, 
     # study options it would ignore: refused (found by a hunt: ignored without a word)
     assert cli.main(["train", "--report-only", "--lrs", "0.1", "--out", str(tmp_path)]) == 2
     assert "--lrs would be ignored with --report-only" in capsys.readouterr().err
+    # and the seed, the recorded one's (found by a hunt); a redraw needs no GPU
+    assert cli.main(["train", "--report-only", "--seed", "5", "--out", str(tmp_path)]) == 2
+    assert "--seed would be ignored with --report-only" in capsys.readouterr().err
+    assert cli.main(["train", "--report-only", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err  # (these results are corrupted: read, not refused for CUDA)
+    assert "cannot read the results" in err and "CUDA" not in err
 
 
 def second(frame: pd.DataFrame, **cells) -> pd.DataFrame:
@@ -573,6 +579,31 @@ def test_a_method_is_called_best_only_where_every_seed_of_it_leads(gap):
     else:
         assert "highest median final test accuracy: `kfac`" in line
         assert "the seeds' ranges overlap, no method is ahead beyond them" in line
+
+
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_with_fewer_than_three_seeds_no_method_is_called_best(seeds):
+    """Found by a hunt: with one seed the ranges are points and never overlap, so a lead of
+    one test image of 359 was called the best final test accuracy."""
+    from riemann_core.studies.training_report import summary
+
+    rows = [
+        {
+            "model": "mlp",
+            "method": method,
+            "seed": seed,
+            "step": 10,
+            "time_s": 1.0,
+            "test_accuracy": accuracy + 0.001 * seed,
+            "status": "ok",
+        }  # fmt: skip
+        for method, accuracy in (("sgd", 0.7772), ("kfac", 0.7799))
+        for seed in range(seeds)
+    ]
+    (line,) = summary(pd.DataFrame(rows), target=0.99)
+    assert "highest median final test accuracy: `kfac`" in line and "best" not in line
+    per = "seed per method" if seeds == 1 else "seeds per method"
+    assert f"{seeds} {per}, too few to tell a lead from the seeds' spread (3 or more)" in line
 
 
 def test_the_summary_names_winners_at_the_grid_edge_and_unequal_tuning():
