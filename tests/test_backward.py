@@ -393,13 +393,7 @@ def test_a_module_output_changed_after_use_is_not_taken_off_the_output(call):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for _ in range(2):
-            model.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            if call == "backward":
-                pre.backward(loss)
-            else:
-                loss.backward()
-                pre.step()
+            preconditioned(pre, model, x, y, call)
 
 
 def test_a_loss_of_shape_one_reaching_a_hidden_layer_is_taken_as_a_scalar():

@@ -554,26 +554,31 @@ def test_the_best_final_accuracy_names_ties_and_counts_unfinished_seeds():
     )
 
 
+def final_accuracies(bases, seeds: int, step: float) -> pd.DataFrame:
+    """Final rows of ``seeds`` finished seeds per ``(method, accuracy)`` of ``bases``, seed
+    ``s`` at ``accuracy + step s``."""
+    return pd.DataFrame(
+        {
+            "model": "mlp",
+            "method": method,
+            "seed": s,
+            "step": 10,
+            "time_s": 1.0,
+            "test_accuracy": accuracy + step * s,
+            "status": "ok",
+        }  # fmt: skip
+        for method, accuracy in bases
+        for s in range(seeds)
+    )
+
+
 @pytest.mark.parametrize("gap", [0.001, 0.05])
 def test_a_method_is_called_best_only_where_every_seed_of_it_leads(gap):
     """Found by a hunt: a lead of one test image of 359 (0.9666 against 0.9638, ranges
     overlapping) was called the best final test accuracy."""
     from riemann_core.studies.training_report import summary
 
-    rows = [
-        {
-            "model": "mlp",
-            "method": method,
-            "seed": seed,
-            "step": 10,
-            "time_s": 1.0,
-            "test_accuracy": base + 0.01 * seed,
-            "status": "ok",
-        }  # fmt: skip
-        for method, base in (("sgd", 0.9), ("kfac", 0.91 + gap))
-        for seed in range(3)
-    ]
-    (line,) = summary(pd.DataFrame(rows), target=0.99)
+    (line,) = summary(final_accuracies((("sgd", 0.9), ("kfac", 0.91 + gap)), 3, 0.01), 0.99)
     if gap > 0.02:  # kfac's lowest seed above sgd's highest
         assert "best final test accuracy: `kfac`" in line and "overlap" not in line
     else:
@@ -587,20 +592,8 @@ def test_with_fewer_than_three_seeds_no_method_is_called_best(seeds):
     one test image of 359 was called the best final test accuracy."""
     from riemann_core.studies.training_report import summary
 
-    rows = [
-        {
-            "model": "mlp",
-            "method": method,
-            "seed": seed,
-            "step": 10,
-            "time_s": 1.0,
-            "test_accuracy": accuracy + 0.001 * seed,
-            "status": "ok",
-        }  # fmt: skip
-        for method, accuracy in (("sgd", 0.7772), ("kfac", 0.7799))
-        for seed in range(seeds)
-    ]
-    (line,) = summary(pd.DataFrame(rows), target=0.99)
+    final = final_accuracies((("sgd", 0.7772), ("kfac", 0.7799)), seeds, 0.001)
+    (line,) = summary(final, target=0.99)
     assert "highest median final test accuracy: `kfac`" in line and "best" not in line
     per = "seed per method" if seeds == 1 else "seeds per method"
     assert f"{seeds} {per}, too few to tell a lead from the seeds' spread (3 or more)" in line
