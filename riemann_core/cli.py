@@ -131,10 +131,17 @@ def guarded(fn):
             return USAGE_ERROR
         except KeyboardInterrupt:
             resumes = args.command in ("sweep", "run")
+            # (found by a hunt: a study's partial report was there to draw, unsaid)
+            redraws = args.command in ("train", "stability")
             print(
                 f"{PROG} {args.command}: interrupted. Every file written so far is whole "
                 "(written atomically)"
-                + ("; run it again with the same --out to resume" if resumes else ""),
+                + ("; run it again with the same --out to resume" if resumes else "")
+                + (
+                    "; --report-only with the same --out draws the report of what finished"
+                    if redraws
+                    else ""
+                ),
                 file=sys.stderr,
             )
             return INTERRUPTED

@@ -537,6 +537,8 @@ def _write_files(
     command = meta["command"]
     damped = any(OPTIMISERS[m].damped for m in study["methods"])
     redraw = f"riemann-bench train --report-only --out {shlex.quote(str(out))}"
+    # the passes made, not --epochs: steps are whole (found by a hunt: "1e-09 passes")
+    passes = meta["examples_per_run"] / meta["split"]["train"]
     lines = [
         f"# Training study on handwritten digits: {env.get('device_name', 'unknown device')}",
         "",
@@ -564,9 +566,10 @@ def _write_files(
         f"- Models: {'; '.join(MODELS[m] for m in study['models'])}. "
         f"dtype {study['dtype']}, cross-entropy.",
         f"- Budget: {meta['steps']} steps of {study['batch_size']} examples "
-        f"({meta['examples_per_run']} examples, {study['epochs']:g} "
-        f"pass{'es' if study['epochs'] != 1 else ''} over the training "
-        "split) for every run; "
+        f"({meta['examples_per_run']} examples, {passes:.3g} "
+        f"pass{'es' if passes != 1 else ''} over the training split of "
+        f"{meta['split']['train']}, --epochs {study['epochs']:g} rounded up to whole steps) "
+        "for every run; "
         f"evaluation every {meta['eval_every']} steps (not counted in the wall-clock).",
         "- Methods: `sgd` and `adam` are `torch.optim`; the others precondition the gradient "
         "with `rc.RiemannianPreconditioner` (metric `layerwise` with the exact or sampled "
