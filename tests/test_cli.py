@@ -250,6 +250,19 @@ def test_a_directory_holding_another_commands_results_is_refused(tmp_path, capsy
     }
 
 
+def test_an_interrupted_demo_leaves_no_directory_it_made(tmp_path, monkeypatch, capsys):
+    """Found by a hunt: demo made its --out before the work and left it empty."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("riemann_core.studies.demo._batch", interrupted)
+    out = tmp_path / "made" / "out"
+    assert cli.main(["demo", "--quick", "--out", str(out)]) == cli.INTERRUPTED
+    assert not (tmp_path / "made").exists()
+    assert "riemann-bench demo: interrupted" in capsys.readouterr().err
+
+
 def test_ctrl_c_is_one_line_and_its_own_exit_code(capsys):
     """Found by review: a KeyboardInterrupt printed torch's traceback."""
     import argparse

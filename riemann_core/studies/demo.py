@@ -11,7 +11,7 @@ import torch
 
 from ..arguments import Command
 from ..measure.environment import environment
-from ..measure.output import set_aside, writable_out, write_json
+from ..measure.output import results_directory, set_aside, write_json
 from ..measure.problems import mlp
 from ..measure.timing import measure
 from .digits import standardiser
@@ -57,8 +57,15 @@ def _batch(
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.out is not None:  # fail on an unusable --out before the work, not after
-        writable_out(args.out)
+    if args.out is None:
+        return _demo(args)
+    # an unusable --out fails before the work; one made for a demo that fails or is
+    # interrupted is removed again (found by a hunt: an empty directory was left)
+    with results_directory(args.out):
+        return _demo(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
     try:
         from sklearn.datasets import load_digits
         from tqdm import tqdm
