@@ -250,17 +250,28 @@ def test_a_directory_holding_another_commands_results_is_refused(tmp_path, capsy
     }
 
 
-def test_an_interrupted_demo_leaves_no_directory_it_made(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "command, work",
+    [
+        ("demo", "riemann_core.studies.demo._batch"),
+        ("targets", "riemann_core.scaling.targets.measure_targets"),
+        ("stability", "riemann_core.measure.output.set_aside"),
+    ],
+)
+def test_an_interrupted_command_leaves_no_directory_it_made(
+    tmp_path, monkeypatch, capsys, command, work
+):
     """Found by a hunt: demo made its --out before the work and left it empty."""
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("riemann_core.studies.demo._batch", interrupted)
+    module, name = work.rsplit(".", 1)
+    monkeypatch.setattr(importlib.import_module(module), name, interrupted)
     out = tmp_path / "made" / "out"
-    assert cli.main(["demo", "--quick", "--out", str(out)]) == cli.INTERRUPTED
+    assert cli.main([command, "--quick", "--out", str(out)]) == cli.INTERRUPTED
     assert not (tmp_path / "made").exists()
-    assert "riemann-bench demo: interrupted" in capsys.readouterr().err
+    assert f"riemann-bench {command}: interrupted" in capsys.readouterr().err
 
 
 def test_ctrl_c_is_one_line_and_its_own_exit_code(capsys):

@@ -51,23 +51,6 @@ def check_writable(directory: Path, option: str = "--out") -> None:
         ) from err
 
 
-def writable_out(out: Path) -> Path:
-    """``out``, made with its missing parents and checked writable (:func:`check_writable`);
-    the directories made for it are removed again if it is not."""
-    made = [d for d in (out, *out.parents) if not d.exists()]  # out first
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        check_writable(out)
-    except OSError as err:
-        for directory in made:
-            with contextlib.suppress(OSError):  # not made, or not empty
-                directory.rmdir()
-        if isinstance(err.args[0], str):  # check_writable's, which names the fix
-            raise
-        raise OSError(f"cannot make {out} ({err.strerror or err}): pass another --out") from err
-    return out
-
-
 #: The record file each command that fills a directory writes there, and the command: a
 #: directory holds the results of one of them (their tables and reports share names).
 RECORDS = {

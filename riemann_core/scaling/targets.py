@@ -30,6 +30,7 @@ the exact direction and of the steps by kind of operation
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -58,7 +59,7 @@ from ..measure.output import (
     generated_block,
     progress_bar,
     replace_generated_block,
-    writable_out,
+    results_directory,
     write_atomic,
     write_json,
 )
@@ -894,20 +895,21 @@ def _measured(args) -> dict:
     its ``targets.json``: the payload the pages are drawn from."""
     from ..measure.environment import environment
 
-    if args.out is not None:  # fail on an unusable --out before the work, not after
-        writable_out(args.out)
-    steps = 5 + (2 if args.quick else len(SMALL_NETWORKS)) + len(kfac_targets.NETWORKS)
-    env = environment(args.device)  # now: the code that runs, whatever the tree does later
-    with progress_bar("targets", total=steps, announce=True) as progress:
-        options = dict(device=args.device, quick=args.quick, seed=args.seed, progress=progress)
-        result = measure_targets(**options)
-        kfac = kfac_targets.measure_kfac(**options)
-    print(format_targets(result))
-    print("\n" + kfac_targets.format_kfac(kfac))
-    # the invocation itself, --out included, as elsewhere
-    payload = {"command": args.command_line, "environment": env, **result, "kfac": kfac}
-    if args.out is not None:
-        print(f"\nwrote {write_json(args.out, 'targets.json', payload)}")
+    # an unusable --out fails before the work; one made for a run that fails or is
+    # interrupted is removed again
+    with contextlib.nullcontext() if args.out is None else results_directory(args.out):
+        steps = 5 + (2 if args.quick else len(SMALL_NETWORKS)) + len(kfac_targets.NETWORKS)
+        env = environment(args.device)  # now: the code that runs, whatever the tree does later
+        with progress_bar("targets", total=steps, announce=True) as progress:
+            options = dict(device=args.device, quick=args.quick, seed=args.seed, progress=progress)
+            result = measure_targets(**options)
+            kfac = kfac_targets.measure_kfac(**options)
+        print(format_targets(result))
+        print("\n" + kfac_targets.format_kfac(kfac))
+        # the invocation itself, --out included, as elsewhere
+        payload = {"command": args.command_line, "environment": env, **result, "kfac": kfac}
+        if args.out is not None:
+            print(f"\nwrote {write_json(args.out, 'targets.json', payload)}")
     return payload
 
 

@@ -286,8 +286,8 @@ def run(args: argparse.Namespace) -> int:
     from ..measure.environment import environment
     from ..measure.output import (
         check_not_foreign,
+        results_directory,
         set_aside,
-        writable_out,
         write_atomic,
         write_json,
     )
@@ -301,58 +301,60 @@ def run(args: argparse.Namespace) -> int:
             f"split, less one replacement), got {max(sweep.sizes)}"
         )
     check_not_foreign(out, "stability.json")
-    writable_out(out)  # an unusable --out fails now, not after training
-    meta = {
-        "command": args.command_line,
-        "sweep": asdict(sweep),
-        "seed": args.seed,  # also the bootstrap seed of the fits
-        "pool": len(pool.labels),
-        "test": len(pool.test),
-        "environment": env,
-    }
-    # not beside an earlier sweep's record, pairs, slopes, figures or report: those kept apart
-    earlier = set_aside(out, STUDY_FILES)
-    if earlier is not None:
-        print(f"the earlier study in {out} moved to {earlier}", file=sys.stderr)
-    write_json(out, "stability.json", meta)
-    points = [
-        (p, n, method, mu)
-        for p in range(sweep.pairs)
-        for n in sweep.sizes
-        for method in sweep.methods
-        for mu in sweep.dampings
-    ]
-    rows = []
-    for p, n, method, mu in tqdm(points, desc="stability", unit="pair", file=sys.stderr):
-        seed = args.seed + p
-        # one neighbouring pair per (pair seed, n), shared by every method and mu
-        train_rows, position, replacement = neighbours(len(pool.labels), n, seed * 7919 + n)
-        replaced = train_rows.copy()
-        replaced[position] = replacement
-        result = pair_distance(
-            pool,
-            train_rows,
-            replaced,
-            Config(method, sweep.lr, mu),
-            model=sweep.model,
-            seed=seed,
-            steps=sweep.steps,
-            batch_size=sweep.batch_size,
-        )
-        rows.append(
-            {
-                "method": method,
-                "damping": mu,
-                "size": n,
-                "pair": p,
-                "seed": seed,
-                "replaced_row": int(train_rows[position]),
-                "replacement_row": replacement,
-                **result,
-            }
-        )
-        # after every pair, so that an interrupted sweep keeps what it measured
-        write_atomic(out / "pairs.csv", pd.DataFrame(rows).to_csv(index=False))
+    # made now, so that an unusable --out fails before training; removed again (with the
+    # parents made for it) if the sweep fails or is interrupted before writing into it
+    with results_directory(out):
+        meta = {
+            "command": args.command_line,
+            "sweep": asdict(sweep),
+            "seed": args.seed,  # also the bootstrap seed of the fits
+            "pool": len(pool.labels),
+            "test": len(pool.test),
+            "environment": env,
+        }
+        # not beside an earlier sweep's record, pairs, slopes, figures or report: those kept apart
+        earlier = set_aside(out, STUDY_FILES)
+        if earlier is not None:
+            print(f"the earlier study in {out} moved to {earlier}", file=sys.stderr)
+        write_json(out, "stability.json", meta)
+        points = [
+            (p, n, method, mu)
+            for p in range(sweep.pairs)
+            for n in sweep.sizes
+            for method in sweep.methods
+            for mu in sweep.dampings
+        ]
+        rows = []
+        for p, n, method, mu in tqdm(points, desc="stability", unit="pair", file=sys.stderr):
+            seed = args.seed + p
+            # one neighbouring pair per (pair seed, n), shared by every method and mu
+            train_rows, position, replacement = neighbours(len(pool.labels), n, seed * 7919 + n)
+            replaced = train_rows.copy()
+            replaced[position] = replacement
+            result = pair_distance(
+                pool,
+                train_rows,
+                replaced,
+                Config(method, sweep.lr, mu),
+                model=sweep.model,
+                seed=seed,
+                steps=sweep.steps,
+                batch_size=sweep.batch_size,
+            )
+            rows.append(
+                {
+                    "method": method,
+                    "damping": mu,
+                    "size": n,
+                    "pair": p,
+                    "seed": seed,
+                    "replaced_row": int(train_rows[position]),
+                    "replacement_row": replacement,
+                    **result,
+                }
+            )
+            # after every pair, so that an interrupted sweep keeps what it measured
+            write_atomic(out / "pairs.csv", pd.DataFrame(rows).to_csv(index=False))
     print(f"wrote {write_report(out)}")
     return 0
 
