@@ -534,11 +534,6 @@ class RiemannianPreconditioner:
             params, opts, called, shared=_shared(capture.calls)
         )
         overflowed = False
-        # the draws for the sampled metric of a skipped or refused call are undone (a
-        # generator passed): the same call can be made again, or the batch skipped, as if
-        # it had never been (found by a hunt: a refused call moved the generator on)
-        sampling = opts.output_metric == "sampled" and opts.generator is not None
-        random_state = opts.generator.get_state() if sampling else None
         consumed = False  # the loss's graph, by the backward pass of the autograd path
         try:
             check_one_output(capture.output)
@@ -613,13 +608,9 @@ class RiemannianPreconditioner:
                 # reaches (found by review: an auxiliary head the loss leaves out got zeros,
                 # which AdamW's decay moved, and natural's coupled part)
                 directions = {n: d for n, d in directions.items() if n in reaches}
-        except GradientOverflow:
+        except GradientOverflow:  # (the generator as the skipped step found it)
             overflowed = True
-            if random_state is not None:  # as if the skipped step had drawn nothing
-                opts.generator.set_state(random_state)
         except BaseException as err:
-            if random_state is not None:
-                opts.generator.set_state(random_state)
             # (the fused path's backward frees the calls' outputs as it consumes the graph)
             consumed = consumed or any(c.output is None for c in capture.calls)
             if consumed and isinstance(err, Exception):
@@ -669,7 +660,7 @@ class RiemannianPreconditioner:
                     p.grad = torch.empty_like(p).copy_(direction)
         self._wrote(params, directions)
         self.diagnostics = diagnostics
-        self._commit()
+        self._commit(params)
         _warn_off_output(off, opts.damping)
 
     @staticmethod
@@ -781,16 +772,25 @@ class RiemannianPreconditioner:
         return {n: d for n, d in directions.items() if n in gradient}, diagnostics
 
     def _transaction(self, compute):
-        """``compute()``, forgetting what K-FAC's state computed if it fails. A direction
-        that overflowed beside a scaler at a scale above 1 is the scaler's to skip (a
-        :class:`GradientOverflow`): the scaled direction ``S G^{-1} g`` can overflow where
-        the scaled gradient did not. At a scale of 1 or less the scale is not the cause,
-        and the error stands (found by a hunt: a scale of 1e37, grown over a bfloat16 run,
-        stopped training with a FloatingPointError that advised more damping)."""
+        """``compute()``, forgetting what K-FAC's state computed if it fails, and undoing
+        the draws of the sampled metric (a ``generator`` passed): a refused or skipped call
+        can be made again, or its batch skipped, as if it had never been (found by hunts:
+        a refused ``pre.backward``, then a refused ``pre.step()``, moved the generator on).
+        A direction that overflowed beside a scaler at a scale above 1 is the scaler's to
+        skip (a :class:`GradientOverflow`): the scaled direction ``S G^{-1} g`` can
+        overflow where the scaled gradient did not. At a scale of 1 or less the scale is
+        not the cause, and the error stands (found by a hunt: a scale of 1e37, grown over a
+        bfloat16 run, stopped training with a FloatingPointError that advised more
+        damping)."""
+        opts = self._options
+        generator = opts.generator if opts.output_metric == "sampled" else None
+        random_state = None if generator is None else generator.get_state()
         try:
             with reentrant_checkpoint_refused():
                 return compute()
         except BaseException as err:
+            if random_state is not None:
+                generator.set_state(random_state)
             if self._kfac is not None:
                 self._kfac.discard()
             if (
@@ -829,10 +829,11 @@ class RiemannianPreconditioner:
         ]
         return buffers_kept(self.network, self._batch[3].copies, inside)
 
-    def _commit(self) -> None:
-        """Keep K-FAC's state of a step that succeeded."""
+    def _commit(self, params) -> None:
+        """Keep K-FAC's state of a step on ``params`` (the trainable ``(name, parameter)``
+        pairs) that succeeded."""
         if self._kfac is not None:
-            self._kfac.commit()
+            self._kfac.commit(params)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -929,7 +930,7 @@ class RiemannianPreconditioner:
                 p.grad.copy_(directions[name])
         self._wrote(params, directions)
         self._note_overflow(False)
-        self._commit()
+        self._commit(params)
 
     def _wrote(self, params, directions: dict[str, Tensor]) -> None:
         """Remember the ``.grad`` that now hold a direction, as they are now: their

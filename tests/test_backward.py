@@ -1552,7 +1552,8 @@ def test_a_call_refused_after_its_backward_pass_says_to_run_the_forward_pass_aga
 
 def test_a_refused_call_leaves_the_generator_as_it_was(monkeypatch):
     """Found by a hunt: a pre.backward refused after the sampled metric drew its probes
-    moved the generator on, so skipping the batch changed the rest of the run."""
+    moved the generator on, so skipping the batch changed the rest of the run (pre.step():
+    tests/test_preconditioner.py)."""
     model, x, y = Problem(depth=3).make()
     gen = torch.Generator().manual_seed(0)
     pre = rc.RiemannianPreconditioner(model, output_metric="sampled", generator=gen)

@@ -424,6 +424,35 @@ def test_solver_failure_leaves_grads(method, monkeypatch):
     assert_unchanged(model, before)
 
 
+def test_a_refused_step_leaves_the_generator_as_it_was(monkeypatch):
+    """Found by a hunt: a ``pre.step()`` refused after the sampled metric drew its probes
+    moved the generator on (``pre.backward`` did not), so skipping the batch changed the
+    rest of the run; a retry draws as the refused step did."""
+    model, x, y = Problem(depth=3).make()
+    gen = torch.Generator().manual_seed(0)
+    pre = rc.RiemannianPreconditioner(model, output_metric="sampled", generator=gen)
+    F.cross_entropy(model(x), y).backward()
+    pre.step()  # the first call: the model's checks
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    state, before = gen.get_state(), snapshot(model)
+
+    def failing(problem, opts):
+        raise rc.SolveError("injected failure")
+
+    monkeypatch.setattr(SOLVERS["layerwise"], "solve", failing)
+    with pytest.raises(rc.SolveError, match="injected failure"):
+        pre.step()
+    assert torch.equal(gen.get_state(), state)
+    assert_unchanged(model, before)
+    monkeypatch.undo()
+    pre.step()
+    gen.set_state(state)
+    expected = rc.direction(model, x, y, output_metric="sampled", generator=gen)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-12)
+
+
 def test_overflowing_metric_leaves_grads():
     """A custom factor whose Gram overflows: SolveError, every ``.grad`` intact."""
     model, x, y = Problem().make()
@@ -1011,6 +1040,54 @@ def test_kfac_refresh_is_kept_beside_a_module_the_forward_pass_does_not_call(cal
     assert got_fused == expected_fused
     for (_, a), (_, b) in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+class Branched(nn.Module):
+    """A middle layer that a step may skip (a conditional branch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.branch, self.last = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 4)
+
+    def forward(self, x, branch=True):
+        h = torch.tanh(self.first(x))
+        return self.last(torch.tanh(self.branch(h)) if branch else h)
+
+
+@pytest.mark.parametrize("call", ["step", "backward"])
+def test_kfac_reuses_a_branch_skipped_between_refreshes_whatever_the_decay(call):
+    """Found by a hunt: with running averages (``kfac_decay > 0``) a step that did not call
+    the branch dropped its cached block, and the step that called it again refactorised it
+    off schedule (8% off the step-0 factorisation the schedule reuses). Until the next
+    refresh, every step reuses the factorisations of step 0, where the average is that
+    batch's factors alone: the directions do not depend on the decay."""
+    runs = []
+    for decay in (0.0, 0.9):
+        torch.manual_seed(0)
+        model = Branched().double()
+        pre = rc.RiemannianPreconditioner(
+            model, method="kfac", damping=1e-2, kfac_refresh=3, kfac_decay=decay
+        )
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        gen, directions = torch.Generator().manual_seed(1), []
+        for branch in (True, False, True):
+            x = torch.randn(8, 5, generator=gen, dtype=torch.float64)
+            y = torch.randint(0, 4, (8,), generator=gen)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x, branch), y)
+            if call == "step":
+                loss.backward()
+                pre.step()
+            else:
+                pre.backward(loss)
+            directions.append({n: p.grad.clone() for n, p in model.named_parameters()
+                               if p.grad is not None})  # fmt: skip
+            opt.step()
+        runs.append(directions)
+    for plain, averaged in zip(*runs, strict=True):
+        assert plain.keys() == averaged.keys()
+        for name in plain:
+            torch.testing.assert_close(averaged[name], plain[name], rtol=1e-12, atol=1e-14)
 
 
 def test_kfac_running_average_of_a_weight_apart_from_its_bias_outlives_a_frozen_bias():

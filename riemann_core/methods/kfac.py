@@ -548,10 +548,17 @@ class KFACState:
         }
         return directions, diagnostics
 
-    def commit(self) -> None:
-        """Keep what the step computed (the blocks of the modules it saw) and count it."""
+    def commit(self, params) -> None:
+        """Keep what the step on ``params`` (the trainable ``(name, parameter)`` pairs)
+        computed, and count it: the blocks of the modules it saw; between refreshes also
+        the cached blocks of modules it did not call whose parameters are all still
+        trainable (found by a hunt: a branch skipped by one step was refactorised off
+        schedule when it came back, with running averages), until the next refresh keeps
+        only the blocks it made."""
         self._averages.update(self._pending_averages)
-        self._cached = {
+        current = {(n, id(p)) for n, p in params}
+        kept = {} if self.due else self._cached
+        self._cached = {name: c for name, c in kept.items() if _identities([c]) <= current} | {
             name: self._cached[name] if handler is None else _cache(handler, s)
             for name, (handler, s) in self._pending.items()
         }
