@@ -1,6 +1,7 @@
 """The package layout: imports flow one way, and the core needs none of the measuring tools."""
 
 import ast
+import json
 import re
 import subprocess
 import sys
@@ -107,3 +108,16 @@ def test_every_relative_link_of_the_readme_and_docs_leads_to_a_tracked_file():
     assert not broken, (
         f"links to files not in the repository (run the command that writes them): {broken}"
     )
+
+
+def test_asv_environments_pin_the_torch_of_the_constraints():
+    """asv builds each commit's environment with the tested torch (``constraints.txt``):
+    in its matrix, and again where the wheel is installed with the ``compare`` extra, whose
+    curvlinops would otherwise be free to pull another torch."""
+    repo = ROOT.parent
+    (pin,) = re.findall(r"^torch==(\S+)$", (repo / "constraints.txt").read_text(), re.M)
+    text = (repo / "asv.conf.json").read_text()
+    config = json.loads("\n".join(re.sub(r"^\s*//.*", "", line) for line in text.splitlines()))
+    assert config["matrix"]["req"]["torch"] == [pin]
+    (install,) = config["install_command"]
+    assert f"torch=={pin} " in install and install.endswith("{wheel_file}[compare]")
