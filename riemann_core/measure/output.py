@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -261,6 +262,15 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def suptitle(fig, text: str) -> None:
+    """``fig.suptitle(text)``, each line wrapped to the figure's width (a character taken
+    as 0.6 of the font size): a title written for several panels was cut off at both
+    sides of a figure of one."""
+    title = fig.suptitle(text)
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.6 * title.get_fontsize())))
+    title.set_text("\n".join(textwrap.fill(line, chars) for line in text.split("\n")))
 
 
 def save_figure(fig, path: Path, dpi: int = 120) -> Path:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..measure.environment import git_commit
-from ..measure.output import markdown_table, pyplot, save_figure, staged, write_atomic
+from ..measure.output import markdown_table, pyplot, save_figure, staged, suptitle, write_atomic
 from . import devices, fit, validate
 from .sweep import AXES, GENERIC_METHODS, METHODS, SPREAD_LIMIT, unfinished_note
 
@@ -103,7 +103,7 @@ def scaling_figure(df: pd.DataFrame, meta: dict, metric: str, path: Path) -> Pat
         ax.grid(True, lw=0.3)
     _figure_legend(fig, df)
     base = ", ".join(f"{k}={v}" for k, v in meta["base"].items())
-    fig.suptitle(f"{METRICS[metric]} (one axis varied, others at {base})")
+    suptitle(fig, f"{METRICS[metric]} (one axis varied, others at {base})")
     return save_figure(fig, path)
 
 

@@ -14,6 +14,7 @@ from ..measure.output import (
     rerun,
     save_figure,
     staged,
+    suptitle,
     write_atomic,
 )
 from .results import (
@@ -192,9 +193,10 @@ def distance_figure(pairs: pd.DataFrame, axis: str, path: Path) -> Path:
             ax.set_ylabel(LABELS[metric])
             ax.set_title(method, fontsize="medium")
         axes[0, col].legend(fontsize="x-small")
-    fig.suptitle(
+    suptitle(
+        fig,
         f"neighbouring runs against {AXES[axis]}\n(median over pairs, bars min to max; "
-        "grid points where every pair trained)"
+        "grid points where every pair trained)",
     )
     return save_figure(fig, path)
 

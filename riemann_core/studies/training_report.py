@@ -16,6 +16,7 @@ from ..measure.output import (
     rerun,
     save_figure,
     staged,
+    suptitle,
     write_atomic,
 )
 from .results import (
@@ -481,7 +482,7 @@ def curves_figure(runs: pd.DataFrame, model: str, target: float, path: Path) -> 
     for ax in axes[-1]:
         ax.axhline(target, color="grey", linestyle=":", linewidth=1)
     axes[0, 0].legend(fontsize="small")
-    fig.suptitle(f"{model}: median over the seeds that finished, shaded min to max")
+    suptitle(fig, f"{model}: median over the seeds that finished, shaded min to max")
     return save_figure(fig, path)
 
 
@@ -507,7 +508,7 @@ def tuning_figure(tuning: pd.DataFrame, model: str, path: Path) -> Path:
         ax.set_xlabel("learning rate")
         ax.legend(fontsize="x-small")
     axes[0, 0].set_ylabel("final validation loss")
-    fig.suptitle(f"{model}: tuning grid (missing points diverged)")
+    suptitle(fig, f"{model}: tuning grid (missing points diverged)")
     return save_figure(fig, path)
 
 

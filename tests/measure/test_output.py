@@ -98,3 +98,23 @@ def test_the_progress_bar_counts_a_step_when_it_is_done(monkeypatch, announce):
         assert counts == ["ran first", 1, "ran second", 2, "ran third", 3]
     else:  # advance(label) after each step's work: here the work of the one before
         assert counts == [1, "ran first", 2, "ran second", 3, "ran third"]
+
+
+@pytest.mark.parametrize("width", [2.8, 5.6, 11.0])
+def test_a_figure_title_is_wrapped_inside_the_figure(width):
+    """Found in the reports: a two-line title written for several panels was cut off at
+    both sides of a one-method figure."""
+    plt = output.pyplot()
+    fig, ax = plt.subplots(figsize=(width, 3))
+    ax.plot([1, 2], [1, 2])
+    text = (
+        "neighbouring runs against the damping mu\n(median over pairs, bars min to max; "
+        "grid points where every pair trained)"
+    )
+    output.suptitle(fig, text)
+    fig.tight_layout()
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent()
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width
+    assert fig._suptitle.get_text().split() == text.split()  # every word kept
+    plt.close(fig)
