@@ -487,8 +487,11 @@ def curves_figure(runs: pd.DataFrame, model: str, target: float, path: Path) -> 
 
 
 def tuning_figure(tuning: pd.DataFrame, model: str, path: Path) -> Path:
-    """Final validation loss of every configuration tried, per method."""
+    """Final validation loss of every configuration tried, per method; one that diverged
+    is a cross at the top edge (a method whose every configuration diverged showed an
+    empty panel)."""
     plt = pyplot()
+    from matplotlib.transforms import blended_transform_factory
 
     data = tuning[tuning["model"] == model]
     methods = list(dict.fromkeys(data["method"]))
@@ -499,16 +502,21 @@ def tuning_figure(tuning: pd.DataFrame, model: str, path: Path) -> Path:
         rows = data[data["method"] == method]
         for damping, group in rows.groupby(rows["damping"].fillna(0.0)):
             group = group.sort_values("lr")
-            loss = group["validation_loss"].where(group["status"] == "ok")
+            ok = group["status"] == "ok"
             label = "no damping" if damping == 0 else f"mu={damping:g}"
-            ax.plot(group["lr"], loss, marker="o", label=label)
+            (line,) = ax.plot(
+                group["lr"], group["validation_loss"].where(ok), marker="o", label=label
+            )
+            top = blended_transform_factory(ax.transData, ax.transAxes)  # x: lr, y: the edge
+            ax.plot(group["lr"][~ok], [0.97] * int((~ok).sum()), "x", color=line.get_color(),
+                    transform=top, clip_on=False)  # fmt: skip
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(method, fontsize="medium")
         ax.set_xlabel("learning rate")
         ax.legend(fontsize="x-small")
     axes[0, 0].set_ylabel("final validation loss")
-    suptitle(fig, f"{model}: tuning grid (missing points diverged)")
+    suptitle(fig, f"{model}: tuning grid (x at the top: diverged)")
     return save_figure(fig, path)
 
 

@@ -649,3 +649,31 @@ def test_report_only_refuses_records_after_a_run_ended(study, tmp_path, capsys):
     runs.to_csv(tmp_path / "runs.csv", index=False)
     message = f"runs.csv line {same[2] + 2}: the run {run['model']}/{run['method']} seed"
     refused("train", tmp_path, message, capsys)
+
+
+def test_the_tuning_figure_marks_what_diverged(tmp_path, monkeypatch):
+    """A configuration that diverged is a cross at the top edge of its method's panel: a
+    method whose every configuration diverged showed an empty panel."""
+    from riemann_core.studies import training_report
+
+    tuning = pd.DataFrame(
+        {
+            "model": "mlp",
+            "method": ["sgd"] * 3 + ["layerwise"] * 2,
+            "damping": [None, None, None, 1e-3, 1e-3],
+            "lr": [0.01, 0.1, 1.0, 0.1, 1.0],
+            "validation_loss": [0.9, 0.5, None, None, None],
+            "status": ["ok", "ok", "diverged", "diverged", "solver failed"],
+        }
+    )
+    figures = []
+    monkeypatch.setattr(training_report, "save_figure", lambda fig, path: figures.append(fig))
+    training_report.tuning_figure(tuning, "mlp", tmp_path / "tuning.png")
+    (fig,) = figures
+    sgd, layerwise = fig.axes
+
+    def points(ax, marker):
+        return [len(line.get_xdata()) for line in ax.lines if line.get_marker() == marker]
+
+    assert points(sgd, "o") == [3] and points(sgd, "x") == [1]
+    assert points(layerwise, "x") == [2]
