@@ -507,9 +507,10 @@ def tuning_figure(tuning: pd.DataFrame, model: str, path: Path) -> Path:
             (line,) = ax.plot(
                 group["lr"], group["validation_loss"].where(ok), marker="o", label=label
             )
-            top = blended_transform_factory(ax.transData, ax.transAxes)  # x: lr, y: the edge
-            ax.plot(group["lr"][~ok], [0.97] * int((~ok).sum()), "x", color=line.get_color(),
-                    transform=top, clip_on=False)  # fmt: skip
+            if not ok.all():  # (an empty line would sit at the origin of the layout's box)
+                top = blended_transform_factory(ax.transData, ax.transAxes)  # x: lr, y: edge
+                ax.plot(group["lr"][~ok], [0.97] * int((~ok).sum()), "x",
+                        color=line.get_color(), transform=top, clip_on=False)  # fmt: skip
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(method, fontsize="medium")

@@ -1,6 +1,7 @@
 """``riemann-bench train``: a small deterministic study, its tables and its errors."""
 
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -677,3 +678,8 @@ def test_the_tuning_figure_marks_what_diverged(tmp_path, monkeypatch):
 
     assert points(sgd, "o") == [3] and points(sgd, "x") == [1]
     assert points(layerwise, "x") == [2]
+    monkeypatch.undo()  # laid out and written without a warning (an empty line of crosses,
+    with warnings.catch_warnings():  # where none diverged, defeated tight_layout)
+        warnings.simplefilter("error")
+        wide = pd.concat([tuning.assign(method=m, status="ok") for m in "abcdef"])
+        training_report.tuning_figure(wide, "mlp", tmp_path / "t.png")
