@@ -261,7 +261,8 @@ def flops(
         cost.update(gram=0, factorisation=0, solve=0, checks=0)
         for f_in, f in layers:
             variant = kfac_damping, kfac_bias
-            for phase, flops_ in _kfac(N, d, f_in, f, shape.bias, *variant, device=device).items():
+            kfac = _kfac(N, d, f_in, f, shape.bias, *variant, device=device, dtype=dtype)
+            for phase, flops_ in kfac.items():
                 cost[phase] += flops_
     else:
         raise ValueError(f"unknown method {method!r}")
@@ -270,7 +271,7 @@ def flops(
 
 def _kfac(
     N: int, d: int, f_in: int, f: int, bias: bool, damping: str, where: str, dense=False,
-    device=None,
+    device=None, dtype=None,
 ) -> dict:  # fmt: skip
     """One Linear layer's K-FAC (``riemann_core.kronecker``): factors with ``m`` rows and
     ``n < m`` columns formed (``2 m n^2``), thinner ones kept as rows (Gram ``2 m^2 n``);
@@ -278,8 +279,9 @@ def _kfac(
     and the two basis changes, each the cheaper order of a ``multi_dot``; factored
     damping: Choleskys, the estimate of each damped factor's largest eigenvalue, and the
     solves (thin: by Woodbury). ``dense``: every factor formed as its ``n x n`` matrix
-    (the data-parallel step, whose factors are summed over the ranks). ``device``: the
-    order each eigendecomposition runs at (:func:`eigen_order`)."""
+    (the data-parallel step, whose factors are summed over the ranks). ``device`` and
+    ``dtype``: the order each eigendecomposition runs at (:func:`eigen_order`) and each
+    Cholesky, with its triangular solves (:func:`factor_order`)."""
     separate = bias and where == "separate"
     P = f_in + int(bias and not separate)
     cost = {"gram": 0.0, "factorisation": 0.0, "solve": 0.0, "checks": 0.0}
@@ -298,13 +300,14 @@ def _kfac(
         for p, k_A in parts:
             cost["solve"] += _multi_dot(k[0], f, p, k_A) + _multi_dot(f, k[0], k_A, p)
         return cost
-    for m, n in sides:
-        cost["factorisation"] += cholesky_flops(min(m, n))
+    orders = [factor_order(min(m, n), dtype, device) for m, n in sides]
+    for (m, n), order in zip(sides, orders, strict=True):
+        cost["factorisation"] += cholesky_flops(order)
         cost["checks"] += power_flops(min(m, n))
-    (d, _), (N, _) = sides
+    ((d, _), (N, _)), (order_G, order_A) = sides, orders
     for k in [P] + ([1] if separate else []):  # Gamma's side: P right-hand sides
-        cost["solve"] += _shifted_solve(d, f, k)
-    cost["solve"] += _shifted_solve(N, P, f)  # A's side: f right-hand sides
+        cost["solve"] += _shifted_solve(d, f, k, order_G)
+    cost["solve"] += _shifted_solve(N, P, f, order_A)  # A's side: f right-hand sides
     return cost
 
 
@@ -313,12 +316,13 @@ def _multi_dot(a: int, b: int, c: int, e: int) -> float:
     return 2 * min(a * b * c + a * c * e, b * c * e + a * b * e)
 
 
-def _shifted_solve(m: int, n: int, k: int) -> float:
+def _shifted_solve(m: int, n: int, k: int, order: int) -> float:
     """``(R^T R + c I)^{-1} Y`` for ``R`` ``m x n``, ``Y`` ``n x k``: Cholesky solves of
-    ``F + c I`` (dense), or of ``c I + R R^T`` between two products with ``R`` (thin)."""
+    ``F + c I`` (dense), or of ``c I + R R^T`` between two products with ``R`` (thin),
+    each factorised at ``order`` (:func:`factor_order` of ``min(m, n)``)."""
     if m < n:
-        return 4 * m * n * k + 2 * triangular_solve_flops(m, k)
-    return 2 * triangular_solve_flops(n, k)
+        return 4 * m * n * k + 2 * triangular_solve_flops(order, k)
+    return 2 * triangular_solve_flops(order, k)
 
 
 def _gram(shape: MLPShape, kernel: str, f_in: int, f: int, n: int, symmetric: bool) -> float:
@@ -454,7 +458,9 @@ def block_solve_flops(
         raise ValueError(f"method={method!r} is not solved block by block; use {BLOCKWISE}")
     if method == "kfac":
         variant = _kfac_variant(**kfac_variant)
-        cost = _kfac(batch, batch * rows, f_in, f_out, bias, *variant, dense=True, device=device)
+        cost = _kfac(
+            batch, batch * rows, f_in, f_out, bias, *variant, dense=True, device=device, dtype=dtype
+        )
         return sum(v for k, v in cost.items() if k not in LOCAL_PHASES[method])
     if method == "layerwise":
         rows = min(rows, f_out)
