@@ -209,9 +209,9 @@ def common_options() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="directory for the results, created if missing (default: reports/<device> "
-        "for the pipeline commands, with /training or /stability appended for train and "
-        "stability, reports/<device>/quick/... with --quick; print only for demo and "
-        "targets)",
+        "for the pipeline commands, with /training, /stability or /distributed appended for "
+        "train, stability and distributed, reports/<device>/quick/... with --quick; print "
+        "only for demo and targets)",
     )
     group.add_argument(
         "--quick",

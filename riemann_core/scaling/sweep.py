@@ -49,6 +49,7 @@ import io
 import json
 import math
 import re
+import shlex
 import statistics
 import time
 import uuid
@@ -893,9 +894,28 @@ def unfinished_note(record: Mapping, out: Path) -> str | None:
     return (
         f"the sweep in {out} did not finish (interrupted?): its fits and claims are over the "
         "points measured so far, and the axes, growth and commands of sweep.json may name "
-        f"what it had yet to measure. Resume it with `{commands[-1]}`, then fit, validate "
-        "and report again"
+        f"what it had yet to measure. Resume it with `{with_out(commands[-1], out)}`, then "
+        "fit, validate and report again"
     )
+
+
+def with_out(command: str, out: Path) -> str:
+    """``command`` (a recorded command line) writing into ``out``: its ``--out`` replaced,
+    or added where it had none. A sweep moved or copied since was told to resume the
+    directory it came from (found by a hunt)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:  # (not a command line: as recorded)
+        return command
+    kept, skip = [], False
+    for word in words:
+        if skip or word.startswith("--out="):
+            skip = False
+            continue
+        skip = word == "--out"
+        if not skip:
+            kept.append(word)
+    return shlex.join([*kept, "--out", str(out)])
 
 
 #: The kinds of rate every measurement of a device's rates holds (the speed of light and

@@ -718,14 +718,25 @@ def check_record(payload: dict) -> None:
     writes: a ratio, rate or goal that is not a finite number (a rate not positive), a
     verdict not among :data:`MET`, :data:`MISSED`, :data:`NOISY` or not the one its
     interval and goal give (:func:`verdict_for`), a ratio outside its interval, a goal that
-    is not this version's (:data:`GOALS`), a network that is not widths, a device other
-    than the CPU or CUDA. The pages would draw such values as they are (``nan``, a
-    hand-edited ``met``: found by a hunt) and the exit code would follow them."""
+    is not this version's (:data:`GOALS`), a network that is not widths, a time, count or
+    size that is not positive (a time by kind negative), a device other than the CPU or
+    CUDA. The pages would draw such values as they are (``nan``, a hand-edited ``met``, a
+    network ``a-b``, a negative time: found by hunts) and the exit code would follow them."""
 
-    def number(value, where: str, positive: bool = False) -> None:
+    def number(value, where: str, positive: bool = False, non_negative: bool = False) -> None:
         real = isinstance(value, int | float) and not isinstance(value, bool)
-        if not real or not math.isfinite(value) or (positive and value <= 0):
-            raise ValueError(f"{where} is {value!r}, not a finite{' positive' * positive} number")
+        if (
+            not real
+            or not math.isfinite(value)
+            or (positive and value <= 0)
+            or (non_negative and value < 0)
+        ):
+            sign = " positive" * positive + " non-negative" * non_negative
+            raise ValueError(f"{where} is {value!r}, not a finite{sign} number")
+
+    def count(value, where: str) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{where} is {value!r}, not a count of 1 or more")
 
     def judged(item: dict, where: str, sense: str, bound: float) -> None:
         number(item["ratio"], f"{where}.ratio")
@@ -762,9 +773,19 @@ def check_record(payload: dict) -> None:
         raise ValueError(f"device {payload['device']!r} differs from environment.device")
     for key in ("gemm_flops_per_s", "cholesky_flops_per_s"):
         number(payload[key], key, positive=True)
+    widths(payload["network"], "network")
+    widths(payload["small_network"], "small_network")
+    count(payload["batch"], "batch")
+    count(payload["rounds"], "rounds")
+    for key in [k for k in payload if k.endswith("_s")]:  # (older records lack some)
+        number(payload[key], key, positive=True)
     for name, kinds in (payload.get("time_by_kind") or {}).items():
         for kind, seconds in kinds.items():
-            number(seconds, f"time_by_kind.{name}.{kind}")
+            number(seconds, f"time_by_kind.{name}.{kind}", non_negative=True)
+    for i, s in enumerate(payload["small"]):
+        widths(s["network"], f"small[{i}].network")
+        for key in ("layerwise_s", "full_s", "ratio"):
+            number(s[key], f"small[{i}].{key}", positive=True)
     if not payload["figures"]:
         raise ValueError("figures is empty")
     for i, f in enumerate(payload["figures"]):

@@ -926,3 +926,19 @@ def test_a_second_sweep_into_the_same_directory_is_refused(tmp_path):
         assert not (tmp_path / "results.csv").exists()
     sw.sweep(sw.Grid(**TINY), tmp_path, progress=False)  # released: the next one runs
     assert len(rows_of(tmp_path / "results.csv")) == len(list(sw.Grid(**TINY).runs()))
+
+
+@pytest.mark.parametrize(
+    ("recorded", "expected"),
+    [
+        (
+            "riemann-bench sweep --quick --out /old/dir",
+            "riemann-bench sweep --quick --out '/new dir'",
+        ),
+        ("riemann-bench sweep --out=/old --quick", "riemann-bench sweep --quick --out '/new dir'"),
+        ("riemann-bench run", "riemann-bench run --out '/new dir'"),
+    ],
+)
+def test_the_resume_command_writes_into_the_directory_at_hand(recorded, expected):
+    """Found by a hunt: a sweep copied elsewhere was told to resume the one it came from."""
+    assert sw.with_out(recorded, Path("/new dir")) == expected

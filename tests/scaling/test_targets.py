@@ -393,6 +393,15 @@ CORRUPTED = [
     ("figures.0.goal", 99.0, "has the goal <= 99.0, where this version's is <= 1.25"),
     ("figures.0.ratio", 100.0, "figures\\[0\\].ratio 100.0 lies outside"),
     ("kfac.networks.0.variants.0.verdict", "missed", "variants\\[0\\] reads 'missed' where"),
+    # found by a hunt: drawn as rows of the network 'a-b', and as -5000 ms
+    ("network", ["a", "b"], "network is \\['a', 'b'\\], not a network's layer widths"),
+    ("small_network", [64], "small_network is \\[64\\], not a network's"),
+    ("time_by_kind.exact.products", -5.0, "products is -5.0, not a finite non-negative number"),
+    ("small.0.ratio", float("nan"), "small\\[0\\].ratio is nan"),
+    ("small.1.network", "64-56-10", "small\\[1\\].network is '64-56-10'"),
+    ("rounds", 0, "rounds is 0, not a count of 1 or more"),
+    ("batch", 12.5, "batch is 12.5, not a count"),
+    ("sgd_step_s", -1.0, "sgd_step_s is -1.0, not a finite positive number"),
 ]
 
 
