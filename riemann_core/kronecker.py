@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from ._checks import all_finite
-from .costs import eigen_order, factor_order
+from .costs import eigen_order, shifted_order
 from .woodbury import (
     Cholesky,
     SolveError,
@@ -253,13 +253,13 @@ class Factor:
 
     def shifted(self, shift: Tensor | float, checked: bool = False) -> Shifted:
         """``c (F + c I)^{-1}`` for ``c = shift``, factorised: deferred, at the order
-        :func:`~riemann_core.costs.factor_order` gives (the matrix ``M`` padded to
+        :func:`~riemann_core.costs.shifted_order` gives (the matrix ``M`` padded to
         ``M (+) s I``, ``s`` its diagonal shift, whose Cholesky factor is ``L (+) sqrt(s) I``
-        exactly; LAPACK's Cholesky is 2.5x slower at 1024 than at 1032), or checked with
-        jitter at its own order."""
+        exactly; MKL's Cholesky is 2x slower at 1024 than at 1032), or checked with jitter
+        at its own order."""
         F = self.gram() if self.thin else self.matrix
         n = F.shape[0]
-        order = n if checked else factor_order(n, F.dtype, F.device)
+        order = n if checked else shifted_order(n, F.dtype, F.device)
         padded = F.new_empty(order, order)
         M = padded[:n, :n]
         if order > n:

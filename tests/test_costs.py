@@ -104,7 +104,7 @@ def test_counted_kfac_flops_match_the_model(
 def test_kfac_at_padded_orders_is_counted_and_unchanged(kfac_damping, monkeypatch):
     """A dense 768 x 768 factor (the first layer's output factor: 2 rows per sample on
     400 samples) is eigendecomposed at order 776 on the CPU (``costs.eigen_order``), or
-    its damped form factorised by Cholesky at 776 (``costs.factor_order``, on every
+    its damped form factorised by Cholesky at 776 (``costs.shifted_order``, on every
     device): the model counts that, and the direction is the one at order 768, to
     float64's round-off."""
     torch.manual_seed(0)
@@ -123,13 +123,13 @@ def test_kfac_at_padded_orders_is_counted_and_unchanged(kfac_damping, monkeypatc
         at_768 = costs.flops("kfac", shape, **variant, device="cuda")["total"]
         assert modelled - at_768 == pytest.approx(costs.eigh_flops(776) - costs.eigh_flops(768))
     else:  # the Cholesky, and its triangular solves with 8 + 1 (bias) right-hand sides
-        monkeypatch.setattr(costs, "factor_order", lambda m, dtype=None, device=None: m)
+        monkeypatch.setattr(costs, "shifted_order", lambda m, dtype=None, device=None: m)
         at_768 = costs.flops("kfac", shape, **variant)["total"]
         extra = costs.cholesky_flops(776) - costs.cholesky_flops(768)
         extra += 2 * 9 * (costs.triangular_solve_flops(776) - costs.triangular_solve_flops(768))
         assert modelled - at_768 == pytest.approx(extra)
     monkeypatch.setattr(kronecker, "eigen_order", lambda m, device=None: m)
-    monkeypatch.setattr(kronecker, "factor_order", lambda m, dtype=None, device=None: m)
+    monkeypatch.setattr(kronecker, "shifted_order", lambda m, dtype=None, device=None: m)
     plain = rc.direction(model, x, y, **kw)
     for name, d in plain.items():
         torch.testing.assert_close(padded[name], d, rtol=1e-11, atol=1e-14)
