@@ -105,8 +105,9 @@ def test_kfac_at_padded_orders_is_counted_and_unchanged(kfac_damping, monkeypatc
     """A dense 768 x 768 factor (the first layer's output factor: 2 rows per sample on
     400 samples) is eigendecomposed at order 776 on the CPU (``costs.eigen_order``), or
     its damped form factorised by Cholesky at 776 (``costs.shifted_order``, on the CPU
-    only): the model counts that, and the direction is the one at order 768, to
-    float64's round-off."""
+    only): the count is the model's, which counts that, exactly (the 8 rows are 0.35% of
+    the work: a looser tolerance passed with nothing padded, found by review), and the
+    direction is the one at order 768, to float64's round-off."""
     torch.manual_seed(0)
     widths, N = (8, 768, 3), 400
     model = mlp(widths, True).double()
@@ -118,7 +119,7 @@ def test_kfac_at_padded_orders_is_counted_and_unchanged(kfac_damping, monkeypatc
     variant = dict(kfac_damping=kfac_damping, kfac_bias="separate")
     shape = costs.MLPShape(widths, N, costs.minimal_rows(widths[-1]), True)
     modelled = costs.flops("kfac", shape, **variant)["total"]
-    assert counter.get_total_flops() == pytest.approx(modelled, rel=1e-2)
+    assert counter.get_total_flops() == pytest.approx(modelled, rel=1e-9, abs=2)
     at_768 = costs.flops("kfac", shape, **variant, device="cuda")["total"]
     if kfac_damping == "exact":
         extra = costs.eigh_flops(776) - costs.eigh_flops(768)

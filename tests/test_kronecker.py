@@ -96,6 +96,33 @@ def test_shifted_solve(kind, shift, checked):
     assert 0.4 * condition <= float(shifted.estimate) <= condition * low * (1 + 1e-9)
 
 
+@pytest.mark.parametrize("kind", ["thin", "dense"])
+def test_a_shifted_factor_at_a_padded_order_solves_as_its_own(kind):
+    """On the CPU a damped factor, or a thin factor's damped Gram, of order 512 is
+    factorised at 520 (``costs.shifted_order``), as ``M (+) s I_8``: the solves are those
+    of the order-512 matrix, to float64's round-off, as is the condition estimate."""
+    m, n = (512, 600) if kind == "thin" else (700, 512)
+    R = rows(m, n, seed=9)
+    F = Factor.of_rows(R, what="test factor")
+    assert F.thin == (kind == "thin")
+    shift = torch.tensor(1e-2, dtype=torch.float64)
+    shifted = F.shifted(shift)
+    assert shifted.chol.factor.shape == (520, 520)
+    assert costs.shifted_order(512, torch.float32, "cuda") == 512  # other devices: own order
+    assert costs.shifted_order(448, torch.float32, "cpu") == 448  # below 512: own order
+    Y = rows(n, 5, seed=10)
+    dense = R.T @ R + shift * torch.eye(n, dtype=torch.float64)
+    inverse = torch.linalg.solve(dense, Y)
+    assert rel_error(shifted.solve(Y), shift * inverse) < 1e-10
+    assert rel_error(shifted.solve_right(Y.T, 2.0), 2 * shift * inverse.T) < 1e-10
+    if kind == "thin":  # the matrix factorised: c I + R R^T, or F / c + I
+        matrix = R @ R.T + shift * torch.eye(m, dtype=torch.float64)
+    else:
+        matrix = R.T @ R / shift + torch.eye(n, dtype=torch.float64)
+    own = kronecker.largest_eigenvalue(matrix) / (shift if kind == "thin" else 1)
+    assert float(shifted.estimate) == pytest.approx(float(own), rel=1e-12)
+
+
 def test_deferred_decompositions_flag_failures_without_raising():
     """A NaN factor: its deferred eigendecomposition and Cholesky say ``failed`` (device
     booleans); the checked ones raise a :class:`SolveError` naming the factor."""
