@@ -476,6 +476,15 @@ class Targets:
     def track_training_step_over_sgd_step(self, figures):
         return figures["training_step"]
 
+    def track_small_training_step_over_sgd_step(self, figures):
+        return figures["small_training_step"]
+
+    def track_lean_step_over_sgd_step(self, figures):
+        return figures["lean_step"]
+
+    def track_small_lean_step_over_sgd_step(self, figures):
+        return figures["small_lean_step"]
+
     track_exact_over_speed_of_light.unit = "ratio"
     track_sampled_step_over_sgd_step.unit = "ratio"
     track_exact_step_over_exact_direction.unit = "ratio"
@@ -484,3 +493,6 @@ class Targets:
     track_sampled_step_over_lean_step.unit = "ratio"
     track_small_sampled_step_over_lean_step.unit = "ratio"
     track_training_step_over_sgd_step.unit = "ratio"
+    track_small_training_step_over_sgd_step.unit = "ratio"
+    track_lean_step_over_sgd_step.unit = "ratio"
+    track_small_lean_step_over_sgd_step.unit = "ratio"

@@ -123,3 +123,26 @@ def test_the_overhead_benchmark_does_not_time_the_coupling_probe(method, monkeyp
     monkeypatch.setattr(coupling, "register", lambda *a: probes.append(1) or register(*a))
     case.time_overhead(method)
     assert probes == []
+
+
+def test_every_targets_track_reads_a_figure_of_a_recorded_run(monkeypatch):
+    """``Targets``: each track is a ratio of the run ``riemann-bench targets`` records, the
+    lean and training-run references of both networks among them."""
+    import json
+    from pathlib import Path
+
+    from riemann_core.scaling import targets
+
+    record = json.loads((Path(__file__).parents[1] / "reports/cpu/targets.json").read_text())
+    monkeypatch.setattr(targets, "measure_targets", lambda **kwargs: record)
+    suite = benchmarks.Targets()
+    figures = suite.setup_cache()
+    tracks = [name for name in dir(suite) if name.startswith("track_")]
+    ratios = {f["id"]: f["ratio"] for f in record["figures"]}
+    ratios |= {
+        ("small_" if r["network"] == list(targets.SMALL_NETWORK) else "") + r["id"]: r["ratio"]
+        for r in record["references"]
+    }
+    read = {getattr(suite, name)(figures) for name in tracks}
+    assert read <= {*ratios.values(), min(f["ratio"] for f in record["small"])}
+    assert len(tracks) == 11 and len(read) == 11  # every figure, each read by one track
