@@ -464,8 +464,11 @@ class Targets:
     def track_small_sampled_step_over_sgd_step(self, figures):
         return figures["small_sampled_step"]
 
-    def track_full_over_layerwise(self, figures):
-        return figures["full_vs_layerwise"]
+    def track_layerwise_over_full(self, figures):
+        """The inverse of the figure (goal <= 0.02): asv reads every track as lower is
+        better, and a slower layerwise direction lowers full / layerwise (found by a hunt:
+        ``asv compare`` showed it as an improvement)."""
+        return 1 / figures["full_vs_layerwise"]
 
     def track_sampled_step_over_lean_step(self, figures):
         return figures["step_over_lean"]
@@ -489,7 +492,7 @@ class Targets:
     track_sampled_step_over_sgd_step.unit = "ratio"
     track_exact_step_over_exact_direction.unit = "ratio"
     track_small_sampled_step_over_sgd_step.unit = "ratio"
-    track_full_over_layerwise.unit = "ratio"
+    track_layerwise_over_full.unit = "ratio"
     track_sampled_step_over_lean_step.unit = "ratio"
     track_small_sampled_step_over_lean_step.unit = "ratio"
     track_training_step_over_sgd_step.unit = "ratio"
