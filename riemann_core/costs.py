@@ -55,13 +55,13 @@ SHIFTED_PAD_ORDER = 512
 def shifted_order(m: int, dtype: torch.dtype | None = None, device=None) -> int:
     """The order at which K-FAC's factored damping factorises an ``m x m`` damped factor
     (or a thin factor's damped Gram): on the CPU :func:`factor_order`'s from
-    :data:`SHIFTED_PAD_ORDER` on, else ``m`` (other devices were not measured). Its solves take as many right-hand sides as
-    the other factor has columns (hundreds), and on the padded order cost
-    ``(1 + 8 / m)^2 - 1`` more (13% at 128, 3% at 512), where below 512 the Cholesky they
-    would speed up is a few percent of them: thin Grams of 128 padded to 136 made the
-    one-sample Monte Carlo K-FAC on 784-1024-1024-10 at batch 128 1.01-1.04x as slow
-    (2-core CPU, float32), dense factors of 1024 padded to 1032 made it 0.88-0.90x at batch
-    1024."""
+    :data:`SHIFTED_PAD_ORDER` on, else ``m`` (other devices were not measured). Its
+    solves take as many right-hand sides as the other factor has columns (hundreds), and
+    on the padded order cost ``(1 + 8 / m)^2 - 1`` more (13% at 128, 3% at 512), where
+    below 512 the Cholesky they would speed up is a few percent of them: thin Grams of 128
+    padded to 136 made the one-sample Monte Carlo K-FAC on 784-1024-1024-10 at batch 128
+    1.01-1.04x as slow (2-core CPU, float32), dense factors of 1024 padded to 1032 made it
+    0.88-0.90x as slow at batch 1024."""
     cpu = device is not None and torch.device(device).type == "cpu"
     return factor_order(m, dtype, device) if cpu and m >= SHIFTED_PAD_ORDER else m
 

@@ -517,7 +517,7 @@ def tuning_figure(tuning: pd.DataFrame, model: str, path: Path) -> Path:
         ax.set_xlabel("learning rate")
         ax.legend(fontsize="x-small")
     axes[0, 0].set_ylabel("final validation loss")
-    suptitle(fig, f"{model}: tuning grid (x at the top: diverged)")
+    suptitle(fig, f"{model}: tuning grid (x at the top: diverged or solver failed)")
     return save_figure(fig, path)
 
 
