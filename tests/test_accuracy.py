@@ -689,6 +689,23 @@ def test_unsolvable_block_is_named_with_the_fix(monkeypatch):
             rc.direction(model, x, y, damping=1e-9)
 
 
+def test_a_float64_solve_that_falls_short_is_told_only_to_raise_the_damping():
+    """Found by a hunt: a solve factorised in float64 already was told to pass
+    ``solve_dtype=torch.float64``."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 5)]
+    model = torch.nn.Sequential(*layers).double()
+    x = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 3])
+    generator = torch.Generator().manual_seed(0)
+    with pytest.raises(rc.SolveError, match="did not solve") as refused:
+        rc.direction(model, x, y, method="kfac", damping=1e-14, output_metric="sampled",
+                     generator=generator, solve_dtype=torch.float64)  # fmt: skip
+    message = str(refused.value)
+    assert "Use a larger damping (the metric was formed and factorised in float64" in message
+    assert "solve_dtype" not in message
+
+
 def test_unsolvable_block_counts_the_requested_refinement_too(monkeypatch):
     """Found by review: with ``refine=5`` the message said 3 steps (the automatic ones)."""
     _no_refinement_in_the_rows(monkeypatch)

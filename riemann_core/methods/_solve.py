@@ -521,9 +521,7 @@ def _check_residual(
             f"the solve of block {s.name!r} did not solve: relative residual "
             f"||G x - g|| / ||g|| = {value:.1e} exceeds {bound:g} after {opts.refine + steps} "
             f"steps of refinement{requested} (cond(G) ~ {condition:.0e} at damping "
-            f"{opts.damping:g}, factorised "
-            f"in {s.factor_dtype}). Pass solve_dtype=torch.float64 (forms and factorises "
-            "the metric in float64) or a larger damping"
+            f"{opts.damping:g}, factorised in {s.factor_dtype}). {_remedy(s.factor_dtype)}"
         )
     if not value <= target:
         forward = value / float(s.forward_scale) if float(s.forward_scale) > 0 else math.inf
@@ -532,10 +530,22 @@ def _check_residual(
             f"{forward:.1e} (||G x - g|| / (damping ||x||), the bound its residual "
             f"{value:.1e} gives, after {opts.refine + steps} steps of refinement; cond(G) ~ "
             f"{condition:.0e} at damping {opts.damping:g}, factorised in {s.factor_dtype}). "
-            "Pass solve_dtype=torch.float64 or use a larger damping",
+            f"{_remedy(s.factor_dtype)}",
             AccuracyWarning,
             stacklevel=5,
         )
+
+
+def _remedy(factor_dtype: torch.dtype) -> str:
+    """What to pass where a solve's residual falls short: float64 where the metric was
+    factorised in another dtype, else only a larger damping (found by a hunt: a float64
+    solve was told to pass solve_dtype=torch.float64)."""
+    if factor_dtype == torch.float64:
+        return "Use a larger damping (the metric was formed and factorised in float64 already)"
+    return (
+        "Pass solve_dtype=torch.float64 (forms and factorises the metric in float64) or use "
+        "a larger damping"
+    )
 
 
 def _check_accuracy(s: Solve, opts, condition: float, data_dtype: torch.dtype) -> None:
