@@ -216,6 +216,18 @@ def _versions(value) -> list[tuple[Tensor, int]]:
 _RECORD = ("calls", "output", "inputs", "substituted", "token", "_stale", "_watched")
 
 
+def _without_no_grad_repeats(calls: list[Block]) -> list[Block]:
+    """``calls`` less those made under ``no_grad`` (an output that does not require grad)
+    of parameters that a call with gradients also uses: a target or statistics pass inside
+    forward, which adds nothing to the metric (found by a hunt: K-FAC refused the layer as
+    parameters several calls share). A module called only under ``no_grad`` stays (the
+    forward of a reentrant checkpoint, whose refusal depends on it)."""
+    trained = {id(p) for c in calls if c.output.requires_grad for p in c.params}
+    return [
+        c for c in calls if c.output.requires_grad or not any(id(p) in trained for p in c.params)
+    ]
+
+
 class Capture:
     """Hooks recording each call of the modules of ``model`` that own trainable parameters.
 
@@ -338,6 +350,7 @@ class Capture:
                 setattr(self, attribute, value)
             return None
         self.output = output
+        self.calls = _without_no_grad_repeats(self.calls)
         mark_pass(output, self.key, self.token)
         watched = [(output, output._version)] if isinstance(output, Tensor) else None
         self._watched.append((MODEL_OUTPUT, watched or _versions(output)))
@@ -900,7 +913,7 @@ def forward(
             )
         stale = capture.stale()
         if not stale:
-            return outputs, capture.calls
+            return outputs, _without_no_grad_repeats(capture.calls)
         notes.clone |= stale
     raise ValueError(  # pragma: no cover - captured copies cannot change
         f"modules {sorted(stale)} had their captured tensors changed in place even when copied"

@@ -293,6 +293,55 @@ def test_shared_parameters_have_no_kronecker_form(net, kernel):
         rc.direction(model, x, y, method="kfac", kernel=kernel_for(kernel, model))
 
 
+class TargetUnderNoGrad(nn.Module):
+    """A layer also called under ``no_grad`` inside forward (a detached target or a
+    statistics pass), its output added to the trained path as data."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.h = nn.Linear(5, 5), nn.Linear(5, 4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            target = self.a(x)
+        return self.h(torch.tanh(self.a(x) + target))
+
+
+class TargetGiven(nn.Module):
+    """The same network with the no-grad output passed in beside ``x`` (``z = [x, t]``)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.a, self.h = net.a, net.h
+
+    def forward(self, z):
+        return self.h(torch.tanh(self.a(z[:, :5]) + z[:, 5:]))
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"kernel={k}")
+def test_a_layer_also_called_under_no_grad_is_called_once(kernel):
+    """Found by a hunt: K-FAC refused the layer as parameters several calls share, though
+    the no-grad call adds nothing to the metric. Every method gives the direction of the
+    network with the no-grad output passed in as data (the exact ones the oracle's), and
+    ``pre.backward`` the same."""
+    torch.manual_seed(0)
+    model = TargetUnderNoGrad().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 4, (6,))
+    with torch.no_grad():
+        z = torch.cat([x, model.a(x)], 1)
+    for method in EXACT:
+        assert_exact(model, x, y, method, kernel)
+    for damping, bias in [("exact", "joint"), ("factored", "separate")]:
+        kw = dict(method="kfac", damping=DAMPING, kernel=kernel, kfac_damping=damping)
+        got = rc.direction(model, x, y, kfac_bias=bias, **kw)
+        expected = rc.direction(TargetGiven(model), z, y, kfac_bias=bias, **kw)
+        for name, d in expected.items():
+            torch.testing.assert_close(got[name], d, rtol=1e-12, atol=1e-14)
+        pre = rc.RiemannianPreconditioner(model, kfac_bias=bias, **kw)
+        expected = flatten(expected, model)
+        assert_steps_exact(pre, model, x, lambda out: F.cross_entropy(out, y), expected)
+
+
 @pytest.mark.parametrize("refresh", [1, 2], ids=lambda k: f"kfac_refresh={k}")
 def test_preconditioner_refuses_kfac_on_shared_parameters(refresh):
     """The same refusal in a preconditioner's step, with or without K-FAC's state
