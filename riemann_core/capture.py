@@ -362,7 +362,10 @@ class Capture:
         entered: list[tuple[tuple, dict, list] | None] = []
 
         def pre_hook(mod, args, kwargs):
-            if not self._recording:
+            # a call under inference_mode inside forward (a target pass) adds nothing to
+            # the metric, and its tensors track no versions to watch (found by a hunt: it
+            # was refused as inputs of the wrong shape)
+            if not self._recording or torch.is_inference_mode_enabled():
                 entered.append(None)
                 return
             # the arguments as the forward receives them (unless a pre-hook registered

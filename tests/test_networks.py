@@ -294,17 +294,17 @@ def test_shared_parameters_have_no_kronecker_form(net, kernel):
 
 
 class TargetUnderNoGrad(nn.Module):
-    """A layer also called under ``no_grad`` inside forward (a detached target or a
-    statistics pass), its output added to the trained path as data."""
+    """A layer also called under ``no_grad`` (or ``inference_mode``) inside forward (a
+    detached target or a statistics pass), its output added to the trained path as data."""
 
-    def __init__(self):
+    def __init__(self, context=torch.no_grad):
         super().__init__()
-        self.a, self.h = nn.Linear(5, 5), nn.Linear(5, 4)
+        self.a, self.h, self.context = nn.Linear(5, 5), nn.Linear(5, 4), context
 
     def forward(self, x):
-        with torch.no_grad():
+        with self.context():
             target = self.a(x)
-        return self.h(torch.tanh(self.a(x) + target))
+        return self.h(torch.tanh(self.a(x) + target.clone()))
 
 
 class TargetGiven(nn.Module):
@@ -318,26 +318,32 @@ class TargetGiven(nn.Module):
         return self.h(torch.tanh(self.a(z[:, :5]) + z[:, 5:]))
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad",
+                         "inference_mode"])  # fmt: skip
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"kernel={k}")
-def test_a_layer_also_called_under_no_grad_is_called_once(kernel):
-    """Found by a hunt: K-FAC refused the layer as parameters several calls share, though
-    the no-grad call adds nothing to the metric. Every method gives the direction of the
-    network with the no-grad output passed in as data (the exact ones the oracle's), and
-    ``pre.backward`` the same."""
+def test_a_layer_also_called_under_no_grad_is_called_once(kernel, context):
+    """Found by hunts: K-FAC refused the layer as parameters several calls share, though
+    the no-grad call adds nothing to the metric, and every method refused a call under
+    inference_mode as inputs of the wrong shape. Every method gives the direction of the
+    network with that output passed in as data (under no_grad the exact ones the
+    oracle's, whose torch.func cannot run inference_mode), and ``pre.backward`` the same."""
     torch.manual_seed(0)
-    model = TargetUnderNoGrad().double()
+    model = TargetUnderNoGrad(context).double()
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 4, (6,))
     with torch.no_grad():
         z = torch.cat([x, model.a(x)], 1)
-    for method in EXACT:
+    for method in EXACT if context is torch.no_grad else ():
         assert_exact(model, x, y, method, kernel)
-    for damping, bias in [("exact", "joint"), ("factored", "separate")]:
-        kw = dict(method="kfac", damping=DAMPING, kernel=kernel, kfac_damping=damping)
-        got = rc.direction(model, x, y, kfac_bias=bias, **kw)
-        expected = rc.direction(TargetGiven(model), z, y, kfac_bias=bias, **kw)
+    variants = [("layerwise", None, "joint"), ("natural", None, "joint"), ("full", None, "joint"),
+                ("kfac", "exact", "joint"), ("kfac", "factored", "separate")]  # fmt: skip
+    for method, damping, bias in variants:
+        kw = dict(method=method, damping=DAMPING, kernel=kernel)
+        kw |= dict(kfac_damping=damping, kfac_bias=bias) if damping else {}
+        got = rc.direction(model, x, y, **kw)
+        expected = rc.direction(TargetGiven(model), z, y, **kw)
         for name, d in expected.items():
             torch.testing.assert_close(got[name], d, rtol=1e-12, atol=1e-14)
-        pre = rc.RiemannianPreconditioner(model, kfac_bias=bias, **kw)
+        pre = rc.RiemannianPreconditioner(model, **kw)
         expected = flatten(expected, model)
         assert_steps_exact(pre, model, x, lambda out: F.cross_entropy(out, y), expected)
 
