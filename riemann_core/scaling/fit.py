@@ -228,6 +228,21 @@ def repeat_times(rows: pd.DataFrame) -> list[np.ndarray]:
     return samples
 
 
+def stretch_times(rows: pd.DataFrame) -> list[list[np.ndarray]]:
+    """:func:`repeat_times` of ``rows`` by the stretches of time they were timed in
+    (``stretches``: ``riemann_core.scaling.sweep.time_lines`` writes them one after
+    another): one list of samples per stretch, the ``i``-th holding each row's ``i``-th
+    share of its times. One list, all the times, unless every row has the same number of
+    stretches (a row without the column has one)."""
+    samples = repeat_times(rows)
+    column = rows["stretches"] if "stretches" in rows else [math.nan] * len(rows)
+    counts = {int(c) if isinstance(c, Real) and math.isfinite(c) else 1 for c in column}
+    k = counts.pop() if len(counts) == 1 else 1
+    if k == 1 or any(s.size % k for s in samples):
+        return [samples]
+    return [[s.reshape(k, -1)[i] for s in samples] for i in range(k)]
+
+
 def loglog_slope(
     x: Sequence[float],
     y_samples: Sequence[Sequence[float] | float],

@@ -27,7 +27,9 @@ over points, in rounds:
    points in turn in every round (:func:`time_lines`, where ``sweep`` is given it, as
    ``riemann-bench run`` and ``sweep`` do): the claims on depth judge a line's shape to a
    few percent, the claims on time the ratio of a top pair, which the machine's drift
-   between points measured minutes apart would bend.
+   between points measured minutes apart would bend. A depth line is timed in
+   :data:`LINE_STRETCHES` stretches of time, the other lines between them, and its claim
+   judged in each.
 
 The points run in this process one after another, or on a dask cluster
 (:mod:`riemann_core.scaling.dispatch`), a round at a time: each round is a list of runs
@@ -54,6 +56,7 @@ import statistics
 import time
 import uuid
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -111,6 +114,7 @@ COLUMNS = (
     "slow_paths",
     "remeasured",
     "interleaved",
+    "stretches",
     "status",
     "reason",
     "host",
@@ -123,7 +127,7 @@ WHERE = ("host", "device_name", "physical_device")
 #: text columns a results file may lack (written before they were recorded): blank then.
 #: ``sweep`` is the id of the sweep whose directory the row was written in, which its
 #: ``sweep.json`` records
-OPTIONAL = (*WHERE, "slow_paths", "interleaved", "sweep")
+OPTIONAL = (*WHERE, "slow_paths", "interleaved", "stretches", "sweep")
 KEY = ("method", "kernel", "width", "depth", "out_dim", "batch", "device", "dtype", "output_metric")
 #: Sweep-only methods: a K-FAC variant by its label. ``kfac-default`` is the K-FAC users run
 #: by default (one-sample Monte Carlo Fisher, factored damping, weight and bias apart); its
@@ -155,6 +159,15 @@ TOP_PAIR_AXES = ("width", "batch")
 #: percent (at 7 rounds on a shared 2-core CPU, the quadratic term's interval was 0.2-1.3
 #: wide).
 LINE_ROUNDS_PER_REPEAT = 3
+#: Stretches of time a line along :data:`INTERLEAVED_AXES` is timed in, the others' lines
+#: between them (``stretches``: its ``times_s`` hold them one after another, each of
+#: ``LINE_ROUNDS_PER_REPEAT * repeats`` rounds). The depth claims judge each stretch alone
+#: and pass or fail only where all agree: a stretch carries a state of the machine that
+#: slows the deep points alike in every round of it, which interleaving does not cancel (a
+#: CPU sweep failed euclidean's line at a quadratic share of 0.255 [0.162, 0.384], where
+#: two sweeps minutes later, same code, passed it at 0.05, and the line timed alone in
+#: fresh processes read 0.04 to 0.22 over nine stretches).
+LINE_STRETCHES = 2
 
 
 class ResultsFileError(ValueError):
@@ -441,6 +454,7 @@ def blank_row(run: dict) -> dict:
         "slow_paths": "",
         "remeasured": 0,
         "interleaved": "",
+        "stretches": "",
         "status": "ok",
         "reason": "",
         "sweep": "",
@@ -552,9 +566,11 @@ def lines_to_interleave(rows: list[dict], base: Mapping[str, int]) -> list[tuple
 
 
 def time_lines(lines: list[list[dict]], grid: Grid, device: torch.device) -> list[dict]:
-    """``{**key, time_median_s, time_iqr_s, times_s, spread}`` of every point of ``lines``
-    on ``device``: each line's points timed in turn in each of
-    ``LINE_ROUNDS_PER_REPEAT * grid.repeats`` rounds, each call right after an untimed call
+    """``{**key, time_median_s, time_iqr_s, times_s, spread, stretches}`` of every point of
+    ``lines`` on ``device``: each line's points timed in turn in each of
+    ``LINE_ROUNDS_PER_REPEAT * grid.repeats`` rounds, in :func:`stretches_of` the line
+    stretches of time (the second of a depth line after every line's first, their times
+    one after another in ``times_s``), each call right after an untimed call
     of its own (:func:`~riemann_core.measure.timing.interleaved`), so that a slow spell of
     the machine slows every point of a round alike instead of bending the line, and each
     point is timed in the cache state its own call leaves, as a point measured alone is:
@@ -563,17 +579,27 @@ def time_lines(lines: list[list[dict]], grid: Grid, device: torch.device) -> lis
     against 2.4-2.6 ms at depth 1, a quadratic term of 31% [28%, 36%] failed the linear
     claim). A line whose point fails here comes back as ``{**key, "error": reason}`` rows:
     its points keep the times of their own measurement, and the caller says why."""
+    stretches = [stretches_of(line) for line in lines]
+    times: list[dict | str] = [{key_of(run): [] for run in line} for line in lines]
+    for stretch in range(max(stretches, default=0)):
+        for i, line in enumerate(lines):
+            if stretch >= stretches[i] or isinstance(times[i], str):
+                continue
+            try:
+                calls = {key_of(run): _direction_call(run, grid, device) for run in line}
+                rounds = interleaved(calls, LINE_ROUNDS_PER_REPEAT * grid.repeats, device, warmup=1)
+            except Exception as err:  # noqa: BLE001  (its points were measured; reported above)
+                times[i] = f"{type(err).__name__}: {err}"[:300]
+                continue
+            for key, point_times in rounds.items():
+                times[i][key] += point_times
     timed = []
-    for line in lines:
-        try:
-            calls = {key_of(run): _direction_call(run, grid, device) for run in line}
-            times = interleaved(calls, LINE_ROUNDS_PER_REPEAT * grid.repeats, device, warmup=1)
-        except Exception as err:  # noqa: BLE001  (its points were measured; reported above)
-            reason = f"{type(err).__name__}: {err}"[:300]
-            timed += [{**run, "error": reason} for run in line]
+    for line, count, line_times in zip(lines, stretches, times, strict=True):
+        if isinstance(line_times, str):
+            timed += [{**run, "error": line_times} for run in line]
             continue
         for run in line:
-            timing = timing_of(times[key_of(run)])
+            timing = timing_of(line_times[key_of(run)])
             timed.append(
                 {
                     **run,
@@ -581,9 +607,21 @@ def time_lines(lines: list[list[dict]], grid: Grid, device: torch.device) -> lis
                     "time_iqr_s": timing.iqr,
                     "times_s": json.dumps([round(t, 9) for t in timing.times]),
                     "spread": spread_of(timing),
+                    "stretches": count,
                 }
             )
     return timed
+
+
+def stretches_of(line: list[dict]) -> int:
+    """:data:`LINE_STRETCHES` for a group of points holding a line along one of
+    :data:`INTERLEAVED_AXES` (three or more values along it, the rest alike), 1 otherwise
+    (a top pair: its claims read the ratio of two points, which a stretch slows alike)."""
+    for axis in INTERLEAVED_AXES:
+        along = Counter(tuple(run[a] for a in AXES if a != axis) for run in line)
+        if max(along.values(), default=0) >= 3:
+            return LINE_STRETCHES
+    return 1
 
 
 def _direction_call(run: dict, grid: Grid, device: torch.device) -> Callable[[], object]:
@@ -778,6 +816,11 @@ def _row_problem(row: dict) -> str | None:
             return f"{column} is {row[column]}, not {value}, the network's at this point"
     if row["remeasured"] not in ("0", "1"):
         return f"remeasured is {row['remeasured']!r}, not 0 or 1"
+    stretches = row.get("stretches") or "1"
+    if not (stretches.isascii() and stretches.isdigit() and int(stretches) >= 1):
+        return f"stretches is {stretches!r}, not a positive integer"
+    if len(times) % int(stretches):
+        return f"times_s holds {len(times)} times, which its {stretches} stretches do not share"
     for column, words in WORDS.items():
         unknown = set((row.get(column) or "").split()) - set(words)
         if unknown:
@@ -1109,7 +1152,10 @@ def write_results(path: Path, rows: list[dict]) -> None:
     buffer = StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows({c: row[c] for c in COLUMNS} for row in rows)
+    # a row read from a file older than a column of OPTIONAL has it blank
+    writer.writerows(
+        {c: row.get(c, "") if c in OPTIONAL else row[c] for c in COLUMNS} for row in rows
+    )
     write_atomic(path, buffer.getvalue())
 
 
@@ -1482,7 +1528,7 @@ def interleave_lines(
             stacklevel=2,
         )
     retimed = {k: r for k, r in timed.items() if "error" not in r}
-    fields = ("time_median_s", "time_iqr_s", "times_s", "spread", *WHERE)
+    fields = ("time_median_s", "time_iqr_s", "times_s", "spread", "stretches", *WHERE)
     rows[:] = [
         {**row, **{f: new[f] for f in fields}, "interleaved": axis[key_of(row)]}
         if (new := retimed.get(key_of(row))) is not None

@@ -41,7 +41,11 @@ Every claim ends with one verdict and a one-line reason (``detail``):
   interval lies beyond it on either side (either is regime not reached where the counted
   work at the deepest point, at the device's best rates, is under :data:`MIN_LINE_WORK` of
   the whole time at the shallowest, and too noisy on fewer than :data:`MIN_DEPTHS` depths
-  or :data:`MIN_DEPTH_ROUNDS` rounds), too noisy otherwise.
+  or :data:`MIN_DEPTH_ROUNDS` rounds), too noisy otherwise. A line timed in several
+  stretches of time (``stretches``, :data:`~riemann_core.scaling.sweep.LINE_STRETCHES`) is
+  judged in each alone as well: it passes or fails only where every stretch does, too
+  noisy where they disagree (the figure is that of all its rounds, the stretches' in the
+  detail).
 
 **Claims on time**, through the time model of :mod:`riemann_core.scaling.fit` (the
 depth claims' time part too). Every claim on time is too noisy instead (its would-be
@@ -617,30 +621,35 @@ def _linear_in_depth(
     timed = _interleaved_along(rows, "depth").all()
     paired = bool(timed) and len({s.size for s in samples}) == 1
     curve = fit.quadratic_share(L, samples, n_boot=n_boot, seed=seed, paired=paired)
+    stretches = fit.stretch_times(rows) if timed else [samples]
     a, b = _line(L, rows["time_median_s"].to_numpy(float))
-    spread = (
-        "(no interval: a depth timed once)"
-        if math.isnan(curve.low)
-        else f"[{curve.low:.0%}, {curve.high:.0%}]"
-    )
     detail = (
         f"FLOPs affine in L; time of {method} ({kernel}) ~ {a * 1e3:.3g} ms + {b * 1e3:.3g} ms "
         f"x L over {span}, the depths timed "
         f"{'interleaved' if timed else 'one after another'}; the quadratic term of a fit "
-        f"a + b L + c L^2 is {curve.slope:.0%} {spread} of the time at L = {L[-1]:g}"
+        f"a + b L + c L^2 is {_share(curve)} of the time at L = {L[-1]:g}"
     )
-    rounds = min(s.size for s in samples)
+    rounds = min(s.size for s in stretches[0])
     work = _line_work(rows, rates)
-    if (
-        abs(curve.slope) <= DEPTH_TOLERANCE
-        and -DEPTH_REACH <= curve.low <= curve.high <= DEPTH_REACH
-    ):
-        verdict, reason = PASS, ""
-    elif curve.low > DEPTH_TOLERANCE or curve.high < -DEPTH_TOLERANCE:
-        verdict = FAIL
-        reason = ": the time curves " + ("up" if curve.low > 0 else "down") + " beyond noise"
-    else:
-        verdict, reason = NOISY, ": the interval is too wide to tell"
+    verdict, reason = _curve_verdict(curve)
+    if len(stretches) > 1:
+        # judged in each stretch of time alone (sweep.LINE_STRETCHES), all the rounds
+        # above: a state of the machine that lasted a stretch slowed its deep points alike
+        each = [
+            fit.quadratic_share(L, part, n_boot=n_boot, seed=seed, paired=paired)
+            for part in stretches
+        ]
+        verdicts = [_curve_verdict(c) for c in each]
+        detail += f"; in its {len(each)} stretches of time {', '.join(map(_share, each))}"
+        if len({v for v, _ in verdicts}) > 1:
+            verdict = NOISY
+            reason = (
+                ": the stretches disagree (a state of the machine that lasted a stretch, not "
+                "the algorithm, moved the curve; rerun on a quiet machine)"
+            )
+        else:
+            verdict, reason = verdicts[0]
+            reason += " in each stretch" if reason else ""
     if verdict != NOISY and (len(L) < MIN_DEPTHS or rounds < MIN_DEPTH_ROUNDS):
         # (found by review: exactly affine times failed at 3 depths of 3 rounds, 9 of 40)
         verdict, reason = (
@@ -675,6 +684,25 @@ def _linear_in_depth(
         INTERLEAVED if timed else "time",
     )
     return _on_outliers(claim, rows, df, ("depth",))
+
+
+def _curve_verdict(curve: fit.SlopeFit) -> tuple[str, str]:
+    """The verdict of a depth line's quadratic share alone, and its reason."""
+    if (
+        abs(curve.slope) <= DEPTH_TOLERANCE
+        and -DEPTH_REACH <= curve.low <= curve.high <= DEPTH_REACH
+    ):
+        return PASS, ""
+    if curve.low > DEPTH_TOLERANCE or curve.high < -DEPTH_TOLERANCE:
+        return FAIL, ": the time curves " + ("up" if curve.low > 0 else "down") + " beyond noise"
+    return NOISY, ": the interval is too wide to tell"
+
+
+def _share(curve: fit.SlopeFit) -> str:
+    """``12% [3%, 20%]``: a quadratic share with its interval."""
+    if math.isnan(curve.low):
+        return f"{curve.slope:.0%} (no interval: a depth timed once)"
+    return f"{curve.slope:.0%} [{curve.low:.0%}, {curve.high:.0%}]"
 
 
 def _line(L: np.ndarray, y: np.ndarray) -> tuple[float, float]:

@@ -138,6 +138,7 @@ def make_sweep(
                     slow_paths="",
                     remeasured=0,
                     interleaved="",
+                    stretches="",
                     status=status,
                     reason="" if status == "ok" else "planted",
                     host="synthetic-host",

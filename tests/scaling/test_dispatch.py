@@ -469,7 +469,7 @@ def test_the_depth_lines_and_top_pairs_are_timed_again_on_the_workers(two_device
     # the depth line through the base (width 4, batch 4) and the top pairs along width, batch
     assert points == [(4, 1, 2), (4, 1, 4), (4, 2, 4), (4, 3, 4), (6, 1, 4)]
     assert {r["interleaved"] for r in line} == {"depth width batch"}
-    rounds = sw.LINE_ROUNDS_PER_REPEAT * grid.repeats
+    rounds = sw.LINE_ROUNDS_PER_REPEAT * grid.repeats * sw.LINE_STRETCHES  # a depth line's
     assert all(len(json.loads(r["times_s"])) == rounds for r in line)
 
 

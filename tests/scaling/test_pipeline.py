@@ -474,6 +474,8 @@ CORRUPTIONS = {
     "slow-paths-text": (_edit_row("slow_paths", "{{{"), "slow_paths holds ['{{{']"),
     "interleaved-text": (_edit_row("interleaved", "sideways"), "interleaved holds ['sideways']"),
     "remeasured-text": (_edit_row("remeasured", "yes"), "remeasured is 'yes', not 0 or 1"),
+    "stretches-zero": (_edit_row("stretches", "0"), "stretches is '0', not a positive integer"),
+    "stretches-uneven": (_edit_row("stretches", "1000"), "which its 1000 stretches do not share"),
     "duplicate-point": (_duplicate_row, "hold the same point"),
     # found by a hunt: a copy with a blank device_name was read as another device's point,
     # then named the sweep's device and fitted twice

@@ -807,6 +807,19 @@ def test_points_that_took_a_slow_path_are_not_timed_again():
     assert groups and {tuple(r["width"] for r in runs) for _, runs in groups} == {(2, 3)}
 
 
+def test_a_group_holding_a_depth_line_is_timed_in_stretches():
+    """A depth line (three depths or more) is timed in LINE_STRETCHES stretches, whose
+    agreement its claim judges; a top pair, or two depths, in one."""
+    grid = sw.Grid(**{**TINY, "axes": {**TINY["axes"], "depth": (1, 2, 3)}})
+    runs = [r for r in grid.runs() if r["method"] == "euclidean" and r["width"] == 4]
+    line = [r for r in runs if r["batch"] == 4]
+    assert [r["depth"] for r in line] == [1, 2, 3]
+    assert sw.stretches_of(line) == sw.LINE_STRETCHES > 1
+    assert sw.stretches_of(line[:2]) == 1
+    pair = [r for r in grid.runs() if r["method"] == "euclidean" and r["depth"] == 1][-2:]
+    assert sw.stretches_of(pair) == 1
+
+
 def test_a_sweep_times_its_depth_lines_and_top_pairs_again_interleaved(tmp_path, monkeypatch):
     """With ``retime``, the rows of the depth lines and of the top pairs along width and
     batch take times from rounds in which every point of their group ran in turn (each
@@ -842,13 +855,19 @@ def test_a_sweep_times_its_depth_lines_and_top_pairs_again_interleaved(tmp_path,
     )
     rounds = sw.LINE_ROUNDS_PER_REPEAT * grid.repeats  # after a warm-up, in each round every
     # point right after an untimed call of its own (found measuring: timed after the line's
-    # largest point, the smallest read 25-30% high)
-    assert order == group + [p for _ in range(rounds) for p in group for _ in (0, 1)]
+    # largest point, the smallest read 25-30% high); a group holding a depth line in two
+    # stretches, each with its warm-up
+    stretch = group + [p for _ in range(rounds) for p in group for _ in (0, 1)]
+    assert sw.stretches_of([sw.run_of(rows[k]) for k in rows if rows[k]["interleaved"]]) == 2
+    assert order == stretch * sw.LINE_STRETCHES
     for key, row in rows.items():
         point = (int(row["width"]), int(row["depth"]), int(row["batch"]))
         timed_again = point in group and row["kernel"] == "structured"
         assert row["interleaved"] == ("depth width batch" if timed_again else "")
         assert (row["times_s"] == before[key]["times_s"]) != timed_again
+        if timed_again:
+            assert len(json.loads(row["times_s"])) == rounds * sw.LINE_STRETCHES
+            assert row["stretches"] == str(sw.LINE_STRETCHES)
         assert row["host"] == socket.gethostname()
         if timed_again and row["flag"] != "outlier":  # the flag is that of the new times
             assert (row["flag"] == "spread") == (float(row["spread"]) > sw.SPREAD_LIMIT)

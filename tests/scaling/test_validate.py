@@ -4,7 +4,10 @@ reached where the points do not reach the regime, not measured where nothing ran
 
 import json
 import math
+import re
 
+import numpy as np
+import pandas as pd
 import pytest
 from synthetic import AXES, BASE, RUNS, Machine, make_sweep
 
@@ -122,6 +125,52 @@ def test_a_depth_quadratic_in_time_fails_linear_in_depth():
     claim = by_id(va.validate(df, meta, n_boot=300), "linear-in-depth-natural")
     assert "the depths timed interleaved" in claim.detail and claim.verdict == "fail"
     assert claim.basis == "interleaved time"
+
+
+def test_a_depth_line_timed_in_two_stretches_is_judged_in_each():
+    """A line passes or fails only where both stretches of its timing do: a stretch whose
+    deep points a state of the machine slowed, as a CPU sweep failed euclidean's line at
+    0.255 [0.162, 0.384] that two sweeps minutes later passed at 0.05, is too noisy."""
+    machine = Machine()  # linear in depth
+
+    def with_stretches(curved):
+        df, meta = make_sweep(machine, repeats=7)
+        line = (df["method"] == "natural") & (df["width"] == BASE["width"])
+        line &= (df["out_dim"] == BASE["out_dim"]) & (df["batch"] == BASE["batch"])
+        assert line.sum() == len(AXES["depth"])
+        for i in df.index[line]:
+            times = json.loads(df.at[i, "times_s"])
+            L = df.at[i, "depth"] + 1
+            bent = [t * (1 + 0.05 * L * L) for t in times]  # a quadratic share of ~0.9
+            both = [bent if c else times for c in curved]
+            df.at[i, "times_s"] = json.dumps(both[0] + both[1])
+            df.at[i, "time_median_s"] = float(np.median(both[0] + both[1]))
+        df.loc[line, "interleaved"] = "depth"
+        df["stretches"] = np.where(line, 2, np.nan)  # as read_sweep reads the column
+        return by_id(va.validate(df, meta, n_boot=300), "linear-in-depth-natural")
+
+    claim = with_stretches((False, False))
+    assert claim.verdict == "pass" and "in its 2 stretches of time" in claim.detail
+    claim = with_stretches((False, True))
+    assert claim.verdict == "too noisy" and "the stretches disagree" in claim.detail
+    shares = re.findall(r"(-?\d+)% \[", claim.detail.split("stretches of time")[1])
+    assert abs(int(shares[0])) < 15 and int(shares[1]) > 50  # each stretch's own figure
+    claim = with_stretches((True, True))
+    assert claim.verdict == "fail" and "beyond noise in each stretch" in claim.detail
+
+
+def test_stretch_times_split_each_rows_times_only_where_every_row_has_as_many():
+    rows = pd.DataFrame({"time_median_s": [2.5, 6.5], "times_s": ["[1, 2, 3, 4]", "[5, 6, 7, 8]"]})
+    assert [[s.tolist() for s in part] for part in fit.stretch_times(rows)] == [
+        [[1, 2, 3, 4], [5, 6, 7, 8]]
+    ]  # no column: one stretch
+    rows["stretches"] = [2, 2]
+    assert [[s.tolist() for s in part] for part in fit.stretch_times(rows)] == [
+        [[1, 2], [5, 6]],
+        [[3, 4], [7, 8]],
+    ]
+    rows["stretches"] = [2, np.nan]  # a row timed otherwise: the times are not split
+    assert len(fit.stretch_times(rows)) == 1
 
 
 def test_flops_that_are_not_affine_in_depth_fail_linear_in_depth():
