@@ -28,6 +28,17 @@ multiple of its pullback, and with another pattern added, as the sum of the two
 pullbacks. A hook that only reads passes; one that clips only beyond the values the
 probe's call reached passes too (``check_coupling="always"`` checks every call).
 
+*Module backward hooks only read.* A module's backward hook (``register_full_backward_hook``,
+``register_full_backward_pre_hook``, ``register_backward_hook``) runs on every row pulled
+back through the module, so one that returns new gradients, even a linear change (a
+scale) that the probe above passes, changes the metric's Jacobian with the gradient, and
+no direction is exact (found by a hunt: a hook doubling a module's input gradient left
+layerwise 0.21 off the network's direction, with no error). Probe: the forward pass that
+is probed runs each such hook through :func:`watching_backward_hooks`, which notes one
+that returns anything but ``None`` or the gradients it was given. A tensor hook
+registered in ``forward`` or a custom ``autograd.Function`` is part of the network's
+backward pass instead: the Jacobian is the one autograd's backward pass applies.
+
 All three are structural, so they run on the first call for a model and again when what
 may choose the forward pass's path changes (:func:`probe_key`: a module's training flag
 or hooks, a module swapped for another, a parameter frozen or unfrozen, the kernel, an
@@ -43,12 +54,13 @@ more with every module hooked, to name the module that couples the samples.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import warnings
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +86,68 @@ class Probe:
 
     key: tuple
     rerun: Callable[[], Tensor]
+    #: what :func:`watching_backward_hooks` noted of the probed forward pass's graph
+    changing: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def watching_backward_hooks(model: nn.Module) -> Iterator[list[str]]:
+    """Within the block, each module backward hook of ``model``'s modules (but
+    riemann_core's own) is replaced by one that calls it and notes, in the list yielded,
+    ``module 'name''s <kind>`` where it returns new gradients (anything but ``None`` or the
+    very tensors it was given). A forward pass run within keeps the watching hooks in its
+    graph (torch reads the hooks at the call); the model's hooks are put back after it."""
+    changing: list[str] = []
+    replaced = []
+    for name, module in model.named_modules():
+        for kind, hooks in (
+            ("full backward pre-hook", module._backward_pre_hooks),
+            ("backward hook", module._backward_hooks),
+        ):
+            for i, hook in list(hooks.items()):
+                if not isinstance(hook, OwnHook):
+                    replaced.append((hooks, i, hook))
+                    hooks[i] = _watched(hook, f"module {name!r}'s {kind}", changing)
+    try:
+        yield changing
+    finally:
+        for hooks, i, hook in replaced:
+            if i in hooks:  # (a hook may remove itself)
+                hooks[i] = hook
+
+
+def _watched(hook: Callable, what: str, changing: list[str]) -> Callable:
+    """``hook``, noting ``what`` in ``changing`` where it returns new gradients: its
+    first gradient argument is what its result replaces (a backward hook's ``grad_input``,
+    a pre-hook's ``grad_output``)."""
+
+    def watched(module, given, *rest):
+        result = hook(module, given, *rest)
+        if result is not None:
+            new = (result,) if isinstance(result, Tensor) else tuple(result)
+            if len(new) != len(given) or any(a is not b for a, b in zip(new, given)):
+                changing.append(what)
+        return result
+
+    return watched
+
+
+def _register_hook_check(checks: Deferred, probe: Probe) -> None:
+    """Refuse, once the probe's rows were pulled back, a module backward hook that
+    returned new gradients (:func:`watching_backward_hooks`)."""
+
+    def verdict():
+        if probe.changing:
+            raise ValueError(
+                f"{', '.join(dict.fromkeys(probe.changing))} returns new gradients: it runs "
+                "on every row riemann_core pulls back through the module, the metric's factor "
+                "rows as well as the gradient, so it changes the metric's Jacobian with them "
+                "(a scale too), and no direction is exact. Remove it while preconditioning, "
+                "or make it only read (return None); to change the gradient, change .grad "
+                "before pre.step() (loss.backward() runs the hook) or the direction after"
+            )
+
+    checks.then(verdict)
 
 
 def needs_probe(notes: ModelNotes, key: tuple, check: bool | str = True) -> bool:
@@ -246,6 +320,7 @@ def register(
         "keeps the samples of a batch apart and calls each parameter's module for every use",
     )
     _register_linearity_check(checks, targets, pulled, again, eps)
+    _register_hook_check(checks, probe)
     coupled = (
         torch.stack(
             [_leaked(p[:-1], masks[:-1], nan=own) for p, own in zip(pulled, inner, strict=True)]

@@ -1155,6 +1155,68 @@ def test_a_module_hook_registered_after_a_probe_is_probed(call, hook, error):
         run()
 
 
+SCALING_HOOKS = {
+    "full backward": lambda m: m[2].register_full_backward_hook(
+        lambda module, grad_input, grad_output: (2 * grad_input[0],)
+    ),
+    "full backward pre": lambda m: m[2].register_full_backward_pre_hook(
+        lambda module, grad_output: (0.5 * grad_output[0],)
+    ),
+    "the model's full backward pre": lambda m: m.register_full_backward_pre_hook(
+        lambda module, grad_output: (2 * grad_output[0],)
+    ),
+}
+
+
+@pytest.mark.parametrize("hook", SCALING_HOOKS)
+@pytest.mark.parametrize("call", ["direction", "step", "backward"])
+def test_a_module_backward_hook_that_scales_gradients_is_refused(call, hook):
+    """Found by a hunt: a module backward hook that scales gradients, a linear change the
+    linearity probe passes, ran on the metric's factor rows too, and every call returned a
+    direction 0.2-0.4 off the oracle's, with no error. Refused, nothing changed; a hook
+    that only reads (returns None, or the gradients it was given) stays exact."""
+    model, x, y = tanh_mlp()
+    SCALING_HOOKS[hook](model)
+    before = [p.detach().clone() for p in model.parameters()]
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match=r"backward (pre-)?hook returns new gradients"):
+        if call == "direction":
+            rc.direction(model, x, y, damping=DAMPING)
+        elif call == "step":
+            F.cross_entropy(model(x), y).backward()
+            grads = [p.grad.clone() for p in model.parameters()]
+            try:
+                pre.step()
+            finally:
+                assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+        else:
+            pre.backward(F.cross_entropy(model(x), y))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    if call == "backward":
+        assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("call", ["direction", "backward"])
+def test_module_backward_hooks_that_only_read_stay_exact(call):
+    model, x, y = tanh_mlp()
+    expected = oracle_of(copy.deepcopy(model), x, y)  # torch.func runs no module hooks
+    read = []
+    model[2].register_full_backward_hook(lambda m, gi, go: read.append(gi[0].shape))
+    model.register_full_backward_pre_hook(lambda m, go: go)  # the gradients it was given
+    for _ in range(2):
+        if call == "direction":
+            dirs = rc.direction(model, x, y, damping=DAMPING)
+        else:
+            model.zero_grad(set_to_none=True)
+            rc.RiemannianPreconditioner(model, damping=DAMPING).backward(
+                F.cross_entropy(model(x), y)
+            )
+            dirs = {n: p.grad for n, p in model.named_parameters()}
+        assert rel_error(flatten(dirs, model), expected) < 1e-10
+    assert read
+
+
 def centring(center):
     """A forward hook made by a factory: centring the output over the batch or not."""
 

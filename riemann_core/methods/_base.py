@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -446,7 +447,10 @@ def _build_problem(
     probing = needs_factor and coupling.needs_probe(notes, key, opts.check_coupling)
     if probing:
         args, kwargs = _probe_inputs(args, kwargs)
-    outputs, calls = forward(model, args, kwargs, replay=replay)
+    with (
+        coupling.watching_backward_hooks(model) if probing else contextlib.nullcontext([]) as hooks
+    ):
+        outputs, calls = forward(model, args, kwargs, replay=replay)
     if replay is not None:  # read with the data's checks, before what a wrong path breaks
         replay.check(outputs, checks)
     return problem_from_graph(
@@ -458,7 +462,7 @@ def _build_problem(
         checks,
         needs_factor=needs_factor,
         gradient=gradient,
-        probe=coupling.Probe(key, lambda: forward_only(model, args, kwargs, replay))
+        probe=coupling.Probe(key, lambda: forward_only(model, args, kwargs, replay), hooks)
         if probing
         else None,
     )
