@@ -644,8 +644,9 @@ def _linear_in_depth(
         if len({v for v, _ in verdicts}) > 1:
             verdict = NOISY
             reason = (
-                ": the stretches disagree (a state of the machine that lasted a stretch, not "
-                "the algorithm, moved the curve; rerun on a quiet machine)"
+                f": the stretches disagree ({', '.join(v for v, _ in verdicts)}): a state of "
+                "the machine that lasted a stretch moved the curve, or it lies at the "
+                "tolerance; rerun on a quiet machine"
             )
         else:
             verdict, reason = verdicts[0]
