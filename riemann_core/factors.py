@@ -195,6 +195,11 @@ def factor_cotangents(factor: Tensor) -> Tensor:
 
 #: words of torch's errors for an operation that a batched backward pass cannot batch
 UNBATCHABLE = ("Batching rule not implemented", "vmap: ")
+#: the start of torch's error for an ``autograd.Function`` applied under ``vmap`` without
+#: ``setup_context``: a module's backward hooks (torch's own such Function) or the user's,
+#: in a checkpointed segment whose forward pass the batched backward runs again (found by
+#: a hunt: torch's message, naming neither the hook nor the checkpoint)
+UNBATCHABLE_FUNCTION = "In order to use an autograd.Function with functorch transforms"
 
 
 @contextmanager
@@ -208,6 +213,17 @@ def batched_backward() -> Iterator[None]:
     try:
         yield
     except RuntimeError as err:
+        if str(err).startswith(UNBATCHABLE_FUNCTION):
+            raise ValueError(
+                "the backward pass cannot run batched, as riemann_core runs it to pull the "
+                "metric's factor rows back several at once (torch.func.vmap): a segment under "
+                "torch.utils.checkpoint runs its forward pass again inside it, and there a "
+                "module's backward hook (register_full_backward_hook or "
+                "register_full_backward_pre_hook) or a custom autograd.Function without a "
+                "setup_context staticmethod cannot run. Remove the hook while "
+                "preconditioning, call that module outside the checkpointed segment, or give "
+                f"the Function a setup_context (torch: {str(err).splitlines()[0][:120]})"
+            ) from err
         if not any(word in str(err) for word in UNBATCHABLE):
             raise
         raise ValueError(

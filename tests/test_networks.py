@@ -2466,6 +2466,40 @@ def test_gradient_checkpointing_is_exact(kernel):
     assert_steps_exact(pre, model, x, lambda out: F.cross_entropy(out, y), expected)
 
 
+def test_a_backward_hook_in_a_checkpointed_segment():
+    """Found by a hunt: ``rc.direction`` on a module with a backward hook (one that only
+    reads too) inside a non-reentrant checkpoint failed with torch's "In order to use an
+    autograd.Function with functorch transforms ...": its forward pass runs again inside
+    the batched backward, where torch cannot apply the hook's Function. Now an error naming
+    the hook, the checkpoint and the fixes. The preconditioner's steps are exact there,
+    and refuse a hook that returns new gradients (watched through the recomputation)."""
+    torch.manual_seed(0)
+    model = Checkpointed().double()
+    plain = copy.deepcopy(model)
+    plain.checkpointed = False
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    expected = oracle_of(plain, x, y)
+    hook = model.b.register_full_backward_hook(lambda module, grad_input, grad_output: None)
+    with pytest.raises(ValueError, match=r"cannot run batched.*checkpoint.*backward hook"):
+        rc.direction(model, x, y, damping=DAMPING)
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    assert_steps_exact(pre, model, x, lambda out: F.cross_entropy(out, y), expected)
+    hook.remove()
+    model.b.register_full_backward_hook(
+        lambda module, grad_input, grad_output: (2 * grad_input[0],)
+    )
+    for call in ("backward", "step"):
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        if call == "step":
+            loss.backward()
+        before = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+        with pytest.raises(ValueError, match="backward hook returns new gradients"):
+            pre.backward(loss) if call == "backward" else pre.step()
+        for p, b in zip(model.parameters(), before):
+            assert (p.grad is None) if b is None else torch.equal(p.grad, b)
+
+
 # ------------------------------------------------------- token-level cross-entropy
 
 

@@ -447,9 +447,9 @@ def _build_problem(
     probing = needs_factor and coupling.needs_probe(notes, key, opts.check_coupling)
     if probing:
         args, kwargs = _probe_inputs(args, kwargs)
-    with (
-        coupling.watching_backward_hooks(model) if probing else contextlib.nullcontext([]) as hooks
-    ):
+    # (a checkpointed segment's backward runs through this pass's nodes, hooks included)
+    watch = coupling.watching_backward_hooks(model) if probing else contextlib.nullcontext([])
+    with watch as hooks:
         outputs, calls = forward(model, args, kwargs, replay=replay)
     if replay is not None:  # read with the data's checks, before what a wrong path breaks
         replay.check(outputs, checks)
