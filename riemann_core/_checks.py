@@ -524,9 +524,11 @@ def check_inputs(args: tuple, kwargs: dict, targets, checks: Deferred) -> None:
 
     The batch is the first dimension of the first positional tensor argument (when
     there is one; the outputs' first dimension is checked against the targets later). The
-    data, the first floating tensor of the batch (of the positional arguments, else of the
-    keywords), must be finite; without one, the first floating tensor may hold -inf (a
-    mask), not +inf; other tensors (masks, distances) may hold inf, not NaN.
+    data, the first tensor (of the positional arguments, else of the keywords) where it is
+    floating, must be finite. Beside token ids or indices (a first tensor that is not
+    floating), the first floating tensor of the batch, else the first floating tensor, may
+    hold -inf (an additive mask, per sample or not), not +inf; other tensors (masks,
+    distances) may hold inf, not NaN.
     """
     if targets is not None and not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
@@ -543,14 +545,16 @@ def check_inputs(args: tuple, kwargs: dict, targets, checks: Deferred) -> None:
             )
     fix = "clean or impute the data before computing a direction"
     tensors = list(tensors_of((args, kwargs)))
-    # the data: the first floating tensor of the batch (token ids may come first; a T x T
-    # mask is not of the batch), positional first. Without one, the first floating tensor
-    # may be the data (node features beside the indices of the samples: found by review,
-    # unchecked) or a mask (beside token ids): no NaN and no +inf
+    # the data: the first tensor, positional first, where it is floating. Beside token ids
+    # or indices, the first floating tensor (of the batch, if one is) may be the data (node
+    # features beside the indices of the samples: found by review, unchecked) or a mask (a
+    # causal T x T one, or a per-sample key padding mask: found by a hunt, refused as data
+    # holding inf): no NaN and no +inf
     batch = None if first is None else first.shape[0]
-    floating = [t for t in [*tensors_of(args), *tensors] if t.is_floating_point()]
-    data = next((t for t in floating if t.ndim > 0 and batch in (None, t.shape[0])), None)
-    either = floating[0] if floating and data is None else None
+    floating = [t for t in tensors if t.is_floating_point()]
+    data = tensors[0] if tensors and tensors[0].is_floating_point() and tensors[0].ndim else None
+    of_batch = [t for t in floating if t.ndim > 0 and batch in (None, t.shape[0])]
+    either = None if data is not None or not floating else (of_batch or floating)[0]
     for i, t in enumerate(tensors):
         what = "inputs" if len(args) == 1 and not kwargs else f"input tensor {i}"
         if t is data:

@@ -3057,8 +3057,43 @@ def test_inf_in_the_data_is_refused_naming_it():
     features = torch.randn(6, 3)  # found by review: token ids first, the data second
     features[2, 1] = float("inf")
     ids = torch.randint(0, 7, (6,))
-    with pytest.raises(ValueError, match="input tensor 1 contains 1 NaN or inf entries"):
+    with pytest.raises(ValueError, match=r"input tensor 1 contains 1 NaN or \+inf entries"):
         rc.direction(TokensAndFeatures(), (ids, features), y, kernel="auto")
+
+
+class PaddedTokens(nn.Module):
+    """Token ids and a per-sample key padding mask, then an encoder layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(6, 8)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids, padding):
+        return self.head(self.encoder(self.embed(ids), src_key_padding_mask=padding)[:, 0])
+
+
+@pytest.mark.filterwarnings("ignore:.*(nested tensors|mismatched key_padding_mask)")
+def test_a_float_key_padding_mask_beside_token_ids_is_exact():
+    """Found by a hunt: an additive key padding mask (0 / -inf, one row per sample) beside
+    token ids was taken for the data and refused as holding inf ("clean or impute the
+    data"); torch reads it as the boolean mask, and so does every call now."""
+    torch.manual_seed(0)
+    model = PaddedTokens().double()
+    ids, y = torch.randint(0, 6, (4, 3)), torch.randint(0, 3, (4,))
+    padding = torch.zeros(4, 3, dtype=torch.bool)
+    padding[1, 2:] = padding[2, 1:] = True
+    additive = torch.zeros(4, 3, dtype=torch.float64).masked_fill(padding, float("-inf"))
+    expected = rc.direction(model, (ids, padding), y, damping=DAMPING, kernel="auto")
+    dirs = rc.direction(model, (ids, additive), y, damping=DAMPING, kernel="auto")
+    assert rel_error(flatten(dirs, model), flatten(expected, model)) < 1e-12
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel="auto")
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        pre.backward(F.cross_entropy(model(ids, additive), y))
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        assert rel_error(flatten(grads, model), flatten(expected, model)) < 1e-12
 
 
 class Weighing(nn.Module):
