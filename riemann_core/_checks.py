@@ -539,9 +539,18 @@ def check_inputs(args: tuple, kwargs: dict, targets, checks: Deferred) -> None:
                 f"inputs hold an empty batch (shape {tuple(first.shape)}); pass at least one sample"
             )
         if targets is not None and (targets.ndim == 0 or targets.shape[0] != first.shape[0]):
+            N = first.shape[0]
+            flattened = targets.ndim > 0 and targets.shape[0] > N and targets.shape[0] % N == 0
             raise ValueError(
                 f"targets (shape {tuple(targets.shape)}) must have one entry per sample: "
-                f"inputs have a batch of {first.shape[0]}"
+                f"inputs have a batch of {N}"
+                + (
+                    f" (if the model flattens its outputs to ({N} * T, C), return them as "
+                    f"({N}, T, C) and pass targets of shape ({N}, T): cross-entropy reads "
+                    "them per position)"
+                    if flattened
+                    else ""
+                )
             )
     fix = "clean or impute the data before computing a direction"
     tensors = list(tensors_of((args, kwargs)))
@@ -839,9 +848,15 @@ def check_outputs(outputs: Tensor, targets: Tensor | None, loss: str, checks: De
 
         def explain():
             low, high = int(targets.min()), int(targets.max())
+            ignored = (  # (found by a hunt: padding targets were told of the range only)
+                f" ({low} is cross_entropy's ignore_index: every position is taken; return "
+                "only the positions the loss takes, with their targets)"
+                if low == -100
+                else ""
+            )
             raise ValueError(
                 f"class indices must lie in [0, {C - 1}] for a model with {C} outputs; "
-                f"targets range over [{low}, {high}]"
+                f"targets range over [{low}, {high}]{ignored}"
             )
 
         checks.require(((targets >= 0) & (targets < C)).all(), explain)

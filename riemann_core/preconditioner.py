@@ -65,7 +65,7 @@ from .methods import (
     kfac_checkpoint,
     problem_from_graph,
 )
-from .methods._base import check_batch_dimension
+from .methods._base import check_batch_dimension, check_output_batch
 from .methods.kfac import KFACState, in_larger_storage
 from .modules import evaluated_per_sample, training
 
@@ -540,6 +540,7 @@ class RiemannianPreconditioner:
             if needs_factor and not rehook:  # before autograd's path consumes the graph
                 # (of trainable modules: one frozen since is no call of the next pass)
                 trained = [c for c in capture.calls if any(id(p) in names for p in c.params)]
+                check_output_batch(trained, capture.output, self._batch[0])
                 check_batch_dimension(trained, capture.output)
             paths = coupling.loss_paths(
                 loss, capture.output, capture.calls, names, capture.key, capture.token

@@ -102,6 +102,8 @@ CASES = [
          "needs integer class indices as targets, got dtype torch.float64"),
     case("class-negative", targets(lambda y: with_entry(y, -1, 0)), ValueError,
          r"class indices must lie in \[0, 2\] for a model with 3 outputs; targets range over \[-1,"),
+    case("class-ignore-index", targets(lambda y: with_entry(y, -100, 0)), ValueError,
+         r"-100 is cross_entropy's ignore_index: every position is taken; return only the"),
     case("class-too-large", targets(lambda y: with_entry(y, C, 0)), ValueError,
          r"class indices must lie in \[0, 2\] for a model with 3 outputs; targets range over \[\d, 3\]"),
     case("empty-batch", lambda m, x, y: (x[:0], y[:0], {}), ValueError, r"empty batch \(shape \(0, 5\)\)"),
@@ -325,6 +327,38 @@ def test_module_that_moves_the_batch_dimension_is_refused_with_the_fix():
     plain = rc.direction(model, x, y, method="euclidean")
     for name, g in expected.items():
         torch.testing.assert_close(plain[name], g, rtol=1e-12, atol=0)
+
+
+class FlatLogits(torch.nn.Module):
+    """A language model returning its logits flattened to ``(N T, V)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(6, 8), torch.nn.Linear(8, 6)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.embed(ids))).reshape(-1, 6)
+
+
+@pytest.mark.parametrize("call", ["direction", "backward", "step"])
+def test_logits_flattened_in_forward_are_refused_naming_the_output(call):
+    """Found by a hunt: ``pre.backward`` and ``pre.step`` blamed the embedding, with the
+    output's 12 rows for the batch of 3, and ``rc.direction`` told only of one target per
+    sample; each now names the output (or the targets) and returning ``(N, T, C)``."""
+    model = FlatLogits().double()
+    ids, y = torch.randint(0, 6, (3, 4)), torch.randint(0, 6, (12,))
+    if call == "direction":
+        with pytest.raises(ValueError, match=r"return them as \(3, T, C\) and pass targets"):
+            rc.direction(model, ids, y)
+        return
+    pre = rc.RiemannianPreconditioner(model)
+    loss = F.cross_entropy(model(ids), y)
+    with pytest.raises(ValueError, match=r"output has shape \(12, 6\).*batch of 3 samples.*3 \* T"):
+        if call == "backward":
+            pre.backward(loss)
+        else:
+            loss.backward()
+            pre.step()
 
 
 class PositionTable(torch.nn.Module):

@@ -451,6 +451,8 @@ def _build_problem(
     watch = coupling.watching_backward_hooks(model) if probing else contextlib.nullcontext([])
     with watch as hooks:
         outputs, calls = forward(model, args, kwargs, replay=replay)
+    if needs_factor and torch.is_tensor(outputs):
+        check_output_batch(calls, outputs, args)
     if replay is not None:  # read with the data's checks, before what a wrong path breaks
         replay.check(outputs, checks)
     return problem_from_graph(
@@ -590,6 +592,26 @@ def problem_from_graph(
     for c in calls:
         c.output, c.graph_inputs = None, ()  # release the graph
     return Problem(blocks, handlers, given, data_dtype)
+
+
+def check_output_batch(calls: list[Block], outputs: Tensor, args: tuple) -> None:
+    """Refuse outputs whose first dimension is not the batch that the first positional
+    tensor and every module with parameters agree on (found by a hunt: logits flattened to
+    ``(N T, C)`` in ``forward`` were blamed on the first module, with ``N T`` for the
+    batch)."""
+    first = next((a for a in args if isinstance(a, Tensor) and a.ndim), None)
+    if first is None or outputs.ndim == 0:  # (a scalar output is refused as such)
+        return
+    M, N = first.shape[0], outputs.shape[0]
+    if M == N or any(c.output.shape[:1] != (M,) for c in calls):
+        return
+    flattened = f" (the batch flattened with another dimension, {M} * T?)" if N % M == 0 else ""
+    raise ValueError(
+        f"the model's output has shape {tuple(outputs.shape)}, whose first dimension is not "
+        f"the batch of {M} samples of its inputs and modules{flattened}: return the outputs "
+        f"with the batch on dimension 0 (token logits as ({M}, T, C): cross-entropy reads "
+        "them per position) and flatten them in the loss"
+    )
 
 
 def check_batch_dimension(calls: list[Block], outputs: Tensor) -> None:
