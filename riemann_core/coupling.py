@@ -25,21 +25,24 @@ hook registered in ``forward`` that clamps, a module's full backward hook that c
 on every row pulled back, and no metric matches what it leaves. Probe: the row on every
 sample, pulled back once more scaled by :data:`LINEARITY_SCALE`, must come back as that
 multiple of its pullback, and with another pattern added, as the sum of the two
-pullbacks. A hook that only reads passes; one that clips only beyond the values the
+pullbacks. A hook that only reads passes; a tensor hook that clips only beyond the values the
 probe's call reached passes too (``check_coupling="always"`` checks every call).
 
 *Module backward hooks only read.* A module's backward hook (``register_full_backward_hook``,
-``register_full_backward_pre_hook``, ``register_backward_hook``) runs on every row pulled
-back through the module, so one that returns new gradients, even a linear change (a
-scale) that the probe above passes, changes the metric's Jacobian with the gradient, and
-no direction is exact (found by a hunt: a hook doubling a module's input gradient left
+``register_full_backward_pre_hook``, ``register_backward_hook``, or a global one) runs on
+every row pulled back through the module, so one that changes gradients, even linearly (a
+scale) as the probe above passes, changes the metric's Jacobian with the gradient, and no
+direction is exact (found by a hunt: a hook doubling a module's input gradient left
 layerwise 0.21 off the network's direction, with no error). Probe: the forward pass that
 is probed runs each such hook through :func:`watching_backward_hooks`, which notes one
-that returns anything but ``None`` or the gradients it was given. A tensor hook
+that returns anything but ``None`` or the gradients it was given, or writes into them (a
+hook that clips is refused so even where the clip does not bite). A tensor hook
 registered in ``forward`` or a custom ``autograd.Function`` is part of the network's
-backward pass instead: the Jacobian is the one autograd's backward pass applies.
+backward pass instead: the Jacobian is the one autograd's backward pass applies. A hook
+registered during the probed forward pass itself, or on a module the model does not hold
+as a submodule, is not watched.
 
-All three are structural, so they run on the first call for a model and again when what
+All four are structural, so they run on the first call for a model and again when what
 may choose the forward pass's path changes (:func:`probe_key`: a module's training flag
 or hooks, a module swapped for another, a parameter frozen or unfrozen, the kernel, an
 argument of ``forward`` other than a tensor; ``check_coupling=False`` skips them); their verdicts join the deferred checks. A path
@@ -64,6 +67,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_backward_hooks, _global_backward_pre_hooks
 from torch.utils import _pytree as pytree
 
 from ._checks import Deferred
@@ -93,21 +97,25 @@ class Probe:
 @contextlib.contextmanager
 def watching_backward_hooks(model: nn.Module) -> Iterator[list[str]]:
     """Within the block, each module backward hook of ``model``'s modules (but
-    riemann_core's own) is replaced by one that calls it and notes, in the list yielded,
-    ``module 'name''s <kind>`` where it returns new gradients (anything but ``None`` or the
-    very tensors it was given). A forward pass run within keeps the watching hooks in its
-    graph (torch reads the hooks at the call); the model's hooks are put back after it."""
+    riemann_core's own) and each global one (``register_module_full_backward_hook``) is
+    replaced by one that calls it and notes, in the list yielded, which it was where it
+    changes the gradients: returns anything but ``None`` or the very tensors it was given,
+    or writes into them. A forward pass run within keeps the watching hooks in its graph
+    (torch reads the hooks at the call); the hooks are put back after it."""
     changing: list[str] = []
     replaced = []
-    for name, module in model.named_modules():
-        for kind, hooks in (
-            ("full backward pre-hook", module._backward_pre_hooks),
-            ("backward hook", module._backward_hooks),
-        ):
+    kinds = ("full backward pre-hook", "backward hook")
+    owners = [
+        (f"module {name!r}'s", (module._backward_pre_hooks, module._backward_hooks))
+        for name, module in model.named_modules()
+    ]
+    owners.append(("a global module", (_global_backward_pre_hooks, _global_backward_hooks)))
+    for owner, dicts in owners:
+        for kind, hooks in zip(kinds, dicts, strict=True):
             for i, hook in list(hooks.items()):
                 if not isinstance(hook, OwnHook):
                     replaced.append((hooks, i, hook))
-                    hooks[i] = _watched(hook, f"module {name!r}'s {kind}", changing)
+                    hooks[i] = _watched(hook, f"{owner} {kind}", changing)
     try:
         yield changing
     finally:
@@ -117,16 +125,22 @@ def watching_backward_hooks(model: nn.Module) -> Iterator[list[str]]:
 
 
 def _watched(hook: Callable, what: str, changing: list[str]) -> Callable:
-    """``hook``, noting ``what`` in ``changing`` where it returns new gradients: its
-    first gradient argument is what its result replaces (a backward hook's ``grad_input``,
-    a pre-hook's ``grad_output``)."""
+    """``hook``, noting ``what`` in ``changing`` where it returns new gradients or writes
+    into those it was given (torch's contract forbids it; found by review): its first
+    gradient argument is what its result replaces (a backward hook's ``grad_input``, a
+    pre-hook's ``grad_output``)."""
 
     def watched(module, given, *rest):
+        versions = [g._version if isinstance(g, Tensor) else None for g in given]
         result = hook(module, given, *rest)
+        written = any(
+            isinstance(g, Tensor) and g._version != v for g, v in zip(given, versions, strict=True)
+        )
         if result is not None:
             new = (result,) if isinstance(result, Tensor) else tuple(result)
-            if len(new) != len(given) or any(a is not b for a, b in zip(new, given)):
-                changing.append(what)
+            written |= len(new) != len(given) or any(a is not b for a, b in zip(new, given))
+        if written:
+            changing.append(what)
         return result
 
     return watched
@@ -139,11 +153,12 @@ def _register_hook_check(checks: Deferred, probe: Probe) -> None:
     def verdict():
         if probe.changing:
             raise ValueError(
-                f"{', '.join(dict.fromkeys(probe.changing))} returns new gradients: it runs "
+                f"{', '.join(dict.fromkeys(probe.changing))} changes gradients: it runs "
                 "on every row riemann_core pulls back through the module, the metric's factor "
                 "rows as well as the gradient, so it changes the metric's Jacobian with them "
                 "(a scale too), and no direction is exact. Remove it while preconditioning, "
-                "or make it only read (return None); to change the gradient, change .grad "
+                "or make it only read (return None, write nothing); to change the gradient, "
+                "change .grad "
                 "before pre.step() (loss.backward() runs the hook) or the direction after"
             )
 

@@ -216,13 +216,15 @@ def batched_backward() -> Iterator[None]:
         if str(err).startswith(UNBATCHABLE_FUNCTION):
             raise ValueError(
                 "the backward pass cannot run batched, as riemann_core runs it to pull the "
-                "metric's factor rows back several at once (torch.func.vmap): a segment under "
-                "torch.utils.checkpoint runs its forward pass again inside it, and there a "
-                "module's backward hook (register_full_backward_hook or "
-                "register_full_backward_pre_hook) or a custom autograd.Function without a "
-                "setup_context staticmethod cannot run. Remove the hook while "
-                "preconditioning, call that module outside the checkpointed segment, or give "
-                f"the Function a setup_context (torch: {str(err).splitlines()[0][:120]})"
+                "metric's factor rows back several at once (torch.func.vmap): an "
+                "autograd.Function without a setup_context staticmethod is applied inside it, "
+                "where torch cannot run one. A segment under torch.utils.checkpoint runs its "
+                "forward pass again there, with a module's backward hook "
+                "(register_full_backward_hook or register_full_backward_pre_hook: torch's own "
+                "such Function) or your own Function in it; or a custom Function's backward "
+                "applies one. Remove the hook while preconditioning, call that module outside "
+                "the checkpointed segment, or give the Function a setup_context (torch: "
+                f"{str(err).splitlines()[0]})"
             ) from err
         if not any(word in str(err) for word in UNBATCHABLE):
             raise

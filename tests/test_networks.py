@@ -1155,6 +1155,10 @@ def test_a_module_hook_registered_after_a_probe_is_probed(call, hook, error):
         run()
 
 
+def doubled_in_place(module, grad_input, grad_output):
+    grad_input[0].mul_(2)
+
+
 SCALING_HOOKS = {
     "full backward": lambda m: m[2].register_full_backward_hook(
         lambda module, grad_input, grad_output: (2 * grad_input[0],)
@@ -1164,6 +1168,11 @@ SCALING_HOOKS = {
     ),
     "the model's full backward pre": lambda m: m.register_full_backward_pre_hook(
         lambda module, grad_output: (2 * grad_output[0],)
+    ),
+    # found by review: written in place (against torch's contract), or a global hook
+    "in place": lambda m: m[2].register_full_backward_hook(doubled_in_place),
+    "global": lambda m: nn.modules.module.register_module_full_backward_hook(
+        lambda module, grad_input, grad_output: (2 * grad_input[0],) if module is m[2] else None
     ),
 }
 
@@ -1176,11 +1185,19 @@ def test_a_module_backward_hook_that_scales_gradients_is_refused(call, hook):
     direction 0.2-0.4 off the oracle's, with no error. Refused, nothing changed; a hook
     that only reads (returns None, or the gradients it was given) stays exact."""
     model, x, y = tanh_mlp()
-    SCALING_HOOKS[hook](model)
+    handle = SCALING_HOOKS[hook](model)
+    try:
+        refused_unchanged(model, x, y, call)
+    finally:
+        handle.remove()
+
+
+def refused_unchanged(model, x, y, call):
+    """``call`` refuses a hook that changes gradients; parameters and .grad unchanged."""
     before = [p.detach().clone() for p in model.parameters()]
     pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
     model.zero_grad(set_to_none=True)
-    with pytest.raises(ValueError, match=r"backward (pre-)?hook returns new gradients"):
+    with pytest.raises(ValueError, match=r"backward (pre-)?hook changes gradients"):
         if call == "direction":
             rc.direction(model, x, y, damping=DAMPING)
         elif call == "step":
@@ -2494,7 +2511,7 @@ def test_a_backward_hook_in_a_checkpointed_segment():
         if call == "step":
             loss.backward()
         before = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-        with pytest.raises(ValueError, match="backward hook returns new gradients"):
+        with pytest.raises(ValueError, match="backward hook changes gradients"):
             pre.backward(loss) if call == "backward" else pre.step()
         for p, b in zip(model.parameters(), before):
             assert (p.grad is None) if b is None else torch.equal(p.grad, b)

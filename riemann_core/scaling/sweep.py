@@ -159,8 +159,8 @@ TOP_PAIR_AXES = ("width", "batch")
 #: percent (at 7 rounds on a shared 2-core CPU, the quadratic term's interval was 0.2-1.3
 #: wide).
 LINE_ROUNDS_PER_REPEAT = 3
-#: Stretches of time a line along :data:`INTERLEAVED_AXES` is timed in, the others' lines
-#: between them (``stretches``: its ``times_s`` hold them one after another, each of
+#: Stretches of time a line along :data:`INTERLEAVED_AXES` is timed in, the other groups'
+#: lines between them (where there are others) (``stretches``: its ``times_s`` hold them one after another, each of
 #: ``LINE_ROUNDS_PER_REPEAT * repeats`` rounds). The depth claims judge each stretch alone
 #: and pass or fail only where all agree: a stretch carries a state of the machine that
 #: slows the deep points alike in every round of it, which interleaving does not cancel (a
@@ -777,9 +777,11 @@ def _row_problem(row: dict) -> str | None:
         return f"unknown output_metric {row['output_metric']!r} (exact or sampled)"
     if not re.fullmatch(r"(cpu|cuda)(:\d+)?", row["device"]):
         return f"unknown device {row['device']!r} (cpu, cuda or cuda:N)"
-    for axis in AXES:
-        if not (row[axis].isascii() and row[axis].isdigit()) or int(row[axis]) < 1:
-            return f"{axis} is {row[axis]!r}, not a positive integer"
+    for column in (*AXES, "stretches"):  # (stretches: text in any row made pandas read the
+        # whole column as text, and no depth line was judged by stretch; found by review)
+        value = row.get(column) or ("1" if column == "stretches" else "")
+        if not (value.isascii() and value.isdigit()) or int(value) < 1:
+            return f"{column} is {value!r}, not a positive integer"
     if row["status"] != "ok":  # nothing measured, but what is there reads as numbers
         # (found by review: an 'error' row's text time crashed fit with a TypeError)
         return next(
@@ -821,8 +823,6 @@ def _row_problem(row: dict) -> str | None:
     if row["remeasured"] not in ("0", "1"):
         return f"remeasured is {row['remeasured']!r}, not 0 or 1"
     stretches = row.get("stretches") or "1"
-    if not (stretches.isascii() and stretches.isdigit() and int(stretches) >= 1):
-        return f"stretches is {stretches!r}, not a positive integer"
     if len(times) % int(stretches):
         return f"times_s holds {len(times)} times, which its {stretches} stretches do not share"
     for column, words in WORDS.items():

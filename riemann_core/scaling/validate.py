@@ -641,7 +641,7 @@ def _linear_in_depth(
         ]
         verdicts = [_curve_verdict(c) for c in each]
         detail += f"; in its {len(each)} stretches of time {', '.join(map(_share, each))}"
-        if len({v for v, _ in verdicts}) > 1:
+        if len(set(verdicts)) > 1:  # (a fail up and one down disagree: found by review)
             verdict = NOISY
             reason = (
                 f": the stretches disagree ({', '.join(v for v, _ in verdicts)}): a state of "
@@ -696,6 +696,8 @@ def _curve_verdict(curve: fit.SlopeFit) -> tuple[str, str]:
         return PASS, ""
     if curve.low > DEPTH_TOLERANCE or curve.high < -DEPTH_TOLERANCE:
         return FAIL, ": the time curves " + ("up" if curve.low > 0 else "down") + " beyond noise"
+    if curve.low <= DEPTH_TOLERANCE <= curve.high or curve.low <= -DEPTH_TOLERANCE <= curve.high:
+        return NOISY, f": the interval straddles the tolerance of {DEPTH_TOLERANCE:.0%}"
     return NOISY, ": the interval is too wide to tell"
 
 

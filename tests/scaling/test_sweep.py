@@ -807,6 +807,16 @@ def test_points_that_took_a_slow_path_are_not_timed_again():
     assert groups and {tuple(r["width"] for r in runs) for _, runs in groups} == {(2, 3)}
 
 
+def test_a_row_of_any_status_with_stretches_not_a_count_is_refused(tmp_path):
+    """Found by review: text in the stretches of a skipped row was accepted, and pandas
+    then read the whole column as text: no depth line was judged by stretch."""
+    run = next(sw.Grid(**TINY).runs())
+    row = {**sw.blank_row(run), "status": "skipped", "reason": "over budget", "stretches": "two"}
+    sw.write_results(tmp_path / "results.csv", [row])
+    with pytest.raises(sw.ResultsFileError, match="stretches is 'two', not a positive integer"):
+        sw.read_results(tmp_path / "results.csv")
+
+
 def test_a_group_holding_a_depth_line_is_timed_in_stretches():
     """A depth line (three depths or more) is timed in LINE_STRETCHES stretches, whose
     agreement its claim judges; a top pair, or two depths, in one."""

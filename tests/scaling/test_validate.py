@@ -133,7 +133,7 @@ def test_a_depth_line_timed_in_two_stretches_is_judged_in_each():
     0.255 [0.162, 0.384] that two sweeps minutes later passed at 0.05, is too noisy."""
     machine = Machine()  # linear in depth
 
-    def with_stretches(curved):
+    def with_stretches(curved):  # per stretch: linear, or bent up (True) or down ("down")
         df, meta = make_sweep(machine, repeats=7)
         line = (df["method"] == "natural") & (df["width"] == BASE["width"])
         line &= (df["out_dim"] == BASE["out_dim"]) & (df["batch"] == BASE["batch"])
@@ -141,8 +141,9 @@ def test_a_depth_line_timed_in_two_stretches_is_judged_in_each():
         for i in df.index[line]:
             times = json.loads(df.at[i, "times_s"])
             L = df.at[i, "depth"] + 1
-            bent = [t * (1 + 0.05 * L * L) for t in times]  # a quadratic share of ~0.9
-            both = [bent if c else times for c in curved]
+            median = float(np.median(times))  # down: a concave 1 + 3 sqrt(L), same noise
+            bent = {True: 1 + 0.05 * L * L, "down": 1e-3 * (1 + 3 * L**0.5) / median, False: 1}
+            both = [[t * bent[c] for t in times] for c in curved]
             df.at[i, "times_s"] = json.dumps(both[0] + both[1])
             df.at[i, "time_median_s"] = float(np.median(both[0] + both[1]))
         df.loc[line, "interleaved"] = "depth"
@@ -157,6 +158,8 @@ def test_a_depth_line_timed_in_two_stretches_is_judged_in_each():
     assert abs(int(shares[0])) < 15 and int(shares[1]) > 50  # each stretch's own figure
     claim = with_stretches((True, True))
     assert claim.verdict == "fail" and "beyond noise in each stretch" in claim.detail
+    claim = with_stretches((True, "down"))  # found by review: two fails, up and down, agreed
+    assert claim.verdict == "too noisy" and "the stretches disagree (fail, fail)" in claim.detail
 
 
 def test_stretch_times_split_each_rows_times_only_where_every_row_has_as_many():
