@@ -147,8 +147,8 @@ def _watched(hook: Callable, what: str, changing: list[str]) -> Callable:
 
 
 def _register_hook_check(checks: Deferred, probe: Probe) -> None:
-    """Refuse, once the probe's rows were pulled back, a module backward hook that
-    returned new gradients (:func:`watching_backward_hooks`)."""
+    """Refuse, once the probe's rows were pulled back, a module backward hook that changed
+    gradients (:func:`watching_backward_hooks`)."""
 
     def verdict():
         if probe.changing:
@@ -158,8 +158,8 @@ def _register_hook_check(checks: Deferred, probe: Probe) -> None:
                 "rows as well as the gradient, so it changes the metric's Jacobian with them "
                 "(a scale too), and no direction is exact. Remove it while preconditioning, "
                 "or make it only read (return None, write nothing); to change the gradient, "
-                "change .grad "
-                "before pre.step() (loss.backward() runs the hook) or the direction after"
+                "change .grad before pre.step() (loss.backward() runs the hook) or the "
+                "direction after"
             )
 
     checks.then(verdict)
