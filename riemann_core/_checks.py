@@ -839,10 +839,17 @@ def check_outputs(outputs: Tensor, targets: Tensor | None, loss: str, checks: De
             )
         if targets.shape != outputs.shape[:-1]:
             expected = tuple(outputs.shape[:-1])
+            channels = outputs.ndim > 2 and targets.shape == outputs.shape[:1] + outputs.shape[2:]
             raise ValueError(
                 f"loss='cross_entropy' needs one class index per sample and position, targets "
                 f"of shape {expected} for outputs {tuple(outputs.shape)} (the classes along the "
                 f"last dimension), got {tuple(targets.shape)}"
+                + (  # (found by a hunt: per-pixel logits as F.cross_entropy takes them)
+                    "; outputs with the classes along dimension 1, as F.cross_entropy takes "
+                    "them: return out.movedim(1, -1) from forward"
+                    if channels
+                    else ""
+                )
             )
         C = outputs.shape[-1]
 

@@ -361,6 +361,15 @@ def test_logits_flattened_in_forward_are_refused_naming_the_output(call):
             pre.step()
 
 
+def test_per_position_logits_with_the_classes_along_dimension_1_are_told_of_movedim():
+    """Found by a hunt: ``rc.direction`` refused ``(N, C, L)`` logits, as F.cross_entropy
+    takes them, by the targets' shape alone (``pre.backward`` names movedim)."""
+    model = torch.nn.Conv1d(2, 3, 3, padding=1).double()
+    x, y = torch.randn(4, 2, 5, dtype=torch.float64), torch.randint(0, 3, (4, 5))
+    with pytest.raises(ValueError, match=r"classes along dimension 1.*out.movedim\(1, -1\)"):
+        rc.direction(model, x, y)
+
+
 class PositionTable(torch.nn.Module):
     """A table of positions, ``nn.Embedding(T, f)`` called on ``torch.arange(T)``."""
 
