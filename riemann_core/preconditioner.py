@@ -116,7 +116,10 @@ class RiemannianPreconditioner:
     calls ``step()`` after a forward pass on its shard, and every rank's ``.grad`` becomes
     the direction of the global batch (the shards in rank order), each block solved by
     its owner rank. The gradient of the global batch is ``sum_p (N_p / N) g_p`` of the
-    ranks' ``.grad`` (each the mean loss's over its shard), or, for a model wrapped in
+    ranks' ``.grad``, ``N_p`` the samples of the last forward pass: each ``.grad`` must be
+    that of the plain mean loss over the rank's shard (a summed or class-weighted loss, or
+    micro-batches split otherwise between the ranks than the last, are combined wrongly,
+    and nothing in ``.grad`` shows it), or, for a model wrapped in
     ``DistributedDataParallel``, the ``.grad`` it averaged. A failure on any rank makes
     every rank raise, ``.grad`` untouched; ``timeout`` bounds every wait (seconds).
     K-FAC's ``kfac_refresh`` and ``kfac_decay`` are refused with a ``process_group``.
