@@ -2467,16 +2467,21 @@ class Checkpointed(nn.Module):
         return self.c(h)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_gradient_checkpointing_is_exact(kernel):
-    """Checked against the same network without checkpointing (torch.func, which the
-    oracle uses, does not run under checkpoint's saved-tensor hooks)."""
+def checkpointed():
+    """A :class:`Checkpointed` network, a batch, and the oracle's direction, taken on the
+    same network without checkpointing (torch.func, which the oracle uses, does not run
+    under checkpoint's saved-tensor hooks)."""
     torch.manual_seed(0)
     model = Checkpointed().double()
     plain = copy.deepcopy(model)
     plain.checkpointed = False
     x, y = torch.randn(8, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    expected = oracle_of(plain, x, y)
+    return model, x, y, oracle_of(plain, x, y)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gradient_checkpointing_is_exact(kernel):
+    model, x, y, expected = checkpointed()
     dirs = rc.direction(model, x, y, damping=DAMPING, kernel=kernel)
     assert rel_error(flatten(dirs, model), expected) < 1e-10
     pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel=kernel)
@@ -2489,13 +2494,8 @@ def test_a_backward_hook_in_a_checkpointed_segment():
     autograd.Function with functorch transforms ...": its forward pass runs again inside
     the batched backward, where torch cannot apply the hook's Function. Now an error naming
     the hook, the checkpoint and the fixes. The preconditioner's steps are exact there,
-    and refuse a hook that returns new gradients (watched through the recomputation)."""
-    torch.manual_seed(0)
-    model = Checkpointed().double()
-    plain = copy.deepcopy(model)
-    plain.checkpointed = False
-    x, y = torch.randn(8, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    expected = oracle_of(plain, x, y)
+    and refuse a hook that changes gradients."""
+    model, x, y, expected = checkpointed()
     hook = model.b.register_full_backward_hook(lambda module, grad_input, grad_output: None)
     with pytest.raises(ValueError, match=r"cannot run batched.*checkpoint.*backward hook"):
         rc.direction(model, x, y, damping=DAMPING)
