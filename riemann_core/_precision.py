@@ -6,6 +6,12 @@ rounds products to a 10-bit mantissa, and autocast runs them in half precision: 
 Grams and solves here would lose about three digits, which small dampings amplify.
 :func:`full_precision` sets every float32 precision knob to IEEE and disables autocast
 for the duration of a call, then restores the user's settings exactly.
+
+A forward pass of the user's that is run again for the metric (``pre.step()``) runs in
+the precisions it ran in (:func:`precision_state`, :func:`precision_as`): products of a
+pass under ``torch.set_float32_matmul_precision("medium")`` are bfloat16 ones on a CPU
+with bfloat16 units (TF32 on CUDA for ``"high"``), and in IEEE float32 the pass would give
+another output (found on a CPU with AVX512-BF16: 1.6e-3 off, refused as another path).
 """
 
 from __future__ import annotations
@@ -56,6 +62,38 @@ def full_precision(device_types: set[str]) -> Iterator[None]:
                 )
             )
         yield
+
+
+def precision_state() -> tuple:
+    """The float32 precision knobs now: each backend operation's ``fp32_precision``
+    (torch >= 2.9), else the legacy matmul precision and cuDNN's TF32 switch."""
+    knobs = precision_knobs()
+    if knobs:
+        return tuple(k.fp32_precision for _, k in knobs)
+    return (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+
+
+@contextlib.contextmanager
+def precision_as(state: tuple | None) -> Iterator[None]:
+    """The float32 precision knobs set to ``state`` (:func:`precision_state`) inside the
+    block, restored after; ``None``: as they are."""
+    if state is None:
+        yield
+        return
+    knobs, saved = precision_knobs(), precision_state()
+    try:
+        _set(knobs, state)
+        yield
+    finally:
+        _set(knobs, saved)
+
+
+def _set(knobs, state: tuple) -> None:
+    if knobs:
+        _restore(knobs, state)
+    else:
+        torch.set_float32_matmul_precision(state[0])
+        torch.backends.cudnn.allow_tf32 = state[1]
 
 
 def _restore(knobs, saved) -> None:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from ._precision import precision_as
 from .modules import Block, is_container, output_index, own_parameters
 
 _LOCAL = threading.local()
@@ -717,9 +718,10 @@ class Replay:
     """A forward pass of the user's to run again (``RiemannianPreconditioner.step``): the
     random state it started from (:func:`rng_state`), the buffers as it found them
     (:class:`BufferStates`; a name left out, or ``None``: as they are now), the autocast
-    regions it ran in (:func:`autocast_state`: the pass run again computes in the same
-    precisions) and, where recorded, the tensors of its output, which the pass run again
-    must give again.
+    regions it ran in (:func:`autocast_state`) and its float32 precision knobs
+    (:func:`~riemann_core._precision.precision_state`), so that the pass run again
+    computes in the same precisions, and, where recorded, the tensors of its output, which
+    the pass run again must give again.
 
     Python state the forward pass reads (its ``random`` module, a call counter, a flag
     changed since) is not replayed; a pass that took another path gives another output,
@@ -731,6 +733,7 @@ class Replay:
     output: list[Tensor] | None = None
     buffers: dict[str, Tensor] | None = None
     autocast: dict[str, torch.dtype] = field(default_factory=dict)
+    precision: tuple | None = None
     # names a likely cause of another output, known to the caller ("": none), called only on
     # a refusal (found by review: naming it before every replay walked every module, 1.3 ms
     # for 2.8k modules)
@@ -871,6 +874,7 @@ def forward(
                 set_rng_state(replay.state, devices)
                 for device_type, dtype in replay.autocast.items():
                     stack.enter_context(torch.autocast(device_type, dtype=dtype))
+                stack.enter_context(precision_as(replay.precision))
             before = None if replay is not None else rng_state(devices)
             own_before = [g.get_state() for _, g in own]
             capture = stack.enter_context(Capture(model, notes.clone))

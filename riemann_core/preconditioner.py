@@ -34,6 +34,7 @@ from ._checks import (
     reads_softmax_fisher,
     tensors_of,
 )
+from ._precision import precision_state
 from .capture import (
     MODEL_OUTPUT,
     BufferStart,
@@ -207,7 +208,7 @@ class RiemannianPreconditioner:
         self.overflowed = False
         self._overflows_in_a_row = 0  # at as many scales (micro-batches share theirs)
         self._overflow_scale: float | None = None
-        self._batch: tuple[tuple, dict, list, BufferStart, dict] | None = None
+        self._batch: tuple[tuple, dict, list, BufferStart, dict, tuple] | None = None
         self._versions: list[tuple[str | None, Tensor, int]] = []
         # what the model holds of this preconditioner: detached by remove(), or once the
         # caller drops the preconditioner (the hooks hold it weakly; found by review: one
@@ -321,6 +322,7 @@ class RiemannianPreconditioner:
             rng_state(cuda),
             self._buffer_states.before_pass(self.network),
             autocast_state(device_types),
+            precision_state(),
         )
         self._output = self._differentiated = None  # until this pass returns
         self._modes = {id(m): training(m) for m in self.model.modules()}
@@ -742,12 +744,13 @@ class RiemannianPreconditioner:
         else:
             with distributed.share_failure(self.process_group, self.timeout):
                 self._check_replayable()
-            args, kwargs, state, buffers, autocast = self._batch
+            args, kwargs, state, buffers, autocast, precision = self._batch
             replay = Replay(
                 state,
                 self._replayed_output(),
                 buffers.copies,
                 autocast,
+                precision,
                 functools.partial(
                     self._replay_cause, self._buffer_states.changes(self.network, buffers)
                 ),

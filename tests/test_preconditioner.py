@@ -25,6 +25,7 @@ from oracle import (
     oracle_direction,
     preconditioned,
     rel_error,
+    restored_precision,
     snapshot,
     solve_kfac_metric,
     unflatten,
@@ -34,6 +35,7 @@ from torch import nn
 
 import riemann_core as rc
 from riemann_core._checks import Deferred
+from riemann_core._precision import precision_knobs
 from riemann_core.capture import Replay
 from riemann_core.direction import solve
 from riemann_core.methods import SOLVERS
@@ -1309,7 +1311,9 @@ def test_step_on_an_empty_batch_names_it():
 def test_a_damping_set_so_small_that_its_choleskys_need_jitter_warns_at_the_next_steps():
     """The re-damped cached factors that needed jitter say so at every step that applies
     them, as a step that factorised them would (found by review: the cached solves reported
-    no jitter, so neither the warning nor the residual check ran until the next refresh)."""
+    no jitter, so neither the warning nor the residual check ran until the next refresh).
+    The residual check then refuses the solve on some CPUs (the rounding of float32 at
+    cond(G) ~ 4e19 differs): ``.grad`` is then left as the backward pass wrote it."""
     torch.manual_seed(0)
     model = mlp(5, 8, 3, 3).float()
     data = [(x.float(), y) for x, y in batches(2)]
@@ -1318,8 +1322,16 @@ def test_a_damping_set_so_small_that_its_choleskys_need_jitter_warns_at_the_next
     )
     kfac_steps(pre, model, data[:1], lr=0.0)
     pre.damping = 1e-20
+    ((x, y),) = data[1:]
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    gradient = {n: p.grad.clone() for n, p in model.named_parameters()}
     with pytest.warns(rc.AccuracyWarning, match="needed a jitter"):
-        kfac_steps(pre, model, data[1:], lr=0.0)
+        try:
+            pre.step()
+        except rc.SolveError:
+            for n, p in model.named_parameters():
+                assert torch.equal(p.grad, gradient[n]), n
 
 
 def test_a_deep_copy_is_refused_and_the_documented_copy_is_exact():
@@ -1460,3 +1472,42 @@ def test_kfac_reuse_solves_each_module_in_its_own_dtype(scheme, call):
     for refreshed, reused in zip(*directions, strict=True):
         assert reused.dtype == refreshed.dtype
         torch.testing.assert_close(reused, refreshed, rtol=1e-6, atol=0)
+
+
+class RoundsLikeItsCPU(nn.Module):
+    """An MLP whose output depends on the CPU's float32 product knob as a CPU with
+    bfloat16 units makes it depend (there ``"medium"`` rounds products to bfloat16), on any
+    CPU: ``1.5`` times the MLP's output where that knob reads ``"bf16"`` (``always``:
+    whatever it reads, the model as it ran under that knob)."""
+
+    def __init__(self, always: bool = False):
+        super().__init__()
+        self.net, self.always = mlp(5, 6, 3, 3), always
+
+    def forward(self, x):
+        bf16 = torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+        return self.net(x) * (1.5 if bf16 or self.always else 1.0)
+
+
+@pytest.mark.skipif(not precision_knobs(), reason="torch < 2.9 has no fp32_precision knobs")
+def test_the_pass_run_again_for_the_metric_runs_in_the_precisions_it_ran_in():
+    """Found on a CPU with AVX512-BF16: under torch.set_float32_matmul_precision("medium")
+    the user's pass rounds products to bfloat16 and the pass run again for the metric ran
+    in IEEE float32, 1.6e-3 off, so pre.step() refused it as another path (ReplayDiffers).
+    The pass run again now runs under the recorded knobs: the direction is the one of the
+    model as it ran, and the knobs are left as they were set."""
+    torch.manual_seed(3)
+    model = RoundsLikeItsCPU().double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+    with restored_precision():
+        torch.set_float32_matmul_precision("medium")
+        before = [k.fp32_precision for _, k in precision_knobs()]
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        assert [k.fp32_precision for _, k in precision_knobs()] == before
+    as_ran = RoundsLikeItsCPU(always=True)
+    as_ran.net = model.net
+    expected = rc.direction(as_ran, x, y, damping=1e-2)
+    for name, p in model.named_parameters():
+        assert rel_error(p.grad, expected[name]) <= 1e-10, name
