@@ -450,9 +450,10 @@ LOCAL_PHASES = {
 BLOCKWISE = ("layerwise", "kfac")
 
 #: Entries of the table every rank contributes to the agreement of a step (int64):
-#: failed, samples, signature of the blocks, and the bits of the float64 checksums of
-#: the parameters (weighted sums of their entries and of their magnitudes).
-AGREEMENT_SLOTS = 5
+#: failed, samples, signature of the blocks, forward passes the gradient sums, and the
+#: bits of the float64 checksums of the parameters (weighted sums of their entries and of
+#: their magnitudes).
+AGREEMENT_SLOTS = 6
 
 
 def block_solve_flops(
@@ -591,8 +592,8 @@ def communication_bytes(
     method: str, shape: MLPShape, world: int, itemsize: int = 4, **kfac_variant
 ) -> list[dict[str, float]]:
     """Modelled bytes each rank sends and receives in a data-parallel direction
-    (structured kernel, equal shards, the loss gradient formed from ``Lambda``, as
-    :mod:`riemann_core.distributed` counts them; all zero on one rank):
+    (structured kernel, equal shards, the loss gradient formed from ``Lambda``, one
+    forward pass, as :mod:`riemann_core.distributed` counts them; all zero on one rank):
 
     * the agreement: an all-reduce of ``P x`` :data:`AGREEMENT_SLOTS` int64;
     * ``layerwise``, ``natural``, ``full``: an all-to-all that sends each block's rows to

@@ -213,6 +213,7 @@ def solve(
     timeout: float = distributed.TIMEOUT,
     global_gradient: bool = False,
     absent: tuple[str, ...] = (),
+    passes: tuple[int, ...] = (),
 ):
     """Run ``method``; ``gradient`` (``{name: vector}``) replaces the loss gradient;
     ``state`` is K-FAC's state across a preconditioner's steps (``method="kfac"``).
@@ -223,7 +224,8 @@ def solve(
     With ``process_group``, the direction of the global batch on every rank
     (:func:`riemann_core.distributed.solve`; ``global_gradient``: ``gradient`` is
     already the global batch's; ``absent``: the names whose ``gradient`` entry stands for
-    a ``.grad`` this rank lacks, which every rank must lack alike).
+    a ``.grad`` this rank lacks, which every rank must lack alike; ``passes``: the samples
+    of each forward pass whose gradient ``gradient`` sums, :mod:`riemann_core.passes`).
     """
     with distributed.share_failure(process_group, timeout):
         check_autograd()
@@ -255,6 +257,7 @@ def solve(
         timeout=timeout,
         global_gradient=global_gradient,
         absent=absent,
+        passes=passes,
         model=model,
     )
 
@@ -271,6 +274,7 @@ def run_solver(
     timeout: float = distributed.TIMEOUT,
     global_gradient: bool = False,
     absent: tuple[str, ...] = (),
+    passes: tuple[int, ...] = (),
     model: torch.nn.Module | None = None,
 ):
     """``build()`` a :class:`Problem`, solve it with ``method`` (``state``: K-FAC's across
@@ -298,6 +302,7 @@ def run_solver(
                 timeout=timeout,
                 global_gradient=global_gradient,
                 absent=absent,
+                passes=passes,
                 model=model,
             )
         problem = checked_build()

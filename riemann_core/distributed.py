@@ -11,7 +11,8 @@ A step (:func:`solve`), on every rank of the group:
 
 1. *local*: the forward pass and the pullback on the shard (the ordinary problem), and
    what the owners need from it;
-2. *agree*: an all-reduce of ``(failed, N_p, signature of the blocks)`` per rank. A rank
+2. *agree*: an all-reduce of ``(failed, N_p, signature of the blocks, forward passes)``
+   per rank (and of each pass's samples where ``.grad`` sums several). A rank
    whose local work raised makes every rank raise here, and ranks that see different
    networks are refused. Every rank then computes the same plan: ``layerwise`` and
    ``kfac`` give each block to one rank by the greedy plan of
@@ -59,6 +60,7 @@ from .kronecker import Factor, eigen_together
 from .methods import SOLVERS, LayerDiagnostics, Options, Problem, finish, kfac
 from .modules import Block, Handler, LinearHandler, PatchHandler, kronecker_handler, training
 from .ownership import assign
+from .passes import check_shares
 
 #: The phases of a step, in order (see the module docstring).
 PHASES = ("local", "agree", "exchange", "solve", "broadcast")
@@ -257,20 +259,22 @@ class _Group:
         signature: int,
         params: list | None,
         constants: list | None = None,
+        passes: int = 0,
     ) -> list[int]:
         """Every rank's batch size, once every rank finished its local work, sees the same
-        blocks and holds the same ``params`` and ``constants`` (by :func:`_checksum`); a
-        rank that failed makes every rank raise."""
+        blocks, holds the same ``params`` and ``constants`` (by :func:`_checksum`) and
+        ``.grad`` summed over as many forward ``passes``; a rank that failed makes every
+        rank raise."""
         if self.world == 1:
             if failure is not None:
                 raise failure
             return [samples]
         table = torch.zeros(self.world, costs.AGREEMENT_SLOTS, dtype=torch.int64)
-        table[self.rank, :3] = torch.tensor([failure is not None, samples, signature])
+        table[self.rank, :4] = torch.tensor([failure is not None, samples, signature, passes])
         constants = constants or []
         if params:  # the float64 checksums' bits: a sum with the other ranks' zeros keeps them
             sums = _checksum(params) + _constant_sums(constants, _chunks(params))
-            table[self.rank, 3:] = sums.view(torch.int64)
+            table[self.rank, 4:] = sums.view(torch.int64)
         table = self.all_reduce(table, "agreement")
         rows = table.tolist()
         failed = [q for q, row in enumerate(rows) if row[0]]
@@ -286,8 +290,14 @@ class _Group:
                 "same mode, on samples of one shape, with the same options and the same "
                 "parameters holding a .grad"
             )
+        if len({row[3] for row in rows}) > 1:
+            raise ValueError(
+                f"the ranks' .grad hold the gradients of different numbers of forward passes "
+                f"since the last step ({[row[3] for row in rows]}): every rank must run as "
+                "many micro-batches, each split between the ranks alike, before pre.step()"
+            )
         if params:
-            sums = table[:, 3:].cpu().contiguous().view(torch.float64)
+            sums = table[:, 4:].cpu().contiguous().view(torch.float64)
             # the rounding of a float64 sum of n products in any order (other hardware)
             # stays below 2 n eps of the sum of their magnitudes
             n = sum(p.numel() for p in params + constants)
@@ -769,6 +779,7 @@ def solve(
     timeout: float,
     global_gradient: bool = False,
     absent: tuple[str, ...] = (),
+    passes: tuple[int, ...] = (),
     model: nn.Module | None = None,
 ) -> tuple[dict[str, Tensor], list[LayerDiagnostics]]:
     """The direction of the global batch on every rank of ``group`` (module docstring).
@@ -777,6 +788,9 @@ def solve(
     checks still to be read). ``global_gradient``: a given gradient is already the
     global batch's on every rank (DistributedDataParallel averaged it); ``absent``: the
     parameters without a ``.grad`` here (the same on every rank, or every rank raises);
+    ``passes``: the samples of each forward pass whose gradients the given gradient sums
+    (a preconditioner's; every rank must have split them alike,
+    :func:`riemann_core.passes.check_shares`);
     ``model``: the network, whose state beyond the blocks must agree too
     (:func:`model_state`). Returns
     ``({name: direction}, diagnostics)``: every block parameter's direction, in the
@@ -799,8 +813,12 @@ def solve(
             # and each rank's own .grad was taken for the average, 0.87 off)
             params += [g for i in range(len(problem.blocks)) for g in problem.gradient_of(i)]
         samples = 0 if problem is None else _samples(problem)
-        sizes = net.agree(failure, samples, signature, params, constants)
+        sizes = net.agree(failure, samples, signature, params, constants, len(passes))
         N = sum(sizes)
+        if len(passes) > 1:  # micro-batches: each rank's share of each, on every rank
+            table = torch.zeros(net.world, len(passes), dtype=torch.int64)
+            table[net.rank] = torch.tensor(passes)
+            check_shares(net.all_reduce(table, "micro-batch sizes").tolist())
         if global_gradient and problem.given and len(set(sizes)) > 1:  # on every rank
             raise ValueError(
                 f"DistributedDataParallel averaged the ranks' gradients with equal weights, "

@@ -69,6 +69,7 @@ from .methods import (
 from .methods._base import check_batch_dimension, check_output_batch
 from .methods.kfac import KFACState, in_larger_storage
 from .modules import evaluated_per_sample, training
+from .passes import Differentiated, Passes
 
 
 class RiemannianPreconditioner:
@@ -118,10 +119,10 @@ class RiemannianPreconditioner:
     the direction of the global batch (the shards in rank order), each block solved by
     its owner rank. The gradient of the global batch is ``sum_p (N_p / N) g_p`` of the
     ranks' ``.grad``, ``N_p`` the samples of the last forward pass: each ``.grad`` must be
-    that of the plain mean loss over the rank's shard (a summed or class-weighted loss, or
-    micro-batches split otherwise between the ranks than the last, are combined wrongly,
-    and nothing in ``.grad`` shows it), or, for a model wrapped in
-    ``DistributedDataParallel``, the ``.grad`` it averaged. A failure on any rank makes
+    that of the plain mean loss over the rank's shard, from micro-batches split between the
+    ranks alike (:mod:`riemann_core.passes` checks both and refuses a summed,
+    class-weighted or ignore_index cross-entropy and micro-batches split otherwise), or,
+    for a model wrapped in ``DistributedDataParallel``, the ``.grad`` it averaged. A failure on any rank makes
     every rank raise, ``.grad`` untouched; ``timeout`` bounds every wait (seconds).
     K-FAC's ``kfac_refresh`` and ``kfac_decay`` are refused with a ``process_group``.
 
@@ -244,6 +245,13 @@ class RiemannianPreconditioner:
         self._output: list[Tensor] | None = None
         self._output_versions: list[int] = []
         self._differentiated: Differentiated | None = None  # a gradient reached the output
+        # a data-parallel step's passes (what combining the ranks' own .grad relies on)
+        separate = (
+            process_group is not None
+            and self.network is model
+            and torch.distributed.get_world_size(process_group) > 1
+        )
+        self._passes = Passes() if separate else None
         self._edited_in_forward = False
         # the .grad each call wrote, their versions and norms then (a second step() refused)
         self._written: list[tuple[weakref.ref, int, Tensor]] = []
@@ -305,6 +313,8 @@ class RiemannianPreconditioner:
             return
         if self.network is module:
             self._hooks_in_order(module)
+        if self._passes is not None:
+            self._passes.forward_starts(self.network)
         self._previous = {a: getattr(self, a) for a in _RECORD}  # back if this pass raises
         self._handled = sys.exc_info()[1]  # a pass run inside the caller's except block
         if not kwargs and all(isinstance(a, Tensor) for a in args):  # no pytree walks
@@ -382,6 +392,9 @@ class RiemannianPreconditioner:
             self._output = [t.detach().clone() if copy else t.detach() for t in tensors]
             self._output_versions = [t._version for t in self._output]
             self._differentiated = Differentiated(tensors)
+            if self._passes is not None:
+                cross_entropy = self._options.loss == "cross_entropy"
+                self._passes.forward_ends(tensors, self._differentiated, cross_entropy)
             self._buffer_states.after_pass(self.network, self._batch[3])
             # an input the forward pass itself changed in place (x /= 255): named on refusal
             self._edited_in_forward = any(
@@ -772,6 +785,7 @@ class RiemannianPreconditioner:
                         timeout=self.timeout,
                         global_gradient=isinstance(self.model, DistributedDataParallel),
                         absent=tuple(n for n, _ in params if n not in gradient),
+                        passes=() if self._passes is None else self._passes.sizes(),
                     )
             except ReplayDiffers:
                 self._buffer_states.distrust(buffers)  # the next passes copy them
@@ -902,6 +916,8 @@ class RiemannianPreconditioner:
                 if name in with_grad:
                     _check_grad(name, p.grad, p.dtype, checks)
             self._check_not_preconditioned(with_grad)
+            if self._passes is not None:
+                self._passes.check_mean()
             if self._differentiated is not None and not self._differentiated.seen:
                 # found by a hunt: the metric at the evaluation's batch, 6x off
                 raise RuntimeError(
@@ -938,6 +954,8 @@ class RiemannianPreconditioner:
         self._wrote(params, directions)
         self._note_overflow(False)
         self._commit(params)
+        if self._passes is not None:
+            self._passes.clear()
 
     def _wrote(self, params, directions: dict[str, Tensor]) -> None:
         """Remember the ``.grad`` that now hold a direction, as they are now: their
@@ -1227,29 +1245,6 @@ def _accumulate(leaves: list[Tensor], grads) -> None:
             leaf.grad = torch.empty_like(leaf).copy_(grad)
         else:
             leaf.grad.add_(grad)
-
-
-class Differentiated:
-    """Whether a gradient flowed back through a forward pass's output tensors (``outputs``):
-    a pre-hook on the autograd node of each that requires grad, and of a view's base (a
-    view changed in place afterwards, ``logits[:, :C] /= T``, is rebased and its own node
-    left out of the graph: found by review). The hooks go with the graph. ``seen`` is true
-    from the start where there is nothing to watch: no tensor requires grad, or one is a
-    leaf (a hook on it would stay for good)."""
-
-    __slots__ = ("seen",)
-
-    def __init__(self, outputs: list[Tensor]) -> None:
-        tensors = [t for t in outputs if t.requires_grad]
-        tensors += [t._base for t in tensors if t._is_view() and t._base.requires_grad]
-        nodes = {t.grad_fn for t in tensors}
-        self.seen = not tensors or None in nodes
-        if not self.seen:
-            for node in nodes:
-                node.register_prehook(self)
-
-    def __call__(self, grad_outputs) -> None:
-        self.seen = True
 
 
 #: The record of a forward pass (:meth:`RiemannianPreconditioner._record`), kept from the

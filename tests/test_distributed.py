@@ -180,6 +180,7 @@ def on_rank(rank: int, world: int) -> dict:
     for kind, method, wrapping in STEPS:
         out["steps"][kind, method, wrapping] = _steps(kind, method, wrapping, rank, world)
     out["scaled"] = _scaled_steps(rank, world)
+    out["combinations"] = _combinations(rank, world)
     for i, (method, options) in enumerate(PHASES):
         out["phases"][i] = _phases(method, options, rank, world)
     out["kfac state"] = _outcome(
@@ -213,6 +214,66 @@ def _steps(kind, method, wrapping, rank, world) -> list[dict]:
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
         opt.step()
     return grads
+
+
+def _uneven(world: int) -> list[slice]:
+    """Shards split otherwise than :func:`shards`: one sample more on rank 0, one fewer
+    on the last."""
+    sizes = [N // world + (p == 0) - (p == world - 1) for p in range(world)]
+    starts = [sum(sizes[:p]) for p in range(world)]
+    return [slice(s, s + n) for s, n in zip(starts, sizes)]
+
+
+def _first_rank_only(world: int) -> list[slice | None]:
+    return [shards(world)[0]] + [None] * (world - 1)
+
+
+#: losses over a shard: the mean cross-entropy, smoothed or not, is what a data-parallel
+#: pre.step() combines; the others' output gradients tell them apart
+LOSSES = {
+    "mean": F.cross_entropy,
+    "smoothed": functools.partial(F.cross_entropy, label_smoothing=0.1),
+    "sum": functools.partial(F.cross_entropy, reduction="sum"),
+    "class weights": lambda out, y: F.cross_entropy(
+        out, y, weight=torch.tensor([1.0, 2.0, 3.0], dtype=out.dtype)
+    ),
+    "ignore_index": lambda out, y: F.cross_entropy(out, y.masked_fill(y == 0, -100)),
+}
+#: the forward passes before a pre.step() (pass i on (1 + i) x, None: opt.zero_grad())
+#: as each rank's slice of the global batch, and the loss
+COMBINATIONS = {
+    "split alike": ([shards, shards], "mean"),
+    "split otherwise": ([_uneven, shards], "mean"),
+    "otherwise, then zeroed": ([_uneven, None, shards], "mean"),
+    "more passes on one rank": ([_first_rank_only, shards], "mean"),
+    "smoothed": ([shards], "smoothed"),
+    "sum": ([shards], "sum"),
+    "class weights": ([shards], "class weights"),
+    "ignore_index": ([shards], "ignore_index"),
+}
+
+
+def _combinations(rank, world) -> dict:
+    """Each of :data:`COMBINATIONS`: the ``.grad`` after ``pre.step()``, or its error and
+    whether ``.grad`` stayed as it was."""
+    out = {}
+    for case, (passes, loss) in COMBINATIONS.items():
+        model, x, y = network("mlp")
+        pre = rc.RiemannianPreconditioner(
+            model, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
+        )
+        for i, split in enumerate(passes):
+            part = None if split is None else split(world)[rank]
+            if split is None:
+                model.zero_grad()
+            elif part is not None:
+                LOSSES[loss](model((1 + i) * x[part]), y[part]).backward()
+        before = {n: p.grad.clone() for n, p in model.named_parameters()}
+        failure = _outcome(pre.step)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        kept = all(torch.equal(grads[n], g) for n, g in before.items())
+        out[case] = (failure, kept) if failure else grads
+    return out
 
 
 def _scaled_steps(rank, world) -> list[tuple[bool, dict]]:
@@ -666,6 +727,51 @@ def test_preconditioner_steps_equal_the_single_process(run):
                 assert error <= 1e-12, (
                     f"{kind} {method} {wrapping} step {step}: rank {rank} {error:.1e}"
                 )
+
+
+@functools.cache
+def single_combination(case: str) -> dict:
+    """``.grad`` after :data:`COMBINATIONS`' passes on the whole batch and ``pre.step()``."""
+    passes, loss = COMBINATIONS[case]
+    model, x, y = network("mlp")
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    for i, split in enumerate(passes):
+        if split is None:
+            model.zero_grad()
+        else:
+            LOSSES[loss](model((1 + i) * x), y).backward()
+    pre.step()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+#: what a data-parallel pre.step() refuses, on every rank (one rank: nothing)
+REFUSED = {
+    "split otherwise": "forward passes split between the ranks in other proportions",
+    "more passes on one rank": "different numbers of forward passes",
+    "sum": "is not that of the mean cross-entropy over its",
+    "class weights": "is not that of the mean cross-entropy over its",
+    "ignore_index": "is not that of the mean cross-entropy over its",
+}
+
+
+def test_what_each_rank_grad_holds_is_combined_exactly_or_refused(run):
+    """``pre.step()`` combines the ranks' ``.grad`` as ``sum_p (N_p / N) g_p``: exact
+    for micro-batches split alike (a pass whose gradient ``opt.zero_grad()`` dropped
+    does not count) and for the mean loss, smoothed or not; refused on every rank, with
+    ``.grad`` kept, for micro-batches split otherwise or unevenly counted and for a
+    summed, class-weighted or ignore_index loss (found by a hunt: 0.05-0.68 off with no
+    error). On one rank the ``.grad`` is the gradient as it is: every case is exact."""
+    world, results = run
+    for case in COMBINATIONS:
+        for rank, result in enumerate(results):
+            got = result["combinations"][case]
+            if world > 1 and case in REFUSED:
+                (kind, message), kept = got
+                assert kind == "ValueError" and REFUSED[case] in message, (case, message)
+                assert kept, (case, rank)
+            else:
+                error = relative_error(got, single_combination(case))
+                assert error <= 1e-12, f"{case}: rank {rank} {error:.1e}"
 
 
 def test_an_overflow_under_a_grad_scaler_is_skipped_on_every_rank(run):

@@ -1,0 +1,173 @@
+"""The forward passes whose gradients a preconditioner's ``.grad`` hold.
+
+:class:`Differentiated` tells whether a gradient flowed back through a pass's output at
+all (``pre.step()`` takes the metric at the last pass, which must be the one the loss
+went through). :class:`Passes` keeps, for a data-parallel ``pre.step()`` (a
+``process_group``, no ``DistributedDataParallel``), what its combination of the ranks'
+``.grad`` relies on and cannot see in them. That combination is ``sum_p (N_p / N) g_p``,
+which is the global batch's gradient only where
+
+* each pass is split between the ranks alike: rank ``p``'s share ``N_pk / N_k`` of pass
+  ``k`` is the same for every pass whose gradient ``.grad`` holds (micro-batches), which
+  :func:`check_shares` checks on every rank's sizes;
+* each ``g_p`` is the gradient of the mean cross-entropy over every output row of the
+  shard. For that loss the gradient at outputs ``z`` of ``R`` rows and ``C`` classes is
+  ``g = (softmax(z) - q) / R``, ``q`` the targets' distribution (one-hot, smoothed or
+  soft), so ``softmax(z) - R g = q`` has no negative entry. A summed loss leaves
+  ``(1 - R) softmax(z)`` off the targets, a class weight ``w_y`` above the batch's mean
+  ``(1 - R w_y / W) softmax(z)``, ignore_index or a loss on some rows only
+  ``(1 - R / R') softmax(z)``, all negative: :meth:`Passes.check_mean` refuses where an
+  entry lies below :func:`tolerance` (a loss that equals the mean one on this batch, or
+  a model certain of every row, passes: nothing then tells them apart).
+
+A pass counts once a gradient flowed back through its output, from the first pass after
+a step or after every ``.grad`` was set to ``None`` (``opt.zero_grad()``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class Differentiated:
+    """Whether a gradient flowed back through a forward pass's output tensors (``outputs``):
+    a pre-hook on the autograd node of each that requires grad, and of a view's base (a
+    view changed in place afterwards, ``logits[:, :C] /= T``, is rebased and its own node
+    left out of the graph: found by review). The hooks go with the graph. ``seen`` is true
+    from the start where there is nothing to watch: no tensor requires grad, or one is a
+    leaf (a hook on it would stay for good)."""
+
+    __slots__ = ("seen",)
+
+    def __init__(self, outputs: list[Tensor]) -> None:
+        tensors = [t for t in outputs if t.requires_grad]
+        tensors += [t._base for t in tensors if t._is_view() and t._base.requires_grad]
+        nodes = {t.grad_fn for t in tensors}
+        self.seen = not tensors or None in nodes
+        if not self.seen:
+            for node in nodes:
+                node.register_prehook(self)
+
+    def __call__(self, grad_outputs) -> None:
+        self.seen = True
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """How far below zero an entry of ``softmax(z) - R g`` may lie from rounding: ``R g``
+    carries the relative rounding of ``g``'s dtype on entries of at most 1 in magnitude."""
+    return max(1e-4, 16 * torch.finfo(dtype).eps)
+
+
+class _Pass:
+    """One forward pass: its samples, whether a gradient came back, and the most negative
+    entry of ``softmax(z) - R g`` (a tensor: read at the step, not in the backward)."""
+
+    __slots__ = ("samples", "differentiated", "rows", "lowest", "dtype")
+
+    def __init__(self, samples: int, differentiated: Differentiated) -> None:
+        self.samples, self.differentiated = samples, differentiated
+        self.rows, self.lowest, self.dtype = 0, None, None
+
+    def watch_mean(self, z: Tensor) -> None:
+        """Note the lowest entry of ``softmax(z) - R g`` when ``g`` comes back to ``z``
+        (a hook on ``z``, gone with the graph); not where ``z`` changed in place since."""
+        values, version = z.detach(), z._version
+
+        def hook(g: Tensor) -> None:
+            if values._version != version:  # z /= T after the pass: another z
+                return
+            dtype = torch.promote_types(values.dtype, torch.float32)
+            p = torch.softmax(values.to(dtype), dim=-1)
+            self.rows = g.numel() // max(g.shape[-1], 1)
+            self.lowest = (p - self.rows * g.to(dtype)).amin()
+            self.dtype = g.dtype
+
+        z.register_hook(hook)
+
+
+class Passes:
+    """The passes since the last step whose gradients ``.grad`` may hold (module
+    docstring), for a data-parallel ``pre.step()``."""
+
+    def __init__(self) -> None:
+        self._passes: list[_Pass] = []
+
+    def forward_starts(self, model: nn.Module) -> None:
+        """Before a forward pass: where every trainable ``.grad`` is ``None``, the passes
+        already differentiated contributed to none (``opt.zero_grad()`` dropped them)."""
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if trainable and all(p.grad is None for p in trainable):
+            self._passes = [r for r in self._passes if not r.differentiated.seen]
+
+    def forward_ends(
+        self, outputs: list[Tensor], differentiated: Differentiated, mean_ce: bool
+    ) -> None:
+        """After a forward pass with gradients: note it; with ``mean_ce``, watch its
+        gradient at a single output tensor of logits (classes last)."""
+        first = outputs[0] if outputs else None
+        samples = first.shape[0] if first is not None and first.dim() else 0
+        record = _Pass(samples, differentiated)
+        if (
+            mean_ce
+            and len(outputs) == 1
+            and first.requires_grad
+            and first.grad_fn is not None
+            and first.dim() >= 2
+            and first.is_floating_point()
+        ):
+            record.watch_mean(first)
+        self._passes.append(record)
+
+    def clear(self) -> None:
+        """A step used them."""
+        self._passes = []
+
+    def _differentiated(self) -> list[_Pass]:
+        return [r for r in self._passes if r.differentiated.seen]
+
+    def sizes(self) -> tuple[int, ...]:
+        """The samples of each pass differentiated, in order."""
+        return tuple(r.samples for r in self._differentiated())
+
+    def check_mean(self) -> None:
+        """Refuse a pass whose output gradient is not that of the mean cross-entropy over
+        its rows (module docstring); one host read for all passes."""
+        watched = [r for r in self._differentiated() if r.lowest is not None]
+        if not watched:
+            return
+        lowest = torch.stack([r.lowest.float().cpu() for r in watched]).tolist()
+        for r, low in zip(watched, lowest, strict=True):
+            if not low >= -tolerance(r.dtype):  # (NaN: refused too)
+                raise ValueError(
+                    f"this rank's gradient at the model's outputs is not that of the mean "
+                    f"cross-entropy over its {r.rows} output rows (softmax(z) - {r.rows} g "
+                    f"reaches {low:.3g}, where the mean loss leaves the targets' "
+                    "distribution), and pre.step() with a process_group combines the "
+                    "ranks' .grad as the gradients of each shard's mean loss, weighted by "
+                    "N_p / N: a summed loss, class weights, ignore_index or masked rows, a "
+                    "loss on some outputs only, or a scale or temperature applied outside "
+                    "the model would be combined wrongly. Use F.cross_entropy(model(x), y) "
+                    "with its mean over every output row, or wrap the model in "
+                    "DistributedDataParallel (its averaged .grad is taken as the global "
+                    "gradient)"
+                )
+
+
+def check_shares(sizes: list[list[int]]) -> None:
+    """Refuse passes split between the ranks otherwise than the last one: ``sizes[p][k]``
+    is rank ``p``'s samples in pass ``k`` (every rank the same number of passes)."""
+    last = [row[-1] for row in sizes]
+    total = sum(last)
+    for k in range(len(sizes[0])):
+        column = [row[k] for row in sizes]
+        if any(n * total != n_last * sum(column) for n, n_last in zip(column, last, strict=True)):
+            raise ValueError(
+                f"the ranks' .grad hold the gradients of {len(sizes[0])} forward passes split "
+                f"between the ranks in other proportions ({sizes} samples per rank and "
+                "pass): pre.step() with a process_group weighs each rank's .grad by its "
+                f"share of the last pass, N_p / N = {last} / {total}, which gives the global "
+                "batch's gradient only where every pass is split alike. Give each rank the "
+                "same share of every micro-batch, or wrap the model in "
+                "DistributedDataParallel (its averaged .grad is taken as the global gradient)"
+            )
