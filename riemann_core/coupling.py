@@ -588,7 +588,12 @@ def _explain_coupling(model: nn.Module, rows: Tensor, masks: Tensor, rerun) -> N
     ]
     if culprits:
         name, module = max(culprits, key=lambda c: c[0].count(".") + bool(c[0]))
-        where = f"module {name!r} ({type(module).__name__})"
+        # the model itself: its forward's own operations (found by a docs check: "module ''")
+        where = (
+            f"module {name!r} ({type(module).__name__})"
+            if name
+            else f"an operation in the forward of the model ({type(module).__name__}) itself"
+        )
     else:
         where = "an operation between the modules"
     raise ValueError(

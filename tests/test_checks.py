@@ -434,14 +434,16 @@ class PerSampleLoop(torch.nn.Module):
         return self.head(torch.tanh(torch.stack([self.a(row) for row in x])))
 
 
+@pytest.mark.parametrize("width", [4, 3])
 @pytest.mark.parametrize("kernel", ["structured", "generic"])
 @pytest.mark.parametrize("call", ["direction", "backward", "step"])
-def test_a_module_called_per_sample_is_refused_when_its_width_is_the_batch(kernel, call):
+def test_a_module_called_per_sample_is_refused_as_such(kernel, call, width):
     """Found by review: at a width of 4 (the batch size) each call's output (4,) passed the
     check of its first dimension, and the kernels crashed deep inside ('shape [2, 4, -1, 4]
-    is invalid', 'the size of tensor a (5) must match'); at width 3 it was refused."""
+    is invalid', 'the size of tensor a (5) must match'). At width 3 it was refused by the
+    shape of its output alone (found by a docs check): both name the call per sample."""
     torch.manual_seed(0)
-    model = PerSampleLoop(4)
+    model = PerSampleLoop(width)
     x, y = torch.randn(4, 5), torch.tensor([0, 2, 1, 2])
     message = r"module 'a' \(Linear\) is called on inputs of shapes \[\(5,\)\], one sample's"
     if call == "direction":

@@ -607,6 +607,22 @@ def test_a_batch_reordered_inside_the_model_is_refused_naming_the_reordering(met
         rc.direction(model, x, torch.tensor([0, 1, 2, 0, 1, 2]), method=method)
 
 
+class FlippedOnce(Reordered):
+    """The batch reversed once, in the model's own forward, between two modules."""
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)).flip(0))))
+
+
+def test_a_batch_reordered_by_the_model_itself_is_refused_naming_the_model():
+    """Found by a docs check: the refusal named "module '' (FlippedOnce)"."""
+    torch.manual_seed(29)
+    model, x = FlippedOnce().double(), torch.randn(6, 4, dtype=torch.float64)
+    message = r"an operation in the forward of the model \(FlippedOnce\) itself couples the"
+    with pytest.raises(ValueError, match=message):
+        rc.direction(model, x, torch.tensor([0, 1, 2, 0, 1, 2]))
+
+
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"kernel={k}")
 @pytest.mark.parametrize("method", EXACT + ("kfac",), ids=lambda m: f"method={m}")
 @pytest.mark.parametrize("net", COUPLED, ids=lambda n: f"net={n}")

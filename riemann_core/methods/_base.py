@@ -620,6 +620,8 @@ def check_batch_dimension(calls: list[Block], outputs: Tensor) -> None:
     N = outputs.shape[0]
     for c in calls:
         if c.output.shape[:1] != outputs.shape[:1]:
+            if _one_sample(c):  # (found by a docs check: told only of its output's shape)
+                _refuse_per_sample(c, N)
             rows = c.output.shape[0] if c.output.ndim else 0
             # (found by a hunt: the batch flattened with time was told only of tables)
             flattened = (
@@ -656,23 +658,31 @@ def _check_per_sample_calls(calls: list[Block], N: int) -> None:
             leaves = [t for t in pytree.tree_leaves((c.inputs, c.kwargs)) if isinstance(t, Tensor)]
         if not leaves:
             continue
-        module = c.module
-        one_sample = (isinstance(module, nn.Linear) and c.input.ndim < 2) or (
-            isinstance(module, nn.modules.conv._ConvNd)
-            and c.input.ndim == len(module.kernel_size) + 1
-        )
+        one_sample = _one_sample(c)
         broadcast = c.output.ndim and c.output.stride(0) == 0  # (expanded over the batch)
         if one_sample or not (broadcast or any(t.ndim and t.shape[0] == N for t in leaves)):
-            unbatched.setdefault(id(module), []).append(c)
-            if one_sample or len(unbatched[id(module)]) > 1:
-                shapes = [tuple(t.shape) for t in leaves]
-                raise ValueError(
-                    f"module {c.name!r} ({type(module).__name__}) is called on inputs of "
-                    f"shapes {shapes}, one sample's rather than a batch of {N} (its output's "
-                    "first dimension may match the batch by chance): a module called once "
-                    "per sample, on x[i], maps no batch. Call it on the whole batch, "
-                    "samples along dimension 0"
-                )
+            unbatched.setdefault(id(c.module), []).append(c)
+            if one_sample or len(unbatched[id(c.module)]) > 1:
+                _refuse_per_sample(c, N)
+
+
+def _one_sample(c: Block) -> bool:
+    """A ``Linear`` or convolution called on one sample's unbatched input."""
+    module = c.module
+    return (isinstance(module, nn.Linear) and c.input.ndim < 2) or (
+        isinstance(module, nn.modules.conv._ConvNd) and c.input.ndim == len(module.kernel_size) + 1
+    )
+
+
+def _refuse_per_sample(c: Block, N: int) -> None:
+    leaves = pytree.tree_leaves((c.inputs, c.kwargs))
+    shapes = [tuple(t.shape) for t in leaves if isinstance(t, Tensor)]
+    raise ValueError(
+        f"module {c.name!r} ({type(c.module).__name__}) is called on inputs of shapes "
+        f"{shapes}, one sample's rather than a batch of {N} (its output's first dimension "
+        "may match the batch by chance): a module called once per sample, on x[i], maps no "
+        "batch. Call it on the whole batch, samples along dimension 0"
+    )
 
 
 def forward_only(model, args, kwargs, replay) -> Tensor:

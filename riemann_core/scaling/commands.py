@@ -44,7 +44,8 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
         "--time-budget",
         type=float,
         metavar="SECONDS",
-        help="seconds the sweep may spend measuring; the axes stop growing before it runs out",
+        help="seconds the grid and its growth may take (the axes stop growing before it runs "
+        "out); the re-measurements and rate measurements come on top",
     )
     group.add_argument(
         "--memory-budget-gib",
