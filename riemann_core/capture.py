@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from ._precision import precision_as
+from ._precision import precision_as, product_eps
 from .modules import Block, is_container, output_index, own_parameters
 
 _LOCAL = threading.local()
@@ -423,6 +423,7 @@ class Capture:
                     output=output,
                     output_index=index,
                     graph_inputs=live,
+                    product_eps=product_eps(output.device.type),
                 )
             )
             self._watched.append((name, versions + [(output, output._version)]))

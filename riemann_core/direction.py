@@ -213,7 +213,7 @@ def solve(
     timeout: float = distributed.TIMEOUT,
     global_gradient: bool = False,
     absent: tuple[str, ...] = (),
-    passes: tuple[int, ...] = (),
+    passes: tuple[tuple[int, ...], ...] = (),
 ):
     """Run ``method``; ``gradient`` (``{name: vector}``) replaces the loss gradient;
     ``state`` is K-FAC's state across a preconditioner's steps (``method="kfac"``).
@@ -224,8 +224,8 @@ def solve(
     With ``process_group``, the direction of the global batch on every rank
     (:func:`riemann_core.distributed.solve`; ``global_gradient``: ``gradient`` is
     already the global batch's; ``absent``: the names whose ``gradient`` entry stands for
-    a ``.grad`` this rank lacks, which every rank must lack alike; ``passes``: the samples
-    of each forward pass whose gradient ``gradient`` sums, :mod:`riemann_core.passes`).
+    a ``.grad`` this rank lacks, which every rank must lack alike; ``passes``: the output
+    shape of each forward pass whose gradient ``gradient`` sums, :mod:`riemann_core.passes`).
     """
     with distributed.share_failure(process_group, timeout):
         check_autograd()
@@ -274,7 +274,7 @@ def run_solver(
     timeout: float = distributed.TIMEOUT,
     global_gradient: bool = False,
     absent: tuple[str, ...] = (),
-    passes: tuple[int, ...] = (),
+    passes: tuple[tuple[int, ...], ...] = (),
     model: torch.nn.Module | None = None,
 ):
     """``build()`` a :class:`Problem`, solve it with ``method`` (``state``: K-FAC's across

@@ -280,6 +280,12 @@ class _Group:
         failed = [q for q, row in enumerate(rows) if row[0]]
         if failed:
             self.fail(failure, failed, "its forward pass, pullback or checks")
+        if len({row[3] for row in rows}) > 1:
+            raise ValueError(
+                f"the ranks' .grad hold the gradients of different numbers of forward passes "
+                f"since the last step ({[row[3] for row in rows]}): every rank must run as "
+                "many micro-batches, each split between the ranks alike, before pre.step()"
+            )
         if len({row[2] for row in rows}) > 1:
             raise ValueError(
                 "the ranks see different blocks or options (other modules called, modules "
@@ -289,12 +295,6 @@ class _Group:
                 "None on some ranks only): every rank must run the same network, in the "
                 "same mode, on samples of one shape, with the same options and the same "
                 "parameters holding a .grad"
-            )
-        if len({row[3] for row in rows}) > 1:
-            raise ValueError(
-                f"the ranks' .grad hold the gradients of different numbers of forward passes "
-                f"since the last step ({[row[3] for row in rows]}): every rank must run as "
-                "many micro-batches, each split between the ranks alike, before pre.step()"
             )
         if params:
             sums = table[:, 4:].cpu().contiguous().view(torch.float64)
@@ -779,7 +779,7 @@ def solve(
     timeout: float,
     global_gradient: bool = False,
     absent: tuple[str, ...] = (),
-    passes: tuple[int, ...] = (),
+    passes: tuple[tuple[int, ...], ...] = (),
     model: nn.Module | None = None,
 ) -> tuple[dict[str, Tensor], list[LayerDiagnostics]]:
     """The direction of the global batch on every rank of ``group`` (module docstring).
@@ -788,9 +788,9 @@ def solve(
     checks still to be read). ``global_gradient``: a given gradient is already the
     global batch's on every rank (DistributedDataParallel averaged it); ``absent``: the
     parameters without a ``.grad`` here (the same on every rank, or every rank raises);
-    ``passes``: the samples of each forward pass whose gradients the given gradient sums
-    (a preconditioner's; every rank must have split them alike,
-    :func:`riemann_core.passes.check_shares`);
+    ``passes``: the output shape of each forward pass whose gradients the given gradient
+    sums, its samples first (a preconditioner's; every rank must have split them alike,
+    :func:`riemann_core.passes.check_shares`, with samples of the same shape);
     ``model``: the network, whose state beyond the blocks must agree too
     (:func:`model_state`). Returns
     ``({name: direction}, diagnostics)``: every block parameter's direction, in the
@@ -804,8 +804,11 @@ def solve(
         failure, problem, shares = _local(build, method, opts, checks, global_gradient, alone)
     with observer.phase("agree"):
         constants, modules = model_state(model, versions)
+        shapes = tuple(shape[1:] for shape in passes)  # (rows per sample, e.g. tokens)
         signature = (
-            0 if problem is None else _signature(problem, shares, method, opts, absent, modules)
+            0
+            if problem is None
+            else _signature(problem, shares, method, opts, absent, (*modules, shapes))
         )
         params = None if problem is None else [p for b in problem.blocks for p in b.params]
         if params and global_gradient and problem.given:  # DDP's average: alike everywhere
@@ -817,7 +820,7 @@ def solve(
         N = sum(sizes)
         if len(passes) > 1:  # micro-batches: each rank's share of each, on every rank
             table = torch.zeros(net.world, len(passes), dtype=torch.int64)
-            table[net.rank] = torch.tensor(passes)
+            table[net.rank] = torch.tensor([shape[0] for shape in passes])
             check_shares(net.all_reduce(table, "micro-batch sizes").tolist())
         if global_gradient and problem.given and len(set(sizes)) > 1:  # on every rank
             raise ValueError(

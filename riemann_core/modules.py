@@ -114,6 +114,9 @@ class Block:
     calls: tuple[Block, ...] = ()  # the calls of a shared block
     # where the call returned a tuple of one tensor and None: the tensor's place in it
     output_index: int | None = None
+    # the eps of the float32 products the call ran with where the precision knobs reduce
+    # them (a replayed pass runs in its user's precision), else 0
+    product_eps: float = 0.0
 
     @property
     def n_params(self) -> int:
@@ -805,7 +808,7 @@ class GenericHandler(Handler):
         # from half-precision inputs (found by review: bfloat16 GEMM plus a float32 bias,
         # 3.1e-3 apart, was refused as coupling the samples)
         leaves = pytree.tree_leaves((self.block.inputs, self.block.kwargs, self.output_value))
-        eps = lowest_precision_eps(leaves)
+        eps = max(lowest_precision_eps(leaves), self.block.product_eps)
         mismatch = self.mismatch
 
         def explain():

@@ -21,10 +21,12 @@ which is the global batch's gradient only where
   a model certain of every row, passes: nothing then tells them apart).
 
 A pass counts once a gradient flowed back through its output, from the first pass after
-a step or after every ``.grad`` was set to ``None`` (``opt.zero_grad()``).
+a step or after every ``.grad`` was set to ``None`` or zero (``opt.zero_grad()``).
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 import torch
 from torch import Tensor, nn
@@ -59,28 +61,36 @@ def tolerance(dtype: torch.dtype) -> float:
     return max(1e-4, 16 * torch.finfo(dtype).eps)
 
 
+#: Passes, and zeroings of ``.grad``, kept between steps at most (a loop that never steps,
+#: or evaluates with gradients enabled, would add one per forward pass for good; found by
+#: review). More micro-batches than this between two steps are checked on the last ones.
+MAX_PASSES = 256
+
+
 class _Pass:
-    """One forward pass: its samples, whether a gradient came back, and the most negative
-    entry of ``softmax(z) - R g`` (a tensor: read at the step, not in the backward)."""
+    """One forward pass: its samples and their shape (its first output's), whether a
+    gradient came back, and the most negative entry of ``softmax(z) - R g`` (a tensor:
+    read at the step, not in the backward)."""
 
-    __slots__ = ("samples", "differentiated", "rows", "lowest", "dtype")
+    __slots__ = ("shape", "differentiated", "rows", "lowest", "dtype")
 
-    def __init__(self, samples: int, differentiated: Differentiated) -> None:
-        self.samples, self.differentiated = samples, differentiated
+    def __init__(self, shape: tuple[int, ...], differentiated: Differentiated) -> None:
+        self.shape, self.differentiated = shape, differentiated
         self.rows, self.lowest, self.dtype = 0, None, None
 
     def watch_mean(self, z: Tensor) -> None:
-        """Note the lowest entry of ``softmax(z) - R g`` when ``g`` comes back to ``z``
-        (a hook on ``z``, gone with the graph); not where ``z`` changed in place since."""
-        values, version = z.detach(), z._version
+        """Note the lowest entry of ``softmax(z) - R g`` whenever ``g`` comes back to ``z``
+        (a hook on ``z``, gone with the graph): the lowest over every backward pass through
+        it (found by review: a summed loss, then the mean one through the same output, was
+        read at the last), at ``z``'s values then (changed in place since: those)."""
+        values = z.detach()
 
         def hook(g: Tensor) -> None:
-            if values._version != version:  # z /= T after the pass: another z
-                return
             dtype = torch.promote_types(values.dtype, torch.float32)
             p = torch.softmax(values.to(dtype), dim=-1)
             self.rows = g.numel() // max(g.shape[-1], 1)
-            self.lowest = (p - self.rows * g.to(dtype)).amin()
+            low = (p - self.rows * g.to(dtype)).amin()
+            self.lowest = low if self.lowest is None else torch.minimum(self.lowest, low)
             self.dtype = g.dtype
 
         z.register_hook(hook)
@@ -91,14 +101,26 @@ class Passes:
     docstring), for a data-parallel ``pre.step()``."""
 
     def __init__(self) -> None:
-        self._passes: list[_Pass] = []
+        self._passes: deque[_Pass] = deque(maxlen=MAX_PASSES)
+        # (whether every .grad was zero, the passes differentiated then) at a pass's start
+        self._zeroings: deque[tuple[Tensor, list[_Pass]]] = deque(maxlen=MAX_PASSES)
 
     def forward_starts(self, model: nn.Module) -> None:
-        """Before a forward pass: where every trainable ``.grad`` is ``None``, the passes
-        already differentiated contributed to none (``opt.zero_grad()`` dropped them)."""
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        if trainable and all(p.grad is None for p in trainable):
-            self._passes = [r for r in self._passes if not r.differentiated.seen]
+        """Before a forward pass: the passes already differentiated contributed nothing
+        where every trainable ``.grad`` is ``None`` (``opt.zero_grad()``) or zero
+        (``zero_grad(set_to_none=False)``: a device flag, read at the step)."""
+        done = [r for r in self._passes if r.differentiated.seen]
+        if not done:
+            return
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        if not grads:
+            self._drop(done)
+        else:
+            self._zeroings.append((torch.stack(torch._foreach_norm(grads)).eq(0).all(), done))
+
+    def _drop(self, done: list[_Pass]) -> None:
+        gone = {id(r) for r in done}
+        self._passes = deque((r for r in self._passes if id(r) not in gone), maxlen=MAX_PASSES)
 
     def forward_ends(
         self, outputs: list[Tensor], differentiated: Differentiated, mean_ce: bool
@@ -106,8 +128,8 @@ class Passes:
         """After a forward pass with gradients: note it; with ``mean_ce``, watch its
         gradient at a single output tensor of logits (classes last)."""
         first = outputs[0] if outputs else None
-        samples = first.shape[0] if first is not None and first.dim() else 0
-        record = _Pass(samples, differentiated)
+        shape = tuple(first.shape) if first is not None and first.dim() else (0,)
+        record = _Pass(shape, differentiated)
         if (
             mean_ce
             and len(outputs) == 1
@@ -121,14 +143,23 @@ class Passes:
 
     def clear(self) -> None:
         """A step used them."""
-        self._passes = []
+        self._passes.clear()
+        self._zeroings.clear()
 
     def _differentiated(self) -> list[_Pass]:
+        """The passes whose gradients ``.grad`` holds: differentiated, and not zeroed
+        since (one host read for the zeroings' flags)."""
+        if self._zeroings:
+            flags = torch.stack([flag.cpu() for flag, _ in self._zeroings]).tolist()
+            for zeroed, (_, done) in zip(flags, self._zeroings, strict=True):
+                if zeroed:
+                    self._drop(done)
+            self._zeroings.clear()
         return [r for r in self._passes if r.differentiated.seen]
 
-    def sizes(self) -> tuple[int, ...]:
-        """The samples of each pass differentiated, in order."""
-        return tuple(r.samples for r in self._differentiated())
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The output shape of each pass differentiated, in order: its samples first."""
+        return tuple(r.shape for r in self._differentiated())
 
     def check_mean(self) -> None:
         """Refuse a pass whose output gradient is not that of the mean cross-entropy over
@@ -143,11 +174,12 @@ class Passes:
                     f"this rank's gradient at the model's outputs is not that of the mean "
                     f"cross-entropy over its {r.rows} output rows (softmax(z) - {r.rows} g "
                     f"reaches {low:.3g}, where the mean loss leaves the targets' "
-                    "distribution), and pre.step() with a process_group combines the "
-                    "ranks' .grad as the gradients of each shard's mean loss, weighted by "
-                    "N_p / N: a summed loss, class weights, ignore_index or masked rows, a "
-                    "loss on some outputs only, or a scale or temperature applied outside "
-                    "the model would be combined wrongly. Use F.cross_entropy(model(x), y) "
+                    "distribution): pre.step() with a process_group combines the ranks' "
+                    ".grad as the gradients of each shard's mean loss, weighted by N_p / N, "
+                    "which a summed loss, class weights, ignore_index or masked rows, or a "
+                    "loss on some outputs only would make wrong (an extra term on the "
+                    "outputs, a scale or a temperature applied outside the model are refused "
+                    "too: the check cannot tell them apart). Use F.cross_entropy(model(x), y) "
                     "with its mean over every output row, or wrap the model in "
                     "DistributedDataParallel (its averaged .grad is taken as the global "
                     "gradient)"

@@ -246,11 +246,7 @@ class RiemannianPreconditioner:
         self._output_versions: list[int] = []
         self._differentiated: Differentiated | None = None  # a gradient reached the output
         # a data-parallel step's passes (what combining the ranks' own .grad relies on)
-        separate = (
-            process_group is not None
-            and self.network is model
-            and torch.distributed.get_world_size(process_group) > 1
-        )
+        separate = process_group is not None and self.network is model
         self._passes = Passes() if separate else None
         self._edited_in_forward = False
         # the .grad each call wrote, their versions and norms then (a second step() refused)
@@ -393,8 +389,8 @@ class RiemannianPreconditioner:
             self._output_versions = [t._version for t in self._output]
             self._differentiated = Differentiated(tensors)
             if self._passes is not None:
-                cross_entropy = self._options.loss == "cross_entropy"
-                self._passes.forward_ends(tensors, self._differentiated, cross_entropy)
+                softmax = reads_softmax_fisher(self._options.loss, self._options.output_metric)
+                self._passes.forward_ends(tensors, self._differentiated, softmax)
             self._buffer_states.after_pass(self.network, self._batch[3])
             # an input the forward pass itself changed in place (x /= 255): named on refusal
             self._edited_in_forward = any(
@@ -785,7 +781,7 @@ class RiemannianPreconditioner:
                         timeout=self.timeout,
                         global_gradient=isinstance(self.model, DistributedDataParallel),
                         absent=tuple(n for n, _ in params if n not in gradient),
-                        passes=() if self._passes is None else self._passes.sizes(),
+                        passes=() if self._passes is None else self._passes.shapes(),
                     )
             except ReplayDiffers:
                 self._buffer_states.distrust(buffers)  # the next passes copy them
@@ -916,8 +912,11 @@ class RiemannianPreconditioner:
                 if name in with_grad:
                     _check_grad(name, p.grad, p.dtype, checks)
             self._check_not_preconditioned(with_grad)
-            if self._passes is not None:
-                self._passes.check_mean()
+            if (
+                self._passes is not None
+                and torch.distributed.get_world_size(self.process_group) > 1
+            ):
+                self._passes.check_mean()  # (one rank: its gradient as it is, any loss)
             if self._differentiated is not None and not self._differentiated.seen:
                 # found by a hunt: the metric at the evaluation's batch, 6x off
                 raise RuntimeError(

@@ -35,7 +35,7 @@ from torch import nn
 
 import riemann_core as rc
 from riemann_core._checks import Deferred
-from riemann_core._precision import precision_knobs
+from riemann_core._precision import precision_knobs, product_eps
 from riemann_core.capture import Replay
 from riemann_core.direction import solve
 from riemann_core.methods import SOLVERS
@@ -1511,3 +1511,31 @@ def test_the_pass_run_again_for_the_metric_runs_in_the_precisions_it_ran_in():
     expected = rc.direction(as_ran, x, y, damping=1e-2)
     for name, p in model.named_parameters():
         assert rel_error(p.grad, expected[name]) <= 1e-10, name
+
+
+@pytest.mark.skipif(not precision_knobs(), reason="torch < 2.9 has no fp32_precision knobs")
+def test_the_generic_kernel_compares_samples_at_the_precision_of_the_products():
+    """Found by review: under "medium" on a CPU with bfloat16 units, kernel="generic"
+    evaluated each sample in IEEE float32 against the pass run again in bfloat16 products,
+    2.3e-3 apart, and refused the Linear as coupling the samples. The comparison now allows
+    the rounding of the products the call ran with (bfloat16's where a knob reduces them):
+    the generic kernel's direction is the structured one's."""
+    with restored_precision():
+        for knob, eps in (("bf16", torch.finfo(torch.bfloat16).eps), ("ieee", 0.0)):
+            torch.backends.mkldnn.matmul.fp32_precision = knob
+            assert product_eps("cpu") == eps
+    torch.manual_seed(0)
+    model = mlp(256, 64, 3, 3)
+    x, y = torch.randn(16, 256), torch.randint(0, 3, (16,))
+    directions = {}
+    for kernel in ("generic", "structured"):
+        pre = rc.RiemannianPreconditioner(model, kernel=kernel, damping=1e-2)
+        model.zero_grad()
+        with restored_precision():
+            torch.set_float32_matmul_precision("medium")
+            F.cross_entropy(model(x), y).backward()
+            pre.step()
+        directions[kernel] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        pre.remove()
+    for name, d in directions["generic"].items():
+        assert rel_error(d, directions["structured"][name]) <= 1e-3, name
