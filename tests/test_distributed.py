@@ -181,6 +181,7 @@ def on_rank(rank: int, world: int) -> dict:
         out["steps"][kind, method, wrapping] = _steps(kind, method, wrapping, rank, world)
     out["scaled"] = _scaled_steps(rank, world)
     out["combinations"] = _combinations(rank, world)
+    out["tokens of other lengths"] = _tokens_of_other_lengths(rank, world)
     for i, (method, options) in enumerate(PHASES):
         out["phases"][i] = _phases(method, options, rank, world)
     out["kfac state"] = _outcome(
@@ -244,6 +245,9 @@ LOSSES = {
         F.cross_entropy(out, y, reduction="sum").backward(retain_graph=True),
         F.cross_entropy(out, y),
     )[1],
+    # multi-label BCE with the Bernoulli Fisher of docs/api.md: no cross-entropy to check
+    # (found by review: refused as one)
+    "bce": lambda out, y: F.binary_cross_entropy_with_logits(out, F.one_hot(y, 3).to(out)),
     # the output changed in place after the pass (found by review: then not read)
     "sum of an output changed in place": lambda out, y: F.cross_entropy(
         out.mul_(1.0), y, reduction="sum"
@@ -264,6 +268,11 @@ COMBINATIONS = {
     "ignore_index": ([shards], "ignore_index"),
     "sum, then mean": ([shards], "sum, then mean"),
     "sum of an output changed in place": ([shards], "sum of an output changed in place"),
+    "bce": ([shards], "bce"),
+}
+#: the output metric of a loss that is not the cross-entropy
+METRICS = {
+    "bce": lambda z, y: torch.diag_embed((torch.sigmoid(z) * torch.sigmoid(-z) / z.shape[1]).sqrt())
 }
 
 
@@ -274,8 +283,9 @@ def _combinations(rank, world) -> dict:
     for case, (passes, loss) in COMBINATIONS.items():
         model, x, y = network("mlp")
         pre = rc.RiemannianPreconditioner(
-            model, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
-        )
+            model, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT,
+            output_metric=METRICS.get(loss, "exact"),
+        )  # fmt: skip
         for i, split in enumerate(passes):
             part = split(world)[rank] if callable(split) else None
             if not callable(split):
@@ -288,6 +298,23 @@ def _combinations(rank, world) -> dict:
         kept = all(torch.equal(grads[n], g) for n, g in before.items())
         out[case] = (failure, kept) if failure else grads
     return out
+
+
+def _tokens_of_other_lengths(rank, world):
+    """pre.step() on token outputs ``(N, T, C)``, ``T`` 4 on rank 0 and 2 elsewhere (a
+    callable metric: the default refuses positions in pre.step(); ``euclidean``, whose
+    ranks send their gradients alone, of a size that does not depend on ``T``): the
+    outcome."""
+    torch.manual_seed(rank)
+    model, T = nn.Linear(5, 3).double(), 4 if rank == 0 else 2
+    x, y = torch.randn(3, T, 5, dtype=torch.float64), torch.randint(0, 3, (3, T))
+    identity = lambda z, t: torch.eye(z.shape[1], dtype=z.dtype).expand(z.shape[0], -1, -1)  # noqa: E731
+    pre = rc.RiemannianPreconditioner(
+        model, method="euclidean", damping=DAMPING, output_metric=identity,
+        process_group=dist.group.WORLD, timeout=TIMEOUT,
+    )  # fmt: skip
+    F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+    return _outcome(pre.step)
 
 
 def _scaled_steps(rank, world) -> list[tuple[bool, dict]]:
@@ -748,7 +775,9 @@ def single_combination(case: str) -> dict:
     """``.grad`` after :data:`COMBINATIONS`' passes on the whole batch and ``pre.step()``."""
     passes, loss = COMBINATIONS[case]
     model, x, y = network("mlp")
-    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    pre = rc.RiemannianPreconditioner(
+        model, damping=DAMPING, output_metric=METRICS.get(loss, "exact")
+    )
     for i, split in enumerate(passes):
         if not callable(split):
             model.zero_grad(set_to_none=split is None)
@@ -788,6 +817,19 @@ def test_what_each_rank_grad_holds_is_combined_exactly_or_refused(run):
             else:
                 error = relative_error(got, single_combination(case))
                 assert error <= 1e-12, f"{case}: rank {rank} {error:.1e}"
+
+
+def test_token_outputs_of_other_lengths_on_the_ranks_are_refused(run):
+    """Found by review: a mean over every token, T = 4 on one rank and 2 on the other,
+    was weighted by sequences, 0.23 off: which mean the loss takes decides the weights."""
+    world, results = run
+    for result in results:
+        outcome = result["tokens of other lengths"]
+        if world == 1:
+            assert outcome is None
+        else:
+            kind, message = outcome
+            assert kind == "ValueError" and "samples of other shapes" in message
 
 
 def test_an_overflow_under_a_grad_scaler_is_skipped_on_every_rank(run):
