@@ -668,9 +668,11 @@ def _check_per_sample_calls(calls: list[Block], N: int) -> None:
 
 def _one_sample(c: Block) -> bool:
     """A ``Linear`` or convolution called on one sample's unbatched input."""
-    module = c.module
-    return (isinstance(module, nn.Linear) and c.input.ndim < 2) or (
-        isinstance(module, nn.modules.conv._ConvNd) and c.input.ndim == len(module.kernel_size) + 1
+    module, x = c.module, c.inputs[0] if c.inputs else c.kwargs.get("input")
+    if not isinstance(x, Tensor):
+        return False
+    return (isinstance(module, nn.Linear) and x.ndim < 2) or (
+        isinstance(module, nn.modules.conv._ConvNd) and x.ndim == len(module.kernel_size) + 1
     )
 
 
