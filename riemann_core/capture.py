@@ -217,6 +217,11 @@ def _versions(value) -> list[tuple[Tensor, int]]:
 _RECORD = ("calls", "output", "inputs", "substituted", "token", "_stale", "_watched")
 
 
+def convolves(module: nn.Module) -> bool:
+    """Whether ``module`` is or holds a convolution (whose products have knobs of their own)."""
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
+
+
 def _without_no_grad_repeats(calls: list[Block]) -> list[Block]:
     """``calls`` less those made under ``no_grad`` (an output that does not require grad)
     of parameters that a call with gradients also uses: a target or statistics pass inside
@@ -423,7 +428,7 @@ class Capture:
                     output=output,
                     output_index=index,
                     graph_inputs=live,
-                    product_eps=product_eps(output.device.type),
+                    product_eps=product_eps(output.device.type, convolves(mod)),
                 )
             )
             self._watched.append((name, versions + [(output, output._version)]))

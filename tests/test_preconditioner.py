@@ -1519,11 +1519,15 @@ def test_the_generic_kernel_compares_samples_at_the_precision_of_the_products():
     evaluated each sample in IEEE float32 against the pass run again in bfloat16 products,
     2.3e-3 apart, and refused the Linear as coupling the samples. The comparison now allows
     the rounding of the products the call ran with (bfloat16's where a knob reduces them):
-    the generic kernel's direction is the structured one's."""
+    the generic kernel's direction is the structured one's. A convolution's knob counts
+    for convolutions alone (cuDNN's TF32 by default leaves CUDA's Linear products IEEE)."""
     with restored_precision():
         for knob, eps in (("bf16", torch.finfo(torch.bfloat16).eps), ("ieee", 0.0)):
             torch.backends.mkldnn.matmul.fp32_precision = knob
             assert product_eps("cpu") == eps
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        assert product_eps("cuda") == 0 and product_eps("cuda", conv=True) == 2.0**-10
     torch.manual_seed(0)
     model = mlp(256, 64, 3, 3)
     x, y = torch.randn(16, 256), torch.randint(0, 3, (16,))
