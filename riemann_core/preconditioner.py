@@ -493,11 +493,12 @@ class RiemannianPreconditioner:
         (use ``loss.backward()`` and :meth:`step`).
         """
         self._check_not_removed("pre.backward(loss)")
-        if self._capture is None:
-            raise ValueError(
-                "pre.backward(loss) runs in one process: with a process_group or a "
-                "DistributedDataParallel model, call loss.backward() and then pre.step()"
-            )
+        if self._capture is None:  # shared: ranks in pre.step() meet it at their agreement
+            with distributed.share_failure(self.process_group, self.timeout):
+                raise ValueError(
+                    "pre.backward(loss) runs in one process: with a process_group or a "
+                    "DistributedDataParallel model, call loss.backward() and then pre.step()"
+                )
         check_autograd()  # (found by a hunt: under inference_mode the .grad were written)
         self._check_loss(loss)
         if loss.dim():  # a loss of shape (1,) as the scalar the algebra seeds

@@ -9,6 +9,7 @@ The tests then compare them with the single process on the concatenated batch.
 from __future__ import annotations
 
 import functools
+import time
 import warnings
 
 import pytest
@@ -399,6 +400,18 @@ def _failures(rank, world) -> dict:
         timeout=TIMEOUT,
     )  # fmt: skip
     out["bad data"] = _outcome(call)
+    # pre.backward on the first rank, pre.step() on the others (found by a hunt: they
+    # waited out the whole timeout)
+    pre = rc.RiemannianPreconditioner(
+        model, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
+    )
+    model.zero_grad()
+    loss = F.cross_entropy(model(x[part]), y[part])
+    if rank == 0:
+        out["backward on one rank"] = _outcome(lambda: pre.backward(loss)), time.monotonic()
+    else:
+        loss.backward()
+        out["backward on one rank"] = _outcome(pre.step), time.monotonic()
 
     pre = rc.RiemannianPreconditioner(
         model, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
@@ -889,6 +902,19 @@ def test_a_failing_rank_makes_every_rank_raise(run):
             assert (
                 f"rank {last} of {world} failed" in message and "inputs contains 1 NaN" in message
             )
+
+
+def test_pre_backward_on_one_rank_makes_every_rank_raise_at_once(run):
+    world, results = run
+    ends = []
+    for rank, result in enumerate(results):
+        (kind, message), end = result["failures"]["backward on one rank"]
+        ends.append(end)
+        if rank == 0:
+            assert kind == "ValueError" and "runs in one process" in message
+        else:
+            assert kind == "DistributedError" and "runs in one process" in message
+    assert max(ends) - min(ends) < TIMEOUT / 2  # none waited the timeout out
 
 
 def test_an_overflowing_owner_beside_another_failure_makes_every_rank_raise(run):
