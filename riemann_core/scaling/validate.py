@@ -45,7 +45,7 @@ Every claim ends with one verdict and a one-line reason (``detail``):
   stretches of time (``stretches``, :data:`~riemann_core.scaling.sweep.LINE_STRETCHES`) is
   judged in each alone as well: it passes or fails only where every stretch does, too
   noisy where they disagree (the figure is that of all its rounds, the stretches' in the
-  detail).
+  detail, with the time an added layer costs at both ends of the line).
 
 **Claims on time**, through the time model of :mod:`riemann_core.scaling.fit` (the
 depth claims' time part too). Every claim on time is too noisy instead (its would-be
@@ -622,12 +622,14 @@ def _linear_in_depth(
     paired = bool(timed) and len({s.size for s in samples}) == 1
     curve = fit.quadratic_share(L, samples, n_boot=n_boot, seed=seed, paired=paired)
     stretches = fit.stretch_times(rows) if timed else [samples]
-    a, b = _line(L, rows["time_median_s"].to_numpy(float))
+    times = rows["time_median_s"].to_numpy(float)
+    a, b = _line(L, times)
     detail = (
         f"FLOPs affine in L; time of {method} ({kernel}) ~ {a * 1e3:.3g} ms + {b * 1e3:.3g} ms "
         f"x L over {span}, the depths timed "
-        f"{'interleaved' if timed else 'one after another'}; the quadratic term of a fit "
-        f"a + b L + c L^2 is {_share(curve)} of the time at L = {L[-1]:g}"
+        f"{'interleaved' if timed else 'one after another'}, {_per_layer(L, times)}; the "
+        f"quadratic term of a fit a + b L + c L^2 is {_share(curve)} of the time at "
+        f"L = {L[-1]:g}"
     )
     rounds = min(s.size for s in stretches[0])
     work = _line_work(rows, rates)
@@ -699,6 +701,18 @@ def _curve_verdict(curve: fit.SlopeFit) -> tuple[str, str]:
     if curve.low <= DEPTH_TOLERANCE <= curve.high or curve.low <= -DEPTH_TOLERANCE <= curve.high:
         return NOISY, f": the interval straddles the tolerance of {DEPTH_TOLERANCE:.0%}"
     return NOISY, ": the interval is too wide to tell"
+
+
+def _per_layer(L: np.ndarray, times: np.ndarray) -> str:
+    """The time each added layer costs, between the two shallowest depths and the two
+    deepest (a line's is constant; a working set that leaves the caches as the network
+    deepens raises it, where the counted work per layer stays put)."""
+    first = (times[1] - times[0]) / (L[1] - L[0])
+    last = (times[-1] - times[-2]) / (L[-1] - L[-2])
+    return (
+        f"each added layer {first * 1e3:.3g} ms (L = {L[0]:g}-{L[1]:g}) and "
+        f"{last * 1e3:.3g} ms (L = {L[-2]:g}-{L[-1]:g})"
+    )
 
 
 def _share(curve: fit.SlopeFit) -> str:

@@ -120,6 +120,10 @@ def test_a_depth_quadratic_in_time_fails_linear_in_depth():
     assert claim.verdict == "fail" and claim.low > va.DEPTH_TOLERANCE
     assert claim.basis == "time"
     assert "the depths timed one after another" in claim.detail
+    # the time an added layer costs grows by the planted term's 1e-4 (L_a + L_b) s
+    found = re.findall(r"([\d.]+) ms \(L = (\d+)-(\d+)\)", claim.detail)
+    (first, a, b), (last, c, d) = [(float(t), int(x), int(y)) for t, x, y in found]
+    assert last - first == pytest.approx(0.1 * (c + d - a - b), rel=0.05)
     df, meta = make_sweep(machine)
     df["interleaved"] = "depth"  # what a sweep's interleaved timing of the lines records
     claim = by_id(va.validate(df, meta, n_boot=300), "linear-in-depth-natural")
