@@ -122,5 +122,13 @@ def _set(knobs, state: tuple) -> None:
 
 
 def _restore(knobs, saved) -> None:
+    """Each knob back to its ``saved`` value, inheriting it (``"none"``: from its backend's
+    knob or the global one) where that gives the value: written out, an inherited value
+    would stop following them (found by a hunt: after a call under
+    ``torch.backends.mkldnn.fp32_precision = "bf16"``, setting that back to ``"ieee"`` left
+    every mkldnn operation in bfloat16). A value the user set equal to the inherited one
+    is then inherited too, which reads the same."""
     for (_, k), value in zip(knobs, saved, strict=True):
-        k.fp32_precision = value
+        k.fp32_precision = "none"
+        if k.fp32_precision != value:
+            k.fp32_precision = value

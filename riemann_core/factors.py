@@ -193,6 +193,8 @@ def factor_cotangents(factor: Tensor) -> Tensor:
     return factor.transpose(0, 1) / math.sqrt(factor.shape[0])
 
 
+#: The half-precision dtypes of autocast.
+HALF = (torch.float16, torch.bfloat16)
 #: words of torch's errors for an operation that a batched backward pass cannot batch
 UNBATCHABLE = ("Batching rule not implemented", "vmap: ")
 #: the start of torch's error for an ``autograd.Function`` applied under ``vmap`` without
@@ -298,9 +300,19 @@ def pullback(
         )
 
     # torch.func.vmap: batching rules for the backward ops (is_grads_batched's older vmap
-    # loops over the rows for some, e.g. tanh_backward)
+    # loops over the rows for some, e.g. tanh_backward). Not for a graph that ran under
+    # autocast: vmap's rules for a norm's backward fed half-precision inputs fail on the
+    # mixed dtypes, where is_grads_batched's do not (found by a hunt: LayerNorm, eval
+    # BatchNorm under bfloat16 autocast raised torch's "expected scalar type")
     k = seeds[0].shape[0]
-    if batched:
+    if batched and any(t.dtype in HALF for t in reached):
+        with batched_backward():
+            grads = torch.autograd.grad(
+                roots, reached, seeds, retain_graph=retain_graph, allow_unused=True,
+                is_grads_batched=True,
+            )  # fmt: skip
+        unreached.update(i for i, g in enumerate(grads) if g is None)
+    elif batched:
         with batched_backward():
             grads = torch.func.vmap(backward)(*seeds)
     else:  # the graph kept for every pass but the last, unless the caller keeps it

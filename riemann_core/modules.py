@@ -341,6 +341,14 @@ class PatchHandler(Handler):
         super().set_delta(delta)
         self.Dl = self.output_positions(delta)  # (r, N, T, f_out)
 
+    def to(self, dtype: torch.dtype) -> PatchHandler:
+        new = super().to(dtype)
+        # the patches formed again from the block's input, not converted: formed in a half
+        # dtype first (a coupling probe under autocast), they would carry its rounding into
+        # the wider algebra (found by a hunt: probed calls 4e-3 off the others)
+        new._X = None
+        return new
+
     @abstractmethod
     def patches(self, x: Tensor) -> Tensor:
         """The module input as ``(N, T, P)`` patches."""

@@ -932,6 +932,25 @@ def test_legacy_matmul_precision_setting_is_restored():
         assert torch.get_float32_matmul_precision() == "high"
 
 
+@pytest.mark.skipif(not _precision.precision_knobs(), reason="torch < 2.9: no fp32_precision")
+def test_knobs_inheriting_a_backend_wide_setting_still_follow_it_after_a_call():
+    """Found by a hunt: under torch.backends.mkldnn.fp32_precision = "bf16" a call wrote the
+    inherited "bf16" back into each mkldnn operation's knob, which then stopped following
+    the backend's: set back to "ieee", every mkldnn product stayed bfloat16."""
+    model, x, y = PROBLEM.make(torch.float32)
+    mkldnn = torch.backends.mkldnn
+    backend = mkldnn.fp32_precision
+    try:
+        with restored_precision():
+            mkldnn.fp32_precision = "bf16"
+            rc.direction(model, x, y)
+            assert mkldnn.matmul.fp32_precision == "bf16"
+            mkldnn.fp32_precision = "ieee"
+            assert [mkldnn.matmul.fp32_precision, mkldnn.conv.fp32_precision] == ["ieee"] * 2
+    finally:
+        mkldnn.fp32_precision = backend
+
+
 def test_environment_records_precision_settings():
     record = environment("cpu")
     for key in (

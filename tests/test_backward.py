@@ -22,6 +22,7 @@ from oracle import (
     oracle_direction,
     oracle_for,
     preconditioned,
+    rel_error,
     sequence_net,
     snapshot,
     unflatten,
@@ -32,6 +33,7 @@ from torch import nn
 import riemann_core as rc
 from riemann_core.capture import ReplayDiffers
 from riemann_core.methods import SOLVERS
+from riemann_core.methods import _base as base
 
 DAMPING = 1e-2
 EXACT = ("euclidean", "layerwise", "full", "natural")
@@ -1165,6 +1167,54 @@ def test_a_forward_pass_under_autocast(method, half):
         assert (stepped - expected).norm() < accuracy
     scale = directions["structured"].norm()
     assert (directions["generic"] - directions["structured"]).norm() < 1e-5 * scale
+
+
+def _normed(kind: str) -> tuple[nn.Module, torch.Tensor]:
+    """A network with a norm fed the half-precision output of the module before it under
+    autocast, and a batch for it."""
+    torch.manual_seed(0)
+    if kind == "layer norm":
+        return nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 5)), torch.randn(
+            6, 8
+        )
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).eval(), nn.Flatten())
+    return nn.Sequential(*net, nn.Linear(4 * 36, 5)), torch.randn(6, 3, 8, 8)
+
+
+@pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")  # bfloat16 rows
+@pytest.mark.parametrize("kind", ["layer norm", "batch norm in evaluation"])
+def test_norms_fed_half_precision_under_autocast_pull_back_batched(kind, monkeypatch):
+    """Found by a hunt: under bfloat16 autocast a LayerNorm or an eval BatchNorm after a
+    Linear or Conv2d made pre.backward and pre.step() raise torch's "expected scalar type
+    BFloat16 but found Float" from vmap's batching of the norm's backward (more than two
+    rows: 5 classes). The rows go back by is_grads_batched there: each call is the serial
+    pullback's direction (to bfloat16's rounding, at a damping that leaves it unamplified),
+    and a pre.step() that probes the coupling the later ones' (found by the same hunt: the
+    probe formed the first Linear's inputs in bfloat16, 4e-3 off)."""
+    model, x = _normed(kind)
+    y = torch.randint(0, 5, (x.shape[0],))
+
+    def directions():
+        model.zero_grad()
+        pre = rc.RiemannianPreconditioner(copy.deepcopy(model), damping=1.0, kernel="auto")
+        net, got = pre.model, []
+        for call in ("step", "step", "backward"):  # the first probes the coupling
+            net.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(net(x), y)
+            if call == "backward":
+                pre.backward(loss)
+            else:
+                loss.backward()
+                pre.step()
+            got.append(torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
+        return got
+
+    batched = directions()
+    assert torch.equal(batched[0], batched[1])  # probed and not: the same direction
+    monkeypatch.setattr(base, "SERIAL_PULLBACK_ROWS", 10**9)
+    for a, b in zip(batched, directions(), strict=True):
+        assert rel_error(a, b) <= 4 * torch.finfo(torch.bfloat16).eps
 
 
 def test_kfac_between_refreshes_warns_of_the_half_precision_its_factors_came_in():
