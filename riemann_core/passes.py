@@ -67,6 +67,10 @@ def tolerance(dtype: torch.dtype) -> float:
 MAX_PASSES = 256
 
 
+#: Entries of the outputs whose gradient is read at a time (:meth:`_Pass.watch_mean`).
+CHUNK = 2**22
+
+
 class _Pass:
     """One forward pass: its samples and their shape (its first output's), whether a
     gradient came back, and the most negative entry of ``softmax(z) - R g`` (a tensor:
@@ -87,9 +91,18 @@ class _Pass:
 
         def hook(g: Tensor) -> None:
             dtype = torch.promote_types(values.dtype, torch.float32)
-            p = torch.softmax(values.to(dtype), dim=-1)
-            self.rows = g.numel() // max(g.shape[-1], 1)
-            low = (p - self.rows * g.to(dtype)).amin()
+            C = max(g.shape[-1], 1)
+            self.rows = R = g.numel() // C
+            # by chunks of rows: a language model's outputs (N T x V) would otherwise need
+            # two more tensors of their size in the backward pass
+            chunks = zip(
+                values.reshape(R, C).split(CHUNK // C or 1),
+                g.reshape(R, C).split(CHUNK // C or 1),
+                strict=True,
+            )
+            low = torch.stack(
+                [(torch.softmax(v.to(dtype), -1) - R * d.to(dtype)).amin() for v, d in chunks]
+            ).amin()
             self.lowest = low if self.lowest is None else torch.minimum(self.lowest, low)
             self.dtype = g.dtype
 
@@ -102,8 +115,9 @@ class Passes:
 
     def __init__(self) -> None:
         self._passes: deque[_Pass] = deque(maxlen=MAX_PASSES)
-        # (whether every .grad was zero, the passes differentiated then) at a pass's start
-        self._zeroings: deque[tuple[Tensor, list[_Pass]]] = deque(maxlen=MAX_PASSES)
+        # (whether every .grad was zero, per device; the passes differentiated then) at a
+        # pass's start
+        self._zeroings: deque[tuple[list[Tensor], list[_Pass]]] = deque(maxlen=MAX_PASSES)
 
     def forward_starts(self, model: nn.Module) -> None:
         """Before a forward pass: the passes already differentiated contributed nothing
@@ -115,8 +129,12 @@ class Passes:
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
         if not grads:
             self._drop(done)
-        else:
-            self._zeroings.append((torch.stack(torch._foreach_norm(grads)).eq(0).all(), done))
+            return
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
+        zero = [torch.stack(torch._foreach_norm(gs)).eq(0).all() for gs in by_device.values()]
+        self._zeroings.append((zero, done))
 
     def _drop(self, done: list[_Pass]) -> None:
         gone = {id(r) for r in done}
@@ -150,9 +168,10 @@ class Passes:
         """The passes whose gradients ``.grad`` holds: differentiated, and not zeroed
         since (one host read for the zeroings' flags)."""
         if self._zeroings:
-            flags = torch.stack([flag.cpu() for flag, _ in self._zeroings]).tolist()
-            for zeroed, (_, done) in zip(flags, self._zeroings, strict=True):
-                if zeroed:
+            flags = torch.stack([f.cpu() for zero, _ in self._zeroings for f in zero]).tolist()
+            for zero, done in self._zeroings:
+                mine, flags = flags[: len(zero)], flags[len(zero) :]
+                if all(mine):
                     self._drop(done)
             self._zeroings.clear()
         return [r for r in self._passes if r.differentiated.seen]
