@@ -313,6 +313,8 @@ def corrupt(state, change):
         kfac["averages"][5] = torch.eye(4, dtype=torch.float64)
     elif change == "meta":
         module["gamma"] = {"matrix": torch.eye(4, dtype=torch.float64, device="meta")}
+    elif change == "half":
+        module["gamma"] = {"matrix": torch.eye(4, dtype=torch.float16)}
     elif change == "data-dtype":
         module["data_dtype"] = "torch.int8"
     elif change == "extra-key":
@@ -335,7 +337,7 @@ CORRUPTIONS = {
     "empty-cache": r"counts 4 steps but caches no module",
     "missing-average": r"lacks the running averages \['2:Gamma'\] of modules it caches",
     "negative": r"Gamma of module '2' must be a square matrix with a non-negative diagonal",
-    "sparse": r"Gamma of module '2' must be a dense 2-D floating tensor",
+    "sparse": r"Gamma of module '2' must be a dense 2-D float32 or float64 tensor",
     "asymmetric": r"Gamma of module '2' is not a Gram matrix .* not symmetric",
     "indefinite": r"Gamma of module '2' is not a Gram matrix .* exceeds sqrt\(F_ii F_jj\)",
     "overflow": r"module '2': its saved factors cannot be factorised",
@@ -349,7 +351,9 @@ CORRUPTIONS = {
     "uncached-average": r"running average '4:A' is of order 2, its parameters need \[4",
     # found by review: an AttributeError and a RuntimeError
     "key-type": r"the K-FAC state's 'averages' must have text keys",
-    "meta": r"Gamma of module '2' must be a dense 2-D floating tensor",
+    "meta": r"Gamma of module '2' must be a dense 2-D float32 or float64 tensor",
+    # found by a hunt: LAPACK's NotImplementedError for half-precision factors
+    "half": r"Gamma of module '2' must be a dense 2-D float32 or float64 tensor.*torch.float16",
     "data-dtype": r"module '2': 'data_dtype' is 'torch.int8', not one of",
     "extra-key": r"module '2' does not have the keys of a saved state: missing \[\], unknown \['colour'\]",
 }

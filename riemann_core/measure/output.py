@@ -21,7 +21,10 @@ if TYPE_CHECKING:
 
 
 def write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename (a place
+    that is no file, a directory, refused by name: found by a hunt, a bare ``[Errno 21]``)."""
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} is not a file (a directory?): move it away")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -156,17 +159,45 @@ def staged(out: Path) -> Iterator[Path]:
     """A hidden directory in ``out`` to write a command's outputs in, under their own names;
     when the block ends without error each file moves to its place in ``out`` (a rename),
     else they are all dropped. A command that fails half way, in its work or in a write
-    (a full disk), so leaves every earlier output as it was, never new ones beside old."""
+    (a full disk), so leaves every earlier output as it was, never new ones beside old: a
+    place that is no file (a directory) is refused before any move, and a move that fails
+    puts the files moved before it back (found by a hunt: ``fit`` had rewritten two of its
+    three files when the third's place was a directory, with a bare ``[Errno 21]``)."""
     stage = Path(tempfile.mkdtemp(dir=out, prefix=".staged-"))
     try:
         yield stage
-        for path in sorted(stage.rglob("*")):
-            if path.is_file():
-                target = out / path.relative_to(stage)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, target)
+        new = [p for p in sorted(stage.rglob("*")) if p.is_file()]
+        places = [out / p.relative_to(stage) for p in new]
+        for place in places:
+            if place.exists() and not place.is_file():
+                raise ValueError(
+                    f"{place} is not a file (a directory?): move it away; nothing was written"
+                )
+        _move_all(new, places, Path(tempfile.mkdtemp(dir=stage, prefix=".old-")))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _move_all(new: list[Path], places: list[Path], old: Path) -> None:
+    """Each of ``new`` to its place, the file there kept in ``old`` until all moved; on a
+    failure the places are as they were."""
+    done: list[tuple[Path, Path | None]] = []  # (place, its old file kept, or None)
+    try:
+        for i, (path, place) in enumerate(zip(new, places, strict=True)):
+            place.parent.mkdir(parents=True, exist_ok=True)
+            kept = None
+            if place.exists():
+                kept = old / str(i)
+                os.replace(place, kept)
+            done.append((place, kept))
+            os.replace(path, place)
+    except BaseException:
+        for place, kept in reversed(done):
+            if kept is not None:
+                os.replace(kept, place)
+            else:
+                place.unlink(missing_ok=True)
+        raise
 
 
 def write_json(out: Path, name: str, payload: dict) -> Path:

@@ -342,11 +342,12 @@ def _tensor(value, what: str, device, dtype=None) -> Tensor:
         or value.is_meta  # (found by review: .item() on it raised a RuntimeError)
         or value.dim() != 2
         or value.shape[0] == 0
-        or not value.is_floating_point()
+        or value.dtype not in (torch.float32, torch.float64)
     ):
+        # (found by a hunt: half-precision factors, which no run saves, reached LAPACK)
         raise ValueError(
-            f"the K-FAC state's {what} must be a dense 2-D floating tensor with rows, got "
-            f"{describe(value)}"
+            f"the K-FAC state's {what} must be a dense 2-D float32 or float64 tensor with "
+            f"rows, got {describe(value)}: the file is corrupted"
         )
     if dtype is not None and value.dtype != dtype:
         raise ValueError(

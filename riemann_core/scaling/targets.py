@@ -60,7 +60,7 @@ from ..measure.output import (
     progress_bar,
     replace_generated_block,
     results_directory,
-    write_atomic,
+    staged,
     write_json,
 )
 from ..measure.problems import mlp
@@ -677,13 +677,17 @@ def readme_targets(payload: dict, link: str) -> str:
     return "\n".join(lines)
 
 
+#: The pages a run's ``targets.json`` is drawn into.
+PAGES = ("targets.md", "kfac.md")
+
+
 def pages(payload: dict) -> dict[str, str]:
-    """``{file name: markdown}`` of the pages of a run's ``targets.json`` (``payload``)."""
+    """``{file name: markdown}`` of the pages (:data:`PAGES`) of a run's ``targets.json``
+    (``payload``)."""
     command, env = payload["command"], payload["environment"]
-    return {
-        "targets.md": markdown_targets(payload, command, env),
-        "kfac.md": kfac_targets.markdown_kfac(payload["kfac"], command, env),
-    }
+    markdown = (markdown_targets(payload, command, env),
+                kfac_targets.markdown_kfac(payload["kfac"], command, env))  # fmt: skip
+    return dict(zip(PAGES, markdown, strict=True))
 
 
 def read_targets(out: Path) -> dict:
@@ -739,10 +743,11 @@ def check_record(payload: dict) -> None:
             raise ValueError(f"{where} is {value!r}, not a count of 1 or more")
 
     def judged(item: dict, where: str, sense: str, bound: float) -> None:
-        number(item["ratio"], f"{where}.ratio")
+        # a ratio of two times: positive (found by a hunt: -1 was drawn as met)
+        number(item["ratio"], f"{where}.ratio", positive=True)
         for key in ("low", "high"):  # (a record from before intervals has none)
             if key in item:
-                number(item[key], f"{where}.{key}")
+                number(item[key], f"{where}.{key}", positive=True)
         low, high = item.get("low", item["ratio"]), item.get("high", item["ratio"])
         if not low <= item["ratio"] <= high:
             raise ValueError(f"{where}.ratio {item['ratio']!r} lies outside [{low!r}, {high!r}]")
@@ -800,8 +805,12 @@ def check_record(payload: dict) -> None:
             )
         judged(f, f"figures[{i}]", sense, bound)
         widths(f["network"], f"figures[{i}].network")
+    seen = [(f["id"], tuple(f["network"])) for f in payload["figures"]]
+    twice = sorted({s for s in seen if seen.count(s) > 1})
+    if twice:  # (found by a hunt: drawn twice, and listed twice among the missed)
+        raise ValueError(f"figures holds {twice[0][0]!r} of {list(twice[0][1])} twice")
     for i, r in enumerate(payload.get("references", [])):
-        number(r["ratio"], f"references[{i}].ratio")
+        number(r["ratio"], f"references[{i}].ratio", positive=True)
         widths(r["network"], f"references[{i}].network")
     kfac = payload["kfac"]
     if not isinstance(kfac["measured"], bool):
@@ -887,10 +896,17 @@ def run(args) -> int:
             raise ValueError(f"--readme {readme}: {what}; pass the README to update")
         generated_block(readme.read_text(), readme_block(device), readme)
         check_writable(readme.resolve().parent, "--readme")  # replaced by a rename there
+    if out is not None:  # places that cannot take the pages, before the work
+        for name in ("targets.json", *PAGES):
+            if (out / name).exists() and not (out / name).is_file():
+                raise ValueError(f"{out / name} is not a file (a directory?): move it away")
     payload = recorded if recorded is not None else _measured(args)
     if out is not None:
-        for name, page in pages(payload).items():
-            print(f"wrote {write_atomic(out / name, page)}")
+        with staged(out) as stage:  # both pages, or neither
+            for name, page in pages(payload).items():
+                (stage / name).write_text(page)
+        for name in PAGES:
+            print(f"wrote {out / name}")
         if readme is not None:
             link = Path(os.path.relpath(out.resolve(), readme.resolve().parent)).as_posix()
             table = readme_targets(payload, link)

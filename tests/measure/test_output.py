@@ -118,3 +118,44 @@ def test_a_figure_title_is_wrapped_inside_the_figure(width):
     assert 0 <= box.x0 and box.x1 <= fig.bbox.width
     assert fig._suptitle.get_text().split() == text.split()  # every word kept
     plt.close(fig)
+
+
+def _outputs(out, text: str) -> None:
+    with output.staged(out) as stage:
+        for name in ("a.csv", "b.csv", "c.csv"):
+            (stage / name).write_text(text)
+
+
+def test_staged_outputs_are_all_written_or_none(tmp_path, monkeypatch):
+    """Found by a hunt: fit rewrote two of its three files, then failed on the third,
+    whose place was a directory, with a bare [Errno 21]. Such a place is refused before any
+    move, and a move that fails puts the ones before it back."""
+    _outputs(tmp_path, "old")
+    (tmp_path / "b.csv").unlink()
+    (tmp_path / "b.csv").mkdir()
+    with pytest.raises(ValueError, match=r"b.csv is not a file \(a directory\?\): move it"):
+        _outputs(tmp_path, "new")
+    assert [(tmp_path / n).read_text() for n in ("a.csv", "c.csv")] == ["old", "old"]
+    (tmp_path / "b.csv").rmdir()
+    replace, failed = output.os.replace, []
+
+    def failing(source, target):  # the third file's move fails once (a full disk)
+        if str(target).endswith("c.csv") and ".staged-" in str(source) and not failed:
+            failed.append(target)
+            raise OSError("no space left on device")
+        replace(source, target)
+
+    monkeypatch.setattr(output.os, "replace", failing)
+    with pytest.raises(OSError, match="no space"):
+        _outputs(tmp_path, "new")
+    assert (tmp_path / "a.csv").read_text() == "old" and not (tmp_path / "b.csv").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "c.csv"]  # no stage left
+
+
+def test_an_atomic_write_over_a_directory_is_refused_by_name(tmp_path):
+    """Found by a hunt: validate with a directory named claims.json failed with a bare
+    [Errno 21]."""
+    (tmp_path / "claims.json").mkdir()
+    with pytest.raises(ValueError, match=r"claims.json is not a file \(a directory\?\)"):
+        output.write_atomic(tmp_path / "claims.json", "{}")
+    assert (tmp_path / "claims.json").is_dir() and len(list(tmp_path.iterdir())) == 1

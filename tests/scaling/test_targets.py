@@ -402,6 +402,8 @@ CORRUPTED = [
     ("rounds", 0, "rounds is 0, not a count of 1 or more"),
     ("batch", 12.5, "batch is 12.5, not a count"),
     ("sgd_step_s", -1.0, "sgd_step_s is -1.0, not a finite positive number"),
+    # found by a hunt: a ratio of -1 (interval [-1.2, -0.8]) drawn as met
+    ("figures.0.ratio", -1.0, "figures\\[0\\].ratio is -1.0, not a finite positive number"),
 ]
 
 
@@ -425,6 +427,30 @@ def test_report_only_refuses_values_no_run_writes(path, value, message, tmp_path
     with pytest.raises(ValueError, match=f"targets.json is not a record.*{message}"):
         targets.run(args)
     assert [p.name for p in out.iterdir()] == ["targets.json"]
+
+
+def test_report_only_refuses_a_figure_twice_and_a_page_that_cannot_be_written(tmp_path):
+    """Found by a hunt: a figure recorded twice was drawn twice and listed twice among the
+    missed; a directory in the place of kfac.md failed with a bare [Errno 21] after
+    targets.md had been rewritten. Both are refused by name, nothing written."""
+    root = Path(__file__).resolve().parents[2]
+    record = json.loads((root / "reports" / "cpu" / "targets.json").read_text())
+    out = tmp_path / "out"
+    out.mkdir()
+    args = _args(out, None)
+    args.report_only = True
+    (out / "targets.json").write_text(json.dumps(record | {"figures": record["figures"] * 2}))
+    with pytest.raises(ValueError, match=r"figures holds '\w+' of \[784, 1024, 1024, 10\] twice"):
+        targets.run(args)
+    (out / "targets.json").write_text(json.dumps(record))
+    (out / "targets.md").write_text("old")
+    (out / "kfac.md").mkdir()
+    with pytest.raises(ValueError, match=r"kfac.md is not a file \(a directory\?\): move it"):
+        targets.run(args)
+    assert (out / "targets.md").read_text() == "old"
+    (out / "kfac.md").rmdir()
+    targets.run(args)
+    assert (out / "kfac.md").is_file() and (out / "targets.md").read_text() != "old"
 
 
 def test_the_readme_table_links_a_directory_with_a_space_and_writes_through_a_link(
