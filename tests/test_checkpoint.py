@@ -315,6 +315,10 @@ def corrupt(state, change):
         module["gamma"] = {"matrix": torch.eye(4, dtype=torch.float64, device="meta")}
     elif change == "half":
         module["gamma"] = {"matrix": torch.eye(4, dtype=torch.float16)}
+    elif change == "kernel":
+        module["kernel"] = "Conv2dHandler"
+    elif change == "kernel-type":
+        module["kernel"] = 3
     elif change == "data-dtype":
         module["data_dtype"] = "torch.int8"
     elif change == "extra-key":
@@ -354,6 +358,9 @@ CORRUPTIONS = {
     "meta": r"Gamma of module '2' must be a dense 2-D float32 or float64 tensor",
     # found by a hunt: LAPACK's NotImplementedError for half-precision factors
     "half": r"Gamma of module '2' must be a dense 2-D float32 or float64 tensor.*torch.float16",
+    # found by a hunt: a Linear's factors whose orders fit a Conv2d were taken for its own
+    "kernel": r"module '2': saved for a module of kernel 'Conv2dHandler', the model's is a Li",
+    "kernel-type": r"module '2': saved for a module of kernel 3, the model's is a Linear",
     "data-dtype": r"module '2': 'data_dtype' is 'torch.int8', not one of",
     "extra-key": r"module '2' does not have the keys of a saved state: missing \[\], unknown \['colour'\]",
 }

@@ -63,6 +63,7 @@ def _cached_state(cached: Cached) -> dict:
     inputs = [b.A for b in cached.blocks if b.A is not None]
     return {
         "param_names": list(cached.block.param_names),
+        "kernel": cached.kernel,
         "rows": cached.rows,
         "gamma": _factor_state(cached.blocks[0].gamma),
         "A": _factor_state(inputs[0]) if inputs else None,
@@ -188,7 +189,8 @@ def _read(name, entry, network: nn.Module, opts: Options) -> _Read:
     """The cached module ``name``: its block from the model and its saved factors."""
     where = f"the K-FAC state of module {name!r}"
     keys = {"param_names", "rows", "gamma", "A"}
-    entry = _mapping(entry, where, keys, optional={"data_dtype"})  # saved by later versions
+    # (saved by later versions)
+    entry = _mapping(entry, where, keys, optional={"data_dtype", "kernel"})
     module = _module(network, name, where)
     own = {
         local: f"{name}.{local}" if name else local
@@ -238,6 +240,11 @@ def _read(name, entry, network: nn.Module, opts: Options) -> _Read:
         _check_order(A, {order}, input_what, where)
         inputs = {p.name: A for p in parts if not p.bias_only}
     kernel = STRUCTURED[type(module)].__name__
+    if entry.get("kernel", kernel) != kernel:  # (found by a hunt: factor orders can agree)
+        raise ValueError(
+            f"{where}: saved for a module of kernel {entry['kernel']!r}, the model's is a "
+            f"{type(module).__name__} ({kernel}): the state was saved for another model"
+        )
     data_dtype = _data_dtype(entry.get("data_dtype"), where)
     return _Read(block, parts, gamma, inputs, kernel, rows, data_dtype)
 
