@@ -40,19 +40,24 @@ class Differentiated:
     from the start where there is nothing to watch: no tensor requires grad, or one is a
     leaf (a hook on it would stay for good)."""
 
-    __slots__ = ("seen",)
+    __slots__ = ("seen", "watching")
 
     def __init__(self, outputs: list[Tensor]) -> None:
         tensors = [t for t in outputs if t.requires_grad]
         tensors += [t._base for t in tensors if t._is_view() and t._base.requires_grad]
         nodes = {t.grad_fn for t in tensors}
         self.seen = not tensors or None in nodes
-        if not self.seen:
+        self.watching = not self.seen
+        if self.watching:
             for node in nodes:
                 node.register_prehook(self)
 
     def __call__(self, grad_outputs) -> None:
         self.seen = True
+
+    def spend(self) -> None:
+        """A step used the gradient that flowed back: the next step needs another."""
+        self.seen = not self.watching
 
 
 def tolerance(dtype: torch.dtype) -> float:

@@ -263,6 +263,11 @@ class RiemannianPreconditioner:
         except BaseException:  # (found by a hunt: the hooks above, left on the model, broke
             self._finalizer()  # every later forward pass with gradients)
             raise
+        if _compiled_anywhere():
+            # code torch.compile built before the hooks never runs them (its guards skip
+            # module hooks): compiled again with them (found by a hunt: a compiled child
+            # got no direction, a compiled wrapper's pass was not recorded, 5-9x off)
+            torch.compiler.reset()
 
     @property
     def model(self) -> nn.Module:
@@ -520,6 +525,7 @@ class RiemannianPreconditioner:
             raise RuntimeError(
                 "pre.backward(loss) needs the forward pass the loss was formed from: call "
                 "model(x) with gradients enabled, then pre.backward(loss)"
+                f"{_COMPILED_BEFORE if _compiled_anywhere() else ''}"
             )
         self._check_unchanged("pre.backward(loss)")
         _check_own_parameters(capture, model, "pre.backward(loss)")
@@ -918,13 +924,20 @@ class RiemannianPreconditioner:
                 and torch.distributed.get_world_size(self.process_group) > 1
             ):
                 self._passes.check_mean()  # (one rank: its gradient as it is, any loss)
-            if self._differentiated is not None and not self._differentiated.seen:
-                # found by a hunt: the metric at the evaluation's batch, 6x off
+            if (
+                self._differentiated is not None
+                and not self._differentiated.seen
+                and not self._as_written(with_grad)  # (stepped again: checked above)
+            ):
+                # found by a hunt: the metric at the evaluation's batch, 6x off; and (found
+                # by a hunt) at the batch before, where a compiled pass ran without hooks
                 raise RuntimeError(
                     "no gradient flowed back through the model's last forward pass with "
-                    "gradients enabled, whose batch pre.step() takes the metric at: a pass "
-                    "after the one loss.backward() went through (an evaluation) replaced it. "
-                    "Run evaluations under torch.no_grad(), or call pre.step() before them"
+                    "gradients enabled since the last step, whose batch pre.step() takes the "
+                    "metric at: a pass after the one loss.backward() went through (an "
+                    "evaluation) replaced it, or the pass the gradient came from was not "
+                    f"recorded{_COMPILED_BEFORE if _compiled_anywhere() else ''}. Run "
+                    "evaluations under torch.no_grad(), or call pre.step() before them"
                 )
         # a parameter without .grad took no part in the loss: a zero vector, left as None
         try:
@@ -956,6 +969,8 @@ class RiemannianPreconditioner:
         self._commit(params)
         if self._passes is not None:
             self._passes.clear()
+        if self._differentiated is not None:
+            self._differentiated.spend()
 
     def _wrote(self, params, directions: dict[str, Tensor]) -> None:
         """Remember the ``.grad`` that now hold a direction, as they are now: their
@@ -967,6 +982,12 @@ class RiemannianPreconditioner:
         self._written = [
             (weakref.ref(g), g._version, norm) for g, norm in zip(grads, norms, strict=True)
         ]
+
+    def _as_written(self, grads: dict[str, Tensor]) -> bool:
+        """Whether every one of ``grads`` is a ``.grad`` the last call wrote, at the
+        version it wrote."""
+        written = {id(ref()): v for ref, v, _ in self._written if ref() is not None}
+        return all(written.get(id(g)) == g._version for g in grads.values())
 
     def _check_not_preconditioned(self, grads: dict[str, Tensor]) -> None:
         """Refuse ``.grad`` that hold a direction a call wrote: preconditioning them again
@@ -1267,6 +1288,19 @@ _RECORD = (
     "_edited_in_forward",
     "_synced",
 )
+
+
+#: What a refusal for a pass that was not recorded says where torch.compile ran.
+_COMPILED_BEFORE = (
+    " (a torch.compile'd model whose code was compiled before this preconditioner was "
+    "built, or before torch.compiler.reset(), runs without its hooks: build the "
+    "preconditioner before the first compiled call, or call torch.compiler.reset())"
+)
+
+
+def _compiled_anywhere() -> bool:
+    """Whether torch.compile may have compiled code in this process."""
+    return "torch._dynamo.eval_frame" in sys.modules
 
 
 def _compiled(model: nn.Module) -> bool:

@@ -1320,6 +1320,55 @@ def test_pre_backward_on_a_compiled_model_is_exact_at_every_step(method):
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("compiled", ["wrapper", "child"])
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_code_compiled_before_the_preconditioner_runs_its_hooks(compiled, call):
+    """Found by a hunt: torch.compile's code built before the preconditioner never ran its
+    hooks (its guards skip module hooks): after a warm-up, every pre.backward of a compiled
+    wrapper was refused ("call model(x)", which the user had), and a child compiled with the
+    eager backend got no direction from the second step on (natural: 2-8x off). Building the
+    preconditioner compiles them again with the hooks: every step is exact."""
+    torch.manual_seed(38)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    expected = rc.direction(copy.deepcopy(model), x, y, method="natural", damping=DAMPING)
+    if compiled == "wrapper":
+        runnable = torch.compile(model, backend="aot_eager")
+    else:
+        model[0] = torch.compile(model[0], backend="eager")
+        runnable = model
+    runnable(x).sum().backward()  # a warm-up step, compiled without the hooks
+    pre = rc.RiemannianPreconditioner(runnable, method="natural", damping=DAMPING)
+    for _ in range(3):
+        runnable.zero_grad()
+        loss = F.cross_entropy(runnable(x), y)
+        if call == "backward":
+            pre.backward(loss)
+        else:
+            loss.backward()
+            pre.step()
+        for name, p in runnable.named_parameters():
+            name = name.removeprefix("_orig_mod.").replace("._orig_mod", "")
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
+
+
+def test_a_pass_the_preconditioner_did_not_record_is_refused_at_the_step():
+    """A pass the hooks did not see (model.forward(x) called directly; found by a hunt
+    with compiled code that ran without them) left pre.step() the batch of the pass before,
+    5-9x off where the parameters had not moved: the recorded pass's gradient is spent by
+    a step, and the next needs another."""
+    model, x, y = small_mlp()
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    model.zero_grad()
+    F.cross_entropy(model.forward(x[:3]), y[:3]).backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match=r"since the last step.*was not recorded"):
+        pre.step()
+    assert all(torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
+
+
 def test_a_compiled_dropout_the_replay_draws_again_names_the_compiler_and_its_fix():
     """Found by a hunt: with inductor's dropout and a forward hook (which splits the compiled
     graph), the eager replay drew other masks and the refusal blamed Python's random module

@@ -460,3 +460,23 @@ def test_a_state_that_does_not_fit_is_refused_and_nothing_changes(change):
     with pytest.raises(ValueError, match=CORRUPTIONS[change]):
         pre.load_state_dict(corrupt(other_pre.state_dict(), change))
     assert same_state(pre.state_dict(), before)
+
+
+@pytest.mark.parametrize("saved", ["compiled", "original"])
+def test_a_state_across_a_compile_wrapper_is_refused_naming_it(saved):
+    """Found by a hunt: a K-FAC state saved on torch.compile's wrapper (its modules under
+    '_orig_mod.') and loaded for the original model was 'for another model'; the other way
+    round, its parameters were called tied. Both name the wrapper and the fix."""
+
+    def wrapped(model, compiled):
+        return torch.compile(model, backend="eager") if compiled else model
+
+    options = dict(method="kfac", damping=1e-2, kfac_refresh=3)
+    model, x, y = Problem(depth=2).make()
+    source = wrapped(model, saved == "compiled")
+    pre = rc.RiemannianPreconditioner(source, **options)
+    F.cross_entropy(source(x), y).backward()
+    pre.step()
+    target = wrapped(Problem(depth=2).make()[0], saved != "compiled")
+    with pytest.raises(ValueError, match=r"as torch.compile wraps it.*build both on the comp"):
+        rc.RiemannianPreconditioner(target, **options).load_state_dict(pre.state_dict())

@@ -209,6 +209,11 @@ def _read(name, entry, network: nn.Module, opts: Options) -> _Read:
         raise ValueError(f"{where}: 'rows' must be a positive count, got {rows!r}")
     params = dict(network.named_parameters())  # a tied parameter under its first name
     tied = [n for n in names if n not in params]
+    if tied and _compiled_hint(network, name):  # (not a tie: the names of the wrapper)
+        raise ValueError(
+            f"{where}: the model has no parameters {tied}: the state was saved for another "
+            f"model{_compiled_hint(network, name)}"
+        )
     if tied:
         raise ValueError(
             f"{where}: the model's {tied} are tied to another module's parameter, which "
@@ -290,9 +295,22 @@ def _module(network: nn.Module, name, where: str) -> nn.Module:
     if module is None or kernel is None or not issubclass(kernel, PatchHandler):
         raise ValueError(
             f"{where}: the model has no module {name!r} that K-FAC factorises (Linear, "
-            "Conv2d): the state was saved for another model"
+            f"Conv2d): the state was saved for another model{_compiled_hint(network, name)}"
         )
     return module
+
+
+def _compiled_hint(network: nn.Module, name: str) -> str:
+    """Where one side is a torch.compile wrapper (names under ``_orig_mod.``) and the
+    other not: that, and the fix (found by a hunt: called a tie, or another model)."""
+    names = [n for n, _ in network.named_modules()]
+    if "_orig_mod" not in str(name) and not any(n.startswith("_orig_mod") for n in names):
+        return ""
+    return (
+        " (or for it as torch.compile wraps it, its modules under '_orig_mod.', where this "
+        "preconditioner holds the original, or the other way round: build both on the "
+        "compiled model or both on the original)"
+    )
 
 
 def _orders(names: list[str]) -> list[list[str]]:
