@@ -4,8 +4,9 @@ TF32 (``torch.backends.cuda.matmul.fp32_precision = "tf32"``,
 ``torch.set_float32_matmul_precision("high")``, and cuDNN convolutions by default)
 rounds products to a 10-bit mantissa, and autocast runs them in half precision: the
 Grams and solves here would lose about three digits, which small dampings amplify.
-:func:`full_precision` sets every float32 precision knob to IEEE and disables autocast
-for the duration of a call, then restores the user's settings exactly.
+:func:`full_precision` sets every float32 precision knob that reads reduced to IEEE and
+disables autocast for the duration of a call, then restores the user's settings (those it
+changed; see :func:`_restore` for the one case torch leaves ambiguous).
 
 A forward pass of the user's that is run again for the metric (``pre.step()``) runs in
 the precisions it ran in (:func:`precision_state`, :func:`precision_as`): products of a
@@ -43,11 +44,10 @@ def full_precision(device_types: set[str]) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         for device_type in sorted(device_types | {"cpu"}):
             stack.enter_context(torch.autocast(device_type, enabled=False))
-        if knobs:  # torch >= 2.9: one knob per backend operation
-            saved = [k.fp32_precision for _, k in knobs]
-            stack.callback(_restore, knobs, saved)
-            for _, k in knobs:
-                k.fp32_precision = "ieee"
+        if knobs:  # torch >= 2.9: one knob per backend operation ("none": the default, IEEE)
+            reads = [k.fp32_precision for _, k in knobs]
+            ieee = [v if v in ("ieee", "none") else "ieee" for v in reads]
+            stack.callback(_restore, _switch(knobs, ieee))
         else:  # the legacy switches
             saved_matmul = torch.get_float32_matmul_precision()
             stack.callback(torch.set_float32_matmul_precision, saved_matmul)
@@ -105,30 +105,48 @@ def precision_as(state: tuple | None) -> Iterator[None]:
     if state is None:
         yield
         return
-    knobs, saved = precision_knobs(), precision_state()
+    knobs = precision_knobs()
+    if knobs:
+        changed = _switch(knobs, state)
+        try:
+            yield
+        finally:
+            _restore(changed)
+        return
+    saved = precision_state()  # the legacy switches
     try:
-        _set(knobs, state)
+        _set_legacy(state)
         yield
     finally:
-        _set(knobs, saved)
+        _set_legacy(saved)
 
 
-def _set(knobs, state: tuple) -> None:
-    if knobs:
-        _restore(knobs, state)
-    else:
-        torch.set_float32_matmul_precision(state[0])
-        torch.backends.cudnn.allow_tf32 = state[1]
+def _set_legacy(state: tuple) -> None:
+    torch.set_float32_matmul_precision(state[0])
+    torch.backends.cudnn.allow_tf32 = state[1]
 
 
-def _restore(knobs, saved) -> None:
-    """Each knob back to its ``saved`` value, inheriting it (``"none"``: from its backend's
-    knob or the global one) where that gives the value: written out, an inherited value
-    would stop following them (found by a hunt: after a call under
+def _switch(knobs, values) -> list[tuple[object, str]]:
+    """Each knob set to its value in ``values`` where it reads another; ``(knob, what it
+    read)`` for those changed (the others are left alone: a knob the user pinned keeps its
+    pin, found by review)."""
+    changed = []
+    for (_, k), value in zip(knobs, values, strict=True):
+        if k.fp32_precision != value:
+            changed.append((k, k.fp32_precision))
+            k.fp32_precision = value
+    return changed
+
+
+def _restore(changed: list[tuple[object, str]]) -> None:
+    """Each changed knob back to what it read, inheriting it (``"none"``: from its
+    backend's knob or the global one) where that gives the value: written out, an inherited
+    value would stop following them (found by a hunt: after a call under
     ``torch.backends.mkldnn.fp32_precision = "bf16"``, setting that back to ``"ieee"`` left
-    every mkldnn operation in bfloat16). A value the user set equal to the inherited one
-    is then inherited too, which reads the same."""
-    for (_, k), value in zip(knobs, saved, strict=True):
+    every mkldnn operation in bfloat16). Torch reads an operation's inherited value as its
+    own, so a reduced value the user pinned equal to its backend's is then inherited too
+    (it reads the same, and follows the backend from then on)."""
+    for k, value in reversed(changed):
         k.fp32_precision = "none"
         if k.fp32_precision != value:
             k.fp32_precision = value

@@ -342,12 +342,14 @@ class PatchHandler(Handler):
         self.Dl = self.output_positions(delta)  # (r, N, T, f_out)
 
     def to(self, dtype: torch.dtype) -> PatchHandler:
-        new = super().to(dtype)
         # the patches formed again from the block's input, not converted: formed in a half
         # dtype first (a coupling probe under autocast), they would carry its rounding into
         # the wider algebra (found by a hunt: probed calls 4e-3 off the others)
-        new._X = None
-        return new
+        patches, self._X = self._X, None
+        try:
+            return super().to(dtype)
+        finally:
+            self._X = patches
 
     @abstractmethod
     def patches(self, x: Tensor) -> Tensor:

@@ -263,11 +263,7 @@ class RiemannianPreconditioner:
         except BaseException:  # (found by a hunt: the hooks above, left on the model, broke
             self._finalizer()  # every later forward pass with gradients)
             raise
-        if _compiled_anywhere():
-            # code torch.compile built before the hooks never runs them (its guards skip
-            # module hooks): compiled again with them (found by a hunt: a compiled child
-            # got no direction, a compiled wrapper's pass was not recorded, 5-9x off)
-            torch.compiler.reset()
+        _compile_again()
 
     @property
     def model(self) -> nn.Module:
@@ -499,7 +495,9 @@ class RiemannianPreconditioner:
         """
         self._check_not_removed("pre.backward(loss)")
         if self._capture is None:  # shared: ranks in pre.step() meet it at their agreement
-            with distributed.share_failure(self.process_group, self.timeout):
+            # (not under DDP, whose other ranks wait in their backward's own all-reduce)
+            ddp = isinstance(self.model, DistributedDataParallel)
+            with distributed.share_failure(None if ddp else self.process_group, self.timeout):
                 raise ValueError(
                     "pre.backward(loss) runs in one process: with a process_group or a "
                     "DistributedDataParallel model, call loss.backward() and then pre.step()"
@@ -935,9 +933,12 @@ class RiemannianPreconditioner:
                     "no gradient flowed back through the model's last forward pass with "
                     "gradients enabled since the last step, whose batch pre.step() takes the "
                     "metric at: a pass after the one loss.backward() went through (an "
-                    "evaluation) replaced it, or the pass the gradient came from was not "
-                    f"recorded{_COMPILED_BEFORE if _compiled_anywhere() else ''}. Run "
-                    "evaluations under torch.no_grad(), or call pre.step() before them"
+                    "evaluation) replaced it, the pass the gradient came from was not "
+                    f"recorded{_COMPILED_BEFORE if _compiled_anywhere() else ''}, or the "
+                    "gradient came through no forward pass (a penalty on the parameters "
+                    "alone). Run evaluations under torch.no_grad(), or call pre.step() before "
+                    "them; each pre.step() needs a backward pass through the model's "
+                    "recorded output since the last one"
                 )
         # a parameter without .grad took no part in the loss: a zero vector, left as None
         try:
@@ -1296,11 +1297,32 @@ _COMPILED_BEFORE = (
     "built, or before torch.compiler.reset(), runs without its hooks: build the "
     "preconditioner before the first compiled call, or call torch.compiler.reset())"
 )
+#: torch.compile's count of frames it compiled at the last reset here.
+_FRAMES_AT_RESET = [0]
+
+
+def _compiled_frames() -> int:
+    """The frames torch.compile has compiled in this process (0 where it never ran; not
+    cleared by a reset)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return 0 if utils is None else utils.counters["frames"]["total"]
 
 
 def _compiled_anywhere() -> bool:
-    """Whether torch.compile may have compiled code in this process."""
-    return "torch._dynamo.eval_frame" in sys.modules
+    """Whether torch.compile has compiled code in this process."""
+    return _compiled_frames() > 0
+
+
+def _compile_again() -> None:
+    """``torch.compiler.reset()`` where torch.compile compiled frames since the last
+    reset here: code it built before a preconditioner's hooks never runs them (its guards
+    skip module hooks), so it compiles again with them at the next call (found by a hunt:
+    a compiled child got no direction, a compiled wrapper's pass was not recorded, 5-9x
+    off). Process-wide: every compiled function compiles again."""
+    frames = _compiled_frames()
+    if frames > _FRAMES_AT_RESET[0]:
+        torch.compiler.reset()
+        _FRAMES_AT_RESET[0] = frames
 
 
 def _compiled(model: nn.Module) -> bool:

@@ -1352,6 +1352,25 @@ def test_code_compiled_before_the_preconditioner_runs_its_hooks(compiled, call):
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
 
 
+def test_only_code_compiled_since_the_last_reset_is_compiled_again(monkeypatch):
+    """Found by review: torch.compiler.reset() ran at every construction once any step had
+    loaded dynamo, compiled or not, throwing away unrelated compiled code."""
+    from riemann_core import preconditioner
+
+    resets = []
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(1))
+    monkeypatch.setattr(preconditioner, "_FRAMES_AT_RESET", [0])
+    frames = [0]
+    monkeypatch.setattr(preconditioner, "_compiled_frames", lambda: frames[0])
+    model, _, _ = small_mlp()
+    rc.RiemannianPreconditioner(model).remove()
+    assert resets == []  # nothing compiled
+    frames[0] = 3
+    rc.RiemannianPreconditioner(model).remove()
+    rc.RiemannianPreconditioner(model).remove()
+    assert resets == [1]  # once, for what was compiled since
+
+
 def test_a_pass_the_preconditioner_did_not_record_is_refused_at_the_step():
     """A pass the hooks did not see (model.forward(x) called directly; found by a hunt
     with compiled code that ran without them) left pre.step() the batch of the pass before,

@@ -61,3 +61,14 @@ def test_the_output_gradient_is_read_by_chunks_of_rows_alike(chunk, monkeypatch)
     assert lowest["mean"] >= -passes.tolerance(torch.float32)
     expected = (p - 24 * (p - F.one_hot(y, 5))).amin()  # the summed loss's gradient: p - e_y
     assert lowest["sum"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_an_empty_shard_leaves_the_user_backward_alone():
+    """Found by review: the hook's amin() over zero rows raised inside the user's
+    loss.backward(); the empty batch is named at the step, as before."""
+    record = passes._Pass((0, 5), Differentiated([]))
+    z = torch.zeros(0, 5, requires_grad=True)
+    out = z * 1.0
+    record.watch_mean(out)
+    F.cross_entropy(out, torch.zeros(0, dtype=torch.long), reduction="sum").backward()
+    assert record.lowest is None

@@ -180,7 +180,8 @@ def staged(out: Path) -> Iterator[Path]:
 
 def _move_all(new: list[Path], places: list[Path], old: Path) -> None:
     """Each of ``new`` to its place, the file there kept in ``old`` until all moved; on a
-    failure the places are as they were."""
+    failure the places are as they were, or, where one cannot be put back, the files not
+    put back are kept beside them (``old`` moved out of the stage) and the error says so."""
     done: list[tuple[Path, Path | None]] = []  # (place, its old file kept, or None)
     try:
         for i, (path, place) in enumerate(zip(new, places, strict=True)):
@@ -191,12 +192,23 @@ def _move_all(new: list[Path], places: list[Path], old: Path) -> None:
                 os.replace(place, kept)
             done.append((place, kept))
             os.replace(path, place)
-    except BaseException:
+    except BaseException as err:
+        stuck = []  # (found by review: one failed put-back lost the rest with the stage)
         for place, kept in reversed(done):
-            if kept is not None:
-                os.replace(kept, place)
-            else:
-                place.unlink(missing_ok=True)
+            try:
+                if kept is not None:
+                    os.replace(kept, place)
+                else:
+                    place.unlink(missing_ok=True)
+            except OSError:
+                stuck.append(place)
+        if stuck:
+            aside = old.parent.parent / f".kept{old.name}"  # in the outputs, out of the stage
+            os.replace(old, aside)
+            raise OSError(
+                f"writing the outputs failed ({err}) and {[str(p) for p in stuck]} could "
+                f"not be put back: their earlier files are in {aside}"
+            ) from err
         raise
 
 

@@ -209,10 +209,11 @@ def _read(name, entry, network: nn.Module, opts: Options) -> _Read:
         raise ValueError(f"{where}: 'rows' must be a positive count, got {rows!r}")
     params = dict(network.named_parameters())  # a tied parameter under its first name
     tied = [n for n in names if n not in params]
-    if tied and _compiled_hint(network, name):  # (not a tie: the names of the wrapper)
+    hint = _compiled_hint(network, name) if tied else ""
+    if hint:  # (not a tie: the names of the wrapper)
         raise ValueError(
             f"{where}: the model has no parameters {tied}: the state was saved for another "
-            f"model{_compiled_hint(network, name)}"
+            f"model{hint}"
         )
     if tied:
         raise ValueError(

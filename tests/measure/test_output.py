@@ -159,3 +159,27 @@ def test_an_atomic_write_over_a_directory_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"claims.json is not a file \(a directory\?\)"):
         output.write_atomic(tmp_path / "claims.json", "{}")
     assert (tmp_path / "claims.json").is_dir() and len(list(tmp_path.iterdir())) == 1
+
+
+def test_files_that_cannot_be_put_back_are_kept_and_named(tmp_path, monkeypatch):
+    """Found by review: a put-back that failed too lost the earlier files with the stage."""
+    _outputs(tmp_path, "old")
+    replace = output.os.replace
+
+    def failing(source, target):  # the third move fails, and so does putting a.csv back
+        if (
+            str(target).endswith("c.csv")
+            and ".old-" not in str(source)
+            and ".staged-" in str(source)
+        ):
+            raise OSError("no space left on device")
+        if str(target).endswith("a.csv") and ".old-" in str(source):
+            raise OSError("still no space")
+        replace(source, target)
+
+    monkeypatch.setattr(output.os, "replace", failing)
+    with pytest.raises(OSError, match=r"could not be put back: their earlier files are in"):
+        _outputs(tmp_path, "new")
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith(".kept")]
+    assert len(kept) == 1 and (kept[0] / "0").read_text() == "old"  # a.csv's, kept
+    assert [(tmp_path / n).read_text() for n in ("b.csv", "c.csv")] == ["old", "old"]
