@@ -1199,14 +1199,8 @@ def test_norms_fed_half_precision_under_autocast_pull_back_batched(kind, monkeyp
         pre = rc.RiemannianPreconditioner(copy.deepcopy(model), damping=1.0, kernel="auto")
         net, got = pre.model, []
         for call in ("step", "step", "backward"):  # the first probes the coupling
-            net.zero_grad()
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = F.cross_entropy(net(x), y)
-            if call == "backward":
-                pre.backward(loss)
-            else:
-                loss.backward()
-                pre.step()
+                preconditioned(pre, net, x, y, call)
             got.append(torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
         return got
 
@@ -1340,13 +1334,7 @@ def test_code_compiled_before_the_preconditioner_runs_its_hooks(compiled, call):
     runnable(x).sum().backward()  # a warm-up step, compiled without the hooks
     pre = rc.RiemannianPreconditioner(runnable, method="natural", damping=DAMPING)
     for _ in range(3):
-        runnable.zero_grad()
-        loss = F.cross_entropy(runnable(x), y)
-        if call == "backward":
-            pre.backward(loss)
-        else:
-            loss.backward()
-            pre.step()
+        preconditioned(pre, runnable, x, y, call)
         for name, p in runnable.named_parameters():
             name = name.removeprefix("_orig_mod.").replace("._orig_mod", "")
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
