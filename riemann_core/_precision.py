@@ -73,18 +73,16 @@ def product_eps(device_type: str, conv: bool = False) -> float:
     ``device_type`` round to now where a precision knob reduces them (bfloat16's, TF32's;
     a CPU without bfloat16 units computes in IEEE anyway: a bound), 0 where they are IEEE.
     (cuDNN's convolutions take TF32 by default: a Linear's products on CUDA stay IEEE.)"""
-    b, cpu = torch.backends, device_type == "cpu"
-    knobs = [b.mkldnn, b.mkldnn] if cpu else [b.cuda, b.cudnn]
-    knobs = [getattr(k, op, None) for k, op in zip(knobs, ("matmul", "conv"), strict=True)]
-    knobs = knobs if conv else knobs[:1]
-    values = [getattr(k, "fp32_precision", None) for k in knobs]
-    if all(v is None for v in values):  # torch < 2.9: the legacy switches (reading them
-        # once the knobs were set raises on later versions)
+    knobs, cpu = dict(precision_knobs()), device_type == "cpu"
+    names = ("mkldnn.matmul", "mkldnn.conv") if cpu else ("cuda.matmul", "cudnn.conv")
+    values = [knobs[n].fp32_precision for n in names[: 1 + conv] if n in knobs]
+    if not knobs:  # torch < 2.9: the legacy switches (reading them once the knobs were
+        # set raises on later versions)
         matmul = torch.get_float32_matmul_precision()
         if cpu:
             values = ["bf16" if matmul == "medium" else None]
         else:
-            reduced = matmul != "highest" or (conv and b.cudnn.allow_tf32)
+            reduced = matmul != "highest" or (conv and torch.backends.cudnn.allow_tf32)
             values = ["tf32" if reduced else None]
     return max((REDUCED_EPS.get(v, 0.0) for v in values), default=0.0)
 

@@ -20,11 +20,17 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
+def check_place(path: Path) -> None:
+    """A ``ValueError`` naming ``path`` where something other than a file is there (a
+    directory): an output written there would fail with a bare ``[Errno 21]``."""
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} is not a file (a directory?): move it away")
+
+
 def write_atomic(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file and an atomic rename (a place
     that is no file, a directory, refused by name: found by a hunt, a bare ``[Errno 21]``)."""
-    if path.exists() and not path.is_file():
-        raise ValueError(f"{path} is not a file (a directory?): move it away")
+    check_place(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -168,11 +174,8 @@ def staged(out: Path) -> Iterator[Path]:
         yield stage
         new = [p for p in sorted(stage.rglob("*")) if p.is_file()]
         places = [out / p.relative_to(stage) for p in new]
-        for place in places:
-            if place.exists() and not place.is_file():
-                raise ValueError(
-                    f"{place} is not a file (a directory?): move it away; nothing was written"
-                )
+        for place in places:  # (nothing written yet)
+            check_place(place)
         _move_all(new, places, Path(tempfile.mkdtemp(dir=stage, prefix=".old-")))
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -55,6 +55,7 @@ from ..measure.environment import summary
 from ..measure.flops import flop_counter
 from ..measure.lean import LeanStep
 from ..measure.output import (
+    check_place,
     check_writable,
     generated_block,
     progress_bar,
@@ -898,8 +899,7 @@ def run(args) -> int:
         check_writable(readme.resolve().parent, "--readme")  # replaced by a rename there
     if out is not None:  # places that cannot take the pages, before the work
         for name in ("targets.json", *PAGES):
-            if (out / name).exists() and not (out / name).is_file():
-                raise ValueError(f"{out / name} is not a file (a directory?): move it away")
+            check_place(out / name)
     payload = recorded if recorded is not None else _measured(args)
     if out is not None:
         with staged(out) as stage:  # both pages, or neither
