@@ -18,13 +18,17 @@ another output (found on a CPU with AVX512-BF16: 1.6e-3 off, refused as another 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
 
 
-def precision_knobs() -> list[tuple[str, object]]:
-    """``(name, backend)`` for every backend operation with an ``fp32_precision``."""
+@functools.cache
+def precision_knobs() -> tuple[tuple[str, object], ...]:
+    """``(name, backend)`` for every backend operation with an ``fp32_precision``: objects
+    that live as long as torch, so found once (their values are read live, ~6 us a walk
+    that ran several times a step)."""
     b = torch.backends
     candidates = [
         ("cuda.matmul", getattr(b.cuda, "matmul", None)),
@@ -34,7 +38,7 @@ def precision_knobs() -> list[tuple[str, object]]:
         ("mkldnn.conv", getattr(b.mkldnn, "conv", None)),
         ("mkldnn.rnn", getattr(b.mkldnn, "rnn", None)),
     ]
-    return [(n, k) for n, k in candidates if hasattr(k, "fp32_precision")]
+    return tuple((n, k) for n, k in candidates if hasattr(k, "fp32_precision"))
 
 
 @contextlib.contextmanager

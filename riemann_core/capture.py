@@ -672,7 +672,10 @@ def _some(names: list[str]) -> str:
 
 
 def rng_devices(model: nn.Module) -> list[int]:
-    """CUDA devices holding the model's parameters (whose generators a forward may use)."""
+    """CUDA devices holding the model's parameters (whose generators a forward may use);
+    none where CUDA was never initialised (no walk of the parameters at every forward)."""
+    if not torch.cuda.is_initialized():
+        return []
     return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
 

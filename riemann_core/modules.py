@@ -84,6 +84,16 @@ def training(module: nn.Module) -> bool:
     return getattr(module, "training", False)
 
 
+def shows_parameters(module: nn.Module) -> bool:
+    """Whether every NaN or inf in ``module``'s parameters makes its output non-finite
+    (wherever it has entries): an ``nn.Linear``'s weight and bias enter every output row
+    through a dense product, and ``inf * 0`` is NaN (the GEMMs compute every product, zeros
+    included). So its output, 8x smaller than its weight at 784-1024-1024-10 and batch 128,
+    is read for them. Not a convolution's: its implementations skip the padding, where a
+    tap that meets padding alone leaves the output finite."""
+    return type(module) is nn.Linear
+
+
 def own_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """``(name in module, parameter)`` of the parameters ``module`` owns as a block: those
     registered on it and those of the parameter containers it holds, directly or inside
