@@ -391,8 +391,13 @@ def check_model(
                 "lazy module, shaped by its first call): run the model once, model(x), "
                 "before constructing the preconditioner or computing a direction"
             )
-        if torch.nn.utils.parametrize.is_parametrized(module) and any(
-            p.requires_grad for p in module.parametrizations.parameters()
+        # (parametrize registers its ModuleDict as a submodule: looked up there, not by
+        # is_parametrized's getattr, which raises and catches for every other module)
+        parametrized = "parametrizations" in module._modules
+        if (
+            parametrized
+            and isinstance(module.parametrizations, nn.ModuleDict)
+            and any(p.requires_grad for p in module.parametrizations.parameters())
         ):
             raise ValueError(
                 f"module {name!r} ({type(module).__name__}) is parametrized "

@@ -260,6 +260,7 @@ class Capture:
         self._clone = clone
         self._stale: set[str] = set()
         self._misordered = False  # a user's hook runs between ours and the forward
+        self._product_eps: dict[tuple[str, bool], float] = {}  # this pass's, see _eps
         self._watched: list[tuple[str, list[tuple[Tensor, int]]]] = []
         self._hooks = []
         self._recording = not persistent
@@ -337,6 +338,7 @@ class Capture:
             self.reset()
             self._depth, self._recording = 1, True
             self.token = object()  # this pass's, see mark_pass
+            self._product_eps = {}
             # kept to walk only if a loss is preconditioned (reaches_pass), every leaf
             plain = not kwargs and all(isinstance(a, Tensor) for a in args)
             leaves = args if plain else pytree.tree_leaves((args, kwargs))  # nested: walked
@@ -428,7 +430,7 @@ class Capture:
                     output=output,
                     output_index=index,
                     graph_inputs=live,
-                    product_eps=product_eps(output.device.type, convolves(mod)),
+                    product_eps=self._eps(output.device.type, convolves(mod)),
                 )
             )
             self._watched.append((name, versions + [(output, output._version)]))
@@ -453,6 +455,14 @@ class Capture:
             module.register_forward_hook(OwnHook(module, hook), with_kwargs=True, prepend=True),
         ]
         self._hooks += handles
+
+    def _eps(self, device_type: str, conv: bool) -> float:
+        """:func:`~riemann_core._precision.product_eps` as the pass found the knobs, read
+        once per pass (its replay runs under the knobs as they were at its start)."""
+        key = device_type, conv
+        if key not in self._product_eps:
+            self._product_eps[key] = product_eps(device_type, conv)
+        return self._product_eps[key]
 
     def stale(self) -> set[str]:
         """Modules whose captured inputs or outputs were changed in place, and

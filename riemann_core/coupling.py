@@ -194,7 +194,10 @@ def probe_key(model: nn.Module, args: tuple, kwargs: dict, kernel: str) -> tuple
     passed to ``forward`` may take another path: it is probed again. Global module hooks
     are left out: measuring tools register them (``FlopCounterMode``), which must not
     change what a call computes."""
-    leaves, spec = pytree.tree_flatten((args, kwargs))
+    if not kwargs and all(isinstance(a, Tensor) for a in args):  # (no pytree walk)
+        leaves, spec = args, len(args)
+    else:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
     arguments = tuple(
         None if isinstance(a, Tensor) else a if isinstance(a, _BY_VALUE) else (type(a), id(a))
         for a in leaves
