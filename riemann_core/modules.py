@@ -89,9 +89,10 @@ def shows_parameters(module: nn.Module) -> bool:
     (wherever it has entries): an ``nn.Linear``'s weight and bias enter every output row
     through a dense product, and ``inf * 0`` is NaN (the GEMMs compute every product, zeros
     included). So its output, 8x smaller than its weight at 784-1024-1024-10 and batch 128,
-    is read for them. Not a convolution's: its implementations skip the padding, where a
-    tap that meets padding alone leaves the output finite."""
-    return type(module) is nn.Linear
+    is read for them. Not where its ``forward`` was replaced on the instance (it may clamp
+    the weight), nor a subclass's; not a convolution's: its implementations skip the
+    padding, where a tap that meets padding alone leaves the output finite."""
+    return type(module) is nn.Linear and "forward" not in vars(module)
 
 
 def own_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
