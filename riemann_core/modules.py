@@ -85,14 +85,24 @@ def training(module: nn.Module) -> bool:
 
 
 def shows_parameters(module: nn.Module) -> bool:
-    """Whether every NaN or inf in ``module``'s parameters makes its output non-finite
-    (wherever it has entries): an ``nn.Linear``'s weight and bias enter every output row
-    through a dense product, and ``inf * 0`` is NaN (the GEMMs compute every product, zeros
-    included). So its output, 8x smaller than its weight at 784-1024-1024-10 and batch 128,
-    is read for them. Not where its ``forward`` was replaced on the instance (it may clamp
-    the weight), nor a subclass's; not a convolution's: its implementations skip the
-    padding, where a tap that meets padding alone leaves the output finite."""
-    return type(module) is nn.Linear and "forward" not in vars(module)
+    """Whether every NaN or inf in ``module``'s parameters makes the output of its own
+    forward non-finite (wherever it has entries): an ``nn.Linear``'s weight and bias enter
+    every output row through a dense product, and ``inf * 0`` is NaN (the GEMMs compute
+    every product, zeros included). So its output, 8x smaller than its weight at
+    784-1024-1024-10 and batch 128, is read for them. Only where the product is of those
+    parameters: not where ``forward`` was replaced on the instance (it may clamp the
+    weight), nor a subclass's, nor where the weight is computed from another parameter (a
+    pre-hook fake-quantising it maps inf and NaN to finite values; found by review), and
+    the caller sees that no hook changed the output since (global forward hooks run before
+    a module's own); not a convolution's: its implementations skip the padding, where a
+    tap that meets padding alone leaves the output finite."""
+    own = module._parameters
+    return (
+        type(module) is nn.Linear
+        and "forward" not in vars(module)
+        and own.keys() <= {"weight", "bias"}
+        and isinstance(own.get("weight"), nn.Parameter)
+    )
 
 
 def own_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:

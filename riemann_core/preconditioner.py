@@ -1056,7 +1056,10 @@ class RiemannianPreconditioner:
                 "the direction the last pre.step() or pre.backward(loss) wrote, and another "
                 "pre.step() would precondition it twice: call loss.backward() (after "
                 "opt.zero_grad(), which sets them to None) before each pre.step(), and "
-                "pre.step() once per backward; pre.backward(loss) needs no pre.step()"
+                "pre.step() once per backward; pre.backward(loss) needs no pre.step() (a "
+                "gradient written through .data is told from the direction by some of its "
+                "entries, which a sparse one may leave as they were: write it with "
+                "p.grad.copy_(g))"
             )
 
     def _note_overflow(self, overflowed: bool) -> None:
@@ -1370,7 +1373,11 @@ def _showing_parameters(calls: list[Block], stale: set[str]) -> list[Block]:
     """The recorded calls whose outputs show any NaN or inf in their parameters
     (:func:`~riemann_core.modules.shows_parameters`), read in their place: outputs as the
     calls returned them (not changed in place since, as by an in-place ReLU that zeroes
-    ``-inf``), with entries."""
+    ``-inf``; no global forward hook, which runs before the capture's and may have changed
+    them: found by review, a clamp), with entries. A parameter written through ``.data``
+    after the forward pass is not seen here, as no check sees such a write."""
+    if torch.nn.modules.module._global_forward_hooks:
+        return []
     return [
         c for c in calls if shows_parameters(c.module) and c.name not in stale and c.output.numel()
     ]

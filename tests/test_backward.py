@@ -492,38 +492,59 @@ def test_backward_refuses_bad_input_and_leaves_grads(bad, error, match):
         "-inf-bias-under-relu",
         "-inf-bias-under-inplace-relu",
         "inf-weight-clamped-by-a-forward-of-its-own",
+        "inf-weight-clamped-by-a-global-hook",
+        "nan-weight-fake-quantised-by-a-pre-hook",
     ],
 )
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # (vmap, fake_quantize)
 def test_backward_refuses_parameters_a_finite_loss_hides(bad):
     """A Linear's parameters are read off its output (8x fewer entries at 784-1024-1024-10):
     an inf weight over an input that is zero in every sample gives NaN there (inf * 0), a
-    -inf bias gives -inf before the ReLU that zeroes it and leaves the loss finite; an
-    in-place ReLU changes that output, and the parameters are then read themselves (on
-    the first pass: the next ones record the output through a copy), as where the
-    instance's own forward may hide them (found by review: a clamped weight)."""
+    -inf bias gives -inf before the ReLU that zeroes it and leaves the loss finite. Read
+    themselves where the output may not show them: an in-place ReLU changed it (on the
+    first pass: the next ones record it through a copy), the instance's own forward clamps
+    the weight, a global forward hook (which runs before the capture's) clamps the output,
+    a pre-hook computes the weight from another parameter (fake quantisation maps NaN to a
+    finite value); the last three found by review."""
     torch.manual_seed(0)
     inplace = bad.endswith("inplace-relu")
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=inplace), nn.Linear(6, 3)).double()
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
     x[:, 2] = 0
+    lin, name, value = model[0], "0.weight", float("inf")
     if bad.endswith("of-its-own"):
-        lin = model[0]
         lin.forward = lambda h: F.linear(h, lin.weight.clamp(-1, 1), lin.bias)
-    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
-    for _ in range(0 if inplace else 2):  # past the first call (the fused path next)
-        pre.backward(F.cross_entropy(model(x), y))
-    name = "0.weight" if bad.startswith("inf-weight") else "0.bias"
-    with torch.no_grad():
-        if name == "0.weight":
-            model[0].weight[1, 2] = float("inf")
-        else:
-            model[0].bias[1] = -float("inf")
-    loss = F.cross_entropy(model(x), y)
-    assert loss.isfinite() or bad == "inf-weight-over-a-zero-input"
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=rf"parameter '{name}' contains 1 NaN or inf"):
-        pre.backward(loss)
-    assert_unchanged(model, before)
+    elif bad.endswith("global-hook"):
+        clamp = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, args, out: out.clamp(-9, 9) if isinstance(m, nn.Linear) else None
+        )
+    elif bad.endswith("pre-hook"):
+        lin.weight_fp = nn.Parameter(lin.weight.detach().clone())
+        del lin.weight
+
+        def quantised(m, args):
+            m.weight = torch.fake_quantize_per_tensor_affine(m.weight_fp, 0.05, 0, -128, 127)
+
+        lin.register_forward_pre_hook(quantised)
+        name, value = "0.weight_fp", float("nan")
+    elif bad.startswith("-inf-bias"):
+        name, value = "0.bias", -float("inf")
+    try:
+        kernel = "auto" if bad.endswith("pre-hook") else "structured"
+        pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel=kernel)
+        for _ in range(0 if inplace else 2):  # past the first call (the fused path next)
+            pre.backward(F.cross_entropy(model(x), y))
+        with torch.no_grad():
+            model.get_parameter(name).view(-1)[6 * (name != "0.bias") + 1] = value
+        loss = F.cross_entropy(model(x), y)
+        assert loss.isfinite() or bad == "inf-weight-over-a-zero-input"
+        before = snapshot(model)
+        with pytest.raises(ValueError, match=rf"parameter '{name}' contains 1 NaN or inf"):
+            pre.backward(loss)
+        assert_unchanged(model, before)
+    finally:
+        if bad.endswith("global-hook"):
+            clamp.remove()
 
 
 @pytest.mark.parametrize("first_call", [True, False], ids=["first-call", "primed"])
