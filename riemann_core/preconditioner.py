@@ -1015,6 +1015,7 @@ class RiemannianPreconditioner:
         written = {id(w.grad()): w for w in self._written if w.grad() is not None}
         # not DDP's bucket views, whose shared version counts a bucket's writes (found by
         # review); a .grad zeroed and not reached since is zero, preconditioned the same
+        # (host syncs, on suspicion only)
         added = [
             n
             for n, g in grads.items()
@@ -1022,8 +1023,8 @@ class RiemannianPreconditioner:
             and not g._is_view()
             and id(g) in written
             and g._version == written[id(g)].version + 1
-            and (written[id(g)].sampled or bool(written[id(g)].fingerprint != 0))  # (host
-            and bool(g.any())  # syncs, on suspicion only)
+            and (written[id(g)].sampled or bool(written[id(g)].fingerprint != 0))
+            and bool(g.any())
         ]
         if added:
             raise RuntimeError(
