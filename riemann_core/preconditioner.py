@@ -559,7 +559,7 @@ class RiemannianPreconditioner:
         called = {n for c in capture.calls for n in c.param_names}
         reaches = called  # the parameters the loss reaches, once its graph is walked
         reuse = self._kfac is not None and not self._kfac.needs_factors(
-            params, opts, called, shared=_shared(capture.calls)
+            params, opts, dict(model.named_modules()), called, shared=_shared(capture.calls)
         )
         overflowed = False
         consumed = False  # the loss's graph, by the backward pass of the autograd path
@@ -760,8 +760,9 @@ class RiemannianPreconditioner:
             n: gradient[n].detach() if n in gradient else torch.zeros_like(p) for n, p in params
         }
         calls = [] if self._capture is None else self._capture.calls  # (none: DDP's)
+        modules = dict(self.network.named_modules())
         if self._kfac is not None and not self._kfac.needs_factors(
-            params, self._options, set(gradient), shared=_shared(calls)
+            params, self._options, modules, set(gradient), shared=_shared(calls)
         ):
             directions, diagnostics = self._kfac.reuse(full, self._options, checks)
         else:

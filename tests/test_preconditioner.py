@@ -1440,11 +1440,13 @@ def test_a_timeout_set_between_steps_is_checked(seconds):
 
 
 @pytest.mark.parametrize("call", ["backward", "step"])
-@pytest.mark.parametrize("change", ["called twice", "circular padding"])
+@pytest.mark.parametrize("change", ["called twice", "circular padding", "swapped, same parameters"])
 def test_kfac_reuse_refuses_a_structure_it_has_no_factors_for(change, call):
     """Found by review: between refreshes the structural refusals of K-FAC did not run, so
     a module called twice since the refresh, or a convolution whose padding mode changed,
-    got the cached blocks (a metric no longer of the network) until the next refresh."""
+    got the cached blocks (a metric no longer of the network) until the next refresh; and
+    (found by a hunt) a module swapped for one given the same parameters, a circular
+    convolution here, got the old one's, its blocks told apart by their parameters only."""
 
     class Net(nn.Module):
         def __init__(self):
@@ -1465,8 +1467,13 @@ def test_kfac_reuse_refuses_a_structure_it_has_no_factors_for(change, call):
     if change == "called twice":
         model.twice = True
         message = "no Kronecker factorisation for the block 'conv'"
-    else:
+    elif change == "circular padding":
         model.conv.padding_mode = "circular"
+        message = "padding_mode='circular'"
+    else:
+        old = model.conv
+        model.conv = nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular").double()
+        model.conv.weight, model.conv.bias = old.weight, old.bias
         message = "padding_mode='circular'"
     model.zero_grad()
     assert_call_refused(pre, model, x, y, call, message)

@@ -30,10 +30,11 @@ from __future__ import annotations
 import functools
 import math
 import operator
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._checks import Deferred, check_refresh
 from .._precision import full_precision
@@ -448,12 +449,19 @@ class KFACState:
         return self.steps % self.refresh == 0
 
     def needs_factors(
-        self, params, opts: Options, used: set[str] | None = None, shared: bool = False
+        self,
+        params,
+        opts: Options,
+        modules: Mapping[str, nn.Module],
+        used: set[str] | None = None,
+        shared: bool = False,
     ) -> bool:
-        """Whether a step on ``params`` (the trainable ``(name, parameter)`` pairs) with
-        ``opts`` needs this batch's factors: when due, with running averages, where a cached
-        block's parameters are not all among ``params`` (a module swapped, a parameter
-        replaced or frozen: compared by identity, which the cached blocks keep), where a
+        """Whether a step on ``params`` (the trainable ``(name, parameter)`` pairs) of the
+        model whose ``modules`` are given by name with ``opts`` needs this batch's factors:
+        when due, with running averages, where a cached block's parameters are not all
+        among ``params`` (a parameter replaced or frozen: compared by identity, which the
+        cached blocks keep) or its module is not the model's of that name (swapped, even for
+        one given the same parameters: found by a hunt, the old one's blocks served it), where a
         parameter the step uses (``used``, names; by default all of ``params``) has no
         cached block (unfrozen, or its module not called at the last refresh), or where the
         blocks were factorised in another dtype or on another device (the model moved
@@ -470,7 +478,12 @@ class KFACState:
             or self.due
             or shared
             or not needed <= _identities(cached) <= current
-            or not all(c.placed_for(opts) and has_kronecker_factors(c.block.module) for c in cached)
+            or not all(
+                c.placed_for(opts)
+                and modules.get(c.block.name) is c.block.module
+                and has_kronecker_factors(c.block.module)
+                for c in cached
+            )
         )
 
     def factors(self, handler: PatchHandler, opts: Options) -> tuple | None:
@@ -479,7 +492,7 @@ class KFACState:
         ``None``: the cached blocks serve (their running averages updated all the same)."""
         name = handler.block.name
         old = self._cached.get(name)
-        cached = old is not None and not self.due
+        cached = old is not None and not self.due and old.block.module is handler.block.module
         cached = cached and _identities([old]) == _identities([handler]) and old.placed_for(opts)
         if cached and self.decay == 0:
             return None
