@@ -648,6 +648,20 @@ class GenericHandler(Handler):
                     "sample. Pass the bags as a 2-D (N, length) tensor of ids, padding "
                     f"shorter bags with padding_idx (torch: {str(err).splitlines()[0]})"
                 ) from err
+            name, kind = self.block.name, type(self.block.module).__name__
+            if "random" in str(err):  # (found by a hunt: a model holding a positional
+                # table, with a dropout, was told to call model.eval() to train)
+                what = f"module {name!r} ({kind})" if name else f"the model's own forward ({kind})"
+                raise ValueError(
+                    f"kernel='generic' cannot evaluate {what} one sample at a time with "
+                    "torch.func: it draws random numbers (a dropout in train mode), its "
+                    "submodules' calls included, which cannot be replayed per sample. Where "
+                    "the draws are a submodule's and the module holds parameters of its own "
+                    "(a model holding a table of positions), hold those parameters in a small "
+                    "module of their own (one whose forward adds the table), so that the draws "
+                    "lie outside it; else call model.eval(), or give the module a structured "
+                    f"kernel (rc.register_handler) (torch: {str(err).splitlines()[0]})"
+                ) from err
             raise ValueError(
                 f"kernel='generic' cannot evaluate module {self.block.name!r} "
                 f"({type(self.block.module).__name__}) one sample at a time with "

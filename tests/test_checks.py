@@ -332,20 +332,25 @@ def test_module_that_moves_the_batch_dimension_is_refused_with_the_fix():
 class FlatLogits(torch.nn.Module):
     """A language model returning its logits flattened to ``(N T, V)``."""
 
-    def __init__(self):
+    def __init__(self, positions=False):
         super().__init__()
         self.embed, self.head = torch.nn.Embedding(6, 8), torch.nn.Linear(8, 6)
+        self.pos = torch.nn.Parameter(torch.zeros(4, 8)) if positions else None
 
     def forward(self, ids):
-        return self.head(torch.tanh(self.embed(ids))).reshape(-1, 6)
+        h = self.embed(ids) if self.pos is None else self.embed(ids) + self.pos
+        return self.head(torch.tanh(h)).reshape(-1, 6)
 
 
+@pytest.mark.parametrize("positions", [False, True], ids=["", "positions-of-the-model"])
 @pytest.mark.parametrize("call", ["direction", "backward", "step"])
-def test_logits_flattened_in_forward_are_refused_naming_the_output(call):
+def test_logits_flattened_in_forward_are_refused_naming_the_output(call, positions):
     """Found by a hunt: ``pre.backward`` and ``pre.step`` blamed the embedding, with the
     output's 12 rows for the batch of 3, and ``rc.direction`` told only of one target per
-    sample; each now names the output (or the targets) and returning ``(N, T, C)``."""
-    model = FlatLogits().double()
+    sample; each now names the output (or the targets) and returning ``(N, T, C)``; also
+    (found by a hunt) where the model holds a table of positions, whose call returns the
+    output itself."""
+    model = FlatLogits(positions).double()
     ids, y = torch.randint(0, 6, (3, 4)), torch.randint(0, 6, (12,))
     if call == "direction":
         with pytest.raises(ValueError, match=r"return them as \(3, T, C\) and pass targets"):

@@ -1831,6 +1831,28 @@ def test_attention_with_dropout_is_refused():
         rc.direction(model, torch.randn(3, 4), torch.tensor([0, 1, 2]))
 
 
+def test_dropout_in_a_model_holding_parameters_is_refused_naming_a_module_of_their_own():
+    """Found by a hunt: a model holding a table of positions and a dropout is evaluated
+    whole, one sample at a time, and was refused as module '' drawing random numbers, told
+    to call model.eval() to train; the refusal names the layout that works."""
+
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.pos = nn.Embedding(7, 4), nn.Parameter(torch.zeros(3, 4))
+            self.drop, self.head = nn.Dropout(0.3), nn.Linear(4, 7)
+
+        def forward(self, ids):
+            return self.head(self.drop(self.embed(ids) + self.pos))
+
+    model = Positions().double()
+    ids, y = torch.randint(0, 7, (5, 3)), torch.randint(0, 7, (5, 3))
+    fix = r"cannot evaluate the model's own forward \(Positions\).*small module of their own"
+    pre = rc.RiemannianPreconditioner(model, kernel="auto")
+    with pytest.raises(ValueError, match=fix):
+        pre.backward(F.cross_entropy(model(ids).flatten(0, 1), y.flatten()))
+
+
 def test_random_numbers_in_a_forward_method_are_refused():
     class Noisy(nn.Module):
         def __init__(self):

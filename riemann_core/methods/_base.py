@@ -598,12 +598,14 @@ def check_output_batch(calls: list[Block], outputs: Tensor, args: tuple) -> None
     """Refuse outputs whose first dimension is not the batch that the first positional
     tensor and every module with parameters agree on (found by a hunt: logits flattened to
     ``(N T, C)`` in ``forward`` were blamed on the first module, with ``N T`` for the
-    batch)."""
+    batch). The model's own call, where it holds parameters of its own, returns the outputs
+    themselves and is no witness (found by a hunt: a positional table held by the model
+    had the flattened logits blamed on its embedding)."""
     first = next((a for a in args if isinstance(a, Tensor) and a.ndim), None)
     if first is None or outputs.ndim == 0:  # (a scalar output is refused as such)
         return
     M, N = first.shape[0], outputs.shape[0]
-    if M == N or any(c.output.shape[:1] != (M,) for c in calls):
+    if M == N or any(c.output.shape[:1] != (M,) for c in calls if c.name):
         return
     flattened = f" (the batch flattened with another dimension, {M} * T?)" if N % M == 0 else ""
     raise ValueError(
@@ -638,7 +640,9 @@ def check_batch_dimension(calls: list[Block], outputs: Tensor) -> None:
                 "parameters to map samples along dimension 0 (no reshaping of the batch into "
                 "other dimensions around it: nn.MultiheadAttention and the transformer layers "
                 "with batch_first=True; a table of positions, an nn.Embedding called on "
-                f"torch.arange(T), as an nn.Parameter of the model indexed in forward){flattened}"
+                "torch.arange(T), as an nn.Parameter that a small module of its own adds in "
+                "forward (held by a module whose forward draws dropout, it cannot be "
+                f"evaluated one sample at a time)){flattened}"
             )
     _check_per_sample_calls(calls, N)
 
