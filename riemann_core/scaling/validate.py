@@ -68,8 +68,9 @@ noisy, a pass stands (:func:`_on_outliers`).
   :data:`~riemann_core.scaling.fit.MIN_WORK_RATIO` of work), the exponent of
   ``t - overhead`` against the modelled compute time
   (:func:`~riemann_core.scaling.fit.axis_regime`) lies in ``1 +- TIME_BAND``, its 95%
-  interval within ``1 +- STABLE_REACH``: the time is explained by the counted FLOPs at
-  stable rates (too noisy where the interval reaches beyond). Fail when an axis's 95%
+  interval within ``[1 - STABLE_REACH, 1 + TIME_BAND]``: the time is explained by the
+  counted FLOPs at stable rates (too noisy where the interval reaches beyond: above the
+  band, the fitted rates may hide a time that grows faster than the work). Fail when an axis's 95%
   interval lies above the band (time grows faster than the counted work) and its top two
   points were timed interleaved (``interleaved`` names the axis; where they were timed one
   after another, the machine's drift between them can do that: too noisy), too noisy when
@@ -149,9 +150,10 @@ DEPTH_TOLERANCE = 0.15
 DEPTH_REACH = 2 * DEPTH_TOLERANCE
 #: time against modelled compute: exponent 1 within this
 TIME_BAND = fit.TIME_BAND
-#: a pass needs the exponent's 95% interval within 1 +- this (twice the band's reach): on
-#: a quiet 2-core CPU the intervals of the quick grid's passes lay within [0.54, 1.16]; under
-#: a load that came and went every few seconds they spread to [-0.09, 2.14]
+#: a pass needs the exponent's 95% interval above 1 - this (twice the band's reach), and
+#: within the band above 1 (:func:`_reaches_beyond`): on a quiet 2-core CPU the intervals
+#: of the quick grid's passes lay within [0.54, 1.16]; under a load that came and went
+#: every few seconds they spread to [-0.09, 2.14]
 STABLE_REACH = 2 * TIME_BAND
 #: structured layerwise should beat generic by at least this factor at the largest width
 STRUCTURED_FACTOR = 2.0
@@ -832,7 +834,13 @@ def _time_explained(
             reason = f"the exponent along {axis} lies in the band, but " + (
                 "its interval is not measured (its top points timed once each)"
                 if math.isnan(judged[axis].low)
-                else f"its interval reaches beyond [{1 - STABLE_REACH:g}, {1 + STABLE_REACH:g}]"
+                else f"its interval reaches beyond [{1 - STABLE_REACH:g}, {1 + TIME_BAND:g}]"
+                + (
+                    " (above the band, a time growing faster than the work may hide in the "
+                    "fitted rates)"
+                    if judged[axis].high > 1 + TIME_BAND
+                    else ""
+                )
             )
         else:
             verdict, reason = PASS, "time explained by the FLOPs at stable rates"
@@ -861,8 +869,13 @@ def _time_explained(
 
 
 def _reaches_beyond(exponent: fit.SlopeFit) -> bool:
-    # an interval not measured (nan: two points of one time each) reaches anywhere
-    return not 1 - STABLE_REACH <= exponent.low <= exponent.high <= 1 + STABLE_REACH
+    """Whether a time exponent's interval reaches below ``1 - STABLE_REACH`` or above the
+    band: the rates the time model fits absorb part of a time that grows faster than the
+    work (found by a hunt: time ~ work^1.4, every kind at a stable rate, read 1.25 [1.18,
+    1.34] for K-FAC, whose eigendecompositions stay as batch grows, and passed), while
+    below the band rates that still climb delay the regime at most. An interval not
+    measured (nan: two points of one time each) reaches anywhere."""
+    return not 1 - STABLE_REACH <= exponent.low <= exponent.high <= 1 + TIME_BAND
 
 
 def _timed_together(top: pd.DataFrame, axis: str) -> bool:
