@@ -121,10 +121,9 @@ def _woodbury(problem: Problem, indices: list[int], opts: Options) -> list[Solve
     damped(grams, mu)
     condition, decisive = gram_conditions(problem, opts, grams, handlers[0].N)
     chol = cholesky_in_place(buffer)
-    rhs = buffer.new_zeros(buffer.shape[:-1])  # padded as the factor is (no copy to pad)
-    for j, i in enumerate(indices):
-        rhs[j, :d] = problem.K_gradient(i)
-    t = chol.solve(rhs)[:, :d]
+    rows = torch.stack([problem.K_gradient(i) for i in indices])
+    pad = rows.new_zeros(len(indices), buffer.shape[-1] - d)  # padded as the factor is
+    t = chol.solve(torch.cat([rows, pad], 1))[:, :d]
     records = []
     for j, (i, h) in enumerate(zip(indices, handlers, strict=True)):
 
