@@ -260,7 +260,7 @@ class Capture:
         self._clone = clone
         self._stale: set[str] = set()
         self._misordered = False  # a user's hook runs between ours and the forward
-        self._product_eps: dict[tuple[str, bool], float] = {}  # this pass's, see _eps
+        self._product_eps: dict[str, tuple[float, float]] = {}  # this pass's, see _eps
         self._watched: list[tuple[str, list[tuple[Tensor, int]]]] = []
         self._hooks = []
         self._recording = not persistent
@@ -430,7 +430,7 @@ class Capture:
                     output=output,
                     output_index=index,
                     graph_inputs=live,
-                    product_eps=self._eps(output.device.type, convolves(mod)),
+                    product_eps=self._eps(output.device.type, mod),
                 )
             )
             self._watched.append((name, versions + [(output, output._version)]))
@@ -456,13 +456,16 @@ class Capture:
         ]
         self._hooks += handles
 
-    def _eps(self, device_type: str, conv: bool) -> float:
-        """:func:`~riemann_core._precision.product_eps` as the pass found the knobs, read
-        once per pass (its replay runs under the knobs as they were at its start)."""
-        key = device_type, conv
-        if key not in self._product_eps:
-            self._product_eps[key] = product_eps(device_type, conv)
-        return self._product_eps[key]
+    def _eps(self, device_type: str, module: nn.Module) -> float:
+        """:func:`~riemann_core._precision.product_eps` of ``module``'s call as the pass
+        found the knobs, read once per pass (its replay runs under the knobs as they were
+        at its start); whether it holds a convolution only where the knobs tell them
+        apart (a walk of its submodules at every call otherwise)."""
+        if device_type not in self._product_eps:
+            eps = product_eps(device_type), product_eps(device_type, conv=True)
+            self._product_eps[device_type] = eps
+        plain, conv = self._product_eps[device_type]
+        return plain if plain == conv else (conv if convolves(module) else plain)
 
     def stale(self) -> set[str]:
         """Modules whose captured inputs or outputs were changed in place, and
