@@ -405,7 +405,12 @@ class PatchHandler(Handler):
         out = []
         if self.with_weight:
             X = self.X.flatten(0, 1)
-            W = M.T @ X if scale == 1 else torch.addmm(X.new_zeros(()), M.T, X, beta=0, alpha=scale)
+            if scale == 1:
+                W = M.T @ X
+            elif abs(scale) <= torch.finfo(M.dtype).max:
+                W = torch.addmm(X.new_zeros(()), M.T, X, beta=0, alpha=scale)
+            else:  # (1 / mu past the dtype: addmm refuses such an alpha, found by review)
+                W = (M * scale).T @ X  # inf, refused as a direction that overflowed
             shape = self.block.module.weight.shape
             out.append(W if W.shape == shape else W.reshape(shape))
         if self.with_bias:

@@ -342,15 +342,18 @@ class FlatLogits(torch.nn.Module):
         return self.head(torch.tanh(h)).reshape(-1, 6)
 
 
-@pytest.mark.parametrize("positions", [False, True], ids=["", "positions-of-the-model"])
+@pytest.mark.parametrize(
+    "positions", [False, True, "wrapped"], ids=["", "positions-of-the-model", "wrapped"]
+)
 @pytest.mark.parametrize("call", ["direction", "backward", "step"])
 def test_logits_flattened_in_forward_are_refused_naming_the_output(call, positions):
     """Found by a hunt: ``pre.backward`` and ``pre.step`` blamed the embedding, with the
     output's 12 rows for the batch of 3, and ``rc.direction`` told only of one target per
     sample; each now names the output (or the targets) and returning ``(N, T, C)``; also
     (found by a hunt) where the model holds a table of positions, whose call returns the
-    output itself."""
-    model = FlatLogits(positions).double()
+    output itself, and (found by review) where that model is wrapped."""
+    model = FlatLogits(bool(positions)).double()
+    model = torch.nn.Sequential(model) if positions == "wrapped" else model
     ids, y = torch.randint(0, 6, (3, 4)), torch.randint(0, 6, (12,))
     if call == "direction":
         with pytest.raises(ValueError, match=r"return them as \(3, T, C\) and pass targets"):
@@ -741,6 +744,25 @@ DAMPINGS_OUT_OF_FLOAT32 = [
     (1e39, r"damping 1e\+39 exceeds the largest torch.float32"),
     (1e-46, r"damping 1e-46 is 0 in torch.float32"),
 ]
+
+
+@pytest.mark.parametrize("method", ["layerwise", "natural"])
+def test_a_damping_whose_inverse_float32_cannot_hold_is_an_overflowed_direction(method):
+    """Found by review: with 1 / mu in the GEMM's alpha, a float32 damping of 1e-40 (held
+    by float32, its inverse not) raised torch's 'cannot be converted' error, after
+    pre.backward's backward pass; it is a direction that overflowed, named with the fix."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    fix = "non-finite direction .* increase the damping or pass solve_dtype=torch.float64"
+    with pytest.raises(FloatingPointError, match=fix):
+        rc.direction(model, x, y, method=method, damping=1e-40)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=1e-40)
+    for _ in range(2):  # the first call, then the fused path
+        model.zero_grad()
+        with pytest.raises(FloatingPointError, match=fix):
+            pre.backward(nn.functional.cross_entropy(model(x), y))
+        assert all(p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize(("damping", "message"), DAMPINGS_OUT_OF_FLOAT32)

@@ -170,8 +170,8 @@ class Problem:
         self, i: int, t: Tensor, scale: float = 1.0
     ) -> tuple[list[Tensor], Tensor | None]:
         """``scale (g_a - K_a^T t)`` and an upper bound on its 2-norm, or ``None``. Where
-        the handler can, one GEMM ``(scale (Lambda - U))^T Xt`` (the scale then touches
-        ``N x f_out`` entries, not ``n_a``) whose bound comes from those small factors."""
+        the handler can, one GEMM ``scale (Lambda - U)^T Xt`` (the scale in its alpha, no
+        pass over ``n_a`` entries) whose bound comes from those small factors."""
         if self.factored(i):
             return self.handlers[i].output_grad_minus_K_tmv(self._output_grad(i), t, scale)
         Kt = self.handlers[i].K_tmv(t)
@@ -598,14 +598,15 @@ def check_output_batch(calls: list[Block], outputs: Tensor, args: tuple) -> None
     """Refuse outputs whose first dimension is not the batch that the first positional
     tensor and every module with parameters agree on (found by a hunt: logits flattened to
     ``(N T, C)`` in ``forward`` were blamed on the first module, with ``N T`` for the
-    batch). The model's own call, where it holds parameters of its own, returns the outputs
-    themselves and is no witness (found by a hunt: a positional table held by the model
-    had the flattened logits blamed on its embedding)."""
+    batch). A call that returns outputs of the model's outputs' shape (the model's own, where
+    it holds parameters, or a wrapped model's) is no witness (found by a hunt: a positional
+    table held by the model had the flattened logits blamed on its embedding)."""
     first = next((a for a in args if isinstance(a, Tensor) and a.ndim), None)
     if first is None or outputs.ndim == 0:  # (a scalar output is refused as such)
         return
     M, N = first.shape[0], outputs.shape[0]
-    if M == N or any(c.output.shape[:1] != (M,) for c in calls if c.name):
+    witnesses = [c for c in calls if c.output.shape != outputs.shape]
+    if M == N or any(c.output.shape[:1] != (M,) for c in witnesses):
         return
     flattened = f" (the batch flattened with another dimension, {M} * T?)" if N % M == 0 else ""
     raise ValueError(

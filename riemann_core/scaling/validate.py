@@ -74,9 +74,10 @@ noisy, a pass stands (:func:`_on_outliers`).
   interval lies above the band (time grows faster than the counted work) and its top two
   points were timed interleaved (``interleaved`` names the axis; where they were timed one
   after another, the machine's drift between them can do that: too noisy), too noisy when
-  an exponent above the band has an interval reaching into it, regime not reached when an
-  exponent lies below it (the achieved rates still climb with size) or when no axis has such a
-  segment (the overhead fractions at the top and the growth of the axes are given).
+  an exponent above or below the band has an interval reaching into it (or none measured),
+  regime not reached when an exponent's whole interval lies below it (the achieved rates still
+  climb with size) or when no axis has such a segment (the overhead fractions at the top and
+  the growth of the axes are given).
 - ``crossover-width``: the smallest width from which on structured layerwise is faster
   than ``full`` at every width where both ran: pass if it exists and the bootstrap
   interval of full / layerwise at the largest of those widths lies above 1 (too noisy where
