@@ -931,6 +931,8 @@ class RiemannianPreconditioner:
                 self._passes is not None
                 and torch.distributed.get_world_size(self.process_group) > 1
             ):
+                checks.run()  # the data first: a NaN input names itself (found by a hunt:
+                # it was blamed on the loss, its gradient at the outputs being NaN)
                 self._passes.check_mean()  # (one rank: its gradient as it is, any loss)
             if (
                 self._differentiated is not None
