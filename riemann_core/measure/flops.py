@@ -19,6 +19,10 @@ triangular solve                       ``n^2 k`` for ``k`` right-hand sides (tri
 QR (Householder)                       ``2 m n^2 - 2 n^3 / 3`` for R, plus Q's (qr)
 ``linalg.solve`` (LU), inverse         ``2 n^3 / 3 + 2 n^2 k``; ``2 n^3`` (lu)
 matrix-vector product                  ``2 m n`` (products)
+in-place and accumulating products     as their plain forms: ``addmm_``, ``baddbmm_``,
+                                       ``addbmm``, ``addmv_``; ``addr`` ``2 m n``
+                                       (products; ``FlopCounterMode`` counts ``addmm``,
+                                       ``baddbmm`` by name, not these)
 BLAS ``syrk``, ``R R^T`` one triangle  ``d^2 k`` for ``R`` ``d x k`` (products)
 =====================================  ==============================================
 
@@ -123,6 +127,18 @@ def _dot(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * a_shape[0]
 
 
+def _addmm(bias_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def _batched_addmm(bias_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]  # (b, m, k) (b, k, n)
+
+
+def _addr(bias_shape, u_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * u_shape[0] * v_shape[0]
+
+
 #: Operation -> (kind, FLOPs from the argument shapes), for what ``FlopCounterMode`` skips.
 LINALG = {
     aten.linalg_cholesky_ex: ("cholesky", _cholesky),
@@ -138,6 +154,12 @@ LINALG = {
     aten.addmv: ("products", _addmv),
     aten.dot: ("products", _dot),
     aten.vdot: ("products", _dot),
+    # (found by a hunt: FlopCounterMode matches operations by name, so these read 0)
+    aten.addmm_: ("products", _addmm),
+    aten.baddbmm_: ("products", _batched_addmm),
+    aten.addbmm: ("products", _batched_addmm),
+    aten.addmv_: ("products", _addmv),
+    aten.addr: ("products", _addr),
     torch.ops.riemann_core.syrk_: ("products", _syrk),  # BLAS's, called directly (CPU)
 }
 _KIND_OF = {str(op): kind for op, (kind, _) in LINALG.items()}
