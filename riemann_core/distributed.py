@@ -821,7 +821,7 @@ def solve(
         if len(passes) > 1:  # micro-batches: each rank's share of each, on every rank
             table = torch.zeros(net.world, len(passes), dtype=torch.int64)
             table[net.rank] = torch.tensor([shape[0] for shape in passes])
-            check_shares(net.all_reduce(table, "micro-batch sizes").tolist())
+            check_shares(net.all_reduce(table, "micro-batch sizes").tolist(), global_gradient)
         if global_gradient and problem.given and len(set(sizes)) > 1:  # on every rank
             raise ValueError(
                 f"DistributedDataParallel averaged the ranks' gradients with equal weights, "

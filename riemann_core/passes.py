@@ -3,9 +3,11 @@
 :class:`Differentiated` tells whether a gradient flowed back through a pass's output at
 all (``pre.step()`` takes the metric at the last pass, which must be the one the loss
 went through). :class:`Passes` keeps, for a data-parallel ``pre.step()`` (a
-``process_group``, no ``DistributedDataParallel``), what its combination of the ranks'
-``.grad`` relies on and cannot see in them. That combination is ``sum_p (N_p / N) g_p``,
-which is the global batch's gradient only where
+``process_group``), what its combination of the ranks' ``.grad`` relies on and cannot see
+in them. That combination is ``sum_p (N_p / N) g_p`` (under ``DistributedDataParallel``,
+its equal-weight average of the micro-batches accumulated in ``no_sync()``, whose shares
+are checked alike, the loss not: any loss's average is its own), which is the global
+batch's gradient only where
 
 * each pass is split between the ranks alike: rank ``p``'s share ``N_pk / N_k`` of pass
   ``k`` is the same for every pass whose gradient ``.grad`` holds (micro-batches), which
@@ -264,9 +266,10 @@ def _scale(chunks: list[list[float]], tol: float) -> float | None:
     return high if hard_scaled and spread > 16 * tol and high < 1 - tol else None
 
 
-def check_shares(sizes: list[list[int]]) -> None:
+def check_shares(sizes: list[list[int]], ddp: bool = False) -> None:
     """Refuse passes split between the ranks otherwise than the last one: ``sizes[p][k]``
-    is rank ``p``'s samples in pass ``k`` (every rank the same number of passes)."""
+    is rank ``p``'s samples in pass ``k`` (every rank the same number of passes); ``ddp``:
+    the ``.grad`` are DistributedDataParallel's average (the advice differs)."""
     last = [row[-1] for row in sizes]
     total = sum(last)
     for k in range(len(sizes[0])):
@@ -278,6 +281,12 @@ def check_shares(sizes: list[list[int]]) -> None:
                 "pass): pre.step() with a process_group weighs each rank's .grad by its "
                 f"share of the last pass, N_p / N = {last} / {total}, which gives the global "
                 "batch's gradient only where every pass is split alike. Give each rank the "
-                "same share of every micro-batch, or wrap the model in "
-                "DistributedDataParallel (its averaged .grad is taken as the global gradient)"
+                "same share of every micro-batch"
+                + (
+                    " (DistributedDataParallel averages the micro-batches accumulated in "
+                    "no_sync() with equal weights)"
+                    if ddp
+                    else ", or wrap the model in DistributedDataParallel (its averaged .grad "
+                    "is taken as the global gradient)"
+                )
             )

@@ -247,9 +247,11 @@ class RiemannianPreconditioner:
         self._output: list[Tensor] | None = None
         self._output_versions: list[int] = []
         self._differentiated: Differentiated | None = None  # a gradient reached the output
-        # a data-parallel step's passes (what combining the ranks' own .grad relies on)
-        separate = process_group is not None and self.network is model
-        self._passes = Passes() if separate else None
+        # a data-parallel step's passes (what combining the ranks' .grad relies on: their
+        # number and shares; under DDP too, whose equal-weight average of micro-batches
+        # accumulated in no_sync() is the global gradient only where every one is split
+        # alike: found by a hunt, 0.5-1.2 off, where only the last pass's were compared)
+        self._passes = Passes() if process_group is not None else None
         self._edited_in_forward = False
         # the .grad each call wrote, their versions and fingerprints then (a second step()
         # refused)
@@ -392,8 +394,9 @@ class RiemannianPreconditioner:
             self._output = [t.detach().clone() if copy else t.detach() for t in tensors]
             self._output_versions = [t._version for t in self._output]
             self._differentiated = Differentiated(tensors)
-            if self._passes is not None:
+            if self._passes is not None:  # (DDP averages any loss's .grad: no mean to check)
                 softmax = reads_softmax_fisher(self._options.loss, self._options.output_metric)
+                softmax = softmax and self.network is self.model
                 self._passes.forward_ends(tensors, self._differentiated, softmax)
             self._buffer_states.after_pass(self.network, self._batch[3])
             # an input the forward pass itself changed in place (x /= 255): named on refusal

@@ -182,6 +182,7 @@ def on_rank(rank: int, world: int) -> dict:
         out["steps"][kind, method, wrapping] = _steps(kind, method, wrapping, rank, world)
     out["scaled"] = _scaled_steps(rank, world)
     out["combinations"] = _combinations(rank, world)
+    out["ddp micro-batches"] = _ddp_micro_batches(rank, world)
     out["tokens of other lengths"] = _tokens_of_other_lengths(rank, world)
     for i, (method, options) in enumerate(PHASES):
         out["phases"][i] = _phases(method, options, rank, world)
@@ -216,6 +217,31 @@ def _steps(kind, method, wrapping, rank, world) -> list[dict]:
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
         opt.step()
     return grads
+
+
+def _ddp_micro_batches(rank, world) -> dict:
+    """Two micro-batches under DDP, the first in ``no_sync()``, each split equally, or the
+    first split otherwise (:func:`_uneven`): ``.grad`` after ``pre.step()``, or its error
+    and whether ``.grad`` stayed as it was."""
+    out = {}
+    alike = functools.partial(shards, equal=True)
+    for case, first in (("split alike", alike), ("split otherwise", _uneven)):
+        model, x, y = network("mlp")
+        wrapped = DistributedDataParallel(model)
+        pre = rc.RiemannianPreconditioner(
+            wrapped, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
+        )
+        with wrapped.no_sync():
+            part = first(world)[rank]
+            F.cross_entropy(wrapped(x[part]), y[part]).backward()
+        part = shards(world, equal=True)[rank]
+        F.cross_entropy(wrapped(2 * x[part]), y[part]).backward()
+        before = {n: p.grad.clone() for n, p in model.named_parameters()}
+        failure = _outcome(pre.step)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        kept = all(torch.equal(grads[n], g) for n, g in before.items())
+        out[case] = (failure, kept) if failure else grads
+    return out
 
 
 def _uneven(world: int) -> list[slice]:
@@ -840,6 +866,28 @@ def test_what_each_rank_grad_holds_is_combined_exactly_or_refused(run):
             else:
                 error = relative_error(got, single_combination(case))
                 assert error <= 1e-12, f"{case}: rank {rank} {error:.1e}"
+
+
+def test_ddp_micro_batches_split_otherwise_are_refused(run):
+    """Found by a hunt: under DDP only the last pass's shards were compared, so a
+    micro-batch accumulated in no_sync() with other shares per rank was averaged with equal
+    weights, 0.5-1.2 off. Split alike it is exact (the metric at the last pass, as in one
+    process)."""
+    world, results = run
+    model, x, y = network("mlp")
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(model(2 * x), y).backward()
+    pre.step()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for rank, result in enumerate(results):
+        got = result["ddp micro-batches"]
+        assert relative_error(got["split alike"], expected) <= 1e-12, f"rank {rank}"
+        if world == 1:  # (one rank: its gradient as it is)
+            continue
+        (kind, message), kept = got["split otherwise"]
+        assert kind == "ValueError" and "split between the ranks in other proportions" in message
+        assert "DistributedDataParallel averages the micro-batches" in message and kept
 
 
 def test_token_outputs_of_other_lengths_on_the_ranks_are_refused(run):
