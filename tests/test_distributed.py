@@ -236,12 +236,17 @@ def _ddp_micro_batches(rank, world) -> dict:
             F.cross_entropy(wrapped(x[part]), y[part]).backward()
         part = shards(world, equal=True)[rank]
         F.cross_entropy(wrapped(2 * x[part]), y[part]).backward()
-        before = {n: p.grad.clone() for n, p in model.named_parameters()}
-        failure = _outcome(pre.step)
-        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        kept = all(torch.equal(grads[n], g) for n, g in before.items())
-        out[case] = (failure, kept) if failure else grads
+        out[case] = _stepped(pre, model)
     return out
+
+
+def _stepped(pre, model):
+    """``pre.step()``'s ``.grad``, or its error and whether ``.grad`` stayed as it was."""
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    failure = _outcome(pre.step)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    kept = all(torch.equal(grads[n], g) for n, g in before.items())
+    return (failure, kept) if failure else grads
 
 
 def _uneven(world: int) -> list[slice]:
@@ -327,11 +332,7 @@ def _combinations(rank, world) -> dict:
                 model.zero_grad(set_to_none=split is None)
             elif part is not None:
                 LOSSES[loss](model((1 + i) * x[part]), y[part]).backward()
-        before = {n: p.grad.clone() for n, p in model.named_parameters()}
-        failure = _outcome(pre.step)
-        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        kept = all(torch.equal(grads[n], g) for n, g in before.items())
-        out[case] = (failure, kept) if failure else grads
+        out[case] = _stepped(pre, model)
     return out
 
 
