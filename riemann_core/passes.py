@@ -28,7 +28,6 @@ a step or after every ``.grad`` was set to ``None`` or zero (``opt.zero_grad()``
 
 from __future__ import annotations
 
-import math
 from collections import deque
 
 import torch
@@ -81,15 +80,14 @@ CHUNK = 2**22
 
 class _Pass:
     """One forward pass: its samples and their shape (its first output's), whether a
-    gradient came back, the most negative entry of ``softmax(z) - R g`` and the
-    :func:`scaled_mean` figures of ``R g`` (tensors: read at the step, not in the
-    backward)."""
+    gradient came back, and the most negative entry of ``softmax(z) - R g`` (a tensor:
+    read at the step, not in the backward)."""
 
-    __slots__ = ("shape", "differentiated", "rows", "lowest", "dtype", "scaled")
+    __slots__ = ("shape", "differentiated", "rows", "lowest", "dtype")
 
     def __init__(self, shape: tuple[int, ...], differentiated: Differentiated) -> None:
         self.shape, self.differentiated = shape, differentiated
-        self.rows, self.lowest, self.dtype, self.scaled = 0, None, None, []
+        self.rows, self.lowest, self.dtype = 0, None, None
 
     def watch_mean(self, z: Tensor) -> None:
         """Note the lowest entry of ``softmax(z) - R g`` whenever ``g`` comes back to ``z``
@@ -111,38 +109,13 @@ class _Pass:
                 g.reshape(R, C).split(CHUNK // C or 1),
                 strict=True,
             )
-            lows = []
-            for v, d in chunks:
-                p, Rg = torch.softmax(v.to(dtype), -1), R * d.to(dtype)
-                lows.append((p - Rg).amin())
-                self.scaled.append(scaled_mean(p, Rg))
-            low = torch.stack(lows).amin()
+            low = torch.stack(
+                [(torch.softmax(v.to(dtype), -1) - R * d.to(dtype)).amin() for v, d in chunks]
+            ).amin()
             self.lowest = low if self.lowest is None else torch.minimum(self.lowest, low)
             self.dtype = g.dtype
 
         z.register_hook(hook)
-
-
-def scaled_mean(p: Tensor, Rg: Tensor) -> Tensor:
-    """``(rows, with one negative entry, spread of softmax, least and largest R g / p)``
-    over the entries of ``R g`` above zero, for rows ``p = softmax(z)`` (``R x C``):
-    the figures that tell ``c`` times the mean cross-entropy's gradient with hard targets,
-    ``R g = c (p - e_y)`` (one negative entry per row, ``R g / p = c`` at every other),
-    from label smoothing or probability targets, whose ratios vary with ``p`` (found by a
-    hunt: a summed loss over the global batch's size, or a mean over the number of ranks,
-    ``c = N_p / N`` or ``1 / P``, passed the check above and was weighted twice)."""
-    positive = Rg > 0
-    ratio = Rg / p.clamp_min(torch.finfo(p.dtype).tiny)
-    spread = (p.amax(-1) - p.amin(-1)).amax()
-    return torch.stack(
-        [
-            torch.tensor(float(p.shape[0]), dtype=p.dtype, device=p.device),
-            (Rg < 0).sum(-1).eq(1).sum().to(p.dtype),
-            spread,
-            torch.where(positive, ratio, math.inf).amin(),
-            torch.where(positive, ratio, -math.inf).amax(),
-        ]
-    )
 
 
 class Passes:
@@ -223,19 +196,7 @@ class Passes:
         if not watched:
             return
         lowest = torch.stack([r.lowest.float().cpu() for r in watched]).tolist()
-        scaled = [torch.stack(r.scaled).double().cpu().tolist() for r in watched]
-        for r, low, chunks in zip(watched, lowest, scaled, strict=True):
-            c = _scale(chunks, tolerance(r.dtype))
-            if c is not None:
-                raise ValueError(
-                    f"this rank's gradient at the model's outputs is {c:.3g} times that of "
-                    f"the mean cross-entropy over its {r.rows} output rows (a summed loss "
-                    "divided by the global batch's size, or a mean divided by the number of "
-                    "ranks?): pre.step() with a process_group combines the ranks' .grad as "
-                    "the gradients of each shard's mean loss, weighted by N_p / N, so such a "
-                    "loss would be weighted twice. Use F.cross_entropy(model(x), y), the mean "
-                    "over the rank's own rows, or wrap the model in DistributedDataParallel"
-                )
+        for r, low in zip(watched, lowest, strict=True):
             if not low >= -tolerance(r.dtype):  # (NaN: refused too)
                 raise ValueError(
                     f"this rank's gradient at the model's outputs is not that of the mean "
@@ -251,19 +212,6 @@ class Passes:
                     "DistributedDataParallel (its averaged .grad is taken as the global "
                     "gradient)"
                 )
-
-
-def _scale(chunks: list[list[float]], tol: float) -> float | None:
-    """``c`` where :func:`scaled_mean`'s figures over a pass's chunks show ``c`` times the
-    mean cross-entropy's gradient with hard targets, ``c`` below 1 (above, ``softmax(z) -
-    R g`` is negative: refused already); ``None`` where they do not, or cannot tell: rows
-    whose softmax is uniform read alike under label smoothing."""
-    rows = sum(c[0] for c in chunks)
-    single = sum(c[1] for c in chunks)
-    spread = max(c[2] for c in chunks)
-    low, high = min(c[3] for c in chunks), max(c[4] for c in chunks)
-    hard_scaled = single == rows and math.isfinite(low) and high - low <= tol * high
-    return high if hard_scaled and spread > 16 * tol and high < 1 - tol else None
 
 
 def check_shares(sizes: list[list[int]], ddp: bool = False) -> None:

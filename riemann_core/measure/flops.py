@@ -20,7 +20,7 @@ QR (Householder)                       ``2 m n^2 - 2 n^3 / 3`` for R, plus Q's (
 ``linalg.solve`` (LU), inverse         ``2 n^3 / 3 + 2 n^2 k``; ``2 n^3`` (lu)
 matrix-vector product                  ``2 m n`` (products)
 in-place and accumulating products     as their plain forms: ``addmm_``, ``baddbmm_``,
-                                       ``addbmm``, ``addmv_``; ``addr`` ``2 m n``
+                                       ``addbmm(_)``, ``addmv_``; ``addr(_)`` ``2 m n``
                                        (products; ``FlopCounterMode`` counts ``addmm``,
                                        ``baddbmm`` by name, not these)
 BLAS ``syrk``, ``R R^T`` one triangle  ``d^2 k`` for ``R`` ``d x k`` (products)
@@ -158,8 +158,10 @@ LINALG = {
     aten.addmm_: ("products", _addmm),
     aten.baddbmm_: ("products", _batched_addmm),
     aten.addbmm: ("products", _batched_addmm),
+    aten.addbmm_: ("products", _batched_addmm),
     aten.addmv_: ("products", _addmv),
     aten.addr: ("products", _addr),
+    aten.addr_: ("products", _addr),
     torch.ops.riemann_core.syrk_: ("products", _syrk),  # BLAS's, called directly (CPU)
 }
 _KIND_OF = {str(op): kind for op, (kind, _) in LINALG.items()}

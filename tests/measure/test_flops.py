@@ -67,8 +67,10 @@ L3, B3 = torch.linalg.cholesky(A3), torch.randn(3, 30, 4, dtype=torch.float64)
         (lambda: A.clone().addmm_(A, B[:, :1].expand(30, 30)), "products", 54000),  # 2 30^3
         (lambda: B3.clone().baddbmm_(A3, B3), "products", 3 * 7200),
         (lambda: B.clone().addbmm(A3, B3), "products", 3 * 7200),
+        (lambda: B.clone().addbmm_(A3, B3), "products", 3 * 7200),
         (lambda: B[:, 0].clone().addmv_(A, B[:, 1]), "products", 1800),
         (lambda: A.addr(B[:, 0], B[:, 1]), "products", 1800),  # 2 30 30
+        (lambda: A.clone().addr_(B[:, 0], B[:, 1]), "products", 1800),
         pytest.param(
             lambda: blas.syrk_(B, torch.zeros(30, 30, dtype=B.dtype), 0.0),  # BLAS's, directly
             "products",
@@ -82,7 +84,7 @@ L3, B3 = torch.linalg.cholesky(A3), torch.randn(3, 30, 4, dtype=torch.float64)
         "cholesky", "batched-cholesky", "direct-potrf", "trsm", "trsm-right", "cholesky_solve", "eigh",
         "eigh-values", "lu-solve", "inverse", "trsm-broadcast", "cholesky_solve-broadcast",
         "lu-solve-vectors", "lu-solve-right", "cholesky-inverse", "mv", "mm", "dot", "vdot",
-        "addmm_", "baddbmm_", "addbmm", "addmv_", "addr", "direct-syrk",
+        "addmm_", "baddbmm_", "addbmm", "addbmm_", "addmv_", "addr", "addr_", "direct-syrk",
     ],
 )  # fmt: skip
 def test_counts_by_hand(fn, kind, by_hand):
