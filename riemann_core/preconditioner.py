@@ -763,9 +763,12 @@ class RiemannianPreconditioner:
             n: gradient[n].detach() if n in gradient else torch.zeros_like(p) for n, p in params
         }
         calls = [] if self._capture is None else self._capture.calls  # (none: DDP's)
-        modules = dict(self.network.named_modules())
         if self._kfac is not None and not self._kfac.needs_factors(
-            params, self._options, modules, set(gradient), shared=_shared(calls)
+            params,
+            self._options,
+            dict(self.network.named_modules()),  # (a walk K-FAC's reuse alone needs)
+            set(gradient),
+            shared=_shared(calls),
         ):
             directions, diagnostics = self._kfac.reuse(full, self._options, checks)
         else:
