@@ -20,7 +20,11 @@ batch's gradient only where
   ``(1 - R w_y / W) softmax(z)``, ignore_index or a loss on some rows only
   ``(1 - R / R') softmax(z)``, all negative: :meth:`Passes.check_mean` refuses where an
   entry lies below :func:`tolerance` (a loss that equals the mean one on this batch, or
-  a model certain of every row, passes: nothing then tells them apart).
+  a model certain of every row, passes: nothing then tells them apart). A rank's share
+  of the global mean, ``c`` times its mean (``N_p / N`` or ``1 / P``), leaves nothing
+  negative and would be weighted twice: with hard targets, ``R g = c (softmax(z) - e_y)``
+  reads ``c`` (:func:`hard_scale`), and a rank whose passes' factors add up to less than
+  1 is refused (``loss / K`` over ``K`` micro-batches adds up to 1).
 
 A pass counts once a gradient flowed back through its output, from the first pass after
 a step or after every ``.grad`` was set to ``None`` or zero (``opt.zero_grad()``).
@@ -28,6 +32,7 @@ a step or after every ``.grad`` was set to ``None`` or zero (``opt.zero_grad()``
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import torch
@@ -80,14 +85,15 @@ CHUNK = 2**22
 
 class _Pass:
     """One forward pass: its samples and their shape (its first output's), whether a
-    gradient came back, and the most negative entry of ``softmax(z) - R g`` (a tensor:
-    read at the step, not in the backward)."""
+    gradient came back, the most negative entry of ``softmax(z) - R g`` and the
+    :func:`scale_figures` of each backward pass through it (tensors: read at the step,
+    not in the backward)."""
 
-    __slots__ = ("shape", "differentiated", "rows", "lowest", "dtype")
+    __slots__ = ("shape", "differentiated", "rows", "lowest", "dtype", "scales")
 
     def __init__(self, shape: tuple[int, ...], differentiated: Differentiated) -> None:
         self.shape, self.differentiated = shape, differentiated
-        self.rows, self.lowest, self.dtype = 0, None, None
+        self.rows, self.lowest, self.dtype, self.scales = 0, None, None, []
 
     def watch_mean(self, z: Tensor) -> None:
         """Note the lowest entry of ``softmax(z) - R g`` whenever ``g`` comes back to ``z``
@@ -109,13 +115,74 @@ class _Pass:
                 g.reshape(R, C).split(CHUNK // C or 1),
                 strict=True,
             )
-            low = torch.stack(
-                [(torch.softmax(v.to(dtype), -1) - R * d.to(dtype)).amin() for v, d in chunks]
-            ).amin()
+            lows, figures = [], []
+            for v, d in chunks:
+                p, Rg = torch.softmax(v.to(dtype), -1), R * d.to(dtype)
+                lows.append((p - Rg).amin())
+                figures.append(scale_figures(p, Rg))
+            low = torch.stack(lows).amin()
             self.lowest = low if self.lowest is None else torch.minimum(self.lowest, low)
+            self.scales.append(_merged(figures))
             self.dtype = g.dtype
 
         z.register_hook(hook)
+
+
+#: The least softmax entry whose ratio ``R g / p`` :func:`scale_figures` reads (below,
+#: the rounding of ``p`` and of ``R g`` in their own dtypes may dominate the ratio).
+LEAST_READ = 1e-6
+
+
+def scale_figures(p: Tensor, Rg: Tensor) -> Tensor:
+    """``(rows, rows with one negative entry, least and largest p, least and largest
+    R g / p)`` over the entries of ``R g`` above zero (and ``p`` of at least
+    :data:`LEAST_READ`), for rows ``p = softmax(z)`` and ``R g`` (``R x C``): what tells
+    ``c`` times the mean cross-entropy's gradient with hard targets, ``R g = c (p -
+    e_y)`` (one negative entry per row, ``R g / p = c`` at every other), from label
+    smoothing ``eps``, whose ratios ``1 - eps / (C p_j)`` vary with ``p`` (read by
+    :func:`hard_scale`)."""
+    read = (Rg > 0) & (p >= LEAST_READ)
+    ratio = Rg / p.clamp_min(LEAST_READ)
+    inf = p.new_tensor(math.inf)
+    return torch.stack(
+        [
+            p.new_tensor(float(p.shape[0])),
+            (Rg < 0).sum(-1).eq(1).sum().to(p.dtype),
+            torch.where(read, p, inf).amin(),
+            torch.where(read, p, -inf).amax(),
+            torch.where(read, ratio, inf).amin(),
+            torch.where(read, ratio, -inf).amax(),
+        ]
+    )
+
+
+def _merged(figures: list[Tensor]) -> Tensor:
+    """:func:`scale_figures` of chunks of rows, as of all their rows."""
+    f = torch.stack(figures)
+    return torch.cat(
+        [f[:, :2].sum(0), f[:, 2:3].amin(0), f[:, 3:4].amax(0), f[:, 4:5].amin(0), f[:, 5:].amax(0)]
+    )
+
+
+#: How much more the largest ``p`` read must be than the least for :func:`hard_scale` to
+#: tell label smoothing, whose ``1 - R g / p`` then spread by a third of their size at least.
+SPREAD = 1.5
+
+
+def hard_scale(figures: list[float], tol: float) -> float | None:
+    """``c`` where :func:`scale_figures` show ``c`` times the mean cross-entropy's gradient
+    with hard targets (``1`` for the mean itself); ``None`` where they do not (label
+    smoothing, probability targets) or cannot tell: a row without one negative entry (a
+    model certain of it), ``p`` read spread less than :data:`SPREAD` times (two classes in
+    one row, a uniform softmax: smoothing reads alike there), ratios apart by more than the
+    rounding ``tol``. A ``c`` within ``3 tol`` of 1 is 1 (smoothing's ratios may lie that
+    close together where ``1 - c`` is that small)."""
+    rows, single, least_p, most_p, low, high = figures
+    if single != rows or not math.isfinite(low) or most_p < SPREAD * least_p:
+        return None
+    if high - low > tol * high:
+        return None
+    return 1.0 if abs(1 - high) <= 3 * tol else high
 
 
 class Passes:
@@ -196,6 +263,7 @@ class Passes:
         if not watched:
             return
         lowest = torch.stack([r.lowest.float().cpu() for r in watched]).tolist()
+        scales = [torch.stack(r.scales).double().cpu().tolist() for r in watched]
         for r, low in zip(watched, lowest, strict=True):
             if not low >= -tolerance(r.dtype):  # (NaN: refused too)
                 raise ValueError(
@@ -212,6 +280,34 @@ class Passes:
                     "DistributedDataParallel (its averaged .grad is taken as the global "
                     "gradient)"
                 )
+        # each backward pass's c where it reads c times the mean's gradient (hard targets)
+        cs = [hard_scale(f, tolerance(r.dtype)) for r, s in zip(watched, scales) for f in s]
+        if cs and None not in cs and sum(cs) < 1 - SHARE_MARGIN:
+            raise ValueError(
+                f"this rank's .grad holds {sum(cs):.3g} times the gradient of the mean "
+                f"cross-entropy over its shard ({len(cs)} backward pass(es) through the "
+                f"model's outputs, at {_some(cs)} times the mean's gradient each): "
+                "pre.step() with a process_group combines the ranks' .grad as the gradients "
+                "of each shard's mean loss, weighted by N_p / N, so each rank's share of the "
+                "global mean (a summed loss divided by the global batch's size, or a mean "
+                "divided by the number of ranks) would be weighted twice. Use "
+                "F.cross_entropy(model(x), y), the mean over the rank's own rows (over K "
+                "micro-batches, each divided by K at most: their factors must add up to 1 or "
+                "more; a constant factor below 1 is refused too, as the check cannot tell "
+                "it from a share), or wrap the model in DistributedDataParallel (its averaged "
+                ".grad is taken as the global gradient)"
+            )
+
+
+#: How far below 1 the factors of a rank's passes (:func:`hard_scale`) may add up to:
+#: a rank's share of the global mean is at most ``1 / P``, ``1 / 2`` or less on one rank.
+SHARE_MARGIN = 0.01
+
+
+def _some(values: list[float]) -> str:
+    """``values`` to 3 digits, the first 4 of them."""
+    shown = ", ".join(f"{v:.3g}" for v in values[:4])
+    return shown + (f" and {len(values) - 4} more" if len(values) > 4 else "")
 
 
 def check_shares(sizes: list[list[int]], ddp: bool = False) -> None:

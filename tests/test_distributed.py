@@ -287,6 +287,16 @@ LOSSES = {
     # the mean over each of two micro-batches, accumulated (found by review: refused as a
     # scaled mean when that was checked, where every rank's common factor is exact)
     "half the mean": lambda out, y: F.cross_entropy(out, y) / 2,
+    # each rank's share of the global mean, N_p / N or 1 / P times its own (found by a
+    # hunt: softmax(z) - R g has nothing below zero, and it was weighted by N_p / N twice,
+    # 0.5-0.7 off)
+    "sum over the global batch": lambda out, y: F.cross_entropy(out, y, reduction="sum") / N,
+    "mean over the ranks": lambda out, y: (
+        F.cross_entropy(out, y) / (dist.get_world_size() if dist.is_initialized() else 1)
+    ),
+    "sum over two global batches": lambda out, y: (
+        F.cross_entropy(out, y, reduction="sum") / (2 * N)
+    ),
 }
 #: the forward passes before a pre.step() (pass i on (1 + i) x; None: opt.zero_grad(),
 #: "in place": opt.zero_grad(set_to_none=False)) as each rank's slice of the global batch,
@@ -305,6 +315,9 @@ COMBINATIONS = {
     "sum of an output changed in place": ([shards], "sum of an output changed in place"),
     "bce": ([shards], "bce"),
     "micro-batches over 2": ([shards, shards], "half the mean"),
+    "sum over the global batch": ([shards], "sum over the global batch"),
+    "mean over the ranks": ([shards], "mean over the ranks"),
+    "the global sum over 2 micro-batches": ([shards, shards], "sum over two global batches"),
 }
 #: the output metric of a loss that is not the cross-entropy
 METRICS = {
@@ -840,6 +853,9 @@ REFUSED = {
     "ignore_index": "is not that of the mean cross-entropy over its",
     "sum, then mean": "is not that of the mean cross-entropy over its",
     "sum of an output changed in place": "is not that of the mean cross-entropy over its",
+    "sum over the global batch": "times the gradient of the mean cross-entropy over its",
+    "mean over the ranks": "times the gradient of the mean cross-entropy over its",
+    "the global sum over 2 micro-batches": "times the gradient of the mean cross-entropy",
 }
 
 
@@ -849,18 +865,24 @@ def test_what_each_rank_grad_holds_is_combined_exactly_or_refused(run):
     zeroed in place, does not count) and for the mean loss, smoothed or not; refused on
     every rank, with ``.grad`` kept, for micro-batches split otherwise or unevenly counted
     and for a summed, class-weighted or ignore_index loss, also beside the mean one or on
-    an output changed in place (found by a hunt: 0.05-0.68 off with no error). On one rank the ``.grad`` is the gradient as it is: every case is exact."""
+    an output changed in place (found by a hunt: 0.05-0.68 off with no error), and for each
+    rank's share of the global mean (a rank whose few rows cannot tell it raises the
+    others' error). On one rank the ``.grad`` is the gradient as it is: every case is
+    exact."""
     world, results = run
     for case in COMBINATIONS:
+        kinds = set()
         for rank, result in enumerate(results):
             got = result["combinations"][case]
             if world > 1 and case in REFUSED:
                 (kind, message), kept = got
-                assert kind == "ValueError" and REFUSED[case] in message, (case, message)
-                assert kept, (case, rank)
+                assert kind in ("ValueError", "DistributedError"), (case, kind)
+                assert REFUSED[case] in message and kept, (case, rank, message)
+                kinds.add(kind)
             else:
                 error = relative_error(got, single_combination(case))
                 assert error <= 1e-12, f"{case}: rank {rank} {error:.1e}"
+        assert world == 1 or case not in REFUSED or "ValueError" in kinds, case
 
 
 def test_ddp_micro_batches_split_otherwise_are_refused(run):

@@ -72,3 +72,78 @@ def test_an_empty_shard_leaves_the_user_backward_alone():
     record.watch_mean(out)
     F.cross_entropy(out, torch.zeros(0, dtype=torch.long), reduction="sum").backward()
     assert record.lowest is None
+
+
+def _read_scale(loss, z, chunk=passes.CHUNK):
+    """:func:`passes.hard_scale` of the figures a pass's hook reads from ``loss(out)``."""
+    record = passes._Pass(tuple(z.shape), Differentiated([]))
+    out = z * 1.0
+    record.watch_mean(out)
+    loss(out).backward()
+    (figures,) = record.scales
+    return passes.hard_scale(figures.double().tolist(), passes.tolerance(torch.float32))
+
+
+_Y5 = torch.randint(0, 5, (16,), generator=torch.Generator().manual_seed(1))
+_Y2 = torch.randint(0, 2, (16,), generator=torch.Generator().manual_seed(2))
+#: losses over 16 rows of 5 classes (2 for the names ending in "two classes"), and the
+#: factor c of the mean's gradient each reads as (None: cannot tell, or not of that form)
+SCALED = {
+    "mean": (lambda out: F.cross_entropy(out, _Y5), 1.0),
+    "half the mean": (lambda out: F.cross_entropy(out, _Y5) / 2, 0.5),
+    "sum over a global batch of 64": (
+        lambda out: F.cross_entropy(out, _Y5, reduction="sum") / 64,
+        0.25,
+    ),
+    "smoothed": (lambda out: F.cross_entropy(out, _Y5, label_smoothing=0.1), None),
+    "smoothed, two classes": (lambda out: F.cross_entropy(out, _Y2, label_smoothing=0.1), None),
+    "smoothed, two classes, one row": (
+        lambda out: F.cross_entropy(out, _Y2[:1], label_smoothing=0.1),
+        None,
+    ),
+    "probability targets": (
+        lambda out: F.cross_entropy(out, torch.softmax(torch.ones_like(out).cumsum(-1), -1)),
+        None,
+    ),
+    "half the mean, two classes": (lambda out: F.cross_entropy(out, _Y2) / 2, 0.5),
+}
+
+
+@pytest.mark.parametrize("case", SCALED)
+@pytest.mark.parametrize("chunk", [2**22, 3])
+def test_a_scaled_mean_is_read_and_smoothing_is_not_taken_for_one(case, chunk, monkeypatch):
+    """The factor ``c`` of ``R g = c (softmax(z) - e_y)``, read where the targets are hard:
+    a rank's share of the global mean reads ``N_p / N``; label smoothing and probability
+    targets, whose ``softmax(z) - R g`` is a distribution too, read as no factor at all,
+    also on two classes in one row (found by review: refused as a scaled mean), whatever
+    the chunks of rows."""
+    monkeypatch.setattr(passes, "CHUNK", chunk)
+    loss, expected = SCALED[case]
+    rows, classes = 1 if "one row" in case else 16, 2 if "two classes" in case else 5
+    z = torch.randn(rows, classes, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    c = _read_scale(loss, z)
+    assert c == (None if expected is None else pytest.approx(expected, rel=1e-4)), case
+
+
+@pytest.mark.parametrize(
+    ("factors", "refused"),
+    [([1.0], False), ([0.5, 0.5], False), ([1.0, 1.0], False), ([0.5], True), ([0.25, 0.25], True)],
+)
+def test_a_rank_whose_passes_add_up_to_less_than_its_mean_is_refused(factors, refused):
+    """Each rank's share of the global mean (``N_p / N`` or ``1 / P`` times its own mean)
+    would be weighted by ``N_p / N`` a second time (found by a hunt: 0.5-0.7 off, no
+    error): refused where the factors of the passes since the last step add up to less
+    than 1; ``loss / K`` over ``K`` micro-batches adds up to 1 and passes."""
+    torch.manual_seed(0)
+    record, y = Passes(), torch.randint(0, 5, (8,))
+    for factor in factors:
+        z = torch.randn(8, 5, requires_grad=True)
+        out = z * 1.0
+        record.forward_ends([out], Differentiated([out]), mean_ce=True)
+        (factor * F.cross_entropy(out, y)).backward()
+    if refused:
+        share = f"{sum(factors):.3g} times the gradient of the mean cross-entropy"
+        with pytest.raises(ValueError, match=share):
+            record.check_mean()
+    else:
+        record.check_mean()
