@@ -33,10 +33,12 @@ a step or after every ``.grad`` was set to ``None`` or zero (``opt.zero_grad()``
 from __future__ import annotations
 
 import math
+import weakref
 from collections import deque
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import Variable
 
 
 class Differentiated:
@@ -190,10 +192,16 @@ class Passes:
     docstring), for a data-parallel ``pre.step()``."""
 
     def __init__(self) -> None:
+        # the .grad each parameter held at the end of the last backward pass through a
+        # recorded output, and its version (:meth:`watch_grads`)
+        self._held: dict[int, tuple[weakref.ref, int]] = {}
         self._passes: deque[_Pass] = deque(maxlen=MAX_PASSES)
         # (whether every .grad was zero, per device; the passes differentiated then) at a
         # pass's start
         self._zeroings: deque[tuple[list[Tensor], list[_Pass]]] = deque(maxlen=MAX_PASSES)
+        # the zeroings' flags at the starts of passes before which a .grad had changed
+        # since the last backward pass (a change that leaves every .grad zero is a zeroing)
+        self._edits: deque[list[Tensor]] = deque(maxlen=MAX_PASSES)
 
     def forward_starts(self, model: nn.Module) -> None:
         """Before a forward pass: the passes already differentiated contributed nothing
@@ -202,25 +210,36 @@ class Passes:
         done = [r for r in self._passes if r.differentiated.seen]
         if not done:
             return
-        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-        if not grads:
+        params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+        if not params:
             self._drop(done)
             return
         by_device: dict[torch.device, list[Tensor]] = {}
-        for g in grads:
-            by_device.setdefault(g.device, []).append(g)
+        for p in params:
+            by_device.setdefault(p.grad.device, []).append(p.grad)
         zero = [torch.stack(torch._foreach_norm(gs)).eq(0).all() for gs in by_device.values()]
         self._zeroings.append((zero, done))
+        if self._changed(params):
+            self._edits.append(zero)
 
     def _drop(self, done: list[_Pass]) -> None:
         gone = {id(r) for r in done}
         self._passes = deque((r for r in self._passes if id(r) not in gone), maxlen=MAX_PASSES)
 
     def forward_ends(
-        self, outputs: list[Tensor], differentiated: Differentiated, mean_ce: bool
+        self,
+        outputs: list[Tensor],
+        differentiated: Differentiated,
+        mean_ce: bool,
+        grads_of: nn.Module | None = None,
     ) -> None:
         """After a forward pass with gradients: note it; with ``mean_ce``, watch its
-        gradient at a single output tensor of logits (classes last)."""
+        gradient at a single output tensor of logits (classes last); with ``grads_of``,
+        note the ``.grad`` of its parameters after each backward pass through the outputs
+        (:meth:`watch_grads`)."""
+        watched = [t for t in outputs if t.requires_grad and t.grad_fn is not None]
+        if grads_of is not None and watched:
+            self.watch_grads(watched[0], grads_of)
         first = outputs[0] if outputs else None
         shape = tuple(first.shape) if first is not None and first.dim() else (0,)
         record = _Pass(shape, differentiated)
@@ -235,8 +254,64 @@ class Passes:
             record.watch_mean(first)
         self._passes.append(record)
 
+    def watch_grads(self, z: Tensor, model: nn.Module) -> None:
+        """Note the ``.grad`` of ``model``'s parameters, and their versions, at the end of
+        every backward pass through ``z`` (a callback queued by a hook on ``z``, run once
+        every ``.grad`` of that pass is accumulated): :meth:`check_grads_kept` refuses
+        those changed since (found by a hunt: a clip of each rank's own gradient before
+        ``pre.step()`` was taken as its shard's gradient, 0.19-0.37 off)."""
+
+        def note() -> None:
+            self._held = {
+                id(p): (weakref.ref(p.grad), p.grad._version)
+                for p in model.parameters()
+                if p.grad is not None
+            }
+
+        z.register_hook(lambda g: Variable._execution_engine.queue_callback(note))
+
+    def _changed(self, params: list[Tensor]) -> list[int]:
+        """The positions of ``params`` whose ``.grad`` changed (in place, or replaced)
+        since the end of the last backward pass through the model's outputs."""
+        held = self._held
+        return [
+            i
+            for i, p in enumerate(params)
+            if p.grad is not None
+            and id(p) in held
+            and (held[id(p)][0]() is not p.grad or held[id(p)][1] != p.grad._version)
+        ]
+
+    def check_grads_kept(self, named: list[tuple[str, Tensor]]) -> None:
+        """Refuse ``.grad`` changed since the end of the last backward pass through the
+        model's outputs, or between two such passes where it did not leave every ``.grad``
+        zero (one host read for the flags)."""
+        changed = [named[i][0] for i in self._changed([p for _, p in named])]
+        edits = (
+            torch.stack([f.cpu() for zero in self._edits for f in zero]).tolist()
+            if self._edits
+            else []
+        )
+        if changed or not all(edits):
+            when = (
+                f"of {_some(changed)} changed after the backward pass"
+                if changed
+                else "changed between two backward passes, other than to zero"
+            )
+            raise ValueError(
+                f"the .grad {when} (a clip of this rank's own gradient, a weight decay or "
+                "a scale added to it?): pre.step() with a process_group combines the ranks' .grad as the gradients "
+                "of each shard's mean loss, so a change to one rank's .grad acts on its "
+                "shard's gradient, not on the global batch's (each rank's clip scales its "
+                "own part). Call pre.step() right after loss.backward() and clip or decay the "
+                "direction it writes (or use the optimizer's weight_decay), or wrap the "
+                "model in DistributedDataParallel (its .grad are averaged before your change)"
+            )
+
     def clear(self) -> None:
         """A step used them."""
+        self._held = {}
+        self._edits.clear()
         self._passes.clear()
         self._zeroings.clear()
 
@@ -304,9 +379,9 @@ class Passes:
 SHARE_MARGIN = 0.01
 
 
-def _some(values: list[float]) -> str:
-    """``values`` to 3 digits, the first 4 of them."""
-    shown = ", ".join(f"{v:.3g}" for v in values[:4])
+def _some(values: list) -> str:
+    """``values`` (numbers to 3 digits), the first 4 of them."""
+    shown = ", ".join(f"{v:.3g}" if isinstance(v, float) else repr(v) for v in values[:4])
     return shown + (f" and {len(values) - 4} more" if len(values) > 4 else "")
 
 

@@ -397,7 +397,10 @@ class RiemannianPreconditioner:
             if self._passes is not None:  # (DDP averages any loss's .grad: no mean to check)
                 softmax = reads_softmax_fisher(self._options.loss, self._options.output_metric)
                 softmax = softmax and self.network is self.model
-                self._passes.forward_ends(tensors, self._differentiated, softmax)
+                ddp = isinstance(self.model, DistributedDataParallel)  # (averaged: kept)
+                self._passes.forward_ends(
+                    tensors, self._differentiated, softmax, None if ddp else self.model
+                )
             self._buffer_states.after_pass(self.network, self._batch[3])
             # an input the forward pass itself changed in place (x /= 255): named on refusal
             self._edited_in_forward = any(
@@ -940,6 +943,7 @@ class RiemannianPreconditioner:
                 checks.run()  # the data first: a NaN input names itself (found by a hunt:
                 # it was blamed on the loss, its gradient at the outputs being NaN)
                 self._passes.check_mean()  # (one rank: its gradient as it is, any loss)
+                self._passes.check_grads_kept(params)
             if (
                 self._differentiated is not None
                 and not self._differentiated.seen

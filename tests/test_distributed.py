@@ -318,6 +318,18 @@ COMBINATIONS = {
     "sum over the global batch": ([shards], "sum over the global batch"),
     "mean over the ranks": ([shards], "mean over the ranks"),
     "the global sum over 2 micro-batches": ([shards, shards], "sum over two global batches"),
+    # a change to each rank's .grad before pre.step() acts on its shard's gradient (found
+    # by a hunt: a clip, 0.19-0.37 off)
+    "clipped": ([shards], "mean", "clip"),
+    "weight decay added": ([shards], "mean", "decay"),
+    "replaced": ([shards], "mean", "replace"),
+    "clipped, then another pass": ([shards, "clip", shards], "mean"),
+}
+#: changes to .grad between the backward pass and pre.step()
+CHANGES = {
+    "clip": lambda model: torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05),
+    "decay": lambda model: [p.grad.add_(p.detach(), alpha=0.1) for p in model.parameters()],
+    "replace": lambda model: [setattr(p, "grad", p.grad.clone()) for p in model.parameters()],
 }
 #: the output metric of a loss that is not the cross-entropy
 METRICS = {
@@ -329,15 +341,17 @@ def _combinations(rank, world) -> dict:
     """Each of :data:`COMBINATIONS`: the ``.grad`` after ``pre.step()``, or its error and
     whether ``.grad`` stayed as it was."""
     out = {}
-    for case, (passes, loss) in COMBINATIONS.items():
+    for case, (passes, loss, *changes) in COMBINATIONS.items():
         model, x, y = network("mlp")
         pre = rc.RiemannianPreconditioner(
             model, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT,
             output_metric=METRICS.get(loss, "exact"),
         )  # fmt: skip
-        for i, split in enumerate(passes):
+        for i, split in enumerate(passes + changes):
             part = split(world)[rank] if callable(split) else None
-            if not callable(split):
+            if split in CHANGES:
+                CHANGES[split](model)
+            elif not callable(split):
                 model.zero_grad(set_to_none=split is None)
             elif part is not None:
                 LOSSES[loss](model((1 + i) * x[part]), y[part]).backward()
@@ -830,13 +844,15 @@ def test_preconditioner_steps_equal_the_single_process(run):
 @functools.cache
 def single_combination(case: str) -> dict:
     """``.grad`` after :data:`COMBINATIONS`' passes on the whole batch and ``pre.step()``."""
-    passes, loss = COMBINATIONS[case]
+    passes, loss, *changes = COMBINATIONS[case]
     model, x, y = network("mlp")
     pre = rc.RiemannianPreconditioner(
         model, damping=DAMPING, output_metric=METRICS.get(loss, "exact")
     )
-    for i, split in enumerate(passes):
-        if not callable(split):
+    for i, split in enumerate(passes + changes):
+        if split in CHANGES:
+            CHANGES[split](model)
+        elif not callable(split):
             model.zero_grad(set_to_none=split is None)
         else:
             LOSSES[loss](model((1 + i) * x), y).backward()
@@ -856,6 +872,10 @@ REFUSED = {
     "sum over the global batch": "times the gradient of the mean cross-entropy over its",
     "mean over the ranks": "times the gradient of the mean cross-entropy over its",
     "the global sum over 2 micro-batches": "times the gradient of the mean cross-entropy",
+    "clipped": "changed after the backward pass (a clip of this rank's own gradient",
+    "weight decay added": "changed after the backward pass",
+    "replaced": "changed after the backward pass",
+    "clipped, then another pass": "changed between two backward passes, other than to zero",
 }
 
 
