@@ -760,6 +760,9 @@ class Replay:
     # a refusal (found by review: naming it before every replay walked every module, 1.3 ms
     # for 2.8k modules)
     cause: Callable[[], str] | None = None
+    # the ids of the parameters whose modules' outputs the recorded output depended on
+    # (:meth:`check_reach`; None: not known)
+    reached: frozenset[int] | None = None
 
     def check(self, outputs, checks) -> None:
         """Register with ``checks`` (a :class:`~riemann_core._checks.Deferred`) that
@@ -772,6 +775,26 @@ class Replay:
             _replay_differs(new, self.output, self.cause)
         alike = torch.stack([~_differ(a, b) for a, b in zip(new, self.output, strict=True)])
         checks.require(alike.all(), lambda: _replay_differs(new, self.output, self.cause))
+
+    def check_reach(self, off: set[int], calls) -> None:
+        """Refuse a pass run again whose output does not depend on the outputs of modules
+        (``off``: their parameters' ids, :func:`riemann_core.coupling.reach`) that the
+        recorded output depended on: a ``.detach()`` or ``torch.no_grad()`` taken on a path
+        chosen by state not replayed gives the same values (found by a hunt: a counter
+        freezing a backbone after warm-up, the metric of the frozen network, 1.6-2.5 off)."""
+        lost = off & self.reached if self.reached else set()
+        if lost:
+            names = sorted({c.name for c in calls if any(id(p) in lost for p in c.params)})
+            raise ReplayDiffers(
+                "the model's forward pass, run again on the recorded batch for the metric, "
+                f"gave an output that does not depend on modules {names}, which the output of "
+                "the pass the gradient came from depended on: the pass took another path "
+                "(a .detach() or torch.no_grad() chosen by state that is not replayed: a "
+                "call counter, an attribute, Python's random module). pre.step() runs the "
+                "pass again, and so does pre.backward(loss) on its first call for a model: "
+                "keep such state fixed until the direction is computed (change it after "
+                "pre.step(), or at the start of a step from a count of your own)"
+            )
 
 
 def _differ(new: Tensor, old: Tensor) -> Tensor:

@@ -633,8 +633,16 @@ def off_output(output: Tensor, calls: list[Block], names: dict[int, str]) -> lis
     """The trainable parameters (``names``: ``{id(p): name}``) of the ``calls`` whose
     outputs the autograd graph of the model's ``output`` does not reach, and of no call it
     reaches: the output metric, pulled back from ``output``, is zero on them (an auxiliary
-    head computed inside ``forward``). The whole graph under ``output`` is walked (a few
-    nodes per module), until every call's output is found."""
+    head computed inside ``forward``)."""
+    off, _ = reach(output, calls)
+    return [names[i] for i in off if i in names]
+
+
+def reach(output: Tensor, calls: list[Block]) -> tuple[set[int], set[int]]:
+    """``(off, on)``: the ids of the parameters of the ``calls`` whose outputs the autograd
+    graph of ``output`` does not reach, and of no call it reaches; and of those of the
+    calls it reaches. The whole graph under ``output`` is walked (a few nodes per module),
+    until every call's output is found."""
     pending: dict[object, list[Block]] = {}
     for c in calls:
         if c.output is not None and c.output.grad_fn is not None:
@@ -647,10 +655,9 @@ def off_output(output: Tensor, calls: list[Block], names: dict[int, str]) -> lis
         seen.add(node)
         pending.pop(node, None)
         stack.extend(next_node for next_node, _ in node.next_functions)
-    off = {id(p) for cs in pending.values() for c in cs for p in c.params}
-    off -= {id(p) for c in calls if c.output is not None and c.output.grad_fn not in pending
-            for p in c.params}  # fmt: skip
-    return [names[i] for i in off if i in names]
+    on = {id(p) for c in calls if c.output is not None and c.output.grad_fn not in pending
+          for p in c.params}  # fmt: skip
+    return {id(p) for cs in pending.values() for c in cs for p in c.params} - on, on
 
 
 def loss_paths(

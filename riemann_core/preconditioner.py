@@ -787,6 +787,7 @@ class RiemannianPreconditioner:
                 functools.partial(
                     self._replay_cause, self._buffer_states.changes(self.network, buffers)
                 ),
+                _reached(self._capture),
             )
             try:
                 with self._buffers_at_start():  # after the replay's record, of the buffers
@@ -1491,6 +1492,18 @@ def _off_output(capture: Capture, names: dict[int, str], stale: set[str]) -> lis
     (found by review: a head that reaches the output was named)."""
     calls = [c for c in capture.calls if c.name not in stale]
     return coupling.off_output(capture.output, calls, names)
+
+
+def _reached(capture: Capture | None) -> frozenset[int] | None:
+    """The ids of the parameters of the recorded pass's calls whose outputs its output
+    depends on (:func:`coupling.reach`), for the replay to depend on too; calls whose
+    output was changed in place after it left out, as in :func:`_off_output`."""
+    if capture is None or not isinstance(capture.output, Tensor):
+        return None
+    stale = capture.stale()
+    return frozenset(
+        coupling.reach(capture.output, [c for c in capture.calls if c.name not in stale])[1]
+    )
 
 
 def _warn_off_output(names: list[str], damping: float) -> None:

@@ -1269,6 +1269,62 @@ def test_what_a_replay_that_differs_names_is_found_only_on_refusal(monkeypatch):
     assert looked == [1]
 
 
+class FrozenAfterWarmUp(nn.Module):
+    """A backbone frozen after ``warm_up`` forward passes by a counter in ``forward`` (its
+    output detached: the same values either way); ``frozen`` fixes the path instead."""
+
+    def __init__(self, warm_up: int):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.warm_up, self.passes, self.frozen = warm_up, 0, None
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        frozen = self.passes >= self.warm_up if self.frozen is None else self.frozen
+        self.passes += 1
+        return self.c(torch.tanh(self.b(h.detach() if frozen else h)))
+
+
+@pytest.mark.parametrize("method", ["layerwise", "natural"])
+@pytest.mark.parametrize("call", ["step", "backward"])
+def test_a_replay_on_another_path_with_the_same_output_is_refused(method, call):
+    """Found by a hunt: a counter that freezes a backbone after warm-up (``h.detach()``)
+    took the frozen path in the replay (pre.step(), and pre.backward on its first call),
+    whose output has the same values, so the metric was the frozen network's, 1.6-2.5 off
+    with no error. The replay's output must depend on every module the recorded one did:
+    refused, ``.grad`` as it was; on the recorded path throughout, the direction is the
+    oracle's, frozen or not."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    model = FrozenAfterWarmUp(warm_up=1).double()
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=1e-2)
+    loss = F.cross_entropy(model(x), y)
+    if call == "step":
+        loss.backward()
+        before = {n: p.grad.clone() for n, p in model.named_parameters()}
+        with pytest.raises(ValueError, match=r"does not depend on modules \['a'\]"):
+            pre.step()
+        assert all(torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
+    else:
+        with pytest.raises(ValueError, match=r"does not depend on modules \['a'\]"):
+            pre.backward(loss)
+        assert all(p.grad is None for p in model.parameters())
+    for frozen in (False, True):  # the path fixed: exact
+        model.frozen = frozen
+        model.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        if call == "step":
+            loss.backward()
+            pre.step()
+        else:
+            pre.backward(loss)
+        G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+        expected = oracle_direction(G, g, 1e-2, method, block_indices(model))
+        got = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                         for p in model.parameters()])  # fmt: skip
+        assert rel_error(got, expected) <= 1e-10, (frozen, rel_error(got, expected))
+
+
 def test_a_replay_agrees_to_rounding_and_no_further():
     """The replay's output may differ from the recorded one by rounding (kernels chosen
     another way, GPU atomics): sqrt(eps) of the largest entry; beyond that, or in an

@@ -455,6 +455,8 @@ def _build_problem(
         check_output_batch(calls, outputs, args)
     if replay is not None:  # read with the data's checks, before what a wrong path breaks
         replay.check(outputs, checks)
+        if replay.reached and torch.is_tensor(outputs):
+            replay.check_reach(coupling.reach(outputs, calls)[0], calls)
     return problem_from_graph(
         model,
         outputs,
