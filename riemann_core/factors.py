@@ -203,6 +203,9 @@ UNBATCHABLE = ("Batching rule not implemented", "vmap: ")
 #: in a checkpointed segment whose forward pass the batched backward runs again (found by
 #: a hunt: torch's message, naming neither the hook nor the checkpoint)
 UNBATCHABLE_FUNCTION = "In order to use an autograd.Function with functorch transforms"
+#: words of torch's error for a random draw under ``vmap``: a checkpointed segment's
+#: dropout, drawn again when the batched backward runs its forward pass again
+RANDOM_UNDER_VMAP = "random operations inside of vmap"
 
 
 @contextmanager
@@ -228,6 +231,16 @@ def batched_backward() -> Iterator[None]:
                 "applies one. Remove the hook while preconditioning, call that module outside "
                 "the checkpointed segment, or give the Function a setup_context (torch: "
                 f"{str(err).splitlines()[0]})"
+            ) from err
+        if RANDOM_UNDER_VMAP in str(err):  # (found by a hunt: blamed on hooks, .item())
+            raise ValueError(
+                "the backward pass cannot run batched, as riemann_core runs it to pull the "
+                "metric's factor rows back several at once (torch.func.vmap): a segment under "
+                "torch.utils.checkpoint draws random numbers (dropout, a random layer) in its "
+                "forward pass, which the backward pass runs again, where torch cannot draw "
+                "them. Call the random module outside the checkpointed segment (dropout after "
+                "it, or before), or checkpoint a segment without one; model.eval() turns "
+                f"dropout off (torch: {str(err).splitlines()[0]})"
             ) from err
         if not any(word in str(err) for word in UNBATCHABLE):
             raise

@@ -2555,6 +2555,35 @@ def test_a_backward_hook_in_a_checkpointed_segment():
             assert (p.grad is None) if b is None else torch.equal(p.grad, b)
 
 
+class CheckpointedDropout(Checkpointed):
+    """A dropout inside the checkpointed segment."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.4)
+
+    def block(self, h):
+        return torch.tanh(self.drop(self.b(h)))
+
+
+def test_a_dropout_in_a_checkpointed_segment_is_refused_naming_it():
+    """Found by a hunt: a dropout inside a non-reentrant checkpoint, in training mode, was
+    refused blaming a gradient hook or ``.item()`` (the batched backward runs the segment's
+    forward pass again, where torch cannot draw random numbers). Now the message names the
+    checkpointed random module and the fixes; ``.grad`` stays as it was."""
+    torch.manual_seed(0)
+    model = CheckpointedDropout().double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    F.cross_entropy(model(x), y).backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"checkpoint draws random numbers \(dropout"):
+        pre.step()
+    assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
+    with pytest.raises(ValueError, match=r"checkpoint draws random numbers"):
+        pre.backward(F.cross_entropy(model(x), y))
+
+
 # ------------------------------------------------------- token-level cross-entropy
 
 
