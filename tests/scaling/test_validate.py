@@ -785,3 +785,24 @@ def test_a_crossover_whose_widest_ratio_reaches_1_is_too_noisy(monkeypatch):
     monkeypatch.setattr(fit, "median_ratio", lambda *a, **k: (1.05, 0.97, 1.12))
     claim = by_id(va.validate(df, meta, n_boot=300), "crossover-width")
     assert claim.verdict == "too noisy" and "it reaches 1" in claim.detail
+
+
+@pytest.mark.parametrize("grid", ["test", "sweep"])
+def test_a_planted_super_linear_time_passes_no_claim_on_a_wide_grid(grid):
+    """tests/scaling/planted_laws.py: a compute time planted as the per-kind times' sum
+    passes every method's time-explained claim (but K-FAC's or layerwise's in a noisy
+    draw); raised to the power 1.3 or 1.4 it passes none, on the test suite's grid and on
+    one spanning width and batch as the CPU sweeps do (on a narrow width axis the fitted
+    rates may follow it: docs/measuring.md)."""
+    import planted_laws
+
+    for seed in range(3):
+        linear = {c.id: c.verdict for c in planted_laws.verdicts("linear", grid, 1e-3, seed, 300)}
+        assert linear["time-explained-natural"] == linear["time-explained-full"] == "pass"
+        for law in ("total^1.3", "total^1.4"):
+            passed = [
+                c.id
+                for c in planted_laws.verdicts(law, grid, 1e-3, seed, 300)
+                if c.verdict == "pass"
+            ]
+            assert not passed, (law, seed, passed)
