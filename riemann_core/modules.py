@@ -672,10 +672,21 @@ class GenericHandler(Handler):
                     "lie outside it; else call model.eval(), or give the module a structured "
                     f"kernel (rc.register_handler) (torch: {str(err).splitlines()[0]})"
                 ) from err
+            module = self.block.module
+            own = [n for n, _ in module.named_parameters(recurse=False)]
+            whole = own and any(next(c.parameters(), None) is not None for c in module.children())
             raise ValueError(
-                f"kernel='generic' cannot evaluate module {self.block.name!r} "
-                f"({type(self.block.module).__name__}) one sample at a time with "
-                f"torch.func: {err}. A module that draws random numbers (call "
+                f"kernel='generic' cannot evaluate module {name!r} ({kind}) one sample at a "
+                f"time with torch.func: {err}. "
+                + (  # (found by a hunt: a learned initial state h0 held by the model)
+                    f"It holds parameters of its own ({', '.join(own)}), so it is evaluated "
+                    "whole, its submodules' calls included: hold those parameters in a small "
+                    "module of their own (one whose forward returns or adds them), so that "
+                    "only that module and each submodule are evaluated per sample. "
+                    if whole
+                    else ""
+                )
+                + "A module that draws random numbers (call "
                 "model.eval()), that takes an argument whose first dimension equals the "
                 "batch but is not per sample, that writes in place into a tensor it makes "
                 "itself (an RNN cell's default hx=None: pass the initial state, "
@@ -1075,24 +1086,47 @@ def has_kronecker_factors(module: nn.Module) -> bool:
     return cls is not None and issubclass(cls, PatchHandler) and cls.supports(module) is None
 
 
+def _no_kronecker_shared(name: str) -> ValueError:
+    return ValueError(
+        f"method='kfac' has no Kronecker factorisation for the block {name!r}, whose "
+        "parameters several module calls share (weight tying, or a module called twice): its "
+        "metric is a sum of Kronecker products. Use method='layerwise', 'full' or 'natural', "
+        "which are exact for it"
+    )
+
+
+def _no_kronecker(name: str, module: nn.Module) -> ValueError:
+    cls = STRUCTURED.get(type(module))
+    reason = cls.supports(module) if cls is not None and issubclass(cls, PatchHandler) else None
+    return ValueError(
+        f"method='kfac' has no Kronecker factorisation for module {name!r} "
+        f"({type(module).__name__}{': ' + reason if reason else ''}); K-FAC supports Linear "
+        "and Conv2d (groups=1, zero padding). Use method='layerwise' for other modules"
+    )
+
+
+def check_kronecker(calls: list[Block]) -> None:
+    """Refuse, before any work, the calls :func:`kronecker_handler` would refuse (found by
+    a hunt: ``pre.backward`` refused a LayerNorm once its backward pass had consumed the
+    user's graph)."""
+    first_call: dict[str, str] = {}
+    for c in calls:
+        for n in c.param_names:
+            if n in first_call:
+                raise _no_kronecker_shared(first_call[n])
+            first_call[n] = c.name
+        if not has_kronecker_factors(c.module):
+            raise _no_kronecker(c.name, c.module)
+
+
 def kronecker_handler(handler: Handler) -> PatchHandler:
     """A handler with K-FAC factors for ``handler``'s block (any kernel was asked for)."""
     if isinstance(handler, PatchHandler):
         return handler
     if isinstance(handler, SharedHandler):
-        raise ValueError(
-            f"method='kfac' has no Kronecker factorisation for the block {handler.block.name!r}, "
-            "whose parameters several module calls share (weight tying, or a module called "
-            "twice): its metric is a sum of Kronecker products. Use method='layerwise', 'full' "
-            "or 'natural', which are exact for it"
-        )
+        raise _no_kronecker_shared(handler.block.name)
     if not has_kronecker_factors(handler.block.module):
-        raise ValueError(
-            f"method='kfac' has no Kronecker factorisation for module {handler.block.name!r} "
-            f"({type(handler.block.module).__name__}); K-FAC supports Linear and Conv2d "
-            "(groups=1, zero padding). Use method='layerwise' for "
-            "other modules"
-        )
+        raise _no_kronecker(handler.block.name, handler.block.module)
     structured = STRUCTURED[type(handler.block.module)](handler.block)  # on the call's
     # data: in the dtype of the handler's
     return structured if structured.dtype == handler.dtype else structured.to(handler.dtype)

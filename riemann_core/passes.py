@@ -300,12 +300,13 @@ class Passes:
             )
             raise ValueError(
                 f"the .grad {when} (a clip of this rank's own gradient, a weight decay or "
-                "a scale added to it?): pre.step() with a process_group combines the ranks' .grad as the gradients "
-                "of each shard's mean loss, so a change to one rank's .grad acts on its "
-                "shard's gradient, not on the global batch's (each rank's clip scales its "
-                "own part). Call pre.step() right after loss.backward() and clip or decay the "
-                "direction it writes (or use the optimizer's weight_decay), or wrap the "
-                "model in DistributedDataParallel (its .grad are averaged before your change)"
+                "a scale added to it?): pre.step() with a process_group combines the "
+                "ranks' .grad as the gradients of each shard's mean loss, so a change to one "
+                "rank's .grad acts on its shard's gradient, not on the global batch's (each "
+                "rank's clip scales its own part). Call pre.step() right after "
+                "loss.backward() and clip or decay the direction it writes (or use the "
+                "optimizer's weight_decay), or wrap the model in DistributedDataParallel "
+                "(its .grad are averaged before your change)"
             )
 
     def clear(self) -> None:

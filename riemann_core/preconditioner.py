@@ -70,7 +70,7 @@ from .methods import (
 )
 from .methods._base import check_batch_dimension, check_output_batch
 from .methods.kfac import KFACState, in_larger_storage
-from .modules import Block, evaluated_per_sample, shows_parameters, training
+from .modules import Block, check_kronecker, evaluated_per_sample, shows_parameters, training
 from .passes import Differentiated, Passes
 
 
@@ -576,6 +576,8 @@ class RiemannianPreconditioner:
                 trained = [c for c in capture.calls if any(id(p) in names for p in c.params)]
                 check_output_batch(trained, capture.output, self._batch[0])
                 check_batch_dimension(trained, capture.output)
+                if self.method == "kfac":
+                    check_kronecker(trained)
             paths = coupling.loss_paths(
                 loss, capture.output, capture.calls, names, capture.key, capture.token
             )

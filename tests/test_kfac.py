@@ -18,6 +18,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from oracle import (
     Problem,
     ScaleShift,
@@ -287,8 +288,31 @@ def test_kfac_rejects_module_without_kronecker_structure(kernel):
 
 def test_kfac_rejects_grouped_conv():
     model, x, y = conv_net(groups=2)
-    with pytest.raises(ValueError, match=r"module '0' \(Conv2d\)"):
+    with pytest.raises(ValueError, match=r"module '0' \(Conv2d: groups=2"):
         rc.direction(model, x, y, method="kfac", kernel="auto")
+
+
+@pytest.mark.parametrize("network", ["layer norm", "tied"])
+def test_pre_backward_refuses_what_kfac_cannot_factorise_before_its_backward_pass(network):
+    """Found by a hunt: a LayerNorm was refused once pre.backward's backward pass had
+    consumed the user's graph. Refused before it now (a weight tied between two calls too):
+    the loss can still be differentiated, ``.grad`` stays ``None``."""
+    torch.manual_seed(0)
+    if network == "layer norm":
+        model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3))
+        message = r"module '1' \(LayerNorm\)"
+    else:
+        layer = nn.Linear(3, 3)
+        model = nn.Sequential(layer, nn.Tanh(), layer)
+        message = "whose parameters several module calls share"
+    model = model.double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
+    pre = rc.RiemannianPreconditioner(model, method="kfac", kernel="auto")
+    loss = F.cross_entropy(model(x), y)
+    with pytest.raises(ValueError, match=message):
+        pre.backward(loss)
+    assert all(p.grad is None for p in model.parameters())
+    loss.backward()  # the graph is whole
 
 
 def test_kfac_with_generic_kernel_uses_layer_structure():

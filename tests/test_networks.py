@@ -3391,6 +3391,46 @@ def test_a_table_held_by_the_module_is_exact_at_every_length():
             assert_exact(model, x, y, method, "auto")
 
 
+class LearnedInitialState(nn.Module):
+    """An ``nn.RNNCell`` unrolled from a learned initial state ``h0``, held by the model
+    itself, or (``own=False``) by a small module of its own."""
+
+    class H0(nn.Module):
+        def __init__(self, hidden):
+            super().__init__()
+            self.h0 = nn.Parameter(0.1 * torch.randn(hidden))
+
+        def forward(self, x):  # per sample: one row for each of x's
+            return self.h0.expand(x.shape[0], -1) + 0 * x[:, 0, :1]
+
+    def __init__(self, own: bool):
+        super().__init__()
+        self.cell, self.head, self.own = nn.RNNCell(3, 4), nn.Linear(4, 3), own
+        if own:
+            self.h0 = nn.Parameter(0.1 * torch.randn(4))
+        else:
+            self.init = self.H0(4)
+
+    def forward(self, x):
+        h = self.h0.expand(x.shape[0], -1) if self.own else self.init(x)
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+        return self.head(h)
+
+
+def test_a_learned_initial_state_held_by_the_model_is_refused_naming_the_fix():
+    """Found by a hunt: ``h0`` held by the model made the generic kernel evaluate the whole
+    model per sample, where torch.func cannot batch the cell's backward against an
+    unbatched state; the refusal advised a structured kernel. Now it names ``h0`` and the
+    small module that holds it, which is exact."""
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 3, dtype=torch.float64), torch.randint(0, 3, (4,))
+    model = LearnedInitialState(own=True).double()
+    with pytest.raises(ValueError, match=r"holds parameters of its own \(h0\).*small module"):
+        rc.direction(model, x, y, damping=DAMPING, kernel="auto")
+    assert_exact(LearnedInitialState(own=False).double(), x, y, "layerwise", "auto")
+
+
 class BroadcastTable(nn.Module):
     """A module of its own called once, on positions and the batch size, expanding its
     table over the batch; and one on a scalar tensor: no input of theirs is batched."""
