@@ -776,15 +776,17 @@ class Replay:
         alike = torch.stack([~_differ(a, b) for a, b in zip(new, self.output, strict=True)])
         checks.require(alike.all(), lambda: _replay_differs(new, self.output, self.cause))
 
-    def check_reach(self, off: set[int], calls) -> None:
-        """Refuse a pass run again whose output does not depend on the outputs of modules
-        (``off``: their parameters' ids, :func:`riemann_core.coupling.reach`) that the
-        recorded output depended on: a ``.detach()`` or ``torch.no_grad()`` taken on a path
-        chosen by state not replayed gives the same values (found by a hunt: a counter
-        freezing a backbone after warm-up, the metric of the frozen network, 1.6-2.5 off)."""
-        lost = off & self.reached if self.reached else set()
-        if lost:
-            names = sorted({c.name for c in calls if any(id(p) in lost for p in c.params)})
+    def check_reach(self, on: set[int], calls) -> None:
+        """Refuse a pass run again whose output depends on the outputs of fewer modules
+        (``on``: their parameters' ids, :func:`riemann_core.coupling.reach`) than the
+        recorded output did: a ``.detach()`` or ``torch.no_grad()`` taken on a path chosen
+        by state not replayed gives the same values (found by a hunt: a counter freezing a
+        backbone after warm-up, the metric of the frozen network, 1.6-6 off). Of the
+        parameters of its ``calls`` (one frozen since the recorded pass is not a block's
+        any more); a module whose output reaches the output partly detached is not seen."""
+        lost = self.reached - on if self.reached else set()
+        names = sorted({c.name for c in calls if any(id(p) in lost for p in c.params)})
+        if names:
             raise ReplayDiffers(
                 "the model's forward pass, run again on the recorded batch for the metric, "
                 f"gave an output that does not depend on modules {names}, which the output of "

@@ -640,9 +640,10 @@ def off_output(output: Tensor, calls: list[Block], names: dict[int, str]) -> lis
 
 def reach(output: Tensor, calls: list[Block]) -> tuple[set[int], set[int]]:
     """``(off, on)``: the ids of the parameters of the ``calls`` whose outputs the autograd
-    graph of ``output`` does not reach, and of no call it reaches; and of those of the
-    calls it reaches. The whole graph under ``output`` is walked (a few nodes per module),
-    until every call's output is found."""
+    graph of ``output`` does not reach, and of no call it reaches nor one outside the
+    graph (run under ``torch.no_grad()``); and of those of the calls it reaches. The whole
+    graph under ``output`` is walked (a few nodes per module), until every call's output
+    is found."""
     pending: dict[object, list[Block]] = {}
     for c in calls:
         if c.output is not None and c.output.grad_fn is not None:
@@ -655,9 +656,11 @@ def reach(output: Tensor, calls: list[Block]) -> tuple[set[int], set[int]]:
         seen.add(node)
         pending.pop(node, None)
         stack.extend(next_node for next_node, _ in node.next_functions)
-    on = {id(p) for c in calls if c.output is not None and c.output.grad_fn not in pending
-          for p in c.params}  # fmt: skip
-    return {id(p) for cs in pending.values() for c in cs for p in c.params} - on, on
+    on = {id(p) for c in calls if c.output is not None and c.output.grad_fn is not None
+          and c.output.grad_fn not in pending for p in c.params}  # fmt: skip
+    outside = {id(p) for c in calls if c.output is not None and c.output.grad_fn is None
+               for p in c.params}  # fmt: skip
+    return {id(p) for cs in pending.values() for c in cs for p in c.params} - on - outside, on
 
 
 def loss_paths(

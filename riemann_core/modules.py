@@ -1109,14 +1109,15 @@ def check_kronecker(calls: list[Block]) -> None:
     """Refuse, before any work, the calls :func:`kronecker_handler` would refuse (found by
     a hunt: ``pre.backward`` refused a LayerNorm once its backward pass had consumed the
     user's graph)."""
-    first_call: dict[str, str] = {}
+    callers: dict[str, list[str]] = {}
     for c in calls:
         for n in c.param_names:
-            if n in first_call:
-                raise _no_kronecker_shared(first_call[n])
-            first_call[n] = c.name
+            callers.setdefault(n, []).append(c.name)
         if not has_kronecker_factors(c.module):
             raise _no_kronecker(c.name, c.module)
+    shared = next((names for names in callers.values() if len(names) > 1), None)
+    if shared:  # (named as the block of the calls: "0+2")
+        raise _no_kronecker_shared("+".join(dict.fromkeys(shared)))
 
 
 def kronecker_handler(handler: Handler) -> PatchHandler:

@@ -177,14 +177,18 @@ def hard_scale(figures: list[float], tol: float) -> float | None:
     smoothing, probability targets) or cannot tell: a row without one negative entry (a
     model certain of it), ``p`` read spread less than :data:`SPREAD` times (two classes in
     one row, a uniform softmax: smoothing reads alike there), ratios apart by more than the
-    rounding ``tol``. A ``c`` within ``3 tol`` of 1 is 1 (smoothing's ratios may lie that
-    close together where ``1 - c`` is that small)."""
+    rounding ``tol``, or a ``tol`` of half precision. Smoothing's ratios fall short of 1
+    by ``d_j = eps / (C p_j)``, which spread by ``d / 3`` at least where ``p`` spreads by
+    :data:`SPREAD`: read as alike only where ``d <= 3 tol``, so a sum of such factors
+    stays within ``3 tol`` of the mean's; in float32 (``tol = 1e-4``) that is within
+    :data:`SHARE_MARGIN`, in bfloat16 (``0.125``) not (found by review: bfloat16
+    smoothing over 2 micro-batches was refused as a share)."""
     rows, single, least_p, most_p, low, high = figures
+    if 3 * tol >= SHARE_MARGIN:  # half precision: smoothing may read as a factor
+        return None
     if single != rows or not math.isfinite(low) or most_p < SPREAD * least_p:
         return None
-    if high - low > tol * high:
-        return None
-    return 1.0 if abs(1 - high) <= 3 * tol else high
+    return high if high - low <= tol * high else None
 
 
 class Passes:
@@ -196,12 +200,14 @@ class Passes:
         # recorded output, and its version (:meth:`watch_grads`)
         self._held: dict[int, tuple[weakref.ref, int]] = {}
         self._passes: deque[_Pass] = deque(maxlen=MAX_PASSES)
-        # (whether every .grad was zero, per device; the passes differentiated then) at a
-        # pass's start
-        self._zeroings: deque[tuple[list[Tensor], list[_Pass]]] = deque(maxlen=MAX_PASSES)
-        # the zeroings' flags at the starts of passes before which a .grad had changed
-        # since the last backward pass (a change that leaves every .grad zero is a zeroing)
-        self._edits: deque[list[Tensor]] = deque(maxlen=MAX_PASSES)
+        # (whether every .grad was zero, per device; the passes differentiated then; whether
+        # a .grad changed since the last backward pass) at a pass's start
+        self._zeroings: deque[tuple[list[Tensor], list[_Pass], bool]] = deque(maxlen=MAX_PASSES)
+        # a .grad changed between two backward passes, and not zeroed since (read with the
+        # zeroings' flags: a change that leaves every .grad zero is a zeroing)
+        self._edited = False
+        # more passes than MAX_PASSES since the last step: the first ones are not kept
+        self._truncated = False
 
     def forward_starts(self, model: nn.Module) -> None:
         """Before a forward pass: the passes already differentiated contributed nothing
@@ -213,14 +219,13 @@ class Passes:
         params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
         if not params:
             self._drop(done)
+            self._edited = False
             return
         by_device: dict[torch.device, list[Tensor]] = {}
         for p in params:
             by_device.setdefault(p.grad.device, []).append(p.grad)
         zero = [torch.stack(torch._foreach_norm(gs)).eq(0).all() for gs in by_device.values()]
-        self._zeroings.append((zero, done))
-        if self._changed(params):
-            self._edits.append(zero)
+        self._zeroings.append((zero, done, bool(self._changed(params))))
 
     def _drop(self, done: list[_Pass]) -> None:
         gone = {id(r) for r in done}
@@ -243,6 +248,7 @@ class Passes:
         first = outputs[0] if outputs else None
         shape = tuple(first.shape) if first is not None and first.dim() else (0,)
         record = _Pass(shape, differentiated)
+        self._truncated |= len(self._passes) == MAX_PASSES
         if (
             mean_ce
             and len(outputs) == 1
@@ -261,11 +267,11 @@ class Passes:
         those changed since (found by a hunt: a clip of each rank's own gradient before
         ``pre.step()`` was taken as its shard's gradient, 0.19-0.37 off)."""
 
-        def note() -> None:
+        def note() -> None:  # (None: no .grad then, one written since is a change too)
             self._held = {
-                id(p): (weakref.ref(p.grad), p.grad._version)
+                id(p): None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
                 for p in model.parameters()
-                if p.grad is not None
+                if p.requires_grad
             }
 
         z.register_hook(lambda g: Variable._execution_engine.queue_callback(note))
@@ -279,7 +285,11 @@ class Passes:
             for i, p in enumerate(params)
             if p.grad is not None
             and id(p) in held
-            and (held[id(p)][0]() is not p.grad or held[id(p)][1] != p.grad._version)
+            and (
+                held[id(p)] is None
+                or held[id(p)][0]() is not p.grad
+                or held[id(p)][1] != p.grad._version
+            )
         ]
 
     def check_grads_kept(self, named: list[tuple[str, Tensor]]) -> None:
@@ -287,12 +297,8 @@ class Passes:
         model's outputs, or between two such passes where it did not leave every ``.grad``
         zero (one host read for the flags)."""
         changed = [named[i][0] for i in self._changed([p for _, p in named])]
-        edits = (
-            torch.stack([f.cpu() for zero in self._edits for f in zero]).tolist()
-            if self._edits
-            else []
-        )
-        if changed or not all(edits):
+        self._differentiated()  # (reads the zeroings: an edit zeroed since is none)
+        if changed or self._edited:
             when = (
                 f"of {_some(changed)} changed after the backward pass"
                 if changed
@@ -300,19 +306,21 @@ class Passes:
             )
             raise ValueError(
                 f"the .grad {when} (a clip of this rank's own gradient, a weight decay or "
-                "a scale added to it?): pre.step() with a process_group combines the "
+                "a scale added to it, a regulariser's own backward pass, a .grad written "
+                "by hand?): pre.step() with a process_group combines the "
                 "ranks' .grad as the gradients of each shard's mean loss, so a change to one "
                 "rank's .grad acts on its shard's gradient, not on the global batch's (each "
                 "rank's clip scales its own part). Call pre.step() right after "
                 "loss.backward() and clip or decay the direction it writes (or use the "
-                "optimizer's weight_decay), or wrap the model in DistributedDataParallel "
-                "(its .grad are averaged before your change)"
+                "optimizer's weight_decay; add a regulariser into the loss), or wrap the "
+                "model in DistributedDataParallel (its .grad are averaged before your "
+                "change)"
             )
 
     def clear(self) -> None:
         """A step used them."""
         self._held = {}
-        self._edits.clear()
+        self._edited = self._truncated = False
         self._passes.clear()
         self._zeroings.clear()
 
@@ -320,11 +328,14 @@ class Passes:
         """The passes whose gradients ``.grad`` holds: differentiated, and not zeroed
         since (one host read for the zeroings' flags)."""
         if self._zeroings:
-            flags = torch.stack([f.cpu() for zero, _ in self._zeroings for f in zero]).tolist()
-            for zero, done in self._zeroings:
+            flags = torch.stack([f.cpu() for zero, *_ in self._zeroings for f in zero]).tolist()
+            for zero, done, edited in self._zeroings:
                 mine, flags = flags[: len(zero)], flags[len(zero) :]
                 if all(mine):
                     self._drop(done)
+                    self._edited = False
+                elif edited:
+                    self._edited = True
             self._zeroings.clear()
         return [r for r in self._passes if r.differentiated.seen]
 
@@ -358,7 +369,7 @@ class Passes:
                 )
         # each backward pass's c where it reads c times the mean's gradient (hard targets)
         cs = [hard_scale(f, tolerance(r.dtype)) for r, s in zip(watched, scales) for f in s]
-        if cs and None not in cs and sum(cs) < 1 - SHARE_MARGIN:
+        if cs and None not in cs and not self._truncated and sum(cs) < 1 - SHARE_MARGIN:
             raise ValueError(
                 f"this rank's .grad holds {sum(cs):.3g} times the gradient of the mean "
                 f"cross-entropy over its shard ({len(cs)} backward pass(es) through the "

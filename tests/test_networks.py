@@ -2556,23 +2556,25 @@ def test_a_backward_hook_in_a_checkpointed_segment():
 
 
 class CheckpointedDropout(Checkpointed):
-    """A dropout inside the checkpointed segment."""
+    """A dropout inside the checkpointed segment (``classes`` outputs)."""
 
-    def __init__(self):
+    def __init__(self, classes: int = 3):
         super().__init__()
-        self.drop = nn.Dropout(0.4)
+        self.drop, self.c = nn.Dropout(0.4), nn.Linear(6, classes)
 
     def block(self, h):
         return torch.tanh(self.drop(self.b(h)))
 
 
-def test_a_dropout_in_a_checkpointed_segment_is_refused_naming_it():
+@pytest.mark.parametrize("classes", [3, 10])
+def test_a_dropout_in_a_checkpointed_segment_is_refused_naming_it(classes):
     """Found by a hunt: a dropout inside a non-reentrant checkpoint, in training mode, was
     refused blaming a gradient hook or ``.item()`` (the batched backward runs the segment's
     forward pass again, where torch cannot draw random numbers). Now the message names the
-    checkpointed random module and the fixes; ``.grad`` stays as it was."""
+    checkpointed random module and the fixes, with either of torch's errors (found by
+    review: another with 4 classes or more); ``.grad`` stays as it was."""
     torch.manual_seed(0)
-    model = CheckpointedDropout().double()
+    model = CheckpointedDropout(classes).double()
     x, y = torch.randn(8, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
     F.cross_entropy(model(x), y).backward()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import io
@@ -1271,32 +1272,36 @@ def test_what_a_replay_that_differs_names_is_found_only_on_refusal(monkeypatch):
 
 class FrozenAfterWarmUp(nn.Module):
     """A backbone frozen after ``warm_up`` forward passes by a counter in ``forward`` (its
-    output detached: the same values either way); ``frozen`` fixes the path instead."""
+    output detached, or computed under ``torch.no_grad()``: the same values either way);
+    ``frozen`` fixes the path instead."""
 
-    def __init__(self, warm_up: int):
+    def __init__(self, warm_up: int, how: str = "detach"):
         super().__init__()
         self.a, self.b, self.c = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 3)
-        self.warm_up, self.passes, self.frozen = warm_up, 0, None
+        self.warm_up, self.passes, self.frozen, self.how = warm_up, 0, None, how
 
     def forward(self, x):
-        h = torch.tanh(self.a(x))
         frozen = self.passes >= self.warm_up if self.frozen is None else self.frozen
         self.passes += 1
+        with torch.no_grad() if frozen and self.how == "no_grad" else contextlib.nullcontext():
+            h = torch.tanh(self.a(x))
         return self.c(torch.tanh(self.b(h.detach() if frozen else h)))
 
 
+@pytest.mark.parametrize("how", ["detach", "no_grad"])
 @pytest.mark.parametrize("method", ["layerwise", "natural"])
 @pytest.mark.parametrize("call", ["step", "backward"])
-def test_a_replay_on_another_path_with_the_same_output_is_refused(method, call):
+def test_a_replay_on_another_path_with_the_same_output_is_refused(method, call, how):
     """Found by a hunt: a counter that freezes a backbone after warm-up (``h.detach()``)
     took the frozen path in the replay (pre.step(), and pre.backward on its first call),
     whose output has the same values, so the metric was the frozen network's, 1.6-2.5 off
-    with no error. The replay's output must depend on every module the recorded one did:
-    refused, ``.grad`` as it was; on the recorded path throughout, the direction is the
-    oracle's, frozen or not."""
+    with no error; so did one run under ``torch.no_grad()`` (found by review: 6 off). The
+    replay's output must depend on every module the recorded one did: refused, ``.grad``
+    as it was; on the recorded path throughout, the direction is the oracle's, frozen or
+    not."""
     torch.manual_seed(0)
     x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
-    model = FrozenAfterWarmUp(warm_up=1).double()
+    model = FrozenAfterWarmUp(warm_up=1, how=how).double()
     pre = rc.RiemannianPreconditioner(model, method=method, damping=1e-2)
     loss = F.cross_entropy(model(x), y)
     if call == "step":

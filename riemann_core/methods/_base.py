@@ -456,7 +456,7 @@ def _build_problem(
     if replay is not None:  # read with the data's checks, before what a wrong path breaks
         replay.check(outputs, checks)
         if replay.reached and torch.is_tensor(outputs):
-            replay.check_reach(coupling.reach(outputs, calls)[0], calls)
+            replay.check_reach(coupling.reach(outputs, calls)[1], calls)
     return problem_from_graph(
         model,
         outputs,
