@@ -219,7 +219,7 @@ class Passes:
         params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
         if not params:
             self._drop(done)
-            self._edited = False
+            self._edited = self._truncated = False
             return
         by_device: dict[torch.device, list[Tensor]] = {}
         for p in params:
@@ -333,7 +333,7 @@ class Passes:
                 mine, flags = flags[: len(zero)], flags[len(zero) :]
                 if all(mine):
                     self._drop(done)
-                    self._edited = False
+                    self._edited = self._truncated = False
                 elif edited:
                     self._edited = True
             self._zeroings.clear()

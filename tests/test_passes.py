@@ -221,3 +221,8 @@ def test_the_share_is_not_read_where_it_cannot_be_told(monkeypatch):
         else:
             record.check_mean()
         model.zero_grad()
+        if K == 6:  # a zeroing drops the passes: the next ones are read again
+            _watched_pass(record, model, x, y, factor=0.5)
+            with pytest.raises(ValueError, match="0.5 times the gradient of the mean"):
+                record.check_mean()
+            model.zero_grad()
