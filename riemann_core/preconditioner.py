@@ -939,6 +939,7 @@ class RiemannianPreconditioner:
                 if name in with_grad:
                     _check_grad(name, p.grad, p.dtype, checks)
             self._check_not_preconditioned(with_grad)
+            _check_not_written_by_another(self, with_grad)
             if (
                 self._passes is not None
                 and torch.distributed.get_world_size(self.process_group) > 1
@@ -1004,6 +1005,7 @@ class RiemannianPreconditioner:
         ``.data``, which leave the version as it was."""
         grads = [p.grad for name, p in params if name in directions]
         prints = _fingerprints(grads)
+        _note_writer(self, grads)
         self._preconditioned = True
         self._written = [
             _Written(weakref.ref(g), g._version, fingerprint, _sampled(g))
@@ -1257,17 +1259,19 @@ def _shared(calls) -> bool:
 
 def _walk_loss_graph(loss: Tensor, names: dict[int, str]) -> tuple[list[Tensor], set[str], bool]:
     """``(foreign, reached, compiled)``: the leaves ``loss`` reaches that are not the
-    preconditioned parameters (``names``: ``{id(p): name}``), the names of those it
-    reaches (the ``.grad`` that ``loss.backward()`` would write), and whether its graph
-    holds the backward of a compiled forward (``torch.compile``). Every node once: about
-    1 us each."""
+    preconditioned parameters (``names``: ``{id(p): name}``) and require a gradient (one
+    frozen since the forward pass gets none from ``loss.backward()`` either: found by a
+    hunt, torch's error where it was differentiated), the names of those it reaches (the
+    ``.grad`` that ``loss.backward()`` would write), and whether its graph holds the
+    backward of a compiled forward (``torch.compile``). Every node once: about 1 us
+    each."""
     foreign, reached, compiled = [], set(), False
     for node in autograd_nodes([loss.grad_fn]):
         variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf's gradient
         if variable is not None:
             if id(variable) in names:
                 reached.add(names[id(variable)])
-            else:
+            elif variable.requires_grad:
                 foreign.append(variable)
         compiled = compiled or type(node).__name__ == "CompiledFunctionBackward"
     return foreign, reached, compiled
@@ -1544,6 +1548,41 @@ class _Written(NamedTuple):
     version: int
     fingerprint: Tensor  # (:func:`_fingerprints`)
     sampled: bool  # the fingerprint read some of its entries, not all
+
+
+#: ``{id(.grad): (the preconditioner that wrote a direction into it, the version it
+#: wrote, the .grad)}``, both weakly, for every preconditioner's ``step`` to read: one does
+#: not see what another wrote (found by a hunt: two on the same parameters, or one on the
+#: model and one on its head, stepped one after the other gave ``G^{-2} g``, 180-420 off).
+_WRITERS: dict[int, tuple[weakref.ref, int, weakref.ref]] = {}
+
+
+def _note_writer(writer: RiemannianPreconditioner, grads: list[Tensor]) -> None:
+    for key in [k for k, (_, _, grad) in _WRITERS.items() if grad() is None]:
+        del _WRITERS[key]  # (the .grad freed: its id may be another tensor's)
+    _WRITERS.update({id(g): (weakref.ref(writer), g._version, weakref.ref(g)) for g in grads})
+
+
+def _check_not_written_by_another(reader: RiemannianPreconditioner, grads: dict) -> None:
+    """Refuse ``.grad`` that hold a direction another preconditioner wrote, as it wrote it
+    or changed once since (a clip; a backward pass added, as :meth:`_check_not_preconditioned`
+    refuses of its own)."""
+    others = [
+        n
+        for n, g in grads.items()
+        if (w := _WRITERS.get(id(g))) is not None
+        and w[0]() is not reader
+        and w[2]() is g
+        and g._version - w[1] in (0, 1)
+    ]
+    if others:
+        raise RuntimeError(
+            f"the .grad of {others[:3]}{' ...' if len(others) > 3 else ''} hold the direction "
+            "another RiemannianPreconditioner wrote (two preconditioners on the same "
+            "parameters, or one on the model and one on a submodule), and this one would "
+            "precondition it again, G^{-2} g: use one preconditioner per parameter (remove "
+            "the other, other.remove(), or build them on disjoint submodules)"
+        )
 
 
 #: A written ``.grad``'s fingerprint reads about this many runs of this many consecutive

@@ -284,6 +284,37 @@ def test_backward_adds_to_existing_grads_and_skips_unreached_parameters():
         torch.testing.assert_close(p.grad, 1 + expected[name], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", EXACT)
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_parameter_frozen_after_the_forward_pass_gets_no_direction(method, warm):
+    """Found by a hunt: a layer frozen between the forward pass and ``pre.backward(loss)``
+    (gradual unfreezing) raised torch's "One of the differentiated Tensors does not require
+    grad". Like ``loss.backward()``, which gives it no ``.grad``: the others get the
+    directions ``pre.step()`` gives them."""
+    net, x, y = Problem(depth=3).make()
+    pre = rc.RiemannianPreconditioner(net, method=method, damping=DAMPING)
+    if warm:
+        pre.backward(F.cross_entropy(net(x), y))
+        net.zero_grad(set_to_none=True)
+    directions = {}
+    for call in ("backward", "step"):
+        net[0].requires_grad_(True)
+        net.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(x), y)
+        net[0].requires_grad_(False)
+        if call == "backward":
+            pre.backward(loss)
+        else:
+            loss.backward()
+            pre.step()
+        assert net[0].weight.grad is None and net[0].bias.grad is None
+        directions[call] = {
+            n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None
+        }
+    for name, d in directions["step"].items():
+        torch.testing.assert_close(directions["backward"][name], d, rtol=1e-10, atol=1e-12)
+
+
 class WithAuxiliary(nn.Module):
     """A network and an auxiliary head on its hidden layer, called in forward, whose
     output the loss may leave out (``aux_out``)."""

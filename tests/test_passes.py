@@ -226,3 +226,42 @@ def test_the_share_is_not_read_where_it_cannot_be_told(monkeypatch):
             with pytest.raises(ValueError, match="0.5 times the gradient of the mean"):
                 record.check_mean()
             model.zero_grad()
+
+
+def test_evaluations_pushed_out_leave_the_share_read(monkeypatch):
+    """Found by review: forward passes with gradients enabled and no backward (an
+    evaluation loop), pushed out past :data:`MAX_PASSES`, turned the share's check off
+    for the next step (0.5 off with no error). Only a pass a gradient came back through
+    counts."""
+    monkeypatch.setattr(passes, "MAX_PASSES", 4)
+    torch.manual_seed(0)
+    model, x, y = torch.nn.Linear(4, 3), torch.randn(6, 4), torch.randint(0, 3, (6,))
+    record = Passes()
+    record._passes = deque(maxlen=4)
+    for _ in range(6):  # evaluations
+        record.forward_starts(model)
+        out = model(x)
+        record.forward_ends([out], Differentiated([out]), mean_ce=True, grads_of=model)
+    _watched_pass(record, model, x, y, factor=0.5)
+    with pytest.raises(ValueError, match="0.5 times the gradient of the mean"):
+        record.check_mean()
+
+
+def test_zeros_filled_in_for_an_unused_layer_are_its_gradient():
+    """Found by review: ``p.grad = torch.zeros_like(p)`` for a layer no pass used (as some
+    loops do before stepping) was refused as a change; it is the gradient of every rank.
+    Anything else written there is a change."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"used": torch.nn.Linear(4, 3), "unused": torch.nn.Linear(4, 3)})
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    record = Passes()
+    out = model["used"](x)
+    record.forward_ends([out], Differentiated([out]), mean_ce=True, grads_of=model)
+    F.cross_entropy(out, y).backward()
+    for p in model["unused"].parameters():
+        p.grad = torch.zeros_like(p)
+    named = list(model.named_parameters())
+    record.check_grads_kept(named)
+    model["unused"].bias.grad[0] = 1.0
+    with pytest.raises(ValueError, match="'unused.bias' changed after the backward pass"):
+        record.check_grads_kept(named)

@@ -1270,6 +1270,31 @@ def test_what_a_replay_that_differs_names_is_found_only_on_refusal(monkeypatch):
     assert looked == [1]
 
 
+@pytest.mark.parametrize("second", ["same model", "its head"])
+@pytest.mark.parametrize("first_call", ["step", "backward"])
+def test_a_direction_another_preconditioner_wrote_is_not_preconditioned_again(second, first_call):
+    """Found by a hunt: a second preconditioner on the same parameters (or one on the
+    model's head) stepped after the first preconditioned its direction again, ``G^{-2}
+    g``, 180-420 off with no error: each checked only what it wrote itself. Refused,
+    ``.grad`` as the first wrote it; after the next backward pass the second steps."""
+    model, x, y = Problem(depth=2).make()
+    first = rc.RiemannianPreconditioner(model, damping=1e-2)
+    other = rc.RiemannianPreconditioner(model if second == "same model" else model[-1])
+    loss = F.cross_entropy(model(x), y)
+    if first_call == "step":
+        loss.backward()
+        first.step()
+    else:
+        first.backward(loss)
+    written = {n: p.grad.clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="another RiemannianPreconditioner wrote"):
+        other.step()
+    assert all(torch.equal(p.grad, written[n]) for n, p in model.named_parameters())
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    other.step()
+
+
 class FrozenAfterWarmUp(nn.Module):
     """A backbone frozen after ``warm_up`` forward passes by a counter in ``forward`` (its
     output detached, or computed under ``torch.no_grad()``: the same values either way);
