@@ -1566,14 +1566,18 @@ def _note_writer(writer: RiemannianPreconditioner, grads: list[Tensor]) -> None:
 def _check_not_written_by_another(reader: RiemannianPreconditioner, grads: dict) -> None:
     """Refuse ``.grad`` that hold a direction another preconditioner wrote, as it wrote it
     or changed once since (a clip; a backward pass added, as :meth:`_check_not_preconditioned`
-    refuses of its own)."""
+    refuses of its own), and not zero (zeros preconditioned again are the same zeros: a
+    host sync, on suspicion only). Of DistributedDataParallel's bucket views, whose shared
+    version moves once a backward pass (found by review: a fresh gradient refused), only
+    as written."""
     others = [
         n
         for n, g in grads.items()
         if (w := _WRITERS.get(id(g))) is not None
         and w[0]() is not reader
         and w[2]() is g
-        and g._version - w[1] in (0, 1)
+        and g._version - w[1] in ((0,) if g._is_view() else (0, 1))
+        and bool(g.any())
     ]
     if others:
         raise RuntimeError(
@@ -1581,7 +1585,9 @@ def _check_not_written_by_another(reader: RiemannianPreconditioner, grads: dict)
             "another RiemannianPreconditioner wrote (two preconditioners on the same "
             "parameters, or one on the model and one on a submodule), and this one would "
             "precondition it again, G^{-2} g: use one preconditioner per parameter (remove "
-            "the other, other.remove(), or build them on disjoint submodules)"
+            "the other, other.remove(), or build them on disjoint submodules); to compare "
+            "two on one gradient, give the second a new tensor (p.grad = g.clone(): one "
+            "written back in place, p.grad.copy_(g), counts as the direction changed once)"
         )
 
 

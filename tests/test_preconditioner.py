@@ -1290,6 +1290,9 @@ def test_a_direction_another_preconditioner_wrote_is_not_preconditioned_again(se
     with pytest.raises(RuntimeError, match="another RiemannianPreconditioner wrote"):
         other.step()
     assert all(torch.equal(p.grad, written[n]) for n, p in model.named_parameters())
+    model.zero_grad(set_to_none=False)  # zeros preconditioned again: the same zeros (found
+    other.step()  # by review: refused, a block the loss did not reach held them)
+    assert all(not p.grad.any() for p in model.parameters())
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
     other.step()
