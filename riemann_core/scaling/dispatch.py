@@ -471,14 +471,28 @@ class DaskRunner:
         finally:
             self.client.cancel(list(flying))
 
-    def everywhere(self, task: Callable[[str], list], devices: Sequence[str]) -> list:
+    def everywhere(self, task: Callable[[str], list], devices: Sequence[str], lost: str) -> list:
         """``task(device)`` on every worker that offers the resource, for each kind of
         device in ``devices``, holding all the worker's devices (no point runs beside it);
         the results' items. A worker that dies or fails meanwhile is left out, with a
-        warning (its address goes with it, so a task pinned to it would wait forever)."""
+        warning that says so and what it means (``lost``; its address goes with it, so a
+        task pinned to it would wait forever). Where no worker offers the resource (one
+        restarting after a death), it waits ``patience`` seconds for one, then warns (found
+        by a hunt: the end-of-sweep rates and the lines' timing again were skipped
+        silently while a killed worker restarted)."""
+        offering, since = _offering(self.client), time.monotonic()
+        while not offering and time.monotonic() - since < self.patience:
+            time.sleep(CHECK_EVERY)
+            offering = _offering(self.client)
+        if not offering:
+            warnings.warn(
+                f"no worker offered the {RESOURCE!r} resource for {self.patience:g} s, so {lost}",
+                stacklevel=2,
+            )
+            return []
         pending: dict[Future, str] = {}
         done: queue.SimpleQueue[Future] = queue.SimpleQueue()
-        for address, count in _offering(self.client).items():
+        for address, count in offering.items():
             for device in dict.fromkeys(devices):
                 future = self.client.submit(
                     task,
@@ -490,7 +504,7 @@ class DaskRunner:
                 )
                 pending[future] = address
                 future.add_done_callback(done.put)
-        items, lost = [], []
+        items, left_out = [], []
         try:
             while pending:
                 try:
@@ -499,7 +513,7 @@ class DaskRunner:
                     alive = self.client.scheduler_info(n_workers=-1)["workers"]
                     gone = [f for f, address in pending.items() if address not in alive]
                     self.client.cancel(gone)
-                    lost += [f"{pending.pop(f)}: it left the cluster" for f in gone]
+                    left_out += [f"{pending.pop(f)}: it left the cluster" for f in gone]
                     continue
                 address = pending.pop(future, None)
                 if address is None:  # cancelled above
@@ -507,17 +521,13 @@ class DaskRunner:
                 outcome = _outcome(future)
                 future.release()
                 if isinstance(outcome, PointLost):
-                    lost.append(f"{address}: {outcome.reason}")
+                    left_out.append(f"{address}: {outcome.reason}")
                 else:
                     items += outcome
         finally:
             self.client.cancel(list(pending))
-        if lost:
-            warnings.warn(
-                "no device rates from " + "; ".join(lost) + ": the speed of light and the "
-                "time model of its points use the rates measured at the other times",
-                stacklevel=2,
-            )
+        if left_out:
+            warnings.warn(f"{'; '.join(left_out)}, so {lost}", stacklevel=2)
         return items
 
 

@@ -1234,8 +1234,9 @@ class Runner(Protocol):
     """Runs ``task(run)`` for every run and yields ``(run, result)`` as each completes, or
     ``(run, PointLost(reason))``; :meth:`everywhere` runs ``task(device)`` once on every
     device that measures points, for each kind of device in ``devices``, and returns the
-    results' items. ``placed``: a point runs on a device the runner chooses, of the kind
-    the grid names (see :mod:`riemann_core.scaling.worker`)."""
+    results' items (``lost``: what a device left out means, for the warning that names it).
+    ``placed``: a point runs on a device the runner chooses, of the kind the grid names
+    (see :mod:`riemann_core.scaling.worker`)."""
 
     placed: bool
 
@@ -1243,7 +1244,9 @@ class Runner(Protocol):
         self, task: Callable[[dict], object], runs: Sequence[dict]
     ) -> Iterator[tuple[dict, object]]: ...
 
-    def everywhere(self, task: Callable[[str], list], devices: Sequence[str]) -> list: ...
+    def everywhere(
+        self, task: Callable[[str], list], devices: Sequence[str], lost: str
+    ) -> list: ...
 
 
 class InProcess:
@@ -1258,7 +1261,7 @@ class InProcess:
         for run in runs:
             yield run, task(run)
 
-    def everywhere(self, task: Callable[[str], list], devices: Sequence[str]) -> list:
+    def everywhere(self, task: Callable[[str], list], devices: Sequence[str], lost: str) -> list:
         return [item for device in dict.fromkeys(devices) for item in task(device)]
 
 
@@ -1419,7 +1422,12 @@ def _sweep(
             here = functools.partial(
                 rates_here, rates, dtypes=grid.dtypes, session=session, placed=runner.placed
             )
-            for measured_here in runner.everywhere(here, grid.devices):
+            at = {"start": "before the points", "grid": "after the grid", "end": "at the end"}
+            lost = (
+                f"no device rates {at.get(when, when)}: the speed of light and the time model "
+                "of its points use the rates measured at the other times"
+            )
+            for measured_here in runner.everywhere(here, grid.devices, lost):
                 check_timed_alike(devices, measured_here)
                 add_device(devices, measured_here, when)
         save_record()
@@ -1519,7 +1527,11 @@ def interleave_lines(
         placed=runner.placed,
     )
     timed: dict[tuple[str, ...], dict] = {}
-    for row in sorted(runner.everywhere(task, grid.devices), key=lambda r: r["worker"]):
+    lost = (
+        "its lines not timed again: they keep the times of their own measurements "
+        "(rerun the sweep to time them again)"
+    )
+    for row in sorted(runner.everywhere(task, grid.devices, lost), key=lambda r: r["worker"]):
         timed.setdefault(key_of(row), row)
     axis = {key_of(run): a for a, line in todo for run in line}
     failed = {

@@ -159,7 +159,20 @@ def device_record(device: torch.device, session: str) -> dict:
 
 def physical_device(device: torch.device) -> str:
     """``device`` as its host numbers it: ``cuda:N`` through ``CUDA_VISIBLE_DEVICES``
-    (or the GPU's UUID where that lists UUIDs); ``cpu`` for the host."""
+    (or the GPU's UUID where that lists UUIDs); ``cpu`` for the host, ``cpu:0-3,8`` for
+    the cores a worker pinned to some of them may run on (found by a hunt: two workers
+    pinned to one core each were recorded, and reported, as one)."""
+    if device.type == "cpu":
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        if not cores or len(cores) >= _host_cores():
+            return "cpu"
+        runs = [[cores[0], cores[0]]]
+        for c in cores[1:]:
+            if c == runs[-1][1] + 1:
+                runs[-1][1] = c
+            else:
+                runs.append([c, c])
+        return "cpu:" + ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
     if device.type != "cuda":
         return device.type
     index = torch.cuda.current_device() if device.index is None else device.index
@@ -168,6 +181,14 @@ def physical_device(device: torch.device) -> str:
         return f"cuda:{index}"
     entry = [v.strip() for v in visible.split(",")][index]
     return f"cuda:{entry}" if entry.isdigit() else entry
+
+
+def _host_cores() -> int:
+    """The CPUs this host (or container: its first process's) runs processes on."""
+    try:
+        return len(os.sched_getaffinity(1))
+    except OSError:  # (no such process visible, or not allowed)
+        return os.cpu_count() or 1
 
 
 def context_usable(device: torch.device) -> bool:

@@ -497,10 +497,22 @@ def test_rates_of_a_worker_that_dies_are_left_out_with_a_warning(two_devices, tm
         placed=True,
     )
     start = time.monotonic()
-    with pytest.warns(UserWarning, match="no device rates from"):
-        measured = runner.everywhere(task, ["cpu"])
+    with pytest.warns(UserWarning, match="died.*, so no device rates at the end"):
+        measured = runner.everywhere(task, ["cpu"], "no device rates at the end")
     assert len(measured) == 1 and measured[0]["rates"]["products"] == [1e9]
     assert time.monotonic() - start < 60  # no wait for a task pinned to a dead worker
+
+
+def test_a_task_everywhere_waits_for_a_worker_then_warns(monkeypatch):
+    """Found by a hunt: while a killed worker restarted no worker offered the resource, and
+    the end-of-sweep rates (or the lines' timing again) were skipped without a word. Now
+    it waits for one ``patience`` seconds, then warns, naming what that leaves out."""
+    offers = iter([{}, {}, {}])
+    monkeypatch.setattr(dispatch, "_offering", lambda client: next(offers, {}))
+    monkeypatch.setattr(dispatch, "CHECK_EVERY", 0.01)
+    runner = dispatch.DaskRunner(client=None, patience=0.05)
+    with pytest.warns(UserWarning, match="offered the 'device' resource for 0.05 s, so its"):
+        assert runner.everywhere(lambda device: [device], ["cpu"], "its lines not timed") == []
 
 
 # -- a client killed midway ------------------------------------------------------------------

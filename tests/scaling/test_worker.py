@@ -1,5 +1,6 @@
 """Where a point is measured: the device a worker picks, the row's record of it."""
 
+import os
 import threading
 import time
 
@@ -162,3 +163,23 @@ def test_a_worker_whose_gpu_a_point_poisoned_exits_instead_of_failing_every_late
 
 def test_the_cpu_is_always_usable():
     assert worker.context_usable(torch.device("cpu"))
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs two cores to pin to",
+)
+def test_a_pinned_cpu_worker_names_its_cores():
+    """Found by a hunt: two workers pinned to one core each were recorded, and reported, as
+    one worker ``cpu``; one that may run on every core is still ``cpu``."""
+    allowed = os.sched_getaffinity(0)
+    cores = sorted(allowed)
+    try:
+        os.sched_setaffinity(0, {cores[-1]})
+        assert worker.physical_device(torch.device("cpu")) == f"cpu:{cores[-1]}"
+        if len(cores) > 2 and cores[1] == cores[0] + 1:
+            os.sched_setaffinity(0, set(cores[:2]))
+            assert worker.physical_device(torch.device("cpu")) == f"cpu:{cores[0]}-{cores[1]}"
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert worker.physical_device(torch.device("cpu")) == "cpu"  # (as the host's first process)
