@@ -1592,14 +1592,15 @@ def check_timed_alike(devices: dict[str, dict], record: dict) -> None:
     changed = sorted(
         k for k in old.keys() & new.keys() - set(UNTIMED_ENVIRONMENT) if old[k] != new[k]
     )
-    if changed:
+    if changed:  # (found by a hunt: "resuming" said of a cluster's two workers, no resume)
         raise ValueError(
             f"the sweep's points on {record['device_name']} were timed with "
             + ", ".join(f"{k} {old[k]!r}" for k in changed)
             + "; here "
             + ", ".join(f"{k} {new[k]!r}" for k in changed)
-            + ": resuming would mix their times in one set of fits. Measure with the same "
-            "settings (OMP_NUM_THREADS, torch, the allocator's policy), or pass another --out"
+            + " (a sweep resumed in another setting, or a worker unlike the others): their "
+            "times would mix in one set of fits. Measure with the same settings on every "
+            "worker (OMP_NUM_THREADS, torch, the allocator's policy), or pass another --out"
         )
 
 
