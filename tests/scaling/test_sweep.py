@@ -18,7 +18,7 @@ import torch
 from synthetic import known_time_row
 
 from riemann_core import costs
-from riemann_core.measure import public_kfac
+from riemann_core.measure import allocator, public_kfac
 from riemann_core.measure.flops import KINDS
 from riemann_core.measure.problems import widths
 from riemann_core.measure.timing import RATE_KINDS, Timing, device_rates
@@ -173,7 +173,12 @@ def test_killed_sweep_resumes_without_losing_or_duplicating_points(tmp_path):
         sw.measure_point = slow
         sw.sweep(sw.Grid(**{TINY!r}), Path({str(tmp_path)!r}), progress=False)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    # the child's malloc policy as this process's, whatever an earlier test's cluster left
+    # in os.environ (a dask nanny sets it for its workers: the resume was refused as timed
+    # in another setting where test_dispatch ran first)
+    env = {k: v for k, v in os.environ.items() if k not in allocator.KEEP}
+    env |= allocator.KEEP if allocator.policy() == "keep freed" else {}
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, env=env)
     path = tmp_path / "results.csv"
     deadline = time.time() + 120
     while time.time() < deadline and not (path.exists() and len(rows_of(path)) >= 3):
