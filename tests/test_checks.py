@@ -765,6 +765,16 @@ def test_a_damping_whose_inverse_float32_cannot_hold_is_an_overflowed_direction(
         assert all(p.grad is None for p in model.parameters())
 
 
+def test_an_overflowed_float64_direction_advises_the_damping_alone():
+    """Found by a hunt: a float64 solve (damping 5e-324) that overflowed advised passing
+    solve_dtype=torch.float64, which it already ran in."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(FloatingPointError, match="increase the damping$"):
+        rc.direction(model, x, y, damping=5e-324)
+
+
 @pytest.mark.parametrize(("damping", "message"), DAMPINGS_OUT_OF_FLOAT32)
 @pytest.mark.parametrize("method", ["layerwise", "natural", "full", "kfac"])
 def test_a_damping_the_models_dtype_cannot_hold_is_refused(method, damping, message):

@@ -453,19 +453,22 @@ def finish(
         else:
             finite_now = all_finite_x or _representable(s.x, model_dtype)
         # redone now, or factorised at an earlier step (K-FAC's cached blocks)
+        # (found by a hunt: float64 advised to a solve already in float64)
+        fix = "increase the damping" + (
+            "" if s.x and s.x[0].dtype == torch.float64 else " or pass solve_dtype=torch.float64"
+        )
         if s.jitter > opts.damping / 10:
             warnings.warn(
                 f"the Cholesky factorisation of the {s.what} needed a jitter of "
                 f"{s.jitter:.1e} on its diagonal, more than a tenth of the damping "
-                f"{opts.damping:g}: the direction is that of a larger damping. Increase the "
-                "damping or pass solve_dtype=torch.float64",
+                f"{opts.damping:g}: the direction is that of a larger damping. {fix[0].upper()}"
+                f"{fix[1:]}",
                 AccuracyWarning,
                 stacklevel=4,
             )
         if not finite_now:
             raise DirectionOverflow(
-                f"method={method!r} produced a non-finite direction for {s.name!r}; "
-                "increase the damping or pass solve_dtype=torch.float64"
+                f"method={method!r} produced a non-finite direction for {s.name!r}; {fix}"
             )
         if s.condition is not None:
             _check_residual(s, problem, opts, condition, residual, model_dtype, decisive)
