@@ -406,6 +406,7 @@ class DaskRunner:
         self.client = client
         self.queued = queued
         self.patience = patience
+        self._absent = False  # no worker offered the resource at the last everywhere()
 
     def __call__(
         self, task: Callable[[dict], object], runs: Sequence[dict]
@@ -481,12 +482,13 @@ class DaskRunner:
         by a hunt: the end-of-sweep rates and the lines' timing again were skipped
         silently while a killed worker restarted)."""
         offering, since = _offering(self.client), time.monotonic()
-        while not offering and time.monotonic() - since < self.patience:
+        while not offering and not self._absent and time.monotonic() - since < self.patience:
             time.sleep(CHECK_EVERY)
             offering = _offering(self.client)
+        self._absent = not offering  # (the next call does not wait again: found by review)
         if not offering:
             warnings.warn(
-                f"no worker offered the {RESOURCE!r} resource for {self.patience:g} s, so {lost}",
+                f"no worker offered the {RESOURCE!r} resource for {self.patience:g} s: {lost}",
                 stacklevel=2,
             )
             return []
@@ -526,8 +528,9 @@ class DaskRunner:
                     items += outcome
         finally:
             self.client.cancel(list(pending))
-        if left_out:
-            warnings.warn(f"{'; '.join(left_out)}, so {lost}", stacklevel=2)
+        if left_out:  # (found by review: the others' results stood, the warning said lost)
+            then = "left out; the other workers' results stand" if items else lost
+            warnings.warn(f"{'; '.join(left_out)}: {then}", stacklevel=2)
         return items
 
 

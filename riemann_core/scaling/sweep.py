@@ -1424,8 +1424,8 @@ def _sweep(
             )
             at = {"start": "before the points", "grid": "after the grid", "end": "at the end"}
             lost = (
-                f"no device rates {at.get(when, when)}: the speed of light and the time model "
-                "of its points use the rates measured at the other times"
+                f"no device rates were measured {at.get(when, when)}: the speed of light and "
+                "the time model use the rates measured at the other times"
             )
             for measured_here in runner.everywhere(here, grid.devices, lost):
                 check_timed_alike(devices, measured_here)
@@ -1528,7 +1528,7 @@ def interleave_lines(
     )
     timed: dict[tuple[str, ...], dict] = {}
     lost = (
-        "its lines not timed again: they keep the times of their own measurements "
+        "the lines were not timed again: they keep the times of their own measurements "
         "(rerun the sweep to time them again)"
     )
     for row in sorted(runner.everywhere(task, grid.devices, lost), key=lambda r: r["worker"]):
@@ -1600,7 +1600,8 @@ def check_timed_alike(devices: dict[str, dict], record: dict) -> None:
             + ", ".join(f"{k} {new[k]!r}" for k in changed)
             + " (a sweep resumed in another setting, or a worker unlike the others): their "
             "times would mix in one set of fits. Measure with the same settings on every "
-            "worker (OMP_NUM_THREADS, torch, the allocator's policy), or pass another --out"
+            "worker (OMP_NUM_THREADS, or --workers and --threads-per-worker for a local "
+            "cluster; torch; the allocator's policy), or pass another --out"
         )
 
 

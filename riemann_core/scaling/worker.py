@@ -160,11 +160,13 @@ def device_record(device: torch.device, session: str) -> dict:
 def physical_device(device: torch.device) -> str:
     """``device`` as its host numbers it: ``cuda:N`` through ``CUDA_VISIBLE_DEVICES``
     (or the GPU's UUID where that lists UUIDs); ``cpu`` for the host, ``cpu:0-3,8`` for
-    the cores a worker pinned to some of them may run on (found by a hunt: two workers
-    pinned to one core each were recorded, and reported, as one)."""
+    the cores a worker pinned to some of the host's may run on (found by a hunt: two
+    workers pinned to one core each were recorded, and reported, as one). (A container
+    limited to some cores names them too, and so does a thread OpenMP bound to one,
+    ``OMP_PROC_BIND``.)"""
     if device.type == "cpu":
         cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-        if not cores or len(cores) >= _host_cores():
+        if not cores or len(cores) >= (os.cpu_count() or 1):
             return "cpu"
         runs = [[cores[0], cores[0]]]
         for c in cores[1:]:
@@ -181,14 +183,6 @@ def physical_device(device: torch.device) -> str:
         return f"cuda:{index}"
     entry = [v.strip() for v in visible.split(",")][index]
     return f"cuda:{entry}" if entry.isdigit() else entry
-
-
-def _host_cores() -> int:
-    """The CPUs this host (or container: its first process's) runs processes on."""
-    try:
-        return len(os.sched_getaffinity(1))
-    except OSError:  # (no such process visible, or not allowed)
-        return os.cpu_count() or 1
 
 
 def context_usable(device: torch.device) -> bool:

@@ -28,7 +28,8 @@ def test_in_process_a_point_runs_on_the_device_named_and_keeps_its_key(fresh, mo
     for session in ("a", "a", "b"):
         row, record = worker.measure_here(echo, run, grid="G", session=session)
     assert row["ran_on"] == "cpu" and row["device"] == "cpu" and row["grid"] == "G"
-    assert row["physical_device"] == "cpu" and row["device_name"] == record["device_name"]
+    here = worker.physical_device(torch.device("cpu"))  # cpu (or a container's cores)
+    assert row["physical_device"] == here and row["device_name"] == record["device_name"]
     assert record["environment"] == {"e": 1}
     assert len(calls) == 2  # once per sweep session
 
@@ -65,7 +66,8 @@ def test_rates_are_measured_on_the_device_named_in_each_dtype(fresh):
         ("float64", [64.0]),
     ]
     assert {m["rates"]["on"] for m in measured} == {"cpu"}
-    assert all(m["physical_device"] == "cpu" and m["environment"] for m in measured)
+    here = worker.physical_device(torch.device("cpu"))
+    assert all(m["physical_device"] == here and m["environment"] for m in measured)
 
 
 def test_a_worker_measures_the_rates_of_every_gpu_it_owns(fresh, monkeypatch):
@@ -182,4 +184,5 @@ def test_a_pinned_cpu_worker_names_its_cores():
             assert worker.physical_device(torch.device("cpu")) == f"cpu:{cores[0]}-{cores[1]}"
     finally:
         os.sched_setaffinity(0, allowed)
-    assert worker.physical_device(torch.device("cpu")) == "cpu"  # (as the host's first process)
+    unpinned = "cpu" if len(allowed) == os.cpu_count() else None  # (a container: its cores)
+    assert unpinned is None or worker.physical_device(torch.device("cpu")) == unpinned
