@@ -1344,13 +1344,7 @@ def test_a_replay_on_another_path_with_the_same_output_is_refused(method, call, 
         assert all(p.grad is None for p in model.parameters())
     for frozen in (False, True):  # the path fixed: exact
         model.frozen = frozen
-        model.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        if call == "step":
-            loss.backward()
-            pre.step()
-        else:
-            pre.backward(loss)
+        preconditioned(pre, model, x, y, call)
         G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
         expected = oracle_direction(G, g, 1e-2, method, block_indices(model))
         got = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
