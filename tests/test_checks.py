@@ -3,8 +3,10 @@ the model's parameters and ``.grad`` exactly as they were."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -773,6 +775,21 @@ def test_an_overflowed_float64_direction_advises_the_damping_alone():
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
     with pytest.raises(FloatingPointError, match="increase the damping$"):
         rc.direction(model, x, y, damping=5e-324)
+
+
+def test_a_jittered_float32_factorisation_refined_in_float64_advises_float64():
+    """Found by review: refinement turns ``x`` float64, and the jitter warning of a float32
+    factorisation dropped its solve_dtype=torch.float64 advice (the factorisation's dtype
+    decides it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with contextlib.suppress(rc.SolveError):  # (too ill-conditioned to solve: refused)
+            rc.direction(model, x, y, damping=1e-10, refine=1)
+    jitter = [str(w.message) for w in caught if "jitter" in str(w.message)]
+    assert jitter and all(m.endswith("or pass solve_dtype=torch.float64") for m in jitter)
 
 
 @pytest.mark.parametrize(("damping", "message"), DAMPINGS_OUT_OF_FLOAT32)

@@ -453,9 +453,10 @@ def finish(
         else:
             finite_now = all_finite_x or _representable(s.x, model_dtype)
         # redone now, or factorised at an earlier step (K-FAC's cached blocks)
-        # (found by a hunt: float64 advised to a solve already in float64)
+        # (found by a hunt: float64 advised to a solve already in float64; by review: x
+        # refined in float64 is not a float64 factorisation)
         fix = "increase the damping" + (
-            "" if s.x and s.x[0].dtype == torch.float64 else " or pass solve_dtype=torch.float64"
+            "" if s.factor_dtype == torch.float64 else " or pass solve_dtype=torch.float64"
         )
         if s.jitter > opts.damping / 10:
             warnings.warn(

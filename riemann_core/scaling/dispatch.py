@@ -416,6 +416,7 @@ class DaskRunner:
         kills = [0] * len(runs)
         done: queue.SimpleQueue[Future] = queue.SimpleQueue()
         offering = _offering(self.client)  # address -> devices, of the live workers
+        self._absent = self._absent and not offering
         declared = dict(offering)  # of every worker seen, dead ones too
         sent = itertools.count()
         seen = checked = time.monotonic()
@@ -460,6 +461,7 @@ class DaskRunner:
                 now = time.monotonic()
                 if now - checked >= CHECK_EVERY:  # workers come and go
                     checked, offering = now, _offering(self.client)
+                    self._absent = self._absent and not offering  # (back: found by review)
                     declared.update(offering)
                     if offering:
                         seen = now
@@ -481,15 +483,16 @@ class DaskRunner:
         restarting after a death), it waits ``patience`` seconds for one, then warns (found
         by a hunt: the end-of-sweep rates and the lines' timing again were skipped
         silently while a killed worker restarted)."""
-        offering, since = _offering(self.client), time.monotonic()
-        while not offering and not self._absent and time.monotonic() - since < self.patience:
+        offering, since, waits = _offering(self.client), time.monotonic(), not self._absent
+        while not offering and waits and time.monotonic() - since < self.patience:
             time.sleep(CHECK_EVERY)
             offering = _offering(self.client)
-        self._absent = not offering  # (the next call does not wait again: found by review)
+        # none back after a wait: the next call does not wait again (found by review)
+        self._absent = not offering
         if not offering:
+            waited = f"for {self.patience:g} s" if waits else "since the last wait for one"
             warnings.warn(
-                f"no worker offered the {RESOURCE!r} resource for {self.patience:g} s: {lost}",
-                stacklevel=2,
+                f"no worker offered the {RESOURCE!r} resource {waited}: {lost}", stacklevel=2
             )
             return []
         pending: dict[Future, str] = {}
@@ -529,7 +532,12 @@ class DaskRunner:
         finally:
             self.client.cancel(list(pending))
         if left_out:  # (found by review: the others' results stood, the warning said lost)
-            then = "left out; the other workers' results stand" if items else lost
+            then = (
+                f"left out; the other workers' results stand (where it was the only worker of "
+                f"its device: {lost})"
+                if items
+                else lost
+            )
             warnings.warn(f"{'; '.join(left_out)}: {then}", stacklevel=2)
         return items
 

@@ -16,6 +16,7 @@ from riemann_core.measure.environment import git_commit
 from riemann_core.measure.flops import KINDS
 from riemann_core.methods import layerwise
 from riemann_core.scaling import sweep as sw
+from riemann_core.scaling.worker import physical_device
 
 TINY = [
     "--widths",
@@ -96,7 +97,10 @@ def test_run_writes_results_fits_claims_figures_and_report(tmp_path, capsys):
     (device,) = meta["devices"].values()
     assert [s["when"] for s in device["device_rates"]] == ["start", "grid", "end"]
     assert all(r > 0 for s in device["device_rates"] for r in s["products"])
-    assert device["environment"]["torch"] and device["workers"] == [f"{socket.gethostname()} cpu"]
+    here = physical_device(torch.device("cpu"))  # cpu (pinned, or a container: its cores)
+    assert device["environment"]["torch"] and device["workers"] == [
+        f"{socket.gethostname()} {here}"
+    ]
 
 
 def test_a_planted_cubic_step_in_layerwise_fails_its_claim_and_the_run(tmp_path, monkeypatch):

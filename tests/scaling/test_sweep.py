@@ -24,6 +24,7 @@ from riemann_core.measure.problems import widths
 from riemann_core.measure.timing import RATE_KINDS, Timing, device_rates
 from riemann_core.scaling import grow, report
 from riemann_core.scaling import sweep as sw
+from riemann_core.scaling.worker import physical_device
 from riemann_core.woodbury import AccuracyWarning
 
 TINY = dict(
@@ -732,14 +733,15 @@ def test_rows_say_where_they_were_measured_and_sweep_json_records_the_device(tmp
     grid = sw.Grid(**{**TINY, "methods": ("euclidean",), "dtypes": ("float64",)})
     sw.sweep(grid, tmp_path, progress=False, rates=rates)
     rows = rows_of(tmp_path / "results.csv")
+    here = physical_device(torch.device("cpu"))  # cpu (pinned, or a container: its cores)
     assert {(r["host"], r["device_name"], r["physical_device"]) for r in rows} == {
-        (socket.gethostname(), device_name("cpu"), "cpu")
+        (socket.gethostname(), device_name("cpu"), here)
     }
     meta = json.loads((tmp_path / "sweep.json").read_text())
     assert {r["sweep"] for r in rows} == {meta["sweep"]} and len(meta["sweep"]) == 32
     assert "device_rates" not in meta and "environment" not in meta  # per device only
     record = meta["devices"][device_name("cpu")]
-    worker = f"{socket.gethostname()} cpu"
+    worker = f"{socket.gethostname()} {here}"
     assert record["workers"] == [worker] and record["environment"]["torch"]
     measured = [(r["when"], r["dtype"], r["worker"]) for r in record["device_rates"]]
     assert measured == [(w, d, worker) for w in ("start", "grid", "end") for d in grid.dtypes]
