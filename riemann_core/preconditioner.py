@@ -1558,6 +1558,7 @@ _WRITERS: dict[int, tuple[weakref.ref, int, weakref.ref]] = {}
 
 
 def _note_writer(writer: RiemannianPreconditioner, grads: list[Tensor]) -> None:
+    """Enter in :data:`_WRITERS` that ``writer`` wrote a direction into ``grads``."""
     for key in [k for k, (_, _, grad) in _WRITERS.items() if grad() is None]:
         del _WRITERS[key]  # (the .grad freed: its id may be another tensor's)
     _WRITERS.update({id(g): (weakref.ref(writer), g._version, weakref.ref(g)) for g in grads})
