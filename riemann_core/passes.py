@@ -209,14 +209,11 @@ class Passes:
         # more passes than MAX_PASSES since the last step: the first ones are not kept
         self._truncated = False
 
-    def forward_starts(self, model: nn.Module, this: _Pass | None = None) -> None:
-        """Before a forward pass, and as a backward pass reaches the outputs of pass
-        ``this``: the passes already differentiated (but ``this``) contributed nothing
+    def forward_starts(self, model: nn.Module) -> None:
+        """Before a forward pass: the passes already differentiated contributed nothing
         where every trainable ``.grad`` is ``None`` (``opt.zero_grad()``) or zero
-        (``zero_grad(set_to_none=False)``: a device flag, read at the step). (Found by a
-        hunt: ``opt.zero_grad()`` between ``model(x)`` and ``loss.backward()``, the
-        tutorials' order, was not seen, and a skipped iteration's pass counted.)"""
-        done = [r for r in self._passes if r.differentiated.seen and r is not this]
+        (``zero_grad(set_to_none=False)``: a device flag, read at the step)."""
+        done = [r for r in self._passes if r.differentiated.seen]
         if not done:
             return
         params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
@@ -240,21 +237,17 @@ class Passes:
         differentiated: Differentiated,
         mean_ce: bool,
         grads_of: nn.Module | None = None,
-        network: nn.Module | None = None,
     ) -> None:
         """After a forward pass with gradients: note it; with ``mean_ce``, watch its
         gradient at a single output tensor of logits (classes last); with ``grads_of``,
         note the ``.grad`` of its parameters after each backward pass through the outputs
-        (:meth:`watch_grads`); with ``network``, read its ``.grad`` for a zeroing as each
-        backward pass reaches the outputs (:meth:`forward_starts`)."""
+        (:meth:`watch_grads`)."""
         watched = [t for t in outputs if t.requires_grad and t.grad_fn is not None]
         if grads_of is not None and watched:
             self.watch_grads(watched[0], grads_of)
         first = outputs[0] if outputs else None
         shape = tuple(first.shape) if first is not None and first.dim() else (0,)
         record = _Pass(shape, differentiated)
-        if network is not None and watched:
-            watched[0].register_hook(lambda g: self.forward_starts(network, this=record))
         # a pass a gradient came back through pushed out (found by review: 300 evaluations
         # with gradients enabled, pushed out, turned the check off for the next step)
         full = len(self._passes) == MAX_PASSES
