@@ -198,7 +198,7 @@ class Passes:
     def __init__(self) -> None:
         # the .grad each parameter held at the end of the last backward pass through a
         # recorded output, and its version (:meth:`watch_grads`)
-        self._held: dict[int, tuple[weakref.ref, int]] = {}
+        self._held: dict[int, tuple[weakref.ref, int] | None] = {}
         self._passes: deque[_Pass] = deque(maxlen=MAX_PASSES)
         # (whether every .grad was zero, per device; the passes differentiated then; whether
         # a .grad changed since the last backward pass) at a pass's start
