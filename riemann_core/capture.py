@@ -655,18 +655,18 @@ class BufferStates:
         said = []
         if start.uncopied_changes:
             said.append(
-                f"buffers {_some(start.uncopied_changes)} changed during that pass for the "
+                f"buffers {some(start.uncopied_changes)} changed during that pass for the "
                 "first time, and the replay started from their new values (they are copied "
                 "before every pass from now on): run the forward pass again"
             )
         if since:
             said.append(
-                f"buffers {_some(since)} changed after that pass, and the replay started "
+                f"buffers {some(since)} changed after that pass, and the replay started "
                 "from their new values: compute the direction before changing them"
             )
         if unseen:
             said.append(
-                f"buffers {_some(unseen)} were not copied before that pass (no pass had "
+                f"buffers {some(unseen)} were not copied before that pass (no pass had "
                 "changed them); if it writes them through .data, which no version counter "
                 "shows, the replay started from their new values: they are copied before "
                 "every pass from now on, run the forward pass again"
@@ -680,8 +680,9 @@ def version_of(tensor: Tensor) -> int | None:
     return None if tensor.is_inference() else tensor._version
 
 
-def _some(names: list[str]) -> str:
-    return f"{names[:3]}{' ...' if len(names) > 3 else ''}"
+def some(items: list) -> str:
+    """The first 3 of ``items`` as a list, for a message (``...`` where there are more)."""
+    return f"{items[:3]}{' ...' if len(items) > 3 else ''}"
 
 
 def rng_devices(model: nn.Module) -> list[int]:

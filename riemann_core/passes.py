@@ -40,6 +40,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import Variable
 
+from .capture import some
+
 
 class Differentiated:
     """Whether a gradient flowed back through a forward pass's output tensors (``outputs``):
@@ -305,7 +307,7 @@ class Passes:
         self._differentiated()  # (reads the zeroings: an edit zeroed since is none)
         if changed or self._edited:
             when = (
-                f"of {_some(changed)} changed after the backward pass"
+                f"of {some(changed)} changed after the backward pass"
                 if changed
                 else "changed between two backward passes, other than to zero"
             )
@@ -378,7 +380,8 @@ class Passes:
             raise ValueError(
                 f"this rank's .grad holds {sum(cs):.3g} times the gradient of the mean "
                 f"cross-entropy over its shard ({len(cs)} backward pass(es) through the "
-                f"model's outputs, at {_some(cs)} times the mean's gradient each): "
+                f"model's outputs, at {some([float(f'{c:.3g}') for c in cs])} times the mean's "
+                "gradient each): "
                 "pre.step() with a process_group combines the ranks' .grad as the gradients "
                 "of each shard's mean loss, weighted by N_p / N, so each rank's share of the "
                 "global mean (a summed loss divided by the global batch's size, or a mean "
@@ -394,12 +397,6 @@ class Passes:
 #: How far below 1 the factors of a rank's passes (:func:`hard_scale`) may add up to:
 #: a rank's share of the global mean is at most ``1 / P``, ``1 / 2`` or less on one rank.
 SHARE_MARGIN = 0.01
-
-
-def _some(values: list) -> str:
-    """``values`` (numbers to 3 digits), the first 4 of them."""
-    shown = ", ".join(f"{v:.3g}" if isinstance(v, float) else repr(v) for v in values[:4])
-    return shown + (f" and {len(values) - 4} more" if len(values) > 4 else "")
 
 
 def check_shares(sizes: list[list[int]], ddp: bool = False) -> None:

@@ -57,6 +57,7 @@ from .capture import (
     reaches_pass,
     rng_devices,
     rng_state,
+    some,
 )
 from .direction import check_autograd, run_solver, solve
 from .factors import FactorFn, reentrant_checkpoint_refused
@@ -450,7 +451,7 @@ class RiemannianPreconditioner:
         if changed:
             causes.insert(
                 0,
-                f"modules {changed[:3]}{' ...' if len(changed) > 3 else ''} changed training "
+                f"modules {some(changed)} changed training "
                 "mode (model.train() / model.eval()) since that pass: compute the direction "
                 "(pre.backward(loss), or pre.step()) before switching the mode",
             )
@@ -1046,7 +1047,7 @@ class RiemannianPreconditioner:
         ]
         if added:
             raise RuntimeError(
-                f"the .grad of {added[:3]}{' ...' if len(added) > 3 else ''} hold the "
+                f"the .grad of {some(added)} hold the "
                 "direction the last pre.step() or pre.backward(loss) wrote with one backward "
                 "pass added since, and pre.step() would precondition that direction again: "
                 "call opt.zero_grad() before each step's backward passes, and when "
@@ -1071,7 +1072,7 @@ class RiemannianPreconditioner:
         ]
         if again:
             raise RuntimeError(
-                f"the .grad of {again[:3]}{' ...' if len(again) > 3 else ''} still hold "
+                f"the .grad of {some(again)} still hold "
                 "the direction the last pre.step() or pre.backward(loss) wrote, and another "
                 "pre.step() would precondition it twice: call loss.backward() (after "
                 "opt.zero_grad(), which sets them to None) before each pre.step(), and "
@@ -1382,7 +1383,7 @@ def _check_own_parameters(capture: Capture, model: nn.Module, call: str) -> None
     substituted = capture.substituted
     if substituted and capture.hooks_current(model):
         raise ValueError(
-            f"modules {substituted[:3]}{' ...' if len(substituted) > 3 else ''} ran with other "
+            f"modules {some(substituted)} ran with other "
             "tensors in place of their parameters (torch.func.functional_call, "
             "torch.nn.utils.stateless): the loss does not reach those parameters, and "
             f"{call} preconditions the model's own. Call the model itself, or precondition "
@@ -1582,7 +1583,7 @@ def _check_not_written_by_another(reader: RiemannianPreconditioner, grads: dict)
     ]
     if others:
         raise RuntimeError(
-            f"the .grad of {others[:3]}{' ...' if len(others) > 3 else ''} hold the direction "
+            f"the .grad of {some(others)} hold the direction "
             "another RiemannianPreconditioner wrote (two preconditioners on the same "
             "parameters, or one on the model and one on a submodule), and this one would "
             "precondition it again, G^{-2} g: use one preconditioner per parameter (remove "

@@ -194,7 +194,7 @@ def test_a_grad_written_where_none_was_is_a_change():
     grads = torch.autograd.grad(F.cross_entropy(out, y), list(model.parameters()))
     for p, g in zip(model.parameters(), grads):
         p.grad = g
-    with pytest.raises(ValueError, match="'weight', 'bias' changed after the backward pass"):
+    with pytest.raises(ValueError, match=r"\['weight', 'bias'\] changed after the backward pass"):
         record.check_grads_kept(list(model.named_parameters()))
 
 
@@ -263,5 +263,5 @@ def test_zeros_filled_in_for_an_unused_layer_are_its_gradient():
     named = list(model.named_parameters())
     record.check_grads_kept(named)
     model["unused"].bias.grad[0] = 1.0
-    with pytest.raises(ValueError, match="'unused.bias' changed after the backward pass"):
+    with pytest.raises(ValueError, match=r"\['unused.bias'\] changed after the backward pass"):
         record.check_grads_kept(named)
