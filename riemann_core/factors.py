@@ -233,9 +233,8 @@ def batched_backward() -> Iterator[None]:
                 "the checkpointed segment, or give the Function a setup_context (torch: "
                 f"{str(err).splitlines()[0]})"
             ) from err
-        if any(
-            words in str(err) for words in RANDOM_UNDER_VMAP
-        ):  # (found by a hunt: blamed on hooks, .item())
+        # (found by a hunt: a checkpointed dropout was blamed on hooks or .item())
+        if any(words in str(err) for words in RANDOM_UNDER_VMAP):
             raise ValueError(
                 "the backward pass cannot run batched, as riemann_core runs it to pull the "
                 "metric's factor rows back several at once (torch.func.vmap): a segment under "

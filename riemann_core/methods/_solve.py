@@ -462,8 +462,8 @@ def finish(
             warnings.warn(
                 f"the Cholesky factorisation of the {s.what} needed a jitter of "
                 f"{s.jitter:.1e} on its diagonal, more than a tenth of the damping "
-                f"{opts.damping:g}: the direction is that of a larger damping. {fix[0].upper()}"
-                f"{fix[1:]}",
+                f"{opts.damping:g}: the direction is that of a larger damping. "
+                f"{fix.capitalize()}",
                 AccuracyWarning,
                 stacklevel=4,
             )
