@@ -26,8 +26,14 @@ batch's gradient only where
   reads ``c`` (:func:`hard_scale`), and a rank whose passes' factors add up to less than
   1 is refused (``loss / K`` over ``K`` micro-batches adds up to 1).
 
-A pass counts once a gradient flowed back through its output, from the first pass after
-a step or after every ``.grad`` was set to ``None`` or zero (``opt.zero_grad()``).
+A pass counts once a backward pass that accumulates into ``.grad`` went through its
+output, from the first pass after a step or after every ``.grad`` was set to ``None`` or
+zero (``opt.zero_grad()``), read as a forward pass starts and as a backward pass first
+reaches a recorded output: each backward pass is told apart (the autograd engine's graph
+task), so a zeroing between ``model(x)`` and ``loss.backward()`` drops what earlier
+backward passes left, never what the running one adds (a loss over two passes), and a
+``torch.autograd.grad`` through the output, which leaves ``.grad`` as it was, counts for
+nothing.
 """
 
 from __future__ import annotations
@@ -51,9 +57,10 @@ class Differentiated:
     from the start where there is nothing to watch: no tensor requires grad, or one is a
     leaf (a hook on it would stay for good)."""
 
-    __slots__ = ("seen", "watching")
+    __slots__ = ("seen", "watching", "listeners")
 
     def __init__(self, outputs: list[Tensor]) -> None:
+        self.listeners: list = []  # called as a gradient reaches the outputs
         tensors = [t for t in outputs if t.requires_grad]
         tensors += [t._base for t in tensors if t._is_view() and t._base.requires_grad]
         nodes = {t.grad_fn for t in tensors}
@@ -65,6 +72,8 @@ class Differentiated:
 
     def __call__(self, grad_outputs) -> None:
         self.seen = True
+        for listener in self.listeners:
+            listener()
 
     def spend(self) -> None:
         """A step used the gradient that flowed back: the next step needs another."""
@@ -88,25 +97,30 @@ CHUNK = 2**22
 
 
 class _Pass:
-    """One forward pass: its samples and their shape (its first output's), whether a
-    gradient came back, the most negative entry of ``softmax(z) - R g`` and the
-    :func:`scale_figures` of each backward pass through it (tensors: read at the step,
-    not in the backward)."""
+    """One forward pass: its samples and their shape (its first output's) and, for each
+    backward pass through it that ``.grad`` may hold (by number, :class:`Passes`), the most
+    negative entry of ``softmax(z) - R g`` and the :func:`scale_figures` where read
+    (tensors: read at the step, not in the backward)."""
 
-    __slots__ = ("shape", "differentiated", "rows", "lowest", "dtype", "scales")
+    __slots__ = ("shape", "differentiated", "rows", "dtype", "backward")
 
-    def __init__(self, shape: tuple[int, ...], differentiated: Differentiated) -> None:
+    def __init__(self, shape: tuple[int, ...], differentiated: Differentiated, number: int):
         self.shape, self.differentiated = shape, differentiated
-        self.rows, self.lowest, self.dtype, self.scales = 0, None, None, []
+        self.rows, self.dtype = 0, None
+        # {backward pass: [lowest, scale figures]}; a pass with nothing to watch counts
+        # from its forward pass on, as if differentiated by the last backward pass
+        self.backward: dict[int, list] = {} if differentiated.watching else {number: [None, None]}
 
-    def watch_mean(self, z: Tensor) -> None:
+    def watch_mean(self, z: Tensor, arrived) -> None:
         """Note the lowest entry of ``softmax(z) - R g`` whenever ``g`` comes back to ``z``
-        (a hook on ``z``, gone with the graph): the lowest over every backward pass through
-        it (found by review: a summed loss, then the mean one through the same output, was
-        read at the last), at ``z``'s values then (changed in place since: those)."""
+        (a hook on ``z``, gone with the graph), for the backward pass ``arrived(self)``
+        numbers, at ``z``'s values then (changed in place since: those); each backward pass
+        apart (found by review: a summed loss, then the mean one through the same output,
+        was read at the last)."""
         values = z.detach()
 
         def hook(g: Tensor) -> None:
+            entry = self.backward[arrived(self)]
             if not g.numel():  # an empty shard: named at the step (found by review:
                 return  # amin() raised inside the user's backward)
             dtype = torch.promote_types(values.dtype, torch.float32)
@@ -124,9 +138,7 @@ class _Pass:
                 p, Rg = torch.softmax(v.to(dtype), -1), R * d.to(dtype)
                 lows.append((p - Rg).amin())
                 figures.append(scale_figures(p, Rg))
-            low = torch.stack(lows).amin()
-            self.lowest = low if self.lowest is None else torch.minimum(self.lowest, low)
-            self.scales.append(_merged(figures))
+            entry[:] = torch.stack(lows).amin(), _merged(figures)
             self.dtype = g.dtype
 
         z.register_hook(hook)
@@ -199,39 +211,56 @@ class Passes:
 
     def __init__(self) -> None:
         # the .grad each parameter held at the end of the last backward pass through a
-        # recorded output, and its version (:meth:`watch_grads`)
+        # recorded output, and its version (:meth:`_backward_ends`)
         self._held: dict[int, tuple[weakref.ref, int] | None] = {}
         self._passes: deque[_Pass] = deque(maxlen=MAX_PASSES)
-        # (whether every .grad was zero, per device; the passes differentiated then; whether
-        # a .grad changed since the last backward pass) at a pass's start
-        self._zeroings: deque[tuple[list[Tensor], list[_Pass], bool]] = deque(maxlen=MAX_PASSES)
+        # (whether every .grad was zero, per device; the backward passes before it, by
+        # number; whether a .grad changed since the last backward pass) at a forward
+        # pass's start, or as a backward pass first reaches a recorded output
+        self._zeroings: deque[tuple[list[Tensor], int, bool]] = deque(maxlen=MAX_PASSES)
         # a .grad changed between two backward passes, and not zeroed since (read with the
         # zeroings' flags: a change that leaves every .grad zero is a zeroing)
         self._edited = False
         # more passes than MAX_PASSES since the last step: the first ones are not kept
         self._truncated = False
+        # the backward passes through recorded outputs: the number of the last, the autograd
+        # engine's graph task it ran as, the model whose .grad it accumulates into, and
+        # those .grad at its start (a pass that leaves them as they were counts for nothing)
+        self._number, self._task = 0, None
+        self._network: nn.Module | None = None
+        self._at_start: dict[int, tuple[weakref.ref, int] | None] = {}
+        self._grads_watched = False
 
     def forward_starts(self, model: nn.Module) -> None:
         """Before a forward pass: the passes already differentiated contributed nothing
         where every trainable ``.grad`` is ``None`` (``opt.zero_grad()``) or zero
         (``zero_grad(set_to_none=False)``: a device flag, read at the step)."""
-        done = [r for r in self._passes if r.differentiated.seen]
-        if not done:
-            return
+        if any(r.backward for r in self._passes):
+            self._zeroing(model, self._number + 1, edits=True)
+
+    def _zeroing(self, model: nn.Module, number: int, edits: bool) -> None:
+        """Note whether every trainable ``.grad`` of ``model`` is ``None`` or zero now, which
+        drops what the backward passes numbered below ``number`` left; with ``edits``,
+        whether a ``.grad`` changed since the last backward pass."""
         params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
         if not params:
-            self._drop(done)
-            self._edited = self._truncated = False
+            self._drop(number)
             return
         by_device: dict[torch.device, list[Tensor]] = {}
         for p in params:
             by_device.setdefault(p.grad.device, []).append(p.grad)
         zero = [torch.stack(torch._foreach_norm(gs)).eq(0).all() for gs in by_device.values()]
-        self._zeroings.append((zero, done, bool(self._changed(params))))
+        if len(self._zeroings) == MAX_PASSES:  # (one host read per MAX_PASSES zeroings)
+            self._settle()
+        self._zeroings.append((zero, number, edits and bool(self._changed(params))))
 
-    def _drop(self, done: list[_Pass]) -> None:
-        gone = {id(r) for r in done}
-        self._passes = deque((r for r in self._passes if id(r) not in gone), maxlen=MAX_PASSES)
+    def _drop(self, number: int) -> None:
+        """Every ``.grad`` was zero once the backward passes below ``number`` had run: what
+        they left is gone."""
+        for r in self._passes:  # (kept: a later backward pass may go through it again)
+            for k in [k for k in r.backward if k < number]:
+                del r.backward[k]
+        self._edited = self._truncated = False
 
     def forward_ends(
         self,
@@ -239,21 +268,24 @@ class Passes:
         differentiated: Differentiated,
         mean_ce: bool,
         grads_of: nn.Module | None = None,
+        network: nn.Module | None = None,
     ) -> None:
-        """After a forward pass with gradients: note it; with ``mean_ce``, watch its
-        gradient at a single output tensor of logits (classes last); with ``grads_of``,
-        note the ``.grad`` of its parameters after each backward pass through the outputs
-        (:meth:`watch_grads`)."""
-        watched = [t for t in outputs if t.requires_grad and t.grad_fn is not None]
-        if grads_of is not None and watched:
-            self.watch_grads(watched[0], grads_of)
+        """After a forward pass with gradients: note it and each backward pass through it;
+        with ``mean_ce``, watch its gradient at a single output tensor of logits (classes
+        last); with ``grads_of``, note the ``.grad`` of its parameters after each backward
+        pass through the outputs (:meth:`check_grads_kept`). ``network`` (``grads_of``
+        where not given): the model whose ``.grad`` are read for zeroings as a backward
+        pass starts."""
+        self._network = network if network is not None else grads_of
+        self._grads_watched = grads_of is not None
         first = outputs[0] if outputs else None
         shape = tuple(first.shape) if first is not None and first.dim() else (0,)
-        record = _Pass(shape, differentiated)
+        record = _Pass(shape, differentiated, self._number)
+        differentiated.listeners.append(lambda: self._arrived(record))
         # a pass a gradient came back through pushed out (found by review: 300 evaluations
         # with gradients enabled, pushed out, turned the check off for the next step)
         full = len(self._passes) == MAX_PASSES
-        self._truncated |= full and self._passes[0].differentiated.seen
+        self._truncated |= full and bool(self._passes[0].backward)
         if (
             mean_ce
             and len(outputs) == 1
@@ -262,24 +294,46 @@ class Passes:
             and first.dim() >= 2
             and first.is_floating_point()
         ):
-            record.watch_mean(first)
+            record.watch_mean(first, self._arrived)
         self._passes.append(record)
 
-    def watch_grads(self, z: Tensor, model: nn.Module) -> None:
-        """Note the ``.grad`` of ``model``'s parameters, and their versions, at the end of
-        every backward pass through ``z`` (a callback queued by a hook on ``z``, run once
-        every ``.grad`` of that pass is accumulated): :meth:`check_grads_kept` refuses
-        those changed since (found by a hunt: a clip of each rank's own gradient before
-        ``pre.step()`` was taken as its shard's gradient, 0.19-0.37 off)."""
+    def _arrived(self, record: _Pass) -> int:
+        """A gradient reached ``record``'s outputs: the number of the backward pass under
+        way, which starts here if this is the first recorded output it reaches."""
+        task = torch._C._current_graph_task_id()
+        starts = task != self._task
+        if starts:
+            self._task, self._number = task, self._number + 1
+        record.backward.setdefault(self._number, [None, None])
+        if starts and self._network is not None:
+            if any(k < self._number for r in self._passes for k in r.backward):
+                # (found by a hunt: a zeroing between model(x) and loss.backward() after a
+                # skipped iteration)
+                self._zeroing(self._network, self._number, edits=False)
+            self._at_start = self._grads_now()
+            Variable._execution_engine.queue_callback(self._backward_ends)
+        return self._number
 
-        def note() -> None:  # (None: no .grad then, one written since is a change too)
-            self._held = {
-                id(p): None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
-                for p in model.parameters()
-                if p.requires_grad
-            }
+    def _grads_now(self) -> dict[int, tuple[weakref.ref, int] | None]:
+        """Each trainable parameter's ``.grad`` (weakly) and its version, or ``None``."""
+        return {
+            id(p): None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
+            for p in self._network.parameters()
+            if p.requires_grad
+        }
 
-        z.register_hook(lambda g: Variable._execution_engine.queue_callback(note))
+    def _backward_ends(self) -> None:
+        """Once every ``.grad`` of the backward pass is accumulated (a callback queued on
+        the autograd engine): one that left every ``.grad`` as it was
+        (``torch.autograd.grad``) counts for nothing (found by review: it counted as a
+        backward pass, its share added to the loss's); note the ``.grad`` for
+        :meth:`check_grads_kept`."""
+        now = self._grads_now()
+        if all(_same(now[k], v) for k, v in self._at_start.items()):
+            for r in self._passes:
+                r.backward.pop(self._number, None)
+        if self._grads_watched:
+            self._held = now
 
     def _changed(self, params: list[Tensor]) -> list[int]:
         """The positions of ``params`` whose ``.grad`` changed (in place, or replaced)
@@ -331,20 +385,23 @@ class Passes:
         self._passes.clear()
         self._zeroings.clear()
 
-    def _differentiated(self) -> list[_Pass]:
-        """The passes whose gradients ``.grad`` holds: differentiated, and not zeroed
-        since (one host read for the zeroings' flags)."""
+    def _settle(self) -> None:
+        """Apply the zeroings noted so far (one host read for their flags)."""
         if self._zeroings:
             flags = torch.stack([f.cpu() for zero, *_ in self._zeroings for f in zero]).tolist()
-            for zero, done, edited in self._zeroings:
+            for zero, number, edited in self._zeroings:
                 mine, flags = flags[: len(zero)], flags[len(zero) :]
                 if all(mine):
-                    self._drop(done)
-                    self._edited = self._truncated = False
+                    self._drop(number)
                 elif edited:
                     self._edited = True
             self._zeroings.clear()
-        return [r for r in self._passes if r.differentiated.seen]
+
+    def _differentiated(self) -> list[_Pass]:
+        """The passes whose gradients ``.grad`` holds: differentiated by a backward pass
+        that accumulated into ``.grad``, and not zeroed since."""
+        self._settle()
+        return [r for r in self._passes if r.backward]
 
     def shapes(self) -> tuple[tuple[int, ...], ...]:
         """The output shape of each pass differentiated, in order: its samples first."""
@@ -353,12 +410,17 @@ class Passes:
     def check_mean(self) -> None:
         """Refuse a pass whose output gradient is not that of the mean cross-entropy over
         its rows (module docstring); one host read for all passes."""
-        watched = [r for r in self._differentiated() if r.lowest is not None]
+        watched = [
+            (r, low, scales)
+            for r in self._differentiated()
+            for low, scales in r.backward.values()
+            if low is not None
+        ]
         if not watched:
             return
-        lowest = torch.stack([r.lowest.float().cpu() for r in watched]).tolist()
-        scales = [torch.stack(r.scales).double().cpu().tolist() for r in watched]
-        for r, low in zip(watched, lowest, strict=True):
+        lowest = torch.stack([low.float().cpu() for _, low, _ in watched]).tolist()
+        figures = torch.stack([s for *_, s in watched]).double().cpu().tolist()
+        for (r, *_), low in zip(watched, lowest, strict=True):
             if not low >= -tolerance(r.dtype):  # (NaN: refused too)
                 raise ValueError(
                     f"this rank's gradient at the model's outputs is not that of the mean "
@@ -375,7 +437,7 @@ class Passes:
                     "gradient)"
                 )
         # each backward pass's c where it reads c times the mean's gradient (hard targets)
-        cs = [hard_scale(f, tolerance(r.dtype)) for r, s in zip(watched, scales) for f in s]
+        cs = [hard_scale(f, tolerance(r.dtype)) for (r, *_), f in zip(watched, figures)]
         if cs and None not in cs and not self._truncated and sum(cs) < 1 - SHARE_MARGIN:
             raise ValueError(
                 f"this rank's .grad holds {sum(cs):.3g} times the gradient of the mean "
@@ -392,6 +454,15 @@ class Passes:
                 "it from a share), or wrap the model in DistributedDataParallel (its averaged "
                 ".grad is taken as the global gradient)"
             )
+
+
+def _same(a: tuple[weakref.ref, int] | None, b: tuple[weakref.ref, int] | None) -> bool:
+    """Two notes of a ``.grad`` (:meth:`Passes._grads_now`) of the same tensor at the same
+    version (weak references compared by their tensors' identity: ``==`` would compare
+    the tensors' values)."""
+    if a is None or b is None:
+        return a is b
+    return a[0]() is b[0]() and a[1] == b[1]
 
 
 #: How far below 1 the factors of a rank's passes (:func:`hard_scale`) may add up to:

@@ -400,7 +400,11 @@ class RiemannianPreconditioner:
                 softmax = softmax and self.network is self.model
                 ddp = isinstance(self.model, DistributedDataParallel)  # (averaged: kept)
                 self._passes.forward_ends(
-                    tensors, self._differentiated, softmax, None if ddp else self.model
+                    tensors,
+                    self._differentiated,
+                    softmax,
+                    grads_of=None if ddp else self.model,
+                    network=self.network,
                 )
             self._buffer_states.after_pass(self.network, self._batch[3])
             # an input the forward pass itself changed in place (x /= 255): named on refusal

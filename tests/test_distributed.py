@@ -299,13 +299,21 @@ LOSSES = {
     ),
 }
 #: the forward passes before a pre.step() (pass i on (1 + i) x; None: opt.zero_grad(),
-#: "in place": opt.zero_grad(set_to_none=False)) as each rank's slice of the global batch,
+#: "in place": opt.zero_grad(set_to_none=False), "inside": opt.zero_grad() between the
+#: next pass's forward and backward passes) as each rank's slice of the global batch,
 #: and the loss
 COMBINATIONS = {
     "split alike": ([shards, shards], "mean"),
     "split otherwise": ([_uneven, shards], "mean"),
     "otherwise, then zeroed": ([_uneven, None, shards], "mean"),
     "otherwise, then zeroed in place": ([_uneven, "in place", shards], "mean"),
+    # found by a hunt: a zeroing between model(x) and loss.backward() (the tutorials'
+    # order) after a skipped iteration was not seen: the skipped pass still counted
+    "otherwise, then zeroed inside the next": ([_uneven, "inside", shards], "mean"),
+    "mean over the ranks, then zeroed inside the next": (
+        [shards, "inside", shards],
+        "mean over the ranks",
+    ),
     "more passes on one rank": ([_first_rank_only, shards], "mean"),
     "smoothed": ([shards], "smoothed"),
     "sum": ([shards], "sum"),
@@ -347,14 +355,20 @@ def _combinations(rank, world) -> dict:
             model, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT,
             output_metric=METRICS.get(loss, "exact"),
         )  # fmt: skip
+        inside = False
         for i, split in enumerate(passes + changes):
             part = split(world)[rank] if callable(split) else None
             if split in CHANGES:
                 CHANGES[split](model)
+            elif split == "inside":
+                inside = True
             elif not callable(split):
                 model.zero_grad(set_to_none=split is None)
             elif part is not None:
-                LOSSES[loss](model((1 + i) * x[part]), y[part]).backward()
+                loss_of_pass = LOSSES[loss](model((1 + i) * x[part]), y[part])
+                if inside:
+                    model.zero_grad()
+                loss_of_pass.backward()
         out[case] = _stepped(pre, model)
     return out
 
@@ -849,13 +863,19 @@ def single_combination(case: str) -> dict:
     pre = rc.RiemannianPreconditioner(
         model, damping=DAMPING, output_metric=METRICS.get(loss, "exact")
     )
+    inside = False
     for i, split in enumerate(passes + changes):
         if split in CHANGES:
             CHANGES[split](model)
+        elif split == "inside":
+            inside = True
         elif not callable(split):
             model.zero_grad(set_to_none=split is None)
         else:
-            LOSSES[loss](model((1 + i) * x), y).backward()
+            loss_of_pass = LOSSES[loss](model((1 + i) * x), y)
+            if inside:
+                model.zero_grad()
+            loss_of_pass.backward()
     pre.step()
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -871,6 +891,7 @@ REFUSED = {
     "sum of an output changed in place": "is not that of the mean cross-entropy over its",
     "sum over the global batch": "times the gradient of the mean cross-entropy over its",
     "mean over the ranks": "times the gradient of the mean cross-entropy over its",
+    "mean over the ranks, then zeroed inside the next": "times the gradient of the mean",
     "the global sum over 2 micro-batches": "times the gradient of the mean cross-entropy",
     "clipped": "changed after the backward pass (a clip of this rank's own gradient",
     "weight decay added": "changed after the backward pass",

@@ -43,6 +43,13 @@ def test_shares_of_the_passes_must_be_alike(sizes, alike):
             check_shares(sizes)
 
 
+def _watched_mean(out: torch.Tensor) -> passes._Pass:
+    """A pass whose output gradient at ``out`` is read, by its backward pass numbered 0."""
+    record = passes._Pass(tuple(out.shape), Differentiated([]), 0)
+    record.watch_mean(out, lambda r: 0)
+    return record
+
+
 @pytest.mark.parametrize("chunk", [2**22, 7])
 def test_the_output_gradient_is_read_by_chunks_of_rows_alike(chunk, monkeypatch):
     """softmax(z) - R g, read by chunks of rows (a language model's outputs would need two
@@ -53,12 +60,11 @@ def test_the_output_gradient_is_read_by_chunks_of_rows_alike(chunk, monkeypatch)
     z, y = torch.randn(4, 6, 5, requires_grad=True), torch.randint(0, 5, (4, 6))
     lowest = {}
     for reduction in ("mean", "sum"):
-        record = passes._Pass((4, 6, 5), Differentiated([]))
         out = z * 1.0  # a node the hook can sit on
-        record.watch_mean(out)
+        record = _watched_mean(out)
         F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction=reduction).backward()
         assert record.rows == 24
-        lowest[reduction] = float(record.lowest)
+        lowest[reduction] = float(record.backward[0][0])
     p = torch.softmax(z.detach(), -1)
     assert lowest["mean"] >= -passes.tolerance(torch.float32)
     expected = (p - 24 * (p - F.one_hot(y, 5))).amin()  # the summed loss's gradient: p - e_y
@@ -68,21 +74,19 @@ def test_the_output_gradient_is_read_by_chunks_of_rows_alike(chunk, monkeypatch)
 def test_an_empty_shard_leaves_the_user_backward_alone():
     """Found by review: the hook's amin() over zero rows raised inside the user's
     loss.backward(); the empty batch is named at the step, as before."""
-    record = passes._Pass((0, 5), Differentiated([]))
     z = torch.zeros(0, 5, requires_grad=True)
     out = z * 1.0
-    record.watch_mean(out)
+    record = _watched_mean(out)
     F.cross_entropy(out, torch.zeros(0, dtype=torch.long), reduction="sum").backward()
-    assert record.lowest is None
+    assert record.backward[0] == [None, None]
 
 
 def _read_scale(loss, z, chunk=passes.CHUNK):
     """:func:`passes.hard_scale` of the figures a pass's hook reads from ``loss(out)``."""
-    record = passes._Pass(tuple(z.shape), Differentiated([]))
     out = z * 1.0
-    record.watch_mean(out)
+    record = _watched_mean(out)
     loss(out).backward()
-    (figures,) = record.scales
+    figures = record.backward[0][1]
     return passes.hard_scale(figures.double().tolist(), passes.tolerance(torch.float32))
 
 
@@ -265,3 +269,108 @@ def test_zeros_filled_in_for_an_unused_layer_are_its_gradient():
     model["unused"].bias.grad[0] = 1.0
     with pytest.raises(ValueError, match=r"\['unused.bias'\] changed after the backward pass"):
         record.check_grads_kept(named)
+
+
+def _noted_pass(record, model, x):
+    """A forward pass of ``model`` noted by ``record``, not differentiated yet."""
+    record.forward_starts(model)
+    out = model(x)
+    record.forward_ends([out], Differentiated([out]), mean_ce=True, grads_of=model)
+    return out
+
+
+def _linear():
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 3), torch.randn(6, 4), torch.randint(0, 3, (6,))
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_zeroing_between_the_forward_and_the_backward_pass_drops_the_passes_before(
+    set_to_none,
+):
+    """Found by a hunt: ``opt.zero_grad()`` between ``model(x)`` and ``loss.backward()``
+    (the tutorials' order) was not seen, so a skipped iteration's pass still counted: its
+    share was added to the next one's (0.5 + 0.5 of the mean passed, 0.5 off) and its
+    split compared. Read as a backward pass first reaches a recorded output."""
+    model, x, y = _linear()
+    record = Passes()
+    _watched_pass(record, model, x, y, factor=0.5)  # an iteration skipped: no step
+    out = _noted_pass(record, model, x)
+    model.zero_grad(set_to_none=set_to_none)
+    (0.5 * F.cross_entropy(out, y)).backward()
+    assert record.shapes() == ((6, 3),)
+    with pytest.raises(ValueError, match="0.5 times the gradient of the mean"):
+        record.check_mean()
+
+
+def test_a_loss_over_two_passes_after_a_zeroing_keeps_both():
+    """Found by review of an earlier reading of that zeroing (as each backward pass reached
+    an output): of a loss over two recorded passes (siamese), the second output reached
+    dropped the first (0.42 off, silent). The running backward pass's passes stay; the
+    skipped iteration's goes."""
+    model, x, y = _linear()
+    record = Passes()
+    _watched_pass(record, model, x, y, factor=0.5)  # skipped
+    a, b = _noted_pass(record, model, x), _noted_pass(record, model, x[:3])
+    model.zero_grad()
+    (0.5 * F.cross_entropy(a, y) + 0.5 * F.cross_entropy(b, y[:3])).backward()
+    assert record.shapes() == ((6, 3), (3, 3))
+    record.check_mean()  # 0.5 + 0.5 of the mean: a whole one
+    record.check_grads_kept(list(model.named_parameters()))
+
+
+def test_micro_batches_accumulated_without_zeroing_all_count():
+    """Accumulation: each micro-batch's backward pass adds to ``.grad``, none is an edit."""
+    model, x, y = _linear()
+    record = Passes()
+    model.zero_grad()
+    for rows in (slice(0, 3), slice(3, 6)):
+        _watched_pass(record, model, x[rows], y[rows], factor=0.5)
+    assert record.shapes() == ((3, 3), (3, 3))
+    record.check_mean()
+    record.check_grads_kept(list(model.named_parameters()))
+
+
+def test_a_backward_pass_that_leaves_grad_alone_counts_for_nothing():
+    """Found by review: ``torch.autograd.grad(loss, out)`` before ``loss.backward()``
+    counted as a backward pass, so half the mean read as a whole one (0.5 + 0.5, 0.5 off,
+    silent)."""
+    model, x, y = _linear()
+    record = Passes()
+    out = _noted_pass(record, model, x)
+    loss = 0.5 * F.cross_entropy(out, y)
+    torch.autograd.grad(loss, out, retain_graph=True)
+    assert record.shapes() == ()
+    loss.backward()
+    assert record.shapes() == ((6, 3),)
+    with pytest.raises(ValueError, match="0.5 times the gradient of the mean"):
+        record.check_mean()
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_zeroing_between_two_backward_passes_through_one_output_keeps_the_last(set_to_none):
+    """Found by review: ``loss.backward(retain_graph=True); opt.zero_grad();
+    loss.backward()`` kept both backward passes' factors (0.5 + 0.5 read as 1, silent)."""
+    model, x, y = _linear()
+    record = Passes()
+    out = _noted_pass(record, model, x)
+    loss = 0.5 * F.cross_entropy(out, y)
+    loss.backward(retain_graph=True)
+    model.zero_grad(set_to_none=set_to_none)
+    loss.backward()
+    with pytest.raises(ValueError, match="0.5 times the gradient of the mean"):
+        record.check_mean()
+
+
+def test_zeroings_past_the_bound_are_read_not_lost(monkeypatch):
+    """The zeroings noted between two steps are bounded (:data:`MAX_PASSES`): a full record
+    is read (one host read) before the next is noted, so an early zeroing still drops the
+    passes before it."""
+    monkeypatch.setattr(passes, "MAX_PASSES", 4)
+    model, x, y = _linear()
+    record = Passes()
+    _watched_pass(record, model, x, y)
+    model.zero_grad(set_to_none=False)  # noted as zeros at the next pass's start
+    for _ in range(3):  # accumulated: each start notes a .grad that is not zero
+        _watched_pass(record, model, x, y)
+    assert record.shapes() == ((6, 3),) * 3
