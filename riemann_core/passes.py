@@ -32,7 +32,7 @@ zero (``opt.zero_grad()``), read as a forward pass starts and as a backward pass
 reaches a recorded output: each backward pass is told apart (the autograd engine's graph
 task), so a zeroing between ``model(x)`` and ``loss.backward()`` drops what earlier
 backward passes left, never what the running one adds (a loss over two passes), and a
-``torch.autograd.grad`` through the output, which leaves ``.grad`` as it was, counts for
+``torch.autograd.grad`` through the output, which accumulates into no ``.grad``, counts for
 nothing.
 """
 
@@ -45,6 +45,7 @@ from collections import deque
 import torch
 from torch import Tensor, nn
 from torch.autograd import Variable
+from torch.autograd.graph import get_gradient_edge
 
 from .capture import some
 
@@ -120,7 +121,10 @@ class _Pass:
         values = z.detach()
 
         def hook(g: Tensor) -> None:
-            entry = self.backward[arrived(self)]
+            number = arrived(self)
+            if number is None:  # (a backward pass that accumulates nothing)
+                return
+            entry = self.backward[number]
             if not g.numel():  # an empty shard: named at the step (found by review:
                 return  # amin() raised inside the user's backward)
             dtype = torch.promote_types(values.dtype, torch.float32)
@@ -211,7 +215,7 @@ class Passes:
 
     def __init__(self) -> None:
         # the .grad each parameter held at the end of the last backward pass through a
-        # recorded output, and its version (:meth:`_backward_ends`)
+        # recorded output, and its version (:meth:`_note_grads`)
         self._held: dict[int, tuple[weakref.ref, int] | None] = {}
         self._passes: deque[_Pass] = deque(maxlen=MAX_PASSES)
         # (whether every .grad was zero, per device; the backward passes before it, by
@@ -224,17 +228,18 @@ class Passes:
         # more passes than MAX_PASSES since the last step: the first ones are not kept
         self._truncated = False
         # the backward passes through recorded outputs: the number of the last, the autograd
-        # engine's graph task it ran as, the model whose .grad it accumulates into, and
-        # those .grad at its start (a pass that leaves them as they were counts for nothing)
-        self._number, self._task = 0, None
+        # engine's graph task it ran as, whether it accumulates into .grad, and the model
+        # whose .grad it accumulates into
+        self._number, self._task, self._accumulates = 0, None, True
         self._network: nn.Module | None = None
-        self._at_start: dict[int, tuple[weakref.ref, int] | None] = {}
         self._grads_watched = False
 
     def forward_starts(self, model: nn.Module) -> None:
         """Before a forward pass: the passes already differentiated contributed nothing
         where every trainable ``.grad`` is ``None`` (``opt.zero_grad()``) or zero
         (``zero_grad(set_to_none=False)``: a device flag, read at the step)."""
+        if _in_backward():
+            return
         if any(r.backward for r in self._passes):
             self._zeroing(model, self._number + 1, edits=True)
 
@@ -275,7 +280,11 @@ class Passes:
         last); with ``grads_of``, note the ``.grad`` of its parameters after each backward
         pass through the outputs (:meth:`check_grads_kept`). ``network`` (``grads_of``
         where not given): the model whose ``.grad`` are read for zeroings as a backward
-        pass starts."""
+        pass starts. A pass inside a backward pass (a checkpoint's recomputation of the
+        whole model) is none: found by review, its zeroing dropped the running backward
+        pass, 0.5 off."""
+        if _in_backward():
+            return
         self._network = network if network is not None else grads_of
         self._grads_watched = grads_of is not None
         first = outputs[0] if outputs else None
@@ -297,43 +306,57 @@ class Passes:
             record.watch_mean(first, self._arrived)
         self._passes.append(record)
 
-    def _arrived(self, record: _Pass) -> int:
+    def _arrived(self, record: _Pass) -> int | None:
         """A gradient reached ``record``'s outputs: the number of the backward pass under
-        way, which starts here if this is the first recorded output it reaches."""
+        way, which starts here if this is the first recorded output it reaches; ``None``
+        where it accumulates into no ``.grad`` of the model (``torch.autograd.grad``:
+        found by review, it counted as a backward pass, its share added to the loss's)."""
         task = torch._C._current_graph_task_id()
-        starts = task != self._task
-        if starts:
+        if task != self._task:
             self._task, self._number = task, self._number + 1
-        record.backward.setdefault(self._number, [None, None])
-        if starts and self._network is not None:
-            if any(k < self._number for r in self._passes for k in r.backward):
+            network = self._network
+            self._accumulates = network is None or _accumulates(network)
+            if (
+                network is not None
+                and self._accumulates
+                and any(r.backward for r in self._passes)
+                and self._moved()
+            ):
                 # (found by a hunt: a zeroing between model(x) and loss.backward() after a
                 # skipped iteration)
-                self._zeroing(self._network, self._number, edits=False)
-            self._at_start = self._grads_now()
-            Variable._execution_engine.queue_callback(self._backward_ends)
+                self._zeroing(network, self._number, edits=False)
+            if self._grads_watched:
+                Variable._execution_engine.queue_callback(self._note_grads)
+        if not self._accumulates:
+            return None
+        record.backward.setdefault(self._number, [None, None])
         return self._number
 
-    def _grads_now(self) -> dict[int, tuple[weakref.ref, int] | None]:
-        """Each trainable parameter's ``.grad`` (weakly) and its version, or ``None``."""
-        return {
+    def _moved(self) -> bool:
+        """Whether a trainable ``.grad`` may have changed since the end of the last backward
+        pass (by identity and version: no device read; always where they are not noted,
+        under DDP): where none did, no zeroing came between."""
+        if not self._grads_watched:
+            return True
+        held = self._held
+        for p in self._network.parameters():
+            if p.requires_grad:
+                h = held.get(id(p), p)  # (p: never noted)
+                if h is p or (h is None) != (p.grad is None):
+                    return True
+                if h is not None and (h[0]() is not p.grad or h[1] != p.grad._version):
+                    return True
+        return False
+
+    def _note_grads(self) -> None:
+        """Note each trainable ``.grad`` (weakly) and its version, or ``None``, once every
+        ``.grad`` of the backward pass is accumulated (a callback queued on the autograd
+        engine), for :meth:`check_grads_kept`."""
+        self._held = {
             id(p): None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
             for p in self._network.parameters()
             if p.requires_grad
         }
-
-    def _backward_ends(self) -> None:
-        """Once every ``.grad`` of the backward pass is accumulated (a callback queued on
-        the autograd engine): one that left every ``.grad`` as it was
-        (``torch.autograd.grad``) counts for nothing (found by review: it counted as a
-        backward pass, its share added to the loss's); note the ``.grad`` for
-        :meth:`check_grads_kept`."""
-        now = self._grads_now()
-        if all(_same(now[k], v) for k, v in self._at_start.items()):
-            for r in self._passes:
-                r.backward.pop(self._number, None)
-        if self._grads_watched:
-            self._held = now
 
     def _changed(self, params: list[Tensor]) -> list[int]:
         """The positions of ``params`` whose ``.grad`` changed (in place, or replaced)
@@ -456,13 +479,22 @@ class Passes:
             )
 
 
-def _same(a: tuple[weakref.ref, int] | None, b: tuple[weakref.ref, int] | None) -> bool:
-    """Two notes of a ``.grad`` (:meth:`Passes._grads_now`) of the same tensor at the same
-    version (weak references compared by their tensors' identity: ``==`` would compare
-    the tensors' values)."""
-    if a is None or b is None:
-        return a is b
-    return a[0]() is b[0]() and a[1] == b[1]
+def _in_backward() -> bool:
+    """Whether this runs inside a backward pass (the autograd engine's graph task)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _accumulates(model: nn.Module) -> bool:
+    """Whether the running backward pass accumulates into a trainable parameter's ``.grad``
+    of ``model`` (``torch.autograd.grad`` into none; ``backward(inputs=...)`` into some)."""
+    try:
+        return any(
+            torch._C._will_engine_execute_node(get_gradient_edge(p).node)
+            for p in model.parameters()
+            if p.requires_grad
+        )
+    except RuntimeError:  # asked of a leaf inside torch.autograd.grad, which accumulates
+        return False  # into no .grad
 
 
 #: How far below 1 the factors of a rank's passes (:func:`hard_scale`) may add up to:

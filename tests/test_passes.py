@@ -8,6 +8,7 @@ from collections import deque
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from riemann_core import passes
 from riemann_core.passes import MAX_PASSES, Differentiated, Passes, check_shares
@@ -374,3 +375,16 @@ def test_zeroings_past_the_bound_are_read_not_lost(monkeypatch):
     for _ in range(3):  # accumulated: each start notes a .grad that is not zero
         _watched_pass(record, model, x, y)
     assert record.shapes() == ((6, 3),) * 3
+
+
+def test_a_pass_recomputed_inside_the_backward_pass_is_none():
+    """Found by review: a checkpoint of the whole model recomputes its forward pass inside
+    the backward pass, whose zeroing (every ``.grad`` None then) dropped the running
+    backward pass: half the mean read as nothing to check (0.5 off, silent)."""
+    model, x, y = _linear()
+    record = Passes()
+    out = checkpoint(lambda x: _noted_pass(record, model, x), x, use_reentrant=False)
+    (0.5 * F.cross_entropy(out, y)).backward()
+    assert record.shapes() == ((6, 3),)
+    with pytest.raises(ValueError, match="0.5 times the gradient of the mean"):
+        record.check_mean()
