@@ -413,24 +413,77 @@ def speed_of_light_seconds(flops: dict[str, float], rates: dict[str, float]) -> 
 
 
 def peak_bytes(
-    method: str, shape: MLPShape, kernel: str = "structured", itemsize: int = 4
+    method: str,
+    shape: MLPShape,
+    kernel: str = "structured",
+    itemsize: int = 4,
+    *,
+    device: str | None = "cpu",
 ) -> float:
-    """Estimate of the peak extra memory of one direction (dominant terms only).
+    """Estimate of the peak extra memory of one direction: the dominant terms of the
+    tensors alive together at its peak (read off the methods' code). Used to skip
+    infeasible sizes; it errs high rather than low (within 2x of the allocator's live
+    peak on float32 MLPs of depth 1-16, width 16-512, batch 8-256 on a CPU,
+    ``tests/test_costs.py``).
 
-    Activations and pulled-back rows ``(r + 2) N sum f``, the parameters' gradient and
-    direction ``2 n``, plus per method: ``3 d^2`` for a Woodbury Gram, its copy and
-    factor; ``d max n_a`` for a generic ``K_a``; ``d n + 2 n^2`` for ``full``;
-    ``3 (f_out^2 + P^2)`` per layer for ``kfac``. Used to skip infeasible sizes.
+    Block ``a`` keeps ``d_a = N min(r, f_out)`` rows and has ``n_a`` parameters;
+    ``d = N r``. Every method holds the activations and pulled-back rows
+    ``(r + 2) N sum f`` and the gradient and direction ``2 n``; then::
+
+        layerwise  sum_a M_a^2                 Woodbury blocks: the Grams of all the
+                                               blocks of one d_a are written into one
+                                               buffer and factorised in place
+                                               (M_a = factor_order(d_a))
+                   + max(sum_a d_a N,          then their condition estimates: the
+                         max_a d_a^2)          diagonal N x N probe blocks copied, or
+                                               a Gram mirrored whole
+                   or, where larger,           a block solved before them through its
+                   max_a (2 d_a n_a + n_a^2)   dense metric (dense_is_cheaper; ``device``
+                                               as in flops): K_a as assembled, K_a^T K_a
+        natural    2 d^2                       the Gram and the product each block adds
+                                               into it; then the Gram and its mirror
+        full       d n + max(d n, n^2)         K (every K_a, then their concatenation),
+                                               then K and the n x n metric
+        kfac       per layer and side          a factor F = R^T R with m rows and
+                   3 n^2 (m >= n)              n columns: F, its eigenvectors and
+                   2 m n + 2 m^2 (m < n)       eigh's copy; thin: R, its Gram and
+                                               eigenvectors, R^T U; Gamma: m = d,
+                                               n = f_out; A: m = N, n = P
+
+    and the generic kernel (layerwise, natural, full) caches every block's ``K_a``
+    until the direction is formed and makes each through two more copies (per-sample
+    vector-Jacobian products, then flattened): ``sum_a d_a n_a + 2 d max_a n_a``; the
+    structured one (layerwise, natural) every layer's input Gram ``Xt Xt^T``: ``L N^2``.
     """
-    d, n = shape.d, shape.n_params
-    widths = sum(shape.widths)
-    elems = (shape.rows + 2) * shape.batch * widths + 2 * n
-    if method in ("layerwise", "natural"):
-        elems += 3 * d * d + (d * max(shape.block_params()) if kernel == "generic" else 0)
+    N, r, d, n = shape.batch, shape.rows, shape.d, shape.n_params
+    n_a = shape.block_params()
+    elems = (r + 2) * N * sum(shape.widths) + 2 * n
+    generic = kernel == "generic"
+    d_a = [N * min(r, f) for _, f in shape.layers]
+    if generic and method in ("layerwise", "natural", "full"):
+        elems += sum(da * na for da, na in zip(d_a, n_a, strict=True)) + 2 * d * max(n_a)
+    elif method in ("layerwise", "natural"):
+        elems += len(n_a) * N * N
+    if method == "layerwise":
+        dtype = {4: torch.float32, 8: torch.float64}.get(itemsize)
+        symmetric = device is not None and symmetric_products(device)
+        grams, probes, mirror, dense = 0.0, 0.0, 0.0, 0.0
+        for (f_in, f), da, na in zip(shape.layers, d_a, n_a, strict=True):
+            block = MLPShape((f_in, f), N, da // N, shape.bias)
+            if dense_is_cheaper(na, da, _gram(block, kernel, f_in, f, na, symmetric)):
+                dense = max(dense, (0 if generic else 2 * da * na) + na * na)
+            else:
+                grams += factor_order(da, dtype, device) ** 2
+                probes, mirror = probes + da * N, max(mirror, da * da)
+        elems += max(grams + max(probes, mirror), dense)
+    elif method == "natural":
+        elems += 2 * d * d
     elif method == "full":
-        elems += d * n + 2 * n * n
+        elems += d * n + max(d * n, n * n)
     elif method == "kfac":
-        elems += sum(3 * (f * f + shape.patch(i) ** 2) for i, f in shape.layers)
+        for f_in, f in shape.layers:
+            for m, k in ((d, f), (N, shape.patch(f_in))):
+                elems += 2 * m * k + 2 * m * m if m < k else 3 * k * k
     return elems * itemsize
 
 

@@ -179,6 +179,10 @@ def read_sweep(directory: str | Path) -> tuple[pd.DataFrame, dict]:
         ) from err
     for column in ("reason", "flag", "slow_paths"):
         df[column] = df[column].fillna("") if column in df else ""
+    ok = (df["status"] == "ok").to_numpy()
+    # this version's memory model, as read_results reads it (rows in the file's order)
+    df["peak_bytes_model"] = df["peak_bytes_model"].astype(float)
+    df.loc[ok, "peak_bytes_model"] = [r["peak_bytes_model"] for r in rows if r["status"] == "ok"]
     return df, meta
 
 

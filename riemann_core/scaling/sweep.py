@@ -420,10 +420,10 @@ def model_flops(run: Mapping) -> dict[str, float]:
 
 
 def model_peak_bytes(run: Mapping) -> float:
-    """``costs.peak_bytes`` of ``run``'s method at its shape and dtype."""
+    """``costs.peak_bytes`` of ``run``'s method at its shape, dtype and device."""
     itemsize = torch.finfo(DTYPES[run["dtype"]]).bits // 8
     method = direction_options(run)["method"]
-    return costs.peak_bytes(method, shape_of(run), run["kernel"], itemsize)
+    return costs.peak_bytes(method, shape_of(run), run["kernel"], itemsize, device=run["device"])
 
 
 def speed_of_light_of(run: dict) -> dict[str, float]:
@@ -731,6 +731,9 @@ def read_results(path: Path) -> list[dict]:
             )
         for column in OPTIONAL:
             row[column] = row.get(column) or ""
+        if row["status"] == "ok":  # an estimate, not a measurement: this version's (an
+            # earlier memory model decided only which points were skipped)
+            row["peak_bytes_model"] = model_peak_bytes(run_of(row))
     return rows
 
 
@@ -1134,6 +1137,18 @@ def check_rows_of_record(rows: list[dict], record: dict, out: Path) -> None:
                 f"named {name!r}, which {out / 'sweep.json'} records as a {kind} device: the "
                 "row was edited or comes from another sweep. Restore it, or pass another --out"
             )
+        grid = record.get("grid", {})
+        for setting, recorded in (
+            ("dtype", grid.get("dtypes")),
+            ("output_metric", [grid["output_metric"]] if "output_metric" in grid else None),
+        ):
+            if row["status"] == "ok" and recorded and row[setting] not in recorded:
+                raise ResultsFileError(  # (a resumed sweep keeps them: RESUMED_SETTINGS)
+                    f"{out / 'results.csv'} line {line}: a point measured with {setting} "
+                    f"{row[setting]}, which the grid of {out / 'sweep.json'} does not measure "
+                    f"({', '.join(recorded)}): the row was edited or comes from another "
+                    "sweep. Restore it, or pass another --out"
+                )
         off = [a for a in AXES if int(row[a]) != base[a]]
         if len(off) > 1:
             point = ", ".join(f"{a}={row[a]}" for a in AXES)
@@ -1165,8 +1180,9 @@ def write_results(path: Path, rows: list[dict]) -> None:
 
 def check_same_model(rows: list[dict], path: Path) -> None:
     """Refuse to resume, fit or judge rows whose recorded model figures (``flops_model``,
-    the speed of light's ``sol_products`` and ``sol_cholesky``, ``peak_bytes_model``) are
-    not this version's cost model at their point (a results file of another version of
+    the speed of light's ``sol_products`` and ``sol_cholesky``; ``peak_bytes_model`` is
+    read as this version's, :func:`read_results`) are not this version's cost model at
+    their point (a results file of another version of
     riemann-bench: say, before the cross-entropy factor dropped its null row; or a
     hand-edited one, found by a hunt to move the speed-of-light ratios): fits and claims
     over a mix would compare different algorithms. Raises :class:`ResultsFileError`; the
@@ -1179,7 +1195,6 @@ def check_same_model(rows: list[dict], path: Path) -> None:
             ("flops_model", model_flops(run)["total"]),
             ("sol_products", sol["products"]),
             ("sol_cholesky", sol["cholesky"]),
-            ("peak_bytes_model", model_peak_bytes(run)),
         ):
             recorded = float(row[column])
             if not math.isclose(recorded, now, rel_tol=1e-9):

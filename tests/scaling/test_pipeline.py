@@ -530,7 +530,6 @@ CORRUPTIONS = {
     "another-cost-model": (_another_cost_model, "with another cost model"),
     # found by a hunt: accepted, and the speed-of-light ratios moved (44.7 -> 57.7)
     "sol-edited": (_edit_row_unnamed("sol_products", "1"), "sol_products 1 recorded"),
-    "peak-model-edited": (_edit_row_unnamed("peak_bytes_model", "7"), "peak_bytes_model 7"),
     # found by review: a traceback in report, or a format error naming neither file nor
     # field; rates without a Cholesky rate were accepted by validate and refused by fit
     "record-environment-list": (
@@ -562,14 +561,10 @@ CORRUPTIONS = {
         _edit_record(lambda r: r["axes"].update(width=[None, 8])),
         "as lists of positive integers",
     ),
-    "mixed-dtype": (  # fit said 'no device rates (an older sweep?)', then blamed the sweep
-        lambda out: _edit_row("dtype", "float64")(out) and None,
-        {
-            "fit": "dtype=float64, output_metric=exact: peak_bytes_model",
-            "validate": "dtype=float64, output_metric=exact: peak_bytes_model",
-            "report": "dtype=float64, output_metric=exact: peak_bytes_model",
-            "sweep": "holds points measured with dtype float32, float64",
-        },
+    # fit said 'no device rates (an older sweep?)', then blamed the memory model
+    "mixed-dtype": (
+        _edit_row("dtype", "float64"),
+        "a point measured with dtype float64, which the grid of",
     ),
     "record-command-number": (
         _edit_record(lambda r: r.update(command=5)),
@@ -624,6 +619,24 @@ def test_a_corrupted_sweep_is_named_and_nothing_is_rewritten(
     if line is not None:
         assert f"results.csv line {line}:" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_the_memory_model_is_read_as_this_version_s(finished, tmp_path):
+    """``peak_bytes_model`` is the cost model's estimate, which decided only which points a
+    memory budget skipped: a file written with an earlier memory model (found by an audit:
+    the layerwise one read 4-42x low), or edited there, is read with this version's."""
+    import shutil
+
+    from riemann_core.scaling import fit
+
+    out = tmp_path / "sweep"
+    shutil.copytree(finished, out)
+    _edit_row("peak_bytes_model", "7")(out)
+    df, _ = fit.read_sweep(out)
+    ok = [r for r in sw.read_results(out / "results.csv") if r["status"] == "ok"]
+    now = [sw.model_peak_bytes(sw.run_of(r)) for r in ok]
+    assert df.loc[df["status"] == "ok", "peak_bytes_model"].tolist() == now
+    assert 7 not in now
 
 
 def test_rows_a_resumed_sweep_kept_are_its_own(finished, tmp_path):
