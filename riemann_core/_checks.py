@@ -573,7 +573,10 @@ def check_inputs(args: tuple, kwargs: dict, targets, checks: Deferred) -> None:
                 )
             )
     fix = "clean or impute the data before computing a direction"
-    tensors = list(tensors_of((args, kwargs)))
+    if not kwargs and all(isinstance(a, Tensor) for a in args):  # (no pytree walk)
+        tensors = list(args)
+    else:
+        tensors = list(tensors_of((args, kwargs)))
     # the data: the first tensor, positional first, where it is floating. Beside token ids
     # or indices, the first floating tensor (of the batch, if one is) may be the data (node
     # features beside the indices of the samples: found by review, unchecked) or a mask (a
@@ -663,7 +666,7 @@ def check_samples_taken(loss: Tensor, outputs: Tensor, checks: Deferred) -> None
             "and the cross-entropy metric at them is not the loss's. Precondition the "
             "model whose outputs the loss takes as logits, or pass an output_metric"
         )
-    count = torch.stack(counts).sum()
+    count = counts[0] if len(counts) == 1 else torch.stack(counts).sum()
     N = outputs.shape[0]
     # on token outputs (N, ..., C) the targets are positions (found by review: there only
     # the zero gradient was read, and a term over every position beside a cross-entropy

@@ -755,7 +755,11 @@ class RiemannianPreconditioner:
                 )
 
         devices = {p.device.type for _, p in params}
-        devices |= {t.device.type for t in tensors_of(self._batch[:2])}
+        args, kwargs = self._batch[:2]
+        if not kwargs and all(isinstance(a, Tensor) for a in args):  # (no pytree walk)
+            devices |= {a.device.type for a in args}
+        else:
+            devices |= {t.device.type for t in tensors_of((args, kwargs))}
         with self._buffers_at_start():
             return run_solver(build, self.method, self._options, checks, devices, self._kfac)
 
