@@ -40,13 +40,17 @@ CUDA memory benchmarks when CUDA is absent.
 
 The grids are literals here, never read from the code under test (but for the names
 of the K-FAC variants, ``public_kfac.VARIANTS``, unchanged since they were added): a cheap default
-(the suite in minutes with ``asv run --python=same --quick``) and, with
-``RIEMANN_BENCH_FULL=1``, the full one (hours on a 2-core CPU).
+(the suite in minutes with ``asv run --python=same --quick``), one axis at a time: the
+base point (width 32, depth 1, 10 outputs, batch 32) and each of width (128, 256), depth
+(2, 3), output dimension (20, 30) and batch (64, 128) varied alone (asv's parameters are a
+Cartesian product: the other combinations are skipped, ``skip_params``); and, with
+``RIEMANN_BENCH_FULL=1``, the full Cartesian one (hours on a 2-core CPU).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import statistics
 
 import torch
@@ -85,12 +89,30 @@ if common.FULL:
     OUT_DIMS = (2, 10, 100)
     BATCHES = (32, 128)
 else:
-    WIDTHS = (32, 128)
-    DEPTHS = (1, 3)
-    OUT_DIMS = (10,)
-    BATCHES = (32,)
+    # one axis at a time: the base point (width 32, depth 1, 10 outputs, batch 32), then
+    # each axis varied alone to two more values (the combinations off these lines are
+    # skipped: ``skip_params``); the first value of each axis is the base's
+    WIDTHS = (32, 128, 256)
+    DEPTHS = (1, 2, 3)
+    OUT_DIMS = (10, 20, 30)
+    BATCHES = (32, 64, 128)
 SIZES = (WIDTHS, DEPTHS, OUT_DIMS, BATCHES)
 SIZE_NAMES = ("width", "depth", "out_dim", "batch")
+
+
+def off_the_lines(*leading: tuple) -> list[tuple]:
+    """The combinations of ``leading`` (the params before the sizes) and :data:`SIZES` that
+    vary more than one axis from the base point (each axis's first value): asv's
+    ``skip_params``, which asv skips without running ``setup`` (none on the full grid, a
+    Cartesian product)."""
+    if common.FULL:
+        return []
+    base = tuple(values[0] for values in SIZES)
+    return [
+        combination
+        for combination in itertools.product(*leading, *SIZES)
+        if sum(v != b for v, b in zip(combination[len(leading) :], base, strict=True)) > 1
+    ]
 
 
 def method_and_kernel(label: str) -> tuple[str, str]:
@@ -109,6 +131,7 @@ def cuda_device() -> str:
 class _DirectionCase:
     params = (METHODS, *SIZES)
     param_names = ("method", *SIZE_NAMES)
+    skip_params = off_the_lines(METHODS)
     timeout = 600.0  # the full grid's largest feasible sizes take minutes per call on a CPU
 
     def setup(self, label, width, depth, out_dim, batch):
@@ -289,6 +312,7 @@ def _factored(kernel, width, depth, out_dim, batch, device):
 class _PhaseCase:
     params = (PHASES, KERNELS, *SIZES)
     param_names = ("phase", "kernel", *SIZE_NAMES)
+    skip_params = off_the_lines(PHASES, KERNELS)
     timeout = 600.0
 
     def setup(self, phase, kernel, width, depth, out_dim, batch):
@@ -405,6 +429,7 @@ class KFAC:
 
     params = (KFAC_VARIANTS, KFAC_IMPLEMENTATIONS, *SIZES)
     param_names = ("variant", "implementation", *SIZE_NAMES)
+    skip_params = off_the_lines(KFAC_VARIANTS, KFAC_IMPLEMENTATIONS)
     timeout = 600.0
 
     def setup(self, variant, implementation, *size):
@@ -421,6 +446,7 @@ class KFACRatio:
 
     params = (KFAC_VARIANTS, *SIZES)
     param_names = ("variant", *SIZE_NAMES)
+    skip_params = off_the_lines(KFAC_VARIANTS)
     timeout = 600.0
 
     def setup(self, variant, *size):

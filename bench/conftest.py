@@ -25,13 +25,19 @@ SEED = 0
 
 @dataclass(frozen=True)
 class Size:
-    """A tanh MLP of ``depth`` hidden layers of ``width`` units, ``out_dim`` classes."""
+    """A tanh MLP of ``depth`` hidden layers of ``width`` units, ``out_dim`` classes;
+    ``axis``: the axis of :data:`SIZES` it varies from the base point (``"base"`` there)."""
 
-    name: str
+    axis: str
     width: int
     depth: int
     out_dim: int
     batch: int
+
+    @property
+    def name(self) -> str:
+        """Its axis values, as its benchmarks' ids and group name it."""
+        return f"width={self.width}-depth={self.depth}-out_dim={self.out_dim}-batch={self.batch}"
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -43,15 +49,21 @@ class Size:
 
     @property
     def group(self) -> str:
-        return f"size={self.name}: MLP {'-'.join(map(str, self.widths))}, batch {self.batch}"
+        mlp = "-".join(map(str, self.widths))
+        return f"{self.name} ({self.axis}): MLP {mlp}, batch {self.batch}"
 
 
-#: ``full`` fits the small size only and the generic kernel's ``K_a`` up to the medium
-#: one (``costs.peak_bytes`` against the default budget of 2 GiB).
+#: The base point, then each axis varied alone to two more values (one axis at a time, as
+#: the sweep's grid; asv's default grid, ``bench/benchmarks.py``, is the same but for its
+#: widths, 128 and 256: each of its sizes also runs the phases and the memory and FLOP
+#: tracks). Widths 256 and 768 are those of the earlier medium and large sizes.
+BASE = {"width": 32, "depth": 1, "out_dim": 10, "batch": 32}
+AXES = {"width": (256, 768), "depth": (2, 3), "out_dim": (20, 30), "batch": (64, 128)}
+#: ``full`` fits all but the two widest (``costs.peak_bytes`` against the default budget of
+#: 2 GiB); the generic kernel's ``K_a`` fits every size.
 SIZES = (
-    Size("small", width=32, depth=2, out_dim=10, batch=32),
-    Size("medium", width=256, depth=2, out_dim=10, batch=64),
-    Size("large", width=768, depth=2, out_dim=10, batch=128),
+    Size("base", **BASE),
+    *(Size(axis, **{**BASE, axis: value}) for axis, values in AXES.items() for value in values),
 )
 
 
@@ -87,7 +99,7 @@ def rates(device) -> dict[str, float]:
     return {k: sorted(v)[len(v) // 2] for k, v in device_rates(device, DTYPE, n=n).items()}
 
 
-@pytest.fixture(scope="module", params=SIZES, ids=lambda s: f"size={s.name}")
+@pytest.fixture(scope="module", params=SIZES, ids=lambda s: s.name)
 def problem(request, device) -> Problem:
     """Seeded model and batch of one size (cached in :func:`bench.common.problem`)."""
     size = request.param

@@ -75,7 +75,7 @@ def test_direction(benchmark, problem, method, kernel, memory_budget, rates):
     need = costs.peak_bytes(method, problem.size.shape, kernel, itemsize=_itemsize(problem))
     if need > memory_budget:
         pytest.skip(
-            f"{method} ({kernel}) at size={problem.size.name} needs about {need / 2**30:.1f} GiB "
+            f"{method} ({kernel}) at {problem.size.name} needs about {need / 2**30:.1f} GiB "
             f"by costs.peak_bytes, over the budget of {memory_budget / 2**30:.1f} GiB "
             "(RIEMANN_BENCH_BUDGET_GIB)"
         )

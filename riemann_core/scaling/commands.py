@@ -231,6 +231,18 @@ def run_fit(args) -> int:
             print(
                 f"{dtype} rates of {name} during the sweep (GFLOP/s, median): {measured or 'none'}"
             )
+    apart = (df["status"] == "ok") & fit.stretches_disagree(df)
+    if apart.any():
+        print(
+            f"left out of the time model and the fits: {int(apart.sum())} point(s) timed in "
+            f"stretches of time whose medians disagree by more than {sw.SPREAD_LIMIT:.0%} "
+            "(their pooled median is no time of the point; rerun the sweep on a quiet "
+            "machine): "
+            + ", ".join(
+                f"{r.method} ({r.kernel}) {'/'.join(str(int(getattr(r, a))) for a in sw.AXES)}"
+                for r in df[apart].itertuples()
+            )
+        )
     print(
         f"wrote fits.csv (exponents of FLOPs and time per axis), time_model.csv (overhead "
         f"and achieved rates per method) and rates.csv (FLOP/s and time / speed of light "

@@ -247,6 +247,19 @@ def stretch_times(rows: pd.DataFrame) -> list[list[np.ndarray]]:
     return [[s.reshape(k, -1)[i] for s in samples] for i in range(k)]
 
 
+def stretch_times_of_rows(rows: pd.DataFrame) -> list[list[np.ndarray]]:
+    """Per row, its times split into the stretches of time it was timed in (``stretches``;
+    one part where it has one, or where its times do not split)."""
+    column = rows["stretches"] if "stretches" in rows else pd.Series(1, index=rows.index)
+    out = []
+    for times, count in zip(repeat_times(rows), column, strict=True):
+        count = int(count) if isinstance(count, Real) and math.isfinite(count) else 1
+        out.append(
+            list(times.reshape(count, -1)) if count > 1 and not times.size % count else [times]
+        )
+    return out
+
+
 def loglog_slope(
     x: Sequence[float],
     y_samples: Sequence[Sequence[float] | float],
@@ -540,10 +553,36 @@ def took_slow_path(rows: pd.DataFrame) -> pd.Series:
     return paths.notna() & (paths.astype(str) != "")  # read back, an empty column is NaN
 
 
+def stretch_spreads(rows: pd.DataFrame) -> pd.Series:
+    """:func:`~riemann_core.scaling.sweep.stretch_spread` of every row, read off its
+    ``times_s`` and ``stretches`` (0 for a row of one stretch, or a results file written
+    before stretches were recorded; nan where its times do not split)."""
+    column = rows["stretches"] if "stretches" in rows else pd.Series(1, index=rows.index)
+    spreads = []
+    for times, count in zip(repeat_times(rows), column, strict=True):
+        count = int(count) if isinstance(count, Real) and math.isfinite(count) else 1
+        spreads.append(sweep.stretch_spread(times.tolist(), count))
+    return pd.Series(spreads, index=rows.index, dtype=float)
+
+
+def stretches_disagree(rows: pd.DataFrame) -> pd.Series:
+    """Which of ``rows`` were timed in stretches of time that disagree by more than
+    :data:`~riemann_core.scaling.sweep.SPREAD_LIMIT` (flagged ``stretches`` by the sweep;
+    read off the times as well, so that a results file written before the flag is read
+    alike): their median pools two states of the machine and is no time of the point, so
+    the time models, :func:`fit_table` and the claims on time leave them out."""
+    flags = rows["flag"] if "flag" in rows else pd.Series("", index=rows.index)
+    flagged = flags.map(lambda f: isinstance(f, str) and "stretches" in f.split())
+    # bool, also when empty (an empty object Series would select columns, not rows)
+    return (flagged | (stretch_spreads(rows) > sweep.SPREAD_LIMIT)).astype(bool)
+
+
 def time_models(df: pd.DataFrame) -> dict[tuple, TimeModel]:
     """:func:`fit_time_model` per method, kernel and setting over the ok rows that took no
-    slow path (groups with too few points have none)."""
+    slow path and whose stretches of time agree (:func:`stretches_disagree`; groups with
+    too few points have none)."""
     ok = df[(df["status"] == "ok") & (df["time_median_s"] > 0) & ~took_slow_path(df)]
+    ok = ok[~stretches_disagree(ok)]
     models = {}
     for key, rows in ok.groupby(_group_keys(df), sort=True):
         try:
@@ -699,9 +738,9 @@ def fit_table(
     ``overhead_at_top``, ``compute_bound``, ``work_ratio`` and ``regime``: the axis's
     :class:`AxisRegime`, as the claims judge it; ``time_exponent`` with ``low`` and
     ``high``: its exponent over the top segment (empty where the regime is ``overhead`` or
-    ``flat``). The ok points that took no slow path, as the claims take them. A
-    combination with fewer than 2 distinct such x has no row. ``progress(label)`` is called
-    after each fit.
+    ``flat``). The ok points that took no slow path and whose stretches of time agree
+    (:func:`stretches_disagree`), as the claims take them. A combination with fewer than 2
+    distinct such x has no row. ``progress(label)`` is called after each fit.
     """
     base = sweep_meta["base"]
     axes = [a for a in sweep_meta.get("axes", AXES) if a in AXES]
@@ -709,6 +748,7 @@ def fit_table(
     models = time_models(df)
     records = []
     ok = df[(df["status"] == "ok") & ~took_slow_path(df)]
+    ok = ok[~stretches_disagree(ok)]
     for key, group in ok.groupby(keys, sort=True):
         for axis in axes:
             x = FIT_X[axis]

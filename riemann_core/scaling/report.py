@@ -380,6 +380,7 @@ def device_report(
         *_flagged_section(df),
         "## Time model (`time_model.csv`)",
         "",
+        *_left_out_lines(df),
         _table(fit.time_model_table(df)),
         "",
         "## Exponents per axis (`fits.csv`)",
@@ -484,12 +485,32 @@ def _growth_section(meta: dict) -> list[str]:
     ]
 
 
+def _left_out_lines(df: pd.DataFrame) -> list[str]:
+    """A line saying how many points the time model and the fits left out, and why."""
+    count = int(((df["status"] == "ok") & fit.stretches_disagree(df)).sum())
+    return [_left_out_sentence(count), ""] if count else []
+
+
+def _left_out_sentence(count: int) -> str:
+    """What became of the points whose stretches of time disagree (``count`` of them)."""
+    return (
+        f"{count} point{'' if count == 1 else 's'} timed in stretches of time whose medians "
+        f"disagree by more than {SPREAD_LIMIT:.0%} (`stretch_spread`: the slowest "
+        "stretch's median over the fastest's, less 1; flagged `stretches`) "
+        f"{'was' if count == 1 else 'were'} left out of the time model, the exponents per "
+        "axis and the claims on time (a depth line holding one is too noisy): such a "
+        "point's median pools two states of the machine and is no time of the point."
+    )
+
+
 def _flagged_section(df: pd.DataFrame) -> list[str]:
     slow_paths = df["slow_paths"] if "slow_paths" in df else pd.Series("", index=df.index)
     df = df.assign(slow_paths=slow_paths.fillna(""), flops_vs_model=df["flops"] / df["flops_model"])
-    flagged = df[(df["flag"] != "") | (df["remeasured"] > 0) | (df["slow_paths"] != "")]
+    df = df.assign(stretch_spread=fit.stretch_spreads(df))
+    apart = (df["status"] == "ok") & fit.stretches_disagree(df)
+    flagged = df[(df["flag"] != "") | (df["remeasured"] > 0) | (df["slow_paths"] != "") | apart]
     columns = ["method", "kernel", *AXES, "time_median_s", "spread", "remeasured", "flag"]
-    columns += ["slow_paths", "flops_vs_model"]
+    columns += ["stretch_spread", "slow_paths", "flops_vs_model"]
     text = (
         f"Points whose repeats spread over {SPREAD_LIMIT:.0%} of their median, or whose "
         "median was far from both neighbours, were measured once more; `flag` says which "
@@ -497,7 +518,7 @@ def _flagged_section(df: pd.DataFrame) -> list[str]:
         "(a Gram's condition estimated again from the whole Gram, a float64 residual, "
         "refinement, a Cholesky redone with jitter): their work is in "
         "the point's time and counted FLOPs (`flops_vs_model`) but in no cost model, so every "
-        "claim leaves such points out."
+        "claim leaves such points out. " + _left_out_sentence(int(apart.sum()))
     )
     return [
         "## Re-measured and flagged points",

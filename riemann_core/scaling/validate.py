@@ -300,12 +300,18 @@ def validate(
             progress(claim.id)
 
     rates = fit.best_rates(sweep_meta, fit.ok_dtype(df))
-    for method in DEPTH_METHODS:
+    for method in DEPTH_METHODS:  # judged too noisy where its line holds such points
         judged(_linear_in_depth(df, base, rates, method, n_boot, seed))
+    # points whose stretches of time disagree: their median is no time of the point
+    apart = (df["status"] == "ok") & fit.stretches_disagree(df)
+    left_out, df = df[apart], df[~apart]
     for method, kernel in _time_runs(df):
-        judged(_time_explained(df, sweep_meta, models, method, kernel, n_boot, seed))
-    judged(_crossover(df, base, n_boot, seed))
-    judged(_structured_factor(df, base, models, n_boot, seed))
+        claim = _time_explained(df, sweep_meta, models, method, kernel, n_boot, seed)
+        judged(_left_out(claim, left_out, [(method, kernel)]))
+    claim = _crossover(df, base, n_boot, seed)
+    judged(_left_out(claim, left_out, [("layerwise", "structured"), ("full", _kernel(df, "full"))]))
+    claim = _structured_factor(df, base, models, n_boot, seed)
+    judged(_left_out(claim, left_out, [("layerwise", "structured"), ("layerwise", "generic")]))
     spread = fit.rate_spread(sweep_meta, fit.ok_dtype(df))
     moved = {k: v for k, v in spread.items() if not v <= SPREAD_LIMIT}  # NaN: not known
     judged = (PASS, FAIL, NOT_REACHED)
@@ -316,6 +322,34 @@ def validate(
         else c
         for c in timed
     ]
+
+
+def _left_out(claim: Claim, left_out: pd.DataFrame, runs: Sequence[tuple[str, str]]) -> Claim:
+    """``claim`` with a note of the points of its ``runs`` (method, kernel) left out of it
+    because their stretches of time disagree (:func:`~riemann_core.scaling.fit.stretches_disagree`)."""
+    mine = left_out[
+        np.logical_or.reduce(
+            [(left_out["method"] == m) & (left_out["kernel"] == k) for m, k in runs]
+            or [np.zeros(len(left_out), bool)]
+        )
+    ]
+    if mine.empty:
+        return claim
+    note = (
+        f" {len(mine)} point(s) left out, timed in stretches of time whose medians disagree "
+        f"by more than {SPREAD_LIMIT:.0%} ({_stretches_of_points(mine)}): their pooled median "
+        "is no time of the point; rerun the sweep on a quiet machine to judge them."
+    )
+    return replace(claim, detail=claim.detail + note)
+
+
+def _stretches_of_points(rows: pd.DataFrame) -> str:
+    """Each of ``rows`` with the medians of its stretches of time, in ms."""
+    parts = []
+    for row, stretches in zip(rows.itertuples(), fit.stretch_times_of_rows(rows), strict=True):
+        medians = " and ".join(f"{np.median(s) * 1e3:.3g}" for s in stretches)
+        parts.append(f"{row.method} ({row.kernel}) at {_point(row)}: {medians} ms")
+    return "; ".join(parts)
 
 
 def _unsteady(claim: Claim, moved: Mapping[str, float]) -> Claim:
@@ -680,6 +714,20 @@ def _linear_in_depth(
             "every call pays, and its curve is that of what the count does not see (per-call "
             "and per-module overhead, memory traffic); judge it at a larger base width or batch"
         )
+    apart = rows[fit.stretches_disagree(rows)]
+    if not apart.empty:  # its figures pool two states of the machine at these points
+        told = (
+            f"{len(apart)} of its points were timed in stretches of time whose medians "
+            f"disagree by more than {SPREAD_LIMIT:.0%} ({_stretches_of_points(apart)})"
+        )
+        if verdict == NOISY:  # (already: its reason stands, these points beside it)
+            reason += f"; and {told}"
+        else:
+            verdict = NOISY
+            reason = (
+                f"; too noisy: {told}: a verdict cannot rest on their times; rerun on a "
+                "quiet machine"
+            )
     claim = Claim(
         cid,
         text,

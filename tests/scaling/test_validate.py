@@ -806,3 +806,91 @@ def test_a_planted_super_linear_time_passes_no_claim_on_a_wide_grid(grid):
                 if c.verdict == "pass"
             ]
             assert not passed, (law, seed, passed)
+
+
+def _slowed_stretch(df, where, factor=20.0):
+    """``df`` with the points ``where`` timed in two stretches, the second ``factor`` times
+    the first (as an audit's base point: 0.93 ms and 19.5 ms, pooled to 8.1 ms), and every
+    other point of their lines in two stretches that agree."""
+    df = df.copy()
+    df["stretches"] = np.nan
+    line = (df["method"] == "layerwise") & (df["kernel"] == "structured")
+    line &= (df["width"] == BASE["width"]) & (df["out_dim"] == BASE["out_dim"])
+    line &= df["batch"] == BASE["batch"]  # the depth line through the base point
+    for i in df.index[line | where]:
+        times = json.loads(df.at[i, "times_s"])
+        both = times + [t * (factor if where[i] else 1.01) for t in times]
+        df.at[i, "times_s"] = json.dumps(both)
+        df.at[i, "time_median_s"] = float(np.median(both))
+        df.at[i, "stretches"] = 2
+    df.loc[line, "interleaved"] = "depth"
+    return df
+
+
+def test_a_point_whose_stretches_disagree_is_left_out_of_the_time_model_and_the_fits():
+    """Found by an audit: a base point whose two stretches read 0.93 and 19.5 ms was
+    recorded as their pooled median, 8.1 ms; the width fit's top segment and the time model
+    (r2_log -0.72) took it. Such a point is left out of both (read off its times, so a
+    results file written before the flag is read alike), and a verdict never rests on it:
+    the time claims are those of the sweep without it, with a note; its depth line is too
+    noisy."""
+    df, meta = make_sweep(REALISTIC, status_fn=full_fits_in_memory, repeats=7)
+    at_base = (df["method"] == "layerwise") & (df["kernel"] == "structured")
+    for axis in fit.AXES:
+        at_base &= df[axis] == BASE[axis]
+    assert at_base.sum() == 1
+    planted = _slowed_stretch(df, at_base)
+    clean = _slowed_stretch(df, at_base, factor=1.01)
+    without = planted[~at_base]
+
+    key = ("layerwise", "structured")
+    models = {k: m for k, m in fit.time_models(planted).items() if k[:2] == key}
+    expected = {k: m for k, m in fit.time_models(without).items() if k[:2] == key}
+    assert models and models == expected
+    table = fit.fit_table(planted, meta, n_boot=200)
+    pd.testing.assert_frame_equal(table, fit.fit_table(without, meta, n_boot=200))
+
+    claims = {c.id: c for c in va.validate(planted, meta, n_boot=300)}
+    alone = {c.id: c for c in va.validate(without, meta, n_boot=300)}
+    for cid in ("time-explained-layerwise", "crossover-width", "structured-vs-generic"):
+        assert claims[cid].verdict == alone[cid].verdict
+        assert claims[cid].measured == alone[cid].measured
+        assert "1 point(s) left out, timed in stretches of time whose medians disagree" in (
+            claims[cid].detail
+        )
+    assert "left out" not in claims["time-explained-natural"].detail
+    depth = claims["linear-in-depth-layerwise"]
+    assert depth.verdict == "too noisy"
+    assert "1 of its points were timed in stretches of time whose medians disagree" in (
+        depth.detail
+    )
+    assert "layerwise (structured) at width" in depth.detail
+    assert fit.stretches_disagree(planted).tolist() == at_base.tolist()
+    assert not fit.stretches_disagree(clean).any()
+    clean_claims = {c.id: c.verdict for c in va.validate(clean, meta, n_boot=300)}
+    assert clean_claims["linear-in-depth-layerwise"] != "too noisy"  # agreeing stretches judged
+
+
+def test_points_of_one_stretch_or_of_an_old_file_are_never_left_out():
+    """A results file without ``stretches`` (written before they were recorded) or ``flag``,
+    and rows of one stretch, have nothing to disagree; a row flagged ``stretches`` by the
+    sweep is left out whatever its times."""
+    df, _ = make_sweep(repeats=4)
+    assert not fit.stretches_disagree(df.drop(columns=["stretches", "flag"])).any()
+    assert not fit.stretches_disagree(df).any()
+    df.loc[df.index[0], "flag"] = "spread stretches"
+    assert fit.stretches_disagree(df).tolist() == [True] + [False] * (len(df) - 1)
+
+
+def test_the_report_says_how_many_points_were_left_out_and_why():
+    from riemann_core.scaling import report
+
+    df, _ = make_sweep(repeats=7)
+    at_base = (df["method"] == "layerwise") & (df["kernel"] == "structured")
+    for axis in fit.AXES:
+        at_base &= df[axis] == BASE[axis]
+    text = "\n".join(report._flagged_section(_slowed_stretch(df, at_base)))
+    assert "1 point timed in stretches of time whose medians disagree by more than 20%" in text
+    assert "was left out of the time model, the exponents per axis and the claims" in text
+    assert report._left_out_lines(_slowed_stretch(df, at_base))
+    assert not report._left_out_lines(df)
