@@ -93,7 +93,9 @@ def require_feasible(
     """Raise ``NotImplementedError`` (asv: skip) when the cost model's peak memory of the
     direction exceeds :data:`BUDGET_BYTES` (``full`` at large ``n``, ``generic`` at
     large ``n d``)."""
-    need = costs.peak_bytes(method, shape(width, depth, out_dim, batch), kernel, itemsize)
+    need = costs.peak_bytes(
+        method, shape(width, depth, out_dim, batch), kernel, itemsize, device=device()
+    )
     if need > BUDGET_BYTES:
         raise NotImplementedError(
             f"method={method!r} kernel={kernel!r} needs ~{need / 2**30:.2f} GiB by "

@@ -72,7 +72,9 @@ def test_sgd_step(benchmark, problem, rates):
 @pytest.mark.parametrize(("method", "kernel"), RUNS)
 def test_direction(benchmark, problem, method, kernel, memory_budget, rates):
     """``rc.direction`` of one method on the problem's batch (exact cross-entropy Fisher)."""
-    need = costs.peak_bytes(method, problem.size.shape, kernel, itemsize=_itemsize(problem))
+    need = costs.peak_bytes(
+        method, problem.size.shape, kernel, _itemsize(problem), device=problem.device.type
+    )
     if need > memory_budget:
         pytest.skip(
             f"{method} ({kernel}) at {problem.size.name} needs about {need / 2**30:.1f} GiB "
