@@ -18,11 +18,7 @@ returned. ``riemann-bench`` applies them to its processes (:func:`keep_freed_mem
 starts the workers of its local cluster with them; the environment record says which
 policy a measurement ran under (:func:`policy`). A memory measurement still returns the
 free memory first (:func:`riemann_core.measure.memory.release_free_memory`), and so does
-the sweep after each point: the memory kept is at most a point's own. While it measures,
-blocks of 128 KiB and more are mapped again (:func:`mapped_large_blocks`): under
-:data:`KEEP` a block that fits no freed one grows the heap, so resident memory could read
-up to twice the live tensors' peak (found by an audit: 200 MB for a call that allocates
-100 MB, frees it and allocates 100 MB again).
+the sweep after each point: the memory kept is at most a point's own.
 """
 
 from __future__ import annotations
@@ -31,8 +27,6 @@ import ctypes
 import ctypes.util
 import os
 import platform
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 #: glibc's environment variables that keep freed memory (read when a process starts).
 KEEP = {
@@ -67,48 +61,19 @@ def keep_freed_memory() -> bool:
     """Apply :data:`KEEP` to this process (``mallopt``; threads that allocated before keep
     their own arena) and put it in ``os.environ`` for the processes it starts. False,
     changing nothing, where the C library is not glibc."""
-    mallopt = _mallopt()
-    if mallopt is None:
+    if platform.libc_ver()[0] != "glibc":
         return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     global _kept
     if not all(mallopt(_PARAMETER[name], int(value)) == 1 for name, value in KEEP.items()):
         return False
     os.environ.update(KEEP)
     _kept = True
     return True
-
-
-#: ``mallopt``'s M_MMAP_MAX and M_MMAP_THRESHOLD, and the values :func:`mapped_large_blocks`
-#: sets: glibc's default count of mappings, at its default (here fixed) threshold of 128 KiB
-_MAPPED = {-4: 65536, -3: 128 * 1024}
-
-
-@contextmanager
-def mapped_large_blocks() -> Iterator[None]:
-    """Inside, where this process runs with :data:`KEEP`: every block of 128 KiB and more is
-    mapped as it is allocated and unmapped as it is freed, so that resident memory follows
-    the live tensors (a memory measurement, not timed); :data:`KEEP` again after. Elsewhere
-    nothing changes."""
-    mallopt = _mallopt() if _kept else None
-    if mallopt is None or not all(mallopt(k, v) == 1 for k, v in _MAPPED.items()):
-        yield
-        return
-    try:
-        yield
-    finally:
-        mallopt(_PARAMETER["MALLOC_MMAP_MAX_"], int(KEEP["MALLOC_MMAP_MAX_"]))
-
-
-def _mallopt():
-    """glibc's ``mallopt``, or ``None``."""
-    if platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError, TypeError):
-        return None
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt
 
 
 def policy() -> str:
