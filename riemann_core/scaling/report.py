@@ -518,7 +518,8 @@ def _flagged_section(df: pd.DataFrame) -> list[str]:
         "(a Gram's condition estimated again from the whole Gram, a float64 residual, "
         "refinement, a Cholesky redone with jitter): their work is in "
         "the point's time and counted FLOPs (`flops_vs_model`) but in no cost model, so every "
-        "claim leaves such points out. " + _left_out_sentence(int(apart.sum()))
+        "claim leaves such points out."
+        + (f" {_left_out_sentence(n)}" if (n := int(apart.sum())) else "")
     )
     return [
         "## Re-measured and flagged points",

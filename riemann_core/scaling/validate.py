@@ -720,7 +720,8 @@ def _linear_in_depth(
             f"{len(apart)} of its points were timed in stretches of time whose medians "
             f"disagree by more than {SPREAD_LIMIT:.0%} ({_stretches_of_points(apart)})"
         )
-        if verdict == NOISY:  # (already: its reason stands, these points beside it)
+        if verdict in (NOISY, NOT_REACHED):  # its reason stands, these points beside it
+            # (found by review: a line with too little work was told to rerun)
             reason += f"; and {told}"
         else:
             verdict = NOISY

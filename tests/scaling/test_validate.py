@@ -894,3 +894,29 @@ def test_the_report_says_how_many_points_were_left_out_and_why():
     assert "was left out of the time model, the exponents per axis and the claims" in text
     assert report._left_out_lines(_slowed_stretch(df, at_base))
     assert not report._left_out_lines(df)
+
+
+def test_a_line_too_light_to_judge_says_so_beside_a_point_left_out(monkeypatch):
+    """Found by review: a depth line whose work was too little to judge ("regime not
+    reached", judge it at a larger base) became "too noisy, rerun on a quiet machine" once
+    it held a point whose stretches disagree, its reason dropped."""
+    monkeypatch.setattr(va, "_line_work", lambda rows, rates: 0.01)  # too little work
+    df, meta = make_sweep(REALISTIC, status_fn=full_fits_in_memory, repeats=7)
+    at_base = (df["method"] == "layerwise") & (df["kernel"] == "structured")
+    for axis in fit.AXES:
+        at_base &= df[axis] == BASE[axis]
+    depth = {c.id: c for c in va.validate(_slowed_stretch(df, at_base), meta, n_boot=300)}
+    depth = depth["linear-in-depth-layerwise"]
+    assert depth.verdict == "regime not reached", depth.detail
+    assert "judge it at a larger base width or batch" in depth.detail
+    assert "1 of its points were timed in stretches of time whose medians disagree" in (
+        depth.detail
+    )
+
+
+def test_the_report_says_nothing_of_points_left_out_where_there_are_none():
+    """Found by review: "0 points ... were left out" stood in every report."""
+    from riemann_core.scaling import report
+
+    df, _ = make_sweep(repeats=7)
+    assert "left out of the time model" not in "\n".join(report._flagged_section(df))
