@@ -498,7 +498,8 @@ def _left_out_sentence(count: int) -> str:
         f"disagree by more than {SPREAD_LIMIT:.0%} (`stretch_spread`: the slowest "
         "stretch's median over the fastest's, less 1; flagged `stretches`) "
         f"{'was' if count == 1 else 'were'} left out of the time model, the exponents per "
-        "axis and the claims on time (a depth line holding one is too noisy): such a "
+        "axis and the claims on time (a depth line holding one gets no verdict from its "
+        "times): such a "
         "point's median pools two states of the machine and is no time of the point."
     )
 

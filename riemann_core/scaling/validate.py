@@ -725,7 +725,7 @@ def _linear_in_depth(
             reason += f"; and {told}"
         else:
             verdict = NOISY
-            reason = (
+            reason += (
                 f"; too noisy: {told}: a verdict cannot rest on their times; rerun on a "
                 "quiet machine"
             )
