@@ -516,6 +516,14 @@ def tensors_of(value) -> Iterable[Tensor]:
     return (leaf for leaf in leaves if isinstance(leaf, Tensor))
 
 
+def call_tensors(args: tuple, kwargs: dict) -> list[Tensor]:
+    """Every tensor of a call's ``(args, kwargs)``, in order: the arguments themselves
+    where they are tensors alone (no pytree walk, a step's per-call cost)."""
+    if not kwargs and all(isinstance(a, Tensor) for a in args):
+        return list(args)
+    return list(tensors_of((args, kwargs)))
+
+
 def forward_arguments(inputs, forward_kwargs) -> tuple[tuple, dict]:
     """``(args, kwargs)`` of the model call: a tuple of ``inputs`` is the positional
     arguments, a tensor the single one. Inference tensors (made under
@@ -573,10 +581,7 @@ def check_inputs(args: tuple, kwargs: dict, targets, checks: Deferred) -> None:
                 )
             )
     fix = "clean or impute the data before computing a direction"
-    if not kwargs and all(isinstance(a, Tensor) for a in args):  # (no pytree walk)
-        tensors = list(args)
-    else:
-        tensors = list(tensors_of((args, kwargs)))
+    tensors = call_tensors(args, kwargs)
     # the data: the first tensor, positional first, where it is floating. Beside token ids
     # or indices, the first floating tensor (of the batch, if one is) may be the data (node
     # features beside the indices of the samples: found by review, unchecked) or a mask (a

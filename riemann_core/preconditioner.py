@@ -22,6 +22,7 @@ from ._checks import (
     Deferred,
     DirectionOverflow,
     GradientOverflow,
+    call_tensors,
     check_classes_last,
     check_damping,
     check_damping_fits,
@@ -755,11 +756,7 @@ class RiemannianPreconditioner:
                 )
 
         devices = {p.device.type for _, p in params}
-        args, kwargs = self._batch[:2]
-        if not kwargs and all(isinstance(a, Tensor) for a in args):  # (no pytree walk)
-            devices |= {a.device.type for a in args}
-        else:
-            devices |= {t.device.type for t in tensors_of((args, kwargs))}
+        devices |= {t.device.type for t in call_tensors(*self._batch[:2])}
         with self._buffers_at_start():
             return run_solver(build, self.method, self._options, checks, devices, self._kfac)
 
