@@ -344,7 +344,7 @@ class Passes:
                 h = held.get(id(p), p)  # (p: never noted)
                 if h is p or (h is None) != (p.grad is None):
                     return True
-                if h is not None and (h[0]() is not p.grad or h[1] != p.grad._version):
+                if h is not None and not _held_still(h, p.grad):
                     return True
         return False
 
@@ -370,9 +370,7 @@ class Passes:
             if p.grad is not None
             and id(p) in held
             and (
-                bool(p.grad.any())
-                if held[id(p)] is None
-                else held[id(p)][0]() is not p.grad or held[id(p)][1] != p.grad._version
+                bool(p.grad.any()) if held[id(p)] is None else not _held_still(held[id(p)], p.grad)
             )
         ]
 
@@ -477,6 +475,12 @@ class Passes:
                 "it from a share), or wrap the model in DistributedDataParallel (its averaged "
                 ".grad is taken as the global gradient)"
             )
+
+
+def _held_still(held: tuple[weakref.ref, int], grad: Tensor) -> bool:
+    """Whether ``grad`` is the ``.grad`` noted as ``held`` (:meth:`Passes._note_grads`), at
+    the version noted: the same tensor, not changed in place since."""
+    return held[0]() is grad and held[1] == grad._version
 
 
 def _in_backward() -> bool:

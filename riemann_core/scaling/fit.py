@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
 from pathlib import Path
@@ -247,17 +247,21 @@ def stretch_times(rows: pd.DataFrame) -> list[list[np.ndarray]]:
     return [[s.reshape(k, -1)[i] for s in samples] for i in range(k)]
 
 
+def _times_and_stretches(rows: pd.DataFrame) -> Iterator[tuple[np.ndarray, int]]:
+    """Per row, its times and the number of stretches of time they were taken in (1 where
+    ``stretches`` is blank, or missing: a results file written before it was recorded)."""
+    column = rows["stretches"] if "stretches" in rows else pd.Series(1, index=rows.index)
+    for times, count in zip(repeat_times(rows), column, strict=True):
+        yield times, int(count) if isinstance(count, Real) and math.isfinite(count) else 1
+
+
 def stretch_times_of_rows(rows: pd.DataFrame) -> list[list[np.ndarray]]:
     """Per row, its times split into the stretches of time it was timed in (``stretches``;
     one part where it has one, or where its times do not split)."""
-    column = rows["stretches"] if "stretches" in rows else pd.Series(1, index=rows.index)
-    out = []
-    for times, count in zip(repeat_times(rows), column, strict=True):
-        count = int(count) if isinstance(count, Real) and math.isfinite(count) else 1
-        out.append(
-            list(times.reshape(count, -1)) if count > 1 and not times.size % count else [times]
-        )
-    return out
+    return [
+        list(times.reshape(count, -1)) if count > 1 and not times.size % count else [times]
+        for times, count in _times_and_stretches(rows)
+    ]
 
 
 def loglog_slope(
@@ -557,11 +561,7 @@ def stretch_spreads(rows: pd.DataFrame) -> pd.Series:
     """:func:`~riemann_core.scaling.sweep.stretch_spread` of every row, read off its
     ``times_s`` and ``stretches`` (0 for a row of one stretch, or a results file written
     before stretches were recorded; nan where its times do not split)."""
-    column = rows["stretches"] if "stretches" in rows else pd.Series(1, index=rows.index)
-    spreads = []
-    for times, count in zip(repeat_times(rows), column, strict=True):
-        count = int(count) if isinstance(count, Real) and math.isfinite(count) else 1
-        spreads.append(sweep.stretch_spread(times.tolist(), count))
+    spreads = [sweep.stretch_spread(t.tolist(), k) for t, k in _times_and_stretches(rows)]
     return pd.Series(spreads, index=rows.index, dtype=float)
 
 
