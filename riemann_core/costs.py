@@ -144,12 +144,13 @@ def qr_flops(m: int, n: int) -> float:
 FACTORISATION_WEIGHT = 3.0
 
 
-def dense_is_cheaper(n: int, d: int, gram_flops: float) -> bool:
+def dense_is_cheaper(n: int, d: int, gram_flops: float, metric_flops: float) -> bool:
     """Layerwise block rule: factorise ``mu I + K^T K`` (``n x n``) rather than the
-    ``d x d`` Gram when ``2 n^2 d + w n^3 / 3 < gram_flops + w d^3 / 3``, with ``w``
-    :data:`FACTORISATION_WEIGHT` (both algebras are exact; this only picks the faster)."""
+    ``d x d`` Gram when ``metric_flops + w n^3 / 3 < gram_flops + w d^3 / 3``, with ``w``
+    :data:`FACTORISATION_WEIGHT` (both algebras are exact; this only picks the faster).
+    ``metric_flops``: those of ``K^T K`` (``Handler.metric_flops``)."""
     w = FACTORISATION_WEIGHT
-    return 2 * n * n * d + w * cholesky_flops(n) < gram_flops + w * cholesky_flops(d)
+    return metric_flops + w * cholesky_flops(n) < gram_flops + w * cholesky_flops(d)
 
 
 @dataclass(frozen=True)
@@ -250,10 +251,11 @@ def flops(
                 cost["factorisation"] += N * qr_flops(shape.rows, f)
             block = MLPShape((p - int(shape.bias), f), N, m, shape.bias)
             gram = _gram(block, kernel, f_in, f, n, symmetric)
-            if dense_is_cheaper(n, block.d, gram):
+            metric = _metric(block, kernel, f_in, f, n)
+            if dense_is_cheaper(n, block.d, gram, metric):
                 if not generic:
                     cost["gradient"] = cost.get("gradient", 0) + 2 * N * f * f_in
-                cost["gram"] += 2 * n * n * block.d
+                cost["gram"] += metric
                 cost["factorisation"] += cholesky_flops(n)
                 cost["checks"] += power_flops(n)
                 cost["solve"] += 2 * triangular_solve_flops(n)
@@ -352,6 +354,16 @@ def _gram(shape: MLPShape, kernel: str, f_in: int, f: int, n: int, symmetric: bo
     return 2 * N * N * f_in + lower_gram_flops(d, r, f, symmetric)
 
 
+def _metric(shape: MLPShape, kernel: str, f_in: int, f: int, n: int) -> float:
+    """``K_a^T K_a``: ``2 N r f^2 + 2 N f^2 P^2`` structured (each sample's ``Delta_b^T
+    Delta_b``, then their sum with ``xt_b xt_b^T``, ``LinearHandler.metric``), ``2 n^2 d``
+    generic (from ``K``)."""
+    N, r = shape.batch, shape.rows
+    if kernel == "generic":
+        return 2 * n * n * shape.d
+    return 2 * N * f * f * (r + shape.patch(f_in) ** 2)
+
+
 def _products(shape: MLPShape, kernel: str, f_in: int, f: int, n: int) -> float:
     """``K_a g_a`` and ``g_a - K_a^T t`` (structured: through ``Lambda``, one GEMM; the
     rows' products with ``Xt Xt^T Lambda``, ``2 d f``, are a batched GEMM for several rows
@@ -428,7 +440,9 @@ def peak_bytes(
 
     Block ``a`` keeps ``d_a = N min(r, f_out)`` rows and has ``n_a`` parameters;
     ``d = N r``. Every method holds the activations and pulled-back rows
-    ``(r + 2) N sum f`` and the gradient and direction ``2 n``; then::
+    ``(r + 2) N sum f``, the output factor's rows as formed and scaled ``2 r N f_L``, and
+    the gradient and direction ``2 n``; layerwise also each block's compressed rows
+    ``d_a f_a`` beside its pulled-back ones where ``d_a < d``; then::
 
         layerwise  sum_a M_a^2                 Woodbury blocks: the Grams of all the
                                                blocks of one d_a are written into one
@@ -438,8 +452,11 @@ def peak_bytes(
                          max_a d_a^2)          diagonal N x N probe blocks copied, or
                                                a Gram mirrored whole
                    or, where larger,           a block solved before them through its
-                   max_a (2 d_a n_a + n_a^2)   dense metric (dense_is_cheaper; ``device``
-                                               as in flops): K_a as assembled, K_a^T K_a
+                   max_a (3 n_a^2 + N f_a^2)   dense metric (dense_is_cheaper; ``device``
+                                               as in flops): K_a^T K_a, the product it is
+                                               gathered from, a chunk of its operands (at
+                                               most n_a^2), each sample's f_a x f_a Gram
+                                               (generic: n_a^2, K_a cached above)
         natural    2 d^2                       the Gram and the product each block adds
                                                into it; then the Gram and its mirror
         full       d n + max(d n, n^2)         K (every K_a, then their concatenation),
@@ -453,16 +470,19 @@ def peak_bytes(
     and the generic kernel (layerwise, natural, full) caches every block's ``K_a``
     until the direction is formed and makes each through two more copies (per-sample
     vector-Jacobian products, then flattened): ``sum_a d_a n_a + 2 d max_a n_a``; the
-    structured one (layerwise, natural) every layer's input Gram ``Xt Xt^T``: ``L N^2``.
+    structured one every layer's input Gram ``Xt Xt^T`` (``N^2``; layerwise: of the blocks
+    solved by Woodbury, the dense metric needs none).
     """
     N, r, d, n = shape.batch, shape.rows, shape.d, shape.n_params
     n_a = shape.block_params()
-    elems = (r + 2) * N * sum(shape.widths) + 2 * n
+    elems = (r + 2) * N * sum(shape.widths) + 2 * r * N * shape.widths[-1] + 2 * n
     generic = kernel == "generic"
     d_a = [N * min(r, f) for _, f in shape.layers]
+    if method == "layerwise":
+        elems += sum(da * f for da, (_, f) in zip(d_a, shape.layers, strict=True) if da < d)
     if generic and method in ("layerwise", "natural", "full"):
         elems += sum(da * na for da, na in zip(d_a, n_a, strict=True)) + 2 * d * max(n_a)
-    elif method in ("layerwise", "natural"):
+    elif method == "natural":
         elems += len(n_a) * N * N
     if method == "layerwise":
         dtype = {4: torch.float32, 8: torch.float64}.get(itemsize)
@@ -470,9 +490,11 @@ def peak_bytes(
         grams, probes, mirror, dense = 0.0, 0.0, 0.0, 0.0
         for (f_in, f), da, na in zip(shape.layers, d_a, n_a, strict=True):
             block = MLPShape((f_in, f), N, da // N, shape.bias)
-            if dense_is_cheaper(na, da, _gram(block, kernel, f_in, f, na, symmetric)):
-                dense = max(dense, (0 if generic else 2 * da * na) + na * na)
+            gram = _gram(block, kernel, f_in, f, na, symmetric)
+            if dense_is_cheaper(na, da, gram, _metric(block, kernel, f_in, f, na)):
+                dense = max(dense, na * na + (N * f * f + 2 * na * na if not generic else 0))
             else:
+                elems += 0 if generic else N * N
                 grams += factor_order(da, dtype, device) ** 2
                 probes, mirror = probes + da * N, max(mirror, da * da)
         elems += max(grams + max(probes, mirror), dense)

@@ -236,6 +236,15 @@ class Handler(ABC):
         symmetric = symmetric_products(self.device, self.dtype)
         return lower_gram_flops(self.d, self.r, self.block.n_params, symmetric)
 
+    def metric(self) -> Tensor:
+        """``K^T K`` (``n_a x n_a``, columns in parameter order), from ``K`` materialised."""
+        K = self.K()
+        return K.T @ K
+
+    def metric_flops(self) -> float:
+        """Modelled FLOPs of :meth:`metric` (``2 n_a^2 d``)."""
+        return 2 * self.block.n_params**2 * self.d
+
     @abstractmethod
     def K(self) -> Tensor:
         """``K`` materialised, ``(d, n_a)``, columns in parameter order."""
@@ -503,6 +512,55 @@ class LinearHandler(PatchHandler):
         if not self.factored_gradient:  # sequence inputs: positions couple, use K K^T
             return super().gram_into(out, add)
         lower_gram(self.Dl.reshape(self.d, self.f_out), self.r, out, add, self.input_gram())
+
+    def metric(self) -> Tensor:
+        """``K^T K`` without ``K``: with one position per sample, a sample's rows share
+        ``xt_b``, so
+
+            K^T K = sum_b (Delta_b^T Delta_b) (x) (xt_b xt_b^T)
+
+        (row-major ``vec([W | b])``; ``Delta_b``: the sample's ``r x f_out`` rows), one GEMM
+        over the samples, ``2 N f_out^2 P^2`` FLOPs (:meth:`metric_flops`) against the
+        ``2 r N f_out^2 P^2`` of ``K^T K`` from ``K``: ``r`` times fewer. Its operands are
+        each sample's ``f_out^2`` Gram entries against its ``P^2`` input products, or
+        (where ``f_out^2 < P``) those entries times ``xt_b`` against ``xt_b``, formed a chunk
+        of samples at a time no larger than the result."""
+        if not self.factored_gradient:
+            return super().metric()
+        D = self.Dl[:, :, 0].transpose(0, 1)  # (N, r, f_out)
+        A = (D.mT @ D).reshape(self.N, -1)  # each sample's Delta_b^T Delta_b
+        columns = [self.X[:, 0]] if self.with_weight else []
+        if self.with_bias:
+            columns.append(A.new_ones(self.N, 1))
+        Xt = torch.cat(columns, 1) if len(columns) > 1 else columns[0]
+        f, P = self.f_out, Xt.shape[1]
+        by_inputs = f * f >= P  # operands (f^2, P^2) per sample, else (f^2 P, P)
+        chunk = f * f if by_inputs else P  # (f P)^2 over a sample's operand entries
+        S = None  # S[i, j, p, q] = sum_b A_b[i, j] xt_b[p] xt_b[q], as a matrix
+        for start in range(0, self.N, chunk):
+            part = slice(start, start + chunk)
+            if by_inputs:
+                left, right = A[part], (Xt[part, :, None] * Xt[part, None, :]).flatten(1)
+            else:
+                left, right = (A[part, :, None] * Xt[part, None, :]).flatten(1), Xt[part]
+            S = left.T @ right if S is None else S.addmm_(left.T, right)
+        T = S.view(f, f, P, P).permute(0, 2, 1, 3)  # T[i, p, j, q]: ((i, p), (j, q)) of [W | b]
+        if not (self.with_weight and self.with_bias):
+            return T.reshape(f * P, f * P)
+        w, W, b = f * (P - 1), slice(None, P - 1), P - 1  # parameter order: W, then b
+        out = S.new_empty(w + f, w + f)
+        out[:w, :w].view(f, P - 1, f, P - 1).copy_(T[:, W, :, W])
+        out[:w, w:].view(f, P - 1, f).copy_(T[:, W, :, b])
+        out[w:, :w].view(f, f, P - 1).copy_(T[:, b, :, W])
+        out[w:, w:].copy_(T[:, b, :, b])
+        return out
+
+    def metric_flops(self) -> float:
+        """``2 N r f_out^2`` (the samples' Grams) ``+ 2 N f_out^2 P^2`` (:meth:`metric`)."""
+        if not self.factored_gradient:
+            return super().metric_flops()
+        P = self.block.n_params // self.f_out
+        return 2 * self.N * self.f_out**2 * (self.r + P * P)
 
     def K_mv_output_grad(self, lam: Tensor) -> Tensor:
         """``K g`` for ``g = Lambda^T Xt``: row ``(s, b)`` is

@@ -1,5 +1,7 @@
 """costs.py against FLOPs counted by FlopCounterMode (extended with linear algebra)."""
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -132,6 +134,23 @@ def test_kfac_at_padded_orders_is_counted_and_unchanged(kfac_damping, monkeypatc
     plain = rc.direction(model, x, y, **kw)
     for name, d in plain.items():
         torch.testing.assert_close(padded[name], d, rtol=1e-11, atol=1e-14)
+
+
+def test_blocks_with_no_more_rows_than_parameters_take_woodbury():
+    """``d_a <= n_a`` keeps a block on Woodbury whatever its shape, kernel or BLAS: the
+    range where ``riemann-bench validate`` judges the layerwise FLOP claim
+    (``validate.RANGE_ENDS``) rests on it, with ``K_a^T K_a`` of a Linear layer formed
+    ``r`` times cheaper than from ``K_a``."""
+    for f_in in (1, 3, 8, 32, 128, 2048):
+        for f, N, r in itertools.product((1, 2, 5, 10, 32, 1024), (1, 8, 128, 8192), (1, 9, 20)):
+            m, n = min(r, f), f * (f_in + 1)
+            if N * m > n:
+                continue
+            block = costs.MLPShape((f_in, f), N, m)
+            for kernel, symmetric in itertools.product(("structured", "generic"), (True, False)):
+                gram = costs._gram(block, kernel, f_in, f, n, symmetric)
+                metric = costs._metric(block, kernel, f_in, f, n)
+                assert not costs.dense_is_cheaper(n, N * m, gram, metric), (f_in, f, N, m)
 
 
 def test_speed_of_light_formula_by_hand():
@@ -298,14 +317,19 @@ def live_peak_bytes(call) -> int:
 
 
 @pytest.mark.parametrize(
-    "kernel,width,N", [("structured", 32, 64), ("generic", 32, 16)], ids=["structured", "generic"]
+    "kernel,width,N",
+    [("structured", 32, 64), ("generic", 32, 16), ("structured", 8, 512)],
+    ids=["structured", "generic", "structured-dense"],
 )
 def test_peak_bytes_follows_the_live_peak_along_depth(kernel, width, N):
     """``costs.peak_bytes`` of a layerwise direction within 2x of the allocator's live peak
     of one call from scratch (after a first call, and the kept Gram buffers released),
     and never far below it, at depth 1 to 8. Each block's Gram lives in one buffer
     with the others of its size, and the generic kernel keeps every block's ``K_a``: a
-    model of one ``d x d`` Gram (and one ``K_a``) read 2.6-8x low at depth 8."""
+    model of one ``d x d`` Gram (and one ``K_a``) read 2.6-8x low at depth 8. Where every
+    block takes its dense metric (width 8, batch 512), no input Gram is formed and the
+    compressed rows sit beside the pulled-back ones: a model with the one and without the
+    other read 3.8x high, then 0.69x low."""
     from riemann_core.measure.problems import mlp as swept_mlp
     from riemann_core.measure.problems import widths
     from riemann_core.woodbury import release_workspace

@@ -133,10 +133,37 @@ def test_handler_products_match_explicit_K(case):
     v_flat = torch.cat([a.reshape(-1) for a in v])
     assert rel_error(handler.K(), K) < 1e-12
     assert rel_error(handler.gram(), (K @ K.T).tril()) < 1e-12  # the triangle Cholesky reads
+    assert rel_error(handler.metric(), K.T @ K) < 1e-12  # the dense block's
     assert rel_error(handler.K_mv(v), K @ v_flat) < 1e-12
     Kt = handler.K_tmv(t)
     assert [a.shape for a in Kt] == [p.shape for p in block.params]
     assert rel_error(torch.cat([a.reshape(-1) for a in Kt]), K.T @ t) < 1e-12
+
+
+@pytest.mark.parametrize("trained", ["both", "weight", "bias"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("f_in,f_out", [(3, 4), (30, 2)], ids=["f_out^2>=P", "f_out^2<P"])
+def test_linear_metric_from_samples_matches_explicit_K(f_in, f_out, bias, trained):
+    """``LinearHandler.metric`` forms ``K^T K`` as ``sum_b (Delta_b^T Delta_b) (x) (xt_b
+    xt_b^T)`` without ``K``: against the oracle's ``K``, in parameter order, with either
+    kind of operand and 40 samples in chunks (16 or 31 at a time), for a frozen weight or
+    bias too."""
+    if trained == "bias" and not bias:
+        pytest.skip("no bias to train")
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(f_in, f_out, bias=bias), nn.Tanh(), nn.Linear(f_out, 3))
+    model, x = model.double(), torch.randn(40, f_in, dtype=torch.float64)
+    block, K = layer_case(model, x, 0, r=3)
+    columns = {"weight": slice(0, f_out * f_in), "bias": slice(f_out * f_in, None)}
+    if trained != "both":
+        K = K[:, columns[trained]]
+        name = f"0.{trained}"
+        params = [getattr(model[0], trained)]
+        block = Block(block.name, block.module, [name], params, block.inputs, None, block.delta)
+    handler = handler_for(block, "structured")
+    assert type(handler) is LinearHandler and handler.factored_gradient
+    assert rel_error(handler.metric(), K.T @ K) < 1e-13
+    assert handler.metric_flops() == 2 * 40 * f_out**2 * (3 + (K.shape[1] // f_out) ** 2)
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,9 @@ parameters than factor rows (the usual case) is solved by Woodbury,
     G_a^{-1} g_a = (g_a - K_a^T (mu I + K_a K_a^T)^{-1} K_a g_a) / mu,
 
 in ``O(n_a d^2 + d^3)`` (generic kernel); where factorising ``G_a`` itself
-(``2 n_a^2 d + n_a^3 / 3``) costs fewer FLOPs than the Gram and its Cholesky (a small
-layer, a large batch), that is done instead. Both are exact. Each block first keeps
+(``K_a^T K_a``, :meth:`Handler.metric`: ``2 n_a^2 d`` from ``K_a``, ``r`` times less for
+a Linear layer, plus ``n_a^3 / 3``) costs fewer FLOPs than the Gram and its Cholesky (a
+small layer, a large batch), that is done instead. Both are exact. Each block first keeps
 ``min(r, m_out)`` factor rows per sample (:meth:`Handler.compress_rows`) and needs
 only its own pulled-back factor.
 
@@ -72,7 +73,8 @@ def solve(problem: Problem, opts: Options) -> list[Solve]:
     by_size: dict[tuple, list[int]] = {}
     for i, handler in enumerate(problem.handlers):
         handler.compress_rows()
-        if dense_is_cheaper(handler.block.n_params, handler.d, handler.gram_flops()):
+        n_a, d, gram = handler.block.n_params, handler.d, handler.gram_flops()
+        if dense_is_cheaper(n_a, d, gram, handler.metric_flops()):
             records[i] = _dense(problem, i, opts)
         else:
             by_size.setdefault((handler.d, handler.dtype, handler.device), []).append(i)
@@ -86,9 +88,8 @@ def _dense(problem: Problem, i: int, opts: Options) -> Solve:
     """Block ``i`` by a Cholesky factorisation of its own ``n_a x n_a`` metric."""
     handler, mu = problem.handlers[i], opts.damping
 
-    def rebuild():
-        K = handler.K()
-        return damped(K.T @ K, mu).mT  # symmetric: the transpose is its column-major copy
+    def rebuild():  # symmetric: the transpose is its column-major copy
+        return damped(handler.metric(), mu).mT
 
     matrix = rebuild()
     condition = largest_eigenvalue(matrix) / mu

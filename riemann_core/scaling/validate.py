@@ -582,8 +582,9 @@ RANGE_FIX = {"woodbury": "a larger base width", "dense factors": "a larger base 
 
 def _in_range(rows: pd.DataFrame, within: str) -> pd.DataFrame:
     """The points of ``rows`` in the range ``within`` names (:class:`FlopClaim`)."""
-    if within == "woodbury":  # then 2 n_a^2 d + w n_a^3 / 3 > gram + w d^3 / 3 for every
-        # block, which the layerwise method therefore solves by Woodbury (costs.dense_is_cheaper)
+    if within == "woodbury":  # then K_a^T K_a's FLOPs + w n_a^3 / 3 > gram + w d^3 / 3 for
+        # every block, which the layerwise method therefore solves by Woodbury
+        # (costs.dense_is_cheaper; tests/test_costs.py)
         limit = [
             min(MLPShape(widths(w, L, c), 1, 1).block_params())
             for w, L, c in zip(rows["width"], rows["depth"], rows["out_dim"], strict=True)
