@@ -81,6 +81,7 @@ from .modules import (
     lowest_precision_eps,
     training,
 )
+from .passes import user_hooks_on
 
 
 @dataclass(frozen=True)
@@ -470,11 +471,7 @@ def _register_parameter_check(
     scale = sum((a**2).sum() for a in direct)
 
     def explain():
-        hooked = [
-            n
-            for n, p in model.named_parameters()
-            if p.requires_grad and getattr(p, "_backward_hooks", None)
-        ]
+        hooked = [n for n, p in model.named_parameters() if p.requires_grad and user_hooks_on(p)]
         if hooked:
             raise ValueError(
                 f"parameters {hooked} have gradient hooks (Tensor.register_hook), which "

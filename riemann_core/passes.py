@@ -33,12 +33,16 @@ reaches a recorded output: each backward pass is told apart (the autograd engine
 task), so a zeroing between ``model(x)`` and ``loss.backward()`` drops what earlier
 backward passes left, never what the running one adds (a loss over two passes), and a
 ``torch.autograd.grad`` through the output, which accumulates into no ``.grad``, counts for
-nothing.
+nothing. A parameter whose gradient the backward pass accumulates before it reaches a
+recorded output (an auxiliary head evaluated after the output, a parameter used in the
+loss only) is read as that pass first reaches it, before its accumulation (a hook on the
+parameter, :class:`_BeforeAccumulation`).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from collections import deque
 
@@ -209,6 +213,34 @@ def hard_scale(figures: list[float], tol: float) -> float | None:
     return high if high - low <= tol * high else None
 
 
+class _BeforeAccumulation:
+    """A gradient hook on a trainable parameter (``Tensor.register_hook``, run before the
+    gradient is accumulated into ``.grad``): notes, for the backward pass under way, what
+    ``.grad`` held before it first reached the parameter (:meth:`Passes._before`). Holds
+    the parameter and the record weakly; changes no gradient."""
+
+    __slots__ = ("param", "passes")
+
+    def __init__(self, param: Tensor, passes: Passes) -> None:
+        self.param, self.passes = weakref.ref(param), weakref.ref(passes)
+
+    def __call__(self, grad: Tensor) -> None:
+        passes = self.passes()
+        # (the backward pass reached a recorded output already: read there)
+        if passes is None or torch._C._current_graph_task_id() == passes._task:
+            return
+        param = self.param()
+        if param is not None:
+            passes._before(param)
+
+
+def user_hooks_on(p: Tensor) -> bool:
+    """Whether ``p`` has gradient hooks (``Tensor.register_hook``) other than the one
+    :class:`Passes` registers, which changes no gradient."""
+    hooks = getattr(p, "_backward_hooks", None) or {}
+    return any(not isinstance(h, _BeforeAccumulation) for h in hooks.values())
+
+
 class Passes:
     """The passes since the last step whose gradients ``.grad`` may hold (module
     docstring), for a data-parallel ``pre.step()``."""
@@ -233,6 +265,21 @@ class Passes:
         self._number, self._task, self._accumulates = 0, None, True
         self._network: nn.Module | None = None
         self._grads_watched = False
+        # each trainable parameter of the network's hook (:class:`_BeforeAccumulation`):
+        # {id: (the parameter, weakly; the hook's handle)}
+        self._hooks: dict[int, tuple[weakref.ref, object]] = {}
+        # the model whose parameters were hooked; whether since the last step
+        self._hooked: nn.Module | None = None
+        self._rehooked = False
+        # of a backward pass before it reaches a recorded output: its graph task, whether a
+        # zeroing may be read then (a pass differentiated since the last step), and, for
+        # each parameter whose gradient it accumulated, what .grad held before (:meth:`_before`)
+        self._early: tuple[int | None, bool, dict[int, tuple[bool, Tensor | bool]]] = (
+            None,
+            False,
+            {},
+        )
+        self._early_lock = threading.Lock()  # (device threads of one backward pass)
 
     def forward_starts(self, model: nn.Module) -> None:
         """Before a forward pass: the passes already differentiated contributed nothing
@@ -243,18 +290,36 @@ class Passes:
         if any(r.backward for r in self._passes):
             self._zeroing(model, self._number + 1, edits=True)
 
-    def _zeroing(self, model: nn.Module, number: int, edits: bool) -> None:
+    def _zeroing(
+        self,
+        model: nn.Module,
+        number: int,
+        edits: bool,
+        early: dict[int, tuple[bool, Tensor | bool]] | None = None,
+    ) -> None:
         """Note whether every trainable ``.grad`` of ``model`` is ``None`` or zero now, which
         drops what the backward passes numbered below ``number`` left; with ``edits``,
-        whether a ``.grad`` changed since the last backward pass."""
-        params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
-        if not params:
+        whether a ``.grad`` changed since the last backward pass. ``early``: the parameters
+        the running backward pass accumulated into already, read as they were before
+        (:meth:`_before`)."""
+        early = early or {}
+        zero = [
+            nonzero.logical_not()
+            for _, nonzero in early.values()
+            if nonzero is not False  # (False: None before it)
+        ]
+        params = [
+            p
+            for p in model.parameters()
+            if p.requires_grad and p.grad is not None and id(p) not in early
+        ]
+        if not params and not zero:
             self._drop(number)
             return
         by_device: dict[torch.device, list[Tensor]] = {}
         for p in params:
             by_device.setdefault(p.grad.device, []).append(p.grad)
-        zero = [torch.stack(torch._foreach_norm(gs)).eq(0).all() for gs in by_device.values()]
+        zero += [torch.stack(torch._foreach_norm(gs)).eq(0).all() for gs in by_device.values()]
         if len(self._zeroings) == MAX_PASSES:  # (one host read per MAX_PASSES zeroings)
             self._settle()
         self._zeroings.append((zero, number, edits and bool(self._changed(params))))
@@ -287,6 +352,12 @@ class Passes:
             return
         self._network = network if network is not None else grads_of
         self._grads_watched = grads_of is not None
+        network = self._network
+        if network is not None and (
+            self._hooked is not network
+            or (not self._rehooked and any(r.backward for r in self._passes))
+        ):
+            self._hook_parameters(network)
         first = outputs[0] if outputs else None
         shape = tuple(first.shape) if first is not None and first.dim() else (0,)
         record = _Pass(shape, differentiated, self._number)
@@ -316,15 +387,20 @@ class Passes:
             self._task, self._number = task, self._number + 1
             network = self._network
             self._accumulates = network is None or _accumulates(network)
+            # what .grad held before this backward pass accumulated into it (found by
+            # review: a parameter accumulated before the output was reached read as not
+            # zeroed, and the skipped iteration's pass counted)
+            early_task, _, early = self._early
+            early = early if early_task == task else {}
             if (
                 network is not None
                 and self._accumulates
                 and any(r.backward for r in self._passes)
-                and self._moved()
+                and self._moved(early)
             ):
                 # (found by a hunt: a zeroing between model(x) and loss.backward() after a
                 # skipped iteration)
-                self._zeroing(network, self._number, edits=False)
+                self._zeroing(network, self._number, edits=False, early=early)
             if self._grads_watched:
                 Variable._execution_engine.queue_callback(self._note_grads)
         if not self._accumulates:
@@ -332,21 +408,76 @@ class Passes:
         record.backward.setdefault(self._number, [None, None])
         return self._number
 
-    def _moved(self) -> bool:
+    def _moved(self, early: dict[int, tuple[bool, Tensor | bool]] | None = None) -> bool:
         """Whether a trainable ``.grad`` may have changed since the end of the last backward
         pass (by identity and version: no device read; always where they are not noted,
-        under DDP): where none did, no zeroing came between."""
+        under DDP): where none did, no zeroing came between. ``early``: the parameters the
+        running backward pass accumulated into already, as they were before."""
         if not self._grads_watched:
             return True
-        held = self._held
+        held, early = self._held, early or {}
         for p in self._network.parameters():
-            if p.requires_grad:
+            if id(p) in early:
+                if early[id(p)][0]:
+                    return True
+            elif p.requires_grad:
                 h = held.get(id(p), p)  # (p: never noted)
                 if h is p or (h is None) != (p.grad is None):
                     return True
                 if h is not None and not _held_still(h, p.grad):
                     return True
         return False
+
+    def _before(self, p: Tensor) -> None:
+        """A backward pass is about to accumulate into ``p.grad``: where it has not reached a
+        recorded output yet, note (the first time only) whether ``p.grad`` moved since the
+        end of the last backward pass (:meth:`_moved`) and whether it held anything: ``False``
+        where it was ``None``, else a device flag of a nonzero entry (read at the step, with
+        the zeroing's). Only in a backward pass that may read a zeroing (a pass
+        differentiated before it since the last step)."""
+        task = torch._C._current_graph_task_id()
+        early_task, needed, early = self._early
+        if early_task != task:
+            with self._early_lock:
+                early_task, needed, early = self._early
+                if early_task != task:
+                    needed = self._network is not None and any(r.backward for r in self._passes)
+                    early = {}
+                    self._early = (task, needed, early)
+        if not needed or id(p) in early:
+            return
+        grad = p.grad
+        h = self._held.get(id(p), p) if self._grads_watched else p  # (p: never noted)
+        if grad is None:
+            early[id(p)] = (h is not None, False)
+        elif _executes(p):  # (torch.autograd.grad accumulates nothing: no device read)
+            still = h is not p and h is not None and _held_still(h, grad)
+            early[id(p)] = (not still, grad.detach().any())
+
+    def _hook_parameters(self, model: nn.Module) -> None:
+        """Hook each trainable parameter of ``model`` not hooked yet
+        (:class:`_BeforeAccumulation`); forget those gone. Run at the first forward pass
+        through ``model``, and between two steps at the first whose backward pass may read
+        a zeroing (a pass differentiated before it): a parameter made trainable or replaced
+        since is hooked there (no walk over the parameters in a loop of one pass per step,
+        where no backward pass reads a zeroing)."""
+        self._hooked, self._rehooked, hooks, count = model, True, self._hooks, 0
+        for p in model.parameters():
+            if p.requires_grad:
+                count += 1
+                kept = hooks.get(id(p))
+                if kept is None or kept[0]() is not p:
+                    hooks[id(p)] = (weakref.ref(p), p.register_hook(_BeforeAccumulation(p, self)))
+        if len(hooks) > 2 * count + 8:
+            for key in [k for k, (ref, _) in hooks.items() if ref() is None]:
+                del hooks[key]
+
+    def remove(self) -> None:
+        """Take the hooks off the parameters (the preconditioner is removed)."""
+        for _, handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
+        self._hooked = None
 
     def _note_grads(self) -> None:
         """Note each trainable ``.grad`` (weakly) and its version, or ``None``, once every
@@ -401,7 +532,7 @@ class Passes:
 
     def clear(self) -> None:
         """A step used them."""
-        self._held = {}
+        self._held, self._rehooked = {}, False
         self._edited = self._truncated = False
         self._passes.clear()
         self._zeroings.clear()
@@ -486,6 +617,14 @@ def _held_still(held: tuple[weakref.ref, int], grad: Tensor) -> bool:
 def _in_backward() -> bool:
     """Whether this runs inside a backward pass (the autograd engine's graph task)."""
     return torch._C._current_graph_task_id() != -1
+
+
+def _executes(p: Tensor) -> bool:
+    """Whether the running backward pass accumulates into ``p.grad``."""
+    try:
+        return torch._C._will_engine_execute_node(get_gradient_edge(p).node)
+    except RuntimeError:  # (inside torch.autograd.grad)
+        return False
 
 
 def _accumulates(model: nn.Module) -> bool:

@@ -73,7 +73,7 @@ from .methods import (
 from .methods._base import check_batch_dimension, check_output_batch
 from .methods.kfac import KFACState, in_larger_storage
 from .modules import Block, check_kronecker, evaluated_per_sample, shows_parameters, training
-from .passes import Differentiated, Passes
+from .passes import Differentiated, Passes, user_hooks_on
 
 
 class RiemannianPreconditioner:
@@ -254,6 +254,8 @@ class RiemannianPreconditioner:
         # accumulated in no_sync() is the global gradient only where every one is split
         # alike: found by a hunt, 0.5-1.2 off, where only the last pass's were compared)
         self._passes = Passes() if process_group is not None else None
+        if self._passes is not None:  # (its gradient hooks on the parameters)
+            self._attach("passes", self._passes)
         self._edited_in_forward = False
         # the .grad each call wrote, their versions and fingerprints then (a second step()
         # refused)
@@ -1414,9 +1416,7 @@ def _check_no_gradient_hooks(params) -> None:
     """Refuse preconditioned parameters with gradient hooks, which ``pre.backward`` could
     not run: it writes the direction into ``.grad`` itself."""
     hooked = [
-        n
-        for n, p in params
-        if getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks", None)
+        n for n, p in params if user_hooks_on(p) or getattr(p, "_post_accumulate_grad_hooks", None)
     ]
     if hooked:
         raise ValueError(

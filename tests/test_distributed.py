@@ -8,6 +8,7 @@ The tests then compare them with the single process on the concatenated batch.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 import warnings
@@ -122,6 +123,21 @@ class WithUnused(nn.Module):
         return self.net(x)
 
 
+class WithAuxiliaryHead(nn.Module):
+    """Logits, and an auxiliary head's evaluated after them (kept on the module, weighted in
+    the loss: a backward pass accumulates its gradient before it reaches the output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head, self.aux = nn.Linear(5, 7), nn.Linear(7, 3), nn.Linear(7, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        logits = self.head(h)
+        self.aux_logits = self.aux(h)
+        return logits
+
+
 def network(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """A float64 network and a global batch of ``N`` samples, the same on every rank."""
     torch.manual_seed(0)
@@ -139,6 +155,8 @@ def network(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         model, x = Tied(), torch.randn(N, 4)
     elif kind == "linear":  # one parameter: one bucket of one view
         model, x = nn.Sequential(nn.Linear(5, 3, bias=False)), torch.randn(N, 5)
+    elif kind == "aux":
+        model, x = WithAuxiliaryHead(), torch.randn(N, 5)
     else:
         layers = [nn.Linear(a, b) for a, b in zip(WIDTHS[:-1], WIDTHS[1:])]
         model = nn.Sequential(*[m for layer in layers for m in (layer, nn.Tanh())][:-1])
@@ -183,6 +201,7 @@ def on_rank(rank: int, world: int) -> dict:
     out["scaled"] = _scaled_steps(rank, world)
     out["combinations"] = _combinations(rank, world)
     out["ddp micro-batches"] = _ddp_micro_batches(rank, world)
+    out["reached first"] = _reached_first(rank, world)
     out["tokens of other lengths"] = _tokens_of_other_lengths(rank, world)
     for i, (method, options) in enumerate(PHASES):
         out["phases"][i] = _phases(method, options, rank, world)
@@ -236,6 +255,42 @@ def _ddp_micro_batches(rank, world) -> dict:
             F.cross_entropy(wrapped(x[part]), y[part]).backward()
         part = shards(world, equal=True)[rank]
         F.cross_entropy(wrapped(2 * x[part]), y[part]).backward()
+        out[case] = _stepped(pre, model)
+    return out
+
+
+#: (wrapped in DDP, the loss's factor on 2 ranks or more) of :func:`_reached_first`
+REACHED_FIRST = {
+    "mean": (False, 1.0),
+    "mean over the ranks": (False, None),
+    "DDP, mean": (True, 1.0),
+}
+
+
+def _auxiliary_loss(model, out, y, factor=1.0):
+    return factor * (F.cross_entropy(out, y) + 0.3 * F.cross_entropy(model.aux_logits, y))
+
+
+def _reached_first(rank, world) -> dict:
+    """An auxiliary head's gradient accumulated before the backward pass reaches the
+    output: a skipped iteration split otherwise (in ``no_sync()`` under DDP), then the next
+    with ``opt.zero_grad()`` between ``model(x)`` and ``loss.backward()``. ``.grad`` after
+    ``pre.step()``, or its error and whether ``.grad`` stayed as it was."""
+    out = {}
+    for case, (ddp, factor) in REACHED_FIRST.items():
+        model, x, y = network("aux")
+        wrapped = DistributedDataParallel(model) if ddp else model
+        pre = rc.RiemannianPreconditioner(
+            wrapped, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
+        )
+        factor = factor or 1 / world
+        part = _uneven(world)[rank]
+        with wrapped.no_sync() if ddp else contextlib.nullcontext():
+            _auxiliary_loss(model, wrapped(x[part]), y[part], factor).backward()  # skipped
+        part = shards(world, equal=True)[rank]
+        logits = wrapped(2 * x[part])
+        wrapped.zero_grad()
+        _auxiliary_loss(model, logits, y[part], factor).backward()
         out[case] = _stepped(pre, model)
     return out
 
@@ -946,6 +1001,41 @@ def test_ddp_micro_batches_split_otherwise_are_refused(run):
         (kind, message), kept = got["split otherwise"]
         assert kind == "ValueError" and "split between the ranks in other proportions" in message
         assert "DistributedDataParallel averages the micro-batches" in message and kept
+
+
+def test_a_zeroing_before_a_head_reached_first_drops_the_skipped_pass(run):
+    """Found by review: where the backward pass accumulates an auxiliary head's gradient
+    before it reaches the output, ``opt.zero_grad()`` between ``model(x)`` and
+    ``loss.backward()`` was not seen, so a skipped iteration's pass split otherwise was
+    refused (a correct loop), and each rank's share of the global mean let through (0.5
+    off on 2 ranks). Plain and under DDP the skipped pass is dropped: the mean is exact, a
+    share refused."""
+    world, results = run
+    model, x, y = network("aux")
+    with warnings.catch_warnings():  # (one process: the head past the output, warned of)
+        warnings.simplefilter("ignore")
+        pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+        _auxiliary_loss(model, model(x), y).backward()  # skipped
+        logits = model(2 * x)
+        model.zero_grad()
+        _auxiliary_loss(model, logits, y).backward()
+        pre.step()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for case, (_, factor) in REACHED_FIRST.items():
+        kinds = set()
+        for rank, result in enumerate(results):
+            got = result["reached first"][case]
+            if factor is None and world > 1:  # (a rank that cannot tell: the others' error)
+                assert not isinstance(got, dict), f"{case}: rank {rank} not refused"
+                (kind, message), kept = got
+                assert kind in ("ValueError", "DistributedError"), (case, rank, message)
+                assert "times the gradient of the mean cross-entropy" in message and kept
+                kinds.add(kind)
+            else:
+                assert isinstance(got, dict), (case, rank, got)
+                error = relative_error(got, expected)
+                assert error <= 1e-12, f"{case}: rank {rank} {error:.1e}"
+        assert factor is not None or world == 1 or "ValueError" in kinds, case
 
 
 def test_token_outputs_of_other_lengths_on_the_ranks_are_refused(run):

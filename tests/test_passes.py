@@ -3,6 +3,7 @@ checks on ranks run in tests/test_distributed.py."""
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 
 import pytest
@@ -388,3 +389,119 @@ def test_a_pass_recomputed_inside_the_backward_pass_is_none():
     assert record.shapes() == ((6, 3),)
     with pytest.raises(ValueError, match="0.5 times the gradient of the mean"):
         record.check_mean()
+
+
+class _Early(torch.nn.Module):
+    """A model two of whose parameters' gradients a backward pass may accumulate before it
+    reaches the output: an auxiliary head evaluated after the output (its logits kept on
+    the module, weighted in the loss) and a parameter the loss uses alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head, self.aux = (
+            torch.nn.Linear(4, 8),
+            torch.nn.Linear(8, 3),
+            torch.nn.Linear(8, 3),
+        )
+        self.prior = torch.nn.Parameter(torch.zeros(3))
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        logits = self.head(h)
+        self.aux_logits = self.aux(h)
+        return logits
+
+
+#: losses whose backward pass accumulates into a parameter before it reaches the output
+EARLY = {
+    "an auxiliary head after the output": lambda m, out, y: (
+        F.cross_entropy(out, y) + 0.3 * F.cross_entropy(m.aux_logits, y)
+    ),
+    "a parameter in the loss only": lambda m, out, y: (
+        F.cross_entropy(out, y) + 1e-3 * (m.prior - 1).pow(2).sum()
+    ),
+}
+
+
+def _early():
+    torch.manual_seed(0)
+    return _Early(), torch.randn(6, 4), torch.randint(0, 3, (6,))
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("case", EARLY)
+def test_a_zeroing_is_read_before_a_parameter_reached_first_accumulates(case, set_to_none):
+    """Found by review: where a backward pass accumulates a parameter's gradient before it
+    reaches the recorded output, the zeroing between ``model(x)`` and ``loss.backward()``
+    was read after that accumulation, as not zeroed, so a skipped iteration's pass still
+    counted (0.5 + 0.5 of the mean read as a whole one, silent). Each parameter is read
+    before the backward pass first accumulates into it."""
+    loss, (model, x, y) = EARLY[case], _early()
+    record = Passes()
+    out = _noted_pass(record, model, x)
+    (0.5 * loss(model, out, y)).backward()  # an iteration skipped: no step
+    out = _noted_pass(record, model, x)
+    model.zero_grad(set_to_none=set_to_none)
+    (0.5 * loss(model, out, y)).backward()
+    assert record.shapes() == ((6, 3),)
+    with pytest.raises(ValueError, match="0.5 times the gradient of the mean"):
+        record.check_mean()
+
+
+@pytest.mark.parametrize("case", EARLY)
+def test_passes_through_a_parameter_reached_first_count_where_nothing_was_zeroed(case):
+    """Micro-batches accumulated without a zeroing all count, also where the backward pass
+    reaches a parameter before the output; of a loss over two passes after a zeroing, both
+    count; of two backward passes through one output with a zeroing between, the last."""
+    loss, (model, x, y) = EARLY[case], _early()
+    record = Passes()
+    for rows in (slice(0, 3), slice(3, 6)):
+        out = _noted_pass(record, model, x[rows])
+        (0.5 * loss(model, out, y[rows])).backward()
+    assert record.shapes() == ((3, 3), (3, 3))
+    record.check_mean()
+    record.check_grads_kept(list(model.named_parameters()))
+    a = _noted_pass(record, model, x)
+    of_a = loss(model, a, y)  # (the auxiliary head's of this pass)
+    b = _noted_pass(record, model, x[:3])
+    model.zero_grad()
+    (0.5 * of_a + 0.5 * F.cross_entropy(b, y[:3])).backward()
+    assert record.shapes() == ((6, 3), (3, 3))
+    record.check_mean()
+    record = Passes()
+    out = _noted_pass(record, model, x)
+    total = 0.5 * loss(model, out, y)
+    total.backward(retain_graph=True)
+    model.zero_grad()
+    total.backward()
+    with pytest.raises(ValueError, match="0.5 times the gradient of the mean"):
+        record.check_mean()
+
+
+def test_the_parameters_hooks_hold_nothing_and_come_off():
+    """The hook on each trainable parameter changes no gradient, is not taken for a hook
+    of the user's, holds the parameter weakly (one replaced in the model is freed) and
+    comes off with ``remove()``."""
+    model, x, y = _early()
+    aux, prior = EARLY.values()
+    loss = lambda m, out, y: aux(m, out, y) + prior(m, out, y)  # noqa: E731
+    record = Passes()
+    for _ in range(2):  # a skipped iteration, then a zeroing inside the next
+        out = _noted_pass(record, model, x)
+        model.zero_grad()
+        loss(model, out, y).backward()
+    hooked = [p.grad.clone() for p in model.parameters()]
+    assert all(p._backward_hooks for p in model.parameters())
+    assert not any(passes.user_hooks_on(p) for p in model.parameters())
+    record.remove()
+    assert not any(p._backward_hooks for p in model.parameters())
+    model.zero_grad()
+    loss(model, model(x), y).backward()
+    for g, p in zip(hooked, model.parameters(), strict=True):
+        assert torch.equal(g, p.grad)
+    record = Passes()
+    _noted_pass(record, model, x)
+    replaced = weakref.ref(model.aux.weight)
+    model.aux = torch.nn.Linear(8, 3)
+    loss(model, _noted_pass(record, model, x), y).backward()
+    assert replaced() is None
