@@ -220,14 +220,21 @@ class _BeforeAccumulation:
     the parameter and the record weakly; changes no gradient."""
 
     __slots__ = ("param", "passes")
+    # (torch.save, torch.multiprocessing: dropped like any hook, without a warning per
+    # parameter, as torch.utils.hooks.unserializable_hook marks one)
+    __torch_unserializable__ = True
 
     def __init__(self, param: Tensor, passes: Passes) -> None:
         self.param, self.passes = weakref.ref(param), weakref.ref(passes)
 
     def __call__(self, grad: Tensor) -> None:
         passes = self.passes()
-        # (the backward pass reached a recorded output already: read there)
-        if passes is None or torch._C._current_graph_task_id() == passes._task:
+        if passes is None:
+            return
+        # (the backward pass reached a recorded output already: read there; also in a
+        # backward pass run inside it, a reentrant checkpoint's, whose task comes later)
+        task = torch._C._current_graph_task_id()
+        if task == passes._task or (passes._running and task > passes._task):
             return
         param = self.param()
         if param is not None:
@@ -274,11 +281,11 @@ class Passes:
         # of a backward pass before it reaches a recorded output: its graph task, whether a
         # zeroing may be read then (a pass differentiated since the last step), and, for
         # each parameter whose gradient it accumulated, what .grad held before (:meth:`_before`)
-        self._early: tuple[int | None, bool, dict[int, tuple[bool, Tensor | bool]]] = (
-            None,
-            False,
-            {},
-        )
+        # (a dict by graph task: a reentrant checkpoint's backward pass, run inside the
+        # one that reaches the output, is a task of its own, numbered after it)
+        self._early: dict[int, tuple[bool, dict[int, tuple[bool, Tensor | bool]]]] = {}
+        # whether the backward pass through a recorded output (self._task) still runs
+        self._running = False
         self._early_lock = threading.Lock()  # (device threads of one backward pass)
 
     def forward_starts(self, model: nn.Module) -> None:
@@ -287,6 +294,7 @@ class Passes:
         (``zero_grad(set_to_none=False)``: a device flag, read at the step)."""
         if _in_backward():
             return
+        self._running = False  # (a backward pass that raised queued callbacks never ran)
         if any(r.backward for r in self._passes):
             self._zeroing(model, self._number + 1, edits=True)
 
@@ -390,16 +398,18 @@ class Passes:
             # what .grad held before this backward pass accumulated into it (found by
             # review: a parameter accumulated before the output was reached read as not
             # zeroed, and the skipped iteration's pass counted)
-            early_task, _, early = self._early
-            early = early if early_task == task else {}
-            if (
-                network is not None
-                and self._accumulates
-                and any(r.backward for r in self._passes)
-                and self._moved(early)
-            ):
+            self._running = True
+            Variable._execution_engine.queue_callback(self._ended)
+            # (the first note of each parameter, from this task and those run inside it)
+            early: dict[int, tuple[bool, Tensor | bool]] = {}
+            for k in sorted(k for k in list(self._early) if k >= task):
+                for key, value in self._early[k][1].items():
+                    early.setdefault(key, value)
+            self._early = {}
+            if network is not None and any(r.backward for r in self._passes) and self._moved(early):
                 # (found by a hunt: a zeroing between model(x) and loss.backward() after a
-                # skipped iteration)
+                # skipped iteration; read at a torch.autograd.grad too, found by review:
+                # the .grad noted at its end, a zeroing before it was not seen after)
                 self._zeroing(network, self._number, edits=False, early=early)
             if self._grads_watched:
                 Variable._execution_engine.queue_callback(self._note_grads)
@@ -436,14 +446,18 @@ class Passes:
         the zeroing's). Only in a backward pass that may read a zeroing (a pass
         differentiated before it since the last step)."""
         task = torch._C._current_graph_task_id()
-        early_task, needed, early = self._early
-        if early_task != task:
+        noted = self._early.get(task)
+        if noted is None:
             with self._early_lock:
-                early_task, needed, early = self._early
-                if early_task != task:
+                noted = self._early.get(task)
+                if noted is None:
                     needed = self._network is not None and any(r.backward for r in self._passes)
-                    early = {}
-                    self._early = (task, needed, early)
+                    noted = (needed, {})
+                    if len(self._early) >= 8:  # (tasks that reached no output: kept a while)
+                        for k in sorted(self._early)[: len(self._early) - 7]:
+                            del self._early[k]
+                    self._early[task] = noted
+        needed, early = noted
         if not needed or id(p) in early:
             return
         grad = p.grad
@@ -478,6 +492,10 @@ class Passes:
             handle.remove()
         self._hooks.clear()
         self._hooked = None
+
+    def _ended(self) -> None:
+        """The backward pass through a recorded output ended (a callback queued on it)."""
+        self._running = False
 
     def _note_grads(self) -> None:
         """Note each trainable ``.grad`` (weakly) and its version, or ``None``, once every

@@ -505,3 +505,82 @@ def test_the_parameters_hooks_hold_nothing_and_come_off():
     model.aux = torch.nn.Linear(8, 3)
     loss(model, _noted_pass(record, model, x), y).backward()
     assert replaced() is None
+
+
+def test_a_zeroing_before_a_torch_autograd_grad_through_the_output_is_read():
+    """Found by review: a ``torch.autograd.grad`` through the output between the zeroing
+    and ``loss.backward()`` (a gradient-norm probe) noted the zeroed ``.grad`` at its end,
+    so the backward pass after saw nothing move: a skipped iteration's pass still counted
+    (0.5 + 0.5 of the mean read as a whole one, silent)."""
+    loss, (model, x, y) = EARLY["an auxiliary head after the output"], _early()
+    for probe in ([model.head.weight], list(model.parameters())):
+        record = Passes()
+        (0.5 * loss(model, _noted_pass(record, model, x), y)).backward()  # skipped
+        out = _noted_pass(record, model, x)
+        total = 0.5 * loss(model, out, y)
+        model.zero_grad()
+        torch.autograd.grad(total, probe, retain_graph=True, allow_unused=True)
+        total.backward()
+        assert record.shapes() == ((6, 3),)
+        with pytest.raises(ValueError, match="0.5 times the gradient of the mean"):
+            record.check_mean()
+
+
+class _CheckpointedHead(_Early):
+    """The auxiliary head (evaluated after the output) under a reentrant checkpoint: its
+    parameters accumulate in a backward pass of its own, run inside the loss's."""
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        logits = self.head(h)
+        self.aux_logits = checkpoint(self.aux, h, use_reentrant=True)
+        return logits
+
+
+def test_a_head_reached_first_under_a_reentrant_checkpoint_is_read_before_it():
+    """Found by review: a reentrant checkpoint's backward pass is a graph task of its own,
+    so its parameters' notes were kept apart from the loss's backward pass and the
+    zeroing missed (the skipped pass counted, silent); and one run after the output was
+    reached (a checkpointed body) read every parameter for nothing, once per backward."""
+    torch.manual_seed(0)
+    model, x, y = _CheckpointedHead(), torch.randn(6, 4), torch.randint(0, 3, (6,))
+    loss = EARLY["an auxiliary head after the output"]
+    record = Passes()
+    (0.5 * loss(model, _noted_pass(record, model, x), y)).backward()  # skipped
+    out = _noted_pass(record, model, x)
+    model.zero_grad()
+    (0.5 * loss(model, out, y)).backward()
+    assert record.shapes() == ((6, 3),)
+    with pytest.raises(ValueError, match="0.5 times the gradient of the mean"):
+        record.check_mean()
+
+    class Body(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(checkpoint(self.body, x, use_reentrant=True).tanh())
+
+    model, record, read = Body(), Passes(), []
+    x = x.requires_grad_()
+    original = record._before
+    record._before = lambda p: (read.append(p), original(p))
+    for rows in (slice(0, 3), slice(3, 6)):
+        (0.5 * F.cross_entropy(_noted_pass(record, model, x[rows]), y[rows])).backward()
+    assert record.shapes() == ((3, 3), (3, 3)) and not read
+
+
+def test_the_hooks_are_dropped_silently_where_tensors_are_pickled():
+    """Found by review: torch.multiprocessing's reduction of a parameter warned of the
+    hook (one warning per parameter); it is marked unserializable, as torch's own are."""
+    import warnings
+
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    model, x, _ = _early()
+    record = Passes()
+    _noted_pass(record, model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reduce_tensor(model.head.weight)
