@@ -359,9 +359,19 @@ def _metric(shape: MLPShape, kernel: str, f_in: int, f: int, n: int) -> float:
     Delta_b``, then their sum with ``xt_b xt_b^T``, ``LinearHandler.metric``), ``2 n^2 d``
     generic (from ``K``)."""
     N, r = shape.batch, shape.rows
-    if kernel == "generic":
+    if kernel == "generic" or not samples_metric(f, shape.patch(f_in), r):
         return 2 * n * n * shape.d
     return 2 * N * f * f * (r + shape.patch(f_in) ** 2)
+
+
+def samples_metric(f: int, P: int, r: int) -> bool:
+    """Whether a Linear block's ``K^T K`` is formed from the samples' Grams
+    (``LinearHandler.metric``) rather than from ``K``: where that takes fewer FLOPs
+    (``r + P^2 < r P^2``: two rows per sample or more, ``P > 1``) and its ``N f^2`` Gram
+    entries are no more than ``K``'s ``N r f P`` (``f <= r P``). One row per sample (a
+    sampled Fisher, a scalar MSE output) or a wide output on a narrow input read 36-90x
+    slower and 30-85x larger (a 2 -> 512 layer at batch 8192: 8.2 GB against 96 MB)."""
+    return r >= 2 and P >= 2 and f <= r * P
 
 
 def _products(shape: MLPShape, kernel: str, f_in: int, f: int, n: int) -> float:
@@ -452,11 +462,13 @@ def peak_bytes(
                          max_a d_a^2)          diagonal N x N probe blocks copied, or
                                                a Gram mirrored whole
                    or, where larger,           a block solved before them through its
-                   max_a (3 n_a^2 + N f_a^2)   dense metric (dense_is_cheaper; ``device``
+                   max_a (3 n_a^2 + 2 N f_a^2) dense metric (dense_is_cheaper; ``device``
                                                as in flops): K_a^T K_a, the product it is
                                                gathered from, a chunk of its operands (at
-                                               most n_a^2), each sample's f_a x f_a Gram
-                                               (generic: n_a^2, K_a cached above)
+                                               most n_a^2 or N f_a^2), each sample's
+                                               f_a x f_a Gram (samples_metric; else
+                                               2 d_a n_a + n_a^2: K_a and K_a^T K_a;
+                                               generic: n_a^2, K_a cached above)
         natural    2 d^2                       the Gram and the product each block adds
                                                into it; then the Gram and its mirror
         full       d n + max(d n, n^2)         K (every K_a, then their concatenation),
@@ -492,7 +504,9 @@ def peak_bytes(
             block = MLPShape((f_in, f), N, da // N, shape.bias)
             gram = _gram(block, kernel, f_in, f, na, symmetric)
             if dense_is_cheaper(na, da, gram, _metric(block, kernel, f_in, f, na)):
-                dense = max(dense, na * na + (N * f * f + 2 * na * na if not generic else 0))
+                samples = not generic and samples_metric(f, block.patch(f_in), da // N)
+                extra = 2 * (N * f * f + na * na) if samples else (0 if generic else 2 * da * na)
+                dense = max(dense, na * na + extra)
             else:
                 elems += 0 if generic else N * N
                 grams += factor_order(da, dtype, device) ** 2

@@ -35,7 +35,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils import _pytree as pytree
 
 from .blas import symmetric_product_applies, symmetric_products, syrk_
-from .costs import lower_gram_flops
+from .costs import lower_gram_flops, samples_metric
 from .woodbury import column_major
 
 #: Containers, never called: the parameters of the ParameterList and ParameterDict among
@@ -524,8 +524,12 @@ class LinearHandler(PatchHandler):
         ``2 r N f_out^2 P^2`` of ``K^T K`` from ``K``: ``r`` times fewer. Its operands are
         each sample's ``f_out^2`` Gram entries against its ``P^2`` input products, or
         (where ``f_out^2 < P``) those entries times ``xt_b`` against ``xt_b``, formed a chunk
-        of samples at a time no larger than the result."""
-        if not self.factored_gradient:
+        of samples at a time (at most 16 chunks; each no larger than the result or than the
+        samples' Grams). Only where that takes fewer FLOPs and no more memory than ``K``
+        (:func:`riemann_core.costs.samples_metric`: two rows per sample or more, ``f_out <=
+        r P``); elsewhere (a sampled Fisher's one row, a wide output on a narrow input, the
+        bias alone) ``K^T K`` from ``K``."""
+        if not self._samples_metric():
             return super().metric()
         D = self.Dl[:, :, 0].transpose(0, 1)  # (N, r, f_out)
         A = (D.mT @ D).reshape(self.N, -1)  # each sample's Delta_b^T Delta_b
@@ -536,6 +540,10 @@ class LinearHandler(PatchHandler):
         f, P = self.f_out, Xt.shape[1]
         by_inputs = f * f >= P  # operands (f^2, P^2) per sample, else (f^2 P, P)
         chunk = f * f if by_inputs else P  # (f P)^2 over a sample's operand entries
+        # at most 16 GEMMs where the operands stay within the samples' Grams A (N f^2):
+        # chunks of 4 samples (a 1 -> 2 layer at batch 2048) ran 512 of them, 90x slower
+        width = P * P if by_inputs else f * f * P
+        chunk = max(chunk, min(-(-self.N // 16), self.N * f * f // width))
         S = None  # S[i, j, p, q] = sum_b A_b[i, j] xt_b[p] xt_b[q], as a matrix
         for start in range(0, self.N, chunk):
             part = slice(start, start + chunk)
@@ -557,10 +565,16 @@ class LinearHandler(PatchHandler):
 
     def metric_flops(self) -> float:
         """``2 N r f_out^2`` (the samples' Grams) ``+ 2 N f_out^2 P^2`` (:meth:`metric`)."""
-        if not self.factored_gradient:
+        if not self._samples_metric():
             return super().metric_flops()
         P = self.block.n_params // self.f_out
         return 2 * self.N * self.f_out**2 * (self.r + P * P)
+
+    def _samples_metric(self) -> bool:
+        """Whether :meth:`metric` forms ``K^T K`` from the samples' Grams
+        (:func:`riemann_core.costs.samples_metric`)."""
+        P = self.block.n_params // self.f_out
+        return self.factored_gradient and samples_metric(self.f_out, P, self.r)
 
     def K_mv_output_grad(self, lam: Tensor) -> Tensor:
         """``K g`` for ``g = Lambda^T Xt``: row ``(s, b)`` is
