@@ -355,9 +355,9 @@ def _gram(shape: MLPShape, kernel: str, f_in: int, f: int, n: int, symmetric: bo
 
 
 def _metric(shape: MLPShape, kernel: str, f_in: int, f: int, n: int) -> float:
-    """``K_a^T K_a``: ``2 N r f^2 + 2 N f^2 P^2`` structured (each sample's ``Delta_b^T
-    Delta_b``, then their sum with ``xt_b xt_b^T``, ``LinearHandler.metric``), ``2 n^2 d``
-    generic (from ``K``)."""
+    """``K_a^T K_a``: ``2 N r f^2 + 2 N f^2 P^2`` structured where :func:`samples_metric`
+    holds (each sample's ``Delta_b^T Delta_b``, then their sum with ``xt_b xt_b^T``,
+    ``LinearHandler.metric``), else ``2 n^2 d`` (from ``K``)."""
     N, r = shape.batch, shape.rows
     if kernel == "generic" or not samples_metric(f, shape.patch(f_in), r):
         return 2 * n * n * shape.d

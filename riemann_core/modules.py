@@ -564,7 +564,8 @@ class LinearHandler(PatchHandler):
         return out
 
     def metric_flops(self) -> float:
-        """``2 N r f_out^2`` (the samples' Grams) ``+ 2 N f_out^2 P^2`` (:meth:`metric`)."""
+        """``2 N r f_out^2`` (the samples' Grams) ``+ 2 N f_out^2 P^2`` (:meth:`metric`), or
+        ``2 n_a^2 d`` where it forms ``K^T K`` from ``K``."""
         if not self._samples_metric():
             return super().metric_flops()
         P = self.block.n_params // self.f_out
