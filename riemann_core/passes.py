@@ -400,9 +400,12 @@ class Passes:
             # zeroed, and the skipped iteration's pass counted)
             self._running = True
             Variable._execution_engine.queue_callback(self._ended)
-            # (the first note of each parameter, from this task and those run inside it)
+            # (the first note of each parameter since the last backward pass through an
+            # output: this task's, those run inside it, and those of backward passes that
+            # reached no output before it, found by review: a regulariser's own backward
+            # between the zeroing and loss.backward() hid the zeroing)
             early: dict[int, tuple[bool, Tensor | bool]] = {}
-            for k in sorted(k for k in list(self._early) if k >= task):
+            for k in sorted(self._early):
                 for key, value in self._early[k][1].items():
                     early.setdefault(key, value)
             self._early = {}
@@ -550,7 +553,7 @@ class Passes:
 
     def clear(self) -> None:
         """A step used them."""
-        self._held, self._rehooked = {}, False
+        self._held, self._rehooked, self._early = {}, False, {}
         self._edited = self._truncated = False
         self._passes.clear()
         self._zeroings.clear()

@@ -448,6 +448,44 @@ def test_a_zeroing_is_read_before_a_parameter_reached_first_accumulates(case, se
         record.check_mean()
 
 
+@pytest.mark.parametrize("split", ["a regulariser's own backward", "backward(inputs=...)"])
+def test_a_zeroing_before_a_backward_pass_that_reaches_no_output_is_read(split):
+    """Found by review: a backward pass that reaches no recorded output (a regulariser's
+    own ``backward()``, or the part of a loss split by ``backward(inputs=...)`` that stops
+    before the output) between the zeroing and ``loss.backward()`` accumulated into its
+    parameters first, so the zeroing read as not done and a skipped iteration's pass
+    counted (0.5 + 0.5 of the mean read as a whole one, silent). Its notes of ``.grad``
+    before it count; between micro-batches with no zeroing, both passes still count."""
+    model, x, y = _early()
+
+    def regulariser():
+        return 1e-3 * (model.prior - 1).pow(2).sum()
+
+    def backward(out, rows):
+        loss = 0.5 * F.cross_entropy(out, y[rows])
+        if split == "backward(inputs=...)":
+            total = loss + regulariser()
+            total.backward(inputs=[model.prior], retain_graph=True)
+            total.backward(inputs=[p for n, p in model.named_parameters() if n != "prior"])
+        else:
+            regulariser().backward()
+            loss.backward()
+
+    record = Passes()
+    backward(_noted_pass(record, model, x), slice(None))  # an iteration skipped: no step
+    out = _noted_pass(record, model, x)
+    model.zero_grad()
+    backward(out, slice(None))
+    assert record.shapes() == ((6, 3),)
+    with pytest.raises(ValueError, match="0.5 times the gradient of the mean"):
+        record.check_mean()
+    record.clear()
+    model.zero_grad()
+    for rows in (slice(0, 3), slice(3, 6)):
+        backward(_noted_pass(record, model, x[rows]), rows)
+    assert record.shapes() == ((3, 3), (3, 3))
+
+
 @pytest.mark.parametrize("case", EARLY)
 def test_passes_through_a_parameter_reached_first_count_where_nothing_was_zeroed(case):
     """Micro-batches accumulated without a zeroing all count, also where the backward pass
