@@ -42,7 +42,6 @@ parameter, :class:`_BeforeAccumulation`).
 from __future__ import annotations
 
 import math
-import threading
 import weakref
 from collections import deque
 
@@ -278,15 +277,11 @@ class Passes:
         # the model whose parameters were hooked; whether since the last step
         self._hooked: nn.Module | None = None
         self._rehooked = False
-        # of a backward pass before it reaches a recorded output: its graph task, whether a
-        # zeroing may be read then (a pass differentiated since the last step), and, for
-        # each parameter whose gradient it accumulated, what .grad held before (:meth:`_before`)
-        # (a dict by graph task: a reentrant checkpoint's backward pass, run inside the
-        # one that reaches the output, is a task of its own, numbered after it)
-        self._early: dict[int, tuple[bool, dict[int, tuple[bool, Tensor | bool]]]] = {}
+        # what each parameter's .grad held before the first backward pass since the last one
+        # through a recorded output accumulated into it (:meth:`_before`), by id
+        self._early: dict[int, tuple[bool, Tensor | bool]] = {}
         # whether the backward pass through a recorded output (self._task) still runs
         self._running = False
-        self._early_lock = threading.Lock()  # (device threads of one backward pass)
 
     def forward_starts(self, model: nn.Module) -> None:
         """Before a forward pass: the passes already differentiated contributed nothing
@@ -401,14 +396,10 @@ class Passes:
             self._running = True
             Variable._execution_engine.queue_callback(self._ended)
             # (the first note of each parameter since the last backward pass through an
-            # output: this task's, those run inside it, and those of backward passes that
-            # reached no output before it, found by review: a regulariser's own backward
-            # between the zeroing and loss.backward() hid the zeroing)
-            early: dict[int, tuple[bool, Tensor | bool]] = {}
-            for k in sorted(self._early):
-                for key, value in self._early[k][1].items():
-                    early.setdefault(key, value)
-            self._early = {}
+            # output: this pass's, a reentrant checkpoint's run inside it, or one of a
+            # backward pass that reached no output, found by review: a regulariser's own
+            # backward between the zeroing and loss.backward() hid the zeroing)
+            early, self._early = self._early, {}
             if network is not None and any(r.backward for r in self._passes) and self._moved(early):
                 # (found by a hunt: a zeroing between model(x) and loss.backward() after a
                 # skipped iteration; read at a torch.autograd.grad too, found by review:
@@ -448,28 +439,18 @@ class Passes:
         where it was ``None``, else a device flag of a nonzero entry (read at the step, with
         the zeroing's). Only in a backward pass that may read a zeroing (a pass
         differentiated before it since the last step)."""
-        task = torch._C._current_graph_task_id()
-        noted = self._early.get(task)
-        if noted is None:
-            with self._early_lock:
-                noted = self._early.get(task)
-                if noted is None:
-                    needed = self._network is not None and any(r.backward for r in self._passes)
-                    noted = (needed, {})
-                    if len(self._early) >= 8:  # (tasks that reached no output: kept a while)
-                        for k in sorted(self._early)[: len(self._early) - 7]:
-                            del self._early[k]
-                    self._early[task] = noted
-        needed, early = noted
-        if not needed or id(p) in early:
+        early = self._early
+        if id(p) in early or not (
+            self._network is not None and any(r.backward for r in self._passes)
+        ):
             return
         grad = p.grad
         h = self._held.get(id(p), p) if self._grads_watched else p  # (p: never noted)
         if grad is None:
-            early[id(p)] = (h is not None, False)
+            early.setdefault(id(p), (h is not None, False))
         elif _executes(p):  # (torch.autograd.grad accumulates nothing: no device read)
             still = h is not p and h is not None and _held_still(h, grad)
-            early[id(p)] = (not still, grad.detach().any())
+            early.setdefault(id(p), (not still, grad.detach().any()))
 
     def _hook_parameters(self, model: nn.Module) -> None:
         """Hook each trainable parameter of ``model`` not hooked yet

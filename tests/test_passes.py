@@ -448,14 +448,18 @@ def test_a_zeroing_is_read_before_a_parameter_reached_first_accumulates(case, se
         record.check_mean()
 
 
-@pytest.mark.parametrize("split", ["a regulariser's own backward", "backward(inputs=...)"])
+@pytest.mark.parametrize(
+    "split", ["a regulariser's own backward", "ten of them", "backward(inputs=...)"]
+)
 def test_a_zeroing_before_a_backward_pass_that_reaches_no_output_is_read(split):
     """Found by review: a backward pass that reaches no recorded output (a regulariser's
     own ``backward()``, or the part of a loss split by ``backward(inputs=...)`` that stops
     before the output) between the zeroing and ``loss.backward()`` accumulated into its
     parameters first, so the zeroing read as not done and a skipped iteration's pass
     counted (0.5 + 0.5 of the mean read as a whole one, silent). Its notes of ``.grad``
-    before it count; between micro-batches with no zeroing, both passes still count."""
+    before it count, the first of each parameter's however many follow (a first version
+    kept the notes of the last 8 backward passes); between micro-batches with no zeroing,
+    both passes still count."""
     model, x, y = _early()
 
     def regulariser():
@@ -468,7 +472,8 @@ def test_a_zeroing_before_a_backward_pass_that_reaches_no_output_is_read(split):
             total.backward(inputs=[model.prior], retain_graph=True)
             total.backward(inputs=[p for n, p in model.named_parameters() if n != "prior"])
         else:
-            regulariser().backward()
+            for _ in range(10 if split == "ten of them" else 1):
+                regulariser().backward()
             loss.backward()
 
     record = Passes()
