@@ -280,6 +280,9 @@ class Passes:
         # what each parameter's .grad held before the first backward pass since the last one
         # through a recorded output accumulated into it (:meth:`_before`), by id
         self._early: dict[int, tuple[bool, Tensor | bool]] = {}
+        # the last backward pass (graph task) that noted each: a later one's note of the same
+        # parameter adds whether .grad was zero then (a zeroing after the first note)
+        self._early_task: dict[int, int] = {}
         # whether the backward pass through a recorded output (self._task) still runs
         self._running = False
 
@@ -299,18 +302,29 @@ class Passes:
         number: int,
         edits: bool,
         early: dict[int, tuple[bool, Tensor | bool]] | None = None,
+        earlier: set[int] = frozenset(),
     ) -> None:
         """Note whether every trainable ``.grad`` of ``model`` is ``None`` or zero now, which
         drops what the backward passes numbered below ``number`` left; with ``edits``,
         whether a ``.grad`` changed since the last backward pass. ``early``: the parameters
         the running backward pass accumulated into already, read as they were before
-        (:meth:`_before`)."""
+        (:meth:`_before`); ``earlier``: those of them noted by another backward pass only,
+        which the running one has not reached yet, also read as they are now (zeroed since
+        the note: found by review, a regulariser's own backward before zero_grad() hid the
+        zeroing after it)."""
         early = early or {}
-        zero = [
-            nonzero.logical_not()
-            for _, nonzero in early.values()
-            if nonzero is not False  # (False: None before it)
-        ]
+        zero = []
+        by_id = {id(p): p for p in model.parameters()} if earlier else {}
+        for key, (_, nonzero) in early.items():
+            if nonzero is False:  # (None before it)
+                continue
+            if key in earlier and key in by_id:
+                grad = by_id[key].grad
+                if grad is None:  # (set to None since)
+                    continue
+                zero.append(nonzero.logical_not() | grad.eq(0).all())
+            else:
+                zero.append(nonzero.logical_not())
         params = [
             p
             for p in model.parameters()
@@ -400,11 +414,19 @@ class Passes:
             # backward pass that reached no output, found by review: a regulariser's own
             # backward between the zeroing and loss.backward() hid the zeroing)
             early, self._early = self._early, {}
-            if network is not None and any(r.backward for r in self._passes) and self._moved(early):
+            # (noted by another backward pass only: it accumulated into them since, and a
+            # zeroing after its note is read from .grad now)
+            earlier = {k for k, t in self._early_task.items() if t != task}
+            self._early_task = {}
+            if (
+                network is not None
+                and any(r.backward for r in self._passes)
+                and (earlier or self._moved(early))
+            ):
                 # (found by a hunt: a zeroing between model(x) and loss.backward() after a
                 # skipped iteration; read at a torch.autograd.grad too, found by review:
                 # the .grad noted at its end, a zeroing before it was not seen after)
-                self._zeroing(network, self._number, edits=False, early=early)
+                self._zeroing(network, self._number, edits=False, early=early, earlier=earlier)
             if self._grads_watched:
                 Variable._execution_engine.queue_callback(self._note_grads)
         if not self._accumulates:
@@ -439,18 +461,35 @@ class Passes:
         where it was ``None``, else a device flag of a nonzero entry (read at the step, with
         the zeroing's). Only in a backward pass that may read a zeroing (a pass
         differentiated before it since the last step)."""
-        early = self._early
-        if id(p) in early or not (
-            self._network is not None and any(r.backward for r in self._passes)
-        ):
+        early, key = self._early, id(p)
+        noted = early.get(key)
+        if noted is not None:
+            # a later backward pass (task) reaching it: a zeroing since the first note is
+            # read too (found by review: a regulariser's own backward before zero_grad(),
+            # its note first, hid the zeroing); the same one reaches it once
+            task = torch._C._current_graph_task_id()
+            if self._early_task.get(key) == task:
+                return
+            self._early_task[key] = task
+            if noted[1] is not False:  # (False: None at the first note, zero already read)
+                grad = p.grad
+                if grad is None:
+                    early[key] = (True, False)
+                elif _executes(p):
+                    early[key] = (True, noted[1] & grad.detach().any())
+            return
+        if not (self._network is not None and any(r.backward for r in self._passes)):
             return
         grad = p.grad
-        h = self._held.get(id(p), p) if self._grads_watched else p  # (p: never noted)
+        h = self._held.get(key, p) if self._grads_watched else p  # (p: never noted)
         if grad is None:
-            early.setdefault(id(p), (h is not None, False))
+            early[key] = (h is not None, False)
         elif _executes(p):  # (torch.autograd.grad accumulates nothing: no device read)
             still = h is not p and h is not None and _held_still(h, grad)
-            early.setdefault(id(p), (not still, grad.detach().any()))
+            early[key] = (not still, grad.detach().any())
+        else:
+            return
+        self._early_task[key] = torch._C._current_graph_task_id()
 
     def _hook_parameters(self, model: nn.Module) -> None:
         """Hook each trainable parameter of ``model`` not hooked yet
@@ -534,7 +573,7 @@ class Passes:
 
     def clear(self) -> None:
         """A step used them."""
-        self._held, self._rehooked, self._early = {}, False, {}
+        self._held, self._rehooked, self._early, self._early_task = {}, False, {}, {}
         self._edited = self._truncated = False
         self._passes.clear()
         self._zeroings.clear()

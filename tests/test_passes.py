@@ -491,6 +491,36 @@ def test_a_zeroing_before_a_backward_pass_that_reaches_no_output_is_read(split):
     assert record.shapes() == ((3, 3), (3, 3))
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_zeroing_after_a_backward_pass_that_reaches_no_output_is_read(set_to_none):
+    """Found by review of the test above's change: a regulariser's own backward pass after
+    ``model(x)`` and before the zeroing noted each ``.grad`` first, as it held the skipped
+    iteration's gradient, and the zeroing after it was not read (the skipped pass counted,
+    0.5 + 1 read, silent). A later note of the parameter, or its ``.grad`` as the backward
+    pass through the output arrives, reads it; micro-batches after it still both count."""
+    model, x, y = _early()
+
+    def regulariser():
+        return 1e-3 * sum(p.pow(2).sum() for p in model.parameters())
+
+    record = Passes()
+    F.cross_entropy(_noted_pass(record, model, x), y).backward()  # skipped: no step
+    out = _noted_pass(record, model, x)
+    regulariser().backward()
+    model.zero_grad(set_to_none=set_to_none)
+    (0.5 * F.cross_entropy(out, y)).backward()
+    assert record.shapes() == ((6, 3),)
+    with pytest.raises(ValueError, match="0.5 times the gradient of the mean"):
+        record.check_mean()
+    record.clear()
+    for rows in (slice(0, 3), slice(3, 6)):
+        out = _noted_pass(record, model, x[rows])
+        regulariser().backward()
+        (0.5 * F.cross_entropy(out, y[rows])).backward()
+    assert record.shapes() == ((3, 3), (3, 3))
+    record.check_mean()
+
+
 @pytest.mark.parametrize("case", EARLY)
 def test_passes_through_a_parameter_reached_first_count_where_nothing_was_zeroed(case):
     """Micro-batches accumulated without a zeroing all count, also where the backward pass
