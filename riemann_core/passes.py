@@ -404,11 +404,11 @@ class Passes:
             self._task, self._number = task, self._number + 1
             network = self._network
             self._accumulates = network is None or _accumulates(network)
-            # what .grad held before this backward pass accumulated into it (found by
-            # review: a parameter accumulated before the output was reached read as not
-            # zeroed, and the skipped iteration's pass counted)
-            self._running = True
+            self._running = True  # (the hooks read nothing until it ends: _ended)
             Variable._execution_engine.queue_callback(self._ended)
+            # what .grad held before the backward passes since the last one through an
+            # output accumulated into it (found by review: a parameter accumulated before
+            # the output was reached read as not zeroed, the skipped pass counted)
             # (the first note of each parameter since the last backward pass through an
             # output: this pass's, a reentrant checkpoint's run inside it, or one of a
             # backward pass that reached no output, found by review: a regulariser's own
@@ -456,11 +456,12 @@ class Passes:
 
     def _before(self, p: Tensor) -> None:
         """A backward pass is about to accumulate into ``p.grad``: where it has not reached a
-        recorded output yet, note (the first time only) whether ``p.grad`` moved since the
-        end of the last backward pass (:meth:`_moved`) and whether it held anything: ``False``
-        where it was ``None``, else a device flag of a nonzero entry (read at the step, with
-        the zeroing's). Only in a backward pass that may read a zeroing (a pass
-        differentiated before it since the last step)."""
+        recorded output yet, note whether ``p.grad`` moved since the end of the last backward
+        pass (:meth:`_moved`) and whether it held anything: ``False`` where it was ``None``,
+        else a device flag of a nonzero entry (read at the step, with the zeroing's). A later
+        backward pass's note of the same parameter (once per pass) marks it moved and keeps
+        whether it was zero at either. Only where a zeroing may be read (a pass
+        differentiated since the last step)."""
         early, key = self._early, id(p)
         noted = early.get(key)
         if noted is not None:
