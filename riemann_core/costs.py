@@ -271,7 +271,9 @@ def flops(
         n = shape.n_params
         if not generic:
             cost["gradient"] = sum(2 * N * f * i for i, f in zip(f_ins, f_outs, strict=True))
-        cost["gram"] = 2 * n * n * d
+        pairs = full_pairs(shape, kernel)
+        by_blocks = (2 * N * f * g * (shape.rows + P * Q) for f, P, g, Q in pairs or ())
+        cost["gram"] = sum(by_blocks) if pairs else 2 * n * n * d
         cost["factorisation"] = cholesky_flops(n)
         cost["checks"] = power_flops(n)
         cost["solve"] = 2 * triangular_solve_flops(n)
@@ -357,21 +359,37 @@ def _gram(shape: MLPShape, kernel: str, f_in: int, f: int, n: int, symmetric: bo
 def _metric(shape: MLPShape, kernel: str, f_in: int, f: int, n: int) -> float:
     """``K_a^T K_a``: ``2 N r f^2 + 2 N f^2 P^2`` structured where :func:`samples_metric`
     holds (each sample's ``Delta_b^T Delta_b``, then their sum with ``xt_b xt_b^T``,
-    ``LinearHandler.metric``), else ``2 n^2 d`` (from ``K``)."""
+    ``LinearHandler.metric``), else ``2 n^2 d`` (from ``K``); ``method='full'``'s blocks
+    ``K_a^T K_b``: :func:`full_pairs`."""
     N, r = shape.batch, shape.rows
     if kernel == "generic" or not samples_metric(f, shape.patch(f_in), r):
         return 2 * n * n * shape.d
     return 2 * N * f * f * (r + shape.patch(f_in) ** 2)
 
 
-def samples_metric(f: int, P: int, r: int) -> bool:
-    """Whether a Linear block's ``K^T K`` is formed from the samples' Grams
+def samples_metric(f: int, P: int, r: int, f_b: int | None = None, P_b: int | None = None) -> bool:
+    """Whether a Linear block's ``K^T K`` (with ``f_b, P_b``: its product ``K^T K_b`` with
+    another Linear block on the same rows) is formed from the samples' Grams
     (``LinearHandler.metric``) rather than from ``K``: where that takes fewer FLOPs
-    (``r + P^2 < r P^2``: two rows per sample or more, ``P > 1``) and its ``N f^2`` Gram
-    entries are no more than ``K``'s ``N r f P`` (``f <= r P``). One row per sample (a
-    sampled Fisher, a scalar MSE output) or a wide output on a narrow input read 36-90x
-    slower and 30-85x larger (a 2 -> 512 layer at batch 8192: 8.2 GB against 96 MB)."""
-    return r >= 2 and P >= 2 and f <= r * P
+    (``r + P P_b < r P P_b``; for one block: two rows per sample or more, ``P > 1``) and
+    its ``N f f_b`` Gram entries are no more than either ``K``'s ``N r f P`` (for one block:
+    ``f <= r P``). One row per sample (a sampled Fisher, a scalar MSE output) or a wide
+    output on a narrow input read 36-90x slower and 30-85x larger (a 2 -> 512 layer at
+    batch 8192: 8.2 GB against 96 MB)."""
+    f_b, P_b = (f, P) if f_b is None else (f_b, P_b)
+    return P * P_b * (r - 1) > r and f * f_b <= r * min(f * P, f_b * P_b)
+
+
+def full_pairs(shape: MLPShape, kernel: str) -> list[tuple[int, int, int, int]] | None:
+    """The pairs of layers ``(f_a, P_a, f_b, P_b)``, ``b <= a``, whose blocks ``K_a^T K_b``
+    ``method='full'`` forms from the samples' Grams (``2 N f_a f_b (r + P_a P_b)`` FLOPs
+    each, ``riemann_core.methods.full.blockwise``: every pair satisfies
+    :func:`samples_metric`); ``None`` where it forms ``K^T K`` in one product."""
+    blocks = [(f, shape.patch(f_in)) for f_in, f in shape.layers]
+    pairs = [(*blocks[a], *blocks[b]) for a in range(len(blocks)) for b in range(a + 1)]
+    if kernel == "generic" or not all(samples_metric(*p[:2], shape.rows, *p[2:]) for p in pairs):
+        return None
+    return pairs
 
 
 def _products(shape: MLPShape, kernel: str, f_in: int, f: int, n: int) -> float:
@@ -471,7 +489,11 @@ def peak_bytes(
                                                generic: n_a^2, K_a cached above)
         natural    2 d^2                       the Gram and the product each block adds
                                                into it; then the Gram and its mirror
-        full       d n + max(d n, n^2)         K (every K_a, then their concatenation),
+        full       n^2 + max over the pairs    block by block (full_pairs): the
+                   (3 n_a n_b + 2 N f_a f_b)   metric, a block K_a^T K_b, the product it
+                                               is gathered from, a chunk of its operands
+                                               and the samples' f_a x f_b Grams
+                   or d n + max(d n, n^2)      K (every K_a, then their concatenation),
                                                then K and the n x n metric
         kfac       per layer and side          a factor F = R^T R with m rows and
                    3 n^2 (m >= n)              n columns: F, its eigenvectors and
@@ -515,7 +537,11 @@ def peak_bytes(
     elif method == "natural":
         elems += 2 * d * d
     elif method == "full":
-        elems += d * n + max(d * n, n * n)
+        pairs = full_pairs(shape, kernel)
+        if pairs:
+            elems += n * n + max(3 * f * P * g * Q + 2 * N * f * g for f, P, g, Q in pairs)
+        else:
+            elems += d * n + max(d * n, n * n)
     elif method == "kfac":
         for f_in, f in shape.layers:
             for m, k in ((d, f), (N, shape.patch(f_in))):

@@ -236,14 +236,17 @@ class Handler(ABC):
         symmetric = symmetric_products(self.device, self.dtype)
         return lower_gram_flops(self.d, self.r, self.block.n_params, symmetric)
 
-    def metric(self) -> Tensor:
-        """``K^T K`` (``n_a x n_a``, columns in parameter order), from ``K`` materialised."""
+    def metric(self, other: Handler | None = None) -> Tensor:
+        """``K^T K`` (``n_a x n_a``), or with ``other`` (a block with the same rows)
+        ``K^T K_b`` (``n_a x n_b``): rows and columns in parameter order, from ``K``
+        materialised."""
         K = self.K()
-        return K.T @ K
+        return K.T @ (K if other is None else other.K())
 
-    def metric_flops(self) -> float:
-        """Modelled FLOPs of :meth:`metric` (``2 n_a^2 d``)."""
-        return 2 * self.block.n_params**2 * self.d
+    def metric_flops(self, other: Handler | None = None) -> float:
+        """Modelled FLOPs of :meth:`metric` (``2 n_a n_b d``)."""
+        n_b = self.block.n_params if other is None else other.block.n_params
+        return 2 * self.block.n_params * n_b * self.d
 
     @abstractmethod
     def K(self) -> Tensor:
@@ -513,69 +516,94 @@ class LinearHandler(PatchHandler):
             return super().gram_into(out, add)
         lower_gram(self.Dl.reshape(self.d, self.f_out), self.r, out, add, self.input_gram())
 
-    def metric(self) -> Tensor:
-        """``K^T K`` without ``K``: with one position per sample, a sample's rows share
-        ``xt_b``, so
+    def metric(self, other: Handler | None = None) -> Tensor:
+        """``K^T K`` without ``K``, or with ``other`` (a block with the same rows, as
+        ``method='full'`` asks) ``K^T K_b``: with one position per sample, a sample's rows
+        share ``xt_b``, so
 
-            K^T K = sum_b (Delta_b^T Delta_b) (x) (xt_b xt_b^T)
+            K^T K_b = sum_b (Delta_b^T Delta^b_b) (x) (xt_b xt^b_b^T)
 
-        (row-major ``vec([W | b])``; ``Delta_b``: the sample's ``r x f_out`` rows), one GEMM
-        over the samples, ``2 N f_out^2 P^2`` FLOPs (:meth:`metric_flops`) against the
-        ``2 r N f_out^2 P^2`` of ``K^T K`` from ``K``: ``r`` times fewer. Its operands are
-        each sample's ``f_out^2`` Gram entries against its ``P^2`` input products, or
-        (where ``f_out^2 < P``) those entries times ``xt_b`` against ``xt_b``, formed a chunk
-        of samples at a time (at most 16 chunks; each no larger than the result or than the
-        samples' Grams). Only where that takes fewer FLOPs and no more memory than ``K``
-        (:func:`riemann_core.costs.samples_metric`: two rows per sample or more, ``f_out <=
-        r P``); elsewhere (a sampled Fisher's one row, a wide output on a narrow input, the
-        bias alone) ``K^T K`` from ``K``."""
-        if not self._samples_metric():
-            return super().metric()
-        D = self.Dl[:, :, 0].transpose(0, 1)  # (N, r, f_out)
-        A = (D.mT @ D).reshape(self.N, -1)  # each sample's Delta_b^T Delta_b
-        columns = [self.X[:, 0]] if self.with_weight else []
-        if self.with_bias:
-            columns.append(A.new_ones(self.N, 1))
-        Xt = torch.cat(columns, 1) if len(columns) > 1 else columns[0]
-        f, P = self.f_out, Xt.shape[1]
-        by_inputs = f * f >= P  # operands (f^2, P^2) per sample, else (f^2 P, P)
-        chunk = f * f if by_inputs else P  # (f P)^2 over a sample's operand entries
-        # at most 16 GEMMs where the operands stay within the samples' Grams A (N f^2):
+        (row-major ``vec([W | b])`` on both sides; ``Delta_b``: the sample's ``r x f_out``
+        rows), one GEMM over the samples, ``2 N f_out f^b_out P P_b`` FLOPs
+        (:meth:`metric_flops`) against the ``2 r N f_out f^b_out P P_b`` of ``K^T K_b`` from
+        ``K``: ``r`` times fewer. Its operands are each sample's ``f_out f^b_out`` Gram
+        entries against its ``P P_b`` input products, or (where ``f_out f^b_out < P_b``)
+        those entries times ``xt_b`` against ``xt^b_b``, formed a chunk of samples at a time
+        (at most 16 chunks; each no larger than the result or than the samples' Grams).
+        Only where that takes fewer FLOPs and no more memory than ``K``
+        (:meth:`samples_metric_with`: two rows per sample or more, ``f_out <= r P``);
+        elsewhere (a sampled Fisher's one row, a wide output on a narrow input, the bias
+        alone) ``K^T K_b`` from ``K``."""
+        g = self if other is None else other
+        if not self.samples_metric_with(g):
+            return super().metric(other)
+        D, E = (h.Dl[:, :, 0].transpose(0, 1) for h in (self, g))  # (N, r, f)
+        A = (D.mT @ E).reshape(self.N, -1)  # each sample's Delta_b^T Delta^b_b
+        X, Y = self.inputs_with_ones(), g.inputs_with_ones()
+        f, fb, P, Q = self.f_out, g.f_out, X.shape[1], Y.shape[1]
+        by_inputs = f * fb >= Q  # operands (f fb, P Q) per sample, else (f fb P, Q)
+        chunk = f * fb if by_inputs else Q  # f fb P Q over a sample's operand entries
+        # at most 16 GEMMs where the operands stay within the samples' Grams A (N f fb):
         # chunks of 4 samples (a 1 -> 2 layer at batch 2048) ran 512 of them, 90x slower
-        width = P * P if by_inputs else f * f * P
-        chunk = max(chunk, min(-(-self.N // 16), self.N * f * f // width))
-        S = None  # S[i, j, p, q] = sum_b A_b[i, j] xt_b[p] xt_b[q], as a matrix
+        width = P * Q if by_inputs else f * fb * P
+        chunk = max(chunk, min(-(-self.N // 16), self.N * f * fb // width))
+        S = None  # S[i, j, p, q] = sum_b A_b[i, j] xt_b[p] xt^b_b[q], as a matrix
         for start in range(0, self.N, chunk):
             part = slice(start, start + chunk)
             if by_inputs:
-                left, right = A[part], (Xt[part, :, None] * Xt[part, None, :]).flatten(1)
+                left, right = A[part], (X[part, :, None] * Y[part, None, :]).flatten(1)
             else:
-                left, right = (A[part, :, None] * Xt[part, None, :]).flatten(1), Xt[part]
+                left, right = (A[part, :, None] * X[part, None, :]).flatten(1), Y[part]
             S = left.T @ right if S is None else S.addmm_(left.T, right)
-        T = S.view(f, f, P, P).permute(0, 2, 1, 3)  # T[i, p, j, q]: ((i, p), (j, q)) of [W | b]
-        if not (self.with_weight and self.with_bias):
-            return T.reshape(f * P, f * P)
-        w, W, b = f * (P - 1), slice(None, P - 1), P - 1  # parameter order: W, then b
-        out = S.new_empty(w + f, w + f)
-        out[:w, :w].view(f, P - 1, f, P - 1).copy_(T[:, W, :, W])
-        out[:w, w:].view(f, P - 1, f).copy_(T[:, W, :, b])
-        out[w:, :w].view(f, f, P - 1).copy_(T[:, b, :, W])
-        out[w:, w:].copy_(T[:, b, :, b])
+        T = S.view(f, fb, P, Q).permute(0, 2, 1, 3)  # T[i, p, j, q]: ((i, p), (j, q))
+        rows, columns = self._parameter_parts(), g._parameter_parts()
+        if len(rows) == len(columns) == 1:
+            return T.reshape(f * P, fb * Q)
+        out = S.new_empty(self.block.n_params, g.block.n_params)
+        top = 0
+        for p, m in rows:  # parameter order: W, then b
+            left = 0
+            for q, n in columns:
+                part = T[:, p, :, q]
+                out[top : top + m, left : left + n].view(part.shape).copy_(part)
+                left += n
+            top += m
         return out
 
-    def metric_flops(self) -> float:
-        """``2 N r f_out^2`` (the samples' Grams) ``+ 2 N f_out^2 P^2`` (:meth:`metric`), or
-        ``2 n_a^2 d`` where it forms ``K^T K`` from ``K``."""
-        if not self._samples_metric():
-            return super().metric_flops()
-        P = self.block.n_params // self.f_out
-        return 2 * self.N * self.f_out**2 * (self.r + P * P)
+    def inputs_with_ones(self) -> Tensor:
+        """``Xt``: the inputs with a column of ones for the bias (``N x P``)."""
+        columns = [self.X[:, 0]] if self.with_weight else []
+        if self.with_bias:
+            columns.append(self.Dl.new_ones(self.N, 1))
+        return torch.cat(columns, 1) if len(columns) > 1 else columns[0]
 
-    def _samples_metric(self) -> bool:
-        """Whether :meth:`metric` forms ``K^T K`` from the samples' Grams
-        (:func:`riemann_core.costs.samples_metric`)."""
+    def _parameter_parts(self) -> list[tuple]:
+        """The index along ``P`` and the count of each trainable tensor, in parameter
+        order: ``W`` (``f_out (P - 1)``), then ``b`` (``f_out``); or all of ``P`` for one."""
         P = self.block.n_params // self.f_out
-        return self.factored_gradient and samples_metric(self.f_out, P, self.r)
+        if not (self.with_weight and self.with_bias):
+            return [(slice(None), self.f_out * P)]
+        return [(slice(None, P - 1), self.f_out * (P - 1)), (P - 1, self.f_out)]
+
+    def metric_flops(self, other: Handler | None = None) -> float:
+        """``2 N r f_out f^b_out`` (the samples' Grams) ``+ 2 N f_out f^b_out P P_b``
+        (:meth:`metric`), or ``2 n_a n_b d`` where it forms ``K^T K_b`` from ``K``."""
+        g = self if other is None else other
+        if not self.samples_metric_with(g):
+            return super().metric_flops(other)
+        P, Q = (h.block.n_params // h.f_out for h in (self, g))
+        return 2 * self.N * self.f_out * g.f_out * (self.r + P * Q)
+
+    def samples_metric_with(self, other: Handler) -> bool:
+        """Whether :meth:`metric` forms ``K^T K_b`` from the samples' Grams: both blocks
+        Linear with one position per sample and the same rows, and
+        :func:`riemann_core.costs.samples_metric` holds."""
+        if not (isinstance(other, LinearHandler) and self.factored_gradient):
+            return False
+        if not other.factored_gradient or (other.r, other.N) != (self.r, self.N):
+            return False
+        P, Q = (h.block.n_params // h.f_out for h in (self, other))
+        return samples_metric(self.f_out, P, self.r, other.f_out, Q)
 
     def K_mv_output_grad(self, lam: Tensor) -> Tensor:
         """``K g`` for ``g = Lambda^T Xt``: row ``(s, b)`` is

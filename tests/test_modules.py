@@ -497,3 +497,40 @@ def test_eval_mode_batchnorm_uses_generic_kernel(method):
     G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
     expected = oracle_direction(G, g, 1e-2, method, block_indices(model))
     assert rel_error(flatten(dirs, model), expected) < 1e-10
+
+
+def _trained_part(block, K, module, trained):
+    """``block`` and its ``K`` with only ``trained`` (weight, bias or both) trainable."""
+    if trained == "both":
+        return block, K
+    n_w = module.weight.numel()
+    K = K[:, :n_w] if trained == "weight" else K[:, n_w:]
+    index = block.name
+    params = [getattr(module, trained)]
+    block = Block(index, module, [f"{index}.{trained}"], params, block.inputs, None, block.delta)
+    return block, K
+
+
+@pytest.mark.parametrize("trained_b", ["both", "bias"])
+@pytest.mark.parametrize("trained_a", ["both", "weight", "bias"])
+@pytest.mark.parametrize("f_in,f_out", [(3, 4), (30, 2)], ids=["f_out^2>=P", "f_out^2<P"])
+def test_linear_cross_metric_from_samples_matches_explicit_K(f_in, f_out, trained_a, trained_b):
+    """``K_a^T K_b`` of two Linear blocks on the same rows (``method='full'``'s blocks)
+    from the samples' Grams, ``sum_s (Delta^a_s^T Delta^b_s) (x) (xt^a_s xt^b_s^T)``,
+    against the oracle's ``K``: both orders (each kind of operand), a frozen weight or
+    bias on either side, with the FLOPs it models."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(f_in, f_out), nn.Tanh(), nn.Linear(f_out, 3))
+    model, x = model.double(), torch.randn(40, f_in, dtype=torch.float64)
+    block_a, K_a = _trained_part(*layer_case(model, x, 0, r=3), model[0], trained_a)
+    block_b, K_b = _trained_part(*layer_case(model, x, 2, r=3), model[2], trained_b)
+    a, b = handler_for(block_a, "structured"), handler_for(block_b, "structured")
+    assert a.samples_metric_with(b) == b.samples_metric_with(a)
+    if trained_a == trained_b == "both":
+        assert a.samples_metric_with(b)
+    assert rel_error(a.metric(b), K_a.T @ K_b) < 1e-13
+    assert rel_error(b.metric(a), K_b.T @ K_a) < 1e-13
+    P_a, P_b = K_a.shape[1] // f_out, K_b.shape[1] // 3
+    samples = 2 * 40 * f_out * 3 * (3 + P_a * P_b)
+    from_K = 2 * K_a.shape[1] * K_b.shape[1] * K_a.shape[0]
+    assert a.metric_flops(b) == (samples if a.samples_metric_with(b) else from_K)

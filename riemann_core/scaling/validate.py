@@ -237,8 +237,9 @@ FLOP_CLAIMS = (
     ),
     FlopClaim(
         "full-n",
-        "full's work grows like n^2 d + n^3",
-        "full", None, "width", "n_params", (2, 3), "n^2 d + n^3: slope 2..3 in n",
+        "full's work grows like n^2 N + n^3 (n^2 d + n^3 from K)",
+        "full", None, "width", "n_params", (2, 3),
+        "n^2 N + n^3 (MLP, structured), n^2 d + n^3 (from K): slope 2..3 in n",
     ),
     FlopClaim(
         "kfac-w",
