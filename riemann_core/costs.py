@@ -380,6 +380,43 @@ def samples_metric(f: int, P: int, r: int, f_b: int | None = None, P_b: int | No
     return P * P_b * (r - 1) > r and f * f_b <= r * min(f * P, f_b * P_b)
 
 
+def metric_units(f: int, entries: int) -> int:
+    """Output units of a block of ``f`` that ``LinearHandler.metric_into`` forms by one
+    GEMM over the samples, ``entries`` each: as many as keep its result within ``2^20``
+    entries, at least one: copied into parameter order from the cache, not from memory
+    (``K^T K`` of 784-5-10 and 64-56-10 at batch 128, float32, 2-core CPU: 32.6 and 42.3
+    ms so, 57.7 and 49.9 for whole blocks at once, 39-59 ms with ``2^14..2^18``)."""
+    return max(1, min(f, 2**20 // entries))
+
+
+def _metric_operands(N: int, f: int, P: int, g: int, Q: int) -> int:
+    """Entries ``LinearHandler.metric_into`` holds beside its result: the samples'
+    ``f x g`` Grams, and a GEMM's result and operands (:func:`metric_units` units), three
+    times over: with two, ``method='full'``'s model read 0.98x the live peak at 64-56-10,
+    batch 128."""
+    return N * f * g + 3 * metric_units(f, g * P * Q) * g * max(P * Q, N)
+
+
+#: What ``method='full'`` forming its metric block by block costs beyond the blocks' FLOPs,
+#: in FLOPs at the rate of ``K^T K``'s GEMM: per entry of a block (its GEMM over the
+#: samples has only ``2 N`` FLOPs an entry and runs at about half that rate, then the
+#: copies into parameter order and into the mirrored block) and per pair of blocks (Python
+#: and small operations). Fitted on a 2-core Xeon (float32, 22 MLPs of 2 to 40 layers,
+#: batch 8 to 8192): about 1.2 ns an entry where ``K^T K`` ran 275 GFLOP/s, and 0.2-1 ms a
+#: pair; with these the rule picked the faster form in each, or one within 10% of it.
+BLOCK_ENTRY_FLOPS = 320
+BLOCK_PAIR_FLOPS = 2**26
+
+
+def metric_by_blocks(blocks: list[tuple[float, int]], n: int, d: int) -> bool:
+    """Whether ``method='full'`` forms its ``n x n`` metric block by block, each block
+    ``(flops, entries)`` (``K_a^T K_b`` from the samples' Grams, ``b <= a``), rather than
+    as ``K^T K`` in one product (``2 n^2 d`` FLOPs): where the blocks cost less, with
+    :data:`BLOCK_ENTRY_FLOPS` per entry and :data:`BLOCK_PAIR_FLOPS` per block added."""
+    work = sum(f + BLOCK_ENTRY_FLOPS * m + BLOCK_PAIR_FLOPS for f, m in blocks)
+    return work < 2 * n * n * d
+
+
 def full_pairs(shape: MLPShape, kernel: str) -> list[tuple[int, int, int, int]] | None:
     """The pairs of layers ``(f_a, P_a, f_b, P_b)``, ``b <= a``, whose blocks ``K_a^T K_b``
     ``method='full'`` forms from the samples' Grams (``2 N f_a f_b (r + P_a P_b)`` FLOPs
@@ -389,7 +426,9 @@ def full_pairs(shape: MLPShape, kernel: str) -> list[tuple[int, int, int, int]] 
     pairs = [(*blocks[a], *blocks[b]) for a in range(len(blocks)) for b in range(a + 1)]
     if kernel == "generic" or not all(samples_metric(*p[:2], shape.rows, *p[2:]) for p in pairs):
         return None
-    return pairs
+    N, r, n = shape.batch, shape.rows, shape.n_params
+    work = [(2 * N * f * g * (r + P * Q), f * P * g * Q) for f, P, g, Q in pairs]
+    return pairs if metric_by_blocks(work, n, shape.d) else None
 
 
 def _products(shape: MLPShape, kernel: str, f_in: int, f: int, n: int) -> float:
@@ -480,19 +519,16 @@ def peak_bytes(
                          max_a d_a^2)          diagonal N x N probe blocks copied, or
                                                a Gram mirrored whole
                    or, where larger,           a block solved before them through its
-                   max_a (3 n_a^2 + 2 N f_a^2) dense metric (dense_is_cheaper; ``device``
-                                               as in flops): K_a^T K_a, the product it is
-                                               gathered from, a chunk of its operands (at
-                                               most n_a^2 or N f_a^2), each sample's
-                                               f_a x f_a Gram (samples_metric; else
-                                               2 d_a n_a + n_a^2: K_a and K_a^T K_a;
-                                               generic: n_a^2, K_a cached above)
+                   max_a (n_a^2 + O_aa)        dense metric (dense_is_cheaper; ``device``
+                                               as in flops): K_a^T K_a and, formed from
+                                               the samples' Grams (samples_metric), its
+                                               operands O_ab (_metric_operands); else
+                                               2 d_a n_a: K_a and K_a^T K_a; generic:
+                                               n_a^2, K_a cached above
         natural    2 d^2                       the Gram and the product each block adds
                                                into it; then the Gram and its mirror
-        full       n^2 + max over the pairs    block by block (full_pairs): the
-                   (3 n_a n_b + 2 N f_a f_b)   metric, a block K_a^T K_b, the product it
-                                               is gathered from, a chunk of its operands
-                                               and the samples' f_a x f_b Grams
+        full       n^2 + max_{a >= b} O_ab     block by block (full_pairs): the metric
+                                               and the operands of one block K_a^T K_b
                    or d n + max(d n, n^2)      K (every K_a, then their concatenation),
                                                then K and the n x n metric
         kfac       per layer and side          a factor F = R^T R with m rows and
@@ -527,8 +563,9 @@ def peak_bytes(
             gram = _gram(block, kernel, f_in, f, na, symmetric)
             if dense_is_cheaper(na, da, gram, _metric(block, kernel, f_in, f, na)):
                 samples = not generic and samples_metric(f, block.patch(f_in), da // N)
-                extra = 2 * (N * f * f + na * na) if samples else (0 if generic else 2 * da * na)
-                dense = max(dense, na * na + extra)
+                p = block.patch(f_in)
+                extra = _metric_operands(N, f, p, f, p) if samples else 2 * da * na
+                dense = max(dense, na * na + (0 if generic else extra))
             else:
                 elems += 0 if generic else N * N
                 grams += factor_order(da, dtype, device) ** 2
@@ -539,7 +576,7 @@ def peak_bytes(
     elif method == "full":
         pairs = full_pairs(shape, kernel)
         if pairs:
-            elems += n * n + max(3 * f * P * g * Q + 2 * N * f * g for f, P, g, Q in pairs)
+            elems += n * n + max(_metric_operands(N, *pair) for pair in pairs)
         else:
             elems += d * n + max(d * n, n * n)
     elif method == "kfac":

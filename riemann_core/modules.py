@@ -35,7 +35,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils import _pytree as pytree
 
 from .blas import symmetric_product_applies, symmetric_products, syrk_
-from .costs import lower_gram_flops, samples_metric
+from .costs import lower_gram_flops, metric_units, samples_metric
 from .woodbury import column_major
 
 #: Containers, never called: the parameters of the ParameterList and ParameterDict among
@@ -308,6 +308,30 @@ def lower_gram(rows: Tensor, blocks: int, out: Tensor, add: bool, scale: Tensor 
             out[block_row].add_(part)
 
 
+def _samples_product(A: Tensor, X: Tensor, Y: Tensor) -> Tensor:
+    """``S[k, (p, q)] = sum_b A[b, k] X[b, p] Y[b, q]`` (``A`` ``N x m``, ``X`` ``N x P``,
+    ``Y`` ``N x Q``) by GEMMs over the samples: each sample's ``m`` entries against its
+    ``P Q`` input products, or (where ``m < Q``) those entries times ``X_b`` against ``Y_b``,
+    formed a chunk of samples at a time (at most 16 chunks; each operand no larger than
+    the result or than ``A``)."""
+    N, m, P, Q = A.shape[0], A.shape[1], X.shape[1], Y.shape[1]
+    by_inputs = m >= Q  # operands (m, P Q) per sample, else (m P, Q)
+    chunk = m if by_inputs else Q  # m P Q over a sample's operand entries
+    # at most 16 GEMMs where the operands stay within A (N m): chunks of 4 samples (a
+    # 1 -> 2 layer at batch 2048) ran 512 of them, 90x slower
+    width = P * Q if by_inputs else m * P
+    chunk = max(chunk, min(-(-N // 16), N * m // width))
+    S = None
+    for start in range(0, N, chunk):
+        part = slice(start, start + chunk)
+        if by_inputs:
+            left, right = A[part], (X[part, :, None] * Y[part, None, :]).flatten(1)
+        else:
+            left, right = (A[part, :, None] * X[part, None, :]).flatten(1), Y[part]
+        S = left.T @ right if S is None else S.addmm_(left.T, right)
+    return S
+
+
 def rows_dot(Dl: Tensor, V: Tensor) -> Tensor:
     """``<Delta_{s,b}, V_b>`` (summed over positions and outputs) for every factor row
     ``(s, b)`` of ``Dl`` ``(r, N, T, f_out)``, with ``V`` ``(N, T, f_out)``; flattened
@@ -490,11 +514,11 @@ class LinearHandler(PatchHandler):
     def __init__(self, block: Block):
         super().__init__(block)
         self.factored_gradient = self.Dl.shape[2] == 1  # one position per sample
-        self._input_gram = None
+        self._input_gram = self._xt = None
 
     def to(self, dtype: torch.dtype) -> LinearHandler:
         new = super().to(dtype)
-        new._input_gram = None  # formed again from the converted inputs, not converted
+        new._input_gram = new._xt = None  # formed again from the converted inputs
         return new
 
     def input_gram(self) -> Tensor:
@@ -518,72 +542,63 @@ class LinearHandler(PatchHandler):
 
     def metric(self, other: Handler | None = None) -> Tensor:
         """``K^T K`` without ``K``, or with ``other`` (a block with the same rows, as
-        ``method='full'`` asks) ``K^T K_b``: with one position per sample, a sample's rows
-        share ``xt_b``, so
+        ``method='full'`` asks) ``K^T K_b``, from the samples' Grams
+        (:meth:`metric_into`) where :meth:`samples_metric_with` holds: two rows per
+        sample or more, and the samples' Grams no larger than ``K``; elsewhere (a sampled
+        Fisher's one row, a wide output on a narrow input, the bias alone) from ``K``."""
+        g = self if other is None else other
+        if not self.samples_metric_with(g):
+            return super().metric(other)
+        out = self.Dl.new_empty(self.block.n_params, g.block.n_params)
+        self.metric_into(out, g)
+        return out
+
+    def metric_into(self, out: Tensor, other: LinearHandler) -> None:
+        """``K^T K_b`` into ``out`` (``n_a x n_b``, any strides) for the block ``other`` on
+        the same rows (itself for ``K^T K``), without ``K``: with one position per sample, a
+        sample's rows share ``xt_b``, so
 
             K^T K_b = sum_b (Delta_b^T Delta^b_b) (x) (xt_b xt^b_b^T)
 
         (row-major ``vec([W | b])`` on both sides; ``Delta_b``: the sample's ``r x f_out``
         rows), one GEMM over the samples, ``2 N f_out f^b_out P P_b`` FLOPs
         (:meth:`metric_flops`) against the ``2 r N f_out f^b_out P P_b`` of ``K^T K_b`` from
-        ``K``: ``r`` times fewer. Its operands are each sample's ``f_out f^b_out`` Gram
-        entries against its ``P P_b`` input products, or (where ``f_out f^b_out < P_b``)
-        those entries times ``xt_b`` against ``xt^b_b``, formed a chunk of samples at a time
-        (at most 16 chunks; each no larger than the result or than the samples' Grams).
-        Only where that takes fewer FLOPs and no more memory than ``K``
-        (:meth:`samples_metric_with`: two rows per sample or more, ``f_out <= r P``);
-        elsewhere (a sampled Fisher's one row, a wide output on a narrow input, the bias
-        alone) ``K^T K_b`` from ``K``."""
-        g = self if other is None else other
-        if not self.samples_metric_with(g):
-            return super().metric(other)
-        D, E = (h.Dl[:, :, 0].transpose(0, 1) for h in (self, g))  # (N, r, f)
-        A = (D.mT @ E).reshape(self.N, -1)  # each sample's Delta_b^T Delta^b_b
-        X, Y = self.inputs_with_ones(), g.inputs_with_ones()
-        f, fb, P, Q = self.f_out, g.f_out, X.shape[1], Y.shape[1]
-        by_inputs = f * fb >= Q  # operands (f fb, P Q) per sample, else (f fb P, Q)
-        chunk = f * fb if by_inputs else Q  # f fb P Q over a sample's operand entries
-        # at most 16 GEMMs where the operands stay within the samples' Grams A (N f fb):
-        # chunks of 4 samples (a 1 -> 2 layer at batch 2048) ran 512 of them, 90x slower
-        width = P * Q if by_inputs else f * fb * P
-        chunk = max(chunk, min(-(-self.N // 16), self.N * f * fb // width))
-        S = None  # S[i, j, p, q] = sum_b A_b[i, j] xt_b[p] xt^b_b[q], as a matrix
-        for start in range(0, self.N, chunk):
-            part = slice(start, start + chunk)
-            if by_inputs:
-                left, right = A[part], (X[part, :, None] * Y[part, None, :]).flatten(1)
-            else:
-                left, right = (A[part, :, None] * X[part, None, :]).flatten(1), Y[part]
-            S = left.T @ right if S is None else S.addmm_(left.T, right)
-        T = S.view(f, fb, P, Q).permute(0, 2, 1, 3)  # T[i, p, j, q]: ((i, p), (j, q))
-        rows, columns = self._parameter_parts(), g._parameter_parts()
-        if len(rows) == len(columns) == 1:
-            return T.reshape(f * P, fb * Q)
-        out = S.new_empty(self.block.n_params, g.block.n_params)
-        top = 0
-        for p, m in rows:  # parameter order: W, then b
-            left = 0
-            for q, n in columns:
-                part = T[:, p, :, q]
-                out[top : top + m, left : left + n].view(part.shape).copy_(part)
-                left += n
-            top += m
-        return out
+        ``K``: ``r`` times fewer. The GEMM's result is ordered ``(i, j), (p, q)`` and copied
+        into parameter order; it covers as many output units ``i`` at a time as keep it
+        within ``2^20`` entries (:func:`riemann_core.costs.metric_units`), so that it is
+        copied from the cache and ``full``, which holds its whole metric beside it, holds
+        no whole block twice. Needs :meth:`samples_metric_with`."""
+        D, E = (h.Dl[:, :, 0].transpose(0, 1) for h in (self, other))  # (N, r, f)
+        A = (D.mT @ E).reshape(self.N, -1)  # each sample's Delta_b^T Delta^b_b, (i, j)
+        X, Y = self.inputs_with_ones(), other.inputs_with_ones()
+        f, fb, P, Q = self.f_out, other.f_out, X.shape[1], Y.shape[1]
+        units = metric_units(f, fb * P * Q)
+        for i in range(0, f, units):
+            m = min(units, f - i)
+            S = _samples_product(A[:, i * fb : (i + m) * fb], X, Y)
+            T = S.view(m, fb, P, Q).permute(0, 2, 1, 3)  # T[i, p, j, q]: ((i, p), (j, q))
+            for p, top, height in self._parameter_parts():  # W, then b
+                rows = out[top + i * height : top + (i + m) * height]
+                for q, left, width in other._parameter_parts():
+                    part = T[:, p, :, q]
+                    rows[:, left : left + fb * width].view(part.shape).copy_(part)
 
     def inputs_with_ones(self) -> Tensor:
         """``Xt``: the inputs with a column of ones for the bias (``N x P``)."""
-        columns = [self.X[:, 0]] if self.with_weight else []
-        if self.with_bias:
-            columns.append(self.Dl.new_ones(self.N, 1))
-        return torch.cat(columns, 1) if len(columns) > 1 else columns[0]
+        if self._xt is None:
+            columns = [self.X[:, 0]] if self.with_weight else []
+            if self.with_bias:
+                columns.append(self.Dl.new_ones(self.N, 1))
+            self._xt = torch.cat(columns, 1) if len(columns) > 1 else columns[0]
+        return self._xt
 
     def _parameter_parts(self) -> list[tuple]:
-        """The index along ``P`` and the count of each trainable tensor, in parameter
-        order: ``W`` (``f_out (P - 1)``), then ``b`` (``f_out``); or all of ``P`` for one."""
+        """Each trainable tensor's index along ``P``, first row and rows per output unit,
+        in parameter order: ``W`` (``P - 1`` per unit), then ``b`` (one), or all of ``P``."""
         P = self.block.n_params // self.f_out
         if not (self.with_weight and self.with_bias):
-            return [(slice(None), self.f_out * P)]
-        return [(slice(None, P - 1), self.f_out * (P - 1)), (P - 1, self.f_out)]
+            return [(slice(None), 0, P)]
+        return [(slice(None, P - 1), 0, P - 1), (P - 1, self.f_out * (P - 1), 1)]
 
     def metric_flops(self, other: Handler | None = None) -> float:
         """``2 N r f_out f^b_out`` (the samples' Grams) ``+ 2 N f_out f^b_out P P_b``

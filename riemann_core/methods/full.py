@@ -2,16 +2,18 @@
 
 ``O(n^2 d + n^3)`` time and ``O(n^2)`` memory: the reference the layerwise metric is
 measured against, and an oracle for ``natural`` (same matrix, other algebra). Where every
-block is a Linear layer with one position per sample (an MLP), ``G``'s block ``(a, b)``
-is formed from the samples' Grams, ``K_a^T K_b = sum_s (Delta^a_s^T Delta^b_s) (x)
-(xt^a_s xt^b_s^T)`` (``LinearHandler.metric``): ``O(n^2 N + n^3)``, ``r`` times fewer
-FLOPs than ``K^T K`` for ``r`` rows per sample, so that full is measured at its best.
+block is a Linear layer with one position per sample (an MLP) and it costs less
+(:func:`blockwise`), ``G``'s block ``(a, b)`` is formed from the samples' Grams,
+``K_a^T K_b = sum_s (Delta^a_s^T Delta^b_s) (x) (xt^a_s xt^b_s^T)``
+(``LinearHandler.metric_into``): ``O(N (n^2 + r (sum_a f_a)^2) + n^3)``, about ``r``
+times fewer FLOPs than ``K^T K`` for ``r`` rows per sample.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..costs import metric_by_blocks
 from ..modules import Handler, LinearHandler
 from ..woodbury import cholesky_in_place, largest_eigenvalue
 from ._base import Options, Problem
@@ -23,13 +25,14 @@ NEEDS_FACTOR = True
 
 def blockwise(handlers: list[Handler]) -> bool:
     """Whether ``G`` is formed block by block from the samples' Grams: every pair of
-    blocks qualifies (``LinearHandler.samples_metric_with``); else ``K^T K`` in one
-    product, which is faster than its blocks one by one from ``K``."""
-    return all(
-        isinstance(h, LinearHandler) and h.samples_metric_with(g)
-        for a, h in enumerate(handlers)
-        for g in handlers[: a + 1]
-    )
+    blocks qualifies (``LinearHandler.samples_metric_with``) and the blocks cost less
+    than ``K^T K`` in one product (:func:`riemann_core.costs.metric_by_blocks`)."""
+    pairs = [(h, g) for a, h in enumerate(handlers) for g in handlers[: a + 1]]
+    if not all(isinstance(h, LinearHandler) and h.samples_metric_with(g) for h, g in pairs):
+        return False
+    n, d = sum(h.block.n_params for h in handlers), handlers[0].d
+    blocks = [(h.metric_flops(g), h.block.n_params * g.block.n_params) for h, g in pairs]
+    return metric_by_blocks(blocks, n, d)
 
 
 def metric(handlers: list[Handler]) -> torch.Tensor:
@@ -41,13 +44,12 @@ def metric(handlers: list[Handler]) -> torch.Tensor:
     sizes = [h.block.n_params for h in handlers]
     n, h0 = sum(sizes), handlers[0]
     G = torch.empty(n, n, dtype=h0.dtype, device=h0.device)
-    blocks_a = G.split(sizes, dim=0)
+    grid = [row.split(sizes, dim=1) for row in G.split(sizes, dim=0)]
     for a, h in enumerate(handlers):
-        row = blocks_a[a].split(sizes, dim=1)
         for b, g in enumerate(handlers[: a + 1]):
-            row[b].copy_(h.metric(g))
+            h.metric_into(grid[a][b], g)
             if b != a:
-                blocks_a[b].split(sizes, dim=1)[a].copy_(row[b].T)
+                grid[b][a].copy_(grid[a][b].T)
     return G
 
 
