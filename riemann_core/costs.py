@@ -380,21 +380,29 @@ def samples_metric(f: int, P: int, r: int, f_b: int | None = None, P_b: int | No
     return P * P_b * (r - 1) > r and f * f_b <= r * min(f * P, f_b * P_b)
 
 
-def metric_units(f: int, entries: int) -> int:
-    """Output units of a block of ``f`` that ``LinearHandler.metric_into`` forms by one
-    GEMM over the samples, ``entries`` each: as many as keep its result within ``2^20``
-    entries, at least one: copied into parameter order from the cache, not from memory
-    (``K^T K`` of 784-5-10 and 64-56-10 at batch 128, float32, 2-core CPU: 32.6 and 42.3
-    ms so, 57.7 and 49.9 for whole blocks at once, 39-59 ms with ``2^14..2^18``)."""
-    return max(1, min(f, 2**20 // entries))
+def metric_units(N: int, f: int, P: int, g: int, Q: int) -> int:
+    """Output units of a block of ``f`` on ``P`` inputs (bias included) that
+    ``LinearHandler.metric_into`` forms by one GEMM over the ``N`` samples against a block
+    of ``g`` on ``Q``: the fewest from those that keep the result within ``2^20`` entries
+    (copied into parameter order from the cache, not from memory) for which the operands
+    formed again for each group, ``N P min(Q, units g)`` entries a group, add up to no
+    more than the block's ``f g P Q``; else the whole block at once. ``K^T K`` at batch
+    128 (784-5-10, 64-56-10) took 32.6 and 42.3 ms with such groups against 57.7 and 49.9
+    whole; at batch 1024-2048 groups of the cache's size were 1.3-1.75x slower than whole
+    blocks, the operands formed again up to 20 times over (float32, 2-core CPU)."""
+    rebuilt = lambda units: -(-f // units) * N * P * min(Q, units * g)  # noqa: E731
+    for units in range(max(1, min(f, 2**20 // (g * P * Q))), f):
+        if rebuilt(units) <= f * g * P * Q:
+            return units
+    return f
 
 
 def _metric_operands(N: int, f: int, P: int, g: int, Q: int) -> int:
     """Entries ``LinearHandler.metric_into`` holds beside its result: the samples'
-    ``f x g`` Grams, and a GEMM's result and operands (:func:`metric_units` units), three
-    times over: with two, ``method='full'``'s model read 0.98x the live peak at 64-56-10,
-    batch 128."""
-    return N * f * g + 3 * metric_units(f, g * P * Q) * g * max(P * Q, N)
+    ``f x g`` Grams, one GEMM's result (``m = units g`` rows, :func:`metric_units`) and its
+    operand (at most ``max(m P Q, N m)``, ``LinearHandler``'s ``_samples_product``)."""
+    m = metric_units(N, f, P, g, Q) * g
+    return N * f * g + m * P * Q + max(m * P * Q, N * m)
 
 
 #: What ``method='full'`` forming its metric block by block costs beyond the blocks' FLOPs,

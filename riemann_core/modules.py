@@ -312,8 +312,8 @@ def _samples_product(A: Tensor, X: Tensor, Y: Tensor) -> Tensor:
     """``S[k, (p, q)] = sum_b A[b, k] X[b, p] Y[b, q]`` (``A`` ``N x m``, ``X`` ``N x P``,
     ``Y`` ``N x Q``) by GEMMs over the samples: each sample's ``m`` entries against its
     ``P Q`` input products, or (where ``m < Q``) those entries times ``X_b`` against ``Y_b``,
-    formed a chunk of samples at a time (at most 16 chunks; each operand no larger than
-    the result or than ``A``)."""
+    formed a chunk of samples at a time: each operand no larger than the result, or (in
+    at most 16 chunks) than ``A``."""
     N, m, P, Q = A.shape[0], A.shape[1], X.shape[1], Y.shape[1]
     by_inputs = m >= Q  # operands (m, P Q) per sample, else (m P, Q)
     chunk = m if by_inputs else Q  # m P Q over a sample's operand entries
@@ -564,15 +564,15 @@ class LinearHandler(PatchHandler):
         rows), one GEMM over the samples, ``2 N f_out f^b_out P P_b`` FLOPs
         (:meth:`metric_flops`) against the ``2 r N f_out f^b_out P P_b`` of ``K^T K_b`` from
         ``K``: ``r`` times fewer. The GEMM's result is ordered ``(i, j), (p, q)`` and copied
-        into parameter order; it covers as many output units ``i`` at a time as keep it
-        within ``2^20`` entries (:func:`riemann_core.costs.metric_units`), so that it is
-        copied from the cache and ``full``, which holds its whole metric beside it, holds
-        no whole block twice. Needs :meth:`samples_metric_with`."""
+        into parameter order; it covers a group of output units ``i``
+        (:func:`riemann_core.costs.metric_units`: within the cache where forming the
+        operands again for each group costs less than the block, else all of them).
+        Needs :meth:`samples_metric_with`."""
         D, E = (h.Dl[:, :, 0].transpose(0, 1) for h in (self, other))  # (N, r, f)
         A = (D.mT @ E).reshape(self.N, -1)  # each sample's Delta_b^T Delta^b_b, (i, j)
         X, Y = self.inputs_with_ones(), other.inputs_with_ones()
         f, fb, P, Q = self.f_out, other.f_out, X.shape[1], Y.shape[1]
-        units = metric_units(f, fb * P * Q)
+        units = metric_units(self.N, f, P, fb, Q)
         for i in range(0, f, units):
             m = min(units, f - i)
             S = _samples_product(A[:, i * fb : (i + m) * fb], X, Y)
