@@ -250,7 +250,7 @@ def test_a_method_over_the_memory_is_refused_before_any_process_starts(
     argv = ["distributed", "--quick", "--methods", "layerwise,full", "--out", str(out)]
     assert main(argv) == 2
     assert (
-        "method full needs about 202.7 GiB (float32) on the network of widths "
+        "method full needs about 202.3 GiB (float32) on the network of widths "
         "128,256,256,256,256,10 (232,970 parameters) and batch 64, more than the 64.0 GiB of "
         "host memory; drop full from --methods or pass smaller --widths"
     ) in capsys.readouterr().err
