@@ -397,12 +397,25 @@ def metric_units(N: int, f: int, P: int, g: int, Q: int) -> int:
     return f
 
 
+def samples_chunk(N: int, m: int, P: int, Q: int) -> tuple[bool, int]:
+    """How ``LinearHandler.metric_into`` forms ``sum_b A[b, k] X[b, p] Y[b, q]`` (``m``
+    entries ``k`` a sample, ``P`` and ``Q`` inputs): by the samples' input products
+    (operands ``m`` and ``P Q`` a sample, where ``m >= Q``) or else by ``A_b x X_b``
+    against ``Y_b`` (``m P`` and ``Q``), and the samples a GEMM takes: each formed operand no
+    larger than the result ``m P Q``, or (in at most 16 chunks) than ``A``'s ``N m`` (chunks
+    of 4 samples, a 1 -> 2 layer at batch 2048, ran 512 GEMMs, 90x slower)."""
+    by_inputs = m >= Q
+    width = P * Q if by_inputs else m * P
+    return by_inputs, max(m if by_inputs else Q, min(-(-N // 16), N * m // width))
+
+
 def _metric_operands(N: int, f: int, P: int, g: int, Q: int) -> int:
     """Entries ``LinearHandler.metric_into`` holds beside its result: the samples'
     ``f x g`` Grams, one GEMM's result (``m = units g`` rows, :func:`metric_units`) and its
-    operand (at most ``max(m P Q, N m)``, ``LinearHandler``'s ``_samples_product``)."""
+    formed operand (:func:`samples_chunk`)."""
     m = metric_units(N, f, P, g, Q) * g
-    return N * f * g + m * P * Q + max(m * P * Q, N * m)
+    by_inputs, chunk = samples_chunk(N, m, P, Q)
+    return N * f * g + m * P * Q + min(chunk, N) * (P * Q if by_inputs else m * P)
 
 
 #: What ``method='full'`` forming its metric block by block costs beyond the blocks' FLOPs,

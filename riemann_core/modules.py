@@ -35,7 +35,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils import _pytree as pytree
 
 from .blas import symmetric_product_applies, symmetric_products, syrk_
-from .costs import lower_gram_flops, metric_units, samples_metric
+from .costs import lower_gram_flops, metric_units, samples_chunk, samples_metric
 from .woodbury import column_major
 
 #: Containers, never called: the parameters of the ParameterList and ParameterDict among
@@ -315,12 +315,7 @@ def _samples_product(A: Tensor, X: Tensor, Y: Tensor) -> Tensor:
     formed a chunk of samples at a time: each operand no larger than the result, or (in
     at most 16 chunks) than ``A``."""
     N, m, P, Q = A.shape[0], A.shape[1], X.shape[1], Y.shape[1]
-    by_inputs = m >= Q  # operands (m, P Q) per sample, else (m P, Q)
-    chunk = m if by_inputs else Q  # m P Q over a sample's operand entries
-    # at most 16 GEMMs where the operands stay within A (N m): chunks of 4 samples (a
-    # 1 -> 2 layer at batch 2048) ran 512 of them, 90x slower
-    width = P * Q if by_inputs else m * P
-    chunk = max(chunk, min(-(-N // 16), N * m // width))
+    by_inputs, chunk = samples_chunk(N, m, P, Q)
     S = None
     for start in range(0, N, chunk):
         part = slice(start, start + chunk)
@@ -582,6 +577,7 @@ class LinearHandler(PatchHandler):
                 for q, left, width in other._parameter_parts():
                     part = T[:, p, :, q]
                     rows[:, left : left + fb * width].view(part.shape).copy_(part)
+            del S, T, part  # freed before the next group's result is formed
 
     def inputs_with_ones(self) -> Tensor:
         """``Xt``: the inputs with a column of ones for the bias (``N x P``)."""

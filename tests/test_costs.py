@@ -354,13 +354,21 @@ def test_peak_bytes_follows_the_live_peak_along_depth(kernel, width, N):
 
 @pytest.mark.parametrize(
     "widths,N",
-    [((64, 56, 10), 128), ((8, 8, 8, 10), 512), ((16, 64, 10), 256), ((16, 16, 10), 4096)],
+    [
+        ((784, 5, 10), 128),
+        ((64, 56, 10), 128),
+        ((8, 8, 8, 10), 512),
+        ((16, 64, 10), 256),
+        ((16, 16, 10), 4096),
+    ],
 )
 def test_peak_bytes_of_full_follows_the_live_peak(widths, N):
     """``method='full'`` with its metric formed block by block (``costs.full_pairs``)
     holds the ``n x n`` metric and one GEMM's result and operands, not ``K``:
-    ``costs.peak_bytes`` within 2x of the allocator's live peak of one call (0.98-1.8x
-    on these; charging the operands three times over read 2.5x at batch 4096)."""
+    ``costs.peak_bytes`` within 2x of the allocator's live peak of one call and not below
+    it (1.01-1.45x on these; charging the operands three times over read 2.5x at batch
+    4096, and one group's result kept while the next was formed put the live peak 4-9%
+    above the model)."""
     from riemann_core.measure.problems import mlp as swept_mlp
 
     torch.manual_seed(0)
@@ -374,4 +382,4 @@ def test_peak_bytes_of_full_follows_the_live_peak(widths, N):
 
     call()
     ratio = costs.peak_bytes("full", shape) / live_peak_bytes(call)
-    assert 0.9 < ratio < 2, ratio
+    assert 0.98 < ratio < 2, ratio
