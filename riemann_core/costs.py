@@ -383,13 +383,14 @@ def samples_metric(f: int, P: int, r: int, f_b: int | None = None, P_b: int | No
 def metric_units(N: int, f: int, P: int, g: int, Q: int) -> int:
     """Output units of a block of ``f`` on ``P`` inputs (bias included) that
     ``LinearHandler.metric_into`` forms by one GEMM over the ``N`` samples against a block
-    of ``g`` on ``Q``: the fewest from those that keep the result within ``2^20`` entries
-    (copied into parameter order from the cache, not from memory) for which the operands
-    formed again for each group, ``N P min(Q, units g)`` entries a group, add up to no
-    more than the block's ``f g P Q``; else the whole block at once. ``K^T K`` at batch
-    128 (784-5-10, 64-56-10) took 32.6 and 42.3 ms with such groups against 57.7 and 49.9
-    whole; at batch 1024-2048 groups of the cache's size were 1.3-1.75x slower than whole
-    blocks, the operands formed again up to 20 times over (float32, 2-core CPU)."""
+    of ``g`` on ``Q``: counting up from the most whose result fits ``2^20`` entries (at
+    least one; copied into parameter order from the cache rather than from memory), the
+    fewest for which the operands formed again for each group, ``N P min(Q, units g)``
+    entries a group, add up to no more than the block's ``f g P Q``; else the whole block
+    at once. ``K^T K`` at batch 128 (784-5-10, 64-56-10) took 32.6 and 42.3 ms with such
+    groups against 57.7 and 49.9 whole; at batch 1024-2048 groups of ``2^20`` entries were
+    1.1-1.75x slower than whole blocks, the operands formed again up to 20 times over
+    (float32, 2-core CPU)."""
     rebuilt = lambda units: -(-f // units) * N * P * min(Q, units * g)  # noqa: E731
     for units in range(max(1, min(f, 2**20 // (g * P * Q))), f):
         if rebuilt(units) <= f * g * P * Q:
@@ -401,9 +402,10 @@ def samples_chunk(N: int, m: int, P: int, Q: int) -> tuple[bool, int]:
     """How ``LinearHandler.metric_into`` forms ``sum_b A[b, k] X[b, p] Y[b, q]`` (``m``
     entries ``k`` a sample, ``P`` and ``Q`` inputs): by the samples' input products
     (operands ``m`` and ``P Q`` a sample, where ``m >= Q``) or else by ``A_b x X_b``
-    against ``Y_b`` (``m P`` and ``Q``), and the samples a GEMM takes: each formed operand no
-    larger than the result ``m P Q``, or (in at most 16 chunks) than ``A``'s ``N m`` (chunks
-    of 4 samples, a 1 -> 2 layer at batch 2048, ran 512 GEMMs, 90x slower)."""
+    against ``Y_b`` (``m P`` and ``Q``), and the samples a GEMM takes: as many as keep the
+    formed operand within the result ``m P Q``, or more, up to ``ceil(N / 16)``, while it
+    stays within ``A``'s ``N m`` (chunks of 4 samples, a 1 -> 2 layer at batch 2048, ran 512
+    GEMMs, 90x slower)."""
     by_inputs = m >= Q
     width = P * Q if by_inputs else m * P
     return by_inputs, max(m if by_inputs else Q, min(-(-N // 16), N * m // width))

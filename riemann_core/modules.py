@@ -312,8 +312,7 @@ def _samples_product(A: Tensor, X: Tensor, Y: Tensor) -> Tensor:
     """``S[k, (p, q)] = sum_b A[b, k] X[b, p] Y[b, q]`` (``A`` ``N x m``, ``X`` ``N x P``,
     ``Y`` ``N x Q``) by GEMMs over the samples: each sample's ``m`` entries against its
     ``P Q`` input products, or (where ``m < Q``) those entries times ``X_b`` against ``Y_b``,
-    formed a chunk of samples at a time: each operand no larger than the result, or (in
-    at most 16 chunks) than ``A``."""
+    formed a chunk of samples at a time (:func:`riemann_core.costs.samples_chunk`)."""
     N, m, P, Q = A.shape[0], A.shape[1], X.shape[1], Y.shape[1]
     by_inputs, chunk = samples_chunk(N, m, P, Q)
     S = None
@@ -560,8 +559,8 @@ class LinearHandler(PatchHandler):
         (:meth:`metric_flops`) against the ``2 r N f_out f^b_out P P_b`` of ``K^T K_b`` from
         ``K``: ``r`` times fewer. The GEMM's result is ordered ``(i, j), (p, q)`` and copied
         into parameter order; it covers a group of output units ``i``
-        (:func:`riemann_core.costs.metric_units`: within the cache where forming the
-        operands again for each group costs less than the block, else all of them).
+        (:func:`riemann_core.costs.metric_units`: about the cache's size where forming the
+        operands again for each group costs no more than the block, else all of them).
         Needs :meth:`samples_metric_with`."""
         D, E = (h.Dl[:, :, 0].transpose(0, 1) for h in (self, other))  # (N, r, f)
         A = (D.mT @ E).reshape(self.N, -1)  # each sample's Delta_b^T Delta^b_b, (i, j)
