@@ -240,6 +240,28 @@ class _BeforeAccumulation:
             passes._before(param)
 
 
+class _End:
+    """Queued on a backward pass through a recorded output: its end, read when the engine
+    runs it, or (found by review) when the engine frees it unrun, as a backward pass that
+    raised does: ``_running`` stayed set, and a retry of ``backward`` on the retained graph
+    after ``zero_grad()`` noted nothing before the output (its parameters' hooks read it as
+    a reentrant checkpoint's pass inside the first), the failed pass counted."""
+
+    __slots__ = ("passes", "task", "__weakref__")
+
+    def __init__(self, passes: Passes, task: int) -> None:
+        self.passes, self.task = weakref.ref(passes), task
+        weakref.finalize(self, _end_of, self.passes, task)
+
+    def __call__(self) -> None:
+        _end_of(self.passes, self.task)
+
+
+def _end_of(passes: weakref.ref, task: int) -> None:
+    if (record := passes()) is not None:
+        record._ended(task)
+
+
 def user_hooks_on(p: Tensor) -> bool:
     """Whether ``p`` has gradient hooks (``Tensor.register_hook``) other than the one
     :class:`Passes` registers, which changes no gradient."""
@@ -404,8 +426,8 @@ class Passes:
             self._task, self._number = task, self._number + 1
             network = self._network
             self._accumulates = network is None or _accumulates(network)
-            self._running = True  # (the hooks read nothing until it ends: _ended)
-            Variable._execution_engine.queue_callback(self._ended)
+            self._running = True  # (the hooks read nothing until it ends: _End)
+            Variable._execution_engine.queue_callback(_End(self, task))
             # what .grad held before the backward passes since the last one through an
             # output accumulated into it (found by review: a parameter accumulated before
             # the output was reached read as not zeroed, the skipped pass counted)
@@ -517,9 +539,10 @@ class Passes:
         self._hooks.clear()
         self._hooked = None
 
-    def _ended(self) -> None:
-        """The backward pass through a recorded output ended (a callback queued on it)."""
-        self._running = False
+    def _ended(self, task: int) -> None:
+        """The backward pass through a recorded output, graph task ``task``, ended."""
+        if task == self._task:
+            self._running = False
 
     def _note_grads(self) -> None:
         """Note each trainable ``.grad`` (weakly) and its version, or ``None``, once every

@@ -657,3 +657,36 @@ def test_the_hooks_are_dropped_silently_where_tensors_are_pickled():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         reduce_tensor(model.head.weight)
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.0])
+def test_a_retry_after_a_backward_pass_that_raised_past_the_output_is_read(factor):
+    """Found by review: an exception raised inside a backward pass after it reached the
+    recorded output (a NaN check in a gradient hook of the body) dropped the callback
+    queued on it, so the pass stayed under way; a retry of ``backward`` on the retained
+    graph after ``zero_grad()`` then noted nothing before the output (the auxiliary head's
+    parameters read as a reentrant checkpoint's inside it) and the failed pass counted:
+    0.5 + 0.5 of the mean read as a whole one, silent. The pass's end is now also read
+    when the engine frees what was queued on it."""
+    loss, (model, x, y) = EARLY["an auxiliary head after the output"], _early()
+    record = Passes()
+    out = _noted_pass(record, model, x)
+    total = factor * loss(model, out, y)
+    raised = []
+
+    def nan_check(grad):
+        if not raised:
+            raised.append(True)
+            raise FloatingPointError("a NaN check")
+
+    handle = model.body.weight.register_hook(nan_check)
+    with pytest.raises(FloatingPointError):
+        total.backward(retain_graph=True)
+    handle.remove()
+    model.zero_grad()
+    total.backward()
+    if factor == 1:
+        record.check_mean()
+    else:
+        with pytest.raises(ValueError, match="0.5 times the gradient of the mean"):
+            record.check_mean()
