@@ -233,7 +233,7 @@ class _BeforeAccumulation:
         # (the backward pass reached a recorded output already: read there; also in a
         # backward pass run inside it, a reentrant checkpoint's, whose task comes later)
         task = torch._C._current_graph_task_id()
-        if task == passes._task or (passes._running and task > passes._task):
+        if task == passes._task or (passes._running[0] and task > passes._task):
             return
         param = self.param()
         if param is not None:
@@ -241,25 +241,22 @@ class _BeforeAccumulation:
 
 
 class _End:
-    """Queued on a backward pass through a recorded output: its end, read when the engine
-    runs it, or (found by review) when the engine frees it unrun, as a backward pass that
-    raised does: ``_running`` stayed set, and a retry of ``backward`` on the retained graph
-    after ``zero_grad()`` noted nothing before the output (its parameters' hooks read it as
-    a reentrant checkpoint's pass inside the first), the failed pass counted."""
+    """Queued on a backward pass through a recorded output: clears the pass's own
+    ``running`` cell when the engine runs it at the end, or frees it, as after an
+    exception inside the pass, whose queued callbacks never run (found by review: the pass
+    stayed under way, and a retry of ``backward`` on the retained graph after
+    ``zero_grad()`` noted nothing before the output, its parameters' hooks reading it as a
+    reentrant checkpoint's pass inside the first; the failed pass counted). A cell of its
+    own, so that a late end touches no later pass."""
 
-    __slots__ = ("passes", "task", "__weakref__")
+    __slots__ = ("running", "__weakref__")
 
-    def __init__(self, passes: Passes, task: int) -> None:
-        self.passes, self.task = weakref.ref(passes), task
-        weakref.finalize(self, _end_of, self.passes, task)
+    def __init__(self, running: list[bool]) -> None:
+        self.running = running
+        weakref.finalize(self, running.__setitem__, 0, False)
 
     def __call__(self) -> None:
-        _end_of(self.passes, self.task)
-
-
-def _end_of(passes: weakref.ref, task: int) -> None:
-    if (record := passes()) is not None:
-        record._ended(task)
+        self.running[0] = False
 
 
 def user_hooks_on(p: Tensor) -> bool:
@@ -305,8 +302,9 @@ class Passes:
         # the last backward pass (graph task) that noted each: a later one's note of the same
         # parameter adds whether .grad was zero then (a zeroing after the first note)
         self._early_task: dict[int, int] = {}
-        # whether the backward pass through a recorded output (self._task) still runs
-        self._running = False
+        # whether the backward pass through a recorded output (self._task) still runs: a
+        # cell of its own (_End)
+        self._running = [False]
 
     def forward_starts(self, model: nn.Module) -> None:
         """Before a forward pass: the passes already differentiated contributed nothing
@@ -314,7 +312,7 @@ class Passes:
         (``zero_grad(set_to_none=False)``: a device flag, read at the step)."""
         if _in_backward():
             return
-        self._running = False  # (a backward pass that raised queued callbacks never ran)
+        self._running = [False]
         if any(r.backward for r in self._passes):
             self._zeroing(model, self._number + 1, edits=True)
 
@@ -426,8 +424,8 @@ class Passes:
             self._task, self._number = task, self._number + 1
             network = self._network
             self._accumulates = network is None or _accumulates(network)
-            self._running = True  # (the hooks read nothing until it ends: _End)
-            Variable._execution_engine.queue_callback(_End(self, task))
+            self._running = [True]  # (the hooks read nothing until it ends)
+            Variable._execution_engine.queue_callback(_End(self._running))
             # what .grad held before the backward passes since the last one through an
             # output accumulated into it (found by review: a parameter accumulated before
             # the output was reached read as not zeroed, the skipped pass counted)
@@ -538,11 +536,6 @@ class Passes:
             handle.remove()
         self._hooks.clear()
         self._hooked = None
-
-    def _ended(self, task: int) -> None:
-        """The backward pass through a recorded output, graph task ``task``, ended."""
-        if task == self._task:
-            self._running = False
 
     def _note_grads(self) -> None:
         """Note each trainable ``.grad`` (weakly) and its version, or ``None``, once every
