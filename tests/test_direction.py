@@ -405,12 +405,12 @@ def test_euclidean_has_no_diagnostics():
 
 
 @pytest.mark.parametrize("frozen", [False, True], ids=["bias", "frozen-bias"])
-def test_full_by_blocks_matches_the_oracle(frozen, monkeypatch):
+def test_full_by_blocks_matches_the_oracle(frozen, device, monkeypatch):
     """``method='full'`` with its metric formed block by block from the samples' Grams
     (``full.blockwise``: taken here, a 40-24-10 MLP at batch 96) against the dense
-    float64 oracle, with the first layer's bias trained or frozen and a last layer
-    without bias: each block's rows and columns in parameter order. (A block of a bias
-    alone has ``K^T K`` formed from ``K``: no fewer FLOPs from the samples.)"""
+    float64 oracle (on the CPU), with the first layer's bias trained or frozen and a last
+    layer without bias: each block's rows and columns in parameter order. (A block of a
+    bias alone has ``K^T K`` formed from ``K``: no fewer FLOPs from the samples.)"""
     from riemann_core.methods import full
 
     taken = []
@@ -422,9 +422,10 @@ def test_full_by_blocks_matches_the_oracle(frozen, monkeypatch):
     ).double()
     model[0].bias.requires_grad_(not frozen)
     x, y = torch.randn(96, 40, dtype=torch.float64), torch.randint(0, 10, (96,))
-    dirs = rc.direction(model, x, y, method="full", damping=1e-3)
+    dirs = rc.direction(model.to(device), x.to(device), y.to(device), method="full", damping=1e-3)
     assert taken == [True]
+    model, x, y = model.cpu(), x.cpu(), y.cpu()
     trained = [name for name, p in model.named_parameters() if p.requires_grad]
-    got = torch.cat([dirs[name].reshape(-1) for name in trained])
+    got = torch.cat([dirs[name].reshape(-1).cpu() for name in trained])
     G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
     assert rel_error(got, solve_dense(G, g, 1e-3)) < 1e-10
