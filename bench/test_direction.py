@@ -202,7 +202,7 @@ def _run(
         info["modelled_flops"] = modelled["total"]
         info["modelled_flops_by_phase"] = modelled
         info["peak_bytes_model_estimate"] = costs.peak_bytes(
-            modelled_as, shape, kernel, itemsize=_itemsize(problem)
+            modelled_as, shape, kernel, itemsize=_itemsize(problem), device=device
         )
     # one measured call, which is also the warm-up of the timed rounds
     if device.type == "cuda":

@@ -271,7 +271,7 @@ def flops(
         n = shape.n_params
         if not generic:
             cost["gradient"] = sum(2 * N * f * i for i, f in zip(f_ins, f_outs, strict=True))
-        pairs = full_pairs(shape, kernel)
+        pairs = full_pairs(shape, kernel, device)
         by_blocks = (2 * N * f * g * (shape.rows + P * Q) for f, P, g, Q in pairs or ())
         cost["gram"] = sum(by_blocks) if pairs else 2 * n * n * d
         cost["factorisation"] = cholesky_flops(n)
@@ -420,27 +420,66 @@ def _metric_operands(N: int, f: int, P: int, g: int, Q: int) -> int:
     return N * f * g + m * P * Q + min(chunk, N) * (P * Q if by_inputs else m * P)
 
 
-#: What ``method='full'`` forming its metric block by block costs beyond the blocks' FLOPs,
-#: in FLOPs at the rate of ``K^T K``'s GEMM: per entry of a block (its GEMM over the
-#: samples has only ``2 N`` FLOPs an entry and runs at about half that rate, then the
-#: copies into parameter order and into the mirrored block) and per pair of blocks (Python
-#: and small operations). Fitted on a 2-core Xeon (float32, 22 MLPs of 2 to 40 layers,
-#: batch 8 to 8192): about 1.2 ns an entry where ``K^T K`` ran 275 GFLOP/s, and 0.2-1 ms a
-#: pair; with these the rule picked the faster form in each, or one within 10% of it.
-BLOCK_ENTRY_FLOPS = 320
-BLOCK_PAIR_FLOPS = 2**26
+@dataclass(frozen=True)
+class BlockCosts:
+    """What ``method='full'`` forming its metric block by block costs beyond the blocks'
+    FLOPs, and ``K^T K`` beyond its ``2 n^2 d``, in FLOPs at the rate of ``K^T K``'s GEMM:
+    per entry of a block, per pair of blocks, per GEMM over the samples (a group of output
+    units, :func:`metric_units`), per pair and sample, and once for ``K^T K``."""
+
+    entry: float
+    pair: float
+    group: float = 0.0
+    pair_sample: float = 0.0
+    product: float = 0.0
 
 
-def metric_by_blocks(blocks: list[tuple[float, int]], n: int, d: int) -> bool:
+#: On a CPU: a GEMM over the samples has only ``2 N`` FLOPs an entry of its result and runs
+#: at about half the rate of ``K^T K``'s, then the copies into parameter order and into the
+#: mirrored block; per pair, Python and small operations. Fitted on a 2-core Xeon (float32,
+#: 22 MLPs of 2 to 40 layers, batch 8 to 8192): about 1.2 ns an entry where ``K^T K`` ran
+#: 275 GFLOP/s, and 0.2-1 ms a pair; with these the rule picked the faster form in each, or
+#: one within 10% of it.
+CPU_BLOCK_COSTS = BlockCosts(entry=320, pair=2**26)
+
+#: On a GPU the blocks' time is the host's: about 50 us a pair and 100 us a group of
+#: output units (launches of small kernels), 64 ns a pair and sample (the batched products
+#: of the samples' rows), where ``K^T K`` runs at 48 TFLOP/s after 160 us of its own.
+#: Fitted on an H100 (float32, ``K^T K`` and the blocks timed each way on 31 MLPs of 2 to
+#: 40 layers, batch 8 to 8192; ``tests/data/full_metric_h100.csv``): the rule picks the
+#: faster form on each, also fitted without it (leave one out). The CPU's constants picked
+#: the blocks on 20 of them, 1.17-12.7x slower on 11 (small networks at batch 128: 784-5-10
+#: 1.17x, 64-48-16-10 2.5x; 8-8-8-10 at batch 4096 12.7x); the blocks were 1.4-7.2x
+#: faster at batch 256-2048 on 9 MLPs of 4k-13k parameters.
+CUDA_BLOCK_COSTS = BlockCosts(entry=0, pair=2.5e9, group=5e9, pair_sample=3e6, product=8e9)
+
+
+def block_costs(device=None) -> BlockCosts:
+    """:data:`CUDA_BLOCK_COSTS` on a CUDA device, else :data:`CPU_BLOCK_COSTS`."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+    return CUDA_BLOCK_COSTS if cuda else CPU_BLOCK_COSTS
+
+
+def metric_groups(N: int, f: int, P: int, g: int, Q: int) -> int:
+    """The GEMMs over the samples that form a block (:func:`metric_units`)."""
+    return -(-f // metric_units(N, f, P, g, Q))
+
+
+def metric_by_blocks(
+    blocks: list[tuple[float, int, int]], n: int, d: int, N: int, device=None
+) -> bool:
     """Whether ``method='full'`` forms its ``n x n`` metric block by block, each block
-    ``(flops, entries)`` (``K_a^T K_b`` from the samples' Grams, ``b <= a``), rather than
-    as ``K^T K`` in one product (``2 n^2 d`` FLOPs): where the blocks cost less, with
-    :data:`BLOCK_ENTRY_FLOPS` per entry and :data:`BLOCK_PAIR_FLOPS` per block added."""
-    work = sum(f + BLOCK_ENTRY_FLOPS * m + BLOCK_PAIR_FLOPS for f, m in blocks)
-    return work < 2 * n * n * d
+    ``(flops, entries, groups)`` (``K_a^T K_b`` from the samples' Grams, ``b <= a``, by
+    ``groups`` GEMMs over the ``N`` samples), rather than as ``K^T K`` in one product
+    (``2 n^2 d`` FLOPs): where the blocks cost less, with the device's
+    :func:`block_costs` added."""
+    c = block_costs(device)
+    per_pair = c.pair + c.pair_sample * N
+    work = sum(f + c.entry * m + c.group * k + per_pair for f, m, k in blocks)
+    return work < 2 * n * n * d + c.product
 
 
-def full_pairs(shape: MLPShape, kernel: str) -> list[tuple[int, int, int, int]] | None:
+def full_pairs(shape: MLPShape, kernel: str, device=None) -> list[tuple[int, int, int, int]] | None:
     """The pairs of layers ``(f_a, P_a, f_b, P_b)``, ``b <= a``, whose blocks ``K_a^T K_b``
     ``method='full'`` forms from the samples' Grams (``2 N f_a f_b (r + P_a P_b)`` FLOPs
     each, ``riemann_core.methods.full.blockwise``: every pair satisfies
@@ -450,8 +489,11 @@ def full_pairs(shape: MLPShape, kernel: str) -> list[tuple[int, int, int, int]] 
     if kernel == "generic" or not all(samples_metric(*p[:2], shape.rows, *p[2:]) for p in pairs):
         return None
     N, r, n = shape.batch, shape.rows, shape.n_params
-    work = [(2 * N * f * g * (r + P * Q), f * P * g * Q) for f, P, g, Q in pairs]
-    return pairs if metric_by_blocks(work, n, shape.d) else None
+    work = [
+        (2 * N * f * g * (r + P * Q), f * P * g * Q, metric_groups(N, f, P, g, Q))
+        for f, P, g, Q in pairs
+    ]
+    return pairs if metric_by_blocks(work, n, shape.d, N, device) else None
 
 
 def _products(shape: MLPShape, kernel: str, f_in: int, f: int, n: int) -> float:
@@ -597,7 +639,7 @@ def peak_bytes(
     elif method == "natural":
         elems += 2 * d * d
     elif method == "full":
-        pairs = full_pairs(shape, kernel)
+        pairs = full_pairs(shape, kernel, device)
         if pairs:
             elems += n * n + max(_metric_operands(N, *pair) for pair in pairs)
         else:

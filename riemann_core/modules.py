@@ -35,7 +35,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils import _pytree as pytree
 
 from .blas import symmetric_product_applies, symmetric_products, syrk_
-from .costs import lower_gram_flops, metric_units, samples_chunk, samples_metric
+from .costs import lower_gram_flops, metric_groups, metric_units, samples_chunk, samples_metric
 from .woodbury import column_major
 
 #: Containers, never called: the parameters of the ParameterList and ParameterDict among
@@ -603,6 +603,11 @@ class LinearHandler(PatchHandler):
             return super().metric_flops(other)
         P, Q = (h.block.n_params // h.f_out for h in (self, g))
         return 2 * self.N * self.f_out * g.f_out * (self.r + P * Q)
+
+    def metric_groups(self, other: LinearHandler) -> int:
+        """The GEMMs over the samples :meth:`metric_into` takes for ``K^T K_b``."""
+        P, Q = (h.block.n_params // h.f_out for h in (self, other))
+        return metric_groups(self.N, self.f_out, P, other.f_out, Q)
 
     def samples_metric_with(self, other: Handler) -> bool:
         """Whether :meth:`metric` forms ``K^T K_b`` from the samples' Grams: both blocks

@@ -1,6 +1,8 @@
 """costs.py against FLOPs counted by FlopCounterMode (extended with linear algebra)."""
 
+import csv
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -383,3 +385,24 @@ def test_peak_bytes_of_full_follows_the_live_peak(widths, N):
     call()
     ratio = costs.peak_bytes("full", shape) / live_peak_bytes(call)
     assert 0.98 < ratio < 2, ratio
+
+
+def test_the_rule_for_full_on_a_gpu_picks_the_faster_metric_measured_on_an_h100():
+    """On a CUDA device ``costs.full_pairs`` (``costs.CUDA_BLOCK_COSTS``) forms the metric
+    block by block exactly where that was faster than ``K^T K`` in one product on an H100
+    (``tests/data/full_metric_h100.csv``, 31 MLPs: 9 faster by blocks, 22 by ``K^T K``).
+    The CPU's constants would have picked the blocks on 11 of the latter, 1.17-12.7x slower:
+    on a GPU the blocks' time is the host's launches, not their FLOPs."""
+    path = Path(__file__).parent / "data" / "full_metric_h100.csv"
+    lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
+    rows = list(csv.DictReader(lines))
+    assert len(rows) == 31
+    cpu_slower = []
+    for row in rows:
+        shape = costs.MLPShape(tuple(map(int, row["widths"].split("-"))), int(row["batch"]), int(row["rows"]))  # fmt: skip
+        ktk, blocks = float(row["ktk_ms"]), float(row["blocks_ms"])
+        assert (costs.full_pairs(shape, "structured", "cuda") is not None) == (blocks < ktk), row
+        if costs.full_pairs(shape, "structured", "cpu") is not None and blocks > ktk:
+            cpu_slower.append(blocks / ktk)
+    assert sum(float(r["blocks_ms"]) < float(r["ktk_ms"]) for r in rows) == 9
+    assert len(cpu_slower) == 11 and max(cpu_slower) > 12

@@ -26,19 +26,25 @@ NEEDS_FACTOR = True
 def blockwise(handlers: list[Handler]) -> bool:
     """Whether ``G`` is formed block by block from the samples' Grams: every pair of
     blocks qualifies (``LinearHandler.samples_metric_with``) and the blocks cost less
-    than ``K^T K`` in one product (:func:`riemann_core.costs.metric_by_blocks`)."""
+    than ``K^T K`` in one product on their device
+    (:func:`riemann_core.costs.metric_by_blocks`)."""
     pairs = [(h, g) for a, h in enumerate(handlers) for g in handlers[: a + 1]]
     if not all(isinstance(h, LinearHandler) and h.samples_metric_with(g) for h, g in pairs):
         return False
-    n, d = sum(h.block.n_params for h in handlers), handlers[0].d
-    blocks = [(h.metric_flops(g), h.block.n_params * g.block.n_params) for h, g in pairs]
-    return metric_by_blocks(blocks, n, d)
+    n, h0 = sum(h.block.n_params for h in handlers), handlers[0]
+    blocks = [
+        (h.metric_flops(g), h.block.n_params * g.block.n_params, h.metric_groups(g))
+        for h, g in pairs
+    ]
+    return metric_by_blocks(blocks, n, h0.d, h0.N, h0.device)
 
 
-def metric(handlers: list[Handler]) -> torch.Tensor:
+def metric(handlers: list[Handler], by_blocks: bool | None = None) -> torch.Tensor:
     """``K^T K`` (``n x n``, symmetric), its blocks ``K_a^T K_b`` formed below the
-    diagonal and mirrored above it where :func:`blockwise`."""
-    if not blockwise(handlers):
+    diagonal and mirrored above it where :func:`blockwise` (``by_blocks``: the one form or
+    the other, as ``bench/full_metric_forms.py`` times them; the blocks need every pair to
+    qualify)."""
+    if not (blockwise(handlers) if by_blocks is None else by_blocks):
         K = torch.cat([h.K() for h in handlers], dim=1)
         return K.T @ K
     sizes = [h.block.n_params for h in handlers]

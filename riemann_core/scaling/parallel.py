@@ -415,7 +415,7 @@ def check_memory(config: Config, available: int | None) -> None:
     itemsize = torch.finfo(getattr(torch, config.dtype)).bits // 8
     shape = config.shape
     for method in config.methods:
-        need = costs.peak_bytes(method, shape, itemsize=itemsize)
+        need = costs.peak_bytes(method, shape, itemsize=itemsize, device=config.device)
         if need > available:
             raise ValueError(
                 f"method {method} needs about {need / 2**30:.1f} GiB ({config.dtype}) on the "
