@@ -55,8 +55,10 @@ def handlers(widths, batch, device, samples=None):
     return seen[0]
 
 
-def time_forms(hs, device, rounds):
-    """Median seconds of ``K^T K`` and of the blocks, interleaved, after one untimed round."""
+def forms_seconds(hs, device, rounds):
+    """Median seconds of ``K^T K`` and of the blocks, interleaved, after one untimed round
+    (not named ``time_*``: asv, whose benchmark_dir is bench/, would take it for a
+    benchmark, and ``asv check`` fail on its arguments)."""
     times = {False: [], True: []}
     for i in range(rounds + 1):
         for by_blocks in times:
@@ -86,7 +88,7 @@ def main(argv=None):
         if not all(h.samples_metric_with(g) for a, h in enumerate(hs) for g in hs[: a + 1]):
             print(f"{name} N={N}: a pair of blocks does not qualify")
             continue
-        ktk, blocks = time_forms(hs, device, args.rounds)
+        ktk, blocks = forms_seconds(hs, device, args.rounds)
         rows.append(f"{name},{N},{hs[0].r},{ktk * 1e3:.3f},{blocks * 1e3:.3f}")
         picks = "blocks" if full.blockwise(hs) else "K^T K"
         print(f"{name:22.22s} N={N:5d} r={hs[0].r:3d}  K^T K {ktk * 1e3:8.3f} ms  "

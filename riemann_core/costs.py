@@ -207,7 +207,9 @@ def flops(
     (:func:`riemann_core.blas.symmetric_products`): a Gram's lower triangle costs less
     there (:func:`lower_gram_flops`), which can also tip a layerwise block from Woodbury to
     its dense metric (:func:`dense_is_cheaper`); ``None`` models no ``syrk`` anywhere, a
-    plan that does not depend on the build of torch. ``dtype`` and ``device`` set the
+    plan that does not depend on the build of torch. It also picks the constants of
+    ``full``'s rule between ``K^T K`` and the blocks (:func:`block_costs`: a CUDA device's,
+    else, ``None`` included, the CPU's). ``dtype`` and ``device`` set the
     order each Gram is factorised at (:func:`factor_order`; ``None``: the multiples of 64
     alone).
     """
@@ -429,9 +431,9 @@ class BlockCosts:
 
     entry: float
     pair: float
-    group: float = 0.0
-    pair_sample: float = 0.0
-    product: float = 0.0
+    group: float = 0  # (integers: the CPU's rule stays in exact integer arithmetic)
+    pair_sample: float = 0
+    product: float = 0
 
 
 #: On a CPU: a GEMM over the samples has only ``2 N`` FLOPs an entry of its result and runs
@@ -450,7 +452,9 @@ CPU_BLOCK_COSTS = BlockCosts(entry=320, pair=2**26)
 #: faster form on each, also fitted without it (leave one out). The CPU's constants picked
 #: the blocks on 20 of them, 1.17-12.7x slower on 11 (small networks at batch 128: 784-5-10
 #: 1.17x, 64-48-16-10 2.5x; 8-8-8-10 at batch 4096 12.7x); the blocks were 1.4-7.2x
-#: faster at batch 256-2048 on 9 MLPs of 4k-13k parameters.
+#: faster at batch 256-2048 on 9 MLPs of 4k-13k parameters. The closest call, 784-5-10 at
+#: batch 128, lies 7% inside the boundary (a wrong pick there costs about 17%); one H100 in
+#: float32: another GPU's launch cost and GEMM rate would move the constants.
 CUDA_BLOCK_COSTS = BlockCosts(entry=0, pair=2.5e9, group=5e9, pair_sample=3e6, product=8e9)
 
 

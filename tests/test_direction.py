@@ -29,6 +29,7 @@ from oracle import (
 )
 
 import riemann_core as rc
+from riemann_core import costs
 from riemann_core.direction import solve
 from riemann_core.methods import Options
 
@@ -407,12 +408,15 @@ def test_euclidean_has_no_diagnostics():
 @pytest.mark.parametrize("frozen", [False, True], ids=["bias", "frozen-bias"])
 def test_full_by_blocks_matches_the_oracle(frozen, device, monkeypatch):
     """``method='full'`` with its metric formed block by block from the samples' Grams
-    (``full.blockwise``: taken here, a 40-24-10 MLP at batch 96) against the dense
-    float64 oracle (on the CPU), with the first layer's bias trained or frozen and a last
-    layer without bias: each block's rows and columns in parameter order. (A block of a
-    bias alone has ``K^T K`` formed from ``K``: no fewer FLOPs from the samples.)"""
+    (``full.blockwise``: taken here, a 40-24-10 MLP at batch 96, by the CPU's constants on
+    every device: on CUDA the rule keeps ``K^T K`` at this size, ``costs.CUDA_BLOCK_COSTS``)
+    against the dense float64 oracle (on the CPU), with the first layer's bias trained or
+    frozen and a last layer without bias: each block's rows and columns in parameter order.
+    (A block of a bias alone has ``K^T K`` formed from ``K``: no fewer FLOPs from the
+    samples.)"""
     from riemann_core.methods import full
 
+    monkeypatch.setattr(costs, "CUDA_BLOCK_COSTS", costs.CPU_BLOCK_COSTS)
     taken = []
     blockwise = full.blockwise
     monkeypatch.setattr(full, "blockwise", lambda hs: taken.append(blockwise(hs)) or taken[-1])
@@ -429,3 +433,18 @@ def test_full_by_blocks_matches_the_oracle(frozen, device, monkeypatch):
     got = torch.cat([dirs[name].reshape(-1).cpu() for name in trained])
     G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
     assert rel_error(got, solve_dense(G, g, 1e-3)) < 1e-10
+
+
+def test_full_metric_by_blocks_refuses_blocks_that_do_not_qualify(monkeypatch):
+    """``full.metric(handlers, by_blocks=True)`` (for timing the two forms) needs every
+    pair of blocks to qualify: one row per sample (a sampled Fisher's one probe) does not,
+    and is refused with what to pass instead; ``by_blocks=False`` is ``K^T K``."""
+    from riemann_core.methods import full
+
+    seen, solve_ = [], full.solve
+    monkeypatch.setattr(full, "solve", lambda p, opts: seen.append(p.handlers) or solve_(p, opts))
+    model, x, y = Problem().make()
+    rc.direction(model, x, y, method="full", output_metric="sampled", samples=1)
+    with pytest.raises(ValueError, match="by_blocks=True needs every block"):
+        full.metric(seen[0], by_blocks=True)
+    torch.testing.assert_close(full.metric(seen[0], by_blocks=False), full.metric(seen[0]))

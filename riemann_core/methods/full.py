@@ -23,13 +23,21 @@ from .layerwise import damped, dense_solver
 NEEDS_FACTOR = True
 
 
+def _pairs(handlers: list[Handler]) -> list[tuple[Handler, Handler]] | None:
+    """The pairs ``(a, b)``, ``b <= a``, where every one qualifies for the samples' Grams
+    (``LinearHandler.samples_metric_with``), else ``None``."""
+    pairs = [(h, g) for a, h in enumerate(handlers) for g in handlers[: a + 1]]
+    if all(isinstance(h, LinearHandler) and h.samples_metric_with(g) for h, g in pairs):
+        return pairs
+    return None
+
+
 def blockwise(handlers: list[Handler]) -> bool:
     """Whether ``G`` is formed block by block from the samples' Grams: every pair of
-    blocks qualifies (``LinearHandler.samples_metric_with``) and the blocks cost less
-    than ``K^T K`` in one product on their device
-    (:func:`riemann_core.costs.metric_by_blocks`)."""
-    pairs = [(h, g) for a, h in enumerate(handlers) for g in handlers[: a + 1]]
-    if not all(isinstance(h, LinearHandler) and h.samples_metric_with(g) for h, g in pairs):
+    blocks qualifies and the blocks cost less than ``K^T K`` in one product on their
+    device (:func:`riemann_core.costs.metric_by_blocks`)."""
+    pairs = _pairs(handlers)
+    if pairs is None:
         return False
     n, h0 = sum(h.block.n_params for h in handlers), handlers[0]
     blocks = [
@@ -44,6 +52,12 @@ def metric(handlers: list[Handler], by_blocks: bool | None = None) -> torch.Tens
     diagonal and mirrored above it where :func:`blockwise` (``by_blocks``: the one form or
     the other, as ``bench/full_metric_forms.py`` times them; the blocks need every pair to
     qualify)."""
+    if by_blocks and _pairs(handlers) is None:
+        raise ValueError(
+            "by_blocks=True needs every block to be a Linear layer with one position per "
+            "sample and every pair to qualify (LinearHandler.samples_metric_with); "
+            "pass by_blocks=None to let the rule choose"
+        )
     if not (blockwise(handlers) if by_blocks is None else by_blocks):
         K = torch.cat([h.K() for h in handlers], dim=1)
         return K.T @ K
