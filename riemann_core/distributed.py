@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from . import costs
 from ._checks import Deferred, DirectionOverflow
-from .kronecker import Factor, eigen_together
+from .kronecker import Factor
 from .methods import SOLVERS, LayerDiagnostics, Options, Problem, finish, kfac
 from .modules import Block, Handler, LinearHandler, PatchHandler, kronecker_handler, training
 from .ownership import assign
@@ -514,18 +514,19 @@ class _Materialised(Handler):
 def _kronecker_solves(problem: Problem, factors: list[list[Tensor]], opts: Options):
     """K-FAC's solve of each block of ``problem`` from the global batch's summed dense
     factors ``[Gamma, A]`` (``[Gamma]`` where no part has an input factor)."""
-    pairs = []
+    modules = []
     for h, (gamma, *A) in zip(problem.handlers, factors, strict=True):
         name = h.block.name
         gamma = Factor(matrix=gamma, what=f"K-FAC output factor Gamma of module {name!r}")
         A = [Factor(matrix=a, what=f"K-FAC input factor A of module {name!r}") for a in A]
         parts = kfac.parts_of(h, opts.kfac_bias)
-        pairs.append((gamma, {p.name: A[0] for p in parts if not p.bias_only}))
-    if opts.kfac_damping == "exact":  # those of one order in one call, as kfac.solve does
-        eigen_together(f for gamma, inputs in pairs for f in (gamma, *inputs.values()))
+        modules.append((parts, gamma, {p.name: A[0] for p in parts if not p.bias_only}))
+    blocks = kfac.damped_modules(modules, opts)  # those of one order together, as kfac.solve
     return [
-        kfac.fresh_solve(h, i, problem.gradient_of(i), opts, pair)
-        for i, (h, pair) in enumerate(zip(problem.handlers, pairs, strict=True))
+        kfac.fresh_solve(h, i, problem.gradient_of(i), opts, (gamma, inputs), b)
+        for i, (h, (_, gamma, inputs), b) in enumerate(
+            zip(problem.handlers, modules, blocks, strict=True)
+        )
     ]
 
 

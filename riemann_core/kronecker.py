@@ -118,7 +118,9 @@ def eigh_deferred(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     except torch.linalg.LinAlgError:  # NaN eigenpairs send it to the slow path
         vectors = torch.full_like(matrix, math.nan)
         values = vectors[..., 0]
-    return values, vectors, ~torch.isfinite(values.sum(-1) + vectors.sum((-2, -1)))
+    total = values.sum(-1) + vectors.sum((-2, -1))
+    # t - t is NaN for a NaN or inf t and 0 otherwise: two kernels, where ~isfinite is five
+    return values, vectors, (total - total).ne(0)
 
 
 def batched(device: torch.device) -> bool:
@@ -252,17 +254,26 @@ class Factor:
         return Eigen(vectors, values.clamp_min(0), True, failed)
 
     def shifted(self, shift: Tensor | float, checked: bool = False) -> Shifted:
-        """``c (F + c I)^{-1}`` for ``c = shift``, factorised: deferred, at the order
-        :func:`~riemann_core.costs.shifted_order` gives (the matrix ``M`` padded to
-        ``M (+) s I``, ``s`` its diagonal shift, whose Cholesky factor is ``L (+) sqrt(s) I``
-        exactly; MKL's Cholesky is 2x slower at 1024 than at 1032), or checked with jitter
-        at its own order."""
-        F = self.gram() if self.thin else self.matrix
+        """``c (F + c I)^{-1}`` for ``c = shift``, factorised: deferred
+        (:func:`shifted_together`), or checked with jitter at its own order."""
+        if not checked:
+            return shifted_together([(self, shift)])[0]
+        F = self.decomposed()
         n = F.shape[0]
-        order = n if checked else shifted_order(n, F.dtype, F.device)
-        padded = F.new_empty(order, order)
-        M = padded[:n, :n]
-        if order > n:
+        M = self.damped_into(shift, F.new_empty(n, n))
+        estimate = self.estimate(largest_eigenvalue(M), shift)
+        size = f"{n} x {n}"
+        what = f"damped Gram of the {self.what} ({size})" if self.thin else f"damped {self.what}"
+        return Shifted(self, shift, cholesky(M, what=what), estimate, what)
+
+    def damped_into(self, shift: Tensor | float, padded: Tensor) -> Tensor:
+        """``M (+) s I`` written into ``padded`` (of order at least ``M``'s), ``M`` (a view)
+        returned: the matrix whose Cholesky factor :meth:`shifted` takes, ``c I + R R^T``
+        (thin) or ``F / c + I``, and ``s`` its diagonal shift."""
+        F = self.decomposed()
+        n = F.shape[0]
+        M = padded if padded.shape[0] == n else padded[:n, :n]
+        if padded.shape[0] > n:
             padded[n:].zero_()
             padded[:n, n:].zero_()
         if self.thin:  # M = c I + R R^T
@@ -271,13 +282,47 @@ class Factor:
         else:  # M = F / c + I
             torch.div(F, shift, out=M)
             padded.diagonal().add_(1)
-        # cond(F + c I) <~ lambda_max(M), over c for a thin factor
-        estimate = largest_eigenvalue(M) / (shift if self.thin else 1)
-        if not checked:
-            return Shifted(self, shift, cholesky_deferred(padded), estimate)
-        size = f"{n} x {n}"
-        what = f"damped Gram of the {self.what} ({size})" if self.thin else f"damped {self.what}"
-        return Shifted(self, shift, cholesky(M, what=what), estimate, what)
+        return M
+
+    def estimate(self, largest: Tensor, shift: Tensor | float) -> Tensor:
+        """``cond(F + c I)`` estimated from ``largest``, an estimate of ``lambda_max(M)``
+        (:meth:`damped_into`): ``cond(F + c I) <~ lambda_max(M)``, over ``c`` for a thin
+        factor."""
+        return largest / shift if self.thin else largest
+
+
+def shifted_together(requests: list[tuple[Factor, Tensor | float]]) -> list[Shifted]:
+    """The deferred :meth:`Factor.shifted` of each ``(factor, shift)``, the matrices of
+    one order, dtype and device in one batch: one Cholesky and one power iteration each,
+    however deep the network (on a GPU each call costs the host more than such matrices
+    cost the device; a CPU's LAPACK factorises a batch one matrix at a time, to the bit as
+    alone). Each is factorised at the order :func:`~riemann_core.costs.shifted_order`
+    gives, padded to ``M (+) s I`` (:meth:`Factor.damped_into`), whose Cholesky factor is
+    ``L (+) sqrt(s) I`` exactly (MKL's Cholesky is 2x slower at 1024 than at 1032)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (factor, _) in enumerate(requests):
+        F = factor.decomposed()
+        groups.setdefault((F.shape[0], F.dtype, F.device), []).append(i)
+    out: dict[int, Shifted] = {}
+    for (n, dtype, device), indices in groups.items():
+        order = shifted_order(n, dtype, device)
+        batch = () if len(indices) == 1 else (len(indices),)  # alone: no unbinding
+        padded = torch.empty(*batch, order, order, dtype=dtype, device=device)
+        for i, member in zip(indices, _members(padded, batch), strict=True):
+            factor, shift = requests[i]
+            factor.damped_into(shift, member)
+        chol = cholesky_deferred(padded)
+        largest = largest_eigenvalue(padded if order == n else padded[..., :n, :n])
+        members = zip(*(_members(t, batch) for t in (chol.factor, chol.failed, largest)))
+        for i, (L, failed, top) in zip(indices, members, strict=True):
+            factor, shift = requests[i]
+            out[i] = Shifted(factor, shift, Cholesky(L, 0.0, failed), factor.estimate(top, shift))
+    return [out[i] for i in range(len(requests))]
+
+
+def _members(t: Tensor, batch: tuple) -> tuple[Tensor, ...]:
+    """The matrices (or scalars) of a batch, ``t`` itself where there is none."""
+    return t.unbind() if batch else (t,)
 
 
 @dataclass(frozen=True)
@@ -321,7 +366,8 @@ class Shifted:
             if L.shape[-1] > n:  # a factor of M (+) s I: zero columns for the padding's
                 Y = torch.nn.functional.pad(Y, (0, L.shape[-1] - n))
             Z = torch.linalg.solve_triangular(L.mT, Y, upper=True, left=False)
-            X = torch.linalg.solve_triangular(L, Z, upper=False, left=False)[..., :n]
+            X = torch.linalg.solve_triangular(L, Z, upper=False, left=False)
+            X = X if X.shape[-1] == n else X[..., :n]
             return X if scale == 1 else X.mul_(scale)
         R = self.factor.rows
         t = self.chol.solve((Y @ R.T).T).T
@@ -385,8 +431,9 @@ def split_damping(gamma: Factor, A: Factor, damping: float) -> tuple[Tensor, Ten
     (:func:`split_damping_checked` then says which)."""
     pi = torch.sqrt((gamma.trace() / gamma.n) / (A.trace() / A.n))
     root = math.sqrt(damping)
-    # a zero trace makes pi 0 or inf, NaN or inf in one makes it NaN, inf or 0
-    return pi * root, root / pi, torch.isfinite(pi) & (pi > 0)
+    # a zero trace makes pi 0 or inf, NaN or inf in one makes it NaN, inf or 0 (NaN
+    # compares false: three kernels, where isfinite's test is six)
+    return pi * root, root / pi, (pi > 0) & (pi < math.inf)
 
 
 def split_damping_checked(gamma: Factor, A: Factor, damping: float) -> tuple[float, float] | None:

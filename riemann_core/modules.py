@@ -488,7 +488,7 @@ class PatchHandler(Handler):
         else:
             X = self.X.reshape(-1, self.X.shape[-1])
         if ones:
-            X = torch.cat([X, X.new_ones(X.shape[0], 1)], 1)
+            X = torch.nn.functional.pad(X, (0, 1), value=1.0)  # one operator, not two
         return self.Dl.reshape(-1, self.f_out), X / math.sqrt(X.shape[0])
 
 
@@ -504,6 +504,9 @@ class LinearHandler(PatchHandler):
 
     def output_positions(self, delta: Tensor) -> Tensor:
         return delta.reshape(delta.shape[0], delta.shape[1], -1, delta.shape[-1])
+
+    def gradient_from_output(self, lam: Tensor) -> list[Tensor]:
+        return self.outer(lam)  # (N, ..., f_out): the positions in place, no reshape of it
 
     def __init__(self, block: Block):
         super().__init__(block)

@@ -68,7 +68,8 @@ class Cholesky:
             b = torch.nn.functional.pad(b, (0, 0, 0, order - m))
         # Two triangular solves: faster than cholesky_solve on CPU for few right-hand sides.
         y = torch.linalg.solve_triangular(self.factor, b, upper=False)
-        out = torch.linalg.solve_triangular(self.factor.mT, y, upper=True)[..., :m, :]
+        out = torch.linalg.solve_triangular(self.factor.mT, y, upper=True)
+        out = out if order == m else out[..., :m, :]
         out = out if out.dtype == rhs.dtype else out.to(rhs.dtype)
         return out[..., 0] if column else out
 
@@ -79,10 +80,19 @@ class Cholesky:
 
 
 def cholesky_deferred(matrix: Tensor) -> Cholesky:
-    """Cholesky of ``matrix`` (any layout; LAPACK's copy is made) without a host sync.
-    Its failure is a device boolean, read later, as for :func:`cholesky_in_place`."""
+    """Cholesky of ``matrix`` (any layout; LAPACK's copy is made; a batch ``(..., m, m)``)
+    without a host sync. Its failure is a device boolean per factor, read later, as for
+    :func:`cholesky_in_place`."""
     factor, info = cholesky_ex(matrix)
-    return Cholesky(factor, 0.0, (info != 0) | ~torch.isfinite(factor.diagonal().sum()))
+    return Cholesky(factor, 0.0, _failed(factor, info))
+
+
+def _failed(factor: Tensor, info: Tensor) -> Tensor:
+    """Whether each Cholesky of a batch failed: LAPACK's ``info != 0``, or a NaN or inf
+    pivot."""
+    pivots = factor.diagonal(dim1=-2, dim2=-1).sum(-1)
+    # p - p is NaN for a NaN or inf p and 0 otherwise: two kernels, where isfinite is four
+    return info.ne(0) | (pivots - pivots).ne(0)
 
 
 def cholesky_in_place(matrix: Tensor) -> Cholesky:
@@ -113,9 +123,7 @@ def cholesky_in_place(matrix: Tensor) -> Cholesky:
     else:
         info = torch.empty(matrix.shape[:-2], dtype=torch.int32, device=matrix.device)
         cholesky_ex(matrix, out=(matrix, info))
-    pivots = matrix.diagonal(dim1=-2, dim2=-1).sum(-1)
-    # p - p is NaN for a NaN or inf p and 0 otherwise: two kernels, where isfinite is four
-    return Cholesky(matrix, 0.0, info.ne(0) | (pivots - pivots).ne(0))
+    return Cholesky(matrix, 0.0, _failed(matrix, info))
 
 
 #: The order from which :func:`cholesky_in_place` calls LAPACK directly on the CPU: the

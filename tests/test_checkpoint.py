@@ -209,20 +209,24 @@ def test_a_factorisation_that_took_the_checked_path_is_checked_again_on_load(mon
     train(model, pre, opt, data[2:], "step")
 
     calls = []
-    deferred = kfac_checkpoint.damped_blocks
+    deferred, alone = kfac_checkpoint.damped_modules, kfac_checkpoint.damped_blocks
 
-    def failing_once(parts, gamma, inputs, opts, checked=False):
-        blocks = deferred(parts, gamma, inputs, opts, checked)
-        calls.append(checked)
-        if not checked and len(calls) == 1:
-            for b in blocks:
-                b.failed = torch.tensor(True)
+    def failing_first(modules, opts):  # every module's deferred blocks, module 0's failed
+        blocks = deferred(modules, opts)
+        calls.append(len(modules))
+        for b in blocks[0]:
+            b.failed = torch.tensor(True)
         return blocks
 
-    monkeypatch.setattr(kfac_checkpoint, "damped_blocks", failing_once)
+    def recorded(parts, gamma, inputs, opts, checked=False):
+        calls.append(checked)
+        return alone(parts, gamma, inputs, opts, checked)
+
+    monkeypatch.setattr(kfac_checkpoint, "damped_modules", failing_first)
+    monkeypatch.setattr(kfac_checkpoint, "damped_blocks", recorded)
     resumed, resumed_pre, resumed_opt = build(options, checkpoint)
     resumed_pre.load_state_dict(checkpoint["pre"])
-    assert calls == [False, True, False, False]  # module 0 again on the checked path
+    assert calls == [3, True]  # the three modules together, module 0 again on the checked path
     assert resumed_pre._kfac._cached["0"].blocks[0].failed is None
     train(resumed, resumed_pre, resumed_opt, data[2:], "step")
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):

@@ -153,6 +153,30 @@ def test_factors_of_one_order_are_eigendecomposed_in_one_call_where_batched(
     assert len(calls) == len({s[-2:] for s in calls}) < 2 * problem.depth
 
 
+@pytest.mark.parametrize("bias", ["joint", "separate"])
+@pytest.mark.parametrize("batch", [4, 24], ids=lambda b: f"batch={b}")  # thin and dense
+def test_damped_factors_of_one_order_are_factorised_in_one_call(batch, bias, monkeypatch):
+    """Factored damping factorises the damped factors of one order in one batched
+    Cholesky (:func:`riemann_core.kronecker.shifted_together`; on every device: the CPU's
+    factors are those of each alone, to the bit), and each direction is still its damped
+    metric's (a deep network of equal widths: one call per order, however deep)."""
+    problem = Problem(depth=5, width=8, batch=batch)
+    model, x, y = problem.make()
+    factors = kfac_factors_for(problem)
+    g = gradient(model, x, y, problem.loss_name)
+    calls, cholesky_ex = [], torch.linalg.cholesky_ex
+    monkeypatch.setattr(
+        torch.linalg, "cholesky_ex", lambda m, **k: calls.append(m.shape) or cholesky_ex(m, **k)
+    )
+    dirs = rc.direction(
+        model, x, y, method="kfac", damping=1e-3, kfac_damping="factored", kfac_bias=bias
+    )
+    expected = solve_kfac_metric(factors, g, 1e-3, "factored", bias)
+    assert rel_error(flatten(dirs, model), expected) < 1e-10
+    assert sum(math.prod(s[:-2]) for s in calls) == 2 * problem.depth  # Gamma and A each
+    assert len(calls) == len({s[-2:] for s in calls}) < 2 * problem.depth
+
+
 @functools.cache
 def sampled_factors_for(problem):
     model, x, y = problem.make()

@@ -123,6 +123,36 @@ def test_a_shifted_factor_at_a_padded_order_solves_as_its_own(kind):
     assert float(shifted.estimate) == pytest.approx(float(own), rel=1e-12)
 
 
+def test_damped_factors_of_one_order_are_factorised_together_as_alone(monkeypatch):
+    """``shifted_together``: the damped factors of one order (thin Grams and dense
+    factors, each with its shift) in one batched Cholesky, those of another order apart;
+    each Cholesky factor and failure flag is the factor's alone, to the bit (a NaN factor
+    fails alone), and its condition estimate to round-off."""
+    nan = rows(5, 9, seed=17)
+    nan[1, 2] = float("nan")
+    factors = [
+        Factor.of_rows(rows(5, 9, seed=15), what="thin"),
+        Factor.of_rows(rows(12, 5, seed=16), what="dense"),
+        Factor.of_rows(nan, what="NaN"),
+        Factor.of_rows(rows(12, 7, seed=18), what="another order"),
+        Factor.of_rows(rows(5, 11, seed=19), what="thin, another shift"),
+    ]
+    shifts = [torch.tensor(1e-2, dtype=torch.float64), 0.5, 1e-2, 2.0, 3.0]
+    calls, cholesky_ex = [], torch.linalg.cholesky_ex
+    monkeypatch.setattr(
+        torch.linalg, "cholesky_ex", lambda m, **k: calls.append(m.shape) or cholesky_ex(m, **k)
+    )
+    together = kronecker.shifted_together(list(zip(factors, shifts, strict=True)))
+    assert calls == [(4, 5, 5), (7, 7)]
+    for f, c, s in zip(factors, shifts, together, strict=True):
+        alone = f.shifted(c)
+        assert s.factor is f and s.shift is c
+        assert bool(s.chol.failed) == bool(alone.chol.failed) == (f.what == "NaN")
+        if f.what != "NaN":
+            assert torch.equal(s.chol.factor, alone.chol.factor)
+            assert float(s.estimate) == pytest.approx(float(alone.estimate), rel=1e-12)
+
+
 def test_deferred_decompositions_flag_failures_without_raising():
     """A NaN factor: its deferred eigendecomposition and Cholesky say ``failed`` (device
     booleans); the checked ones raise a :class:`SolveError` naming the factor."""

@@ -45,6 +45,7 @@ from ..kronecker import (
     eigen_together,
     exact_condition,
     exact_solve,
+    shifted_together,
     split_damping,
     split_damping_checked,
     unit_eigen,
@@ -68,19 +69,28 @@ class Part:
     bias_only: bool
 
     def to_matrix(self, tensors: dict[str, Tensor]) -> Tensor:
-        columns = [tensors[n].reshape(s[0], -1) for n, s in zip(self.param_names, self.shapes)]
+        columns = [
+            _shaped(tensors[n], (s[0], math.prod(s[1:])))
+            for n, s in zip(self.param_names, self.shapes)
+        ]
         return torch.cat(columns, 1) if len(columns) > 1 else columns[0]
 
     def from_matrix(self, M: Tensor) -> dict[str, Tensor]:
         widths = [math.prod(s[1:]) for s in self.shapes]
+        columns = M.split(widths, 1) if len(widths) > 1 else [M]
         return {
-            n: c.reshape(s)
-            for n, s, c in zip(self.param_names, self.shapes, M.split(widths, 1), strict=True)
+            n: _shaped(c, s) for n, s, c in zip(self.param_names, self.shapes, columns, strict=True)
         }
 
     @property
     def n_params(self) -> int:
         return sum(math.prod(s) for s in self.shapes)
+
+
+def _shaped(tensor: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``tensor.reshape(shape)``, or ``tensor`` itself where it has that shape (a reshape
+    is an operator call: host time on a GPU, per block and call)."""
+    return tensor if tensor.shape == shape else tensor.reshape(shape)
 
 
 def parts_of(handler: PatchHandler, bias: str) -> list[Part]:
@@ -129,7 +139,7 @@ class DampedBlock:
     for a part without input factor, both are ``None`` when a factor is zero and the
     metric is ``mu I``, the limit of the factored product). ``failed``: a device boolean
     (deferred decompositions; ``split_failed``: the factored damping is undefined), or
-    ``None``.
+    ``None``; ``flags``, those it is or-ed from.
     """
 
     def __init__(
@@ -146,8 +156,12 @@ class DampedBlock:
     ):
         self.part, self.gamma, self.A, self.damping = part, gamma, A, damping
         self.eigen, self.left, self.right = eigen, left, right
-        flags = [e.failed for e in eigen or ()] + [s.chol.failed for s in self.shifted]
-        self.failed = _any(flags + [split_failed])
+        self.flags = [e.failed for e in eigen or ()] + [s.chol.failed for s in self.shifted]
+        self.flags.append(split_failed)
+
+    @functools.cached_property
+    def failed(self) -> Tensor | None:
+        return _any(self.flags)
 
     @property
     def shifted(self) -> list[Shifted]:
@@ -218,15 +232,48 @@ def damped_blocks(
     weight's damped ``Gamma + pi sqrt(mu) I`` (one Cholesky for both), and alone (a
     frozen weight, or a zero factor) has ``Gamma + mu I``.
     """
+    return damped_modules([(parts, gamma, inputs)], opts, checked)[0]
+
+
+def damped_modules(
+    modules: list[tuple[list[Part], Factor, dict[str, Factor]]], opts: Options, checked=False
+) -> list[list[DampedBlock]]:
+    """:func:`damped_blocks` of each module ``(parts, gamma, inputs)``, the deferred
+    decompositions of one order together: the eigendecompositions where
+    :func:`~riemann_core.kronecker.eigen_together` batches them, the damped factors'
+    Choleskys by :func:`~riemann_core.kronecker.shifted_together`."""
     mu = opts.damping
     if opts.kfac_damping == "exact":
-        G = gamma.eigen(checked)
+        if not checked:
+            eigen_together(f for _, gamma, inputs in modules for f in (gamma, *inputs.values()))
+        return [_eigen_blocks(*module, mu, checked) for module in modules]
+    shifts = [_factored_shifts(*module, mu, checked) for module in modules]
+    requests = [request for wanted, _ in shifts for request in wanted]
+    if checked:
+        shifted = iter([factor.shifted(c, checked=True) for factor, c in requests])
+    else:
+        shifted = iter(shifted_together(requests))
+    return [
+        _factored_blocks(*module, [next(shifted) for _ in wanted], split_failed, mu)
+        for module, (wanted, split_failed) in zip(modules, shifts, strict=True)
+    ]
 
-        def eigen(part):
-            A = inputs.get(part.name)
-            return G, unit_eigen(G.vectors) if A is None else A.eigen(checked)
 
-        return [DampedBlock(p, gamma, inputs.get(p.name), mu, eigen=eigen(p)) for p in parts]
+def _eigen_blocks(parts, gamma, inputs, mu, checked) -> list[DampedBlock]:
+    """Exact damping's blocks, from the eigenpairs of ``Gamma`` and of each part's ``A``."""
+    G = gamma.eigen(checked)
+
+    def eigen(part):
+        A = inputs.get(part.name)
+        return G, unit_eigen(G.vectors) if A is None else A.eigen(checked)
+
+    return [DampedBlock(p, gamma, inputs.get(p.name), mu, eigen=eigen(p)) for p in parts]
+
+
+def _factored_shifts(parts, gamma, inputs, mu, checked) -> tuple[list[tuple], Tensor | None]:
+    """The factors a module's factored damping factorises, with their shifts (``Gamma``'s
+    and its weight's ``A``'s, ``mu`` split by the traces; or ``Gamma``'s alone), and
+    whether the split is undefined (a device boolean, deferred)."""
     weight = None if parts[0].bias_only else inputs[parts[0].name]
     split, split_failed = None, None
     if weight is not None and checked:
@@ -235,13 +282,19 @@ def damped_blocks(
         c_G, c_A, ok = split_damping(gamma, weight, mu)
         split, split_failed = (c_G, c_A), ~ok
     if split is None:  # the weight's metric is mu I; a bias has Gamma + mu I
-        left = gamma.shifted(mu, checked) if parts[-1].bias_only else None
+        return ([(gamma, mu)] if parts[-1].bias_only else []), None
+    return [(gamma, split[0]), (weight, split[1])], split_failed
+
+
+def _factored_blocks(parts, gamma, inputs, shifted, split_failed, mu) -> list[DampedBlock]:
+    """The blocks of :func:`_factored_shifts`' factors, ``shifted``."""
+    if len(shifted) < 2:  # the weight's metric is mu I; a bias has Gamma + mu I
+        left = shifted[0] if shifted else None
         return [
             DampedBlock(p, gamma, inputs.get(p.name), mu, left=left if p.bias_only else None)
             for p in parts
         ]
-    left = gamma.shifted(split[0], checked)
-    right = weight.shifted(split[1], checked)
+    left, right = shifted
     return [
         DampedBlock(
             p,
@@ -267,8 +320,9 @@ def apply(blocks: list[DampedBlock], names: list[str], gradient: list[Tensor]) -
 
 
 def _any(flags: list[Tensor | None]) -> Tensor | None:
-    """The device booleans ``flags`` or-ed (``None`` ignored; ``None`` if all are)."""
-    flags = [f for f in flags if f is not None]
+    """The device booleans ``flags`` or-ed, each once (``None`` ignored; ``None`` if all
+    are)."""
+    flags = list({id(f): f for f in flags if f is not None}.values())
     return functools.reduce(operator.or_, flags) if flags else None
 
 
@@ -277,7 +331,7 @@ def _product(tensors: list[Tensor], like: Tensor) -> Tensor:
 
 
 def _max(tensors: list[Tensor]) -> Tensor:
-    return torch.stack(tensors).max() if len(tensors) > 1 else tensors[0]
+    return functools.reduce(torch.maximum, tensors)  # two blocks: one kernel (stack, max: two)
 
 
 @dataclass
@@ -352,7 +406,7 @@ def kronecker_solve(
         rows=rows,
         params=block.n_params,
         condition=_max([b.condition() for b in blocks]),
-        failed=_any([b.failed for b in blocks]),
+        failed=_any([f for b in blocks for f in b.flags]),  # a bias apart shares Gamma's
         param_names=list(block.param_names),
         blocks=blocks,
         factors=factors,
@@ -365,36 +419,38 @@ def kronecker_solve(
 
 
 def fresh_solve(
-    handler: PatchHandler, index: int, gradient: list[Tensor], opts: Options, factors: tuple
+    handler: PatchHandler,
+    index: int,
+    gradient: list[Tensor],
+    opts: Options,
+    factors: tuple,
+    blocks: list[DampedBlock],
 ) -> KroneckerSolve:
-    """The module's solve with its damped metric factorised from ``factors``
-    (``(Gamma, {part: A})``, :func:`module_factors`)."""
-    gamma, inputs = factors
-    blocks = damped_blocks(parts_of(handler, opts.kfac_bias), gamma, inputs, opts)
+    """The module's solve with its damped metric ``blocks`` factorised from ``factors``
+    (``(Gamma, {part: A})``, :func:`module_factors`; :func:`damped_modules`)."""
     kernel = type(handler).__name__
-    return kronecker_solve(
-        index, handler.block, kernel, handler.d, blocks, gradient, opts, (gamma, inputs)
-    )
+    return kronecker_solve(index, handler.block, kernel, handler.d, blocks, gradient, opts, factors)
 
 
 def solve(problem: Problem, opts: Options, state: KFACState | None = None) -> list[Solve]:
     """Each module's solve; with ``state``, the preconditioner's cached factorisations.
-    Every module's factors are formed first, so that exact damping eigendecomposes those
-    of one order together (:func:`riemann_core.kronecker.eigen_together`)."""
+    Every module's factors are formed first, so that those of one order are decomposed
+    together (:func:`damped_modules`)."""
     handlers = [kronecker_handler(h) for h in problem.handlers]  # the layer structure
     if state is None:
         factors = [module_factors(h, opts) for h in handlers]
     else:
         factors = [state.factors(h, opts) for h in handlers]
-    if opts.kfac_damping == "exact":
-        eigen_together(f for pair in factors if pair for f in (pair[0], *pair[1].values()))
+    fresh = [(parts_of(h, opts.kfac_bias), *pair) for h, pair in zip(handlers, factors) if pair]
+    blocks = iter(damped_modules(fresh, opts))
     solves = []
     for i, (handler, pair) in enumerate(zip(handlers, factors, strict=True)):
         gradient = problem.gradient_of(i)
+        damped = next(blocks) if pair else None
         if state is None:
-            solves.append(fresh_solve(handler, i, gradient, opts, pair))
+            solves.append(fresh_solve(handler, i, gradient, opts, pair, damped))
         else:
-            solves.append(state.solve(handler, i, gradient, opts, pair, problem.data_dtype))
+            solves.append(state.solve(handler, i, gradient, opts, pair, damped, problem.data_dtype))
     return solves
 
 
@@ -511,18 +567,19 @@ class KFACState:
         gradient: list[Tensor],
         opts: Options,
         factors: tuple | None,
+        blocks: list[DampedBlock] | None,
         data_dtype: torch.dtype | None = None,
     ) -> KroneckerSolve:
         """The module's solve for this step: refactorised from ``factors``
-        (:meth:`factors`), pulled back in ``data_dtype``, or with the cached blocks where
-        ``factors`` is ``None``."""
+        (:meth:`factors`) into ``blocks``, pulled back in ``data_dtype``, or with the
+        cached blocks where ``factors`` is ``None``."""
         name = handler.block.name
         if factors is None:
             old = self._cached[name]
             s = old.solve(index, gradient, opts)
             s.data_dtype = old.data_dtype
         else:
-            s = fresh_solve(handler, index, gradient, opts, factors)
+            s = fresh_solve(handler, index, gradient, opts, factors, blocks)
             s.data_dtype = data_dtype
         self._pending[name] = (handler, s)
         return s
@@ -592,13 +649,19 @@ class KFACState:
         redamped = {}
         devices = {c.blocks[0].gamma.data.device.type for c in self._cached.values()}
         with full_precision(devices):  # as every step factorises
-            for name, c in self._cached.items():
-                parts, gamma = [b.part for b in c.blocks], c.blocks[0].gamma
-                inputs = {b.part.name: b.A for b in c.blocks if b.A is not None}
-                blocks = damped_blocks(parts, gamma, inputs, opts)
+            modules = [
+                (
+                    [b.part for b in c.blocks],
+                    c.blocks[0].gamma,
+                    {b.part.name: b.A for b in c.blocks if b.A is not None},
+                )
+                for c in self._cached.values()
+            ]
+            deferred = damped_modules(modules, opts)  # those of one order together, as a step
+            for (name, c), module, blocks in zip(self._cached.items(), modules, deferred):
                 failed = [b.failed for b in blocks if b.failed is not None]
                 if failed and bool(torch.stack(failed).any()):
-                    blocks = damped_blocks(parts, gamma, inputs, opts, checked=True)
+                    blocks = damped_blocks(*module, opts, checked=True)
                 redamped[name] = replace(c, blocks=blocks)
         self._cached = redamped
 

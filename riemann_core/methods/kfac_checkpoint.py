@@ -6,12 +6,13 @@ and the factors it was factorised from: ``Gamma`` and the input factor ``A`` (a 
 has at most one: its weight's, or weight and bias together), thin as their rows or
 dense. Everything else (the module, its kernel, its Kronecker blocks) comes from the
 model, and the factorisations are computed again from the factors as the step computed
-them (deferred, and checked only where that failed; on a GPU those of one order in one
-batched call, as a step that refreshes every module does: resumed between a step that
-refactorised some modules alone and the next refresh, a GPU's eigenvectors may differ in
-their last bits, as cuSOLVER batches small matrices another way), so on the same machine a resumed
-run takes the same steps, to the bit, as one never interrupted (with ``pre.backward``:
-for Linear layers in the model's dtype, see docs/api.md#checkpoints).
+them (deferred, and checked only where that failed; those of one order in one batched
+call, as a step that refreshes every module does, the eigendecompositions on a GPU only:
+resumed between a step that refactorised some modules alone and the next refresh, a GPU's
+eigenvectors and Cholesky factors may differ in their last bits, as cuSOLVER batches small
+matrices another way), so on the same machine a resumed run takes the same steps, to the
+bit, as one never interrupted (with ``pre.backward``: for Linear layers in the model's
+dtype, see docs/api.md#checkpoints).
 
 The checkpoint holds only tensors, strings, numbers and lists: ``torch.save`` writes it
 and ``torch.load(..., weights_only=True)`` reads it. :func:`load` checks all of it
@@ -29,16 +30,18 @@ import torch
 from torch import Tensor, nn
 
 from .._precision import full_precision
-from ..kronecker import Factor, eigen_together
+from ..kronecker import Factor
 from ..modules import STRUCTURED, Block, PatchHandler
 from ..woodbury import SolveError
 from ._base import Options
 from .kfac import (
     Cached,
+    DampedBlock,
     KFACState,
     average_key,
     block_parts,
     damped_blocks,
+    damped_modules,
     factor_names,
 )
 
@@ -101,9 +104,12 @@ def load(state: KFACState, saved, network: nn.Module, opts: Options) -> None:
     devices = {p.device.type for p in params.values()}
     with full_precision(devices):  # as every step factorises
         read = {name: _read(name, entry, network, opts) for name, entry in entries.items()}
-        if opts.kfac_damping == "exact":  # one order together, as a refresh of all does
-            eigen_together(f for r in read.values() for f in (r.gamma, *r.inputs.values()))
-        cached = {name: _factorised(name, r, opts) for name, r in read.items()}
+        # those of one order together, as a refresh of all does
+        deferred = damped_modules([(r.parts, r.gamma, r.inputs) for r in read.values()], opts)
+        cached = {
+            name: _factorised(name, r, blocks, opts)
+            for (name, r), blocks in zip(read.items(), deferred, strict=True)
+        }
     owners = _average_owners(cached.values())
     given = _renamed(_mapping(saved["averages"], "the K-FAC state's 'averages'"), params)
     missing = sorted(set(owners) - set(given)) if state.decay > 0 else []
@@ -255,11 +261,11 @@ def _read(name, entry, network: nn.Module, opts: Options) -> _Read:
     return _Read(block, parts, gamma, inputs, kernel, rows, data_dtype)
 
 
-def _factorised(name, read: _Read, opts: Options) -> Cached:
-    """The cached module ``name`` with its blocks factorised again from its saved factors."""
+def _factorised(name, read: _Read, blocks: list[DampedBlock], opts: Options) -> Cached:
+    """The cached module ``name`` with its blocks factorised again from its saved factors:
+    ``blocks`` (deferred, :func:`damped_modules`), or checked where they failed."""
     parts, gamma, inputs = read.parts, read.gamma, read.inputs
     try:
-        blocks = damped_blocks(parts, gamma, inputs, opts)
         failed = [b.failed for b in blocks if b.failed is not None]
         if failed and bool(torch.stack(failed).any()):  # the step took the checked path too
             blocks = damped_blocks(parts, gamma, inputs, opts, checked=True)
