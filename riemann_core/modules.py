@@ -438,7 +438,8 @@ class PatchHandler(Handler):
             if scale == 1:
                 W = M.T @ X
             elif abs(scale) <= torch.finfo(M.dtype).max:
-                W = torch.addmm(X.new_zeros(()), M.T, X, beta=0, alpha=scale)
+                # beta=0 reads no input, NaN or not: an empty one, no kernel to fill it
+                W = torch.addmm(X.new_empty(()), M.T, X, beta=0, alpha=scale)
             else:  # (1 / mu past the dtype: addmm refuses such an alpha, found by review)
                 W = (M * scale).T @ X  # inf, refused as a direction that overflowed
             shape = self.block.module.weight.shape
@@ -664,21 +665,24 @@ class LinearHandler(PatchHandler):
         )
 
     def output_grad_minus_K_tmv(
-        self, lam: Tensor, t: Tensor, scale: float = 1.0
-    ) -> tuple[list[Tensor], Tensor]:
+        self, lam: Tensor, t: Tensor, scale: float = 1.0, bound: bool = True
+    ) -> tuple[list[Tensor], Tensor | None]:
         """``scale (g - K^T t) = scale M^T Xt`` with ``M = Lambda - U``,
-        ``U_b = sum_s t_{s,b} delta_{s,b}``; and ``|scale| ||M||_F ||Xt||_F`` (a device
-        scalar), an upper bound on the result's 2-norm read from ``N (f_out + 1)`` entries
-        instead of its ``f_out (f_in + 1)`` (``||Xt||_F^2`` is the trace of ``Xt Xt^T``)."""
+        ``U_b = sum_s t_{s,b} delta_{s,b}``; and, where ``bound``, ``|scale| ||M||_F
+        ||Xt||_F`` (a device scalar; else ``None``), an upper bound on the result's 2-norm
+        read from ``N (f_out + 1)`` entries instead of its ``f_out (f_in + 1)``
+        (``||Xt||_F^2`` is the trace of ``Xt Xt^T``)."""
         D, t = self.Dl[:, :, 0], t.reshape(self.r, self.N, 1)
         # the r probes subtracted one by one, each an N x f_out update: a bmm over samples
         # of (1 x r)(r x f) loops over them on the CPU, 2.4x slower at r = 9, N = 128
         M = torch.addcmul(lam, D[0], t[0], value=-1)
         for s in range(1, self.r):
             M.addcmul_(D[s], t[s], value=-1)
+        x = self.outer(M, scale)
+        if not bound:
+            return x, None
         trace = self.input_gram().diagonal().sum()
-        bound = torch.linalg.vector_norm(M) * (trace.sqrt() * abs(scale))
-        return self.outer(M, scale), bound
+        return x, torch.linalg.vector_norm(M) * (trace.sqrt() * abs(scale))
 
 
 class Conv2dHandler(PatchHandler):

@@ -91,8 +91,9 @@ def _failed(factor: Tensor, info: Tensor) -> Tensor:
     """Whether each Cholesky of a batch failed: LAPACK's ``info != 0``, or a NaN or inf
     pivot."""
     pivots = factor.diagonal(dim1=-2, dim2=-1).sum(-1)
-    # p - p is NaN for a NaN or inf p and 0 otherwise: two kernels, where isfinite is four
-    return info.ne(0) | (pivots - pivots).ne(0)
+    # p - p is NaN for a NaN or inf p and 0 otherwise, so p - p + info is nonzero (or NaN)
+    # exactly where either failed: three kernels, where isfinite alone is four
+    return (pivots - pivots).add_(info).ne(0)
 
 
 def cholesky_in_place(matrix: Tensor) -> Cholesky:

@@ -786,9 +786,11 @@ def test_non_finite_direction_is_named_and_a_large_finite_one_passes(bad):
 
 @pytest.mark.parametrize("method", ["layerwise", "natural"], ids=lambda m: f"method={m}")
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_direction_bound_from_small_factors_bounds_its_norm(method, bias):
-    """Linear blocks bound ``||x||`` by ``||M|| ||Xt||`` from ``N (f_out + 1)`` entries;
-    the bound holds (in float64, where rounding cannot blur it) and is not vacuous."""
+def test_direction_bound_from_small_factors_bounds_its_norm(method, bias, monkeypatch):
+    """Linear blocks bound ``||x||`` by ``||M|| ||Xt||`` from ``N (f_out + 1)`` entries
+    (layerwise: where ``costs.bound_pays``, here forced for blocks this small); the bound
+    holds (in float64, where rounding cannot blur it) and is not vacuous."""
+    monkeypatch.setattr(rc.costs, "BOUND_PARAMS", 0)
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(6, 8, bias=bias), torch.nn.Tanh(), torch.nn.Linear(8, 4, bias=bias)
@@ -801,6 +803,33 @@ def test_direction_bound_from_small_factors_bounds_its_norm(method, bias):
         assert s.x_bound is not None
         norm = float(torch.sqrt(sum((a**2).sum() for a in s.x)))
         assert norm <= float(s.x_bound) <= 1e3 * norm
+
+
+def test_layerwise_bounds_a_direction_s_norm_only_where_reading_it_costs_more(monkeypatch):
+    """``costs.bound_pays``: on the CPU a block of ``BOUND_PARAMS`` parameters or more has
+    its direction's norm bounded from small factors, a smaller one has it read off the
+    direction (one ``foreach`` kernel in ``finish``); on a GPU none has (each kernel a
+    launch). Either way the direction is the same."""
+    n = rc.costs.BOUND_PARAMS
+    assert rc.costs.bound_pays(n, "cpu") and not rc.costs.bound_pays(n - 1, "cpu")
+    assert not rc.costs.bound_pays(n, "cuda")
+    model, x, y = PROBLEM.make(torch.float32)
+    opts = rc.methods.Options(damping=1e-2)
+
+    def solves():
+        problem = rc.methods.build_problem(model, x, y, opts, needs_factor=True)
+        return rc.methods.layerwise.solve(problem, opts)
+
+    read = solves()
+    assert all(s.x_bound is None for s in read)
+    expected = rc.direction(model, x, y, method="layerwise", damping=1e-2)
+    monkeypatch.setattr(rc.costs, "BOUND_PARAMS", 0)
+    bounded = solves()
+    assert all(s.x_bound is not None for s in bounded)
+    for a, b in zip(read, bounded, strict=True):
+        assert all(torch.equal(u, v) for u, v in zip(a.x, b.x, strict=True))
+    direction = rc.direction(model, x, y, method="layerwise", damping=1e-2)
+    assert all(torch.equal(direction[name], d) for name, d in expected.items())
 
 
 @pytest.mark.parametrize(

@@ -167,13 +167,14 @@ class Problem:
         return self.handlers[i].K_mv(self.gradient_of(i))
 
     def gradient_minus_K_tmv(
-        self, i: int, t: Tensor, scale: float = 1.0
+        self, i: int, t: Tensor, scale: float = 1.0, bound: bool = True
     ) -> tuple[list[Tensor], Tensor | None]:
         """``scale (g_a - K_a^T t)`` and an upper bound on its 2-norm, or ``None``. Where
         the handler can, one GEMM ``scale (Lambda - U)^T Xt`` (the scale in its alpha, no
-        pass over ``n_a`` entries) whose bound comes from those small factors."""
+        pass over ``n_a`` entries) whose bound (where ``bound``) comes from those small
+        factors."""
         if self.factored(i):
-            return self.handlers[i].output_grad_minus_K_tmv(self._output_grad(i), t, scale)
+            return self.handlers[i].output_grad_minus_K_tmv(self._output_grad(i), t, scale, bound)
         Kt = self.handlers[i].K_tmv(t)
         return [(g - k) * scale for g, k in zip(self.gradient_of(i), Kt, strict=True)], None
 

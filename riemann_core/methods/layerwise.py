@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..costs import dense_is_cheaper
+from ..costs import bound_pays, dense_is_cheaper
 from ..modules import Handler
 from ..woodbury import (
     WoodburySolve,
@@ -134,8 +134,8 @@ def _woodbury(problem: Problem, indices: list[int], opts: Options) -> list[Solve
         def factor_solver(chol, h=h):
             return WoodburySolve(chol, mu, h.K_mv, h.K_tmv)
 
-        name = h.block.name
-        x, x_bound = problem.gradient_minus_K_tmv(i, t[j], 1 / mu)
+        name, bound = h.block.name, bound_pays(h.block.n_params, h.device)
+        x, x_bound = problem.gradient_minus_K_tmv(i, t[j], 1 / mu, bound)
         record = Solve(
             t=t[j] if problem.factored(i) else None,
             name=name,
