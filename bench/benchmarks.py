@@ -358,7 +358,11 @@ class _PhaseCase:
                 for indices, _, chol in factored:
                     t = chol.solve(torch.stack([problem.K_gradient(i) for i in indices]))
                     for j, i in enumerate(indices):
-                        problem.gradient_minus_K_tmv(i, t[j], 1 / common.DAMPING)
+                        h = problem.handlers[i]  # the bound where the direction takes it
+                        bound = problem.factored(i) and costs.bound_pays(
+                            h.block.n_params, h.N, h.f_out, h.device
+                        )
+                        problem.gradient_minus_K_tmv(i, t[j], 1 / common.DAMPING, bound)
 
         self.call = call
 

@@ -203,28 +203,38 @@ class Deferred:
         shown_in: list[Tensor] | None = None,
     ) -> None:
         """Every tensor of ``items`` (``(what, tensor)``) has no NaN or inf: one reading per
-        tensor (its sum; a sum that overflows is re-checked exactly), all read with the
-        other checks in :meth:`run`'s one transfer per device (a stack of the sums and their
-        sum here were two more kernels each call), the culprit named on failure. Per-tensor
-        sums run on all cores; on a 2-core CPU they took 0.5-0.8x the time of ``foreach``
-        2-norms for the parameters of MLPs with 6 to 82 tensors (0.29 against 0.59 ms for
-        784-1024-1024-10). ``shown_in``: tensors read in their place, which every NaN or
-        inf of theirs makes non-finite (:func:`~riemann_core.modules.shows_parameters`);
-        the items are examined only where those read non-finite (once), and an error
-        raised only for a non-finite item."""
+        device (the sum of their sums; a sum that overflows is re-checked exactly), the culprit
+        named on failure. Per-tensor sums run on all cores; on a 2-core CPU they took
+        0.5-0.8x the time of ``foreach`` 2-norms for the parameters of MLPs with 6 to 82
+        tensors (0.29 against 0.59 ms for 784-1024-1024-10). ``shown_in``: tensors read in
+        their place, which every NaN or inf of theirs makes non-finite
+        (:func:`~riemann_core.modules.shows_parameters`); the items are examined only where
+        those read non-finite, and an error raised only for a non-finite item.
+
+        One reading per device, not one per tensor: :func:`to_host` stacks the readings of
+        a :meth:`run`, booleans among them, and a stack of mixed dtypes is not one batched
+        copy (CUDA's ``cat`` then copies every entry on its own: a launch per tensor, where
+        the stack and sum here are two; on the CPU a run's checks took 1.25x the time with
+        42 readings in place of one, found by review of 037bd16)."""
         shown = [t for _, t in items] if shown_in is None else shown_in
         tensors = [t for t in shown if t.is_floating_point()]
+        if not tensors:
+            return
         examined = False
 
         def callback(value: float) -> None:
-            nonlocal examined
+            nonlocal examined  # one callback per device: the items examined once
             if not (examined or math.isfinite(value)):
                 examined = True
                 for what, tensor in items:
                     check_finite(what, tensor, fix, error)
 
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for t in tensors:
+            by_device.setdefault(t.device, []).append(t)
         with torch.no_grad():  # parameters: no graph for their sums
-            self._pending.extend((t.sum(), callback) for t in tensors)
+            for group in by_device.values():  # one reading per device
+                self._pending.append((torch.stack([t.sum() for t in group]).sum(), callback))
 
     def read(self, value: Tensor) -> Reading:
         """A :class:`Reading` whose ``value`` is set by the next :meth:`run`."""

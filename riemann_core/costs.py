@@ -52,17 +52,19 @@ def factor_order(m: int, dtype: torch.dtype | None = None, device=None) -> int:
 BOUND_PARAMS = 2**17
 
 
-def bound_pays(n_params: int, device) -> bool:
+def bound_pays(n_params: int, N: int, f_out: int, device) -> bool:
     """Whether a layerwise direction ``x = scale M^T Xt`` of a block of ``n_params``
     parameters on ``device`` has its 2-norm bounded by ``|scale| ||M||_F ||Xt||_F`` (five
-    kernels on ``N (f_out + 1)`` entries a block) rather than read off ``x`` itself
-    (``_solve._norm_bound``: one ``foreach`` kernel for every such block). On the CPU
-    from :data:`BOUND_PARAMS` on, where a read costs the memory's time (one thread,
-    2-core CPU, batch 128, read against bound: 6.7 against 9.8 us at 256 x 256, 11.0
-    against 9.9 at 256 x 512, 148 against 16 at 1024 x 1024); never on a GPU, where each
-    kernel costs the host a launch of microseconds and ``x`` was just written by its GEMM
-    (15 kernels fewer a step at 64-32-32-10)."""
-    return torch.device(device).type == "cpu" and n_params >= BOUND_PARAMS
+    kernels, reading ``M``'s ``N f_out`` entries and ``N`` more) rather than read off ``x``
+    itself (``_solve._norm_bound``: one ``foreach`` kernel for every such block). On the
+    CPU where ``x`` has :data:`BOUND_PARAMS` entries or more and more than the bound reads,
+    a read costing the memory's time (one thread, 2-core CPU, read against bound, in us: at
+    batch 128 6.7 against 9.8 at 256 x 256, 11.0 against 9.9 at 256 x 512, 148 against 16
+    at 1024 x 1024; at batch 1024 and 4096 the bound 77-728 against a read of 13-147);
+    never on a GPU, where each kernel costs the host a launch of microseconds and ``x``
+    was just written by its GEMM (15 kernels fewer a step at 64-32-32-10)."""
+    read_more = n_params >= max(BOUND_PARAMS, N * (f_out + 1))
+    return torch.device(device).type == "cpu" and read_more
 
 
 #: The least order at which K-FAC's factored damping factorises at :func:`factor_order`.

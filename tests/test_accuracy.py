@@ -790,7 +790,7 @@ def test_direction_bound_from_small_factors_bounds_its_norm(method, bias, monkey
     """Linear blocks bound ``||x||`` by ``||M|| ||Xt||`` from ``N (f_out + 1)`` entries
     (layerwise: where ``costs.bound_pays``, here forced for blocks this small); the bound
     holds (in float64, where rounding cannot blur it) and is not vacuous."""
-    monkeypatch.setattr(rc.costs, "BOUND_PARAMS", 0)
+    monkeypatch.setattr(rc.methods.layerwise, "bound_pays", lambda *shape_and_device: True)
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(6, 8, bias=bias), torch.nn.Tanh(), torch.nn.Linear(8, 4, bias=bias)
@@ -806,13 +806,18 @@ def test_direction_bound_from_small_factors_bounds_its_norm(method, bias, monkey
 
 
 def test_layerwise_bounds_a_direction_s_norm_only_where_reading_it_costs_more(monkeypatch):
-    """``costs.bound_pays``: on the CPU a block of ``BOUND_PARAMS`` parameters or more has
-    its direction's norm bounded from small factors, a smaller one has it read off the
-    direction (one ``foreach`` kernel in ``finish``); on a GPU none has (each kernel a
-    launch). Either way the direction is the same."""
+    """``costs.bound_pays``: on the CPU a block of ``BOUND_PARAMS`` parameters or more,
+    and more than the bound's ``N (f_out + 1)`` entries, has its direction's norm bounded
+    from small factors, a smaller one has it read off the direction (one ``foreach``
+    kernel in ``finish``); on a GPU none has (each kernel a launch). Either way the
+    direction is the same."""
     n = rc.costs.BOUND_PARAMS
-    assert rc.costs.bound_pays(n, "cpu") and not rc.costs.bound_pays(n - 1, "cpu")
-    assert not rc.costs.bound_pays(n, "cuda")
+    assert rc.costs.bound_pays(n, 128, 255, "cpu") and not rc.costs.bound_pays(
+        n - 1, 128, 255, "cpu"
+    )
+    # the bound reads N (f_out + 1) entries: not where they outnumber the direction's
+    assert not rc.costs.bound_pays(4 * n, 4096, 256, "cpu")
+    assert not rc.costs.bound_pays(n, 128, 255, "cuda")
     model, x, y = PROBLEM.make(torch.float32)
     opts = rc.methods.Options(damping=1e-2)
 
@@ -823,7 +828,7 @@ def test_layerwise_bounds_a_direction_s_norm_only_where_reading_it_costs_more(mo
     read = solves()
     assert all(s.x_bound is None for s in read)
     expected = rc.direction(model, x, y, method="layerwise", damping=1e-2)
-    monkeypatch.setattr(rc.costs, "BOUND_PARAMS", 0)
+    monkeypatch.setattr(rc.methods.layerwise, "bound_pays", lambda *shape_and_device: True)
     bounded = solves()
     assert all(s.x_bound is not None for s in bounded)
     for a, b in zip(read, bounded, strict=True):

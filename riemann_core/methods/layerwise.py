@@ -134,8 +134,10 @@ def _woodbury(problem: Problem, indices: list[int], opts: Options) -> list[Solve
         def factor_solver(chol, h=h):
             return WoodburySolve(chol, mu, h.K_mv, h.K_tmv)
 
-        name, bound = h.block.name, bound_pays(h.block.n_params, h.device)
+        # (only a factored block, a 2-D Linear layer's, has a bound to take)
+        bound = problem.factored(i) and bound_pays(h.block.n_params, h.N, h.f_out, h.device)
         x, x_bound = problem.gradient_minus_K_tmv(i, t[j], 1 / mu, bound)
+        name = h.block.name
         record = Solve(
             t=t[j] if problem.factored(i) else None,
             name=name,
