@@ -124,11 +124,13 @@ def eigh_deferred(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def batched(device: torch.device) -> bool:
-    """Whether :func:`eigen_together` batches the factors on ``device``: off the CPU. On
+    """Whether :func:`eigen_together` batches the factors on ``device`` (and
+    :func:`shifted_together` its power iterations): off the CPU. On
     CUDA every ``torch.linalg.eigh`` call waits for the host to check its status. On a
     CPU there is no such wait, LAPACK runs one matrix at a time either way, and MKL's
     eigenvectors of a matrix differ in their last bits with where it sits in memory, so
-    each is decomposed alone, as a resumed checkpoint decomposes it."""
+    each is decomposed alone, as a resumed checkpoint decomposes it (a batched product's
+    last bits differ from one matrix's too)."""
     return device.type != "cpu"
 
 
@@ -293,10 +295,11 @@ class Factor:
 
 def shifted_together(requests: list[tuple[Factor, Tensor | float]]) -> list[Shifted]:
     """The deferred :meth:`Factor.shifted` of each ``(factor, shift)``, the matrices of
-    one order, dtype and device in one batch: one Cholesky and one power iteration each,
-    however deep the network (on a GPU each call costs the host more than such matrices
-    cost the device; a CPU's LAPACK factorises a batch one matrix at a time, to the bit as
-    alone). Each is factorised at the order :func:`~riemann_core.costs.shifted_order`
+    one order, dtype and device in one batch: one Cholesky each, however deep the network
+    (on a GPU each call costs the host more than such matrices cost the device; a CPU's
+    LAPACK factorises a batch one matrix at a time, to the bit as alone), and one power
+    iteration where :func:`batched` (on a CPU each matrix's own, to the bit as alone).
+    Each is factorised at the order :func:`~riemann_core.costs.shifted_order`
     gives, padded to ``M (+) s I`` (:meth:`Factor.damped_into`), whose Cholesky factor is
     ``L (+) sqrt(s) I`` exactly (MKL's Cholesky is 2x slower at 1024 than at 1032)."""
     groups: dict[tuple, list[int]] = {}
@@ -312,8 +315,15 @@ def shifted_together(requests: list[tuple[Factor, Tensor | float]]) -> list[Shif
             factor, shift = requests[i]
             factor.damped_into(shift, member)
         chol = cholesky_deferred(padded)
-        largest = largest_eigenvalue(padded if order == n else padded[..., :n, :n])
-        members = zip(*(_members(t, batch) for t in (chol.factor, chol.failed, largest)))
+        square = padded if order == n else padded[..., :n, :n]
+        if batch and not batched(device):
+            # on a CPU each alone: MKL's batched products differ from one matrix's in their
+            # last bits, and the estimate would depend on which factors a call refactorises
+            # (a resumed checkpoint's load takes them all; a step may take one alone)
+            tops = [largest_eigenvalue(m) for m in square.unbind()]
+        else:
+            tops = _members(largest_eigenvalue(square), batch)
+        members = zip(_members(chol.factor, batch), _members(chol.failed, batch), tops)
         for i, (L, failed, top) in zip(indices, members, strict=True):
             factor, shift = requests[i]
             out[i] = Shifted(factor, shift, Cholesky(L, 0.0, failed), factor.estimate(top, shift))

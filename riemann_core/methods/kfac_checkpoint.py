@@ -7,12 +7,13 @@ has at most one: its weight's, or weight and bias together), thin as their rows 
 dense. Everything else (the module, its kernel, its Kronecker blocks) comes from the
 model, and the factorisations are computed again from the factors as the step computed
 them (deferred, and checked only where that failed; those of one order in one batched
-call, as a step that refreshes every module does, the eigendecompositions on a GPU only:
-resumed between a step that refactorised some modules alone and the next refresh, a GPU's
-eigenvectors and Cholesky factors may differ in their last bits, as cuSOLVER batches small
-matrices another way), so on the same machine a resumed run takes the same steps, to the
-bit, as one never interrupted (with ``pre.backward``: for Linear layers in the model's
-dtype, see docs/api.md#checkpoints).
+call, as a step that refreshes every module does, the eigendecompositions and the
+condition estimates' power iterations on a GPU only: resumed between a step that
+refactorised some modules alone and the next refresh, a GPU's eigenvectors, Cholesky
+factors and condition estimates may differ in their last bits, as cuSOLVER and cuBLAS
+batch small matrices another way), so on the same machine a resumed run takes the same
+steps, to the bit, as one never interrupted (with ``pre.backward``: for Linear layers in
+the model's dtype, see docs/api.md#checkpoints).
 
 The checkpoint holds only tensors, strings, numbers and lists: ``torch.save`` writes it
 and ``torch.load(..., weights_only=True)`` reads it. :func:`load` checks all of it
