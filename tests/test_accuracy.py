@@ -1064,3 +1064,16 @@ def test_diagnostics_are_of_the_direction_returned_not_of_its_float64_iterate(me
     assert sum(d.update_norm**2 for d in diags) ** 0.5 == pytest.approx(float(returned.norm()))
     # a float32 direction's residual (rounding alone: ~1e-7), not its float64 iterate's
     assert all(diag.residual > 1e-9 for diag in diags)
+
+
+@pytest.mark.parametrize("method", ["layerwise", "natural"], ids=lambda m: f"method={m}")
+def test_an_overflowed_gram_is_refused_by_name_with_diagnostics_too(method):
+    """Inputs of 1e30 overflow a float32 Gram: the solve refuses it by name, and with
+    ``return_diagnostics=True`` as well (the diagnostics' eigendecomposition of the matrix
+    raised LAPACK's convergence error first)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    x, y = torch.randn(16, 6) * 1e30, torch.randint(0, 4, (16,))
+    for diagnostics in (False, True):
+        with pytest.raises(rc.SolveError, match="Gram .* contains NaN or inf"):
+            rc.direction(model, x, y, method=method, return_diagnostics=diagnostics)

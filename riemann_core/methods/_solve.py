@@ -415,9 +415,16 @@ def _condition(matrix: Tensor, jitter: float, damping: float) -> Tensor:
     """The 2-norm condition number of ``matrix + jitter I`` (an eigendecomposition of its
     lower triangle, in float64) for a damped ``matrix``, whose eigenvalues are at least
     ``damping``: rounding that reads its smallest below that (float32 at damping 1e-10:
-    below zero, a negative condition, found by a hunt) is taken at ``damping``."""
-    eigs = eigenvalues(matrix.double())
-    return (eigs[-1] + jitter) / (eigs[0].clamp_min(damping) + jitter)
+    below zero, a negative condition, found by a hunt) is taken at ``damping``. A matrix
+    with a NaN or inf (an overflowed Gram, which the solve's checks then refuse by name)
+    reads NaN: LAPACK's eigendecomposition of it raised its own error first (found by a
+    review: ``return_diagnostics=True`` on inputs of 1e30). No host read: a device
+    ``where``."""
+    matrix = matrix.double()
+    finite = torch.isfinite(matrix).all()
+    eigs = eigenvalues(torch.where(finite, matrix, 0.0))
+    condition = (eigs[-1] + jitter) / (eigs[0].clamp_min(damping) + jitter)
+    return torch.where(finite, condition, math.nan)
 
 
 def finish(
