@@ -14,6 +14,7 @@ import pytest
 import torch
 from oracle import (
     Problem,
+    assert_unchanged,
     block_indices,
     damped,
     flatten,
@@ -23,6 +24,7 @@ from oracle import (
     oracle_direction,
     oracle_for,
     rel_error,
+    snapshot,
     solve_blocks,
     solve_dense,
     unflatten,
@@ -448,3 +450,32 @@ def test_full_metric_by_blocks_refuses_blocks_that_do_not_qualify(monkeypatch):
     with pytest.raises(ValueError, match="by_blocks=True needs every block"):
         full.metric(seen[0], by_blocks=True)
     torch.testing.assert_close(full.metric(seen[0], by_blocks=False), full.metric(seen[0]))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 7 bytes"),
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 68.00 GiB"),
+    ],
+    ids=["cpu", "cuda"],
+)
+def test_full_says_what_it_needs_when_its_metric_does_not_fit(error, monkeypatch):
+    """The allocator's failure to hold ``full``'s ``n x n`` metric (a 136k-parameter MLP
+    needs 68 GiB in float32) is a ``MemoryError`` naming ``n``, the size and what to use
+    instead; any other error passes as it was; the model and its ``.grad`` unchanged."""
+    from riemann_core.methods import full
+
+    def fails(handlers, by_blocks=None):
+        raise error
+
+    monkeypatch.setattr(full, "metric", fails)
+    model, x, y = Problem().make()
+    before = snapshot(model)
+    n = sum(p.numel() for p in model.parameters())
+    with pytest.raises(MemoryError, match=rf"the {n} x {n} metric .* method='layerwise'"):
+        rc.direction(model, x, y, method="full")
+    assert_unchanged(model, before)
+    error = RuntimeError("some other failure")  # what `fails` raises now
+    with pytest.raises(RuntimeError, match="^some other failure$"):
+        rc.direction(model, x, y, method="full")
