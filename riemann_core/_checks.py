@@ -472,6 +472,14 @@ def check_model(
                 f"independently. {fix}, or use LayerNorm/GroupNorm"
             )
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    meta = [n for n, p in params if p.is_meta]
+    if meta:  # (found by a hunt: torch's "Cannot copy out of meta tensor" from a check)
+        raise ValueError(
+            f"parameters {meta[:3]}{' ...' if len(meta) > 3 else ''} are on the meta device "
+            "(shapes without values, e.g. a model built under torch.device('meta')): there is "
+            "no point to take a metric at. Materialise the model first, "
+            "model.to_empty(device='cpu') then load or initialise its weights"
+        )
     low = sorted({str(p.dtype) for _, p in params if p.dtype not in (torch.float32, torch.float64)})
     if low:
         raise ValueError(
@@ -591,6 +599,11 @@ def check_inputs(args: tuple, kwargs: dict, targets, checks: Deferred) -> None:
             )
     fix = "clean or impute the data before computing a direction"
     tensors = call_tensors(args, kwargs)
+    if any(t.is_meta for t in [*tensors, *([] if targets is None else [targets])]):
+        raise ValueError(
+            "inputs or targets are on the meta device (shapes without values): a direction "
+            "needs the data's values; pass tensors on the model's device"
+        )
     # the data: the first tensor, positional first, where it is floating. Beside token ids
     # or indices, the first floating tensor (of the batch, if one is) may be the data (node
     # features beside the indices of the samples: found by review, unchecked) or a mask (a

@@ -1793,6 +1793,28 @@ def test_a_lazy_module_before_its_first_call_is_refused_by_name():
         torch.testing.assert_close(got[name], expected[name], rtol=1e-12, atol=1e-14)
 
 
+def test_a_model_or_data_on_the_meta_device_is_refused_by_name():
+    """Found by a hunt: torch's "Cannot copy out of meta tensor; no data!" escaped from the
+    checks' read-back. A meta model (built under torch.device('meta')) has no values; nor do
+    meta targets beside a materialised model, which stays as it was."""
+    with torch.device("meta"):
+        ghost = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    refusal = r"parameters \['0.weight', '0.bias', '2.weight'\] \.\.\. are on the meta .*to_empty"
+    with pytest.raises(ValueError, match=refusal):
+        rc.RiemannianPreconditioner(ghost)
+    with pytest.raises(ValueError, match=refusal):
+        rc.direction(ghost.to(x.dtype), x.to("meta"), y.to("meta"))
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="inputs or targets are on the meta device"):
+        rc.direction(model, x, y.to("meta"))
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b) and torch.equal(p.grad, torch.ones_like(p))
+
+
 def test_torchscript_is_refused():
     model, x, y = relu_mlp()
     with pytest.raises(TypeError, match="TorchScript.*pass the original nn.Module"):
