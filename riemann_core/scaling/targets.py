@@ -372,16 +372,25 @@ def measure_targets(
         progress(f"full vs layerwise, {'-'.join(map(str, w))}")
         m = mlp(w).to(device, dtype)
         xs, _ = data(w)
+        calls = {
+            "layerwise": lambda m=m, xs=xs: rc.direction(m, xs, y, method="layerwise"),
+            "full": lambda m=m, xs=xs: rc.direction(m, xs, y, method="full"),
+        }
         ts = interleaved(
-            {
-                "layerwise": lambda m=m, xs=xs: rc.direction(m, xs, y, method="layerwise"),
-                "full": lambda m=m, xs=xs: rc.direction(m, xs, y, method="full"),
-            },
+            calls,
             rounds,  # (found by review: 3 quick rounds, an interval from min to max)
             device,
             warmup=WARMUP,
         )
         ratios = round_ratios(ts["full"], ts["layerwise"])
+        counted = {}
+        for method in ("layerwise", "full"):
+            with flop_counter() as counter:
+                rc.direction(m, xs, y, method=method)
+            counted[f"{method}_flops"] = counter.get_total_flops()
+        profiled = time_by_kinds(
+            {f"{method}_by_kind": call for method, call in calls.items()}, device, quick
+        )
         result["small"].append(
             {
                 "network": list(w),
@@ -389,6 +398,8 @@ def measure_targets(
                 "layerwise_s": statistics.median(ts["layerwise"]),
                 "full_s": statistics.median(ts["full"]),
                 "ratio": statistics.median(ratios),
+                **counted,
+                **(profiled or {}),
             }
         )
         result["figures"].append(figure("full_vs_layerwise", w, ratios))
@@ -437,6 +448,12 @@ def _kind_rows(result: dict) -> list[tuple[str, str, dict[str, float], float | N
                 "cholesky": sol["cholesky"] / result["cholesky_flops_per_s"] * 1e3,
             }
             rows.append(("", "its speed of light", light, None))
+    for s in result.get("small", []):  # (older records profiled no small network)
+        for method in ("layerwise", "full"):
+            if f"{method}_by_kind" in s:
+                ms = {k: sec * 1e3 for k, sec in s[f"{method}_by_kind"].items()}
+                what = f"{method} direction (exact Fisher)"
+                rows.append(("-".join(map(str, s["network"])), what, ms, sum(ms.values())))
     return rows
 
 
@@ -502,6 +519,11 @@ def format_targets(result: dict) -> str:
         lines.append(
             f"  {'-'.join(map(str, s['network'])):>14} ({s['n_params']} params): layerwise "
             f"{s['layerwise_s'] * 1e3:8.2f} ms, full {s['full_s'] * 1e3:8.2f} ms"
+            + (
+                f"; FLOPs full / layerwise {s['full_flops'] / s['layerwise_flops']:.1f}"
+                if "full_flops" in s
+                else ""
+            )
         )
     if result.get("time_by_kind"):
         lines.append(
@@ -574,6 +596,7 @@ def markdown_targets(result: dict, command: str, env: dict) -> str:
         ]
         for r in result["references"]:
             lines.append(f"| {'-'.join(map(str, r['network']))} | {r['what']} | {r['ratio']:.2f} |")
+    lines += _full_by_flops_and_rate(result["small"])
     lines += [
         "",
         f"Counted FLOPs of the exact layerwise direction: {result['counted_flops'] / 1e9:.3f} G "
@@ -601,6 +624,35 @@ def markdown_targets(result: dict, command: str, env: dict) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _full_by_flops_and_rate(small: list[dict]) -> list[str]:
+    """The table that splits each full / layerwise time ratio into the ratio of the two
+    calls' counted FLOPs and the ratio of their rates (empty for a record that counted
+    none): ``t_full / t_lw = (F_full / F_lw) (r_lw / r_full)`` with ``r = F / t``."""
+    if not small or not all("full_flops" in s for s in small):
+        return []
+    lines = [
+        "",
+        "Full against layerwise, by FLOPs and rate: the ratio of the median times is the ratio "
+        "of the two directions' counted FLOPs times the ratio of their rates (layerwise's "
+        "FLOP/s over full's). Where the ratio of FLOPs is under the goal, only a layerwise "
+        "direction running faster per FLOP than full's one large Cholesky could meet it; "
+        "where it is over, layerwise's rate decides: its blocks are small, and the per-call "
+        "work that counts no FLOPs (checks, Python, dispatch) weighs on it.",
+        "",
+        "| network | parameters | FLOPs, full / layerwise | full GFLOP/s | layerwise GFLOP/s "
+        "| median times, full / layerwise |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for s in small:
+        full_rate, lw_rate = s["full_flops"] / s["full_s"], s["layerwise_flops"] / s["layerwise_s"]
+        lines.append(
+            f"| {'-'.join(map(str, s['network']))} | {s['n_params']} | "
+            f"{s['full_flops'] / s['layerwise_flops']:.1f} | {full_rate / 1e9:.1f} | "
+            f"{lw_rate / 1e9:.1f} | {s['full_s'] / s['layerwise_s']:.2f} |"
+        )
+    return lines
 
 
 #: How :func:`markdown_targets` describes the profile of each device kind: the profiler,
@@ -790,8 +842,12 @@ def check_record(payload: dict) -> None:
             number(seconds, f"time_by_kind.{name}.{kind}", non_negative=True)
     for i, s in enumerate(payload["small"]):
         widths(s["network"], f"small[{i}].network")
-        for key in ("layerwise_s", "full_s", "ratio"):
-            number(s[key], f"small[{i}].{key}", positive=True)
+        for key in ("layerwise_s", "full_s", "ratio", "layerwise_flops", "full_flops"):
+            if key in s or not key.endswith("flops"):  # (older records count no FLOPs)
+                number(s[key], f"small[{i}].{key}", positive=True)
+        for method in ("layerwise", "full"):
+            for kind, seconds in s.get(f"{method}_by_kind", {}).items():
+                number(seconds, f"small[{i}].{method}_by_kind.{kind}", non_negative=True)
     if not payload["figures"]:
         raise ValueError("figures is empty")
     for i, f in enumerate(payload["figures"]):

@@ -109,6 +109,41 @@ def test_the_time_by_kind_of_each_figure_is_tabled_beside_the_speed_of_light():
     assert "Where the time goes" not in targets.format_targets(core_result())  # off the CPU
 
 
+def test_full_against_layerwise_is_split_into_flops_and_rates():
+    """Each full / layerwise ratio of median times is the ratio of the counted FLOPs times
+    that of the rates, tabled and printed; a record that counted no FLOPs draws no table."""
+    result = core_result()
+    result["small"] = [
+        {"network": [8, 4, 2], "n_params": 46, "layerwise_s": 2e-3, "full_s": 5e-2,
+         "ratio": 24.0, "layerwise_flops": 2e8, "full_flops": 2e10},
+        {"network": [4, 2], "n_params": 10, "layerwise_s": 1e-3, "full_s": 3e-2,
+         "ratio": 31.0, "layerwise_flops": 1e9, "full_flops": 3e10},
+    ]  # fmt: skip
+    page = targets.markdown_targets(result, "riemann-bench targets", ENV)
+    # 100x the FLOPs at 400 against 100 GFLOP/s: 25x the time; 30x at 1000 and 1000: 30x
+    assert "| 8-4-2 | 46 | 100.0 | 400.0 | 100.0 | 25.00 |" in page
+    assert "| 4-2 | 10 | 30.0 | 1000.0 | 1000.0 | 30.00 |" in page
+    assert "FLOPs full / layerwise 100.0" in targets.format_targets(result)
+    from riemann_core.measure.breakdown import KINDS
+
+    result["small"][0]["layerwise_by_kind"] = dict.fromkeys(KINDS, 1e-3)
+    result["small"][0]["full_by_kind"] = dict.fromkeys(KINDS, 2e-3)
+    result["time_by_kind"] = {name: dict.fromkeys(KINDS, 0.0) for name in targets.PROFILED}
+    page = targets.markdown_targets(result, "riemann-bench targets", ENV)
+    assert (
+        "| 8-4-2 | layerwise direction (exact Fisher) | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 5.00 |"
+        in page
+    )
+    assert (
+        "| 8-4-2 | full direction (exact Fisher) | 2.00 | 2.00 | 2.00 | 2.00 | 2.00 | 10.00 |"
+        in page
+    )
+    assert "full direction (exact Fisher)" in targets.format_targets(result)
+    del result["small"][1]["full_flops"]
+    assert "by FLOPs and rate" not in targets.markdown_targets(result, "c", ENV)
+    assert "FLOPs full / layerwise 100.0" in targets.format_targets(result)
+
+
 def test_the_lean_reference_is_printed_and_tabled_without_a_verdict(tmp_path):
     """The lean eager step's ratios, to the SGD step and from the step with pre.backward,
     stand apart from the goals: no met or missed, no effect on the exit code."""
@@ -399,6 +434,9 @@ CORRUPTED = [
     ("time_by_kind.exact.products", -5.0, "products is -5.0, not a finite non-negative number"),
     ("small.0.ratio", float("nan"), "small\\[0\\].ratio is nan"),
     ("small.1.network", "64-56-10", "small\\[1\\].network is '64-56-10'"),
+    ("small.0.full_flops", float("nan"), "small\\[0\\].full_flops is nan"),
+    ("small.2.layerwise_flops", 0, "small\\[2\\].layerwise_flops is 0"),
+    ("small.1.full_by_kind", {"products": -1.0}, "small\\[1\\].full_by_kind.products is -1.0"),
     ("rounds", 0, "rounds is 0, not a count of 1 or more"),
     ("batch", 12.5, "batch is 12.5, not a count"),
     ("sgd_step_s", -1.0, "sgd_step_s is -1.0, not a finite positive number"),
