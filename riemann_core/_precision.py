@@ -46,7 +46,9 @@ def full_precision(device_types: set[str]) -> Iterator[None]:
     """IEEE float32 products and no autocast on ``device_types`` inside the block."""
     knobs = precision_knobs()
     with contextlib.ExitStack() as stack:
-        for device_type in sorted(device_types | {"cpu"}):
+        # (no autocast on the meta device: a frozen, unused submodule left there raised
+        # torch's "unsupported scalarType" here, found by review)
+        for device_type in sorted((device_types - {"meta"}) | {"cpu"}):
             stack.enter_context(torch.autocast(device_type, enabled=False))
         if knobs:  # torch >= 2.9: one knob per backend operation ("none": the default, IEEE)
             reads = [k.fp32_precision for _, k in knobs]

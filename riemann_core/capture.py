@@ -932,9 +932,19 @@ def forward(
             try:
                 outputs = model(*args, **kwargs)
             except (RuntimeError, IndexError, TypeError) as err:
+                meta = [
+                    n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta
+                ]
+                hint = (
+                    f"; the model holds {meta[:3]}{' ...' if len(meta) > 3 else ''} on the "
+                    "meta device (frozen parameters or buffers, shapes without values): "
+                    "materialise them (model.to_empty(device=...), then load the weights)"
+                    if meta
+                    else ""
+                )
                 raise ValueError(
                     f"the model's forward pass failed on these inputs: {err}. Check that the "
-                    "inputs have the shape and dtype the model expects"
+                    f"inputs have the shape and dtype the model expects{hint}"
                 ) from err
         changed = [n for n, p, v in versions if p._version != v]
         if changed:

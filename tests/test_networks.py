@@ -1815,6 +1815,43 @@ def test_a_model_or_data_on_the_meta_device_is_refused_by_name():
         assert torch.equal(p, b) and torch.equal(p.grad, torch.ones_like(p))
 
 
+def test_frozen_meta_parameters_are_left_alone_or_named_where_the_forward_pass_uses_them():
+    """Found by review: a frozen submodule left on the meta device (unused by forward) made
+    every method fail with torch's "unsupported scalarType" (autocast on meta), and a used
+    one gave that error too; unused, the direction is the model's without it, used, the
+    forward pass's failure names the meta tensors."""
+    body = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+    class WithHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = body
+            with torch.device("meta"):
+                self.head = nn.Linear(4, 100).double()
+            self.head.requires_grad_(False)
+
+        def forward(self, x):
+            return self.body(x)
+
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    model = WithHead()
+    expected = rc.direction(body, x, y)
+    got = rc.direction(model, x, y)
+    for name, d in expected.items():
+        torch.testing.assert_close(got[f"body.{name}"], d, rtol=1e-12, atol=1e-14)
+    pre = rc.RiemannianPreconditioner(model)
+    pre.backward(F.cross_entropy(model(x), y))
+    torch.testing.assert_close(body[0].weight.grad, expected["0.weight"], rtol=1e-12, atol=1e-14)
+    used = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    with torch.device("meta"):
+        used[0] = nn.Linear(6, 4).double()
+    used[0].requires_grad_(False)
+    with pytest.raises(
+        ValueError, match=r"forward pass failed.*\['0.weight', '0.bias'\] on the meta"
+    ):
+        rc.direction(used, x, y)
+
+
 def test_torchscript_is_refused():
     model, x, y = relu_mlp()
     with pytest.raises(TypeError, match="TorchScript.*pass the original nn.Module"):

@@ -845,7 +845,13 @@ def check_record(payload: dict) -> None:
         for key in ("layerwise_s", "full_s", "ratio", "layerwise_flops", "full_flops"):
             if key in s or not key.endswith("flops"):  # (older records count no FLOPs)
                 number(s[key], f"small[{i}].{key}", positive=True)
+        counts = [key for key in ("layerwise_flops", "full_flops") if key in s]
+        if len(counts) == 1:  # (found by review: a KeyError from the table that splits them)
+            other = ({"layerwise_flops", "full_flops"} - set(counts)).pop()
+            raise ValueError(f"small[{i}] counts {counts[0]} without {other}")
         for method in ("layerwise", "full"):
+            if not isinstance(s.get(f"{method}_by_kind", {}), dict):
+                raise ValueError(f"small[{i}].{method}_by_kind is not a time by kind")
             for kind, seconds in s.get(f"{method}_by_kind", {}).items():
                 number(seconds, f"small[{i}].{method}_by_kind.{kind}", non_negative=True)
     if not payload["figures"]:

@@ -437,6 +437,8 @@ CORRUPTED = [
     ("small.0.full_flops", float("nan"), "small\\[0\\].full_flops is nan"),
     ("small.2.layerwise_flops", 0, "small\\[2\\].layerwise_flops is 0"),
     ("small.1.full_by_kind", {"products": -1.0}, "small\\[1\\].full_by_kind.products is -1.0"),
+    ("small.0.full_flops", 1e9, "small\\[0\\] counts full_flops without layerwise_flops"),
+    ("small.0.layerwise_by_kind", 2.0, "small\\[0\\].layerwise_by_kind is not a time by kind"),
     ("rounds", 0, "rounds is 0, not a count of 1 or more"),
     ("batch", 12.5, "batch is 12.5, not a count"),
     ("sgd_step_s", -1.0, "sgd_step_s is -1.0, not a finite positive number"),
