@@ -69,13 +69,20 @@ def seed(text: str) -> int:
 
 
 def positive_seconds(text: str) -> float:
-    """``"600"`` -> ``600.0``; zero, negative, NaN or inf is an argparse error."""
+    """``"600"`` -> ``600.0``; zero, negative, NaN, inf or more than a collective can wait
+    (``riemann_core.distributed.MAX_TIMEOUT``) is an argparse error."""
+    from .distributed import MAX_TIMEOUT
+
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    # (found by a hunt: --timeout 1e30 spawned the ranks, whose timedelta raised
+    # OverflowError: a traceback and exit code 3)
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT):
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number of seconds, at most {MAX_TIMEOUT:g}, got {text!r}"
+        )
     return value
 
 

@@ -142,13 +142,26 @@ def check_group(group) -> None:
         )
 
 
+#: the longest wait a collective may take, about 31 years, within ``timedelta``'s range
+#: (found by a hunt: an infinite or huge timeout passed the check and raised torch's
+#: OverflowError at the first wait of every rank)
+MAX_TIMEOUT = 1e9
+
+
 def valid_timeout(timeout) -> bool:
-    return not isinstance(timeout, bool) and isinstance(timeout, (int, float)) and timeout > 0
+    return (
+        not isinstance(timeout, bool)
+        and isinstance(timeout, (int, float))
+        and 0 < timeout <= MAX_TIMEOUT
+    )
 
 
 def check_timeout(timeout) -> None:
     if not valid_timeout(timeout):
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        raise ValueError(
+            f"timeout must be a positive number of seconds, at most {MAX_TIMEOUT:g} (a "
+            f"finite wait; 1e9 s is about 31 years), got {timeout!r}"
+        )
 
 
 @contextlib.contextmanager

@@ -1177,6 +1177,27 @@ def _shape_checked(handler: type[Handler]) -> type[Handler]:
                 f"{self.block.name!r} ({type(self.block.module).__name__}), where a kernel "
                 f"returns the shapes {expected}: fix the kernel registered by rc.register_handler"
             )
+        # (found by a hunt: a float32 or integer K of a float64 kernel, a numpy array or a
+        # K that requires grad failed deep in the solve, naming neither; method='full'
+        # took a float32 K silently, the direction float32-accurate in a float64 model)
+        wrong = [
+            type(t).__name__
+            if not isinstance(t, Tensor)
+            else f"{t.dtype} on {t.device}" + (" requiring grad" if t.requires_grad else "")
+            for t in (got if listed else [got])
+            if not isinstance(t, Tensor)
+            or t.dtype != self.dtype
+            or t.device != self.device
+            or t.requires_grad
+        ]
+        if wrong:
+            raise ValueError(
+                f"{handler.__qualname__}.{what} returned {wrong[0]} for module "
+                f"{self.block.name!r} ({type(self.block.module).__name__}), where a kernel "
+                f"returns tensors of its algebra's dtype and device ({self.dtype} on "
+                f"{self.device}, those of self.delta) that do not require grad: fix the "
+                "kernel registered by rc.register_handler"
+            )
         return got
 
     def own(self) -> list[tuple[int, ...]]:

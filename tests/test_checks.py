@@ -712,6 +712,25 @@ def test_a_broadcast_grad_is_refused_before_any_grad_is_written(call):
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("timeout", [float("inf"), float("nan"), 1e30, 1e10])
+def test_a_timeout_past_any_wait_is_refused(timeout):
+    """Found by a hunt: an infinite or huge timeout (1e30, past timedelta's range) passed
+    the check and raised OverflowError from datetime at the first wait of every rank of a
+    data-parallel step; NaN was refused only because it compares false."""
+    model, x, y = setup()
+    message = "timeout must be a positive number of seconds, at most 1e\\+09"
+    with pytest.raises(ValueError, match=message):
+        rc.direction(model, x, y, timeout=timeout)
+    with pytest.raises(ValueError, match=message):
+        rc.RiemannianPreconditioner(model, timeout=timeout)
+    pre = rc.RiemannianPreconditioner(model, timeout=30)
+    with pytest.raises(ValueError, match=message):
+        pre.timeout = timeout
+    assert pre.timeout == 30
+    pre.timeout = 1e9  # the longest, about 31 years
+    assert pre.timeout == 1e9
+
+
 def test_option_values_found_by_review():
     """Each was a raw error or accepted: a damping past float's range (OverflowError), a
     generator of the wrong type (accepted under the exact metric, or refused only at the

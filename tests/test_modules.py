@@ -3,8 +3,11 @@ structured == generic, unsupported modules and ``register_handler``."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+import torch.nn.functional as F
 from oracle import (
     Problem,
     ScaleShift,
@@ -394,6 +397,78 @@ def test_a_registered_kernel_returning_wrong_shapes_is_named(restore_handlers, b
         assert f"{returned} for module '0' (MyLinear), where a kernel returns" in str(err)
     else:  # full materialises K and calls nothing else
         assert method == "full" and broken in ("K_mv", "K_tmv")
+
+
+WRONG_TYPES = {
+    "float32 K": ("K()", "K", lambda h: DenseLinear.K(h).float(), "torch.float32 on cpu"),
+    "integer K": ("K()", "K", lambda h: DenseLinear.K(h).long(), "torch.int64 on cpu"),
+    "K requiring grad": (
+        "K()",
+        "K",
+        lambda h: DenseLinear.K(h).requires_grad_(),
+        "torch.float64 on cpu requiring grad",
+    ),
+    "numpy gradient": (
+        "gradient_from_output(lam)",
+        "gradient_from_output",
+        lambda h, lam: [a.numpy() for a in DenseLinear.gradient_from_output(h, lam)],
+        "ndarray",
+    ),
+    "float32 K_tmv": (
+        "K_tmv(t)",
+        "K_tmv",
+        lambda h, t: [a.float() for a in DenseLinear.K_tmv(h, t)],
+        "torch.float32 on cpu",
+    ),
+}
+
+
+@pytest.mark.parametrize("wrong", WRONG_TYPES)
+@pytest.mark.parametrize("method", ["layerwise", "natural", "full"])
+def test_a_registered_kernel_returning_wrong_dtypes_is_named(restore_handlers, wrong, method):
+    """Found by a hunt: a registered kernel whose products came back in another dtype
+    (float32 or integer in a float64 model), as numpy arrays or requiring grad failed deep
+    in the solve (torch's 'Expected out tensor to have dtype float, but got double'),
+    naming neither the kernel nor the method; method='full' took a float32 K silently (the
+    direction 3e-7 off in a float64 model) and an integer one too."""
+    model, x, y = mylinear_net()
+    what, name, returns, got = WRONG_TYPES[wrong]
+    rc.register_handler(MyLinear, type("Wrong", (DenseLinear,), {name: returns}))
+    try:
+        rc.direction(model, x, y, method=method, kernel="structured", damping=1e-2)
+    except ValueError as err:
+        assert f"Wrong.{what} returned {got} for module '0' (MyLinear)" in str(err)
+        assert "torch.float64 on cpu" in str(err)
+    else:  # full materialises K and calls nothing else
+        assert method == "full" and name == "K_tmv"
+
+
+def test_a_registered_subclass_of_a_builtin_kernel_passes_the_checks(restore_handlers):
+    """The dtype and device checks hold for the package's own kernels wherever they run:
+    a float32 model solved in float64, refined, under bf16 autocast."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(48, 4))
+    x, y = torch.randn(6, 2, 4, 4), torch.randint(0, 4, (6,))
+    options = [{"solve_dtype": torch.float64}, {"refine": 2}, {"method": "natural"}]
+
+    def directions():
+        out = [rc.direction(model, x, y, damping=1e-3, **o) for o in options]
+        with rc.RiemannianPreconditioner(model, damping=1e-3) as pre:
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x), y)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", rc.AccuracyWarning)
+                pre.backward(loss)
+        out.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        return out
+
+    expected = directions()
+    rc.register_handler(nn.Linear, type("L", (LinearHandler,), {}), overwrite=True)
+    rc.register_handler(nn.Conv2d, type("C", (Conv2dHandler,), {}), overwrite=True)
+    for got, want in zip(directions(), expected):
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], rtol=0, atol=0)
 
 
 def test_restore_handlers_fixture_restored_registry():

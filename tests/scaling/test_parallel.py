@@ -273,8 +273,18 @@ def test_host_memory_unknown_without_sysconf(monkeypatch):
         (["--batch", "0"], "--batch: expected a positive integer, got '0'"),
         (["--repeats", "0"], "--repeats: expected a positive integer, got '0'"),
         (["--threads", "-1"], "--threads: expected a positive integer, got '-1'"),
-        (["--timeout", "-1"], "--timeout: expected a positive number of seconds, got '-1'"),
-        (["--timeout", "nan"], "--timeout: expected a positive number of seconds, got 'nan'"),
+        (
+            ["--timeout", "-1"],
+            "--timeout: expected a positive number of seconds, at most 1e+09, got '-1'",
+        ),
+        (
+            ["--timeout", "nan"],
+            "--timeout: expected a positive number of seconds, at most 1e+09, got 'nan'",
+        ),
+        (
+            ["--timeout", "1e30"],
+            "--timeout: expected a positive number of seconds, at most 1e+09, got '1e30'",
+        ),
     ],
 )
 def test_zero_or_negative_sizes_are_not_taken_for_the_default(argv, message, capsys):
