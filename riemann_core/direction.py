@@ -20,6 +20,7 @@ from ._precision import full_precision
 from .capture import Replay
 from .factors import FactorFn, reentrant_checkpoint_refused
 from .methods import METHODS, SOLVERS, LayerDiagnostics, Options, build_problem, finish
+from .methods.memory import named_when_too_large
 
 
 def direction(
@@ -306,12 +307,13 @@ def run_solver(
                 model=model,
             )
         problem = checked_build()
-        try:
-            solves = SOLVERS[method].solve(problem, opts, *extra)
-        except Exception:
-            checks.run()
-            raise
-        per_block, diagnostics = finish(problem, solves, opts, checks, method)
+        with named_when_too_large(problem, method):
+            try:
+                solves = SOLVERS[method].solve(problem, opts, *extra)
+            except Exception:
+                checks.run()
+                raise
+            per_block, diagnostics = finish(problem, solves, opts, checks, method)
     directions = {
         name: x
         for block, dirs in zip(problem.blocks, per_block, strict=True)

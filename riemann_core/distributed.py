@@ -58,6 +58,7 @@ from . import costs
 from ._checks import Deferred, DirectionOverflow
 from .kronecker import Factor
 from .methods import SOLVERS, LayerDiagnostics, Options, Problem, finish, kfac
+from .methods.memory import named_when_too_large
 from .modules import Block, Handler, LinearHandler, PatchHandler, kronecker_handler, training
 from .ownership import assign
 from .passes import check_shares
@@ -866,15 +867,16 @@ def solve(
         try:
             if mine:
                 if alone:
-                    owned, solves = problem, SOLVERS[method].solve(problem, opts)
+                    owned, factors = problem, None
                 else:
                     owned, factors = _owned(problem, shares, method, mine, received, N)
+                with named_when_too_large(owned, method):
                     solves = (
                         _kronecker_solves(owned, factors, opts)
-                        if method == "kfac"
+                        if method == "kfac" and not alone
                         else SOLVERS[method].solve(owned, opts)
                     )
-                solved, diagnostics = finish(owned, solves, opts, Deferred(), method)
+                    solved, diagnostics = finish(owned, solves, opts, Deferred(), method)
         except Exception as err:
             failure = err
     with observer.phase("broadcast"):

@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from oracle import (
     Problem,
     assert_unchanged,
@@ -479,3 +480,36 @@ def test_full_says_what_it_needs_when_its_metric_does_not_fit(error, monkeypatch
     error = RuntimeError("some other failure")  # what `fails` raises now
     with pytest.raises(RuntimeError, match="^some other failure$"):
         rc.direction(model, x, y, method="full")
+
+
+@pytest.mark.parametrize("method", ["layerwise", "natural"])
+def test_a_gram_of_too_many_factor_rows_is_named_with_its_size_and_the_fix(method, monkeypatch):
+    """Found by a hunt: 1000 classes at batch 256 under the exact Fisher make d = N (C - 1)
+    = 255,744 rows, whose Gram (244 GiB in float32) the allocator refused with its raw
+    message, from layerwise, natural and pre.backward alike. The failure is a MemoryError
+    naming the Gram, d = N r, its size and the fix; another error passes as it was; the
+    model and its .grad stay as they were."""
+    from riemann_core.methods import SOLVERS
+
+    error = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 7")
+
+    def fails(problem, opts):
+        raise error
+
+    monkeypatch.setattr(SOLVERS[method], "solve", fails)
+    model, x, y = Problem(classes=4).make()  # d = 4 samples x 3 rows, under each block's n
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = snapshot(model)
+    d = f"d = N r = {x.shape[0]} x 3 factor rows"
+    gram = rf"its 12 x 12 Gram of {d}" if method == "layerwise" else f"the 12 x 12 Gram of all {d}"
+    message = rf"method='{method}' forms.*{gram}.*GiB in torch.float64.*output_metric='sampled'"
+    with pytest.raises(MemoryError, match=message):
+        rc.direction(model, x, y, method=method)
+    pre = rc.RiemannianPreconditioner(model, method=method)
+    with pytest.raises(MemoryError, match=message):
+        pre.backward(F.cross_entropy(model(x), y))
+    assert_unchanged(model, before)
+    error = RuntimeError("some other failure")
+    with pytest.raises(RuntimeError, match="^some other failure$"):
+        rc.direction(model, x, y, method=method)

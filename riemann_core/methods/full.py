@@ -77,13 +77,7 @@ def solve(problem: Problem, opts: Options) -> list[Solve]:
     def rebuild():
         return damped(metric(problem.handlers), opts.damping).mT  # symmetric: column-major
 
-    try:
-        G = rebuild()
-    except RuntimeError as error:  # torch.cuda.OutOfMemoryError is one too
-        too_large = _too_large(problem, error)
-        if too_large is None:
-            raise
-        raise too_large from error
+    G = rebuild()  # (an allocation failure is named by methods.memory)
     n = G.shape[0]
     condition = largest_eigenvalue(G) / opts.damping
     chol = cholesky_in_place(G)
@@ -102,20 +96,3 @@ def solve(problem: Problem, opts: Options) -> list[Solve]:
         factor_solver=dense_solver,
     )
     return [record.settle(problem, opts, chol, condition)]
-
-
-def _too_large(problem: Problem, error: RuntimeError) -> MemoryError | None:
-    """The allocator's failure to hold the ``n x n`` metric as a ``MemoryError`` that
-    says what ``full`` needs and what to use instead (the allocator's own message names
-    only a byte count); ``None`` for any other error."""
-    out_of_memory = isinstance(error, torch.cuda.OutOfMemoryError)
-    if not (out_of_memory or "can't allocate memory" in str(error)):
-        return None
-    n, h0 = sum(h.block.n_params for h in problem.handlers), problem.handlers[0]
-    size = n * n * h0.dtype.itemsize / 2**30
-    return MemoryError(
-        f"method='full' forms the {n} x {n} metric of all {n} trained parameters "
-        f"({size:.1f} GiB in {h0.dtype}) and the {h0.device} device could not allocate it; "
-        f"use method='layerwise' (a metric block per layer) or method='kfac', or train "
-        f"fewer parameters"
-    )

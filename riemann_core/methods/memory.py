@@ -1,0 +1,83 @@
+"""A solve whose matrices the allocator cannot hold, as a ``MemoryError`` that names the
+matrix the method forms, its size and what to use instead (the allocator's own message
+names a byte count only).
+
+The largest matrix of each method: ``full`` the ``n x n`` metric of all ``n`` trained
+parameters; ``natural`` the ``d x d`` Gram of all ``d = N r`` factor rows (``N`` samples,
+``r`` rows each: ``C - 1`` for the exact cross-entropy Fisher, ``samples`` for the sampled
+one); ``layerwise`` per block the smaller of its ``n_a x n_a`` metric and its ``d x d``
+Gram. K-FAC's factors grow with the layers' widths alone, the euclidean method forms none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from ._base import Problem
+
+#: The methods whose matrices grow with the parameters or the factor rows.
+SIZED = ("full", "natural", "layerwise")
+
+
+def allocator_failed(error: BaseException) -> bool:
+    """Whether ``error`` is the CPU or CUDA allocator's failure to allocate."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
+
+
+@contextlib.contextmanager
+def named_when_too_large(problem: Problem, method: str) -> Iterator[None]:
+    """Inside the block, the allocator's failure in a solve of ``method`` on ``problem``
+    becomes a ``MemoryError`` (:func:`too_large`); any other error passes as it was."""
+    try:
+        yield
+    except RuntimeError as error:  # torch.cuda.OutOfMemoryError is one too
+        if method not in SIZED or not problem.handlers or not allocator_failed(error):
+            raise
+        raise MemoryError(too_large(problem, method)) from error
+
+
+def too_large(problem: Problem, method: str) -> str:
+    """What ``method`` forms on ``problem`` that the allocator could not hold, and what
+    to use instead."""
+    h0 = problem.handlers[0]
+    where = f"the {h0.device} device could not allocate it"
+
+    def gib(m: int) -> str:
+        return f"{m * m * h0.dtype.itemsize / 2**30:.1f} GiB in {h0.dtype}"
+
+    if method == "full":
+        n = sum(h.block.n_params for h in problem.handlers)
+        return (
+            f"method='full' forms the {n} x {n} metric of all {n} trained parameters "
+            f"({gib(n)}) and {where}; use method='layerwise' (a metric block per layer) or "
+            "method='kfac', or train fewer parameters"
+        )
+
+    def rows(h) -> str:
+        return (
+            f"d = N r = {h.N} x {h.r} factor rows ({h.N} samples, {h.r} rows each: C - 1 "
+            "for the exact cross-entropy Fisher, at most `samples` for the sampled one)"
+        )
+
+    fix = (
+        "use output_metric='sampled' with few samples (r = samples, 1 by default), a "
+        "smaller batch, or method='kfac' (factors of each layer's widths, whatever the batch)"
+    )
+    if method == "natural":
+        d = h0.d
+        return (
+            f"method='natural' forms the {d} x {d} Gram of all {rows(h0)} ({gib(d)}) and "
+            f"{where}; {fix}"
+        )
+    h = max(problem.handlers, key=lambda h: min(h.block.n_params, h.d))
+    m, n = min(h.block.n_params, h.d), h.block.n_params
+    matrix = f"its {m} x {m} Gram of {rows(h)}" if m < n else f"its {n} x {n} metric"
+    return (
+        f"method='layerwise' forms, for block {h.block.name!r} ({n} parameters), {matrix} "
+        f"({gib(m)}) and {where}; {fix}"
+    )
