@@ -502,8 +502,12 @@ def test_a_gram_of_too_many_factor_rows_is_named_with_its_size_and_the_fix(metho
         p.grad = torch.ones_like(p)
     before = snapshot(model)
     d = f"d = N r = {x.shape[0]} x 3 factor rows"
-    gram = rf"its 12 x 12 Gram of {d}" if method == "layerwise" else f"the 12 x 12 Gram of all {d}"
-    message = rf"method='{method}' forms.*{gram}.*GiB in torch.float64.*output_metric='sampled'"
+    gram = (
+        rf"Gram of {d}.*a 12 x 12 matrix"
+        if method == "layerwise"
+        else f"the 12 x 12 Gram of all {d}"
+    )
+    message = rf"method='{method}' .*{gram}.*GiB in torch.float64.*output_metric='sampled'"
     with pytest.raises(MemoryError, match=message):
         rc.direction(model, x, y, method=method)
     pre = rc.RiemannianPreconditioner(model, method=method)
@@ -513,3 +517,65 @@ def test_a_gram_of_too_many_factor_rows_is_named_with_its_size_and_the_fix(metho
     error = RuntimeError("some other failure")
     with pytest.raises(RuntimeError, match="^some other failure$"):
         rc.direction(model, x, y, method=method)
+
+
+@pytest.mark.parametrize("method", ["layerwise", "natural", "full"])
+def test_a_named_allocator_failure_keeps_the_allocators_type(method, monkeypatch):
+    """Found by review: the MemoryError replaced torch's own error, so that code catching
+    torch.cuda.OutOfMemoryError (or the CPU allocator's RuntimeError) by type, as
+    riemann_core.scaling.sweep does to record a point as 'oom' and empty the cache, no
+    longer caught it: a layerwise or natural point out of CUDA memory was an 'error'."""
+    import riemann_core.scaling.sweep as sw
+    from riemann_core.methods import SOLVERS
+
+    raised = []
+
+    def fails(problem, opts):
+        raise raised[-1]
+
+    monkeypatch.setattr(SOLVERS[method], "solve", fails)
+    model, x, y = Problem(classes=4).make()
+    raised.append(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB"))
+    with pytest.raises(
+        torch.cuda.OutOfMemoryError, match=f"method='{method}' (forms|solves)"
+    ) as err:
+        rc.direction(model, x, y, method=method)
+    assert isinstance(err.value, MemoryError)
+    raised.append(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 7"))
+    with pytest.raises(RuntimeError, match=f"method='{method}' (forms|solves)") as err:
+        rc.direction(model, x, y, method=method)
+    assert isinstance(err.value, MemoryError)
+    assert not isinstance(err.value, torch.cuda.OutOfMemoryError)
+    raised.append(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB"))
+    grid = sw.Grid(
+        base={"width": 4, "depth": 1, "out_dim": 3, "batch": 4},
+        axes={"width": (4,), "depth": (1,), "out_dim": (3,), "batch": (4,)},
+        repeats=1,
+        methods=(method,),
+    )
+    row = sw.measure_point(next(grid.runs()), grid)
+    assert row["status"] == "oom" and f"method='{method}' " in row["reason"]
+
+
+def test_a_named_allocator_failure_gives_the_blocks_own_dtype(monkeypatch):
+    """Found by review: layerwise's message gave the size of a float64 block in the first
+    block's float32 (half the bytes)."""
+    from riemann_core.methods import layerwise
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 7")
+
+    class Double(torch.nn.Module):
+        def forward(self, h):
+            return h.double()
+
+    monkeypatch.setattr(layerwise, "padded_gram", fails)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 300), torch.nn.Tanh(), Double(), torch.nn.Linear(300, 50).double()
+    )
+    x, y = torch.randn(64, 4), torch.randint(0, 50, (64,))
+    with pytest.raises(
+        MemoryError, match=r"block '3' .* a 3136 x 3136 matrix .*GiB in torch.float64"
+    ):
+        rc.direction(model, x, y, method="layerwise")

@@ -22,6 +22,19 @@ from ._base import Problem
 SIZED = ("full", "natural", "layerwise")
 
 
+class TooLargeError(MemoryError, RuntimeError):
+    """The allocator's failure named by :func:`named_when_too_large`: a ``MemoryError``
+    that is still a ``RuntimeError``, as the allocator's own was (code that catches the
+    allocator's failure by type, e.g. to retry on a smaller batch, still catches it)."""
+
+
+class TooLargeOnDeviceError(TooLargeError, torch.cuda.OutOfMemoryError):
+    """:class:`TooLargeError` from a device allocator's ``torch.OutOfMemoryError``: still
+    one (found by review: ``riemann_core.scaling.sweep`` recorded a layerwise or natural
+    point that ran out of CUDA memory as ``error``, not ``oom``, and skipped its
+    ``empty_cache``)."""
+
+
 def allocator_failed(error: BaseException) -> bool:
     """Whether ``error`` is the CPU or CUDA allocator's failure to allocate."""
     return isinstance(error, torch.cuda.OutOfMemoryError) or (
@@ -38,30 +51,38 @@ def named_when_too_large(problem: Problem, method: str) -> Iterator[None]:
     except RuntimeError as error:  # torch.cuda.OutOfMemoryError is one too
         if method not in SIZED or not problem.handlers or not allocator_failed(error):
             raise
-        raise MemoryError(too_large(problem, method)) from error
+        kind = (
+            TooLargeOnDeviceError
+            if isinstance(error, torch.cuda.OutOfMemoryError)
+            else TooLargeError
+        )
+        raise kind(too_large(problem, method)) from error
 
 
 def too_large(problem: Problem, method: str) -> str:
     """What ``method`` forms on ``problem`` that the allocator could not hold, and what
     to use instead."""
     h0 = problem.handlers[0]
-    where = f"the {h0.device} device could not allocate it"
 
-    def gib(m: int) -> str:
-        return f"{m * m * h0.dtype.itemsize / 2**30:.1f} GiB in {h0.dtype}"
+    def where(h) -> str:
+        return f"the {h.device} device could not allocate it"
+
+    def gib(m: int, h) -> str:
+        return f"{m * m * h.dtype.itemsize / 2**30:.1f} GiB in {h.dtype}"
 
     if method == "full":
         n = sum(h.block.n_params for h in problem.handlers)
         return (
             f"method='full' forms the {n} x {n} metric of all {n} trained parameters "
-            f"({gib(n)}) and {where}; use method='layerwise' (a metric block per layer) or "
-            "method='kfac', or train fewer parameters"
+            f"({gib(n, h0)}) and {where(h0)}; use method='layerwise' (a metric block per "
+            "layer) or method='kfac', or train fewer parameters"
         )
 
     def rows(h) -> str:
         return (
             f"d = N r = {h.N} x {h.r} factor rows ({h.N} samples, {h.r} rows each: C - 1 "
-            "for the exact cross-entropy Fisher, at most `samples` for the sampled one)"
+            "for the exact cross-entropy Fisher, T (C - 1) for (N, T, C) token outputs, at "
+            "most `samples` for the sampled one)"
         )
 
     fix = (
@@ -71,13 +92,15 @@ def too_large(problem: Problem, method: str) -> str:
     if method == "natural":
         d = h0.d
         return (
-            f"method='natural' forms the {d} x {d} Gram of all {rows(h0)} ({gib(d)}) and "
-            f"{where}; {fix}"
+            f"method='natural' forms the {d} x {d} Gram of all {rows(h0)} ({gib(d, h0)}) and "
+            f"{where(h0)}; {fix}"
         )
+    # (the order each block is solved at, n_a or d, is the cheaper one; blocks of equal d
+    # are factorised together: the size is the least the solve needs, found by review)
     h = max(problem.handlers, key=lambda h: min(h.block.n_params, h.d))
     m, n = min(h.block.n_params, h.d), h.block.n_params
-    matrix = f"its {m} x {m} Gram of {rows(h)}" if m < n else f"its {n} x {n} metric"
     return (
-        f"method='layerwise' forms, for block {h.block.name!r} ({n} parameters), {matrix} "
-        f"({gib(m)}) and {where}; {fix}"
+        f"method='layerwise' solves each block through its n_a x n_a metric or its Gram of "
+        f"{rows(h)}; the largest, block {h.block.name!r} ({n} parameters), needs at least "
+        f"a {m} x {m} matrix ({gib(m, h)}) and {where(h)}; {fix}"
     )
