@@ -553,10 +553,17 @@ def forward_arguments(inputs, forward_kwargs) -> tuple[tuple, dict]:
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     if forward_kwargs is None:
         forward_kwargs = {}
-    if not isinstance(forward_kwargs, dict) or not all(isinstance(k, str) for k in forward_kwargs):
+    if not isinstance(forward_kwargs, dict):
         raise TypeError(
             f"forward_kwargs must be a dict of keyword arguments, got "
             f"{type(forward_kwargs).__name__}"
+        )
+    keys = [k for k in forward_kwargs if not isinstance(k, str)]
+    if keys:  # (found by a hunt: "got dict" named the type that was right)
+        raise TypeError(
+            f"forward_kwargs must be a dict of keyword arguments, whose keys are the "
+            f"argument names as strings; got the key {keys[0]!r}. Pass positional arguments "
+            "in inputs, a tuple"
         )
     return torch.utils._pytree.tree_map(
         lambda a: a.clone() if isinstance(a, Tensor) and a.is_inference() else a,

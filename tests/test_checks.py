@@ -756,6 +756,11 @@ def test_option_values_found_by_review():
     loss = F.cross_entropy(model(x), y)
     with pytest.raises(TypeError, match="got a torch.int64 tensor of shape"):
         pre.backward(loss.long())
+    # (found by a hunt: a non-string key was refused as "got dict", the type that was right)
+    with pytest.raises(TypeError, match="whose keys are the argument names.*got the key 1"):
+        rc.direction(model, x, y, forward_kwargs={1: 2.0})
+    with pytest.raises(TypeError, match="forward_kwargs must be a dict.*got list"):
+        rc.direction(model, x, y, forward_kwargs=[("scale", 2.0)])
 
 
 # (found by a hunt: at damping 1e39 a float32 model gave a SolveError naming NaN in the
