@@ -299,6 +299,22 @@ def test_model_whose_parameters_take_no_part_is_refused():
         rc.direction(Bypass(), torch.randn(3, 2), torch.tensor([0, 1, 2]))
 
 
+def test_submodules_called_through_forward_are_named_as_the_likely_cause():
+    """Found by a hunt: every submodule called as .forward(x) runs no hooks, and the
+    refusal said only that no module took part."""
+
+    class Direct(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 3)
+
+        def forward(self, x):
+            return self.layer.forward(x)
+
+    with pytest.raises(ValueError, match=r"took part.*module\.forward\(x\), not module\(x\)"):
+        rc.direction(Direct(), torch.randn(3, 2), torch.tensor([0, 1, 2]))
+
+
 class MergeBatch(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -509,7 +509,8 @@ def problem_from_graph(
     if not calls:
         raise ValueError(
             "no module with trainable parameters took part in the forward pass; "
-            "nothing to precondition"
+            "nothing to precondition (a submodule called as module.forward(x), not "
+            "module(x), runs without the hooks that see it: call it as module(x))"
         )
     checks.run()  # the data, parameters and outputs, before the loss is formed from them
     blocks = group_calls(calls, model)
