@@ -557,6 +557,83 @@ def test_a_named_allocator_failure_keeps_the_allocators_type(method, monkeypatch
     assert row["status"] == "oom" and f"method='{method}' " in row["reason"]
 
 
+@pytest.mark.parametrize(
+    "where, options, rows",
+    [
+        ("pullback", {}, r"4 samples x r = 3 rows \(C - 1 for the exact cross-entropy Fisher\)"),
+        (
+            "output_factor",
+            {"output_metric": "sampled", "samples": 7},
+            r"4 samples x r = 7 rows \(samples=7\)",
+        ),
+        (
+            "pullback",
+            {"loss": "mse"},
+            r"4 samples x r = 4 rows \(C for the exact metric of squared error\)",
+        ),
+        (
+            "output_factor",
+            {"output_metric": lambda z, y: z[:, None]},
+            r"4 samples x r rows \(the custom",
+        ),
+    ],
+    ids=["exact", "sampled", "mse", "custom"],
+)
+@pytest.mark.parametrize("method", ["layerwise", "kfac"])
+def test_factor_rows_too_many_to_pull_back_are_named_with_the_fix(
+    method, where, options, rows, monkeypatch
+):
+    """Found by a hunt: samples=10**12 failed in forming the output metric's factor (before
+    any solve, for every method that pulls rows back) with the allocator's byte count only.
+    The failure, in forming the factor or in pulling its rows back, is a MemoryError naming
+    the rows per sample, whence they come and the fix; from a device it stays a
+    torch.cuda.OutOfMemoryError; another error passes as it was; the model and its .grad
+    stay as they were, under pre.backward too."""
+    from riemann_core.methods import _base
+
+    raised = [RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 7")]
+    real = getattr(_base, where)
+
+    def fails(*args, **kwargs):
+        if raised:
+            raise raised[-1]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_base, where, fails)
+    loss = options.get("loss", "cross_entropy")
+    model, x, y = Problem(classes=4, loss="mse" if loss == "mse" else "ce").make()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = snapshot(model)
+    message = rf"output metric's factor, {rows}.*use fewer rows: output_metric='sampled'"
+    with pytest.raises(MemoryError, match=message) as err:
+        rc.direction(model, x, y, method=method, **options)
+    assert isinstance(err.value, RuntimeError)
+    if "output_metric" not in options or options["output_metric"] == "sampled":
+        pre = rc.RiemannianPreconditioner(model, method=method, **options)
+        target = F.cross_entropy if loss == "cross_entropy" else F.mse_loss
+        with pytest.raises(MemoryError, match=message):
+            pre.backward(target(model(x), y))
+        pre.remove()
+    assert_unchanged(model, before)
+    raised.append(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB"))
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=message):
+        rc.direction(model, x, y, method=method, **options)
+    raised.append(RuntimeError("some other failure"))
+    with pytest.raises(RuntimeError, match="^some other failure$"):
+        rc.direction(model, x, y, method=method, **options)
+    raised.clear()  # and without a failure, as before
+    rc.direction(model, x, y, method=method, **options)
+
+
+def test_the_rows_named_for_token_outputs_are_those_of_every_position():
+    """(N, T, C) logits under the exact Fisher: T (C - 1) rows per sample."""
+    from riemann_core.methods.memory import factor_rows
+
+    rows, why = factor_rows(torch.zeros(2, 5, 3), Options(damping=1e-3))
+    assert (rows, why) == (10, "T (C - 1) for the exact cross-entropy Fisher of T = 5 positions")
+
+
 def test_a_named_allocator_failure_gives_the_blocks_own_dtype(monkeypatch):
     """Found by review: layerwise's message gave the size of a float64 block in the first
     block's float32 (half the bytes)."""

@@ -26,6 +26,7 @@ from .._checks import (
 from ..capture import Replay, forward, notes_for
 from ..factors import FactorFn, factor_cotangents, output_factor, pullback
 from ..modules import Block, Handler, handler_for, rows_dot
+from .memory import named_when_rows_too_large
 
 #: The pulled-back rows (the loss gradient and the factor's) go through the network one
 #: backward pass after another, not vectorised by vmap, when there are at most this many
@@ -535,14 +536,15 @@ def problem_from_graph(
         names = {id(p): n for b in blocks for n, p in zip(b.param_names, b.params, strict=True)}
         check_no_frequency_scaling(outputs, names)
     z = outputs.reshape(outputs.shape[0], -1)
-    factor = output_factor(
-        outputs.detach(),
-        targets,
-        loss=opts.loss,
-        output_metric=opts.output_metric,
-        samples=opts.samples,
-        generator=opts.generator,
-    )
+    with named_when_rows_too_large(outputs, opts):
+        factor = output_factor(
+            outputs.detach(),
+            targets,
+            loss=opts.loss,
+            output_metric=opts.output_metric,
+            samples=opts.samples,
+            generator=opts.generator,
+        )
     if callable(opts.output_metric):
         checks.finite(
             "the factor of the custom output_metric", factor, "check the output_metric callable"
@@ -569,7 +571,10 @@ def problem_from_graph(
     k, work = seeds[0].shape[0], outputs.shape[0] * sum(b.n_params for b in blocks)
     batched = k > SERIAL_PULLBACK_ROWS or work > SERIAL_PULLBACK_WORK
     module_outputs = [c.output for c in calls]
-    pulled = pullback(roots, seeds, module_outputs, retain_graph=probe is not None, batched=batched)
+    with named_when_rows_too_large(outputs, opts):
+        pulled = pullback(
+            roots, seeds, module_outputs, retain_graph=probe is not None, batched=batched
+        )
     for c, delta in zip(calls, pulled, strict=True):
         c.delta = delta if given is not None else delta[1:]
         c.output_grad = None if given is not None else delta[0]

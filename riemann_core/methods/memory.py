@@ -7,16 +7,22 @@ parameters; ``natural`` the ``d x d`` Gram of all ``d = N r`` factor rows (``N``
 ``r`` rows each: ``C - 1`` for the exact cross-entropy Fisher, ``samples`` for the sampled
 one); ``layerwise`` per block the smaller of its ``n_a x n_a`` metric and its ``d x d``
 Gram. K-FAC's factors grow with the layers' widths alone, the euclidean method forms none.
+
+Before any solve, every method but the euclidean one forms the output metric's factor, ``r``
+rows for each of the ``N`` samples, and pulls its ``N r`` rows back through the network
+(:func:`named_when_rows_too_large`): ``r`` times a backward pass's memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
-from ._base import Problem
+if TYPE_CHECKING:  # (_base names its failures with this module)
+    from ._base import Options, Problem
 
 #: The methods whose matrices grow with the parameters or the factor rows.
 SIZED = ("full", "natural", "layerwise")
@@ -51,12 +57,59 @@ def named_when_too_large(problem: Problem, method: str) -> Iterator[None]:
     except RuntimeError as error:  # torch.cuda.OutOfMemoryError is one too
         if method not in SIZED or not problem.handlers or not allocator_failed(error):
             raise
-        kind = (
-            TooLargeOnDeviceError
-            if isinstance(error, torch.cuda.OutOfMemoryError)
-            else TooLargeError
+        raise named(error, too_large(problem, method)) from error
+
+
+@contextlib.contextmanager
+def named_when_rows_too_large(outputs: torch.Tensor, opts: Options) -> Iterator[None]:
+    """Inside the block (forming the output metric's factor of ``outputs`` and pulling
+    its rows back), the allocator's failure becomes a ``MemoryError`` naming the rows and
+    the fix (found by a hunt: ``samples=10**12`` gave the allocator's byte count only)."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not allocator_failed(error):
+            raise
+        N, C = outputs.shape[0], outputs[:1].numel()
+        r, why = factor_rows(outputs, opts)
+        size = (
+            f"{N} samples x r = {r} rows ({why}) of {C} entries "
+            f"({N * r * C * outputs.dtype.itemsize / 2**30:.1f} GiB in {outputs.dtype})"
+            if r is not None
+            else f"{N} samples x r rows ({why})"
         )
-        raise kind(too_large(problem, method)) from error
+        raise named(
+            error,
+            f"the output metric's factor, {size}, is pulled back through the network as r "
+            "cotangents of the outputs, each with a backward pass's memory, and the "
+            f"{outputs.device} device could not allocate them; use fewer rows: "
+            "output_metric='sampled' with few samples (r = samples, 1 by default), or a "
+            "smaller batch",
+        ) from error
+
+
+def factor_rows(outputs: torch.Tensor, opts: Options) -> tuple[int | None, str]:
+    """The rows ``r`` of each sample's factor of the output metric of ``outputs`` (``None``
+    for a custom one's, unknown before it returns), and whence."""
+    if callable(opts.output_metric):
+        return None, "the custom output_metric's rows"
+    if opts.output_metric == "sampled":
+        return opts.samples, f"samples={opts.samples}"
+    if opts.loss == "mse":
+        return outputs[:1].numel(), "C for the exact metric of squared error"
+    C = outputs.shape[-1]
+    P = outputs[:1].numel() // C
+    if P == 1:
+        return C - 1, "C - 1 for the exact cross-entropy Fisher"
+    return P * (C - 1), f"T (C - 1) for the exact cross-entropy Fisher of T = {P} positions"
+
+
+def named(error: RuntimeError, message: str) -> TooLargeError:
+    """The allocator's ``error`` as :class:`TooLargeError` (from a device, as
+    :class:`TooLargeOnDeviceError`) with ``message``."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return TooLargeOnDeviceError(message)
+    return TooLargeError(message)
 
 
 def too_large(problem: Problem, method: str) -> str:
