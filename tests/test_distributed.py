@@ -203,6 +203,7 @@ def on_rank(rank: int, world: int) -> dict:
     out["ddp micro-batches"] = _ddp_micro_batches(rank, world)
     out["reached first"] = _reached_first(rank, world)
     out["tokens of other lengths"] = _tokens_of_other_lengths(rank, world)
+    out["batch not first"] = _batch_not_first(rank, world)
     for i, (method, options) in enumerate(PHASES):
         out["phases"][i] = _phases(method, options, rank, world)
     out["kfac state"] = _outcome(
@@ -428,13 +429,15 @@ def _combinations(rank, world) -> dict:
     return out
 
 
-def _tokens_of_other_lengths(rank, world):
-    """pre.step() on token outputs ``(N, T, C)``, ``T`` 4 on rank 0 and 2 elsewhere (a
-    callable metric: the default refuses positions in pre.step(); ``euclidean``, whose
-    ranks send their gradients alone, of a size that does not depend on ``T``): the
-    outcome."""
-    torch.manual_seed(rank)
+def _tokens_of_other_lengths(rank, world) -> dict:
+    """Token outputs ``(N, T, C)``, ``T`` 4 on rank 0 and 2 elsewhere: the outcome of
+    pre.step() (a callable metric: the default refuses positions in pre.step();
+    ``euclidean``, whose ranks send their gradients alone, of a size that does not depend
+    on ``T``) and of ``rc.direction`` with ``euclidean`` and ``kfac``, whose exchanges do
+    not depend on ``T`` either."""
+    torch.manual_seed(0)  # the same model on every rank, its own data on each
     model, T = nn.Linear(5, 3).double(), 4 if rank == 0 else 2
+    torch.manual_seed(1 + rank)
     x, y = torch.randn(3, T, 5, dtype=torch.float64), torch.randint(0, 3, (3, T))
     identity = lambda z, t: torch.eye(z.shape[1], dtype=z.dtype).expand(z.shape[0], -1, -1)  # noqa: E731
     pre = rc.RiemannianPreconditioner(
@@ -442,7 +445,66 @@ def _tokens_of_other_lengths(rank, world):
         process_group=dist.group.WORLD, timeout=TIMEOUT,
     )  # fmt: skip
     F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
-    return _outcome(pre.step)
+    out = {"pre.step": _outcome(pre.step)}
+    for method in ("euclidean", "kfac"):
+        out[method] = _outcome(
+            lambda method=method: rc.direction(
+                model,
+                x,
+                y,
+                method=method,
+                damping=DAMPING,
+                process_group=dist.group.WORLD,
+                timeout=TIMEOUT,
+            )  # fmt: skip
+        )
+    return out
+
+
+class PositionTable(nn.Module):
+    """A table of positions (an ``nn.Embedding`` of ``torch.arange(T)``, output ``(T, E)``)
+    added to each sample's ``(T, E)`` inputs, then a head on their mean: the first module
+    with parameters returns no batch along dimension 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.positions, self.head = nn.Embedding(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head((x + self.positions(torch.arange(x.shape[1]))).mean(1))
+
+
+def _batch_not_first(rank, world) -> dict:
+    """``euclidean`` (the only method that takes a module whose output's first dimension
+    is not the batch) on a :class:`PositionTable`, on unequal shards: the direction of
+    ``rc.direction`` and of ``pre.step()``."""
+    model, x, y = position_table()
+    part = shards(world)[rank]
+    out = {
+        "direction": rc.direction(
+            model,
+            x[part],
+            y[part],
+            method="euclidean",
+            damping=DAMPING,
+            process_group=dist.group.WORLD,
+            timeout=TIMEOUT,
+        )  # fmt: skip
+    }
+    pre = rc.RiemannianPreconditioner(
+        model, method="euclidean", damping=DAMPING, process_group=dist.group.WORLD,
+        timeout=TIMEOUT,
+    )  # fmt: skip
+    F.cross_entropy(model(x[part]), y[part]).backward()
+    pre.step()
+    out["pre.step"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return out
+
+
+def position_table():
+    torch.manual_seed(0)
+    x, y = torch.randn(N, 3, 4, dtype=torch.float64), torch.randint(0, 3, (N,))
+    return PositionTable().double(), x, y
 
 
 def _scaled_steps(rank, world) -> list[tuple[bool, dict]]:
@@ -1040,15 +1102,31 @@ def test_a_zeroing_before_a_head_reached_first_drops_the_skipped_pass(run):
 
 def test_token_outputs_of_other_lengths_on_the_ranks_are_refused(run):
     """Found by review: a mean over every token, T = 4 on one rank and 2 on the other,
-    was weighted by sequences, 0.23 off: which mean the loss takes decides the weights."""
+    was weighted by sequences, 0.23 off: which mean the loss takes decides the weights.
+    So it was by rc.direction with euclidean and kfac (found by a hunt: 0.47 and 0.40 off);
+    layerwise and natural were refused only as their rows' widths differed."""
     world, results = run
     for result in results:
-        outcome = result["tokens of other lengths"]
-        if world == 1:
-            assert outcome is None
-        else:
-            kind, message = outcome
-            assert kind == "ValueError" and "samples of other shapes" in message
+        for call, outcome in result["tokens of other lengths"].items():
+            if world == 1:
+                assert outcome is None, call
+            else:
+                kind, message = outcome
+                assert kind == "ValueError" and "samples of other shapes" in message, call
+
+
+def test_shards_are_weighted_by_their_samples_where_a_module_returns_no_batch(run):
+    """Found by a hunt: euclidean took a shard's samples from the first block's output,
+    whose first dimension here is the T = 3 positions of a table of positions, so that
+    every rank weighted its gradient 1 / P: 0.96-0.97 off on shards of 3 and 1 (a Linear on
+    (T, N, f): 1.3-1.8). Each shard's samples are the output's first dimension."""
+    world, results = run
+    model, x, y = position_table()
+    expected = rc.direction(model, x, y, method="euclidean", damping=DAMPING)
+    for rank, result in enumerate(results):
+        for call, got in result["batch not first"].items():
+            error = relative_error(got, expected)
+            assert error <= 1e-12, f"{call}: rank {rank} off by {error:.1e}"
 
 
 def test_an_overflow_under_a_grad_scaler_is_skipped_on_every_rank(run):
