@@ -569,7 +569,14 @@ def test_a_named_allocator_failure_keeps_the_allocators_type(method, monkeypatch
         (
             "pullback",
             {"loss": "mse"},
-            r"4 samples x r = 4 rows \(C for the exact metric of squared error\)",
+            r"4 samples x r = 4 rows \(C = 4 outputs per sample for the exact metric of "
+            r"squared error\)",
+        ),
+        (  # (the exact squared error's factor is an expand: its memory is taken here)
+            "factor_cotangents",
+            {"loss": "mse"},
+            r"4 samples x r = 4 rows \(C = 4 outputs per sample for the exact metric of "
+            r"squared error\)",
         ),
         (
             "output_factor",
@@ -577,7 +584,7 @@ def test_a_named_allocator_failure_keeps_the_allocators_type(method, monkeypatch
             r"4 samples x r rows \(the custom",
         ),
     ],
-    ids=["exact", "sampled", "mse", "custom"],
+    ids=["exact", "sampled", "mse", "mse-cotangents", "custom"],
 )
 @pytest.mark.parametrize("method", ["layerwise", "kfac"])
 def test_factor_rows_too_many_to_pull_back_are_named_with_the_fix(
@@ -605,7 +612,7 @@ def test_factor_rows_too_many_to_pull_back_are_named_with_the_fix(
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     before = snapshot(model)
-    message = rf"output metric's factor, {rows}.*use fewer rows: output_metric='sampled'"
+    message = rf"ran out of memory (forming|pulling) the output metric's factor[^:]*: {rows}.*use output_metric='sampled'"
     with pytest.raises(MemoryError, match=message) as err:
         rc.direction(model, x, y, method=method, **options)
     assert isinstance(err.value, RuntimeError)
@@ -624,6 +631,42 @@ def test_factor_rows_too_many_to_pull_back_are_named_with_the_fix(
         rc.direction(model, x, y, method=method, **options)
     raised.clear()  # and without a failure, as before
     rc.direction(model, x, y, method=method, **options)
+
+
+def test_rows_too_many_at_one_row_advise_a_smaller_batch_only(monkeypatch):
+    """Found by review: at samples=1 the message advised the sampled metric with few
+    samples, the setting that failed; and it gave the factor's size only, not the
+    pulled-back rows' (which the allocator's count matches), nor the allocator's count."""
+    from riemann_core.methods import _base
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 7")
+
+    monkeypatch.setattr(_base, "pullback", fails)
+    model, x, y = Problem(classes=4).make()
+    with pytest.raises(MemoryError) as err:
+        rc.direction(model, x, y, method="kfac", output_metric="sampled", samples=1)
+    message = str(err.value)
+    assert "use a smaller batch" in message and "output_metric='sampled'" not in message
+    assert "2 rows at the modules' outputs at least" in message and "you tried 7" in message
+
+
+def test_rows_too_many_to_convert_to_the_solve_dtype_are_named(monkeypatch):
+    """Found by review: solve_dtype=torch.float64 doubles the pulled-back float32 rows in
+    converting them, outside any named region: the allocator's byte count only."""
+    from riemann_core import modules
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 7")
+
+    monkeypatch.setattr(modules.LinearHandler, "to", fails)
+    model, x, y = Problem(classes=4).make(dtype=torch.float32)
+    with pytest.raises(
+        MemoryError,
+        match=r"ran out of memory converting the pulled-back rows to torch.float64: "
+        r".* at least .* in torch.float64; use solve_dtype=None, output_metric='sampled'",
+    ):
+        rc.direction(model, x, y, method="layerwise", solve_dtype=torch.float64)
 
 
 def test_the_rows_named_for_token_outputs_are_those_of_every_position():

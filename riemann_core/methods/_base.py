@@ -536,6 +536,8 @@ def problem_from_graph(
         names = {id(p): n for b in blocks for n, p in zip(b.param_names, b.params, strict=True)}
         check_no_frequency_scaling(outputs, names)
     z = outputs.reshape(outputs.shape[0], -1)
+    # the factor and its cotangents (the exact squared error's is an expand, its memory
+    # taken by factor_cotangents; found by review)
     with named_when_rows_too_large(outputs, opts):
         factor = output_factor(
             outputs.detach(),
@@ -545,36 +547,43 @@ def problem_from_graph(
             samples=opts.samples,
             generator=opts.generator,
         )
+        rows = factor_cotangents(factor)
+        del factor
+        cotangents = rows.reshape(rows.shape[:1] + outputs.shape)
+        del rows
     if callable(opts.output_metric):
         checks.finite(
-            "the factor of the custom output_metric", factor, "check the output_metric callable"
+            "the factor of the custom output_metric",
+            cotangents,
+            "check the output_metric callable",
         )
-    rows = factor_cotangents(factor)
-    roots, seeds = (outputs,), (rows.reshape(rows.shape[:1] + outputs.shape),)
-    if given is None:  # the loss gradient rides along as row 0
-        if loss is None:
-            loss = mean_loss(outputs, targets, opts.loss)
-        if through_output:  # seeded at the output: only the network's graph is batched
-            dz = output_gradient
-            if dz is None:
-                (dz,) = torch.autograd.grad(loss, outputs, retain_graph=True)
-            checks.finite(
-                "the loss gradient at the outputs", dz, OVERFLOW_FIX, overflow or ValueError
-            )
-            seeds = (torch.cat([dz[None], seeds[0]]),)
-        else:  # the loss seeded with 1, the output with 0
-            seed = torch.zeros(rows.shape[0] + 1, dtype=loss.dtype, device=loss.device)
-            seed[0] = 1
-            roots = (loss, outputs)
-            seeds = (seed, torch.cat([torch.zeros_like(seeds[0][:1]), seeds[0]]))
+    r = cotangents.shape[0]
+    if given is None and loss is None:  # the loss gradient rides along as row 0
+        loss = mean_loss(outputs, targets, opts.loss)
+    if given is None and through_output:  # seeded at the output: only the network's graph is
+        dz = output_gradient  # batched
+        if dz is None:
+            (dz,) = torch.autograd.grad(loss, outputs, retain_graph=True)
+        checks.finite("the loss gradient at the outputs", dz, OVERFLOW_FIX, overflow or ValueError)
     # the probe below needs the graph; otherwise it is freed, as by loss.backward()
-    k, work = seeds[0].shape[0], outputs.shape[0] * sum(b.n_params for b in blocks)
+    k, work = r + (given is None), outputs.shape[0] * sum(b.n_params for b in blocks)
     batched = k > SERIAL_PULLBACK_ROWS or work > SERIAL_PULLBACK_WORK
     module_outputs = [c.output for c in calls]
-    with named_when_rows_too_large(outputs, opts):
+    # (the rows joined with the loss gradient's are as large as the factor: found by review)
+    with named_when_rows_too_large(outputs, opts, r, module_outputs):
+        roots, seeds = (outputs,), (cotangents,)
+        if given is None and through_output:
+            seeds = (torch.cat([dz[None], cotangents]),)
+        elif given is None:  # the loss seeded with 1, the output with 0
+            seed = torch.zeros(k, dtype=loss.dtype, device=loss.device)
+            seed[0] = 1
+            roots = (loss, outputs)
+            seeds = (seed, torch.cat([torch.zeros_like(cotangents[:1]), cotangents]))
+        del cotangents
         pulled = pullback(
             roots, seeds, module_outputs, retain_graph=probe is not None, batched=batched
         )
+        del seeds
     for c, delta in zip(calls, pulled, strict=True):
         c.delta = delta if given is not None else delta[1:]
         c.output_grad = None if given is not None else delta[0]
@@ -590,14 +599,17 @@ def problem_from_graph(
         coupling.register_splits(checks, notes_for(model), handlers, probed=probe is not None)
     dtype = opts.solve_dtype
     if dtype is not None and dtype != z.dtype:  # the whole algebra in solve_dtype
-        handlers = [h.to(dtype) for h in handlers]
+        # (the pulled-back rows converted: twice their memory from float32 to float64)
+        with named_when_rows_too_large(outputs, opts, r, module_outputs, dtype):
+            handlers = [h.to(dtype) for h in handlers]
         given = None if given is None else [[a.to(dtype) for a in g] for g in given]
     # a forward pass under autocast: rows pulled back in half precision, the algebra in
     # the parameters' dtype (no half-precision Cholesky; half the digits would be lost)
-    handlers = [
-        h.to(h.block.params[0].dtype) if h.dtype in (torch.float16, torch.bfloat16) else h
-        for h in handlers
-    ]
+    half = (torch.float16, torch.bfloat16)
+    to = next((h.block.params[0].dtype for h in handlers if h.dtype in half), None)
+    if to is not None:
+        with named_when_rows_too_large(outputs, opts, r, module_outputs, to):
+            handlers = [h.to(h.block.params[0].dtype) if h.dtype in half else h for h in handlers]
     for c in calls:
         c.output, c.graph_inputs = None, ()  # release the graph
     return Problem(blocks, handlers, given, data_dtype)

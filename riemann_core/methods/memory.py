@@ -16,7 +16,7 @@ rows for each of the ``N`` samples, and pulls its ``N r`` rows back through the 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -61,31 +61,69 @@ def named_when_too_large(problem: Problem, method: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def named_when_rows_too_large(outputs: torch.Tensor, opts: Options) -> Iterator[None]:
-    """Inside the block (forming the output metric's factor of ``outputs`` and pulling
-    its rows back), the allocator's failure becomes a ``MemoryError`` naming the rows and
-    the fix (found by a hunt: ``samples=10**12`` gave the allocator's byte count only)."""
+def named_when_rows_too_large(
+    outputs: torch.Tensor,
+    opts: Options,
+    r: int | None = None,
+    pulled: Sequence[torch.Tensor] = (),
+    converted: torch.dtype | None = None,
+) -> Iterator[None]:
+    """Inside the block, the allocator's failure becomes a ``MemoryError`` naming the rows
+    and the fix (found by a hunt: ``samples=10**12`` gave the allocator's byte count only).
+    The block forms the output metric's factor of ``outputs`` (its cotangents included);
+    with ``pulled`` (the module outputs), pulls its ``r`` rows back to them (``r`` known:
+    a custom metric's); with ``converted``, converts the pulled-back rows to that dtype
+    (``solve_dtype``, or the parameters' from autocast's half precision)."""
     try:
         yield
     except RuntimeError as error:
         if not allocator_failed(error):
             raise
-        N, C = outputs.shape[0], outputs[:1].numel()
-        r, why = factor_rows(outputs, opts)
-        size = (
-            f"{N} samples x r = {r} rows ({why}) of {C} entries "
-            f"({N * r * C * outputs.dtype.itemsize / 2**30:.1f} GiB in {outputs.dtype})"
-            if r is not None
-            else f"{N} samples x r rows ({why})"
-        )
-        raise named(
-            error,
-            f"the output metric's factor, {size}, is pulled back through the network as r "
-            "cotangents of the outputs, each with a backward pass's memory, and the "
-            f"{outputs.device} device could not allocate them; use fewer rows: "
-            "output_metric='sampled' with few samples (r = samples, 1 by default), or a "
-            "smaller batch",
-        ) from error
+        raise named(error, rows_too_large(error, outputs, opts, r, pulled, converted)) from error
+
+
+def rows_too_large(error, outputs, opts, r, pulled, converted) -> str:
+    """The message of :func:`named_when_rows_too_large`: what ran out of memory, the rows'
+    sizes (the allocator's own count beside them: one far from both points elsewhere, e.g.
+    a backward hook of the user's; found by review) and the fix."""
+    N, C = outputs.shape[0], outputs[:1].numel()
+    known, why = factor_rows(outputs, opts)
+    r = known if r is None else r
+    if converted is not None:
+        doing = f"converting the pulled-back rows to {converted}"
+    elif pulled:
+        doing = "pulling the output metric's factor back through the network"
+    else:
+        doing = "forming the output metric's factor"
+    sizes = [f"{N} samples x {'r' if r is None else f'r = {r}'} rows ({why})"]
+    if r is not None:
+        dtype = outputs.dtype
+        if opts.loss == "cross_entropy" and opts.output_metric == "sampled":
+            dtype = torch.promote_types(dtype, torch.float32)  # (drawn in float32 at least)
+        sizes.append(f"the factor {gib(N * r * C * dtype.itemsize)} in {dtype}")
+        if pulled:  # (the loss gradient rides along as one more row)
+            dtype = converted or pulled[0].dtype
+            rows = (r + 1) * sum(t.numel() for t in pulled) * dtype.itemsize
+            sizes.append(
+                f"its {r + 1} rows at the modules' outputs at least {gib(rows)} in {dtype}"
+            )
+    fixes = ["solve_dtype=None"] if converted is not None and opts.solve_dtype == converted else []
+    if r is None or r > 1:  # (at r = 1 fewer rows is no fix: found by review)
+        fixes.append("output_metric='sampled' with few samples (r = samples, 1 by default)")
+    fixes.append("a smaller batch")
+    fix = ", ".join(fixes[:-1]) + (", or " if len(fixes) > 1 else "") + fixes[-1]
+    allocator = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return (
+        f"the {outputs.device} device ran out of memory {doing}: {'; '.join(sizes)}; use "
+        f"{fix} (the allocator: {allocator})"
+    )
+
+
+def gib(bytes_: int) -> str:
+    """``bytes_`` in GiB, or MiB under 0.1 GiB (found by review: "0.0 GiB")."""
+    if bytes_ < 2**30 / 10:
+        return f"{bytes_ / 2**20:.3g} MiB"
+    return f"{bytes_ / 2**30:.1f} GiB"
 
 
 def factor_rows(outputs: torch.Tensor, opts: Options) -> tuple[int | None, str]:
@@ -96,7 +134,8 @@ def factor_rows(outputs: torch.Tensor, opts: Options) -> tuple[int | None, str]:
     if opts.output_metric == "sampled":
         return opts.samples, f"samples={opts.samples}"
     if opts.loss == "mse":
-        return outputs[:1].numel(), "C for the exact metric of squared error"
+        C = outputs[:1].numel()
+        return C, f"C = {C} outputs per sample for the exact metric of squared error"
     C = outputs.shape[-1]
     P = outputs[:1].numel() // C
     if P == 1:
