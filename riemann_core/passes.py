@@ -305,6 +305,24 @@ class Passes:
         # whether the backward pass through a recorded output (self._task) still runs: a
         # cell of its own (_End)
         self._running = [False]
+        # the last forward pass ran inside a DistributedDataParallel wrapper of the model
+        # (the preconditioner built on its .module): the advice to wrap it is wrong there
+        self.ddp_forward = False
+
+    def wrap_advice(self) -> str:
+        """How to hand the averaging of the ``.grad`` to ``DistributedDataParallel``."""
+        if self.ddp_forward:
+            return (
+                "pass the DistributedDataParallel wrapper the forward pass runs through to "
+                "RiemannianPreconditioner, not its .module (built on the module inside, the "
+                "preconditioner sees DistributedDataParallel average the .grad after the "
+                "backward pass as a change to this rank's .grad, and would weight the "
+                "averaged gradient again)"
+            )
+        return (
+            "wrap the model in DistributedDataParallel and pass the wrapper to "
+            "RiemannianPreconditioner (its averaged .grad is taken as the global gradient)"
+        )
 
     def forward_starts(self, model: nn.Module) -> None:
         """Before a forward pass: the passes already differentiated contributed nothing
@@ -575,6 +593,15 @@ class Passes:
                 if changed
                 else "changed between two backward passes, other than to zero"
             )
+            if self.ddp_forward:  # DistributedDataParallel's average changed them
+                raise ValueError(
+                    f"the .grad {when}: the forward pass ran through a "
+                    "DistributedDataParallel wrapper, which averages the ranks' .grad at the "
+                    "end of the backward pass, while this preconditioner was built on the "
+                    "model inside it. Pass the wrapper itself: "
+                    "RiemannianPreconditioner(ddp_model, process_group=...) (its averaged "
+                    ".grad is then taken as the global gradient)"
+                )
             raise ValueError(
                 f"the .grad {when} (a clip of this rank's own gradient, a weight decay or "
                 "a scale added to it, a regulariser's own backward pass, a .grad written "
@@ -583,9 +610,9 @@ class Passes:
                 "rank's .grad acts on its shard's gradient, not on the global batch's (each "
                 "rank's clip scales its own part). Call pre.step() right after "
                 "loss.backward() and clip or decay the direction it writes (or use the "
-                "optimizer's weight_decay; add a regulariser into the loss), or wrap the "
-                "model in DistributedDataParallel (its .grad are averaged before your "
-                "change)"
+                "optimizer's weight_decay; add a regulariser into the loss), or "
+                "wrap the model in DistributedDataParallel and pass the wrapper to "
+                "RiemannianPreconditioner (its .grad are averaged before your change)"
             )
 
     def clear(self) -> None:
@@ -642,9 +669,7 @@ class Passes:
                     "loss on some outputs only would make wrong (an extra term on the "
                     "outputs, a scale or a temperature applied outside the model are refused "
                     "too: the check cannot tell them apart). Use F.cross_entropy(model(x), y) "
-                    "with its mean over every output row, or wrap the model in "
-                    "DistributedDataParallel (its averaged .grad is taken as the global "
-                    "gradient)"
+                    "with its mean over every output row, or " + self.wrap_advice()
                 )
         # each backward pass's c where it reads c times the mean's gradient (hard targets)
         cs = [hard_scale(f, tolerance(r.dtype)) for (r, *_), f in zip(watched, figures)]
@@ -661,8 +686,7 @@ class Passes:
                 "F.cross_entropy(model(x), y), the mean over the rank's own rows (over K "
                 "micro-batches, each divided by K at most: their factors must add up to 1 or "
                 "more; a constant factor below 1 is refused too, as the check cannot tell "
-                "it from a share), or wrap the model in DistributedDataParallel (its averaged "
-                ".grad is taken as the global gradient)"
+                "it from a share), or " + self.wrap_advice()
             )
 
 

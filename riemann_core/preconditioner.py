@@ -321,6 +321,9 @@ class RiemannianPreconditioner:
             self._hooks_in_order(module)
         if self._passes is not None:
             self._passes.forward_starts(self.network)
+            # (found by a hunt: a preconditioner on ddp.module, the pass run through the
+            # wrapper, was told to wrap the model in DistributedDataParallel)
+            self._passes.ddp_forward = _run_by_ddp(self.model)
         self._previous = {a: getattr(self, a) for a in _RECORD}  # back if this pass raises
         self._handled = sys.exc_info()[1]  # a pass run inside the caller's except block
         if not kwargs and all(isinstance(a, Tensor) for a in args):  # no pytree walks
@@ -1625,6 +1628,18 @@ def _fingerprints(grads: list[Tensor]) -> list[Tensor]:
             flat = runs[:: runs.shape[0] // FINGERPRINT_RUNS]
         prints.append(torch.linalg.vector_norm(flat))
     return prints
+
+
+def _run_by_ddp(model: nn.Module) -> bool:
+    """Whether ``model`` (not itself a ``DistributedDataParallel``) runs inside the forward
+    pass of a ``DistributedDataParallel`` that wraps it, which averages its ``.grad`` at the
+    end of the backward pass (``_active_ddp_module``: torch's own record, absent where a
+    version lacks it)."""
+    if isinstance(model, DistributedDataParallel):
+        return False
+    active = getattr(DistributedDataParallel, "_active_ddp_module", None)
+    inner = getattr(active, "module", None)
+    return inner is not None and (inner is model or any(m is model for m in inner.modules()))
 
 
 def _check_grad_scaler(scaler, model: nn.Module, process_group) -> None:

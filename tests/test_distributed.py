@@ -204,6 +204,7 @@ def on_rank(rank: int, world: int) -> dict:
     out["reached first"] = _reached_first(rank, world)
     out["tokens of other lengths"] = _tokens_of_other_lengths(rank, world)
     out["batch not first"] = _batch_not_first(rank, world)
+    out["pre on the module inside DDP"] = _pre_on_module_inside_ddp(rank, world)
     for i, (method, options) in enumerate(PHASES):
         out["phases"][i] = _phases(method, options, rank, world)
     out["kfac state"] = _outcome(
@@ -499,6 +500,19 @@ def _batch_not_first(rank, world) -> dict:
     pre.step()
     out["pre.step"] = {n: p.grad.clone() for n, p in model.named_parameters()}
     return out
+
+
+def _pre_on_module_inside_ddp(rank, world):
+    """A preconditioner built on ``ddp.module``, the forward pass run through the
+    DistributedDataParallel wrapper: the outcome of pre.step()."""
+    model, x, y = network("mlp")
+    wrapped = DistributedDataParallel(model)
+    pre = rc.RiemannianPreconditioner(
+        model, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
+    )
+    part = shards(world, equal=True)[rank]
+    F.cross_entropy(wrapped(x[part]), y[part]).backward()
+    return _outcome(pre.step)
 
 
 def position_table():
@@ -1127,6 +1141,21 @@ def test_shards_are_weighted_by_their_samples_where_a_module_returns_no_batch(ru
         for call, got in result["batch not first"].items():
             error = relative_error(got, expected)
             assert error <= 1e-12, f"{call}: rank {rank} off by {error:.1e}"
+
+
+def test_a_preconditioner_on_the_module_inside_ddp_is_told_to_take_the_wrapper(run):
+    """Found by a hunt: built on ddp.module while the forward pass runs through the wrapper,
+    the .grad DistributedDataParallel averaged after the backward pass were refused as a
+    change to the rank's .grad, with the advice to wrap the model in
+    DistributedDataParallel, as it was. The message names the wrapper to pass instead."""
+    world, results = run
+    for result in results:
+        outcome = result["pre on the module inside DDP"]
+        if world == 1:  # (one rank: the .grad are the shard's own)
+            assert outcome is None, outcome
+            continue
+        kind, message = outcome
+        assert kind == "ValueError" and "Pass the wrapper itself" in message, message
 
 
 def test_an_overflow_under_a_grad_scaler_is_skipped_on_every_rank(run):
