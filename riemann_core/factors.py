@@ -153,10 +153,12 @@ def output_factor(
                 "loss='cross_entropy' on outputs of one class (last dimension 1): the softmax "
                 "of one logit is constant, so its Fisher is zero and every direction would "
                 "be the gradient over the damping. For one logit per label trained with "
-                "binary cross-entropy (the mean BCEWithLogits over C labels), pass its "
-                "Bernoulli Fisher's factor, output_metric=lambda z, y: torch.diag_embed(("
-                "torch.sigmoid(z) * torch.sigmoid(-z) / z.shape[1]).sqrt()); or give the "
-                "model two logits"
+                "binary cross-entropy (the mean BCEWithLogits over C labels), give the "
+                "preconditioner its Bernoulli Fisher's factor, RiemannianPreconditioner(model, "
+                "output_metric=lambda z, y: torch.diag_embed((torch.sigmoid(z) * "
+                "torch.sigmoid(-z) / z.shape[1]).sqrt())), and your loss: "
+                "pre.backward(F.binary_cross_entropy_with_logits(z, y)) (rc.direction takes "
+                "only the losses of its `loss` option: there, give the model two logits)"
             )
         return positions_cross_entropy_factor(outputs, sampled, samples, generator)
     outputs = outputs.reshape(outputs.shape[0], -1)
