@@ -140,6 +140,12 @@ def local_workers(
         gpus = gpus[:count]
     else:
         count = 1 if workers is None else workers
+        if count > len(cores):  # (before a list of as many: found by a hunt, 10**20 overflowed)
+            raise ClusterError(
+                f"{count} worker(s) need {count} cores at least and this host has "
+                f"{len(cores)}: timed points on shared cores corrupt each other's timing; ask "
+                "for fewer --workers"
+            )
         gpus = [None] * count
     if count < 1:
         raise ClusterError(f"the local cluster needs at least one worker, got {count}")

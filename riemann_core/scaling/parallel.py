@@ -376,6 +376,12 @@ def config_from(args: argparse.Namespace) -> Config:
             f"--device cuda runs one rank per GPU: {max(ranks)} ranks need as many GPUs, "
             f"{torch.cuda.device_count()} are visible"
         )
+    if args.threads is not None and args.threads > cores():  # (found by a hunt: 10**20
+        # started the ranks, then broke off with "Overflow when unpacking long long")
+        raise ValueError(
+            f"--threads {args.threads} is more than this host's {cores()} CPU cores: a rank "
+            f"runs at most one thread per core; pass --threads {cores()} or fewer"
+        )
     threads = args.threads or max(1, cores() // max(ranks))
     config = Config(
         widths=widths,

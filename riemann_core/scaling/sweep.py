@@ -262,6 +262,15 @@ def check_grid(grid: Grid) -> None:
         bad = [v for v in grid.axes[axis] if not _positive_int(v)]
         if bad or not grid.axes[axis]:
             raise ValueError(f"{flag} needs positive integers, got {bad or list(grid.axes[axis])}")
+    # (found by a hunt: --widths 99999999999999999999 was recorded as a skipped point, and
+    # every later sweep, resume or report of that --out broke off with an OverflowError:
+    # results.csv's axes are read as int64)
+    for flag, values in (
+        ("--base", grid.base.values()),
+        *(("--" + AXIS_OPTIONS[axis].replace("_", "-"), grid.axes[axis]) for axis in AXES),
+    ):
+        if huge := [v for v in values if v > MAX_AXIS]:
+            raise ValueError(f"{flag} takes values up to {MAX_AXIS}, got {huge}")
     # (found by a hunt: one output, a cross-entropy of one class, divided by zero rows)
     single = [v for v in (grid.base["out_dim"], *grid.axes["out_dim"]) if v == 1]
     if single:
@@ -307,6 +316,10 @@ def check_grid(grid: Grid) -> None:
             f"and --kernels generic is the only kernel for --methods {','.join(grid.methods)}; "
             "add structured to --kernels"
         )
+
+
+#: The largest value of an axis (results.csv's axis columns are read as int64).
+MAX_AXIS = 2**62
 
 
 def _positive_int(value) -> bool:
@@ -804,6 +817,8 @@ def _row_problem(row: dict) -> str | None:
         value = row.get(column) or ("1" if column == "stretches" else "")
         if not (value.isascii() and value.isdigit()) or int(value) < 1:
             return f"{column} is {value!r}, not a positive integer"
+        if int(value) > MAX_AXIS:
+            return f"{column} is {value!r}, more than {MAX_AXIS}"
     if row["status"] != "ok":  # nothing measured, but what is there reads as numbers
         # (found by review: an 'error' row's text time crashed fit with a TypeError)
         return next(

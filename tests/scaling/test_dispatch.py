@@ -84,6 +84,9 @@ def test_cpu_workers_get_cores_of_their_own(monkeypatch):
     assert [w.cores for w in one] == [(0, 4), (1, 5), (2, 6)]
     with pytest.raises(dispatch.ClusterError, match="2 thread.*need 6 cores"):
         dispatch.local_workers("cpu", workers=3, threads=2)
+    # (found by a hunt: a list of 10**20 workers was made first, an OverflowError)
+    with pytest.raises(dispatch.ClusterError, match=f"{10**20} worker.*this host has 4"):
+        dispatch.local_workers("cpu", workers=10**20)
 
 
 def test_one_worker_per_gpu_pinned_through_cuda_visible_devices(monkeypatch):

@@ -233,6 +233,9 @@ def test_a_small_run_end_to_end(tmp_path, capsys):
         (["--methods", "natural,natural"], "methods: natural given more than once"),
         # found by review: without P = 1 the report crashed after every rank was measured
         (["--ranks", "2,4"], "--ranks must include 1, the run every speedup"),
+        # found by a hunt: the ranks started, then broke off with "Overflow when unpacking
+        # long long", naming no option
+        (["--threads", str(10**20)], f"--threads {10**20} is more than this host's"),
     ],
 )
 def test_bad_options_are_refused_before_any_process_starts(argv, message, capsys):
