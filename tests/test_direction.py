@@ -507,7 +507,7 @@ def test_a_gram_of_too_many_factor_rows_is_named_with_its_size_and_the_fix(metho
         if method == "layerwise"
         else f"the 12 x 12 Gram of all {d}"
     )
-    message = rf"method='{method}' .*{gram}.*GiB in torch.float64.*output_metric='sampled'"
+    message = rf"method='{method}' .*{gram}.*iB in torch.float64.*output_metric='sampled'"
     with pytest.raises(MemoryError, match=message):
         rc.direction(model, x, y, method=method)
     pre = rc.RiemannianPreconditioner(model, method=method)
@@ -696,6 +696,6 @@ def test_a_named_allocator_failure_gives_the_blocks_own_dtype(monkeypatch):
     )
     x, y = torch.randn(64, 4), torch.randint(0, 50, (64,))
     with pytest.raises(
-        MemoryError, match=r"block '3' .* a 3136 x 3136 matrix .*GiB in torch.float64"
+        MemoryError, match=r"block '3' .* a 3136 x 3136 matrix .*iB in torch.float64"
     ):
         rc.direction(model, x, y, method="layerwise")

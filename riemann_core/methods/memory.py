@@ -1,6 +1,6 @@
-"""A solve whose matrices the allocator cannot hold, as a ``MemoryError`` that names the
-matrix the method forms, its size and what to use instead (the allocator's own message
-names a byte count only).
+"""A solve whose matrices the allocator cannot hold, or the factor rows before it, as a
+``MemoryError`` that names the matrix or the rows, their size and what to use instead (the
+allocator's own message names a byte count only).
 
 The largest matrix of each method: ``full`` the ``n x n`` metric of all ``n`` trained
 parameters; ``natural`` the ``d x d`` Gram of all ``d = N r`` factor rows (``N`` samples,
@@ -159,14 +159,14 @@ def too_large(problem: Problem, method: str) -> str:
     def where(h) -> str:
         return f"the {h.device} device could not allocate it"
 
-    def gib(m: int, h) -> str:
-        return f"{m * m * h.dtype.itemsize / 2**30:.1f} GiB in {h.dtype}"
+    def square(m: int, h) -> str:
+        return f"{gib(m * m * h.dtype.itemsize)} in {h.dtype}"
 
     if method == "full":
         n = sum(h.block.n_params for h in problem.handlers)
         return (
             f"method='full' forms the {n} x {n} metric of all {n} trained parameters "
-            f"({gib(n, h0)}) and {where(h0)}; use method='layerwise' (a metric block per "
+            f"({square(n, h0)}) and {where(h0)}; use method='layerwise' (a metric block per "
             "layer) or method='kfac', or train fewer parameters"
         )
 
@@ -184,7 +184,7 @@ def too_large(problem: Problem, method: str) -> str:
     if method == "natural":
         d = h0.d
         return (
-            f"method='natural' forms the {d} x {d} Gram of all {rows(h0)} ({gib(d, h0)}) and "
+            f"method='natural' forms the {d} x {d} Gram of all {rows(h0)} ({square(d, h0)}) and "
             f"{where(h0)}; {fix}"
         )
     # (the order each block is solved at, n_a or d, is the cheaper one; blocks of equal d
@@ -194,5 +194,5 @@ def too_large(problem: Problem, method: str) -> str:
     return (
         f"method='layerwise' solves each block through its n_a x n_a metric or its Gram of "
         f"{rows(h)}; the largest, block {h.block.name!r} ({n} parameters), needs at least "
-        f"a {m} x {m} matrix ({gib(m, h)}) and {where(h)}; {fix}"
+        f"a {m} x {m} matrix ({square(m, h)}) and {where(h)}; {fix}"
     )
