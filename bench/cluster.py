@@ -124,6 +124,17 @@ def interleaved(rounds: int, chunk: int, results: Path | None = None) -> list[di
     return records
 
 
+def sweep_of(results: Path) -> dict:
+    """The commands that made the sweep in ``results`` (its ``sweep.json``) and its points."""
+    from riemann_core.scaling import sweep as sw
+
+    record = sw.read_record(results / "sweep.json")
+    return {
+        "results_commands": [c for c in record.get("commands") or [record.get("command")] if c],
+        "results_points": [sw.run_of(row) for row in sw.read_results(results / "results.csv")],
+    }
+
+
 def one_round(r: int, chunk: int, results: Path | None = None) -> dict:
     """One round of :func:`interleaved`, in this process."""
     from distributed import Client
@@ -329,7 +340,12 @@ def write(out: Path, record: dict) -> None:
         ratio, points = result["interleaved_ratio"], result["points_only_ratio"]
         timed = result["timed_ratio"]
         chunks = record["interleaved"]
-        source = record["results"] and f"the sweep in `{record['results']}` (grown ones included)"
+        made = "; ".join(f"`{c}`" for c in record.get("results_commands") or [])
+        listed = "; the points are listed in `cluster.json`" if "results_points" in record else ""
+        source = record["results"] and (
+            f"the sweep in `{record['results']}` (grown ones included"
+            f"{', made by ' + made if made else ''}{listed})"
+        )
         lines += [
             "## Overhead",
             "",
@@ -458,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment("cpu"),
         "point_seconds": args.point_seconds,
         "results": None if args.results is None else str(args.results),
+        # what made the points of --results and which they are, kept here: that directory
+        # is not part of the report (found by an audit: the committed report named a
+        # sweep in /tmp, gone with its points)
+        **({} if args.results is None else sweep_of(args.results)),
         "interleaved": interleaved(args.rounds, args.chunk, args.results),
         "end_to_end": end_to_end(args.end_to_end_rounds, []),
         "throughput": throughput(args.rounds, args.point_seconds),

@@ -36,6 +36,7 @@ def test_the_interleaved_measurement_reports_wall_and_timed_ratios(tmp_path):
         "environment": {"device_name": "cpu", "threads": 1, "commit": "abc"},
         "point_seconds": 0.2,
         "results": str(tmp_path / "tiny"),
+        **cluster.sweep_of(tmp_path / "tiny"),
         "interleaved": chunks,
         "end_to_end": [],
         "throughput": [],
@@ -47,6 +48,13 @@ def test_the_interleaved_measurement_reports_wall_and_timed_ratios(tmp_path):
     timed = record["summary"]["timed_ratio"]["median"]
     assert "timed medians on the worker over those in this process" in text
     assert f"{timed:.3f}" in text and (tmp_path / "throughput.png").exists()
+    # (found by an audit: the sweep of --results, in /tmp, was named only by its path)
+    assert record["results_points"] == [sw.run_of(r) for r in sw.read_results(tmp_path / "tiny" / "results.csv")]  # fmt: skip
+    assert "(grown ones included; the points are listed in `cluster.json`)" in text
+    record["results_commands"] = ["riemann-bench run --quick --out tiny"]
+    cluster.write(tmp_path, record)
+    text = " ".join((tmp_path / "cluster.md").read_text().split())
+    assert "made by `riemann-bench run --quick --out tiny`; the points are listed" in text
     ratio = record["summary"]["interleaved_ratio"]["median"]
     verdict = "met" if ratio <= cluster.GOAL_RATIO else "missed"
     assert f"Goal (<= {cluster.GOAL_RATIO:.2f}): **{verdict}** ({ratio:.3f})" in text
