@@ -55,7 +55,7 @@ import torch
 from .. import costs
 from ..measure.output import markdown_table, pyplot, read_study, save_figure, write_json
 from ..ownership import greedy_ratio, loads
-from .fit import OVERHEAD_TARGET, TIME_BAND, took_slow_path
+from .fit import N_BOOT, OVERHEAD_TARGET, TIME_BAND, took_slow_path
 from .sweep import SPREAD_LIMIT
 from .validate import FAIL, NOISY, NOT_REACHED, PASS, Claim
 
@@ -95,7 +95,7 @@ def shape_of(meta: dict) -> costs.MLPShape:
 # --------------------------------------------------------------------------- claims
 
 
-def claims(frame: pd.DataFrame, meta: dict, *, n_boot: int = 2000, seed: int = 0) -> list[Claim]:
+def claims(frame: pd.DataFrame, meta: dict, *, n_boot: int = N_BOOT, seed: int = 0) -> list[Claim]:
     """Every claim of the module docstring that the run's methods allow."""
     shape = shape_of(meta)
     out = [_flops_match(frame), _bytes_match(frame)]
@@ -417,7 +417,7 @@ def figure(table: pd.DataFrame, model: pd.DataFrame, out: Path) -> Path:
     return save_figure(fig, out / "scaling.png")
 
 
-def write(out: Path, *, n_boot: int = 2000) -> list[Claim]:
+def write(out: Path, *, n_boot: int = N_BOOT) -> list[Claim]:
     """Judge the claims and write ``claims.json``, ``report.md`` and ``scaling.png``."""
     from ..measure.output import write_atomic
 

@@ -269,7 +269,7 @@ def validate(
     df: pd.DataFrame,
     sweep_meta: Mapping,
     *,
-    n_boot: int = 2000,
+    n_boot: int = fit.N_BOOT,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> list[Claim]:
