@@ -10,6 +10,7 @@ from test_kfac_targets import ENV, core_result, kfac_result, targets_args
 
 from riemann_core.measure import environment, public_kfac
 from riemann_core.measure.output import generated_block
+from riemann_core.measure.timing import median_interval
 from riemann_core.scaling import kfac_targets, targets
 
 
@@ -445,6 +446,32 @@ CORRUPTED = [
     # found by a hunt: a ratio of -1 (interval [-1.2, -0.8]) drawn as met
     ("figures.0.ratio", -1.0, "figures\\[0\\].ratio is -1.0, not a finite positive number"),
 ]
+
+
+def test_a_figure_keeps_its_ratios_and_a_record_they_do_not_give_is_refused():
+    """Found by an audit: targets.json kept each figure's median and interval but not the
+    per-round ratios they came from, so no one could recompute them. A figure keeps them;
+    a record whose median or interval its ratios do not give is refused, naming it."""
+    root = Path(__file__).resolve().parents[2]
+    record = json.loads((root / "reports" / "cpu" / "targets.json").read_text())
+    ratios = [1.9, 1.7, 1.8, 1.85, 1.75]
+    fig = targets.figure("speed_of_light", [784, 1024, 1024, 10], ratios)
+    assert fig["ratios"] == ratios and fig["ratio"] == 1.8 and fig["rounds"] == 5
+    record["figures"][0] = fig
+    variant = record["kfac"]["networks"][0]["variants"][0]
+    variant.update(zip(("ratio", "low", "high"), median_interval([0.5, 0.6, 0.4])))
+    variant.update(ratios=[0.5, 0.6, 0.4], rounds=3, verdict="met", met=True)
+    targets.check_record(record)  # they follow
+    for path, value, message in [
+        ("figures.0.ratios.1", 1.0, r"figures\[0\] states 1.8 .* do not give"),
+        ("figures.0.ratios", ratios[:4], r"figures\[0\] has 4 ratios for 5 rounds"),
+        ("figures.0.ratios.0", "x", r"figures\[0\].ratios\[0\] is 'x'"),
+        ("kfac.networks.0.variants.0.ratios.2", 0.45, r"variants\[0\] states 0.5 .* do not give"),
+    ]:
+        edited = json.loads(json.dumps(record))
+        _set(edited, path, value)
+        with pytest.raises(ValueError, match=message):
+            targets.check_record(edited)
 
 
 @pytest.mark.parametrize(("path", "value", "message"), CORRUPTED)
