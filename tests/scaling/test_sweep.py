@@ -580,7 +580,11 @@ def synthetic_rows(overhead, widths=(4, 8, 16), statuses=None):
         (1e-6, {}, "reached: width: time ~ work^1"),
         (1e-3, {"grow": {"width": 16}}, "stopped at the cap width=16"),
         (1e-3, {"time_budget_s": 1e-3}, "over the time budget"),
-        (1e-3, {"statuses": {32: "skipped"}}, "stopped at width=32: planted skipped"),
+        (
+            1e-3,
+            {"statuses": {32: "skipped"}},
+            "stopped at width=32 (measured up to width=16): planted skipped",
+        ),
     ],
     ids=["overhead-dominates", "compute-bound", "cap", "budget", "budget-skipped"],
 )
@@ -592,6 +596,24 @@ def test_growth_doubles_an_axis_while_the_overhead_dominates(overhead, changes, 
     assert decision in plan.decisions["layerwise/structured/width"]
     grown = decision.startswith("growing")
     assert [r["width"] for r in plan.runs] == ([32] if grown else [])
+
+
+def test_growth_stopped_by_skipped_points_names_the_first_of_them():
+    """Found by an audit: full's width axis, measured up to 48, its 64 skipped for the FLOP
+    budget and 128-512 for memory, read "stopped at width=512: modelled peak 1049 GiB". The
+    first point not measured above the last measured one is named; with none measured, the
+    smallest."""
+    grid, rows = synthetic_rows(1e-3, statuses={32: "skipped", 64: "skipped"})
+    for row in rows[-2:]:
+        row["reason"] = f"too large at {row['width']}"
+    grid = sw.Grid(**{**TINY, "methods": ("layerwise",), "grow": {"width": 128}})
+    decision = grow.plan(rows, grid, elapsed=0.0).decisions["layerwise/structured/width"]
+    assert decision == "stopped at width=32 (measured up to width=16): too large at 32"
+    for row in rows:
+        if row["depth"] == 1:
+            row.update(status="skipped", reason=f"too large at {row['width']}")
+    decision = grow.plan(rows, grid, elapsed=0.0).decisions["layerwise/structured/width"]
+    assert decision == "stopped at width=4 (no point measured): too large at 4"
 
 
 def test_growth_judges_the_regime_without_points_that_took_a_slow_path():
