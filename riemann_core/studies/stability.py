@@ -45,7 +45,7 @@ from ..arguments import (
 )
 from . import digits
 from .stability_fit import METRICS
-from .trainer import OPTIMISERS, Config, train
+from .trainer import DIVERGED, OPTIMISERS, Config, train
 from .trainer import STATUSES as RUN_STATUSES
 from .training import DTYPES
 
@@ -261,6 +261,15 @@ def pair_distance(
             "prediction_distance": float(tv.mean()),
             "loss_gap": float((loss_a - loss_b).abs().mean()),
         }
+        # a run whose training loss saturated while its parameters ran away (found by a hunt:
+        # at --lr 1e30 pairs 1e33 apart, test losses ~1e32, trained to a loss of 0, were
+        # fitted, and their damping slope "agreed with the bound"): its test loss is above
+        # DIVERGED times the initial one, as the training study's divergence check counts it
+        start = F.cross_entropy(digits.build_model(model, seed, device, dtype)(pool.test.inputs),
+                                pool.test.targets)  # fmt: skip
+        blown = max(float(loss_a.mean()), float(loss_b.mean())) > DIVERGED * float(start)
+    if row["status"] == "ok" and blown:
+        return {**row, "status": "diverged", **dict.fromkeys(METRICS, math.nan)}
     if not all(map(math.isfinite, distances.values())):  # parameters blown up (found by a
         # hunt: --lr 1e300 wrote an ok pair at distance inf, which its own report refused)
         return {**row, "status": "diverged", **dict.fromkeys(METRICS, math.nan)}

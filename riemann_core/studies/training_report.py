@@ -128,6 +128,14 @@ def load(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     check_options(
         meta, "seeds", out / "training.json", COMMAND, lambda s: check_distinct("seeds", s)
     )
+    split = meta["split"]
+    if sorted(split) != ["test", "train", "validation"] or not split["train"]:
+        # (found by a hunt: a split without a training part, or one of 0, stopped the
+        # report on a KeyError or ZeroDivisionError, exit code 3)
+        raise ValueError(
+            f"{out / 'training.json'}: 'split' is {split}, but the study records the sizes of "
+            f"its train (at least 1), validation and test splits: {rerun(COMMAND)}"
+        )
     study = meta["study"]
     labels = {"model": study["models"], "method": study["methods"], "status": STATUSES}
     for frame, (name, columns) in zip(frames, tables.items()):
@@ -179,10 +187,13 @@ def check_design(runs: pd.DataFrame, tuning: pd.DataFrame, meta: dict, out: Path
                 f"{out / 'runs.csv'} line {first_line(bad)} holds {what}: the files come from "
                 f"different studies, {rerun(COMMAND)}"
             )
-    # a run ends at its first record that is not ok (found by a hunt: a diverged record
-    # followed by ok ones of the same run was read, and moved a steps-to-target interval)
-    ended = runs[runs["status"] != "ok"].groupby(["model", "method", "seed"])["step"].min()
-    for (model, method, seed), step in ended.items():
+    # the study writes a run's status (its end) into every record of the run, so a run
+    # holds one status: a record that is not ok followed by ok ones of the same run (found
+    # by a hunt: it was read, and moved a steps-to-target interval) is refused, a run
+    # diverged from its first record to its last is what the study writes
+    mixed = runs.groupby(["model", "method", "seed"])["status"].transform("nunique") > 1
+    ended = runs[mixed & (runs["status"] != "ok")].groupby(["model", "method", "seed"])["step"]
+    for (model, method, seed), step in ended.min().items():
         run = runs[(runs["model"] == model) & (runs["method"] == method) & (runs["seed"] == seed)]
         later = run["step"] > step
         if later.any():

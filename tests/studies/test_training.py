@@ -683,3 +683,30 @@ def test_the_tuning_figure_marks_what_diverged(tmp_path, monkeypatch):
         warnings.simplefilter("error")
         wide = pd.concat([tuning.assign(method=m, status="ok") for m in "abcdef"])
         training_report.tuning_figure(wide, "mlp", tmp_path / "t.png")
+
+
+def test_report_only_reads_a_run_that_diverged_as_the_study_writes_it(study, tmp_path):
+    """Found by a hunt: the study writes a diverged run's status into every record of it,
+    and its own report refused that (exit 2, 'the run ended at step 0'), so a study whose
+    reported run diverged wrote no report."""
+    copy_study(study, tmp_path)
+    runs = pd.read_csv(study / "runs.csv")
+    run = runs.iloc[0][["model", "method", "seed"]]
+    same = (runs[["model", "method", "seed"]] == run).all(axis=1)
+    cut = same & (runs["step"] > sorted(runs.loc[same, "step"])[1])
+    runs = runs[~cut]
+    runs.loc[same[~cut], "status"] = "diverged"
+    runs.to_csv(tmp_path / "runs.csv", index=False)
+    assert cli.main(["train", "--report-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "report.md").read_text() != (study / "report.md").read_text()
+
+
+@pytest.mark.parametrize("split", [{"validation": 360, "test": 359}, {"train": 0,
+                                   "validation": 360, "test": 359}])  # fmt: skip
+def test_report_only_refuses_a_split_without_training_examples(study, tmp_path, capsys, split):
+    """Found by a hunt: a KeyError or ZeroDivisionError, exit code 3."""
+    copy_study(study, tmp_path)
+    record = json.loads((tmp_path / "training.json").read_text())
+    record["split"] = split
+    (tmp_path / "training.json").write_text(json.dumps(record))
+    refused("train", tmp_path, "training.json: 'split' is", capsys)
