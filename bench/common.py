@@ -10,7 +10,11 @@ Environment variables, read at import so that asv's discovery and its runs agree
 * ``RIEMANN_BENCH_DEVICE``: ``cpu`` (default) or ``cuda``;
 * ``RIEMANN_BENCH_FULL=1``: the full parameter grid instead of the cheap default one;
 * ``RIEMANN_BENCH_BUDGET_GIB``: memory a combination may need by
-  :func:`riemann_core.costs.peak_bytes` before it is skipped (default 2).
+  :func:`riemann_core.costs.peak_bytes` before it is skipped (default 2);
+* ``RIEMANN_BENCH_THREADS``: torch's intra-op threads (default: torch's own, the cores it
+  sees, or ``OMP_NUM_THREADS``). Set at import, so that every benchmark of a run, and runs
+  of two commits, take the same count (on a shared, loaded 2-core host the base point's SGD step
+  took 28 ms on torch's two threads against 0.14 ms on one).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ __all__ = [
     "BUDGET_BYTES",
     "DAMPING",
     "FULL",
+    "THREADS",
     "device",
     "environment",
     "mlp",
@@ -45,6 +50,10 @@ __all__ = [
 keep_freed_memory()  # timed as riemann-bench times: without glibc's page-faulting policy
 FULL = os.environ.get("RIEMANN_BENCH_FULL") == "1"
 BUDGET_BYTES = float(os.environ.get("RIEMANN_BENCH_BUDGET_GIB", "2")) * 2**30
+#: torch's intra-op threads for every benchmark (``RIEMANN_BENCH_THREADS``; the sweep's
+#: workers read the same variable), else torch's default, which asv does not record
+THREADS = int(os.environ.get("RIEMANN_BENCH_THREADS") or torch.get_num_threads())
+torch.set_num_threads(THREADS)
 DAMPING = 1e-3
 
 
