@@ -650,7 +650,10 @@ def test_an_axis_without_a_time_model_says_why_it_did_not_grow():
     assert plan.runs == []
     _, rows = synthetic_rows(1e-3, widths=(4,), statuses={8: "skipped"})  # the budget first
     plan = grow.plan([rows[0], rows[-1]], grid, elapsed=0.0)
-    assert plan.decisions["layerwise/structured/width"] == "stopped at width=8: planted skipped"
+    assert (
+        plan.decisions["layerwise/structured/width"]
+        == "stopped at width=8 (measured up to width=4): planted skipped"
+    )
 
 
 def test_workers_on_one_kind_of_device_may_run_on_hosts_that_differ():
