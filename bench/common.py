@@ -52,8 +52,20 @@ FULL = os.environ.get("RIEMANN_BENCH_FULL") == "1"
 BUDGET_BYTES = float(os.environ.get("RIEMANN_BENCH_BUDGET_GIB", "2")) * 2**30
 #: torch's intra-op threads for every benchmark (``RIEMANN_BENCH_THREADS``; the sweep's
 #: workers read the same variable), else torch's default, which asv does not record
-THREADS = int(os.environ.get("RIEMANN_BENCH_THREADS") or torch.get_num_threads())
-torch.set_num_threads(THREADS)
+def _threads() -> int:
+    """``RIEMANN_BENCH_THREADS`` as torch's thread count, set only where given: even with
+    torch's own count, ``torch.set_num_threads`` turns MKL's dynamic threading off for the
+    whole process (riemann_core/woodbury.py), so the default would not be torch's own."""
+    given = os.environ.get("RIEMANN_BENCH_THREADS", "").strip()
+    if not given:
+        return torch.get_num_threads()
+    if not (given.isascii() and given.isdigit()) or int(given) < 1:
+        raise ValueError(f"RIEMANN_BENCH_THREADS must be a positive integer, got {given!r}")
+    torch.set_num_threads(int(given))
+    return int(given)
+
+
+THREADS = _threads()
 DAMPING = 1e-3
 
 

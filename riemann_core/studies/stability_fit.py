@@ -28,6 +28,16 @@ METRICS = ("param_distance", "prediction_distance", "loss_gap")
 PREDICTED = {"damping": -1.0, "size": -0.5}
 
 
+#: bootstrap resamples of a slope's interval (or fewer: :func:`exact_bootstrap`)
+N_BOOT = 2000
+
+
+def exact_bootstrap(k: int, n_boot: int = N_BOOT) -> bool:
+    """Whether ``k`` pair seeds take the exact bootstrap (:func:`cluster_fit`): at most
+    ``n_boot`` distinct resamples, ``C(2k - 1, k)``."""
+    return math.comb(2 * k - 1, k) <= n_boot
+
+
 #: the columns of a grid point
 POINT = ["method", "damping", "size"]
 
@@ -55,7 +65,7 @@ def _left_out(points: pd.DataFrame, group: pd.DataFrame) -> int:
     return sum(tuple(p) not in kept for p in points[POINT].to_numpy().tolist())
 
 
-def slopes(pairs: pd.DataFrame, *, seed: int = 0, n_boot: int = 2000) -> pd.DataFrame:
+def slopes(pairs: pd.DataFrame, *, seed: int = 0, n_boot: int = N_BOOT) -> pd.DataFrame:
     """Log-log slope of every metric along ``damping`` (at each ``size``) and along ``size``
     (at each ``damping``), per method: least squares over the pairs of the grid points
     where every pair trained, a 95% interval from resampling the pair seeds, the verdict
@@ -82,7 +92,7 @@ def slopes(pairs: pd.DataFrame, *, seed: int = 0, n_boot: int = 2000) -> pd.Data
     return pd.DataFrame(rows)
 
 
-def joint_slopes(pairs: pd.DataFrame, *, seed: int = 0, n_boot: int = 2000) -> pd.DataFrame:
+def joint_slopes(pairs: pd.DataFrame, *, seed: int = 0, n_boot: int = N_BOOT) -> pd.DataFrame:
     """``log D = a + b log mu + c log n`` by least squares over the pairs of a method at the
     grid points where every pair trained, with 95% intervals from resampling the pair seeds
     (each seed's whole grid kept together), and how many grid points were left out (a
@@ -151,7 +161,7 @@ def cluster_fit(
     pair = data["pair"].to_numpy()
     rows_of = [np.flatnonzero(pair == p) for p in np.unique(pair)]
     k = len(rows_of)
-    exact = math.comb(2 * k - 1, k) <= n_boot
+    exact = exact_bootstrap(k, n_boot)
     if k < MIN_PAIRS:
         draws, weights = [], []
     elif exact:

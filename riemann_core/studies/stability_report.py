@@ -36,6 +36,7 @@ from .stability_fit import (
     POINT,
     PREDICTED,
     complete_points,
+    exact_bootstrap,
     joint_slopes,
     local_slopes,
     point_counts,
@@ -245,7 +246,13 @@ def _write_files(pairs: pd.DataFrame, meta: dict, out: Path, stage: Path) -> Non
         f"# Stability study on handwritten digits: {env.get('device_name', 'unknown device')}",
         "",
         f"Produced by `{command}`; tables and figures are drawn from its `pairs.csv` and "
-        f"`stability.json` (redraw with `{redraw}`; slopes resampled with seed {seed}).",
+        f"`stability.json` (redraw with `{redraw}`; "
+        + (
+            "slopes' intervals from the exact bootstrap over the pair seeds, the same for "
+            "every seed)."
+            if exact_bootstrap(sweep["pairs"])
+            else f"slopes resampled with seed {seed}, a fit on fewer seeds exactly)."
+        ),
         "",
         *(
             [

@@ -492,7 +492,8 @@ def curves_figure(runs: pd.DataFrame, model: str, target: float, path: Path) -> 
     axes[-1, 1].set_xlabel("wall-clock in training steps [s] (median over seeds)")
     for ax in axes[-1]:
         ax.axhline(target, color="grey", linestyle=":", linewidth=1)
-    axes[0, 0].legend(fontsize="small")
+    if methods:  # (none where every run diverged: an empty legend warned)
+        axes[0, 0].legend(fontsize="small")
     suptitle(fig, f"{model}: median over the seeds that finished, shaded min to max")
     return save_figure(fig, path)
 
