@@ -50,6 +50,8 @@ __all__ = [
 keep_freed_memory()  # timed as riemann-bench times: without glibc's page-faulting policy
 FULL = os.environ.get("RIEMANN_BENCH_FULL") == "1"
 BUDGET_BYTES = float(os.environ.get("RIEMANN_BENCH_BUDGET_GIB", "2")) * 2**30
+
+
 #: torch's intra-op threads for every benchmark (``RIEMANN_BENCH_THREADS``; the sweep's
 #: workers read the same variable), else torch's default, which asv does not record
 def _threads() -> int:

@@ -53,6 +53,7 @@ import pandas as pd
 import torch
 
 from .. import costs
+from ..measure.environment import git_commit
 from ..measure.output import markdown_table, pyplot, read_study, save_figure, write_json
 from ..ownership import greedy_ratio, loads
 from .fit import N_BOOT, OVERHEAD_TARGET, TIME_BAND, took_slow_path
@@ -436,11 +437,11 @@ def write(out: Path, *, n_boot: int = N_BOOT) -> list[Claim]:
             for t0, rate in [time_model(rows)]
         ]
     )
-    write_atomic(out / "report.md", _markdown(meta, table, fits, model, found))
+    write_atomic(out / "report.md", _markdown(meta, table, fits, model, found, out))
     return found
 
 
-def _markdown(meta, table, fits, model, found) -> str:
+def _markdown(meta, table, fits, model, found, out: Path) -> str:
     config, env = meta["config"], meta.get("environment", {})
     rates = ", ".join(f"{r / 1e9:.1f}" for r in meta["gemm_flops_per_s"])
     claims_table = pd.DataFrame(
@@ -451,7 +452,9 @@ def _markdown(meta, table, fits, model, found) -> str:
         [
             "# Data-parallel directions over the world size",
             "",
-            f"Command: `{meta.get('command', COMMAND)}`  ",
+            f"Command: `{meta.get('command', COMMAND)}`; the claims judged by the code at "
+            f"commit {git_commit()} (redraw with `riemann-bench distributed --report-only "
+            f"--out {out}`)  ",
             f"MLP {widths}, global batch {config['batch']}, {config['dtype']}, "
             f"cross-entropy (exact Fisher), damping {1e-3:g}; {config['threads']} thread(s) "
             f"per rank on {meta['cores']} cores ({env.get('cpu', '?')}), device "

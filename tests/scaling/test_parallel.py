@@ -195,6 +195,28 @@ def test_optimal_load_by_exhaustion():
     assert pr.optimal_load([5.0, 1.0, 1.0], 4) == 5
 
 
+def test_report_only_judges_the_recorded_run_again(tmp_path, capsys):
+    """Found by review: the committed reports/cpu/distributed, judged by older code, could
+    be redrawn by no command. --report-only judges the recorded run with this code and
+    names that code's commit and the command that redraws it; options of a measurement
+    beside it are refused, and a directory with no run is named."""
+    import shutil
+    from pathlib import Path
+
+    out = tmp_path / "distributed"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "reports/cpu/distributed", out)
+    before = (out / "results.csv").read_bytes()
+    assert main(["distributed", "--report-only", "--out", str(out)]) in (0, 1)
+    report = (out / "report.md").read_text()
+    assert f"(redraw with `riemann-bench distributed --report-only --out {out}`)" in report
+    assert "the claims judged by the code at commit" in report
+    assert (out / "results.csv").read_bytes() == before
+    assert main(["distributed", "--report-only", "--out", str(out), "--batch", "8"]) == 2
+    assert "--batch would be ignored with --report-only" in capsys.readouterr().err
+    assert main(["distributed", "--report-only", "--out", str(tmp_path / "none")]) == 2
+    assert "run 'riemann-bench distributed' with this --out first" in capsys.readouterr().err
+
+
 def test_a_small_run_end_to_end(tmp_path, capsys):
     """Two world sizes of a tiny network: files, rows, and the claims on counts."""
     out = tmp_path / "distributed"
