@@ -52,8 +52,6 @@ FULL = os.environ.get("RIEMANN_BENCH_FULL") == "1"
 BUDGET_BYTES = float(os.environ.get("RIEMANN_BENCH_BUDGET_GIB", "2")) * 2**30
 
 
-#: torch's intra-op threads for every benchmark (``RIEMANN_BENCH_THREADS``; the sweep's
-#: workers read the same variable), else torch's default, which asv does not record
 def _threads() -> int:
     """``RIEMANN_BENCH_THREADS`` as torch's thread count, set only where given: even with
     torch's own count, ``torch.set_num_threads`` turns MKL's dynamic threading off for the
@@ -67,6 +65,8 @@ def _threads() -> int:
     return int(given)
 
 
+#: torch's intra-op threads for every benchmark (``RIEMANN_BENCH_THREADS``; the sweep's
+#: workers read the same variable), else torch's default, which asv does not record
 THREADS = _threads()
 DAMPING = 1e-3
 
