@@ -30,6 +30,7 @@ from riemann_core.measure.allocator import keep_freed_memory
 from riemann_core.measure.environment import environment
 from riemann_core.measure.problems import mlp, widths
 from riemann_core.measure.timing import synchronize
+from riemann_core.scaling import worker
 
 __all__ = [
     "BUDGET_BYTES",
@@ -56,11 +57,11 @@ def _threads() -> int:
     """``RIEMANN_BENCH_THREADS`` as torch's thread count, set only where given: even with
     torch's own count, ``torch.set_num_threads`` turns MKL's dynamic threading off for the
     whole process (riemann_core/woodbury.py), so the default would not be torch's own."""
-    given = os.environ.get("RIEMANN_BENCH_THREADS", "").strip()
+    given = os.environ.get(worker.THREADS, "").strip()
     if not given:
         return torch.get_num_threads()
     if not (given.isascii() and given.isdigit()) or int(given) < 1:
-        raise ValueError(f"RIEMANN_BENCH_THREADS must be a positive integer, got {given!r}")
+        raise ValueError(f"{worker.THREADS} must be a positive integer, got {given!r}")
     torch.set_num_threads(int(given))
     return int(given)
 
