@@ -547,10 +547,9 @@ def problem_from_graph(
             samples=opts.samples,
             generator=opts.generator,
         )
-        rows = factor_cotangents(factor)
-        del factor
-        cotangents = rows.reshape(rows.shape[:1] + outputs.shape)
-        del rows
+        cotangents = factor_cotangents(factor)
+        cotangents = cotangents.reshape(cotangents.shape[:1] + outputs.shape)
+        del factor  # (freed before the pullback's rows are formed)
     if callable(opts.output_metric):
         checks.finite(
             "the factor of the custom output_metric",
