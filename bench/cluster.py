@@ -42,6 +42,7 @@ import argparse
 import functools
 import itertools
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -125,13 +126,27 @@ def interleaved(rounds: int, chunk: int, results: Path | None = None) -> list[di
 
 
 def sweep_of(results: Path) -> dict:
-    """The commands that made the sweep in ``results`` (its ``sweep.json``) and its points."""
+    """The commands that made the sweep in ``results`` (its ``sweep.json``) and its points
+    (its ``results.csv``); a ``ValueError`` naming the file that is missing, not a sweep's
+    or holds no point, and how to make one."""
     from riemann_core.scaling import sweep as sw
 
-    record = sw.read_record(results / "sweep.json")
+    make = f"make one with riemann-bench run --quick --out {shlex.quote(str(results))}"
+    for name in ("sweep.json", "results.csv"):  # (read_results takes a missing one as empty)
+        if not (results / name).exists():
+            raise ValueError(f"{results / name}: no such file; --results takes a sweep: {make}")
+    try:
+        record = sw.read_record(results / "sweep.json")
+        points = [sw.run_of(row) for row in sw.read_results(results / "results.csv")]
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{err}; --results takes a sweep: {make}") from err
+    if not points:
+        raise ValueError(
+            f"{results / 'results.csv'} holds no point; --results takes a sweep: {make}"
+        )
     return {
         "results_commands": [c for c in record.get("commands") or [record.get("command")] if c],
-        "results_points": [sw.run_of(row) for row in sw.read_results(results / "results.csv")],
+        "results_points": points,
     }
 
 
@@ -466,6 +481,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.one_round is not None:
         print(json.dumps(one_round(args.one_round, args.chunk, args.results)))
         return 0
+    swept = {}
+    if args.results is not None:  # before any work (found by review: a bare traceback)
+        try:
+            swept = sweep_of(args.results)
+        except ValueError as err:
+            parser.error(f"--results: {err}")
     from riemann_core.measure.environment import environment
     from riemann_core.measure.output import write_atomic
 
@@ -477,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         # what made the points of --results and which they are, kept here: that directory
         # is not part of the report (found by an audit: the committed report named a
         # sweep in /tmp, gone with its points)
-        **({} if args.results is None else sweep_of(args.results)),
+        **swept,
         "interleaved": interleaved(args.rounds, args.chunk, args.results),
         "end_to_end": end_to_end(args.end_to_end_rounds, []),
         "throughput": throughput(args.rounds, args.point_seconds),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +77,35 @@ def test_the_report_is_written_again_from_its_record_or_refused_naming_the_fix(t
     assert exit.value.code == 2
     assert "measure it first (python -m bench.cluster --out" in capsys.readouterr().err
     assert not (tmp_path / "cluster.md").exists()
+
+
+def test_results_without_a_sweep_are_refused_before_any_work_naming_the_file(
+    tmp_path, capsys, monkeypatch
+):
+    """Found by review: ``--results DIR`` without a ``sweep.json`` died with a bare
+    traceback, and without a ``results.csv`` (taken as empty) interleaved no point, then
+    died in a round's subprocess. A directory that holds no sweep is refused before any
+    work, naming the missing, corrupted or empty file and how to make a sweep there."""
+    for work in ("interleaved", "end_to_end", "throughput"):
+        monkeypatch.setattr(cluster, work, lambda *args, work=work: pytest.fail(f"{work} ran"))
+    root = Path(__file__).resolve().parent.parent / "reports" / "cpu"
+    results, out = tmp_path / "sweep", tmp_path / "out"
+    results.mkdir()
+    header = (root / "results.csv").read_text().splitlines()[0]
+    for files, wrong in [
+        ({}, "sweep.json: no such file"),
+        ({"sweep.json": (root / "sweep.json").read_text()}, "results.csv: no such file"),
+        ({"results.csv": "width,depth\n4,1\n"}, "results.csv is not a results file"),
+        ({"results.csv": header + "\n"}, "results.csv holds no point"),
+        ({"sweep.json": "{not json", "results.csv": (root / "results.csv").read_text()},
+         "sweep.json cannot be parsed"),
+    ]:  # fmt: skip
+        for name, text in files.items():
+            (results / name).write_text(text)
+        with pytest.raises(SystemExit) as exit:
+            cluster.main(["--out", str(out), "--results", str(results)])
+        assert exit.value.code == 2
+        error = " ".join(capsys.readouterr().err.split())
+        assert f"{results}/{wrong}" in error, error
+        assert f"make one with riemann-bench run --quick --out {results}" in error, error
+    assert not out.exists()

@@ -14,7 +14,8 @@ A step (:func:`solve`), on every rank of the group:
 2. *agree*: an all-reduce of ``(failed, N_p, signature of the blocks, forward passes)``
    per rank (and of each pass's samples where ``.grad`` sums several). A rank
    whose local work raised makes every rank raise here, and ranks that see different
-   networks are refused. Every rank then computes the same plan: ``layerwise`` and
+   networks are refused (then, and only then, they exchange their samples' shapes, to
+   name each rank's where those differ). Every rank then computes the same plan: ``layerwise`` and
    ``kfac`` give each block to one rank by the greedy plan of
    :mod:`riemann_core.ownership` over the modelled solve FLOPs, ``natural`` and ``full``
    every block to rank 0 (their metric couples all blocks: one solve on one rank);
@@ -273,18 +274,19 @@ class _Group:
         signature: int,
         params: list | None,
         constants: list | None = None,
-        passes: int = 0,
+        passes: tuple[tuple[int, ...], ...] = (),
     ) -> list[int]:
         """Every rank's batch size, once every rank finished its local work, sees the same
         blocks, holds the same ``params`` and ``constants`` (by :func:`_checksum`) and
-        ``.grad`` summed over as many forward ``passes``; a rank that failed makes every
-        rank raise."""
+        ``.grad`` summed over as many forward ``passes`` (their output shapes, samples
+        first: ranks whose samples differ in shape are refused naming each rank's); a
+        rank that failed makes every rank raise."""
         if self.world == 1:
             if failure is not None:
                 raise failure
             return [samples]
         table = torch.zeros(self.world, costs.AGREEMENT_SLOTS, dtype=torch.int64)
-        table[self.rank, :4] = torch.tensor([failure is not None, samples, signature, passes])
+        table[self.rank, :4] = torch.tensor([failure is not None, samples, signature, len(passes)])
         constants = constants or []
         if params:  # the float64 checksums' bits: a sum with the other ranks' zeros keeps them
             sums = _checksum(params) + _constant_sums(constants, _chunks(params))
@@ -301,6 +303,23 @@ class _Group:
                 "many micro-batches, each split between the ranks alike, before pre.step()"
             )
         if len({row[2] for row in rows}) > 1:
+            # each rank's shapes travel only now, every rank here alike (one table): the
+            # agreement's fixed int64 slots hold no shapes of any number of passes and
+            # dimensions, and a step that agrees pays nothing for them
+            shapes = self.texts(_per_sample(passes), "shapes of the samples")
+            if len(set(shapes)) > 1:
+                ranks: dict[str, list[int]] = {}
+                for q, shape in enumerate(shapes):
+                    ranks.setdefault(shape, []).append(q)
+                named = "; ".join(
+                    f"{shape} on rank{'s' * (len(qs) > 1)} {', '.join(map(str, qs))}"
+                    for shape, qs in ranks.items()
+                )
+                raise ValueError(
+                    "the ranks' samples differ in shape (a sample's part of each forward "
+                    f"pass's output, or of rc.direction's targets: {named}): every rank must "
+                    "run on samples of one shape (e.g. sequences padded to one length)"
+                )
             raise ValueError(
                 "the ranks see different blocks or options (other modules called, modules "
                 "of another type or with other settings, samples of other shapes, "
@@ -332,6 +351,18 @@ class _Group:
                 )
         return [row[1] for row in rows]
 
+    def texts(self, own: str, what: str) -> list[str]:
+        """Every rank's text in rank order, this rank's being ``own``, each cut to its
+        first :data:`MESSAGE_BYTES` bytes of UTF-8: one all-reduce."""
+        table = torch.zeros(self.world, MESSAGE_BYTES, dtype=torch.uint8)
+        encoded = own.encode()[:MESSAGE_BYTES]
+        if encoded:
+            table[self.rank, : len(encoded)] = torch.frombuffer(
+                bytearray(encoded), dtype=torch.uint8
+            )
+        table = self.all_reduce(table, what)
+        return [bytes(row.tolist()).rstrip(b"\0").decode(errors="replace") for row in table]
+
     def fail(self, failure: Exception | None, failed: list[int], where: str) -> None:
         """Every rank knows that the ``failed`` ranks raised: they share their messages,
         the failed ranks raise their own error, the others a :class:`DistributedError`.
@@ -340,16 +371,9 @@ class _Group:
         :class:`DirectionOverflowElsewhere`, so that all skip alike; where another error
         came too, an owner's overflow is raised as a :class:`DistributedError` naming it,
         so that all raise alike (found by review: one rank skipped, one raised)."""
-        text = torch.zeros(self.world, MESSAGE_BYTES, dtype=torch.uint8)
-        if failure is not None:
-            message = f"{type(failure).__name__}: {failure}".encode()[:MESSAGE_BYTES]
-            text[self.rank, : len(message)] = torch.frombuffer(
-                bytearray(message), dtype=torch.uint8
-            )
-        text = self.all_reduce(text, "error messages")
-        messages = {
-            r: bytes(text[r].tolist()).rstrip(b"\0").decode(errors="replace") for r in failed
-        }
+        own = "" if failure is None else f"{type(failure).__name__}: {failure}"
+        texts = self.texts(own, "error messages")
+        messages = {r: texts[r] for r in failed}
         overflows = all(m.startswith(f"{DirectionOverflow.__name__}:") for m in messages.values())
         if failure is not None and (overflows or not isinstance(failure, DirectionOverflow)):
             raise failure
@@ -363,6 +387,13 @@ class _Group:
             f"rank {first}{also} of {self.world} failed in {where}: {messages[first]}. Every "
             "rank raises; .grad is left as it was on every rank"
         ) from failure
+
+
+def _per_sample(passes: tuple[tuple[int, ...], ...]) -> str:
+    """The shape of a sample in each pass, as the agreement's refusal names it: ``(4, 3)``
+    for one pass, ``[(4, 3), (2, 3)]`` for several."""
+    shapes = [tuple(shape[1:]) for shape in passes]
+    return str(shapes[0]) if len(shapes) == 1 else str(shapes)
 
 
 # ------------------------------------------------------------------- a block's share
@@ -835,7 +866,7 @@ def solve(
         # be the batch, a Linear on (T, N, f) or a position embedding of (T, E), and every
         # rank weighted its gradient 1 / P: 0.96-1.8 off on shards of 3 and 1)
         samples = 0 if problem is None else (passes[-1][0] if passes else _samples(problem))
-        sizes = net.agree(failure, samples, signature, params, constants, len(passes))
+        sizes = net.agree(failure, samples, signature, params, constants, passes)
         N = sum(sizes)
         if len(passes) > 1:  # micro-batches: each rank's share of each, on every rank
             table = torch.zeros(net.world, len(passes), dtype=torch.int64)

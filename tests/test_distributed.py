@@ -1127,15 +1127,23 @@ def test_token_outputs_of_other_lengths_on_the_ranks_are_refused(run):
     """Found by review: a mean over every token, T = 4 on one rank and 2 on the other,
     was weighted by sequences, 0.23 off: which mean the loss takes decides the weights.
     So it was by rc.direction with euclidean and kfac (found by a hunt: 0.47 and 0.40 off);
-    layerwise and natural were refused only as their rows' widths differed."""
+    layerwise and natural were refused only as their rows' widths differed. The refusal
+    names each rank's shape (found by review: "samples of other shapes", but not which)."""
     world, results = run
+    others = f"rank{'s' * (world > 2)} {', '.join(map(str, range(1, world)))}"
     for result in results:
         for call, outcome in result["tokens of other lengths"].items():
             if world == 1:
                 assert outcome is None, call
             else:
                 kind, message = outcome
-                assert kind == "ValueError" and "samples of other shapes" in message, call
+                # a sample's output (T, C) in pre.step(), its targets (T,) in rc.direction
+                shapes = (
+                    "(4, 3) on rank 0; (2, 3)" if call == "pre.step" else "(4,) on rank 0; (2,)"
+                )
+                assert kind == "ValueError", call
+                assert "the ranks' samples differ in shape" in message, call
+                assert f"{shapes} on {others})" in message, (call, message)
 
 
 def test_shards_are_weighted_by_their_samples_where_a_module_returns_no_batch(run):

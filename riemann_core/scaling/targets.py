@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import reprlib
 import shlex
 import statistics
 import sys
@@ -96,6 +97,17 @@ NETWORK, SMALL_NETWORK, BATCH = (784, 1024, 1024, 10), (64, 32, 32, 10), 128
 #: cold, the sampled step / SGD step read 2.04 where the same run's repeated calls gave
 #: 12.73 against 7.71 ms, 1.65).
 WARMUP = 1
+#: Interleaved rounds of a run (``--quick``: fewer), and how many times as many the calls on
+#: the small network take (each a fraction of a millisecond).
+ROUNDS, QUICK_ROUNDS, SMALL_ROUNDS = 11, 5, 5
+#: The most per-round ratios a figure of a run holds: the small network's (K-FAC's, twice
+#: its 7 rounds where a variant is timed again, fewer). Their bootstrap takes memory in
+#: proportion: a record with more is refused (found by review: a hand-edited list of 10**7
+#: raised MemoryError).
+MOST_RATIOS = SMALL_ROUNDS * ROUNDS
+#: The largest ``targets.json`` read back, over a hundred times a run's (about 30 kB):
+#: parsed, a corrupted file of 10**8 numbers would take gigabytes.
+RECORD_BYTES = 2**22
 #: ``id: what`` of the reference ratios (no goal): the lean eager step (:class:`LeanStep`).
 REFERENCES = {
     "lean_step": "lean eager step, the same algebra without checks (reference) / SGD step",
@@ -265,7 +277,7 @@ def measure_targets(
     """Measure the targets; ``progress(label)`` is called before each measurement."""
     progress = progress or (lambda label: None)
     torch.manual_seed(seed)
-    rounds = 5 if quick else 11
+    rounds = QUICK_ROUNDS if quick else ROUNDS
 
     def data(w):
         x = torch.randn(BATCH, w[0], device=device, dtype=dtype)
@@ -321,8 +333,8 @@ def measure_targets(
     small = mlp(SMALL_NETWORK).to(device, dtype)
     xs, ys = data(SMALL_NETWORK)
     small_steps = training_steps(small, xs, ys, metrics=("sampled",))
-    small_steps["lean"] = lean_step(small, xs, ys, 5 * rounds, device)
-    ts = interleaved(small_steps, 5 * rounds, device, warmup=WARMUP)
+    small_steps["lean"] = lean_step(small, xs, ys, SMALL_ROUNDS * rounds, device)
+    ts = interleaved(small_steps, SMALL_ROUNDS * rounds, device, warmup=WARMUP)
     small_run = training_run(copy.deepcopy(small), xs, ys, TRAINING_ROUNDS, device)
     where |= {f"small_{name}": call for name, call in small_steps.items()}
 
@@ -752,6 +764,12 @@ def read_targets(out: Path) -> dict:
     )
     if not path.is_file():
         raise ValueError(f"{path}: no such file; --report-only redraws a recorded run: {fix}")
+    size = path.stat().st_size
+    if size > RECORD_BYTES:  # refused unread: no run writes one as large
+        raise ValueError(
+            f"{path} holds {size} bytes, more than the {RECORD_BYTES} a record of riemann-bench "
+            f"targets takes (a corrupted or hand-edited file?): {fix}"
+        )
     try:
         payload = json.loads(path.read_text())
         check_record(payload)
@@ -777,7 +795,11 @@ def check_record(payload: dict) -> None:
     is not this version's (:data:`GOALS`), a network that is not widths, a time, count or
     size that is not positive (a time by kind negative), a device other than the CPU or
     CUDA. The pages would draw such values as they are (``nan``, a hand-edited ``met``, a
-    network ``a-b``, a negative time: found by hunts) and the exit code would follow them."""
+    network ``a-b``, a negative time: found by hunts) and the exit code would follow them.
+    More per-round ratios than a run records (:data:`MOST_RATIOS`) are refused too, and a
+    value is named by a bounded repr (a corrupted list may be huge or deeply nested)."""
+
+    shown = reprlib.repr
 
     def number(value, where: str, positive: bool = False, non_negative: bool = False) -> None:
         real = isinstance(value, int | float) and not isinstance(value, bool)
@@ -788,11 +810,11 @@ def check_record(payload: dict) -> None:
             or (non_negative and value < 0)
         ):
             sign = " positive" * positive + " non-negative" * non_negative
-            raise ValueError(f"{where} is {value!r}, not a finite{sign} number")
+            raise ValueError(f"{where} is {shown(value)}, not a finite{sign} number")
 
     def count(value, where: str) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{where} is {value!r}, not a count of 1 or more")
+            raise ValueError(f"{where} is {shown(value)}, not a count of 1 or more")
 
     def judged(item: dict, where: str, sense: str, bound: float) -> None:
         # a ratio of two times: positive (found by a hunt: -1 was drawn as met)
@@ -820,7 +842,12 @@ def check_record(payload: dict) -> None:
     def follows(item: dict, where: str) -> None:
         ratios = item["ratios"]
         if not isinstance(ratios, list) or not ratios:
-            raise ValueError(f"{where}.ratios is {ratios!r}, not a list of per-round ratios")
+            raise ValueError(f"{where}.ratios is {shown(ratios)}, not a list of per-round ratios")
+        if len(ratios) > MOST_RATIOS:
+            raise ValueError(
+                f"{where}.ratios holds {len(ratios)} ratios, more than the {MOST_RATIOS} rounds "
+                "a run records"
+            )
         for k, r in enumerate(ratios):
             number(r, f"{where}.ratios[{k}]", positive=True)
         if item.get("rounds", len(ratios)) != len(ratios):
@@ -838,7 +865,7 @@ def check_record(payload: dict) -> None:
             or len(value) < 2
             or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in value)
         ):
-            raise ValueError(f"{where} is {value!r}, not a network's layer widths")
+            raise ValueError(f"{where} is {shown(value)}, not a network's layer widths")
 
     device = payload["environment"]["device"]
     if not isinstance(device, str) or not re.fullmatch(r"(cpu|cuda)(:\d+)?", device):

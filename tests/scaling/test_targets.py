@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -472,6 +473,46 @@ def test_a_figure_keeps_its_ratios_and_a_record_they_do_not_give_is_refused():
         _set(edited, path, value)
         with pytest.raises(ValueError, match=message):
             targets.check_record(edited)
+
+
+def test_report_only_refuses_more_ratios_than_a_run_records_naming_the_file_and_field(
+    tmp_path,
+):
+    """Found by review: a figure's per-round ratios were taken in any number, and their
+    bootstrap took memory in proportion (10**7 of them, rounds edited alike: MemoryError);
+    a corrupted value was named by its whole repr (a deeply nested list: RecursionError).
+    More ratios than a run records, or a record larger than any run writes, are refused
+    naming the file and what is wrong; the committed records, whose small network's figure
+    holds the most a run records, pass."""
+    root = Path(__file__).resolve().parents[2]
+    for device in ("cpu", "cuda"):
+        targets.read_targets(root / "reports" / device)
+    cpu = json.loads((root / "reports" / "cpu" / "targets.json").read_text())
+    assert max(len(f["ratios"]) for f in cpu["figures"]) == targets.MOST_RATIOS
+    out = tmp_path / "out"
+    out.mkdir()
+    args = _args(out, None)
+    args.report_only = True
+    ratios = cpu["figures"][0]["ratios"]
+    more = ratios * (targets.MOST_RATIOS // len(ratios) + 1)  # (its rounds edited alike)
+    nested = json.loads("[" * 50 + "1.0" + "]" * 50)
+    for figure, message in [
+        (
+            {"ratios": more, "rounds": len(more)},
+            rf"figures\[0\].ratios holds {len(more)} ratios, more than the "
+            rf"{targets.MOST_RATIOS} rounds a run records",
+        ),
+        ({"ratios": [nested]}, r"figures\[0\].ratios\[0\] is \[{7}\.\.\.\]{7}, not a finite"),
+        ({"ratios": [1.0] * 2**20}, rf"holds \d+ bytes, more than the {targets.RECORD_BYTES}"),
+    ]:
+        record = json.loads(json.dumps(cpu))
+        record["figures"][0].update(figure)
+        (out / "targets.json").write_text(json.dumps(record))
+        path = re.escape(str(out / "targets.json"))
+        with pytest.raises(ValueError, match=f"{path}.*{message}") as refused:
+            targets.run(args)
+        assert len(str(refused.value)) < 1000
+    assert [p.name for p in out.iterdir()] == ["targets.json"]
 
 
 @pytest.mark.parametrize(("path", "value", "message"), CORRUPTED)
