@@ -116,7 +116,7 @@ def interleaved(rounds: int, chunk: int, results: Path | None = None) -> list[di
         done = subprocess.run(
             [*command, "--one-round", str(r)],
             check=True,
-            capture_output=True,
+            stdout=subprocess.PIPE,  # its stderr passes through: a failed round's traceback
             text=True,
             cwd=Path(__file__).resolve().parent.parent,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,14 @@ def test_results_without_a_sweep_are_refused_before_any_work_naming_the_file(
         assert f"{results}/{wrong}" in error, error
         assert f"make one with riemann-bench run --quick --out {results}" in error, error
     assert not out.exists()
+
+
+def test_a_failed_round_shows_its_own_error(tmp_path, capfd):
+    """Found by review: a round's process ran with its stderr captured and dropped, so a
+    failure read ``CalledProcessError ... exit status 1`` alone. Its traceback now reaches
+    the terminal (here a ``results.csv`` corrupted after the check before any work)."""
+    (tmp_path / "results.csv").write_text("width,depth\n4,1\n")
+    with pytest.raises(subprocess.CalledProcessError):
+        cluster.interleaved(1, 10, tmp_path)
+    error = capfd.readouterr().err
+    assert f"{tmp_path}/results.csv is not a results file" in " ".join(error.split()), error
