@@ -1394,3 +1394,40 @@ def test_an_absent_rank_times_out_instead_of_hanging(run):
         kind, message = result["failures"]["absent rank"]
         assert kind == "DistributedError" and "did not complete within 2 s" in message
         assert f"rank {rank} of {world} waited for the" in message  # itself, not the absent one
+
+
+def _agreement_on(rank: int, signatures: list[int], passes: list[tuple]) -> str:
+    """The refusal that rank ``rank`` of ``len(passes)`` raises at the agreement where the
+    ranks' ``signatures`` differ and rank ``q`` ran the forward ``passes[q]``: each
+    all-reduce answered, in this process, with every rank's part."""
+    world = len(passes)
+    agreement = torch.zeros(world, costs.AGREEMENT_SLOTS, dtype=torch.int64)
+    texts = torch.zeros(world, distributed.MESSAGE_BYTES, dtype=torch.uint8)
+    for q in range(world):
+        agreement[q, :4] = torch.tensor([0, passes[q][-1][0], signatures[q], len(passes[q])])
+        text = distributed._per_sample(passes[q]).encode()[: distributed.MESSAGE_BYTES]
+        texts[q, : len(text)] = torch.tensor(list(text), dtype=torch.uint8)
+    whole = {"agreement": agreement, "shapes of the samples": texts}
+    net = object.__new__(distributed._Group)
+    net.rank, net.world, net.timeout, net.traffic = rank, world, 1.0, distributed.Traffic()
+    net.all_reduce = lambda tensor, what: whole[what].clone()
+    with pytest.raises(ValueError) as refused:
+        net.agree(None, passes[rank][-1][0], signatures[rank], None, None, passes[rank])
+    return str(refused.value)
+
+
+def test_ranks_whose_passes_differ_late_in_many_are_named_apart():
+    """Found by review: the ranks' shapes, one text of at most MESSAGE_BYTES each, listed
+    every pass: 256 passes of token outputs (1, 1000, 3) outran it, so that a rank whose
+    last pass differed was named with those it differs from ("on ranks 1, 2"). Runs of
+    passes alike are named once with their count; a text still cut names no rank."""
+    alike = [(1, 1000, 3)] * 256
+    passes = [[(1, 999, 3), *alike[1:]], alike, [*alike[:-1], (1, 998, 3)]]
+    for rank in range(3):
+        message = _agreement_on(rank, [1, 2, 3], [tuple(p) for p in passes])
+        assert "(999, 3), (1000, 3) x255] on rank 0;" in message, message
+        assert "[(1000, 3) x256] on rank 1;" in message, message
+        assert "[(1000, 3) x255, (998, 3)] on rank 2)" in message, message
+    distinct = [(1, 1000 + k, 3) for k in range(256)]  # (no run: longer than MESSAGE_BYTES)
+    message = _agreement_on(0, [1, 2], [tuple(distinct), (*distinct[:-1], (1, 7, 3))])
+    assert "see different blocks or options" in message, message

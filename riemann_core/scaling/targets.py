@@ -851,7 +851,7 @@ def check_record(payload: dict) -> None:
         for k, r in enumerate(ratios):
             number(r, f"{where}.ratios[{k}]", positive=True)
         if item.get("rounds", len(ratios)) != len(ratios):
-            raise ValueError(f"{where} has {len(ratios)} ratios for {item['rounds']} rounds")
+            raise ValueError(f"{where} has {len(ratios)} ratios for {shown(item['rounds'])} rounds")
         stated = (item["ratio"], item.get("low", item["ratio"]), item.get("high", item["ratio"]))
         if not np.allclose(stated, median_interval(ratios), rtol=1e-9, atol=0):
             raise ValueError(
@@ -869,9 +869,9 @@ def check_record(payload: dict) -> None:
 
     device = payload["environment"]["device"]
     if not isinstance(device, str) or not re.fullmatch(r"(cpu|cuda)(:\d+)?", device):
-        raise ValueError(f"environment.device is {device!r}, not cpu[:N] or cuda[:N]")
+        raise ValueError(f"environment.device is {shown(device)}, not cpu[:N] or cuda[:N]")
     if payload.get("device", torch.device(device).type) != torch.device(device).type:
-        raise ValueError(f"device {payload['device']!r} differs from environment.device")
+        raise ValueError(f"device {shown(payload['device'])} differs from environment.device")
     for key in ("gemm_flops_per_s", "cholesky_flops_per_s"):
         number(payload[key], key, positive=True)
     widths(payload["network"], "network")
@@ -901,7 +901,7 @@ def check_record(payload: dict) -> None:
         raise ValueError("figures is empty")
     for i, f in enumerate(payload["figures"]):
         if f["id"] not in GOALS or f["sense"] not in ("<=", ">="):
-            raise ValueError(f"figures[{i}] is not a goal ({f['id']!r}, {f['sense']!r})")
+            raise ValueError(f"figures[{i}] is not a goal ({shown(f['id'])}, {shown(f['sense'])})")
         number(f["goal"], f"figures[{i}].goal")
         _, sense, bound = GOALS[f["id"]]
         if (f["sense"], f["goal"]) != (sense, bound):
@@ -920,7 +920,7 @@ def check_record(payload: dict) -> None:
         widths(r["network"], f"references[{i}].network")
     kfac = payload["kfac"]
     if not isinstance(kfac["measured"], bool):
-        raise ValueError(f"kfac.measured is {kfac['measured']!r}, not true or false")
+        raise ValueError(f"kfac.measured is {shown(kfac['measured'])}, not true or false")
     for i, n in enumerate(kfac["networks"] if kfac["measured"] else []):
         widths(n["network"], f"kfac.networks[{i}].network")
         number(n["batch"], f"kfac.networks[{i}].batch", positive=True)

@@ -515,6 +515,34 @@ def test_report_only_refuses_more_ratios_than_a_run_records_naming_the_file_and_
     assert [p.name for p in out.iterdir()] == ["targets.json"]
 
 
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("environment.device", r"environment.device is 'x+\.\.\.x+'"),
+        ("device", r"device 'x+\.\.\.x+' differs"),
+        ("figures.0.id", r"figures\[0\] is not a goal \('x+\.\.\.x+', "),
+        ("figures.0.sense", r"figures\[0\] is not a goal \('speed_of_light', 'x+\.\.\.x+'\)"),
+        ("kfac.measured", r"kfac.measured is 'x+\.\.\.x+'"),
+        ("figures.0.rounds", r"figures\[0\] has 11 ratios for 'x+\.\.\.x+' rounds"),
+    ],
+)
+def test_report_only_names_a_long_value_by_a_bounded_repr(path, message, tmp_path):
+    """Found by review: the bounded repr named some values only; a string of 3 MB (a record
+    under :data:`targets.RECORD_BYTES`) in the device, a figure's id or sense, kfac.measured
+    or a figure's rounds was copied whole into the message."""
+    root = Path(__file__).resolve().parents[2]
+    record = json.loads((root / "reports" / "cpu" / "targets.json").read_text())
+    _set(record, path, "x" * 3_000_000)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "targets.json").write_text(json.dumps(record))
+    args = _args(out, None)
+    args.report_only = True
+    with pytest.raises(ValueError, match=f"targets.json is not a record.*{message}") as refused:
+        targets.run(args)
+    assert len(str(refused.value)) < 1000
+
+
 @pytest.mark.parametrize(("path", "value", "message"), CORRUPTED)
 def test_report_only_refuses_values_no_run_writes(path, value, message, tmp_path):
     """A recorded run with a value no run writes is refused by --report-only, naming the
