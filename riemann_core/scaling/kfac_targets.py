@@ -46,6 +46,9 @@ NETWORKS = (
     ((784, 1024, 1024, 10), 1024),
 )
 DAMPING = 1e-3
+#: Interleaved rounds of a variant's timing (``--quick``: fewer); a ratio above
+#: ``GOAL / MARGIN`` is timed in as many more.
+ROUNDS, QUICK_ROUNDS = 7, 3
 
 
 def measure_kfac(*, device="cpu", dtype=torch.float32, quick=False, seed=0, progress=None) -> dict:
@@ -54,7 +57,7 @@ def measure_kfac(*, device="cpu", dtype=torch.float32, quick=False, seed=0, prog
     progress = progress or (lambda label: None)
     if not public_kfac.available():
         return {"measured": False, "reason": f"curvlinops is not installed ({public_kfac.INSTALL})"}
-    rounds = 3 if quick else 7
+    rounds = QUICK_ROUNDS if quick else ROUNDS
     result = {
         "measured": True,
         "public": f"curvlinops-for-pytorch {version('curvlinops-for-pytorch')}",

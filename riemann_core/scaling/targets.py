@@ -100,11 +100,11 @@ WARMUP = 1
 #: Interleaved rounds of a run (``--quick``: fewer), and how many times as many the calls on
 #: the small network take (each a fraction of a millisecond).
 ROUNDS, QUICK_ROUNDS, SMALL_ROUNDS = 11, 5, 5
-#: The most per-round ratios a figure of a run holds: the small network's (K-FAC's, twice
-#: its 7 rounds where a variant is timed again, fewer). Their bootstrap takes memory in
+#: The most per-round ratios a figure of a run holds: the small network's, or K-FAC's, twice
+#: its rounds where a variant is timed again, whichever is more. Their bootstrap takes memory in
 #: proportion: a record with more is refused (found by review: a hand-edited list of 10**7
 #: raised MemoryError).
-MOST_RATIOS = SMALL_ROUNDS * ROUNDS
+MOST_RATIOS = max(SMALL_ROUNDS * ROUNDS, 2 * kfac_targets.ROUNDS)
 #: The largest ``targets.json`` read back, over a hundred times a run's (about 30 kB):
 #: parsed, a corrupted file of 10**8 numbers would take gigabytes.
 RECORD_BYTES = 2**22
