@@ -43,6 +43,13 @@ def check_damping(damping) -> None:
         )
 
 
+def damping_vanishes(damping: float, dtype: torch.dtype) -> bool:
+    """Whether ``damping`` is 0 in ``dtype``: half its smallest subnormal, or less, rounds
+    to 0 (shared with the studies, which refuse such a damping before they train)."""
+    info = torch.finfo(dtype)
+    return damping <= info.smallest_normal * info.eps / 2
+
+
 def check_damping_fits(damping: float, params, solve_dtype: torch.dtype | None) -> None:
     """Refuse a ``damping`` past the largest number of the dtype the metric is formed in
     (``solve_dtype``, else each parameter's): ``mu I`` would be inf there (found by a
@@ -50,9 +57,8 @@ def check_damping_fits(damping: float, params, solve_dtype: torch.dtype | None) 
     LinAlgError under ``full``, and under ``kfac`` a zero direction)."""
     dtypes = {solve_dtype} if solve_dtype is not None else {p.dtype for _, p in params}
     for dtype in sorted(dtypes, key=lambda d: torch.finfo(d).max):
-        info = torch.finfo(dtype)  # half the smallest subnormal, or less, rounds to 0
-        if damping <= info.smallest_normal * info.eps / 2:  # (found by a hunt: 1e-46 in
-            raise ValueError(  # float32 was refused by the solve, after the backward pass)
+        if damping_vanishes(damping, dtype):  # (found by a hunt: 1e-46 in float32 was
+            raise ValueError(  # refused by the solve, after the backward pass)
                 f"damping {damping:g} is 0 in {dtype} (below its smallest subnormal), the "
                 "dtype the metric mu I + K^T K is formed in: mu I would vanish. Use a damping "
                 "the model's dtype holds (or solve_dtype=torch.float64)"

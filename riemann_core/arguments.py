@@ -68,6 +68,17 @@ def seed(text: str) -> int:
     return value
 
 
+def check_at_most(option: str, value: float, largest: float, why: str) -> None:
+    """``ValueError`` naming ``option``, its ``value``, its bound ``largest`` (``why``: what
+    the bound holds the command to) and the fix, for a ``value`` past ``largest``: a count a
+    study makes a list of, or loops over, refused before any work (found by a hunt: at
+    ``10**20`` a list of seeds was killed for memory, and steps ran without end)."""
+    if value > largest:
+        raise ValueError(
+            f"{option} {value} is more than {largest}, {why}: pass {option} {largest} or fewer"
+        )
+
+
 def positive_seconds(text: str) -> float:
     """``"600"`` -> ``600.0``; zero, negative, NaN, inf or more than a collective can wait
     (``riemann_core.distributed.MAX_TIMEOUT``) is an argparse error."""

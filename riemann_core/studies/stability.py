@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..arguments import (
     Command,
+    check_at_most,
     check_choices,
     check_distinct,
     check_report_only,
@@ -47,7 +48,7 @@ from . import digits
 from .stability_fit import METRICS
 from .trainer import DIVERGED, OPTIMISERS, Config, train
 from .trainer import STATUSES as RUN_STATUSES
-from .training import DTYPES
+from .training import DTYPES, check_dampings_hold
 
 HELP = "distance between models trained on neighbouring data sets, against damping and size"
 DESCRIPTION = (
@@ -65,6 +66,12 @@ METHODS = tuple(m for m, spec in OPTIMISERS.items() if spec.damped)
 TEST_SHARE = 0.2
 #: a pair's status: its runs' (the first that is not ok), or "not trained" (kept, not fitted)
 STATUSES = (*RUN_STATUSES, "not trained")
+#: The most pair seeds per grid point: the default sweep's 5 take 10 minutes on 2 CPU
+#: cores, these about 33 hours (and the report resamples them).
+MAX_PAIRS = 1000
+#: The most training steps per run: the default sweep's 300 take 10 minutes on 2 CPU cores,
+#: these about 55 hours.
+MAX_STEPS = 100_000
 
 
 @dataclass(frozen=True)
@@ -115,9 +122,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dampings", type=floats, metavar="A,B,..", help="values of mu")
     group.add_argument("--sizes", type=ints, metavar="A,B,..", help="training-set sizes n")
     group.add_argument(
-        "--pairs", type=int, help="pairs (seeds) per point, at least 5 for an interval (a verdict)"
+        "--pairs",
+        type=int,
+        help="pairs (seeds) per point: at least 5 for an interval (a verdict), at most "
+        f"{MAX_PAIRS}",
     )
-    group.add_argument("--steps", type=int, help="training steps per run, the same for every n")
+    group.add_argument(
+        "--steps",
+        type=int,
+        help=f"training steps per run, the same for every n (at most {MAX_STEPS})",
+    )
     group.add_argument("--lr", type=float, help="learning rate, the same for every point")
     group.add_argument("--batch-size", type=int, help="examples per step")
     group.add_argument("--model", choices=digits.MODELS, help="the network trained")
@@ -158,12 +172,22 @@ def check_sweep(sweep: Sweep) -> Sweep:
         )
     if not sweep.sizes or min(sweep.sizes) < 2:
         raise ValueError(f"every training-set size must be at least 2, got {list(sweep.sizes)}")
+    check_dampings_hold(sweep.dampings, sweep.dtype)
     check_distinct("--dampings", sweep.dampings)
     check_distinct("--sizes", sweep.sizes)
     if sweep.pairs < 1 or sweep.steps < 1:
         raise ValueError(
             f"--pairs and --steps must be positive, got {sweep.pairs} and {sweep.steps}"
         )
+    # (found by a hunt: 10**20 pairs were killed for memory, 10**20 steps ran without end)
+    check_at_most("--pairs", sweep.pairs, MAX_PAIRS, "the most pair seeds a sweep trains")
+    check_at_most(
+        "--steps",
+        sweep.steps,
+        MAX_STEPS,
+        "the most steps a sweep trains a run for "
+        f"({MAX_STEPS} steps: about 55 hours of the default sweep on 2 CPU cores)",
+    )
     if not 0 < sweep.lr <= largest:
         raise ValueError(
             f"--lr must be positive and at most the largest {sweep.dtype} ({largest:.3g}), "

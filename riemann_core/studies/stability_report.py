@@ -22,6 +22,7 @@ from .results import (
     FRACTION,
     NON_NEGATIVE,
     POSITIVE,
+    SEED,
     Range,
     check_options,
     check_record,
@@ -78,7 +79,7 @@ RECORD = {
         "dtype": "text",
     },
     "environment": "an object",
-    "seed": "a whole number >= 0",  # the bootstrap's seed too
+    "seed": SEED,  # the bootstrap's seed too
     "pool": "a whole number >= 0",
     "test": "a whole number >= 0",
 }

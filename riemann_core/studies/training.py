@@ -20,8 +20,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from .._checks import damping_vanishes
 from ..arguments import (
     Command,
+    check_at_most,
     check_choices,
     check_distinct,
     check_report_only,
@@ -50,6 +52,12 @@ METHODS = tuple(OPTIMISERS)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: test and validation shares of the 1,797 digits (stratified); the rest is the training split
 SPLIT = (0.2, 0.2)
+#: The most seeds a study trains the chosen configurations with: each one more run of every
+#: model and method, about a minute of the default study on 2 CPU cores (16 hours for all).
+MAX_SEEDS = 1000
+#: The longest budget, in epochs: the default study's 20 take 13 minutes on 2 CPU cores, these
+#: about 11 hours (a smaller --batch-size takes more steps for as many epochs).
+MAX_EPOCHS = 1000
 
 
 @dataclass(frozen=True)
@@ -125,10 +133,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="damping grid of the preconditioned methods",
     )
     group.add_argument(
-        "--seeds", type=int, help="seeds per chosen configuration (at least 3 for a spread)"
+        "--seeds",
+        type=int,
+        help=f"seeds per chosen configuration (at least 3 for a spread, at most {MAX_SEEDS})",
     )
     group.add_argument(
-        "--epochs", type=float, help="budget in passes over the training split, the same for all"
+        "--epochs",
+        type=float,
+        help=f"budget in passes over the training split, the same for all (at most {MAX_EPOCHS})",
     )
     group.add_argument("--batch-size", type=int, help="examples per step")
     group.add_argument("--evaluations", type=int, help="evaluations per run (points on each curve)")
@@ -192,10 +204,25 @@ def check_study(study: Study) -> Study:
     for values in study.lrs.values():
         check_distinct("--lrs", values)
     check_distinct("--dampings", study.dampings)
+    check_dampings_hold(study.dampings, study.dtype)
     if study.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {study.seeds}")
+    # (found by a hunt: 10**20 seeds were killed for memory, 1e300 epochs ran without end)
+    check_at_most(
+        "--seeds",
+        study.seeds,
+        MAX_SEEDS,
+        "the most a study trains (each one more run of every model and method)",
+    )
     if not 0 < study.epochs < math.inf:
         raise ValueError(f"--epochs must be positive and finite, got {study.epochs}")
+    check_at_most(
+        "--epochs",
+        study.epochs,
+        MAX_EPOCHS,
+        "the longest budget a study trains for "
+        f"({MAX_EPOCHS} epochs: about 11 hours of the default study on 2 CPU cores)",
+    )
     if study.batch_size < 1 or study.evaluations < 1:
         raise ValueError(
             f"--batch-size and --evaluations must be positive, got {study.batch_size} "
@@ -204,6 +231,33 @@ def check_study(study: Study) -> Study:
     if not 0 < study.target_accuracy <= 1:
         raise ValueError(f"--target-accuracy must lie in (0, 1], got {study.target_accuracy}")
     return study
+
+
+def check_dampings_hold(dampings: tuple[float, ...], dtype: str) -> None:
+    """``ValueError`` naming the ``dampings`` that are 0 in ``dtype``, the dtype a study
+    trains in, and the fix (found by a hunt: ``--dampings 1e-320`` in float32 passed, and
+    the preconditioner refused it at the first damped run, after the earlier study in
+    ``--out`` was set aside and other runs were trained)."""
+    if vanishing := [mu for mu in dampings if damping_vanishes(mu, DTYPES[dtype])]:
+        info = torch.finfo(DTYPES[dtype])
+        raise ValueError(
+            f"--dampings {vanishing} round to 0 in {dtype}, the dtype the study trains in "
+            f"(its smallest subnormal is {info.smallest_normal * info.eps:.3g}): mu I would "
+            "vanish; pass larger --dampings, or --dtype float64"
+        )
+
+
+def plan(study: Study, seed: int, train_size: int) -> dict:
+    """What the study derives from its options, ``--seed`` and the training split's size,
+    under the names ``training.json`` records them with (its report checks them against)."""
+    steps = math.ceil(study.epochs * train_size / study.batch_size)
+    return {
+        "tuning_seed": seed + study.seeds,  # not one of the seeds the results are reported for
+        "seeds": [seed + i for i in range(study.seeds)],
+        "steps": steps,
+        "eval_every": max(1, math.ceil(steps / study.evaluations)),
+        "examples_per_run": steps * study.batch_size,
+    }
 
 
 def load_split(seed: int, device: torch.device, dtype: torch.dtype) -> dict[str, digits.Examples]:
@@ -261,10 +315,9 @@ def _study(args: argparse.Namespace, out: Path) -> None:
             f"--batch-size may be at most the {len(data['train'])} training examples, "
             f"got {study.batch_size}"
         )
-    steps = math.ceil(study.epochs * len(data["train"]) / study.batch_size)
-    eval_every = max(1, math.ceil(steps / study.evaluations))
-    tune_seed = args.seed + study.seeds  # not one of the seeds the results are reported for
-    seeds = [args.seed + i for i in range(study.seeds)]
+    derived = plan(study, args.seed, len(data["train"]))
+    steps, eval_every = derived["steps"], derived["eval_every"]
+    tune_seed, seeds = derived["tuning_seed"], derived["seeds"]
     n_runs = sum(len(study.configs(m)) for m in study.methods) * len(study.models)
     n_runs += len(study.models) * len(study.methods) * study.seeds
     # not beside an earlier study's record, tables, figures or report: those kept apart
@@ -324,7 +377,7 @@ def _study(args: argparse.Namespace, out: Path) -> None:
             "split": {name: len(ex) for name, ex in data.items()},
             "steps": steps,
             "eval_every": eval_every,
-            "examples_per_run": steps * study.batch_size,
+            "examples_per_run": derived["examples_per_run"],
             "chosen": {
                 f"{m}/{meth}": None if c is None else asdict(c) for (m, meth), c in chosen.items()
             },

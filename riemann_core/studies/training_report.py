@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 import shlex
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from .results import (
     FRACTION,
     NON_NEGATIVE,
     POSITIVE,
+    SEED,
     check_options,
     check_record,
     check_rows,
@@ -31,7 +33,7 @@ from .results import (
     first_line,
 )
 from .trainer import OPTIMISERS, STATUSES
-from .training import choose, study_of
+from .training import choose, plan, study_of
 
 CURVES = (
     ("train_loss", "train loss", "log"),
@@ -96,7 +98,7 @@ RECORD = {
     },
     "environment": "an object",
     "split": "an object of whole numbers >= 0",
-    "seed": "a whole number >= 0",
+    "seed": SEED,
     "tuning_seed": "a whole number >= 0",
     "seeds": "a list of whole numbers >= 0",
     "steps": "a whole number >= 0",
@@ -136,6 +138,15 @@ def load(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
             f"{out / 'training.json'}: 'split' is {split}, but the study records the sizes of "
             f"its train (at least 1), validation and test splits: {rerun(COMMAND)}"
         )
+    # what the study derives from its options, seed and split (found by a hunt: an
+    # 'eval_every' of 0 and seeds it cannot have trained with were reported as recorded)
+    for key, value in plan(study_of(meta["study"]), meta["seed"], split["train"]).items():
+        if meta[key] != value:
+            raise ValueError(
+                f"{out / 'training.json'}: {key!r} is {reprlib.repr(meta[key])}, but the study "
+                f"derives {reprlib.repr(value)} from its options, seed and split there: "
+                f"{rerun(COMMAND)}"
+            )
     study = meta["study"]
     labels = {"model": study["models"], "method": study["methods"], "status": STATUSES}
     for frame, (name, columns) in zip(frames, tables.items()):
@@ -202,6 +213,20 @@ def check_design(runs: pd.DataFrame, tuning: pd.DataFrame, meta: dict, out: Path
                 f"{out / 'runs.csv'} line {line}: "
                 f"the run {model}/{method} seed {seed} ended at step {step} (a record that is "
                 f"not ok), and a run records nothing after that: {rerun(COMMAND)}"
+            )
+    # a run's time_s is the training time so far: 0 at step 0, never less at a later step
+    # (found by a hunt: a clock that went back, or started at 5 s, was reported as measured)
+    run_key = ["model", "method", "seed"]
+    earlier = runs.sort_values("step", kind="stable").groupby(run_key, sort=False)["time_s"]
+    back = (earlier.diff() < 0).reindex(runs.index)
+    for bad, what in (
+        ((runs["step"] == 0) & (runs["time_s"] != 0), "a time_s other than 0 at step 0"),
+        (back, "a time_s below that of an earlier step of its run"),
+    ):
+        if bad.any():
+            raise ValueError(
+                f"{out / 'runs.csv'} line {first_line(bad)} holds {what}, which the study's "
+                f"clock cannot have written: {rerun(COMMAND)}"
             )
     last = final_rows(runs)
     short = last[(last["status"] == "ok") & (last["step"] != meta["steps"])]

@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -12,13 +13,22 @@ from test_training import (
     cut_short,
     failing_report_changes_nothing,
     refused,
+    refused_before_the_data,
     second,
     set_key,
 )
 
 from riemann_core import cli
 from riemann_core.studies import stability_report
-from riemann_core.studies.stability import load_pool, neighbours, pair_distance
+from riemann_core.studies.stability import (
+    DEFAULT,
+    MAX_PAIRS,
+    MAX_STEPS,
+    check_sweep,
+    load_pool,
+    neighbours,
+    pair_distance,
+)
 from riemann_core.studies.stability_fit import (
     cluster_fit,
     joint_slopes,
@@ -282,7 +292,7 @@ def test_report_only_refuses_unknown_labels_and_impossible_numbers(
         ("sweep", "x", "'sweep' is 'x', but the study records an object there"),
         ("sweep.lr", "fast", "'sweep.lr' is 'fast', but the study records a finite number there"),
         ("sweep.methods", "layerwise", "'sweep.methods' is 'layerwise', but the study records a list of names there"),
-        ("seed", -1, "'seed' is -1, but the study records a whole number >= 0 there"),
+        ("seed", -1, "'seed' is -1, but the study records a seed, a whole number from 0 to 4294967295 there"),
         # found by a hunt: a traceback naming neither file nor fix, or the value reported
         ("sweep.dampings", ["a", "b"], "'sweep.dampings' is ['a', 'b'], but the study records a list of finite numbers there"),
         ("sweep.sizes", [40, "80"], "'sweep.sizes' is [40, '80'], but the study records a list of whole numbers >= 0"),
@@ -292,6 +302,10 @@ def test_report_only_refuses_unknown_labels_and_impossible_numbers(
         ("pool", None, "lacks 'pool'"),
         # found by a hunt: printed as recorded
         ("pool", 10, "'pool' is 10, but the study draws training sets of up to"),
+        ("seed", 2**80, f"'seed' is {2**80}, but the study records a seed, a whole number from 0 to 4294967295 there"),
+        # found by a hunt: the check of the pairs' indices broke off with an OverflowError
+        ("sweep.pairs", 10**20, f"'sweep' holds options the command refuses (--pairs {10**20} is more than 1000"),
+        ("sweep.steps", 10**20, f"'sweep' holds options the command refuses (--steps {10**20} is more than 100000"),
     ],
 )  # fmt: skip
 def test_report_only_refuses_a_record_of_the_wrong_kind(
@@ -328,6 +342,29 @@ def test_bad_options_are_clear_errors(options, message, tmp_path, capsys):
     assert cli.main(["stability", "--quick", *options, "--out", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o" / "pairs.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        # found by a hunt: the list of pairs was killed for memory
+        (["--pairs", str(10**20)], f"--pairs {10**20} is more than 1000, the most pair seeds a sweep trains: pass --pairs 1000 or fewer\n"),
+        # found by a hunt: the first run's steps ran without end
+        (["--steps", str(10**20)], f"--steps {10**20} is more than 100000, the most steps a sweep trains a run for"),
+        # found by a hunt: the preconditioner refused it at its first pair, after the
+        # earlier sweep in --out was set aside and the pairs before it were trained
+        (["--dtype", "float32", "--dampings", "0.1,1e-320"], "--dampings [1e-320] round to 0 in float32, the dtype the study trains in"),
+    ],
+)  # fmt: skip
+def test_counts_past_days_and_vanishing_dampings_are_refused_before_any_work(
+    options, message, tmp_path, capsys, monkeypatch
+):
+    refused_before_the_data("stability", options, message, tmp_path, capsys, monkeypatch)
+
+
+def test_the_bounds_take_their_own_values_and_float64_takes_small_dampings():
+    check_sweep(replace(DEFAULT, pairs=MAX_PAIRS, steps=MAX_STEPS))
+    check_sweep(replace(DEFAULT, dampings=(1e-320, 1.0), dtype="float64"))
 
 
 def test_a_sweep_stopped_early_leaves_no_earlier_pairs_beside_its_record(

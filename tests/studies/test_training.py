@@ -2,13 +2,15 @@
 
 import json
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from riemann_core import cli
-from riemann_core.studies.training import choose
+from riemann_core.studies import digits
+from riemann_core.studies.training import DEFAULT, MAX_EPOCHS, MAX_SEEDS, check_study, choose
 from riemann_core.studies.training_report import spread, summary, target_table, to_target
 
 SMALL = ["train", "--quick", "--models", "mlp", "--methods", "sgd,layerwise", "--epochs", "0.5",
@@ -283,6 +285,34 @@ def test_report_only_refuses_options_the_command_refuses(
     refused("train", tmp_path, message, capsys)
 
 
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        # found by a hunt: each was reported as the study's
+        ("seed", 2**80, f"'seed' is {2**80}, but the study records a seed, a whole number from 0 to 4294967295 there"),
+        ("eval_every", 0, "'eval_every' is 0, but the study derives 5 from its options, seed and split there"),
+        ("steps", 16, "'steps' is 16, but the study derives 17 from its options"),
+        ("examples_per_run", 1, "'examples_per_run' is 1, but the study derives 544 from its options"),
+        ("tuning_seed", 0, "'tuning_seed' is 0, but the study derives 2 from its options"),
+        ("seeds", [0, 5], "'seeds' is [0, 5], but the study derives [0, 1] from its options"),
+        ("study.seeds", 10**20, f"'study' holds options the command refuses (--seeds {10**20} is more than 1000"),
+        ("study.epochs", 1e300, "'study' holds options the command refuses (--epochs 1e+300 is more than 1000"),
+        ("study.dampings", [1e-320], "'study' holds options the command refuses (--dampings [1e-320] round to 0 in float32"),
+    ],
+)  # fmt: skip
+def test_report_only_refuses_a_record_the_study_cannot_have_written(
+    study, tmp_path, capsys, key, value, message
+):
+    """What the study derives from its options, seed and split (the budget in steps, the
+    evaluation spacing, the seeds) is what it records; a seed past ``--seed``'s bound, or
+    options the command refuses, it cannot have run with."""
+    copy_study(study, tmp_path)
+    record = json.loads((study / "training.json").read_text())
+    set_key(record, key, value)
+    (tmp_path / "training.json").write_text(json.dumps(record))
+    refused("train", tmp_path, f"training.json: {message}", capsys)
+
+
 def test_report_only_takes_the_blanks_a_run_writes(study, tmp_path):
     """A diverged row may lack measurements and sgd has no damping: neither is refused."""
     for file in ("runs.csv", "tuning.csv", "training.json"):
@@ -361,6 +391,44 @@ def test_bad_options_fail_before_any_training(options, message, tmp_path, capsys
     assert cli.main(["train", "--quick", *options, "--out", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def refused_before_the_data(command, options, message, tmp_path, capsys, monkeypatch):
+    """``command --quick options`` exits 2 naming ``message`` before it loads the digits
+    (a study that started would fail on them, exit 3, rather than run for days) and leaves
+    no ``--out``."""
+
+    def no_digits():
+        raise AssertionError("the study loaded the digits: it started its work")
+
+    monkeypatch.setattr(digits, "load_digits_arrays", no_digits)
+    out = tmp_path / "out"
+    assert cli.main([command, "--quick", *options, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        # found by a hunt: the list of seeds was killed for memory
+        (["--seeds", str(10**20)], f"--seeds {10**20} is more than 1000, the most a study trains (each one more run of every model and method): pass --seeds 1000 or fewer\n"),
+        # found by a hunt: the first run's steps ran without end
+        (["--epochs", "1e300"], "--epochs 1e+300 is more than 1000, the longest budget a study trains for"),
+        # found by a hunt: the preconditioner refused it at the first damped run, after
+        # the undamped ones were tuned
+        (["--dampings", "0.1,1e-320"], "--dampings [1e-320] round to 0 in float32, the dtype the study trains in (its smallest subnormal is 1.4e-45): mu I would vanish; pass larger --dampings, or --dtype float64\n"),
+    ],
+)  # fmt: skip
+def test_counts_past_days_and_vanishing_dampings_are_refused_before_any_work(
+    options, message, tmp_path, capsys, monkeypatch
+):
+    refused_before_the_data("train", options, message, tmp_path, capsys, monkeypatch)
+
+
+def test_the_bounds_take_their_own_values_and_float64_takes_small_dampings():
+    check_study(replace(DEFAULT, seeds=MAX_SEEDS, epochs=MAX_EPOCHS))
+    check_study(replace(DEFAULT, dampings=(1e-320,), dtype="float64"))
 
 
 def test_choose_takes_the_lowest_validation_loss_among_runs_that_did_not_diverge():
@@ -508,9 +576,12 @@ def _other_choice(df):
         # found by a hunt: reported with the wrong seeds, or a curve bent off the grid
         ("runs.csv", lambda df: df.assign(seed=df["seed"].replace("1", "7")), "holds a seed that training.json"),
         ("runs.csv", _off_grid, "holds a step off the evaluation grid"),
+        # found by a hunt: a run's clock that went back, or started late, was reported
+        ("runs.csv", lambda df: second(df, time_s="1e9"), "runs.csv line 4 holds a time_s below that of an earlier step of its run"),
+        ("runs.csv", lambda df: df.assign(time_s=df["time_s"].mask(df.index == 0, "5")), "runs.csv line 2 holds a time_s other than 0 at step 0"),
     ],
     ids=["runs-twice", "tuning-twice", "ok-run-cut-short", "tuning-chooses-another",
-         "seed-not-recorded", "step-off-grid"],
+         "seed-not-recorded", "step-off-grid", "time-back", "time-at-step-0"],
 )  # fmt: skip
 def test_report_only_refuses_results_the_study_cannot_have_written(
     study, tmp_path, capsys, name, edit, message
