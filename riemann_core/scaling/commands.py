@@ -155,6 +155,7 @@ def run_sweep(args) -> int:
     rows = sw.read_results(out / "results.csv")
     sw.resumable_record(out, rows, grid)
     sw.check_same_model([r for r in rows if r["status"] == "ok"], out / "results.csv")
+    sw.check_can_write(out)  # its files too (an immutable results.csv), not only the directory
     rates = functools.partial(device_rates, n=grid.rate_size)
     with results_directory(out), points_runner(args) as runner:
         result = sw.sweep(

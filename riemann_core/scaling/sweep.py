@@ -50,9 +50,12 @@ import functools
 import io
 import json
 import math
+import os
 import re
 import shlex
+import shutil
 import statistics
+import tempfile
 import time
 import uuid
 import warnings
@@ -75,7 +78,7 @@ from .. import costs
 from ..arguments import check_device, check_distinct
 from ..measure.flops import KINDS, flop_counter, flops_by_kind
 from ..measure.memory import cuda_peak_bytes, host_peak_bytes
-from ..measure.output import write_atomic
+from ..measure.output import check_writable, write_atomic
 from ..measure.problems import mlp, widths
 from ..measure.public_kfac import DEFAULT as KFAC_DEFAULT
 from ..measure.public_kfac import Variant
@@ -957,6 +960,14 @@ def _numbers_problem(record: dict) -> str | None:
     commands = record.get("commands", [])
     if not isinstance(commands, list) or not all(isinstance(c, str) for c in commands):
         return f"commands is {commands!r}, not a list of the commands that filled the directory"
+    grids = record.get("grids", [])
+    if not isinstance(grids, list) or not all(
+        isinstance(g, dict)
+        and isinstance(g.get("command", ""), str)
+        and isinstance(g.get("grid", {}), dict)
+        for g in grids
+    ):
+        return "grids is not a list of the grids that filled the directory, each with its command"
     if not isinstance(record.get("command", ""), str):  # (found by review: read as `5`)
         return f"command is {record['command']!r}, not the command that ran the sweep"
     if not isinstance(record.get("sweep", ""), str):
@@ -1332,15 +1343,21 @@ def sweep(
     :func:`riemann_core.scaling.dispatch.runner`), a round at a time; ``measure`` is the
     unit of work (default :func:`measure_point`). ``sweep.json`` records the grid,
     ``meta``, the growth decisions and every device that measured points
-    (:func:`add_device`); where ``rates`` is given (``rates(device, dtype)`` -> ``{kind:
-    [FLOP/s, ...]}``, e.g. :func:`~riemann_core.measure.timing.device_rates`), each
+    (:func:`add_device`): ``grid`` holds this run's settings, ``grids`` every run's into
+    ``out`` with its command (:func:`recorded_grids`), ``axes`` the union of their axes.
+    Where ``rates`` is given (``rates(device, dtype)`` -> ``{kind: [FLOP/s, ...]}``, e.g.
+    :func:`~riemann_core.measure.timing.device_rates`), each
     device's rates in every dtype of the grid, measured where its points run, at the
     start, after the grid's points and at the end, so that their drift over the sweep
     shows. Where ``retime`` is given (e.g. :func:`time_lines`), the lines of
     :func:`lines_to_interleave` are timed again by it at the end, and their rows take
     those times (``interleaved``: the axes of their group), see :func:`interleave_lines`.
-    One sweep at a time writes into ``out`` (:func:`writing`).
+    One sweep at a time writes into ``out`` (:func:`writing`); an ``out`` it could not
+    write is refused before any measuring (:func:`check_can_write`), and a write that fails
+    after (a full disk) keeps the rows elsewhere, in a directory the error names
+    (:func:`unwritten`).
     """
+    check_can_write(out)
     with writing(out):
         return _sweep(
             grid,
@@ -1378,6 +1395,77 @@ def writing(out: Path):
 
 #: The lock file of a directory a sweep writes into (:func:`writing`).
 LOCK_FILE = ".riemann-bench.lock"
+#: The files a sweep writes in its directory (:func:`check_can_write`).
+WRITTEN = ("results.csv", "sweep.json", LOCK_FILE)
+
+
+def check_can_write(out: Path) -> None:
+    """An ``OSError`` naming the path and the fix where a sweep could not write its files
+    in ``out`` (:data:`WRITTEN`): the directory (a read-only one; it need not exist yet) or
+    a file there that cannot be written (read-only, immutable, append-only). Checked before
+    any measuring (found by review: an immutable ``results.csv`` stopped the sweep at its
+    first write, after the device rates and the first point were measured)."""
+    if out.is_dir():
+        check_writable(out)
+    for name in WRITTEN:
+        path = out / name
+        if not path.is_file():  # (a place that is no file is refused when it is read)
+            continue
+        try:  # opened for writing, nothing written: what the rename over it needs
+            os.close(os.open(path, os.O_WRONLY))
+        except OSError as err:
+            raise OSError(
+                f"cannot write {path} ({err.strerror or err}): make it writable (chmod u+w; "
+                "chattr -i or -a where it is immutable or append-only), or pass another --out"
+            ) from err
+
+
+def unwritten(err: OSError, place: Path, out: Path, rows: list[dict], record: dict) -> OSError:
+    """The error of a sweep that could not write ``place`` (``results.csv`` or ``sweep.json``
+    in ``out``) once it had measured: its ``rows`` and ``record`` kept in a directory of
+    their own (:func:`keep_elsewhere`), and how to put them back and resume. ``out`` is
+    left as its last write made it, whole (found by review: a full disk lost every point
+    measured since the last write, and the retimed lines of the end)."""
+    what = f"cannot write {place} ({err.strerror or err})"
+    try:
+        kept = keep_elsewhere(out, rows, record)
+    except OSError as also:
+        return OSError(
+            f"{what}, nor keep its rows elsewhere ({also}): the points measured since its last "
+            f"write are lost, and {out} holds the others, whole. Free space (or fix the "
+            "cause) and run the sweep again to resume"
+        )
+    command = (record.get("commands") or [record.get("command")])[-1]
+    resume = f"`{with_out(command, out)}`" if command else f"the sweep into {out} again"
+    files = " ".join(shlex.quote(str(kept / name)) for name in ("results.csv", "sweep.json"))
+    return OSError(
+        f"{what}: the sweep's {len(rows)} rows, with the points this run measured, are kept "
+        f"with its record in {kept}, and {out} is as last written, whole. Free space (or fix "
+        f"the cause), then `mv {files} {shlex.quote(str(out))}/` and run {resume} to resume"
+    )
+
+
+def keep_elsewhere(out: Path, rows: list[dict], record: dict) -> Path:
+    """A new directory holding ``rows`` and ``record`` as ``results.csv`` and ``sweep.json``,
+    beside ``out`` or, where that cannot take them (the same full disk), in the system's
+    temporary directory; an ``OSError`` where neither can."""
+    errors = []
+    out = out.resolve()  # (the parent of ".")
+    for parent, prefix in (
+        (out.parent, f"{out.name}-unsaved-"),
+        (Path(tempfile.gettempdir()), "riemann-bench-unsaved-"),
+    ):
+        kept = None
+        try:
+            kept = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+            write_results(kept / "results.csv", rows)
+            write_atomic(kept / "sweep.json", json.dumps(record, indent=2) + "\n")
+            return kept
+        except OSError as err:
+            errors.append(f"{kept or parent}: {err.strerror or err}")
+            if kept is not None:
+                shutil.rmtree(kept, ignore_errors=True)
+    raise OSError("; ".join(errors))
 
 
 def _sweep(
@@ -1434,6 +1522,10 @@ def _sweep(
         "finished": False,  # until this sweep ends (see unfinished_note)
         **(meta or {}),
     }
+    # this run's grid beside its command: ``grid`` is this run's alone (found by review: a
+    # resume with other methods and repeats recorded only its own), ``grids`` every run's
+    this_run = {"command": record["command"]} if "command" in record else {}
+    record["grids"] = [{**this_run, "grid": settings}]
     if rows and previous:  # a resume: the axes and commands of every sweep into out
         axes = previous["axes"]
         record["axes"] = {a: sorted({*axes[a], *grid.axes[a]}) for a in AXES}
@@ -1444,6 +1536,7 @@ def _sweep(
             commands.append(record["command"])
         if commands:
             record["commands"] = commands
+        record["grids"] = [*recorded_grids(previous), *record["grids"]]
         # kept until this sweep ends (found by review: an interrupted resume saved a
         # record without them, and the decisions of methods it did not measure were lost)
         record.update({k: previous[k] for k in ("growth", "sweep_s") if k in previous})
@@ -1461,10 +1554,18 @@ def _sweep(
     )
     seen: set[tuple[str, str]] = set()
 
+    def saved(place: Path, write: Callable[[], object]) -> None:
+        try:
+            write()
+        except OSError as err:  # (a full disk): the rows and the record are kept elsewhere
+            raise unwritten(err, place, out, rows, {**record, "devices": devices}) from err
+
     def save_record() -> None:
-        write_atomic(
-            out / "sweep.json", json.dumps({**record, "devices": devices}, indent=2) + "\n"
-        )
+        text = json.dumps({**record, "devices": devices}, indent=2) + "\n"
+        saved(out / "sweep.json", lambda: write_atomic(out / "sweep.json", text))
+
+    def save_rows() -> None:
+        saved(path, lambda: write_results(path, rows))
 
     def measure_rates(when: str) -> None:
         if rates is not None:
@@ -1493,6 +1594,7 @@ def _sweep(
                 order.setdefault(key_of(run), len(order))
             for run, outcome in runner(task, runs):
                 bar.update()
+                new_worker = False
                 if isinstance(outcome, PointLost):
                     if remeasure:  # its first measurement stands; a rerun tries again
                         continue
@@ -1500,11 +1602,11 @@ def _sweep(
                     row.update(status="error", reason=outcome.reason)
                 else:
                     row, device = outcome
-                    if (device["host"], device["physical_device"]) not in seen:
+                    new_worker = (device["host"], device["physical_device"]) not in seen
+                    if new_worker:
                         check_timed_alike(devices, device)  # a worker unlike the others
                         seen.add((device["host"], device["physical_device"]))
                         add_device(devices, device)
-                        save_record()
                     if remeasure:
                         row["remeasured"] = 1
                         if grow.is_outlier(rows, row):
@@ -1513,7 +1615,11 @@ def _sweep(
                 key = key_of(row)
                 rows[:] = [r for r in rows if key_of(r) != key] + [row]
                 rows.sort(key=lambda r: order[key_of(r)])
-                write_results(path, rows)
+                # a new worker's device is recorded before the file holds its rows, and after
+                # this row is in rows: a failed write keeps it (:func:`unwritten`)
+                if new_worker:
+                    save_record()
+                save_rows()
                 if remeasure:
                     again_count += 1
                 else:
@@ -1545,10 +1651,13 @@ def _sweep(
     }
     record["growth"] = {**kept, **plan.decisions}
     record["sweep_s"] = clock() - start
-    record["finished"] = True
     measure_rates("end")
     if retime is not None:  # after the record names every worker whose times rows now hold
-        write_results(path, rows)
+        save_rows()
+    # once the rows are written (found by review: a full disk at the last write left a
+    # record of a finished sweep beside rows without their times of the lines timed again)
+    record["finished"] = True
+    save_record()
     statuses: dict[str, int] = {}
     for r in rows:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
@@ -1655,6 +1764,20 @@ def check_timed_alike(devices: dict[str, dict], record: dict) -> None:
             "worker (OMP_NUM_THREADS, or --workers and --threads-per-worker for a local "
             "cluster; torch; the allocator's policy), or pass another --out"
         )
+
+
+def recorded_grids(record: Mapping) -> list[dict]:
+    """``grids`` of a sweep's record: every run into its directory in order, as
+    ``{"command": its command line, "grid": its settings}`` (each where recorded). A record
+    written before ``grids`` holds the last run's settings alone (``grid``), beside every
+    run's command (``commands``, or ``command``): the runs before name their command alone."""
+    if "grids" in record:
+        return list(record["grids"])
+    commands = record.get("commands") or ([record["command"]] if "command" in record else [])
+    runs = [{"command": command} for command in commands] or [{}]
+    if "grid" in record:
+        runs[-1]["grid"] = record["grid"]
+    return runs
 
 
 def previous_devices(previous: dict) -> dict[str, dict]:

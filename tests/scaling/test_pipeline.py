@@ -561,6 +561,10 @@ CORRUPTIONS = {
         _edit_record(lambda r: r.update(commands="riemann-bench run")),
         "commands is 'riemann-bench run', not a list",
     ),
+    "record-grids-text": (
+        _edit_record(lambda r: r.update(grids=["riemann-bench run"])),
+        "grids is not a list of the grids that filled the directory",
+    ),
     "record-without-cholesky-rates": (
         _edit_record(_first_device(_without_cholesky_rates)),
         "has no cholesky",

@@ -2,14 +2,17 @@
 
 import contextlib
 import csv
+import errno
 import functools
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -397,6 +400,197 @@ def test_a_resume_keeps_the_skipped_points_its_grid_leaves_out_and_records_both(
     assert record["commands"] == ["first", "second"] and record["command"] == "second"
     assert record["axes"]["width"] == [4, 6]
     assert report.produced_by(record) == "`first`, resumed by `second`"
+
+
+def test_a_resume_records_the_grid_of_every_run_beside_its_command(tmp_path):
+    """Found by review: resumed with other methods and repeats, sweep.json's grid named the
+    last run's alone, while its axes were both runs' and results.csv held the points of
+    both: the record misdescribed the earlier points. ``grid`` stays the last run's (the
+    analysis reads its rate size and overhead target)."""
+    first = {**TINY, "methods": ("euclidean",), "kernels": ("structured",), "repeats": 1}
+    second = {**first, "methods": ("layerwise",), "repeats": 2}
+    second["axes"] = {**TINY["axes"], "width": (4, 8)}
+    for grid, command in ((first, "first"), (second, "second")):
+        sw.sweep(
+            sw.Grid(**grid), tmp_path, measure=known, progress=False, meta={"command": command}
+        )
+    record = sw.read_record(tmp_path / "sweep.json")
+    grids = [(g["command"], g["grid"]["methods"], g["grid"]["repeats"]) for g in record["grids"]]
+    assert grids == [("first", ["euclidean"], 1), ("second", ["layerwise"], 2)]
+    assert [g["grid"]["axes"]["width"] for g in record["grids"]] == [[4, 6], [4, 8]]
+    assert record["axes"]["width"] == [4, 6, 8] and record["grid"] == record["grids"][-1]["grid"]
+    assert {r["method"] for r in sw.read_results(tmp_path / "results.csv")} == {
+        "euclidean",
+        "layerwise",
+    }
+
+
+def test_a_resume_of_a_record_without_grids_keeps_what_it_says_of_the_runs_before(tmp_path):
+    """A record written before ``grids`` kept the last run's grid beside every command: the
+    runs before it name their command alone, and resuming it works as before."""
+    grid = {**TINY, "methods": ("euclidean",), "kernels": ("structured",)}
+    sw.sweep(sw.Grid(**grid), tmp_path, measure=known, progress=False, meta={"command": "b"})
+    record = json.loads((tmp_path / "sweep.json").read_text())
+    last = record.pop("grids")[-1]["grid"]
+    (tmp_path / "sweep.json").write_text(json.dumps({**record, "commands": ["a", "b"]}))
+    wider = {**grid, "axes": {**grid["axes"], "width": (4, 6, 8)}}
+    result = sw.sweep(
+        sw.Grid(**wider), tmp_path, measure=known, progress=False, meta={"command": "c"}
+    )
+    assert result.measured == 1 and result.resumed == len(list(sw.Grid(**grid).runs()))
+    grids = sw.read_record(tmp_path / "sweep.json")["grids"]
+    assert grids[:2] == [{"command": "a"}, {"command": "b", "grid": last}]
+    assert grids[2]["command"] == "c" and grids[2]["grid"]["axes"]["width"] == [4, 6, 8]
+
+
+def known(run, grid):
+    """A point's row at once, from a machine of known speed (no timing)."""
+    return known_time_row(run)
+
+
+@contextlib.contextmanager
+def unwritable(path):
+    """``path``, a file, made one this process cannot write: read-only, or immutable for
+    root, whom a file's mode does not stop (skipped where neither can be had)."""
+    path.chmod(0o444)
+    immutable = os.access(path, os.W_OK)
+    try:
+        if immutable:
+            chattr = shutil.which("chattr")
+            done = chattr and subprocess.run([chattr, "+i", str(path)], capture_output=True)
+            if not done or done.returncode:  # (a file system without the attribute)
+                immutable = False
+                pytest.skip("no file can be made unwritable here (root, without chattr)")
+        yield path
+    finally:
+        if immutable:
+            subprocess.run([chattr, "-i", str(path)], check=True)
+        path.chmod(0o644)
+
+
+@pytest.mark.parametrize("name", ["results.csv", "sweep.json"])
+def test_a_sweep_whose_files_cannot_be_written_is_refused_before_it_measures(tmp_path, name):
+    """Found by review: an immutable results.csv stopped a resumed sweep at its first write,
+    after it had measured the device rates and a point (then lost), with a bare [Errno 1]
+    naming a temporary file. Refused before any measuring, naming the file and the fix."""
+    grid = {**TINY, "methods": ("euclidean",), "kernels": ("structured",)}
+    sw.sweep(sw.Grid(**grid), tmp_path, measure=known, progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    measured = []
+
+    def measure(run, grid):
+        measured.append(run)
+        return known_time_row(run)
+
+    def rates(device, dtype):
+        measured.append(device)
+        return {kind: [1e9] for kind in RATE_KINDS}
+
+    wider = sw.Grid(**{**grid, "axes": {**grid["axes"], "width": (4, 6, 8)}})
+    message = f"cannot write {tmp_path / name} (.*): make it writable .* or pass another --out"
+    with unwritable(tmp_path / name), pytest.raises(OSError, match=message):
+        sw.sweep(wider, tmp_path, measure=measure, rates=rates, progress=False)
+    assert measured == []
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_the_sweep_command_refuses_an_unwritable_results_file_before_its_cluster(
+    tmp_path, capsys, monkeypatch
+):
+    """As above, before the command starts the cluster of its points (tens of seconds)."""
+    from riemann_core import cli
+
+    grid = {**TINY, "methods": ("euclidean",), "kernels": ("structured",)}
+    sw.sweep(sw.Grid(**grid), tmp_path, measure=known, progress=False)
+
+    @contextlib.contextmanager
+    def cluster(args):
+        raise AssertionError("a cluster was started")
+        yield
+
+    monkeypatch.setattr("riemann_core.scaling.commands.points_runner", cluster)
+    options = ["--widths", "4,6,8", "--depths", "1,2", "--out-dims", "3", "--batches", "2,4"]
+    options += ["--base", "4,1,3,4", "--repeats", "1", "--methods", "euclidean"]
+    with unwritable(tmp_path / "results.csv"):
+        code = cli.main(["sweep", "--quick", "--out", str(tmp_path), *options])
+    assert code == 2
+    assert f"cannot write {tmp_path / 'results.csv'}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("full", ["out", "file system"])
+def test_a_sweep_that_cannot_write_after_it_measured_keeps_its_rows_to_resume(
+    tmp_path, monkeypatch, full
+):
+    """Found by review: a write that failed after measuring (a full disk) broke the sweep
+    off, and the points it had measured since its last write were lost (all of them, with
+    the retimed lines, when the last write fails). They are kept, with the record, beside
+    ``--out`` or else in the temporary directory, which the error names with how to put
+    them back; ``--out`` is left as last written."""
+    grid = {**TINY, "methods": ("euclidean",), "kernels": ("structured",)}
+    disk = tmp_path / "disk"
+    out, elsewhere = disk / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    sw.sweep(sw.Grid(**grid), out, measure=known, progress=False, meta={"command": "first"})
+    wider = sw.Grid(**{**grid, "axes": {**grid["axes"], "width": (4, 6, 8, 12)}})
+    write, writes = sw.write_atomic, []
+
+    def filling(path, text):  # full after the first new point's row
+        writes.append(path)
+        if writes.count(out / "results.csv") > 1 and path.is_relative_to(
+            out if full == "out" else disk
+        ):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return write(path, text)
+
+    monkeypatch.setattr(sw, "write_atomic", filling)
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))
+    with pytest.raises(OSError, match=f"cannot write {out / 'results.csv'} .No space") as err:
+        sw.sweep(wider, out, measure=known, progress=False, meta={"command": "second"})
+    monkeypatch.undo()
+    (kept,) = (disk if full == "out" else elsewhere).glob("*unsaved-*")
+    message = str(err.value)
+    assert str(kept) in message and f"run `{sw.with_out('second', out)}` to resume" in message
+    everything = {sw.key_of(run) for run in wider.runs()}
+    assert {sw.key_of(r) for r in sw.read_results(kept / "results.csv")} == everything
+    on_disk = {sw.key_of(r) for r in sw.read_results(out / "results.csv")}
+    assert len(everything - on_disk) == 1  # the point whose row could not be written
+    for name in ("results.csv", "sweep.json"):  # as the error says
+        os.replace(kept / name, out / name)
+    result = sw.sweep(wider, out, measure=known, progress=False, meta={"command": "second"})
+    assert (result.measured, result.resumed) == (0, len(everything))
+
+
+def test_a_sweep_whose_last_write_fails_is_not_recorded_finished(tmp_path, monkeypatch):
+    """Found by review: a full disk at the last write, of the rows whose lines were timed
+    again, left sweep.json saying the sweep finished beside rows without those times (the
+    analysis then read it as finished). It says so once the rows are written; the rows,
+    with those times, are kept elsewhere, to resume from."""
+    grid = sw.Grid(**{**TINY, "methods": ("euclidean",), "kernels": ("structured",)})
+    retimed = []
+
+    def retime(lines, grid, device):
+        retimed.append(lines)
+        times = [1e-3] * 3 * sw.LINE_ROUNDS_PER_REPEAT
+        keys = ("time_median_s", "time_iqr_s", "times_s", "spread", "stretches")
+        timing = dict(zip(keys, (1e-3, 0.0, json.dumps(times), 0.0, 1), strict=True))
+        return [{**run, **timing} for line in lines for run in line]
+
+    write = sw.write_atomic
+
+    def full_once_retimed(path, text):  # the rows, larger than the record, do not fit
+        if retimed and path == tmp_path / "out" / "results.csv":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return write(path, text)
+
+    monkeypatch.setattr(sw, "write_atomic", full_once_retimed)
+    with pytest.raises(OSError, match="No space left on device.*are kept"):
+        sw.sweep(grid, tmp_path / "out", measure=known, retime=retime, progress=False)
+    monkeypatch.undo()
+    assert retimed
+    assert sw.read_record(tmp_path / "out" / "sweep.json")["finished"] is False
+    (kept,) = tmp_path.glob("out-unsaved-*")
+    assert not any(r["interleaved"] for r in sw.read_results(tmp_path / "out" / "results.csv"))
+    assert any(r["interleaved"] for r in sw.read_results(kept / "results.csv"))
 
 
 def test_a_resume_grows_again_through_a_grown_point_that_was_lost(tmp_path):
