@@ -149,7 +149,7 @@ def sweep_from(args: argparse.Namespace) -> Sweep:
     for name in spec:
         if getattr(args, name, None) is not None:
             spec[name] = getattr(args, name)
-    return check_sweep(Sweep(**spec))
+    return check_work(check_sweep(Sweep(**spec)))
 
 
 def sweep_of(record: dict) -> Sweep:
@@ -172,22 +172,12 @@ def check_sweep(sweep: Sweep) -> Sweep:
         )
     if not sweep.sizes or min(sweep.sizes) < 2:
         raise ValueError(f"every training-set size must be at least 2, got {list(sweep.sizes)}")
-    check_dampings_hold(sweep.dampings, sweep.dtype)
     check_distinct("--dampings", sweep.dampings)
     check_distinct("--sizes", sweep.sizes)
     if sweep.pairs < 1 or sweep.steps < 1:
         raise ValueError(
             f"--pairs and --steps must be positive, got {sweep.pairs} and {sweep.steps}"
         )
-    # (found by a hunt: 10**20 pairs were killed for memory, 10**20 steps ran without end)
-    check_at_most("--pairs", sweep.pairs, MAX_PAIRS, "the most pair seeds a sweep trains")
-    check_at_most(
-        "--steps",
-        sweep.steps,
-        MAX_STEPS,
-        "the most steps a sweep trains a run for "
-        f"({MAX_STEPS} steps: about 55 hours of the default sweep on 2 CPU cores)",
-    )
     if not 0 < sweep.lr <= largest:
         raise ValueError(
             f"--lr must be positive and at most the largest {sweep.dtype} ({largest:.3g}), "
@@ -198,6 +188,24 @@ def check_sweep(sweep: Sweep) -> Sweep:
             f"--batch-size must be between 1 and the smallest size {min(sweep.sizes)}, "
             f"got {sweep.batch_size}"
         )
+    return sweep
+
+
+def check_work(sweep: Sweep) -> Sweep:
+    """``sweep``, or ``ValueError`` where it could not finish: more pairs or steps than its
+    bounds, dampings that are 0 in its dtype. Options of a new sweep only: a record of one
+    that ran past them (written before they were set) finished, and is redrawn (found by
+    review)."""
+    check_dampings_hold(sweep.dampings, sweep.dtype)
+    # (found by a hunt: 10**20 pairs were killed for memory, 10**20 steps ran without end)
+    check_at_most("--pairs", sweep.pairs, MAX_PAIRS, "the most pair seeds a sweep trains")
+    check_at_most(
+        "--steps",
+        sweep.steps,
+        MAX_STEPS,
+        "the most steps a sweep trains a run for "
+        f"({MAX_STEPS} steps: about 55 hours of the default sweep on 2 CPU cores)",
+    )
     return sweep
 
 

@@ -114,10 +114,12 @@ def check_design(pairs: pd.DataFrame, meta: dict, path: Path) -> None:
     pairs (found by a hunt: it changed the bootstrap's clusters), or a pair twice at a grid
     point."""
     sweep = meta["sweep"]
-    grid = (("damping", sweep["dampings"]), ("size", sweep["sizes"]),
-            ("pair", list(range(sweep["pairs"]))))  # fmt: skip
-    for axis, values in grid:
-        off = ~pairs[axis].isin([float(v) for v in values])
+    index = pairs["pair"]  # 0 to pairs - 1, compared, not listed (a record may claim 10**20)
+    grid = (("damping", sweep["dampings"], ~pairs["damping"].isin(sweep["dampings"])),
+            ("size", sweep["sizes"], ~pairs["size"].isin([float(n) for n in sweep["sizes"]])),
+            ("pair", f"0 to {sweep['pairs'] - 1}",
+             ~((index >= 0) & (index < sweep["pairs"]) & (index % 1 == 0))))  # fmt: skip
+    for axis, values, off in grid:
         if off.any():
             raise ValueError(
                 f"{path} line {first_line(off)}: {axis} {pairs.loc[off, axis].iloc[0]:g} is not "

@@ -173,7 +173,7 @@ def study_from(args: argparse.Namespace) -> Study:
             spec[name] = getattr(args, name)
     if getattr(args, "lrs", None) is not None:
         spec["lrs"] = dict.fromkeys(METHODS, args.lrs)
-    return check_study(Study(**spec))
+    return check_work(check_study(Study(**spec)))
 
 
 def study_of(record: dict) -> Study:
@@ -204,25 +204,10 @@ def check_study(study: Study) -> Study:
     for values in study.lrs.values():
         check_distinct("--lrs", values)
     check_distinct("--dampings", study.dampings)
-    check_dampings_hold(study.dampings, study.dtype)
     if study.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {study.seeds}")
-    # (found by a hunt: 10**20 seeds were killed for memory, 1e300 epochs ran without end)
-    check_at_most(
-        "--seeds",
-        study.seeds,
-        MAX_SEEDS,
-        "the most a study trains (each one more run of every model and method)",
-    )
     if not 0 < study.epochs < math.inf:
         raise ValueError(f"--epochs must be positive and finite, got {study.epochs}")
-    check_at_most(
-        "--epochs",
-        study.epochs,
-        MAX_EPOCHS,
-        "the longest budget a study trains for "
-        f"({MAX_EPOCHS} epochs: about 11 hours of the default study on 2 CPU cores)",
-    )
     if study.batch_size < 1 or study.evaluations < 1:
         raise ValueError(
             f"--batch-size and --evaluations must be positive, got {study.batch_size} "
@@ -230,6 +215,30 @@ def check_study(study: Study) -> Study:
         )
     if not 0 < study.target_accuracy <= 1:
         raise ValueError(f"--target-accuracy must lie in (0, 1], got {study.target_accuracy}")
+    return study
+
+
+def check_work(study: Study) -> Study:
+    """``study``, or ``ValueError`` where it could not finish: more seeds or epochs than
+    its bounds, dampings that are 0 in its dtype. Options of a new study only: a record of
+    one that ran past them (written before they were set) finished, and is redrawn
+    (found by review)."""
+    check_dampings_hold(study.dampings, study.dtype)
+    # (found by a hunt: 10**20 seeds were killed for memory, 1e300 epochs ran without end)
+    check_at_most(
+        "--seeds",
+        study.seeds,
+        MAX_SEEDS,
+        "the most a study trains (each one more run of every model and method)",
+    )
+    check_at_most(
+        "--epochs",
+        study.epochs,
+        MAX_EPOCHS,
+        "the longest budget a study trains for "
+        f"({MAX_EPOCHS} epochs: about 11 hours of the default study at its batch size on 2 "
+        "CPU cores)",
+    )
     return study
 
 

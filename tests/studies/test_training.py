@@ -9,8 +9,15 @@ import pandas as pd
 import pytest
 
 from riemann_core import cli
-from riemann_core.studies import digits
-from riemann_core.studies.training import DEFAULT, MAX_EPOCHS, MAX_SEEDS, check_study, choose
+from riemann_core.studies import digits, training
+from riemann_core.studies.training import (
+    DEFAULT,
+    MAX_EPOCHS,
+    MAX_SEEDS,
+    check_study,
+    check_work,
+    choose,
+)
 from riemann_core.studies.training_report import spread, summary, target_table, to_target
 
 SMALL = ["train", "--quick", "--models", "mlp", "--methods", "sgd,layerwise", "--epochs", "0.5",
@@ -289,15 +296,13 @@ def test_report_only_refuses_options_the_command_refuses(
     "key, value, message",
     [
         # found by a hunt: each was reported as the study's
-        ("seed", 2**80, f"'seed' is {2**80}, but the study records a seed, a whole number from 0 to 4294967295 there"),
+        ("seed", 2**80, f"'seed' is {2**80}, but the study records a seed, a whole number from 0 to {2**64 - 1} there"),
         ("eval_every", 0, "'eval_every' is 0, but the study derives 5 from its options, seed and split there"),
         ("steps", 16, "'steps' is 16, but the study derives 17 from its options"),
         ("examples_per_run", 1, "'examples_per_run' is 1, but the study derives 544 from its options"),
         ("tuning_seed", 0, "'tuning_seed' is 0, but the study derives 2 from its options"),
         ("seeds", [0, 5], "'seeds' is [0, 5], but the study derives [0, 1] from its options"),
-        ("study.seeds", 10**20, f"'study' holds options the command refuses (--seeds {10**20} is more than 1000"),
-        ("study.epochs", 1e300, "'study' holds options the command refuses (--epochs 1e+300 is more than 1000"),
-        ("study.dampings", [1e-320], "'study' holds options the command refuses (--dampings [1e-320] round to 0 in float32"),
+        ("study.seeds", 10**20, f"'seeds' lists 2 seeds, but the study's --seeds is {10**20}"),
     ],
 )  # fmt: skip
 def test_report_only_refuses_a_record_the_study_cannot_have_written(
@@ -311,6 +316,25 @@ def test_report_only_refuses_a_record_the_study_cannot_have_written(
     set_key(record, key, value)
     (tmp_path / "training.json").write_text(json.dumps(record))
     refused("train", tmp_path, f"training.json: {message}", capsys)
+
+
+def test_report_only_takes_the_evaluation_spacing_an_earlier_study_wrote(tmp_path, monkeypatch):
+    """Before ec66fe2 a study evaluated every max(1, steps // evaluations) steps, not
+    max(1, ceil(steps / evaluations)): reports/cpu/training as committed at 8a5bf94 (a real
+    default run) records 16 where 17 is derived now. Its record is reported, not refused."""
+    derive = training.plan
+
+    def older_plan(study, seed, train_size):
+        derived = derive(study, seed, train_size)
+        return {**derived, "eval_every": max(1, derived["steps"] // study.evaluations)}
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "plan", older_plan)
+        assert cli.main([*SMALL, "--out", str(out)]) == 0
+    meta = json.loads((out / "training.json").read_text())
+    assert (meta["steps"], meta["eval_every"]) == (17, 4)  # 5 by the current spacing
+    assert cli.main(["train", "--report-only", "--out", str(out)]) == 0
 
 
 def test_report_only_takes_the_blanks_a_run_writes(study, tmp_path):
@@ -427,8 +451,18 @@ def test_counts_past_days_and_vanishing_dampings_are_refused_before_any_work(
 
 
 def test_the_bounds_take_their_own_values_and_float64_takes_small_dampings():
-    check_study(replace(DEFAULT, seeds=MAX_SEEDS, epochs=MAX_EPOCHS))
-    check_study(replace(DEFAULT, dampings=(1e-320,), dtype="float64"))
+    check_work(replace(DEFAULT, seeds=MAX_SEEDS, epochs=MAX_EPOCHS))
+    check_work(replace(DEFAULT, dampings=(1e-320,), dtype="float64"))
+
+
+def test_a_record_of_a_study_past_the_bounds_of_new_ones_is_valid():
+    """Found by review: the bounds on new studies refused records that finished (epochs
+    past 1000, or a damping that is 0 in float32, its runs recorded as diverged, both taken
+    by earlier versions): only a new study is held to them (:func:`check_work`)."""
+    past = replace(DEFAULT, seeds=MAX_SEEDS + 1, epochs=2 * MAX_EPOCHS, dampings=(0.1, 1e-320))
+    assert check_study(past) is past
+    with pytest.raises(ValueError, match="round to 0 in float32"):
+        check_work(past)
 
 
 def test_choose_takes_the_lowest_validation_loss_among_runs_that_did_not_diverge():
