@@ -1411,7 +1411,8 @@ def check_can_write(out: Path) -> None:
         path = out / name
         if not path.is_file():  # (a place that is no file is refused when it is read)
             continue
-        try:  # opened for writing, nothing written: what the rename over it needs
+        try:  # opened for writing, nothing written (a read-only file, which the rename over
+            # it would replace, is refused too: the user marked it so)
             os.close(os.open(path, os.O_WRONLY))
         except OSError as err:
             raise OSError(
