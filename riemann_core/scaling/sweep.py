@@ -1383,14 +1383,20 @@ def writing(out: Path):
         yield
         return
     with open(out / LOCK_FILE, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(
-                f"another riemann-bench sweep is writing into {out} (it holds "
-                f"{out / LOCK_FILE}): wait for it to end, or pass another --out"
-            ) from None
+        take_lock(lock, out)
         yield
+
+
+def take_lock(lock, out: Path) -> None:
+    """Hold ``out``'s lock through the open file ``lock`` (released when it closes), or a
+    ``ValueError`` where another sweep holds it."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ValueError(
+            f"another riemann-bench sweep is writing into {out} (it holds "
+            f"{out / LOCK_FILE}): wait for it to end, or pass another --out"
+        ) from None
 
 
 #: The lock file of a directory a sweep writes into (:func:`writing`).
@@ -1402,7 +1408,8 @@ WRITTEN = ("results.csv", "sweep.json", LOCK_FILE)
 def check_can_write(out: Path) -> None:
     """An ``OSError`` naming the path and the fix where a sweep could not write its files
     in ``out`` (:data:`WRITTEN`): the directory (a read-only one; it need not exist yet) or
-    a file there that cannot be written (read-only, immutable, append-only). Checked before
+    a file there that cannot be written (read-only, immutable, append-only); a
+    ``ValueError`` where another sweep holds its lock (:func:`writing`). Checked before
     any measuring (found by review: an immutable ``results.csv`` stopped the sweep at its
     first write, after the device rates and the first point were measured)."""
     if out.is_dir():
@@ -1419,6 +1426,9 @@ def check_can_write(out: Path) -> None:
                 f"cannot write {path} ({err.strerror or err}): make it writable (chmod u+w; "
                 "chattr -i or -a where it is immutable or append-only), or pass another --out"
             ) from err
+    if fcntl is not None and (out / LOCK_FILE).is_file():  # taken and released: before a
+        with open(out / LOCK_FILE, "a") as lock:  # cluster starts (found by review: 4 s)
+            take_lock(lock, out)
 
 
 def unwritten(err: OSError, place: Path, out: Path, rows: list[dict], record: dict) -> OSError:

@@ -494,10 +494,13 @@ def test_a_sweep_whose_files_cannot_be_written_is_refused_before_it_measures(tmp
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
-def test_the_sweep_command_refuses_an_unwritable_results_file_before_its_cluster(
-    tmp_path, capsys, monkeypatch
+@pytest.mark.parametrize("held", ["unwritable", "locked"])
+def test_the_sweep_command_refuses_an_unwritable_or_locked_out_before_its_cluster(
+    tmp_path, capsys, monkeypatch, held
 ):
-    """As above, before the command starts the cluster of its points (tens of seconds)."""
+    """As above, before the command starts the cluster of its points (tens of seconds);
+    and a directory another sweep writes into (found by review: refused once its cluster
+    had started, 4 s)."""
     from riemann_core import cli
 
     grid = {**TINY, "methods": ("euclidean",), "kernels": ("structured",)}
@@ -511,10 +514,17 @@ def test_the_sweep_command_refuses_an_unwritable_results_file_before_its_cluster
     monkeypatch.setattr("riemann_core.scaling.commands.points_runner", cluster)
     options = ["--widths", "4,6,8", "--depths", "1,2", "--out-dims", "3", "--batches", "2,4"]
     options += ["--base", "4,1,3,4", "--repeats", "1", "--methods", "euclidean"]
-    with unwritable(tmp_path / "results.csv"):
+    if held == "unwritable":
+        context, message = unwritable(tmp_path / "results.csv"), f"cannot write {tmp_path}"
+    else:
+        context, message = (
+            sw.writing(tmp_path),
+            f"another riemann-bench sweep is writing into {tmp_path}",
+        )
+    with context:
         code = cli.main(["sweep", "--quick", "--out", str(tmp_path), *options])
     assert code == 2
-    assert f"cannot write {tmp_path / 'results.csv'}" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("full", ["out", "file system"])
