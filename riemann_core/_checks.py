@@ -655,23 +655,29 @@ def classes_along_positions(outputs: Tensor, loss: str, output_metric) -> bool:
 #: indices): their saved targets, ``ignore_index`` and class weights say which samples
 #: the loss takes.
 NLL_NODES = ("NllLossBackward0", "NllLoss2DBackward0")
+#: Autograd's nodes of a softmax (``F.cross_entropy`` with probability targets, ``F.kl_div``
+#: of a ``log_softmax``): their saved result and dimension say over how many classes.
+SOFTMAX_NODES = ("LogSoftmaxBackward0", "SoftmaxBackward0")
 
 
 def _samples_left_out(loss: Tensor, outputs: Tensor) -> tuple[list[Tensor], set[int]]:
     """For each ``nll_loss`` node of ``loss``'s graph whose input is computed from
     ``outputs`` (an auxiliary head's is not), how many of its targets it leaves out (equal
-    to its ``ignore_index``, or of a class weighted zero), and the numbers of classes of
-    those nodes."""
+    to its ``ignore_index``, or of a class weighted zero); and the numbers of classes of
+    those nodes and of the softmaxes computed from ``outputs``."""
     stop = outputs.grad_fn
     counts, classes = [], set()
     for node in _graph_nodes([loss.grad_fn], stop):
-        if type(node).__name__ not in NLL_NODES:
+        kind = type(node).__name__
+        if kind not in NLL_NODES and kind not in SOFTMAX_NODES:
             continue
         if not any(n is stop for n in _graph_nodes([node], stop)):
             continue
+        if kind in SOFTMAX_NODES:
+            classes.add(node._saved_result.shape[_signed(node._saved_dim)])
+            continue
         target = node._saved_target
-        ignored = node._saved_ignore_index
-        ignored = ignored - 2**64 if ignored >= 2**63 else ignored  # read back unsigned
+        ignored = _signed(node._saved_ignore_index)
         left = target == ignored
         weight = node._saved_weight
         if weight is not None:
@@ -682,23 +688,10 @@ def _samples_left_out(loss: Tensor, outputs: Tensor) -> tuple[list[Tensor], set[
     return counts, classes
 
 
-#: Autograd's nodes of a softmax (``F.cross_entropy`` with probability targets, ``F.kl_div``
-#: of a ``log_softmax``): their saved result and dimension say over how many classes.
-SOFTMAX_NODES = ("LogSoftmaxBackward0", "SoftmaxBackward0")
-
-
-def _softmax_classes(loss: Tensor, outputs: Tensor) -> set[int]:
-    """The numbers of classes of the softmaxes of ``loss``'s graph computed from
-    ``outputs`` (as :func:`_samples_left_out` reads ``nll_loss``'s)."""
-    stop, classes = outputs.grad_fn, set()
-    for node in _graph_nodes([loss.grad_fn], stop):
-        if type(node).__name__ not in SOFTMAX_NODES:
-            continue
-        if any(n is stop for n in _graph_nodes([node], stop)):
-            dim = node._saved_dim
-            dim = dim - 2**64 if dim >= 2**63 else dim  # read back unsigned
-            classes.add(node._saved_result.shape[dim])
-    return classes
+def _signed(saved: int) -> int:
+    """A node's saved int64 as it was given (autograd reads it back unsigned: -1 as
+    2**64 - 1)."""
+    return saved - 2**64 if saved >= 2**63 else saved
 
 
 def check_samples_taken(loss: Tensor, outputs: Tensor, checks: Deferred) -> None:
@@ -715,7 +708,6 @@ def check_samples_taken(loss: Tensor, outputs: Tensor, checks: Deferred) -> None
     samples it takes.
     """
     counts, classes = _samples_left_out(loss, outputs)
-    classes |= _softmax_classes(loss, outputs)
     # (found by a hunt: an encoder preconditioned alone; a coarse term beside is fine)
     if classes and not {outputs.shape[1], outputs.shape[-1]} & classes:
         raise ValueError(
