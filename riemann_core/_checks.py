@@ -656,8 +656,10 @@ def classes_along_positions(outputs: Tensor, loss: str, output_metric) -> bool:
 #: the loss takes.
 NLL_NODES = ("NllLossBackward0", "NllLoss2DBackward0")
 #: Autograd's nodes of a softmax (``F.cross_entropy`` with probability targets, ``F.kl_div``
-#: of a ``log_softmax``): their saved result and dimension say over how many classes.
-SOFTMAX_NODES = ("LogSoftmaxBackward0", "SoftmaxBackward0")
+#: of a ``log_softmax``) or of a ``logsumexp`` (a cross-entropy written
+#: ``z.logsumexp(-1) - z.gather(...)``, ``Categorical(logits=z).log_prob``): their saved
+#: tensor and dimensions say over how many classes.
+SOFTMAX_NODES = ("LogSoftmaxBackward0", "SoftmaxBackward0", "LogsumexpBackward0")
 
 
 def _samples_left_out(loss: Tensor, outputs: Tensor) -> tuple[list[Tensor], set[int]]:
@@ -667,11 +669,16 @@ def _samples_left_out(loss: Tensor, outputs: Tensor) -> tuple[list[Tensor], set[
     those nodes and of the softmaxes computed from ``outputs``."""
     stop = outputs.grad_fn
     counts, classes = [], set()
-    for node in _graph_nodes([loss.grad_fn], stop):
+    nodes, computed = _computed_from(loss, stop)
+    for node in nodes:
         kind = type(node).__name__
         if kind not in NLL_NODES and kind not in SOFTMAX_NODES:
             continue
-        if not any(n is stop for n in _graph_nodes([node], stop)):
+        if node not in computed:
+            continue
+        if kind == "LogsumexpBackward0":  # over one or more dimensions, of its input
+            shape = node._saved_self.shape
+            classes.add(math.prod(shape[_signed(d)] for d in node._saved_dim) if shape else 1)
             continue
         if kind in SOFTMAX_NODES:
             classes.add(node._saved_result.shape[_signed(node._saved_dim)])
@@ -686,6 +693,28 @@ def _samples_left_out(loss: Tensor, outputs: Tensor) -> tuple[list[Tensor], set[
         log_p = node._saved_self  # (N, C, ...) or (C,)
         classes.add(log_p.shape[1] if log_p.ndim > 1 else log_p.shape[0])
     return counts, classes
+
+
+def _computed_from(loss: Tensor, stop) -> tuple[list, set]:
+    """The nodes of ``loss``'s graph (not below ``stop``), and those of them computed from
+    ``stop`` (at or above it), in one walk down and one up: linear in the graph (a walk
+    down from each softmax was quadratic in a deep model whose loss reaches its layers
+    beside its outputs, a softmax in each: an auxiliary load-balancing or deep-supervision
+    loss, 259 ms at 128 layers in place of 4)."""
+    nodes = list(_graph_nodes([loss.grad_fn], stop))
+    users: dict = {}  # node -> the nodes of the loss's graph that take its output
+    for node in nodes:
+        if node is not stop:
+            for n, _ in node.next_functions:
+                if n is not None:
+                    users.setdefault(n, []).append(node)
+    computed, stack = set(), [stop] if stop is not None else []
+    while stack:
+        node = stack.pop()
+        if node not in computed:
+            computed.add(node)
+            stack.extend(users.get(node, ()))
+    return nodes, computed
 
 
 def _signed(saved: int) -> int:
