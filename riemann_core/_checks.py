@@ -161,8 +161,9 @@ class Deferred:
     def __init__(self):
         self._pending: list[tuple[Tensor | None, Callable[[float | None], None]]] = []
 
-    def require(self, ok: Tensor, explain: Callable[[], None]) -> None:
-        """``explain()`` is called when ``ok`` (a 0-dim boolean) is false."""
+    def require(self, ok: Tensor | None, explain: Callable[[], None]) -> None:
+        """``explain()`` is called when ``ok`` (a 0-dim boolean) is false; with ``ok`` None,
+        always, once the checks registered before it are read."""
 
         def callback(value: float) -> None:
             if not value:
@@ -737,8 +738,8 @@ def check_samples_taken(loss: Tensor, outputs: Tensor, checks: Deferred) -> None
     samples it takes.
     """
     counts, classes = _samples_left_out(loss, outputs)
-    # (found by a hunt: an encoder preconditioned alone; a coarse term beside is fine)
-    if classes and not {outputs.shape[1], outputs.shape[-1]} & classes:
+
+    def not_logits():
         raise ValueError(
             f"the loss's cross-entropy is over {sorted(classes)} classes, and the model's "
             f"outputs {tuple(outputs.shape)} have {outputs.shape[-1]} along the last "
@@ -747,6 +748,15 @@ def check_samples_taken(loss: Tensor, outputs: Tensor, checks: Deferred) -> None
             "and the cross-entropy metric at them is not the loss's. Precondition the "
             "model whose outputs the loss takes as logits, or pass an output_metric"
         )
+
+    # (found by a hunt: an encoder preconditioned alone; a coarse term beside is fine)
+    if classes and outputs.shape[-1] not in classes:
+        if outputs.shape[1] not in classes:
+            not_logits()
+        # token outputs (N, C, ...) with the classes along dimension 1, which
+        # check_classes_last, registered before, names; or a cross-entropy over as many
+        # classes as positions, or beside a softmax over them (found by review: passed)
+        checks.require(None, not_logits)
     if not counts:
         return
     count = counts[0] if len(counts) == 1 else torch.stack(counts).sum()

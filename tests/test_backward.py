@@ -1705,7 +1705,9 @@ CROSS_ENTROPIES = {
 
 
 @pytest.mark.parametrize("written", list(CROSS_ENTROPIES))
-@pytest.mark.parametrize("where", ["encoder alone", "loss on some outputs", "some of tokens"])
+@pytest.mark.parametrize(
+    "where", ["encoder alone", "loss on some outputs", "some of tokens", "as many as positions"]
+)
 def test_outputs_that_are_not_the_cross_entropys_logits_are_refused(where, written):
     """Found by a hunt: a preconditioner on an encoder (a head outside it) took its five
     features for the logits of the loss's four classes, 9.4x off the whole model's block,
@@ -1714,9 +1716,11 @@ def test_outputs_that_are_not_the_cross_entropys_logits_are_refused(where, writt
     torch.manual_seed(41)
     encoder = nn.Sequential(nn.Linear(6, 5), nn.Tanh()).double()
     head = nn.Linear(5, 4).double()
-    tokens = where == "some of tokens"
-    x = torch.randn(8, 3, 6, dtype=torch.float64) if tokens else torch.randn(8, 6).double()
-    y = torch.randint(0, 4, (24,) if tokens else (8,))
+    # (found by review: 4 of the classes of token outputs at 4 positions passed)
+    positions = {"some of tokens": 3, "as many as positions": 4}.get(where)
+    x = torch.randn(8, positions or 1, 6, dtype=torch.float64)
+    x = x if positions else x[:, 0]
+    y = torch.randint(0, 4, (8 * (positions or 1),))
     model = encoder if where == "encoder alone" else nn.Sequential(encoder, nn.Linear(5, 6))
     model = model.double()
     pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
