@@ -667,7 +667,7 @@ def _samples_left_out(loss: Tensor, outputs: Tensor) -> tuple[list[Tensor], set[
     """For each ``nll_loss`` node of ``loss``'s graph whose input is computed from
     ``outputs`` (an auxiliary head's is not), how many of its targets it leaves out (equal
     to its ``ignore_index``, or of a class weighted zero); and the numbers of classes of
-    those nodes and of the softmaxes computed from ``outputs``."""
+    those nodes and of the softmax and ``logsumexp`` nodes computed from ``outputs``."""
     stop = outputs.grad_fn
     counts, classes = [], set()
     nodes, computed = _computed_from(loss, stop)
@@ -728,14 +728,15 @@ def check_samples_taken(loss: Tensor, outputs: Tensor, checks: Deferred) -> None
     """Refuse (registered with ``checks``) a cross-entropy with class indices that leaves
     samples of ``outputs`` out: a target equal to its ``ignore_index`` or of a class
     weighted zero, read from the ``nll_loss`` nodes between ``loss`` and ``outputs``. The
-    metric, the mean over every sample, would still weigh those samples. Refuse at once one
-    whose classes are not as many as the columns of ``(N, C)`` outputs: the outputs are
-    then not its logits, nor one whose softmax (probability targets, a ``kl_div``) is over
-    some of their classes (found by a hunt: 0.22 off the loss's metric, token outputs 0.34),
-    classes along the last dimension or, on ``(N, C, ...)``, along the second (which
-    :func:`check_classes_last` refuses, naming why). A zero gradient
-    alone is no sign: a hinge or clamped loss, or a softmax the loss sharpens, has zeros at
-    samples it takes.
+    metric, the mean over every sample, would still weigh those samples. Refuse a loss
+    none of whose cross-entropies (``nll_loss``, softmax or ``logsumexp`` nodes computed
+    from the outputs) is over as many classes as ``outputs`` have along their last
+    dimension: the outputs are then not its logits (found by a hunt: probability targets
+    on some of the classes, 0.22 off the loss's metric, on token outputs 0.34). At once,
+    or, where the count is that of the second dimension of token outputs, once the checks
+    before it are read (:func:`check_classes_last` names an ``(N, C, ...)`` layout). A zero
+    gradient alone is no sign: a hinge or clamped loss, or a softmax the loss sharpens, has
+    zeros at samples it takes.
     """
     counts, classes = _samples_left_out(loss, outputs)
 
