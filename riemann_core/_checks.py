@@ -161,9 +161,8 @@ class Deferred:
     def __init__(self):
         self._pending: list[tuple[Tensor | None, Callable[[float | None], None]]] = []
 
-    def require(self, ok: Tensor | None, explain: Callable[[], None]) -> None:
-        """``explain()`` is called when ``ok`` (a 0-dim boolean) is false; with ``ok`` None,
-        always, once the checks registered before it are read."""
+    def require(self, ok: Tensor, explain: Callable[[], None]) -> None:
+        """``explain()`` is called when ``ok`` (a 0-dim boolean) is false."""
 
         def callback(value: float) -> None:
             if not value:
@@ -757,7 +756,7 @@ def check_samples_taken(loss: Tensor, outputs: Tensor, checks: Deferred) -> None
         # token outputs (N, C, ...) with the classes along dimension 1, which
         # check_classes_last, registered before, names; or a cross-entropy over as many
         # classes as positions, or beside a softmax over them (found by review: passed)
-        checks.require(None, not_logits)
+        checks.then(not_logits)
     if not counts:
         return
     count = counts[0] if len(counts) == 1 else torch.stack(counts).sum()
