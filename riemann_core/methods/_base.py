@@ -149,6 +149,13 @@ class Problem:
         run through ``Lambda`` (a 2-D ``nn.Linear``, the loss gradient not given)."""
         return not self.given and self.handlers[i].factored_gradient
 
+    def rows_refinable(self, i: int) -> bool:
+        """Whether a Woodbury solve of block ``i`` can be refined in its rows
+        (``riemann_core.methods._solve.Solve.refine_rows``): a 2-D ``nn.Linear``, whose
+        ``K K^T t`` runs through ``N``-sized factors, whether its gradient is the loss's
+        carried with the rows or given whole (``pre.step()``, ``pre.backward``'s first call)."""
+        return self.handlers[i].factored_gradient
+
     def output_grad64(self, i: int) -> Tensor:
         """``Lambda_a`` of a factored block (:meth:`factored`) in float64, ``N x f_out``."""
         h = self.handlers[i]
@@ -180,6 +187,26 @@ class Problem:
         return [(g - k) * scale for g, k in zip(self.gradient_of(i), Kt, strict=True)], None
 
     # ---- the same metric and gradient in float64, for residuals and refinement
+
+    def K_gradient64(self, i: int) -> Tensor:
+        """``K_a g_a`` (``d``) in float64: through ``Lambda_a`` where the block is factored,
+        else from the gradient as given (one GEMM of the forward's size in float64)."""
+        if self.factored(i):
+            return self.handler64(i).K_mv_output_grad(self.output_grad64(i))
+        return self.handler64(i).K_mv([a.double() for a in self.gradient_of(i)])
+
+    def gradient_minus_K_tmv64(
+        self, i: int, t: Tensor, scale: float
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """:meth:`gradient_minus_K_tmv` in float64, for ``t`` in float64; its bound only
+        where the block is factored (else ``None``: the norm of the result is read)."""
+        h = self.handler64(i)
+        if self.factored(i):
+            return h.output_grad_minus_K_tmv(self.output_grad64(i), t, scale)
+        Kt = h.K_tmv(t)
+        return [
+            (g.double() - k) * scale for g, k in zip(self.gradient_of(i), Kt, strict=True)
+        ], None
 
     def handler64(self, i: int) -> Handler:
         """``handlers[i]`` on its data converted to float64 (the same ``K_a``): a copy made

@@ -184,8 +184,9 @@ class Solve:
     scalar, bounds ``||x||`` from above (computed from factors of ``x`` smaller than
     ``x``); it stands for ``x``'s own norm
     in the finiteness check until ``x`` changes. ``t`` (``d``), where set, is the rows'
-    solution of a Woodbury solve of 2-D Linear blocks, ``x = (g - K^T t) / mu`` formed
-    from their ``Lambda``: refinement can work on it (:meth:`refine_rows`). ``residual``,
+    solution of a Woodbury solve of 2-D Linear blocks, ``x = (g - K^T t) / mu`` (formed
+    from their ``Lambda``, or from the gradient where it is given): refinement can work on
+    it (:meth:`refine_rows`). ``residual``,
     where evaluated, is ``||G x - v|| / ||v||`` in float64 and ``forward_scale`` (set with
     it) ``mu ||x|| / ||v||``: a residual under ``e`` times it proves
     ``||x - G^{-1} v|| <= e ||x||``.
@@ -345,7 +346,10 @@ class Solve:
         ``x = (g - K^T t) / mu``, with ``rho = K g - (mu I + K K^T) t`` in the rows
         (``K g = sum_a K_a g_a``, ``K K^T = sum_a K_a K_a^T``), so each step is
         ``t += (mu I + K K^T)^{-1} rho``: ``rho`` in float64 from ``N``-sized factors
-        (``K g`` and ``K K^T t = K (U^T Xt)`` through ``Xt Xt^T``), the correction by the
+        (``K K^T t = K (U^T Xt)`` through ``Xt Xt^T``; ``K g`` so too where ``g = Lambda^T
+        Xt``, else from the given ``g``, one float64 GEMM of the forward's size, found by a
+        hunt: at float32 damping 1e-7 every ``pre.step()`` of a sampled MSE MLP raised
+        ``SolveError`` where the fused ``pre.backward`` met the bound), the correction by the
         Gram's factor ``chol`` in the solve dtype (factorised again when ``None``), ``x``
         formed again from ``t`` in float64 as refinement leaves it (one GEMM; formed in
         float32, its own rounding stalled the residual near 1e-3 at ``eps cond(G) ~ 0.1``)
@@ -355,12 +359,11 @@ class Solve:
         and ends the refinement. Returns the steps taken; ``residual`` is set (evaluated
         first where it is not)."""
         handlers = [problem.handler64(i) for i in self.indices]
-        lams = [problem.output_grad64(i) for i in self.indices]
         if chol is None:
             _, _, chol = self.refactorise()
         if self.residual is None:
             self.evaluate_residual(problem, damping)
-        Kg = sum(h.K_mv_output_grad(lam) for h, lam in zip(handlers, lams, strict=True))
+        Kg = sum(problem.K_gradient64(i) for i in self.indices)
         t = self.t.double()
         value, taken = float(self.residual), 0
         while value > self.goal(bound) and taken < steps:
@@ -368,12 +371,10 @@ class Solve:
             KKt = sum(h.K_mv_output_grad(h.rows_combination(t)) for h in handlers)
             t = t + chol.solve(Kg - damping * t - KKt).double()
             before = (self.x, self.x_bound, self.residual, self.forward_scale)
-            parts = [
-                h.output_grad_minus_K_tmv(lam, t, 1 / damping)
-                for h, lam in zip(handlers, lams, strict=True)
-            ]
+            parts = [problem.gradient_minus_K_tmv64(i, t, 1 / damping) for i in self.indices]
             self.x = [a for part, _ in parts for a in part]
-            self.x_bound = torch.linalg.vector_norm(torch.stack([b for _, b in parts]))
+            bounds = [b for _, b in parts]
+            self.x_bound = None if None in bounds else torch.linalg.vector_norm(torch.stack(bounds))
             if direct or self.residual_settled(problem, damping, bound) is None:
                 self.evaluate_residual(problem, damping)
             if not float(self.residual) < value:  # no better (or NaN): keep the last x

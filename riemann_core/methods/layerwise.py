@@ -139,7 +139,7 @@ def _woodbury(problem: Problem, indices: list[int], opts: Options) -> list[Solve
         x, x_bound = problem.gradient_minus_K_tmv(i, t[j], 1 / mu, bound)
         name = h.block.name
         record = Solve(
-            t=t[j] if problem.factored(i) else None,
+            t=t[j] if problem.rows_refinable(i) else None,
             name=name,
             kernel=type(h).__name__,
             solver="woodbury",

@@ -52,7 +52,7 @@ def solve(problem: Problem, opts: Options) -> list[Solve]:
         None if any(b is None for b in bounds) else torch.linalg.vector_norm(torch.stack(bounds))
     )
     record = Solve(
-        t=t if all(problem.factored(i) for i in range(len(handlers))) else None,
+        t=t if all(problem.rows_refinable(i) for i in range(len(handlers))) else None,
         name="(all)",
         kernel=opts.kernel,
         solver="woodbury",
