@@ -774,7 +774,8 @@ def check_samples_taken(loss: Tensor, outputs: Tensor, checks: Deferred) -> None
         )
         raise ValueError(
             f"the loss leaves out {left} (targets equal to ignore_index, or of a class "
-            "weighted zero), while the metric is that of the mean over every "
+            "weighted zero, which label smoothing takes in its smoothing term alone), "
+            "while the metric is that of the mean over every "
             f"{'position' if positions else 'sample'}. Leave those out of the batch before "
             "the forward pass, or pass an output_metric that weighs them"
         )

@@ -2862,11 +2862,22 @@ def classifier():
     [
         lambda out, y: F.cross_entropy(out, y.masked_fill(y == 2, -100)),
         lambda out, y: F.cross_entropy(out, y, weight=torch.tensor([1.0, 1, 0, 1]).double()),
+        # (the smoothing term alone takes those samples, as the message says)
+        lambda out, y: F.cross_entropy(
+            out, y, weight=torch.tensor([1.0, 1, 0, 1]).double(), label_smoothing=0.1
+        ),
         lambda out, y: F.cross_entropy(out, y.masked_fill(y == 2, -1), ignore_index=-1),
         lambda out, y: F.cross_entropy(out, y.masked_fill(y == 2, 7), ignore_index=7),
         lambda out, y: F.cross_entropy(out, y.masked_fill(y == 2, -100), reduction="none").mean(),
     ],
-    ids=["ignore_index", "class weight 0", "ignore_index -1", "ignore_index 7", "per sample"],
+    ids=[
+        "ignore_index",
+        "class weight 0",
+        "class weight 0 smoothed",
+        "ignore_index -1",
+        "ignore_index 7",
+        "per sample",
+    ],
 )
 @pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
 def test_a_loss_leaving_samples_out_is_refused(loss, method):
@@ -2878,7 +2889,8 @@ def test_a_loss_leaving_samples_out_is_refused(loss, method):
     for _ in range(2):
         model.zero_grad(set_to_none=True)
         with pytest.raises(
-            ValueError, match=r"the loss leaves out 2 sample\(s\) of the batch of 6"
+            ValueError,
+            match=r"the loss leaves out 2 sample\(s\) of the batch of 6 .*which label smoothing",
         ):
             pre.backward(loss(model(x), y))
         assert all(p.grad is None for p in model.parameters())
