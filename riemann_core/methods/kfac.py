@@ -496,6 +496,7 @@ class KFACState:
         self.refresh, self.decay = int(refresh), float(decay)
         self.steps = 0
         self._averages: dict[str, Tensor] = {}  # running factors by "module:Gamma", "module:A"
+        self._shapes: dict[str, tuple] = {}  # the shapes of the module each was taken for
         self._cached: dict[str, Cached] = {}  # by module
         self.discard()
 
@@ -554,10 +555,13 @@ class KFACState:
             return None
         gamma, inputs = module_factors(handler, opts)
         if self.decay > 0:
-            gamma = self._average(average_key(name, "Gamma"), gamma)
+            shapes = module_shapes(handler.block.module)
+            gamma = self._average(average_key(name, "Gamma"), gamma, shapes)
             # one input factor per module (its weight's), whatever the bias does: freezing
             # the bias apart from the weight keeps the weight's average
-            inputs = {p: self._average(average_key(name, "A"), A) for p, A in inputs.items()}
+            inputs = {
+                p: self._average(average_key(name, "A"), A, shapes) for p, A in inputs.items()
+            }
         return None if cached else (gamma, inputs)
 
     def solve(
@@ -584,12 +588,19 @@ class KFACState:
         self._pending[name] = (handler, s)
         return s
 
-    def _average(self, key: str, factor: Factor) -> Factor:
+    def _average(self, key: str, factor: Factor, shapes: tuple) -> Factor:
+        """The running average ``key`` updated with this batch's ``factor``, continued where
+        it was taken for a module of the same ``shapes`` (:func:`module_shapes`; unknown
+        after a checkpoint, whose orders were checked), else started afresh: a factor of
+        the same order may mean something else (found by a hunt: ``Linear(4, 5)`` swapped
+        for ``Linear(5, 5, bias=False)`` averaged ``[h, 1]`` with ``h'``, 3.3x off)."""
         batch = factor.dense()
         old = self._averages.get(key)
-        if old is not None and old.shape == batch.shape:  # moved with the model: kept
+        same = self._shapes.get(key, shapes) == shapes and old is not None
+        if same and old.shape == batch.shape:  # moved with the model: kept
             batch = torch.lerp(batch, old.to(batch), self.decay)  # decay old + (1-decay) batch
         self._pending_averages[key] = batch
+        self._pending_shapes[key] = shapes
         return Factor(matrix=batch, what=factor.what)
 
     def reuse(self, gradient: dict[str, Tensor], opts: Options, checks: Deferred):
@@ -626,6 +637,7 @@ class KFACState:
         schedule when it came back, with running averages), until the next refresh keeps
         only the blocks it made."""
         self._averages.update(self._pending_averages)
+        self._shapes.update(self._pending_shapes)
         current = {(n, id(p)) for n, p in params}
         kept = {} if self.due else self._cached
         self._cached = {name: c for name, c in kept.items() if _identities([c]) <= current} | {
@@ -638,6 +650,7 @@ class KFACState:
     def restore(self, steps: int, averages: dict[str, Tensor], cached: dict[str, Cached]):
         """Take the state of a checkpoint (:mod:`riemann_core.methods.kfac_checkpoint`)."""
         self.steps, self._averages, self._cached = steps, averages, cached
+        self._shapes = {}
         self.discard()
 
     def redamp(self, opts: Options) -> None:
@@ -668,7 +681,14 @@ class KFACState:
     def discard(self) -> None:
         """Forget what a failed step computed."""
         self._pending_averages: dict[str, Tensor] = {}
+        self._pending_shapes: dict[str, tuple] = {}
         self._pending: dict[str, tuple[PatchHandler | None, KroneckerSolve]] = {}
+
+
+def module_shapes(module: nn.Module) -> tuple:
+    """What a running average of ``module``'s factors was taken for: its type and the
+    shapes of its own parameters (trainable or not)."""
+    return type(module), tuple(p.shape for p in module.parameters(recurse=False))
 
 
 def average_key(owner: str, factor: str) -> str:
