@@ -1306,15 +1306,20 @@ def test_a_probe_passed_under_the_generic_kernel_does_not_pass_the_structured_on
     """Found by review: a Linear whose forward was replaced on the instance is exact under
     the generic kernel and refused under the structured one, which assumes ``W x + b``;
     after a generic call, a structured one skipped the probe and was 31-46% off the
-    oracle. The key holds the kernel option."""
+    oracle. The key holds the kernel option. Refused by name, before any probe (found by a
+    hunt: with check_coupling=False the structured kernel took it, 0.26 off); exact
+    under kernel='auto', which gives it the generic kernel, probed or not."""
     torch.manual_seed(11)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     model[0].forward = types.MethodType(scaled_input_linear, model[0])
     x, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 2])
     assert_exact(model, x, y, "layerwise", "generic")
-    with pytest.raises(ValueError, match="reach the output outside the calls"):
-        rc.direction(model, x, y, damping=DAMPING, kernel="structured")
+    for check in (True, False):
+        with pytest.raises(ValueError, match="a forward replaced on the instance"):
+            rc.direction(model, x, y, damping=DAMPING, kernel="structured", check_coupling=check)
     assert_exact(model, x, y, "layerwise", "generic")  # its pass kept beside the refusal
+    assert_exact(model, x, y, "layerwise", "auto")
+    assert_exact(model, x, y, "layerwise", "auto", check_coupling=False)
 
 
 def test_switching_training_mode_is_not_probed_at_every_switch(monkeypatch):
