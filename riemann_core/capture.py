@@ -887,6 +887,26 @@ def _generators_in(container) -> list[tuple[str, torch.Generator]]:
     return found
 
 
+def _moved_since(model: nn.Module, args, kwargs) -> str:
+    """A hint where the inputs of a replayed pass are of another dtype or device than the
+    model's parameters now are: the model was moved after that pass (found by a hunt:
+    ``model.double()`` before ``pre.step()`` was told to check its inputs)."""
+    params = {(p.dtype, p.device) for p in model.parameters() if p.is_floating_point()}
+    inputs = {
+        (t.dtype, t.device)
+        for t in pytree.tree_leaves((args, kwargs))
+        if isinstance(t, Tensor) and t.is_floating_point()
+    }
+    if not inputs or inputs <= params:
+        return ""
+    now = ", ".join(sorted(f"{d} on {v}" for d, v in params))
+    return (
+        f"; the model's parameters are now {now}, and these inputs are those of its last "
+        "forward pass: the model was moved since (model.double(), model.to(...)), so run "
+        "its forward pass again, on inputs moved with it"
+    )
+
+
 def forward(
     model: nn.Module,
     args: tuple,
@@ -940,6 +960,8 @@ def forward(
                     "meta device (frozen parameters or buffers, shapes without values): "
                     "materialise them (model.to_empty(device=...), then load the weights)"
                     if meta
+                    else _moved_since(model, args, kwargs)
+                    if replay is not None
                     else ""
                 )
                 raise ValueError(

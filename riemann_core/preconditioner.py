@@ -1393,11 +1393,12 @@ def _check_own_parameters(capture: Capture, model: nn.Module, call: str) -> None
     substituted = capture.substituted
     if substituted and capture.hooks_current(model):
         raise ValueError(
-            f"modules {some(substituted)} ran with other "
-            "tensors in place of their parameters (torch.func.functional_call, "
-            "torch.nn.utils.stateless): the loss does not reach those parameters, and "
-            f"{call} preconditions the model's own. Call the model itself, or precondition "
-            "a model that holds those tensors as its parameters"
+            f"modules {some(substituted)} ran with other tensors in place of their "
+            "parameters in the model's last forward pass (torch.func.functional_call, "
+            f"torch.nn.utils.stateless), and {call} preconditions the model's own from that "
+            "pass. If the loss comes from it, call the model itself, or precondition a model "
+            "that holds those tensors as its parameters; if it was another pass, after the "
+            f"loss's (per-sample gradients through torch.func for a log), run it after {call}"
         )
 
 

@@ -1622,6 +1622,43 @@ def test_a_pass_with_other_tensors_in_place_of_the_parameters_is_refused(call):
     assert W.grad is w_grad
 
 
+def test_a_logging_pass_through_torch_func_before_step_is_refused_with_the_fix():
+    """Found by a hunt: per-sample gradients taken through ``torch.func`` for a log between
+    ``loss.backward()`` and ``pre.step()`` were refused as a loss that does not reach the
+    parameters, which it does; the message now names that case and its fix (run such a pass
+    after ``pre.step()``), and ``.grad`` stays as it was."""
+    model, x, y = Problem(depth=3).make()
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    F.cross_entropy(model(x), y).backward()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def sample_loss(p, xi, yi):
+        return F.cross_entropy(torch.func.functional_call(model, p, (xi[None],)), yi[None])
+
+    torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"if it was another pass.*run it after pre\.step\(\)"):
+        pre.step()
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_a_model_moved_after_its_forward_pass_is_told_so(call):
+    """Found by a hunt: ``model.double()`` between the forward pass and ``pre.step()`` (or
+    the first ``pre.backward``) was refused as inputs of the wrong dtype; the message now
+    says the model was moved since its last forward pass. ``.grad`` stays as it was."""
+    model, x, y = Problem(depth=3).make(torch.float32)
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    loss = F.cross_entropy(model(x), y)
+    if call == "step":
+        loss.backward()
+    model.double()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"now torch.float64 on cpu.*the model was moved since"):
+        pre.backward(loss) if call == "backward" else pre.step()
+    assert_unchanged(model, before)
+
+
 def test_a_hook_registered_once_is_probed_once_and_one_registered_at_every_step_each_step():
     """A logging hook registered once is probed once, and the next steps are fused; one
     registered anew before each forward pass (and removed after pre.backward) is another
