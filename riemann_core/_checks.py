@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .factors import LOSSES, OUTPUT_METRICS
-from .modules import KERNELS, training
+from .modules import KERNELS, STRUCTURED, forward_replaced, training
 
 #: The most refinement steps: each costs a float64 residual, and the iteration either
 #: converges in a few or not at all (``eps(solve dtype) cond(G) >= 1``).
@@ -381,14 +381,41 @@ def _check_not_scripted(name: str, module: nn.Module) -> None:
         )
 
 
+def unprobed(opts) -> str | None:
+    """``check_model``'s ``unprobed_kernel`` for options ``opts``."""
+    return None if opts.check_coupling else opts.kernel
+
+
+def _check_forward_probed(name: str, module: nn.Module) -> None:
+    """Refuse, where the coupling probe is skipped, a trained module of a structured kernel
+    whose ``forward`` was replaced on the instance: the kernel assumes its class's forward
+    (``W x + b``), which nothing then checks (found by a hunt: with check_coupling=False a
+    Linear whose forward doubled its weight was 0.26 off, silently). The probe checks it
+    (accelerate's device hooks pass, a scaled weight is refused)."""
+    trained = any(p.requires_grad for p in module.parameters(recurse=False))
+    if trained and type(module) in STRUCTURED and forward_replaced(module):
+        raise ValueError(
+            f"module {name!r} ({type(module).__name__}) has a forward replaced on the "
+            "instance, and check_coupling=False skips the probe that checks it computes what "
+            "the structured kernel assumes (its class's forward): keep check_coupling=True "
+            "(the default), or pass kernel='auto' (the generic kernel for such a module; not "
+            "with method='kfac', whose factors assume its class's forward)"
+        )
+
+
 def check_model(
-    model: nn.Module, checks: Deferred | None = None, shown: Collection[int] = ()
+    model: nn.Module,
+    checks: Deferred | None = None,
+    shown: Collection[int] = (),
+    unprobed_kernel: str | None = None,
 ) -> list[tuple[str, nn.Parameter]]:
     """The trainable parameters, after checking the model can be handled at all.
 
     Their finiteness is registered with ``checks`` (checked at once without it), but for
     the parameters whose ids are in ``shown``, which the caller reads off their modules'
-    outputs (:meth:`Deferred.finite_all`'s ``shown_in``).
+    outputs (:meth:`Deferred.finite_all`'s ``shown_in``). ``unprobed_kernel``: the kernel
+    option of a call that skips the coupling probe (``check_coupling=False``): under
+    ``"structured"`` a forward replaced on the instance is refused (:func:`_check_forward_probed`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -400,6 +427,8 @@ def check_model(
         )
     for name, module in model.named_modules():
         _check_not_scripted(name, module)
+        if unprobed_kernel == "structured":
+            _check_forward_probed(name, module)
         if any(isinstance(p, nn.UninitializedParameter) for p in module._parameters.values()):
             raise ValueError(
                 f"module {name!r} ({type(module).__name__}) has uninitialized parameters (a "

@@ -764,6 +764,8 @@ class Replay:
     # the ids of the parameters whose modules' outputs the recorded output depended on
     # (:meth:`check_reach`; None: not known)
     reached: frozenset[int] | None = None
+    # (dtype, device) of the model's first parameter at the recorded pass (None: not known)
+    placed: tuple | None = None
 
     def check(self, outputs, checks) -> None:
         """Register with ``checks`` (a :class:`~riemann_core._checks.Deferred`) that
@@ -887,23 +889,27 @@ def _generators_in(container) -> list[tuple[str, torch.Generator]]:
     return found
 
 
-def _moved_since(model: nn.Module, args, kwargs) -> str:
-    """A hint where the inputs of a replayed pass are of another dtype or device than the
-    model's parameters now are: the model was moved after that pass (found by a hunt:
-    ``model.double()`` before ``pre.step()`` was told to check its inputs)."""
-    params = {(p.dtype, p.device) for p in model.parameters() if p.is_floating_point()}
-    inputs = {
-        (t.dtype, t.device)
-        for t in pytree.tree_leaves((args, kwargs))
-        if isinstance(t, Tensor) and t.is_floating_point()
-    }
-    if not inputs or inputs <= params:
+def placement(model: nn.Module) -> tuple | None:
+    """``(dtype, device)`` of ``model``'s first parameter (``model.double()`` and
+    ``model.to(...)`` move them all), ``None`` for a model without parameters."""
+    first = next(model.parameters(), None)
+    return None if first is None else (first.dtype, first.device)
+
+
+def moved_since(model: nn.Module, placed: tuple | None) -> str:
+    """What to say of a replay where ``model`` was moved since the recorded pass, whose
+    :func:`placement` was ``placed`` (``""``: not moved, or not known). Found by a hunt:
+    ``model.double()`` before ``pre.step()`` was told to check its inputs, or that its
+    pass depends on state not replayed."""
+    now = placement(model)
+    if placed is None or now is None or now == placed:
         return ""
-    now = ", ".join(sorted(f"{d} on {v}" for d, v in params))
     return (
-        f"; the model's parameters are now {now}, and these inputs are those of its last "
-        "forward pass: the model was moved since (model.double(), model.to(...)), so run "
-        "its forward pass again, on inputs moved with it"
+        "the model was moved since its last forward pass (its first parameter from "
+        f"{placed[0]} on {placed[1]} to {now[0]} on {now[1]}: model.double(), model.to(...)), "
+        "and the "
+        "replay runs on that pass's inputs: run the forward pass again after moving the "
+        "model, on inputs moved with it"
     )
 
 
@@ -960,8 +966,8 @@ def forward(
                     "meta device (frozen parameters or buffers, shapes without values): "
                     "materialise them (model.to_empty(device=...), then load the weights)"
                     if meta
-                    else _moved_since(model, args, kwargs)
-                    if replay is not None
+                    else f"; {moved}"
+                    if replay is not None and (moved := moved_since(model, replay.placed))
                     else ""
                 )
                 raise ValueError(

@@ -78,6 +78,7 @@ from .modules import (
     GenericHandler,
     Handler,
     SharedHandler,
+    forward_replaced,
     lowest_precision_eps,
     training,
 )
@@ -497,6 +498,16 @@ def _register_parameter_check(
             for n, a, b in zip(names, direct, through_calls, strict=True)
             if float((a - b).norm()) > eps**0.5 * max(float(a.norm()), float(b.norm()))
         ]
+        replaced = sorted(
+            {o for n in bad if forward_replaced(model.get_submodule(o := n.rpartition(".")[0]))}
+        )
+        if replaced:  # (found by a hunt: read as parameters used outside their modules)
+            raise ValueError(
+                f"modules {replaced} have a forward replaced on the instance that computes "
+                "other than their class's forward, which the structured kernel assumes: pass "
+                "kernel='auto' (the generic kernel for such modules, exact; not with "
+                "method='kfac', whose factors assume the class's forward)"
+            )
         raise ValueError(
             f"parameters {bad} reach the output outside the calls of the modules that own "
             "them (e.g. F.linear(h, self.emb.weight) beside a call of self.emb, a "

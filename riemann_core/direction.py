@@ -15,6 +15,7 @@ from ._checks import (
     check_model,
     forward_arguments,
     tensors_of,
+    unprobed,
 )
 from ._precision import full_precision
 from .capture import Replay
@@ -164,7 +165,7 @@ def direction(
                 f"for mse), got {type(targets).__name__}"
             )
         checks = Deferred()
-        params = check_model(model, checks)
+        params = check_model(model, checks, unprobed_kernel=unprobed(opts))
         check_damping_fits(opts.damping, params, opts.solve_dtype)
         check_deterministic(model)
         args, kwargs = forward_arguments(inputs, forward_kwargs)

@@ -24,6 +24,7 @@ module with parameters through ``torch.func`` and materialises ``K``.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 from abc import ABC, abstractmethod
@@ -99,9 +100,28 @@ def shows_parameters(module: nn.Module) -> bool:
     own = module._parameters
     return (
         type(module) is nn.Linear
-        and "forward" not in vars(module)
+        and not forward_replaced(module)
         and own.keys() <= {"weight", "bias"}
         and isinstance(own.get("weight"), nn.Parameter)
+    )
+
+
+def forward_replaced(module: nn.Module) -> bool:
+    """Whether ``module``'s ``forward`` was replaced on the instance by another function
+    than its class's own: not the class's ``forward`` bound to the module again
+    (``m.forward = m.forward``, which accelerate's ``remove_hook_from_module`` leaves), nor
+    ``functools.partial(type(m).forward, m)``."""
+    f = vars(module).get("forward")
+    if f is None:
+        return False
+    own = type(module).forward
+    if getattr(f, "__func__", None) is own and getattr(f, "__self__", None) is module:
+        return False
+    return not (
+        isinstance(f, functools.partial)
+        and f.func is own
+        and f.args == (module,)
+        and not f.keywords
     )
 
 
@@ -386,10 +406,6 @@ class PatchHandler(Handler):
             return f"parameters other than weight and bias ({', '.join(sorted(other))})"
         if not isinstance(getattr(module, "weight", None), nn.Parameter):
             return "a weight that is not a parameter (a parametrization or pruning computes it)"
-        # (found by a hunt: with check_coupling=False a Linear whose forward doubles its
-        # weight got the structured kernel, 0.26 off; the probe refused it, unclearly)
-        if "forward" in vars(module):
-            return "a forward replaced on the instance"
         return None
 
     def set_delta(self, delta: Tensor) -> None:
@@ -1246,6 +1262,8 @@ def _no_kronecker_shared(name: str) -> ValueError:
 def _no_kronecker(name: str, module: nn.Module) -> ValueError:
     cls = STRUCTURED.get(type(module))
     reason = cls.supports(module) if cls is not None and issubclass(cls, PatchHandler) else None
+    if reason is None and forward_replaced(module):
+        reason = "a forward replaced on the instance, under a kernel other than 'structured'"
     return ValueError(
         f"method='kfac' has no Kronecker factorisation for module {name!r} "
         f"({type(module).__name__}{': ' + reason if reason else ''}); K-FAC supports Linear "
@@ -1274,8 +1292,11 @@ def kronecker_handler(handler: Handler) -> PatchHandler:
         return handler
     if isinstance(handler, SharedHandler):
         raise _no_kronecker_shared(handler.block.name)
-    if not has_kronecker_factors(handler.block.module):
-        raise _no_kronecker(handler.block.name, handler.block.module)
+    module = handler.block.module
+    if not has_kronecker_factors(module) or forward_replaced(module):
+        # (the factors assume its class's forward, which no probe of the generic kernel
+        # checks: found by a hunt, a forward replaced on the instance)
+        raise _no_kronecker(handler.block.name, module)
     structured = STRUCTURED[type(handler.block.module)](handler.block)  # on the call's
     # data: in the dtype of the handler's
     return structured if structured.dtype == handler.dtype else structured.to(handler.dtype)
@@ -1286,8 +1307,19 @@ def evaluated_per_sample(module: nn.Module, kernel: str) -> bool:
     parameters) the generic kernel, which evaluates it again one sample at a time."""
     if kernel == "generic":
         return True
+    return kernel == "auto" and structured_reason(module) is not None
+
+
+def structured_reason(module: nn.Module) -> str | None:
+    """Why ``kernel="auto"`` gives ``module`` the generic kernel (``None``: it does not): no
+    structured kernel, one that does not support its settings, or a forward replaced on the
+    instance, which may compute other than its class's (``kernel="structured"`` takes such
+    a module where the coupling probe checks it: found by a hunt, accelerate's device hooks
+    pass, a forward scaling the weight does not)."""
     cls = STRUCTURED.get(type(module))
-    return kernel == "auto" and (cls is None or cls.supports(module) is not None)
+    if cls is None:
+        return "no structured kernel"
+    return cls.supports(module) or ("a forward replaced" if forward_replaced(module) else None)
 
 
 def handler_for(block: Block, kernel: str) -> Handler:
@@ -1298,11 +1330,11 @@ def handler_for(block: Block, kernel: str) -> Handler:
     if kernel == "generic":
         return GenericHandler(block)
     cls = STRUCTURED.get(type(block.module))
+    if kernel == "auto":
+        return GenericHandler(block) if structured_reason(block.module) else cls(block)
     reason = "no structured kernel" if cls is None else cls.supports(block.module)
     if reason is None:
         return cls(block)
-    if kernel == "auto":
-        return GenericHandler(block)
     supported = ", ".join(t.__name__ for t in STRUCTURED)
     raise ValueError(
         f"module {block.name!r} ({type(block.module).__name__}) has parameters but {reason}; "

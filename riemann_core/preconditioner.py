@@ -36,6 +36,7 @@ from ._checks import (
     classes_along_positions,
     reads_softmax_fisher,
     tensors_of,
+    unprobed,
 )
 from ._precision import precision_state
 from .capture import (
@@ -53,7 +54,9 @@ from .capture import (
     capturing,
     hooked_after,
     hooked_before,
+    moved_since,
     notes_for,
+    placement,
     raising_since,
     reaches_pass,
     rng_devices,
@@ -214,6 +217,7 @@ class RiemannianPreconditioner:
         self._overflows_in_a_row = 0  # at as many scales (micro-batches share theirs)
         self._overflow_scale: float | None = None
         self._batch: tuple[tuple, dict, list, BufferStart, dict, tuple] | None = None
+        self._placed: tuple | None = None
         self._versions: list[tuple[str | None, Tensor, int]] = []
         # what the model holds of this preconditioner: detached by remove(), or once the
         # caller drops the preconditioner (the hooks hold it weakly; found by review: one
@@ -343,6 +347,7 @@ class RiemannianPreconditioner:
             autocast_state(device_types),
             precision_state(),
         )
+        self._placed = placement(self.network)  # a replay that fails says it moved since
         self._output = self._differentiated = None  # until this pass returns
         self._modes = {id(m): training(m) for m in self.model.modules()}
         # DistributedDataParallel averages the gradients of a pass outside no_sync() only
@@ -448,7 +453,7 @@ class RiemannianPreconditioner:
             for n, m in self.model.named_modules()
             if self._modes.get(id(m), training(m)) != training(m)
         ]
-        causes = [buffers]
+        causes = [moved_since(self.network, self._placed), buffers]
         if _compiled(self.model):
             causes.append(
                 "the pass ran compiled (torch.compile) and the replay runs eagerly, so random "
@@ -551,7 +556,12 @@ class RiemannianPreconditioner:
         checks = Deferred()
         stale = capture.stale()
         shown = [] if rehook else _showing_parameters(capture.calls, stale)
-        params = check_model(model, checks, shown={id(p) for c in shown for p in c.params})
+        params = check_model(
+            model,
+            checks,
+            shown={id(p) for c in shown for p in c.params},
+            unprobed_kernel=unprobed(opts),
+        )
         checks.finite_all(
             [(f"parameter {n!r}", p) for c in shown for n, p in zip(c.param_names, c.params)],
             PARAMETER_FIX,
@@ -801,6 +811,7 @@ class RiemannianPreconditioner:
                     self._replay_cause, self._buffer_states.changes(self.network, buffers)
                 ),
                 _reached(self._capture),
+                placed=self._placed,
             )
             try:
                 with self._buffers_at_start():  # after the replay's record, of the buffers
@@ -926,7 +937,7 @@ class RiemannianPreconditioner:
                     "outputs flattened per sample)"
                 )
             checks = Deferred()
-            params = check_model(self.network, checks)
+            params = check_model(self.network, checks, unprobed_kernel=unprobed(self._options))
             check_damping_fits(self._options.damping, params, self._options.solve_dtype)
             with_grad = {n: p.grad for n, p in params if p.grad is not None}
             if not with_grad:
@@ -1327,6 +1338,7 @@ _REFUSED_AFTER_BACKWARD = (
 
 _RECORD = (
     "_batch",
+    "_placed",
     "_output",
     "_output_versions",
     "_differentiated",

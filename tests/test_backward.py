@@ -1642,21 +1642,56 @@ def test_a_logging_pass_through_torch_func_before_step_is_refused_with_the_fix()
     assert_unchanged(model, before)
 
 
+class CastingItsInputs(nn.Module):
+    """Casts its inputs to its own dtype; a flag picks a path."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.wide = nn.Linear(4, 6), nn.Linear(6, 3), False
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x.to(self.a.weight.dtype)))
+        return self.b(torch.cat([h, h], 1) if self.wide else h)
+
+
 @pytest.mark.parametrize("call", ["backward", "step"])
-def test_a_model_moved_after_its_forward_pass_is_told_so(call):
+@pytest.mark.parametrize("model", ["plain", "casting", "tokens"])
+def test_a_model_moved_after_its_forward_pass_is_told_so(model, call):
     """Found by a hunt: ``model.double()`` between the forward pass and ``pre.step()`` (or
-    the first ``pre.backward``) was refused as inputs of the wrong dtype; the message now
-    says the model was moved since its last forward pass. ``.grad`` stays as it was."""
-    model, x, y = Problem(depth=3).make(torch.float32)
-    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
-    loss = F.cross_entropy(model(x), y)
+    the first ``pre.backward``) was refused as inputs of the wrong dtype, or (a model that
+    casts its inputs, token inputs) as a pass that depends on state not replayed; the
+    message now says the model was moved since its last forward pass. ``.grad`` stays as
+    it was."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    if model == "plain":
+        net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    elif model == "casting":
+        net = CastingItsInputs()
+    else:
+        net, x = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(16, 3)), x.long() % 10
+    pre = rc.RiemannianPreconditioner(net, damping=DAMPING)
+    loss = F.cross_entropy(net(x), y)
     if call == "step":
         loss.backward()
-    model.double()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=r"now torch.float64 on cpu.*the model was moved since"):
+    net.double()
+    before = snapshot(net)
+    with pytest.raises(ValueError, match=r"moved since its last forward pass.*to torch.float64"):
         pre.backward(loss) if call == "backward" else pre.step()
-    assert_unchanged(model, before)
+    assert_unchanged(net, before)
+
+
+def test_a_model_not_moved_is_not_told_it_was():
+    """Found by review: a float64 model casting its float32 inputs, whose replay failed for
+    another cause (a flag that picks the path changed), was told it had been moved."""
+    net = CastingItsInputs().double()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    pre = rc.RiemannianPreconditioner(net, damping=DAMPING)
+    F.cross_entropy(net(x), y).backward()
+    net.wide = True
+    with pytest.raises(ValueError, match="forward pass failed") as refused:
+        pre.step()
+    assert "moved" not in str(refused.value)
 
 
 def test_a_hook_registered_once_is_probed_once_and_one_registered_at_every_step_each_step():

@@ -1306,9 +1306,11 @@ def test_a_probe_passed_under_the_generic_kernel_does_not_pass_the_structured_on
     """Found by review: a Linear whose forward was replaced on the instance is exact under
     the generic kernel and refused under the structured one, which assumes ``W x + b``;
     after a generic call, a structured one skipped the probe and was 31-46% off the
-    oracle. The key holds the kernel option. Refused by name, before any probe (found by a
-    hunt: with check_coupling=False the structured kernel took it, 0.26 off); exact
-    under kernel='auto', which gives it the generic kernel, probed or not."""
+    oracle. The key holds the kernel option. Refused by name, by the probe or, with
+    check_coupling=False, before any work (found by a hunt: the structured kernel then
+    took it, 0.26 off); exact under kernel='auto', which gives it the generic kernel,
+    probed or not; refused by K-FAC, whose factors assume the class's forward, under
+    any kernel."""
     torch.manual_seed(11)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     model[0].forward = types.MethodType(scaled_input_linear, model[0])
@@ -1317,9 +1319,44 @@ def test_a_probe_passed_under_the_generic_kernel_does_not_pass_the_structured_on
     for check in (True, False):
         with pytest.raises(ValueError, match="a forward replaced on the instance"):
             rc.direction(model, x, y, damping=DAMPING, kernel="structured", check_coupling=check)
+        for kernel in ("auto", "generic"):
+            with pytest.raises(ValueError, match="no Kronecker factorisation for module '0'"):
+                rc.direction(model, x, y, method="kfac", kernel=kernel, check_coupling=check)
     assert_exact(model, x, y, "layerwise", "generic")  # its pass kept beside the refusal
     assert_exact(model, x, y, "layerwise", "auto")
     assert_exact(model, x, y, "layerwise", "auto", check_coupling=False)
+
+
+def hooked_forward(module):
+    """A forward as accelerate's device hooks set it on the instance: the class's own
+    forward called through a wrapper (``functools.partial``)."""
+    old = module.forward
+
+    def new_forward(module, *args, **kwargs):
+        return old(*args, **kwargs)  # (a device hook would move the inputs first)
+
+    return functools.partial(new_forward, module)
+
+
+@pytest.mark.parametrize("method", ["layerwise", "kfac"])
+def test_a_forward_wrapped_on_the_instance_that_computes_the_class_s_is_exact(method):
+    """Found by review: refusing every forward replaced on the instance under the default
+    structured kernel refused models with accelerate's device hooks, exact before (the
+    probe checks them). A wrapper of the class's forward passes the probe; once removed,
+    the class's forward bound again (as accelerate's ``remove_hook_from_module`` leaves it)
+    is the class's, also without the probe."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 2, 0, 1])
+    plain = flatten(rc.direction(copy.deepcopy(model), x, y, method=method, damping=DAMPING), model)  # fmt: skip
+    for module in (model[0], model[2]):
+        module.forward = hooked_forward(module)
+    found = rc.direction(model, x, y, method=method, damping=DAMPING)
+    assert rel_error(flatten(found, model), plain) < 1e-12
+    for module in (model[0], model[2]):
+        module.forward = types.MethodType(type(module).forward, module)
+    found = rc.direction(model, x, y, method=method, damping=DAMPING, check_coupling=False)
+    assert rel_error(flatten(found, model), plain) < 1e-12
 
 
 def test_switching_training_mode_is_not_probed_at_every_switch(monkeypatch):

@@ -647,10 +647,18 @@ class KFACState:
         self.steps += 1
         self.discard()
 
-    def restore(self, steps: int, averages: dict[str, Tensor], cached: dict[str, Cached]):
-        """Take the state of a checkpoint (:mod:`riemann_core.methods.kfac_checkpoint`)."""
+    def restore(
+        self,
+        steps: int,
+        averages: dict[str, Tensor],
+        cached: dict[str, Cached],
+        shapes: dict[str, tuple] | None = None,
+    ):
+        """Take the state of a checkpoint (:mod:`riemann_core.methods.kfac_checkpoint`),
+        its averages taken for modules of ``shapes`` (those of the model it was loaded
+        into, whose orders were checked)."""
         self.steps, self._averages, self._cached = steps, averages, cached
-        self._shapes = {}
+        self._shapes = dict(shapes or {})
         self.discard()
 
     def redamp(self, opts: Options) -> None:

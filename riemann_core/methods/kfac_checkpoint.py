@@ -44,6 +44,7 @@ from .kfac import (
     damped_blocks,
     damped_modules,
     factor_names,
+    module_shapes,
 )
 
 #: The options that shape the state, with their types: loading under others is refused.
@@ -131,7 +132,13 @@ def load(state: KFACState, saved, network: nn.Module, opts: Options) -> None:
         factor, where = owners[key]
         averages[key] = _matrix(value, what, factor.data.device, factor.data.dtype)
         _check_order(Factor(matrix=averages[key], what=what), {factor.n}, what, where)
-    state.restore(steps, averages, cached)
+    # (a swap after the load, for a module of other shapes whose factor keeps its order,
+    # starts afresh as it does without a checkpoint)
+    shapes = {
+        key: module_shapes(_module(network, key.rpartition(":")[0], "the K-FAC state"))
+        for key in averages
+    }
+    state.restore(steps, averages, cached, shapes)
 
 
 def _average_orders(network: nn.Module, key, opts: Options, where: str) -> set[int]:
