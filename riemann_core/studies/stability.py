@@ -139,7 +139,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--report-only",
         action="store_true",
-        help="redraw the figures and report.md from the results in --out, without training",
+        help="fit the slopes again (slopes.csv, joint_slopes.csv) and redraw the figures and "
+        "report.md from the results in --out, without training",
     )
 
 
