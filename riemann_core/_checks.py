@@ -392,8 +392,10 @@ def _check_forward_probed(name: str, module: nn.Module) -> None:
     (``W x + b``), which nothing then checks (found by a hunt: with check_coupling=False a
     Linear whose forward doubled its weight was 0.26 off, silently). The probe checks it
     (accelerate's device hooks pass, a scaled weight is refused)."""
+    if type(module) not in STRUCTURED or "forward" not in vars(module):  # (per call: cheap first)
+        return
     trained = any(p.requires_grad for p in module.parameters(recurse=False))
-    if trained and type(module) in STRUCTURED and forward_replaced(module):
+    if trained and forward_replaced(module):
         raise ValueError(
             f"module {name!r} ({type(module).__name__}) has a forward replaced on the "
             "instance, and check_coupling=False skips the probe that checks it computes what "

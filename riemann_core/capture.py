@@ -890,9 +890,10 @@ def _generators_in(container) -> list[tuple[str, torch.Generator]]:
 
 
 def placement(model: nn.Module) -> tuple | None:
-    """``(dtype, device)`` of ``model``'s first parameter (``model.double()`` and
-    ``model.to(...)`` move them all), ``None`` for a model without parameters."""
-    first = next(model.parameters(), None)
+    """``(dtype, device)`` of ``model``'s first floating-point parameter (``model.double()``
+    and ``model.to(...)`` move them all; an integer one keeps its dtype), ``None`` for a
+    model without one."""
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
     return None if first is None else (first.dtype, first.device)
 
 

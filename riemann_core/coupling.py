@@ -186,8 +186,9 @@ INCONCLUSIVE_PROBES = 8
 def probe_key(model: nn.Module, args: tuple, kwargs: dict, kernel: str) -> tuple:
     """What a passed probe's verdict holds for (the structure, not the data): each module
     by identity (weakly: the notes must not keep the model alive) with its training flag,
-    its hooks (but the model's own pre-hooks) and its parameters (by identity, with ``requires_grad``: a parameter
-    unfrozen may reach the loss along a path the probe passed while it was frozen); the
+    its hooks (but the model's own pre-hooks), its parameters (by identity, with ``requires_grad``: a parameter
+    unfrozen may reach the loss along a path the probe passed while it was frozen) and a
+    forward set on its instance (:func:`_instance_forward`); the
     forward pass's arguments other than tensors (numbers, strings, ``None`` by value, other
     objects by identity; a tensor by its place); and the ``kernel`` option (the
     structured kernels assume what the generic one does not: a ``Linear`` whose
@@ -214,10 +215,24 @@ def probe_key(model: nn.Module, args: tuple, kwargs: dict, kernel: str) -> tuple
             _user_hooks(m._backward_pre_hooks),
             _user_hooks(m._backward_hooks),
             tuple((id(p), p.requires_grad) for p in m._parameters.values() if p is not None),
+            _instance_forward(m),
         )
         for m in model.modules()
     )
     return modules, spec, arguments, kernel
+
+
+def _instance_forward(module: nn.Module):
+    """A forward set on ``module``'s instance, weakly (``None``: its class's): one set
+    after a probe passed (``m.forward = ...`` between two calls) may compute other than
+    what was probed, and the structured kernel assumes its class's forward."""
+    f = vars(module).get("forward")
+    if f is None:
+        return None
+    try:
+        return weakref.ref(f)
+    except TypeError:  # (a callable without weak references)
+        return type(f), id(f)
 
 
 def _user_hooks(hooks: dict) -> tuple:

@@ -1271,15 +1271,16 @@ def _no_kronecker(name: str, module: nn.Module) -> ValueError:
     )
 
 
-def check_kronecker(calls: list[Block]) -> None:
-    """Refuse, before any work, the calls :func:`kronecker_handler` would refuse (found by
-    a hunt: ``pre.backward`` refused a LayerNorm once its backward pass had consumed the
-    user's graph)."""
+def check_kronecker(calls: list[Block], kernel: str = "structured") -> None:
+    """Refuse, before any work, the calls :func:`kronecker_handler` would refuse under the
+    ``kernel`` option (found by a hunt: ``pre.backward`` refused a LayerNorm once its
+    backward pass had consumed the user's graph)."""
     callers: dict[str, list[str]] = {}
     for c in calls:
         for n in c.param_names:
             callers.setdefault(n, []).append(c.name)
-        if not has_kronecker_factors(c.module):
+        generic = kernel != "structured" and forward_replaced(c.module)
+        if not has_kronecker_factors(c.module) or generic:
             raise _no_kronecker(c.name, c.module)
     shared = next((names for names in callers.values() if len(names) > 1), None)
     if shared:  # (named as the block of the calls: "0+2")

@@ -598,7 +598,7 @@ class RiemannianPreconditioner:
                 check_output_batch(trained, capture.output, self._batch[0])
                 check_batch_dimension(trained, capture.output)
                 if self.method == "kfac":
-                    check_kronecker(trained)
+                    check_kronecker(trained, opts.kernel)
             paths = coupling.loss_paths(
                 loss, capture.output, capture.calls, names, capture.key, capture.token
             )

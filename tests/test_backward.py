@@ -1694,6 +1694,30 @@ def test_a_model_not_moved_is_not_told_it_was():
     assert "moved" not in str(refused.value)
 
 
+class IntegerFirst(nn.Module):
+    """Its first parameter is an integer one (a frozen code table), which no move casts."""
+
+    def __init__(self):
+        super().__init__()
+        self.code = nn.Parameter(torch.arange(3), requires_grad=False)
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_a_model_moved_whose_first_parameter_is_an_integer_one_is_told_so():
+    """Found by review of d79279d: the placement read the first parameter, an integer one
+    that model.double() keeps, so the move went unsaid (said before that commit)."""
+    torch.manual_seed(0)
+    net, x, y = IntegerFirst(), torch.randn(8, 4), torch.randint(0, 3, (8,))
+    pre = rc.RiemannianPreconditioner(net, damping=DAMPING)
+    F.cross_entropy(net(x), y).backward()
+    net.double()
+    with pytest.raises(ValueError, match=r"moved since its last forward pass.*to torch.float64"):
+        pre.step()
+
+
 def test_a_hook_registered_once_is_probed_once_and_one_registered_at_every_step_each_step():
     """A logging hook registered once is probed once, and the next steps are fused; one
     registered anew before each forward pass (and removed after pre.backward) is another

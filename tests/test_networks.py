@@ -1359,6 +1359,53 @@ def test_a_forward_wrapped_on_the_instance_that_computes_the_class_s_is_exact(me
     assert rel_error(flatten(found, model), plain) < 1e-12
 
 
+@pytest.mark.parametrize("call", ["direction", "step", "backward"])
+def test_a_forward_replaced_after_a_probed_call_is_probed_again(call):
+    """Found by review of d79279d: the structured kernel leaves a forward replaced on the
+    instance to the coupling probe, whose key did not hold it, so one replaced after a
+    first (probed) call took the structured kernel silently (layerwise 0.27 off the
+    oracle, pre.step() 0.83, K-FAC likewise). The key holds the instance's forward."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+
+    def run():
+        model.zero_grad()
+        if call == "direction":
+            return rc.direction(model, x, y, damping=DAMPING)
+        loss = F.cross_entropy(model(x), y)
+        if call == "backward":
+            return pre.backward(loss)
+        loss.backward()
+        pre.step()
+
+    run()
+    model[0].forward = types.MethodType(scaled_input_linear, model[0])
+    with pytest.raises(ValueError, match="a forward replaced on the instance"):
+        run()
+
+
+def test_kfac_refuses_a_replaced_forward_under_auto_before_consuming_the_graph():
+    """Found by review of d79279d: K-FAC refuses a forward replaced on the instance under
+    a kernel other than 'structured', but pre.backward's check before any work did not,
+    so the refusal came after its backward pass had consumed the user's graph."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    model[0].forward = types.MethodType(scaled_input_linear, model[0])
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    for check in (True, False):
+        pre = rc.RiemannianPreconditioner(
+            model, method="kfac", kernel="auto", damping=DAMPING, check_coupling=check
+        )
+        loss = F.cross_entropy(model(x), y)
+        with pytest.raises(ValueError, match="no Kronecker factorisation") as refused:
+            pre.backward(loss)
+        assert "consumed" not in str(refused.value)
+        loss.backward()  # the graph is the user's still
+        pre.remove()
+
+
 def test_switching_training_mode_is_not_probed_at_every_switch(monkeypatch):
     """The notes keep the passes of several structures: a model switched between training
     and evaluation (a validation pass with gradients) is probed once per mode."""

@@ -590,10 +590,11 @@ class KFACState:
 
     def _average(self, key: str, factor: Factor, shapes: tuple) -> Factor:
         """The running average ``key`` updated with this batch's ``factor``, continued where
-        it was taken for a module of the same ``shapes`` (:func:`module_shapes`; unknown
-        after a checkpoint, whose orders were checked), else started afresh: a factor of
-        the same order may mean something else (found by a hunt: ``Linear(4, 5)`` swapped
-        for ``Linear(5, 5, bias=False)`` averaged ``[h, 1]`` with ``h'``, 3.3x off)."""
+        it was taken for a module of the same ``shapes`` (:func:`module_shapes`; after a
+        checkpoint, those of the model it was loaded into, whose orders were checked), else
+        started afresh: a factor of the same order may mean something else (found by a
+        hunt: ``Linear(4, 5)`` swapped for ``Linear(5, 5, bias=False)`` averaged ``[h, 1]``
+        with ``h'``, 3.3x off)."""
         batch = factor.dense()
         old = self._averages.get(key)
         same = self._shapes.get(key, shapes) == shapes and old is not None
