@@ -1152,8 +1152,23 @@ def _on_outliers(claim: Claim, deciding: pd.DataFrame, df: pd.DataFrame, axes) -
     lies on every axis: flagged along width, it does not bend the depth line.) A fail or
     regime not reached decided on them is too noisy, and one too noisy already says they
     may be why; a pass stands (an outlier bends a line away from a claim, it does not make
-    it agree)."""
+    it agree). So too for points flagged ``spread`` (their repeats still spread past
+    ``SPREAD_LIMIT`` when timed again), whatever the trend: found by a hunt, a sweep under
+    outside load flagged 16-87 of 155 points while its rate readings moved 10-13%, and a
+    claim on them read 1.5 [0.76, 1.89], a fail but for its interval."""
     flags = deciding["flag"] if "flag" in deciding else pd.Series(dtype=object)
+    spread = deciding[flags.map(lambda f: isinstance(f, str) and "spread" in f.split())]
+    if not spread.empty and claim.verdict in (FAIL, NOT_REACHED):
+        points = "; ".join(
+            sorted({f"{r.method} ({r.kernel}) at " + _point(r) for r in spread.itertuples()})
+        )
+        detail = (
+            f"{claim.detail} The verdict would be '{claim.verdict}', but it rests on points "
+            f"whose repeat times spread past {SPREAD_LIMIT:.0%} of their median even when "
+            f"timed again ({points}): other work on the machine may have decided it. Rerun "
+            "the sweep on a quiet machine."
+        )
+        return replace(claim, verdict=NOISY, detail=detail)
     flagged = deciding[flags.map(lambda f: isinstance(f, str) and "outlier" in f.split())]
     if flagged.empty:
         return claim

@@ -709,6 +709,26 @@ def test_a_verdict_decided_on_a_flagged_outlier_says_so():
     assert claim.detail.startswith("Detail. It rests on points the sweep flagged outlier")
 
 
+def test_a_fail_decided_on_points_whose_repeats_spread_is_too_noisy():
+    """Found by a hunt of verdicts under outside load: the sweep flags ``spread`` a point
+    whose repeats still spread past SPREAD_LIMIT when timed again, and no verdict read the
+    flag. A fail decided on such points is too noisy, naming them; without the flag it
+    stands; a pass on them stands."""
+
+    def curved(m, k, s):  # natural's time bent up in depth: a fail of linear-in-depth
+        return 1e-3 * len(s.layers) ** 2 if m == "natural" else 0.0
+
+    df, meta = make_sweep(Machine(saturation=1e7, extra=curved))
+    assert by_id(va.validate(df, meta, n_boot=300), "linear-in-depth-natural").verdict == "fail"
+    natural = (df["method"] == "natural") & (df["width"] == BASE["width"])
+    df.loc[natural & (df["depth"] == df.loc[natural, "depth"].max()), "flag"] = "spread"
+    claim = by_id(va.validate(df, meta, n_boot=300), "linear-in-depth-natural")
+    assert claim.verdict == "too noisy"
+    assert "would be 'fail'" in claim.detail and "natural (structured) at width" in claim.detail
+    passed = va.Claim("c", "claim", "expected", 1.0, 0.9, 1.1, "pass", "Detail.", "time")
+    assert va._on_outliers(passed, df[natural], df, ("depth",)).verdict == "pass"
+
+
 def test_a_depth_line_of_three_depths_or_two_rounds_is_too_noisy():
     """Found by review: exactly affine times failed linear-in-depth on three depths of
     three rounds (9 of 40 claims over 8 seeds): a quadratic through three points leaves no
