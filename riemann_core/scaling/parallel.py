@@ -17,6 +17,10 @@ records, with :class:`riemann_core.measure.phases.PhaseRecorder`:
 * bytes through the collectives, beside :func:`riemann_core.costs.communication_bytes`;
 * the GEMM rate each rank reaches while every rank runs one: below the rate of one rank
   alone, the ranks do not have their cores to themselves;
+* before each timed direction, the rate of one such GEMM on every rank at once: read at
+  the moments the directions are timed, it tells load from outside during the timing
+  (other work that starts once the run is under way slows the timed directions and this
+  reading alike, and no reading taken before or after them);
 * on one rank, the solve phase of the same depth of layers on a tiny network and batch
   (:data:`SMALL`): its time is the overhead of the time model.
 
@@ -81,7 +85,8 @@ GEMM_SIZE = {"cpu": 1024, "cuda": 8192}
 SMALL = {"width": 4, "batch": 2}
 #: columns of ``results.csv``
 COLUMNS = (
-    "ranks", "rank", "method", "threads", "batch", "gemm_concurrent_flops_per_s", "owned_blocks",
+    "ranks", "rank", "method", "threads", "batch", "gemm_concurrent_flops_per_s",
+    "gemm_timed_flops_per_s", "owned_blocks",
     "step_median_s", "step_iqr_s", "local_s", "agree_s", "exchange_s", "solve_s", "broadcast_s",
     "step_times_s", "solve_times_s", "solve_small_s", "flops_solve_small",
     "flops_local", "flops_solve", "flops_local_model", "flops_solve_model",
@@ -146,6 +151,8 @@ def _measure_rank(config: Config, rank: int, world: int, rendezvous: str, out) -
     y = torch.randint(0, config.widths[-1], (config.batch,), device=device)
     dist.barrier()  # every rank at once: the rate a rank gets while the others compute too
     concurrent = gemm_rate(device, dtype)
+    n = GEMM_SIZE[device.type]
+    gemm = functools.partial(one_gemm_rate, *torch.ones(2, n, n, device=device, dtype=dtype))
     shard = slice(rank * config.batch // world, (rank + 1) * config.batch // world)
     x, y = x[shard], y[shard]
     tiny_widths = (SMALL["width"],) * (len(config.widths) - 1) + (config.widths[-1],)
@@ -165,11 +172,11 @@ def _measure_rank(config: Config, rank: int, world: int, rendezvous: str, out) -
                 timeout=config.timeout,
             )  # fmt: skip
 
-        times, phase, flops, traffic, slow = _timed(call, config.repeats, device)
+        times, phase, flops, traffic, slow, gemm_rates = _timed(call, config.repeats, device, gemm)
         small = (float("nan"), float("nan"))
         if world == 1:  # the overhead of the solve: as many blocks, almost no work
-            _, small_phase, small_flops, _, _ = _timed(
-                functools.partial(call, *tiny, model=tiny_model), config.repeats, device
+            _, small_phase, small_flops, *_ = _timed(
+                functools.partial(call, *tiny, model=tiny_model), config.repeats, device, gemm
             )
             small = (statistics.median(small_phase["solve"]), small_flops.get("solve", 0))
         model_flops = costs.distributed_flops(method, shape, world, config.device, dtype)[rank]
@@ -185,6 +192,7 @@ def _measure_rank(config: Config, rank: int, world: int, rendezvous: str, out) -
                 "threads": config.threads,
                 "batch": config.batch,
                 "gemm_concurrent_flops_per_s": concurrent,
+                "gemm_timed_flops_per_s": statistics.median(gemm_rates),
                 "owned_blocks": sum(o == rank for o in traffic.owners),
                 "step_median_s": statistics.median(times),
                 "step_iqr_s": quartiles[2] - quartiles[0],
@@ -215,17 +223,31 @@ def gemm_rate(device, dtype: torch.dtype) -> float:
     return statistics.median(device_rates(device, dtype, n=n)["products"])
 
 
-def _timed(call, repeats: int, device):
+def one_gemm_rate(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The rate (FLOP/s) of one GEMM ``a @ b`` of square operands: short enough to read
+    beside every timed direction."""
+    synchronize = torch.cuda.synchronize if a.is_cuda else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    a @ b
+    synchronize()
+    return 2 * a.shape[0] ** 3 / (time.perf_counter() - start)
+
+
+def _timed(call, repeats: int, device, gemm):
     """A warm-up call (the first for a model also probes the network), ``repeats`` timed
-    calls started together at a barrier, one FLOP-counted call: the end-to-end times,
-    each phase's times, the counted FLOPs by phase, the bytes and the slow paths the
-    counted call took (their work is not the cost model's)."""
+    calls started together at a barrier, each after a ``gemm()`` rate read on every rank
+    at once, one FLOP-counted call: the end-to-end times, each phase's times, the counted
+    FLOPs by phase, the bytes, the slow paths the counted call took (their work is not the
+    cost model's) and the GEMM rates."""
     import torch.distributed as dist
 
     call()
-    timed, times = PhaseRecorder(device), []
+    timed, times, rates = PhaseRecorder(device), [], []
     with distributed.observing(timed):
         for _ in range(repeats):
+            dist.barrier()
+            rates.append(gemm())
             dist.barrier()
             start = time.perf_counter()
             call()
@@ -235,7 +257,7 @@ def _timed(call, repeats: int, device):
         call()
     (step,) = counted.steps
     phase = {p: [s.seconds.get(p, 0.0) for s in timed.steps] for p in distributed.PHASES}
-    return times, phase, step.flops, step.traffic, slow
+    return times, phase, step.flops, step.traffic, slow, rates
 
 
 # ------------------------------------------------------------------------ the parent

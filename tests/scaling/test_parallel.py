@@ -108,6 +108,39 @@ def test_overhead_or_an_unsteady_machine_decides_no_time_verdict():
     assert verdicts(frame, meta)["solve-time-layerwise-P2"] == "too noisy"
 
 
+def test_load_while_a_world_size_was_timed_reads_too_noisy_not_fail():
+    """Found by a hunt: two processes busy only while P = 2 timed its solves made every
+    time claim fail (exit 1), while the GEMM rates read at each world's start and between
+    the world sizes held. The rate read between the timed directions tells it."""
+    frame, meta = synthetic()
+    at = frame["ranks"] == 2
+    frame.loc[at, "solve_times_s"] = frame.loc[at, "solve_times_s"].map(
+        lambda s: json.dumps([3 * t for t in json.loads(s)])
+    )
+    frame.loc[at, "solve_s"] *= 3
+    frame["gemm_timed_flops_per_s"] = frame["gemm_concurrent_flops_per_s"]
+    assert verdicts(frame, meta)["solve-time-layerwise-P2"] == "fail"  # a steady machine's
+    frame.loc[at & (frame["rank"] == 1), "gemm_timed_flops_per_s"] *= 0.5
+    found = pr.claims(frame, meta, n_boot=200)
+    (claim,) = [c for c in found if c.id == "solve-time-layerwise-P2"]
+    assert claim.verdict == "too noisy"
+    assert "P=2: 50 GFLOP/s of GEMM between the timed directions, 100 at the world" in claim.detail
+    assert {c.verdict for c in found if c.id.endswith("P4")} == {"pass"}  # P = 4 was quiet
+    # so is a single rank timed while other work ran: the base of every speedup
+    frame.loc[frame["ranks"] == 1, "gemm_timed_flops_per_s"] *= 0.7
+    assert {c.verdict for c in pr.claims(frame, meta, n_boot=200) if c.basis == "time"} == {
+        "too noisy"
+    }
+
+
+def test_a_rate_read_low_at_a_world_start_alone_is_no_contention():
+    """Load at a world's first reading that was gone when its directions were timed: the
+    ranks reached their rate while they were timed, so the claim is judged."""
+    frame, meta = synthetic(concurrent_drop=0.5)
+    frame["gemm_timed_flops_per_s"] = 2 * RATE
+    assert verdicts(frame, meta)["solve-time-layerwise-P2"] == "pass"
+
+
 def test_solve_time_that_does_not_fall_with_the_work_fails():
     frame, meta = synthetic()
     at = frame["ranks"] > 1
@@ -225,6 +258,7 @@ def test_a_small_run_end_to_end(tmp_path, capsys):
     code = main(argv)
     frame = pd.read_csv(out / "results.csv")
     assert len(frame) == 3 * (1 + 2)
+    assert (frame["gemm_timed_flops_per_s"] > 0).all()
     found = {c["id"]: c for c in json.loads((out / "claims.json").read_text())["claims"]}
     for claim in ("flops-match-model", "bytes-match-model", "solve-work-falls-layerwise",
                   "solve-work-falls-kfac", "solve-work-stays-natural"):  # fmt: skip
