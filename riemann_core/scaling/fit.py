@@ -806,7 +806,7 @@ def device_rates(sweep_meta: Mapping, dtype: str | None = None) -> dict[str, lis
         if dtype is not None and session.get("dtype") != dtype:
             continue
         for kind, values in session.items():
-            if kind not in ("when", "dtype", "worker"):
+            if kind not in sweep.SESSION_KEYS:
                 out.setdefault(kind, []).extend(values)
     return out
 
@@ -845,7 +845,7 @@ def rate_medians(sweep_meta: Mapping, dtype: str | None = None) -> dict[str, lis
         if dtype is not None and session.get("dtype") != dtype:
             continue
         for kind, values in session.items():
-            if kind not in ("when", "dtype", "worker") and values:
+            if kind not in sweep.SESSION_KEYS and values:
                 medians.setdefault(kind, []).append(float(np.median(values)))
     return medians
 

@@ -448,6 +448,16 @@ def _rates_section(meta: dict, df: pd.DataFrame) -> list[str]:
         )
     else:
         warning = "The rates held steady during the sweep."
+    # a load the rates' spread does not show (validate.unsteady_reasons)
+    signs = [validate.points_flagged_for_load(df), validate.cpus_taken_by_others(meta)]
+    if loaded := "; and ".join(sign.why for sign in signs if sign is not None):
+        steady = warning == "The rates held steady during the sweep."
+        head = "The rates held steady, but" if steady else warning.removesuffix(f" {stand}")
+        warning = (
+            f"{head} **{'t' if steady else 'T'}he machine was loaded during the sweep**: "
+            f"{loaded}; so the claims on time of points measured one after another are too "
+            f"noisy to judge; rerun on a quiet machine. {stand}"
+        )
     size = meta.get("grid", {}).get("rate_size", "?")
     return [
         f"## Device rates ({dtype or 'all dtypes'}, size {size}, during the sweep)",

@@ -1016,6 +1016,11 @@ def with_out(command: str, out: Path) -> str:
 #: The kinds of rate every measurement of a device's rates holds (the speed of light and
 #: the time models need both).
 REQUIRED_RATES = ("products", "cholesky")
+#: The keys of a measurement of a device's rates (``device_rates``) that name no kind of
+#: rate: when, on which worker and in which dtype it was measured, and how many CPUs other
+#: processes kept busy meanwhile, of how many read (:mod:`riemann_core.measure.load`;
+#: absent where not read: a sweep written before, or a platform without ``/proc/stat``).
+SESSION_KEYS = ("when", "dtype", "worker", "outside_cores", "cpus_read")
 
 
 def _rates_problem(record: dict) -> str | None:
@@ -1048,8 +1053,10 @@ def _rates_problem(record: dict) -> str | None:
             return (
                 f"a measurement of the rates of device {name!r} has no {' and no '.join(missing)}"
             )
+        if problem := _load_problem(session):
+            return f"a measurement of the rates of device {name!r} {problem}"
         for kind, values in session.items():
-            if kind in ("when", "dtype", "worker"):
+            if kind in SESSION_KEYS:
                 continue
             if (
                 not isinstance(values, list)
@@ -1057,6 +1064,19 @@ def _rates_problem(record: dict) -> str | None:
                 or not all(type(v) in (int, float) and math.isfinite(v) and v > 0 for v in values)
             ):
                 return f"the {kind} rates of device {name!r} are {values!r}, not FLOP/s"
+    return None
+
+
+def _load_problem(session: dict) -> str | None:
+    """What makes the outside load a measurement of rates records unusable
+    (``outside_cores`` CPUs of ``cpus_read``, both or neither), or ``None``."""
+    if "outside_cores" not in session and "cpus_read" not in session:
+        return None
+    cpus, cores = session.get("cpus_read"), session.get("outside_cores")
+    if type(cpus) is not int or cpus < 1:
+        return f"read the load of {cpus!r} CPUs, not a positive number of them"
+    if type(cores) not in (int, float) or not 0 <= cores <= cpus:
+        return f"says other processes kept {cores!r} of its {cpus} CPUs busy"
     return None
 
 
@@ -1737,7 +1757,9 @@ def add_device(devices: dict[str, dict], record: dict, when: str | None = None) 
     :func:`~riemann_core.scaling.worker.device_record`): its ``environment``, the
     ``workers`` (``"host physical_device"``) that measured on a device of that name, and,
     for a record of :func:`~riemann_core.scaling.worker.rates_here` measured at ``when``,
-    its rates (``device_rates``: ``{"when", "worker", "dtype", kind: [FLOP/s, ...]}``)."""
+    its rates (``device_rates``: ``{"when", "worker", "dtype", kind: [FLOP/s, ...]}``, with
+    ``outside_cores`` and ``cpus_read`` where the load of other processes was read:
+    :data:`SESSION_KEYS`)."""
     entry = devices.setdefault(record["device_name"], {"workers": [], "device_rates": []})
     worker = f"{record['host']} {record['physical_device']}"
     if worker not in entry["workers"]:
@@ -1745,6 +1767,7 @@ def add_device(devices: dict[str, dict], record: dict, when: str | None = None) 
     entry["environment"] = record["environment"]
     if when is not None:
         measured = {"when": when, "worker": worker, "dtype": record["dtype"], **record["rates"]}
+        measured.update(record.get("load") or {})
         entry["device_rates"].append(measured)
 
 

@@ -49,18 +49,32 @@ Every claim ends with one verdict and a one-line reason (``detail``):
 
 **Claims on time**, through the time model of :mod:`riemann_core.scaling.fit` (the
 depth claims' time part too). Every claim on time is too noisy instead (its would-be
-verdict in the detail) when the device's rates measured during the sweep spread by more
-than :data:`~riemann_core.scaling.sweep.SPREAD_LIMIT`: the speed of a loaded machine, not
-the algorithm, would decide it. Except a pass decided by points timed in the same
-interleaved rounds (``basis`` :data:`INTERLEAVED`: a depth line, or the top pairs of the
-deciding axes, see :func:`~riemann_core.scaling.sweep.time_lines`): a slow spell slowed its
-points alike, and the noise within the rounds is in its interval; load makes times deviate
-from a claim, not agree with it, so a fail or regime not reached there stays too noisy.
+verdict in the detail) on a machine whose speed did not hold during the sweep
+(:func:`unsteady_reasons`): the device's rates measured during the sweep spread by more
+than :data:`~riemann_core.scaling.sweep.SPREAD_LIMIT` (or were measured once); more than
+:data:`LOADED_SHARE` of its ok points (two at least) were flagged ``spread`` or
+``stretches``, a load that comes and goes faster than three readings of the rates see; or,
+on a CPU, other processes kept busy more CPUs than the sweep's points left free (the CPUs
+read less the points' threads) by more than :data:`OUTSIDE_SLACK`, while the rates were
+measured (``outside_cores`` of the ``device_rates``, :mod:`riemann_core.measure.load`; a
+load that lasts the whole sweep slows every reading alike, so their spread does not show
+it). The speed of a loaded machine, not the algorithm, would decide it. Except a pass
+decided by points timed in the same interleaved rounds (``basis`` :data:`INTERLEAVED`: a
+depth line, or the top pairs of the deciding axes, see
+:func:`~riemann_core.scaling.sweep.time_lines`): a slow spell slowed its points alike, and
+the noise within the rounds is in its interval; load makes times deviate from a claim, not
+agree with it, so a fail or regime not reached there stays too noisy.
 Likewise where the points that decide a claim include ones the sweep flagged ``outlier``
 (measured twice, and both times a factor
 :data:`~riemann_core.scaling.sweep.NEIGHBOUR_FACTOR` or more off the trend of their
 neighbours): the detail names them; a fail or regime not reached decided on them is too
-noisy, a pass stands (:func:`_on_outliers`).
+noisy, a pass stands (:func:`_on_outliers`). And where a claim's points include ones left
+out because their stretches of time disagree
+(:func:`~riemann_core.scaling.fit.stretches_disagree`), the detail names them; a regime
+not reached is too noisy where some of them lie beyond the points it was judged on
+(:func:`_beyond_reach`: the base point at the top of a line the budgets ended there, or
+at the widest width where both sides of a comparison ran): the points that may reach the
+regime are those load left out (:func:`_left_out`).
 
 - ``time-explained-<method>``: along width and batch (``n`` and ``d``), over the top
   segment of compute-bound points (overhead at most
@@ -107,6 +121,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -158,6 +173,17 @@ TIME_BAND = fit.TIME_BAND
 STABLE_REACH = 2 * TIME_BAND
 #: structured layerwise should beat generic by at least this factor at the largest width
 STRUCTURED_FACTOR = 2.0
+#: the share of a sweep's ok points flagged ``spread`` or ``stretches`` above which its
+#: machine reads as unsteady: a hunt's quick sweeps (155 points) flagged 1 on a quiet
+#: machine (0.6%) and 16-87 under outside load (10-56%), their rates moving 10-13%, under
+#: SPREAD_LIMIT; 5% lies 8x above the one and half the other
+LOADED_SHARE = 0.05
+#: CPUs other processes may keep busy beyond those a sweep's points leave free before its
+#: machine reads as loaded: a quarter of a CPU taken from points running a thread on each
+#: of 2 CPUs slows them by 1/8 at most, under SPREAD_LIMIT. On a 2-core CPU, around the
+#: quick grid's rate measurements on 2 threads, the reading was 0.00-0.07 quiet and
+#: 0.68-0.74 beside a process spinning on one core (the GEMM 136-142 GFLOP/s against 196-225)
+OUTSIDE_SLACK = 0.25
 
 
 @dataclass(frozen=True)
@@ -288,7 +314,7 @@ def validate(
                 f"judge one at a time: sweep each {setting} into its own --out (from Python, "
                 f"pass the rows of one, e.g. df[df.{setting} == ...])"
             )
-    base = sweep_meta["base"]
+    base, swept = sweep_meta["base"], df
     claims = [_flops_match(df, base)]  # it lists the points that took slow paths
     df = _by_slow_paths(df)[1]
     models = fit.time_models(df)
@@ -308,32 +334,136 @@ def validate(
     left_out, df = df[apart], df[~apart]
     for method, kernel in _time_runs(df):
         claim = _time_explained(df, sweep_meta, models, method, kernel, n_boot, seed)
-        judged(_left_out(claim, left_out, [(method, kernel)]))
+        judged(_left_out(claim, left_out, df, base, [(method, kernel)], fit.TIMED_AXES))
+    runs = [("layerwise", "structured"), ("full", _kernel(df, "full"))]
     claim = _crossover(df, base, n_boot, seed)
-    judged(_left_out(claim, left_out, [("layerwise", "structured"), ("full", _kernel(df, "full"))]))
+    judged(_left_out(claim, left_out, df, base, runs, ("width",)))
+    runs = [("layerwise", "structured"), ("layerwise", "generic")]
     claim = _structured_factor(df, base, models, n_boot, seed)
-    judged(_left_out(claim, left_out, [("layerwise", "structured"), ("layerwise", "generic")]))
-    spread = fit.rate_spread(sweep_meta, fit.ok_dtype(df))
-    moved = {k: v for k, v in spread.items() if not v <= SPREAD_LIMIT}  # NaN: not known
+    judged(_left_out(claim, left_out, df, base, runs, ("width",)))
+    reasons = unsteady_reasons(swept, sweep_meta)
     judged = (PASS, FAIL, NOT_REACHED)
     return claims + [
         # a verdict with no measured figure (too few points) was not decided by the times
-        _unsteady(c, moved)
-        if moved and c.basis != "flops" and c.verdict in judged and c.measured is not None
+        _unsteady(c, reasons)
+        if reasons and c.basis != "flops" and c.verdict in judged and c.measured is not None
         else c
         for c in timed
     ]
 
 
-def _left_out(claim: Claim, left_out: pd.DataFrame, runs: Sequence[tuple[str, str]]) -> Claim:
-    """``claim`` with a note of the points of its ``runs`` (method, kernel) left out of it
-    because their stretches of time disagree (:func:`~riemann_core.scaling.fit.stretches_disagree`)."""
-    mine = left_out[
-        np.logical_or.reduce(
-            [(left_out["method"] == m) & (left_out["kernel"] == k) for m, k in runs]
-            or [np.zeros(len(left_out), bool)]
-        )
-    ]
+class Unsteady(NamedTuple):
+    """A sign that the machine's speed did not hold during a sweep (``why``, a clause),
+    and what settles it (``fix``)."""
+
+    why: str
+    fix: str
+
+
+def unsteady_reasons(df: pd.DataFrame, sweep_meta: Mapping) -> list[Unsteady]:
+    """Every sign that the machine's speed did not hold during the sweep of ``df`` (one
+    device's rows) and ``sweep_meta`` (that device's record): its rates moved
+    (:func:`_rates_moved`), many of its points were flagged for load
+    (:func:`points_flagged_for_load`), or other processes kept busy more CPUs than its
+    points left free (:func:`cpus_taken_by_others`). Where any holds, every claim on time is
+    judged as on an unsteady machine (:func:`_unsteady`)."""
+    signs = (
+        _rates_moved(sweep_meta, fit.ok_dtype(df)),
+        points_flagged_for_load(df),
+        cpus_taken_by_others(sweep_meta),
+    )
+    return [sign for sign in signs if sign is not None]
+
+
+def _rates_moved(sweep_meta: Mapping, dtype: str | None) -> Unsteady | None:
+    """The device's rates measured during the sweep spread by more than
+    :data:`~riemann_core.scaling.sweep.SPREAD_LIMIT` (or were measured once: whether its
+    speed held is not known)."""
+    spread = fit.rate_spread(sweep_meta, dtype)
+    moved = {k: v for k, v in spread.items() if not v <= SPREAD_LIMIT}  # NaN: not known
+    if not moved:
+        return None
+    if any(math.isnan(v) for v in moved.values()):
+        why = "the device's rates were measured once (the sweep stopped before it measured "
+        why += "them again), so whether its speed held is not known"
+        return Unsteady(why, "resume the sweep")
+    spread_text = ", ".join(f"{k} {v:.0%}" for k, v in moved.items())
+    why = f"the device's rates moved during the sweep ({spread_text} between measurements)"
+    return Unsteady(why, "rerun on a quiet machine")
+
+
+def points_flagged_for_load(df: pd.DataFrame) -> Unsteady | None:
+    """More than :data:`LOADED_SHARE` of the sweep's ok points (and two at least: one is
+    that point's own, which :func:`_on_outliers` judges) flagged ``spread`` (repeats that
+    still spread when timed again) or ``stretches`` (stretches of time that disagree): load
+    from other processes comes and goes faster than three readings of the rates see."""
+    ok = df[df["status"] == "ok"]
+    loaded = _flagged(ok, "spread") | fit.stretches_disagree(ok)
+    count = int(loaded.sum())
+    if count < 2 or count <= LOADED_SHARE * len(ok):
+        return None
+    why = (
+        f"{count} of the sweep's {len(ok)} ok points ({count / len(ok):.0%}) were flagged "
+        f"spread or stretches (their repeat times still spread past {SPREAD_LIMIT:.0%} of "
+        "their median when timed again, or their stretches of time disagreed by as much), "
+        f"where a quiet machine flags under {LOADED_SHARE:.0%}: other work on the machine "
+        "slowed its timings by spells"
+    )
+    return Unsteady(why, "rerun on a quiet machine")
+
+
+def cpus_taken_by_others(sweep_meta: Mapping) -> Unsteady | None:
+    """Other processes kept busy more of the CPUs than the sweep's points left free
+    (those read less the threads its points ran: ``environment``'s ``threads``, all
+    of them where not recorded), by more than :data:`OUTSIDE_SLACK` of a CPU, while
+    the device's rates were measured (``outside_cores`` of its ``device_rates``; not
+    judged where not read, nor on a GPU, whose times are its own)."""
+    environment = sweep_meta.get("environment") or {}
+    if not str(environment.get("device", "cpu")).startswith("cpu"):
+        return None
+    threads = environment.get("threads")
+    worst, excess = None, OUTSIDE_SLACK
+    for session in sweep_meta.get("device_rates", []):
+        if "outside_cores" not in session:  # a sweep written before it was read
+            continue
+        cpus = session["cpus_read"]
+        free = cpus - min(threads if isinstance(threads, int) else cpus, cpus)
+        if session["outside_cores"] - free > excess:
+            worst, excess = (session, free), session["outside_cores"] - free
+    if worst is None:
+        return None
+    session, free = worst
+    when = MEASURED_WHEN.get(session.get("when"), f"at {session.get('when')}")
+    where = f" on {session['worker']}" if session.get("worker") else ""
+    why = (
+        f"other processes kept {session['outside_cores']:.2g} of the {session['cpus_read']} "
+        f"CPUs busy while the device's rates were measured {when}{where}, where the sweep's "
+        f"points ran {threads if isinstance(threads, int) else 'on all'} threads and left "
+        f"{free} free: a load that lasts the whole sweep slows every reading of the rates "
+        "alike, so their spread does not show it"
+    )
+    return Unsteady(why, "rerun on a quiet machine")
+
+
+#: when a sweep measures the device's rates (``device_rates``' ``when``)
+MEASURED_WHEN = {"start": "before the points", "grid": "after the grid", "end": "at the end"}
+
+
+def _left_out(
+    claim: Claim,
+    left_out: pd.DataFrame,
+    kept: pd.DataFrame,
+    base: Mapping[str, int],
+    runs: Sequence[tuple[str, str]],
+    axes: Sequence[str],
+) -> Claim:
+    """``claim``, judged on the points ``kept``, with a note of the points of its ``runs``
+    (method, kernel) left out of it because their stretches of time disagree
+    (:func:`~riemann_core.scaling.fit.stretches_disagree`). A regime not reached is too
+    noisy where some of them lie beyond the claim's reach along its ``axes``
+    (:func:`_beyond_reach`): the points that may reach the regime are those load left out,
+    and the device has not been shown short of it."""
+    mine = _of_runs(left_out, runs)
     if mine.empty:
         return claim
     note = (
@@ -341,7 +471,51 @@ def _left_out(claim: Claim, left_out: pd.DataFrame, runs: Sequence[tuple[str, st
         f"by more than {SPREAD_LIMIT:.0%} ({_stretches_of_points(mine)}): their pooled median "
         "is no time of the point; rerun the sweep on a quiet machine to judge them."
     )
-    return replace(claim, detail=claim.detail + note)
+    beyond = _beyond_reach(mine, kept, base, runs, axes)
+    if claim.verdict != NOT_REACHED or beyond.empty:
+        return replace(claim, detail=claim.detail + note)
+    points = "; ".join(f"{r.method} ({r.kernel}) at {_point(r)}" for r in beyond.itertuples())
+    detail = (
+        f"{claim.detail}{note} The verdict would be '{claim.verdict}', but the points left "
+        f"out include {len(beyond)} beyond those it was judged on ({points}), where the "
+        "regime may lie: rerun the sweep on a quiet machine."
+    )
+    return replace(claim, verdict=NOISY, detail=detail)
+
+
+def _of_runs(rows: pd.DataFrame, runs: Sequence[tuple[str, str]]) -> pd.DataFrame:
+    """The rows of ``rows`` of one of ``runs`` (method, kernel)."""
+    mask = np.zeros(len(rows), bool)
+    for method, kernel in runs:
+        mask |= ((rows["method"] == method) & (rows["kernel"] == kernel)).to_numpy()
+    return rows[mask]
+
+
+def _beyond_reach(
+    left_out: pd.DataFrame,
+    kept: pd.DataFrame,
+    base: Mapping[str, int],
+    runs: Sequence[tuple[str, str]],
+    axes: Sequence[str],
+) -> pd.DataFrame:
+    """The points of ``left_out`` on the line through ``base`` along one of ``axes`` that
+    lie past the largest value of the axis at which every one of ``runs`` has a ``kept``
+    point, at a value where every run has a point, kept or left out: a claim on the
+    points kept stops short of them (the base point left out of a line that ends there,
+    or of the widest width where both methods of a comparison ran)."""
+    beyond = []
+    for axis in axes:
+        values = {"kept": [], "all": []}
+        for method, kernel in runs:
+            own = set(fit.method_points(kept, base, method, kernel, axis)[axis])
+            out = set(fit.method_points(left_out, base, method, kernel, axis)[axis])
+            values["kept"].append(own)
+            values["all"].append(own | out)
+        reach = max(set.intersection(*values["kept"]), default=-math.inf)
+        further = {v for v in set.intersection(*values["all"]) if v > reach}
+        line = fit.axis_points(_of_runs(left_out, runs), base, axis)
+        beyond.append(line[line[axis].isin(further)])
+    return pd.concat(beyond).drop_duplicates() if beyond else left_out.iloc[:0]
 
 
 def _stretches_of_points(rows: pd.DataFrame) -> str:
@@ -353,20 +527,14 @@ def _stretches_of_points(rows: pd.DataFrame) -> str:
     return "; ".join(parts)
 
 
-def _unsteady(claim: Claim, moved: Mapping[str, float]) -> Claim:
-    """A claim on time, on a device whose speed moved during the sweep (or is not known to
-    have held: its rates measured once): too noisy, except a pass on points timed in the
-    same interleaved rounds (a slow spell slowed them alike; load makes times deviate from
-    a claim, it does not make them agree with it within a narrow interval, so only a
-    verdict against the claim stays unproven)."""
-    if any(math.isnan(v) for v in moved.values()):
-        why = "the device's rates were measured once (the sweep stopped before it measured "
-        why += "them again), so whether its speed held is not known"
-        fix = "resume the sweep"
-    else:
-        spread = ", ".join(f"{k} {v:.0%}" for k, v in moved.items())
-        why = f"the device's rates moved during the sweep ({spread} between measurements)"
-        fix = "rerun on a quiet machine"
+def _unsteady(claim: Claim, reasons: Sequence[Unsteady]) -> Claim:
+    """A claim on time, on a machine whose speed did not hold during the sweep (or is not
+    known to have held: ``reasons``, :func:`unsteady_reasons`): too noisy, except a pass on
+    points timed in the same interleaved rounds (a slow spell slowed them alike; load makes
+    times deviate from a claim, it does not make them agree with it within a narrow
+    interval, so only a verdict against the claim stays unproven)."""
+    why = "; and ".join(r.why for r in reasons)
+    fix = " and ".join(dict.fromkeys(r.fix for r in reasons))
     if claim.basis == INTERLEAVED and claim.verdict == PASS:
         detail = (
             f"{claim.detail} {why[0].upper()}{why[1:]}, but the points that decide this pass "
@@ -1158,8 +1326,7 @@ def _on_outliers(claim: Claim, deciding: pd.DataFrame, df: pd.DataFrame, axes) -
     moved 10-13%, and a claim on them read 1.5 [0.76, 1.89], a fail but for its interval.
     Not a regime not reached (found by review): an overhead-bound line is one whatever the
     spread of its tiny points, which no quiet rerun settles."""
-    flags = deciding["flag"] if "flag" in deciding else pd.Series(dtype=object)
-    spread = deciding[flags.map(lambda f: isinstance(f, str) and "spread" in f.split())]
+    spread = deciding[_flagged(deciding, "spread")]
     if not spread.empty and claim.verdict == FAIL:
         points = "; ".join(
             sorted({f"{r.method} ({r.kernel}) at " + _point(r) for r in spread.itertuples()})
@@ -1171,7 +1338,7 @@ def _on_outliers(claim: Claim, deciding: pd.DataFrame, df: pd.DataFrame, axes) -
             "the sweep on a quiet machine."
         )
         return replace(claim, verdict=NOISY, detail=detail)
-    flagged = deciding[flags.map(lambda f: isinstance(f, str) and "outlier" in f.split())]
+    flagged = deciding[_flagged(deciding, "outlier")]
     if flagged.empty:
         return claim
     rows = df.to_dict("records")
@@ -1196,6 +1363,13 @@ def _on_outliers(claim: Claim, deciding: pd.DataFrame, df: pd.DataFrame, axes) -
     if claim.verdict == NOISY:
         return replace(claim, detail=f"{claim.detail} {said[0].upper()}{said[1:]}: {fix}.")
     return replace(claim, detail=f"{claim.detail} {said[0].upper()}{said[1:]}.")
+
+
+def _flagged(rows: pd.DataFrame, word: str) -> pd.Series:
+    """Which of ``rows`` the sweep flagged ``word`` (``flag``: space-separated words)."""
+    if "flag" not in rows:
+        return pd.Series(False, index=rows.index)
+    return rows["flag"].map(lambda f: isinstance(f, str) and word in f.split()).astype(bool)
 
 
 def _point(row) -> str:

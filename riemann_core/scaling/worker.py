@@ -7,7 +7,7 @@ the point ran (``host``, ``device_name``, ``physical_device``) and returns, besi
 the record of that device (its environment), made once per sweep in each process.
 :func:`rates_here` measures the rates of the devices the points run on (GEMM, Cholesky,
 triangular solve: the yardsticks of the achieved rates and of the speed of light) in the
-same place, with the same threads.
+same place, with the same threads, and how busy other processes kept the CPUs meanwhile.
 
 In this process a point runs on the device the grid names (``cuda:1`` is GPU 1). On a
 cluster the grid names only the kind of device: each worker runs a point on a device of its
@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ..measure.environment import device_name, environment
+from ..measure.load import outside_load
 from ..measure.memory import release_free_memory
 
 #: environment variable: the torch threads of a worker (default: :func:`physical_cores`)
@@ -92,7 +93,9 @@ def rates_here(
 ) -> list[dict]:
     """``rates(device, dtype)`` on each device of this process of the kind ``requested``
     names, in each of ``dtypes``: ``[{**device_record(device), "dtype": ..., "rates":
-    {kind: [FLOP/s, ...]}}]``.
+    {kind: [FLOP/s, ...]}, "load": ...}]``, ``load`` how busy other processes kept this
+    process's CPUs meanwhile (:func:`~riemann_core.measure.load.outside_load`: empty where
+    it cannot be read).
 
     ``placed``: on a cluster's worker, which runs it while it holds all its ``device``
     resources (no point runs beside it), on every GPU it sees (or its CPU), with
@@ -105,11 +108,13 @@ def rates_here(
     own = [device]
     if placed and device.type == "cuda":
         own = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-    measured = [
-        {**device_record(d, session), "dtype": dtype, "rates": rates(d, getattr(torch, dtype))}
-        for d in own
-        for dtype in dtypes
-    ]
+    measured = []
+    for d in own:
+        for dtype in dtypes:
+            with outside_load() as load:
+                rates_of = rates(d, getattr(torch, dtype))
+            record = {**device_record(d, session), "dtype": dtype, "rates": rates_of}
+            measured.append({**record, "load": load})
     release_free_memory()  # as after a point (measure_here)
     return measured
 

@@ -254,6 +254,22 @@ def test_rate_spread_is_the_drift_between_measurements_not_one_slow_sample():
     assert spread["triangular"] == pytest.approx((183 - 174) / 175)
 
 
+def test_the_load_read_beside_the_rates_is_no_kind_of_rate():
+    """Each measurement of the rates records how many CPUs other processes kept busy
+    (``outside_cores`` of ``cpus_read``); the readers of the rates skip those keys, and a
+    record without them (written before) reads alike."""
+    meta = {"device_rates": [
+        {"when": w, "dtype": "float32", "products": [p], "outside_cores": 0.7, "cpus_read": 2}
+        for w, p in (("start", 200.0), ("end", 210.0))
+    ]}  # fmt: skip
+    assert fit.device_rates(meta) == {"products": [200.0, 210.0]}
+    assert fit.rate_medians(meta) == {"products": [200.0, 210.0]}
+    assert set(fit.rate_spread(meta)) == set(fit.best_rates(meta)) == {"products"}
+    for session in meta["device_rates"]:
+        del session["outside_cores"], session["cpus_read"]
+    assert fit.device_rates(meta) == {"products": [200.0, 210.0]}
+
+
 def test_median_ratio_has_an_interval_around_the_ratio():
     ratio, low, high = fit.median_ratio([4.0, 4.2, 3.8], [1.0, 1.1, 0.9])
     assert ratio == pytest.approx(4.0)

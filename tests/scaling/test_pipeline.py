@@ -6,6 +6,7 @@ import re
 import shlex
 import socket
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -97,6 +98,8 @@ def test_run_writes_results_fits_claims_figures_and_report(tmp_path, capsys):
     (device,) = meta["devices"].values()
     assert [s["when"] for s in device["device_rates"]] == ["start", "grid", "end"]
     assert all(r > 0 for s in device["device_rates"] for r in s["products"])
+    if Path("/proc/stat").is_file():  # the load of other processes, read in the worker
+        assert all(0 <= s["outside_cores"] <= s["cpus_read"] for s in device["device_rates"])
     here = physical_device(torch.device("cpu"))  # cpu (pinned, or a container: its cores)
     assert device["environment"]["torch"] and device["workers"] == [
         f"{socket.gethostname()} {here}"
@@ -425,6 +428,14 @@ def _first_rates(value):
     return _first_rates_list([value, value])
 
 
+def _first_load(cores, cpus):
+    def change(record):
+        device = next(iter(record["devices"].values()))
+        device["device_rates"][0].update(outside_cores=cores, cpus_read=cpus)
+
+    return change
+
+
 def _no_rates(record):
     for device in record["devices"].values():
         device["device_rates"] = []
@@ -507,6 +518,12 @@ CORRUPTIONS = {
     "time-zero": (_edit_row("time_median_s", "0"), "a measured point with time_median_s = '0'"),
     "peak-inf": (_edit_row("peak_bytes", "inf"), "a measured point with peak_bytes = 'inf'"),
     "record-rates-empty": (_edit_record(_first_rates_list([])), "rates of device"),
+    # the load of other processes read beside the rates: a rule on time reads it
+    "record-outside-cores-text": (
+        _edit_record(_first_load("busy", 2)),
+        "says other processes kept 'busy' of its 2 CPUs busy",
+    ),
+    "record-cpus-read-zero": (_edit_record(_first_load(0.0, 0)), "read the load of 0 CPUs"),
     "record-grid-text": (_edit_record(lambda r: r.update(grid="x")), "grid is 'x', not a mapping"),
     "record-growth-list": (_edit_record(lambda r: r.update(growth=[1])), "growth is [1], not a"),
     # found by review: a TypeError, or accepted and given fixes that argparse refuses

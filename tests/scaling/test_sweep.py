@@ -976,6 +976,10 @@ def test_rows_say_where_they_were_measured_and_sweep_json_records_the_device(tmp
     measured = [(r["when"], r["dtype"], r["worker"]) for r in record["device_rates"]]
     assert measured == [(w, d, worker) for w in ("start", "grid", "end") for d in grid.dtypes]
     assert all(len(r[k]) == 1 and r[k][0] > 0 for r in record["device_rates"] for k in RATE_KINDS)
+    if Path("/proc/stat").is_file():  # the load of other processes, read around each
+        cpus = len(os.sched_getaffinity(0))
+        assert all(r["cpus_read"] == cpus for r in record["device_rates"])
+        assert all(0 <= r["outside_cores"] <= cpus for r in record["device_rates"])
 
 
 def test_results_written_before_rows_said_where_are_resumed(tmp_path):

@@ -70,6 +70,38 @@ def test_rates_are_measured_on_the_device_named_in_each_dtype(fresh):
     assert all(m["physical_device"] == here and m["environment"] for m in measured)
 
 
+def test_the_rates_come_with_the_load_of_other_processes_read_around_them(fresh, monkeypatch):
+    """Found by a hunt: a load on for the whole sweep slows every reading of the rates
+    alike, which their spread does not show; each measurement records how many CPUs other
+    processes kept busy meanwhile (empty where not read), and the sweep's record keeps it
+    beside the rates."""
+    from contextlib import contextmanager
+
+    from riemann_core.scaling import sweep as sw
+
+    events = []
+
+    @contextmanager
+    def outside_load():
+        load = {}
+        events.append("read")
+        yield load
+        events.append("read")
+        load.update(outside_cores=0.7, cpus_read=2)
+
+    monkeypatch.setattr(worker, "outside_load", outside_load)
+    rates = lambda d, t: events.append("rates") or {"products": [1.0], "cholesky": [1.0]}  # noqa: E731
+    (measured,) = worker.rates_here(rates, "cpu", dtypes=("float32",), session="s")
+    assert events == ["read", "rates", "read"]
+    assert measured["load"] == {"outside_cores": 0.7, "cpus_read": 2}
+    devices = {}
+    sw.add_device(devices, measured, "start")
+    (session,) = devices[measured["device_name"]]["device_rates"]
+    assert session["outside_cores"] == 0.7 and session["cpus_read"] == 2
+    sw.add_device(devices, {**measured, "load": {}}, "end")  # not read: no keys
+    assert "outside_cores" not in devices[measured["device_name"]]["device_rates"][1]
+
+
 def test_a_worker_measures_the_rates_of_every_gpu_it_owns(fresh, monkeypatch):
     monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
     monkeypatch.setattr(worker, "device_record", lambda device, session: _record(device))

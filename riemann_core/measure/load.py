@@ -1,0 +1,89 @@
+"""How busy other processes keep the CPUs this process runs on, read around a measurement.
+
+A load that lasts a whole sweep slows every measurement of the device's rates alike, so
+their spread does not show it (found by a hunt: another process spinning on one of two
+cores held the GEMM at 110-141 GFLOP/s against 205-220 quiet, its readings 3-17% apart).
+It is read directly instead: Linux's ``/proc/stat`` counts, per CPU, the time it was busy
+since boot; over the CPUs this process may run on (its affinity), the busy time between
+two readings less this process's own CPU time is the time other processes took, steal
+time (a hypervisor running another guest on the CPU) included. Over the wall time between
+the readings, the mean number of CPUs they kept busy. Two file reads per measurement.
+Where the platform has no ``/proc/stat`` nothing is read: the load is unknown, not zero.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+#: the per-CPU counters, in clock ticks since boot
+STAT = Path("/proc/stat")
+#: the fields of a ``cpuN`` line that count busy time: user, nice, system, irq, softirq,
+#: steal (guest and guest_nice are counted in user and nice already; idle and iowait are
+#: idle)
+BUSY_FIELDS = (0, 1, 2, 5, 6, 7)
+
+
+@dataclass(frozen=True)
+class CpuReading:
+    """One reading: the busy seconds of the CPUs ``cpus`` since boot, this process's CPU
+    seconds and the wall clock, at one moment."""
+
+    busy_s: float
+    own_s: float
+    wall_s: float
+    cpus: frozenset[int]
+
+
+def busy_seconds(text: str, cpus: Collection[int], ticks_per_s: float) -> float:
+    """The busy time of ``cpus`` in ``/proc/stat``'s ``text``, in seconds (a CPU without
+    a line, offline, counts nothing)."""
+    busy = 0
+    for line in text.splitlines():
+        name, _, counters = line.partition(" ")
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            fields = [int(v) for v in counters.split()]
+            busy += sum(fields[i] for i in BUSY_FIELDS if i < len(fields))
+    return busy / ticks_per_s
+
+
+def read_cpus(path: Path = STAT) -> CpuReading | None:
+    """A reading of the CPUs this process may run on; ``None`` where ``path`` or the
+    affinity cannot be read (not Linux)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus = frozenset(os.sched_getaffinity(0))
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    busy = busy_seconds(text, cpus, os.sysconf("SC_CLK_TCK"))
+    return CpuReading(busy, time.process_time(), time.monotonic(), cpus)
+
+
+def outside_cores(before: CpuReading, after: CpuReading) -> float:
+    """The mean number of CPUs other processes kept busy between two readings: the CPUs'
+    busy time less this process's own, over the wall time, within ``[0, cpus]`` (the
+    counters tick in hundredths of a second, this process's time does not)."""
+    wall = after.wall_s - before.wall_s
+    if wall <= 0:
+        return 0.0
+    taken = (after.busy_s - before.busy_s) - (after.own_s - before.own_s)
+    return min(max(taken / wall, 0.0), float(len(after.cpus)))
+
+
+@contextmanager
+def outside_load(path: Path = STAT) -> Iterator[dict]:
+    """A dict filled, when the block ends, with ``outside_cores`` (:func:`outside_cores`
+    over the block, to 0.01) and ``cpus_read`` (the CPUs read); left empty where the CPUs
+    cannot be read, or their number changed (the affinity moved) during the block."""
+    load: dict = {}
+    before = read_cpus(path)
+    yield load
+    after = read_cpus(path)
+    if before is not None and after is not None and before.cpus == after.cpus:
+        load.update(outside_cores=round(outside_cores(before, after), 2), cpus_read=len(after.cpus))

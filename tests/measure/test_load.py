@@ -1,0 +1,65 @@
+"""The load of other processes on this process's CPUs, read off ``/proc/stat``."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from riemann_core.measure import load
+
+#: /proc/stat at one moment: cpu0 and cpu1 read, cpu2 outside the affinity
+STAT = """cpu  9000 90 900 90000 90 0 90 90 0 0
+cpu0 1000 10 100 5000 40 0 20 30 500 0
+cpu1 2000 20 200 6000 50 0 30 40 0 0
+cpu2 4000 40 400 7000 60 0 40 50 0 0
+intr 123 0 0
+ctxt 456
+"""
+
+
+def test_busy_time_counts_user_nice_system_irq_softirq_and_steal_of_the_cpus_read():
+    """Idle and iowait are idle; guest time is counted in user already; a CPU outside the
+    affinity, or offline (no line), counts nothing."""
+    cpu0 = 1000 + 10 + 100 + 0 + 20 + 30
+    cpu1 = 2000 + 20 + 200 + 0 + 30 + 40
+    assert load.busy_seconds(STAT, {0, 1}, 100) == (cpu0 + cpu1) / 100
+    assert load.busy_seconds(STAT, {0, 7}, 100) == cpu0 / 100
+    assert load.busy_seconds(STAT, set(), 100) == 0
+
+
+def test_the_outside_load_is_the_cpus_busy_time_less_this_process_s_over_the_wall_time():
+    before = load.CpuReading(busy_s=100.0, own_s=5.0, wall_s=10.0, cpus=frozenset({0, 1}))
+    after = load.CpuReading(busy_s=103.0, own_s=6.0, wall_s=12.0, cpus=frozenset({0, 1}))
+    assert load.outside_cores(before, after) == pytest.approx(1.0)  # (3 - 1) s over 2 s
+    own_more = load.CpuReading(busy_s=103.0, own_s=8.5, wall_s=12.0, cpus=frozenset({0, 1}))
+    assert load.outside_cores(before, own_more) == 0  # the ticks' rounding: not negative
+    lots = load.CpuReading(busy_s=110.0, own_s=5.0, wall_s=12.0, cpus=frozenset({0, 1}))
+    assert load.outside_cores(before, lots) == 2  # at most the CPUs read
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux: the affinity")
+def test_the_reading_takes_its_file_and_is_empty_where_it_cannot_read_it(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    stat.write_text(STAT)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    reading = load.read_cpus(stat)
+    assert reading.cpus == {0, 1}
+    assert reading.busy_s == load.busy_seconds(STAT, {0, 1}, os.sysconf("SC_CLK_TCK"))
+    with load.outside_load(stat) as measured:
+        pass
+    assert measured == {"outside_cores": 0.0, "cpus_read": 2}  # the file did not move
+    with load.outside_load(tmp_path / "missing") as measured:
+        pass
+    assert measured == {}  # unknown, not zero
+
+
+@pytest.mark.skipif(not load.STAT.is_file(), reason="Linux: /proc/stat")
+def test_a_process_spinning_beside_an_idle_one_reads_as_a_busy_cpu():
+    """A real reading: a child process spinning for a second while this one waits keeps
+    one CPU busy (more where the machine is loaded already; never less, whatever else
+    runs: a spinner that does not get a CPU waits behind load that counts too)."""
+    spin = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 1: pass"
+    with load.outside_load() as measured:
+        subprocess.run([sys.executable, "-c", spin], check=True)
+    assert 0.7 <= measured["outside_cores"] <= measured["cpus_read"]
