@@ -395,12 +395,16 @@ class Capture:
             if record is None:
                 return None
             recorded_args, recorded_kwargs, live, versions, received = record
-            if not _same_objects(received, _call_leaves(args, kwargs)) or hooked_before(
-                mod._forward_hooks, handles[1].id
+            if (
+                not _same_objects(received, _call_leaves(args, kwargs))
+                or hooked_after(mod._forward_pre_hooks, handles[0].id)
+                or hooked_before(mod._forward_hooks, handles[1].id)
             ):
                 # a hook registered after these ones, which runs between them and the
-                # forward (a pre-hook that replaces the arguments, a prepended hook that
-                # may replace the output): this record is not the module's call
+                # forward (a pre-hook that replaces the arguments or edits them in place,
+                # a prepended hook that may replace the output): this record may not be
+                # the module's call (found by a hunt: a pre-hook's args[0].mul_(2) left
+                # the copy taken before it, pre.backward 0.29 off from its second call)
                 self._misordered = True
             args, kwargs = recorded_args, recorded_kwargs
             if any(t._version != v for t, v in versions):  # the module changed its input
@@ -830,10 +834,13 @@ def _replay_differs(new: list[Tensor], old: list[Tensor], name_cause=None) -> No
         "the model's forward pass, run again on the recorded batch from the recorded random "
         f"state for the metric, gave another output than the pass the gradient came from "
         f"({seen}). pre.step() runs the pass again, and so does pre.backward(loss) on its "
-        "first call for a model; this forward pass depends on state that is not replayed "
-        "(Python's random module, a call counter, an attribute or a global hook changed "
-        "since): draw random choices with torch's generator, or keep such state fixed until "
-        "the direction is computed"
+        "first call for a model (and until one succeeds); this forward pass depends on state "
+        "that is not replayed (Python's random module, a call counter, an attribute or a "
+        "global hook changed since): draw random choices with torch's generator, or keep "
+        "such state fixed until the direction is computed; a tensor the pass keeps on a "
+        "module for the next (a recurrent state, self.h = h.detach()) can be held as a "
+        "buffer (self.register_buffer('h', ...)), which the pass run again starts from as "
+        "the recorded pass found it, or passed to forward as an argument"
     )
 
 

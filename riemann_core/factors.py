@@ -163,7 +163,13 @@ def output_factor(
         return positions_cross_entropy_factor(outputs, sampled, samples, generator)
     outputs = outputs.reshape(outputs.shape[0], -1)
     if callable(output_metric):
-        F = output_metric(outputs, targets)
+        # copies: a factor written with in-place operations (z.sub_(z.max()), exp_()) must
+        # change neither the outputs the loss is formed from nor the caller's tensors
+        # (found by a hunt: rc.direction took the gradient at the edited outputs, 0.07
+        # off; pre.backward changed the user's logits)
+        F = output_metric(
+            outputs.clone(), targets.clone() if isinstance(targets, Tensor) else targets
+        )
         N, C = outputs.shape
         if (
             not isinstance(F, Tensor)

@@ -824,8 +824,11 @@ class GenericHandler(Handler):
                 + (  # (found by a hunt: a learned initial state h0 held by the model)
                     f"It holds parameters of its own ({', '.join(own)}), so it is evaluated "
                     "whole, its submodules' calls included: hold those parameters in a small "
-                    "module of their own (one whose forward returns or adds them), so that "
-                    "only that module and each submodule are evaluated per sample. "
+                    "module of their own, one whose forward adds them to a batched input or "
+                    "returns them expanded over the batch (self.h0.expand(n, -1), the batch "
+                    "size n passed to it: one that returns them as they are maps no batch, "
+                    "found by a hunt), so that only that module and each submodule are "
+                    "evaluated per sample. "
                     if whole
                     else ""
                 )
@@ -1067,7 +1070,10 @@ class _Unhooked(nn.Module):
 
     The module's pre-hooks still run, for what they set on the module (pruning computes
     ``weight`` from ``weight_orig`` in one), but what they return is dropped: the recorded
-    inputs already are what they returned. riemann_core's own hooks are skipped."""
+    inputs already are what they returned; and they run on copies of the inputs, which
+    already hold what they edit in place (found by a hunt: ``args[0].mul_(2)`` doubled the
+    recorded input again, refused as a module that couples the samples).
+    riemann_core's own hooks are skipped."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
@@ -1080,10 +1086,14 @@ class _Unhooked(nn.Module):
         for key, hook in m._forward_pre_hooks.items():
             if isinstance(hook, OwnHook):
                 continue
-            if key in m._forward_pre_hooks_with_kwargs:  # copies: the dict may be edited
-                hook(m, args, dict(kwargs))
+            # copies: the dict, and the tensors, may be edited in place
+            copies, kw = pytree.tree_map(
+                lambda a: a.clone() if isinstance(a, Tensor) else a, (args, kwargs)
+            )
+            if key in m._forward_pre_hooks_with_kwargs:
+                hook(m, copies, dict(kw))
             else:
-                hook(m, args)
+                hook(m, copies)
         return m.forward(*args, **kwargs)
 
 

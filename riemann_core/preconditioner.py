@@ -508,15 +508,15 @@ class RiemannianPreconditioner:
         batch-coupling probe runs (it needs the inputs in the graph); on the first call
         after a parameter was frozen, unfrozen or replaced, a module swapped or renamed,
         or a hook registered that runs between the preconditioner's and a module's forward
-        (a pre-hook that replaces the inputs, a prepended hook); when a module's output was
-        changed in place after its call (the next forward passes capture it through a
-        copy); when the loss reaches parameters other than through their modules'
-        calls (a weight penalty written into the loss); and for a compiled model
-        (``torch.compile``), whose compiled backward cannot run batched. For cross-entropy
-        on outputs ``(N, ..., C)`` the loss's gradient must show the classes along the last
-        dimension and every position taken (see ``docs/api.md``). One process only: with a
-        ``process_group`` or a ``DistributedDataParallel`` model it raises ``ValueError``
-        (use ``loss.backward()`` and :meth:`step`).
+        (a pre-hook that replaces the inputs or edits them in place, a prepended hook);
+        when a module's output was changed in place after its call (the next forward
+        passes capture it through a copy); when the loss reaches parameters other than
+        through their modules' calls (a weight penalty written into the loss); and for a
+        compiled model (``torch.compile``), whose compiled backward cannot run batched.
+        For cross-entropy on outputs ``(N, ..., C)`` the loss's gradient must show the
+        classes along the last dimension and every position taken (see ``docs/api.md``).
+        One process only: with a ``process_group`` or a ``DistributedDataParallel`` model
+        it raises ``ValueError`` (use ``loss.backward()`` and :meth:`step`).
         """
         self._check_not_removed("pre.backward(loss)")
         if self._capture is None:  # shared: ranks in pre.step() meet it at their agreement
@@ -544,7 +544,16 @@ class RiemannianPreconditioner:
         # (the fused path's outputs: found by a hunt, an AttributeError)
         if self._spent == "refused" or any(c.output is None for c in capture.calls):
             raise ValueError(f"a pre.backward(loss) {_REFUSED_AFTER_BACKWARD}")
-        if capture.output is None or not (capture.calls or rehook):
+        if capture.output is not None and not (capture.calls or rehook):
+            # (found by a hunt: submodules called as module.forward(x) were told to call
+            # model(x), which the user had done)
+            raise ValueError(
+                "no module with trainable parameters took part in the model's last forward "
+                "pass; nothing to precondition (a submodule called as module.forward(x), not "
+                "module(x), runs without the hooks that see it: call it as module(x))"
+                f"{_COMPILED_BEFORE if _compiled_anywhere() else ''}"
+            )
+        if capture.output is None:
             raise RuntimeError(
                 "pre.backward(loss) needs the forward pass the loss was formed from: call "
                 "model(x) with gradients enabled, then pre.backward(loss)"

@@ -313,6 +313,13 @@ def test_submodules_called_through_forward_are_named_as_the_likely_cause():
 
     with pytest.raises(ValueError, match=r"took part.*module\.forward\(x\), not module\(x\)"):
         rc.direction(Direct(), torch.randn(3, 2), torch.tensor([0, 1, 2]))
+    # found by a hunt: pre.backward told the user to call model(x), which they had done
+    model = Direct()
+    pre = rc.RiemannianPreconditioner(model)
+    loss = F.cross_entropy(model(torch.randn(3, 2)), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"took part.*module\.forward\(x\), not module\(x\)"):
+        pre.backward(loss)
+    assert model.layer.weight.grad is None
 
 
 class MergeBatch(torch.nn.Module):

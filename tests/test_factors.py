@@ -395,6 +395,36 @@ def test_custom_factor_in_an_autograd_graph_is_data(method):
     pre.remove()
 
 
+@pytest.mark.parametrize("method", ["layerwise", "full", "natural", "kfac"])
+def test_a_custom_factor_written_in_place_changes_neither_direction_nor_outputs(method):
+    """Found by a hunt: a factor computed with in-place operations on the outputs it is
+    given (``out.sub_(out.amax(1, keepdim=True)).exp_()``) edited the outputs themselves:
+    rc.direction then took the gradient at the edited outputs (0.07 off), and
+    pre.backward's fused path changed the caller's logits."""
+    model, x, y = Problem().make()
+
+    def in_place(out, tgt):
+        p = out.sub_(out.amax(1, keepdim=True)).exp_()
+        return symmetric_sqrt_factor(p.div_(p.sum(1, keepdim=True)).log_(), tgt)
+
+    kw = dict(method=method, damping=1e-2)
+    want = flatten(rc.direction(model, x, y, output_metric=symmetric_sqrt_factor, **kw), model)
+    got = rc.direction(model, x, y, output_metric=in_place, **kw)
+    assert rel_error(flatten(got, model), want) < 1e-10
+    pre = rc.RiemannianPreconditioner(model, output_metric=in_place, **kw)
+    for _ in range(2):  # the first call takes the probe's path, the second the fused one
+        model.zero_grad()
+        logits = model(x)
+        before = logits.detach().clone()
+        pre.backward(torch.nn.functional.cross_entropy(logits, y))
+        assert torch.equal(logits, before)
+        assert (
+            rel_error(flatten({n: p.grad for n, p in model.named_parameters()}, model), want)
+            < 1e-10
+        )
+    pre.remove()
+
+
 @pytest.mark.parametrize("batched", [True, False], ids=["vmap", "one-after-another"])
 @pytest.mark.parametrize("retain_graph", [True, False])
 def test_pullback_is_the_chain_rule_for_every_seed(batched, retain_graph):
