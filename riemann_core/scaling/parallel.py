@@ -20,7 +20,8 @@ records, with :class:`riemann_core.measure.phases.PhaseRecorder`:
 * before each timed direction, the rate of one such GEMM on every rank at once: read at
   the moments the directions are timed, it tells load from outside during the timing
   (other work that starts once the run is under way slows the timed directions and this
-  reading alike, and no reading taken before or after them);
+  reading alike, and no reading taken before or after them; at one rank, beside the
+  tiny network's too; under ``--device cuda`` it reads the GPU, not load on the host);
 * on one rank, the solve phase of the same depth of layers on a tiny network and batch
   (:data:`SMALL`): its time is the overhead of the time model.
 
@@ -152,7 +153,10 @@ def _measure_rank(config: Config, rank: int, world: int, rendezvous: str, out) -
     dist.barrier()  # every rank at once: the rate a rank gets while the others compute too
     concurrent = gemm_rate(device, dtype)
     n = GEMM_SIZE[device.type]
-    gemm = functools.partial(one_gemm_rate, *torch.ones(2, n, n, device=device, dtype=dtype))
+    # random operands, as the reading at the start (a GPU runs constant data at higher
+    # clocks, which would read a drop as smaller: found by review)
+    operands = torch.randn(2, n, n, device=device, dtype=dtype)
+    gemm = functools.partial(one_gemm_rate, *operands)
     shard = slice(rank * config.batch // world, (rank + 1) * config.batch // world)
     x, y = x[shard], y[shard]
     tiny_widths = (SMALL["width"],) * (len(config.widths) - 1) + (config.widths[-1],)
@@ -174,11 +178,16 @@ def _measure_rank(config: Config, rank: int, world: int, rendezvous: str, out) -
 
         times, phase, flops, traffic, slow, gemm_rates = _timed(call, config.repeats, device, gemm)
         small = (float("nan"), float("nan"))
+        timed_rate = statistics.median(gemm_rates)
         if world == 1:  # the overhead of the solve: as many blocks, almost no work
-            _, small_phase, small_flops, *_ = _timed(
+            _, small_phase, small_flops, *_, small_rates = _timed(
                 functools.partial(call, *tiny, model=tiny_model), config.repeats, device, gemm
             )
             small = (statistics.median(small_phase["solve"]), small_flops.get("solve", 0))
+            # its times give the time model's t0: read beside them too (found by review:
+            # two processes busy only while they were timed read its solve 14.8 ms against
+            # 1.6, t0 9x, "regime not reached" on overhead, no reading flagged it)
+            timed_rate = min(timed_rate, statistics.median(small_rates))
         model_flops = costs.distributed_flops(method, shape, world, config.device, dtype)[rank]
         model_bytes = costs.communication_bytes(method, shape, world, itemsize)[rank]
         quartiles = (
@@ -192,7 +201,7 @@ def _measure_rank(config: Config, rank: int, world: int, rendezvous: str, out) -
                 "threads": config.threads,
                 "batch": config.batch,
                 "gemm_concurrent_flops_per_s": concurrent,
-                "gemm_timed_flops_per_s": statistics.median(gemm_rates),
+                "gemm_timed_flops_per_s": timed_rate,
                 "owned_blocks": sum(o == rank for o in traffic.owners),
                 "step_median_s": statistics.median(times),
                 "step_iqr_s": quartiles[2] - quartiles[0],

@@ -36,7 +36,9 @@ overhead is at most ``OVERHEAD_TARGET`` of the time and the machine was steady.
   ``SPREAD_LIMIT`` below the best of them (the base of every speedup timed under load),
   or the GEMM rate read on every rank between the timed directions of ``P`` or of one
   rank lies more than ``SPREAD_LIMIT`` below the best a rank reached in that world
-  (other work ran while they were timed).
+  (other work ran while they were timed), or the interval lies outside the band only
+  by as much as the slowdown those readings show (less than ``SPREAD_LIMIT``) accounts
+  for: ``fail`` needs it outside once ``t(P)`` and ``t(1)`` are credited with it.
   ``regime not reached`` when the ranks cannot each have a device (``P`` ranks of
   ``threads`` threads need more cores than the machine has, or the GEMM rate a rank
   reaches while all ``P`` run one is more than ``SPREAD_LIMIT`` below the rate of one
@@ -303,6 +305,10 @@ def _solve_time(method: str, rows: pd.DataFrame, meta: dict, *, n_boot: int, see
             verdict = NOT_REACHED
             share = overhead / row["solve_s"]
             reason = f"overhead {overhead * 1e3:.2g} ms is {share:.0%} of the solve"
+        elif (hi < 1 - TIME_BAND or lo > 1 + TIME_BAND) and (
+            credited := _credited(timed, reached, P, lo, hi)
+        ):
+            verdict, reason = NOISY, credited
         elif hi < 1 - TIME_BAND or lo > 1 + TIME_BAND:
             verdict, reason = FAIL, "the interval lies outside the band"
         elif abs(ratio - 1) <= TIME_BAND and hi - lo <= MAX_INTERVAL_WIDTH:
@@ -343,6 +349,31 @@ def _loaded_while_timed(timed: pd.Series, reached: pd.Series, worlds) -> str:
         for P in low
     )
     return f"{readings}: other work ran while they were timed; rerun on a quiet machine"
+
+
+def _slowed(timed: pd.Series, reached: pd.Series, P) -> float:
+    """How much slower than at its world's start the slowest rank's GEMM ran between the
+    timed directions of ``P`` (at least 1; 1 where the reading is missing)."""
+    factor = reached.loc[P] / timed.loc[P]
+    return float(factor) if math.isfinite(factor) and factor > 1 else 1.0
+
+
+def _credited(timed: pd.Series, reached: pd.Series, P, lo: float, hi: float) -> str:
+    """Where a speedup's interval lies outside the band only by as much as the load read
+    between the timed directions (below ``SPREAD_LIMIT``, so not too noisy by itself) can
+    account for: ``t(P)`` divided by P's slowdown, ``t(1)`` by one rank's, the interval
+    meets the band again (found by review: the guard let a GEMM rate 18% below the
+    world's start through, times 1.22x as long, and a claim at 0.85 of the model on a
+    quiet machine read 0.70, fail). The reason, or "" where the fail stands."""
+    at_p, at_one = _slowed(timed, reached, P), _slowed(timed, reached, 1)
+    if hi * at_p < 1 - TIME_BAND or lo / at_one > 1 + TIME_BAND:
+        return ""
+    return (
+        f"the interval [{lo:.2f}, {hi:.2f}] lies outside the band, but not once the times "
+        f"are credited with the GEMM rate read between the timed directions (P={P}: "
+        f"{1 / at_p:.2f} of the world's start, P=1: {1 / at_one:.2f}): other work may "
+        "account for it; rerun on a quiet machine"
+    )
 
 
 def tally(found: list[Claim]) -> dict[str, int]:
@@ -503,9 +534,13 @@ def _markdown(meta, table, fits, model, found, out: Path) -> str:
             "packing and collective, `broadcast` the directions' (waiting for the slowest "
             "owner included). `work_speedup` is the counted solve FLOPs of the busiest rank "
             "at P = 1 over P. `gemm_gflops` is the GEMM rate the slowest rank reached "
-            "while all P ranks ran one at once at the world's start, `timed_gemm_gflops` "
-            "the same read between the method's timed directions (the median over them; "
-            "lower, other work ran while they were timed).",
+            "while all P ranks ran one at once at the world's start"
+            + (
+                ", `timed_gemm_gflops` the same read between the method's timed directions "
+                "(the median over them; lower, other work ran while they were timed)."
+                if "timed_gemm_gflops" in table
+                else " (these results predate the reading between the timed directions)."
+            ),
             "",
             "![speedups](scaling.png)",
             "",
