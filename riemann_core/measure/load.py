@@ -9,6 +9,13 @@ two readings less this process's own CPU time is the time other processes took, 
 time (a hypervisor running another guest on the CPU) included. Over the wall time between
 the readings, the mean number of CPUs they kept busy. Two file reads per measurement.
 Where the platform has no ``/proc/stat`` nothing is read: the load is unknown, not zero.
+
+The CPUs read are those any thread of this process may run on (found by review: under
+``OMP_PROC_BIND`` the thread that measures is bound to one CPU while torch's other threads
+run on the others, and a reading of that CPU alone, less the CPU time of all of them, read
+0.00 where the process's two CPUs read 0.65-0.98). With them, how many physical cores they
+make up (``cores_read``: two hyperthreads of a core are one), so that a CPU beside a core
+the points run on is not taken for a free one.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ class CpuReading:
     own_s: float
     wall_s: float
     cpus: frozenset[int]
+    #: the physical cores ``cpus`` make up (:func:`cores_of`)
+    cores: int | None = None
 
 
 def busy_seconds(text: str, cpus: Collection[int], ticks_per_s: float) -> float:
@@ -51,18 +60,57 @@ def busy_seconds(text: str, cpus: Collection[int], ticks_per_s: float) -> float:
     return busy / ticks_per_s
 
 
+#: the topology of each CPU (``cpuN/topology/physical_package_id`` and ``core_id``)
+TOPOLOGY = Path("/sys/devices/system/cpu")
+
+
+def process_cpus() -> frozenset[int]:
+    """The CPUs any thread of this process may run on: the union of their affinities (a
+    thread bound to one CPU, as ``OMP_PROC_BIND`` binds the one that starts torch's
+    threads, does not narrow the others'); the calling thread's where the threads cannot be
+    listed."""
+    cpus: set[int] = set()
+    try:
+        threads = os.listdir("/proc/self/task")
+    except OSError:
+        threads = []
+    for thread in threads:
+        try:
+            cpus |= os.sched_getaffinity(int(thread))
+        except (OSError, ValueError):  # a thread that ended meanwhile
+            continue
+    return frozenset(cpus or os.sched_getaffinity(0))
+
+
+def cores_of(cpus: Collection[int], root: Path | None = None) -> int:
+    """How many physical cores ``cpus`` make up: the CPUs that share a package and core id
+    are hyperthreads of one core (a CPU whose topology cannot be read is a core of its
+    own)."""
+    cores = set()
+    for cpu in cpus:
+        topology = (root or TOPOLOGY) / f"cpu{cpu}" / "topology"
+        try:
+            key = tuple(
+                (topology / f).read_text().strip() for f in ("physical_package_id", "core_id")
+            )
+        except OSError:
+            key = (f"cpu{cpu}",)
+        cores.add(key)
+    return len(cores)
+
+
 def read_cpus(path: Path = STAT) -> CpuReading | None:
-    """A reading of the CPUs this process may run on; ``None`` where ``path`` or the
-    affinity cannot be read (not Linux)."""
+    """A reading of the CPUs this process may run on (:func:`process_cpus`); ``None``
+    where ``path`` or the affinity cannot be read (not Linux)."""
     if not hasattr(os, "sched_getaffinity"):
         return None
-    cpus = frozenset(os.sched_getaffinity(0))
+    cpus = process_cpus()
     try:
         text = path.read_text()
     except OSError:
         return None
     busy = busy_seconds(text, cpus, os.sysconf("SC_CLK_TCK"))
-    return CpuReading(busy, time.process_time(), time.monotonic(), cpus)
+    return CpuReading(busy, time.process_time(), time.monotonic(), cpus, cores_of(cpus))
 
 
 def outside_cores(before: CpuReading, after: CpuReading) -> float:
@@ -79,11 +127,16 @@ def outside_cores(before: CpuReading, after: CpuReading) -> float:
 @contextmanager
 def outside_load(path: Path = STAT) -> Iterator[dict]:
     """A dict filled, when the block ends, with ``outside_cores`` (:func:`outside_cores`
-    over the block, to 0.01) and ``cpus_read`` (the CPUs read); left empty where the CPUs
-    cannot be read, or their number changed (the affinity moved) during the block."""
+    over the block, to 0.01), ``cpus_read`` (the CPUs read) and ``cores_read`` (the
+    physical cores they make up); left empty where the CPUs cannot be read, or their number
+    changed (the affinity moved) during the block."""
     load: dict = {}
     before = read_cpus(path)
     yield load
     after = read_cpus(path)
     if before is not None and after is not None and before.cpus == after.cpus:
-        load.update(outside_cores=round(outside_cores(before, after), 2), cpus_read=len(after.cpus))
+        load.update(
+            outside_cores=round(outside_cores(before, after), 2),
+            cpus_read=len(after.cpus),
+            cores_read=after.cores or len(after.cpus),
+        )

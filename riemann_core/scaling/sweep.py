@@ -1018,9 +1018,10 @@ def with_out(command: str, out: Path) -> str:
 REQUIRED_RATES = ("products", "cholesky")
 #: The keys of a measurement of a device's rates (``device_rates``) that name no kind of
 #: rate: when, on which worker and in which dtype it was measured, and how many CPUs other
-#: processes kept busy meanwhile, of how many read (:mod:`riemann_core.measure.load`;
-#: absent where not read: a sweep written before, or a platform without ``/proc/stat``).
-SESSION_KEYS = ("when", "dtype", "worker", "outside_cores", "cpus_read")
+#: processes kept busy meanwhile, of how many read, making up how many physical cores
+#: (:mod:`riemann_core.measure.load`; absent where not read: a sweep written before, or a
+#: platform without ``/proc/stat``; ``cores_read`` absent from sweeps written before it).
+SESSION_KEYS = ("when", "dtype", "worker", "outside_cores", "cpus_read", "cores_read")
 
 
 def _rates_problem(record: dict) -> str | None:
@@ -1069,14 +1070,23 @@ def _rates_problem(record: dict) -> str | None:
 
 def _load_problem(session: dict) -> str | None:
     """What makes the outside load a measurement of rates records unusable
-    (``outside_cores`` CPUs of ``cpus_read``, both or neither), or ``None``."""
-    if "outside_cores" not in session and "cpus_read" not in session:
+    (``outside_cores`` CPUs of ``cpus_read``, both or neither; ``cores_read``, where
+    recorded, the physical cores they make up), or ``None``."""
+    keys = ("outside_cores", "cpus_read", "cores_read")
+    if not any(key in session for key in keys):
         return None
-    cpus, cores = session.get("cpus_read"), session.get("outside_cores")
+    for key in keys[:2]:
+        if key not in session:
+            other = next(k for k in keys if k in session)
+            return f"records {other} but no {key}"
+    cpus, cores = session["cpus_read"], session["outside_cores"]
     if type(cpus) is not int or cpus < 1:
-        return f"read the load of {cpus!r} CPUs, not a positive number of them"
+        return f"read the load of {cpus!r} CPUs, not a whole positive number of them"
     if type(cores) not in (int, float) or not 0 <= cores <= cpus:
         return f"says other processes kept {cores!r} of its {cpus} CPUs busy"
+    physical = session.get("cores_read", cpus)
+    if type(physical) is not int or not 1 <= physical <= cpus:
+        return f"says its {cpus} CPUs make up {physical!r} physical cores"
     return None
 
 

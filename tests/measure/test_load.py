@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -43,12 +44,13 @@ def test_the_reading_takes_its_file_and_is_empty_where_it_cannot_read_it(tmp_pat
     stat = tmp_path / "stat"
     stat.write_text(STAT)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(load, "TOPOLOGY", tmp_path / "no-topology")  # a core per CPU
     reading = load.read_cpus(stat)
     assert reading.cpus == {0, 1}
     assert reading.busy_s == load.busy_seconds(STAT, {0, 1}, os.sysconf("SC_CLK_TCK"))
     with load.outside_load(stat) as measured:
         pass
-    assert measured == {"outside_cores": 0.0, "cpus_read": 2}  # the file did not move
+    assert measured == {"outside_cores": 0.0, "cpus_read": 2, "cores_read": 2}  # did not move
     with load.outside_load(tmp_path / "missing") as measured:
         pass
     assert measured == {}  # unknown, not zero
@@ -63,3 +65,41 @@ def test_a_process_spinning_beside_an_idle_one_reads_as_a_busy_cpu():
     with load.outside_load() as measured:
         subprocess.run([sys.executable, "-c", spin], check=True)
     assert 0.7 <= measured["outside_cores"] <= measured["cpus_read"]
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="Linux, two CPUs at least: a thread bound to one of them",
+)
+def test_the_cpus_read_are_those_of_every_thread_not_the_one_that_reads():
+    """Found by review: under OMP_PROC_BIND the thread that measures the rates is bound to
+    one CPU while torch's other threads run on the others; a reading of its CPU alone,
+    less the CPU time of all of them, read 0.00 where the process's two CPUs read
+    0.65-0.98 (0.29-0.32 against 0.90-1.35 beside a spinning process). A thread bound to
+    one CPU reads the CPUs of the whole process."""
+    everywhere = frozenset(os.sched_getaffinity(0))
+    seen = {}
+
+    def bound():
+        os.sched_setaffinity(0, {min(everywhere)})  # this thread alone (Linux)
+        seen["own"] = os.sched_getaffinity(0)
+        seen["reading"] = load.read_cpus()
+
+    thread = threading.Thread(target=bound)
+    thread.start()
+    thread.join()
+    assert seen["own"] == {min(everywhere)}
+    assert seen["reading"].cpus == everywhere
+
+
+def test_the_cpus_read_make_up_as_many_cores_as_their_distinct_core_ids(tmp_path):
+    """Hyperthreads (one package and core id) are one core; a CPU without a topology is
+    one of its own."""
+    for cpu, core in ((0, 0), (1, 1), (2, 0), (3, 1)):
+        topology = tmp_path / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text("0\n")
+        (topology / "core_id").write_text(f"{core}\n")
+    assert load.cores_of({0, 1, 2, 3}, tmp_path) == 2
+    assert load.cores_of({0, 2}, tmp_path) == 1
+    assert load.cores_of({0, 1, 2, 3, 9}, tmp_path) == 3

@@ -428,10 +428,13 @@ def _first_rates(value):
     return _first_rates_list([value, value])
 
 
-def _first_load(cores, cpus):
+def _first_load(cores, cpus, **more):
     def change(record):
         device = next(iter(record["devices"].values()))
-        device["device_rates"][0].update(outside_cores=cores, cpus_read=cpus)
+        load = {"outside_cores": cores, "cpus_read": cpus, **more}
+        device["device_rates"][0].update({k: v for k, v in load.items() if v is not None})
+        for key in [k for k, v in load.items() if v is None]:  # a key left out
+            device["device_rates"][0].pop(key, None)
 
     return change
 
@@ -524,6 +527,15 @@ CORRUPTIONS = {
         "says other processes kept 'busy' of its 2 CPUs busy",
     ),
     "record-cpus-read-zero": (_edit_record(_first_load(0.0, 0)), "read the load of 0 CPUs"),
+    # found by review: a missing key read "the load of None CPUs"; the physical cores read
+    "record-cpus-read-missing": (
+        _edit_record(_first_load(0.5, 2, cpus_read=None)),
+        "records outside_cores but no cpus_read",
+    ),
+    "record-cores-read-too-many": (
+        _edit_record(_first_load(0.5, 2, cores_read=3)),
+        "says its 2 CPUs make up 3 physical cores",
+    ),
     "record-grid-text": (_edit_record(lambda r: r.update(grid="x")), "grid is 'x', not a mapping"),
     "record-growth-list": (_edit_record(lambda r: r.update(growth=[1])), "growth is [1], not a"),
     # found by review: a TypeError, or accepted and given fixes that argparse refuses

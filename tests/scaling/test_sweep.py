@@ -980,6 +980,7 @@ def test_rows_say_where_they_were_measured_and_sweep_json_records_the_device(tmp
         cpus = len(os.sched_getaffinity(0))
         assert all(r["cpus_read"] == cpus for r in record["device_rates"])
         assert all(0 <= r["outside_cores"] <= cpus for r in record["device_rates"])
+        assert all(1 <= r["cores_read"] <= cpus for r in record["device_rates"])
 
 
 def test_results_written_before_rows_said_where_are_resumed(tmp_path):
