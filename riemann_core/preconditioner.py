@@ -475,9 +475,13 @@ class RiemannianPreconditioner:
     def _check_unchanged(self, call: str) -> None:
         if self._edited_in_forward:
             raise RuntimeError(
-                "the model's forward pass changed its input in place (x.sub_(m), x /= 255), "
-                f"and {call} may run the model again on the batch as the forward pass received "
-                "it: compute into a new tensor in forward (x = x - m, x = x / 255)"
+                "the model's forward pass changed its input in place (x.sub_(m), x /= 255, "
+                "or a forward pre-hook of the model's: args[0].sub_(m)), and "
+                f"{call} may run the model again on the batch as the forward pass received "
+                "it: compute into a new tensor in forward (x = x - m, x = x / 255), or "
+                "return one from the pre-hook (return (args[0] - m,))"
+                # (found by review: a normalising pre-hook on the model was told to change
+                # a forward that edits nothing)
             )
         for name, t, version in self._versions:
             if t._version != version:
@@ -1410,9 +1414,12 @@ def _check_own_parameters(capture: Capture, model: nn.Module, call: str) -> None
     parameters (found by review: after ``torch.func.functional_call(model, {"2.weight":
     W}, x)`` the direction for ``W`` was written into the ``.grad`` of ``2.weight``, which
     the loss does not reach, and ``W`` got its plain gradient too). Not where the capture's
-    hooks are out of date (a parameter replaced since: they are installed anew)."""
+    hooks are out of date (a parameter replaced since: they are installed anew); also
+    where a hook registered since runs between them and a forward (found by review: a
+    read-only pre-hook registered after the preconditioner made every pre.step() blame
+    state not replayed, and pre.backward consume the graph before that refusal)."""
     substituted = capture.substituted
-    if substituted and capture.hooks_current(model):
+    if substituted and capture.owners_current(model):
         raise ValueError(
             f"modules {some(substituted)} ran with other tensors in place of their "
             "parameters in the model's last forward pass (torch.func.functional_call, "

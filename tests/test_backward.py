@@ -1622,6 +1622,33 @@ def test_a_pass_with_other_tensors_in_place_of_the_parameters_is_refused(call):
     assert W.grad is w_grad
 
 
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_a_pass_with_other_tensors_is_refused_so_beside_a_pre_hook_registered_later(call):
+    """Found by review: a pre-hook registered after the preconditioner, one that only
+    reads, marks the recorded calls out of order (it might edit the inputs in place), and
+    the check of a pass through ``functional_call`` was skipped with them: every
+    ``pre.step()`` then blamed state not replayed (naming buffers), and ``pre.backward``
+    consumed the loss's graph before that refusal. Both name the module again, ``.grad``
+    untouched, the graph kept."""
+    model, x, y, pre = primed()
+    model[2].register_forward_pre_hook(lambda module, args: None)  # only reads
+    W = (1.5 * model[2].weight.detach()).requires_grad_()
+    for _ in range(2):  # pre.step() never sets the hooks again
+        model.zero_grad(set_to_none=True)
+        W.grad = None
+        loss = F.cross_entropy(torch.func.functional_call(model, {"2.weight": W}, (x,)), y)
+        if call == "step":
+            loss.backward()
+        before, w_grad = snapshot(model), W.grad
+        with pytest.raises(ValueError, match=r"modules \['2'\] ran with other tensors in place"):
+            pre.backward(loss) if call == "backward" else pre.step()
+        assert_unchanged(model, before)
+        assert W.grad is w_grad
+        if call == "backward":
+            loss.backward()  # the graph is kept
+            assert W.grad is not None
+
+
 def test_a_logging_pass_through_torch_func_before_step_is_refused_with_the_fix():
     """Found by a hunt: per-sample gradients taken through ``torch.func`` for a log between
     ``loss.backward()`` and ``pre.step()`` were refused as a loss that does not reach the

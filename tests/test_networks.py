@@ -1649,6 +1649,69 @@ def test_a_pre_hook_editing_the_input_in_place_is_exact_under_the_generic_kernel
         assert rel_error(flatten(dirs, model), expected) < 1e-10
 
 
+def test_a_pre_hook_that_only_reads_registered_anew_at_every_step_costs_no_slow_path(
+    monkeypatch,
+):
+    """Found by review: any pre-hook registered after the preconditioner's marked the
+    recorded calls out of order, as one that may edit the inputs in place, so a logging
+    pre-hook registered anew at every step (with check_coupling=False, which probes no
+    new hook) sent every pre.backward down the autograd path and set the hooks again:
+    1.11-1.16x a step. A record that is no copy holds the tensors the forward received,
+    edits included; only a copy taken before such a hook is out of order."""
+    from riemann_core.preconditioner import RiemannianPreconditioner
+
+    slow = []
+    autograd_gradient = RiemannianPreconditioner._autograd_gradient
+    monkeypatch.setattr(
+        RiemannianPreconditioner,
+        "_autograd_gradient",
+        staticmethod(lambda *a, **k: slow.append(1) or autograd_gradient(*a, **k)),
+    )
+    model, x, y = hooked_mlp()
+    expected = oracle_of(model, x, y)
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING, check_coupling=False)
+    seen = []
+    for _ in range(3):
+        handle = model[2].register_forward_pre_hook(lambda _, a: seen.append(a[0].shape))
+        model.zero_grad()
+        out = model(x)
+        assert pre._capture.hooks_current(model)
+        pre.backward(F.cross_entropy(out, y))
+        handle.remove()
+        got = {n: p.grad for n, p in model.named_parameters()}
+        assert rel_error(flatten(got, model), expected) < 1e-10
+    assert slow == [] and len(seen) == 3
+
+
+@pytest.mark.parametrize("through", ["in place", ".data"])
+def test_a_pre_hook_registered_later_editing_an_input_captured_through_a_copy_is_seen(
+    through,
+):
+    """Where a module's inputs are captured through copies (its output changed in place
+    after its call: an in-place ReLU), a pre-hook registered after the preconditioner that
+    edits the input runs after the copy was taken: the calls are out of order whatever
+    the versions show (an edit through ``.data`` moves none), and the hooks are set again."""
+    model, x, y = hooked_mlp()
+    model.insert(2, TimesConstant(1.0))  # not the tanh's output: its backward reads it
+    model.append(nn.ReLU(inplace=True))
+    model.append(nn.Linear(3, 3).double())
+    twin = nn.Sequential(model[0], model[1], TimesConstant(2.0), *model[3:])
+
+    def edit(_, args):
+        (args[0] if through == "in place" else args[0].data).mul_(2)
+
+    expected = oracle_of(twin, x, y)  # before the hook, which model[3] shares
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    pre.backward(F.cross_entropy(model(x), y))  # the first call probes
+    model.zero_grad()
+    pre.backward(F.cross_entropy(model(x), y))  # '3' captured through copies from here
+    model[3].register_forward_pre_hook(edit)
+    if through == ".data":  # hidden from autograd, whose gradient is then not the twin's:
+        # rc.direction's capture, taken after the hook, is the reference
+        expected = flatten(rc.direction(model, x, y, damping=DAMPING), model)
+    assert_steps_exact(pre, model, x, lambda out: F.cross_entropy(out, y), expected, steps=3)
+
+
 class TimesConstant(nn.Module):
     def __init__(self, scale):
         super().__init__()

@@ -679,6 +679,28 @@ def test_a_forward_that_changes_its_input_in_place_is_named(call):
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_a_pre_hook_of_the_model_that_changes_its_input_in_place_is_named(call):
+    """Found by review: a normalising forward pre-hook on the model that edits the batch
+    in place (``args[0].sub_(...)``) was refused as a forward pass that changes its input,
+    telling the user to change a forward that edits nothing; the refusal names the
+    pre-hook and its fix too, ``.grad`` untouched."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    model.register_forward_pre_hook(lambda _, args: args[0].sub_(0.5))
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    pre = rc.RiemannianPreconditioner(model)
+    loss = F.cross_entropy(model(x), y)
+    if call == "step":
+        loss.backward()
+    before = snapshot(model)
+    with pytest.raises(
+        RuntimeError, match=r"pre-hook of the model's.*return one from the pre-hook"
+    ):
+        pre.backward(loss) if call == "backward" else pre.step()
+    assert_unchanged(model, before)
+
+
 # ------------------------------------------------------- K-FAC across steps
 
 
