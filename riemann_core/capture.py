@@ -782,6 +782,10 @@ class Replay:
     reached: frozenset[int] | None = None
     # (dtype, device) of the model's first parameter at the recorded pass (None: not known)
     placed: tuple | None = None
+    # called with the output and the calls of the pass run again, raises where a parameter
+    # without .grad is coupled with one that has a .grad (None: nothing to check; see
+    # RiemannianPreconditioner._grads_coupled)
+    coupled: Callable[[Tensor, list[Block]], None] | None = None
 
     def check(self, outputs, checks) -> None:
         """Register with ``checks`` (a :class:`~riemann_core._checks.Deferred`) that

@@ -687,14 +687,32 @@ def _failures(rank, world) -> dict:
     F.cross_entropy(model(x[part]), y[part]).backward()
     out["other damping"] = _outcome(other.step)
     # found by review: a .grad set to None on one rank only left the ranks' .grad apart
-    # (a direction on the others), and the next step blamed the initialisation
+    # (a direction on the others), and the next step blamed the initialisation (a whole
+    # module's: one parameter of a block without .grad is refused on its own rank, below)
     model.zero_grad()
     F.cross_entropy(model(x[part]), y[part]).backward()
     if rank == world - 1:
-        model[-1].bias.grad = None
+        model[-1].weight.grad = model[-1].bias.grad = None
     before = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
     out["grad on some ranks"] = _outcome(pre.step)
     out["grad on some ranks kept"] = all(
+        (p.grad is None) == (before[n] is None)
+        and (p.grad is None or torch.equal(p.grad, before[n]))
+        for n, p in model.named_parameters()
+    )
+    # found by a hunt: a backward restricted to the head, loss.backward(inputs=...), left
+    # the backbone without .grad, which full's one metric took as a zero gradient,
+    # silently; refused on the pass run again for the metric, on every rank through the
+    # rank that did it
+    full = rc.RiemannianPreconditioner(
+        model, method="full", damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
+    )
+    model.zero_grad()
+    loss = F.cross_entropy(model(x[part]), y[part])
+    loss.backward(inputs=list(model[-1].parameters()) if rank == world - 1 else None)
+    before = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    out["grad left out"] = _outcome(full.step), time.monotonic()
+    out["grad left out kept"] = all(
         (p.grad is None) == (before[n] is None)
         and (p.grad is None or torch.equal(p.grad, before[n]))
         for n, p in model.named_parameters()
@@ -1384,6 +1402,23 @@ def test_a_grad_on_some_ranks_only_is_refused_on_every_rank(run):
     assert all(o is not None and ".grad set to None on some ranks only" in o[1]
                for o in outcomes)  # fmt: skip
     assert all(r["failures"]["grad on some ranks kept"] for r in results)
+
+
+def test_a_grad_left_out_on_one_rank_within_one_metric_is_refused_on_every_rank(run):
+    world, results = run
+    last, ends = world - 1, []
+    for rank, result in enumerate(results):
+        (kind, message), end = result["failures"]["grad left out"]
+        ends.append(end)
+        assert "parameters ['0.weight', '0.bias', '2.weight']" in message
+        assert "loss.backward() over all the parameters" in message
+        if rank == last:
+            assert kind == "ValueError" and "] ... (4 in all) have no .grad" in message
+            assert "loss.backward(inputs=...)" in message and "requires_grad_(False)" in message
+        else:  # (the others' quote is cut to its start and end)
+            assert kind == "DistributedError" and f"rank {last} of {world} failed" in message
+        assert result["failures"]["grad left out kept"]
+    assert max(ends) - min(ends) < TIMEOUT / 2  # none waited the timeout out
 
 
 def test_an_absent_rank_times_out_instead_of_hanging(run):

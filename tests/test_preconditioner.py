@@ -28,6 +28,8 @@ from oracle import (
     rel_error,
     restored_precision,
     snapshot,
+    solve_blocks,
+    solve_dense,
     solve_kfac_metric,
     unflatten,
 )
@@ -38,7 +40,6 @@ import riemann_core as rc
 from riemann_core._checks import Deferred
 from riemann_core._precision import precision_knobs, product_eps
 from riemann_core.capture import Replay
-from riemann_core.direction import solve
 from riemann_core.methods import SOLVERS
 from riemann_core.preconditioner import FINGERPRINT_RUN, FINGERPRINT_RUNS
 
@@ -127,23 +128,132 @@ def test_step_before_forward_raises():
         pre.step()
 
 
-def test_parameter_without_grad_counts_as_zero_and_stays_none():
-    """Like torch.optim: a parameter without .grad took no part; it stays None and enters
-    the solve as a zero vector."""
+@pytest.mark.parametrize("method", ["layerwise", "kfac"], ids=lambda m: f"method={m}")
+def test_a_module_with_some_of_its_grads_is_refused_and_one_with_none_left_out(method):
+    """Found by a hunt: a bias without .grad (set to None, or left out by
+    ``loss.backward(inputs=...)``) was taken as a zero gradient beside its module's weight,
+    which the block's metric couples with it: the weight's direction was neither the
+    module's nor its own alone. Refused, ``.grad`` as it was. A module whose parameters all
+    lack a ``.grad`` is independent of the other blocks: left out (its ``.grad`` stays
+    ``None``), the others' directions exactly the oracle's blocks."""
     model, x, y = Problem(depth=3).make()
-    pre = rc.RiemannianPreconditioner(model)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=1e-2)
     F.cross_entropy(model(x), y).backward()
     model[2].bias.grad = None
-    gradient = {
-        n: (p.grad if p.grad is not None else torch.zeros_like(p)).clone()
-        for n, p in model.named_parameters()
-    }
-    expected, _ = solve(model, x, None, "layerwise", pre.options, gradient=gradient)
+    before = snapshot(model)
+    with pytest.raises(
+        ValueError,
+        match=r"parameters \['2.bias'\] have no \.grad.*inputs=.*set to None.*"
+        r"modules \['2'\] hold parameters with a \.grad.*requires_grad_\(False\) before "
+        r"the forward pass.*loss\.backward\(\) over all.*a module whose parameters all lack",
+    ):
+        pre.step()
+    assert_unchanged(model, before)
+    model[2].weight.grad = None  # the whole module (the refused call kept the pass)
     pre.step()
-    assert model[2].bias.grad is None
-    for n, p in model.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(p.grad, expected[n])
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    if method == "layerwise":
+        expected = solve_blocks(G, g, 1e-2, block_indices(model))
+    else:
+        expected = solve_kfac_metric(kfac_factors(model, x, y, "cross_entropy"), g, 1e-2,
+                                     "exact", "joint")  # fmt: skip
+    expected = unflatten(expected, model)
+    assert model[2].weight.grad is None and model[2].bias.grad is None
+    for name in ("0.weight", "0.bias", "4.weight", "4.bias"):
+        p = model.get_parameter(name)
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-12)
+    if method == "kfac":  # the bias apart: its own block, and the weight's alone
+        model, x, y = Problem(depth=3).make()
+        pre = rc.RiemannianPreconditioner(model, method="kfac", kfac_bias="separate",
+                                          damping=1e-2)  # fmt: skip
+        F.cross_entropy(model(x), y).backward()
+        model[2].bias.grad = None
+        pre.step()
+        g, factors = (
+            gradient(model, x, y, "cross_entropy"),
+            kfac_factors(model, x, y, "cross_entropy"),
+        )
+        expected = unflatten(solve_kfac_metric(factors, g, 1e-2, "exact", "separate"), model)
+        assert model[2].bias.grad is None
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-12)
+
+
+class Branches(nn.Module):
+    """A body and a head; a module never called (a branch not taken) and an auxiliary head
+    called in ``forward``, its output kept aside (the model's output does not depend on it):
+    ``loss.backward()`` gives neither a ``.grad``."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(5, 4), nn.Linear(4, 3)
+        self.spare, self.aux = nn.Linear(4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        self.aux_logits = self.aux(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("how", ["inputs", "set to None", "autograd.grad", "hooks set anew"])
+@pytest.mark.parametrize("method", ["full", "natural"], ids=lambda m: f"method={m}")
+def test_step_refuses_a_gradient_left_out_for_some_parameters_of_one_metric(method, how):
+    """Found by a hunt: after ``loss.backward(inputs=head)``, ``full`` and ``natural`` took
+    the backbone's missing ``.grad`` as zero and wrote ``[G^{-1} (0, g_h)]_h`` (12.4 in norm,
+    against 5.2 with the backbone frozen and 3.2 in the whole direction), silently.
+    Refused, ``.grad`` as it was; parameters that ``loss.backward()`` leaves without a
+    ``.grad`` (a module never called, one the output does not depend on: zero rows of the
+    metric) stay exact, and so do both fixes the error names."""
+    torch.manual_seed(0)
+    model = Branches().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=1e-2)
+
+    def check(trained):
+        model.aux_logits = None  # (a tensor of the graph: the oracle copies the model)
+        G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+        expected = unflatten(solve_dense(G, g, 1e-2), model)
+        for name, p in model.named_parameters():
+            if name.startswith(trained):
+                torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-12)
+            else:
+                assert p.grad is None, name
+
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    check(("body", "head"))
+    model.zero_grad(set_to_none=True)
+    if how == "hooks set anew":  # a parameter frozen since: checked on the pass run again
+        model.spare.requires_grad_(False)
+    head = list(model.head.parameters())
+    loss = F.cross_entropy(model(x), y)
+    if how in ("inputs", "hooks set anew"):
+        loss.backward(inputs=head)
+    elif how == "set to None":
+        loss.backward()
+        model.body.weight.grad = model.body.bias.grad = None
+    else:
+        for p, g in zip(head, torch.autograd.grad(loss, head), strict=True):
+            p.grad = g
+    before = snapshot(model)
+    with pytest.raises(
+        ValueError,
+        match=r"parameters \['body.weight', 'body.bias'\] have no \.grad.*inputs=.*"
+        rf"torch\.autograd\.grad.*method='{method}' solves one metric.*requires_grad_\(False\) "
+        r"before the forward pass.*loss\.backward\(\) over all",
+    ):
+        pre.step()
+    assert_unchanged(model, before)
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()  # the gradient of all: the whole direction
+    pre.step()
+    check(("body", "head"))
+    model.zero_grad(set_to_none=True)
+    model.body.requires_grad_(False)  # the backbone left out: the head's own metric
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    check(("head",))
 
 
 def test_step_without_any_grad_raises():

@@ -486,6 +486,8 @@ def _build_problem(
         replay.check(outputs, checks)
         if replay.reached and torch.is_tensor(outputs):
             replay.check_reach(coupling.reach(outputs, calls)[1], calls)
+        if replay.coupled is not None and torch.is_tensor(outputs):
+            replay.coupled(outputs, calls)
     return problem_from_graph(
         model,
         outputs,
