@@ -855,7 +855,7 @@ def _replay_differs(new: list[Tensor], old: list[Tensor], name_cause=None) -> No
         "global hook changed since): draw random choices with torch's generator, or keep "
         "such state fixed until the direction is computed; a tensor the pass keeps on a "
         "module for the next (a recurrent state, self.h = h.detach()) can be held as a "
-        "buffer (self.register_buffer('h', ...)), which the pass run again starts from as "
+        "buffer (self.register_buffer('h', ..., persistent=False)), which the pass run again starts from as "
         "the recorded pass found it, or passed to forward as an argument"
     )
 

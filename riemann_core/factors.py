@@ -167,9 +167,22 @@ def output_factor(
         # change neither the outputs the loss is formed from nor the caller's tensors
         # (found by a hunt: rc.direction took the gradient at the edited outputs, 0.07
         # off; pre.backward changed the user's logits)
-        F = output_metric(
-            outputs.clone(), targets.clone() if isinstance(targets, Tensor) else targets
-        )
+        try:
+            F = output_metric(
+                outputs.clone(), targets.clone() if isinstance(targets, Tensor) else targets
+            )
+        except Exception as err:
+            if targets is not None:
+                raise
+            # (found by review: torch.func's own error, about vmap over a None, was all a
+            # factor that reads the targets got under pre.backward)
+            raise ValueError(
+                "the custom output_metric raised while called with targets=None: "
+                "RiemannianPreconditioner never sees the targets (pre.backward takes the "
+                "loss, pre.step() the gradient), so its output_metric must compute the "
+                "factor from the outputs alone (the exact Fisher of the model's predictive "
+                f"distribution needs none); it raised {type(err).__name__}: {err}"
+            ) from err
         N, C = outputs.shape
         if (
             not isinstance(F, Tensor)

@@ -471,3 +471,28 @@ def test_another_rank_s_checkpoint_failure_reaches_this_rank_as_it_is():
     with pytest.raises(ValueError, match="use_reentrant=False"):
         with factors.reentrant_checkpoint_refused():
             raise RuntimeError(f"{factors.REENTRANT_CHECKPOINT} with .grad() or ...")
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_a_custom_factor_that_reads_the_targets_is_refused_by_the_preconditioner_naming_why(call):
+    """Found by review: a factor computed from the targets got torch.func's own error
+    about vmap over a None under pre.backward: the preconditioner never sees the targets.
+    It names that, and leaves every .grad as it was."""
+    model, x, y = Problem().make()
+
+    def reads_targets(out, tgt):
+        return symmetric_sqrt_factor(out, tgt) * (1 + 0 * tgt[:, None, None])
+
+    pre = rc.RiemannianPreconditioner(model, output_metric=reads_targets, damping=1e-2)
+    model.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    if call == "step":
+        loss.backward()
+    before = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="raised while called with targets=None") as err:
+        pre.backward(loss) if call == "backward" else pre.step()
+    assert "from the outputs alone" in str(err.value)
+    for n, p in model.named_parameters():
+        assert (p.grad is None) == (before[n] is None)
+        assert before[n] is None or torch.equal(p.grad, before[n])
+    pre.remove()
