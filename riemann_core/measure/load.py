@@ -16,16 +16,26 @@ run on the others, and a reading of that CPU alone, less the CPU time of all of 
 0.00 where the process's two CPUs read 0.65-0.98). With them, how many physical cores they
 make up (``cores_read``: two hyperthreads of a core are one), so that a CPU beside a core
 the points run on is not taken for a free one.
+
+The counters count whole ticks (``SC_CLK_TCK``, 100 a second), so over a short block their
+rounding alone moves the reading by up to a tick of each CPU read over the block's wall
+time (``rounding_cores``): on a 2-core machine, blocks of 2-10 ms of a 2-thread GEMM read
+0.00-2.00 where 1 s blocks read 1.00-1.02 beside the same load. Whether a reading is loaded
+(:func:`is_loaded`) is judged on the least the reading allows, the reading less its
+rounding, so that a point timed in a few milliseconds is not taken for a loaded one.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 #: the per-CPU counters, in clock ticks since boot
 STAT = Path("/proc/stat")
@@ -85,10 +95,17 @@ def process_cpus() -> frozenset[int]:
 def cores_of(cpus: Collection[int], root: Path | None = None) -> int:
     """How many physical cores ``cpus`` make up: the CPUs that share a package and core id
     are hyperthreads of one core (a CPU whose topology cannot be read is a core of its
-    own)."""
+    own). Read once per process and set of CPUs (:func:`_cores_of`)."""
+    return _cores_of(frozenset(cpus), root or TOPOLOGY)
+
+
+@functools.lru_cache(maxsize=64)
+def _cores_of(cpus: frozenset[int], root: Path) -> int:
+    """:func:`cores_of`, cached: a CPU's core does not move, and its two sysfs files per CPU
+    took 0.07 of a reading's 0.11 ms, read around every point."""
     cores = set()
     for cpu in cpus:
-        topology = (root or TOPOLOGY) / f"cpu{cpu}" / "topology"
+        topology = root / f"cpu{cpu}" / "topology"
         try:
             key = tuple(
                 (topology / f).read_text().strip() for f in ("physical_package_id", "core_id")
@@ -109,7 +126,7 @@ def read_cpus(path: Path = STAT) -> CpuReading | None:
         text = path.read_text()
     except OSError:
         return None
-    busy = busy_seconds(text, cpus, os.sysconf("SC_CLK_TCK"))
+    busy = busy_seconds(text, cpus, clock_ticks_per_s())
     return CpuReading(busy, time.process_time(), time.monotonic(), cpus, cores_of(cpus))
 
 
@@ -124,19 +141,84 @@ def outside_cores(before: CpuReading, after: CpuReading) -> float:
     return min(max(taken / wall, 0.0), float(len(after.cpus)))
 
 
+def rounding_cores(before: CpuReading, after: CpuReading, ticks_per_s: float) -> float:
+    """How many CPUs the counters' rounding alone may add to :func:`outside_cores` between
+    two readings: a tick of each CPU read over the wall time, at most the CPUs read (a
+    block shorter than a tick tells nothing)."""
+    wall, cpus = after.wall_s - before.wall_s, len(after.cpus)
+    return min(cpus / (ticks_per_s * wall), cpus) if wall > 0 else float(cpus)
+
+
 @contextmanager
 def outside_load(path: Path = STAT) -> Iterator[dict]:
     """A dict filled, when the block ends, with ``outside_cores`` (:func:`outside_cores`
-    over the block, to 0.01), ``cpus_read`` (the CPUs read) and ``cores_read`` (the
-    physical cores they make up); left empty where the CPUs cannot be read, or their number
-    changed (the affinity moved) during the block."""
+    over the block, to 0.01), ``cpus_read`` (the CPUs read), ``cores_read`` (the physical
+    cores they make up) and ``rounding_cores`` (:func:`rounding_cores`, up to 0.01); left
+    empty where the CPUs cannot be read, or their number changed (the affinity moved)
+    during the block."""
     load: dict = {}
     before = read_cpus(path)
     yield load
     after = read_cpus(path)
     if before is not None and after is not None and before.cpus == after.cpus:
+        rounding = rounding_cores(before, after, clock_ticks_per_s())
         load.update(
             outside_cores=round(outside_cores(before, after), 2),
             cpus_read=len(after.cpus),
             cores_read=after.cores or len(after.cpus),
+            rounding_cores=math.ceil(rounding * 100) / 100,  # up: it bounds the reading
         )
+
+
+def clock_ticks_per_s() -> float:
+    """The clock ticks a second ``/proc/stat`` counts in."""
+    return os.sysconf("SC_CLK_TCK")
+
+
+#: CPUs other processes may keep busy beyond those a measurement leaves free, for every
+#: two cores it uses (this at least), before it reads as loaded: a quarter of a CPU taken
+#: from a measurement running a thread on each of 2 cores slows it by 1/8 where it spreads
+#: evenly over them, under the sweep's spread limit (20%). On a 2-core CPU, around the
+#: quick grid's rate measurements on 2 threads, the reading was 0.00-0.07 quiet and
+#: 0.68-0.74 beside a process spinning on one core (the GEMM 136-142 GFLOP/s against 196-225)
+OUTSIDE_SLACK = 0.25
+
+
+class Crowding(NamedTuple):
+    """A reading of :func:`outside_load` against the CPUs a measurement left free."""
+
+    #: the CPUs of the physical cores the measurement's threads did not use
+    free: float
+    #: what other processes may take beyond them (:data:`OUTSIDE_SLACK` per two cores)
+    slack: float
+    #: the least they took (the reading less its rounding) beyond both: loaded above 0
+    excess: float
+
+
+def crowding(reading: Mapping, threads: int | None) -> Crowding | None:
+    """How the ``reading`` of :func:`outside_load` around a measurement on ``threads``
+    threads (``None``: on all the CPUs read) stands against the CPUs it left free;
+    ``None`` where nothing was read.
+
+    Free: the CPUs of the physical cores its threads did not use, ``cores_read`` of the
+    ``cpus_read`` (a hyperthread beside a core a thread runs on is not free; a reading
+    without ``cores_read``, one CPU a core). The slack: :data:`OUTSIDE_SLACK` of a CPU for
+    every two cores used (an eighth of their speed), a quarter at least. The reading is
+    taken less its ``rounding_cores`` (none where not recorded)."""
+    if "outside_cores" not in reading:
+        return None
+    cpus = reading["cpus_read"]
+    cores = reading.get("cores_read", cpus)
+    used = cores if threads is None else min(threads, cores)
+    free = (cores - used) * cpus / cores
+    slack = OUTSIDE_SLACK * max(1.0, used / 2)
+    least = reading["outside_cores"] - reading.get("rounding_cores", 0.0)
+    return Crowding(free, slack, least - free - slack)
+
+
+def is_loaded(reading: Mapping, threads: int | None) -> bool:
+    """Whether other processes kept busy more CPUs than a measurement on ``threads``
+    threads left free, by more than the slack, in the ``reading`` around it
+    (:func:`crowding`); not where nothing was read (unknown)."""
+    found = crowding(reading, threads)
+    return found is not None and found.excess > 0

@@ -523,10 +523,12 @@ def _flagged_section(df: pd.DataFrame) -> list[str]:
     columns = ["method", "kernel", *AXES, "time_median_s", "spread", "remeasured", "flag"]
     columns += ["stretch_spread", "slow_paths", "flops_vs_model"]
     text = (
-        f"Points whose repeats spread over {SPREAD_LIMIT:.0%} of their median, or whose "
-        "median was far from both neighbours, were measured once more; `flag` says which "
-        "still are. `slow_paths` names the data-dependent slow paths a point's solves took "
-        "(a Gram's condition estimated again from the whole Gram, a float64 residual, "
+        f"Points whose repeats spread over {SPREAD_LIMIT:.0%} of their median, that were "
+        "timed while other processes kept busy more CPUs than they left free, or whose "
+        "median was far from both neighbours, were measured once more (`remeasured`); "
+        "`flag` says which still are (`spread`, `loaded`, `outlier`). `slow_paths` names the "
+        "data-dependent slow paths a point's solves took (a Gram's condition estimated again "
+        "from the whole Gram, a float64 residual, "
         "refinement, a Cholesky redone with jitter): their work is in "
         "the point's time and counted FLOPs (`flops_vs_model`) but in no cost model, so every "
         "claim leaves such points out."

@@ -21,7 +21,8 @@ over points, in rounds:
    per-call overhead is more than ``grid.overhead_target`` of the time at its top point,
    within the FLOP, memory and time budgets;
 3. points whose median lies far from both neighbours on an axis are measured once more
-   (a point whose repeats spread widely is re-timed at once, in :func:`measure_point`);
+   (a point whose repeats spread widely, or that read loaded, is re-timed at once, in
+   :func:`measure_point`);
 4. the lines along :data:`INTERLEAVED_AXES` (depth) through the base point, and the top
    two points of those along :data:`TOP_PAIR_AXES` (width, batch), are timed again, their
    points in turn in every round (:func:`time_lines`, where ``sweep`` is given it, as
@@ -77,6 +78,7 @@ except ImportError:  # Windows: not taken
 from .. import costs
 from ..arguments import check_device, check_distinct
 from ..measure.flops import KINDS, flop_counter, flops_by_kind
+from ..measure.load import is_loaded, outside_load
 from ..measure.memory import cuda_peak_bytes, host_peak_bytes
 from ..measure.output import check_writable, write_atomic
 from ..measure.problems import mlp, widths
@@ -515,10 +517,10 @@ def measure_point(run: dict, grid: Grid) -> dict:
         call = _direction_call(run, grid, device)
         call()
         peak = cuda_peak_bytes(call, device) if device.type == "cuda" else host_peak_bytes(call)
-        timing = measure(call, repeats=grid.repeats, warmup=grid.warmup, device=device)
-        remeasured = spread_of(timing) > SPREAD_LIMIT
+        timing, loaded = timed(call, grid.repeats, grid.warmup, device)
+        remeasured = spread_of(timing) > SPREAD_LIMIT or loaded
         if remeasured:
-            timing = measure(call, repeats=grid.repeats, warmup=0, device=device)
+            timing, loaded = timed(call, grid.repeats, 0, device)
         with flop_counter() as counter, recording_slow_paths() as slow_paths:
             call()
     except torch.cuda.OutOfMemoryError as err:  # torch.OutOfMemoryError only from 2.5
@@ -537,10 +539,33 @@ def measure_point(run: dict, grid: Grid) -> dict:
         **{f"flops_{kind}": by_kind[kind] for kind in KINDS},
         "peak_bytes": math.nan if peak is None else peak,
         "spread": spread_of(timing),
-        "flag": "spread" if spread_of(timing) > SPREAD_LIMIT else "",
+        "flag": " ".join(["spread"] * (spread_of(timing) > SPREAD_LIMIT) + ["loaded"] * loaded),
         "slow_paths": " ".join(sorted(set(slow_paths))),
         "remeasured": int(remeasured),
     }
+
+
+def timed(call: Callable, repeats: int, warmup: int, device: torch.device) -> tuple[Timing, bool]:
+    """``repeats`` timed calls of ``call`` after ``warmup`` (:func:`measure`), and whether
+    they read loaded (:func:`load_read`)."""
+    with load_read(device) as loaded:
+        timing = measure(call, repeats=repeats, warmup=warmup, device=device)
+    return timing, loaded[0]
+
+
+@contextlib.contextmanager
+def load_read(device: torch.device) -> Iterator[list[bool]]:
+    """A list holding, when the block ends, whether other processes kept busy more CPUs
+    than it left free meanwhile (:func:`~riemann_core.measure.load.is_loaded` on the
+    threads torch runs here, those of the points it times; ``False`` where the load cannot
+    be read). Not read on a GPU, whose times are its own."""
+    loaded = [False]
+    if device.type != "cpu":
+        yield loaded
+        return
+    with outside_load() as reading:
+        yield loaded
+    loaded[0] = is_loaded(reading, torch.get_num_threads())
 
 
 def spread_of(timing: Timing) -> float:
@@ -586,8 +611,8 @@ def lines_to_interleave(rows: list[dict], base: Mapping[str, int]) -> list[tuple
 
 
 def time_lines(lines: list[list[dict]], grid: Grid, device: torch.device) -> list[dict]:
-    """``{**key, time_median_s, time_iqr_s, times_s, spread, stretches}`` of every point of
-    ``lines`` on ``device``: each line's points timed in turn in each of
+    """``{**key, time_median_s, time_iqr_s, times_s, spread, stretches, loaded}`` of every
+    point of ``lines`` on ``device``: each line's points timed in turn in each of
     ``LINE_ROUNDS_PER_REPEAT * grid.repeats`` rounds, in :func:`stretches_of` the line
     stretches of time (the second of a depth line after every line's first, their times
     one after another in ``times_s``), each call right after an untimed call
@@ -597,24 +622,31 @@ def time_lines(lines: list[list[dict]], grid: Grid, device: torch.device) -> lis
     timed right after the line's largest point of the round before, the smallest read
     25-30% high and bent the line (layerwise along depth at width 128, batch 32: 3.1-3.2
     against 2.4-2.6 ms at depth 1, a quadratic term of 31% [28%, 36%] failed the linear
-    claim). A line whose point fails here comes back as ``{**key, "error": reason}`` rows:
-    its points keep the times of their own measurement, and the caller says why."""
+    claim). ``loaded``: whether the load read around one of its line's stretches
+    (:func:`load_read`) was loaded (two reads a stretch, against its seconds of rounds). A
+    line whose point fails here comes back as ``{**key, "error": reason}`` rows: its points
+    keep the times of their own measurement, and the caller says why."""
     stretches = [stretches_of(line) for line in lines]
     times: list[dict | str] = [{key_of(run): [] for run in line} for line in lines]
+    loaded = [False] * len(lines)
     for stretch in range(max(stretches, default=0)):
         for i, line in enumerate(lines):
             if stretch >= stretches[i] or isinstance(times[i], str):
                 continue
             try:
                 calls = {key_of(run): _direction_call(run, grid, device) for run in line}
-                rounds = interleaved(calls, LINE_ROUNDS_PER_REPEAT * grid.repeats, device, warmup=1)
+                with load_read(device) as read:
+                    rounds = interleaved(
+                        calls, LINE_ROUNDS_PER_REPEAT * grid.repeats, device, warmup=1
+                    )
             except Exception as err:  # noqa: BLE001  (its points were measured; reported above)
                 times[i] = f"{type(err).__name__}: {err}"[:300]
                 continue
+            loaded[i] = loaded[i] or read[0]
             for key, point_times in rounds.items():
                 times[i][key] += point_times
     timed = []
-    for line, count, line_times in zip(lines, stretches, times, strict=True):
+    for line, count, line_times, line_loaded in zip(lines, stretches, times, loaded, strict=True):
         if isinstance(line_times, str):
             timed += [{**run, "error": line_times} for run in line]
             continue
@@ -628,6 +660,7 @@ def time_lines(lines: list[list[dict]], grid: Grid, device: torch.device) -> lis
                     "times_s": json.dumps([round(t, 9) for t in timing.times]),
                     "spread": spread_of(timing),
                     "stretches": count,
+                    "loaded": line_loaded,
                 }
             )
     return timed
@@ -798,7 +831,11 @@ LIMITS = {"time_median_s": 1e9, "time_iqr_s": 1e9, "peak_bytes": 2.0**60}
 #: The shortest time a call can take (seconds): below, a timer does not resolve it.
 SHORTEST_TIME = 1e-9
 #: The words of a measured point's text columns (space-separated; empty: none).
-WORDS = {"flag": ("spread", "outlier", "stretches"), "slow_paths": SLOW_PATHS, "interleaved": AXES}
+WORDS = {
+    "flag": ("spread", "outlier", "stretches", "loaded"),
+    "slow_paths": SLOW_PATHS,
+    "interleaved": AXES,
+}
 
 
 def _row_problem(row: dict) -> str | None:
@@ -1018,10 +1055,20 @@ def with_out(command: str, out: Path) -> str:
 REQUIRED_RATES = ("products", "cholesky")
 #: The keys of a measurement of a device's rates (``device_rates``) that name no kind of
 #: rate: when, on which worker and in which dtype it was measured, and how many CPUs other
-#: processes kept busy meanwhile, of how many read, making up how many physical cores
+#: processes kept busy meanwhile, of how many read, making up how many physical cores, and
+#: how many CPUs the counters' rounding alone may add to the reading
 #: (:mod:`riemann_core.measure.load`; absent where not read: a sweep written before, or a
-#: platform without ``/proc/stat``; ``cores_read`` absent from sweeps written before it).
-SESSION_KEYS = ("when", "dtype", "worker", "outside_cores", "cpus_read", "cores_read")
+#: platform without ``/proc/stat``; ``cores_read`` and ``rounding_cores`` absent from
+#: sweeps written before them).
+SESSION_KEYS = (
+    "when",
+    "dtype",
+    "worker",
+    "outside_cores",
+    "cpus_read",
+    "cores_read",
+    "rounding_cores",
+)
 
 
 def _rates_problem(record: dict) -> str | None:
@@ -1071,8 +1118,9 @@ def _rates_problem(record: dict) -> str | None:
 def _load_problem(session: dict) -> str | None:
     """What makes the outside load a measurement of rates records unusable
     (``outside_cores`` CPUs of ``cpus_read``, both or neither; ``cores_read``, where
-    recorded, the physical cores they make up), or ``None``."""
-    keys = ("outside_cores", "cpus_read", "cores_read")
+    recorded, the physical cores they make up; ``rounding_cores``, where recorded, CPUs
+    the reading may be off by), or ``None``."""
+    keys = ("outside_cores", "cpus_read", "cores_read", "rounding_cores")
     if not any(key in session for key in keys):
         return None
     for key in keys[:2]:
@@ -1087,6 +1135,9 @@ def _load_problem(session: dict) -> str | None:
     physical = session.get("cores_read", cpus)
     if type(physical) is not int or not 1 <= physical <= cpus:
         return f"says its {cpus} CPUs make up {physical!r} physical cores"
+    rounding = session.get("rounding_cores", 0.0)
+    if type(rounding) not in (int, float) or not 0 <= rounding <= cpus:
+        return f"says the rounding of its {cpus} CPUs' counters may add {rounding!r} CPUs"
     return None
 
 
@@ -1651,7 +1702,10 @@ def _sweep(
                     if remeasure:
                         row["remeasured"] = 1
                         if grow.is_outlier(rows, row):
-                            row["flag"] = "outlier"
+                            # outlier says more than spread (as in interleave_lines); loaded,
+                            # read by measure_point around these very times, may be why: kept
+                            loaded = ["loaded"] if "loaded" in row["flag"].split() else []
+                            row["flag"] = " ".join(["outlier", *loaded])
                 row["sweep"] = sweep_id
                 key = key_of(row)
                 rows[:] = [r for r in rows if key_of(r) != key] + [row]
@@ -1676,7 +1730,7 @@ def _sweep(
             bar.refresh()
             measure_all(plan.runs)
         # measured again once: an outlier still far off then is flagged (a point re-timed
-        # for its spread, also remeasured, is not one measured again)
+        # for its spread or load, also remeasured, is not one measured again)
         again = [
             r for r in grow.outliers(rows) if grid.selects(r) and "outlier" not in r["flag"].split()
         ]
@@ -1753,11 +1807,16 @@ def interleave_lines(
     from . import grow
 
     for i, row in enumerate(rows):  # flags for the new times, among the new neighbours
-        if key_of(row) in retimed:
+        if (new := retimed.get(key_of(row))) is not None:
             spread = "spread" if float(row["spread"]) > SPREAD_LIMIT else ""
             words = ["outlier" if grow.is_outlier(rows, row) else spread]
             apart = stretch_spread(json.loads(row["times_s"]), row["stretches"] or 1)
             words += ["stretches"] if apart > SPREAD_LIMIT else []
+            # read around the line's rounds that gave these times (the first worker's): the
+            # point's own reading was of times it no longer has. Not timed again for it (a
+            # line takes seconds): its points, timed in the same rounds, shared the load, and
+            # a fail decided on them reads too noisy (validate)
+            words += ["loaded"] if new.get("loaded") else []
             rows[i] = {**row, "flag": " ".join(w for w in words if w)}
     return sum(key_of(row) in retimed for row in rows)
 
@@ -1768,8 +1827,8 @@ def add_device(devices: dict[str, dict], record: dict, when: str | None = None) 
     ``workers`` (``"host physical_device"``) that measured on a device of that name, and,
     for a record of :func:`~riemann_core.scaling.worker.rates_here` measured at ``when``,
     its rates (``device_rates``: ``{"when", "worker", "dtype", kind: [FLOP/s, ...]}``, with
-    ``outside_cores`` and ``cpus_read`` where the load of other processes was read:
-    :data:`SESSION_KEYS`)."""
+    ``outside_cores``, ``cpus_read``, ``cores_read`` and ``rounding_cores`` where the load
+    of other processes was read: :data:`SESSION_KEYS`)."""
     entry = devices.setdefault(record["device_name"], {"workers": [], "device_rates": []})
     worker = f"{record['host']} {record['physical_device']}"
     if worker not in entry["workers"]:

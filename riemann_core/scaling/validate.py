@@ -52,11 +52,13 @@ depth claims' time part too). Every claim on time is too noisy instead (its woul
 verdict in the detail) on a machine whose speed did not hold during the sweep
 (:func:`unsteady_reasons`): the device's rates measured during the sweep spread by more
 than :data:`~riemann_core.scaling.sweep.SPREAD_LIMIT` (or were measured once); more than
-:data:`LOADED_SHARE` of its ok points (two at least) were flagged ``spread`` or
+:data:`LOADED_SHARE` of its ok points (two at least) were flagged ``spread``, ``loaded`` or
 ``stretches``, a load that comes and goes faster than three readings of the rates see; or,
 on a CPU, other processes kept busy more CPUs than the sweep's points left free (the CPUs
-of the physical cores the points' threads do not use) by more than :data:`OUTSIDE_SLACK`
-for every two cores the points use, while the rates were measured (``outside_cores`` of the ``device_rates``, :mod:`riemann_core.measure.load`; a
+of the physical cores the points' threads do not use) by more than
+:data:`~riemann_core.measure.load.OUTSIDE_SLACK` for every two cores the points use, while
+the rates were measured (``outside_cores`` of the ``device_rates``, judged by
+:func:`~riemann_core.measure.load.is_loaded`, the rule that flags a point ``loaded``; a
 load that lasts the whole sweep slows every reading alike, so their spread does not show
 it). The speed of a loaded machine, not the algorithm, would decide it. Except a pass
 decided by points timed in the same interleaved rounds (``basis`` :data:`INTERLEAVED`: a
@@ -68,8 +70,11 @@ Likewise where the points that decide a claim include ones the sweep flagged ``o
 (measured twice, and both times a factor
 :data:`~riemann_core.scaling.sweep.NEIGHBOUR_FACTOR` or more off the trend of their
 neighbours): the detail names them; a fail or regime not reached decided on them is too
-noisy, a pass stands (:func:`_on_outliers`). And where a claim's points include ones left
-out because their stretches of time disagree
+noisy, a pass stands (:func:`_on_outliers`); a fail decided on points flagged ``spread`` or
+``loaded`` (other processes kept busy more CPUs than the point left free while the times it
+keeps were taken: :func:`~riemann_core.scaling.sweep.measure_point`) is too noisy, naming
+them. And where a claim's points include ones left out because their stretches of time
+disagree
 (:func:`~riemann_core.scaling.fit.stretches_disagree`), the detail names them; a regime
 not reached is too noisy where some of them lie on the lines it was judged on
 (:func:`_on_lines`) and, put back at one of their stretches of time, they change its
@@ -128,6 +133,7 @@ import pandas as pd
 
 from ..costs import MLPShape
 from ..measure.flops import KINDS
+from ..measure.load import crowding
 from ..measure.output import write_atomic
 from ..measure.problems import widths
 from . import fit, grow
@@ -173,18 +179,11 @@ TIME_BAND = fit.TIME_BAND
 STABLE_REACH = 2 * TIME_BAND
 #: structured layerwise should beat generic by at least this factor at the largest width
 STRUCTURED_FACTOR = 2.0
-#: the share of a sweep's ok points flagged ``spread`` or ``stretches`` above which its
-#: machine reads as unsteady: a hunt's quick sweeps (155 points) flagged 1 on a quiet
-#: machine (0.6%) and 16-87 under outside load (10-56%), their rates moving 10-13%, under
-#: SPREAD_LIMIT; 5% lies 8x above the one and half the other
+#: the share of a sweep's ok points flagged ``spread``, ``loaded`` or ``stretches`` above
+#: which its machine reads as unsteady: a hunt's quick sweeps (155 points) flagged 1 on a
+#: quiet machine (0.6%) and 16-87 under outside load (10-56%), their rates moving 10-13%,
+#: under SPREAD_LIMIT; 5% lies 8x above the one and half the other
 LOADED_SHARE = 0.05
-#: CPUs other processes may keep busy beyond those a sweep's points leave free, for every
-#: two cores the points use (this at least), before its machine reads as loaded: a quarter
-#: of a CPU taken from points running a thread on each of 2 cores slows them by 1/8 where
-#: it spreads evenly over them, under SPREAD_LIMIT. On a 2-core CPU, around the
-#: quick grid's rate measurements on 2 threads, the reading was 0.00-0.07 quiet and
-#: 0.68-0.74 beside a process spinning on one core (the GEMM 136-142 GFLOP/s against 196-225)
-OUTSIDE_SLACK = 0.25
 
 
 @dataclass(frozen=True)
@@ -410,19 +409,22 @@ def _rates_moved(sweep_meta: Mapping, dtype: str | None) -> Unsteady | None:
 def points_flagged_for_load(df: pd.DataFrame) -> Unsteady | None:
     """More than :data:`LOADED_SHARE` of the sweep's ok points (and two at least: one is
     that point's own, which :func:`_on_outliers` judges) flagged ``spread`` (repeats that
-    still spread when timed again) or ``stretches`` (stretches of time that disagree): load
-    from other processes comes and goes faster than three readings of the rates see."""
+    still spread when timed again), ``loaded`` (other processes kept busy more CPUs than
+    the point left free while the times it keeps were taken) or ``stretches`` (stretches
+    of time that disagree): load from other processes comes and goes faster than three
+    readings of the rates see."""
     ok = df[df["status"] == "ok"]
-    loaded = _flagged(ok, "spread") | fit.stretches_disagree(ok)
-    count = int(loaded.sum())
+    flagged = _flagged(ok, "spread") | _flagged(ok, "loaded") | fit.stretches_disagree(ok)
+    count = int(flagged.sum())
     if count < 2 or count <= LOADED_SHARE * len(ok):
         return None
     why = (
         f"{count} of the sweep's {len(ok)} ok points ({count / len(ok):.1%}) were flagged "
-        f"spread or stretches (their repeat times still spread past {SPREAD_LIMIT:.0%} of "
-        "their median when timed again, or their stretches of time disagreed by as much), "
-        f"where a quiet machine flags under {LOADED_SHARE:.0%}: other work on the machine "
-        "slowed its timings by spells"
+        f"spread, loaded or stretches (their repeat times still spread past "
+        f"{SPREAD_LIMIT:.0%} of their median when timed again, other processes kept busy "
+        "more CPUs than they left free while they were timed, or their stretches of time "
+        f"disagreed by as much), where a quiet machine flags under {LOADED_SHARE:.0%}: "
+        "other work on the machine slowed its timings by spells"
     )
     return Unsteady(why, "rerun on a quiet machine")
 
@@ -430,35 +432,30 @@ def points_flagged_for_load(df: pd.DataFrame) -> Unsteady | None:
 def cpus_taken_by_others(sweep_meta: Mapping) -> Unsteady | None:
     """Other processes kept busy more of the CPUs than the sweep's points left free, by
     more than a slack, while the device's rates were measured (``outside_cores`` of its
-    ``device_rates``; not judged where not read, nor on a GPU, whose times are its own).
+    ``device_rates``, judged by :func:`~riemann_core.measure.load.is_loaded` on the points'
+    threads, ``environment``'s ``threads``, all where not recorded; not judged where not
+    read, nor on a GPU, whose times are its own).
 
-    Free: the CPUs of the physical cores the points' threads (``environment``'s
-    ``threads``; all where not recorded) did not use, ``cores_read`` of the ``cpus_read``
-    (found by review: a hyperthread beside a core a point runs on was counted free, so on a
-    host with two hyperthreads per core, where the points run a thread per core, other
-    processes could keep as many CPUs busy as the points ran threads unnoticed). The slack:
-    :data:`OUTSIDE_SLACK` of a CPU for every two cores the points use (an eighth of their
-    speed), a quarter at least."""
+    Free: the CPUs of the physical cores the points' threads did not use (found by review:
+    a hyperthread beside a core a point runs on was counted free, so on a host with two
+    hyperthreads per core, where the points run a thread per core, other processes could
+    keep as many CPUs busy as the points ran threads unnoticed). The slack:
+    :data:`~riemann_core.measure.load.OUTSIDE_SLACK` of a CPU for every two cores the points
+    use (an eighth of their speed), a quarter at least."""
     environment = sweep_meta.get("environment") or {}
     if not str(environment.get("device", "cpu")).startswith("cpu"):
         return None
     threads = environment.get("threads")
     threads = threads if type(threads) is int and threads > 0 else None  # not known: all
-    worst = None
-    for session in sweep_meta.get("device_rates", []):
-        if "outside_cores" not in session:  # a sweep written before it was read
-            continue
-        cpus = session["cpus_read"]
-        cores = session.get("cores_read", cpus)  # a sweep written before: one CPU a core
-        used = cores if threads is None else min(threads, cores)
-        free = (cores - used) * cpus / cores
-        slack = OUTSIDE_SLACK * max(1.0, used / 2)
-        excess = session["outside_cores"] - free - slack
-        if excess > 0 and (worst is None or excess > worst[0]):
-            worst = (excess, session, free, slack)
-    if worst is None:
+    loaded = [
+        (found, session)
+        for session in sweep_meta.get("device_rates", [])
+        # None: a sweep written before the load was read
+        if (found := crowding(session, threads)) is not None and found.excess > 0
+    ]
+    if not loaded:
         return None
-    _, session, free, slack = worst
+    (free, slack, _), session = max(loaded, key=lambda pair: pair[0].excess)
     when = MEASURED_WHEN.get(session.get("when"), f"at {session.get('when')}")
     where = f" on {session['worker']}" if session.get("worker") else ""
     cpus, cores = session["cpus_read"], session.get("cores_read", session["cpus_read"])
@@ -1377,21 +1374,21 @@ def _on_outliers(claim: Claim, deciding: pd.DataFrame, df: pd.DataFrame, axes) -
     regime not reached decided on them is too noisy, and one too noisy already says they
     may be why; a pass stands (an outlier bends a line away from a claim, it does not make
     it agree). A fail decided on points flagged ``spread`` (their repeats still spread past
-    ``SPREAD_LIMIT`` when timed again) is too noisy too, whatever the trend: found by a
-    hunt, a sweep under outside load flagged 16-87 of 155 points while its rate readings
-    moved 10-13%, and a claim on them read 1.5 [0.76, 1.89], a fail but for its interval.
-    Not a regime not reached (found by review): an overhead-bound line is one whatever the
-    spread of its tiny points, which no quiet rerun settles."""
-    spread = deciding[_flagged(deciding, "spread")]
-    if not spread.empty and claim.verdict == FAIL:
-        points = "; ".join(
-            sorted({f"{r.method} ({r.kernel}) at " + _point(r) for r in spread.itertuples()})
-        )
+    ``SPREAD_LIMIT`` when timed again) or ``loaded`` (other processes kept busy more CPUs
+    than the point left free while the times it keeps were taken) is too noisy too,
+    whatever the trend: found by a hunt, a sweep under outside load flagged 16-87 of 155
+    points while its rate readings moved 10-13%, and a claim on them read 1.5 [0.76,
+    1.89], a fail but for its interval; a load that slows every repeat alike does not
+    spread them, and is read directly. Not a regime not reached (found by review): an
+    overhead-bound line is one whatever the load on its tiny points, which no quiet rerun
+    settles."""
+    noisy = {word: deciding[_flagged(deciding, word)] for word in LOAD_WORDS}
+    noisy = {word: rows for word, rows in noisy.items() if not rows.empty}
+    if claim.verdict == FAIL and noisy:
+        said = " and on ".join(f"{LOAD_WORDS[w]} ({_points_of(rows)})" for w, rows in noisy.items())
         detail = (
-            f"{claim.detail} The verdict would be '{claim.verdict}', but it rests on points "
-            f"whose repeat times spread past {SPREAD_LIMIT:.0%} of their median even when "
-            f"timed again ({points}): other work on the machine may have decided it. Rerun "
-            "the sweep on a quiet machine."
+            f"{claim.detail} The verdict would be '{claim.verdict}', but it rests on {said}: "
+            "other work on the machine may have decided it. Rerun the sweep on a quiet machine."
         )
         return replace(claim, verdict=NOISY, detail=detail)
     flagged = deciding[_flagged(deciding, "outlier")]
@@ -1401,9 +1398,7 @@ def _on_outliers(claim: Claim, deciding: pd.DataFrame, df: pd.DataFrame, axes) -
     flagged = flagged[[grow.is_outlier(rows, r, tuple(axes)) for r in flagged.to_dict("records")]]
     if flagged.empty:
         return claim
-    points = "; ".join(
-        sorted({f"{r.method} ({r.kernel}) at " + _point(r) for r in flagged.itertuples()})
-    )
+    points = _points_of(flagged)
     said = (
         f"it rests on points the sweep flagged outlier ({points}): measured twice, each time "
         f"{NEIGHBOUR_FACTOR:g}x or more off the trend of its neighbours"
@@ -1419,6 +1414,22 @@ def _on_outliers(claim: Claim, deciding: pd.DataFrame, df: pd.DataFrame, axes) -
     if claim.verdict == NOISY:
         return replace(claim, detail=f"{claim.detail} {said[0].upper()}{said[1:]}: {fix}.")
     return replace(claim, detail=f"{claim.detail} {said[0].upper()}{said[1:]}.")
+
+
+#: the flags of points timed under load, and what they say of them (:func:`_on_outliers`)
+LOAD_WORDS = {
+    "spread": f"points whose repeat times spread past {SPREAD_LIMIT:.0%} of their median even "
+    "when timed again",
+    "loaded": "points whose times were taken while other processes kept busy more CPUs than "
+    "they left free",
+}
+
+
+def _points_of(rows: pd.DataFrame) -> str:
+    """``rows`` named by method, kernel and point, once each."""
+    return "; ".join(
+        sorted({f"{r.method} ({r.kernel}) at " + _point(r) for r in rows.itertuples()})
+    )
 
 
 def _flagged(rows: pd.DataFrame, word: str) -> pd.Series:

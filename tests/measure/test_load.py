@@ -50,7 +50,9 @@ def test_the_reading_takes_its_file_and_is_empty_where_it_cannot_read_it(tmp_pat
     assert reading.busy_s == load.busy_seconds(STAT, {0, 1}, os.sysconf("SC_CLK_TCK"))
     with load.outside_load(stat) as measured:
         pass
-    assert measured == {"outside_cores": 0.0, "cpus_read": 2, "cores_read": 2}  # did not move
+    # did not move; a block this short tells nothing: the counters' rounding is every CPU
+    expected = {"outside_cores": 0.0, "cpus_read": 2, "cores_read": 2, "rounding_cores": 2.0}
+    assert measured == expected
     with load.outside_load(tmp_path / "missing") as measured:
         pass
     assert measured == {}  # unknown, not zero
@@ -103,3 +105,59 @@ def test_the_cpus_read_make_up_as_many_cores_as_their_distinct_core_ids(tmp_path
     assert load.cores_of({0, 1, 2, 3}, tmp_path) == 2
     assert load.cores_of({0, 2}, tmp_path) == 1
     assert load.cores_of({0, 1, 2, 3, 9}, tmp_path) == 3
+
+
+def test_the_counters_rounding_is_a_tick_of_each_cpu_over_the_wall_time():
+    """Found measuring per point: /proc/stat counts whole ticks, and blocks of 2-10 ms
+    read 0.00-2.00 of 2 CPUs where 1 s blocks read 1.00-1.02 beside the same load."""
+    before = load.CpuReading(busy_s=0.0, own_s=0.0, wall_s=10.0, cpus=frozenset({0, 1}))
+    after = load.CpuReading(busy_s=0.0, own_s=0.0, wall_s=10.5, cpus=frozenset({0, 1}))
+    assert load.rounding_cores(before, after, 100) == pytest.approx(0.04)  # 2 ticks in 0.5 s
+    short = load.CpuReading(busy_s=0.0, own_s=0.0, wall_s=10.001, cpus=frozenset({0, 1}))
+    assert load.rounding_cores(before, short, 100) == 2  # at most the CPUs read
+    assert load.rounding_cores(before, before, 100) == 2  # no time: nothing known
+
+
+def _reading(outside, cpus=2, cores=2, rounding=0.0):
+    return {
+        "outside_cores": outside,
+        "cpus_read": cpus,
+        "cores_read": cores,
+        "rounding_cores": rounding,
+    }
+
+
+def test_a_reading_is_loaded_past_the_cpus_left_free_and_the_slack_less_its_rounding():
+    """The one rule of the sweep's session check and of its points: the CPUs of the cores
+    the threads leave unused are free, the slack a quarter CPU per two cores used (a
+    quarter at least), and the reading is taken less what the counters' rounding may add."""
+    assert load.is_loaded(_reading(0.3), threads=2)
+    assert not load.is_loaded(_reading(0.2), threads=2)
+    assert not load.is_loaded(_reading(1.0), threads=1)  # one core left free: 1 + 0.25
+    assert load.is_loaded(_reading(1.3), threads=1)
+    assert not load.is_loaded(_reading(1.0, cpus=4, cores=4), threads=2)  # two left free
+    assert load.is_loaded(_reading(1.0, cpus=4, cores=2), threads=2)  # hyperthreads: none
+    assert load.is_loaded(_reading(0.3), threads=None)  # not known: on all
+    assert not load.is_loaded(_reading(0.3, rounding=0.1), threads=2)  # 0.2 at least
+    assert load.is_loaded(_reading(0.5, rounding=0.1), threads=2)
+    assert not load.is_loaded({}, threads=2)  # not read: unknown
+    legacy = {"outside_cores": 0.3, "cpus_read": 2}  # before cores and rounding: one a core
+    assert load.is_loaded(legacy, threads=2)
+    assert load.crowding(_reading(1.5, cpus=64, cores=64), threads=64) == load.Crowding(
+        free=0.0, slack=8.0, excess=-6.5
+    )
+
+
+def test_the_cores_of_a_set_of_cpus_are_read_once_per_process(tmp_path):
+    """Their sysfs files, two per CPU, took 0.07 of a reading's 0.11 ms, and the sweep
+    reads around every point."""
+    for cpu in (0, 1):
+        topology = tmp_path / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text("0\n")
+        (topology / "core_id").write_text("0\n")
+    assert load.cores_of({0, 1}, tmp_path) == 1
+    for cpu in (0, 1):
+        (tmp_path / f"cpu{cpu}" / "topology" / "core_id").write_text(f"{cpu}\n")
+    assert load.cores_of({0, 1}, tmp_path) == 1  # as read first
+    assert load.cores_of({0}, tmp_path) == 1 and load.cores_of({0, 1, 2}, tmp_path) == 3

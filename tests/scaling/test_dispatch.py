@@ -30,7 +30,9 @@ TINY = dict(
     methods=("euclidean", "natural"),
 )
 #: columns that differ between two measurements of the same point
-TIMING = ("time_median_s", "time_iqr_s", "times_s", "peak_bytes")
+#: (flag and remeasured too: a point read loaded by other processes is timed again, and
+#: flagged where it reads loaded again)
+TIMING = ("time_median_s", "time_iqr_s", "times_s", "peak_bytes", "flag", "remeasured")
 
 
 def logged(log, run, grid):

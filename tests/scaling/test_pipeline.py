@@ -536,6 +536,10 @@ CORRUPTIONS = {
         _edit_record(_first_load(0.5, 2, cores_read=3)),
         "says its 2 CPUs make up 3 physical cores",
     ),
+    "record-rounding-cores-negative": (
+        _edit_record(_first_load(0.5, 2, rounding_cores=-1.0)),
+        "says the rounding of its 2 CPUs' counters may add -1.0 CPUs",
+    ),
     "record-grid-text": (_edit_record(lambda r: r.update(grid="x")), "grid is 'x', not a mapping"),
     "record-growth-list": (_edit_record(lambda r: r.update(growth=[1])), "growth is [1], not a"),
     # found by review: a TypeError, or accepted and given fixes that argparse refuses

@@ -4,6 +4,7 @@ import contextlib
 import csv
 import errno
 import functools
+import itertools
 import json
 import math
 import os
@@ -757,6 +758,191 @@ def test_repeats_that_still_spread_are_flagged(monkeypatch):
     grid = sw.Grid(**{**TINY, "methods": ("euclidean",)})
     row = sw.measure_point(next(grid.runs()), grid)
     assert (row["remeasured"], row["flag"]) == (1, "spread")
+
+
+#: readings of the load around a point's repeats (measure.load.outside_load): another
+#: process keeping one of two CPUs busy, and a quiet machine
+LOADED = {"outside_cores": 1.0, "cpus_read": 2, "cores_read": 2, "rounding_cores": 0.05}
+QUIET = {**LOADED, "outside_cores": 0.02}
+
+
+def fake_loads(monkeypatch, readings):
+    """Have the sweep read ``readings`` (an iterable) around its timed blocks, in turn;
+    the readings taken, as they were filled, in the list returned."""
+    taken, queue = [], iter(readings)
+
+    @contextlib.contextmanager
+    def outside_load():
+        reading = {}
+        yield reading
+        reading.update(next(queue))
+        taken.append(reading)
+
+    monkeypatch.setattr(sw, "outside_load", outside_load)
+    return taken
+
+
+@pytest.mark.parametrize(
+    "readings,remeasured,flag",
+    [((LOADED, LOADED), 1, "loaded"), ((LOADED, QUIET), 1, ""), ((QUIET,), 0, "")],
+    ids=["loaded-twice", "loaded-once", "quiet"],
+)
+def test_a_point_timed_while_other_processes_took_its_cpus_is_timed_again(
+    monkeypatch, readings, remeasured, flag
+):
+    """Found by review: the load was read only around the sweep's three measurements of
+    the rates, and a load during the points showed only where it spread their repeats (one
+    that slows every repeat alike does not). Read around a point's repeats: where other
+    processes kept busy more CPUs than its threads left free, it is timed once more, and
+    flagged ``loaded`` where that reads loaded too."""
+    steady = Timing(1.0, 0.01, (0.99, 1.0, 1.01))  # repeats that do not spread
+    timings = []
+    monkeypatch.setattr(sw, "measure", lambda *a, **k: (timings.append(k), steady)[1])
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the point's: no CPU left free
+    taken = fake_loads(monkeypatch, readings)
+    grid = sw.Grid(**{**TINY, "methods": ("euclidean",)})
+    row = sw.measure_point(next(grid.runs()), grid)
+    assert (row["remeasured"], row["flag"]) == (remeasured, flag)
+    assert len(timings) == len(taken) == len(readings)
+    assert [t["warmup"] for t in timings] == [grid.warmup, 0][: len(readings)]
+
+
+def test_a_point_is_judged_loaded_on_the_threads_it_ran():
+    """One CPU kept busy of two is free for a point on one thread (torch's threads in the
+    process that times it), not for one on two."""
+    for threads, loaded in ((1, False), (2, True)):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+            fake_loads(patch, [LOADED, LOADED])
+            patch.setattr(sw, "measure", lambda *a, **k: Timing(1.0, 0.0, (1.0,)))
+            grid = sw.Grid(**{**TINY, "methods": ("euclidean",)})
+            row = sw.measure_point(next(grid.runs()), grid)
+        assert (row["flag"] == "loaded") == loaded and row["remeasured"] == int(loaded)
+
+
+def test_a_point_on_a_gpu_is_not_judged_by_the_host_s_load(monkeypatch):
+    """A GPU's times are its own: the host's load is not read around its points."""
+    taken = fake_loads(monkeypatch, [LOADED, LOADED])
+    monkeypatch.setattr(sw, "_direction_call", lambda run, grid, device: lambda: None)
+    monkeypatch.setattr(sw, "cuda_peak_bytes", lambda call, device: 1)
+    monkeypatch.setattr(sw, "measure", lambda *a, **k: Timing(1.0, 0.0, (1.0,)))
+    grid = sw.Grid(**{**TINY, "methods": ("euclidean",)})
+    row = sw.measure_point({**next(grid.runs()), "device": "cuda"}, grid)
+    assert (row["status"], row["flag"], row["remeasured"]) == ("ok", "", 0)
+    assert taken == []
+
+
+@pytest.mark.skipif(
+    not os.path.isfile("/proc/stat") or not 1 <= len(os.sched_getaffinity(0)) <= 8,
+    reason="Linux, up to 8 CPUs: enough spinning processes to pass the slack",
+)
+def test_processes_spinning_beside_a_point_s_repeats_read_loaded(monkeypatch):
+    """A real reading: while a point's repeats run (here they wait, leaving the CPUs to
+    others), processes spinning on more CPUs than the slack, where the point's threads use
+    every core, read loaded (more so where the machine is loaded already)."""
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: cpus)  # no core left free
+    spin = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 10: pass"
+    spinners = [
+        subprocess.Popen([sys.executable, "-c", spin]) for _ in range(1 + math.ceil(cpus / 8))
+    ]
+    try:
+        time.sleep(0.5)  # started
+        _, loaded = sw.timed(lambda: time.sleep(0.05), 10, 0, torch.device("cpu"))
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    assert loaded
+
+
+def test_the_results_reader_takes_the_word_loaded_and_refuses_a_corrupted_one(tmp_path):
+    sw.sweep(sw.Grid(**{**TINY, "methods": ("euclidean",)}), tmp_path, progress=False)
+    path = tmp_path / "results.csv"
+    rows = rows_of(path)
+
+    def with_flag(flag):
+        rows[0]["flag"] = flag
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    for flag in ("loaded", "outlier loaded", "spread loaded"):
+        with_flag(flag)
+        assert sw.read_results(path)[0]["flag"] == flag
+    with_flag("loadedd")
+    with pytest.raises(sw.ResultsFileError, match=r"flag holds \['loadedd'\]"):
+        sw.read_results(path)
+
+
+def test_an_outlier_measured_again_under_load_keeps_the_word(tmp_path):
+    """Measured again, an outlier's flag says ``outlier`` (not ``spread``), and ``loaded``
+    where the load read around those very times was (measure_point's reading)."""
+    calls = []
+
+    def loaded_spike(run, grid):
+        calls.append(run["width"])
+        row = known_time_row(run, slower=3.0 if run["width"] == 6 else 1.0)
+        if run["width"] == 6:
+            row.update(flag="spread loaded" if calls.count(6) == 2 else "", remeasured=1)
+        return row
+
+    grid = {**TINY, "methods": ("euclidean",), "kernels": ("structured",)}
+    grid["axes"] = {**TINY["axes"], "width": (4, 6, 8)}
+    sw.sweep(sw.Grid(**grid), tmp_path, measure=loaded_spike, progress=False)
+    assert calls.count(6) == 2
+    (row,) = [r for r in rows_of(tmp_path / "results.csv") if r["width"] == "6"]
+    assert (row["remeasured"], row["flag"]) == ("1", "outlier loaded")
+
+
+def test_lines_timed_again_read_the_load_around_each_of_their_stretches(monkeypatch):
+    """The times of a line timed again are not those its points' own readings were taken
+    around: each stretch of a line's rounds is read, and the line is loaded where one of
+    them is (on the threads torch runs)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    grid = sw.Grid(**{**TINY, "methods": ("euclidean",), "kernels": ("structured",)})
+    run = next(grid.runs())
+    depth_line = [{**run, "depth": depth} for depth in (1, 2, 3)]  # two stretches
+    top_pair = [{**run, "width": width} for width in (4, 6)]  # one
+    # in order: the depth line's first stretch, the pair, the depth line's second stretch
+    taken = fake_loads(monkeypatch, [QUIET, QUIET, LOADED])
+    timed = sw.time_lines([depth_line, top_pair], grid, torch.device("cpu"))
+    assert len(taken) == 3
+    assert [r["loaded"] for r in timed] == [True] * 3 + [False] * 2
+
+
+def test_a_line_timed_again_under_load_is_flagged_loaded(tmp_path, monkeypatch):
+    """The flags of the points of a line timed again are decided for their new times:
+    ``loaded`` where the reading around the line's rounds was, whatever their own
+    measurement read."""
+    fake_loads(monkeypatch, itertools.repeat(QUIET))  # the points' own: quiet
+    grid = sw.Grid(**{**TINY, "methods": ("euclidean",), "kernels": ("structured",)})
+
+    def retime(lines, grid, device):  # the widest point's line loaded, the others quiet
+        timed = []
+        for line in lines:
+            for run in line:
+                timing = sw.timing_of([1e-3] * 6)
+                timed.append(
+                    {
+                        **run,
+                        "time_median_s": timing.median,
+                        "time_iqr_s": timing.iqr,
+                        "times_s": json.dumps(list(timing.times)),
+                        "spread": sw.spread_of(timing),
+                        "stretches": 1,
+                        "loaded": run["width"] == 6,
+                    }
+                )
+        return timed
+
+    sw.sweep(grid, tmp_path, progress=False, retime=retime)
+    rows = sw.read_results(tmp_path / "results.csv")
+    timed = [r for r in rows if r["interleaved"]]
+    assert {r["width"] for r in timed} == {"4", "6"}
+    for row in rows:
+        assert ("loaded" in row["flag"].split()) == (row["width"] == "6" and row in timed)
 
 
 def synthetic_rows(overhead, widths=(4, 8, 16), statuses=None):

@@ -344,7 +344,7 @@ def test_a_sweep_many_of_whose_points_spread_is_judged_as_on_an_unsteady_machine
     said = f"{at_share + 1} of the sweep's {len(ok)} ok points"
     assert _judged_unsteady(steady, loaded, said)
     claim = by_id(loaded, "time-explained-layerwise")
-    assert claim.verdict == "too noisy" and "flagged spread or stretches" in claim.detail
+    assert claim.verdict == "too noisy" and "flagged spread, loaded or stretches" in claim.detail
     assert claim.detail.endswith("rerun on a quiet machine.")
     assert va.exit_code(loaded) == 0
     # stretches of time that disagree say the same; one point alone is that point's own
@@ -354,6 +354,26 @@ def test_a_sweep_many_of_whose_points_spread_is_judged_as_on_an_unsteady_machine
     df["flag"] = ""
     df.loc[off_claims[:1], "flag"] = "spread"
     assert va.points_flagged_for_load(df.iloc[:10]) is None
+
+
+def test_a_sweep_many_of_whose_points_read_loaded_is_judged_as_on_an_unsteady_machine():
+    """Points timed twice while other processes kept busy more CPUs than they left free
+    (``loaded``, alone or beside ``outlier``) count as those that spread: past
+    LOADED_SHARE of the ok points, every claim on time is judged as on an unsteady machine;
+    at the share, nothing changes."""
+    machine = planted("layerwise", "structured", lambda s: 2e-9 * s.widths[0] ** 3)
+    df, meta = make_sweep(machine)
+    steady = va.validate(df, meta, n_boot=300)
+    ok = df.index[df["status"] == "ok"]
+    off_claims = ok[df.loc[ok, "out_dim"] != BASE["out_dim"]]
+    at_share = int(va.LOADED_SHARE * len(ok))
+    df.loc[off_claims[:at_share], "flag"] = "loaded"
+    assert va.unsteady_reasons(df, meta) == []
+    df.loc[off_claims[at_share], "flag"] = "outlier loaded"
+    (sign,) = va.unsteady_reasons(df, meta)
+    assert sign.why.startswith(f"{at_share + 1} of the sweep's {len(ok)} ok points")
+    loaded = va.validate(df, meta, n_boot=300)
+    assert _judged_unsteady(steady, loaded, f"{at_share + 1} of the sweep's {len(ok)} ok")
 
 
 def test_claims_on_time_while_other_processes_kept_the_cpus_busy_are_too_noisy():
@@ -430,6 +450,16 @@ def test_the_slack_for_other_processes_grows_with_the_cores_the_points_use():
     assert va.cpus_taken_by_others(_load_meta(64, 64, 64, 1.0)) is None
     assert va.cpus_taken_by_others(_load_meta(64, 64, 64, 8.5)) is not None
     assert va.cpus_taken_by_others(_load_meta(0, 2, 2, 0.3)) is not None  # no threads: all
+
+
+def test_a_reading_of_the_rates_is_taken_less_what_its_counters_rounding_may_add():
+    """The session check and the points' share one rule (measure.load.is_loaded): a
+    reading past the slack by less than its rounding is not taken for a load."""
+    meta = _load_meta(2, 2, 2, 0.3)
+    assert va.cpus_taken_by_others(meta) is not None
+    for session in meta["device_rates"]:
+        session["rounding_cores"] = 0.1
+    assert va.cpus_taken_by_others(meta) is None
 
 
 def test_the_share_of_points_flagged_for_load_is_said_past_the_share_it_is_held_to():
@@ -861,6 +891,34 @@ def test_a_fail_decided_on_points_whose_repeats_spread_is_too_noisy():
     claim = by_id(va.validate(df, meta, n_boot=300), "linear-in-depth-natural")
     assert claim.verdict == "too noisy"
     assert "would be 'fail'" in claim.detail and "natural (structured) at width" in claim.detail
+    for verdict in ("pass", "regime not reached"):
+        kept = va.Claim("c", "claim", "expected", 1.0, 0.9, 1.1, verdict, "Detail.", "time")
+        assert va._on_outliers(kept, df[natural], df, ("depth",)).verdict == verdict
+
+
+def test_a_fail_decided_on_points_timed_under_load_is_too_noisy():
+    """A point timed while other processes kept busy more CPUs than it left free, and
+    again when timed again (``loaded``), is judged as one whose repeats spread: a load
+    that slows every repeat alike does not spread them. A fail decided on it is too noisy,
+    naming it, beside a point flagged spread where there is one; a pass and a regime not
+    reached stand."""
+
+    def curved(m, k, s):  # natural's time bent up in depth: a fail of linear-in-depth
+        return 1e-3 * len(s.layers) ** 2 if m == "natural" else 0.0
+
+    df, meta = make_sweep(Machine(saturation=1e7, extra=curved))
+    natural = (df["method"] == "natural") & (df["width"] == BASE["width"])
+    deepest = natural & (df["depth"] == df.loc[natural, "depth"].max())
+    df.loc[deepest, "flag"] = "loaded"
+    claim = by_id(va.validate(df, meta, n_boot=300), "linear-in-depth-natural")
+    assert claim.verdict == "too noisy" and "would be 'fail'" in claim.detail
+    assert "taken while other processes kept busy more CPUs" in claim.detail
+    assert "natural (structured) at width" in claim.detail and "spread past" not in claim.detail
+    shallowest = natural & (df["depth"] == df.loc[natural, "depth"].min())
+    df.loc[shallowest, "flag"] = "spread"
+    claim = by_id(va.validate(df, meta, n_boot=300), "linear-in-depth-natural")
+    assert claim.verdict == "too noisy"
+    assert re.search(r"spread past 20% .* and on points whose times were taken", claim.detail)
     for verdict in ("pass", "regime not reached"):
         kept = va.Claim("c", "claim", "expected", 1.0, 0.9, 1.1, verdict, "Detail.", "time")
         assert va._on_outliers(kept, df[natural], df, ("depth",)).verdict == verdict
