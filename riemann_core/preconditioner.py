@@ -803,12 +803,23 @@ class RiemannianPreconditioner:
             n: gradient[n].detach() if n in gradient else torch.zeros_like(p) for n, p in params
         }
         calls = [] if self._capture is None else self._capture.calls  # (none: DDP's)
-        if self._kfac is not None and not self._kfac.needs_factors(
-            params,
-            self._options,
-            dict(self.network.named_modules()),  # (a walk K-FAC's reuse alone needs)
-            set(gradient),
-            shared=_shared(calls),
+        # a check of the parameters without .grad left to the pass run again needs that
+        # pass where a cached block mixes them with parameters that have one (found by
+        # review: with the hooks out of date, a bias left out beside its weight was taken
+        # as zero between refreshes, silently); its factors stay the cached ones
+        deferred = (
+            coupled is not None and self._kfac is not None and self._kfac.mixes(set(gradient))
+        )
+        if (
+            self._kfac is not None
+            and not deferred
+            and not self._kfac.needs_factors(
+                params,
+                self._options,
+                dict(self.network.named_modules()),  # (a walk K-FAC's reuse alone needs)
+                set(gradient),
+                shared=_shared(calls),
+            )
         ):
             directions, diagnostics = self._kfac.reuse(full, self._options, checks)
         else:
@@ -1072,10 +1083,10 @@ class RiemannianPreconditioner:
             capture is not None
             and isinstance(capture.output, Tensor)
             and capture.hooks_current(self.model)
+            and not check(capture.output, capture.calls, alive=False)
         ):
-            check(capture.output, capture.calls)
             return None
-        return check
+        return functools.partial(check, alive=True)
 
     def _wrote(self, params, directions: dict[str, Tensor]) -> None:
         """Remember the ``.grad`` that now hold a direction, as they are now: their
@@ -1348,7 +1359,8 @@ def _check_grads_coupled(
     model: nn.Module,
     method: str,
     with_grad: frozenset[str],
-) -> None:
+    alive: bool = True,
+) -> bool:
     """Refuse trainable parameters of the ``calls`` of a forward pass without a ``.grad``
     (not in ``with_grad``) that ``method``'s metric couples with parameters that have one
     (``full`` and ``natural``: all of them; ``layerwise`` and K-FAC's joint blocks: those of
@@ -1362,14 +1374,21 @@ def _check_grads_coupled(
     aside, a call under ``torch.no_grad()``) and a parameter the call does not use have zero
     rows in the metric: taken as zero, exactly. A block wholly without ``.grad`` is
     independent of the others (``layerwise``, ``kfac``). The graph is walked only where some
-    block mixes both (every node once: about 1 us each)."""
+    block mixes both (every node once: about 1 us each).
+
+    A parameter the output reaches only through a custom ``torch.autograd.Function`` may
+    get no gradient from ``loss.backward()`` (a backward that returns ``None`` for it: a
+    non-differentiable op, a stop-gradient), and then has zero rows in the metric too
+    (found by review: refused, where its zero was exact). Such a parameter is refused only
+    where a backward pass of the ``output`` (``alive``: its graph not yet consumed) gives
+    it a gradient; on a consumed graph, ``True``: the check is for the pass run again."""
     names: dict[int, str] = {}
     for c in calls:
         for n, p in zip(c.param_names, c.params, strict=True):
             if p.requires_grad:
                 names.setdefault(id(p), n)
     if all(n in with_grad for n in names.values()):
-        return
+        return False
     if method in ("full", "natural"):
         groups = [("", list(names))]
     else:
@@ -1382,21 +1401,31 @@ def _check_grads_coupled(
         if any(names[i] in with_grad for i in ids) and any(names[i] not in with_grad for i in ids)
     ]
     if not mixed:
-        return
-    in_graph = set()
-    for node in autograd_nodes([output.grad_fn]):
-        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf's gradient
-        if variable is not None:
-            in_graph.add(id(variable))
-    lacking, blocks = [], []
+        return False
+    in_graph, behind = _leaves_reached(output)
+    lacking, blocks, unsure = [], [], {}
     for block, ids in mixed:
-        reached = [i for i in ids if i in in_graph]
+        reached = [i for i in ids if i in in_graph or i in behind]
         if any(names[i] in with_grad for i in reached):
-            missing = [names[i] for i in reached if names[i] not in with_grad]
-            lacking += missing
-            blocks += [block] if missing else []
+            missing = [i for i in reached if names[i] not in with_grad]
+            lacking += [names[i] for i in missing if i in in_graph]
+            blocks += [block] if any(i in in_graph for i in missing) else []
+            unsure |= {i: block for i in missing if i not in in_graph}
+    if unsure and not lacking:
+        if not alive:
+            return True  # (the recorded graph is consumed: the pass run again tells)
+        params = {id(p): p for c in calls for p in c.params if id(p) in unsure}
+        ids = list(params)
+        grads = torch.autograd.grad(
+            output, [params[i] for i in ids], torch.ones_like(output),
+            retain_graph=True, allow_unused=True,
+        )  # fmt: skip
+        for i, g in zip(ids, grads, strict=True):
+            if g is not None:
+                lacking.append(names[i])
+                blocks += [] if unsure[i] in blocks else [unsure[i]]
     if not lacking:
-        return
+        return False
     if method in ("full", "natural"):
         metric = (
             f"method={method!r} solves one metric over all the trainable parameters, which "
@@ -1421,12 +1450,37 @@ def _check_grads_coupled(
         "forward pass pre.step() takes the metric at (their modules were called and its "
         "output depends on them), and loss.backward() gives every such parameter a .grad: "
         "theirs was left out (a backward restricted with loss.backward(inputs=...), a .grad "
-        f"set to None by hand, gradients taken with torch.autograd.grad). {metric}, so "
+        "set to None by hand, gradients taken with torch.autograd.grad, or they were unfrozen "
+        f"with requires_grad_(True) only after the forward pass). {metric}, so "
         f"taking their gradient as zero would give neither the direction of {whole} nor "
         "that of the others alone. To precondition without them, freeze them with "
         "requires_grad_(False) before the forward pass; otherwise give them their gradient "
-        f"(loss.backward() over all the parameters){fix}"
+        f"(loss.backward() over all the parameters, unfrozen before the forward pass){fix}"
     )
+
+
+def _leaves_reached(output: Tensor) -> tuple[set[int], set[int]]:
+    """``(plain, behind)``: the ids of the leaves whose gradient (``AccumulateGrad``) the
+    autograd graph of ``output`` reaches by a path without a custom
+    ``torch.autograd.Function`` (whose backward may return ``None``), and of those it
+    reaches only through one. Every node once."""
+    plain, behind = set(), set()
+    custom, seen = [], set()
+    for found, roots in ((plain, [output.grad_fn]), (behind, None)):
+        stack = roots if roots is not None else [n for c in custom for n, _ in c.next_functions]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf's gradient
+            if variable is not None:
+                found.add(id(variable))
+            if roots is not None and isinstance(node, torch.autograd.function.BackwardCFunction):
+                custom.append(node)  # walked after every plain path
+                continue
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return plain, behind - plain
 
 
 def _walk_loss_graph(loss: Tensor, names: dict[int, str]) -> tuple[list[Tensor], set[str], bool]:

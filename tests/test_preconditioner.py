@@ -256,6 +256,108 @@ def test_step_refuses_a_gradient_left_out_for_some_parameters_of_one_metric(meth
     check(("head",))
 
 
+class _NoGradient(torch.autograd.Function):
+    """A non-differentiable op written as a Function: its backward gives no gradient."""
+
+    @staticmethod
+    def forward(ctx, h):
+        return torch.round(h * 4) / 4
+
+    @staticmethod
+    def backward(ctx, g):
+        return None
+
+
+class _Tanh(torch.autograd.Function):
+    """``tanh`` written as a Function, with its gradient."""
+
+    @staticmethod
+    def forward(ctx, h):
+        t = torch.tanh(h)
+        ctx.save_for_backward(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, g):
+        (t,) = ctx.saved_tensors
+        return g * (1 - t * t)
+
+
+class _ThroughFunction(nn.Module):
+    def __init__(self, function):
+        super().__init__()
+        self.body, self.head, self.function = nn.Linear(5, 4), nn.Linear(4, 3), function
+
+    def forward(self, x):
+        return self.head(self.function.apply(torch.tanh(self.body(x))))
+
+
+@pytest.mark.parametrize("method", ["full", "natural"], ids=lambda m: f"method={m}")
+def test_a_parameter_a_custom_function_gives_no_gradient_is_taken_as_zero(method):
+    """Found by review: a body behind a custom Function whose backward returns ``None`` (a
+    non-differentiable op) gets no ``.grad`` from ``loss.backward()``, and has zero rows in
+    the metric: its zero gradient is exact (the head's direction with the body frozen), but
+    it was refused as a gradient left out. Behind a Function that gives a gradient, a
+    gradient left out is still refused (checked on the pass run again)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    model = _ThroughFunction(_NoGradient).double()
+    frozen = copy.deepcopy(model)
+    frozen.body.requires_grad_(False)
+    expected = rc.direction(frozen, x, y, method=method, damping=1e-2)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=1e-2)
+    F.cross_entropy(model(x), y).backward()
+    assert model.body.weight.grad is None and model.body.bias.grad is None
+    pre.step()
+    assert model.body.weight.grad is None and model.body.bias.grad is None
+    for name in ("head.weight", "head.bias"):
+        torch.testing.assert_close(
+            model.get_parameter(name).grad, expected[name], rtol=1e-9, atol=1e-12
+        )
+    model = _ThroughFunction(_Tanh).double()
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=1e-2)
+    F.cross_entropy(model(x), y).backward(inputs=list(model.head.parameters()))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"parameters \['body.weight', 'body.bias'\] have no"):
+        pre.step()
+    assert_unchanged(model, before)
+
+
+def test_kfac_between_refreshes_refuses_a_bias_left_out_beside_hooks_out_of_date():
+    """Found by review: with the hooks out of date (a module the pass does not call frozen
+    since), the check of a parameter without ``.grad`` was left to the pass run again, which
+    K-FAC between refreshes does not run: a bias left out beside its weight was taken as zero,
+    silently. Refused; the cached factors still serve (the same direction as a twin whose
+    hooks are current)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    model = WithSpare(nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double())
+    twin = copy.deepcopy(model)
+    pres = [
+        rc.RiemannianPreconditioner(m, method="kfac", damping=1e-2, kfac_refresh=3)
+        for m in (model, twin)
+    ]
+    for step in range(3):
+        if step == 1:
+            model.spare.requires_grad_(False)  # never called: the twin's zero gradient
+        for m in (model, twin):
+            m.zero_grad(set_to_none=True)
+            F.cross_entropy(m(x), y).backward()
+        if step == 2:
+            bias = model.get_parameter("net.2.bias")
+            kept, bias.grad = bias.grad, None
+            before = snapshot(model)
+            with pytest.raises(ValueError, match=r"parameters \['net.2.bias'\] have no \.grad"):
+                pres[0].step()
+            assert_unchanged(model, before)
+            bias.grad = kept
+        for pre in pres:
+            pre.step()
+        for name, p in twin.named_parameters():
+            if not name.startswith("spare"):
+                torch.testing.assert_close(model.get_parameter(name).grad, p.grad)
+
+
 def test_step_without_any_grad_raises():
     model, x, y = Problem().make()
     pre = rc.RiemannianPreconditioner(model)

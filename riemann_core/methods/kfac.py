@@ -604,6 +604,14 @@ class KFACState:
         self._pending_shapes[key] = shapes
         return Factor(matrix=batch, what=factor.what)
 
+    def mixes(self, with_grad: set[str]) -> bool:
+        """Whether a cached block holds parameters both in ``with_grad`` (names) and not:
+        a block the metric couples, whose parameters without a gradient only the graph of
+        a forward pass can tell apart (a branch not taken, or a gradient left out)."""
+        return any(
+            len({n in with_grad for n in c.block.param_names}) > 1 for c in self._cached.values()
+        )
+
     def reuse(self, gradient: dict[str, Tensor], opts: Options, checks: Deferred):
         """The cached blocks applied to ``gradient`` (``{name: tensor}``) and checked as
         :func:`riemann_core.methods._solve.finish` checks every solve (reading
