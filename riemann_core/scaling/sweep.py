@@ -492,8 +492,9 @@ def measure_point(run: dict, grid: Grid) -> dict:
     check that it treats samples independently (extra backward passes: 80 MiB against a
     model of 0.05 MiB at the first point of a process, 490 MiB against 26 at kfac-default
     width 128 batch 4096), and on CUDA allocates the cuBLAS workspace. Repeats whose IQR
-    exceeds :data:`SPREAD_LIMIT` of their median are timed once more; the row keeps the
-    second set and its ``flag`` says ``spread`` if that spreads too.
+    exceeds :data:`SPREAD_LIMIT` of their median, or, on a CPU, that read loaded
+    (:func:`timed`), are timed once more; the row keeps the second set and its ``flag``
+    says ``spread`` if that spreads too and ``loaded`` if it reads loaded too.
     """
     row = blank_row(run)
     flops_model, peak_model = row["flops_model"], row["peak_bytes_model"]
@@ -645,14 +646,14 @@ def time_lines(lines: list[list[dict]], grid: Grid, device: torch.device) -> lis
             loaded[i] = loaded[i] or read[0]
             for key, point_times in rounds.items():
                 times[i][key] += point_times
-    timed = []
+    out = []
     for line, count, line_times, line_loaded in zip(lines, stretches, times, loaded, strict=True):
         if isinstance(line_times, str):
-            timed += [{**run, "error": line_times} for run in line]
+            out += [{**run, "error": line_times} for run in line]
             continue
         for run in line:
             timing = timing_of(line_times[key_of(run)])
-            timed.append(
+            out.append(
                 {
                     **run,
                     "time_median_s": timing.median,
@@ -663,7 +664,7 @@ def time_lines(lines: list[list[dict]], grid: Grid, device: torch.device) -> lis
                     "loaded": line_loaded,
                 }
             )
-    return timed
+    return out
 
 
 def stretch_spread(times: Sequence[float], stretches: int) -> float:
@@ -1779,16 +1780,16 @@ def interleave_lines(
         session=session,
         placed=runner.placed,
     )
-    timed: dict[tuple[str, ...], dict] = {}
+    again: dict[tuple[str, ...], dict] = {}
     lost = (
         "the lines were not timed again: they keep the times of their own measurements "
         "(rerun the sweep to time them again)"
     )
     for row in sorted(runner.everywhere(task, grid.devices, lost), key=lambda r: r["worker"]):
-        timed.setdefault(key_of(row), row)
+        again.setdefault(key_of(row), row)
     axis = {key_of(run): a for a, line in todo for run in line}
     failed = {
-        (axis[k], r["method"], r["kernel"], r["error"]) for k, r in timed.items() if "error" in r
+        (axis[k], r["method"], r["kernel"], r["error"]) for k, r in again.items() if "error" in r
     }
     for along, method, kernel, reason in sorted(failed):
         warnings.warn(
@@ -1796,7 +1797,7 @@ def interleave_lines(
             f"timed again ({reason}); they keep the times of their own measurements",
             stacklevel=2,
         )
-    retimed = {k: r for k, r in timed.items() if "error" not in r}
+    retimed = {k: r for k, r in again.items() if "error" not in r}
     fields = ("time_median_s", "time_iqr_s", "times_s", "spread", "stretches", *WHERE)
     rows[:] = [
         {**row, **{f: new[f] for f in fields}, "interleaved": axis[key_of(row)]}

@@ -73,7 +73,7 @@ neighbours): the detail names them; a fail or regime not reached decided on them
 noisy, a pass stands (:func:`_on_outliers`); a fail decided on points flagged ``spread`` or
 ``loaded`` (other processes kept busy more CPUs than the point left free while the times it
 keeps were taken: :func:`~riemann_core.scaling.sweep.measure_point`) is too noisy, naming
-them. And where a claim's points include ones left out because their stretches of time
+them, and so is a regime not reached decided on points flagged ``loaded``. And where a claim's points include ones left out because their stretches of time
 disagree
 (:func:`~riemann_core.scaling.fit.stretches_disagree`), the detail names them; a regime
 not reached is too noisy where some of them lie on the lines it was judged on
@@ -184,6 +184,10 @@ STRUCTURED_FACTOR = 2.0
 #: quiet machine (0.6%) and 16-87 under outside load (10-56%), their rates moving 10-13%,
 #: under SPREAD_LIMIT; 5% lies 8x above the one and half the other
 LOADED_SHARE = 0.05
+#: the columns that, with ``interleaved``, name a group of lines timed again
+#: (:func:`~riemann_core.scaling.sweep.lines_to_interleave`: per method, kernel, dtype,
+#: device and output metric)
+LINE_GROUP = ("method", "kernel", "dtype", "device", "output_metric")
 
 
 @dataclass(frozen=True)
@@ -412,15 +416,31 @@ def points_flagged_for_load(df: pd.DataFrame) -> Unsteady | None:
     still spread when timed again), ``loaded`` (other processes kept busy more CPUs than
     the point left free while the times it keeps were taken) or ``stretches`` (stretches
     of time that disagree): load from other processes comes and goes faster than three
-    readings of the rates see."""
+    readings of the rates see.
+
+    The points of a group of lines timed again (``interleaved``) flagged ``loaded`` count
+    once: one reading around the group's rounds flags them all (found by review: a depth
+    line of the committed CPU sweep is 10 of its 213 ok points, so one loaded reading and
+    one more point made every claim on time too noisy, where the share was set on points
+    flagged each by its own timing)."""
     ok = df[df["status"] == "ok"]
-    flagged = _flagged(ok, "spread") | _flagged(ok, "loaded") | fit.stretches_disagree(ok)
-    count = int(flagged.sum())
+    own = _flagged(ok, "spread") | fit.stretches_disagree(ok)
+    loaded = _flagged(ok, "loaded")
+    in_line = (
+        ok["interleaved"].map(lambda v: isinstance(v, str) and v != "").astype(bool)
+        if "interleaved" in ok
+        else pd.Series(False, index=ok.index)
+    )
+    lines = ok[loaded & in_line & ~own]
+    group = [c for c in (*LINE_GROUP, "interleaved") if c in ok]
+    count = int((own | (loaded & ~in_line)).sum())
+    count += lines.groupby(group, dropna=False).ngroups if not lines.empty else 0
     if count < 2 or count <= LOADED_SHARE * len(ok):
         return None
+    once = " (a group of lines timed again under one reading once)" if not lines.empty else ""
     why = (
         f"{count} of the sweep's {len(ok)} ok points ({count / len(ok):.1%}) were flagged "
-        f"spread, loaded or stretches (their repeat times still spread past "
+        f"spread, loaded or stretches{once} (their repeat times still spread past "
         f"{SPREAD_LIMIT:.0%} of their median when timed again, other processes kept busy "
         "more CPUs than they left free while they were timed, or their stretches of time "
         f"disagreed by as much), where a quiet machine flags under {LOADED_SHARE:.0%}: "
@@ -1379,12 +1399,17 @@ def _on_outliers(claim: Claim, deciding: pd.DataFrame, df: pd.DataFrame, axes) -
     whatever the trend: found by a hunt, a sweep under outside load flagged 16-87 of 155
     points while its rate readings moved 10-13%, and a claim on them read 1.5 [0.76,
     1.89], a fail but for its interval; a load that slows every repeat alike does not
-    spread them, and is read directly. Not a regime not reached (found by review): an
-    overhead-bound line is one whatever the load on its tiny points, which no quiet rerun
-    settles."""
-    noisy = {word: deciding[_flagged(deciding, word)] for word in LOAD_WORDS}
+    spread them, and is read directly. Not a regime not reached on points flagged
+    ``spread`` (found by review: an overhead-bound line is one whatever the spread of its
+    tiny points, which no quiet rerun settles), but one on points flagged ``loaded`` is too
+    noisy, as on an outlier: a load slows every time it keeps, by as much as it pleases (a
+    mid point beside one spinning process 17 -> 85 ms), and a line is judged overhead-bound
+    against those times (found by review: a depth line that fails quiet, its points slowed
+    5-8x and flagged ``loaded``, read regime not reached, "judge it at a larger base width")."""
+    judged = {FAIL: tuple(LOAD_WORDS), NOT_REACHED: ("loaded",)}.get(claim.verdict, ())
+    noisy = {word: deciding[_flagged(deciding, word)] for word in judged}
     noisy = {word: rows for word, rows in noisy.items() if not rows.empty}
-    if claim.verdict == FAIL and noisy:
+    if noisy:
         said = " and on ".join(f"{LOAD_WORDS[w]} ({_points_of(rows)})" for w, rows in noisy.items())
         detail = (
             f"{claim.detail} The verdict would be '{claim.verdict}', but it rests on {said}: "
