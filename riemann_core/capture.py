@@ -264,6 +264,11 @@ class Capture:
         self._watched: list[tuple[str, list[tuple[Tensor, int]]]] = []
         self._hooks = []
         self._recording = not persistent
+        self._persistent = persistent
+        # (persistent) a module watched here last called with gradients enabled outside a
+        # call of the model (checkpoint_sequential(model, ...), model[0](x)): named where a
+        # pass is missing
+        self.outside: str | None = None
         self._depth = 0  # calls of the model under way (it may call itself)
         self._previous = {a: getattr(self, a) for a in _RECORD}
         self._handled: BaseException | None = None
@@ -342,6 +347,7 @@ class Capture:
             self._handled = sys.exc_info()[1]  # a pass run inside the caller's except
             self.reset()
             self._depth, self._recording = 1, True
+            self.outside = None
             self.token = object()  # this pass's, see mark_pass
             self._product_eps = {}
             # kept to walk only if a loss is preconditioned (reaches_pass), every leaf
@@ -379,6 +385,15 @@ class Capture:
             # the metric, and its tensors track no versions to watch (found by a hunt: it
             # was refused as inputs of the wrong shape)
             if not self._recording or torch.is_inference_mode_enabled():
+                if (
+                    self._persistent
+                    and not self._recording
+                    and not capturing()
+                    and torch.is_grad_enabled()
+                    and not torch.is_inference_mode_enabled()
+                    and torch._C._current_graph_task_id() == -1  # (not a checkpoint's
+                ):  # recomputation, inside a backward pass)
+                    self.outside = name
                 entered.append(None)
                 return
             # the arguments as the forward receives them (unless a pre-hook registered

@@ -237,9 +237,17 @@ def batched_backward() -> Iterator[None]:
     gradient hook that reads a value to the host, a custom ``autograd.Function`` whose
     backward does) raised as one that names the cause and the fix (found by a hunt: a
     grad-norm logging hook failed every step with "Batching rule not implemented for
-    aten::item")."""
+    aten::item"). Under ``torch.autograd.set_detect_anomaly(True)`` the pass runs with
+    anomaly mode's NaN check off (its traces kept): that check reads every gradient to the
+    host, which torch cannot batch (found by a hunt: every call was refused, blaming a
+    hook), and every direction's NaN is checked here anyway."""
+    anomaly = torch.is_anomaly_enabled() and torch.is_anomaly_check_nan_enabled()
     try:
-        yield
+        if anomaly:
+            with torch.autograd.set_detect_anomaly(True, check_nan=False):
+                yield
+        else:
+            yield
     except RuntimeError as err:
         if str(err).startswith(UNBATCHABLE_FUNCTION):
             raise ValueError(

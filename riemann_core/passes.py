@@ -61,10 +61,13 @@ class Differentiated:
     from the start where there is nothing to watch: no tensor requires grad, or one is a
     leaf (a hook on it would stay for good)."""
 
-    __slots__ = ("seen", "watching", "listeners")
+    __slots__ = ("seen", "watching", "listeners", "model")
 
-    def __init__(self, outputs: list[Tensor]) -> None:
+    def __init__(self, outputs: list[Tensor], model: nn.Module | None = None) -> None:
         self.listeners: list = []  # called as a gradient reaches the outputs
+        # given: only a backward pass that takes the gradient of one of its trainable
+        # parameters counts (see __call__)
+        self.model = None if model is None else weakref.ref(model)
         tensors = [t for t in outputs if t.requires_grad]
         tensors += [t._base for t in tensors if t._is_view() and t._base.requires_grad]
         nodes = {t.grad_fn for t in tensors}
@@ -75,7 +78,13 @@ class Differentiated:
                 node.register_prehook(self)
 
     def __call__(self, grad_outputs) -> None:
-        self.seen = True
+        # not a backward pass that takes no parameter's gradient (torch.autograd.grad with
+        # respect to the inputs: a saliency map, an adversarial example; found by a hunt:
+        # one on another batch between loss.backward() and pre.step() passed for it, and the
+        # earlier batch's gradient was preconditioned with this batch's metric, 1.4-2.6 off)
+        model = None if self.model is None else self.model()
+        if model is None or _takes_a_parameter_gradient(model):
+            self.seen = True
         for listener in self.listeners:
             listener()
 
@@ -707,6 +716,23 @@ def _executes(p: Tensor) -> bool:
         return torch._C._will_engine_execute_node(get_gradient_edge(p).node)
     except RuntimeError:  # (inside torch.autograd.grad)
         return False
+
+
+def _takes_a_parameter_gradient(model: nn.Module) -> bool:
+    """Whether the running backward pass takes the gradient of a trainable parameter of
+    ``model``: accumulates it into ``.grad``, or returns it (``torch.autograd.grad`` with
+    respect to it, whose result may be written into ``.grad`` by hand)."""
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        try:
+            if torch._C._will_engine_execute_node(get_gradient_edge(p).node):
+                return True
+        except RuntimeError:  # asked of a leaf that torch.autograd.grad returns the
+            return True  # gradient of
+        except Exception:  # (under a torch.func transform, whose tensors have no edge
+            return True  # to read: taken as a gradient, as before)
+    return False
 
 
 def _accumulates(model: nn.Module) -> bool:

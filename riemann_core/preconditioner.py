@@ -219,6 +219,8 @@ class RiemannianPreconditioner:
         self._batch: tuple[tuple, dict, list, BufferStart, dict, tuple] | None = None
         self._placed: tuple | None = None
         self._versions: list[tuple[str | None, Tensor, int]] = []
+        # the parameters that required grad in the recorded pass (its graph holds them)
+        self._trained_at_pass: frozenset[int] = frozenset()
         # what the model holds of this preconditioner: detached by remove(), or once the
         # caller drops the preconditioner (the hooks hold it weakly; found by review: one
         # built again on the same model, as a notebook cell run twice does, left the old
@@ -359,6 +361,9 @@ class RiemannianPreconditioner:
         self._versions = [(None, t, t._version) for t in inputs] + [
             (n, p, p._version) for n, p in self.model.named_parameters()
         ]
+        self._trained_at_pass = frozenset(
+            id(p) for n, p, _ in self._versions if n is not None and p.requires_grad
+        )
 
     def _hooks_in_order(self, model: nn.Module) -> None:
         """Keep the record of a batch before the model's forward pre-hooks and the record of
@@ -405,7 +410,7 @@ class RiemannianPreconditioner:
             tensors = [t for t in pytree.tree_leaves(output) if isinstance(t, Tensor)]
             self._output = [t.detach().clone() if copy else t.detach() for t in tensors]
             self._output_versions = [t._version for t in self._output]
-            self._differentiated = Differentiated(tensors)
+            self._differentiated = Differentiated(tensors, self.network)
             if self._passes is not None:  # (DDP averages any loss's .grad: no mean to check)
                 softmax = reads_softmax_fisher(self._options.loss, self._options.output_metric)
                 softmax = softmax and self.network is self.model
@@ -561,7 +566,7 @@ class RiemannianPreconditioner:
             raise RuntimeError(
                 "pre.backward(loss) needs the forward pass the loss was formed from: call "
                 "model(x) with gradients enabled, then pre.backward(loss)"
-                f"{_COMPILED_BEFORE if _compiled_anywhere() else ''}"
+                f"{_COMPILED_BEFORE if _compiled_anywhere() else ''}{_outside_model(capture)}"
             )
         self._check_unchanged("pre.backward(loss)")
         _check_own_parameters(capture, model, "pre.backward(loss)")
@@ -601,6 +606,9 @@ class RiemannianPreconditioner:
         reuse = self._kfac is not None and not self._kfac.needs_factors(
             params, opts, dict(model.named_modules()), called, shared=_shared(capture.calls)
         )
+        # trainable now, not in the forward pass: its graph gives them no gradient, and
+        # the metric of the pass run again is checked for coupling them with others
+        since = self._trainable_since(params) if _couples(self.method, opts.kfac_bias) else None
         overflowed = False
         consumed = False  # the loss's graph, by the backward pass of the autograd path
         try:
@@ -620,6 +628,7 @@ class RiemannianPreconditioner:
                     "the loss was not formed from the outputs of the model's last forward "
                     "pass (with gradients enabled), whose batch the metric is taken at: "
                     "call pre.backward(loss) right after the forward pass of its batch"
+                    f"{_outside_model(capture)}"
                 )
             foreign, reaches, compiled = _walk_loss_graph(loss, names)
             off = []  # what the loss trains past the output, warned of once written
@@ -653,7 +662,7 @@ class RiemannianPreconditioner:
             if needs_factor and reads_softmax_fisher(opts.loss, opts.output_metric):
                 check_samples_taken(loss, capture.output, checks)
             # (a compiled forward's backward cannot run under vmap: the autograd path)
-            if reuse or stale or probing or rehook or paths.outside or compiled:
+            if reuse or stale or probing or rehook or paths.outside or compiled or since:
                 # autograd consumes the loss's graph: the data's checks first (one host
                 # sync, on a path that runs a second forward), so a refused loss keeps it
                 if not reuse:
@@ -666,8 +675,18 @@ class RiemannianPreconditioner:
                     checks.finite(
                         f"the gradient of {name!r}", g, OVERFLOW_FIX, overflow or ValueError
                     )
+                coupled = None
+                if since:
+                    coupled = functools.partial(
+                        _check_grads_coupled,
+                        model=self.network,
+                        method=self.method,
+                        with_grad=frozenset(gradient),
+                        changed=since,
+                        call="pre.backward(loss)",
+                    )
                 directions, diagnostics = self._transaction(
-                    lambda: self._solve(gradient, params, checks)
+                    lambda: self._solve(gradient, params, checks, coupled)
                 )
             else:
                 directions, diagnostics = self._transaction(
@@ -946,7 +965,7 @@ class RiemannianPreconditioner:
             if self._batch is None:
                 raise RuntimeError(
                     "pre.step() needs the batch of a forward pass: call model(x) and "
-                    "loss.backward() before pre.step()"
+                    f"loss.backward() before pre.step(){_outside_model(self._capture)}"
                 )
             self._check_unchanged("pre.step()")
             if not self._synced:
@@ -1019,11 +1038,14 @@ class RiemannianPreconditioner:
                     "gradients enabled since the last step, whose batch pre.step() takes the "
                     "metric at: a pass after the one loss.backward() went through (an "
                     "evaluation) replaced it, the pass the gradient came from was not "
-                    f"recorded{_COMPILED_BEFORE if _compiled_anywhere() else ''}, or the "
+                    f"recorded{_COMPILED_BEFORE if _compiled_anywhere() else ''}, the "
                     "gradient came through no forward pass (a penalty on the parameters "
-                    "alone). Run evaluations under torch.no_grad(), or call pre.step() before "
-                    "them; each pre.step() needs a backward pass through the model's "
-                    "recorded output since the last one"
+                    "alone), or the only backward pass through the last one took no "
+                    "parameter's gradient (torch.autograd.grad with respect to its inputs: "
+                    "a saliency map, an adversarial example). Run evaluations under "
+                    "torch.no_grad(), or call pre.step() before them; each pre.step() needs a "
+                    "backward pass through the model's recorded output since the last one"
+                    f"{_outside_model(self._capture)}"
                 )
             coupled = self._grads_coupled(params, with_grad)
         # a parameter without .grad that no .grad is coupled with (checked above, or by the
@@ -1079,6 +1101,9 @@ class RiemannianPreconditioner:
             with_grad=frozenset(with_grad),
         )
         capture = self._capture
+        since = self._trainable_since(params)
+        if since:  # (its graph holds none of them: the pass run again tells)
+            return functools.partial(check, changed=since)
         if (
             capture is not None
             and isinstance(capture.output, Tensor)
@@ -1087,6 +1112,16 @@ class RiemannianPreconditioner:
         ):
             return None
         return functools.partial(check, alive=True)
+
+    def _trainable_since(self, params) -> frozenset[str]:
+        """The trainable ``params`` (``(name, parameter)`` pairs) that did not require grad
+        in the recorded forward pass: unfrozen since, replaced, or of a module swapped in
+        since. The pass's graph holds none of them, so no backward pass through it gives
+        them a gradient, while the metric at the model as it is now (the pass run again)
+        takes them in (found by a hunt: unfrozen between the forward pass and the step,
+        ``full`` took their gradient as zero, 1.9 off the whole direction and 1.7 off the
+        others' alone, silently)."""
+        return frozenset(n for n, p in params if id(p) not in self._trained_at_pass)
 
     def _wrote(self, params, directions: dict[str, Tensor]) -> None:
         """Remember the ``.grad`` that now hold a direction, as they are now: their
@@ -1360,6 +1395,8 @@ def _check_grads_coupled(
     method: str,
     with_grad: frozenset[str],
     alive: bool = True,
+    changed: frozenset[str] = frozenset(),
+    call: str = "pre.step()",
 ) -> bool:
     """Refuse trainable parameters of the ``calls`` of a forward pass without a ``.grad``
     (not in ``with_grad``) that ``method``'s metric couples with parameters that have one
@@ -1381,7 +1418,10 @@ def _check_grads_coupled(
     non-differentiable op, a stop-gradient), and then has zero rows in the metric too
     (found by review: refused, where its zero was exact). Such a parameter is refused only
     where a backward pass of the ``output`` (``alive``: its graph not yet consumed) gives
-    it a gradient; on a consumed graph, ``True``: the check is for the pass run again."""
+    it a gradient; on a consumed graph, ``True``: the check is for the pass run again.
+    ``changed``: the parameters that did not require grad in the user's forward pass
+    (unfrozen, replaced or swapped in since; ``output`` and ``calls`` are then the pass
+    run again), named as such."""
     names: dict[int, str] = {}
     for c in calls:
         for n, p in zip(c.param_names, c.params, strict=True):
@@ -1445,6 +1485,17 @@ def _check_grads_coupled(
             + (", and kfac_bias='separate' solves a bias apart" if method == "kfac" else "")
         )
     count = f" ({len(lacking)} in all)" if len(lacking) > 3 else ""
+    since = [n for n in lacking if n in changed]
+    if since:
+        raise ValueError(
+            f"parameters {some(since)} train now but did not in the forward pass {call} "
+            "takes the metric at (unfrozen with requires_grad_(True), replaced, or their "
+            "module swapped in after it), so its graph gives them no gradient, while the "
+            f"metric at the model as it is now takes them in. {metric}, so taking their "
+            f"gradient as zero would give neither the direction of {whole} nor that of the "
+            "others alone. Change the model before the forward pass: run model(x) and the "
+            "backward pass again"
+        )
     raise ValueError(
         f"parameters {some(lacking)}{count} have no .grad, though they took part in the "
         "forward pass pre.step() takes the metric at (their modules were called and its "
@@ -1548,11 +1599,28 @@ _RECORD = (
     "_differentiated",
     "_modes",
     "_versions",
+    "_trained_at_pass",
     "_spent",
     "_preconditioned",
     "_edited_in_forward",
     "_synced",
 )
+
+
+def _outside_model(capture: Capture | None) -> str:
+    """What a refusal for a missing pass adds where the model's modules ran outside a call
+    of the model (found by a hunt: ``checkpoint_sequential(model, 2, x)`` was told to call
+    ``model(x)``, with no word of why the pass it ran was not one)."""
+    name = None if capture is None else capture.outside
+    if name is None:
+        return ""
+    return (
+        f" (module {name!r} of the model ran with gradients enabled outside a call of the "
+        "model itself, which the metric needs: torch.utils.checkpoint.checkpoint_sequential"
+        "(model, ...) and model[i](x) call its children, not the model. Call model(x); "
+        "to checkpoint segments, call checkpoint or checkpoint_sequential inside the "
+        "forward of the model preconditioned, with use_reentrant=False)"
+    )
 
 
 #: What a refusal for a pass that was not recorded says where torch.compile ran.
@@ -1716,7 +1784,10 @@ def _check_not_unscaled(scaler: torch.amp.GradScaler) -> None:
             "pre.step() after scaler.unscale_(opt): the scaler has already looked for an "
             "overflow in that optimiser's .grad, so an overflow found by pre.step() would not "
             "skip its step. Call pre.step() before scaler.unscale_(opt) (clipping after it "
-            "then clips the preconditioned direction)"
+            "then clips the preconditioned direction); before the unscale_ of every "
+            "optimiser of this scaler, also one that holds none of these parameters (a "
+            "second optimiser whose gradients are clipped first): the scaler keeps its "
+            "optimisers by id, so which parameters one holds cannot be told"
         )
 
 

@@ -1,0 +1,233 @@
+"""The preconditioner inside training loops: global modes of torch that a loop may run
+under, checked against the dense float64 oracle."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import (
+    Problem,
+    assert_unchanged,
+    flatten,
+    ggn,
+    gradient,
+    kfac_factors,
+    oracle_direction,
+    oracle_for,
+    preconditioned,
+    rel_error,
+    snapshot,
+    solve_kfac_metric,
+)
+
+import riemann_core as rc
+
+DAMPING = 1e-2
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+@pytest.mark.parametrize("method", ["layerwise", "natural", "kfac"])
+def test_anomaly_mode(method, call):
+    """Under ``torch.autograd.set_detect_anomaly(True)`` (debugging a training loop) every
+    call was refused, blaming a gradient hook that reads a value to the host: anomaly
+    mode's NaN check reads each gradient of the batched backward pass with ``.item()``
+    (found by a hunt). The direction is the oracle's, and anomaly mode is left as it was."""
+    problem = Problem(depth=3)
+    model, x, y = problem.make()
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    with torch.autograd.set_detect_anomaly(True):
+        for _ in range(2):  # the first call's probe and replay, then the fused path
+            preconditioned(pre, model, x, y, call)
+        assert torch.is_anomaly_enabled() and torch.is_anomaly_check_nan_enabled()
+    got = flatten({n: p.grad for n, p in model.named_parameters()}, model)
+    G, g, blocks = oracle_for(problem)
+    if method == "kfac":
+        factors = kfac_factors(model, x, y, problem.loss_name)
+        want = solve_kfac_metric(factors, g, DAMPING, "exact", "joint")
+    else:
+        want = oracle_direction(G, g, DAMPING, method, blocks)
+    assert rel_error(got, want) < 1e-10
+
+
+def test_anomaly_mode_direction():
+    """``rc.direction`` under anomaly mode too."""
+    problem = Problem(depth=3)
+    model, x, y = problem.make()
+    with torch.autograd.set_detect_anomaly(True):
+        dirs = rc.direction(model, x, y, method="layerwise", damping=DAMPING)
+    G, g, blocks = oracle_for(problem)
+    want = oracle_direction(G, g, DAMPING, "layerwise", blocks)
+    assert rel_error(flatten(dirs, model), want) < 1e-10
+
+
+def _changed_after_forward(model, what):
+    """Module '2' of ``Problem(depth=3)``'s MLP unfrozen, its weight replaced, or the
+    module swapped for a copy, after a forward pass that ran with it frozen (unfreeze)."""
+    if what == "unfrozen":
+        model[2].requires_grad_(True)
+    elif what == "replaced":
+        model[2].weight = torch.nn.Parameter(model[2].weight.detach().clone())
+    else:
+        model[2] = copy.deepcopy(model[2])
+
+
+@pytest.mark.parametrize("what", ["unfrozen", "replaced", "swapped"])
+@pytest.mark.parametrize("call", ["backward", "step"])
+@pytest.mark.parametrize("method", ["layerwise", "full", "natural", "kfac"])
+def test_a_parameter_trained_since_the_forward_pass_is_refused_where_coupled(method, call, what):
+    """Found by a hunt: a parameter that did not require grad in the forward pass (frozen
+    then, unfrozen before the step; replaced, or its module swapped, after it) gets no
+    gradient from that pass's graph, and the metric at the model as it is now took it in
+    as a zero gradient, silently: under ``full`` 1.9 off the whole direction and 1.7 off
+    the others' alone (``pre.step()`` after an unfreeze, ``pre.backward`` after a swap);
+    a weight replaced under ``layerwise`` gave its bias a direction of its block with the
+    weight's gradient taken as zero. Refused where the metric couples it with parameters
+    that have a gradient, every ``.grad`` as it was; a whole block of its own under
+    ``layerwise`` and ``kfac`` is left out exactly, as a module without ``.grad`` is."""
+    problem = Problem(depth=3)
+    model, x, y = problem.make()
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    for _ in range(2):  # past the first call's probe: the fused path
+        preconditioned(pre, model, x, y, call)
+    model.zero_grad(set_to_none=True)
+    if what == "unfrozen":
+        model[2].requires_grad_(False)
+    loss = F.cross_entropy(model(x), y)
+    if call == "step":
+        loss.backward()
+    _changed_after_forward(model, what)
+    before = snapshot(model)
+    coupled = method in ("full", "natural") or what == "replaced"
+    if coupled:
+        with pytest.raises(ValueError, match=r"\['2.weight'.*train now but did not in the "):
+            pre.backward(loss) if call == "backward" else pre.step()
+        assert_unchanged(model, before)
+        return
+    pre.backward(loss) if call == "backward" else pre.step()
+    assert all(p.grad is None for p in model[2].parameters())
+    # the other blocks: their directions, block-diagonal (layerwise: the oracle's blocks)
+    G, g, blocks = oracle_for(problem)
+    if method == "kfac":
+        factors = kfac_factors(model, x, y, problem.loss_name)
+        want = solve_kfac_metric(factors, g, DAMPING, "exact", "joint")
+    else:
+        want = oracle_direction(G, g, DAMPING, method, blocks)
+    got = flatten({n: p.grad if p.grad is not None else torch.zeros_like(p)
+                   for n, p in model.named_parameters()}, model)  # fmt: skip
+    others = torch.cat([blocks[0], blocks[2]])
+    assert rel_error(got[others], want[others]) < 1e-10
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+@pytest.mark.parametrize("method", ["full", "natural"])
+def test_frozen_after_the_forward_pass_is_the_others_direction(method, call):
+    """A module frozen between the forward pass and the step: the others' direction under
+    their own metric (as frozen before the forward pass), not refused."""
+    problem = Problem(depth=3)
+    model, x, y = problem.make()
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    for _ in range(2):
+        preconditioned(pre, model, x, y, call)
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    if call == "step":
+        loss.backward()
+    model[2].requires_grad_(False)
+    pre.backward(loss) if call == "backward" else pre.step()
+    frozen = copy.deepcopy(model)
+    G, g = ggn(frozen, x, y, problem.loss_name), gradient(frozen, x, y, problem.loss_name)
+    want = oracle_direction(G, g, DAMPING, method, None)
+    got = flatten({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, frozen)
+    assert rel_error(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("probe", ["inputs", "backward(inputs=...)"])
+@pytest.mark.parametrize("method", ["layerwise", "full", "natural", "kfac"])
+def test_an_input_gradient_on_another_batch_before_the_step_is_refused(method, probe):
+    """Found by a hunt: a forward pass on another batch whose only backward pass took the
+    gradient of its inputs (a saliency map, an adversarial example; ``torch.autograd.grad``
+    or ``backward(inputs=...)``), run between ``loss.backward()`` and ``pre.step()``,
+    passed for the pass the gradient came from: the first batch's gradient was
+    preconditioned with the second's metric, silently (``layerwise`` 1.4 off the oracle,
+    ``full`` 2.6). Refused as an evaluation with gradients enabled is, ``.grad`` as it was."""
+    model, x, y = Problem(depth=3).make()
+    x2 = torch.randn_like(x).requires_grad_(True)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    for _ in range(2):
+        preconditioned(pre, model, x, y, "step")
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    out = model(x2)
+    if probe == "inputs":
+        torch.autograd.grad(out.logsumexp(1).sum(), x2)
+    else:
+        out.logsumexp(1).sum().backward(inputs=[x2])
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"took no parameter's gradient"):
+        pre.step()
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("method", ["layerwise", "full"])
+def test_a_gradient_taken_by_autograd_and_written_by_hand_is_taken(method):
+    """``torch.autograd.grad`` with respect to the parameters, written into ``.grad`` by
+    hand (gradient surgery), still counts as the gradient of the last pass."""
+    problem = Problem(depth=3)
+    model, x, y = problem.make()
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        params = list(model.parameters())
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        pre.step()
+    G, g, blocks = oracle_for(problem)
+    want = oracle_direction(G, g, DAMPING, method, blocks)
+    got = flatten({n: p.grad for n, p in model.named_parameters()}, model)
+    assert rel_error(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_checkpoint_sequential_on_the_model_is_refused_naming_it(call):
+    """Found by a hunt: ``torch.utils.checkpoint.checkpoint_sequential(model, 2, x)`` calls
+    the model's children, never the model, so no pass is recorded; the refusal said only
+    "call model(x)", which the user had, in effect. It now names the cause and the fix,
+    every ``.grad`` as it was."""
+    from torch.utils.checkpoint import checkpoint_sequential
+
+    model, x, y = Problem(depth=3).make()
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    loss = F.cross_entropy(checkpoint_sequential(model, 2, x, use_reentrant=False), y)
+    if call == "step":
+        loss.backward()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"outside a call of the model.*checkpoint_sequential"):
+        pre.backward(loss) if call == "backward" else pre.step()
+    assert_unchanged(model, before)
+    # a model called as such afterwards is recorded again, with no such words
+    preconditioned(pre, model, x, y, call)
+    assert pre._capture.outside is None
+
+
+def test_unscale_of_another_optimiser_is_named_in_the_refusal():
+    """Found by a hunt: ``scaler.unscale_(opt_body)`` to clip a body that is not
+    preconditioned, then ``pre.step()`` on the head (its own optimiser, not unscaled), is
+    refused (the scaler keeps its optimisers by id alone); the message said to call
+    ``pre.step()`` before ``scaler.unscale_(opt)``, which the user had, for that
+    optimiser. It now says every optimiser of the scaler, and why."""
+    torch.manual_seed(0)
+    body, head = torch.nn.Linear(5, 6), torch.nn.Linear(6, 3)
+    scaler = torch.amp.GradScaler("cpu")
+    pre = rc.RiemannianPreconditioner(head, damping=DAMPING, grad_scaler=scaler)
+    opt_body = torch.optim.SGD(body.parameters(), lr=0.1)
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    scaler.scale(F.cross_entropy(head(torch.tanh(body(x))), y)).backward()
+    scaler.unscale_(opt_body)
+    before = snapshot(head)
+    with pytest.raises(RuntimeError, match=r"every optimiser of this scaler.*by id"):
+        pre.step()
+    assert_unchanged(head, before)
