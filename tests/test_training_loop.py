@@ -43,13 +43,17 @@ def test_anomaly_mode(method, call):
             preconditioned(pre, model, x, y, call)
         assert torch.is_anomaly_enabled() and torch.is_anomaly_check_nan_enabled()
     got = flatten({n: p.grad for n, p in model.named_parameters()}, model)
+    assert rel_error(got, oracle_of(problem, model, x, y, method)[0]) < 1e-10
+
+
+def oracle_of(problem, model, x, y, method):
+    """The float64 oracle's direction of ``method`` (K-FAC: exact damping, joint bias) and
+    the blocks of the layerwise metric."""
     G, g, blocks = oracle_for(problem)
     if method == "kfac":
         factors = kfac_factors(model, x, y, problem.loss_name)
-        want = solve_kfac_metric(factors, g, DAMPING, "exact", "joint")
-    else:
-        want = oracle_direction(G, g, DAMPING, method, blocks)
-    assert rel_error(got, want) < 1e-10
+        return solve_kfac_metric(factors, g, DAMPING, "exact", "joint"), blocks
+    return oracle_direction(G, g, DAMPING, method, blocks), blocks
 
 
 def test_anomaly_mode_direction():
@@ -109,12 +113,7 @@ def test_a_parameter_trained_since_the_forward_pass_is_refused_where_coupled(met
     pre.backward(loss) if call == "backward" else pre.step()
     assert all(p.grad is None for p in model[2].parameters())
     # the other blocks: their directions, block-diagonal (layerwise: the oracle's blocks)
-    G, g, blocks = oracle_for(problem)
-    if method == "kfac":
-        factors = kfac_factors(model, x, y, problem.loss_name)
-        want = solve_kfac_metric(factors, g, DAMPING, "exact", "joint")
-    else:
-        want = oracle_direction(G, g, DAMPING, method, blocks)
+    want, blocks = oracle_of(problem, model, x, y, method)
     got = flatten({n: p.grad if p.grad is not None else torch.zeros_like(p)
                    for n, p in model.named_parameters()}, model)  # fmt: skip
     others = torch.cat([blocks[0], blocks[2]])
