@@ -221,6 +221,8 @@ class RiemannianPreconditioner:
         self._versions: list[tuple[str | None, Tensor, int]] = []
         # the parameters that required grad in the recorded pass (its graph holds them)
         self._trained_at_pass: frozenset[int] = frozenset()
+        # {id(parameter): (its .grad, weakly; the version)} as the recorded pass started
+        self._grads_at_pass: dict[int, tuple] = {}
         # what the model holds of this preconditioner: detached by remove(), or once the
         # caller drops the preconditioner (the hooks hold it weakly; found by review: one
         # built again on the same model, as a notebook cell run twice does, left the old
@@ -364,6 +366,13 @@ class RiemannianPreconditioner:
         self._trained_at_pass = frozenset(
             id(p) for n, p, _ in self._versions if n is not None and p.requires_grad
         )
+        # each trainable .grad as the pass starts (weakly) and its version: one that no
+        # backward pass since reached holds no gradient of this pass (see _unreached)
+        self._grads_at_pass = {
+            id(p): (weakref.ref(p.grad), p.grad._version)
+            for n, p, _ in self._versions
+            if n is not None and p.requires_grad and p.grad is not None
+        }
 
     def _hooks_in_order(self, model: nn.Module) -> None:
         """Keep the record of a batch before the model's forward pre-hooks and the record of
@@ -1047,7 +1056,9 @@ class RiemannianPreconditioner:
                     "backward pass through the model's recorded output since the last one"
                     f"{_outside_model(self._capture)}"
                 )
-            coupled = self._grads_coupled(params, with_grad)
+            unreached = self._unreached(params)
+            reached = {n: g for n, g in with_grad.items() if n not in unreached}
+            coupled = self._grads_coupled(params, reached, unreached)
         # a parameter without .grad that no .grad is coupled with (checked above, or by the
         # replay): a zero vector, left as None
         try:
@@ -1085,8 +1096,26 @@ class RiemannianPreconditioner:
         if self._differentiated is not None:
             self._differentiated.spend()
 
-    def _grads_coupled(self, params, with_grad: dict[str, Tensor]):
-        """Refuse a trainable parameter without a ``.grad`` that the metric couples with one
+    def _unreached(self, params) -> frozenset[str]:
+        """The trainable ``params`` whose ``.grad`` is the tensor it was as the recorded
+        forward pass started, at the same version: no backward pass since reached it, so it
+        holds no gradient of that pass (found by review: after
+        ``opt.zero_grad(set_to_none=False)`` and ``loss.backward(inputs=head)`` the body's
+        zeros were taken as its gradient, ``full``'s head direction 9.5 in norm against 5.2
+        with the body frozen, silently). A ``.grad`` zeroed or written since is taken."""
+        held = self._grads_at_pass
+        return frozenset(
+            n
+            for n, p in params
+            if p.grad is not None
+            and id(p) in held
+            and held[id(p)][0]() is p.grad
+            and p.grad._version == held[id(p)][1]
+        )
+
+    def _grads_coupled(self, params, with_grad: dict[str, Tensor], unreached=frozenset()):
+        """Refuse a trainable parameter without a ``.grad`` (or one no backward pass since
+        the forward pass reached: ``unreached``) that the metric couples with one
         that has a ``.grad`` (:func:`_check_grads_coupled`), before any work, on the
         recorded pass's graph; where no record of it tells (with a ``process_group``, or
         hooks out of date: a parameter frozen, unfrozen or replaced since), the check for
@@ -1099,6 +1128,7 @@ class RiemannianPreconditioner:
             model=self.network,
             method=self.method,
             with_grad=frozenset(with_grad),
+            unreached=unreached,
         )
         capture = self._capture
         since = self._trainable_since(params)
@@ -1397,6 +1427,7 @@ def _check_grads_coupled(
     alive: bool = True,
     changed: frozenset[str] = frozenset(),
     call: str = "pre.step()",
+    unreached: frozenset[str] = frozenset(),
 ) -> bool:
     """Refuse trainable parameters of the ``calls`` of a forward pass without a ``.grad``
     (not in ``with_grad``) that ``method``'s metric couples with parameters that have one
@@ -1421,7 +1452,8 @@ def _check_grads_coupled(
     it a gradient; on a consumed graph, ``True``: the check is for the pass run again.
     ``changed``: the parameters that did not require grad in the user's forward pass
     (unfrozen, replaced or swapped in since; ``output`` and ``calls`` are then the pass
-    run again), named as such."""
+    run again), named as such; ``unreached``: those whose ``.grad`` no backward pass since
+    the forward pass reached (not in ``with_grad``), named as such."""
     names: dict[int, str] = {}
     for c in calls:
         for n, p in zip(c.param_names, c.params, strict=True):
@@ -1496,8 +1528,15 @@ def _check_grads_coupled(
             "others alone. Change the model before the forward pass: run model(x) and the "
             "backward pass again"
         )
+    held = [n for n in lacking if n in unreached]
+    held = (
+        f" (or, {some(held)}, one that no backward pass since the forward pass reached: "
+        "opt.zero_grad(set_to_none=False) leaves zeros there)"
+        if held
+        else ""
+    )
     raise ValueError(
-        f"parameters {some(lacking)}{count} have no .grad, though they took part in the "
+        f"parameters {some(lacking)}{count} have no .grad{held}, though they took part in the "
         "forward pass pre.step() takes the metric at (their modules were called and its "
         "output depends on them), and loss.backward() gives every such parameter a .grad: "
         "theirs was left out (a backward restricted with loss.backward(inputs=...), a .grad "
@@ -1600,6 +1639,7 @@ _RECORD = (
     "_modes",
     "_versions",
     "_trained_at_pass",
+    "_grads_at_pass",
     "_spent",
     "_preconditioned",
     "_edited_in_forward",

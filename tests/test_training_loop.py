@@ -230,3 +230,40 @@ def test_unscale_of_another_optimiser_is_named_in_the_refusal():
     with pytest.raises(RuntimeError, match=r"every optimiser of this scaler.*by id"):
         pre.step()
     assert_unchanged(head, before)
+
+
+@pytest.mark.parametrize("method", ["full", "natural"])
+def test_a_grad_kept_as_zeros_that_the_backward_pass_did_not_reach_is_refused(method):
+    """Found by review: after ``opt.zero_grad(set_to_none=False)`` a backward pass restricted
+    to the head (``inputs=``) left the body's ``.grad`` zeros, which were taken as its
+    gradient (full: the head's direction 9.5 in norm against 5.2 with the body frozen),
+    silently. Refused as a gradient left out, ``.grad`` as it was; an ordinary loop that
+    zeroes in place, micro-batches accumulated too, stays exact."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    model.double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    for _ in range(2):  # .grad allocated, then zeroed in place
+        model.zero_grad(set_to_none=False)
+        F.cross_entropy(model(x[:3]), y[:3]).backward()  # a micro-batch accumulated
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+    model.zero_grad(set_to_none=False)
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert (
+        rel_error(
+            flatten(got, model),
+            flatten(rc.direction(model, x, y, method=method, damping=DAMPING), model),
+        )
+        < 1e-10
+    )
+    model.zero_grad(set_to_none=False)
+    F.cross_entropy(model(x), y).backward(inputs=list(model[2].parameters()))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"one that no backward pass since the forward pass"):
+        pre.step()
+    assert_unchanged(model, before)
+    pre.remove()
