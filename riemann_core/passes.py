@@ -83,8 +83,8 @@ class Differentiated:
         # one on another batch between loss.backward() and pre.step() passed for it, and the
         # earlier batch's gradient was preconditioned with this batch's metric, 1.4-2.6 off)
         model = None if self.model is None else self.model()
-        if model is None or _takes_a_parameter_gradient(model):
-            self.seen = True
+        if not self.seen and (model is None or _takes_a_parameter_gradient(model)):
+            self.seen = True  # (read once: the walk over the parameters costs up to ~4 ms)
         for listener in self.listeners:
             listener()
 
