@@ -1056,7 +1056,8 @@ class RiemannianPreconditioner:
                     "backward pass through the model's recorded output since the last one"
                     f"{_outside_model(self._capture)}"
                 )
-            unreached = self._unreached(params)
+            couples = _couples(self.method, self._options.kfac_bias)
+            unreached = self._unreached(params) if couples else frozenset()
             reached = {n: g for n, g in with_grad.items() if n not in unreached}
             coupled = self._grads_coupled(params, reached, unreached)
         # a parameter without .grad that no .grad is coupled with (checked above, or by the
@@ -1529,14 +1530,20 @@ def _check_grads_coupled(
             "backward pass again"
         )
     held = [n for n in lacking if n in unreached]
-    held = (
-        f" (or, {some(held)}, one that no backward pass since the forward pass reached: "
-        "opt.zero_grad(set_to_none=False) leaves zeros there)"
-        if held
-        else ""
+    none = [n for n in lacking if n not in unreached]
+    which = " and ".join(
+        ([f"{some(none)}{count if not held else ''} have no .grad"] if none else [])
+        + (
+            [
+                f"{some(held)} hold a .grad that no backward pass since the forward pass "
+                "reached (opt.zero_grad(set_to_none=False) leaves zeros there)"
+            ]
+            if held
+            else []
+        )
     )
     raise ValueError(
-        f"parameters {some(lacking)}{count} have no .grad{held}, though they took part in the "
+        f"parameters {which}, though they took part in the "
         "forward pass pre.step() takes the metric at (their modules were called and its "
         "output depends on them), and loss.backward() gives every such parameter a .grad: "
         "theirs was left out (a backward restricted with loss.backward(inputs=...), a .grad "
