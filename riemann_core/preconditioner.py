@@ -686,13 +686,8 @@ class RiemannianPreconditioner:
                     )
                 coupled = None
                 if since:
-                    coupled = functools.partial(
-                        _check_grads_coupled,
-                        model=self.network,
-                        method=self.method,
-                        with_grad=frozenset(gradient),
-                        changed=since,
-                        call="pre.backward(loss)",
+                    coupled = self._coupled_check(
+                        gradient, changed=since, call="pre.backward(loss)"
                     )
                 directions, diagnostics = self._transaction(
                     lambda: self._solve(gradient, params, checks, coupled)
@@ -1124,13 +1119,7 @@ class RiemannianPreconditioner:
         trainable parameter has a ``.grad``."""
         if len(with_grad) == len(params) or not _couples(self.method, self._options.kfac_bias):
             return None
-        check = functools.partial(
-            _check_grads_coupled,
-            model=self.network,
-            method=self.method,
-            with_grad=frozenset(with_grad),
-            unreached=unreached,
-        )
+        check = self._coupled_check(with_grad, unreached=unreached)
         capture = self._capture
         since = self._trainable_since(params)
         if since:  # (its graph holds none of them: the pass run again tells)
@@ -1143,6 +1132,17 @@ class RiemannianPreconditioner:
         ):
             return None
         return functools.partial(check, alive=True)
+
+    def _coupled_check(self, with_grad, **options):
+        """:func:`_check_grads_coupled` of this preconditioner's model and method, for the
+        parameters named in ``with_grad`` holding a gradient."""
+        return functools.partial(
+            _check_grads_coupled,
+            model=self.network,
+            method=self.method,
+            with_grad=frozenset(with_grad),
+            **options,
+        )
 
     def _trainable_since(self, params) -> frozenset[str]:
         """The trainable ``params`` (``(name, parameter)`` pairs) that did not require grad
