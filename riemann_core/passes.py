@@ -41,6 +41,7 @@ parameter, :class:`_BeforeAccumulation`).
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 from collections import deque
@@ -59,9 +60,11 @@ class Differentiated:
     view changed in place afterwards, ``logits[:, :C] /= T``, is rebased and its own node
     left out of the graph: found by review). The hooks go with the graph. ``seen`` is true
     from the start where there is nothing to watch: no tensor requires grad, or one is a
-    leaf (a hook on it would stay for good)."""
+    leaf (a hook on it would stay for good). ``returned``: a backward pass seen returned a
+    parameter's gradient (``torch.autograd.grad``), which may be written into ``.grad`` by
+    hand, in place."""
 
-    __slots__ = ("seen", "watching", "listeners", "model")
+    __slots__ = ("seen", "returned", "watching", "listeners", "model")
 
     def __init__(self, outputs: list[Tensor], model: nn.Module | None = None) -> None:
         self.listeners: list = []  # called as a gradient reaches the outputs
@@ -72,6 +75,7 @@ class Differentiated:
         tensors += [t._base for t in tensors if t._is_view() and t._base.requires_grad]
         nodes = {t.grad_fn for t in tensors}
         self.seen = not tensors or None in nodes
+        self.returned = False
         self.watching = not self.seen
         if self.watching:
             for node in nodes:
@@ -83,14 +87,65 @@ class Differentiated:
         # one on another batch between loss.backward() and pre.step() passed for it, and the
         # earlier batch's gradient was preconditioned with this batch's metric, 1.4-2.6 off)
         model = None if self.model is None else self.model()
-        if not self.seen and (model is None or _takes_a_parameter_gradient(model)):
-            self.seen = True  # (read once: the walk over the parameters costs up to ~4 ms)
+        if not self.seen:  # (read once: the walk over the parameters costs up to ~4 ms)
+            taken = "returns" if model is None else _takes_a_parameter_gradient(model)
+            self.seen, self.returned = taken is not None, taken == "returns"
         for listener in self.listeners:
             listener()
 
     def spend(self) -> None:
         """A step used the gradient that flowed back: the next step needs another."""
-        self.seen = not self.watching
+        self.seen, self.returned = not self.watching, False
+
+
+class Accumulations:
+    """When a backward pass last accumulated into the ``.grad`` of each parameter hooked
+    (:meth:`hook`): a post-accumulate-grad hook per parameter notes a tick of one counter,
+    which :meth:`tick` also reads as a forward pass starts, so that :meth:`since` tells
+    whether a backward pass accumulated into a ``.grad`` after that start. Unlike the
+    ``.grad``'s version, no other write moves it: an in-place clip
+    (``clip_grad_norm_``), or any write into a flat buffer the ``.grad`` are views of
+    (``DistributedDataParallel(gradient_as_bucket_view=True)``)."""
+
+    def __init__(self) -> None:
+        self._ticks = itertools.count()
+        self._last: dict[int, int] = {}  # {id(parameter): tick of its last accumulation}
+        self._hooks: dict[int, tuple[weakref.ref, object]] = {}
+
+    def tick(self) -> int:
+        """A tick after every accumulation noted so far."""
+        return next(self._ticks)
+
+    def hook(self, params) -> None:
+        """Hook each of ``params`` not hooked yet (a parameter replaced since, too)."""
+        for p in params:
+            kept = self._hooks.get(id(p))
+            if kept is None or kept[0]() is not p:
+                handle = p.register_post_accumulate_grad_hook(_Accumulated(self._last, self._ticks))
+                self._hooks[id(p)] = (weakref.ref(p), handle)
+
+    def since(self, p: Tensor, tick: int) -> bool:
+        """Whether a backward pass accumulated into ``p.grad`` after ``tick``."""
+        return self._last.get(id(p), -1) > tick
+
+    def remove(self) -> None:
+        """Take the hooks off the parameters."""
+        for _, handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
+
+
+class _Accumulated:
+    """A post-accumulate-grad hook of :class:`Accumulations`: notes the tick at which a
+    backward pass accumulated into the parameter's ``.grad``; changes nothing."""
+
+    __slots__ = ("last", "ticks")
+
+    def __init__(self, last: dict[int, int], ticks) -> None:
+        self.last, self.ticks = last, ticks
+
+    def __call__(self, param: Tensor) -> None:
+        self.last[id(param)] = next(self.ticks)
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -273,6 +328,12 @@ def user_hooks_on(p: Tensor) -> bool:
     :class:`Passes` registers, which changes no gradient."""
     hooks = getattr(p, "_backward_hooks", None) or {}
     return any(not isinstance(h, _BeforeAccumulation) for h in hooks.values())
+
+
+def accumulate_hooks_on(p: Tensor) -> bool:
+    """Whether ``p`` has post-accumulate-grad hooks other than :class:`Accumulations`'."""
+    hooks = getattr(p, "_post_accumulate_grad_hooks", None) or {}
+    return any(not isinstance(h, _Accumulated) for h in hooks.values())
 
 
 class Passes:
@@ -718,21 +779,21 @@ def _executes(p: Tensor) -> bool:
         return False
 
 
-def _takes_a_parameter_gradient(model: nn.Module) -> bool:
-    """Whether the running backward pass takes the gradient of a trainable parameter of
-    ``model``: accumulates it into ``.grad``, or returns it (``torch.autograd.grad`` with
-    respect to it, whose result may be written into ``.grad`` by hand)."""
+def _takes_a_parameter_gradient(model: nn.Module) -> str | None:
+    """How the running backward pass takes the gradient of a trainable parameter of
+    ``model``: ``"accumulates"`` it into ``.grad``, ``"returns"`` it (``torch.autograd.grad``
+    with respect to it, whose result may be written into ``.grad`` by hand), or ``None``."""
     for p in model.parameters():
         if not p.requires_grad:
             continue
         try:
             if torch._C._will_engine_execute_node(get_gradient_edge(p).node):
-                return True
+                return "accumulates"
         except RuntimeError:  # asked of a leaf that torch.autograd.grad returns the
-            return True  # gradient of
+            return "returns"  # gradient of
         except Exception:  # (under a torch.func transform, whose tensors have no edge
-            return True  # to read: taken as a gradient, as before)
-    return False
+            return "returns"  # to read: taken as a gradient, as before)
+    return None
 
 
 def _accumulates(model: nn.Module) -> bool:

@@ -76,7 +76,7 @@ from .methods import (
 from .methods._base import check_batch_dimension, check_output_batch, group_calls
 from .methods.kfac import KFACState, in_larger_storage
 from .modules import Block, check_kronecker, evaluated_per_sample, shows_parameters, training
-from .passes import Differentiated, Passes, user_hooks_on
+from .passes import Accumulations, Differentiated, Passes, accumulate_hooks_on, user_hooks_on
 
 
 class RiemannianPreconditioner:
@@ -221,8 +221,10 @@ class RiemannianPreconditioner:
         self._versions: list[tuple[str | None, Tensor, int]] = []
         # the parameters that required grad in the recorded pass (its graph holds them)
         self._trained_at_pass: frozenset[int] = frozenset()
-        # {id(parameter): (its .grad, weakly; the version)} as the recorded pass started
+        # {id(parameter): (its .grad, weakly; the version)} as the recorded pass started,
+        # and the tick of the accumulations into .grad then (see _unreached)
         self._grads_at_pass: dict[int, tuple] = {}
+        self._tick_at_pass = -1
         # what the model holds of this preconditioner: detached by remove(), or once the
         # caller drops the preconditioner (the hooks hold it weakly; found by review: one
         # built again on the same model, as a notebook cell run twice does, left the old
@@ -264,6 +266,8 @@ class RiemannianPreconditioner:
         self._passes = Passes() if process_group is not None else None
         if self._passes is not None:  # (its gradient hooks on the parameters)
             self._attach("passes", self._passes)
+        self._accumulations = Accumulations()  # (hooks on parameters holding a .grad)
+        self._attach("accumulations", self._accumulations)
         self._edited_in_forward = False
         # the .grad each call wrote, their versions and fingerprints then (a second step()
         # refused)
@@ -367,12 +371,15 @@ class RiemannianPreconditioner:
             id(p) for n, p, _ in self._versions if n is not None and p.requires_grad
         )
         # each trainable .grad as the pass starts (weakly) and its version: one that no
-        # backward pass since reached holds no gradient of this pass (see _unreached)
-        self._grads_at_pass = {
-            id(p): (weakref.ref(p.grad), p.grad._version)
+        # backward pass since accumulated into holds no gradient of this pass (_unreached)
+        held = [
+            p
             for n, p, _ in self._versions
             if n is not None and p.requires_grad and p.grad is not None
-        }
+        ]
+        self._grads_at_pass = {id(p): (weakref.ref(p.grad), p.grad._version) for p in held}
+        self._accumulations.hook(held)
+        self._tick_at_pass = self._accumulations.tick()
 
     def _hooks_in_order(self, model: nn.Module) -> None:
         """Keep the record of a batch before the model's forward pre-hooks and the record of
@@ -1094,19 +1101,26 @@ class RiemannianPreconditioner:
 
     def _unreached(self, params) -> frozenset[str]:
         """The trainable ``params`` whose ``.grad`` is the tensor it was as the recorded
-        forward pass started, at the same version: no backward pass since reached it, so it
-        holds no gradient of that pass (found by review: after
-        ``opt.zero_grad(set_to_none=False)`` and ``loss.backward(inputs=head)`` the body's
-        zeros were taken as its gradient, ``full``'s head direction 9.5 in norm against 5.2
-        with the body frozen, silently). A ``.grad`` zeroed or written since is taken."""
-        held = self._grads_at_pass
+        forward pass started and that no backward pass accumulated into since (a hook per
+        parameter, :class:`~riemann_core.passes.Accumulations`): it holds no gradient of
+        that pass (found by review: after ``opt.zero_grad(set_to_none=False)`` and
+        ``loss.backward(inputs=head)`` the body's zeros were taken as its gradient,
+        ``full``'s head direction 9.5 in norm against 5.2 with the body frozen, silently;
+        and again, by the next review, where ``clip_grad_norm_`` or a flat buffer of
+        ``.grad`` views moved their versions: 17.2 against 3.1). A ``.grad`` assigned
+        since is taken; one written in place is taken where a backward pass through the
+        recorded output returned a parameter's gradient (``torch.autograd.grad``, written
+        by hand) and its version moved."""
+        held, tick = self._grads_at_pass, self._tick_at_pass
+        returned = self._differentiated is not None and self._differentiated.returned
         return frozenset(
             n
             for n, p in params
             if p.grad is not None
             and id(p) in held
             and held[id(p)][0]() is p.grad
-            and p.grad._version == held[id(p)][1]
+            and not self._accumulations.since(p, tick)
+            and not (returned and p.grad._version != held[id(p)][1])
         )
 
     def _grads_coupled(self, params, with_grad: dict[str, Tensor], unreached=frozenset()):
@@ -1647,6 +1661,7 @@ _RECORD = (
     "_versions",
     "_trained_at_pass",
     "_grads_at_pass",
+    "_tick_at_pass",
     "_spent",
     "_preconditioned",
     "_edited_in_forward",
@@ -1753,9 +1768,7 @@ def _showing_parameters(calls: list[Block], stale: set[str]) -> list[Block]:
 def _check_no_gradient_hooks(params) -> None:
     """Refuse preconditioned parameters with gradient hooks, which ``pre.backward`` could
     not run: it writes the direction into ``.grad`` itself."""
-    hooked = [
-        n for n, p in params if user_hooks_on(p) or getattr(p, "_post_accumulate_grad_hooks", None)
-    ]
+    hooked = [n for n, p in params if user_hooks_on(p) or accumulate_hooks_on(p)]
     if hooked:
         raise ValueError(
             f"parameters {hooked} have gradient hooks (Tensor.register_hook, "

@@ -733,8 +733,11 @@ def test_custom_output_metric_receives_no_targets():
 
 
 def hook_counts(model):
-    """The forward (pre-)hooks registered on every module of ``model``."""
-    return [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+    """The forward (pre-)hooks registered on every module of ``model``, and the
+    post-accumulate-grad hooks on its parameters."""
+    return [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()] + [
+        len(p._post_accumulate_grad_hooks or ()) for p in model.parameters()
+    ]
 
 
 def test_remove_detaches_the_hooks():
@@ -743,6 +746,8 @@ def test_remove_detaches_the_hooks():
     pre = rc.RiemannianPreconditioner(model, damping=1e-2)
     assert hook_counts(model) != hooks
     F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(model(x), y).backward()  # a pass starting with .grad: they are watched
+    assert all(p._post_accumulate_grad_hooks for p in model.parameters())
     pre.remove()
     assert hook_counts(model) == hooks
     # found by review: forward passes after remove() are not recorded, and a step on a

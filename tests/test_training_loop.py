@@ -170,19 +170,25 @@ def test_an_input_gradient_on_another_batch_before_the_step_is_refused(method, p
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("written", ["assigned", "in place"])
 @pytest.mark.parametrize("method", ["layerwise", "full"])
-def test_a_gradient_taken_by_autograd_and_written_by_hand_is_taken(method):
+def test_a_gradient_taken_by_autograd_and_written_by_hand_is_taken(method, written):
     """``torch.autograd.grad`` with respect to the parameters, written into ``.grad`` by
-    hand (gradient surgery), still counts as the gradient of the last pass."""
+    hand (gradient surgery), still counts as the gradient of the last pass: assigned, or
+    copied in place into the ``.grad`` zeroed before the pass (no backward pass
+    accumulated into it)."""
     problem = Problem(depth=3)
     model, x, y = problem.make()
     pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
-    for _ in range(2):
-        model.zero_grad(set_to_none=True)
+    for _ in range(3):
+        model.zero_grad(set_to_none=written == "assigned")
         params = list(model.parameters())
         grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
         for p, g in zip(params, grads, strict=True):
-            p.grad = g
+            if p.grad is None or written == "assigned":
+                p.grad = g
+            else:
+                p.grad.copy_(g)
         pre.step()
     G, g, blocks = oracle_for(problem)
     want = oracle_direction(G, g, DAMPING, method, blocks)
@@ -232,40 +238,66 @@ def test_unscale_of_another_optimiser_is_named_in_the_refusal():
     assert_unchanged(head, before)
 
 
+def _flat_grads(model):
+    """Give every parameter a ``.grad`` that is a view of one flat buffer (as apex and
+    ``DistributedDataParallel(gradient_as_bucket_view=True)`` do): a write into one moves
+    the version of all."""
+    params = list(model.parameters())
+    flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype)
+    start = 0
+    for p in params:
+        p.grad = flat[start : start + p.numel()].view_as(p)
+        start += p.numel()
+
+
+@pytest.mark.parametrize("write", [None, "clip_grad_norm_", "flat buffer"])
 @pytest.mark.parametrize("method", ["full", "natural"])
-def test_a_grad_kept_as_zeros_that_the_backward_pass_did_not_reach_is_refused(method):
+def test_a_grad_kept_as_zeros_that_the_backward_pass_did_not_reach_is_refused(method, write):
     """Found by review: after ``opt.zero_grad(set_to_none=False)`` a backward pass restricted
     to the head (``inputs=``) left the body's ``.grad`` zeros, which were taken as its
     gradient (full: the head's direction 9.5 in norm against 5.2 with the body frozen),
-    silently. Refused as a gradient left out, ``.grad`` as it was; an ordinary loop that
-    zeroes in place, micro-batches accumulated too, stays exact."""
+    silently; and again (found by the next review) where a write moved the zeros'
+    version: an in-place clip after the backward pass, or ``.grad`` that are views of one
+    flat buffer (17.2 against 3.1). Refused as a gradient left out, ``.grad`` as it was;
+    an ordinary loop that zeroes in place, micro-batches accumulated too, stays exact,
+    with the same writes."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
     model.double()
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
     pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    if write == "flat buffer":
+        _flat_grads(model)
+
+    def written():
+        if write == "clip_grad_norm_":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)  # scales by ~1
+
     for _ in range(2):  # .grad allocated, then zeroed in place
         model.zero_grad(set_to_none=False)
         F.cross_entropy(model(x[:3]), y[:3]).backward()  # a micro-batch accumulated
         F.cross_entropy(model(x), y).backward()
+        written()
         pre.step()
     model.zero_grad(set_to_none=False)
     F.cross_entropy(model(x), y).backward()
+    written()
     pre.step()
+    want = flatten(rc.direction(model, x, y, method=method, damping=DAMPING), model)
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
-    assert (
-        rel_error(
-            flatten(got, model),
-            flatten(rc.direction(model, x, y, method=method, damping=DAMPING), model),
-        )
-        < 1e-10
-    )
+    assert rel_error(flatten(got, model), want) < 1e-10
     model.zero_grad(set_to_none=False)
     F.cross_entropy(model(x), y).backward(inputs=list(model[2].parameters()))
+    written()
     before = snapshot(model)
     with pytest.raises(
         ValueError, match=r"hold a .grad that no backward pass since the forward pass reached"
     ):
         pre.step()
     assert_unchanged(model, before)
+    # the preconditioner's own watch on the .grad is no gradient hook pre.backward refuses
+    model.zero_grad(set_to_none=False)
+    pre.backward(F.cross_entropy(model(x), y))
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert rel_error(flatten(got, model), want) < 1e-10
     pre.remove()
