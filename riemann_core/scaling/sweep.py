@@ -78,7 +78,7 @@ except ImportError:  # Windows: not taken
 from .. import costs
 from ..arguments import check_device, check_distinct
 from ..measure.flops import KINDS, flop_counter, flops_by_kind
-from ..measure.load import is_loaded, outside_load
+from ..measure.load import is_loaded, point_load
 from ..measure.memory import cuda_peak_bytes, host_peak_bytes
 from ..measure.output import check_writable, write_atomic
 from ..measure.problems import mlp, widths
@@ -557,14 +557,15 @@ def timed(call: Callable, repeats: int, warmup: int, device: torch.device) -> tu
 @contextlib.contextmanager
 def load_read(device: torch.device) -> Iterator[list[bool]]:
     """A list holding, when the block ends, whether other processes kept busy more CPUs
-    than it left free meanwhile (:func:`~riemann_core.measure.load.is_loaded` on the
-    threads torch runs here, those of the points it times; ``False`` where the load cannot
-    be read). Not read on a GPU, whose times are its own."""
+    than it left free meanwhile, or kept this process's threads waiting for one
+    (:func:`~riemann_core.measure.load.is_loaded` on the threads torch runs here, those of
+    the points it times; ``False`` where the load cannot be read). Not read on a GPU, whose
+    times are its own."""
     loaded = [False]
     if device.type != "cpu":
         yield loaded
         return
-    with outside_load() as reading:
+    with point_load() as reading:
         yield loaded
     loaded[0] = is_loaded(reading, torch.get_num_threads())
 

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -161,3 +162,86 @@ def test_the_cores_of_a_set_of_cpus_are_read_once_per_process(tmp_path):
         (tmp_path / f"cpu{cpu}" / "topology" / "core_id").write_text(f"{cpu}\n")
     assert load.cores_of({0, 1}, tmp_path) == 1  # as read first
     assert load.cores_of({0}, tmp_path) == 1 and load.cores_of({0, 1, 2}, tmp_path) == 3
+
+
+def _tasks(root, waits_ns):
+    """A ``/proc/self/task`` of threads whose ``schedstat`` read ``waits_ns`` waiting."""
+    for thread, wait in waits_ns.items():
+        (root / str(thread)).mkdir(exist_ok=True)
+        (root / str(thread) / "schedstat").write_text(f"123456 {wait} 7\n")
+
+
+def test_the_threads_wait_is_the_sum_of_their_schedstat_run_queue_waits(tmp_path):
+    _tasks(tmp_path, {11: 2_000_000, 12: 500_000})
+    (tmp_path / "13").mkdir()  # a thread that ended between the listing and the read
+    assert load.waited_seconds(tmp_path) == pytest.approx(0.0025)
+    assert load.waited_seconds(tmp_path / "missing") is None  # unknown, not zero
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert load.waited_seconds(empty) is None
+
+
+def test_the_waiting_threads_are_their_wait_over_the_block_s_wall_time(tmp_path):
+    """Read only over a block of :data:`WAIT_BLOCK_S` at least: a slice of the scheduler
+    more or less decides a shorter one."""
+    _tasks(tmp_path, {11: 0, 12: 0})
+    with load.run_queue_wait(tmp_path) as wait:
+        time.sleep(0.05)
+        _tasks(tmp_path, {11: 20_000_000, 12: 5_000_000})  # 25 ms waited in ~50 ms
+    assert 0.3 <= wait["waiting_threads"] <= 0.5
+    with load.run_queue_wait(tmp_path) as wait:
+        time.sleep(0.02)
+        _tasks(tmp_path, {11: 0})  # thread 12 ended, and its wait with it
+    assert wait["waiting_threads"] == 0
+    with load.run_queue_wait(tmp_path) as wait:
+        _tasks(tmp_path, {11: 20_000_000})
+    assert wait == {}  # too short to tell
+    with load.run_queue_wait(tmp_path / "missing") as wait:
+        time.sleep(0.02)
+    assert wait == {}
+
+
+def test_threads_kept_waiting_past_the_slack_read_loaded_where_they_fit_in_the_cores():
+    """Short blocks, whose /proc/stat reading is all rounding, are read by the wait."""
+    short = _reading(0.0, rounding=2.0)
+    assert load.is_loaded({**short, "waiting_threads": 0.5}, threads=2)
+    assert not load.is_loaded({**short, "waiting_threads": 0.2}, threads=2)
+    assert load.is_loaded({**short, "waiting_threads": 0.5}, threads=None)
+    # more threads than cores wait for each other: not judged
+    assert not load.is_loaded({**short, "waiting_threads": 0.9}, threads=4)
+    slack = 0.25 * 4  # a quarter CPU for every two of 8 cores used
+    assert not load.is_loaded({**_reading(0.0, 8, 8, 8.0), "waiting_threads": slack}, 8)
+    assert load.is_loaded({**_reading(0.0, 8, 8, 8.0), "waiting_threads": slack + 0.1}, 8)
+    assert not load.is_loaded({"waiting_threads": 0.9}, threads=2)  # no cores read
+
+
+@pytest.mark.skipif(
+    load.waited_seconds() is None or not hasattr(os, "sched_setaffinity"),
+    reason="Linux with scheduler statistics: a thread bound beside a process",
+)
+def test_a_thread_sharing_its_cpu_with_a_spinning_process_reads_as_waiting():
+    """A real reading: a thread of this process spinning on the CPU a child process spins
+    on gets about half of it (more where the machine is loaded already)."""
+    cpu = min(os.sched_getaffinity(0))
+    spin = (
+        f"import os, time\nos.sched_setaffinity(0, {{{cpu}}})\nt = time.monotonic()\n"
+        "while time.monotonic() - t < 2: pass"
+    )
+    child = subprocess.Popen([sys.executable, "-c", spin])
+    found = {}
+
+    def bound():
+        os.sched_setaffinity(0, {cpu})  # this thread alone (Linux)
+        time.sleep(0.3)  # the child started spinning
+        with load.point_load() as reading:
+            start = time.monotonic()
+            while time.monotonic() - start < 0.5:
+                pass
+        found.update(reading)
+
+    thread = threading.Thread(target=bound)
+    thread.start()
+    thread.join()
+    child.wait()
+    assert found["waiting_threads"] >= 0.3
+    assert load.is_loaded(found, threads=1)

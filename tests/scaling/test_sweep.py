@@ -760,7 +760,7 @@ def test_repeats_that_still_spread_are_flagged(monkeypatch):
     assert (row["remeasured"], row["flag"]) == (1, "spread")
 
 
-#: readings of the load around a point's repeats (measure.load.outside_load): another
+#: readings of the load around a point's repeats (measure.load.point_load): another
 #: process keeping one of two CPUs busy, and a quiet machine
 LOADED = {"outside_cores": 1.0, "cpus_read": 2, "cores_read": 2, "rounding_cores": 0.05}
 QUIET = {**LOADED, "outside_cores": 0.02}
@@ -772,13 +772,13 @@ def fake_loads(monkeypatch, readings):
     taken, queue = [], iter(readings)
 
     @contextlib.contextmanager
-    def outside_load():
+    def point_load():
         reading = {}
         yield reading
         reading.update(next(queue))
         taken.append(reading)
 
-    monkeypatch.setattr(sw, "outside_load", outside_load)
+    monkeypatch.setattr(sw, "point_load", point_load)
     return taken
 
 
