@@ -60,11 +60,15 @@ class Differentiated:
     view changed in place afterwards, ``logits[:, :C] /= T``, is rebased and its own node
     left out of the graph: found by review). The hooks go with the graph. ``seen`` is true
     from the start where there is nothing to watch: no tensor requires grad, or one is a
-    leaf (a hook on it would stay for good). ``returned``: a backward pass seen returned a
-    parameter's gradient (``torch.autograd.grad``), which may be written into ``.grad`` by
-    hand, in place."""
+    leaf (a hook on it would stay for good). ``returned``: the ids of the parameters whose
+    gradient a backward pass seen returned (``torch.autograd.grad``), which may be written
+    into ``.grad`` by hand, in place; ``True`` where it cannot tell which (all). Every
+    backward pass through the outputs counts, not only the first (found by review: after
+    ``loss.backward(inputs=head)``, the body's gradient from ``torch.autograd.grad`` copied
+    into its zeroed ``.grad`` was refused as unreached; and a pass returning the head's
+    gradient alone let an in-place clip pass the body's stale zeros, silently)."""
 
-    __slots__ = ("seen", "returned", "watching", "listeners", "model")
+    __slots__ = ("seen", "returned", "task", "watching", "listeners", "model")
 
     def __init__(self, outputs: list[Tensor], model: nn.Module | None = None) -> None:
         self.listeners: list = []  # called as a gradient reaches the outputs
@@ -75,7 +79,8 @@ class Differentiated:
         tensors += [t._base for t in tensors if t._is_view() and t._base.requires_grad]
         nodes = {t.grad_fn for t in tensors}
         self.seen = not tensors or None in nodes
-        self.returned = False
+        self.returned: frozenset[int] | bool = frozenset()
+        self.task = None  # the backward pass (graph task) read last
         self.watching = not self.seen
         if self.watching:
             for node in nodes:
@@ -87,15 +92,30 @@ class Differentiated:
         # one on another batch between loss.backward() and pre.step() passed for it, and the
         # earlier batch's gradient was preconditioned with this batch's metric, 1.4-2.6 off)
         model = None if self.model is None else self.model()
-        if not self.seen:  # (read once: the walk over the parameters costs up to ~4 ms)
+        task = _graph_task()
+        if not self.seen or (self.returned is not True and task not in (None, self.task)):
+            # (the walk over the parameters costs up to ~4 ms: read once a backward pass,
+            # however many outputs it reaches; in full only where torch.autograd.grad
+            # returns a parameter's gradient)
+            self.task = task
             taken = "returns" if model is None else _takes_a_parameter_gradient(model)
-            self.seen, self.returned = taken is not None, taken == "returns"
+            self.seen = self.seen or taken is not None
+            if taken == "returns":
+                returned = True if model is None else _returned_parameters(model)
+                if returned is True or self.returned is True:
+                    self.returned = True
+                else:
+                    self.returned = self.returned | returned
         for listener in self.listeners:
             listener()
 
     def spend(self) -> None:
         """A step used the gradient that flowed back: the next step needs another."""
-        self.seen, self.returned = not self.watching, False
+        self.seen, self.returned, self.task = not self.watching, frozenset(), None
+
+    def returns(self, p: Tensor) -> bool:
+        """Whether a backward pass seen returned the gradient of ``p``."""
+        return self.returned is True or id(p) in self.returned
 
 
 class Accumulations:
@@ -794,6 +814,29 @@ def _takes_a_parameter_gradient(model: nn.Module) -> str | None:
         except Exception:  # (under a torch.func transform, whose tensors have no edge
             return "returns"  # to read: taken as a gradient, as before)
     return None
+
+
+def _graph_task() -> int | None:
+    """The id of the running backward pass (``None`` where torch does not tell)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return None if current is None else current()
+
+
+def _returned_parameters(model: nn.Module) -> frozenset[int] | bool:
+    """The ids of the trainable parameters of ``model`` whose gradient the running
+    backward pass returns (``torch.autograd.grad`` with respect to them); ``True`` where it
+    cannot tell (under a ``torch.func`` transform: all, as before)."""
+    returned = set()
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        try:
+            torch._C._will_engine_execute_node(get_gradient_edge(p).node)
+        except RuntimeError:  # (a leaf torch.autograd.grad returns the gradient of)
+            returned.add(id(p))
+        except Exception:
+            return True
+    return frozenset(returned)
 
 
 def _accumulates(model: nn.Module) -> bool:

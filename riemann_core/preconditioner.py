@@ -1109,10 +1109,10 @@ class RiemannianPreconditioner:
         and again, by the next review, where ``clip_grad_norm_`` or a flat buffer of
         ``.grad`` views moved their versions: 17.2 against 3.1). A ``.grad`` assigned
         since is taken; one written in place is taken where a backward pass through the
-        recorded output returned a parameter's gradient (``torch.autograd.grad``, written
-        by hand) and its version moved."""
+        recorded output returned that parameter's gradient (``torch.autograd.grad``,
+        written by hand; any of the passes, not only the first) and its version moved."""
         held, tick = self._grads_at_pass, self._tick_at_pass
-        returned = self._differentiated is not None and self._differentiated.returned
+        differentiated = self._differentiated
         return frozenset(
             n
             for n, p in params
@@ -1120,7 +1120,11 @@ class RiemannianPreconditioner:
             and id(p) in held
             and held[id(p)][0]() is p.grad
             and not self._accumulations.since(p, tick)
-            and not (returned and p.grad._version != held[id(p)][1])
+            and not (
+                differentiated is not None
+                and differentiated.returns(p)
+                and p.grad._version != held[id(p)][1]
+            )
         )
 
     def _grads_coupled(self, params, with_grad: dict[str, Tensor], unreached=frozenset()):

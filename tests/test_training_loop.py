@@ -301,3 +301,44 @@ def test_a_grad_kept_as_zeros_that_the_backward_pass_did_not_reach_is_refused(me
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert rel_error(flatten(got, model), want) < 1e-10
     pre.remove()
+
+
+@pytest.mark.parametrize("method", ["full", "natural"])
+def test_a_gradient_returned_after_a_restricted_backward_pass_is_taken_its_own(method):
+    """Found by review of the post-accumulate-grad watch: only the first backward pass
+    through the recorded output told whether one returned a parameter's gradient. After
+    ``loss.backward(inputs=head)``, the body's gradient from ``torch.autograd.grad`` copied
+    into its zeroed ``.grad`` (gradient surgery on a shared body) was refused as unreached;
+    and where the first pass returned the head's gradient alone, ``clip_grad_norm_`` let the
+    body's stale zeros pass as its gradient, silently (full: the head's direction 137 in
+    norm, against 8.2 with the body frozen). Every pass counts, for the parameters whose
+    gradient it returned."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    model.double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    body, head = list(model[0].parameters()), list(model[2].parameters())
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    F.cross_entropy(model(x), y).backward()  # .grad allocated, then zeroed in place
+    for _ in range(2):
+        model.zero_grad(set_to_none=False)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward(inputs=head, retain_graph=True)
+        for p, g in zip(body, torch.autograd.grad(loss, body), strict=True):
+            p.grad.copy_(g)
+        pre.step()
+    want = flatten(rc.direction(model, x, y, method=method, damping=DAMPING), model)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert rel_error(flatten(got, model), want) < 1e-10
+    model.zero_grad(set_to_none=False)
+    loss = F.cross_entropy(model(x), y)
+    torch.autograd.grad(loss, head, retain_graph=True)  # returns the head's alone
+    loss.backward(inputs=head)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)  # moves the body's version
+    before = snapshot(model)
+    with pytest.raises(
+        ValueError, match=r"hold a .grad that no backward pass since the forward pass reached"
+    ):
+        pre.step()
+    assert_unchanged(model, before)
+    pre.remove()
