@@ -28,8 +28,8 @@ Such a block is read another way too (:func:`run_queue_wait`): Linux's scheduler
 per thread, the nanoseconds it waited for a CPU while runnable (``schedstat``); over the
 block's wall time, the mean number of this process's threads kept waiting. Where the
 measurement's threads fit in the cores, they wait only for other work: on a 2-core
-machine, 3-120 ms blocks of a 2-thread GEMM read 0.00-0.09 quiet and 0.48-0.86 beside one
-spinning process. A block a few of the scheduler's time slices long is not read this way
+machine, 14-120 ms blocks of 2-thread GEMMs and directions read 0.00-0.04 quiet, and
+10-120 ms blocks 0.39-0.97 beside one spinning process. A block a few of the scheduler's time slices long is not read this way
 (:data:`WAIT_BLOCK_S`): one slice more or less decides it (3 ms blocks read 0.00 or 0.57
 beside the same spinner), and a block of microseconds reads any preemption as a load.
 :func:`point_load` reads a block both ways.
