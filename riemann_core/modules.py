@@ -861,6 +861,7 @@ class GenericHandler(Handler):
         module = self.block.module
         values |= {f"module.{n}": b.clone() for n, b in module.named_buffers()}
         registered = {id(m): set(m._buffers.keys()) for m in module.modules()}
+        attributes = [(m, dict(m.__dict__)) for m in module.modules()]
         try:
             output = functional_call(_Unhooked(module), values, tuple(args), kwargs)
         finally:  # nor keep a buffer it registers as it runs (found by review: one holding
@@ -868,6 +869,7 @@ class GenericHandler(Handler):
             for m in module.modules():
                 for name in [n for n in m._buffers.keys() if n not in registered.get(id(m), ())]:
                     del m._buffers[name]
+            _restore_attributes(attributes)
         index = self.block.output_index
         return output if index is None else output[index]
 
@@ -1061,6 +1063,25 @@ class GenericHandler(Handler):
             c.reshape(s)
             for c, s in zip(flat.split([s.numel() for s in self.shapes]), self.shapes, strict=True)
         ]
+
+
+def _restore_attributes(attributes: list[tuple[nn.Module, dict]]) -> None:
+    """Give each module the plain attributes it had (``(module, copy of its __dict__)``):
+    a module, or a pre-hook, that stores a tensor on the module as it runs
+    (``self.attn = weights`` kept for a plot, pruning's ``weight``) stored torch.func's
+    wrapped tensor of a per-sample call, which escaped ``vmap`` (found by a hunt: reading
+    it after ``pre.step()`` raised "Batching rule not implemented"). The attributes'
+    values are put back as they were by identity; what was added is removed."""
+    for m, before in attributes:
+        now = m.__dict__
+        for name in [n for n in now if n not in before]:
+            del now[name]
+        for name, value in before.items():
+            if now.get(name, _MISSING) is not value:
+                now[name] = value
+
+
+_MISSING = object()
 
 
 class _Unhooked(nn.Module):

@@ -3495,6 +3495,41 @@ def test_a_pruned_module_is_exact(kernel):
     assert_steps_exact(pre, model, x, lambda out: F.cross_entropy(out, y), expected)
 
 
+class Keeping(nn.Module):
+    """A module of no structured kernel that keeps its activation for a plot."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 4))
+
+    def forward(self, x):
+        h = torch.tanh(x @ self.w.T)
+        self.act = h.detach()
+        return h
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+@pytest.mark.parametrize("method", ["layerwise", "full"])
+def test_what_a_module_or_its_pre_hook_stores_on_it_is_the_forward_pass_s(method, call):
+    """Found by a hunt: the generic kernel's per-sample call under ``vmap`` stored its
+    wrapped tensors on the module (``self.act = h`` in ``forward``, ``m.last = args[0]``
+    in a pre-hook), where they escaped ``vmap``: reading them after ``pre.step()`` raised
+    "Batching rule not implemented". They hold the forward pass's tensors, and the step is
+    exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Keeping(), nn.Linear(6, 3)).double()
+    model[0].register_forward_pre_hook(lambda m, args: setattr(m, "last", args[0]))
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    expected = oracle_of(model, x, y, method=method)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel="auto")
+    for _ in range(2):  # the first call probes
+        preconditioned(pre, model, x, y, call)
+        assert torch.equal(model[0].last, x)
+        assert torch.equal(model[0].act, torch.tanh(x @ model[0].w.T).detach())
+    got = {n: p.grad for n, p in model.named_parameters()}
+    assert rel_error(flatten(got, model), expected) < 1e-10
+
+
 class KeywordCalls(nn.Module):
     """Modules called with keyword arguments only."""
 
