@@ -41,10 +41,12 @@ parameter, :class:`_BeforeAccumulation`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import weakref
 from collections import deque
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +70,7 @@ class Differentiated:
     into its zeroed ``.grad`` was refused as unreached; and a pass returning the head's
     gradient alone let an in-place clip pass the body's stale zeros, silently)."""
 
-    __slots__ = ("seen", "returned", "task", "watching", "listeners", "model")
+    __slots__ = ("seen", "returned", "task", "watching", "listeners", "model", "muted")
 
     def __init__(self, outputs: list[Tensor], model: nn.Module | None = None) -> None:
         self.listeners: list = []  # called as a gradient reaches the outputs
@@ -81,6 +83,7 @@ class Differentiated:
         self.seen = not tensors or None in nodes
         self.returned: frozenset[int] | bool = frozenset()
         self.task = None  # the backward pass (graph task) read last
+        self.muted = False  # riemann_core's own backward passes under way (see own_passes)
         self.watching = not self.seen
         if self.watching:
             for node in nodes:
@@ -93,7 +96,9 @@ class Differentiated:
         # earlier batch's gradient was preconditioned with this batch's metric, 1.4-2.6 off)
         model = None if self.model is None else self.model()
         task = _graph_task()
-        if not self.seen or (self.returned is not True and task not in (None, self.task)):
+        if self.muted:
+            pass
+        elif not self.seen or (self.returned is not True and task not in (None, self.task)):
             # (the walk over the parameters costs up to ~4 ms: read once a backward pass,
             # however many outputs it reaches; in full only where torch.autograd.grad
             # returns a parameter's gradient)
@@ -112,6 +117,17 @@ class Differentiated:
     def spend(self) -> None:
         """A step used the gradient that flowed back: the next step needs another."""
         self.seen, self.returned, self.task = not self.watching, frozenset(), None
+
+    @contextlib.contextmanager
+    def own_passes(self) -> Iterator[None]:
+        """Inside the block, riemann_core's own backward passes through the outputs
+        (``pre.backward(loss)``'s, which write ``.grad`` themselves) are not read: the walk
+        over the parameters for each took 4% of a small network's step."""
+        self.muted = True
+        try:
+            yield
+        finally:
+            self.muted = False
 
     def returns(self, p: Tensor) -> bool:
         """Whether a backward pass seen returned the gradient of ``p``."""

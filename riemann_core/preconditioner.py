@@ -677,38 +677,44 @@ class RiemannianPreconditioner:
                 output_gradient = check_classes_last(loss, capture.output, checks, loss_scale=scale)
             if needs_factor and reads_softmax_fisher(opts.loss, opts.output_metric):
                 check_samples_taken(loss, capture.output, checks)
-            # (a compiled forward's backward cannot run under vmap: the autograd path)
-            if reuse or stale or probing or rehook or paths.outside or compiled or since:
-                # autograd consumes the loss's graph: the data's checks first (one host
-                # sync, on a path that runs a second forward), so a refused loss keeps it
-                if not reuse:
-                    self._check_replayable()
-                checks.run()
-                with reentrant_checkpoint_refused():
-                    gradient = self._autograd_gradient(loss, params)
-                consumed = True
-                for name, g in gradient.items():
-                    checks.finite(
-                        f"the gradient of {name!r}", g, OVERFLOW_FIX, overflow or ValueError
+            own = (
+                self._differentiated.own_passes()
+                if self._differentiated
+                else contextlib.nullcontext()
+            )
+            with own:  # (its own backward passes: no walk of the parameters for each)
+                # (a compiled forward's backward cannot run under vmap: the autograd path)
+                if reuse or stale or probing or rehook or paths.outside or compiled or since:
+                    # autograd consumes the loss's graph: the data's checks first (one host
+                    # sync, on a path that runs a second forward), so a refused loss keeps it
+                    if not reuse:
+                        self._check_replayable()
+                    checks.run()
+                    with reentrant_checkpoint_refused():
+                        gradient = self._autograd_gradient(loss, params)
+                    consumed = True
+                    for name, g in gradient.items():
+                        checks.finite(
+                            f"the gradient of {name!r}", g, OVERFLOW_FIX, overflow or ValueError
+                        )
+                    coupled = None
+                    if since:
+                        coupled = self._coupled_check(
+                            gradient, changed=since, call="pre.backward(loss)"
+                        )
+                    directions, diagnostics = self._transaction(
+                        lambda: self._solve(gradient, params, checks, coupled)
                     )
-                coupled = None
-                if since:
-                    coupled = self._coupled_check(
-                        gradient, changed=since, call="pre.backward(loss)"
+                else:
+                    directions, diagnostics = self._transaction(
+                        lambda: self._fused(
+                            loss, not paths.calls, params, checks, output_gradient, overflow
+                        )
                     )
-                directions, diagnostics = self._transaction(
-                    lambda: self._solve(gradient, params, checks, coupled)
-                )
-            else:
-                directions, diagnostics = self._transaction(
-                    lambda: self._fused(
-                        loss, not paths.calls, params, checks, output_gradient, overflow
-                    )
-                )
-                # every called module's parameters have one, the .grad only those the loss
-                # reaches (found by review: an auxiliary head the loss leaves out got zeros,
-                # which AdamW's decay moved, and natural's coupled part)
-                directions = {n: d for n, d in directions.items() if n in reaches}
+                    # every called module's parameters have one, the .grad only those the loss
+                    # reaches (found by review: an auxiliary head the loss leaves out got zeros,
+                    # which AdamW's decay moved, and natural's coupled part)
+                    directions = {n: d for n, d in directions.items() if n in reaches}
         except GradientOverflow:  # (the generator as the skipped step found it)
             overflowed = True
         except BaseException as err:
