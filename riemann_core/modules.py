@@ -861,7 +861,7 @@ class GenericHandler(Handler):
         module = self.block.module
         values |= {f"module.{n}": b.clone() for n, b in module.named_buffers()}
         registered = {id(m): set(m._buffers.keys()) for m in module.modules()}
-        attributes = [(m, dict(m.__dict__)) for m in module.modules()]
+        attributes = [_attributes_of(m) for m in module.modules()]
         try:
             output = functional_call(_Unhooked(module), values, tuple(args), kwargs)
         finally:  # nor keep a buffer it registers as it runs (found by review: one holding
@@ -1065,22 +1065,51 @@ class GenericHandler(Handler):
         ]
 
 
-def _restore_attributes(attributes: list[tuple[nn.Module, dict]]) -> None:
-    """Give each module the plain attributes it had (``(module, copy of its __dict__)``):
-    a module, or a pre-hook, that stores a tensor on the module as it runs
-    (``self.attn = weights`` kept for a plot, pruning's ``weight``) stored torch.func's
-    wrapped tensor of a per-sample call, which escaped ``vmap`` (found by a hunt: reading
-    it after ``pre.step()`` raised "Batching rule not implemented"). The attributes'
-    values are put back as they were by identity; what was added is removed."""
-    for m, before in attributes:
+def _attributes_of(module: nn.Module) -> tuple[nn.Module, dict, list]:
+    """``module``, a copy of its ``__dict__``, and a copy of what each plain ``list`` or
+    ``dict`` it holds of its own holds (:func:`_restore_attributes`)."""
+    state = dict(module.__dict__)
+    held = [
+        (v, list(v) if type(v) is list else dict(v))
+        for k, v in state.items()
+        if (type(v) is list or type(v) is dict) and k not in _TORCH_OWN
+    ]
+    return module, state, held
+
+
+def _restore_attributes(attributes: list[tuple[nn.Module, dict, list]]) -> None:
+    """Give each module the plain attributes it had (:func:`_attributes_of`): a module,
+    or a pre-hook, that stores a tensor on the module as it runs (``self.attn = weights``
+    kept for a plot, pruning's ``weight``) stored torch.func's wrapped tensor of a
+    per-sample call, which escaped ``vmap`` (found by a hunt: reading it after
+    ``pre.step()`` raised "Batching rule not implemented"). The attributes' values are put
+    back as they were by identity; what was added is removed. So are the items of a list
+    or dict it holds (``self.acts.append(h)``, ``self.maps["attn"] = a``; found by review:
+    two entries more a step, one of them unreadable); not what it stores elsewhere (a
+    global dict, another module)."""
+    for m, before, held in attributes:
         now = m.__dict__
         for name in [n for n in now if n not in before]:
             del now[name]
         for name, value in before.items():
             if now.get(name, _MISSING) is not value:
                 now[name] = value
+        for container, items in held:
+            if type(container) is list:
+                if len(container) != len(items) or any(
+                    a is not b for a, b in zip(container, items, strict=True)
+                ):
+                    container[:] = items
+            elif container.keys() != items.keys() or any(
+                container[k] is not v for k, v in items.items()
+            ):
+                container.clear()
+                container.update(items)
 
 
+#: What every module holds in its ``__dict__`` (torch's own registries: hooks, parameters,
+#: buffers, submodules), whose items registration changes; not restored item by item.
+_TORCH_OWN = frozenset(nn.Module().__dict__)
 _MISSING = object()
 
 

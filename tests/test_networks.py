@@ -3530,6 +3530,45 @@ def test_what_a_module_or_its_pre_hook_stores_on_it_is_the_forward_pass_s(method
     assert rel_error(flatten(got, model), expected) < 1e-10
 
 
+class Recording(nn.Module):
+    """A module of no structured kernel that records its activations in a list and a dict
+    it holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 4))
+        self.acts, self.maps = [], {}
+
+    def forward(self, x):
+        h = torch.tanh(x @ self.w.T)
+        self.acts.append(h.detach())
+        self.maps["act"] = h.detach()
+        return h
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+@pytest.mark.parametrize("method", ["layerwise", "full"])
+def test_what_a_module_adds_to_a_list_or_dict_it_holds_is_the_forward_pass_s(method, call):
+    """Found by review: the generic kernel's per-sample calls appended to a list the module
+    holds (``self.acts.append(h)``) torch.func's wrapped tensors (reading one raised), two
+    entries more a step, and set a dict's item to one. They hold the forward pass's tensors
+    (a pass run again, as ``pre.step()`` runs one, adds its own), and the step is exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Recording(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    expected = oracle_of(model, x, y, method=method)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel="auto")
+    act = torch.tanh(x @ model[0].w.T).detach()
+    for _ in range(2):  # the first call probes
+        model[0].acts.clear()
+        preconditioned(pre, model, x, y, call)
+        assert 1 <= len(model[0].acts) <= 2  # (the forward pass's, and a replay's)
+        assert all(torch.equal(a, act) for a in model[0].acts)
+        assert list(model[0].maps) == ["act"] and torch.equal(model[0].maps["act"], act)
+    got = {n: p.grad for n, p in model.named_parameters()}
+    assert rel_error(flatten(got, model), expected) < 1e-10
+
+
 class KeywordCalls(nn.Module):
     """Modules called with keyword arguments only."""
 
