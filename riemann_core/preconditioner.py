@@ -219,6 +219,12 @@ class RiemannianPreconditioner:
         self._batch: tuple[tuple, dict, list, BufferStart, dict, tuple] | None = None
         self._placed: tuple | None = None
         self._versions: list[tuple[str | None, Tensor, int]] = []
+        # each parameter's storage in the recorded pass (p.data = ... moves no version: named
+        # where a replay differs), and the optimizer step taken on the model's parameters
+        # since, before any direction of that pass was written (a fused one moves no version
+        # either; _optimizer_stepped)
+        self._storages: list[tuple[str, Tensor, tuple]] = []
+        self._stepped: tuple[list[str], str] | None = None
         # the parameters that required grad in the recorded pass (its graph holds them)
         self._trained_at_pass: frozenset[int] = frozenset()
         # {id(parameter): (its .grad, weakly; the version)} as the recorded pass started,
@@ -284,6 +290,8 @@ class RiemannianPreconditioner:
         except BaseException:  # (found by a hunt: the hooks above, left on the model, broke
             self._finalizer()  # every later forward pass with gradients)
             raise
+        _STEP_WATCHERS.add(self)
+        _watch_optimizer_steps()
         _compile_again()
 
     @property
@@ -367,6 +375,10 @@ class RiemannianPreconditioner:
         self._versions = [(None, t, t._version) for t in inputs] + [
             (n, p, p._version) for n, p in self.model.named_parameters()
         ]
+        self._storages = [
+            (n, p, (_pointer(p), p.dtype, p.device)) for n, p, _ in self._versions if n is not None
+        ]
+        self._stepped = None
         self._trained_at_pass = frozenset(
             id(p) for n, p, _ in self._versions if n is not None and p.requires_grad
         )
@@ -474,7 +486,7 @@ class RiemannianPreconditioner:
             for n, m in self.model.named_modules()
             if self._modes.get(id(m), training(m)) != training(m)
         ]
-        causes = [moved_since(self.network, self._placed), buffers]
+        causes = [moved_since(self.network, self._placed), self._given_other_data(), buffers]
         if _compiled(self.model):
             causes.append(
                 "the pass ran compiled (torch.compile) and the replay runs eagerly, so random "
@@ -493,6 +505,31 @@ class RiemannianPreconditioner:
             )
         return "; ".join(c for c in causes if c)
 
+    def _given_other_data(self) -> str:
+        """What to say of a replay where parameters were given other data since the
+        recorded pass (``p.data = ...``, which moves no version counter) while their dtype
+        and device stayed (a model moved is named by :func:`moved_since`): found by a hunt
+        of SAM loops, whose weights put back as ``p.data = old_p`` before ``pre.step()``
+        were blamed on state not replayed (Python's random module, a counter). Where the
+        fused ``pre.backward(loss)`` runs no replay, the graph keeps the pass's own data,
+        and its direction is that pass's."""
+        given = [
+            name
+            for name, p, (pointer, dtype, device) in self._storages
+            if pointer is not None
+            and (p.dtype, p.device) == (dtype, device)
+            and _pointer(p) != pointer
+        ]
+        if not given:
+            return ""
+        return (
+            f"parameters {some(given)} were given other data since that pass (p.data = ..., "
+            "which moves no version counter: a weight perturbation put back as SAM "
+            "implementations do, p.data = old_p, torch.nn.utils.vector_to_parameters, an "
+            "average's weights swapped in), and the pass is run again at the parameters as "
+            "they are now: compute the direction (pre.step()) before the weights change"
+        )
+
     def _check_unchanged(self, call: str) -> None:
         if self._edited_in_forward:
             raise RuntimeError(
@@ -509,9 +546,19 @@ class RiemannianPreconditioner:
                 what = "an input of the forward pass" if name is None else f"parameter {name!r}"
                 raise RuntimeError(
                     f"{what} changed in place after the forward pass that {call} uses "
-                    "(an optimizer step, or a new batch copied into the same tensor): call "
-                    f"{call} before opt.step(), and before the inputs change"
+                    "(an optimizer step, a weight perturbation put back (SAM), or a new batch "
+                    f"copied into the same tensor): call {call} before opt.step(), before "
+                    "the weights are put back, and before the inputs change"
                 )
+        # a fused optimizer's step moves no version counter (found by a hunt)
+        if self._stepped is not None:
+            names, optimizer = self._stepped
+            raise RuntimeError(
+                f"{optimizer}.step() stepped parameters {some(names)} after the forward pass "
+                f"that {call} uses, before its direction was written (a fused optimizer, "
+                "fused=True, moves no version counter, so the parameters changed unseen): "
+                f"call {call} before opt.step()"
+            )
 
     def backward(self, loss: Tensor) -> None:
         """Add ``G^{-1} g`` to each trainable ``.grad``, ``g`` the gradient of ``loss``.
@@ -1377,6 +1424,20 @@ class RiemannianPreconditioner:
         if self._kfac is not None:
             kfac_checkpoint.load(self._kfac, state["kfac"], self.network, self._options)
 
+    def _note_step(self, optimizer: torch.optim.Optimizer, stepped: set[int]) -> None:
+        """An optimizer step took place (see :func:`_optimizer_stepped`) over the
+        parameters ``stepped`` (their ``id``; those with a ``.grad``, which it updates):
+        remembered where it updated the model's after the recorded forward pass and before
+        any direction of that pass was written, which a fused optimizer's kernel does
+        without moving their version counters (found by a hunt: ``opt.step()`` taken before
+        ``pre.step()`` with ``fused=True`` went unrefused where the replay's check passed,
+        K-FAC between refreshes always)."""
+        if self._removed or self._batch is None or self._preconditioned or self._stepped:
+            return
+        names = [n for n, p, _ in self._storages if id(p) in stepped]
+        if names:
+            self._stepped = (names, type(optimizer).__name__)
+
     def _check_not_removed(self, call: str) -> None:
         """Refuse a call after :meth:`remove`: forward passes since are not recorded, so it
         would take the metric at the batch of the last one before (found by review: a step
@@ -1420,6 +1481,48 @@ class RiemannianPreconditioner:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+#: The preconditioners an optimizer step is reported to (held weakly).
+_STEP_WATCHERS: weakref.WeakSet[RiemannianPreconditioner] = weakref.WeakSet()
+_STEP_HOOK: list = []  # the handle of the hook on every optimizer's step, once registered
+
+
+def _watch_optimizer_steps() -> None:
+    """Register :func:`_optimizer_stepped` on every ``torch.optim`` optimizer's step, once
+    per process."""
+    if not _STEP_HOOK:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _STEP_HOOK.append(register_optimizer_step_post_hook(_optimizer_stepped))
+
+
+def _optimizer_stepped(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """After any optimizer's ``step()``: tell each preconditioner whose recorded forward
+    pass still awaits its direction which parameters the step updated (those with a
+    ``.grad``). Nothing is read where none awaits one, as in the order the docs give
+    (``pre.step()`` or ``pre.backward(loss)`` before ``opt.step()``)."""
+    waiting = [
+        pre
+        for pre in list(_STEP_WATCHERS)
+        if pre._batch is not None and not pre._preconditioned and pre._stepped is None
+    ]
+    if not waiting:
+        return
+    stepped = {
+        id(p) for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+    }
+    for pre in waiting:
+        pre._note_step(optimizer, stepped)
+
+
+def _pointer(p: Tensor) -> int | None:
+    """Where ``p``'s data lies, ``None`` for a tensor without storage (torch.func's
+    wrappers of a pass under ``functional_call``)."""
+    try:
+        return p.data_ptr()
+    except RuntimeError:
+        return None
 
 
 def _detach(attached: dict) -> None:
@@ -1669,6 +1772,8 @@ _RECORD = (
     "_differentiated",
     "_modes",
     "_versions",
+    "_storages",
+    "_stepped",
     "_trained_at_pass",
     "_grads_at_pass",
     "_tick_at_pass",

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from oracle import (
     Problem,
     assert_unchanged,
+    block_indices,
     flatten,
     ggn,
     gradient,
@@ -341,4 +342,118 @@ def test_a_gradient_returned_after_a_restricted_backward_pass_is_taken_its_own(m
     ):
         pre.step()
     assert_unchanged(model, before)
+    pre.remove()
+
+
+def _fused_adam(params):
+    return torch.optim.Adam(params, lr=1e-3, fused=True)
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [("layerwise", {}), ("natural", {}), ("kfac", {"kfac_refresh": 3})],
+    ids=["layerwise", "natural", "kfac-between-refreshes"],
+)
+def test_a_fused_optimizer_step_before_the_step_is_refused(method, options):
+    """Found by a hunt of training loops: ``opt.step()`` taken before ``pre.step()`` is
+    refused by the parameters' version counters, but a fused optimizer (``fused=True``)
+    moves none. K-FAC between refreshes, which runs no forward pass, then took the step
+    silently (the optimizer had stepped along the raw gradient, and the direction written
+    after it went unused); the other methods were refused only by the replay's output
+    check, as state not replayed (a float32 network at learning rate 1e-5 with outputs of
+    scale 100 passed it, silently). Refused naming the optimizer, every .grad as it was;
+    the order the docs give stays exact."""
+    problem = Problem(depth=3)
+    model, x, y = problem.make()
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, **options)
+    opt = _fused_adam(model.parameters())
+    for _ in range(2):  # the order the docs give: exact, and K-FAC's cache filled
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        opt.step()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()  # before pre.step(): the raw gradient applied
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"Adam.step\(\) stepped parameters .*before opt"):
+        pre.step()
+    assert_unchanged(model, before)
+    # the documented order: exact (K-FAC's cached blocks aside: checked against itself)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    if method != "kfac":
+        want = flatten(rc.direction(model, x, y, method=method, damping=DAMPING), model)
+        got = flatten({n: p.grad for n, p in model.named_parameters()}, model)
+        assert rel_error(got, want) < 1e-10
+    pre.remove()
+
+
+def test_another_models_fused_optimizer_between_the_pass_and_the_step_is_taken():
+    """A GAN's discriminator stepped by a fused optimizer between the generator's forward
+    pass and its ``pre.step()`` changes none of the generator's parameters: exact."""
+    torch.manual_seed(9)
+    G = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 4))
+    D = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    G.double(), D.double()
+    pre_G = rc.RiemannianPreconditioner(G, loss="mse", damping=DAMPING)
+    pre_D = rc.RiemannianPreconditioner(D, loss="mse", damping=DAMPING)
+    opt_G, opt_D = _fused_adam(G.parameters()), _fused_adam(D.parameters())
+    z, ones = torch.randn(8, 3, dtype=torch.float64), torch.ones(8, 1, dtype=torch.float64)
+    for _ in range(2):
+        opt_D.zero_grad()
+        fake = G(z)
+        F.mse_loss(D(fake.detach()), 0 * ones).backward()
+        opt_D.step()  # the generator's pass is still to be preconditioned
+        opt_G.zero_grad()
+        loss = F.mse_loss(D(fake), ones)
+        names = [n for n, _ in G.named_parameters()]
+        grads = torch.autograd.grad(loss, list(G.parameters()), retain_graph=True)
+        gradient = flatten(dict(zip(names, grads, strict=True)), G)
+        loss.backward()
+        pre_G.step()
+        # the metric at G's pass (its MSE output metric) applied to the loss's gradient
+        metric = ggn(G, z, torch.zeros(8, 4, dtype=torch.float64), "mse")
+        want = oracle_direction(metric, gradient, DAMPING, "layerwise", block_indices(G))
+        got = flatten({n: p.grad for n, p in G.named_parameters()}, G)
+        assert rel_error(got, want) < 1e-10
+        opt_G.step()
+    pre_G.remove(), pre_D.remove()
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_weights_restored_through_data_before_the_step(call):
+    """Found by a hunt of SAM loops: the second pass at ``w + e``, then the weights put back
+    as a common SAM implementation does, ``p.data = old_p`` (or
+    ``torch.nn.utils.vector_to_parameters``), which moves no version counter. ``pre.step()``
+    runs that pass again at ``w``, whose output differs: the refusal blamed state not
+    replayed (Python's random module, a counter) and now names the parameters given other
+    data and the fix. The fused ``pre.backward(loss)`` runs no replay (its graph keeps the
+    pass's data): the direction at ``w + e``, exact."""
+    problem = Problem(depth=3)
+    model, x, y = problem.make()
+    pre = rc.RiemannianPreconditioner(model, method="layerwise", damping=DAMPING)
+    preconditioned(pre, model, x, y, call)  # past the first call
+    model.zero_grad(set_to_none=True)
+    old = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05)  # the ascent step
+    perturbed = copy.deepcopy(model)
+    loss = F.cross_entropy(model(x), y)
+    if call == "step":
+        loss.backward()
+    for n, p in model.named_parameters():
+        p.data = old[n].clone()
+    if call == "backward":
+        pre.backward(loss)
+        want = rc.direction(perturbed, x, y, method="layerwise", damping=DAMPING)
+        got = {n: p.grad for n, p in model.named_parameters()}
+        assert rel_error(flatten(got, model), flatten(want, model)) < 1e-10
+    else:
+        before = snapshot(model)
+        with pytest.raises(ValueError, match=r"parameters \['0.weight'.*were given other data"):
+            pre.step()
+        assert_unchanged(model, before)
     pre.remove()
