@@ -457,3 +457,30 @@ def test_weights_restored_through_data_before_the_step(call):
             pre.step()
         assert_unchanged(model, before)
     pre.remove()
+
+
+def test_a_module_called_only_in_an_earlier_micro_batch_is_refused_naming_it():
+    """Found by a hunt: accumulating micro-batches routed to different heads, the head the
+    last pass did not call (the metric is that pass's) was refused with the advice to call
+    ``opt.zero_grad()``, which would drop its micro-batch's gradient. The message says it
+    may come from an earlier micro-batch, and what to do."""
+
+    class Routed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(6, 8)
+            self.a, self.b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+
+        def forward(self, x, route):
+            return (self.a if route == "a" else self.b)(torch.tanh(self.body(x)))
+
+    torch.manual_seed(0)
+    model = Routed().double()
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 4, (16,))
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    F.cross_entropy(model(x[:8], "b"), y[:8]).backward()
+    F.cross_entropy(model(x[8:], "a"), y[8:]).backward()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"b.weight.*earlier micro-batch whose pass called them"):
+        pre.step()
+    assert_unchanged(model, before)

@@ -390,10 +390,13 @@ def _check_reached(model, blocks, outputs, targets, opts, gradient) -> None:
         raise ValueError(
             f"parameters {used} have a nonzero gradient, but their modules were not called "
             "in the model's forward pass: the loss reaches them another way (weight tying "
-            "through F.linear, a head applied outside forward), which no kernel sees, or the "
+            "through F.linear, a head applied outside forward), which no kernel sees; or the "
             ".grad is left from an earlier step (call opt.zero_grad() before the backward "
-            "pass). Call the owning module inside forward, or freeze them with "
-            "requires_grad_(False)"
+            "pass); or from an earlier micro-batch whose pass called them, where the last "
+            "one, whose batch the metric is taken at, did not (a branch or expert routed by "
+            "the batch: the metric has no rows for them; pass the micro-batches through one "
+            "forward pass, concatenated, or step after each). Call the owning module inside "
+            "forward, or freeze them with requires_grad_(False)"
         )
     if used:
         raise ValueError(
