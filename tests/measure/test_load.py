@@ -1,10 +1,12 @@
 """The load of other processes on this process's CPUs, read off ``/proc/stat``."""
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -164,11 +166,18 @@ def test_the_cores_of_a_set_of_cpus_are_read_once_per_process(tmp_path):
     assert load.cores_of({0}, tmp_path) == 1 and load.cores_of({0, 1, 2}, tmp_path) == 3
 
 
-def _tasks(root, waits_ns):
-    """A ``/proc/self/task`` of threads whose ``schedstat`` read ``waits_ns`` waiting."""
+#: no control group to read: the fake blocks' readings are not the machine's quota's
+NO_CGROUP = Path("/nonexistent/cgroup")
+
+
+def _tasks(root, waits_ns, ran_ns=None):
+    """A ``/proc/self/task`` of threads whose ``schedstat`` read ``waits_ns`` waiting, each
+    having run ``ran_ns`` (by thread; the clock's nanoseconds where not given: running
+    all along)."""
     for thread, wait in waits_ns.items():
+        ran = (ran_ns or {}).get(thread, time.monotonic_ns())
         (root / str(thread)).mkdir(exist_ok=True)
-        (root / str(thread) / "schedstat").write_text(f"123456 {wait} 7\n")
+        (root / str(thread) / "schedstat").write_text(f"{ran} {wait} 7\n")
 
 
 def test_the_threads_wait_is_the_sum_of_their_schedstat_run_queue_waits(tmp_path):
@@ -185,20 +194,113 @@ def test_the_waiting_threads_are_their_wait_over_the_block_s_wall_time(tmp_path)
     """Read only over a block of :data:`WAIT_BLOCK_S` at least: a slice of the scheduler
     more or less decides a shorter one."""
     _tasks(tmp_path, {11: 0, 12: 0})
-    with load.run_queue_wait(tmp_path) as wait:
+    with load.run_queue_wait(tmp_path, NO_CGROUP) as wait:
         time.sleep(0.05)
         _tasks(tmp_path, {11: 20_000_000, 12: 5_000_000})  # 25 ms waited in ~50 ms
     assert 0.3 <= wait["waiting_threads"] <= 0.5
-    with load.run_queue_wait(tmp_path) as wait:
+    with load.run_queue_wait(tmp_path, NO_CGROUP) as wait:
         time.sleep(0.02)
         _tasks(tmp_path, {11: 0})  # thread 12 ended, and its wait with it
     assert wait["waiting_threads"] == 0
-    with load.run_queue_wait(tmp_path) as wait:
+    with load.run_queue_wait(tmp_path, NO_CGROUP) as wait:
         _tasks(tmp_path, {11: 20_000_000})
     assert wait == {}  # too short to tell
-    with load.run_queue_wait(tmp_path / "missing") as wait:
+    with load.run_queue_wait(tmp_path / "missing", NO_CGROUP) as wait:
         time.sleep(0.02)
     assert wait == {}
+
+
+def test_a_kernel_without_scheduler_statistics_reads_unknown_not_quiet(tmp_path):
+    """Such a kernel reads ``0 0 0`` for every thread: no time on a CPU either."""
+    for thread in (11, 12):
+        (tmp_path / str(thread)).mkdir()
+        (tmp_path / str(thread) / "schedstat").write_text("0 0 0\n")
+    assert load.waited_seconds(tmp_path) is None
+    with load.run_queue_wait(tmp_path, NO_CGROUP) as wait:
+        time.sleep(0.02)
+    assert wait == {}
+
+
+def test_a_thread_ending_during_a_block_takes_only_its_own_wait_with_it(tmp_path):
+    """Thread 12 waited 5 s before the block and ended in it; thread 11 waited half of the
+    block: 0.5 threads waiting, not 0."""
+    _tasks(tmp_path, {11: 0, 12: 5_000_000_000})
+    with load.run_queue_wait(tmp_path, NO_CGROUP) as wait:
+        time.sleep(0.05)
+        shutil.rmtree(tmp_path / "12")
+        _tasks(tmp_path, {11: 25_000_000, 13: 5_000_000})  # 13 started in the block
+    assert 0.45 <= wait["waiting_threads"] <= 0.6
+    assert load.is_loaded({**_reading(0.0, rounding=2.0), **wait}, threads=2)
+
+
+def test_the_wait_of_a_thread_that_barely_ran_in_the_block_is_not_read(tmp_path):
+    """An event loop's thread, waking for a heartbeat while the measurement's threads hold
+    the cores, waits for them without slowing them: only the threads that ran
+    :data:`RAN_SHARE` of the block at least count."""
+    _tasks(tmp_path, {11: 0, 12: 0, 13: 0}, {13: 1_000_000})
+    with load.run_queue_wait(tmp_path, NO_CGROUP) as wait:
+        time.sleep(0.05)
+        # 13 (the event loop) ran 0.2 ms of ~50 and waited 12 ms; 11 and 12 ran throughout
+        _tasks(tmp_path, {11: 500_000, 12: 500_000, 13: 12_000_000}, {13: 1_200_000})
+    assert wait["waiting_threads"] <= 0.03
+    assert not load.is_loaded({**_reading(0.0, rounding=2.0), **wait}, threads=2)
+    assert load.waited_between(
+        {"11": (0, 0), "13": (0, 0)}, {"11": (30_000_000, 1), "13": (200_000, 10**7)}, 0.005
+    ) == pytest.approx(1e-9)
+
+
+def _cgroup(tmp_path, line, stats):
+    """A ``/proc/self/cgroup`` of one ``line`` and a cgroup tree whose ``cpu.stat`` files
+    (``stats``: path under the tree -> text) read as given."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cgroup").write_text(line + "\n")
+    for path, text in stats.items():
+        (tmp_path / "fs" / path).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / path / "cpu.stat").write_text(text)
+    return tmp_path / "cgroup", tmp_path / "fs"
+
+
+def test_the_throttled_time_of_the_group_and_those_above_it_is_read(tmp_path):
+    v2 = _cgroup(
+        tmp_path / "v2",
+        "0::/pod/box",
+        {
+            "pod/box": "usage_usec 9\nnr_throttled 2\nthrottled_usec 300000\n",
+            "pod": "throttled_usec 200000\n",
+            "other": "throttled_usec 999000000\n",  # not this process's
+        },
+    )
+    assert load.throttled_seconds(*v2) == pytest.approx(0.5)
+    v1 = _cgroup(
+        tmp_path / "v1",
+        "4:cpu,cpuacct:/box",
+        {"cpu,cpuacct/box": "throttled_time 250000000\n", "cpu,cpuacct": "throttled_time 0\n"},
+    )
+    assert load.throttled_seconds(*v1) == pytest.approx(0.25)
+    none = _cgroup(tmp_path / "none", "3:memory:/box", {"memory/box": "throttled_time 5\n"})
+    assert load.throttled_seconds(*none) is None
+    assert load.throttled_seconds(tmp_path / "missing", tmp_path) is None
+
+
+def test_a_wait_the_cpu_quota_made_is_not_read_as_another_process_s_load(tmp_path):
+    """Threads held off the CPUs by their group's quota count as waiting in ``schedstat``
+    (found by review: 2-thread GEMM blocks under a quota of 1.5 CPUs read 0.41-0.51
+    threads waiting, loaded); a block the quota did not throttle is read as before."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    _tasks(tasks, {11: 0, 12: 0})
+    group = tmp_path / "fs" / "box"
+    cgroup, root = _cgroup(tmp_path, "0::/box", {"box": "throttled_usec 0\n"})
+    with load.point_load(tmp_path / "no-stat", tasks, cgroup, root) as reading:
+        time.sleep(0.05)
+        _tasks(tasks, {11: 20_000_000, 12: 20_000_000})
+        (group / "cpu.stat").write_text("throttled_usec 20000\n")
+    assert "waiting_threads" not in reading and reading["throttled_s"] == 0.02
+    assert not load.is_loaded({**_reading(0.0, rounding=2.0), **reading}, threads=2)
+    with load.point_load(tmp_path / "no-stat", tasks, cgroup, root) as reading:
+        time.sleep(0.05)
+        _tasks(tasks, {11: 40_000_000, 12: 40_000_000})
+    assert 0.6 <= reading["waiting_threads"] <= 0.9 and "throttled_s" not in reading
 
 
 def test_threads_kept_waiting_past_the_slack_read_loaded_where_they_fit_in_the_cores():
