@@ -484,3 +484,23 @@ def test_a_module_called_only_in_an_earlier_micro_batch_is_refused_naming_it():
     with pytest.raises(ValueError, match=r"b.weight.*earlier micro-batch whose pass called them"):
         pre.step()
     assert_unchanged(model, before)
+
+
+def test_a_head_optimizer_beside_a_trainable_body_is_refused_naming_which_optimizer():
+    """Found by a hunt: fine-tuning the head with an optimizer over it alone, the body left
+    trainable, ``opt.zero_grad()`` leaves the body's direction in its ``.grad`` and the next
+    backward pass adds to it: refused, rightly, but the message told the user to call
+    ``opt.zero_grad()``, which they had. It says which optimizer's."""
+    model, x, y = Problem(depth=3).make()
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    opt = torch.optim.SGD(list(model.parameters())[-2:], lr=0.1)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    opt.step()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"of an optimizer that holds these parameters"):
+        pre.step()
+    assert_unchanged(model, before)
