@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import sys
@@ -1426,9 +1427,10 @@ class RiemannianPreconditioner:
         if self._kfac is not None:
             kfac_checkpoint.load(self._kfac, state["kfac"], self.network, self._options)
 
-    def _note_step(self, optimizer: torch.optim.Optimizer, stepped: set[int]) -> None:
+    def _note_step(self, optimizer: torch.optim.Optimizer, stepped: _Stepped) -> None:
         """An optimizer step took place (see :func:`_optimizer_stepped`) over the
-        parameters ``stepped`` (their ``id``; those with a ``.grad``, which it updates):
+        parameters ``stepped`` (those with a ``.grad``, which it updates, and any tensor
+        whose memory they overlap):
         remembered where it updated the model's after the recorded forward pass and before
         any direction of that pass was written, which a fused optimizer's kernel does
         without moving their version counters (found by a hunt: ``opt.step()`` taken before
@@ -1436,7 +1438,7 @@ class RiemannianPreconditioner:
         K-FAC between refreshes always)."""
         if self._removed or self._batch is None or self._preconditioned or self._stepped:
             return
-        names = [n for n, p, _ in self._storages if id(p) in stepped]
+        names = [n for n, p, (at, _, device) in self._storages if stepped.updates(p, at, device)]
         if names:
             self._stepped = (names, type(optimizer).__name__)
 
@@ -1511,11 +1513,61 @@ def _optimizer_stepped(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     ]
     if not waiting:
         return
-    stepped = {
-        id(p) for group in optimizer.param_groups for p in group["params"] if p.grad is not None
-    }
+    stepped = _Stepped(
+        [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    )
     for pre in waiting:
         pre._note_step(optimizer, stepped)
+
+
+class _Stepped:
+    """The parameters an optimizer step updated: those it holds with a ``.grad``, and a
+    parameter whose data, where the recorded pass found it, lies inside one of them
+    (found by review: the model's parameters as views of one flat buffer that the
+    optimizer holds as its parameter, as contiguous parameter buffers keep them: a step
+    of the buffer before ``pre.step()`` moved no version counter of theirs, fused or not,
+    and K-FAC between refreshes took it silently)."""
+
+    def __init__(self, params: list[Tensor]):
+        self._params = params
+        self._ids = {id(p) for p in params}
+        self._spans: dict | None = None  # {device: (starts in order, running max of ends)}
+
+    def updates(self, p: Tensor, pointer: int | None, device: torch.device) -> bool:
+        """Whether ``p``, whose data lay at ``pointer`` on ``device``, was updated."""
+        if id(p) in self._ids:
+            return True
+        if not pointer:  # no storage (torch.func's wrappers), or a meta tensor
+            return False
+        if self._spans is None:  # (read once a step, and only where a pass awaits)
+            self._spans = _spans(self._params)
+        starts, ends = self._spans.get(device, ((), ()))
+        i = bisect.bisect_right(starts, pointer)  # those that start at or before it
+        return i > 0 and ends[i - 1] > pointer  # one of them ends after it
+
+
+def _spans(params: list[Tensor]) -> dict:
+    """Where the data of ``params`` lies, by device: the first byte of each, in order, and
+    the largest end (past the last byte) among those up to each."""
+    by_device: dict = {}
+    for p in params:
+        pointer = _pointer(p)
+        if not pointer or not p.numel():
+            continue
+        if p.is_contiguous():
+            size = p.numel()
+        else:
+            size = 1 + sum((n - 1) * s for n, s in zip(p.shape, p.stride(), strict=True))
+        by_device.setdefault(p.device, []).append((pointer, pointer + size * p.element_size()))
+    out = {}
+    for device, spans in by_device.items():
+        spans.sort()
+        ends, most = [], 0
+        for _, end in spans:
+            most = max(most, end)
+            ends.append(most)
+        out[device] = ([s for s, _ in spans], ends)
+    return out
 
 
 def _pointer(p: Tensor) -> int | None:
