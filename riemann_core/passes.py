@@ -2,7 +2,8 @@
 
 :class:`Differentiated` tells whether a gradient flowed back through a pass's output at
 all (``pre.step()`` takes the metric at the last pass, which must be the one the loss
-went through). :class:`Passes` keeps, for a data-parallel ``pre.step()`` (a
+went through); :class:`Accumulations`, which ``.grad`` a backward pass accumulated into
+since a pass started (a ``.grad`` none did holds no gradient of that pass). :class:`Passes` keeps, for a data-parallel ``pre.step()`` (a
 ``process_group``), what its combination of the ranks' ``.grad`` relies on and cannot see
 in them. That combination is ``sum_p (N_p / N) g_p`` (under ``DistributedDataParallel``,
 its equal-weight average of the micro-batches accumulated in ``no_sync()``, whose shares
@@ -96,9 +97,9 @@ class Differentiated:
         # earlier batch's gradient was preconditioned with this batch's metric, 1.4-2.6 off)
         model = None if self.model is None else self.model()
         task = _graph_task()
-        if self.muted:
-            pass
-        elif not self.seen or (self.returned is not True and task not in (None, self.task)):
+        if not self.muted and (
+            not self.seen or (self.returned is not True and task not in (None, self.task))
+        ):
             # (the walk over the parameters costs up to ~4 ms: read once a backward pass,
             # however many outputs it reaches; in full only where torch.autograd.grad
             # returns a parameter's gradient)
