@@ -109,11 +109,6 @@ def eigh_flops(n: int, vectors: bool = True) -> float:
     return 9 * n**3 if vectors else 4 * n**3 / 3
 
 
-def lu_solve_flops(n: int, k: int = 1) -> float:
-    """``2 n^3 / 3 + 2 n^2 k``: LU factorisation and two triangular solves."""
-    return 2 * n**3 / 3 + 2 * n * n * k
-
-
 #: Power-iteration steps of the conditioning estimate (``woodbury.largest_eigenvalue``).
 POWER_STEPS = 3
 
@@ -140,17 +135,6 @@ def lower_gram_flops(d: int, blocks: int, k: int, symmetric: bool = False) -> fl
     if symmetric and blocks > 1:
         return d * d * k
     return d * d * k * (1 + 1 / blocks)
-
-
-def inverse_flops(n: int) -> float:
-    """``2 n^3``: LU plus inversion from the factors."""
-    return 2 * n**3
-
-
-def cholesky_inverse_flops(n: int) -> float:
-    """``2 n^3 / 3``: ``(L L^T)^{-1}`` from the Cholesky factor ``L`` (``L^{-1}``, then
-    ``L^{-T} L^{-1}``)."""
-    return 2 * n**3 / 3
 
 
 def qr_flops(m: int, n: int) -> float:
