@@ -1322,6 +1322,8 @@ def _no_kronecker_shared(name: str) -> ValueError:
 def _no_kronecker(name: str, module: nn.Module) -> ValueError:
     cls = STRUCTURED.get(type(module))
     reason = cls.supports(module) if cls is not None and issubclass(cls, PatchHandler) else None
+    if cls is None:
+        reason = _subclass_of_structured(module)
     if reason is None and forward_replaced(module):
         reason = "a forward replaced on the instance, under a kernel other than 'structured'"
     return ValueError(
@@ -1383,6 +1385,28 @@ def structured_reason(module: nn.Module) -> str | None:
     return cls.supports(module) or ("a forward replaced" if forward_replaced(module) else None)
 
 
+def _subclass_of_structured(module: nn.Module) -> str | None:
+    """Where ``module``'s class subclasses one with a structured kernel (a hunt: a plain
+    ``class MyLinear(nn.Linear)`` read as if it had none): kernels are looked up by exact
+    class, since a subclass may compute otherwise."""
+    parent = next((t for t in STRUCTURED if isinstance(module, t)), None)
+    if parent is None:
+        return None
+    kernel = STRUCTURED[parent]
+    return (
+        f"{type(module).__name__} subclasses {parent.__name__}, and kernels are looked up by "
+        f"exact class, since a subclass may compute otherwise (where it computes what "
+        f"{parent.__name__} does: rc.register_handler({type(module).__name__}, "
+        f"{kernel.__module__}.{kernel.__name__}))"
+    )
+
+
+def _no_structured_kernel(module: nn.Module) -> str:
+    """Why ``module``, whose class has no structured kernel, has none."""
+    beside = _subclass_of_structured(module)
+    return "no structured kernel" + (f": {beside}" if beside else "")
+
+
 def handler_for(block: Block, kernel: str) -> Handler:
     """The kernel for ``block``: structured where registered, generic where asked for; a
     shared block sums the kernels of its calls."""
@@ -1393,7 +1417,7 @@ def handler_for(block: Block, kernel: str) -> Handler:
     cls = STRUCTURED.get(type(block.module))
     if kernel == "auto":
         return GenericHandler(block) if structured_reason(block.module) else cls(block)
-    reason = "no structured kernel" if cls is None else cls.supports(block.module)
+    reason = _no_structured_kernel(block.module) if cls is None else cls.supports(block.module)
     if reason is None:
         return cls(block)
     supported = ", ".join(t.__name__ for t in STRUCTURED)

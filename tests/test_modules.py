@@ -331,6 +331,29 @@ def test_register_handler_for_new_type(restore_handlers):
     assert rel_error(flatten(structured, model), flatten(generic, model)) < 1e-10
 
 
+@pytest.mark.parametrize("method", ["layerwise", "kfac"])
+def test_a_subclass_of_linear_is_refused_naming_the_parents_kernel(method, restore_handlers):
+    """Found by a hunt: ``class MyLinear(nn.Linear)`` was refused as a module with no
+    structured kernel, as if it were not a Linear. The refusal says kernels go by exact
+    class and names the registration that gives it Linear's, which then works (K-FAC's
+    factors too)."""
+    model, x, y = mylinear_net()
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=1e-3)
+    with pytest.raises(ValueError) as refused:
+        pre.backward(F.cross_entropy(model(x), y))
+    message = str(refused.value)
+    assert "MyLinear subclasses Linear, and kernels are looked up by exact class" in message
+    assert "rc.register_handler(MyLinear, riemann_core.modules.LinearHandler)" in message
+    assert all(p.grad is None for p in model.parameters())
+    rc.register_handler(MyLinear, modules.LinearHandler)
+    pre.backward(F.cross_entropy(model(x), y))
+    plain = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    plain.load_state_dict(model.state_dict())
+    expected = rc.direction(plain, x, y, method=method, damping=1e-3)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
+
+
 def test_register_handler_overwrite_replaces(restore_handlers):
     calls = []
 
