@@ -3,7 +3,8 @@
 :class:`Differentiated` tells whether a gradient flowed back through a pass's output at
 all (``pre.step()`` takes the metric at the last pass, which must be the one the loss
 went through); :class:`Accumulations`, which ``.grad`` a backward pass accumulated into
-since a pass started (a ``.grad`` none did holds no gradient of that pass). :class:`Passes` keeps, for a data-parallel ``pre.step()`` (a
+since a pass started (a ``.grad`` none did holds no gradient of that pass), and what the
+accumulations since a direction was written found there (straight onto the direction). :class:`Passes` keeps, for a data-parallel ``pre.step()`` (a
 ``process_group``), what its combination of the ranks' ``.grad`` relies on and cannot see
 in them. That combination is ``sum_p (N_p / N) g_p`` (under ``DistributedDataParallel``,
 its equal-weight average of the micro-batches accumulated in ``no_sync()``, whose shares
@@ -142,12 +143,24 @@ class Accumulations:
     whether a backward pass accumulated into a ``.grad`` after that start. Unlike the
     ``.grad``'s version, no other write moves it: an in-place clip
     (``clip_grad_norm_``), or any write into a flat buffer the ``.grad`` are views of
-    (``DistributedDataParallel(gradient_as_bucket_view=True)``)."""
+    (``DistributedDataParallel(gradient_as_bucket_view=True)``).
+
+    From :meth:`mark` on (a direction written into ``.grad``), the hook also notes what the
+    accumulations into each ``.grad`` found (:meth:`onto`): the ``.grad`` and its version
+    right after the first and the last of them, and the backward pass (graph task) of the
+    first. The hook runs as autograd's accumulation returns, before
+    ``DistributedDataParallel``'s own hook on the parameter and its write of the averaged
+    gradient into ``.grad`` at the end of the backward pass, so a version one past the
+    direction's tells that the accumulation went straight onto the direction, where the
+    version at ``pre.step()`` (2 on under DDP, which writes ``.grad`` again) does not."""
 
     def __init__(self) -> None:
         self._ticks = itertools.count()
         self._last: dict[int, int] = {}  # {id(parameter): tick of its last accumulation}
         self._hooks: dict[int, tuple[weakref.ref, object]] = {}
+        # {id(parameter): [accumulations, id(.grad), version, graph task of the first;
+        # id(.grad), version after the last]} since mark()
+        self._onto: dict[int, list] = {}
 
     def tick(self) -> int:
         """A tick after every accumulation noted so far."""
@@ -158,12 +171,27 @@ class Accumulations:
         for p in params:
             kept = self._hooks.get(id(p))
             if kept is None or kept[0]() is not p:
-                handle = p.register_post_accumulate_grad_hook(_Accumulated(self._last, self._ticks))
+                hook = _Accumulated(self._last, self._ticks, self._onto)
+                handle = p.register_post_accumulate_grad_hook(hook)
                 self._hooks[id(p)] = (weakref.ref(p), handle)
 
     def since(self, p: Tensor, tick: int) -> bool:
         """Whether a backward pass accumulated into ``p.grad`` after ``tick``."""
         return self._last.get(id(p), -1) > tick
+
+    def mark(self) -> None:
+        """Note from now on what the accumulations into each ``.grad`` hooked find,
+        forgetting what earlier ones found (a ``.grad`` that holds a direction as a forward
+        pass starts is hooked then, before any backward pass through that pass)."""
+        self._onto.clear()
+
+    def onto(self, p: Tensor) -> tuple[int, int, int, object, int, int] | None:
+        """What the accumulations into ``p.grad`` since :meth:`mark` found: ``(their
+        number, id of the .grad, its version right after the first, the first's graph task
+        (None where torch does not tell), id of the .grad, its version right after the
+        last)``; ``None`` where none accumulated."""
+        seen = self._onto.get(id(p))
+        return None if seen is None else tuple(seen)
 
     def remove(self) -> None:
         """Take the hooks off the parameters."""
@@ -174,15 +202,25 @@ class Accumulations:
 
 class _Accumulated:
     """A post-accumulate-grad hook of :class:`Accumulations`: notes the tick at which a
-    backward pass accumulated into the parameter's ``.grad``; changes nothing."""
+    backward pass accumulated into the parameter's ``.grad``, and the ``.grad`` and its
+    version then (:meth:`Accumulations.onto`); changes nothing."""
 
-    __slots__ = ("last", "ticks")
+    __slots__ = ("last", "ticks", "onto")
 
-    def __init__(self, last: dict[int, int], ticks) -> None:
-        self.last, self.ticks = last, ticks
+    def __init__(self, last: dict[int, int], ticks, onto: dict[int, list]) -> None:
+        self.last, self.ticks, self.onto = last, ticks, onto
 
     def __call__(self, param: Tensor) -> None:
-        self.last[id(param)] = next(self.ticks)
+        key = id(param)
+        self.last[key] = next(self.ticks)
+        grad = param.grad  # (None where a hook before this one took it)
+        ident, version = id(grad), -1 if grad is None else grad._version
+        seen = self.onto.get(key)
+        if seen is None:
+            self.onto[key] = [1, ident, version, _graph_task(), ident, version]
+        else:
+            seen[0] += 1
+            seen[4], seen[5] = ident, version
 
 
 def tolerance(dtype: torch.dtype) -> float:

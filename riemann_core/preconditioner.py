@@ -1081,7 +1081,7 @@ class RiemannianPreconditioner:
             for name, p in params:
                 if name in with_grad:
                     _check_grad(name, p.grad, p.dtype, checks)
-            self._check_not_preconditioned(with_grad)
+            self._check_not_preconditioned(with_grad, params)
             _check_not_written_by_another(self, with_grad)
             if (
                 self._passes is not None
@@ -1232,6 +1232,7 @@ class RiemannianPreconditioner:
         ``.data``, which leave the version as it was."""
         grads = [p.grad for name, p in params if name in directions]
         prints = _fingerprints(grads)
+        self._accumulations.mark()  # (what the next backward passes add onto them, read)
         _note_writer(self, grads)
         self._preconditioned = True
         self._written = [
@@ -1245,7 +1246,7 @@ class RiemannianPreconditioner:
         written = {id(w.grad()): w.version for w in self._written if w.grad() is not None}
         return all(written.get(id(g)) == g._version for g in grads.values())
 
-    def _check_not_preconditioned(self, grads: dict[str, Tensor]) -> None:
+    def _check_not_preconditioned(self, grads: dict[str, Tensor], params) -> None:
         """Refuse ``.grad`` that hold a direction a call wrote: preconditioning them again
         would give ``G^{-2} g``. On the pass it was written for, the tensors written,
         whatever changed them since (a clip, even one that clips nothing, or a second
@@ -1254,28 +1255,34 @@ class RiemannianPreconditioner:
         version and norm (a loss.backward() forgotten), or one version on: one backward
         pass added to the direction with no ``opt.zero_grad()`` between (whose in-place
         zeroing is a version too), as when accumulating micro-batches with a pre.step()
-        after each (found by a hunt: 466x off). The norm is the fingerprint's (of evenly
-        spaced entries of a large ``.grad``): one whose sampled entries read zero counts as
-        a direction that may not be zero."""
+        after each (found by a hunt: 466x off); or where every backward pass since
+        accumulated straight onto it (:meth:`_accumulated_onto`: under
+        ``DistributedDataParallel``, whose averaged ``.grad`` written back moves the version
+        once more, found by review). The norm is the fingerprint's (of evenly spaced
+        entries of a large ``.grad``): one whose sampled entries read zero counts as a
+        direction that may not be zero."""
         written = {id(w.grad()): w for w in self._written if w.grad() is not None}
-        # not DDP's bucket views, whose shared version counts a bucket's writes (found by
-        # review); a .grad zeroed and not reached since is zero, preconditioned the same
-        # (host syncs, on suspicion only)
+        onto = {} if self._preconditioned else self._accumulated_onto(grads, params, written)
+        # by the version at the step, not DDP's bucket views, whose shared version counts a
+        # bucket's writes (found by review); a .grad zeroed and not reached since is zero,
+        # preconditioned the same (host syncs, on suspicion only)
         added = [
             n
             for n, g in grads.items()
             if not self._preconditioned
-            and not g._is_view()
             and id(g) in written
-            and g._version == written[id(g)].version + 1
+            and (n in onto or (not g._is_view() and g._version == written[id(g)].version + 1))
             and (written[id(g)].sampled or bool(written[id(g)].fingerprint != 0))
             and bool(g.any())
         ]
         if added:
+            passes = (
+                "backward passes" if any(onto.get(n, 1) > 1 for n in added) else "one backward pass"
+            )
             raise RuntimeError(
                 f"the .grad of {some(added)} hold the "
-                "direction the last pre.step() or pre.backward(loss) wrote with one backward "
-                "pass added since, and pre.step() would precondition that direction again: "
+                f"direction the last pre.step() or pre.backward(loss) wrote with {passes} "
+                "added since, and pre.step() would precondition that direction again: "
                 "call opt.zero_grad() before each step's backward passes (of an optimizer "
                 "that holds these parameters: one over other parameters, a head's, leaves "
                 "their .grad as they are; or freeze those it does not train), and when "
@@ -1309,6 +1316,48 @@ class RiemannianPreconditioner:
                 "entries, which a sparse one may leave as they were: write it with "
                 "p.grad.copy_(g))"
             )
+
+    def _accumulated_onto(self, grads: dict[str, Tensor], params, written) -> dict[str, int]:
+        """The ``grads`` (by name, with the number of backward passes) that hold a direction
+        in ``written`` onto which every backward pass since accumulated, with nothing else
+        written between (:meth:`~riemann_core.passes.Accumulations.onto`, whose hook runs
+        before ``DistributedDataParallel`` writes the averaged ``.grad`` back): the version
+        right after the first accumulation is one past the direction's, and after the
+        last one past that for each pass between. A zeroing in place before the first, or
+        between two, moves it once more (so may a clip, an unscale or DDP's write between
+        two: not refused), and a ``.grad`` set to ``None`` comes back another tensor. Of
+        views into one flat buffer (``gradient_as_bucket_view=True``), whose version counts
+        every write into the buffer: one backward pass, the buffer's first accumulation
+        since the direction one past it (nothing written into the buffer before), and
+        the view's own in the same backward pass (in which only the autograd engine, DDP's
+        hooks included, writes the buffer, none of them into the view's entries)."""
+        found = {}  # {name: (.grad, the tensor whose version it shares, what was found)}
+        for name, p in params:
+            g = grads.get(name)
+            if g is None or id(g) not in written:
+                continue
+            seen = self._accumulations.onto(p)
+            if seen is not None and seen[1] == seen[4] == id(g):
+                found[name] = (g, g._base if g._is_view() else g, seen)
+        firsts: dict[int, tuple[int, object]] = {}  # {id(buffer): lowest first version, task}
+        for _, buffer, (_, _, version, task, _, _) in found.values():
+            if id(buffer) not in firsts or version < firsts[id(buffer)][0]:
+                firsts[id(buffer)] = (version, task)
+        onto = {}
+        for name, (g, buffer, (count, _, first, task, _, last)) in found.items():
+            direction = written[id(g)].version
+            if buffer is g:
+                straight = first == direction + 1 and last - first == count - 1
+            else:
+                lowest, lowest_task = firsts[id(buffer)]
+                straight = (
+                    count == 1
+                    and lowest == direction + 1
+                    and (first == lowest or (task is not None and task == lowest_task))
+                )
+            if straight:
+                onto[name] = count
+        return onto
 
     def _note_overflow(self, overflowed: bool) -> None:
         """Set :attr:`overflowed`; warn when the steps of :data:`OVERFLOWS_IN_A_ROW` scales

@@ -201,6 +201,7 @@ def on_rank(rank: int, world: int) -> dict:
     out["scaled"] = _scaled_steps(rank, world)
     out["combinations"] = _combinations(rank, world)
     out["ddp micro-batches"] = _ddp_micro_batches(rank, world)
+    out["added to the direction"] = _added_to_the_direction(rank, world)
     out["reached first"] = _reached_first(rank, world)
     out["tokens of other lengths"] = _tokens_of_other_lengths(rank, world)
     out["batch not first"] = _batch_not_first(rank, world)
@@ -258,6 +259,125 @@ def _ddp_micro_batches(rank, world) -> dict:
         part = shards(world, equal=True)[rank]
         F.cross_entropy(wrapped(2 * x[part]), y[part]).backward()
         out[case] = _stepped(pre, model)
+    return out
+
+
+#: DistributedDataParallel's options of :func:`_added_to_the_direction`
+DDP_OPTIONS = {
+    "default": {},
+    "bucket views": {"gradient_as_bucket_view": True},
+    "static graph": {"static_graph": True},
+    "unused parameters": {"find_unused_parameters": True},
+}
+
+
+def _pass(wrapped, x, y, factor=1.0, between=None, synced=True):
+    """A forward and a backward pass of ``factor`` times the mean cross-entropy (inside
+    ``no_sync()`` unless ``synced``), ``between`` called between them."""
+    with contextlib.nullcontext() if synced else wrapped.no_sync():
+        loss = factor * F.cross_entropy(wrapped(x), y)
+        if between is not None:
+            between()
+        loss.backward()
+
+
+def _clip(wrapped):
+    torch.nn.utils.clip_grad_norm_(wrapped.parameters(), 0.05)
+
+
+#: a step's passes before pre.step(), ``(wrapped, opt, pre, x, y)``. "refused": a backward
+#: pass added to the last step's direction with no zeroing between (found by review:
+#: DDP's write of the averaged .grad moves the version once more, and the direction was
+#: preconditioned again with the new gradient, silently); "taken": loops that zero the
+#: .grad between, in place too (which moves the version once as well)
+ADDED = {
+    "not zeroed": ("refused", lambda w, o, p, x, y: _pass(w, x, y)),
+    "not zeroed, clipped": ("refused", lambda w, o, p, x, y: (_pass(w, x, y), _clip(w))),
+    "not zeroed, micro-batches in no_sync()": (
+        "refused",
+        lambda w, o, p, x, y: (_pass(w, x, y, 0.5, synced=False), _pass(w, 2 * x, y, 0.5)),
+    ),
+    "a step per micro-batch": (
+        "refused",
+        lambda w, o, p, x, y: (o.zero_grad(), _pass(w, x, y), p.step(), _pass(w, 2 * x, y)),
+    ),
+    "zero_grad()": ("taken", lambda w, o, p, x, y: (o.zero_grad(), _pass(w, x, y))),
+    "zero_grad(set_to_none=False)": (
+        "taken",
+        lambda w, o, p, x, y: (o.zero_grad(set_to_none=False), _pass(w, x, y)),
+    ),
+    "zeroed in place between forward and backward": (
+        "taken",
+        lambda w, o, p, x, y: _pass(w, x, y, between=lambda: o.zero_grad(set_to_none=False)),
+    ),
+    "the model zeroed in place": (
+        "taken",
+        lambda w, o, p, x, y: (w.zero_grad(set_to_none=False), _pass(w, x, y)),
+    ),
+    "zeroed in place, clipped": (
+        "taken",
+        lambda w, o, p, x, y: (o.zero_grad(set_to_none=False), _pass(w, x, y), _clip(w)),
+    ),
+    "micro-batches in no_sync(), zeroed in place": (
+        "taken",
+        lambda w, o, p, x, y: (
+            o.zero_grad(set_to_none=False),
+            _pass(w, x, y, 0.5, synced=False),
+            _pass(w, 2 * x, y, 0.5),
+        ),
+    ),
+    "micro-batches, zeroed in place": (
+        "taken",
+        lambda w, o, p, x, y: (
+            o.zero_grad(set_to_none=False),
+            _pass(w, x, y, 0.5),
+            _pass(w, 2 * x, y, 0.5),
+        ),
+    ),
+    "micro-batches, zero_grad()": (
+        "taken",
+        lambda w, o, p, x, y: (o.zero_grad(), _pass(w, x, y, 0.5), _pass(w, 2 * x, y, 0.5)),
+    ),
+}
+
+
+#: (DDP's options, case) of :data:`ADDED` not seen (docs/api.md): views into one bucket
+#: share its version, which counts every view's writes, so only one backward pass added to
+#: the direction is told from a zeroing between passes
+NOT_SEEN = {("bucket views", "not zeroed, micro-batches in no_sync()")}
+
+
+def _added_to_the_direction(rank, world) -> dict:
+    """Each of :data:`ADDED` under each of :data:`DDP_OPTIONS`, at the third step (the
+    first two zero with ``opt.zero_grad()`` first: DDP rebuilds its buckets, and with them
+    the ``.grad`` views, at the second forward pass): each step's ``pre.step()`` outcome
+    (:func:`_stepped`: the error and whether ``.grad`` stayed as it was; ``None`` where
+    taken) and the ``.grad`` after the last one taken."""
+    out = {}
+    part = shards(world, equal=True)[rank]
+    for option, kwargs in DDP_OPTIONS.items():
+        for case, (_, passes) in ADDED.items():
+            if "no_sync" in case and option == "static graph":
+                continue  # (no_sync() before the first synced pass: DDP's own error)
+            model, x, y = network("mlp")
+            wrapped = DistributedDataParallel(model, **kwargs)
+            pre = rc.RiemannianPreconditioner(
+                wrapped, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
+            )
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            outcomes, grads = [], None
+            for step in range(3):
+                xs, ys = (1 + step) * x[part], y[part]
+                if step < 2:
+                    opt.zero_grad()
+                    _pass(wrapped, xs, ys)
+                else:
+                    passes(wrapped, opt, pre, xs, ys)
+                got = _stepped(pre, model)
+                outcomes.append(None if isinstance(got, dict) else got)
+                grads = got if isinstance(got, dict) else grads
+                opt.step()
+            out[option, case] = outcomes, grads
     return out
 
 
@@ -1104,6 +1224,39 @@ def test_ddp_micro_batches_split_otherwise_are_refused(run):
         (kind, message), kept = got["split otherwise"]
         assert kind == "ValueError" and "split between the ranks in other proportions" in message
         assert "DistributedDataParallel averages the micro-batches" in message and kept
+
+
+def test_a_backward_pass_added_to_the_direction_under_ddp_is_refused(run):
+    """Found by review: under DistributedDataParallel, whose write of the averaged
+    ``.grad`` at the end of the backward pass moves its version once more, a backward pass
+    added to the last step's direction without ``opt.zero_grad()`` between (a forgotten
+    zeroing, a ``pre.step()`` after each micro-batch) moved the version by 2, as a zeroing
+    in place and a backward pass do, and the direction was preconditioned again with the
+    new gradient, silently; with ``gradient_as_bucket_view=True`` by a bucket's writes.
+    Refused under each of DDP's options, ``.grad`` kept; the loops that zero between, in
+    place too, are taken, and give the direction of the loop that sets ``.grad`` to
+    ``None``."""
+    world, results = run
+    for rank, result in enumerate(results):
+        for (option, case), (outcomes, grads) in result["added to the direction"].items():
+            expected, _ = ADDED[case]
+            assert outcomes[:2] == [None, None], (option, case, rank, outcomes)
+            last = outcomes[2]
+            if expected == "taken" or (option, case) in NOT_SEEN:
+                assert last is None, (option, case, rank, last)
+                if (option, case) in NOT_SEEN:
+                    continue
+                same = "micro-batches, zero_grad()" if "micro-batches" in case else "zero_grad()"
+                if "clipped" not in case:  # (the reference: .grad set to None)
+                    reference = result["added to the direction"][option, same][1]
+                    assert relative_error(grads, reference) <= 1e-12, (option, case, rank)
+                continue
+            assert last is not None, f"{option}, {case}: rank {rank} taken"
+            (kind, message), kept = last
+            assert kind in ("RuntimeError", "DistributedError"), (option, case, rank, message)
+            assert kept, (option, case, rank)
+            if kind == "RuntimeError":
+                assert "hold the direction" in message and "added since" in message, message
 
 
 def test_a_zeroing_before_a_head_reached_first_drops_the_skipped_pass(run):

@@ -429,6 +429,119 @@ def test_step_refuses_a_direction_a_micro_batch_was_added_to(first, set_to_none,
     pre.step()
 
 
+def _flat_grads(model) -> torch.Tensor:
+    """Give each parameter of ``model`` a zero ``.grad`` that is a view into one flat buffer
+    (as ``DistributedDataParallel(gradient_as_bucket_view=True)`` does): one version
+    counter, which every view's write moves."""
+    flat = torch.zeros(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    views = flat.split([p.numel() for p in model.parameters()])
+    for p, view in zip(model.parameters(), views, strict=True):
+        p.grad = view.view_as(p)
+    return flat
+
+
+#: what a step's .grad go through after the last step's direction, with no zeroing
+ADDED_SINCE = {
+    "a pass, clipped": lambda model, losses: (
+        losses[-1].backward(),
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e-3),
+    ),
+    "two micro-batches": lambda model, losses: [loss.backward() for loss in losses],
+    "a retained graph, twice": lambda model, losses: (
+        losses[-1].backward(retain_graph=True),
+        losses[-1].backward(),
+    ),
+}
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["own grads", "views of one buffer"])
+@pytest.mark.parametrize("added", ["a pass"] + list(ADDED_SINCE))
+def test_step_refuses_a_direction_backward_passes_were_added_to_whatever_moved_it(added, flat):
+    """Found by review: the version one past the direction's told one backward pass added
+    to it, but a clip after it (the forgotten ``opt.zero_grad()`` of a loop that clips),
+    a second backward pass, or ``.grad`` that are views of one buffer (whose shared version
+    counts each view's writes) moved it further, and the direction was preconditioned
+    again with the new gradients, silently. A hook on each parameter sees each
+    accumulation land straight on the direction: refused, ``.grad`` kept (views: one
+    backward pass only, as under DistributedDataParallel's bucket views)."""
+    model, x, y = Problem(depth=3).make()
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+    if flat:
+        _flat_grads(model)
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    halves = (slice(0, len(x) // 2), slice(len(x) // 2, None))
+    losses = [F.cross_entropy(model(2 * x[half]), y[half]) / 2 for half in halves]
+    if added == "a pass":
+        (losses[0] + losses[1]).backward()
+    else:
+        ADDED_SINCE[added](model, losses)
+    before = snapshot(model)
+    if flat and added in ("two micro-batches", "a retained graph, twice"):
+        pre.step()  # (not seen: a zeroing between the two would move the version alike)
+        return
+    with pytest.raises(RuntimeError, match="hold the direction .* added since"):
+        pre.step()
+    assert_unchanged(model, before)
+
+
+#: loops in which a backward pass reaches the direction, a zeroing (``zero``) comes after
+#: it and the step's own backward passes after that
+ZEROED_SINCE = {
+    # a second model's loss through this one after its step (a GAN's generator through
+    # the discriminator), zeroed at the next step
+    "another loss, then zeroed": lambda model, zero, x, y: (
+        F.cross_entropy(model(-x), y).backward(),
+        zero(),
+        F.cross_entropy(model(x), y).backward(),
+    ),
+    "another loss, then zeroed between forward and backward": lambda model, zero, x, y: (
+        F.cross_entropy(model(-x), y).backward(),
+        loss := F.cross_entropy(model(x), y),
+        zero(),
+        loss.backward(),
+    ),
+    "zeroed, then a retained graph twice": lambda model, zero, x, y: (
+        zero(),
+        loss := F.cross_entropy(model(x), y) / 2,
+        loss.backward(retain_graph=True),
+        loss.backward(),
+    ),
+    "zeroed, then two micro-batches": lambda model, zero, x, y: (
+        zero(),
+        (F.cross_entropy(model(x[:2]), y[:2]) / 2).backward(),
+        (F.cross_entropy(model(x[2:]), y[2:]) / 2).backward(),
+    ),
+    "zeroed, then clipped": lambda model, zero, x, y: (
+        zero(),
+        F.cross_entropy(model(x), y).backward(),
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.1),
+    ),
+}
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["own grads", "views of one buffer"])
+@pytest.mark.parametrize("loop", list(ZEROED_SINCE))
+def test_a_zeroing_in_place_after_a_pass_added_to_the_direction_is_taken(loop, flat):
+    """The rule above refuses only where every accumulation since the direction landed
+    straight on it: a zeroing in place between moves the version once more, and each
+    step's direction is the one the same loop gives where ``opt.zero_grad()`` sets the
+    ``.grad`` to ``None`` (fresh tensors)."""
+    model, x, y = Problem(depth=3).make()
+    twin = copy.deepcopy(model)
+    pres = [rc.RiemannianPreconditioner(m, damping=1e-2) for m in (model, twin)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, twin)]
+    if flat:
+        _flat_grads(model)
+    for _ in range(3):
+        for m, pre, opt, in_place in zip((model, twin), pres, opts, (True, False), strict=True):
+            ZEROED_SINCE[loop](m, lambda o=opt, i=in_place: o.zero_grad(set_to_none=not i), x, y)
+            pre.step()
+            opt.step()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, twin.get_parameter(name).grad, rtol=1e-12, atol=0)
+
+
 def assert_grads_are(model, expected, **tolerances):
     """Each ``.grad`` of ``model`` is ``expected``'s direction; ``None`` only where that is
     zero (a parameter no backward pass has reached yet)."""
