@@ -1313,8 +1313,9 @@ class RiemannianPreconditioner:
                 "opt.zero_grad(), which sets them to None) before each pre.step(), and "
                 "pre.step() once per backward; pre.backward(loss) needs no pre.step() (a "
                 "gradient written through .data is told from the direction by some of its "
-                "entries, which a sparse one may leave as they were: write it with "
-                "p.grad.copy_(g))"
+                "entries, which a sparse one may leave as they were: assign it, p.grad = g; "
+                "written in place, p.grad.copy_(g) reads as a backward pass added to the "
+                "direction unless opt.zero_grad(set_to_none=False) zeroed it first)"
             )
 
     def _accumulated_onto(self, grads: dict[str, Tensor], params, written) -> dict[str, int]:

@@ -711,6 +711,32 @@ def test_a_refused_second_step_keeps_the_pass_and_data_writes_are_new_gradients(
     assert all(not p.grad.any() for p in model.parameters())
 
 
+def test_a_gradient_written_over_the_direction_is_taken_as_the_refusal_says():
+    """Found by review: the refusal of a gradient written through ``.data`` that left the
+    direction's fingerprint (a sparse one) said to write it with ``p.grad.copy_(g)``, which
+    moves the version once, as a backward pass added would, and was refused too. It says
+    ``p.grad = g``, taken; ``copy_`` is refused unless a zeroing in place came first."""
+    model, x, y = Problem(depth=2).make()
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+    pre.backward(F.cross_entropy(model(x), y))
+    model(x)
+    with pytest.raises(RuntimeError, match="precondition it twice") as refused:
+        pre.step()
+    assert "assign it, p.grad = g" in str(refused.value)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    for p, g in zip(params, grads, strict=True):
+        p.grad.copy_(g)
+    with pytest.raises(RuntimeError, match="one backward pass added"):
+        pre.step()
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+    pre.step()
+    expected = flatten(rc.direction(model, x, y, damping=1e-2), model)
+    got = flatten({n: p.grad for n, p in model.named_parameters()}, model)
+    assert rel_error(got, expected) < 1e-10
+
+
 def test_fingerprints_of_large_grads_read_some_entries_and_stay_safe():
     """A ``.grad`` of more than FINGERPRINT_RUNS runs of entries is fingerprinted from
     evenly spaced runs (reading all cost 1.6% of a step): a direction left as written is still
