@@ -38,7 +38,9 @@ Every claim ends with one verdict and a one-line reason (``detail``):
   is at most :data:`DEPTH_TOLERANCE` of the time at the largest ``L``
   (:func:`~riemann_core.scaling.fit.quadratic_share`, with a bootstrap interval): pass
   when it is and its interval lies within ``+-`` :data:`DEPTH_REACH`, fail when the
-  interval lies beyond it on either side (either is regime not reached where the counted
+  interval lies beyond it on either side and the depths were timed interleaved (too noisy
+  where they were timed one after another: the machine's drift between them bends a line
+  as much) (either is regime not reached where the counted
   work at the deepest point, at the device's best rates, is under :data:`MIN_LINE_WORK` of
   the whole time at the shallowest, and too noisy on fewer than :data:`MIN_DEPTHS` depths
   or :data:`MIN_DEPTH_ROUNDS` rounds), too noisy otherwise. A line timed in several
@@ -125,6 +127,7 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from numbers import Real
 from pathlib import Path
 from typing import NamedTuple
 
@@ -311,6 +314,7 @@ def validate(
         raise ValueError("sweep_meta has no 'base' point; pass the sweep's sweep.json")
     fit.require_columns(df, REQUIRED_COLUMNS)
     ok = df[df["status"] == "ok"]
+    _check_measured(ok)
     for setting in fit.SETTINGS:
         if setting in ok and ok[setting].nunique() > 1:
             raise ValueError(
@@ -357,6 +361,54 @@ def validate(
         else c
         for c in timed
     ]
+
+
+def _check_measured(ok: pd.DataFrame) -> None:
+    """A ``ValueError`` naming the first of the ``ok`` rows whose times or counted FLOPs are
+    no measurement: a repeat time (``times_s``) or ``time_median_s`` that is not positive
+    and finite, or a FLOP count that is not finite and non-negative. ``results.csv`` is
+    checked so when read (:func:`~riemann_core.scaling.sweep.read_results`); rows passed
+    from Python were not (found by a hunt: a NaN repeat time crashed the depth fit with
+    numpy's "SVD did not converge", a zero one raised "a ratio of times needs non-empty,
+    positive samples" naming no point, and a NaN one at the widest width read crossover
+    'regime not reached')."""
+    for (_, row), times in zip(ok.iterrows(), _repeat_times_or_text(ok), strict=True):
+        problem = _no_measurement(row, times)
+        if problem is not None:
+            raise ValueError(
+                f"the ok row of {row['method']} ({row['kernel']}) at {_point(row)} has "
+                f"{problem}: a measured point needs positive, finite times and finite, "
+                "non-negative FLOP counts; repair or drop that row (or give it another status)"
+            )
+
+
+def _no_measurement(row: pd.Series, times: np.ndarray | str) -> str | None:
+    """What makes an ok ``row`` with repeat times ``times`` (or what is wrong with them)
+    no measurement, ``None`` where nothing does."""
+    if isinstance(times, str):
+        return times
+    median = row["time_median_s"]
+    if not (isinstance(median, Real) and math.isfinite(median) and median > 0):
+        return f"time_median_s = {median!r}"
+    if not (np.isfinite(times).all() and (times > 0).all()):
+        return f"times_s = {times.tolist()}"
+    for column in ["flops", *fit.FLOP_COLUMNS]:
+        value = row[column]
+        if not (isinstance(value, Real) and math.isfinite(value) and value >= 0):
+            return f"{column} = {value!r}"
+    return None
+
+
+def _repeat_times_or_text(rows: pd.DataFrame) -> list:
+    """:func:`~riemann_core.scaling.fit.repeat_times` of each row, or what is wrong with its
+    ``times_s``."""
+    out = []
+    for i in range(len(rows)):
+        try:
+            out += fit.repeat_times(rows.iloc[i : i + 1])
+        except (ValueError, TypeError):
+            out.append(f"times_s = {rows['times_s'].iloc[i]!r}, not a JSON list of seconds")
+    return out
 
 
 def _time_again(sweep_meta, method, kernel, n_boot, seed, frame: pd.DataFrame) -> Claim:
@@ -956,6 +1008,17 @@ def _linear_in_depth(
             f"is judged from {MIN_LINE_WORK:.0%}): the line adds too little work beside what "
             "every call pays, and its curve is that of what the count does not see (per-call "
             "and per-module overhead, memory traffic); judge it at a larger base width or batch"
+        )
+    elif verdict == FAIL and not timed:
+        # (found by a hunt: a linear line whose deepest point, an end no outlier check
+        # flags, was timed in a spell 20% slower failed at 31% [24%, 38%]; the interval
+        # holds each point's repeats, not the machine's drift between points timed minutes
+        # apart, as time-explained says of a top pair timed one after another)
+        verdict = NOISY
+        reason += (
+            ", but its depths were timed one after another, not interleaved: the machine's "
+            "drift between them can bend the line as much (resume the sweep: it times the "
+            "line again interleaved)"
         )
     apart = rows[fit.stretches_disagree(rows)]
     if not apart.empty:  # its figures pool two states of the machine at these points

@@ -116,20 +116,43 @@ def test_a_counted_super_linear_step_fails_the_flop_claims():
 
 
 def test_a_depth_quadratic_in_time_fails_linear_in_depth():
+    """... once the line was timed interleaved; depths timed one after another cannot tell
+    it from the machine's drift between them (too noisy), as a top pair cannot."""
     machine = planted("natural", "structured", lambda s: 1e-4 * len(s.layers) ** 2)
     claim = by_id(va.validate(*make_sweep(machine), n_boot=300), "linear-in-depth-natural")
-    assert claim.verdict == "fail" and claim.low > va.DEPTH_TOLERANCE
+    assert claim.verdict == "too noisy" and claim.low > va.DEPTH_TOLERANCE
     assert claim.basis == "time"
     assert "the depths timed one after another" in claim.detail
-    # the time an added layer costs grows by the planted term's 1e-4 (L_a + L_b) s
-    found = re.findall(r"([\d.]+) ms \(L = (\d+)-(\d+)\)", claim.detail)
-    (first, a, b), (last, c, d) = [(float(t), int(x), int(y)) for t, x, y in found]
-    assert last - first == pytest.approx(0.1 * (c + d - a - b), rel=0.05)
+    assert "timed one after another, not interleaved" in claim.detail
     df, meta = make_sweep(machine)
     df["interleaved"] = "depth"  # what a sweep's interleaved timing of the lines records
     claim = by_id(va.validate(df, meta, n_boot=300), "linear-in-depth-natural")
     assert "the depths timed interleaved" in claim.detail and claim.verdict == "fail"
     assert claim.basis == "interleaved time"
+    # the time an added layer costs grows by the planted term's 1e-4 (L_a + L_b) s
+    found = re.findall(r"([\d.]+) ms \(L = (\d+)-(\d+)\)", claim.detail)
+    (first, a, b), (last, c, d) = [(float(t), int(x), int(y)) for t, x, y in found]
+    assert last - first == pytest.approx(0.1 * (c + d - a - b), rel=0.05)
+
+
+def test_a_linear_depth_line_timed_one_after_another_does_not_fail_on_drift():
+    """Found by a hunt: a line linear in L whose deepest point (an end of the line, which
+    no outlier check flags) was timed in a spell of the machine 20% slower failed at 31%
+    [24%, 38%] where its depths were timed one after another (a sweep stopped before it
+    timed its lines again, or a group whose timing again failed): the interval holds each
+    point's repeats, not the drift between points minutes apart. Too noisy, as a top pair
+    timed so is for time-explained."""
+    df, meta = make_sweep(Machine(), runs=(("layerwise", "structured"),), repeats=7)
+    line = (df["width"] == BASE["width"]) & (df["batch"] == BASE["batch"])
+    deepest = line & (df["out_dim"] == BASE["out_dim"]) & (df["depth"] == df["depth"].max())
+    df.loc[deepest, "times_s"] = df.loc[deepest, "times_s"].map(
+        lambda t: json.dumps([1.2 * x for x in json.loads(t)])
+    )
+    df.loc[deepest, "time_median_s"] *= 1.2
+    claim = by_id(va.validate(df, meta, n_boot=300), "linear-in-depth-layerwise")
+    assert claim.verdict == "too noisy" and claim.low > va.DEPTH_TOLERANCE, claim.detail
+    assert "timed one after another, not interleaved" in claim.detail
+    assert va.exit_code([claim]) == 0
 
 
 def test_a_depth_line_timed_in_two_stretches_is_judged_in_each():
@@ -812,6 +835,7 @@ def test_a_depth_share_passes_only_with_its_interval_near_zero(monkeypatch):
     passed 16 of 200 noisy draws, e.g. 0.049 [-0.095, 0.553]. A pass needs the interval
     within +-2 x the tolerance, as the time exponents' passes do."""
     df, meta = make_sweep()
+    df["interleaved"] = "depth"  # a fail needs the line timed interleaved
 
     def share(low, high):
         monkeypatch.setattr(
@@ -847,8 +871,9 @@ def test_a_depth_curve_of_an_overhead_bound_line_is_not_a_fail():
     assert claim.verdict == "regime not reached" and "the count does not see" in claim.detail
     assert claim.low > va.DEPTH_TOLERANCE  # the time does curve up beyond noise
     for c in (2e-5, 1e-4, 1e-3):  # larger and larger costs hidden from the count
-        machine = Machine(saturation=1e7, extra=curved(c))
-        claim = by_id(va.validate(*make_sweep(machine), n_boot=300), "linear-in-depth-natural")
+        df, meta = make_sweep(Machine(saturation=1e7, extra=curved(c)))
+        df["interleaved"] = "depth"  # a fail needs the line timed interleaved
+        claim = by_id(va.validate(df, meta, n_boot=300), "linear-in-depth-natural")
         assert claim.verdict == "fail", c
 
 
@@ -911,6 +936,7 @@ def test_a_fail_decided_on_points_whose_repeats_spread_is_too_noisy():
         return 1e-3 * len(s.layers) ** 2 if m == "natural" else 0.0
 
     df, meta = make_sweep(Machine(saturation=1e7, extra=curved))
+    df["interleaved"] = "depth"  # a fail needs the line timed interleaved
     assert by_id(va.validate(df, meta, n_boot=300), "linear-in-depth-natural").verdict == "fail"
     natural = (df["method"] == "natural") & (df["width"] == BASE["width"])
     df.loc[natural & (df["depth"] == df.loc[natural, "depth"].max()), "flag"] = "spread"
@@ -933,6 +959,7 @@ def test_a_fail_decided_on_points_timed_under_load_is_too_noisy():
         return 1e-3 * len(s.layers) ** 2 if m == "natural" else 0.0
 
     df, meta = make_sweep(Machine(saturation=1e7, extra=curved))
+    df["interleaved"] = "depth"  # a fail needs the line timed interleaved
     natural = (df["method"] == "natural") & (df["width"] == BASE["width"])
     deepest = natural & (df["depth"] == df.loc[natural, "depth"].max())
     df.loc[deepest, "flag"] = "loaded"
@@ -963,6 +990,7 @@ def test_a_regime_not_reached_on_points_timed_under_load_is_too_noisy():
         return 1e-4 * len(s.layers) ** 2 if m == "natural" else 0.0
 
     df, meta = make_sweep(Machine(saturation=1e7, extra=curved))
+    df["interleaved"] = "depth"  # a fail needs the line timed interleaved
     assert by_id(va.validate(df, meta, n_boot=300), "linear-in-depth-natural").verdict == "fail"
     line = (df["method"] == "natural") & (df["width"] == BASE["width"])
     line &= (df["out_dim"] == BASE["out_dim"]) & (df["batch"] == BASE["batch"])
@@ -1303,3 +1331,28 @@ def test_the_report_says_nothing_of_points_left_out_where_there_are_none():
 
     df, _ = make_sweep(repeats=7)
     assert "left out of the time model" not in "\n".join(report._flagged_section(df))
+
+
+@pytest.mark.parametrize("bad", [math.nan, 0.0, -1e-3, math.inf])
+def test_validate_names_an_ok_row_whose_times_are_no_measurement(bad):
+    """Found by a hunt: rows passed from Python are not checked as results.csv is when
+    read; a NaN repeat time crashed the depth fit with numpy's "SVD did not converge", a
+    zero one raised "a ratio of times needs non-empty, positive samples" naming no point,
+    and a NaN one at the widest width read crossover-width 'regime not reached'."""
+    df, meta = make_sweep(repeats=5)
+    for point in ({"width": 512}, {"depth": 16}):
+        bad_df = df.copy()
+        row = (bad_df["method"] == "layerwise") & (bad_df["kernel"] == "structured")
+        for axis, value in {**BASE, **point}.items():
+            row &= bad_df[axis] == value
+        (i,) = bad_df.index[row]
+        times = json.loads(bad_df.at[i, "times_s"])
+        bad_df.at[i, "times_s"] = json.dumps([bad, *times[1:]])
+        bad_df.at[i, "time_median_s"] = float(np.median([bad, *times[1:]]))
+        where = ", ".join(f"{a} {v}" for a, v in {**BASE, **point}.items())
+        with pytest.raises(ValueError, match=f"ok row of layerwise \\(structured\\) at {where}"):
+            va.validate(bad_df, meta, n_boot=50)
+    flops = df.copy()
+    flops.loc[flops.index[flops["status"] == "ok"][0], "flops_products"] = math.nan
+    with pytest.raises(ValueError, match="has flops_products = nan"):
+        va.validate(flops, meta, n_boot=50)
