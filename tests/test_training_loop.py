@@ -25,6 +25,7 @@ from oracle import (
 )
 
 import riemann_core as rc
+from riemann_core import preconditioner
 
 DAMPING = 1e-2
 
@@ -567,3 +568,129 @@ def test_a_step_of_a_flat_buffer_the_parameters_view_before_the_step_is_refused(
         pre.step()
     assert_unchanged(model, before)
     pre.remove()
+
+
+def _by_hand(how, model, flat=None, lr=1e-2):
+    """A plain SGD step written by hand through ``.data`` (no version counter moves, no
+    optimizer's hook runs)."""
+    if how == "flat buffer":
+        flat.grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+        flat.data.add_(flat.grad, alpha=-lr)
+        return
+    for p in model.parameters():
+        if how == "p.data = ...":
+            p.data = p.data - lr * p.grad
+        else:
+            p.data.add_(p.grad, alpha=-lr)
+
+
+@pytest.mark.parametrize("read", ["whole", "by rows"])
+@pytest.mark.parametrize(
+    "how", ["p.data.add_", "p.data.add_, weights transposed", "p.data = ...", "flat buffer"]
+)
+def test_an_update_through_data_before_the_step_is_refused_between_kfac_refreshes(
+    how, read, monkeypatch
+):
+    """Found by a hunt of training loops: a step written by hand before ``pre.step()``,
+    ``p.data.add_(-lr * p.grad)`` (or ``p.data = ...``, or a write to a flat buffer the
+    parameters view), moves no version counter and no optimizer's hook sees it. The other
+    steps run the pass again and refuse it by its output; K-FAC between refreshes, which
+    runs none, took it silently (the step along the raw gradient, the direction written
+    after it unused). Refused naming the parameters, every .grad and K-FAC's state as they
+    were; the order the docs give goes on reusing the cache. Also for weights laid out
+    transposed, whose data is read through a copy (one kept for the next steps would hide
+    their change), and for weights read by the sums of their rows, as larger ones are."""
+    if read == "by rows":
+        monkeypatch.setattr(preconditioner, "_READ_WHOLE", 0, raising=False)
+    model, x, y = Problem(depth=3).make()
+    flat = _in_one_buffer(model)[0] if how == "flat buffer" else None
+    if how.endswith("transposed"):
+        for m in model[::2]:
+            m.weight = torch.nn.Parameter(m.weight.detach().t().contiguous().t())
+    pre = rc.RiemannianPreconditioner(model, method="kfac", damping=DAMPING, kfac_refresh=3)
+    taken = []  # the parameters' data read at the forward pass: only before a reuse
+    for _ in range(2):  # the order the docs give, and K-FAC's cache filled
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        taken.append(getattr(pre, "_data_at_pass", None) is not None)
+        pre.step()
+        _by_hand(how, model, flat)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    _by_hand(how, model, flat)  # before pre.step()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"parameters \['0.weight'.* changed after the forwa"):
+        pre.step()
+    assert_unchanged(model, before)
+    assert pre._kfac.steps == 2 and taken == [False, True]
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    calls = []
+    hook = model.register_forward_hook(lambda *args: calls.append(1))
+    pre.step()  # the order the docs give: the cache reused, no pass run again
+    hook.remove()
+    assert pre._kfac.steps == 3 and not calls
+
+
+def test_kfac_driven_by_backward_reads_no_parameter_data():
+    """``pre.backward(loss)`` takes the gradient from the pass's own graph, so no update can
+    come before it: a preconditioner it drives reads no parameter data at its forward
+    passes (found by review: 0.18 ms a pass of 784-1024-1024-10 for no check); one that
+    goes over to ``pre.step()`` reads it again from the pass after that call."""
+    model, x, y = Problem(depth=3).make()
+    pre = rc.RiemannianPreconditioner(model, method="kfac", damping=DAMPING, kfac_refresh=3)
+    read = []
+    for call in ["backward"] * 4 + ["step"] * 3:
+        model.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        read.append(pre._data_at_pass is not None)
+        pre.backward(loss) if call == "backward" else (loss.backward(), pre.step())
+    # refreshes at steps 0, 3 and 6 read nothing either: they run the pass again
+    assert read == [False, False, False, False, False, True, False]
+
+
+@pytest.mark.parametrize(
+    "between", [None, "same data, other memory", "another model's weights, one buffer"]
+)
+@pytest.mark.parametrize("optimizer", ["SGD", "Adam fused"])
+@pytest.mark.parametrize("read", ["whole", "by rows"])
+def test_a_loop_in_the_documented_order_is_not_refused_between_kfac_refreshes(
+    read, optimizer, between, monkeypatch
+):
+    """The check of the parameters' data that K-FAC between refreshes makes in place of a
+    pass run again refuses nothing in the order the docs give (the optimizer's step after
+    ``pre.step()``), nor data that stayed the same in other memory (``p.data =
+    p.data.clone()``), nor a change to another model's weights between the forward pass
+    and ``pre.step()`` (a GAN's discriminator, its parameters in one buffer with the
+    model's): the steps are those without it, to the bit."""
+    if read == "by rows":  # (as larger weights are)
+        monkeypatch.setattr(preconditioner, "_READ_WHOLE", 0, raising=False)
+
+    def run(check):
+        model, x, y = Problem(depth=3).make()
+        other = torch.nn.Linear(3, 2).double()
+        if between == "another model's weights, one buffer":
+            _in_one_buffer(model, other)
+        pre = rc.RiemannianPreconditioner(model, method="kfac", damping=DAMPING, kfac_refresh=3)
+        if not check:
+            pre._check_data_kept = lambda checks: None
+        kind = optimizer.split()[0]
+        opts = {"fused": True} if optimizer == "Adam fused" else {}
+        opt = getattr(torch.optim, kind)(model.parameters(), lr=1e-2, **opts)
+        directions = []
+        for _ in range(7):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if between == "same data, other memory":
+                for p in model.parameters():
+                    p.data = p.data.clone()
+            elif between is not None:
+                other.weight.data.add_(0.1)
+            pre.step()
+            directions.append({n: p.grad.clone() for n, p in model.named_parameters()})
+            opt.step()
+        assert pre._kfac.steps == 7
+        return directions
+
+    for got, want in zip(run(check=True), run(check=False), strict=True):
+        assert all(torch.equal(got[n], want[n]) for n in want)
