@@ -1392,12 +1392,29 @@ def _subclass_of_structured(module: nn.Module) -> str | None:
     parent = next((t for t in STRUCTURED if isinstance(module, t)), None)
     if parent is None:
         return None
-    kernel = STRUCTURED[parent]
+    kernel, cls = STRUCTURED[parent], type(module)
+    # by module too where the names are alike (found by review: torch.ao.nn.qat.Linear read
+    # "Linear subclasses Linear" and rc.register_handler(Linear, ...), nn.Linear's)
+    name, parents = (
+        (f"{cls.__module__}.{cls.__qualname__}", f"{parent.__module__}.{parent.__qualname__}")
+        if cls.__name__ == parent.__name__
+        else (cls.__name__, parent.__name__)
+    )
+    registration = f"rc.register_handler({name}, {kernel.__module__}.{kernel.__name__})"
+    # a forward of its own, which the parent's kernel does not read (found by review:
+    # registered, F.linear(x, 2 * self.weight, self.bias) was refused as parameters used
+    # outside their module's call, or with check_coupling=False taken, 2x off)
+    own = getattr(cls, "forward", None) is not getattr(parent, "forward", None)
+    advice = (
+        f"{name} overrides forward, and {kernel.__name__} assumes {parents}'s: "
+        f"{registration} only where it computes exactly what {parents}'s does, otherwise "
+        "kernel='auto'"
+        if own
+        else f"where it computes what {parents} does: {registration}"
+    )
     return (
-        f"{type(module).__name__} subclasses {parent.__name__}, and kernels are looked up by "
-        f"exact class, since a subclass may compute otherwise (where it computes what "
-        f"{parent.__name__} does: rc.register_handler({type(module).__name__}, "
-        f"{kernel.__module__}.{kernel.__name__}))"
+        f"{name} subclasses {parents}, and kernels are looked up by exact class, since a "
+        f"subclass may compute otherwise ({advice})"
     )
 
 

@@ -1394,16 +1394,27 @@ class RiemannianPreconditioner:
             and (self._preconditioned or bool(fingerprint == written[id(g)].fingerprint))
         ]
         if again:
+            # on the pass it was written for, every write into the tensors written is
+            # refused, a zeroing in place too (found by review: the message said
+            # opt.zero_grad(set_to_none=False) before p.grad.copy_(g) would do)
+            written_how = (
+                "on the forward pass it was written for, a .grad it wrote is refused whatever "
+                "wrote it since, opt.zero_grad(set_to_none=False) and p.grad.copy_(g) too: "
+                "assign it, p.grad = g"
+                if self._preconditioned
+                else "a gradient written through .data is told from the direction by some "
+                "of its entries, which a sparse one may leave as they were: assign it, "
+                "p.grad = g; written in place, p.grad.copy_(g) reads as a backward pass "
+                "added to the direction unless opt.zero_grad(set_to_none=False) zeroed it "
+                "first"
+            )
             raise RuntimeError(
                 f"the .grad of {some(again)} still hold "
                 "the direction the last pre.step() or pre.backward(loss) wrote, and another "
                 "pre.step() would precondition it twice: call loss.backward() (after "
                 "opt.zero_grad(), which sets them to None) before each pre.step(), and "
-                "pre.step() once per backward; pre.backward(loss) needs no pre.step() (a "
-                "gradient written through .data is told from the direction by some of its "
-                "entries, which a sparse one may leave as they were: assign it, p.grad = g; "
-                "written in place, p.grad.copy_(g) reads as a backward pass added to the "
-                "direction unless opt.zero_grad(set_to_none=False) zeroed it first)"
+                "pre.step() once per backward; pre.backward(loss) needs no pre.step() "
+                f"({written_how})"
             )
 
     def _accumulated_onto(self, grads: dict[str, Tensor], params, written) -> dict[str, int]:

@@ -354,6 +354,57 @@ def test_a_subclass_of_linear_is_refused_naming_the_parents_kernel(method, resto
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
 
 
+class DoubledLinear(nn.Linear):
+    """A Linear subclass whose forward computes otherwise than Linear's."""
+
+    def forward(self, x):
+        return F.linear(x, 2 * self.weight, self.bias)
+
+
+@pytest.mark.parametrize("method", ["layerwise", "kfac"])
+def test_a_subclass_with_its_own_forward_is_told_the_parents_kernel_assumes_the_parents(
+    method, restore_handlers
+):
+    """Found by review: the refusal of a Linear subclass named the registration of
+    Linear's kernel where its forward computes otherwise; registered, such a forward was
+    refused as parameters used outside their module's call, or with ``check_coupling=False``
+    taken, 2x off. The refusal says the class overrides forward, and registers it only
+    where that forward computes exactly Linear's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(DoubledLinear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=1e-3)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError) as refused:
+        pre.step()
+    message = str(refused.value)
+    assert "DoubledLinear subclasses Linear" in message
+    assert "DoubledLinear overrides forward, and LinearHandler assumes Linear's" in message
+    assert "only where it computes exactly what Linear's does" in message
+
+
+def test_a_subclass_named_as_its_parent_is_named_with_its_module(restore_handlers):
+    """Found by review: ``torch.ao.nn.qat.Linear`` (a subclass of ``nn.Linear`` of the same
+    name) was refused saying "Linear subclasses Linear" and naming
+    ``rc.register_handler(Linear, ...)``, which registers ``nn.Linear``'s own kernel again
+    (refused: it has one). Both are named with their modules."""
+    from torch.ao.nn import qat
+    from torch.ao.quantization import get_default_qat_qconfig
+
+    torch.manual_seed(0)
+    qconfig = get_default_qat_qconfig("fbgemm")
+    model = nn.Sequential(qat.Linear(4, 5, qconfig=qconfig), nn.Tanh(), nn.Linear(5, 3))
+    pre = rc.RiemannianPreconditioner(model, damping=1e-3)
+    F.cross_entropy(model(torch.randn(8, 4)), torch.tensor([0, 1, 2, 1] * 2)).backward()
+    with pytest.raises(ValueError) as refused:
+        pre.step()
+    message = str(refused.value)
+    name = f"{qat.Linear.__module__}.Linear"
+    assert f"{name} subclasses torch.nn.modules.linear.Linear" in message
+    assert f"rc.register_handler({name}, riemann_core.modules.LinearHandler)" in message
+    assert "Linear subclasses Linear" not in message
+
+
 def test_register_handler_overwrite_replaces(restore_handlers):
     calls = []
 

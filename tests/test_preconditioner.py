@@ -737,6 +737,38 @@ def test_a_gradient_written_over_the_direction_is_taken_as_the_refusal_says():
     assert rel_error(got, expected) < 1e-10
 
 
+def test_a_second_step_on_the_pass_does_not_advise_a_zeroing_in_place_it_refuses():
+    """Found by review: the refusal of a second ``pre.step()`` on the forward pass whose
+    direction was written said ``p.grad.copy_(g)`` is taken where
+    ``opt.zero_grad(set_to_none=False)`` zeroed it first, which on that pass is refused
+    too (the tensors written, whatever wrote them since). It says so; assigned, a gradient
+    of a backward pass since is taken."""
+    model, x, y = Problem(depth=2).make()
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward(retain_graph=True)
+    pre.step()
+    with pytest.raises(RuntimeError, match="precondition it twice") as refused:
+        pre.step()
+    message = str(refused.value)
+    assert "unless opt.zero_grad(set_to_none=False) zeroed it first" not in message
+    assert "opt.zero_grad(set_to_none=False) and p.grad.copy_(g) too" in message
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss, params)
+    opt.zero_grad(set_to_none=False)
+    for p, g in zip(params, grads, strict=True):
+        p.grad.copy_(g)
+    with pytest.raises(RuntimeError, match="precondition it twice"):
+        pre.step()
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+    pre.step()
+    expected = flatten(rc.direction(model, x, y, damping=1e-2), model)
+    got = flatten({n: p.grad for n, p in model.named_parameters()}, model)
+    assert rel_error(got, expected) < 1e-10
+
+
 def test_fingerprints_of_large_grads_read_some_entries_and_stay_safe():
     """A ``.grad`` of more than FINGERPRINT_RUNS runs of entries is fingerprinted from
     evenly spaced runs (reading all cost 1.6% of a step): a direction left as written is still
