@@ -29,7 +29,11 @@ around a base point (``sweep.json``'s ``base``); the base point belongs to every
   slope of ``log(t - overhead)`` against ``log`` of the modelled compute time
   ``sum F_kind / R_kind`` over the top segment of compute-bound points; 1 when the time is
   explained by the FLOPs at stable rates, less while the achieved rates still climb with
-  size, more when the time grows faster than the counted work.
+  size, more when the time grows faster than the counted work. Above the band, the
+  exponent over the segment below tells a rate that drops once past a size (a cache edge:
+  the top segment alone) from work the count misses (every segment past its onset); on an
+  axis whose top segment adds too little work for an exponent, the growth of the time over
+  that of the work (:attr:`AxisRegime.excess`).
 - **Curvature in depth** (:func:`quadratic_share`): the share of a quadratic term at the
   deepest point in ``t = a + b L + c L^2``.
 
@@ -675,12 +679,21 @@ class AxisRegime:
     compute-bound segment adds less than :data:`MIN_WORK_RATIO` of work, too little to
     judge), ``"climbing"`` (time grows more slowly than the work: the achieved rates still
     climb), ``"faster"`` (time grows faster than the work) or ``"stable"``.
+
+    ``below``: where the top segment reads faster, the exponent over the segment below it
+    (the third and second largest compute-bound points; None where there is no third, or
+    it adds less than :data:`MIN_WORK_RATIO` of work). A rate that drops once past a size
+    (a cache edge) bends the one segment that crosses it; a term that grows faster than the
+    counted work does so in every segment past its onset (:attr:`top_alone`).
+    ``flat``: on a flat axis, the exponent over its top segment, read as :attr:`excess`.
     """
 
     compute_bound: int
     overhead_at_top: float
     work_ratio: float
     exponent: SlopeFit | None
+    below: SlopeFit | None = None
+    flat: SlopeFit | None = None
 
     @property
     def state(self) -> str:
@@ -692,19 +705,49 @@ class AxisRegime:
             return "climbing"
         return "faster" if self.exponent.slope > 1 + TIME_BAND else "stable"
 
+    @property
+    def top_alone(self) -> bool:
+        """Whether the top segment reads faster than its work and the one below does not
+        (or is not judged): one more doubling of the axis tells a rate change from a
+        super-linear term."""
+        return self.state == "faster" and (self.below is None or self.below.slope <= 1 + TIME_BAND)
+
+    @property
+    def excess(self) -> tuple[float, float, float] | None:
+        """On a flat axis, the growth of the time (less overhead) over that of the modelled
+        work over the top segment, with its 95% interval: how far the achieved rate fell
+        (``work_ratio ** (exponent - 1)``; an exponent is no measure over so little work,
+        this ratio is). None elsewhere."""
+        if self.flat is None:
+            return None
+        f = self.flat
+        return tuple(self.work_ratio ** (k - 1) for k in (f.slope, f.low, f.high))
+
     def describe(self, axis: str) -> str:
         if self.state in ("overhead", "flat"):
-            return (
+            text = (
                 f"{axis}: {self.compute_bound} compute-bound points, overhead "
                 f"{self.overhead_at_top:.0%} at the top"
-                + (
-                    f", work x{self.work_ratio:.2g} over the top segment"
-                    if self.state == "flat"
-                    else ""
-                )
             )
+            if self.state == "flat":
+                text += f", work x{self.work_ratio:.2g} over the top segment"
+            if self.excess is not None:
+                ratio, low, high = self.excess
+                text += (
+                    f", time less overhead x{self.work_ratio**self.flat.slope:.3g}: "
+                    f"x{ratio:.3g} [{low:.3g}, {high:.3g}] the work's growth"
+                )
+            return text
         e = self.exponent
-        return f"{axis}: time ~ work^{e.slope:.3g} [{e.low:.3g}, {e.high:.3g}] over the top segment"
+        text = f"{axis}: time ~ work^{e.slope:.3g} [{e.low:.3g}, {e.high:.3g}] over the top segment"
+        if self.state == "faster":
+            b = self.below
+            text += (
+                f" (the segment below: work^{b.slope:.3g} [{b.low:.3g}, {b.high:.3g}])"
+                if b is not None
+                else f" (no segment below it adding x{MIN_WORK_RATIO:g} work or more)"
+            )
+        return text
 
 
 def axis_regime(
@@ -719,13 +762,19 @@ def axis_regime(
     rows = rows.sort_values("flops")
     fraction = overhead_fraction(rows, model)
     compute = model.compute(rows)
-    compute = np.unique(compute[(fraction <= target) & (compute > 0)])
-    ratio = float(compute[-1] / compute[-2]) if len(compute) >= 2 else math.nan
-    exponent = None
+    bound = np.unique(compute[(fraction <= target) & (compute > 0)])
+    ratio = float(bound[-1] / bound[-2]) if len(bound) >= 2 else math.nan
+    options = {"target": target, "n_boot": n_boot, "seed": seed}
+    exponent = below = flat = None
     if ratio >= MIN_WORK_RATIO:
-        exponent = time_exponent(rows, model, target=target, n_boot=n_boot, seed=seed)
+        exponent = time_exponent(rows, model, **options)
+        faster = exponent is not None and exponent.slope > 1 + TIME_BAND
+        if faster and len(bound) >= 3 and bound[-2] / bound[-3] >= MIN_WORK_RATIO:
+            below = time_exponent(rows[compute < bound[-1]], model, **options)
+    elif len(bound) >= 2:  # too little work for an exponent, enough to see a rate fall
+        flat = time_exponent(rows, model, **options)
     top = float(fraction[-1]) if len(fraction) else math.nan
-    return AxisRegime(len(compute), top, ratio, exponent)
+    return AxisRegime(len(bound), top, ratio, exponent, below, flat)
 
 
 def fit_table(

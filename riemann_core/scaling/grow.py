@@ -7,8 +7,12 @@ method and kernel on the rows so far (as the claims, without points that took a 
 and, on every axis of ``grid.grow``, doubles the
 axis's top value while the overhead is more than ``grid.overhead_target`` of the time there,
 while it has fewer than two such compute-bound points, while its top segment adds too
-little work to judge, or while the time grows more slowly than the work there (the
-achieved rates still climb: :func:`~riemann_core.scaling.fit.axis_regime`). An axis stops
+little work to judge, while the time grows more slowly than the work there (the
+achieved rates still climb: :func:`~riemann_core.scaling.fit.axis_regime`), or while the
+time grows faster than the work over the top segment alone, not over the one below it
+(:attr:`~riemann_core.scaling.fit.AxisRegime.top_alone`: a rate that drops past a size, a
+cache edge, bends only the segment across it, work the FLOP count misses every segment past
+its onset; the claim fails only on both). An axis stops
 growing where its top segment is in that regime, where it reached its cap, where the top
 point was over the FLOP or memory budget (or failed), where it took a slow path (its time is
 not the cost model's, and a larger point, whose ``cond(G)`` is usually larger, would take it
@@ -109,10 +113,18 @@ def plan(rows: list[dict], grid: Grid, *, elapsed: float) -> Plan:
             # the points the claims judge: a slow path's time is not the cost model's
             ok = on_axis[(on_axis["status"] == "ok") & ~fit.took_slow_path(on_axis)]
             regime = fit.axis_regime(ok, model, target=grid.overhead_target, n_boot=200)
-            if regime.state not in ("overhead", "flat", "climbing"):
+            # a top segment faster than its work is reached once the one below is too: a
+            # rate that drops past a size (a cache edge) bends only the segment across it
+            # (found by a hunt: the grid stopped on such a segment, and its claim failed)
+            if regime.state not in ("overhead", "flat", "climbing") and not regime.top_alone:
                 out.decisions[name] = f"reached: {regime.describe(axis)}"
                 continue
             why = regime.describe(axis)
+            if regime.top_alone:
+                why += (
+                    "; the top segment alone grows faster than its work: one more step tells "
+                    "a rate change (cache edge) from work the FLOP count misses"
+                )
             value = int(top[axis]) * 2
             if value > cap:
                 out.decisions[name] = f"stopped at the cap {axis}={cap}: {why}"

@@ -485,7 +485,9 @@ def _growth_section(meta: dict) -> list[str]:
         "compute-bound (overhead at most "
         f"{meta.get('grid', {}).get('overhead_target', fit.OVERHEAD_TARGET):.0%} of the "
         "time), add enough work to judge, and the achieved rates no longer climb between "
-        f"them.{took} Each decision was read from the times as they stood when growth "
+        "them (where the time grows faster than the work between them, until it does so "
+        "over the segment below too: a rate that drops past a cache edge bends one segment)."
+        f"{took} Each decision was read from the times as they stood when growth "
         "stopped, before outliers were measured again and the top pairs timed again "
         "interleaved: the claims and the exponents above judge the final times, so their "
         "figures may differ from these.",

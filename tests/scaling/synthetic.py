@@ -58,6 +58,23 @@ class Machine:
         return t + (self.extra(method, kernel, shape) if self.extra else 0.0)
 
 
+@dataclass
+class CacheEdge(Machine):
+    """A :class:`Machine` whose GEMM rate drops by ``drop`` once a call's products exceed
+    ``edge`` FLOPs (a working set past a cache): the time is the counted work at a rate
+    that changes once with size, no work the FLOP count misses."""
+
+    drop: float = 0.8
+    edge: float = 7e8
+
+    def time(self, method, kernel, shape, flops):
+        products = flops.get("products", 0.0)
+        if products <= self.edge:
+            return super().time(method, kernel, shape, flops)
+        slower = {**flops, "products": products / self.drop}
+        return super().time(method, kernel, shape, slower)
+
+
 def flops_by_kind(run):
     """The cost model's phases as kinds: factorisations are Cholesky (eigh for exact kfac)."""
     phases = sw.model_flops(run)

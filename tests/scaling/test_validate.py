@@ -10,10 +10,10 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-from synthetic import AXES, BASE, RUNS, Machine, make_sweep
+from synthetic import AXES, BASE, RUNS, CacheEdge, Machine, make_sweep
 
 from riemann_core import cli
-from riemann_core.scaling import fit
+from riemann_core.scaling import devices, fit, grow
 from riemann_core.scaling import sweep as sw
 from riemann_core.scaling import validate as va
 
@@ -94,10 +94,116 @@ def test_work_the_flop_count_does_not_see_fails_the_time_claim():
     claims = va.validate(df, meta, n_boot=300)
     claim = by_id(claims, "time-explained-layerwise")
     assert claim.verdict == "fail" and claim.low > 1 + va.TIME_BAND
-    assert "faster than the counted work along width." in claim.detail
+    assert "faster than the counted work along width over its top two segments." in claim.detail
     assert "over the top segment, timed interleaved" in claim.detail
     assert by_id(claims, "layerwise-structured-n").verdict == "pass"  # the FLOPs are right
     assert va.exit_code(claims) == 1
+
+
+#: the plain gradient along a long batch axis at width 256 (its width axis overhead-bound)
+EDGE_BASE = {"width": 256, "depth": 2, "out_dim": 10, "batch": 32}
+
+
+def edge_sweep(machine, top):
+    """The plain gradient's sweep with the batch axis up to ``top``, every top pair timed
+    interleaved (as a sweep times them again), 7 repeats with 3% noise."""
+    batches = tuple(32 * 2**k for k in range(int(math.log2(top // 32)) + 1))
+    axes = {"width": (64, 128, 256, 512), "depth": (1, 2, 4, 8), "out_dim": (10,), "batch": batches}
+    df, meta = make_sweep(
+        machine, base=EDGE_BASE, axes=axes, runs=(("euclidean", "structured"),), repeats=7
+    )
+    df["interleaved"] = "depth width batch"
+    return devices.named(df, meta), meta
+
+
+#: an uncounted term in batch^2, twice the counted work's time at batch 2048
+SQUARE_IN_BATCH = CacheEdge(drop=1.0, extra=lambda m, k, s: 2.4e-8 * s.batch**2)
+
+
+def test_a_rate_that_drops_at_the_top_of_an_axis_is_no_fail_but_a_term_beyond_the_flops_is():
+    """Found by a hunt: the GEMM rate 20% lower past a size reached only at batch 2048 (a
+    cache edge), the time exactly the counted FLOPs, failed time-explained-euclidean, 1.355
+    [1.266, 1.410], judged on the top segment alone (one more doubling: a pass). A rate
+    change bends the one segment across it, work the FLOP count misses every segment past
+    its onset: a fail needs the segment below the top one above the band too."""
+    claim = by_id(
+        va.validate(*edge_sweep(CacheEdge(), 2048), n_boot=300), "time-explained-euclidean"
+    )
+    assert claim.verdict == "too noisy" and claim.low > 1 + va.TIME_BAND
+    assert (
+        "the top segment alone grows faster than its work, the one below does not: a rate "
+        "change (cache edge) reads so; grow the axis one more step to judge"
+    ) in claim.detail
+    assert re.search(r"over the top segment \(the segment below: work\^0\.9", claim.detail)
+    claim = by_id(
+        va.validate(*edge_sweep(CacheEdge(), 4096), n_boot=300), "time-explained-euclidean"
+    )
+    assert claim.verdict == "pass"
+    # an uncounted batch^2 term grows faster than the work in both segments: a fail
+    claims = va.validate(*edge_sweep(SQUARE_IN_BATCH, 2048), n_boot=300)
+    claim = by_id(claims, "time-explained-euclidean")
+    assert claim.verdict == "fail" and claim.low > 1 + va.TIME_BAND
+    assert "along batch over its top two segments" in claim.detail
+    assert va.exit_code(claims) == 1
+    # with only two compute-bound points there is no segment below to tell them apart by
+    df, meta = edge_sweep(SQUARE_IN_BATCH, 2048)
+    df = df[(df["batch"] >= 1024) | (df["batch"] == 32)]
+    meta["axes"]["batch"] = [32, 1024, 2048]
+    claim = by_id(va.validate(df, meta, n_boot=300), "time-explained-euclidean")
+    assert claim.verdict == "too noisy" and "no segment below its top one adds x1.5" in claim.detail
+
+
+def test_growth_takes_one_more_step_where_the_top_segment_alone_grows_faster():
+    """Found by a hunt: a top segment faster than its work was "reached", so a sweep's grid
+    ended on a cache edge and its claim failed. Growth doubles the axis once more; where the
+    cap stops it, the claim reads too noisy and says so. Two segments faster: reached."""
+    df, meta = edge_sweep(CacheEdge(), 2048)
+    rows = df.to_dict("records")
+    grid = sw.Grid(
+        base=EDGE_BASE,
+        axes=meta["axes"],
+        methods=("euclidean",),
+        kernels=("structured",),
+        grow={"batch": 4096},
+    )
+    plan = grow.plan(rows, grid, elapsed=0.0)
+    decision = plan.decisions["euclidean/structured/batch"]
+    assert decision.startswith("growing to batch=4096: batch: time ~ work^1.3")
+    assert "the top segment alone grows faster than its work" in decision
+    assert [r["batch"] for r in plan.runs] == [4096]
+    capped = sw.Grid(**{**grid.__dict__, "grow": {"batch": 2048}})
+    meta["growth"] = grow.plan(rows, capped, elapsed=0.0).decisions
+    assert meta["growth"]["euclidean/structured/batch"].startswith("stopped at the cap batch=2048")
+    claim = by_id(va.validate(df, meta, n_boot=300), "time-explained-euclidean")
+    assert claim.verdict == "too noisy" and "(growth stopped at the cap batch=2048" in claim.detail
+    df, _ = edge_sweep(SQUARE_IN_BATCH, 2048)
+    plan = grow.plan(df.to_dict("records"), grid, elapsed=0.0)
+    assert plan.decisions["euclidean/structured/batch"].startswith("reached: batch: time ~ work^1.")
+    assert plan.runs == []
+
+
+def test_a_flat_axis_whose_time_outgrows_its_work_withholds_the_pass():
+    """Found by a hunt: K-FAC with uncounted work in batch^2, over half its time at the
+    top, passed on width alone, while along batch the time grew x2.29 over a top segment
+    whose modelled work grew x1.4: an axis adding under x1.5 the work is not judged. Its
+    time less overhead growing over RATE_HEADROOM times as fast as the work withholds the
+    pass (too noisy: a flat axis adds little work, the excess may be overhead)."""
+    for c, verdict in ((0.0, "pass"), (3e-7, "too noisy")):
+        machine = Machine(saturation=1e7, extra=lambda m, k, s, c=c: c * s.batch**2)
+        df, meta = make_sweep(machine, runs=(("kfac", "structured"),), repeats=7)
+        df["interleaved"] = "depth width batch"
+        claim = by_id(va.validate(df, meta, n_boot=300), "time-explained-kfac")
+        assert claim.verdict == verdict, claim.detail
+        assert re.search(
+            r"batch: 3 compute-bound points, .*, work x1\.[24] over the top", claim.detail
+        )
+    assert re.search(
+        r"^Along batch, an axis not judged \(its top segment adds x1\.4 work, under x1\.5\), "
+        r"the time less overhead grows x1\.7\d \[1\.6\d, 1\.[78]\d\] as fast as the work, "
+        r"beyond the x1\.25",
+        claim.detail,
+    )
+    assert claim.basis == "interleaved time"
 
 
 def test_a_counted_super_linear_step_fails_the_flop_claims():
