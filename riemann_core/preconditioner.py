@@ -1607,6 +1607,10 @@ class RiemannianPreconditioner:
         ``state_dict()`` can still be saved)."""
         self._removed = True
         self._finalizer()
+        # the views of the parameters' data keep their memory alive: a model moved or
+        # given other data since (model.cpu(), p.data = ...) would keep its old copy for
+        # as long as this preconditioner lives (found by review)
+        self._data_views, self._data_at_pass = {}, None
 
     def _attach(self, role: str, hooks) -> None:
         """``hooks`` (a hook's handle, or a :class:`Capture`) kept to be detached, in place
@@ -1775,8 +1779,12 @@ def _data_prints(views: list[Tensor]) -> Tensor:
     Integer sums are exact (modulo 2^32, 2^64 for 8-byte entries): the same data gives
     the same print whatever the order of the sum, the threads or the memory (a float sum
     need not, and ``p.data = p.data.clone()`` could be refused), and one entry changed
-    changes its row's sum. Several changes escape only where their changes in units of
-    the last place cancel exactly in every row they touch (two entries swapped); a float
+    changes its row's sum. Several changes escape where their changes of the bit patterns
+    cancel modulo 2^32 in every row they touch: two entries swapped, every entry of a row of
+    even length negated (``p.data.neg_()``: each moves by 2^31), or scaled by a power of
+    two where a row holds a multiple of 512 nonzero entries (``p.data.mul_(0.5)`` on a
+    1024-wide weight: each moves by 2^23; found by review; an int64 sum would catch these
+    at 4.4x the sums' cost); a float
     sum, even in float64, misses far more: the output layer's gradient under
     cross-entropy sums to zero, and the float32 sum of a weight stepped along it stayed
     the same to the bit."""

@@ -694,3 +694,31 @@ def test_a_loop_in_the_documented_order_is_not_refused_between_kfac_refreshes(
 
     for got, want in zip(run(check=True), run(check=False), strict=True):
         assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_a_removed_preconditioner_keeps_no_parameter_memory_alive():
+    """Found by review: the views K-FAC between refreshes reads the parameters' data
+    through (kept from step to step) held their memory, so a model moved or given other
+    data after ``pre.remove()`` (``model.cpu()`` to save it) left its old copy alive for as
+    long as the preconditioner lived."""
+    import gc
+    import weakref
+
+    import numpy as np
+
+    model, x, y = Problem(depth=3).make()
+    arrays = [np.array(p.detach().numpy()) for p in model.parameters()]
+    for p, a in zip(model.parameters(), arrays, strict=True):
+        p.data = torch.from_numpy(a)  # memory whose release a weak reference sees
+    held = [weakref.ref(a) for a in arrays]
+    del a, arrays
+    pre = rc.RiemannianPreconditioner(model, method="kfac", damping=DAMPING, kfac_refresh=3)
+    for _ in range(2):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+    assert pre._data_at_pass is not None  # the second step reused the cache: data read
+    pre.remove()
+    model.float()  # every parameter given other memory
+    gc.collect()
+    assert all(r() is None for r in held)

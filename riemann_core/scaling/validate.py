@@ -414,7 +414,13 @@ def _repeat_times_or_text(rows: pd.DataFrame) -> list:
         try:
             out += fit.repeat_times(rows.iloc[i : i + 1])
         except (ValueError, TypeError):
-            out.append(f"times_s = {rows['times_s'].iloc[i]!r}, not a JSON list of seconds")
+            times = rows["times_s"].iloc[i] if "times_s" in rows else None
+            if isinstance(times, (list, tuple, np.ndarray)) or (
+                isinstance(times, str) and times.strip()
+            ):
+                out.append(f"times_s = {times!r}, not a JSON list of seconds")
+            else:  # no times: the median stood for them (found by review: a KeyError)
+                out.append(f"time_median_s = {rows['time_median_s'].iloc[i]!r}")
     return out
 
 

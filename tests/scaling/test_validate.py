@@ -1462,3 +1462,15 @@ def test_validate_names_an_ok_row_whose_times_are_no_measurement(bad):
     flops.loc[flops.index[flops["status"] == "ok"][0], "flops_products"] = math.nan
     with pytest.raises(ValueError, match="has flops_products = nan"):
         va.validate(flops, meta, n_boot=50)
+
+
+@pytest.mark.parametrize("times", ["no column", math.nan])
+def test_validate_names_an_ok_row_whose_median_alone_is_no_number(times):
+    """Found by review: an ok row without repeat times (no ``times_s`` column, or a blank
+    cell), whose median is text, raised a KeyError naming no row, or blamed ``times_s``."""
+    df, meta = make_sweep(repeats=5)
+    df = df.drop(columns=["times_s"]) if times == "no column" else df.assign(times_s=times)
+    df["time_median_s"] = df["time_median_s"].astype(object)
+    df.loc[df.index[df["status"] == "ok"][0], "time_median_s"] = "fast"
+    with pytest.raises(ValueError, match=r"ok row of .* has time_median_s = 'fast'"):
+        va.validate(df, meta, n_boot=50)
