@@ -9,7 +9,8 @@ axis's top value while the overhead is more than ``grid.overhead_target`` of the
 while it has fewer than two such compute-bound points, while its top segment adds too
 little work to judge, while the time grows more slowly than the work there (the
 achieved rates still climb: :func:`~riemann_core.scaling.fit.axis_regime`), or while the
-time grows faster than the work over the top segment alone, not over the one below it
+time grows faster than the work over the top segment alone, by no more than
+:data:`~riemann_core.scaling.fit.EDGE_DROP` times, not over the one below it
 (:attr:`~riemann_core.scaling.fit.AxisRegime.top_alone`: a rate that drops past a size, a
 cache edge, bends only the segment across it, work the FLOP count misses every segment past
 its onset; the claim fails only on both). An axis stops

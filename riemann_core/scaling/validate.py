@@ -98,9 +98,11 @@ verdict (:func:`_left_out`): load, not the device, decided it.
   an axis's 95% interval lies above the band (time grows faster than the counted work), its
   top two points were timed interleaved (``interleaved`` names the axis; where they were
   timed one after another, the machine's drift between them can do that: too noisy) and the
-  segment below them reads above the band too
+  segment below them reads above the band too, or its time grows more than
+  :data:`~riemann_core.scaling.fit.EDGE_DROP` times as fast as its work over the top segment
   (:attr:`~riemann_core.scaling.fit.AxisRegime.top_alone`: a rate that drops past a cache
-  edge bends the top segment alone, too noisy, and growth takes one more doubling), too noisy when
+  edge bends the top segment alone, by no more, too noisy, and growth takes one more
+  doubling), too noisy when
   an exponent above or below the band has an interval reaching into it (or none measured),
   regime not reached when an exponent's whole interval lies below it (the achieved rates still
   climb with size) or when no axis has such a segment (the overhead fractions at the top and
@@ -1174,7 +1176,15 @@ def _time_explained(
             reason += ", " + _top_alone(regimes[axis], growth_of.get(f"{method}/{kernel}/{axis}"))
         elif together[axis]:
             verdict = FAIL
-            reason += " over its top two segments"
+            regime = regimes[axis]
+            if regime.below is not None and regime.below.slope > 1 + TIME_BAND:
+                reason += " over its top two segments"
+            else:  # more than a rate that drops past a cache edge explains
+                growth = regime.work_ratio ** (judged[axis].slope - 1)
+                reason += (
+                    f" over its top segment, x{growth:.3g} the work's growth, beyond the "
+                    f"x{fit.EDGE_DROP:g} a rate that drops past a cache edge explains"
+                )
         else:  # the machine's drift between two points minutes apart can do that
             verdict = NOISY
             reason += (

@@ -145,12 +145,41 @@ def test_a_rate_that_drops_at_the_top_of_an_axis_is_no_fail_but_a_term_beyond_th
     assert claim.verdict == "fail" and claim.low > 1 + va.TIME_BAND
     assert "along batch over its top two segments" in claim.detail
     assert va.exit_code(claims) == 1
-    # with only two compute-bound points there is no segment below to tell them apart by
-    df, meta = edge_sweep(SQUARE_IN_BATCH, 2048)
-    df = df[(df["batch"] >= 1024) | (df["batch"] == 32)]
-    meta["axes"]["batch"] = [32, 1024, 2048]
-    claim = by_id(va.validate(df, meta, n_boot=300), "time-explained-euclidean")
-    assert claim.verdict == "too noisy" and "no segment below its top one adds x1.5" in claim.detail
+    # with only two compute-bound points there is no segment below to tell them apart by,
+    # but a time growing x1.68 as fast as its work is more than a rate drop (EDGE_DROP)
+    for machine, verdict in ((CacheEdge(), "too noisy"), (SQUARE_IN_BATCH, "fail")):
+        df, meta = edge_sweep(machine, 2048)
+        df = df[(df["batch"] >= 1024) | (df["batch"] == 32)]
+        meta["axes"]["batch"] = [32, 1024, 2048]
+        claim = by_id(va.validate(df, meta, n_boot=300), "time-explained-euclidean")
+        assert claim.verdict == verdict, claim.detail
+        assert "(no segment below it adding x1.5 work or more)" in claim.detail
+    assert "no segment below its top one adds x1.5" not in claim.detail
+    assert "over its top segment, x1.68 the work's growth, beyond the x1.5" in claim.detail
+
+
+#: uncounted work in batch^3 whose onset is at the top of the axis: twice the counted work's
+#: time at batch 2048, a quarter of it at 1024
+CUBE_AT_TOP = Machine(extra=lambda m, k, s: 2 * 0.016 * (s.batch / 2048) ** 3)
+
+
+def test_a_top_segment_faster_than_a_cache_edge_explains_fails_without_the_segment_below():
+    """Found by review: work the FLOP count misses whose onset is at the top segment, on an
+    axis its cap ends there, read too noisy (the segment below within the band), its time
+    growing x1.7 as fast as its work over a doubling; a 20% rate drop explains x1.25. So did
+    time ~ work^1.96 over a width axis whose cap left no segment below it."""
+    claims = va.validate(*edge_sweep(CUBE_AT_TOP, 2048), n_boot=300)
+    claim = by_id(claims, "time-explained-euclidean")
+    assert claim.verdict == "fail" and claim.low > 1 + va.TIME_BAND, claim.detail
+    assert re.search(r"\(the segment below: work\^1\.[0-2]", claim.detail)
+    assert re.search(
+        r"along batch over its top segment, x1\.[6-8]\d* the work's growth, beyond the x1\.5 "
+        r"a rate that drops past a cache edge explains\.",
+        claim.detail,
+    )
+    assert va.exit_code(claims) == 1
+    regime = fit.AxisRegime(2, 0.0, 4.0, fit.SlopeFit(1.96, 1.93, 1.98, 2, (1.0, 4.0)))
+    assert regime.state == "faster" and not regime.top_alone  # no segment below needed
 
 
 def test_growth_takes_one_more_step_where_the_top_segment_alone_grows_faster():
