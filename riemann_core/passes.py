@@ -4,12 +4,13 @@
 all (``pre.step()`` takes the metric at the last pass, which must be the one the loss
 went through); :class:`Accumulations`, which ``.grad`` a backward pass accumulated into
 since a pass started (a ``.grad`` none did holds no gradient of that pass), and what the
-accumulations since a direction was written found there (straight onto the direction). :class:`Passes` keeps, for a data-parallel ``pre.step()`` (a
-``process_group``), what its combination of the ranks' ``.grad`` relies on and cannot see
-in them. That combination is ``sum_p (N_p / N) g_p`` (under ``DistributedDataParallel``,
-its equal-weight average of the micro-batches accumulated in ``no_sync()``, whose shares
-are checked alike, the loss not: any loss's average is its own), which is the global
-batch's gradient only where
+accumulations since a direction was written found there (the direction, not zeroed, and
+each later one straight onto the one before). :class:`Passes` keeps, for a data-parallel
+``pre.step()`` (a ``process_group``), what its combination of the ranks' ``.grad`` relies
+on and cannot see in them. That combination is ``sum_p (N_p / N) g_p`` (under
+``DistributedDataParallel``, its equal-weight average of the micro-batches accumulated
+in ``no_sync()``, whose shares are checked alike, the loss not: any loss's average is its
+own), which is the global batch's gradient only where
 
 * each pass is split between the ranks alike: rank ``p``'s share ``N_pk / N_k`` of pass
   ``k`` is the same for every pass whose gradient ``.grad`` holds (micro-batches), which
@@ -145,21 +146,33 @@ class Accumulations:
     (``clip_grad_norm_``), or any write into a flat buffer the ``.grad`` are views of
     (``DistributedDataParallel(gradient_as_bucket_view=True)``).
 
-    From :meth:`mark` on (a direction written into ``.grad``), the hook also notes what the
-    accumulations into each ``.grad`` found (:meth:`onto`): the ``.grad`` and its version
-    right after the first and the last of them, and the backward pass (graph task) of the
-    first. The hook runs as autograd's accumulation returns, before
+    From :meth:`mark` on (a direction written into ``.grad``), the hooks also note what the
+    accumulations into each ``.grad`` found (:meth:`onto`). A gradient hook on the
+    parameter (``Tensor.register_hook``, :class:`_BeforeAccumulated`), which runs just
+    before autograd adds into ``.grad``, reads the ``.grad`` the first of them adds onto
+    where it is the one the direction was written into: its largest entry in magnitude, a
+    device scalar read at the step, which tells a zeroing in place since
+    (``opt.zero_grad(set_to_none=False)``, ``p.grad.data.zero_()``) from a direction left
+    there, also where a clip or decay written into it since moved its version as a zeroing
+    does; and at each accumulation after the first, whether the ``.grad`` is still the
+    tensor at the version the one before left. The post-accumulate-grad hook notes the
+    ``.grad`` and its version as the accumulation returns, before
     ``DistributedDataParallel``'s own hook on the parameter and its write of the averaged
-    gradient into ``.grad`` at the end of the backward pass, so a version one past the
-    direction's tells that the accumulation went straight onto the direction, where the
-    version at ``pre.step()`` (2 on under DDP, which writes ``.grad`` again) does not."""
+    gradient into ``.grad`` at the end of the backward pass. A ``torch.autograd.grad``
+    with respect to the parameter runs the gradient hook and accumulates nothing: the post
+    hook takes what the last gradient hook found, which ran for its own accumulation."""
 
     def __init__(self) -> None:
         self._ticks = itertools.count()
         self._last: dict[int, int] = {}  # {id(parameter): tick of its last accumulation}
-        self._hooks: dict[int, tuple[weakref.ref, object]] = {}
-        # {id(parameter): [accumulations, id(.grad), version, graph task of the first;
-        # id(.grad), version after the last]} since mark()
+        self._hooks: dict[int, tuple[weakref.ref, tuple]] = {}
+        # {id(parameter): the .grad a direction was written into (weakly)} since mark()
+        self._written: dict[int, weakref.ref] = {}
+        # {id(parameter): what the gradient hook found, for the accumulation under way}
+        self._before: dict[int, tuple] = {}
+        # {id(parameter): [accumulations, the first's reading (None where it did not add
+        # onto the .grad written), every later one onto the .grad the one before left,
+        # that .grad after the last (weakly), its version then]} since mark()
         self._onto: dict[int, list] = {}
 
     def tick(self) -> int:
@@ -171,56 +184,118 @@ class Accumulations:
         for p in params:
             kept = self._hooks.get(id(p))
             if kept is None or kept[0]() is not p:
-                hook = _Accumulated(self._last, self._ticks, self._onto)
-                handle = p.register_post_accumulate_grad_hook(hook)
-                self._hooks[id(p)] = (weakref.ref(p), handle)
+                before = _BeforeAccumulated(p, self._written, self._before, self._onto)
+                after = _Accumulated(self._last, self._ticks, self._before, self._onto)
+                handles = p.register_hook(before), p.register_post_accumulate_grad_hook(after)
+                self._hooks[id(p)] = (weakref.ref(p), handles)
 
     def since(self, p: Tensor, tick: int) -> bool:
         """Whether a backward pass accumulated into ``p.grad`` after ``tick``."""
         return self._last.get(id(p), -1) > tick
 
-    def mark(self) -> None:
+    def mark(self, written: dict[int, Tensor]) -> None:
         """Note from now on what the accumulations into each ``.grad`` hooked find,
-        forgetting what earlier ones found (a ``.grad`` that holds a direction as a forward
-        pass starts is hooked then, before any backward pass through that pass)."""
+        forgetting what earlier ones found; ``written``: ``{id(parameter): its .grad}``
+        that now hold a direction (none: nothing to note, after a step skipped), their
+        parameters hooked already (:meth:`hook`), so that the first accumulation since is
+        seen (a ``.grad`` set to ``None`` may come back the same tensor before the next
+        forward pass: a bucket view ``DistributedDataParallel`` assigns again)."""
         self._onto.clear()
+        self._before.clear()
+        self._written.clear()
+        self._written.update((key, weakref.ref(g)) for key, g in written.items())
 
-    def onto(self, p: Tensor) -> tuple[int, int, int, object, int, int] | None:
+    def onto(self, p: Tensor) -> tuple[int, Tensor | None, bool, Tensor | None] | None:
         """What the accumulations into ``p.grad`` since :meth:`mark` found: ``(their
-        number, id of the .grad, its version right after the first, the first's graph task
-        (None where torch does not tell), id of the .grad, its version right after the
-        last)``; ``None`` where none accumulated."""
+        number, the largest entry in magnitude of the .grad written as the first added
+        onto it (a device scalar; None where the first added onto another tensor or None,
+        and the later ones are not followed), whether each later one added onto the .grad
+        at the version the one before left, the .grad the last left)``; ``None`` where
+        none accumulated."""
         seen = self._onto.get(id(p))
-        return None if seen is None else tuple(seen)
+        return None if seen is None else (seen[0], seen[1], seen[2], seen[3]())
 
     def remove(self) -> None:
         """Take the hooks off the parameters."""
-        for _, handle in self._hooks.values():
-            handle.remove()
+        for _, handles in self._hooks.values():
+            for handle in handles:
+                handle.remove()
         self._hooks.clear()
+
+
+class _BeforeAccumulated:
+    """A gradient hook of :class:`Accumulations` on a parameter (``Tensor.register_hook``,
+    run before autograd adds the gradient into ``.grad``): notes what the accumulation
+    about to run finds, where a direction was written (:meth:`Accumulations.mark`). Holds
+    the parameter weakly; changes no gradient."""
+
+    __slots__ = ("param", "written", "before", "onto")
+    __torch_unserializable__ = True  # (dropped by torch.save like any hook, silently)
+
+    def __init__(self, param: Tensor, written: dict, before: dict, onto: dict) -> None:
+        self.param, self.written, self.before, self.onto = weakref.ref(param), written, before, onto
+
+    def __call__(self, _: Tensor) -> None:
+        if not self.written:
+            return
+        param = self.param()
+        if param is None:
+            return
+        key, grad = id(param), param.grad
+        seen = self.onto.get(key)
+        if seen is not None:  # a later accumulation: onto what the one before left?
+            if seen[1] is not None:  # (followed only where the first added onto a direction)
+                self.before[key] = (
+                    grad is not None and seen[3]() is grad and grad._version == seen[4],
+                )
+            return
+        written = self.written.get(key)
+        if grad is None or written is None or written() is not grad:
+            self.before[key] = (None,)
+        else:  # zero where zeroed in place since the direction (device scalar, no sync)
+            self.before[key] = (torch.linalg.vector_norm(grad.detach(), math.inf),)
 
 
 class _Accumulated:
     """A post-accumulate-grad hook of :class:`Accumulations`: notes the tick at which a
-    backward pass accumulated into the parameter's ``.grad``, and the ``.grad`` and its
-    version then (:meth:`Accumulations.onto`); changes nothing."""
+    backward pass accumulated into the parameter's ``.grad``, and, from a mark on, what
+    the gradient hook found before it and the ``.grad`` and its version after it
+    (:meth:`Accumulations.onto`); changes nothing."""
 
-    __slots__ = ("last", "ticks", "onto")
+    __slots__ = ("last", "ticks", "before", "onto")
 
-    def __init__(self, last: dict[int, int], ticks, onto: dict[int, list]) -> None:
-        self.last, self.ticks, self.onto = last, ticks, onto
+    def __init__(self, last: dict[int, int], ticks, before: dict, onto: dict) -> None:
+        self.last, self.ticks, self.before, self.onto = last, ticks, before, onto
 
     def __call__(self, param: Tensor) -> None:
         key = id(param)
         self.last[key] = next(self.ticks)
-        grad = param.grad  # (None where a hook before this one took it)
-        ident, version = id(grad), -1 if grad is None else grad._version
+        found = self.before.pop(key, None)
+        if found is None:  # (no mark, or nothing to follow)
+            return
         seen = self.onto.get(key)
+        if seen is None and found[0] is None:  # (the first, onto no direction)
+            self.onto[key] = _NOT_ONTO
+            return
+        grad = param.grad  # (None where a hook before this one took it)
+        after = _dead if grad is None else weakref.ref(grad)
+        version = -1 if grad is None else grad._version
         if seen is None:
-            self.onto[key] = [1, ident, version, _graph_task(), ident, version]
+            self.onto[key] = [1, found[0], True, after, version]
         else:
             seen[0] += 1
-            seen[4], seen[5] = ident, version
+            seen[2] = seen[2] and found[0] is True
+            seen[3], seen[4] = after, version
+
+
+def _dead() -> None:
+    """A dead reference's answer: no tensor."""
+    return None
+
+
+#: the record of a ``.grad`` whose first accumulation since the mark added onto no
+#: direction (another tensor, or ``None``): what later ones find is not followed
+_NOT_ONTO = (1, None, False, _dead, -1)
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -399,10 +474,10 @@ class _End:
 
 
 def user_hooks_on(p: Tensor) -> bool:
-    """Whether ``p`` has gradient hooks (``Tensor.register_hook``) other than the one
-    :class:`Passes` registers, which changes no gradient."""
+    """Whether ``p`` has gradient hooks (``Tensor.register_hook``) other than those
+    :class:`Passes` and :class:`Accumulations` register, which change no gradient."""
     hooks = getattr(p, "_backward_hooks", None) or {}
-    return any(not isinstance(h, _BeforeAccumulation) for h in hooks.values())
+    return any(not isinstance(h, (_BeforeAccumulation, _BeforeAccumulated)) for h in hooks.values())
 
 
 def accumulate_hooks_on(p: Tensor) -> bool:

@@ -876,6 +876,7 @@ class RiemannianPreconditioner:
         if overflowed:  # NaN where the scaled backward's inf would be, for scaler.step
             _fill_nan([p for n, p in params if n in reaches])
             self.diagnostics, self._written = [], []
+            self._accumulations.mark({})
             return
         for name, p in params:  # every direction exists before any .grad changes
             if name in directions:
@@ -1160,6 +1161,7 @@ class RiemannianPreconditioner:
                 # own .grad stayed finite would apply them unpreconditioned)
                 _fill_nan([p for n, p in params if n in with_grad])
                 self.diagnostics, self._written = [], []
+                self._accumulations.mark({})
                 self._note_overflow(True)
                 return
             device = params[0][1].device
@@ -1168,7 +1170,7 @@ class RiemannianPreconditioner:
             for name, p in params:
                 if name in with_grad:
                     _check_grad(name, p.grad, p.dtype, checks)
-            self._check_not_preconditioned(with_grad, params)
+            self._check_not_preconditioned(with_grad, params, checks)
             _check_not_written_by_another(self, with_grad)
             if (
                 self._passes is not None
@@ -1218,6 +1220,7 @@ class RiemannianPreconditioner:
         except GradientOverflow:  # the scaled direction overflowed: skipped, as above
             _fill_nan([p for n, p in params if n in with_grad])
             self.diagnostics, self._written = [], []
+            self._accumulations.mark({})
             self._note_overflow(True)
             return
         capture = self._capture
@@ -1320,7 +1323,12 @@ class RiemannianPreconditioner:
         ``.data``, which leave the version as it was."""
         grads = [p.grad for name, p in params if name in directions]
         prints = _fingerprints(grads)
-        self._accumulations.mark()  # (what the next backward passes add onto them, read)
+        # what the next backward passes add onto them, read from the first on: hooked now,
+        # not at the next forward pass, before which a .grad set to None may come back the
+        # same tensor (a bucket view DistributedDataParallel assigns again, found by review)
+        written = [p for name, p in params if name in directions]
+        self._accumulations.hook(written)
+        self._accumulations.mark({id(p): p.grad for p in written})
         _note_writer(self, grads)
         self._preconditioned = True
         self._written = [
@@ -1334,50 +1342,56 @@ class RiemannianPreconditioner:
         written = {id(w.grad()): w.version for w in self._written if w.grad() is not None}
         return all(written.get(id(g)) == g._version for g in grads.values())
 
-    def _check_not_preconditioned(self, grads: dict[str, Tensor], params) -> None:
+    def _check_not_preconditioned(self, grads: dict[str, Tensor], params, checks: Deferred) -> None:
         """Refuse ``.grad`` that hold a direction a call wrote: preconditioning them again
         would give ``G^{-2} g``. On the pass it was written for, the tensors written,
         whatever changed them since (a clip, even one that clips nothing, or a second
         backward: found by review, 57x off; a fresh ``.grad`` after ``opt.zero_grad()``,
         a new tensor, is taken); after a new forward pass, the same tensors at the same
-        version and norm (a loss.backward() forgotten), or one version on: one backward
-        pass added to the direction with no ``opt.zero_grad()`` between (whose in-place
-        zeroing is a version too), as when accumulating micro-batches with a pre.step()
-        after each (found by a hunt: 466x off); or where every backward pass since
-        accumulated straight onto it (:meth:`_accumulated_onto`: under
-        ``DistributedDataParallel``, whose averaged ``.grad`` written back moves the version
-        once more, found by review). The norm is the fingerprint's (of evenly spaced
-        entries of a large ``.grad``): one whose sampled entries read zero counts as a
-        direction that may not be zero."""
+        version and norm (a loss.backward() forgotten), or one version on where no backward
+        pass accumulated into them (a gradient written in place, ``p.grad.copy_(g)``, reads
+        as a backward pass added); and backward passes added to the direction
+        (:meth:`_accumulated_onto`), as when accumulating micro-batches with a pre.step()
+        after each (found by a hunt: 466x off), also where a clip, a decay or
+        ``scaler.unscale_`` written into the direction after the step moved its version as
+        a zeroing in place does (found by review: 1.6x to 8440x off, silently), or under
+        ``DistributedDataParallel``, whose averaged ``.grad`` written back moves it once
+        more (found by review): refused where the ``.grad`` the first of them added onto
+        was not zero, read with ``checks`` (no host sync of its own). The norm is the
+        fingerprint's (of evenly spaced entries of a large ``.grad``): one whose sampled
+        entries read zero counts as a direction that may not be zero."""
         written = {id(w.grad()): w for w in self._written if w.grad() is not None}
-        onto = {} if self._preconditioned else self._accumulated_onto(grads, params, written)
+        reached, onto = (
+            (frozenset(), {}) if self._preconditioned else self._accumulated_onto(grads, params)
+        )
+        by_device: dict[torch.device, list[str]] = {}  # (Deferred reads a device's at once)
+        for n, (_, reading) in onto.items():
+            by_device.setdefault(reading.device, []).append(n)
+        for names in by_device.values():
+            readings = torch.stack([onto[n][1] for n in names])
+            counts = [onto[n][0] for n in names]
+            checks.require(
+                readings.eq(0).all(),
+                functools.partial(_refuse_added_onto, names, readings, counts),
+            )
         # by the version at the step, not DDP's bucket views, whose shared version counts a
-        # bucket's writes (found by review); a .grad zeroed and not reached since is zero,
-        # preconditioned the same (host syncs, on suspicion only)
+        # bucket's writes (found by review), where no backward pass since added onto the
+        # .grad written (what one found tells, above); a .grad zeroed and not reached since
+        # is zero, preconditioned the same (host syncs, on suspicion only)
         added = [
             n
             for n, g in grads.items()
             if not self._preconditioned
             and id(g) in written
-            and (n in onto or (not g._is_view() and g._version == written[id(g)].version + 1))
+            and n not in reached
+            and not g._is_view()
+            and g._version == written[id(g)].version + 1
             and (written[id(g)].sampled or bool(written[id(g)].fingerprint != 0))
             and bool(g.any())
         ]
         if added:
-            passes = (
-                "backward passes" if any(onto.get(n, 1) > 1 for n in added) else "one backward pass"
-            )
-            raise RuntimeError(
-                f"the .grad of {some(added)} hold the "
-                f"direction the last pre.step() or pre.backward(loss) wrote with {passes} "
-                "added since, and pre.step() would precondition that direction again: "
-                "call opt.zero_grad() before each step's backward passes (of an optimizer "
-                "that holds these parameters: one over other parameters, a head's, leaves "
-                "their .grad as they are; or freeze those it does not train), and when "
-                "accumulating micro-batches, pre.step() once, after the last one's backward "
-                "(a .grad zeroed through .data, p.grad.data.zero_(), is not seen: use "
-                "opt.zero_grad())"
-            )
+            raise _added_error(added, several=False)
+
         same = [
             (n, g)
             for n, g in grads.items()
@@ -1417,47 +1431,38 @@ class RiemannianPreconditioner:
                 f"({written_how})"
             )
 
-    def _accumulated_onto(self, grads: dict[str, Tensor], params, written) -> dict[str, int]:
-        """The ``grads`` (by name, with the number of backward passes) that hold a direction
-        in ``written`` onto which every backward pass since accumulated, with nothing else
-        written between (:meth:`~riemann_core.passes.Accumulations.onto`, whose hook runs
-        before ``DistributedDataParallel`` writes the averaged ``.grad`` back): the version
-        right after the first accumulation is one past the direction's, and after the
-        last one past that for each pass between. A zeroing in place before the first, or
-        between two, moves it once more (so may a clip, an unscale or DDP's write between
-        two: not refused), and a ``.grad`` set to ``None`` comes back another tensor. Of
-        views into one flat buffer (``gradient_as_bucket_view=True``), whose version counts
-        every write into the buffer: one backward pass, the buffer's first accumulation
-        since the direction one past it (nothing written into the buffer before), and
-        the view's own in the same backward pass (in which only the autograd engine, DDP's
-        hooks included, writes the buffer, none of them into the view's entries)."""
-        found = {}  # {name: (.grad, the tensor whose version it shares, what was found)}
+    def _accumulated_onto(
+        self, grads: dict[str, Tensor], params
+    ) -> tuple[frozenset[str], dict[str, tuple[int, Tensor]]]:
+        """The ``grads`` (by name) whose first accumulation since the last direction was
+        written added onto the ``.grad`` it was written into
+        (:meth:`~riemann_core.passes.Accumulations.onto`, whose hooks run before autograd
+        adds into ``.grad`` and as it returns, before ``DistributedDataParallel``'s hook
+        and its write of the averaged ``.grad``); and of those, ``{name: (backward passes,
+        the largest entry in magnitude of that .grad as the first added onto it: a device
+        scalar)}`` where each later one added onto the ``.grad`` the one before left, at
+        the version it left (in place; or, under ``create_graph=True``, onto the new tensor
+        it made), and the ``.grad`` is the one the last left. A zeroing in place between
+        two, a clip, an unscale or DDP's write between two moves the version (not
+        refused), and a ``.grad`` set to ``None`` is seen so by the first. The reading
+        tells a zeroing in place before the first (``opt.zero_grad(set_to_none=False)``,
+        also through ``.data``) from any other write into the direction: a clip, a decay,
+        an unscale. Of views into one flat buffer (``gradient_as_bucket_view=True``),
+        whose version counts every write into the buffer, a write into another view
+        between two accumulations reads as a write between (not refused: one backward pass
+        added is seen)."""
+        reached = set()
+        onto = {}
         for name, p in params:
             g = grads.get(name)
-            if g is None or id(g) not in written:
+            seen = None if g is None else self._accumulations.onto(p)
+            if seen is None or seen[1] is None:
                 continue
-            seen = self._accumulations.onto(p)
-            if seen is not None and seen[1] == seen[4] == id(g):
-                found[name] = (g, g._base if g._is_view() else g, seen)
-        firsts: dict[int, tuple[int, object]] = {}  # {id(buffer): lowest first version, task}
-        for _, buffer, (_, _, version, task, _, _) in found.values():
-            if id(buffer) not in firsts or version < firsts[id(buffer)][0]:
-                firsts[id(buffer)] = (version, task)
-        onto = {}
-        for name, (g, buffer, (count, _, first, task, _, last)) in found.items():
-            direction = written[id(g)].version
-            if buffer is g:
-                straight = first == direction + 1 and last - first == count - 1
-            else:
-                lowest, lowest_task = firsts[id(buffer)]
-                straight = (
-                    count == 1
-                    and lowest == direction + 1
-                    and (first == lowest or (task is not None and task == lowest_task))
-                )
-            if straight:
-                onto[name] = count
-        return onto
+            count, reading, intact, last = seen
+            reached.add(name)
+            if intact and last is g:
+                onto[name] = (count, reading)
+        return frozenset(reached), onto
 
     def _note_overflow(self, overflowed: bool) -> None:
         """Set :attr:`overflowed`; warn when the steps of :data:`OVERFLOWS_IN_A_ROW` scales
@@ -2155,6 +2160,33 @@ def _showing_parameters(calls: list[Block], stale: set[str]) -> list[Block]:
     return [
         c for c in calls if shows_parameters(c.module) and c.name not in stale and c.output.numel()
     ]
+
+
+def _added_error(added: list[str], several: bool) -> RuntimeError:
+    """The refusal of the ``.grad`` named in ``added``, which hold the direction the last
+    call wrote with one backward pass (``several``: more) added since."""
+    passes = "backward passes" if several else "one backward pass"
+    return RuntimeError(
+        f"the .grad of {some(added)} hold the "
+        f"direction the last pre.step() or pre.backward(loss) wrote with {passes} "
+        "added since, and pre.step() would precondition that direction again: "
+        "call opt.zero_grad() before each step's backward passes (of an optimizer "
+        "that holds these parameters: one over other parameters, a head's, leaves "
+        "their .grad as they are; or freeze those it does not train), and when "
+        "accumulating micro-batches, pre.step() once, after the last one's backward "
+        "(a clip or decay written into the direction after pre.step() leaves it there; "
+        "a gradient written over it in place, p.grad.copy_(g), too: assign it, p.grad = g)"
+    )
+
+
+def _refuse_added_onto(names: list[str], readings: Tensor, counts: list[int]) -> None:
+    """Refuse the ``.grad`` of ``names`` whose first backward pass since the direction
+    was written added onto a ``.grad`` that was not zero (``readings``: the largest entry
+    of each in magnitude then, NaN too); ``counts``: the backward passes added."""
+    nonzero = readings.ne(0).tolist()  # (a host read, on refusal only)
+    added = [n for n, bad in zip(names, nonzero, strict=True) if bad]
+    several = any(c > 1 for c, bad in zip(counts, nonzero, strict=True) if bad)
+    raise _added_error(added, several)
 
 
 def _check_no_gradient_hooks(params) -> None:

@@ -338,7 +338,55 @@ ADDED = {
         "taken",
         lambda w, o, p, x, y: (o.zero_grad(), _pass(w, x, y, 0.5), _pass(w, 2 * x, y, 0.5)),
     ),
+    "not zeroed, the direction clipped": ("refused", lambda w, o, p, x, y: _pass(w, x, y)),
+    "not zeroed, the direction clipped by value": (
+        "refused",
+        lambda w, o, p, x, y: _pass(w, x, y),
+    ),
+    "not zeroed, decay added to the direction": (
+        "refused",
+        lambda w, o, p, x, y: _pass(w, x, y),
+    ),
+    "a clip of the direction, zeroed in place": (
+        "taken",
+        lambda w, o, p, x, y: (o.zero_grad(set_to_none=False), _pass(w, x, y)),
+    ),
+    "decay added to the direction, zeroed in place": (
+        "taken",
+        lambda w, o, p, x, y: (o.zero_grad(set_to_none=False), _pass(w, x, y)),
+    ),
+    "a clip of the direction, zero_grad()": (
+        "taken",
+        lambda w, o, p, x, y: (o.zero_grad(), _pass(w, x, y)),
+    ),
+    "decay added to the direction, zero_grad()": (
+        "taken",
+        lambda w, o, p, x, y: (o.zero_grad(), _pass(w, x, y)),
+    ),
 }
+
+
+#: what cases of :data:`ADDED` write into the last step's direction after its
+#: ``pre.step()``, before the optimizer's step (where docs/api.md has a loop clip it): a
+#: version on, as a zeroing in place is (found by review: a forgotten zeroing was taken,
+#: silently)
+WRITTEN_AFTER_STEP = {
+    "not zeroed, the direction clipped": lambda w: _clip(w),
+    "not zeroed, the direction clipped by value": lambda w: torch.nn.utils.clip_grad_value_(
+        w.parameters(), 1e-3
+    ),
+    "not zeroed, decay added to the direction": lambda w: [
+        p.grad.add_(p.detach(), alpha=1e-4) for p in w.parameters()
+    ],
+    "a clip of the direction, zeroed in place": lambda w: _clip(w),
+    "decay added to the direction, zeroed in place": lambda w: [
+        p.grad.add_(p.detach(), alpha=1e-4) for p in w.parameters()
+    ],
+}
+WRITTEN_AFTER_STEP["a clip of the direction, zero_grad()"] = _clip
+WRITTEN_AFTER_STEP["decay added to the direction, zero_grad()"] = WRITTEN_AFTER_STEP[
+    "decay added to the direction, zeroed in place"
+]
 
 
 #: (DDP's options, case) of :data:`ADDED` not seen (docs/api.md): views into one bucket
@@ -376,6 +424,8 @@ def _added_to_the_direction(rank, world) -> dict:
                 got = _stepped(pre, model)
                 outcomes.append(None if isinstance(got, dict) else got)
                 grads = got if isinstance(got, dict) else grads
+                if step == 1 and case in WRITTEN_AFTER_STEP:
+                    WRITTEN_AFTER_STEP[case](wrapped)
                 opt.step()
             out[option, case] = outcomes, grads
     return out
@@ -1233,9 +1283,11 @@ def test_a_backward_pass_added_to_the_direction_under_ddp_is_refused(run):
     zeroing, a ``pre.step()`` after each micro-batch) moved the version by 2, as a zeroing
     in place and a backward pass do, and the direction was preconditioned again with the
     new gradient, silently; with ``gradient_as_bucket_view=True`` by a bucket's writes.
-    Refused under each of DDP's options, ``.grad`` kept; the loops that zero between, in
-    place too, are taken, and give the direction of the loop that sets ``.grad`` to
-    ``None``."""
+    And by the next review: a clip, ``clip_grad_value_`` or a decay written into the
+    direction after ``pre.step()`` moved it once, as a zeroing in place does, and a
+    forgotten zeroing was taken. Refused under each of DDP's options, ``.grad`` kept; the
+    loops that zero between, in place too, are taken, and give the direction of the loop
+    that sets ``.grad`` to ``None``."""
     world, results = run
     for rank, result in enumerate(results):
         for (option, case), (outcomes, grads) in result["added to the direction"].items():
@@ -1247,6 +1299,8 @@ def test_a_backward_pass_added_to_the_direction_under_ddp_is_refused(run):
                 if (option, case) in NOT_SEEN:
                     continue
                 same = "micro-batches, zero_grad()" if "micro-batches" in case else "zero_grad()"
+                if case in WRITTEN_AFTER_STEP:  # (the same write, .grad set to None)
+                    same = case.replace("zeroed in place", "zero_grad()")
                 if "clipped" not in case:  # (the reference: .grad set to None)
                     reference = result["added to the direction"][option, same][1]
                     assert relative_error(grads, reference) <= 1e-12, (option, case, rank)

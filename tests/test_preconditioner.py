@@ -7,6 +7,7 @@ import copy
 import gc
 import io
 import pickle
+import warnings
 import weakref
 
 import pytest
@@ -485,6 +486,106 @@ def test_step_refuses_a_direction_backward_passes_were_added_to_whatever_moved_i
     assert_unchanged(model, before)
 
 
+#: writes into the direction after ``pre.step()`` and before the optimizer's step (where
+#: docs/api.md has a loop clip it), each a version on the ``.grad``, as a zeroing in place is
+WRITTEN_AFTER_STEP = {
+    "clip_grad_norm_, clipping nothing": lambda model: torch.nn.utils.clip_grad_norm_(
+        model.parameters(), max_norm=1e6
+    ),
+    "clip_grad_norm_": lambda model: torch.nn.utils.clip_grad_norm_(
+        model.parameters(), max_norm=1e-3
+    ),
+    "clip_grad_value_": lambda model: torch.nn.utils.clip_grad_value_(model.parameters(), 1e-3),
+    "decay added by hand": lambda model: [
+        p.grad.add_(p.detach(), alpha=1e-4) for p in model.parameters()
+    ],
+}
+
+
+#: backward passes after such a write, with no zeroing
+ADDED_AFTER_A_WRITE = {
+    "a pass": lambda loss, half: loss.backward(),
+    "two micro-batches": lambda loss, half: (half(0).backward(), half(1).backward()),
+    "create_graph=True": lambda loss, half: loss.backward(create_graph=True),
+}
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["own grads", "views of one buffer"])
+@pytest.mark.parametrize("added", list(ADDED_AFTER_A_WRITE))
+@pytest.mark.parametrize("written", list(WRITTEN_AFTER_STEP))
+def test_step_refuses_a_direction_written_after_the_step_a_backward_pass_was_added_to(
+    written, added, flat
+):
+    """Found by review: a clip (even one that clips nothing), ``clip_grad_value_`` or a
+    decay written into the direction after ``pre.step()`` moves the ``.grad``'s version
+    once, as ``opt.zero_grad(set_to_none=False)`` does, so a forgotten zeroing was taken
+    for one and the written direction preconditioned again with the new gradient (1.6x,
+    18x and 8440x off), silently. What the first backward pass since adds onto is read as
+    it starts: not zero, refused, ``.grad`` kept; also where it accumulates into a new
+    tensor (``create_graph=True``). Views of one buffer: one backward pass only (their
+    shared version counts each view's writes)."""
+    model, x, y = Problem(depth=3).make()
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    if flat:
+        _flat_grads(model)
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    WRITTEN_AFTER_STEP[written](model)
+    opt.step()
+    halves = (slice(0, len(x) // 2), slice(len(x) // 2, None))
+    loss = F.cross_entropy(model(2 * x), y)
+    half = lambda k: F.cross_entropy(model(2 * x[halves[k]]), y[halves[k]]) / 2  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (create_graph=True's reference cycle)
+        ADDED_AFTER_A_WRITE[added](loss, half)
+    before = snapshot(model)
+    if flat and added == "two micro-batches":
+        pre.step()  # (not seen: a zeroing between the two would move the version alike)
+        return
+    passes = "backward passes" if added == "two micro-batches" else "one backward pass"
+    with pytest.raises(RuntimeError, match=f"hold the direction .* {passes} added since"):
+        pre.step()
+    assert_unchanged(model, before)
+
+
+#: zeroings in place before the step's backward passes
+IN_PLACE = {
+    "opt.zero_grad(set_to_none=False)": lambda model, opt: opt.zero_grad(set_to_none=False),
+    "p.grad.data.zero_()": lambda model, opt: [
+        p.grad.data.zero_() for p in model.parameters() if p.grad is not None
+    ],
+}
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["own grads", "views of one buffer"])
+@pytest.mark.parametrize("zero", list(IN_PLACE))
+@pytest.mark.parametrize("written", ["nothing"] + list(WRITTEN_AFTER_STEP))
+def test_a_direction_written_after_the_step_and_zeroed_in_place_is_taken(written, zero, flat):
+    """The loop above with the zeroing: what the backward pass adds onto reads zero, and
+    each step's direction is the one the loop that sets ``.grad`` to ``None`` gives. A
+    zeroing through ``.data``, which moves no version, is seen so too (it was refused
+    where nothing else was written: the accumulation found the direction's version)."""
+    model, x, y = Problem(depth=3).make()
+    twin = copy.deepcopy(model)
+    pres = [rc.RiemannianPreconditioner(m, damping=1e-2) for m in (model, twin)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, twin)]
+    if flat:
+        _flat_grads(model)
+    for step in range(3):
+        IN_PLACE[zero](model, opts[0])
+        opts[1].zero_grad()
+        for m, pre in zip((model, twin), pres, strict=True):
+            F.cross_entropy(m((1 + step) * x), y).backward()
+            pre.step()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, twin.get_parameter(name).grad, rtol=1e-12, atol=0)
+        for m, opt in zip((model, twin), opts, strict=True):
+            if written != "nothing":
+                WRITTEN_AFTER_STEP[written](m)
+            opt.step()
+
+
 #: loops in which a backward pass reaches the direction, a zeroing (``zero``) comes after
 #: it and the step's own backward passes after that
 ZEROED_SINCE = {
@@ -774,7 +875,9 @@ def test_fingerprints_of_large_grads_read_some_entries_and_stay_safe():
     evenly spaced runs (reading all cost 1.6% of a step): a direction left as written is still
     refused at the next pass, a gradient written through ``.data`` still taken, and a zero
     direction counts as one that may not be zero (a sparse one would read zero there), so
-    one backward pass added to it is refused, not preconditioned with the direction."""
+    a gradient copied into it in place is refused as a backward pass added, not
+    preconditioned with the direction. A backward pass added to it is taken: what it
+    found there is read as it starts, and reads zero."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(80, 64), nn.Tanh(), nn.Linear(64, 3)).double()
     assert model[0].weight.numel() > FINGERPRINT_RUNS * FINGERPRINT_RUN > model[2].weight.numel()
@@ -794,9 +897,18 @@ def test_fingerprints_of_large_grads_read_some_entries_and_stay_safe():
     for p in model.parameters():
         p.grad.data.zero_()
     pre.step()  # zero directions, written
-    F.cross_entropy(model(x), y).backward()
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    for p, g in zip(model.parameters(), grads, strict=True):
+        p.grad.copy_(g)
     with pytest.raises(RuntimeError, match=r"\['0.weight'\] hold the direction .* one backward"):
         pre.step()
+    for p in model.parameters():
+        p.grad.data.zero_()
+    pre.step()  # zero directions, written
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    assert rel_error(flatten({n: p.grad for n, p in model.named_parameters()}, model),
+                     expected) < 1e-10  # fmt: skip
 
 
 def test_step_refuses_outputs_whose_classes_it_cannot_place():
