@@ -549,6 +549,18 @@ def test_step_refuses_a_direction_written_after_the_step_a_backward_pass_was_add
     assert_unchanged(model, before)
 
 
+def _twins(flat: bool):
+    """A model and its copy, each with a preconditioner and an SGD optimizer, the model's
+    ``.grad`` views of one buffer where ``flat``: ``(model, twin, x, y, pres, opts)``."""
+    model, x, y = Problem(depth=3).make()
+    twin = copy.deepcopy(model)
+    pres = [rc.RiemannianPreconditioner(m, damping=1e-2) for m in (model, twin)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, twin)]
+    if flat:
+        _flat_grads(model)
+    return model, twin, x, y, pres, opts
+
+
 #: zeroings in place before the step's backward passes
 IN_PLACE = {
     "opt.zero_grad(set_to_none=False)": lambda model, opt: opt.zero_grad(set_to_none=False),
@@ -566,12 +578,7 @@ def test_a_direction_written_after_the_step_and_zeroed_in_place_is_taken(written
     each step's direction is the one the loop that sets ``.grad`` to ``None`` gives. A
     zeroing through ``.data``, which moves no version, is seen so too (it was refused
     where nothing else was written: the accumulation found the direction's version)."""
-    model, x, y = Problem(depth=3).make()
-    twin = copy.deepcopy(model)
-    pres = [rc.RiemannianPreconditioner(m, damping=1e-2) for m in (model, twin)]
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, twin)]
-    if flat:
-        _flat_grads(model)
+    model, twin, x, y, pres, opts = _twins(flat)
     for step in range(3):
         IN_PLACE[zero](model, opts[0])
         opts[1].zero_grad()
@@ -628,12 +635,7 @@ def test_a_zeroing_in_place_after_a_pass_added_to_the_direction_is_taken(loop, f
     straight on it: a zeroing in place between moves the version once more, and each
     step's direction is the one the same loop gives where ``opt.zero_grad()`` sets the
     ``.grad`` to ``None`` (fresh tensors)."""
-    model, x, y = Problem(depth=3).make()
-    twin = copy.deepcopy(model)
-    pres = [rc.RiemannianPreconditioner(m, damping=1e-2) for m in (model, twin)]
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, twin)]
-    if flat:
-        _flat_grads(model)
+    model, twin, x, y, pres, opts = _twins(flat)
     for _ in range(3):
         for m, pre, opt, in_place in zip((model, twin), pres, opts, (True, False), strict=True):
             ZEROED_SINCE[loop](m, lambda o=opt, i=in_place: o.zero_grad(set_to_none=not i), x, y)
@@ -812,55 +814,35 @@ def test_a_refused_second_step_keeps_the_pass_and_data_writes_are_new_gradients(
     assert all(not p.grad.any() for p in model.parameters())
 
 
-def test_a_gradient_written_over_the_direction_is_taken_as_the_refusal_says():
-    """Found by review: the refusal of a gradient written through ``.data`` that left the
-    direction's fingerprint (a sparse one) said to write it with ``p.grad.copy_(g)``, which
-    moves the version once, as a backward pass added would, and was refused too. It says
-    ``p.grad = g``, taken; ``copy_`` is refused unless a zeroing in place came first."""
+@pytest.mark.parametrize("where", ["after a new forward pass", "on the pass written for"])
+def test_a_gradient_written_over_the_direction_is_taken_as_the_refusal_says(where):
+    """Found by review: the refusal of a direction left as written said to write a gradient
+    over it with ``p.grad.copy_(g)``, which moves the version once, as a backward pass
+    added would: refused too after a new forward pass (unless a zeroing in place came
+    first), and on the pass the direction was written for whatever wrote it since, a
+    zeroing in place too, which the message then offered. It says ``p.grad = g``, taken."""
     model, x, y = Problem(depth=2).make()
     pre = rc.RiemannianPreconditioner(model, damping=1e-2)
-    pre.backward(F.cross_entropy(model(x), y))
-    model(x)
-    with pytest.raises(RuntimeError, match="precondition it twice") as refused:
-        pre.step()
-    assert "assign it, p.grad = g" in str(refused.value)
-    params = list(model.parameters())
-    grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
-    for p, g in zip(params, grads, strict=True):
-        p.grad.copy_(g)
-    with pytest.raises(RuntimeError, match="one backward pass added"):
-        pre.step()
-    for p, g in zip(params, grads, strict=True):
-        p.grad = g.clone()
-    pre.step()
-    expected = flatten(rc.direction(model, x, y, damping=1e-2), model)
-    got = flatten({n: p.grad for n, p in model.named_parameters()}, model)
-    assert rel_error(got, expected) < 1e-10
-
-
-def test_a_second_step_on_the_pass_does_not_advise_a_zeroing_in_place_it_refuses():
-    """Found by review: the refusal of a second ``pre.step()`` on the forward pass whose
-    direction was written said ``p.grad.copy_(g)`` is taken where
-    ``opt.zero_grad(set_to_none=False)`` zeroed it first, which on that pass is refused
-    too (the tensors written, whatever wrote them since). It says so; assigned, a gradient
-    of a backward pass since is taken."""
-    model, x, y = Problem(depth=2).make()
-    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loss = F.cross_entropy(model(x), y)
     loss.backward(retain_graph=True)
     pre.step()
+    new_pass = where == "after a new forward pass"
+    if new_pass:
+        loss = F.cross_entropy(model(x), y)
     with pytest.raises(RuntimeError, match="precondition it twice") as refused:
         pre.step()
     message = str(refused.value)
-    assert "unless opt.zero_grad(set_to_none=False) zeroed it first" not in message
-    assert "opt.zero_grad(set_to_none=False) and p.grad.copy_(g) too" in message
+    assert "assign it, p.grad = g" in message
     params = list(model.parameters())
     grads = torch.autograd.grad(loss, params)
-    opt.zero_grad(set_to_none=False)
+    if not new_pass:
+        assert "unless opt.zero_grad(set_to_none=False) zeroed it first" not in message
+        model.zero_grad(set_to_none=False)
     for p, g in zip(params, grads, strict=True):
         p.grad.copy_(g)
-    with pytest.raises(RuntimeError, match="precondition it twice"):
+    with pytest.raises(
+        RuntimeError, match="one backward pass added" if new_pass else "precondition it twice"
+    ):
         pre.step()
     for p, g in zip(params, grads, strict=True):
         p.grad = g.clone()
