@@ -150,8 +150,8 @@ class Accumulations:
     accumulations into each ``.grad`` found (:meth:`onto`). A gradient hook on the
     parameter (``Tensor.register_hook``, :class:`_BeforeAccumulated`), which runs just
     before autograd adds into ``.grad``, reads the ``.grad`` the first of them adds onto
-    where it is the one the direction was written into: its largest entry in magnitude, a
-    device scalar read at the step, which tells a zeroing in place since
+    where it is the one the direction was written into: its least and largest entry, device
+    scalars read at the step, which tells a zeroing in place since
     (``opt.zero_grad(set_to_none=False)``, ``p.grad.data.zero_()``) from a direction left
     there, also where a clip or decay written into it since moved its version as a zeroing
     does; and at each accumulation after the first, whether the ``.grad`` is still the
@@ -205,10 +205,12 @@ class Accumulations:
         self._written.clear()
         self._written.update((key, weakref.ref(g)) for key, g in written.items())
 
-    def onto(self, p: Tensor) -> tuple[int, Tensor | None, bool, Tensor | None] | None:
+    def onto(
+        self, p: Tensor
+    ) -> tuple[int, tuple[Tensor, Tensor] | None, bool, Tensor | None] | None:
         """What the accumulations into ``p.grad`` since :meth:`mark` found: ``(their
-        number, the largest entry in magnitude of the .grad written as the first added
-        onto it (a device scalar; None where the first added onto another tensor or None,
+        number, the least and the largest entry of the .grad written as the first added
+        onto it (device scalars; None where the first added onto another tensor or None,
         and the later ones are not followed), whether each later one added onto the .grad
         at the version the one before left, the .grad the last left)``; ``None`` where
         none accumulated."""
@@ -252,8 +254,21 @@ class _BeforeAccumulated:
         written = self.written.get(key)
         if grad is None or written is None or written() is not grad:
             self.before[key] = (None,)
-        else:  # zero where zeroed in place since the direction (device scalar, no sync)
-            self.before[key] = (torch.linalg.vector_norm(grad.detach(), math.inf),)
+        else:  # zero where zeroed in place since the direction (device scalars, no sync)
+            self.before[key] = (_extremes(grad.detach()),)
+
+
+def _extremes(grad: Tensor) -> tuple[Tensor, Tensor]:
+    """The least and the largest entry of ``grad`` (of its real parts and imaginary parts
+    where complex; zeros where it has none): both zero where every entry is, NaN where one
+    is. One reduction, ``torch.aminmax``: ``vector_norm(grad, inf)`` took 20x as long on
+    the CPU (3.2 ms a 1024x1024 .grad, 5% of a 784-1024-1024-10 step: found by review)."""
+    if grad.is_complex():
+        grad = torch.view_as_real(grad)
+    if grad.numel() == 0:
+        zero = grad.new_zeros(())
+        return zero, zero
+    return tuple(torch.aminmax(grad))
 
 
 class _Accumulated:

@@ -1366,9 +1366,9 @@ class RiemannianPreconditioner:
         )
         by_device: dict[torch.device, list[str]] = {}  # (Deferred reads a device's at once)
         for n, (_, reading) in onto.items():
-            by_device.setdefault(reading.device, []).append(n)
-        for names in by_device.values():
-            readings = torch.stack([onto[n][1] for n in names])
+            by_device.setdefault(reading[0].device, []).append(n)
+        for names in by_device.values():  # (each's least and largest entry, one stack)
+            readings = torch.stack([r for n in names for r in onto[n][1]])
             counts = [onto[n][0] for n in names]
             checks.require(
                 readings.eq(0).all(),
@@ -1439,8 +1439,8 @@ class RiemannianPreconditioner:
         (:meth:`~riemann_core.passes.Accumulations.onto`, whose hooks run before autograd
         adds into ``.grad`` and as it returns, before ``DistributedDataParallel``'s hook
         and its write of the averaged ``.grad``); and of those, ``{name: (backward passes,
-        the largest entry in magnitude of that .grad as the first added onto it: a device
-        scalar)}`` where each later one added onto the ``.grad`` the one before left, at
+        the least and the largest entry of that .grad as the first added onto it: device
+        scalars)}`` where each later one added onto the ``.grad`` the one before left, at
         the version it left (in place; or, under ``create_graph=True``, onto the new tensor
         it made), and the ``.grad`` is the one the last left. A zeroing in place between
         two, a clip, an unscale or DDP's write between two moves the version (not
@@ -2175,15 +2175,18 @@ def _added_error(added: list[str], several: bool) -> RuntimeError:
         "their .grad as they are; or freeze those it does not train), and when "
         "accumulating micro-batches, pre.step() once, after the last one's backward "
         "(a clip or decay written into the direction after pre.step() leaves it there; "
-        "a gradient written over it in place, p.grad.copy_(g), too: assign it, p.grad = g)"
+        "a gradient written over it in place, p.grad.copy_(g), too: assign it, p.grad = g; "
+        "and whatever is written in place into a .grad zeroed in place before the backward "
+        "pass adds onto it, a decay added or a gradient copied, reads as the direction: "
+        "add it after the backward pass, or assign it, p.grad = g, after opt.zero_grad())"
     )
 
 
 def _refuse_added_onto(names: list[str], readings: Tensor, counts: list[int]) -> None:
     """Refuse the ``.grad`` of ``names`` whose first backward pass since the direction
-    was written added onto a ``.grad`` that was not zero (``readings``: the largest entry
-    of each in magnitude then, NaN too); ``counts``: the backward passes added."""
-    nonzero = readings.ne(0).tolist()  # (a host read, on refusal only)
+    was written added onto a ``.grad`` that was not zero (``readings``: the least and the
+    largest entry of each then, in turn, NaN too); ``counts``: the backward passes added."""
+    nonzero = readings.ne(0).view(-1, 2).any(1).tolist()  # (a host read, on refusal only)
     added = [n for n, bad in zip(names, nonzero, strict=True) if bad]
     several = any(c > 1 for c, bad in zip(counts, nonzero, strict=True) if bad)
     raise _added_error(added, several)

@@ -721,3 +721,21 @@ def test_pre_backward_s_own_backward_passes_are_not_walked(monkeypatch):
     loss.backward()
     assert walks == [1]  # read: the step takes it as the pass's gradient
     pre.step()
+
+
+def test_the_reading_of_what_an_accumulation_adds_onto_is_zero_only_for_zeros():
+    """Found by review: ``vector_norm(grad, inf)`` took 20x as long as ``torch.aminmax`` on
+    the CPU (5% of a 784-1024-1024-10 step zeroed in place). Its replacement reads both
+    zero only where every entry is zero (``-0.0`` too), NaN where one is NaN, and reads
+    complex and empty ``.grad``."""
+    from riemann_core.passes import _extremes
+
+    def zero(g):
+        return all(bool(r.eq(0)) for r in _extremes(g))
+
+    assert zero(torch.zeros(3, 4)) and zero(torch.tensor([0.0, -0.0])) and zero(torch.zeros(0))
+    assert zero(torch.zeros(2, dtype=torch.complex64))
+    for g in (torch.tensor([0.0, -1e-45]), torch.tensor([0.0, 3.0]), torch.tensor([-float("inf")])):
+        assert not zero(g)
+    assert not zero(torch.tensor([0.0, 1e-3j]))
+    assert any(bool(r.isnan()) for r in _extremes(torch.tensor([0.0, float("nan")])))

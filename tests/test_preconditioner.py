@@ -593,6 +593,48 @@ def test_a_direction_written_after_the_step_and_zeroed_in_place_is_taken(written
             opt.step()
 
 
+#: writes into a ``.grad`` zeroed in place, before the step's backward pass
+WRITTEN_AFTER_A_ZEROING = {
+    "decay added": lambda p: p.grad.add_(p.detach(), alpha=1e-4),
+    "a gradient copied": lambda p: p.grad.copy_(1e-4 * p.detach()),
+}
+
+
+@pytest.mark.parametrize("written", list(WRITTEN_AFTER_A_ZEROING))
+def test_a_write_into_a_zeroed_grad_before_the_backward_pass_is_refused_by_name(written):
+    """Found by review: what the first backward pass since the direction adds onto is read
+    as it starts, and a decay added into a ``.grad`` zeroed in place (or a gradient copied
+    in) before the backward pass reads as the direction left there: refused, where a
+    version count took it before. The read cannot tell the two apart, so the refusal names
+    the case and its ways out, each taken: the write after the backward pass, or assigned
+    (``p.grad = g``) after ``opt.zero_grad()``."""
+    model, x, y = Problem(depth=3).make()
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    for p in model.parameters():
+        WRITTEN_AFTER_A_ZEROING[written](p)
+    F.cross_entropy(model(2 * x), y).backward()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="zeroed in place before the backward pass"):
+        pre.step()
+    assert_unchanged(model, before)
+    opt.zero_grad(set_to_none=False)  # the write after the backward pass
+    F.cross_entropy(model(2 * x), y).backward()
+    for p in model.parameters():
+        WRITTEN_AFTER_A_ZEROING[written](p)
+    pre.step()
+    opt.step()
+    opt.zero_grad()  # the write assigned
+    for p in model.parameters():
+        p.grad = 1e-4 * p.detach().clone()
+    F.cross_entropy(model(3 * x), y).backward()
+    pre.step()
+
+
 #: loops in which a backward pass reaches the direction, a zeroing (``zero``) comes after
 #: it and the step's own backward passes after that
 ZEROED_SINCE = {
