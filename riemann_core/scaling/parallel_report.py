@@ -57,6 +57,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+import riemann_core as rc
+
 from .. import costs
 from ..measure.environment import git_commit
 from ..measure.output import markdown_table, pyplot, read_study, save_figure, write_json
@@ -83,6 +85,7 @@ RECORD_KEYS = ("config", "ranks", "cores", "gemm_flops_per_s")
 
 def read(out: Path) -> tuple[pd.DataFrame, dict]:
     (frame,), meta = read_study(out, TABLES, "run.json", RECORD_KEYS, COMMAND)
+    check_record(meta, out, CLAIMED)
     at_one = set(frame.loc[frame["ranks"] == 1, "method"])
     lacking = sorted(set(frame["method"]) - at_one)  # every speedup compares with P = 1
     if lacking:
@@ -92,6 +95,76 @@ def read(out: Path) -> tuple[pd.DataFrame, dict]:
             "this --out"
         )
     return frame, meta
+
+
+def _count(value, least: int = 1) -> bool:
+    return type(value) is int and value >= least
+
+
+def _positive(value) -> bool:
+    return type(value) in (int, float) and math.isfinite(value) and value > 0
+
+
+#: What each entry of run.json's config must be, as ``riemann-bench distributed`` writes it
+#: (``seed`` and ``timeout`` may be missing: the report does not need them).
+CONFIG_CHECKS = {
+    "widths": (
+        lambda v: isinstance(v, list) and len(v) >= 2 and all(_count(w) for w in v),
+        "a list of at least two positive integer widths",
+    ),
+    "batch": (_count, "a positive integer"),
+    "methods": (
+        lambda v: isinstance(v, list) and bool(v) and all(m in rc.METHODS for m in v),
+        f"a list of methods of {', '.join(rc.METHODS)}",
+    ),
+    "repeats": (_count, "a positive integer"),
+    "threads": (_count, "a positive integer"),
+    "device": (lambda v: v in ("cpu", "cuda"), "cpu or cuda"),
+    "dtype": (lambda v: v in ("float32", "float64"), "float32 or float64"),
+    "seed": (lambda v: _count(v, 0) and v < 2**32, "an integer seed from 0 to 4294967295"),
+    "timeout": (_positive, "a positive number of seconds"),
+}
+#: The entries of the config the claims read, and those the report reads besides.
+CLAIMED = ("widths", "batch", "threads")
+REPORTED = (*CLAIMED, "device", "dtype", "repeats")
+
+
+def check_record(meta: dict, out: Path, required: tuple[str, ...]) -> None:
+    """``ValueError`` naming what makes run.json's record unusable, with ``required``
+    entries of its config (found by a hunt: a traceback, or claims judged on an edited
+    record, written silently)."""
+    problem = record_problem(meta, required)
+    if problem:
+        raise ValueError(
+            f"{out / 'run.json'}: {problem} (a hand-edited or corrupted file?); restore it, "
+            "or rerun 'riemann-bench distributed' into another --out"
+        )
+
+
+def record_problem(meta: dict, required: tuple[str, ...] = REPORTED) -> str | None:
+    """What makes run.json's record unusable, or ``None``: the entries of its config
+    present must be what ``riemann-bench distributed`` writes, and ``required`` present."""
+    config = meta["config"]
+    if not isinstance(config, dict):
+        return f"config is {config!r}, not a mapping"
+    for key, (usable, what) in CONFIG_CHECKS.items():
+        if key not in config:
+            if key not in required:
+                continue
+            return f"config lacks {key}"
+        if not usable(config[key]):
+            return f"config.{key} is {config[key]!r}, not {what}"
+    ranks = meta["ranks"]
+    if not isinstance(ranks, list) or not ranks or not all(_count(r) for r in ranks):
+        return f"ranks is {ranks!r}, not a list of positive world sizes"
+    if not _count(meta["cores"]):
+        return f"cores is {meta['cores']!r}, not a positive integer"
+    rates = meta["gemm_flops_per_s"]
+    if not isinstance(rates, list) or not rates or not all(_positive(r) for r in rates):
+        return f"gemm_flops_per_s is {rates!r}, not a list of positive rates"
+    if not isinstance(meta.get("environment", {}), dict):
+        return f"environment is {meta['environment']!r}, not a mapping"
+    return None
 
 
 def shape_of(meta: dict) -> costs.MLPShape:
@@ -487,6 +560,7 @@ def write(out: Path, *, n_boot: int = N_BOOT) -> list[Claim]:
     from ..measure.output import write_atomic
 
     frame, meta = read(out)
+    check_record(meta, out, REPORTED)  # before claims.json is written
     found = claims(frame, meta, n_boot=n_boot, seed=meta["config"].get("seed", 0))
     write_json(out, "claims.json", {"claims": [c.to_dict() for c in found]})
     table = summary(frame)

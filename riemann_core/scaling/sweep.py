@@ -996,6 +996,13 @@ def _numbers_problem(record: dict) -> str | None:
             return f"{where} is {value!r}, not a non-negative number"
     if not 0 < grid.get("overhead_target", 0.5) < 1:
         return f"grid.overhead_target is {grid['overhead_target']!r}, not a fraction in (0, 1)"
+    # (found by a hunt: a null or a number there broke fit, validate, report and a resume
+    # off with a TypeError where the rows are checked against the grid's settings)
+    dtypes = grid.get("dtypes", [])
+    if not isinstance(dtypes, list) or not all(d in DTYPES for d in dtypes):
+        return f"grid.dtypes is {dtypes!r}, not a list of {' or '.join(DTYPES)}"
+    if grid.get("output_metric", "exact") not in ("exact", "sampled"):
+        return f"grid.output_metric is {grid['output_metric']!r}, not exact or sampled"
     commands = record.get("commands", [])
     if not isinstance(commands, list) or not all(isinstance(c, str) for c in commands):
         return f"commands is {commands!r}, not a list of the commands that filled the directory"

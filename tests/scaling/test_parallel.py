@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from riemann_core import costs
-from riemann_core.cli import main
+from riemann_core.cli import build_parser, main
 from riemann_core.scaling import parallel
 from riemann_core.scaling import parallel_report as pr
 
@@ -338,6 +338,68 @@ def test_report_only_judges_the_recorded_run_again(tmp_path, capsys):
     assert "--batch would be ignored with --report-only" in capsys.readouterr().err
     assert main(["distributed", "--report-only", "--out", str(tmp_path / "none")]) == 2
     assert "run 'riemann-bench distributed' with this --out first" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "option",
+    [["--ranks", "1,2"], ["--methods", "kfac"], ["--dtype", "float64"], ["--timeout", "5"]],
+)
+def test_report_only_refuses_every_option_of_a_measurement(tmp_path, capsys, option):
+    """Found by a hunt: --ranks, --methods, --dtype and --timeout had argparse defaults,
+    so --report-only could not tell them given and redrew every world size and method of
+    the recorded run, silently, where --batch was refused. Nothing is written."""
+    import shutil
+    from pathlib import Path
+
+    out = tmp_path / "distributed"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "reports/cpu/distributed", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["distributed", "--report-only", "--out", str(out), *option]) == 2
+    assert f"{option[0]} would be ignored with --report-only" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m["config"].update(batch=-1), "config.batch is -1, not a positive integer"),
+        (lambda m: m["config"]["widths"].__setitem__(0, -1), "config.widths is [-1, "),
+        (lambda m: m["config"].update(widths="x"), "config.widths is 'x', not a list"),
+        (lambda m: m["config"].pop("threads"), "config lacks threads"),
+        (lambda m: m["config"].update(device="x"), "config.device is 'x', not cpu or cuda"),
+        (lambda m: m["config"].update(seed="x"), "config.seed is 'x', not an integer seed"),
+        (lambda m: m.update(config=None), "config is None, not a mapping"),
+        (lambda m: m.update(ranks="x"), "ranks is 'x', not a list of positive world sizes"),
+        (lambda m: m.update(environment="x"), "environment is 'x', not a mapping"),
+    ],
+)
+def test_report_only_refuses_a_corrupted_record(tmp_path, capsys, edit, message):
+    """Found by a hunt: a run.json edited by hand (config.batch -1, a negative width) had
+    its claims judged as failed and written, exit 1, or broke off with a traceback (a text
+    width, a missing threads, a text seed): named now, with the file, and nothing written."""
+    import shutil
+    from pathlib import Path
+
+    out = tmp_path / "distributed"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "reports/cpu/distributed", out)
+    meta = json.loads((out / "run.json").read_text())
+    edit(meta)
+    (out / "run.json").write_text(json.dumps(meta))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["distributed", "--report-only", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'run.json'}: {message}" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_the_defaults_of_the_options_report_only_refuses():
+    """The options left out take their documented defaults (1,2,4; layerwise, natural,
+    kfac; float32; 600 s)."""
+    args = build_parser().parse_args(["distributed", "--quick"])
+    args.seed = 0
+    config = parallel.config_from(args)
+    assert config.methods == ("layerwise", "natural", "kfac")
+    assert (config.dtype, config.timeout) == ("float32", 600.0)
 
 
 def test_a_small_run_end_to_end(tmp_path, capsys):

@@ -632,6 +632,15 @@ CORRUPTIONS = {
         _edit_record(_first_device(lambda d: d["environment"].update(device=5))),
         "names its device 5, not cpu or cuda",
     ),
+    # found by a hunt: a TypeError where the rows are checked against the grid (exit 3)
+    "record-output-metric-null": (
+        _edit_record(lambda r: r["grid"].update(output_metric=None)),
+        "grid.output_metric is None, not exact or sampled",
+    ),
+    "record-dtypes-null": (
+        _edit_record(lambda r: r["grid"].update(dtypes=[None])),
+        "grid.dtypes is [None], not a list of float32 or float64",
+    ),
 }
 
 
