@@ -77,6 +77,7 @@ except ImportError:  # Windows: not taken
 
 from .. import costs
 from ..arguments import check_device, check_distinct
+from ..factors import OUTPUT_METRICS
 from ..measure.flops import KINDS, flop_counter, flops_by_kind
 from ..measure.load import is_loaded, point_load
 from ..measure.memory import cuda_peak_bytes, host_peak_bytes
@@ -287,7 +288,7 @@ def check_grid(grid: Grid) -> None:
         ("method", grid.methods, METHODS),
         ("kernel", grid.kernels, ("structured", "generic")),
         ("dtype", grid.dtypes, tuple(DTYPES)),
-        ("output metric", (grid.output_metric,), ("exact", "sampled")),
+        ("output metric", (grid.output_metric,), OUTPUT_METRICS),
     ):
         bad = [v for v in values if v not in allowed]
         if bad or not values:
@@ -850,7 +851,7 @@ def _row_problem(row: dict) -> str | None:
         return f"unknown kernel {row['kernel']!r} (structured or generic)"
     if row["dtype"] not in DTYPES:
         return f"unknown dtype {row['dtype']!r} ({' or '.join(DTYPES)})"
-    if row["output_metric"] not in ("exact", "sampled"):
+    if row["output_metric"] not in OUTPUT_METRICS:
         return f"unknown output_metric {row['output_metric']!r} (exact or sampled)"
     if not re.fullmatch(r"(cpu|cuda)(:\d+)?", row["device"]):
         return f"unknown device {row['device']!r} (cpu, cuda or cuda:N)"
@@ -1001,7 +1002,7 @@ def _numbers_problem(record: dict) -> str | None:
     dtypes = grid.get("dtypes", [])
     if not isinstance(dtypes, list) or not all(d in DTYPES for d in dtypes):
         return f"grid.dtypes is {dtypes!r}, not a list of {' or '.join(DTYPES)}"
-    if grid.get("output_metric", "exact") not in ("exact", "sampled"):
+    if grid.get("output_metric", "exact") not in OUTPUT_METRICS:
         return f"grid.output_metric is {grid['output_metric']!r}, not exact or sampled"
     commands = record.get("commands", [])
     if not isinstance(commands, list) or not all(isinstance(c, str) for c in commands):

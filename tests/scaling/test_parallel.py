@@ -367,7 +367,8 @@ def test_report_only_refuses_every_option_of_a_measurement(tmp_path, capsys, opt
         (lambda m: m["config"].update(widths="x"), "config.widths is 'x', not a list"),
         (lambda m: m["config"].pop("threads"), "config lacks threads"),
         (lambda m: m["config"].update(device="x"), "config.device is 'x', not cpu or cuda"),
-        (lambda m: m["config"].update(seed="x"), "config.seed is 'x', not an integer seed"),
+        (lambda m: m["config"].update(seed="x"), "config.seed is 'x', not a seed, a whole"),
+        (lambda m: m["config"].update(seed=-1), "config.seed is -1, not a seed, a whole"),
         (lambda m: m.update(config=None), "config is None, not a mapping"),
         (lambda m: m.update(ranks="x"), "ranks is 'x', not a list of positive world sizes"),
         (lambda m: m.update(environment="x"), "environment is 'x', not a mapping"),
@@ -390,6 +391,25 @@ def test_report_only_refuses_a_corrupted_record(tmp_path, capsys, edit, message)
     err = capsys.readouterr().err
     assert f"{out / 'run.json'}: {message}" in err and "Traceback" not in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_report_only_takes_every_seed_distributed_recorded(tmp_path):
+    """Found by review: --seed took any seed torch takes (up to 2**64 - 1) before it was
+    bounded to 2**32 - 1, and the run.json of then was refused by --report-only as
+    corrupted; the report's bootstrap takes it as it did."""
+    import shutil
+    from pathlib import Path
+
+    out = tmp_path / "distributed"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "reports/cpu/distributed", out)
+    meta = json.loads((out / "run.json").read_text())
+    for seed in (2**32, 2**64 - 1):
+        meta["config"]["seed"] = seed
+        assert pr.record_problem(meta) is None
+    (out / "run.json").write_text(json.dumps(meta))
+    assert main(["distributed", "--report-only", "--out", str(out)]) in (0, 1)
+    meta["config"]["seed"] = 2**64
+    assert "config.seed is 18446744073709551616, not a seed" in pr.record_problem(meta)
 
 
 def test_the_defaults_of_the_options_report_only_refuses():
