@@ -52,6 +52,11 @@ def positive_int(text: str) -> int:
 #: others from it (``seed * 7919 + n``, ``seed + pair``), which stay below that from here.
 MAX_SEED = 2**32 - 1
 
+#: The largest seed a record may hold: torch's generators take any below 2**64, and
+#: earlier versions of the commands took any torch could seed (found by review: records
+#: of then refused), never 2**80 (found by a hunt: reported as a study's).
+RECORDED_SEED = 2**64 - 1
+
 
 def seed(text: str) -> int:
     """``"3"`` -> ``3``; a seed outside ``[0, MAX_SEED]`` or not an integer is an argparse

@@ -60,10 +60,10 @@ import torch
 import riemann_core as rc
 
 from .. import costs
+from ..arguments import RECORDED_SEED
 from ..measure.environment import git_commit
 from ..measure.output import markdown_table, pyplot, read_study, save_figure, write_json
 from ..ownership import greedy_ratio, loads
-from ..studies.results import KINDS, SEED
 from .fit import N_BOOT, OVERHEAD_TARGET, TIME_BAND, took_slow_path
 from .sweep import SPREAD_LIMIT
 from .validate import FAIL, NOISY, NOT_REACHED, PASS, Claim
@@ -124,7 +124,10 @@ CONFIG_CHECKS = {
     "dtype": (lambda v: v in ("float32", "float64"), "float32 or float64"),
     # any seed torch takes, as the studies' records: --seed took up to 2**64 - 1 before it
     # was bounded by arguments.MAX_SEED (found by review: a record of then was refused)
-    "seed": (KINDS[SEED], SEED),
+    "seed": (
+        lambda v: _count(v, 0) and v <= RECORDED_SEED,
+        f"a seed, a whole number from 0 to {RECORDED_SEED}",
+    ),
     "timeout": (_positive, "a positive number of seconds"),
 }
 #: The entries of the config the claims read, and those the report reads besides.

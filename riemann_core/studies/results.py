@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import pandas as pd
 
+from ..arguments import RECORDED_SEED
 from ..measure.output import rerun
 
 
@@ -45,10 +46,6 @@ def _whole(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-#: the largest seed torch's generators take: a study's recorded ``--seed`` is at most this
-#: (the command takes up to ``riemann_core.arguments.MAX_SEED``; earlier versions took any
-#: torch could seed, found by review), never 2**80 (found by a hunt: reported as the study's)
-RECORDED_SEED = 2**64 - 1
 #: the kind of a recorded ``--seed``
 SEED = f"a seed, a whole number from 0 to {RECORDED_SEED}"
 #: the JSON kinds of a record's fields, under the words a refusal names them with
