@@ -65,7 +65,7 @@ from ..measure.environment import git_commit
 from ..measure.output import markdown_table, pyplot, read_study, save_figure, write_json
 from ..ownership import greedy_ratio, loads
 from .fit import N_BOOT, OVERHEAD_TARGET, TIME_BAND, took_slow_path
-from .sweep import SPREAD_LIMIT
+from .sweep import DTYPES, SPREAD_LIMIT
 from .validate import FAIL, NOISY, NOT_REACHED, PASS, Claim
 
 #: largest relative gap between counted and modelled FLOPs
@@ -84,9 +84,11 @@ TIMED_GEMM = "gemm_timed_flops_per_s"
 RECORD_KEYS = ("config", "ranks", "cores", "gemm_flops_per_s")
 
 
-def read(out: Path) -> tuple[pd.DataFrame, dict]:
+def read(out: Path, required: tuple[str, ...] | None = None) -> tuple[pd.DataFrame, dict]:
+    """The results and the record in ``out``, the record checked with the ``required``
+    entries of its config (:func:`check_record`; by default those the claims read)."""
     (frame,), meta = read_study(out, TABLES, "run.json", RECORD_KEYS, COMMAND)
-    check_record(meta, out, CLAIMED)
+    check_record(meta, out, CLAIMED if required is None else required)
     at_one = set(frame.loc[frame["ranks"] == 1, "method"])
     lacking = sorted(set(frame["method"]) - at_one)  # every speedup compares with P = 1
     if lacking:
@@ -121,7 +123,7 @@ CONFIG_CHECKS = {
     "repeats": (_count, "a positive integer"),
     "threads": (_count, "a positive integer"),
     "device": (lambda v: v in ("cpu", "cuda"), "cpu or cuda"),
-    "dtype": (lambda v: v in ("float32", "float64"), "float32 or float64"),
+    "dtype": (lambda v: v in DTYPES, " or ".join(DTYPES)),
     # any seed torch takes, as the studies' records: --seed took up to 2**64 - 1 before it
     # was bounded by arguments.MAX_SEED (found by review: a record of then was refused)
     "seed": (
@@ -565,8 +567,7 @@ def write(out: Path, *, n_boot: int = N_BOOT) -> list[Claim]:
     """Judge the claims and write ``claims.json``, ``report.md`` and ``scaling.png``."""
     from ..measure.output import write_atomic
 
-    frame, meta = read(out)
-    check_record(meta, out, REPORTED)  # before claims.json is written
+    frame, meta = read(out, REPORTED)  # (checked before claims.json is written)
     found = claims(frame, meta, n_boot=n_boot, seed=meta["config"].get("seed", 0))
     write_json(out, "claims.json", {"claims": [c.to_dict() for c in found]})
     table = summary(frame)
