@@ -1040,10 +1040,11 @@ def test_custom_output_metric_receives_no_targets():
 
 
 def hook_counts(model):
-    """The forward (pre-)hooks registered on every module of ``model``, and the
-    post-accumulate-grad hooks on its parameters."""
+    """The forward (pre-)hooks registered on every module of ``model``, the
+    post-accumulate-grad hooks on its parameters and their gradient hook dicts (an empty
+    one left behind still has autograd call into it at every accumulation)."""
     return [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()] + [
-        len(p._post_accumulate_grad_hooks or ()) for p in model.parameters()
+        (len(p._post_accumulate_grad_hooks or ()), p._backward_hooks) for p in model.parameters()
     ]
 
 
