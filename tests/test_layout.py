@@ -110,6 +110,32 @@ def test_every_relative_link_of_the_readme_and_docs_leads_to_a_tracked_file():
     )
 
 
+def test_every_git_show_of_the_readme_and_docs_names_the_commit_that_wrote_the_file():
+    """A cited ``git show REV:PATH`` shows the file of the run the text describes: REV is a
+    commit that wrote PATH (``REV^``, the file as it stood before REV, only has to exist).
+    Found by an audit: ``git show e3be62a:reports/cpu/targets.md`` cited a run measured at
+    e3be62a, whose files 9a90ed4 committed; at e3be62a the file held another machine's run."""
+    repo, tracked = ROOT.parent, tracked_files()
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+
+    pages = [n for n in tracked if n == "README.md" or re.fullmatch(r"docs/[^/]+\.md", n)]
+    cited = r"git show\s+([0-9a-f]{7,40})([\^~][\^~0-9]*)?:([^`\s]+)`"
+    wrong = []
+    for page in pages:
+        for rev, suffix, path in re.findall(cited, (repo / page).read_text()):
+            if git("cat-file", "-e", f"{rev}^{{commit}}").returncode:
+                pytest.skip(f"{rev} is not in this clone's history (a shallow clone)")
+            if suffix:  # the file before a commit
+                wrote = git("cat-file", "-e", f"{rev}{suffix}:{path}").returncode == 0
+            else:
+                wrote = git("log", "-1", "--format=%H", rev, "--", path).stdout.startswith(rev)
+            if not wrote:
+                wrong.append(f"{page}: git show {rev}{suffix}:{path}")
+    assert not wrong, f"cited commits that did not write the file (cite the one that did): {wrong}"
+
+
 def test_asv_environments_pin_the_torch_of_the_constraints():
     """asv builds each commit's environment with the tested torch (``constraints.txt``):
     in its matrix, and again where the wheel is installed with the ``compare`` extra, whose
