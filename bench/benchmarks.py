@@ -6,7 +6,9 @@ damping ``1e-3``, float32) on ``RIEMANN_BENCH_DEVICE``. Combinations whose model
 memory (``costs.peak_bytes``) exceeds the budget are skipped in ``setup``, as are the
 CUDA memory benchmarks when CUDA is absent.
 
-* ``time_``: seconds per call; on CUDA the timed call ends with a synchronisation.
+* ``time_``: seconds per call; on CUDA the timed call ends with a synchronisation, and
+  ``setup``'s warm-up call with one too (:func:`_warm`): asv starts the clock as ``setup``
+  returns.
 * ``peakmem_``: asv's peak resident host memory of the benchmark process, restarted right
   before the call, after ``setup``'s warm-up call (``memory.reset_host_peak``, on Linux;
   elsewhere the peak cannot be restarted and holds setup's and the first call's; before,
@@ -155,6 +157,16 @@ class _DirectionCase:
         return common.device()
 
 
+def _warm(call, device: str) -> None:
+    """``call()`` once, untimed, then ``device`` synchronised. asv runs ``setup`` before
+    every timed call and starts the clock as it returns, so on CUDA the kernels the
+    warm-up left queued ran inside the timed call, whose closing synchronisation waited
+    for them (found by an audit: the Gram and factorisation phases read nothing back to
+    the host, so each timed call could hold a whole call's GPU work beside its own)."""
+    call()
+    common.synchronize(device)
+
+
 def _peak_of(call) -> None:
     """``call()`` with the process's peak memory restarted first, so that asv's
     ``peakmem`` reads what the call adds to what is resident, not the first call's
@@ -211,7 +223,7 @@ class Direction(_CountedFlops, _DirectionCase):
 
     def setup(self, *params):
         super().setup(*params)
-        self.call()  # warm-up: the model's one-time check, the memory it frees kept
+        _warm(self.call, self.device)  # the model's one-time check, the memory it frees kept
 
     def track_flops_modelled(self, *params):
         options = {"device": self.device, "dtype": DTYPE}
@@ -238,7 +250,7 @@ class Overhead:
         self.call = functools.partial(
             rc.direction, model, x, y, method=method, damping=common.DAMPING, kernel=kernel
         )
-        self.call()  # warm: a first call in a process is 1000x the next (imports, probes)
+        _warm(self.call, device)  # a first call in a process is 1000x the next (imports, probes)
 
     def time_overhead(self, label):
         self.call()
@@ -386,7 +398,10 @@ class LayerwisePhase(_CountedFlops, _PhaseCase):
     ``pullback``: forward, loss gradient and the output factor pulled back to every
     block (``build_problem``), rows compressed to ``min(r, f_out)`` per sample;
     ``gram``: ``handler.gram_into`` per block, into the padded column-major buffer the
-    direction factorises (generic kernel: materialising ``K_a`` too); ``factorisation``:
+    direction factorises (generic kernel: materialising ``K_a`` too), on a handler built
+    afresh in the call (``handler_for``, which the pullback times too: 4-8% of the
+    phase from width 32 to 256, structured, one thread), so that no ``Xt Xt^T`` cached by
+    an earlier call is reused; ``factorisation``:
     the damped Grams of equal order factorised together in place
     (``woodbury.cholesky_in_place``), after a copy into the buffer; ``solve``: ``t =
     chol.solve(K_a g_a)`` and ``(g_a - K_a^T t) / mu``, forming ``g_a``. The routines are
@@ -404,7 +419,7 @@ class LayerwisePhase(_CountedFlops, _PhaseCase):
 
     def setup(self, *params):
         super().setup(*params)
-        self.call()  # warm-up
+        _warm(self.call, self.device)
 
 
 class LayerwisePhaseCudaMemory(_PhaseCase):
@@ -448,7 +463,7 @@ class KFAC:
 
     def setup(self, variant, implementation, *size):
         self.call, self.device = _kfac_call(variant, implementation, *size)
-        self.call()  # warm, as the directions' setups are (asv --quick takes no warm-up)
+        _warm(self.call, self.device)  # as the directions' (asv --quick takes no warm-up)
 
     def time_kfac(self, *params):
         self.call()

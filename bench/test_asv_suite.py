@@ -4,6 +4,9 @@ call does all of its phase's work every time."""
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import pytest
 
 from riemann_core.measure.flops import flop_counter
@@ -147,3 +150,76 @@ def test_every_targets_track_reads_a_figure_of_a_recorded_run(monkeypatch):
     # full over layerwise inverted, the smallest of its networks' (asv: lower is better)
     assert read <= {*ratios.values(), 1 / min(f["ratio"] for f in record["small"])}
     assert len(tracks) == 11 and len(read) == 11  # every figure, each read by one track
+
+
+def test_every_timed_setup_synchronises_after_its_warm_up(monkeypatch):
+    """Found by an audit: asv runs ``setup`` before every timed call and starts the clock as
+    it returns; the warm-up call ended ``setup`` unsynchronised, so on CUDA its queued
+    kernels ran inside the timed call (whose closing synchronisation waited for them)."""
+    events = []
+    monkeypatch.setattr(benchmarks.common, "synchronize", lambda device: events.append(device))
+
+    def call(*args, **kwargs):
+        events.append("call")
+
+    monkeypatch.setattr(benchmarks.rc, "direction", call)
+    monkeypatch.setattr(benchmarks, "_pullback", call)
+    monkeypatch.setattr(benchmarks, "_kfac_call", lambda *args: (call, "cpu"))
+    for case, args in (
+        (benchmarks.Direction(), ("layerwise", *SIZE)),
+        (benchmarks.Overhead(), ("layerwise",)),
+        (benchmarks.LayerwisePhase(), ("pullback", "structured", *SIZE)),
+        (benchmarks.KFAC(), (benchmarks.KFAC_VARIANTS[0], "ours", *SIZE)),
+    ):
+        events.clear()
+        case.setup(*args)
+        assert events[-2:] == ["call", case.device], type(case).__name__
+
+
+#: asv's kinds of benchmark, by the prefix of their names (asv_runner's name patterns)
+ASV_PREFIXES = ("time_", "timeraw_", "mem_", "peakmem_", "track_")
+
+
+def asv_benchmarks() -> list:
+    """Every benchmark asv finds in ``bench/benchmarks.py``, as ``(class, method name)``."""
+    return [
+        pytest.param(suite, name, id=f"{suite.__name__}.{name}")
+        for suite in vars(benchmarks).values()
+        if isinstance(suite, type) and suite.__module__ == benchmarks.__name__
+        if not suite.__name__.startswith("_")
+        for name in dir(suite)
+        if name.startswith(ASV_PREFIXES)
+    ]
+
+
+@pytest.mark.parametrize(("suite", "name"), asv_benchmarks())
+def test_every_asv_benchmark_runs_at_its_first_parameters(suite, name, monkeypatch):
+    """Found by an audit: CI runs ``asv check`` (imports and signatures) and this suite, and
+    no test ran ``KFAC.time_kfac``, ``KFACRatio.track_ours_over_curvlinops``, the FLOP
+    tracks or ``Environment``'s: a benchmark broken there would rot unseen. Each runs
+    once as asv runs it (``setup_cache``, ``setup``, the benchmark), at the first of its
+    parameters (the base point, never in ``skip_params``); ``Targets`` reads a recorded run
+    (``measure_targets`` takes minutes). Skipped where asv skips it (no CUDA, curvlinops)."""
+    import json
+    from pathlib import Path
+
+    from riemann_core.scaling import targets
+
+    params = next(itertools.product(*getattr(suite, "params", ())))
+    assert params not in getattr(suite, "skip_params", [])
+    case, cached = suite(), ()
+    if hasattr(case, "setup_cache"):
+        record = json.loads((Path(__file__).parents[1] / "reports/cpu/targets.json").read_text())
+        monkeypatch.setattr(targets, "measure_targets", lambda **kwargs: record)
+        cached = (case.setup_cache(),)
+    try:
+        if hasattr(case, "setup"):
+            case.setup(*params)
+        result = getattr(case, name)(*cached, *params)
+    except NotImplementedError as skip:  # asv's skip
+        pytest.skip(str(skip))
+    if name.startswith("track_"):
+        assert getattr(suite, name).unit
+        assert math.isfinite(result) and result >= 0, result
+    else:
+        assert result is None
