@@ -149,31 +149,41 @@ class Accumulations:
     From :meth:`mark` on (a direction written into ``.grad``), the hooks also note what the
     accumulations into each ``.grad`` found (:meth:`onto`). A gradient hook on the
     parameter (``Tensor.register_hook``, :class:`_BeforeAccumulated`), which runs just
-    before autograd adds into ``.grad``, reads the ``.grad`` the first of them adds onto
-    where it is the one the direction was written into: its least and largest entry, device
-    scalars read at the step, which tells a zeroing in place since
-    (``opt.zero_grad(set_to_none=False)``, ``p.grad.data.zero_()``) from a direction left
-    there, also where a clip or decay written into it since moved its version as a zeroing
-    does; and at each accumulation after the first, whether the ``.grad`` is still the
-    tensor at the version the one before left. The post-accumulate-grad hook notes the
+    before autograd adds into ``.grad``, reads the ``.grad`` the first of them adds onto,
+    the tensor written or any other (``None`` is read as zero): its least and largest
+    entry, device scalars read at the step. Zero tells a zeroing since (in place,
+    ``opt.zero_grad(set_to_none=False)``, or a zero tensor assigned) from whatever else was
+    left there: the direction, also where a clip or decay written into it since moved its
+    version as a zeroing does, or replaced it by a new tensor (``p.grad = p.grad * c``).
+    At each accumulation after the first, it reads whether the ``.grad`` is still the
+    tensor the one before left, at the version its backward pass left at its end
+    (:class:`_Ended`, after ``DistributedDataParallel``'s write of the averaged gradient
+    into ``.grad``) as the running one first reached it, or a view of the same flat buffer
+    (``gradient_as_bucket_view=True``: views share the buffer's version, which the
+    accumulations into the others move). The post-accumulate-grad hook notes the
     ``.grad`` and its version as the accumulation returns, before
-    ``DistributedDataParallel``'s own hook on the parameter and its write of the averaged
-    gradient into ``.grad`` at the end of the backward pass. A ``torch.autograd.grad``
-    with respect to the parameter runs the gradient hook and accumulates nothing: the post
-    hook takes what the last gradient hook found, which ran for its own accumulation."""
+    ``DistributedDataParallel``'s own hook on the parameter. A
+    ``torch.autograd.grad`` with respect to the parameter runs the gradient hook and
+    accumulates nothing: the post hook takes what the last gradient hook found, which ran
+    for its own accumulation."""
 
     def __init__(self) -> None:
         self._ticks = itertools.count()
         self._last: dict[int, int] = {}  # {id(parameter): tick of its last accumulation}
         self._hooks: dict[int, tuple[weakref.ref, tuple]] = {}
-        # {id(parameter): the .grad a direction was written into (weakly)} since mark()
-        self._written: dict[int, weakref.ref] = {}
+        # the ids of the parameters whose .grad hold a direction since mark()
+        self._written: set[int] = set()
         # {id(parameter): what the gradient hook found, for the accumulation under way}
         self._before: dict[int, tuple] = {}
-        # {id(parameter): [accumulations, the first's reading (None where it did not add
-        # onto the .grad written), every later one onto the .grad the one before left,
-        # that .grad after the last (weakly), its version then]} since mark()
+        # {id(parameter): [accumulations, the first's reading (None where it added onto
+        # None), every later one onto the .grad the one before left, that .grad after the
+        # last (weakly), its version at the end of its backward pass]} since mark()
         self._onto: dict[int, list] = {}
+        # {id(a .grad, or of the flat buffer it is a view of): (the backward pass that
+        # first reached it, its version then)} since mark()
+        self._reached: dict[int, tuple[int, int]] = {}
+        # {graph task: the parameters whose .grad to note again at its end} (:class:`_Ended`)
+        self._ending: dict[int, list[Tensor]] = {}
 
     def tick(self) -> int:
         """A tick after every accumulation noted so far."""
@@ -184,8 +194,8 @@ class Accumulations:
         for p in params:
             kept = self._hooks.get(id(p))
             if kept is None or kept[0]() is not p:
-                before = _BeforeAccumulated(p, self._written, self._before, self._onto)
-                after = _Accumulated(self._last, self._ticks, self._before, self._onto)
+                before = _BeforeAccumulated(p, self)
+                after = _Accumulated(self)
                 handles = p.register_hook(before), p.register_post_accumulate_grad_hook(after)
                 self._hooks[id(p)] = (weakref.ref(p), handles)
 
@@ -193,27 +203,26 @@ class Accumulations:
         """Whether a backward pass accumulated into ``p.grad`` after ``tick``."""
         return self._last.get(id(p), -1) > tick
 
-    def mark(self, written: dict[int, Tensor]) -> None:
+    def mark(self, written: list[Tensor]) -> None:
         """Note from now on what the accumulations into each ``.grad`` hooked find,
-        forgetting what earlier ones found; ``written``: ``{id(parameter): its .grad}``
-        that now hold a direction (none: nothing to note, after a step skipped), their
-        parameters hooked already (:meth:`hook`), so that the first accumulation since is
-        seen (a ``.grad`` set to ``None`` may come back the same tensor before the next
-        forward pass: a bucket view ``DistributedDataParallel`` assigns again)."""
-        self._onto.clear()
-        self._before.clear()
-        self._written.clear()
-        self._written.update((key, weakref.ref(g)) for key, g in written.items())
+        forgetting what earlier ones found; ``written``: the parameters whose ``.grad`` now
+        hold a direction (none: nothing to note, after a step skipped), hooked already
+        (:meth:`hook`), so that the first accumulation since is seen (a ``.grad`` set to
+        ``None`` may come back a tensor before the next forward pass: a bucket view
+        ``DistributedDataParallel`` assigns again)."""
+        for notes in (self._onto, self._before, self._written, self._reached, self._ending):
+            notes.clear()
+        self._written.update(id(p) for p in written)
 
     def onto(
         self, p: Tensor
     ) -> tuple[int, tuple[Tensor, Tensor] | None, bool, Tensor | None] | None:
         """What the accumulations into ``p.grad`` since :meth:`mark` found: ``(their
-        number, the least and the largest entry of the .grad written as the first added
-        onto it (device scalars; None where the first added onto another tensor or None,
-        and the later ones are not followed), whether each later one added onto the .grad
-        at the version the one before left, the .grad the last left)``; ``None`` where
-        none accumulated."""
+        number, the least and the largest entry of the .grad the first added onto (device
+        scalars; None where it added onto None, and the later ones are not followed),
+        whether each later one added onto the .grad at the version the one before or the
+        end of its backward pass left, the .grad the last left)``; ``None`` where none
+        accumulated."""
         seen = self._onto.get(id(p))
         return None if seen is None else (seen[0], seen[1], seen[2], seen[3]())
 
@@ -232,31 +241,48 @@ class _BeforeAccumulated:
     about to run finds, where a direction was written (:meth:`Accumulations.mark`). Holds
     the parameter weakly; changes no gradient."""
 
-    __slots__ = ("param", "written", "before", "onto")
+    __slots__ = ("param", "notes")
     __torch_unserializable__ = True  # (dropped by torch.save like any hook, silently)
 
-    def __init__(self, param: Tensor, written: dict, before: dict, onto: dict) -> None:
-        self.param, self.written, self.before, self.onto = weakref.ref(param), written, before, onto
+    def __init__(self, param: Tensor, notes: Accumulations) -> None:
+        self.param, self.notes = weakref.ref(param), notes
 
     def __call__(self, _: Tensor) -> None:
-        if not self.written:
+        notes = self.notes
+        if not notes._written:
             return
         param = self.param()
         if param is None:
             return
         key, grad = id(param), param.grad
-        seen = self.onto.get(key)
+        if grad is not None and grad._is_view():  # (its buffer reached: as it is now)
+            _version_as_reached(grad, notes._reached)
+        seen = notes._onto.get(key)
         if seen is not None:  # a later accumulation: onto what the one before left?
-            if seen[1] is not None:  # (followed only where the first added onto a direction)
-                self.before[key] = (
-                    grad is not None and seen[3]() is grad and grad._version == seen[4],
+            if seen[1] is not None:  # (followed only where the first added onto a tensor)
+                notes._before[key] = (
+                    grad is not None
+                    and seen[3]() is grad
+                    and _version_as_reached(grad, notes._reached) == seen[4],
                 )
             return
-        written = self.written.get(key)
-        if grad is None or written is None or written() is not grad:
-            self.before[key] = (None,)
-        else:  # zero where zeroed in place since the direction (device scalars, no sync)
-            self.before[key] = (_extremes(grad.detach()),)
+        if grad is None or key not in notes._written:
+            notes._before[key] = (None,)
+        else:  # zero where zeroed since the direction (device scalars, no sync)
+            notes._before[key] = (_extremes(grad.detach()),)
+
+
+def _version_as_reached(grad: Tensor, reached: dict[int, tuple[int, int]]) -> int:
+    """The version of ``grad`` as the running backward pass first reached it, or a view of
+    the same flat buffer (``reached``, by the id of the buffer): views share its version,
+    which the accumulations into the others, and ``DistributedDataParallel``'s division of
+    each view in a synced pass, move on the way."""
+    key = id(grad._base) if grad._is_view() else id(grad)
+    task = torch._C._current_graph_task_id()
+    first = reached.get(key)
+    if first is None or first[0] != task:
+        first = reached[key] = (task, grad._version)
+    return first[1]
 
 
 def _extremes(grad: Tensor) -> tuple[Tensor, Tensor]:
@@ -276,32 +302,71 @@ class _Accumulated:
     """A post-accumulate-grad hook of :class:`Accumulations`: notes the tick at which a
     backward pass accumulated into the parameter's ``.grad``, and, from a mark on, what
     the gradient hook found before it and the ``.grad`` and its version after it
-    (:meth:`Accumulations.onto`); changes nothing."""
+    (:meth:`Accumulations.onto`), noted again at the end of the backward pass
+    (:class:`_Ended`); changes nothing."""
 
-    __slots__ = ("last", "ticks", "before", "onto")
+    __slots__ = ("notes",)
 
-    def __init__(self, last: dict[int, int], ticks, before: dict, onto: dict) -> None:
-        self.last, self.ticks, self.before, self.onto = last, ticks, before, onto
+    def __init__(self, notes: Accumulations) -> None:
+        self.notes = notes
 
     def __call__(self, param: Tensor) -> None:
-        key = id(param)
-        self.last[key] = next(self.ticks)
-        found = self.before.pop(key, None)
-        if found is None:  # (no mark, or nothing to follow)
+        notes, key = self.notes, id(param)
+        notes._last[key] = next(notes._ticks)
+        if not notes._written:
             return
-        seen = self.onto.get(key)
-        if seen is None and found[0] is None:  # (the first, onto no direction)
-            self.onto[key] = _NOT_ONTO
+        found = notes._before.pop(key, None)
+        if found is None:  # (nothing to follow)
+            return
+        seen = notes._onto.get(key)
+        if seen is None and found[0] is None:  # (the first, onto None or no direction)
+            notes._onto[key] = _NOT_ONTO
             return
         grad = param.grad  # (None where a hook before this one took it)
         after = _dead if grad is None else weakref.ref(grad)
         version = -1 if grad is None else grad._version
         if seen is None:
-            self.onto[key] = [1, found[0], True, after, version]
+            seen = notes._onto[key] = [1, found[0], True, after, version]
         else:
             seen[0] += 1
             seen[2] = seen[2] and found[0] is True
             seen[3], seen[4] = after, version
+        task = torch._C._current_graph_task_id()
+        if seen[2] and task != -1:
+            ending = notes._ending.get(task)
+            if ending is None:
+                ending = notes._ending[task] = []
+                Variable._execution_engine.queue_callback(_Ended(notes, task))
+            ending.append(param)
+
+
+class _Ended:
+    """The end of a backward pass that accumulated into ``.grad`` followed by
+    :class:`Accumulations`: notes again each ``.grad`` and its version, after the callbacks
+    queued before (``DistributedDataParallel``'s, which writes the averaged gradient into
+    ``.grad`` at the end of a synced backward pass: a version on, which read as a write
+    between two accumulations, and a forgotten zeroing before two synced micro-batches
+    was taken; found by review). Queued as a callback of the backward pass, it queues
+    itself once more so as to run after those queued later (DDP's is queued as its last
+    bucket is ready)."""
+
+    __slots__ = ("notes", "task", "queued")
+
+    def __init__(self, notes: Accumulations, task: int) -> None:
+        self.notes, self.task, self.queued = notes, task, False
+
+    def __call__(self) -> None:
+        if not self.queued:
+            self.queued = True
+            Variable._execution_engine.queue_callback(self)
+            return
+        notes = self.notes
+        for param in notes._ending.pop(self.task, ()):
+            seen = notes._onto.get(id(param))
+            grad = param.grad
+            if seen is not None and seen[1] is not None and seen[2]:
+                seen[3] = _dead if grad is None else weakref.ref(grad)
+                seen[4] = -1 if grad is None else grad._version
 
 
 def _dead() -> None:
@@ -309,8 +374,8 @@ def _dead() -> None:
     return None
 
 
-#: the record of a ``.grad`` whose first accumulation since the mark added onto no
-#: direction (another tensor, or ``None``): what later ones find is not followed
+#: the record of a ``.grad`` whose first accumulation since the mark added onto ``None``:
+#: what later ones find is not followed
 _NOT_ONTO = (1, None, False, _dead, -1)
 
 

@@ -876,7 +876,7 @@ class RiemannianPreconditioner:
         if overflowed:  # NaN where the scaled backward's inf would be, for scaler.step
             _fill_nan([p for n, p in params if n in reaches])
             self.diagnostics, self._written = [], []
-            self._accumulations.mark({})
+            self._accumulations.mark([])
             return
         for name, p in params:  # every direction exists before any .grad changes
             if name in directions:
@@ -1161,7 +1161,7 @@ class RiemannianPreconditioner:
                 # own .grad stayed finite would apply them unpreconditioned)
                 _fill_nan([p for n, p in params if n in with_grad])
                 self.diagnostics, self._written = [], []
-                self._accumulations.mark({})
+                self._accumulations.mark([])
                 self._note_overflow(True)
                 return
             device = params[0][1].device
@@ -1171,7 +1171,7 @@ class RiemannianPreconditioner:
                 if name in with_grad:
                     _check_grad(name, p.grad, p.dtype, checks)
             self._check_not_preconditioned(with_grad, params, checks)
-            _check_not_written_by_another(self, with_grad)
+            _check_not_written_by_another(self, with_grad, params)
             if (
                 self._passes is not None
                 and torch.distributed.get_world_size(self.process_group) > 1
@@ -1220,7 +1220,7 @@ class RiemannianPreconditioner:
         except GradientOverflow:  # the scaled direction overflowed: skipped, as above
             _fill_nan([p for n, p in params if n in with_grad])
             self.diagnostics, self._written = [], []
-            self._accumulations.mark({})
+            self._accumulations.mark([])
             self._note_overflow(True)
             return
         capture = self._capture
@@ -1324,11 +1324,11 @@ class RiemannianPreconditioner:
         grads = [p.grad for name, p in params if name in directions]
         prints = _fingerprints(grads)
         # what the next backward passes add onto them, read from the first on: hooked now,
-        # not at the next forward pass, before which a .grad set to None may come back the
-        # same tensor (a bucket view DistributedDataParallel assigns again, found by review)
+        # not at the next forward pass, before which a .grad set to None may come back a
+        # tensor (a bucket view DistributedDataParallel assigns again, found by review)
         written = [p for name, p in params if name in directions]
         self._accumulations.hook(written)
-        self._accumulations.mark({id(p): p.grad for p in written})
+        self._accumulations.mark(written)
         _note_writer(self, grads)
         self._preconditioned = True
         self._written = [
@@ -1354,10 +1354,12 @@ class RiemannianPreconditioner:
         (:meth:`_accumulated_onto`), as when accumulating micro-batches with a pre.step()
         after each (found by a hunt: 466x off), also where a clip, a decay or
         ``scaler.unscale_`` written into the direction after the step moved its version as
-        a zeroing in place does (found by review: 1.6x to 8440x off, silently), or under
-        ``DistributedDataParallel``, whose averaged ``.grad`` written back moves it once
-        more (found by review): refused where the ``.grad`` the first of them added onto
-        was not zero, read with ``checks`` (no host sync of its own). The norm is the
+        a zeroing in place does (found by review: 1.6x to 8440x off, silently), or replaced
+        it by a new tensor (``p.grad = p.grad * c``; found by review, 0.11x to 78x off), or
+        under ``DistributedDataParallel``, whose averaged ``.grad`` written back moves it
+        once more (found by review; between two synced micro-batches, by the next: 73x
+        off): refused where the ``.grad`` the first of them added onto was not zero, read
+        with ``checks`` (no host sync of its own). The norm is the
         fingerprint's (of evenly spaced entries of a large ``.grad``): one whose sampled
         entries read zero counts as a direction that may not be zero."""
         written = {id(w.grad()): w for w in self._written if w.grad() is not None}
@@ -1435,22 +1437,23 @@ class RiemannianPreconditioner:
         self, grads: dict[str, Tensor], params
     ) -> tuple[frozenset[str], dict[str, tuple[int, Tensor]]]:
         """The ``grads`` (by name) whose first accumulation since the last direction was
-        written added onto the ``.grad`` it was written into
+        written added onto a ``.grad``, the tensor written or another
         (:meth:`~riemann_core.passes.Accumulations.onto`, whose hooks run before autograd
-        adds into ``.grad`` and as it returns, before ``DistributedDataParallel``'s hook
-        and its write of the averaged ``.grad``); and of those, ``{name: (backward passes,
-        the least and the largest entry of that .grad as the first added onto it: device
-        scalars)}`` where each later one added onto the ``.grad`` the one before left, at
-        the version it left (in place; or, under ``create_graph=True``, onto the new tensor
-        it made), and the ``.grad`` is the one the last left. A zeroing in place between
-        two, a clip, an unscale or DDP's write between two moves the version (not
-        refused), and a ``.grad`` set to ``None`` is seen so by the first. The reading
-        tells a zeroing in place before the first (``opt.zero_grad(set_to_none=False)``,
-        also through ``.data``) from any other write into the direction: a clip, a decay,
-        an unscale. Of views into one flat buffer (``gradient_as_bucket_view=True``),
-        whose version counts every write into the buffer, a write into another view
-        between two accumulations reads as a write between (not refused: one backward pass
-        added is seen)."""
+        adds into ``.grad`` and as it returns, and at the end of each backward pass, after
+        ``DistributedDataParallel``'s write of the averaged ``.grad``); and of those,
+        ``{name: (backward passes, the least and the largest entry of that .grad as the
+        first added onto it: device scalars)}`` where each later one added onto the
+        ``.grad`` the one before left, at the version it left (in place; or, under
+        ``create_graph=True``, onto the new tensor it made), and the ``.grad`` is the one
+        the last left. A zeroing in place between two, a clip or an unscale between two
+        moves the version (not refused), and a ``.grad`` set to ``None`` is seen so by the
+        first. The reading tells a zeroing before the first
+        (``opt.zero_grad(set_to_none=False)``, also through ``.data``; a zero tensor
+        assigned) from anything else left there: the direction, clipped, decayed or
+        unscaled, in place or assigned. Of views into one flat buffer
+        (``gradient_as_bucket_view=True``), whose version counts every write into the
+        buffer, each accumulation reads the buffer's version as the backward pass first
+        reached it: a write into any view between two passes is one between."""
         reached = set()
         onto = {}
         for name, p in params:
@@ -2174,11 +2177,12 @@ def _added_error(added: list[str], several: bool) -> RuntimeError:
         "that holds these parameters: one over other parameters, a head's, leaves "
         "their .grad as they are; or freeze those it does not train), and when "
         "accumulating micro-batches, pre.step() once, after the last one's backward "
-        "(a clip or decay written into the direction after pre.step() leaves it there; "
-        "a gradient written over it in place, p.grad.copy_(g), too: assign it, p.grad = g; "
-        "and whatever is written in place into a .grad zeroed in place before the backward "
-        "pass adds onto it, a decay added or a gradient copied, reads as the direction: "
-        "add it after the backward pass, or assign it, p.grad = g, after opt.zero_grad())"
+        "(a clip or decay of the direction after pre.step() leaves it there, written in "
+        "place or assigned, p.grad = p.grad * c; a gradient written over it in place, "
+        "p.grad.copy_(g), too: assign it, p.grad = g; and whatever a .grad holds other "
+        "than zeros before the backward pass adds onto it reads as the direction, a decay "
+        "or a gradient written into a .grad zeroed in place or assigned after "
+        "opt.zero_grad(), p.grad = g: add it after the backward pass, p.grad += g)"
     )
 
 
@@ -2351,13 +2355,18 @@ def _note_writer(writer: RiemannianPreconditioner, grads: list[Tensor]) -> None:
     _WRITERS.update({id(g): (weakref.ref(writer), g._version, weakref.ref(g)) for g in grads})
 
 
-def _check_not_written_by_another(reader: RiemannianPreconditioner, grads: dict) -> None:
+def _check_not_written_by_another(
+    reader: RiemannianPreconditioner, grads: dict[str, Tensor], params
+) -> None:
     """Refuse ``.grad`` that hold a direction another preconditioner wrote, as it wrote it
     or changed once since (a clip; a backward pass added, as :meth:`_check_not_preconditioned`
-    refuses of its own), and not zero (zeros preconditioned again are the same zeros: a
-    host sync, on suspicion only). Of DistributedDataParallel's bucket views, whose shared
-    version moves once a backward pass (found by review: a fresh gradient refused), only
-    as written."""
+    refuses of its own), or with backward passes added that its own hooks saw land on it,
+    as that check reads them (:meth:`~RiemannianPreconditioner._accumulated_onto`: under
+    DistributedDataParallel, whose write of the averaged ``.grad`` moves the version once
+    more, found by review), and not zero (zeros preconditioned again are the same zeros:
+    host syncs, on suspicion only). Of DistributedDataParallel's bucket views, whose shared
+    version moves once a backward pass (found by review: a fresh gradient refused), by the
+    version only as written."""
     others = [
         n
         for n, g in grads.items()
@@ -2367,6 +2376,14 @@ def _check_not_written_by_another(reader: RiemannianPreconditioner, grads: dict)
         and g._version - w[1] in ((0,) if g._is_view() else (0, 1))
         and bool(g.any())
     ]
+    for writer in list(_STEP_WATCHERS):  # (their hooks follow only while not removed)
+        if writer is not reader and writer._written and not writer._removed:
+            _, onto = writer._accumulated_onto(grads, params)
+            others += [
+                n
+                for n, (_, reading) in onto.items()
+                if n not in others and bool(torch.stack(reading).ne(0).any() & grads[n].any())
+            ]
     if others:
         raise RuntimeError(
             f"the .grad of {some(others)} hold the direction "

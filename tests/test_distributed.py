@@ -202,6 +202,7 @@ def on_rank(rank: int, world: int) -> dict:
     out["combinations"] = _combinations(rank, world)
     out["ddp micro-batches"] = _ddp_micro_batches(rank, world)
     out["added to the direction"] = _added_to_the_direction(rank, world)
+    out["added to another's direction"] = _added_to_anothers_direction(rank, world)
     out["reached first"] = _reached_first(rank, world)
     out["tokens of other lengths"] = _tokens_of_other_lengths(rank, world)
     out["batch not first"] = _batch_not_first(rank, world)
@@ -285,6 +286,11 @@ def _clip(wrapped):
     torch.nn.utils.clip_grad_norm_(wrapped.parameters(), 0.05)
 
 
+def _scale_assigned(wrapped):
+    for p in wrapped.parameters():
+        p.grad = 0.5 * p.grad
+
+
 #: a step's passes before pre.step(), ``(wrapped, opt, pre, x, y)``. "refused": a backward
 #: pass added to the last step's direction with no zeroing between (found by review:
 #: DDP's write of the averaged .grad moves the version once more, and the direction was
@@ -338,6 +344,16 @@ ADDED = {
         "taken",
         lambda w, o, p, x, y: (o.zero_grad(), _pass(w, x, y, 0.5), _pass(w, 2 * x, y, 0.5)),
     ),
+    # found by review: DDP's write of the averaged .grad between two synced passes read as
+    # a write between, and the forgotten zeroing was taken (73x off)
+    "not zeroed, micro-batches": (
+        "refused",
+        lambda w, o, p, x, y: (_pass(w, x, y, 0.5), _pass(w, 2 * x, y, 0.5)),
+    ),
+    "a pass, then zeroed in place": (
+        "taken",
+        lambda w, o, p, x, y: (_pass(w, -x, y), o.zero_grad(set_to_none=False), _pass(w, x, y)),
+    ),
     "not zeroed, the direction clipped": ("refused", lambda w, o, p, x, y: _pass(w, x, y)),
     "not zeroed, the direction clipped by value": (
         "refused",
@@ -360,6 +376,18 @@ ADDED = {
         lambda w, o, p, x, y: (o.zero_grad(), _pass(w, x, y)),
     ),
     "decay added to the direction, zero_grad()": (
+        "taken",
+        lambda w, o, p, x, y: (o.zero_grad(), _pass(w, x, y)),
+    ),
+    "not zeroed, the direction scaled and assigned": (
+        "refused",
+        lambda w, o, p, x, y: _pass(w, x, y),
+    ),
+    "the direction scaled and assigned, zeroed in place": (
+        "taken",
+        lambda w, o, p, x, y: (o.zero_grad(set_to_none=False), _pass(w, x, y)),
+    ),
+    "the direction scaled and assigned, zero_grad()": (
         "taken",
         lambda w, o, p, x, y: (o.zero_grad(), _pass(w, x, y)),
     ),
@@ -387,12 +415,11 @@ WRITTEN_AFTER_STEP["a clip of the direction, zero_grad()"] = _clip
 WRITTEN_AFTER_STEP["decay added to the direction, zero_grad()"] = WRITTEN_AFTER_STEP[
     "decay added to the direction, zeroed in place"
 ]
-
-
-#: (DDP's options, case) of :data:`ADDED` not seen (docs/api.md): views into one bucket
-#: share its version, which counts every view's writes, so only one backward pass added to
-#: the direction is told from a zeroing between passes
-NOT_SEEN = {("bucket views", "not zeroed, micro-batches in no_sync()")}
+# a new tensor (found by review: the first backward pass since found a .grad other than
+# the one written, and a forgotten zeroing was taken)
+WRITTEN_AFTER_STEP["not zeroed, the direction scaled and assigned"] = _scale_assigned
+WRITTEN_AFTER_STEP["the direction scaled and assigned, zeroed in place"] = _scale_assigned
+WRITTEN_AFTER_STEP["the direction scaled and assigned, zero_grad()"] = _scale_assigned
 
 
 def _added_to_the_direction(rank, world) -> dict:
@@ -428,6 +455,28 @@ def _added_to_the_direction(rank, world) -> dict:
                     WRITTEN_AFTER_STEP[case](wrapped)
                 opt.step()
             out[option, case] = outcomes, grads
+    return out
+
+
+def _added_to_anothers_direction(rank, world) -> dict:
+    """Two preconditioners on one DDP model: the first's direction, a synced backward pass
+    added, then the second's ``pre.step()`` (:func:`_stepped`), under each of
+    :data:`DDP_OPTIONS`."""
+    out = {}
+    part = shards(world, equal=True)[rank]
+    for option, kwargs in DDP_OPTIONS.items():
+        model, x, y = network("mlp")
+        wrapped = DistributedDataParallel(model, **kwargs)
+        first, other = (
+            rc.RiemannianPreconditioner(
+                wrapped, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
+            )
+            for _ in range(2)
+        )
+        _pass(wrapped, x[part], y[part])
+        first.step()
+        _pass(wrapped, 2 * x[part], y[part])
+        out[option] = _stepped(other, model)
     return out
 
 
@@ -1285,19 +1334,19 @@ def test_a_backward_pass_added_to_the_direction_under_ddp_is_refused(run):
     new gradient, silently; with ``gradient_as_bucket_view=True`` by a bucket's writes.
     And by the next review: a clip, ``clip_grad_value_`` or a decay written into the
     direction after ``pre.step()`` moved it once, as a zeroing in place does, and a
-    forgotten zeroing was taken. Refused under each of DDP's options, ``.grad`` kept; the
-    loops that zero between, in place too, are taken, and give the direction of the loop
-    that sets ``.grad`` to ``None``."""
+    forgotten zeroing was taken; and by the one after: one assigned as a new tensor, two
+    synced micro-batches (DDP's write between them), and with bucket views micro-batches
+    in ``no_sync()``. Refused under each of DDP's options, ``.grad`` kept; the loops that
+    zero between, in place too, are taken, and give the direction of the loop that sets
+    ``.grad`` to ``None``."""
     world, results = run
     for rank, result in enumerate(results):
         for (option, case), (outcomes, grads) in result["added to the direction"].items():
             expected, _ = ADDED[case]
             assert outcomes[:2] == [None, None], (option, case, rank, outcomes)
             last = outcomes[2]
-            if expected == "taken" or (option, case) in NOT_SEEN:
+            if expected == "taken":
                 assert last is None, (option, case, rank, last)
-                if (option, case) in NOT_SEEN:
-                    continue
                 same = "micro-batches, zero_grad()" if "micro-batches" in case else "zero_grad()"
                 if case in WRITTEN_AFTER_STEP:  # (the same write, .grad set to None)
                     same = case.replace("zeroed in place", "zero_grad()")
@@ -1311,6 +1360,22 @@ def test_a_backward_pass_added_to_the_direction_under_ddp_is_refused(run):
             assert kept, (option, case, rank)
             if kind == "RuntimeError":
                 assert "hold the direction" in message and "added since" in message, message
+
+
+def test_a_backward_pass_added_to_another_preconditioners_direction_under_ddp_is_refused(run):
+    """Found by review: a second preconditioner told the first's direction by its version,
+    as written or one on, and under DDP a backward pass added moves it by 2 (DDP's write
+    of the averaged ``.grad`` after the accumulation; with bucket views, by the bucket's
+    writes), so the second preconditioned the first's direction with the new gradient
+    added, silently. The first's hooks saw the pass land on its direction: refused on
+    every rank, ``.grad`` kept."""
+    world, results = run
+    for rank, result in enumerate(results):
+        for option, got in result["added to another's direction"].items():
+            assert not isinstance(got, dict), f"{option}: rank {rank} taken"
+            (kind, message), kept = got
+            assert kind == "RuntimeError" and kept, (option, rank, message)
+            assert "another RiemannianPreconditioner wrote" in message, message
 
 
 def test_a_zeroing_before_a_head_reached_first_drops_the_skipped_pass(run):
