@@ -21,6 +21,8 @@ import traceback
 from collections.abc import Sequence
 from importlib import metadata
 
+import torch
+
 from .arguments import Command, check_device, common_options
 from .measure.allocator import keep_freed_memory
 from .scaling import commands as scaling_commands
@@ -48,8 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         before = argv[: argv.index(args.command)]
         owner = parser if any(a in before for a in unknown) else args.parser
         owner.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.seed_given = args.seed is not None
+    # whether given: --report-only refuses them where it would ignore them
+    args.seed_given, args.device_given = args.seed is not None, args.device is not None
     args.seed = 0 if args.seed is None else args.seed
+    args.device = torch.device("cpu") if args.device is None else args.device
     # on a cluster, the workers' devices count; analyses and redraws of recorded results
     # need none (found by a hunt: train --report-only --device cuda needed a GPU)
     redraw = getattr(args, "report_only", False)

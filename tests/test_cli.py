@@ -48,6 +48,46 @@ def test_analyses_of_recorded_results_need_no_such_device_here(tmp_path, monkeyp
     assert (tmp_path / "reports" / "cuda" / "fits.csv").is_file()
 
 
+#: The recorded results --report-only redraws, per command: files of reports/cpu.
+RECORDED = {
+    "distributed": ("distributed/run.json", "distributed/results.csv"),
+    "targets": ("targets.json",),
+    "train": ("training/training.json", "training/runs.csv", "training/tuning.csv"),
+    "stability": ("stability/stability.json", "stability/pairs.csv"),
+}
+
+
+@pytest.mark.parametrize("option", [["--quick"], ["--device", "cpu"], ["--device", "cuda"]])
+@pytest.mark.parametrize("command", list(RECORDED))
+def test_report_only_refuses_quick_and_device_beside_out(tmp_path, capsys, command, option):
+    """Found by a hunt: ``--report-only --out DIR`` ignored --quick and --device without a
+    word (the recorded run's are its own; they only choose the default directory); now
+    named, with the why and the fix, and nothing written."""
+    recorded = Path(__file__).parents[1] / "reports" / "cpu"
+    for name in RECORDED[command]:
+        shutil.copy(recorded / name, tmp_path / Path(name).name)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    argv = [command, "--report-only", "--out", str(tmp_path), *option]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{option[0]} would be ignored with --report-only, which draws the report" in err
+    assert ("only without --out" in err) == (command != "targets")  # targets has no default
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_without_out_report_only_takes_quick_and_device_for_the_directory(
+    tmp_path, capsys, monkeypatch
+):
+    """Without --out, --device and --quick choose the recorded run's directory, as the
+    run's own default: taken, and no such device is needed to redraw."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["distributed", "--report-only", "--device", "cuda", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "no results at reports/cuda/quick/distributed/results.csv" in err
+    assert "CUDA" not in err
+
+
 def test_recorded_commands_are_quoted_for_a_shell(tmp_path):
     """Found by a hunt: with an --out holding a space, the command recorded with the
     claims (and a report's command to redraw it) split the path in two when pasted back."""

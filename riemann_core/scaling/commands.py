@@ -4,8 +4,7 @@ All read and write one directory (``--out``, default ``reports/<device>[/quick]`
 ``results.csv`` and ``sweep.json`` (sweep), ``fits.csv``, ``time_model.csv`` and
 ``rates.csv`` (fit), ``claims.json`` (validate), the figures and ``report.md`` (report).
 ``fit``, ``validate`` and ``report`` analyse what the sweep measured: for them ``--device``
-and ``--quick`` only choose the default directory, and are refused beside ``--out``
-(``--device`` where it names another device than the default ``cpu``).
+and ``--quick`` only choose the default directory, and are refused beside ``--out``.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import math
 import sys
 from contextlib import contextmanager
 
-from ..arguments import Command, check_distinct, default_out, ints, names
+from ..arguments import MAX_REPEATS, Command, check_distinct, default_out, ints, names
 from . import sweep as sw
 
 
@@ -39,7 +38,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kernels", type=names, help="structured and/or generic")
     group.add_argument("--dtypes", type=names, help="float32 or float64 (one per --out)")
     group.add_argument("--output-metric", choices=("exact", "sampled"))
-    group.add_argument("--repeats", type=int, help="timed calls per point")
+    group.add_argument("--repeats", type=int, help=f"timed calls per point (at most {MAX_REPEATS})")
     group.add_argument(
         "--time-budget",
         type=float,
@@ -190,7 +189,10 @@ def _analysed_out(args):
     if args.command in ("fit", "validate", "report") and args.out is not None:
         ignored = [
             option
-            for option, given in (("--quick", args.quick), ("--device", args.device.type != "cpu"))
+            for option, given in (
+                ("--quick", args.quick),
+                ("--device", getattr(args, "device_given", False)),  # even the default, cpu
+            )
             if given
         ]
         if ignored:
@@ -198,7 +200,7 @@ def _analysed_out(args):
                 f"{' and '.join(ignored)} only choose{'s' if len(ignored) == 1 else ''} the "
                 "default directory of "
                 f"'{args.command}', which analyses what the sweep in --out measured; "
-                "drop them or drop --out"
+                f"drop {'it' if len(ignored) == 1 else 'them'} or drop --out"
             )
     out = default_out(args)
     if out.is_dir():  # a sweep to analyse (else reading it says what is missing)

@@ -52,7 +52,9 @@ import riemann_core as rc
 
 from .. import costs, distributed
 from ..arguments import (
+    MAX_REPEATS,
     Command,
+    check_at_most,
     check_choices,
     check_distinct,
     check_report_only,
@@ -365,7 +367,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "quick: 128,256,256,256,256,10)")  # fmt: skip
     group.add_argument("--batch", type=positive_int, help="global batch (default: 128; quick: 64)")
     group.add_argument("--repeats", type=positive_int,
-                       help="timed directions per method (default: 7; quick: 5)")  # fmt: skip
+                       help=f"timed directions per method (default: 7; quick: 5; at most "
+                       f"{MAX_REPEATS})")  # fmt: skip
     group.add_argument("--threads", type=positive_int,
                        help="threads per rank (default: CPU cores // largest P, at least 1)")  # fmt: skip
     group.add_argument("--dtype", choices=("float32", "float64"),
@@ -432,6 +435,10 @@ def config_from(args: argparse.Namespace) -> Config:
             f"runs at most one thread per core; pass --threads {cores()} or fewer"
         )
     threads = args.threads or max(1, cores() // max(ranks))
+    if args.repeats is not None:
+        check_at_most(
+            "--repeats", args.repeats, MAX_REPEATS, "the most timed directions a run takes"
+        )
     config = Config(
         widths=widths,
         batch=batch,
@@ -493,7 +500,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report_only:  # (found by a review: a committed report judged by older code
         # could not be redrawn by any command)
         check_report_only(args, "run", ("ranks", "methods", "widths", "batch", "repeats",
-                                        "threads", "dtype", "timeout"))  # fmt: skip
+                                        "threads", "dtype", "timeout"), "distributed")  # fmt: skip
         out = default_out(args, "distributed")
         claims = parallel_report.write(out)
         print(f"{out / 'report.md'}: verdicts {parallel_report.tally(claims)}")

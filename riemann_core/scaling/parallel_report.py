@@ -62,7 +62,14 @@ import riemann_core as rc
 from .. import costs
 from ..arguments import RECORDED_SEED
 from ..measure.environment import git_commit
-from ..measure.output import markdown_table, pyplot, read_study, save_figure, write_json
+from ..measure.output import (
+    markdown_table,
+    pyplot,
+    read_study,
+    rerun,
+    save_figure,
+    write_json,
+)
 from ..ownership import greedy_ratio, loads
 from .fit import N_BOOT, OVERHEAD_TARGET, TIME_BAND, took_slow_path
 from .sweep import DTYPES, SPREAD_LIMIT
@@ -77,8 +84,9 @@ MODEL_RANKS = (1, 2, 4, 8, 16, 32)
 
 COMMAND = "riemann-bench distributed"
 TABLES = {
-    "results.csv": ("ranks", "rank", "method", "flops_solve", "solve_times_s", "step_times_s")
-}
+    "results.csv": ("ranks", "rank", "method", "threads", "batch", "owned_blocks",
+                    "flops_solve", "solve_times_s", "step_times_s")
+}  # fmt: skip
 #: the GEMM rate of the slowest rank, read between its timed directions
 TIMED_GEMM = "gemm_timed_flops_per_s"
 RECORD_KEYS = ("config", "ranks", "cores", "gemm_flops_per_s")
@@ -89,6 +97,14 @@ def read(out: Path, required: tuple[str, ...] | None = None) -> tuple[pd.DataFra
     entries of its config (:func:`check_record`; by default those the claims read)."""
     (frame,), meta = read_study(out, TABLES, "run.json", RECORD_KEYS, COMMAND)
     check_record(meta, out, CLAIMED if required is None else required)
+    if problem := results_problem(frame):
+        raise ValueError(f"{out / 'results.csv'} {problem}: {rerun(COMMAND)}")
+    if problem := measured_problem(frame, meta):
+        raise ValueError(
+            f"{out / 'run.json'}: {problem}, so the two come from different runs (a "
+            "hand-edited run.json?); restore the run's own, or rerun 'riemann-bench "
+            "distributed' into another --out"
+        )
     at_one = set(frame.loc[frame["ranks"] == 1, "method"])
     lacking = sorted(set(frame["method"]) - at_one)  # every speedup compares with P = 1
     if lacking:
@@ -172,6 +188,81 @@ def record_problem(meta: dict, required: tuple[str, ...] = REPORTED) -> str | No
         return f"gemm_flops_per_s is {rates!r}, not a list of positive rates"
     if not isinstance(meta.get("environment", {}), dict):
         return f"environment is {meta['environment']!r}, not a mapping"
+    return None
+
+
+def results_problem(frame: pd.DataFrame) -> str | None:
+    """What in results.csv (``frame``) no run writes, or ``None``: world sizes, ranks and
+    owned blocks that are not whole numbers, other rows than one per rank ``0 .. P - 1``
+    of each world size ``P`` and method, lists of times that are not lists of seconds
+    (found by a hunt: a row dropped or written twice was judged, a text list broke off
+    with JSON's message alone)."""
+    for column, least in (("ranks", 1), ("rank", 0), ("owned_blocks", 0)):
+        values = frame[column]
+        if not pd.api.types.is_integer_dtype(values) or values.min() < least:
+            return f"holds {column} {sorted(set(values.tolist()))}, not whole numbers from {least}"
+    for (method, P), rows in frame.groupby(["method", "ranks"]):
+        if len(rows) != P or sorted(rows["rank"]) != list(
+            range(P)
+        ):  # len first: P is read from the file
+            return (
+                f"holds ranks {sorted(rows['rank'].tolist())} of {method} at P = {P}, where a "
+                f"run writes one row for each rank 0 to {P - 1}"
+            )
+    for column in ("step_times_s", "solve_times_s"):
+        for line, cell in enumerate(frame[column], start=2):  # + the header
+            if _times(cell) is None:
+                return f"line {line}: {column} is {cell!r}, not a list of seconds"
+    return None
+
+
+def _times(cell) -> list | None:
+    """The seconds a ``*_times_s`` cell lists, or ``None`` where it is no such list (a
+    phase a rank does not enter, the solve of one owning no block, takes 0 s)."""
+    try:
+        times = json.loads(cell)
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(times, list) or not times:
+        return None
+    seconds = all(type(t) in (int, float) and 0 <= t < math.inf for t in times)
+    return times if seconds else None
+
+
+def measured_problem(frame: pd.DataFrame, meta: dict) -> str | None:
+    """Where run.json's record (checked by :func:`record_problem`) is not the run whose
+    rows ``frame`` holds (checked by :func:`results_problem`), what differs, or ``None``: a
+    run writes a row for each world size of ``ranks`` and method of ``config.methods``,
+    each with the config's ``batch`` and ``threads`` and ``repeats`` times in each list of
+    times, its ranks owning, at each world size, as many blocks as ``config.widths`` gives
+    layers. The claims would judge the rows by the record otherwise (found by a hunt: a
+    run.json edited into another valid config, a width dropped or another batch, was
+    judged silently)."""
+    config = meta["config"]
+    for key, recorded, column in (
+        ("ranks", meta["ranks"], "ranks"),
+        ("config.methods", config.get("methods"), "method"),  # may be absent (not reported)
+        ("config.batch", config["batch"], "batch"),
+        ("config.threads", config["threads"], "threads"),
+    ):
+        ran = sorted(set(frame[column].tolist()))
+        expected = sorted(set(recorded)) if isinstance(recorded, list) else [recorded]
+        if recorded is not None and ran != expected:
+            return f"{key} is {recorded}, but results.csv holds {column} {ran}"
+    layers = len(config["widths"]) - 1
+    for (method, P), owned in frame.groupby(["method", "ranks"])["owned_blocks"].sum().items():
+        if owned != layers:
+            return (
+                f"config.widths {config['widths']} gives {layers} layers, but the ranks of "
+                f"{method} at P = {P} own {owned} blocks (one a layer) in results.csv"
+            )
+    for column in ("step_times_s", "solve_times_s") if "repeats" in config else ():
+        for line, cell in enumerate(frame[column], start=2):  # + the header
+            if (n := len(_times(cell))) != config["repeats"]:
+                return (
+                    f"config.repeats is {config['repeats']}, but results.csv line {line} "
+                    f"holds {n} {column}"
+                )
     return None
 
 

@@ -76,7 +76,7 @@ except ImportError:  # Windows: not taken
     fcntl = None
 
 from .. import costs
-from ..arguments import check_device, check_distinct
+from ..arguments import MAX_REPEATS, check_at_most, check_device, check_distinct
 from ..factors import OUTPUT_METRICS
 from ..measure.flops import KINDS, flop_counter, flops_by_kind
 from ..measure.load import is_loaded, point_load
@@ -313,6 +313,7 @@ def check_grid(grid: Grid) -> None:
         if not (value >= least if least is not None else value > 0):
             need = f"at least {least}" if least is not None else "positive"
             raise ValueError(f"{option} must be {need}, got {value:g}")
+    check_at_most("--repeats", grid.repeats, MAX_REPEATS, "the most timed calls a point takes")
     bad_growth = {a: v for a, v in grid.grow.items() if a not in AXES or not _positive_int(v)}
     if bad_growth:
         raise ValueError(f"grow needs axes of {AXES} with positive caps, got {bad_growth}")

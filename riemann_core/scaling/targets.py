@@ -947,7 +947,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="measure nothing: redraw targets.md and kfac.md (and with --readme the README's "
         "table) from the targets.json in --out, naming the command and environment that "
-        "measured it; --device, --quick and --seed are those recorded",
+        "measured it; --device, --quick and --seed are those recorded (refused beside it)",
     )
     parser.add_argument(
         "--readme",

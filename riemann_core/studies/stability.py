@@ -319,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = out_dir(args)
     if args.report_only:
-        check_report_only(args, "sweep", SWEEP_OPTIONS)
+        check_report_only(args, "sweep", SWEEP_OPTIONS, "stability")
         print(f"wrote {write_report(out)}")
         return 0
     sweep = sweep_from(args)

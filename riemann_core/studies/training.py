@@ -294,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = out_dir(args)
     if args.report_only:
-        check_report_only(args, "study", STUDY_OPTIONS)
+        check_report_only(args, "study", STUDY_OPTIONS, "training")
         print(f"wrote {write_report(out)}")
         return 0
     from ..measure.output import check_not_foreign, results_directory

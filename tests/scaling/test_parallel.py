@@ -6,6 +6,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from riemann_core import costs
 from riemann_core.cli import build_parser, main
@@ -37,6 +38,7 @@ def synthetic(methods=("layerwise", "natural"), ranks=(1, 2, 4), *, cores=8, t0=
                 rows.append(
                     {
                         "ranks": P, "rank": rank, "method": method, "owned_blocks": owned,
+                        "batch": BATCH, "threads": 1,
                         "flops_solve_small": small, "solve_small_s": t0 + small / RATE,
                         "gemm_concurrent_flops_per_s": 2 * RATE * (1 if P == 1 else concurrent_drop),
                         "solve_s": t,
@@ -288,6 +290,7 @@ def test_results_without_a_run_at_one_rank_are_refused_by_the_report(tmp_path):
     frame, meta = synthetic()  # one method lacking it (found by review: an IndexError later)
     frame = frame[(frame["ranks"] > 1) | (frame["method"] == "natural")]
     frame.to_csv(tmp_path / "results.csv", index=False)
+    (tmp_path / "run.json").write_text(json.dumps({**record, "ranks": [1, 2, 4]}))
     with pytest.raises(ValueError, match=r"holds no run at P = 1 of \['layerwise'\]"):
         pr.read(tmp_path)
 
@@ -342,12 +345,14 @@ def test_report_only_judges_the_recorded_run_again(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "option",
-    [["--ranks", "1,2"], ["--methods", "kfac"], ["--dtype", "float64"], ["--timeout", "5"]],
-)
+    [["--ranks", "1,2"], ["--methods", "kfac"], ["--dtype", "float64"], ["--timeout", "5"],
+     ["--quick"], ["--device", "cpu"], ["--device", "cuda"]],
+)  # fmt: skip
 def test_report_only_refuses_every_option_of_a_measurement(tmp_path, capsys, option):
     """Found by a hunt: --ranks, --methods, --dtype and --timeout had argparse defaults,
     so --report-only could not tell them given and redrew every world size and method of
-    the recorded run, silently, where --batch was refused. Nothing is written."""
+    the recorded run, silently, where --batch was refused; so were --quick and --device
+    beside --out, which choose only the default directory. Nothing is written."""
     import shutil
     from pathlib import Path
 
@@ -393,6 +398,101 @@ def test_report_only_refuses_a_corrupted_record(tmp_path, capsys, edit, message)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda m: m["config"].update(batch=64),
+            "config.batch is 64, but results.csv holds batch [128]",
+        ),
+        (
+            lambda m: m["config"]["widths"].pop(1),
+            "config.widths [512, 512, 512, 512, 10] gives 4 layers, but the ranks of kfac at "
+            "P = 1 own 5 blocks",
+        ),
+        (
+            lambda m: m.update(ranks=[1, 2]),
+            "ranks is [1, 2], but results.csv holds ranks [1, 2, 4]",
+        ),
+        (
+            lambda m: m["config"].update(methods=["layerwise", "natural"]),
+            "config.methods is ['layerwise', 'natural'], but results.csv holds method ['kfac', ",
+        ),
+        (lambda m: m["config"].update(threads=2), "config.threads is 2, but results.csv holds"),
+        (
+            lambda m: m["config"].update(repeats=5),
+            "config.repeats is 5, but results.csv line 2 holds 7 step_times_s",
+        ),
+    ],
+    ids=["batch", "width-dropped", "ranks", "methods", "threads", "repeats"],
+)
+def test_report_only_refuses_a_record_of_another_valid_run(tmp_path, capsys, edit, message):
+    """Found by a hunt: a run.json edited into another valid config (a width dropped,
+    another batch) was judged silently against results measured on the recorded one, the
+    claims and report.md naming a network never run. Named, with nothing written."""
+    import shutil
+    from pathlib import Path
+
+    out = tmp_path / "distributed"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "reports/cpu/distributed", out)
+    meta = json.loads((out / "run.json").read_text())
+    edit(meta)
+    (out / "run.json").write_text(json.dumps(meta))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["distributed", "--report-only", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'run.json'}: {message}" in err and "Traceback" not in err
+    assert "come from different runs" in err and "restore the run's own" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda f: f.drop(index=4), "holds ranks [0] of kfac at P = 2, where a run writes one"),
+        (lambda f: pd.concat([f, f.iloc[[4]]]), "holds ranks [0, 1, 1] of kfac at P = 2"),
+        (lambda f: f.assign(rank=f["rank"] + 1), "holds ranks [1] of kfac at P = 1"),
+        (lambda f: f.assign(ranks=f["ranks"] * 0.5), "holds ranks [0.5, 1.0, 2.0], not whole"),
+        (
+            lambda f: f.assign(solve_times_s=f["solve_times_s"].where(f.index != 3, "abc")),
+            "line 5: solve_times_s is 'abc', not a list of seconds",
+        ),
+        (
+            lambda f: f.assign(step_times_s=f["step_times_s"].where(f.index != 0, "[]")),
+            "line 2: step_times_s is '[]', not a list of seconds",
+        ),
+    ],
+    ids=["row-dropped", "row-twice", "rank-off", "fractional-ranks", "text-times", "no-times"],
+)
+def test_report_only_refuses_results_no_run_writes(tmp_path, capsys, edit, message):
+    """Found by a hunt: a rank's row dropped or written twice was judged, a list of times
+    in text broke off with JSON's own message ("Expecting value"), naming no file."""
+    import shutil
+    from pathlib import Path
+
+    out = tmp_path / "distributed"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "reports/cpu/distributed", out)
+    edit(pd.read_csv(out / "results.csv")).to_csv(out / "results.csv", index=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["distributed", "--report-only", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'results.csv'} {message}" in err and "Traceback" not in err
+    assert "rerun 'riemann-bench distributed' with this --out" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_every_committed_run_is_its_record_s():
+    """The committed runs' records and results agree: --report-only redraws each."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "reports"
+    runs = [p.parent for p in root.glob("**/distributed/run.json")]
+    assert root / "cpu" / "distributed" in runs
+    for out in runs:
+        frame, meta = pr.read(out, pr.REPORTED)
+        assert pr.measured_problem(frame, meta) is None
+
+
 def test_report_only_takes_every_seed_distributed_recorded(tmp_path):
     """Found by review: --seed took any seed torch takes (up to 2**64 - 1) before it was
     bounded to 2**32 - 1, and the run.json of then was refused by --report-only as
@@ -416,7 +516,7 @@ def test_the_defaults_of_the_options_report_only_refuses():
     """The options left out take their documented defaults (1,2,4; layerwise, natural,
     kfac; float32; 600 s)."""
     args = build_parser().parse_args(["distributed", "--quick"])
-    args.seed = 0
+    args.seed, args.device = 0, torch.device("cpu")  # as cli.main fills them in
     config = parallel.config_from(args)
     assert config.methods == ("layerwise", "natural", "kfac")
     assert (config.dtype, config.timeout) == ("float32", 600.0)
@@ -464,6 +564,12 @@ def test_a_small_run_end_to_end(tmp_path, capsys):
         # found by a hunt: the ranks started, then broke off with "Overflow when unpacking
         # long long", naming no option
         (["--threads", str(10**20)], f"--threads {10**20} is more than this host's"),
+        # found by a hunt: the ranks started, and timed the first method without end
+        (
+            ["--repeats", str(10**12)],
+            f"--repeats {10**12} is more than 1000, the most timed directions a run takes: "
+            "pass --repeats 1000 or fewer",
+        ),
     ],
 )
 def test_bad_options_are_refused_before_any_process_starts(argv, message, capsys):

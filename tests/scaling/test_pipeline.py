@@ -162,8 +162,10 @@ def test_validate_exits_non_zero_on_a_failed_claim(tmp_path):
         # as a method given twice is (it was measured once, the repeat dropped silently)
         (["--widths", "8,8"], "--widths: 8 given more than once"),
         (["--batches", "4,8,4"], "--batches: 4 given more than once"),
+        # found by a hunt: the first point was timed without end
+        (["--repeats", str(10**12)], f"--repeats {10**12} is more than 1000"),
     ],
-    ids=["width", "method", "base", "width-twice", "batch-twice"],
+    ids=["width", "method", "base", "width-twice", "batch-twice", "repeats"],
 )
 def test_bad_grid_options_exit_2_before_any_work(tmp_path, capsys, options, message):
     assert cli.main(["sweep", "--quick", "--out", str(tmp_path), *options]) == 2
@@ -247,6 +249,9 @@ def test_the_analysis_commands_name_a_corrupted_results_file(tmp_path, capsys, c
 def test_options_the_analysis_commands_would_ignore_are_refused(tmp_path, capsys, command):
     assert cli.main([command, "--quick", "--out", str(tmp_path)]) == 2
     assert "--quick only chooses the default directory" in capsys.readouterr().err
+    # found by a hunt: --device cpu, the default's name, was ignored without a word
+    assert cli.main([command, "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "--device only chooses the default directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

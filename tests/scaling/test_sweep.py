@@ -268,6 +268,12 @@ def test_truncated_line_is_reported_with_its_number(tmp_path, cut):
         ({"dtypes": ("float16",)}, "unknown dtype"),
         ({"dtypes": ("float32", "float64")}, "compare one dtype at a time"),
         ({"repeats": 0}, r"^--repeats must be at least 1, got 0$"),
+        # found by a hunt: 10**12 timed the first point without end
+        (
+            {"repeats": 1001},
+            r"^--repeats 1001 is more than 1000, the most timed calls a point takes: pass "
+            r"--repeats 1000 or fewer$",
+        ),
         ({"flop_budget": -1.0}, r"^--flop-budget must be positive, got -1$"),
         ({"grow": {"height": 8}}, "grow needs axes"),
         ({"base": {"width": 4}}, "must name exactly"),
@@ -285,6 +291,7 @@ def test_truncated_line_is_reported_with_its_number(tmp_path, cut):
         "dtype",
         "two-dtypes",
         "repeats",
+        "repeats-past-bound",
         "flop-budget",
         "grow",
         "base-axes",

@@ -67,7 +67,9 @@ def test_study_repeats_exactly_but_for_the_clock(study, tmp_path):
     pd.testing.assert_frame_equal(first, again)
 
 
-def test_report_only_redraws_and_corrupted_results_are_refused(study, tmp_path, capsys):
+def test_report_only_redraws_and_corrupted_results_are_refused(
+    study, tmp_path, capsys, monkeypatch
+):
     for name in ("runs.csv", "tuning.csv", "training.json"):
         (tmp_path / name).write_bytes((study / name).read_bytes())
     assert cli.main(["train", "--report-only", "--out", str(tmp_path)]) == 0
@@ -95,9 +97,15 @@ def test_report_only_redraws_and_corrupted_results_are_refused(study, tmp_path, 
     # and the seed, the recorded one's (found by a hunt); a redraw needs no GPU
     assert cli.main(["train", "--report-only", "--seed", "5", "--out", str(tmp_path)]) == 2
     assert "--seed would be ignored with --report-only" in capsys.readouterr().err
-    assert cli.main(["train", "--report-only", "--device", "cuda", "--out", str(tmp_path)]) == 2
-    err = capsys.readouterr().err  # (these results are corrupted: read, not refused for CUDA)
-    assert "cannot read the results" in err and "CUDA" not in err
+    # --device and --quick beside --out, which they would not choose: refused (found by a
+    # hunt: ignored without a word); without --out they choose it, and need no GPU
+    for option in (["--device", "cuda"], ["--quick"]):
+        assert cli.main(["train", "--report-only", *option, "--out", str(tmp_path)]) == 2
+        assert f"{option[0]} would be ignored with --report-only" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--report-only", "--device", "cuda", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "no results at reports/cuda/quick/training/" in err and "CUDA" not in err
 
 
 def second(frame: pd.DataFrame, **cells) -> pd.DataFrame:
