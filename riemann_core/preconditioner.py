@@ -1442,13 +1442,13 @@ class RiemannianPreconditioner:
         adds into ``.grad`` and as it returns, and at the end of each backward pass, after
         ``DistributedDataParallel``'s write of the averaged ``.grad``); and of those,
         ``{name: (backward passes, the least and the largest entry of that .grad as the
-        first added onto it: device scalars)}`` where each later one added onto the
-        ``.grad`` the one before left, at the version it left (in place; or, under
-        ``create_graph=True``, onto the new tensor it made), and the ``.grad`` is the one
-        the last left. A zeroing in place between two, a clip or an unscale between two
-        moves the version (not refused), and a ``.grad`` set to ``None`` is seen so by the
-        first. The reading tells a zeroing before the first
-        (``opt.zero_grad(set_to_none=False)``, also through ``.data``; a zero tensor
+        first added onto it, or zeros where a later one found zeros: device scalars)}``
+        where each later one added onto the ``.grad`` the one before left, at the
+        version it left (in place; or, under ``create_graph=True``, onto the new tensor it
+        made), and the ``.grad`` is the one the last left. A zeroing in place between two,
+        a clip or an unscale between two moves the version (not refused), and a ``.grad``
+        set to ``None`` is seen so by the first. The reading tells a zeroing before the
+        first (``opt.zero_grad(set_to_none=False)``, also through ``.data``; a zero tensor
         assigned) from anything else left there: the direction, clipped, decayed or
         unscaled, in place or assigned. Of views into one flat buffer
         (``gradient_as_bucket_view=True``), whose version counts every write into the

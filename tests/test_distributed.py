@@ -354,6 +354,16 @@ ADDED = {
         "taken",
         lambda w, o, p, x, y: (_pass(w, -x, y), o.zero_grad(set_to_none=False), _pass(w, x, y)),
     ),
+    # found by review: through .data, which moves no version, after DDP's write that the
+    # end of the pass reads: the second pass read as added onto the first, refused
+    "a pass, then zeroed through .data": (
+        "taken",
+        lambda w, o, p, x, y: (
+            _pass(w, -x, y),
+            [q.grad.data.zero_() for q in w.parameters()],
+            _pass(w, x, y),
+        ),
+    ),
     "not zeroed, the direction clipped": ("refused", lambda w, o, p, x, y: _pass(w, x, y)),
     "not zeroed, the direction clipped by value": (
         "refused",

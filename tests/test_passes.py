@@ -739,3 +739,36 @@ def test_the_reading_of_what_an_accumulation_adds_onto_is_zero_only_for_zeros():
         assert not zero(g)
     assert not zero(torch.tensor([0.0, 1e-3j]))
     assert any(bool(r.isnan()) for r in _extremes(torch.tensor([0.0, float("nan")])))
+
+
+def test_the_parameters_a_backward_pass_that_raised_reached_are_not_kept():
+    """Found by review: the parameters a backward pass accumulated into since a direction,
+    to be read again at its end (:class:`~riemann_core.passes._Ended`, queued on it), stayed
+    noted where the pass raised before its end, whose queued callbacks never run: one list
+    a failed pass, for as long as no step came. Dropped as the engine frees the callback;
+    the next step reads its own passes."""
+    import riemann_core as rc
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+
+    def nan_check(grad):
+        raise FloatingPointError("a NaN check")
+
+    def checked(module, inputs, out):
+        out.register_hook(nan_check)
+
+    model.zero_grad(set_to_none=False)
+    handle = model[0].register_forward_hook(checked)
+    for _ in range(3):  # past the head, which accumulates first
+        with pytest.raises(FloatingPointError):
+            F.cross_entropy(model(x), y).backward()
+    handle.remove()
+    assert not pre._accumulations._ending
+    model.zero_grad(set_to_none=False)
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
