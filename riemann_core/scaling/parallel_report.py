@@ -194,9 +194,11 @@ def record_problem(meta: dict, required: tuple[str, ...] = REPORTED) -> str | No
 def results_problem(frame: pd.DataFrame) -> str | None:
     """What in results.csv (``frame``) no run writes, or ``None``: world sizes, ranks and
     owned blocks that are not whole numbers, other rows than one per rank ``0 .. P - 1``
-    of each world size ``P`` and method, lists of times that are not lists of seconds
-    (found by a hunt: a row dropped or written twice was judged, a text list broke off
-    with JSON's message alone)."""
+    of each world size ``P`` and method, a method missing at a world size another method
+    ran at, lists of times that are not lists of seconds (found by a hunt: a row dropped
+    or written twice was judged, a text list broke off with JSON's message alone; every
+    row of a method at one world size dropped was judged too, its claims left out in
+    silence)."""
     for column, least in (("ranks", 1), ("rank", 0), ("owned_blocks", 0)):
         values = frame[column]
         if not pd.api.types.is_integer_dtype(values) or values.min() < least:
@@ -208,6 +210,14 @@ def results_problem(frame: pd.DataFrame) -> str | None:
             return (
                 f"holds ranks {sorted(rows['rank'].tolist())} of {method} at P = {P}, where a "
                 f"run writes one row for each rank 0 to {P - 1}"
+            )
+    sizes = set(frame["ranks"].tolist())
+    for method, held in frame.groupby("method")["ranks"]:
+        # a method lacking P = 1 is read's to name, with its own fix (--ranks 1,...)
+        if lacking := sorted(sizes - set(held.tolist()) - {1}):
+            return (
+                f"holds no rows of {method} at P = {', '.join(map(str, lacking))}, where a "
+                f"run writes every method at each of its world sizes, {sorted(sizes)}"
             )
     for column in ("step_times_s", "solve_times_s"):
         for line, cell in enumerate(frame[column], start=2):  # + the header

@@ -454,6 +454,15 @@ def test_report_only_refuses_a_record_of_another_valid_run(tmp_path, capsys, edi
         (lambda f: f.assign(rank=f["rank"] + 1), "holds ranks [1] of kfac at P = 1"),
         (lambda f: f.assign(ranks=f["ranks"] * 0.5), "holds ranks [0.5, 1.0, 2.0], not whole"),
         (
+            lambda f: f[(f["method"] != "kfac") | (f["ranks"] != 2)],
+            "holds no rows of kfac at P = 2, where a run writes every method at each of its "
+            "world sizes, [1, 2, 4]",
+        ),
+        (
+            lambda f: f[(f["method"] != "natural") | (f["ranks"] == 1)],
+            "holds no rows of natural at P = 2, 4, where a run writes every method",
+        ),
+        (
             lambda f: f.assign(solve_times_s=f["solve_times_s"].where(f.index != 3, "abc")),
             "line 5: solve_times_s is 'abc', not a list of seconds",
         ),
@@ -462,11 +471,14 @@ def test_report_only_refuses_a_record_of_another_valid_run(tmp_path, capsys, edi
             "line 2: step_times_s is '[]', not a list of seconds",
         ),
     ],
-    ids=["row-dropped", "row-twice", "rank-off", "fractional-ranks", "text-times", "no-times"],
-)
+    ids=["row-dropped", "row-twice", "rank-off", "fractional-ranks", "world-size-dropped",
+         "world-sizes-dropped", "text-times", "no-times"],
+)  # fmt: skip
 def test_report_only_refuses_results_no_run_writes(tmp_path, capsys, edit, message):
     """Found by a hunt: a rank's row dropped or written twice was judged, a list of times
-    in text broke off with JSON's own message ("Expecting value"), naming no file."""
+    in text broke off with JSON's own message ("Expecting value"), naming no file; the
+    rows of a method at one world size dropped were judged, its claims there left out
+    (found by review). Named, with nothing written."""
     import shutil
     from pathlib import Path
 
