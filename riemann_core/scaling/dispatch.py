@@ -30,6 +30,7 @@ and the :class:`DaskRunner` gives up when no worker has offered it for a while.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -37,6 +38,7 @@ import os
 import queue
 import socket
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -52,6 +54,7 @@ from distributed import (
     Scheduler,
     SpecCluster,
     WorkerPlugin,
+    get_worker,
     system,
 )
 from distributed.comm import parse_address, parse_host_port
@@ -480,7 +483,13 @@ class DaskRunner:
         finally:
             self.client.cancel(list(flying))
 
-    def everywhere(self, task: Callable[[str], list], devices: Sequence[str], lost: str) -> list:
+    def everywhere(
+        self,
+        task: Callable[..., list],
+        devices: Sequence[str],
+        lost: str,
+        report: Callable[[str, int, int], object] | None = None,
+    ) -> list:
         """``task(device)`` on every worker that offers the resource, for each kind of
         device in ``devices``, holding all the worker's devices (no point runs beside it);
         the results' items. A worker that dies or fails meanwhile is left out, with a
@@ -488,7 +497,11 @@ class DaskRunner:
         task pinned to it would wait forever). Where no worker offers the resource (one
         restarting after a death), it waits ``patience`` seconds for one, then warns (found
         by a hunt: the end-of-sweep rates and the lines' timing again were skipped
-        silently while a killed worker restarted)."""
+        silently while a killed worker restarted). With ``report``, ``task(device,
+        report=send)``: ``send(done, total)`` logs a dask event on a topic of this call's
+        own, which the client hands to ``report("ADDRESS DEVICE", done, total)`` on its
+        event loop (a worker sends its events and its result in order: all have come
+        when its result has)."""
         offering, since, waits = _offering(self.client), time.monotonic(), not self._absent
         while not offering and waits and time.monotonic() - since < self.patience:
             time.sleep(CHECK_EVERY)
@@ -503,11 +516,20 @@ class DaskRunner:
             return []
         pending: dict[Future, str] = {}
         done: queue.SimpleQueue[Future] = queue.SimpleQueue()
+        topic = f"riemann-bench-progress-{uuid.uuid4().hex}"  # (one cluster, several sweeps)
+        if report is not None:  # subscribed before any task is sent: no event is missed
+            self.client.subscribe_topic(topic, lambda event: report(*event[1]))
         for address, count in offering.items():
             for device in dict.fromkeys(devices):
+                send = (
+                    {}
+                    if report is None
+                    else {"report": functools.partial(_log_event, topic, f"{address} {device}")}
+                )
                 future = self.client.submit(
                     task,
                     device,
+                    **send,
                     workers=[address],
                     allow_other_workers=False,
                     resources={RESOURCE: count},
@@ -537,6 +559,8 @@ class DaskRunner:
                     items += outcome
         finally:
             self.client.cancel(list(pending))
+            if report is not None:
+                self.client.unsubscribe_topic(topic)
         if left_out:  # (found by review: the others' results stood, the warning said lost)
             then = (
                 f"left out; the other workers' results stand (where it was the only worker of "
@@ -546,6 +570,13 @@ class DaskRunner:
             )
             warnings.warn(f"{'; '.join(left_out)}: {then}", stacklevel=2)
         return items
+
+
+def _log_event(topic: str, place: str, done: int, total: int) -> None:
+    """``done`` of ``total`` steps of the task at ``place``, as a dask event on ``topic``
+    (from the task's thread: the worker sends it from its event loop, while the task goes
+    on)."""
+    get_worker().log_event(topic, [place, done, total])
 
 
 def _blame(

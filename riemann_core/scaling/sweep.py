@@ -614,7 +614,12 @@ def lines_to_interleave(rows: list[dict], base: Mapping[str, int]) -> list[tuple
     return [(" ".join(dict.fromkeys(axes)), list(runs.values())) for axes, runs in groups]
 
 
-def time_lines(lines: list[list[dict]], grid: Grid, device: torch.device) -> list[dict]:
+def time_lines(
+    lines: list[list[dict]],
+    grid: Grid,
+    device: torch.device,
+    progress: Callable[[int, int], object] | None = None,
+) -> list[dict]:
     """``{**key, time_median_s, time_iqr_s, times_s, spread, stretches, loaded}`` of every
     point of ``lines`` on ``device``: each line's points timed in turn in each of
     ``LINE_ROUNDS_PER_REPEAT * grid.repeats`` rounds, in :func:`stretches_of` the line
@@ -629,10 +634,16 @@ def time_lines(lines: list[list[dict]], grid: Grid, device: torch.device) -> lis
     claim). ``loaded``: whether the load read around one of its line's stretches
     (:func:`load_read`) was loaded (two reads a stretch, against its seconds of rounds). A
     line whose point fails here comes back as ``{**key, "error": reason}`` rows: its points
-    keep the times of their own measurement, and the caller says why."""
+    keep the times of their own measurement, and the caller says why. ``progress(done,
+    total)``, where given, is called with the stretches done of all (``total``, the sum of
+    the lines' stretches): with 0 first, then after each line's stretch (a failed line's
+    stretches to come count done with it), between stretches, outside the timed calls."""
     stretches = [stretches_of(line) for line in lines]
     times: list[dict | str] = [{key_of(run): [] for run in line} for line in lines]
     loaded = [False] * len(lines)
+    done, total = 0, sum(stretches)
+    if progress is not None:
+        progress(done, total)
     for stretch in range(max(stretches, default=0)):
         for i, line in enumerate(lines):
             if stretch >= stretches[i] or isinstance(times[i], str):
@@ -645,10 +656,14 @@ def time_lines(lines: list[list[dict]], grid: Grid, device: torch.device) -> lis
                     )
             except Exception as err:  # noqa: BLE001  (its points were measured; reported above)
                 times[i] = f"{type(err).__name__}: {err}"[:300]
-                continue
-            loaded[i] = loaded[i] or read[0]
-            for key, point_times in rounds.items():
-                times[i][key] += point_times
+                done += stretches[i] - stretch
+            else:
+                loaded[i] = loaded[i] or read[0]
+                for key, point_times in rounds.items():
+                    times[i][key] += point_times
+                done += 1
+            if progress is not None:
+                progress(done, total)
     out = []
     for line, count, line_times, line_loaded in zip(lines, stretches, times, loaded, strict=True):
         if isinstance(line_times, str):
@@ -1387,8 +1402,11 @@ class Runner(Protocol):
     ``(run, PointLost(reason))``; :meth:`everywhere` runs ``task(device)`` once on every
     device that measures points, for each kind of device in ``devices``, and returns the
     results' items (``lost``: what a device left out means, for the warning that names it).
-    ``placed``: a point runs on a device the runner chooses, of the kind the grid names
-    (see :mod:`riemann_core.scaling.worker`)."""
+    With ``report``, it runs ``task(device, report=send)`` instead, and every
+    ``send(done, total)`` a task makes calls ``report(place, done, total)`` here while
+    the tasks run (``place`` names the task: its worker and device), as :func:`tasks_bar`
+    takes it. ``placed``: a point runs on a device the runner chooses, of the kind the grid
+    names (see :mod:`riemann_core.scaling.worker`)."""
 
     placed: bool
 
@@ -1397,7 +1415,11 @@ class Runner(Protocol):
     ) -> Iterator[tuple[dict, object]]: ...
 
     def everywhere(
-        self, task: Callable[[str], list], devices: Sequence[str], lost: str
+        self,
+        task: Callable[..., list],
+        devices: Sequence[str],
+        lost: str,
+        report: Callable[[str, int, int], object] | None = None,
     ) -> list: ...
 
 
@@ -1413,8 +1435,45 @@ class InProcess:
         for run in runs:
             yield run, task(run)
 
-    def everywhere(self, task: Callable[[str], list], devices: Sequence[str], lost: str) -> list:
-        return [item for device in dict.fromkeys(devices) for item in task(device)]
+    def everywhere(
+        self,
+        task: Callable[..., list],
+        devices: Sequence[str],
+        lost: str,
+        report: Callable[[str, int, int], object] | None = None,
+    ) -> list:
+        if report is None:
+            return [item for device in dict.fromkeys(devices) for item in task(device)]
+        return [
+            item
+            for device in dict.fromkeys(devices)
+            for item in task(device, report=functools.partial(report, device))
+        ]
+
+
+@contextlib.contextmanager
+def tasks_bar(
+    desc: str, unit: str, shown: bool
+) -> Iterator[Callable[[str, int, int], None] | None]:
+    """``report(place, done, total)`` for :meth:`Runner.everywhere`: a bar on stderr (tqdm,
+    gone when the block ends) of the steps done of all, summed over the places whose tasks
+    reported (each its own count so far: a task that starts later adds its total then);
+    ``None`` where not ``shown``, and the tasks report nothing."""
+    if not shown:
+        yield None
+        return
+    from tqdm import tqdm
+
+    counts: dict[str, tuple[int, int]] = {}
+    with tqdm(desc=desc, unit=unit, leave=False) as bar:
+
+        def report(place: str, done: int, total: int) -> None:
+            counts[place] = (done, total)
+            bar.total = sum(t for _, t in counts.values())
+            bar.n = sum(d for d, _ in counts.values())
+            bar.refresh()
+
+        yield report
 
 
 def sweep(
@@ -1444,6 +1503,8 @@ def sweep(
     shows. Where ``retime`` is given (e.g. :func:`time_lines`), the lines of
     :func:`lines_to_interleave` are timed again by it at the end, and their rows take
     those times (``interleaved``: the axes of their group), see :func:`interleave_lines`.
+    ``progress``: bars on stderr of the points, the lines timed again and each measurement
+    of the rates (:func:`tasks_bar`: minutes of the default CPU grid went by silent).
     One sweep at a time writes into ``out`` (:func:`writing`); an ``out`` it could not
     write is refused before any measuring (:func:`check_can_write`), and a write that fails
     after (a full disk) keeps the rows elsewhere, in a directory the error names
@@ -1680,7 +1741,9 @@ def _sweep(
                 f"no device rates were measured {at.get(when, when)}: the speed of light and "
                 "the time model use the rates measured at the other times"
             )
-            for measured_here in runner.everywhere(here, grid.devices, lost):
+            with tasks_bar(f"device rates {at.get(when, when)}", "measurement", progress) as report:
+                measured = runner.everywhere(here, grid.devices, lost, report)
+            for measured_here in measured:
                 check_timed_alike(devices, measured_here)
                 add_device(devices, measured_here, when)
         save_record()
@@ -1748,7 +1811,11 @@ def _sweep(
         bar.total += len(again)
         bar.refresh()
         measure_all([run_of(r) for r in again], remeasure=True)
-    retimed = 0 if retime is None else interleave_lines(retime, rows, grid, runner, session)
+    retimed = (
+        0
+        if retime is None
+        else interleave_lines(retime, rows, grid, runner, session, progress=progress)
+    )
     # the decisions of what this grid does not measure stand as recorded
     kept = {
         name: why
@@ -1771,14 +1838,22 @@ def _sweep(
 
 
 def interleave_lines(
-    retime: Callable, rows: list[dict], grid: Grid, runner: Runner, session: str
+    retime: Callable,
+    rows: list[dict],
+    grid: Grid,
+    runner: Runner,
+    session: str,
+    *,
+    progress: bool = False,
 ) -> int:
     """Time the lines of :func:`lines_to_interleave` again with ``retime`` (on every
     worker of each kind of device, through ``runner.everywhere``) and give their rows the
     first worker's times, so that each line comes from one device in one stretch of time,
     and flags for those times (``interleaved``: the group's axes); a group that could not be
     timed again keeps its rows, with a warning that says why. Returns the number of rows
-    whose times were replaced."""
+    whose times were replaced. ``progress``: a bar of the lines' stretches done, as every
+    worker reports them (``retime``'s ``progress``, see :func:`time_lines`): minutes on
+    the default CPU grid."""
     todo = lines_to_interleave([r for r in rows if grid.selects(r)], grid.base)
     if not todo:
         return 0
@@ -1795,7 +1870,9 @@ def interleave_lines(
         "the lines were not timed again: they keep the times of their own measurements "
         "(rerun the sweep to time them again)"
     )
-    for row in sorted(runner.everywhere(task, grid.devices, lost), key=lambda r: r["worker"]):
+    with tasks_bar("lines timed again", "stretch", progress) as report:
+        timed = runner.everywhere(task, grid.devices, lost, report)
+    for row in sorted(timed, key=lambda r: r["worker"]):
         again.setdefault(key_of(row), row)
     axis = {key_of(run): a for a, line in todo for run in line}
     failed = {

@@ -90,12 +90,14 @@ def rates_here(
     dtypes: Sequence[str],
     session: str,
     placed: bool = False,
+    report: Callable[[int, int], object] | None = None,
 ) -> list[dict]:
     """``rates(device, dtype)`` on each device of this process of the kind ``requested``
     names, in each of ``dtypes``: ``[{**device_record(device), "dtype": ..., "rates":
     {kind: [FLOP/s, ...]}, "load": ...}]``, ``load`` how busy other processes kept this
     process's CPUs meanwhile (:func:`~riemann_core.measure.load.outside_load`: empty where
-    it cannot be read).
+    it cannot be read). ``report(done, total)``, where given, counts the measurements
+    (a device in a dtype) done of all: with 0 first, then after each.
 
     ``placed``: on a cluster's worker, which runs it while it holds all its ``device``
     resources (no point runs beside it), on every GPU it sees (or its CPU), with
@@ -108,31 +110,37 @@ def rates_here(
     own = [device]
     if placed and device.type == "cuda":
         own = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-    measured = []
+    measured, total = [], len(own) * len(dtypes)
+    if report is not None:
+        report(0, total)
     for d in own:
         for dtype in dtypes:
             with outside_load() as load:
                 rates_of = rates(d, getattr(torch, dtype))
             record = {**device_record(d, session), "dtype": dtype, "rates": rates_of}
             measured.append({**record, "load": load})
+            if report is not None:
+                report(len(measured), total)
     release_free_memory()  # as after a point (measure_here)
     return measured
 
 
 def lines_here(
-    time_lines: Callable[[list[list[dict]], object, torch.device], list[dict]],
+    time_lines: Callable[..., list[dict]],
     requested: str,
     *,
     lines: list[list[dict]],
     grid: object,
     session: str,
     placed: bool = False,
+    report: Callable[[int, int], object] | None = None,
 ) -> list[dict]:
     """``time_lines(lines, grid, device)`` for the lines of points of the kind of device
     ``requested`` names, on a device of this process of that kind (``placed``: a cluster's
     worker holding all its devices, with :func:`worker_threads` torch threads); each row
     gains the device's ``host``, ``device_name``, ``physical_device`` and the ``worker``
-    (they and the process id)."""
+    (they and the process id). ``report``, where given, goes to ``time_lines`` as its
+    ``progress`` (:func:`~riemann_core.scaling.sweep.time_lines`)."""
     mine = [line for line in lines if line[0]["device"] == requested]
     if not mine:
         return []
@@ -142,7 +150,9 @@ def lines_here(
         record = device_record(device, session)
         where = {k: record[k] for k in ("host", "device_name", "physical_device")}
         worker = f"{record['host']} {record['physical_device']} {os.getpid()}"
-        rows = [{**row, **where, "worker": worker} for row in time_lines(mine, grid, device)]
+        progress = {} if report is None else {"progress": report}
+        timed = time_lines(mine, grid, device, **progress)
+        rows = [{**row, **where, "worker": worker} for row in timed]
     release_free_memory()  # as after a point (measure_here)
     return rows
 

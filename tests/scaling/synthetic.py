@@ -193,3 +193,20 @@ def known_time_row(run, slower=1.0):
     row.update({f"flops_{kind}": 0.0 for kind in KINDS}, flops=row["flops_model"], spread=0.0)
     row.update(flops_products=row["flops_model"], time_median_s=t, time_iqr_s=0.0)
     return {**row, "times_s": json.dumps([t] * 3)}
+
+
+def recorded_bars(monkeypatch):
+    """The tqdm bars that the code under test draws, as ``(desc, n, total)`` when each
+    closes (bars disabled, as with ``progress=False``, left out); drawn as ever."""
+    import tqdm
+
+    bars = []
+
+    class Recorded(tqdm.tqdm):
+        def close(self):
+            if not self.disable:
+                bars.append((self.desc, self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorded)
+    return bars

@@ -16,7 +16,7 @@ import types
 import dask
 import pytest
 from distributed import Client, LocalCluster
-from synthetic import known_time_row
+from synthetic import known_time_row, recorded_bars
 
 from riemann_core.measure import allocator
 from riemann_core.measure.timing import RATE_KINDS
@@ -476,6 +476,30 @@ def test_the_depth_lines_and_top_pairs_are_timed_again_on_the_workers(two_device
     assert {r["interleaved"] for r in line} == {"depth width batch"}
     rounds = sw.LINE_ROUNDS_PER_REPEAT * grid.repeats * sw.LINE_STRETCHES  # a depth line's
     assert all(len(json.loads(r["times_s"])) == rounds for r in line)
+
+
+def test_the_bars_of_the_lines_and_rates_count_every_worker_s_steps(
+    two_devices, tmp_path, monkeypatch
+):
+    """The lines timed again and the rates, on the workers, report each step done to a bar
+    here (a dask event each): every worker times every line, so the bar of the lines counts
+    both workers' stretches, and ends full."""
+    bars = recorded_bars(monkeypatch)
+    grid = sw.Grid(
+        **{**TINY, "axes": {**TINY["axes"], "depth": (1, 2, 3)}, "methods": ("euclidean",)}
+    )
+    rates = functools.partial(logged_rates, str(tmp_path / "rates.jsonl"))
+    two_devices.wait_for_workers(2)
+    runner = dispatch.DaskRunner(two_devices)
+    measure = lambda run, grid: known_time_row(run)  # noqa: E731  (at once)
+    sw.sweep(grid, tmp_path, runner=runner, measure=measure, rates=rates, retime=sw.time_lines)
+    shown = {desc: (n, total) for desc, n, total in bars if desc != "sweep"}
+    assert shown == {
+        "device rates before the points": (2, 2),
+        "device rates after the grid": (2, 2),
+        "lines timed again": (2 * sw.LINE_STRETCHES, 2 * sw.LINE_STRETCHES),
+        "device rates at the end": (2, 2),
+    }
 
 
 def rates_that_kill_a_worker(marker, device, dtype):

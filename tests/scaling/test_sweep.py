@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from synthetic import known_time_row
+from synthetic import known_time_row, recorded_bars
 
 from riemann_core import costs
 from riemann_core.measure import allocator, public_kfac
@@ -917,6 +917,73 @@ def test_lines_timed_again_read_the_load_around_each_of_their_stretches(monkeypa
     timed = sw.time_lines([depth_line, top_pair], grid, torch.device("cpu"))
     assert len(taken) == 3
     assert [r["loaded"] for r in timed] == [True] * 3 + [False] * 2
+
+
+def instant_call(run, grid, device):
+    """A call of ``run`` for the lines timed again that returns at once (or, for the
+    method ``unknown``, raises)."""
+
+    def call():
+        if run["method"] == "unknown":
+            raise ValueError("unknown method")
+
+    return call
+
+
+def test_lines_timed_again_report_each_stretch_done_between_the_timed_rounds(monkeypatch):
+    """``progress(done, total)`` counts the stretches of all lines: 0 first, then one after
+    each line's stretch, never within its timed rounds; a line that fails counts its
+    stretches to come done with it, so the count still ends at the total."""
+    grid = sw.Grid(**{**TINY, "methods": ("euclidean",), "kernels": ("structured",)})
+    run = next(grid.runs())
+    broken = [{**run, "method": "unknown", "depth": depth} for depth in (1, 2, 3)]  # two
+    depth_line = [{**run, "depth": depth} for depth in (1, 2, 3)]  # two stretches
+    top_pair = [{**run, "width": width} for width in (4, 6)]  # one
+    events = []
+    timed = sw.interleaved
+
+    def interleaved(*args, **kwargs):
+        events.append("timed")
+        return timed(*args, **kwargs)
+
+    monkeypatch.setattr(sw, "interleaved", interleaved)
+    monkeypatch.setattr(sw, "_direction_call", instant_call)
+    rows = sw.time_lines(
+        [broken, depth_line, top_pair],
+        grid,
+        torch.device("cpu"),
+        progress=lambda done, total: events.append((done, total)),
+    )
+    assert events == [(0, 5), "timed", (2, 5), "timed", (3, 5), "timed", (4, 5), "timed", (5, 5)]
+    assert ["error" in row for row in rows] == [True] * 3 + [False] * 5
+
+
+def test_the_lines_timed_again_and_the_rates_show_bars_of_what_is_done(tmp_path, monkeypatch):
+    """Found in use: after the sweep's bar ended, ``riemann-bench run`` printed nothing for
+    4-8 minutes (the default CPU grid) while the lines were timed again, nor for the half
+    minute of each measurement of the rates. Each now has a bar of the steps done, which
+    ends full; none with ``progress=False``."""
+    bars = recorded_bars(monkeypatch)
+    monkeypatch.setattr(sw, "_direction_call", instant_call)
+    axes = {**TINY["axes"], "depth": (1, 2, 3)}
+    grid = sw.Grid(**{**TINY, "axes": axes, "methods": ("euclidean",), "kernels": ("structured",)})
+    options = dict(
+        measure=lambda run, grid: known_time_row(run),
+        rates=lambda device, dtype: {kind: [1e9] for kind in RATE_KINDS},
+        retime=sw.time_lines,
+    )
+    result = sw.sweep(grid, tmp_path / "shown", **options)
+    assert result.retimed == 5  # one group: the depth line and the top pairs
+    shown = {desc: (n, total) for desc, n, total in bars if desc != "sweep"}
+    assert shown == {
+        "device rates before the points": (1, 1),
+        "device rates after the grid": (1, 1),
+        "lines timed again": (sw.LINE_STRETCHES, sw.LINE_STRETCHES),
+        "device rates at the end": (1, 1),
+    }
+    bars.clear()
+    sw.sweep(grid, tmp_path / "quiet", progress=False, **options)
+    assert bars == []
 
 
 def test_a_line_timed_again_under_load_is_flagged_loaded(tmp_path, monkeypatch):
