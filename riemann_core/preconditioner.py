@@ -1359,7 +1359,9 @@ class RiemannianPreconditioner:
         under ``DistributedDataParallel``, whose averaged ``.grad`` written back moves it
         once more (found by review; between two synced micro-batches, by the next: 73x
         off): refused where the ``.grad`` the first of them added onto was not zero, read
-        with ``checks`` (no host sync of its own). The norm is the
+        with ``checks`` (no host sync of its own), and the ``.grad`` is not zero now (read
+        on refusal only: zeroed after another loss's pass landed on a head that the step's
+        own pass does not reach, found by review). The norm is the
         fingerprint's (of evenly spaced entries of a large ``.grad``): one whose sampled
         entries read zero counts as a direction that may not be zero."""
         written = {id(w.grad()): w for w in self._written if w.grad() is not None}
@@ -1374,7 +1376,7 @@ class RiemannianPreconditioner:
             counts = [onto[n][0] for n in names]
             checks.require(
                 readings.eq(0).all(),
-                functools.partial(_refuse_added_onto, names, readings, counts),
+                functools.partial(_refuse_added_onto, names, readings, counts, grads),
             )
         # by the version at the step, not DDP's bucket views, whose shared version counts a
         # bucket's writes (found by review), where no backward pass since added onto the
@@ -2186,14 +2188,24 @@ def _added_error(added: list[str], several: bool) -> RuntimeError:
     )
 
 
-def _refuse_added_onto(names: list[str], readings: Tensor, counts: list[int]) -> None:
+def _refuse_added_onto(
+    names: list[str], readings: Tensor, counts: list[int], grads: dict[str, Tensor]
+) -> None:
     """Refuse the ``.grad`` of ``names`` whose first backward pass since the direction
     was written added onto a ``.grad`` that was not zero (``readings``: the least and the
-    largest entry of each then, in turn, NaN too); ``counts``: the backward passes added."""
-    nonzero = readings.ne(0).view(-1, 2).any(1).tolist()  # (a host read, on refusal only)
-    added = [n for n, bad in zip(names, nonzero, strict=True) if bad]
-    several = any(c > 1 for c, bad in zip(counts, nonzero, strict=True) if bad)
-    raise _added_error(added, several)
+    largest entry of each then, in turn, NaN too), unless that ``.grad`` (``grads``) is
+    zero now; ``counts``: the backward passes added."""
+    nonzero = readings.ne(0).view(-1, 2).any(1).tolist()  # (host reads, on refusal only)
+    # zeroed since the last pass that reached it (in place, or through .data, which moves
+    # no version), none after: it holds none of the direction (found by review: another
+    # loss's pass landed on a branch that the step's own pass skipped, then zeroed)
+    added = [
+        (n, c)
+        for n, c, bad in zip(names, counts, nonzero, strict=True)
+        if bad and bool(grads[n].any())
+    ]
+    if added:
+        raise _added_error([n for n, _ in added], any(c > 1 for _, c in added))
 
 
 def _check_no_gradient_hooks(params) -> None:

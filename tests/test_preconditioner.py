@@ -744,6 +744,64 @@ def test_a_later_accumulation_is_read_where_it_may_tell(loop, device_like, monke
         pre.step()
 
 
+class TwoHeads(nn.Module):
+    """A trunk and two heads: ``"both"`` sums them, ``"b"`` or ``"c"`` calls one."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x, head="both"):
+        h = torch.tanh(self.a(x))
+        return self.b(h) + self.c(h) if head == "both" else getattr(self, head)(h)
+
+
+#: the .grad of the head c left as they are, the others zeroed through .data
+ZEROED_BUT_C = {
+    "c not zeroed": lambda model, opt: [
+        p.grad.data.zero_() for n, p in model.named_parameters() if not n.startswith("c.")
+    ]
+}
+
+
+@pytest.mark.parametrize("zero", [z for z in ZEROINGS if z != "p.grad = None"] + ["c not zeroed"])
+def test_a_zeroing_after_a_pass_on_a_branch_the_step_skips_is_taken(zero):
+    """Found by review: another loss's pass landed on the direction of a head that the
+    step's own pass does not call, then zeroed (in place, or through ``.data``, which
+    moves no version): no accumulation after the zeroing reads it, and the step refused
+    a ``.grad`` of zeros as holding the direction. Taken where it reads zero, each step's
+    direction the one ``opt.zero_grad()`` (``.grad`` set to ``None``) gives; that head's
+    not zeroed, refused."""
+    torch.manual_seed(0)
+    model, x, y = TwoHeads(), torch.randn(8, 4), torch.randint(0, 3, (8,))
+    twin = copy.deepcopy(model)
+    pres = [rc.RiemannianPreconditioner(m, damping=1e-2) for m in (model, twin)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, twin)]
+    zeroings = (
+        lambda: ZEROED_BUT_C.get(zero, ZEROINGS.get(zero))(model, opts[0]),
+        opts[1].zero_grad,
+    )
+    for m, pre, opt in zip((model, twin), pres, opts, strict=True):  # a direction on c
+        F.cross_entropy(m(x), y).backward()
+        pre.step()
+        opt.step()
+    for _ in range(2):
+        for m, pre, opt, zeroing in zip((model, twin), pres, opts, zeroings, strict=True):
+            F.cross_entropy(m(-x, "c"), y).backward()
+            zeroing()
+            F.cross_entropy(m(x, "b"), y).backward()
+            if zero == "c not zeroed" and m is model:
+                with pytest.raises(RuntimeError, match=r"\['c.weight', 'c.bias'\] hold the dir"):
+                    pre.step()
+                return
+            pre.step()
+            opt.step()
+        for name, p in model.named_parameters():
+            expected = twin.get_parameter(name).grad
+            expected = torch.zeros_like(p) if expected is None else expected
+            torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=0)
+
+
 def assert_grads_are(model, expected, **tolerances):
     """Each ``.grad`` of ``model`` is ``expected``'s direction; ``None`` only where that is
     zero (a parameter no backward pass has reached yet)."""
