@@ -360,7 +360,8 @@ class _Accumulated:
             if seen[2] and found[1] is not None:
                 seen[1] = _unless_zero(seen[1], found[1])
         task = torch._C._current_graph_task_id()
-        if seen[2] and task != -1:
+        # (traced by compiled autograd, whose backward takes no callback: not noted again)
+        if seen[2] and task != -1 and not torch.compiler.is_compiling():
             ending = notes._ending.get(task)
             if ending is None:
                 ending = notes._ending[task] = []

@@ -2403,3 +2403,39 @@ def test_the_generic_kernel_compares_samples_at_the_precision_of_the_products():
         pre.remove()
     for name, d in directions["generic"].items():
         assert rel_error(d, directions["structured"][name]) <= 1e-3, name
+
+
+@pytest.mark.parametrize("zeroing", ["in place", "through .data", "forgotten"])
+def test_backward_passes_under_compiled_autograd_are_followed(zeroing):
+    """Under compiled autograd (the backward pass traced by dynamo, which takes no callback
+    queued on the engine from a hook it traces: a correct loop raised an AssertionError
+    from inside the backward pass, found by review), a loop that zeroes is taken, with the
+    direction of the same loop run eagerly, and a forgotten zeroing is still refused."""
+    from torch._dynamo import compiled_autograd
+
+    def train(compiled):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+        x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+        pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(3):
+            if step and zeroing == "in place":
+                opt.zero_grad(set_to_none=False)
+            elif step and zeroing == "through .data":
+                for p in model.parameters():
+                    p.grad.data.zero_()
+            context = compiled_autograd._enable(torch.compile(backend="eager"))
+            with context if compiled else contextlib.nullcontext():
+                F.cross_entropy(model(x), y).backward()
+            pre.step()
+            opt.step()
+        return [p.grad.clone() for p in model.parameters()]
+
+    torch._dynamo.reset()
+    if zeroing == "forgotten":
+        with pytest.raises(RuntimeError, match="with one backward pass added since"):
+            train(compiled=True)
+        return
+    for ours, eager in zip(train(compiled=True), train(compiled=False), strict=True):
+        torch.testing.assert_close(ours, eager, rtol=1e-10, atol=1e-12)
