@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import inspect
 import io
 import json
 import math
@@ -1458,22 +1459,48 @@ def tasks_bar(
     """``report(place, done, total)`` for :meth:`Runner.everywhere`: a bar on stderr (tqdm,
     gone when the block ends) of the steps done of all, summed over the places whose tasks
     reported (each its own count so far: a task that starts later adds its total then);
-    ``None`` where not ``shown``, and the tasks report nothing."""
+    ``None`` where not ``shown``, and the tasks report nothing. ``report`` never raises: a
+    bar that fails to draw (stderr gone) warns once and draws no more, and the tasks that
+    report to it go on (found by review: a failed draw between the lines' stretches ended
+    the sweep, its lines untimed and its last rates unmeasured)."""
     if not shown:
         yield None
         return
     from tqdm import tqdm
 
     counts: dict[str, tuple[int, int]] = {}
-    with tqdm(desc=desc, unit=unit, leave=False) as bar:
+    bars: list = []  # the bar, once drawn
+    stopped = False
 
-        def report(place: str, done: int, total: int) -> None:
-            counts[place] = (done, total)
-            bar.total = sum(t for _, t in counts.values())
-            bar.n = sum(d for d, _ in counts.values())
-            bar.refresh()
+    def draw(step: Callable[[], object]) -> None:
+        nonlocal stopped
+        if stopped:
+            return
+        try:
+            step()
+        except Exception as err:  # noqa: BLE001  (a bar is cosmetic: the measuring goes on)
+            stopped = True
+            warnings.warn(
+                f"the bar {desc!r} stopped drawing ({type(err).__name__}: {err}); the "
+                "measurements go on without it",
+                stacklevel=3,
+            )
 
+    def report(place: str, done: int, total: int) -> None:
+        counts[place] = (done, total)
+
+        def step() -> None:
+            bars[0].total = sum(t for _, t in counts.values())
+            bars[0].n = sum(d for d, _ in counts.values())
+            bars[0].refresh()
+
+        draw(step)
+
+    draw(lambda: bars.append(tqdm(desc=desc, unit=unit, leave=False)))
+    try:
         yield report
+    finally:
+        draw(lambda: bars[0].close())
 
 
 def sweep(
@@ -1485,7 +1512,7 @@ def sweep(
     runner: Runner | None = None,
     measure: Callable[[dict, Grid], dict] | None = None,
     rates: Callable[[torch.device, torch.dtype], dict[str, list[float]]] | None = None,
-    retime: Callable[[list[list[dict]], Grid, torch.device], list[dict]] | None = None,
+    retime: Callable[..., list[dict]] | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> SweepResult:
     """Measure ``grid`` into ``out/results.csv`` in the rounds of the module docstring.
@@ -1502,7 +1529,8 @@ def sweep(
     start, after the grid's points and at the end, so that their drift over the sweep
     shows. Where ``retime`` is given (e.g. :func:`time_lines`), the lines of
     :func:`lines_to_interleave` are timed again by it at the end, and their rows take
-    those times (``interleaved``: the axes of their group), see :func:`interleave_lines`.
+    those times (``interleaved``: the axes of their group), see :func:`interleave_lines`:
+    ``retime(lines, grid, device)``, with ``progress=`` for its bar where it takes it.
     ``progress``: bars on stderr of the points, the lines timed again and each measurement
     of the rates (:func:`tasks_bar`: minutes of the default CPU grid went by silent).
     One sweep at a time writes into ``out`` (:func:`writing`); an ``out`` it could not
@@ -1837,6 +1865,20 @@ def _sweep(
     return SweepResult(rows, len(measured), resumed, again_count, statuses, plan.decisions, retimed)
 
 
+def takes_keyword(f: Callable, name: str) -> bool:
+    """Whether ``f`` takes the keyword argument ``name`` (by name or through ``**``);
+    ``False`` where its signature cannot be read."""
+    try:
+        parameters = inspect.signature(f).parameters.values()
+    except (TypeError, ValueError):  # (some builtins have none)
+        return False
+    return any(
+        p.kind is p.VAR_KEYWORD
+        or (p.name == name and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        for p in parameters
+    )
+
+
 def interleave_lines(
     retime: Callable,
     rows: list[dict],
@@ -1853,7 +1895,9 @@ def interleave_lines(
     timed again keeps its rows, with a warning that says why. Returns the number of rows
     whose times were replaced. ``progress``: a bar of the lines' stretches done, as every
     worker reports them (``retime``'s ``progress``, see :func:`time_lines`): minutes on
-    the default CPU grid."""
+    the default CPU grid. A ``retime`` that takes no ``progress`` keyword (``retime(lines,
+    grid, device)``, as :func:`sweep` documented it before the bar) is called without it:
+    found by review, it ended the sweep in a ``TypeError`` after its points."""
     todo = lines_to_interleave([r for r in rows if grid.selects(r)], grid.base)
     if not todo:
         return 0
@@ -1870,7 +1914,8 @@ def interleave_lines(
         "the lines were not timed again: they keep the times of their own measurements "
         "(rerun the sweep to time them again)"
     )
-    with tasks_bar("lines timed again", "stretch", progress) as report:
+    shown = progress and takes_keyword(retime, "progress")  # (else timed without a bar)
+    with tasks_bar("lines timed again", "stretch", shown) as report:
         timed = runner.everywhere(task, grid.devices, lost, report)
     for row in sorted(timed, key=lambda r: r["worker"]):
         again.setdefault(key_of(row), row)

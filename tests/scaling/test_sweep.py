@@ -986,6 +986,55 @@ def test_the_lines_timed_again_and_the_rates_show_bars_of_what_is_done(tmp_path,
     assert bars == []
 
 
+def test_a_retime_of_three_arguments_times_the_lines_without_a_bar(tmp_path, monkeypatch):
+    """Found by review: ``retime(lines, grid, device)``, as :func:`sweep` documented it
+    before the lines had a bar, was called with ``progress=`` (the default bars) and the
+    sweep ended in a ``TypeError`` after its points, its lines untimed. It times them,
+    without a bar."""
+    bars = recorded_bars(monkeypatch)
+    monkeypatch.setattr(sw, "_direction_call", instant_call)
+    axes = {**TINY["axes"], "depth": (1, 2, 3)}
+    grid = sw.Grid(**{**TINY, "axes": axes, "methods": ("euclidean",), "kernels": ("structured",)})
+
+    def retime(lines, grid, device):
+        return sw.time_lines(lines, grid, device)
+
+    result = sw.sweep(grid, tmp_path, measure=lambda run, grid: known_time_row(run), retime=retime)
+    assert result.retimed == 5
+    assert [desc for desc, _, _ in bars] == ["sweep"]
+
+
+def test_a_bar_that_fails_to_draw_warns_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    """Found by review: a bar of the lines or of the rates that failed to draw (stderr
+    gone) raised between the lines' stretches and ended the sweep, its lines untimed and
+    its rates at the end unmeasured. The bar warns once and stops; the measuring goes on."""
+    import tqdm
+
+    class Broken(tqdm.tqdm):
+        def refresh(self, *args, **kwargs):
+            if self.desc != "sweep":
+                raise BrokenPipeError(32, "Broken pipe")
+            return super().refresh(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm, "tqdm", Broken)
+    monkeypatch.setattr(sw, "_direction_call", instant_call)
+    axes = {**TINY["axes"], "depth": (1, 2, 3)}
+    grid = sw.Grid(**{**TINY, "axes": axes, "methods": ("euclidean",), "kernels": ("structured",)})
+    with pytest.warns(UserWarning, match="stopped drawing") as caught:
+        result = sw.sweep(
+            grid,
+            tmp_path,
+            measure=lambda run, grid: known_time_row(run),
+            rates=lambda device, dtype: {kind: [1e9] for kind in RATE_KINDS},
+            retime=sw.time_lines,
+        )
+    assert result.retimed == 5
+    stopped = [str(w.message) for w in caught if "stopped drawing" in str(w.message)]
+    assert len(stopped) == 4  # once a bar: the lines' and each measurement of the rates'
+    (device,) = json.loads((tmp_path / "sweep.json").read_text())["devices"].values()
+    assert [r["when"] for r in device["device_rates"]] == ["start", "grid", "end"]
+
+
 def test_a_line_timed_again_under_load_is_flagged_loaded(tmp_path, monkeypatch):
     """The flags of the points of a line timed again are decided for their new times:
     ``loaded`` where the reading around the line's rounds was, whatever their own
