@@ -383,6 +383,12 @@ def test_report_only_refuses_a_corrupted_record(tmp_path, capsys, edit, message)
     """Found by a hunt: a run.json edited by hand (config.batch -1, a negative width) had
     its claims judged as failed and written, exit 1, or broke off with a traceback (a text
     width, a missing threads, a text seed): named now, with the file, and nothing written."""
+    _refused_record_edit(tmp_path, capsys, edit, message)
+
+
+def _refused_record_edit(tmp_path, capsys, edit, message) -> str:
+    """``--report-only`` on a copy of the committed run whose run.json ``edit`` changed:
+    refused (exit 2) naming the file and ``message``, no file changed; its stderr."""
     import shutil
     from pathlib import Path
 
@@ -396,6 +402,7 @@ def test_report_only_refuses_a_corrupted_record(tmp_path, capsys, edit, message)
     err = capsys.readouterr().err
     assert f"{out / 'run.json'}: {message}" in err and "Traceback" not in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    return err
 
 
 @pytest.mark.parametrize(
@@ -430,20 +437,8 @@ def test_report_only_refuses_a_record_of_another_valid_run(tmp_path, capsys, edi
     """Found by a hunt: a run.json edited into another valid config (a width dropped,
     another batch) was judged silently against results measured on the recorded one, the
     claims and report.md naming a network never run. Named, with nothing written."""
-    import shutil
-    from pathlib import Path
-
-    out = tmp_path / "distributed"
-    shutil.copytree(Path(__file__).resolve().parents[2] / "reports/cpu/distributed", out)
-    meta = json.loads((out / "run.json").read_text())
-    edit(meta)
-    (out / "run.json").write_text(json.dumps(meta))
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert main(["distributed", "--report-only", "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert f"{out / 'run.json'}: {message}" in err and "Traceback" not in err
+    err = _refused_record_edit(tmp_path, capsys, edit, message)
     assert "come from different runs" in err and "restore the run's own" in err
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 @pytest.mark.parametrize(
