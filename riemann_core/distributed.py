@@ -167,21 +167,38 @@ def check_timeout(timeout) -> None:
         )
 
 
+#: What a rank failed in, as :meth:`_Group.fail` names it to the others.
+IN_STEP = "its forward pass, pullback or checks"
+IN_MAKING = "the making of its RiemannianPreconditioner"
+
+
 @contextlib.contextmanager
-def share_failure(group, timeout: float):
+def share_failure(group, timeout: float, *, meet: bool = False):
     """Around a caller's own checks before :func:`solve` (``group`` ``None``: nothing):
     an error raised inside meets the other ranks at the agreement of the step, where
     this rank raises it and every other rank a :class:`DistributedError` naming it (a
     bad ``timeout`` among them: the default's is waited then; a ``group`` that is not a
-    usable process group: nothing, :func:`check_group` names it)."""
+    usable process group: nothing, :func:`check_group` names it).
+
+    ``meet``: around checks every rank runs at this point and that no step follows (a
+    preconditioner's constructor): every rank meets the others here, its checks passed
+    or not, and all raise here where one failed. Met at the first step's agreement
+    instead, the refused rank's all-reduce was answered by whatever collective the others
+    ran first (found by a hunt: DistributedDataParallel's gradient all-reduce, or a
+    loss summed for a log, aborted a rank in gloo, or summed the agreement's bits into
+    the logged values silently, and no rank saw the refusal)."""
     if group is None or not usable(group):
         yield
         return
+    where = IN_MAKING if meet else IN_STEP
+    net = functools.partial(_Group, group, timeout if valid_timeout(timeout) else TIMEOUT)
     try:
         yield
     except Exception as err:
-        _Group(group, timeout if valid_timeout(timeout) else TIMEOUT).agree(err, 0, 0, None)
+        net().agree(err, 0, 0, None, where=where)
         raise
+    if meet:
+        net().agree(None, 0, 0, None, where=where)
 
 
 # ------------------------------------------------------------------------ the group
@@ -276,12 +293,13 @@ class _Group:
         params: list | None,
         constants: list | None = None,
         passes: tuple[tuple[int, ...], ...] = (),
+        where: str = IN_STEP,
     ) -> list[int]:
         """Every rank's batch size, once every rank finished its local work, sees the same
         blocks, holds the same ``params`` and ``constants`` (by :func:`_checksum`) and
         ``.grad`` summed over as many forward ``passes`` (their output shapes, samples
         first: ranks whose samples differ in shape are refused naming each rank's); a
-        rank that failed makes every rank raise."""
+        rank that failed (``where``) makes every rank raise."""
         if self.world == 1:
             if failure is not None:
                 raise failure
@@ -296,7 +314,7 @@ class _Group:
         rows = table.tolist()
         failed = [q for q, row in enumerate(rows) if row[0]]
         if failed:
-            self.fail(failure, failed, "its forward pass, pullback or checks")
+            self.fail(failure, failed, where)
         if len({row[3] for row in rows}) > 1:
             raise ValueError(
                 f"the ranks' .grad hold the gradients of different numbers of forward passes "
@@ -326,9 +344,9 @@ class _Group:
             raise ValueError(
                 "the ranks see different blocks or options (other modules called, modules "
                 "of another type or with other settings, samples of other shapes, "
-                "parameters of another dtype, modules in another training "
-                "mode, another damping, output metric or solve option, or a .grad set to "
-                "None on some ranks only): every rank must run the same network, in the "
+                "parameters of another dtype, modules in another training mode, another "
+                "method, damping, output metric or solve option, or a .grad set to None on "
+                "some ranks only): every rank must run the same network, in the "
                 "same mode, on samples of one shape, with the same options and the same "
                 "parameters holding a .grad"
             )

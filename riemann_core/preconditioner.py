@@ -124,15 +124,17 @@ class RiemannianPreconditioner:
     (which then needs the forward pass and the pullback again). The state changes only
     when a step succeeds.
 
-    Data-parallel training (docs/distributed.md): with ``process_group``, every rank
-    calls ``step()`` after a forward pass on its shard, and every rank's ``.grad`` becomes
-    the direction of the global batch (the shards in rank order), each block solved by
-    its owner rank. The gradient of the global batch is ``sum_p (N_p / N) g_p`` of the
-    ranks' ``.grad``, ``N_p`` the samples of the last forward pass: each ``.grad`` must be
-    that of the plain mean loss over the rank's shard, from micro-batches split between the
-    ranks alike (:mod:`riemann_core.passes` checks both and refuses a summed,
-    class-weighted or ignore_index cross-entropy and micro-batches split otherwise), or,
-    for a model wrapped in ``DistributedDataParallel``, the ``.grad`` it averaged. A failure on any rank makes
+    Data-parallel training (docs/distributed.md): with ``process_group``, every rank of
+    the group makes its preconditioner at the same point (a collective: one refused makes
+    every rank raise there) and calls ``step()`` after a forward pass on its shard, and
+    every rank's ``.grad`` becomes the direction of the global batch (the shards in rank
+    order), each block solved by its owner rank. The gradient of the global batch is
+    ``sum_p (N_p / N) g_p`` of the ranks' ``.grad``, ``N_p`` the samples of the last
+    forward pass: each ``.grad`` must be that of the plain mean loss over the rank's
+    shard, from micro-batches split between the ranks alike (:mod:`riemann_core.passes`
+    checks both and refuses a summed, class-weighted or ignore_index cross-entropy and
+    micro-batches split otherwise), or, for a model wrapped in
+    ``DistributedDataParallel``, the ``.grad`` it averaged. A failure on any rank makes
     every rank raise, ``.grad`` untouched; ``timeout`` bounds every wait (seconds).
     K-FAC's ``kfac_refresh`` and ``kfac_decay`` are refused with a ``process_group``.
 
@@ -174,9 +176,10 @@ class RiemannianPreconditioner:
         timeout: float = distributed.TIMEOUT,
         grad_scaler: torch.amp.GradScaler | None = None,
     ):
-        # a rank refused here meets the others at their first step's agreement, where every
-        # rank raises (found by review: the others waited out the whole timeout)
-        with distributed.share_failure(process_group, timeout):
+        # every rank meets the others here, refused or not, and all raise where one is
+        # (found by review: the others waited out the whole timeout; found by a hunt: met
+        # at the first step, DDP's gradient all-reduce answered it first and gloo aborted)
+        with distributed.share_failure(process_group, timeout, meet=True):
             self._options = Options.checked(
                 method,
                 METHODS,

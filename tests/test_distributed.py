@@ -1123,8 +1123,9 @@ def _failures(rank, world) -> dict:
     F.cross_entropy(wrapped(x[even]), y[even]).backward()
     out["ddp counted buffer"] = _outcome(pre_counted.step)
     # found by review: an option refused on one rank when the preconditioner was made left
-    # the others waiting out the timeout, then blaming the process group
-    made = _outcome(
+    # the others waiting out the timeout, then blaming the process group (every rank makes
+    # its own at this point: all raise here)
+    out["refused when made"] = _outcome(
         lambda: rc.RiemannianPreconditioner(
             model,
             damping=DAMPING,
@@ -1134,15 +1135,52 @@ def _failures(rank, world) -> dict:
             timeout=TIMEOUT,
         )  # fmt: skip
     )
-    if not last:
-        model.zero_grad()
-        F.cross_entropy(model(x[part]), y[part]).backward()
-        made = _outcome(pre.step)
-    out["refused when made"] = made
 
     if world > 1:  # the last rank never calls: the others time out, then the group is spent
+        model.zero_grad()
+        F.cross_entropy(model(x[part]), y[part]).backward()
         pre.timeout = 2.0
         out["absent rank"] = None if rank == world - 1 else _outcome(pre.step)
+    return out
+
+
+def _refused_when_made(rank, world) -> dict:
+    """An option refused on the last rank as the preconditioners are made, then each rank's
+    collectives of a training step: DistributedDataParallel's gradient all-reduce, or 18
+    float64 numbers summed for a log (the agreement's bytes at 3 ranks)."""
+    out = {}
+    x, y = network("mlp")[1:]
+    part = shards(world, equal=True)[rank]
+    for case in ("ddp", "logged"):
+        model = network("mlp")[0]
+        wrapped = DistributedDataParallel(model) if case == "ddp" else model
+        made = _outcome(
+            lambda wrapped=wrapped: rc.RiemannianPreconditioner(
+                wrapped,
+                damping=-1.0 if rank == world - 1 else DAMPING,
+                process_group=dist.group.WORLD,
+                timeout=TIMEOUT,
+            )  # fmt: skip
+        )
+        if made is None:  # (the others went on: their collectives met the refused rank's)
+            F.cross_entropy(wrapped(x[part]), y[part]).backward()
+            logged = torch.ones(18, dtype=torch.float64)
+            dist.all_reduce(logged)
+            made = "went on", logged.tolist()
+        out[case] = made
+    # the ranks' methods differ: the refusal names them
+    model, x, y = network("mlp")
+    out["other method"] = _outcome(
+        lambda: rc.direction(
+            model,
+            x[part],
+            y[part],
+            method="natural" if rank == world - 1 else "layerwise",
+            damping=DAMPING,
+            process_group=dist.group.WORLD,
+            timeout=TIMEOUT,
+        )  # fmt: skip
+    )
     return out
 
 
@@ -1674,6 +1712,28 @@ def test_ranks_whose_frozen_weights_buffers_or_modes_differ_are_refused(run):
     # every rank that owns one of the 3 blocks warns of it
     warned = [bool(result["failures"]["autocast warned"]) for result in results]
     assert sum(warned) == min(world, 3)
+
+
+def test_an_option_refused_on_one_rank_as_made_is_refused_on_every_rank_there(tmp_path):
+    """Found by a hunt (3 ranks): a rank refused as its preconditioner was made met the others
+    at their first step's agreement, but their first collective was another: under
+    DistributedDataParallel its gradient all-reduce (gloo aborted a rank: "Received data
+    size doesn't match expected size"), or a loss summed for a log, whose sum read 2.0 where
+    3 ranks summed 1.0, silently, before the crash. Every rank makes its own at this point,
+    and all raise there; and ranks whose methods differ are told so."""
+    world = 3
+    results = run_ranks(_refused_when_made, world, tmp_path)
+    for rank, result in enumerate(results):
+        for case in ("ddp", "logged"):
+            kind, message = result[case]
+            if rank == world - 1:
+                assert kind == "ValueError" and "damping must be positive" in message
+            else:
+                assert kind == "DistributedError", (case, rank, result[case])
+                assert f"rank {world - 1} of {world} failed in the making of its " in message
+                assert "damping must be positive" in message
+        kind, message = result["other method"]
+        assert kind == "ValueError" and "another method" in message
 
 
 def test_a_grad_on_some_ranks_only_is_refused_on_every_rank(run):
