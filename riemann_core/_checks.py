@@ -693,13 +693,18 @@ NLL_NODES = ("NllLossBackward0", "NllLoss2DBackward0")
 SOFTMAX_NODES = ("LogSoftmaxBackward0", "SoftmaxBackward0", "LogsumexpBackward0")
 
 
-def _samples_left_out(loss: Tensor, outputs: Tensor) -> tuple[list[Tensor], set[int]]:
+def _samples_left_out(
+    loss: Tensor, outputs: Tensor
+) -> tuple[list[Tensor], set[int], list[tuple], tuple[str, ...]]:
     """For each ``nll_loss`` node of ``loss``'s graph whose input is computed from
     ``outputs`` (an auxiliary head's is not), how many of its targets it leaves out (equal
-    to its ``ignore_index``, or of a class weighted zero); and the numbers of classes of
-    those nodes and of the softmax and ``logsumexp`` nodes computed from ``outputs``."""
+    to its ``ignore_index``, or of a class weighted zero); the numbers of classes of those
+    nodes and of the softmax and ``logsumexp`` nodes computed from ``outputs``; each of
+    these nodes with the tensor it reads its classes from, their dimensions and their
+    number (:func:`_logits`); and the kinds of the nodes computed from ``outputs``, the
+    loss's structure there (what :func:`check_samples_taken` probes once)."""
     stop = outputs.grad_fn
-    counts, classes = [], set()
+    counts, classes, logits = [], set(), []
     nodes, computed = _computed_from(loss, stop)
     for node in nodes:
         kind = type(node).__name__
@@ -707,23 +712,105 @@ def _samples_left_out(loss: Tensor, outputs: Tensor) -> tuple[list[Tensor], set[
             continue
         if node not in computed:
             continue
-        if kind == "LogsumexpBackward0":  # over one or more dimensions, of its input
-            shape = node._saved_self.shape
-            classes.add(math.prod(shape[_signed(d)] for d in node._saved_dim) if shape else 1)
-            continue
-        if kind in SOFTMAX_NODES:
-            classes.add(node._saved_result.shape[_signed(node._saved_dim)])
-            continue
-        target = node._saved_target
-        ignored = _signed(node._saved_ignore_index)
-        left = target == ignored
-        weight = node._saved_weight
-        if weight is not None:
-            left |= weight[target.clamp(0, weight.numel() - 1)] == 0
-        counts.append(left.sum())
-        log_p = node._saved_self  # (N, C, ...) or (C,)
-        classes.add(log_p.shape[1] if log_p.ndim > 1 else log_p.shape[0])
-    return counts, classes
+        tensor, dims = _logits(node)
+        count = math.prod(tensor.shape[d] for d in dims) if tensor.ndim else 1
+        classes.add(count)
+        logits.append((node, tensor, dims, count))
+        if kind in NLL_NODES:
+            target = node._saved_target
+            ignored = _signed(node._saved_ignore_index)
+            left = target == ignored
+            weight = node._saved_weight
+            if weight is not None:
+                left |= weight[target.clamp(0, weight.numel() - 1)] == 0
+            counts.append(left.sum())
+    structure = tuple(type(node).__name__ for node in nodes if node in computed)
+    return counts, classes, logits, structure
+
+
+def _logits(node) -> tuple[Tensor, tuple[int, ...]]:
+    """The tensor in the graph that a cross-entropy's node (:data:`NLL_NODES`,
+    :data:`SOFTMAX_NODES`) reads its classes from, and their dimensions: a softmax's
+    result (its rows are its input's), a ``logsumexp``'s input over its dimensions, an
+    ``nll_loss``'s log-probabilities ``(N, C, ...)`` or ``(C,)``."""
+    kind = type(node).__name__
+    if kind == "LogsumexpBackward0":
+        tensor = node._saved_self
+        return tensor, tuple(sorted({_signed(d) % max(tensor.ndim, 1) for d in node._saved_dim}))
+    if kind in SOFTMAX_NODES:
+        tensor = node._saved_result
+        return tensor, (_signed(node._saved_dim) % tensor.ndim,)
+    tensor = node._saved_self
+    return tensor, (1 if tensor.ndim > 1 else 0,)
+
+
+#: Autograd's nodes that keep every entry where it was in the row-major order of the
+#: tensor they take (views and reshapes, squeezes, copies and casts): rows of ``C``
+#: entries along the last dimension reached from the outputs through these alone are
+#: the outputs' positions, one sample's each.
+IN_ORDER_NODES = (
+    "ViewBackward0",
+    "UnsafeViewBackward0",
+    "ReshapeAliasBackward0",
+    "AliasBackward0",
+    "CloneBackward0",
+    "ToCopyBackward0",
+    "SqueezeBackward0",
+    "SqueezeBackward1",
+    "SqueezeBackward2",
+    "UnsqueezeBackward0",
+)
+
+
+def _in_order(node, outputs: Tensor) -> bool:
+    """Whether ``node``'s input is ``outputs`` through :data:`IN_ORDER_NODES` alone."""
+    target = (outputs.grad_fn, outputs.output_nr)
+    edge = node.next_functions[0] if node.next_functions else (None, 0)
+    while edge[0] is not None:
+        if edge[0] is target[0] and edge[1] == target[1]:
+            return True
+        if type(edge[0]).__name__ not in IN_ORDER_NODES or not edge[0].next_functions:
+            return False
+        edge = edge[0].next_functions[0]
+    return False
+
+
+def _mixes_samples(logits: Tensor, dims: tuple[int, ...], outputs: Tensor) -> bool:
+    """Whether a row of ``logits`` (its entries along the classes' ``dims``) depends on
+    more than one sample of ``outputs``. Forward derivatives ``J t`` (the backward pass
+    from ``logits`` differentiated in its cotangent) of random tangents ``t`` on the
+    samples whose index has bit ``k`` set, and on the others: a row that both reach
+    depends on two samples, and any two differ in some bit (``2 ceil(log2 N)`` passes
+    through the loss's graph above the outputs, as the coupling probe tells samples
+    apart). Where the loss's graph has no second derivative, nothing is refused."""
+    N = outputs.shape[0]
+    cotangent = torch.zeros_like(logits, requires_grad=True)
+    try:
+        (back,) = torch.autograd.grad(
+            logits, outputs, cotangent, retain_graph=True, create_graph=True, allow_unused=True
+        )
+    except RuntimeError:
+        return False
+    if back is None or not back.requires_grad:  # (no derivative in the outputs)
+        return False
+    generator = torch.Generator().manual_seed(0)  # (the caller's random state untouched)
+    tangent = torch.randn(outputs.shape, generator=generator, dtype=torch.float64)
+    tangent = tangent.to(device=outputs.device, dtype=back.dtype)
+    bit = torch.arange(N, device=outputs.device).reshape(N, *[1] * (outputs.ndim - 1))
+    both = torch.zeros((), dtype=torch.bool, device=outputs.device)
+    for k in range(max(1, (N - 1).bit_length())):
+        side = (bit >> k) & 1 == 1
+        reached = []
+        for samples in (side, ~side):
+            try:
+                (forward,) = torch.autograd.grad(
+                    back, cotangent, tangent * samples, retain_graph=True
+                )
+            except RuntimeError:  # (a backward pass without a derivative of its own)
+                return False
+            reached.append((forward != 0).any(dim=dims) if dims else forward != 0)
+        both |= (reached[0] & reached[1]).any()
+    return bool(both)
 
 
 def _computed_from(loss: Tensor, stop) -> tuple[list, set]:
@@ -754,7 +841,14 @@ def _signed(saved: int) -> int:
     return saved - 2**64 if saved >= 2**63 else saved
 
 
-def check_samples_taken(loss: Tensor, outputs: Tensor, checks: Deferred) -> None:
+#: Structures of losses' graphs above the outputs that :func:`check_samples_taken` keeps as
+#: probed, at most.
+MAX_PROBED = 64
+
+
+def check_samples_taken(
+    loss: Tensor, outputs: Tensor, checks: Deferred, probed: set | None = None
+) -> None:
     """Refuse (registered with ``checks``) a cross-entropy with class indices that leaves
     samples of ``outputs`` out: a target equal to its ``ignore_index`` or of a class
     weighted zero, read from the ``nll_loss`` nodes between ``loss`` and ``outputs``. The
@@ -764,30 +858,62 @@ def check_samples_taken(loss: Tensor, outputs: Tensor, checks: Deferred) -> None
     dimension: the outputs are then not its logits (found by a hunt: probability targets
     on some of the classes, 0.22 off the loss's metric, on token outputs 0.34). At once,
     or, where the count is that of the second dimension of token outputs, once the checks
-    before it are read (:func:`check_classes_last` names an ``(N, C, ...)`` layout). A zero
-    gradient alone is no sign: a hinge or clamped loss, or a softmax the loss sharpens, has
-    zeros at samples it takes.
+    before it are read (:func:`check_classes_last` names an ``(N, C, ...)`` layout). Refuse
+    at once a loss none of whose cross-entropies over that many classes takes each row of
+    its logits from one sample (:func:`_mixes_samples`: outputs centred by the batch's
+    mean; a contrastive ``z @ z.T`` or a softmax over the batch where the batch is as large
+    as the classes are many): the metric takes each sample's outputs as its logits.
+    A cross-entropy reached from the outputs through views alone is not probed; another
+    is probed once for each structure of the loss's graph above the outputs (kept in
+    ``probed``). A zero gradient alone is no sign: a hinge or clamped loss, or a softmax
+    the loss sharpens, has zeros at samples it takes.
     """
-    counts, classes = _samples_left_out(loss, outputs)
+    counts, classes, logits, structure = _samples_left_out(loss, outputs)
 
     def not_logits():
         raise ValueError(
             f"the loss's cross-entropy is over {sorted(classes)} classes, and the model's "
             f"outputs {tuple(outputs.shape)} have {outputs.shape[-1]} along the last "
             "dimension, where the metric takes them as the loss's logits: they are not (a "
-            "head outside the preconditioned model, or a loss on some of the outputs), "
+            "head outside the preconditioned model, a loss on some of the outputs, or "
+            "logits mixed across samples, as a contrastive loss's z @ z.T), "
             "and the cross-entropy metric at them is not the loss's. Precondition the "
             "model whose outputs the loss takes as logits, or pass an output_metric"
         )
 
+    C = outputs.shape[-1]
     # (found by a hunt: an encoder preconditioned alone; a coarse term beside is fine)
-    if classes and outputs.shape[-1] not in classes:
+    if classes and C not in classes:
         if outputs.shape[1] not in classes:
             not_logits()
         # token outputs (N, C, ...) with the classes along dimension 1, which
         # check_classes_last, registered before, names; or a cross-entropy over as many
         # classes as positions, or beside a softmax over them (found by review: passed)
         checks.then(not_logits)
+    elif classes and outputs.shape[0] > 1:
+        # over C classes, but of logits that mix the samples (found by a hunt: outputs
+        # centred by the batch's mean, and where the batch was as large as the classes are
+        # many a contrastive loss or a softmax over the batch, refused at any other batch
+        # size, took the softmax Fisher at the outputs); a term beside the outputs' is fine
+        over = [(node, t, dims) for node, t, dims, count in logits if count == C and t.ndim]
+        key = (structure, outputs.ndim)
+        in_order = any(dims == (t.ndim - 1,) and _in_order(node, outputs) for node, t, dims in over)
+        if over and not in_order and (probed is None or key not in probed):
+            if all(_mixes_samples(t, dims, outputs) for _, t, dims in over):
+                raise ValueError(
+                    f"the loss's cross-entropy over the {C} classes of the model's outputs "
+                    f"{tuple(outputs.shape)} takes logits that mix the samples of the batch "
+                    "(a contrastive loss's z @ z.T, a softmax over the batch, outputs "
+                    "centred by the batch's mean), where the metric takes each sample's "
+                    "outputs as its logits, and the cross-entropy metric at them is not "
+                    "the loss's. Add such a term beside a cross-entropy of the outputs "
+                    "themselves, or pass an output_metric (a per-sample factor) to "
+                    "precondition it with that"
+                )
+            if probed is not None:
+                if len(probed) >= MAX_PROBED:  # (a loop whose loss changes at every step)
+                    probed.clear()
+                probed.add(key)
     if not counts:
         return
     count = counts[0] if len(counts) == 1 else torch.stack(counts).sum()

@@ -289,6 +289,8 @@ class RiemannianPreconditioner:
         self._accumulations = Accumulations()  # (hooks on parameters holding a .grad)
         self._attach("accumulations", self._accumulations)
         self._edited_in_forward = False
+        # the structures of losses' graphs found to take each sample's outputs as logits
+        self._probed_losses: set = set()
         # the .grad each call wrote, their versions and fingerprints then (a second step()
         # refused)
         self._written: list[_Written] = []
@@ -808,7 +810,7 @@ class RiemannianPreconditioner:
                 scale = self.grad_scaler.get_scale() if self._scaling and half else 1.0
                 output_gradient = check_classes_last(loss, capture.output, checks, loss_scale=scale)
             if needs_factor and reads_softmax_fisher(opts.loss, opts.output_metric):
-                check_samples_taken(loss, capture.output, checks)
+                check_samples_taken(loss, capture.output, checks, self._probed_losses)
             own = (
                 self._differentiated.own_passes()
                 if self._differentiated

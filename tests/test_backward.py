@@ -1878,6 +1878,100 @@ def test_a_cross_entropy_of_all_the_outputs_beside_another_softmax_is_not_refuse
         model.zero_grad()
 
 
+#: Cross-entropies over as many classes as the batch has samples whose logits mix the
+#: samples (``z`` of ``N = C``): the classes' count alone matched the outputs'.
+MIXED_LOGITS = {
+    "contrastive z @ z.T": lambda z, y: F.cross_entropy(z @ z.T, torch.arange(len(z))),
+    "softmax over the batch": lambda z, y: F.nll_loss(z.log_softmax(0), y),
+    "centred by the batch mean": lambda z, y: F.cross_entropy(z - z.mean(0), y),
+    "transposed": lambda z, y: F.cross_entropy(z.T, y),
+    "logsumexp over the batch": lambda z, y: (z.logsumexp(0) - z[0]).mean(),
+}
+
+
+@pytest.mark.parametrize("written", list(MIXED_LOGITS))
+def test_a_cross_entropy_of_logits_that_mix_the_samples_is_refused(written):
+    """Found by a hunt: logits centred by the batch's mean (at any batch size) and, where
+    the batch is as large as the classes are many, a contrastive loss or a softmax over the
+    batch (refused at any other size) passed the count of classes, and the softmax Fisher
+    at each sample's outputs preconditioned a loss whose logits are not them. Refused on
+    the first call and on the fused path, .grad kept; the next loss over the outputs is
+    taken."""
+    torch.manual_seed(43)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 6)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 6, (6,))
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    for _ in range(2):  # the first call's autograd path, then the fused one
+        with pytest.raises(ValueError, match="takes logits that mix the samples of the batch"):
+            pre.backward(MIXED_LOGITS[written](model(x), y))
+        assert all(p.grad is None for p in model.parameters())
+        pre.backward(F.cross_entropy(model(x), y))
+        model.zero_grad(set_to_none=True)
+
+
+def test_logits_centred_by_the_batch_mean_are_refused_at_any_batch_size():
+    """Found by a hunt: centring keeps the count of classes at every batch size (here 4
+    samples of 3 classes), and was taken."""
+    model, x, y, pre = primed()
+    model.zero_grad(set_to_none=True)
+    z = model(x)
+    with pytest.raises(ValueError, match="takes logits that mix the samples of the batch"):
+        pre.backward(F.cross_entropy(z - z.mean(0), y))
+    assert all(p.grad is None for p in model.parameters())
+
+
+#: Cross-entropies of logits computed from each sample's outputs alone (``z`` of ``N = C``).
+PER_SAMPLE_LOGITS = {
+    "reversed batch": lambda z, y: F.cross_entropy(z.flip(0), y.flip(0)),
+    "permuted batch": lambda z, y: F.cross_entropy(z[[3, 0, 5, 1, 4, 2]], y[[3, 0, 5, 1, 4, 2]]),
+    "temperature": lambda z, y: F.cross_entropy(z / 2.0, y),
+    "centred by a detached mean": lambda z, y: F.cross_entropy(z - z.mean(0).detach(), y),
+    "beside a contrastive term": lambda z, y: (
+        F.cross_entropy(z, y) + F.cross_entropy(z @ z.T, torch.arange(len(z)))
+    ),
+}
+
+
+@pytest.mark.parametrize("written", list(PER_SAMPLE_LOGITS))
+def test_a_cross_entropy_of_each_samples_outputs_is_exact(written):
+    """The refusal above reads whether a row of the logits depends on more than one
+    sample: the batch reordered, a temperature, a detached statistic, and a contrastive
+    term beside a cross-entropy of the outputs are taken, under the metric at the outputs
+    (dense float64 oracle: the loss's gradient, the cross-entropy's GGN)."""
+    torch.manual_seed(43)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 6)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 6, (6,))
+    loss_of = PER_SAMPLE_LOGITS[written]
+    params = list(model.parameters())
+    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss_of(model(x), y), params)])
+    G = ggn(model, x, y, "cross_entropy")
+    expected = unflatten(oracle_direction(G, g, DAMPING, "layerwise", block_indices(model)), model)
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        pre.backward(loss_of(model(x), y))
+        assert_directions(model, expected)
+
+
+def test_logits_are_probed_once_per_structure_of_the_loss(monkeypatch):
+    """What the refusal above costs: a cross-entropy of the outputs (through a reshape, as
+    a language model's is) is not probed; another (at a temperature) once for its
+    structure, not at every step."""
+    probes = []
+    probe = _checks._mixes_samples
+    monkeypatch.setattr(_checks, "_mixes_samples", lambda *args: probes.append(1) or probe(*args))
+    model, x, y, pre = primed()
+    for loss_of in (
+        lambda z: F.cross_entropy(z, y),
+        lambda z: F.cross_entropy(z.reshape(-1, z.shape[-1]).float().double(), y),
+    ):
+        step(pre, model, x, loss_of)
+    assert not probes
+    for _ in range(3):
+        step(pre, model, x, lambda z: F.cross_entropy(z / 2.0, y))
+    assert len(probes) == 1
+
+
 def test_the_classes_of_a_deep_loss_are_read_in_one_walk_of_its_graph(monkeypatch):
     """Found by review: each softmax of the loss's graph walked down again to find whether
     it is computed from the outputs, quadratic where the loss reaches every layer beside the
@@ -1901,7 +1995,7 @@ def test_the_classes_of_a_deep_loss_are_read_in_one_walk_of_its_graph(monkeypatc
             yield node
 
     monkeypatch.setattr(_checks, "_graph_nodes", counted)
-    _, classes = _checks._samples_left_out(loss, out)
+    _, classes, _, _ = _checks._samples_left_out(loss, out)
     assert classes == {5}
     assert walked[0] <= 2 * size, (walked[0], size)
 
