@@ -138,6 +138,12 @@ def check_group(group) -> None:
             "process_group needs torch.distributed initialised on every rank: call "
             "torch.distributed.init_process_group(...) first (docs/distributed.md)"
         )
+    if isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(
+            "this rank is not a member of process_group (torch.distributed.new_group(ranks) "
+            "returns GroupMember.NON_GROUP_MEMBER on the ranks it leaves out): make the "
+            "RiemannianPreconditioner, or call rc.direction, on the group's ranks only"
+        )
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(
             f"process_group must be a torch.distributed.ProcessGroup (e.g. "
@@ -171,9 +177,14 @@ def check_timeout(timeout) -> None:
 IN_STEP = "its forward pass, pullback or checks"
 IN_MAKING = "the making of its RiemannianPreconditioner"
 
+#: The agreement's count of forward passes from a rank making its preconditioner: a rank
+#: met there by another's step is told so (found by review: a preconditioner made again
+#: on one rank was refused as "different numbers of forward passes")
+MAKING = -1
+
 
 @contextlib.contextmanager
-def share_failure(group, timeout: float, *, meet: bool = False):
+def share_failure(group, timeout: float, *, meet: Callable[[], str] | None = None):
     """Around a caller's own checks before :func:`solve` (``group`` ``None``: nothing):
     an error raised inside meets the other ranks at the agreement of the step, where
     this rank raises it and every other rank a :class:`DistributedError` naming it (a
@@ -182,23 +193,66 @@ def share_failure(group, timeout: float, *, meet: bool = False):
 
     ``meet``: around checks every rank runs at this point and that no step follows (a
     preconditioner's constructor): every rank meets the others here, its checks passed
-    or not, and all raise here where one failed. Met at the first step's agreement
-    instead, the refused rank's all-reduce was answered by whatever collective the others
-    ran first (found by a hunt: DistributedDataParallel's gradient all-reduce, or a
-    loss summed for a log, aborted a rank in gloo, or summed the agreement's bits into
-    the logged values silently, and no rank saw the refusal)."""
+    or not, and all raise here where one failed, or where the choices ``meet()`` returns
+    once the checks passed (:func:`choices`) differ between ranks, naming each rank's.
+    Met at the first step's agreement instead, the refused rank's all-reduce was answered
+    by whatever collective the others ran first (found by a hunt: DistributedDataParallel's
+    gradient all-reduce, or a loss summed for a log, aborted a rank in gloo, or summed the
+    agreement's bits into the logged values silently, and no rank saw the refusal)."""
     if group is None or not usable(group):
         yield
         return
-    where = IN_MAKING if meet else IN_STEP
     net = functools.partial(_Group, group, timeout if valid_timeout(timeout) else TIMEOUT)
     try:
         yield
     except Exception as err:
-        net().agree(err, 0, 0, None, where=where)
+        net().agree(err, 0, 0, None, choices=None if meet is None else "")
         raise
-    if meet:
-        net().agree(None, 0, 0, None, where=where)
+    if meet is not None:
+        net().agree(None, 0, 0, None, choices=meet())
+
+
+def choices(method: str, opts: Options, scaled: bool, wrapped: bool) -> str:
+    """What every rank's preconditioner must share, ``key=value`` joined by ``"; "``: the
+    method and :data:`SHARED_OPTIONS` (also checked at every step), whether a GradScaler
+    is enabled (``scaled``: a step whose ``.grad`` overflowed is the scaler's to skip with
+    no collective, where a rank without one refuses it at the agreement, which the
+    others' next collective answers; found by review: gloo aborted a rank at the next
+    step's gradient all-reduce) and whether the model is ``DistributedDataParallel``
+    (``wrapped``: its ``.grad`` is taken as the global gradient)."""
+    options = [f"{k}={_shown(getattr(opts, k))}" for k in SHARED_OPTIONS]
+    chosen = [
+        f"method={method!r}",
+        *options,
+        f"grad_scaler={'enabled' if scaled else 'none or disabled'}",
+        f"DistributedDataParallel={wrapped}",
+    ]
+    return "; ".join(chosen)
+
+
+def _shown(value) -> str:
+    """An option as the ranks compare it: a custom output metric by its name."""
+    return getattr(value, "__qualname__", type(value).__name__) if callable(value) else repr(value)
+
+
+def _differing(texts: list[str]) -> str:
+    """Each :func:`choices` entry that differs between the ranks' ``texts``, with its
+    value on each rank (every entry's where none differs, as a text cut short may)."""
+    entries = [dict(item.partition("=")[::2] for item in text.split("; ")) for text in texts]
+    keys = [k for k in entries[0] if len({e.get(k) for e in entries}) > 1] or list(entries[0])
+    named = []
+    for key in keys:
+        ranks: dict[str | None, list[int]] = {}
+        for q, entry in enumerate(entries):
+            ranks.setdefault(entry.get(key), []).append(q)
+        named.append(
+            f"{key} "
+            + ", ".join(
+                f"{value} on rank{'s' * (len(qs) > 1)} {', '.join(map(str, qs))}"
+                for value, qs in ranks.items()
+            )
+        )
+    return "; ".join(named)
 
 
 # ------------------------------------------------------------------------ the group
@@ -293,28 +347,52 @@ class _Group:
         params: list | None,
         constants: list | None = None,
         passes: tuple[tuple[int, ...], ...] = (),
-        where: str = IN_STEP,
+        choices: str | None = None,
     ) -> list[int]:
         """Every rank's batch size, once every rank finished its local work, sees the same
         blocks, holds the same ``params`` and ``constants`` (by :func:`_checksum`) and
         ``.grad`` summed over as many forward ``passes`` (their output shapes, samples
         first: ranks whose samples differ in shape are refused naming each rank's); a
-        rank that failed (``where``) makes every rank raise."""
+        rank that failed makes every rank raise. ``choices``: the ranks make
+        their preconditioners (:func:`share_failure`'s meeting) with these
+        :func:`choices` (``""`` where this rank failed), which must be every rank's; a
+        rank that runs a step or ``rc.direction`` there is refused on every rank."""
         if self.world == 1:
             if failure is not None:
                 raise failure
             return [samples]
+        making = choices is not None
+        if making:
+            signature, passes = zlib.crc32(choices.encode()), ()
+        count = MAKING if making else len(passes)
         table = torch.zeros(self.world, costs.AGREEMENT_SLOTS, dtype=torch.int64)
-        table[self.rank, :4] = torch.tensor([failure is not None, samples, signature, len(passes)])
+        table[self.rank, :4] = torch.tensor([failure is not None, samples, signature, count])
         constants = constants or []
         if params:  # the float64 checksums' bits: a sum with the other ranks' zeros keeps them
             sums = _checksum(params) + _constant_sums(constants, _chunks(params))
             table[self.rank, 4:] = sums.view(torch.int64)
-        table = self.all_reduce(table, "agreement")
+        what = "meeting of the ranks making their RiemannianPreconditioner"
+        table = self.all_reduce(table, what if making else "agreement")
         rows = table.tolist()
         failed = [q for q, row in enumerate(rows) if row[0]]
         if failed:
+            where = {q: IN_MAKING if rows[q][3] == MAKING else IN_STEP for q in failed}
             self.fail(failure, failed, where)
+        made = [q for q, row in enumerate(rows) if row[3] == MAKING]
+        if made and len(made) < self.world:
+            others = [q for q in range(self.world) if q not in made]
+            raise ValueError(
+                f"ranks {made} of {self.world} made a RiemannianPreconditioner where ranks "
+                f"{others} ran a step or rc.direction: making one with a process_group is a "
+                "collective, every rank of the group makes its own at the same point"
+            )
+        if making and len({row[2] for row in rows}) > 1:
+            raise ValueError(
+                "the ranks made their RiemannianPreconditioner with different choices ("
+                f"{_differing(self.texts(choices, 'choices'))}): every rank of the group "
+                "must make its own with the same method, options, GradScaler (enabled on "
+                "every rank or none) and model (DistributedDataParallel on every rank or none)"
+            )
         if len({row[3] for row in rows}) > 1:
             raise ValueError(
                 f"the ranks' .grad hold the gradients of different numbers of forward passes "
@@ -384,9 +462,10 @@ class _Group:
         table = self.all_reduce(table, what)
         return [bytes(row.tolist()).rstrip(b"\0").decode(errors="replace") for row in table]
 
-    def fail(self, failure: Exception | None, failed: list[int], where: str) -> None:
-        """Every rank knows that the ``failed`` ranks raised: they share their messages,
-        the failed ranks raise their own error, the others a :class:`DistributedError`.
+    def fail(self, failure: Exception | None, failed: list[int], where: dict[int, str]) -> None:
+        """Every rank knows that the ``failed`` ranks raised (each in what ``where`` names:
+        a step, or the making of its preconditioner): they share their messages, the failed
+        ranks raise their own error, the others a :class:`DistributedError`.
         Where every failed rank's error is a :class:`DirectionOverflow` (beside a
         GradScaler, the scaler's to skip), the others raise
         :class:`DirectionOverflowElsewhere`, so that all skip alike; where another error
@@ -405,8 +484,8 @@ class _Group:
         also = f" (and ranks {others})" if others else ""
         error = DirectionOverflowElsewhere if overflows else DistributedError
         raise error(
-            f"rank {first}{also} of {self.world} failed in {where}: {messages[first]}. Every "
-            "rank raises; .grad is left as it was on every rank"
+            f"rank {first}{also} of {self.world} failed in {where[first]}: {messages[first]}. "
+            "Every rank raises; .grad is left as it was on every rank"
         ) from failure
 
 
@@ -689,10 +768,7 @@ def _signature(
     blocks = [(b.name, b.n_params, [str(p.dtype) for p in b.params]) for b in problem.blocks]
     kinds = [type(h).__name__ for h in problem.handlers]
     layouts = [s.layout for s in shares]
-    options = [
-        getattr(v, "__qualname__", type(v).__name__) if callable(v) else repr(v)
-        for v in (getattr(opts, k) for k in SHARED_OPTIONS)
-    ]
+    options = [_shown(getattr(opts, k)) for k in SHARED_OPTIONS]
     signed = (method, problem.given, blocks, kinds, layouts, options, sorted(absent), modules)
     return zlib.crc32(repr(signed).encode())
 

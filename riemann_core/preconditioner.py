@@ -125,8 +125,10 @@ class RiemannianPreconditioner:
     when a step succeeds.
 
     Data-parallel training (docs/distributed.md): with ``process_group``, every rank of
-    the group makes its preconditioner at the same point (a collective: one refused makes
-    every rank raise there) and calls ``step()`` after a forward pass on its shard, and
+    the group makes its preconditioner at the same point, with the same method, options,
+    ``grad_scaler`` (enabled on every rank or none) and model (``DistributedDataParallel``
+    on every rank or none) (a collective: one refused, or ranks that differ, make every
+    rank raise there) and calls ``step()`` after a forward pass on its shard, and
     every rank's ``.grad`` becomes the direction of the global batch (the shards in rank
     order), each block solved by its owner rank. The gradient of the global batch is
     ``sum_p (N_p / N) g_p`` of the ranks' ``.grad``, ``N_p`` the samples of the last
@@ -150,7 +152,7 @@ class RiemannianPreconditioner:
     and ``scaler.step(opt)`` skips the step and ``scaler.update()`` lowers the scale. A
     disabled scaler changes nothing (an overflow is refused, as without one). With a
     ``process_group`` only for a ``DistributedDataParallel`` model, whose averaged
-    ``.grad`` overflow on every rank alike.
+    ``.grad`` overflow on every rank alike, and on every rank of the group.
     """
 
     def __init__(
@@ -177,9 +179,16 @@ class RiemannianPreconditioner:
         grad_scaler: torch.amp.GradScaler | None = None,
     ):
         # every rank meets the others here, refused or not, and all raise where one is
-        # (found by review: the others waited out the whole timeout; found by a hunt: met
-        # at the first step, DDP's gradient all-reduce answered it first and gloo aborted)
-        with distributed.share_failure(process_group, timeout, meet=True):
+        # or where their choices differ (found by review: the others waited out the whole
+        # timeout; found by a hunt: met at the first step, DDP's gradient all-reduce
+        # answered it first and gloo aborted; found by review: so it did at a step one
+        # rank's GradScaler skipped)
+        def meet() -> str:  # (once the checks passed)
+            scaled = grad_scaler is not None and grad_scaler.is_enabled()
+            wrapped = isinstance(model, DistributedDataParallel)
+            return distributed.choices(method, self._options, scaled, wrapped)
+
+        with distributed.share_failure(process_group, timeout, meet=meet):
             self._options = Options.checked(
                 method,
                 METHODS,

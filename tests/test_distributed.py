@@ -909,10 +909,16 @@ def _failures(rank, world) -> dict:
     out["ddp grad kept"] = all(
         torch.equal(p.grad, before[n]) for n, p in wrapped.module.named_parameters()
     )
-    other = rc.RiemannianPreconditioner(  # another damping on the last rank
-        model, damping=DAMPING * (2 if rank == world - 1 else 1),
+    other = functools.partial(  # another damping on the last rank: refused as made
+        rc.RiemannianPreconditioner, model, damping=DAMPING * (2 if rank == world - 1 else 1),
         process_group=dist.group.WORLD, timeout=TIMEOUT,
     )  # fmt: skip
+    out["other damping made"] = _outcome(other)
+    other = rc.RiemannianPreconditioner(
+        model, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
+    )
+    if rank == world - 1:  # or set since: refused at the step
+        other.damping = DAMPING * 2
     F.cross_entropy(model(x[part]), y[part]).backward()
     out["other damping"] = _outcome(other.step)
     # found by review: a .grad set to None on one rank only left the ranks' .grad apart
@@ -1181,6 +1187,64 @@ def _refused_when_made(rank, world) -> dict:
             timeout=TIMEOUT,
         )  # fmt: skip
     )
+    return out
+
+
+def _made_apart(rank, world) -> dict:
+    """Preconditioners made where the ranks differ (3 ranks): a GradScaler on rank 0 only,
+    then one enabled on rank 0 and disabled on the others; another method on the last rank;
+    a second one made on rank 0 where the others step; one made on a group of ranks 0 and 1
+    (its non-member rank 2 too); last, one that rank 2 never makes."""
+    out = {}
+    x, y = network("mlp")[1:]
+    part = shards(world, equal=True)[rank]
+    for case, scaler in (
+        ("scaler on one rank", torch.amp.GradScaler("cpu") if rank == 0 else None),
+        ("scaler disabled", torch.amp.GradScaler("cpu", enabled=rank == 0)),
+    ):
+        wrapped = DistributedDataParallel(network("mlp")[0])
+        out[case] = _outcome(
+            lambda wrapped=wrapped, scaler=scaler: rc.RiemannianPreconditioner(
+                wrapped,
+                damping=DAMPING,
+                process_group=dist.group.WORLD,
+                timeout=TIMEOUT,
+                grad_scaler=scaler,
+            )  # fmt: skip
+        )
+    model = network("mlp")[0]
+    out["other method"] = _outcome(
+        lambda: rc.RiemannianPreconditioner(
+            model,
+            method="natural" if rank == world - 1 else "layerwise",
+            damping=DAMPING,
+            process_group=dist.group.WORLD,
+            timeout=TIMEOUT,
+        )  # fmt: skip
+    )
+    pre = rc.RiemannianPreconditioner(
+        model, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
+    )
+    F.cross_entropy(model(x[part]), y[part]).backward()
+    again = functools.partial(
+        rc.RiemannianPreconditioner, model, damping=DAMPING, process_group=dist.group.WORLD,
+        timeout=TIMEOUT,
+    )  # fmt: skip
+    out["made again"] = _outcome(again if rank == 0 else pre.step)
+    pair = dist.new_group([0, 1])
+    out["subgroup"] = _outcome(
+        lambda: rc.RiemannianPreconditioner(
+            network("mlp")[0], damping=DAMPING, process_group=pair, timeout=TIMEOUT
+        )
+    )
+    dist.barrier()
+    # the others wait for the last rank, which never comes: then the group is spent
+    if rank < world - 1:
+        out["absent rank"] = _outcome(
+            lambda: rc.RiemannianPreconditioner(
+                network("mlp")[0], damping=DAMPING, process_group=dist.group.WORLD, timeout=2.0
+            )
+        )
     return out
 
 
@@ -1638,9 +1702,14 @@ def test_ddp_needs_the_group_and_equal_shards_and_ranks_the_same_options(run):
         else:
             assert failures["ddp uneven"] is None
         if world > 1:
+            kind, message = failures["other damping made"]
+            assert kind == "ValueError" and "with different choices (damping 0.01 on rank" in (
+                message
+            )
             kind, message = failures["other damping"]
             assert kind == "ValueError" and "see different blocks or options" in message
         else:
+            assert failures["other damping made"] is None
             assert failures["other damping"] is None
 
 
@@ -1734,6 +1803,43 @@ def test_an_option_refused_on_one_rank_as_made_is_refused_on_every_rank_there(tm
                 assert "damping must be positive" in message
         kind, message = result["other method"]
         assert kind == "ValueError" and "another method" in message
+
+
+def test_preconditioners_made_apart_are_refused_on_every_rank_there(tmp_path):
+    """Found by review (3 ranks): a GradScaler passed on some ranks only (or enabled on some
+    only) was taken; at the first overflowed step those ranks skipped with no collective,
+    the others refused the overflow at the agreement, which the next step's
+    DistributedDataParallel all-reduce answered: gloo aborted a rank ("Received data size
+    doesn't match expected size"). The ranks' choices are compared as they are made, each
+    rank's named; so is a method that differs. A second preconditioner made on one rank
+    where the others step was refused as "different numbers of forward passes", a
+    non-member of a group as "got int", and a rank that never made one as an "agreement"
+    not reached: each is named now."""
+    world = 3
+    results = run_ranks(_made_apart, world, tmp_path)
+    for rank, result in enumerate(results):
+        for case in ("scaler on one rank", "scaler disabled"):
+            kind, message = result[case]
+            assert kind == "ValueError", (case, rank, result[case])
+            assert "made their RiemannianPreconditioner with different choices" in message
+            assert "grad_scaler enabled on rank 0, none or disabled on ranks 1, 2" in message
+            assert "damping" not in message  # (only what differs)
+        kind, message = result["other method"]
+        assert kind == "ValueError"
+        assert "method 'layerwise' on ranks 0, 1, 'natural' on rank 2" in message
+        kind, message = result["made again"]
+        assert kind == "ValueError"
+        assert "ranks [0] of 3 made a RiemannianPreconditioner where ranks [1, 2] ran a step" in (
+            message
+        )
+        if rank < 2:
+            assert result["subgroup"] is None
+            kind, message = result["absent rank"]
+            assert kind == "DistributedError"
+            assert "waited for the meeting of the ranks making their Riemann" in message
+        else:
+            kind, message = result["subgroup"]
+            assert kind == "ValueError" and "not a member of process_group" in message
 
 
 def test_a_grad_on_some_ranks_only_is_refused_on_every_rank(run):
