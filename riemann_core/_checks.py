@@ -15,6 +15,7 @@ from numbers import Integral, Real
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from .factors import LOSSES, OUTPUT_METRICS
 from .modules import KERNELS, STRUCTURED, forward_replaced, training
@@ -431,9 +432,16 @@ def check_model(
         _check_not_scripted(name, module)
         if unprobed_kernel == "structured":
             _check_forward_probed(name, module)
-        if any(isinstance(p, nn.UninitializedParameter) for p in module._parameters.values()):
+        # (buffers too: a LazyBatchNorm1d(affine=False) has no parameters, and a direction's
+        # passes copied its buffers, which raised inside torch; found by a hunt)
+        lazy = [
+            what
+            for what, tensors in (("parameters", module._parameters), ("buffers", module._buffers))
+            if any(is_lazy(t) for t in tensors.values())
+        ]
+        if lazy:
             raise ValueError(
-                f"module {name!r} ({type(module).__name__}) has uninitialized parameters (a "
+                f"module {name!r} ({type(module).__name__}) has uninitialized {lazy[0]} (a "
                 "lazy module, shaped by its first call): run the model once, model(x), "
                 "before constructing the preconditioner or computing a direction"
             )

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 from torch.utils import _pytree as pytree
 
 from ._precision import precision_as, product_eps
@@ -640,6 +641,8 @@ class BufferStates:
         """Copies of the buffers the pass about to run may change."""
         copies, large = {}, []
         for name, b in model.named_buffers():
+            if is_lazy(b):  # no values yet: its lazy module's first call, this pass, gives them
+                continue
             is_large = b.numel() * b.element_size() >= LARGE_BUFFER_BYTES
             copy = not is_large or name in self._changing or name not in self._seen
             if copy:

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.nn.parameter import is_lazy
 from torch.utils import _pytree as pytree
 
 from . import coupling, distributed
@@ -240,6 +241,7 @@ class RiemannianPreconditioner:
         # either; _optimizer_stepped)
         self._storages: list[tuple[str, Tensor, tuple]] = []
         self._stepped: tuple[list[str], str] | None = None
+        self._lazy_at_pass: frozenset[int] = frozenset()  # (see _record)
         # the trainable parameters' data as the recorded pass left it, where the next step
         # reuses K-FAC's cached blocks and runs no pass again to see it changed through
         # .data, which moves no version either (_data_now)
@@ -403,6 +405,9 @@ class RiemannianPreconditioner:
         self._storages = [
             (n, p, (_pointer(p), p.dtype, p.device)) for n, p, _ in self._versions if n is not None
         ]
+        # parameters of lazy modules not called yet, whose first call in this pass gives
+        # them their data (their version and storage are read as the pass leaves them)
+        self._lazy_at_pass = frozenset(id(p) for n, p, _ in self._versions if is_lazy(p))
         self._stepped = None
         self._data_at_pass = None  # until this pass returns
         self._trained_at_pass = frozenset(
@@ -460,6 +465,8 @@ class RiemannianPreconditioner:
             for attribute, value in previous.items():
                 setattr(self, attribute, value)
         else:  # the outermost call's end
+            if self._lazy_at_pass:
+                self._read_shaped(self._lazy_at_pass)
             copy = self._capture is None and MODEL_OUTPUT in notes_for(self.model).clone
             tensors = [t for t in pytree.tree_leaves(output) if isinstance(t, Tensor)]
             self._output = [t.detach().clone() if copy else t.detach() for t in tensors]
@@ -488,6 +495,18 @@ class RiemannianPreconditioner:
             self._edited_in_forward = any(
                 n is None and t._version != v for n, t, v in self._versions
             )
+
+    def _read_shaped(self, lazy: frozenset[int]) -> None:
+        """The version and storage of the parameters ``lazy`` (ids) as the pass leaves them:
+        their lazy modules' first calls gave them their data in it, which moved their
+        versions (found by a hunt: a ``LazyLinear`` added after the preconditioner was
+        built was refused as changed in place after the pass, and before that broke the
+        pass itself)."""
+        self._versions = [(n, t, t._version if id(t) in lazy else v) for n, t, v in self._versions]
+        self._storages = [
+            (n, p, (_pointer(p), p.dtype, p.device) if id(p) in lazy else at)
+            for n, p, at in self._storages
+        ]
 
     def _replayed_output(self) -> list[Tensor] | None:
         """The recorded output, for the replay to give again; ``None`` where it was changed
@@ -1749,7 +1768,10 @@ def _spans(params: list[Tensor]) -> dict:
 
 def _pointer(p: Tensor) -> int | None:
     """Where ``p``'s data lies, ``None`` for a tensor without storage (torch.func's
-    wrappers of a pass under ``functional_call``)."""
+    wrappers of a pass under ``functional_call``) or without data yet (a lazy module's
+    parameter, which its first call, the pass under way, shapes)."""
+    if is_lazy(p):
+        return None
     try:
         return p.data_ptr()
     except RuntimeError:
@@ -2073,6 +2095,7 @@ _RECORD = (
     "_modes",
     "_versions",
     "_storages",
+    "_lazy_at_pass",
     "_stepped",
     "_data_at_pass",
     "_trained_at_pass",

@@ -1995,6 +1995,60 @@ def test_a_lazy_module_before_its_first_call_is_refused_by_name():
         torch.testing.assert_close(got[name], expected[name], rtol=1e-12, atol=1e-14)
 
 
+def test_a_lazy_module_with_buffers_alone_before_its_first_call_is_refused_by_name():
+    """Found by a hunt: a ``LazyBatchNorm1d(affine=False)`` has no parameters to refuse, and
+    torch's "Attempted to use an uninitialized parameter" escaped from copying its buffers
+    (``rc.direction``, and the preconditioner's record of the user's forward pass)."""
+    model = nn.Sequential(nn.LazyBatchNorm1d(affine=False), nn.Linear(6, 3)).double()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    refusal = r"module '0' \(LazyBatchNorm1d\) has uninitialized buffers.*model\(x\)"
+    with pytest.raises(ValueError, match=refusal):
+        rc.direction(model, x, y)
+    with pytest.raises(ValueError, match=refusal):
+        rc.RiemannianPreconditioner(model)
+    assert type(model[0]) is nn.LazyBatchNorm1d  # not shaped by the refused calls
+
+
+def add_lazy_linear(model: nn.Sequential) -> None:
+    model.append(nn.Tanh())
+    model.append(nn.LazyLinear(2, dtype=torch.float64))
+
+
+def insert_lazy_batch_norm(model: nn.Sequential) -> None:
+    model.insert(0, nn.LazyBatchNorm1d(affine=False, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+@pytest.mark.parametrize("add", [add_lazy_linear, insert_lazy_batch_norm], ids=lambda f: f.__name__)
+def test_a_lazy_module_added_after_the_preconditioner_is_shaped_by_the_next_pass(add, call):
+    """Found by a hunt: a lazy module added to the model after its preconditioner was built
+    broke the user's own forward pass (torch's "Attempted to use an uninitialized
+    parameter", raised by the preconditioner's pre-hook reading its storage or copying its
+    buffers), and once the pass ran, the step was refused as a parameter changed in place
+    after it (shaping moved its version). The pass shapes the module; the step is exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 2, (7,))
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+    pre.backward(F.cross_entropy(model(x), y))
+    add(model)
+    model.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    if call == "backward":
+        pre.backward(loss)
+    else:
+        loss.backward()
+        pre.step()
+    twin = copy.deepcopy(model)  # batch statistics without the running ones' in-place update
+    for m in twin.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.track_running_stats = False
+    G, g = ggn(twin, x, y, "cross_entropy"), gradient(twin, x, y, "cross_entropy")
+    expected = oracle_direction(G, g, 1e-2, "layerwise", block_indices(twin))
+    got = flatten({n: p.grad for n, p in model.named_parameters()}, model)
+    assert rel_error(got, expected) < 1e-10
+
+
 def test_a_model_or_data_on_the_meta_device_is_refused_by_name():
     """Found by a hunt: torch's "Cannot copy out of meta tensor; no data!" escaped from the
     checks' read-back. A meta model (built under torch.device('meta')) has no values; nor do

@@ -1413,14 +1413,24 @@ def widen(model):
     model[4] = nn.Linear(8, model[4].out_features).double()
 
 
+def widen_in_place(model):
+    """``widen`` through ``.data``: the same modules and parameters, of other shapes."""
+    model[2].weight.data = torch.randn(8, model[2].weight.shape[1], dtype=torch.float64)
+    model[2].bias.data = torch.randn(8, dtype=torch.float64)
+    model[4].weight.data = torch.randn(model[4].weight.shape[0], 8, dtype=torch.float64)
+
+
 @pytest.mark.parametrize(
-    ("change", "changed"), [(swap_module, {1}), (replace_parameter, {1}), (widen, {1, 2})],
+    ("change", "changed"),
+    [(swap_module, {1}), (replace_parameter, {1}), (widen, {1, 2}), (widen_in_place, {1, 2})],
     ids=lambda v: getattr(v, "__name__", ""),
 )  # fmt: skip
 def test_kfac_refactorises_a_module_whose_parameters_changed_between_refreshes(change, changed):
     """Found by review: a module swapped or a parameter replaced between refreshes kept the
     old module's cached factorisation (silently, or failing at every step when the shapes
-    changed). The changed modules are factorised from this batch, the others reused."""
+    changed); found by a hunt: parameters given other shapes through ``.data`` (a layer
+    grown in place) kept it too, and the step raised from inside the solve (``shape '[4, 5]'
+    is invalid``). The changed modules are factorised from this batch, the others reused."""
     model, _, _ = Problem(depth=3).make()
     data = batches(2)
     pre = rc.RiemannianPreconditioner(model, method="kfac", damping=1e-2, kfac_refresh=10)

@@ -468,11 +468,16 @@ class Cached:
     data_dtype: torch.dtype | None = None
 
     def placed_for(self, opts: Options) -> bool:
-        """Whether the factorisations are in the dtype and on the device a solve for the
-        block's parameters takes now (not after ``model.double()`` or ``model.to(device)``
-        moved them)."""
+        """Whether the factorisations are in the dtype, on the device and of the orders a
+        solve for the block's parameters takes now: not after ``model.double()`` or
+        ``model.to(device)`` moved them, nor after ``p.data = ...`` gave them other shapes
+        (a layer grown in place; found by a hunt: the cached blocks were applied to the
+        new shapes and raised from inside the solve)."""
         p, data = self.block.params[0], self.blocks[0].gamma.data
-        return (data.dtype, data.device) == (opts.solve_dtype or p.dtype, p.device)
+        shapes = dict(zip(self.block.param_names, (q.shape for q in self.block.params)))
+        return (data.dtype, data.device) == (opts.solve_dtype or p.dtype, p.device) and all(
+            shapes[n] == s for b in self.blocks for n, s in zip(b.part.param_names, b.part.shapes)
+        )
 
     def solve(self, index: int, gradient: list[Tensor], opts: Options) -> KroneckerSolve:
         return kronecker_solve(
