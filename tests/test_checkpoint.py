@@ -466,6 +466,44 @@ def test_a_state_that_does_not_fit_is_refused_and_nothing_changes(change):
     assert same_state(pre.state_dict(), before)
 
 
+def test_a_state_loaded_before_a_lazy_module_is_called_is_refused_naming_it():
+    """Found by a hunt: a run with a ``LazyLinear`` resumed as the docs resume it (the
+    model's state loaded, which shapes its parameters, then the preconditioner's) was
+    refused as "saved for another model": the module stays a ``LazyLinear`` until its first
+    call. It is named, with the fix; once called, the run resumes to the bit."""
+
+    def lazy_model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.LazyLinear(3)).double()
+
+    options = dict(method="kfac", damping=1e-2, kfac_refresh=3, kfac_decay=0.5)
+    data = batches(4)
+    model = lazy_model()
+    model(data[0][0])
+    pre = rc.RiemannianPreconditioner(model, **options)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train(model, pre, opt, data[:2], "step")
+    checkpoint = saved(model, pre, opt)
+    train(model, pre, opt, data[2:], "step")
+
+    resumed = lazy_model()
+    resumed.load_state_dict(checkpoint["model"])  # shaped, still a LazyLinear
+    resumed_pre = rc.RiemannianPreconditioner(resumed, **options)
+    before = resumed_pre.state_dict()
+    refusal = r"module '2' \(LazyLinear\) is a lazy module not called yet.*model\(x\)"
+    with pytest.raises(ValueError, match=refusal):
+        resumed_pre.load_state_dict(checkpoint["pre"])
+    assert same_state(resumed_pre.state_dict(), before)
+    with torch.no_grad():
+        resumed(data[2][0])
+    resumed_pre.load_state_dict(checkpoint["pre"])
+    resumed_opt = torch.optim.SGD(resumed.parameters(), lr=0.1)
+    resumed_opt.load_state_dict(checkpoint["opt"])
+    train(resumed, resumed_pre, resumed_opt, data[2:], "step")
+    for (name, p), q in zip(model.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
 @pytest.mark.parametrize("saved", ["compiled", "original"])
 def test_a_state_across_a_compile_wrapper_is_refused_naming_it(saved):
     """Found by a hunt: a K-FAC state saved on torch.compile's wrapper (its modules under

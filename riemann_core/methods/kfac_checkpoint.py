@@ -29,6 +29,7 @@ from numbers import Real
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from .._precision import full_precision
 from ..kronecker import Factor
@@ -306,13 +307,28 @@ def _module(network: nn.Module, name, where: str) -> nn.Module:
         module = network.get_submodule(name) if isinstance(name, str) else None
     except AttributeError:
         module = None
-    kernel = STRUCTURED.get(type(module))
-    if module is None or kernel is None or not issubclass(kernel, PatchHandler):
+    if isinstance(module, LazyModuleMixin) and _factorised_class(module.cls_to_become):
+        # (found by a hunt: a LazyLinear shaped by model.load_state_dict, as a resumed run
+        # loads it, stays a LazyLinear until its first call, and was refused as "saved for
+        # another model")
+        raise ValueError(
+            f"{where}: the model's module {name!r} ({type(module).__name__}) is a lazy module "
+            f"not called yet, which becomes a {module.cls_to_become.__name__} at its first "
+            "call: run the model once, model(x), before loading the state"
+        )
+    if module is None or not _factorised_class(type(module)):
         raise ValueError(
             f"{where}: the model has no module {name!r} that K-FAC factorises (Linear, "
             f"Conv2d): the state was saved for another model{_compiled_hint(network, name)}"
         )
     return module
+
+
+def _factorised_class(cls) -> bool:
+    """Whether K-FAC factorises modules of class ``cls`` (a structured kernel with
+    Kronecker factors)."""
+    kernel = STRUCTURED.get(cls)
+    return kernel is not None and issubclass(kernel, PatchHandler)
 
 
 def _compiled_hint(network: nn.Module, name: str) -> str:
