@@ -703,14 +703,14 @@ SOFTMAX_NODES = ("LogSoftmaxBackward0", "SoftmaxBackward0", "LogsumexpBackward0"
 
 def _samples_left_out(
     loss: Tensor, outputs: Tensor
-) -> tuple[list[Tensor], set[int], list[tuple], tuple[str, ...]]:
+) -> tuple[list[Tensor], set[int], list[tuple], list]:
     """For each ``nll_loss`` node of ``loss``'s graph whose input is computed from
     ``outputs`` (an auxiliary head's is not), how many of its targets it leaves out (equal
     to its ``ignore_index``, or of a class weighted zero); the numbers of classes of those
     nodes and of the softmax and ``logsumexp`` nodes computed from ``outputs``; each of
     these nodes with the tensor it reads its classes from, their dimensions and their
-    number (:func:`_logits`); and the kinds of the nodes computed from ``outputs``, the
-    loss's structure there (what :func:`check_samples_taken` probes once)."""
+    number (:func:`_logits`); and the nodes computed from ``outputs``, the loss's graph
+    above them (whose :func:`_structure` :func:`check_samples_taken` probes once)."""
     stop = outputs.grad_fn
     counts, classes, logits = [], set(), []
     nodes, computed = _computed_from(loss, stop)
@@ -732,8 +732,60 @@ def _samples_left_out(
             if weight is not None:
                 left |= weight[target.clamp(0, weight.numel() - 1)] == 0
             counts.append(left.sum())
-    structure = tuple(type(node).__name__ for node in nodes if node in computed)
-    return counts, classes, logits, structure
+    return counts, classes, logits, [node for node in nodes if node in computed]
+
+
+#: For each kind of autograd node, the names of its saved integer arguments (:func:`_structure`).
+_SAVED_INTEGERS: dict[type, tuple[str, ...]] = {}
+
+
+def _saved_integers(node) -> tuple[str, ...]:
+    """The names of ``node``'s saved integer arguments (dimensions, shifts, a slice's
+    bounds, ``keepdim``), read once for its kind: not its saved tensors (those with a
+    ``_raw_saved_`` twin, left packed: a saved-tensor hook's unpacking may copy or
+    recompute), nor sizes, strides or counts of entries, which another length of the batch
+    or of the sequences changes."""
+    saved = _SAVED_INTEGERS.get(type(node))
+    if saved is not None:
+        return saved
+    if isinstance(node, torch.autograd.function.BackwardCFunction):
+        return ()  # (a custom Function's: its class may be made anew at every call)
+    names = set(dir(node))
+    saved = _SAVED_INTEGERS[type(node)] = tuple(
+        name
+        for name in sorted(names)
+        if name.startswith("_saved_")
+        and "_raw" + name not in names
+        and not name.endswith(("sizes", "strides", "numel", "storage_offset"))
+        and _is_integers(getattr(node, name))
+    )
+    return saved
+
+
+def _is_integers(value) -> bool:
+    return isinstance(value, int) or (
+        isinstance(value, tuple) and all(isinstance(v, int) for v in value)
+    )
+
+
+def _structure(nodes: list, stop) -> tuple:
+    """The structure of a loss's graph above the outputs (``nodes``, computed from
+    ``stop``, the outputs' node): each node's kind, saved integer arguments and the nodes
+    its inputs come from. Two losses of one structure take each row of their logits from
+    the same samples, unless their saved tensors or scalars differ (a mask of
+    ``torch.where``, a factor of zero): the kinds alone did not tell ``z + z.roll(0, 0)``
+    from ``z + z.roll(1, 0)``, ``z - z.mean(1, keepdim=True)`` from ``z - z.mean(0)``, nor
+    ``z.flip(0) + 3 * z.flip(0)`` from ``u.flip(0) + 3 * u`` of ``u = z.flip(0)`` (found by
+    review: the second of each, which mixes the samples, was taken after the first)."""
+    index = {node: i for i, node in enumerate(nodes)}
+    return tuple(
+        (
+            type(node).__name__,
+            tuple(getattr(node, name) for name in _saved_integers(node)),
+            () if node is stop else tuple((index.get(n, -1), nr) for n, nr in node.next_functions),
+        )
+        for node in nodes
+    )
 
 
 def _logits(node) -> tuple[Tensor, tuple[int, ...]]:
@@ -783,14 +835,17 @@ def _in_order(node, outputs: Tensor) -> bool:
     return False
 
 
-def _mixes_samples(logits: Tensor, dims: tuple[int, ...], outputs: Tensor) -> bool:
+def _mixes_samples(logits: Tensor, dims: tuple[int, ...], outputs: Tensor) -> bool | None:
     """Whether a row of ``logits`` (its entries along the classes' ``dims``) depends on
     more than one sample of ``outputs``. Forward derivatives ``J t`` (the backward pass
     from ``logits`` differentiated in its cotangent) of random tangents ``t`` on the
     samples whose index has bit ``k`` set, and on the others: a row that both reach
     depends on two samples, and any two differ in some bit (``2 ceil(log2 N)`` passes
     through the loss's graph above the outputs, as the coupling probe tells samples
-    apart). Where the loss's graph has no second derivative, nothing is refused."""
+    apart). A NaN is no derivative (``0 / 0`` where a ``relu`` stops a ``sqrt``'s infinite
+    one at zero, the loss's gradient finite). ``None`` where no row is reached (every
+    derivative zero at these outputs, as where a clamp saturates): nothing is told. Where
+    the loss's graph has no second derivative, nothing is refused."""
     N = outputs.shape[0]
     cotangent = torch.zeros_like(logits, requires_grad=True)
     try:
@@ -802,8 +857,9 @@ def _mixes_samples(logits: Tensor, dims: tuple[int, ...], outputs: Tensor) -> bo
     if back is None or not back.requires_grad:  # (no derivative in the outputs)
         return False
     generator = torch.Generator().manual_seed(0)  # (the caller's random state untouched)
-    tangent = torch.randn(outputs.shape, generator=generator, dtype=torch.float64)
-    tangent = tangent.to(device=outputs.device, dtype=back.dtype)
+    # (in the logits' dtype: a float64 draw doubled the host memory of a float32 one)
+    tangent = torch.randn(outputs.shape, generator=generator, dtype=back.dtype)
+    tangent = tangent.to(device=outputs.device)
     bit = torch.arange(N, device=outputs.device).reshape(N, *[1] * (outputs.ndim - 1))
     both = torch.zeros((), dtype=torch.bool, device=outputs.device)
     for k in range(max(1, (N - 1).bit_length())):
@@ -816,9 +872,13 @@ def _mixes_samples(logits: Tensor, dims: tuple[int, ...], outputs: Tensor) -> bo
                 )
             except RuntimeError:  # (a backward pass without a derivative of its own)
                 return False
-            reached.append((forward != 0).any(dim=dims) if dims else forward != 0)
+            nonzero = forward.nan_to_num_(0.0) != 0  # (in place: no copy of the logits)
+            reached.append(nonzero.any(dim=dims) if dims else nonzero)
+        if k == 0:  # (every sample is on one side or the other)
+            seen = (reached[0] | reached[1]).any()
         both |= (reached[0] & reached[1]).any()
-    return bool(both)
+    seen, mixes = torch.stack([seen, both]).tolist()  # (one read of the device)
+    return mixes if seen else None
 
 
 def _computed_from(loss: Tensor, stop) -> tuple[list, set]:
@@ -873,10 +933,11 @@ def check_samples_taken(
     as the classes are many): the metric takes each sample's outputs as its logits.
     A cross-entropy reached from the outputs through views alone is not probed; another
     is probed once for each structure of the loss's graph above the outputs (kept in
-    ``probed``). A zero gradient alone is no sign: a hinge or clamped loss, or a softmax
-    the loss sharpens, has zeros at samples it takes.
+    ``probed``; :func:`_structure`), and again where the probe saw no derivative. A zero
+    gradient alone is no sign: a hinge or clamped loss, or a softmax the loss sharpens,
+    has zeros at samples it takes.
     """
-    counts, classes, logits, structure = _samples_left_out(loss, outputs)
+    counts, classes, logits, above = _samples_left_out(loss, outputs)
 
     def not_logits():
         raise ValueError(
@@ -904,10 +965,15 @@ def check_samples_taken(
         # many a contrastive loss or a softmax over the batch, refused at any other batch
         # size, took the softmax Fisher at the outputs); a term beside the outputs' is fine
         over = [(node, t, dims) for node, t, dims, count in logits if count == C and t.ndim]
-        key = (structure, outputs.ndim)
         in_order = any(dims == (t.ndim - 1,) and _in_order(node, outputs) for node, t, dims in over)
-        if over and not in_order and (probed is None or key not in probed):
-            if all(_mixes_samples(t, dims, outputs) for _, t, dims in over):
+        key = (_structure(above, outputs.grad_fn), outputs.ndim) if over and not in_order else None
+        if key is not None and (probed is None or key not in probed):
+            found = set()
+            for _, t, dims in over:
+                found.add(_mixes_samples(t, dims, outputs))
+                if False in found:  # (one cross-entropy of each sample's own logits)
+                    break
+            if found == {True}:
                 raise ValueError(
                     f"the loss's cross-entropy over the {C} classes of the model's outputs "
                     f"{tuple(outputs.shape)} takes logits that mix the samples of the batch "
@@ -918,7 +984,7 @@ def check_samples_taken(
                     "themselves, or pass an output_metric (a per-sample factor) to "
                     "precondition it with that"
                 )
-            if probed is not None:
+            if probed is not None and None not in found:  # (else probed again next call)
                 if len(probed) >= MAX_PROBED:  # (a loop whose loss changes at every step)
                     probed.clear()
                 probed.add(key)

@@ -1929,6 +1929,9 @@ PER_SAMPLE_LOGITS = {
     "beside a contrastive term": lambda z, y: (
         F.cross_entropy(z, y) + F.cross_entropy(z @ z.T, torch.arange(len(z)))
     ),
+    # (found by review: the probe's 0 / 0 at the zeros of the relu, where the loss's
+    # gradient is finite, was read as a derivative, and the loss refused as mixing)
+    "a sqrt behind a relu": lambda z, y: F.cross_entropy(3 * z.relu().sqrt(), y),
 }
 
 
@@ -1970,6 +1973,51 @@ def test_logits_are_probed_once_per_structure_of_the_loss(monkeypatch):
     for _ in range(3):
         step(pre, model, x, lambda z: F.cross_entropy(z / 2.0, y))
     assert len(probes) == 1
+
+
+#: Pairs of losses of the same kinds of nodes: the first takes each row of its logits from
+#: one sample, the second mixes the samples.
+SAME_KINDS = {
+    "roll by 0, then by 1": (
+        lambda z, y: F.cross_entropy(z + z.roll(0, 0), y),
+        lambda z, y: F.cross_entropy(z + z.roll(1, 0), y),
+    ),
+    "centred per row, then by the batch": (
+        lambda z, y: F.cross_entropy(z - z.mean(1, keepdim=True), y),
+        lambda z, y: F.cross_entropy(z - z.mean(0), y),
+    ),
+    "two flips, then a flip of a flip": (
+        lambda z, y: F.cross_entropy(z.flip(0) + 3 * z.flip(0), y),
+        lambda z, y: (lambda u: F.cross_entropy(u.flip(0) + 3 * u, y))(z.flip(0)),
+    ),
+}
+
+
+@pytest.mark.parametrize("written", list(SAME_KINDS))
+def test_a_loss_that_mixes_the_samples_is_refused_after_one_of_the_same_kinds(written):
+    """Found by review: the structure probed once was the kinds of the loss's nodes alone,
+    so a loss that mixes the samples, after one of the same kinds that does not, was
+    taken silently; the structure holds the nodes' integer arguments and wiring."""
+    model, x, y, pre = primed()
+    fine, mixes = SAME_KINDS[written]
+    step(pre, model, x, lambda z: fine(z, y))
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="takes logits that mix the samples of the batch"):
+        pre.backward(mixes(model(x), y))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_logits_whose_derivatives_all_vanish_are_probed_again():
+    """Found by review: a clamp saturated at every entry on the first call zeroes every
+    derivative, and the probe, which then sees nothing, kept the loss's structure as
+    taking each sample's outputs: the same loss, mixing the samples once the clamp lets
+    its derivatives through, was taken at every later call."""
+    model, x, y, pre = primed()
+    loss_of = lambda z, scale: F.cross_entropy((scale * z - scale * z.mean(0)).clamp(-1, 1), y)  # noqa: E731
+    step(pre, model, x, lambda z: loss_of(z, torch.tensor(1e6)))
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="takes logits that mix the samples of the batch"):
+        pre.backward(loss_of(model(x), torch.tensor(1.0)))
 
 
 def test_the_classes_of_a_deep_loss_are_read_in_one_walk_of_its_graph(monkeypatch):
