@@ -300,6 +300,7 @@ class RiemannianPreconditioner:
         self._accumulations = Accumulations()  # (hooks on parameters holding a .grad)
         self._attach("accumulations", self._accumulations)
         self._edited_in_forward = False
+        self._params_edited_in_forward: list[str] = []
         # the structures of losses' graphs found to take each sample's outputs as logits
         self._probed_losses: set = set()
         # the .grad each call wrote, their versions and fingerprints then (a second step()
@@ -491,10 +492,12 @@ class RiemannianPreconditioner:
                     self._data_at_pass = self._data_now()
                 except (RuntimeError, TypeError, NotImplementedError):
                     pass  # a tensor subclass that cannot be read as integers: unchecked
-            # an input the forward pass itself changed in place (x /= 255): named on refusal
-            self._edited_in_forward = any(
-                n is None and t._version != v for n, t, v in self._versions
-            )
+            # an input (x /= 255) or a parameter (a renormalisation, F.embedding's max_norm)
+            # that the forward pass itself changed in place: named on refusal (found by a
+            # hunt: a parameter was blamed on an optimizer step after the pass)
+            edited = [n for n, t, v in self._versions if t._version != v]
+            self._edited_in_forward = None in edited
+            self._params_edited_in_forward = [n for n in edited if n is not None]
 
     def _read_shaped(self, lazy: frozenset[int]) -> None:
         """The version and storage of the parameters ``lazy`` (ids) as the pass leaves them:
@@ -592,6 +595,14 @@ class RiemannianPreconditioner:
                 "return one from the pre-hook (return (args[0] - m,))"
                 # (found by review: a normalising pre-hook on the model was told to change
                 # a forward that edits nothing)
+            )
+        if self._params_edited_in_forward:
+            raise ValueError(
+                "the model's forward pass changed parameters "
+                f"{some(self._params_edited_in_forward)} in place (a renormalisation under "
+                "torch.no_grad(), F.embedding or F.embedding_bag with max_norm), so the metric "
+                "would be taken at parameters other than the gradient's. Make such updates "
+                "outside forward, e.g. after opt.step()"
             )
         for name, t, version in self._versions:
             if t._version != version:
@@ -2104,6 +2115,7 @@ _RECORD = (
     "_spent",
     "_preconditioned",
     "_edited_in_forward",
+    "_params_edited_in_forward",
     "_synced",
 )
 

@@ -2719,6 +2719,186 @@ def test_conv_padding_valid_and_same_take_the_structured_kernel(method):
     assert_exact(model, x, y, method, "auto")
 
 
+class MixerBlock(nn.Module):
+    """MLP-Mixer: a token-mixing MLP on the transposed ``(N, D, T)`` axis (it mixes the
+    tokens of each sample, not the samples), then a channel-mixing one, each residual."""
+
+    def __init__(self, T=3, D=4):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D, bias=False)
+        self.token = nn.Sequential(nn.Linear(T, 5), nn.GELU(), nn.Linear(5, T))
+        self.channel = nn.Sequential(nn.Linear(D, 6), nn.GELU(), nn.Linear(6, D))
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        x = x + self.token(self.ln1(x).transpose(1, 2)).transpose(1, 2)
+        return self.head((x + self.channel(self.ln2(x))).mean(1))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels=4):
+        super().__init__()
+        self.gate = nn.Sequential(
+            nn.Linear(channels, 2), nn.ReLU(), nn.Linear(2, channels), nn.Sigmoid()
+        )
+
+    def forward(self, x):
+        return x * self.gate(x.mean((2, 3)))[:, :, None, None]
+
+
+class CausalLM(nn.Module):
+    """A GPT block: positions held as a parameter, causal ``F.scaled_dot_product_attention``,
+    an RMSNorm'd MLP, the head tied to the token embedding."""
+
+    def __init__(self, V=5, T=3, D=4):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(V, D), nn.Parameter(torch.randn(T, D) / 2)
+        self.qkv, self.proj, self.norm = nn.Linear(D, 3 * D), nn.Linear(D, D), nn.RMSNorm(D)
+        self.mlp = nn.Sequential(nn.Linear(D, 8), nn.GELU(), nn.Linear(8, D))
+        self.head = nn.Linear(D, V, bias=False)
+        self.head.weight = self.tok.weight
+
+    def forward(self, ids):
+        x = self.tok(ids) + self.pos[: ids.shape[1]]
+        q, k, v = (t.unflatten(2, (2, 2)).transpose(1, 2) for t in self.qkv(x).chunk(3, 2))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        x = x + self.proj(a.flatten(2))
+        return self.head(x + self.mlp(self.norm(x)))
+
+
+class Einsum(nn.Module):
+    """Heads held as parameters of the model itself, contracted by ``torch.einsum``."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(5, 2, 3) / 2)
+        self.V = nn.Parameter(torch.randn(2, 3, 3) / 2)
+
+    def forward(self, x):
+        return torch.einsum(
+            "nho,hoc->nc", torch.tanh(torch.einsum("ni,iho->nho", x, self.W)), self.V
+        )
+
+
+class BilinearHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bil = nn.Linear(5, 3), nn.Linear(5, 4), nn.Bilinear(3, 4, 3)
+
+    def forward(self, x):
+        return self.bil(torch.tanh(self.a(x)), self.b(x))
+
+
+def modules_net(net):
+    """``(model, inputs)`` of modules with no structured kernel, written as people write
+    them (float64)."""
+    torch.manual_seed(47)
+    image = torch.randn(4, 2, 4, 4)
+    nets = {
+        "groupnorm-prelu": lambda: (
+            nn.Sequential(
+                nn.Conv2d(2, 4, 3, padding=1),
+                nn.GroupNorm(2, 4),
+                nn.PReLU(4),
+                nn.Flatten(),
+                nn.Linear(64, 3),
+            ),
+            image,
+        ),
+        "conv-transpose": lambda: (
+            nn.Sequential(
+                nn.ConvTranspose2d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2),
+                nn.Tanh(),
+                nn.Flatten(),
+                nn.Linear(4 * 8 * 8, 3),
+            ),
+            image,
+        ),
+        "depthwise-reflect": lambda: (
+            nn.Sequential(
+                nn.Conv2d(2, 4, 3, groups=2, dilation=2, padding=2, padding_mode="reflect"),
+                nn.Tanh(),
+                nn.Flatten(),
+                nn.Linear(64, 3),
+            ),
+            image,
+        ),
+        "conv1d-circular": lambda: (
+            nn.Sequential(
+                nn.Conv1d(2, 4, 3, padding="same", padding_mode="circular", groups=2),
+                nn.Tanh(),
+                nn.Flatten(),
+                nn.Linear(16, 3),
+            ),
+            image[:, :, 0],
+        ),
+        "squeeze-excite": lambda: (
+            nn.Sequential(
+                nn.Conv2d(2, 4, 3, padding=1),
+                nn.Tanh(),
+                SqueezeExcite(),
+                nn.Flatten(),
+                nn.Linear(64, 3),
+            ),
+            image,
+        ),
+        "embedding-bag-max": lambda: (
+            nn.Sequential(nn.EmbeddingBag(7, 3, mode="max", padding_idx=0), nn.Linear(3, 3)),
+            torch.tensor([[1, 2, 0], [3, 0, 4], [5, 6, 6], [0, 0, 1]]),
+        ),
+        "mixer": lambda: (MixerBlock(), torch.randn(4, 3, 4)),
+        "causal-lm": lambda: (CausalLM(), torch.randint(0, 5, (4, 3))),
+        "einsum": lambda: (Einsum(), torch.randn(4, 5)),
+        "bilinear": lambda: (BilinearHead(), torch.randn(4, 5)),
+    }
+    model, x = nets[net]()
+    with torch.no_grad():  # affine parameters away from their initial ones and zeros
+        for m in model.modules():
+            if isinstance(m, (nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)):
+                for p in m.parameters():
+                    p.add_(0.3 * torch.randn_like(p))
+    return model.double(), x.double() if x.is_floating_point() else x
+
+
+MODULES = [
+    "groupnorm-prelu",
+    "conv-transpose",
+    "depthwise-reflect",
+    "conv1d-circular",
+    "squeeze-excite",
+    "embedding-bag-max",
+    "mixer",
+    "causal-lm",
+    "einsum",
+    "bilinear",
+]
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's SDPA under vmap
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("net", MODULES, ids=lambda n: f"net={n}")
+def test_modules_without_a_structured_kernel_are_exact(net, method):
+    """Found exact by a hunt (every method, kernel and output metric, ``rc.direction``,
+    ``pre.backward`` and ``pre.step()``, against its own oracle); kept here on
+    ``rc.direction`` and the fused ``pre.backward``: norms (GroupNorm, LayerNorm without
+    bias, RMSNorm), PReLU per channel, transposed, grouped, dilated and reflect- or
+    circular-padded convolutions, a squeeze-excitation gate, EmbeddingBag's max, an
+    MLP-Mixer block, a causal language model with a tied head and
+    ``scaled_dot_product_attention(is_causal=True)``, parameters contracted by einsum, and
+    nn.Bilinear on two inputs."""
+    model, x = modules_net(net)
+    with torch.no_grad():
+        shape = model(x).shape
+    y = torch.randint(0, shape[-1], shape[:-1], generator=torch.Generator().manual_seed(1))
+    assert_exact(model, x, y, method, "auto")
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel="auto")
+
+    def loss(out):
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+    assert_steps_exact(pre, model, x, loss, oracle_of(model, x, y, method))
+
+
 class TimeFirst(nn.Module):
     """A Linear on a time-first ``(T, N, f)`` input, averaged over time."""
 
@@ -2789,12 +2969,47 @@ class Drifting(nn.Module):
         return self.lin(x)
 
 
-def test_a_forward_that_changes_a_parameter_is_refused():
-    """Found by review: rc.direction accepted it (the preconditioner refused it)."""
-    model = Drifting().double()
-    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
-    with pytest.raises(ValueError, match=r"changed parameters \['lin.weight'\] in place"):
-        rc.direction(model, x, y)
+class RenormalisedLookup(nn.Module):
+    """``F.embedding`` with ``max_norm`` on a weight of its own: renormalised in place by
+    every forward pass (the module ``nn.Embedding(max_norm=...)`` is refused by name)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(7, 3))
+
+    def forward(self, ids):
+        return F.embedding(ids, self.weight, max_norm=0.5).flatten(1)
+
+
+def drifting_nets(net):
+    if net == "renormalised-lookup":
+        model = nn.Sequential(RenormalisedLookup(), nn.Tanh(), nn.Linear(12, 3)).double()
+        return model, torch.randint(0, 7, (5, 4)), "0.weight"
+    return Drifting().double(), torch.randn(5, 4, dtype=torch.float64), "lin.weight"
+
+
+@pytest.mark.parametrize("call", ["direction", "backward", "step"])
+@pytest.mark.parametrize("net", ["drifting", "renormalised-lookup"])
+def test_a_forward_that_changes_a_parameter_is_refused(net, call):
+    """Found by review: rc.direction accepted it (the preconditioner refused it). Found by
+    a hunt: the preconditioner refused it as a change after the forward pass (an optimizer
+    step, SAM's weights put back, a new batch), whose fix, stepping first, cannot help."""
+    torch.manual_seed(0)
+    model, x, name = drifting_nets(net)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    refused = rf"forward pass changed parameters \['{name}'\] in place.*outside forward"
+    if call == "direction":
+        with pytest.raises(ValueError, match=refused):
+            rc.direction(model, x, y)
+        return
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    loss = F.cross_entropy(model(x), y)
+    if call == "step":
+        loss.backward()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=refused):
+        pre.backward(loss) if call == "backward" else pre.step()
+    assert_unchanged(model, before)
 
 
 # ------------------------------------------------------------ gradient checkpointing
