@@ -15,6 +15,7 @@ from numbers import Integral, Real
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 from torch.nn.parameter import is_lazy
 
 from .factors import LOSSES, OUTPUT_METRICS
@@ -835,22 +836,64 @@ def _in_order(node, outputs: Tensor) -> bool:
     return False
 
 
-def _mixes_samples(logits: Tensor, dims: tuple[int, ...], outputs: Tensor) -> bool | None:
-    """Whether a row of ``logits`` (its entries along the classes' ``dims``) depends on
-    more than one sample of ``outputs``. Forward derivatives ``J t`` (the backward pass
-    from ``logits`` differentiated in its cotangent) of random tangents ``t`` on the
-    samples whose index has bit ``k`` set, and on the others: a row that both reach
-    depends on two samples, and any two differ in some bit (``2 ceil(log2 N)`` passes
-    through the loss's graph above the outputs, as the coupling probe tells samples
-    apart). A NaN is no derivative (``0 / 0`` where a ``relu`` stops a ``sqrt``'s infinite
-    one at zero, the loss's gradient finite). ``None`` where no row is reached (every
-    derivative zero at these outputs, as where a clamp saturates): nothing is told. Where
-    the loss's graph has no second derivative, nothing is refused."""
+#: Autograd's nodes of a softmax: each row of their result along their dimension is a
+#: function of that row of their input alone (:func:`_rows`).
+ROW_NODES = ("LogSoftmaxBackward0", "SoftmaxBackward0")
+
+
+def _rows(
+    node, like: Tensor, dims: tuple[int, ...], stop
+) -> tuple[GradientEdge, Tensor, tuple[int, ...]]:
+    """The edge of the tensor whose rows a probe of a cross-entropy's ``node`` reads
+    (:func:`_mixes_samples`), a tensor as it and the dimensions of its rows, from
+    ``node``'s logits ``like`` (:func:`_logits`) and their ``dims``: its input (a
+    softmax's or ``logsumexp``'s logits, an ``nll_loss``'s log-probabilities), or, below
+    it through reshapes and casts that keep its rows (:data:`IN_ORDER_NODES`: the view of
+    token logits an ``nll_loss`` takes), the input of a softmax over those rows
+    (``F.cross_entropy``'s ``log_softmax``), as far down as that goes. A row of a softmax
+    depends on no sample its input's row does not, so the probe's double backward leaves
+    the softmax out (through a ``log_softmax`` at a temperature, token logits
+    ``(16, 64, 32000)`` took 3.3 s on one thread and +1.25 GB, ten times the logits: found
+    by review), and an ``nll_loss`` of a ``log_softmax`` is probed as that alone. Not below
+    ``stop``, the outputs' node."""
+    edge = node.next_functions[0]
+    while True:
+        below = edge
+        while below[0] is not stop and type(below[0]).__name__ in IN_ORDER_NODES:
+            below = below[0].next_functions[0]
+        if below[0] is stop or type(below[0]).__name__ not in ROW_NODES or len(dims) != 1:
+            return GradientEdge(*edge), like, dims
+        result = below[0]._saved_result
+        dim = _signed(below[0]._saved_dim) % result.ndim
+        # the same rows: as many classes, after as many entries in the row-major order
+        softmax_rows = (result.shape[dim], result.shape[:dim].numel())
+        if softmax_rows != (like.shape[dims[0]], like.shape[: dims[0]].numel()):
+            return GradientEdge(*edge), like, dims
+        edge, like, dims = below[0].next_functions[0], result, (dim,)
+
+
+def _mixes_samples(
+    rows: GradientEdge, like: Tensor, dims: tuple[int, ...], outputs: Tensor
+) -> bool | None:
+    """Whether a row of the logits at the edge ``rows`` (a tensor as ``like``; its entries
+    along the classes' ``dims``) depends on more than one sample of ``outputs``. Forward
+    derivatives ``J t`` (the backward pass from ``rows`` differentiated in its cotangent)
+    of random tangents ``t`` on the samples whose index has bit ``k`` set, and on the
+    others: a row that both reach depends on two samples, and any two differ in some bit
+    (``2 ceil(log2 N)`` passes through the loss's graph above the outputs, as the coupling
+    probe tells samples apart). A NaN is no derivative (``0 / 0`` where a ``relu`` stops a
+    ``sqrt``'s infinite one at zero, the loss's gradient finite). ``None`` where no row is
+    reached (every derivative zero at these outputs, as where a clamp saturates): nothing
+    is told. Where the loss's graph has no second derivative, nothing is refused. Held at
+    once: ``J^T`` of the cotangent and the tangent, of the outputs' size, and one pass's
+    masked tangent and ``J t`` (four to six times the logits, where ten were)."""
     N = outputs.shape[0]
-    cotangent = torch.zeros_like(logits, requires_grad=True)
+    # (a zero expanded: a leaf to differentiate in, without a tensor of the logits' size)
+    cotangent = torch.zeros((), dtype=like.dtype, device=like.device).expand(like.shape)
+    cotangent.requires_grad_()
     try:
         (back,) = torch.autograd.grad(
-            logits, outputs, cotangent, retain_graph=True, create_graph=True, allow_unused=True
+            rows, outputs, cotangent, retain_graph=True, create_graph=True, allow_unused=True
         )
     except RuntimeError:
         return False
@@ -867,18 +910,27 @@ def _mixes_samples(logits: Tensor, dims: tuple[int, ...], outputs: Tensor) -> bo
         reached = []
         for samples in (side, ~side):
             try:
-                (forward,) = torch.autograd.grad(
-                    back, cotangent, tangent * samples, retain_graph=True
-                )
+                reached.append(_rows_reached(back, cotangent, tangent, samples, dims))
             except RuntimeError:  # (a backward pass without a derivative of its own)
                 return False
-            nonzero = forward.nan_to_num_(0.0) != 0  # (in place: no copy of the logits)
-            reached.append(nonzero.any(dim=dims) if dims else nonzero)
         if k == 0:  # (every sample is on one side or the other)
             seen = (reached[0] | reached[1]).any()
         both |= (reached[0] & reached[1]).any()
     seen, mixes = torch.stack([seen, both]).tolist()  # (one read of the device)
     return mixes if seen else None
+
+
+def _rows_reached(
+    back: Tensor, cotangent: Tensor, tangent: Tensor, samples: Tensor, dims: tuple[int, ...]
+) -> Tensor:
+    """The rows along ``dims`` where ``J (tangent * samples)`` (``back``, ``J^T`` of
+    ``cotangent``, differentiated in it) has an entry neither zero nor NaN. A function of
+    its own, so that its tensors of the logits' size are freed before the next pass (held
+    over into it, they were a third more memory: 750 MiB for 564 at token logits
+    ``(16, 64, 32000)``)."""
+    (forward,) = torch.autograd.grad(back, cotangent, tangent * samples, retain_graph=True)
+    nonzero = forward.nan_to_num_(0.0) != 0  # (in place: no copy of the logits)
+    return nonzero.any(dim=dims) if dims else nonzero
 
 
 def _computed_from(loss: Tensor, stop) -> tuple[list, set]:
@@ -968,9 +1020,14 @@ def check_samples_taken(
         in_order = any(dims == (t.ndim - 1,) and _in_order(node, outputs) for node, t, dims in over)
         key = (_structure(above, outputs.grad_fn), outputs.ndim) if over and not in_order else None
         if key is not None and (probed is None or key not in probed):
+            # (an nll_loss of a log_softmax reads the rows the log_softmax does: probed once)
+            rows = {}
+            for node, t, dims in over:
+                edge, like, dims = _rows(node, t, dims, outputs.grad_fn)
+                rows.setdefault((edge.node, edge.output_nr, dims), (edge, like))
             found = set()
-            for _, t, dims in over:
-                found.add(_mixes_samples(t, dims, outputs))
+            for (*_, dims), (edge, like) in rows.items():
+                found.add(_mixes_samples(edge, like, dims, outputs))
                 if False in found:  # (one cross-entropy of each sample's own logits)
                     break
             if found == {True}:

@@ -1975,6 +1975,45 @@ def test_logits_are_probed_once_per_structure_of_the_loss(monkeypatch):
     assert len(probes) == 1
 
 
+#: Cross-entropies of logits centred by the batch's mean, through a ``log_softmax`` and
+#: an ``nll_loss`` of it (``x`` of 6 samples, or of 2 sequences of 3 positions).
+CENTRED = {
+    "class indices": lambda z, y: F.cross_entropy(z - z.mean(0), y),
+    "probability targets": lambda z, y: F.cross_entropy(z - z.mean(0), F.one_hot(y, 3) / 1.0),
+    "token logits transposed": lambda z, y: F.cross_entropy(
+        (z - z.mean(0)).view(2, 3, 3).transpose(1, 2), y.view(2, 3)
+    ),
+}
+
+
+@pytest.mark.parametrize("written", list(CENTRED))
+def test_the_probe_of_a_cross_entropy_leaves_its_softmax_out(written, monkeypatch):
+    """Found by review: the probe differentiated twice the tensor a cross-entropy's node
+    saves, a log_softmax's result, so that its double backward ran through the
+    log_softmax (at a temperature, token logits (16, 64, 32000): 3.3 s and +1.25 GB, ten
+    times the logits), and an nll_loss of it was probed apart. It reads the log_softmax's
+    input, whose rows depend on every sample its result's do: one double backward, without
+    the softmax's second derivative."""
+    backs = []
+    grad = torch.autograd.grad
+
+    def recorded(*args, create_graph=False, **kwargs):
+        result = grad(*args, create_graph=create_graph, **kwargs)
+        if create_graph:  # (the probe's backward pass, differentiated again)
+            backs.extend(result)
+        return result
+
+    monkeypatch.setattr(torch.autograd, "grad", recorded)
+    model, x, y = Problem(depth=2, batch=6).make()
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    with pytest.raises(ValueError, match="takes logits that mix the samples of the batch"):
+        pre.backward(CENTRED[written](model(x), y))
+    assert len(backs) == 1
+    # (the batch's mean differentiated twice: its gradient expanded over the batch)
+    kinds = {type(node).__name__ for node in _checks._graph_nodes([backs[0].grad_fn], None)}
+    assert "ExpandBackward0" in kinds and not any("Softmax" in kind for kind in kinds), kinds
+
+
 #: Pairs of losses of the same kinds of nodes: the first takes each row of its logits from
 #: one sample, the second mixes the samples.
 SAME_KINDS = {
