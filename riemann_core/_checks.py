@@ -888,12 +888,24 @@ def _mixes_samples(
     once: ``J^T`` of the cotangent and the tangent, of the outputs' size, and one pass's
     masked tangent and ``J t`` (four to six times the logits, where ten were)."""
     N = outputs.shape[0]
-    # (a zero expanded: a leaf to differentiate in, without a tensor of the logits' size)
-    cotangent = torch.zeros((), dtype=like.dtype, device=like.device).expand(like.shape)
+    # (a zero expanded: a leaf to differentiate in, without a tensor of the logits' size;
+    # in the dtype the edge takes, which a softmax's result may not have: CUDA's float16
+    # softmax to float32, half_to_float, keeps a float16 input)
+    dtype = _gradient_dtype(rows, like.dtype)
+    cotangent = torch.zeros((), dtype=dtype, device=like.device).expand(like.shape)
     cotangent.requires_grad_()
     try:
+        # a copy of its own to the loss's graph: a custom Function's backward or a tensor
+        # hook may write into the gradient it is given, which the leaf refuses (found by
+        # review: the RuntimeError took a loss centring the batch as one without a second
+        # derivative, and it passed)
         (back,) = torch.autograd.grad(
-            rows, outputs, cotangent, retain_graph=True, create_graph=True, allow_unused=True
+            rows,
+            outputs,
+            cotangent.clone(),
+            retain_graph=True,
+            create_graph=True,
+            allow_unused=True,
         )
     except RuntimeError:
         return False
@@ -918,6 +930,15 @@ def _mixes_samples(
         both |= (reached[0] & reached[1]).any()
     seen, mixes = torch.stack([seen, both]).tolist()  # (one read of the device)
     return mixes if seen else None
+
+
+def _gradient_dtype(edge: GradientEdge, otherwise: torch.dtype) -> torch.dtype:
+    """The dtype of the gradient ``edge``'s node takes there, from autograd's metadata of
+    its inputs (``otherwise`` where torch keeps none)."""
+    try:
+        return edge.node._input_metadata[edge.output_nr].dtype
+    except (AttributeError, IndexError):
+        return otherwise
 
 
 def _rows_reached(

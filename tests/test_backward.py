@@ -29,6 +29,7 @@ from oracle import (
 )
 from test_networks import DeadBranch, FixedMask, LayerScale, bias_only
 from torch import nn
+from torch.autograd.graph import GradientEdge
 
 import riemann_core as rc
 from riemann_core import _checks
@@ -2014,6 +2015,46 @@ def test_the_probe_of_a_cross_entropy_leaves_its_softmax_out(written, monkeypatc
     assert "ExpandBackward0" in kinds and not any("Softmax" in kind for kind in kinds), kinds
 
 
+class _CentredInPlace(torch.autograd.Function):
+    """``z - z.mean(0)``, whose backward writes into the gradient it is given."""
+
+    @staticmethod
+    def forward(ctx, z):
+        return z - z.mean(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.sub_(grad.mean(0))
+
+
+def _clamped(z):
+    z.register_hook(lambda grad: grad.clamp_(-1.0, 1.0))  # (a clipping hook, in place)
+    return z
+
+
+#: Losses that mix the samples, where the probe's cotangent reaches code that writes into
+#: the gradient it is given (``x`` of 3 samples of 3 classes).
+WRITTEN_INTO = {
+    "a custom Function's backward": lambda z, y: F.cross_entropy(_CentredInPlace.apply(z), y),
+    "a hook on the outputs": lambda z, y: F.nll_loss(_clamped(z).log_softmax(0), y),
+}
+
+
+@pytest.mark.parametrize("written", list(WRITTEN_INTO))
+def test_the_probe_of_mixed_logits_lets_the_loss_write_into_its_gradient(written):
+    """Found by review: the probe's cotangent, a leaf, went straight into the code below
+    a softmax's input (a custom Function's backward, a tensor hook on the outputs where
+    the softmax reads them), whose in-place write the leaf refused: the RuntimeError read
+    as a graph without a second derivative, and a loss whose logits mix the samples was
+    taken (the softmax Fisher at each sample's outputs, 0.73 off the loss's Gauss-Newton
+    metric in them, its direction 2.96 off)."""
+    model, x, y = Problem(depth=2, batch=3).make()
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    with pytest.raises(ValueError, match="takes logits that mix the samples of the batch"):
+        pre.backward(WRITTEN_INTO[written](model(x), y))
+    assert all(p.grad is None for p in model.parameters())
+
+
 #: Pairs of losses of the same kinds of nodes: the first takes each row of its logits from
 #: one sample, the second mixes the samples.
 SAME_KINDS = {
@@ -2171,3 +2212,17 @@ def test_pre_backward_under_inference_mode_is_refused_before_anything(first):
     assert all(p.grad is None for p in model.parameters())
     pre.backward(loss)  # outside: the same call
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_the_probe_of_mixed_logits_differentiates_in_the_dtype_each_edge_takes():
+    """The probe's cotangent at a softmax's input takes the dtype autograd expects there,
+    not the softmax result's: CUDA's float16 softmax to float32 (``half_to_float``) keeps a
+    float16 input, which a float32 cotangent does not match (an error there read as a loss
+    without a second derivative, and passed). Read on the CPU through casts."""
+    x = torch.randn(3, 4, requires_grad=True)
+    logits = x.half().double()
+    log_p = logits.log_softmax(-1)
+    cast = log_p.grad_fn.next_functions[0]  # the float64 copy of the float16 logits
+    half = cast[0].next_functions[0]  # the float16 copy of x
+    assert _checks._gradient_dtype(GradientEdge(*cast), torch.float32) == torch.float64
+    assert _checks._gradient_dtype(GradientEdge(*half), torch.float32) == torch.float16
