@@ -608,12 +608,25 @@ LARGE_BUFFER_BYTES = 2**20
 @dataclass
 class BufferStart:
     """The buffers as one forward pass found them (:class:`BufferStates`): ``copies`` by
-    qualified name; ``large``, ``(name, tensor, version, copied)`` of the large buffers at
-    its start; ``uncopied_changes``, large buffers it changed without a copy."""
+    qualified name, and ``copied``, the tensor and version each was copied from;
+    ``large``, ``(name, tensor, version, copied)`` of the large buffers at its start;
+    ``uncopied_changes``, large buffers it changed without a copy."""
 
     copies: dict[str, Tensor]
     large: list[tuple[str, Tensor, int, bool]]
     uncopied_changes: list[str] = field(default_factory=list)
+    copied: dict[str, tuple[Tensor, int | None]] = field(default_factory=dict)
+
+    def as_found(self, model: nn.Module) -> dict[int, Tensor]:
+        """``{id(buffer): its copy}`` for the buffers of ``model`` changed since the pass
+        started (written in place, or replaced): what the pass, and its replay, read
+        instead of them."""
+        found = {}
+        for name, b in model.named_buffers():
+            start = self.copied.get(name)
+            if start is not None and (start[0] is not b or start[1] != version_of(b)):
+                found[id(b)] = self.copies[name]
+        return found
 
 
 class BufferStates:
@@ -639,7 +652,7 @@ class BufferStates:
 
     def before_pass(self, model: nn.Module) -> BufferStart:
         """Copies of the buffers the pass about to run may change."""
-        copies, large = {}, []
+        copies, large, copied = {}, [], {}
         for name, b in model.named_buffers():
             if is_lazy(b):  # no values yet: its lazy module's first call, this pass, gives them
                 continue
@@ -647,9 +660,10 @@ class BufferStates:
             copy = not is_large or name in self._changing or name not in self._seen
             if copy:
                 copies[name] = b.detach().clone()
+                copied[name] = b, version_of(b)
             if is_large:
                 large.append((name, b, version_of(b), copy))
-        return BufferStart(copies, large)
+        return BufferStart(copies, large, copied=copied)
 
     def after_pass(self, model: nn.Module, start: BufferStart) -> None:
         """Learn which large buffers the pass that ran from ``start`` changed."""

@@ -222,6 +222,7 @@ def solve(
     global_gradient: bool = False,
     absent: tuple[str, ...] = (),
     passes: tuple[tuple[int, ...], ...] = (),
+    found: dict[int, Tensor] | None = None,
 ):
     """Run ``method``; ``gradient`` (``{name: vector}``) replaces the loss gradient;
     ``state`` is K-FAC's state across a preconditioner's steps (``method="kfac"``).
@@ -233,7 +234,8 @@ def solve(
     (:func:`riemann_core.distributed.solve`; ``global_gradient``: ``gradient`` is
     already the global batch's; ``absent``: the names whose ``gradient`` entry stands for
     a ``.grad`` this rank lacks, which every rank must lack alike; ``passes``: the output
-    shape of each forward pass whose gradient ``gradient`` sums, :mod:`riemann_core.passes`).
+    shape of each forward pass whose gradient ``gradient`` sums, :mod:`riemann_core.passes`;
+    ``found``: the buffers as the replayed pass found them, :func:`distributed.model_state`).
     """
     with distributed.share_failure(process_group, timeout):
         check_autograd()
@@ -267,6 +269,7 @@ def solve(
         absent=absent,
         passes=passes,
         model=model,
+        found=found,
     )
 
 
@@ -284,9 +287,11 @@ def run_solver(
     absent: tuple[str, ...] = (),
     passes: tuple[tuple[int, ...], ...] = (),
     model: torch.nn.Module | None = None,
+    found: dict[int, Tensor] | None = None,
 ):
     """``build()`` a :class:`Problem`, solve it with ``method`` (``state``: K-FAC's across
-    a preconditioner's steps; ``process_group``: see :func:`solve`, ``model`` its network)
+    a preconditioner's steps; ``process_group``: see :func:`solve`, ``model`` its network
+    and ``found`` its buffers)
     and check the solves, in full float32 precision on ``devices``. Returns ``({name: direction}, diagnostics)``
     for the parameters seen in the forward pass; on an error, the pending ``checks`` are
     read first (a failing check of the data explains the error better)."""
@@ -312,6 +317,7 @@ def run_solver(
                 absent=absent,
                 passes=passes,
                 model=model,
+                found=found,
             )
         problem = checked_build()
         with named_when_too_large(problem, method):

@@ -713,7 +713,9 @@ def buffer_versions(model: nn.Module | None) -> dict[int, tuple[Tensor, int]]:
 
 
 def model_state(
-    model: nn.Module | None, before: dict[int, tuple[Tensor, int]] | None = None
+    model: nn.Module | None,
+    before: dict[int, tuple[Tensor, int]] | None = None,
+    found: dict[int, Tensor] | None = None,
 ) -> tuple[list[Tensor], tuple[tuple, ...]]:
     """What every rank's copy of ``model`` must hold alike beyond the blocks' parameters:
     its frozen parameters and the floating buffers of its modules in evaluation mode
@@ -727,25 +729,45 @@ def model_state(
     training flag. Found by review: a frozen layer scaled on one rank, or BatchNorm statistics that
     differed, were accepted (0.68 and 2.7 relative error against the single process), as
     was dropout left in training mode on one rank only; found by a hunt: Tanh on one rank
-    and ReLU on the other (0.8, K-FAC 1.65)."""
+    and ReLU on the other (0.8, K-FAC 1.65).
+
+    ``found``: ``{id(buffer): its value}`` where the forward pass whose metric is taken
+    found another value than the buffer holds now (:meth:`BufferStart.as_found`: a
+    preconditioner's recorded pass updated it from its own shard); such buffers, and the
+    settings that print them, are compared as that pass found them, under
+    DistributedDataParallel rank 0's on every rank (found by a hunt: a running normaliser
+    and an observer, their values as each rank's pass left them, were refused at every
+    step)."""
     if model is None:
         return [], ()
     frozen = [p for p in model.parameters() if not p.requires_grad]
-    before = before or {}
+    before, found = before or {}, found or {}
     buffers = [
-        b
+        found.get(id(b), b)
         for m in model.modules()
         for b in m._buffers.values()
         if b is not None
         and b.is_floating_point()
         and (not training(m) or _left_alone(b, before.get(id(b))))
     ]
-    settings = [m.extra_repr() for m in model.modules()]
+    settings = [_settings(m, found) for m in model.modules()]
     modules = tuple(
         (type(m).__qualname__, "" if "tensor(" in s else s, training(m))
         for m, s in zip(model.modules(), settings, strict=True)
     )
     return frozen + buffers, modules
+
+
+def _settings(module: nn.Module, found: dict[int, Tensor]) -> str:
+    """``module.extra_repr()``, with its buffers in ``found`` as found there."""
+    own = {n: b for n, b in module._buffers.items() if b is not None and id(b) in found}
+    for name, b in own.items():
+        module._buffers[name] = found[id(b)]
+    try:
+        return module.extra_repr()
+    finally:
+        for name, b in own.items():
+            module._buffers[name] = b
 
 
 def _left_alone(buffer: Tensor, before: tuple[Tensor, int] | None) -> bool:
@@ -929,6 +951,7 @@ def solve(
     absent: tuple[str, ...] = (),
     passes: tuple[tuple[int, ...], ...] = (),
     model: nn.Module | None = None,
+    found: dict[int, Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], list[LayerDiagnostics]]:
     """The direction of the global batch on every rank of ``group`` (module docstring).
 
@@ -940,7 +963,7 @@ def solve(
     sums, its samples first (a preconditioner's; every rank must have split them alike,
     :func:`riemann_core.passes.check_shares`, with samples of the same shape);
     ``model``: the network, whose state beyond the blocks must agree too
-    (:func:`model_state`). Returns
+    (:func:`model_state`, with its buffers as ``found``). Returns
     ``({name: direction}, diagnostics)``: every block parameter's direction, in the
     parameter's dtype, and the diagnostics of the blocks this rank solved.
     """
@@ -951,7 +974,7 @@ def solve(
     with observer.phase("local"):
         failure, problem, shares = _local(build, method, opts, checks, global_gradient, alone)
     with observer.phase("agree"):
-        constants, modules = model_state(model, versions)
+        constants, modules = model_state(model, versions, found)
         shapes = tuple(shape[1:] for shape in passes)  # (rows per sample, e.g. tokens)
         signature = (
             0

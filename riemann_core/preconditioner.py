@@ -280,6 +280,14 @@ class RiemannianPreconditioner:
                 OwnHook(model, weakref.WeakMethod(self._record_output)), always_call=True
             ),
         )
+        if network is not model:  # (see _record_module_start)
+            self._attach(
+                "record module start",
+                network.register_forward_pre_hook(
+                    OwnHook(network, weakref.WeakMethod(self._record_module_start))
+                ),
+            )
+        self._module_awaited = False  # a recorded pass of the wrapper whose module has not run
         self._depth = 0  # calls of the model under way (it may call itself)
         self._prehooked = False  # a pre-hook prepended since ran before the record
         self._modes: dict[int, bool] = {}  # each module's training flag in the recorded pass
@@ -383,11 +391,19 @@ class RiemannianPreconditioner:
             inputs = tensors_of((args, kwargs))
         cuda = rng_devices(self.model)
         device_types = {t.device.type for t in inputs} | ({"cuda"} if cuda else set())
+        # a DistributedDataParallel's buffers as its module's call finds them: read there
+        # (_record_module_start; none until then), unless it runs the module's forward
+        # without its hooks
+        self._module_awaited = self.network is not self.model and not getattr(
+            self.model, "_delay_all_reduce_all_params", False
+        )
         self._batch = (
             args,
             kwargs,
             rng_state(cuda),
-            self._buffer_states.before_pass(self.network),
+            BufferStart({}, [])
+            if self._module_awaited
+            else self._buffer_states.before_pass(self.network),
             autocast_state(device_types),
             precision_state(),
         )
@@ -424,6 +440,19 @@ class RiemannianPreconditioner:
         self._grads_at_pass = {id(p): (weakref.ref(p.grad), p.grad._version) for p in held}
         self._accumulations.hook(held)
         self._tick_at_pass = self._accumulations.tick()
+
+    def _record_module_start(self, module, args):
+        """The buffers as a DistributedDataParallel's module starts the recorded pass: the
+        wrapper's forward broadcasts rank 0's buffers first (``broadcast_buffers=True``,
+        the default), after its pre-hooks. The pass reads those, and so must its replay,
+        which runs the module alone (found by a hunt: a running normaliser, its buffer
+        updated from each rank's shard, was replayed on the other ranks from their own
+        buffers and refused as a pass that depends on state not replayed)."""
+        if capturing() or not self._module_awaited or self._depth != 1:
+            return
+        self._module_awaited = False
+        batch = self._batch
+        self._batch = (*batch[:3], self._buffer_states.before_pass(module), *batch[4:])
 
     def _hooks_in_order(self, model: nn.Module) -> None:
         """Keep the record of a batch before the model's forward pre-hooks and the record of
@@ -586,21 +615,30 @@ class RiemannianPreconditioner:
         )
 
     def _check_unchanged(self, call: str) -> None:
+        edited = self._params_edited_in_forward
         if self._edited_in_forward:
+            # (found by a hunt: where it changed parameters too, they were named only once
+            # the input was fixed)
+            also = (
+                f"; it also changed parameters {some(edited)} in place: make such updates "
+                "outside forward, e.g. after opt.step()"
+                if edited
+                else ""
+            )
             raise RuntimeError(
                 "the model's forward pass changed its input in place (x.sub_(m), x /= 255, "
                 "or a forward pre-hook of the model's: args[0].sub_(m)), and "
                 f"{call} may run the model again on the batch as the forward pass received "
                 "it: compute into a new tensor in forward (x = x - m, x = x / 255), or "
-                "return one from the pre-hook (return (args[0] - m,))"
+                f"return one from the pre-hook (return (args[0] - m,)){also}"
                 # (found by review: a normalising pre-hook on the model was told to change
                 # a forward that edits nothing)
             )
-        if self._params_edited_in_forward:
+        if edited:
             raise ValueError(
-                "the model's forward pass changed parameters "
-                f"{some(self._params_edited_in_forward)} in place (a renormalisation under "
-                "torch.no_grad(), F.embedding or F.embedding_bag with max_norm), so the metric "
+                f"the model's forward pass changed parameters {some(edited)} in place (a "
+                "renormalisation under torch.no_grad(), F.embedding or F.embedding_bag with "
+                "max_norm, a momentum encoder's average of the weights), so the metric "
                 "would be taken at parameters other than the gradient's. Make such updates "
                 "outside forward, e.g. after opt.step()"
             )
@@ -1072,6 +1110,9 @@ class RiemannianPreconditioner:
                         global_gradient=isinstance(self.model, DistributedDataParallel),
                         absent=tuple(n for n, _ in params if n not in gradient),
                         passes=() if self._passes is None else self._passes.shapes(),
+                        found=None
+                        if self.process_group is None
+                        else buffers.as_found(self.network),
                     )
             except ReplayDiffers:
                 self._buffer_states.distrust(buffers)  # the next passes copy them

@@ -9,6 +9,7 @@ The tests then compare them with the single process on the concatenated batch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import time
 import warnings
@@ -110,6 +111,27 @@ class Counted(nn.Module):
     def forward(self, x):
         self.count.add_(1)
         return x * (1 + 0.1 * self.count)
+
+
+class RunningCentre(nn.Module):
+    """Its input centred by a running mean of the batches it saw (an observation
+    normaliser): a buffer each rank's forward pass updates from its own shard."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(features, dtype=torch.float64))
+
+    def forward(self, x):
+        centred = x - self.mean
+        if self.training:
+            with torch.no_grad():
+                self.mean.lerp_(x.mean(0), 0.5)
+        return centred
+
+
+def shard_updated(first: nn.Module) -> nn.Sequential:
+    torch.manual_seed(3)
+    return nn.Sequential(first, nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
 
 
 class WithUnused(nn.Module):
@@ -1248,6 +1270,40 @@ def _made_apart(rank, world) -> dict:
     return out
 
 
+#: steps of :func:`_shard_updated_buffers`
+SHARD_STEPS = 3
+
+
+def shard_batch(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of ``step``, 4 samples a rank (rank ``r``'s: ``4 r`` on)."""
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(4 * world, 5, dtype=torch.float64, generator=g) + 1
+    return x, torch.randint(0, 3, (4 * world,), generator=g)
+
+
+def _shard_updated_buffers(rank, world) -> dict:
+    """``pre.step()`` for ``SHARD_STEPS`` steps on networks whose forward pass updates a
+    buffer from the rank's own shard: a running mean, under DistributedDataParallel (whose
+    forward broadcasts rank 0's buffers first) and without; an observer under DDP."""
+    out = {}
+    for case in ("ddp", "group", "observer"):
+        model = shard_updated(MinMaxObserver() if case == "observer" else RunningCentre(5))
+        wrapped = model if case == "group" else DistributedDataParallel(model)
+        pre = rc.RiemannianPreconditioner(
+            wrapped, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
+        )
+        steps = []
+        for step in range(SHARD_STEPS):
+            x, y = shard_batch(step, world)
+            wrapped.zero_grad()
+            part = slice(4 * rank, 4 * rank + 4)
+            F.cross_entropy(wrapped(x[part]), y[part]).backward()
+            failure = _outcome(pre.step)
+            steps.append((failure, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        out[case] = steps
+    return out
+
+
 # ------------------------------------------------------------------------ the tests
 
 
@@ -1914,3 +1970,37 @@ def test_ranks_whose_passes_differ_late_in_many_are_named_apart():
     distinct = [(1, 1000 + k, 3) for k in range(256)]  # (no run: longer than MESSAGE_BYTES)
     message = _agreement_on(0, [1, 2], [tuple(distinct), (*distinct[:-1], (1, 7, 3))])
     assert "see different blocks or options" in message, message
+
+
+def test_buffers_a_pass_updates_from_its_shard_are_taken_as_it_found_them(tmp_path):
+    """Found by a hunt (2 ranks): a network whose forward pass updates a buffer from the
+    rank's own shard (a running mean it centres its input by, a QAT observer) under
+    DistributedDataParallel, which broadcasts rank 0's buffers as its forward starts, was
+    refused at every step of a correct loop: as ranks holding other buffers (compared as
+    each rank's pass left them; the observer's printed in its settings), and on rank 1 as a
+    pass that gave another output when run again (from its buffer as before the
+    broadcast). Taken as the pass found them, the direction is the global batch's with
+    rank 0's buffer; without DDP the ranks' buffers part after the first step: refused."""
+    world = 2
+    results = run_ranks(_shard_updated_buffers, world, tmp_path)
+    centred = shard_updated(RunningCentre(5))  # rank 0's buffer as each pass finds it
+    observed = shard_updated(MinMaxObserver())
+    for step in range(SHARD_STEPS):
+        x, y = shard_batch(step, world)
+        expected = {
+            "ddp": rc.direction(copy.deepcopy(centred).eval(), x, y, damping=DAMPING),
+            "observer": rc.direction(observed, x, y, damping=DAMPING),
+        }
+        with torch.no_grad():
+            centred(x[:4])
+        for result in results:
+            for case, want in expected.items():
+                failure, grads = result[case][step]
+                assert failure is None, (case, step, failure)
+                assert relative_error(grads, want) < 1e-10
+            failure, grads = result["group"][step]
+            if step == 0:
+                assert failure is None and relative_error(grads, expected["ddp"]) < 1e-10
+            else:
+                kind, message = failure
+                assert kind == "ValueError" and "hold different parameters or buffers" in message

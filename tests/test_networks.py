@@ -3012,6 +3012,31 @@ def test_a_forward_that_changes_a_parameter_is_refused(net, call):
     assert_unchanged(model, before)
 
 
+class DriftingOnItsInput(Drifting):
+    """Drifting, its input scaled in place too."""
+
+    def forward(self, x):
+        x.mul_(2)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_a_forward_that_changes_its_input_and_a_parameter_names_both(call):
+    """Found by a hunt: the input alone was named, the parameters only once it was fixed."""
+    torch.manual_seed(0)
+    model = DriftingOnItsInput().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    loss = F.cross_entropy(model(x), y)
+    if call == "step":
+        loss.backward()
+    before = snapshot(model)
+    refused = r"its input in place.*also changed parameters \['lin.weight'\] in place.*outside"
+    with pytest.raises(RuntimeError, match=refused):
+        pre.backward(loss) if call == "backward" else pre.step()
+    assert_unchanged(model, before)
+
+
 # ------------------------------------------------------------ gradient checkpointing
 
 
