@@ -123,10 +123,10 @@ def direction(
     Warns:
         AccuracyWarning: when the model's dtype determines the direction only to a
             worst-case relative error ``eps cond(G)`` above 0.005 at this damping (the
-            rows' half precision's ``eps`` under autocast), a Woodbury solve's float64
-            residual bounds its error (``||G x - g|| / (mu ||x||)``) only above 1% after
-            refinement, or a Cholesky factorisation needed jitter above a tenth of the
-            damping.
+            rows' half precision's ``eps`` under autocast), a Woodbury or dense solve's
+            float64 residual bounds its error (``||G x - g|| / (mu ||x||)``) only above 1%
+            after refinement, or a Cholesky factorisation needed jitter above a tenth of
+            the damping.
 
     Example:
         >>> import torch, riemann_core as rc

@@ -34,9 +34,9 @@ class SolveError(RuntimeError):
 
 class AccuracyWarning(UserWarning):
     """A direction was computed, but it is less accurate than the options suggest: the
-    model's dtype cannot determine it at this damping, a Woodbury solve's residual cannot
-    prove it within 1% even after refinement, or the Cholesky factorisation needed a
-    jitter larger than a tenth of the damping (a different metric)."""
+    model's dtype cannot determine it at this damping, a solve's residual cannot prove
+    it within 1% even after refinement, or the Cholesky factorisation needed a jitter
+    larger than a tenth of the damping (a different metric)."""
 
 
 @dataclass(frozen=True)
