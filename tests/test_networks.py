@@ -2033,13 +2033,7 @@ def test_a_lazy_module_added_after_the_preconditioner_is_shaped_by_the_next_pass
     pre = rc.RiemannianPreconditioner(model, damping=1e-2)
     pre.backward(F.cross_entropy(model(x), y))
     add(model)
-    model.zero_grad()
-    loss = F.cross_entropy(model(x), y)
-    if call == "backward":
-        pre.backward(loss)
-    else:
-        loss.backward()
-        pre.step()
+    preconditioned(pre, model, x, y, call)
     twin = copy.deepcopy(model)  # batch statistics without the running ones' in-place update
     for m in twin.modules():
         if isinstance(m, nn.BatchNorm1d):
