@@ -80,6 +80,7 @@ from .modules import (
     SharedHandler,
     forward_replaced,
     lowest_precision_eps,
+    registered,
     training,
 )
 from .passes import user_hooks_on
@@ -522,6 +523,24 @@ def _register_parameter_check(
                 "other than their class's forward, which the structured kernel assumes: pass "
                 "kernel='auto' (the generic kernel for such modules, exact; not with "
                 "method='kfac', whose factors assume the class's forward)"
+            )
+        kernels = sorted(
+            {
+                f"{type(h).__qualname__} of module {h.block.name!r} "
+                f"({type(h.block.module).__name__})"
+                for h in per_call.values()
+                if registered(h) and set(h.block.param_names) & set(bad)
+            }
+        )
+        if kernels:  # (found by a hunt: a registered kernel's products, all 2x, read as
+            # parameters used outside their modules)
+            raise ValueError(
+                f"the gradient of parameters {bad} through their modules' kernels is not "
+                f"autograd's: the kernels {kernels} registered by rc.register_handler do not "
+                "compute what the modules' forward does (their gradient_from_output(lam) "
+                "is not the gradient of the call's output against lam), or the parameters "
+                "reach the output outside those calls as well. Fix the kernel and register it "
+                "again (rc.register_handler(..., overwrite=True))"
             )
         raise ValueError(
             f"parameters {bad} reach the output outside the calls of the modules that own "

@@ -416,6 +416,8 @@ def test_register_handler_overwrite_replaces(restore_handlers):
     rc.register_handler(nn.Linear, CountingLinear, overwrite=True)
     model, x, y = mlp_net()
     rc.direction(model, x, y, method="layerwise", kernel="structured")
+    calls.clear()  # (the first call's check of the products reads each Gram once more)
+    rc.direction(model, x, y, method="layerwise", kernel="structured")
     assert calls == ["0", "2", "4"]
 
 
@@ -543,6 +545,161 @@ def test_a_registered_subclass_of_a_builtin_kernel_passes_the_checks(restore_han
     for got, want in zip(directions(), expected):
         for n in want:
             torch.testing.assert_close(got[n], want[n], rtol=0, atol=0)
+
+
+class ScaleShiftKernel(rc.Handler):
+    """The kernel of ``ScaleShift`` (``x * scale + shift``) as docs/api.md writes it:
+    row ``(s, b)`` of ``K`` is ``[delta_sb * x_b, delta_sb]``."""
+
+    def rows(self):
+        D, x = self.delta, self.block.input  # (r, N, ..., width), (N, ..., width)
+        width = x.shape[-1]  # summed over the positions "...", if any
+        return (D * x).reshape(self.d, -1, width).sum(1), D.reshape(self.d, -1, width).sum(1)
+
+    def gradient_from_output(self, lam):
+        width = lam.shape[-1]
+        return [(lam * self.block.input).reshape(-1, width).sum(0), lam.reshape(-1, width).sum(0)]
+
+    def K(self):
+        return torch.cat(self.rows(), 1)
+
+    def K_mv(self, v):
+        A, B = self.rows()
+        return A @ v[0] + B @ v[1]
+
+    def K_tmv(self, t):
+        A, B = self.rows()
+        return [A.T @ t, B.T @ t]
+
+
+class ScaleShiftGram(ScaleShiftKernel):
+    """Its Gram formed from the rows: an override, checked as such."""
+
+    def gram_into(self, out, add=False):
+        A, B = self.rows()
+        G = A @ A.T + B @ B.T
+        out.add_(G) if add else out.copy_(G)
+
+
+def _sample_major(h, t):  # reads t as row b r + s: the rows' order mixed up
+    return ScaleShiftKernel.K_tmv(h, t.reshape(h.N, h.r).T.reshape(-1))
+
+
+def _full_gram(h, out, add=False):
+    ScaleShiftGram.gram_into(h, out, add)
+    out.mul_(2)  # 2 K K^T
+
+
+WRONG_PRODUCTS = {
+    "K_mv 2x": ("K_mv", lambda h, v: 2 * ScaleShiftKernel.K_mv(h, v), "<K_mv(v), s> ="),
+    "K_mv without the shift": (
+        "K_mv",
+        lambda h, v: ScaleShiftKernel.rows(h)[0] @ v[0],
+        "<K_mv(v), s> =",
+    ),
+    "K_tmv sample-major": ("K_tmv", _sample_major, "K_tmv(t) = gradient_from_output(lam)"),
+    "gradient 2x": (
+        "gradient_from_output",
+        lambda h, lam: [2 * a for a in ScaleShiftKernel.gradient_from_output(h, lam)],
+        "K_tmv(t) = gradient_from_output(lam)",
+    ),
+    "Gram 2 K K^T": ("gram_into", _full_gram, "gram() t = K_mv(K_tmv(t))"),
+    # read only where K is materialised (method='full' here: the Gram is an override)
+    "K's columns out of order": (
+        "K",
+        lambda h: ScaleShiftKernel.K(h).roll(5, 1),
+        "K() v = K_mv(v)",
+    ),
+}
+
+
+@pytest.mark.parametrize("wrong", WRONG_PRODUCTS)
+@pytest.mark.parametrize("method", EXACT)
+def test_a_registered_kernel_whose_products_are_not_one_K_is_refused(
+    restore_handlers, wrong, method
+):
+    """Found by a hunt: a registered kernel whose K_mv or K_tmv was off by 2x, dropped the
+    shift, or read the rows sample-major, whose Gram was 2 K K^T or whose K had its columns
+    out of order gave directions 2 to 12 times off the oracle without an error (the wrong
+    gradient was refused as parameters used outside their module). The products are
+    checked against each other on random vectors, until they pass once for each shape of
+    a call: every call of such a kernel is refused, naming it, the relation and the fix,
+    and the kernel as written is exact."""
+    model, x, y = custom_net()
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    expected = oracle_direction(G, g, 1e-3, method, block_indices(model))
+    for kernel in (ScaleShiftKernel, ScaleShiftGram):
+        rc.register_handler(ScaleShift, kernel, overwrite=True)
+        got = rc.direction(model, x, y, method=method, damping=1e-3)
+        assert rel_error(flatten(got, model), expected) < 1e-10
+    name, returns, relation = WRONG_PRODUCTS[wrong]
+    rc.register_handler(
+        ScaleShift, type("Wrong", (ScaleShiftGram,), {name: returns}), overwrite=True
+    )
+    if name == "K" and method != "full":  # never materialised: the direction is exact
+        got = rc.direction(model, x, y, method=method, damping=1e-3)
+        assert rel_error(flatten(got, model), expected) < 1e-10
+        return
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=1e-3)
+    for _ in range(2):  # a refused check is not taken as passed
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        before = [p.grad.clone() for p in model.parameters()]
+        with pytest.raises(ValueError) as refused:
+            pre.step()
+        message = str(refused.value)
+        assert "Wrong's " in message and "for module '1' (ScaleShift)" in message
+        assert relation in message
+        assert "register it again (rc.register_handler(..., overwrite=True))" in message
+        assert all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
+
+
+def test_a_registered_kernel_of_another_forward_is_named_by_the_probe(restore_handlers):
+    """Found by a hunt: a kernel whose products are all those of ``2 x * scale + shift``,
+    one K of another forward, was refused as 'parameters ... reach the output outside the
+    calls of the modules that own them'; the coupling probe now names the kernel."""
+    model, x, y = custom_net()
+    twice = {
+        "K": lambda h: 2 * ScaleShiftKernel.K(h),
+        "K_mv": lambda h, v: 2 * ScaleShiftKernel.K_mv(h, v),
+        "K_tmv": lambda h, t: [2 * a for a in ScaleShiftKernel.K_tmv(h, t)],
+        "gram_into": lambda h, out, add=False: ScaleShiftGram.gram_into(h, out, add) or out.mul_(4),
+        "gradient_from_output": lambda h, lam: [
+            2 * a for a in ScaleShiftKernel.gradient_from_output(h, lam)
+        ],
+    }
+    rc.register_handler(ScaleShift, type("Twice", (ScaleShiftGram,), twice))
+    with pytest.raises(ValueError) as refused:
+        rc.direction(model, x, y, damping=1e-3)
+    message = str(refused.value)
+    assert "the kernels [\"Twice of module '1' (ScaleShift)\"] registered by" in message
+    assert "reach the output outside the calls" not in message
+
+
+def test_a_registered_kernel_is_checked_once_per_shape(restore_handlers):
+    """The check runs at the first call of each shape of a module's call, and passes in
+    float32: later calls of method='full' (which reads K and the gradient alone) run no
+    K_mv."""
+    calls = []
+
+    class Counting(ScaleShiftKernel):
+        def K_mv(self, v):
+            calls.append(self.block.name)
+            return super().K_mv(v)
+
+    model, x, y = custom_net()
+    model.float()
+    rc.register_handler(ScaleShift, Counting)
+    first = rc.direction(model, x.float(), y, method="full", damping=1e-3)
+    assert calls
+    calls.clear()
+    again = rc.direction(model, x.float(), y, method="full", damping=1e-3)
+    assert calls == []
+    tokens = torch.randn(4, 3, 4)  # another shape of the call
+    rc.direction(model, tokens, torch.randn(4, 3, 3), method="full", damping=1e-3, loss="mse")
+    assert calls
+    for n in first:
+        torch.testing.assert_close(first[n], again[n], rtol=0, atol=0)
 
 
 def test_restore_handlers_fixture_restored_registry():

@@ -25,7 +25,7 @@ from .._checks import (
 )
 from ..capture import Replay, forward, notes_for
 from ..factors import FactorFn, factor_cotangents, output_factor, pullback
-from ..modules import Block, Handler, handler_for, rows_dot
+from ..modules import Block, Handler, handler_for, register_kernel_checks, rows_dot
 from .memory import named_when_rows_too_large
 
 #: The pulled-back rows (the loss gradient and the factor's) go through the network one
@@ -647,6 +647,9 @@ def problem_from_graph(
         items = [(f"the loss gradient at the output of {c.name!r}", c.output_grad) for c in calls]
         checks.finite_all(items, OVERFLOW_FIX, overflow)
     handlers = [handler_for(b, opts.kernel) for b in blocks]
+    for h in handlers:  # (before the probe's: a registered kernel's wrong gradient reads
+        # there as a parameter used outside its module)
+        register_kernel_checks(checks, h)
     # the precision the rows were pulled back in (half under autocast) bounds the accuracy
     data_dtype = max((h.dtype for h in handlers), key=lambda d: torch.finfo(d).eps, default=None)
     if probe is not None:
