@@ -3,6 +3,7 @@ structured == generic, unsupported modules and ``register_handler``."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -652,6 +653,32 @@ def test_a_registered_kernel_whose_products_are_not_one_K_is_refused(
         assert relation in message
         assert "register it again (rc.register_handler(..., overwrite=True))" in message
         assert all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize(
+    "method, wrong",
+    [("layerwise", "K_mv 2x"), ("natural", "K_mv 2x"), ("full", "K's columns out of order")],
+)
+def test_a_check_on_zero_rows_is_not_counted_as_passed(restore_handlers, method, wrong):
+    """Found by a hunt: behind a zero-initialised head every row, so every product, is
+    zero, and the check of a wrong kernel (K_mv 2x, K's columns out of order) passed there
+    and was not run again: every later direction was 2.1 to 2.6 times off the oracle,
+    without an error. A check that saw nothing runs again at the next call."""
+    model, x, y = custom_net()
+    name, returns, relation = WRONG_PRODUCTS[wrong]
+    rc.register_handler(ScaleShift, type("Wrong", (ScaleShiftKernel,), {name: returns}))
+    head = model[3].weight
+    trained = head.detach().clone()
+    with torch.no_grad():
+        head.zero_()
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    got = rc.direction(model, x, y, method=method, damping=1e-3)  # zero rows: exact
+    expected = oracle_direction(G, g, 1e-3, method, block_indices(model))
+    assert rel_error(flatten(got, model), expected) < 1e-10
+    with torch.no_grad():
+        head.copy_(trained)
+    with pytest.raises(ValueError, match=re.escape(relation)):
+        rc.direction(model, x, y, method=method, damping=1e-3)
 
 
 def test_a_registered_kernel_of_another_forward_is_named_by_the_probe(restore_handlers):
