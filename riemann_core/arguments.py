@@ -25,6 +25,9 @@ class Command:
     #: whether it runs on ``--device`` (else ``--device`` only names recorded results,
     #: which need no such device here: a CUDA sweep analysed on a CPU-only host)
     runs_on_device: bool = True
+    #: the table ``--report-only`` draws a study's report from, in the ``--out`` of
+    #: ``args``: Ctrl-C points to ``--report-only`` only where it is there to draw
+    report_table: Callable[[argparse.Namespace], Path] | None = None
 
 
 def ints(text: str) -> tuple[int, ...]:

@@ -110,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
         if command.add_arguments is not None:
             command.add_arguments(sub)
         sub.set_defaults(
-            run=guarded(command.run), parser=sub, runs_on_device=command.runs_on_device
+            run=guarded(command.run),
+            parser=sub,
+            runs_on_device=command.runs_on_device,
+            report_table=command.report_table,
         )
     return parser
 
@@ -135,17 +138,11 @@ def guarded(fn):
             return USAGE_ERROR
         except KeyboardInterrupt:
             resumes = args.command in ("sweep", "run")
-            # (found by a hunt: a study's partial report was there to draw, unsaid)
-            redraws = args.command in ("train", "stability")
             print(
                 f"{PROG} {args.command}: interrupted. Every file written so far is whole "
                 "(written atomically)"
                 + ("; run it again with the same --out to resume" if resumes else "")
-                + (
-                    "; --report-only with the same --out draws the report of what finished"
-                    if redraws
-                    else ""
-                ),
+                + _redraw_hint(args),
                 file=sys.stderr,
             )
             return INTERRUPTED
@@ -159,6 +156,21 @@ def guarded(fn):
             return UNEXPECTED_ERROR
 
     return run
+
+
+def _redraw_hint(args) -> str:
+    """What an interrupted study leaves to draw: its report of what finished, with
+    ``--report-only``, where the table that report needs is in ``--out`` (found by a
+    hunt: a study's partial report was there to draw, unsaid); else that nothing is yet
+    (found by a hunt: ``train`` stopped in its first round of seeds pointed to
+    ``--report-only``, which then refused the ``--out`` for its missing runs.csv)."""
+    report_table = getattr(args, "report_table", None)
+    if report_table is None:
+        return ""
+    table = report_table(args)
+    if table.is_file():
+        return "; --report-only with the same --out draws the report of what finished"
+    return f"; nothing --report-only could draw was written yet (no {table}): run it again"
 
 
 def _paragraph(text: str) -> str:

@@ -325,7 +325,8 @@ def test_ctrl_c_is_one_line_and_its_own_exit_code(capsys):
     err = capsys.readouterr().err
     assert "riemann-bench sweep: interrupted" in err and "Traceback" not in err
     assert "to resume" in err and "--report-only" not in err
-    # a study's: what finished can be drawn (found by a hunt: unsaid)
-    assert cli.guarded(interrupted)(argparse.Namespace(command="train")) == cli.INTERRUPTED
+    # a study's: what finished can be drawn (found by a hunt: unsaid), where it is there
+    study = argparse.Namespace(command="train", report_table=lambda args: Path(__file__))
+    assert cli.guarded(interrupted)(study) == cli.INTERRUPTED
     err = capsys.readouterr().err
     assert "--report-only with the same --out draws the report of what finished" in err

@@ -214,6 +214,12 @@ def out_dir(args: argparse.Namespace) -> Path:
     return default_out(args, "stability")
 
 
+def report_table(args: argparse.Namespace) -> Path:
+    """The table ``--report-only`` needs last: written after the first pair, beside the
+    record written before."""
+    return out_dir(args) / "pairs.csv"
+
+
 @dataclass(frozen=True)
 class Pool:
     """Standardised examples to draw training sets from, and a fixed test split."""
@@ -401,4 +407,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMAND = Command("stability", run, HELP, DESCRIPTION, EXAMPLE, add_arguments)
+COMMAND = Command(
+    "stability", run, HELP, DESCRIPTION, EXAMPLE, add_arguments, report_table=report_table
+)

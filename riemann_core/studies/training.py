@@ -284,6 +284,12 @@ def out_dir(args: argparse.Namespace) -> Path:
     return default_out(args, "training")
 
 
+def report_table(args: argparse.Namespace) -> Path:
+    """The table ``--report-only`` needs last: written after the first round of seeds,
+    beside the record and tuning table written before."""
+    return out_dir(args) / "runs.csv"
+
+
 #: What a study writes into its ``--out`` (a new one sets an earlier one's aside).
 STUDY_FILES = ("training.json", "tuning.csv", "runs.csv", "report.md", "curves_*.png",
                "tuning_*.png")  # fmt: skip
@@ -421,4 +427,6 @@ def choose(tuning: pd.DataFrame, model: str, method: str) -> Config | None:
     return Config(method, float(best["lr"]), damping)
 
 
-COMMAND = Command("train", run, HELP, DESCRIPTION, EXAMPLE, add_arguments)
+COMMAND = Command(
+    "train", run, HELP, DESCRIPTION, EXAMPLE, add_arguments, report_table=report_table
+)

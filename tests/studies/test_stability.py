@@ -402,6 +402,33 @@ def test_a_sweep_stopped_early_leaves_no_earlier_pairs_beside_its_record(
     assert {f.name: f.read_bytes() for f in earlier.iterdir()} == before
 
 
+@pytest.mark.parametrize("table", ["stability.json", "pairs.csv"])
+def test_ctrl_c_points_to_report_only_only_where_it_can_draw(table, tmp_path, monkeypatch, capsys):
+    """Found by a hunt: stopped before its first pair, stability said "--report-only with
+    the same --out draws the report of what finished", which then refused the --out (no
+    pairs.csv). Stopped right after ``table`` is written, what it says holds."""
+    from riemann_core.measure import output
+
+    write_atomic = output.write_atomic  # (write_json writes through it)
+
+    def stop_after(path, text):
+        write_atomic(path, text)
+        if path.name == table:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(output, "write_atomic", stop_after)
+    out = tmp_path / "out"
+    assert cli.main([*SMALL, "--out", str(out)]) == cli.INTERRUPTED
+    err = capsys.readouterr().err
+    drawn = cli.main(["stability", "--report-only", "--out", str(out)])
+    if table == "pairs.csv":
+        assert "--report-only with the same --out draws the report of what finished" in err
+        assert drawn == 0
+    else:
+        assert f"nothing --report-only could draw was written yet (no {out / 'pairs.csv'})" in err
+        assert "draws the report" not in err and drawn == cli.USAGE_ERROR
+
+
 def test_an_interrupted_study_is_reported_as_incomplete(sweep, tmp_path):
     """Found by review: a pairs.csv with fewer pairs than planned was reported as the
     whole design ("2 pairs per point")."""

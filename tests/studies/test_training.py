@@ -567,6 +567,33 @@ def test_a_study_stopped_early_leaves_no_earlier_runs_beside_its_record(
     assert {f.name: f.read_bytes() for f in earlier.iterdir()} == before
 
 
+@pytest.mark.parametrize("table", ["training.json", "runs.csv"])
+def test_ctrl_c_points_to_report_only_only_where_it_can_draw(table, tmp_path, monkeypatch, capsys):
+    """Found by a hunt: stopped after tuning, before runs.csv, train said "--report-only
+    with the same --out draws the report of what finished", which then refused the --out
+    (no runs.csv). Stopped right after ``table`` is written, what it says holds."""
+    from riemann_core.measure import output
+
+    write_atomic = output.write_atomic  # (write_json writes through it)
+
+    def stop_after(path, text):
+        write_atomic(path, text)
+        if path.name == table:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(output, "write_atomic", stop_after)
+    out = tmp_path / "out"
+    assert cli.main([*SMALL, "--out", str(out)]) == cli.INTERRUPTED
+    err = capsys.readouterr().err
+    drawn = cli.main(["train", "--report-only", "--out", str(out)])
+    if table == "runs.csv":
+        assert "--report-only with the same --out draws the report of what finished" in err
+        assert drawn == 0
+    else:
+        assert f"nothing --report-only could draw was written yet (no {out / 'runs.csv'})" in err
+        assert "draws the report" not in err and drawn == cli.USAGE_ERROR
+
+
 def test_the_summary_does_not_crown_a_method_for_one_lucky_seed():
     """Found by review: medians over the seeds that reached the target let a method that
     reached it in 1 of 2 seeds win "least time". Seeds that never reached it count as
