@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from test_training import (
+    assert_ctrl_c_hint,
     copy_study,
     cut_short,
     failing_report_changes_nothing,
@@ -407,26 +408,7 @@ def test_ctrl_c_points_to_report_only_only_where_it_can_draw(table, tmp_path, mo
     """Found by a hunt: stopped before its first pair, stability said "--report-only with
     the same --out draws the report of what finished", which then refused the --out (no
     pairs.csv). Stopped right after ``table`` is written, what it says holds."""
-    from riemann_core.measure import output
-
-    write_atomic = output.write_atomic  # (write_json writes through it)
-
-    def stop_after(path, text):
-        write_atomic(path, text)
-        if path.name == table:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(output, "write_atomic", stop_after)
-    out = tmp_path / "out"
-    assert cli.main([*SMALL, "--out", str(out)]) == cli.INTERRUPTED
-    err = capsys.readouterr().err
-    drawn = cli.main(["stability", "--report-only", "--out", str(out)])
-    if table == "pairs.csv":
-        assert "--report-only with the same --out draws the report of what finished" in err
-        assert drawn == 0
-    else:
-        assert f"nothing --report-only could draw was written yet (no {out / 'pairs.csv'})" in err
-        assert "draws the report" not in err and drawn == cli.USAGE_ERROR
+    assert_ctrl_c_hint(SMALL, table, "pairs.csv", tmp_path, monkeypatch, capsys)
 
 
 def test_an_interrupted_study_is_reported_as_incomplete(sweep, tmp_path):

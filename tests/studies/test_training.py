@@ -572,6 +572,12 @@ def test_ctrl_c_points_to_report_only_only_where_it_can_draw(table, tmp_path, mo
     """Found by a hunt: stopped after tuning, before runs.csv, train said "--report-only
     with the same --out draws the report of what finished", which then refused the --out
     (no runs.csv). Stopped right after ``table`` is written, what it says holds."""
+    assert_ctrl_c_hint(SMALL, table, "runs.csv", tmp_path, monkeypatch, capsys)
+
+
+def assert_ctrl_c_hint(argv, table, drawn_from, tmp_path, monkeypatch, capsys) -> None:
+    """The study ``argv`` stopped by Ctrl-C right after ``table`` is written points to
+    ``--report-only`` exactly where the table it draws from, ``drawn_from``, is there."""
     from riemann_core.measure import output
 
     write_atomic = output.write_atomic  # (write_json writes through it)
@@ -583,14 +589,14 @@ def test_ctrl_c_points_to_report_only_only_where_it_can_draw(table, tmp_path, mo
 
     monkeypatch.setattr(output, "write_atomic", stop_after)
     out = tmp_path / "out"
-    assert cli.main([*SMALL, "--out", str(out)]) == cli.INTERRUPTED
+    assert cli.main([*argv, "--out", str(out)]) == cli.INTERRUPTED
     err = capsys.readouterr().err
-    drawn = cli.main(["train", "--report-only", "--out", str(out)])
-    if table == "runs.csv":
+    drawn = cli.main([argv[0], "--report-only", "--out", str(out)])
+    if table == drawn_from:
         assert "--report-only with the same --out draws the report of what finished" in err
         assert drawn == 0
     else:
-        assert f"nothing --report-only could draw was written yet (no {out / 'runs.csv'})" in err
+        assert f"nothing --report-only could draw was written yet (no {out / drawn_from})" in err
         assert "draws the report" not in err and drawn == cli.USAGE_ERROR
 
 
