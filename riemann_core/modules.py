@@ -379,6 +379,8 @@ class PatchHandler(Handler):
     fine-tuning of a convolutional network would otherwise unfold every input).
     """
 
+    weight_dims: int  # those of the weight the kernel reads as (f_out, patch)
+
     def __init__(self, block: Block):
         super().__init__(block)
         module = block.module
@@ -406,6 +408,19 @@ class PatchHandler(Handler):
             return f"parameters other than weight and bias ({', '.join(sorted(other))})"
         if not isinstance(getattr(module, "weight", None), nn.Parameter):
             return "a weight that is not a parameter (a parametrization or pruning computes it)"
+        # (found by a hunt: LinearHandler registered for a module with a 1-D weight
+        # crashed inside its K_tmv, "shape '[5]' is invalid for input of size 25")
+        weight, bias = module.weight, getattr(module, "bias", None)
+        if weight.dim() != cls.weight_dims:
+            return (
+                f"a weight of shape {tuple(weight.shape)}, where the {cls.__name__} kernel "
+                f"takes a {cls.weight_dims}-D one"
+            )
+        if isinstance(bias, Tensor) and bias.shape != weight.shape[:1]:
+            return (
+                f"a bias of shape {tuple(bias.shape)}, where the {cls.__name__} kernel takes "
+                f"one of the weight's {weight.shape[0]} outputs"
+            )
         return None
 
     def set_delta(self, delta: Tensor) -> None:
@@ -519,6 +534,8 @@ class LinearHandler(PatchHandler):
     ``K K^T = (Delta Delta^T) * (Xt Xt^T)`` elementwise (``Xt Xt^T`` tiled over the
     ``r x r`` probe blocks): ``O(d^2 f_out + N^2 f_in)`` time, ``O(d^2)`` memory.
     """
+
+    weight_dims = 2  # (f_out, f_in)
 
     def patches(self, x: Tensor) -> Tensor:
         return x.reshape(x.shape[0], -1, x.shape[-1])
@@ -716,6 +733,8 @@ class Conv2dHandler(PatchHandler):
     ``K``; the Gram is built as ``K K^T`` from ``K`` assembled from patches (the
     pairwise-position alternative costs ``d^2 T^2 C_out``, more for typical convs).
     """
+
+    weight_dims = 4  # (C_out, C_in, k_h, k_w)
 
     @classmethod
     def supports(cls, module: nn.Module) -> str | None:

@@ -332,6 +332,47 @@ def test_register_handler_for_new_type(restore_handlers):
     assert rel_error(flatten(structured, model), flatten(generic, model)) < 1e-10
 
 
+class Scale(nn.Module):
+    def __init__(self, n, bias_shape=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n, dtype=torch.float64))
+        self.bias = None if bias_shape is None else nn.Parameter(torch.zeros(bias_shape))
+
+    def forward(self, x):
+        return x * self.weight + (0 if self.bias is None else self.bias)
+
+
+class ScaleByMatrix(nn.Linear):  # a 2-D weight, a bias of the wrong shape
+    def __init__(self, n):
+        super().__init__(n, n, dtype=torch.float64)
+        self.bias = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "module, kernel, reason",
+    [
+        (Scale(5), LinearHandler, r"a weight of shape \(5,\), where the LinearHandler kernel "),
+        (Scale(5), Conv2dHandler, r"a weight of shape \(5,\), where the Conv2dHandler kernel "),
+        (ScaleByMatrix(5), LinearHandler, r"a bias of shape \(1,\), where the LinearHandler "),
+    ],
+)
+def test_a_kernel_registered_for_a_module_of_other_shapes_is_refused(
+    module, kernel, reason, restore_handlers
+):
+    """Found by a hunt: ``LinearHandler`` registered for a module with a 1-D weight
+    crashed inside its own ``K_tmv`` ("shape '[5]' is invalid for input of size 25").
+    Such a module is now one the kernel does not support: refused naming the shape, and
+    taken by the generic kernel under ``kernel='auto'``, exactly."""
+    rc.register_handler(type(module), kernel)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), module, nn.Linear(5, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    with pytest.raises(ValueError, match=rf"module '2' \({type(module).__name__}\) .*{reason}"):
+        rc.direction(model, x, y, kernel="structured")
+    auto = rc.direction(model, x, y, kernel="auto", damping=1e-3)
+    generic = rc.direction(model, x, y, kernel="generic", damping=1e-3)
+    assert rel_error(flatten(auto, model), flatten(generic, model)) < 1e-12
+
+
 @pytest.mark.parametrize("method", ["layerwise", "kfac"])
 def test_a_subclass_of_linear_is_refused_naming_the_parents_kernel(method, restore_handlers):
     """Found by a hunt: ``class MyLinear(nn.Linear)`` was refused as a module with no
