@@ -416,10 +416,13 @@ class PatchHandler(Handler):
                 f"a weight of shape {tuple(weight.shape)}, where the {cls.__name__} kernel "
                 f"takes a {cls.weight_dims}-D one"
             )
-        if isinstance(bias, Tensor) and bias.shape != weight.shape[:1]:
+        # a frozen bias the kernel never reads: nn.Linear broadcasts one of shape (1,) or ()
+        # (found by review: such a module, exact before, was refused, by K-FAC too)
+        trained_bias = isinstance(bias, Tensor) and bias.requires_grad
+        if trained_bias and bias.shape != weight.shape[:1]:
             return (
                 f"a bias of shape {tuple(bias.shape)}, where the {cls.__name__} kernel takes "
-                f"one of the weight's {weight.shape[0]} outputs"
+                f"one of shape {tuple(weight.shape[:1])}, an entry per output"
             )
         return None
 

@@ -333,13 +333,12 @@ def test_register_handler_for_new_type(restore_handlers):
 
 
 class Scale(nn.Module):
-    def __init__(self, n, bias_shape=None):
+    def __init__(self, n):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(n, dtype=torch.float64))
-        self.bias = None if bias_shape is None else nn.Parameter(torch.zeros(bias_shape))
 
     def forward(self, x):
-        return x * self.weight + (0 if self.bias is None else self.bias)
+        return x * self.weight
 
 
 class ScaleByMatrix(nn.Linear):  # a 2-D weight, a bias of the wrong shape
@@ -371,6 +370,22 @@ def test_a_kernel_registered_for_a_module_of_other_shapes_is_refused(
     auto = rc.direction(model, x, y, kernel="auto", damping=1e-3)
     generic = rc.direction(model, x, y, kernel="generic", damping=1e-3)
     assert rel_error(flatten(auto, model), flatten(generic, model)) < 1e-12
+
+
+@pytest.mark.parametrize("method", ["layerwise", "kfac"])
+@pytest.mark.parametrize("shape", [(1,), ()])
+def test_a_linear_with_a_frozen_broadcast_bias_keeps_its_kernel(shape, method):
+    """Found by review: ``nn.Linear`` broadcasts a bias of shape ``(1,)`` or ``()``; frozen,
+    the kernel never reads it, and such a module, exact under the structured kernel and
+    K-FAC, was refused by both once the bias's shape was checked."""
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 5)
+    linear.bias = nn.Parameter(torch.full(shape, 0.5), requires_grad=False)
+    model = nn.Sequential(linear, nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    structured = rc.direction(model, x, y, method=method, kernel="structured")
+    generic = rc.direction(model, x, y, method=method, kernel="generic")
+    assert rel_error(flatten(structured, model), flatten(generic, model)) < 1e-12
 
 
 @pytest.mark.parametrize("method", ["layerwise", "kfac"])
