@@ -26,6 +26,17 @@ def test_every_subcommand_has_the_common_options_and_an_example(command, capsys)
     assert f"riemann-bench {command}" in text.split("example:")[1]
 
 
+def test_validate_help_names_every_verdict(capsys):
+    """Found by a hunt: it listed four verdicts, not ``too noisy``, which most claims on
+    time read on a loaded machine."""
+    from riemann_core.scaling.validate import VERDICTS
+
+    with pytest.raises(SystemExit):
+        cli.main(["validate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(verdict in text for verdict in VERDICTS)
+
+
 def test_unavailable_device_is_a_clear_usage_error(capsys, monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(SystemExit) as exit_:

@@ -362,8 +362,9 @@ COMMANDS = (
         "Check the complexity claims on counted FLOPs (each method's cost model, the "
         "paper's exponents where the leading terms dominate, linear in depth) and on time "
         "(explained by the FLOPs at stable rates, the crossover width, structured vs "
-        "generic), and write claims.json: pass, fail, regime not reached or not measured, "
-        "each with its reason. --device and --quick only choose the default directory.",
+        "generic), and write claims.json: pass, fail, regime not reached, not measured or "
+        "too noisy, each with its reason. --device and --quick only choose the default "
+        "directory.",
         "validate --out reports/cpu",
         runs_on_device=False,
     ),

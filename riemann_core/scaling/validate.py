@@ -149,7 +149,15 @@ from ..measure.load import crowding
 from ..measure.output import write_atomic
 from ..measure.problems import widths
 from . import fit, grow
-from .sweep import AXIS_OPTIONS, METHODS, NEIGHBOUR_FACTOR, SPREAD_LIMIT, model_flops, shape_of
+from .sweep import (
+    AXIS_OPTIONS,
+    LINE_ROUNDS_PER_REPEAT,
+    METHODS,
+    NEIGHBOUR_FACTOR,
+    SPREAD_LIMIT,
+    model_flops,
+    shape_of,
+)
 
 PASS, FAIL = "pass", "fail"
 #: the basis of a claim decided by times of points measured in the same interleaved rounds
@@ -572,8 +580,10 @@ def _left_out(
 ) -> Claim:
     """``claim``, judged on the points ``kept``, with a note of the points of its ``runs``
     (method, kernel) left out of it because their stretches of time disagree
-    (:func:`~riemann_core.scaling.fit.stretches_disagree`). A regime not reached is too
-    noisy where some of them lie on the lines it was judged on (:func:`_on_lines`) and
+    (:func:`~riemann_core.scaling.fit.stretches_disagree`). A not measured is too noisy
+    where the sweep ran every one of ``runs`` and all the ok points of some were left out
+    so. A regime not reached is too noisy where some of them lie on the lines it was
+    judged on (:func:`_on_lines`) and
     ``rejudge`` (the claim, judged again on the points given) reads another verdict with
     them put back at one of their stretches of time (:func:`_at_stretch`), or where their
     times do not split into stretches: load, not the device, decided it. Found by review:
@@ -589,6 +599,18 @@ def _left_out(
         f"by more than {SPREAD_LIMIT:.0%} ({_stretches_of_points(mine)}): their pooled median "
         "is no time of the point; rerun the sweep on a quiet machine to judge them."
     )
+    if claim.verdict == NOT_MEASURED:
+        # the sweep ran them, load left every ok point of them out (found by a hunt: "The
+        # sweep did not run euclidean" beside all six of its points left out)
+        gone = [
+            f"{m} ({k})" for m, k in runs if _is_swept(mine, m, k) and not _is_swept(kept, m, k)
+        ]
+        unswept = [r for r in runs if not (_is_swept(kept, *r) or _is_swept(mine, *r))]
+        if gone and not unswept:
+            detail = f"Every measured point of {' and '.join(gone)} was left out:{note}"
+            return replace(claim, verdict=NOISY, detail=detail)
+        if gone:  # not measured, for the run the sweep did not run (not the one left out)
+            return replace(claim, detail=_not_measured("", "", "", *unswept[0]).detail + note)
     lines = _on_lines(mine, kept, base, runs, axes)
     if claim.verdict != NOT_REACHED or lines.empty:
         return replace(claim, detail=claim.detail + note)
@@ -913,9 +935,13 @@ def _in_range(rows: pd.DataFrame, within: str) -> pd.DataFrame:
 #: that grows with depth, so a larger such cost does not make a fail likelier to be excused.
 MIN_LINE_WORK = 0.25
 #: The fewest depths, and timed rounds at each, on which a depth line's curve is judged: a
-#: quadratic through three points leaves no scatter, and the bootstrap of a median of two
-#: rounds almost none.
-MIN_DEPTHS, MIN_DEPTH_ROUNDS = 4, 3
+#: quadratic through three points leaves no scatter, and the bootstrap of a median of few
+#: rounds understates its spread. Measured (600 draws of a line linear in L, depths 1-16,
+#: lognormal noise of 10% and 20% per call, rounds resampled whole): the 95% interval of
+#: the quadratic share held the true 0 in 76% of draws at 3 rounds, 86-87% at 4, 93-95% at
+#: 5; it lay beyond the tolerance, a fail, in 5-11% at 3 rounds, 0.5-2% at 5 (found by a
+#: hunt: a sweep with --repeats 1 times each stretch of a line in 3 rounds)
+MIN_DEPTHS, MIN_DEPTH_ROUNDS = 4, 5
 
 
 def _line_work(rows: pd.DataFrame, rates: Mapping[str, float]) -> float:
@@ -1000,7 +1026,7 @@ def _linear_in_depth(
         else:
             verdict, reason = verdicts[0]
             reason += " in each stretch" if reason else ""
-    if len(L) < MIN_DEPTHS or rounds < MIN_DEPTH_ROUNDS:
+    if len(L) < MIN_DEPTHS:
         # (found by review: exactly affine times failed at 3 depths of 3 rounds, 9 of 40;
         # and by a hunt: told to rerun where its stretches disagreed, which more rounds of
         # 3 depths cannot settle)
@@ -1023,6 +1049,24 @@ def _linear_in_depth(
             f"is judged from {MIN_LINE_WORK:.0%}): the line adds too little work beside what "
             "every call pays, and its curve is that of what the count does not see (per-call "
             "and per-module overhead, memory traffic); judge it at a larger base width or batch"
+        )
+    elif rounds < MIN_DEPTH_ROUNDS:
+        # (after the work: too little of it is no noise of the times; found by a hunt:
+        # exactly linear times failed at 3 rounds, 9 of 160 claims at 10% noise, their
+        # intervals as narrow as -45% [-53%, -42%])
+        verdict, reason = (
+            NOISY,
+            (
+                f": {rounds} round(s) of each depth{' in a stretch' if len(stretches) > 1 else ''} "
+                "are too few for the interval of a median to hold its spread (at least "
+                f"{MIN_DEPTH_ROUNDS}); "
+                + (
+                    f"sweep with --repeats {-(-MIN_DEPTH_ROUNDS // LINE_ROUNDS_PER_REPEAT)} "
+                    f"or more (a line's stretch takes {LINE_ROUNDS_PER_REPEAT} rounds a repeat)"
+                    if timed
+                    else "resume the sweep: it times the line again interleaved, in rounds"
+                )
+            ),
         )
     elif verdict == FAIL and not timed:
         # (found by a hunt: a linear line whose deepest point, an end no outlier check
@@ -1368,15 +1412,15 @@ def _crossover(df: pd.DataFrame, base: Mapping[str, int], n_boot: int, seed: int
         samples = {m: _samples_by(lines[lines["method"] == m]) for m in ("layerwise", "full")}
         # found by a hunt: under a large overhead noise moved the crossover read off the
         # medians (8..12 to 16..24 in a synthetic sweep): its interval says how far
-        single = any(samples[m][w].size < 2 for m in samples for w in both)
-        # one time has no spread to resample (found by review: read "12..12 (95%)")
+        single = any(samples[m][w].size < fit.MIN_BOOT_TIMES for m in samples for w in both)
+        # too few times to resample (found by review: one time read "12..12 (95%)")
         first, last = (
             (None, None) if single else _crossover_range(samples, both, start, n_boot, seed)
         )
         resampled = (
             f"it lies at widths {first}..{last} (95%)"
             if first
-            else "a point with one repeat time gives it no interval"
+            else f"a point with fewer than {fit.MIN_BOOT_TIMES} repeat times gives it no interval"
         )
         detail = f"Crossover {where}, from the {subject}; resampling the repeat times, {resampled}."
         # (found by review: the CPU run's crossover, 12, was where the per-call overheads
@@ -1616,11 +1660,12 @@ def _point(row) -> str:
 
 
 def _single_time(*samples: np.ndarray) -> str:
-    """What a claim decided on a point with one repeat time says (too noisy)."""
+    """What a claim decided on a point with fewer than
+    :data:`~riemann_core.scaling.fit.MIN_BOOT_TIMES` repeat times says (too noisy)."""
     sizes = " and ".join(str(s.size) for s in samples)
     return (
         f"With {sizes} repeat times there, the ratio has no interval: noise may have "
-        "decided it. Sweep with --repeats 2 or more."
+        f"decided it. Sweep with --repeats {fit.MIN_BOOT_TIMES} or more."
     )
 
 
