@@ -2,7 +2,8 @@
 
 :func:`time_by_kind` runs a call under ``torch.profiler`` and attributes the self time of
 every aten operation to the kind of the nearest operation, itself or an enclosing one,
-that :data:`KIND_OF_OP` names: ``products`` (GEMMs, BLAS ``syrk``, matrix-vector products),
+that :data:`KIND_OF_OP` names: ``products`` (GEMMs, in place and accumulating ones too,
+BLAS ``syrk``, matrix-vector products),
 ``cholesky`` (LAPACK's ``potrf`` called directly, ``riemann_core.woodbury.potrf_``;
 ``linalg_cholesky_ex`` with the copies and the triangle it clears),
 ``triangular`` (triangular solves); every other operation is ``other ops`` (elementwise
@@ -28,19 +29,33 @@ from torch.profiler import ProfilerActivity, profile
 
 from .timing import synchronize
 
+#: Operation -> kind: every one that :data:`riemann_core.measure.flops.LINALG` counts as a
+#: product, a Cholesky or a triangular solve, and the GEMMs ``FlopCounterMode`` counts, so
+#: that a kind's time and its counted FLOPs are of the same operations (found by an audit:
+#: the accumulating products, ``addmm_`` forming a dense metric from the samples' Grams,
+#: were timed as other operations while their FLOPs counted as products).
 KIND_OF_OP = {
     "aten::mm": "products",
     "aten::addmm": "products",
+    "aten::addmm_": "products",
     "aten::bmm": "products",
     "aten::baddbmm": "products",
+    "aten::baddbmm_": "products",
+    "aten::addbmm": "products",
+    "aten::addbmm_": "products",
     "aten::mv": "products",
     "aten::addmv": "products",
+    "aten::addmv_": "products",
+    "aten::addr": "products",
+    "aten::addr_": "products",
     "aten::dot": "products",
+    "aten::vdot": "products",
     "riemann_core::syrk_": "products",
     "aten::linalg_cholesky_ex": "cholesky",
     "riemann_core::potrf_": "cholesky",
     "aten::linalg_solve_triangular": "triangular",
     "aten::cholesky_solve": "triangular",
+    "aten::cholesky_inverse": "triangular",
 }
 KINDS = ("products", "cholesky", "triangular", "other ops", "overhead")
 

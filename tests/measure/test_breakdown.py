@@ -48,3 +48,25 @@ def test_an_operation_inside_a_named_one_takes_its_kind():
     assert _kind(linear) == "other ops"
     assert _kind(Event(name="aten::tril", cpu_parent=None)) == "other ops"
     assert KIND_OF_OP["aten::linalg_solve_triangular"] == "triangular"
+
+
+def test_accumulating_products_are_timed_as_products():
+    """Found by an audit: ``addmm_`` (the samples' Grams summed into a dense metric,
+    ``LinearHandler.metric_into``: 83% of the layerwise direction's FLOPs on 8-4-3 at batch
+    512) was timed as another operation while its FLOPs counted as products."""
+    torch.manual_seed(0)
+    a, s = torch.randn(256, 256), torch.zeros(256, 256)
+    u, a3, s3 = torch.randn(256), a[None], s[None]
+    seconds = time_by_kind(lambda: (s.addmm_(a, a), s.addr_(u, u), s3.baddbmm_(a3, a3)), calls=2)
+    assert seconds["products"] > 0 and seconds["other ops"] == 0
+
+
+def test_every_kind_the_flop_counter_counts_is_timed_as_that_kind():
+    """Each operation the FLOP counter's table counts as a product, a Cholesky or a
+    triangular solve has that kind here, so that a kind's time and FLOPs are of the same
+    operations (profiler names: ``aten::mm`` for ``aten.mm``)."""
+    from riemann_core.measure.flops import LINALG
+
+    for op, (kind, _) in LINALG.items():
+        if kind in KINDS:
+            assert KIND_OF_OP.get(str(op).replace(".", "::", 1)) == kind, op
