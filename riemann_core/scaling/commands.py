@@ -282,7 +282,7 @@ def run_validate(args) -> int:
     }
     validate.write_claims(claims, out / "claims.json", device_names=names, provenance=provenance)
     for name, c in pairs:
-        unknown = c.low is None or math.isnan(c.low)  # (one repeat time: no interval)
+        unknown = c.low is None or math.isnan(c.low)  # (too few repeat times: no interval)
         interval = "" if unknown else f" [{c.low:.3g}, {c.high:.3g}]"
         measured = "" if c.measured is None else f" {c.measured:.3g}{interval}"
         where = f"{name}: " if len(set(names)) > 1 else ""

@@ -370,9 +370,10 @@ def quadratic_share(
     interleaved, equally many repeats), so rounds are resampled whole: a slow round then
     slows every point of a replicate alike, as it did the measurement, instead of bending
     the replicate's curve. Returned as a :class:`SlopeFit` whose ``slope`` is the share;
-    its interval is ``nan`` where a point has a single time (nothing to resample).
+    its interval is ``nan`` where a point has fewer than :data:`MIN_BOOT_TIMES` times,
+    whose spread the resamples do not hold.
 
-    >>> round(quadratic_share([1, 2, 3, 4], [[3.0], [5.0], [7.0], [9.0]]).slope, 9)
+    >>> abs(round(quadratic_share([1, 2, 3, 4], [[3.0], [5.0], [7.0], [9.0]]).slope, 9))
     0.0
     """
     xs = np.asarray(x, float)
@@ -401,8 +402,8 @@ def quadratic_share(
         boot[:, i] = np.median(s[draw], axis=1)
     boots = shares(np.broadcast_to(scaled, boot.shape), boot)
     low, high = np.percentile(boots, [2.5, 97.5])
-    if min(s.size for s in samples) < 2:  # one time has no spread to resample (found by
-        low = high = math.nan  # review: a zero-width interval was recorded)
+    if min(s.size for s in samples) < MIN_BOOT_TIMES:  # (found by review: one time's
+        low = high = math.nan  # interval was zero-width; two times' 4 resamples of rounds)
     return SlopeFit(estimate, float(low), float(high), xs.size, (float(xs.min()), float(xs.max())))
 
 

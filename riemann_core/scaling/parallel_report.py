@@ -30,7 +30,9 @@ overhead is at most ``OVERHEAD_TARGET`` of the time and the machine was steady.
   ``S = t(1) / t(P)`` (medians, a 95% bootstrap interval over the repeats), against the
   model's ``t(1) / (t0 blocks_P / blocks_1 + T_P / R)``: ``pass`` when ``S`` lies within
   ``1 +- TIME_BAND`` of it with an interval at most :data:`MAX_INTERVAL_WIDTH` wide;
-  ``fail`` when the interval lies outside the band; ``too noisy`` otherwise, or when the
+  ``fail`` when the interval lies outside the band; ``too noisy`` otherwise, or where a
+  side has fewer than :data:`~riemann_core.scaling.fit.MIN_BOOT_TIMES` repeat times (no
+  interval: the bootstrap of a median of fewer understates its spread), or when the
   GEMM rates measured before, between and after the world sizes differ by more than
   ``SPREAD_LIMIT``, or the single rank's, read while it was timed, lies more than
   ``SPREAD_LIMIT`` below the best of them (the base of every speedup timed under load),
@@ -71,7 +73,7 @@ from ..measure.output import (
     write_json,
 )
 from ..ownership import greedy_ratio, loads
-from .fit import N_BOOT, OVERHEAD_TARGET, TIME_BAND, took_slow_path
+from .fit import MIN_BOOT_TIMES, N_BOOT, OVERHEAD_TARGET, TIME_BAND, took_slow_path
 from .sweep import DTYPES, SPREAD_LIMIT
 from .validate import FAIL, NOISY, NOT_REACHED, PASS, Claim
 
@@ -433,8 +435,15 @@ def time_model(rows: pd.DataFrame) -> tuple[float, float]:
 
 
 def _speedup_interval(base: list[float], times: list[float], n_boot: int, seed: int):
+    """``median(base) / median(times)`` and its 95% bootstrap interval (each side's times
+    resampled); the interval is ``nan`` where a side has fewer than
+    :data:`~riemann_core.scaling.fit.MIN_BOOT_TIMES` times, whose spread the resamples do
+    not hold (found by review: at ``--repeats 1`` a solve 2x slower failed at a speedup
+    ratio of 0.5 [0.5, 0.5], on one timing a side)."""
     rng = np.random.default_rng(seed)
     base, times = np.asarray(base), np.asarray(times)
+    if min(base.size, times.size) < MIN_BOOT_TIMES:
+        return np.median(base) / np.median(times), math.nan, math.nan
     draws = [
         np.median(rng.choice(base, base.size)) / np.median(rng.choice(times, times.size))
         for _ in range(n_boot)
@@ -460,7 +469,8 @@ def _solve_time(method: str, rows: pd.DataFrame, meta: dict, *, n_boot: int, see
         row = slowest.loc[P]
         overhead = t0 * row["owned_blocks"] / blocks  # the overhead is per block solved
         predicted = slowest.iloc[0]["solve_s"] / (overhead + row["flops_solve"] / rate)
-        S, low, high = _speedup_interval(base, json.loads(row["solve_times_s"]), n_boot, seed)
+        times = json.loads(row["solve_times_s"])
+        S, low, high = _speedup_interval(base, times, n_boot, seed)
         ratio, lo, hi = S / predicted, low / predicted, high / predicted
         if P * threads > cores:
             verdict = NOT_REACHED
@@ -487,6 +497,13 @@ def _solve_time(method: str, rows: pd.DataFrame, meta: dict, *, n_boot: int, see
             verdict = NOT_REACHED
             share = overhead / row["solve_s"]
             reason = f"overhead {overhead * 1e3:.2g} ms is {share:.0%} of the solve"
+        elif math.isnan(lo):
+            verdict = NOISY
+            reason = (
+                f"with {len(base)} and {len(times)} repeat times at P=1 and P={P}, the speedup "
+                "has no interval: noise may have decided it; rerun with --repeats "
+                f"{MIN_BOOT_TIMES} or more"
+            )
         elif (hi < 1 - TIME_BAND or lo > 1 + TIME_BAND) and (
             credited := _credited(timed, reached, P, lo, hi)
         ):
@@ -507,7 +524,8 @@ def _solve_time(method: str, rows: pd.DataFrame, meta: dict, *, n_boot: int, see
                 float(lo),
                 float(hi),
                 verdict,
-                f"{reason}; solve speedup {S:.2f} [{low:.2f}, {high:.2f}], model "
+                f"{reason}; solve speedup {S:.2f}"
+                f"{'' if math.isnan(low) else f' [{low:.2f}, {high:.2f}]'}, model "
                 f"{predicted:.2f} (t0 {t0 * 1e3:.2g} ms for {blocks} blocks, "
                 f"R {rate / 1e9:.3g} GFLOP/s)",
                 basis="time",

@@ -1137,7 +1137,7 @@ def _per_layer(L: np.ndarray, times: np.ndarray) -> str:
 def _share(curve: fit.SlopeFit) -> str:
     """``12% [3%, 20%]``: a quadratic share with its interval."""
     if math.isnan(curve.low):
-        return f"{curve.slope:.0%} (no interval: a depth timed once)"
+        return f"{curve.slope:.0%} (no interval: under {fit.MIN_BOOT_TIMES} times a depth)"
     return f"{curve.slope:.0%} [{curve.low:.0%}, {curve.high:.0%}]"
 
 
@@ -1358,7 +1358,8 @@ def _reaches_beyond(exponent: fit.SlopeFit) -> bool:
     work (found by a hunt: time ~ work^1.4, every kind at a stable rate, read 1.25 [1.18,
     1.34] for K-FAC, whose eigendecompositions stay as batch grows, and passed), while
     below the band rates that still climb delay the regime at most. An interval not
-    measured (nan: two points of one time each) reaches anywhere."""
+    measured (nan: two points, one of fewer than ``fit.MIN_BOOT_TIMES`` times) reaches
+    anywhere."""
     return not 1 - STABLE_REACH <= exponent.low <= exponent.high <= 1 + TIME_BAND
 
 

@@ -437,3 +437,14 @@ def test_a_median_of_two_times_gives_no_interval():
     slope = fit.loglog_slope([1, 2], [[1.0, 1.1], [2.0, 2.1, 1.9]], n_boot=100)
     assert math.isnan(slope.low) and math.isnan(slope.high) and slope.slope > 0
     assert not math.isnan(fit.loglog_slope([1, 2], [[1.0, 1.1, 0.9]] * 2, n_boot=100).low)
+
+
+def test_a_quadratic_share_of_two_times_a_depth_has_no_interval():
+    """Found by review: the depth line's bootstrap kept an interval from two rounds (four
+    resamples of them) after medians of two times had lost theirs; three give one."""
+    L = [2, 3, 5, 9]
+    for paired in (True, False):
+        two = fit.quadratic_share(L, [[v, 1.1 * v] for v in L], n_boot=100, paired=paired)
+        assert math.isnan(two.low) and math.isnan(two.high) and two.slope == pytest.approx(0)
+        three = [[v, 1.1 * v, 0.95 * v] for v in L]
+        assert not math.isnan(fit.quadratic_share(L, three, n_boot=100, paired=paired).low)

@@ -243,6 +243,28 @@ def test_solve_time_that_does_not_fall_with_the_work_fails():
     assert found["solve-time-layerwise-P2"] == "fail"
 
 
+@pytest.mark.parametrize("repeats", [1, 2])
+def test_a_speedup_of_too_few_repeat_times_decides_no_time_verdict(repeats):
+    """Found by review: at --repeats 1 a solve at P = 2 2x slower than its work failed at
+    0.5 [0.5, 0.5], on one timing a side; the bootstrap of a median of fewer than three
+    times understates its spread, as the scaling study's claims on time say. Three decide."""
+    frame, meta = synthetic()
+    at = frame["ranks"] == 2
+    _scale_times(frame, at, 2.0)
+    assert verdicts(frame, meta)["solve-time-layerwise-P2"] == "fail"
+    frame["solve_times_s"] = frame["solve_times_s"].map(
+        lambda s: json.dumps(json.loads(s)[:repeats])
+    )
+    claim = next(c for c in pr.claims(frame, meta, n_boot=200) if c.id == "solve-time-layerwise-P2")
+    assert claim.verdict == "too noisy" and claim.to_dict()["low"] is None, claim.detail
+    assert f"with {repeats} and {repeats} repeat times at P=1 and P=2" in claim.detail
+    assert "rerun with --repeats 3 or more" in claim.detail and "nan" not in claim.detail
+    frame["solve_times_s"] = frame["solve_times_s"].map(
+        lambda s: json.dumps(json.loads(s) + [json.loads(s)[0]] * (3 - repeats))
+    )
+    assert verdicts(frame, meta)["solve-time-layerwise-P2"] == "fail"
+
+
 def test_claims_on_the_work_over_p_need_more_than_one_rank():
     """Found by review: with --ranks 1 they passed with nothing to judge."""
     found = verdicts(*synthetic(ranks=(1,)))

@@ -820,7 +820,7 @@ def test_claims_decided_on_one_time_per_side_are_too_noisy():
     assert "bootstrapped" not in by_id(claims, "structured-vs-generic").detail
     # found by review: the depth line's interval of one time per depth read zero-width
     depth = by_id(claims, "linear-in-depth-layerwise")
-    assert math.isnan(depth.low) and "(no interval: a depth timed once)" in depth.detail
+    assert math.isnan(depth.low) and "(no interval: under 3 times a depth)" in depth.detail
     assert depth.to_dict()["low"] is None
 
 
