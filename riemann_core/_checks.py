@@ -639,6 +639,14 @@ def check_inputs(args: tuple, kwargs: dict, targets, checks: Deferred) -> None:
         if targets is not None and (targets.ndim == 0 or targets.shape[0] != first.shape[0]):
             N = first.shape[0]
             flattened = targets.ndim > 0 and targets.shape[0] > N and targets.shape[0] % N == 0
+            # 1-D ids with offsets (nn.EmbeddingBag) hold every sample's ids on one axis
+            # (found by review: the message left the fix to guess)
+            bags = (
+                first.ndim == 1
+                and not first.is_floating_point()
+                and targets.ndim > 0
+                and targets.shape[0] < N
+            )
             raise ValueError(
                 f"targets (shape {tuple(targets.shape)}) must have one entry per sample: "
                 f"inputs have a batch of {N}"
@@ -647,6 +655,14 @@ def check_inputs(args: tuple, kwargs: dict, targets, checks: Deferred) -> None:
                     f"({N}, T, C) and pass targets of shape ({N}, T): cross-entropy reads "
                     "them per position)"
                     if flattened
+                    else ""
+                )
+                + (
+                    " (the batch is the first dimension of the first positional tensor: where "
+                    "it holds every sample's ids on one axis, as nn.EmbeddingBag's 1-D ids with "
+                    "offsets do, pass the bags as a 2-D (N, length) tensor of ids, shorter bags "
+                    "padded with padding_idx)"
+                    if bags
                     else ""
                 )
             )

@@ -1904,6 +1904,30 @@ def test_embedding_bag_with_offsets_is_refused_naming_the_2d_input():
         assert torch.equal(p.grad, g)
 
 
+def test_embedding_bag_with_offsets_in_direction_names_the_2d_input():
+    """Found by review: ``rc.direction`` reads the batch off the 1-D ids (14 of them for 6
+    bags), so it refused the targets, "must have one entry per sample: inputs have a batch of
+    14", without the fix that ``pre.step()`` names. Now the message names it too; a 2-D
+    input of ids is taken."""
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag, self.head = nn.EmbeddingBag(9, 5, mode="mean"), nn.Linear(5, 4)
+
+        def forward(self, ids, offsets=None):
+            return self.head(torch.tanh(self.bag(ids, offsets)))
+
+    torch.manual_seed(39)
+    model = Bag().double()
+    ids, offsets = torch.randint(0, 9, (14,)), torch.tensor([0, 2, 5, 5, 9, 11])
+    y = torch.randint(0, 4, (6,))
+    with pytest.raises(ValueError, match=r"EmbeddingBag's 1-D ids.*2-D \(N, length\) tensor"):
+        rc.direction(model, (ids, offsets), y, kernel="auto")
+    dirs = rc.direction(model, torch.randint(0, 9, (6, 3)), y, kernel="auto")
+    assert sorted(dirs) == sorted(name for name, _ in model.named_parameters())
+
+
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 def test_the_generic_kernel_leaves_a_quantisation_observer_as_it_was():
     """Found by a hunt: evaluating a QAT Linear one sample at a time ran its observer on
