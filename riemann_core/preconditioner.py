@@ -979,7 +979,7 @@ class RiemannianPreconditioner:
                     p.grad = torch.empty_like(p).copy_(direction)
         self._wrote(params, directions)
         self.diagnostics = diagnostics
-        self._commit(params)
+        self._commit(params, directions)
         _warn_off_output(off, opts.damping)
 
     @staticmethod
@@ -1177,11 +1177,11 @@ class RiemannianPreconditioner:
         ]
         return buffers_kept(self.network, self._batch[3].copies, inside)
 
-    def _commit(self, params) -> None:
+    def _commit(self, params, directions) -> None:
         """Keep K-FAC's state of a step on ``params`` (the trainable ``(name, parameter)``
-        pairs) that succeeded."""
+        pairs) that succeeded, which wrote ``directions`` (by name)."""
         if self._kfac is not None:
-            self._kfac.commit(params)
+            self._kfac.commit(params, set(directions))
 
     @torch.no_grad()
     def step(self) -> None:
@@ -1323,7 +1323,7 @@ class RiemannianPreconditioner:
                 p.grad.copy_(directions[name])
         self._wrote(params, directions)
         self._note_overflow(False)
-        self._commit(params)
+        self._commit(params, directions)
         if self._passes is not None:
             self._passes.clear()
         if self._differentiated is not None:

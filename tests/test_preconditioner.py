@@ -1796,6 +1796,73 @@ def test_kfac_reuses_a_branch_skipped_between_refreshes_whatever_the_decay(call)
             torch.testing.assert_close(averaged[name], plain[name], rtol=1e-12, atol=1e-14)
 
 
+class AsideBranch(Branched):
+    """:class:`Branched` whose skipped branch is still called, its output kept aside (or
+    computed under ``torch.no_grad()``): the loss does not reach it."""
+
+    def __init__(self, aside: str):
+        super().__init__()
+        self.aside = aside
+
+    def forward(self, x, branch=True):
+        h = torch.tanh(self.first(x))
+        if branch:
+            return self.last(torch.tanh(self.branch(h)))
+        with torch.no_grad() if self.aside == "no_grad" else contextlib.nullcontext():
+            self.kept = self.branch(h)
+        return self.last(h)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.9])
+@pytest.mark.parametrize("aside", ["kept", "no_grad"])
+@pytest.mark.parametrize("call", ["step", "backward"])
+def test_kfac_a_module_the_loss_does_not_reach_at_a_refresh_counts_as_not_called(
+    call, aside, decay
+):
+    """Found by a hunt: a branch called at a refresh but kept aside from the loss had its
+    ``Gamma`` of that batch, zero, cached (and averaged): until the next refresh its
+    metric was ``mu I`` and its direction, once the loss used it again, 5-39x the fresh
+    one (silently). Now it is refactorised at its next call, as a branch not called is,
+    and its running averages start there."""
+    runs = []
+    for model in (Branched(), AsideBranch(aside)):
+        torch.manual_seed(0)
+        model.load_state_dict(Branched().state_dict())
+        model.double()
+        pre = rc.RiemannianPreconditioner(
+            model, method="kfac", damping=1e-3, kfac_refresh=3, kfac_decay=decay
+        )
+        gen, directions = torch.Generator().manual_seed(1), []
+        for branch in (False, True, True):
+            x = torch.randn(8, 5, generator=gen, dtype=torch.float64)
+            y = torch.randint(0, 4, (8,), generator=gen)
+            if branch and not directions[1:]:  # the step that calls the branch again
+                fresh = rc.direction(model, x, y, method="kfac", damping=1e-3)
+            model.zero_grad()
+            loss = F.cross_entropy(model(x, branch), y)
+            if call == "step":
+                loss.backward()
+                pre.step()
+            else:
+                pre.backward(loss)
+            directions.append({n: p.grad.clone() for n, p in model.named_parameters()
+                               if p.grad is not None})  # fmt: skip
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad if p.grad is not None else 0
+        assert "branch.weight" not in directions[0]
+        torch.testing.assert_close(directions[1]["branch.weight"], fresh["branch.weight"])
+        runs.append((directions, pre.state_dict()["kfac"]["averages"]))
+    (not_called, averages), (aside_run, aside_averages) = runs
+    for a, b in zip(aside_run, not_called, strict=True):
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-12, atol=1e-14)
+    assert aside_averages.keys() == averages.keys()
+    for key, average in averages.items():
+        torch.testing.assert_close(aside_averages[key], average, rtol=1e-12, atol=1e-14)
+
+
 def test_kfac_running_average_of_a_weight_apart_from_its_bias_outlives_a_frozen_bias():
     """``kfac_bias="separate"``: the weight's input factor ``mean x x^T`` does not depend
     on the bias, so its running average goes on while the bias is frozen and after it is

@@ -643,20 +643,35 @@ class KFACState:
         }
         return directions, diagnostics
 
-    def commit(self, params) -> None:
+    def commit(self, params, solved: set[str] | None = None) -> None:
         """Keep what the step on ``params`` (the trainable ``(name, parameter)`` pairs)
         computed, and count it: the blocks of the modules it saw; between refreshes also
         the cached blocks of modules it did not call whose parameters are all still
         trainable (found by a hunt: a branch skipped by one step was refactorised off
         schedule when it came back, with running averages), until the next refresh keeps
-        only the blocks it made."""
-        self._averages.update(self._pending_averages)
-        self._shapes.update(self._pending_shapes)
+        only the blocks it made. A module none of whose parameters is in ``solved`` (the
+        names given a direction; ``None``: all) counts as not called: its output did not
+        reach the loss (an auxiliary head kept aside, a call under ``torch.no_grad()``),
+        so its ``Gamma`` of this batch is zero (found by a hunt: cached at a refresh, the
+        head's metric was ``mu I`` until the next one, its direction 5-39x the fresh one
+        once the loss used it again; averaged, zeros weighed the average down)."""
+        skipped = {
+            name
+            for name, (_, s) in self._pending.items()
+            if solved is not None and solved.isdisjoint(s.param_names)
+        }
+        self._averages.update(
+            (key, a) for key, a in self._pending_averages.items() if _owner(key) not in skipped
+        )
+        self._shapes.update(
+            (key, s) for key, s in self._pending_shapes.items() if _owner(key) not in skipped
+        )
         current = {(n, id(p)) for n, p in params}
         kept = {} if self.due else self._cached
         self._cached = {name: c for name, c in kept.items() if _identities([c]) <= current} | {
             name: self._cached[name] if handler is None else _cache(handler, s)
             for name, (handler, s) in self._pending.items()
+            if name not in skipped
         }
         self.steps += 1
         self.discard()
@@ -718,6 +733,11 @@ def average_key(owner: str, factor: str) -> str:
     factor, with a column of ones where the bias joins the weight: then another order, and
     an average of another order starts afresh)."""
     return f"{owner}:{factor}"
+
+
+def _owner(key: str) -> str:
+    """The module of the running average ``key`` (:func:`average_key`)."""
+    return key.rsplit(":", 1)[0]
 
 
 def _identities(solved) -> set[tuple[str, int]]:
