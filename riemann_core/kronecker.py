@@ -406,7 +406,10 @@ def exact_solve(V: Tensor, G: Eigen, A: Eigen, damping: float) -> Tensor:
         W = W * G.values[:, None]
     if A.complete:
         W = W * A.values[None, :]
-    correction = torch.linalg.multi_dot([G.vectors, W / (damping * (ga + damping)), A.vectors.T])
+    # divided in two steps: the product mu (g a^T + mu) overflows float32 where each
+    # factor does not (found by a hunt: inputs of 1e11 at damping 1e19 made it inf, the
+    # correction zero and the direction V / mu, 24x off without a word)
+    correction = torch.linalg.multi_dot([G.vectors, W / (ga + damping) / damping, A.vectors.T])
     return V / damping - correction
 
 

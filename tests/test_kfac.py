@@ -584,3 +584,21 @@ def test_the_exact_damping_s_condition_of_a_wide_float32_layer_is_not_read_high(
             )  # fmt: skip
         conditions.append(diags[0].condition)
     assert conditions[0] == pytest.approx(conditions[1], rel=0.1)
+
+
+@pytest.mark.parametrize(("scheme", "bias"), VARIANTS)
+def test_thin_factors_of_large_inputs_at_a_matching_damping(scheme, bias):
+    """A float32 layer on inputs of 1e11 at damping 1e19 (``cond(G)`` ~ 1e3, the same
+    problem as at scale 1): the thin factors' correction is divided by ``g a^T + mu`` and
+    by ``mu`` in turn, whose product (1e41) overflows float32 (found by a hunt: the
+    correction read zero and the direction ``g / mu``, 24x off without a word)."""
+    problem = Problem(loss="mse", act="relu")  # batch 4 under 6 and 5 patch columns: thin
+    model, x, y = problem.make(torch.float32)
+    x, y, damping = x * 1e11, y * 1e11, 1e19
+    dirs = rc.direction(
+        model, x, y, loss="mse", method="kfac", damping=damping,
+        kfac_damping=scheme, kfac_bias=bias,
+    )  # fmt: skip
+    factors = kfac_factors(model, x, y, "mse")
+    expected = solve_kfac_metric(factors, gradient(model, x, y, "mse"), damping, scheme, bias)
+    assert rel_error(flatten(dirs, model), expected) < 1e-3
