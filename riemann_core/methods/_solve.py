@@ -509,8 +509,12 @@ def _check_residual(
     s.forward_goal = s.jitter > 0 or torch.finfo(s.factor_dtype).eps * decisive > bound / 4
     if residual is not None:
         value = residual.value
-    elif s.forward_goal:
-        took("residual")
+    elif s.forward_goal or opts.diagnostics:
+        # read for the diagnostics where no settle read it (K-FAC's): refined and held as
+        # a Woodbury solve's (found by a hunt: K-FAC's overflowed thin algebra reported a
+        # residual of 9.6e2 at cond(G) ~ 1e3, and the direction came back without a word)
+        if s.forward_goal:
+            took("residual")
         # diagnostics report the direct evaluation; otherwise it decides only what the
         # evaluation from small factors leaves open (too close to the bound to tell)
         value = None if opts.diagnostics else s.residual_settled(problem, opts.damping, bound)
