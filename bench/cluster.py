@@ -346,7 +346,8 @@ def write(out: Path, record: dict) -> None:
         "# Dispatching sweeps to dask.distributed",
         "",
         f"Produced by `{record['command']}` on {env['device_name']} ({env['threads']} torch "
-        f"threads, commit {env['commit']}); every timing is in `cluster.json`. The goal: the "
+        f"threads, torch {env['torch']}, commit {env['commit']}); every timing is in "
+        "`cluster.json`. The goal: the "
         f"dask path at most {GOAL_RATIO - 1:.0%} slower than the in-process loop with one "
         "local worker.",
         "",
@@ -415,8 +416,11 @@ def write(out: Path, record: dict) -> None:
     write_atomic(out / "cluster.md", "\n".join(lines))
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    sizes = list(result["throughput"])
-    ideal = [result["throughput"][w]["ideal_points_per_s"] for w in sizes]
+    # cluster sizes as numbers: read back from cluster.json (--report-only) the summary's
+    # keys are text, which matplotlib draws as categories at 0, 1, 2 beside the rounds'
+    # dots at 1, 2, 4 (found by redrawing the committed report)
+    sizes = [int(w) for w in result["throughput"]]
+    ideal = [v["ideal_points_per_s"] for v in result["throughput"].values()]
     ax.plot(sizes, ideal, "--", color="0.5", label="ideal: workers / duration")
     ax.plot(
         [r["workers"] for r in record["throughput"]],
@@ -426,7 +430,7 @@ def write(out: Path, record: dict) -> None:
         alpha=0.5,
         label="measured, one dot per round",
     )
-    measured = [result["throughput"][w]["points_per_s"] for w in sizes]
+    measured = [v["points_per_s"] for v in result["throughput"].values()]
     ax.plot(sizes, measured, "-", color="C0", label="median")
     ax.set(xlabel="workers (one fake device each)", ylabel="points per second", xticks=sizes)
     ax.legend(fontsize=7)

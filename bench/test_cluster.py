@@ -35,7 +35,7 @@ def test_the_interleaved_measurement_reports_wall_and_timed_ratios(tmp_path):
     assert empty["wall_s"] > 0 and empty["client_cpu_s"] > 0 and empty["worker_cpu_s"] > 0
     record = {
         "command": "python -m bench.cluster",
-        "environment": {"device_name": "cpu", "threads": 1, "commit": "abc"},
+        "environment": {"device_name": "cpu", "threads": 1, "torch": "2.13.0", "commit": "abc"},
         "point_seconds": 0.2,
         "results": str(tmp_path / "tiny"),
         **cluster.sweep_of(tmp_path / "tiny"),
@@ -121,3 +121,51 @@ def test_a_failed_round_shows_its_own_error(tmp_path, capfd):
         cluster.interleaved(1, 10, tmp_path)
     error = capfd.readouterr().err
     assert f"{tmp_path}/results.csv is not a results file" in " ".join(error.split()), error
+
+
+def _recorded_throughput(out: Path) -> None:
+    """A ``cluster.json`` in ``out`` with two rounds of throughput and nothing else."""
+    rounds = [
+        {"round": r, "workers": w, "points": 126, "startup_s": 1.0, "seconds": 126 / (4.9 * w),
+         "points_per_s": 4.9 * w, "ideal_points_per_s": 5.0 * w}
+        for r in range(2)
+        for w in cluster.WORKERS
+    ]  # fmt: skip
+    record = {
+        "command": "python -m bench.cluster --out x",
+        "environment": {"device_name": "cpu", "threads": 1, "torch": "2.13.0", "commit": "abc"},
+        "point_seconds": 0.2,
+        "results": None,
+        "interleaved": [],
+        "end_to_end": [],
+        "throughput": rounds,
+    }
+    record["summary"] = cluster.summary(record)
+    (out / "cluster.json").write_text(json.dumps(record))
+
+
+def test_the_redrawn_throughput_figure_puts_every_cluster_size_at_its_number(tmp_path, monkeypatch):
+    """Found by redrawing the committed report: read back from ``cluster.json``, the
+    summary's cluster sizes are text, drawn as categories at 0, 1, 2 while each round's dots
+    stood at 1, 2, 4."""
+    from riemann_core.measure import output
+
+    _recorded_throughput(tmp_path)
+    figures = []
+    monkeypatch.setattr(output, "save_figure", lambda fig, path: figures.append(fig))
+    assert cluster.main(["--out", str(tmp_path), "--report-only"]) == 0
+    (fig,) = figures
+    ideal, dots, median = fig.axes[0].lines
+    assert list(dots.get_xydata()[:, 0]) == [1, 2, 4, 1, 2, 4]
+    for line in (ideal, median):
+        assert list(line.get_xydata()[:, 0]) == [1, 2, 4]
+    assert list(median.get_xydata()[:, 1]) == pytest.approx([4.9, 9.8, 19.6])
+
+
+def test_the_report_names_the_torch_that_measured_it(tmp_path):
+    """Found by an audit of the committed reports: ``cluster.md`` named the device, threads
+    and commit, but its torch only in ``cluster.json``, unlike every other report."""
+    _recorded_throughput(tmp_path)
+    assert cluster.main(["--out", str(tmp_path), "--report-only"]) == 0
+    text = (tmp_path / "cluster.md").read_text()
+    assert "on cpu (1 torch threads, torch 2.13.0, commit abc)" in text
