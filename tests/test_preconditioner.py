@@ -1863,6 +1863,50 @@ def test_kfac_a_module_the_loss_does_not_reach_at_a_refresh_counts_as_not_called
         torch.testing.assert_close(aside_averages[key], average, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("decay", [0.0, 0.9])
+@pytest.mark.parametrize("bias", ["joint", "separate"])
+def test_kfac_a_grad_zeroed_in_place_that_the_loss_does_not_reach_counts_as_none(bias, decay):
+    """Found by review: after ``zero_grad(set_to_none=False)`` the branch kept aside at a
+    refresh held a ``.grad`` of zeros, which ``pre.step()`` took as a gradient: its ``Gamma``
+    of zero was cached (and averaged), its direction 1.3x (``"joint"``), 2.9x
+    (``"separate"``) the fresh one once the loss used it again. A ``.grad`` no backward pass
+    accumulated into since the forward pass is none, as ``set_to_none=True`` leaves it."""
+    runs = []
+    for set_to_none in (True, False):
+        torch.manual_seed(0)
+        model = AsideBranch("kept").double()
+        pre = rc.RiemannianPreconditioner(
+            model, method="kfac", damping=1e-3, kfac_refresh=3, kfac_decay=decay, kfac_bias=bias
+        )
+        gen, directions = torch.Generator().manual_seed(1), []
+        for branch in (True, False, False, False, True):  # aside at the refresh of step 3
+            x = torch.randn(8, 5, generator=gen, dtype=torch.float64)
+            y = torch.randint(0, 4, (8,), generator=gen)
+            fresh = rc.direction(model, x, y, method="kfac", damping=1e-3, kfac_bias=bias)
+            model.zero_grad(set_to_none=set_to_none)
+            F.cross_entropy(model(x, branch), y).backward()
+            pre.step()
+            # (the aside branch's direction: None, or zeros in place)
+            grads = {
+                n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                for n, p in model.named_parameters()
+            }
+            directions.append(grads)
+            with torch.no_grad():
+                for p, g in zip(model.parameters(), grads.values(), strict=True):
+                    p -= 0.1 * g
+        if decay == 0:  # not cached at step 3: refactorised from step 4's batch
+            torch.testing.assert_close(directions[-1]["branch.weight"], fresh["branch.weight"])
+        runs.append((directions, pre.state_dict()["kfac"]["averages"]))
+    (none, averages), (zeroed, zeroed_averages) = runs
+    for a, b in zip(zeroed, none, strict=True):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-12, atol=1e-14)
+    assert zeroed_averages.keys() == averages.keys()
+    for key, average in averages.items():
+        torch.testing.assert_close(zeroed_averages[key], average, rtol=1e-12, atol=1e-14)
+
+
 def test_kfac_running_average_of_a_weight_apart_from_its_bias_outlives_a_frozen_bias():
     """``kfac_bias="separate"``: the weight's input factor ``mean x x^T`` does not depend
     on the bias, so its running average goes on while the bias is frozen and after it is

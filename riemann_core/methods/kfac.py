@@ -650,11 +650,12 @@ class KFACState:
         trainable (found by a hunt: a branch skipped by one step was refactorised off
         schedule when it came back, with running averages), until the next refresh keeps
         only the blocks it made. A module none of whose parameters is in ``solved`` (the
-        names given a direction; ``None``: all) counts as not called: its output did not
-        reach the loss (an auxiliary head kept aside, a call under ``torch.no_grad()``),
-        so its ``Gamma`` of this batch is zero (found by a hunt: cached at a refresh, the
-        head's metric was ``mu I`` until the next one, its direction 5-39x the fresh one
-        once the loss used it again; averaged, zeros weighed the average down)."""
+        names solved for a gradient of this pass; ``None``: all) counts as not called: its
+        output did not reach the loss (an auxiliary head kept aside, a call under
+        ``torch.no_grad()``), so its ``Gamma`` of this batch is zero (found by a hunt:
+        cached at a refresh, the head's metric was ``mu I`` until the next one, its
+        direction 5-39x the fresh one once the loss used it again; averaged, zeros weighed
+        the average down)."""
         skipped = {
             name
             for name, (_, s) in self._pending.items()
