@@ -30,6 +30,7 @@ and the :class:`DaskRunner` gives up when no worker has offered it for a while.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 import json
@@ -41,6 +42,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,11 +54,13 @@ from distributed import (
     Future,
     Nanny,
     Scheduler,
+    Security,
     SpecCluster,
     WorkerPlugin,
     get_worker,
     system,
 )
+from distributed.comm import connect as comm_connect
 from distributed.comm import parse_address, parse_host_port
 from distributed.scheduler import KilledWorker
 
@@ -256,15 +260,10 @@ def connect(scheduler: str, timeout: float = 30.0) -> Client:
             )
     elif "://" not in scheduler and ":" not in scheduler:
         raise ClusterError(f"{scheduler!r} is neither a scheduler file nor an address; {how}")
-    else:  # before the Client: one that fails to start waits 60 s for its own close
-        try:
-            scheme, location = parse_address(scheduler)
-            if scheme in ("tcp", "tls"):
-                parse_host_port(location)
-        except ValueError as err:
-            raise ClusterError(
-                f"{scheduler!r} is not a scheduler's address ({err}); {how}"
-            ) from err
+    else:
+        address = scheduler
+    # before the Client: one that fails to start waits 60 s for its own close
+    check_answers(address, timeout, how)
     try:
         if Path(scheduler).is_file():
             return Client(scheduler_file=scheduler, timeout=timeout, set_as_default=False)
@@ -275,6 +274,67 @@ def connect(scheduler: str, timeout: float = 30.0) -> Client:
         ) from err
 
 
+#: seconds a dask scheduler takes at most to answer once connected (it takes milliseconds)
+ANSWER_S = 10.0
+
+
+def check_answers(address: str, timeout: float, how: str) -> None:
+    """A :class:`ClusterError` naming the cause and the fix (``how``) unless a dask
+    scheduler answers at ``address``: one that is no address, where nothing listens
+    (refused at once, not after dask's ``timeout`` of retries), nothing connects within
+    ``timeout`` s, or something other than a scheduler answers (a worker, or an HTTP server
+    such as the dashboard's port 8787, which left the Client waiting forever: found by a
+    hunt) or none answers within :data:`ANSWER_S`."""
+    try:
+        scheme, location = parse_address(address)
+        if scheme in ("tcp", "tls"):
+            host, port = parse_host_port(location)
+    except ValueError as err:
+        raise ClusterError(f"{address!r} is not a scheduler's address ({err}); {how}") from err
+    within = timeout  # to connect: where something listens, its answer is due at once
+    if scheme in ("tcp", "tls"):
+        within = ANSWER_S
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as err:
+            raise ClusterError(
+                f"cannot reach a dask scheduler at {address!r} ({type(err).__name__}: "
+                f"{err.strerror or err}); {how}"
+            ) from err
+
+    async def identity() -> object:
+        args = Security().get_connection_args("client")
+        comm = await asyncio.wait_for(comm_connect(address, timeout=within, **args), within)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await asyncio.wait_for(comm.read(), ANSWER_S)
+        finally:
+            comm.abort()
+
+    try:  # in a thread of its own: the caller may run an event loop (a notebook)
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(asyncio.run, identity()).result()
+    except Exception as err:  # noqa: BLE001  (a timeout, or garbage read as dask's frames)
+        answer = err
+    if isinstance(answer, dict) and answer.get("type") == "Scheduler":
+        return
+    if within == timeout and isinstance(answer, (OSError, TimeoutError)):  # none connected
+        raise ClusterError(
+            f"cannot reach a dask scheduler at {address!r} ({type(answer).__name__}: "
+            f"{answer}); {how}"
+        )
+    if isinstance(answer, dict):
+        said = f"a dask {answer.get('type')} answered"
+    elif isinstance(answer, TimeoutError):
+        said = f"no dask answer within {ANSWER_S:g} s"
+    else:
+        said = f"its answer is no dask message: {type(answer).__name__}: {answer}"[:200]
+    raise ClusterError(
+        f"what listens at {address!r} is not a dask scheduler ({said}): a dashboard's port "
+        f"(8787) or a worker's? {how}"
+    )
+
+
 def check_workers(client: Client, device: str | torch.device, timeout: float = 60.0) -> dict:
     """The workers that offer the ``device`` resource, once one does, checked to run points.
 
@@ -282,7 +342,8 @@ def check_workers(client: Client, device: str | torch.device, timeout: float = 6
     then raises :class:`ClusterError`, as for a worker that cannot import riemann_core or
     runs other code than this process (:func:`code_fingerprint`), a CUDA sweep on a worker with fewer GPUs than the devices it declares, or a CPU sweep
     where two points would share cores (a worker that declares several devices, workers
-    on one host pinned to overlapping cores). Returns address -> facts.
+    on one host pinned to overlapping cores). Returns address -> facts. Workers that join
+    later are checked by the :class:`DaskRunner` (:func:`check_joined`).
     """
     deadline = time.monotonic() + timeout
     while not (offering := _offering(client)):
@@ -295,10 +356,19 @@ def check_workers(client: Client, device: str | torch.device, timeout: float = 6
                 f"1 on a CPU host), e.g. dask worker SCHEDULER --resources {RESOURCE}=1"
             )
         time.sleep(0.2)
-    facts = client.run(_worker_facts, workers=list(offering), on_error="return")
+    return check_joined(client, device, offering, {})
+
+
+def check_joined(
+    client: Client, device: str | torch.device, joined: dict[str, int], live: dict
+) -> dict:
+    """The facts of the workers ``joined`` (address -> devices they declare), checked as
+    :func:`check_workers` says, beside the ``live`` ones checked before (address -> facts:
+    no two may share cores); :class:`ClusterError` where one cannot run points."""
+    facts = client.run(_worker_facts, workers=list(joined), on_error="return")
     cuda = torch.device(device).type == "cuda"
     for address, fact in facts.items():
-        declared = offering[address]
+        declared = joined[address]
         if isinstance(fact, BaseException):
             raise ClusterError(
                 f"worker {address} cannot run riemann-bench points ({type(fact).__name__}: "
@@ -323,7 +393,7 @@ def check_workers(client: Client, device: str | torch.device, timeout: float = 6
                 f"{RESOURCE}=1"
             )
     if not cuda:
-        _check_disjoint(facts)
+        _check_disjoint({**live, **facts})
     noisy = [address for address, fact in facts.items() if fact["noisy"]]
     if noisy:
         warnings.warn(
@@ -407,15 +477,45 @@ class DaskRunner:
 
     Gives up with :class:`ClusterError` when no worker has offered the resource for
     ``patience`` seconds (the points not yet measured are cancelled; a rerun measures them).
+
+    **Workers that join later** (a batch system's jobs starting as the queue lets them, a
+    restarted worker) are checked (:func:`check_joined`) before their first result counts
+    and before they measure rates: each result comes back with the address of the worker
+    that computed it, and one that fails the checks stops the sweep with
+    :class:`ClusterError` (found by a hunt: a worker with other riemann_core code that
+    joined after :func:`check_workers` measured a quarter of a sweep's points, unrefused).
+    ``device``: the kind of device the sweep measures, whose checks the joining workers
+    pass (``None``: none are checked, for simulated devices: ``bench.cluster``, the
+    tests); ``checked``: the facts of the workers already checked (address -> facts).
     """
 
     placed = True
 
-    def __init__(self, client: Client, *, queued: int = 0, patience: float = 120.0):
+    def __init__(
+        self,
+        client: Client,
+        *,
+        device: str | torch.device | None = None,
+        checked: dict | None = None,
+        queued: int = 0,
+        patience: float = 120.0,
+    ):
         self.client = client
+        self.device = device
+        self.checked = dict(checked or {})
         self.queued = queued
         self.patience = patience
         self._absent = False  # no worker offered the resource at the last everywhere()
+
+    def _admit(self, offering: dict[str, int]) -> None:
+        """Check the workers of ``offering`` (the live ones) not checked yet, beside the
+        live ones that were; forgets the dead ones (a restarted worker takes their cores)."""
+        if self.device is None:
+            return
+        self.checked = {a: f for a, f in self.checked.items() if a in offering}
+        joined = {a: n for a, n in offering.items() if a not in self.checked}
+        if joined:
+            self.checked.update(check_joined(self.client, self.device, joined, self.checked))
 
     def __call__(
         self, task: Callable[[dict], object], runs: Sequence[dict]
@@ -425,6 +525,7 @@ class DaskRunner:
         kills = [0] * len(runs)
         done: queue.SimpleQueue[Future] = queue.SimpleQueue()
         offering = _offering(self.client)  # address -> devices, of the live workers
+        self._admit(offering)  # those that joined since the last round
         self._absent = self._absent and not offering
         declared = dict(offering)  # of every worker seen, dead ones too
         sent = itertools.count()
@@ -434,7 +535,12 @@ class DaskRunner:
             while waiting and len(flying) < (1 + self.queued) * sum(offering.values()):
                 index, order = waiting.pop(), next(sent)
                 future = self.client.submit(  # a worker starts the highest priority first
-                    task, runs[index], resources={RESOURCE: 1}, priority=-order, pure=False
+                    _where,
+                    task,
+                    runs[index],
+                    resources={RESOURCE: 1},
+                    priority=-order,
+                    pure=False,
                 )
                 flying[future] = (order, index)
                 future.add_done_callback(done.put)
@@ -452,6 +558,14 @@ class DaskRunner:
                         _, index = flying.pop(future)
                         outcome = _outcome(future)
                         future.release()  # else a worker that dies later loses it: run again
+                        if not isinstance(outcome, PointLost):
+                            address, outcome = outcome
+                            if self.device is not None and address not in self.checked:
+                                offering = _offering(self.client)
+                                self._admit(offering)
+                                if address not in self.checked:  # gone before its check
+                                    waiting.append(index)
+                                    continue
                         refill()  # now, not after the sweep has written the row
                         yield runs[index], outcome
                     else:
@@ -470,6 +584,7 @@ class DaskRunner:
                 now = time.monotonic()
                 if now - checked >= CHECK_EVERY:  # workers come and go
                     checked, offering = now, _offering(self.client)
+                    self._admit(offering)
                     self._absent = self._absent and not offering  # (back: found by review)
                     declared.update(offering)
                     if offering:
@@ -508,6 +623,7 @@ class DaskRunner:
             offering = _offering(self.client)
         # none back after a wait: the next call does not wait again (found by review)
         self._absent = not offering
+        self._admit(offering)
         if not offering:
             waited = f"for {self.patience:g} s" if waits else "since the last wait for one"
             warnings.warn(
@@ -572,6 +688,11 @@ class DaskRunner:
         return items
 
 
+def _where(task: Callable[[dict], object], run: dict) -> tuple[str, object]:
+    """``(address of this worker, task(run))``: whom a result came from."""
+    return get_worker().address, task(run)
+
+
 def _log_event(topic: str, place: str, done: int, total: int) -> None:
     """``done`` of ``total`` steps of the task at ``place``, as a dask event on ``topic``
     (from the task's thread: the worker sends it from its event loop, while the task goes
@@ -630,5 +751,5 @@ def queued_for(device: str | torch.device) -> int:
 def runner(options: ClusterOptions, device: str | torch.device) -> Iterator[DaskRunner]:
     """A :class:`DaskRunner` on the cluster ``options`` describe, its workers checked."""
     with cluster(options, device) as client:
-        check_workers(client, device)
-        yield DaskRunner(client, queued=queued_for(device))
+        checked = check_workers(client, device)
+        yield DaskRunner(client, device=device, checked=checked, queued=queued_for(device))

@@ -3,6 +3,7 @@ errors instead of hangs. CPU only, loopback only; the workers' "devices" are res
 
 import contextlib
 import functools
+import http.server
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import types
 
@@ -217,9 +219,39 @@ def test_a_scheduler_file_connects_and_a_scheduler_retrying_too_often_is_named(
             assert connected.scheduler.address == client.scheduler.address
 
 
-def test_an_unreachable_scheduler_is_a_clear_error():
-    with pytest.raises(dispatch.ClusterError, match="cannot reach a dask scheduler"):
-        dispatch.connect("tcp://127.0.0.1:9", timeout=1)
+def test_an_unreachable_scheduler_is_a_clear_error_at_once():
+    """Found by a hunt: a port where nothing listens took dask's 30 s of retries."""
+    start = time.monotonic()
+    with pytest.raises(dispatch.ClusterError, match="cannot reach a dask scheduler.*refused"):
+        dispatch.connect("tcp://127.0.0.1:9", timeout=30)
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("service", ["http", "worker"])
+def test_a_service_other_than_a_scheduler_is_named_not_waited_on(in_process, monkeypatch, service):
+    """Found by a hunt: `--scheduler` naming an HTTP server's port (the dashboard's, 8787)
+    left riemann-bench waiting until killed (13 minutes); a worker's address took 60 s."""
+    monkeypatch.setattr(dispatch, "ANSWER_S", 1.0, raising=False)
+    if service == "http":
+        server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        address = f"tcp://127.0.0.1:{server.server_address[1]}"
+    else:
+        address = next(iter(in_process().scheduler_info()["workers"]))
+    outcome = []
+
+    def connect():
+        try:
+            outcome.append(dispatch.connect(address, timeout=30))
+        except Exception as err:  # noqa: BLE001  (the outcome is checked below)
+            outcome.append(err)
+
+    thread = threading.Thread(target=connect, daemon=True)  # (without the check: forever)
+    thread.start()
+    thread.join(timeout=20)
+    assert outcome, f"connect({address!r}) still waiting after 20 s"
+    assert isinstance(outcome[0], dispatch.ClusterError)
+    assert "is not a dask scheduler" in str(outcome[0])
 
 
 @pytest.mark.parametrize(
@@ -264,6 +296,33 @@ def test_a_task_that_raises_comes_back_as_a_lost_point(in_process):
     assert outcomes[1] == 1
     assert isinstance(outcomes[2], sw.PointLost)
     assert "RuntimeError on the worker: planted" in outcomes[2].reason
+
+
+@pytest.mark.parametrize("joins", ["between-rounds", "mid-round"])
+def test_a_worker_that_joins_after_the_checks_is_checked_before_its_points_count(
+    in_process, monkeypatch, joins
+):
+    """Found by a hunt: a worker running other riemann_core code that joined a cluster after
+    check_workers (a batch job starting late) measured 10 of a sweep's 38 points,
+    unrefused. Mid-round it is caught by the first result it returns (the periodic check
+    of the workers put off)."""
+    client = in_process()
+    with pytest.warns(UserWarning, match="run dask's profiler"):  # dask's default
+        facts = dispatch.check_workers(client, "cpu", timeout=5)
+    monkeypatch.setattr(dispatch, "CHECK_EVERY", 600.0)
+    runner = dispatch.DaskRunner(client, device="cpu", checked=facts)
+    points = runner(_identity, [{"a": a} for a in range(4)])
+    if joins == "mid-round":
+        assert next(points) == ({"a": 0}, 0)
+    # the first worker leaves, and one with other code, on cores of its own, takes its place
+    elsewhere = {"code": "0123456789ab", "package": "/elsewhere/riemann_core", "cores": []}
+    monkeypatch.setattr(dispatch, "_worker_facts", lambda: {**facts[first], **elsewhere})
+    first = next(iter(facts))
+    client.cluster.scale(2)
+    client.wait_for_workers(2)
+    client.retire_workers([first])
+    with pytest.raises(dispatch.ClusterError, match="runs other riemann_core code"):
+        next(points)
 
 
 def _identity(run):
