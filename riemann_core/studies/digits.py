@@ -76,23 +76,26 @@ def build_model(name: str, seed: int, device: torch.device, dtype: torch.dtype) 
     """``mlp``: 64-64-10, tanh (4,810 parameters). ``cnn``: two 3x3 convolutions (8 and 16
     channels, the second with stride 2), tanh, and a linear read-out (3,818 parameters).
 
-    Initialised on the CPU from ``seed`` (without touching the global generator), so a seed
-    gives the same network on every device.
+    Initialised on the CPU in float32 from ``seed`` (without touching the global generator),
+    then cast to ``dtype``, so a seed gives the same network on every device and whatever
+    ``torch.get_default_dtype()`` is (a float64 default drew other weights: found by an
+    audit that re-ran a stability pair from a script that had set it).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    drawn = {"dtype": torch.float32}  # the dtype the committed studies' weights were drawn in
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if name == "mlp":
-            model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+            model = nn.Sequential(nn.Linear(64, 64, **drawn), nn.Tanh(), nn.Linear(64, 10, **drawn))
         else:
             model = nn.Sequential(
                 nn.Unflatten(1, (1, 8, 8)),
-                nn.Conv2d(1, 8, 3, padding=1),
+                nn.Conv2d(1, 8, 3, padding=1, **drawn),
                 nn.Tanh(),
-                nn.Conv2d(8, 16, 3, stride=2, padding=1),
+                nn.Conv2d(8, 16, 3, stride=2, padding=1, **drawn),
                 nn.Tanh(),
                 nn.Flatten(),
-                nn.Linear(16 * 4 * 4, 10),
+                nn.Linear(16 * 4 * 4, 10, **drawn),
             )
     return model.to(device=device, dtype=dtype)

@@ -90,6 +90,22 @@ def test_training_is_deterministic_given_the_seed(data):
     assert records_c != records_a
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_a_seed_gives_one_network_whatever_the_default_dtype(name):
+    """The initial weights are drawn in float32 whatever torch's default dtype (a float64
+    default drew others, and a script re-running a study's pair trained another network)."""
+    cpu = torch.device("cpu")
+    reference = build_model(name, 3, cpu, torch.float64)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = build_model(name, 3, cpu, torch.float64)
+    finally:
+        torch.set_default_dtype(default)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert p.dtype == torch.float64 and torch.equal(p, q)
+
+
 @pytest.mark.parametrize("config", [Config("sgd", 1e36), Config("layerwise", 1e36, 1e-3)],
                          ids=["sgd", "layerwise"])  # fmt: skip
 def test_a_run_that_blows_up_stops_with_status_diverged(config, data):
