@@ -305,9 +305,12 @@ def register(
     calls: list[Block],
     handlers: list[Handler],
     probe: Probe,
+    path_dtype: torch.dtype | None = None,
 ) -> None:
     """Probe the call's graph; verdicts join ``checks`` (see the module docstring), and
-    once they pass, ``notes`` keep ``probe.key``."""
+    once they pass, ``notes`` keep ``probe.key``. ``path_dtype``: the least precise dtype
+    the backward pass to the modules runs in (:func:`~riemann_core.capture.pullback_dtype`),
+    which bounds the rounding the checks allow."""
     key, rerun = probe.key, probe.rerun
     rows, masks = probe_cotangents(z)
     targets = graph_tensors(calls, z.shape[0])
@@ -338,6 +341,7 @@ def register(
     # was refused as a parameter used outside its module)
     params = [p for _, p in model.named_parameters() if p.requires_grad]
     eps = lowest_precision_eps([params[0], z, *(t for c in calls for t in (c.output, *c.inputs))])
+    eps = max(eps, torch.finfo(path_dtype).eps) if path_dtype is not None else eps
     # data (an input made to require grad for the probe, or made from one) may pull back
     # NaN that reaches no parameter (0 * inf through mask.log()): only the tensors that
     # depend on parameters must be finite, and only there is a NaN a leak

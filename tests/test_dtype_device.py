@@ -6,6 +6,8 @@ elsewhere.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from oracle import (
@@ -152,3 +154,58 @@ def test_natural_on_a_model_of_two_dtypes_is_full_in_each_dtype(kernel):
     for name, p in model.named_parameters():
         assert natural[name].dtype == p.dtype
         torch.testing.assert_close(natural[name], full[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+class FrozenHalfBetween(nn.Module):
+    """Trained float32 Linears around a frozen ``half`` one (``behind``: the half one first,
+    a frozen backbone, where no row is pulled back through it)."""
+
+    def __init__(self, half, behind=False):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(5, 6), nn.Linear(6, 6).to(half), nn.Linear(6, 3)
+        self.b.requires_grad_(False)
+        self.half, self.behind = half, behind
+        if behind:
+            self.a = nn.Linear(5, 6).to(half).requires_grad_(False)
+            self.b = nn.Linear(6, 6)
+
+    def forward(self, x):
+        if self.behind:
+            return self.c(torch.tanh(self.b(torch.tanh(self.a(x.to(self.half))).float())))
+        h = torch.tanh(self.b(torch.tanh(self.a(x)).to(self.half)))
+        return self.c(h.float())
+
+
+HALF = [
+    pytest.param(d, id=f"half={d}".replace("torch.", "")) for d in (torch.bfloat16, torch.float16)
+]
+METRIC_METHODS = [m for m in rc.METHODS if m != "euclidean"]
+
+
+@pytest.mark.parametrize("method", METRIC_METHODS, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("half", HALF)
+def test_rows_pulled_back_through_a_frozen_half_module_bound_the_accuracy(half, method):
+    """Found by a hunt: a frozen half-precision Linear between trained float32 ones rounds
+    the rows pulled back through it to its precision, though they reach every trained
+    module in float32: the coupling probe blamed the rounding on a hook that changes
+    gradients (ValueError), and with ``check_coupling=False`` the direction came back up to
+    41% off the oracle (``full``, bfloat16, damping 1e-4) without the AccuracyWarning that
+    the same rows under autocast give. Now both calls warn, naming the half dtype."""
+    torch.manual_seed(7)
+    model = FrozenHalfBetween(half)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    for check in (True, False):
+        with pytest.warns(rc.AccuracyWarning, match=f"pulled back through a module in {half}"):
+            rc.direction(model, x, y, method=method, damping=1e-4, check_coupling=check)
+
+
+@pytest.mark.parametrize("half", HALF)
+def test_a_frozen_half_backbone_before_the_trained_modules_does_not_warn(half):
+    """No row is pulled back through a half-precision module in front of every trained one:
+    the rows are float32 throughout, and the accuracy that of float32."""
+    torch.manual_seed(7)
+    model = FrozenHalfBetween(half, behind=True)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", rc.AccuracyWarning)
+        rc.direction(model, x, y, method="full", damping=1e-2)

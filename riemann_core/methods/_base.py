@@ -23,7 +23,7 @@ from .._checks import (
     check_outputs,
     forward_arguments,
 )
-from ..capture import Replay, forward, notes_for
+from ..capture import Replay, forward, notes_for, pullback_dtype
 from ..factors import FactorFn, factor_cotangents, output_factor, pullback
 from ..modules import Block, Handler, handler_for, register_kernel_checks, rows_dot
 from .memory import named_when_rows_too_large
@@ -625,6 +625,8 @@ def problem_from_graph(
     k, work = r + (given is None), outputs.shape[0] * sum(b.n_params for b in blocks)
     batched = k > SERIAL_PULLBACK_ROWS or work > SERIAL_PULLBACK_WORK
     module_outputs = [c.output for c in calls]
+    # (read before the pullback frees the graph)
+    path_dtype = pullback_dtype(model, outputs, module_outputs, outputs.dtype)
     # (the rows joined with the loss gradient's are as large as the factor: found by review)
     with named_when_rows_too_large(outputs, opts, r, module_outputs):
         roots, seeds = (outputs,), (cotangents,)
@@ -650,10 +652,12 @@ def problem_from_graph(
     for h in handlers:  # (before the probe's: a registered kernel's wrong gradient reads
         # there as a parameter used outside its module)
         register_kernel_checks(checks, h)
-    # the precision the rows were pulled back in (half under autocast) bounds the accuracy
-    data_dtype = max((h.dtype for h in handlers), key=lambda d: torch.finfo(d).eps, default=None)
+    # the precision the rows were pulled back in (half under autocast, or through a frozen
+    # half-precision module) bounds the accuracy
+    dtypes = [path_dtype, *(h.dtype for h in handlers)]
+    data_dtype = max(dtypes, key=lambda d: torch.finfo(d).eps)
     if probe is not None:
-        coupling.register(checks, notes_for(model), model, z, calls, handlers, probe)
+        coupling.register(checks, notes_for(model), model, z, calls, handlers, probe, path_dtype)
     if opts.check_coupling:  # (the Jacobian check is one of the probe's)
         coupling.register_splits(checks, notes_for(model), handlers, probed=probe is not None)
     dtype = opts.solve_dtype

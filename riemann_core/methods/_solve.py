@@ -573,6 +573,8 @@ def _remedy(factor_dtype: torch.dtype) -> str:
 def _check_accuracy(s: Solve, opts, condition: float, data_dtype: torch.dtype) -> None:
     """Warn where ``eps cond(G)`` of the data (the model's, or the rows pulled back in half
     precision under autocast: found by a hunt, bfloat16 rows 6% off without a word; or
+    through a frozen half-precision module between trained float32 ones, found by another:
+    41% off without a word; or
     those rounded to a ``solve_dtype`` of larger eps: found by review, a float64 model
     solved in float32 came back 4-13% off without a word) exceeds :data:`ACCURACY_LEVEL`."""
     rounded = opts.solve_dtype is not None and (
@@ -586,8 +588,10 @@ def _check_accuracy(s: Solve, opts, condition: float, data_dtype: torch.dtype) -
             data, fix = f"model's data rounded to solve_dtype={dtype}", "solve_dtype=None"
         elif half:
             data, fix = (
-                f"{dtype} rows of the forward pass under autocast",
-                "run the forward pass outside autocast",
+                f"{dtype} rows of the forward pass under autocast (or pulled back through "
+                f"a module in {dtype})",
+                f"run the forward pass outside autocast, with no module in {dtype} between "
+                "the outputs and the trained ones",
             )
         else:
             data, fix = f"model's {dtype} data", "a float64 model"
