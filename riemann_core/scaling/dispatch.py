@@ -364,8 +364,14 @@ def check_joined(
 ) -> dict:
     """The facts of the workers ``joined`` (address -> devices they declare), checked as
     :func:`check_workers` says, beside the ``live`` ones checked before (address -> facts:
-    no two may share cores); :class:`ClusterError` where one cannot run points."""
+    no two may share cores); :class:`ClusterError` where one cannot run points. One that
+    could not be reached and no longer offers the resource left during its check: left out
+    (found by review: a worker gone between the scheduler's list and its check stopped the
+    sweep, told to install riemann-bench); its results are measured again elsewhere."""
     facts = client.run(_worker_facts, workers=list(joined), on_error="return")
+    if any(isinstance(fact, OSError) for fact in facts.values()):
+        offering = _offering(client)
+        facts = {a: f for a, f in facts.items() if not isinstance(f, OSError) or a in offering}
     cuda = torch.device(device).type == "cuda"
     for address, fact in facts.items():
         declared = joined[address]
@@ -563,6 +569,7 @@ class DaskRunner:
                             if self.device is not None and address not in self.checked:
                                 offering = _offering(self.client)
                                 self._admit(offering)
+                                declared.update(offering)  # (its devices, should it die)
                                 if address not in self.checked:  # gone before its check
                                     waiting.append(index)
                                     continue
