@@ -318,7 +318,9 @@ def check_answers(address: str, timeout: float, how: str) -> None:
         answer = err
     if isinstance(answer, dict) and answer.get("type") == "Scheduler":
         return
-    if within == timeout and isinstance(answer, (OSError, TimeoutError)):  # none connected
+    # none connected, over a protocol other than tcp or tls (ucx, inproc: found by review,
+    # their errors were read as something else answering, a dashboard's port)
+    if within == timeout and isinstance(answer, Exception):
         raise ClusterError(
             f"cannot reach a dask scheduler at {address!r} ({type(answer).__name__}: "
             f"{answer}); {how}"

@@ -227,6 +227,15 @@ def test_an_unreachable_scheduler_is_a_clear_error_at_once():
     assert time.monotonic() - start < 5
 
 
+@pytest.mark.parametrize("address", ["ucx://127.0.0.1:9", "inproc://127.0.0.1/1/2"])
+def test_a_protocol_that_cannot_connect_is_not_read_as_another_service(address):
+    """Found by review: ucx (not installed) and a foreign inproc address failed to connect,
+    and the error said something other than a scheduler answered, a dashboard's port."""
+    with pytest.raises(dispatch.ClusterError, match="cannot reach a dask scheduler") as refused:
+        dispatch.connect(address, timeout=2)
+    assert "dashboard" not in str(refused.value)
+
+
 @pytest.mark.parametrize("service", ["http", "worker"])
 def test_a_service_other_than_a_scheduler_is_named_not_waited_on(in_process, monkeypatch, service):
     """Found by a hunt: `--scheduler` naming an HTTP server's port (the dashboard's, 8787)
