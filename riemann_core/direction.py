@@ -295,7 +295,7 @@ def run_solver(
     and check the solves, in full float32 precision on ``devices``. Returns ``({name: direction}, diagnostics)``
     for the parameters seen in the forward pass; on an error, the pending ``checks`` are
     read first (a failing check of the data explains the error better)."""
-    extra = () if state is None else (state,)
+    extra = () if state is None else (state, checks)
 
     def checked_build():
         try:

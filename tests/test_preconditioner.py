@@ -2560,3 +2560,36 @@ def test_backward_passes_under_compiled_autograd_are_followed(zeroing):
         return
     for ours, eager in zip(train(compiled=True), train(compiled=False), strict=True):
         torch.testing.assert_close(ours, eager, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("call", ["step", "backward"])
+def test_kfac_a_layer_before_a_zero_head_is_not_cached_with_its_zero_gamma(call):
+    """Found by review: before a zero-initialised head no gradient reaches a layer's
+    output at the first refresh, and its ``Gamma`` of zero was cached: until the next
+    refresh its metric was ``mu I``, its direction 9.8x the fresh one once the head had
+    moved. Now it is refactorised at each step until its ``Gamma`` is nonzero: its
+    directions are those of ``kfac_refresh=1`` until then (the head's cached block apart)."""
+    runs = []
+    for refresh in (5, 1):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                              nn.Linear(8, 3)).double()  # fmt: skip
+        nn.init.zeros_(model[4].weight)
+        nn.init.zeros_(model[4].bias)
+        pre = rc.RiemannianPreconditioner(model, method="kfac", damping=1e-3, kfac_refresh=refresh)
+        gen, directions = torch.Generator().manual_seed(1), []
+        for _ in range(2):
+            x = torch.randn(16, 6, generator=gen, dtype=torch.float64)
+            y = torch.randint(0, 3, (16,), generator=gen)
+            model.zero_grad()
+            preconditioned(pre, model, x, y, call)
+            directions.append({n: p.grad.clone() for n, p in model.named_parameters()})
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+        runs.append((directions, pre.state_dict()["kfac"]))
+    (scheduled, state), (fresh, _) = runs
+    for t in (0, 1):
+        for name in ("0.weight", "0.bias", "2.weight", "2.bias"):
+            torch.testing.assert_close(scheduled[t][name], fresh[t][name], rtol=1e-10, atol=0)
+    assert set(state["cached"]) == {"0", "2", "4"}  # nonzero from step 1: cached there

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
-from .._checks import Deferred, check_refresh
+from .._checks import Deferred, Reading, check_refresh
 from .._precision import full_precision
 from ..kronecker import (
     Eigen,
@@ -432,8 +432,14 @@ def fresh_solve(
     return kronecker_solve(index, handler.block, kernel, handler.d, blocks, gradient, opts, factors)
 
 
-def solve(problem: Problem, opts: Options, state: KFACState | None = None) -> list[Solve]:
-    """Each module's solve; with ``state``, the preconditioner's cached factorisations.
+def solve(
+    problem: Problem,
+    opts: Options,
+    state: KFACState | None = None,
+    checks: Deferred | None = None,
+) -> list[Solve]:
+    """Each module's solve; with ``state``, the preconditioner's cached factorisations
+    (and ``checks``, the step's, which read what it keeps).
     Every module's factors are formed first, so that those of one order are decomposed
     together (:func:`damped_modules`)."""
     handlers = [kronecker_handler(h) for h in problem.handlers]  # the layer structure
@@ -450,7 +456,9 @@ def solve(problem: Problem, opts: Options, state: KFACState | None = None) -> li
         if state is None:
             solves.append(fresh_solve(handler, i, gradient, opts, pair, damped))
         else:
-            solves.append(state.solve(handler, i, gradient, opts, pair, damped, problem.data_dtype))
+            solves.append(
+                state.solve(handler, i, gradient, opts, pair, damped, checks, problem.data_dtype)
+            )
     return solves
 
 
@@ -577,11 +585,13 @@ class KFACState:
         opts: Options,
         factors: tuple | None,
         blocks: list[DampedBlock] | None,
+        checks: Deferred,
         data_dtype: torch.dtype | None = None,
     ) -> KroneckerSolve:
         """The module's solve for this step: refactorised from ``factors``
         (:meth:`factors`) into ``blocks``, pulled back in ``data_dtype``, or with the
-        cached blocks where ``factors`` is ``None``."""
+        cached blocks where ``factors`` is ``None``. A refactorised module's ``tr Gamma``
+        is read with ``checks`` (the step's one host sync), for :meth:`commit`."""
         name = handler.block.name
         if factors is None:
             old = self._cached[name]
@@ -590,6 +600,7 @@ class KFACState:
         else:
             s = fresh_solve(handler, index, gradient, opts, factors, blocks)
             s.data_dtype = data_dtype
+            self._pending_traces[name] = checks.read(factors[0].trace())
         self._pending[name] = (handler, s)
         return s
 
@@ -655,12 +666,19 @@ class KFACState:
         ``torch.no_grad()``), so its ``Gamma`` of this batch is zero (found by a hunt:
         cached at a refresh, the head's metric was ``mu I`` until the next one, its
         direction 5-39x the fresh one once the loss used it again; averaged, zeros weighed
-        the average down)."""
+        the average down). A module refactorised from a ``Gamma`` of zero (``tr Gamma =
+        0``: no gradient reached its output, as before a zero-initialised head; with a
+        decay, the average's) is averaged, that batch's metric being zero, but not cached:
+        its metric ``mu I`` is exact for that batch's gradient, zero too, and no other
+        (found by review: the layer before a zero head, cached at a refresh, took 9.8x
+        the fresh direction the next step, and the loss went from 1.6 to 84 in four
+        steps); it is refactorised at its next step."""
         skipped = {
             name
             for name, (_, s) in self._pending.items()
             if solved is not None and solved.isdisjoint(s.param_names)
         }
+        zero_gamma = {name for name, trace in self._pending_traces.items() if trace.value == 0}
         self._averages.update(
             (key, a) for key, a in self._pending_averages.items() if _owner(key) not in skipped
         )
@@ -672,7 +690,7 @@ class KFACState:
         self._cached = {name: c for name, c in kept.items() if _identities([c]) <= current} | {
             name: self._cached[name] if handler is None else _cache(handler, s)
             for name, (handler, s) in self._pending.items()
-            if name not in skipped
+            if name not in skipped | zero_gamma
         }
         self.steps += 1
         self.discard()
@@ -721,6 +739,7 @@ class KFACState:
         self._pending_averages: dict[str, Tensor] = {}
         self._pending_shapes: dict[str, tuple] = {}
         self._pending: dict[str, tuple[PatchHandler | None, KroneckerSolve]] = {}
+        self._pending_traces: dict[str, Reading] = {}  # tr Gamma of those refactorised
 
 
 def module_shapes(module: nn.Module) -> tuple:
