@@ -283,8 +283,8 @@ def corrupt(state, change):
         kfac["cached"]["9"] = kfac["cached"].pop("2")
     elif change == "rows":
         module["rows"] = 0
-    elif change == "empty-cache":
-        kfac["cached"] = {}
+    elif change == "empty":
+        kfac["cached"], kfac["averages"] = {}, {}
     elif change == "missing-average":
         del kfac["averages"]["2:Gamma"]
     elif change == "negative":
@@ -342,7 +342,7 @@ CORRUPTIONS = {
     "swapped": r"module '0': its 'param_names' \['0.weight', '2.bias'\] are not the weight",
     "module": r"the model has no module '9' that K-FAC factorises",
     "rows": r"module '2': 'rows' must be a positive count, got 0",
-    "empty-cache": r"counts 4 steps but caches no module",
+    "empty": r"counts 4 steps but holds no running average",
     "missing-average": r"lacks the running averages \['2:Gamma'\] of modules it caches",
     "negative": r"Gamma of module '2' must be a square matrix with a non-negative diagonal",
     "sparse": r"Gamma of module '2' must be a dense 2-D float32 or float64 tensor",
@@ -464,6 +464,48 @@ def test_a_state_that_does_not_fit_is_refused_and_nothing_changes(change):
     with pytest.raises(ValueError, match=CORRUPTIONS[change]):
         pre.load_state_dict(corrupt(other_pre.state_dict(), change))
     assert same_state(pre.state_dict(), before)
+
+
+@pytest.mark.parametrize("how", ["step", "backward"])
+@pytest.mark.parametrize("decay", [0.0, 0.9], ids=["no-decay", "decay"])
+def test_a_state_that_caches_no_module_resumes_to_the_bit(decay, how):
+    """Found by review: every trained module before a frozen zero head has a ``Gamma`` of
+    zero, so no step caches one; such a state was refused as "counts 2 steps but caches no
+    module". It loads, and once the head is unfrozen the resumed run takes the steps of the
+    run never interrupted, bit for bit."""
+
+    def built(checkpoint=None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        nn.init.zeros_(model[2].weight)
+        nn.init.zeros_(model[2].bias)
+        model[2].requires_grad_(False)
+        options = dict(kfac_refresh=3, kfac_decay=decay)
+        pre = rc.RiemannianPreconditioner(model, method="kfac", damping=1e-3, **options)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint["model"])
+            opt.load_state_dict(checkpoint["opt"])
+            pre.load_state_dict(checkpoint["pre"])
+        return model, pre, opt
+
+    gen = torch.Generator().manual_seed(1)
+    data = [
+        (torch.randn(16, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,)))
+        for _ in range(5)
+    ]
+    model, pre, opt = built()
+    train(model, pre, opt, data[:2], how)
+    checkpoint = saved(model, pre, opt)
+    assert checkpoint["pre"]["kfac"]["cached"] == {}
+    resumed, resumed_pre, resumed_opt = built(checkpoint)
+    assert resumed_pre._kfac.steps == 2
+    for net, p, o in ((model, pre, opt), (resumed, resumed_pre, resumed_opt)):
+        net[2].requires_grad_(True)  # (in the optimiser's group already)
+        train(net, p, o, data[2:], how)
+    for (name, p), q in zip(model.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert not torch.equal(model[2].weight, torch.zeros_like(model[2].weight))
 
 
 def test_a_state_loaded_before_a_lazy_module_is_called_is_refused_naming_it():

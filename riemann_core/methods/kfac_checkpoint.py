@@ -98,11 +98,6 @@ def load(state: KFACState, saved, network: nn.Module, opts: Options) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"the K-FAC state's 'steps' must be a count (int >= 0), got {steps!r}")
     entries = _mapping(saved["cached"], "the K-FAC state's 'cached'")
-    if steps > 0 and not entries:
-        raise ValueError(
-            f"the K-FAC state counts {steps} steps but caches no module: every step caches "
-            "the modules it solved, so the state is incomplete"
-        )
     params = dict(network.named_parameters())
     devices = {p.device.type for p in params.values()}
     with full_precision(devices):  # as every step factorises
@@ -115,6 +110,13 @@ def load(state: KFACState, saved, network: nn.Module, opts: Options) -> None:
         }
     owners = _average_owners(cached.values())
     given = _renamed(_mapping(saved["averages"], "the K-FAC state's 'averages'"), params)
+    # (a step may cache no module: one whose Gamma is zero, before a zero head, is not
+    # cached; but with a decay it averages every module it solved)
+    if steps > 0 and state.decay > 0 and not given:
+        raise ValueError(
+            f"the K-FAC state counts {steps} steps but holds no running average: every step "
+            "with kfac_decay > 0 averages the modules it solved, so the state is incomplete"
+        )
     missing = sorted(set(owners) - set(given)) if state.decay > 0 else []
     if missing:
         raise ValueError(
