@@ -1781,19 +1781,24 @@ def test_kfac_reuses_a_branch_skipped_between_refreshes_whatever_the_decay(call)
             y = torch.randint(0, 4, (8,), generator=gen)
             opt.zero_grad()
             loss = F.cross_entropy(model(x, branch), y)
-            if call == "step":
-                loss.backward()
-                pre.step()
-            else:
-                pre.backward(loss)
-            directions.append({n: p.grad.clone() for n, p in model.named_parameters()
-                               if p.grad is not None})  # fmt: skip
+            directions.append(_preconditioned(model, pre, loss, call))
             opt.step()
         runs.append(directions)
     for plain, averaged in zip(*runs, strict=True):
         assert plain.keys() == averaged.keys()
         for name in plain:
             torch.testing.assert_close(averaged[name], plain[name], rtol=1e-12, atol=1e-14)
+
+
+def _preconditioned(model, pre, loss, call: str) -> dict:
+    """The directions ``pre`` leaves in each ``.grad`` for ``loss``, by ``pre.step()``
+    after ``loss.backward()`` or by ``pre.backward(loss)`` (``call``)."""
+    if call == "step":
+        loss.backward()
+        pre.step()
+    else:
+        pre.backward(loss)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 class AsideBranch(Branched):
@@ -1840,13 +1845,7 @@ def test_kfac_a_module_the_loss_does_not_reach_at_a_refresh_counts_as_not_called
                 fresh = rc.direction(model, x, y, method="kfac", damping=1e-3)
             model.zero_grad()
             loss = F.cross_entropy(model(x, branch), y)
-            if call == "step":
-                loss.backward()
-                pre.step()
-            else:
-                pre.backward(loss)
-            directions.append({n: p.grad.clone() for n, p in model.named_parameters()
-                               if p.grad is not None})  # fmt: skip
+            directions.append(_preconditioned(model, pre, loss, call))
             with torch.no_grad():
                 for p in model.parameters():
                     p -= 0.1 * p.grad if p.grad is not None else 0

@@ -1530,16 +1530,21 @@ def test_a_linear_depth_line_of_three_rounds_does_not_fail():
     assert by_id(va.validate(df, meta, n_boot=300), "linear-in-depth-natural").verdict == "fail"
 
 
+def _in_stretches_that_disagree(df, rows) -> None:
+    """Time ``rows`` in two stretches, the second twice as slow as the first."""
+    df["stretches"] = np.where(rows, 2, np.nan)
+    df.loc[rows, "times_s"] = df.loc[rows, "times_s"].map(
+        lambda t: json.dumps([x * (1 if i < 3 else 2) for i, x in enumerate(json.loads(t))])
+    )
+
+
 def test_a_run_whose_every_point_was_left_out_for_load_is_too_noisy_not_unmeasured():
     """Found by a hunt: on a loaded machine every point of a tiny sweep's euclidean and
     layerwise runs was timed in stretches that disagree, and their claims on time read
     'not measured: the sweep did not run euclidean', though it had."""
     df, meta = make_sweep(Machine(), runs=RUNS[:4], repeats=6)
     gone = df["method"] == "euclidean"
-    df["stretches"] = np.where(gone, 2, np.nan)
-    df.loc[gone, "times_s"] = df.loc[gone, "times_s"].map(
-        lambda t: json.dumps([x * (1 if i < 3 else 2) for i, x in enumerate(json.loads(t))])
-    )
+    _in_stretches_that_disagree(df, gone)
     claim = by_id(va.validate(df, meta, n_boot=50), "time-explained-euclidean")
     assert claim.verdict == "too noisy", claim.detail
     assert claim.detail.startswith("Every measured point of euclidean (structured) was left out")
@@ -1547,10 +1552,7 @@ def test_a_run_whose_every_point_was_left_out_for_load_is_too_noisy_not_unmeasur
     # a run the sweep did not measure at all stays not measured, and is the one named
     df, meta = make_sweep(Machine(), runs=RUNS[:2], repeats=6)
     gone = df["method"] == "layerwise"
-    df["stretches"] = np.where(gone, 2, np.nan)
-    df.loc[gone, "times_s"] = df.loc[gone, "times_s"].map(
-        lambda t: json.dumps([x * (1 if i < 3 else 2) for i, x in enumerate(json.loads(t))])
-    )
+    _in_stretches_that_disagree(df, gone)
     claim = by_id(va.validate(df, meta, n_boot=50), "crossover-width")
     assert claim.verdict == "not measured", claim.detail
     assert claim.detail.startswith("The sweep did not run full with the structured kernel.")
