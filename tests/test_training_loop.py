@@ -722,3 +722,50 @@ def test_a_removed_preconditioner_keeps_no_parameter_memory_alive():
     model.float()  # every parameter given other memory
     gc.collect()
     assert all(r() is None for r in held)
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+@pytest.mark.parametrize("method", ["layerwise", "natural", "kfac"])
+def test_what_an_optimizer_does_after_the_preconditioner(method, call):
+    """As docs/api.md states for the loop beside an optimizer: a penalty written into the
+    loss is preconditioned with the loss's gradient, ``G^{-1} (N g + 2 lam theta)`` under
+    ``reduction="sum"`` (the metric stays the mean's, whatever the loss's scale); SGD's
+    ``weight_decay`` and a clip act on the direction afterwards, per parameter group."""
+    problem = Problem(depth=3)
+    model, x, y = problem.make()
+    theta = flatten(dict(model.named_parameters()), model).detach()
+    lam, wd, lr, max_norm = 0.05, 0.1, 0.3, 0.5
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    names_all, params = zip(*[(n, p.detach().clone()) for n, p in model.named_parameters()])
+    names = [n for n in names_all if not n.startswith("4.")]  # the head's group: no decay
+    body = [model.get_parameter(n) for n in names]
+    opt = torch.optim.SGD(
+        [{"params": body, "weight_decay": wd}, {"params": model[4].parameters()}], lr=lr
+    )
+    loss = F.cross_entropy(model(x), y, reduction="sum")
+    loss = loss + lam * sum(p.pow(2).sum() for p in model.parameters())
+    if call == "backward":
+        pre.backward(loss)
+    else:
+        loss.backward()
+        pre.step()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    opt.step()
+
+    want, _ = oracle_of(problem, *problem.make(), method)  # G^{-1} g at the mean's metric
+    direction = len(x) * want + oracle_of_vector(problem, method, 2 * lam * theta)
+    assert direction.norm() > 2 * max_norm  # the clip acts
+    direction = direction * max_norm / (direction.norm() + 1e-6)
+    decay = flatten({n: wd * p * (n in names) for n, p in zip(names_all, params)}, model)
+    got = flatten(dict(model.named_parameters()), model).detach()
+    assert rel_error(got, theta - lr * (direction + decay)) < 1e-10
+
+
+def oracle_of_vector(problem, method, v):
+    """``v`` solved with the float64 oracle's metric of ``method`` (as :func:`oracle_of`)."""
+    G, _, blocks = oracle_for(problem)
+    if method == "kfac":
+        model, x, y = problem.make()
+        factors = kfac_factors(model, x, y, problem.loss_name)
+        return solve_kfac_metric(factors, v, DAMPING, "exact", "joint")
+    return oracle_direction(G, v, DAMPING, method, blocks)
