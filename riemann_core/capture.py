@@ -192,22 +192,16 @@ def autograd_nodes(roots) -> Iterator:
         stack.extend(next_node for next_node, _ in node.next_functions)
 
 
-def pullback_dtype(model: nn.Module, outputs: Tensor, module_outputs, dtype: torch.dtype):
+def pullback_dtype(outputs: Tensor, module_outputs, dtype: torch.dtype):
     """The least precise of ``dtype`` (the rows' at the modules' outputs) and the dtypes
     the backward pass from ``outputs`` to ``module_outputs`` runs in: those of every
     autograd node on a path between them. A frozen half-precision module between trained
     float32 ones rounds the rows pulled back through it to its precision, though they reach
     every trained module in float32 (found by a hunt: a bfloat16 Linear between two float32
     ones, `full` 41% off the oracle with no warning, and the coupling probe blamed a hook
-    for the rounding). Walked only where the model holds floating-point parameters or
-    buffers less precise than ``dtype``: no other module computes in such a dtype."""
-    eps = torch.finfo(dtype).eps
-    less = {d for d in (torch.float16, torch.bfloat16, torch.float32) if torch.finfo(d).eps > eps}
-    # (each module's own dicts: 2x faster than model.parameters() and buffers(), 33 us a
-    # call on a float32 MLP of 24 Linear layers, 0.01% of its pre.backward at batch 64)
-    held = (t for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values()))
-    if not any(t is not None and t.dtype in less for t in held):
-        return dtype
+    for the rounding); so does a bare cast (``h.to(torch.bfloat16)``) where the model holds
+    no half-precision tensor (found by review: the hook blamed again). Walked on every
+    call: 1.7 ms of a 0.58 s ``layerwise`` step on a 200-layer float32 MLP (0.3%)."""
     targets = {t.grad_fn for t in module_outputs if t.grad_fn is not None}
     # post-order over the graph under the outputs: a node is on a path where it is a
     # module's output or one of its next nodes is (the graph is acyclic)

@@ -199,6 +199,33 @@ def test_rows_pulled_back_through_a_frozen_half_module_bound_the_accuracy(half, 
             rc.direction(model, x, y, method=method, damping=1e-4, check_coupling=check)
 
 
+class CastBetween(nn.Module):
+    """Trained float32 Linears around a bare cast to ``half`` and back: no tensor of the
+    model is in half precision."""
+
+    def __init__(self, half):
+        super().__init__()
+        self.a, self.c, self.half = nn.Linear(5, 6), nn.Linear(6, 3), half
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.a(x)).to(self.half).float())
+
+
+@pytest.mark.parametrize("method", METRIC_METHODS, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("half", HALF)
+def test_rows_pulled_back_through_a_bare_half_cast_bound_the_accuracy(half, method):
+    """Found by review: the backward pass was walked only where the model held a tensor in
+    half precision, so a bare cast between trained float32 modules, which rounds the rows
+    alike, was missed: the coupling probe blamed a hook (ValueError), and without it no
+    AccuracyWarning. Now both calls warn, naming the half dtype."""
+    torch.manual_seed(7)
+    model = CastBetween(half)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    for check in (True, False):
+        with pytest.warns(rc.AccuracyWarning, match=f"pulled back through a module in {half}"):
+            rc.direction(model, x, y, method=method, damping=1e-4, check_coupling=check)
+
+
 @pytest.mark.parametrize("half", HALF)
 def test_a_frozen_half_backbone_before_the_trained_modules_does_not_warn(half):
     """No row is pulled back through a half-precision module in front of every trained one:

@@ -626,7 +626,7 @@ def problem_from_graph(
     batched = k > SERIAL_PULLBACK_ROWS or work > SERIAL_PULLBACK_WORK
     module_outputs = [c.output for c in calls]
     # (read before the pullback frees the graph)
-    path_dtype = pullback_dtype(model, outputs, module_outputs, outputs.dtype)
+    path_dtype = pullback_dtype(outputs, module_outputs, outputs.dtype)
     # (the rows joined with the loss gradient's are as large as the factor: found by review)
     with named_when_rows_too_large(outputs, opts, r, module_outputs):
         roots, seeds = (outputs,), (cotangents,)
