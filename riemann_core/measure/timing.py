@@ -89,10 +89,21 @@ def median_ratio(a: list[float], b: list[float]) -> float:
 MET, MISSED, NOISY = "met", "missed", "too noisy"
 
 
-def verdict_for(low: float, high: float, sense: str, bound: float) -> str:
-    """The verdict of the interval ``[low, high]`` against the goal ``sense bound``
-    (``"<="`` or ``">="``): :data:`MET` where all of it meets the goal, :data:`MISSED`
-    where none does, :data:`NOISY` where it straddles the goal."""
+#: The fewest rounds whose :func:`median_interval` holds the true median in about 95% of
+#: draws (93.7% at 5 rounds, 87% at 4, 75% at 3: the bootstrap median of ``n`` rounds never
+#: leaves ``[min, max]``, which misses the median in ``2^(1 - n)`` of draws; found by a
+#: simulation of known ratios: at 3 rounds a true 1.30 read met against ``<= 1.25`` in 8%
+#: of draws at 20% noise a call, a true 1.25 met or missed in 25%).
+MIN_ROUNDS = 5
+
+
+def verdict_for(low: float, high: float, sense: str, bound: float, rounds: int) -> str:
+    """The verdict of the interval ``[low, high]`` of a median over ``rounds`` rounds
+    against the goal ``sense bound`` (``"<="`` or ``">="``): :data:`MET` where all of it
+    meets the goal, :data:`MISSED` where none does, :data:`NOISY` where it straddles the
+    goal or ``rounds`` are fewer than :data:`MIN_ROUNDS` (their interval is no 95% one)."""
+    if rounds < MIN_ROUNDS:
+        return NOISY
     meets = [r <= bound if sense == "<=" else r >= bound for r in (low, high)]
     return MET if all(meets) else MISSED if not any(meets) else NOISY
 

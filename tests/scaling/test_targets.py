@@ -27,7 +27,7 @@ from riemann_core.scaling import kfac_targets, targets
     ],
 )
 def test_a_figure_is_met_on_the_right_side_of_its_goal(goal, ratio, met):
-    f = targets.figure(goal, [8, 4, 2], ratio)
+    f = targets.figure(goal, [8, 4, 2], [ratio] * 5)
     assert f["met"] is met
     assert (f["goal"], f["sense"]) == targets.GOALS[goal][2:0:-1]
 
@@ -460,9 +460,13 @@ def test_a_figure_keeps_its_ratios_and_a_record_they_do_not_give_is_refused():
     assert fig["ratios"] == ratios and fig["ratio"] == 1.8 and fig["rounds"] == 5
     record["figures"][0] = fig
     variant = record["kfac"]["networks"][0]["variants"][0]
-    variant.update(zip(("ratio", "low", "high"), median_interval([0.5, 0.6, 0.4])))
-    variant.update(ratios=[0.5, 0.6, 0.4], rounds=3, verdict="met", met=True)
+    variant.update(zip(("ratio", "low", "high"), median_interval([0.5, 0.6, 0.4, 0.55, 0.45])))
+    variant.update(ratios=[0.5, 0.6, 0.4, 0.55, 0.45], rounds=5, verdict="met", met=True)
     targets.check_record(record)  # they follow
+    few = json.loads(json.dumps(record))  # (found by a simulation: 3 rounds judge nothing)
+    few["kfac"]["networks"][0]["variants"][0].update(
+        zip(("ratio", "low", "high"), median_interval([0.5, 0.6, 0.4])), ratios=[0.5, 0.6, 0.4]
+    )
     for path, value, message in [
         ("figures.0.ratios.1", 1.0, r"figures\[0\] states 1.8 .* do not give"),
         ("figures.0.ratios", ratios[:4], r"figures\[0\] has 4 ratios for 5 rounds"),
@@ -473,6 +477,13 @@ def test_a_figure_keeps_its_ratios_and_a_record_they_do_not_give_is_refused():
         _set(edited, path, value)
         with pytest.raises(ValueError, match=message):
             targets.check_record(edited)
+    few["kfac"]["networks"][0]["variants"][0]["rounds"] = 3
+    with pytest.raises(ValueError, match=r"reads 'met' .* over 3 rounds .* gives 'too noisy'"):
+        targets.check_record(few)
+    del few["kfac"]["networks"][0]["variants"][0]["ratios"]  # (as records before them)
+    few["kfac"]["networks"][0]["variants"][0]["rounds"] = "5"
+    with pytest.raises(ValueError, match=r"variants\[0\].rounds is '5', not a count"):
+        targets.check_record(few)
 
 
 def test_report_only_refuses_more_ratios_than_a_run_records_naming_the_file_and_field(
@@ -619,3 +630,11 @@ def test_the_readmes_table_is_the_committed_run_of_targets(device):
     payload = json.loads((root / "reports" / device / "targets.json").read_text())
     assert "--readme README.md" in payload["command"]
     assert text[start:end] == targets.readme_targets(payload, f"reports/{device}") + "\n"
+
+
+def test_a_figure_of_too_few_rounds_is_too_noisy_however_narrow_its_interval():
+    """Found by a simulation of known ratios: three rounds all under the goal read met,
+    where three rounds miss the true median a quarter of the time."""
+    fig = targets.figure("sampled_step", targets.NETWORK, [1.0, 1.01, 1.02])
+    assert fig["high"] < 2.0 and fig["verdict"] == "too noisy" and not fig["met"]
+    assert targets.figure("sampled_step", targets.NETWORK, [1.0, 1.01, 1.02, 1.0, 1.01])["met"]
