@@ -480,6 +480,10 @@ def test_a_figure_keeps_its_ratios_and_a_record_they_do_not_give_is_refused():
     few["kfac"]["networks"][0]["variants"][0]["rounds"] = 3
     with pytest.raises(ValueError, match=r"reads 'met' .* over 3 rounds .* gives 'too noisy'"):
         targets.check_record(few)
+    # (found by review: without "rounds", 3 ratios were judged on the run's 7 and read met)
+    del few["kfac"]["networks"][0]["variants"][0]["rounds"]
+    with pytest.raises(ValueError, match=r"reads 'met' .* over 3 rounds .* gives 'too noisy'"):
+        targets.check_record(few)
     del few["kfac"]["networks"][0]["variants"][0]["ratios"]  # (as records before them)
     few["kfac"]["networks"][0]["variants"][0]["rounds"] = "5"
     with pytest.raises(ValueError, match=r"variants\[0\].rounds is '5', not a count"):
@@ -638,3 +642,15 @@ def test_a_figure_of_too_few_rounds_is_too_noisy_however_narrow_its_interval():
     fig = targets.figure("sampled_step", targets.NETWORK, [1.0, 1.01, 1.02])
     assert fig["high"] < 2.0 and fig["verdict"] == "too noisy" and not fig["met"]
     assert targets.figure("sampled_step", targets.NETWORK, [1.0, 1.01, 1.02, 1.0, 1.01])["met"]
+
+
+def test_the_help_states_the_rounds_a_verdict_needs_and_the_runs_take():
+    """Found by review: --help named a straddling interval as the only way to be too noisy,
+    not a median over fewer than MIN_ROUNDS rounds."""
+    from riemann_core.measure.timing import MIN_ROUNDS
+
+    assert f"fewer than {MIN_ROUNDS} rounds" in targets.DESCRIPTION
+    assert (
+        f"{targets.QUICK_ROUNDS} rounds instead of {targets.ROUNDS} (K-FAC: "
+        f"{kfac_targets.QUICK_ROUNDS} instead of {kfac_targets.ROUNDS})" in targets.DESCRIPTION
+    )
