@@ -340,8 +340,12 @@ def register(
     # (found by review: a hand-written layer's float32 vjp against autograd's bfloat16 one
     # was refused as a parameter used outside its module)
     params = [p for _, p in model.named_parameters() if p.requires_grad]
-    eps = lowest_precision_eps([params[0], z, *(t for c in calls for t in (c.output, *c.inputs))])
+    tensors = [params[0], z, *(t for c in calls for t in (c.output, *c.inputs))]
+    eps = lowest_precision_eps(tensors)
     eps = max(eps, torch.finfo(path_dtype).eps) if path_dtype is not None else eps
+    # where the pass underflows first: the narrowest range's smallest normal number
+    dtypes = {t.dtype for t in tensors if t.is_floating_point()} | ({path_dtype} - {None})
+    tiny = max((torch.finfo(d).tiny for d in dtypes), default=torch.finfo(torch.float32).tiny)
     # data (an input made to require grad for the probe, or made from one) may pull back
     # NaN that reaches no parameter (0 * inf through mask.log()): only the tensors that
     # depend on parameters must be finite, and only there is a NaN a leak
@@ -359,7 +363,7 @@ def register(
         "(outside autocast) or on other data, or pass check_coupling=False if the network "
         "keeps the samples of a batch apart and calls each parameter's module for every use",
     )
-    _register_linearity_check(checks, targets, pulled, again, eps)
+    _register_linearity_check(checks, targets, pulled, again, eps, tiny)
     _register_hook_check(checks, probe)
     coupled = (
         torch.stack(
@@ -423,7 +427,7 @@ def _name_of(call: Block, tensor: Tensor) -> str:
     return f"the {'output' if tensor is call.output else 'input'} of module {call.name!r}"
 
 
-def _register_linearity_check(checks, targets, pulled, again, eps: float) -> None:
+def _register_linearity_check(checks, targets, pulled, again, eps: float, tiny: float) -> None:
     """The last probe row ``P``, pulled back once more scaled by :data:`LINEARITY_SCALE`,
     and with another pattern ``Q`` alone and added (``again``: those three pullbacks per
     target), must come back as ``LINEARITY_SCALE f(P)`` and ``f(P) + f(Q)``: the backward
@@ -431,7 +435,14 @@ def _register_linearity_check(checks, targets, pulled, again, eps: float) -> Non
     elementwise clamp or ``abs``, adding a top-k). Entries that overflowed (the scaled row
     in half precision) are left out, and a pass in float16 (``eps`` its rounding, the
     lowest of the pass) is not judged: on deep networks under autocast its pullbacks reach
-    float16's subnormals (1e-6 to 1e-7), where rounding alone differs by 12-60%."""
+    float16's subnormals (1e-6 to 1e-7), where rounding alone differs by 12-60%.
+
+    Rounding leaves ``|fl(x) - x| <= eps |x| + eps tiny`` (``tiny`` the smallest normal
+    number: below it the spacing is ``eps tiny`` whatever ``|x|``), so a difference is
+    judged against ``sqrt(eps) (size + tiny)``, both parts with the same margin: a deep
+    float32 MLP's pullbacks vanish into float32's subnormals (1e-42 some 165 tanh layers
+    below the output of 200), where they differed by 0.4-13% of their size, and it was
+    refused as a hook (found by review: from 160 layers on)."""
 
     def wide(t: Tensor) -> Tensor:  # half precision compared in float32
         return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -445,11 +456,11 @@ def _register_linearity_check(checks, targets, pulled, again, eps: float) -> Non
             torch.where(scaled.isfinite(), wide(scaled) - LINEARITY_SCALE * f_p, 0.0),
             wide(both) - (f_p + q),
         ]
-        size = f_p.abs().max() + q.abs().max()
+        size = f_p.abs().max() + q.abs().max() + tiny
         residual.append(torch.stack([o.abs().max() for o in off]).max() / size)
     if not residual:
         return
-    nonlinear = torch.stack([r > eps**0.5 for r in residual]).any()  # 0 / 0: NaN, not above
+    nonlinear = torch.stack([r > eps**0.5 for r in residual]).any()
     names = [_name_of(c, t) for c, t in targets]  # now: the record may change by then
 
     def explain():
