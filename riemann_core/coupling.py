@@ -175,7 +175,8 @@ def needs_probe(notes: ModelNotes, key: tuple, check: bool | str = True) -> bool
 
 
 #: The factor of the probe row pulled back a second time (a negative power of two: the
-#: scaling is exact in binary floating point, barring overflow, so a linear backward pass
+#: scaling is exact in binary floating point, barring overflow and underflow into
+#: subnormals (see :func:`_register_linearity_check`), so a linear backward pass
 #: returns exactly this multiple of the row's pullback; a clamp of gradients at bound ``c``
 #: does not wherever the pullback exceeds ``c / 8``, a one-sided clamp or ``abs`` nowhere).
 LINEARITY_SCALE = -8.0

@@ -871,6 +871,34 @@ def test_a_deep_float32_network_whose_pullbacks_underflow_is_not_taken_for_a_hoo
     assert all(torch.isfinite(d).all() for d in dirs.values())
 
 
+SUBNORMAL = {
+    "none": None,
+    "scale": lambda g: 2 * g,  # linear
+    "clamp": lambda g: g.clamp(-1e-42, 1e-42),  # about half the pullbacks' size
+    **{c: CHANGES[c] for c in ("clamp-min", "abs", "top-k")},
+}
+
+
+@pytest.mark.parametrize("change", SUBNORMAL, ids=lambda c: f"change={c}")
+def test_the_linearity_check_in_float32_subnormals_refuses_hooks_not_rounding(change):
+    """Found by review: the allowance the deep network above needs (``sqrt(eps) tiny``,
+    4e-42 in float32) is absolute: pullbacks of 1e-42 to 1e-41 (the output layer scaled by
+    1e-41) still show a clamp, ``abs`` or top-k, and no hook or a linear one passes (both
+    were refused before)."""
+    torch.manual_seed(35)
+    hook = SUBNORMAL[change]
+    model = HookedHidden(hook if hook is not None else lambda g: None)
+    with torch.no_grad():
+        model.b.weight.mul_(1e-41)
+    x, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 1, 0, 2])
+    if change in ("none", "scale"):
+        dirs = rc.direction(model, x, y, damping=DAMPING)
+        assert all(torch.isfinite(d).all() for d in dirs.values())
+    else:
+        with pytest.raises(ValueError, match="the backward pass is not linear in its cotangent"):
+            rc.direction(model, x, y, damping=DAMPING)
+
+
 @pytest.mark.parametrize("where", HOOKED, ids=lambda w: f"hook={w}")
 @pytest.mark.parametrize("call", ["backward", "step"])
 def test_a_hook_that_reads_a_value_to_the_host_is_refused_naming_it(where, call):
