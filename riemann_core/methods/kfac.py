@@ -654,14 +654,14 @@ class KFACState:
         }
         return directions, diagnostics
 
-    def commit(self, params, solved: set[str] | None = None) -> None:
+    def commit(self, params, solved: set[str]) -> None:
         """Keep what the step on ``params`` (the trainable ``(name, parameter)`` pairs)
         computed, and count it: the blocks of the modules it saw; between refreshes also
         the cached blocks of modules it did not call whose parameters are all still
         trainable (found by a hunt: a branch skipped by one step was refactorised off
         schedule when it came back, with running averages), until the next refresh keeps
         only the blocks it made. A module none of whose parameters is in ``solved`` (the
-        names solved for a gradient of this pass; ``None``: all) counts as not called: its
+        names solved for a gradient of this pass) counts as not called: its
         output did not reach the loss (an auxiliary head kept aside, a call under
         ``torch.no_grad()``), so its ``Gamma`` of this batch is zero (found by a hunt:
         cached at a refresh, the head's metric was ``mu I`` until the next one, its
@@ -674,9 +674,7 @@ class KFACState:
         the fresh direction the next step, and the loss went from 1.6 to 84 in four
         steps); it is refactorised at its next step."""
         skipped = {
-            name
-            for name, (_, s) in self._pending.items()
-            if solved is not None and solved.isdisjoint(s.param_names)
+            name for name, (_, s) in self._pending.items() if solved.isdisjoint(s.param_names)
         }
         zero_gamma = {name for name, trace in self._pending_traces.items() if trace.value == 0}
         self._averages.update(
