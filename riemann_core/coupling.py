@@ -78,6 +78,7 @@ from .modules import (
     GenericHandler,
     Handler,
     SharedHandler,
+    floating_dtypes,
     forward_replaced,
     lowest_precision_eps,
     registered,
@@ -345,7 +346,8 @@ def register(
     eps = lowest_precision_eps(tensors)
     eps = max(eps, torch.finfo(path_dtype).eps) if path_dtype is not None else eps
     # where the pass underflows first: the narrowest range's smallest normal number
-    dtypes = {t.dtype for t in tensors if t.is_floating_point()} | ({path_dtype} - {None})
+    # (the calls' inputs may be None or numbers: found by CI)
+    dtypes = floating_dtypes(tensors) | ({path_dtype} - {None})
     tiny = max((torch.finfo(d).tiny for d in dtypes), default=torch.finfo(torch.float32).tiny)
     # data (an input made to require grad for the probe, or made from one) may pull back
     # NaN that reaches no parameter (0 * inf through mask.log()): only the tensors that

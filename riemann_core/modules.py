@@ -361,10 +361,15 @@ def rows_dot(Dl: Tensor, V: Tensor) -> Tensor:
     return rows.reshape(N, r).T.reshape(-1)
 
 
+def floating_dtypes(values) -> set[torch.dtype]:
+    """The dtypes of the floating-point tensors among ``values`` (any objects)."""
+    return {t.dtype for t in values if isinstance(t, Tensor) and t.is_floating_point()}
+
+
 def lowest_precision_eps(tensors) -> float:
     """The largest machine epsilon among the floating-point ``tensors`` (float32's where
     none is): the precision a computation through all of them was rounded to."""
-    dtypes = {t.dtype for t in tensors if isinstance(t, Tensor) and t.is_floating_point()}
+    dtypes = floating_dtypes(tensors)
     return max((torch.finfo(d).eps for d in dtypes), default=torch.finfo(torch.float32).eps)
 
 
