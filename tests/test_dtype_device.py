@@ -182,23 +182,6 @@ HALF = [
 METRIC_METHODS = [m for m in rc.METHODS if m != "euclidean"]
 
 
-@pytest.mark.parametrize("method", METRIC_METHODS, ids=lambda m: f"method={m}")
-@pytest.mark.parametrize("half", HALF)
-def test_rows_pulled_back_through_a_frozen_half_module_bound_the_accuracy(half, method):
-    """Found by a hunt: a frozen half-precision Linear between trained float32 ones rounds
-    the rows pulled back through it to its precision, though they reach every trained
-    module in float32: the coupling probe blamed the rounding on a hook that changes
-    gradients (ValueError), and with ``check_coupling=False`` the direction came back up to
-    41% off the oracle (``full``, bfloat16, damping 1e-4) without the AccuracyWarning that
-    the same rows under autocast give. Now both calls warn, naming the half dtype."""
-    torch.manual_seed(7)
-    model = FrozenHalfBetween(half)
-    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
-    for check in (True, False):
-        with pytest.warns(rc.AccuracyWarning, match=f"pulled back through a module in {half}"):
-            rc.direction(model, x, y, method=method, damping=1e-4, check_coupling=check)
-
-
 class CastBetween(nn.Module):
     """Trained float32 Linears around a bare cast to ``half`` and back: no tensor of the
     model is in half precision."""
@@ -211,15 +194,19 @@ class CastBetween(nn.Module):
         return self.c(torch.tanh(self.a(x)).to(self.half).float())
 
 
+@pytest.mark.parametrize("between", [FrozenHalfBetween, CastBetween], ids=lambda c: c.__name__)
 @pytest.mark.parametrize("method", METRIC_METHODS, ids=lambda m: f"method={m}")
 @pytest.mark.parametrize("half", HALF)
-def test_rows_pulled_back_through_a_bare_half_cast_bound_the_accuracy(half, method):
-    """Found by review: the backward pass was walked only where the model held a tensor in
-    half precision, so a bare cast between trained float32 modules, which rounds the rows
-    alike, was missed: the coupling probe blamed a hook (ValueError), and without it no
-    AccuracyWarning. Now both calls warn, naming the half dtype."""
+def test_rows_pulled_back_through_half_precision_bound_the_accuracy(half, method, between):
+    """Found by a hunt: a frozen half-precision Linear between trained float32 ones rounds
+    the rows pulled back through it to its precision, though they reach every trained
+    module in float32: the coupling probe blamed the rounding on a hook that changes
+    gradients (ValueError), and with ``check_coupling=False`` the direction came back up to
+    41% off the oracle (``full``, bfloat16, damping 1e-4) without the AccuracyWarning that
+    the same rows under autocast give; and by review, a bare cast between them, where the
+    model holds no half-precision tensor, alike. Now both calls warn, naming the dtype."""
     torch.manual_seed(7)
-    model = CastBetween(half)
+    model = between(half)
     x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
     for check in (True, False):
         with pytest.warns(rc.AccuracyWarning, match=f"pulled back through a module in {half}"):
