@@ -2561,21 +2561,28 @@ def test_backward_passes_under_compiled_autograd_are_followed(zeroing):
         torch.testing.assert_close(ours, eager, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("zero", ["gamma", "input"])
 @pytest.mark.parametrize("call", ["step", "backward"])
-def test_kfac_a_layer_before_a_zero_head_is_not_cached_with_its_zero_gamma(call):
+def test_kfac_a_layer_with_a_zero_factor_is_not_cached(call, zero):
     """Found by review: before a zero-initialised head no gradient reaches a layer's
     output at the first refresh, and its ``Gamma`` of zero was cached: until the next
     refresh its metric was ``mu I``, its direction 9.8x the fresh one once the head had
-    moved. Now it is refactorised at each step until its ``Gamma`` is nonzero: its
-    directions are those of ``kfac_refresh=1`` until then (the head's cached block apart)."""
+    moved. The same held for a weight's input factor ``A`` of zero, after a
+    zero-initialised layer with no bias (``kfac_bias="separate"``: no constant 1 in it).
+    Now such a layer is refactorised at each step until its factors are nonzero: its
+    directions are those of ``kfac_refresh=1`` until then (other cached blocks apart)."""
     runs = []
     for refresh in (5, 1):
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
-                              nn.Linear(8, 3)).double()  # fmt: skip
-        nn.init.zeros_(model[4].weight)
-        nn.init.zeros_(model[4].bias)
-        pre = rc.RiemannianPreconditioner(model, method="kfac", damping=1e-3, kfac_refresh=refresh)
+        model = nn.Sequential(nn.Linear(6, 8, bias=zero == "gamma"), nn.Tanh(), nn.Linear(8, 8),
+                              nn.Tanh(), nn.Linear(8, 3)).double()  # fmt: skip
+        zeroed = model[4] if zero == "gamma" else model[0]
+        for p in zeroed.parameters():
+            nn.init.zeros_(p)
+        bias = "joint" if zero == "gamma" else "separate"  # the input's 1 keeps joint's A nonzero
+        pre = rc.RiemannianPreconditioner(
+            model, method="kfac", damping=1e-3, kfac_refresh=refresh, kfac_bias=bias
+        )
         gen, directions = torch.Generator().manual_seed(1), []
         for _ in range(2):
             x = torch.randn(16, 6, generator=gen, dtype=torch.float64)
@@ -2588,7 +2595,10 @@ def test_kfac_a_layer_before_a_zero_head_is_not_cached_with_its_zero_gamma(call)
                     p -= 0.1 * p.grad
         runs.append((directions, pre.state_dict()["kfac"]))
     (scheduled, state), (fresh, _) = runs
+    compared = (
+        ("0.weight", "0.bias", "2.weight", "2.bias") if zero == "gamma" else ("2.weight", "2.bias")
+    )
     for t in (0, 1):
-        for name in ("0.weight", "0.bias", "2.weight", "2.bias"):
+        for name in compared:
             torch.testing.assert_close(scheduled[t][name], fresh[t][name], rtol=1e-10, atol=0)
     assert set(state["cached"]) == {"0", "2", "4"}  # nonzero from step 1: cached there

@@ -590,8 +590,9 @@ class KFACState:
     ) -> KroneckerSolve:
         """The module's solve for this step: refactorised from ``factors``
         (:meth:`factors`) into ``blocks``, pulled back in ``data_dtype``, or with the
-        cached blocks where ``factors`` is ``None``. A refactorised module's ``tr Gamma``
-        is read with ``checks`` (the step's one host sync), for :meth:`commit`."""
+        cached blocks where ``factors`` is ``None``. A refactorised module's least factor
+        trace, ``min(tr Gamma, tr A)`` over its parts' ``A`` (zero exactly where one factor
+        is), is read with ``checks`` (the step's one host sync), for :meth:`commit`."""
         name = handler.block.name
         if factors is None:
             old = self._cached[name]
@@ -600,7 +601,9 @@ class KFACState:
         else:
             s = fresh_solve(handler, index, gradient, opts, factors, blocks)
             s.data_dtype = data_dtype
-            self._pending_traces[name] = checks.read(factors[0].trace())
+            gamma, inputs = factors
+            traces = [gamma.trace(), *(A.trace() for A in inputs.values())]
+            self._pending_traces[name] = checks.read(torch.stack(traces).amin())
         self._pending[name] = (handler, s)
         return s
 
@@ -666,17 +669,18 @@ class KFACState:
         ``torch.no_grad()``), so its ``Gamma`` of this batch is zero (found by a hunt:
         cached at a refresh, the head's metric was ``mu I`` until the next one, its
         direction 5-39x the fresh one once the loss used it again; averaged, zeros weighed
-        the average down). A module refactorised from a ``Gamma`` of zero (``tr Gamma =
-        0``: no gradient reached its output, as before a zero-initialised head; with a
-        decay, the average's) is averaged, that batch's metric being zero, but not cached:
-        its metric ``mu I`` is exact for that batch's gradient, zero too, and no other
-        (found by review: the layer before a zero head, cached at a refresh, took 9.8x
-        the fresh direction the next step, and the loss went from 1.6 to 84 in four
-        steps); it is refactorised at its next step."""
+        the average down). A module refactorised from a factor of zero (``tr Gamma = 0``:
+        no gradient reached its output, as before a zero-initialised head; or ``tr A = 0``
+        for its weight: its inputs all zero, as after a zero-initialised layer, with no
+        bias or ``kfac_bias="separate"``; with a decay, the average's) is averaged, that
+        batch's metric being zero, but not cached: its metric ``mu I`` is exact for that
+        batch's gradient, zero too, and no other (found by review: the layer before a zero
+        head, cached at a refresh, took 9.8x the fresh direction the next step, and the loss
+        went from 1.6 to 84 in four steps); it is refactorised at its next step."""
         skipped = {
             name for name, (_, s) in self._pending.items() if solved.isdisjoint(s.param_names)
         }
-        zero_gamma = {name for name, trace in self._pending_traces.items() if trace.value == 0}
+        zero_factor = {name for name, trace in self._pending_traces.items() if trace.value == 0}
         self._averages.update(
             (key, a) for key, a in self._pending_averages.items() if _owner(key) not in skipped
         )
@@ -688,7 +692,7 @@ class KFACState:
         self._cached = {name: c for name, c in kept.items() if _identities([c]) <= current} | {
             name: self._cached[name] if handler is None else _cache(handler, s)
             for name, (handler, s) in self._pending.items()
-            if name not in skipped | zero_gamma
+            if name not in skipped | zero_factor
         }
         self.steps += 1
         self.discard()
@@ -737,7 +741,7 @@ class KFACState:
         self._pending_averages: dict[str, Tensor] = {}
         self._pending_shapes: dict[str, tuple] = {}
         self._pending: dict[str, tuple[PatchHandler | None, KroneckerSolve]] = {}
-        self._pending_traces: dict[str, Reading] = {}  # tr Gamma of those refactorised
+        self._pending_traces: dict[str, Reading] = {}  # least factor trace of those refactorised
 
 
 def module_shapes(module: nn.Module) -> tuple:
