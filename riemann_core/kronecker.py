@@ -207,8 +207,13 @@ class Factor:
     def dense(self) -> Tensor:
         return self.rows.T @ self.rows if self.thin else self.matrix
 
-    def trace(self) -> Tensor:
-        return self.rows.square().sum() if self.thin else self.matrix.diagonal().sum()
+    def trace(self, leading: int | None = None) -> Tensor:
+        """``tr F``, or that of its leading ``leading x leading`` block (an input factor's
+        weight columns, without the bias's column of ones)."""
+        if self.thin:
+            rows = self.rows if leading is None else self.rows[:, :leading]
+            return rows.square().sum()
+        return self.matrix.diagonal()[:leading].sum()
 
     def gram(self) -> Tensor:
         """``R R^T`` (``m x m``) of a thin factor."""

@@ -2561,14 +2561,15 @@ def test_backward_passes_under_compiled_autograd_are_followed(zeroing):
         torch.testing.assert_close(ours, eager, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("zero", ["gamma", "input"])
+@pytest.mark.parametrize("zero", ["gamma", "input", "input-joint"])
 @pytest.mark.parametrize("call", ["step", "backward"])
 def test_kfac_a_layer_with_a_zero_factor_is_not_cached(call, zero):
     """Found by review: before a zero-initialised head no gradient reaches a layer's
     output at the first refresh, and its ``Gamma`` of zero was cached: until the next
     refresh its metric was ``mu I``, its direction 9.8x the fresh one once the head had
     moved. The same held for a weight's input factor ``A`` of zero, after a
-    zero-initialised layer with no bias (``kfac_bias="separate"``: no constant 1 in it).
+    zero-initialised layer (``kfac_bias="separate"``; and ``"joint"``, whose column of ones
+    kept ``tr A = 1`` while the weight's block of ``A`` was zero: found by review, 5.2x).
     Now such a layer is refactorised at each step until its factors are nonzero: its
     directions are those of ``kfac_refresh=1`` until then (other cached blocks apart)."""
     runs = []
@@ -2579,7 +2580,7 @@ def test_kfac_a_layer_with_a_zero_factor_is_not_cached(call, zero):
         zeroed = model[4] if zero == "gamma" else model[0]
         for p in zeroed.parameters():
             nn.init.zeros_(p)
-        bias = "joint" if zero == "gamma" else "separate"  # the input's 1 keeps joint's A nonzero
+        bias = "separate" if zero == "input" else "joint"
         pre = rc.RiemannianPreconditioner(
             model, method="kfac", damping=1e-3, kfac_refresh=refresh, kfac_bias=bias
         )

@@ -591,8 +591,9 @@ class KFACState:
         """The module's solve for this step: refactorised from ``factors``
         (:meth:`factors`) into ``blocks``, pulled back in ``data_dtype``, or with the
         cached blocks where ``factors`` is ``None``. A refactorised module's least factor
-        trace, ``min(tr Gamma, tr A)`` over its parts' ``A`` (zero exactly where one factor
-        is), is read with ``checks`` (the step's one host sync), for :meth:`commit`."""
+        trace, ``min(tr Gamma, tr A_W)`` (``A_W``: its weight's block of ``A``, without the
+        bias's column of ones; zero exactly where the weight's metric is ``mu I``), is read
+        with ``checks`` (the step's one host sync), for :meth:`commit`."""
         name = handler.block.name
         if factors is None:
             old = self._cached[name]
@@ -602,7 +603,9 @@ class KFACState:
             s = fresh_solve(handler, index, gradient, opts, factors, blocks)
             s.data_dtype = data_dtype
             gamma, inputs = factors
-            traces = [gamma.trace(), *(A.trace() for A in inputs.values())]
+            # (the ones of a joint bias keep tr A >= 1: found by review, a joint layer
+            # after a zero-initialised one was cached with its weight's metric mu I)
+            traces = [gamma.trace(), *(A.trace(handler.P) for A in inputs.values())]
             self._pending_traces[name] = checks.read(torch.stack(traces).amin())
         self._pending[name] = (handler, s)
         return s
@@ -671,12 +674,12 @@ class KFACState:
         direction 5-39x the fresh one once the loss used it again; averaged, zeros weighed
         the average down). A module refactorised from a factor of zero (``tr Gamma = 0``:
         no gradient reached its output, as before a zero-initialised head; or ``tr A = 0``
-        for its weight: its inputs all zero, as after a zero-initialised layer, with no
-        bias or ``kfac_bias="separate"``; with a decay, the average's) is averaged, that
-        batch's metric being zero, but not cached: its metric ``mu I`` is exact for that
-        batch's gradient, zero too, and no other (found by review: the layer before a zero
-        head, cached at a refresh, took 9.8x the fresh direction the next step, and the loss
-        went from 1.6 to 84 in four steps); it is refactorised at its next step."""
+        for its weight, the bias's column of ones left out: its inputs all zero, as after a
+        zero-initialised layer; with a decay, the average's) is averaged, but not cached:
+        its weight's metric ``mu I`` is exact for that batch's gradient, zero too, and no
+        other (found by review: the layer before a zero head, cached at a refresh, took 9.8x
+        the fresh direction the next step, and the loss went from 1.6 to 84 in four steps);
+        it is refactorised at its next step."""
         skipped = {
             name for name, (_, s) in self._pending.items() if solved.isdisjoint(s.param_names)
         }
