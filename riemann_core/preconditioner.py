@@ -826,7 +826,7 @@ class RiemannianPreconditioner:
         notes = notes_for(model)
         notes.clone |= stale
         needs_factor = SOLVERS[self.method].NEEDS_FACTOR
-        key = coupling.probe_key(model, *self._batch[:2], opts.kernel)
+        key = coupling.probe_key(model, *self._batch[:2], opts.kernel, self._batch[4])
         probing = needs_factor and coupling.needs_probe(notes, key, opts.check_coupling)
         called = {n for c in capture.calls for n in c.param_names}
         reaches = called  # the parameters the loss reaches, once its graph is walked

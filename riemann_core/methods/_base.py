@@ -497,7 +497,9 @@ def _build_problem(
     model, args, kwargs, targets, opts, needs_factor, gradient, checks, replay
 ) -> Problem:
     notes = notes_for(model)
-    key = coupling.probe_key(model, args, kwargs, opts.kernel)
+    key = coupling.probe_key(
+        model, args, kwargs, opts.kernel, None if replay is None else replay.autocast
+    )
     probing = needs_factor and coupling.needs_probe(notes, key, opts.check_coupling)
     if probing:
         args, kwargs = _probe_inputs(args, kwargs)
