@@ -358,16 +358,25 @@ def largest_eigenvalue(matrix: Tensor, steps: int = POWER_STEPS) -> Tensor:
     a few percent of it when the top eigenvalue stands out, and above ``0.4 lambda_max``
     on random Grams (tests/test_woodbury.py): enough for an order of magnitude of the
     condition number. ``2 m^2`` FLOPs per step, no host sync.
+
+    A float32 product's norm is taken in float64 (``||w||^2`` leaves float32's range once
+    ``||w||`` exceeds 1.8e19, or falls under 1e-19): in float32 the norm of a Gram's
+    product of 1e21 read inf, the next vector 0 and the estimate 0, so that ``cond(G)``
+    read 0 and no accuracy check ran (found by a hunt: float32 ``layerwise`` on inputs of
+    1e10, a direction 1.5e15 times off the float64 oracle, without a word).
     """
     m = matrix.shape[-1]
     A = matrix.reshape(-1, m, m)  # one product per step, whatever the batch dimensions
     v = _start_vector(m, matrix.dtype, matrix.device).expand(A.shape[0], m, 1)
-    tiny = torch.finfo(matrix.dtype).tiny
+    wide = torch.float64 if matrix.dtype == torch.float32 else None
+    tiny = torch.finfo(wide or matrix.dtype).tiny
     for step in range(steps):
         w = matvec(A, v)
-        norm = torch.linalg.vector_norm(w, dim=1, keepdim=True)
+        norm = torch.linalg.vector_norm(w, dim=1, keepdim=True, dtype=wide)
         if step < steps - 1:
             v = w / norm.clamp_min_(tiny)
+            v = v if v.dtype == matrix.dtype else v.to(matrix.dtype)
+    norm = norm if norm.dtype == matrix.dtype else norm.to(matrix.dtype)
     return norm.reshape(matrix.shape[:-2])
 
 

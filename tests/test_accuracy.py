@@ -1204,3 +1204,18 @@ def test_a_float64_model_solved_in_float32_warns_of_the_rounding_of_its_data(cal
             )
             F.cross_entropy(model(x), y).backward()
             pre.step()
+
+
+@pytest.mark.parametrize("method", ["layerwise", "natural"])
+def test_float32_inputs_of_1e10_are_warned_or_refused_not_silently_wrong(method):
+    """Found by a hunt: the condition estimate read 0 for float32 Grams of entries past
+    1e19 (the power iteration's norm overflowed), so no check ran: layerwise on inputs of
+    1e10 at damping 1e-3 came back 1.5e15 times off the float64 oracle, at 1e12 15 times
+    off, without a warning. Now the first is refused and the second warned."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 4)
+    x, y = torch.randn(6, 16) * 1e10, torch.randn(6, 4)
+    with pytest.raises(rc.SolveError, match="did not solve"):
+        rc.direction(model, x, y, loss="mse", method=method, damping=1e-3)
+    with pytest.warns(rc.AccuracyWarning, match="determined by the model's torch.float32"):
+        rc.direction(model, x, y, loss="mse", method=method, damping=1e12)

@@ -826,6 +826,31 @@ def test_an_overflowed_float64_direction_advises_the_damping_alone():
         rc.direction(model, x, y, damping=5e-324)
 
 
+@pytest.mark.parametrize("method", ["layerwise", "natural", "kfac"])
+def test_products_past_float32_advise_float64_not_the_damping(method):
+    """Found by a hunt: float32 inputs of 1e15 at damping 1e27 (cond(G) ~ 2e3) overflowed
+    the Woodbury products ``K g`` (``||K|| ||g||`` ~ 4e45) and were told to increase the
+    damping, which cannot help (every damping from 1e-12 to 1e33 overflowed); the message
+    names the cause and float64, and following it gives the float64 oracle's direction."""
+    from oracle import ggn, gradient, solve_dense
+
+    torch.manual_seed(0)
+    model = nn.Linear(16, 4)
+    x, y = torch.randn(6, 16) * 1e15, torch.randn(6, 4)
+    for damping in (1e27, 1e33):
+        with pytest.raises(FloatingPointError) as caught:
+            rc.direction(model, x, y, loss="mse", method=method, damping=damping)
+        message = str(caught.value)
+        assert "overflow torch.float32 whatever the damping" in message, message
+        assert "solve_dtype=torch.float64" in message and "increase the damping" not in message
+    d = rc.direction(
+        model, x, y, loss="mse", method="layerwise", damping=1e27, solve_dtype=torch.float64
+    )
+    expected = solve_dense(ggn(model, x, y, "mse"), gradient(model, x, y, "mse"), 1e27)
+    got = torch.cat([d[n].double().reshape(-1) for n in ("weight", "bias")])
+    assert float((got - expected).norm() / expected.norm()) < 1e-5
+
+
 def test_a_jittered_float32_factorisation_refined_in_float64_advises_float64():
     """Found by review: refinement turns ``x`` float64, and the jitter warning of a float32
     factorisation dropped its solve_dtype=torch.float64 advice (the factorisation's dtype

@@ -467,3 +467,16 @@ def test_cholesky_nan_on_diagonal_raises_solve_error():
 def test_solve_error_is_a_runtime_error():
     assert issubclass(rc.SolveError, RuntimeError)
     assert isinstance(cholesky(torch.eye(2), what="x"), Cholesky)
+
+
+def test_largest_eigenvalue_of_a_float32_gram_past_the_squares_range():
+    """Found by a hunt: the float32 norm of a product of 1e21 read inf (its square past
+    float32's range), the next vector 0 and the estimate 0: cond(G) read 0 for float32
+    layerwise on inputs of 1e10, and a direction 1.5e15 times off the oracle came back
+    without a word. The norm is taken in float64: the estimate is the float64 one's."""
+    torch.manual_seed(0)
+    B = torch.randn(24, 8, dtype=torch.float64)
+    for scale in (1e-30, 1.0, 1e21, 1e36):
+        G = B @ B.T * scale
+        estimate = float(largest_eigenvalue(G.float()))
+        assert 0.4 <= estimate / float(torch.linalg.eigvalsh(G)[-1]) <= 1 + 1e-5, scale

@@ -483,7 +483,8 @@ def finish(
             )
         if not finite_now:
             raise DirectionOverflow(
-                f"method={method!r} produced a non-finite direction for {s.name!r}; {fix}"
+                f"method={method!r} produced a non-finite direction for {s.name!r}; "
+                f"{_overflow_fix(s, problem, opts, condition, fix)}"
             )
         if s.condition is not None:
             _check_residual(s, problem, opts, condition, residual, model_dtype, decisive)
@@ -492,6 +493,42 @@ def finish(
             if opts.diagnostics:
                 diagnostics.append(_diagnostics(s, problem, opts, method))
     return assemble(problem, solves), diagnostics
+
+
+def _overflow_fix(s: Solve, problem: Problem, opts: Options, condition, fix: str) -> str:
+    """What a non-finite direction asks of the caller: ``fix`` (more damping, or float64)
+    where the damping can help, that is where the overflow comes from a division by it (a
+    near-singular metric, or a direction past the dtype's range); float64 or smaller data
+    where the solve's products overflow whatever the damping: those of the rows and the
+    gradient, ``||K|| ||g||`` (``||K||^2 ~ lambda_max(G) - mu`` from the condition
+    estimate), near the solve dtype's largest value (found by a hunt: float32 ``layerwise``
+    on inputs of 1e15 at damping 1e27, ``cond(G)`` 1.9e3, was told to increase the
+    damping, which overflowed at every damping; float64 solved it). Read on the host: this
+    runs only on the way to the error."""
+    if condition is None:
+        return fix
+    mu = opts.damping
+    # (an estimate read inf or NaN: a damping so small that lambda_max / mu overflowed,
+    # which the damping's own advice answers; a Gram that overflowed was refused before)
+    rows_squared = condition * mu - mu
+    gradient = float(_norm(s.rhs(problem)))
+    largest = torch.finfo(s.factor_dtype).max
+    if not math.isfinite(rows_squared) or math.sqrt(max(rows_squared, 0.0)) * gradient < (
+        largest / 64
+    ):
+        return fix
+    if s.factor_dtype == torch.float64:
+        remedy = "rescale the inputs, targets or loss nearer 1"
+    else:
+        remedy = (
+            "pass solve_dtype=torch.float64 (or use a float64 model), or rescale the "
+            "inputs, targets or loss nearer 1"
+        )
+    return (
+        f"the products of its rows (||K|| ~ {math.sqrt(rows_squared):.1e}) and its "
+        f"gradient (||g|| ~ {gradient:.1e}) overflow {s.factor_dtype} whatever the "
+        f"damping: {remedy}"
+    )
 
 
 def _check_residual(
