@@ -205,7 +205,8 @@ def share_failure(group, timeout: float, *, meet: Callable[[], str] | None = Non
     net = functools.partial(_Group, group, timeout if valid_timeout(timeout) else TIMEOUT)
     try:
         yield
-    except Exception as err:
+    except BaseException as err:  # a KeyboardInterrupt too (found by a hunt: the others
+        # waited out the timeout, then blamed the process group)
         net().agree(err, 0, 0, None, choices=None if meet is None else "")
         raise
     if meet is not None:
@@ -341,7 +342,7 @@ class _Group:
 
     def agree(
         self,
-        failure: Exception | None,
+        failure: BaseException | None,
         samples: int,
         signature: int,
         params: list | None,
@@ -366,11 +367,16 @@ class _Group:
             signature, passes = zlib.crc32(choices.encode()), ()
         count = MAKING if making else len(passes)
         table = torch.zeros(self.world, costs.AGREEMENT_SLOTS, dtype=torch.int64)
-        table[self.rank, :4] = torch.tensor([failure is not None, samples, signature, count])
         constants = constants or []
-        if params:  # the float64 checksums' bits: a sum with the other ranks' zeros keeps them
-            sums = _checksum(params) + _constant_sums(constants, _chunks(params))
-            table[self.rank, 4:] = sums.view(torch.int64)
+        if params and failure is None:  # the float64 checksums' bits: a sum with the other
+            # ranks' zeros keeps them
+            try:
+                sums = _checksum(params) + _constant_sums(constants, _chunks(params))
+                table[self.rank, 4:] = sums.view(torch.int64)
+            except BaseException as err:  # (an allocation that failed: found by a hunt, the
+                # others waited out the timeout)
+                failure = err
+        table[self.rank, :4] = torch.tensor([failure is not None, samples, signature, count])
         what = "meeting of the ranks making their RiemannianPreconditioner"
         table = self.all_reduce(table, what if making else "agreement")
         rows = table.tolist()
@@ -462,7 +468,7 @@ class _Group:
         table = self.all_reduce(table, what)
         return [bytes(row.tolist()).rstrip(b"\0").decode(errors="replace") for row in table]
 
-    def fail(self, failure: Exception | None, failed: list[int], where: dict[int, str]) -> None:
+    def fail(self, failure: BaseException | None, failed: list[int], where: dict[int, str]) -> None:
         """Every rank knows that the ``failed`` ranks raised (each in what ``where`` names:
         a step, or the making of its preconditioner): they share their messages, the failed
         ranks raise their own error, the others a :class:`DistributedError`.
@@ -974,23 +980,34 @@ def solve(
     with observer.phase("local"):
         failure, problem, shares = _local(build, method, opts, checks, global_gradient, alone)
     with observer.phase("agree"):
-        constants, modules = model_state(model, versions, found)
-        shapes = tuple(shape[1:] for shape in passes)  # (rows per sample, e.g. tokens)
-        signature = (
-            0
-            if problem is None
-            else _signature(problem, shares, method, opts, absent, (*modules, shapes))
-        )
-        params = None if problem is None else [p for b in problem.blocks for p in b.params]
-        if params and global_gradient and problem.given:  # DDP's average: alike everywhere
-            # (found by a hunt: a parameter forward left unused held DDP's reduction back,
-            # and each rank's own .grad was taken for the average, 0.87 off)
-            params += [g for i in range(len(problem.blocks)) for g in problem.gradient_of(i)]
-        # the shard's samples: the output's first dimension where the caller knows it (found
-        # by a hunt: euclidean read the first block's output, whose first dimension need not
-        # be the batch, a Linear on (T, N, f) or a position embedding of (T, E), and every
-        # rank weighted its gradient 1 / P: 0.96-1.8 off on shards of 3 and 1)
-        samples = 0 if problem is None else (passes[-1][0] if passes else _samples(problem))
+        # whatever raises on this rank before the agreement (a KeyboardInterrupt, an
+        # allocation that failed) is carried by it (found by a hunt: the others waited out
+        # the timeout at the agreement, or at the all-to-all, then blamed the process group)
+        signature, params, constants, samples, outgoing = 0, None, None, 0, None
+        try:
+            constants, modules = model_state(model, versions, found)
+            shapes = tuple(shape[1:] for shape in passes)  # (rows per sample, e.g. tokens)
+            if problem is not None:
+                signature = _signature(problem, shares, method, opts, absent, (*modules, shapes))
+                params = [p for b in problem.blocks for p in b.params]
+                if global_gradient and problem.given:  # DDP's average: alike everywhere
+                    # (found by a hunt: a parameter forward left unused held DDP's reduction
+                    # back, and each rank's own .grad was taken for the average, 0.87 off)
+                    params += [
+                        g for i in range(len(problem.blocks)) for g in problem.gradient_of(i)
+                    ]
+                # the shard's samples: the output's first dimension where the caller knows
+                # it (found by a hunt: euclidean read the first block's output, whose first
+                # dimension need not be the batch, a Linear on (T, N, f) or a position
+                # embedding of (T, E), and every rank weighted its gradient 1 / P: 0.96-1.8
+                # off on shards of 3 and 1)
+                samples = passes[-1][0] if passes else _samples(problem)
+                if not alone:  # what this rank sends: its size is this rank's own
+                    outgoing = _outgoing(problem, shares, samples)
+        except BaseException as err:
+            failure = failure or err
+        if failure is not None:
+            signature, params, constants = 0, None, None
         sizes = net.agree(failure, samples, signature, params, constants, passes)
         N = sum(sizes)
         if len(passes) > 1:  # micro-batches: each rank's share of each, on every rank
@@ -1012,23 +1029,24 @@ def solve(
         )
         net.traffic.owners = tuple(owners)
     with observer.phase("exchange"):
-        received = None if alone else _exchange(net, problem, shares, method, owners, sizes)
+        arrived = None if alone else _exchange(net, shares, method, owners, sizes, outgoing)
     if method == "euclidean":  # the direction is the global gradient
-        directions = (
-            problem.gradient
-            if alone
-            else [got.summed or problem.gradient_of(i) for i, got in enumerate(received)]
-        )
+        if alone:
+            directions = problem.gradient
+        else:
+            received = _received(shares, method, owners, sizes, net.rank, arrived)
+            directions = [got.summed or problem.gradient_of(i) for i, got in enumerate(received)]
         observer.traffic(net.traffic)
         return _by_name(problem, range(len(problem.blocks)), directions), []
     mine = [i for i, owner in enumerate(owners) if owner == net.rank]
     with observer.phase("solve"):
         failure, solved, diagnostics = None, [], []
-        try:
+        try:  # any error, a KeyboardInterrupt too, meets the others at the broadcast
             if mine:
                 if alone:
                     owned, factors = problem, None
                 else:
+                    received = _received(shares, method, owners, sizes, net.rank, arrived)
                     owned, factors = _owned(problem, shares, method, mine, received, N)
                 with named_when_too_large(owned, method):
                     solves = (
@@ -1037,7 +1055,7 @@ def solve(
                         else SOLVERS[method].solve(owned, opts)
                     )
                     solved, diagnostics = finish(owned, solves, opts, Deferred(), method)
-        except Exception as err:
+        except BaseException as err:
             failure = err
     with observer.phase("broadcast"):
         directions = _broadcast(net, problem, owners, solved, failure)
@@ -1059,35 +1077,54 @@ def _local(build, method: str, opts: Options, checks: Deferred, global_gradient:
             for ok, explain in h.deferred_checks():
                 checks.require(ok, explain)
         checks.run()
-    except Exception as err:
+    except BaseException as err:  # (a KeyboardInterrupt in the model's code too: shared)
         return err, None, None
     return None, problem, shares
 
 
-def _exchange(net: _Group, problem, shares, method, owners, sizes) -> list[_Received | None]:
-    """Per block, what its owner received (``None`` for the others' blocks); for
-    ``kfac`` and ``euclidean``, every block's summed tensors."""
-    weight = sizes[net.rank] / sum(sizes)
+def _outgoing(problem: Problem, shares, samples: int) -> Tensor:
+    """The buffer for what this rank sends in the exchange, its shares of ``samples``
+    samples: made before the agreement, so that an allocation that fails meets the
+    others there."""
     dtype = _common([_param_dtype(problem)] + [h.dtype for h in problem.handlers])
-    # this rank's shares in the order of their owners, packed into one buffer
-    order = sorted(range(len(shares)), key=lambda i: owners[i])
-    lengths = [shares[i].numel(sizes[net.rank]) for i in order]
     device = problem.blocks[0].params[0].device
-    buffer = torch.empty(sum(lengths), dtype=dtype, device=device)
+    return torch.empty(sum(s.numel(samples) for s in shares), dtype=dtype, device=device)
+
+
+def _order(shares, owners, samples: int) -> tuple[list[int], list[int]]:
+    """This rank's shares in the order of their owners, and the length of each."""
+    order = sorted(range(len(shares)), key=lambda i: owners[i])
+    return order, [shares[i].numel(samples) for i in order]
+
+
+def _exchange(net: _Group, shares, method, owners, sizes, buffer: Tensor) -> list[Tensor]:
+    """This rank's shares, weighted, packed into ``buffer`` (:func:`_outgoing`) and sent
+    to their owners: what each rank sent here, or for ``kfac`` and ``euclidean`` the sum
+    over the ranks (:func:`_received` takes it apart)."""
+    weight = sizes[net.rank] / sum(sizes)
+    order, lengths = _order(shares, owners, sizes[net.rank])
     for i, part in zip(order, buffer.split(lengths), strict=True):
         shares[i].pack(part, weight)
     if method in ("kfac", "euclidean"):
-        total = net.all_reduce(buffer, "all-reduce of factors and gradients")
-        parts = dict(zip(order, total.split(lengths), strict=True))
-        return [_Received(None, _unflat(parts[i], s.summed)) for i, s in enumerate(shares)]
+        return [net.all_reduce(buffer, "all-reduce of factors and gradients")]
     mine = [i for i in order if owners[i] == net.rank]
     send = [sum(n for i, n in zip(order, lengths) if owners[i] == q) for q in range(net.world)]
+    receive = [sum(shares[i].numel(n) for i in mine) for n in sizes]
+    return net.all_to_all(buffer, send, receive, "all-to-all of rows to owners")
+
+
+def _received(shares, method, owners, sizes, rank: int, arrived) -> list[_Received | None]:
+    """Per block, what its owner received (``None`` for the others' blocks); for
+    ``kfac`` and ``euclidean``, every block's summed tensors. Run by an owner in its
+    solve, so that an error here meets the others at the broadcast."""
+    order, lengths = _order(shares, owners, sizes[rank])
+    if method in ("kfac", "euclidean"):
+        parts = dict(zip(order, arrived[0].split(lengths), strict=True))
+        return [_Received(None, _unflat(parts[i], s.summed)) for i, s in enumerate(shares)]
+    mine = [i for i in order if owners[i] == rank]
     expected = [[shares[i].numel(n) for i in mine] for n in sizes]
-    from_ranks = net.all_to_all(
-        buffer, send, [sum(e) for e in expected], "all-to-all of rows to owners"
-    )
     received: list[_Received | None] = [None] * len(shares)
-    per_block = zip(*[b.split(e) for b, e in zip(from_ranks, expected, strict=True)])
+    per_block = zip(*[b.split(e) for b, e in zip(arrived, expected, strict=True)])
     for i, per_rank in zip(mine, per_block, strict=True):
         width = shares[i].layout[0]
         rows = [p[: n * width].view(n, width) for p, n in zip(per_rank, sizes, strict=True)]
@@ -1130,17 +1167,20 @@ def _broadcast(net: _Group, problem: Problem, owners, solved, failure) -> dict[s
     blocks = [[i for i, o in enumerate(owners) if o == q] for q in range(net.world)]
     sizes = [sum(problem.blocks[i].n_params for i in ids) for ids in blocks]
     buffers = [torch.empty(1 + n, dtype=dtype, device=device) for n in sizes]
-    if failure is None:
-        body = [x.reshape(-1).to(dtype) for xs in solved for x in xs]
-    else:
-        body = [torch.zeros(sizes[net.rank], dtype=dtype, device=device)]
-    status = torch.tensor([float(failure is not None)], dtype=dtype, device=device)
-    buffers[net.rank] = torch.cat([status, *body])
+    own = buffers[net.rank]  # status, then this rank's directions
+    try:  # (an error here, a KeyboardInterrupt too, is this rank's status)
+        if failure is None and sizes[net.rank]:
+            torch.cat([x.reshape(-1).to(dtype) for xs in solved for x in xs], out=own[1:])
+    except BaseException as err:
+        failure = err
+    if failure is not None:
+        own[1:].zero_()
+    own[:1].fill_(float(failure is not None))
     buffers = net.broadcast_all(buffers, "broadcast of directions")
     statuses = torch.stack([b[0] for b in buffers]).tolist()  # one host sync
     failed = [q for q, status in enumerate(statuses) if status]
-    if failed:
-        net.fail(failure, failed, "the solve of its blocks")
+    if failed:  # (found by a hunt: named as failed "in h", a letter of this text)
+        net.fail(failure, failed, dict.fromkeys(failed, "the solve of its blocks"))
     order = [i for ids in blocks for i in ids]
     flat = torch.cat([b[1:] for b in buffers]).split([problem.blocks[i].n_params for i in order])
     directions = [_unflat(x, problem.blocks[i].params) for i, x in zip(order, flat, strict=True)]

@@ -1076,24 +1076,33 @@ class RiemannianPreconditioner:
                 reused(checks)
             directions, diagnostics = self._kfac.reuse(full, self._options, checks)
         else:
-            with distributed.share_failure(self.process_group, self.timeout):
-                self._check_replayable()
             args, kwargs, state, buffers, autocast, precision = self._batch
-            replay = Replay(
-                state,
-                self._replayed_output(),
-                buffers.copies,
-                autocast,
-                precision,
-                functools.partial(
-                    self._replay_cause, self._buffer_states.changes(self.network, buffers)
-                ),
-                _reached(self._capture),
-                placed=self._placed,
-                coupled=coupled,
-            )
             try:
-                with self._buffers_at_start():  # after the replay's record, of the buffers
+                with contextlib.ExitStack() as at_start:
+                    # what fails before the solve's agreement meets the others there (found
+                    # by a hunt: an error in the replay's setup left them waiting out the
+                    # timeout)
+                    with distributed.share_failure(self.process_group, self.timeout):
+                        self._check_replayable()
+                        replay = Replay(
+                            state,
+                            self._replayed_output(),
+                            buffers.copies,
+                            autocast,
+                            precision,
+                            functools.partial(
+                                self._replay_cause,
+                                self._buffer_states.changes(self.network, buffers),
+                            ),
+                            _reached(self._capture),
+                            placed=self._placed,
+                            coupled=coupled,
+                        )
+                        # after the replay's record, of the buffers
+                        at_start.enter_context(self._buffers_at_start())
+                        found = (
+                            None if self.process_group is None else buffers.as_found(self.network)
+                        )
                     directions, diagnostics = solve(
                         self.network,
                         args,
@@ -1110,9 +1119,7 @@ class RiemannianPreconditioner:
                         global_gradient=isinstance(self.model, DistributedDataParallel),
                         absent=tuple(n for n, _ in params if n not in gradient),
                         passes=() if self._passes is None else self._passes.shapes(),
-                        found=None
-                        if self.process_group is None
-                        else buffers.as_found(self.network),
+                        found=found,
                     )
             except ReplayDiffers:
                 self._buffer_states.distrust(buffers)  # the next passes copy them

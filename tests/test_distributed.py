@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
 import time
 import warnings
 
@@ -24,7 +25,7 @@ from torch.ao.quantization import MinMaxObserver
 from torch.nn.parallel import DistributedDataParallel
 
 import riemann_core as rc
-from riemann_core import costs, distributed
+from riemann_core import costs, distributed, preconditioner
 from riemann_core._checks import DirectionOverflow
 from riemann_core.measure.phases import PhaseRecorder
 from riemann_core.methods import layerwise
@@ -2004,3 +2005,162 @@ def test_buffers_a_pass_updates_from_its_shard_are_taken_as_it_found_them(tmp_pa
             else:
                 kind, message = failure
                 assert kind == "ValueError" and "hold different parameters or buffers" in message
+
+
+#: a wait short enough that a rank waiting it out fails the test below quickly
+PROMPT_TIMEOUT = 6.0
+
+
+class Interrupted(nn.Module):
+    """The identity, until ``error`` is set: then every call raises it (a Ctrl-C, an
+    allocation that fails inside the model's own code)."""
+
+    def __init__(self):
+        super().__init__()
+        self.error = None
+
+    def forward(self, x):
+        if self.error is not None:
+            raise self.error
+        return x
+
+
+class _LimitedTorch:
+    """``torch``, but ``empty`` raises ``error`` for more than ``limit`` elements, as an
+    allocator out of memory does."""
+
+    def __init__(self, limit: int, error: BaseException):
+        self.limit, self.error = limit, error
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def empty(self, *size, **kwargs):
+        if math.prod(size[0] if len(size) == 1 and not isinstance(size[0], int) else size) > (
+            self.limit
+        ):
+            raise self.error
+        return torch.empty(*size, **kwargs)
+
+
+def _raising(error: BaseException):
+    def raises(*args, **kwargs):
+        raise error
+
+    return raises
+
+
+def _bits(model: nn.Module) -> list:
+    """Every parameter's and .grad's bits (a NaN equals itself)."""
+    return [
+        (p.detach().clone(), None if p.grad is None else p.grad.clone()) for p in model.parameters()
+    ]
+
+
+def _kept(before: list, model: nn.Module) -> bool:
+    def same(a, b):
+        return (a is None) == (b is None) and (
+            a is None or torch.equal(a.view(torch.int64), b.view(torch.int64))
+        )
+
+    return all(
+        same(p, q) and same(g, h) for (p, g), (q, h) in zip(before, _bits(model), strict=True)
+    )
+
+
+#: (case, where it fails on the last rank, what it raises there)
+PROMPT_FAILURES = [
+    ("interrupt in the model's forward", "rc.direction", KeyboardInterrupt),
+    ("interrupt in pre.step()'s checks", "checks", KeyboardInterrupt),
+    ("error setting up the replay", "replay", RuntimeError),
+    ("interrupt in the pass run again", "forward", KeyboardInterrupt),
+    ("out of memory in the agreement's checksum", "checksum", MemoryError),
+    ("out of memory for the rows it sends", "send", MemoryError),
+    ("out of memory for the rows an owner received", "received", MemoryError),
+    ("interrupt in an owner's solve", "solve", KeyboardInterrupt),
+    ("interrupt in an owner's K-FAC solve", "kfac", KeyboardInterrupt),
+]
+
+
+def _prompt_failures(rank, world) -> dict:
+    """Each of :data:`PROMPT_FAILURES` on the last rank only (an owner there): every rank's
+    error, the seconds it took, and whether its parameters and .grad kept their bits."""
+    out = {}
+    x, y = network("mlp")[1:]
+    part = shards(world, equal=True)[rank]
+    last = rank == world - 1
+    for case, where, kind in PROMPT_FAILURES:
+        torch.manual_seed(0)
+        trip = Interrupted()
+        model = nn.Sequential(
+            nn.Linear(5, 7), nn.Tanh(), trip, nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3)
+        ).double()
+        error = kind(f"{case} (forced)")
+        if where == "rc.direction":
+            if last:
+                trip.error = error
+            before = _bits(model)
+            call = functools.partial(
+                rc.direction, model, x[part], y[part], damping=DAMPING,
+                process_group=dist.group.WORLD, timeout=PROMPT_TIMEOUT,
+            )  # fmt: skip
+        else:
+            pre = rc.RiemannianPreconditioner(
+                model, method="kfac" if where == "kfac" else "layerwise", damping=DAMPING,
+                process_group=dist.group.WORLD, timeout=PROMPT_TIMEOUT,
+            )  # fmt: skip
+            F.cross_entropy(model(x[part]), y[part]).backward()
+            before, call = _bits(model), pre.step
+            if last and where == "forward":
+                trip.error = error
+        patches = {
+            "checks": (preconditioner, "check_model", _raising(error)),
+            "replay": (rc.RiemannianPreconditioner, "_replayed_output", _raising(error)),
+            "checksum": (distributed, "_checksum", _raising(error)),
+            "send": (distributed, "torch", _LimitedTorch(300, error)),  # the rows: 492 elements
+            "received": (distributed, "_Received", _raising(error)),
+            "solve": (layerwise, "solve", _raising(error)),
+            "kfac": (distributed, "_kronecker_solves", _raising(error)),
+        }
+        patched = patches.get(where) if last else None
+        original = patched and getattr(patched[0], patched[1])
+        if patched:
+            setattr(patched[0], patched[1], patched[2])
+        start = time.monotonic()
+        try:
+            call()
+            outcome = None
+        except BaseException as err:  # (a KeyboardInterrupt too)
+            outcome = type(err).__name__, str(err)
+        finally:
+            if patched:
+                setattr(patched[0], patched[1], original)
+        out[case] = outcome, time.monotonic() - start, _kept(before, model)
+    return out
+
+
+def test_a_failure_on_one_rank_makes_every_rank_raise_at_once(tmp_path):
+    """Found by a hunt (2 ranks, a 6 s timeout): a KeyboardInterrupt on one rank (in the
+    model's forward pass, in the checks, in an owner's solve), an error in the replay's
+    setup, or an allocation that failed (the agreement's checksum, the rows a rank sends,
+    the rows an owner received) left the other rank waiting out the whole timeout, then
+    blaming the process group. Each meets the others at the next exchange the ranks make
+    anyway (the agreement, or the broadcast's status): every rank raises at once, naming
+    the failed rank and its error, with its parameters and .grad as they were."""
+    world = 2
+    results = run_ranks(_prompt_failures, world, tmp_path)
+    for case, where, kind in PROMPT_FAILURES:
+        for rank, result in enumerate(results):
+            outcome, seconds, kept = result[case]
+            assert outcome is not None, (case, rank)
+            name, message = outcome
+            if rank == world - 1:
+                assert name == kind.__name__, (case, outcome)
+            else:
+                assert name == "DistributedError", (case, outcome)
+                assert f"rank {world - 1} of {world} failed in " in message, (case, message)
+                assert f"{kind.__name__}: {case} (forced)" in message, (case, message)
+                owner = where in ("received", "solve", "kfac")
+                assert ("failed in the solve of its blocks" in message) == owner, message
+            assert seconds < PROMPT_TIMEOUT / 2, (case, rank, seconds)
+            assert kept, (case, rank)
