@@ -105,6 +105,15 @@ def eigh(matrix: Tensor, what: str) -> tuple[Tensor, Tensor]:
         failure = str(err)
     if matrix.dtype != torch.float64:
         values, vectors = eigh(matrix.double(), what)
+        # eigenvalues past the dtype's range (a finite float32 factor of entries near
+        # 3e38 has a larger one): cast back they read inf, and the direction NaN, which
+        # was refused as an overflow a larger damping would cure (found by review: K-FAC
+        # on float32 inputs of 1e19, at every damping up to 1e30)
+        if not all_finite(values.to(matrix.dtype)):
+            raise SolveError(
+                f"the eigenvalues of the {what} (up to {float(values.max()):.1e}) overflow "
+                f"{matrix.dtype} whatever the damping; {OVERFLOW}"
+            )
         return values.to(matrix.dtype), vectors.to(matrix.dtype)
     raise SolveError(f"the eigendecomposition of the {what} failed: {failure}")
 

@@ -896,3 +896,27 @@ def test_a_damping_the_models_dtype_cannot_hold_is_refused(method, damping, mess
     rc.RiemannianPreconditioner(model, method=method, damping=damping, solve_dtype=torch.float64)
     if damping > 1:
         rc.direction(model, x, y, method=method, damping=damping, solve_dtype=torch.float64)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_kfac_eigenvalues_past_float32_are_refused_as_overflow_not_damping(loss):
+    """Found by review: float32 inputs of 1e19 give a finite input factor whose float32
+    eigendecomposition returns inf; its float64 retry's eigenvalues were cast back to inf,
+    the direction read NaN and the error advised a larger damping, which overflowed at
+    every damping up to 1e30. It names the overflow and float64, which solves it."""
+    from oracle import gradient, kfac_factors, solve_kfac_metric
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 4))
+    x = (torch.randn(8, 16, dtype=torch.float64) * 1e19).float()
+    y = torch.randint(0, 4, (8,)) if loss == "cross_entropy" else torch.randn(8, 4)
+    for damping in (1e-3, 1e30):
+        with pytest.raises(rc.SolveError, match="overflow torch.float32 whatever the damping"):
+            rc.direction(model, x, y, loss=loss, method="kfac", damping=damping)
+    d = rc.direction(model, x, y, loss=loss, method="kfac", damping=1.0, solve_dtype=torch.float64)
+    g = gradient(model, x, y, loss)
+    expected = solve_kfac_metric(kfac_factors(model, x, y, loss), g, 1.0, "exact", "joint")
+    got = torch.cat(
+        [d[n].double().reshape(-1) for n in ("0.weight", "0.bias", "2.weight", "2.bias")]
+    )
+    assert float((got - expected).norm()) <= 1e-5 * float(expected.norm())
