@@ -45,7 +45,8 @@ as a submodule, is not watched.
 All four are structural, so they run on the first call for a model and again when what
 may choose the forward pass's path changes (:func:`probe_key`: a module's training flag
 or hooks, a module swapped for another, a parameter frozen or unfrozen, the kernel, an
-argument of ``forward`` other than a tensor; ``check_coupling=False`` skips them); their verdicts join the deferred checks. A path
+argument of ``forward`` other than a tensor, the precision: autocast, the dtypes of the
+parameters, buffers and input tensors; ``check_coupling=False`` skips them); their verdicts join the deferred checks. A path
 chosen by state outside these (an attribute set on a module, Python's ``random``, a
 global module hook added later) is probed as first taken; ``check_coupling="always"``
 probes every call. A probe that saw only zeros (a layer downstream initialised at zero:
@@ -197,10 +198,10 @@ def probe_key(
     by identity (weakly: the notes must not keep the model alive) with its training flag,
     its hooks (but the model's own pre-hooks), its parameters (by identity, with ``requires_grad``: a parameter
     unfrozen may reach the loss along a path the probe passed while it was frozen; and
-    their dtype) and a
+    their dtype), its buffers' dtypes and a
     forward set on its instance (:func:`_instance_forward`); the
     forward pass's arguments other than tensors (numbers, strings, ``None`` by value, other
-    objects by identity; a tensor by its place); the ``kernel`` option (the
+    objects by identity; a tensor by its place and dtype); the ``kernel`` option (the
     structured kernels assume what the generic one does not: a ``Linear`` whose
     ``forward`` was replaced is exact only under the generic one); and the autocast
     regions the forward pass ran in (``autocast``, :func:`~riemann_core.capture.autocast_state`;
@@ -210,7 +211,10 @@ def probe_key(
     precision (a pass in float16 is not checked for linearity,
     :func:`_register_linearity_check`: found by a hunt, a hook that a float32 call would
     have refused passed unchecked after a first call under float16 autocast, or after
-    ``model.half()``, had passed for the structure). Global module hooks
+    ``model.half()``, had passed for the structure; found by review, so did one after a
+    first call on float16 inputs to a model whose output takes their dtype,
+    ``out.to(x.dtype)``, or through a frozen module holding its weights in buffers cast with
+    ``.half()``). Global module hooks
     are left out: measuring tools register them (``FlopCounterMode``), which must not
     change what a call computes."""
     if not kwargs and all(isinstance(a, Tensor) for a in args):  # (no pytree walk)
@@ -218,7 +222,7 @@ def probe_key(
     else:
         leaves, spec = pytree.tree_flatten((args, kwargs))
     arguments = tuple(
-        None if isinstance(a, Tensor) else a if isinstance(a, _BY_VALUE) else (type(a), id(a))
+        a.dtype if isinstance(a, Tensor) else a if isinstance(a, _BY_VALUE) else (type(a), id(a))
         for a in leaves
     )
     if autocast is None:
@@ -235,6 +239,8 @@ def probe_key(
             tuple(
                 (id(p), p.requires_grad, p.dtype) for p in m._parameters.values() if p is not None
             ),
+            # (the dtypes a frozen module computes in, where it holds its weights as buffers)
+            tuple(b.dtype for b in m._buffers.values() if b is not None) if m._buffers else (),
             _instance_forward(m),
         )
         for m in model.modules()

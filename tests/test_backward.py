@@ -1646,6 +1646,45 @@ def test_a_hook_unchecked_in_float16_is_refused_in_float32(half):
         pre.backward(F.cross_entropy(outputs.float(), y))
 
 
+class AbsHookedTypeAs(nn.Module):
+    """``AbsHooked`` whose output takes its input's dtype (``out.to(x.dtype)``), and whose
+    frozen projection is a buffer run in its own dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 4), nn.Linear(4, 3)
+        self.register_buffer("projection", torch.eye(4))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x.float()))
+        h.register_hook(torch.abs)
+        h = (h.to(self.projection.dtype) @ self.projection).float()
+        return self.b(h).to(x.dtype)
+
+
+@pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")
+@pytest.mark.parametrize("half", ["input", "buffer"])
+def test_a_hook_unchecked_on_float16_inputs_or_buffers_is_refused_in_float32(half):
+    """Found by review of the precision in the probe's key: it held the parameters' dtypes
+    and autocast, not the input tensors' or the buffers', so a first call on float16 inputs
+    (the output cast to their dtype) or through a buffer cast with ``.half()`` left a hook
+    that changes gradients unchecked for every float32 call after."""
+    torch.manual_seed(35)
+    x, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 1, 0, 2])
+    model = AbsHookedTypeAs()
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    if half == "input":
+        pre.backward(F.cross_entropy(model(x.half()).float(), y))
+    else:
+        model.half()  # (the parameters back to float32: only the buffer stays float16)
+        model.a.float(), model.b.float()
+        pre.backward(F.cross_entropy(model(x), y))
+        model.float()
+    model.zero_grad()
+    with pytest.raises(ValueError, match="the backward pass is not linear in its cotangent"):
+        pre.backward(F.cross_entropy(model(x), y))
+
+
 @pytest.mark.parametrize("call", ["backward", "step"])
 def test_a_pass_with_other_tensors_in_place_of_the_parameters_is_refused(call):
     """Found by review: after ``functional_call(model, {"2.weight": W}, x)`` the fused
