@@ -369,14 +369,14 @@ def largest_eigenvalue(matrix: Tensor, steps: int = POWER_STEPS) -> Tensor:
     A = matrix.reshape(-1, m, m)  # one product per step, whatever the batch dimensions
     v = _start_vector(m, matrix.dtype, matrix.device).expand(A.shape[0], m, 1)
     wide = torch.float64 if matrix.dtype == torch.float32 else None
-    tiny = torch.finfo(wide or matrix.dtype).tiny
+    tiny, largest = torch.finfo(matrix.dtype).tiny, torch.finfo(matrix.dtype).max
     for step in range(steps):
         w = matvec(A, v)
-        norm = torch.linalg.vector_norm(w, dim=1, keepdim=True, dtype=wide)
+        # (the norm fits float32 up to 3.4e38, only its sum of squares needs float64; past
+        # that it reads inf, and the next vector, divided by the largest number, not 0)
+        norm = torch.linalg.vector_norm(w, dim=1, keepdim=True, dtype=wide).to(matrix.dtype)
         if step < steps - 1:
-            v = w / norm.clamp_min_(tiny)
-            v = v if v.dtype == matrix.dtype else v.to(matrix.dtype)
-    norm = norm if norm.dtype == matrix.dtype else norm.to(matrix.dtype)
+            v = w / norm.clamp(tiny, largest)
     return norm.reshape(matrix.shape[:-2])
 
 
