@@ -360,8 +360,8 @@ def largest_eigenvalue(matrix: Tensor, steps: int = POWER_STEPS) -> Tensor:
     condition number. ``2 m^2`` FLOPs per step, no host sync.
 
     A float32 product's norm is taken in float64 (``||w||^2`` leaves float32's range once
-    ``||w||`` exceeds 1.8e19, or falls under 1e-19): in float32 the norm of a Gram's
-    product of 1e21 read inf, the next vector 0 and the estimate 0, so that ``cond(G)``
+    ``||w||`` exceeds 1.8e19, or falls under 1e-19; the norm, cast back, may be
+    subnormal): in float32 the norm of a Gram's product of 1e21 read inf, the next vector 0 and the estimate 0, so that ``cond(G)``
     read 0 and no accuracy check ran (found by a hunt: float32 ``layerwise`` on inputs of
     1e10, a direction 1.5e15 times off the float64 oracle, without a word).
     """
@@ -369,7 +369,11 @@ def largest_eigenvalue(matrix: Tensor, steps: int = POWER_STEPS) -> Tensor:
     A = matrix.reshape(-1, m, m)  # one product per step, whatever the batch dimensions
     v = _start_vector(m, matrix.dtype, matrix.device).expand(A.shape[0], m, 1)
     wide = torch.float64 if matrix.dtype == torch.float32 else None
-    tiny, largest = torch.finfo(matrix.dtype).tiny, torch.finfo(matrix.dtype).max
+    info = torch.finfo(matrix.dtype)
+    # a float32 norm under float32's smallest normal number is subnormal, not 0 (its
+    # smallest subnormal, tiny * eps): clamped at tiny, the next vector shrank and the
+    # estimate of Grams whose lambda_max was under 1e-37 read 0 (1e-40) or 3% (1e-38)
+    tiny, largest = info.tiny * info.eps if wide else info.tiny, info.max
     for step in range(steps):
         w = matvec(A, v)
         # (the norm fits float32 up to 3.4e38, only its sum of squares needs float64; past

@@ -480,3 +480,17 @@ def test_largest_eigenvalue_of_a_float32_gram_past_the_squares_range():
         G = B @ B.T * scale
         estimate = float(largest_eigenvalue(G.float()))
         assert 0.4 <= estimate / float(torch.linalg.eigvalsh(G)[-1]) <= 1 + 1e-5, scale
+
+
+def test_largest_eigenvalue_of_a_float32_gram_under_the_normal_range():
+    """Found by review: with the norm cast back to float32, one under float32's smallest
+    normal number (1.2e-38) was clamped to it, the next vector shrank and the estimate
+    read 0 for lambda_max of 1e-40, 3% of it at 1e-38 (cond(G) read as low, the checks
+    skipped). A subnormal norm divides as it is."""
+    torch.manual_seed(0)
+    B = torch.randn(24, 8, dtype=torch.float64)
+    G0 = B @ B.T / torch.linalg.eigvalsh(B @ B.T)[-1]
+    for scale in (1e-41, 1e-40, 1e-39, 1e-38, 3e-38):
+        G = (G0 * scale).float()
+        exact = float(torch.linalg.eigvalsh(G.double())[-1])
+        assert 0.4 <= float(largest_eigenvalue(G)) / exact <= 1 + 1e-3, scale
