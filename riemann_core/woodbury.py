@@ -361,9 +361,10 @@ def largest_eigenvalue(matrix: Tensor, steps: int = POWER_STEPS) -> Tensor:
 
     A float32 product's norm is taken in float64 (``||w||^2`` leaves float32's range once
     ``||w||`` exceeds 1.8e19, or falls under 1e-19; the norm, cast back, may be
-    subnormal): in float32 the norm of a Gram's product of 1e21 read inf, the next vector 0 and the estimate 0, so that ``cond(G)``
-    read 0 and no accuracy check ran (found by a hunt: float32 ``layerwise`` on inputs of
-    1e10, a direction 1.5e15 times off the float64 oracle, without a word).
+    subnormal): in float32 the norm of a Gram's product of 1e21 read inf, the next vector
+    0 and the estimate 0, so that ``cond(G)`` read 0 and no accuracy check ran (found by
+    a hunt: float32 ``layerwise`` on inputs of 1e10, a direction 1.5e15 times off the
+    float64 oracle, without a word).
     """
     m = matrix.shape[-1]
     A = matrix.reshape(-1, m, m)  # one product per step, whatever the batch dimensions
