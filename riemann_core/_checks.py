@@ -647,6 +647,10 @@ def check_inputs(args: tuple, kwargs: dict, targets, checks: Deferred) -> None:
                 and targets.ndim > 0
                 and targets.shape[0] < N
             )
+            # (found by a hunt: an nn.GRU's (T, N, f) input read as a batch of T)
+            sequence_first = (
+                first.ndim >= 3 and targets.ndim > 0 and targets.shape[0] == first.shape[1]
+            )
             raise ValueError(
                 f"targets (shape {tuple(targets.shape)}) must have one entry per sample: "
                 f"inputs have a batch of {N}"
@@ -663,6 +667,15 @@ def check_inputs(args: tuple, kwargs: dict, targets, checks: Deferred) -> None:
                     "offsets do, pass the bags as a 2-D (N, length) tensor of ids, shorter bags "
                     "padded with padding_idx)"
                     if bags
+                    else ""
+                )
+                + (
+                    f" (the batch is the first dimension of the first positional tensor, "
+                    f"whose second is {first.shape[1]}, as the targets': for sequence-first "
+                    "inputs (T, N, ...), as nn.RNN, nn.GRU, nn.LSTM, nn.MultiheadAttention and "
+                    "the Transformer modules take them by default, pass (N, T, ...) and build "
+                    "those modules with batch_first=True)"
+                    if sequence_first
                     else ""
                 )
             )

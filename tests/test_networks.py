@@ -1977,6 +1977,31 @@ def test_embedding_bag_with_offsets_in_direction_names_the_2d_input():
     assert sorted(dirs) == sorted(name for name, _ in model.named_parameters())
 
 
+def test_sequence_first_inputs_name_batch_first():
+    """Found by a hunt: a model taking (T, N, f) inputs, as nn.GRU does by default, was
+    refused with "targets (shape (4,)) must have one entry per sample: inputs have a batch
+    of 3", the fix left to guess: the message names batch_first=True."""
+
+    class Last(nn.Module):
+        def __init__(self, batch_first):
+            super().__init__()
+            self.gru = nn.GRU(2, 3, batch_first=batch_first)
+            self.head = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.head(self.gru(x)[0][:, -1] if self.gru.batch_first else self.gru(x)[0][-1])
+
+    torch.manual_seed(40)
+    x, y = torch.randn(3, 4, 2, dtype=torch.float64), torch.randint(0, 4, (4,))  # (T, N, f)
+    model = Last(batch_first=False).double().requires_grad_(False)
+    model.head.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"batch of 3 \(the batch .* batch_first=True\)"):
+        rc.direction(model, x, y)
+    model = Last(batch_first=True).double().requires_grad_(False)
+    model.head.requires_grad_(True)
+    assert sorted(rc.direction(model, x.transpose(0, 1), y)) == ["head.bias", "head.weight"]
+
+
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 def test_the_generic_kernel_leaves_a_quantisation_observer_as_it_was():
     """Found by a hunt: evaluating a QAT Linear one sample at a time ran its observer on
