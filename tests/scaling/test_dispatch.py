@@ -362,8 +362,8 @@ def _fails_on_two(run):
 # -- two worker processes, one fake device each ---------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def two_devices():
+@contextlib.contextmanager
+def devices_here():
     """Two worker processes with two threads and one device each: only the resource keeps
     two points from running at once on one worker. Under the configuration of
     riemann-bench's own clusters: dask's default one makes the nannies set
@@ -373,11 +373,32 @@ def two_devices():
     saved = {name: os.environ.pop(name) for name in allocator.KEEP if name in os.environ}
     try:
         with fake_devices(workers=2, threads=2) as client:
+            client.wait_for_workers(2, timeout=WORKERS_S)
             yield client
     finally:
         for name in allocator.KEEP:
             os.environ.pop(name, None)
         os.environ.update(saved)
+
+
+#: How long a test waits for both workers (found by CI under load: a worker killed by an
+#: earlier test on the shared cluster never came back, and an unbounded wait hung the run
+#: for its whole limit; the tests that kill a worker now have a cluster of their own).
+WORKERS_S = 180
+
+
+@pytest.fixture(scope="module")
+def two_devices():
+    """The module's cluster (:func:`devices_here`); no test kills its workers."""
+    with devices_here() as client:
+        yield client
+
+
+@pytest.fixture
+def own_two_devices():
+    """A cluster for one test (:func:`devices_here`), whose points kill workers."""
+    with devices_here() as client:
+        yield client
 
 
 @contextlib.contextmanager
@@ -433,13 +454,15 @@ def test_every_point_runs_once_one_at_a_time_per_worker_as_in_process(two_device
 
 
 @pytest.mark.parametrize("queued", [0, 1])
-def test_a_point_that_kills_its_worker_is_retried_once_then_recorded(two_devices, tmp_path, queued):
+def test_a_point_that_kills_its_worker_is_retried_once_then_recorded(
+    own_two_devices, tmp_path, queued
+):
     log = tmp_path / "log.jsonl"
     grid = sw.Grid(**{**TINY, "methods": ("euclidean",)})
     runs = list(grid.runs())
     victim = list(sw.key_of(runs[1]))
     measure = functools.partial(killer, str(log), victim)
-    runner = dispatch.DaskRunner(two_devices, queued=queued)
+    runner = dispatch.DaskRunner(own_two_devices, queued=queued)
     result = sw.sweep(grid, tmp_path, runner=runner, measure=measure, progress=False)
     attempts = [tuple(e["key"]) for e in entries(log)]
     assert attempts.count(tuple(victim)) == dispatch.RETRIES + 1
@@ -522,7 +545,6 @@ def test_the_grid_its_growth_and_re_measurements_all_run_on_the_workers(two_devi
     victim = {**next(grid.runs()), "width": 12}  # a grown point, timed 10x too slow once
     measure = functools.partial(synthetic, str(log), list(sw.key_of(victim)))
     rates = functools.partial(logged_rates, str(rates_log))
-    two_devices.wait_for_workers(2)  # a worker killed by an earlier test is back
     runner = dispatch.DaskRunner(two_devices)
     result = sw.sweep(grid, tmp_path, runner=runner, measure=measure, rates=rates, progress=False)
     rows = sw.read_results(tmp_path / "results.csv")
@@ -549,7 +571,6 @@ def test_the_depth_lines_and_top_pairs_are_timed_again_on_the_workers(two_device
     grid = sw.Grid(
         **{**TINY, "axes": {**TINY["axes"], "depth": (1, 2, 3)}, "methods": ("euclidean",)}
     )
-    two_devices.wait_for_workers(2)
     runner = dispatch.DaskRunner(two_devices)
     sw.sweep(grid, tmp_path, runner=runner, retime=sw.time_lines, progress=False)
     line = [r for r in sw.read_results(tmp_path / "results.csv") if r["interleaved"]]
@@ -572,7 +593,6 @@ def test_the_bars_of_the_lines_and_rates_count_every_worker_s_steps(
         **{**TINY, "axes": {**TINY["axes"], "depth": (1, 2, 3)}, "methods": ("euclidean",)}
     )
     rates = functools.partial(logged_rates, str(tmp_path / "rates.jsonl"))
-    two_devices.wait_for_workers(2)
     runner = dispatch.DaskRunner(two_devices)
     measure = lambda run, grid: known_time_row(run)  # noqa: E731  (at once)
     sw.sweep(grid, tmp_path, runner=runner, measure=measure, rates=rates, retime=sw.time_lines)
@@ -598,9 +618,8 @@ def rates_that_kill_a_worker(marker, device, dtype):
     return {kind: [1e9] for kind in RATE_KINDS}
 
 
-def test_rates_of_a_worker_that_dies_are_left_out_with_a_warning(two_devices, tmp_path):
-    two_devices.wait_for_workers(2)
-    runner = dispatch.DaskRunner(two_devices)
+def test_rates_of_a_worker_that_dies_are_left_out_with_a_warning(own_two_devices, tmp_path):
+    runner = dispatch.DaskRunner(own_two_devices)
     task = functools.partial(
         worker.rates_here,
         functools.partial(rates_that_kill_a_worker, str(tmp_path / "killed")),
