@@ -45,25 +45,60 @@ def cross_entropy_factor(logits: Tensor) -> Tensor:
     return torch.diag_embed(s)[:, :k] - head[:, :, None] * (vs / (1 + s[:, k:]))[:, None, :]
 
 
+#: The most logits (``N C``) whose probabilities are drawn from in float64 (32 MiB), with
+#: one search (:func:`sampled_cross_entropy_factor`); more are drawn from in their own
+#: dtype (float32 at least), with two.
+FLOAT64_DRAW_ENTRIES = 2**22
+
+
 def sampled_cross_entropy_factor(logits: Tensor, samples: int, generator=None) -> Tensor:
     """Monte Carlo Fisher: rows ``(e_y - p) / sqrt(S)`` with ``y ~ Cat(p)``, ``r = S``.
 
     Unbiased: ``E[(e_y - p)(e_y - p)^T] = diag(p) - p p^T``. ``y`` is drawn by inverting
-    the cumulative distribution at uniform draws (``torch.multinomial`` reads values
-    back to the host on a GPU to check them): ``u < 1/2`` against the cumulative sum,
-    ``u >= 1/2`` (as ``1 - u``) against the reversed one, the survival function. The
-    uniforms are float64 (``N S`` numbers); the sums keep the probabilities' dtype
-    (float32 at least). Class ``c`` is then drawn at ``p_c`` up to that dtype's rounding
-    of the smaller of the mass up to ``c`` and the mass from ``c`` on: relative to
-    ``p_c`` at the ends of the distribution, and with one dominant class, relative to
-    the mass of the others, the metric's own size. (Found by review: float32 uniforms are
-    multiples of ``2^-24``, and one forward sum is ``eps`` off of the total after a
-    dominant class, so classes below ``6e-8`` were drawn at the wrong rate or never: at a
-    logit gap of 18 over 10 classes the expected metric was 58% off.)
+    the cumulative distribution at float64 uniform draws (``N S`` numbers;
+    ``torch.multinomial`` reads values back to the host on a GPU to check them). Up to
+    :data:`FLOAT64_DRAW_ENTRIES` logits (and float64 ones), ``p`` and its cumulative sum
+    are float64: class ``c`` is drawn at ``p_c`` up to float64's rounding of the total.
+    Beyond, ``p`` keeps the logits' dtype (float32 at least: no float64 copy of large
+    logits), and ``u < 1/2`` is searched in the cumulative sum, ``u >= 1/2`` (as
+    ``1 - u``) in the reversed one, the survival function: class ``c`` is drawn at
+    ``p_c`` up to that dtype's rounding of the smaller of the mass up to ``c`` and the
+    mass from ``c`` on, relative to ``p_c`` at the ends of the distribution and, with one
+    dominant class, to the mass of the others, the metric's own size. (Found by review:
+    float32 uniforms are multiples of ``2^-24``, and one float32 forward sum is ``eps``
+    off of the total after a dominant class, so classes below ``6e-8`` were drawn at the
+    wrong rate or never: at a logit gap of 18 over 10 classes the expected metric was 58%
+    off. The two searches cost the 64-32-32-10 network's sampled step 3.5%, one search
+    in float64 1.0%.)
     """
-    # drawn in float32 at least: bfloat16's uniforms take 128 values in [0.5, 1), so
-    # classes between them were never drawn (found by review: 634 of 2000 in 16384 draws)
-    p = torch.softmax(logits, dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    if logits.dtype == torch.float64 or logits.numel() <= FLOAT64_DRAW_ENTRIES:
+        p = torch.softmax(logits, dim=1, dtype=torch.float64)
+        y = _draw(p, samples, generator)
+    else:
+        # float32 at least: bfloat16's uniforms took 128 values in [0.5, 1), and classes
+        # between them were never drawn (found by review: 634 of 2000 in 16384 draws)
+        p = torch.softmax(logits, dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        y = _draw_from_both_ends(p, samples, generator)
+    # one-hot by scatter (F.one_hot reads the class range back to the host), in place
+    # throughout: a call of a few us each, on 1280 entries at batch 128
+    rows = p.new_zeros(p.shape[0], samples, p.shape[1]).scatter_(2, y[..., None], 1.0)
+    rows.sub_(p[:, None, :])
+    if samples > 1:
+        rows.div_(math.sqrt(samples))
+    return rows.to(logits.dtype)
+
+
+def _draw(p: Tensor, samples: int, generator) -> Tensor:
+    """``samples`` classes per row of float64 ``p``, by one search in its cumulative sum."""
+    cdf = p.cumsum(1)
+    u = torch.rand((p.shape[0], samples), dtype=p.dtype, device=p.device, generator=generator)
+    return torch.searchsorted(cdf, u.mul_(cdf[:, -1:]), right=True).clamp_max_(p.shape[1] - 1)
+
+
+def _draw_from_both_ends(p: Tensor, samples: int, generator) -> Tensor:
+    """``samples`` classes per row of ``p`` (float32: too large for a float64 copy), the
+    lower half of the uniforms searched in the cumulative sum, the upper in the reversed
+    one (see :func:`sampled_cross_entropy_factor`)."""
     last = p.shape[1] - 1
     u = torch.rand((p.shape[0], samples), dtype=torch.float64, device=p.device, generator=generator)
     head = u < 0.5
@@ -79,14 +114,7 @@ def sampled_cross_entropy_factor(logits: Tensor, samples: int, generator=None) -
     tail = p.flip(1).cumsum_(1)
     y_tail = torch.searchsorted(tail, w.mul_(tail[:, -1:]).to(p.dtype), right=True)
     del tail
-    y = torch.where(head, y, last - y_tail.clamp_max_(last))
-    # one-hot by scatter (F.one_hot reads the class range back to the host), in place
-    # throughout: a call of a few us each, on 1280 entries at batch 128
-    rows = p.new_zeros(p.shape[0], samples, p.shape[1]).scatter_(2, y[..., None], 1.0)
-    rows.sub_(p[:, None, :])
-    if samples > 1:
-        rows.div_(math.sqrt(samples))
-    return rows.to(logits.dtype)
+    return torch.where(head, y, last - y_tail.clamp_max_(last))
 
 
 #: The most entries the exact factor of a token-level cross-entropy may hold

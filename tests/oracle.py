@@ -416,11 +416,10 @@ def matrix_to_params(module: nn.Module) -> Tensor:
 def sampled_hessians(outputs: Tensor, loss: str, generator: torch.Generator) -> Tensor:
     """One-sample Monte Carlo Fisher of the *mean* loss per sample, ``(N, C, C)``.
 
-    Cross-entropy: a label ``y_b ~ Cat(softmax(z_b))`` from one float64 uniform ``u``
-    per sample: for ``u < 1/2`` the number of cumulative probabilities at or below
-    ``u``, else one less than the number of tail masses (from a class on) above
-    ``1 - u`` (as ``riemann_core.factors`` draws it); and ``H_b = (e_y - p)(e_y - p)^T
-    / N``, the outer product of the per-sample loss gradient at the drawn label.
+    Cross-entropy: a label ``y_b ~ Cat(softmax(z_b))``, the number of cumulative
+    probabilities at or below one float64 uniform draw per sample (as
+    ``riemann_core.factors`` draws it from logits this small), and ``H_b = (e_y - p)(e_y -
+    p)^T / N``, the outer product of the per-sample loss gradient at the drawn label.
     MSE: a target ``z_b + eps_b / sqrt(2)`` (``eps ~ N(0, I)``, the noise of
     ``mse_loss``'s Gaussian) and ``H_b = (2 / C) eps eps^T / N``.
     """
@@ -429,11 +428,8 @@ def sampled_hessians(outputs: Tensor, loss: str, generator: torch.Generator) -> 
     if loss == "cross_entropy":
         p = torch.softmax(z, dim=1)
         cdf = torch.cumsum(p, dim=1)
-        tail = torch.cumsum(p.flip(1), dim=1).flip(1)  # the mass from each class on
-        draw = torch.rand((N, 1), dtype=torch.float64, generator=generator)
-        head = (cdf <= draw * cdf[:, -1:]).sum(1).clamp_max(C - 1)
-        from_tail = (tail > (1 - draw) * tail[:, :1]).sum(1).sub(1).clamp_min(0)
-        labels = torch.where(draw[:, 0] < 0.5, head, from_tail)
+        draw = torch.rand((N, 1), dtype=torch.float64, generator=generator) * cdf[:, -1:]
+        labels = (cdf <= draw).sum(1).clamp_max(C - 1)
         u = F.one_hot(labels, C).to(z.dtype) - p
     else:
         u = torch.randn((N, 1, C), dtype=z.dtype, generator=generator)[:, 0]

@@ -202,11 +202,15 @@ def draw_probabilities(logits, monkeypatch, steps=64):
     return q
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    ("dtype", "search"),
+    [(torch.float32, "float64"), (torch.float32, "both ends"), (torch.float64, "float64")],
+    ids=str,
+)
 @pytest.mark.parametrize("classes", [10, 200])
 @pytest.mark.parametrize("gap", [10, 14, 18])
 def test_every_class_is_drawn_at_its_probability_at_a_confident_gap(
-    gap, classes, dtype, monkeypatch
+    gap, classes, dtype, search, monkeypatch
 ):
     """Found by review: float32 uniforms are multiples of ``2^-24``, and after a dominant
     class a forward cumulative sum is ``eps`` off of 1, so the classes of probability
@@ -216,7 +220,10 @@ def test_every_class_is_drawn_at_its_probability_at_a_confident_gap(
     on (and float64 uniforms' grid, ``2^-53``), so the expected metric
     ``E[(e_y - p)(e_y - p)^T]`` is ``diag(p) - p p^T`` to that rounding relative to it.
     Before the fix (float32 logits, 10 classes): the metric 3.5e-4 of itself off at a gap
-    of 10, 0.023 at 14, 2.4 at 18 (7 of the 9 other classes never drawn)."""
+    of 10, 0.023 at 14, 2.4 at 18 (7 of the 9 other classes never drawn). Both ways of
+    drawing: in float64 (logits up to ``FLOAT64_DRAW_ENTRIES``), from both ends beyond."""
+    if search == "both ends":
+        monkeypatch.setattr(factors, "FLOAT64_DRAW_ENTRIES", 0)
     torch.manual_seed(0)
     logits = -gap - torch.rand(classes, dtype=torch.float64)
     logits[classes // 3] = 0.0  # the dominant class, with classes on both sides
