@@ -58,7 +58,8 @@ def sampled_cross_entropy_factor(logits: Tensor, samples: int, generator=None) -
     the cumulative distribution at float64 uniform draws (``N S`` numbers;
     ``torch.multinomial`` reads values back to the host on a GPU to check them). Up to
     :data:`FLOAT64_DRAW_ENTRIES` logits (and float64 ones), ``p`` and its cumulative sum
-    are float64: class ``c`` is drawn at ``p_c`` up to float64's rounding of the total.
+    are float64: class ``c`` is drawn at ``p_c`` up to float64's rounding of the total
+    (the rows are formed in float32 at least, as beyond).
     Beyond, ``p`` keeps the logits' dtype (float32 at least: no float64 copy of large
     logits), and ``u < 1/2`` is searched in the cumulative sum, ``u >= 1/2`` (as
     ``1 - u``) in the reversed one, the survival function: class ``c`` is drawn at
@@ -79,6 +80,9 @@ def sampled_cross_entropy_factor(logits: Tensor, samples: int, generator=None) -
         # between them were never drawn (found by review: 634 of 2000 in 16384 draws)
         p = torch.softmax(logits, dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
         y = _draw_from_both_ends(p, samples, generator)
+    # the rows in float32 at least, as before the float64 draw: float64 ones would be S
+    # times the bound on p and copied again on the way out (found by review)
+    p = p.to(torch.promote_types(logits.dtype, torch.float32))
     # one-hot by scatter (F.one_hot reads the class range back to the host), in place
     # throughout: a call of a few us each, on 1280 entries at batch 128
     rows = p.new_zeros(p.shape[0], samples, p.shape[1]).scatter_(2, y[..., None], 1.0)

@@ -240,6 +240,37 @@ def test_every_class_is_drawn_at_its_probability_at_a_confident_gap(
     assert torch.linalg.matrix_norm(expected - metric, 2) < 8 * eps * size + classes * 2.0**-52
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_float64_draw_keeps_its_float64_tensors_to_the_logits_and_uniforms(dtype):
+    """Found by review: the float64 draw (up to ``FLOAT64_DRAW_ENTRIES`` logits) formed
+    the ``N S C`` rows in float64 too, then copied them to the logits' dtype: with
+    ``samples = S`` a float64 tensor ``S`` times the 32 MiB bound, and the rows' peak 3x
+    that of rows formed in float32 (as before the float64 draw, and as the out-of-memory
+    message counts them). Only ``p``, its cumulative sum (``N C``) and the uniforms
+    (``N S``) are float64; the rows are formed in float32 at least."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    N, C, S = 8, 10, 50
+    sizes = []
+
+    class Float64Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                    sizes.append(t.numel())
+            return out
+
+    logits = torch.randn(N, C).to(dtype)
+    with Float64Sizes():
+        F = factors.sampled_cross_entropy_factor(logits, S, torch.Generator().manual_seed(0))
+    assert F.dtype == dtype and F.shape == (N, S, C)
+    assert sizes and max(sizes) <= N * max(C, S), max(sizes)
+    p = torch.softmax(logits.double(), 1)
+    drawn = (F.double() * math.sqrt(S) + p[:, None, :]).round()  # e_y, to float16's eps
+    assert torch.equal(drawn.sum(2), torch.ones(N, S)) and drawn.min() == 0
+
+
 def sampled_ggn(problem, samples, seed=0):
     """``K^T K`` of the whole network with the sampled factor, as the methods form it."""
     model, x, y = problem.make()
