@@ -65,6 +65,20 @@ def test_mlp_kfac_equals_the_public_one(variant, loss, batch):
     assert distance(ours(model, x, y, variant, **kw), theirs) < 1e-12
 
 
+@pytest.mark.parametrize("bias", ["joint", "separate"])
+def test_factored_damping_is_not_floored(bias):
+    """A head of tiny weights makes the first layer's output factor tiny against its input
+    factor, so that its share ``pi sqrt(mu)`` falls below curvlinops' default
+    ``min_damping=1e-8`` (found by a hunt: floored there, 0.6 off under ``"separate"``)."""
+    model, x, y = mlp_problem("cross_entropy", 30)
+    with torch.no_grad():
+        model[-1].weight.mul_(1e-6)
+    variant = public_kfac.Variant("exact", "factored", bias)
+    kw = dict(damping=1e-3, seed=11)
+    theirs = public_kfac.public(model, x, y, variant, **kw)()
+    assert distance(ours(model, x, y, variant, **kw), theirs) < 1e-12
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_conv_kfac_equals_the_public_one(variant):
     """KFC for Conv2d (curvlinops' ``kfac_approx="expand"``, its default)."""
