@@ -19,7 +19,7 @@ from torch.autograd.graph import GradientEdge
 from torch.nn.parameter import is_lazy
 
 from .factors import LOSSES, OUTPUT_METRICS
-from .modules import KERNELS, STRUCTURED, forward_replaced, training
+from .modules import KERNELS, STRUCTURED, forward_replaced
 
 #: The most refinement steps: each costs a float64 residual, and the iteration either
 #: converges in a few or not at all (``eps(solve dtype) cond(G) >= 1``).
@@ -330,35 +330,6 @@ def check_finite(what: str, tensor: Tensor, fix: str, error: type = ValueError) 
 
 
 # ----------------------------------------------------------------------- the model
-
-#: Modules that draw random numbers in training mode, and when they do.
-STOCHASTIC: list[tuple[type, Callable[[nn.Module], bool]]] = [
-    (nn.modules.dropout._DropoutNd, lambda m: m.p > 0),
-    (nn.RReLU, lambda m: m.lower != m.upper),
-    (nn.MultiheadAttention, lambda m: m.dropout > 0),
-]
-
-
-def stochastic_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules of ``model`` that draw random numbers as they are now (training mode)."""
-    return [
-        (name, module)
-        for name, module in model.named_modules()
-        if training(module) and any(isinstance(module, t) and on(module) for t, on in STOCHASTIC)
-    ]
-
-
-def check_deterministic(model: nn.Module) -> None:
-    """Refuse modules that draw random numbers: each call would see another network."""
-    found = stochastic_modules(model)
-    if found:
-        name, module = found[0]
-        raise ValueError(
-            f"module {name!r} ({type(module).__name__}) draws random numbers in training mode "
-            "(dropout), so two calls would give different directions of different networks. "
-            "Call model.eval() before rc.direction (RiemannianPreconditioner.step replays the "
-            "masks of the training forward pass instead)"
-        )
 
 
 def _check_not_scripted(name: str, module: nn.Module) -> None:

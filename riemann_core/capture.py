@@ -30,7 +30,7 @@ from torch.nn.parameter import is_lazy
 from torch.utils import _pytree as pytree
 
 from ._precision import precision_as, product_eps
-from .modules import Block, is_container, output_index, own_parameters
+from .modules import Block, is_container, output_index, own_parameters, training
 
 _LOCAL = threading.local()
 
@@ -774,6 +774,43 @@ def rng_devices(model: nn.Module) -> list[int]:
     return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
 
+#: Modules that draw random numbers in training mode, and when they do.
+STOCHASTIC: list[tuple[type, Callable[[nn.Module], bool]]] = [
+    (nn.modules.dropout._DropoutNd, lambda m: m.p > 0),
+    (nn.RReLU, lambda m: m.lower != m.upper),
+    (nn.MultiheadAttention, lambda m: m.dropout > 0),
+]
+
+
+def stochastic_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules of ``model`` that draw random numbers as they are now (training mode)."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if training(module) and any(isinstance(module, t) and on(module) for t, on in STOCHASTIC)
+    ]
+
+
+def _refuse_drawn(called: list[tuple[str, nn.Module]]) -> None:
+    """Refuse a forward pass that drew from the global random generators, naming the first
+    module of :data:`STOCHASTIC` it called in training mode, if any (a dropout the pass
+    did not call is no cause: a model holding one unused is accepted)."""
+    if called:
+        name, module = called[0]
+        which = f"module {name!r}" if name else "the model"
+        raise ValueError(
+            f"{which} ({type(module).__name__}) draws random numbers in training mode "
+            "(dropout), so two calls would give different directions of different networks. "
+            "Call model.eval() before rc.direction (RiemannianPreconditioner.step replays the "
+            "masks of the training forward pass instead)"
+        )
+    raise ValueError(
+        "the model's forward pass draws random numbers (e.g. F.dropout or noise in a "
+        "forward method), so two calls would give different directions of different "
+        "networks; call model.eval() or make the forward pass deterministic"
+    )
+
+
 def rng_state(devices: list[int]) -> list[Tensor]:
     """The CPU generator's state and those of the CUDA ``devices``."""
     return [torch.random.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices]
@@ -1024,6 +1061,8 @@ def forward(
     notes = notes_for(model)
     devices = rng_devices(model)
     own = [] if replay is not None else _own_generators(model)
+    # the modules that may draw, to name the one a refused pass called
+    stochastic = [] if replay is not None else stochastic_modules(model)
     given = args, kwargs
     for _ in range(2):
         if replay is None:
@@ -1040,6 +1079,12 @@ def forward(
                 stack.enter_context(precision_as(replay.precision))
             before = None if replay is not None else rng_state(devices)
             own_before = [g.get_state() for _, g in own]
+            called = []
+            for name, module in stochastic:
+                hook = module.register_forward_pre_hook(
+                    lambda *_, entry=(name, module), called=called: called.append(entry)
+                )
+                stack.callback(hook.remove)
             capture = stack.enter_context(Capture(model, notes.clone))
             stack.enter_context(eager())
             stack.enter_context(_own_forward())
@@ -1088,11 +1133,8 @@ def forward(
         if before is not None and not all(
             torch.equal(a, b) for a, b in zip(before, rng_state(devices), strict=True)
         ):
-            raise ValueError(
-                "the model's forward pass draws random numbers (e.g. F.dropout or noise in a "
-                "forward method), so two calls would give different directions of different "
-                "networks; call model.eval() or make the forward pass deterministic"
-            )
+            set_rng_state(before, devices)  # the caller's draws stay as they were
+            _refuse_drawn(called)
         stale = capture.stale()
         if not stale:
             return outputs, _without_no_grad_repeats(capture.calls)

@@ -9,7 +9,6 @@ from . import distributed
 from ._checks import (
     Deferred,
     check_damping_fits,
-    check_deterministic,
     check_generator,
     check_inputs,
     check_model,
@@ -167,7 +166,6 @@ def direction(
         checks = Deferred()
         params = check_model(model, checks, unprobed_kernel=unprobed(opts))
         check_damping_fits(opts.damping, params, opts.solve_dtype)
-        check_deterministic(model)
         args, kwargs = forward_arguments(inputs, forward_kwargs)
         check_inputs(args, kwargs, targets, checks)
         check_generator(opts.generator, opts.output_metric, params[0][1].device)

@@ -2233,10 +2233,64 @@ def test_stochastic_module_in_training_mode_is_refused(module, method):
         assert_exact(model, x, y, method, "structured")
 
 
-def test_attention_with_dropout_is_refused():
-    model = nn.MultiheadAttention(4, 2, dropout=0.1)
-    with pytest.raises(ValueError, match=r"module '' \(MultiheadAttention\) draws random"):
-        rc.direction(model, torch.randn(3, 4), torch.tensor([0, 1, 2]))
+def test_attention_with_dropout_is_refused_naming_the_model_itself():
+    class SelfAttention(nn.MultiheadAttention):
+        def forward(self, x):
+            return super().forward(x, x, x)[0]
+
+    model = SelfAttention(4, 2, dropout=0.1, batch_first=True)
+    with pytest.raises(ValueError, match=r"the model \(SelfAttention\) draws random"):
+        rc.direction(model, torch.randn(3, 5, 4), torch.randint(0, 4, (3, 5)))
+
+
+class HeldDropout(nn.Module):
+    """An MLP holding a dropout in training mode that its forward calls only if
+    ``use_it``; with ``functional`` it draws with F.dropout instead."""
+
+    def __init__(self, use_it=False, functional=False):
+        super().__init__()
+        self.lin1, self.drop, self.lin2 = nn.Linear(4, 5), nn.Dropout(0.3), nn.Linear(5, 3)
+        self.use_it, self.functional = use_it, functional
+
+    def forward(self, x):
+        h = torch.tanh(self.lin1(x))
+        if self.use_it:
+            h = self.drop(h)
+        if self.functional:
+            h = F.dropout(h, 0.3, training=True)
+        return self.lin2(h)
+
+
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_a_dropout_the_forward_pass_does_not_call_is_accepted(method):
+    """Found by a hunt: a model holding a dropout in training mode was refused, though its
+    forward pass never called it (a layer kept for another configuration), since the
+    modules were scanned rather than the pass watched. The pass draws nothing: exact."""
+    torch.manual_seed(33)
+    model = HeldDropout().double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    assert model.drop.training
+    assert_exact(model, x, y, method, "structured")
+
+
+@pytest.mark.parametrize(
+    "use_it, functional, message",
+    [
+        (True, False, r"module 'drop' \(Dropout\) draws random numbers in training mode"),
+        (False, True, r"the model's forward pass draws random numbers \(e.g. F.dropout"),
+    ],
+    ids=["module called", "F.dropout beside a module not called"],
+)
+def test_a_draw_names_the_module_called_and_keeps_the_random_state(use_it, functional, message):
+    """The refusal names the dropout the pass called, not one it left out (found by a hunt:
+    F.dropout's draw was blamed on an unused nn.Dropout), and leaves the caller's random
+    state as it was."""
+    model = HeldDropout(use_it, functional).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    state = torch.random.get_rng_state()
+    with pytest.raises(ValueError, match=message):
+        rc.direction(model, x, y)
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_dropout_in_a_model_holding_parameters_is_refused_naming_a_module_of_their_own():
