@@ -264,7 +264,7 @@ def common_options() -> argparse.ArgumentParser:
         help="directory for the results, created if missing (default: reports/<device> "
         "for the pipeline commands, with /training, /stability or /distributed appended for "
         "train, stability and distributed, reports/<device>/quick/... with --quick; print "
-        "only for demo and targets)",
+        "only for demo, targets and compare)",
     )
     group.add_argument(
         "--quick",

@@ -26,13 +26,14 @@ import torch
 from .arguments import Command, check_device, common_options
 from .measure.allocator import keep_freed_memory
 from .scaling import commands as scaling_commands
-from .scaling import parallel, targets
+from .scaling import compare, parallel, targets
 from .studies import demo, stability, training
 
 PROG = "riemann-bench"
 COMMANDS: tuple[Command, ...] = (
     *scaling_commands.COMMANDS,
     targets.COMMAND,
+    compare.COMMAND,
     parallel.COMMAND,
     training.COMMAND,
     stability.COMMAND,

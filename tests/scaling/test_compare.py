@@ -1,0 +1,137 @@
+"""``riemann-bench compare``: paired rounds of two versions of the package, each in its own
+worker process, on packages planted with a known slowdown or error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import riemann_core
+from riemann_core import cli
+from riemann_core.scaling import compare
+
+REPO = Path(riemann_core.__file__).resolve().parents[1]
+
+#: The calls that a planted package's ``rc.direction`` makes first: a sleep of 20 ms (the
+#: small network's euclidean direction takes 1-6 ms on a 2-core CPU), or a refusal of
+#: natural.
+SLOWED = """
+import time as _time
+_direction = direction
+def direction(*args, **kwargs):
+    _time.sleep(0.02)
+    return _direction(*args, **kwargs)
+"""
+REFUSING = """
+_direction = direction
+def direction(*args, method="layerwise", **kwargs):
+    if method == "natural":
+        raise ValueError("planted refusal")
+    return _direction(*args, method=method, **kwargs)
+"""
+
+
+def planted(tmp_path: Path, name: str, code: str) -> Path:
+    """A copy of the package whose ``__init__`` ends with ``code``."""
+    root = tmp_path / name
+    shutil.copytree(REPO / "riemann_core", root / "riemann_core")
+    with open(root / "riemann_core" / "__init__.py", "a") as f:
+        f.write(code)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def short_runs(monkeypatch):
+    monkeypatch.setattr(compare, "RUN_SECONDS", 0.005)
+
+
+def records(out: Path) -> dict[str, dict]:
+    payload = json.loads((out / "compare.json").read_text())
+    return {r["case"]: r for r in payload["records"]}
+
+
+def test_verdicts_need_the_whole_interval_past_the_threshold():
+    assert compare.verdict(1.06, 1.2, 0.05) == compare.SLOWER
+    assert compare.verdict(0.8, 0.95, 0.05) == compare.FASTER
+    assert compare.verdict(0.96, 1.04, 0.05) == compare.UNCHANGED
+    assert compare.verdict(1.01, 1.08, 0.05) == compare.NOISY
+    assert compare.verdict(0.9, 1.1, 0.05) == compare.NOISY
+
+
+def test_a_planted_slowdown_reads_slower_and_fails(tmp_path, capsys):
+    slow = planted(tmp_path, "slow", SLOWED)
+    out = tmp_path / "out"
+    argv = ["compare", str(REPO), str(slow), "--quick", "--rounds", "5"]
+    code = cli.main([*argv, "--cases", "euclidean", "--out", str(out)])
+    got = records(out)
+    euclidean = got["direction euclidean 64-32-32-10 b128"]
+    assert euclidean["verdict"] == compare.SLOWER and euclidean["ratio"] > 1.5
+    assert len(euclidean["ratios"]) == 5
+    assert "sgd step 64-32-32-10 b128" in got  # the control comes with every selection
+    assert code == 1
+    assert "slower: direction euclidean" in capsys.readouterr().err
+    assert {"compare.md", "compare.png"} <= {p.name for p in out.iterdir()}
+
+
+def test_a_revision_against_itself_is_not_slower(tmp_path, monkeypatch):
+    """``HEAD`` on both sides, each extracted by git archive: the pairing compares like
+    with like (a threshold of 50%: what the test checks is the pairing, not the noise)."""
+    if subprocess.run(["git", "-C", str(REPO), "rev-parse"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "out"
+    argv = ["compare", "HEAD", "HEAD", "--rounds", "5", "--threshold", "0.5", "--quick"]
+    cli.main([*argv, "--cases", "layerwise", "--out", str(out)])
+    payload = json.loads((out / "compare.json").read_text())
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert {s["commit"] for s in payload["sides"].values()} == {head}
+    for record in payload["records"]:
+        assert record["verdict"] in (compare.UNCHANGED, compare.NOISY), record
+
+
+def test_a_case_a_side_raises_is_not_compared_and_the_others_are(tmp_path, capsys):
+    refusing = planted(tmp_path, "refusing", REFUSING)
+    out = tmp_path / "out"
+    argv = ["compare", str(REPO), str(refusing), "--quick", "--rounds", "5"]
+    cli.main([*argv, "--threshold", "0.5", "--cases", "natural|euclidean", "--out", str(out)])
+    got = records(out)
+    natural = got["direction natural 64-32-32-10 b128"]
+    assert natural["verdict"] == compare.FAILED
+    assert natural["error"] == "the candidate raised ValueError: planted refusal"
+    assert got["direction euclidean 64-32-32-10 b128"]["verdict"] != compare.FAILED
+    assert "not compared: direction natural" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--threshold", "0"], "--threshold must be a fraction between 0 and 1"),
+        (["--threshold", "nan"], "--threshold must be a fraction between 0 and 1"),
+        (["--rounds", "3"], "a verdict needs at least 5 rounds"),
+        (["--cases", "nothing-like-it"], "matches none of the cases: sgd step 64-32-32-10"),
+        (["--cases", "("], "is no regular expression"),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(options, message, capsys):
+    assert cli.main(["compare", str(REPO), *options]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_side_that_is_neither_a_checkout_nor_a_revision_is_refused(tmp_path, capsys):
+    assert cli.main(["compare", "no-such-revision-or-directory", "--quick"]) == 2
+    assert "neither a directory nor a revision" in capsys.readouterr().err
+    assert cli.main(["compare", str(tmp_path), "--quick"]) == 2
+    assert "without riemann_core/__init__.py" in capsys.readouterr().err
+
+
+def test_a_side_whose_package_does_not_import_is_refused_with_its_error(tmp_path, capsys):
+    broken = planted(tmp_path, "broken", "\nraise ImportError('planted')\n")
+    assert cli.main(["compare", str(REPO), str(broken), "--quick", "--cases", "euclidean"]) == 2
+    err = capsys.readouterr().err
+    assert "ImportError: planted" in err and "cannot be imported" in err
