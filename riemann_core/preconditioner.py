@@ -288,6 +288,9 @@ class RiemannianPreconditioner:
                 ),
             )
         self._module_awaited = False  # a recorded pass of the wrapper whose module has not run
+        # the wrapped module called by itself (ddp.module(x)) since the wrapper's last pass:
+        # named where a refusal follows from that pass not being recorded
+        self._module_alone = False
         self._depth = 0  # calls of the model under way (it may call itself)
         self._prehooked = False  # a pre-hook prepended since ran before the record
         self._modes: dict[int, bool] = {}  # each module's training flag in the recorded pass
@@ -373,6 +376,7 @@ class RiemannianPreconditioner:
         self._depth += 1
         if self._depth > 1:  # the model calling itself: the outermost call is the batch
             return
+        self._module_alone = False
         if self.network is module:
             self._hooks_in_order(module)
         if self._passes is not None:
@@ -441,6 +445,20 @@ class RiemannianPreconditioner:
         self._accumulations.hook(held)
         self._tick_at_pass = self._accumulations.tick()
 
+    def _alone_note(self) -> str:
+        """What a refusal for a missing or stale pass adds where the module inside a
+        DistributedDataParallel wrapper was called by itself since the wrapper's last pass
+        (found by a hunt: ``ddp.module(x)`` was told to call ``model(x)``, or that an
+        optimizer step changed the weights, with no word of the wrapper)."""
+        if not self._module_alone:
+            return ""
+        return (
+            " (the model's module ran by itself, outside its DistributedDataParallel "
+            "wrapper, since the wrapper's last forward pass: ddp.module(x) is not recorded, "
+            "and DistributedDataParallel does not average the .grad of its backward pass. "
+            "Call the wrapper, ddp(x), as the preconditioner was given it)"
+        )
+
     def _record_module_start(self, module, args):
         """The buffers as a DistributedDataParallel's module starts the recorded pass: the
         wrapper's forward broadcasts rank 0's buffers first (``broadcast_buffers=True``,
@@ -448,7 +466,15 @@ class RiemannianPreconditioner:
         which runs the module alone (found by a hunt: a running normaliser, its buffer
         updated from each rank's shard, was replayed on the other ranks from their own
         buffers and refused as a pass that depends on state not replayed)."""
-        if capturing() or not self._module_awaited or self._depth != 1:
+        if capturing():
+            return
+        if (
+            self._depth == 0
+            and torch.is_grad_enabled()
+            and torch._C._current_graph_task_id() == -1  # (not a checkpoint's recomputation)
+        ):
+            self._module_alone = True
+        if not self._module_awaited or self._depth != 1:
             return
         self._module_awaited = False
         batch = self._batch
@@ -649,7 +675,7 @@ class RiemannianPreconditioner:
                     f"{what} changed in place after the forward pass that {call} uses "
                     "(an optimizer step, a weight perturbation put back (SAM), or a new batch "
                     f"copied into the same tensor): call {call} before opt.step(), before "
-                    "the weights are put back, and before the inputs change"
+                    f"the weights are put back, and before the inputs change{self._alone_note()}"
                 )
         # a fused optimizer's step moves no version counter (found by a hunt)
         if self._stepped is not None:
@@ -1215,6 +1241,7 @@ class RiemannianPreconditioner:
                 raise RuntimeError(
                     "pre.step() needs the batch of a forward pass: call model(x) and "
                     f"loss.backward() before pre.step(){_outside_model(self._capture)}"
+                    f"{self._alone_note()}"
                 )
             self._check_unchanged("pre.step()")
             if not self._synced:
@@ -1295,7 +1322,7 @@ class RiemannianPreconditioner:
                     "a saliency map, an adversarial example). Run evaluations under "
                     "torch.no_grad(), or call pre.step() before them; each pre.step() needs a "
                     "backward pass through the model's recorded output since the last one"
-                    f"{_outside_model(self._capture)}"
+                    f"{_outside_model(self._capture)}{self._alone_note()}"
                 )
             couples = _couples(self.method, self._options.kfac_bias)
             # (K-FAC's state too: a module whose .grad hold no gradient of this pass is not

@@ -2252,3 +2252,44 @@ def test_the_send_buffer_is_not_held_through_the_solve(tmp_path):
     results = run_ranks(_send_buffer_at_solve, 2, tmp_path)
     assert sum(len(alive) for alive in results) == 1, results  # one block, one owner
     assert not any(any(a) for alive in results for a in alive), results
+
+
+def _module_called_alone(rank, world) -> dict:
+    """A preconditioner on a DistributedDataParallel model whose module is called by
+    itself (``ddp.module(x)``): each refusal's message, and one after a pass through the
+    wrapper (the control)."""
+    x, y = network("mlp")[1:]
+    part = shards(world, equal=True)[rank]
+    out = {}
+    for case in ("first pass", "after a step", "after a step and opt.step", "control"):
+        model = network("mlp")[0]
+        wrapped = DistributedDataParallel(model)
+        pre = rc.RiemannianPreconditioner(
+            wrapped, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
+        )
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if case != "first pass":
+            F.cross_entropy(wrapped(x[part]), y[part]).backward()
+            pre.step()
+            if case != "after a step":
+                opt.step()
+            opt.zero_grad()
+        called = wrapped if case == "control" else model
+        F.cross_entropy(called(2 * x[part]), y[part]).backward()
+        if case == "control":  # a refusal that has nothing to do with the module alone
+            opt.step()
+        out[case] = _outcome(pre.step)
+    return out
+
+
+def test_a_module_called_outside_its_ddp_wrapper_is_named(tmp_path):
+    """Found by a hunt: ``ddp.module(x)`` (a pass neither recorded nor averaged) was
+    refused as a missing pass ("call model(x)"), as a pass no gradient flowed through, or
+    as weights an optimizer step changed, with no word of the wrapper."""
+    note = "ran by itself, outside its DistributedDataParallel wrapper"
+    for result in run_ranks(_module_called_alone, 2, tmp_path):
+        for case, outcome in result.items():
+            assert outcome is not None, case
+            kind, message = outcome
+            assert kind == "RuntimeError", (case, message)
+            assert (note in message) == (case != "control"), (case, message)
