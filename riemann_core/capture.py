@@ -777,7 +777,8 @@ def rng_devices(model: nn.Module) -> list[int]:
 #: Modules that draw random numbers in training mode, and when they do.
 STOCHASTIC: list[tuple[type, Callable[[nn.Module], bool]]] = [
     (nn.modules.dropout._DropoutNd, lambda m: m.p > 0),
-    (nn.RReLU, lambda m: m.lower != m.upper),
+    # (torch draws the noise even where lower == upper)
+    (nn.RReLU, lambda m: True),
     (nn.MultiheadAttention, lambda m: m.dropout > 0),
 ]
 
@@ -1051,7 +1052,8 @@ def forward(
     The forward pass must not draw random numbers, unless ``replay`` is given: every pass
     then starts from its random state and buffers, so dropout draws the masks it drew
     then, and the caller's random state is restored afterwards (:meth:`Replay.check` then
-    tells whether the pass took the recorded path).
+    tells whether the pass took the recorded path). Without ``replay``, a pass refused or
+    failing leaves the caller's random state as it was too.
 
     Without ``replay`` every pass runs on copies of the argument tensors: a forward that
     changes its input in place (``x.mul_(2)``) leaves the caller's tensors as they were,
@@ -1078,6 +1080,10 @@ def forward(
                     stack.enter_context(torch.autocast(device_type, dtype=dtype))
                 stack.enter_context(precision_as(replay.precision))
             before = None if replay is not None else rng_state(devices)
+            if before is not None:  # the caller's draws stay as they were, whatever follows
+                # (found by review: a dropout beside a module's own generator, refused for
+                # the generator, or a forward failing after a dropout, advanced them)
+                stack.callback(set_rng_state, before, devices)
             own_before = [g.get_state() for _, g in own]
             called = []
             for name, module in stochastic:
@@ -1108,6 +1114,9 @@ def forward(
                     f"the model's forward pass failed on these inputs: {err}. Check that the "
                     f"inputs have the shape and dtype the model expects{hint}"
                 ) from err
+            moved = before is not None and not all(
+                torch.equal(a, b) for a, b in zip(before, rng_state(devices), strict=True)
+            )
         changed = [n for n, p, v in versions if p._version != v]
         if changed:
             raise ValueError(
@@ -1130,10 +1139,7 @@ def forward(
                 "networks; make the forward pass deterministic (e.g. draw nothing in eval "
                 "mode, and call model.eval())"
             )
-        if before is not None and not all(
-            torch.equal(a, b) for a, b in zip(before, rng_state(devices), strict=True)
-        ):
-            set_rng_state(before, devices)  # the caller's draws stay as they were
+        if moved:
             _refuse_drawn(called)
         stale = capture.stale()
         if not stale:

@@ -2293,6 +2293,53 @@ def test_a_draw_names_the_module_called_and_keeps_the_random_state(use_it, funct
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
+class DrawsThenRefused(nn.Module):
+    """A dropout, then noise from a generator of its own (``own_noise``) or a layer its
+    input does not fit (``misfit``): refused for another cause than the dropout's draw."""
+
+    def __init__(self, own_noise=False, misfit=False):
+        super().__init__()
+        self.lin1, self.drop = nn.Linear(4, 5), nn.Dropout(0.3)
+        self.lin2 = nn.Linear(6 if misfit else 5, 3)
+        self.gen = torch.Generator().manual_seed(3) if own_noise else None
+
+    def forward(self, x):
+        h = self.drop(torch.tanh(self.lin1(x)))
+        if self.gen is not None:
+            h = h + 0.01 * torch.randn(h.shape, generator=self.gen, dtype=h.dtype)
+        return self.lin2(h)
+
+
+@pytest.mark.parametrize(
+    "own_noise, misfit, message",
+    [
+        (True, False, r"draws random numbers from the generators \['gen'\]"),
+        (False, True, "forward pass failed on these inputs"),
+    ],
+    ids=["a module's own generator", "a forward pass that fails"],
+)
+def test_a_pass_refused_for_another_cause_keeps_the_random_state(own_noise, misfit, message):
+    """Found by review: a pass refused for another cause than its draw from the global
+    generator (a module's own generator, checked first; a forward that fails after its
+    dropout) left the caller's random state advanced; and no hook is left behind."""
+    model = DrawsThenRefused(own_noise, misfit).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    state = torch.random.get_rng_state()
+    with pytest.raises(ValueError, match=message):
+        rc.direction(model, x, y)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def test_rrelu_with_equal_bounds_is_named():
+    """torch draws RReLU's noise in training mode even where lower == upper: the refusal
+    names the module (found by review: the generic message, which suggests F.dropout)."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.RReLU(0.2, 0.2), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    with pytest.raises(ValueError, match=r"module '1' \(RReLU\) draws random numbers"):
+        rc.direction(model, x, y)
+
+
 def test_dropout_in_a_model_holding_parameters_is_refused_naming_a_module_of_their_own():
     """Found by a hunt: a model holding a table of positions and a dropout is evaluated
     whole, one sample at a time, and was refused as module '' drawing random numbers, told
