@@ -42,7 +42,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -431,12 +431,44 @@ def _check_disjoint(facts: dict) -> None:
 
 
 def _offering(client: Client) -> dict[str, int]:
+    check_connected(client)
     workers = client.scheduler_info(n_workers=-1)["workers"]
     return {
         address: int(info["resources"][RESOURCE])
         for address, info in workers.items()
         if info.get("resources", {}).get(RESOURCE, 0) >= 1
     }
+
+
+#: the reason dask gives a future it cancels when the client loses its scheduler
+LOST_SCHEDULER = "scheduler-connection-lost"
+
+
+def check_connected(client: Client, points: int | None = None, future: Future | None = None):
+    """A :class:`ClusterError` where ``client`` has lost its scheduler (it died, or the
+    network to it did), or ``future`` was cancelled for that: dask cancels every future
+    the client held, then retries the connection for its timeout (the scheduler's list of
+    workers meanwhile the last one read, then none at all). Found by a hunt: a killed
+    scheduler left its running point recorded ``error``, "cancelled by the dask
+    scheduler before it ran", and 31 s later a ``KeyError: 'workers'`` with a traceback.
+    ``points``: how many the sweep has left to measure, for the message."""
+    lost = client.status != "running"
+    if future is not None and future.status == "cancelled":
+        try:
+            future.result(timeout=1)
+        except CancelledError as err:
+            lost = lost or getattr(err, "reason", None) == LOST_SCHEDULER
+        except Exception:  # noqa: BLE001  (the client closed meanwhile: its status says so)
+            lost = lost or client.status != "running"
+    if lost:
+        address = getattr(client.scheduler, "address", None)
+        left = "" if points is None else f"; {points} point(s) not measured"
+        raise ClusterError(
+            f"lost the connection to the dask scheduler{f' at {address}' if address else ''} "
+            f"(it stopped, or its host or the network to it did){left}: the finished points "
+            "are kept; rerun the sweep with the same --out once the scheduler is back to "
+            "measure the others"
+        )
 
 
 def _worker_facts() -> dict:
@@ -484,7 +516,8 @@ class DaskRunner:
     once.
 
     Gives up with :class:`ClusterError` when no worker has offered the resource for
-    ``patience`` seconds (the points not yet measured are cancelled; a rerun measures them).
+    ``patience`` seconds (the points not yet measured are cancelled; a rerun measures them),
+    and at once when the client loses its scheduler (:func:`check_connected`).
 
     **Workers that join later** (a batch system's jobs starting as the queue lets them, a
     restarted worker) are checked (:func:`check_joined`) before their first result counts
@@ -561,6 +594,7 @@ class DaskRunner:
                 except queue.Empty:
                     future = None  # nothing finished: the workers are still checked below
                 if future in flying:  # else: already handled with its dead worker's points
+                    check_connected(self.client, len(flying) + len(waiting), future)
                     dead = _killed_on(future)
                     if dead is None:
                         _, index = flying.pop(future)
@@ -605,7 +639,8 @@ class DaskRunner:
                             "measured: rerun to measure them once workers are back"
                         )
         finally:
-            self.client.cancel(list(flying))
+            if self.client.status == "running":  # (else dask cancelled them all)
+                self.client.cancel(list(flying))
 
     def everywhere(
         self,
@@ -668,6 +703,7 @@ class DaskRunner:
                 try:
                     future = done.get(timeout=CHECK_EVERY)
                 except queue.Empty:
+                    check_connected(self.client)
                     alive = self.client.scheduler_info(n_workers=-1)["workers"]
                     gone = [f for f, address in pending.items() if address not in alive]
                     self.client.cancel(gone)
@@ -676,6 +712,7 @@ class DaskRunner:
                 address = pending.pop(future, None)
                 if address is None:  # cancelled above
                     continue
+                check_connected(self.client, future=future)
                 outcome = _outcome(future)
                 future.release()
                 if isinstance(outcome, PointLost):
@@ -683,8 +720,9 @@ class DaskRunner:
                 else:
                     items += outcome
         finally:
-            self.client.cancel(list(pending))
-            if report is not None:
+            if self.client.status == "running":  # (else dask cancelled them all)
+                self.client.cancel(list(pending))
+            if report is not None and self.client.status == "running":
                 self.client.unsubscribe_topic(topic)
         if left_out:  # (found by review: the others' results stood, the warning said lost)
             then = (

@@ -1796,9 +1796,12 @@ def _sweep(
                     row.update(status="error", reason=outcome.reason)
                 else:
                     row, device = outcome
+                    # every result, not a place's first alone: a worker that takes a dead one's
+                    # place (its host and device) in another setting was let in unchecked, its
+                    # rows mixed into the fits (found by a hunt: threads 1 beside threads 2)
+                    check_timed_alike(devices, device)  # a worker unlike the others
                     new_worker = (device["host"], device["physical_device"]) not in seen
                     if new_worker:
-                        check_timed_alike(devices, device)  # a worker unlike the others
                         seen.add((device["host"], device["physical_device"]))
                         add_device(devices, device)
                     if remeasure:

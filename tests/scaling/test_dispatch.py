@@ -349,6 +349,30 @@ def test_a_worker_gone_before_its_check_is_left_out_not_a_stopped_sweep(in_proce
     assert sorted(runner.checked) == sorted(facts)
 
 
+def test_a_lost_scheduler_is_a_clear_error_not_a_point_recorded_lost(in_process):
+    """Found by a hunt: a killed scheduler left the running point recorded ``error``
+    ("cancelled by the dask scheduler before it ran"), and 31 s later the sweep broke off
+    with ``KeyError: 'workers'`` and a traceback (exit code 3). The client's connection is
+    cut here (dask cancels every future it held, then reconnects), and then closed."""
+    client = in_process()
+    runner = dispatch.DaskRunner(client)
+    points = runner(_sleeps, [{"a": 0}, {"a": 1.5}, {"a": 0}])
+    assert next(points) == ({"a": 0}, 0)  # the next point is running
+    client.loop.add_callback(lambda: client.scheduler_comm.comm.abort())
+    start = time.monotonic()
+    with pytest.raises(dispatch.ClusterError, match="lost the connection.*2 point.*not measured"):
+        next(points)
+    assert time.monotonic() - start < 10
+    client.close()
+    with pytest.raises(dispatch.ClusterError, match="lost the connection to the dask scheduler"):
+        dispatch._offering(client)
+
+
+def _sleeps(run):
+    time.sleep(run["a"])
+    return run["a"]
+
+
 def _identity(run):
     return run["a"]
 
@@ -563,6 +587,50 @@ def test_the_grid_its_growth_and_re_measurements_all_run_on_the_workers(two_devi
     assert whens == ["end", "end", "grid", "grid", "start", "start"]
     workers = {e["pid"] for e in entries(rates_log)}
     assert len(workers) == 2 and os.getpid() not in workers
+
+
+def _threads_by_worker(marker, task, run):
+    """``task(run)`` with ``RIEMANN_BENCH_THREADS`` 2 in the first worker process to run
+    one (the one that creates ``marker``) and 1 in every other: a worker in another
+    setting on the same host and device (unpinned CPU workers: ``physical_device`` cpu)."""
+    with contextlib.suppress(FileExistsError):
+        with open(marker, "x") as f:
+            f.write(str(os.getpid()))
+    saved = os.environ.get(worker.THREADS)
+    with open(marker) as f:
+        os.environ[worker.THREADS] = "2" if f.read() == str(os.getpid()) else "1"
+    try:
+        return task(run)
+    finally:
+        os.environ.pop(worker.THREADS)
+        if saved is not None:
+            os.environ[worker.THREADS] = saved
+
+
+class ThreadsByWorker(dispatch.DaskRunner):
+    def __init__(self, client, marker):
+        super().__init__(client)
+        self.marker = marker
+
+    def __call__(self, task, runs):
+        return super().__call__(functools.partial(_threads_by_worker, self.marker, task), runs)
+
+
+def test_a_worker_in_another_setting_in_a_known_place_is_refused_at_its_first_result(
+    two_devices, tmp_path
+):
+    """Found by a hunt: only the first result of each place (host, physical device) was
+    checked against the sweep's environment, so a worker that took a dead one's place on
+    its host in another setting (threads 1 where the first timed with 2) had its points
+    recorded beside the others', into one set of fits, unrefused (the rates measured after
+    the grid refused it, its rows already written; a rerun kept them)."""
+    grid = sw.Grid(**{**TINY, "methods": ("euclidean",)})
+    runner = ThreadsByWorker(two_devices, str(tmp_path / "first"))
+    measure = lambda run, grid: known_time_row(run)  # noqa: E731  (at once)
+    with pytest.raises(ValueError, match="timed with threads [12]; here threads [12]"):
+        sw.sweep(grid, tmp_path / "out", runner=runner, measure=measure, progress=False)
+    rows = sw.read_results(tmp_path / "out" / "results.csv")
+    assert len(rows) < len(list(grid.runs()))
 
 
 def test_the_depth_lines_and_top_pairs_are_timed_again_on_the_workers(two_devices, tmp_path):
