@@ -452,11 +452,12 @@ class RiemannianPreconditioner:
         optimizer step changed the weights, with no word of the wrapper)."""
         if not self._module_alone:
             return ""
-        return (
+        return (  # (a pass for a log ran alone too: the note says "if", found by review)
             " (the model's module ran by itself, outside its DistributedDataParallel "
-            "wrapper, since the wrapper's last forward pass: ddp.module(x) is not recorded, "
-            "and DistributedDataParallel does not average the .grad of its backward pass. "
-            "Call the wrapper, ddp(x), as the preconditioner was given it)"
+            "wrapper, since the wrapper's last forward pass: if that was the batch to "
+            "precondition, ddp.module(x) is not recorded, and DistributedDataParallel does "
+            "not average the .grad of its backward pass; call the wrapper, ddp(x), as the "
+            "preconditioner was given it)"
         )
 
     def _record_module_start(self, module, args):

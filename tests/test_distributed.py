@@ -2256,27 +2256,35 @@ def test_the_send_buffer_is_not_held_through_the_solve(tmp_path):
 
 def _module_called_alone(rank, world) -> dict:
     """A preconditioner on a DistributedDataParallel model whose module is called by
-    itself (``ddp.module(x)``): each refusal's message, and one after a pass through the
-    wrapper (the control)."""
+    itself (``ddp.module(x)``): each refusal's message, and the controls' (a refusal that
+    has nothing to do with the module alone: after a pass through the wrapper only, after
+    an evaluation of the module under torch.no_grad(), after a pass of the module alone
+    that a pass through the wrapper followed)."""
     x, y = network("mlp")[1:]
     part = shards(world, equal=True)[rank]
     out = {}
-    for case in ("first pass", "after a step", "after a step and opt.step", "control"):
+    cases = ("first pass", "after a step", "after a step and opt.step")
+    for case in (*cases, "control", "evaluated under no_grad", "wrapper after"):
         model = network("mlp")[0]
         wrapped = DistributedDataParallel(model)
         pre = rc.RiemannianPreconditioner(
             wrapped, damping=DAMPING, process_group=dist.group.WORLD, timeout=TIMEOUT
         )
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        if case != "first pass":
+        if case in cases[1:]:
             F.cross_entropy(wrapped(x[part]), y[part]).backward()
             pre.step()
             if case != "after a step":
                 opt.step()
             opt.zero_grad()
-        called = wrapped if case == "control" else model
+        if case == "wrapper after":
+            model(x[part]).sum()  # (a pass for logging, gradients enabled)
+        called = model if case in cases else wrapped
         F.cross_entropy(called(2 * x[part]), y[part]).backward()
-        if case == "control":  # a refusal that has nothing to do with the module alone
+        if case == "evaluated under no_grad":
+            with torch.no_grad():
+                model(x[part])
+        if case not in cases:
             opt.step()
         out[case] = _outcome(pre.step)
     return out
@@ -2285,11 +2293,20 @@ def _module_called_alone(rank, world) -> dict:
 def test_a_module_called_outside_its_ddp_wrapper_is_named(tmp_path):
     """Found by a hunt: ``ddp.module(x)`` (a pass neither recorded nor averaged) was
     refused as a missing pass ("call model(x)"), as a pass no gradient flowed through, or
-    as weights an optimizer step changed, with no word of the wrapper."""
+    as weights an optimizer step changed, with no word of the wrapper. Not named where the
+    module ran under torch.no_grad(), or before a pass through the wrapper."""
     note = "ran by itself, outside its DistributedDataParallel wrapper"
+    refusals = {
+        "first pass": "pre.step() needs the batch of a forward pass",
+        "after a step": "no gradient flowed back through the model's last forward pass",
+        "after a step and opt.step": "parameter 'module.0.weight' changed in place",
+    }
     for result in run_ranks(_module_called_alone, 2, tmp_path):
+        assert len(result) == 6, result
         for case, outcome in result.items():
             assert outcome is not None, case
             kind, message = outcome
             assert kind == "RuntimeError", (case, message)
-            assert (note in message) == (case != "control"), (case, message)
+            start = refusals.get(case, "parameter 'module.0.weight' changed in place")
+            assert message.startswith(start), (case, message)
+            assert (note in message) == (case in refusals), (case, message)
