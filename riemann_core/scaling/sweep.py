@@ -785,6 +785,20 @@ def read_results(path: Path) -> list[dict]:
                 f"{path} is not a results file of this version of riemann-bench "
                 f"(missing columns {sorted(missing)}); move it away or pass another --out"
             )
+        # a column this version does not write is a renamed or hand-added one (found by a
+        # hunt: "slow_paths" renamed left its points in every fit, "sweep" renamed let
+        # another sweep's rows in, "interleaved" renamed turned fails into too noisy; each
+        # read as blank, in silence)
+        unknown = [n for n in names if n not in COLUMNS]
+        if unknown:
+            blank = sorted(set(OPTIONAL) - set(names))
+            raise ResultsFileError(
+                f"{path} has columns this version of riemann-bench does not write {unknown} "
+                "(renamed or added by hand?)"
+                + (f", and lacks {blank}, which it would read as blank" if blank else "")
+                + f"; restore the header's names (those of {sorted(COLUMNS)}) or pass another "
+                "--out"
+            )
         rows = _parsed(reader, len(text))
     except (csv.Error, UnicodeDecodeError) as err:
         raise ResultsFileError(

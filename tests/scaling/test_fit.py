@@ -321,6 +321,14 @@ def test_the_overhead_is_held_at_or_below_the_fastest_call_of_each_depth():
     assert model.rates["products"] == pytest.approx(5e10, rel=0.1)
 
 
+def _rename(directory, old, new):
+    path = directory / "results.csv"
+    header, rest = path.read_text().split("\n", 1)
+    names = header.split(",")
+    names[names.index(old)] = new
+    path.write_text(",".join(names) + "\n" + rest)
+
+
 @pytest.mark.parametrize(
     "damage, match",
     [
@@ -328,8 +336,20 @@ def test_the_overhead_is_held_at_or_below_the_fastest_call_of_each_depth():
         (lambda d: (d / "results.csv").write_bytes(b"\x00\xff\xfe"), "results.csv"),
         (lambda d: (d / "sweep.json").write_text("{not json"), "sweep.json cannot be parsed"),
         (lambda d: (d / "sweep.json").unlink(), "has no sweep.json beside it, so nothing says"),
+        # found by a hunt: an optional column renamed was read as blank, in silence
+        (lambda d: _rename(d, "slow_paths", "slowpaths"), r"does not write \['slowpaths'\]"),
+        (lambda d: _rename(d, "sweep", "sweep_id"), r"lacks \['sweep'\]"),
+        (lambda d: _rename(d, "interleaved", "interleave"), "renamed or added by hand"),
     ],
-    ids=["foreign-csv", "binary", "bad-json", "no-json"],
+    ids=[
+        "foreign-csv",
+        "binary",
+        "bad-json",
+        "no-json",
+        "renamed-slow_paths",
+        "renamed-sweep",
+        "renamed-interleaved",
+    ],
 )
 def test_read_sweep_names_a_corrupted_or_missing_file(tmp_path, damage, match):
     df, meta = make_sweep(runs=(("euclidean", "structured"),))
