@@ -9,7 +9,10 @@ Protocol, one JSON object per line: the worker first writes ``{"package": path,
 "version": ...}``; then for each request ``{"case": CASE, "calls": k}`` it builds the case
 once (cached), makes one untimed call, times three runs of ``k`` calls and answers
 ``{"seconds": the fastest run's seconds per call}``, or ``{"error": "Type: message"}``
-where building or calling the case raised. A case is a dict (:data:`CASES` builds them):
+where building or calling the case raised. The answers go to a copy of the original
+standard output; standard output itself is sent to standard error before the package is
+imported, so what a side prints (a debug print, a library's message) cannot break the
+protocol. A case is a dict (:func:`cases` builds them):
 ``kind`` (``"sgd"``: a plain SGD step; ``"step"``: a training step with
 ``pre.backward``, layerwise, ``metric`` its output metric; else the ``method`` of an
 ``rc.direction`` call), ``widths`` of an MLP (Linear and Tanh), ``batch``, ``device``,
@@ -19,6 +22,7 @@ where building or calling the case raised. A case is a dict (:data:`CASES` build
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -111,8 +115,13 @@ def build(case: dict):
     return synchronised
 
 
-def serve(stdin=sys.stdin, stdout=sys.stdout) -> None:
-    """Answer requests (module docstring) until ``stdin`` ends."""
+def serve(stdin=sys.stdin, stdout=None) -> None:
+    """Answer requests (module docstring) until ``stdin`` ends; by default on a copy of
+    file descriptor 1, which then points to standard error (module docstring)."""
+    if stdout is None:
+        stdout = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
     import torch
 
     import riemann_core as rc

@@ -4,9 +4,9 @@ A regression gate that compares medians taken minutes apart (asv's, pytest-bench
 compares the machine's two moments as much as the two versions: on a quiet 2-core VM the
 same commit run twice read 60 of 223 benchmarks more than 10% slower (the median of those
 34%, the SGD step 92%). Here each side runs in a process of its own (importing its own
-``riemann_core``), and the two take turns, case by case and round by round (``A B``, then
-``B A``, so a drift within a round cancels over two), each timing the same call on the
-same data for about 20 ms; a case's figure is the median over rounds of the per-round
+``riemann_core``), and the two take turns, case by case, in rounds of ``A B B A`` (so that
+a drift within a round, and an advantage of the side timed first, cancel), each timing the
+same call on the same data for about 20 ms; a case's figure is the median over rounds of the per-round
 ratio ``candidate / baseline`` with the 95% bootstrap interval of that median. The plain
 SGD step, torch alone and the same code on both sides, is the control: its interval must
 lie within the threshold, or the two processes differ by themselves and no verdict holds.
@@ -41,7 +41,8 @@ SLOWER, FASTER, UNCHANGED, NOISY = "slower", "faster", "unchanged", "too noisy"
 #: A case neither side could time alike: the error of the side that raised.
 FAILED = "not compared"
 
-ROUNDS, QUICK_ROUNDS = 21, 9
+#: Rounds of a case, each ``A B B A`` (four timed requests).
+ROUNDS, QUICK_ROUNDS = 11, 5
 
 #: Seconds each timed run of a request takes, about (its calls are counted from a call of
 #: the baseline's after the warm-up).
@@ -102,12 +103,20 @@ def resolve(spec: str, role: str, scratch: Path) -> Side:
             f"{role} {spec!r} ({commit[:12]}) has no riemann_core/ to compare: "
             f"{archive.stderr.decode(errors='replace').strip()}"
         )
-    root = scratch / role
+    # resolved: the worker's check that it imported this copy compares resolved paths
+    # (a TMPDIR reached through a link, as macOS's /var/folders, refused every revision)
+    root = scratch.resolve() / role
     # (extraction filters came with Python 3.10.12 and 3.11.4; the archive is git's own)
     safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(root, **safe)
     return Side(spec, root, commit)
+
+
+class WorkerError(ValueError):
+    """A side's worker that ended: its package does not import, or it died in a call (a
+    crash, ``os._exit``, the kernel's out-of-memory killer): a fault of that side, said
+    in one line with the worker's last error output, not a traceback of this command."""
 
 
 class Worker:
@@ -129,8 +138,8 @@ class Worker:
         stack.callback(self.close)
         try:
             hello = self._read()
-        except RuntimeError as err:  # its package does not import: the side, not a bug here
-            raise ValueError(f"{err}\n(the {role} {side.spec!r} cannot be imported)") from None
+        except WorkerError as err:  # its package does not import: the side, not a bug here
+            raise WorkerError(f"{err}\n(the {role} {side.spec!r} cannot be imported)") from None
         package = Path(hello["package"]).resolve()
         if side.root not in package.parents:  # (an install that shadows PYTHONPATH)
             raise ValueError(
@@ -139,14 +148,14 @@ class Worker:
                 "riemann_core ahead of PYTHONPATH"
             )
 
-    def _read(self) -> dict:
+    def _read(self, doing: str = "") -> dict:
         line = self.process.stdout.readline()
         if not line:
             self.process.wait(timeout=10)  # (its output closed: it is ending)
             self.errors.seek(0)
             tail = self.errors.read()[-2000:].strip()
-            raise RuntimeError(
-                f"the {self.role}'s worker exited (code {self.process.returncode}):\n{tail}"
+            raise WorkerError(
+                f"the {self.role}'s worker exited (code {self.process.returncode}){doing}:\n{tail}"
             )
         return json.loads(line)
 
@@ -157,7 +166,7 @@ class Worker:
             self.process.stdin.flush()
         except BrokenPipeError:  # it died: its error, read next
             pass
-        answer = self._read()
+        answer = self._read(f" while timing {paired.case_name(case)!r}")
         if "error" in answer:
             raise CaseError(f"the {self.role} raised {answer['error']}")
         return answer["seconds"]
@@ -179,7 +188,7 @@ class CaseError(Exception):
 def compare_case(
     baseline: Worker, candidate: Worker, case: dict, rounds: int, threshold: float
 ) -> dict:
-    """``case`` timed by both in ``rounds`` alternating rounds: its record (the per-round
+    """``case`` timed by both in ``rounds`` rounds ``A B B A``: its record (the per-round
     seconds and ratios, the median ratio, its interval and verdict), or, where a side
     raised, the error as a :data:`FAILED` verdict."""
     record = {"case": paired.case_name(case), "spec": case}
@@ -188,12 +197,15 @@ def compare_case(
     try:
         warm = [w.time(case, 1) for w in (*workers, *workers)]  # each builds it, then runs it
         calls = max(1, math.ceil(RUN_SECONDS / warm[2]))
-        for r in range(rounds):
-            for worker in workers if r % 2 == 0 else workers[::-1]:
+        for _ in range(rounds):
+            for worker in (*workers, *workers[::-1]):  # A B B A
                 seconds[worker.role].append(worker.time(case, calls))
     except CaseError as err:
         return record | {"verdict": FAILED, "error": str(err)}
-    ratios = [c / b for b, c in zip(seconds["baseline"], seconds["candidate"], strict=True)]
+    # a round's ratio: the geometric mean of its two orders', so that an advantage of the
+    # side timed first (or second) cancels within the round
+    pairs = [c / b for b, c in zip(seconds["baseline"], seconds["candidate"], strict=True)]
+    ratios = [math.sqrt(x * y) for x, y in zip(pairs[::2], pairs[1::2], strict=True)]
     median, low, high = median_interval(ratios)
     return record | {
         "calls": calls,
@@ -258,7 +270,7 @@ def plot(records: list[dict], threshold: float, title: str, path: Path) -> Path:
         ax.plot([low, high], [y, y], color=colours[r["verdict"]], lw=2)
         ax.plot(r["ratio"], y, "o", color=colours[r["verdict"]])
     ax.set_yticks(range(len(shown)), [r["case"] for r in shown])
-    ax.set_ylim(len(shown) - 0.5, -0.5)
+    ax.set_ylim(max(len(shown), 1) - 0.5, -0.5)  # (none shown: every case not compared)
     ax.set_xlabel("time, candidate / baseline (median over rounds, 95% interval)")
     ax.set_title(title, fontsize=9)
     ax.legend(loc="best", fontsize=8)
@@ -276,7 +288,7 @@ def markdown(payload: dict) -> str:
         f"# Paired comparison\n\nProduced by `{payload['command']}` on {env['device_name']} "
         f"({env['cpu']}, {env['blas']}, torch {env['torch']}, Python {env['python']}; "
         f"{payload['threads']} torch thread(s) per side), {env['time_utc']}.\n\n{sides}\n\n"
-        f"{payload['rounds']} alternating rounds per case; ratio = candidate / baseline.\n\n"
+        f"{payload['rounds']} rounds A B B A per case; ratio = candidate / baseline.\n\n"
         f"```\n{format_records(payload['records'], payload['threshold'])}\n```\n\n"
         "![ratios](compare.png)\n"
     )
@@ -300,7 +312,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rounds",
         type=positive_int,
         default=None,
-        help=f"alternating rounds per case (default {ROUNDS}, {QUICK_ROUNDS} with --quick; "
+        help=f"rounds per case, each A B B A (default {ROUNDS}, {QUICK_ROUNDS} with --quick; "
         f"at least {MIN_ROUNDS} for a verdict)",
     )
     parser.add_argument(
@@ -359,7 +371,7 @@ def selected(args) -> list[dict]:
 
 def run(args) -> int:
     from ..measure.environment import code_fingerprint, environment
-    from ..measure.output import progress_bar
+    from ..measure.output import progress_bar, results_directory
 
     cases = selected(args)
     if args.out is not None:
@@ -367,6 +379,8 @@ def run(args) -> int:
             check_place(args.out / name)
     here = Path(__file__).resolve().parents[2]
     with ExitStack() as stack:
+        if args.out is not None:  # made and checked writable before the comparison's minutes
+            stack.enter_context(results_directory(args.out))
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rb-compare-")))
         sides = {
             "baseline": resolve(args.baseline, "baseline", scratch),
@@ -392,7 +406,6 @@ def run(args) -> int:
         "records": records,
     }
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
         with staged(args.out) as stage:
             write_json(stage, "compare.json", payload)
             (stage / "compare.md").write_text(markdown(payload))
@@ -415,15 +428,16 @@ def exit_code(records: list[dict], threshold: float) -> int:
         print(f"\nnot compared: {cases(FAILED)}", file=sys.stderr)
     off = [r for r in control_of(records) if r["verdict"] != UNCHANGED]
     if off:
-        why = (
-            "is too noisy to vouch for the other verdicts"
-            if all(r["verdict"] == NOISY for r in off)
-            else f"is not within {threshold:.0%}: the two processes differ by themselves"
-        )
+        fix = "rerun on a quieter machine or with more --rounds"
+        if any(r["verdict"] == FAILED for r in off):  # (no timing to blame the machine for)
+            why, fix = "could not be timed (its error above)", "see that error"
+        elif all(r["verdict"] == NOISY for r in off):
+            why = "is too noisy to vouch for the other verdicts"
+        else:
+            why = f"is not within {threshold:.0%}: the two processes differ by themselves"
         print(
             f"\nthe control ({'; '.join(r['case'] for r in off)}: torch alone, the same on "
-            f"both sides) {why}, so no verdict holds; rerun on a quieter machine or with more "
-            "--rounds",
+            f"both sides) {why}, so no verdict holds; {fix}",
             file=sys.stderr,
         )
     if cases(SLOWER):
@@ -439,7 +453,7 @@ DESCRIPTION = (
     "(within --threshold) or too noisy. The cases: a plain SGD step (the control, torch "
     "alone), training steps with pre.backward (sampled and exact Fisher) and every "
     "method's direction, on an MLP 64-32-32-10 and 784-256-256-10 at batch 128 (--quick: "
-    "the first, 9 rounds). Exits 1 when a case is slower, or when the control is not "
+    "the first, 5 rounds). Exits 1 when a case is slower, or when the control is not "
     "unchanged. With --out, writes compare.json, compare.md and compare.png."
 )
 EXAMPLE = "compare main~1 main --cases layerwise"

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 import riemann_core
 from riemann_core import cli
+from riemann_core.measure import paired
 from riemann_core.scaling import compare
 
 REPO = Path(riemann_core.__file__).resolve().parents[1]
@@ -32,6 +35,25 @@ def direction(*args, method="layerwise", **kwargs):
     if method == "natural":
         raise ValueError("planted refusal")
     return _direction(*args, method=method, **kwargs)
+"""
+
+#: A package whose ``rc.direction`` kills its process on its seventh call (the warm-up's
+#: first request makes four), or prints on standard output.
+DYING = """
+import os as _os
+_direction, _calls = direction, []
+def direction(*args, **kwargs):
+    _calls.append(1)
+    if len(_calls) > 6:
+        _os._exit(3)
+    return _direction(*args, **kwargs)
+"""
+PRINTING = """
+print("planted: imported")
+_direction = direction
+def direction(*args, **kwargs):
+    print("planted: direction")
+    return _direction(*args, **kwargs)
 """
 
 
@@ -135,3 +157,89 @@ def test_a_side_whose_package_does_not_import_is_refused_with_its_error(tmp_path
     assert cli.main(["compare", str(REPO), str(broken), "--quick", "--cases", "euclidean"]) == 2
     err = capsys.readouterr().err
     assert "ImportError: planted" in err and "cannot be imported" in err
+
+
+def test_a_worker_that_dies_in_a_case_is_a_one_line_error_naming_it(tmp_path, capsys):
+    dying = planted(tmp_path, "dying", DYING)
+    argv = ["compare", str(REPO), str(dying), "--quick", "--rounds", "5"]
+    assert cli.main([*argv, "--cases", "euclidean"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "the candidate's worker exited (code 3) while timing "
+        "'direction euclidean 64-32-32-10 b128'" in err
+    )
+    assert "Traceback" not in err
+
+
+def test_what_a_side_prints_does_not_break_the_protocol(tmp_path):
+    printing = planted(tmp_path, "printing", PRINTING)
+    out = tmp_path / "out"
+    argv = ["compare", str(REPO), str(printing), "--quick", "--rounds", "5"]
+    code = cli.main([*argv, "--threshold", "0.9", "--cases", "euclidean", "--out", str(out)])
+    assert code in (0, 1)
+    assert records(out)["direction euclidean 64-32-32-10 b128"]["verdict"] != compare.FAILED
+
+
+def test_a_revision_extracted_under_a_linked_temporary_directory_is_accepted(tmp_path, monkeypatch):
+    """macOS's temporary directory is reached through a link (/var -> /private/var): the
+    worker's check that it imported the extracted copy compares resolved paths."""
+    if subprocess.run(["git", "-C", str(REPO), "rev-parse"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    monkeypatch.chdir(REPO)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    side = compare.resolve("HEAD", "baseline", tmp_path / "link")
+    with ExitStack() as stack:
+        worker = compare.Worker(side, "baseline", 1, stack)  # refused it before
+        assert worker.process.poll() is None
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    make_file = tempfile.TemporaryFile
+
+    def read_only_out(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == out:
+            raise PermissionError(13, "Permission denied")
+        return make_file(*args, dir=dir, **kwargs)
+
+    def no_worker(*args, **kwargs):
+        raise AssertionError("a worker started before --out was checked")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only_out)
+    monkeypatch.setattr(compare, "Worker", no_worker)
+    argv = ["compare", str(REPO), str(REPO), "--quick", "--cases", "euclidean"]
+    assert cli.main([*argv, "--out", str(out)]) == 2
+    assert f"cannot write into {out}" in capsys.readouterr().err
+
+
+def test_a_control_that_was_not_compared_is_not_blamed_on_the_machine(capsys):
+    control = {"case": "sgd step 64-32-32-10 b128", "spec": {"kind": "sgd"}}
+    failed = control | {"verdict": compare.FAILED, "error": "the candidate raised X: y"}
+    assert compare.exit_code([failed], 0.05) == 1
+    err = capsys.readouterr().err
+    assert "could not be timed" in err
+    assert "differ by themselves" not in err and "quieter machine" not in err
+
+
+def test_rounds_alternate_the_side_timed_first_and_calls_follow_the_baseline():
+    """Two warm-up requests each, then rounds A B B A; each run's calls from the
+    baseline's second warm-up call (RUN_SECONDS is 5 ms here); a round's ratio is the
+    geometric mean of its two candidate / baseline ratios."""
+    log = []
+
+    class Fake:
+        def __init__(self, role, seconds):
+            self.role, self.seconds = role, seconds
+
+        def time(self, case, calls):
+            log.append((self.role[0], calls))
+            return self.seconds
+
+    case = paired.cases(True, "cpu", 0)[0]
+    got = compare.compare_case(Fake("baseline", 1e-3), Fake("candidate", 2e-3), case, 5, 0.05)
+    assert log[:4] == [("b", 1), ("c", 1), ("b", 1), ("c", 1)]
+    assert "".join(side for side, _ in log[4:]) == "bccb" * 5
+    assert {calls for _, calls in log[4:]} == {5} and got["calls"] == 5
+    assert got["ratios"] == [2.0] * 5 and got["verdict"] == compare.SLOWER
