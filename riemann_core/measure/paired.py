@@ -49,12 +49,13 @@ def case_name(case: dict) -> str:
     return f"direction {case['kind']} {net}"
 
 
-def cases(quick: bool, device: str, seed: int) -> list[dict]:
-    """The default grid: per network the SGD step (the control: torch alone, the same on
-    both sides), the sampled and exact training steps with ``pre.backward``, and every
-    method's direction (``full`` where it fits)."""
+def cases(quick: bool, device: str, seed: int, networks=None) -> list[dict]:
+    """The grid: per network (``networks``, ``(widths, batch)`` pairs; by default
+    :data:`NETWORKS`, the first alone if ``quick``) the SGD step (the control: torch alone,
+    the same on both sides), the sampled and exact training steps with ``pre.backward``,
+    and every method's direction (``full`` where it fits)."""
     out = []
-    for widths, batch in NETWORKS[:1] if quick else NETWORKS:
+    for widths, batch in networks or (NETWORKS[:1] if quick else NETWORKS):
         n_params = sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:], strict=True))
         base = {"widths": list(widths), "batch": batch, "device": device, "seed": seed}
         methods = ["euclidean", "layerwise", "natural", "kfac"]

@@ -29,7 +29,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..arguments import Command, positive_int
+from ..arguments import Command, ints, positive_int
 from ..measure import paired
 from ..measure.output import check_place, pyplot, save_figure, staged, write_json
 from ..measure.timing import MIN_ROUNDS, median_interval
@@ -329,6 +329,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch threads of each side's worker (default 1: the steadiest timings)",
     )
     parser.add_argument(
+        "--widths",
+        type=ints,
+        default=None,
+        metavar="W0,W1,...",
+        help="time on this MLP instead (Linear and Tanh; with --batch), e.g. 784,1024,1024,10",
+    )
+    parser.add_argument("--batch", type=positive_int, default=None, help="its batch size")
+    parser.add_argument(
         "--cases",
         metavar="REGEX",
         default=None,
@@ -349,7 +357,15 @@ def selected(args) -> list[dict]:
             "95% interval of the median)"
         )
     args.rounds = rounds
-    grid = paired.cases(args.quick, str(args.device), args.seed)
+    if (args.widths is None) != (args.batch is None):
+        raise ValueError("--widths and --batch go together: the network and its batch")
+    if args.widths is not None and (len(args.widths) < 2 or min(args.widths) < 1):
+        raise ValueError(
+            f"--widths {','.join(map(str, args.widths))}: positive widths, from the input's "
+            "to the output's (two at least)"
+        )
+    networks = None if args.widths is None else [(args.widths, args.batch)]
+    grid = paired.cases(args.quick, str(args.device), args.seed, networks)
     if args.cases is None:
         return grid
     try:
@@ -453,7 +469,7 @@ DESCRIPTION = (
     "(within --threshold) or too noisy. The cases: a plain SGD step (the control, torch "
     "alone), training steps with pre.backward (sampled and exact Fisher) and every "
     "method's direction, on an MLP 64-32-32-10 and 784-256-256-10 at batch 128 (--quick: "
-    "the first, 5 rounds). Exits 1 when a case is slower, or when the control is not "
+    "the first, 5 rounds; --widths and --batch: one MLP of your own). Exits 1 when a case is slower, or when the control is not "
     "unchanged. With --out, writes compare.json, compare.md and compare.png."
 )
 EXAMPLE = "compare main~1 main --cases layerwise"

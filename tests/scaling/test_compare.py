@@ -20,8 +20,8 @@ from riemann_core.scaling import compare
 REPO = Path(riemann_core.__file__).resolve().parents[1]
 
 #: The calls that a planted package's ``rc.direction`` makes first: a sleep of 20 ms (the
-#: small network's euclidean direction takes 1-6 ms on a 2-core CPU), or a refusal of
-#: natural.
+#: tiny network's euclidean direction takes about a millisecond on a 2-core CPU), or a
+#: refusal of natural.
 SLOWED = """
 import time as _time
 _direction = direction
@@ -66,6 +66,10 @@ def planted(tmp_path: Path, name: str, code: str) -> Path:
     return root
 
 
+#: A network small enough that every case is a few milliseconds at most.
+TINY = ["--widths", "8,4,3", "--batch", "6"]
+
+
 @pytest.fixture(autouse=True)
 def short_runs(monkeypatch):
     monkeypatch.setattr(compare, "RUN_SECONDS", 0.005)
@@ -87,13 +91,13 @@ def test_verdicts_need_the_whole_interval_past_the_threshold():
 def test_a_planted_slowdown_reads_slower_and_fails(tmp_path, capsys):
     slow = planted(tmp_path, "slow", SLOWED)
     out = tmp_path / "out"
-    argv = ["compare", str(REPO), str(slow), "--quick", "--rounds", "5"]
+    argv = ["compare", str(REPO), str(slow), *TINY, "--rounds", "5"]
     code = cli.main([*argv, "--cases", "euclidean", "--out", str(out)])
     got = records(out)
-    euclidean = got["direction euclidean 64-32-32-10 b128"]
+    euclidean = got["direction euclidean 8-4-3 b6"]
     assert euclidean["verdict"] == compare.SLOWER and euclidean["ratio"] > 1.5
     assert len(euclidean["ratios"]) == 5
-    assert "sgd step 64-32-32-10 b128" in got  # the control comes with every selection
+    assert "sgd step 8-4-3 b6" in got  # the control comes with every selection
     assert code == 1
     assert "slower: direction euclidean" in capsys.readouterr().err
     assert {"compare.md", "compare.png"} <= {p.name for p in out.iterdir()}
@@ -106,7 +110,7 @@ def test_a_revision_against_itself_is_not_slower(tmp_path, monkeypatch):
         pytest.skip("not a git checkout")
     monkeypatch.chdir(REPO)
     out = tmp_path / "out"
-    argv = ["compare", "HEAD", "HEAD", "--rounds", "5", "--threshold", "0.5", "--quick"]
+    argv = ["compare", "HEAD", "HEAD", *TINY, "--rounds", "5", "--threshold", "0.5"]
     cli.main([*argv, "--cases", "layerwise", "--out", str(out)])
     payload = json.loads((out / "compare.json").read_text())
     head = subprocess.run(
@@ -120,13 +124,13 @@ def test_a_revision_against_itself_is_not_slower(tmp_path, monkeypatch):
 def test_a_case_a_side_raises_is_not_compared_and_the_others_are(tmp_path, capsys):
     refusing = planted(tmp_path, "refusing", REFUSING)
     out = tmp_path / "out"
-    argv = ["compare", str(REPO), str(refusing), "--quick", "--rounds", "5"]
+    argv = ["compare", str(REPO), str(refusing), *TINY, "--rounds", "5"]
     cli.main([*argv, "--threshold", "0.5", "--cases", "natural|euclidean", "--out", str(out)])
     got = records(out)
-    natural = got["direction natural 64-32-32-10 b128"]
+    natural = got["direction natural 8-4-3 b6"]
     assert natural["verdict"] == compare.FAILED
     assert natural["error"] == "the candidate raised ValueError: planted refusal"
-    assert got["direction euclidean 64-32-32-10 b128"]["verdict"] != compare.FAILED
+    assert got["direction euclidean 8-4-3 b6"]["verdict"] != compare.FAILED
     assert "not compared: direction natural" in capsys.readouterr().err
 
 
@@ -138,6 +142,9 @@ def test_a_case_a_side_raises_is_not_compared_and_the_others_are(tmp_path, capsy
         (["--rounds", "3"], "a verdict needs at least 5 rounds"),
         (["--cases", "nothing-like-it"], "matches none of the cases: sgd step 64-32-32-10"),
         (["--cases", "("], "is no regular expression"),
+        (["--widths", "8,4,3"], "--widths and --batch go together"),
+        (["--widths", "8,0,3", "--batch", "6"], "--widths 8,0,3: positive widths"),
+        (["--widths", "8", "--batch", "6"], "--widths 8: positive widths"),
     ],
 )
 def test_bad_options_are_refused_before_any_work(options, message, capsys):
@@ -154,19 +161,18 @@ def test_a_side_that_is_neither_a_checkout_nor_a_revision_is_refused(tmp_path, c
 
 def test_a_side_whose_package_does_not_import_is_refused_with_its_error(tmp_path, capsys):
     broken = planted(tmp_path, "broken", "\nraise ImportError('planted')\n")
-    assert cli.main(["compare", str(REPO), str(broken), "--quick", "--cases", "euclidean"]) == 2
+    assert cli.main(["compare", str(REPO), str(broken), *TINY, "--cases", "euclidean"]) == 2
     err = capsys.readouterr().err
     assert "ImportError: planted" in err and "cannot be imported" in err
 
 
 def test_a_worker_that_dies_in_a_case_is_a_one_line_error_naming_it(tmp_path, capsys):
     dying = planted(tmp_path, "dying", DYING)
-    argv = ["compare", str(REPO), str(dying), "--quick", "--rounds", "5"]
+    argv = ["compare", str(REPO), str(dying), *TINY, "--rounds", "5"]
     assert cli.main([*argv, "--cases", "euclidean"]) == 2
     err = capsys.readouterr().err
     assert (
-        "the candidate's worker exited (code 3) while timing "
-        "'direction euclidean 64-32-32-10 b128'" in err
+        "the candidate's worker exited (code 3) while timing 'direction euclidean 8-4-3 b6'" in err
     )
     assert "Traceback" not in err
 
@@ -174,10 +180,10 @@ def test_a_worker_that_dies_in_a_case_is_a_one_line_error_naming_it(tmp_path, ca
 def test_what_a_side_prints_does_not_break_the_protocol(tmp_path):
     printing = planted(tmp_path, "printing", PRINTING)
     out = tmp_path / "out"
-    argv = ["compare", str(REPO), str(printing), "--quick", "--rounds", "5"]
+    argv = ["compare", str(REPO), str(printing), *TINY, "--rounds", "5"]
     code = cli.main([*argv, "--threshold", "0.9", "--cases", "euclidean", "--out", str(out)])
     assert code in (0, 1)
-    assert records(out)["direction euclidean 64-32-32-10 b128"]["verdict"] != compare.FAILED
+    assert records(out)["direction euclidean 8-4-3 b6"]["verdict"] != compare.FAILED
 
 
 def test_a_revision_extracted_under_a_linked_temporary_directory_is_accepted(tmp_path, monkeypatch):
@@ -215,7 +221,7 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, monk
 
 
 def test_a_control_that_was_not_compared_is_not_blamed_on_the_machine(capsys):
-    control = {"case": "sgd step 64-32-32-10 b128", "spec": {"kind": "sgd"}}
+    control = {"case": "sgd step 8-4-3 b6", "spec": {"kind": "sgd"}}
     failed = control | {"verdict": compare.FAILED, "error": "the candidate raised X: y"}
     assert compare.exit_code([failed], 0.05) == 1
     err = capsys.readouterr().err
