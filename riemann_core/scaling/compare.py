@@ -6,8 +6,9 @@ same commit run twice read 60 of 223 benchmarks more than 10% slower (the median
 34%, the SGD step 92%). Here each side runs in a process of its own (importing its own
 ``riemann_core``), and the two take turns, case by case, in rounds of ``A B B A`` (so that
 a drift within a round, and an advantage of the side timed first, cancel), each timing the
-same call on the same data for about 20 ms; a case's figure is the median over rounds of the per-round
-ratio ``candidate / baseline`` with the 95% bootstrap interval of that median. The plain
+same call on the same data for about 20 ms; a case's figure is the median over rounds of
+the ratio ``candidate / baseline`` (a round's: the geometric mean of its two orders') with
+the 95% bootstrap interval of that median. The plain
 SGD step, torch alone and the same code on both sides, is the control: its interval must
 lie within the threshold, or the two processes differ by themselves and no verdict holds.
 """
@@ -38,7 +39,7 @@ from ..measure.timing import MIN_ROUNDS, median_interval
 #: whole interval above ``1 + t``, below ``1 / (1 + t)``, within both, or straddling one.
 SLOWER, FASTER, UNCHANGED, NOISY = "slower", "faster", "unchanged", "too noisy"
 
-#: A case neither side could time alike: the error of the side that raised.
+#: The verdict of a case a side raised on (an option its version lacks): that error.
 FAILED = "not compared"
 
 #: Rounds of a case, each ``A B B A`` (four timed requests).
