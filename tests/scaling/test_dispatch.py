@@ -360,12 +360,61 @@ def test_a_lost_scheduler_is_a_clear_error_not_a_point_recorded_lost(in_process)
     assert next(points) == ({"a": 0}, 0)  # the next point is running
     client.loop.add_callback(lambda: client.scheduler_comm.comm.abort())
     start = time.monotonic()
-    with pytest.raises(dispatch.ClusterError, match="lost the connection.*2 point.*not measured"):
+    with pytest.raises(
+        dispatch.ClusterError,
+        match="lost the connection to the dask scheduler.*finished points are kept",
+    ):
         next(points)
     assert time.monotonic() - start < 10
     client.close()
     with pytest.raises(dispatch.ClusterError, match="lost the connection to the dask scheduler"):
         dispatch._offering(client)
+
+
+def test_a_scheduler_lost_while_a_result_is_fetched_is_the_same_clear_error(
+    in_process, monkeypatch
+):
+    """Found by review: a scheduler killed after a point finished and before the client,
+    not told yet, fetched its result failed that fetch (one kill -9 in five): the sweep
+    ended with "error: in <TCP (closed) ConnectionPool.gather ...>: Stream is closed"."""
+    from distributed.comm import CommClosedError
+
+    client = in_process()
+    runner = dispatch.DaskRunner(client)
+    points = runner(_sleeps, [{"a": 0}, {"a": 0}])
+    assert next(points) == ({"a": 0}, 0)
+
+    async def gather_fails(*args, **kwargs):
+        raise CommClosedError("in <TCP (closed) ConnectionPool.gather>: Stream is closed")
+
+    monkeypatch.setattr(client, "_gather_remote", gather_fails)
+    with pytest.raises(
+        dispatch.ClusterError,
+        match="lost the connection to the dask scheduler.*finished points are kept",
+    ):
+        next(points)
+    runner = dispatch.DaskRunner(client)
+    with pytest.raises(dispatch.ClusterError, match="lost the connection to the dask scheduler"):
+        runner.everywhere(lambda device: [device], ["cpu"], "lost")
+
+
+def test_a_lost_scheduler_leaves_no_traceback_of_dask_reconnecting(caplog):
+    """Found by review: after the clear error, closing the client logged dask's traceback
+    of its reconnection, cancelled by the close (30 lines above the error)."""
+    scheduler = LocalCluster(
+        n_workers=0, processes=False, dashboard_address=":0", silence_logs=logging.ERROR
+    )
+    options = dispatch.ClusterOptions(scheduler=scheduler.scheduler_address)
+    with pytest.raises(dispatch.ClusterError, match="lost the connection"):
+        with dispatch.cluster(options, "cpu") as client:
+            scheduler.close()
+            deadline = time.monotonic() + 10
+            while client.status == "running" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # reconnecting
+            dispatch.check_connected(client)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors[0].getMessage()
 
 
 def _sleeps(run):
