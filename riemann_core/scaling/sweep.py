@@ -796,8 +796,8 @@ def read_results(path: Path) -> list[dict]:
                 f"{path} has columns this version of riemann-bench does not write {unknown} "
                 "(renamed or added by hand?)"
                 + (f", and lacks {blank}, which it would read as blank" if blank else "")
-                + f"; restore the header's names (those of {sorted(COLUMNS)}) or pass another "
-                "--out"
+                + "; rename or remove them (the header's names are those this version writes) "
+                "or pass another --out"
             )
         rows = _parsed(reader, len(text))
     except (csv.Error, UnicodeDecodeError) as err:

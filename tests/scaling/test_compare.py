@@ -249,3 +249,46 @@ def test_rounds_alternate_the_side_timed_first_and_calls_follow_the_baseline():
     assert "".join(side for side, _ in log[4:]) == "bccb" * 5
     assert {calls for _, calls in log[4:]} == {5} and got["calls"] == 5
     assert got["ratios"] == [2.0] * 5 and got["verdict"] == compare.SLOWER
+
+
+def test_a_rounds_ratio_is_the_geometric_mean_of_its_two_orders():
+    """Each round's ratio from its own two pairs (A B, then B A), the geometric mean of the
+    two: an advantage of the side timed first cancels, and rounds are not mixed (the
+    constant timings above cannot tell an arithmetic mean, one order alone or a pairing
+    across rounds from it)."""
+    count = {"n": 0}
+    first, rounds = 1.21, 5  # the side timed first in a pair takes 21% longer
+
+    class Fake:
+        def __init__(self, role, seconds):
+            self.role, self.seconds = role, seconds
+
+        def time(self, case, calls):
+            i, count["n"] = count["n"] - 4, count["n"] + 1  # after four warm-up requests
+            if i < 0:
+                return self.seconds
+            r, position = divmod(i, 4)  # A B B A: positions 0 and 2 open a pair
+            grow = 1 + r if self.role == "candidate" else 1  # round r's true ratio: 2 (1 + r)
+            return self.seconds * grow * (first if position in (0, 2) else 1)
+
+    case = paired.cases(True, "cpu", 0)[0]
+    got = compare.compare_case(Fake("baseline", 1e-3), Fake("candidate", 2e-3), case, rounds, 0.05)
+    assert got["ratios"] == pytest.approx([2.0 * (1 + r) for r in range(rounds)], rel=1e-12)
+
+
+def test_a_network_of_ones_own_names_its_cases_and_times_full_only_where_it_fits():
+    small = paired.cases(False, "cpu", 0, [((8, 4, 3), 6)])
+    wide = paired.cases(True, "cpu", 0, [((784, 1024, 1024, 10), 128)])
+    assert [paired.case_name(c) for c in small] == [
+        f"{kind} 8-4-3 b6"
+        for kind in (
+            "sgd step",
+            "step sampled",
+            "step exact",
+            *(f"direction {m}" for m in ("euclidean", "layerwise", "full", "natural", "kfac")),
+        )
+    ]
+    assert [c["kind"] for c in wide] == [
+        "sgd", "step", "step", "euclidean", "layerwise", "natural", "kfac"
+    ]  # fmt: skip
+    assert all(c["widths"] == [784, 1024, 1024, 10] and c["batch"] == 128 for c in wide)
