@@ -43,7 +43,7 @@ SLOWER, FASTER, UNCHANGED, NOISY = "slower", "faster", "unchanged", "too noisy"
 FAILED = "not compared"
 
 #: Rounds of a case, each ``A B B A`` (four timed requests).
-ROUNDS, QUICK_ROUNDS = 11, 5
+ROUNDS, QUICK_ROUNDS = 21, 5
 
 #: Seconds each timed run of a request takes, about (its calls are counted from a call of
 #: the baseline's after the warm-up).
