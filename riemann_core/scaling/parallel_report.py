@@ -225,7 +225,30 @@ def results_problem(frame: pd.DataFrame) -> str | None:
         for line, cell in enumerate(frame[column], start=2):  # + the header
             if _times(cell) is None:
                 return f"line {line}: {column} is {cell!r}, not a list of seconds"
+    # the times, rates, FLOPs and bytes a run measures or counts: finite and not negative,
+    # blank only where a rank owns no small block (found by a hunt: a step time of NaN,
+    # inf or -1 was drawn as it was, with a speedup of nan or -7.93, exit code 0)
+    for column in [c for c in MEASURED if c in frame]:
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = ~(values.between(0, math.inf, inclusive="left") | frame[column].isna())
+        if column not in MAY_BE_BLANK:
+            bad |= frame[column].isna()
+        if bad.any():
+            line = int(bad.to_numpy().argmax()) + 2  # + the header
+            return (
+                f"line {line}: {column} is {frame[column][bad].iloc[0]}, not a finite number >= 0"
+            )
     return None
+
+
+#: The columns of results.csv that hold a measured or counted number, and those of them
+#: blank where a rank owns no small block.
+MEASURED = ("gemm_concurrent_flops_per_s", "gemm_timed_flops_per_s", "step_median_s",
+            "step_iqr_s", "local_s", "agree_s", "exchange_s", "solve_s", "broadcast_s",
+            "solve_small_s", "flops_solve_small", "flops_local", "flops_solve",
+            "flops_local_model", "flops_solve_model", "bytes_sent", "bytes_received",
+            "bytes_sent_model", "bytes_received_model")  # fmt: skip
+MAY_BE_BLANK = ("solve_small_s", "flops_solve_small")
 
 
 def _times(cell) -> list | None:

@@ -487,9 +487,26 @@ def test_report_only_refuses_a_record_of_another_valid_run(tmp_path, capsys, edi
             lambda f: f.assign(step_times_s=f["step_times_s"].where(f.index != 0, "[]")),
             "line 2: step_times_s is '[]', not a list of seconds",
         ),
+        (
+            lambda f: f.assign(step_median_s=f["step_median_s"].where(f.index != 0, float("nan"))),
+            "line 2: step_median_s is nan, not a finite number >= 0",
+        ),
+        (
+            lambda f: f.assign(step_median_s=f["step_median_s"].where(f.index != 0, -1.0)),
+            "line 2: step_median_s is -1.0, not a finite number >= 0",
+        ),
+        (
+            lambda f: f.assign(solve_s=f["solve_s"].where(f.index != 2, float("inf"))),
+            "line 4: solve_s is inf, not a finite number >= 0",
+        ),
+        (
+            lambda f: f.assign(bytes_sent=f["bytes_sent"].where(f.index != 4, -8)),
+            "line 6: bytes_sent is -8, not a finite number >= 0",
+        ),
     ],
     ids=["row-dropped", "row-twice", "rank-off", "fractional-ranks", "world-size-dropped",
-         "world-sizes-dropped", "text-times", "no-times"],
+         "world-sizes-dropped", "text-times", "no-times", "nan-step", "negative-step",
+         "inf-solve", "negative-bytes"],
 )  # fmt: skip
 def test_report_only_refuses_results_no_run_writes(tmp_path, capsys, edit, message):
     """Found by a hunt: a rank's row dropped or written twice was judged, a list of times
