@@ -304,13 +304,16 @@ def test_claims_on_the_work_over_p_are_not_judged_on_slow_path_rows():
 
 def test_results_without_a_run_at_one_rank_are_refused_by_the_report(tmp_path):
     frame, meta = synthetic(ranks=(2, 4))
-    frame.to_csv(tmp_path / "results.csv", index=False)
+    frame.assign(**{c: 0 for c in parallel.COLUMNS if c not in frame}).to_csv(
+        tmp_path / "results.csv", index=False
+    )
     record = {**meta, "ranks": [2, 4], "command": "riemann-bench distributed"}
     (tmp_path / "run.json").write_text(json.dumps(record))
     with pytest.raises(ValueError, match=r"holds no run at P = 1 of \['layerwise', 'natural'\]"):
         pr.read(tmp_path)
     frame, meta = synthetic()  # one method lacking it (found by review: an IndexError later)
     frame = frame[(frame["ranks"] > 1) | (frame["method"] == "natural")]
+    frame = frame.assign(**{c: 0 for c in parallel.COLUMNS if c not in frame})
     frame.to_csv(tmp_path / "results.csv", index=False)
     (tmp_path / "run.json").write_text(json.dumps({**record, "ranks": [1, 2, 4]}))
     with pytest.raises(ValueError, match=r"holds no run at P = 1 of \['layerwise'\]"):
@@ -503,10 +506,11 @@ def test_report_only_refuses_a_record_of_another_valid_run(tmp_path, capsys, edi
             lambda f: f.assign(bytes_sent=f["bytes_sent"].where(f.index != 4, -8)),
             "line 6: bytes_sent is -8, not a finite number >= 0",
         ),
+        (lambda f: f.rename(columns={"bytes_sent": "bytes_snt"}), "lacks columns ['bytes_sent']"),
     ],
     ids=["row-dropped", "row-twice", "rank-off", "fractional-ranks", "world-size-dropped",
          "world-sizes-dropped", "text-times", "no-times", "nan-step", "negative-step",
-         "inf-solve", "negative-bytes"],
+         "inf-solve", "negative-bytes", "renamed-column"],
 )  # fmt: skip
 def test_report_only_refuses_results_no_run_writes(tmp_path, capsys, edit, message):
     """Found by a hunt: a rank's row dropped or written twice was judged, a list of times
