@@ -6,8 +6,8 @@ package's public API (``rc.direction``, ``rc.RiemannianPreconditioner``), which 
 compared commit has, and nothing else of the package.
 
 Protocol, one JSON object per line: the worker first writes ``{"package": path,
-"version": ...}``; then for each request ``{"case": CASE, "calls": k}`` it builds the case
-once (cached), makes one untimed call, times three runs of ``k`` calls and answers
+"version": ...}``; then for each request ``{"case": CASE, "calls": k, "runs": r}`` it builds
+the case once (cached), makes one untimed call, times ``r`` runs of ``k`` calls and answers
 ``{"seconds": the fastest run's seconds per call}``, or ``{"error": "Type: message"}``
 where building or calling the case raised. The answers go to a copy of the original
 standard output; standard output itself is sent to standard error before the package is
@@ -34,9 +34,14 @@ NETWORKS = (((64, 32, 32, 10), 128), ((784, 256, 256, 10), 128))
 #: parameters (the small network has 3466; the wider one 270k, an ``n x n`` metric of 290 GB).
 FULL_UP_TO = 10_000
 
-#: Timed runs of ``calls`` calls per request: their fastest is the answer (an interruption
+#: Timed runs of ``calls`` calls per request (one where a call is long: :data:`LONG_CALL`):
+#: their fastest is the answer (an interruption
 #: of the process lengthens one run, not the fastest).
 RUNS = 3
+
+#: Seconds of a call past which a request times one run: an interruption is then a small
+#: part of it, and three runs of ``full``'s 0.3 s direction made its case 100 s long.
+LONG_CALL = 0.1
 
 
 def case_name(case: dict) -> str:
@@ -129,6 +134,8 @@ def serve(stdin=sys.stdin, stdout=None) -> None:
 
     threads = int(sys.argv[1]) if len(sys.argv) > 1 else 1
     torch.set_num_threads(threads)
+    if len(sys.argv) > 2:  # the CPUs to run on: the other side's too (compare.shared_cpus)
+        os.sched_setaffinity(0, {int(c) for c in sys.argv[2].split(",")})
     version = getattr(rc, "__version__", "unknown")
     print(json.dumps({"package": rc.__file__, "version": version}), file=stdout, flush=True)
     built: dict[str, object] = {}
@@ -141,7 +148,7 @@ def serve(stdin=sys.stdin, stdout=None) -> None:
             call = built[key]
             call()
             runs = []
-            for _ in range(RUNS):
+            for _ in range(request["runs"]):
                 start = time.perf_counter()
                 for _ in range(request["calls"]):
                     call()

@@ -123,12 +123,15 @@ class WorkerError(ValueError):
 class Worker:
     """A process timing cases in ``side``'s package (:mod:`riemann_core.measure.paired`)."""
 
-    def __init__(self, side: Side, role: str, threads: int, stack: ExitStack):
+    def __init__(
+        self, side: Side, role: str, threads: int, stack: ExitStack, cpus: list[int] | None = None
+    ):
         self.role = role
         self.errors = stack.enter_context(tempfile.TemporaryFile("w+"))
         env = dict(os.environ, PYTHONPATH=str(side.root))
         self.process = subprocess.Popen(
-            [sys.executable, "-c", Path(paired.__file__).read_text(), str(threads)],
+            [sys.executable, "-c", Path(paired.__file__).read_text(), str(threads)]
+            + ([",".join(map(str, cpus))] if cpus else []),
             cwd=side.root,
             env=env,
             stdin=subprocess.PIPE,
@@ -160,10 +163,12 @@ class Worker:
             )
         return json.loads(line)
 
-    def time(self, case: dict, calls: int) -> float:
-        """Seconds per call of ``case`` (:class:`CaseError` where it raised)."""
+    def time(self, case: dict, calls: int, runs: int = paired.RUNS) -> float:
+        """Seconds per call of ``case``, the fastest of ``runs`` runs of ``calls`` calls
+        (:class:`CaseError` where it raised)."""
+        request = {"case": case, "calls": calls, "runs": runs}
         try:
-            self.process.stdin.write(json.dumps({"case": case, "calls": calls}) + "\n")
+            self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()
         except BrokenPipeError:  # it died: its error, read next
             pass
@@ -182,6 +187,18 @@ class Worker:
                 self.process.wait()
 
 
+def shared_cpus(threads: int) -> list[int] | None:
+    """The CPUs both workers are pinned to, the last ``threads`` of those this process may
+    run on (Linux; ``None`` elsewhere, or with fewer CPUs): the two sides take turns on the
+    same cores. Unpinned, the scheduler placed them apart, and one side's core ran slower
+    for seconds: an A/A run read the euclidean direction 0.64-0.86 for 11 rounds in a row,
+    then 1.00-1.10 (2-core VM, 2026-12-07)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    return allowed[-threads:] if len(allowed) >= threads else None
+
+
 class CaseError(Exception):
     """A case that a side's package raised on (an option it lacks, a refusal)."""
 
@@ -198,9 +215,10 @@ def compare_case(
     try:
         warm = [w.time(case, 1) for w in (*workers, *workers)]  # each builds it, then runs it
         calls = max(1, math.ceil(RUN_SECONDS / warm[2]))
+        runs = 1 if warm[2] > paired.LONG_CALL else paired.RUNS
         for _ in range(rounds):
             for worker in (*workers, *workers[::-1]):  # A B B A
-                seconds[worker.role].append(worker.time(case, calls))
+                seconds[worker.role].append(worker.time(case, calls, runs))
     except CaseError as err:
         return record | {"verdict": FAILED, "error": str(err)}
     # a round's ratio: the geometric mean of its two orders', so that an advantage of the
@@ -288,7 +306,8 @@ def markdown(payload: dict) -> str:
     return (
         f"# Paired comparison\n\nProduced by `{payload['command']}` on {env['device_name']} "
         f"({env['cpu']}, {env['blas']}, torch {env['torch']}, Python {env['python']}; "
-        f"{payload['threads']} torch thread(s) per side), {env['time_utc']}.\n\n{sides}\n\n"
+        f"{payload['threads']} torch thread(s) per side, pinned to CPUs {payload['cpus']}), "
+        f"{env['time_utc']}.\n\n{sides}\n\n"
         f"{payload['rounds']} rounds A B B A per case; ratio = candidate / baseline.\n\n"
         f"```\n{format_records(payload['records'], payload['threshold'])}\n```\n\n"
         "![ratios](compare.png)\n"
@@ -405,7 +424,8 @@ def run(args) -> int:
             if args.candidate is not None
             else Side(str(here), here, "working tree"),
         }
-        workers = [Worker(s, role, args.threads, stack) for role, s in sides.items()]
+        cpus = shared_cpus(args.threads)
+        workers = [Worker(s, role, args.threads, stack, cpus) for role, s in sides.items()]
         with progress_bar("compare", unit="case", total=len(cases), announce=True) as progress:
             records = compare(*workers, cases, args.rounds, args.threshold, progress)
         codes = {role: code_fingerprint(s.root / "riemann_core") for role, s in sides.items()}
@@ -420,6 +440,7 @@ def run(args) -> int:
         "rounds": args.rounds,
         "threshold": args.threshold,
         "threads": args.threads,
+        "cpus": cpus,
         "records": records,
     }
     if args.out is not None:

@@ -239,16 +239,19 @@ def test_rounds_alternate_the_side_timed_first_and_calls_follow_the_baseline():
         def __init__(self, role, seconds):
             self.role, self.seconds = role, seconds
 
-        def time(self, case, calls):
-            log.append((self.role[0], calls))
+        def time(self, case, calls, runs=3):
+            log.append((self.role[0], calls, runs))
             return self.seconds
 
     case = paired.cases(True, "cpu", 0)[0]
     got = compare.compare_case(Fake("baseline", 1e-3), Fake("candidate", 2e-3), case, 5, 0.05)
-    assert log[:4] == [("b", 1), ("c", 1), ("b", 1), ("c", 1)]
-    assert "".join(side for side, _ in log[4:]) == "bccb" * 5
-    assert {calls for _, calls in log[4:]} == {5} and got["calls"] == 5
+    assert [entry[:2] for entry in log[:4]] == [("b", 1), ("c", 1), ("b", 1), ("c", 1)]
+    assert "".join(side for side, _, _ in log[4:]) == "bccb" * 5
+    assert {(calls, runs) for _, calls, runs in log[4:]} == {(5, 3)} and got["calls"] == 5
     assert got["ratios"] == [2.0] * 5 and got["verdict"] == compare.SLOWER
+    log.clear()  # a call past LONG_CALL: one call, one run per request
+    compare.compare_case(Fake("baseline", 0.2), Fake("candidate", 0.2), case, 5, 0.05)
+    assert {(calls, runs) for _, calls, runs in log[4:]} == {(1, 1)}
 
 
 def test_a_rounds_ratio_is_the_geometric_mean_of_its_two_orders():
@@ -263,7 +266,7 @@ def test_a_rounds_ratio_is_the_geometric_mean_of_its_two_orders():
         def __init__(self, role, seconds):
             self.role, self.seconds = role, seconds
 
-        def time(self, case, calls):
+        def time(self, case, calls, runs=3):
             i, count["n"] = count["n"] - 4, count["n"] + 1  # after four warm-up requests
             if i < 0:
                 return self.seconds
