@@ -2273,26 +2273,6 @@ def test_a_dropout_the_forward_pass_does_not_call_is_accepted(method):
     assert_exact(model, x, y, method, "structured")
 
 
-@pytest.mark.parametrize(
-    "use_it, functional, message",
-    [
-        (True, False, r"module 'drop' \(Dropout\) draws random numbers in training mode"),
-        (False, True, r"the model's forward pass draws random numbers \(e.g. F.dropout"),
-    ],
-    ids=["module called", "F.dropout beside a module not called"],
-)
-def test_a_draw_names_the_module_called_and_keeps_the_random_state(use_it, functional, message):
-    """The refusal names the dropout the pass called, not one it left out (found by a hunt:
-    F.dropout's draw was blamed on an unused nn.Dropout), and leaves the caller's random
-    state as it was."""
-    model = HeldDropout(use_it, functional).double()
-    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
-    state = torch.random.get_rng_state()
-    with pytest.raises(ValueError, match=message):
-        rc.direction(model, x, y)
-    assert torch.equal(torch.random.get_rng_state(), state)
-
-
 class DrawsThenRefused(nn.Module):
     """A dropout, then noise from a generator of its own (``own_noise``) or a layer its
     input does not fit (``misfit``): refused for another cause than the dropout's draw."""
@@ -2311,18 +2291,36 @@ class DrawsThenRefused(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "own_noise, misfit, message",
+    "model, message",
     [
-        (True, False, r"draws random numbers from the generators \['gen'\]"),
-        (False, True, "forward pass failed on these inputs"),
+        (
+            lambda: HeldDropout(use_it=True),
+            r"module 'drop' \(Dropout\) draws random numbers in training mode",
+        ),
+        (
+            lambda: HeldDropout(functional=True),
+            r"the model's forward pass draws random numbers \(e.g. F.dropout",
+        ),
+        (
+            lambda: DrawsThenRefused(own_noise=True),
+            r"draws random numbers from the generators \['gen'\]",
+        ),
+        (lambda: DrawsThenRefused(misfit=True), "forward pass failed on these inputs"),
     ],
-    ids=["a module's own generator", "a forward pass that fails"],
+    ids=[
+        "module called",
+        "F.dropout beside a module not called",
+        "a module's own generator",
+        "a forward pass that fails",
+    ],
 )
-def test_a_pass_refused_for_another_cause_keeps_the_random_state(own_noise, misfit, message):
-    """Found by review: a pass refused for another cause than its draw from the global
-    generator (a module's own generator, checked first; a forward that fails after its
-    dropout) left the caller's random state advanced; and no hook is left behind."""
-    model = DrawsThenRefused(own_noise, misfit).double()
+def test_a_refused_pass_names_its_cause_and_keeps_the_random_state(model, message):
+    """The refusal names the dropout the pass called, not one it left out (found by a hunt:
+    F.dropout's draw was blamed on an unused nn.Dropout), and leaves the caller's random
+    state as it was, also where the pass is refused for another cause than its draw from
+    the global generator (found by review: a module's own generator, checked first, and a
+    forward that fails after its dropout left it advanced); no hook is left behind."""
+    model = model().double()
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
     state = torch.random.get_rng_state()
     with pytest.raises(ValueError, match=message):
