@@ -128,14 +128,15 @@ def serve(stdin=sys.stdin, stdout=None) -> None:
         stdout = os.fdopen(os.dup(1), "w")
         os.dup2(2, 1)
         sys.stdout = sys.stderr
+    if len(sys.argv) > 2:  # the CPUs to run on: the other side's too (compare.shared_cpus);
+        # before torch is imported, so that every thread it or numpy starts is pinned too
+        os.sched_setaffinity(0, {int(c) for c in sys.argv[2].split(",")})
     import torch
 
     import riemann_core as rc
 
     threads = int(sys.argv[1]) if len(sys.argv) > 1 else 1
     torch.set_num_threads(threads)
-    if len(sys.argv) > 2:  # the CPUs to run on: the other side's too (compare.shared_cpus)
-        os.sched_setaffinity(0, {int(c) for c in sys.argv[2].split(",")})
     version = getattr(rc, "__version__", "unknown")
     print(json.dumps({"package": rc.__file__, "version": version}), file=stdout, flush=True)
     built: dict[str, object] = {}

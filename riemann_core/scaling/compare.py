@@ -189,7 +189,8 @@ class Worker:
 
 def shared_cpus(threads: int) -> list[int] | None:
     """The CPUs both workers are pinned to, the last ``threads`` of those this process may
-    run on (Linux; ``None`` elsewhere, or with fewer CPUs): the two sides take turns on the
+    run on (Linux; ``None``, unpinned, elsewhere or with fewer CPUs than ``threads``, where
+    they run on every CPU they may anyway): the two sides take turns on the
     same cores. Unpinned, the scheduler placed them apart, and one side's core ran slower
     for seconds: an A/A run read the euclidean direction 0.64-0.86 for 11 rounds in a row,
     then 1.00-1.10 (2-core VM, 2026-12-07)."""
@@ -303,10 +304,16 @@ def markdown(payload: dict) -> str:
         f"- {role}: `{s['spec']}` ({s['commit']}, code {s['code']})"
         for role, s in payload["sides"].items()
     )
+    cpus = payload["cpus"]
+    pinned = (
+        f"both pinned to CPUs {','.join(map(str, cpus))}"
+        if cpus
+        else "unpinned: fewer CPUs than threads, or no CPU affinity on this system"
+    )
     return (
         f"# Paired comparison\n\nProduced by `{payload['command']}` on {env['device_name']} "
         f"({env['cpu']}, {env['blas']}, torch {env['torch']}, Python {env['python']}; "
-        f"{payload['threads']} torch thread(s) per side, pinned to CPUs {payload['cpus']}), "
+        f"{payload['threads']} torch thread(s) per side, {pinned}), "
         f"{env['time_utc']}.\n\n{sides}\n\n"
         f"{payload['rounds']} rounds A B B A per case; ratio = candidate / baseline.\n\n"
         f"```\n{format_records(payload['records'], payload['threshold'])}\n```\n\n"

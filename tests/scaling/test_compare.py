@@ -295,3 +295,37 @@ def test_a_network_of_ones_own_names_its_cases_and_times_full_only_where_it_fits
         "sgd", "step", "step", "euclidean", "layerwise", "natural", "kfac"
     ]  # fmt: skip
     assert all(c["widths"] == [784, 1024, 1024, 10] and c["batch"] == 128 for c in wide)
+
+
+def test_both_workers_share_the_last_cpus_or_none_and_compare_md_says_which(monkeypatch):
+    """Found by review: unpinned (fewer CPUs than --threads), compare.md read 'pinned to CPUs
+    None'; a non-contiguous affinity set gives its last CPUs."""
+    monkeypatch.setattr(compare.os, "sched_getaffinity", lambda pid: {7, 0, 5, 2}, raising=False)
+    assert compare.shared_cpus(2) == [5, 7] and compare.shared_cpus(4) == [0, 2, 5, 7]
+    assert compare.shared_cpus(5) is None
+    monkeypatch.delattr(compare.os, "sched_getaffinity", raising=False)  # macOS, Windows
+    assert compare.shared_cpus(1) is None
+    env = dict.fromkeys(("device_name", "cpu", "blas", "torch", "python", "time_utc"), "x")
+    payload = {"command": "c", "environment": env, "sides": {}, "rounds": 5, "threshold": 0.05,
+               "threads": 2, "records": [{"case": "sgd step", "verdict": compare.FAILED,
+               "spec": {"kind": "sgd"}, "error": "e"}]}  # fmt: skip
+    assert "both pinned to CPUs 5,7)" in compare.markdown({**payload, "cpus": [5, 7]})
+    unpinned = compare.markdown({**payload, "cpus": None})
+    assert "unpinned: fewer CPUs than threads" in unpinned and "None" not in unpinned
+
+
+def test_every_thread_of_a_pinned_worker_runs_on_its_cpus(tmp_path):
+    """Found by review: the worker pinned itself after importing torch, and the threads
+    already started then (numpy's BLAS pool among them) kept every CPU."""
+    if not hasattr(compare.os, "sched_getaffinity") or not Path("/proc/self/task").exists():
+        pytest.skip("no CPU affinity here")
+    allowed = sorted(compare.os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("one CPU: nothing to pin to")
+    side = compare.Side(str(REPO), REPO, "this checkout")
+    with ExitStack() as stack:
+        worker = compare.Worker(side, "baseline", 1, stack, allowed[-1:])
+        worker.time(paired.cases(True, "cpu", 0, [((8, 4, 3), 6)])[0], 1, 1)
+        tasks = Path(f"/proc/{worker.process.pid}/task")
+        pinned = {t.name: compare.os.sched_getaffinity(int(t.name)) for t in tasks.iterdir()}
+    assert pinned and all(cpus == {allowed[-1]} for cpus in pinned.values()), pinned

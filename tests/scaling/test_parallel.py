@@ -507,10 +507,14 @@ def test_report_only_refuses_a_record_of_another_valid_run(tmp_path, capsys, edi
             "line 6: bytes_sent is -8, not a finite number >= 0",
         ),
         (lambda f: f.rename(columns={"bytes_sent": "bytes_snt"}), "lacks columns ['bytes_sent']"),
+        (
+            lambda f: f.assign(solve_small_s=f["solve_small_s"].where(f.index != 1, float("nan"))),
+            "line 3: solve_small_s is nan, not a finite number >= 0",
+        ),
     ],
     ids=["row-dropped", "row-twice", "rank-off", "fractional-ranks", "world-size-dropped",
          "world-sizes-dropped", "text-times", "no-times", "nan-step", "negative-step",
-         "inf-solve", "negative-bytes", "renamed-column"],
+         "inf-solve", "negative-bytes", "renamed-column", "small-solve-blank-at-p1"],
 )  # fmt: skip
 def test_report_only_refuses_results_no_run_writes(tmp_path, capsys, edit, message):
     """Found by a hunt: a rank's row dropped or written twice was judged, a list of times
@@ -529,6 +533,23 @@ def test_report_only_refuses_results_no_run_writes(tmp_path, capsys, edit, messa
     assert f"{out / 'results.csv'} {message}" in err and "Traceback" not in err
     assert "rerun 'riemann-bench distributed' with this --out" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_report_only_reads_results_written_before_the_timed_gemm_and_slow_paths(tmp_path):
+    """Found by review: requiring every column the command writes refused, exit 2, each
+    committed run before d2469c0 (aa55890 to e7e3b8b), written before gemm_timed_flops_per_s
+    and slow_paths were; the report reads both where present, and redraws those runs."""
+    import shutil
+    from pathlib import Path
+
+    out = tmp_path / "distributed"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "reports/cpu/distributed", out)
+    frame = pd.read_csv(out / "results.csv")
+    frame.drop(columns=["gemm_timed_flops_per_s", "slow_paths"]).to_csv(
+        out / "results.csv", index=False
+    )
+    assert main(["distributed", "--report-only", "--out", str(out)]) in (0, 1)
+    assert (out / "report.md").exists()
 
 
 def test_every_committed_run_is_its_record_s():
