@@ -46,6 +46,26 @@ def write_atomic(path: Path, text: str) -> Path:
     return path
 
 
+#: significant digits of a table computed from recorded results (fits, slopes): more than
+#: any measurement carries, fewer than the 17 of a float's repr, whose last digits differ
+#: between machines (their BLAS computes a least-squares fit in another order), so a
+#: table computed again from the same results is the same file wherever it is computed
+DERIVED_DIGITS = 10
+
+
+def derived_csv(frame: pd.DataFrame) -> str:
+    """``frame`` (computed from recorded results) as CSV, its floats to
+    :data:`DERIVED_DIGITS` significant digits, but a column of whole numbers (counts of
+    FLOPs or bytes copied from the results, past 10 digits at large sizes) whole; the
+    results themselves keep every digit."""
+    frame = frame.copy()
+    for column in frame.select_dtypes("float"):
+        values = frame[column].dropna()
+        if not values.empty and ((values % 1 == 0) & (values.abs() < 2**53)).all():
+            frame[column] = frame[column].astype("Int64")
+    return frame.to_csv(index=False, float_format=f"%.{DERIVED_DIGITS}g")
+
+
 def check_writable(directory: Path, option: str = "--out") -> None:
     """An ``OSError`` naming ``directory`` and the fix where no file can be made in it (a
     read-only directory or file system, another user's), checked before a command's work:

@@ -209,7 +209,7 @@ def _analysed_out(args):
 
 
 def run_fit(args) -> int:
-    from ..measure.output import progress_bar, staged, write_atomic
+    from ..measure.output import derived_csv, progress_bar, staged, write_atomic
     from . import devices, fit
 
     out = _analysed_out(args)
@@ -221,9 +221,9 @@ def run_fit(args) -> int:
     models = fit.time_model_table(df)
     rates = devices.achieved_rates(df, meta)
     with staged(out) as stage:  # all three, or none
-        write_atomic(stage / "fits.csv", table.to_csv(index=False))
-        write_atomic(stage / "time_model.csv", models.to_csv(index=False))
-        write_atomic(stage / "rates.csv", rates.to_csv(index=False))
+        write_atomic(stage / "fits.csv", derived_csv(table))
+        write_atomic(stage / "time_model.csv", derived_csv(models))
+        write_atomic(stage / "rates.csv", derived_csv(rates))
     with _pandas_display():
         for frame in (table, models):
             print(frame.to_string(index=False, float_format=lambda v: f"{v:.3g}"), end="\n\n")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..measure.output import (
+    derived_csv,
     markdown_table,
     pyplot,
     read_study,
@@ -229,8 +230,8 @@ def _write_files(pairs: pd.DataFrame, meta: dict, out: Path, stage: Path) -> Non
         if not local.empty
         else local
     )
-    write_atomic(stage / "slopes.csv", per_point.to_csv(index=False))
-    write_atomic(stage / "joint_slopes.csv", joint.to_csv(index=False))
+    write_atomic(stage / "slopes.csv", derived_csv(per_point))
+    write_atomic(stage / "joint_slopes.csv", derived_csv(joint))
     counts = pairs["status"].value_counts().to_dict()
     left_out = (
         pairs[pairs["status"] != "ok"]

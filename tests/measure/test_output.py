@@ -1,5 +1,6 @@
 """Result files are written atomically."""
 
+import io
 import json
 
 import pytest
@@ -183,3 +184,17 @@ def test_files_that_cannot_be_put_back_are_kept_and_named(tmp_path, monkeypatch)
     kept = [p for p in tmp_path.iterdir() if p.name.startswith(".kept")]
     assert len(kept) == 1 and (kept[0] / "0").read_text() == "old"  # a.csv's, kept
     assert [(tmp_path / n).read_text() for n in ("b.csv", "c.csv")] == ["old", "old"]
+
+
+def test_a_derived_table_is_the_same_file_from_last_digits_another_machine_computes():
+    """The committed stability slopes and fits, computed again on another CPU, differed
+    in their 15th-17th digits (its BLAS sums a least-squares fit in another order)."""
+    import pandas as pd
+
+    here = pd.DataFrame({"slope": [-0.00708510369175597], "flops": [12953482247.0]})
+    there = pd.DataFrame({"slope": [-0.0070851036917557704], "flops": [12953482247.0]})
+    assert here.to_csv() != there.to_csv()
+    assert output.derived_csv(here) == output.derived_csv(there)
+    # counts keep every digit (past the significant digits of the derived figures)
+    assert output.derived_csv(here) == "slope,flops\n-0.007085103692,12953482247\n"
+    assert pd.read_csv(io.StringIO(output.derived_csv(here)))["flops"][0] == 12953482247
