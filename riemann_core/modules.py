@@ -129,8 +129,15 @@ def own_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """``(name in module, parameter)`` of the parameters ``module`` owns as a block: those
     registered on it and those of the parameter containers it holds, directly or inside
     other :data:`CONTAINERS`, which its forward uses. Trainable or not, duplicates kept
-    (the first name first)."""
+    (the first name first); a ``weight`` always before its ``bias``, the layout the
+    structured kernels' ``[W | b]`` takes (found by a hunt: ``prune.remove``,
+    ``remove_weight_norm``, ``remove_spectral_norm`` and ``remove_parametrizations``
+    register the weight again after the bias, and K-FAC's directions were then 100% off,
+    silently; ``full``'s with ``check_coupling=False`` too, the other calls crashed)."""
     own = [(n, p) for n, p in module._parameters.items() if p is not None]
+    names = [n for n, _ in own]
+    if "weight" in names and "bias" in names and names.index("bias") < names.index("weight"):
+        own.insert(names.index("bias"), own.pop(names.index("weight")))
     for child_name, child in module._modules.items():
         if is_container(child):
             own += [(f"{child_name}.{n}", p) for n, p in own_parameters(child)]

@@ -29,6 +29,7 @@ from oracle import (
     whitened_jacobian,
 )
 from torch import nn
+from torch.nn.utils import prune
 
 import riemann_core as rc
 from riemann_core import modules
@@ -927,3 +928,49 @@ def test_linear_cross_metric_from_samples_matches_explicit_K(f_in, f_out, traine
     samples = 2 * 40 * f_out * 3 * (3 + P_a * P_b)
     from_K = 2 * K_a.shape[1] * K_b.shape[1] * K_a.shape[0]
     assert a.metric_flops(b) == (samples if a.samples_metric_with(b) else from_K)
+
+
+def _weight_registered_after_bias(module: nn.Module, how: str) -> None:
+    """The bias first in ``module._parameters``, as torch's removals leave it."""
+    if how == "prune.remove":
+        prune.identity(module, "weight")
+        prune.remove(module, "weight")
+    else:
+        torch.nn.utils.remove_weight_norm(torch.nn.utils.weight_norm(module))
+    assert list(module._parameters) == ["bias", "weight"]
+
+
+@pytest.mark.parametrize("kernel", ["structured", "generic"])
+@pytest.mark.parametrize("method", ["layerwise", "full", "kfac"])
+@pytest.mark.parametrize("how", ["prune.remove", "remove_weight_norm"])
+@pytest.mark.filterwarnings("ignore:.*weight_norm. is deprecated:FutureWarning")
+def test_a_weight_registered_again_after_its_bias_is_solved_in_its_place(how, method, kernel):
+    """Found by a hunt: ``prune.remove`` (and weight norm's, spectral norm's and
+    parametrize's removals) register the weight again after the bias; the structured
+    kernels read ``[W | b]`` in the module's order, so K-FAC's direction was 100% off
+    silently (every call, with the generic kernel too), ``full``'s with
+    ``check_coupling=False`` 3.2x off, and the other calls crashed ("The size of tensor a
+    (5) must match the size of tensor b (6)")."""
+    model, x, y = conv_net()
+    for i in (0, 3):
+        _weight_registered_after_bias(model[i], how)
+    twin = conv_net()[0]  # the same modules with the weight registered first
+    twin.load_state_dict(model.state_dict())
+    g = gradient(twin, x, y, "cross_entropy")
+    if method == "kfac":
+        expected = solve_kfac(kfac_blocks(twin, x, y, "cross_entropy"), g, 1e-2)
+    else:
+        G = ggn(twin, x, y, "cross_entropy")
+        expected = oracle_direction(G, g, 1e-2, method, block_indices(twin))
+    for check_coupling in (True, False):
+        options = dict(method=method, damping=1e-2, kernel=kernel, check_coupling=check_coupling)
+        got = rc.direction(model, x, y, **options)
+        assert rel_error(flatten(got, twin), expected) < 1e-10, check_coupling
+        pre = rc.RiemannianPreconditioner(model, **options)
+        for call in ("backward", "step"):
+            model.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            pre.backward(loss) if call == "backward" else (loss.backward(), pre.step())
+            got = {n: p.grad for n, p in model.named_parameters()}
+            assert rel_error(flatten(got, twin), expected) < 1e-10, (check_coupling, call)
+        pre.remove()
