@@ -436,10 +436,12 @@ class RiemannianPreconditioner:
         )
         # each trainable .grad as the pass starts (weakly) and its version: one that no
         # backward pass since accumulated into holds no gradient of this pass (_unreached)
+        # (leaves alone: under torch.func.functional_call the model's parameters are the
+        # tensors passed, whose .grad torch warns about reading; found by a hunt)
         held = [
             p
             for n, p, _ in self._versions
-            if n is not None and p.requires_grad and p.grad is not None
+            if n is not None and p.requires_grad and p.is_leaf and p.grad is not None
         ]
         self._grads_at_pass = {id(p): (weakref.ref(p.grad), p.grad._version) for p in held}
         self._accumulations.hook(held)

@@ -2313,3 +2313,23 @@ def test_the_probe_of_mixed_logits_differentiates_in_the_dtype_each_edge_takes()
     half = cast[0].next_functions[0]  # the float16 copy of x
     assert _checks._gradient_dtype(GradientEdge(*cast), torch.float32) == torch.float64
     assert _checks._gradient_dtype(GradientEdge(*half), torch.float32) == torch.float16
+
+
+def test_a_functional_call_with_tensors_computed_from_the_parameters_warns_nothing():
+    """Found by a hunt: ``functional_call(model, {name: p * mask})`` on a model with a
+    preconditioner (a Jacobian by ``torch.func.jacrev``, a masked evaluation) warned
+    torch's "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed"
+    from the hook that records the pass; the next pass of the model is preconditioned as
+    ever."""
+    model, x, y = Problem(depth=3).make()
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    F.cross_entropy(model(x), y).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        masked = {n: p * 0.5 for n, p in model.named_parameters()}
+        torch.func.functional_call(model, masked, (x,))
+    model.zero_grad(set_to_none=True)
+    pre.backward(F.cross_entropy(model(x), y))
+    expected = rc.direction(model, x, y, damping=DAMPING)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
