@@ -7,7 +7,11 @@ import functools
 import hashlib
 import platform
 import re
+import reprlib
+import shlex
 import subprocess
+import unicodedata
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -145,3 +149,105 @@ def environment(device: torch.device | str = "cpu") -> dict[str, str | int]:
         "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **precision_settings(),
     }
+
+
+#: The entries of :func:`environment` that the pages drawn from a record read (those of
+#: :func:`summary` and ``device``), each with the kind :func:`environment` writes there:
+#: every record a command has written holds them (the oldest committed, from 8a5bf94 on).
+DRAWN = {
+    "commit": "text",
+    "torch": "text",
+    "device": "cpu[:N] or cuda[:N]",
+    "device_name": "text",
+    "threads": "a whole number >= 1",
+    "time_utc": "text",
+}
+#: A recorded value as a refusal names it: bounded (a corrupted one may be huge), commands
+#: whole up to a long line.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = 120
+#: ``environment.device`` as :func:`environment` writes it (``str(torch.device(...))``).
+DEVICE = re.compile(r"(cpu|cuda)(:[0-9]+)?")
+
+
+def _line(text: str) -> bool:
+    """``text`` holds no control character, line or paragraph separator: drawn on a page,
+    a line break would end the code span or table row it is in, and what follows it
+    would be read as Markdown of its own (a ``# heading``)."""
+    return not any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text)
+
+
+def _device_given(argv: list[str]) -> str | None:
+    """The value of the last ``--device`` in ``argv`` (argparse takes the last; an
+    unambiguous abbreviation such as ``--dev`` too, as argparse did when it ran), ``""``
+    where one lacks its value, ``None`` where none is given."""
+    given = None
+    for i, token in enumerate(argv):
+        name, eq, value = token.partition("=")
+        if len(name) >= 3 and "--device".startswith(name):
+            given = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+    return given
+
+
+def provenance_problem(record: Mapping, command: str) -> str | None:
+    """What makes the ``command`` and ``environment`` of a recorded run (``record``, as
+    ``command``, e.g. ``riemann-bench targets``, writes it) unfit to be drawn on its pages,
+    or ``None``. The command must be text on one line (no control character) that
+    ``shlex`` splits into ``command`` and its options (what ``riemann-bench`` records: the
+    invocation, :func:`shlex.join`-ed); the environment a mapping that holds the entries
+    the pages read (:data:`DRAWN`) of the kinds :func:`environment` writes, and every
+    other entry text on one line, a whole number or true/false (the studies' pages table
+    them all); and the command's ``--device`` (``cpu`` where none is given, every
+    subcommand's default) of the kind of ``environment.device``. Found by a hunt: a
+    command ``rm -rf /``, another subcommand's, a newline and a ``# heading`` in it (which
+    rewrote the page), an empty environment (a broken table, a ``KeyError``) and a CUDA
+    command beside a CPU environment were all drawn. The command's other options are not
+    compared with the record (its ``--out`` may name where the directory was before it
+    moved)."""
+    shown = _SHOWN.repr
+    if not isinstance(record, Mapping):
+        return f"the record is {shown(record)}, not a mapping"
+    if "command" not in record:
+        return "lacks command"
+    text = record["command"]
+    if not isinstance(text, str):
+        return f"command is {shown(text)}, not text"
+    if not _line(text):
+        return f"command {shown(text)} holds a control character (a line break?)"
+    expected = shlex.split(command)
+    try:
+        argv = shlex.split(text)
+    except ValueError:  # an unclosed quote
+        argv = []
+    if argv[: len(expected)] != expected:
+        return f"command is {shown(text)}, not a command line of {command}"
+    if "environment" not in record:
+        return "lacks environment"
+    env = record["environment"]
+    if not isinstance(env, Mapping):
+        return f"environment is {shown(env)}, not a mapping"
+    for key, kind in DRAWN.items():
+        if key not in env:
+            return f"environment lacks {key}"
+        value = env[key]
+        if key == "device":
+            usable = isinstance(value, str) and DEVICE.fullmatch(value) is not None
+        elif key == "threads":
+            usable = type(value) is int and value >= 1
+        else:
+            usable = isinstance(value, str) and value != "" and _line(value)
+        if not usable:
+            return f"environment.{key} is {shown(value)}, not {kind}"
+    for key, value in env.items():
+        if not (_line(key) and isinstance(value, str | int) and _line(str(value))):
+            return (
+                f"environment entry {shown(key)} is {shown(value)}, not text on one line, a "
+                "whole number or true/false"
+            )
+    given = _device_given(argv[len(expected) :])
+    if given is not None and DEVICE.fullmatch(given) is None:
+        return f"command gives --device {shown(given)}, not cpu[:N] or cuda[:N]"
+    if DEVICE.fullmatch(given or "cpu").group(1) != DEVICE.fullmatch(env["device"]).group(1):
+        said = "gives no --device (so cpu)" if given is None else f"gives --device {given}"
+        return f"command {said}, but environment.device is {env['device']!r}"
+    return None

@@ -63,7 +63,7 @@ import riemann_core as rc
 
 from .. import costs
 from ..arguments import RECORDED_SEED
-from ..measure.environment import git_commit
+from ..measure.environment import git_commit, provenance_problem
 from ..measure.output import (
     markdown_table,
     pyplot,
@@ -174,7 +174,11 @@ def check_record(meta: dict, out: Path, required: tuple[str, ...]) -> None:
 
 def record_problem(meta: dict, required: tuple[str, ...] = REPORTED) -> str | None:
     """What makes run.json's record unusable, or ``None``: the entries of its config
-    present must be what ``riemann-bench distributed`` writes, and ``required`` present."""
+    present must be what ``riemann-bench distributed`` writes, and ``required`` present;
+    its command and environment must be those of a run of it
+    (:func:`~riemann_core.measure.environment.provenance_problem`: found by a hunt, a
+    foreign command, one with a line break, and an environment of another device or
+    without what report.md reads were drawn), the config's device the environment's."""
     config = meta["config"]
     if not isinstance(config, dict):
         return f"config is {config!r}, not a mapping"
@@ -193,8 +197,11 @@ def record_problem(meta: dict, required: tuple[str, ...] = REPORTED) -> str | No
     rates = meta["gemm_flops_per_s"]
     if not isinstance(rates, list) or not rates or not all(_positive(r) for r in rates):
         return f"gemm_flops_per_s is {rates!r}, not a list of positive rates"
-    if not isinstance(meta.get("environment", {}), dict):
-        return f"environment is {meta['environment']!r}, not a mapping"
+    if problem := provenance_problem(meta, COMMAND):
+        return problem
+    recorded = torch.device(meta["environment"]["device"]).type
+    if config.get("device", recorded) != recorded:
+        return f"config.device is {config['device']!r}, but environment.device is {recorded!r}"
     return None
 
 
@@ -736,7 +743,7 @@ def write(out: Path, *, n_boot: int = N_BOOT) -> list[Claim]:
 
 
 def _markdown(meta, table, fits, model, found, out: Path) -> str:
-    config, env = meta["config"], meta.get("environment", {})
+    config, env = meta["config"], meta["environment"]
     rates = ", ".join(f"{r / 1e9:.1f}" for r in meta["gemm_flops_per_s"])
     claims_table = pd.DataFrame(
         [{"claim": c.id, "verdict": c.verdict, "detail": c.detail} for c in found]
@@ -746,7 +753,7 @@ def _markdown(meta, table, fits, model, found, out: Path) -> str:
         [
             "# Data-parallel directions over the world size",
             "",
-            f"Command: `{meta.get('command', COMMAND)}`; the claims judged by the code at "
+            f"Command: `{meta['command']}`; the claims judged by the code at "
             f"commit {git_commit()} (redraw with `riemann-bench distributed --report-only "
             f"--out {out}`)  ",
             f"MLP {widths}, global batch {config['batch']}, {config['dtype']}, "

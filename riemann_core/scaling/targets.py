@@ -35,7 +35,6 @@ import copy
 import json
 import math
 import os
-import re
 import reprlib
 import shlex
 import statistics
@@ -52,7 +51,7 @@ import riemann_core as rc
 from .. import costs
 from ..arguments import Command, check_report_only
 from ..measure.breakdown import KINDS, time_by_kind
-from ..measure.environment import summary
+from ..measure.environment import provenance_problem, summary
 from ..measure.flops import flop_counter
 from ..measure.lean import LeanStep
 from ..measure.output import (
@@ -792,12 +791,18 @@ def check_record(payload: dict) -> None:
     writes: a ratio, rate or goal that is not a finite number (a rate not positive), a
     verdict not among :data:`MET`, :data:`MISSED`, :data:`NOISY` or not the one its
     interval and goal give (:func:`verdict_for`), a ratio outside its interval, a goal that
-    is not this version's (:data:`GOALS`), a network that is not widths, a time, count or
-    size that is not positive (a time by kind negative), a device other than the CPU or
-    CUDA. The pages would draw such values as they are (``nan``, a hand-edited ``met``, a
-    network ``a-b``, a negative time: found by hunts) and the exit code would follow them.
-    More per-round ratios than a run records (:data:`MOST_RATIOS`) are refused too, and a
-    value is named by a bounded repr (a corrupted list may be huge or deeply nested)."""
+    is not this version's (:data:`GOALS`), a network that is not widths, a time, count,
+    FLOP count or size that is not positive (a time by kind negative), a network of
+    ``small`` or of ``kfac.networks`` (at its batch), or a K-FAC variant of one network,
+    listed twice (each would be drawn twice), a command and environment
+    :func:`~riemann_core.measure.environment.provenance_problem` refuses (another command
+    than ``riemann-bench targets``, a line break in it, an environment without what the
+    pages read, a device other than the CPU or CUDA, or another than the command's
+    ``--device``). The pages would draw such values as they are (``nan``, a hand-edited
+    ``met``, a network ``a-b``, a negative time: found by hunts) and the exit code would
+    follow them. More per-round ratios than a run records (:data:`MOST_RATIOS`) are
+    refused too, and a value is named by a bounded repr (a corrupted list may be huge or
+    deeply nested)."""
 
     shown = reprlib.repr
 
@@ -865,6 +870,15 @@ def check_record(payload: dict) -> None:
                 "ratios, their median and its bootstrap interval, do not give"
             )
 
+    def once(items: list, key: Callable, where: str, what: str) -> None:
+        keys = [key(item) for item in items]
+        for i, k in enumerate(keys):
+            if k in keys[:i]:
+                raise ValueError(
+                    f"{where}[{i}] is the {what} of {where}[{keys.index(k)}] again "
+                    f"({shown(k)}), which a run measures once"
+                )
+
     def widths(value, where: str) -> None:
         if (
             not isinstance(value, list)
@@ -873,9 +887,9 @@ def check_record(payload: dict) -> None:
         ):
             raise ValueError(f"{where} is {shown(value)}, not a network's layer widths")
 
+    if problem := provenance_problem(payload, "riemann-bench targets"):
+        raise ValueError(problem)
     device = payload["environment"]["device"]
-    if not isinstance(device, str) or not re.fullmatch(r"(cpu|cuda)(:\d+)?", device):
-        raise ValueError(f"environment.device is {shown(device)}, not cpu[:N] or cuda[:N]")
     if payload.get("device", torch.device(device).type) != torch.device(device).type:
         raise ValueError(f"device {shown(payload['device'])} differs from environment.device")
     for key in ("gemm_flops_per_s", "cholesky_flops_per_s"):
@@ -886,6 +900,11 @@ def check_record(payload: dict) -> None:
     count(payload["rounds"], "rounds")
     for key in [k for k in payload if k.endswith("_s")]:  # (older records lack some)
         number(payload[key], key, positive=True)
+    # FLOP counts (found by a hunt: a counted_flops of -5 was drawn as "-0.000 G")
+    for key in ("counted_flops", "modelled_flops"):
+        number(payload[key], key, positive=True)
+    for key in ("products", "cholesky"):
+        number(payload["speed_of_light_flops"][key], f"speed_of_light_flops.{key}", positive=True)
     for name, kinds in (payload.get("time_by_kind") or {}).items():
         for kind, seconds in kinds.items():
             number(seconds, f"time_by_kind.{name}.{kind}", non_negative=True)
@@ -903,6 +922,8 @@ def check_record(payload: dict) -> None:
                 raise ValueError(f"small[{i}].{method}_by_kind is not a time by kind")
             for kind, seconds in s.get(f"{method}_by_kind", {}).items():
                 number(seconds, f"small[{i}].{method}_by_kind.{kind}", non_negative=True)
+    # (found by a hunt: a network listed twice was drawn twice)
+    once(payload["small"], lambda s: s["network"], "small", "network")
     if not payload["figures"]:
         raise ValueError("figures is empty")
     for i, f in enumerate(payload["figures"]):
@@ -929,8 +950,10 @@ def check_record(payload: dict) -> None:
         raise ValueError(f"kfac.measured is {shown(kfac['measured'])}, not true or false")
     if kfac["measured"]:
         count(kfac["rounds"], "kfac.rounds")
-    for i, n in enumerate(kfac["networks"] if kfac["measured"] else []):
+    measured = kfac["networks"] if kfac["measured"] else []
+    for i, n in enumerate(measured):
         widths(n["network"], f"kfac.networks[{i}].network")
+        once(n["variants"], lambda v: v["variant"], f"kfac.networks[{i}].variants", "variant")
         number(n["batch"], f"kfac.networks[{i}].batch", positive=True)
         if not n["variants"]:
             raise ValueError(f"kfac.networks[{i}].variants is empty")
@@ -939,6 +962,7 @@ def check_record(payload: dict) -> None:
             judged(v, f"kfac.networks[{i}].variants[{j}]", "<=", kfac_targets.GOAL, kfac["rounds"])
             for side in ("ours_s", "public_s"):
                 number(v[side], f"kfac.networks[{i}].variants[{j}].{side}", positive=True)
+    once(measured, lambda n: (n["network"], n["batch"]), "kfac.networks", "network and batch")
 
 
 def readme_block(device) -> str:

@@ -1,6 +1,7 @@
 """Checks of a study's recorded results that :func:`~riemann_core.measure.output.read_study`
 leaves to the study: rows cut short, labels the study never writes, numbers out of their
-range and fields of the JSON record of the wrong kind.
+range, fields of the JSON record of the wrong kind, and a recorded command and environment
+the report cannot draw.
 
 Each raises ``ValueError`` naming the file, the line (or the key) and the fix, as
 ``read_study`` does, so that ``--report-only`` refuses the results before it writes
@@ -20,6 +21,7 @@ from typing import NamedTuple
 import pandas as pd
 
 from ..arguments import RECORDED_SEED
+from ..measure.environment import provenance_problem
 from ..measure.output import rerun
 
 
@@ -152,6 +154,16 @@ def check_record(
             )
         if isinstance(kind, dict):
             check_record(value, path, command, kind, f"{name}.")
+
+
+def check_provenance(record: dict, path: Path, command: str) -> None:
+    """Refuse the ``command`` and ``environment`` of ``record`` (of the kinds
+    :func:`check_record` checked) that the report cannot draw as ``command`` writes them
+    (:func:`~riemann_core.measure.environment.provenance_problem`): another command, one
+    with a line break (a ``# heading`` after it rewrote report.md), an environment without
+    the entries the report reads, or of another device than the command's ``--device``."""
+    if problem := provenance_problem(record, command):
+        raise ValueError(f"{path}: {problem}: {rerun(command)}")
 
 
 def check_options(record: dict, key: str, path: Path, command: str, check: Callable) -> None:

@@ -26,6 +26,7 @@ from .results import (
     SEED,
     Range,
     check_options,
+    check_provenance,
     check_record,
     check_rows,
     check_whole_rows,
@@ -96,6 +97,7 @@ def load(out: Path) -> tuple[pd.DataFrame, dict]:
     # a pair that diverged or failed has NaN distances; one marked ok has them all
     (pairs,), meta = read_study(out, tables, "stability.json", keys, COMMAND, numeric, numeric)
     check_record(meta, out / "stability.json", COMMAND, RECORD)
+    check_provenance(meta, out / "stability.json", COMMAND)
     check_options(meta, "sweep", out / "stability.json", COMMAND, sweep_of)
     largest = max(meta["sweep"]["sizes"])
     if meta["pool"] <= largest:  # each pair draws a set and one more example from the pool

@@ -27,6 +27,7 @@ from .results import (
     POSITIVE,
     SEED,
     check_options,
+    check_provenance,
     check_record,
     check_rows,
     check_whole_rows,
@@ -126,6 +127,7 @@ def load(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         check_whole_rows(out / name, COMMAND)
     frames, meta = read_study(out, tables, "training.json", keys, COMMAND, numeric, measured)
     check_record(meta, out / "training.json", COMMAND, RECORD)
+    check_provenance(meta, out / "training.json", COMMAND)
     check_options(meta, "study", out / "training.json", COMMAND, study_of)
     check_options(
         meta, "seeds", out / "training.json", COMMAND, lambda s: check_distinct("seeds", s)

@@ -7,6 +7,7 @@ import json
 import pandas as pd
 import pytest
 import torch
+from test_kfac_targets import ENV
 
 from riemann_core import costs
 from riemann_core.cli import build_parser, main
@@ -57,6 +58,7 @@ def synthetic(methods=("layerwise", "natural"), ranks=(1, 2, 4), *, cores=8, t0=
         "config": {"widths": list(WIDTHS), "batch": BATCH, "threads": 1, "seed": 0},
         "cores": cores,
         "gemm_flops_per_s": [2 * RATE, 2 * RATE],
+        "environment": ENV,
     }
     return pd.DataFrame(rows), meta
 
@@ -402,8 +404,20 @@ def test_report_only_refuses_every_option_of_a_measurement(tmp_path, capsys, opt
         (lambda m: m.update(config=None), "config is None, not a mapping"),
         (lambda m: m.update(ranks="x"), "ranks is 'x', not a list of positive world sizes"),
         (lambda m: m.update(environment="x"), "environment is 'x', not a mapping"),
+        # found by a hunt: a foreign or multi-line command, an environment without what
+        # report.md reads, or of another device than the command's, all drawn
+        (lambda m: m.pop("command"), "lacks command"),
+        (lambda m: m.update(command="rm -rf /"), "command is 'rm -rf /', not a command line of riemann-bench distributed"),
+        (lambda m: m.update(command="riemann-bench targets"), "command is 'riemann-bench targets', not a command line of riemann-bench distributed"),
+        (lambda m: m.update(command="riemann-bench distributed\n# X"), "command 'riemann-bench distributed\\n# X' holds a control character"),
+        (lambda m: m.pop("environment"), "lacks environment"),
+        (lambda m: m.update(environment={}), "environment lacks commit"),
+        (lambda m: m["environment"].update(threads=2.0), "environment.threads is 2.0, not a whole number >= 1"),
+        (lambda m: m["environment"].update(device="cuda"), "command gives no --device (so cpu), but environment.device is 'cuda'"),
+        (lambda m: m.update(command=m["command"] + " --device cuda"), "command gives --device cuda, but environment.device is 'cpu'"),
+        (lambda m: m["config"].update(device="cuda"), "config.device is 'cuda', but environment.device is 'cpu'"),
     ],
-)
+)  # fmt: skip
 def test_report_only_refuses_a_corrupted_record(tmp_path, capsys, edit, message):
     """Found by a hunt: a run.json edited by hand (config.batch -1, a negative width) had
     its claims judged as failed and written, exit 1, or broke off with a traceback (a text

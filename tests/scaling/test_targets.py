@@ -375,8 +375,8 @@ def test_report_only_redraws_the_pages_and_table_of_the_recorded_run(tmp_path, m
     [
         (None, "no such file"),
         ("{not json", "JSONDecodeError"),
-        ('{"command": "riemann-bench targets"}', "KeyError: 'environment'"),
-        ("[1, 2]", "TypeError"),
+        ('{"command": "riemann-bench targets"}', "ValueError: lacks environment"),
+        ("[1, 2]", "ValueError: the record is \\[1, 2\\], not a mapping"),
     ],
 )
 def test_report_only_refuses_a_missing_or_corrupted_record_and_writes_nothing(
@@ -446,6 +446,29 @@ CORRUPTED = [
     ("sgd_step_s", -1.0, "sgd_step_s is -1.0, not a finite positive number"),
     # found by a hunt: a ratio of -1 (interval [-1.2, -0.8]) drawn as met
     ("figures.0.ratio", -1.0, "figures\\[0\\].ratio is -1.0, not a finite positive number"),
+    # found by a hunt: drawn as "-0.000 G"
+    ("counted_flops", -5, "counted_flops is -5, not a finite positive number"),
+    (
+        "speed_of_light_flops.cholesky",
+        0,
+        "speed_of_light_flops.cholesky is 0, not a finite positive",
+    ),
+    # found by a hunt: a foreign, empty or multi-line command, an environment without what
+    # the pages read, and a command of another device than its environment's, all drawn
+    ("command", "rm -rf /", "command is 'rm -rf /', not a command line of riemann-bench targets"),
+    ("command", "riemann-bench train --device cuda", "not a command line of riemann-bench targets"),
+    ("command", "", "command is '', not a command line of riemann-bench targets"),
+    ("command", "riemann-bench targets --device cuda\n# Hacked", "holds a control character"),
+    ("environment", {}, "environment lacks commit"),
+    ("environment.threads", "16", "environment.threads is '16', not a whole number >= 1"),
+    ("environment.time_utc", 2026, "environment.time_utc is 2026, not text"),
+    ("environment.cpu", ["x"], "environment entry 'cpu' is \\['x'\\], not text on one line"),
+    ("environment.device", "cpu", "command gives --device cuda, but environment.device is 'cpu'"),
+    (
+        "command",
+        "riemann-bench targets --out reports/cuda",
+        "command gives no --device \\(so cpu\\), but environment.device is 'cuda'",
+    ),
 ]
 
 
@@ -570,6 +593,39 @@ def test_report_only_refuses_values_no_run_writes(path, value, message, tmp_path
     _set(cpu, "environment.device", "cpu:0")  # what --device cpu:0 records (review)
     targets.check_record(cpu)
     _set(record, path, value)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "targets.json").write_text(json.dumps(record))
+    args = _args(out, None)
+    args.report_only = True
+    with pytest.raises(ValueError, match=f"targets.json is not a record.*{message}"):
+        targets.run(args)
+    assert [p.name for p in out.iterdir()] == ["targets.json"]
+
+
+@pytest.mark.parametrize(
+    ("listed", "message"),
+    [
+        (lambda r: r["small"], r"small\[3\] is the network of small\[0\] again"),
+        (
+            lambda r: r["kfac"]["networks"],
+            r"kfac.networks\[3\] is the network and batch of kfac.networks\[0\] again",
+        ),
+        (
+            lambda r: r["kfac"]["networks"][1]["variants"],
+            r"kfac.networks\[1\].variants\[8\] is the variant of kfac.networks\[1\].variants"
+            r"\[0\] again \('type2-exact-joint'\)",
+        ),
+    ],
+    ids=["small", "kfac-network", "kfac-variant"],
+)
+def test_report_only_refuses_a_network_or_variant_listed_twice(listed, message, tmp_path):
+    """Found by a hunt: a network of the small ones, or of K-FAC's, listed twice (and a
+    K-FAC variant, alike) was drawn twice. Refused by name, nothing written."""
+    root = Path(__file__).resolve().parents[2]
+    record = json.loads((root / "reports" / "cpu" / "targets.json").read_text())
+    entries = listed(record)
+    entries.append(json.loads(json.dumps(entries[0])))
     out = tmp_path / "out"
     out.mkdir()
     (out / "targets.json").write_text(json.dumps(record))

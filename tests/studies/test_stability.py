@@ -10,12 +10,14 @@ import pandas as pd
 import pytest
 import torch
 from test_training import (
+    PROVENANCE,
     assert_ctrl_c_hint,
     copy_study,
     cut_short,
     failing_report_changes_nothing,
     refused,
     refused_before_the_data,
+    refused_provenance,
     second,
     set_key,
 )
@@ -319,6 +321,16 @@ def test_report_only_refuses_a_record_of_the_wrong_kind(
     refused(
         "stability", tmp_path, f"stability.json{'' if value is None else ':'} {message}", capsys
     )
+
+
+@pytest.mark.parametrize("key, value, message", PROVENANCE)
+def test_report_only_refuses_a_command_or_environment_no_run_records(
+    sweep, tmp_path, capsys, key, value, message
+):
+    """Found by a hunt: a foreign or empty command, one with a line break and a heading
+    after it (which rewrote report.md), an empty environment or one of the wrong kinds,
+    and a command of another device than its environment's were all drawn."""
+    refused_provenance("stability", sweep, tmp_path, capsys, key, value, message)
 
 
 @pytest.mark.parametrize(

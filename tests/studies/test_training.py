@@ -275,6 +275,45 @@ def test_report_only_refuses_a_record_of_the_wrong_kind(
     )
 
 
+#: (found by a hunt: each was drawn on the report) a command and environment no run of
+#: ``riemann-bench <subcommand>`` records, as ``(key, value, message)``; ``SUB`` stands for
+#: the subcommand
+PROVENANCE = [
+    ("command", "rm -rf /", "command is 'rm -rf /', not a command line of riemann-bench SUB"),
+    ("command", "riemann-bench targets", "command is 'riemann-bench targets', not a command line of riemann-bench SUB"),
+    ("command", "", "command is '', not a command line of riemann-bench SUB"),
+    ("command", "riemann-bench SUB\n# Hacked", "command 'riemann-bench SUB\\n# Hacked' holds a control character (a line break?)"),
+    ("environment", {}, "environment lacks commit"),
+    ("environment.threads", "2", "environment.threads is '2', not a whole number >= 1"),
+    ("environment.device_name", None, "environment lacks device_name"),
+    ("environment.cpu", {"a": 1}, "environment entry 'cpu' is {'a': 1}, not text on one line, a whole number or true/false"),
+    ("environment.device", "cuda", "command gives no --device (so cpu), but environment.device is 'cuda'"),
+    ("command", "riemann-bench SUB --device cuda", "command gives --device cuda, but environment.device is 'cpu'"),
+]  # fmt: skip
+
+
+def refused_provenance(sub, source, out, capsys, key, value, message):
+    """``sub --report-only`` on a copy of the study in ``source`` whose record's ``key``
+    is ``value`` is refused naming the file, ``message`` and the fix, nothing written."""
+    copy_study(source, out)
+    name = {"train": "training.json", "stability": "stability.json"}[sub]
+    record = json.loads((source / name).read_text())
+    set_key(record, key, value if not isinstance(value, str) else value.replace("SUB", sub))
+    (out / name).write_text(json.dumps(record))
+    fix = f": rerun 'riemann-bench {sub}' with this --out"
+    refused(sub, out, f"{name}: {message.replace('SUB', sub)}{fix}", capsys)
+
+
+@pytest.mark.parametrize("key, value, message", PROVENANCE)
+def test_report_only_refuses_a_command_or_environment_no_run_records(
+    study, tmp_path, capsys, key, value, message
+):
+    """Found by a hunt: a foreign or empty command, one with a line break and a heading
+    after it (which rewrote report.md), an empty environment or one of the wrong kinds,
+    and a command of another device than its environment's were all drawn."""
+    refused_provenance("train", study, tmp_path, capsys, key, value, message)
+
+
 @pytest.mark.parametrize(
     "key, value, message",
     [
