@@ -2603,3 +2603,34 @@ def test_kfac_a_layer_with_a_zero_factor_is_not_cached(call, zero):
         for name in compared:
             torch.testing.assert_close(scheduled[t][name], fresh[t][name], rtol=1e-10, atol=0)
     assert set(state["cached"]) == {"0", "2", "4"}  # nonzero from step 1: cached there
+
+
+@pytest.mark.parametrize("bias", ["joint", "separate"])
+def test_kfac_running_averages_continue_where_the_weight_is_registered_again_after_its_bias(
+    bias,
+):
+    """``prune.remove`` (and weight norm's, spectral norm's and parametrize's removals)
+    register the weight again after the bias: the same module, the same parameters, so its
+    running averages continue (found by review: they started afresh, the next directions
+    38-54% off a twin's that kept them)."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    pre = rc.RiemannianPreconditioner(
+        model, method="kfac", damping=1e-2, kfac_decay=0.9, kfac_bias=bias
+    )
+    (x0, y0), (x1, y1) = batches(2)
+    x0, x1 = x0[:, :4], x1[:, :4]
+    preconditioned(pre, model, x0, y0, "step")
+    prune.identity(model[0], "weight")
+    prune.remove(model[0], "weight")
+    assert list(model[0]._parameters) == ["bias", "weight"]
+    preconditioned(pre, model, x1, y1, "step")
+
+    def input_factor(x):
+        xt = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) if bias == "joint" else x
+        return xt.T @ xt / len(x)
+
+    A = 0.9 * input_factor(x0) + 0.1 * input_factor(x1)
+    torch.testing.assert_close(pre.state_dict()["kfac"]["averages"]["0:A"], A)

@@ -50,7 +50,13 @@ from ..kronecker import (
     split_damping_checked,
     unit_eigen,
 )
-from ..modules import Block, PatchHandler, has_kronecker_factors, kronecker_handler
+from ..modules import (
+    Block,
+    PatchHandler,
+    has_kronecker_factors,
+    kronecker_handler,
+    own_parameters,
+)
 from ._base import Options, Problem
 from ._solve import Solve, finish
 
@@ -749,8 +755,13 @@ class KFACState:
 
 def module_shapes(module: nn.Module) -> tuple:
     """What a running average of ``module``'s factors was taken for: its type and the
-    shapes of its own parameters (trainable or not)."""
-    return type(module), tuple(p.shape for p in module.parameters(recurse=False))
+    shapes of its own parameters (trainable or not), a weight before its bias
+    (:func:`~riemann_core.modules.own_parameters`: a module whose weight
+    ``prune.remove`` or ``remove_weight_norm`` registered again after its bias is the
+    same module; found by review, its running averages started afresh, the next
+    directions 38-54% off a twin's that kept them)."""
+    own = dict.fromkeys(p for n, p in own_parameters(module) if "." not in n)  # registered on it
+    return type(module), tuple(p.shape for p in own)
 
 
 def average_key(owner: str, factor: str) -> str:
