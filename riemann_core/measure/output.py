@@ -56,7 +56,8 @@ DERIVED_DIGITS = 10
 def derived_csv(frame: pd.DataFrame) -> str:
     """``frame`` (computed from recorded results) as CSV, its floats to
     :data:`DERIVED_DIGITS` significant digits, but a column of whole numbers (counts of
-    FLOPs or bytes copied from the results, past 10 digits at large sizes) whole; the
+    FLOPs or bytes copied from the results, past 10 digits at large sizes; below 2^53,
+    where a float holds every whole number) whole; the
     results themselves keep every digit."""
     frame = frame.copy()
     for column in frame.select_dtypes("float"):
