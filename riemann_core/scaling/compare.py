@@ -74,21 +74,30 @@ class Side:
 def resolve(spec: str, role: str, scratch: Path) -> Side:
     """``spec`` as a directory holding ``riemann_core/``, or else as a revision of the git
     repository of the current directory, whose ``riemann_core/`` is extracted into
-    ``scratch`` (by ``git archive``: no checkout or worktree changes)."""
+    ``scratch`` (by ``git archive``: no checkout or worktree changes). A name that is both
+    a directory and a revision is refused: which was meant cannot be told (found by a
+    hunt: a tag ``old`` beside a directory ``old/`` timed the directory, unsaid; a branch
+    ``docs`` was refused as "a directory without riemann_core")."""
     path = Path(spec)
+    git = ["git", "-C", os.getcwd()]
+    found = subprocess.run(
+        [*git, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{spec}^{{commit}}"],
+        capture_output=True,
+        text=True,
+    )
     if path.is_dir():
+        if found.returncode == 0:
+            raise ValueError(
+                f"{role} {spec!r} is both a directory and a revision "
+                f"({found.stdout.strip()[:12]}): pass ./{spec} for the directory or "
+                f"{spec}^0 for the revision"
+            )
         if not (path / "riemann_core" / "__init__.py").is_file():
             raise ValueError(
                 f"{role} {spec!r} is a directory without riemann_core/__init__.py: pass the "
                 "root of a checkout of this project (or a git revision)"
             )
         return Side(spec, path.resolve(), "working tree")
-    git = ["git", "-C", os.getcwd()]
-    found = subprocess.run(
-        [*git, "rev-parse", "--verify", "--quiet", f"{spec}^{{commit}}"],
-        capture_output=True,
-        text=True,
-    )
     if found.returncode != 0:
         raise ValueError(
             f"{role} {spec!r} is neither a directory nor a revision of a git repository at "
@@ -111,7 +120,36 @@ def resolve(spec: str, role: str, scratch: Path) -> Side:
     safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(root, **safe)
+    if not (root / "riemann_core" / "__init__.py").is_file():  # (found by a hunt: a
+        # namespace package, whose __file__ is None, broke the worker's check with exit 3)
+        raise ValueError(
+            f"{role} {spec!r} ({commit[:12]}) has no riemann_core/__init__.py: not a "
+            "version of this package to compare"
+        )
     return Side(spec, root, commit)
+
+
+def default_candidate(here: Path) -> Side:
+    """The checkout this ``riemann-bench`` runs from, ``here``; refused where the current
+    directory is in another checkout of the project, whose revisions the baseline is taken
+    from (found by a hunt: run from a second worktree or clone with an editable install
+    of the first, ``compare HEAD`` timed the first's working tree as the candidate, and an
+    uncommitted 20x slowdown in the current checkout read 1.10, unsaid)."""
+    top = subprocess.run(
+        ["git", "-C", os.getcwd(), "rev-parse", "--show-toplevel"],
+        capture_output=True,
+        text=True,
+    )
+    if top.returncode == 0:
+        checkout = Path(top.stdout.strip()).resolve()
+        if (checkout / "riemann_core" / "__init__.py").is_file() and checkout != here:
+            raise ValueError(
+                f"no candidate given, and the current directory is in the checkout "
+                f"{checkout}, not in {here}, whose riemann_core this riemann-bench runs "
+                f"(the default candidate): pass the candidate ({checkout} for this "
+                "checkout's working tree)"
+            )
+    return Side(str(here), here, "working tree")
 
 
 class WorkerError(ValueError):
@@ -161,7 +199,14 @@ class Worker:
             raise WorkerError(
                 f"the {self.role}'s worker exited (code {self.process.returncode}){doing}:\n{tail}"
             )
-        return json.loads(line)
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:  # (found by a hunt: "Expecting value: line 1 column 1")
+            raise WorkerError(
+                f"the {self.role}'s worker wrote {line.strip()[:200]!r} on its standard "
+                f"output{doing}, not an answer: something its Python runs before the worker "
+                "(a sitecustomize.py, a .pth file) prints there; remove that print"
+            ) from None
 
     def time(self, case: dict, calls: int, runs: int = paired.RUNS) -> float:
         """Seconds per call of ``case``, the fastest of ``runs`` runs of ``calls`` calls
@@ -174,7 +219,7 @@ class Worker:
             pass
         answer = self._read(f" while timing {paired.case_name(case)!r}")
         if "error" in answer:
-            raise CaseError(f"the {self.role} raised {answer['error']}")
+            raise CaseError(f"the {self.role} raised {answer['error']}", self.role)
         return answer["seconds"]
 
     def close(self) -> None:
@@ -201,7 +246,12 @@ def shared_cpus(threads: int) -> list[int] | None:
 
 
 class CaseError(Exception):
-    """A case that a side's package raised on (an option it lacks, a refusal)."""
+    """A case that a side's package raised on (an option it lacks, a refusal); ``role``
+    the side's."""
+
+    def __init__(self, message: str, role: str = "baseline"):
+        super().__init__(message)
+        self.role = role
 
 
 def compare_case(
@@ -221,7 +271,7 @@ def compare_case(
             for worker in (*workers, *workers[::-1]):  # A B B A
                 seconds[worker.role].append(worker.time(case, calls, runs))
     except CaseError as err:
-        return record | {"verdict": FAILED, "error": str(err)}
+        return record | {"verdict": FAILED, "error": str(err), "raised": err.role}
     # a round's ratio: the geometric mean of its two orders', so that an advantage of the
     # side timed first (or second) cancels within the round
     pairs = [c / b for b, c in zip(seconds["baseline"], seconds["candidate"], strict=True)]
@@ -429,13 +479,15 @@ def run(args) -> int:
             "baseline": resolve(args.baseline, "baseline", scratch),
             "candidate": resolve(args.candidate, "candidate", scratch)
             if args.candidate is not None
-            else Side(str(here), here, "working tree"),
+            else default_candidate(here),
         }
+        # before the workers import it: the code they time, not what a checkout holds
+        # minutes later (found by a hunt: taken after the run, an edit made meanwhile)
+        codes = {role: code_fingerprint(s.root / "riemann_core") for role, s in sides.items()}
         cpus = shared_cpus(args.threads)
         workers = [Worker(s, role, args.threads, stack, cpus) for role, s in sides.items()]
         with progress_bar("compare", unit="case", total=len(cases), announce=True) as progress:
             records = compare(*workers, cases, args.rounds, args.threshold, progress)
-        codes = {role: code_fingerprint(s.root / "riemann_core") for role, s in sides.items()}
     print(format_records(records, args.threshold))
     payload = {
         "command": args.command_line,
@@ -461,8 +513,11 @@ def run(args) -> int:
 
 
 def exit_code(records: list[dict], threshold: float) -> int:
-    """1 where a case is slower or the control is not unchanged (the processes differ by
-    themselves: no verdict holds), else 0; what is too noisy or not compared is said."""
+    """1 where a case is slower, the candidate raised on a case the baseline ran, or the
+    control is not unchanged (the processes differ by themselves: no verdict holds), else
+    0; what is too noisy or not compared is said (found by a hunt: a candidate whose
+    ``rc.direction`` raised on every call passed the gate, every direction "not
+    compared"; a case the baseline raises on, an option it lacks, still does not fail)."""
 
     def cases(verdict: str) -> str:
         return "; ".join(r["case"] for r in records if r["verdict"] == verdict)
@@ -487,7 +542,14 @@ def exit_code(records: list[dict], threshold: float) -> int:
         )
     if cases(SLOWER):
         print(f"\nslower: {cases(SLOWER)}", file=sys.stderr)
-    return 1 if off or cases(SLOWER) else 0
+    broken = "; ".join(
+        r["case"]
+        for r in records
+        if r["verdict"] == FAILED and r.get("raised") == "candidate" and r not in off
+    )
+    if broken:
+        print(f"\nthe candidate raised where the baseline ran: {broken}", file=sys.stderr)
+    return 1 if off or cases(SLOWER) or broken else 0
 
 
 HELP = "time two versions of the package in paired, alternating rounds: a regression gate"
@@ -498,7 +560,8 @@ DESCRIPTION = (
     "(within --threshold) or too noisy. The cases: a plain SGD step (the control, torch "
     "alone), training steps with pre.backward (sampled and exact Fisher) and every "
     "method's direction, on an MLP 64-32-32-10 and 784-256-256-10 at batch 128 (--quick: "
-    "the first, 5 rounds; --widths and --batch: one MLP of your own). Exits 1 when a case is slower, or when the control is not "
+    "the first, 5 rounds; --widths and --batch: one MLP of your own). Exits 1 when a case is slower, "
+    "when the candidate raises on a case the baseline runs, or when the control is not "
     "unchanged. With --out, writes compare.json, compare.md and compare.png."
 )
 EXAMPLE = "compare main~1 main --cases layerwise"

@@ -329,3 +329,121 @@ def test_every_thread_of_a_pinned_worker_runs_on_its_cpus(tmp_path):
         tasks = Path(f"/proc/{worker.process.pid}/task")
         pinned = {t.name: compare.os.sched_getaffinity(int(t.name)) for t in tasks.iterdir()}
     assert pinned and all(cpus == {allowed[-1]} for cpus in pinned.values()), pinned
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(cwd), "-c", "user.email=t@t", "-c", "user.name=t", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
+def test_a_name_both_a_directory_and_a_revision_is_refused(tmp_path, monkeypatch, capsys):
+    """Found by a hunt: a tag ``old`` beside a checkout ``old/`` timed the directory,
+    unsaid, and a branch ``docs`` beside a directory ``docs/`` was refused as a directory
+    without riemann_core."""
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO / "riemann_core", repo / "riemann_core")
+    (repo / "docs").mkdir()
+    git(repo, "init", "-q")
+    git(repo, "add", "riemann_core")
+    git(repo, "commit", "-qm", "one")
+    git(repo, "branch", "docs")
+    monkeypatch.chdir(repo)
+    assert cli.main(["compare", "docs", str(repo), "--quick"]) == 2
+    assert "'docs' is both a directory and a revision" in capsys.readouterr().err
+    side = compare.resolve("docs^0", "baseline", tmp_path / "scratch")  # the fix named
+    assert side.commit == git(repo, "rev-parse", "HEAD")
+
+
+def test_a_revision_without_the_package_init_is_refused_by_name(tmp_path, monkeypatch, capsys):
+    """Found by a hunt: a revision whose riemann_core/ had no __init__.py (a namespace
+    package, ``__file__`` None) ended in a TypeError traceback, exit 3."""
+    repo = tmp_path / "repo"
+    (repo / "riemann_core").mkdir(parents=True)
+    (repo / "riemann_core" / "old.py").write_text("x = 1\n")
+    git(repo, "init", "-q")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "one")
+    monkeypatch.chdir(repo)
+    argv = ["compare", "HEAD", str(REPO), *TINY, "--cases", "euclidean"]
+    assert cli.main(argv) == 2
+    assert "has no riemann_core/__init__.py" in capsys.readouterr().err
+
+
+def test_no_candidate_from_another_checkout_of_the_project_is_refused(tmp_path, monkeypatch):
+    """Found by a hunt: run from a second clone (the package imported from the first, an
+    editable install), ``compare HEAD`` timed the first's working tree as the candidate,
+    and the current checkout's uncommitted 20x slowdown read 1.10."""
+    other = tmp_path / "other"
+    shutil.copytree(REPO / "riemann_core", other / "riemann_core")
+    git(other, "init", "-q")
+    monkeypatch.chdir(other)
+    with pytest.raises(ValueError, match="pass the candidate"):
+        compare.default_candidate(REPO)
+    assert compare.default_candidate(other.resolve()).root == other.resolve()
+    monkeypatch.chdir(tmp_path)  # in no checkout: the one this command runs from
+    assert compare.default_candidate(REPO).root == REPO
+
+
+def test_a_candidate_that_raises_where_the_baseline_ran_fails_the_gate(capsys):
+    """Found by a hunt: a candidate whose ``rc.direction`` raised on every call passed the
+    gate (exit 0, each direction "not compared"); a case the baseline raises on (an option
+    its older version lacks) still does not fail it."""
+    control = {"case": "sgd step 8-4-3 b6", "spec": {"kind": "sgd"}, "verdict": compare.UNCHANGED}
+    case = {"case": "direction euclidean 8-4-3 b6", "spec": {"kind": "euclidean"}}
+    failed = case | {"verdict": compare.FAILED, "error": "e"}
+    assert compare.exit_code([control, failed | {"raised": "candidate"}], 0.05) == 1
+    assert "candidate raised where the baseline ran: direction euclidean" in capsys.readouterr().err
+    assert compare.exit_code([control, failed | {"raised": "baseline"}], 0.05) == 0
+
+    class Raising:
+        role = "candidate"
+
+        def time(self, case, calls, runs=3):
+            raise compare.CaseError("the candidate raised X: y", "candidate")
+
+    class Fine:
+        role = "baseline"
+
+        def time(self, case, calls, runs=3):
+            return 1e-3
+
+    record = compare.compare_case(Fine(), Raising(), paired.cases(True, "cpu", 0)[3], 5, 0.05)
+    assert record["verdict"] == compare.FAILED and record["raised"] == "candidate"
+
+
+def test_a_side_whose_python_prints_before_the_worker_is_refused_by_name(tmp_path, capsys):
+    """Found by a hunt: a sitecustomize.py printing on standard output at start-up read
+    "error: Expecting value: line 1 column 1 (char 0)"."""
+    side = planted(tmp_path, "site", "")
+    (side / "sitecustomize.py").write_text("print('planted: hello')\n")
+    assert cli.main(["compare", str(REPO), str(side), *TINY, "--cases", "euclidean"]) == 2
+    err = capsys.readouterr().err
+    assert "candidate's worker wrote 'planted: hello' on its standard output" in err
+
+
+def test_the_code_recorded_is_the_code_the_workers_imported(tmp_path, monkeypatch):
+    """Found by a hunt: the code fingerprint was taken after the comparison, so an edit of
+    a checkout side made during its minutes was recorded as the code timed."""
+    from riemann_core.measure.environment import code_fingerprint
+
+    side = planted(tmp_path, "side", "")
+    before = code_fingerprint.__wrapped__(side / "riemann_core")  # (uncached)
+    timed = compare.compare
+
+    def edited_meanwhile(*args, **kwargs):
+        records = timed(*args, **kwargs)
+        with open(side / "riemann_core" / "__init__.py", "a") as f:
+            f.write("\n# edited during the run\n")
+        code_fingerprint.cache_clear()  # (cached per path: as a fresh process reads it)
+        return records
+
+    monkeypatch.setattr(compare, "compare", edited_meanwhile)
+    out = tmp_path / "out"
+    argv = ["compare", str(REPO), str(side), *TINY, "--cases", "euclidean", "--out", str(out)]
+    cli.main([*argv, "--threshold", "0.9"])
+    payload = json.loads((out / "compare.json").read_text())
+    assert payload["sides"]["candidate"]["code"] == before
