@@ -36,6 +36,20 @@ import pandas as pd
 from . import fit
 from .sweep import AXES, KEY, NEIGHBOUR_FACTOR, OPTIONAL, Grid, key_of, model_flops, run_of
 
+
+def rule(overhead_target: float) -> str:
+    """How an axis grows, in the words a sweep's record keeps (``sweep.json``'s
+    ``growth_rule``) for its report: a sweep of another version grew by its own rule
+    (found by an audit: a report redrawn by a later version described that version's)."""
+    return (
+        "Width and batch grow per method, within the budgets, until the top two points are "
+        f"compute-bound (overhead at most {overhead_target:.0%} of the time), add enough work "
+        "to judge, and the achieved rates no longer climb between them (where the time grows "
+        "faster than the work between them, until it does so over the segment below too: a "
+        "rate that drops past a cache edge bends one segment)."
+    )
+
+
 #: calls a measured point costs besides its repeats: memory, warm-up (at least 1) and FLOPs
 EXTRA_CALLS = 3
 

@@ -19,7 +19,7 @@ import pandas as pd
 
 from ..measure.environment import git_commit
 from ..measure.output import markdown_table, pyplot, save_figure, staged, suptitle, write_atomic
-from . import devices, fit, validate
+from . import devices, fit, grow, validate
 from .sweep import AXES, GENERIC_METHODS, METHODS, SPREAD_LIMIT, unfinished_note
 
 #: Axis -> (label, [(exponent, line style, what the guide stands for)]).
@@ -478,16 +478,16 @@ def _growth_section(meta: dict) -> list[str]:
     )
     seconds = meta.get("sweep_s")
     took = f" The sweep measured for {seconds:.0f} s." if seconds is not None else ""
+    # the rule of the code that ran the sweep, as it recorded it
+    rule = meta.get("growth_rule") or (
+        "Width and batch grew per method by the growth rule of the version that ran the "
+        "sweep, which the sweep did not record. This version's rule: "
+        + grow.rule(meta.get("grid", {}).get("overhead_target", fit.OVERHEAD_TARGET))
+    )
     return [
         "## Growth of the grid",
         "",
-        "Width and batch grow per method, within the budgets, until the top two points are "
-        "compute-bound (overhead at most "
-        f"{meta.get('grid', {}).get('overhead_target', fit.OVERHEAD_TARGET):.0%} of the "
-        "time), add enough work to judge, and the achieved rates no longer climb between "
-        "them (where the time grows faster than the work between them, until it does so "
-        "over the segment below too: a rate that drops past a cache edge bends one segment)."
-        f"{took} Each decision was read from the times as they stood when growth "
+        f"{rule}{took} Each decision was read from the times as they stood when growth "
         "stopped, before outliers were measured again and the top pairs timed again "
         "interleaved: the claims and the exponents above judge the final times, so their "
         "figures may differ from these.",

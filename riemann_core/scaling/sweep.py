@@ -1048,6 +1048,8 @@ def _numbers_problem(record: dict) -> str | None:
         return "grids is not a list of the grids that filled the directory, each with its command"
     if not isinstance(record.get("command", ""), str):  # (found by review: read as `5`)
         return f"command is {record['command']!r}, not the command that ran the sweep"
+    if not isinstance(record.get("growth_rule", ""), str):
+        return f"growth_rule is {record['growth_rule']!r}, not the text of a growth rule"
     if not isinstance(record.get("sweep", ""), str):
         return f"sweep is {record['sweep']!r}, not the id of a sweep"
     if not isinstance(record.get("finished", True), bool):
@@ -1868,6 +1870,7 @@ def _sweep(
         if not (name.split("/")[0] in grid.methods and name.split("/")[1] in grid.kernels)
     }
     record["growth"] = {**kept, **plan.decisions}
+    record["growth_rule"] = grow.rule(grid.overhead_target)
     record["sweep_s"] = clock() - start
     measure_rates("end")
     if retime is not None:  # after the record names every worker whose times rows now hold

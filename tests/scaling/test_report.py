@@ -39,6 +39,21 @@ def test_report_of_a_sweep_on_disk(tmp_path):
         assert section in text
     assert "not measured" in text and "| spread |" in text
     assert "The rates held steady during the sweep." in text
+    assert "by the growth rule of the version that ran the sweep, which the sweep did not" in text
     for name in ("time", "flops", "memory", "crossover", "achieved_rate", "time_model"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0
         assert f"]({name}.png)" in text
+
+
+def test_the_growth_section_says_the_rule_the_sweep_grew_by(tmp_path):
+    """Found by an audit: a report redrawn by a later version described that version's
+    growth rule for a sweep an earlier rule grew."""
+    axes = {"width": (8, 16, 32), "depth": (1, 2), "out_dim": (2, 10), "batch": (8, 32)}
+    df, meta = make_sweep(Machine(saturation=1e7), axes=axes, runs=(("layerwise", "structured"),))
+    df.to_csv(tmp_path / "results.csv", index=False)
+    meta["growth"] = {"layerwise/structured/width": "reached: width: time ~ work^1"}
+    meta["growth_rule"] = "Width and batch grow until the rule of that version is met."
+    (tmp_path / "sweep.json").write_text(json.dumps(meta))
+    text = report.write_report(tmp_path, seed=0).read_text()
+    assert "## Growth of the grid\n\nWidth and batch grow until the rule of that version" in text
+    assert "This version's rule" not in text

@@ -1205,6 +1205,7 @@ def test_a_sweep_grows_its_axes_and_records_why_it_stopped(tmp_path):
     record = json.loads((tmp_path / "sweep.json").read_text())
     decision = record["growth"]["euclidean/structured/width"]
     assert result.growth == record["growth"]
+    assert record["growth_rule"] == grow.rule(grid.overhead_target)  # the rule it grew by
     # widths 4 and 6, doubled to 12 while a plain gradient this small is all overhead
     assert (widths == {4, 6, 12} and "stopped at the cap" in decision) or (
         decision.startswith("reached") and widths <= {4, 6, 12}
