@@ -399,6 +399,18 @@ def test_report_only_refuses_a_missing_or_corrupted_record_and_writes_nothing(
         targets.run(args)
 
 
+def _refused_report_only(record: dict, tmp_path, message: str) -> None:
+    """``targets --report-only`` on ``record`` refuses it with ``message``, writing nothing."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "targets.json").write_text(json.dumps(record))
+    args = _args(out, None)
+    args.report_only = True
+    with pytest.raises(ValueError, match=f"targets.json is not a record.*{message}"):
+        targets.run(args)
+    assert [p.name for p in out.iterdir()] == ["targets.json"]
+
+
 def _set(record: dict, path: str, value) -> None:
     """``record`` with the value at ``path`` (``a.0.b``: keys and list indices) replaced."""
     *parents, last = [int(k) if k.isdigit() else k for k in path.split(".")]
@@ -593,14 +605,7 @@ def test_report_only_refuses_values_no_run_writes(path, value, message, tmp_path
     _set(cpu, "environment.device", "cpu:0")  # what --device cpu:0 records (review)
     targets.check_record(cpu)
     _set(record, path, value)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "targets.json").write_text(json.dumps(record))
-    args = _args(out, None)
-    args.report_only = True
-    with pytest.raises(ValueError, match=f"targets.json is not a record.*{message}"):
-        targets.run(args)
-    assert [p.name for p in out.iterdir()] == ["targets.json"]
+    _refused_report_only(record, tmp_path, message)
 
 
 @pytest.mark.parametrize(
@@ -626,14 +631,7 @@ def test_report_only_refuses_a_network_or_variant_listed_twice(listed, message, 
     record = json.loads((root / "reports" / "cpu" / "targets.json").read_text())
     entries = listed(record)
     entries.append(json.loads(json.dumps(entries[0])))
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "targets.json").write_text(json.dumps(record))
-    args = _args(out, None)
-    args.report_only = True
-    with pytest.raises(ValueError, match=f"targets.json is not a record.*{message}"):
-        targets.run(args)
-    assert [p.name for p in out.iterdir()] == ["targets.json"]
+    _refused_report_only(record, tmp_path, message)
 
 
 def test_report_only_refuses_a_figure_twice_and_a_page_that_cannot_be_written(tmp_path):
