@@ -25,6 +25,7 @@ import torch
 
 from .arguments import Command, check_device, common_options
 from .measure.allocator import keep_freed_memory
+from .measure.environment import on_one_line
 from .scaling import commands as scaling_commands
 from .scaling import compare, parallel, targets
 from .studies import demo, stability, training
@@ -64,7 +65,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as err:
             args.parser.error(str(err))
     # recorded with the results, as a shell takes it back (found by a hunt: a path with a
-    # space in the report's command to resume or redraw split in two)
+    # space in the report's command to resume or redraw split in two); on one line, as the
+    # reports draw it and their checks of a record ask (found by a review: a --out with a
+    # tab in it trained or measured for minutes, then its report refused its own record)
+    for token in argv:
+        if not on_one_line(token):
+            args.parser.error(
+                f"argument {token!r} holds a control character (a tab or line break?), which "
+                "the command recorded with the results cannot hold: pass one without it"
+            )
     args.command_line = shlex.join([PROG, *argv])
     return args.run(args)
 

@@ -341,3 +341,19 @@ def test_ctrl_c_is_one_line_and_its_own_exit_code(capsys):
     assert cli.guarded(interrupted)(study) == cli.INTERRUPTED
     err = capsys.readouterr().err
     assert "--report-only with the same --out draws the report of what finished" in err
+
+
+@pytest.mark.parametrize("sub", ["targets", "train", "stability", "distributed"])
+@pytest.mark.parametrize("char", ["\t", "\n", "\u2028"])
+def test_an_argument_with_a_control_character_is_refused_before_any_work(
+    sub, char, tmp_path, capsys
+):
+    """Found by a review: a --out with a tab in it was taken, the study run for minutes
+    and its record written, then the report refused that record (its command not on one
+    line, exit 2) and every --report-only after it. Refused at once, nothing made."""
+    out = tmp_path / f"a{char}b"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([sub, "--report-only", "--out", str(out)])
+    assert exit_.value.code == 2
+    assert "holds a control character (a tab or line break?)" in capsys.readouterr().err
+    assert not out.exists()

@@ -170,7 +170,7 @@ _SHOWN.maxstring = 120
 DEVICE = re.compile(r"(cpu|cuda)(:[0-9]+)?")
 
 
-def _line(text: str) -> bool:
+def on_one_line(text: str) -> bool:
     """``text`` holds no control character, line or paragraph separator: drawn on a page,
     a line break would end the code span or table row it is in, and what follows it
     would be read as Markdown of its own (a ``# heading``)."""
@@ -212,7 +212,7 @@ def provenance_problem(record: Mapping, command: str) -> str | None:
     text = record["command"]
     if not isinstance(text, str):
         return f"command is {shown(text)}, not text"
-    if not _line(text):
+    if not on_one_line(text):
         return f"command {shown(text)} holds a control character (a line break?)"
     expected = shlex.split(command)
     try:
@@ -235,11 +235,11 @@ def provenance_problem(record: Mapping, command: str) -> str | None:
         elif key == "threads":
             usable = type(value) is int and value >= 1
         else:
-            usable = isinstance(value, str) and value != "" and _line(value)
+            usable = isinstance(value, str) and value != "" and on_one_line(value)
         if not usable:
             return f"environment.{key} is {shown(value)}, not {kind}"
     for key, value in env.items():
-        if not (_line(key) and isinstance(value, str | int) and _line(str(value))):
+        if not (on_one_line(key) and isinstance(value, str | int) and on_one_line(str(value))):
             return (
                 f"environment entry {shown(key)} is {shown(value)}, not text on one line, a "
                 "whole number or true/false"

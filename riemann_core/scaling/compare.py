@@ -73,11 +73,12 @@ class Side:
 
 def resolve(spec: str, role: str, scratch: Path) -> Side:
     """``spec`` as a directory holding ``riemann_core/``, or else as a revision of the git
-    repository of the current directory, whose ``riemann_core/`` is extracted into
-    ``scratch`` (by ``git archive``: no checkout or worktree changes). A name that is both
-    a directory and a revision is refused: which was meant cannot be told (found by a
-    hunt: a tag ``old`` beside a directory ``old/`` timed the directory, unsaid; a branch
-    ``docs`` was refused as "a directory without riemann_core")."""
+    repository of the current directory (run from any directory in it), whose top-level
+    ``riemann_core/`` is extracted into ``scratch`` (by ``git archive``: no checkout or
+    worktree changes). A name that is both a directory and a revision is refused: which
+    was meant cannot be told (found by a hunt: a tag ``old`` beside a directory ``old/``
+    timed the directory, unsaid; a branch ``docs`` was refused as "a directory without
+    riemann_core")."""
     path = Path(spec)
     git = ["git", "-C", os.getcwd()]
     found = subprocess.run(
@@ -105,9 +106,14 @@ def resolve(spec: str, role: str, scratch: Path) -> Side:
             "commit, branch or tag, or the root of a checkout"
         )
     commit = found.stdout.strip()
+    # from the repository's top: git archive takes its paths from the current directory
+    # (found by a review: run from docs/, every revision "has no riemann_core/")
+    top = subprocess.run([*git, "rev-parse", "--show-toplevel"], capture_output=True, text=True)
     archive = subprocess.run(
-        [*git, "archive", "--format=tar", commit, "riemann_core"], capture_output=True
-    )
+        ["git", "-C", top.stdout.strip() or os.getcwd(), "archive", "--format=tar", commit,
+         "riemann_core"],
+        capture_output=True,
+    )  # fmt: skip
     if archive.returncode != 0:
         raise ValueError(
             f"{role} {spec!r} ({commit[:12]}) has no riemann_core/ to compare: "

@@ -447,3 +447,20 @@ def test_the_code_recorded_is_the_code_the_workers_imported(tmp_path, monkeypatc
     cli.main([*argv, "--threshold", "0.9"])
     payload = json.loads((out / "compare.json").read_text())
     assert payload["sides"]["candidate"]["code"] == before
+
+
+def test_a_revision_resolves_from_a_subdirectory_of_the_checkout(tmp_path, monkeypatch):
+    """Found by a review: run from a subdirectory of the checkout (``docs/``), every
+    revision was refused as having "no riemann_core/ to compare" (git archive took its
+    path from the current directory), while the default candidate was found there."""
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO / "riemann_core", repo / "riemann_core")
+    (repo / "docs").mkdir()
+    (repo / "docs" / "x.md").write_text("x\n")
+    git(repo, "init", "-q")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "one")
+    monkeypatch.chdir(repo / "docs")
+    side = compare.resolve("HEAD", "baseline", tmp_path / "scratch")
+    assert side.commit == git(repo, "rev-parse", "HEAD")
+    assert (side.root / "riemann_core" / "__init__.py").is_file()
