@@ -20,17 +20,19 @@ import io
 import json
 import math
 import os
+import queue
 import re
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..arguments import Command, ints, positive_int
+from ..arguments import Command, ints, positive_int, positive_seconds
 from ..measure import paired
 from ..measure.output import check_place, pyplot, save_figure, staged, write_json
 from ..measure.timing import MIN_ROUNDS, median_interval
@@ -44,6 +46,9 @@ FAILED = "not compared"
 
 #: Rounds of a case, each ``A B B A`` (four timed requests).
 ROUNDS, QUICK_ROUNDS = 21, 5
+#: seconds a worker may take to answer one request (its import; a case's first call, which
+#: builds it, then about 20 ms of calls three times, or one call of more than 0.1 s once)
+TIMEOUT = 600.0
 
 #: Seconds each timed run of a request takes, about (its calls are counted from a call of
 #: the baseline's after the warm-up).
@@ -165,12 +170,19 @@ class WorkerError(ValueError):
 
 
 class Worker:
-    """A process timing cases in ``side``'s package (:mod:`riemann_core.measure.paired`)."""
+    """A process timing cases in ``side``'s package (:mod:`riemann_core.measure.paired`),
+    whose every answer must come within ``timeout`` seconds."""
 
     def __init__(
-        self, side: Side, role: str, threads: int, stack: ExitStack, cpus: list[int] | None = None
+        self,
+        side: Side,
+        role: str,
+        threads: int,
+        stack: ExitStack,
+        cpus: list[int] | None = None,
+        timeout: float = TIMEOUT,
     ):
-        self.role = role
+        self.role, self.timeout = role, timeout
         self.errors = stack.enter_context(tempfile.TemporaryFile("w+"))
         env = dict(os.environ, PYTHONPATH=str(side.root))
         self.process = subprocess.Popen(
@@ -184,6 +196,10 @@ class Worker:
             text=True,
         )
         stack.callback(self.close)
+        # its answers, read by a thread of their own so that a wait can end (a pipe's
+        # readline cannot time out); "" once its output closes
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._forward, daemon=True).start()
         try:
             hello = self._read()
         except WorkerError as err:  # its package does not import: the side, not a bug here
@@ -196,8 +212,21 @@ class Worker:
                 "riemann_core ahead of PYTHONPATH"
             )
 
+    def _forward(self) -> None:
+        for line in self.process.stdout:
+            self.lines.put(line)
+        self.lines.put("")
+
     def _read(self, doing: str = "") -> dict:
-        line = self.process.stdout.readline()
+        try:
+            line = self.lines.get(timeout=self.timeout)
+        except queue.Empty:  # (found by a hunt: a worker that hung kept the gate waiting)
+            self.process.kill()
+            raise WorkerError(
+                f"the {self.role}'s worker gave no answer within {self.timeout:g} s{doing}: "
+                "it hangs (a deadlock, an endless loop), or a call takes longer (pass a larger "
+                "--timeout)"
+            ) from None
         if not line:
             self.process.wait(timeout=10)  # (its output closed: it is ending)
             self.errors.seek(0)
@@ -420,6 +449,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch", type=positive_int, default=None, help="its batch size")
     parser.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=TIMEOUT,
+        metavar="SECONDS",
+        help="the longest a side's worker may take to answer one request (its import, or a "
+        f"case's timed calls) before it is taken for hung: exit 2 (default {TIMEOUT:g})",
+    )
+    parser.add_argument(
         "--cases",
         metavar="REGEX",
         default=None,
@@ -491,7 +528,12 @@ def run(args) -> int:
         # minutes later (found by a hunt: taken after the run, an edit made meanwhile)
         codes = {role: code_fingerprint(s.root / "riemann_core") for role, s in sides.items()}
         cpus = shared_cpus(args.threads)
-        workers = [Worker(s, role, args.threads, stack, cpus) for role, s in sides.items()]
+        for role, s in sides.items():  # which code each side is, before the minutes of timing
+            what = f"commit {s.commit[:12]}" if s.commit != "working tree" else "working tree"
+            print(f"{role}: {s.spec} ({what} at {s.root})", file=sys.stderr)
+        workers = [
+            Worker(s, role, args.threads, stack, cpus, args.timeout) for role, s in sides.items()
+        ]
         with progress_bar("compare", unit="case", total=len(cases), announce=True) as progress:
             records = compare(*workers, cases, args.rounds, args.threshold, progress)
     print(format_records(records, args.threshold))

@@ -48,6 +48,8 @@ def direction(*args, **kwargs):
         _os._exit(3)
     return _direction(*args, **kwargs)
 """
+#: A package whose ``rc.direction`` hangs from its seventh call on.
+HANGING = DYING.replace("_os._exit(3)", "__import__('time').sleep(3600)")
 PRINTING = """
 print("planted: imported")
 _direction = direction
@@ -173,6 +175,22 @@ def test_a_worker_that_dies_in_a_case_is_a_one_line_error_naming_it(tmp_path, ca
     err = capsys.readouterr().err
     assert (
         "the candidate's worker exited (code 3) while timing 'direction euclidean 8-4-3 b6'" in err
+    )
+    assert "Traceback" not in err
+
+
+def test_a_worker_that_hangs_is_an_error_naming_it_after_the_timeout(tmp_path, capsys):
+    """Found by a hunt: a worker that hung kept the gate waiting for ever (a CI job until
+    its own limit); the sides are named before the timing."""
+    hanging = planted(tmp_path, "hanging", HANGING)
+    argv = ["compare", str(REPO), str(hanging), *TINY, "--rounds", "5", "--timeout", "20"]
+    assert cli.main([*argv, "--cases", "euclidean"]) == 2
+    err = capsys.readouterr().err
+    assert f"baseline: {REPO} (working tree at {REPO})" in err
+    assert f"candidate: {hanging} (working tree at {hanging})" in err
+    assert (
+        "the candidate's worker gave no answer within 20 s while timing "
+        "'direction euclidean 8-4-3 b6': it hangs" in err
     )
     assert "Traceback" not in err
 
