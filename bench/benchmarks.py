@@ -59,6 +59,7 @@ import torch
 
 import riemann_core as rc
 from riemann_core import costs
+from riemann_core.costs import dense_is_cheaper
 from riemann_core.measure import public_kfac
 from riemann_core.measure.flops import flop_counter
 from riemann_core.measure.memory import cuda_peak_bytes, host_peak_bytes, reset_host_peak
@@ -287,10 +288,17 @@ def _pulled(kernel, width, depth, out_dim, batch, device):
 
 
 def _groups(problem) -> list[list[int]]:
-    """The blocks whose Grams the direction factorises together: those of equal ``d``."""
+    """The blocks whose Grams the direction factorises together: those it solves by
+    Woodbury (``methods.layerwise.solve``: not those whose own ``n_a x n_a`` metric costs
+    fewer FLOPs, ``costs.dense_is_cheaper``), grouped by equal ``d``. Found by an audit: the
+    phases took every block by Woodbury, so at batch 128 (width 32) they timed two Grams
+    of order 1152 and their Cholesky, 2.6x the direction's Cholesky FLOPs, where the
+    direction forms neither and factorises the blocks' metrics instead."""
     by_size: dict[int, list[int]] = {}
     for i, handler in enumerate(problem.handlers):
-        by_size.setdefault(handler.d, []).append(i)
+        gram, metric = handler.gram_flops(), handler.metric_flops()
+        if not dense_is_cheaper(handler.block.n_params, handler.d, gram, metric):
+            by_size.setdefault(handler.d, []).append(i)
     return list(by_size.values())
 
 
@@ -323,7 +331,8 @@ def _factored(kernel, width, depth, out_dim, batch, device):
 
 #: phases whose work the kernel does not change (the same FLOPs and time with either: the
 #: handlers are built in the pullback, the factorisation takes Grams of the same order):
-#: timed with the default kernel only
+#: timed with the default kernel only (the factorisation: of the blocks the structured
+#: direction solves by Woodbury, :func:`_groups`)
 KERNEL_FREE_PHASES = ("pullback", "factorisation")
 
 
@@ -342,6 +351,13 @@ class _PhaseCase:
         common.require_device(self.device)
         common.require_feasible("layerwise", kernel, width, depth, out_dim, batch)
         size = (kernel, width, depth, out_dim, batch, self.device)
+        if phase != "pullback" and not _groups(_pulled(*size)):
+            raise NotImplementedError(
+                f"the layerwise direction ({kernel}) solves no block by Woodbury at width "
+                f"{width}, depth {depth}, {out_dim} outputs, batch {batch}: each block's own "
+                "metric costs fewer FLOPs (costs.dense_is_cheaper), so it has no "
+                f"{phase} phase to time"
+            )
         if phase == "pullback":
             model, x, y = common.problem(width, depth, out_dim, batch, self.device, DTYPE)
 
@@ -405,9 +421,12 @@ class LayerwisePhase(_CountedFlops, _PhaseCase):
     the damped Grams of equal order factorised together in place
     (``woodbury.cholesky_in_place``), after a copy into the buffer; ``solve``: ``t =
     chol.solve(K_a g_a)`` and ``(g_a - K_a^T t) / mu``, forming ``g_a``. The routines are
-    the direction's (``methods.layerwise``). Every block takes the Woodbury route here,
-    where ``method="layerwise"`` factorises a block's ``n_a x n_a`` metric instead when
-    that costs fewer FLOPs.
+    the direction's (``methods.layerwise``). The Gram, factorisation and solve phases take
+    the blocks the direction solves by Woodbury, and are skipped where it solves none (it
+    factorises a block's ``n_a x n_a`` metric instead where that costs fewer FLOPs: on the
+    default grid, at batch 64 the output layer with either kernel, at batch 128 both
+    layers with the structured kernel and the output layer with the generic one); the
+    pullback takes every block.
     """
 
     def time_phase(self, *params):

@@ -57,6 +57,39 @@ def test_the_factorisation_phase_runs_the_directions_cholesky():
     assert cholesky and phase == cholesky
 
 
+@pytest.mark.parametrize("kernel", benchmarks.KERNELS)
+@pytest.mark.parametrize("batch", benchmarks.BATCHES)
+def test_the_phases_take_the_blocks_the_direction_solves_by_woodbury(batch, kernel, monkeypatch):
+    """Found by an audit: the phases took every block by Woodbury, where the direction
+    factorises a block's own metric when that costs fewer FLOPs (the output layer at batch
+    64, both layers at batch 128, width 32): there the factorisation phase ran 2.6x the
+    direction's Cholesky FLOPs on Grams the direction never forms. The phases' groups are
+    the direction's Woodbury groups; a size with none skips its phases, not the pullback."""
+    from riemann_core.methods import layerwise
+
+    size = (benchmarks.WIDTHS[0], benchmarks.DEPTHS[0], benchmarks.OUT_DIMS[0], batch)
+    solved = []
+    woodbury = layerwise._woodbury
+    monkeypatch.setattr(
+        layerwise,
+        "_woodbury",
+        lambda p, indices, o: solved.append(indices) or woodbury(p, indices, o),
+    )
+    direction = benchmarks.Direction()
+    direction.setup(f"layerwise-{kernel}", *size)
+    solved.clear()
+    direction.call()
+    problem = benchmarks._pulled(kernel, *size, direction.device)
+    assert benchmarks._groups(problem) == solved
+    for phase in benchmarks.PHASES:
+        case = benchmarks.LayerwisePhase()
+        if solved or phase == "pullback":
+            case.setup(phase, kernel, *size)
+        else:
+            with pytest.raises(NotImplementedError, match="solves no block by Woodbury"):
+                case.setup(phase, kernel, *size)
+
+
 @pytest.mark.parametrize("phase", benchmarks.PHASES)
 def test_time_benchmarks_keep_the_memory_their_warm_up_freed(phase, monkeypatch):
     """Found by review: ``setup`` (which asv runs before every timed call) restarted the
