@@ -484,13 +484,29 @@ def _growth_section(meta: dict) -> list[str]:
         "sweep, which the sweep did not record. This version's rule: "
         + grow.rule(meta.get("grid", {}).get("overhead_target", fit.OVERHEAD_TARGET))
     )
+    # decisions kept by a resume from an earlier run grew by that run's rule (found by
+    # review: a resume by a later version said its own rule had made them)
+    by_rule: dict[str | None, list[str]] = {}
+    for name, earlier in sorted(meta.get("earlier_growth_rules", {}).items()):
+        if name in growth:
+            by_rule.setdefault(earlier, []).append(name)
+    earlier_lines = [
+        f" The decisions of {', '.join(names)} were kept from an earlier run into this "
+        "directory, which grew "
+        + (
+            f"by its own rule: {earlier}"
+            if earlier
+            else "by the rule of the version that ran it, which it did not record."
+        )
+        for earlier, names in by_rule.items()
+    ]
     return [
         "## Growth of the grid",
         "",
-        f"{rule}{took} Each decision was read from the times as they stood when growth "
-        "stopped, before outliers were measured again and the top pairs timed again "
-        "interleaved: the claims and the exponents above judge the final times, so their "
-        "figures may differ from these.",
+        f"{rule}{''.join(earlier_lines)}{took} Each decision was read from the times as they "
+        "stood when growth stopped, before outliers were measured again and the top pairs "
+        "timed again interleaved: the claims and the exponents above judge the final times, "
+        "so their figures may differ from these.",
         "",
         markdown_table(frame),
         "",

@@ -1050,6 +1050,14 @@ def _numbers_problem(record: dict) -> str | None:
         return f"command is {record['command']!r}, not the command that ran the sweep"
     if not isinstance(record.get("growth_rule", ""), str):
         return f"growth_rule is {record['growth_rule']!r}, not the text of a growth rule"
+    earlier = record.get("earlier_growth_rules", {})
+    if not isinstance(earlier, dict) or not all(
+        r is None or isinstance(r, str) for r in earlier.values()
+    ):
+        return (
+            f"earlier_growth_rules is {earlier!r}, not a mapping of growth decisions to the "
+            "text of the rule each grew by (or null)"
+        )
     if not isinstance(record.get("sweep", ""), str):
         return f"sweep is {record['sweep']!r}, not the id of a sweep"
     if not isinstance(record.get("finished", True), bool):
@@ -1747,7 +1755,15 @@ def _sweep(
         record["grids"] = [*recorded_grids(previous), *record["grids"]]
         # kept until this sweep ends (found by review: an interrupted resume saved a
         # record without them, and the decisions of methods it did not measure were lost)
-        record.update({k: previous[k] for k in ("growth", "sweep_s") if k in previous})
+        # (and the rules those decisions grew by: found by review, an interrupted resume
+        # kept the decisions and dropped their rule, and its report said it was not recorded)
+        record.update(
+            {
+                k: previous[k]
+                for k in ("growth", "growth_rule", "earlier_growth_rules", "sweep_s")
+                if k in previous
+            }
+        )
     devices = previous_devices(previous)
     session = uuid.uuid4().hex
     # a resumed sweep measures in this process as it did: checked before any write (a
@@ -1871,6 +1887,14 @@ def _sweep(
     }
     record["growth"] = {**kept, **plan.decisions}
     record["growth_rule"] = grow.rule(grid.overhead_target)
+    # a kept decision grew by the rule of the run that made it, which may not be this one's
+    # (found by review: a resume by a later version, or with another overhead target, said
+    # that its rule had made them): the rule of each that differs, null where not recorded
+    earlier = {name: earlier_growth_rule(previous, name) for name in kept}
+    earlier = {name: r for name, r in earlier.items() if r != record["growth_rule"]}
+    record.pop("earlier_growth_rules", None)
+    if earlier:
+        record["earlier_growth_rules"] = earlier
     record["sweep_s"] = clock() - start
     measure_rates("end")
     if retime is not None:  # after the record names every worker whose times rows now hold
@@ -1883,6 +1907,14 @@ def _sweep(
     for r in rows:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
     return SweepResult(rows, len(measured), resumed, again_count, statuses, plan.decisions, retimed)
+
+
+def earlier_growth_rule(record: Mapping, name: str) -> str | None:
+    """The rule the growth decision ``name`` of the sweep's ``record`` grew by
+    (``earlier_growth_rules``' where it names it, else ``growth_rule``), ``None`` where the
+    run that made it did not record it."""
+    earlier = record.get("earlier_growth_rules", {})
+    return earlier[name] if name in earlier else record.get("growth_rule")
 
 
 def takes_keyword(f: Callable, name: str) -> bool:

@@ -564,6 +564,14 @@ CORRUPTIONS = {
         "records sweep 0123abcd: the two files come from different sweeps",
     ),
     "record-sweep-number": (_edit_record(lambda r: r.update(sweep=5)), "sweep is 5, not the id"),
+    "record-growth-rule-number": (
+        _edit_record(lambda r: r.update(growth_rule=5)),
+        "growth_rule is 5, not the text of a growth rule",
+    ),
+    "record-earlier-growth-rules-list": (
+        _edit_record(lambda r: r.update(earlier_growth_rules=["x"])),
+        "earlier_growth_rules is ['x'], not a mapping of growth decisions",
+    ),
     "record-finished-text": (
         _edit_record(lambda r: r.update(finished="yes")),
         "finished is 'yes', not true or false",

@@ -57,3 +57,30 @@ def test_the_growth_section_says_the_rule_the_sweep_grew_by(tmp_path):
     text = report.write_report(tmp_path, seed=0).read_text()
     assert "## Growth of the grid\n\nWidth and batch grow until the rule of that version" in text
     assert "This version's rule" not in text
+
+
+def test_the_growth_section_says_the_rule_of_decisions_kept_from_an_earlier_run(tmp_path):
+    """Found by review: a resume by a later version kept the decisions of the methods it
+    did not measure, and the report said its own rule had made them."""
+    axes = {"width": (8, 16, 32), "depth": (1, 2), "out_dim": (2, 10), "batch": (8, 32)}
+    df, meta = make_sweep(Machine(saturation=1e7), axes=axes, runs=(("layerwise", "structured"),))
+    df.to_csv(tmp_path / "results.csv", index=False)
+    meta["growth"] = {
+        "euclidean/structured/width": "reached: width: time ~ work^1",
+        "kfac/structured/width": "stopped at the cap",
+        "layerwise/structured/width": "reached: width: time ~ work^1",
+    }
+    meta["growth_rule"] = "Width and batch grow by this run's rule."
+    meta["earlier_growth_rules"] = {
+        "euclidean/structured/width": "Width grew by an earlier rule.",
+        "kfac/structured/width": None,
+    }
+    (tmp_path / "sweep.json").write_text(json.dumps(meta))
+    text = report.write_report(tmp_path, seed=0).read_text()
+    assert (
+        "Width and batch grow by this run's rule. The decisions of euclidean/structured/width "
+        "were kept from an earlier run into this directory, which grew by its own rule: Width "
+        "grew by an earlier rule. The decisions of kfac/structured/width were kept from an "
+        "earlier run into this directory, which grew by the rule of the version that ran it, "
+        "which it did not record." in text
+    )

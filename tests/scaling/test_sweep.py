@@ -1214,6 +1214,28 @@ def test_a_sweep_grows_its_axes_and_records_why_it_stopped(tmp_path):
     assert [s["when"] for s in device["device_rates"]] == ["start", "grid", "end"]
 
 
+@pytest.mark.parametrize("old_rule", ["Width grew by the rule of an earlier version.", None])
+def test_a_resume_records_the_rule_of_the_growth_decisions_it_kept(tmp_path, old_rule):
+    """Found by review: a resume of other methods by a later version kept the decisions of
+    the methods it did not measure and recorded its own rule as the one they grew by."""
+    grid = sw.Grid(**{**TINY, "methods": ("euclidean",), "grow": {"width": 8}})
+    sw.sweep(grid, tmp_path, progress=False)
+    recorded = json.loads((tmp_path / "sweep.json").read_text())
+    recorded.pop("growth_rule")
+    if old_rule is not None:  # (else a version that recorded none)
+        recorded["growth_rule"] = old_rule
+    (tmp_path / "sweep.json").write_text(json.dumps(recorded))
+    other = sw.Grid(**{**TINY, "methods": ("layerwise",), "grow": {"width": 8}})
+    sw.sweep(other, tmp_path, progress=False)
+    record = json.loads((tmp_path / "sweep.json").read_text())
+    assert record["growth_rule"] == grow.rule(other.overhead_target)
+    assert record["earlier_growth_rules"] == {"euclidean/structured/width": old_rule}
+    assert {"euclidean/structured/width", "layerwise/structured/width"} <= set(record["growth"])
+    # rerun by this version, they grow by its rule again
+    sw.sweep(grid, tmp_path, progress=False)
+    assert "earlier_growth_rules" not in json.loads((tmp_path / "sweep.json").read_text())
+
+
 class Killed(BaseException):
     """The sweep's process killed, as far as its loop can tell."""
 
@@ -1495,6 +1517,8 @@ def test_an_interrupted_resume_keeps_the_recorded_growth_decisions(tmp_path):
     after = json.loads((tmp_path / "sweep.json").read_text())
     assert after["growth"] == recorded["growth"]
     assert after["sweep_s"] == recorded["sweep_s"]
+    # and the rule they grew by (found by review: dropped, the report said not recorded)
+    assert after["growth_rule"] == recorded["growth_rule"]
     # and it says it did not finish, until a resume does (found by a hunt: read as done)
     assert recorded["finished"] is True and after["finished"] is False
     sw.sweep(grid, tmp_path, progress=False)
