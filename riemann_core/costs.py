@@ -533,24 +533,44 @@ def minimal_rows(
 def speed_of_light_flops(shape: MLPShape) -> dict[str, float]:
     """Minimal FLOPs of the exact layerwise direction by kind (docs/methods.md, "The speed
     of light"), with ``r = shape.rows`` rows per sample (:func:`minimal_rows`); block ``a``
-    keeps ``r_a = min(r, f_out)`` rows, ``d_a = N r_a``::
+    keeps ``r_a = min(r, f_out)`` rows, ``d_a = N r_a``, and has ``n_a = f_out (f_in + 1)``
+    parameters. Each layer takes the cheaper, in products and Cholesky FLOPs together, of
+    its two exact routes (the direction picks between them too, :func:`dense_is_cheaper`)::
 
         products   2 N r sum_{a > 1} f_in f_out                        pullback
-                   + per layer  N^2 (f_in + 1)                          X X^T (symmetric)
-                                + d_a^2 f_out                           Delta Delta^T (symmetric)
-                                + 2 N^2 f_out                           K g from Lambda
-                                + 2 N f_out (f_in + 1)                  g - K^T t, one GEMM
-        cholesky   per layer  d_a^3 / 3
+        Woodbury   per layer  N^2 (f_in + 1)                            X X^T (symmetric)
+                              + d_a^2 f_out                             Delta Delta^T (symmetric)
+                              + 2 N^2 f_out                             K g from Lambda
+                              + 2 N f_out (f_in + 1)                    g - K^T t, one GEMM
+                   cholesky   d_a^3 / 3
+        dense      per layer  N r_a f_out^2                             each sample's
+                                                                        Delta_b^T Delta_b
+                                                                        (symmetric)
+                              + N n_a^2 / 2                             K^T K = sum_b
+                                                                        (Delta_b^T Delta_b) (x)
+                                                                        (xt_b xt_b^T): both
+                                                                        factors symmetric,
+                                                                        n_a^2 / 4 sums of N
+                              + 2 N f_out (f_in + 1)                    g = Lambda^T Xt
+                   cholesky   n_a^3 / 3
 
-    Triangular solves with one right-hand side (``2 d_a^2``) are negligible and left out.
+    Triangular solves with one right-hand side (``2 d_a^2``, ``2 n_a^2``) are left out, and
+    elementwise products (``(Delta Delta^T) * (Xt Xt^T)``, ``xt_b xt_b^T``) are not counted.
     """
     N, r = shape.batch, shape.rows
     products = sum(2 * N * r * f_in * f_out for f_in, f_out in shape.layers[1:])
     cholesky = 0.0
     for f_in, f_out in shape.layers:
-        d_a, p = N * min(r, f_out), shape.patch(f_in)
-        products += N * N * p + d_a * d_a * f_out + 2 * N * N * f_out + 2 * N * f_out * p
-        cholesky += d_a**3 / 3
+        r_a, p = min(r, f_out), shape.patch(f_in)
+        d_a, n_a = N * r_a, f_out * p
+        woodbury = (
+            N * N * p + d_a * d_a * f_out + 2 * N * N * f_out + 2 * N * f_out * p,
+            d_a**3 / 3,
+        )
+        dense = (N * r_a * f_out**2 + N * n_a**2 / 2 + 2 * N * f_out * p, n_a**3 / 3)
+        route = dense if sum(dense) < sum(woodbury) else woodbury
+        products += route[0]
+        cholesky += route[1]
     return {"products": products, "cholesky": cholesky}
 
 

@@ -189,6 +189,49 @@ def test_speed_of_light_of_the_target_network():
         costs.speed_of_light_seconds(sol, {"products": 1e11})
 
 
+def test_speed_of_light_takes_the_dense_route_where_it_is_cheaper():
+    # one layer 3 -> 2, N = 32, r = 2: d = 64, n = 8, the dense metric far cheaper
+    shape = costs.MLPShape((3, 2), batch=32, rows=2)
+    woodbury = 32**2 * 4 + 64**2 * 2 + 2 * 32**2 * 2 + 2 * 32 * 2 * 4 + 64**3 / 3
+    samples, metric, gradient = 32 * 2 * 2**2, 32 * 8**2 / 2, 2 * 32 * 2 * 4
+    assert samples + metric + gradient + 8**3 / 3 < woodbury
+    assert costs.speed_of_light_flops(shape) == pytest.approx(
+        {"products": samples + metric + gradient, "cholesky": 8**3 / 3}
+    )
+
+
+def test_target_network_speed_of_light_is_unchanged():
+    """784-1024-1024-10 at N = 128, r = 9: every layer takes Woodbury, so the counts are
+    those recorded before the dense route was weighed (``reports/*/targets.json``)."""
+    sol = costs.speed_of_light_flops(costs.MLPShape((784, 1024, 1024, 10), 128, 9))
+    assert sol == {"products": 5761681920, "cholesky": 1528823808.0}
+
+
+def _counted_layerwise(widths: tuple[int, ...], batch: int) -> float:
+    torch.manual_seed(0)
+    model = mlp(widths, True).double()
+    x = torch.randn(batch, widths[0], dtype=torch.float64)
+    y = torch.randint(0, widths[-1], (batch,))
+    with flop_counter() as counter:
+        rc.direction(model, x, y, loss="cross_entropy", method="layerwise", damping=1e-3)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("width, depth", [(8, 1), (8, 2), (32, 1), (32, 2), (64, 1)])
+def test_counted_layerwise_flops_are_no_fewer_than_the_speed_of_light(width, depth):
+    """Found by an audit: the yardstick took every layer by Woodbury while the direction
+    factorises a small block's own metric where that is cheaper (a small layer, a large
+    batch), so the counted FLOPs fell below the "minimum" (32-32-10 at batch 128: 0.68x).
+    The grid takes both routes (the dense one from 8-wide layers at batch 32, 32-wide at
+    64); float64, whose Grams are padded only at multiples of 64."""
+    for out_dim, batch in itertools.product((2, 10), (8, 32, 64, 128)):
+        widths = (width,) * (depth + 1) + (out_dim,)
+        shape = costs.MLPShape(widths, batch, costs.minimal_rows(out_dim))
+        minimal = sum(costs.speed_of_light_flops(shape).values())
+        counted = _counted_layerwise(widths, batch)
+        assert counted >= minimal, (widths, batch, counted / minimal)
+
+
 @pytest.mark.parametrize(
     "kwargs, rows",
     [
