@@ -169,6 +169,10 @@ class WorkerError(ValueError):
     in one line with the worker's last error output, not a traceback of this command."""
 
 
+class WorkerTimeout(WorkerError):
+    """A side's worker that gave no answer within its timeout (and was killed)."""
+
+
 class Worker:
     """A process timing cases in ``side``'s package (:mod:`riemann_core.measure.paired`),
     whose every answer must come within ``timeout`` seconds."""
@@ -201,7 +205,9 @@ class Worker:
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._forward, daemon=True).start()
         try:
-            hello = self._read()
+            hello = self._read(" while importing its package")
+        except WorkerTimeout:  # slow, not failed to import (found by review)
+            raise
         except WorkerError as err:  # its package does not import: the side, not a bug here
             raise WorkerError(f"{err}\n(the {role} {side.spec!r} cannot be imported)") from None
         package = Path(hello["package"]).resolve()
@@ -222,7 +228,7 @@ class Worker:
             line = self.lines.get(timeout=self.timeout)
         except queue.Empty:  # (found by a hunt: a worker that hung kept the gate waiting)
             self.process.kill()
-            raise WorkerError(
+            raise WorkerTimeout(
                 f"the {self.role}'s worker gave no answer within {self.timeout:g} s{doing}: "
                 "it hangs (a deadlock, an endless loop), or a call takes longer (pass a larger "
                 "--timeout)"

@@ -193,6 +193,11 @@ def test_a_worker_that_hangs_is_an_error_naming_it_after_the_timeout(tmp_path, c
         "'direction euclidean 8-4-3 b6': it hangs" in err
     )
     assert "Traceback" not in err
+    # an import slower than the timeout is not one that failed (found by review)
+    assert cli.main([*argv[:-1], "0.001", "--cases", "euclidean"]) == 2
+    err = capsys.readouterr().err
+    assert "gave no answer within 0.001 s while importing its package" in err
+    assert "cannot be imported" not in err
 
 
 def test_what_a_side_prints_does_not_break_the_protocol(tmp_path):
