@@ -13,7 +13,8 @@ call is only the operation, synchronised on CUDA.
 ``speed_of_light_flops`` (``costs.speed_of_light_flops``: the minimal products and
 Cholesky FLOPs of the exact layerwise direction, the same yardstick for every benchmark
 of a size), ``device_rates`` (GEMM, Cholesky and triangular-solve FLOP/s measured in this
-run) and ``speed_of_light_s`` (each kind of minimal FLOPs at its rate, summed),
+run) and ``speed_of_light_s`` (each kind of minimal FLOPs at its rate, summed, each layer
+by its route of least time at these rates: ``costs.speed_of_light_flops(shape, rates)``),
 ``peak_bytes_model_estimate`` (``costs.peak_bytes``, a model, not a
 measurement), ``environment``, and the measured memory of one untimed call: on CUDA
 ``peak_bytes_cuda_measured`` (allocator peak above what was allocated before); on CPU
@@ -192,7 +193,9 @@ def _run(
         "counted_flops": counter.get_total_flops(),
         "speed_of_light_flops": sol_flops,
         "device_rates": rates,
-        "speed_of_light_s": costs.speed_of_light_seconds(sol_flops, rates),
+        "speed_of_light_s": costs.speed_of_light_seconds(
+            costs.speed_of_light_flops(minimal, rates), rates
+        ),
         "environment": environment(device),
     }
     if modelled_as is not None:

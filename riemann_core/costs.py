@@ -530,12 +530,20 @@ def minimal_rows(
     return out_dim - 1 if loss == "cross_entropy" else out_dim
 
 
-def speed_of_light_flops(shape: MLPShape) -> dict[str, float]:
+def speed_of_light_flops(
+    shape: MLPShape, rates: dict[str, float] | None = None
+) -> dict[str, float]:
     """Minimal FLOPs of the exact layerwise direction by kind (docs/methods.md, "The speed
     of light"), with ``r = shape.rows`` rows per sample (:func:`minimal_rows`); block ``a``
-    keeps ``r_a = min(r, f_out)`` rows, ``d_a = N r_a``, and has ``n_a = f_out (f_in + 1)``
-    parameters. Each layer takes the cheaper, in products and Cholesky FLOPs together, of
-    its two exact routes (the direction picks between them too, :func:`dense_is_cheaper`)::
+    keeps ``r_a = min(r, f_out)`` rows, ``d_a = N r_a``, and has ``n_a = f_out P`` parameters
+    (``P = f_in + 1`` with bias, else ``f_in``: :meth:`MLPShape.patch`; ``f_in + 1`` below).
+    Each layer takes the cheaper of its two exact routes (the direction picks between them
+    too, :func:`dense_is_cheaper`): in products and Cholesky FLOPs together, or, given the
+    device's ``rates`` (FLOP/s by kind, as :func:`speed_of_light_seconds` takes them), in
+    time at those rates. Only the latter makes :func:`speed_of_light_seconds` a minimum:
+    where Cholesky runs slower than products, the route of fewer FLOPs can take longer
+    (75 -> 3 at batch 128 by the recorded H200 rates: Woodbury's 7.19 MFLOP, 0.51 us,
+    against the dense route's 7.34 MFLOP, 0.40 us)::
 
         products   2 N r sum_{a > 1} f_in f_out                        pullback
         Woodbury   per layer  N^2 (f_in + 1)                            X X^T (symmetric)
@@ -568,10 +576,18 @@ def speed_of_light_flops(shape: MLPShape) -> dict[str, float]:
             d_a**3 / 3,
         )
         dense = (N * r_a * f_out**2 + N * n_a**2 / 2 + 2 * N * f_out * p, n_a**3 / 3)
-        route = dense if sum(dense) < sum(woodbury) else woodbury
+        if rates is None:
+            route = dense if sum(dense) < sum(woodbury) else woodbury
+        else:
+            route = min(woodbury, dense, key=lambda f: _seconds(f, rates))
         products += route[0]
         cholesky += route[1]
     return {"products": products, "cholesky": cholesky}
+
+
+def _seconds(route: tuple[float, float], rates: dict[str, float]) -> float:
+    """A layer's (products, Cholesky) FLOPs at ``rates``."""
+    return speed_of_light_seconds({"products": route[0], "cholesky": route[1]}, rates)
 
 
 def speed_of_light_seconds(flops: dict[str, float], rates: dict[str, float]) -> float:

@@ -207,6 +207,45 @@ def test_target_network_speed_of_light_is_unchanged():
     assert sol == {"products": 5761681920, "cholesky": 1528823808.0}
 
 
+H200 = {"products": 51.18e12, "cholesky": 11.73e12}  # reports/cuda/targets.json's medians
+
+
+def test_speed_of_light_in_time_takes_each_layer_by_its_time_at_the_rates():
+    """Found by a review: each layer took the route of fewer FLOPs, which where Cholesky runs
+    slower than products can take longer, so the speed of light in seconds was no minimum:
+    75 -> 3 at batch 128 (r = 2) takes Woodbury by FLOPs, 1.26x the dense route's time at
+    an H200's rates."""
+    shape = costs.MLPShape((75, 3), batch=128, rows=2)
+    n, d = 3 * 76, 128 * 2
+    woodbury = {"products": 128**2 * 76 + d**2 * 3 + 2 * 128**2 * 3 + 2 * 128 * 3 * 76}
+    woodbury["cholesky"] = d**3 / 3
+    dense = {"products": 128 * 2 * 3**2 + 128 * n**2 / 2 + 2 * 128 * 3 * 76, "cholesky": n**3 / 3}
+    assert sum(woodbury.values()) < sum(dense.values())
+    seconds = {k: costs.speed_of_light_seconds(v, H200) for k, v in (("w", woodbury), ("d", dense))}
+    assert seconds["d"] < seconds["w"] / 1.25
+    assert costs.speed_of_light_flops(shape) == pytest.approx(woodbury)
+    assert costs.speed_of_light_flops(shape, H200) == pytest.approx(dense)
+    equal = {"products": 1e11, "cholesky": 1e11}  # equal rates: time and FLOPs agree
+    assert costs.speed_of_light_flops(shape, equal) == pytest.approx(woodbury)
+
+
+@pytest.mark.parametrize("rates", [H200, {"products": 1e10, "cholesky": 5e10}])
+def test_speed_of_light_in_time_is_no_more_than_either_route_in_any_layer(rates):
+    """The time at ``rates`` of the routes picked at those rates is a minimum: no more than
+    that of the routes picked by FLOPs, and below it somewhere on the grid."""
+    below = 0
+    for width, depth, out_dim, batch in itertools.product(
+        (2, 4, 8, 16, 32, 75), (0, 1, 2), (2, 3, 10), (4, 8, 16, 32, 64, 128)
+    ):
+        widths = (width,) * (depth + 1) + (out_dim,)
+        shape = costs.MLPShape(widths, batch, costs.minimal_rows(out_dim))
+        timed = costs.speed_of_light_seconds(costs.speed_of_light_flops(shape, rates), rates)
+        counted = costs.speed_of_light_seconds(costs.speed_of_light_flops(shape), rates)
+        assert timed <= counted * (1 + 1e-12), (widths, batch)
+        below += timed < counted * (1 - 1e-6)
+    assert below > 0
+
+
 def _counted_layerwise(widths: tuple[int, ...], batch: int) -> float:
     torch.manual_seed(0)
     model = mlp(widths, True).double()

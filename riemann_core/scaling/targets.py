@@ -314,7 +314,8 @@ def measure_targets(
     ]
     shape = costs.MLPShape(NETWORK, BATCH, rows=costs.minimal_rows(NETWORK[-1]))
     sol_flops = costs.speed_of_light_flops(shape)
-    sol_s = [costs.speed_of_light_seconds(sol_flops, r) for r in rates]
+    # each round's rates pick each layer's route of least time (costs.speed_of_light_flops)
+    sol_s = [costs.speed_of_light_seconds(costs.speed_of_light_flops(shape, r), r) for r in rates]
     progress(f"training run, {'-'.join(map(str, NETWORK))}")
     run = training_run(copy.deepcopy(model), x, y, TRAINING_ROUNDS, device)
     progress("FLOP count")

@@ -1472,6 +1472,22 @@ def test_the_committed_sweep_resumes_with_this_version():
     sw.check_rows_of_record(rows, sw.read_record(out / "sweep.json"), out)
 
 
+def test_every_committed_row_records_this_versions_speed_of_light():
+    """The sweep's ``sol_products`` and ``sol_cholesky`` are computed from the shape, at
+    every row whatever its status, and ``rates.csv`` carries them (``sol_s``): a review found
+    the rewrite for the dense route's yardstick done at the ok rows alone, 3 skipped ones
+    (full and generic layerwise at 128-wide batch 256, 512) left at the old one beside ok rows
+    of the same shape."""
+    out = Path(__file__).resolve().parents[2] / "reports" / "cpu"
+    stale = []
+    for row in sw.read_results(out / "results.csv"):
+        sol = sw.speed_of_light_of(sw.run_of(row))
+        recorded = (float(row["sol_products"]), float(row["sol_cholesky"]))
+        if recorded != pytest.approx((sol["products"], sol["cholesky"]), rel=1e-9):
+            stale.append((sw.key_of(row), row["status"]))
+    assert not stale
+
+
 class PlacedHere:
     """A runner that measures in this process as a cluster's worker would (``placed``)."""
 
