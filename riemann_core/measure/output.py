@@ -351,11 +351,16 @@ def save_figure(fig, path: Path, dpi: int = 120) -> Path:
 
 
 def markdown_table(frame: pd.DataFrame, floatfmt: str = ".3g") -> str:
-    cols = list(frame.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in frame.itertuples(index=False):
-        cells = [format(v, floatfmt) if isinstance(v, float) else str(v) for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
+    """``frame`` as a Markdown table; a ``|`` in a cell escaped and a line break made a
+    space, which would otherwise end the cell or the row (a ``--cases 'layerwise|step'``
+    or a recorded value holding one)."""
+
+    def cell(value) -> str:
+        text = format(value, floatfmt) if isinstance(value, float) else str(value)
+        return " ".join(text.splitlines()).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(cell, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines)
 
 

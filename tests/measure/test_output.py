@@ -198,3 +198,17 @@ def test_a_derived_table_is_the_same_file_from_last_digits_another_machine_compu
     # counts keep every digit (past the significant digits of the derived figures)
     assert output.derived_csv(here) == "slope,flops\n-0.007085103692,12953482247\n"
     assert pd.read_csv(io.StringIO(output.derived_csv(here)))["flops"][0] == 12953482247
+
+
+def test_a_table_cell_with_a_pipe_or_a_line_break_stays_one_cell_of_one_row():
+    """A ``|`` in a cell (a ``--cases 'layerwise|step'``, a recorded value) ended the
+    cell, and a line break the row: the table lost its columns."""
+    import pandas as pd
+
+    table = output.markdown_table(pd.DataFrame({"case": ["layerwise|step", "a\nb"], "x": [1.0, 2]}))
+    assert table.splitlines() == [
+        "| case | x |",
+        "|---|---|",
+        r"| layerwise\|step | 1 |",
+        "| a b | 2 |",
+    ]
