@@ -53,6 +53,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import LinearConstraint, lsq_linear, minimize
 
+from .. import costs
 from ..measure.flops import KINDS
 from ..measure.output import RECORDS
 from . import sweep
@@ -933,17 +934,27 @@ def achieved_rates(df: pd.DataFrame, rates: Mapping[str, float]) -> pd.DataFrame
     """``df`` with, at every ok row: ``flops_per_s`` (counted FLOPs / time);
     ``sol_s``, the phase-wise speed of light of the layerwise direction at the row's
     shape (minimal products at ``rates["products"]`` plus minimal Cholesky FLOPs at
-    ``rates["cholesky"]``); ``time_over_sol``; ``counted_over_minimal`` (counted FLOPs /
-    minimal FLOPs). NaN for rows that are not ok."""
+    ``rates["cholesky"]``, each layer's route the one of least time at these rates);
+    ``time_over_sol``; ``counted_over_minimal`` (counted FLOPs / the recorded minimal
+    FLOPs, each layer's route the one of fewer FLOPs). NaN for rows that are not ok.
+
+    The recorded ``sol_products`` and ``sol_cholesky`` are not divided by the rates: where
+    Cholesky runs slower than products, a layer's route of fewer FLOPs can take longer
+    than the other, and time / speed of light would flatter (by up to the ratio of the
+    rates)."""
     for kind in ("products", "cholesky"):
         rate = rates.get(kind)
         if not (isinstance(rate, Real) and 0 < rate < math.inf):
             raise ValueError(f"the {kind} rate must be positive and finite, got {rate!r}")
-    require_columns(df, ("status", "flops", "time_median_s", "sol_products", "sol_cholesky"))
+    columns = ("status", "flops", "time_median_s", "sol_products", "sol_cholesky")
+    require_columns(df, (*columns, *sweep.KEY))
     out = df.copy()
     time = out["time_median_s"].where((out["status"] == "ok") & (out["time_median_s"] > 0))
     out["flops_per_s"] = out["flops"] / time
-    out["sol_s"] = out["sol_products"] / rates["products"] + out["sol_cholesky"] / rates["cholesky"]
+    out["sol_s"] = [
+        costs.speed_of_light_seconds(sweep.speed_of_light_of(sweep.run_of(row), rates), rates)
+        for row in out.to_dict("records")
+    ]
     out["time_over_sol"] = time / out["sol_s"]
     minimal = out["sol_products"] + out["sol_cholesky"]
     out["counted_over_minimal"] = (out["flops"] / minimal).where(time.notna())

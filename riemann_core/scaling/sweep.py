@@ -447,12 +447,14 @@ def model_peak_bytes(run: Mapping) -> float:
     return costs.peak_bytes(method, shape_of(run), run["kernel"], itemsize, device=run["device"])
 
 
-def speed_of_light_of(run: dict) -> dict[str, float]:
+def speed_of_light_of(run: dict, rates: dict[str, float] | None = None) -> dict[str, float]:
     """Minimal FLOPs by kind of the exact layerwise direction at ``run``'s shape and
-    output metric (for every method: the yardstick of the point)."""
+    output metric (for every method: the yardstick of the point); each layer's route the
+    one of fewer FLOPs, or given the device's ``rates`` the one of least time at them
+    (:func:`riemann_core.costs.speed_of_light_flops`)."""
     rows = costs.minimal_rows(run["out_dim"], output_metric=run["output_metric"])
     shape = costs.MLPShape(widths(run["width"], run["depth"], run["out_dim"]), run["batch"], rows)
-    return costs.speed_of_light_flops(shape)
+    return costs.speed_of_light_flops(shape, rates)
 
 
 def blank_row(run: dict) -> dict:

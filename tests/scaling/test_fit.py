@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from synthetic import BASE, Machine, make_sweep
 
+from riemann_core import costs
 from riemann_core.measure.timing import RATE_KINDS
 from riemann_core.scaling import devices, fit
 from riemann_core.scaling import sweep as sw
@@ -249,6 +250,27 @@ def test_achieved_rates_and_the_phase_wise_speed_of_light():
     assert "flops_per_s" not in df  # the input is left alone
     with pytest.raises(ValueError, match="cholesky rate must be positive"):
         fit.achieved_rates(df, {"products": 1e10})
+
+
+def test_speed_of_light_takes_each_layers_route_of_least_time_at_the_rates():
+    """75 -> 3 at batch 128: Woodbury has fewer FLOPs (7.19 M against 7.34 M, the recorded
+    sol_* columns), the dense route less time where Cholesky runs 4.25x slower than
+    products; the speed of light in seconds is the faster route's (found by a review:
+    rates.csv divided the recorded counts by the rates, 1.10x the minimum here)."""
+    run = dict(method="layerwise", kernel="structured", width=75, depth=1, out_dim=3)
+    run |= dict(batch=128, device="cpu", dtype="float32", output_metric="exact")
+    row = sw.blank_row(run) | {"time_median_s": 1e-6, "flops": 1e7}
+    rates = {"products": 51e12, "cholesky": 12e12}
+    by_time = costs.speed_of_light_seconds(
+        costs.speed_of_light_flops(sw.shape_of(run), rates), rates
+    )
+    by_flops = row["sol_products"] / rates["products"] + row["sol_cholesky"] / rates["cholesky"]
+    assert by_flops / by_time == pytest.approx(1.0958, abs=1e-4)
+    out = fit.achieved_rates(pd.DataFrame([row]), rates)
+    assert out["sol_s"].item() == pytest.approx(by_time, rel=1e-12)
+    assert out["time_over_sol"].item() == pytest.approx(1e-6 / by_time, rel=1e-12)
+    minimal = row["sol_products"] + row["sol_cholesky"]  # the counts stay the fewest FLOPs
+    assert out["counted_over_minimal"].item() == pytest.approx(1e7 / minimal, rel=1e-12)
 
 
 def test_rate_spread_over_the_sweep():
