@@ -28,7 +28,7 @@ import tarfile
 import tempfile
 import threading
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,7 +203,8 @@ class Worker:
         # its answers, read by a thread of their own so that a wait can end (a pipe's
         # readline cannot time out); "" once its output closes
         self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._forward, daemon=True).start()
+        self.reader = threading.Thread(target=self._forward, daemon=True)
+        self.reader.start()
         try:
             hello = self._read(" while importing its package")
         except WorkerTimeout:  # slow, not failed to import (found by review)
@@ -264,13 +265,18 @@ class Worker:
         return answer["seconds"]
 
     def close(self) -> None:
-        if self.process.poll() is None:
+        """End the worker (its input closed, it exits; killed after 10 s) and close its
+        pipes, also those of a worker that ended first (found by review: left to the
+        garbage collector, a ResourceWarning each)."""
+        with suppress(BrokenPipeError):  # (a worker that died: its pipe is broken)
             self.process.stdin.close()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.reader.join(timeout=10)  # its output closed with it
+        self.process.stdout.close()
 
 
 def shared_cpus(threads: int) -> list[int] | None:

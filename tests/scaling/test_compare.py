@@ -354,6 +354,21 @@ def test_every_thread_of_a_pinned_worker_runs_on_its_cpus(tmp_path):
     assert pinned and all(cpus == {allowed[-1]} for cpus in pinned.values()), pinned
 
 
+@pytest.mark.parametrize("ended", [False, True], ids=["running", "ended first"])
+def test_a_closed_worker_leaves_no_pipe_open(ended):
+    """Found by review: the pipes of a worker that had ended were left to the garbage
+    collector (a ResourceWarning each under python -X dev)."""
+    side = compare.Side(str(REPO), REPO, "this checkout")
+    with ExitStack() as stack:
+        worker = compare.Worker(side, "baseline", 1, stack)
+        if ended:
+            worker.process.kill()
+            worker.process.wait()
+    assert worker.process.returncode is not None
+    assert worker.process.stdin.closed and worker.process.stdout.closed
+    assert not worker.reader.is_alive()
+
+
 def git(cwd: Path, *args: str) -> str:
     return subprocess.run(
         ["git", "-C", str(cwd), "-c", "user.email=t@t", "-c", "user.name=t", *args],
