@@ -1645,8 +1645,15 @@ def handler_for(block: Block, kernel: str) -> Handler:
     if reason is None:
         return cls(block)
     supported = ", ".join(t.__name__ for t in STRUCTURED)
+    what = type(block.module).__name__
+    # (a review's note: "has parameters but parameters other than weight and bias")
+    unfit = (
+        f"has parameters but {reason}"
+        if cls is None
+        else f"does not fit its structured kernel: {reason}"
+    )
     raise ValueError(
-        f"module {block.name!r} ({type(block.module).__name__}) has parameters but {reason}; "
+        f"module {block.name!r} ({what}) {unfit}; "
         f"structured kernels exist for {supported}. Pass kernel='generic' (torch.func, "
         "materialises K) or kernel='auto' (structured where possible, generic elsewhere); "
         "with method='kfac' no kernel helps: it has Kronecker factors for Linear and Conv2d "
