@@ -931,12 +931,13 @@ def rate_spread(sweep_meta: Mapping, dtype: str | None = None) -> dict[str, floa
 
 
 def achieved_rates(df: pd.DataFrame, rates: Mapping[str, float]) -> pd.DataFrame:
-    """``df`` with, at every ok row: ``flops_per_s`` (counted FLOPs / time);
-    ``sol_s``, the phase-wise speed of light of the layerwise direction at the row's
-    shape (minimal products at ``rates["products"]`` plus minimal Cholesky FLOPs at
-    ``rates["cholesky"]``, each layer's route the one of least time at these rates);
-    ``time_over_sol``; ``counted_over_minimal`` (counted FLOPs / the recorded minimal
-    FLOPs, each layer's route the one of fewer FLOPs). NaN for rows that are not ok.
+    """``df`` with ``sol_s`` at every row, the phase-wise speed of light of the exact
+    layerwise direction at the row's shape and output metric (minimal products at
+    ``rates["products"]`` plus minimal Cholesky FLOPs at ``rates["cholesky"]``, each
+    layer's route the one of least time at these rates); and at every ok row
+    ``flops_per_s`` (counted FLOPs / time), ``time_over_sol`` and ``counted_over_minimal``
+    (counted FLOPs / the recorded minimal FLOPs, each layer's route the one of fewer
+    FLOPs), these three NaN for rows that are not ok.
 
     The recorded ``sol_products`` and ``sol_cholesky`` are not divided by the rates: where
     Cholesky runs slower than products, a layer's route of fewer FLOPs can take longer

@@ -1474,10 +1474,10 @@ def test_the_committed_sweep_resumes_with_this_version():
 
 def test_every_committed_row_records_this_versions_speed_of_light():
     """The sweep's ``sol_products`` and ``sol_cholesky`` are computed from the shape, at
-    every row whatever its status, and ``rates.csv`` carries them (``sol_s``): a review found
-    the rewrite for the dense route's yardstick done at the ok rows alone, 3 skipped ones
-    (full and generic layerwise at 128-wide batch 256, 512) left at the old one beside ok rows
-    of the same shape."""
+    every row whatever its status (``rates.csv`` carries them, its ``counted_over_minimal``
+    reads them): a review found the rewrite for the dense route's yardstick done at the ok
+    rows alone, 3 skipped ones (full and generic layerwise at 128-wide batch 256, 512) left
+    at the old one beside ok rows of the same shape."""
     out = Path(__file__).resolve().parents[2] / "reports" / "cpu"
     stale = []
     for row in sw.read_results(out / "results.csv"):
