@@ -325,6 +325,46 @@ def test_an_interrupted_command_leaves_no_directory_it_made(
     assert f"riemann-bench {command}: interrupted" in capsys.readouterr().err
 
 
+def test_sigterm_is_taken_as_ctrl_c_while_a_command_runs(capsys):
+    """A gap found by review: a SIGTERM (kill, timeout, a scheduler's cancel) ended a
+    command on the spot, with none of what Ctrl-C unwinds. Taken as Ctrl-C, with its own
+    exit code (143, as shells report it); a second one does not break off the unwinding;
+    the handler before is back after (here one that raises: the test lives without the
+    fix)."""
+    import argparse
+    import os
+    import signal
+    import time
+
+    class Killed(Exception):
+        pass
+
+    def before(signum, frame):
+        raise Killed
+
+    unwound = []
+
+    def terminated(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # (the signal's handler runs first)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+            unwound.append(True)
+
+    previous = signal.signal(signal.SIGTERM, before)
+    try:
+        code = cli.guarded(terminated)(argparse.Namespace(command="sweep"))
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert code == 143 and unwound, err
+    assert code == cli.TERMINATED
+    assert "riemann-bench sweep: terminated (SIGTERM)" in err and "Traceback" not in err
+    assert "to resume" in err
+
+
 def test_ctrl_c_is_one_line_and_its_own_exit_code(capsys):
     """Found by review: a KeyboardInterrupt printed torch's traceback."""
     import argparse

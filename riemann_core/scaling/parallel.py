@@ -316,6 +316,12 @@ def run_world(config: Config, world: int, progress=None) -> list[dict]:
                 if kind == "rows":
                     rows += payload
                     finished += 1
+        except KeyboardInterrupt:  # Ctrl-C, or a SIGTERM sent to this process alone (kill,
+            # timeout): its ranks, which may have had none, stop now, not at the joins
+            for p in processes:
+                if p.is_alive():
+                    p.terminate()
+            raise
         finally:
             for p in processes:
                 p.join(timeout=30)

@@ -342,6 +342,39 @@ def test_the_gemm_rate_is_measured_between_world_sizes_too(monkeypatch):
     assert measured["gemm_flops_per_s"] == [4e10, 1e10, 4e10]
 
 
+def _stalled_rank(config, rank, world, rendezvous, out) -> None:
+    """A rank that says it has begun, then measures for a minute."""
+    import time
+
+    out.put(("progress", rank))
+    time.sleep(60)
+
+
+def test_an_interrupted_run_stops_its_ranks_at_once(monkeypatch):
+    """A gap found by review: a SIGTERM sent to the parent alone (kill, timeout), taken as
+    Ctrl-C, left its ranks, which had none, measuring on, and the parent waited 30 s for
+    each at its joins before killing it. They stop now (forked here, so that the stalled
+    rank is the one they run)."""
+    import multiprocessing
+    import time
+
+    monkeypatch.setattr(parallel, "_context", lambda: multiprocessing.get_context("fork"))
+    monkeypatch.setattr(parallel, "_rank_main", _stalled_rank)
+    started = []
+
+    def interrupted(world, rank):  # the SIGTERM, once a rank has begun
+        started.append(rank)
+        if len(started) == 2:
+            raise KeyboardInterrupt
+
+    config = parallel.Config((4, 2), 2, ("layerwise",), 1, 1, "cpu", "float32", 0, 60.0)
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        parallel.run_world(config, 2, interrupted)
+    assert time.monotonic() - start < 20  # (30 s a rank without)
+    assert not multiprocessing.active_children()
+
+
 def test_optimal_load_by_exhaustion():
     assert pr.optimal_load([3.0, 3.0, 2.0, 2.0, 2.0], 2) == 6
     assert pr.optimal_load([5.0, 1.0], 1) == 6

@@ -415,6 +415,54 @@ def test_a_sweep_stopped_early_leaves_no_earlier_pairs_beside_its_record(
     assert {f.name: f.read_bytes() for f in earlier.iterdir()} == before
 
 
+#: ``riemann-bench`` whose first pair never ends (a sleep, not work): stopped by a signal
+STALLED = """
+import sys, time
+from riemann_core import cli
+from riemann_core.studies import stability
+stability.pair_distance = lambda *args, **kwargs: time.sleep(300)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_stops_a_sweep_as_ctrl_c_does(tmp_path):
+    """A gap found by review: a SIGTERM (kill, timeout, a scheduler's cancel) ended the
+    process on the spot (exit status -15, nothing said), where Ctrl-C unwinds: the earlier
+    study kept whole in earlier-*, the new record where it is, a line saying what is left
+    and its own exit code, 143 (128 + SIGTERM) as shells report a SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    before = {name: f"{name} of the earlier study\n".encode() for name in
+              ("stability.json", "pairs.csv", "slopes.csv", "report.md")}  # fmt: skip
+    for name, data in before.items():
+        (tmp_path / name).write_bytes(data)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = [*SMALL, "--seed", "3", "--out", str(tmp_path)]
+    proc = subprocess.Popen([sys.executable, "-c", STALLED, *argv], env=env,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:  # killed once the earlier study is set aside and the new record written
+        deadline = time.monotonic() + 120
+        while not (list(tmp_path.glob("earlier-*")) and (tmp_path / "stability.json").is_file()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err  # not -15: killed on the spot
+    assert proc.returncode == cli.TERMINATED
+    assert "riemann-bench stability: terminated (SIGTERM)" in err and "Traceback" not in err
+    assert "nothing --report-only could draw was written yet" in err
+    (earlier,) = tmp_path.glob("earlier-*")
+    assert {f.name: f.read_bytes() for f in earlier.iterdir()} == before
+    assert json.loads((tmp_path / "stability.json").read_text())["seed"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [earlier.name, "stability.json"]
+
+
 @pytest.mark.parametrize("table", ["stability.json", "pairs.csv"])
 def test_ctrl_c_points_to_report_only_only_where_it_can_draw(table, tmp_path, monkeypatch, capsys):
     """Found by a hunt: stopped before its first pair, stability said "--report-only with
