@@ -15,8 +15,10 @@ A step (:func:`solve`), on every rank of the group:
    per rank (and of each pass's samples where ``.grad`` sums several). A rank
    whose local work raised makes every rank raise here, and ranks that see different
    networks are refused (then, and only then, they exchange their samples' shapes, to
-   name each rank's where those differ). Every rank then computes the same plan: ``layerwise`` and
-   ``kfac`` give each block to one rank by the greedy plan of
+   name each rank's where those differ; or, where the blocks differ only in their
+   parameters' names, shapes or order, those parameters, to name each rank's). Every
+   rank then computes the same plan: ``layerwise`` and ``kfac`` give each block to one
+   rank by the greedy plan of
    :mod:`riemann_core.ownership` over the modelled solve FLOPs, ``natural`` and ``full``
    every block to rank 0 (their metric couples all blocks: one solve on one rank);
 3. *exchange*: ``layerwise``, ``natural``, ``full``: one all-to-all sends each block's
@@ -70,6 +72,9 @@ PHASES = ("local", "agree", "exchange", "solve", "broadcast")
 
 #: Bytes of each rank's error message shared when a step fails.
 MESSAGE_BYTES = 2048
+
+#: Blocks whose parameters :meth:`_Group.other_parameters` names, at most.
+PARAMETERS_NAMED = 3
 
 #: Seconds a rank waits in a collective before it raises (the default).
 TIMEOUT = 600.0
@@ -349,6 +354,7 @@ class _Group:
         constants: list | None = None,
         passes: tuple[tuple[int, ...], ...] = (),
         choices: str | None = None,
+        listing: list[tuple[str, tuple[str, ...]]] | None = None,
     ) -> list[int]:
         """Every rank's batch size, once every rank finished its local work, sees the same
         blocks, holds the same ``params`` and ``constants`` (by :func:`_checksum`) and
@@ -357,7 +363,10 @@ class _Group:
         rank that failed makes every rank raise. ``choices``: the ranks make
         their preconditioners (:func:`share_failure`'s meeting) with these
         :func:`choices` (``""`` where this rank failed), which must be every rank's; a
-        rank that runs a step or ``rc.direction`` there is refused on every rank."""
+        rank that runs a step or ``rc.direction`` there is refused on every rank.
+        ``listing``: each block's parameters (:func:`_parameters`), whose names, shapes and
+        order the high bits of ``signature`` sign: ranks that differ only there are
+        refused naming each rank's (:meth:`other_parameters`)."""
         if self.world == 1:
             if failure is not None:
                 raise failure
@@ -407,6 +416,9 @@ class _Group:
                 "many micro-batches, each split between the ranks alike, before pre.step()"
             )
         if len({row[2] for row in rows}) > 1:
+            low = (1 << PARAMETER_BITS) - 1
+            if not making and len({row[2] & low for row in rows}) == 1:  # (every rank alike)
+                self.other_parameters(listing or [])
             # each rank's shapes travel only now, every rank here alike (one table): the
             # agreement's fixed int64 slots hold no shapes of any number of passes and
             # dimensions, and a step that agrees pays nothing for them
@@ -456,6 +468,55 @@ class _Group:
                     "find_unused_parameters=True) or a .grad changed on some ranks since"
                 )
         return [row[1] for row in rows]
+
+    def other_parameters(self, listing: list[tuple[str, tuple[str, ...]]]) -> None:
+        """Refuse, on every rank alike, ranks whose blocks agree but for their parameters'
+        names, shapes or order (``listing``, :func:`_parameters`: the same blocks on every
+        rank, which the rest of the signature signs), naming each rank's parameters of the
+        first few blocks that differ: two all-reduces, run only where they differ (each
+        block's CRC-32, then those blocks' parameters as text)."""
+        table = torch.zeros(self.world, len(listing), dtype=torch.int64)
+        if listing:
+            table[self.rank] = torch.tensor([zlib.crc32(repr(ps).encode()) for _, ps in listing])
+        columns = self.all_reduce(table, "signatures of the blocks' parameters").T.tolist()
+        differ = [i for i, column in enumerate(columns) if len(set(column)) > 1]
+        if not differ:  # (a CRC-32 that collided: named as the blocks that differ)
+            return
+        shown = differ[:PARAMETERS_NAMED]
+        texts = self.texts("\n".join(", ".join(listing[i][1]) for i in shown), "parameters")
+        lines = [text.split("\n") for text in texts]
+        whole = all(
+            len(text.encode()) < MESSAGE_BYTES and len(ls) == len(shown)
+            for text, ls in zip(texts, lines, strict=True)
+        )
+        named = []
+        for k, i in enumerate(shown):
+            if whole:
+                ranks: dict[str, list[int]] = {}
+                for q, ls in enumerate(lines):
+                    ranks.setdefault(f"[{ls[k]}]", []).append(q)
+                entries = list(ranks.items())
+            else:  # (cut short: this rank's own, the others' told apart by their CRC-32)
+                alike = [q for q in range(self.world) if columns[i][q] == columns[i][self.rank]]
+                others = [q for q in range(self.world) if q not in alike]
+                entries = [(f"[{', '.join(listing[i][1])}]", alike), ("others", others)]
+            named.append(
+                f"module {listing[i][0]!r}: "
+                + "; ".join(
+                    f"{value} on rank{'s' * (len(qs) > 1)} {', '.join(map(str, qs))}"
+                    for value, qs in entries
+                )
+            )
+        more = f"; and {len(differ) - len(shown)} more modules" if len(differ) > len(shown) else ""
+        raise ValueError(
+            "the ranks' modules hold parameters of other names or shapes, or the same in "
+            f"another order ({'; '.join(named)}{more}): the ranks would sum one parameter's "
+            "gradient with another's and write each direction to another parameter. Every "
+            "rank must build the same network, each module registering the same parameters "
+            "in the same order (not, e.g., in the order of a set, or one that depends on "
+            "the rank: loading the weights by name, load_state_dict, does not change that "
+            "order). .grad is left as it was on every rank"
+        )
 
     def texts(self, own: str, what: str) -> list[str]:
         """Every rank's text in rank order, this rank's being ``own``, each cut to its
@@ -798,6 +859,25 @@ def _left_alone(buffer: Tensor, before: tuple[Tensor, int] | None) -> bool:
     return before is not None and before[0] is buffer and before[1] == buffer._version
 
 
+def _parameters(problem: Problem) -> list[tuple[str, tuple[str, ...]]]:
+    """Each block's name and its parameters' names and shapes, in the block's order (the
+    order in which every rank packs, and writes, the block's parameters)."""
+    return [
+        (
+            b.name,
+            tuple(
+                f"{n} ({'x'.join(map(str, p.shape))})"
+                for n, p in zip(b.param_names, b.params, strict=True)
+            ),
+        )
+        for b in problem.blocks
+    ]
+
+
+#: The bits of a signature (:func:`_signature`) above the rest's CRC-32: its parameters'.
+PARAMETER_BITS = 32
+
+
 def _signature(
     problem: Problem,
     shares: list[_Share],
@@ -805,18 +885,28 @@ def _signature(
     opts: Options,
     absent: tuple[str, ...],
     modules: tuple[tuple, ...] = (),
+    parameters: list[tuple[str, tuple[str, ...]]] | None = None,
 ) -> int:
     """A checksum of the blocks, what each rank sends for them, the options of the solve,
     the parameters without a ``.grad`` and the ``modules`` (:func:`model_state`; equal on
     every rank that runs the same network on samples of one shape with the same options:
     an owner solves with its own, and every rank writes the directions of the same
-    parameters)."""
+    parameters): their CRC-32 in the low 32 bits, and above it 31 bits of the CRC-32 of
+    each block's ``parameters`` (:func:`_parameters`), so that ranks whose blocks differ
+    only in their parameters' names, shapes or order are told apart in the one agreement
+    (found by review: a module whose two parameters of one shape were registered in the
+    other order on one rank was accepted where they held equal values, zero-initialised:
+    the ranks summed one's gradient with the other's, 2.5-2.7 off the single process,
+    and wrote each direction to another parameter per rank; with unequal values it was
+    refused as weights that differ, though each rank's were the same by name)."""
     blocks = [(b.name, b.n_params, [str(p.dtype) for p in b.params]) for b in problem.blocks]
     kinds = [type(h).__name__ for h in problem.handlers]
     layouts = [s.layout for s in shares]
     options = [_shown(getattr(opts, k)) for k in SHARED_OPTIONS]
     signed = (method, problem.given, blocks, kinds, layouts, options, sorted(absent), modules)
-    return zlib.crc32(repr(signed).encode())
+    parameters = _parameters(problem) if parameters is None else parameters
+    named = zlib.crc32(repr(parameters).encode()) & 0x7FFFFFFF  # (an int64 stays positive)
+    return zlib.crc32(repr(signed).encode()) | named << PARAMETER_BITS
 
 
 #: Entries of a parameter :func:`_checksum` converts to float64 at a time.
@@ -1002,11 +1092,15 @@ def solve(
         # allocation that failed) is carried by it (found by a hunt: the others waited out
         # the timeout at the agreement, or at the all-to-all, then blamed the process group)
         signature, params, constants, samples, outgoing = 0, None, None, 0, None
+        listing = None
         try:
             constants, modules = model_state(model, versions, found)
             shapes = tuple(shape[1:] for shape in passes)  # (rows per sample, e.g. tokens)
             if problem is not None:
-                signature = _signature(problem, shares, method, opts, absent, (*modules, shapes))
+                listing = _parameters(problem)
+                signature = _signature(
+                    problem, shares, method, opts, absent, (*modules, shapes), listing
+                )
                 params = [p for b in problem.blocks for p in b.params]
                 if global_gradient and problem.given:  # DDP's average: alike everywhere
                     # (found by a hunt: a parameter forward left unused held DDP's reduction
@@ -1026,7 +1120,7 @@ def solve(
             failure = failure or err
         if failure is not None:
             signature, params, constants = 0, None, None
-        sizes = net.agree(failure, samples, signature, params, constants, passes)
+        sizes = net.agree(failure, samples, signature, params, constants, passes, listing=listing)
         N = sum(sizes)
         if len(passes) > 1:  # micro-batches: each rank's share of each, on every rank
             table = torch.zeros(net.world, len(passes), dtype=torch.int64)

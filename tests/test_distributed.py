@@ -14,6 +14,7 @@ import functools
 import math
 import time
 import warnings
+import zlib
 
 import pytest
 import torch
@@ -144,6 +145,29 @@ class WithUnused(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+class Affine(nn.Module):
+    """``x * (1 + gain) + shift``: two parameters of one shape, registered in ``order``
+    under ``names`` (role to name), each role's value from ``values``."""
+
+    def __init__(self, order=("gain", "shift"), names=None, values=(0.0, 0.0)):
+        super().__init__()
+        self.names = names or {"gain": "gain", "shift": "shift"}
+        value = dict(zip(("gain", "shift"), values))
+        for role in order:
+            self.register_parameter(self.names[role], nn.Parameter(torch.full((4,), value[role])))
+
+    def forward(self, x):
+        gain, shift = (getattr(self, self.names[role]) for role in ("gain", "shift"))
+        return x * (1 + gain) + shift
+
+
+def with_affine(affine: Affine) -> nn.Module:
+    """A network whose third module is ``affine``, its other weights alike on every rank."""
+    torch.manual_seed(0)
+    first, last = nn.Linear(4, 4), nn.Linear(4, 3)
+    return nn.Sequential(first, nn.Tanh(), affine, last).double()
 
 
 class WithAuxiliaryHead(nn.Module):
@@ -1213,6 +1237,50 @@ def _refused_when_made(rank, world) -> dict:
     return out
 
 
+def _other_parameters(rank, world) -> dict:
+    """A module whose two parameters of one shape are registered in the other order (or
+    one named otherwise) on the last rank: the same values by name on every rank."""
+    out = {}
+    last = rank == world - 1
+    torch.manual_seed(1)
+    x, y = torch.randn(N, 4, dtype=torch.float64), torch.randint(0, 3, (N,))
+    part = shards(world, equal=True)[rank]
+    reordered = ("shift", "gain") if last else ("gain", "shift")
+
+    def direction(model):
+        return _outcome(
+            lambda: rc.direction(
+                model,
+                x[part],
+                y[part],
+                damping=DAMPING,
+                kernel="auto",
+                process_group=dist.group.WORLD,
+                timeout=TIMEOUT,
+            )  # fmt: skip
+        )
+
+    out["alike"] = direction(with_affine(Affine()))
+    # zero-initialised: the weighted sums of the ranks' weights agree (found by review:
+    # accepted, 2.5-2.7 off the single process, each rank writing another direction)
+    model = with_affine(Affine(reordered))
+    pre = rc.RiemannianPreconditioner(
+        model, damping=DAMPING, kernel="auto", process_group=dist.group.WORLD, timeout=TIMEOUT
+    )
+    F.cross_entropy(model(x[part]), y[part]).backward()
+    before = {n: (p.detach().clone(), p.grad.clone()) for n, p in model.named_parameters()}
+    out["reordered"] = _outcome(pre.step)
+    out["reordered kept"] = all(
+        torch.equal(p, before[n][0]) and torch.equal(p.grad, before[n][1])
+        for n, p in model.named_parameters()
+    )
+    # other values (alike by name): refused as weights that differed on every rank
+    out["reordered values"] = direction(with_affine(Affine(reordered, values=(0.5, -0.25))))
+    renamed = {"gain": "gain", "shift": "offset" if last else "shift"}
+    out["renamed"] = direction(with_affine(Affine(names=renamed)))
+    return out
+
+
 def _made_apart(rank, world) -> dict:
     """Preconditioners made where the ranks differ (3 ranks): a GradScaler on rank 0 only,
     then one enabled on rank 0 and disabled on the others; another method on the last rank;
@@ -1860,6 +1928,66 @@ def test_an_option_refused_on_one_rank_as_made_is_refused_on_every_rank_there(tm
                 assert "damping must be positive" in message
         kind, message = result["other method"]
         assert kind == "ValueError" and "another method" in message
+
+
+def test_ranks_whose_modules_hold_other_parameters_are_refused_naming_them(tmp_path):
+    """Found by review (2 ranks): the agreement signed each block's name, size and dtypes,
+    not its parameters' names: a module whose two parameters of one shape were registered
+    in the other order on one rank was accepted where their values agreed (zero
+    initialised), the ranks summing one's gradient with the other's (2.5-2.7 off the
+    single process, each rank writing another direction to each); with other values it was
+    refused as weights that differ, though they were alike by name. Every rank refuses
+    them now, each rank's parameters named, ``.grad`` and the weights as they were."""
+    world = 3
+    results = run_ranks(_other_parameters, world, tmp_path)
+    reordered = (
+        "module '2': [2.gain (4), 2.shift (4)] on ranks 0, 1; [2.shift (4), 2.gain (4)] on rank 2"
+    )
+    for rank, result in enumerate(results):
+        assert result["alike"] is None, (rank, result["alike"])
+        for case in ("reordered", "reordered values", "renamed"):
+            assert result[case] is not None, f"{case}: accepted on rank {rank}"
+        for case in ("reordered", "reordered values"):
+            kind, message = result[case]
+            assert kind == "ValueError", (case, rank, result[case])
+            assert reordered in message, message
+            assert "in the same order" in message and "hold different parameters" not in message
+        assert result["reordered kept"]
+        kind, message = result["renamed"]
+        assert kind == "ValueError"
+        assert "[2.gain (4), 2.shift (4)] on ranks 0, 1; [2.gain (4), 2.offset (4)] on rank 2" in (
+            message
+        )
+
+
+def test_ranks_whose_parameters_differ_are_named_where_the_text_is_cut_short():
+    """Where each rank's parameters outrun a message, every rank names its own and the
+    others apart; beyond the first few blocks that differ, their number."""
+    world, blocks = 2, distributed.PARAMETERS_NAMED + 2
+    name = "p" * (distributed.MESSAGE_BYTES // 2)
+    listings = [
+        [(f"m{i}", (f"m{i}.{name} (4)", f"m{i}.b (4)")[:: 1 - 2 * q]) for i in range(blocks)]
+        for q in range(world)
+    ]
+    crcs = torch.tensor([[zlib.crc32(repr(ps).encode()) for _, ps in lst] for lst in listings])
+    texts = torch.zeros(world, distributed.MESSAGE_BYTES, dtype=torch.uint8)
+    for q, lst in enumerate(listings):
+        own = "\n".join(", ".join(ps) for _, ps in lst[: distributed.PARAMETERS_NAMED])
+        text = own.encode()[: distributed.MESSAGE_BYTES]
+        texts[q, : len(text)] = torch.tensor(list(text), dtype=torch.uint8)
+    whole = {"signatures of the blocks' parameters": crcs, "parameters": texts}
+    for rank in range(world):
+        net = object.__new__(distributed._Group)
+        net.rank, net.world, net.timeout, net.traffic = rank, world, 1.0, distributed.Traffic()
+        net.all_reduce = lambda tensor, what: whole[what].clone()
+        with pytest.raises(ValueError) as refused:
+            net.other_parameters(listings[rank])
+        message = str(refused.value)
+        assert (
+            f"module 'm0': [{', '.join(listings[rank][0][1])}] on rank {rank}; others on "
+            f"rank {1 - rank}" in message
+        ), message[-600:]
+        assert "; and 2 more modules)" in message
 
 
 def test_preconditioners_made_apart_are_refused_on_every_rank_there(tmp_path):
