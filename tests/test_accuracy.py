@@ -174,6 +174,37 @@ def test_damping_1e_30_is_refused_or_warned(method):
     assert dirs is None or any("determined by the model's" in m for m in messages)
 
 
+@pytest.mark.parametrize("method", rc.METHODS[1:], ids=lambda m: f"method={m}")
+def test_a_direction_that_underflows_the_model_s_dtype_warns(method):
+    """``G^{-1} g`` is at most ``||g|| / mu``: a float32 model solved in float64 at damping
+    1e50 (which that dtype holds) has a direction of norm ~1e-51, 0 in float32 (found by a
+    hunt: every method returned zeros without a word). It warns; at 1e36, a direction of
+    ~1e-37 is returned to float32's precision, and nothing is said."""
+    dirs, messages = run(method, 1e50, solve_dtype=torch.float64)
+    assert dirs is not None and not dirs.any()
+    assert any("underflows torch.float32: it is of norm" in m for m in messages)
+    (expected, _), (dirs, messages) = oracle(method, 1e36), run(method, 1e36)
+    assert rel_error(dirs, expected) < 1e-5
+    assert not messages
+
+
+@pytest.mark.parametrize("method", ["layerwise", "natural", "kfac"], ids=lambda m: f"method={m}")
+def test_a_float32_direction_among_the_subnormals_warns_and_a_zero_one_does_not(method):
+    """Solved in float32 at damping 3e38, a gradient of ~1e-6 gives a direction among
+    float32's subnormal numbers (spaced 1.4e-45), far from exact: it warns. A gradient
+    that is 0 (targets equal to the outputs) has the direction 0 exactly: no warning."""
+    model, x, _ = Problem(loss="mse").make(torch.float32)
+    with torch.no_grad():
+        out = model(x)
+    for targets, warns in ((out + 1e-6, True), (out, False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dirs = rc.direction(model, x, targets, loss="mse", method=method, damping=3e38)
+        said = any("underflows torch.float32" in str(w.message) for w in caught)
+        assert said == warns
+        assert warns or not any(d.any() for d in dirs.values())
+
+
 @pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")
 @pytest.mark.parametrize("method", ["layerwise", "natural", "full"], ids=lambda m: f"method={m}")
 def test_float64_solve_forms_the_gram_in_float64(method):

@@ -29,7 +29,11 @@ only where one needs it:
   high, is held to the residual's bound alone;
 * where ``eps(model dtype) * cond(G)`` exceeds :data:`ACCURACY_LEVEL`, the rounding of
   the model's own data (factor rows, inputs, gradient) may change the direction by that
-  much: an :class:`AccuracyWarning` gives the figure.
+  much: an :class:`AccuracyWarning` gives the figure;
+* where the norm bound of every ``x`` (read with the verdicts) leaves room for it, a
+  direction among the subnormal numbers of the model's dtype, which their rounding can
+  change by more than :data:`ACCURACY_LEVEL` (a damping near the largest number the
+  metric's dtype holds), gets an :class:`AccuracyWarning` (:func:`_check_underflow`).
 
 ``cond(G)`` is estimated as ``lambda_max / mu`` (``mu I + K^T K`` has no eigenvalue
 below ``mu``) with a few power iterations on the factorised matrix. A record keeps no
@@ -167,6 +171,62 @@ def _proves_finite(bound: float, solves: list[Solve], model_dtype: torch.dtype) 
     the rounding of the bound itself (a NaN bound compares false)."""
     dtypes = {model_dtype, *(a.dtype for s in solves for a in s.x)}
     return bound < min(torch.finfo(d).max for d in dtypes) / 2
+
+
+#: How far above the rounding it would notice :func:`_may_underflow` looks at each ``x``
+#: (a margin for a bound ``x_bound`` that reads above ``||x||``).
+UNDERFLOW_MARGIN = 1e6
+
+
+def _underflow_error(norm_x: float, entries: int, dtype: torch.dtype) -> float:
+    """The largest relative error that rounding ``entries`` entries of a vector of 2-norm
+    ``norm_x`` to the subnormal numbers of ``dtype`` can leave: half their spacing (the
+    smallest subnormal) each, ``sqrt(entries) tiny eps / 2`` in all."""
+    info = torch.finfo(dtype)
+    if not norm_x > 0:
+        return math.inf
+    return math.sqrt(entries) * info.tiny * info.eps / 2 / norm_x
+
+
+def _may_underflow(bound: float, solves: list[Solve], model_dtype: torch.dtype) -> bool:
+    """Whether a 2-norm ``bound`` of every ``x`` together leaves room for a direction so
+    small that the subnormal numbers of its dtype (or the model's, which it is returned
+    in) round it by more than :data:`ACCURACY_LEVEL` (then :func:`_check_underflow`
+    examines each solve; a NaN bound compares false, and the finiteness checks take it)."""
+    entries = sum(a.numel() for s in solves for a in s.x)
+    dtypes = {model_dtype, *(a.dtype for s in solves for a in s.x)}
+    level = max(_underflow_error(1.0, entries, d) for d in dtypes) / ACCURACY_LEVEL
+    return bound < level * UNDERFLOW_MARGIN
+
+
+def _check_underflow(s: Solve, problem: Problem, opts: Options, model_dtype) -> None:
+    """Warn where the direction of ``s`` lies so far below the smallest normal number of
+    the model's dtype that its rounding there can change it by more than
+    :data:`ACCURACY_LEVEL`: ``x = G^{-1} g`` of a nonzero gradient is at most
+    ``||g|| / mu``, and at a damping near the largest number of the dtype the metric is
+    formed in it falls among the subnormal numbers, or to 0 (found by a hunt: a float32
+    model at damping 1e50 with ``solve_dtype=torch.float64`` got a zero direction from
+    every method, without a word). Read on the host: this runs only where the norm
+    bound of every ``x`` leaves room for it (:func:`_may_underflow`)."""
+    entries = sum(a.numel() for a in s.x)
+    norm_x = float(_norm(s.x))
+    rounded = float(_norm([a.to(model_dtype).double() - a.double() for a in s.x]))
+    dtypes = {model_dtype, *(a.dtype for a in s.x)}
+    subnormal = max(_underflow_error(norm_x, entries, d) for d in dtypes)
+    error = rounded / norm_x + subnormal if norm_x > 0 else math.inf
+    if error <= ACCURACY_LEVEL or float(_norm(s.rhs(problem))) == 0:
+        return  # a zero gradient's direction is 0 exactly
+    info = torch.finfo(model_dtype)
+    size = f"0 in {model_dtype}" if norm_x == 0 else f"of norm {norm_x:.1e}"
+    warnings.warn(
+        f"the direction of block {s.name!r} underflows {model_dtype}: it is {size}, "
+        f"below its smallest normal number {info.tiny:.1e}, so rounding to its subnormal "
+        f"numbers can change it by a relative error of up to "
+        f"{min(error, 1.0):.0e} (damping {opts.damping:g}). Use a smaller damping, or "
+        "scale the loss up",
+        AccuracyWarning,
+        stacklevel=5,
+    )
 
 
 def _representable(tensors: list[Tensor], dtype: torch.dtype) -> bool:
@@ -454,6 +514,7 @@ def finish(
     checks.run()
     model_dtype = problem.blocks[0].params[0].dtype
     all_finite_x = _proves_finite(norm_x.value, solves, model_dtype)
+    maybe_underflows = _may_underflow(norm_x.value, solves, model_dtype)
     diagnostics = []
     for s, (failed, condition, residual, decisive) in zip(solves, readings, strict=True):
         condition = condition.value if condition is not None else None
@@ -490,6 +551,8 @@ def finish(
             _check_residual(s, problem, opts, condition, residual, model_dtype, decisive)
             data_dtype = s.data_dtype or problem.data_dtype or model_dtype
             _check_accuracy(s, opts, condition, data_dtype)
+            if maybe_underflows:
+                _check_underflow(s, problem, opts, model_dtype)
             if opts.diagnostics:
                 diagnostics.append(_diagnostics(s, problem, opts, method))
     return assemble(problem, solves), diagnostics
