@@ -1249,7 +1249,13 @@ def check_outputs(outputs: Tensor, targets: Tensor | None, loss: str, checks: De
             "computed under torch.no_grad() or from frozen parameters only): return outputs "
             "computed from the trainable parameters"
         )
-    checks.finite("the model's outputs", outputs, "the forward pass overflowed; check the model")
+    checks.finite(
+        "the model's outputs",
+        outputs,
+        "the forward pass overflowed, or masked outputs with -inf (logits.masked_fill(mask, "
+        "float('-inf'))): the metrics need finite outputs; check the model, and mask logits "
+        "with a large finite negative instead (e.g. -1e4), whose softmax is 0 there as well",
+    )
     if loss == "cross_entropy" and outputs.ndim < 2:
         raise ValueError(
             f"loss='cross_entropy' needs outputs of shape (N, C) or (N, ..., C) (logits, the "

@@ -920,3 +920,24 @@ def test_kfac_eigenvalues_past_float32_are_refused_as_overflow_not_damping(loss)
         [d[n].double().reshape(-1) for n in ("0.weight", "0.bias", "2.weight", "2.bias")]
     )
     assert float((got - expected).norm()) <= 1e-5 * float(expected.norm())
+
+
+class _MaskedLogits(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.register_buffer("ban", torch.tensor([False, False, False, True]))
+
+    def forward(self, x):
+        return self.fc(x).masked_fill(self.ban, float("-inf"))
+
+
+def test_outputs_masked_with_minus_inf_name_the_mask():
+    # found by a hunt: the refusal blamed an overflow, where the -inf was a deliberate mask
+    torch.manual_seed(0)
+    model, x, y = _MaskedLogits(), torch.randn(5, 3), torch.randint(0, 3, (5,))
+    with pytest.raises(ValueError, match=r"masked outputs with -inf.*large finite negative"):
+        rc.direction(model, x, y)
+    pre = rc.RiemannianPreconditioner(model)
+    with pytest.raises(ValueError, match=r"masked outputs with -inf"):
+        pre.backward(F.cross_entropy(model(x), y))
