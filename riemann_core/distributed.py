@@ -507,7 +507,8 @@ class _Group:
                     for value, qs in entries
                 )
             )
-        more = f"; and {len(differ) - len(shown)} more modules" if len(differ) > len(shown) else ""
+        left = len(differ) - len(shown)
+        more = f"; and {left} more module{'s' * (left > 1)}" if left else ""
         raise ValueError(
             "the ranks' modules hold parameters of other names or shapes, or the same in "
             f"another order ({'; '.join(named)}{more}): the ranks would sum one parameter's "
@@ -520,9 +521,13 @@ class _Group:
 
     def texts(self, own: str, what: str) -> list[str]:
         """Every rank's text in rank order, this rank's being ``own``, each cut to its
-        first :data:`MESSAGE_BYTES` bytes of UTF-8: one all-reduce."""
+        first :data:`MESSAGE_BYTES` bytes of UTF-8: one all-reduce. A character UTF-8
+        cannot encode (a lone surrogate, which a parameter's name may hold) is sent as its
+        escape, ``\\ud800`` (found by review: the rank holding it raised UnicodeEncodeError
+        before the all-reduce, and the others' all-reduce was answered by its next
+        collective, or timed out)."""
         table = torch.zeros(self.world, MESSAGE_BYTES, dtype=torch.uint8)
-        encoded = own.encode()[:MESSAGE_BYTES]
+        encoded = own.encode(errors="backslashreplace")[:MESSAGE_BYTES]
         if encoded:
             table[self.rank, : len(encoded)] = torch.frombuffer(
                 bytearray(encoded), dtype=torch.uint8

@@ -1278,6 +1278,20 @@ def _other_parameters(rank, world) -> dict:
     out["reordered values"] = direction(with_affine(Affine(reordered, values=(0.5, -0.25))))
     renamed = {"gain": "gain", "shift": "offset" if last else "shift"}
     out["renamed"] = direction(with_affine(Affine(names=renamed)))
+    # rank 0 fails in its own checks (targets out of range) where the last rank reorders:
+    # every rank takes the failure's path, none the parameters' all-reduces (no hang)
+    targets = y[part] + 3 * (rank == 0)
+    out["failed"] = _outcome(
+        lambda: rc.direction(
+            with_affine(Affine(reordered)),
+            x[part],
+            targets,
+            damping=DAMPING,
+            kernel="auto",
+            process_group=dist.group.WORLD,
+            timeout=TIMEOUT,
+        )  # fmt: skip
+    )
     return out
 
 
@@ -1958,12 +1972,19 @@ def test_ranks_whose_modules_hold_other_parameters_are_refused_naming_them(tmp_p
         assert "[2.gain (4), 2.shift (4)] on ranks 0, 1; [2.gain (4), 2.offset (4)] on rank 2" in (
             message
         )
+        kind, message = result["failed"]
+        if rank == 0:
+            assert kind == "ValueError" and "class indices" in message, message
+        else:
+            assert kind == "DistributedError" and "rank 0 of 3 failed" in message, message
 
 
-def test_ranks_whose_parameters_differ_are_named_where_the_text_is_cut_short():
+@pytest.mark.parametrize("more", [1, 2])
+def test_ranks_whose_parameters_differ_are_named_where_the_text_is_cut_short(more):
     """Where each rank's parameters outrun a message, every rank names its own and the
-    others apart; beyond the first few blocks that differ, their number."""
-    world, blocks = 2, distributed.PARAMETERS_NAMED + 2
+    others apart; beyond the first few blocks that differ, their number (found by review:
+    one was 'and 1 more modules')."""
+    world, blocks = 2, distributed.PARAMETERS_NAMED + more
     name = "p" * (distributed.MESSAGE_BYTES // 2)
     listings = [
         [(f"m{i}", (f"m{i}.{name} (4)", f"m{i}.b (4)")[:: 1 - 2 * q]) for i in range(blocks)]
@@ -1987,7 +2008,33 @@ def test_ranks_whose_parameters_differ_are_named_where_the_text_is_cut_short():
             f"module 'm0': [{', '.join(listings[rank][0][1])}] on rank {rank}; others on "
             f"rank {1 - rank}" in message
         ), message[-600:]
-        assert "; and 2 more modules)" in message
+        assert f"; and {more} more module{'s' * (more > 1)})" in message
+
+
+def test_a_parameter_name_utf8_cannot_encode_is_named_as_its_escape():
+    """Found by review: a parameter's name holding a lone surrogate (a str UTF-8 cannot
+    encode) raised UnicodeEncodeError on its rank before the all-reduce of the ranks'
+    texts (naming its parameters, or its error), and the others' all-reduce was answered
+    by that rank's next collective, or timed out (2 ranks: the other rank waited for
+    'the parameters'). The text is sent with the character escaped."""
+    world = 2
+    listings = [[("m", ("m.g (4)", "m.s (4)"))], [("m", ("m.s (4)", "m.g\ud800 (4)"))]]
+    crcs = torch.tensor([[zlib.crc32(repr(ps).encode()) for _, ps in lst] for lst in listings])
+
+    def all_reduce(tensor, what):
+        if what != "parameters":
+            return crcs.clone() if what.startswith("signatures") else tensor
+        other = b"m.g (4), m.s (4)"  # rank 0's row
+        tensor[0, : len(other)] = torch.tensor(list(other), dtype=torch.uint8)
+        return tensor
+
+    net = object.__new__(distributed._Group)
+    net.rank, net.world, net.timeout, net.traffic = 1, world, 1.0, distributed.Traffic()
+    net.all_reduce = all_reduce
+    with pytest.raises(ValueError) as refused:
+        net.other_parameters(listings[1])
+    assert "[m.s (4), m.g\\ud800 (4)] on rank 1" in str(refused.value), str(refused.value)
+    assert net.texts("g\ud800", "error messages")[1] == "g\\ud800"
 
 
 def test_preconditioners_made_apart_are_refused_on_every_rank_there(tmp_path):
