@@ -156,8 +156,16 @@ def sigterm_as_interrupt() -> Iterator[None]:
     set, nothing changes (a gap found by review: a command stopped by ``kill`` ended on
     the spot, unlike Ctrl-C: no line saying what is left, a set-aside of an earlier study
     cut off midway splitting it, a temporary file or an --out it made left behind, the
-    ranks of ``distributed`` running on)."""
-    if threading.current_thread() is not threading.main_thread():
+    ranks of ``distributed`` running on). Nor where SIGTERM's handler is not the default,
+    as Python leaves SIGINT alone where its parent changed it: a process started with
+    SIGTERM ignored keeps ignoring it, and a program calling :func:`main` keeps its own
+    handler, also one set in C, which Python cannot put back (found by review: the first
+    was stopped, the second's handler replaced by this one, and the command, done, exited
+    3 with a ``TypeError`` from the restore)."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+    ):
         yield
         return
     raised = False

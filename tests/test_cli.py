@@ -325,44 +325,86 @@ def test_an_interrupted_command_leaves_no_directory_it_made(
     assert f"riemann-bench {command}: interrupted" in capsys.readouterr().err
 
 
-def test_sigterm_is_taken_as_ctrl_c_while_a_command_runs(capsys):
+#: a command that sends itself a SIGTERM, then another while it unwinds, run by ``guarded``
+#: in a process of its own where SIGTERM has its default handler (which ends it on the spot)
+SIGTERMED = """
+import argparse, os, signal, sys, time
+from riemann_core import cli
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+unwound = []
+def terminated(args):
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # (the signal's handler runs first)
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)
+        unwound.append(True)
+code = cli.guarded(terminated)(argparse.Namespace(command="sweep"))
+print(code, unwound == [True], signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+"""
+
+
+def test_sigterm_is_taken_as_ctrl_c_while_a_command_runs():
     """A gap found by review: a SIGTERM (kill, timeout, a scheduler's cancel) ended a
     command on the spot, with none of what Ctrl-C unwinds. Taken as Ctrl-C, with its own
     exit code (143, as shells report it); a second one does not break off the unwinding;
-    the handler before is back after (here one that raises: the test lives without the
-    fix)."""
-    import argparse
+    the default handler is back after (in a process of its own: without the fix, the
+    SIGTERM ends it, not the tests)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", SIGTERMED], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr  # (not -15: ended on the spot)
+    assert done.stdout.split() == [str(cli.TERMINATED), "True", "True"], done.stderr
+    assert cli.TERMINATED == 143
+    assert "riemann-bench sweep: terminated (SIGTERM)" in done.stderr
+    assert "Traceback" not in done.stderr and "to resume" in done.stderr
+
+
+def _sends_itself_a_sigterm(args) -> int:
     import os
     import signal
     import time
 
-    class Killed(Exception):
-        pass
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)  # (the signal's handler, if any, runs first)
+    return 0
 
-    def before(signum, frame):
-        raise Killed
 
-    unwound = []
+def test_a_sigterm_ignored_from_the_start_stays_ignored(capsys):
+    """Found by review: a process started with SIGTERM ignored (``trap '' TERM``, a
+    launcher that wants it immune) was stopped by one all the same, exit 143. Left
+    alone, as Python leaves SIGINT alone where its parent changed it."""
+    import argparse
+    import signal
 
-    def terminated(args):
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(10)  # (the signal's handler runs first)
-        finally:
-            os.kill(os.getpid(), signal.SIGTERM)
-            unwound.append(True)
-
-    previous = signal.signal(signal.SIGTERM, before)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        code = cli.guarded(terminated)(argparse.Namespace(command="sweep"))
-        assert signal.getsignal(signal.SIGTERM) is before
+        code = cli.guarded(_sends_itself_a_sigterm)(argparse.Namespace(command="sweep"))
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, previous)
-    err = capsys.readouterr().err
-    assert code == 143 and unwound, err
-    assert code == cli.TERMINATED
-    assert "riemann-bench sweep: terminated (SIGTERM)" in err and "Traceback" not in err
-    assert "to resume" in err
+    assert code == 0, capsys.readouterr().err
+
+
+def test_a_callers_own_sigterm_handler_is_kept(capsys):
+    """Found by review: a program calling cli.main with its own SIGTERM handler had it
+    replaced while the command ran (the command stopped with 143 and the program never
+    heard of the signal); and one set in C, which Python cannot put back, made a command
+    that had finished exit 3 with a TypeError from the restore. Its handler stays."""
+    import argparse
+    import signal
+
+    heard = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: heard.append(signum))
+    try:
+        code = cli.guarded(_sends_itself_a_sigterm)(argparse.Namespace(command="sweep"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 0 and heard == [signal.SIGTERM], capsys.readouterr().err
 
 
 def test_ctrl_c_is_one_line_and_its_own_exit_code(capsys):
