@@ -7,10 +7,10 @@ commands default to ``reports/<device>``), ``--quick`` (a smaller problem or gri
 come from :mod:`riemann_core.scaling` (the scaling study and the performance targets) and
 :mod:`riemann_core.studies` (training, stability and the demo on real data).
 
-Exit codes: 0 done, 1 a claim failed or a goal was missed (a finding), 2 bad options or
-unreadable files, 3 an unexpected error broke the command off (its traceback is printed),
-130 interrupted (Ctrl-C), 143 terminated (a SIGTERM: ``kill``, ``timeout``, a batch
-scheduler's cancel), which stops a command as Ctrl-C does.
+Exit codes: 0 done, 1 a claim failed or a goal was missed (a finding), 2 bad options,
+unreadable files or a missing extra, 3 an unexpected error broke the command off (its
+traceback is printed), 130 interrupted (Ctrl-C), 143 terminated (a SIGTERM: ``kill``,
+``timeout``, a batch scheduler's cancel), which stops a command as Ctrl-C does.
 """
 
 from __future__ import annotations
@@ -196,6 +196,18 @@ def guarded(fn):
         except (ValueError, OSError) as err:  # bad options, unreadable or unwritable paths
             print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
             return USAGE_ERROR
+        except ModuleNotFoundError as err:
+            if (err.name or "").partition(".")[0] in ("", "riemann_core"):
+                return _unexpected(args.command)
+            # an extra not installed: the core needs torch and numpy alone, the measuring
+            # tools pandas, dask, matplotlib, ... (found by a walk through the docs: a
+            # bare `pip install -e .` answered `riemann-bench --help` with a traceback)
+            print(
+                f"{PROG} {args.command}: error: {err}: this command needs the 'bench' extra; "
+                'install it with: python -m pip install -c constraints.txt -e ".[bench]"',
+                file=sys.stderr,
+            )
+            return USAGE_ERROR
         except KeyboardInterrupt as err:
             terminated = isinstance(err, Terminated)
             resumes = args.command in ("sweep", "run")
@@ -209,15 +221,19 @@ def guarded(fn):
             )
             return TERMINATED if terminated else INTERRUPTED
         except Exception:
-            traceback.print_exc()
-            print(
-                f"{PROG} {args.command}: unexpected error (above), no verdict: exit code "
-                f"{UNEXPECTED_ERROR}",
-                file=sys.stderr,
-            )
-            return UNEXPECTED_ERROR
+            return _unexpected(args.command)
 
     return run
+
+
+def _unexpected(command: str) -> int:
+    """The traceback of the error being handled and the exit code of an unexpected one."""
+    traceback.print_exc()
+    print(
+        f"{PROG} {command}: unexpected error (above), no verdict: exit code {UNEXPECTED_ERROR}",
+        file=sys.stderr,
+    )
+    return UNEXPECTED_ERROR
 
 
 def _redraw_hint(args) -> str:

@@ -4,6 +4,8 @@ import importlib
 import json
 import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,6 +179,54 @@ def test_an_unexpected_error_exits_3_with_its_traceback_not_as_a_finding(capsys,
     err = capsys.readouterr().err
     assert "Traceback" in err and "RuntimeError: a bug" in err
     assert "riemann-bench demo: unexpected error" in err
+
+
+def test_the_command_line_starts_without_the_measuring_tools_extras():
+    """Found by a walk through the docs: with the core alone installed (torch and numpy:
+    ``pip install -e .``), or with the ``demo`` extra that ``riemann-bench demo`` asks for,
+    every ``riemann-bench`` command, ``--help`` and ``--version`` too, died in a traceback
+    at the import of pandas (by the training and stability studies)."""
+    code = (
+        "import sys; sys.modules['pandas'] = None\n"  # import pandas: ModuleNotFoundError
+        "from riemann_core import cli\n"
+        "try:\n"
+        "    cli.main(['demo', '--help'])\n"
+        "except SystemExit as exit_:\n"
+        "    assert exit_.code == 0, exit_.code\n"
+        "print('pandas' in sys.modules and sys.modules['pandas'] is not None)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_a_command_whose_extra_is_missing_names_the_extra_in_one_line(tmp_path):
+    """A command that needs pandas, without it: one line naming the extra, exit code 2
+    (not a traceback and exit code 3, an unexpected error)."""
+    code = (
+        "import sys; sys.modules['pandas'] = None\n"
+        "from riemann_core import cli\n"
+        f"sys.exit(cli.main(['fit', '--out', {str(tmp_path)!r}]))\n"
+    )
+    (tmp_path / "results.csv").write_text("method\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "pandas" in out.stderr and "'bench' extra" in out.stderr
+    assert 'pip install -c constraints.txt -e ".[bench]"' in out.stderr
+
+
+def test_the_demo_without_its_extra_exits_2_naming_it():
+    """Found by a walk through the docs: it exited 1, the code of a failed claim."""
+    code = (
+        "import sys; sys.modules['sklearn'] = None\n"
+        "from riemann_core import cli\n"
+        "sys.exit(cli.main(['demo', '--quick']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert 'pip install -c constraints.txt -e ".[demo]"' in out.stderr
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys):

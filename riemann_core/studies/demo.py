@@ -70,10 +70,13 @@ def _demo(args: argparse.Namespace) -> int:
         from sklearn.datasets import load_digits
         from tqdm import tqdm
     except ImportError as err:
-        raise SystemExit(
-            f"riemann-bench demo needs the 'demo' extra ({err}); install it with: "
-            'python -m pip install -c constraints.txt -e ".[demo]"'
-        ) from err
+        # exit code 2, a missing extra, not SystemExit(message)'s 1, which reads as a finding
+        print(
+            f"riemann-bench demo: error: it needs the 'demo' extra ({err}); install it with: "
+            'python -m pip install -c constraints.txt -e ".[demo]"',
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from err
     import riemann_core as rc
 
     size = _DEMO_QUICK if args.quick else _DEMO

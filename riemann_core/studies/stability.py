@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -321,6 +320,8 @@ STUDY_FILES = ("stability.json", "pairs.csv", "slopes.csv", "joint_slopes.csv", 
 
 
 def run(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from .stability_report import write_report
 
     out = out_dir(args)

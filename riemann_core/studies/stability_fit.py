@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is imported where it is used: `riemann-bench` runs without it
+    import pandas as pd
 
 #: the distances measured between the two models of a pair
 METRICS = ("param_distance", "prediction_distance", "loss_gap")
@@ -71,6 +74,8 @@ def slopes(pairs: pd.DataFrame, *, seed: int = 0, n_boot: int = N_BOOT) -> pd.Da
     where every pair trained, a 95% interval from resampling the pair seeds, the verdict
     against the bound's exponent, and how many grid points of the line were left out (a
     line with too few such points gets a row that says so)."""
+    import pandas as pd
+
     ok, counts = complete_points(pairs), point_counts(pairs)
     rows = []
     for method, by_method in counts.groupby("method", sort=False):
@@ -97,6 +102,8 @@ def joint_slopes(pairs: pd.DataFrame, *, seed: int = 0, n_boot: int = N_BOOT) ->
     grid points where every pair trained, with 95% intervals from resampling the pair seeds
     (each seed's whole grid kept together), and how many grid points were left out (a
     method with too few such points gets rows that say so)."""
+    import pandas as pd
+
     ok, counts = complete_points(pairs), point_counts(pairs)
     rows = []
     for method, points in counts.groupby("method", sort=False):
@@ -220,6 +227,8 @@ def local_slopes(pairs: pd.DataFrame) -> pd.DataFrame:
     ``size`` the training sets differ, so it is the slope between the median distances at
     each ``mu``, then the median over the ``mu``.
     """
+    import pandas as pd
+
     ok = complete_points(pairs)
     rows = []
     for method, group in ok.groupby("method", sort=False):

@@ -16,8 +16,8 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import torch
 
 from .._checks import damping_vanishes
@@ -33,6 +33,9 @@ from ..arguments import (
 )
 from . import digits
 from .trainer import OPTIMISERS, Config, train
+
+if TYPE_CHECKING:  # pandas is imported where it is used: `riemann-bench` runs without it
+    import pandas as pd
 
 HELP = "train every method on handwritten digits: curves, time-to-target, report"
 DESCRIPTION = (
@@ -316,6 +319,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _study(args: argparse.Namespace, out: Path) -> None:
     """Tune and train as :func:`run` describes, writing the tables into ``out``."""
+    import pandas as pd
+
     study = study_from(args)
     from tqdm import tqdm
 
@@ -418,6 +423,8 @@ def _study(args: argparse.Namespace, out: Path) -> None:
 
 def choose(tuning: pd.DataFrame, model: str, method: str) -> Config | None:
     """The configuration with the lowest final validation loss (None if all diverged)."""
+    import pandas as pd
+
     rows = tuning[(tuning["model"] == model) & (tuning["method"] == method)]
     rows = rows[(rows["status"] == "ok") & rows["validation_loss"].notna()]
     if rows.empty:
