@@ -1250,3 +1250,24 @@ def test_float32_inputs_of_1e10_are_warned_or_refused_not_silently_wrong(method)
         rc.direction(model, x, y, loss="mse", method=method, damping=1e-3)
     with pytest.warns(rc.AccuracyWarning, match="determined by the model's torch.float32"):
         rc.direction(model, x, y, loss="mse", method=method, damping=1e12)
+
+
+@pytest.mark.parametrize(
+    "method", ["layerwise", "natural", "kfac", "full"], ids=lambda m: f"method={m}"
+)
+def test_a_tiny_normal_float64_direction_does_not_warn_of_underflow(method):
+    """Found by review: a float64 direction of ~1e-165 (normal: float64's smallest normal
+    number is 2.2e-308) read 0 where its squares underflowed, and warned 'it is 0 in
+    torch.float64'. Of a gradient of ~1e-151 at damping 1e14."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    with rc.RiemannianPreconditioner(model, method=method, damping=1e14, loss="mse") as pre:
+        (1e-150 * F.mse_loss(model(x), y)).backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pre.step()
+    assert not [str(w.message) for w in caught if "underflows" in str(w.message)]
+    assert all(p.grad.abs().max() > 1e-170 for p in model.parameters())

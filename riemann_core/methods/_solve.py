@@ -188,6 +188,18 @@ def _underflow_error(norm_x: float, entries: int, dtype: torch.dtype) -> float:
     return math.sqrt(entries) * info.tiny * info.eps / 2 / norm_x
 
 
+def _scaled_norm(tensors: list[Tensor]) -> float:
+    """The 2-norm in float64, scaled by the largest entry so that no square underflows
+    (a float64 direction of norm 1e-165, normal, read 0 through :func:`_norm`). Host read."""
+    tensors = [t.double() for t in tensors if t.numel()]
+    if not tensors:
+        return 0.0
+    top = float(torch.stack([t.abs().max() for t in tensors]).max())
+    if not top > 0 or not math.isfinite(top):
+        return top
+    return top * float(_norm([t / top for t in tensors]))
+
+
 def _may_underflow(bound: float, solves: list[Solve], model_dtype: torch.dtype) -> bool:
     """Whether a 2-norm ``bound`` of every ``x`` together leaves room for a direction so
     small that the subnormal numbers of its dtype (or the model's, which it is returned
@@ -209,12 +221,12 @@ def _check_underflow(s: Solve, problem: Problem, opts: Options, model_dtype) -> 
     every method, without a word). Read on the host: this runs only where the norm
     bound of every ``x`` leaves room for it (:func:`_may_underflow`)."""
     entries = sum(a.numel() for a in s.x)
-    norm_x = float(_norm(s.x))
-    rounded = float(_norm([a.to(model_dtype).double() - a.double() for a in s.x]))
+    norm_x = _scaled_norm(s.x)  # (squares of a float64 x below 1e-162 are 0: found by review)
+    rounded = _scaled_norm([a.to(model_dtype).double() - a.double() for a in s.x])
     dtypes = {model_dtype, *(a.dtype for a in s.x)}
     subnormal = max(_underflow_error(norm_x, entries, d) for d in dtypes)
     error = rounded / norm_x + subnormal if norm_x > 0 else math.inf
-    if error <= ACCURACY_LEVEL or float(_norm(s.rhs(problem))) == 0:
+    if error <= ACCURACY_LEVEL or _scaled_norm(s.rhs(problem)) == 0:
         return  # a zero gradient's direction is 0 exactly
     info = torch.finfo(model_dtype)
     size = f"0 in {model_dtype}" if norm_x == 0 else f"of norm {norm_x:.1e}"

@@ -187,6 +187,7 @@ class Worker:
         timeout: float = TIMEOUT,
     ):
         self.role, self.timeout = role, timeout
+        self.reader: threading.Thread | None = None  # (close may run before it starts)
         self.errors = stack.enter_context(tempfile.TemporaryFile("w+"))
         env = dict(os.environ, PYTHONPATH=str(side.root))
         self.process = subprocess.Popen(
@@ -203,8 +204,9 @@ class Worker:
         # its answers, read by a thread of their own so that a wait can end (a pipe's
         # readline cannot time out); "" once its output closes
         self.lines: queue.Queue[str] = queue.Queue()
-        self.reader = threading.Thread(target=self._forward, daemon=True)
-        self.reader.start()
+        reader = threading.Thread(target=self._forward, daemon=True)
+        reader.start()
+        self.reader = reader
         try:
             hello = self._read(" while importing its package")
         except WorkerTimeout:  # slow, not failed to import (found by review)
@@ -275,8 +277,13 @@ class Worker:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self.reader.join(timeout=10)  # its output closed with it
-        self.process.stdout.close()
+        if self.reader is not None:
+            self.reader.join(timeout=2)  # its output closed with it
+        # a process it forked may hold that output open, its reader blocked in a read:
+        # closing it then would wait for that read (found by review: a forked sleeper held
+        # close 20 s); left to the garbage collector
+        if self.reader is None or not self.reader.is_alive():
+            self.process.stdout.close()
 
 
 def shared_cpus(threads: int) -> list[int] | None:

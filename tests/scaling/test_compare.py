@@ -7,6 +7,8 @@ import json
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -502,3 +504,34 @@ def test_a_revision_resolves_from_a_subdirectory_of_the_checkout(tmp_path, monke
     side = compare.resolve("HEAD", "baseline", tmp_path / "scratch")
     assert side.commit == git(repo, "rev-parse", "HEAD")
     assert (side.root / "riemann_core" / "__init__.py").is_file()
+
+
+def test_closing_a_worker_whose_forked_child_holds_its_output_does_not_wait_for_it(tmp_path):
+    """Found by review: a process the worker forked (multiprocessing's default on Linux)
+    inherits its answer pipe, and close waited for it to end (20 s for a sleeper) where it
+    closed that pipe under its reader, blocked in a read."""
+    (tmp_path / "riemann_core").mkdir()
+    (tmp_path / "riemann_core" / "__init__.py").write_text(
+        "import os, time\nif os.fork() == 0:\n    time.sleep(40)\n    os._exit(0)\n"
+    )
+    side = compare.Side(str(tmp_path), tmp_path, "forks")
+    with ExitStack() as stack:
+        worker = compare.Worker(side, "baseline", 1, stack)
+        start = time.monotonic()
+    assert time.monotonic() - start < 15
+    assert worker.process.returncode is not None and worker.process.stdin.closed
+
+
+def test_a_worker_whose_reader_cannot_start_raises_that_error(monkeypatch):
+    """Found by review: close, registered before the reader thread was made, raised
+    AttributeError 'reader' in place of the error (or Ctrl-C) that stopped __init__."""
+
+    class Unstartable(threading.Thread):
+        def start(self):
+            raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(compare.threading, "Thread", Unstartable)
+    side = compare.Side(str(REPO), REPO, "this checkout")
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        with ExitStack() as stack:
+            compare.Worker(side, "baseline", 1, stack)
