@@ -61,7 +61,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
-import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -72,6 +71,7 @@ from torch.nn.modules.module import _global_backward_hooks, _global_backward_pre
 from torch.utils import _pytree as pytree
 
 from ._checks import Deferred
+from ._warn import warn
 from .capture import ModelNotes, OwnHook, autocast_state, autograd_nodes
 from .factors import batched_backward
 from .modules import (
@@ -435,13 +435,12 @@ def _register_verdict(checks, notes: ModelNotes, at, targets, reached, scale: Te
             notes.inconclusive, notes.inconclusive_at = notes.inconclusive + 1, at
         if notes.inconclusive >= INCONCLUSIVE_PROBES:
             zero = [n for n, r in zip(names, seen, strict=True) if not r.value]
-            warnings.warn(
+            warn(
                 f"the batch-coupling probe saw only zeros at {', '.join(zero)} in "
                 f"{notes.inconclusive} calls in a row, at other parameters each (a branch "
                 "multiplied by zero?), so what it checks is unproven there; it is not run "
                 "again until the structure changes (check_coupling='always' probes every "
-                "call)",
-                stacklevel=2,
+                "call)"
             )
             notes.passed(key)
 

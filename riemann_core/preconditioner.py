@@ -6,7 +6,6 @@ import bisect
 import contextlib
 import functools
 import sys
-import warnings
 import weakref
 from dataclasses import replace
 from typing import NamedTuple
@@ -41,6 +40,7 @@ from ._checks import (
     unprobed,
 )
 from ._precision import precision_state
+from ._warn import warn
 from .capture import (
     MODEL_OUTPUT,
     BufferStart,
@@ -1611,7 +1611,7 @@ class RiemannianPreconditioner:
         if scale != self._overflow_scale:
             self._overflows_in_a_row, self._overflow_scale = self._overflows_in_a_row + 1, scale
         if self._overflows_in_a_row == OVERFLOWS_IN_A_ROW and scale == self._overflow_scale:
-            warnings.warn(
+            warn(
                 f"{OVERFLOWS_IN_A_ROW} steps in a row overflowed and were skipped: the "
                 f"scale is now {scale:.1e}. A .grad that holds NaN or "
                 "inf from an earlier step stays so: opt.zero_grad() zeroes its optimiser's "
@@ -1620,7 +1620,6 @@ class RiemannianPreconditioner:
                 "overflows is skipped at every scale above 1 and refused at 1: raise the "
                 "damping if it is the cause)",
                 RuntimeWarning,
-                stacklevel=3,
             )
 
     @property
@@ -2455,7 +2454,7 @@ def _warn_off_output(names: list[str], damping: float) -> None:
     an auxiliary head computed inside forward, as the refusal of a model returning a tuple
     advised, stepped 1/damping times its gradient, silently)."""
     if names:
-        warnings.warn(
+        warn(
             f"the loss trains {sorted(names)}, whose modules do not reach the model's output: "
             "the metric, pulled back from the output, is zero on them, so their direction is "
             f"their gradient over the damping ({1 / damping:.3g} times the gradient). An "
@@ -2464,7 +2463,6 @@ def _warn_off_output(names: list[str], damping: float) -> None:
             "parameters then get their plain gradient, as every leaf outside the model does), "
             "or freeze it",
             UserWarning,
-            stacklevel=3,
         )
 
 

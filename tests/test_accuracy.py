@@ -1271,3 +1271,28 @@ def test_a_tiny_normal_float64_direction_does_not_warn_of_underflow(method):
             pre.step()
     assert not [str(w.message) for w in caught if "underflows" in str(w.message)]
     assert all(p.grad.abs().max() > 1e-170 for p in model.parameters())
+
+
+@pytest.mark.parametrize("call", ["direction", "step", "backward"])
+def test_an_accuracy_warning_points_at_the_users_call(call):
+    """Found by review: a fixed stacklevel attributed the warnings raised deep in the
+    solves to the package's own lines (direction.py, preconditioner.py), so a filter for
+    the user's module, or the warning's line, missed the user's call."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    options = dict(damping=1e50, solve_dtype=torch.float64)  # the direction underflows
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if call == "direction":
+            rc.direction(model, x, y, **options)
+        else:
+            pre = rc.RiemannianPreconditioner(model, **options)
+            loss = F.cross_entropy(model(x), y)
+            if call == "backward":
+                pre.backward(loss)
+            else:
+                loss.backward()
+                pre.step()
+    said = [w for w in caught if issubclass(w.category, rc.AccuracyWarning)]
+    assert said and all(w.filename == __file__ for w in said), [w.filename for w in said]

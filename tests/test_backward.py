@@ -388,8 +388,11 @@ def test_an_auxiliary_head_inside_forward_that_the_loss_trains_warns(method, cal
             step(0.0, to_none=False)  # a zeroed .grad is no gradient (found by review)
             step(0.0)
             step(0.0, hidden_weight=0.1)
-        with pytest.warns(UserWarning, match=r"trains \['aux.bias', 'aux.weight'\].*\(100 times"):
+        with pytest.warns(
+            UserWarning, match=r"trains \['aux.bias', 'aux.weight'\].*\(100 times"
+        ) as said:
             step(0.4)
+        assert {w.filename for w in said} == {__file__}  # the user's line, not the package's
     model.aux_out = None  # (a non-leaf: the models are deep-copied below)
     twin = copy.deepcopy(model)
     loss_of(twin, 0.4).backward()

@@ -44,7 +44,6 @@ a slow path builds them again from the kernels.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -54,6 +53,7 @@ import torch
 from torch import Tensor
 
 from .._checks import Deferred, DirectionOverflow, all_finite
+from .._warn import warn
 from ..woodbury import (
     AccuracyWarning,
     Cholesky,
@@ -230,14 +230,13 @@ def _check_underflow(s: Solve, problem: Problem, opts: Options, model_dtype) -> 
         return  # a zero gradient's direction is 0 exactly
     info = torch.finfo(model_dtype)
     size = f"0 in {model_dtype}" if norm_x == 0 else f"of norm {norm_x:.1e}"
-    warnings.warn(
+    warn(
         f"the direction of block {s.name!r} underflows {model_dtype}: it is {size}, "
         f"below its smallest normal number {info.tiny:.1e}, so rounding to its subnormal "
         f"numbers can change it by a relative error of up to "
         f"{min(error, 1.0):.0e} (damping {opts.damping:g}). Use a smaller damping, or "
         "scale the loss up",
         AccuracyWarning,
-        stacklevel=5,
     )
 
 
@@ -546,13 +545,12 @@ def finish(
             "" if s.factor_dtype == torch.float64 else " or pass solve_dtype=torch.float64"
         )
         if s.jitter > opts.damping / 10:
-            warnings.warn(
+            warn(
                 f"the Cholesky factorisation of the {s.what} needed a jitter of "
                 f"{s.jitter:.1e} on its diagonal, more than a tenth of the damping "
                 f"{opts.damping:g}: the direction is that of a larger damping. "
                 f"{fix.capitalize()}",
                 AccuracyWarning,
-                stacklevel=4,
             )
         if not finite_now:
             raise DirectionOverflow(
@@ -659,14 +657,13 @@ def _check_residual(
         )
     if not value <= target:
         forward = value / float(s.forward_scale) if float(s.forward_scale) > 0 else math.inf
-        warnings.warn(
+        warn(
             f"the direction of block {s.name!r} is known only to within a relative error of "
             f"{forward:.1e} (||G x - g|| / (damping ||x||), the bound its residual "
             f"{value:.1e} gives, after {opts.refine + steps} steps of refinement; cond(G) ~ "
             f"{condition:.0e} at damping {opts.damping:g}, factorised in {s.factor_dtype}). "
             f"{_remedy(s.factor_dtype)}",
             AccuracyWarning,
-            stacklevel=5,
         )
 
 
@@ -707,13 +704,12 @@ def _check_accuracy(s: Solve, opts, condition: float, data_dtype: torch.dtype) -
             )
         else:
             data, fix = f"model's {dtype} data", "a float64 model"
-        warnings.warn(
+        warn(
             f"the direction of block {s.name!r} is determined by the {data} only to a "
             f"relative error of up to ~{bound:.0e} (eps x cond(G), cond(G) ~ "
             f"{condition:.0e} at damping {opts.damping:g}, estimated; the error may be that "
             f"large). Use a larger damping or {fix}",
             AccuracyWarning,
-            stacklevel=5,
         )
 
 
