@@ -197,7 +197,7 @@ def guarded(fn):
             print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
             return USAGE_ERROR
         except ModuleNotFoundError as err:
-            if (err.name or "").partition(".")[0] in ("", "riemann_core"):
+            if not _of_an_extra(err):
                 return _unexpected(args.command)
             # an extra not installed: the core needs torch and numpy alone, the measuring
             # tools pandas, dask, matplotlib, ... (found by a walk through the docs: a
@@ -224,6 +224,15 @@ def guarded(fn):
             return _unexpected(args.command)
 
     return run
+
+
+def _of_an_extra(err: ModuleNotFoundError) -> bool:
+    """Whether ``err`` is a module an extra installs: not riemann_core's own, nor a part of
+    what the core needs (torch, numpy) or of the standard library, which no extra brings
+    (found by review: a torch built without ``torch.distributed``, or one whose install
+    lost a submodule, was told to install the 'bench' extra, without a traceback)."""
+    top = (err.name or "").partition(".")[0]
+    return top not in ("", "riemann_core", "torch", "numpy") and top not in sys.stdlib_module_names
 
 
 def _unexpected(command: str) -> int:

@@ -216,6 +216,34 @@ def test_a_command_whose_extra_is_missing_names_the_extra_in_one_line(tmp_path):
     assert 'pip install -c constraints.txt -e ".[bench]"' in out.stderr
 
 
+def test_a_missing_module_of_torch_is_an_unexpected_error_not_a_missing_extra(capsys):
+    """Found by review: a torch built without ``torch.distributed``, or one whose install
+    lost a submodule, was told to install the 'bench' extra (exit code 2, no traceback),
+    which brings neither."""
+    import argparse
+
+    def broken(args):
+        import torch._no_such_submodule  # noqa: F401
+
+    assert cli.guarded(broken)(argparse.Namespace(command="distributed")) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "No module named 'torch._no_such_submodule'" in err
+    assert "extra" not in err and "riemann-bench distributed: unexpected error" in err
+
+
+def test_a_sweep_without_dask_names_the_install_of_the_readme(tmp_path):
+    """The install command of the other missing extras' messages and the README (it named
+    ``pip install 'riemann-bench[bench]'``, a package index's name for a checkout's)."""
+    code = (
+        "import sys; sys.modules['dask'] = None\n"
+        "from riemann_core import cli\n"
+        f"sys.exit(cli.main(['sweep', '--quick', '--out', {str(tmp_path / 'out')!r}]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert 'python -m pip install -c constraints.txt -e ".[bench]"' in out.stderr
+
+
 def test_the_demo_without_its_extra_exits_2_naming_it():
     """Found by a walk through the docs: it exited 1, the code of a failed claim."""
     code = (

@@ -134,7 +134,8 @@ def points_runner(args):
     except ImportError as err:
         raise ValueError(
             f"a sweep runs on dask.distributed ({err}): install it with "
-            "pip install 'riemann-bench[bench]', or pass --workers 0 to measure in this process"
+            'python -m pip install -c constraints.txt -e ".[bench]", or pass --workers 0 to measure '
+            "in this process"
         ) from err
     options = dispatch.ClusterOptions(args.workers, args.threads_per_worker, args.scheduler)
     with dispatch.runner(options, args.device) as runner:
