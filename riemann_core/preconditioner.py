@@ -983,6 +983,9 @@ class RiemannianPreconditioner:
             self._attach("capture", Capture(model, notes.clone, persistent=True))
             capture.remove()
         self._note_overflow(overflowed)
+        if not overflowed:  # before any .grad is written: turned into an error by a warnings
+            # filter, it leaves them all as they were (found by review: written, then raised)
+            _warn_off_output(off, opts.damping)
         _accumulate(foreign, foreign_grads)
         if overflowed:  # NaN where the scaled backward's inf would be, for scaler.step
             _fill_nan([p for n, p in params if n in reaches])
@@ -1009,7 +1012,6 @@ class RiemannianPreconditioner:
         self._wrote(params, directions)
         self.diagnostics = diagnostics
         self._commit(params, set(directions))
-        _warn_off_output(off, opts.damping)
 
     @staticmethod
     def _check_loss(loss) -> None:

@@ -353,6 +353,33 @@ def test_a_called_module_the_loss_leaves_out_keeps_its_grad_at_every_call(method
 
 
 @pytest.mark.parametrize("call", ["backward", "step"])
+def test_the_auxiliary_head_warning_made_an_error_leaves_every_grad(call):
+    """Found by review: under ``-W error`` pre.backward raised the warning after writing
+    every ``.grad``; pre.step() raised before."""
+    torch.manual_seed(0)
+    model = WithAuxiliary().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    for first in (True, False):  # the autograd path, then the fused one
+        model.zero_grad()
+        out = model(x)
+        loss = F.cross_entropy(out, y) + 0.4 * F.cross_entropy(model.aux_out, y % 2)
+        if call == "step":
+            loss.backward()
+        before = {
+            n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
+        }
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(UserWarning, match="whose modules do not reach"):
+                pre.backward(loss) if call == "backward" else pre.step()
+        for name, p in model.named_parameters():
+            assert (p.grad is None) == (before[name] is None), (first, name)
+            if p.grad is not None:
+                assert torch.equal(p.grad, before[name]), (first, name)
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
 @pytest.mark.parametrize("method", ("layerwise", "full", "natural"))
 def test_an_auxiliary_head_inside_forward_that_the_loss_trains_warns(method, call):
     """Found by a hunt: a head computed inside forward (as the refusal of a model returning
