@@ -986,29 +986,34 @@ class RiemannianPreconditioner:
         if not overflowed:  # before any .grad is written: turned into an error by a warnings
             # filter, it leaves them all as they were (found by review: written, then raised)
             _warn_off_output(off, opts.damping)
-        _accumulate(foreign, foreign_grads)
-        if overflowed:  # NaN where the scaled backward's inf would be, for scaler.step
-            _fill_nan([p for n, p in params if n in reaches])
+        # with gradients off, as autograd adds into .grad (found by review: a .grad that is
+        # a leaf requiring grad refused the in-place add, the .grad before it written)
+        with torch.no_grad():
+            _accumulate(foreign, foreign_grads)
+            if overflowed:  # NaN where the scaled backward's inf would be, for scaler.step
+                _fill_nan([p for n, p in params if n in reaches])
+        if overflowed:
             self.diagnostics, self._written = [], []
             self._accumulations.mark([])
             return
-        for name, p in params:  # every direction exists before any .grad changes
-            if name in directions:
-                direction = directions[name].detach()
-                if p.grad is not None:
-                    p.grad.add_(direction)
-                elif (
-                    direction.dtype == p.dtype
-                    and direction.stride() == p.stride()
-                    and not in_larger_storage(direction)
-                ):
-                    p.grad = direction
-                else:  # laid out as loss.backward() lays it out: fused optimizers read
-                    # .grad with the parameter's strides (K-FAC's are views of [W | b]);
-                    # and apart: slices of one solution (full's, a dense block's) share a
-                    # version counter, which hid a backward pass added to one of them
-                    # from pre.step()'s check (found by a hunt: preconditioned twice, 66x)
-                    p.grad = torch.empty_like(p).copy_(direction)
+        with torch.no_grad():
+            for name, p in params:  # every direction exists before any .grad changes
+                if name in directions:
+                    direction = directions[name].detach()
+                    if p.grad is not None:
+                        p.grad.add_(direction)
+                    elif (
+                        direction.dtype == p.dtype
+                        and direction.stride() == p.stride()
+                        and not in_larger_storage(direction)
+                    ):
+                        p.grad = direction
+                    else:  # laid out as loss.backward() lays it out: fused optimizers read
+                        # .grad with the parameter's strides (K-FAC's are views of [W | b]);
+                        # and apart: slices of one solution (full's, a dense block's) share a
+                        # version counter, which hid a backward pass added to one of them
+                        # from pre.step()'s check (found by a hunt: preconditioned twice, 66x)
+                        p.grad = torch.empty_like(p).copy_(direction)
         self._wrote(params, directions)
         self.diagnostics = diagnostics
         self._commit(params, set(directions))

@@ -379,6 +379,27 @@ def test_the_auxiliary_head_warning_made_an_error_leaves_every_grad(call):
                 assert torch.equal(p.grad, before[name]), (first, name)
 
 
+def test_a_grad_that_is_a_leaf_requiring_grad_takes_the_direction_whole():
+    """Found by review: a ``.grad`` set to a leaf that requires grad (which
+    ``loss.backward()`` adds into, with gradients off) refused the in-place add after the
+    ``.grad`` before it and a leaf beside the model were written: the step half taken."""
+    torch.manual_seed(0)
+    model = WithAuxiliary().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    temp = torch.ones((), dtype=torch.float64, requires_grad=True)
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    expected = oracle_of(model, x, y, "layerwise")
+    for _ in range(2):  # the autograd path, then the fused one
+        model.zero_grad(set_to_none=True)
+        temp.grad = None
+        model.l2.bias.grad = torch.zeros_like(model.l2.bias, requires_grad=True)
+        pre.backward(F.cross_entropy(model(x) * temp, y))
+        assert temp.grad is not None
+        for name in ("l1.weight", "l1.bias", "l2.weight", "l2.bias"):
+            got = model.get_parameter(name).grad
+            torch.testing.assert_close(got, expected[name], rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("call", ["backward", "step"])
 @pytest.mark.parametrize("method", ("layerwise", "full", "natural"))
 def test_an_auxiliary_head_inside_forward_that_the_loss_trains_warns(method, call):
