@@ -17,6 +17,7 @@ model runs its submodules inside a compiled graph where hooks do not fire.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import sys
 import threading
@@ -58,6 +59,23 @@ def eager():
     """Run ``torch.compile``'d code eagerly, so that module hooks fire."""
     stance = getattr(torch.compiler, "set_stance", None)
     return stance("force_eager") if stance is not None else contextlib.nullcontext()
+
+
+def eager_when_traced(function: Callable) -> Callable:
+    """``function``, run as Python where ``torch.compile`` traces a call of it (a training
+    step compiled whole, ``pre.backward`` or ``pre.step()`` inside): the compiled graph
+    breaks there and the call runs eagerly, its checks, hooks and solves as in any other
+    call. Traced, it failed inside torch (``Attempt to trace forbidden callable``). The
+    check costs a fraction of a microsecond; ``torch.compiler.disable`` is looked up only
+    under torch.compile (importing torch's compiler takes seconds)."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(function)(*args, **kwargs)
+        return function(*args, **kwargs)
+
+    return run
 
 
 @dataclass

@@ -17,12 +17,13 @@ from ._checks import (
     unprobed,
 )
 from ._precision import full_precision
-from .capture import Replay
+from .capture import Replay, eager_when_traced
 from .factors import FactorFn, reentrant_checkpoint_refused
 from .methods import METHODS, SOLVERS, LayerDiagnostics, Options, build_problem, finish
 from .methods.memory import named_when_too_large
 
 
+@eager_when_traced
 def direction(
     model: nn.Module,
     inputs: Tensor | tuple,

@@ -54,6 +54,7 @@ from .capture import (
     buffers_kept,
     calls_under_way,
     capturing,
+    eager_when_traced,
     hooked_after,
     hooked_before,
     moved_since,
@@ -752,6 +753,7 @@ class RiemannianPreconditioner:
 
             checks.require(now.eq(then).all(), explain)
 
+    @eager_when_traced
     def backward(self, loss: Tensor) -> None:
         """Add ``G^{-1} g`` to each trainable ``.grad``, ``g`` the gradient of ``loss``.
 
@@ -1230,6 +1232,7 @@ class RiemannianPreconditioner:
         if self._kfac is not None:
             self._kfac.commit(params, solved)
 
+    @eager_when_traced
     @torch.no_grad()
     def step(self) -> None:
         """Replace every trainable ``.grad`` by the preconditioned direction.

@@ -1487,6 +1487,38 @@ def test_code_compiled_before_the_preconditioner_runs_its_hooks(compiled, call):
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "call, method",
+    [(call, "layerwise") for call in ("backward", "step", "direction")]
+    + [("backward", "natural"), ("step", "kfac")],
+)
+def test_a_training_step_compiled_whole_runs_the_calls_eagerly_and_exactly(call, method):
+    """Found by a hunt: a training step compiled whole (``@torch.compile`` on a function
+    that calls ``pre.backward(loss)`` or ``pre.step()``) failed inside torch ("Attempt to
+    trace forbidden callable set_stance"), as did ``rc.direction`` in a compiled function:
+    the compiled graph now breaks at the call, which runs eagerly, exact at every step."""
+    torch.manual_seed(38)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    expected = rc.direction(copy.deepcopy(model), x, y, method=method, damping=DAMPING)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    @torch.compile(backend="aot_eager")
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        if call == "direction":
+            return rc.direction(model, x, y, method=method, damping=DAMPING)
+        preconditioned(pre, model, x, y, call)
+        opt.step()
+        return {name: p.grad for name, p in model.named_parameters()}
+
+    for _ in range(3):
+        found = train_step()
+        for name in expected:
+            torch.testing.assert_close(found[name], expected[name], rtol=1e-10, atol=1e-12)
+
+
 def test_only_code_compiled_since_the_last_reset_is_compiled_again(monkeypatch):
     """Found by review: torch.compiler.reset() ran at every construction once any step had
     loaded dynamo, compiled or not, throwing away unrelated compiled code."""
