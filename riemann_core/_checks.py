@@ -19,7 +19,7 @@ from torch.autograd.graph import GradientEdge
 from torch.nn.parameter import is_lazy
 
 from .factors import LOSSES, OUTPUT_METRICS
-from .modules import KERNELS, STRUCTURED, forward_replaced
+from .modules import KERNELS, STRUCTURED, forward_replaced, named_module
 
 #: The most refinement steps: each costs a float64 residual, and the iteration either
 #: converges in a few or not at all (``eps(solve dtype) cond(G) >= 1``).
@@ -347,7 +347,7 @@ def _check_not_scripted(name: str, module: nn.Module) -> None:
     ):
         how = "torch.jit.script" if scripted else "torch.jit.trace of a module with submodules"
         raise TypeError(
-            f"module {name!r} is TorchScript ({how}), whose trainable modules run without "
+            f"{named_module(name)} is TorchScript ({how}), whose trainable modules run without "
             "Python hooks, so their calls cannot be seen: pass the original nn.Module "
             "(torch.compile'd modules are fine; a traced leaf such as a traced nn.Linear "
             "works with kernel='auto'), or set requires_grad=False on each of its parameters"
@@ -370,7 +370,7 @@ def _check_forward_probed(name: str, module: nn.Module) -> None:
     trained = any(p.requires_grad for p in module.parameters(recurse=False))
     if trained and forward_replaced(module):
         raise ValueError(
-            f"module {name!r} ({type(module).__name__}) has a forward replaced on the "
+            f"{named_module(name, module)} has a forward replaced on the "
             "instance, and check_coupling=False skips the probe that checks it computes what "
             "the structured kernel assumes (its class's forward): keep check_coupling=True "
             "(the default), or pass kernel='auto' (the generic kernel for such a module; not "
@@ -413,7 +413,7 @@ def check_model(
         ]
         if lazy:
             raise ValueError(
-                f"module {name!r} ({type(module).__name__}) has uninitialized {lazy[0]} (a "
+                f"{named_module(name, module)} has uninitialized {lazy[0]} (a "
                 "lazy module, shaped by its first call): run the model once, model(x), "
                 "before constructing the preconditioner or computing a direction"
             )
@@ -426,7 +426,7 @@ def check_model(
             and any(p.requires_grad for p in module.parametrizations.parameters())
         ):
             raise ValueError(
-                f"module {name!r} ({type(module).__name__}) is parametrized "
+                f"{named_module(name, module)} is parametrized "
                 f"({', '.join(module.parametrizations)} computed by "
                 "torch.nn.utils.parametrize, e.g. weight_norm): its trainable parameters reach "
                 "the output through the parametrization, which no kernel sees. Remove it "
@@ -436,7 +436,7 @@ def check_model(
         hooked = [h for h in hooked if h in ("WeightNorm", "SpectralNorm")]
         if hooked and any(p.requires_grad for p in module.parameters(recurse=False)):
             raise ValueError(
-                f"module {name!r} ({type(module).__name__}) has a {hooked[0]} hook "
+                f"{named_module(name, module)} has a {hooked[0]} hook "
                 "(torch.nn.utils.weight_norm or spectral_norm): a pre-hook computes its weight "
                 "from other parameters before every call, a path no kernel sees. Remove it "
                 "(torch.nn.utils.remove_weight_norm / remove_spectral_norm) or freeze the "
@@ -448,7 +448,7 @@ def check_model(
             and module.weight.requires_grad
         ):
             raise ValueError(
-                f"module {name!r} ({type(module).__name__}) has scale_grad_by_freq=True: its "
+                f"{named_module(name, module)} has scale_grad_by_freq=True: its "
                 "backward divides each row's gradient by the token's count in the batch, so "
                 "the gradient is not the derivative of the loss (and couples the samples), "
                 "and no metric matches it. Build it with scale_grad_by_freq=False"
@@ -456,13 +456,13 @@ def check_model(
         embedding = isinstance(module, nn.Embedding | nn.EmbeddingBag)
         if embedding and module.sparse and module.weight.requires_grad:  # (found by a hunt:
             raise ValueError(  # the euclidean method raised torch's own error)
-                f"module {name!r} ({type(module).__name__}) has sparse=True: its gradient is "
+                f"{named_module(name, module)} has sparse=True: its gradient is "
                 "a sparse tensor, and every method writes a dense direction (the euclidean "
                 "one too). Build it with sparse=False"
             )
         if embedding and module.max_norm is not None:  # (frozen too: its weight changes)
             raise ValueError(
-                f"module {name!r} ({type(module).__name__}) has max_norm={module.max_norm:g}: "
+                f"{named_module(name, module)} has max_norm={module.max_norm:g}: "
                 "it renormalises its weight in place at every forward pass, so the parameters "
                 "change under the metric taken at them (and torch.func cannot run it). Drop "
                 "max_norm, or renormalise the weight outside the forward pass (after opt.step)"
@@ -484,7 +484,7 @@ def check_model(
                 "track_running_stats=True and call model.eval()"
             )
             raise ValueError(
-                f"module {name!r} ({type(module).__name__}) normalises with batch statistics, "
+                f"{named_module(name, module)} normalises with batch statistics, "
                 "which couples the samples; the metrics here need a network that treats samples "
                 f"independently. {fix}, or use LayerNorm/GroupNorm"
             )

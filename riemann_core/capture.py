@@ -31,7 +31,7 @@ from torch.nn.parameter import is_lazy
 from torch.utils import _pytree as pytree
 
 from ._precision import precision_as, product_eps
-from .modules import Block, is_container, output_index, own_parameters, training
+from .modules import Block, is_container, named_module, output_index, own_parameters, training
 
 _LOCAL = threading.local()
 
@@ -494,7 +494,7 @@ class Capture:
             index = output_index(output)
             if index is False:
                 raise ValueError(
-                    f"module {name!r} ({type(mod).__name__}) returns {type(output).__name__}, "
+                    f"{named_module(name, mod)} returns {type(output).__name__}, "
                     "not a tensor; a module with trainable parameters must return one tensor, "
                     "or a tuple of one tensor and None (nn.MultiheadAttention with "
                     "need_weights=False); a wrapper that picks an output does not help: the "

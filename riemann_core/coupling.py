@@ -82,6 +82,7 @@ from .modules import (
     floating_dtypes,
     forward_replaced,
     lowest_precision_eps,
+    named_module,
     registered,
     training,
 )
@@ -449,7 +450,7 @@ def _register_verdict(checks, notes: ModelNotes, at, targets, reached, scale: Te
 
 def _name_of(call: Block, tensor: Tensor) -> str:
     """Which tensor of a call a probe target is, in words."""
-    return f"the {'output' if tensor is call.output else 'input'} of module {call.name!r}"
+    return f"the {'output' if tensor is call.output else 'input'} of {named_module(call.name)}"
 
 
 def _register_linearity_check(checks, targets, pulled, again, eps: float, tiny: float) -> None:
@@ -574,7 +575,7 @@ def _register_parameter_check(
             )
         kernels = sorted(
             {
-                f"{type(h).__qualname__} of module {h.block.name!r} "
+                f"{type(h).__qualname__} of {named_module(h.block.name)} "
                 f"({type(h.block.module).__name__})"
                 for h in per_call.values()
                 if registered(h) and set(h.block.param_names) & set(bad)
@@ -683,7 +684,7 @@ def _explain_coupling(model: nn.Module, rows: Tensor, masks: Tensor, rerun) -> N
         name, module = max(culprits, key=lambda c: c[0].count(".") + bool(c[0]))
         # the model itself: its forward's own operations (found by a docs check: "module ''")
         where = (
-            f"module {name!r} ({type(module).__name__})"
+            f"{named_module(name, module)}"
             if name
             else f"an operation in the forward of the model ({type(module).__name__}) itself"
         )

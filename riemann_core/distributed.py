@@ -63,7 +63,15 @@ from ._checks import Deferred, DirectionOverflow
 from .kronecker import Factor
 from .methods import SOLVERS, LayerDiagnostics, Options, Problem, finish, kfac
 from .methods.memory import named_when_too_large
-from .modules import Block, Handler, LinearHandler, PatchHandler, kronecker_handler, training
+from .modules import (
+    Block,
+    Handler,
+    LinearHandler,
+    PatchHandler,
+    kronecker_handler,
+    named_module,
+    training,
+)
 from .ownership import assign
 from .passes import check_shares
 
@@ -501,7 +509,7 @@ class _Group:
                 others = [q for q in range(self.world) if q not in alike]
                 entries = [(f"[{', '.join(listing[i][1])}]", alike), ("others", others)]
             named.append(
-                f"module {listing[i][0]!r}: "
+                f"{named_module(listing[i][0])}: "
                 + "; ".join(
                     f"{value} on rank{'s' * (len(qs) > 1)} {', '.join(map(str, qs))}"
                     for value, qs in entries
@@ -757,8 +765,8 @@ def _kronecker_solves(problem: Problem, factors: list[list[Tensor]], opts: Optio
     modules = []
     for h, (gamma, *A) in zip(problem.handlers, factors, strict=True):
         name = h.block.name
-        gamma = Factor(matrix=gamma, what=f"K-FAC output factor Gamma of module {name!r}")
-        A = [Factor(matrix=a, what=f"K-FAC input factor A of module {name!r}") for a in A]
+        gamma = Factor(matrix=gamma, what=f"K-FAC output factor Gamma of {named_module(name)}")
+        A = [Factor(matrix=a, what=f"K-FAC input factor A of {named_module(name)}") for a in A]
         parts = kfac.parts_of(h, opts.kfac_bias)
         modules.append((parts, gamma, {p.name: A[0] for p in parts if not p.bias_only}))
     blocks = kfac.damped_modules(modules, opts)  # those of one order together, as kfac.solve

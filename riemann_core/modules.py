@@ -125,6 +125,14 @@ def forward_replaced(module: nn.Module) -> bool:
     )
 
 
+def named_module(name: str, module: nn.Module | None = None) -> str:
+    """How messages name the module ``name`` of a model, with its class where ``module`` is
+    given: ``module '0.conv' (Conv2d)``, or ``the model itself (Net)`` for the model
+    (name ``''``: a model that owns parameters of its own)."""
+    kind = "" if module is None else f" ({type(module).__name__})"
+    return f"module {name!r}{kind}" if name else f"the model itself{kind}"
+
+
 def own_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """``(name in module, parameter)`` of the parameters ``module`` owns as a block: those
     registered on it and those of the parameter containers it holds, directly or inside
@@ -829,7 +837,7 @@ class GenericHandler(Handler):
         except RuntimeError as err:
             if isinstance(self.block.module, nn.EmbeddingBag) and "offsets" in str(err):
                 raise ValueError(
-                    f"module {self.block.name!r} (EmbeddingBag) cannot be evaluated one "
+                    f"{named_module(self.block.name)} (EmbeddingBag) cannot be evaluated one "
                     "sample at a time by kernel='generic' (torch.func): with a 1-D input and "
                     "offsets, its first dimension holds every sample's ids, not one row per "
                     "sample. Pass the bags as a 2-D (N, length) tensor of ids, padding "
@@ -853,7 +861,7 @@ class GenericHandler(Handler):
             own = [n for n, _ in module.named_parameters(recurse=False)]
             whole = own and any(next(c.parameters(), None) is not None for c in module.children())
             raise ValueError(
-                f"kernel='generic' cannot evaluate module {name!r} ({kind}) one sample at a "
+                f"kernel='generic' cannot evaluate {named_module(name)} ({kind}) one sample at a "
                 f"time with torch.func: {err}. "
                 + (  # (found by a hunt: a learned initial state h0 held by the model)
                     f"It holds parameters of its own ({', '.join(own)}), so it is evaluated "
@@ -1037,7 +1045,7 @@ class GenericHandler(Handler):
     def refuse_batch_mismatch(self, mismatch: Tensor) -> None:
         """The error of a failed :meth:`batch_mismatch`."""
         raise ValueError(
-            f"module {self.block.name!r} ({type(self.block.module).__name__}) has another "
+            f"{named_module(self.block.name, self.block.module)} has another "
             "Jacobian in its parameters when evaluated one sample at a time, as "
             f"kernel='generic' does (largest relative difference {float(mismatch):.1e}), "
             "its parameters reach one sample through the others (e.g. a gate initialised at "
@@ -1061,7 +1069,7 @@ class GenericHandler(Handler):
 
         def explain():
             raise ValueError(
-                f"module {self.block.name!r} ({type(self.block.module).__name__}) gives other "
+                f"{named_module(self.block.name, self.block.module)} gives other "
                 "outputs when evaluated one sample at a time, as kernel='generic' does "
                 f"(largest relative difference {float(mismatch):.1e}): it couples the samples "
                 "of the batch, depends on the batch size, or takes an argument whose first "
@@ -1471,7 +1479,7 @@ def _products_agree(h: Handler) -> tuple[Tensor, object, Tensor]:
             if not e <= tolerance
         ]
         raise ValueError(
-            f"{name}'s products for module {block.name!r} ({type(block.module).__name__}) "
+            f"{name}'s products for {named_module(block.name, block.module)} "
             f"are not those of one K, on random v and t (relative, {h.dtype}): "
             f"{'; '.join(wrong)}. {_KERNEL_RULES}"
         )
@@ -1494,7 +1502,7 @@ def _check_materialised(h: Handler, K: Tensor, name: str) -> None:
     ]
     if wrong:
         raise ValueError(
-            f"{name}'s K() for module {h.block.name!r} ({type(h.block.module).__name__}) is "
+            f"{name}'s K() for {named_module(h.block.name, h.block.module)} is "
             f"not the K of its products, on random v and t (relative, {h.dtype}): "
             f"{'; '.join(wrong)}. {_KERNEL_RULES}"
         )
@@ -1534,7 +1542,7 @@ def _no_kronecker(name: str, module: nn.Module) -> ValueError:
     if reason is None and forward_replaced(module):
         reason = "a forward replaced on the instance, under a kernel other than 'structured'"
     return ValueError(
-        f"method='kfac' has no Kronecker factorisation for module {name!r} "
+        f"method='kfac' has no Kronecker factorisation for {named_module(name)} "
         f"({type(module).__name__}{': ' + reason if reason else ''}); K-FAC supports Linear "
         "and Conv2d (groups=1, zero padding). Use method='layerwise' for other modules"
     )
@@ -1653,7 +1661,7 @@ def handler_for(block: Block, kernel: str) -> Handler:
         else f"does not fit its structured kernel: {reason}"
     )
     raise ValueError(
-        f"module {block.name!r} ({what}) {unfit}; "
+        f"{named_module(block.name)} ({what}) {unfit}; "
         f"structured kernels exist for {supported}. Pass kernel='generic' (torch.func, "
         "materialises K) or kernel='auto' (structured where possible, generic elsewhere); "
         "with method='kfac' no kernel helps: it has Kronecker factors for Linear and Conv2d "

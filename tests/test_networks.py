@@ -625,6 +625,29 @@ def test_a_batch_reordered_by_the_model_itself_is_refused_naming_the_model():
         rc.direction(model, x, torch.tensor([0, 1, 2, 0, 1, 2]))
 
 
+class OwnWeight(nn.Module):
+    """A model that owns its parameter itself, not through a child module."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+
+    def forward(self, x):
+        return x @ self.weight.T
+
+
+@pytest.mark.parametrize("method", ["layerwise", "kfac"], ids=lambda m: f"method={m}")
+def test_refusals_name_a_model_owning_its_parameters_the_model_itself(method):
+    """Found by review: a model that owns its parameters itself was refused as "module ''
+    (OwnWeight) has parameters but no structured kernel"; every message names it as the
+    model itself."""
+    torch.manual_seed(29)
+    model, x = OwnWeight(), torch.randn(6, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    with pytest.raises(ValueError, match=r"^the model itself \(OwnWeight\) has parameters but"):
+        rc.direction(model, x, y, method=method)
+
+
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"kernel={k}")
 @pytest.mark.parametrize("method", EXACT + ("kfac",), ids=lambda m: f"method={m}")
 @pytest.mark.parametrize("net", COUPLED, ids=lambda n: f"net={n}")

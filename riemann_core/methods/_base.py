@@ -25,7 +25,7 @@ from .._checks import (
 )
 from ..capture import Replay, forward, notes_for, pullback_dtype
 from ..factors import FactorFn, factor_cotangents, output_factor, pullback
-from ..modules import Block, Handler, handler_for, register_kernel_checks, rows_dot
+from ..modules import Block, Handler, handler_for, named_module, register_kernel_checks, rows_dot
 from .memory import named_when_rows_too_large
 
 #: The pulled-back rows (the loss gradient and the factor's) go through the network one
@@ -722,7 +722,7 @@ def check_batch_dimension(calls: list[Block], outputs: Tensor) -> None:
                 else ""
             )
             raise ValueError(
-                f"module {c.name!r} returns shape {tuple(c.output.shape)}, whose first dimension "
+                f"{named_module(c.name)} returns shape {tuple(c.output.shape)}, whose first dimension "
                 f"is not the batch of {N} samples; the metrics need every module with "
                 "parameters to map samples along dimension 0 (no reshaping of the batch into "
                 "other dimensions around it: nn.MultiheadAttention and the transformer layers "
@@ -771,7 +771,7 @@ def _refuse_per_sample(c: Block, N: int) -> None:
     leaves = pytree.tree_leaves((c.inputs, c.kwargs))
     shapes = [tuple(t.shape) for t in leaves if isinstance(t, Tensor)]
     raise ValueError(
-        f"module {c.name!r} ({type(c.module).__name__}) is called on inputs of shapes "
+        f"{named_module(c.name, c.module)} is called on inputs of shapes "
         f"{shapes}, one sample's rather than a batch of {N} (its output's first dimension "
         "may match the batch by chance): a module called once per sample, on x[i], maps no "
         "batch. Call it on the whole batch, samples along dimension 0"

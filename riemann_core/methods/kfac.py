@@ -55,6 +55,7 @@ from ..modules import (
     PatchHandler,
     has_kronecker_factors,
     kronecker_handler,
+    named_module,
     own_parameters,
 )
 from ._base import Options, Problem
@@ -131,8 +132,8 @@ def module_factors(handler: PatchHandler, opts: Options) -> tuple[Factor, dict[s
 def factor_names(module: str) -> tuple[str, str]:
     """What errors call the output and the input factor of ``module``."""
     return (
-        f"K-FAC output factor Gamma of module {module!r}",
-        f"K-FAC input factor A of module {module!r}",
+        f"K-FAC output factor Gamma of {named_module(module)}",
+        f"K-FAC input factor A of {named_module(module)}",
     )
 
 

@@ -33,7 +33,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from .._precision import full_precision
 from ..kronecker import Factor
-from ..modules import STRUCTURED, Block, PatchHandler
+from ..modules import STRUCTURED, Block, PatchHandler, named_module
 from ..woodbury import SolveError
 from ._base import Options
 from .kfac import (
@@ -165,7 +165,7 @@ def _average_owners(cached) -> dict[str, tuple[Factor, str]]:
     with the factor each must match in order, dtype and device."""
     owners = {}
     for c in cached:
-        where = f"the K-FAC state of module {c.block.name!r}"
+        where = f"the K-FAC state of {named_module(c.block.name)}"
         owners[average_key(c.block.name, "Gamma")] = (c.blocks[0].gamma, where)
         owners.update(
             {average_key(c.block.name, "A"): (b.A, where) for b in c.blocks if b.A is not None}
@@ -204,7 +204,7 @@ class _Read:
 
 def _read(name, entry, network: nn.Module, opts: Options) -> _Read:
     """The cached module ``name``: its block from the model and its saved factors."""
-    where = f"the K-FAC state of module {name!r}"
+    where = f"the K-FAC state of {named_module(name)}"
     keys = {"param_names", "rows", "gamma", "A"}
     # (saved by later versions)
     entry = _mapping(entry, where, keys, optional={"data_dtype", "kernel"})
@@ -281,7 +281,7 @@ def _factorised(name, read: _Read, blocks: list[DampedBlock], opts: Options) -> 
         if failed and bool(torch.stack(failed).any()):  # the step took the checked path too
             blocks = damped_blocks(parts, gamma, inputs, opts, checked=True)
     except SolveError as err:
-        where = f"the K-FAC state of module {name!r}"
+        where = f"the K-FAC state of {named_module(name)}"
         raise ValueError(f"{where}: its saved factors cannot be factorised ({err})") from err
     return Cached(read.block, read.kernel, read.rows, blocks, read.data_dtype)
 

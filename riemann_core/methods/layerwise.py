@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..costs import bound_pays, dense_is_cheaper
-from ..modules import Handler
+from ..modules import Handler, named_module
 from ..woodbury import (
     WoodburySolve,
     cholesky_in_place,
@@ -103,7 +103,7 @@ def _dense(problem: Problem, i: int, opts: Options) -> Solve:
         x=dense_solver(chol)(problem.gradient_of(i)),
         rows=handler.d,
         params=n_a,
-        what=f"damped metric of module {name!r} ({n_a} x {n_a})",
+        what=f"damped metric of {named_module(name)} ({n_a} x {n_a})",
         rebuild=rebuild,
         factor_solver=dense_solver,
     )
@@ -148,7 +148,7 @@ def _woodbury(problem: Problem, indices: list[int], opts: Options) -> list[Solve
             x_bound=x_bound,
             rows=d,
             params=h.block.n_params,
-            what=f"damped Gram of module {name!r} ({d} x {d})",
+            what=f"damped Gram of {named_module(name)} ({d} x {d})",
             rebuild=rebuild,
             factor_solver=factor_solver,
         )
