@@ -438,11 +438,16 @@ class RiemannianPreconditioner:
         # each trainable .grad as the pass starts (weakly) and its version: one that no
         # backward pass since accumulated into holds no gradient of this pass (_unreached)
         # (leaves alone: under torch.func.functional_call the model's parameters are the
-        # tensors passed, whose .grad torch warns about reading; found by a hunt)
+        # tensors passed, whose .grad torch warns about reading; found by a hunt; an
+        # inference tensor has no version: refused by name at the step, _check_grad)
         held = [
             p
             for n, p, _ in self._versions
-            if n is not None and p.requires_grad and p.is_leaf and p.grad is not None
+            if n is not None
+            and p.requires_grad
+            and p.is_leaf
+            and p.grad is not None
+            and not p.grad.is_inference()
         ]
         self._grads_at_pass = {id(p): (weakref.ref(p.grad), p.grad._version) for p in held}
         self._accumulations.hook(held)
@@ -2389,6 +2394,12 @@ def _check_grad(
             f"the .grad of {name!r} is a broadcast view (stride 0, e.g. made by expand): "
             "no direction can be written into it in place. Set it to None (opt.zero_grad()) "
             "or to a tensor of its own (.clone())"
+        )
+    if grad.is_inference():  # (torch's own error names no parameter; loss.backward()'s too)
+        raise ValueError(
+            f"the .grad of {name!r} is an inference tensor (made under "
+            "torch.inference_mode()), which cannot be written in place: set it to None "
+            "(opt.zero_grad()) or to a tensor made outside inference mode"
         )
     checks.finite(f"the .grad of {name!r}", grad, OVERFLOW_FIX, error)
 

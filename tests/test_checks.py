@@ -737,6 +737,31 @@ def test_a_broadcast_grad_is_refused_before_any_grad_is_written(call):
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_a_grad_made_in_inference_mode_is_refused_by_name(call):
+    """Found by a hunt: a .grad made under torch.inference_mode() made the model's forward
+    pass itself raise torch's "Inference tensors do not track version counter" from the
+    preconditioner's hook; it is now refused by name before any .grad is written (the
+    forward pass of pre.step()'s, whose loss.backward() torch refuses with it there)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+    model[0].weight.grad = torch.ones(4, 5, dtype=torch.float64)
+    with torch.inference_mode():
+        inference = torch.zeros(3, 4, dtype=torch.float64)
+    if call == "backward":
+        model[2].weight.grad = inference
+    loss = F.cross_entropy(model(x), y)
+    if call == "step":
+        loss.backward()
+        model[2].weight.grad = inference
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"the .grad of '2.weight' is an inference tensor"):
+        pre.backward(loss) if call == "backward" else pre.step()
+    assert_unchanged(model, before)
+
+
 @pytest.mark.parametrize("timeout", [float("inf"), float("nan"), 1e30, 1e10])
 def test_a_timeout_past_any_wait_is_refused(timeout):
     """Found by a hunt: an infinite or huge timeout (1e30, past timedelta's range) passed
