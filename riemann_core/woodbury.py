@@ -480,7 +480,7 @@ def sharpen_condition(
     d = grams.shape[-1]
     if not reads_are_free(grams.device) or d == samples:
         return None
-    condition = blocks.sum(-1) / damping
+    condition = (blocks / damping).sum(-1)
     flat, estimates = grams.reshape(-1, d, d), condition.reshape(-1)
     high = (estimates > above).nonzero().flatten().tolist()
     if not high:

@@ -206,6 +206,25 @@ def test_a_float32_direction_among_the_subnormals_warns_and_a_zero_one_does_not(
         assert warns or not any(d.any() for d in dirs.values())
 
 
+@pytest.mark.parametrize("method", ["layerwise", "natural"], ids=lambda m: f"method={m}")
+def test_a_condition_estimate_near_the_largest_float32_does_not_overflow(method):
+    """Found by a hunt: at damping 1e38 a float32 Gram's probe blocks each read about the
+    damping, and their sum (9 rows per sample) overflowed to inf before it was divided by
+    it: natural warned of a relative error of "~inf" where its direction is exact to
+    float32's precision. Divided first, nothing is said."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+    x, y = torch.randn(32, 4) * 1e3, torch.randint(0, 10, (32,))
+    expected = rc.direction(
+        copy.deepcopy(model).double(), x.double(), y, method=method, damping=1e38
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", rc.AccuracyWarning)
+        found = rc.direction(model, x, y, method=method, damping=1e38)
+    for name, d in found.items():
+        assert rel_error(d, expected[name]) < 1e-3
+
+
 @pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")
 @pytest.mark.parametrize("method", ["layerwise", "natural", "full"], ids=lambda m: f"method={m}")
 def test_float64_solve_forms_the_gram_in_float64(method):

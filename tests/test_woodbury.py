@@ -429,7 +429,7 @@ def test_a_sharpened_condition_lies_between_the_largest_block_and_the_sum(proble
     grams += torch.full_like(grams, float("nan")).triu(1)  # only the lower triangles hold it
     exact = torch.linalg.eigvalsh(grams)[:, -1] / mu
     blocks = probe_block_estimates(grams, N)
-    summed, largest = blocks.sum(-1) / mu, blocks.amax(-1) / mu
+    summed, largest = (blocks / mu).sum(-1), blocks.amax(-1) / mu
     sharp = sharpen_condition(grams, N, blocks, mu, above=0.0)
     assert (largest <= sharp).all() and (sharp <= summed).all()
     assert (sharp <= torch.maximum(largest, exact * (1 + 1e-12))).all()

@@ -98,7 +98,9 @@ def gram_conditions(
     recorded as the slow path ``"condition"``); ``None`` where there is nothing to decide
     (refinement and the diagnostics evaluate the residual anyway)."""
     blocks = probe_block_estimates(grams, samples)
-    condition = blocks.sum(-1) / opts.damping
+    condition = (blocks / opts.damping).sum(
+        -1
+    )  # (summed first, near the largest float it overflowed)
     if opts.refine or opts.diagnostics:
         return condition, None
     above = residual_checked_above(problem, grams.dtype)
