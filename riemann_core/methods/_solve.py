@@ -98,9 +98,8 @@ def gram_conditions(
     recorded as the slow path ``"condition"``); ``None`` where there is nothing to decide
     (refinement and the diagnostics evaluate the residual anyway)."""
     blocks = probe_block_estimates(grams, samples)
-    condition = (blocks / opts.damping).sum(
-        -1
-    )  # (summed first, near the largest float it overflowed)
+    # each divided first: summed first, near the largest float they overflowed
+    condition = (blocks / opts.damping).sum(-1)
     if opts.refine or opts.diagnostics:
         return condition, None
     above = residual_checked_above(problem, grams.dtype)
