@@ -849,7 +849,14 @@ class RiemannianPreconditioner:
             shown_in=[c.output for c in shown],
         )
         check_damping_fits(opts.damping, params, opts.solve_dtype)
-        checks.finite("the loss", loss, "check the data and lower the learning rate")
+        if self._scaling:
+            # a scaled loss overflows where its gradient need not (S * loss past the
+            # dtype's largest number at a scale grown over a long run, the gradient S times
+            # the loss's): as loss.backward() and pre.step() do, it goes on, an overflow of
+            # the gradient is the scaler's to skip (found by a hunt: refused, naming the data)
+            checks.no_nan("the loss", loss, "check the data and lower the learning rate")
+        else:
+            checks.finite("the loss", loss, "check the data and lower the learning rate")
         overflow = GradientOverflow if self._scaling else None  # the scaler's to skip
         for name, p in params:  # the direction is added to them, as loss.backward() adds
             if p.grad is not None:

@@ -387,3 +387,32 @@ def test_a_scaled_direction_that_overflows_is_left_to_the_scaler_to_skip(method,
             pre.step()
     assert_unchanged(model, before)
     assert not pre.overflowed
+
+
+@pytest.mark.parametrize("method", EXACT + ("kfac",), ids=lambda m: f"method={m}")
+def test_a_scaled_loss_past_the_largest_float_with_a_finite_gradient_is_taken(method):
+    """Found by a hunt: at a scale a long run grows to (GradScaler keeps it below float32's
+    largest number), ``S * loss`` of a summed loss overflows where its gradient ``S g``
+    does not; ``loss.backward()`` and ``pre.step()`` took the step, ``pre.backward``
+    refused it as a NaN/inf loss naming the data. It goes on, on the first call
+    (autograd's path) and the fused one, with the scaled direction of the loss."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    scale, damping = 2.0**122, 10.0
+    # the float64 direction of the summed loss, 64 times the mean's (the metric the mean's)
+    want = rc.direction(
+        copy.deepcopy(model).double(), x.double(), y, method=method, damping=damping
+    )
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=damping, grad_scaler=scaler)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        loss = scaler.scale(F.cross_entropy(model(x), y, reduction="sum"))
+        assert loss.isinf()
+        pre.backward(loss)
+        assert not pre.overflowed
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(
+                p.grad.double() / scale, 64 * want[name], rtol=1e-5, atol=1e-7
+            )
