@@ -63,11 +63,12 @@ def eager():
 
 def eager_when_traced(function: Callable) -> Callable:
     """``function``, run as Python where ``torch.compile`` traces a call of it (a training
-    step compiled whole, ``pre.backward`` or ``pre.step()`` inside): the compiled graph
-    breaks there and the call runs eagerly, its checks, hooks and solves as in any other
-    call. Traced, it failed inside torch (``Attempt to trace forbidden callable``). The
-    check costs a fraction of a microsecond; ``torch.compiler.disable`` is looked up only
-    under torch.compile (importing torch's compiler takes seconds)."""
+    step compiled whole, ``pre.backward`` or ``pre.step()`` inside; an :class:`OwnHook`
+    of a compiled model): the compiled graph breaks there and the call runs eagerly, its
+    checks, hooks and solves as in any other call. Traced, it failed inside torch
+    (``Attempt to trace forbidden callable``). The check costs a fraction of a
+    microsecond; ``torch.compiler.disable`` is looked up only under torch.compile
+    (importing torch's compiler takes seconds)."""
 
     @functools.wraps(function)
     def run(*args, **kwargs):
@@ -584,6 +585,9 @@ class OwnHook:
     def __init__(self, module: nn.Module, hook):
         self.target, self.hook = weakref.ref(module), hook
 
+    # eager where torch.compile traces it (found by a hunt: a compiled model called inside
+    # a training step compiled whole failed inside torch, dynamo tracing this hook)
+    @eager_when_traced
     def __call__(self, module, *args):
         hook = self.hook() if isinstance(self.hook, weakref.WeakMethod) else self.hook
         return hook(module, *args) if hook is not None and module is self.target() else None

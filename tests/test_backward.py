@@ -1519,6 +1519,37 @@ def test_a_training_step_compiled_whole_runs_the_calls_eagerly_and_exactly(call,
             torch.testing.assert_close(found[name], expected[name], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("call, method", [("backward", "layerwise"), ("step", "kfac")])
+def test_a_compiled_model_inside_a_training_step_compiled_whole_is_exact(call, method):
+    """Found by a hunt: a compiled model called inside a training step compiled whole failed
+    inside torch (``AssertionError: UnspecializedNNModuleVariable(Sequential) is already
+    tracked for mutation``, dynamo tracing the preconditioner's forward hooks): the hooks
+    now run eagerly where torch.compile traces them."""
+    torch.manual_seed(38)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    runnable = torch.compile(model, backend="aot_eager")
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = rc.RiemannianPreconditioner(runnable, method=method, damping=DAMPING)
+    opt = torch.optim.SGD(runnable.parameters(), lr=0.1)
+
+    @torch.compile(backend="aot_eager")
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(runnable(x), y)
+        if call == "backward":
+            pre.backward(loss)
+        else:
+            loss.backward()
+            pre.step()
+        opt.step()
+
+    for _ in range(2):
+        expected = rc.direction(copy.deepcopy(model), x, y, method=method, damping=DAMPING)
+        train_step()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
+
+
 def test_only_code_compiled_since_the_last_reset_is_compiled_again(monkeypatch):
     """Found by review: torch.compiler.reset() ran at every construction once any step had
     loaded dynamo, compiled or not, throwing away unrelated compiled code."""
