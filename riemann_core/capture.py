@@ -925,20 +925,24 @@ class Replay:
         checks.require(alike.all(), lambda: _replay_differs(new, self.output, self.cause))
 
     def check_reach(self, on: set[int], calls) -> None:
-        """Refuse a pass run again whose output depends on the outputs of fewer modules
-        (``on``: their parameters' ids, :func:`riemann_core.coupling.reach`) than the
-        recorded output did: a ``.detach()`` or ``torch.no_grad()`` taken on a path chosen
-        by state not replayed gives the same values (found by a hunt: a counter freezing a
-        backbone after warm-up, the metric of the frozen network, 1.6-6 off). Of the
-        parameters of its ``calls`` (one frozen since the recorded pass is not a block's
-        any more); a module whose output reaches the output partly detached is not seen."""
+        """Refuse a pass run again whose output depends on fewer parameters, through their
+        modules' outputs, than the recorded output did (``on``: their ids,
+        :func:`riemann_core.coupling.reached_parameters`): a ``.detach()`` or
+        ``torch.no_grad()`` taken on a path chosen by state not replayed gives the same
+        values (found by hunts: a counter freezing a backbone after warm-up, the metric of
+        the frozen network, 1.6-6 off; a module detaching its own weight by a counter, under
+        the generic kernel 14-40x off). Of the parameters of its ``calls`` (one frozen since
+        the recorded pass is not a block's any more); a module whose output reaches the
+        output partly detached is not seen, nor a parameter that reaches it partly
+        detached."""
         lost = self.reached - on if self.reached else set()
         names = sorted({c.name for c in calls if any(id(p) in lost for p in c.params)})
         if names:
             raise ReplayDiffers(
                 "the model's forward pass, run again on the recorded batch for the metric, "
-                f"gave an output that does not depend on modules {names}, which the output of "
-                "the pass the gradient came from depended on: the pass took another path "
+                f"gave an output that does not depend on {', '.join(map(named_module, names))} "
+                "(through its output or its parameters), which the output of the pass the "
+                "gradient came from depended on: the pass took another path "
                 "(a .detach() or torch.no_grad() chosen by state that is not replayed: a "
                 "call counter, an attribute, Python's random module). pre.step() runs the "
                 "pass again, and so does pre.backward(loss) on its first call for a model: "

@@ -112,7 +112,7 @@ def watching_backward_hooks(model: nn.Module) -> Iterator[list[str]]:
     replaced = []
     kinds = ("full backward pre-hook", "backward hook")
     owners = [
-        (f"module {name!r}'s", (module._backward_pre_hooks, module._backward_hooks))
+        (f"{named_module(name)}'s", (module._backward_pre_hooks, module._backward_hooks))
         for name, module in model.named_modules()
     ]
     owners.append(("a global module", (_global_backward_pre_hooks, _global_backward_hooks)))
@@ -752,6 +752,17 @@ def reach(output: Tensor, calls: list[Block]) -> tuple[set[int], set[int]]:
     outside = {id(p) for c in calls if c.output is not None and c.output.grad_fn is None
                for p in c.params}  # fmt: skip
     return {id(p) for cs in pending.values() for c in cs for p in c.params} - on - outside, on
+
+
+def reached_parameters(output: Tensor, calls: list[Block]) -> set[int]:
+    """The ids of the parameters of the ``calls`` whose modules' outputs the autograd graph
+    of ``output`` reaches (:func:`reach`) and which it reaches themselves, as leaves: a
+    parameter its module detaches inside its forward (``self.w.detach()`` chosen by a call
+    counter) is not among them, where its module's output is. Every node once."""
+    on = reach(output, calls)[1]
+    leaves = {id(node.variable) for node in autograd_nodes([output.grad_fn])
+              if hasattr(node, "variable")}  # fmt: skip
+    return on & leaves
 
 
 def loss_paths(

@@ -133,6 +133,13 @@ def named_module(name: str, module: nn.Module | None = None) -> str:
     return f"module {name!r}{kind}" if name else f"the model itself{kind}"
 
 
+def named_block(name: str) -> str:
+    """How messages name the block of module ``name`` (``block '0.conv'``; ``block
+    '(all)'``, a solve of every block at once), ``the block of the model itself`` for a
+    model that owns parameters of its own (name ``''``)."""
+    return f"block {name!r}" if name else "the block of the model itself"
+
+
 def own_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """``(name in module, parameter)`` of the parameters ``module`` owns as a block: those
     registered on it and those of the parameter containers it holds, directly or inside
@@ -1296,8 +1303,8 @@ def _shape_checked(handler: type[Handler]) -> type[Handler]:
         shapes = [tuple(getattr(t, "shape", ())) for t in got] if listed else type(got).__name__
         if shapes != expected:
             raise ValueError(
-                f"{handler.__qualname__}.{what} returned {shapes} for module "
-                f"{self.block.name!r} ({type(self.block.module).__name__}), where a kernel "
+                f"{handler.__qualname__}.{what} returned {shapes} for "
+                f"{named_module(self.block.name, self.block.module)}, where a kernel "
                 f"returns the shapes {expected}: fix the kernel registered by rc.register_handler"
             )
         # (found by a hunt: a float32 or integer K of a float64 kernel, a numpy array or a
@@ -1315,8 +1322,8 @@ def _shape_checked(handler: type[Handler]) -> type[Handler]:
         ]
         if wrong:
             raise ValueError(
-                f"{handler.__qualname__}.{what} returned {wrong[0]} for module "
-                f"{self.block.name!r} ({type(self.block.module).__name__}), where a kernel "
+                f"{handler.__qualname__}.{what} returned {wrong[0]} for "
+                f"{named_module(self.block.name, self.block.module)}, where a kernel "
                 f"returns tensors of its algebra's dtype and device ({self.dtype} on "
                 f"{self.device}, those of self.delta) that do not require grad: fix the "
                 "kernel registered by rc.register_handler"

@@ -2466,15 +2466,15 @@ def _off_output(capture: Capture, names: dict[int, str], stale: set[str]) -> lis
 
 
 def _reached(capture: Capture | None) -> frozenset[int] | None:
-    """The ids of the parameters of the recorded pass's calls whose outputs its output
-    depends on (:func:`coupling.reach`), for the replay to depend on too; calls whose
-    output was changed in place after it left out, as in :func:`_off_output`."""
+    """The ids of the parameters of the recorded pass's calls that its output depends on,
+    through their modules' outputs (:func:`coupling.reached_parameters`), for the replay to
+    depend on too; calls whose output was changed in place after it left out, as in
+    :func:`_off_output`."""
     if capture is None or not isinstance(capture.output, Tensor):
         return None
     stale = capture.stale()
-    return frozenset(
-        coupling.reach(capture.output, [c for c in capture.calls if c.name not in stale])[1]
-    )
+    calls = [c for c in capture.calls if c.name not in stale]
+    return frozenset(coupling.reached_parameters(capture.output, calls))
 
 
 def _warn_off_output(names: list[str], damping: float) -> None:

@@ -927,7 +927,7 @@ def test_non_finite_direction_is_named_and_a_large_finite_one_passes(bad):
         "layerwise",
     )
     assert torch.equal(out[0][0], torch.full((3,), 1e30))
-    with pytest.raises(FloatingPointError, match="non-finite direction for 'm1'"):
+    with pytest.raises(FloatingPointError, match="non-finite direction for block 'm1'"):
         x1 = torch.tensor([1.0, bad, 1.0])
         _solve.finish(
             Blocks(blocks, gradient=[[p] for p in params]),
@@ -1020,7 +1020,7 @@ def test_finiteness_is_proved_by_a_bound_or_examined(x, bound, passes):
     if passes:
         assert torch.equal(finish()[0][0][0], torch.ones(3))
     else:
-        with pytest.raises(FloatingPointError, match="non-finite direction for 'm0'"):
+        with pytest.raises(FloatingPointError, match="non-finite direction for block 'm0'"):
             finish()
 
 
@@ -1039,7 +1039,7 @@ def test_a_float64_direction_beyond_the_model_s_float32_range_is_refused(bound):
         "m0", "k", "s", [0], [x], x_bound=None if bound is None else torch.tensor(bound)
     )
     opts = rc.methods.Options(damping=1.0)
-    with pytest.raises(FloatingPointError, match="non-finite direction for 'm0'"):
+    with pytest.raises(FloatingPointError, match="non-finite direction for block 'm0'"):
         _solve.finish(Blocks(blocks, gradient=[[p]]), [solve], opts, Deferred(), "m")
 
 

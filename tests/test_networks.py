@@ -648,6 +648,16 @@ def test_refusals_name_a_model_owning_its_parameters_the_model_itself(method):
         rc.direction(model, x, y, method=method)
 
 
+def test_a_solve_of_a_model_owning_its_parameters_names_the_block_of_the_model_itself():
+    """Found by review: a float32 nn.Linear as the whole model, ill-conditioned, was
+    refused as "the solve of block '' did not solve" (and warned of "the direction of
+    block ''")."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 20) * 30, torch.randint(0, 10, (64,))
+    with pytest.raises(rc.SolveError, match=r"^the solve of the block of the model itself did"):
+        rc.direction(nn.Linear(20, 10), x, y, damping=1e-6)
+
+
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"kernel={k}")
 @pytest.mark.parametrize("method", EXACT + ("kfac",), ids=lambda m: f"method={m}")
 @pytest.mark.parametrize("net", COUPLED, ids=lambda n: f"net={n}")

@@ -512,7 +512,7 @@ def _build_problem(
     if replay is not None:  # read with the data's checks, before what a wrong path breaks
         replay.check(outputs, checks)
         if replay.reached and torch.is_tensor(outputs):
-            replay.check_reach(coupling.reach(outputs, calls)[1], calls)
+            replay.check_reach(coupling.reached_parameters(outputs, calls), calls)
         if replay.coupled is not None and torch.is_tensor(outputs):
             replay.coupled(outputs, calls)
     return problem_from_graph(
@@ -648,7 +648,10 @@ def problem_from_graph(
         c.delta = delta if given is not None else delta[1:]
         c.output_grad = None if given is not None else delta[0]
     if overflow is not None and given is None:  # half-precision rows may overflow on the way
-        items = [(f"the loss gradient at the output of {c.name!r}", c.output_grad) for c in calls]
+        items = [
+            (f"the loss gradient at the output of {named_module(c.name)}", c.output_grad)
+            for c in calls
+        ]
         checks.finite_all(items, OVERFLOW_FIX, overflow)
     handlers = [handler_for(b, opts.kernel) for b in blocks]
     for h in handlers:  # (before the probe's: a registered kernel's wrong gradient reads

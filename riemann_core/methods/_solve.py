@@ -54,6 +54,7 @@ from torch import Tensor
 
 from .._checks import Deferred, DirectionOverflow, all_finite
 from .._warn import warn
+from ..modules import named_block
 from ..woodbury import (
     AccuracyWarning,
     Cholesky,
@@ -232,7 +233,7 @@ def _check_underflow(s: Solve, problem: Problem, opts: Options, model_dtype) -> 
     info = torch.finfo(model_dtype)
     size = f"0 in {model_dtype}" if norm_x == 0 else f"of norm {norm_x:.1e}"
     warn(
-        f"the direction of block {s.name!r} underflows {model_dtype}: it is {size}, "
+        f"the direction of {named_block(s.name)} underflows {model_dtype}: it is {size}, "
         f"below its smallest normal number {info.tiny:.1e}, so rounding to its subnormal "
         f"numbers can change it by a relative error of up to "
         f"{min(error, 1.0):.0e} (damping {opts.damping:g}). Use a smaller damping, or "
@@ -555,7 +556,7 @@ def finish(
             )
         if not finite_now:
             raise DirectionOverflow(
-                f"method={method!r} produced a non-finite direction for {s.name!r}; "
+                f"method={method!r} produced a non-finite direction for {named_block(s.name)}; "
                 f"{_overflow_fix(s, problem, opts, condition, fix)}"
             )
         if s.condition is not None:
@@ -651,7 +652,7 @@ def _check_residual(
     if not value <= bound:
         requested = f" ({opts.refine} requested, {steps} more)" if opts.refine else ""
         raise SolveError(
-            f"the solve of block {s.name!r} did not solve: relative residual "
+            f"the solve of {named_block(s.name)} did not solve: relative residual "
             f"||G x - g|| / ||g|| = {value:.1e} exceeds {bound:g} after {opts.refine + steps} "
             f"steps of refinement{requested} (cond(G) ~ {condition:.0e} at damping "
             f"{opts.damping:g}, factorised in {s.factor_dtype}). {_remedy(s.factor_dtype)}"
@@ -659,7 +660,7 @@ def _check_residual(
     if not value <= target:
         forward = value / float(s.forward_scale) if float(s.forward_scale) > 0 else math.inf
         warn(
-            f"the direction of block {s.name!r} is known only to within a relative error of "
+            f"the direction of {named_block(s.name)} is known only to within a relative error of "
             f"{forward:.1e} (||G x - g|| / (damping ||x||), the bound its residual "
             f"{value:.1e} gives, after {opts.refine + steps} steps of refinement; cond(G) ~ "
             f"{condition:.0e} at damping {opts.damping:g}, factorised in {s.factor_dtype}). "
@@ -706,7 +707,7 @@ def _check_accuracy(s: Solve, opts, condition: float, data_dtype: torch.dtype) -
         else:
             data, fix = f"model's {dtype} data", "a float64 model"
         warn(
-            f"the direction of block {s.name!r} is determined by the {data} only to a "
+            f"the direction of {named_block(s.name)} is determined by the {data} only to a "
             f"relative error of up to ~{bound:.0e} (eps x cond(G), cond(G) ~ "
             f"{condition:.0e} at damping {opts.damping:g}, estimated; the error may be that "
             f"large). Use a larger damping or {fix}",

@@ -218,7 +218,8 @@ def _read(name, entry, network: nn.Module, opts: Options) -> _Read:
     if not isinstance(names, list | tuple) or list(names) not in _orders(list(own.values())):
         raise ValueError(
             f"{where}: its 'param_names' {names!r} are not the weight and bias of the "
-            f"model's module {name!r} ({list(own.values())}): the state was saved for another model"
+            f"model's {named_module(name)} ({list(own.values())}): the state was saved for another "
+            "model"
         )
     names = list(names)
     rows = entry["rows"]
@@ -319,9 +320,10 @@ def _module(network: nn.Module, name, where: str) -> nn.Module:
             "call: run the model once, model(x), before loading the state"
         )
     if module is None or not _factorised_class(type(module)):
+        missing = f"has no module {name!r}" if name else "itself is no module"
         raise ValueError(
-            f"{where}: the model has no module {name!r} that K-FAC factorises (Linear, "
-            f"Conv2d): the state was saved for another model{_compiled_hint(network, name)}"
+            f"{where}: the model {missing} that K-FAC factorises (Linear, Conv2d): the state "
+            f"was saved for another model{_compiled_hint(network, name)}"
         )
     return module
 

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..modules import named_block
+
 if TYPE_CHECKING:  # (_base names its failures with this module)
     from ._base import Options, Problem
 
@@ -193,6 +195,6 @@ def too_large(problem: Problem, method: str) -> str:
     m, n = min(h.block.n_params, h.d), h.block.n_params
     return (
         f"method='layerwise' solves each block through its n_a x n_a metric or its Gram of "
-        f"{rows(h)}; the largest, block {h.block.name!r} ({n} parameters), needs at least "
+        f"{rows(h)}; the largest, {named_block(h.block.name)} ({n} parameters), needs at least "
         f"a {m} x {m} matrix ({square(m, h)}) and {where(h)}; {fix}"
     )
