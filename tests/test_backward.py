@@ -1550,6 +1550,29 @@ def test_a_compiled_model_inside_a_training_step_compiled_whole_is_exact(call, m
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
 
 
+def test_a_compiled_model_zeroed_by_its_own_zero_grad_inside_a_compiled_step_is_exact():
+    """Found by review: api.md said the compiled model's zero_grad() inside a training step
+    compiled whole skipped its hooks and was refused; it is exact, as opt.zero_grad()."""
+    torch.manual_seed(38)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    runnable = torch.compile(model, backend="aot_eager")
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = rc.RiemannianPreconditioner(runnable, method="layerwise", damping=DAMPING)
+    opt = torch.optim.SGD(runnable.parameters(), lr=0.1)
+
+    @torch.compile(backend="aot_eager")
+    def train_step():
+        runnable.zero_grad()
+        pre.backward(F.cross_entropy(runnable(x), y))
+        opt.step()
+
+    for _ in range(2):
+        expected = rc.direction(copy.deepcopy(model), x, y, method="layerwise", damping=DAMPING)
+        train_step()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
+
+
 def test_only_code_compiled_since_the_last_reset_is_compiled_again(monkeypatch):
     """Found by review: torch.compiler.reset() ran at every construction once any step had
     loaded dynamo, compiled or not, throwing away unrelated compiled code."""
