@@ -1638,7 +1638,9 @@ class RiemannianPreconditioner:
                 f"scale is now {scale:.1e}. A .grad that holds NaN or "
                 "inf from an earlier step stays so: opt.zero_grad() zeroes its optimiser's "
                 "parameters only, so freeze a trainable parameter that no optimiser holds "
-                "(requires_grad_(False)) or zero its .grad. (A preconditioned direction that "
+                "(requires_grad_(False)) or zero its .grad. A loss infinite whatever the scale "
+                "(log(0) in the data's terms) overflows at every scale too: check the data. "
+                "(A preconditioned direction that "
                 "overflows is skipped at every scale above 1 and refused at 1: raise the "
                 "damping if it is the cause)",
                 RuntimeWarning,

@@ -416,3 +416,29 @@ def test_a_scaled_loss_past_the_largest_float_with_a_finite_gradient_is_taken(me
             torch.testing.assert_close(
                 p.grad.double() / scale, 64 * want[name], rtol=1e-5, atol=1e-7
             )
+
+
+def test_overflows_in_a_row_from_an_infinite_loss_name_the_data():
+    """Found by review of 03de032: a loss infinite because of the data (log(0)) under an
+    enabled scaler is skipped at every scale; the warning after 32 of them named only a
+    stale .grad or the damping as causes, not the data."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    scaler = torch.amp.GradScaler("cpu")
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2, grad_scaler=scaler)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    caught = []
+    for _ in range(32):
+        opt.zero_grad()
+        p = model(x).softmax(-1)
+        mask = torch.ones_like(p)
+        mask[0, y[0]] = 0  # the target's probability of sample 0 is 0: log(0)
+        loss = -torch.log((p * mask)[torch.arange(8), y]).mean()
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            pre.backward(scaler.scale(loss))
+        caught += [str(a.message) for a in w if issubclass(a.category, RuntimeWarning)]
+        scaler.step(opt)
+        scaler.update()
+    assert len(caught) == 1 and "check the data" in caught[0]
