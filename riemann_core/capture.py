@@ -1120,13 +1120,23 @@ def forward(
             capture = stack.enter_context(Capture(model, notes.clone))
             stack.enter_context(eager())
             stack.enter_context(_own_forward())
-            versions = [(n, p, p._version) for n, p in model.named_parameters()]
+            versions = [(n, p, version_of(p)) for n, p in model.named_parameters()]
             try:
                 outputs = model(*args, **kwargs)
             except (RuntimeError, IndexError, TypeError) as err:
-                meta = [
-                    n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta
-                ]
+                held = [*model.named_parameters(), *model.named_buffers()]
+                inference = [n for n, t in held if t.is_inference()]
+                if inference and "Inference tensors cannot be saved" in str(err):
+                    # (found by review: frozen parameters loaded under inference_mode work in
+                    # the user's pass, whose inputs need no gradient; the metric's passes
+                    # differentiate the inputs of every module, saving its weights)
+                    raise ValueError(
+                        f"the model holds {some(inference)}, made under torch.inference_mode(), "
+                        "which autograd cannot save for the backward passes the metric runs "
+                        "through every module: make them ordinary tensors (load the weights "
+                        "outside inference mode, or under torch.no_grad())"
+                    ) from err
+                meta = [n for n, t in held if t.is_meta]
                 hint = (
                     f"; the model holds {meta[:3]}{' ...' if len(meta) > 3 else ''} on the "
                     "meta device (frozen parameters or buffers, shapes without values): "
@@ -1143,7 +1153,7 @@ def forward(
             moved = before is not None and not all(
                 torch.equal(a, b) for a, b in zip(before, rng_state(devices), strict=True)
             )
-        changed = [n for n, p, v in versions if p._version != v]
+        changed = [n for n, p, v in versions if version_of(p) != v]
         if changed:
             raise ValueError(
                 f"the model's forward pass changed parameters {changed} in place, so the "

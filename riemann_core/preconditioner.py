@@ -65,6 +65,7 @@ from .capture import (
     rng_devices,
     rng_state,
     some,
+    version_of,
 )
 from .direction import check_autograd, run_solver, solve
 from .factors import FactorFn, reentrant_checkpoint_refused
@@ -421,8 +422,8 @@ class RiemannianPreconditioner:
         self._preconditioned = False  # until a direction of this pass is written
         # what step() relies on: the batch and the parameters as the forward pass saw them
         # (named on failure only: None for an input)
-        self._versions = [(None, t, t._version) for t in inputs] + [
-            (n, p, p._version) for n, p in self.model.named_parameters()
+        self._versions = [(None, t, version_of(t)) for t in inputs] + [
+            (n, p, version_of(p)) for n, p in self.model.named_parameters()
         ]
         self._storages = [
             (n, p, (_pointer(p), p.dtype, p.device)) for n, p, _ in self._versions if n is not None
@@ -559,7 +560,7 @@ class RiemannianPreconditioner:
             # an input (x /= 255) or a parameter (a renormalisation, F.embedding's max_norm)
             # that the forward pass itself changed in place: named on refusal (found by a
             # hunt: a parameter was blamed on an optimizer step after the pass)
-            edited = [n for n, t, v in self._versions if t._version != v]
+            edited = [n for n, t, v in self._versions if version_of(t) != v]
             self._edited_in_forward = None in edited
             self._params_edited_in_forward = [n for n in edited if n is not None]
 
@@ -569,7 +570,9 @@ class RiemannianPreconditioner:
         versions (found by a hunt: a ``LazyLinear`` added after the preconditioner was
         built was refused as changed in place after the pass, and before that broke the
         pass itself)."""
-        self._versions = [(n, t, t._version if id(t) in lazy else v) for n, t, v in self._versions]
+        self._versions = [
+            (n, t, version_of(t) if id(t) in lazy else v) for n, t, v in self._versions
+        ]
         self._storages = [
             (n, p, (_pointer(p), p.dtype, p.device) if id(p) in lazy else at)
             for n, p, at in self._storages
@@ -678,7 +681,7 @@ class RiemannianPreconditioner:
                 "outside forward, e.g. after opt.step()"
             )
         for name, t, version in self._versions:
-            if t._version != version:
+            if version_of(t) != version:
                 what = "an input of the forward pass" if name is None else f"parameter {name!r}"
                 raise RuntimeError(
                     f"{what} changed in place after the forward pass that {call} uses "

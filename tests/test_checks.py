@@ -762,6 +762,33 @@ def test_a_grad_made_in_inference_mode_is_refused_by_name(call):
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("call", ["direction", "backward", "step"])
+def test_frozen_parameters_made_in_inference_mode_are_refused_by_name(call):
+    """Found by review: a frozen first layer built under torch.inference_mode() trains in
+    plain torch (its input needs no gradient), but the preconditioner's hook raised torch's
+    "Inference tensors do not track version counter" from the user's own forward pass, and
+    the metric's passes, which differentiate every module's inputs, torch's "cannot be
+    saved for backward" followed by advice on the inputs' shapes. Refused by name."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        first = nn.Linear(5, 4).double()
+    model = nn.Sequential(first.requires_grad_(False), nn.Tanh(), nn.Linear(4, 3).double())
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    message = r"the model holds \['0.weight', '0.bias'\], made under torch.inference_mode\(\)"
+    if call == "direction":
+        with pytest.raises(ValueError, match=message):
+            rc.direction(model, x, y)
+        return
+    pre = rc.RiemannianPreconditioner(model, damping=1e-2)
+    loss = F.cross_entropy(model(x), y)
+    if call == "step":
+        loss.backward()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        pre.backward(loss) if call == "backward" else pre.step()
+    assert_unchanged(model, before)
+
+
 @pytest.mark.parametrize("timeout", [float("inf"), float("nan"), 1e30, 1e10])
 def test_a_timeout_past_any_wait_is_refused(timeout):
     """Found by a hunt: an infinite or huge timeout (1e30, past timedelta's range) passed
