@@ -779,8 +779,9 @@ class BufferStates:
 
 def version_of(tensor: Tensor) -> int | None:
     """``tensor._version``, or ``None`` for an inference tensor (made under
-    ``torch.inference_mode()``), which keeps no version counter."""
-    return None if tensor.is_inference() else tensor._version
+    ``torch.inference_mode()``), which keeps no version counter (a lazy module's
+    uninitialised parameter, which refuses every function, has one)."""
+    return None if not is_lazy(tensor) and tensor.is_inference() else tensor._version
 
 
 def some(items: list) -> str:
@@ -1125,7 +1126,7 @@ def forward(
                 outputs = model(*args, **kwargs)
             except (RuntimeError, IndexError, TypeError) as err:
                 held = [*model.named_parameters(), *model.named_buffers()]
-                inference = [n for n, t in held if t.is_inference()]
+                inference = [n for n, t in held if not is_lazy(t) and t.is_inference()]
                 if inference and "Inference tensors cannot be saved" in str(err):
                     # (found by review: frozen parameters loaded under inference_mode work in
                     # the user's pass, whose inputs need no gradient; the metric's passes
