@@ -903,9 +903,10 @@ class Replay:
     # a refusal (found by review: naming it before every replay walked every module, 1.3 ms
     # for 2.8k modules)
     cause: Callable[[], str] | None = None
-    # the ids of the parameters whose modules' outputs the recorded output depended on
-    # (:meth:`check_reach`; None: not known)
-    reached: frozenset[int] | None = None
+    # the ids of the parameters the recorded output depended on, through their modules'
+    # outputs, and of those it could have (:meth:`check_reach`; empty: not known)
+    reached: frozenset[int] = frozenset()
+    considered: frozenset[int] = frozenset()
     # (dtype, device) of the model's first parameter at the recorded pass (None: not known)
     placed: tuple | None = None
     # called with the output and the calls of the pass run again, raises where a parameter
@@ -926,30 +927,37 @@ class Replay:
         checks.require(alike.all(), lambda: _replay_differs(new, self.output, self.cause))
 
     def check_reach(self, on: set[int], calls) -> None:
-        """Refuse a pass run again whose output depends on fewer parameters, through their
+        """Refuse a pass run again whose output depends on other parameters, through their
         modules' outputs, than the recorded output did (``on``: their ids,
         :func:`riemann_core.coupling.reached_parameters`): a ``.detach()`` or
         ``torch.no_grad()`` taken on a path chosen by state not replayed gives the same
         values (found by hunts: a counter freezing a backbone after warm-up, the metric of
         the frozen network, 1.6-6 off; a module detaching its own weight by a counter, under
-        the generic kernel 14-40x off). Of the parameters of its ``calls`` (one frozen since
-        the recorded pass is not a block's any more); a module whose output reaches the
-        output partly detached is not seen, nor a parameter that reaches it partly
-        detached."""
-        lost = self.reached - on if self.reached else set()
-        names = sorted({c.name for c in calls if any(id(p) in lost for p in c.params)})
-        if names:
-            raise ReplayDiffers(
-                "the model's forward pass, run again on the recorded batch for the metric, "
-                f"gave an output that does not depend on {', '.join(map(named_module, names))} "
-                "(through its output or its parameters), which the output of the pass the "
-                "gradient came from depended on: the pass took another path "
-                "(a .detach() or torch.no_grad() chosen by state that is not replayed: a "
-                "call counter, an attribute, Python's random module). pre.step() runs the "
-                "pass again, and so does pre.backward(loss) on its first call for a model: "
-                "keep such state fixed until the direction is computed (change it after "
-                "pre.step(), or at the start of a step from a count of your own)"
-            )
+        the generic kernel 14-40x off; one using it only from its second pass, the metric
+        with it and the gradient without, 0.3-2 off). Of the parameters of its ``calls``
+        that trained in the recorded pass (one frozen or unfrozen since is not a block's
+        there); a module whose output reaches the output partly detached is not seen, nor a
+        parameter that reaches it partly detached."""
+        lost = self.reached - on
+        gained = (on & self.considered) - self.reached
+        for missing, depends, recorded in (
+            (lost, "does not depend", "did"),
+            (gained, "depends", "did not"),
+        ):
+            names = sorted({c.name for c in calls if any(id(p) in missing for p in c.params)})
+            if names:
+                raise ReplayDiffers(
+                    "the model's forward pass, run again on the recorded batch for the "
+                    f"metric, gave an output that {depends} on "
+                    f"{', '.join(map(named_module, names))} (through its output or its "
+                    "parameters), which the output of the pass the gradient came from "
+                    f"{recorded}: the pass took another path (a .detach() or torch.no_grad() "
+                    "chosen by state that is not replayed: a call counter, an attribute, "
+                    "Python's random module). pre.step() runs the pass again, and so does "
+                    "pre.backward(loss) on its first call for a model: keep such state fixed "
+                    "until the direction is computed (change it after pre.step(), or at the "
+                    "start of a step from a count of your own)"
+                )
 
 
 def _differ(new: Tensor, old: Tensor) -> Tensor:

@@ -1147,7 +1147,7 @@ class RiemannianPreconditioner:
                                 self._replay_cause,
                                 self._buffer_states.changes(self.network, buffers),
                             ),
-                            _reached(self._capture),
+                            *_reached(self._capture, self._trained_at_pass),
                             placed=self._placed,
                             coupled=coupled,
                         )
@@ -2470,16 +2470,19 @@ def _off_output(capture: Capture, names: dict[int, str], stale: set[str]) -> lis
     return coupling.off_output(capture.output, calls, names)
 
 
-def _reached(capture: Capture | None) -> frozenset[int] | None:
-    """The ids of the parameters of the recorded pass's calls that its output depends on,
-    through their modules' outputs (:func:`coupling.reached_parameters`), for the replay to
-    depend on too; calls whose output was changed in place after it left out, as in
-    :func:`_off_output`."""
+def _reached(capture: Capture | None, trained: frozenset[int]) -> tuple[frozenset, frozenset]:
+    """``(reached, considered)``: the ids of the parameters of the recorded pass's calls
+    that its output depends on, through their modules' outputs
+    (:func:`coupling.reached_parameters`), for the replay to depend on exactly those; and of
+    those it could have (``trained``: requiring grad in that pass). Calls whose output was
+    changed in place after it are left out, as in :func:`_off_output`; empty sets where
+    nothing is known."""
     if capture is None or not isinstance(capture.output, Tensor):
-        return None
+        return frozenset(), frozenset()
     stale = capture.stale()
     calls = [c for c in capture.calls if c.name not in stale]
-    return frozenset(coupling.reached_parameters(capture.output, calls))
+    considered = frozenset(id(p) for c in calls for p in c.params) & trained
+    return frozenset(coupling.reached_parameters(capture.output, calls)), considered
 
 
 def _warn_off_output(names: list[str], damping: float) -> None:

@@ -2213,49 +2213,57 @@ def test_a_replay_on_another_path_with_the_same_output_is_refused(method, call, 
 
 class DetachesItsWeight(nn.Module):
     """A scale whose own weight its ``forward`` detaches after its first pass, by a counter
-    (a weight frozen after warm-up inside the module): no structured kernel."""
+    (a weight frozen after warm-up inside the module), or, ``thawing``, only in its first
+    pass (unfrozen after warm-up): no structured kernel."""
 
-    def __init__(self):
+    def __init__(self, thawing: bool = False):
         super().__init__()
         self.w, self.passes = nn.Parameter(torch.randn(3, dtype=torch.float64)), 0
+        self.thawing = thawing
 
     def forward(self, h):
         self.passes += 1
-        return h * (self.w if self.passes <= 1 else self.w.detach())
+        live = (self.passes > 1) == self.thawing
+        return h * (self.w if live else self.w.detach())
 
 
 class OwnsAWeightItDetaches(DetachesItsWeight):
     """The same scale as the whole model, after a Linear of its own."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, thawing: bool = False):
+        super().__init__(thawing)
         self.lin = nn.Linear(4, 3).double()
 
     def forward(self, x):
         return super().forward(self.lin(x))
 
 
+@pytest.mark.parametrize("thawing", [False, True], ids=lambda t: f"thawing={t}")
 @pytest.mark.parametrize("where", ["child", "model"])
 @pytest.mark.parametrize("method", ["layerwise", "natural"])
 @pytest.mark.parametrize("call", ["step", "backward"])
-def test_a_replay_where_a_module_detaches_its_own_weight_is_refused(call, method, where):
+def test_a_replay_where_a_module_detaches_its_own_weight_is_refused(call, method, where, thawing):
     """Found by review: a module detaching its own weight by a counter (its output still
     reaches the model's output) gave the replay, and the generic kernel's per-sample
     evaluation, a zero Jacobian for it while the gradient came from the pass that used it:
-    the weight's direction 14-40x off, silently (kernel="auto"). The replay must reach every
-    parameter the recorded pass reached: refused, ``.grad`` as it was."""
+    the weight's direction 14-40x off, silently (kernel="auto"); detaching it in the first
+    pass only, the metric took it in where the gradient had none, 0.3-2 off. The replay
+    must reach the parameters the recorded pass reached, no fewer and no more: refused,
+    ``.grad`` as it was."""
     torch.manual_seed(1)
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
     if where == "child":
-        model, name = nn.Sequential(nn.Linear(4, 3).double(), DetachesItsWeight()), "module '1'"
+        scale, name = DetachesItsWeight(thawing), "module '1'"
+        model = nn.Sequential(nn.Linear(4, 3).double(), scale)
     else:
-        model, name = OwnsAWeightItDetaches(), "the model itself"
+        model, name = OwnsAWeightItDetaches(thawing), "the model itself"
+    depends = "depends" if thawing else "does not depend"
     pre = rc.RiemannianPreconditioner(model, method=method, kernel="auto", damping=1e-2)
     loss = F.cross_entropy(model(x), y)
     if call == "step":
         loss.backward()
     before = snapshot(model)
-    with pytest.raises(ValueError, match=f"does not depend on {name} \\(through its output or"):
+    with pytest.raises(ValueError, match=f"{depends} on {name} \\(through its output or"):
         pre.step() if call == "step" else pre.backward(loss)
     assert_unchanged(model, before)
 
