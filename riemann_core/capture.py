@@ -903,9 +903,11 @@ class Replay:
     # a refusal (found by review: naming it before every replay walked every module, 1.3 ms
     # for 2.8k modules)
     cause: Callable[[], str] | None = None
-    # the ids of the parameters the recorded output depended on, through their modules'
-    # outputs, and of those it could have (:meth:`check_reach`; empty: not known)
+    # the ids of the parameters whose modules' outputs the recorded output depended on, of
+    # those it reached as leaves (None: a compiled graph), and of those it could have
+    # (:meth:`check_reach`; empty: not known)
     reached: frozenset[int] = frozenset()
+    leaves: frozenset[int] | None = None
     considered: frozenset[int] = frozenset()
     # (dtype, device) of the model's first parameter at the recorded pass (None: not known)
     placed: tuple | None = None
@@ -926,10 +928,11 @@ class Replay:
         alike = torch.stack([~_differ(a, b) for a, b in zip(new, self.output, strict=True)])
         checks.require(alike.all(), lambda: _replay_differs(new, self.output, self.cause))
 
-    def check_reach(self, on: set[int], calls) -> None:
+    def check_reach(self, on: tuple[set[int], set[int] | None], calls) -> None:
         """Refuse a pass run again whose output depends on other parameters, through their
-        modules' outputs, than the recorded output did (``on``: their ids,
-        :func:`riemann_core.coupling.reached_parameters`): a ``.detach()`` or
+        modules' outputs, than the recorded output did (``on``: their ids, and those it
+        reaches as leaves, :func:`riemann_core.coupling.reached_parameters`; leaves are
+        compared where neither graph is compiled): a ``.detach()`` or
         ``torch.no_grad()`` taken on a path chosen by state not replayed gives the same
         values (found by hunts: a counter freezing a backbone after warm-up, the metric of
         the frozen network, 1.6-6 off; a module detaching its own weight by a counter, under
@@ -938,8 +941,11 @@ class Replay:
         that trained in the recorded pass (one frozen or unfrozen since is not a block's
         there); a module whose output reaches the output partly detached is not seen, nor a
         parameter that reaches it partly detached."""
-        lost = self.reached - on
-        gained = (on & self.considered) - self.reached
+        modules, leaves = on
+        lost, gained = self.reached - modules, set()
+        if self.leaves is not None and leaves is not None:
+            lost |= self.leaves - leaves
+            gained = (leaves & self.considered) - self.leaves
         for missing, depends, recorded in (
             (lost, "does not depend", "did"),
             (gained, "depends", "did not"),

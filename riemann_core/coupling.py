@@ -754,15 +754,22 @@ def reach(output: Tensor, calls: list[Block]) -> tuple[set[int], set[int]]:
     return {id(p) for cs in pending.values() for c in cs for p in c.params} - on - outside, on
 
 
-def reached_parameters(output: Tensor, calls: list[Block]) -> set[int]:
-    """The ids of the parameters of the ``calls`` whose modules' outputs the autograd graph
-    of ``output`` reaches (:func:`reach`) and which it reaches themselves, as leaves: a
-    parameter its module detaches inside its forward (``self.w.detach()`` chosen by a call
-    counter) is not among them, where its module's output is. Every node once."""
-    on = reach(output, calls)[1]
-    leaves = {id(node.variable) for node in autograd_nodes([output.grad_fn])
-              if hasattr(node, "variable")}  # fmt: skip
-    return on & leaves
+def reached_parameters(output: Tensor, calls: list[Block]) -> tuple[set[int], set[int] | None]:
+    """``(on, leaves)``: the ids of the parameters of the ``calls`` whose modules' outputs
+    the autograd graph of ``output`` reaches (:func:`reach`), and of those it reaches
+    themselves, as leaves: a parameter its module detaches inside its forward
+    (``self.w.detach()`` chosen by a call counter) is not among them, where its module's
+    output is. ``leaves`` is ``None`` where the graph holds the backward of a
+    ``torch.compile``'d forward, whose inputs list every parameter its code read, under
+    ``torch.no_grad()`` too (found by review: a gate computed so from a module's own
+    weight was taken for a weight the eager pass run again lost). Every node once."""
+    on, leaves = reach(output, calls)[1], set()
+    for node in autograd_nodes([output.grad_fn]):
+        if type(node).__name__ == "CompiledFunctionBackward":
+            return on, None
+        if hasattr(node, "variable"):
+            leaves.add(id(node.variable))
+    return on, on & leaves
 
 
 def loss_paths(

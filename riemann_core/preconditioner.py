@@ -2470,19 +2470,26 @@ def _off_output(capture: Capture, names: dict[int, str], stale: set[str]) -> lis
     return coupling.off_output(capture.output, calls, names)
 
 
-def _reached(capture: Capture | None, trained: frozenset[int]) -> tuple[frozenset, frozenset]:
-    """``(reached, considered)``: the ids of the parameters of the recorded pass's calls
-    that its output depends on, through their modules' outputs
-    (:func:`coupling.reached_parameters`), for the replay to depend on exactly those; and of
-    those it could have (``trained``: requiring grad in that pass). Calls whose output was
-    changed in place after it are left out, as in :func:`_off_output`; empty sets where
-    nothing is known."""
+def _reached(capture: Capture | None, trained: frozenset[int]) -> tuple:
+    """``(reached, leaves, considered)`` of the recorded pass, for the pass run again to
+    depend on exactly those (:meth:`~riemann_core.capture.Replay.check_reach`): the ids of
+    the parameters of its calls whose modules' outputs its output depends on, and of those
+    it reaches as leaves (:func:`coupling.reached_parameters`; ``None`` for a compiled
+    graph); and of those it could have (``trained``: requiring grad in that pass). Calls
+    whose output was changed in place after it are left out, as in :func:`_off_output`,
+    and so are their parameters from those considered: the pass run again captures such a
+    call through a copy and reaches its parameters where this walk could not (found by
+    review: a weight tied between a module whose output is changed in place, ``h += x``,
+    and one kept off the output was refused as gained, where the direction was exact);
+    empty sets where nothing is known."""
     if capture is None or not isinstance(capture.output, Tensor):
-        return frozenset(), frozenset()
+        return frozenset(), None, frozenset()
     stale = capture.stale()
     calls = [c for c in capture.calls if c.name not in stale]
-    considered = frozenset(id(p) for c in calls for p in c.params) & trained
-    return frozenset(coupling.reached_parameters(capture.output, calls)), considered
+    hidden = {id(p) for c in capture.calls if c.name in stale for p in c.params}
+    considered = frozenset(id(p) for c in calls for p in c.params) & trained - hidden
+    on, leaves = coupling.reached_parameters(capture.output, calls)
+    return frozenset(on), None if leaves is None else frozenset(leaves), considered
 
 
 def _warn_off_output(names: list[str], damping: float) -> None:

@@ -511,7 +511,7 @@ def _build_problem(
         check_output_batch(calls, outputs, args)
     if replay is not None:  # read with the data's checks, before what a wrong path breaks
         replay.check(outputs, checks)
-        if replay.considered and torch.is_tensor(outputs):
+        if replay.reached and torch.is_tensor(outputs):
             replay.check_reach(coupling.reached_parameters(outputs, calls), calls)
         if replay.coupled is not None and torch.is_tensor(outputs):
             replay.coupled(outputs, calls)
