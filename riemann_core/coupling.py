@@ -754,6 +754,10 @@ def reach(output: Tensor, calls: list[Block]) -> tuple[set[int], set[int]]:
     return {id(p) for cs in pending.values() for c in cs for p in c.params} - on - outside, on
 
 
+#: The type name of the autograd node of a ``torch.compile``'d forward's backward.
+COMPILED_BACKWARD = "CompiledFunctionBackward"
+
+
 def reached_parameters(output: Tensor, calls: list[Block]) -> tuple[set[int], set[int] | None]:
     """``(on, leaves)``: the ids of the parameters of the ``calls`` whose modules' outputs
     the autograd graph of ``output`` reaches (:func:`reach`), and of those it reaches
@@ -765,7 +769,7 @@ def reached_parameters(output: Tensor, calls: list[Block]) -> tuple[set[int], se
     weight was taken for a weight the eager pass run again lost). Every node once."""
     on, leaves = reach(output, calls)[1], set()
     for node in autograd_nodes([output.grad_fn]):
-        if type(node).__name__ == "CompiledFunctionBackward":
+        if type(node).__name__ == COMPILED_BACKWARD:
             return on, None
         if hasattr(node, "variable"):
             leaves.add(id(node.variable))

@@ -236,7 +236,7 @@ class RiemannianPreconditioner:
         self._overflow_scale: float | None = None
         self._batch: tuple[tuple, dict, list, BufferStart, dict, tuple] | None = None
         self._placed: tuple | None = None
-        self._versions: list[tuple[str | None, Tensor, int]] = []
+        self._versions: list[tuple[str | None, Tensor, int | None]] = []
         # each parameter's storage in the recorded pass (p.data = ... moves no version: named
         # where a replay differs), and the optimizer step taken on the model's parameters
         # since, before any direction of that pass was written (a fused one moves no version
@@ -2168,7 +2168,7 @@ def _walk_loss_graph(loss: Tensor, names: dict[int, str]) -> tuple[list[Tensor],
                 reached.add(names[id(variable)])
             elif variable.requires_grad:
                 foreign.append(variable)
-        compiled = compiled or type(node).__name__ == "CompiledFunctionBackward"
+        compiled = compiled or type(node).__name__ == coupling.COMPILED_BACKWARD
     return foreign, reached, compiled
 
 
