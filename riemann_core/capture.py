@@ -31,7 +31,16 @@ from torch.nn.parameter import is_lazy
 from torch.utils import _pytree as pytree
 
 from ._precision import precision_as, product_eps
-from .modules import Block, is_container, named_module, output_index, own_parameters, training
+from .modules import (
+    STRUCTURED,
+    Block,
+    attributes_of,
+    is_container,
+    named_module,
+    output_index,
+    own_parameters,
+    training,
+)
 
 _LOCAL = threading.local()
 
@@ -453,23 +462,29 @@ class Capture:
             # later replaces them: checked at the output, see hook)
             copy = name in self._clone
             received = _call_leaves(args, kwargs)  # a dict edited in place is seen too
+            # its attributes as the call found them, for the generic kernel's evaluation
+            # (not of torch's own Linear and Conv2d, whose forward reads none that a
+            # training loop changes: 1.5-3 us a call kept off the hot path)
+            attributes = (
+                None if type(mod) in STRUCTURED else [attributes_of(m) for m in mod.modules()]
+            )
             if not kwargs and all(isinstance(a, Tensor) for a in args):  # no pytree walks
                 live = tuple(a for a in args if a.requires_grad)
                 args = tuple(a.detach().clone() if copy else a.detach() for a in args)
-                entered.append(
-                    (args, kwargs, live, [(a, a._version) for a in args], received, copy)
-                )
+                versions = [(a, a._version) for a in args]
+                entered.append((args, kwargs, live, versions, received, copy, attributes))
                 return
             leaves, _ = pytree.tree_flatten((args, kwargs))
             live = tuple(a for a in leaves if isinstance(a, Tensor) and a.requires_grad)
             args, kwargs = _detached((args, kwargs), copy)
-            entered.append((args, kwargs, live, _versions((args, kwargs)), received, copy))
+            versions = _versions((args, kwargs))
+            entered.append((args, kwargs, live, versions, received, copy, attributes))
 
         def hook(mod, args, kwargs, output):
             record = entered.pop()
             if record is None:
                 return None
-            recorded_args, recorded_kwargs, live, versions, received, copied = record
+            recorded_args, recorded_kwargs, live, versions, received, copied, attributes = record
             if (
                 not _same_objects(received, _call_leaves(args, kwargs))
                 or (copied and hooked_after(mod._forward_pre_hooks, handles[0].id))
@@ -515,6 +530,7 @@ class Capture:
                     output_index=index,
                     graph_inputs=live,
                     product_eps=self._eps(output.device.type, mod),
+                    attributes=attributes,
                 )
             )
             self._watched.append((name, versions + [(output, output._version)]))

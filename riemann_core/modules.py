@@ -180,6 +180,9 @@ class Block:
     # the eps of the float32 products the call ran with where the precision knobs reduce
     # them (a replayed pass runs in its user's precision), else 0
     product_eps: float = 0.0
+    # the plain attributes of the module and its submodules as the call found them
+    # (attributes_of), which the generic kernel evaluates it with; None: as they are
+    attributes: list | None = None
 
     @property
     def n_params(self) -> int:
@@ -910,7 +913,13 @@ class GenericHandler(Handler):
         module = self.block.module
         values |= {f"module.{n}": b.clone() for n, b in module.named_buffers()}
         registered = {id(m): set(m._buffers.keys()) for m in module.modules()}
-        attributes = [_attributes_of(m) for m in module.modules()]
+        attributes = [attributes_of(m) for m in module.modules()]
+        if self.block.attributes is not None:
+            # as the call found them: a counter its forward moves (or the pass run again
+            # moved since) chose the path of another pass (found by a hunt: a weight
+            # detached until the 6th pass, taken in here where the gradient had none,
+            # 0.54-1.72 off)
+            _restore_attributes(self.block.attributes)
         try:
             output = functional_call(_Unhooked(module), values, tuple(args), kwargs)
         finally:  # nor keep a buffer it registers as it runs (found by review: one holding
@@ -1114,7 +1123,7 @@ class GenericHandler(Handler):
         ]
 
 
-def _attributes_of(module: nn.Module) -> tuple[nn.Module, dict, list]:
+def attributes_of(module: nn.Module) -> tuple[nn.Module, dict, list]:
     """``module``, a copy of its ``__dict__``, and a copy of what each plain ``list`` or
     ``dict`` it holds of its own holds (:func:`_restore_attributes`)."""
     state = dict(module.__dict__)
@@ -1127,7 +1136,7 @@ def _attributes_of(module: nn.Module) -> tuple[nn.Module, dict, list]:
 
 
 def _restore_attributes(attributes: list[tuple[nn.Module, dict, list]]) -> None:
-    """Give each module the plain attributes it had (:func:`_attributes_of`): a module,
+    """Give each module the plain attributes it had (:func:`attributes_of`): a module,
     or a pre-hook, that stores a tensor on the module as it runs (``self.attn = weights``
     kept for a plot, pruning's ``weight``) stored torch.func's wrapped tensor of a
     per-sample call, which escaped ``vmap`` (found by a hunt: reading it after

@@ -2268,6 +2268,47 @@ def test_a_replay_where_a_module_detaches_its_own_weight_is_refused(call, method
     assert_unchanged(model, before)
 
 
+class WarmDetach(nn.Module):
+    """A layer of its own whose forward detaches its weight until its ``warm``-th pass, by a
+    counter (``live``, where set, fixes the path instead): no structured kernel."""
+
+    def __init__(self, warm: int = 6):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(6, 4, dtype=torch.float64) * 0.5)
+        self.b = nn.Parameter(torch.randn(6, dtype=torch.float64) * 0.1)
+        self.passes, self.warm, self.live = 0, warm, None
+
+    def forward(self, x):
+        live = self.passes >= self.warm if self.live is None else self.live
+        self.passes += 1
+        return x @ (self.W if live else self.W.detach()).T + self.b
+
+
+@pytest.mark.parametrize("method", ["layerwise", "natural"])
+@pytest.mark.parametrize("call", ["step", "backward"])
+def test_the_generic_kernel_evaluates_a_module_with_its_attributes_as_its_call_found_them(
+    call, method
+):
+    """Found by a hunt: the generic kernel evaluated a module one sample at a time with its
+    attributes as they were then, after its forward (and the pass run again) had moved
+    its counter: a weight detached until the 6th pass was taken into the metric on the
+    pass before, where the gradient had none (pre.step() 0.54-1.72 off, later fused
+    pre.backward calls 0.28-0.54). Evaluated with the attributes as the call found them,
+    every step is exact, across the switch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(WarmDetach(), nn.Tanh(), nn.Linear(6, 3).double())
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    pre = rc.RiemannianPreconditioner(model, method=method, kernel="auto", damping=1e-2)
+    for _ in range(6):
+        twin = copy.deepcopy(model)
+        twin[0].live = model[0].passes >= model[0].warm  # the path of the coming pass
+        expected = rc.direction(twin, x, y, method=method, kernel="auto", damping=1e-2)
+        preconditioned(pre, model, x, y, call)
+        for name, p in model.named_parameters():
+            got = torch.zeros_like(p) if p.grad is None else p.grad
+            torch.testing.assert_close(got, expected[name], rtol=1e-9, atol=1e-12)
+
+
 class TiedAside(nn.Module):
     """``b``'s output changed in place on the output's path (``h += x``); ``c``, tied to
     ``b``'s weight, computed off the output (kept aside)."""
