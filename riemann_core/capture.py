@@ -32,7 +32,6 @@ from torch.utils import _pytree as pytree
 
 from ._precision import precision_as, product_eps
 from .modules import (
-    STRUCTURED,
     Block,
     attributes_of,
     is_container,
@@ -43,6 +42,9 @@ from .modules import (
 )
 
 _LOCAL = threading.local()
+
+#: torch's own types with structured kernels, whose forward reads no plain attribute
+_TORCH_STRUCTURED = (nn.Linear, nn.Conv2d)
 
 #: What :meth:`Capture.stale` and :attr:`ModelNotes.clone` call the model's own output
 #: (a module's name holds no angle brackets): changed in place after the forward pass
@@ -464,9 +466,14 @@ class Capture:
             received = _call_leaves(args, kwargs)  # a dict edited in place is seen too
             # its attributes as the call found them, for the generic kernel's evaluation
             # (not of torch's own Linear and Conv2d, whose forward reads none that a
-            # training loop changes: 1.5-3 us a call kept off the hot path)
+            # training loop changes: 1.5-3 us a call kept off the hot path; but of one whose
+            # forward was replaced on the instance, which kernel='auto' evaluates with the
+            # generic kernel, and of a type registered with rc.register_handler, which
+            # kernel='generic' does: found by review, a counter there was 0.56-0.89 off)
             attributes = (
-                None if type(mod) in STRUCTURED else [attributes_of(m) for m in mod.modules()]
+                None
+                if type(mod) in _TORCH_STRUCTURED and "forward" not in mod.__dict__
+                else [attributes_of(m) for m in mod.modules()]
             )
             if not kwargs and all(isinstance(a, Tensor) for a in args):  # no pytree walks
                 live = tuple(a for a in args if a.requires_grad)

@@ -914,13 +914,13 @@ class GenericHandler(Handler):
         values |= {f"module.{n}": b.clone() for n, b in module.named_buffers()}
         registered = {id(m): set(m._buffers.keys()) for m in module.modules()}
         attributes = [attributes_of(m) for m in module.modules()]
-        if self.block.attributes is not None:
-            # as the call found them: a counter its forward moves (or the pass run again
-            # moved since) chose the path of another pass (found by a hunt: a weight
-            # detached until the 6th pass, taken in here where the gradient had none,
-            # 0.54-1.72 off)
-            _restore_attributes(self.block.attributes)
         try:
+            if self.block.attributes is not None:
+                # as the call found them: a counter its forward moves (or the pass run
+                # again moved since) chose the path of another pass (found by a hunt: a
+                # weight detached until the 6th pass, taken in here where the gradient had
+                # none, 0.54-1.72 off)
+                _restore_attributes(self.block.attributes)
             output = functional_call(_Unhooked(module), values, tuple(args), kwargs)
         finally:  # nor keep a buffer it registers as it runs (found by review: one holding
             # torch.func's wrapped tensor was left in the user's model)

@@ -43,6 +43,7 @@ from riemann_core._checks import Deferred
 from riemann_core._precision import precision_knobs, product_eps
 from riemann_core.capture import Replay
 from riemann_core.methods import SOLVERS
+from riemann_core.modules import LinearHandler
 from riemann_core.preconditioner import FINGERPRINT_RUN, FINGERPRINT_RUNS
 
 FACTOR_METHODS = ("layerwise", "full", "natural", "kfac")
@@ -2304,6 +2305,56 @@ def test_the_generic_kernel_evaluates_a_module_with_its_attributes_as_its_call_f
         twin[0].live = model[0].passes >= model[0].warm  # the path of the coming pass
         expected = rc.direction(twin, x, y, method=method, kernel="auto", damping=1e-2)
         preconditioned(pre, model, x, y, call)
+        for name, p in model.named_parameters():
+            got = torch.zeros_like(p) if p.grad is None else p.grad
+            torch.testing.assert_close(got, expected[name], rtol=1e-9, atol=1e-12)
+
+
+class WarmLinear(nn.Linear):
+    """torch's Linear whose forward detaches its weight until its ``warm``-th pass, by a
+    counter (``live``, where set, fixes the path instead)."""
+
+    def __init__(self, warm: int = 6):
+        super().__init__(4, 6, dtype=torch.float64)
+        self.passes, self.warm, self.live = 0, warm, None
+
+    def forward(self, x):
+        live = self.passes >= self.warm if self.live is None else self.live
+        self.passes += 1
+        return F.linear(x, self.weight if live else self.weight.detach(), self.bias)
+
+
+def _replaced_linear() -> nn.Linear:
+    """An nn.Linear whose forward, replaced on the instance, is WarmLinear's."""
+    layer = nn.Linear(4, 6, dtype=torch.float64)
+    layer.passes, layer.warm, layer.live = 0, 6, None
+    layer.forward = WarmLinear.forward.__get__(layer)
+    return layer
+
+
+@pytest.mark.parametrize("case", ["forward replaced", "registered type"])
+def test_the_generic_kernel_restores_the_attributes_of_linear_modules_it_evaluates(
+    case, restore_handlers
+):
+    """Found by review: the attributes were not kept for a module of type nn.Linear whose
+    forward was replaced on the instance (kernel='auto' evaluates it with the generic
+    kernel), nor for a type registered with rc.register_handler under kernel='generic':
+    a counter there switched the weight's path between the call and the evaluation
+    (0.56-0.89 off, silently)."""
+    torch.manual_seed(0)
+    if case == "registered type":
+        rc.register_handler(WarmLinear, LinearHandler)
+        first, kernel = WarmLinear(), "generic"
+    else:
+        first, kernel = _replaced_linear(), "auto"
+    model = nn.Sequential(first, nn.Tanh(), nn.Linear(6, 3).double())
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    pre = rc.RiemannianPreconditioner(model, method="natural", kernel=kernel, damping=1e-2)
+    for _ in range(6):
+        twin = copy.deepcopy(model)
+        twin[0].live = model[0].passes >= model[0].warm  # the path of the coming pass
+        expected = rc.direction(twin, x, y, method="natural", kernel=kernel, damping=1e-2)
+        preconditioned(pre, model, x, y, "backward")
         for name, p in model.named_parameters():
             got = torch.zeros_like(p) if p.grad is None else p.grad
             torch.testing.assert_close(got, expected[name], rtol=1e-9, atol=1e-12)
