@@ -86,7 +86,7 @@ from .modules import (
     registered,
     training,
 )
-from .passes import user_hooks_on
+from .passes import user_hook_ids, user_hooks_on
 
 
 @dataclass(frozen=True)
@@ -237,8 +237,13 @@ def probe_key(
             _user_hooks(m._forward_hooks),
             _user_hooks(m._backward_pre_hooks),
             _user_hooks(m._backward_hooks),
+            # (with its gradient hooks: one registered after a probe passed may change
+            # the gradient, found by a hunt: a mask's .grad taken, 1.0 off, where a
+            # mask hook there from the first call is refused)
             tuple(
-                (id(p), p.requires_grad, p.dtype) for p in m._parameters.values() if p is not None
+                (id(p), p.requires_grad, p.dtype, user_hook_ids(p))
+                for p in m._parameters.values()
+                if p is not None
             ),
             # (the dtypes a frozen module computes in, where it holds its weights as buffers)
             tuple(b.dtype for b in m._buffers.values() if b is not None) if m._buffers else (),
@@ -535,6 +540,13 @@ def _register_parameter_check(
     direct = [torch.zeros_like(p) if g is None else g for g, p in zip(direct, params, strict=True)]
     error = sum(((a - b) ** 2).sum() for a, b in zip(direct, through_calls, strict=True))
     scale = sum((a**2).sum() for a in direct)
+    # calls whose output holds a user's tensor hook, noted now: the record lets the
+    # outputs go before explain() runs
+    hooked_calls = [
+        (named_module(c.name, c.module), set(c.param_names))
+        for c in calls
+        if c.output is not None and user_hook_ids(c.output)
+    ]
 
     def explain():
         hooked = [n for n, p in model.named_parameters() if p.requires_grad and user_hooks_on(p)]
@@ -563,6 +575,17 @@ def _register_parameter_check(
             for n, a, b in zip(names, direct, through_calls, strict=True)
             if float((a - b).norm()) > eps**0.5 * max(float(a.norm()), float(b.norm()))
         ]
+        hooked_outputs = [n for n, owned in hooked_calls if owned & set(bad)]
+        if hooked_outputs:  # (found by a hunt: read as parameters used outside their modules)
+            raise ValueError(
+                f"a tensor hook on the output of {', '.join(dict.fromkeys(hooked_outputs))} "
+                "(h = self.a(x); h.register_hook(...) in forward, or in a forward hook) "
+                "changes the gradient that reaches the module's parameters, but riemann_core "
+                "reads the rows it pulls back at that output before the hook runs, so the "
+                "metric and the gradient disagree and no direction is exact. "
+                "Register the hook on a tensor computed from the output "
+                "(h = torch.tanh(self.a(x)); h.register_hook(...)), or remove it"
+            )
         replaced = sorted(
             {o for n in bad if forward_replaced(model.get_submodule(o := n.rpartition(".")[0]))}
         )

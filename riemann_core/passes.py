@@ -474,6 +474,7 @@ class _Pass:
             entry[:] = torch.stack(lows).amin(), _merged(figures)
             self.dtype = g.dtype
 
+        hook._riemann_core_reads = True  # (not a user's: user_hook_ids)
         z.register_hook(hook)
 
 
@@ -596,8 +597,22 @@ def unhooked(p: Tensor | None) -> None:
 def user_hooks_on(p: Tensor) -> bool:
     """Whether ``p`` has gradient hooks (``Tensor.register_hook``) other than those
     :class:`Passes` and :class:`Accumulations` register, which change no gradient."""
-    hooks = getattr(p, "_backward_hooks", None) or {}
-    return any(not isinstance(h, (_BeforeAccumulation, _BeforeAccumulated)) for h in hooks.values())
+    return bool(user_hook_ids(p))
+
+
+def user_hook_ids(p: Tensor) -> tuple:
+    """The ids of ``p``'s gradient hooks (``Tensor.register_hook``) other than those
+    :class:`Passes`, :class:`Accumulations` and :meth:`_Pass.watch_mean` register, which
+    change no gradient: each registration has its own, never reused."""
+    hooks = getattr(p, "_backward_hooks", None)
+    if not hooks:  # most tensors' (no dict at all)
+        return ()
+    own = (_BeforeAccumulation, _BeforeAccumulated)
+    return tuple(
+        i
+        for i, h in hooks.items()
+        if not isinstance(h, own) and not getattr(h, "_riemann_core_reads", False)
+    )
 
 
 def accumulate_hooks_on(p: Tensor) -> bool:

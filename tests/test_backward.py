@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from oracle import (
     Problem,
+    assert_call_refused,
     assert_unchanged,
     block_indices,
     conv_net,
@@ -1429,6 +1430,76 @@ def test_gradient_hooks_on_parameters_are_refused_by_pre_backward(kind):
     with pytest.raises(ValueError, match=r"parameters \['0.weight'\] have gradient hooks"):
         pre.backward(F.cross_entropy(model(x), y))
     assert_unchanged(model, before)
+
+
+def test_pre_backward_does_not_send_a_hook_that_changes_gradients_to_pre_step():
+    """Found by a hunt: pre.backward's refusal of a mask hook told to "call loss.backward()
+    and then pre.step(), which preconditions the .grad they leave", where pre.step()
+    refuses it too (test_a_gradient_hook_on_a_parameter_is_named_by_pre_step)."""
+    model, x, y = small_mlp()
+    model[0].weight.register_hook(lambda g: g * 0.5)
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    with pytest.raises(ValueError, match=r"a hook that only reads \(a logger\) runs under") as e:
+        pre.backward(F.cross_entropy(model(x), y))
+    assert "which preconditions the .grad they leave" not in str(e.value)
+
+
+@pytest.mark.parametrize("call", ["step", "backward"])
+def test_a_gradient_hook_registered_on_a_parameter_after_a_first_step_is_probed(call):
+    """Found by a hunt: a mask hook registered on a weight after the first pre.step() was
+    never probed (a parameter's hooks were not part of the probe's key), and its masked
+    .grad was preconditioned by the unmasked network's metric, 1.0 off the direction,
+    where the same hook there from the first call is refused. A hook that only reads,
+    registered later, is probed and taken."""
+    model, x, y = small_mlp()
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    loss = F.cross_entropy(model(x), y)
+    pre.backward(loss) if call == "backward" else (loss.backward(), pre.step())
+    model.zero_grad()
+    read = []
+    logger = model[2].weight.register_hook(lambda g: read.append(g.shape) and None)
+    F.cross_entropy(model(x), y).backward()
+    pre.step()  # probed again, and taken
+    assert read
+    logger.remove()
+    model.zero_grad()
+    mask = (torch.arange(model[2].weight.numel()) % 2).reshape(model[2].weight.shape)
+    model[2].weight.register_hook(lambda g: g * mask)
+    hooked = r"parameters \['2.weight'\] have gradient hooks"
+    assert_call_refused(pre, model, x, y, "step", hooked)
+
+
+class HookedOutput(nn.Module):
+    """A tensor hook on a Linear's own output (not on a tensor computed from it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        h.register_hook(lambda g: 2 * g)
+        return self.b(torch.tanh(h))
+
+
+@pytest.mark.parametrize("call", ["direction", "step", "backward"])
+def test_a_tensor_hook_on_a_module_output_is_refused_naming_it(call):
+    """Found by a hunt: refused as "parameters ['a.weight', 'a.bias'] reach the output
+    outside the calls of the modules that own them (e.g. F.linear(h, self.emb.weight) ...,
+    a parametrization, ...)". torch runs a hook on a tensor that torch.autograd.grad takes
+    among several inputs after it captured that tensor's gradient, so the rows read at
+    the module's output miss the hook that its parameters' gradient takes (the same hook
+    on tanh(h) is part of the network's backward pass, and exact)."""
+    torch.manual_seed(40)
+    model = HookedOutput().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    match = r"a tensor hook on the output of module 'a' \(Linear\)"
+    if call == "direction":
+        with pytest.raises(ValueError, match=match):
+            rc.direction(model, x, y, damping=DAMPING)
+        return
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    assert_call_refused(pre, model, x, y, call, match)
 
 
 def test_a_gradient_hook_on_a_parameter_is_named_by_pre_step():
