@@ -932,6 +932,9 @@ class Replay:
     reached: frozenset[int] = frozenset()
     leaves: frozenset[int] | None = None
     considered: frozenset[int] = frozenset()
+    # the autograd nodes of the recorded output's graph that are no leaf's (empty: not
+    # known), which the pass run again must not reach (:meth:`check_kept`)
+    recorded: frozenset = frozenset()
     # (dtype, device) of the model's first parameter at the recorded pass (None: not known)
     placed: tuple | None = None
     # called with the output and the calls of the pass run again, raises where a parameter
@@ -987,6 +990,63 @@ class Replay:
                     "until the direction is computed (change it after pre.step(), or at the "
                     "start of a step from a count of your own)"
                 )
+
+    def check_kept(self, nodes: set, calls) -> None:
+        """Refuse a pass run again whose graph (``nodes``: those that are no leaf's) holds
+        a node of the recorded pass's on a path to parameters of its ``calls``: a tensor
+        computed from them in an earlier pass and kept since (a cache built once, or until
+        the weight changes, on a module; a recurrent state carried over without
+        ``.detach()``). Its graph is that pass's, freed by the backward pass through it
+        (found by a hunt: torch's "Trying to backward through the graph a second time"
+        surfaced from pre.step(); where its nodes saved nothing, the parameters were
+        refused as used outside their modules' calls, or, after such a refusal, the
+        direction was 0.7-0.96 off, the generic kernel evaluating the module through the
+        kept tensor, silently)."""
+        kept = self.recorded & nodes
+        if kept and self.autocast:  # autocast's cast of a parameter, cached by torch for
+            # its region (the replay runs inside the caller's: found by the tests), saves
+            # nothing and is at the weights of now
+            kept = {node for node in kept if not _cast_of_leaves(node)}
+        if not kept:
+            return
+        names = {id(p): n for c in calls for p, n in zip(c.params, c.param_names, strict=True)}
+        reached = sorted(
+            {
+                names[id(node.variable)]
+                for node in autograd_nodes(kept)
+                if id(getattr(node, "variable", None)) in names
+            }
+        )
+        if reached:
+            raise ValueError(
+                "the model's forward pass, run again on the recorded batch for the metric "
+                "(pre.step() runs it again, and so does pre.backward(loss) on its first call "
+                f"for a model), reaches parameters {reached} through a tensor computed from "
+                f"them in an earlier forward pass and kept since: {KEPT_ACROSS_PASSES}"
+            )
+
+
+def _cast_of_leaves(node) -> bool:
+    """Whether autograd ``node`` is a dtype cast of leaf tensors (what autocast caches)."""
+    return type(node).__name__ == "ToCopyBackward0" and all(
+        n is None or hasattr(n, "variable") for n, _ in node.next_functions
+    )
+
+
+#: What a tensor kept with its graph from an earlier forward pass is, and the fix.
+KEPT_ACROSS_PASSES = (
+    "a tensor derived from parameters kept across forward passes (a cache built once on a "
+    "module, self.cache = self.weight * 2, or rebuilt only when the weight changes; a "
+    "recurrent state carried over without .detach()): its autograd graph is that of the "
+    "pass that made it, freed by the backward pass through it and made at the weights of "
+    "then, so the metric cannot be taken through it. Compute such a tensor inside forward "
+    "at every pass, from the parameters as they are; one that no gradient should flow "
+    "through can be kept detached, as a buffer refreshed after opt.step() (under "
+    "torch.no_grad())"
+)
+
+#: The start of torch's error for a backward pass through a graph already freed.
+GRAPH_FREED = "Trying to backward through the graph a second time"
 
 
 def _differ(new: Tensor, old: Tensor) -> Tensor:

@@ -620,7 +620,9 @@ def _register_parameter_check(
             "parametrization, or a global module hook that changes outputs), a path no "
             "kernel sees. Call the owning module for every use "
             "(weight tying by assignment, m2.weight = m1.weight, is exact), or freeze them "
-            "with requires_grad_(False)"
+            "with requires_grad_(False). A tensor computed from them once and kept on a "
+            "module across forward passes (a cache, self.cache = self.weight.T) is such a "
+            "path too: compute it inside forward at every pass"
         )
 
     checks.require(error <= eps * scale, explain)
@@ -781,7 +783,9 @@ def reach(output: Tensor, calls: list[Block]) -> tuple[set[int], set[int]]:
 COMPILED_BACKWARD = "CompiledFunctionBackward"
 
 
-def reached_parameters(output: Tensor, calls: list[Block]) -> tuple[set[int], set[int] | None]:
+def reached_parameters(
+    output: Tensor, calls: list[Block], nodes: set | None = None
+) -> tuple[set[int], set[int] | None]:
     """``(on, leaves)``: the ids of the parameters of the ``calls`` whose modules' outputs
     the autograd graph of ``output`` reaches (:func:`reach`), and of those it reaches
     themselves, as leaves: a parameter its module detaches inside its forward
@@ -789,14 +793,20 @@ def reached_parameters(output: Tensor, calls: list[Block]) -> tuple[set[int], se
     output is. ``leaves`` is ``None`` where the graph holds the backward of a
     ``torch.compile``'d forward, whose inputs list every parameter its code read, under
     ``torch.no_grad()`` too (found by review: a gate computed so from a module's own
-    weight was taken for a weight the eager pass run again lost). Every node once."""
-    on, leaves = reach(output, calls)[1], set()
+    weight was taken for a weight the eager pass run again lost). Every node once; those
+    that are no leaf's are added to ``nodes`` where given (see
+    :meth:`~riemann_core.capture.Replay.check_kept`)."""
+    on, leaves, compiled = reach(output, calls)[1], set(), False
     for node in autograd_nodes([output.grad_fn]):
         if type(node).__name__ == COMPILED_BACKWARD:
-            return on, None
+            compiled = True
+            if nodes is None:
+                break
         if hasattr(node, "variable"):
             leaves.add(id(node.variable))
-    return on, on & leaves
+        elif nodes is not None:
+            nodes.add(node)
+    return on, None if compiled else on & leaves
 
 
 def loss_paths(

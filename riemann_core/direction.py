@@ -17,7 +17,7 @@ from ._checks import (
     unprobed,
 )
 from ._precision import full_precision
-from .capture import Replay, eager_when_traced
+from .capture import GRAPH_FREED, KEPT_ACROSS_PASSES, Replay, eager_when_traced
 from .factors import FactorFn, reentrant_checkpoint_refused
 from .methods import METHODS, SOLVERS, LayerDiagnostics, Options, build_problem, finish
 from .methods.memory import named_when_too_large
@@ -255,21 +255,32 @@ def solve(
             replay=replay,
         )
 
-    return run_solver(
-        build,
-        method,
-        opts,
-        checks,
-        devices,
-        state,
-        process_group=process_group,
-        timeout=timeout,
-        global_gradient=global_gradient,
-        absent=absent,
-        passes=passes,
-        model=model,
-        found=found,
-    )
+    try:
+        return run_solver(
+            build,
+            method,
+            opts,
+            checks,
+            devices,
+            state,
+            process_group=process_group,
+            timeout=timeout,
+            global_gradient=global_gradient,
+            absent=absent,
+            passes=passes,
+            model=model,
+            found=found,
+        )
+    except RuntimeError as err:
+        # torch's own words, from a graph freed before this pass (found by a hunt: a cache
+        # kept on a module, which the replay's own check names where a record is kept; not
+        # another rank's DistributedError, which quotes it)
+        if type(err) is not RuntimeError or GRAPH_FREED not in str(err):
+            raise
+        raise ValueError(
+            "the metric's backward pass through the model's forward pass reached an "
+            f"autograd graph already freed: the forward pass uses {KEPT_ACROSS_PASSES}"
+        ) from err
 
 
 def run_solver(

@@ -42,6 +42,7 @@ from ._checks import (
 from ._precision import precision_state
 from ._warn import warn
 from .capture import (
+    KEPT_ACROSS_PASSES,
     MODEL_OUTPUT,
     BufferStart,
     BufferStates,
@@ -904,9 +905,13 @@ class RiemannianPreconditioner:
                     f"{_outside_model(capture)}"
                 )
             foreign, reaches, compiled = _walk_loss_graph(loss, names)
-            off = []  # what the loss trains past the output, warned of once written
+            off = []  # what the loss trains past the output, warned of once solved
             if needs_factor and paths.calls:  # the loss reaches a module past the output
                 off = [n for n in _off_output(capture, names, stale) if n in reaches]
+
+            def warned() -> None:
+                _warn_off_output(off, opts.damping)
+
             _check_no_gradient_hooks(params)
             # loss.backward() gives every other leaf the loss reaches its gradient (a
             # temperature beside the model, an input that requires grad, a backbone not
@@ -960,13 +965,14 @@ class RiemannianPreconditioner:
                             gradient, changed=since, call="pre.backward(loss)"
                         )
                     directions, diagnostics = self._transaction(
-                        lambda: self._solve(gradient, params, checks, coupled)
+                        lambda: self._solve(gradient, params, checks, coupled), then=warned
                     )
                 else:
                     directions, diagnostics = self._transaction(
                         lambda: self._fused(
                             loss, not paths.calls, params, checks, output_gradient, overflow
-                        )
+                        ),
+                        then=warned,
                     )
                     # every called module's parameters have one, the .grad only those the loss
                     # reaches (found by review: an auxiliary head the loss leaves out got zeros,
@@ -989,7 +995,9 @@ class RiemannianPreconditioner:
                 raise ValueError(
                     "the loss's graph was already consumed (by loss.backward(), or an earlier "
                     "pre.backward(loss)): pre.backward(loss) replaces loss.backward(), call it "
-                    "instead; to precondition a .grad already there, call pre.step()"
+                    "instead; to precondition a .grad already there, call pre.step(). Where "
+                    "neither ran, the forward pass reached a graph freed before, through "
+                    f"{KEPT_ACROSS_PASSES}"
                 ) from err
             raise
         # the pass is spent: its record (and graph) freed. A refused call keeps it, for a
@@ -1000,9 +1008,6 @@ class RiemannianPreconditioner:
             self._attach("capture", Capture(model, notes.clone, persistent=True))
             capture.remove()
         self._note_overflow(overflowed)
-        if not overflowed:  # before any .grad is written: turned into an error by a warnings
-            # filter, it leaves them all as they were (found by review: written, then raised)
-            _warn_off_output(off, opts.damping)
         # with gradients off, as autograd adds into .grad (found by review: a .grad that is
         # a leaf requiring grad refused the in-place add, the .grad before it written)
         with torch.no_grad():
@@ -1179,8 +1184,11 @@ class RiemannianPreconditioner:
                 raise
         return {n: d for n, d in directions.items() if n in gradient}, diagnostics
 
-    def _transaction(self, compute):
-        """``compute()``, forgetting what K-FAC's state computed if it fails, and undoing
+    def _transaction(self, compute, then=None):
+        """``compute()`` (and ``then()`` after it, before anything is written: the warning
+        of parameters off the output, which a warnings filter can turn into an error; found
+        by a hunt: raised after the solve under ``-W error``, it left the sampled metric's
+        generator moved on), forgetting what K-FAC's state computed if it fails, and undoing
         the draws of the sampled metric (a ``generator`` passed): a refused or skipped call
         can be made again, or its batch skipped, as if it had never been (found by hunts:
         a refused ``pre.backward``, then a refused ``pre.step()``, moved the generator on).
@@ -1195,7 +1203,10 @@ class RiemannianPreconditioner:
         random_state = None if generator is None else generator.get_state()
         try:
             with reentrant_checkpoint_refused():
-                return compute()
+                result = compute()
+            if then is not None:
+                then()
+            return result
         except BaseException as err:
             if random_state is not None:
                 generator.set_state(random_state)
@@ -1362,6 +1373,21 @@ class RiemannianPreconditioner:
             coupled = self._grads_coupled(params, reached, unreached)
         # a parameter without .grad that no .grad is coupled with (checked above, or by the
         # replay): a zero vector, left as None
+        capture = self._capture
+
+        def warned() -> None:
+            if (
+                capture is not None
+                and SOLVERS[self.method].NEEDS_FACTOR
+                and isinstance(capture.output, Tensor)
+            ):
+                names = {id(p): n for n, p in params}
+                off = _off_output(capture, names, capture.stale())
+                # a zeroed .grad (zero_grad(set_to_none=False)) is no gradient of the loss
+                # (found by review); one host read, and only for such parameters
+                off = [n for n in off if n in with_grad and bool(with_grad[n].ne(0).any())]
+                _warn_off_output(off, self._options.damping)
+
         try:
             directions, self.diagnostics = self._transaction(
                 lambda: self._solve(
@@ -1370,7 +1396,8 @@ class RiemannianPreconditioner:
                     checks,
                     coupled,
                     reused=self._check_data_kept,
-                )
+                ),
+                then=warned,
             )
         except GradientOverflow:  # the scaled direction overflowed: skipped, as above
             _fill_nan([p for n, p in params if n in with_grad])
@@ -1378,15 +1405,7 @@ class RiemannianPreconditioner:
             self._accumulations.mark([])
             self._note_overflow(True)
             return
-        capture = self._capture
         if capture is not None:
-            if SOLVERS[self.method].NEEDS_FACTOR and isinstance(capture.output, Tensor):
-                names = {id(p): n for n, p in params}
-                off = _off_output(capture, names, capture.stale())
-                # a zeroed .grad (zero_grad(set_to_none=False)) is no gradient of the loss
-                # (found by review); one host read, and only for such parameters
-                off = [n for n in off if n in with_grad and bool(with_grad[n].ne(0).any())]
-                _warn_off_output(off, self._options.damping)
             capture.reset()  # the pass is spent (a refusal keeps it, for a retry)
         for name, p in params:  # every direction exists before any .grad changes
             if name in directions:
@@ -2474,7 +2493,7 @@ def _off_output(capture: Capture, names: dict[int, str], stale: set[str]) -> lis
 
 
 def _reached(capture: Capture | None, trained: frozenset[int]) -> tuple:
-    """``(reached, leaves, considered)`` of the recorded pass, for the pass run again to
+    """``(reached, leaves, considered, nodes)`` of the recorded pass, for the pass run again to
     depend on exactly those (:meth:`~riemann_core.capture.Replay.check_reach`): the ids of
     the parameters of its calls whose modules' outputs its output depends on, and of those
     it reaches as leaves (:func:`coupling.reached_parameters`; ``None`` for a compiled
@@ -2484,15 +2503,23 @@ def _reached(capture: Capture | None, trained: frozenset[int]) -> tuple:
     call through a copy and reaches its parameters where this walk could not (found by
     review: a weight tied between a module whose output is changed in place, ``h += x``,
     and one kept off the output was refused as gained, where the direction was exact);
-    empty sets where nothing is known."""
+    and the nodes of its graph that are no leaf's, which the pass run again must not
+    reach (:meth:`~riemann_core.capture.Replay.check_kept`). Empty sets where nothing is
+    known."""
     if capture is None or not isinstance(capture.output, Tensor):
-        return frozenset(), None, frozenset()
+        return frozenset(), None, frozenset(), frozenset()
     stale = capture.stale()
     calls = [c for c in capture.calls if c.name not in stale]
     hidden = {id(p) for c in capture.calls if c.name in stale for p in c.params}
     considered = frozenset(id(p) for c in calls for p in c.params) & trained - hidden
-    on, leaves = coupling.reached_parameters(capture.output, calls)
-    return frozenset(on), None if leaves is None else frozenset(leaves), considered
+    nodes = set()
+    on, leaves = coupling.reached_parameters(capture.output, calls, nodes)
+    return (
+        frozenset(on),
+        None if leaves is None else frozenset(leaves),
+        considered,
+        frozenset(nodes),
+    )
 
 
 def _warn_off_output(names: list[str], damping: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import types
 import warnings
 import weakref
 
@@ -378,6 +379,107 @@ def test_the_auxiliary_head_warning_made_an_error_leaves_every_grad(call):
             assert (p.grad is None) == (before[name] is None), (first, name)
             if p.grad is not None:
                 assert torch.equal(p.grad, before[name]), (first, name)
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+@pytest.mark.parametrize("method", ["layerwise", "natural", "full", "kfac"])
+def test_the_auxiliary_head_warning_made_an_error_leaves_the_generator(method, call):
+    """Found by a hunt: under ``-W error`` the warning was raised after the solve, outside
+    the block that puts state back on failure: the sampled metric's generator stayed moved
+    on (and K-FAC's state computed), so a preconditioner whose call was refused then gave
+    another direction than one that never raised (0.05-0.2 apart)."""
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    directions = []
+    for refused_first in (False, True):
+        torch.manual_seed(0)
+        model = WithAuxiliary().double()
+        generator = torch.Generator().manual_seed(5)
+        pre = rc.RiemannianPreconditioner(
+            model, method=method, damping=DAMPING, output_metric="sampled", generator=generator
+        )
+
+        def loss_of(model=model):
+            return F.cross_entropy(model(x), y) + 0.4 * F.cross_entropy(model.aux_out, y % 2)
+
+        loss = loss_of()
+        if call == "step":
+            loss.backward()
+        if refused_first:
+            before = generator.get_state()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                with pytest.raises(UserWarning, match="whose modules do not reach"):
+                    pre.backward(loss) if call == "backward" else pre.step()
+            assert torch.equal(generator.get_state(), before)
+            if call == "backward":  # its graph consumed: a new pass, as the error says
+                loss = loss_of()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pre.backward(loss) if call == "backward" else pre.step()
+        directions.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(directions[1], directions[0], rtol=1e-10, atol=1e-12)
+
+
+def _cached_forward(self, x):
+    """A Linear's forward through a tensor derived from its weight, kept on the module
+    across passes: built once, or again only once the weight changed (its version)."""
+    if self.kept is None or (self.rebuilt and self.at != self.weight._version):
+        self.kept = self.weight * 2 if self.saves else self.weight.t()
+        self.at = self.weight._version
+    return F.linear(x, self.kept if self.saves else self.kept.t(), self.bias)
+
+
+def _with_kept_cache(rebuilt: bool, saves: bool) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    first = model[0]
+    first.kept, first.at, first.rebuilt, first.saves = None, None, rebuilt, saves
+    first.forward = types.MethodType(_cached_forward, first)
+    return model
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+@pytest.mark.parametrize(
+    "method, kernel",
+    [("layerwise", "structured"), ("natural", "auto"), ("full", "generic"), ("kfac", "structured")],
+)
+@pytest.mark.parametrize("rebuilt, saves", [(True, True), (False, True), (True, False)])
+def test_a_tensor_derived_from_a_weight_kept_across_passes_is_refused_by_name(
+    method, kernel, call, rebuilt, saves
+):
+    """Found by a hunt: a tensor computed from a weight and kept on its module across
+    forward passes (a cache built once; or rebuilt once the weight changed, which trains
+    without the preconditioner) holds the graph of the pass that made it, freed by its
+    backward pass. The pass run again reached it: torch's "Trying to backward through
+    the graph a second time" surfaced from every method and kernel; where its nodes save
+    nothing (``weight.t()``), the weight was refused as used outside its module's call.
+    Now refused naming the parameter, the cause and the fix, every ``.grad`` as it was."""
+    model = _with_kept_cache(rebuilt, saves)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel=kernel)
+    loss = F.cross_entropy(model(x), y)
+    if call == "step":
+        loss.backward()
+    before = snapshot(model)
+    with pytest.raises(
+        ValueError, match=r"reaches parameters \['0.weight'\] through a tensor"
+    ) as e:
+        pre.backward(loss) if call == "backward" else pre.step()
+    assert "derived from parameters kept across forward passes" in str(e.value)
+    assert "inside forward at every pass" in str(e.value)
+    assert_unchanged(model, before)
+
+
+def test_rc_direction_through_a_kept_graph_already_freed_names_the_cause():
+    """Found by a hunt: rc.direction on a model whose forward reuses a tensor derived from
+    a weight by an earlier (trained) pass let torch's own error out."""
+    model = _with_kept_cache(rebuilt=True, saves=True)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match="reached an autograd graph already freed") as e:
+        rc.direction(model, x, y, damping=DAMPING, kernel="auto")
+    assert "kept across forward passes" in str(e.value)
+    assert isinstance(e.value.__cause__, RuntimeError)
 
 
 def test_a_grad_that_is_a_leaf_requiring_grad_takes_the_direction_whole():

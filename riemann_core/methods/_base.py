@@ -512,7 +512,10 @@ def _build_problem(
     if replay is not None:  # read with the data's checks, before what a wrong path breaks
         replay.check(outputs, checks)
         if replay.reached and torch.is_tensor(outputs):
-            replay.check_reach(coupling.reached_parameters(outputs, calls), calls)
+            nodes = set()
+            reached = coupling.reached_parameters(outputs, calls, nodes)
+            replay.check_kept(nodes, calls)
+            replay.check_reach(reached, calls)
         if replay.coupled is not None and torch.is_tensor(outputs):
             replay.coupled(outputs, calls)
     return problem_from_graph(
