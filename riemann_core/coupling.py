@@ -536,16 +536,35 @@ def _register_parameter_check(
             grads = per_call[id(c)].gradient_from_output(at_output[id(c)])
             for p, g in zip(c.params, grads, strict=True):
                 through_calls[index[id(p)]] += g.to(p.dtype)
-    direct = torch.autograd.grad(z, params, row, retain_graph=True, allow_unused=True)
+    # calls whose output holds a user's tensor hook: what reaches that output in the pass
+    # below, where it is no input and the hooks run, noted after them (a hook that only
+    # reads leaves the row the probe read there; found by review: a logger on an output,
+    # beside a parameter used outside its module, was named as changing the gradient)
+    hooked_calls = [
+        c for c in calls if c.output is not None and id(c) in at_output and user_hook_ids(c.output)
+    ]
+    after_hooks: dict[int, Tensor] = {}
+    handles = []
+    for c in hooked_calls:
+
+        def note(g, c=c):
+            after_hooks[id(c)] = g.detach().clone()
+
+        note._riemann_core_reads = True  # (not a user's: user_hook_ids)
+        handles.append(c.output.register_hook(note))
+    try:
+        direct = torch.autograd.grad(z, params, row, retain_graph=True, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
     direct = [torch.zeros_like(p) if g is None else g for g, p in zip(direct, params, strict=True)]
     error = sum(((a - b) ** 2).sum() for a, b in zip(direct, through_calls, strict=True))
     scale = sum((a**2).sum() for a in direct)
-    # calls whose output holds a user's tensor hook, noted now: the record lets the
-    # outputs go before explain() runs
+    # noted now: the record lets the outputs go before explain() runs
     hooked_calls = [
-        (named_module(c.name, c.module), set(c.param_names))
-        for c in calls
-        if c.output is not None and user_hook_ids(c.output)
+        (named_module(c.name, c.module), set(c.param_names), at_output[id(c)], after_hooks[id(c)])
+        for c in hooked_calls
+        if id(c) in after_hooks
     ]
 
     def explain():
@@ -575,7 +594,13 @@ def _register_parameter_check(
             for n, a, b in zip(names, direct, through_calls, strict=True)
             if float((a - b).norm()) > eps**0.5 * max(float(a.norm()), float(b.norm()))
         ]
-        hooked_outputs = [n for n, owned in hooked_calls if owned & set(bad)]
+        hooked_outputs = [
+            n
+            for n, owned, read, hooked in hooked_calls
+            if owned & set(bad)
+            and float((hooked - read).norm())
+            > eps**0.5 * max(float(read.norm()), float(hooked.norm()))
+        ]
         if hooked_outputs:  # (found by a hunt: read as parameters used outside their modules)
             raise ValueError(
                 f"a tensor hook on the output of {', '.join(dict.fromkeys(hooked_outputs))} "

@@ -1604,6 +1604,50 @@ def test_a_tensor_hook_on_a_module_output_is_refused_naming_it(call):
     assert_call_refused(pre, model, x, y, call, match)
 
 
+class LoggedOutput(nn.Module):
+    """A hook that only reads on a Linear's own output, and (``mode``) that Linear's weight
+    used outside its call too, or its forward replaced on the instance."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.a, self.b, self.mode, self.seen = nn.Linear(5, 4), nn.Linear(4, 3), mode, []
+        if mode == "replaced":
+            b = self.b
+            b.forward = lambda t: 1.5 * F.linear(t, b.weight, b.bias)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        out = self.b(h)
+        out.register_hook(lambda g: self.seen.append(g.shape) and None)
+        if self.mode == "outside":
+            out = out + 0.1 * F.linear(h, self.b.weight)
+        return out
+
+
+@pytest.mark.parametrize("call", ["direction", "step", "backward"])
+@pytest.mark.parametrize(
+    "mode, match",
+    [
+        ("outside", r"parameters \['b.weight'\] reach the output outside the calls"),
+        ("replaced", r"modules \['b'\] have a forward replaced on the instance"),
+    ],
+)
+def test_a_hook_that_only_reads_on_a_module_output_is_not_named(mode, match, call):
+    """Found by review: a logger on a module's output (``out.register_hook(lambda g: None)``)
+    beside a real cause (that module's weight used outside its call, or its forward
+    replaced on the instance) was named instead, "a tensor hook on the output of module
+    'b' (Linear) ... changes the gradient", a fix that changes nothing."""
+    torch.manual_seed(41)
+    model = LoggedOutput(mode).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    if call == "direction":
+        with pytest.raises(ValueError, match=match):
+            rc.direction(model, x, y, damping=DAMPING)
+        return
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    assert_call_refused(pre, model, x, y, call, match)
+
+
 def test_a_gradient_hook_on_a_parameter_is_named_by_pre_step():
     """Before: "parameters ['0.weight'] reach the output outside the calls of the modules
     that own them (e.g. F.linear(h, self.emb.weight) ...)", a fix that does not apply."""
