@@ -2397,11 +2397,11 @@ def _check_no_gradient_hooks(params) -> None:
             f"parameters {hooked} have gradient hooks (Tensor.register_hook, "
             "register_post_accumulate_grad_hook). pre.backward(loss) writes the direction "
             "into .grad itself, so they would not run (a mask would not apply, an optimizer "
-            "stepped from a hook would never step). Remove them; a hook that only reads "
-            "(a logger) runs under loss.backward() and then pre.step(), which refuses one "
-            "that changes the gradient (a mask or a scale: apply it to .grad after "
+            "stepped from a hook would never step). Remove them; a register_hook that only "
+            "reads (a logger) runs under loss.backward() and then pre.step(), which refuses "
+            "one that changes the gradient (a mask or a scale: apply it to .grad after "
             "pre.backward(loss) instead) and parameters an optimizer stepped in the backward "
-            "pass"
+            "pass, and preconditions the .grad a register_post_accumulate_grad_hook leaves"
         )
 
 

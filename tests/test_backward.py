@@ -1541,7 +1541,7 @@ def test_pre_backward_does_not_send_a_hook_that_changes_gradients_to_pre_step():
     model, x, y = small_mlp()
     model[0].weight.register_hook(lambda g: g * 0.5)
     pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
-    with pytest.raises(ValueError, match=r"a hook that only reads \(a logger\) runs under") as e:
+    with pytest.raises(ValueError, match=r"a register_hook that only reads \(a logger\) runs under") as e:
         pre.backward(F.cross_entropy(model(x), y))
     assert "which preconditions the .grad they leave" not in str(e.value)
 
