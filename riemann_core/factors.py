@@ -282,6 +282,12 @@ UNBATCHABLE_FUNCTION = "In order to use an autograd.Function with functorch tran
 #: other for others: found by review, dropout raised the second with 4 classes or more): a
 #: checkpointed segment's dropout, drawn again when the batched backward runs its forward
 RANDOM_UNDER_VMAP = ("random operations inside of vmap", "called random operation while in")
+#: the start of torch's error for a batched gradient written onto a tensor outside ``vmap``:
+#: a tensor of the forward pass given ``retain_grad()`` (the debugging idiom
+#: ``h.retain_grad(); self.h = h``), whose ``.grad`` torch accumulates in every backward
+#: pass, ``torch.autograd.grad``'s batched ones too (found by review: ``rc.direction``
+#: raised torch's message from the coupling probe, naming neither)
+ESCAPED_FROM_VMAP = "Either your tensor may have escaped from inside a function being vmapped"
 
 
 @contextmanager
@@ -326,6 +332,19 @@ def batched_backward() -> Iterator[None]:
                 "them. Call the random module outside the checkpointed segment (dropout after "
                 "it, or before), or checkpoint a segment without one; model.eval() turns "
                 f"dropout off (torch: {str(err).splitlines()[0]})"
+            ) from err
+        if str(err).startswith(ESCAPED_FROM_VMAP):
+            raise ValueError(
+                "the backward pass cannot run batched, as riemann_core runs it to pull the "
+                "metric's factor rows back several at once (torch.func.vmap): a tensor of the "
+                "forward pass keeps its gradient (h.retain_grad(), as for a plot: "
+                "self.h = h), and torch writes every backward pass's gradient into its .grad, "
+                "a batched one too, which cannot be stored there (or a gradient hook of yours "
+                "stores the gradient it is given elsewhere). Call retain_grad() only in the "
+                "forward passes whose gradient you read, behind a flag of your own that is off "
+                "while rc.direction runs; "
+                "loss.backward() then pre.step() preconditions the .grad of a pass with "
+                f"retain_grad() (torch: {str(err).splitlines()[0]})"
             ) from err
         if not any(word in str(err) for word in UNBATCHABLE):
             raise

@@ -699,3 +699,30 @@ def test_a_named_allocator_failure_gives_the_blocks_own_dtype(monkeypatch):
         MemoryError, match=r"block '3' .* a 3136 x 3136 matrix .*iB in torch.float64"
     ):
         rc.direction(model, x, y, method="layerwise")
+
+
+class _RetainsGrad(torch.nn.Module):
+    """An MLP that keeps its hidden layer's gradient for a plot (``h.retain_grad()``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(5, 7), torch.nn.Linear(7, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h.retain_grad()
+        self.h = h
+        return self.fc2(torch.tanh(h))
+
+
+@pytest.mark.parametrize("method", ("layerwise", "full", "natural", "kfac"))
+def test_a_tensor_given_retain_grad_is_named_not_torchs_escaped_tensor_error(method):
+    # found by review: the coupling probe raised torch's "tensor may have escaped from inside
+    # a function being vmapped", naming neither retain_grad nor the fix
+    torch.manual_seed(0)
+    model = _RetainsGrad().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"retain_grad\(\).*flag of your own"):
+        rc.direction(model, x, y, method=method)
+    assert_unchanged(model, before)
