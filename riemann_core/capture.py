@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import random
 import sys
 import threading
 import weakref
@@ -38,6 +39,8 @@ from .modules import (
     named_module,
     output_index,
     own_parameters,
+    replayed_attributes,
+    restored_attributes,
     training,
 )
 
@@ -908,11 +911,15 @@ class Replay:
     (:class:`BufferStates`; a name left out, or ``None``: as they are now), the autocast
     regions it ran in (:func:`autocast_state`) and its float32 precision knobs
     (:func:`~riemann_core._precision.precision_state`), so that the pass run again
-    computes in the same precisions, and, where recorded, the tensors of its output, which
-    the pass run again must give again.
+    computes in the same precisions, Python's ``random`` state and the modules' plain
+    attributes as it started (``python``: a call counter, a flag, a running average; see
+    :func:`~riemann_core.modules.replayed_attributes`, put back after), and, where
+    recorded, the tensors of its output, which the pass run again must give again.
 
-    Python state the forward pass reads (its ``random`` module, a call counter, a flag
-    changed since) is not replayed; a pass that took another path gives another output,
+    Other Python state the forward pass reads (an attribute of an object that is not a
+    module, a global, numpy's random generator, a tensor that is not a buffer changed in
+    place, a training mode or a hook changed since) is not replayed; a pass that took
+    another path gives another output,
     while the same operations on the same data agree to rounding (GPU atomics, kernels
     chosen by alignment): a floating tensor may differ by ``sqrt(eps)`` of its dtype
     (float32: 3.5e-4) times its largest entry, any other must be equal."""
@@ -941,6 +948,9 @@ class Replay:
     # without .grad is coupled with one that has a .grad (None: nothing to check; see
     # RiemannianPreconditioner._grads_coupled)
     coupled: Callable[[Tensor, list[Block]], None] | None = None
+    # Python's random state (random.getstate()) and the plain attributes of the model's
+    # modules (replayed_attributes) as the recorded pass started (None: as they are now)
+    python: tuple[tuple, list] | None = None
 
     def check(self, outputs, checks) -> None:
         """Register with ``checks`` (a :class:`~riemann_core._checks.Deferred`) that
@@ -984,8 +994,10 @@ class Replay:
                     f"{', '.join(map(named_module, names))} (through its output or its "
                     "parameters), which the output of the pass the gradient came from "
                     f"{recorded}: the pass took another path (a .detach() or torch.no_grad() "
-                    "chosen by state that is not replayed: a call counter, an attribute, "
-                    "Python's random module). pre.step() runs the pass again, and so does "
+                    "chosen by state that is not replayed: a counter or a flag kept outside "
+                    "the model's modules, in a global or an object that is not a module; "
+                    "the modules' own attributes and Python's random module are replayed). "
+                    "pre.step() runs the pass again, and so does "
                     "pre.backward(loss) on its first call for a model: keep such state fixed "
                     "until the direction is computed (change it after pre.step(), or at the "
                     "start of a step from a count of your own)"
@@ -1078,12 +1090,14 @@ def _replay_differs(new: list[Tensor], old: list[Tensor], name_cause=None) -> No
         f"state for the metric, gave another output than the pass the gradient came from "
         f"({seen}). pre.step() runs the pass again, and so does pre.backward(loss) on its "
         "first call for a model (and until one succeeds); this forward pass depends on state "
-        "that is not replayed (Python's random module, a call counter, an attribute or a "
-        "global hook changed since): draw random choices with torch's generator, or keep "
-        "such state fixed until the direction is computed; a tensor the pass keeps on a "
-        "module for the next (a recurrent state, self.h = h.detach()) can be held as a "
-        "buffer (self.register_buffer('h', ..., persistent=False)), which the pass run again starts from as "
-        "the recorded pass found it, or passed to forward as an argument"
+        "that is not replayed (a global, an attribute of an object that is not a module, "
+        "numpy's random generator, a global hook changed since; the modules' own attributes "
+        "and Python's random module are replayed as the recorded pass found them): draw "
+        "random choices with torch's or Python's generator, keep such state on the modules, "
+        "or keep it fixed until the direction is computed; a tensor the pass changes in "
+        "place for the next (a recurrent state, self.h.copy_(h)) can be held as a buffer "
+        "(self.register_buffer('h', ..., persistent=False)), which the pass run again starts "
+        "from as the recorded pass found it, or passed to forward as an argument"
     )
 
 
@@ -1164,6 +1178,26 @@ def moved_since(model: nn.Module, placed: tuple | None) -> str:
     )
 
 
+@contextlib.contextmanager
+def _python_as(model: nn.Module, random_state: tuple, attributes: list):
+    """Python's ``random`` module at ``random_state`` and the modules of ``attributes``
+    with the plain attributes they held then (:func:`restored_attributes`), for a replay;
+    the caller's ``random`` state and the attributes as they are now (of those modules,
+    one taken out of the model since included, and of ``model``'s others) put back
+    afterwards, so that the replay moves no counter and no running average."""
+    recorded = {id(m) for m, _, _ in attributes}
+    current = [attributes_of(m) for m, _, _ in attributes]
+    current += replayed_attributes(m for m in model.modules() if id(m) not in recorded)
+    caller_random = random.getstate()
+    try:
+        random.setstate(random_state)
+        restored_attributes(attributes)
+        yield
+    finally:
+        restored_attributes(current)
+        random.setstate(caller_random)
+
+
 def forward(
     model: nn.Module,
     args: tuple,
@@ -1203,6 +1237,8 @@ def forward(
                 for device_type, dtype in replay.autocast.items():
                     stack.enter_context(torch.autocast(device_type, dtype=dtype))
                 stack.enter_context(precision_as(replay.precision))
+                if replay.python is not None:  # before each pass, and put back after
+                    stack.enter_context(_python_as(model, *replay.python))
             before = None if replay is not None else rng_state(devices)
             if before is not None:  # the caller's draws stay as they were, whatever follows
                 # (found by review: a dropout beside a module's own generator, refused for

@@ -1135,7 +1135,33 @@ def attributes_of(module: nn.Module) -> tuple[nn.Module, dict, list]:
     return module, state, held
 
 
-def _restore_attributes(attributes: list[tuple[nn.Module, dict, list]]) -> None:
+def replayed_attributes(modules) -> list[tuple[nn.Module, dict, list]]:
+    """:func:`attributes_of` each of ``modules`` whose forward may keep Python state
+    of its own (a call counter, a flag, a running average in a float, a list it appends
+    to): those of a type that is not torch's own (``torch.nn.Linear``, ``torch.nn.ReLU``,
+    whose forward reads only its configuration), and torch's own whose forward was
+    replaced on the instance. What a replay of a recorded forward pass starts from
+    (:func:`restored_attributes`). Snapshotting torch's own too took 184 microseconds a
+    pass instead of 17 on an MLP of 48 Linear layers, which has none of the others (a
+    loaded 2-core CPU)."""
+    return [
+        attributes_of(m)
+        for m in modules
+        if not type(m).__module__.startswith("torch.") or "forward" in m.__dict__
+    ]
+
+
+def restored_attributes(attributes: list[tuple[nn.Module, dict, list]]) -> None:
+    """Give the modules of ``attributes`` (:func:`replayed_attributes`) the plain
+    attributes they had then, as :func:`_restore_attributes` does, except those every
+    module holds (:data:`_TORCH_OWN`: its ``training`` flag, its hooks, parameters,
+    buffers and submodules), which stay as they are now."""
+    _restore_attributes(attributes, keep=_TORCH_OWN)
+
+
+def _restore_attributes(
+    attributes: list[tuple[nn.Module, dict, list]], keep: frozenset = frozenset()
+) -> None:
     """Give each module the plain attributes it had (:func:`attributes_of`): a module,
     or a pre-hook, that stores a tensor on the module as it runs (``self.attn = weights``
     kept for a plot, pruning's ``weight``) stored torch.func's wrapped tensor of a
@@ -1144,13 +1170,13 @@ def _restore_attributes(attributes: list[tuple[nn.Module, dict, list]]) -> None:
     back as they were by identity; what was added is removed. So are the items of a list
     or dict it holds (``self.acts.append(h)``, ``self.maps["attn"] = a``; found by review:
     two entries more a step, one of them unreadable); not what it stores elsewhere (a
-    global dict, another module)."""
+    global dict, another module). ``keep``: names left as they are."""
     for m, before, held in attributes:
         now = m.__dict__
-        for name in [n for n in now if n not in before]:
+        for name in [n for n in now if n not in before and n not in keep]:
             del now[name]
         for name, value in before.items():
-            if now.get(name, _MISSING) is not value:
+            if name not in keep and now.get(name, _MISSING) is not value:
                 now[name] = value
         for container, items in held:
             if type(container) is list:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import functools
+import random
 import sys
 import weakref
 from dataclasses import replace
@@ -80,7 +81,14 @@ from .methods import (
 )
 from .methods._base import check_batch_dimension, check_output_batch, group_calls
 from .methods.kfac import KFACState, in_larger_storage
-from .modules import Block, check_kronecker, evaluated_per_sample, shows_parameters, training
+from .modules import (
+    Block,
+    check_kronecker,
+    evaluated_per_sample,
+    replayed_attributes,
+    shows_parameters,
+    training,
+)
 from .passes import Accumulations, Differentiated, Passes, accumulate_hooks_on, user_hooks_on
 
 
@@ -104,13 +112,15 @@ class RiemannianPreconditioner:
     the model's last forward pass with gradients enabled, the one ``loss.backward()`` went
     through (a later pass outside ``torch.no_grad()``, an evaluation, is refused: its
     batch is not the gradient's): a forward pre-hook records its positional and keyword
-    arguments, the random state and the buffers, and ``step`` runs one more forward pass
-    on them from that state, so that dropout draws the masks the gradient was computed
-    with (and a module that updates its buffers as it runs, an observer, starts from the
-    same ones). Call it between ``loss.backward()`` and ``opt.step()``: a parameter or an
-    input changed in place since the forward pass is refused, and so is a pass run again
-    whose output is not the recorded one (beyond rounding): its path depended on state
-    that is not replayed, such as Python's ``random`` module or a counter.
+    arguments, the random state, the buffers, Python's ``random`` state and the modules'
+    plain attributes, and ``step`` runs one more forward pass on them from that state, so
+    that dropout draws the masks the gradient was computed with (and a module that updates
+    its buffers or attributes as it runs, an observer, a call counter, starts from the same
+    ones; the current ones are put back after). Call it between ``loss.backward()`` and
+    ``opt.step()``: a parameter or an input changed in place since the forward pass is
+    refused, and so is a pass run again whose output is not the recorded one (beyond
+    rounding): its path depended on state that is not replayed, such as a global or a
+    counter kept in an object that is not a module.
 
     Either way the metric is that of ``loss`` (it needs no targets: a custom
     ``output_metric`` receives ``None``), and on any error ``.grad`` is left as it was.
@@ -297,6 +307,9 @@ class RiemannianPreconditioner:
         self._depth = 0  # calls of the model under way (it may call itself)
         self._prehooked = False  # a pre-hook prepended since ran before the record
         self._modes: dict[int, bool] = {}  # each module's training flag in the recorded pass
+        # Python's random state and the modules' plain attributes as the recorded pass
+        # started (Replay.python)
+        self._python_at_pass: tuple | None = None
         self._buffer_states = BufferStates()
         self._synced = True
         self._previous: dict[str, object] = {}  # the record before the pass under way
@@ -416,7 +429,13 @@ class RiemannianPreconditioner:
         )
         self._placed = placement(self.network)  # a replay that fails says it moved since
         self._output = self._differentiated = None  # until this pass returns
-        self._modes = {id(m): training(m) for m in self.model.modules()}
+        modules = list(self.model.modules())  # (one walk: 1-2 us a module)
+        self._modes = {id(m): training(m) for m in modules}
+        # what the replay starts from too: a counter its forward moves (found by a hunt: a
+        # warm-up scaling a branch's gradient alone, a * h + (1 - a) * h.detach(), whose
+        # replay saw the counter one on and took another derivative, 0.17-1.57 off)
+        network = modules if self.network is self.model else self.network.modules()
+        self._python_at_pass = (random.getstate(), replayed_attributes(network))
         # DistributedDataParallel averages the gradients of a pass outside no_sync() only
         self._synced = getattr(self.model, "require_backward_grad_sync", True)
         self._spent = None
@@ -617,7 +636,8 @@ class RiemannianPreconditioner:
                 "masks) are drawn again differently: set "
                 "torch._inductor.config.fallback_random = True (or compile with "
                 "backend='aot_eager'); otherwise the pass depends on state that is not "
-                "replayed (Python's random module, a counter, a global hook changed since)"
+                "replayed (a global, an attribute of an object that is not a module, a "
+                "global hook changed since)"
             )
         if changed:
             causes.insert(
@@ -1155,6 +1175,7 @@ class RiemannianPreconditioner:
                             *_reached(self._capture, self._trained_at_pass),
                             placed=self._placed,
                             coupled=coupled,
+                            python=self._python_at_pass,
                         )
                         # after the replay's record, of the buffers
                         at_start.enter_context(self._buffers_at_start())
@@ -2235,6 +2256,7 @@ _RECORD = (
     "_output_versions",
     "_differentiated",
     "_modes",
+    "_python_at_pass",
     "_versions",
     "_storages",
     "_lazy_at_pass",

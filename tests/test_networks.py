@@ -2885,10 +2885,10 @@ def test_a_replay_refused_under_the_generic_kernel_names_the_buffers_rightly():
             super().__init__()
             self.lin, self.scale = nn.Linear(5, 3), nn.Parameter(torch.ones(3))
             self.register_buffer("table", torch.ones(capture.LARGE_BUFFER_BYTES // 8))
-            self.k = 1.0
+            self.settings = types.SimpleNamespace(k=1.0)  # (not a module's: not replayed)
 
         def forward(self, x):
-            return self.lin(x) * self.scale * self.table[:3] * self.k
+            return self.lin(x) * self.scale * self.table[:3] * self.settings.k
 
     torch.manual_seed(0)
     model = Scaled().double()
@@ -2900,7 +2900,7 @@ def test_a_replay_refused_under_the_generic_kernel_names_the_buffers_rightly():
         pre.step()
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
-    model.k = 2.0  # state outside the replay: the replay differs; the table never changed
+    model.settings.k = 2.0  # state outside the replay: the replay differs; the table never changed
     with pytest.raises(ValueError, match=r"buffers \['table'\] were not copied"):
         pre.step()
 
@@ -4300,19 +4300,24 @@ def test_a_learned_initial_state_held_by_the_model_is_refused_naming_the_fix():
 
 class CarriedState(nn.Module):
     """Truncated backpropagation through time as people write it: the recurrent state
-    kept on the module between steps, as a plain attribute or as a buffer."""
+    kept on the module between steps, as a plain attribute or as a buffer (``how``), or a
+    plain attribute's tensor written in place."""
 
-    def __init__(self, buffer):
+    def __init__(self, how):
         super().__init__()
         self.cell, self.head = nn.Linear(4 + 6, 6), nn.Linear(6, 3)
-        if buffer:
+        if how == "buffer":
             self.register_buffer("h", torch.zeros(5, 6))
         else:
-            self.h = torch.zeros(5, 6)
+            self.h = torch.zeros(5, 6, dtype=torch.float64)
+        self.how = how
 
     def forward(self, x):
         h = torch.tanh(self.cell(torch.cat([x, self.h.to(x.dtype)], 1)))
-        self.h = h.detach()
+        if self.how == "in place":
+            self.h.copy_(h.detach())
+        else:
+            self.h = h.detach()
         return self.head(h)
 
 
@@ -4325,20 +4330,24 @@ class GivenState(nn.Module):
         return self.head(torch.tanh(self.cell(torch.cat([x, h], 1))))
 
 
+@pytest.mark.parametrize("how", ["attribute", "buffer"])
 @pytest.mark.parametrize("call", ["backward", "step"])
-def test_a_recurrent_state_carried_on_the_module_is_refused_naming_a_buffer(call):
-    """Found by a hunt: a state kept as a plain attribute is read again, one step on, by
+def test_a_recurrent_state_carried_on_the_module_is_replayed_or_refused_naming_a_buffer(call, how):
+    """Found by a hunt: a state kept as a plain attribute was read again, one step on, by
     the pass the preconditioner runs again (pre.step(), and pre.backward until one call
-    succeeds: every call), and the refusal did not name the fix; held as a buffer, the
-    pass run again starts from it as the recorded pass found it, and every step is exact."""
+    succeeds: every call), and the refusal did not name the fix. Held as a buffer, or as a
+    plain attribute assigned anew (the replay starts from the modules' attributes as the
+    recorded pass found them), the pass run again starts from it as the recorded pass
+    found it, and every step is exact; a plain attribute's tensor written in place is not
+    replayed: refused, naming a buffer."""
     torch.manual_seed(0)
     y = torch.randint(0, 3, (5,))
-    model = CarriedState(buffer=False).double()
+    model = CarriedState("in place").double()
     pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
     x = torch.randn(5, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"register_buffer"):
         preconditioned(pre, model, x, y, call)
-    model = CarriedState(buffer=True).double()
+    model = CarriedState(how).double()
     pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
     for _ in range(3):
         x = torch.randn(5, 4, dtype=torch.float64)

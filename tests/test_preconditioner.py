@@ -7,6 +7,7 @@ import copy
 import gc
 import io
 import pickle
+import random
 import warnings
 import weakref
 
@@ -2014,9 +2015,18 @@ def test_a_forward_under_no_grad_is_not_the_steps_batch():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-12, atol=1e-14)
 
 
+class Settings:
+    """Python state kept outside the model's modules (a plain object a module holds, as a
+    configuration or a schedule is), whose attributes the replay does not restore (a
+    module's own it does)."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
 class PythonChoice(torch.nn.Module):
     """A residual branch taken or skipped by Python state the replay does not restore (a
-    flag flipped between the forward pass and the step, as Python's ``random`` would)."""
+    flag of its settings flipped between the forward pass and the step)."""
 
     def __init__(self):
         super().__init__()
@@ -2025,11 +2035,11 @@ class PythonChoice(torch.nn.Module):
             torch.nn.Linear(5, 5),
             torch.nn.Linear(5, 3),
         )
-        self.branch = False
+        self.settings = Settings(branch=False)
 
     def forward(self, x):
         h = torch.tanh(self.a(x))
-        return self.b(h + torch.tanh(self.r(h)) if self.branch else h)
+        return self.b(h + torch.tanh(self.r(h)) if self.settings.branch else h)
 
 
 @pytest.mark.parametrize("user_branch", [False, True], ids=["replay-adds", "replay-skips"])
@@ -2042,12 +2052,12 @@ def test_a_replay_that_takes_another_path_is_refused(user_branch, call):
     model = PythonChoice().double()
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
     pre = rc.RiemannianPreconditioner(model)
-    model.branch = user_branch
+    model.settings.branch = user_branch
     loss = F.cross_entropy(model(x), y)
     if call == "step":
         loss.backward()
     before = snapshot(model)
-    model.branch = not user_branch
+    model.settings.branch = not user_branch
     with pytest.raises(ValueError, match="gave another output than the pass the gradient came"):
         pre.step() if call == "step" else pre.backward(loss)
     assert_unchanged(model, before)
@@ -2160,17 +2170,19 @@ def test_backward_passes_added_to_another_preconditioners_direction_are_refused(
 
 class FrozenAfterWarmUp(nn.Module):
     """A backbone frozen after ``warm_up`` forward passes by a counter in ``forward`` (its
-    output detached, or computed under ``torch.no_grad()``: the same values either way);
-    ``frozen`` fixes the path instead."""
+    output detached, or computed under ``torch.no_grad()``: the same values either way),
+    kept in its :class:`Settings`, which the replay does not restore; ``frozen`` fixes the
+    path instead."""
 
     def __init__(self, warm_up: int, how: str = "detach"):
         super().__init__()
         self.a, self.b, self.c = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 3)
-        self.warm_up, self.passes, self.frozen, self.how = warm_up, 0, None, how
+        self.warm_up, self.frozen, self.how = warm_up, None, how
+        self.settings = Settings(passes=0)
 
     def forward(self, x):
-        frozen = self.passes >= self.warm_up if self.frozen is None else self.frozen
-        self.passes += 1
+        frozen = self.settings.passes >= self.warm_up if self.frozen is None else self.frozen
+        self.settings.passes += 1
         with torch.no_grad() if frozen and self.how == "no_grad" else contextlib.nullcontext():
             h = torch.tanh(self.a(x))
         return self.c(torch.tanh(self.b(h.detach() if frozen else h)))
@@ -2214,17 +2226,17 @@ def test_a_replay_on_another_path_with_the_same_output_is_refused(method, call, 
 
 class DetachesItsWeight(nn.Module):
     """A scale whose own weight its ``forward`` detaches after its first pass, by a counter
-    (a weight frozen after warm-up inside the module), or, ``thawing``, only in its first
-    pass (unfrozen after warm-up): no structured kernel."""
+    kept in its :class:`Settings` (a weight frozen after warm-up inside the module), or,
+    ``thawing``, only in its first pass (unfrozen after warm-up): no structured kernel."""
 
     def __init__(self, thawing: bool = False):
         super().__init__()
-        self.w, self.passes = nn.Parameter(torch.randn(3, dtype=torch.float64)), 0
-        self.thawing = thawing
+        self.w = nn.Parameter(torch.randn(3, dtype=torch.float64))
+        self.settings, self.thawing = Settings(passes=0), thawing
 
     def forward(self, h):
-        self.passes += 1
-        live = (self.passes > 1) == self.thawing
+        self.settings.passes += 1
+        live = (self.settings.passes > 1) == self.thawing
         return h * (self.w if live else self.w.detach())
 
 
@@ -2358,6 +2370,160 @@ def test_the_generic_kernel_restores_the_attributes_of_linear_modules_it_evaluat
         for name, p in model.named_parameters():
             got = torch.zeros_like(p) if p.grad is None else p.grad
             torch.testing.assert_close(got, expected[name], rtol=1e-9, atol=1e-12)
+
+
+class WarmGradient(nn.Module):
+    """A warm-up that scales the gradient through it alone, by a counter:
+    ``a h + (1 - a) h.detach()``, the same values at every pass, the derivative ``a``
+    (``alpha``, where set, fixes it instead); ``drawn``: ``a`` from Python's ``random``."""
+
+    def __init__(self, warm: int = 4, drawn: bool = False):
+        super().__init__()
+        self.passes, self.warm, self.alpha, self.drawn = 0, warm, None, drawn
+
+    def next_alpha(self) -> float:
+        return min(1.0, (self.passes + 1) / self.warm)
+
+    def forward(self, h):
+        a = random.random() if self.drawn else self.next_alpha()
+        a = a if self.alpha is None else self.alpha
+        self.passes += 1
+        return a * h + (1 - a) * h.detach()
+
+
+def _expected(twin: nn.Module, x, y, method: str) -> torch.Tensor:
+    """The float64 oracle's direction for ``twin``'s pass (its path fixed)."""
+    G, g = ggn(twin, x, y, "cross_entropy"), gradient(twin, x, y, "cross_entropy")
+    return oracle_direction(G, g, 1e-2, method, block_indices(twin))
+
+
+def _direction(model: nn.Module) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                      for p in model.parameters()])  # fmt: skip
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["", "relu-in-place"])
+@pytest.mark.parametrize("method", ["layerwise", "natural"])
+@pytest.mark.parametrize("call", ["step", "backward"])
+def test_a_replay_starts_from_the_modules_attributes_as_the_recorded_pass_found_them(
+    call, method, in_place
+):
+    """Found by a hunt: a warm-up scaling the gradient through a module by a counter,
+    ``a h + (1 - a) h.detach()`` (the same values, the derivative ``a``), was replayed
+    (pre.step(), the first pre.backward) with the counter one on, whose derivative the
+    replay's checks cannot see: 0.17-0.33 off (layerwise), 1.17-1.57 (natural), silently;
+    and the replay moved the counter, as it does a running average. The replay runs with
+    the modules' plain attributes as the recorded pass found them, and puts the current
+    ones back: exact at every step, the counter moved once a pass. Also where the replay
+    runs twice (``in_place``: a ReLU changes the first Linear's output in place, which the
+    first replay finds, and runs again with copies): restored before each run."""
+    torch.manual_seed(0)
+    act = nn.ReLU(inplace=True) if in_place else nn.Tanh()
+    model = nn.Sequential(nn.Linear(4, 6), act, WarmGradient(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=1e-2)
+    for k in range(3):
+        twin = copy.deepcopy(model)
+        twin[2].alpha = model[2].next_alpha()  # the derivative of the coming pass
+        preconditioned(pre, model, x, y, call)
+        assert rel_error(_direction(model), _expected(twin, x, y, method)) <= 1e-10
+        assert model[2].passes == k + 1
+
+
+@pytest.mark.parametrize("call", ["step", "backward"])
+def test_a_replay_draws_from_pythons_random_state_as_the_recorded_pass_did(call):
+    """A derivative chosen by Python's ``random`` (values the same either way): the replay
+    draws what the recorded pass drew (found by a hunt: it drew anew, silently off), and
+    the caller's ``random`` state is left as the recorded pass left it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), WarmGradient(drawn=True), nn.Tanh(), nn.Linear(6, 3))
+    model = model.double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    pre = rc.RiemannianPreconditioner(model, method="natural", damping=1e-2)
+    random.seed(0)
+    for _ in range(2):
+        twin = copy.deepcopy(model)
+        at = random.getstate()
+        twin[1].alpha = random.random()  # what the coming pass draws
+        random.setstate(at)
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        after = random.getstate()
+        pre.backward(loss) if call == "backward" else (loss.backward(), pre.step())
+        now = random.getstate()
+        assert rel_error(_direction(model), _expected(twin, x, y, "natural")) <= 1e-10
+        assert now == after
+
+
+class RunningScale(nn.Module):
+    """Divides by a running average of its inputs' scale, a Python float updated at every
+    pass (``frozen``: not updated)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale, self.frozen = 1.0, False
+
+    def forward(self, h):
+        out = h / self.scale
+        if not self.frozen:
+            self.scale = 0.5 * self.scale + 0.5 * float(h.detach().abs().mean())
+        return out
+
+
+@pytest.mark.parametrize("call", ["step", "backward"])
+def test_a_replay_leaves_a_running_average_as_the_users_passes_left_it(call):
+    """Found by a hunt: a running average a module updates at every pass counted the replay
+    too (and the replay started from the average the pass had moved: refused as another
+    output). Updated by the user's passes alone, and the direction exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), RunningScale(), nn.Tanh(), nn.Linear(6, 3)).double()
+    plain = copy.deepcopy(model)
+    pre = rc.RiemannianPreconditioner(model, method="natural", damping=1e-2)
+    for x, y in batches(3):
+        x = x[:, :4]
+        twin = copy.deepcopy(model)
+        twin[1].frozen = True
+        preconditioned(pre, model, x, y, call)
+        plain(x)
+        assert rel_error(_direction(model), _expected(twin, x, y, "natural")) <= 1e-10
+        assert model[1].scale == plain[1].scale
+
+
+class SwitchedGate(nn.Module):
+    """A layer whose forward uses its weight from its 2nd pass on at every other pass, and
+    detaches it otherwise, by a counter (``live``, where set, fixes the path instead)."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(6, 4, dtype=torch.float64) * 0.5)
+        self.b = nn.Parameter(torch.randn(6, dtype=torch.float64) * 0.1)
+        self.passes, self.live = 0, None
+
+    def next_live(self) -> bool:
+        return self.passes % 2 == 1
+
+    def forward(self, x):
+        live = self.next_live() if self.live is None else self.live
+        self.passes += 1
+        return x @ (self.W if live else self.W.detach()).T + self.b
+
+
+def test_a_compiled_models_replay_starts_from_the_attributes_the_pass_found():
+    """Found by a hunt: under torch.compile (whose graph the replay's check of the
+    parameters reached cannot read), a counter switching a weight's detach between the
+    user's pass and the replay gave the metric of the other path, 2.1 off, silently.
+    (A compiled pass fires no hooks: every pre.backward runs the replay.) Exact at every
+    step, through the switches."""
+    torch.manual_seed(0)
+    model = nn.Sequential(SwitchedGate(), nn.Tanh(), nn.Linear(6, 3).double())
+    compiled = torch.compile(model, backend="aot_eager")
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    pre = rc.RiemannianPreconditioner(compiled, method="natural", kernel="auto", damping=1e-2)
+    for _ in range(4):
+        twin = copy.deepcopy(model)
+        twin[0].live = model[0].next_live()
+        preconditioned(pre, compiled, x, y, "backward")
+        assert rel_error(_direction(model), _expected(twin, x, y, "natural")) <= 1e-10
 
 
 class TiedAside(nn.Module):
