@@ -1173,6 +1173,7 @@ class RiemannianPreconditioner:
                                 self._buffer_states.changes(self.network, buffers),
                             ),
                             *_reached(self._capture, self._trained_at_pass),
+                            cached_casts=bool(autocast.keys() & autocast_state(set(autocast))),
                             placed=self._placed,
                             coupled=coupled,
                             python=self._python_at_pass,
@@ -1817,6 +1818,14 @@ class RiemannianPreconditioner:
         # given other data since (model.cpu(), p.data = ...) would keep its old copy for
         # as long as this preconditioner lives (found by review)
         self._data_views, self._data_at_pass = {}, None
+        # nor does the record of the last forward pass, which no step can use now: its
+        # inputs, outputs and buffer copies (and the capture's graph) were kept for as long
+        # as the preconditioner lived, past the end of a with block (found by a hunt)
+        self._batch = self._output = self._differentiated = None
+        self._previous, self._handled = {}, None
+        self._versions, self._storages, self._grads_at_pass = [], [], {}
+        if self._capture is not None:
+            self._capture.reset()
 
     def _attach(self, role: str, hooks) -> None:
         """``hooks`` (a hook's handle, or a :class:`Capture`) kept to be detached, in place

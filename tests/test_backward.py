@@ -478,6 +478,45 @@ def test_a_tensor_derived_from_a_weight_kept_across_passes_is_refused_by_name(
     assert_unchanged(model, before)
 
 
+def _kept_cast_forward(self, x):
+    """A Linear's forward through a cast of its weight made at the first pass, kept."""
+    if self.kept is None:
+        self.kept = self.weight.to(torch.float64)
+    return F.linear(x, self.kept.float(), self.bias)
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_a_cast_of_a_weight_kept_across_passes_is_refused_beside_autocast(call):
+    """Found by review: a cast of a weight kept on its module (a ``ToCopyBackward0`` of a
+    leaf, as autocast's own cached casts are) was exempted wherever the recorded pass ran
+    under autocast, though torch empties autocast's cache as its outermost region closes:
+    called after the region (``loss.backward()`` outside it, as torch advises), every
+    step was taken silently, at the weights the cast was made at (0.91 off the direction
+    at the weights of now after one SGD step). Refused as without autocast."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    model[0].kept = None
+    model[0].forward = types.MethodType(_kept_cast_forward, model[0])
+    x, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = rc.RiemannianPreconditioner(model, method="layerwise", damping=DAMPING)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # builds it (the pass run again for
+        loss = F.cross_entropy(model(x), y)  # this one starts from none, as it did: exact)
+    loss.backward()
+    for first in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        if call == "step":
+            model.zero_grad()
+            loss.backward()
+        before = snapshot(model)
+        with pytest.raises(ValueError, match=r"reaches parameters \['0.weight'\] through a"):
+            pre.backward(loss) if call == "backward" else pre.step()
+        assert_unchanged(model, before)
+        if first:  # a weight of another version, as an optimiser's step leaves it
+            with torch.no_grad():
+                model[0].weight.mul_(1.5)
+
+
 def test_rc_direction_through_a_kept_graph_already_freed_names_the_cause():
     """Found by a hunt: rc.direction on a model whose forward reuses a tensor derived from
     a weight by an earlier (trained) pass let torch's own error out."""
@@ -2253,6 +2292,30 @@ def test_a_pass_refused_by_a_hook_on_the_model_leaves_the_last_one_recorded(call
     handle.remove()
     pre.backward(loss) if call == "backward" else pre.step()
     assert_directions(model, oracle_of(model, x, y, "layerwise"))
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_forward_passes_that_raise_keep_nothing_of_their_batch(call):
+    """Found by a hunt: a module whose forward raised (a batch of the wrong shape, skipped
+    by the training loop) left its call's entry in the capture's hooks, holding that
+    call's inputs for as long as the model lived, one more at every failure. The passes
+    that follow are recorded as before."""
+    model, x, y, pre = primed()
+    alive = []
+    for _ in range(3):
+        bad = torch.randn(x.shape[0], x.shape[1] + 1, dtype=x.dtype)
+        alive.append(weakref.ref(bad))
+        with pytest.raises(RuntimeError):
+            model(bad)
+        del bad
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        if call == "step":
+            loss.backward()
+        pre.backward(loss) if call == "backward" else pre.step()
+        assert_directions(model, oracle_of(model, x, y, "layerwise"))
+    gc.collect()
+    assert [ref() is None for ref in alive] == [True] * 3
 
 
 def test_a_model_whose_hooks_refer_to_it_is_freed():

@@ -725,6 +725,33 @@ def test_a_removed_preconditioner_keeps_no_parameter_memory_alive():
 
 
 @pytest.mark.parametrize("call", ["backward", "step"])
+def test_a_removed_preconditioner_keeps_no_batch_alive(call):
+    """Found by a hunt: the record of the last forward pass (its inputs, sharing the
+    batch's memory, and outputs) stayed with a preconditioner removed, or past the end
+    of its with block, for as long as it lived; ``pre.remove()`` frees it."""
+    import gc
+    import weakref
+
+    import numpy as np
+
+    model, x, y = Problem(depth=3).make()
+    with rc.RiemannianPreconditioner(model, method="layerwise", damping=DAMPING) as pre:
+        for _ in range(2):
+            array = np.array(x.numpy())
+            batch = torch.from_numpy(array)  # memory whose release a weak reference sees
+            model.zero_grad()
+            loss = F.cross_entropy(model(batch), y)
+            if call == "step":
+                loss.backward()
+            pre.backward(loss) if call == "backward" else pre.step()
+    held = weakref.ref(array)
+    del array, batch, loss
+    gc.collect()
+    assert held() is None
+    assert pre.state_dict()["method"] == "layerwise"
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
 @pytest.mark.parametrize("method", ["layerwise", "natural", "kfac"])
 def test_what_an_optimizer_does_after_the_preconditioner(method, call):
     """As docs/api.md states for the loop beside an optimizer: a penalty written into the
