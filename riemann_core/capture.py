@@ -927,7 +927,9 @@ class Replay:
     recorded, the tensors of its output, which the pass run again must give again.
 
     Other Python state the forward pass reads (an attribute of an object that is not a
-    module, a global, numpy's random generator, a tensor that is not a buffer changed in
+    module or of a module not registered in the model, the items of a container inside a
+    container, a global, numpy's random generator, a numpy array or a tensor that is not a
+    buffer changed in
     place, a training mode or a hook changed since) is not replayed; a pass that took
     another path gives another output,
     while the same operations on the same data agree to rounding (GPU atomics, kernels
@@ -1106,11 +1108,14 @@ def _replay_differs(new: list[Tensor], old: list[Tensor], name_cause=None) -> No
         f"state for the metric, gave another output than the pass the gradient came from "
         f"({seen}). pre.step() runs the pass again, and so does pre.backward(loss) on its "
         "first call for a model (and until one succeeds); this forward pass depends on state "
-        "that is not replayed (a global, an attribute of an object that is not a module, "
-        "numpy's random generator, a global hook changed since; the modules' own attributes "
-        "and Python's random module are replayed as the recorded pass found them): draw "
-        "random choices with torch's or Python's generator, keep such state on the modules, "
-        "or keep it fixed until the direction is computed; a tensor the pass changes in "
+        "that is not replayed (a global, an attribute of an object that is not a module or "
+        "of a module not registered in the model, a container held inside another (a list "
+        "in a dict), a numpy array changed in place, numpy's random generator, a global hook "
+        "changed since; the modules' own attributes, the items of a list, dict, set or deque "
+        "they hold, and Python's random module are replayed as the recorded pass found "
+        "them): draw random choices with torch's or Python's generator, keep such state in "
+        "the modules' own attributes (a number, a flag, a list, dict, set or deque of its "
+        "own), or keep it fixed until the direction is computed; a tensor the pass changes in "
         "place for the next (a recurrent state, self.h.copy_(h)) can be held as a buffer "
         "(self.register_buffer('h', ..., persistent=False)), which the pass run again starts "
         "from as the recorded pass found it, or passed to forward as an argument"

@@ -23,6 +23,7 @@ module with parameters through ``torch.func`` and materialises ``K``.
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import inspect
@@ -1124,13 +1125,14 @@ class GenericHandler(Handler):
 
 
 def attributes_of(module: nn.Module) -> tuple[nn.Module, dict, list]:
-    """``module``, a copy of its ``__dict__``, and a copy of what each plain ``list`` or
-    ``dict`` it holds of its own holds (:func:`_restore_attributes`)."""
+    """``module``, a copy of its ``__dict__``, and a copy of what each plain container it
+    holds of its own holds (a ``list``, ``dict``, ``set``, ``collections.deque``,
+    ``OrderedDict`` or ``defaultdict``, not one of their subclasses; :func:`_restore_attributes`)."""
     state = dict(module.__dict__)
     held = [
-        (v, list(v) if type(v) is list else dict(v))
+        (v, _COPIED[type(v)](v))
         for k, v in state.items()
-        if (type(v) is list or type(v) is dict) and k not in _TORCH_OWN
+        if type(v) in _COPIED and k not in _TORCH_OWN
     ]
     return module, state, held
 
@@ -1143,12 +1145,32 @@ def replayed_attributes(modules) -> list[tuple[nn.Module, dict, list]]:
     replaced on the instance. What a replay of a recorded forward pass starts from
     (:func:`restored_attributes`). Snapshotting torch's own too took 184 microseconds a
     pass instead of 17 on an MLP of 48 Linear layers, which has none of the others (a
-    loaded 2-core CPU)."""
+    loaded 2-core CPU). A type is torch's own where every class it derives from is: a
+    module of the user's parametrized (``torch.nn.utils.parametrize`` makes it a class
+    ``Parametrized...`` of torch's module, derived from the user's) keeps the user's
+    forward (found by review: a parametrization frozen, its counter not replayed, 0.51
+    off silently)."""
     return [
-        attributes_of(m)
-        for m in modules
-        if not type(m).__module__.startswith("torch.") or "forward" in m.__dict__
+        attributes_of(m) for m in modules if "forward" in m.__dict__ or not _torchs_own(type(m))
     ]
+
+
+# (a plain dict: a class is made anew by a parametrization registered, not by a pass)
+_OWN_TYPES: dict[type, bool] = {}
+
+
+def _torchs_own(cls: type) -> bool:
+    """Whether every class of ``cls``'s MRO is torch's own (or Python's: ``object``,
+    ``abc.ABC``, ``typing.Generic``)."""
+    own = _OWN_TYPES.get(cls)
+    if own is None:
+        own = _OWN_TYPES[cls] = all(
+            c.__module__.startswith("torch.") or c.__module__ in _PYTHONS for c in cls.__mro__
+        )
+    return own
+
+
+_PYTHONS = frozenset({"builtins", "abc", "typing"})
 
 
 def restored_attributes(attributes: list[tuple[nn.Module, dict, list]]) -> None:
@@ -1167,9 +1189,9 @@ def _restore_attributes(
     kept for a plot, pruning's ``weight``) stored torch.func's wrapped tensor of a
     per-sample call, which escaped ``vmap`` (found by a hunt: reading it after
     ``pre.step()`` raised "Batching rule not implemented"). The attributes' values are put
-    back as they were by identity; what was added is removed. So are the items of a list
-    or dict it holds (``self.acts.append(h)``, ``self.maps["attn"] = a``; found by review:
-    two entries more a step, one of them unreadable); not what it stores elsewhere (a
+    back as they were by identity; what was added is removed. So are the items of a list,
+    dict, set or deque it holds (``self.acts.append(h)``, ``self.maps["attn"] = a``; found
+    by review: two entries more a step, one of them unreadable); not what it stores elsewhere (a
     global dict, another module). ``keep``: names left as they are."""
     for m, before, held in attributes:
         now = m.__dict__
@@ -1179,14 +1201,19 @@ def _restore_attributes(
             if name not in keep and now.get(name, _MISSING) is not value:
                 now[name] = value
         for container, items in held:
-            if type(container) is list:
+            if isinstance(container, (list, collections.deque)):
                 if len(container) != len(items) or any(
                     a is not b for a, b in zip(container, items, strict=True)
                 ):
-                    container[:] = items
-            elif container.keys() != items.keys() or any(
+                    container.clear()
+                    container.extend(items)
+            elif isinstance(container, set):
+                if container != items:
+                    container.clear()
+                    container.update(items)
+            elif list(container) != list(items) or any(
                 container[k] is not v for k, v in items.items()
-            ):
+            ):  # (the keys' order too: an OrderedDict's is read)
                 container.clear()
                 container.update(items)
 
@@ -1195,6 +1222,16 @@ def _restore_attributes(
 #: buffers, submodules), whose items registration changes; not restored item by item.
 _TORCH_OWN = frozenset(nn.Module().__dict__)
 _MISSING = object()
+#: The containers whose items :func:`attributes_of` copies, each with its copy; a
+#: running average over a ``deque(maxlen=k)`` of the last passes, ``self.seen.add(...)``
+_COPIED = {
+    list: list,
+    dict: dict,
+    set: set,
+    collections.deque: list,
+    collections.OrderedDict: dict,
+    collections.defaultdict: dict,
+}
 
 
 class _Unhooked(nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import gc
@@ -2487,6 +2488,85 @@ def test_a_replay_leaves_a_running_average_as_the_users_passes_left_it(call):
         plain(x)
         assert rel_error(_direction(model), _expected(twin, x, y, "natural")) <= 1e-10
         assert model[1].scale == plain[1].scale
+
+
+class RecentScale(nn.Module):
+    """Divides by the mean scale of its inputs over the last passes, kept in a
+    ``deque(maxlen=3)`` (``frozen``: not updated), and notes each pass's scale in a set."""
+
+    def __init__(self):
+        super().__init__()
+        self.recent, self.seen, self.frozen = collections.deque([1.0], maxlen=3), set(), False
+
+    def forward(self, h):
+        out = h / (sum(self.recent) / len(self.recent))
+        if not self.frozen:
+            self.recent.append(float(h.detach().abs().mean()))
+            self.seen.add(self.recent[-1])
+        return out
+
+
+@pytest.mark.parametrize("call", ["step", "backward"])
+def test_a_replay_starts_from_the_items_of_a_deque_or_set_a_module_holds(call):
+    """Found by review: the replay restored the items of a module's lists and dicts only:
+    a running average over a deque of the last passes was refused as another output (the
+    replay saw the user's pass's item appended), its message saying the modules' own
+    attributes are replayed, and the deque and the set grew by the replay. Now exact, and
+    both as the user's passes alone leave them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), RecentScale(), nn.Tanh(), nn.Linear(6, 3)).double()
+    plain = copy.deepcopy(model)
+    pre = rc.RiemannianPreconditioner(model, method="natural", damping=1e-2)
+    for x, y in batches(3):
+        x = x[:, :4]
+        twin = copy.deepcopy(model)
+        twin[1].frozen = True
+        preconditioned(pre, model, x, y, call)
+        plain(x)
+        assert rel_error(_direction(model), _expected(twin, x, y, "natural")) <= 1e-10
+        assert list(model[1].recent) == list(plain[1].recent)
+        assert model[1].seen == plain[1].seen
+
+
+class ScaledWarmGradient(WarmGradient):
+    """:class:`WarmGradient` of its input times a fixed scale (a parameter frozen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((6,), 0.5), requires_grad=False)
+
+    def forward(self, h):
+        return super().forward(h * self.scale)
+
+
+class Doubled(nn.Module):
+    """A parametrization: twice its tensor."""
+
+    def forward(self, t):
+        return 2 * t
+
+
+@pytest.mark.parametrize("call", ["step", "backward"])
+def test_a_parametrized_module_of_the_users_is_replayed_as_its_own(call):
+    """Found by review: torch.nn.utils.parametrize turns a module of the user's into a
+    class ``Parametrized...`` made in torch's own module, which the replay took for one
+    of torch's (whose forward reads only its configuration) and did not start from its
+    attributes: a frozen parametrization on a module warmed up by a counter,
+    ``a h + (1 - a) h.detach()``, 0.51 off silently, and the counter moved twice a step."""
+    torch.manual_seed(0)
+    warm = ScaledWarmGradient()
+    torch.nn.utils.parametrize.register_parametrization(warm, "scale", Doubled())
+    assert type(warm).__module__ == "torch.nn.utils.parametrize"
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), warm, nn.Linear(6, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    pre = rc.RiemannianPreconditioner(model, method="natural", damping=1e-2)
+    for k in range(3):
+        twin = copy.deepcopy(model)
+        twin[2].alpha = model[2].next_alpha()
+        preconditioned(pre, model, x, y, call)
+        got = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        assert rel_error(got, _expected(twin, x, y, "natural")) <= 1e-10
+        assert model[2].passes == k + 1
 
 
 class SwitchedGate(nn.Module):
