@@ -337,6 +337,9 @@ class Capture:
         # pass is missing
         self.outside: str | None = None
         self._depth = 0  # calls of the model under way (it may call itself)
+        # (module, held weakly, and its hooks' stack of its calls under way) per module
+        # watched (see _begin)
+        self._entered: list[tuple[weakref.ref, list]] = []
         self._previous = {a: getattr(self, a) for a in _RECORD}
         self._handled: BaseException | None = None
         if persistent:
@@ -407,6 +410,11 @@ class Capture:
     def _begin(self, module, args, kwargs) -> None:
         if self._depth and calls_under_way(module) < 2:
             self._depth = 0  # a call interrupted (KeyboardInterrupt) never ended: not nested
+            # nor did its modules' calls, whose entries (their inputs and the graph that
+            # made them) torch's always_call hooks never dropped (found by review: one
+            # batch held more at every interrupt, for as long as the model lived)
+            for hooked, entered in self._entered:
+                del entered[calls_under_way(hooked()) if hooked() is not None else 0 :]
         if self._depth:
             self._depth += 1
         elif not capturing() and torch.is_grad_enabled():
@@ -496,6 +504,8 @@ class Capture:
         # call's entry is dropped; found by a hunt: a training loop that skipped a batch
         # whose forward raised kept that call's inputs here, one more at every failure)
         def hook(mod, args, kwargs, output):
+            if not entered:  # a pre-hook that ran before pre_hook raised (torch calls this
+                return None  # one still: found by review, its IndexError was warned about)
             record = entered.pop()
             if record is None:
                 return None
@@ -575,6 +585,7 @@ class Capture:
             ),
         ]
         self._hooks += handles
+        self._entered.append((weakref.ref(module), entered))
 
     def _eps(self, device_type: str, module: nn.Module) -> float:
         """:func:`~riemann_core._precision.product_eps` of ``module``'s call as the pass

@@ -2318,6 +2318,64 @@ def test_forward_passes_that_raise_keep_nothing_of_their_batch(call):
     assert [ref() is None for ref in alive] == [True] * 3
 
 
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_a_forward_pass_interrupted_keeps_nothing_of_its_batch(call):
+    """Found by review: a ``KeyboardInterrupt`` (a notebook's interrupted cell) inside a
+    module's call, which torch's ``always_call`` hooks do not see, left that call's entry
+    in the capture's hooks: its inputs and the graph that made them (holding the batch),
+    one more at every interrupt, for as long as the model lived. The next pass drops it."""
+    model, x, y, pre = primed()
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt
+
+    alive = []
+    for _ in range(2):
+        handle = model[-1].register_forward_pre_hook(interrupt)  # (runs after the capture's)
+        bad = torch.randn(x.shape, dtype=x.dtype)
+        alive.append(weakref.ref(bad))
+        with pytest.raises(KeyboardInterrupt):
+            model(bad)
+        handle.remove()
+        del bad
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        if call == "step":
+            loss.backward()
+        pre.backward(loss) if call == "backward" else pre.step()
+        assert_directions(model, oracle_of(model, x, y, "layerwise"))
+    gc.collect()
+    assert [ref() is None for ref in alive] == [True] * 2
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_a_pre_hook_that_refuses_a_batch_before_the_capture_warns_nothing(call):
+    """Found by review: a forward pre-hook registered before the preconditioner (one that
+    checks the batch) raising left the capture's hook, which torch calls anyway, to pop an
+    entry its own pre-hook never pushed: torch warned 'module forward hook with
+    always_call=True raised an exception that was silenced' (an IndexError) at every bad
+    batch."""
+    model, x, y = Problem(depth=3).make()
+
+    def check(module, args):
+        if args[0].shape[1] != x.shape[1]:
+            raise ValueError("a batch of the wrong width")
+
+    model[0].register_forward_pre_hook(check)
+    pre = rc.RiemannianPreconditioner(model, method="layerwise", damping=DAMPING)
+    pre.backward(F.cross_entropy(model(x), y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="wrong width"):
+            model(torch.randn(x.shape[0], x.shape[1] + 1, dtype=x.dtype))
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    if call == "step":
+        loss.backward()
+    pre.backward(loss) if call == "backward" else pre.step()
+    assert_directions(model, oracle_of(model, x, y, "layerwise"))
+
+
 def test_a_model_whose_hooks_refer_to_it_is_freed():
     """Found by review: probe keys that held a hook's closure values kept the model alive
     from the notes (a weak dictionary keyed by the model). Hooks are keyed by
