@@ -1047,7 +1047,7 @@ class Replay:
             # cache as the outermost region closes: a cast reached from outside the caller's
             # region is one kept by the model (found by review: a cache of self.W.double()
             # was exempted under autocast, its direction at the weights it was made at)
-            kept = {node for node in kept if not _cast_of_leaves(node)}
+            kept = {node for node in kept if not cast_of_leaves(node)}
         if not kept:
             return
         names = {id(p): n for c in calls for p, n in zip(c.params, c.param_names, strict=True)}
@@ -1067,11 +1067,19 @@ class Replay:
             )
 
 
-def _cast_of_leaves(node) -> bool:
+def cast_of_leaves(node) -> bool:
     """Whether autograd ``node`` is a dtype cast of leaf tensors (what autocast caches)."""
     return type(node).__name__ == "ToCopyBackward0" and all(
         n is None or hasattr(n, "variable") for n, _ in node.next_functions
     )
+
+
+def sequence_now() -> int:
+    """The sequence number of the next autograd node this thread makes: autograd numbers
+    the nodes each thread makes in order, so a node numbered below it was made before now
+    (a leaf's ``AccumulateGrad`` takes the largest number, made when first needed). Read
+    without making a node (torch's own reader, since torch 2.1): 0.4 us."""
+    return torch.autograd._get_sequence_nr()
 
 
 #: What a tensor kept with its graph from an earlier forward pass is, and the fix.

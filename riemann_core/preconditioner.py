@@ -52,10 +52,10 @@ from .capture import (
     Replay,
     ReplayDiffers,
     autocast_state,
-    autograd_nodes,
     buffers_kept,
     calls_under_way,
     capturing,
+    cast_of_leaves,
     eager_when_traced,
     hooked_after,
     hooked_before,
@@ -66,6 +66,7 @@ from .capture import (
     reaches_pass,
     rng_devices,
     rng_state,
+    sequence_now,
     some,
     version_of,
 )
@@ -269,6 +270,7 @@ class RiemannianPreconditioner:
         # and the tick of the accumulations into .grad then (see _unreached)
         self._grads_at_pass: dict[int, tuple] = {}
         self._tick_at_pass = -1
+        self._sequence_at_pass: int | None = None
         # what the model holds of this preconditioner: detached by remove(), or once the
         # caller drops the preconditioner (the hooks hold it weakly; found by review: one
         # built again on the same model, as a notebook cell run twice does, left the old
@@ -436,6 +438,12 @@ class RiemannianPreconditioner:
         # replay saw the counter one on and took another derivative, 0.17-1.57 off)
         network = modules if self.network is self.model else self.network.modules()
         self._python_at_pass = (random.getstate(), replayed_attributes(network))
+        # the autograd nodes this pass makes are numbered from here: one numbered below
+        # that a later pre.backward(loss) reaches is older (_walk_loss_graph); so is that of
+        # a view kept on a module, made first (autograd makes it anew as it is read, once
+        # its base changed in place: an optimizer step)
+        _views_made(self._python_at_pass[1])
+        self._sequence_at_pass = sequence_now()
         # DistributedDataParallel averages the gradients of a pass outside no_sync() only
         self._synced = getattr(self.model, "require_backward_grad_sync", True)
         self._spent = None
@@ -924,7 +932,9 @@ class RiemannianPreconditioner:
                     "call pre.backward(loss) right after the forward pass of its batch"
                     f"{_outside_model(capture)}"
                 )
-            foreign, reaches, compiled = _walk_loss_graph(loss, names)
+            foreign, reaches, compiled, kept = _walk_loss_graph(
+                loss, names, self._sequence_at_pass, casts_cached=bool(self._batch[4])
+            )
             off = []  # what the loss trains past the output, warned of once solved
             if needs_factor and paths.calls:  # the loss reaches a module past the output
                 off = [n for n in _off_output(capture, names, stale) if n in reaches]
@@ -947,6 +957,14 @@ class RiemannianPreconditioner:
                     "batch; a state carried over from an earlier step (an RNN's hidden state) "
                     "is detached first, as truncated backpropagation through time does"
                 )
+            # (a compiled forward's backward cannot run under vmap: the autograd path)
+            fused = not (reuse or stale or probing or rehook or paths.outside or compiled or since)
+            if kept and fused:  # (the autograd path's replay refuses it: Replay.check_kept)
+                raise ValueError(
+                    f"the loss reaches parameters {sorted(kept)} through a tensor computed "
+                    "from them before the model's last forward pass (in an earlier pass) and "
+                    f"kept since: {KEPT_ACROSS_PASSES}"
+                )
             if needs_factor:  # each call: a lookup's option is not seen by the probe's key
                 check_no_frequency_scaling(capture.output, names)
             output_gradient = None
@@ -965,8 +983,7 @@ class RiemannianPreconditioner:
                 else contextlib.nullcontext()
             )
             with own:  # (its own backward passes: no walk of the parameters for each)
-                # (a compiled forward's backward cannot run under vmap: the autograd path)
-                if reuse or stale or probing or rehook or paths.outside or compiled or since:
+                if not fused:
                     # autograd consumes the loss's graph: the data's checks first (one host
                     # sync, on a path that runs a second forward), so a refused loss keeps it
                     if not reuse:
@@ -2201,24 +2218,72 @@ def _leaves_reached(output: Tensor) -> tuple[set[int], set[int]]:
     return plain, behind - plain
 
 
-def _walk_loss_graph(loss: Tensor, names: dict[int, str]) -> tuple[list[Tensor], set[str], bool]:
-    """``(foreign, reached, compiled)``: the leaves ``loss`` reaches that are not the
+def _views_made(attributes) -> None:
+    """Give each view requiring grad among the plain attributes of the modules of
+    ``attributes`` (:func:`~riemann_core.modules.replayed_attributes`: a module of a type
+    not torch's own, or with its forward replaced), and the lists and dicts they hold,
+    the autograd node that autograd makes as the view is first read after its base
+    changed in place, numbered then (a view of a weight kept across passes, self.cache =
+    self.weight.t() built once, after opt.step(): found by a hunt, its node numbered
+    inside the next pass, which took it for one of that pass's, 1.8-4.2x off silently)."""
+    for _, state, held in attributes:
+        for values in (state.values(), *(c.values() if type(c) is dict else c for _, c in held)):
+            for value in values:
+                if isinstance(value, Tensor) and value.requires_grad and value._is_view():
+                    with contextlib.suppress(RuntimeError):  # (the pass's own to raise)
+                        value.grad_fn  # noqa: B018
+
+
+def _walk_loss_graph(
+    loss: Tensor, names: dict[int, str], start: int | None = None, casts_cached: bool = False
+) -> tuple[list[Tensor], set[str], bool, set[str]]:
+    """``(foreign, reached, compiled, kept)``: the leaves ``loss`` reaches that are not the
     preconditioned parameters (``names``: ``{id(p): name}``) and require a gradient (one
     frozen since the forward pass gets none from ``loss.backward()`` either: found by a
     hunt, torch's error where it was differentiated), the names of those it reaches (the
-    ``.grad`` that ``loss.backward()`` would write), and whether its graph holds the
-    backward of a compiled forward (``torch.compile``). Every node once: about 1 us
-    each."""
-    foreign, reached, compiled = [], set(), False
-    for node in autograd_nodes([loss.grad_fn]):
-        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf's gradient
-        if variable is not None:
-            if id(variable) in names:
-                reached.add(names[id(variable)])
-            elif variable.requires_grad:
-                foreign.append(variable)
-        compiled = compiled or type(node).__name__ == coupling.COMPILED_BACKWARD
-    return foreign, reached, compiled
+    ``.grad`` that ``loss.backward()`` would write), whether its graph holds the backward
+    of a compiled forward (``torch.compile``), and the names of those it reaches through
+    a node made before ``start`` (:func:`~riemann_core.capture.sequence_now` as the
+    recorded pass started; ``None``: not known): a tensor derived from them in an earlier
+    pass and kept since, a cache built once on a module, which the fused backward pass
+    carries the gradient through and the kernels do not see (found by a hunt: from the
+    second ``pre.backward(loss)`` on, 1.8-15x off, silently). A node made before the pass
+    on the way to other leaves (a backbone run before the model, an input computed with
+    gradients) is no such path; nor, where ``casts_cached`` (the pass ran under
+    ``torch.autocast``), a cast of leaves, which autocast keeps for its region (found by
+    the tests: accumulation over two passes in one region). Every node once (the nodes
+    under one made before the pass are older still, walked after): about 1 us each."""
+    foreign, reached, compiled, kept = [], set(), False, set()
+    seen, stack, older = set(), [loss.grad_fn], []
+    for phase in (0, 1):
+        while stack:
+            node = stack.pop()
+            if node is None:
+                continue
+            variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf's gradient
+            if phase and variable is not None and id(variable) in names:
+                kept.add(names[id(variable)])
+            if node in seen:
+                continue
+            seen.add(node)
+            if variable is not None:
+                if id(variable) in names:
+                    reached.add(names[id(variable)])
+                elif variable.requires_grad:
+                    foreign.append(variable)
+                continue
+            compiled = compiled or type(node).__name__ == coupling.COMPILED_BACKWARD
+            if (
+                not phase
+                and start is not None
+                and node._sequence_nr() < start
+                and not (casts_cached and cast_of_leaves(node))
+            ):
+                older.append(node)
+                continue
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        stack = [next_node for node in older for next_node, _ in node.next_functions]
+    return foreign, reached, compiled, kept
 
 
 def _gradients_of(loss: Tensor, leaves: list[Tensor]) -> tuple[Tensor, ...]:
@@ -2274,6 +2339,7 @@ _RECORD = (
     "_trained_at_pass",
     "_grads_at_pass",
     "_tick_at_pass",
+    "_sequence_at_pass",
     "_spent",
     "_preconditioned",
     "_edited_in_forward",
