@@ -281,7 +281,7 @@ def _versions(value) -> list[tuple[Tensor, int]]:
 
 #: The record of a forward pass (persistent :class:`Capture`), kept from the last complete
 #: pass while one runs.
-_RECORD = ("calls", "output", "inputs", "substituted", "token", "_stale", "_watched")
+_RECORD = ("calls", "output", "inputs", "substituted", "token", "threaded", "_stale", "_watched")
 
 
 def convolves(module: nn.Module) -> bool:
@@ -322,6 +322,11 @@ class Capture:
         self.token: object | None = None  # of the pass recorded last (persistent)
         self.key = f"riemann_core.forward_pass.{next(_CAPTURES)}"  # see mark_pass
         self.inputs: list[Tensor] = []  # the recorded pass's inputs that carry a graph
+        # a module of the recorded pass called in another thread than the model (a branch
+        # run by a thread pool): autograd numbers each thread's nodes apart, so its nodes'
+        # numbers say nothing of the pass's start (see sequence_now)
+        self.threaded = False
+        self._thread: int | None = None  # the thread that called the model
         # modules that ran with other tensors in place of their parameters
         self.substituted: list[str] = []
         self._clone = clone
@@ -405,7 +410,7 @@ class Capture:
     def reset(self) -> None:
         """Forget the recorded forward pass (its tensors are then freed with the graph)."""
         self.calls, self.output, self.inputs, self.substituted = [], None, [], []
-        self._stale, self._watched = set(), []
+        self._stale, self._watched, self.threaded = set(), [], False
 
     def _begin(self, module, args, kwargs) -> None:
         if self._depth and calls_under_way(module) < 2:
@@ -424,6 +429,7 @@ class Capture:
             self._depth, self._recording = 1, True
             self.outside = None
             self.token = object()  # this pass's, see mark_pass
+            self._thread = threading.get_ident()
             self._product_eps = {}
             # kept to walk only if a loss is preconditioned (reaches_pass), every leaf
             plain = not kwargs and all(isinstance(a, Tensor) for a in args)
@@ -530,6 +536,8 @@ class Capture:
                 # review: 1.11-1.16x a step with check_coupling=False)
                 self._misordered = True
             args, kwargs = recorded_args, recorded_kwargs
+            if threading.get_ident() != self._thread:  # (see threaded)
+                self.threaded = True
             if any(t._version != v for t, v in versions):  # the module changed its input
                 self._stale.add(name)
             held = [q for _, q in own_parameters(mod)]
@@ -1078,7 +1086,9 @@ def sequence_now() -> int:
     """The sequence number of the next autograd node this thread makes: autograd numbers
     the nodes each thread makes in order, so a node numbered below it was made before now
     (a leaf's ``AccumulateGrad`` takes the largest number, made when first needed). Read
-    without making a node (torch's own reader, since torch 2.1): 0.4 us."""
+    without making a node (torch's own reader, since torch 2.1): 0.4 us. Each thread
+    numbers its own: a node made in another thread is not ordered by it
+    (:attr:`Capture.threaded`)."""
     return torch.autograd._get_sequence_nr()
 
 

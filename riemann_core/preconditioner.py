@@ -957,8 +957,22 @@ class RiemannianPreconditioner:
                     "batch; a state carried over from an earlier step (an RNN's hidden state) "
                     "is detached first, as truncated backpropagation through time does"
                 )
-            # (a compiled forward's backward cannot run under vmap: the autograd path)
-            fused = not (reuse or stale or probing or rehook or paths.outside or compiled or since)
+            # (a compiled forward's backward cannot run under vmap: the autograd path; nor
+            # can the walk order the nodes of a module called in another thread, numbered
+            # by that thread: found by review, a branch run by a thread pool was refused as
+            # a tensor kept across passes, exact before; the replay's check_kept reads
+            # nodes by identity)
+            threaded = capture.threaded
+            fused = not (
+                reuse
+                or stale
+                or probing
+                or rehook
+                or paths.outside
+                or compiled
+                or since
+                or threaded
+            )
             if kept and fused:  # (the autograd path's replay refuses it: Replay.check_kept)
                 raise ValueError(
                     f"the loss reaches parameters {sorted(kept)} through a tensor computed "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import threading
 import types
 import warnings
 import weakref
@@ -579,6 +580,39 @@ def test_a_tensor_kept_across_passes_is_refused_by_a_later_pre_backward(
     assert_unchanged(model, before)
 
 
+class _KeptThreaded(nn.Module):
+    """``_with_kept_cache``'s model, its last layer called in another thread."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _with_kept_cache(rebuilt=False, saves=True)
+
+    def forward(self, x):
+        h, out = self.body[1](self.body[0](x)), {}
+        worker = threading.Thread(target=lambda: out.update(z=self.body[2](h)))
+        worker.start()
+        worker.join()
+        return out["z"]
+
+
+@pytest.mark.parametrize("method, kernel", [("layerwise", "auto"), ("natural", "auto")])
+def test_a_tensor_kept_across_passes_beside_a_module_called_in_another_thread_is_refused(
+    method, kernel
+):
+    """A pass that calls a module in another thread takes the autograd path (the walk
+    cannot order that thread's nodes): a tensor kept on a module since an earlier pass is
+    refused there, naming the cause (its graph freed by the backward pass through it)."""
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    model = _KeptThreaded()
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel=kernel)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    preconditioned(pre, model, x, y, "backward")  # builds it: exact
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="derived from parameters kept across forward passes"):
+        pre.backward(F.cross_entropy(model(x), y))
+
+
 class _WithShift(nn.Module):
     def __init__(self):
         super().__init__()
@@ -638,15 +672,47 @@ class _Tied(nn.Module):
         return self.l3(torch.tanh(self.l2(torch.tanh(self.l1(x)))))
 
 
-@pytest.mark.parametrize("case", ["backbone", "keyword", "checkpoint", "recurrent", "tied"])
+class _Threaded(nn.Module):
+    """A branch run in another thread (a thread pool's worker), whose autograd nodes that
+    thread numbers."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        out = {}
+        worker = threading.Thread(target=lambda: out.update(h=torch.tanh(self.l1(x))))
+        worker.start()
+        worker.join()
+        return self.l2(out["h"])
+
+
+class _Plain(nn.Module):
+    """``_Threaded``'s pass in one thread, for the oracle."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.l1, self.l2 = model.l1, model.l2
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+@pytest.mark.parametrize(
+    "case", ["backbone", "keyword", "checkpoint", "recurrent", "tied", "thread"]
+)
 @pytest.mark.parametrize("method, kernel", [("layerwise", "auto"), ("full", "generic")])
 def test_nodes_made_before_the_pass_off_the_paths_to_its_parameters_are_exact(case, method, kernel):
     """The refusal of a tensor kept across passes (above) reads the autograd nodes made
     before the model's forward pass on a path from the loss to a preconditioned
     parameter: a backbone run before the model (its own parameters trained by the loss),
     a keyword argument computed with gradients, a checkpoint recomputed during the
-    backward pass, a recurrent state carried over detached and a tied weight are none.
-    Every step exact against the dense float64 oracle, the fused path from the second."""
+    backward pass, a recurrent state carried over detached and a tied weight are none;
+    nor is a module called in another thread, whose nodes that thread numbers (found by
+    review: refused from the second step, exact before; such a pass takes the autograd
+    path). Every step exact against the dense float64 oracle, the fused path from the
+    second (but for the thread's)."""
     torch.manual_seed(1)
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
     backbone = nn.Linear(5, 5).double()
@@ -656,6 +722,7 @@ def test_nodes_made_before_the_pass_off_the_paths_to_its_parameters_are_exact(ca
         "checkpoint": _Checkpointed,
         "recurrent": _Recurrent,
         "tied": _Tied,
+        "thread": _Threaded,
     }.get(case, lambda: nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)))()
     model = model.double()
     pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel=kernel)
@@ -671,6 +738,8 @@ def test_nodes_made_before_the_pass_off_the_paths_to_its_parameters_are_exact(ca
             kwargs = {"shift": leaf * 2}
         elif case == "recurrent":
             at = _AtState(model, model.h)
+        elif case == "thread":
+            at = _Plain(model)
         elif case == "checkpoint":  # (torch.func differentiates no checkpoint)
             at = _Checkpointed(checkpointed=False)
             at.l1, at.l2 = model.l1, model.l2
