@@ -2578,11 +2578,7 @@ def test_forward_passes_that_raise_keep_nothing_of_their_batch(call):
         with pytest.raises(RuntimeError):
             model(bad)
         del bad
-        model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        if call == "step":
-            loss.backward()
-        pre.backward(loss) if call == "backward" else pre.step()
+        preconditioned(pre, model, x, y, call)
         assert_directions(model, oracle_of(model, x, y, "layerwise"))
     gc.collect()
     assert [ref() is None for ref in alive] == [True] * 3
@@ -2608,11 +2604,7 @@ def test_a_forward_pass_interrupted_keeps_nothing_of_its_batch(call):
             model(bad)
         handle.remove()
         del bad
-        model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        if call == "step":
-            loss.backward()
-        pre.backward(loss) if call == "backward" else pre.step()
+        preconditioned(pre, model, x, y, call)
         assert_directions(model, oracle_of(model, x, y, "layerwise"))
     gc.collect()
     assert [ref() is None for ref in alive] == [True] * 2
@@ -2638,11 +2630,7 @@ def test_a_pre_hook_that_refuses_a_batch_before_the_capture_warns_nothing(call):
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match="wrong width"):
             model(torch.randn(x.shape[0], x.shape[1] + 1, dtype=x.dtype))
-    model.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(x), y)
-    if call == "step":
-        loss.backward()
-    pre.backward(loss) if call == "backward" else pre.step()
+    preconditioned(pre, model, x, y, call)
     assert_directions(model, oracle_of(model, x, y, "layerwise"))
 
 
