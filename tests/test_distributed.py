@@ -13,6 +13,7 @@ import copy
 import functools
 import math
 import time
+import types
 import warnings
 import zlib
 
@@ -2188,11 +2189,21 @@ PROMPT_TIMEOUT = 6.0
 
 class Interrupted(nn.Module):
     """The identity, until ``error`` is set: then every call raises it (a Ctrl-C, an
-    allocation that fails inside the model's own code)."""
+    allocation that fails inside the model's own code). Held by an object that is not a
+    module: a pass run again starts from the modules' own attributes as the recorded pass
+    found them, where an error set since would not be."""
 
     def __init__(self):
         super().__init__()
-        self.error = None
+        self.switch = types.SimpleNamespace(error=None)
+
+    @property
+    def error(self):
+        return self.switch.error
+
+    @error.setter
+    def error(self, error):
+        self.switch.error = error
 
     def forward(self, x):
         if self.error is not None:
