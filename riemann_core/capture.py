@@ -948,12 +948,11 @@ class Replay:
     Other Python state the forward pass reads (an attribute of an object that is not a
     module or of a module not registered in the model, the items of a container inside a
     container, a global, numpy's random generator, a numpy array or a tensor that is not a
-    buffer changed in
-    place, a training mode or a hook changed since) is not replayed; a pass that took
-    another path gives another output,
-    while the same operations on the same data agree to rounding (GPU atomics, kernels
-    chosen by alignment): a floating tensor may differ by ``sqrt(eps)`` of its dtype
-    (float32: 3.5e-4) times its largest entry, any other must be equal."""
+    buffer changed in place, a training mode or a hook changed since) is not replayed; a
+    pass that took another path gives another output, while the same operations on the
+    same data agree to rounding (GPU atomics, kernels chosen by alignment): a floating
+    tensor may differ by ``sqrt(eps)`` of its dtype (float32: 3.5e-4) times its largest
+    entry, any other must be equal."""
 
     state: list[Tensor]
     output: list[Tensor] | None = None
