@@ -2564,50 +2564,42 @@ def test_a_pass_refused_by_a_hook_on_the_model_leaves_the_last_one_recorded(call
     assert_directions(model, oracle_of(model, x, y, "layerwise"))
 
 
+def _interrupt(module, args):
+    raise KeyboardInterrupt
+
+
 @pytest.mark.parametrize("call", ["backward", "step"])
-def test_forward_passes_that_raise_keep_nothing_of_their_batch(call):
+@pytest.mark.parametrize("failure", ["raises", "interrupted"])
+def test_forward_passes_that_fail_keep_nothing_of_their_batch(failure, call):
     """Found by a hunt: a module whose forward raised (a batch of the wrong shape, skipped
     by the training loop) left its call's entry in the capture's hooks, holding that
-    call's inputs for as long as the model lived, one more at every failure. The passes
-    that follow are recorded as before."""
+    call's inputs for as long as the model lived, one more at every failure. Found by
+    review: so did a ``KeyboardInterrupt`` (a notebook's interrupted cell) inside a
+    module's call, which torch's ``always_call`` hooks do not see (its inputs and the graph
+    that made them); the next pass drops it. The passes that follow are recorded as
+    before."""
     model, x, y, pre = primed()
     alive = []
     for _ in range(3):
-        bad = torch.randn(x.shape[0], x.shape[1] + 1, dtype=x.dtype)
+        if failure == "raises":
+            bad, error, handle = (
+                torch.randn(x.shape[0], x.shape[1] + 1, dtype=x.dtype),
+                RuntimeError,
+                None,
+            )
+        else:  # (the pre-hook runs after the capture's)
+            bad, error = torch.randn(x.shape, dtype=x.dtype), KeyboardInterrupt
+            handle = model[-1].register_forward_pre_hook(_interrupt)
         alive.append(weakref.ref(bad))
-        with pytest.raises(RuntimeError):
+        with pytest.raises(error):
             model(bad)
+        if handle is not None:
+            handle.remove()
         del bad
         preconditioned(pre, model, x, y, call)
         assert_directions(model, oracle_of(model, x, y, "layerwise"))
     gc.collect()
     assert [ref() is None for ref in alive] == [True] * 3
-
-
-@pytest.mark.parametrize("call", ["backward", "step"])
-def test_a_forward_pass_interrupted_keeps_nothing_of_its_batch(call):
-    """Found by review: a ``KeyboardInterrupt`` (a notebook's interrupted cell) inside a
-    module's call, which torch's ``always_call`` hooks do not see, left that call's entry
-    in the capture's hooks: its inputs and the graph that made them (holding the batch),
-    one more at every interrupt, for as long as the model lived. The next pass drops it."""
-    model, x, y, pre = primed()
-
-    def interrupt(module, args):
-        raise KeyboardInterrupt
-
-    alive = []
-    for _ in range(2):
-        handle = model[-1].register_forward_pre_hook(interrupt)  # (runs after the capture's)
-        bad = torch.randn(x.shape, dtype=x.dtype)
-        alive.append(weakref.ref(bad))
-        with pytest.raises(KeyboardInterrupt):
-            model(bad)
-        handle.remove()
-        del bad
-        preconditioned(pre, model, x, y, call)
-        assert_directions(model, oracle_of(model, x, y, "layerwise"))
-    gc.collect()
-    assert [ref() is None for ref in alive] == [True] * 2
 
 
 @pytest.mark.parametrize("call", ["backward", "step"])
