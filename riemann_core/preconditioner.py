@@ -963,6 +963,21 @@ class RiemannianPreconditioner:
             # a tensor kept across passes, exact before; the replay's check_kept reads
             # nodes by identity)
             threaded = capture.threaded
+            # a tensor hook on the outputs, or on a module's output or input (z.register_hook
+            # in the loss's code, after the forward pass): the fused pass would run it on the
+            # metric's rows too, and twice on the gradient (found by a hunt: a logits hook
+            # g * 2 or a clamp, 0.26-0.56 off from the second pre.backward on, silently; the
+            # autograd path, as pre.step(), takes the gradient it leaves and the metric of
+            # the pass run again, where a hook registered in forward runs in both alike)
+            hooked = any(
+                user_hooks_on(t)
+                for t in (
+                    capture.output,
+                    *(c.output for c in capture.calls),
+                    *(t for c in capture.calls for t in c.graph_inputs),
+                )
+                if isinstance(t, Tensor)
+            )
             fused = not (
                 reuse
                 or stale
@@ -972,6 +987,7 @@ class RiemannianPreconditioner:
                 or compiled
                 or since
                 or threaded
+                or hooked
             )
             if kept and fused:  # (the autograd path's replay refuses it: Replay.check_kept)
                 raise ValueError(

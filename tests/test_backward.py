@@ -144,6 +144,45 @@ def test_backward_of_a_loss_with_terms_of_its_own(method, extra):
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
 
 
+#: Tensor hooks a loss's code registers after the forward pass, on the logits or on a
+#: module's input (``model[1]``'s output, kept by a forward hook).
+HOOKED_AFTER_FORWARD = {
+    "logits-times-2": ("out", lambda g: 2 * g),
+    "logits-clamped": ("out", lambda g: g.clamp(-0.05, 0.05)),
+    "hidden-times-2": ("hidden", lambda g: 2 * g),
+}
+
+
+@pytest.mark.parametrize("hooked", list(HOOKED_AFTER_FORWARD))
+@pytest.mark.parametrize("method", ["layerwise", "full", "natural"], ids=lambda m: f"method={m}")
+def test_a_tensor_hook_registered_by_the_loss_changes_the_gradient_not_the_metric(method, hooked):
+    """Found by a hunt: ``z = model(x); z.register_hook(lambda g: 2 * g)`` in the loss's
+    code (after the forward pass) was exact on the first ``pre.backward`` (the autograd
+    path) and 0.26-0.56 off from the second on, silently: the fused pass ran the hook on
+    the metric's rows too, and twice on the gradient. As ``loss.backward(); pre.step()``
+    does, the direction is the hooked gradient's under the network's metric, every call."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    kept = {}
+    model[1].register_forward_hook(lambda m, args, out: kept.update(hidden=out))
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    where, hook = HOOKED_AFTER_FORWARD[hooked]
+
+    def loss_fn(out):
+        (out if where == "out" else kept["hidden"]).register_hook(hook)
+        return F.cross_entropy(out, y)
+
+    params = list(model.parameters())
+    v = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss_fn(model(x)), params)])
+    G = ggn(model, x, y, "cross_entropy")
+    expected = unflatten(oracle_direction(G, v, DAMPING, method, block_indices(model)), model)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    for _ in range(3):
+        step(pre, model, x, loss_fn)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+
+
 class Tempered(nn.Module):
     """``model(x) / T``: the loss ``logits = model(x); logits /= T`` forms, out of place."""
 
