@@ -35,6 +35,7 @@ from ._precision import precision_as, product_eps
 from .modules import (
     Block,
     attributes_of,
+    call_attributes,
     is_container,
     named_module,
     output_index,
@@ -347,6 +348,8 @@ class Capture:
         self._entered: list[tuple[weakref.ref, list]] = []
         self._previous = {a: getattr(self, a) for a in _RECORD}
         self._handled: BaseException | None = None
+        self._model = weakref.ref(model)
+        self._modules: weakref.WeakSet | None = None  # the model's, see _registered
         if persistent:
             self._end_hook = model.register_forward_hook(
                 OwnHook(model, self._end), always_call=True
@@ -426,6 +429,7 @@ class Capture:
             self._previous = {a: getattr(self, a) for a in _RECORD}  # back if this raises
             self._handled = sys.exc_info()[1]  # a pass run inside the caller's except
             self.reset()
+            self._modules = None  # (modules registered since: read again)
             self._depth, self._recording = 1, True
             self.outside = None
             self.token = object()  # this pass's, see mark_pass
@@ -435,6 +439,14 @@ class Capture:
             plain = not kwargs and all(isinstance(a, Tensor) for a in args)
             leaves = args if plain else pytree.tree_leaves((args, kwargs))  # nested: walked
             self.inputs = [t for t in leaves if isinstance(t, Tensor) and t.grad_fn is not None]
+
+    def _registered(self) -> weakref.WeakSet:
+        """The model's modules (once a pass, where a module holds one unregistered: see
+        :func:`~riemann_core.modules.call_attributes`)."""
+        if self._modules is None:
+            model = self._model()
+            self._modules = weakref.WeakSet(() if model is None else model.modules())
+        return self._modules
 
     def _end(self, module, args, output):
         if not self._depth:
@@ -490,7 +502,7 @@ class Capture:
             attributes = (
                 None
                 if type(mod) in _TORCH_STRUCTURED and "forward" not in mod.__dict__
-                else [attributes_of(m) for m in mod.modules()]
+                else call_attributes(mod, self._registered)
             )
             if not kwargs and all(isinstance(a, Tensor) for a in args):  # no pytree walks
                 live = tuple(a for a in args if a.requires_grad)
@@ -946,8 +958,9 @@ class Replay:
     recorded, the tensors of its output, which the pass run again must give again.
 
     Other Python state the forward pass reads (an attribute of an object that is not a
-    module or of a module not registered in the model, the items of a container inside a
-    container, a global, numpy's random generator, a numpy array or a tensor that is not a
+    module, or of a module reached only through one, a global or one of torch's own
+    modules: one held unregistered by a module replayed is replayed; the items of a
+    container inside a container, a global, numpy's random generator, a numpy array or a tensor that is not a
     buffer changed in place, a training mode or a hook changed since) is not replayed; a
     pass that took another path gives another output, while the same operations on the
     same data agree to rounding (GPU atomics, kernels chosen by alignment): a floating
@@ -1137,11 +1150,11 @@ def _replay_differs(new: list[Tensor], old: list[Tensor], name_cause=None) -> No
         f"({seen}). pre.step() runs the pass again, and so does pre.backward(loss) on its "
         "first call for a model (and until one succeeds); this forward pass depends on state "
         "that is not replayed (a global, an attribute of an object that is not a module or "
-        "of a module not registered in the model, a container held inside another (a list "
+        "of a module reached only through one, a container held inside another (a list "
         "in a dict), a numpy array changed in place, numpy's random generator, a global hook "
-        "changed since; the modules' own attributes, the items of a list, dict, set or deque "
-        "they hold, and Python's random module are replayed as the recorded pass found "
-        "them): draw random choices with torch's or Python's generator, keep such state in "
+        "changed since; the modules' own attributes and __slots__, the items of a list, "
+        "dict, set or deque they hold, the modules they hold unregistered, and Python's "
+        "random module are replayed as the recorded pass found them): draw random choices with torch's or Python's generator, keep such state in "
         "the modules' own attributes (a number, a flag, a list, dict, set or deque of its "
         "own), or keep it fixed until the direction is computed; a tensor the pass changes in "
         "place for the next (a recurrent state, self.h.copy_(h)) can be held as a buffer "
@@ -1235,8 +1248,10 @@ def _python_as(model: nn.Module, random_state: tuple, attributes: list):
     one taken out of the model since included, and of ``model``'s others) put back
     afterwards, so that the replay moves no counter and no running average."""
     recorded = {id(m) for m, _, _ in attributes}
-    current = [attributes_of(m) for m, _, _ in attributes]
-    current += replayed_attributes(m for m in model.modules() if id(m) not in recorded)
+    found: list = []  # (modules held unregistered: of the others, those found too)
+    current = [attributes_of(m, found) for m, _, _ in attributes]
+    others = [m for m in model.modules() if id(m) not in recorded]
+    current += replayed_attributes(others, recorded.union(map(id, others)), found)
     caller_random = random.getstate()
     try:
         random.setstate(random_state)

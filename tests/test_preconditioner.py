@@ -2516,6 +2516,113 @@ def test_a_replay_leaves_a_running_average_as_the_users_passes_left_it(running, 
         assert model[1].state() == plain[1].state()
 
 
+class SlottedWarmGradient(WarmGradient):
+    """:class:`WarmGradient` whose counter is kept in ``__slots__`` (copied too)."""
+
+    __slots__ = ("passes",)
+
+    def __getstate__(self):
+        return super().__getstate__(), {"passes": self.passes}
+
+    def __setstate__(self, state):
+        super().__setstate__(state[0])
+        self.passes = state[1]["passes"]
+
+
+class HeldWarm(nn.Module):
+    """A layer followed by a :class:`WarmGradient` it holds outside its registered
+    submodules (``held``: ``object.__setattr__``, an item of a list, tuple or dict
+    attribute, a submodule of a module so held; ``slots``: registered, its counter in
+    ``__slots__``), which holds this layer back, unregistered (a cycle)."""
+
+    def __init__(self, held: str):
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        warm = SlottedWarmGradient() if held == "slots" else WarmGradient()
+        object.__setattr__(warm, "parent", self)
+        if held == "setattr":
+            object.__setattr__(self, "warm", warm)
+        elif held == "list":
+            self.warms = [warm]
+        elif held == "tuple":
+            self.warms = (warm,)
+        elif held == "dict":
+            self.warms = {"warm": warm}
+        elif held == "submodule":
+            object.__setattr__(self, "branch", nn.Sequential(nn.Identity(), warm))
+        else:
+            self.warm = warm
+        self.held = held
+
+    def gradient_warm(self) -> WarmGradient:
+        held = self.held
+        if held in ("setattr", "slots"):
+            return self.warm
+        if held == "submodule":
+            return self.branch[1]
+        return self.warms["warm"] if held == "dict" else self.warms[0]
+
+    def forward(self, x):
+        return self.gradient_warm()(torch.tanh(self.lin(x)))
+
+
+HELD = ["setattr", "list", "tuple", "dict", "submodule", "slots"]
+
+
+@pytest.mark.parametrize("held", HELD)
+@pytest.mark.parametrize("method", ["layerwise", "natural"])
+@pytest.mark.parametrize("call", ["step", "backward"])
+def test_a_replay_starts_from_the_attributes_of_modules_held_unregistered(call, method, held):
+    """Found by a hunt: a warm-up ``a h + (1 - a) h.detach()`` by a counter in a module
+    held outside the registered submodules (``object.__setattr__``, in a list, tuple or
+    dict attribute) or in ``__slots__`` was replayed with the counter one on: 0.6-0.8 off,
+    silently, and the counter moved twice a step. Such modules (found in a module's
+    attributes and their items, each once: the warm-up holds its parent back) and slots
+    are replayed as the registered modules' attributes are: exact, the counter moved once
+    a pass."""
+    torch.manual_seed(0)
+    model = nn.Sequential(HeldWarm(held), nn.Linear(6, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=1e-2)
+    for k in range(3):
+        twin = copy.deepcopy(model)
+        twin[0].gradient_warm().alpha = model[0].gradient_warm().next_alpha()
+        preconditioned(pre, model, x, y, call)
+        assert rel_error(_direction(model), _expected(twin, x, y, method)) <= 1e-10
+        assert model[0].gradient_warm().passes == k + 1
+
+
+class GenericHeldWarm(nn.Module):
+    """A weight of its own (the generic kernel's) whose output goes through a
+    :class:`WarmGradient` held by ``object.__setattr__``."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(6, 4) * 0.5)
+        object.__setattr__(self, "warm", WarmGradient())
+
+    def forward(self, x):
+        return torch.tanh(self.warm(x @ self.W.T))
+
+
+@pytest.mark.parametrize("call", ["step", "backward"])
+def test_the_generic_kernel_evaluates_a_call_with_the_modules_it_held_unregistered(call):
+    """Found by a hunt: the generic kernel's evaluations of a module moved a counter in a
+    module it holds by ``object.__setattr__`` (a warm-up, ``a h + (1 - a) h.detach()``),
+    the first step refused as a module that couples the samples, the user's counter moved
+    by 3-4 a step. Exact, the counter moved once a pass."""
+    torch.manual_seed(0)
+    model = nn.Sequential(GenericHeldWarm(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    pre = rc.RiemannianPreconditioner(model, method="natural", kernel="generic", damping=1e-2)
+    for k in range(3):
+        twin = copy.deepcopy(model)
+        twin[0].warm.alpha = model[0].warm.next_alpha()
+        preconditioned(pre, model, x, y, call)
+        assert rel_error(_direction(model), _expected(twin, x, y, "natural")) <= 1e-10
+        assert model[0].warm.passes == k + 1
+
+
 class ScaledWarmGradient(WarmGradient):
     """:class:`WarmGradient` of its input times a fixed scale (a parameter frozen)."""
 
