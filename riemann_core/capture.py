@@ -522,8 +522,14 @@ class Capture:
         # call's entry is dropped; found by a hunt: a training loop that skipped a batch
         # whose forward raised kept that call's inputs here, one more at every failure)
         def hook(mod, args, kwargs, output):
-            if not entered:  # a pre-hook that ran before pre_hook raised (torch calls this
-                return None  # one still: found by review, its IndexError was warned about)
+            # a pre-hook that ran before pre_hook raised: torch calls this one still, with
+            # no output, and the call has no entry (found by review: its IndexError was
+            # warned about; and where the module called itself and caught that error of
+            # its inner call, the entry of the outer call was taken for it, and dropped:
+            # its parameters were refused as reaching the loss without their module being
+            # called). Each call in its forward has one: fewer than the calls under way
+            if output is None and (not entered or len(entered) < calls_under_way(mod)):
+                return None
             record = entered.pop()
             if record is None:
                 return None

@@ -932,7 +932,7 @@ class RiemannianPreconditioner:
                     "call pre.backward(loss) right after the forward pass of its batch"
                     f"{_outside_model(capture)}"
                 )
-            foreign, reaches, compiled, kept = _walk_loss_graph(
+            foreign, reaches, compiled, kept, crossed = _walk_loss_graph(
                 loss, names, self._sequence_at_pass, casts_cached=bool(self._batch[4])
             )
             off = []  # what the loss trains past the output, warned of once solved
@@ -961,8 +961,9 @@ class RiemannianPreconditioner:
             # can the walk order the nodes of a module called in another thread, numbered
             # by that thread: found by review, a branch run by a thread pool was refused as
             # a tensor kept across passes, exact before; the replay's check_kept reads
-            # nodes by identity)
-            threaded = capture.threaded
+            # nodes by identity. An operation outside a module's call run in another
+            # thread is seen in the graph, numbered at or above a node it feeds)
+            threaded = capture.threaded or crossed
             # a tensor hook on the outputs, or on a module's output or input (z.register_hook
             # in the loss's code, after the forward pass): the fused pass would run it on the
             # metric's rows too, and twice on the gradient (found by a hunt: a logits hook
@@ -2282,17 +2283,27 @@ def _walk_loss_graph(
     gradients) is no such path; nor, where ``casts_cached`` (the pass ran under
     ``torch.autocast``), a cast of leaves, which autocast keeps for its region (found by
     the tests: accumulation over two passes in one region). Every node once (the nodes
-    under one made before the pass are older still, walked after): about 1 us each."""
-    foreign, reached, compiled, kept = [], set(), False, set()
-    seen, stack, older = set(), [loss.grad_fn], []
+    under one made before the pass are older still, walked after): about 1 us each.
+    ``crossed``: whether a node is numbered at or above one it feeds, so was made in
+    another thread (autograd numbers each thread's nodes apart, and a node of one thread
+    above all the nodes of its inputs made there): ``start`` then orders none of that
+    thread's, and ``kept`` says nothing (found by review: a ``torch.tanh`` between two
+    modules run by a thread pool's worker was refused as such a tensor from the second
+    ``pre.backward(loss)``, exact before)."""
+    foreign, reached, compiled, kept, crossed = [], set(), False, set(), False
+    seen, stack, older = set(), [(loss.grad_fn, None)], []
     for phase in (0, 1):
         while stack:
-            node = stack.pop()
+            node, above = stack.pop()  # (above: the number of the node it feeds)
             if node is None:
                 continue
             variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf's gradient
             if phase and variable is not None and id(variable) in names:
                 kept.add(names[id(variable)])
+            if variable is None:
+                number = node._sequence_nr()
+                # made by the thread that made the node it feeds, it is numbered below it
+                crossed = crossed or (above is not None and number >= above)
             if node in seen:
                 continue
             seen.add(node)
@@ -2306,14 +2317,14 @@ def _walk_loss_graph(
             if (
                 not phase
                 and start is not None
-                and node._sequence_nr() < start
+                and number < start
                 and not (casts_cached and cast_of_leaves(node))
             ):
                 older.append(node)
                 continue
-            stack.extend(next_node for next_node, _ in node.next_functions)
-        stack = [next_node for node in older for next_node, _ in node.next_functions]
-    return foreign, reached, compiled, kept
+            stack.extend((next_node, number) for next_node, _ in node.next_functions)
+        stack = [(n, node._sequence_nr()) for node in older for n, _ in node.next_functions]
+    return foreign, reached, compiled, kept, crossed
 
 
 def _gradients_of(loss: Tensor, leaves: list[Tensor]) -> tuple[Tensor, ...]:

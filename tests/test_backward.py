@@ -3,12 +3,14 @@ pass through the user's own forward, checked against the dense float64 oracle.""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import threading
 import types
 import warnings
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -620,29 +622,35 @@ def test_a_tensor_kept_across_passes_is_refused_by_a_later_pre_backward(
 
 
 class _KeptThreaded(nn.Module):
-    """``_with_kept_cache``'s model, its last layer called in another thread."""
+    """``_with_kept_cache``'s model, its last layer called in another thread (``module``),
+    or its ``tanh`` run there outside any module's call (``operation``)."""
 
-    def __init__(self):
+    def __init__(self, where="module"):
         super().__init__()
-        self.body = _with_kept_cache(rebuilt=False, saves=True)
+        self.body, self.where = _with_kept_cache(rebuilt=False, saves=True), where
 
     def forward(self, x):
-        h, out = self.body[1](self.body[0](x)), {}
-        worker = threading.Thread(target=lambda: out.update(z=self.body[2](h)))
+        h, out = self.body[0](x), {}
+        if self.where == "operation":
+            with ThreadPoolExecutor(1) as pool:
+                return self.body[2](pool.submit(torch.tanh, h).result())
+        worker = threading.Thread(target=lambda: out.update(z=self.body[2](self.body[1](h))))
         worker.start()
         worker.join()
         return out["z"]
 
 
+@pytest.mark.parametrize("where", ["module", "operation"])
 @pytest.mark.parametrize("method, kernel", [("layerwise", "auto"), ("natural", "auto")])
 def test_a_tensor_kept_across_passes_beside_a_module_called_in_another_thread_is_refused(
-    method, kernel
+    method, kernel, where
 ):
-    """A pass that calls a module in another thread takes the autograd path (the walk
-    cannot order that thread's nodes): a tensor kept on a module since an earlier pass is
-    refused there, naming the cause (its graph freed by the backward pass through it)."""
+    """A pass that calls a module in another thread, or runs an operation there, takes
+    the autograd path (the walk cannot order that thread's nodes): a tensor kept on a
+    module since an earlier pass is refused there, naming the cause (its graph freed by
+    the backward pass through it)."""
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
-    model = _KeptThreaded()
+    model = _KeptThreaded(where)
     pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel=kernel)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     preconditioned(pre, model, x, y, "backward")  # builds it: exact
@@ -727,6 +735,23 @@ class _Threaded(nn.Module):
         return self.l2(out["h"])
 
 
+class _ThreadedOperation(_Threaded):
+    """An operation outside any module's call run in another thread (a thread pool's
+    worker, made for each pass or kept), whose autograd node that thread numbers, between
+    two modules called in the model's thread."""
+
+    def __init__(self, pool=None):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x):
+        h = self.l1(x)
+        if self.pool is None:
+            with ThreadPoolExecutor(1) as pool:
+                return self.l2(pool.submit(torch.tanh, h).result())
+        return self.l2(self.pool.submit(torch.tanh, h).result())
+
+
 class _Plain(nn.Module):
     """``_Threaded``'s pass in one thread, for the oracle."""
 
@@ -738,11 +763,21 @@ class _Plain(nn.Module):
         return self.l2(torch.tanh(self.l1(x)))
 
 
+@pytest.fixture
+def pool():
+    """A thread pool kept across passes, its worker's autograd numbers rising with them."""
+    with ThreadPoolExecutor(1) as kept:
+        yield kept
+
+
 @pytest.mark.parametrize(
-    "case", ["backbone", "keyword", "checkpoint", "recurrent", "tied", "thread"]
+    "case",
+    ["backbone", "keyword", "checkpoint", "recurrent", "tied", "thread", "thread op", "pool op"],
 )
 @pytest.mark.parametrize("method, kernel", [("layerwise", "auto"), ("full", "generic")])
-def test_nodes_made_before_the_pass_off_the_paths_to_its_parameters_are_exact(case, method, kernel):
+def test_nodes_made_before_the_pass_off_the_paths_to_its_parameters_are_exact(
+    case, method, kernel, pool
+):
     """The refusal of a tensor kept across passes (above) reads the autograd nodes made
     before the model's forward pass on a path from the loss to a preconditioned
     parameter: a backbone run before the model (its own parameters trained by the loss),
@@ -750,8 +785,11 @@ def test_nodes_made_before_the_pass_off_the_paths_to_its_parameters_are_exact(ca
     backward pass, a recurrent state carried over detached and a tied weight are none;
     nor is a module called in another thread, whose nodes that thread numbers (found by
     review: refused from the second step, exact before; such a pass takes the autograd
-    path). Every step exact against the dense float64 oracle, the fused path from the
-    second (but for the thread's)."""
+    path), nor an operation outside any module's call run in another thread, by a pool
+    made for the pass or one kept (found by review: refused from the second step, exact
+    before; its node is numbered at or above the one it feeds, and the pass takes the
+    autograd path). Every step exact against the dense float64 oracle, the fused path from
+    the second (but for the threads')."""
     torch.manual_seed(1)
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
     backbone = nn.Linear(5, 5).double()
@@ -762,6 +800,8 @@ def test_nodes_made_before_the_pass_off_the_paths_to_its_parameters_are_exact(ca
         "recurrent": _Recurrent,
         "tied": _Tied,
         "thread": _Threaded,
+        "thread op": _ThreadedOperation,
+        "pool op": lambda: _ThreadedOperation(pool),
     }.get(case, lambda: nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)))()
     model = model.double()
     pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel=kernel)
@@ -777,7 +817,7 @@ def test_nodes_made_before_the_pass_off_the_paths_to_its_parameters_are_exact(ca
             kwargs = {"shift": leaf * 2}
         elif case == "recurrent":
             at = _AtState(model, model.h)
-        elif case == "thread":
+        elif case in ("thread", "thread op", "pool op"):
             at = _Plain(model)
         elif case == "checkpoint":  # (torch.func differentiates no checkpoint)
             at = _Checkpointed(checkpointed=False)
@@ -2663,6 +2703,55 @@ def test_a_pre_hook_that_refuses_a_batch_before_the_capture_warns_nothing(call):
             model(torch.randn(x.shape[0], x.shape[1] + 1, dtype=x.dtype))
     preconditioned(pre, model, x, y, call)
     assert_directions(model, oracle_of(model, x, y, "layerwise"))
+
+
+class _CallsItself(nn.Module):
+    """A module that calls itself for a sub-part (``inner=True``), whose pre-hook refuses
+    that inner call; the outer call catches the error and goes on."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4, dtype=torch.float64) / 2)
+
+    def forward(self, h, inner=False):
+        if inner:
+            return h
+        h = torch.tanh(h @ self.weight)
+        with contextlib.suppress(RuntimeError):
+            self(h, inner=True)
+        return h
+
+
+def _refuse_inner(module, args, kwargs):
+    if kwargs.get("inner"):
+        raise RuntimeError("the inner call is refused")
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+@pytest.mark.parametrize("registered", ["before", "after", "prepended after"])
+def test_a_module_calling_itself_whose_inner_call_a_pre_hook_refuses_is_exact(registered, call):
+    """Found by review: a module calling itself, whose inner call a forward pre-hook
+    running before the capture's refused (registered before the preconditioner, or by
+    the pass run again, whose capture is installed after every hook) and whose outer call
+    caught that and went on: the capture's hook, which torch calls as the inner call
+    raises, took the outer call's entry for the inner's and dropped it. The outer call
+    was lost, its parameters refused as reaching the loss without their module being
+    called. Every step exact against the dense float64 oracle."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), _CallsItself(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    if registered == "before":
+        model[1].register_forward_pre_hook(_refuse_inner, with_kwargs=True)
+    pre = rc.RiemannianPreconditioner(model, method="layerwise", damping=DAMPING, kernel="auto")
+    if registered != "before":
+        model[1].register_forward_pre_hook(
+            _refuse_inner, with_kwargs=True, prepend=registered == "prepended after"
+        )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        preconditioned(pre, model, x, y, call)
+        assert_directions(model, oracle_of(model, x, y, "layerwise"))
+        opt.step()
 
 
 def test_a_model_whose_hooks_refer_to_it_is_freed():
