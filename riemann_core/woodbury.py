@@ -287,10 +287,18 @@ def give_back(buffer: Tensor) -> None:
 
 
 def release_workspace() -> None:
-    """Free this thread's kept Gram buffer (:func:`give_back`) and mirrored Gram
-    (:func:`sharpen_condition`), e.g. before measuring the memory a call needs from
-    scratch."""
+    """Free what this module keeps for its next calls: this thread's kept Gram buffer
+    (:func:`give_back`, up to :data:`WORKSPACE_BYTES`) and the ``d x d`` matrix
+    :func:`sharpen_condition` mirrors a Gram into (up to as much again), and, for every
+    thread, the tensors made once per size: the lower-triangle masks (:func:`_lower_mask`,
+    up to 32 ``d x d`` bool matrices, 1.3 MiB at ``d = 1152``, on the devices they were
+    made on) and the power iteration's start vectors (:func:`_start_vector`, up to 32);
+    e.g. before measuring the memory a call needs from scratch, or once preconditioning
+    is done. Another thread's Gram buffer and mirror are its own: it frees them by calling
+    this itself (or they go with the thread). What is freed is made again where needed."""
     _workspace.buffer = _workspace.mirror = None
+    _lower_mask.cache_clear()
+    _start_vector.cache_clear()
 
 
 def pad_with_identity(buffer: Tensor, m: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 
 import pytest
 import torch
@@ -227,6 +228,30 @@ def test_a_gram_buffer_given_back_is_reused_for_the_same_shape_only():
     woodbury.release_workspace()
     woodbury.give_back(torch.empty(woodbury.WORKSPACE_BYTES // 4 + 1))  # too large: not kept
     assert woodbury._workspace.buffer is None
+
+
+def test_release_workspace_frees_every_tensor_kept_for_the_next_calls():
+    """The Gram buffer, the mirror sharpen_condition fills, and the masks and start vectors
+    made once per size are all freed by release_workspace (the masks, up to 32 d x d, were
+    kept before)."""
+    woodbury.release_workspace()
+    g = torch.randn(3, 12, 4, dtype=torch.float64)
+    grams = (g @ g.mT + torch.eye(12, dtype=torch.float64)).contiguous()
+    blocks = woodbury.probe_block_estimates(grams, 4)  # a 4 x 4 mask, start vectors
+    assert woodbury.sharpen_condition(grams, 4, blocks, 1.0, 0.0) is not None  # 12 x 12
+    buffer, _ = padded_gram(3, 12, 12, like=grams)
+    woodbury.give_back(buffer)
+    kept = [woodbury._workspace.buffer, woodbury._workspace.mirror]
+    kept += [woodbury._lower_mask(m, grams.device) for m in (4, 12)]
+    kept.append(woodbury._start_vector(12, torch.float64, grams.device))
+    assert woodbury._lower_mask.cache_info().currsize == 2
+    assert woodbury._start_vector.cache_info().currsize > 0
+    references = [weakref.ref(t) for t in kept]
+    del kept, buffer
+    woodbury.release_workspace()
+    assert woodbury._lower_mask.cache_info().currsize == 0
+    assert woodbury._start_vector.cache_info().currsize == 0
+    assert [r() for r in references] == [None] * len(references)
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["cholesky_ex", "direct-potrf"])

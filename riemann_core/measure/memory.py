@@ -58,8 +58,9 @@ def release_free_memory() -> bool:
 def reset_host_peak() -> bool:
     """Start the process's peak resident memory (``VmHWM``, and ``getrusage``'s
     ``ru_maxrss`` that asv's ``peakmem`` reads) afresh from what is resident now, Linux's
-    ``5`` written to ``/proc/self/clear_refs``; first the Gram buffer an earlier call kept
-    for reuse is freed (:func:`riemann_core.woodbury.release_workspace`) and the C
+    ``5`` written to ``/proc/self/clear_refs``; first what an earlier call kept for reuse
+    (the Gram buffer and its mirror, the masks made once per size) is freed
+    (:func:`riemann_core.woodbury.release_workspace`) and the C
     allocator's free memory returned to the system (:func:`release_free_memory`), so that
     what runs next shows its allocations as a rise rather than reusing memory freed before.
     False where the interface is missing."""
