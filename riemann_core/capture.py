@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.utils import _pytree as pytree
+from torch.utils.hooks import RemovableHandle
 
 from ._precision import precision_as, product_eps
 from .modules import (
@@ -282,7 +283,17 @@ def _versions(value) -> list[tuple[Tensor, int]]:
 
 #: The record of a forward pass (persistent :class:`Capture`), kept from the last complete
 #: pass while one runs.
-_RECORD = ("calls", "output", "inputs", "substituted", "token", "threaded", "_stale", "_watched")
+_RECORD = (
+    "calls",
+    "output",
+    "inputs",
+    "substituted",
+    "token",
+    "threaded",
+    "hooks_mark",
+    "_stale",
+    "_watched",
+)
 
 
 def convolves(module: nn.Module) -> bool:
@@ -327,6 +338,10 @@ class Capture:
         # run by a thread pool): autograd numbers each thread's nodes apart, so its nodes'
         # numbers say nothing of the pass's start (see sequence_now)
         self.threaded = False
+        # torch's next hook handle id as the recorded pass ended (persistent): a tensor
+        # hook with an id below it was registered during that pass (in forward), one at or
+        # above it after (in the loss's code); None: not known
+        self.hooks_mark: int | None = None
         self._thread: int | None = None  # the thread that called the model
         # modules that ran with other tensors in place of their parameters
         self.substituted: list[str] = []
@@ -414,6 +429,7 @@ class Capture:
         """Forget the recorded forward pass (its tensors are then freed with the graph)."""
         self.calls, self.output, self.inputs, self.substituted = [], None, [], []
         self._stale, self._watched, self.threaded = set(), [], False
+        self.hooks_mark = None
 
     def _begin(self, module, args, kwargs) -> None:
         if self._depth and calls_under_way(module) < 2:
@@ -462,6 +478,7 @@ class Capture:
                 setattr(self, attribute, value)
             return None
         self.output = output
+        self.hooks_mark = RemovableHandle.next_id  # (see hooks_mark; one attribute read)
         self.calls = _without_no_grad_repeats(self.calls)
         mark_pass(output, self.key, self.token)
         watched = [(output, output._version)] if isinstance(output, Tensor) else None

@@ -90,7 +90,14 @@ from .modules import (
     shows_parameters,
     training,
 )
-from .passes import Accumulations, Differentiated, Passes, accumulate_hooks_on, user_hooks_on
+from .passes import (
+    Accumulations,
+    Differentiated,
+    Passes,
+    accumulate_hooks_on,
+    user_hook_ids,
+    user_hooks_on,
+)
 
 
 class RiemannianPreconditioner:
@@ -964,20 +971,24 @@ class RiemannianPreconditioner:
             # nodes by identity. An operation outside a module's call run in another
             # thread is seen in the graph, numbered at or above a node it feeds)
             threaded = capture.threaded or crossed
-            # a tensor hook on the outputs, or on a module's output or input (z.register_hook
-            # in the loss's code, after the forward pass): the fused pass would run it on the
-            # metric's rows too, and twice on the gradient (found by a hunt: a logits hook
-            # g * 2 or a clamp, 0.26-0.56 off from the second pre.backward on, silently; the
-            # autograd path, as pre.step(), takes the gradient it leaves and the metric of
-            # the pass run again, where a hook registered in forward runs in both alike)
-            hooked = any(
-                user_hooks_on(t)
+            # a tensor hook on the model's output, or one registered after the forward pass
+            # on a module's output or input (z.register_hook in the loss's code): the fused
+            # pass would run it on the metric's rows too, and twice on the gradient (found
+            # by a hunt: a logits hook g * 2 or a clamp, 0.26-0.56 off from the second
+            # pre.backward on, silently; one registered in forward on the model's output,
+            # 1.0 off); the autograd path, as pre.step(), takes the gradient it leaves and
+            # the metric of the pass run again. One registered in forward on a module's
+            # output or input runs in both alike and keeps the fused path (found by review:
+            # every such model ran a second forward pass at every step)
+            mark = capture.hooks_mark
+            hooked = user_hooks_on(capture.output) or any(
+                mark is None or i >= mark
                 for t in (
-                    capture.output,
                     *(c.output for c in capture.calls),
                     *(t for c in capture.calls for t in c.graph_inputs),
                 )
                 if isinstance(t, Tensor)
+                for i in user_hook_ids(t)
             )
             fused = not (
                 reuse

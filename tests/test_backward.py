@@ -185,6 +185,60 @@ def test_a_tensor_hook_registered_by_the_loss_changes_the_gradient_not_the_metri
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
 
 
+class HookedInForward(nn.Module):
+    """A tensor hook registered in ``forward``: on the hidden activation (the input of
+    ``b``), or on the model's output."""
+
+    def __init__(self, hook, where):
+        super().__init__()
+        self.a, self.b, self.hook, self.where = nn.Linear(5, 4), nn.Linear(4, 3), hook, where
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.where == "hidden":
+            h.register_hook(self.hook)
+        z = 2.0 * self.b(h)
+        if self.where == "out":
+            z.register_hook(self.hook)
+        return z
+
+
+@pytest.mark.parametrize("hook", ["times-2", "reads"])
+@pytest.mark.parametrize("where", ["hidden", "out"])
+def test_a_tensor_hook_registered_in_forward_is_part_of_the_network(where, hook):
+    """A hook the forward registers runs in the network's backward passes alike: the
+    direction is the hooked gradient's under the hooked network's metric, every call. On
+    the model's output the fused pass ran it twice on the gradient (1.0 off from the second
+    call, silently): the autograd path. On a module's input it keeps the fused pass, one
+    forward pass a call (found by review: a second one at every step)."""
+    torch.manual_seed(3)
+    seen = []
+    fn = (lambda g: 2 * g) if hook == "times-2" else (lambda g: seen.append(1) and None)
+    model = HookedInForward(fn, where).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    params = list(model.parameters())
+    # the hooked network's gradient and Jacobian, by autograd (torch.func runs no hooks)
+    out = model(x)
+    v = torch.cat([t.reshape(-1) for t in torch.autograd.grad(F.cross_entropy(out, y), params)])
+    rows = [
+        torch.cat([t.reshape(-1) for t in torch.autograd.grad(z, params, retain_graph=True)])
+        for z in model(x).reshape(-1)
+    ]
+    J = torch.stack(rows).reshape(6, 3, -1)
+    p = out.detach().softmax(-1)
+    H = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / 6
+    G = torch.einsum("bci,bcd,bdj->ij", J, H, J)
+    expected = unflatten(oracle_direction(G, v, DAMPING, "full", block_indices(model)), model)
+    pre = rc.RiemannianPreconditioner(model, method="full", damping=DAMPING)
+    calls = forward_count(model)
+    for _ in range(3):
+        calls.clear()
+        step(pre, model, x, lambda out: F.cross_entropy(out, y))
+        for name, q in model.named_parameters():
+            torch.testing.assert_close(q.grad, expected[name], rtol=1e-9, atol=1e-11)
+    assert len(calls) == (1 if where == "hidden" else 2)  # the last call's forward passes
+
+
 class Tempered(nn.Module):
     """``model(x) / T``: the loss ``logits = model(x); logits /= T`` forms, out of place."""
 
