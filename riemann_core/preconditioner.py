@@ -2313,8 +2313,13 @@ def _walk_loss_graph(
                 kept.add(names[id(variable)])
             if variable is None:
                 number = node._sequence_nr()
-                # made by the thread that made the node it feeds, it is numbered below it
-                crossed = crossed or (above is not None and number >= above)
+                # made by the thread that made the node it feeds, it is numbered below it;
+                # but for a view's node made anew as the view is read after its base
+                # changed in place, numbered as the node it feeds is made (found by review:
+                # h[:, :1] kept past a relu_ on h sent every pass to the autograd path)
+                crossed = crossed or (
+                    above is not None and number >= above and not _rebuilt_view(node, above)
+                )
             if node in seen:
                 continue
             seen.add(node)
@@ -2336,6 +2341,17 @@ def _walk_loss_graph(
             stack.extend((next_node, number) for next_node, _ in node.next_functions)
         stack = [(n, node._sequence_nr()) for node in older for n, _ in node.next_functions]
     return foreign, reached, compiled, kept, crossed
+
+
+def _rebuilt_view(node, above: int) -> bool:
+    """Whether ``node``, numbered at or above ``above`` (the node it feeds), is a view's
+    node that autograd made anew as the view was read after its base changed in place
+    (``AsStridedBackward``), from a base node numbered below ``above``: made by the same
+    thread while it made the node it feeds."""
+    return type(node).__name__.startswith("AsStridedBackward") and all(
+        n is None or getattr(n, "variable", None) is not None or n._sequence_nr() < above
+        for n, _ in node.next_functions
+    )
 
 
 def _gradients_of(loss: Tensor, leaves: list[Tensor]) -> tuple[Tensor, ...]:
