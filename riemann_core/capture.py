@@ -364,7 +364,7 @@ class Capture:
         self._previous = {a: getattr(self, a) for a in _RECORD}
         self._handled: BaseException | None = None
         self._model = weakref.ref(model)
-        self._modules: weakref.WeakSet | None = None  # the model's, see _registered
+        self._modules: frozenset[int] | None = None  # the model's, see _registered
         if persistent:
             self._end_hook = model.register_forward_hook(
                 OwnHook(model, self._end), always_call=True
@@ -456,12 +456,15 @@ class Capture:
             leaves = args if plain else pytree.tree_leaves((args, kwargs))  # nested: walked
             self.inputs = [t for t in leaves if isinstance(t, Tensor) and t.grad_fn is not None]
 
-    def _registered(self) -> weakref.WeakSet:
-        """The model's modules (once a pass, where a module holds one unregistered: see
-        :func:`~riemann_core.modules.call_attributes`)."""
+    def _registered(self) -> frozenset[int]:
+        """The ids of the model's modules (once a pass, where a module holds one
+        unregistered: see :func:`~riemann_core.modules.call_attributes`); by identity, not
+        by a set of the modules, whose ``__eq__`` and ``__hash__`` a module may override
+        (found by review: one equal to a registered one was taken for it, its counter moved
+        by the generic kernel's evaluations, 1.8 off silently)."""
         if self._modules is None:
             model = self._model()
-            self._modules = weakref.WeakSet(() if model is None else model.modules())
+            self._modules = frozenset(() if model is None else map(id, model.modules()))
         return self._modules
 
     def _end(self, module, args, output):

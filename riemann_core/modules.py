@@ -1172,14 +1172,33 @@ def _held(value, held: list, found: list | None) -> None:
         if found is not None and items:
             if type(items) is dict:
                 items = items.values()
-            if any(map(isinstance, itertools.islice(items, REPLAY_SEARCH_ENTRIES), _MODULE)):
+            if _any_module(items):
                 found.append(list(itertools.islice(items, REPLAY_SEARCH_ENTRIES)))
     elif found is not None:
         if type(value) is tuple:
-            if any(map(isinstance, value[:REPLAY_SEARCH_ENTRIES], _MODULE)):
+            if _any_module(value):
                 found.append(value[:REPLAY_SEARCH_ENTRIES])
-        elif isinstance(value, nn.Module):
+        elif _is_module(value):
             found.append((value,))
+
+
+def _is_module(value) -> bool:
+    """``isinstance(value, nn.Module)``, ``False`` for a ``weakref.proxy`` whose object is
+    gone (whose ``__class__`` raises ``ReferenceError``: found by review, a module holding
+    one, a forward pass that runs without the preconditioner, raised it at every pass)."""
+    try:
+        return isinstance(value, nn.Module)
+    except ReferenceError:
+        return False
+
+
+def _any_module(items) -> bool:
+    """Whether one of the first :data:`REPLAY_SEARCH_ENTRIES` of ``items`` (a sequence or
+    a dict's values) is a module (:func:`_is_module`; one C-level loop first)."""
+    try:
+        return any(map(isinstance, itertools.islice(items, REPLAY_SEARCH_ENTRIES), _MODULE))
+    except ReferenceError:
+        return any(map(_is_module, itertools.islice(items, REPLAY_SEARCH_ENTRIES)))
 
 
 #: How many items of each container a module holds are searched for modules it holds
@@ -1239,11 +1258,7 @@ def replayed_attributes(
     off silently, and the counter moved twice a step)."""
     modules = modules if isinstance(modules, list) else list(modules)
     found = [] if found is None else found
-    attributes = [
-        attributes_of(m, found)
-        for m in modules
-        if "forward" in m.__dict__ or not _torchs_own(type(m))  # (_replayed, inline)
-    ]
+    attributes = [attributes_of(m, found) for m in modules if _replayed(m)]
     if found:
         seen = {id(m) for m in modules} if known is None else set(known)
         attributes += _unregistered(found, seen)
@@ -1253,25 +1268,25 @@ def replayed_attributes(
 def call_attributes(module: nn.Module, registered=None) -> list[tuple[nn.Module, dict, list]]:
     """:func:`attributes_of` ``module`` and each of its submodules, and of the modules
     they hold outside their registered submodules (as :func:`replayed_attributes` finds
-    them; ``registered``: a callable giving the model's modules, not taken as such): what
-    the generic kernel evaluates the call with (found by a hunt: a counter in a module
-    held unregistered moved at every evaluation, the first step refused as a module that
-    couples the samples)."""
+    them; ``registered``: a callable giving the ids of the model's modules, not taken as
+    such): what the generic kernel evaluates the call with (found by a hunt: a counter in
+    a module held unregistered moved at every evaluation, the first step refused as a
+    module that couples the samples)."""
     modules = list(module.modules())
     found: list = []
     attributes = [attributes_of(m, found) for m in modules]
     if found:
         attributes += _unregistered(
-            found, {id(m) for m in modules}, registered() if registered is not None else ()
+            found, {id(m) for m in modules}, registered() if registered is not None else frozenset()
         )
     return attributes
 
 
-def _unregistered(found: list, seen: set[int], registered=()) -> list:
+def _unregistered(found: list, seen: set[int], registered: frozenset[int] = frozenset()) -> list:
     """:func:`attributes_of` the modules in ``found`` (sequences of the items that may be
     modules, :func:`_held`), and of their submodules, and of the modules those hold in
-    turn, by :func:`replayed_attributes`' rule: each once, those of ``seen`` (ids) and
-    ``registered`` left out (a module held back, a child's
+    turn, by :func:`replayed_attributes`' rule: each once, those of ``seen`` and
+    ``registered`` (ids) left out (a module held back, a child's
     ``object.__setattr__(self, "parent", parent)``, walks nothing; a list of the model's
     modules held by each of 48 modules, one C-level test a list)."""
     attributes = []
@@ -1280,10 +1295,10 @@ def _unregistered(found: list, seen: set[int], registered=()) -> list:
         if seen.issuperset(map(id, items)):
             continue
         for held in items:
-            if id(held) in seen or not isinstance(held, nn.Module) or held in registered:
+            if id(held) in seen or not _is_module(held) or id(held) in registered:
                 continue  # (its submodules are registered too)
             for m in held.modules():
-                if id(m) not in seen and m not in registered:
+                if id(m) not in seen and id(m) not in registered:
                     seen.add(id(m))
                     if _replayed(m):
                         attributes.append(attributes_of(m, found))

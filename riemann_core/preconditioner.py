@@ -2271,7 +2271,11 @@ def _views_made(attributes) -> None:
     for _, state, held in attributes:
         for values in (state.values(), *(c.values() if type(c) is dict else c for _, c in held)):
             for value in values:
-                if isinstance(value, Tensor) and value.requires_grad and value._is_view():
+                try:
+                    view = isinstance(value, Tensor) and value.requires_grad and value._is_view()
+                except ReferenceError:  # a weakref.proxy whose object is gone: no tensor
+                    continue
+                if view:
                     with contextlib.suppress(RuntimeError):  # (the pass's own to raise)
                         value.grad_fn  # noqa: B018
 

@@ -2623,6 +2623,74 @@ def test_the_generic_kernel_evaluates_a_call_with_the_modules_it_held_unregister
         assert model[0].warm.passes == k + 1
 
 
+class LateWarmGradient(WarmGradient):
+    """:class:`WarmGradient` whose derivative is 1 for the first 10 passes, 1/2 after (the
+    generic kernel's check that a module treats samples apart runs on the first step only),
+    and equal to every other (``__eq__`` and ``__hash__`` by type, not identity)."""
+
+    def next_alpha(self) -> float:
+        return 1.0 if self.passes < 10 else 0.5
+
+    def __eq__(self, other):
+        return type(self) is type(other)
+
+    def __hash__(self):
+        return hash(type(self))
+
+
+@pytest.mark.parametrize("call", ["step", "backward"])
+def test_a_module_held_unregistered_is_told_from_registered_ones_by_identity(call):
+    """Found by review: a module held by ``object.__setattr__`` equal (its class's
+    ``__eq__`` and ``__hash__``) to one registered in the model was taken for that one and
+    left out of the call's attributes: the generic kernel's evaluations moved its counter
+    (15 after 6 steps) and, from the 4th step, took the derivative of a later pass, 1.8 off
+    silently. Exact, the counter moved once a pass."""
+    torch.manual_seed(0)
+    model = nn.Sequential(GenericHeldWarm(), nn.Linear(6, 3), LateWarmGradient()).double()
+    object.__setattr__(model[0], "warm", LateWarmGradient())
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    pre = rc.RiemannianPreconditioner(model, method="natural", kernel="generic", damping=1e-2)
+    for k in range(6):
+        twin = copy.deepcopy(model)
+        twin[0].warm.alpha = model[0].warm.next_alpha()
+        twin[2].alpha = model[2].next_alpha()
+        preconditioned(pre, model, x, y, call)
+        assert rel_error(_direction(model), _expected(twin, x, y, "natural")) <= 1e-10
+        assert model[0].warm.passes == model[2].passes == k + 1
+
+
+class _Gone:
+    """An object a module holds through a ``weakref.proxy``, then deleted."""
+
+
+@pytest.mark.parametrize("held", ["attribute", "list", "tuple", "dict"])
+def test_a_module_holding_a_proxy_whose_object_is_gone_is_preconditioned(held):
+    """Found by review: a ``weakref.proxy`` whose object is gone, held by a module (in an
+    attribute, or an item of a list, tuple or dict attribute), raises ``ReferenceError``
+    as its ``__class__`` is read: the search for modules held unregistered and for views
+    among the attributes raised it at every forward pass, which runs without the
+    preconditioner. Such a proxy holds no module: exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), WarmGradient(), nn.Linear(6, 3)).double()
+    gone = _Gone()
+    proxy = weakref.proxy(gone)
+    model[2].config = {"attribute": proxy, "list": [proxy], "tuple": (proxy,)}.get(
+        held, {"c": proxy}
+    )
+    del gone
+    gc.collect()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    for call in ("step", "backward"):
+        for kernel in ("structured", "generic"):
+            pre = rc.RiemannianPreconditioner(model, method="natural", kernel=kernel, damping=1e-2)
+            alpha = model[2].next_alpha()
+            preconditioned(pre, model, x, y, call)
+            twin = nn.Sequential(*[copy.deepcopy(m) for m in (model[0], model[1])])
+            twin.append(WarmGradient()).append(copy.deepcopy(model[3]))
+            twin[2].alpha = alpha
+            assert rel_error(_direction(model), _expected(twin, x, y, "natural")) <= 1e-10
+
+
 class ScaledWarmGradient(WarmGradient):
     """:class:`WarmGradient` of its input times a fixed scale (a parameter frozen)."""
 
