@@ -338,9 +338,9 @@ class Capture:
         # run by a thread pool): autograd numbers each thread's nodes apart, so its nodes'
         # numbers say nothing of the pass's start (see sequence_now)
         self.threaded = False
-        # torch's next hook handle id as the recorded pass ended (persistent): a tensor
-        # hook with an id below it was registered during that pass (in forward), one at or
-        # above it after (in the loss's code); None: not known
+        # torch's next hook handle id as the recorded pass ended (persistent): where it
+        # moved since, a hook (a tensor's, a node's, a module's) was registered after the
+        # pass (in the loss's code); None: not known
         self.hooks_mark: int | None = None
         self._thread: int | None = None  # the thread that called the model
         # modules that ran with other tensors in place of their parameters
@@ -481,7 +481,7 @@ class Capture:
                 setattr(self, attribute, value)
             return None
         self.output = output
-        self.hooks_mark = RemovableHandle.next_id  # (see hooks_mark; one attribute read)
+        self.hooks_mark = RemovableHandle.next_id  # (one attribute read)
         self.calls = _without_no_grad_repeats(self.calls)
         mark_pass(output, self.key, self.token)
         watched = [(output, output._version)] if isinstance(output, Tensor) else None

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.parameter import is_lazy
 from torch.utils import _pytree as pytree
+from torch.utils.hooks import RemovableHandle
 
 from . import coupling, distributed
 from ._checks import (
@@ -95,7 +96,6 @@ from .passes import (
     Differentiated,
     Passes,
     accumulate_hooks_on,
-    user_hook_ids,
     user_hooks_on,
 )
 
@@ -828,6 +828,7 @@ class RiemannianPreconditioner:
         One process only: with a ``process_group`` or a ``DistributedDataParallel`` model
         it raises ``ValueError`` (use ``loss.backward()`` and :meth:`step`).
         """
+        hooks_now = RemovableHandle.next_id  # (before any of ours: see hooked, below)
         self._check_not_removed("pre.backward(loss)")
         self._stepping = False
         if self._capture is None:  # shared: ranks in pre.step() meet it at their agreement
@@ -971,25 +972,17 @@ class RiemannianPreconditioner:
             # nodes by identity. An operation outside a module's call run in another
             # thread is seen in the graph, numbered at or above a node it feeds)
             threaded = capture.threaded or crossed
-            # a tensor hook on the model's output, or one registered after the forward pass
-            # on a module's output or input (z.register_hook in the loss's code): the fused
-            # pass would run it on the metric's rows too, and twice on the gradient (found
-            # by a hunt: a logits hook g * 2 or a clamp, 0.26-0.56 off from the second
-            # pre.backward on, silently; one registered in forward on the model's output,
-            # 1.0 off); the autograd path, as pre.step(), takes the gradient it leaves and
-            # the metric of the pass run again. One registered in forward on a module's
-            # output or input runs in both alike and keeps the fused path (found by review:
-            # every such model ran a second forward pass at every step)
-            mark = capture.hooks_mark
-            hooked = user_hooks_on(capture.output) or any(
-                mark is None or i >= mark
-                for t in (
-                    *(c.output for c in capture.calls),
-                    *(t for c in capture.calls for t in c.graph_inputs),
-                )
-                if isinstance(t, Tensor)
-                for i in user_hook_ids(t)
-            )
+            # a tensor hook on the model's output, or any hook registered since the forward
+            # pass ended (z.register_hook in the loss's code, on the output or on any tensor
+            # of the graph, or a node's hook: torch's hook handles are numbered by one
+            # counter): the fused pass would run it on the metric's rows too, and twice on
+            # the gradient (found by a hunt: a logits hook g * 2 or a clamp, 0.26-0.56 off
+            # from the second pre.backward on, silently; 0.96 on a hidden tensor; one
+            # registered in forward on the model's output, 1.0 off); the autograd path, as
+            # pre.step(), takes the gradient it leaves and the metric of the pass run
+            # again. One registered in forward elsewhere runs in both alike and keeps the
+            # fused path (found by review: every such model ran a second forward pass)
+            hooked = user_hooks_on(capture.output) or hooks_now != capture.hooks_mark
             fused = not (
                 reuse
                 or stale

@@ -185,6 +185,54 @@ def test_a_tensor_hook_registered_by_the_loss_changes_the_gradient_not_the_metri
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
 
 
+class _Hidden(nn.Module):
+    """A hidden tensor that is neither a module's input nor its output, kept for the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        self.h = torch.tanh(self.a(x)) * 1.0
+        return self.b(self.h + 0.0)
+
+
+def _double_node_inputs(grad_inputs, grad_outputs):
+    return tuple(None if g is None else 2 * g for g in grad_inputs)
+
+
+@pytest.mark.parametrize("hooked", ["hidden tensor", "output's node"])
+@pytest.mark.parametrize("method", ["layerwise", "natural"], ids=lambda m: f"method={m}")
+def test_a_hook_registered_after_the_forward_pass_anywhere_in_its_graph_is_seen(method, hooked):
+    """A hook the loss's code registers on a tensor that no module call records (``model.h``
+    kept by ``forward``, neither a module's input nor its output) or on an autograd node
+    (``z.grad_fn.register_hook``) is seen (found by review: the fused pass ran it on the
+    metric's rows too, 0.96 off silently from the second call): torch numbers every hook
+    handle by one counter, and a pass that moved it since the forward pass ended takes the
+    autograd path. The direction is the hooked gradient's under the network's metric."""
+    torch.manual_seed(4)
+    model = _Hidden().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def loss_fn(out):
+        if hooked == "hidden tensor":
+            model.h.register_hook(lambda g: 2 * g)
+        else:
+            out.grad_fn.register_hook(_double_node_inputs)
+        return F.cross_entropy(out, y)
+
+    params = list(model.parameters())
+    v = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss_fn(model(x)), params)])
+    model.h = None  # (the oracle copies the model)
+    G = ggn(model, x, y, "cross_entropy")
+    expected = unflatten(oracle_direction(G, v, DAMPING, method, block_indices(model)), model)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    for _ in range(3):
+        step(pre, model, x, loss_fn)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+
+
 class HookedInForward(nn.Module):
     """A tensor hook registered in ``forward``: on the hidden activation (the input of
     ``b``), or on the model's output."""
