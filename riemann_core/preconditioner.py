@@ -821,7 +821,10 @@ class RiemannianPreconditioner:
         (a pre-hook that replaces the inputs or edits them in place, a prepended hook);
         when a module's output was changed in place after its call (the next forward
         passes capture it through a copy); when the loss reaches parameters other than
-        through their modules' calls (a weight penalty written into the loss); and for a
+        through their modules' calls (a weight penalty written into the loss); when a
+        tensor hook is on the model's output, or a hook was registered since the forward
+        pass (in the loss's code), or a module's output or input retains its gradient
+        (``retain_grad``), whose backward pass must not run batched; and for a
         compiled model (``torch.compile``), whose compiled backward cannot run batched.
         For cross-entropy on outputs ``(N, ..., C)`` the loss's gradient must show the
         classes along the last dimension and every position taken (see ``docs/api.md``).
@@ -983,6 +986,19 @@ class RiemannianPreconditioner:
             # again. One registered in forward elsewhere runs in both alike and keeps the
             # fused path (found by review: every such model ran a second forward pass)
             hooked = user_hooks_on(capture.output) or hooks_now != capture.hooks_mark
+            # a recorded tensor that retains its gradient (h.retain_grad() in forward): the
+            # batched backward pass would leave a batched tensor, unreadable, in its .grad
+            # (torch's "escaped from inside a function being vmapped" at the first read;
+            # found by a hunt), where the autograd path leaves the loss's gradient
+            retained = any(
+                t.retains_grad
+                for t in (
+                    capture.output,
+                    *(c.output for c in capture.calls),
+                    *(t for c in capture.calls for t in c.graph_inputs),
+                )
+                if isinstance(t, Tensor)
+            )
             fused = not (
                 reuse
                 or stale
@@ -993,6 +1009,7 @@ class RiemannianPreconditioner:
                 or since
                 or threaded
                 or hooked
+                or retained
             )
             if kept and fused:  # (the autograd path's replay refuses it: Replay.check_kept)
                 raise ValueError(

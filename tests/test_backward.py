@@ -233,6 +233,50 @@ def test_a_hook_registered_after_the_forward_pass_anywhere_in_its_graph_is_seen(
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
 
 
+class _RetainsGrad(nn.Module):
+    """A hidden layer's output kept with its gradient (``h.retain_grad()``), for a plot."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 4), nn.Linear(4, 3)
+        self.retain = True  # (off for the oracle: torch.func refuses retain_grad)
+
+    def forward(self, x):
+        self.h = self.a(x)
+        if self.retain:
+            self.h.retain_grad()
+        return self.b(torch.tanh(self.h))
+
+
+@pytest.mark.parametrize("method", ["layerwise", "natural"], ids=lambda m: f"method={m}")
+def test_a_module_output_that_retains_its_gradient_gets_the_losss(method):
+    """Found by a hunt: from the second ``pre.backward``, the batched backward pass left a
+    batched tensor in the ``.grad`` of a module's output that retains its gradient (torch's
+    "escaped from inside a function being vmapped" at its first read). Every call: the
+    ``.grad`` ``loss.backward()`` leaves there (and in the model's output's), the direction
+    the oracle's."""
+    torch.manual_seed(5)
+    model = _RetainsGrad().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    twin, plain = copy.deepcopy(model), copy.deepcopy(model)
+    z = twin(x)
+    z.retain_grad()
+    F.cross_entropy(z, y).backward()
+    hidden, output = twin.h.grad, z.grad
+    plain.retain = False
+    expected = oracle_of(plain, x, y, method)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        z = model(x)
+        z.retain_grad()
+        pre.backward(F.cross_entropy(z, y))
+        torch.testing.assert_close(model.h.grad, hidden)
+        torch.testing.assert_close(z.grad, output)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+
+
 class HookedInForward(nn.Module):
     """A tensor hook registered in ``forward``: on the hidden activation (the input of
     ``b``), or on the model's output."""
