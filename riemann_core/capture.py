@@ -338,9 +338,9 @@ class Capture:
         # run by a thread pool): autograd numbers each thread's nodes apart, so its nodes'
         # numbers say nothing of the pass's start (see sequence_now)
         self.threaded = False
-        # torch's next hook handle id as the recorded pass ended (persistent): where it
-        # moved since, a hook (a tensor's, a node's, a module's) was registered after the
-        # pass (in the loss's code); None: not known
+        # hooks_registered() as the recorded pass ended (persistent): where it moved
+        # since, a hook (a tensor's, a node's, a module's) was registered after the pass
+        # (in the loss's code); None: not known
         self.hooks_mark: int | None = None
         self._thread: int | None = None  # the thread that called the model
         # modules that ran with other tensors in place of their parameters
@@ -366,12 +366,14 @@ class Capture:
         self._model = weakref.ref(model)
         self._modules: frozenset[int] | None = None  # the model's, see _registered
         if persistent:
-            self._end_hook = model.register_forward_hook(
-                OwnHook(model, self._end), always_call=True
+            self._end_hook = ours(
+                model.register_forward_hook(OwnHook(model, self._end), always_call=True)
             )
             self._hooks += [
-                model.register_forward_pre_hook(
-                    OwnHook(model, self._begin), prepend=True, with_kwargs=True
+                ours(
+                    model.register_forward_pre_hook(
+                        OwnHook(model, self._begin), prepend=True, with_kwargs=True
+                    )
                 ),
                 self._end_hook,
             ]
@@ -420,8 +422,8 @@ class Capture:
         if hooked_after(model._forward_hooks, self._end_hook.id):
             self._end_hook.remove()
             self._hooks.remove(self._end_hook)
-            self._end_hook = model.register_forward_hook(
-                OwnHook(model, self._end), always_call=True
+            self._end_hook = ours(
+                model.register_forward_hook(OwnHook(model, self._end), always_call=True)
             )
             self._hooks.append(self._end_hook)
 
@@ -481,7 +483,7 @@ class Capture:
                 setattr(self, attribute, value)
             return None
         self.output = output
-        self.hooks_mark = RemovableHandle.next_id  # (one attribute read)
+        self.hooks_mark = hooks_registered()
         self.calls = _without_no_grad_repeats(self.calls)
         mark_pass(output, self.key, self.token)
         watched = [(output, output._version)] if isinstance(output, Tensor) else None
@@ -624,12 +626,12 @@ class Capture:
             items = [output.clone() if i == index else a for i, a in enumerate(whole)]
             return type(whole)(*items) if hasattr(whole, "_fields") else type(whole)(items)
 
-        handles = [
+        handles = ours(
             module.register_forward_pre_hook(OwnHook(module, pre_hook), with_kwargs=True),
             module.register_forward_hook(
                 OwnHook(module, hook), with_kwargs=True, prepend=True, always_call=True
             ),
-        ]
+        )
         self._hooks += handles
         self._entered.append((weakref.ref(module), entered))
 
@@ -875,6 +877,27 @@ def version_of(tensor: Tensor) -> int | None:
     ``torch.inference_mode()``), which keeps no version counter (a lazy module's
     uninitialised parameter, which refuses every function, has one)."""
     return None if not is_lazy(tensor) and tensor.is_inference() else tensor._version
+
+
+#: riemann_core's own hook handles so far (:func:`ours`)
+_own_handles = 0
+
+
+def ours(*handles):
+    """``handles``, hook handles riemann_core registers (the one, or a tuple of them),
+    counted apart from the others' (:func:`hooks_registered`)."""
+    global _own_handles
+    _own_handles += len(handles)
+    return handles[0] if len(handles) == 1 else handles
+
+
+def hooks_registered() -> int:
+    """How many hook handles others than riemann_core have registered so far: torch
+    numbers every handle (of a tensor's hook, a node's, a module's) by one counter,
+    ``RemovableHandle.next_id``, and riemann_core's own are counted apart (:func:`ours`; one
+    missed reads as the user's: a second forward pass, never a hook unseen). Process-wide:
+    another thread's registrations count too."""
+    return RemovableHandle.next_id - _own_handles
 
 
 def some(items: list) -> str:
@@ -1337,8 +1360,10 @@ def forward(
             own_before = [g.get_state() for _, g in own]
             called = []
             for name, module in stochastic:
-                hook = module.register_forward_pre_hook(
-                    lambda *_, entry=(name, module), called=called: called.append(entry)
+                hook = ours(
+                    module.register_forward_pre_hook(
+                        lambda *_, entry=(name, module), called=called: called.append(entry)
+                    )
                 )
                 stack.callback(hook.remove)
             capture = stack.enter_context(Capture(model, notes.clone))

@@ -72,7 +72,7 @@ from torch.utils import _pytree as pytree
 
 from ._checks import Deferred
 from ._warn import warn
-from .capture import ModelNotes, OwnHook, autocast_state, autograd_nodes
+from .capture import ModelNotes, OwnHook, autocast_state, autograd_nodes, ours
 from .factors import batched_backward
 from .modules import (
     Block,
@@ -551,7 +551,7 @@ def _register_parameter_check(
             after_hooks[id(c)] = g.detach().clone()
 
         note._riemann_core_reads = True  # (not a user's: user_hook_ids)
-        handles.append(c.output.register_hook(note))
+        handles.append(ours(c.output.register_hook(note)))
     try:
         direct = torch.autograd.grad(z, params, row, retain_graph=True, allow_unused=True)
     finally:
@@ -708,7 +708,8 @@ def _explain_coupling(model: nn.Module, rows: Tensor, masks: Tensor, rerun) -> N
         return hook
 
     hooks = [
-        m.register_forward_hook(recorder(n), with_kwargs=True) for n, m in model.named_modules()
+        ours(m.register_forward_hook(recorder(n), with_kwargs=True))
+        for n, m in model.named_modules()
     ]
     try:
         z = rerun()

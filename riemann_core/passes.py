@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from torch.autograd import Variable
 from torch.autograd.graph import get_gradient_edge
 
-from .capture import some
+from .capture import ours, some
 
 
 class Differentiated:
@@ -90,7 +90,7 @@ class Differentiated:
         self.watching = not self.seen
         if self.watching:
             for node in nodes:
-                node.register_prehook(self)
+                ours(node.register_prehook(self))
 
     def __call__(self, grad_outputs) -> None:
         # not a backward pass that takes no parameter's gradient (torch.autograd.grad with
@@ -198,7 +198,7 @@ class Accumulations:
             if kept is None or kept[0]() is not p:
                 before = _BeforeAccumulated(p, self)
                 after = _Accumulated(self)
-                handles = p.register_hook(before), p.register_post_accumulate_grad_hook(after)
+                handles = ours(p.register_hook(before), p.register_post_accumulate_grad_hook(after))
                 self._hooks[id(p)] = (weakref.ref(p), handles)
 
     def since(self, p: Tensor, tick: int) -> bool:
@@ -475,7 +475,7 @@ class _Pass:
             self.dtype = g.dtype
 
         hook._riemann_core_reads = True  # (not a user's: user_hook_ids)
-        z.register_hook(hook)
+        ours(z.register_hook(hook))
 
 
 #: The least softmax entry whose ratio ``R g / p`` :func:`scale_figures` reads (below,
@@ -898,7 +898,10 @@ class Passes:
                 count += 1
                 kept = hooks.get(id(p))
                 if kept is None or kept[0]() is not p:
-                    hooks[id(p)] = (weakref.ref(p), p.register_hook(_BeforeAccumulation(p, self)))
+                    hooks[id(p)] = (
+                        weakref.ref(p),
+                        ours(p.register_hook(_BeforeAccumulation(p, self))),
+                    )
         if len(hooks) > 2 * count + 8:
             for key in [k for k, (ref, _) in hooks.items() if ref() is None]:
                 del hooks[key]

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.parameter import is_lazy
 from torch.utils import _pytree as pytree
-from torch.utils.hooks import RemovableHandle
 
 from . import coupling, distributed
 from ._checks import (
@@ -60,8 +59,10 @@ from .capture import (
     eager_when_traced,
     hooked_after,
     hooked_before,
+    hooks_registered,
     moved_since,
     notes_for,
+    ours,
     placement,
     raising_since,
     reaches_pass,
@@ -290,23 +291,29 @@ class RiemannianPreconditioner:
         # the batch is the one the wrapper's pre-hooks pass on
         self._attach(
             "record",
-            model.register_forward_pre_hook(
-                OwnHook(model, weakref.WeakMethod(self._record)),
-                with_kwargs=True,
-                prepend=self.network is model,
+            ours(
+                model.register_forward_pre_hook(
+                    OwnHook(model, weakref.WeakMethod(self._record)),
+                    with_kwargs=True,
+                    prepend=self.network is model,
+                )
             ),
         )
         self._attach(
             "record output",
-            model.register_forward_hook(
-                OwnHook(model, weakref.WeakMethod(self._record_output)), always_call=True
+            ours(
+                model.register_forward_hook(
+                    OwnHook(model, weakref.WeakMethod(self._record_output)), always_call=True
+                )
             ),
         )
         if network is not model:  # (see _record_module_start)
             self._attach(
                 "record module start",
-                network.register_forward_pre_hook(
-                    OwnHook(network, weakref.WeakMethod(self._record_module_start))
+                ours(
+                    network.register_forward_pre_hook(
+                        OwnHook(network, weakref.WeakMethod(self._record_module_start))
+                    )
                 ),
             )
         self._module_awaited = False  # a recorded pass of the wrapper whose module has not run
@@ -535,16 +542,22 @@ class RiemannianPreconditioner:
             self._hook.remove()
             self._attach(
                 "record",
-                model.register_forward_pre_hook(
-                    OwnHook(model, weakref.WeakMethod(self._record)), with_kwargs=True, prepend=True
+                ours(
+                    model.register_forward_pre_hook(
+                        OwnHook(model, weakref.WeakMethod(self._record)),
+                        with_kwargs=True,
+                        prepend=True,
+                    )
                 ),
             )
         if hooked_after(model._forward_hooks, self._output_hook.id):
             self._output_hook.remove()
             self._attach(
                 "record output",
-                model.register_forward_hook(
-                    OwnHook(model, weakref.WeakMethod(self._record_output)), always_call=True
+                ours(
+                    model.register_forward_hook(
+                        OwnHook(model, weakref.WeakMethod(self._record_output)), always_call=True
+                    )
                 ),
             )
         if self._capture is not None:  # after the output's record: it may pass a copy on
@@ -831,7 +844,7 @@ class RiemannianPreconditioner:
         One process only: with a ``process_group`` or a ``DistributedDataParallel`` model
         it raises ``ValueError`` (use ``loss.backward()`` and :meth:`step`).
         """
-        hooks_now = RemovableHandle.next_id  # (before any of ours: see hooked, below)
+        hooks_now = hooks_registered()  # (see hooked, below)
         self._check_not_removed("pre.backward(loss)")
         self._stepping = False
         if self._capture is None:  # shared: ranks in pre.step() meet it at their agreement
@@ -1935,7 +1948,7 @@ def _watch_optimizer_steps() -> None:
     if not _STEP_HOOK:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
-        _STEP_HOOK.append(register_optimizer_step_post_hook(_optimizer_stepped))
+        _STEP_HOOK.append(ours(register_optimizer_step_post_hook(_optimizer_stepped)))
 
 
 def _optimizer_stepped(optimizer: torch.optim.Optimizer, args, kwargs) -> None:

@@ -277,6 +277,36 @@ def test_a_module_output_that_retains_its_gradient_gets_the_losss(method):
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("method", ["layerwise", "natural"], ids=lambda m: f"method={m}")
+def test_another_preconditioned_model_run_before_the_backward_pass_keeps_it_fused(method):
+    """Two preconditioned models (an actor and a critic, a generator and a discriminator),
+    both run before either's ``pre.backward``: the hooks the package registers in the
+    second's forward pass are its own, not a hook registered since the first's pass
+    (found by review: every step of the first ran a second forward pass). From the second
+    step, one forward pass each a step, every direction the oracle's."""
+    torch.manual_seed(6)
+    actor = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    critic = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    expected = {m: oracle_of(m, x, y, method) for m in (actor, critic)}
+    pres = {m: rc.RiemannianPreconditioner(m, method=method, damping=DAMPING) for m in expected}
+    calls = []
+    actor.register_forward_hook(lambda *_: calls.append("actor"))
+    critic.register_forward_hook(lambda *_: calls.append("critic"))
+    for k in range(3):
+        calls.clear()
+        for m in expected:
+            m.zero_grad(set_to_none=True)
+        losses = {m: F.cross_entropy(m(x), y) for m in expected}
+        for m, loss in losses.items():
+            pres[m].backward(loss)
+        if k:
+            assert calls == ["actor", "critic"]  # fused: no second forward pass
+        for m, directions in expected.items():
+            for name, p in m.named_parameters():
+                torch.testing.assert_close(p.grad, directions[name], rtol=1e-9, atol=1e-11)
+
+
 class HookedInForward(nn.Module):
     """A tensor hook registered in ``forward``: on the hidden activation (the input of
     ``b``), or on the model's output."""
