@@ -594,21 +594,20 @@ class Capture:
                     "it with requires_grad_(False)"
                 )
             whole, output = output, output if index is None else output[index]
-            self.calls.append(
-                Block(
-                    name=name,
-                    module=mod,
-                    param_names=param_names,
-                    params=params,
-                    inputs=args,
-                    kwargs=kwargs,
-                    output=output,
-                    output_index=index,
-                    graph_inputs=live,
-                    product_eps=self._eps(output.device.type, mod),
-                    attributes=attributes,
-                )
+            block = Block(
+                name=name,
+                module=mod,
+                param_names=param_names,
+                params=params,
+                inputs=args,
+                kwargs=kwargs,
+                output=output,
+                output_index=index,
+                graph_inputs=live,
+                product_eps=self._eps(output.device.type, mod),
+                attributes=attributes,
             )
+            self.calls.append(block)
             self._watched.append((name, versions + [(output, output._version)]))
             # see mark_pass; not a node of the inputs' (a module passing its input on)
             node = output.grad_fn
@@ -621,9 +620,13 @@ class Capture:
             # what the rest of the network changes in place is then a copy
             if name not in self._clone:
                 return None
+            # (held for pre.backward's check of a retained gradient: found by review, a
+            # module's output given retain_grad() after an in-place edit was the copy)
+            copied = output.clone()
+            block.returned = weakref.ref(copied)
             if index is None:
-                return output.clone()
-            items = [output.clone() if i == index else a for i, a in enumerate(whole)]
+                return copied
+            items = [copied if i == index else a for i, a in enumerate(whole)]
             return type(whole)(*items) if hasattr(whole, "_fields") else type(whole)(items)
 
         handles = ours(

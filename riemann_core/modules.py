@@ -31,6 +31,7 @@ import itertools
 import math
 import types
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -186,6 +187,9 @@ class Block:
     # the plain attributes of the module and its submodules as the call found them
     # (attributes_of), which the generic kernel evaluates it with; None: as they are
     attributes: list | None = None
+    # the copy of the output the call returned where the rest of the network edits it in
+    # place (Capture's clone), held weakly: the tensor the user's code holds
+    returned: Callable[[], Tensor | None] | None = None
 
     @property
     def n_params(self) -> int:

@@ -1008,6 +1008,8 @@ class RiemannianPreconditioner:
                 for t in (
                     capture.output,
                     *(c.output for c in capture.calls),
+                    # (the copy a module's call returned, which the network edits in place)
+                    *(c.returned() for c in capture.calls if c.returned is not None),
                     *(t for c in capture.calls for t in c.graph_inputs),
                 )
                 if isinstance(t, Tensor)

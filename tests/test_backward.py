@@ -307,6 +307,44 @@ def test_another_preconditioned_model_run_before_the_backward_pass_keeps_it_fuse
                 torch.testing.assert_close(p.grad, directions[name], rtol=1e-9, atol=1e-11)
 
 
+class _RetainsEditedGrad(nn.Module):
+    """A hidden layer's output edited in place (``relu_``), then kept with its gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 4), nn.Linear(4, 3)
+        self.retain = True
+
+    def forward(self, x):
+        self.h = self.a(x).relu_()
+        if self.retain:
+            self.h.retain_grad()
+        return self.b(torch.tanh(self.h))
+
+
+@pytest.mark.parametrize("method", ["layerwise", "natural"], ids=lambda m: f"method={m}")
+def test_an_output_edited_in_place_that_retains_its_gradient_gets_the_losss(method):
+    """Found by review: a module's output edited in place after its call is returned as a
+    copy from the next pass on, which the check of a retained gradient did not see: from
+    the second ``pre.backward`` its ``.grad`` held torch's batched tensor, unreadable. Every
+    call: the ``.grad`` ``loss.backward()`` leaves there, the direction the oracle's."""
+    torch.manual_seed(5)
+    model = _RetainsEditedGrad().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    twin, plain = copy.deepcopy(model), copy.deepcopy(model)
+    F.cross_entropy(twin(x), y).backward()
+    hidden = twin.h.grad
+    plain.retain = False
+    expected = oracle_of(plain, x, y, method)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        pre.backward(F.cross_entropy(model(x), y))
+        torch.testing.assert_close(model.h.grad, hidden)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+
+
 class HookedInForward(nn.Module):
     """A tensor hook registered in ``forward``: on the hidden activation (the input of
     ``b``), or on the model's output."""
