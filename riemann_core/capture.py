@@ -16,6 +16,7 @@ model runs its submodules inside a compiled graph where hooks do not fire.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import itertools
@@ -338,9 +339,9 @@ class Capture:
         # run by a thread pool): autograd numbers each thread's nodes apart, so its nodes'
         # numbers say nothing of the pass's start (see sequence_now)
         self.threaded = False
-        # hooks_registered() as the recorded pass ended (persistent): where it moved
-        # since, a hook (a tensor's, a node's, a module's) was registered after the pass
-        # (in the loss's code); None: not known
+        # hooks_mark() as the recorded pass ended (persistent): where a hook (a tensor's,
+        # a node's, a module's) other than riemann_core's was registered since
+        # (hooks_registered), it was after the pass (in the loss's code); None: not known
         self.hooks_mark: int | None = None
         self._thread: int | None = None  # the thread that called the model
         # modules that ran with other tensors in place of their parameters
@@ -483,7 +484,7 @@ class Capture:
                 setattr(self, attribute, value)
             return None
         self.output = output
-        self.hooks_mark = hooks_registered()
+        self.hooks_mark = hooks_mark()
         self.calls = _without_no_grad_repeats(self.calls)
         mark_pass(output, self.key, self.token)
         watched = [(output, output._version)] if isinstance(output, Tensor) else None
@@ -882,25 +883,45 @@ def version_of(tensor: Tensor) -> int | None:
     return None if not is_lazy(tensor) and tensor.is_inference() else tensor._version
 
 
-#: riemann_core's own hook handles so far (:func:`ours`)
-_own_handles = 0
+#: the ids of riemann_core's own hook handles, the latest (:func:`ours`): each appended
+#: whole (thread-safe); one dropped from the front reads as the user's (a second forward
+#: pass, never a hook unseen)
+_own_ids: collections.deque[int] = collections.deque(maxlen=4096)
 
 
 def ours(*handles):
     """``handles``, hook handles riemann_core registers (the one, or a tuple of them),
-    counted apart from the others' (:func:`hooks_registered`)."""
-    global _own_handles
-    _own_handles += len(handles)
+    told apart from the others' by their ids (:func:`hooks_registered`)."""
+    _own_ids.extend([h.id for h in handles])
     return handles[0] if len(handles) == 1 else handles
 
 
-def hooks_registered() -> int:
-    """How many hook handles others than riemann_core have registered so far: torch
-    numbers every handle (of a tensor's hook, a node's, a module's) by one counter,
-    ``RemovableHandle.next_id``, and riemann_core's own are counted apart (:func:`ours`; one
-    missed reads as the user's: a second forward pass, never a hook unseen). Process-wide:
+def hooks_mark() -> int:
+    """torch's next hook handle id: every handle (of a tensor's hook, a node's, a
+    module's) is numbered by one counter, ``RemovableHandle.next_id``; compare a later
+    mark with :func:`hooks_registered`."""
+    return RemovableHandle.next_id
+
+
+def hooks_registered(since: int | None, until: int) -> bool:
+    """Whether a hook handle other than riemann_core's was registered between the marks
+    ``since`` and ``until`` (:func:`hooks_mark`; ``since`` None: not known, True).
+    riemann_core's own are told apart by id, not counted: one registered by another
+    thread as the mark ``since`` was read, or counted late, has an id below it or is
+    not found (found by review: a count of them, read between another thread's
+    registration and its count, hid the user's hook that followed). Process-wide:
     another thread's registrations count too."""
-    return RemovableHandle.next_id - _own_handles
+    if since is None:
+        return True
+    own = 0
+    try:
+        for i in reversed(_own_ids):  # (in order, but for threads' races: those missed count)
+            if i < since:
+                break
+            own += since <= i < until
+    except RuntimeError:  # (changed by another thread while read: those not read count)
+        pass
+    return until - since > own
 
 
 def some(items: list) -> str:

@@ -59,6 +59,7 @@ from .capture import (
     eager_when_traced,
     hooked_after,
     hooked_before,
+    hooks_mark,
     hooks_registered,
     moved_since,
     notes_for,
@@ -844,7 +845,7 @@ class RiemannianPreconditioner:
         One process only: with a ``process_group`` or a ``DistributedDataParallel`` model
         it raises ``ValueError`` (use ``loss.backward()`` and :meth:`step`).
         """
-        hooks_now = hooks_registered()  # (see hooked, below)
+        hooks_now = hooks_mark()  # (before any of ours: see hooked, below)
         self._check_not_removed("pre.backward(loss)")
         self._stepping = False
         if self._capture is None:  # shared: ranks in pre.step() meet it at their agreement
@@ -998,7 +999,9 @@ class RiemannianPreconditioner:
             # pre.step(), takes the gradient it leaves and the metric of the pass run
             # again. One registered in forward elsewhere runs in both alike and keeps the
             # fused path (found by review: every such model ran a second forward pass)
-            hooked = user_hooks_on(capture.output) or hooks_now != capture.hooks_mark
+            hooked = user_hooks_on(capture.output) or hooks_registered(
+                capture.hooks_mark, hooks_now
+            )
             # a recorded tensor that retains its gradient (h.retain_grad() in forward): the
             # batched backward pass would leave a batched tensor, unreadable, in its .grad
             # (torch's "escaped from inside a function being vmapped" at the first read;

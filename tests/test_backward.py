@@ -345,6 +345,80 @@ def test_an_output_edited_in_place_that_retains_its_gradient_gets_the_losss(meth
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
 
 
+class _RegistersSlowly(nn.Linear):
+    """A Linear whose ``register_forward_hook`` waits for ``entered``'s partner first (a
+    thread switch between the two hooks ``Capture._watch`` registers on it, made sure)."""
+
+    window: tuple[threading.Event, threading.Event] | None = None
+
+    def register_forward_hook(self, *args, **kwargs):
+        if self.window is not None:
+            entered, done = self.window
+            self.window = None
+            entered.set()  # the package's forward pre-hook on it is registered, not counted
+            assert done.wait(10)
+        return super().register_forward_hook(*args, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["layerwise", "natural"], ids=lambda m: f"method={m}")
+def test_a_hook_registered_while_another_thread_registers_the_packages_is_seen(
+    method, restore_handlers
+):
+    """Another thread's preconditioner registers its own hooks (``pre.step()``'s pass run
+    again) as the model's forward pass ends: a hook the loss's code registers next is seen
+    (found by review: torch's counter of handles counted the other thread's first handle,
+    the package's count not yet, and the count made up for the user's hook: the fused pass
+    ran it on the metric's rows, 0.9 off silently). The direction is the hooked
+    gradient's under the network's metric; the other thread's the oracle's too."""
+    torch.manual_seed(4)
+    model = _Hidden().double()
+    other = nn.Sequential(_RegistersSlowly(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    rc.register_handler(_RegistersSlowly, rc.modules.LinearHandler)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def loss_fn(out):
+        model.h.register_hook(lambda g: 2 * g)
+        return F.cross_entropy(out, y)
+
+    params = list(model.parameters())
+    v = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss_fn(model(x)), params)])
+    model.h = None  # (the oracle copies the model)
+    G = ggn(model, x, y, "cross_entropy")
+    expected = unflatten(oracle_direction(G, v, DAMPING, method, block_indices(model)), model)
+    expected_other = oracle_of(other, x, y, method)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    pre_other = rc.RiemannianPreconditioner(other, method=method, damping=DAMPING)
+    forwards = forward_count(model)
+    for _ in range(2):  # (the first pre.backward probes; pre.step's pass: see below)
+        step(pre, model, x, loss_fn)
+        other.zero_grad(set_to_none=True)
+        F.cross_entropy(other(x), y).backward()
+        pre_other.step()
+
+    def other_step():
+        other.zero_grad(set_to_none=True)
+        F.cross_entropy(other(x), y).backward()
+        pre_other.step()  # runs the pass again, its modules watched anew
+
+    for _ in range(2):
+        entered, done = threading.Event(), threading.Event()
+        other[0].window = (entered, done)
+        with ThreadPoolExecutor(1) as pool:
+            stepped = pool.submit(other_step)
+            assert entered.wait(10)
+            model.zero_grad(set_to_none=True)
+            forwards.clear()
+            out = model(x)  # its pass ends in the other thread's registration
+            done.set()
+            stepped.result()
+        pre.backward(loss_fn(out))
+        assert len(forwards) == 2  # the autograd path: its pass run again
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+        for name, p in other.named_parameters():
+            torch.testing.assert_close(p.grad, expected_other[name], rtol=1e-9, atol=1e-11)
+
+
 class HookedInForward(nn.Module):
     """A tensor hook registered in ``forward``: on the hidden activation (the input of
     ``b``), or on the model's output."""
