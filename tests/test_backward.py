@@ -177,16 +177,22 @@ def test_a_tensor_hook_registered_by_the_loss_changes_the_gradient_not_the_metri
     _assert_hooked_steps(model, x, y, loss_fn, method)
 
 
-def _assert_hooked_steps(model, x, y, loss_fn, method, forget=None):
-    """Three ``pre.backward`` calls on ``loss_fn(model(x))``, whose code registers hooks,
-    each the oracle's: the gradient the hooks leave under the network's metric
-    (``forget``: drops what the pass kept on the model, before the oracle copies it)."""
+def _hooked_oracle(model, x, y, loss_fn, method, forget=None):
+    """The direction of the gradient the hooks ``loss_fn`` registers leave, under the
+    network's metric (``forget``: drops what the pass kept on the model, before the oracle
+    copies it)."""
     params = list(model.parameters())
     v = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss_fn(model(x)), params)])
     if forget is not None:
         forget()
     G = ggn(model, x, y, "cross_entropy")
-    expected = unflatten(oracle_direction(G, v, DAMPING, method, block_indices(model)), model)
+    return unflatten(oracle_direction(G, v, DAMPING, method, block_indices(model)), model)
+
+
+def _assert_hooked_steps(model, x, y, loss_fn, method, forget=None):
+    """Three ``pre.backward`` calls on ``loss_fn(model(x))``, whose code registers hooks,
+    each the oracle's (:func:`_hooked_oracle`)."""
+    expected = _hooked_oracle(model, x, y, loss_fn, method, forget)
     pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
     for _ in range(3):
         step(pre, model, x, loss_fn)
@@ -380,11 +386,7 @@ def test_a_hook_registered_while_another_thread_registers_the_packages_is_seen(
         model.h.register_hook(lambda g: 2 * g)
         return F.cross_entropy(out, y)
 
-    params = list(model.parameters())
-    v = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss_fn(model(x)), params)])
-    model.h = None  # (the oracle copies the model)
-    G = ggn(model, x, y, "cross_entropy")
-    expected = unflatten(oracle_direction(G, v, DAMPING, method, block_indices(model)), model)
+    expected = _hooked_oracle(model, x, y, loss_fn, method, lambda: setattr(model, "h", None))
     expected_other = oracle_of(other, x, y, method)
     pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
     pre_other = rc.RiemannianPreconditioner(other, method=method, damping=DAMPING)
