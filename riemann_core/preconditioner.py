@@ -93,13 +93,7 @@ from .modules import (
     shows_parameters,
     training,
 )
-from .passes import (
-    Accumulations,
-    Differentiated,
-    Passes,
-    accumulate_hooks_on,
-    user_hooks_on,
-)
+from .passes import Accumulations, Differentiated, Passes, accumulate_hooks_on, user_hooks_on
 
 
 class RiemannianPreconditioner:
@@ -2310,8 +2304,8 @@ def _views_made(attributes) -> None:
 
 def _walk_loss_graph(
     loss: Tensor, names: dict[int, str], start: int | None = None, casts_cached: bool = False
-) -> tuple[list[Tensor], set[str], bool, set[str]]:
-    """``(foreign, reached, compiled, kept)``: the leaves ``loss`` reaches that are not the
+) -> tuple[list[Tensor], set[str], bool, set[str], bool]:
+    """``(foreign, reached, compiled, kept, crossed)``: the leaves ``loss`` reaches that are not the
     preconditioned parameters (``names``: ``{id(p): name}``) and require a gradient (one
     frozen since the forward pass gets none from ``loss.backward()`` either: found by a
     hunt, torch's error where it was differentiated), the names of those it reaches (the
