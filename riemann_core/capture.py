@@ -1033,12 +1033,12 @@ class Replay:
     Other Python state the forward pass reads (an attribute of an object that is not a
     module, or of a module reached only through one, a global or one of torch's own
     modules: one held unregistered by a module replayed is replayed; the items of a
-    container inside a container, a global, numpy's random generator, a numpy array or a tensor that is not a
-    buffer changed in place, a training mode or a hook changed since) is not replayed; a
-    pass that took another path gives another output, while the same operations on the
-    same data agree to rounding (GPU atomics, kernels chosen by alignment): a floating
-    tensor may differ by ``sqrt(eps)`` of its dtype (float32: 3.5e-4) times its largest
-    entry, any other must be equal."""
+    container inside a container, a global, numpy's random generator, a numpy array or a
+    tensor that is not a buffer changed in place, a training mode or a hook changed since)
+    is not replayed; a pass that took another path gives another output, while the same
+    operations on the same data agree to rounding (GPU atomics, kernels chosen by
+    alignment): a floating tensor may differ by ``sqrt(eps)`` of its dtype (float32:
+    3.5e-4) times its largest entry, any other must be equal."""
 
     state: list[Tensor]
     output: list[Tensor] | None = None
@@ -1227,7 +1227,8 @@ def _replay_differs(new: list[Tensor], old: list[Tensor], name_cause=None) -> No
         "in a dict), a numpy array changed in place, numpy's random generator, a global hook "
         "changed since; the modules' own attributes and __slots__, the items of a list, "
         "dict, set or deque they hold, the modules they hold unregistered, and Python's "
-        "random module are replayed as the recorded pass found them): draw random choices with torch's or Python's generator, keep such state in "
+        "random module are replayed as the recorded pass found them): draw random choices "
+        "with torch's or Python's generator, keep such state in "
         "the modules' own attributes (a number, a flag, a list, dict, set or deque of its "
         "own), or keep it fixed until the direction is computed; a tensor the pass changes in "
         "place for the next (a recurrent state, self.h.copy_(h)) can be held as a buffer "
