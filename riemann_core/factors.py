@@ -329,9 +329,13 @@ def batched_backward() -> Iterator[None]:
                 "metric's factor rows back several at once (torch.func.vmap): a segment under "
                 "torch.utils.checkpoint draws random numbers (dropout, a random layer) in its "
                 "forward pass, which the backward pass runs again, where torch cannot draw "
-                "them. Call the random module outside the checkpointed segment (dropout after "
-                "it, or before), or checkpoint a segment without one; model.eval() turns "
-                f"dropout off (torch: {str(err).splitlines()[0]})"
+                "them; or a gradient hook of yours draws them (gradient noise, "
+                "h.register_hook(lambda g: g + s * torch.randn_like(g)), registered in "
+                "forward: it runs on the metric's rows too). Call the random module outside "
+                "the checkpointed segment (dropout after it, or before), or checkpoint a "
+                "segment without one; model.eval() turns dropout off; remove such a hook "
+                "and add the noise to the direction after pre.backward or pre.step() "
+                f"(torch: {str(err).splitlines()[0]})"
             ) from err
         if str(err).startswith(ESCAPED_FROM_VMAP):
             raise ValueError(

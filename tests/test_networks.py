@@ -3361,6 +3361,39 @@ def test_a_dropout_in_a_checkpointed_segment_is_refused_naming_it(classes):
         pre.backward(F.cross_entropy(model(x), y))
 
 
+class GradientNoise(nn.Module):
+    """A gradient-noise hook registered in ``forward`` on a hidden activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h.register_hook(lambda g: g + 1e-2 * torch.randn_like(g))
+        return self.b(h)
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_a_gradient_noise_hook_is_refused_naming_the_hook(call):
+    """Found by a hunt: a gradient hook that draws random numbers (gradient noise), which
+    runs on the metric's rows in the batched pass too, was refused blaming a segment under
+    torch.utils.checkpoint that the model does not have. The message names such a hook;
+    ``.grad`` stays as it was."""
+    torch.manual_seed(0)
+    model = GradientNoise().double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    loss = F.cross_entropy(model(x), y)
+    if call == "step":
+        loss.backward()
+    before = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"a gradient hook of yours draws them \(gradient noise"):
+        pre.backward(loss) if call == "backward" else pre.step()
+    for p, b in zip(model.parameters(), before):
+        assert (p.grad is None) if b is None else torch.equal(p.grad, b)
+
+
 # ------------------------------------------------------- token-level cross-entropy
 
 
