@@ -7,6 +7,7 @@ exact natural gradient and K-FAC, behind one interface::
     dirs = rc.direction(model, x, y, method="layerwise", damping=1e-3)
 """
 
+from ._warn import HookWarning
 from .direction import direction
 from .distributed import DistributedError
 from .methods import METHODS, LayerDiagnostics
@@ -19,6 +20,7 @@ __all__ = [
     "AccuracyWarning",
     "DistributedError",
     "Handler",
+    "HookWarning",
     "LayerDiagnostics",
     "RiemannianPreconditioner",
     "SolveError",

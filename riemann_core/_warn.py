@@ -28,6 +28,11 @@ def _skipped(filename: str) -> bool:
     return os.path.normcase(os.path.abspath(filename)).startswith(_SKIPPED)
 
 
+class HookWarning(UserWarning):
+    """The model's forward pass registers gradient hooks, which run on the metric's factor
+    rows too: what such a hook stores holds a metric row afterwards."""
+
+
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn`` attributed to the first caller outside the package and torch (the
     user's ``rc.direction``, ``pre.step()`` or ``pre.backward(loss)``), however deep in

@@ -292,6 +292,7 @@ _RECORD = (
     "token",
     "threaded",
     "hooks_mark",
+    "hooked_in_forward",
     "_stale",
     "_watched",
 )
@@ -343,6 +344,11 @@ class Capture:
         # a node's, a module's) other than riemann_core's was registered since
         # (hooks_registered), it was after the pass (in the loss's code); None: not known
         self.hooks_mark: int | None = None
+        # whether the recorded pass registered hooks other than riemann_core's (a tensor's
+        # register_hook in forward, a module's backward hook's): they run on the metric's
+        # rows too (HookWarning)
+        self.hooked_in_forward = False
+        self._mark_at_begin: int | None = None
         self._thread: int | None = None  # the thread that called the model
         # modules that ran with other tensors in place of their parameters
         self.substituted: list[str] = []
@@ -432,7 +438,7 @@ class Capture:
         """Forget the recorded forward pass (its tensors are then freed with the graph)."""
         self.calls, self.output, self.inputs, self.substituted = [], None, [], []
         self._stale, self._watched, self.threaded = set(), [], False
-        self.hooks_mark = None
+        self.hooks_mark, self.hooked_in_forward = None, False
 
     def _begin(self, module, args, kwargs) -> None:
         if self._depth and calls_under_way(module) < 2:
@@ -452,6 +458,7 @@ class Capture:
             self._depth, self._recording = 1, True
             self.outside = None
             self.token = object()  # this pass's, see mark_pass
+            self._mark_at_begin = hooks_mark()
             self._thread = threading.get_ident()
             self._product_eps = {}
             # kept to walk only if a loss is preconditioned (reaches_pass), every leaf
@@ -485,6 +492,7 @@ class Capture:
             return None
         self.output = output
         self.hooks_mark = hooks_mark()
+        self.hooked_in_forward = hooks_registered(self._mark_at_begin, self.hooks_mark)
         self.calls = _without_no_grad_repeats(self.calls)
         mark_pass(output, self.key, self.token)
         watched = [(output, output._version)] if isinstance(output, Tensor) else None

@@ -41,7 +41,7 @@ from ._checks import (
     unprobed,
 )
 from ._precision import precision_state
-from ._warn import warn
+from ._warn import HookWarning, warn
 from .capture import (
     KEPT_ACROSS_PASSES,
     MODEL_OUTPUT,
@@ -274,6 +274,7 @@ class RiemannianPreconditioner:
         self._grads_at_pass: dict[int, tuple] = {}
         self._tick_at_pass = -1
         self._sequence_at_pass: int | None = None
+        self._hooks_warned = False  # (see _warn_hooked_forward)
         # what the model holds of this preconditioner: detached by remove(), or once the
         # caller drops the preconditioner (the hooks hold it weakly; found by review: one
         # built again on the same model, as a notebook cell run twice does, left the old
@@ -841,6 +842,7 @@ class RiemannianPreconditioner:
         """
         hooks_now = hooks_mark()  # (before any of ours: see hooked, below)
         self._check_not_removed("pre.backward(loss)")
+        self._warn_hooked_forward()
         self._stepping = False
         if self._capture is None:  # shared: ranks in pre.step() meet it at their agreement
             # (not under DDP, whose other ranks wait in their backward's own all-reduce)
@@ -1363,6 +1365,27 @@ class RiemannianPreconditioner:
 
     @eager_when_traced
     @torch.no_grad()
+    def _warn_hooked_forward(self) -> None:
+        """Warn once (:class:`~riemann_core._warn.HookWarning`, before anything is done:
+        as an error, it changes nothing) where the recorded forward pass registered gradient
+        hooks: they are part of the network, and run on the metric's factor rows as on the
+        gradient, so a hook that stores the gradient it is given (Grad-CAM) holds a metric
+        row afterwards (found by a hunt: 1.3-18x off dL/do after pre.step(), silently)."""
+        capture = self._capture
+        if capture is None or self._hooks_warned or not capture.hooked_in_forward:
+            return
+        warn(
+            "the model's forward pass registers gradient hooks (a tensor's register_hook, a "
+            "module's backward hook): they are part of the network, and run on the metric's "
+            "factor rows as on the gradient, so a hook that stores the gradient it is given "
+            "(Grad-CAM's saved gradient) holds a metric row after pre.step() or "
+            "pre.backward(loss); the direction is exact. Read such a value between "
+            "loss.backward() and pre.step(). Shown once; "
+            "warnings.filterwarnings('ignore', category=riemann_core.HookWarning) hides it",
+            HookWarning,
+        )
+        self._hooks_warned = True
+
     def step(self) -> None:
         """Replace every trainable ``.grad`` by the preconditioned direction.
 
@@ -1378,6 +1401,7 @@ class RiemannianPreconditioner:
         forward pass to precondition without them). See ``docs/api.md``."""
         with distributed.share_failure(self.process_group, self.timeout):
             self._check_not_removed("pre.step()")
+            self._warn_hooked_forward()
             self._stepping = True
             if self._batch is None:
                 raise RuntimeError(

@@ -421,6 +421,68 @@ def test_a_hook_registered_while_another_thread_registers_the_packages_is_seen(
             torch.testing.assert_close(p.grad, expected_other[name], rtol=1e-9, atol=1e-11)
 
 
+class _GradCam(nn.Module):
+    """Grad-CAM's gradient saver: a forward hook on ``a`` registers a hook on its output
+    that stores the gradient it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 4), nn.Linear(4, 3)
+        self.saved = {}
+        self.a.register_forward_hook(self._save_gradient)
+
+    def _save_gradient(self, module, args, output):
+        output.register_hook(lambda g: self.saved.update(g=g))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+def test_hooks_the_forward_pass_registers_are_warned_of_once(call):
+    """Found by a hunt: a hook registered in forward runs on the metric's factor rows too,
+    so Grad-CAM's saved gradient held a metric row after ``pre.step()`` (1.3-18x off dL/do),
+    silently. One ``HookWarning`` per preconditioner, before anything is done (as an error
+    it leaves every ``.grad`` as it was); the directions exact; a model that registers no
+    hook is not warned."""
+    torch.manual_seed(7)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    model, plain = _GradCam().double(), nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3)).double()
+    expected = oracle_of(model, x, y, "layerwise")
+
+    def run(m, pre):
+        m.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(m(x), y)
+        if call == "backward":
+            pre.backward(loss)
+        else:
+            loss.backward()
+            pre.step()
+
+    pre = rc.RiemannianPreconditioner(model, method="layerwise", damping=DAMPING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", rc.HookWarning)
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        if call == "step":
+            loss.backward()
+        before = {
+            n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
+        }
+        with pytest.raises(rc.HookWarning, match="Grad-CAM"):
+            pre.backward(loss) if call == "backward" else pre.step()
+        for n, p in model.named_parameters():
+            assert (p.grad is None) if before[n] is None else torch.equal(p.grad, before[n])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            run(model, pre)
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+        run(plain, rc.RiemannianPreconditioner(plain, method="layerwise", damping=DAMPING))
+    assert [w.category for w in caught].count(rc.HookWarning) == 1
+
+
 class HookedInForward(nn.Module):
     """A tensor hook registered in ``forward``: on the hidden activation (the input of
     ``b``), or on the model's output."""
