@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_backward_hooks, _global_backward_pre_hooks
 from torch.nn.parameter import is_lazy
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
@@ -345,10 +346,11 @@ class Capture:
         # (hooks_registered), it was after the pass (in the loss's code); None: not known
         self.hooks_mark: int | None = None
         # whether the recorded pass registered hooks other than riemann_core's (a tensor's
-        # register_hook in forward, a module's backward hook's): they run on the metric's
-        # rows too (HookWarning)
+        # register_hook in forward, a module's backward hook's, the model's own too): they
+        # run on the metric's rows too (HookWarning)
         self.hooked_in_forward = False
         self._mark_at_begin: int | None = None
+        self._frames_at_begin = 0  # (compiled_frames(): see _end)
         self._thread: int | None = None  # the thread that called the model
         # modules that ran with other tensors in place of their parameters
         self.substituted: list[str] = []
@@ -458,7 +460,7 @@ class Capture:
             self._depth, self._recording = 1, True
             self.outside = None
             self.token = object()  # this pass's, see mark_pass
-            self._mark_at_begin = hooks_mark()
+            self._mark_at_begin, self._frames_at_begin = hooks_mark(), compiled_frames()
             self._thread = threading.get_ident()
             self._product_eps = {}
             # kept to walk only if a loss is preconditioned (reaches_pass), every leaf
@@ -492,7 +494,15 @@ class Capture:
             return None
         self.output = output
         self.hooks_mark = hooks_mark()
-        self.hooked_in_forward = hooks_registered(self._mark_at_begin, self.hooks_mark)
+        # (not counted in a pass that torch.compile compiled: AOTAutograd registers hooks
+        # on the graph it traces, found by review, a false HookWarning at a compiled
+        # model's first pass; the next pass counts. The model's own backward hooks, and the
+        # global ones, torch registers on its output after its forward hooks, after this:
+        # found by review, a saved grad_output 2.1-2.5x off dL/dz, not warned of)
+        self.hooked_in_forward = (
+            compiled_frames() == self._frames_at_begin
+            and hooks_registered(self._mark_at_begin, self.hooks_mark)
+        ) or backward_hooked(module)
         self.calls = _without_no_grad_repeats(self.calls)
         mark_pass(output, self.key, self.token)
         watched = [(output, output._version)] if isinstance(output, Tensor) else None
@@ -909,6 +919,24 @@ def hooks_mark() -> int:
     module's) is numbered by one counter, ``RemovableHandle.next_id``; compare a later
     mark with :func:`hooks_registered`."""
     return RemovableHandle.next_id
+
+
+def compiled_frames() -> int:
+    """The frames torch.compile has compiled in this process (0 where it never ran; not
+    cleared by a reset)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return 0 if utils is None else utils.counters["frames"]["total"]
+
+
+def backward_hooked(module: nn.Module) -> bool:
+    """Whether torch registers backward hooks on ``module``'s output as its call returns
+    (its own, ``register_full_backward_hook`` and the like, or global ones)."""
+    return bool(
+        module._backward_hooks
+        or module._backward_pre_hooks
+        or _global_backward_hooks
+        or _global_backward_pre_hooks
+    )
 
 
 def hooks_registered(since: int | None, until: int) -> bool:

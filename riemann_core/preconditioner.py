@@ -56,6 +56,7 @@ from .capture import (
     calls_under_way,
     capturing,
     cast_of_leaves,
+    compiled_frames,
     eager_when_traced,
     hooked_after,
     hooked_before,
@@ -1363,8 +1364,6 @@ class RiemannianPreconditioner:
         if self._kfac is not None:
             self._kfac.commit(params, solved)
 
-    @eager_when_traced
-    @torch.no_grad()
     def _warn_hooked_forward(self) -> None:
         """Warn once (:class:`~riemann_core._warn.HookWarning`, before anything is done:
         as an error, it changes nothing) where the recorded forward pass registered gradient
@@ -1378,14 +1377,17 @@ class RiemannianPreconditioner:
             "the model's forward pass registers gradient hooks (a tensor's register_hook, a "
             "module's backward hook): they are part of the network, and run on the metric's "
             "factor rows as on the gradient, so a hook that stores the gradient it is given "
-            "(Grad-CAM's saved gradient) holds a metric row after pre.step() or "
-            "pre.backward(loss); the direction is exact. Read such a value between "
-            "loss.backward() and pre.step(). Shown once; "
+            "(Grad-CAM's saved gradient) holds a metric row after pre.step() (after "
+            "pre.backward(loss), a metric row or a batched tensor torch refuses to read); the "
+            "direction is exact. Read such a value between loss.backward() and pre.step() "
+            "(in place of pre.backward(loss)). Shown once per preconditioner; "
             "warnings.filterwarnings('ignore', category=riemann_core.HookWarning) hides it",
             HookWarning,
         )
         self._hooks_warned = True
 
+    @eager_when_traced
+    @torch.no_grad()
     def step(self) -> None:
         """Replace every trainable ``.grad`` by the preconditioned direction.
 
@@ -2493,10 +2495,8 @@ _FRAMES_AT_RESET = [0]
 
 
 def _compiled_frames() -> int:
-    """The frames torch.compile has compiled in this process (0 where it never ran; not
-    cleared by a reset)."""
-    utils = sys.modules.get("torch._dynamo.utils")
-    return 0 if utils is None else utils.counters["frames"]["total"]
+    """:func:`~riemann_core.capture.compiled_frames` (a name of its own, patched by tests)."""
+    return compiled_frames()
 
 
 def _compiled_anywhere() -> bool:
