@@ -449,16 +449,6 @@ def test_hooks_the_forward_pass_registers_are_warned_of_once(call):
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
     model, plain = _GradCam().double(), nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3)).double()
     expected = oracle_of(model, x, y, "layerwise")
-
-    def run(m, pre):
-        m.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(m(x), y)
-        if call == "backward":
-            pre.backward(loss)
-        else:
-            loss.backward()
-            pre.step()
-
     pre = rc.RiemannianPreconditioner(model, method="layerwise", damping=DAMPING)
     with warnings.catch_warnings():
         warnings.simplefilter("error", rc.HookWarning)
@@ -476,10 +466,11 @@ def test_hooks_the_forward_pass_registers_are_warned_of_once(call):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
-            run(model, pre)
+            preconditioned(pre, model, x, y, call)
             for name, p in model.named_parameters():
                 torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
-        run(plain, rc.RiemannianPreconditioner(plain, method="layerwise", damping=DAMPING))
+        plain_pre = rc.RiemannianPreconditioner(plain, method="layerwise", damping=DAMPING)
+        preconditioned(plain_pre, plain, x, y, call)
     assert [w.category for w in caught].count(rc.HookWarning) == 1
 
 
@@ -502,13 +493,7 @@ def test_a_backward_hook_of_the_preconditioned_model_itself_is_warned_of(where):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for call in ["step", "backward", "step"]:
-                model.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x), y)
-                if call == "backward":
-                    pre.backward(loss)
-                else:
-                    loss.backward()
-                    pre.step()
+                preconditioned(pre, model, x, y, call)
                 for name, p in model.named_parameters():
                     torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
     finally:
@@ -530,13 +515,7 @@ def test_a_compiled_model_that_registers_no_hook_is_not_warned_of(call):
     with warnings.catch_warnings():
         warnings.simplefilter("error", rc.HookWarning)
         for _ in range(2):
-            runnable.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(runnable(x), y)
-            if call == "backward":
-                pre.backward(loss)
-            else:
-                loss.backward()
-                pre.step()
+            preconditioned(pre, runnable, x, y, call)
             for name, p in model.named_parameters():
                 torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
 
