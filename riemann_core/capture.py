@@ -29,7 +29,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.module import _global_backward_hooks, _global_backward_pre_hooks
+from torch.nn.modules.module import (
+    _global_backward_hooks,
+    _global_backward_pre_hooks,
+    _global_forward_pre_hooks,
+)
 from torch.nn.parameter import is_lazy
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
@@ -496,11 +500,14 @@ class Capture:
         self.hooks_mark = hooks_mark()
         # (not counted in a pass that torch.compile compiled: AOTAutograd registers hooks
         # on the graph it traces, found by review, a false HookWarning at a compiled
-        # model's first pass; the next pass counts. The model's own backward hooks, and the
+        # model's first pass; the next pass counts. Nor in a pass torch's module tracker
+        # follows: FlopCounterMode's registers hooks in every module's call, found by CI, 18
+        # false warnings in the benchmark suite. The model's own backward hooks, and the
         # global ones, torch registers on its output after its forward hooks, after this:
         # found by review, a saved grad_output 2.1-2.5x off dL/dz, not warned of)
         self.hooked_in_forward = (
             compiled_frames() == self._frames_at_begin
+            and not module_tracked()
             and hooks_registered(self._mark_at_begin, self.hooks_mark)
         ) or backward_hooked(module)
         self.calls = _without_no_grad_repeats(self.calls)
@@ -926,6 +933,17 @@ def compiled_frames() -> int:
     cleared by a reset)."""
     utils = sys.modules.get("torch._dynamo.utils")
     return 0 if utils is None else utils.counters["frames"]["total"]
+
+
+def module_tracked() -> bool:
+    """Whether torch's ``ModuleTracker`` (``torch.utils.module_tracker``; the one
+    ``FlopCounterMode`` enters) follows the modules' calls: in each it registers gradient
+    hooks that only note which module's backward runs."""
+    tracker = sys.modules.get("torch.utils.module_tracker")
+    return tracker is not None and any(
+        isinstance(getattr(hook, "__self__", None), tracker.ModuleTracker)
+        for hook in _global_forward_pre_hooks.values()
+    )
 
 
 def backward_hooked(module: nn.Module) -> bool:

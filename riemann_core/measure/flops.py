@@ -35,13 +35,11 @@ with vectors, which torch computes under the counter (the package's eigenvalues 
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .. import blas, woodbury  # noqa: F401  (define torch.ops.riemann_core.syrk_, potrf_)
-from .._warn import HookWarning
 
 aten = torch.ops.aten
 
@@ -169,30 +167,11 @@ LINALG = {
 _KIND_OF = {str(op): kind for op, (kind, _) in LINALG.items()}
 
 
-class _Counter(FlopCounterMode):
-    """``FlopCounterMode`` with :class:`~riemann_core.HookWarning` hidden while it counts:
-    its module tracker registers gradient hooks in every module's call, which the warning
-    takes for the model's (found by CI: 18 in the benchmark suite, of models with none)."""
-
-    def __enter__(self):
-        self._quiet = warnings.catch_warnings()
-        self._quiet.__enter__()
-        warnings.simplefilter("ignore", HookWarning)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        try:
-            return super().__exit__(*exc)
-        finally:
-            self._quiet.__exit__(*exc)
-
-
 def flop_counter(**kwargs) -> FlopCounterMode:
-    """A ``FlopCounterMode`` that also counts the linear algebra in :data:`LINALG` (and
-    hides :class:`~riemann_core.HookWarning` while it counts: see :class:`_Counter`)."""
+    """A ``FlopCounterMode`` that also counts the linear algebra in :data:`LINALG`."""
     kwargs.setdefault("display", False)
     mapping = {op: formula for op, (_, formula) in LINALG.items()}
-    return _Counter(custom_mapping=mapping, **kwargs)
+    return FlopCounterMode(custom_mapping=mapping, **kwargs)
 
 
 def flops_by_kind(counter: FlopCounterMode) -> dict[str, int]:
