@@ -1023,9 +1023,11 @@ def _refuse_drawn(called: list[tuple[str, nn.Module]]) -> None:
             "masks of the training forward pass instead)"
         )
     raise ValueError(
-        "the model's forward pass draws random numbers (e.g. F.dropout or noise in a "
-        "forward method), so two calls would give different directions of different "
-        "networks; call model.eval() or make the forward pass deterministic"
+        "the model's forward pass draws random numbers (e.g. F.dropout, torchvision's "
+        "StochasticDepth, or noise in a forward method), so two calls would give different "
+        "directions of different networks; call model.eval() or make the forward pass "
+        "deterministic (RiemannianPreconditioner.step and .backward replay the random "
+        "numbers of the training forward pass instead)"
     )
 
 

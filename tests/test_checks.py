@@ -542,6 +542,33 @@ def test_weight_tied_through_a_functional_call_is_refused():
         rc.direction(model, torch.randn(5, 3), torch.randint(0, 3, (5,)))
 
 
+@pytest.mark.parametrize("call", ["direction", "backward", "step"])
+def test_a_forward_reading_a_submodules_weight_names_the_module_that_holds_it(call):
+    """Found by a hunt of torchvision's models: Swin's attention reads its ``qkv`` and
+    ``proj`` Linears' weights through ``F.linear`` without calling them, and the refusal
+    named only the parameters; it names the module that holds them too."""
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(4, 4)
+            self.bias_table = torch.nn.Parameter(torch.zeros(4))
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.qkv.weight, self.qkv.bias) + self.bias_table
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), Attention(), torch.nn.Linear(4, 3))
+    x, y = torch.randn(5, 3), torch.randint(0, 3, (5,))
+    held = r"'1.qkv' is held by module '1' \(Attention\), whose forward may read"
+    with pytest.raises(ValueError, match=r"\['1.qkv.weight', '1.qkv.bias'\].*" + held):
+        if call == "direction":
+            rc.direction(model, x, y, kernel="auto")
+        else:
+            pre = rc.RiemannianPreconditioner(model, kernel="auto")
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            pre.backward(loss) if call == "backward" else (loss.backward(), pre.step())
+
+
 def test_a_stale_grad_of_a_module_not_called_names_zero_grad():
     """Found by review: a nonzero .grad left on a module the last forward pass did not call
     was said to "enter the loss"; .grad kept."""

@@ -2403,7 +2403,8 @@ def test_random_numbers_in_a_forward_method_are_refused():
         def forward(self, x):
             return F.dropout(self.lin(x), 0.5, training=True)
 
-    with pytest.raises(ValueError, match="forward pass draws random numbers"):
+    # (found by a hunt: torchvision's StochasticDepth got no word of the replay)
+    with pytest.raises(ValueError, match="forward pass draws random numbers.*replay the"):
         rc.direction(Noisy(), torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0]))
 
 

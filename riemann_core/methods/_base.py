@@ -395,16 +395,33 @@ def _check_reached(model, blocks, outputs, targets, opts, gradient) -> None:
             "pass); or from an earlier micro-batch whose pass called them, where the last "
             "one, whose batch the metric is taken at, did not (a branch or expert routed by "
             "the batch: the metric has no rows for them; pass the micro-batches through one "
-            "forward pass, concatenated, or step after each). Call the owning module inside "
-            "forward, or freeze them with requires_grad_(False)"
+            f"forward pass, concatenated, or step after each).{_held_by(model, used)} Call "
+            "the owning module inside forward, or freeze them with requires_grad_(False)"
         )
     if used:
         raise ValueError(
             f"parameters {used} enter the loss without their module being called in the "
             "model's forward pass (weight tying through F.linear, or a head applied outside "
-            "forward to a submodule's output); no kernel sees them. Call the owning module "
-            "inside forward, or freeze them with requires_grad_(False)"
+            f"forward to a submodule's output); no kernel sees them.{_held_by(model, used)} "
+            "Call the owning module inside forward, or freeze them with requires_grad_(False)"
         )
+
+
+def _held_by(model: nn.Module, used: list[str]) -> str:
+    """Where the module of the first of ``used`` (parameter names) is held by another: that
+    module named, whose forward may read the parameters without calling their module (found
+    by a hunt: torchvision's Swin attention, ``F.linear(x, self.qkv.weight, ...)``)."""
+    owner = used[0].rpartition(".")[0]
+    if not owner:  # the model's own parameter
+        return ""
+    holder = owner.rpartition(".")[0]
+    kind = type(model.get_submodule(holder)).__name__
+    where = f"module {holder!r} ({kind})" if holder else f"the model ({kind})"
+    return (
+        f" {owner!r} is held by {where}, whose forward may read its parameters without "
+        "calling it (F.linear(x, self.qkv.weight, self.qkv.bias), as torchvision's Swin "
+        "attention does)."
+    )
 
 
 def mean_loss(outputs: Tensor, targets: Tensor, loss: str) -> Tensor:
