@@ -25,7 +25,15 @@ from .._checks import (
 )
 from ..capture import Replay, forward, notes_for, pullback_dtype
 from ..factors import FactorFn, factor_cotangents, output_factor, pullback
-from ..modules import Block, Handler, handler_for, named_module, register_kernel_checks, rows_dot
+from ..modules import (
+    Block,
+    Handler,
+    handler_for,
+    is_container,
+    named_module,
+    register_kernel_checks,
+    rows_dot,
+)
 from .memory import named_when_rows_too_large
 
 #: The pulled-back rows (the loss gradient and the factor's) go through the network one
@@ -411,10 +419,15 @@ def _held_by(model: nn.Module, used: list[str]) -> str:
     """Where the module of the first of ``used`` (parameter names) is held by another: that
     module named, whose forward may read the parameters without calling their module (found
     by a hunt: torchvision's Swin attention, ``F.linear(x, self.qkv.weight, ...)``)."""
-    owner = used[0].rpartition(".")[0]
+    parts = used[0].split(".")[:-1]
+    if "parametrizations" in parts:  # a parametrized weight's: that of its module
+        parts = parts[: len(parts) - 1 - parts[::-1].index("parametrizations")]
+    owner = ".".join(parts)
     if not owner:  # the model's own parameter
         return ""
     holder = owner.rpartition(".")[0]
+    while holder and is_container(model.get_submodule(holder)):  # a ModuleList's holder
+        holder = holder.rpartition(".")[0]
     kind = type(model.get_submodule(holder)).__name__
     where = f"module {holder!r} ({kind})" if holder else f"the model ({kind})"
     return (
