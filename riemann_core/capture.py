@@ -23,6 +23,7 @@ import itertools
 import random
 import sys
 import threading
+import types
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -500,15 +501,16 @@ class Capture:
         self.hooks_mark = hooks_mark()
         # (not counted in a pass that torch.compile compiled: AOTAutograd registers hooks
         # on the graph it traces, found by review, a false HookWarning at a compiled
-        # model's first pass; the next pass counts. Nor in a pass torch's module tracker
-        # follows: FlopCounterMode's registers hooks in every module's call, found by CI, 18
-        # false warnings in the benchmark suite. The model's own backward hooks, and the
+        # model's first pass; the next pass counts. The hooks torch's module tracker
+        # registers in every module's call (FlopCounterMode's) are not counted either: found
+        # by CI, 18 false warnings in the benchmark suite; a pass it follows is counted all
+        # the same, found by review: skipped whole, a Grad-CAM hook counted at every step
+        # was never warned of. The model's own backward hooks, and the
         # global ones, torch registers on its output after its forward hooks, after this:
         # found by review, a saved grad_output 2.1-2.5x off dL/dz, not warned of)
         self.hooked_in_forward = (
             compiled_frames() == self._frames_at_begin
-            and not module_tracked()
-            and hooks_registered(self._mark_at_begin, self.hooks_mark)
+            and hooks_registered(self._mark_at_begin, self.hooks_mark, tracked=True)
         ) or backward_hooked(module)
         self.calls = _without_no_grad_repeats(self.calls)
         mark_pass(output, self.key, self.token)
@@ -935,15 +937,45 @@ def compiled_frames() -> int:
     return 0 if utils is None else utils.counters["frames"]["total"]
 
 
-def module_tracked() -> bool:
-    """Whether torch's ``ModuleTracker`` (``torch.utils.module_tracker``; the one
-    ``FlopCounterMode`` enters) follows the modules' calls: in each it registers gradient
-    hooks that only note which module's backward runs."""
+def module_trackers() -> list:
+    """The ``ModuleTracker`` instances (``torch.utils.module_tracker``; the one
+    ``FlopCounterMode`` enters) that follow the modules' calls now: in each call one
+    registers gradient hooks that only note which module's backward runs. Found by their
+    bound method among the global forward pre-hooks, read at once (found by review: read
+    item by item, another thread registering a hook raised out of the user's forward; a
+    hook object whose ``__getattr__`` raised did too)."""
     tracker = sys.modules.get("torch.utils.module_tracker")
-    return tracker is not None and any(
-        isinstance(getattr(hook, "__self__", None), tracker.ModuleTracker)
-        for hook in _global_forward_pre_hooks.values()
-    )
+    if tracker is None:
+        return []
+    return [
+        hook.__self__
+        for hook in tuple(_global_forward_pre_hooks.values())
+        if type(hook) is types.MethodType and issubclass(type(hook.__self__), tracker.ModuleTracker)
+    ]
+
+
+def tracked_hooks(since: int, until: int) -> int:
+    """How many hook handles numbered from ``since`` to ``until`` (:func:`hooks_mark`)
+    the module trackers following the calls now registered (:func:`module_trackers`;
+    each keeps them until it exits). Where torch keeps them otherwise, none is found:
+    the tracker's hooks are then counted as the user's (a false warning, not a lost one)."""
+    count = 0
+    for tracker in module_trackers():
+        ids = [
+            getattr(h, "id", None)
+            for h in (
+                getattr(tracker, "_fw_pre_handle", None),
+                getattr(tracker, "_fw_post_handle", None),
+            )
+        ]
+        count += sum(isinstance(i, int) and since <= i < until for i in ids)
+        kept = getattr(tracker, "_hooks", None)
+        for multi in reversed(kept) if isinstance(kept, list) else ():  # (newest last)
+            ids = [getattr(h, "id", -1) for h in getattr(multi, "handles", (multi,))]
+            if ids and max(ids) < since:
+                break
+            count += sum(since <= i < until for i in ids)
+    return count
 
 
 def backward_hooked(module: nn.Module) -> bool:
@@ -957,14 +989,15 @@ def backward_hooked(module: nn.Module) -> bool:
     )
 
 
-def hooks_registered(since: int | None, until: int) -> bool:
+def hooks_registered(since: int | None, until: int, *, tracked: bool = False) -> bool:
     """Whether a hook handle other than riemann_core's was registered between the marks
     ``since`` and ``until`` (:func:`hooks_mark`; ``since`` None: not known, True).
     riemann_core's own are told apart by id, not counted: one registered by another
     thread as the mark ``since`` was read, or counted late, has an id below it or is
     not found (found by review: a count of them, read between another thread's
     registration and its count, hid the user's hook that followed). Process-wide:
-    another thread's registrations count too."""
+    another thread's registrations count too. ``tracked``: nor are those of torch's module
+    trackers (:func:`tracked_hooks`)."""
     if since is None:
         return True
     own = 0
@@ -975,6 +1008,8 @@ def hooks_registered(since: int | None, until: int) -> bool:
             own += since <= i < until
     except RuntimeError:  # (changed by another thread while read: those not read count)
         pass
+    if tracked:  # (those of torch's module trackers, :func:`tracked_hooks`, not counted)
+        own += tracked_hooks(since, until)
     return until - since > own
 
 

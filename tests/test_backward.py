@@ -524,29 +524,74 @@ def test_a_compiled_model_that_registers_no_hook_is_not_warned_of(call):
 def test_a_pass_torch_flop_counter_follows_is_not_warned_of(call):
     """Found by CI: the module tracker of torch's ``FlopCounterMode`` registers gradient
     hooks in every module's call, and a pass counted read as one that registered the
-    user's (18 false warnings in the benchmark suite; a user's own counter too). Such a
-    pass is not counted, whether the step runs under the counter or after it; the model's
-    own Grad-CAM hook is warned of at its next pass (hiding the warning under the counter
-    had lost it for good)."""
+    user's (18 false warnings in the benchmark suite; a user's own counter too). Its hooks
+    are not counted (nested counters' alike), whether the step runs under the counter or
+    after it; the pass is counted all the same (found by review: skipped whole, a Grad-CAM
+    model counted at every step, a profiling run, held a metric row in its saved gradient,
+    2.2x off dL/do, never warned of; hiding the warning under the counter had lost it too)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(7)
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
     model, plain = _GradCam().double(), nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3)).double()
-    expected = oracle_of(model, x, y, "layerwise")
     pre, plain_pre = (
         rc.RiemannianPreconditioner(m, method="layerwise", damping=DAMPING) for m in (model, plain)
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error", rc.HookWarning)
-        with FlopCounterMode(display=False):
+        with FlopCounterMode(display=False), FlopCounterMode(display=False):
             preconditioned(plain_pre, plain, x, y, call)
-            loss = F.cross_entropy(model(x), y)
-        pre.backward(loss) if call == "backward" else (loss.backward(), pre.step())
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
-        with pytest.raises(rc.HookWarning, match="Grad-CAM"):
-            preconditioned(pre, model, x, y, call)
+            plain.zero_grad()
+            loss = F.cross_entropy(plain(x), y)
+        plain_pre.backward(loss) if call == "backward" else (loss.backward(), plain_pre.step())
+        with FlopCounterMode(display=False):  # (a profiling run: every pass counted)
+            with pytest.raises(rc.HookWarning, match="Grad-CAM"):
+                preconditioned(pre, model, x, y, call)
+
+
+@pytest.mark.parametrize("odd", ["config", "racing"])
+def test_odd_global_forward_pre_hooks_leave_the_forward_pass_as_it_was(odd):
+    """Found by review: the global forward pre-hooks, read for a module tracker at the end
+    of every recorded pass, were read item by item: a hook registered meanwhile (by
+    another thread: 2 of 5298 passes raised in a thread race) raised torch's "OrderedDict
+    mutated during iteration" out of the user's forward, and so did a hook object whose
+    ``__getattr__`` raises (``KeyError: '__self__'``). Both are read as no tracker."""
+    import torch.utils.module_tracker  # noqa: F401  (read only where imported)
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    class Config:  # a callable whose attributes are a dict's keys
+        def __init__(self):
+            self.entries = {}
+
+        def __call__(self, module, args):
+            return None
+
+        def __getattr__(self, name):
+            return self.entries[name]
+
+    class Racing:  # registers a hook while it is read, as another thread would
+        def __call__(self, module, args):
+            return None
+
+        @property
+        def __self__(self):
+            handles.append(register_module_forward_pre_hook(lambda *a: None))
+
+    torch.manual_seed(7)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    model = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3)).double()
+    pre = rc.RiemannianPreconditioner(model, method="layerwise", damping=DAMPING)
+    handles = [register_module_forward_pre_hook(Config() if odd == "config" else Racing())]
+    handles.append(register_module_forward_pre_hook(lambda *a: None))  # (Racing not last)
+    try:
+        for _ in range(2):
+            model.zero_grad()
+            pre.backward(F.cross_entropy(model(x), y))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for p in model.parameters():
+        assert p.grad is not None
 
 
 class HookedInForward(nn.Module):
