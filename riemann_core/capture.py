@@ -954,12 +954,13 @@ def module_trackers() -> list:
     ]
 
 
-def tracked_hooks(since: int, until: int) -> int:
-    """How many hook handles numbered from ``since`` to ``until`` (:func:`hooks_mark`)
-    the module trackers following the calls now registered (:func:`module_trackers`;
+def tracked_ids(since: int, until: int) -> set[int]:
+    """The ids of the hook handles numbered from ``since`` to ``until`` (:func:`hooks_mark`)
+    that the module trackers following the calls now registered (:func:`module_trackers`;
     each keeps them until it exits). Where torch keeps them otherwise, none is found:
-    the tracker's hooks are then counted as the user's (a false warning, not a lost one)."""
-    count = 0
+    the tracker's hooks are then taken as the user's (a false warning, or a pass run again:
+    never a hook unseen)."""
+    found: set[int] = set()
     for tracker in module_trackers():
         ids = [
             getattr(h, "id", None)
@@ -968,14 +969,14 @@ def tracked_hooks(since: int, until: int) -> int:
                 getattr(tracker, "_fw_post_handle", None),
             )
         ]
-        count += sum(isinstance(i, int) and since <= i < until for i in ids)
+        found.update(i for i in ids if isinstance(i, int) and since <= i < until)
         kept = getattr(tracker, "_hooks", None)
         for multi in reversed(kept) if isinstance(kept, list) else ():  # (newest last)
             ids = [getattr(h, "id", -1) for h in getattr(multi, "handles", (multi,))]
             if ids and max(ids) < since:
                 break
-            count += sum(since <= i < until for i in ids)
-    return count
+            found.update(i for i in ids if since <= i < until)
+    return found
 
 
 def backward_hooked(module: nn.Module) -> bool:
@@ -997,7 +998,7 @@ def hooks_registered(since: int | None, until: int, *, tracked: bool = False) ->
     not found (found by review: a count of them, read between another thread's
     registration and its count, hid the user's hook that followed). Process-wide:
     another thread's registrations count too. ``tracked``: nor are those of torch's module
-    trackers (:func:`tracked_hooks`)."""
+    trackers (:func:`tracked_ids`)."""
     if since is None:
         return True
     own = 0
@@ -1008,8 +1009,8 @@ def hooks_registered(since: int | None, until: int, *, tracked: bool = False) ->
             own += since <= i < until
     except RuntimeError:  # (changed by another thread while read: those not read count)
         pass
-    if tracked:  # (those of torch's module trackers, :func:`tracked_hooks`, not counted)
-        own += tracked_hooks(since, until)
+    if tracked:  # (those of torch's module trackers, :func:`tracked_ids`, not counted)
+        own += len(tracked_ids(since, until))
     return until - since > own
 
 

@@ -72,6 +72,7 @@ from .capture import (
     rng_state,
     sequence_now,
     some,
+    tracked_ids,
     version_of,
 )
 from .direction import check_autograd, run_solver, solve
@@ -94,7 +95,14 @@ from .modules import (
     shows_parameters,
     training,
 )
-from .passes import Accumulations, Differentiated, Passes, accumulate_hooks_on, user_hooks_on
+from .passes import (
+    Accumulations,
+    Differentiated,
+    Passes,
+    accumulate_hooks_on,
+    user_hook_ids,
+    user_hooks_on,
+)
 
 
 class RiemannianPreconditioner:
@@ -995,10 +1003,14 @@ class RiemannianPreconditioner:
             # registered in forward on the model's output, 1.0 off); the autograd path, as
             # pre.step(), takes the gradient it leaves and the metric of the pass run
             # again. One registered in forward elsewhere runs in both alike and keeps the
-            # fused path (found by review: every such model ran a second forward pass)
-            hooked = user_hooks_on(capture.output) or hooks_registered(
-                capture.hooks_mark, hooks_now
-            )
+            # fused path (found by review: every such model ran a second forward pass).
+            # Those torch's module tracker registers (FlopCounterMode's: they only note
+            # which module runs) are neither (found by review: the FLOPs a benchmark counted
+            # were the autograd path's, its time the fused one's)
+            on_output = user_hook_ids(capture.output)
+            hooked = bool(
+                on_output and set(on_output) - tracked_ids(min(on_output), hooks_now)
+            ) or hooks_registered(capture.hooks_mark, hooks_now, tracked=True)
             # a recorded tensor that retains its gradient (h.retain_grad() in forward): the
             # batched backward pass would leave a batched tensor, unreadable, in its .grad
             # (torch's "escaped from inside a function being vmapped" at the first read;

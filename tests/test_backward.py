@@ -549,6 +549,31 @@ def test_a_pass_torch_flop_counter_follows_is_not_warned_of(call):
                 preconditioned(pre, model, x, y, call)
 
 
+def test_pre_backward_under_torch_flop_counter_keeps_the_fused_pass():
+    """Found by review: the module tracker of ``FlopCounterMode`` registers a gradient hook
+    on the model's output, which sent ``pre.backward`` to the autograd path (one more
+    forward pass): the FLOPs a benchmark counted were not those of the step it timed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(7)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    expected = oracle_of(model, x, y, "layerwise")
+    calls = []
+    model[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    pre = rc.RiemannianPreconditioner(model, method="layerwise", damping=DAMPING)
+    preconditioned(pre, model, x, y, "backward")  # (the first call runs the pass again)
+    for _ in range(2):
+        with FlopCounterMode(display=False):
+            model.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            calls.clear()
+            pre.backward(loss)
+        assert not calls  # no forward pass run again
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("odd", ["config", "racing"])
 def test_odd_global_forward_pre_hooks_leave_the_forward_pass_as_it_was(odd):
     """Found by review: the global forward pre-hooks, read for a module tracker at the end
