@@ -297,6 +297,7 @@ _RECORD = (
     "substituted",
     "token",
     "threaded",
+    "checkpointed",
     "hooks_mark",
     "hooked_in_forward",
     "_stale",
@@ -346,6 +347,13 @@ class Capture:
         # run by a thread pool): autograd numbers each thread's nodes apart, so its nodes'
         # numbers say nothing of the pass's start (see sequence_now)
         self.threaded = False
+        # a module of the recorded pass with a backward hook, called under saved-tensor
+        # hooks (a segment under torch.utils.checkpoint with use_reentrant=False) on
+        # inputs none of which requires grad (the segment's first, on the data): the
+        # batched backward pass runs the segment's forward again, where torch cannot
+        # apply that hook's Function (see saved_tensors_hooked); on inputs that require
+        # grad it can
+        self.checkpointed = False
         # hooks_mark() as the recorded pass ended (persistent): where a hook (a tensor's,
         # a node's, a module's) other than riemann_core's was registered since
         # (hooks_registered), it was after the pass (in the loss's code); None: not known
@@ -445,6 +453,7 @@ class Capture:
         """Forget the recorded forward pass (its tensors are then freed with the graph)."""
         self.calls, self.output, self.inputs, self.substituted = [], None, [], []
         self._stale, self._watched, self.threaded = set(), [], False
+        self.checkpointed = False
         self.hooks_mark, self.hooked_in_forward = None, False
 
     def _begin(self, module, args, kwargs) -> None:
@@ -606,6 +615,8 @@ class Capture:
             args, kwargs = recorded_args, recorded_kwargs
             if threading.get_ident() != self._thread:  # (see threaded)
                 self.threaded = True
+            if not live and backward_hooked(mod) and saved_tensors_hooked():
+                self.checkpointed = True  # (see checkpointed)
             if any(t._version != v for t, v in versions):  # the module changed its input
                 self._stale.add(name)
             held = [q for _, q in own_parameters(mod)]
@@ -977,6 +988,16 @@ def tracked_ids(since: int, until: int) -> set[int]:
                 break
             found.update(i for i in ids if since <= i < until)
     return found
+
+
+def saved_tensors_hooked() -> bool:
+    """Whether saved-tensor hooks are active, as inside a segment under
+    ``torch.utils.checkpoint(..., use_reentrant=False)`` (or ``save_on_cpu``): a backward
+    pass through it runs the segment's forward again, and the batched one under
+    ``torch.func.vmap``, where a module's backward hook (torch's ``BackwardHookFunction``)
+    cannot run. False where torch does not say."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
 
 
 def backward_hooked(module: nn.Module) -> bool:

@@ -842,8 +842,10 @@ class RiemannianPreconditioner:
         through their modules' calls (a weight penalty written into the loss); when a
         tensor hook is on the model's output, or a hook was registered since the forward
         pass (in the loss's code), or a module's output or input retains its gradient
-        (``retain_grad``), whose backward pass must not run batched; and for a
-        compiled model (``torch.compile``), whose compiled backward cannot run batched.
+        (``retain_grad``), whose backward pass must not run batched; for a module with a
+        backward hook called under ``torch.utils.checkpoint`` on inputs none of which
+        requires grad, whose segment cannot run again batched; and for a compiled model
+        (``torch.compile``), whose compiled backward cannot run batched.
         For cross-entropy on outputs ``(N, ..., C)`` the loss's gradient must show the
         classes along the last dimension and every position taken (see ``docs/api.md``).
         One process only: with a ``process_group`` or a ``DistributedDataParallel`` model
@@ -1011,6 +1013,12 @@ class RiemannianPreconditioner:
             hooked = bool(
                 on_output and set(on_output) - tracked_ids(min(on_output), hooks_now)
             ) or hooks_registered(capture.hooks_mark, hooks_now, tracked=True)
+            # a module with a backward hook at the start of a segment under
+            # torch.utils.checkpoint (use_reentrant=False): the batched backward pass runs
+            # the segment again under vmap, where torch cannot apply the hook (found by an
+            # audit: refused from the second pre.backward on, where docs/api.md promised
+            # it exact); the autograd path pulls the rows back as pre.step() does
+            checkpointed = capture.checkpointed
             # a recorded tensor that retains its gradient (h.retain_grad() in forward): the
             # batched backward pass would leave a batched tensor, unreadable, in its .grad
             # (torch's "escaped from inside a function being vmapped" at the first read;
@@ -1036,6 +1044,7 @@ class RiemannianPreconditioner:
                 or since
                 or threaded
                 or hooked
+                or checkpointed
                 or retained
             )
             if kept and fused:  # (the autograd path's replay refuses it: Replay.check_kept)

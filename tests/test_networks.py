@@ -3331,6 +3331,45 @@ def test_a_backward_hook_in_a_checkpointed_segment():
             assert (p.grad is None) if b is None else torch.equal(p.grad, b)
 
 
+def checkpoint_first(function, x):
+    return torch.utils.checkpoint.checkpoint(function, x, use_reentrant=False)
+
+
+class CheckpointedFirst(Checkpointed):
+    """The checkpointed segment starts the network: its first module takes the data."""
+
+    def forward(self, x):
+        if self.checkpointed:
+            return self.c(self.block(checkpoint_first(self.first, x)))
+        return self.c(self.block(self.first(x)))
+
+    def first(self, x):
+        return torch.tanh(self.a(x))
+
+
+@pytest.mark.parametrize("method", ["layerwise", "full", "natural", "kfac"])
+def test_a_backward_hook_at_the_start_of_a_checkpointed_segment_keeps_pre_backward_exact(
+    method,
+):
+    """Found by an audit: docs/api.md has ``pre.backward(loss)`` exact beside a module with
+    a backward hook in a checkpointed segment, but where the hooked module took inputs none
+    of which requires grad (the data), every call after the first (the fused path, whose
+    batched backward runs the segment again under vmap) was refused with "the backward
+    pass cannot run batched". Such a pass takes the autograd path, as ``pre.step()``."""
+    torch.manual_seed(0)
+    model = CheckpointedFirst().double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    plain = copy.deepcopy(model)
+    plain.checkpointed = False
+    if method == "kfac":  # (the oracle's K-FAC: tests/test_kfac.py; here the same network's)
+        expected = flatten(rc.direction(plain, x, y, method=method, damping=DAMPING), plain)
+    else:
+        expected = oracle_of(plain, x, y, method)
+    model.a.register_full_backward_hook(lambda module, grad_input, grad_output: None)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    assert_steps_exact(pre, model, x, lambda out: F.cross_entropy(out, y), expected, steps=3)
+
+
 class CheckpointedDropout(Checkpointed):
     """A dropout inside the checkpointed segment (``classes`` outputs)."""
 
