@@ -569,6 +569,35 @@ def test_a_forward_reading_a_submodules_weight_names_the_module_that_holds_it(ca
             pre.backward(loss) if call == "backward" else (loss.backward(), pre.step())
 
 
+def test_the_holder_named_for_a_child_shadowed_by_a_property_is_a_refusal():
+    """Found by review: the holder was looked up by ``get_submodule``, whose ``getattr``
+    found a class property where a child was registered under that name, and the
+    refusal raised AttributeError (```blk` is not an nn.Module``)."""
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.qkv.weight, self.qkv.bias)
+
+    class Shadowed(torch.nn.Module):
+        blk = property(lambda self: "a name")  # (the child is reached by _modules)
+
+        def __init__(self):
+            super().__init__()
+            self.inp, self.out = torch.nn.Linear(3, 4), torch.nn.Linear(4, 3)
+            self._modules["blk"] = Attention()
+
+        def forward(self, x):
+            return self.out(self._modules["blk"](self.inp(x)))
+
+    held = r"'blk.qkv' is held by module 'blk' \(Attention\)"
+    with pytest.raises(ValueError, match=r"\['blk.qkv.weight', 'blk.qkv.bias'\].*" + held):
+        rc.direction(Shadowed(), torch.randn(5, 3), torch.randint(0, 3, (5,)), kernel="auto")
+
+
 def test_a_stale_grad_of_a_module_not_called_names_zero_grad():
     """Found by review: a nonzero .grad left on a module the last forward pass did not call
     was said to "enter the loss"; .grad kept."""

@@ -425,10 +425,15 @@ def _held_by(model: nn.Module, used: list[str]) -> str:
     owner = ".".join(parts)
     if not owner:  # the model's own parameter
         return ""
+    # (by the names named_parameters gave, not get_submodule's getattr: found by review, a
+    # child shadowed by a property raised AttributeError in place of the refusal)
+    modules = dict(model.named_modules())
     holder = owner.rpartition(".")[0]
-    while holder and is_container(model.get_submodule(holder)):  # a ModuleList's holder
+    while holder and is_container(modules.get(holder)):  # a ModuleList's holder
         holder = holder.rpartition(".")[0]
-    kind = type(model.get_submodule(holder)).__name__
+    if holder not in modules:  # (names of a model that overrides named_parameters)
+        return ""
+    kind = type(modules[holder]).__name__
     where = f"module {holder!r} ({kind})" if holder else f"the model ({kind})"
     return (
         f" {owner!r} is held by {where}, whose forward may read its parameters without "
