@@ -1030,7 +1030,7 @@ def hooks_registered(since: int | None, until: int, *, tracked: bool = False) ->
             own += since <= i < until
     except RuntimeError:  # (changed by another thread while read: those not read count)
         pass
-    if tracked:  # (those of torch's module trackers, :func:`tracked_ids`, not counted)
+    if tracked and until - since > own:  # (nor torch's module trackers', :func:`tracked_ids`)
         own += len(tracked_ids(since, until))
     return until - since > own
 
