@@ -352,7 +352,9 @@ class Capture:
         # inputs none of which requires grad (the segment's first, on the data): the
         # batched backward pass runs the segment's forward again, where torch cannot
         # apply that hook's Function (see saved_tensors_hooked); on inputs that require
-        # grad it can
+        # grad torch gives the forward other tensors than it received, and such a call
+        # takes the autograd path anyway (a misordered record, see hook). A hooked module
+        # without trainable parameters is not watched: see docs/api.md
         self.checkpointed = False
         # hooks_mark() as the recorded pass ended (persistent): where a hook (a tensor's,
         # a node's, a module's) other than riemann_core's was registered since
@@ -991,13 +993,43 @@ def tracked_ids(since: int, until: int) -> set[int]:
 
 
 def saved_tensors_hooked() -> bool:
-    """Whether saved-tensor hooks are active, as inside a segment under
-    ``torch.utils.checkpoint(..., use_reentrant=False)`` (or ``save_on_cpu``): a backward
-    pass through it runs the segment's forward again, and the batched one under
+    """Whether saved-tensor hooks other than ``torch.autograd.graph.save_on_cpu``'s are
+    active, as inside a segment under ``torch.utils.checkpoint(..., use_reentrant=False)``:
+    a backward pass through it runs the segment's forward again, and the batched one under
     ``torch.func.vmap``, where a module's backward hook (torch's ``BackwardHookFunction``)
-    cannot run. False where torch does not say."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top is not None and top(False) is not None
+    cannot run. ``save_on_cpu`` runs nothing again (found by review: with it around the
+    whole forward, a model with a backward hook on its first layer took the autograd path,
+    one more forward pass, at every step, where the fused one was exact). torch shows only
+    the innermost hooks: those of ``save_on_cpu`` are set aside while the ones beneath are
+    read (a ``save_on_cpu`` inside a checkpointed segment). Hooks of another kind count.
+    False where torch does not say."""
+    autograd = torch._C._autograd
+    top = getattr(autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = None if top is None else top(False)
+    if hooks is None or not _saves_on_cpu(hooks[0]):
+        return hooks is not None
+    pop = getattr(autograd, "_pop_saved_tensors_default_hooks", None)
+    push = getattr(autograd, "_push_saved_tensors_default_hooks", None)
+    enabled = getattr(autograd, "_saved_tensors_hooks_is_enabled", None)
+    if pop is None or push is None or enabled is None or not enabled():
+        return True  # (not known, or not to be pushed back: the autograd path is exact)
+    aside = []
+    try:
+        while hooks is not None and _saves_on_cpu(hooks[0]):
+            pop()
+            aside.append(hooks)
+            hooks = top(False)
+        return hooks is not None
+    finally:
+        for pack, unpack in reversed(aside):
+            push(pack, unpack)
+
+
+def _saves_on_cpu(pack) -> bool:
+    """Whether ``pack`` is the pack hook of ``torch.autograd.graph.save_on_cpu``."""
+    return getattr(pack, "__module__", None) == "torch.autograd.graph" and getattr(
+        pack, "__qualname__", ""
+    ).startswith("save_on_cpu.")
 
 
 def backward_hooked(module: nn.Module) -> bool:

@@ -3370,6 +3370,58 @@ def test_a_backward_hook_at_the_start_of_a_checkpointed_segment_keeps_pre_backwa
     assert_steps_exact(pre, model, x, lambda out: F.cross_entropy(out, y), expected, steps=3)
 
 
+class SavedOnCPU(CheckpointedFirst):
+    """No checkpoint: the whole forward under ``save_on_cpu`` (``"whole"``), or a
+    checkpointed segment whose first part runs under it (``"inside"``)."""
+
+    def __init__(self, where):
+        super().__init__(checkpointed=False)
+        self.where = where
+
+    def forward(self, x):
+        if self.where == "whole":
+            with torch.autograd.graph.save_on_cpu():
+                return super().forward(x)
+        return self.c(checkpoint_first(self.segment, x))
+
+    def segment(self, x):
+        with torch.autograd.graph.save_on_cpu():
+            h = self.first(x)
+        return self.block(h)
+
+
+@pytest.mark.parametrize("method", ["layerwise", "kfac"])
+def test_a_backward_hook_under_save_on_cpu_keeps_the_fused_pass(method):
+    """Found by review: ``save_on_cpu`` sets saved-tensor hooks as a checkpoint does, but
+    runs no forward pass again; with it around the whole forward, a model with a backward
+    hook on its first layer took the autograd path (one more forward pass) at every
+    ``pre.backward``, where the fused pass was exact. Under a checkpoint, a ``save_on_cpu``
+    inside the segment does not hide it: that pass stays exact."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    calls = []
+    for where in ("whole", "inside"):
+        model = SavedOnCPU(where).double()
+        plain = CheckpointedFirst(checkpointed=False).double()
+        plain.load_state_dict(model.state_dict())
+        if method == "kfac":  # (as above)
+            expected = flatten(rc.direction(plain, x, y, method=method, damping=DAMPING), plain)
+        else:
+            expected = oracle_of(plain, x, y, method)
+        model.a.register_full_backward_hook(lambda module, grad_input, grad_output: None)
+        model.a.register_forward_pre_hook(lambda *_: calls.append(1))
+        pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+        for step in range(3):
+            model.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            calls.clear()
+            pre.backward(loss)
+            got = {n: p.grad for n, p in model.named_parameters()}
+            assert rel_error(flatten(got, model), expected) < 1e-10
+            if where == "whole" and step:  # (the first call runs the pass again)
+                assert not calls  # the fused pass: no forward pass run again
+
+
 class CheckpointedDropout(Checkpointed):
     """A dropout inside the checkpointed segment (``classes`` outputs)."""
 
