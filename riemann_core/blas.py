@@ -135,13 +135,33 @@ def symmetric_products(
     return cpu and all(_blas_syrk(t) is not None for t in dtypes)
 
 
+def profiled(op):
+    """``op``, a ``torch.library.custom_op`` of this package, with its calls routed through
+    torch's C++ dispatcher, which records each call as an operation of its own for
+    ``torch.profiler`` (``riemann_core.measure.breakdown`` times its kernel by that name).
+
+    From torch 2.14, ``custom_op`` calls a Python kernel on a fast path that skips the
+    dispatcher ("PyObject dispatch"), and with it the profiler's record of the call: under
+    torch 2.14.1 ``potrf_`` ran unseen, so ``time_by_kind`` (and the ``time_by_kind`` rows
+    of ``targets.json``) counted the time of every Cholesky LAPACK ran directly as
+    overhead (``FlopCounterMode``, a dispatch mode, still saw it). The fast path saves only
+    dispatch overhead, small against the BLAS and LAPACK kernels these operators run.
+    Where torch has no such path (before 2.14), ``op`` is left as it is."""
+    overload = getattr(op, "_opoverload", None)
+    enable = getattr(overload, "_enable_pyobj_dispatch", None)
+    if enable is not None:
+        enable(False)
+    return op
+
+
+@profiled
 @torch.library.custom_op("riemann_core::syrk_", mutates_args=("out",), device_types="cpu")
 def syrk_(rows: Tensor, out: Tensor, beta: float) -> None:
     """``out <- rows rows^T + beta out`` on the lower triangle of the ``d x d`` matrix
     ``out`` (its strict upper triangle is left as it was), ``rows`` ``d x k``: BLAS
     ``?syrk`` (:func:`_blas_syrk`; check :func:`symmetric_product_applies` first). An
-    operator of its own, so that ``FlopCounterMode`` and the profiler see it
-    (``riemann_core.measure.flops`` counts ``d^2 k``)."""
+    operator of its own (:func:`profiled`), so that ``FlopCounterMode`` and the profiler
+    see it (``riemann_core.measure.flops`` counts ``d^2 k``)."""
     if not symmetric_product_applies(rows, out):
         raise ValueError(
             f"syrk_ needs CPU float32 or float64 rows ({tuple(rows.shape)}) and out "

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .blas import TORCH_CPU as _TORCH_CPU
+from .blas import profiled
 from .costs import POWER_STEPS, factor_order
 
 #: Relative jitter tried, in order, when a Cholesky factorisation fails.
@@ -216,12 +217,14 @@ def _lapack_potrf(dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
     return factorise
 
 
+@profiled
 @torch.library.custom_op("riemann_core::potrf_", mutates_args=("matrix",), device_types="cpu")
 def potrf_(matrix: Tensor) -> Tensor:
     """LAPACK's lower Cholesky of every column-major ``(..., m, m)`` matrix of ``matrix``,
     in place (:func:`_lapack_potrf`; CPU, where torch exports it); returns LAPACK's
-    ``info`` per matrix. An operator of its own, so that ``FlopCounterMode`` and the
-    profiler see it (``riemann_core.measure.flops`` counts it as a Cholesky)."""
+    ``info`` per matrix. An operator of its own (:func:`~riemann_core.blas.profiled`), so
+    that ``FlopCounterMode`` and the profiler see it (``riemann_core.measure.flops`` counts
+    it as a Cholesky)."""
     factorise = _lapack_potrf(matrix.dtype)
     if factorise is None or not matrix.mT.is_contiguous():
         raise ValueError(

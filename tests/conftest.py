@@ -32,9 +32,8 @@ def pytest_configure(config):
         "markers", "slow: large-sample statistical checks, skipped unless --run-slow is given"
     )
     # torch.func's forward mode (hessian = jacfwd(jacrev)) scripts its decompositions
-    config.addinivalue_line(
-        "filterwarnings", "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
-    )
+    # (a DeprecationWarning in torch 2.13, a FutureWarning from 2.14)
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script` is deprecated")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -86,13 +86,12 @@ def available() -> bool:
 
 
 def _curvlinops():
-    """curvlinops, imported without the DeprecationWarning its dependency linear_operator
-    raises at import (it calls ``torch.jit.script``, which torch 2.13 deprecates): a note
+    """curvlinops, imported without the warning its dependency linear_operator raises at
+    import (it calls ``torch.jit.script``, which torch 2.13 deprecates: a
+    DeprecationWarning there, a FutureWarning, shown by default, from torch 2.14): a note
     on that library's internals, which a user of the comparison cannot act on."""
     with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="`torch.jit.script` is deprecated", category=DeprecationWarning
-        )
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
         import curvlinops
     return curvlinops
 

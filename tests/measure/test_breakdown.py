@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
-from riemann_core import woodbury
+from riemann_core import blas, woodbury
 from riemann_core.measure.breakdown import KIND_OF_OP, KINDS, time_by_kind
 
 
@@ -70,3 +72,36 @@ def test_every_kind_the_flop_counter_counts_is_timed_as_that_kind():
     for op, (kind, _) in LINALG.items():
         if kind in KINDS:
             assert KIND_OF_OP.get(str(op).replace(".", "::", 1)) == kind, op
+
+
+def _potrf():
+    woodbury.potrf_(torch.eye(8).mT)
+
+
+def _syrk():
+    blas.syrk_(torch.ones(8, 3), torch.zeros(8, 8), 0.0)
+
+
+@pytest.mark.parametrize(
+    "name, call, available",
+    [
+        ("riemann_core::potrf_", _potrf, lambda: woodbury._lapack_potrf(torch.float32)),
+        ("riemann_core::syrk_", _syrk, lambda: blas.symmetric_products("cpu", torch.float32)),
+    ],
+    ids=["potrf_", "syrk_"],
+)
+def test_the_profiler_records_each_call_of_the_packages_operators(name, call, available):
+    """Found on torch 2.14.1: its ``custom_op`` calls a Python kernel on a fast path past
+    the dispatcher, unseen by the profiler, so ``time_by_kind`` counted LAPACK's potrf,
+    called directly, as overhead. Each call is one event of the operator's name, the
+    parent of the operations its kernel runs (:func:`riemann_core.blas.profiled`)."""
+    if not available():
+        pytest.skip("torch exports no LAPACK potrf / BLAS syrk here")
+    call()  # (a first call may take another path)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+        call()
+    events = [e for e in prof.events() if e.name == name]
+    assert len(events) == 2
+    inner = [e for e in prof.events() if e.cpu_parent is not None and e.cpu_parent.name == name]
+    assert name != "riemann_core::potrf_" or inner  # (the kernel's own aten operations)
