@@ -419,10 +419,7 @@ def _held_by(model: nn.Module, used: list[str]) -> str:
     """Where the module of the first of ``used`` (parameter names) is held by another: that
     module named, whose forward may read the parameters without calling their module (found
     by a hunt: torchvision's Swin attention, ``F.linear(x, self.qkv.weight, ...)``)."""
-    parts = used[0].split(".")[:-1]
-    if "parametrizations" in parts:  # a parametrized weight's: that of its module
-        parts = parts[: len(parts) - 1 - parts[::-1].index("parametrizations")]
-    owner = ".".join(parts)
+    owner = used[0].rpartition(".")[0]  # (a trainable parametrization is refused before)
     if not owner:  # the model's own parameter
         return ""
     # (by the names named_parameters gave, not get_submodule's getattr: found by review, a
