@@ -11,7 +11,7 @@ from ._warn import HookWarning
 from .direction import direction
 from .distributed import DistributedError
 from .methods import METHODS, LayerDiagnostics
-from .modules import Handler, register_handler
+from .modules import Handler, read_by_holder, register_handler
 from .preconditioner import RiemannianPreconditioner
 from .woodbury import AccuracyWarning, SolveError
 
@@ -25,5 +25,6 @@ __all__ = [
     "RiemannianPreconditioner",
     "SolveError",
     "direction",
+    "read_by_holder",
     "register_handler",
 ]

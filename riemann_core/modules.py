@@ -30,6 +30,7 @@ import inspect
 import itertools
 import math
 import types
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,9 +58,34 @@ CONTAINERS = (
 )
 
 
+#: The modules :func:`read_by_holder` marked (by identity; one freed leaves the set).
+_READ_BY_HOLDER: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
 def is_container(module: nn.Module) -> bool:
-    """Whether ``module`` is one of the :data:`CONTAINERS` (not a subclass of one)."""
-    return type(module) in CONTAINERS
+    """Whether ``module`` is one of the :data:`CONTAINERS` (not a subclass of one), or a
+    module :func:`read_by_holder` marked: never called, its holder owns its parameters."""
+    return type(module) in CONTAINERS or module in _READ_BY_HOLDER
+
+
+def read_by_holder(*modules: nn.Module) -> None:
+    """Mark ``modules`` as read by the module that holds them: its forward uses their
+    parameters without calling them, as torchvision's Swin attention reads its ``qkv`` and
+    ``proj`` Linears (``F.linear(x, self.qkv.weight, self.qkv.bias)``) and
+    ``nn.MultiheadAttention`` its ``out_proj`` (taken without a mark). Their parameters
+    then form one block with the holder's, which the generic kernel (``kernel="auto"``)
+    evaluates whole: exact, as for any module under it; a marked module called outside
+    its holder's forward is refused as a parameter used outside its module's calls. Mark
+    them before the forward pass a direction is computed from (a preconditioner's hooks
+    are installed again at its next call). Without the mark such parameters are refused
+    (their module was not called)."""
+    for module in modules:
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"read_by_holder takes the nn.Module whose parameters its holder reads, got "
+                f"{type(module).__name__}"
+            )
+        _READ_BY_HOLDER.add(module)
 
 
 #: Arguments (by their names in ``forward``) a module shares between the samples whatever

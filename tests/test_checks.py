@@ -546,7 +546,8 @@ def test_weight_tied_through_a_functional_call_is_refused():
 def test_a_forward_reading_a_submodules_weight_names_the_module_that_holds_it(call):
     """Found by a hunt of torchvision's models: Swin's attention reads its ``qkv`` and
     ``proj`` Linears' weights through ``F.linear`` without calling them, and the refusal
-    named only the parameters; it names the module that holds them too."""
+    named only the parameters; it names the module that holds them too, and the mark that
+    makes them its (``rc.read_by_holder``, tests/test_networks.py)."""
 
     class Attention(torch.nn.Module):
         def __init__(self):
@@ -559,7 +560,10 @@ def test_a_forward_reading_a_submodules_weight_names_the_module_that_holds_it(ca
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), Attention(), torch.nn.Linear(4, 3))
     x, y = torch.randn(5, 3), torch.randint(0, 3, (5,))
-    held = r"'1.qkv' is held by module '1' \(Attention\), whose forward may read"
+    held = (
+        r"'1.qkv' is held by module '1' \(Attention\), whose forward may read.*"
+        r"rc.read_by_holder\(model.get_submodule\('1.qkv'\)\)"
+    )
     with pytest.raises(ValueError, match=r"\['1.qkv.weight', '1.qkv.bias'\].*" + held):
         if call == "direction":
             rc.direction(model, x, y, kernel="auto")

@@ -4106,6 +4106,77 @@ class Weighing(nn.Module):
         return self.head(self.attention(x, x, x)[0])
 
 
+class WindowAttention(nn.Module):
+    """torchvision's Swin attention, in short: it reads its ``qkv`` and ``proj`` Linears'
+    weights through ``F.linear`` without calling them, beside a parameter of its own."""
+
+    def __init__(self, width=4):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.position_bias = nn.Parameter(0.1 * torch.randn(3, 3))
+
+    def forward(self, h):  # (N, 3, width): 3 tokens
+        q, k, v = F.linear(h, self.qkv.weight, self.qkv.bias).chunk(3, -1)
+        scores = q @ k.mT / q.shape[-1] ** 0.5 + self.position_bias
+        return F.linear(scores.softmax(-1) @ v, self.proj.weight, self.proj.bias)
+
+
+class WindowNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.attn, self.head = nn.Linear(2, 4), WindowAttention(), nn.Linear(12, 3)
+
+    def forward(self, x):  # (N, 3, 2)
+        return self.head(torch.tanh(self.attn(self.embed(x))).flatten(1))
+
+
+@pytest.mark.parametrize("method", ["layerwise", "full", "natural"])
+def test_modules_marked_read_by_their_holder_form_its_block(method):
+    """Found by a hunt of torchvision's models: Swin's attention reads its Linears' weights
+    without calling them, and was refused (no module call saw those parameters) under every
+    method and kernel. Marked by ``rc.read_by_holder`` they form one block with the
+    attention's own parameter, which the generic kernel evaluates whole: exact against the
+    oracle whose block is that union, on every path; marked after the preconditioner was
+    made too (its hooks are installed again)."""
+    torch.manual_seed(0)
+    model = WindowNet().double()
+    x, y = torch.randn(5, 3, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel="auto")
+    with pytest.raises(ValueError, match=r"rc.read_by_holder\(model.get_submodule\('attn.qkv'"):
+        preconditioned(pre, model, x, y, "backward")
+    rc.read_by_holder(model.attn.qkv, model.attn.proj)
+    named = list(model.named_parameters())  # each parameter's positions in the flat vector
+    positions = torch.arange(sum(p.numel() for _, p in named)).split([p.numel() for _, p in named])
+    blocks = [  # the attention's block: its own parameter and its Linears'
+        torch.cat([at for (n, _), at in zip(named, positions) if n.startswith(prefix)])
+        for prefix in ("embed.", "attn.", "head.")
+    ]
+    G = ggn(model, x, y, "cross_entropy")
+    expected = oracle_direction(G, gradient(model, x, y, "cross_entropy"), DAMPING, method, blocks)
+    got = rc.direction(model, x, y, method=method, damping=DAMPING, kernel="auto")
+    assert rel_error(flatten(got, model), expected) < 1e-10
+    for call in ["backward", "step", "backward"]:
+        preconditioned(pre, model, x, y, call)
+        got = {n: p.grad for n, p in model.named_parameters()}
+        assert rel_error(flatten(got, model), expected) < 1e-10
+
+
+def test_a_module_marked_read_by_its_holder_and_called_elsewhere_is_refused():
+    """A marked module called outside its holder's forward: its parameters reach the
+    output outside the holder's calls, refused (not taken silently); a mark of anything
+    but a module is a TypeError."""
+    torch.manual_seed(0)
+    model = WindowNet().double()
+    shared = model.attn.proj
+    model.forward = lambda x: model.head(torch.tanh(shared(model.attn(model.embed(x)))).flatten(1))
+    rc.read_by_holder(model.attn.qkv, shared)
+    x, y = torch.randn(5, 3, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    with pytest.raises(ValueError, match="outside"):
+        rc.direction(model, x, y, kernel="auto")
+    with pytest.raises(TypeError, match="read_by_holder takes the nn.Module"):
+        rc.read_by_holder(model.attn.qkv.weight)
+
+
 def test_attention_returning_its_weights_is_refused_naming_need_weights():
     """``nn.MultiheadAttention`` returns its averaged weights by default: a second tensor,
     whose use no metric of the output sees; refused with the fix."""

@@ -435,7 +435,8 @@ def _held_by(model: nn.Module, used: list[str]) -> str:
     return (
         f" {owner!r} is held by {where}, whose forward may read its parameters without "
         "calling it (F.linear(x, self.qkv.weight, self.qkv.bias), as torchvision's Swin "
-        "attention does)."
+        f"attention does): then mark it, rc.read_by_holder(model.get_submodule({owner!r})), "
+        "and take kernel='auto'."
     )
 
 
