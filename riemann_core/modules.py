@@ -77,8 +77,10 @@ def read_by_holder(*modules: nn.Module) -> None:
     evaluates whole: exact, as for any module under it; a marked module called outside
     its holder's forward is refused as a parameter used outside its module's calls. Mark
     them before the forward pass a direction is computed from (a preconditioner's hooks
-    are installed again at its next call). Without the mark such parameters are refused
-    (their module was not called)."""
+    are installed again at its next call, and a mark made after a probe passed is probed
+    again; ``check_coupling=False`` skips that). The mark is of these objects: a deep copy
+    of the model is unmarked. Without the mark such parameters are refused (their module
+    was not called)."""
     for module in modules:
         if not isinstance(module, nn.Module):
             raise TypeError(

@@ -91,6 +91,7 @@ from .modules import (
     Block,
     check_kronecker,
     evaluated_per_sample,
+    own_parameters,
     replayed_attributes,
     shows_parameters,
     training,
@@ -1362,7 +1363,11 @@ class RiemannianPreconditioner:
         generic = [
             prefix
             for prefix, m in named
-            if any(p.requires_grad for p in m.parameters(recurse=False))
+            # (its own parameters: those of the containers and the modules marked by
+            # rc.read_by_holder it holds too; found by review: a holder of such parameters
+            # alone, its counter advanced by the generic kernel's calls, was refused as
+            # using them outside its calls)
+            if any(p.requires_grad for _, p in own_parameters(m))
             and evaluated_per_sample(m, kernel)
             and next(m.buffers(), None) is not None
         ]

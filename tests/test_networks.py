@@ -4177,6 +4177,119 @@ def test_a_module_marked_read_by_its_holder_and_called_elsewhere_is_refused():
         rc.read_by_holder(model.attn.qkv.weight)
 
 
+class ProjMixer(nn.Module):
+    """Calls its ``proj`` (a mark of it is wrong where the model calls it outside too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.gain = nn.Linear(4, 4), nn.Parameter(torch.ones(4))
+
+    def forward(self, h):
+        return self.proj(h) * self.gain
+
+
+class MixerNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Linear(2, 4), ProjMixer(), nn.Linear(12, 3)
+
+    def forward(self, x):  # (N, 3, 2); the mixer's proj called again outside it
+        return self.head(torch.tanh(self.mix.proj(self.mix(self.embed(x)))).flatten(1))
+
+
+@pytest.mark.parametrize("call", ["direction", "step", "backward"])
+def test_a_mark_made_after_the_probe_passed_is_probed_again(call):
+    """Found by review: a module marked by ``rc.read_by_holder`` after a probe had passed
+    (the model called it outside its holder too, exact unmarked) was taken without a new
+    probe, its parameters in the holder's block: 0.4-2.5 off the oracle, silently. The
+    mark is part of what the probe's verdict holds for, so it is probed and refused."""
+    torch.manual_seed(0)
+    model = MixerNet().double()
+    x, y = torch.randn(5, 3, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    pre = rc.RiemannianPreconditioner(model, method="full", damping=DAMPING, kernel="auto")
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    expected = oracle_direction(G, g, DAMPING, "full", [])
+    if call == "direction":
+        got = rc.direction(model, x, y, method="full", damping=DAMPING, kernel="auto")
+    else:
+        preconditioned(pre, model, x, y, call)
+        got = {n: p.grad for n, p in model.named_parameters()}
+    assert rel_error(flatten(got, model), expected) < 1e-10  # unmarked: exact
+    rc.read_by_holder(model.mix.proj)  # wrong: the model calls it outside its holder
+    outside = r"\['mix.proj.weight', 'mix.proj.bias'\] reach the output outside the calls"
+    if call == "direction":
+        with pytest.raises(ValueError, match=outside):
+            rc.direction(model, x, y, method="full", damping=DAMPING, kernel="auto")
+    else:
+        model.zero_grad(set_to_none=True)
+        assert_call_refused(pre, model, x, y, call, outside)
+
+
+class CountingReader(nn.Module):
+    """Reads its ``lin``'s parameters without calling it, and has none of its own; a
+    counter it advances at every call scales its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.counting = nn.Linear(4, 4), True
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, h):
+        if self.counting:
+            self.calls += 1
+        return F.linear(h, self.lin.weight, self.lin.bias) * (1 + 0.5 * self.calls)
+
+
+class CountingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.reader, self.head = nn.Linear(2, 4), CountingReader(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.reader(self.embed(x))))
+
+
+@pytest.mark.parametrize("call", ["step", "backward"])
+def test_a_holder_of_marked_parameters_alone_is_evaluated_from_its_recorded_buffers(call):
+    """Found by review: a module whose trainable parameters are all those of modules
+    marked by ``rc.read_by_holder`` (a ParameterList's too) was not among the modules the
+    generic kernel evaluates again from the buffers the recorded pass found, which looked
+    for parameters registered on the module itself: its counter, advanced again by those
+    calls, gave other outputs, refused as parameters used outside their modules' calls.
+    Exact now, over steps, the counter advanced once a forward pass."""
+    torch.manual_seed(0)
+    model = CountingNet().double()
+    rc.read_by_holder(model.reader.lin)
+    x, y = torch.randn(6, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = rc.RiemannianPreconditioner(model, method="layerwise", damping=DAMPING, kernel="auto")
+    named = [n for n, _ in model.named_parameters()]
+    positions = dict(
+        zip(
+            named,
+            torch.arange(len(flatten(dict(model.named_parameters()), model))).split(
+                [p.numel() for p in model.parameters()]
+            ),
+        )
+    )
+    blocks = [
+        torch.cat([positions[n] for n in named if n.startswith(prefix)])
+        for prefix in ("embed.", "reader.", "head.")
+    ]
+    for step in range(1, 4):
+        frozen = copy.deepcopy(model)  # the oracle's model: the counter as the pass sees it
+        frozen.reader.counting = False
+        frozen.reader.calls += 1
+        G, g = ggn(frozen, x, y, "cross_entropy"), gradient(frozen, x, y, "cross_entropy")
+        expected = oracle_direction(G, g, DAMPING, "layerwise", blocks)
+        preconditioned(pre, model, x, y, call)
+        got = {n: p.grad for n, p in model.named_parameters()}
+        assert rel_error(flatten(got, model), expected) < 1e-10
+        assert model.reader.calls.item() == step
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+
+
 def test_attention_returning_its_weights_is_refused_naming_need_weights():
     """``nn.MultiheadAttention`` returns its averaged weights by default: a second tensor,
     whose use no metric of the output sees; refused with the fix."""
