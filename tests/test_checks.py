@@ -354,6 +354,41 @@ def test_module_that_moves_the_batch_dimension_is_refused_with_the_fix():
         torch.testing.assert_close(plain[name], g, rtol=1e-12, atol=0)
 
 
+class BroadcastPositions(torch.nn.Module):
+    """A language model that looks up its position embeddings on ``(1, T)`` indices
+    unless given ``position_ids``, as Hugging Face's GPT-2, BERT and DistilBERT do."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos = torch.nn.Embedding(7, 4), torch.nn.Embedding(6, 4)
+        self.head = torch.nn.Linear(4, 7)
+
+    def forward(self, ids, position_ids=None):
+        if position_ids is None:
+            position_ids = torch.arange(ids.shape[1])[None]
+        return self.head(torch.tanh(self.tok(ids) + self.pos(position_ids)))
+
+
+def test_positions_looked_up_on_one_row_are_refused_naming_position_ids():
+    """Found by a hunt: GPT-2, BERT and DistilBERT of ``transformers`` called as users call
+    them were refused naming tables held otherwise, not the fix at hand: position ids
+    expanded to the batch, with which the direction is exact."""
+    torch.manual_seed(0)
+    model = BroadcastPositions().double()
+    ids, y = torch.randint(0, 7, (3, 5)), torch.randint(0, 7, (3, 5))
+    fix = r"position_ids=torch.arange\(T\).expand\(3, T\)"
+    with pytest.raises(ValueError, match="first dimension is not the batch of 3") as err:
+        rc.direction(model, ids, y, kernel="auto")
+    assert re.search(fix, str(err.value))
+    pre = rc.RiemannianPreconditioner(model, kernel="auto")
+    with pytest.raises(ValueError, match=fix):
+        pre.backward(F.cross_entropy(model(ids).reshape(-1, 7), y.reshape(-1)))
+    assert all(p.grad is None for p in model.parameters())
+    kwargs = {"position_ids": torch.arange(5).expand(3, 5)}
+    dirs = rc.direction(model, ids, y, kernel="auto", forward_kwargs=kwargs)
+    assert set(dirs) == {n for n, _ in model.named_parameters()}
+
+
 class FlatLogits(torch.nn.Module):
     """A language model returning its logits flattened to ``(N T, V)``."""
 

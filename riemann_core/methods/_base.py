@@ -760,6 +760,15 @@ def check_batch_dimension(calls: list[Block], outputs: Tensor) -> None:
                 if rows > N and rows % N == 0
                 else ""
             )
+            # (found by a hunt: Hugging Face's GPT-2, BERT and DistilBERT look up their
+            # position embeddings on (1, T) indices, told only of tables held otherwise)
+            if rows == 1 and isinstance(c.module, (nn.Embedding, nn.EmbeddingBag)):
+                flattened += (
+                    f"; an embedding looked up on indices of shape (1, T) (position ids, as "
+                    "Hugging Face models build them when none are passed) gives every sample "
+                    f"the same rows: pass the indices expanded to the batch, ({N}, T), e.g. "
+                    f"position_ids=torch.arange(T).expand({N}, T) as a forward argument"
+                )
             raise ValueError(
                 f"{named_module(c.name)} returns shape {tuple(c.output.shape)}, whose first dimension "
                 f"is not the batch of {N} samples; the metrics need every module with "
