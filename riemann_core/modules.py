@@ -65,7 +65,7 @@ _READ_BY_HOLDER: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 def is_container(module: nn.Module) -> bool:
     """Whether ``module`` is one of the :data:`CONTAINERS` (not a subclass of one), or a
     module :func:`read_by_holder` marked: never called, its holder owns its parameters."""
-    return type(module) in CONTAINERS or module in _READ_BY_HOLDER
+    return type(module) in CONTAINERS or bool(_READ_BY_HOLDER) and module in _READ_BY_HOLDER
 
 
 def read_by_holder(*modules: nn.Module) -> None:
