@@ -30,7 +30,6 @@ import inspect
 import itertools
 import math
 import types
-import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,14 +57,17 @@ CONTAINERS = (
 )
 
 
-#: The modules :func:`read_by_holder` marked (by identity; one freed leaves the set).
-_READ_BY_HOLDER: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+#: The attribute :func:`read_by_holder` sets on a module it marks (in its ``__dict__``,
+#: which a deep copy and a pickle keep).
+READ_BY_HOLDER = "_riemann_core_read_by_holder"
 
 
 def is_container(module: nn.Module) -> bool:
     """Whether ``module`` is one of the :data:`CONTAINERS` (not a subclass of one), or a
     module :func:`read_by_holder` marked: never called, its holder owns its parameters."""
-    return type(module) in CONTAINERS or bool(_READ_BY_HOLDER) and module in _READ_BY_HOLDER
+    return type(module) in CONTAINERS or (
+        isinstance(module, nn.Module) and module.__dict__.get(READ_BY_HOLDER, False)
+    )
 
 
 def read_by_holder(*modules: nn.Module) -> None:
@@ -78,16 +80,16 @@ def read_by_holder(*modules: nn.Module) -> None:
     its holder's forward is refused as a parameter used outside its module's calls. Mark
     them before the forward pass a direction is computed from (a preconditioner's hooks
     are installed again at its next call, and a mark made after a probe passed is probed
-    again; ``check_coupling=False`` skips that). The mark is of these objects: a deep copy
-    of the model is unmarked. Without the mark such parameters are refused (their module
-    was not called)."""
+    again; ``check_coupling=False`` skips that). The mark is an attribute of each module: a
+    deep copy or a pickle of the model keeps it. Without the mark such parameters are
+    refused (their module was not called)."""
     for module in modules:
         if not isinstance(module, nn.Module):
             raise TypeError(
                 f"read_by_holder takes the nn.Module whose parameters its holder reads, got "
                 f"{type(module).__name__}"
             )
-        _READ_BY_HOLDER.add(module)
+        object.__setattr__(module, READ_BY_HOLDER, True)  # (not a submodule or parameter)
 
 
 #: Arguments (by their names in ``forward``) a module shares between the samples whatever

@@ -4159,6 +4159,9 @@ def test_modules_marked_read_by_their_holder_form_its_block(method):
         preconditioned(pre, model, x, y, call)
         got = {n: p.grad for n, p in model.named_parameters()}
         assert rel_error(flatten(got, model), expected) < 1e-10
+    copied = copy.deepcopy(model)  # (the mark is kept: an EMA teacher, a run per seed)
+    got = rc.direction(copied, x, y, method=method, damping=DAMPING, kernel="auto")
+    assert rel_error(flatten(got, copied), expected) < 1e-10
 
 
 def test_a_module_marked_read_by_its_holder_and_called_elsewhere_is_refused():
