@@ -1366,12 +1366,14 @@ def restored_attributes(attributes: list[tuple[nn.Module, dict, list]]) -> None:
     """Give the modules of ``attributes`` (:func:`replayed_attributes`) the plain
     attributes they had then, as :func:`_restore_attributes` does, except those every
     module holds (:data:`_TORCH_OWN`: its ``training`` flag, its hooks, parameters,
-    buffers and submodules), which stay as they are now."""
-    _restore_attributes(attributes, keep=_TORCH_OWN)
+    buffers and submodules), which stay as they are now; nor :func:`read_by_holder`'s mark
+    (found by review: a module of the user's type marked after the forward pass lost its
+    mark in the replay, refused as a module not called where one of torch's was taken)."""
+    _restore_attributes(attributes, keep=_KEPT)
 
 
 def _restore_attributes(
-    attributes: list[tuple[nn.Module, dict, list]], keep: frozenset = frozenset()
+    attributes: list[tuple[nn.Module, dict, list]], keep: frozenset = frozenset((READ_BY_HOLDER,))
 ) -> None:
     """Give each module the plain attributes it had (:func:`attributes_of`): a module,
     or a pre-hook, that stores a tensor on the module as it runs (``self.attn = weights``
@@ -1383,7 +1385,8 @@ def _restore_attributes(
     by review: two entries more a step, one of them unreadable), and the values of its
     class's ``__slots__`` (one not set then is unset); not what it stores elsewhere (a
     global dict, another module: that module's own entry restores it). ``keep``: names
-    left as they are."""
+    left as they are (by default :func:`read_by_holder`'s mark, which is not state a pass
+    moves)."""
     for m, before, held in attributes:
         now = m.__dict__
         for name in [n for n in now if n not in before and n not in keep]:
@@ -1423,6 +1426,8 @@ def _restore_attributes(
 #: What every module holds in its ``__dict__`` (torch's own registries: hooks, parameters,
 #: buffers, submodules), whose items registration changes; not restored item by item.
 _TORCH_OWN = frozenset(nn.Module().__dict__)
+#: What :func:`restored_attributes` leaves as it is: those and :func:`read_by_holder`'s mark
+_KEPT = _TORCH_OWN | {READ_BY_HOLDER}
 _MISSING = object()
 #: The containers whose items :func:`attributes_of` copies, each with its copy; a
 #: running average over a ``deque(maxlen=k)`` of the last passes, ``self.seen.add(...)``

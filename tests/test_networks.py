@@ -4815,3 +4815,34 @@ def test_a_linear_on_sequences_of_length_one_is_exact(method):
     pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
     expected = oracle_of(model, x, y, method)
     assert_steps_exact(pre, model, x, lambda out: F.cross_entropy(out.mT, y), expected)
+
+
+class UsersLinear(nn.Linear):
+    """A Linear of the user's type: its attributes are replayed as the pass found them."""
+
+
+@pytest.mark.parametrize("call", ["step", "backward"])
+def test_a_mark_made_after_the_forward_pass_holds_in_its_replay(call):
+    """Found by review: the mark is an attribute of the module, and the replay of the
+    forward pass gave a module of the user's type the attributes the pass started with,
+    without the mark made since: its parameters were refused as those of a module not
+    called, where torch's Linear marked alike was taken, exact."""
+    torch.manual_seed(0)
+    model = WindowNet().double()
+    attn = model.attn
+    attn.qkv, attn.proj = UsersLinear(4, 12).double(), UsersLinear(4, 4).double()
+    x, y = torch.randn(5, 3, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    rc.read_by_holder(attn.qkv, attn.proj)
+    expected = rc.direction(model, x, y, method="full", damping=DAMPING, kernel="auto")
+    marks = [m.__dict__.pop(rc.modules.READ_BY_HOLDER) for m in (attn.qkv, attn.proj)]
+    assert all(marks)
+    pre = rc.RiemannianPreconditioner(model, method="full", damping=DAMPING, kernel="auto")
+    loss = F.cross_entropy(model(x), y)
+    rc.read_by_holder(attn.qkv, attn.proj)  # (after the pass: its hooks saw them unmarked)
+    if call == "backward":
+        pre.backward(loss)
+    else:
+        loss.backward()
+        pre.step()
+    got = {n: p.grad for n, p in model.named_parameters()}
+    assert rel_error(flatten(got, model), flatten(expected, model)) < 1e-10
