@@ -70,26 +70,39 @@ def is_container(module: nn.Module) -> bool:
     )
 
 
-def read_by_holder(*modules: nn.Module) -> None:
+def is_read_by_holder(module) -> bool:
+    """Whether :func:`read_by_holder` marked ``module`` (``False`` for anything else)."""
+    return isinstance(module, nn.Module) and module.__dict__.get(READ_BY_HOLDER, False)
+
+
+def read_by_holder(*modules: nn.Module, marked: bool = True) -> None:
     """Mark ``modules`` as read by the module that holds them: its forward uses their
     parameters without calling them, as torchvision's Swin attention reads its ``qkv`` and
     ``proj`` Linears (``F.linear(x, self.qkv.weight, self.qkv.bias)``) and
     ``nn.MultiheadAttention`` its ``out_proj`` (taken without a mark). Their parameters
     then form one block with the holder's, which the generic kernel (``kernel="auto"``)
     evaluates whole: exact, as for any module under it; a marked module called outside
-    its holder's forward is refused as a parameter used outside its module's calls. Mark
-    them before the forward pass a direction is computed from (a preconditioner's hooks
-    are installed again at its next call, and a mark made after a probe passed is probed
-    again; ``check_coupling=False`` skips that). The mark is an attribute of each module: a
-    deep copy or a pickle of the model keeps it. Without the mark such parameters are
-    refused (their module was not called)."""
+    its holder's forward is refused as a parameter used outside its module's calls, and a
+    marked model, which no module holds, as parameters of a module not called. Mark them
+    before the forward pass a direction is computed from (a preconditioner's hooks are
+    installed again at its next call, and a mark made after a probe passed is probed
+    again; ``check_coupling=False`` skips that). The mark is an attribute of each module:
+    a deep copy or a pickle of the model keeps it. ``marked=False`` removes it (none
+    there: nothing to do), taken at the next call as a new mark is: their parameters are
+    refused again as those of a module not called."""
+    if type(marked) is not bool:
+        raise TypeError(f"read_by_holder's marked takes True or False, got {type(marked).__name__}")
     for module in modules:
         if not isinstance(module, nn.Module):
             raise TypeError(
                 f"read_by_holder takes the nn.Module whose parameters its holder reads, got "
                 f"{type(module).__name__}"
             )
-        object.__setattr__(module, READ_BY_HOLDER, True)  # (not a submodule or parameter)
+    for module in modules:  # (all checked first: a bad argument leaves every mark as it was)
+        if marked:
+            object.__setattr__(module, READ_BY_HOLDER, True)  # (not a submodule or parameter)
+        else:
+            module.__dict__.pop(READ_BY_HOLDER, None)
 
 
 #: Arguments (by their names in ``forward``) a module shares between the samples whatever

@@ -85,7 +85,7 @@ from .methods import (
     kfac_checkpoint,
     problem_from_graph,
 )
-from .methods._base import check_batch_dimension, check_output_batch, group_calls
+from .methods._base import check_batch_dimension, check_output_batch, group_calls, marked_model
 from .methods.kfac import KFACState, in_larger_storage
 from .modules import (
     Block,
@@ -888,7 +888,7 @@ class RiemannianPreconditioner:
                 "no module with trainable parameters took part in the model's last forward "
                 "pass; nothing to precondition (a submodule called as module.forward(x), not "
                 "module(x), runs without the hooks that see it: call it as module(x))"
-                f"{_COMPILED_BEFORE if _compiled_anywhere() else ''}"
+                f"{marked_model(self.network)}{_COMPILED_BEFORE if _compiled_anywhere() else ''}"
             )
         if capture.output is None:
             raise RuntimeError(

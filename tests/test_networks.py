@@ -4293,6 +4293,183 @@ def test_a_holder_of_marked_parameters_alone_is_evaluated_from_its_recorded_buff
                 p -= 0.1 * p.grad
 
 
+@pytest.mark.parametrize("call", ["direction", "step", "backward"])
+def test_an_unmark_is_taken_at_the_next_call_as_a_mark_is(call):
+    """``rc.read_by_holder(..., marked=False)`` removes a mistaken mark, which a deep copy
+    or a checkpoint carried otherwise: a preconditioner made before sees it at its next
+    call, as it sees a new mark, and refuses the parameters again as those of a module not
+    called (never taken silently); marked again, exact again. Removing a mark not there
+    changes nothing; ``marked`` takes a bool alone."""
+    torch.manual_seed(0)
+    model = WindowNet().double()
+    x, y = torch.randn(5, 3, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    attn = model.attn
+    rc.read_by_holder(attn.qkv, attn.proj)
+    pre = rc.RiemannianPreconditioner(model, method="full", damping=DAMPING, kernel="auto")
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    expected = oracle_direction(G, g, DAMPING, "full", [])
+
+    def direction():
+        if call == "direction":
+            return rc.direction(model, x, y, method="full", damping=DAMPING, kernel="auto")
+        preconditioned(pre, model, x, y, call)
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    assert rel_error(flatten(direction(), model), expected) < 1e-10
+    rc.read_by_holder(attn.qkv, attn.proj, marked=False)
+    rc.read_by_holder(attn.qkv, marked=False)  # (none there: nothing to do)
+    assert not any(rc.modules.READ_BY_HOLDER in vars(m) for m in model.modules())
+    held = r"'attn.qkv' is held by module 'attn'.*rc.read_by_holder\(model.get_submodule"
+    if call == "direction":
+        with pytest.raises(ValueError, match=r"without their module being called.*" + held):
+            direction()
+    else:
+        model.zero_grad(set_to_none=True)
+        assert_call_refused(pre, model, x, y, call, r"modules were not called.*" + held)
+    rc.read_by_holder(attn.qkv, attn.proj)
+    assert rel_error(flatten(direction(), model), expected) < 1e-10
+    for marked in (1, None, "False"):
+        with pytest.raises(TypeError, match="read_by_holder's marked takes True or False"):
+            rc.read_by_holder(attn.qkv, marked=marked)
+    assert attn.qkv.__dict__[rc.modules.READ_BY_HOLDER]  # (left as it was)
+
+
+class ReadingModel(nn.Module):
+    """A model reading a parameter of its own beside a Linear it calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(2, 4), nn.Parameter(0.5 * torch.randn(3, 4))
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.lin(x)), self.out)
+
+
+@pytest.mark.parametrize("call", ["direction", "step", "backward"])
+def test_a_marked_model_is_refused_as_held_by_no_module(call):
+    """Found by review: ``rc.read_by_holder(model)``, the model passed to the
+    preconditioner, hides its own parameters from every call (no module holds it), and was
+    refused only as parameters whose module was not called; with its submodules marked
+    too, as a pass with no module. The refusal names the marked model and the fix; the
+    model unmarked is exact."""
+    torch.manual_seed(0)
+    model = ReadingModel().double()
+    x, y = torch.randn(5, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    expected = oracle_direction(G, g, DAMPING, "full", [])
+    pre = rc.RiemannianPreconditioner(model, method="full", damping=DAMPING, kernel="auto")
+    unheld = (
+        r"The model \(ReadingModel\) is marked by rc.read_by_holder, but no module holds it "
+        r"to call it: unmark it, rc.read_by_holder\(model, marked=False\)"
+    )
+    for marks in ([model], [model, model.lin]):
+        rc.read_by_holder(*marks)
+        if call == "direction":
+            with pytest.raises(ValueError, match=unheld):
+                rc.direction(model, x, y, method="full", damping=DAMPING, kernel="auto")
+        else:
+            model.zero_grad(set_to_none=True)
+            assert_call_refused(pre, model, x, y, call, unheld)
+        rc.read_by_holder(*marks, marked=False)
+    if call == "direction":
+        got = rc.direction(model, x, y, method="full", damping=DAMPING, kernel="auto")
+    else:
+        preconditioned(pre, model, x, y, call)
+        got = {n: p.grad for n, p in model.named_parameters()}
+    assert rel_error(flatten(got, model), expected) < 1e-10
+
+
+def test_a_marked_module_whose_holder_is_not_called_is_told_so():
+    """A marked module's parameters read where its holder is not called (its forward
+    skipped, the model reading them itself): told to mark it, which it is, before; now told
+    that no call of the holder, the one that sees them, was made."""
+    torch.manual_seed(0)
+    model = WindowNet().double()
+    rc.read_by_holder(model.attn.qkv, model.attn.proj)
+    model.forward = lambda x: model.head(
+        torch.tanh(F.linear(model.embed(x), model.attn.proj.weight)).flatten(1)
+    )
+    x, y = torch.randn(5, 3, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    with pytest.raises(
+        ValueError,
+        match=r"'attn.proj' is marked by rc.read_by_holder, so only a call of module 'attn' "
+        r"\(WindowAttention\), which holds it, sees its parameters: none was made",
+    ):
+        rc.direction(model, x, y, kernel="auto")
+
+
+class WindowAttentionV2(nn.Module):
+    """torchvision's Swin V2 attention, in short: it reads its ``qkv`` and ``proj`` Linears
+    through ``F.linear`` and calls ``cpb_mlp`` on a table of the ``M x M`` window's relative
+    coordinates, ``(2M - 1, 2M - 1, 2)``, the same for every sample (a buffer)."""
+
+    def __init__(self, width=4, heads=2, M=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, heads, bias=False))
+        r = torch.arange(1 - M, M) / (M - 1)
+        self.register_buffer("table", torch.stack(torch.meshgrid(r, r, indexing="ij"), -1))
+        at = torch.stack(torch.meshgrid(torch.arange(M), torch.arange(M), indexing="ij"))
+        relative = (at.flatten(1)[:, :, None] - at.flatten(1)[:, None, :]) + (M - 1)
+        self.register_buffer("index", relative[0] * (2 * M - 1) + relative[1])
+
+    def forward(self, h):  # (N, M * M, width)
+        N, T, C = h.shape
+        qkv = F.linear(h, self.qkv.weight, self.qkv.bias).view(N, T, 3, self.heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        bias = self.cpb_mlp(self.table).view(-1, self.heads)[self.index].permute(2, 0, 1)
+        scores = q @ k.mT / q.shape[-1] ** 0.5 + 16 * torch.sigmoid(bias)
+        mixed = (scores.softmax(-1) @ v).transpose(1, 2).reshape(N, T, C)
+        return F.linear(mixed, self.proj.weight, self.proj.bias)
+
+
+class WindowNetV2(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.attn, self.head = nn.Linear(2, 4), WindowAttentionV2(), nn.Linear(16, 3)
+
+    def forward(self, x):  # (N, 4, 2): a 2 x 2 window
+        return self.head(torch.tanh(self.attn(self.embed(x))).flatten(1))
+
+
+@pytest.mark.parametrize("method", ["layerwise", "full", "natural"])
+def test_a_table_mapped_inside_a_holder_is_refused_naming_its_mark(method):
+    """Found by review: a holder of marked Linears (Swin V2's attention) that calls a
+    submodule on a table shared by the samples (its ``cpb_mlp``) was refused as a module
+    whose output is not batched, without the fix; the refusal names the mark that makes
+    that module's parameters the holder's (its Linears' too), which the generic kernel
+    evaluates one sample at a time: exact then against the oracle whose block is the union,
+    on every path."""
+    torch.manual_seed(0)
+    model = WindowNetV2().double()
+    x, y = torch.randn(5, 4, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel="auto")
+    rc.read_by_holder(model.attn.qkv, model.attn.proj)
+    marks = r"rc.read_by_holder\(\*model.get_submodule\('attn.cpb_mlp'\).modules\(\)\)"
+    inside = r"called inside module 'attn' \(WindowAttentionV2\).*" + marks
+    with pytest.raises(ValueError, match=r"'attn.cpb_mlp.0' returns shape \(3, 3, 8\).*" + inside):
+        rc.direction(model, x, y, method=method, damping=DAMPING, kernel="auto")
+    for call in ["step", "backward"]:
+        model.zero_grad(set_to_none=True)
+        assert_call_refused(pre, model, x, y, call, inside)
+    rc.read_by_holder(*model.get_submodule("attn.cpb_mlp").modules())
+    named = list(model.named_parameters())
+    positions = torch.arange(sum(p.numel() for _, p in named)).split([p.numel() for _, p in named])
+    blocks = [
+        torch.cat([at for (n, _), at in zip(named, positions) if n.startswith(prefix)])
+        for prefix in ("embed.", "attn.", "head.")
+    ]
+    G = ggn(model, x, y, "cross_entropy")
+    expected = oracle_direction(G, gradient(model, x, y, "cross_entropy"), DAMPING, method, blocks)
+    got = rc.direction(model, x, y, method=method, damping=DAMPING, kernel="auto")
+    assert rel_error(flatten(got, model), expected) < 1e-10
+    for call in ["step", "backward", "step"]:
+        preconditioned(pre, model, x, y, call)
+        got = {n: p.grad for n, p in model.named_parameters()}
+        assert rel_error(flatten(got, model), expected) < 1e-10
+
+
 def test_attention_returning_its_weights_is_refused_naming_need_weights():
     """``nn.MultiheadAttention`` returns its averaged weights by default: a second tensor,
     whose use no metric of the output sees; refused with the fix."""

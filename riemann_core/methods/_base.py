@@ -26,13 +26,16 @@ from .._checks import (
 from ..capture import Replay, forward, notes_for, pullback_dtype
 from ..factors import FactorFn, factor_cotangents, output_factor, pullback
 from ..modules import (
+    CONTAINERS,
     Block,
     Handler,
     handler_for,
     is_container,
+    is_read_by_holder,
     named_module,
     register_kernel_checks,
     rows_dot,
+    structured_reason,
 )
 from .memory import named_when_rows_too_large
 
@@ -418,13 +421,28 @@ def _check_reached(model, blocks, outputs, targets, opts, gradient) -> None:
 def _held_by(model: nn.Module, used: list[str]) -> str:
     """Where the module of the first of ``used`` (parameter names) is held by another: that
     module named, whose forward may read the parameters without calling their module (found
-    by a hunt: torchvision's Swin attention, ``F.linear(x, self.qkv.weight, ...)``)."""
+    by a hunt: torchvision's Swin attention, ``F.linear(x, self.qkv.weight, ...)``); where
+    :func:`~riemann_core.modules.read_by_holder` marked it already, that its holder was not
+    called, or that the model itself is marked, which no module holds (found by review:
+    told only of a module not called, or to mark the module marked)."""
     owner = used[0].rpartition(".")[0]  # (a trainable parametrization is refused before)
-    if not owner:  # the model's own parameter
-        return ""
     # (by the names named_parameters gave, not get_submodule's getattr: found by review, a
     # child shadowed by a property raised AttributeError in place of the refusal)
     modules = dict(model.named_modules())
+    chain = [owner]  # it and the containers above it: a call of the last one sees them
+    while chain[-1] and is_container(modules.get(chain[-1])):
+        chain.append(chain[-1].rpartition(".")[0])
+    if is_read_by_holder(modules.get(chain[-1])):  # the model's mark: never called
+        return marked_model(model)
+    marked = next((n for n in reversed(chain[:-1]) if is_read_by_holder(modules.get(n))), None)
+    if marked is not None and chain[-1] in modules:
+        return (
+            f" {marked!r} is marked by rc.read_by_holder, so only a call of "
+            f"{named_module(chain[-1], modules[chain[-1]])}, which holds it, sees its "
+            "parameters: none was made."
+        )
+    if not owner:  # the model's own parameter
+        return ""
     holder = owner.rpartition(".")[0]
     while holder and is_container(modules.get(holder)):  # a ModuleList's holder
         holder = holder.rpartition(".")[0]
@@ -437,6 +455,19 @@ def _held_by(model: nn.Module, used: list[str]) -> str:
         "calling it (F.linear(x, self.qkv.weight, self.qkv.bias), as torchvision's Swin "
         f"attention does): then mark it, rc.read_by_holder(model.get_submodule({owner!r})), "
         "and take kernel='auto'."
+    )
+
+
+def marked_model(model: nn.Module) -> str:
+    """Where ``model`` itself is marked by :func:`~riemann_core.modules.read_by_holder`,
+    which hides its parameters (and its marked submodules') from every call, the refusal's
+    sentence naming it and the fix (after a space); else ``""``."""
+    if not is_read_by_holder(model):
+        return ""
+    return (
+        f" The model ({type(model).__name__}) is marked by rc.read_by_holder, but no module "
+        "holds it to call it: unmark it, rc.read_by_holder(model, marked=False), and mark "
+        "the submodules its forward reads without calling them instead."
     )
 
 
@@ -604,6 +635,7 @@ def problem_from_graph(
             "no module with trainable parameters took part in the forward pass; "
             "nothing to precondition (a submodule called as module.forward(x), not "
             "module(x), runs without the hooks that see it: call it as module(x))"
+            f"{marked_model(model)}"
         )
     checks.run()  # the data, parameters and outputs, before the loss is formed from them
     blocks = group_calls(calls, model)
@@ -777,9 +809,42 @@ def check_batch_dimension(calls: list[Block], outputs: Tensor) -> None:
                 "with batch_first=True; a table of positions, an nn.Embedding called on "
                 "torch.arange(T), as an nn.Parameter that a small module of its own adds in "
                 "forward (held by a module whose forward draws dropout, it cannot be "
-                f"evaluated one sample at a time)){flattened}"
+                f"evaluated one sample at a time)){flattened}{_inside_holder(c, calls, N)}"
             )
     _check_per_sample_calls(calls, N)
+
+
+def _inside_holder(c: Block, calls: list[Block], N: int) -> str:
+    """Where ``c``, a call whose output is not batched, is made inside the forward of a
+    module with parameters that the generic kernel evaluates one sample at a time, each
+    call of ``c`` inside it then (found by review: torchvision's Swin V2 attention, whose
+    ``cpb_mlp`` maps a table of coordinates, was refused without the fix): the mark that
+    makes ``c``'s parameters that module's, named."""
+    holders = {
+        h.name: h
+        for h in calls
+        if h.name and h.output.shape[:1] == (N,) and structured_reason(h.module) is not None
+    }
+    parts = c.name.split(".")
+    at = next((i for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in holders), None)
+    if at is None:
+        return ""
+    holder = holders[".".join(parts[:at])]
+    inside = dict(holder.module.named_modules())
+    end = at + 1  # the holder's child on the way down, past its ModuleLists
+    while end < len(parts) and type(inside.get(".".join(parts[at:end]))) in CONTAINERS:
+        end += 1
+    child, name = inside.get(".".join(parts[at:end])), ".".join(parts[:end])
+    if child is None:  # (names of a model that overrides named_modules)
+        return ""
+    marks = f"model.get_submodule({name!r})"
+    if next(child.children(), None) is not None:  # its submodules too
+        marks = f"*{marks}.modules()"
+    return (
+        f"; it is called inside {named_module(holder.name, holder.module)}, whose forward "
+        "the generic kernel evaluates one sample at a time (kernel='auto'): mark it read by "
+        f"that module, rc.read_by_holder({marks}), and its parameters join that module's block"
+    )
 
 
 def _check_per_sample_calls(calls: list[Block], N: int) -> None:
