@@ -45,8 +45,11 @@ from .modules import (
     attributes_of,
     call_attributes,
     is_container,
+    joined_output,
     named_module,
+    output_batch_dims,
     output_index,
+    output_of_joined,
     own_parameters,
     replayed_attributes,
     restored_attributes,
@@ -624,17 +627,24 @@ class Capture:
             held = [q for _, q in own_parameters(mod)]
             if not all(any(p is q for q in held) for p in params):
                 self.substituted.append(name)  # torch.func.functional_call's tensors
-            index = output_index(output)
+            index, dims = output_index(output), None
             if index is False:
-                raise ValueError(
-                    f"{named_module(name, mod)} returns {type(output).__name__}, "
-                    "not a tensor; a module with trainable parameters must return one tensor, "
-                    "or a tuple of one tensor and None (nn.MultiheadAttention with "
-                    "need_weights=False); a wrapper that picks an output does not help: the "
-                    "parameters stay this module's. Write it with nn.Linear layers, or freeze "
-                    "it with requires_grad_(False)"
-                )
-            whole, output = output, output if index is None else output[index]
+                dims = output_batch_dims(mod, args, kwargs, output)
+                if isinstance(dims, str):
+                    raise ValueError(
+                        f"{named_module(name, mod)} returns {type(output).__name__}, and "
+                        f"{dims}; a module with trainable parameters must return one tensor, "
+                        "or a tuple (or list) of tensors, each holding the batch (the output "
+                        "of nn.RNN, nn.GRU, nn.LSTM called on a batch with their final "
+                        "states); a wrapper that picks an output does not help: the "
+                        "parameters stay this module's. Freeze it with requires_grad_(False) "
+                        "otherwise"
+                    )
+            whole = output
+            if dims is not None:  # one tensor in the graph that the whole tuple comes from
+                output = joined_output(whole, dims)
+            elif index is not None:
+                output = output[index]
             block = Block(
                 name=name,
                 module=mod,
@@ -644,6 +654,7 @@ class Capture:
                 kwargs=kwargs,
                 output=output,
                 output_index=index,
+                output_dims=dims,
                 graph_inputs=live,
                 product_eps=self._eps(output.device.type, mod),
                 attributes=attributes,
@@ -658,13 +669,19 @@ class Capture:
                 and all(a.grad_fn is not node for a in live)
             ):
                 node.metadata[self.key] = self.token
+            if dims is not None:  # the tuple the network reads, from the joined tensor
+                whole = output_of_joined(output, whole, dims)
+                refs = [weakref.ref(a) for a in pytree.tree_leaves(whole) if a is not None]
+                block.returned = lambda: tuple(ref() for ref in refs)
+                return whole
             # what the rest of the network changes in place is then a copy
             if name not in self._clone:
                 return None
             # (held for pre.backward's check of a retained gradient: found by review, a
             # module's output given retain_grad() after an in-place edit was the copy)
             copied = output.clone()
-            block.returned = weakref.ref(copied)
+            ref = weakref.ref(copied)
+            block.returned = lambda: (ref(),)
             if index is None:
                 return copied
             items = [copied if i == index else a for i, a in enumerate(whole)]

@@ -126,6 +126,88 @@ def output_index(output) -> int | None | bool:
     return False
 
 
+def output_batch_dims(module: nn.Module, inputs: tuple, kwargs: dict, output):
+    """Where ``output`` is a tuple (or list, nested) of more than one tensor, and ``None``
+    (an ``nn.LSTM``'s ``(out, (h_n, c_n))``): per leaf of its ``pytree`` flattening, the
+    dimension that holds the batch (``None`` for a ``None``), which :func:`joined_output`
+    moves first; else the reason it cannot be told, a string. ``nn.RNNBase`` (``nn.RNN``,
+    ``nn.GRU``, ``nn.LSTM``) on a batched tensor: its output's ``0`` with ``batch_first``,
+    else ``1``, and ``1`` for each final state. Any other module: ``0`` for each tensor, as
+    for a module's one output, where they all have the same size there (the generic kernel
+    compares the outputs it evaluates one sample at a time with the call's, which refuses
+    a tensor that holds no batch there)."""
+    if not isinstance(output, tuple | list):
+        return "it is not a tuple or list of tensors"
+    leaves = pytree.tree_leaves(output)
+    if any(
+        isinstance(a, nn.utils.rnn.PackedSequence)
+        for a in pytree.tree_leaves(
+            (inputs, kwargs, output), is_leaf=lambda a: isinstance(a, nn.utils.rnn.PackedSequence)
+        )
+    ):
+        return (
+            "it takes or returns a PackedSequence, whose data holds every sample's steps on "
+            "one axis and cannot be split into samples: pass the padded batch (N, T, f) with "
+            "batch_first=True instead (the padding then runs through the module: mask its "
+            "outputs, or batch sequences of one length)"
+        )
+    tensors = [a for a in leaves if a is not None]
+    if not all(isinstance(a, Tensor) and a.is_floating_point() for a in tensors):
+        kinds = sorted(
+            {type(a).__name__ if not isinstance(a, Tensor) else str(a.dtype) for a in tensors}
+        )
+        return f"it holds {', '.join(kinds)}, not floating tensors and None alone"
+    if len({a.dtype for a in tensors}) > 1:
+        return f"its tensors have several dtypes ({', '.join(sorted({str(a.dtype) for a in tensors}))})"
+    if isinstance(module, nn.RNNBase):
+        x = inputs[0] if inputs else kwargs.get("input")
+        if not isinstance(x, Tensor) or x.ndim != 3:
+            return (
+                "it was called on one unbatched sequence (a 2-D input), one sample's, rather "
+                "than on the batch: call it on the batch, (N, T, f) with batch_first=True"
+            )
+        first = 0 if module.batch_first else 1
+        dims = [first] + [1] * (len(leaves) - 1)
+    else:
+        dims = [0] * len(leaves)
+    dims = [None if a is None else d for a, d in zip(leaves, dims, strict=True)]
+    sizes = {a.shape[d] if a.ndim > d else None for a, d in zip(leaves, dims) if a is not None}
+    if len(sizes) != 1 or None in sizes:
+        shapes = [None if a is None else tuple(a.shape) for a in leaves]
+        return (
+            f"the batch cannot be told in its tensors of shapes {shapes}: each must hold the "
+            "batch in its first dimension (nn.MultiheadAttention: batch_first=True)"
+        )
+    return tuple(dims)
+
+
+def joined_output(output, dims: tuple[int | None, ...]) -> Tensor:
+    """The tensors of ``output`` (a module's tuple, :func:`output_batch_dims` giving each
+    one's batch dimension ``dims``) joined into one ``(N, m)`` tensor, batch first: each
+    moved so and flattened per sample, in order. The one output whose pulled-back rows
+    ``Delta`` are the whole tuple's cotangent."""
+    leaves = pytree.tree_leaves(output)
+    parts = [a.movedim(d, 0) for a, d in zip(leaves, dims, strict=True) if d is not None]
+    N = parts[0].shape[0]
+    return torch.cat([a.reshape(N, -1) for a in parts], dim=1)
+
+
+def output_of_joined(joined: Tensor, output, dims: tuple[int | None, ...]):
+    """``output``'s structure rebuilt from :func:`joined_output`'s ``joined``: each tensor
+    a contiguous copy of its part (of its own shape), so that everything the network
+    computes from the tuple reaches the parameters through ``joined``."""
+    leaves, spec = pytree.tree_flatten(output)
+    moved = [
+        None if d is None else a.movedim(d, 0).shape for a, d in zip(leaves, dims, strict=True)
+    ]
+    parts = iter(joined.split([math.prod(s[1:]) for s in moved if s is not None], dim=1))
+    rebuilt = [
+        None if s is None else next(parts).reshape(s).movedim(0, d).contiguous()
+        for s, d in zip(moved, dims, strict=True)
+    ]
+    return pytree.tree_unflatten(rebuilt, spec)
+
+
 def training(module: nn.Module) -> bool:
     """``module.training``; ``False`` for a module without the flag (a ``torch.jit.freeze``d
     TorchScript module: found by review, an AttributeError wherever the flag was read)."""
@@ -224,15 +306,19 @@ class Block:
     calls: tuple[Block, ...] = ()  # the calls of a shared block
     # where the call returned a tuple of one tensor and None: the tensor's place in it
     output_index: int | None = None
+    # where it returned a tuple of several tensors: each one's batch dimension
+    # (output_batch_dims), and output is then their joined_output
+    output_dims: tuple[int | None, ...] | None = None
     # the eps of the float32 products the call ran with where the precision knobs reduce
     # them (a replayed pass runs in its user's precision), else 0
     product_eps: float = 0.0
     # the plain attributes of the module and its submodules as the call found them
     # (attributes_of), which the generic kernel evaluates it with; None: as they are
     attributes: list | None = None
-    # the copy of the output the call returned where the rest of the network edits it in
-    # place (Capture's clone), held weakly: the tensor the user's code holds
-    returned: Callable[[], Tensor | None] | None = None
+    # the copies of the output the call returned where the rest of the network edits it in
+    # place (Capture's clone), or of a tuple's tensors (output_of_joined), held weakly:
+    # the tensors the user's code holds (None where freed)
+    returned: Callable[[], tuple[Tensor | None, ...]] | None = None
 
     @property
     def n_params(self) -> int:
@@ -976,13 +1062,16 @@ class GenericHandler(Handler):
                 # weight detached until the 6th pass, taken in here where the gradient had
                 # none, 0.54-1.72 off)
                 _restore_attributes(self.block.attributes)
-            output = functional_call(_Unhooked(module), values, tuple(args), kwargs)
+            args = _initial_state(module, tuple(args), kwargs)
+            output = functional_call(_Unhooked(module), values, args, kwargs)
         finally:  # nor keep a buffer it registers as it runs (found by review: one holding
             # torch.func's wrapped tensor was left in the user's model)
             for m in module.modules():
                 for name in [n for n in m._buffers.keys() if n not in registered.get(id(m), ())]:
                     del m._buffers[name]
             _restore_attributes(attributes)
+        if self.block.output_dims is not None:
+            return joined_output(output, self.block.output_dims)
         index = self.block.output_index
         return output if index is None else output[index]
 
@@ -1012,19 +1101,37 @@ class GenericHandler(Handler):
         )
         return pytree.tree_leaves(flags)
 
-    def split(self) -> tuple[bool, ...]:
-        """Per tensor among the call's arguments, whether it is split into samples: its
-        first dimension is the batch's, and it is not one the module shares
-        (:meth:`_whole`). Decided by shapes, so a table whose length equals the batch size
-        only at some calls (rotary positions at ``T = N``) is split at those: the
-        Jacobian check runs for each new pattern (:func:`riemann_core.coupling.register`)."""
+    def split(self) -> tuple[int | None, ...]:
+        """Per tensor among the call's arguments, the dimension along which it is split
+        into samples, or ``None``: its first where that is the batch's and it is not one
+        the module shares (:meth:`_whole`); an ``nn.RNNBase``'s as :meth:`_batch_dims`
+        says (its initial state ``hx``, ``(layers, N, hidden)``: its second). Decided by shapes, so a table whose length
+        equals the batch size only at some calls (rotary positions at ``T = N``) is split
+        at those: the Jacobian check runs for each new pattern
+        (:func:`riemann_core.coupling.register`)."""
         leaves = pytree.tree_leaves((self.block.inputs, self.block.kwargs))
-        whole = self._whole()
+        whole, dims = self._whole(), self._batch_dims()
         return tuple(
-            a.ndim > 0 and a.shape[0] == self.N and not whole[i]
-            for i, a in enumerate(leaves)
+            d if a.ndim > d and a.shape[d] == self.N and not whole[i] else None
+            for i, (a, d) in enumerate(zip(leaves, dims, strict=True))
             if isinstance(a, Tensor)
         )
+
+    def _batch_dims(self) -> list[int]:
+        """Per leaf of the call's arguments (:meth:`_leaves`' order), the dimension that
+        holds the batch where it holds one: for an ``nn.RNNBase``, its input's ``0`` with
+        ``batch_first``, else ``1`` (its first argument, or keyword ``input``), and ``1``
+        for its initial state ``hx`` (its second, or keyword); ``0`` for the others."""
+        inputs, kwargs, module = self.block.inputs, self.block.kwargs, self.block.module
+        if not isinstance(module, nn.RNNBase):
+            return [0] * len(pytree.tree_leaves((inputs, kwargs)))
+        dims = {"input": 0 if module.batch_first else 1, "hx": 1}
+        names = ["input", "hx"]
+        return [
+            dims.get(k, 0)
+            for k, a in [*zip(names + [None] * len(inputs), inputs), *kwargs.items()]
+            for _ in pytree.tree_leaves(a)
+        ]
 
     def _leaves(self, dtype: torch.dtype) -> tuple[list, object]:
         """The call's arguments, flattened; half-precision ones (a forward pass under
@@ -1056,8 +1163,8 @@ class GenericHandler(Handler):
 
         def output_of_sample(p, *sample):
             call = list(leaves)
-            for i, a, bt in zip(tensors, sample, batched, strict=True):
-                call[i] = a[None] if bt else a
+            for i, a, d in zip(tensors, sample, batched, strict=True):
+                call[i] = a if d is None else a.unsqueeze(d)
             return self._call(p, call, spec)[0]
 
         # the rows batched inside the samples' vmap, but for one row: torch 2.13's PReLU
@@ -1072,7 +1179,7 @@ class GenericHandler(Handler):
             rows = [pullback(row)[0] for row in delta_b.unbind(0)]
             return {n: torch.stack([r[n] for r in rows]) for n in rows[0]}, out
 
-        in_dims = (1,) + tuple(0 if bt else None for bt in batched)
+        in_dims = (1, *batched)
         args = (delta.to(dtype), *[leaves[i] for i in tensors])
         try:
             return vmap(rows_of_sample, in_dims=in_dims)(*args)
@@ -1176,6 +1283,26 @@ class GenericHandler(Handler):
             c.reshape(s)
             for c, s in zip(flat.split([s.numel() for s in self.shapes]), self.shapes, strict=True)
         ]
+
+
+def _initial_state(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """``args`` of a call of an ``nn.RNNBase`` on a batch without its initial state ``hx``
+    with the zeros it would start from passed as ``hx``: the module makes them itself and
+    writes into them in place, which ``torch.func.vmap`` cannot split into samples (the
+    same values, so the same outputs and Jacobians). Other calls' ``args`` as they are."""
+    if not isinstance(module, nn.RNNBase) or len(args) != 1 or "hx" in kwargs:
+        return args
+    x = args[0]
+    if not isinstance(x, Tensor) or x.ndim != 3:
+        return args
+    shape = (
+        module.num_layers * (2 if module.bidirectional else 1),
+        x.shape[0 if module.batch_first else 1],
+    )
+    h = x.new_zeros(*shape, module.proj_size or module.hidden_size)
+    if isinstance(module, nn.LSTM):
+        return (x, (h, x.new_zeros(*shape, module.hidden_size)))
+    return (x, h)
 
 
 def attributes_of(module: nn.Module, found: list | None = None) -> tuple[nn.Module, dict, list]:

@@ -1029,8 +1029,9 @@ class RiemannianPreconditioner:
                 for t in (
                     capture.output,
                     *(c.output for c in capture.calls),
-                    # (the copy a module's call returned, which the network edits in place)
-                    *(c.returned() for c in capture.calls if c.returned is not None),
+                    # (the copies a module's call returned: of an output the network edits
+                    # in place, of a tuple's tensors)
+                    *(t for c in capture.calls if c.returned is not None for t in c.returned()),
                     *(t for c in capture.calls for t in c.graph_inputs),
                 )
                 if isinstance(t, Tensor)

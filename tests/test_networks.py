@@ -425,6 +425,171 @@ def test_recurrent_cell_making_its_own_state_is_refused_with_the_fix():
         rc.direction(model, x, y, method="layerwise", kernel="auto")
 
 
+# ------------------------------------------------------------------ recurrent modules
+
+
+class Recurrent(nn.Module):
+    """An ``nn.RNN``, ``nn.GRU`` or ``nn.LSTM`` written as users write them: the head on
+    the last step (``last``: two layers, bidirectional), on every step (``tokens``), or on
+    the last layer's final state (``final-state``: ``h_n`` is ``(layers, N, H)``; an LSTM
+    with ``proj_size``), or given an initial state that differs per sample and taking
+    sequence-first inputs (``state-given``: every argument and output with the batch in
+    its second dimension)."""
+
+    def __init__(self, cls, pattern, dropout=0.0):
+        super().__init__()
+        kwargs = {"num_layers": 2, "dropout": dropout}
+        if pattern == "last":
+            kwargs["bidirectional"] = True
+        if pattern == "final-state" and cls is nn.LSTM:
+            kwargs["proj_size"] = 3
+        self.rnn = cls(3, 4, batch_first=pattern != "state-given", **kwargs)
+        width = {"last": 8, "final-state": 3 if cls is nn.LSTM else 4}.get(pattern, 4)
+        self.head = nn.Linear(width, 5)
+        self.pattern = pattern
+
+    def forward(self, x):
+        if self.pattern == "final-state":
+            _, h = self.rnn(x)
+            return self.head((h[0] if isinstance(h, tuple) else h)[-1])
+        if self.pattern == "state-given":
+            h0 = torch.tanh(x[:, 0, :1])[None].expand(2, -1, 4)  # (layers, N, H)
+            state = (h0, 2 * h0) if isinstance(self.rnn, nn.LSTM) else h0
+            out, _ = self.rnn(x.transpose(0, 1), state)  # (T, N, f)
+            return self.head(out[-1])
+        out, _ = self.rnn(x)
+        return self.head(out if self.pattern == "tokens" else out[:, -1])
+
+
+RECURRENT = (nn.RNN, nn.GRU, nn.LSTM)
+
+
+def recurrent_problem(cls, pattern, dropout=0.0, seed=60):
+    torch.manual_seed(seed)
+    model = Recurrent(cls, pattern, dropout).double()
+    x = torch.randn(5, 4, 3, dtype=torch.float64)
+    y = torch.randint(0, 5, (5, 4) if pattern == "tokens" else (5,))
+    return model, x, y
+
+
+def recurrent_oracle(model, x, y, method):
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    return oracle_direction(G, g, DAMPING, method, block_indices(model))
+
+
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("pattern", ["last", "tokens", "final-state", "state-given"])
+@pytest.mark.parametrize("cls", RECURRENT, ids=lambda c: c.__name__)
+def test_recurrent_modules_are_exact(cls, pattern, method):
+    """Were refused ("returns tuple, not a tensor"). The generic kernel takes the whole
+    tuple ``(out, h_n)`` (``(out, (h_n, c_n))``) as one output, each tensor with its batch
+    dimension moved first (``out``'s by ``batch_first``, the final states' second), so the
+    rows pulled back reach every tensor the network reads; one sample at a time, the
+    initial state is split along its second dimension, or passed as the zeros the module
+    starts from."""
+    model, x, y = recurrent_problem(cls, pattern)
+    dirs = rc.direction(model, x, y, method=method, damping=DAMPING, kernel="auto")
+    assert rel_error(flatten(dirs, model), recurrent_oracle(model, x, y, method)) < 1e-10
+
+
+@pytest.mark.parametrize("call", ["step", "backward"])
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("pattern", ["last", "state-given"])
+@pytest.mark.parametrize("cls", [nn.GRU, nn.LSTM], ids=lambda c: c.__name__)
+def test_recurrent_modules_are_exact_through_the_preconditioner(cls, pattern, method, call):
+    """``pre.step()`` and ``pre.backward(loss)`` (its first call probes, the next are
+    fused: the rows reach the module's tuple through the one tensor it is read from)."""
+    model, x, y = recurrent_problem(cls, pattern)
+    expected = recurrent_oracle(model, x, y, method)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel="auto")
+    for _ in range(3):
+        preconditioned(pre, model, x, y, call)
+        got = {n: p.grad for n, p in model.named_parameters()}
+        assert rel_error(flatten(got, model), expected) < 1e-10
+
+
+def test_recurrent_dropout_in_training_is_refused_and_exact_in_evaluation():
+    """``nn.LSTM(dropout=p)`` draws its masks inside the module, which the generic kernel
+    cannot replay one sample at a time: refused in training by every entry point, every
+    ``.grad`` as it was; exact in evaluation."""
+    model, x, y = recurrent_problem(nn.LSTM, "last", dropout=0.5)
+    with pytest.raises(ValueError, match="draws random numbers"):
+        rc.direction(model, x, y, damping=DAMPING, kernel="auto")
+    for call in ("step", "backward"):
+        pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel="auto")
+        assert_call_refused(pre, model, x, y, call, "draws random numbers")
+        pre.remove()
+    model.eval()
+    dirs = rc.direction(model, x, y, damping=DAMPING, kernel="auto")
+    assert rel_error(flatten(dirs, model), recurrent_oracle(model, x, y, "layerwise")) < 1e-10
+
+
+class RecurrentRetaining(Recurrent):
+    """``out.retain_grad()`` on the recurrent module's output, kept for a plot."""
+
+    def __init__(self):
+        super().__init__(nn.GRU, "state-given")
+        self.keep = False
+
+    def forward(self, x):
+        out, _ = self.rnn(x.transpose(0, 1))
+        if self.keep:  # (off for the oracle's torch.func transforms)
+            out.retain_grad()
+            self.out = out
+        return self.head(out[-1])
+
+
+def test_recurrent_output_that_retains_its_gradient_takes_the_autograd_path():
+    """A tensor of the tuple given ``retain_grad()`` is the module's output, as a lone
+    output is: ``pre.backward`` takes the autograd path, and its ``.grad`` is readable (the
+    fused path left torch's batched tensor there: "escaped from inside a function being
+    vmapped")."""
+    torch.manual_seed(61)
+    model, x = RecurrentRetaining().double(), torch.randn(5, 4, 3, dtype=torch.float64)
+    y = torch.randint(0, 5, (5,))
+    expected = recurrent_oracle(model, x, y, "layerwise")
+    model.keep = True
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel="auto", check_coupling=False)
+    for _ in range(2):
+        model.zero_grad()
+        pre.backward(F.cross_entropy(model(x), y))
+        got = {n: p.grad for n, p in model.named_parameters()}
+        assert rel_error(flatten(got, model), expected) < 1e-10
+        assert model.out.grad.shape == model.out.shape and model.out.grad.abs().sum() > 0
+
+
+class RecurrentMisused(nn.Module):
+    """A GRU on packed sequences, or called on each sample's unbatched sequence."""
+
+    def __init__(self, packed):
+        super().__init__()
+        self.rnn, self.head, self.packed = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 5), packed
+
+    def forward(self, x):
+        if self.packed:
+            lengths = torch.arange(x.shape[1], x.shape[1] - x.shape[0], -1).clamp_min(1)
+            _, h = self.rnn(nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True))
+            return self.head(h[-1])
+        return self.head(torch.stack([self.rnn(sequence)[1][-1] for sequence in x]))
+
+
+@pytest.mark.parametrize(
+    ("packed", "match"),
+    [(True, "PackedSequence, whose data holds"), (False, "one unbatched sequence")],
+    ids=["packed", "unbatched"],
+)
+def test_recurrent_module_on_packed_or_unbatched_sequences_is_refused(packed, match):
+    model, (x, y) = RecurrentMisused(packed).double(), recurrent_problem(nn.GRU, "last")[1:]
+    with pytest.raises(ValueError, match=match):
+        rc.direction(model, x, y, damping=DAMPING, kernel="auto")
+
+
+def test_recurrent_module_under_kfac_is_refused():
+    model, x, y = recurrent_problem(nn.LSTM, "last")
+    with pytest.raises(ValueError, match=r"no Kronecker factorisation for module 'rnn' \(LSTM\)"):
+        rc.direction(model, x, y, method="kfac", damping=DAMPING, kernel="auto")
+
+
 # -------------------------------------------------------------- parameter containers
 
 
@@ -4095,15 +4260,20 @@ def test_a_float_key_padding_mask_beside_token_ids_is_exact():
 
 
 class Weighing(nn.Module):
-    """``nn.MultiheadAttention`` called as its default has it: the weights returned too."""
+    """``nn.MultiheadAttention`` called as its default has it: the weights returned too,
+    and read (``batch_first=False``: sequence-first, the model transposing)."""
 
-    def __init__(self):
+    def __init__(self, batch_first=True):
         super().__init__()
-        self.attention = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.attention = nn.MultiheadAttention(6, 2, batch_first=batch_first)
         self.head = nn.Linear(6, 3)
 
     def forward(self, x):
-        return self.head(self.attention(x, x, x)[0])
+        if not self.attention.batch_first:
+            h = x.transpose(0, 1)
+            return self.head(self.attention(h, h, h)[0].transpose(0, 1))
+        out, weights = self.attention(x, x, x)  # (N, L, E), (N, L, S)
+        return self.head(out + weights @ x)
 
 
 class WindowAttention(nn.Module):
@@ -4470,12 +4640,24 @@ def test_a_table_mapped_inside_a_holder_is_refused_naming_its_mark(method):
         assert rel_error(flatten(got, model), expected) < 1e-10
 
 
-def test_attention_returning_its_weights_is_refused_naming_need_weights():
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's vmap fallback
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_attention_returning_its_weights_is_exact(method):
     """``nn.MultiheadAttention`` returns its averaged weights by default: a second tensor,
-    whose use no metric of the output sees; refused with the fix."""
+    refused before ("returns tuple"). Both tensors hold the batch first
+    (``batch_first=True``), taken as one output of the block: exact where the network
+    reads the weights too."""
+    torch.manual_seed(46)
     x, y = torch.randn(5, 4, 6, dtype=torch.float64), torch.randint(0, 3, (5, 4))
-    with pytest.raises(ValueError, match=r"returns tuple.*need_weights=False"):
-        rc.direction(Weighing().double(), x, y, kernel="auto")
+    assert_exact(Weighing().double(), x, y, method, "auto")
+
+
+def test_sequence_first_attention_returning_its_weights_is_refused_naming_batch_first():
+    """Sequence-first, its output ``(L, N, E)`` and weights ``(N, L, S)`` hold the batch
+    in different dimensions: refused with the fix."""
+    x, y = torch.randn(5, 4, 6, dtype=torch.float64), torch.randint(0, 3, (5, 4))
+    with pytest.raises(ValueError, match=r"batch cannot be told.*batch_first=True"):
+        rc.direction(Weighing(batch_first=False).double(), x, y, kernel="auto")
 
 
 # ------------------------------------------------------------------------- pruning
