@@ -300,7 +300,6 @@ _RECORD = (
     "substituted",
     "token",
     "threaded",
-    "checkpointed",
     "hooks_mark",
     "hooked_in_forward",
     "_stale",
@@ -350,15 +349,6 @@ class Capture:
         # run by a thread pool): autograd numbers each thread's nodes apart, so its nodes'
         # numbers say nothing of the pass's start (see sequence_now)
         self.threaded = False
-        # a module of the recorded pass with a backward hook, called under saved-tensor
-        # hooks (a segment under torch.utils.checkpoint with use_reentrant=False) on
-        # inputs none of which requires grad (the segment's first, on the data): the
-        # batched backward pass runs the segment's forward again, where torch cannot
-        # apply that hook's Function (see saved_tensors_hooked); on inputs that require
-        # grad torch gives the forward other tensors than it received, and such a call
-        # takes the autograd path anyway (a misordered record, see hook). A hooked module
-        # without trainable parameters is not watched: see docs/api.md
-        self.checkpointed = False
         # hooks_mark() as the recorded pass ended (persistent): where a hook (a tensor's,
         # a node's, a module's) other than riemann_core's was registered since
         # (hooks_registered), it was after the pass (in the loss's code); None: not known
@@ -458,7 +448,6 @@ class Capture:
         """Forget the recorded forward pass (its tensors are then freed with the graph)."""
         self.calls, self.output, self.inputs, self.substituted = [], None, [], []
         self._stale, self._watched, self.threaded = set(), [], False
-        self.checkpointed = False
         self.hooks_mark, self.hooked_in_forward = None, False
 
     def _begin(self, module, args, kwargs) -> None:
@@ -620,8 +609,6 @@ class Capture:
             args, kwargs = recorded_args, recorded_kwargs
             if threading.get_ident() != self._thread:  # (see threaded)
                 self.threaded = True
-            if not live and backward_hooked(mod) and saved_tensors_hooked():
-                self.checkpointed = True  # (see checkpointed)
             if any(t._version != v for t, v in versions):  # the module changed its input
                 self._stale.add(name)
             held = [q for _, q in own_parameters(mod)]
@@ -1009,43 +996,49 @@ def tracked_ids(since: int, until: int) -> set[int]:
     return found
 
 
-def saved_tensors_hooked() -> bool:
-    """Whether saved-tensor hooks other than ``torch.autograd.graph.save_on_cpu``'s are
-    active, as inside a segment under ``torch.utils.checkpoint(..., use_reentrant=False)``:
-    a backward pass through it runs the segment's forward again, and the batched one under
-    ``torch.func.vmap``, where a module's backward hook (torch's ``BackwardHookFunction``)
-    cannot run. ``save_on_cpu`` runs nothing again (found by review: with it around the
-    whole forward, a model with a backward hook on its first layer took the autograd path,
-    one more forward pass, at every step, where the fused one was exact). torch shows only
-    the innermost hooks: those of ``save_on_cpu`` are set aside while the ones beneath are
-    read (a ``save_on_cpu`` inside a checkpointed segment). Hooks of another kind count.
-    False where torch does not say."""
-    autograd = torch._C._autograd
-    top = getattr(autograd, "_top_saved_tensors_default_hooks", None)
-    hooks = None if top is None else top(False)
-    if hooks is None or not _saves_on_cpu(hooks[0]):
-        return hooks is not None
-    pop = getattr(autograd, "_pop_saved_tensors_default_hooks", None)
-    push = getattr(autograd, "_push_saved_tensors_default_hooks", None)
-    enabled = getattr(autograd, "_saved_tensors_hooks_is_enabled", None)
-    if pop is None or push is None or enabled is None or not enabled():
-        return True  # (not known, or not to be pushed back: the autograd path is exact)
-    aside = []
-    try:
-        while hooks is not None and _saves_on_cpu(hooks[0]):
-            pop()
-            aside.append(hooks)
-            hooks = top(False)
-        return hooks is not None
-    finally:
-        for pack, unpack in reversed(aside):
-            push(pack, unpack)
+#: The type name of the autograd node torch adds for a module's backward hooks
+#: (``register_full_backward_hook``, ``register_full_backward_pre_hook``, global ones) on
+#: its inputs and outputs (``torch.utils.hooks.BackwardHookFunction``).
+MODULE_HOOK_NODE = "BackwardHookFunctionBackward"
+
+#: The names of the saved tensors of each type of autograd node (``_raw_saved_*``).
+_SAVED_NAMES: dict[type, tuple[str, ...]] = {}
+
+_UNKNOWN = object()
 
 
-def _saves_on_cpu(pack) -> bool:
-    """Whether ``pack`` is the pack hook of ``torch.autograd.graph.save_on_cpu``."""
-    return getattr(pack, "__module__", None) == "torch.autograd.graph" and getattr(
-        pack, "__qualname__", ""
+def recomputes(roots) -> bool:
+    """Whether a backward pass from ``roots`` (``grad_fn`` s) runs part of the forward pass
+    again: a node of the graph holds a tensor saved under saved-tensor hooks other than
+    ``torch.autograd.graph.save_on_cpu``'s, as a segment under
+    ``torch.utils.checkpoint(..., use_reentrant=False)`` saves them (its forward runs
+    again as they are unpacked, and in the batched backward pass under
+    ``torch.func.vmap``, where a module's backward hook cannot run). ``save_on_cpu`` runs
+    nothing again (found by review: with it around the whole forward, a model with a
+    backward hook took the autograd path, one more forward pass, at every step); torch
+    applies only the innermost hooks, so a ``save_on_cpu`` inside a segment hides the
+    checkpoint where it alone saved. Hooks of another kind count. True where torch does
+    not say which hooks saved a tensor (``SavedTensor.unpack_hook``, in recent releases).
+    Walks every node until one is found: called only where the graph holds a module's
+    backward hook (:data:`MODULE_HOOK_NODE`)."""
+    for node in autograd_nodes(roots):
+        names = _SAVED_NAMES.get(type(node))
+        if names is None:
+            names = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
+            _SAVED_NAMES[type(node)] = names
+        for name in names:
+            saved = getattr(node, name)
+            for tensor in saved if isinstance(saved, tuple | list) else (saved,):
+                unpack = getattr(tensor, "unpack_hook", _UNKNOWN)
+                if unpack is _UNKNOWN or (unpack is not None and not _saves_on_cpu(unpack)):
+                    return True
+    return False
+
+
+def _saves_on_cpu(hook) -> bool:
+    """Whether ``hook`` is a saved-tensor hook of ``torch.autograd.graph.save_on_cpu``."""
+    return getattr(hook, "__module__", None) == "torch.autograd.graph" and getattr(
+        hook, "__qualname__", ""
     ).startswith("save_on_cpu.")
 
 

@@ -45,6 +45,7 @@ from ._warn import HookWarning, warn
 from .capture import (
     KEPT_ACROSS_PASSES,
     MODEL_OUTPUT,
+    MODULE_HOOK_NODE,
     BufferStart,
     BufferStates,
     Capture,
@@ -68,6 +69,7 @@ from .capture import (
     placement,
     raising_since,
     reaches_pass,
+    recomputes,
     rng_devices,
     rng_state,
     sequence_now,
@@ -843,9 +845,9 @@ class RiemannianPreconditioner:
         through their modules' calls (a weight penalty written into the loss); when a
         tensor hook is on the model's output, or a hook was registered since the forward
         pass (in the loss's code), or a module's output or input retains its gradient
-        (``retain_grad``), whose backward pass must not run batched; for a module with a
-        backward hook called under ``torch.utils.checkpoint`` on inputs none of which
-        requires grad, whose segment cannot run again batched; and for a compiled model
+        (``retain_grad``), whose backward pass must not run batched; when the loss's graph
+        holds a module's backward hook and a segment under ``torch.utils.checkpoint``,
+        which cannot run again batched with the hook; and for a compiled model
         (``torch.compile``), whose compiled backward cannot run batched.
         For cross-entropy on outputs ``(N, ..., C)`` the loss's gradient must show the
         classes along the last dimension and every position taken (see ``docs/api.md``).
@@ -965,7 +967,7 @@ class RiemannianPreconditioner:
                     "call pre.backward(loss) right after the forward pass of its batch"
                     f"{_outside_model(capture)}"
                 )
-            foreign, reaches, compiled, kept, crossed = _walk_loss_graph(
+            foreign, reaches, compiled, kept, crossed, module_hooked = _walk_loss_graph(
                 loss, names, self._sequence_at_pass, casts_cached=bool(self._batch[4])
             )
             off = []  # what the loss trains past the output, warned of once solved
@@ -1014,12 +1016,14 @@ class RiemannianPreconditioner:
             hooked = bool(
                 on_output and set(on_output) - tracked_ids(min(on_output), hooks_now)
             ) or hooks_registered(capture.hooks_mark, hooks_now, tracked=True)
-            # a module with a backward hook at the start of a segment under
-            # torch.utils.checkpoint (use_reentrant=False): the batched backward pass runs
-            # the segment again under vmap, where torch cannot apply the hook (found by an
-            # audit: refused from the second pre.backward on, where docs/api.md promised
-            # it exact); the autograd path pulls the rows back as pre.step() does
-            checkpointed = capture.checkpointed
+            # a module with a backward hook (one without parameters too: an nn.Tanh, a
+            # container) and a segment under torch.utils.checkpoint (use_reentrant=False):
+            # the batched backward pass runs the segment again under vmap, where torch
+            # cannot apply the hook (found by an audit: refused from the second
+            # pre.backward on; the hooked module at a segment's start with parameters,
+            # then without); the autograd path pulls the rows back as pre.step() does.
+            # The saved tensors are read only where the graph holds such a hook
+            checkpointed = module_hooked and recomputes([loss.grad_fn])
             # a recorded tensor that retains its gradient (h.retain_grad() in forward): the
             # batched backward pass would leave a batched tensor, unreadable, in its .grad
             # (torch's "escaped from inside a function being vmapped" at the first read;
@@ -2357,11 +2361,12 @@ def _views_made(attributes) -> None:
 
 def _walk_loss_graph(
     loss: Tensor, names: dict[int, str], start: int | None = None, casts_cached: bool = False
-) -> tuple[list[Tensor], set[str], bool, set[str], bool]:
-    """``(foreign, reached, compiled, kept, crossed)``: the leaves ``loss`` reaches that are not the
-    preconditioned parameters (``names``: ``{id(p): name}``) and require a gradient (one
-    frozen since the forward pass gets none from ``loss.backward()`` either: found by a
-    hunt, torch's error where it was differentiated), the names of those it reaches (the
+) -> tuple[list[Tensor], set[str], bool, set[str], bool, bool]:
+    """``(foreign, reached, compiled, kept, crossed, module_hooked)``: the leaves ``loss``
+    reaches that are not the preconditioned parameters (``names``: ``{id(p): name}``) and
+    require a gradient (one frozen since the forward pass gets none from
+    ``loss.backward()`` either: found by a hunt, torch's error where it was
+    differentiated), the names of those it reaches (the
     ``.grad`` that ``loss.backward()`` would write), whether its graph holds the backward
     of a compiled forward (``torch.compile``), and the names of those it reaches through
     a node made before ``start`` (:func:`~riemann_core.capture.sequence_now` as the
@@ -2379,8 +2384,10 @@ def _walk_loss_graph(
     above all the nodes of its inputs made there): ``start`` then orders none of that
     thread's, and ``kept`` says nothing (found by review: a ``torch.tanh`` between two
     modules run by a thread pool's worker was refused as such a tensor from the second
-    ``pre.backward(loss)``, exact before)."""
+    ``pre.backward(loss)``, exact before). ``module_hooked``: whether the graph holds a
+    module's backward hook (:data:`~riemann_core.capture.MODULE_HOOK_NODE`)."""
     foreign, reached, compiled, kept, crossed = [], set(), False, set(), False
+    module_hooked = False
     seen, stack, older = set(), [(loss.grad_fn, None)], []
     for phase in (0, 1):
         while stack:
@@ -2408,7 +2415,9 @@ def _walk_loss_graph(
                 elif variable.requires_grad:
                     foreign.append(variable)
                 continue
-            compiled = compiled or type(node).__name__ == coupling.COMPILED_BACKWARD
+            kind = type(node).__name__
+            compiled = compiled or kind == coupling.COMPILED_BACKWARD
+            module_hooked = module_hooked or kind == MODULE_HOOK_NODE
             if (
                 not phase
                 and start is not None
@@ -2419,7 +2428,7 @@ def _walk_loss_graph(
                 continue
             stack.extend((next_node, number) for next_node, _ in node.next_functions)
         stack = [(n, node._sequence_nr()) for node in older for n, _ in node.next_functions]
-    return foreign, reached, compiled, kept, crossed
+    return foreign, reached, compiled, kept, crossed, module_hooked
 
 
 def _rebuilt_view(node, above: int) -> bool:

@@ -3587,6 +3587,85 @@ def test_a_backward_hook_under_save_on_cpu_keeps_the_fused_pass(method):
                 assert not calls  # the fused pass: no forward pass run again
 
 
+class HookedWithoutParameters(Checkpointed):
+    """A checkpointed segment holding a module that owns no parameters, where a backward
+    hook goes (:meth:`hooked`): a Tanh at the segment's start, middle or end, an
+    ``nn.Sequential`` container, or a Tanh that is the segment alone."""
+
+    def __init__(self, where, checkpointed=True):
+        super().__init__(checkpointed)
+        self.where, self.act = where, nn.Tanh()
+        self.seq = nn.Sequential(nn.Linear(6, 6), nn.Tanh()) if where == "container" else None
+        self.d = nn.Linear(6, 6) if where == "middle" else None
+
+    def hooked(self):
+        return self.seq if self.where == "container" else self.act
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.where == "alone":
+            h = self.b(h)
+        if self.checkpointed:
+            h = torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=False)
+        else:
+            h = self.block(h)
+        return self.c(h)
+
+    def block(self, h):
+        if self.where == "start":
+            return self.b(self.act(h))
+        if self.where == "middle":
+            return self.d(self.act(self.b(h)))
+        if self.where == "end":
+            return self.act(self.b(h))
+        return self.seq(self.b(h)) if self.where == "container" else self.act(h)
+
+
+@pytest.mark.parametrize("where", ["start", "middle", "end", "container", "alone"])
+@pytest.mark.parametrize("method", ["layerwise", "full", "natural", "kfac"])
+def test_a_backward_hook_on_a_module_without_parameters_in_a_checkpointed_segment(method, where):
+    """Found by an audit: ``pre.backward(loss)`` refused a backward hook on a module
+    owning no parameters (an ``nn.Tanh``, an ``nn.Sequential``) inside a non-reentrant
+    checkpoint from its second call ("the backward pass cannot run batched"): the fused
+    pass runs the segment again under vmap, where torch cannot apply the hook, and the
+    preconditioner watches no such module. The graph's hook node sends such a pass to the
+    autograd path: each step is the oracle's, and the hook is called as by
+    ``loss.backward()`` then ``pre.step()``, first with the loss's gradient."""
+    torch.manual_seed(0)
+    model = HookedWithoutParameters(where).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    plain = copy.deepcopy(model)
+    plain.checkpointed = False
+    if method == "kfac":  # (as above)
+        expected = flatten(rc.direction(plain, x, y, method=method, damping=DAMPING), plain)
+    else:
+        expected = oracle_of(plain, x, y, method)
+    stepped = copy.deepcopy(model)
+    seen, seen_stepped, seen_plain = [], [], []
+    for net, log in ((model, seen), (stepped, seen_stepped), (plain, seen_plain)):
+        register = (
+            net.hooked().register_full_backward_pre_hook
+            if where in ("middle", "alone")
+            else net.hooked().register_full_backward_hook
+        )
+        # (its grad_output, which is last in both kinds' arguments)
+        register(lambda module, *grads, log=log: log.append(grads[-1][0].clone()))
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    pre_stepped = rc.RiemannianPreconditioner(stepped, method=method, damping=DAMPING)
+    for _ in range(3):
+        for net, log in ((model, seen), (stepped, seen_stepped), (plain, seen_plain)):
+            net.zero_grad()
+            log.clear()
+        pre.backward(F.cross_entropy(model(x), y))
+        got = {n: p.grad for n, p in model.named_parameters()}
+        assert rel_error(flatten(got, model), expected) < 1e-10
+        F.cross_entropy(stepped(x), y).backward()
+        pre_stepped.step()
+        F.cross_entropy(plain(x), y).backward()
+        assert len(seen_plain) == 1 and len(seen) == len(seen_stepped) > 1  # (metric rows)
+        assert torch.allclose(seen[0], seen_plain[0], rtol=1e-12, atol=0)
+
+
 class CheckpointedDropout(Checkpointed):
     """A dropout inside the checkpointed segment (``classes`` outputs)."""
 
