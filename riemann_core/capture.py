@@ -298,6 +298,7 @@ _RECORD = (
     "output",
     "inputs",
     "substituted",
+    "remarked",
     "token",
     "threaded",
     "hooks_mark",
@@ -362,6 +363,9 @@ class Capture:
         self._thread: int | None = None  # the thread that called the model
         # modules that ran with other tensors in place of their parameters
         self.substituted: list[str] = []
+        # modules whose parameters rc.read_by_holder's marks moved since the hooks were
+        # installed (one of its submodules marked or unmarked before the pass)
+        self.remarked: list[str] = []
         self._clone = clone
         self._stale: set[str] = set()
         self._misordered = False  # a user's hook runs between ours and the forward
@@ -447,6 +451,7 @@ class Capture:
     def reset(self) -> None:
         """Forget the recorded forward pass (its tensors are then freed with the graph)."""
         self.calls, self.output, self.inputs, self.substituted = [], None, [], []
+        self.remarked = []
         self._stale, self._watched, self.threaded = set(), [], False
         self.hooks_mark, self.hooked_in_forward = None, False
 
@@ -613,7 +618,11 @@ class Capture:
                 self._stale.add(name)
             held = [q for _, q in own_parameters(mod)]
             if not all(any(p is q for q in held) for p in params):
-                self.substituted.append(name)  # torch.func.functional_call's tensors
+                # torch.func.functional_call's tensors, or the parameters of a submodule
+                # whose mark changed (found by review: blamed on functional_call)
+                inside = list(mod.parameters())
+                moved = all(any(p is q for q in inside) for p in params)
+                (self.remarked if moved else self.substituted).append(name)
             index, dims = output_index(output), None
             if index is False:
                 dims = output_batch_dims(mod, args, kwargs, output)

@@ -82,6 +82,7 @@ from .modules import (
     floating_dtypes,
     forward_replaced,
     is_container,
+    is_read_by_holder,
     lowest_precision_eps,
     named_module,
     registered,
@@ -654,11 +655,37 @@ def _register_parameter_check(
             "(weight tying by assignment, m2.weight = m1.weight, is exact), or freeze them "
             "with requires_grad_(False). A tensor computed from them once and kept on a "
             "module across forward passes (a cache, self.cache = self.weight.T) is such a "
-            "path too: compute it inside forward at every pass"
+            f"path too: compute it inside forward at every pass{_marked_outside(model, bad)}"
         )
 
     checks.require(error <= eps * scale, explain)
     return scale
+
+
+def _marked_outside(model: nn.Module, names: list[str]) -> str:
+    """Where the modules owning the parameters ``names`` (or the containers above them)
+    are marked by :func:`~riemann_core.modules.read_by_holder`, whose calls and reads then
+    count only inside their holder's: those marks named, a call outside the holder being
+    such a path (found by review: a Swin V2 ``cpb_mlp`` marked as its refusal of a table
+    said, but called outside its attention too, was refused without the mark named)."""
+    modules = dict(model.named_modules())
+    marked = []
+    for n in names:
+        owner = n.rpartition(".")[0]
+        while owner not in marked and is_container(modules.get(owner)):
+            if is_read_by_holder(modules[owner]):
+                marked.append(owner)
+            if not owner:
+                break
+            owner = owner.rpartition(".")[0]
+    if not marked:
+        return ""
+    return (
+        f". Modules {sorted(marked)} are marked by rc.read_by_holder: their parameters are their "
+        "holder's, which sees them only inside its own calls, so calling or reading them "
+        "outside its forward too is such a path; call them only inside it, or unmark them, "
+        "rc.read_by_holder(..., marked=False)"
+    )
 
 
 def register_splits(checks: Deferred, notes: ModelNotes, handlers: list, probed: bool) -> None:

@@ -82,11 +82,11 @@ def read_by_holder(*modules: nn.Module, marked: bool = True) -> None:
     ``nn.MultiheadAttention`` its ``out_proj`` (taken without a mark). Their parameters
     then form one block with the holder's, which the generic kernel (``kernel="auto"``)
     evaluates whole: exact, as for any module under it; a marked module called outside
-    its holder's forward is refused as a parameter used outside its module's calls, and a
-    marked model, which no module holds, as parameters of a module not called. Mark them
-    before the forward pass a direction is computed from (a preconditioner's hooks are
-    installed again at its next call, and a mark made after a probe passed is probed
-    again; ``check_coupling=False`` skips that). The mark is an attribute of each module:
+    its holder's forward is refused as a parameter used outside its module's calls (the
+    mark named), and a marked model, which no module holds, as parameters of a module not
+    called. Mark them before the forward pass a direction is computed from (a
+    preconditioner's hooks are installed again at its next call, and a mark made after a
+    probe passed is probed again; ``check_coupling=False`` skips that). The mark is an attribute of each module:
     a deep copy or a pickle of the model keeps it. ``marked=False`` removes it (none
     there: nothing to do), taken at the next call as a new mark is: their parameters are
     refused again as those of a module not called."""

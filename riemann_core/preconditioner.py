@@ -2573,6 +2573,14 @@ def _check_own_parameters(capture: Capture, model: nn.Module, call: str) -> None
     read-only pre-hook registered after the preconditioner made every pre.step() blame
     state not replayed, and pre.backward consume the graph before that refusal)."""
     substituted = capture.substituted
+    if capture.remarked and capture.owners_current(model):
+        raise ValueError(
+            f"modules {some(capture.remarked)} owned other parameters in the model's last "
+            "forward pass than now: a mark of rc.read_by_holder was changed before that pass "
+            f"and changed back after it. Keep the marks as they are from the forward pass to "
+            f"{call}: run the "
+            "forward pass again and form a new loss"
+        )
     if substituted and capture.owners_current(model):
         raise ValueError(
             f"modules {some(substituted)} ran with other tensors in place of their "

@@ -4583,6 +4583,39 @@ def test_an_unmark_is_taken_at_the_next_call_as_a_mark_is(call):
     assert attn.qkv.__dict__[rc.modules.READ_BY_HOLDER]  # (left as it was)
 
 
+@pytest.mark.parametrize("call", ["step", "backward"])
+def test_a_mark_changed_and_changed_back_around_a_forward_pass_is_named(call):
+    """Found by review: marks removed before a forward pass and made again before the
+    preconditioner's call (its hooks, installed with the marks, saw the holder without
+    its marked parameters) was refused as a pass run with other tensors in place of the
+    parameters (``torch.func.functional_call``). The refusal names the marks, every
+    ``.grad`` as it was; the next pass, the marks kept, is exact."""
+    torch.manual_seed(0)
+    model = WindowNet().double()
+    x, y = torch.randn(5, 3, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    attn = model.attn
+    rc.read_by_holder(attn.qkv, attn.proj)
+    pre = rc.RiemannianPreconditioner(model, method="full", damping=DAMPING, kernel="auto")
+    preconditioned(pre, model, x, y, call)
+    rc.read_by_holder(attn.qkv, attn.proj, marked=False)
+    loss = F.cross_entropy(model(x), y)
+    rc.read_by_holder(attn.qkv, attn.proj)
+    if call == "step":
+        loss.backward()
+    before = snapshot(model)
+    with pytest.raises(
+        ValueError,
+        match=r"modules \['attn'\] owned other parameters in the model's last forward pass "
+        r"than now: a mark of rc.read_by_holder was changed before that pass",
+    ):
+        pre.backward(loss) if call == "backward" else pre.step()
+    assert_unchanged(model, before)
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    preconditioned(pre, model, x, y, call)
+    got = flatten({n: p.grad for n, p in model.named_parameters()}, model)
+    assert rel_error(got, oracle_direction(G, g, DAMPING, "full", [])) < 1e-10
+
+
 class ReadingModel(nn.Module):
     """A model reading a parameter of its own beside a Linear it calls."""
 
@@ -4717,6 +4750,43 @@ def test_a_table_mapped_inside_a_holder_is_refused_naming_its_mark(method):
         preconditioned(pre, model, x, y, call)
         got = {n: p.grad for n, p in model.named_parameters()}
         assert rel_error(flatten(got, model), expected) < 1e-10
+
+
+class WindowNetV2Outside(WindowNetV2):
+    """Swin V2's attention whose ``cpb_mlp`` the model also calls on the batch, outside
+    the attention's forward."""
+
+    def forward(self, x):  # (N, 4, 2)
+        h = torch.tanh(self.attn(self.embed(x))).flatten(1)
+        return self.head(h + self.attn.cpb_mlp(x).sum((1, 2))[:, None])
+
+
+@pytest.mark.parametrize("call", ["direction", "step", "backward"])
+def test_a_marked_module_called_outside_its_holder_too_is_refused_naming_its_mark(call):
+    """Found by review: the mark a table's refusal names, made where the model calls that
+    module outside its holder too, was refused as parameters used outside their module's
+    calls, without the mark named (the user had just made it as told). The refusal names
+    the marked modules and the unmark; every ``.grad`` as it was."""
+    torch.manual_seed(0)
+    model = WindowNetV2Outside().double()
+    x, y = torch.randn(5, 4, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    rc.read_by_holder(model.attn.qkv, model.attn.proj)
+    with pytest.raises(
+        ValueError, match=r"rc.read_by_holder\(\*model.get_submodule\('attn.cpb_mlp'"
+    ):
+        rc.direction(model, x, y, damping=DAMPING, kernel="auto")
+    rc.read_by_holder(*model.get_submodule("attn.cpb_mlp").modules())
+    marked = (
+        r"outside the calls of the modules that own them.*Modules \['attn.cpb_mlp', "
+        r"'attn.cpb_mlp.0', 'attn.cpb_mlp.2'\] are marked by rc.read_by_holder.*"
+        r"rc.read_by_holder\(..., marked=False\)"
+    )
+    if call == "direction":
+        with pytest.raises(ValueError, match=marked):
+            rc.direction(model, x, y, damping=DAMPING, kernel="auto")
+    else:
+        pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel="auto")
+        assert_call_refused(pre, model, x, y, call, marked)
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's vmap fallback
