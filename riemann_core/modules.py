@@ -1062,7 +1062,7 @@ class GenericHandler(Handler):
                 # weight detached until the 6th pass, taken in here where the gradient had
                 # none, 0.54-1.72 off)
                 _restore_attributes(self.block.attributes)
-            args = _initial_state(module, tuple(args), kwargs)
+            args, kwargs = _initial_state(module, tuple(args), kwargs)
             output = functional_call(_Unhooked(module), values, args, kwargs)
         finally:  # nor keep a buffer it registers as it runs (found by review: one holding
             # torch.func's wrapped tensor was left in the user's model)
@@ -1285,24 +1285,27 @@ class GenericHandler(Handler):
         ]
 
 
-def _initial_state(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
-    """``args`` of a call of an ``nn.RNNBase`` on a batch without its initial state ``hx``
-    with the zeros it would start from passed as ``hx``: the module makes them itself and
-    writes into them in place, which ``torch.func.vmap`` cannot split into samples (the
-    same values, so the same outputs and Jacobians). Other calls' ``args`` as they are."""
-    if not isinstance(module, nn.RNNBase) or len(args) != 1 or "hx" in kwargs:
-        return args
-    x = args[0]
-    if not isinstance(x, Tensor) or x.ndim != 3:
-        return args
+def _initial_state(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``args`` and ``kwargs`` of a call of an ``nn.RNNBase`` on a batch without its initial
+    state ``hx`` (left out, or ``None`` by position or keyword; the input by position or
+    keyword) with the zeros it would start from passed as ``hx``: the module makes them
+    itself and writes into them in place, which ``torch.func.vmap`` cannot split into
+    samples (the same values, so the same outputs and Jacobians). Other calls' as they are."""
+    if not isinstance(module, nn.RNNBase):
+        return args, kwargs
+    x = args[0] if args else kwargs.get("input")
+    given = args[1] if len(args) > 1 else kwargs.get("hx")
+    if given is not None or not isinstance(x, Tensor) or x.ndim != 3:
+        return args, kwargs
     shape = (
         module.num_layers * (2 if module.bidirectional else 1),
         x.shape[0 if module.batch_first else 1],
     )
     h = x.new_zeros(*shape, module.proj_size or module.hidden_size)
-    if isinstance(module, nn.LSTM):
-        return (x, (h, x.new_zeros(*shape, module.hidden_size)))
-    return (x, h)
+    hx = (h, x.new_zeros(*shape, module.hidden_size)) if isinstance(module, nn.LSTM) else h
+    if len(args) > 1:  # (found by review: lstm(x, None) and lstm(input=x) were refused)
+        return (args[0], hx, *args[2:]), kwargs
+    return args, {**kwargs, "hx": hx}
 
 
 def attributes_of(module: nn.Module, found: list | None = None) -> tuple[nn.Module, dict, list]:

@@ -508,6 +508,42 @@ def test_recurrent_modules_are_exact_through_the_preconditioner(cls, pattern, me
         assert rel_error(flatten(got, model), expected) < 1e-10
 
 
+class RecurrentStateless(nn.Module):
+    """The initial state passed as ``None`` (by position or keyword), or the input by
+    keyword: the module makes its zeros itself, as when ``hx`` is left out."""
+
+    def __init__(self, cls, call):
+        super().__init__()
+        self.rnn, self.head, self.call = cls(3, 4, batch_first=True), nn.Linear(4, 5), call
+
+    def forward(self, x):
+        if self.call == "hx=None":
+            out, _ = self.rnn(x, hx=None)
+        elif self.call == "input=x":
+            out, _ = self.rnn(input=x)
+        else:
+            out, _ = self.rnn(x, None)
+        return self.head(out[:, -1])
+
+
+@pytest.mark.parametrize("call", ["None", "hx=None", "input=x"])
+@pytest.mark.parametrize("cls", [nn.GRU, nn.LSTM], ids=lambda c: c.__name__)
+def test_recurrent_module_given_no_state_as_none_or_by_keyword_is_exact(cls, call):
+    """Were refused (``kernel='generic' cannot evaluate module 'rnn' ... one sample at a
+    time``): the zeros were passed only where the call had one positional argument."""
+    torch.manual_seed(62)
+    model, x = RecurrentStateless(cls, call).double(), torch.randn(5, 4, 3, dtype=torch.float64)
+    y = torch.randint(0, 5, (5,))
+    expected = recurrent_oracle(model, x, y, "layerwise")
+    dirs = rc.direction(model, x, y, damping=DAMPING, kernel="auto")
+    assert rel_error(flatten(dirs, model), expected) < 1e-10
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel="auto")
+    for _ in range(2):
+        preconditioned(pre, model, x, y, "backward")
+        got = {n: p.grad for n, p in model.named_parameters()}
+        assert rel_error(flatten(got, model), expected) < 1e-10
+
+
 def test_recurrent_dropout_in_training_is_refused_and_exact_in_evaluation():
     """``nn.LSTM(dropout=p)`` draws its masks inside the module, which the generic kernel
     cannot replay one sample at a time: refused in training by every entry point, every
