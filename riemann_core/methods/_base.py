@@ -783,12 +783,21 @@ def check_batch_dimension(calls: list[Block], outputs: Tensor) -> None:
             if _one_sample(c):  # (found by a docs check: told only of its output's shape)
                 _refuse_per_sample(c, N)
             rows = c.output.shape[0] if c.output.ndim else 0
-            # (found by a hunt: the batch flattened with time was told only of tables)
+            # (found by a hunt: the batch flattened with time was told only of tables; by a
+            # hunt of timm: its Swin and LeViT were told to call their modules on the batch,
+            # a rewrite of timm, where marks make them exact)
             flattened = (
                 f"; if its {rows} rows are the batch flattened with another dimension "
                 f"(h.reshape({N} * T, f)), call it on the ({N}, T, f) tensor instead "
                 f"(nn.Linear takes any leading dimensions; a convolution, each step's ({N}, "
-                "C, ...) slice)"
+                "C, ...) slice); where a module that takes the batch folds it with another "
+                "dimension and calls others on the result (timm's Swin, whose "
+                f"SwinTransformerBlock calls its WindowAttention on ({N} * windows, T, C); "
+                f"timm's LeViT, whose LinearNorm calls its BatchNorm1d on ({N} * T, C)), mark "
+                "those modules and their submodules with parameters as read by it, "
+                "rc.read_by_holder(blk.attn, blk.attn.qkv, blk.attn.proj) for each "
+                "SwinTransformerBlock blk, rc.read_by_holder(m.bn) for each LinearNorm m, and "
+                "pass kernel='auto': it is then evaluated whole, one sample at a time"
                 if rows > N and rows % N == 0
                 else ""
             )
