@@ -53,6 +53,7 @@ from .capture import (
     Replay,
     ReplayDiffers,
     autocast_state,
+    backward_hooked,
     buffers_kept,
     calls_under_way,
     capturing,
@@ -845,9 +846,9 @@ class RiemannianPreconditioner:
         through their modules' calls (a weight penalty written into the loss); when a
         tensor hook is on the model's output, or a hook was registered since the forward
         pass (in the loss's code), or a module's output or input retains its gradient
-        (``retain_grad``), whose backward pass must not run batched; when the loss's graph
-        holds a module's backward hook and a segment under ``torch.utils.checkpoint``,
-        which cannot run again batched with the hook; and for a compiled model
+        (``retain_grad``), whose backward pass must not run batched; when a module of the
+        model (or of the loss's graph) has a backward hook and the graph a segment under
+        ``torch.utils.checkpoint``, which cannot run again batched with the hook; and for a compiled model
         (``torch.compile``), whose compiled backward cannot run batched.
         For cross-entropy on outputs ``(N, ..., C)`` the loss's gradient must show the
         classes along the last dimension and every position taken (see ``docs/api.md``).
@@ -1021,9 +1022,13 @@ class RiemannianPreconditioner:
             # the batched backward pass runs the segment again under vmap, where torch
             # cannot apply the hook (found by an audit: refused from the second
             # pre.backward on; the hooked module at a segment's start with parameters,
-            # then without); the autograd path pulls the rows back as pre.step() does.
-            # The saved tensors are read only where the graph holds such a hook
-            checkpointed = module_hooked and recomputes([loss.grad_fn])
+            # then without); the autograd path pulls the rows back as pre.step() does. A
+            # hooked module whose output the loss leaves out has no node in its graph, but
+            # runs again with its segment all the same (found by review: refused from the
+            # second call, exact before), so every module of the model is asked too. The
+            # saved tensors are read only where there is such a hook
+            hooked_module = module_hooked or any(backward_hooked(m) for m in model.modules())
+            checkpointed = hooked_module and recomputes([loss.grad_fn])
             # a recorded tensor that retains its gradient (h.retain_grad() in forward): the
             # batched backward pass would leave a batched tensor, unreadable, in its .grad
             # (torch's "escaped from inside a function being vmapped" at the first read;

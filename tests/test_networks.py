@@ -30,6 +30,7 @@ from oracle import (
     preconditioned,
     rel_error,
     snapshot,
+    unflatten,
 )
 from torch import nn
 from torch.nn.utils import prune
@@ -3701,6 +3702,53 @@ def test_a_backward_hook_on_a_module_without_parameters_in_a_checkpointed_segmen
         F.cross_entropy(plain(x), y).backward()
         assert len(seen_plain) == 1 and len(seen) == len(seen_stepped) > 1  # (metric rows)
         assert torch.allclose(seen[0], seen_plain[0], rtol=1e-12, atol=0)
+
+
+class CheckpointedBeside(CheckpointedFirst):
+    """A checkpointed segment on the data that also calls a module whose output the loss
+    leaves out (``aux``: an ``nn.Linear`` with parameters, or an ``nn.Tanh``)."""
+
+    def __init__(self, aux, checkpointed=True):
+        super().__init__(checkpointed)
+        self.aux = nn.Linear(5, 6) if aux == "linear" else nn.Tanh()
+
+    def first(self, x):
+        h = self.a(x)
+        self.aux(x if isinstance(self.aux, nn.Linear) else h)
+        return torch.tanh(h)
+
+
+@pytest.mark.parametrize("aux", ["linear", "tanh"])
+@pytest.mark.parametrize("method", ["layerwise", "full", "natural", "kfac"])
+def test_a_backward_hook_on_a_module_the_loss_leaves_out_in_a_checkpointed_segment(method, aux):
+    """Found by review: a module with a backward hook whose output the loss leaves out has
+    no hook node in the loss's graph, but the segment's forward runs it again under vmap
+    in the fused pass; an ``nn.Linear`` on the data was refused ("the backward pass cannot
+    run batched") from the second ``pre.backward(loss)``, where it was exact before (an
+    ``nn.Tanh`` always was). Such a model takes the autograd path: each step is the
+    oracle's on the parameters the loss reaches."""
+    torch.manual_seed(0)
+    model = CheckpointedBeside(aux).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    plain = copy.deepcopy(model)
+    plain.checkpointed = False
+    if method == "kfac":  # (as above)
+        expected = rc.direction(plain, x, y, method=method, damping=DAMPING)
+    else:
+        expected = unflatten(oracle_of(plain, x, y, method), plain)
+    model.aux.register_full_backward_hook(lambda module, grad_input, grad_output: None)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    reached = [n for n, _ in model.named_parameters() if not n.startswith("aux")]
+    for _ in range(3):
+        model.zero_grad()
+        pre.backward(F.cross_entropy(model(x), y))
+        got = dict(model.named_parameters())
+        assert all(got[n].grad is None for n in got if n not in reached)
+        error = rel_error(
+            torch.cat([got[n].grad.reshape(-1) for n in reached]),
+            torch.cat([expected[n].reshape(-1) for n in reached]),
+        )
+        assert error < 1e-10
 
 
 class CheckpointedDropout(Checkpointed):
