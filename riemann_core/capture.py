@@ -44,6 +44,7 @@ from .modules import (
     Block,
     attributes_of,
     call_attributes,
+    graph_batch_dims,
     is_container,
     joined_output,
     named_module,
@@ -563,14 +564,17 @@ class Capture:
                 else call_attributes(mod, self._registered)
             )
             if not kwargs and all(isinstance(a, Tensor) for a in args):  # no pytree walks
-                live = tuple(a for a in args if a.requires_grad)
+                live = tuple(a for a in args if a.requires_grad), graph_batch_dims(mod, args, {})
                 args = tuple(a.detach().clone() if copy else a.detach() for a in args)
                 versions = [(a, a._version) for a in args]
                 handled = sys.exc_info()[1]  # (see hook)
                 entered.append((args, kwargs, live, versions, received, copy, attributes, handled))
                 return
             leaves, _ = pytree.tree_flatten((args, kwargs))
-            live = tuple(a for a in leaves if isinstance(a, Tensor) and a.requires_grad)
+            live = (
+                tuple(a for a in leaves if isinstance(a, Tensor) and a.requires_grad),
+                graph_batch_dims(mod, args, kwargs),
+            )
             args, kwargs = _detached((args, kwargs), copy)
             versions = _versions((args, kwargs))
             handled = sys.exc_info()[1]  # (see hook)
@@ -594,7 +598,15 @@ class Capture:
             *record, handled = record
             if output is None and raising_since(handled):  # the forward raised
                 return None
-            recorded_args, recorded_kwargs, live, versions, received, copied, attributes = record
+            (
+                recorded_args,
+                recorded_kwargs,
+                (live, live_dims),
+                versions,
+                received,
+                copied,
+                attributes,
+            ) = record
             if (
                 not _same_objects(received, _call_leaves(args, kwargs))
                 or (copied and hooked_after(mod._forward_pre_hooks, handles[0].id))
@@ -652,6 +664,7 @@ class Capture:
                 output_index=index,
                 output_dims=dims,
                 graph_inputs=live,
+                graph_dims=live_dims,
                 product_eps=self._eps(output.device.type, mod),
                 attributes=attributes,
             )

@@ -322,16 +322,19 @@ def _leaked(pulled: Tensor, masks: Tensor, nan: bool = True) -> Tensor:
     return (nonzero & outside).flatten(1).any()
 
 
-def graph_tensors(calls: list[Block], N: int) -> list[tuple[Block, Tensor]]:
+def graph_tensors(calls: list[Block], N: int) -> list[tuple[Block, Tensor, int]]:
     """Each call's output and the tensors of its inputs that are in the autograd graph and
-    hold the ``N`` samples along their first dimension (not an attention mask of the
-    positions, shared by the samples: found by review, its pullback crashed the probe)."""
-    out = [(c, c.output) for c in calls if c.output.requires_grad]
+    hold the ``N`` samples along their batch dimension (:attr:`Block.graph_dims`: an
+    ``nn.RNNBase``'s sequence-first input and its ``hx`` along their second), with that
+    dimension: not an attention mask of the positions, shared by the samples (found by
+    review, its pullback crashed the probe), nor a sequence-first input whose length equals
+    the batch read along its time steps (found by review: refused as coupling the samples)."""
+    out = [(c, c.output, 0) for c in calls if c.output.requires_grad]
     per_sample = [
-        (c, t)
+        (c, t, d)
         for c in calls
-        for t in c.graph_inputs
-        if t.requires_grad and t.ndim > 0 and t.shape[0] == N
+        for t, d in zip(c.graph_inputs, c.graph_dims or (0,) * len(c.graph_inputs), strict=True)
+        if t.requires_grad and t.ndim > d and t.shape[d] == N
     ]
     return out + per_sample
 
@@ -360,7 +363,7 @@ def register(
     with batched_backward():
         pulled = torch.autograd.grad(
             z,
-            [t for _, t in targets],
+            [t for _, t, _ in targets],
             torch.cat([rows, *extra]),
             is_grads_batched=True,
             retain_graph=True,
@@ -370,10 +373,16 @@ def register(
     # initialised at zero, as classifier heads often are) shows no dependence whatever the
     # structure: the probe then proves nothing, and is run again on the next call
     reached = [(i, p[len(rows) - 1]) for i, p in enumerate(pulled) if p is not None]
+    # (each with its samples on its first dimension after the probe's)
     pulled = [
-        torch.zeros((len(rows) + 3,) + t.shape, dtype=t.dtype, device=t.device) if p is None else p
-        for (_, t), p in zip(targets, pulled, strict=True)
+        (
+            torch.zeros((len(rows) + 3,) + t.shape, dtype=t.dtype, device=t.device)
+            if p is None
+            else p
+        ).movedim(d + 1, 1)
+        for (_, t, d), p in zip(targets, pulled, strict=True)
     ]
+    targets = [(c, t) for c, t, _ in targets]
     again, pulled = [p[len(rows) :] for p in pulled], [p[: len(rows)] for p in pulled]
     # the roundest precision of the pass: under autocast the calls ran in half precision
     # (found by review: a hand-written layer's float32 vjp against autograd's bfloat16 one

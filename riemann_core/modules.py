@@ -303,6 +303,8 @@ class Block:
     kwargs: dict = field(default_factory=dict)  # keyword arguments of the call, detached
     output_grad: Tensor | None = None  # the loss gradient at the output, Lambda
     graph_inputs: tuple[Tensor, ...] = ()  # the call's input tensors in the autograd graph
+    # each one's batch dimension (graph_batch_dims); None: the first of each
+    graph_dims: tuple[int, ...] | None = None
     calls: tuple[Block, ...] = ()  # the calls of a shared block
     # where the call returned a tuple of one tensor and None: the tensor's place in it
     output_index: int | None = None
@@ -977,9 +979,15 @@ class GenericHandler(Handler):
 
     def _per_sample(self, compute):
         """``compute()``, whose ``torch.func`` transforms run the module one sample at a
-        time; what they cannot run is refused with the reason."""
+        time; what they cannot run is refused with the reason. Under grad mode whatever
+        the caller's (``pre.step()`` runs under ``torch.no_grad()``): oneDNN's
+        ``nn.LSTM`` forward on the CPU (float32, bfloat16) keeps no workspace for its
+        backward where the caller disabled grad, which ``torch.func.vjp`` enables only
+        inside, and its vjp then fails (found by review: ``pre.step()`` refused an LSTM
+        that ``pre.backward`` took; the arguments and parameters carry no graph)."""
         try:
-            return compute()
+            with torch.enable_grad():
+                return compute()
         except RuntimeError as err:
             if isinstance(self.block.module, nn.EmbeddingBag) and "offsets" in str(err):
                 raise ValueError(
@@ -1119,19 +1127,8 @@ class GenericHandler(Handler):
 
     def _batch_dims(self) -> list[int]:
         """Per leaf of the call's arguments (:meth:`_leaves`' order), the dimension that
-        holds the batch where it holds one: for an ``nn.RNNBase``, its input's ``0`` with
-        ``batch_first``, else ``1`` (its first argument, or keyword ``input``), and ``1``
-        for its initial state ``hx`` (its second, or keyword); ``0`` for the others."""
-        inputs, kwargs, module = self.block.inputs, self.block.kwargs, self.block.module
-        if not isinstance(module, nn.RNNBase):
-            return [0] * len(pytree.tree_leaves((inputs, kwargs)))
-        dims = {"input": 0 if module.batch_first else 1, "hx": 1}
-        names = ["input", "hx"]
-        return [
-            dims.get(k, 0)
-            for k, a in [*zip(names + [None] * len(inputs), inputs), *kwargs.items()]
-            for _ in pytree.tree_leaves(a)
-        ]
+        holds the batch where it holds one (:func:`argument_batch_dims`)."""
+        return argument_batch_dims(self.block.module, self.block.inputs, self.block.kwargs)
 
     def _leaves(self, dtype: torch.dtype) -> tuple[list, object]:
         """The call's arguments, flattened; half-precision ones (a forward pass under
@@ -1283,6 +1280,36 @@ class GenericHandler(Handler):
             c.reshape(s)
             for c, s in zip(flat.split([s.numel() for s in self.shapes]), self.shapes, strict=True)
         ]
+
+
+def argument_batch_dims(module: nn.Module, inputs: tuple, kwargs: dict) -> list[int]:
+    """Per leaf of a call's arguments (``pytree`` leaves of ``(inputs, kwargs)``), the
+    dimension that holds the batch where it holds one: for an ``nn.RNNBase``, its input's
+    ``0`` with ``batch_first``, else ``1`` (its first argument, or keyword ``input``), and
+    ``1`` for its initial state ``hx`` (its second, or keyword); ``0`` for the others."""
+    if not isinstance(module, nn.RNNBase):
+        return [0] * len(pytree.tree_leaves((inputs, kwargs)))
+    dims = {"input": 0 if module.batch_first else 1, "hx": 1}
+    names = ["input", "hx"]
+    return [
+        dims.get(k, 0)
+        for k, a in [*zip(names + [None] * len(inputs), inputs), *kwargs.items()]
+        for _ in pytree.tree_leaves(a)
+    ]
+
+
+def graph_batch_dims(module: nn.Module, inputs: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    """Of a call's argument tensors in the autograd graph (those that require grad, in
+    ``pytree`` order: :attr:`Block.graph_inputs`), the dimension that holds the batch
+    (:func:`argument_batch_dims`); ``None`` where it is the first of each (any module but
+    an ``nn.RNNBase``: no walk of the arguments on the hot path)."""
+    if not isinstance(module, nn.RNNBase):
+        return None
+    leaves = pytree.tree_leaves((inputs, kwargs))
+    dims = argument_batch_dims(module, inputs, kwargs)
+    return tuple(
+        d for a, d in zip(leaves, dims, strict=True) if isinstance(a, Tensor) and a.requires_grad
+    )
 
 
 def _initial_state(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

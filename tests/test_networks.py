@@ -546,6 +546,97 @@ def test_recurrent_module_given_no_state_as_none_or_by_keyword_is_exact(cls, cal
         assert rel_error(flatten(got, model), expected) < 1e-10
 
 
+class RecurrentBatchSized(nn.Module):
+    """An LSTM whose other dimension equals the batch size ``N = 4``: sequence-first with
+    ``T = N`` (``time-first``), or given a per-sample initial state ``(layers, N, H)``
+    with ``layers = N`` (``state``); ``coupled``: that state taken from the batch
+    reversed, each sample's from another's input."""
+
+    def __init__(self, pattern, coupled=False):
+        super().__init__()
+        layers = 4 if pattern == "state" else 1
+        self.rnn = nn.LSTM(3, 4, num_layers=layers, batch_first=pattern == "state")
+        self.head, self.pattern, self.coupled = nn.Linear(4, 5), pattern, coupled
+
+    def forward(self, x):
+        if self.pattern == "time-first":
+            out, _ = self.rnn(x.transpose(0, 1))  # (T, N, f), T = N
+            return self.head(out[-1])
+        h0 = torch.tanh(x[:, 0, :1]).expand(-1, 4)  # (N, H)
+        h0 = (h0.flip(0) if self.coupled else h0)[None].expand(4, -1, -1)  # (layers, N, H)
+        out, _ = self.rnn(x, (h0, 2 * h0))
+        return self.head(out[:, -1])
+
+
+def batch_sized_problem(pattern, coupled=False):
+    torch.manual_seed(63)
+    model = RecurrentBatchSized(pattern, coupled).double()
+    return model, torch.randn(4, 4, 3, dtype=torch.float64), torch.randint(0, 5, (4,))
+
+
+@pytest.mark.parametrize("call", ["direction", "step", "backward"])
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("pattern", ["time-first", "state"])
+def test_recurrent_module_with_another_dimension_equal_to_the_batch_is_exact(pattern, method, call):
+    """Were refused ("an operation between the modules couples the samples"): the coupling
+    probe read the samples of every argument along its first dimension, the time steps of
+    a sequence-first input and the layers of ``hx`` where their number equals the batch
+    size; it reads them along the batch dimension the generic kernel splits them by."""
+    model, x, y = batch_sized_problem(pattern)
+    expected = recurrent_oracle(model, x, y, method)
+    if call == "direction":
+        dirs = rc.direction(model, x, y, method=method, damping=DAMPING, kernel="auto")
+        assert rel_error(flatten(dirs, model), expected) < 1e-10
+        return
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel="auto")
+    for _ in range(3):
+        preconditioned(pre, model, x, y, call)
+        got = {n: p.grad for n, p in model.named_parameters()}
+        assert rel_error(flatten(got, model), expected) < 1e-10
+
+
+def test_recurrent_state_coupling_the_samples_is_refused_where_layers_equal_the_batch():
+    """The probe reads ``hx`` along its batch dimension (its second), so a state taken from
+    other samples is found there, not mistaken for one per layer."""
+    model, x, y = batch_sized_problem("state", coupled=True)
+    with pytest.raises(ValueError, match="couples the samples"):
+        rc.direction(model, x, y, damping=DAMPING, kernel="auto")
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's vmap fallback
+@pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")  # (bfloat16's rounding)
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_lstm_in_float32_is_exact_through_pre_step_and_under_autocast(method):
+    """``pre.step()`` runs under ``torch.no_grad()``, where oneDNN's CPU LSTM (float32,
+    bfloat16) keeps no workspace for the backward of the generic kernel's vjp: it was
+    refused ("cannot evaluate module 'rnn' ... argument #22 'workspace'") where
+    ``pre.backward`` was exact. Now within float32's rounding of the float64 oracle, and
+    under bfloat16 autocast within a few of bfloat16's (``eps`` 7.8e-3) of it and of
+    ``pre.backward``."""
+    torch.manual_seed(64)
+    base = nn.Sequential(nn.LSTM(3, 4, batch_first=True), LastStep(), nn.Linear(4, 5))
+    x, y = torch.randn(8, 5, 3), torch.randint(0, 5, (8,))
+    expected = recurrent_oracle(copy.deepcopy(base).double(), x.double(), y, method).float()
+    for autocast, tolerance in ((False, 1e-4), (True, 4e-2)):
+        got = {}
+        for call in ("step", "backward"):
+            model = copy.deepcopy(base)
+            pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel="auto")
+            for _ in range(2):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    preconditioned(pre, model, x, y, call)
+                got[call] = flatten({n: p.grad for n, p in model.named_parameters()}, model)
+                assert rel_error(got[call], expected) < tolerance
+        assert rel_error(got["step"], got["backward"]) < tolerance
+
+
+class LastStep(nn.Module):
+    """An LSTM's ``(out, (h_n, c_n))`` to its output's last step."""
+
+    def forward(self, output):
+        return output[0][:, -1]
+
+
 def test_recurrent_dropout_in_training_is_refused_and_exact_in_evaluation():
     """``nn.LSTM(dropout=p)`` draws its masks inside the module, which the generic kernel
     cannot replay one sample at a time: refused in training by every entry point, every
