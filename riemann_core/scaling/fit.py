@@ -473,7 +473,8 @@ def fit_time_model(rows: pd.DataFrame) -> TimeModel:
     whose device's best rate ``rows`` carry (``best_rate_<kind>``: see
     :func:`~riemann_core.scaling.devices.named`), on a CPU also ``R_kind >= RATE_FLOOR
     best``. Kinds with no FLOPs at any point are left out. Needs more points than
-    coefficients.
+    coefficients, and points that tell them apart (the weighted features of full rank:
+    else a line of fits fits as well, and which one a solver returns says nothing).
     """
     require_columns(rows, ("time_median_s", "depth", *FLOP_COLUMNS))
     t = rows["time_median_s"].to_numpy(float)
@@ -490,6 +491,15 @@ def fit_time_model(rows: pd.DataFrame) -> TimeModel:
     weighted = features / t[:, None]
     scale = np.abs(weighted).max(axis=0)
     scale[scale == 0] = 1.0
+    # (found by CI: full's 6 points, whose FLOPs of two kinds grow alike, left a line of
+    # best fits, and scipy's release chose 1.17 ms + 0.37 ms per module or 1.75 + 0.18)
+    rank = np.linalg.matrix_rank(weighted / scale)
+    if rank < features.shape[1]:
+        raise ValueError(
+            f"the {len(t)} points do not tell the time model's {features.shape[1]} "
+            f"coefficients apart (rank {rank}: overhead, module count and FLOPs of each kind "
+            "vary together): sweep more sizes"
+        )
     # seconds per unit of each feature
     lowest, highest = np.zeros(features.shape[1]), np.full(features.shape[1], np.inf)
     # "cpu" or "cpu:N" (found by review: a sweep with --device cpu:0 had no floor)

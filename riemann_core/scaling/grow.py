@@ -121,7 +121,8 @@ def plan(rows: list[dict], grid: Grid, *, elapsed: float) -> Plan:
                 continue
             if model is None:
                 out.decisions[name] = (
-                    f"not grown: too few ok points for a time model of {key[0]} ({key[1]}), "
+                    f"not grown: no time model of {key[0]} ({key[1]}) (too few ok points, or points "
+                    "that do not tell its coefficients apart), "
                     "which decides whether an axis reached its regime; add points to the grid"
                 )
                 continue

@@ -1174,7 +1174,10 @@ def _time_explained(
         return _not_measured(cid, text, expected, method, kernel, "time")
     key = next((k for k in models if k[:2] == (method, kernel)), None)
     if key is None:
-        reason = f"Too few ok points of {method} ({kernel}) for a time model."
+        reason = (
+            f"No time model of {method} ({kernel}): too few ok points, or points that do "
+            "not tell its coefficients apart (sweep more sizes)."
+        )
         return Claim(cid, text, expected, None, None, None, NOT_REACHED, reason, "time")
     model = models[key]
     rates = ", ".join(

@@ -101,6 +101,22 @@ def test_time_model_recovers_the_overhead_and_the_rate_of_each_kind():
         fit.fit_time_model(df.iloc[:3])
 
 
+def test_points_that_do_not_tell_the_coefficients_apart_get_no_time_model():
+    """Found by CI: the committed sweep's 6 points of full, whose product and Cholesky
+    FLOPs grow alike, left a line of best fits; scipy releases chose 1.17 ms + 0.37 ms per
+    module or 1.75 + 0.18 from it. Here the Cholesky FLOPs are the products' halved: no
+    split of the time between the two rates is told by the points."""
+    machine = Machine(t0=2e-3, t_module=3e-4, rates={"products": 4e10, "cholesky": 8e9})
+    df, _ = make_sweep(machine, runs=(("natural", "structured"),), noise=0)
+    tied = df.assign(flops_cholesky=df["flops_products"] / 2)
+    with pytest.raises(
+        ValueError, match=r"do not tell the time model's 4 coefficients apart \(rank 3"
+    ):
+        fit.fit_time_model(tied)
+    assert fit.fit_time_model(df).points == len(df)  # the untied points are fitted
+    assert not fit.time_models(tied)  # the claims then read no time model
+
+
 def test_the_time_model_s_rates_stay_within_the_device_s_best_ones():
     machine = Machine(t0=2e-3, t_module=3e-4, rates={"products": 4e10, "cholesky": 8e9})
     df, _ = make_sweep(machine, runs=(("natural", "structured"),), noise=0)

@@ -1157,7 +1157,7 @@ def test_an_axis_without_a_time_model_says_why_it_did_not_grow():
     grid = sw.Grid(**{**TINY, "methods": ("layerwise",), "grow": {"width": 64}})
     plan = grow.plan(rows[:2], grid, elapsed=0.0)
     assert (
-        "not grown: too few ok points for a time model"
+        "not grown: no time model of layerwise (structured) (too few ok points"
         in plan.decisions["layerwise/structured/width"]
     )
     assert plan.runs == []
