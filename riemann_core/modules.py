@@ -984,10 +984,15 @@ class GenericHandler(Handler):
         ``nn.LSTM`` forward on the CPU (float32, bfloat16) keeps no workspace for its
         backward where the caller disabled grad, which ``torch.func.vjp`` enables only
         inside, and its vjp then fails (found by review: ``pre.step()`` refused an LSTM
-        that ``pre.backward`` took; the arguments and parameters carry no graph)."""
+        that ``pre.backward`` took; the arguments and parameters carry no graph). Its
+        results are detached: a tensor outside the model that requires grad and that the
+        forward reads (a learned scale not registered as a parameter, a constant of the
+        metric) left them a graph, which ``pre.backward``'s ``out=`` products refused
+        (found by review: ``mm(): functions with out=... arguments don't support automatic
+        differentiation``), and which ``pre.step()`` now builds too, under grad mode."""
         try:
             with torch.enable_grad():
-                return compute()
+                return pytree.tree_map_only(Tensor, Tensor.detach, compute())
         except RuntimeError as err:
             if isinstance(self.block.module, nn.EmbeddingBag) and "offsets" in str(err):
                 raise ValueError(

@@ -637,6 +637,44 @@ class LastStep(nn.Module):
         return output[0][:, -1]
 
 
+class ScaledByOutside(nn.Module):
+    """``tanh(x W) t``, ``t`` a tensor outside the model that requires grad (a learned
+    scale not registered as a parameter): a constant of the metric."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.weight, self.scale = nn.Parameter(0.3 * torch.randn(6, 6)), [scale]
+
+    def forward(self, x):
+        return torch.tanh(x @ self.weight) * self.scale[0]
+
+
+@pytest.mark.parametrize("call", ["direction", "step", "backward"])
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_generic_module_reading_a_tensor_outside_the_model_that_requires_grad_is_exact(
+    method, call
+):
+    """The generic kernel's per-sample transforms run under grad mode, and their results
+    carried a graph to the outside tensor: ``pre.backward`` crashed in its ``out=``
+    products (``mm(): functions with out=... arguments don't support automatic
+    differentiation``). Their results are detached; the tensor's gradient is left alone."""
+    torch.manual_seed(65)
+    scale = torch.full((1,), 1.5, dtype=torch.float64, requires_grad=True)
+    model = nn.Sequential(nn.Linear(3, 6), ScaledByOutside(scale), nn.Linear(6, 4)).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 4, (8,))
+    expected = recurrent_oracle(model, x, y, method)
+    if call == "direction":
+        dirs = rc.direction(model, x, y, method=method, damping=DAMPING, kernel="auto")
+        assert rel_error(flatten(dirs, model), expected) < 1e-10
+        return
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel="auto")
+    for _ in range(3):
+        preconditioned(pre, model, x, y, call)
+        got = {n: p.grad for n, p in model.named_parameters()}
+        assert not any(g.requires_grad for g in got.values())
+        assert rel_error(flatten(got, model), expected) < 1e-10
+
+
 def test_recurrent_dropout_in_training_is_refused_and_exact_in_evaluation():
     """``nn.LSTM(dropout=p)`` draws its masks inside the module, which the generic kernel
     cannot replay one sample at a time: refused in training by every entry point, every
