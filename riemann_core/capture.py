@@ -563,12 +563,17 @@ class Capture:
                 if type(mod) in _TORCH_STRUCTURED and "forward" not in mod.__dict__
                 else call_attributes(mod, self._registered)
             )
+            # and the random state it starts from, for the generic kernel to draw again
+            # what the call draws (riemann_core.draws)
+            rng = None if attributes is None else _rng_of(params)
             if not kwargs and all(isinstance(a, Tensor) for a in args):  # no pytree walks
                 live = tuple(a for a in args if a.requires_grad), graph_batch_dims(mod, args, {})
                 args = tuple(a.detach().clone() if copy else a.detach() for a in args)
                 versions = [(a, a._version) for a in args]
                 handled = sys.exc_info()[1]  # (see hook)
-                entered.append((args, kwargs, live, versions, received, copy, attributes, handled))
+                entered.append(
+                    (args, kwargs, live, versions, received, copy, attributes, rng, handled)
+                )
                 return
             leaves, _ = pytree.tree_flatten((args, kwargs))
             live = (
@@ -578,7 +583,7 @@ class Capture:
             args, kwargs = _detached((args, kwargs), copy)
             versions = _versions((args, kwargs))
             handled = sys.exc_info()[1]  # (see hook)
-            entered.append((args, kwargs, live, versions, received, copy, attributes, handled))
+            entered.append((args, kwargs, live, versions, received, copy, attributes, rng, handled))
 
         # (always called: where the forward raises, torch calls it with no output, and the
         # call's entry is dropped; found by a hunt: a training loop that skipped a batch
@@ -606,6 +611,7 @@ class Capture:
                 received,
                 copied,
                 attributes,
+                rng,
             ) = record
             if (
                 not _same_objects(received, _call_leaves(args, kwargs))
@@ -667,6 +673,7 @@ class Capture:
                 graph_dims=live_dims,
                 product_eps=self._eps(output.device.type, mod),
                 attributes=attributes,
+                rng=_drew(rng),
             )
             self.calls.append(block)
             self._watched.append((name, versions + [(output, output._version)]))
@@ -1150,6 +1157,27 @@ def _refuse_drawn(called: list[tuple[str, nn.Module]]) -> None:
         "deterministic (RiemannianPreconditioner.step and .backward replay the random "
         "numbers of the training forward pass instead)"
     )
+
+
+def _rng_of(params: list[Tensor]) -> tuple[list[int], list[Tensor]]:
+    """The CUDA devices of ``params`` (none where CUDA was never initialised) and
+    :func:`rng_state` of those."""
+    devices = (
+        sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+        if torch.cuda.is_initialized()
+        else []
+    )
+    return devices, rng_state(devices)
+
+
+def _drew(rng: tuple[list[int], list[Tensor]] | None) -> tuple[list[int], list[Tensor]] | None:
+    """``rng``, a call's :func:`_rng_of` at its start, where the call moved the random
+    state since (it drew), else ``None``."""
+    if rng is None:
+        return None
+    devices, start = rng
+    now = rng_state(devices)
+    return None if all(torch.equal(a, b) for a, b in zip(start, now, strict=True)) else rng
 
 
 def rng_state(devices: list[int]) -> list[Tensor]:

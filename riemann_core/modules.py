@@ -41,6 +41,7 @@ from torch.utils import _pytree as pytree
 
 from .blas import symmetric_product_applies, symmetric_products, syrk_
 from .costs import lower_gram_flops, metric_groups, metric_units, samples_chunk, samples_metric
+from .draws import REPLAYED, recorded, replaying
 from .woodbury import column_major
 
 #: Containers, never called: the parameters of the ParameterList and ParameterDict among
@@ -321,6 +322,9 @@ class Block:
     # place (Capture's clone), or of a tuple's tensors (output_of_joined), held weakly:
     # the tensors the user's code holds (None where freed)
     returned: Callable[[], tuple[Tensor | None, ...]] | None = None
+    # where the call drew random numbers: the CUDA devices and the random state it started
+    # from, for the generic kernel to draw them again (riemann_core.draws); None: it drew none
+    rng: tuple[list[int], list[Tensor]] | None = None
 
     @property
     def n_params(self) -> int:
@@ -961,6 +965,7 @@ class GenericHandler(Handler):
         self.local_names = [local[id(p)] for p in block.params]
         self.output_value = None if block.output is None else block.output.detach()
         self.mismatch: Tensor | None = None
+        self._draws: list[Tensor] | None = None  # (see _drawn)
 
     def set_delta(self, delta: Tensor) -> None:
         super().set_delta(delta)
@@ -1005,16 +1010,17 @@ class GenericHandler(Handler):
             name, kind = self.block.name, type(self.block.module).__name__
             if "random" in str(err):  # (found by a hunt: a model holding a positional
                 # table, with a dropout, was told to call model.eval() to train)
-                what = f"module {name!r} ({kind})" if name else f"the model's own forward ({kind})"
                 raise ValueError(
-                    f"kernel='generic' cannot evaluate {what} one sample at a time with "
-                    "torch.func: it draws random numbers (a dropout in train mode), its "
-                    "submodules' calls included, which cannot be replayed per sample. Where "
-                    "the draws are a submodule's and the module holds parameters of its own "
-                    "(a model holding a table of positions), hold those parameters in a small "
-                    "module of their own (one whose forward adds the table), so that the draws "
-                    "lie outside it; else call model.eval(), or give the module a structured "
-                    f"kernel (rc.register_handler) (torch: {str(err).splitlines()[0]})"
+                    f"kernel='generic' cannot evaluate {self._what()} one sample at a time "
+                    "with torch.func: it draws random numbers, its submodules' calls "
+                    "included, other than those pre.step() and pre.backward(loss) draw "
+                    f"again for each sample ({REPLAYED}): e.g. nn.MultiheadAttention's or an "
+                    "RNN's dropout, randint. Where the draws are a submodule's and the module holds "
+                    "parameters of its own (a model holding a table of positions), hold "
+                    "those parameters in a small module of their own (one whose forward adds "
+                    "the table), so that the draws lie outside it; else call model.eval(), "
+                    "or give the module a structured kernel (rc.register_handler) (torch: "
+                    f"{str(err).splitlines()[0]})"
                 ) from err
             module = self.block.module
             own = [n for n, _ in module.named_parameters(recurse=False)]
@@ -1162,12 +1168,15 @@ class GenericHandler(Handler):
         leaves, spec = self._leaves(dtype)
         tensors = [i for i, a in enumerate(leaves) if isinstance(a, Tensor)]
         batched = self.split()
+        draws = self._drawn(params, leaves, spec)
+        what = self._what()
 
         def output_of_sample(p, *sample):
             call = list(leaves)
-            for i, a, d in zip(tensors, sample, batched, strict=True):
+            for i, a, d in zip(tensors, sample[: len(tensors)], batched, strict=True):
                 call[i] = a if d is None else a.unsqueeze(d)
-            return self._call(p, call, spec)[0]
+            with replaying(sample[len(tensors) :], what, per_sample=True):
+                return self._call(p, call, spec)[0]
 
         # the rows batched inside the samples' vmap, but for one row: torch 2.13's PReLU
         # weight gradient under such a vmap of one row is silently wrong (10x; found by the
@@ -1181,8 +1190,8 @@ class GenericHandler(Handler):
             rows = [pullback(row)[0] for row in delta_b.unbind(0)]
             return {n: torch.stack([r[n] for r in rows]) for n in rows[0]}, out
 
-        in_dims = (1, *batched)
-        args = (delta.to(dtype), *[leaves[i] for i in tensors])
+        in_dims = (1, *batched, *[0] * len(draws))  # each sample's rows of the draws
+        args = (delta.to(dtype), *[leaves[i] for i in tensors], *draws)
         try:
             return vmap(rows_of_sample, in_dims=in_dims)(*args)
         except RuntimeError:
@@ -1198,12 +1207,35 @@ class GenericHandler(Handler):
         params = self._params()
         dtype = next(iter(params.values())).dtype
         leaves, spec = self._leaves(dtype)
+        draws, what = self._drawn(params, leaves, spec), self._what()
 
         def gradient(cotangent):
-            _, pullback = vjp(lambda p: self._call(p, leaves, spec), params)
+            with replaying(draws, what, per_sample=False):
+                _, pullback = vjp(lambda p: self._call(p, leaves, spec), params)
             return pullback(cotangent)[0]
 
         return self._per_sample(lambda: vmap(gradient)(rows.to(dtype)))
+
+    def _what(self) -> str:
+        name, kind = self.block.name, type(self.block.module).__name__
+        return f"module {name!r} ({kind})" if name else f"the model's own forward ({kind})"
+
+    def _drawn(self, params, leaves, spec) -> list[Tensor]:
+        """The random tensors the call drew, in order (none where it drew none): drawn
+        again by its evaluation on the batch from the random state it started from
+        (:func:`~riemann_core.draws.recorded`), once."""
+        if self.block.rng is None:
+            return []
+        if self._draws is None:
+            self._draws = self._per_sample(
+                lambda: recorded(
+                    lambda: self._call(params, leaves, spec),
+                    self.block.rng,
+                    self.N if self.output_value is None else self.output_value.shape[0],
+                    self._what(),
+                )
+            )
+        return self._draws
 
     def batch_mismatch(self, rows: Tensor) -> Tensor:
         """The largest relative difference, over the parameters and the rows ``rows``

@@ -2704,19 +2704,21 @@ def test_rrelu_with_equal_bounds_is_named():
         rc.direction(model, x, y)
 
 
-def test_dropout_in_a_model_holding_parameters_is_refused_naming_a_module_of_their_own():
-    """Found by a hunt: a model holding a table of positions and a dropout is evaluated
-    whole, one sample at a time, and was refused as module '' drawing random numbers, told
-    to call model.eval() to train; the refusal names the layout that works."""
+def test_a_draw_not_replayed_in_a_model_holding_parameters_is_refused_naming_the_fix():
+    """Found by a hunt: a model holding a table of positions is evaluated whole, one sample
+    at a time, and was refused as module '' drawing random numbers, told to call
+    model.eval() to train; the refusal names the layout that works. (Its dropout is now
+    drawn again per sample; noise drawn by randint is not.)"""
 
     class Positions(nn.Module):
         def __init__(self):
             super().__init__()
             self.embed, self.pos = nn.Embedding(7, 4), nn.Parameter(torch.zeros(3, 4))
-            self.drop, self.head = nn.Dropout(0.3), nn.Linear(4, 7)
+            self.head = nn.Linear(4, 7)
 
         def forward(self, ids):
-            return self.head(self.drop(self.embed(ids) + self.pos))
+            h = self.embed(ids) + self.pos
+            return self.head(h + torch.randint(0, 2, h.shape, dtype=h.dtype))
 
     model = Positions().double()
     ids, y = torch.randint(0, 7, (5, 3)), torch.randint(0, 7, (5, 3))
@@ -2840,6 +2842,199 @@ def test_preconditioner_replays_the_dropout_masks(method):
         torch.testing.assert_close(q.grad, expected[twin_name], rtol=1e-10, atol=1e-12)
 
 
+class DropPath(nn.Module):
+    """Stochastic depth as timm's DropPath (``x.new_empty``) or torchvision's StochasticDepth
+    (``torch.empty``) draw it, one mask entry per sample; ``fixed``: the mask to use
+    instead, ``last``: the one used."""
+
+    def __init__(self, p, torchvision=False):
+        super().__init__()
+        self.p, self.torchvision, self.fixed, self.last = p, torchvision, None, None
+
+    def forward(self, x):
+        keep = 1 - self.p
+        size = (x.shape[0],) + (1,) * (x.ndim - 1)
+        if self.fixed is not None:
+            mask = self.fixed
+        elif self.torchvision:
+            mask = torch.empty(size, dtype=x.dtype).bernoulli_(keep)
+            mask.div_(keep)
+        else:
+            mask = x.new_empty(size).bernoulli_(keep).div_(keep)
+        self.last = mask.detach()
+        return x * mask
+
+
+class LayerScaled(nn.Module):
+    """A block owning its layer scale ``gamma`` (evaluated whole), with a dropout and a
+    drop path inside: ``x + gamma * drop_path(dropout(tanh(fc(x))))``."""
+
+    def __init__(self, d, conv=False):
+        super().__init__()
+        self.fc = nn.Conv2d(d, d, 3, padding=1, groups=d) if conv else nn.Linear(d, d)
+        self.gamma = nn.Parameter(torch.linspace(0.3, 0.9, d).view(-1, *([1, 1] if conv else [])))
+        self.drop, self.drop_path = nn.Dropout(0.3), DropPath(0.4, torchvision=conv)
+
+    def forward(self, x):
+        return x + self.gamma * self.drop_path(self.drop(torch.tanh(self.fc(x))))
+
+
+class TinyViT(nn.Module):
+    """A root owning ``cls_token`` and ``pos_embed`` (evaluated whole, its blocks' calls
+    included), blocks of attention owning a layer scale, with drop paths and dropouts."""
+
+    def __init__(self, d=4, tokens=3, classes=3):
+        super().__init__()
+        self.embed = nn.Linear(2, d)
+        self.cls_token = nn.Parameter(0.1 * torch.randn(1, 1, d))
+        self.pos_embed = nn.Parameter(0.1 * torch.randn(1, tokens + 1, d))
+        self.pos_drop = nn.Dropout(0.2)
+        self.qkv, self.blocks = nn.Linear(d, 3 * d), nn.ModuleList([LayerScaled(d) for _ in "ab"])
+        self.path, self.head = DropPath(0.3), nn.Linear(d, classes)
+
+    def forward(self, x):  # (N, tokens, 2)
+        h = self.embed(x)
+        h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], 1) + self.pos_embed
+        h = self.pos_drop(h)
+        q, k, v = self.qkv(h).chunk(3, -1)
+        h = h + self.path(torch.softmax(q @ k.transpose(1, 2), -1) @ v)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h[:, 0])
+
+
+def convnext_like():
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 2, stride=2),
+        LayerScaled(3, conv=True),
+        LayerScaled(3, conv=True),
+        nn.Flatten(),
+        nn.Linear(12, 3),
+    )
+
+
+def _with_masks_fixed(model):
+    """A float64 copy of ``model`` whose dropouts and drop paths use the masks its last
+    forward pass drew (read from its ``last`` and from its dropouts' output / input)."""
+    twin = copy.deepcopy(model).double()
+    for name, module in list(twin.named_modules()):
+        if isinstance(module, DropPath):
+            module.fixed = module.last.double()
+        elif isinstance(module, nn.Dropout):
+            parent, _, leaf = name.rpartition(".")
+            mask = module.last.double() * (1 - module.p)
+            setattr(twin.get_submodule(parent), leaf, FixedMask(mask, module.p))
+    return twin
+
+
+def _dropouts_read(model):
+    """Forward hooks keeping each dropout's mask (its output over its input) as ``last``."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.register_forward_hook(lambda m, i, o: setattr(m, "last", (o / i[0]).detach()))
+
+
+@pytest.mark.parametrize("call", ["backward", "step"])
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("net", ["blocks", "convnext", "vit"])
+def test_draws_inside_a_module_evaluated_whole_are_replayed_per_sample(net, method, call):
+    """Found by a hunt: a module holding parameters of its own (a layer scale, timm's ViT
+    root holding cls_token and pos_embed) is evaluated whole one sample at a time, and a
+    dropout or stochastic depth its forward calls was refused in training (the default
+    recipe of ConvNeXt and ViT); the draws of its call are drawn again on the batch and
+    given to each sample: three steps with an optimizer between, each the oracle's of the
+    network with the masks of the user's pass fixed."""
+    torch.manual_seed(36)
+    if net == "blocks":
+        model = nn.Sequential(nn.Linear(5, 4), LayerScaled(4), LayerScaled(4), nn.Linear(4, 3))
+        x = torch.randn(6, 5)
+    elif net == "convnext":
+        model, x = convnext_like(), torch.randn(6, 2, 4, 4)
+    else:
+        model, x = TinyViT(), torch.randn(6, 3, 2)
+    model, x, y = model.double(), x.double(), torch.tensor([0, 1, 2, 0, 1, 2])
+    _dropouts_read(model)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel="auto")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        twin = _with_masks_fixed(model)  # the user's masks, before riemann_core's passes
+        if call == "backward":
+            pre.backward(loss)
+        else:
+            loss.backward()
+            pre.step()
+        expected = oracle_direction(
+            ggn(twin, x, y, "cross_entropy"),
+            gradient(twin, x, y, "cross_entropy"),
+            DAMPING,
+            method,
+            block_indices(twin),
+        )
+        got = flatten({n: p.grad for n, p in model.named_parameters()}, model)
+        assert rel_error(got, expected) < 1e-10
+        opt.step()
+
+
+class BatchDrop(nn.Module):
+    """One drop-path mask for the whole batch (torchvision's mode='batch'), with a scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return x * self.scale * torch.empty(1, 1, dtype=x.dtype).bernoulli_(0.5)
+
+
+def test_a_draw_not_one_per_sample_inside_a_module_evaluated_whole_is_refused():
+    """A draw without a row per sample cannot be split into samples: refused naming the
+    shape and the fix; ``.grad`` as it was."""
+    torch.manual_seed(37)
+    model = nn.Sequential(nn.Linear(5, 4), BatchDrop(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = rc.RiemannianPreconditioner(model, kernel="auto")
+    F.cross_entropy(model(x), y).backward()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"module '1' \(BatchDrop\).*shape \(1, 1\).*mode='row'"):
+        pre.step()
+    assert_unchanged(model, before)
+
+
+class BatchDependentDraws(nn.Module):
+    """Draws that depend on the batch size: a dropout only on more than one sample, or a
+    mask of ``N x N``."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.scale, self.kind = nn.Parameter(torch.ones(4)), kind
+
+    def forward(self, x):
+        h = x * self.scale
+        if self.kind == "count":
+            return F.dropout(h, 0.5, x.shape[0] > 1)
+        return h * torch.rand(x.shape[0], x.shape[0], dtype=x.dtype)[:, :1]
+
+
+@pytest.mark.parametrize(
+    "kind, found",
+    [("count", r"made 0 of the 1 draws"), ("shape", r"draw 0 of shape \(1, 1\), not \(1, 6\)")],
+)
+def test_draws_of_another_number_or_shape_one_sample_at_a_time_are_refused(kind, found):
+    """Draws that one sample's evaluation makes in another number or shape than the batch
+    call did cannot be given each sample's rows: refused naming them; ``.grad`` as it was."""
+    torch.manual_seed(38)
+    model = nn.Sequential(nn.Linear(5, 4), BatchDependentDraws(kind), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = rc.RiemannianPreconditioner(model, kernel="auto")
+    F.cross_entropy(model(x), y).backward()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"module '1' \(BatchDependentDraws\).*{found}"):
+        pre.step()
+    assert_unchanged(model, before)
+
+
 # ------------------------------------------------------------------------ the rest
 
 
@@ -2875,27 +3070,37 @@ def test_inference_mode_is_refused_and_inference_tensors_are_fine():
     assert rel_error(flatten(dirs, model), flatten(rc.direction(model, x, y), model)) == 0
 
 
-def test_preconditioner_refuses_random_numbers_inside_a_generic_module():
-    """The generic kernel evaluates a module one sample at a time, which cannot replay the
-    masks of dropout drawn inside the module itself; ``.grad`` stays as it was."""
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_preconditioner_replays_a_dropout_inside_a_generic_module(method):
+    """The generic kernel evaluates a module one sample at a time; the mask of a dropout
+    drawn inside the module itself is drawn again on the batch from the random state its
+    call started from (the user's mask, bit for bit) and given to each sample: the
+    direction is the oracle's of the network with that mask fixed (refused before)."""
 
     class NoisyScale(nn.Module):
         def __init__(self):
             super().__init__()
-            self.weight = nn.Parameter(torch.ones(5))
+            self.weight, self.mask = nn.Parameter(torch.linspace(0.5, 1.5, 5)), None
 
         def forward(self, x):
+            if self.mask is not None:
+                return x * self.weight * self.mask
             return F.dropout(x * self.weight, 0.3, self.training)
 
     torch.manual_seed(35)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), NoisyScale(), nn.Linear(5, 3)).double()
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
-    pre = rc.RiemannianPreconditioner(model, kernel="auto")
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel="auto")
+    state = torch.get_rng_state()
     F.cross_entropy(model(x), y).backward()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=r"cannot evaluate module '2' \(NoisyScale\) one sample"):
-        pre.step()
-    assert_unchanged(model, before)
+    after = torch.get_rng_state()
+    pre.step()
+    assert torch.equal(torch.get_rng_state(), after)  # the step leaves the random state
+    torch.set_rng_state(state)  # the pass's only draw: the mask
+    twin = copy.deepcopy(model)
+    twin[2].mask = F.dropout(torch.ones(6, 5, dtype=torch.float64), 0.3)
+    got = flatten({n: p.grad for n, p in model.named_parameters()}, model)
+    assert rel_error(got, oracle_of(twin, x, y, method)) < 1e-10
 
 
 class DeadBranch(nn.Module):
