@@ -84,8 +84,7 @@ def _own_forward():
 
 def eager():
     """Run ``torch.compile``'d code eagerly, so that module hooks fire."""
-    stance = getattr(torch.compiler, "set_stance", None)
-    return stance("force_eager") if stance is not None else contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")
 
 
 def eager_when_traced(function: Callable) -> Callable:
@@ -1047,7 +1046,7 @@ def recomputes(roots) -> bool:
     backward hook took the autograd path, one more forward pass, at every step); torch
     applies only the innermost hooks, so a ``save_on_cpu`` inside a segment hides the
     checkpoint where it alone saved. Hooks of another kind count. True where torch does
-    not say which hooks saved a tensor (``SavedTensor.unpack_hook``, in recent releases).
+    not say which hooks saved a tensor (``SavedTensor.unpack_hook``, which torch 2.8 lacks).
     Walks every node until one is found: called only where the graph holds a module's
     backward hook (:data:`MODULE_HOOK_NODE`)."""
     for node in autograd_nodes(roots):
@@ -1198,29 +1197,11 @@ def autocast_state(device_types: set[str]) -> dict[str, torch.dtype]:
     found = {}
     for t in sorted(device_types | {"cpu"}):
         try:
-            if _autocast_enabled(t):
-                found[t] = _autocast_dtype(t)
+            if torch.is_autocast_enabled(t):
+                found[t] = torch.get_autocast_dtype(t)
         except RuntimeError:  # not a device type autocast knows
             continue
     return found
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: the CPU's and CUDA's own functions
-        if device_type == "cpu":
-            return torch.is_autocast_cpu_enabled()
-        return device_type == "cuda" and torch.is_autocast_enabled()
-
-
-def _autocast_dtype(device_type: str) -> torch.dtype:
-    try:
-        return torch.get_autocast_dtype(device_type)
-    except AttributeError:  # torch < 2.4
-        if device_type == "cpu":
-            return torch.get_autocast_cpu_dtype()
-        return torch.get_autocast_gpu_dtype()
 
 
 @dataclass(frozen=True)

@@ -768,6 +768,9 @@ def test_cross_entropy_on_one_logit_is_refused_naming_the_bernoulli_fisher():
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.skipif(
+    not hasattr(torch.Tensor, "grad_dtype"), reason="Tensor.grad_dtype needs torch 2.10"
+)
 def test_grad_dtype_none_is_exact_and_a_grad_of_another_dtype_refused():
     """Found by review: grad_dtype=None (autograd's gradients still in the parameter's
     dtype) was refused though exact; a .grad of another dtype it lets the user set is
