@@ -70,6 +70,16 @@ def _draws_mask(p: float, training: bool, x: Tensor) -> bool:
     return bool(training) and 0 < p < 1 and x.numel() > 0
 
 
+def _masked(func, args, kwargs, mask_of) -> Tensor:
+    """A call of one of :data:`DROPOUTS` as its input times ``mask_of(input, p)`` (the
+    scaled mask), in place where the call is; the call as it is where it draws nothing."""
+    x, p, training, inplace = _dropout(func, args, kwargs)
+    if not _draws_mask(p, training, x):
+        return func(*args, **kwargs)
+    mask = mask_of(x, p)
+    return x.mul_(mask) if inplace else x * mask
+
+
 def _shape(func, args, kwargs) -> tuple[int, ...]:
     """The shape of what a call of one of :data:`DRAWS` draws."""
     if func in (torch.rand, torch.randn):
@@ -88,16 +98,20 @@ class Recording(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in DROPOUTS:
-            x, p, training, inplace = _dropout(func, args, kwargs)
-            if not _draws_mask(p, training, x):
-                return func(*args, **kwargs)
-            mask = DROPOUTS[func](torch.ones_like(x), p, True)
-            self.draws.append(mask)
-            return x.mul_(mask) if inplace else x * mask
+            return _masked(
+                func,
+                args,
+                kwargs,
+                lambda x, p: self._kept(DROPOUTS[func](torch.ones_like(x), p, True)),
+            )
         out = func(*args, **kwargs)
         if func in DRAWS:
             self.draws.append(out.clone())  # (the forward may scale it in place)
         return out
+
+    def _kept(self, mask: Tensor) -> Tensor:
+        self.draws.append(mask)
+        return mask
 
 
 class Replaying(TorchFunctionMode):
@@ -132,11 +146,7 @@ class Replaying(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in DROPOUTS:
-            x, p, training, inplace = _dropout(func, args, kwargs)
-            if not _draws_mask(p, training, x):
-                return func(*args, **kwargs)
-            mask = self._next(tuple(x.shape))
-            return x.mul_(mask) if inplace else x * mask
+            return _masked(func, args, kwargs, lambda x, p: self._next(tuple(x.shape)))
         if func in DRAWS:
             return self._next(_shape(func, args, kwargs)).clone()
         return func(*args, **kwargs)
