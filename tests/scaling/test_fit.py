@@ -141,17 +141,18 @@ def test_a_kind_with_few_flops_cannot_absorb_time_at_a_rate_far_below_the_device
         extra=lambda method, kernel, shape: 1e-4 * shape.batch,
     )
     df, _ = make_sweep(machine, runs=(("natural", "structured"),), noise=0)
-    df = df.assign(flops_triangular=1e3 * df["batch"], flops_qr=1e3 * df["batch"])
+    df = df.assign(flops_triangular=1e3 * df["batch"])
     unbounded = fit.fit_time_model(df).rates
     assert unbounded["triangular"] < 1e8  # about 1e3 / 1e-4 = 1e7 FLOP/s
     bounded = df.assign(best_rate_products=1e11, best_rate_cholesky=1e10, best_rate_triangular=2e10)
     for device in ("cpu", "cpu:0"):
-        model = fit.fit_time_model(bounded.assign(device=device, flops_qr=0.0))
+        model = fit.fit_time_model(bounded.assign(device=device))
         assert model.rates["triangular"] == pytest.approx(fit.RATE_FLOOR * 2e10)
         assert model.bounded == {"triangular": "floor"}  # said so where the figure is shown
-    rates = fit.fit_time_model(bounded).rates
-    assert rates["triangular"] >= fit.RATE_FLOOR * 2e10 * (1 - 1e-9)
-    assert rates["qr"] < 1e8  # no best of its own measured: no floor either
+    # no best of its own measured: no floor either (a second kind growing alike, as this
+    # test had, leaves the split of their time untold: refused since, see below)
+    unmeasured = bounded.drop(columns="best_rate_triangular").assign(device="cpu")
+    assert fit.fit_time_model(unmeasured).rates["triangular"] < 1e8
     gpu = fit.fit_time_model(bounded.assign(device="cuda")).rates  # not measured there: no floor
     assert gpu["triangular"] == pytest.approx(unbounded["triangular"], rel=1e-3)
 
