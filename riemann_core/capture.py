@@ -713,14 +713,18 @@ class Capture:
 
     def _eps(self, device_type: str, module: nn.Module) -> float:
         """:func:`~riemann_core._precision.product_eps` of ``module``'s call as the pass
-        found the knobs, read once per pass (its replay runs under the knobs as they were
+        found the knobs (or autocast's dtype's eps, where coarser), read once per pass (its replay runs under the knobs as they were
         at its start); whether it holds a convolution only where the knobs tell them
         apart (a walk of its submodules at every call otherwise)."""
         if device_type not in self._product_eps:
             eps = product_eps(device_type), product_eps(device_type, conv=True)
             self._product_eps[device_type] = eps
         plain, conv = self._product_eps[device_type]
-        return plain if plain == conv else (conv if convolves(module) else plain)
+        eps = plain if plain == conv else (conv if convolves(module) else plain)
+        if torch.is_autocast_enabled(device_type):  # its products run in autocast's dtype,
+            # whatever the output's: a GRU's float32 output from bfloat16 products
+            return max(eps, torch.finfo(torch.get_autocast_dtype(device_type)).eps)
+        return eps
 
     def stale(self) -> set[str]:
         """Modules whose captured inputs or outputs were changed in place, and

@@ -606,15 +606,20 @@ def test_recurrent_state_coupling_the_samples_is_refused_where_layers_equal_the_
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's vmap fallback
 @pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")  # (bfloat16's rounding)
 @pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
-def test_lstm_in_float32_is_exact_through_pre_step_and_under_autocast(method):
+@pytest.mark.parametrize("recurrent", [nn.LSTM, nn.GRU], ids=lambda m: m.__name__)
+def test_recurrent_module_in_float32_is_exact_through_pre_step_and_under_autocast(
+    recurrent, method
+):
     """``pre.step()`` runs under ``torch.no_grad()``, where oneDNN's CPU LSTM (float32,
     bfloat16) keeps no workspace for the backward of the generic kernel's vjp: it was
     refused ("cannot evaluate module 'rnn' ... argument #22 'workspace'") where
     ``pre.backward`` was exact. Now within float32's rounding of the float64 oracle, and
     under bfloat16 autocast within a few of bfloat16's (``eps`` 7.8e-3) of it and of
-    ``pre.backward``."""
+    ``pre.backward``. A GRU's output under autocast is float32 from bfloat16 products: its
+    evaluation one sample at a time, 1e-2 off the batch's, was refused as coupling the
+    samples at float32's tolerance (found by review); the check reads autocast's dtype."""
     torch.manual_seed(64)
-    base = nn.Sequential(nn.LSTM(3, 4, batch_first=True), LastStep(), nn.Linear(4, 5))
+    base = nn.Sequential(recurrent(3, 4, batch_first=True), LastStep(), nn.Linear(4, 5))
     x, y = torch.randn(8, 5, 3), torch.randint(0, 5, (8,))
     expected = recurrent_oracle(copy.deepcopy(base).double(), x.double(), y, method).float()
     for autocast, tolerance in ((False, 1e-4), (True, 4e-2)):
@@ -631,7 +636,8 @@ def test_lstm_in_float32_is_exact_through_pre_step_and_under_autocast(method):
 
 
 class LastStep(nn.Module):
-    """An LSTM's ``(out, (h_n, c_n))`` to its output's last step."""
+    """A recurrent module's ``(out, h_n)`` (an LSTM's ``(out, (h_n, c_n))``) to its output's
+    last step."""
 
     def forward(self, output):
         return output[0][:, -1]
@@ -1876,6 +1882,56 @@ def test_generic_kernel_refuses_an_argument_it_would_split_wrongly():
                      kernel="auto")  # fmt: skip
 
 
+class DetachedBatchScale(nn.Module):
+    """Scales by a batch statistic taken detached (no autograd path between the samples,
+    which the coupling probe follows); its output is half precision under autocast."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.w = nn.Parameter(1 + 0.3 * torch.randn(width))
+        self.b = nn.Parameter(0.1 * torch.randn(width))
+        self.coupled = True
+
+    def forward(self, x):
+        h = F.linear(x, torch.diag(self.w), self.b)
+        return h * (1 + 0.02 * h.mean(0).detach()) if self.coupled else h
+
+
+@pytest.mark.parametrize("how", ["step", "backward"])
+def test_generic_kernel_refuses_a_detached_batch_statistic_under_autocast(how):
+    """Under bfloat16 autocast the call's output is bfloat16 and the per-sample outputs were
+    compared with it within bfloat16's precision (``sqrt(eps)`` = 0.088): the module's 2%
+    batch scale passed and the direction was 0.10 off the float64 oracle, silently (found
+    by review). The outputs one sample at a time are now compared with the batch call run
+    again in float32 too, within float32's precision; the same module is refused without
+    autocast, and a per-sample one (``w x + b``) stays exact under it."""
+    torch.manual_seed(1)
+    coupled = nn.Sequential(DetachedBatchScale(6), nn.Tanh(), nn.Linear(6, 4))
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    for autocast in (False, True):
+        model = copy.deepcopy(coupled)
+        pre = rc.RiemannianPreconditioner(model, method="full", damping=1e-3, kernel="auto")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with pytest.raises(ValueError, match=r"'0' \(DetachedBatchScale\) (gives|has) "):
+                preconditioned(pre, model, x, y, how)
+        # the gradient left as the step's backward made it, none set by pre.backward
+        plain = copy.deepcopy(coupled)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            F.cross_entropy(plain(x), y).backward()
+        for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+            assert p.grad is None if how == "backward" else torch.equal(p.grad, q.grad)
+    per_sample = copy.deepcopy(coupled)
+    per_sample[0].coupled = False
+    G = ggn(copy.deepcopy(per_sample).double(), x.double(), y, "cross_entropy")
+    g = gradient(copy.deepcopy(per_sample).double(), x.double(), y, "cross_entropy")
+    expected = oracle_direction(G, g, 1e-3, "full", block_indices(per_sample))
+    pre = rc.RiemannianPreconditioner(per_sample, method="full", damping=1e-3, kernel="auto")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        preconditioned(pre, per_sample, x, y, how)
+    found = flatten({n: p.grad for n, p in per_sample.named_parameters()}, per_sample)
+    assert rel_error(found, expected.float()) < 0.05  # bfloat16's gradient
+
+
 class GatedBatchMean(nn.Module):
     """Mixes in the batch mean through a gate initialised at zero (ReZero, LayerScale)."""
 
@@ -1899,6 +1955,33 @@ def test_generic_kernel_refuses_a_batch_coupling_behind_a_zero_gate(method):
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0, 2])
     with pytest.raises(ValueError, match=r"module '2' \(GatedBatchMean\) has another Jacobian"):
         rc.direction(model.double(), x, y, method=method, kernel="auto")
+
+
+class SlightlyCoupledGate(nn.Module):
+    """A gate initialised at zero on a term that is mostly per sample: its Jacobian in
+    ``alpha`` one sample at a time is 5% off the batch call's."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(width))
+
+    def forward(self, h):
+        return h + self.alpha * (h + 0.05 * h.mean(0, keepdim=True))
+
+
+@pytest.mark.parametrize("how", ["step", "backward"])
+def test_generic_kernel_refuses_a_slight_batch_coupling_under_autocast(how):
+    """The Jacobian check compared the two in float32 without autocast, but within the
+    call's precision: under bfloat16 autocast (``sqrt(eps)`` = 0.088) the 5% coupling
+    passed, the full direction 0.17 off the float64 oracle, silently (found by review).
+    Now within float32's, as without autocast."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), SlightlyCoupledGate(6), nn.Linear(6, 4))
+    x, y = torch.randn(8, 5), torch.randint(0, 4, (8,))
+    pre = rc.RiemannianPreconditioner(model, method="full", damping=1e-3, kernel="auto")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match=r"'2' \(SlightlyCoupledGate\) has another Jac"):
+            preconditioned(pre, model, x, y, how)
 
 
 # -------------------------------------------------------------- forward arguments
