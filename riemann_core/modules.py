@@ -584,6 +584,15 @@ class PatchHandler(Handler):
         other -= {"weight", "bias"}
         if other:  # (found by a hunt: pruning's weight_orig was called weight norm's)
             return f"parameters other than weight and bias ({', '.join(sorted(other))})"
+        if "weight" in getattr(module, "_buffers", {}):
+            # torch's removal of a frozen parametrization leaves its weight so (found by a
+            # hunt: named a weight a parametrization computes, where none was left)
+            return (
+                "a weight registered as a buffer, not a parameter, which no optimizer "
+                "trains (remove_parametrizations(..., leave_parametrized=True) leaves a "
+                "frozen parametrization's so; to train it, "
+                "module.weight = nn.Parameter(module.weight.detach()) before the forward pass)"
+            )
         if not isinstance(getattr(module, "weight", None), nn.Parameter):
             return "a weight that is not a parameter (a parametrization or pruning computes it)"
         # (found by a hunt: LinearHandler registered for a module with a 1-D weight

@@ -2263,6 +2263,32 @@ def test_parametrized_module_is_refused():
         rc.direction(model, x, y, kernel="auto")
 
 
+@pytest.mark.parametrize("method", ["layerwise", "full", "kfac"])
+def test_a_weight_left_as_a_buffer_by_a_removed_parametrization_is_named(method):
+    """Found by a hunt: a parametrization frozen while the rest trained (the fix the
+    refusal above names) and then removed with ``leave_parametrized=True`` leaves the
+    weight a buffer; the structured kernel and K-FAC said a parametrization or pruning
+    computed it. Registered as a parameter again, as the message says, the direction is
+    the oracle's (K-FAC's: tests/test_modules.py, for a weight registered after its bias)."""
+    model, x, y = relu_mlp()
+    torch.nn.utils.parametrizations.weight_norm(model[2])
+    model[2].requires_grad_(False)
+    torch.nn.utils.parametrize.remove_parametrizations(model[2], "weight")
+    model[2].requires_grad_(True)  # unfrozen to train: the bias does, the buffer cannot
+    assert "weight" in model[2]._buffers
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+    buffer = r"'2' \(Linear\).* a weight registered as a buffer, not a parameter, "
+    assert_call_refused(pre, model, x, y, "step", buffer + r".*module\.weight = nn\.Parameter")
+    if method == "kfac":
+        return
+    model[2].weight = nn.Parameter(model[2].weight.detach())
+    G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
+    expected = oracle_direction(G, g, DAMPING, method, block_indices(model))
+    preconditioned(pre, model, x, y, "step")
+    got = flatten({n: p.grad for n, p in model.named_parameters()}, model)
+    assert rel_error(got, expected) < 1e-10
+
+
 def test_a_pruned_module_under_the_structured_kernel_is_refused_naming_its_parameter():
     """Found by a hunt: pruning's weight_orig was called "weight norm's weight_g, weight_v";
     kernel='auto', which the message suggests, is exact (tested in the hunt against the
