@@ -730,11 +730,13 @@ def _register_batch_check(checks, handler: GenericHandler, output: Tensor) -> No
     ``K_a`` has per sample (so by the same ``vmap`` path) that vary over the samples: the
     probe's pulled back to the call may not (a linear layer above gives every sample the
     same). Both run in the module's dtype without autocast or reduced-precision products,
-    so within the square root of that dtype's eps, whatever precision the call ran in
+    so within the square root of the eps they round to
+    (:meth:`~riemann_core.modules.GenericHandler.evaluation_eps`: that dtype's, or coarser
+    where the module casts of its own accord), whatever precision the call ran in
     (found by review: at bfloat16's, a zero-initialised gate on ``h + 0.05 mean(h)``
     passed under autocast, the full direction 0.17 off the oracle)."""
     mismatch = handler.batch_mismatch(_pattern(output.expand(handler.r, *output.shape)))
-    eps = torch.finfo(handler.block.params[0].dtype).eps
+    eps = handler.evaluation_eps()
     checks.require(mismatch <= eps**0.5, lambda: handler.refuse_batch_mismatch(mismatch))
 
 

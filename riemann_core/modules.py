@@ -539,6 +539,23 @@ def relative_difference(value: Tensor, reference: Tensor) -> Tensor:
     return (value - reference).abs().max() / scale
 
 
+def evaluated_eps(output: Tensor) -> float:
+    """The largest machine epsilon among the floating-point tensors autograd recorded on
+    the way to ``output`` (0 where none): the precision a computation rounded to, its
+    explicit casts (``x.to(torch.bfloat16)``) and autocast regions of its own included."""
+    eps, seen, stack = 0.0, set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for meta in getattr(node, "_input_metadata", ()):
+            if meta.dtype.is_floating_point:
+                eps = max(eps, torch.finfo(meta.dtype).eps)
+        stack.extend(n for n, _ in node.next_functions)
+    return eps
+
+
 def lowest_precision_eps(tensors) -> float:
     """The largest machine epsilon among the floating-point ``tensors`` (float32's where
     none is): the precision a computation through all of them was rounded to."""
@@ -981,6 +998,7 @@ class GenericHandler(Handler):
         self.output_value = None if block.output is None else block.output.detach()
         self.mismatch: Tensor | None = None  # (see deferred_checks)
         self.rerun_mismatch: Tensor | None = None
+        self._batch: tuple[Tensor, float] | None = None  # (see _batch_evaluation)
         self._draws: list[Tensor] | None = None  # (see _drawn)
 
     def set_delta(self, delta: Tensor) -> None:
@@ -1169,12 +1187,12 @@ class GenericHandler(Handler):
         rows, outs = self._rows_one_sample_at_a_time(self.delta)
         if self.output_value is not None:
             self.mismatch = relative_difference(outs, self.output_value)
-            if self._call_eps() > torch.finfo(outs.dtype).eps:
+            if self._ran_coarser():
                 # the call's coarser precision (autocast, reduced products) makes the check
                 # against its output too loose to see a coupling below it (a batch statistic
                 # taken detached, 0.10 off the oracle under bfloat16 autocast, found by
                 # review): also against the batch call run again as the samples were
-                self.rerun_mismatch = relative_difference(outs, self._batch_output())
+                self.rerun_mismatch = relative_difference(outs, self._batch_evaluation()[0])
         # rows[name]: (N, r, *shape) -> (r N, numel), probe-major like Delta
         flat = [rows[n].transpose(0, 1).reshape(self.d, -1) for n in self.local_names]
         return torch.cat(flat, dim=1).to(self.dtype)
@@ -1220,18 +1238,28 @@ class GenericHandler(Handler):
             nested = False
             return vmap(rows_of_sample, in_dims=in_dims)(*args)
 
-    def _batch_output(self) -> Tensor:
+    def _batch_evaluation(self) -> tuple[Tensor, float]:
         """The call's output on the batch run again in the module's dtype and the
-        precision the evaluation one sample at a time runs in, its draws replayed."""
-        params = self._params()
-        leaves, spec = self._leaves(next(iter(params.values())).dtype)
-        draws, what = self._drawn(params, leaves, spec), self._what()
+        precision the evaluation one sample at a time runs in, its draws replayed, and the
+        machine epsilon that run rounded to (:func:`evaluated_eps`, at least the
+        parameters' dtype's): a module computing in bfloat16 of its own accord (a cast in
+        its forward, an autocast region in it) does so there too (found by review: 2e-3
+        between its Jacobians one sample at a time and on the batch, refused at float32's
+        tolerance). Once per step."""
+        if self._batch is None:
+            params = {n: p.requires_grad_() for n, p in self._params().items()}
+            leaves, spec = self._leaves(next(iter(params.values())).dtype)
+            # (detached: the walk stays inside the module)
+            leaves = [a.detach() if isinstance(a, Tensor) else a for a in leaves]
+            draws, what = self._drawn(params, leaves, spec), self._what()
 
-        def call():
-            with replaying(draws, what, per_sample=False):
-                return self._call(params, leaves, spec)
+            def call():
+                with replaying(draws, what, per_sample=False):
+                    output = self._call(params, leaves, spec)
+                return output, max(self._parameters_eps(), evaluated_eps(output))
 
-        return self._per_sample(call)
+            self._batch = self._per_sample(call)
+        return self._batch
 
     def _rows_of_batch(self, rows: Tensor) -> dict[str, Tensor]:
         """``{name: (r, *shape)}``: the batch call's vjps of ``rows`` (``(r, N, ...)``),
@@ -1310,11 +1338,26 @@ class GenericHandler(Handler):
         leaves = pytree.tree_leaves((self.block.inputs, self.block.kwargs, self.output_value))
         return max(lowest_precision_eps(leaves), self.block.product_eps)
 
+    def _parameters_eps(self) -> float:
+        return torch.finfo(self.block.params[0].dtype).eps
+
+    def _ran_coarser(self) -> bool:
+        """Whether the call ran in a coarser precision than its parameters' dtype."""
+        return self._call_eps() > self._parameters_eps()
+
+    def evaluation_eps(self) -> float:
+        """The machine epsilon the module's evaluation by the generic kernel (one sample at
+        a time, or on the batch for the checks) rounds to: its parameters' dtype's, or
+        where the call ran coarser, the batch call's run again
+        (:meth:`_batch_evaluation`), which sees the module's own casts."""
+        return self._batch_evaluation()[1] if self._ran_coarser() else self._parameters_eps()
+
     def deferred_checks(self) -> list[tuple[Tensor, object]]:
         """The outputs one sample at a time against the call's, within the square root of
         the call's precision (:meth:`_call_eps`); where that is coarser than the
-        evaluation's, also against the batch call run again in the evaluation's precision
-        (:meth:`_batch_output`), within the square root of that."""
+        parameters', also against the batch call run again in the evaluation's precision
+        (:meth:`_batch_evaluation`), within the square root of that
+        (:meth:`evaluation_eps`)."""
         if self.mismatch is None:
             return []
 
@@ -1334,7 +1377,7 @@ class GenericHandler(Handler):
             dtype = self.block.params[0].dtype
             checks.append(
                 (
-                    self.rerun_mismatch <= torch.finfo(dtype).eps ** 0.5,
+                    self.rerun_mismatch <= self.evaluation_eps() ** 0.5,
                     lambda: explain(
                         self.rerun_mismatch,
                         f" from the batch's run again in {str(dtype).removeprefix('torch.')}, without autocast or "

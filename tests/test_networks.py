@@ -1932,6 +1932,46 @@ def test_generic_kernel_refuses_a_detached_batch_statistic_under_autocast(how):
     assert rel_error(found, expected.float()) < 0.05  # bfloat16's gradient
 
 
+class HalfProducts(nn.Module):
+    """``w x + b`` computed in bfloat16 of its own accord, back in its input's dtype:
+    one sample at a time and on the batch 2e-3 apart, its rounding."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(width, width) / width**0.5)
+        self.b = nn.Parameter(0.1 * torch.randn(width))
+        self.half = torch.bfloat16
+
+    def forward(self, x):
+        half = self.half or x.dtype
+        return F.linear(x.to(half), self.w.to(half), self.b.to(half)).to(x.dtype)
+
+
+@pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")  # (bfloat16's rounding)
+@pytest.mark.parametrize("how", ["step", "backward"])
+def test_generic_kernel_takes_a_module_computing_in_bfloat16_under_autocast(how):
+    """The checks of the generic kernel against the batch call run again (its outputs,
+    its Jacobian) were at float32's tolerance under autocast, whatever the module computed
+    in: one casting to bfloat16 in its forward (2e-3 between its evaluations one sample at
+    a time and on the batch, its own rounding) was refused as coupling the samples, where
+    it had been taken (found by review). Their tolerance is now the precision the module's
+    evaluation ran in, read from its autograd graph: within bfloat16's rounding of the
+    float64 oracle (the module in float64)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), HalfProducts(6), nn.Tanh(), nn.Linear(6, 4))
+    x, y = torch.randn(8, 5), torch.randint(0, 4, (8,))
+    exact = copy.deepcopy(model).double()
+    exact[2].half = None
+    G = ggn(exact, x.double(), y, "cross_entropy")
+    expected = oracle_direction(G, gradient(exact, x.double(), y, "cross_entropy"), 1e-1, "full",
+                                block_indices(exact))  # fmt: skip
+    pre = rc.RiemannianPreconditioner(model, method="full", damping=1e-1, kernel="auto")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        preconditioned(pre, model, x, y, how)
+    found = flatten({n: p.grad for n, p in model.named_parameters()}, model)
+    assert rel_error(found, expected.float()) < 0.1  # bfloat16's rounding, a few times
+
+
 class GatedBatchMean(nn.Module):
     """Mixes in the batch mean through a gate initialised at zero (ReZero, LayerScale)."""
 
