@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
+from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 
 from .blas import symmetric_product_applies, symmetric_products, syrk_
@@ -973,6 +974,140 @@ class Conv2dHandler(PatchHandler):
         return delta.flatten(3).transpose(2, 3)  # (r, N, C_out, T) -> (r, N, T, C_out)
 
 
+class AffineNormHandler(Handler):
+    """Normalisations followed by an elementwise affine map, ``y = xhat * w + b`` at every
+    position, ``xhat`` the input normalised (no parameter in it): LayerNorm and RMSNorm
+    over their normalised shape, GroupNorm per channel.
+
+    ``Delta`` is read as ``(r, N, T, F)``, the ``F`` features the weight scales at the
+    ``T`` positions of a sample, and ``xhat`` as ``(N, T, F)``; row ``(s, b)`` of ``K`` is
+    ``[sum_t delta_{s,b,t} * xhat_{b,t} | sum_t delta_{s,b,t}]``, ``O(d T F)``. ``xhat`` is
+    formed again from the block input by the normalisation without its affine map, in the
+    kernel's dtype. The generic kernel evaluates such a module one sample at a time under
+    ``torch.func`` instead: a forward and a backward pass of it per row, and
+    ``kernel="structured"`` refused it. A frozen weight or bias is left out; the bias rows
+    do not read the weight, which may be a buffer.
+    """
+
+    def __init__(self, block: Block):
+        self.width = self.features(block.module)
+        super().__init__(block)
+        module, trainable = block.module, {id(p) for p in block.params}
+        self.with_weight = id(getattr(module, "weight", None)) in trainable
+        self.with_bias = id(getattr(module, "bias", None)) in trainable
+        self._xhat = None
+
+    @staticmethod
+    @abstractmethod
+    def features(module: nn.Module) -> int:
+        """``F``: the number of entries of the weight."""
+
+    @abstractmethod
+    def normalised(self, x: Tensor) -> Tensor:
+        """``xhat``: the module's normalisation of ``x`` without its affine map."""
+
+    def positions(self, t: Tensor, lead: int) -> Tensor:
+        """``t`` shaped like the output after ``lead`` leading dimensions, as
+        ``(*lead, T, F)``: the normalised shape last (LayerNorm, RMSNorm)."""
+        return t.reshape(*t.shape[:lead], -1, self.width)
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> str | None:
+        other = {n for n, p in own_parameters(module) if p.requires_grad} - {"weight", "bias"}
+        if other:
+            return f"parameters other than weight and bias ({', '.join(sorted(other))})"
+        return None
+
+    @property
+    def xhat(self) -> Tensor:
+        """``(N, T, F)``, in the kernel's dtype, formed on first use."""
+        if self._xhat is None:
+            self._xhat = self.positions(self.normalised(self.block.input.to(self.dtype)), 1)
+        return self._xhat
+
+    def set_delta(self, delta: Tensor) -> None:
+        super().set_delta(delta)
+        self.Dl = self.positions(delta, 2)
+
+    def to(self, dtype: torch.dtype) -> AffineNormHandler:
+        # formed again from the input, not converted (its rounding: see PatchHandler.to)
+        xhat, self._xhat = self._xhat, None
+        try:
+            return super().to(dtype)
+        finally:
+            self._xhat = xhat
+
+    def _outer(self, M: Tensor) -> list[Tensor]:
+        """``[sum_{b,t} M_{b,t} * xhat_{b,t} | sum_{b,t} M_{b,t}]`` for ``M`` of shape
+        ``(N, T, F)``, as the trainable parameters' tensors."""
+        module, out = self.block.module, []
+        if self.with_weight:
+            out.append(torch.einsum("btf,btf->f", M, self.xhat).reshape(module.weight.shape))
+        if self.with_bias:
+            out.append(M.sum((0, 1)).reshape(module.bias.shape))
+        return out
+
+    def gradient_from_output(self, lam: Tensor) -> list[Tensor]:
+        return self._outer(self.positions(lam, 1))
+
+    def K(self) -> Tensor:
+        rows = []
+        if self.with_weight:
+            rows.append(torch.einsum("sbtf,btf->sbf", self.Dl, self.xhat).reshape(self.d, -1))
+        if self.with_bias:
+            rows.append(self.Dl.sum(2).reshape(self.d, -1))
+        return torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
+
+    def K_mv(self, v: list[Tensor]) -> Tensor:
+        applied = self.xhat * v[0].reshape(-1) if self.with_weight else 0
+        if self.with_bias:
+            applied = applied + v[-1].reshape(-1)
+        return (self.Dl * applied).sum((2, 3)).reshape(self.d)
+
+    def K_tmv(self, t: Tensor) -> list[Tensor]:
+        return self._outer(torch.einsum("sb,sbtf->btf", t.reshape(self.r, self.N), self.Dl))
+
+
+class LayerNormHandler(AffineNormHandler):
+    """``nn.LayerNorm``: ``xhat = (x - mean) / sqrt(var + eps)`` over the normalised shape."""
+
+    @staticmethod
+    def features(module: nn.Module) -> int:
+        return math.prod(module.normalized_shape)
+
+    def normalised(self, x: Tensor) -> Tensor:
+        m = self.block.module
+        return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+
+
+class RMSNormHandler(AffineNormHandler):
+    """``nn.RMSNorm``: ``xhat = x / sqrt(mean(x^2) + eps)`` over the normalised shape."""
+
+    @staticmethod
+    def features(module: nn.Module) -> int:
+        return math.prod(module.normalized_shape)
+
+    def normalised(self, x: Tensor) -> Tensor:
+        m = self.block.module
+        return F.rms_norm(x, m.normalized_shape, None, m.eps)
+
+
+class GroupNormHandler(AffineNormHandler):
+    """``nn.GroupNorm``: ``xhat`` standardised over each sample's groups of channels; the
+    weight and bias per channel (dimension 1), the other dimensions its positions."""
+
+    @staticmethod
+    def features(module: nn.Module) -> int:
+        return module.num_channels
+
+    def normalised(self, x: Tensor) -> Tensor:
+        m = self.block.module
+        return F.group_norm(x, m.num_groups, None, None, m.eps)
+
+    def positions(self, t: Tensor, lead: int) -> Tensor:
+        return t.movedim(lead, -1).reshape(*t.shape[:lead], -1, self.width)
+
+
 class GenericHandler(Handler):
     """Any module with parameters: ``K`` materialised with ``torch.func``.
 
@@ -1846,7 +1981,13 @@ class SharedHandler(Handler):
 
 
 #: Structured kernels by exact module type (subclasses may change ``forward``).
-STRUCTURED: dict[type, type[Handler]] = {nn.Linear: LinearHandler, nn.Conv2d: Conv2dHandler}
+STRUCTURED: dict[type, type[Handler]] = {
+    nn.Linear: LinearHandler,
+    nn.Conv2d: Conv2dHandler,
+    nn.LayerNorm: LayerNormHandler,
+    nn.RMSNorm: RMSNormHandler,
+    nn.GroupNorm: GroupNormHandler,
+}
 KERNELS = ("structured", "generic", "auto")
 
 
