@@ -40,6 +40,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
 from ._precision import precision_as, product_eps
+from .draws import Generators
 from .modules import (
     Block,
     attributes_of,
@@ -672,7 +673,7 @@ class Capture:
                 graph_dims=live_dims,
                 product_eps=self._eps(output.device.type, mod),
                 attributes=attributes,
-                rng=_drew(rng),
+                rng=_drew(rng, attributes),
             )
             self.calls.append(block)
             self._watched.append((name, versions + [(output, output._version)]))
@@ -1162,6 +1163,33 @@ def _refuse_drawn(called: list[tuple[str, nn.Module]]) -> None:
     )
 
 
+def _held_generators(attributes: list) -> set[int]:
+    """The ids of the generators the modules of ``attributes`` hold
+    (:func:`~riemann_core.modules.attributes_of`)."""
+    return {id(g) for _, _, held in attributes for g, _ in held if type(g) is torch.Generator}
+
+
+def _refuse_generator(replayed: bool) -> None:
+    """Refuse a forward pass that drew from a ``torch.Generator`` of the user's that no
+    module holds, passed as ``generator=`` (:class:`~riemann_core.draws.Generators`)."""
+    what = (
+        ": pre.step() and pre.backward(loss) run the pass again and cannot start it from "
+        "the state the recorded pass found it in, so its draws would differ. Hold the "
+        "generator as an attribute of the module that draws from it (self.gen = "
+        "torch.Generator()), or draw from torch's default generator (no generator=; seeded "
+        "by torch.manual_seed): the pass run again starts those from the states the "
+        "recorded pass found"
+        if replayed
+        else ", so two calls would give different directions of different networks; make "
+        "the forward pass deterministic (e.g. draw nothing in eval mode, and call model.eval())"
+    )
+    raise ValueError(
+        "the model's forward pass draws random numbers from a torch.Generator passed as "
+        "generator= that no module holds as an attribute (a global one, one in a list or "
+        f"dict, or one passed to forward; left as it was){what}"
+    )
+
+
 def _rng_of(params: list[Tensor]) -> tuple[list[int], list[Tensor]]:
     """The CUDA devices of ``params`` (none where CUDA was never initialised) and
     :func:`rng_state` of those."""
@@ -1173,14 +1201,24 @@ def _rng_of(params: list[Tensor]) -> tuple[list[int], list[Tensor]]:
     return devices, rng_state(devices)
 
 
-def _drew(rng: tuple[list[int], list[Tensor]] | None) -> tuple[list[int], list[Tensor]] | None:
+def _drew(
+    rng: tuple[list[int], list[Tensor]] | None, attributes: list | None
+) -> tuple[list[int], list[Tensor]] | None:
     """``rng``, a call's :func:`_rng_of` at its start, where the call moved the random
-    state since (it drew), else ``None``."""
+    state since, or a generator its modules hold (in ``attributes``, its
+    :func:`~riemann_core.modules.call_attributes`, with its state then), else ``None``."""
     if rng is None:
         return None
     devices, start = rng
     now = rng_state(devices)
-    return None if all(torch.equal(a, b) for a, b in zip(start, now, strict=True)) else rng
+    if not all(torch.equal(a, b) for a, b in zip(start, now, strict=True)):
+        return rng
+    held = (entry for _, _, entries in attributes for entry in entries)
+    return rng if any(_moved(g, s) for g, s in held if type(g) is torch.Generator) else None
+
+
+def _moved(generator: torch.Generator, state: Tensor) -> bool:
+    return not torch.equal(generator.get_state(), state)
 
 
 def rng_state(devices: list[int]) -> list[Tensor]:
@@ -1216,14 +1254,16 @@ class Replay:
     regions it ran in (:func:`autocast_state`) and its float32 precision knobs
     (:func:`~riemann_core._precision.precision_state`), so that the pass run again
     computes in the same precisions, Python's ``random`` state and the modules' plain
-    attributes as it started (``python``: a call counter, a flag, a running average; see
+    attributes as it started (``python``: a call counter, a flag, a running average, the
+    state of a ``torch.Generator`` held as one; see
     :func:`~riemann_core.modules.replayed_attributes`, put back after), and, where
     recorded, the tensors of its output, which the pass run again must give again.
 
     Other Python state the forward pass reads (an attribute of an object that is not a
     module, or of a module reached only through one, a global or one of torch's own
     modules: one held unregistered by a module replayed is replayed; the items of a
-    container inside a container, a global, numpy's random generator, a numpy array or a
+    container inside a container, a global, numpy's random generator (a torch.Generator
+    that no module holds as an attribute is refused, see :func:`forward`), a numpy array or a
     tensor that is not a buffer changed in place, a training mode or a hook changed since)
     is not replayed; a pass that took another path gives another output, while the same
     operations on the same data agree to rounding (GPU atomics, kernels chosen by
@@ -1539,7 +1579,10 @@ def forward(
     then starts from its random state and buffers, so dropout draws the masks it drew
     then, and the caller's random state is restored afterwards (:meth:`Replay.check` then
     tells whether the pass took the recorded path). Without ``replay``, a pass refused or
-    failing leaves the caller's random state as it was too.
+    failing leaves the caller's random state as it was too. Either way a draw from a
+    ``torch.Generator`` passed as ``generator=`` that no module holds as an attribute
+    (which a replay cannot start where the recorded pass did) is refused, each such
+    generator left as the pass found it.
 
     Without ``replay`` every pass runs on copies of the argument tensors: a forward that
     changes its input in place (``x.mul_(2)``) leaves the caller's tensors as they were,
@@ -1551,6 +1594,12 @@ def forward(
     own = [] if replay is not None else _own_generators(model)
     # the modules that may draw, to name the one a refused pass called
     stochastic = [] if replay is not None else stochastic_modules(model)
+    # the generators passed as generator= are watched but those the modules hold: a
+    # replay starts them as the pass did and puts them back, and without one they are
+    # refused by name (own, below)
+    held = {id(g) for _, g in own} | _held_generators(
+        replay.python[1] if replay is not None and replay.python is not None else []
+    )
     given = args, kwargs
     for _ in range(2):
         if replay is None:
@@ -1584,6 +1633,9 @@ def forward(
             capture = stack.enter_context(Capture(model, notes.clone))
             stack.enter_context(eager())
             stack.enter_context(_own_forward())
+            generators = Generators(held)
+            stack.callback(generators.restore)
+            stack.enter_context(generators)
             versions = [(n, p, version_of(p)) for n, p in model.named_parameters()]
             try:
                 outputs = model(*args, **kwargs)
@@ -1617,6 +1669,7 @@ def forward(
             moved = before is not None and not all(
                 torch.equal(a, b) for a, b in zip(before, rng_state(devices), strict=True)
             )
+            apart = generators.moved()
         changed = [n for n, p, v in versions if version_of(p) != v]
         if changed:
             raise ValueError(
@@ -1639,6 +1692,8 @@ def forward(
                 "networks; make the forward pass deterministic (e.g. draw nothing in eval "
                 "mode, and call model.eval())"
             )
+        if apart:
+            _refuse_generator(replay is not None)
         if moved:
             _refuse_drawn(called)
         stale = capture.stale()

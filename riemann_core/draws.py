@@ -7,7 +7,10 @@ state (:attr:`~riemann_core.modules.Block.rng`) is run again on the batch from t
 it started from, and :class:`Recording` keeps what each draw gave, in order (dropout's
 mask, drawn as dropout draws it: on ``ones_like`` of its input, so from the same
 generator state the same values); :class:`Replaying` then gives the ``k``-th draw of
-each sample's evaluation the ``k``-th recorded tensor's row of that sample.
+each sample's evaluation the ``k``-th recorded tensor's row of that sample (filling the
+tensor of an in-place draw with it). A generator a module holds is drawn from as the call
+found it (its state is one of the module's attributes); :class:`Generators` sees those no
+module holds.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ DRAWS = (
     Tensor.uniform_,
     Tensor.normal_,
 )
+
+#: Those of :data:`DRAWS` that fill their tensor in place.
+FILLED = (Tensor.bernoulli_, Tensor.uniform_, Tensor.normal_)
 
 #: What the refusals name as replayed.
 REPLAYED = (
@@ -122,6 +128,8 @@ class Replaying(TorchFunctionMode):
     def __init__(self, draws: list[Tensor], what: str, *, per_sample: bool):
         super().__init__()
         self.draws, self.what, self.per_sample, self.k = draws, what, per_sample, 0
+        # tensors an in-place draw could not fill, with the draw's name and number
+        self.unfilled: list[tuple[Tensor, str, int]] = []
 
     def _next(self, shape: tuple[int, ...]) -> Tensor:
         if self.k == len(self.draws):
@@ -145,16 +153,90 @@ class Replaying(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.unfilled:
+            self._check_unread(args, kwargs)
         if func in DROPOUTS:
             return _masked(func, args, kwargs, lambda x, p: self._next(tuple(x.shape)))
         if func in DRAWS:
-            return self._next(_shape(func, args, kwargs)).clone()
+            draw = self._next(_shape(func, args, kwargs))
+            return self._filled(func, args[0], draw) if func in FILLED else draw.clone()
         return func(*args, **kwargs)
+
+    def _filled(self, func, target: Tensor, draw: Tensor) -> Tensor:
+        """``target`` filled with ``draw`` in place, as the draw fills it: a forward that
+        ignores what ``m.bernoulli_(q)`` returns reads ``m`` (found by a hunt: left as it
+        was, refused as a module that couples the samples, or as parameters outside their
+        modules). One sample at a time a tensor made afresh (``torch.ones(n, 1)``) holds
+        no sample's dimension and cannot take each sample's values: the draw is returned,
+        and a later read of the tensor refused (:meth:`_check_unread`)."""
+        try:
+            return target.copy_(draw)
+        except RuntimeError:  # (vmap: a tensor without the samples' dimension)
+            self.unfilled.append((target, func.__name__, self.k - 1))
+            return draw.clone()
+
+    def _check_unread(self, args, kwargs) -> None:
+        for a in (*args, *kwargs.values()):
+            for t in a if isinstance(a, (list, tuple)) else (a,):
+                for target, name, k in self.unfilled:
+                    if t is target:
+                        raise ValueError(
+                            f"kernel='generic' evaluates {self.what} one sample at a time "
+                            f"with the random numbers its call drew on the batch, and its "
+                            f"{name} (draw {k}) fills in place a tensor made afresh "
+                            "(torch.ones(n, 1), torch.empty(...)), which holds no sample's "
+                            "dimension there and cannot take each sample's values; the "
+                            "forward reads that tensor, not what the draw returns. Use what "
+                            "it returns (m = m.bernoulli_(q)), or make the tensor from the "
+                            "input (torch.empty_like(x), x.new_empty(...))"
+                        )
 
     def __exit__(self, kind, value, traceback):
         super().__exit__(kind, value, traceback)
         if kind is None and self.k != len(self.draws):
             self._refuse(f"{self.k} of the {len(self.draws)} draws")
+
+
+class Generators(TorchFunctionMode):
+    """Notes each ``torch.Generator`` passed to a call (``generator=G``) with its state at
+    first sight, but torch's default ones (whose states a replay forks) and those of
+    ``held`` (ids: the modules' own, which a replay starts as the pass did, and
+    ``rc.direction`` refuses by name): :meth:`moved` tells whether the calls moved one,
+    :meth:`restore` puts them back. A replay cannot start such a generator where the
+    recorded pass found it (nothing recorded it), and its draws went unseen: the caller's
+    generator moved on, and ``rc.direction`` gave a direction of one draw (found by a
+    hunt)."""
+
+    def __init__(self, held: set[int]):
+        super().__init__()
+        self.found: dict[int, tuple[torch.Generator, Tensor]] = {}
+        self.held = held
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        g = kwargs.get("generator")
+        if (
+            isinstance(g, torch.Generator)
+            and id(g) not in self.found
+            and id(g) not in self.held
+            and not _default(g)
+        ):
+            self.found[id(g)] = g, g.get_state()
+        return func(*args, **kwargs)
+
+    def moved(self) -> bool:
+        return any(not torch.equal(g.get_state(), s) for g, s in self.found.values())
+
+    def restore(self) -> None:
+        for g, s in self.found.values():
+            g.set_state(s)
+
+
+def _default(g: torch.Generator) -> bool:
+    """Whether ``g`` is torch's default generator of the CPU or of a CUDA device."""
+    if g is torch.default_generator:
+        return True
+    return g.device.type == "cuda" and g is torch.cuda.default_generators[g.device.index or 0]
 
 
 def replaying(draws: list[Tensor], what: str, *, per_sample: bool):

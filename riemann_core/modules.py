@@ -1606,8 +1606,9 @@ def attributes_of(module: nn.Module, found: list | None = None) -> tuple[nn.Modu
     """``module``, a copy of its ``__dict__``, and a copy of what each plain container it
     holds of its own holds (a ``list``, ``dict``, ``set``, ``collections.deque``,
     ``OrderedDict`` or ``defaultdict``, not one of their subclasses; :func:`_restore_attributes`),
-    and of the values of its class's ``__slots__`` (:class:`_Slots`). ``found``, where
-    given: the modules it holds outside its registered submodules (``object.__setattr__``,
+    the state of each ``torch.Generator`` it holds (``self.gen``: its draws in a replay
+    are the pass's), and of the values of its class's ``__slots__`` (:class:`_Slots`).
+    ``found``, where given: the modules it holds outside its registered submodules (``object.__setattr__``,
     or an item of such a container or of a tuple) are appended to it
     (:func:`replayed_attributes`)."""
     state = dict(module.__dict__)
@@ -1633,11 +1634,14 @@ def attributes_of(module: nn.Module, found: list | None = None) -> tuple[nn.Modu
 
 def _held(value, held: list, found: list | None) -> None:
     """Note ``value``, an attribute of a module: a copy of its items where it is a plain
-    container (:data:`_COPIED`), and, where ``found`` is given, the modules it is or holds
-    (as one of the first :data:`REPLAY_SEARCH_ENTRIES` items of such a container or of a
-    tuple: not in a container held in another), as a sequence to append to ``found``."""
+    container (:data:`_COPIED`), the state of a ``torch.Generator``, and, where ``found``
+    is given, the modules it is or holds (as one of the first
+    :data:`REPLAY_SEARCH_ENTRIES` items of such a container or of a tuple: not in a
+    container held in another), as a sequence to append to ``found``."""
     copied = _COPIED.get(type(value))
-    if copied is not None:
+    if type(value) is torch.Generator:  # its state: a replay draws what the pass drew
+        held.append((value, value.get_state()))
+    elif copied is not None:
         items = copied(value)
         held.append((value, items))
         if found is not None and items:
@@ -1820,7 +1824,9 @@ def _restore_attributes(
     back as they were by identity; what was added is removed. So are the items of a list,
     dict, set or deque it holds (``self.acts.append(h)``, ``self.maps["attn"] = a``; found
     by review: two entries more a step, one of them unreadable), and the values of its
-    class's ``__slots__`` (one not set then is unset); not what it stores elsewhere (a
+    class's ``__slots__`` (one not set then is unset), and the state of a generator it
+    holds (found by a hunt: a replay drew from it where the pass had left it, refused as
+    another output, and moved it on); not what it stores elsewhere (a
     global dict, another module: that module's own entry restores it). ``keep``: names
     left as they are (by default :func:`read_by_holder`'s mark, which is not state a pass
     moves)."""
@@ -1843,6 +1849,8 @@ def _restore_attributes(
                             slot.__delete__(m)
                         else:
                             slot.__set__(m, value)
+            elif type(container) is torch.Generator:
+                container.set_state(items)
             elif isinstance(container, (list, collections.deque)):
                 if len(container) != len(items) or any(
                     a is not b for a, b in zip(container, items, strict=True)
