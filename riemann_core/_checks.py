@@ -1131,7 +1131,7 @@ def check_classes_last(
         return None
     wide = torch.promote_types(gradient.dtype, torch.float32)  # half precision: in float32
     dz = gradient.detach().to(wide)
-    tolerance = torch.finfo(outputs.dtype).eps ** 0.5
+    tolerance = torch.finfo(_loss_dtype(loss, outputs)).eps ** 0.5
     largest = dz.abs().amax()
     summed = dz.sum(-1).abs().amax() <= tolerance * largest
     p = torch.softmax(outputs.detach().to(wide), dim=-1)
@@ -1162,6 +1162,23 @@ def check_classes_last(
 
     checks.require(ok, explain)
     return gradient if scale == 1.0 else None
+
+
+def _loss_dtype(loss: Tensor, outputs: Tensor) -> torch.dtype:
+    """The least precise of the outputs' dtype and those the loss's graph above them runs
+    in: Hugging Face's losses take float64 logits to float32 (``logits.float()``), whose
+    gradient sums to zero over the classes only to float32's rounding (found by a hunt:
+    such a loss over every position was refused as holding the classes along another
+    dimension, and a shifted one named ``movedim`` in place of the positions it leaves
+    out)."""
+    _, above = _computed_from(loss, outputs.grad_fn)
+    dtypes = {outputs.dtype} | {
+        m.dtype
+        for node in above
+        for m in getattr(node, "_input_metadata", ())  # the gradients' dtypes there
+        if m.dtype.is_floating_point
+    }
+    return max(dtypes, key=lambda d: torch.finfo(d).eps)
 
 
 #: Autograd's nodes of embedding lookups: their saved ``scale_grad_by_freq`` divides the

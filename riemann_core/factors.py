@@ -288,6 +288,11 @@ RANDOM_UNDER_VMAP = ("random operations inside of vmap", "called random operatio
 #: pass, ``torch.autograd.grad``'s batched ones too (found by review: ``rc.direction``
 #: raised torch's message from the coupling probe, naming neither)
 ESCAPED_FROM_VMAP = "Either your tensor may have escaped from inside a function being vmapped"
+#: torch's error for a backward pass under ``vmap`` that asks whether a tensor is laid out
+#: channels-last: ``GroupNorm``'s, on an input in that layout (a transpose reshaped back, as
+#: diffusers' attention blocks leave their output: found by a hunt of its UNet2DModel,
+#: torch's message at every call, naming neither)
+CHANNELS_LAST_UNDER_VMAP = "querying is_contiguous inside of vmap for memory_format"
 
 
 @contextmanager
@@ -336,6 +341,17 @@ def batched_backward() -> Iterator[None]:
                 "segment without one; model.eval() turns dropout off; remove such a hook "
                 "and add the noise to the direction after pre.backward or pre.step() "
                 f"(torch: {str(err).splitlines()[0]})"
+            ) from err
+        if CHANNELS_LAST_UNDER_VMAP in str(err):
+            raise ValueError(
+                "the backward pass cannot run batched, as riemann_core runs it to pull the "
+                "metric's factor rows back several at once (torch.func.vmap): a module's "
+                "backward (nn.GroupNorm's) meets an input in channels-last memory format (a "
+                "transpose reshaped back: diffusers' attention blocks leave their output so), "
+                "where torch cannot batch it. Give such modules contiguous inputs, e.g. for "
+                "each nn.GroupNorm m of the model, m.register_forward_pre_hook(lambda m, a: "
+                "(a[0].contiguous(),)) (the same values: the direction is exact) (torch: "
+                f"{str(err).splitlines()[0]})"
             ) from err
         if str(err).startswith(ESCAPED_FROM_VMAP):
             raise ValueError(

@@ -12,7 +12,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import Problem, assert_call_refused, assert_unchanged, snapshot
+from oracle import (
+    Problem,
+    assert_call_refused,
+    assert_unchanged,
+    block_indices,
+    flatten,
+    ggn,
+    gradient,
+    oracle_direction,
+    rel_error,
+    snapshot,
+)
 from torch import nn
 
 import riemann_core as rc
@@ -387,6 +398,46 @@ def test_positions_looked_up_on_one_row_are_refused_naming_position_ids():
     kwargs = {"position_ids": torch.arange(5).expand(3, 5)}
     dirs = rc.direction(model, ids, y, kernel="auto", forward_kwargs=kwargs)
     assert set(dirs) == {n for n, _ in model.named_parameters()}
+
+
+class RelativeBias(torch.nn.Module):
+    """Attention over each sample's positions with a bias looked up on a ``(T, T)`` table of
+    relative-position buckets that every sample shares, as Hugging Face's T5 computes its
+    ``relative_attention_bias``."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.qk = torch.nn.Embedding(7, 4), torch.nn.Linear(4, 8)
+        self.bias, self.head = torch.nn.Embedding(5, 1), torch.nn.Linear(4, 7)
+
+    def forward(self, ids):
+        T = ids.shape[1]
+        buckets = (torch.arange(T)[None] - torch.arange(T)[:, None]).clamp(-2, 2) + 2
+        h = self.tok(ids)
+        q, k = self.qk(h).chunk(2, -1)
+        scores = q @ k.transpose(1, 2) + self.bias(buckets)[..., 0]
+        return self.head(torch.softmax(scores, -1) @ h)
+
+
+def test_a_bias_looked_up_on_a_shared_table_is_refused_naming_the_freeze():
+    """Found by a hunt: Hugging Face's T5 was refused at its relative position bias, told
+    to rewrite the model as a parameter added by a module of its own. The refusal names
+    the freeze, with which the other parameters' direction is exact."""
+    torch.manual_seed(0)
+    model = RelativeBias().double()
+    ids, y = torch.randint(0, 7, (3, 5)), torch.randint(0, 7, (3, 5))
+    fix = r"shares \(a relative position bias.*get_submodule\('bias'\)\.requires_grad_\(False\)"
+    with pytest.raises(ValueError, match=fix):
+        rc.direction(model, ids, y, kernel="auto")
+    pre = rc.RiemannianPreconditioner(model, kernel="auto")
+    with pytest.raises(ValueError, match=fix):
+        pre.backward(F.cross_entropy(model(ids).reshape(-1, 7), y.reshape(-1)))
+    assert all(p.grad is None for p in model.parameters())
+    model.bias.requires_grad_(False)
+    G, g = ggn(model, ids, y, "cross_entropy"), gradient(model, ids, y, "cross_entropy")
+    expected = oracle_direction(G, g, 1e-3, "layerwise", block_indices(model))
+    dirs = rc.direction(model, ids, y, kernel="auto")
+    assert rel_error(flatten(dirs, model), expected) < 1e-10
 
 
 class FlatLogits(torch.nn.Module):

@@ -1290,6 +1290,50 @@ def test_a_hook_that_reads_a_value_to_the_host_is_refused_naming_it(where, call)
         assert (p.grad is None) if before[n] is None else torch.equal(p.grad, before[n])
 
 
+class ChannelsLastNorm(nn.Module):
+    """A GroupNorm fed a channels-last input: a Linear over the last dimension permuted to
+    channels first, as diffusers' attention blocks leave their output."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.norm, self.head = nn.Linear(3, 4), nn.GroupNorm(2, 4), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.lin(x).permute(0, 3, 1, 2)  # (N, 4, 2, 2), channels-last strides
+        return self.head(torch.tanh(self.norm(h)).flatten(1))
+
+
+@pytest.mark.parametrize("call", ["direction", "backward", "step"])
+def test_a_group_norm_on_a_channels_last_input_is_refused_naming_contiguous(call):
+    """Found by a hunt of diffusers' UNet2DModel: torch cannot batch GroupNorm's backward on
+    a channels-last input, and its "NYI: querying is_contiguous inside of vmap" came at every
+    call, naming neither. Refused naming the module and the pre-hook that gives it a
+    contiguous input, every .grad kept; with that hook the direction is the oracle's."""
+    torch.manual_seed(0)
+    model = ChannelsLastNorm().double()
+    x, y = torch.randn(5, 2, 2, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0])
+    match = r"cannot run batched.*channels-last.*register_forward_pre_hook"
+    if call == "direction":
+        with pytest.raises(ValueError, match=match):
+            rc.direction(model, x, y, damping=DAMPING, kernel="auto")
+    else:
+        pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel="auto")
+        loss = F.cross_entropy(model(x), y)
+        if call == "step":
+            loss.backward()
+        before = {
+            n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
+        }
+        with pytest.raises(ValueError, match=match):
+            pre.backward(loss) if call == "backward" else pre.step()
+        for n, p in model.named_parameters():
+            assert (p.grad is None) if before[n] is None else torch.equal(p.grad, before[n])
+        pre.remove()
+    model.norm.register_forward_pre_hook(lambda m, a: (a[0].contiguous(),))
+    dirs = rc.direction(model, x, y, damping=DAMPING, kernel="auto")
+    assert rel_error(flatten(dirs, model), oracle_of(model, x, y)) < 1e-10
+
+
 class MaskedAttention(nn.Module):
     """Attention over positions with a float mask added as its log (0 -> -inf)."""
 
@@ -4517,6 +4561,38 @@ def test_a_token_loss_leaving_positions_out_is_refused(loss):
         with pytest.raises(ValueError, match=r"the loss leaves out \d+ of the 15 positions"):
             pre.backward(loss(model(x), y))
         assert all(p.grad is None for p in model.parameters())
+
+
+def float32_token_loss(out, y, shift=False):
+    """A token cross-entropy taken in float32 from float64 logits, as Hugging Face's
+    losses take it (``logits.float()``); ``shift``: its causal language models' next-token
+    loss, the last position left out."""
+    if shift:
+        out, y = out[:, :-1], y[:, 1:]
+    return F.cross_entropy(out.float().reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_a_token_loss_taken_in_float32_from_float64_logits(method):
+    """Found by a hunt of Hugging Face models: the gradient of a float32 loss sums to zero
+    over the classes only to float32's rounding, which the check read at float64's, so a
+    loss over every position was refused as holding the classes along another dimension
+    (naming movedim), and a shifted one the same, not as leaving positions out. Read at the
+    loss's own precision: the first is the oracle's direction of its gradient, the second
+    names the positions."""
+    model, x, y = token_tagger()
+    G = ggn(model, x, y, "cross_entropy")
+    params = [p for _, p in model.named_parameters()]
+    g = torch.cat(
+        [d.reshape(-1) for d in torch.autograd.grad(float32_token_loss(model(x), y), params)]
+    )
+    expected = oracle_direction(G, g, DAMPING, method, block_indices(model))
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel="auto")
+    assert_steps_exact(pre, model, x, lambda out: float32_token_loss(out, y), expected)
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match=r"the loss leaves out 5 of the 15 positions"):
+        pre.backward(float32_token_loss(model(x), y, shift=True))
+    assert all(p.grad is None for p in model.parameters())
 
 
 def masked_per_token(out, y):

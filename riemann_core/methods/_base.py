@@ -810,6 +810,17 @@ def check_batch_dimension(calls: list[Block], outputs: Tensor) -> None:
                     f"the same rows: pass the indices expanded to the batch, ({N}, T), e.g. "
                     f"position_ids=torch.arange(T).expand({N}, T) as a forward argument"
                 )
+            # (found by a hunt: Hugging Face's T5 looks up its relative position bias on a
+            # (T, T) table of buckets, told to rewrite the model; frozen, the rest is exact)
+            elif not flattened and isinstance(c.module, (nn.Embedding, nn.EmbeddingBag)):
+                flattened += (
+                    f"; an embedding looked up on a table of indices of shape "
+                    f"{tuple(c.input.shape)} that every sample shares (a relative "
+                    "position bias, as Hugging Face's T5 looks up its relative_attention_bias "
+                    "on (T, T) buckets) cannot be trained here: freeze it, "
+                    f"model.get_submodule({c.name!r}).requires_grad_(False), and the "
+                    "other parameters' direction is exact"
+                )
             raise ValueError(
                 f"{named_module(c.name)} returns shape {tuple(c.output.shape)}, whose first dimension "
                 f"is not the batch of {N} samples; the metrics need every module with "
