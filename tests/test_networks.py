@@ -4595,6 +4595,48 @@ def test_a_token_loss_taken_in_float32_from_float64_logits(method):
     assert all(p.grad is None for p in model.parameters())
 
 
+class PaddingTagger(nn.Module):
+    """Per-token logits ``(N, T, 4)`` that predict class 0 at padding (token 0) with a
+    confidence set by ``scale``, as a trained language model predicts padding."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(11, 6), nn.Linear(6, 4)
+        with torch.no_grad():
+            self.embed.weight[0], self.head.weight[0] = 3.0, scale
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.embed(tokens)))
+
+
+@pytest.mark.parametrize(
+    "dtype, scale",
+    [(torch.float64, 5.0), (torch.float32, 2.0), (torch.bfloat16, 1.0), (torch.float16, 1.0)],
+    ids=["float64", "float32", "bfloat16", "float16"],
+)
+@pytest.mark.parametrize("output_metric", ["exact", "sampled"])
+def test_a_mask_at_confident_positions_is_refused(dtype, scale, output_metric):
+    """Found by review: a position read as saturated where its softmax's largest entry
+    passed 1 - sqrt(eps) of the loss's dtype, its zero gradient no sign of a mask: a mask at
+    padding predicted at 1 - 4e-13 (float64), 1 - 3e-5 (a float32 loss of float64 logits),
+    0.99 (bfloat16, float16) passed, 0.2 to 0.37 off the masked loss's metric. A position the
+    loss takes has a zero gradient only where every other class's probability underflows."""
+    torch.manual_seed(0)
+    model = PaddingTagger(scale).double()
+    x, y = torch.randint(1, 11, (5, 4)), torch.randint(0, 4, (5, 4))
+    x[:, -1], y[:, -1] = 0, 0
+    mask = (x != 0).reshape(-1).to(dtype)
+    pre = rc.RiemannianPreconditioner(
+        model, damping=DAMPING, kernel="auto", output_metric=output_metric
+    )
+    out = model(x)
+    assert torch.softmax(out, -1)[:, -1, 1:].amax() > 1e-15  # not saturated in float64
+    per = F.cross_entropy(out.to(dtype).reshape(-1, 4), y.reshape(-1), reduction="none")
+    with pytest.raises(ValueError, match=r"the loss leaves out 5 of the 20 positions"):
+        pre.backward((per * mask).sum() / mask.sum())
+    assert all(p.grad is None for p in model.parameters())
+
+
 def masked_per_token(out, y):
     """Padding as language-model code writes it: a per-token loss times a mask, over the
     mask's count (the last position of every sequence left out)."""
