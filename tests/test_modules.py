@@ -37,7 +37,10 @@ from riemann_core.modules import (
     Block,
     Conv2dHandler,
     GenericHandler,
+    GroupNormHandler,
+    LayerNormHandler,
     LinearHandler,
+    RMSNormHandler,
     handler_for,
 )
 
@@ -794,7 +797,13 @@ def test_restore_handlers_fixture_restored_registry():
     """Runs after the registration tests: nothing they registered leaks."""
     from riemann_core.modules import STRUCTURED
 
-    assert STRUCTURED == {nn.Linear: LinearHandler, nn.Conv2d: Conv2dHandler}
+    assert STRUCTURED == {
+        nn.Linear: LinearHandler,
+        nn.Conv2d: Conv2dHandler,
+        nn.LayerNorm: LayerNormHandler,
+        nn.RMSNorm: RMSNormHandler,
+        nn.GroupNorm: GroupNormHandler,
+    }
 
 
 # ------------------------------------------------------- partly frozen, batch-coupled
