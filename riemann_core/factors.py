@@ -175,12 +175,17 @@ def mse_factor(outputs: Tensor) -> Tensor:
 
 
 def sampled_mse_factor(outputs: Tensor, samples: int, generator=None) -> Tensor:
-    """Rows ``sqrt(2 / C) eps / sqrt(S)``, ``eps ~ N(0, I)``: unbiased for ``(2 / C) I``."""
+    """Rows ``sqrt(2 / C) eps / sqrt(S)``, ``eps ~ N(0, I)``: unbiased for ``(2 / C) I``.
+
+    ``eps`` is drawn in float32 at least and rounded to the outputs' dtype: torch draws
+    half-precision normals by another algorithm, not the float32 draws rounded, so under
+    autocast the same generator gave other rows (found on torch 2.8-2.11, where K-FAC's
+    float16 direction came back 5-9% off the float32 one, another Monte Carlo draw; on
+    2.12-2.13 wherever ``N S C`` is not a multiple of 16)."""
     N, C = outputs.shape
-    eps = torch.randn(
-        (N, samples, C), dtype=outputs.dtype, device=outputs.device, generator=generator
-    )
-    return eps * math.sqrt(2.0 / (C * samples))
+    drawn = torch.promote_types(outputs.dtype, torch.float32)
+    eps = torch.randn((N, samples, C), dtype=drawn, device=outputs.device, generator=generator)
+    return (eps * math.sqrt(2.0 / (C * samples))).to(outputs.dtype)
 
 
 def output_factor(
