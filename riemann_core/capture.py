@@ -1582,7 +1582,8 @@ def forward(
     failing leaves the caller's random state as it was too. Either way a draw from a
     ``torch.Generator`` passed as ``generator=`` that no module holds as an attribute
     (which a replay cannot start where the recorded pass did) is refused, each such
-    generator left as the pass found it.
+    generator left as the pass found it; one the pass makes and drops is not (it draws the
+    same at every pass, :class:`~riemann_core.draws.Generators`).
 
     Without ``replay`` every pass runs on copies of the argument tensors: a forward that
     changes its input in place (``x.mul_(2)``) leaves the caller's tensors as they were,
@@ -1594,10 +1595,10 @@ def forward(
     own = [] if replay is not None else _own_generators(model)
     # the modules that may draw, to name the one a refused pass called
     stochastic = [] if replay is not None else stochastic_modules(model)
-    # the generators passed as generator= are watched but those the modules hold: a
+    # the generators passed as generator= are watched, except those the modules hold: a
     # replay starts them as the pass did and puts them back, and without one they are
     # refused by name (own, below)
-    held = {id(g) for _, g in own} | _held_generators(
+    generators_held = {id(g) for _, g in own} | _held_generators(
         replay.python[1] if replay is not None and replay.python is not None else []
     )
     given = args, kwargs
@@ -1622,6 +1623,11 @@ def forward(
                 # the generator, or a forward failing after a dropout, advanced them)
                 stack.callback(set_rng_state, before, devices)
             own_before = [g.get_state() for _, g in own]
+            for (_, g), state in zip(own, own_before, strict=True):
+                # the caller's draws stay as they were, whatever follows (found by review:
+                # rc.direction's pass failing, or refused for a parameter changed in place,
+                # after a draw from self.gen left it moved on)
+                stack.callback(g.set_state, state)
             called = []
             for name, module in stochastic:
                 hook = ours(
@@ -1633,7 +1639,7 @@ def forward(
             capture = stack.enter_context(Capture(model, notes.clone))
             stack.enter_context(eager())
             stack.enter_context(_own_forward())
-            generators = Generators(held)
+            generators = Generators(generators_held)
             stack.callback(generators.restore)
             stack.enter_context(generators)
             versions = [(n, p, version_of(p)) for n, p in model.named_parameters()]
@@ -1670,6 +1676,11 @@ def forward(
                 torch.equal(a, b) for a, b in zip(before, rng_state(devices), strict=True)
             )
             apart = generators.moved()
+            drawn = [
+                n
+                for (n, g), s in zip(own, own_before, strict=True)
+                if not torch.equal(g.get_state(), s)
+            ]
         changed = [n for n, p, v in versions if version_of(p) != v]
         if changed:
             raise ValueError(
@@ -1678,13 +1689,6 @@ def forward(
                 "call here changes them again). Make such updates outside forward, e.g. "
                 "after opt.step()"
             )
-        drawn = [
-            n
-            for (n, g), s in zip(own, own_before, strict=True)
-            if not torch.equal(g.get_state(), s)
-        ]
-        for (_, g), state in zip(own, own_before, strict=True):
-            g.set_state(state)  # the caller's draws stay as they were
         if drawn:
             raise ValueError(
                 f"the model's forward pass draws random numbers from the generators {drawn} "

@@ -16,6 +16,7 @@ module holds.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -205,30 +206,33 @@ class Generators(TorchFunctionMode):
     :meth:`restore` puts them back. A replay cannot start such a generator where the
     recorded pass found it (nothing recorded it), and its draws went unseen: the caller's
     generator moved on, and ``rc.direction`` gave a direction of one draw (found by a
-    hunt)."""
+    hunt). Held by weak reference: one the forward pass makes and drops
+    (``g = torch.Generator().manual_seed(0)``, gone when the pass returns) starts afresh at
+    every pass, draws the same again, and is no cause (found by review: refused, where it
+    had been exact)."""
 
     def __init__(self, held: set[int]):
         super().__init__()
-        self.found: dict[int, tuple[torch.Generator, Tensor]] = {}
+        self.found: dict[int, tuple[weakref.ref, Tensor]] = {}
         self.held = held
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         g = kwargs.get("generator")
-        if (
-            isinstance(g, torch.Generator)
-            and id(g) not in self.found
-            and id(g) not in self.held
-            and not _default(g)
-        ):
-            self.found[id(g)] = g, g.get_state()
+        if isinstance(g, torch.Generator) and id(g) not in self.held and not _default(g):
+            seen = self.found.get(id(g))
+            if seen is None or seen[0]() is not g:  # (an id of one gone may come again)
+                self.found[id(g)] = weakref.ref(g), g.get_state()
         return func(*args, **kwargs)
 
+    def _alive(self):
+        return [(g, s) for ref, s in self.found.values() if (g := ref()) is not None]
+
     def moved(self) -> bool:
-        return any(not torch.equal(g.get_state(), s) for g, s in self.found.values())
+        return any(not torch.equal(g.get_state(), s) for g, s in self._alive())
 
     def restore(self) -> None:
-        for g, s in self.found.values():
+        for g, s in self._alive():
             g.set_state(s)
 
 

@@ -150,3 +150,76 @@ def test_an_in_place_draw_into_a_tensor_made_afresh_and_read_is_refused_naming_i
     ):
         pre.backward(loss) if call == "backward" else pre.step()
     assert_unchanged(model, before)
+
+
+class FixedNoise(nn.Module):
+    """Noise from a generator its forward makes and seeds: the same at every pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(x.shape[0], 4, generator=g, dtype=x.dtype)
+        return self.l2(torch.tanh(self.l1(x)) + 0.1 * noise)
+
+
+@pytest.mark.parametrize("call", ["direction", "backward", "step"])
+def test_a_generator_the_forward_makes_and_drops_is_no_cause(call):
+    """Found by review: a forward pass drawing from a generator it makes and seeds (fixed
+    noise), deterministic, was refused as one no module holds, where it had been exact.
+    The oracle's direction, the global generator as it was."""
+    torch.manual_seed(40)
+    model = FixedNoise().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    expected = oracle_direction(
+        ggn(model, x, y, "cross_entropy"),
+        gradient(model, x, y, "cross_entropy"),
+        DAMPING,
+        "layerwise",
+        block_indices(model),
+    )
+    state = torch.get_rng_state()
+    if call == "direction":
+        got = flatten(rc.direction(model, x, y, damping=DAMPING), model)
+    else:
+        pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+        loss = F.cross_entropy(model(x), y)
+        if call == "backward":
+            pre.backward(loss)
+        else:
+            loss.backward()
+            pre.step()
+        got = flatten({n: p.grad for n, p in model.named_parameters()}, model)
+    assert rel_error(got, expected) < 1e-10
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+class DrawsThenFails(nn.Module):
+    """Draws from its own generator, then fails (``how="raise"``) or changes a parameter
+    in place (``how="in place"``)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.lin, self.how, self.gen = nn.Linear(5, 3), how, torch.Generator().manual_seed(7)
+
+    def forward(self, x):
+        h = self.lin(x) * (1 + 0.1 * torch.rand(3, generator=self.gen, dtype=x.dtype))
+        if self.how == "raise":
+            raise RuntimeError("shapes do not match")
+        with torch.no_grad():
+            self.lin.bias.add_(0)
+        return h
+
+
+@pytest.mark.parametrize("how", ["raise", "in place"])
+def test_direction_failing_after_a_draw_from_a_modules_generator_leaves_it_as_it_was(how):
+    """Found by review: ``rc.direction``'s pass failing, or refused for a parameter it
+    changes in place, after drawing from ``self.gen`` left the generator moved on."""
+    model = DrawsThenFails(how).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    state = model.gen.get_state()
+    with pytest.raises(ValueError, match="failed on these inputs|changed parameters"):
+        rc.direction(model, x, y)
+    assert torch.equal(model.gen.get_state(), state)
