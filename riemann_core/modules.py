@@ -17,8 +17,10 @@ sample ``b``), and provides
 
 Structured kernels (Linear, Conv2d) use that row ``r`` of ``K`` is
 ``sum_t delta_{r,t} xt_{b,t}^T`` over positions ``t`` (one for a plain Linear), with
-``xt`` the input patch with a 1 appended for the bias. The generic kernel handles any
-module with parameters through ``torch.func`` and materialises ``K``.
+``xt`` the input patch with a 1 appended for the bias; those of LayerNorm, RMSNorm and
+GroupNorm that their affine map scales and shifts ``xhat`` elementwise
+(:class:`AffineNormHandler`). The generic kernel handles any module with parameters
+through ``torch.func`` and materialises ``K``.
 """
 
 from __future__ import annotations
@@ -1089,7 +1091,18 @@ class RMSNormHandler(AffineNormHandler):
 
     def normalised(self, x: Tensor) -> Tensor:
         m = self.block.module
-        return F.rms_norm(x, m.normalized_shape, None, m.eps)
+        return F.rms_norm(x, m.normalized_shape, None, self.eps(m, self.block.input.dtype))
+
+    @staticmethod
+    def eps(module: nn.RMSNorm, dtype: torch.dtype) -> float:
+        """The ``eps`` the call added: ``eps=None`` is the machine epsilon of the precision
+        torch computes an input of ``dtype`` in (float32's for float32, bfloat16 and
+        float16), not of the kernel's dtype (found by review: ``xhat`` formed in float64
+        for ``solve_dtype=torch.float64`` took float64's, and a float32 model whose mean
+        square at the norm neared float32's epsilon was 2e-2 off, silently)."""
+        if module.eps is not None:
+            return module.eps
+        return torch.finfo(torch.promote_types(dtype, torch.float32)).eps
 
 
 class GroupNormHandler(AffineNormHandler):

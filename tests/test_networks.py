@@ -3938,6 +3938,38 @@ def test_norms_have_structured_kernels(net, method):
     assert rel_error(flatten(got, model), expected) < 1e-10
 
 
+@pytest.mark.filterwarnings("ignore::riemann_core.AccuracyWarning")  # (its bound: cond 8e7)
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+def test_rmsnorm_default_eps_is_the_models_precision(method):
+    """``nn.RMSNorm(eps=None)`` adds the machine epsilon of the precision its call computes
+    in (float32's for a float32 model); the structured kernel formed ``xhat`` again in
+    float64 under ``solve_dtype=torch.float64`` with float64's, 2e-2 off (layerwise) where
+    the mean square at the norm nears float32's epsilon. Against the float64 oracle of the
+    same function (its eps set to float32's), on a random ``.grad`` (exactly the vector
+    solved for: the float32 gradient's own rounding left out)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 8), nn.RMSNorm(8), nn.Tanh(), nn.Linear(8, 3))
+    with torch.no_grad():  # a mean square of about 3e-7 at the norm, near float32's eps
+        model[0].weight.mul_(1e-3)
+        model[0].bias.mul_(1e-3)
+        model[1].weight.add_(0.3 * torch.randn(8))
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    twin = copy.deepcopy(model).double()
+    twin[1].eps = torch.finfo(torch.float32).eps
+    pre = rc.RiemannianPreconditioner(
+        model, method=method, damping=DAMPING, solve_dtype=torch.float64
+    )
+    F.cross_entropy(model(x), y).backward()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    v = flatten({n: p.grad for n, p in model.named_parameters()}, model)
+    pre.step()
+    got = flatten({n: p.grad for n, p in model.named_parameters()}, model)
+    G = ggn(twin, x, y, "cross_entropy")
+    expected = oracle_direction(G, v, DAMPING, method, block_indices(twin))
+    assert rel_error(got, expected) < 1e-5  # (float32's rows: 1e-7 here)
+
+
 class TimeFirst(nn.Module):
     """A Linear on a time-first ``(T, N, f)`` input, averaged over time."""
 
