@@ -1082,12 +1082,8 @@ class LayerNormHandler(AffineNormHandler):
         return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
 
 
-class RMSNormHandler(AffineNormHandler):
+class RMSNormHandler(LayerNormHandler):
     """``nn.RMSNorm``: ``xhat = x / sqrt(mean(x^2) + eps)`` over the normalised shape."""
-
-    @staticmethod
-    def features(module: nn.Module) -> int:
-        return math.prod(module.normalized_shape)
 
     def normalised(self, x: Tensor) -> Tensor:
         m = self.block.module

@@ -16,6 +16,7 @@ from oracle import (
     ggn,
     gradient,
     oracle_direction,
+    preconditioned,
     rel_error,
     snapshot,
 )
@@ -184,13 +185,7 @@ def test_a_generator_the_forward_makes_and_drops_is_no_cause(call):
     if call == "direction":
         got = flatten(rc.direction(model, x, y, damping=DAMPING), model)
     else:
-        pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
-        loss = F.cross_entropy(model(x), y)
-        if call == "backward":
-            pre.backward(loss)
-        else:
-            loss.backward()
-            pre.step()
+        preconditioned(rc.RiemannianPreconditioner(model, damping=DAMPING), model, x, y, call)
         got = flatten({n: p.grad for n, p in model.named_parameters()}, model)
     assert rel_error(got, expected) < 1e-10
     assert torch.equal(torch.get_rng_state(), state)
