@@ -1131,18 +1131,29 @@ def check_classes_last(
         return None
     wide = torch.promote_types(gradient.dtype, torch.float32)  # half precision: in float32
     dz = gradient.detach().to(wide)
-    precision = torch.finfo(_loss_dtype(loss, outputs))
+    loss_dtype = _loss_dtype(loss, outputs)
+    precision = torch.finfo(loss_dtype)
     largest = dz.abs().amax()
     summed = dz.sum(-1).abs().amax() <= precision.eps**0.5 * largest
-    # saturated: a position the loss takes has a zero gradient only where the softmax
-    # entries of every class but the likeliest, p_j * scale / positions, underflow in the
-    # loss's precision (found by review: read as p.amax() above 1 - sqrt(eps), a mask at
-    # positions predicted at 0.99 passed a bfloat16 loss, at 0.9999 a float32 one, 0.2
-    # off the loss's metric, its mean over the positions the mask keeps)
+    # saturated: a position the loss takes has a zero gradient only where k p_j underflows
+    # for every class but the likeliest, its gradient k (p - y) (found by review: read as
+    # p.amax() above 1 - sqrt(eps), a mask at positions predicted at 0.99 passed a bfloat16
+    # loss, at 0.9999 a float32 one, 0.2 off the loss's metric). k is the mean's
+    # scale / positions, or less where the loss is scaled down, read as dz_j / p_j <= k
+    # (y_j >= 0; found by a hunt: a loss divided by the micro-batches it accumulates over
+    # was refused, a float16 one at logit margins of 16-17). It underflows below the
+    # smallest subnormal, or the smallest normal where the arithmetic flushes denormals
+    # (found by a hunt: torch.set_flush_denormal(True) refused a float32 loss); twice that
+    # for the rounding of p and k.
     p = torch.softmax(outputs.detach().to(wide), dim=-1)
     second = p.topk(2, dim=-1).values[..., 1] if p.shape[-1] > 1 else torch.zeros_like(p[..., 0])
     reach = min(positions, HALF_SCALE) if half else 1
-    saturated = second < precision.tiny * precision.eps * positions / reach  # (subnormal)
+    readable = (dz >= precision.tiny) & (p > 0)  # (normal: dz_j's rounding is eps)
+    ratio = torch.where(readable, dz / torch.where(readable, p, 1), 0).amax()
+    k = torch.where(ratio > 0, ratio.clamp(max=reach / positions), reach / positions)
+    arithmetic = torch.finfo(torch.promote_types(loss_dtype, torch.float32))
+    underflow = max(precision.tiny * precision.eps, arithmetic.tiny)
+    saturated = second * k < 2 * underflow
     left_out = ((dz == 0).all(-1) & ~saturated).sum()
     # unreadable (a float16 gradient overflowed by the scale): nothing is refused
     ok = ~torch.isfinite(largest) | (summed & (left_out == 0))

@@ -4669,6 +4669,44 @@ def test_a_mask_at_confident_positions_is_refused(dtype, scale, output_metric):
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize(
+    "dtype, margin, flush",
+    [(torch.float16, 16.5, False), (torch.float32, 99.0, False), (torch.float32, 90.0, True)],
+    ids=["float16", "float32", "float32-flushed"],
+)
+def test_a_scaled_token_loss_at_confident_positions_is_taken(dtype, margin, flush):
+    """Found by a hunt: a loss over every position divided by the micro-batches it
+    accumulates over (float16 logit margins of 16.5, float32 99), or one whose denormals
+    torch flushes (margin 90), has zero gradients where p_j / positions did not underflow,
+    and was refused as leaving them out. Its directions are those of the loss unscaled,
+    divided by 8."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(11, 6), nn.Linear(6, 2))
+    with torch.no_grad():  # padding (token 0): class 0 at the margin, class 1 at 0
+        model[0].weight[0], model[0].weight[0, 0] = 0.0, 1.0
+        model[1].weight[:, 0], model[1].weight[0, 0], model[1].bias[:] = 0.0, margin, 0.0
+    x, y = torch.randint(1, 11, (5, 4)), torch.randint(0, 2, (5, 4))
+    x[:, -1], y[:, -1] = 0, 0
+    directions = []
+    for c in (1.0, 1 / 8):
+        pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel="auto")
+        model.zero_grad(set_to_none=True)
+        torch.set_flush_denormal(flush)
+        try:
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype == torch.float16):
+                out = model(x)
+                loss = F.cross_entropy(out.reshape(-1, 2), y.reshape(-1)) * c
+            pre.backward(loss)
+        finally:
+            torch.set_flush_denormal(False)
+        directions.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    underflow = 2**-24 if dtype == torch.float16 else 1e-45  # (not saturated at positions=1)
+    assert torch.softmax(out.double(), -1)[:, -1, 1].amin() > underflow
+    # (float16: the gradient at the outputs rounds to float16 at either scale)
+    tolerance = 1e-2 if dtype == torch.float16 else 1e-6
+    assert (8 * directions[1] - directions[0]).norm() <= tolerance * directions[0].norm()
+
+
 def masked_per_token(out, y):
     """Padding as language-model code writes it: a per-token loss times a mask, over the
     mask's count (the last position of every sequence left out)."""
