@@ -985,10 +985,9 @@ class AffineNormHandler(Handler):
     ``T`` positions of a sample, and ``xhat`` as ``(N, T, F)``; row ``(s, b)`` of ``K`` is
     ``[sum_t delta_{s,b,t} * xhat_{b,t} | sum_t delta_{s,b,t}]``, ``O(d T F)``. ``xhat`` is
     formed again from the block input by the normalisation without its affine map, in the
-    kernel's dtype. The generic kernel evaluates such a module one sample at a time under
-    ``torch.func`` instead: a forward and a backward pass of it per row, and
-    ``kernel="structured"`` refused it. A frozen weight or bias is left out; the bias rows
-    do not read the weight, which may be a buffer.
+    kernel's dtype (the generic kernel would evaluate the module one sample at a time under
+    ``torch.func``: a forward and a backward pass of it per row). A frozen weight or bias
+    is left out; the bias rows do not read the weight, which may be a buffer.
     """
 
     def __init__(self, block: Block):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import copy
 import functools
+import math
 import re
 import types
 import warnings
@@ -4705,6 +4706,65 @@ def test_a_scaled_token_loss_at_confident_positions_is_taken(dtype, margin, flus
     # (float16: the gradient at the outputs rounds to float16 at either scale)
     tolerance = 1e-2 if dtype == torch.float16 else 1e-6
     assert (8 * directions[1] - directions[0]).norm() <= tolerance * directions[0].norm()
+
+
+@pytest.mark.parametrize("method", ["layerwise", "full", "natural"])
+def test_a_mask_at_float32_margins_with_subnormal_gradients_is_refused(method):
+    """Found by review: the check read every float32 gradient as flushed below the smallest
+    normal, as torch.set_flush_denormal(True) flushes it: a mask at padding predicted at a
+    logit margin of 90 passed, 0.2 off the masked loss's direction, silently, though the
+    loss over every position has a nonzero (subnormal) gradient there."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(11, 6), nn.Linear(6, 2))
+    with torch.no_grad():  # padding (token 0): class 0 at a margin of 90, class 1 at 0
+        model[0].weight[0], model[0].weight[0, 0] = 0.0, 1.0
+        model[1].weight[:, 0], model[1].weight[0, 0], model[1].bias[:] = 0.0, 90.0, 0.0
+    x, y = torch.randint(1, 11, (5, 4)), torch.randint(0, 2, (5, 4))
+    x[:, -1], y[:, -1] = 0, 0
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel="auto")
+    out = model(x)
+    every = F.cross_entropy(out.reshape(-1, 2), y.reshape(-1))
+    (taken,) = torch.autograd.grad(every, out, retain_graph=True)
+    assert (taken[:, -1, 1] > 0).all()  # the loss over every position: subnormal there
+    mask = (x != 0).reshape(-1).float()
+    per = F.cross_entropy(out.reshape(-1, 2), y.reshape(-1), reduction="none")
+    with pytest.raises(ValueError, match=r"the loss leaves out 5 of the 20 positions"):
+        pre.backward((per * mask).sum() / mask.sum())
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "method, output_metric", [("layerwise", "exact"), ("full", "sampled"), ("natural", "exact")]
+)
+@pytest.mark.parametrize("second", [1e-5, 1e-9])
+def test_a_label_smoothed_mask_under_float16_autocast_is_refused(method, output_metric, second):
+    """Found by review: the loss's scale read as dz_j / p_j, which soft targets lower (a
+    label-smoothed gradient is k (p - y) with y_j = eps / C > 0): at positions predicted at
+    0.93 against 0.925 it read 5e-3 of the scale, and a mask at padding predicted at
+    1 - 1e-5 passed under float16 autocast (1 - 1e-9 at the scale itself), 0.2-0.6 off the
+    masked loss's direction. A position a label-smoothed loss takes never has a zero
+    gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(11, 4), nn.Linear(4, 4))
+    with torch.no_grad():  # logits: token t predicts class t % 4 at 0.93, padding 0 at 1 - second
+        model[1].weight.copy_(torch.eye(4)), model[1].bias.zero_()
+        model[0].weight.zero_()
+        model[0].weight[torch.arange(1, 11), torch.arange(1, 11) % 4] = math.log(0.93 * 3 / 0.07)
+        model[0].weight[0] = torch.tensor([-math.log(second), 0.0, -30.0, -30.0])
+    x = torch.randint(1, 11, (6, 5))
+    x[:, -1] = 0
+    y, mask = x % 4, (x != 0).reshape(-1).float()
+    pre = rc.RiemannianPreconditioner(
+        model, method=method, damping=DAMPING, kernel="auto", output_metric=output_metric
+    )
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = model(x)
+        per = F.cross_entropy(
+            out.reshape(-1, 4), y.reshape(-1), label_smoothing=0.1, reduction="none"
+        )
+    with pytest.raises(ValueError, match=r"the loss leaves out 6 of the 30 positions"):
+        pre.backward((per * mask).sum() / mask.sum())
+    assert all(p.grad is None for p in model.parameters())
 
 
 def masked_per_token(out, y):
