@@ -362,7 +362,7 @@ def unprobed(opts) -> str | None:
 def _check_forward_probed(name: str, module: nn.Module) -> None:
     """Refuse, where the coupling probe is skipped, a trained module of a structured kernel
     whose ``forward`` was replaced on the instance: the kernel assumes its class's forward
-    (``W x + b``), which nothing then checks (found by a hunt: with check_coupling=False a
+    (``W x + b``, a norm's ``xhat * w + b``), which nothing then checks (found by a hunt: with check_coupling=False a
     Linear whose forward doubled its weight was 0.26 off, silently). The probe checks it
     (accelerate's device hooks pass, a scaled weight is refused)."""
     if type(module) not in STRUCTURED or "forward" not in vars(module):  # (per call: cheap first)

@@ -440,6 +440,17 @@ def test_a_bias_looked_up_on_a_shared_table_is_refused_naming_the_freeze():
     assert rel_error(flatten(dirs, model), expected) < 1e-10
 
 
+def test_a_position_table_on_arange_is_not_told_to_freeze():
+    """Found by review: the freeze named for a table of indices every sample shares fired
+    for a position embedding on ``torch.arange(T)`` too, which can be trained (as the
+    message's first fix says, a parameter added by a small module of its own): a user who
+    followed it would have stopped training it."""
+    x, y = torch.randn(4, 3, 5), torch.randint(0, 3, (4,))
+    with pytest.raises(ValueError, match=r"module 'pos' returns shape \(3, 5\)") as err:
+        rc.direction(PositionTable(), x, y, kernel="auto")
+    assert "requires_grad_(False)" not in str(err.value)
+
+
 class FlatLogits(torch.nn.Module):
     """A language model returning its logits flattened to ``(N T, V)``."""
 

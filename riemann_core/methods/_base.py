@@ -810,9 +810,14 @@ def check_batch_dimension(calls: list[Block], outputs: Tensor) -> None:
                     f"the same rows: pass the indices expanded to the batch, ({N}, T), e.g. "
                     f"position_ids=torch.arange(T).expand({N}, T) as a forward argument"
                 )
-            # (found by a hunt: Hugging Face's T5 looks up its relative position bias on a
-            # (T, T) table of buckets, told to rewrite the model; frozen, the rest is exact)
-            elif not flattened and isinstance(c.module, (nn.Embedding, nn.EmbeddingBag)):
+            # a table of indices of its own, (T, T) relative-position buckets as Hugging
+            # Face's T5 looks up its bias on, can only be frozen; a position table on
+            # torch.arange(T) can be trained as the message's first fix says
+            elif (
+                not flattened
+                and isinstance(c.module, (nn.Embedding, nn.EmbeddingBag))
+                and c.input.ndim >= 2
+            ):
                 flattened += (
                     f"; an embedding looked up on a table of indices of shape "
                     f"{tuple(c.input.shape)} that every sample shares (a relative "
