@@ -68,8 +68,8 @@ def direction(
             (``samples`` Monte Carlo probes per sample) or a callable
             ``(outputs, targets) -> (N, r, C)`` returning a per-sample factor ``F_b``
             with ``F_b^T F_b = M_b`` (it is scaled by ``1 / sqrt(N)`` here).
-        kernel: ``"structured"`` (Linear, Conv2d, LayerNorm, RMSNorm and GroupNorm
-            kernels, error on other modules with parameters), ``"generic"``
+        kernel: ``"structured"`` (Linear, Conv2d, LayerNorm, RMSNorm, GroupNorm and
+            Embedding kernels, error on other modules with parameters), ``"generic"``
             (``torch.func``, ``K_a`` materialised) or ``"auto"`` (structured where
             possible, generic elsewhere).
         solve_dtype: dtype of everything after the pullback (Grams, factorisations,

@@ -19,8 +19,9 @@ Structured kernels (Linear, Conv2d) use that row ``r`` of ``K`` is
 ``sum_t delta_{r,t} xt_{b,t}^T`` over positions ``t`` (one for a plain Linear), with
 ``xt`` the input patch with a 1 appended for the bias; those of LayerNorm, RMSNorm and
 GroupNorm that their affine map scales and shifts ``xhat`` elementwise
-(:class:`AffineNormHandler`). The generic kernel handles any module with parameters
-through ``torch.func`` and materialises ``K``.
+(:class:`AffineNormHandler`); Embedding's that its rows are ``Delta`` scattered into the
+weight's rows the ids look up (:class:`EmbeddingHandler`). The generic kernel handles any
+module with parameters through ``torch.func`` and materialises ``K``.
 """
 
 from __future__ import annotations
@@ -1116,6 +1117,111 @@ class GroupNormHandler(AffineNormHandler):
         return t.movedim(lead, -1).reshape(*t.shape[:lead], -1, self.width)
 
 
+class EmbeddingHandler(Handler):
+    """``nn.Embedding``: the output at position ``t`` is row ``ids_t`` of the weight
+    (``V x D``), so row ``(s, b)`` of ``K`` is ``delta_{s,b}`` scattered into the rows of
+    the weight at the sample's ids, summed where an id repeats, and zero at
+    ``padding_idx`` (torch's backward leaves that row's gradient zero).
+
+    Only the ``U`` distinct ids of the batch have nonzero columns: ``K = R P``, ``R`` the
+    ``d x U D`` rows on them (formed on first use, ``O(d T D)``) and ``P`` their
+    selection among the ``V`` rows. So ``K K^T = R R^T`` costs ``d^2 U D`` and ``K^T t``
+    scatters ``R^T t`` into the weight's shape; nothing of size ``V`` but the results
+    shaped like the weight. The generic kernel materialises ``K`` (``d x V D``) instead,
+    and ``kernel="structured"`` refused the module. ``max_norm``, ``sparse=True`` and
+    ``scale_grad_by_freq=True`` are refused before any kernel (``check_model``).
+    """
+
+    def __init__(self, block: Block):
+        super().__init__(block)
+        module = block.module
+        self.V, self.D = module.weight.shape
+        ids, self.inverse = torch.unique(block.input, return_inverse=True)  # inverse: (N, ...)
+        self.ids = ids.long()
+        # (one set negative after construction counts from the end, as F.embedding reads it)
+        pad = module.padding_idx
+        self.padding_idx = None if pad is None else pad % self.V
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> str | None:
+        other = {n for n, p in own_parameters(module) if p.requires_grad or "." not in n}
+        other -= {"weight"}
+        if other:
+            return f"parameters other than weight ({', '.join(sorted(other))})"
+        if not isinstance(getattr(module, "weight", None), nn.Parameter):
+            return "a weight that is not a parameter (a parametrization computes it)"
+        if module.weight.dim() != 2:
+            return (
+                f"a weight of shape {tuple(module.weight.shape)}, where the kernel takes a 2-D one"
+            )
+        return None
+
+    def set_delta(self, delta: Tensor) -> None:
+        super().set_delta(delta)
+        self._R = None  # the rows on the ids depend on delta
+
+    def to(self, dtype: torch.dtype) -> EmbeddingHandler:
+        # R formed again from the converted rows, not converted (its sums' rounding)
+        R, self._R = self._R, None
+        try:
+            return super().to(dtype)
+        finally:
+            self._R = R
+
+    @property
+    def R(self) -> Tensor:
+        """``(d, U, D)``: row ``(s, b)`` of ``K`` on the batch's distinct ids."""
+        if self._R is None:
+            r, N, D = self.r, self.N, self.D
+            delta = self.delta.reshape(r, N, -1, D)
+            index = self.inverse.reshape(1, N, -1, 1).expand(delta.shape)
+            R = delta.new_zeros(r, N, len(self.ids), D).scatter_add_(2, index, delta)
+            if self.padding_idx is not None:
+                R[:, :, self.ids == self.padding_idx] = 0
+            self._R = R.reshape(self.d, -1, D)
+        return self._R
+
+    def gradient_from_output(self, lam: Tensor) -> list[Tensor]:
+        out = lam.new_zeros(self.V, self.D)
+        out.index_add_(0, self.block.input.reshape(-1).long(), lam.reshape(-1, self.D))
+        if self.padding_idx is not None:
+            out[self.padding_idx] = 0
+        return [out]
+
+    def gram_into(self, out: Tensor, add: bool = False) -> None:
+        lower_gram(self.R.reshape(self.d, -1), self.r, out, add)
+
+    def gram_flops(self) -> float:
+        symmetric = symmetric_products(self.device, self.dtype)
+        return lower_gram_flops(self.d, self.r, len(self.ids) * self.D, symmetric)
+
+    def metric(self, other: Handler | None = None) -> Tensor:
+        if other is not None:
+            return super().metric(other)
+        R, D = self.R.reshape(self.d, -1), self.D
+        # R's columns among K's (row-major (V, D)): P^T (R^T R) P
+        columns = (self.ids[:, None] * D + torch.arange(D, device=self.device)).reshape(-1)
+        M = R.new_zeros(self.V * D, self.V * D)
+        M[columns[:, None], columns] = R.T @ R
+        return M
+
+    def metric_flops(self, other: Handler | None = None) -> float:
+        if other is not None:
+            return super().metric_flops(other)
+        return 2 * (len(self.ids) * self.D) ** 2 * self.d
+
+    def K(self) -> Tensor:
+        K = self.R.new_zeros(self.d, self.V, self.D).index_copy_(1, self.ids, self.R)
+        return K.reshape(self.d, -1)
+
+    def K_mv(self, v: list[Tensor]) -> Tensor:
+        return self.R.reshape(self.d, -1) @ v[0][self.ids].reshape(-1)
+
+    def K_tmv(self, t: Tensor) -> list[Tensor]:
+        on_ids = (t @ self.R.reshape(self.d, -1)).reshape(-1, self.D)  # R^T t, then P^T
+        return [on_ids.new_zeros(self.V, self.D).index_copy_(0, self.ids, on_ids)]
+
+
 class GenericHandler(Handler):
     """Any module with parameters: ``K`` materialised with ``torch.func``.
 
@@ -2003,6 +2109,7 @@ STRUCTURED: dict[type, type[Handler]] = {
     nn.LayerNorm: LayerNormHandler,
     nn.RMSNorm: RMSNormHandler,
     nn.GroupNorm: GroupNormHandler,
+    nn.Embedding: EmbeddingHandler,
 }
 KERNELS = ("structured", "generic", "auto")
 

@@ -3,6 +3,7 @@ structured == generic, unsupported modules and ``register_handler``."""
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 
@@ -36,6 +37,7 @@ from riemann_core import modules
 from riemann_core.modules import (
     Block,
     Conv2dHandler,
+    EmbeddingHandler,
     GenericHandler,
     GroupNormHandler,
     LayerNormHandler,
@@ -146,6 +148,41 @@ def test_handler_products_match_explicit_K(case):
     Kt = handler.K_tmv(t)
     assert [a.shape for a in Kt] == [p.shape for p in block.params]
     assert rel_error(torch.cat([a.reshape(-1) for a in Kt]), K.T @ t) < 1e-12
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0, -2], ids=lambda p: f"padding_idx={p}")
+@pytest.mark.parametrize("shape", [(5,), (5, 4), (5, 2, 3)], ids=lambda s: f"ids={s}")
+def test_embedding_products_match_explicit_K(shape, padding_idx):
+    """:class:`EmbeddingHandler` on the batch's distinct ids: ``K``, the Gram, the dense
+    block's metric, ``K v``, ``K^T t`` and the gradient against the oracle's ``K`` (``d x V
+    D``, ``torch.func`` through torch's embedding backward, which leaves the padding row's
+    gradient zero), ids repeated within and across samples and of any leading shape, rows
+    compressed too."""
+    torch.manual_seed(4)
+    V, D, P = 11, 3, math.prod(shape[1:])
+    model = nn.Sequential(
+        nn.Embedding(V, D, padding_idx=padding_idx), nn.Flatten(), nn.Tanh(), nn.Linear(P * D, 4)
+    ).double()
+    x = torch.randint(0, 6, shape)  # few distinct ids: repeats; 0 and 9 (= -2) padding
+    x.view(-1)[:2] = 9
+    block, K = layer_case(model, x, 0, r=3)
+    handler = handler_for(block, "structured")
+    assert type(handler) is EmbeddingHandler
+    assert len(handler.ids) < V  # on the batch's ids alone
+    v, t = [torch.randn(V, D, dtype=torch.float64)], torch.randn(K.shape[0], dtype=torch.float64)
+    assert rel_error(handler.K(), K) < 1e-12
+    assert rel_error(handler.gram(), (K @ K.T).tril()) < 1e-12
+    assert rel_error(handler.metric(), K.T @ K) < 1e-12
+    assert rel_error(handler.K_mv(v), K @ v[0].reshape(-1)) < 1e-12
+    assert rel_error(handler.K_tmv(t)[0].reshape(-1), K.T @ t) < 1e-12
+    lam = (block.delta * t.view(3, shape[0], *[1] * (block.delta.ndim - 2))).sum(0)
+    assert rel_error(handler.gradient_from_output(lam)[0].reshape(-1), K.T @ t) < 1e-12
+    if padding_idx is not None:
+        assert K.view(-1, V, D)[:, padding_idx].abs().max() == 0  # the oracle's zeros there
+    handler.compress_rows()
+    assert handler.d == shape[0] * min(3, P * D)
+    Kc = handler.K()
+    assert rel_error(Kc.T @ Kc, K.T @ K) < 1e-12
 
 
 @pytest.mark.parametrize("trained", ["both", "weight", "bias"])
@@ -264,14 +301,14 @@ def test_generic_and_auto_handle_custom_module(method, kernel):
 
 
 @pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
-def test_embedding_with_integer_inputs(method):
-    """Integer inputs and an Embedding (generic kernel under ``kernel="auto"``)."""
+@pytest.mark.parametrize("kernel", ["structured", "generic"])
+def test_embedding_with_integer_inputs(method, kernel):
+    """Integer inputs and an Embedding: its structured kernel (:class:`EmbeddingHandler`)
+    and the generic one, an id repeated in the batch."""
     torch.manual_seed(18)
     model = nn.Sequential(nn.Embedding(7, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     x, y = torch.tensor([1, 3, 5, 6, 3]), torch.tensor([0, 1, 2, 1, 0])
-    with pytest.raises(ValueError, match=r"module '0' \(Embedding\)"):
-        rc.direction(model, x, y, method=method, kernel="structured")
-    dirs = rc.direction(model, x, y, method=method, kernel="auto", damping=1e-2)
+    dirs = rc.direction(model, x, y, method=method, kernel=kernel, damping=1e-2)
     G, g = ggn(model, x, y, "cross_entropy"), gradient(model, x, y, "cross_entropy")
     expected = oracle_direction(G, g, 1e-2, method, block_indices(model))
     assert rel_error(flatten(dirs, model), expected) < 1e-10
@@ -803,6 +840,7 @@ def test_restore_handlers_fixture_restored_registry():
         nn.LayerNorm: LayerNormHandler,
         nn.RMSNorm: RMSNormHandler,
         nn.GroupNorm: GroupNormHandler,
+        nn.Embedding: EmbeddingHandler,
     }
 
 

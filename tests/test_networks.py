@@ -74,7 +74,7 @@ def assert_steps_exact(pre, model, x, loss, expected, steps=2):
 
 def kernel_for(kernel, model):
     """``generic``, or ``auto`` where a module has no structured kernel."""
-    structured = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
+    structured = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.Embedding)
     own = [m for m in model.modules() if list(m.parameters(recurse=False))]
     if kernel == "structured" and not all(type(m) in structured for m in own):
         return "auto"
@@ -3969,6 +3969,130 @@ def test_rmsnorm_default_eps_is_the_models_precision(method):
     G = ggn(twin, x, y, "cross_entropy")
     expected = oracle_direction(G, v, DAMPING, method, block_indices(twin))
     assert rel_error(got, expected) < 1e-5  # (float32's rows: 1e-7 here)
+
+
+class TokenModel(nn.Module):
+    """An embedding, then per token (``(N, T, C)`` logits, ``head``: the classes are the
+    vocabulary, its weight tied to the embedding's), averaged over the ids' positions
+    (``mean``), or flattened into an MLP (``flat``); ``twice`` calls it on the first id and
+    on the others."""
+
+    def __init__(self, V, D, T, C, form, padding_idx=None):
+        super().__init__()
+        self.form = form
+        self.embed = nn.Embedding(V, D, padding_idx=padding_idx)
+        self.mid = nn.Linear(D * T if form == "flat" else D * (1 + (form == "twice")), 6)
+        self.head = nn.Linear(6, C)
+        if form == "tied":
+            self.mid, self.head = nn.Linear(D, D), nn.Linear(D, V)
+            self.head.weight = self.embed.weight  # the common language-model tie
+
+    def forward(self, ids):
+        if self.form == "twice":
+            h = torch.cat([self.embed(ids[:, 0]), self.embed(ids[:, 1:]).mean(1)], 1)
+        else:
+            h = self.embed(ids)
+        if self.form == "flat":
+            h = h.flatten(1)
+        elif self.form == "mean":
+            h = h.flatten(1, -2).mean(1)
+        return self.head(torch.tanh(self.mid(h)))
+
+
+def token_net(net):
+    """``(model, ids, targets)``: :class:`TokenModel` in float64, ids of few distinct values
+    (repeats within and across samples)."""
+    form, _, option = net.partition("-")
+    V, T, C = 50, 4, 5
+    torch.manual_seed(50)
+    model = TokenModel(
+        V, 8, 6 if option == "3d" else T, C, form, 0 if option == "padding" else None
+    )
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 12, (6, 2, 3) if option == "3d" else (6, T), generator=g)
+    if option == "padding":
+        ids[:, -1], ids[1, 0] = 0, 0
+    if option == "unbatched":
+        ids = ids[:, 0]
+    if option == "frozen":
+        model.embed.weight.requires_grad_(False)
+    with torch.no_grad():
+        model.embed.weight.add_(torch.randn_like(model.embed.weight))
+    positions = () if form in ("flat", "mean", "twice") else ids.shape[1:]
+    y = torch.randint(0, V if form == "tied" else C, (6, *positions), generator=g)
+    return model.double(), ids, y
+
+
+TOKEN_NETS = [
+    "token",
+    "token-padding",
+    "tied",
+    "mean",
+    "mean-3d",
+    "token-unbatched",
+    "flat",
+    "flat-padding",
+    "flat-frozen",
+    "twice",
+]
+
+
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("net", TOKEN_NETS, ids=lambda n: f"net={n}")
+def test_embedding_has_a_structured_kernel(net, method):
+    """``nn.Embedding`` was refused by the default ``kernel="structured"`` and had ``K``
+    (``d x V D``) materialised under ``torch.func`` by ``"auto"``; its structured kernel
+    works on the batch's distinct ids. Exact against the float64 oracle by
+    ``rc.direction``, ``pre.backward``, ``pre.step()`` and on random vectors (the last two
+    where the outputs are one per sample: on token outputs ``pre.step()`` is refused for
+    every module), per-token and pooled outputs, ids of one to three dimensions,
+    ``padding_idx``, the weight tied to the head, an embedding called twice, frozen."""
+    model, x, y = token_net(net)
+    assert_exact(model, x, y, method, "structured")
+    expected = oracle_of(model, x, y, method)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING)
+
+    def loss(out):
+        return F.cross_entropy(out.flatten(0, -2), y.reshape(-1))
+
+    assert_steps_exact(pre, model, x, loss, expected)
+    if y.ndim > 1:
+        return
+    model.zero_grad()
+    loss(model(x)).backward()
+    pre.step()
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert rel_error(flatten(got, model), expected) < 1e-10
+    G = ggn(model, x, y, "cross_entropy")
+    v = torch.randn(G.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    loss(model(x)).backward()
+    for name, a in unflatten(v, model).items():
+        model.get_parameter(name).grad = a.clone()
+    pre.step()
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert (
+        rel_error(
+            flatten(got, model), oracle_direction(G, v, DAMPING, method, block_indices(model))
+        )
+        < 1e-10
+    )
+
+
+def test_embedding_kernel_works_on_the_batchs_ids():
+    """A vocabulary of 100,000 (a ``d x V D`` ``K`` of 230 MB here, materialised by the
+    generic kernel): the direction on the rows the batch looks up is that of a 50-row
+    table with those rows, zero elsewhere (``layerwise`` and ``natural``)."""
+    small, x, y = token_net("flat")
+    big = copy.deepcopy(small)
+    big.embed = nn.Embedding(100_000, 8).double()
+    with torch.no_grad():
+        big.embed.weight[:50] = small.embed.weight
+    for method in ("layerwise", "natural"):
+        expected = rc.direction(small, x, y, method=method, damping=DAMPING)
+        got = rc.direction(big, x, y, method=method, damping=DAMPING)
+        assert got["embed.weight"][50:].count_nonzero() == 0
+        got["embed.weight"] = got["embed.weight"][:50]
+        assert rel_error(flatten(got, small), flatten(expected, small)) < 1e-12
 
 
 class TimeFirst(nn.Module):
