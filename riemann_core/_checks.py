@@ -1106,8 +1106,11 @@ def check_classes_last(
     for the pullback to reuse: ``None`` where it was read scaled, or is not there):
 
     - its gradient sums to zero over the last dimension at every position, as
-      ``softmax - one-hot`` does: ``F.cross_entropy(out, y)`` on ``(N, C, L)`` outputs,
-      whose classes lie along dimension 1, would otherwise be read wrongly, silently;
+      ``softmax - one-hot`` does, and no softmax reading the outputs in their order runs
+      along another dimension alone (:func:`_softmax_elsewhere`: where every position is
+      confident the sums cannot tell): ``F.cross_entropy(out, y)`` on ``(N, C, L)``
+      outputs, whose classes lie along dimension 1, would otherwise be read wrongly,
+      silently;
     - no position is left out (a zero gradient where the softmax is not saturated:
       ``ignore_index``, padding by ``ignore_index`` or by a mask that multiplies a
       per-token loss, a shifted language-model loss), which the metric, the mean over
@@ -1131,10 +1134,22 @@ def check_classes_last(
         return None
     wide = torch.promote_types(gradient.dtype, torch.float32)  # half precision: in float32
     dz = gradient.detach().to(wide)
-    loss_dtype = _loss_dtype(loss, outputs)
+    _, above = _computed_from(loss, outputs.grad_fn)
+    loss_dtype = _loss_dtype(above, outputs)
     precision = torch.finfo(loss_dtype)
     largest = dz.abs().amax()
-    summed = dz.sum(-1).abs().amax() <= precision.eps**0.5 * largest
+    reach = min(positions, HALF_SCALE) if half else 1
+    nominal = reach / positions  # the mean's k, the scale of a position's k (p - y)
+    # a row sums to zero up to the rounding of its entries, eps k(|p_y - 1| + sum p_j) and
+    # that of p_y itself (eps k): where every position of the batch is predicted with near
+    # certainty the largest entry is only k p_j, and the sqrt(eps) of it alone refused a
+    # correct float32 loss at logit margins of 10 (found by review). There the gradient no
+    # longer tells the classes' dimension (a mislaid one's sums are as small): the graph
+    # does, where a softmax reads the outputs in order (F.cross_entropy on (N, C, L))
+    sums = dz.sum(-1).abs().amax()
+    summed = (sums <= precision.eps**0.5 * largest + 4 * precision.eps * nominal) & (
+        not _softmax_elsewhere(above, outputs)
+    )
     # saturated: a position the loss takes has a zero gradient only where k p_j underflows
     # for every class but the likeliest, its gradient k (p - y) (found by review: read as
     # p.amax() above 1 - sqrt(eps), a mask at positions predicted at 0.99 passed a bfloat16
@@ -1147,7 +1162,6 @@ def check_classes_last(
     # for the rounding of p and k.
     p = torch.softmax(outputs.detach().to(wide), dim=-1)
     second = p.topk(2, dim=-1).values[..., 1] if p.shape[-1] > 1 else torch.zeros_like(p[..., 0])
-    reach = min(positions, HALF_SCALE) if half else 1
     readable = (dz >= precision.tiny) & (p > 0)  # (normal: dz_j's rounding is eps)
     ratio = torch.where(readable, dz / torch.where(readable, p, 1), 0).amax()
     # one-hot targets, one entry of dz below zero at every position: soft targets y_j > 0
@@ -1155,7 +1169,6 @@ def check_classes_last(
     # zero (found by review: label smoothing read k at 5e-3 of the mean's, and a float16
     # mask at padding predicted at 1 - 1e-5 passed, 1 - 1e-9 at k itself, 0.2-0.6 off)
     one_hot = (dz < 0).sum(-1).amax() <= 1
-    nominal = reach / positions
     k = torch.where((ratio > 0) & one_hot, ratio.clamp(max=nominal), nominal)
     # flushing read from the arithmetic itself (found by review: read as flushing always,
     # a mask at float32 logit margins of 86-103 passed, 0.2 off, its subnormal zeros a sign)
@@ -1174,7 +1187,7 @@ def check_classes_last(
             raise ValueError(
                 f"the loss's gradient at the model's outputs {shape} does not sum to zero "
                 "over the last dimension at every position, as a cross-entropy's does with "
-                "the classes there: with loss='cross_entropy' the classes of (N, ..., C) "
+                "the classes there, or its softmax of them runs along another dimension: with loss='cross_entropy' the classes of (N, ..., C) "
                 "outputs lie along the last dimension. For outputs (N, C, L), return "
                 "out.movedim(1, -1) and take F.cross_entropy(out.reshape(-1, C), "
                 "targets.reshape(-1)); a loss other than a cross-entropy of these outputs "
@@ -1193,14 +1206,29 @@ def check_classes_last(
     return gradient if scale == 1.0 else None
 
 
-def _loss_dtype(loss: Tensor, outputs: Tensor) -> torch.dtype:
-    """The least precise of the outputs' dtype and those the loss's graph above them runs
-    in: Hugging Face's losses take float64 logits to float32 (``logits.float()``), whose
+def _softmax_elsewhere(above: set, outputs: Tensor) -> bool:
+    """Whether the loss's softmaxes (or ``logsumexp``) that read ``outputs`` in their
+    row-major order (:func:`_in_order`: ``F.cross_entropy(out, y)`` on ``(N, C, L)``, or
+    through a reshape or cast) take the classes along another of their dimensions than the
+    first, and none along their last one, of ``outputs``'s ``C`` entries."""
+    C, last, elsewhere = outputs.shape[-1], False, False
+    for node in above:
+        if type(node).__name__ in SOFTMAX_NODES and _in_order(node, outputs):
+            tensor, dims = _logits(node)
+            if dims == (tensor.ndim - 1,) and tensor.shape[-1] == C:
+                last = True
+            elif 0 not in dims:  # (over the batch: the samples mixed, refused elsewhere)
+                elsewhere = True
+    return elsewhere and not last
+
+
+def _loss_dtype(above: set, outputs: Tensor) -> torch.dtype:
+    """The least precise of the outputs' dtype and those the loss's graph ``above`` them
+    (:func:`_computed_from`) runs in: Hugging Face's losses take float64 logits to float32 (``logits.float()``), whose
     gradient sums to zero over the classes only to float32's rounding (found by a hunt:
     such a loss over every position was refused as holding the classes along another
     dimension, and a shifted one named ``movedim`` in place of the positions it leaves
     out)."""
-    _, above = _computed_from(loss, outputs.grad_fn)
     dtypes = {outputs.dtype} | {
         m.dtype
         for node in above

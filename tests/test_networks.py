@@ -4907,6 +4907,75 @@ def clamped_per_token(out, y):
     return per_token.clamp(min=per_token.detach().median()).mean()
 
 
+class ConfidentTagger(nn.Module):
+    """Token ``t`` predicted as class ``t % 4`` at a logit margin: every position of the
+    batch confident."""
+
+    def __init__(self, margin):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(8, 4), nn.Linear(4, 4)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.eye(4).repeat(2, 1) + 0.1 * torch.randn(8, 4))
+            self.head.weight.copy_(margin * torch.eye(4))
+            self.head.bias.zero_()
+
+    def forward(self, tokens):
+        return self.head(self.embed(tokens))
+
+
+@pytest.mark.parametrize(
+    "dtype, margin",
+    [(torch.float64, 25.0), (torch.float64, 60.0), (torch.float32, 10.0), (torch.float32, 40.0)],
+)
+def test_a_token_loss_where_every_position_is_confident_is_taken(dtype, margin):
+    """Found by review: where every position of the batch is predicted with near certainty,
+    the largest entry of the loss's gradient is only k p_j, and the row sums' rounding
+    (eps k, from p_y - 1) passed the sqrt(eps) of it: a correct loss was refused as holding
+    the classes along another dimension (float32 from logit margins of 10, float64 from
+    20). The direction is the oracle's metric solved on the loss's own gradient (in float32
+    the target's entry k (p_y - 1) rounds to zero at a margin of 40)."""
+    torch.manual_seed(0)
+    model = ConfidentTagger(margin).to(dtype)
+    x = torch.randint(0, 8, (5, 3))
+    y = x % 4
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    g = torch.autograd.grad(token_loss(model(x), y), list(model.parameters()))
+    g = flatten({n: gi.double() for (n, _), gi in zip(model.named_parameters(), g)}, model)
+    G = ggn(copy.deepcopy(model).double(), x, y, "cross_entropy")
+    expected = oracle_direction(G, g, DAMPING, "layerwise", block_indices(model))
+    for _ in range(2):  # (a first call probes, the next is fused)
+        model.zero_grad()
+        pre.backward(token_loss(model(x), y))
+        got = flatten({n: p.grad.double() for n, p in model.named_parameters()}, model)
+        assert rel_error(got, expected) < (1e-10 if dtype == torch.float64 else 1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("margin", [None, 40.0], ids=["unconfident", "confident"])
+def test_classes_along_dimension_one_are_refused_at_any_precision(dtype, margin):
+    """Found by review: F.cross_entropy(out, y) on outputs (N, C, C), the classes along
+    dimension 1 and permutations as targets, passed under a bfloat16 or float16 loss (the
+    row sums over the last dimension within the rounding's sqrt(eps)); at a batch confident
+    at every position no precision's gradient tells. The softmax of the outputs read in
+    their order over dimension 1 does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4)).double()
+    y = torch.stack([torch.randperm(4) for _ in range(5)])  # (N, L)
+    if margin is None:  # near-uniform logits
+        x = torch.randn(5, 4, 4, dtype=torch.float64)
+        with torch.no_grad():
+            model[0].weight.mul_(0.01)
+    else:  # out[n, c, l] = margin at c = y[n, l]
+        x = F.one_hot(y, 4).transpose(1, 2).double()
+        with torch.no_grad():
+            model[0].weight.copy_(margin * torch.eye(4))
+            model[0].bias.zero_()
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    with pytest.raises(ValueError, match="does not sum to zero over the last dimension"):
+        pre.backward(F.cross_entropy(model(x).to(dtype), y))
+    assert all(p.grad is None for p in model.parameters())
+
+
 @pytest.mark.parametrize("loss", [masked_per_token, clamped_per_token], ids=["mask", "clamped"])
 def test_a_token_loss_with_zero_gradients_is_refused_as_leaving_positions_out(loss):
     """A mask that multiplies a per-token loss leaves positions out, and its nll_loss takes
