@@ -1177,7 +1177,8 @@ class EmbeddingHandler(Handler):
             index = self.inverse.reshape(1, N, -1, 1).expand(delta.shape)
             R = delta.new_zeros(r, N, len(self.ids), D).scatter_add_(2, index, delta)
             if self.padding_idx is not None:
-                R[:, :, self.ids == self.padding_idx] = 0
+                # (a mask, not boolean indexing: no host read of its count on a GPU)
+                R.masked_fill_((self.ids == self.padding_idx)[:, None], 0)
             self._R = R.reshape(self.d, -1, D)
         return self._R
 
