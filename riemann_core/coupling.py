@@ -788,11 +788,26 @@ def _explain_coupling(model: nn.Module, rows: Tensor, masks: Tensor, rerun) -> N
         )
     else:
         where = "an operation between the modules"
+    # (found by a hunt: sequence-first attention on a sequence as long as the batch passes
+    # the shape check, its (T, N, E) taken for (N, ...); the recurrent modules' batch_first
+    # is read, attention's is not)
+    first = [
+        name or type(module).__name__
+        for name, module in model.named_modules()
+        if getattr(module, "batch_first", None) is False and not isinstance(module, nn.RNNBase)
+    ]
+    sequence_first = (
+        f" Here {first[0]!r} is sequence-first (batch_first=False): its (T, N, ...) inputs "
+        "and outputs are read with the sequence as the batch; build it with "
+        "batch_first=True and pass it (N, T, ...)."
+        if first
+        else ""
+    )
     raise ValueError(
         f"{where} couples the samples of the batch: an output of one sample depends on "
         "another sample's input (batch statistics, centring or attention over the batch, "
         "or the batch reordered between modules: flip(0), sorting, indexing by a "
-        "permutation). The metrics here pull each sample's factor back on its own, which "
+        f"permutation).{sequence_first} The metrics here pull each sample's factor back on its own, which "
         "such a network breaks. Make the module act on each sample alone (e.g. "
         "LayerNorm/GroupNorm instead of batch statistics), reorder the batch before the "
         "model's forward pass instead of inside it, and keep the samples on dimension 0 of "

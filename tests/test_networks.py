@@ -5189,6 +5189,33 @@ def test_multihead_attention_and_transformer_layers_are_exact(net, method):
         assert rel_error(flatten(got, model), flatten(dirs, model)) < 1e-10
 
 
+class SequenceFirst(nn.Module):
+    """Torch's default attention, sequence-first, inside a model taking ``(N, T, E)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention, self.head = nn.MultiheadAttention(6, 2), nn.Linear(6, 3)
+
+    def forward(self, x):
+        q = x.transpose(0, 1)
+        return self.head(self.attention(q, q, q, need_weights=False)[0].transpose(0, 1))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_sequence_first_attention_on_a_sequence_as_long_as_the_batch_is_named():
+    """Found by a hunt: sequence-first attention (batch_first=False, torch's default) on a
+    sequence as long as the batch passes the shape check and is refused by the coupling
+    probe, whose message named batch statistics and the batch reordered, not the layout;
+    it names the module and batch_first=True now."""
+    torch.manual_seed(0)
+    model = SequenceFirst().double()
+    x, y = torch.randn(5, 5, 6, dtype=torch.float64), torch.randint(0, 3, (5, 5))
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel="auto")
+    with pytest.raises(ValueError, match=r"'attention' is sequence-first \(batch_first=False\)"):
+        pre.backward(token_loss(model(x), y))
+    assert all(p.grad is None for p in model.parameters())
+
+
 class Masked(nn.Module):
     """Attention whose additive float mask is an argument of the model's forward."""
 
