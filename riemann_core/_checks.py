@@ -1140,16 +1140,6 @@ def check_classes_last(
     largest = dz.abs().amax()
     reach = min(positions, HALF_SCALE) if half else 1
     nominal = reach / positions  # the mean's k, the scale of a position's k (p - y)
-    # a row sums to zero up to the rounding of its entries, eps k(|p_y - 1| + sum p_j) and
-    # that of p_y itself (eps k): where every position of the batch is predicted with near
-    # certainty the largest entry is only k p_j, and the sqrt(eps) of it alone refused a
-    # correct float32 loss at logit margins of 10 (found by review). There the gradient no
-    # longer tells the classes' dimension (a mislaid one's sums are as small): the graph
-    # does, where a softmax reads the outputs in order (F.cross_entropy on (N, C, L))
-    sums = dz.sum(-1).abs().amax()
-    summed = (sums <= precision.eps**0.5 * largest + 4 * precision.eps * nominal) & (
-        not _softmax_elsewhere(above, outputs)
-    )
     # saturated: a position the loss takes has a zero gradient only where k p_j underflows
     # for every class but the likeliest, its gradient k (p - y) (found by review: read as
     # p.amax() above 1 - sqrt(eps), a mask at positions predicted at 0.99 passed a bfloat16
@@ -1170,6 +1160,18 @@ def check_classes_last(
     # mask at padding predicted at 1 - 1e-5 passed, 1 - 1e-9 at k itself, 0.2-0.6 off)
     one_hot = (dz < 0).sum(-1).amax() <= 1
     k = torch.where((ratio > 0) & one_hot, ratio.clamp(max=nominal), nominal)
+    # a row sums to zero up to the rounding of its entries and of p_y, about eps k: where
+    # every position is predicted with near certainty the largest entry is only k p_j, and
+    # sqrt(eps) of it alone refused a correct float32 loss at logit margins of 10 (found by
+    # review). k is the loss's own: the largest dz_j / p_j where above the mean's (found by
+    # review: reduction='sum' and loss * 8 were refused at margins of 12), at most the
+    # sum's (a mislaid layout's ratio grows without bound). There the sums no longer tell
+    # a mislaid classes' dimension: the graph does (_softmax_elsewhere)
+    rounding = torch.where(one_hot, ratio.clamp(min=nominal, max=reach), nominal)
+    sums = dz.sum(-1).abs().amax()
+    summed = (sums <= precision.eps**0.5 * largest + 4 * precision.eps * rounding) & (
+        not _softmax_elsewhere(above, outputs)
+    )
     # flushing read from the arithmetic itself (found by review: read as flushing always,
     # a mask at float32 logit margins of 86-103 passed, 0.2 off, its subnormal zeros a sign)
     arithmetic = torch.promote_types(loss_dtype, torch.float32)
@@ -1206,14 +1208,41 @@ def check_classes_last(
     return gradient if scale == 1.0 else None
 
 
+#: Autograd's nodes of elementwise arithmetic: with one operand a constant (no edge, as a
+#: temperature, ``2 * z`` or ``z / t``) and the result of its input's shape, every entry
+#: stays where it was in the row-major order.
+ELEMENTWISE_NODES = ("MulBackward0", "DivBackward0", "AddBackward0", "SubBackward0", "NegBackward0")
+
+
+def _elementwise_in_order(node, outputs: Tensor) -> bool:
+    """Whether ``node``'s input is ``outputs`` through :data:`IN_ORDER_NODES` and
+    :data:`ELEMENTWISE_NODES` of one operand alone (:func:`_softmax_elsewhere`: found by
+    review, ``F.cross_entropy(z / 2, y)`` on ``(N, C, L)`` outputs under a bfloat16 or
+    float16 loss passed, 0.7 off, silently)."""
+    edge = node.next_functions[0] if node.next_functions else (None, 0)
+    while edge[0] is not None:
+        if edge[0] is outputs.grad_fn and edge[1] == outputs.output_nr:
+            return True
+        kind, edges = type(edge[0]).__name__, [e for e in edge[0].next_functions if e[0]]
+        if kind in ELEMENTWISE_NODES and len(edges) == 1:
+            result = edge[0]._input_metadata[0].shape
+            source = edges[0][0]._input_metadata[edges[0][1]].shape
+            if result != source:
+                return False
+        elif kind not in IN_ORDER_NODES or not edge[0].next_functions:
+            return False
+        edge = edges[0] if kind in ELEMENTWISE_NODES else edge[0].next_functions[0]
+    return False
+
+
 def _softmax_elsewhere(above: set, outputs: Tensor) -> bool:
     """Whether the loss's softmaxes (or ``logsumexp``) that read ``outputs`` in their
-    row-major order (:func:`_in_order`: ``F.cross_entropy(out, y)`` on ``(N, C, L)``, or
-    through a reshape or cast) take the classes along another of their dimensions than the
+    row-major order (:func:`_elementwise_in_order`: ``F.cross_entropy(out, y)`` on
+    ``(N, C, L)``, or through a reshape, a cast or a temperature) take the classes along another of their dimensions than the
     first, and none along their last one, of ``outputs``'s ``C`` entries."""
     C, last, elsewhere = outputs.shape[-1], False, False
     for node in above:
-        if type(node).__name__ in SOFTMAX_NODES and _in_order(node, outputs):
+        if type(node).__name__ in SOFTMAX_NODES and _elementwise_in_order(node, outputs):
             tensor, dims = _logits(node)
             if dims == (tensor.ndim - 1,) and tensor.shape[-1] == C:
                 last = True

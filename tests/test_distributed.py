@@ -48,6 +48,8 @@ DIRECTIONS = [
     ("cnn", "kfac", "structured"),
     ("tied", "layerwise", "structured"),
     ("tied", "natural", "generic"),
+    ("tokens", "layerwise", "structured"),
+    ("tokens", "natural", "structured"),
 ]
 #: (network, kfac_damping, kfac_bias) of K-FAC's variants
 KFAC_VARIANTS = [
@@ -91,6 +93,18 @@ class Tied(nn.Module):
 
     def forward(self, x):
         return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class Tokens(nn.Module):
+    """An embedding of 5000 ids (``padding_idx=3``, its row zero) summed over each
+    sample's ids, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(5000, 4, padding_idx=3), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.embed(ids).sum(1)))
 
 
 class Scale(nn.Module):
@@ -205,6 +219,10 @@ def network(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         model, x = nn.Sequential(nn.Linear(5, 3, bias=False)), torch.randn(N, 5)
     elif kind == "aux":
         model, x = WithAuxiliaryHead(), torch.randn(N, 5)
+    elif kind == "tokens":  # ids below 50, one the padding, one repeated
+        model, x = Tokens(), torch.randint(0, 50, (N, 3))
+        x[0, 0], x[5, 1] = 3, x[7, 2]
+        return model.double(), x, torch.randint(0, 3, (N,))
     else:
         layers = [nn.Linear(a, b) for a, b in zip(WIDTHS[:-1], WIDTHS[1:])]
         model = nn.Sequential(*[m for layer in layers for m in (layer, nn.Tanh())][:-1])
@@ -255,6 +273,7 @@ def on_rank(rank: int, world: int) -> dict:
     out["tokens of other lengths"] = _tokens_of_other_lengths(rank, world)
     out["batch not first"] = _batch_not_first(rank, world)
     out["pre on the module inside DDP"] = _pre_on_module_inside_ddp(rank, world)
+    out["ids of other lengths"] = _ids_of_other_lengths(rank, world)
     for i, (method, options) in enumerate(PHASES):
         out["phases"][i] = _phases(method, options, rank, world)
     out["kfac state"] = _outcome(
@@ -868,6 +887,35 @@ def _phases(method, options, rank, world) -> dict:
     }
 
 
+def _ids_of_other_lengths(rank, world) -> dict:
+    """:class:`Tokens` summed over each sample's ids, 3 ids a sample on rank 0 and 5
+    elsewhere (each rank's batch padded to its own longest): ``rc.direction``."""
+    model, x, y = ids_of_other_lengths(world)
+    part = shards(world)[rank]
+    x = x[part, :3] if rank == 0 else x[part]
+    return {
+        method: rc.direction(
+            model,
+            x,
+            y[part],
+            method=method,
+            damping=DAMPING,
+            process_group=dist.group.WORLD,
+            timeout=TIMEOUT,
+        )  # fmt: skip
+        for method in ("layerwise", "natural")
+    }
+
+
+def ids_of_other_lengths(world: int):
+    """``(model, ids, targets)``: :class:`Tokens` on 5 ids a sample, those of rank 0's
+    samples 3 and padding (``padding_idx``)."""
+    model, x, y = network("tokens")
+    x = torch.cat([x, torch.randint(0, 50, (N, 2))], 1)
+    x[shards(world)[0], 3:] = 3
+    return model, x, y
+
+
 def _outcome(fn) -> tuple[str, str] | None:
     try:
         fn()
@@ -1432,6 +1480,19 @@ def test_directions_equal_the_single_process_on_the_whole_batch(run):
             assert got.keys() == expected.keys()
             error = relative_error(got, expected)
             assert error <= 1e-12, f"{kind} {method} {kernel}: rank {rank} off by {error:.1e}"
+
+
+def test_embedding_ids_of_other_lengths_on_each_rank(run):
+    """An embedding pooled over ids padded to each rank's own length is exact: its share
+    (``K``'s rows, ``V D`` a sample) does not depend on the length, where its factor rows
+    and ids would (a share of rows instead of ``K`` must agree on a length first)."""
+    world, results = run
+    model, x, y = ids_of_other_lengths(world)
+    for method in ("layerwise", "natural"):
+        expected = rc.direction(model, x, y, method=method, damping=DAMPING)
+        for rank, result in enumerate(results):
+            error = relative_error(result["ids of other lengths"][method], expected)
+            assert error <= 1e-12, f"{method}: rank {rank} off by {error:.1e}"
 
 
 @functools.cache

@@ -4976,6 +4976,53 @@ def test_classes_along_dimension_one_are_refused_at_any_precision(dtype, margin)
     assert all(p.grad is None for p in model.parameters())
 
 
+def sum_token_loss(out, y):
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum")
+
+
+@pytest.mark.parametrize("scaled", [sum_token_loss, lambda out, y: 8 * token_loss(out, y)])
+def test_a_confident_token_loss_scaled_up_is_taken(scaled):
+    """Found by review: reduction='sum' or a loss times 8 at a float32 batch confident at
+    every position (logit margins of 12) was refused as holding the classes along another
+    dimension: the row sums' rounding is eps k at the loss's own k, there the positions'
+    or 8 times the mean's. The direction is the oracle's (the mean's) metric solved on the
+    loss's own gradient."""
+    torch.manual_seed(0)
+    model = ConfidentTagger(12.0).float()
+    x = torch.randint(0, 8, (5, 3))
+    y = x % 4
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    g = torch.autograd.grad(scaled(model(x), y), list(model.parameters()))
+    g = flatten({n: gi.double() for (n, _), gi in zip(model.named_parameters(), g)}, model)
+    G = ggn(copy.deepcopy(model).double(), x, y, "cross_entropy")
+    expected = oracle_direction(G, g, DAMPING, "layerwise", block_indices(model))
+    model.zero_grad()
+    pre.backward(scaled(model(x), y))
+    got = flatten({n: p.grad.double() for n, p in model.named_parameters()}, model)
+    assert rel_error(got, expected) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "logits", [lambda z: z / 2, lambda z: 2 * z.float()], ids=["temperature", "scaled-cast"]
+)
+def test_classes_along_dimension_one_at_a_temperature_are_refused(dtype, logits):
+    """Found by review: F.cross_entropy(out / 2, y) on outputs (N, C, C), the classes along
+    dimension 1 and permutations as targets, passed under a bfloat16 or float16 loss, 0.7
+    off the oracle (2.8 for 2 * out.float()), silently: the softmax read the outputs in
+    their order through a division, which the graph rule did not follow."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4)).double()
+    y = torch.stack([torch.randperm(4) for _ in range(5)])  # (N, L)
+    x = torch.randn(5, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        model[0].weight.mul_(0.01)
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING)
+    with pytest.raises(ValueError, match="does not sum to zero over the last dimension"):
+        pre.backward(F.cross_entropy(logits(model(x).to(dtype)), y))
+    assert all(p.grad is None for p in model.parameters())
+
+
 @pytest.mark.parametrize("loss", [masked_per_token, clamped_per_token], ids=["mask", "clamped"])
 def test_a_token_loss_with_zero_gradients_is_refused_as_leaving_positions_out(loss):
     """A mask that multiplies a per-token loss leaves positions out, and its nll_loss takes
