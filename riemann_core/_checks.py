@@ -1189,10 +1189,10 @@ def check_classes_last(
             raise ValueError(
                 f"the loss's gradient at the model's outputs {shape} does not sum to zero "
                 "over the last dimension at every position, as a cross-entropy's does with "
-                "the classes there, or its softmax of them runs along another dimension: with loss='cross_entropy' the classes of (N, ..., C) "
-                "outputs lie along the last dimension. For outputs (N, C, L), return "
-                "out.movedim(1, -1) and take F.cross_entropy(out.reshape(-1, C), "
-                "targets.reshape(-1)); a loss other than a cross-entropy of these outputs "
+                "the classes there, or its softmax of them runs along another dimension: "
+                "with loss='cross_entropy' the classes of (N, ..., C) outputs lie along "
+                "the last dimension. For outputs (N, C, L), return out.movedim(1, -1) and "
+                "take F.cross_entropy(out.reshape(-1, C), targets.reshape(-1)); a loss other than a cross-entropy of these outputs "
                 "needs its own output_metric"
             )
         count = int(left_out)
@@ -1238,8 +1238,9 @@ def _elementwise_in_order(node, outputs: Tensor) -> bool:
 def _softmax_elsewhere(above: set, outputs: Tensor) -> bool:
     """Whether the loss's softmaxes (or ``logsumexp``) that read ``outputs`` in their
     row-major order (:func:`_elementwise_in_order`: ``F.cross_entropy(out, y)`` on
-    ``(N, C, L)``, or through a reshape, a cast or a temperature) take the classes along another of their dimensions than the
-    first, and none along their last one, of ``outputs``'s ``C`` entries."""
+    ``(N, C, L)``, or through a reshape, a cast or a temperature) take the classes along
+    another of their dimensions than the first (the batch's), and none along their last
+    one, of ``outputs``'s ``C`` entries."""
     C, last, elsewhere = outputs.shape[-1], False, False
     for node in above:
         if type(node).__name__ in SOFTMAX_NODES and _elementwise_in_order(node, outputs):
@@ -1253,11 +1254,11 @@ def _softmax_elsewhere(above: set, outputs: Tensor) -> bool:
 
 def _loss_dtype(above: set, outputs: Tensor) -> torch.dtype:
     """The least precise of the outputs' dtype and those the loss's graph ``above`` them
-    (:func:`_computed_from`) runs in: Hugging Face's losses take float64 logits to float32 (``logits.float()``), whose
-    gradient sums to zero over the classes only to float32's rounding (found by a hunt:
-    such a loss over every position was refused as holding the classes along another
-    dimension, and a shifted one named ``movedim`` in place of the positions it leaves
-    out)."""
+    (:func:`_computed_from`) runs in: Hugging Face's losses take float64 logits to float32
+    (``logits.float()``), whose gradient sums to zero over the classes only to float32's
+    rounding (found by a hunt: such a loss over every position was refused as holding the
+    classes along another dimension, and a shifted one named ``movedim`` in place of the
+    positions it leaves out)."""
     dtypes = {outputs.dtype} | {
         m.dtype
         for node in above
