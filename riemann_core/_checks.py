@@ -644,8 +644,9 @@ def check_inputs(args: tuple, kwargs: dict, targets, checks: Deferred) -> None:
                     f" (the batch is the first dimension of the first positional tensor, "
                     f"whose second is {first.shape[1]}, as the targets': for sequence-first "
                     "inputs (T, N, ...), as nn.RNN, nn.GRU, nn.LSTM, nn.MultiheadAttention and "
-                    "the Transformer modules take them by default, pass (N, T, ...) and build "
-                    "those modules with batch_first=True)"
+                    "the Transformer modules take them by default, pass (N, T, ...): build "
+                    "those modules with batch_first=True, or transpose to (T, N, ...) inside "
+                    "forward)"
                     if sequence_first
                     else ""
                 )

@@ -45,6 +45,7 @@ from .modules import (
     Block,
     attributes_of,
     call_attributes,
+    folded_mask,
     graph_batch_dims,
     is_container,
     joined_output,
@@ -55,6 +56,8 @@ from .modules import (
     own_parameters,
     replayed_attributes,
     restored_attributes,
+    sequence_first,
+    time_first_modules,
     training,
 )
 
@@ -401,6 +404,7 @@ class Capture:
             ]
         names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
         found = owners(model)
+        time_first = time_first_modules(model)
         # held weakly: a module swapped out of the model (and its parameters) is freed
         self._owners = tuple(
             (name, weakref.ref(module), tuple(weakref.ref(p) for p in own))
@@ -408,7 +412,9 @@ class Capture:
         )
         try:
             for name, module, own in found:
-                self._watch(name, module, [names[id(p)] for p in own], list(own))
+                self._watch(
+                    name, module, [names[id(p)] for p in own], list(own), id(module) in time_first
+                )
         except BaseException:  # no hook left behind on the user's model
             self.remove()
             raise
@@ -529,7 +535,9 @@ class Capture:
             return pytree.tree_map(lambda a: a.clone() if isinstance(a, Tensor) else a, output)
         return None
 
-    def _watch(self, name, module, param_names, params) -> None:
+    def _watch(self, name, module, param_names, params, time_first: bool = False) -> None:
+        """Record each call of ``module`` (``time_first``: one of
+        :func:`~riemann_core.modules.time_first_modules`)."""
         entered: list[tuple[tuple, dict, list] | None] = []
 
         def pre_hook(mod, args, kwargs):
@@ -566,14 +574,26 @@ class Capture:
             # and the random state it starts from, for the generic kernel to draw again
             # what the call draws (riemann_core.draws)
             rng = None if attributes is None else _rng_of(params)
+            # called by a sequence-first transformer layer on (T, N, E): recorded as the
+            # call on the batch moved first, which acts on each position alike
+            transposed = (
+                time_first
+                and not kwargs
+                and len(args) == 1
+                and isinstance(args[0], Tensor)
+                and args[0].ndim == 3
+            )
             if not kwargs and all(isinstance(a, Tensor) for a in args):  # no pytree walks
-                live = tuple(a for a in args if a.requires_grad), graph_batch_dims(mod, args, {})
+                graph = tuple(a for a in args if a.requires_grad)
+                dims = (1,) * len(graph) if transposed else graph_batch_dims(mod, args, {})
+                live = graph, dims
                 args = tuple(a.detach().clone() if copy else a.detach() for a in args)
+                if transposed:
+                    args = (args[0].movedim(1, 0),)
                 versions = [(a, a._version) for a in args]
                 handled = sys.exc_info()[1]  # (see hook)
-                entered.append(
-                    (args, kwargs, live, versions, received, copy, attributes, rng, handled)
-                )
+                record = (args, kwargs, live, versions, received, copy, attributes, rng)
+                entered.append((*record, transposed, handled))
                 return
             leaves, _ = pytree.tree_flatten((args, kwargs))
             live = (
@@ -583,7 +603,9 @@ class Capture:
             args, kwargs = _detached((args, kwargs), copy)
             versions = _versions((args, kwargs))
             handled = sys.exc_info()[1]  # (see hook)
-            entered.append((args, kwargs, live, versions, received, copy, attributes, rng, handled))
+            entered.append(
+                (args, kwargs, live, versions, received, copy, attributes, rng, False, handled)
+            )
 
         # (always called: where the forward raises, torch calls it with no output, and the
         # call's entry is dropped; found by a hunt: a training loop that skipped a batch
@@ -612,6 +634,7 @@ class Capture:
                 copied,
                 attributes,
                 rng,
+                transposed,
             ) = record
             if (
                 not _same_objects(received, _call_leaves(args, kwargs))
@@ -641,8 +664,11 @@ class Capture:
                 inside = list(mod.parameters())
                 moved = all(any(p is q for q in inside) for p in params)
                 (self.remarked if moved else self.substituted).append(name)
+            folded = folded_mask(mod, args, kwargs)
+            if folded is not None:  # (found by review: refused, told of its parameters)
+                raise ValueError(f"{named_module(name, mod)} {folded}")
             index, dims = output_index(output), None
-            if index is False:
+            if index is False or sequence_first(mod, args, kwargs):
                 dims = output_batch_dims(mod, args, kwargs, output)
                 if isinstance(dims, str):
                     raise ValueError(
@@ -659,6 +685,8 @@ class Capture:
                 output = joined_output(whole, dims)
             elif index is not None:
                 output = output[index]
+            elif transposed:  # (T, N, ...): the block's output is the batch first
+                output = output.movedim(1, 0)
             block = Block(
                 name=name,
                 module=mod,
@@ -690,6 +718,11 @@ class Capture:
                 refs = [weakref.ref(a) for a in pytree.tree_leaves(whole) if a is not None]
                 block.returned = lambda: tuple(ref() for ref in refs)
                 return whole
+            if transposed:  # the network reads it sequence-first, a copy
+                copied = output.movedim(0, 1).clone(memory_format=torch.contiguous_format)
+                ref = weakref.ref(copied)
+                block.returned = lambda: (ref(),)
+                return copied
             # what the rest of the network changes in place is then a copy
             if name not in self._clone:
                 return None

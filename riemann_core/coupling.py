@@ -788,13 +788,14 @@ def _explain_coupling(model: nn.Module, rows: Tensor, masks: Tensor, rerun) -> N
         )
     else:
         where = "an operation between the modules"
-    # (found by a hunt: sequence-first attention on a sequence as long as the batch passes
-    # the shape check, its (T, N, E) taken for (N, ...); the recurrent modules' batch_first
-    # is read, attention's is not)
+    # (found by a hunt: a sequence-first module on a sequence as long as the batch passes
+    # the shape check, its (T, N, E) taken for (N, ...); the recurrent modules' and the
+    # attention's batch_first is read, and so the transformer layers', not nn.Transformer's)
     first = [
         name or type(module).__name__
         for name, module in model.named_modules()
-        if getattr(module, "batch_first", None) is False and not isinstance(module, nn.RNNBase)
+        if getattr(module, "batch_first", None) is False
+        and not isinstance(module, nn.RNNBase | nn.MultiheadAttention)
     ]
     sequence_first = (
         f" Here {first[0]!r} is sequence-first (batch_first=False): its (T, N, ...) inputs "

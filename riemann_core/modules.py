@@ -118,6 +118,64 @@ def read_by_holder(*modules: nn.Module, marked: bool = True) -> None:
 SHARED_ARGUMENTS: dict[type, dict[str, int]] = {nn.MultiheadAttention: {"attn_mask": 2}}
 
 
+def sequence_first(module: nn.Module, inputs: tuple, kwargs: dict) -> bool:
+    """Whether ``module`` is an ``nn.MultiheadAttention`` built sequence-first
+    (``batch_first=False``, torch's default) called on a batch: its query, key and value
+    ``(L, N, E)`` and its output hold the batch in their second dimension (an unbatched
+    2-D query is one sample's)."""
+    if not isinstance(module, nn.MultiheadAttention) or module.batch_first:
+        return False
+    query = inputs[0] if inputs else kwargs.get("query")
+    return isinstance(query, Tensor) and query.ndim == 3
+
+
+def folded_mask(module: nn.Module, inputs: tuple, kwargs: dict) -> str | None:
+    """Where ``module`` is an ``nn.MultiheadAttention`` of several heads called on a batch
+    with a 3-D ``attn_mask``, ``(N * num_heads, L, S)``: why that call cannot be split into
+    samples (the batch folded with the heads); ``None`` otherwise (with one head the mask
+    is ``(N, L, S)``, one per sample, and is split)."""
+    if not isinstance(module, nn.MultiheadAttention) or module.num_heads == 1:
+        return None
+    query = inputs[0] if inputs else kwargs.get("query")
+    mask = inputs[5] if len(inputs) > 5 else kwargs.get("attn_mask")
+    if not (isinstance(query, Tensor) and query.ndim == 3 and isinstance(mask, Tensor)):
+        return None
+    if mask.ndim != 3:
+        return None
+    return (
+        f"takes a 3-D attn_mask of shape {tuple(mask.shape)}, one per sample and head (the "
+        f"batch folded with its {module.num_heads} heads), which cannot be split into "
+        "samples: pass the mask the samples share as (L, S) and each sample's padding as "
+        "key_padding_mask (N, S), or build the attention with num_heads=1 (its 3-D mask is "
+        "then (N, L, S), one per sample)"
+    )
+
+
+def time_first_modules(model: nn.Module) -> set[int]:
+    """The ids of the modules that a sequence-first ``nn.TransformerEncoderLayer`` or
+    ``nn.TransformerDecoderLayer`` of ``model`` calls on ``(T, N, E)``, its batch in the
+    second dimension, or an ``nn.TransformerEncoder`` or ``nn.TransformerDecoder`` of such
+    layers (its final ``norm``), and that act on each position alone (an ``nn.Linear``, a
+    norm over the last dimension): called so, their block is the call on the batch moved
+    first, the same outputs moved (:class:`~riemann_core.capture.Capture`), whose
+    structured kernels hold."""
+    layers = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+    def sequence_first_layers(m: nn.Module) -> bool:
+        if isinstance(m, nn.TransformerEncoder | nn.TransformerDecoder):
+            m = next(iter(m.layers), None)
+        return isinstance(m, layers) and not m.self_attn.batch_first
+
+    return {
+        id(m)
+        for holder in model.modules()
+        if sequence_first_layers(holder)
+        for m in holder.modules()
+        if type(m) is nn.Linear
+        or (type(m) in (nn.LayerNorm, nn.RMSNorm) and len(m.normalized_shape) == 1)
+    }
+
+
 def output_index(output) -> int | None | bool:
     """``None`` where a module's ``output`` is a tensor; where it is a tuple or list of one
     tensor and ``None`` otherwise (``nn.MultiheadAttention(need_weights=False)``), the
@@ -137,10 +195,11 @@ def output_batch_dims(module: nn.Module, inputs: tuple, kwargs: dict, output):
     dimension that holds the batch (``None`` for a ``None``), which :func:`joined_output`
     moves first; else the reason it cannot be told, a string. ``nn.RNNBase`` (``nn.RNN``,
     ``nn.GRU``, ``nn.LSTM``) on a batched tensor: its output's ``0`` with ``batch_first``,
-    else ``1``, and ``1`` for each final state. Any other module: ``0`` for each tensor, as
-    for a module's one output, where they all have the same size there (the generic kernel
-    compares the outputs it evaluates one sample at a time with the call's, which refuses
-    a tensor that holds no batch there)."""
+    else ``1``, and ``1`` for each final state; a :func:`sequence_first` attention: ``1``
+    for its output ``(L, N, E)``, ``0`` for its weights. Any other module: ``0`` for each
+    tensor, as for a module's one output, where they all have the same size there (the
+    generic kernel compares the outputs it evaluates one sample at a time with the call's,
+    which refuses a tensor that holds no batch there)."""
     if not isinstance(output, tuple | list):
         return "it is not a tuple or list of tensors"
     leaves = pytree.tree_leaves(output)
@@ -173,6 +232,8 @@ def output_batch_dims(module: nn.Module, inputs: tuple, kwargs: dict, output):
             )
         first = 0 if module.batch_first else 1
         dims = [first] + [1] * (len(leaves) - 1)
+    elif sequence_first(module, inputs, kwargs):  # its (L, N, E) and weights (N, L, S)
+        dims = [1] + [0] * (len(leaves) - 1)
     else:
         dims = [0] * len(leaves)
     dims = [None if a is None else d for a, d in zip(leaves, dims, strict=True)]
@@ -181,7 +242,7 @@ def output_batch_dims(module: nn.Module, inputs: tuple, kwargs: dict, output):
         shapes = [None if a is None else tuple(a.shape) for a in leaves]
         return (
             f"the batch cannot be told in its tensors of shapes {shapes}: each must hold the "
-            "batch in its first dimension (nn.MultiheadAttention: batch_first=True)"
+            "batch in its first dimension"
         )
     return tuple(dims)
 
@@ -1668,11 +1729,16 @@ def argument_batch_dims(module: nn.Module, inputs: tuple, kwargs: dict) -> list[
     """Per leaf of a call's arguments (``pytree`` leaves of ``(inputs, kwargs)``), the
     dimension that holds the batch where it holds one: for an ``nn.RNNBase``, its input's
     ``0`` with ``batch_first``, else ``1`` (its first argument, or keyword ``input``), and
-    ``1`` for its initial state ``hx`` (its second, or keyword); ``0`` for the others."""
-    if not isinstance(module, nn.RNNBase):
+    ``1`` for its initial state ``hx`` (its second, or keyword); for a
+    :func:`sequence_first` attention, ``1`` for its query, key and value; ``0`` for the
+    others (an attention's ``key_padding_mask`` ``(N, S)`` is batch first)."""
+    if isinstance(module, nn.RNNBase):
+        dims = {"input": 0 if module.batch_first else 1, "hx": 1}
+    elif sequence_first(module, inputs, kwargs):
+        dims = dict.fromkeys(("query", "key", "value"), 1)
+    else:
         return [0] * len(pytree.tree_leaves((inputs, kwargs)))
-    dims = {"input": 0 if module.batch_first else 1, "hx": 1}
-    names = ["input", "hx"]
+    names = list(dims)
     return [
         dims.get(k, 0)
         for k, a in [*zip(names + [None] * len(inputs), inputs), *kwargs.items()]
@@ -1684,8 +1750,9 @@ def graph_batch_dims(module: nn.Module, inputs: tuple, kwargs: dict) -> tuple[in
     """Of a call's argument tensors in the autograd graph (those that require grad, in
     ``pytree`` order: :attr:`Block.graph_inputs`), the dimension that holds the batch
     (:func:`argument_batch_dims`); ``None`` where it is the first of each (any module but
-    an ``nn.RNNBase``: no walk of the arguments on the hot path)."""
-    if not isinstance(module, nn.RNNBase):
+    an ``nn.RNNBase`` or a :func:`sequence_first` attention: no walk of the arguments on
+    the hot path)."""
+    if not isinstance(module, nn.RNNBase) and not sequence_first(module, inputs, kwargs):
         return None
     leaves = pytree.tree_leaves((inputs, kwargs))
     dims = argument_batch_dims(module, inputs, kwargs)

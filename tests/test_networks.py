@@ -5237,30 +5237,161 @@ def test_multihead_attention_and_transformer_layers_are_exact(net, method):
 
 
 class SequenceFirst(nn.Module):
-    """Torch's default attention, sequence-first, inside a model taking ``(N, T, E)``."""
+    """Torch's default attention and transformer layers, sequence-first
+    (``batch_first=False``), inside a model taking ``(N, T, E)`` and transposing around
+    them: a causal ``(T, T)`` mask every sample shares, key padding ``(N, T)`` batch first;
+    ``attention-weights`` reads the weights ``(N, T, T)`` too."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, norm_first = net, net.endswith("norm-first")
+        self.embed, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+        if net.startswith("attention"):
+            self.mixer = nn.MultiheadAttention(8, 2)
+        elif net.startswith("encoder"):
+            self.mixer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, norm_first=norm_first)
+        else:
+            self.memory = nn.Linear(6, 8)
+            self.mixer = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, norm_first=norm_first)
+
+    def forward(self, x, mask=None, padding=None):
+        h = torch.tanh(self.embed(x)).transpose(0, 1)  # (T, N, E)
+        if self.net.startswith("attention"):
+            weights = self.net == "attention-weights"
+            out, w = self.mixer(
+                h, h, h, attn_mask=mask, key_padding_mask=padding, need_weights=weights
+            )
+            out = h + out + (0 if w is None else (w @ h.transpose(0, 1)).transpose(0, 1))
+        elif self.net.startswith("encoder"):
+            out = self.mixer(h, src_mask=mask, src_key_padding_mask=padding)
+        else:
+            memory = torch.tanh(self.memory(x.flip(1))).transpose(0, 1)
+            out = self.mixer(
+                h, memory, tgt_mask=mask, tgt_key_padding_mask=padding,
+                memory_key_padding_mask=padding,
+            )  # fmt: skip
+        return self.head(out.transpose(0, 1))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("tokens", [4, 5], ids=lambda t: f"T={t}")
+@pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize(
+    "net",
+    ["attention", "attention-weights", "encoder", "encoder-norm-first", "decoder",
+     "decoder-norm-first"],
+)  # fmt: skip
+def test_sequence_first_attention_and_transformer_layers_are_exact(net, method, tokens):
+    """Were refused ("first dimension is not the batch"), or with the sequence as long as
+    the batch by the coupling probe (found by a hunt: naming batch_first=True). A
+    sequence-first attention's query, key and value ``(T, N, E)`` hold the batch in their
+    second dimension, as its output, joined batch first with its weights; the Linears and
+    norms a sequence-first layer calls on ``(T, N, E)`` are blocks of the batch moved
+    first. Exact against the oracle with a causal mask and per-sample padding, ``T`` other
+    than and equal to the batch, by ``rc.direction`` and by ``pre.backward``."""
+    torch.manual_seed(48)
+    model = SequenceFirst(net).double()
+    x, y = torch.randn(5, tokens, 6, dtype=torch.float64), torch.randint(0, 3, (5, tokens))
+    padding = torch.zeros(5, tokens, dtype=torch.bool)
+    padding[1, -1], padding[3, -2:] = True, True
+    kwargs = {"mask": torch.ones(tokens, tokens, dtype=torch.bool).triu(1), "padding": padding}
+    dirs = assert_exact(model, x, y, method, "auto", forward_kwargs=kwargs)
+    pre = rc.RiemannianPreconditioner(model, method=method, damping=DAMPING, kernel="auto")
+    for _ in range(2):  # the first call probes, the next is fused
+        model.zero_grad()
+        pre.backward(token_loss(model(x, **kwargs), y))
+        got = {n: p.grad for n, p in model.named_parameters()}
+        assert rel_error(flatten(got, model), flatten(dirs, model)) < 1e-10
+
+
+class Stacked(nn.Module):
+    """A sequence-first ``nn.TransformerEncoder`` of two layers with its final norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(layer, 2, nn.LayerNorm(8), enable_nested_tensor=False)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x)).transpose(0, 1)
+        return self.head(self.encoder(h).transpose(0, 1))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("tokens", [4, 5], ids=lambda t: f"T={t}")
+def test_a_sequence_first_encoder_with_its_final_norm_is_exact(tokens):
+    """The final norm of an ``nn.TransformerEncoder`` of sequence-first layers is called on
+    ``(T, N, E)`` outside them: a block of the batch moved first too (refused before)."""
+    torch.manual_seed(50)
+    model = Stacked().double()
+    x, y = torch.randn(5, tokens, 6, dtype=torch.float64), torch.randint(0, 3, (5, tokens))
+    dirs = assert_exact(model, x, y, "layerwise", "auto")
+    pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel="auto")
+    assert_steps_exact(pre, model, x, lambda out: token_loss(out, y), flatten(dirs, model))
+
+
+class Twice(nn.Module):
+    """One sequence-first attention called twice, residually."""
 
     def __init__(self):
         super().__init__()
         self.attention, self.head = nn.MultiheadAttention(6, 2), nn.Linear(6, 3)
 
     def forward(self, x):
-        q = x.transpose(0, 1)
-        return self.head(self.attention(q, q, q, need_weights=False)[0].transpose(0, 1))
+        h = x.transpose(0, 1)
+        for _ in range(2):
+            h = h + self.attention(h, h, h, need_weights=False)[0]
+        return self.head(h.transpose(0, 1))
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
-def test_sequence_first_attention_on_a_sequence_as_long_as_the_batch_is_named():
-    """Found by a hunt: sequence-first attention (batch_first=False, torch's default) on a
-    sequence as long as the batch passes the shape check and is refused by the coupling
-    probe, whose message named batch statistics and the batch reordered, not the layout;
-    it names the module and batch_first=True now."""
-    torch.manual_seed(0)
-    model = SequenceFirst().double()
+def test_a_sequence_first_attention_called_twice_is_exact():
+    """Found by review: the check of modules called once per sample read its inputs'
+    first dimension, ``T``, and refused a second call as one sample's."""
+    torch.manual_seed(51)
+    x, y = torch.randn(5, 4, 6, dtype=torch.float64), torch.randint(0, 3, (5, 4))
+    assert_exact(Twice().double(), x, y, "layerwise", "auto")
+
+
+class OverTheBatch(nn.Module):
+    """A sequence-first attention given ``(N, T, E)`` as it is: it attends over the batch
+    (``transposed``: over the tokens, given ``(T, N, E)``)."""
+
+    def __init__(self, heads=2, transposed=False):
+        super().__init__()
+        self.attention, self.head = nn.MultiheadAttention(6, heads), nn.Linear(6, 3)
+        self.transposed = transposed
+
+    def forward(self, x, mask=None):
+        h = x.transpose(0, 1) if self.transposed else x
+        out = self.attention(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return self.head(out.transpose(0, 1) if self.transposed else out)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_sequence_first_attention_over_the_batch_and_a_mask_folding_the_heads_are_refused():
+    """A sequence-first attention that attends over the batch (given ``(N, T, E)``) couples
+    the samples: refused by the coupling probe where ``T`` equals the batch, and as not
+    mapping the batch otherwise, naming its layout (found by review: told only of
+    batch_first=True). A 3-D mask ``(N * heads, L, S)`` folds the batch with the heads:
+    refused naming the mask (found by review: told of the attention's parameters); with
+    one head, ``(N, L, S)``, it is one per sample, exact."""
+    torch.manual_seed(49)
+    model = OverTheBatch().double()
     x, y = torch.randn(5, 5, 6, dtype=torch.float64), torch.randint(0, 3, (5, 5))
     pre = rc.RiemannianPreconditioner(model, damping=DAMPING, kernel="auto")
-    with pytest.raises(ValueError, match=r"'attention' is sequence-first \(batch_first=False\)"):
+    with pytest.raises(ValueError, match="couples the samples of the batch"):
         pre.backward(token_loss(model(x), y))
     assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match=r"sequence-first \(batch_first=False\).*here 4"):
+        rc.direction(model, x[:, :4], y[:, :4], kernel="auto")
+    masks = torch.randn(10, 5, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"3-D attn_mask of shape \(10, 5, 5\).*heads"):
+        rc.direction(OverTheBatch(transposed=True).double(), x, y, forward_kwargs={"mask": masks})
+    one = OverTheBatch(heads=1, transposed=True).double()
+    for method in EXACT:
+        assert_exact(one, x, y, method, "auto", forward_kwargs={"mask": masks[:5]})
 
 
 class Masked(nn.Module):
@@ -6026,23 +6157,17 @@ def test_a_marked_module_called_outside_its_holder_too_is_refused_naming_its_mar
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's vmap fallback
+@pytest.mark.parametrize("batch_first", [True, False], ids=lambda b: f"batch_first={b}")
 @pytest.mark.parametrize("method", EXACT, ids=lambda m: f"method={m}")
-def test_attention_returning_its_weights_is_exact(method):
+def test_attention_returning_its_weights_is_exact(method, batch_first):
     """``nn.MultiheadAttention`` returns its averaged weights by default: a second tensor,
-    refused before ("returns tuple"). Both tensors hold the batch first
-    (``batch_first=True``), taken as one output of the block: exact where the network
-    reads the weights too."""
+    refused before ("returns tuple"). Both tensors hold the batch, first
+    (``batch_first=True``) or the output ``(L, N, E)`` in its second (sequence-first:
+    refused before, "the batch cannot be told"), taken as one output of the block: exact
+    where the network reads the weights too."""
     torch.manual_seed(46)
     x, y = torch.randn(5, 4, 6, dtype=torch.float64), torch.randint(0, 3, (5, 4))
-    assert_exact(Weighing().double(), x, y, method, "auto")
-
-
-def test_sequence_first_attention_returning_its_weights_is_refused_naming_batch_first():
-    """Sequence-first, its output ``(L, N, E)`` and weights ``(N, L, S)`` hold the batch
-    in different dimensions: refused with the fix."""
-    x, y = torch.randn(5, 4, 6, dtype=torch.float64), torch.randint(0, 3, (5, 4))
-    with pytest.raises(ValueError, match=r"batch cannot be told.*batch_first=True"):
-        rc.direction(Weighing(batch_first=False).double(), x, y, kernel="auto")
+    assert_exact(Weighing(batch_first).double(), x, y, method, "auto")
 
 
 # ------------------------------------------------------------------------- pruning

@@ -29,12 +29,14 @@ from ..modules import (
     CONTAINERS,
     Block,
     Handler,
+    argument_batch_dims,
     handler_for,
     is_container,
     is_read_by_holder,
     named_module,
     register_kernel_checks,
     rows_dot,
+    sequence_first,
     structured_reason,
 )
 from .memory import named_when_rows_too_large
@@ -826,12 +828,18 @@ def check_batch_dimension(calls: list[Block], outputs: Tensor) -> None:
                     f"model.get_submodule({c.name!r}).requires_grad_(False), and the "
                     "other parameters' direction is exact"
                 )
+            if sequence_first(c.module, c.inputs, c.kwargs):  # (its output joined, batch first)
+                flattened += (
+                    f"; it is sequence-first (batch_first=False): its query, key and value "
+                    f"are (L, N, E), the batch in their second dimension, here {rows}, and its "
+                    "output joined batch first: pass them so (x.transpose(0, 1)), or build "
+                    "it with batch_first=True and pass (N, L, E)"
+                )
             raise ValueError(
                 f"{named_module(c.name)} returns shape {tuple(c.output.shape)}, whose first dimension "
                 f"is not the batch of {N} samples; the metrics need every module with "
                 "parameters to map samples along dimension 0 (no reshaping of the batch into "
-                "other dimensions around it: nn.MultiheadAttention and the transformer layers "
-                "with batch_first=True; a table of positions, an nn.Embedding called on "
+                "other dimensions around it; a table of positions, an nn.Embedding called on "
                 "torch.arange(T), as an nn.Parameter that a small module of its own adds in "
                 "forward (held by a module whose forward draws dropout, it cannot be "
                 f"evaluated one sample at a time)){flattened}{_inside_holder(c, calls, N)}"
@@ -882,14 +890,18 @@ def _check_per_sample_calls(calls: list[Block], N: int) -> None:
     batch, or several such calls, a table per step, are exact)."""
     unbatched: dict[int, list[Block]] = {}
     for c in calls:
-        leaves = c.inputs  # (a call on tensors alone needs no walk)
-        if c.kwargs or not all(isinstance(t, Tensor) for t in leaves):
-            leaves = [t for t in pytree.tree_leaves((c.inputs, c.kwargs)) if isinstance(t, Tensor)]
-        if not leaves:
+        leaves, dims = c.inputs, [0] * len(c.inputs)  # (a call on tensors alone needs no walk)
+        # (and each argument's batch dimension where it may be another: found by review, a
+        # sequence-first attention called twice was refused as called once per sample)
+        if c.kwargs or c.graph_dims is not None or not all(isinstance(t, Tensor) for t in leaves):
+            leaves = pytree.tree_leaves((c.inputs, c.kwargs))
+            dims = argument_batch_dims(c.module, c.inputs, c.kwargs)
+        tensors = [(t, d) for t, d in zip(leaves, dims, strict=True) if isinstance(t, Tensor)]
+        if not tensors:
             continue
         one_sample = _one_sample(c)
         broadcast = c.output.ndim and c.output.stride(0) == 0  # (expanded over the batch)
-        if one_sample or not (broadcast or any(t.ndim and t.shape[0] == N for t in leaves)):
+        if one_sample or not (broadcast or any(t.ndim > d and t.shape[d] == N for t, d in tensors)):
             unbatched.setdefault(id(c.module), []).append(c)
             if one_sample or len(unbatched[id(c.module)]) > 1:
                 _refuse_per_sample(c, N)
