@@ -2555,7 +2555,9 @@ def test_sequence_first_inputs_name_batch_first():
     x, y = torch.randn(3, 4, 2, dtype=torch.float64), torch.randint(0, 4, (4,))  # (T, N, f)
     model = Last(batch_first=False).double().requires_grad_(False)
     model.head.requires_grad_(True)
-    with pytest.raises(ValueError, match=r"batch of 3 \(the batch .* batch_first=True\)"):
+    with pytest.raises(
+        ValueError, match=r"batch of 3 \(the batch .* batch_first=True, or transpose"
+    ):
         rc.direction(model, x, y)
     model = Last(batch_first=True).double().requires_grad_(False)
     model.head.requires_grad_(True)
